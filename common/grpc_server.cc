@@ -1,0 +1,97 @@
+#include "common/grpc_server.h"
+
+#include <utility>
+
+#include "absl/base/call_once.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "common/log.h"
+#include "grpc/support/log.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+
+namespace strata {
+namespace {
+
+void GprLogToStrata(gpr_log_func_args* args) {
+  LogSeverity severity = LogSeverity::kInfo;
+  if (args->severity == GPR_LOG_SEVERITY_ERROR) {
+    severity = LogSeverity::kError;
+  } else if (args->severity == GPR_LOG_SEVERITY_DEBUG) {
+    if (!VLogIsOn(2)) return;
+  }
+  log_internal::LogMessage(args->file, args->line, severity).stream() << "grpc: " << args->message;
+}
+
+absl::once_flag g_init_once;
+
+void InitGrpcOnce() {
+  absl::call_once(g_init_once, [] {
+    gpr_set_log_function(&GprLogToStrata);
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    grpc::EnableDefaultHealthCheckService(true);
+  });
+}
+
+// "host:port" -> "host"; keeps IPv6 brackets.
+absl::string_view HostPart(absl::string_view address) {
+  const size_t colon = address.rfind(':');
+  return colon == absl::string_view::npos ? address : address.substr(0, colon);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
+    const GrpcServerOptions& options, std::vector<ServiceToServe> services) {
+  InitGrpcOnce();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  // A port another process (or server) holds is an error, not a silently shared listener.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  std::vector<std::string> names;
+  for (const ServiceToServe& s : services) {
+    builder.RegisterService(s.service);
+    names.push_back(s.name);
+  }
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen_address, " (address in use or invalid)"));
+  }
+  const std::string address = absl::StrCat(HostPart(options.listen_address), ":", port);
+  std::unique_ptr<GrpcServer> out(new GrpcServer(std::move(server), port, address, names));
+  out->SetServing(true);
+  LOG(INFO) << "serving on " << address;
+  return out;
+}
+
+GrpcServer::GrpcServer(std::unique_ptr<grpc::Server> server, int port, std::string address,
+                       std::vector<std::string> service_names)
+    : server_(std::move(server)),
+      port_(port),
+      address_(std::move(address)),
+      service_names_(std::move(service_names)) {}
+
+GrpcServer::~GrpcServer() { Shutdown(absl::ZeroDuration()); }
+
+void GrpcServer::SetServing(bool serving) {
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus(serving);
+  for (const std::string& name : service_names_) health->SetServingStatus(name, serving);
+}
+
+void GrpcServer::Shutdown(absl::Duration grace) {
+  if (shut_down_.exchange(true)) return;
+  SetServing(false);
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+}
+
+void GrpcServer::Wait() { server_->Wait(); }
+
+}  // namespace strata

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runner of a bundle made by tools/gpu_bundle.sh. Runs every test and benchmark in the bundle (or those
+# whose name matches NAME_REGEX), writes NAME.log plus NAME.xml (tests) or NAME.json (benchmarks) and
+# summary.txt to RESULTS_DIR, prints the summary, and exits non-zero if anything failed.
+#
+# Usage: run.sh RESULTS_DIR [NAME_REGEX]
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+results="${1:?usage: run.sh RESULTS_DIR [NAME_REGEX]}"
+only="${2:-.}"
+mkdir -p "$results"
+
+# Libraries: the bundle's first, then the GPU machine's CUDA libraries for any the bundle left out.
+libpath="$here/lib"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && libpath="$libpath:$d"
+done
+for d in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+  for l in "$d"/nvidia/*/lib; do [ -d "$l" ] && libpath="$libpath:$l"; done
+done
+
+# Use the bundled glibc (through its own loader) only when the machine's is older than the build's.
+launcher=()
+host_glibc="$(ldd --version 2>/dev/null | head -1 | awk '{ print $NF }')"
+want_glibc="$(cat "$here/GLIBC_VERSION")"
+if [ -z "$host_glibc" ] || [ "$(printf '%s\n%s\n' "$want_glibc" "$host_glibc" | sort -V | head -1)" != "$want_glibc" ]; then
+  driver_dirs="$(ldconfig -p 2>/dev/null | awk '/libcuda\.so/ { sub(/\/[^/]*$/, "", $NF); print $NF; exit }')"
+  launcher=("$here/glibc/ld-linux-x86-64.so.2" --library-path "$libpath:$here/glibc:${driver_dirs:-/usr/lib/x86_64-linux-gnu}")
+  echo "run.sh: host glibc ${host_glibc:-unknown} < build's $want_glibc: using the bundled glibc"
+fi
+
+{
+  echo "strata gpu bundle $(cat "$here/COMMIT") on $(hostname) at $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+} >"$results/summary.txt"
+
+failed=0
+printf '%-40s %-6s %6s %6s %6s %8s\n' NAME RESULT PASS FAIL SKIP SECONDS >>"$results/summary.txt"
+while read -r name kind label; do
+  echo "$name" | grep -Eq "$only" || continue
+  start_ns=$(date +%s%N)
+  if [ "$kind" = bench ]; then
+    args=(--benchmark_out="$results/$name.json" --benchmark_out_format=json)
+  else
+    args=(--gtest_output="xml:$results/$name.xml")
+  fi
+  LD_LIBRARY_PATH="$libpath" "${launcher[@]}" "$here/bin/$name" "${args[@]}" >"$results/$name.log" 2>&1
+  rc=$?
+  elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
+  secs="$((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))"
+  pass=- fail=- skip=-
+  if [ -f "$results/$name.xml" ]; then
+    total=$(grep -o '<testcase ' "$results/$name.xml" | wc -l)
+    fail=$(grep -c '<failure' "$results/$name.xml")
+    skip=$(grep -c '<skipped' "$results/$name.xml")
+    pass=$((total - fail - skip))
+  fi
+  result=PASS
+  if [ $rc -ne 0 ]; then
+    result=FAIL
+    failed=$((failed + 1))
+  elif [ "$pass" = 0 ] && [ "$skip" != 0 ] && [ "$skip" != - ]; then
+    result=SKIP
+  fi
+  printf '%-40s %-6s %6s %6s %6s %8s\n' "$name" "$result" "$pass" "$fail" "$skip" "$secs" >>"$results/summary.txt"
+done <"$here/MANIFEST"
+echo "failed binaries: $failed" >>"$results/summary.txt"
+cat "$results/summary.txt"
+[ $failed -eq 0 ]
