@@ -1,5 +1,5 @@
-// Clock: the source of time for every component that times out, expires or measures, so that tests can
-// substitute FakeClock (common/fake_clock.h) and step time by hand.
+// Clock: the source of time for every component that times out, expires or measures, so that tests
+// can substitute FakeClock (common/fake_clock.h) and step time by hand.
 #ifndef STRATA_COMMON_CLOCK_H_
 #define STRATA_COMMON_CLOCK_H_
 

@@ -9,8 +9,8 @@
 
 namespace strata {
 
-// Time starts at `start` and changes only through Advance, SetTime and SleepFor. SleepFor advances the
-// clock by the requested duration and returns at once, so code that sleeps runs instantly and
+// Time starts at `start` and changes only through Advance, SetTime and SleepFor. SleepFor advances
+// the clock by the requested duration and returns at once, so code that sleeps runs instantly and
 // deterministically. Thread-safe.
 class FakeClock final : public Clock {
  public:

@@ -1,7 +1,7 @@
-// GrpcServer: how every Strata server (coordinator, worker) listens. Besides the given services it serves
-// gRPC health checking (grpc.health.v1.Health, reporting each service and "" for the whole server) and
-// server reflection (so grpcurl and similar tools can list and call the API), and it routes gRPC's own
-// log messages into common/log.h.
+// GrpcServer: how every Strata server (coordinator, worker) listens. Besides the given services it
+// serves gRPC health checking (grpc.health.v1.Health, reporting each service and "" for the whole
+// server) and server reflection (so grpcurl and similar tools can list and call the API), and it
+// routes gRPC's own log messages into common/log.h.
 #ifndef STRATA_COMMON_GRPC_SERVER_H_
 #define STRATA_COMMON_GRPC_SERVER_H_
 
@@ -12,8 +12,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "grpcpp/server.h"
 #include "grpcpp/impl/codegen/service_type.h"
+#include "grpcpp/server.h"
 
 namespace strata {
 
@@ -48,12 +48,12 @@ class GrpcServer {
   // "host:port" with the bound port, usable as a client target.
   const std::string& address() const { return address_; }
 
-  // Reports SERVING or NOT_SERVING for every service and for "" (a draining server reports NOT_SERVING
-  // so that load balancers stop sending to it, while in-flight calls finish).
+  // Reports SERVING or NOT_SERVING for every service and for "" (a draining server reports
+  // NOT_SERVING so that load balancers stop sending to it, while in-flight calls finish).
   void SetServing(bool serving);
 
-  // Stops accepting calls, reports NOT_SERVING, and cancels calls still running after `grace`. Later
-  // calls do nothing.
+  // Stops accepting calls, reports NOT_SERVING, and cancels calls still running after `grace`.
+  // Later calls do nothing.
   void Shutdown(absl::Duration grace);
   // Blocks until the server has shut down.
   void Wait();

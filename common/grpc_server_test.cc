@@ -29,8 +29,8 @@ class EmptyServing final : public strata::v1::Serving::CallbackService {};
 class GrpcServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto server = GrpcServer::Start(
-        GrpcServerOptions{}, {{&service_, strata::v1::Serving::service_full_name()}});
+    auto server = GrpcServer::Start(GrpcServerOptions{},
+                                    {{&service_, strata::v1::Serving::service_full_name()}});
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
     channel_ = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
@@ -45,8 +45,9 @@ class GrpcServerTest : public ::testing::Test {
     return stub->Check(&ctx, request, response);
   }
 
-  // One request/response exchange on the reflection stream, with messages built from the descriptors
-  // that gRPC's reflection library registers (Debian ships no reflection.proto to compile).
+  // One request/response exchange on the reflection stream, with messages built from the
+  // descriptors that gRPC's reflection library registers (Debian ships no reflection.proto to
+  // compile).
   std::unique_ptr<Message> Reflect(const std::string& field, const std::string& value) {
     const DescriptorPool* pool = DescriptorPool::generated_pool();
     const Descriptor* req_type =
@@ -93,7 +94,8 @@ class GrpcServerTest : public ::testing::Test {
     std::vector<grpc::Slice> slices;
     EXPECT_TRUE(in.Dump(&slices).ok());
     std::string bytes;
-    for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    for (const grpc::Slice& s : slices)
+      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
     std::unique_ptr<Message> response(factory_.GetPrototype(resp_type)->New());
     EXPECT_TRUE(response->ParseFromString(bytes));
     return response;

@@ -32,9 +32,14 @@ TEST(GrpcStatusTest, NamedCodesMatch) {
 }
 
 TEST(GrpcStatusTest, OutOfRangeCodesBecomeUnknown) {
-  const grpc::Status g(static_cast<grpc::StatusCode>(42), "odd");
+  // grpc::StatusCode is an unscoped enum whose values fit in 5 bits: 20 is representable but not a
+  // canonical code. absl::StatusCode has a fixed int underlying type, so any int is representable.
+  const grpc::Status g(static_cast<grpc::StatusCode>(20), "odd");
   EXPECT_EQ(FromGrpcStatus(g).code(), absl::StatusCode::kUnknown);
   EXPECT_EQ(FromGrpcStatus(g).message(), "odd");
+  const absl::Status a(static_cast<absl::StatusCode>(42), "odder");
+  EXPECT_EQ(ToGrpcStatus(a).error_code(), grpc::StatusCode::UNKNOWN);
+  EXPECT_EQ(ToGrpcStatus(a).error_message(), "odder");
 }
 
 }  // namespace

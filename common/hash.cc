@@ -20,7 +20,8 @@ void UpdateString(XXH3_state_t* state, absl::string_view s) {
   XXH3_64bits_update(state, s.data(), s.size());
 }
 
-// XXH3 streaming state on the stack (XXH3_state_t is 64-byte aligned and large; one per call is fine).
+// XXH3 streaming state on the stack (XXH3_state_t is 64-byte aligned and large; one per call is
+// fine).
 class Xxh3 {
  public:
   Xxh3() { XXH3_64bits_reset(&state_); }
@@ -63,7 +64,8 @@ std::vector<BlockHash> PrefixBlockHashes(uint64_t cache_namespace, absl::Span<co
   out.reserve(n);
   BlockHash parent = kRootBlockHash;
   for (size_t i = 0; i < n; ++i) {
-    parent = ChainBlockHash(parent, cache_namespace, tokens.subspan(i * block_tokens, block_tokens));
+    parent =
+        ChainBlockHash(parent, cache_namespace, tokens.subspan(i * block_tokens, block_tokens));
     out.push_back(parent);
   }
   return out;

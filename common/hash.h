@@ -1,10 +1,11 @@
 // Hashing: XXH3 (64-bit) for bytes, and the chained KV block hash that names a block cluster-wide.
 //
-// Block identity protocol. A KV block holds `block_tokens` consecutive tokens of one sequence. Its hash
-// covers the hash of the block before it (kRootBlockHash for the first), the cache namespace, and the
-// block's token ids, so equal hashes mean equal prefixes under one model, fine-tune and tenant salt.
-// Coordinators compute these hashes to route by prefix; workers compute them to find cached blocks;
-// both must agree across versions, so the encoding below is fixed (common/hash_test.cc pins values):
+// Block identity protocol. A KV block holds `block_tokens` consecutive tokens of one sequence. Its
+// hash covers the hash of the block before it (kRootBlockHash for the first), the cache namespace,
+// and the block's token ids, so equal hashes mean equal prefixes under one model, fine-tune and
+// tenant salt. Coordinators compute these hashes to route by prefix; workers compute them to find
+// cached blocks; both must agree across versions, so the encoding below is fixed
+// (common/hash_test.cc pins values):
 //   namespace = XXH3_64(u64le(len(model)) model u64le(len(fine_tune_id)) fine_tune_id
 //                       u64le(len(cache_salt)) cache_salt)
 //   block     = XXH3_64(u64le(parent) u64le(namespace) i32le(token_0) ... i32le(token_{n-1}))

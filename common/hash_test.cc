@@ -37,7 +37,8 @@ TEST(HashTest, EncodingIsTheDocumentedOne) {
 }
 
 TEST(HashTest, PinnedValuesNeverChange) {
-  // Coordinators and workers of different versions must agree: these values are part of the protocol.
+  // Coordinators and workers of different versions must agree: these values are part of the
+  // protocol.
   const uint64_t ns = CacheNamespace("strata-tiny", "", "");
   EXPECT_EQ(ns, 0x8985a3e85cda8632ull);
   const std::vector<int32_t> tokens = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};

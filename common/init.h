@@ -9,8 +9,8 @@
 namespace strata {
 
 // Parses command-line flags (Abseil flags; --help lists them), then applies the logging flags
-// --log_level (info, warning, error) and --v (VLOG level). Returns the positional arguments, argv[0]
-// first. An unknown flag or bad value prints a message naming it and exits with status 2.
+// --log_level (info, warning, error) and --v (VLOG level). Returns the positional arguments,
+// argv[0] first. An unknown flag or bad value prints a message naming it and exits with status 2.
 // Call once, first thing in main.
 std::vector<char*> InitProgram(int argc, char** argv, absl::string_view usage);
 

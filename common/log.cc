@@ -98,10 +98,10 @@ void LogMessage::Emit() {
   const absl::Time now = absl::Now();
   const std::string message = stream_.str();
   const absl::string_view file = Basename(file_);
-  std::string line = absl::StrCat(
-      absl::string_view(&kSeverityLetters[static_cast<int>(severity_)], 1),
-      absl::FormatTime("%m%d %H:%M:%E6S", now, absl::LocalTimeZone()), " ", ThreadId(), " ", file,
-      ":", line_, "] ", message, "\n");
+  std::string line =
+      absl::StrCat(absl::string_view(&kSeverityLetters[static_cast<int>(severity_)], 1),
+                   absl::FormatTime("%m%d %H:%M:%E6S", now, absl::LocalTimeZone()), " ", ThreadId(),
+                   " ", file, ":", line_, "] ", message, "\n");
   // One write so that concurrent messages do not interleave.
   const char* data = line.data();
   size_t left = line.size();

@@ -1,14 +1,16 @@
-// Strata's one logging library: LOG, VLOG, CHECK and friends, writing one line per message to stderr.
+// Strata's one logging library: LOG, VLOG, CHECK and friends, writing one line per message to
+// stderr.
 //
 //   LOG(INFO) << "worker " << id << " joined";
 //   VLOG(2) << "step " << step << " batch " << batch_size;
 //   CHECK_LT(slot, num_slots) << "slot index out of range";
 //   CHECK_OK(status);
 //
-// Line format: `I1126 03:12:34.123456 4242 file.cc:42] message` (severity letter, month and day, time,
-// thread id, source location). LOG(FATAL) and failed CHECKs log and then abort: they are for our own
-// invariants only, never for bad input (which gets an absl::Status). Thread-safe; each message is
-// written with one write(2). Levels are process-wide and set once at start by common/init.h from flags.
+// Line format: `I1126 03:12:34.123456 4242 file.cc:42] message` (severity letter, month and day,
+// time, thread id, source location). LOG(FATAL) and failed CHECKs log and then abort: they are for
+// our own invariants only, never for bad input (which gets an absl::Status). Thread-safe; each
+// message is written with one write(2). Levels are process-wide and set once at start by
+// common/init.h from flags.
 #ifndef STRATA_COMMON_LOG_H_
 #define STRATA_COMMON_LOG_H_
 
@@ -136,16 +138,15 @@ const absl::Status& AsStatus(const absl::StatusOr<T>& s) {
 
 #define VLOG(level) LOG_IF(INFO, ::strata::VLogIsOn(level))
 
-#define CHECK(condition)                                               \
-  (condition) ? (void)0                                                \
-              : ::strata::log_internal::Voidify() &                    \
-                    STRATA_LOG_FATAL.stream() << "Check failed: " #condition " "
+#define CHECK(condition)                                                      \
+  (condition) ? (void)0                                                       \
+              : ::strata::log_internal::Voidify() & STRATA_LOG_FATAL.stream() \
+                                                        << "Check failed: " #condition " "
 
-#define STRATA_CHECK_OP_(name, op, a, b)                                                   \
-  while (::strata::log_internal::CheckOpResult _strata_check_result{                       \
-      ::strata::log_internal::CheckOpMessage(                                              \
-          (a), (b), [](const auto& x, const auto& y) { return x op y; },                   \
-          #a " " #op " " #b)})                                                             \
+#define STRATA_CHECK_OP_(name, op, a, b)                                                      \
+  while (::strata::log_internal::CheckOpResult _strata_check_result{                          \
+      ::strata::log_internal::CheckOpMessage(                                                 \
+          (a), (b), [](const auto& x, const auto& y) { return x op y; }, #a " " #op " " #b)}) \
   STRATA_LOG_FATAL.stream() << _strata_check_result.message()
 
 #define CHECK_EQ(a, b) STRATA_CHECK_OP_(EQ, ==, a, b)
@@ -156,10 +157,9 @@ const absl::Status& AsStatus(const absl::StatusOr<T>& s) {
 #define CHECK_GE(a, b) STRATA_CHECK_OP_(GE, >=, a, b)
 
 // CHECK_OK(status or statusor): the status must be OK.
-#define CHECK_OK(expr)                                                                   \
-  while (::strata::log_internal::CheckOpResult _strata_check_result{                     \
-      ::strata::log_internal::StatusCheckMessage(::strata::log_internal::AsStatus(expr), \
-                                                 #expr)})                                \
+#define CHECK_OK(expr)                                                                            \
+  while (::strata::log_internal::CheckOpResult _strata_check_result{                              \
+      ::strata::log_internal::StatusCheckMessage(::strata::log_internal::AsStatus(expr), #expr)}) \
   STRATA_LOG_FATAL.stream() << _strata_check_result.message()
 
 #ifdef NDEBUG

@@ -6,9 +6,9 @@
 //   ASSIGN_OR_RETURN(Model model, LoadModel(path));
 //   ASSIGN_OR_RETURN(auto blocks, store.Lookup(hashes), _.Prepend("prefetch: "));
 //
-// ASSIGN_OR_RETURN's optional third argument is returned instead of the bare error; inside it `_` is a
-// StatusBuilder holding the error, so `_.Prepend("context")` adds context. RETURN_IF_ERROR takes
-// context through WithContext: RETURN_IF_ERROR(WithContext(status, "loading delta"));
+// ASSIGN_OR_RETURN's optional third argument is returned instead of the bare error; inside it `_`
+// is a StatusBuilder holding the error, so `_.Prepend("context")` adds context. RETURN_IF_ERROR
+// takes context through WithContext: RETURN_IF_ERROR(WithContext(status, "loading delta"));
 #ifndef STRATA_COMMON_STATUS_MACROS_H_
 #define STRATA_COMMON_STATUS_MACROS_H_
 
@@ -22,8 +22,8 @@
 
 namespace strata {
 
-// Returns `status` with `context` prepended to its message ("context: message"), keeping the code and
-// payloads. OK stays OK.
+// Returns `status` with `context` prepended to its message ("context: message"), keeping the code
+// and payloads. OK stays OK.
 absl::Status WithContext(const absl::Status& status, absl::string_view context);
 
 namespace status_internal {
@@ -61,38 +61,37 @@ const absl::Status& GetStatus(const absl::StatusOr<T>& s) {
 
 // Evaluates `expr` (an absl::Status or absl::StatusOr) and returns its status from the enclosing
 // function when it is not OK.
-#define RETURN_IF_ERROR(expr)                                                             \
-  do {                                                                                    \
-    const auto& _strata_status_or = (expr);                                               \
-    if (!_strata_status_or.ok()) {                                                        \
-      return ::strata::status_internal::GetStatus(_strata_status_or);                     \
-    }                                                                                     \
+#define RETURN_IF_ERROR(expr)                                         \
+  do {                                                                \
+    const auto& _strata_status_or = (expr);                           \
+    if (!_strata_status_or.ok()) {                                    \
+      return ::strata::status_internal::GetStatus(_strata_status_or); \
+    }                                                                 \
   } while (false)
 
 #define STRATA_ASSIGN_OR_RETURN_2_(lhs, rexpr) STRATA_ASSIGN_OR_RETURN_3_(lhs, rexpr, _)
 
-#define STRATA_ASSIGN_OR_RETURN_3_(lhs, rexpr, error_expr)                                 \
-  STRATA_ASSIGN_OR_RETURN_IMPL_(STRATA_STATUS_CONCAT_(_strata_statusor_, __LINE__), lhs,  \
-                                rexpr, error_expr)
+#define STRATA_ASSIGN_OR_RETURN_3_(lhs, rexpr, error_expr)                                      \
+  STRATA_ASSIGN_OR_RETURN_IMPL_(STRATA_STATUS_CONCAT_(_strata_statusor_, __LINE__), lhs, rexpr, \
+                                error_expr)
 
-#define STRATA_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr, error_expr)                  \
-  auto statusor = (rexpr);                                                               \
-  if (!statusor.ok()) {                                                                  \
-    ::strata::status_internal::StatusBuilder _(std::move(statusor).status());            \
-    (void)_;                                                                             \
-    return (error_expr);                                                                 \
-  }                                                                                      \
+#define STRATA_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr, error_expr)       \
+  auto statusor = (rexpr);                                                    \
+  if (!statusor.ok()) {                                                       \
+    ::strata::status_internal::StatusBuilder _(std::move(statusor).status()); \
+    (void)_;                                                                  \
+    return (error_expr);                                                      \
+  }                                                                           \
   lhs = std::move(statusor).value()
 
 #define STRATA_GET_4TH_ARG_(a, b, c, d, ...) d
 
 // ASSIGN_OR_RETURN(lhs, rexpr[, error_expr]): evaluates `rexpr` (an absl::StatusOr<T>); on error
-// returns it (or `error_expr`, in which `_` is the error as a StatusBuilder), else assigns the value
-// to `lhs`, which may declare a variable. Expands to several statements: not for use as the body of an
-// unbraced if.
-#define ASSIGN_OR_RETURN(...)                                                            \
-  STRATA_GET_4TH_ARG_(__VA_ARGS__, STRATA_ASSIGN_OR_RETURN_3_, STRATA_ASSIGN_OR_RETURN_2_, \
-                      unused)                                                            \
+// returns it (or `error_expr`, in which `_` is the error as a StatusBuilder), else assigns the
+// value to `lhs`, which may declare a variable. Expands to several statements: not for use as the
+// body of an unbraced if.
+#define ASSIGN_OR_RETURN(...)                                                                      \
+  STRATA_GET_4TH_ARG_(__VA_ARGS__, STRATA_ASSIGN_OR_RETURN_3_, STRATA_ASSIGN_OR_RETURN_2_, unused) \
   (__VA_ARGS__)
 
 #endif  // STRATA_COMMON_STATUS_MACROS_H_

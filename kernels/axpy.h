@@ -1,5 +1,5 @@
-// axpy: out = alpha * x + y, elementwise over float32 vectors. The trivial op that proves the kernel
-// path end to end: a host-only header, a CPU reference (kernels/cpu/axpy.cc), a CUDA kernel
+// axpy: out = alpha * x + y, elementwise over float32 vectors. The trivial op that proves the
+// kernel path end to end: a host-only header, a CPU reference (kernels/cpu/axpy.cc), a CUDA kernel
 // (kernels/cuda/axpy.cu) and a differential test of one against the other.
 #ifndef STRATA_KERNELS_AXPY_H_
 #define STRATA_KERNELS_AXPY_H_
@@ -30,8 +30,8 @@ absl::Status ValidateAxpy(const AxpyParams& p);
 // The CPU reference.
 absl::Status AxpyCpu(const AxpyParams& p);
 
-// Enqueues the CUDA kernel on `stream`; returns once launched. Defined only where the build has CUDA
-// (STRATA_HAVE_CUDA); the pointers must be device memory (INVALID_ARGUMENT otherwise).
+// Enqueues the CUDA kernel on `stream`; returns once launched. Defined only where the build has
+// CUDA (STRATA_HAVE_CUDA); the pointers must be device memory (INVALID_ARGUMENT otherwise).
 absl::Status AxpyCuda(const AxpyParams& p, CudaStreamHandle stream);
 
 }  // namespace strata

@@ -1,9 +1,10 @@
+#include "kernels/axpy.h"
+
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kernels/axpy.h"
 
 namespace strata {
 namespace {

@@ -1,6 +1,8 @@
-// Differential test of AxpyCuda against the CPU reference, over a sweep of sizes and scales, on fresh
-// random inputs with the device output poisoned before each run. Needs a GPU: tagged "gpu"; skipped
-// where the build has no CUDA or the machine has no usable device.
+// Differential test of AxpyCuda against the CPU reference, over a sweep of sizes and scales, on
+// fresh random inputs with the device output poisoned before each run. Needs a GPU: tagged "gpu";
+// skipped where the build has no CUDA or the machine has no usable device.
+#include "kernels/axpy.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -8,7 +10,6 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kernels/axpy.h"
 
 #ifdef STRATA_HAVE_CUDA
 #include "kernels/cuda/runtime.h"
@@ -56,13 +57,14 @@ TEST_F(AxpyCudaTest, MatchesCpuReferenceOverSizesAndScales) {
       ASSERT_TRUE(dy->CopyFromHost(y.data(), bytes).ok());
       ASSERT_TRUE(dout->Fill(0xFF).ok());  // NaN everywhere: any element not written fails
 
-      ASSERT_TRUE(
-          AxpyCuda({n, alpha, dx->as<float>(), dy->as<float>(), dout->as<float>()}, stream->handle())
-              .ok());
+      ASSERT_TRUE(AxpyCuda({n, alpha, dx->as<float>(), dy->as<float>(), dout->as<float>()},
+                           stream->handle())
+                      .ok());
       ASSERT_TRUE(stream->Synchronize().ok());
       ASSERT_TRUE(dout->CopyToHost(got.data(), bytes).ok());
 
-      // The GPU fuses multiply and add (one rounding instead of two): within one ulp of the product.
+      // The GPU fuses multiply and add (one rounding instead of two): within one ulp of the
+      // product.
       int64_t bad = 0;
       for (int64_t i = 0; i < n; ++i) {
         const float tol = std::ldexp(std::fabs(alpha * x[i]) + std::fabs(y[i]), -23);

@@ -74,7 +74,8 @@ absl::Status CudaStream::Synchronize() const {
 absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
   void* data = nullptr;
   if (bytes > 0) {
-    if (absl::Status s = CudaStatus(cudaMalloc(&data, bytes), absl::StrCat("cudaMalloc(", bytes, ")"));
+    if (absl::Status s =
+            CudaStatus(cudaMalloc(&data, bytes), absl::StrCat("cudaMalloc(", bytes, ")"));
         !s.ok()) {
       return s;
     }

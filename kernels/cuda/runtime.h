@@ -1,5 +1,6 @@
-// The CUDA runtime's resources as move-only RAII types, and cudaError_t as absl::Status. Every use of a
-// stream or device allocation in Strata goes through these. Built only where the build has CUDA.
+// The CUDA runtime's resources as move-only RAII types, and cudaError_t as absl::Status. Every use
+// of a stream or device allocation in Strata goes through these. Built only where the build has
+// CUDA.
 #ifndef STRATA_KERNELS_CUDA_RUNTIME_H_
 #define STRATA_KERNELS_CUDA_RUNTIME_H_
 
@@ -14,13 +15,13 @@
 
 namespace strata {
 
-// OK for cudaSuccess. Otherwise UNAVAILABLE when there is no usable device or driver (so callers can
-// skip or fall back to the CPU), RESOURCE_EXHAUSTED when out of device memory, INTERNAL for the rest;
-// the message is "what: cudaErrorName: description".
+// OK for cudaSuccess. Otherwise UNAVAILABLE when there is no usable device or driver (so callers
+// can skip or fall back to the CPU), RESOURCE_EXHAUSTED when out of device memory, INTERNAL for the
+// rest; the message is "what: cudaErrorName: description".
 absl::Status CudaStatus(cudaError_t error, absl::string_view what);
 
-// Number of visible devices; UNAVAILABLE when the driver is missing or too old ("insufficient driver")
-// or there is no device.
+// Number of visible devices; UNAVAILABLE when the driver is missing or too old ("insufficient
+// driver") or there is no device.
 absl::StatusOr<int> CudaDeviceCount();
 
 // True when `ptr` is device (or managed) memory of the current device.
