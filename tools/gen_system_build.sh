@@ -15,6 +15,10 @@ LIBS=(
   "grpc++_reflection|grpc++|-lgrpc++_reflection"
   "uring|liburing|"
   "xxhash|libxxhash|"
+  "simdjson|simdjson|"
+  "pcre2|libpcre2-8|"
+  "icu|icu-uc|"
+  "openblas|openblas|"
   "gtest|gtest|"
   "gtest_main|gtest_main|"
   "gmock|gmock|"
@@ -66,18 +70,28 @@ HDR
     IFS='|' read -r name modules extra <<<"$entry"
     local flags
     flags="$(pkg-config --cflags --libs $modules) $extra"
-    local defines=() linkopts=()
+    local defines=() linkopts=() includes=()
     while read -r f; do
       [ -n "$f" ] || continue
       case "$f" in
         -D*) defines+=("${f#-D}") ;;
-        -I*) ;;  # system include directories are searched already
+        -I/usr/include) ;;  # searched already
+        -I/usr/*) includes+=("${f#-I/usr/}") ;;  # e.g. openblas-pthread's own directory
+        -I*) ;;
         *) linkopts+=("$f") ;;
       esac
     done < <(echo "$flags" | tr ' ' '\n' | grep -v '^$' | tr '\n' ' ' | dedup_last)
     echo
     echo "cc_library("
     echo "    name = \"$name\","
+    if [ ${#includes[@]} -gt 0 ]; then
+      echo "    hdrs = glob(["
+      for i in "${includes[@]}"; do echo "        \"${i%/}/*.h\","; done
+      echo "    ]),"
+      echo "    includes = ["
+      for i in "${includes[@]}"; do echo "        \"${i%/}\","; done
+      echo "    ],"
+    fi
     if [ ${#defines[@]} -gt 0 ]; then
       echo "    defines = ["
       for d in $(printf '%s\n' "${defines[@]}" | sort -u); do echo "        \"$d\","; done

@@ -22,7 +22,13 @@ PACKAGES=(
   libgtest-dev
   libgmock-dev
   libbenchmark-dev
+  libsimdjson-dev        # JSON (config.json, tokenizer.json, safetensors headers)
+  libpcre2-dev           # tokenizer pre-tokenizer regexes (Unicode properties, lookahead)
+  libicu-dev             # Unicode normalization (NFC, NFKC) for tokenizers
+  libopenblas-dev        # CPU GEMM
+  libopenblas0-pthread
   python3
+  python3-numpy          # reference forward pass used to generate test data
 )
 
 missing=()

@@ -1,0 +1,202 @@
+#include "common/json.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace strata {
+namespace {
+
+using simdjson::dom::element_type;
+
+const char* TypeName(element_type t) {
+  switch (t) {
+    case element_type::ARRAY:
+      return "an array";
+    case element_type::OBJECT:
+      return "an object";
+    case element_type::INT64:
+    case element_type::UINT64:
+      return "an integer";
+    case element_type::DOUBLE:
+      return "a number";
+    case element_type::STRING:
+      return "a string";
+    case element_type::BOOL:
+      return "a boolean";
+    case element_type::NULL_VALUE:
+      return "null";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+bool JsonValue::IsNull() const { return element_.type() == element_type::NULL_VALUE; }
+bool JsonValue::IsObject() const { return element_.type() == element_type::OBJECT; }
+bool JsonValue::IsArray() const { return element_.type() == element_type::ARRAY; }
+bool JsonValue::IsString() const { return element_.type() == element_type::STRING; }
+bool JsonValue::IsBool() const { return element_.type() == element_type::BOOL; }
+bool JsonValue::IsNumber() const {
+  const element_type t = element_.type();
+  return t == element_type::INT64 || t == element_type::UINT64 || t == element_type::DOUBLE;
+}
+
+absl::Status JsonValue::Error(absl::string_view what) const {
+  if (path_ == "(root)") return absl::InvalidArgumentError(absl::StrCat(*source_, ": ", what));
+  return absl::InvalidArgumentError(absl::StrCat(*source_, ": field \"", path_, "\" ", what));
+}
+
+absl::Status JsonValue::TypeError(absl::string_view want) const {
+  return Error(absl::StrCat("must be ", want, ", not ", TypeName(element_.type())));
+}
+
+std::string JsonValue::Child(absl::string_view key) const {
+  return path_ == "(root)" ? std::string(key) : absl::StrCat(path_, ".", key);
+}
+
+absl::StatusOr<JsonValue> JsonValue::Field(absl::string_view key) const {
+  if (!IsObject()) return TypeError("an object");
+  simdjson::dom::element child;
+  if (element_.at_key(std::string_view(key.data(), key.size())).get(child) != simdjson::SUCCESS) {
+    const std::string path = Child(key);
+    return absl::InvalidArgumentError(absl::StrCat(*source_, ": missing field \"", path, "\""));
+  }
+  return JsonValue(child, Child(key), source_);
+}
+
+std::optional<JsonValue> JsonValue::FindField(absl::string_view key) const {
+  if (!IsObject()) return std::nullopt;
+  simdjson::dom::element child;
+  if (element_.at_key(std::string_view(key.data(), key.size())).get(child) != simdjson::SUCCESS) {
+    return std::nullopt;
+  }
+  if (child.type() == element_type::NULL_VALUE) return std::nullopt;
+  return JsonValue(child, Child(key), source_);
+}
+
+absl::StatusOr<int64_t> JsonValue::AsInt() const {
+  switch (element_.type()) {
+    case element_type::INT64:
+      return int64_t(element_.get_int64().value_unsafe());
+    case element_type::UINT64: {
+      const uint64_t v = element_.get_uint64().value_unsafe();
+      if (v > static_cast<uint64_t>(INT64_MAX)) return Error("is out of range");
+      return static_cast<int64_t>(v);
+    }
+    case element_type::DOUBLE: {
+      const double d = element_.get_double().value_unsafe();
+      if (std::trunc(d) != d || std::fabs(d) > 9.0e18) return Error("must be an integer");
+      return static_cast<int64_t>(d);
+    }
+    default:
+      return TypeError("an integer");
+  }
+}
+
+absl::StatusOr<double> JsonValue::AsDouble() const {
+  switch (element_.type()) {
+    case element_type::INT64:
+      return static_cast<double>(element_.get_int64().value_unsafe());
+    case element_type::UINT64:
+      return static_cast<double>(element_.get_uint64().value_unsafe());
+    case element_type::DOUBLE:
+      return element_.get_double().value_unsafe();
+    default:
+      return TypeError("a number");
+  }
+}
+
+absl::StatusOr<bool> JsonValue::AsBool() const {
+  if (!IsBool()) return TypeError("a boolean");
+  return element_.get_bool().value_unsafe();
+}
+
+absl::StatusOr<absl::string_view> JsonValue::AsString() const {
+  if (!IsString()) return TypeError("a string");
+  const std::string_view s = element_.get_string().value_unsafe();
+  return absl::string_view(s.data(), s.size());
+}
+
+absl::StatusOr<std::vector<JsonValue>> JsonValue::AsArray() const {
+  if (!IsArray()) return TypeError("an array");
+  std::vector<JsonValue> out;
+  size_t i = 0;
+  simdjson::dom::array array;
+  if (element_.get_array().get(array) != simdjson::SUCCESS) return TypeError("an array");
+  for (simdjson::dom::element child : array) {
+    out.emplace_back(child, absl::StrCat(path_ == "(root)" ? "" : path_, "[", i++, "]"), source_);
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<std::pair<absl::string_view, JsonValue>>> JsonValue::AsObject() const {
+  if (!IsObject()) return TypeError("an object");
+  std::vector<std::pair<absl::string_view, JsonValue>> out;
+  simdjson::dom::object object;
+  if (element_.get_object().get(object) != simdjson::SUCCESS) return TypeError("an object");
+  for (simdjson::dom::key_value_pair kv : object) {
+    const absl::string_view key(kv.key.data(), kv.key.size());
+    out.emplace_back(key, JsonValue(kv.value, Child(key), source_));
+  }
+  return out;
+}
+
+absl::StatusOr<int64_t> JsonValue::IntField(absl::string_view key) const {
+  absl::StatusOr<JsonValue> v = Field(key);
+  if (!v.ok()) return v.status();
+  return v->AsInt();
+}
+
+absl::StatusOr<int64_t> JsonValue::IntFieldOr(absl::string_view key, int64_t fallback) const {
+  std::optional<JsonValue> v = FindField(key);
+  if (!v) return fallback;
+  return v->AsInt();
+}
+
+absl::StatusOr<double> JsonValue::DoubleField(absl::string_view key) const {
+  absl::StatusOr<JsonValue> v = Field(key);
+  if (!v.ok()) return v.status();
+  return v->AsDouble();
+}
+
+absl::StatusOr<double> JsonValue::DoubleFieldOr(absl::string_view key, double fallback) const {
+  std::optional<JsonValue> v = FindField(key);
+  if (!v) return fallback;
+  return v->AsDouble();
+}
+
+absl::StatusOr<bool> JsonValue::BoolFieldOr(absl::string_view key, bool fallback) const {
+  std::optional<JsonValue> v = FindField(key);
+  if (!v) return fallback;
+  return v->AsBool();
+}
+
+absl::StatusOr<absl::string_view> JsonValue::StringField(absl::string_view key) const {
+  absl::StatusOr<JsonValue> v = Field(key);
+  if (!v.ok()) return v.status();
+  return v->AsString();
+}
+
+absl::StatusOr<std::string> JsonValue::StringFieldOr(absl::string_view key,
+                                                     absl::string_view fallback) const {
+  std::optional<JsonValue> v = FindField(key);
+  if (!v) return std::string(fallback);
+  absl::StatusOr<absl::string_view> s = v->AsString();
+  if (!s.ok()) return s.status();
+  return std::string(*s);
+}
+
+absl::StatusOr<JsonDocument> JsonDocument::Parse(absl::string_view text, std::string source) {
+  JsonDocument doc;
+  doc.parser_ = std::make_unique<simdjson::dom::parser>();
+  doc.source_ = std::make_unique<std::string>(std::move(source));
+  const simdjson::error_code error = doc.parser_->parse(text.data(), text.size()).get(doc.root_);
+  if (error != simdjson::SUCCESS) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(*doc.source_, ": invalid JSON: ", simdjson::error_message(error)));
+  }
+  return doc;
+}
+
+}  // namespace strata

@@ -1,0 +1,68 @@
+#include "common/json.h"
+
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+TEST(JsonTest, ReadsTypedFieldsWithDefaults) {
+  auto doc = JsonDocument::Parse(
+      R"({"hidden_size": 64, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie": true,
+          "name": "llama", "nested": {"factor": 8}, "list": [1, 2, 3], "nothing": null})",
+      "config.json");
+  ASSERT_TRUE(doc.ok()) << doc.status();
+  const JsonValue root = doc->root();
+  EXPECT_EQ(*root.IntField("hidden_size"), 64);
+  EXPECT_DOUBLE_EQ(*root.DoubleField("rms_norm_eps"), 1e-5);
+  EXPECT_EQ(*root.IntField("rope_theta"), 500000);  // integral double accepted as an integer
+  EXPECT_TRUE(*root.BoolFieldOr("tie", false));
+  EXPECT_EQ(*root.StringField("name"), "llama");
+  EXPECT_EQ(*root.IntFieldOr("missing", 7), 7);
+  EXPECT_EQ(*root.IntFieldOr("nothing", 9), 9);  // null counts as missing
+  EXPECT_EQ(*root.StringFieldOr("missing", "x"), "x");
+  auto nested = root.Field("nested");
+  ASSERT_TRUE(nested.ok());
+  EXPECT_EQ(*nested->IntField("factor"), 8);
+  auto list = root.Field("list")->AsArray();
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 3u);
+  EXPECT_EQ(*(*list)[2].AsInt(), 3);
+  EXPECT_EQ((*list)[2].path(), "list[2]");
+  auto members = root.AsObject();
+  ASSERT_TRUE(members.ok());
+  EXPECT_EQ((*members)[0].first, "hidden_size");
+}
+
+TEST(JsonTest, ErrorsNameSourceAndFieldPath) {
+  auto doc = JsonDocument::Parse(R"({"a": {"b": "text", "c": 1.5}, "d": [true]})", "x/config.json");
+  ASSERT_TRUE(doc.ok());
+  const JsonValue root = doc->root();
+  const absl::Status missing = root.IntField("hidden_size").status();
+  EXPECT_EQ(missing.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(missing.message(), "x/config.json: missing field \"hidden_size\"");
+  const absl::Status type = root.Field("a")->IntField("b").status();
+  EXPECT_EQ(type.message(), "x/config.json: field \"a.b\" must be an integer, not a string");
+  EXPECT_EQ(root.Field("a")->IntField("c").status().message(),
+            "x/config.json: field \"a.c\" must be an integer");
+  EXPECT_EQ(root.Field("d")->AsArray()->at(0).AsInt().status().message(),
+            "x/config.json: field \"d[0]\" must be an integer, not a boolean");
+  EXPECT_EQ(root.Field("d")->Field("x").status().message(),
+            "x/config.json: field \"d\" must be an object, not an array");
+}
+
+TEST(JsonTest, MalformedTextIsRefused) {
+  auto doc = JsonDocument::Parse(R"({"a": )", "tokenizer.json");
+  ASSERT_FALSE(doc.ok());
+  EXPECT_EQ(doc.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(doc.status().message().find("tokenizer.json: invalid JSON"), absl::string_view::npos);
+}
+
+TEST(JsonTest, DocumentSurvivesMove) {
+  auto doc = JsonDocument::Parse(R"({"k": "v"})", "s");
+  ASSERT_TRUE(doc.ok());
+  JsonDocument moved = std::move(*doc);
+  EXPECT_EQ(*moved.root().StringField("k"), "v");
+}
+
+}  // namespace
+}  // namespace strata

@@ -1,0 +1,53 @@
+// Element types of tensors, and host conversions between them. Host-only; no CUDA.
+#ifndef STRATA_KERNELS_DTYPE_H_
+#define STRATA_KERNELS_DTYPE_H_
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+
+#include "absl/strings/string_view.h"
+
+namespace strata {
+
+enum class DType : uint8_t {
+  kF32,
+  kF16,
+  kBF16,
+  kF64,
+  kI8,
+  kU8,
+  kI16,
+  kI32,
+  kI64,
+  kF8E4M3,
+  kF8E5M2,
+  kBool,
+};
+
+// Bytes per element.
+int DTypeBytes(DType t);
+// The safetensors spelling ("F32", "BF16", ...).
+absl::string_view DTypeName(DType t);
+// Parses the safetensors spelling; false when unknown.
+bool ParseDType(absl::string_view name, DType* out);
+
+// bfloat16 <-> float: bf16 is the high half of an IEEE float; rounding to nearest even.
+inline float Bf16ToFloat(uint16_t h) {
+  return std::bit_cast<float>(static_cast<uint32_t>(h) << 16);
+}
+inline uint16_t FloatToBf16(float f) {
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// IEEE half <-> float, exact for every half value (subnormals, infinities, NaN); rounding to
+// nearest even on the way down.
+float F16ToFloat(uint16_t h);
+uint16_t FloatToF16(float f);
+
+}  // namespace strata
+
+#endif  // STRATA_KERNELS_DTYPE_H_
