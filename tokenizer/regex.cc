@@ -22,8 +22,8 @@ absl::StatusOr<Regex> Regex::Compile(absl::string_view pattern) {
   if (code == nullptr) {
     PCRE2_UCHAR message[256];
     pcre2_get_error_message(error, message, sizeof(message));
-    return absl::InvalidArgumentError(absl::StrCat("bad regex at offset ", offset, ": ",
-                                                   reinterpret_cast<const char*>(message)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad regex at offset ", offset, ": ", reinterpret_cast<const char*>(message)));
   }
   pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter where JIT is absent
   auto c = std::make_unique<Code>();

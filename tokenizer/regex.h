@@ -22,8 +22,8 @@ class Regex {
   Regex& operator=(Regex&&) noexcept;
   ~Regex();
 
-  // Every non-overlapping match in `text` (which must be valid UTF-8), as [begin, end) byte offsets,
-  // scanning left to right. An empty match advances one character.
+  // Every non-overlapping match in `text` (which must be valid UTF-8), as [begin, end) byte
+  // offsets, scanning left to right. An empty match advances one character.
   std::vector<std::pair<size_t, size_t>> FindAll(absl::string_view text) const;
 
  private:

@@ -57,7 +57,9 @@ bool IsWordChar(char32_t c) {
          c >= 0x80;  // letters of other scripts count as word characters
 }
 
-bool IsSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+bool IsSpace(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
 
 // ---- Normalizers -------------------------------------------------------------------------------
 
@@ -116,9 +118,9 @@ absl::StatusOr<std::string> Lowercase(absl::string_view s) {
                 static_cast<int32_t>(s.size()), &err);
   std::u16string out(in.size() * 2 + 16, u'\0');
   err = U_ZERO_ERROR;
-  const int32_t n = u_strToLower(reinterpret_cast<UChar*>(out.data()),
-                                 static_cast<int32_t>(out.size()),
-                                 reinterpret_cast<const UChar*>(in.data()), len16, "", &err);
+  const int32_t n =
+      u_strToLower(reinterpret_cast<UChar*>(out.data()), static_cast<int32_t>(out.size()),
+                   reinterpret_cast<const UChar*>(in.data()), len16, "", &err);
   if (U_FAILURE(err)) return absl::InternalError(absl::StrCat("ICU lowercase: ", u_errorName(err)));
   int32_t len8 = 0;
   err = U_ZERO_ERROR;
@@ -270,7 +272,8 @@ struct Tokenizer::Impl {
   };
   std::vector<Added> added;
   // Added tokens by first byte, longest first.
-  std::vector<std::vector<const Added*>> added_by_byte = std::vector<std::vector<const Added*>>(256);
+  std::vector<std::vector<const Added*>> added_by_byte =
+      std::vector<std::vector<const Added*>>(256);
 
   std::vector<Normalizer> normalizers;
   std::vector<PreTokenizer> pre;
@@ -375,7 +378,8 @@ absl::Status Tokenizer::Impl::LoadAdded(const JsonValue& list) {
   for (const JsonValue& item : items) {
     Added a;
     ASSIGN_OR_RETURN(int64_t id, item.IntField("id"));
-    if (id < 0 || id > (int64_t{1} << 30)) return item.Field("id")->Error("is not a valid token id");
+    if (id < 0 || id > (int64_t{1} << 30))
+      return item.Field("id")->Error("is not a valid token id");
     a.id = static_cast<int32_t>(id);
     ASSIGN_OR_RETURN(absl::string_view content, item.StringField("content"));
     if (content.empty()) return item.Field("content")->Error("must not be empty");
@@ -781,7 +785,8 @@ void Tokenizer::Impl::Bpe(absl::string_view word, std::vector<int32_t>* out) con
           all_bytes = byte_ids[static_cast<unsigned char>(word[pos + i])] >= 0;
         }
         if (all_bytes) {
-          for (size_t i = 0; i < n; ++i) sym.push_back(byte_ids[static_cast<unsigned char>(word[pos + i])]);
+          for (size_t i = 0; i < n; ++i)
+            sym.push_back(byte_ids[static_cast<unsigned char>(word[pos + i])]);
           last_unk = false;
         } else if (unk_id >= 0 && !(fuse_unk && last_unk)) {
           sym.push_back(unk_id);
@@ -791,8 +796,8 @@ void Tokenizer::Impl::Bpe(absl::string_view word, std::vector<int32_t>* out) con
       pos += n;
     }
   }
-  // Merge the lowest-ranked adjacent pair until none applies. Symbols form a linked list; stale queue
-  // entries are skipped when popped.
+  // Merge the lowest-ranked adjacent pair until none applies. Symbols form a linked list; stale
+  // queue entries are skipped when popped.
   const int n = static_cast<int>(sym.size());
   std::vector<int> prev(n), next(n);
   for (int i = 0; i < n; ++i) {
@@ -930,7 +935,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
   } else {
     impl->special.assign(impl->id_to_token.size(), false);
   }
-  if (std::optional<JsonValue> n = root.FindField("normalizer")) RETURN_IF_ERROR(impl->LoadNormalizer(*n));
+  if (std::optional<JsonValue> n = root.FindField("normalizer"))
+    RETURN_IF_ERROR(impl->LoadNormalizer(*n));
   if (std::optional<JsonValue> p = root.FindField("pre_tokenizer")) {
     RETURN_IF_ERROR(impl->LoadPreTokenizer(*p));
   }
@@ -939,7 +945,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     RETURN_IF_ERROR(impl->LoadPostProcessor(*p));
     have_template = !impl->prefix_ids.empty() || !impl->suffix_ids.empty();
   }
-  if (std::optional<JsonValue> d = root.FindField("decoder")) RETURN_IF_ERROR(impl->LoadDecoder(*d));
+  if (std::optional<JsonValue> d = root.FindField("decoder"))
+    RETURN_IF_ERROR(impl->LoadDecoder(*d));
 
   // Byte ids: the mapped character for byte-level models, "<0xXX>" tokens for byte fallback.
   const ByteMap& bytes = Bytes();
@@ -949,7 +956,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     impl->byte_ids[b] = it == impl->token_to_id.end() ? -1 : it->second;
   }
   if (!config_json.empty()) {
-    ASSIGN_OR_RETURN(JsonDocument config, JsonDocument::Parse(config_json, "tokenizer_config.json"));
+    ASSIGN_OR_RETURN(JsonDocument config,
+                     JsonDocument::Parse(config_json, "tokenizer_config.json"));
     RETURN_IF_ERROR(impl->LoadConfig(config.root(), have_template));
   }
   for (int32_t id : impl->prefix_ids) {
@@ -986,7 +994,8 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text,
           while (k > 0 && (static_cast<unsigned char>(text[k]) & 0xc0) == 0x80) --k;
           DecodeUtf8(text.substr(k), &before);
         }
-        if (pos + a->content.size() < text.size()) DecodeUtf8(text.substr(pos + a->content.size()), &after);
+        if (pos + a->content.size() < text.size())
+          DecodeUtf8(text.substr(pos + a->content.size()), &after);
         if ((before && IsWordChar(before)) || (after && IsWordChar(after))) continue;
       }
       hit = a;
@@ -1015,8 +1024,10 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text,
       out.push_back(s.added_id);
       continue;
     }
-    ASSIGN_OR_RETURN(std::string normalized, im.Normalize(std::string(text.substr(s.b, s.e - s.b))));
-    for (const Piece& piece : im.PreTokenize(std::move(normalized), i == 0)) im.Bpe(piece.text, &out);
+    ASSIGN_OR_RETURN(std::string normalized,
+                     im.Normalize(std::string(text.substr(s.b, s.e - s.b))));
+    for (const Piece& piece : im.PreTokenize(std::move(normalized), i == 0))
+      im.Bpe(piece.text, &out);
   }
   if (add_special_tokens) out.insert(out.end(), im.suffix_ids.begin(), im.suffix_ids.end());
   return out;

@@ -2,15 +2,17 @@
 //
 // Supported, which covers Llama 2/3, Mistral, Qwen2/3 and GPT-2-style models:
 //   normalizers     NFC, NFKC, NFD, NFKD, Lowercase, Prepend, Replace, Strip, Sequence
-//   pre-tokenizers  ByteLevel, Split (regex or string; every behavior), Metaspace, Digits, Whitespace,
+//   pre-tokenizers  ByteLevel, Split (regex or string; every behavior), Metaspace, Digits,
+//   Whitespace,
 //                   WhitespaceSplit, Sequence
 //   model           BPE: byte-level, or over characters with byte_fallback / unk; ignore_merges
 //   post-processor  TemplateProcessing, ByteLevel, Sequence
 //   decoders        ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip, Sequence
-//   added tokens    matched in the raw text before normalization (longest match), with lstrip, rstrip
+//   added tokens    matched in the raw text before normalization (longest match), with lstrip,
+//   rstrip
 //                   and single_word
-// Anything else is refused at load with a message naming the file and field. Regexes run on PCRE2 in
-// Unicode mode (the patterns of GPT-2, Llama 3 and Qwen use \p{L}, \p{N} and lookahead).
+// Anything else is refused at load with a message naming the file and field. Regexes run on PCRE2
+// in Unicode mode (the patterns of GPT-2, Llama 3 and Qwen use \p{L}, \p{N} and lookahead).
 //
 // A Tokenizer is immutable after loading and safe to use from many threads at once.
 #ifndef STRATA_TOKENIZER_TOKENIZER_H_
@@ -40,8 +42,8 @@ class Tokenizer {
                                                              std::string source);
   ~Tokenizer();
 
-  // Token ids of `text`. With add_special_tokens, the post-processor's tokens (a BOS, say) are added.
-  // INVALID_ARGUMENT when `text` is not valid UTF-8.
+  // Token ids of `text`. With add_special_tokens, the post-processor's tokens (a BOS, say) are
+  // added. INVALID_ARGUMENT when `text` is not valid UTF-8.
   absl::StatusOr<std::vector<int32_t>> Encode(absl::string_view text,
                                               bool add_special_tokens = false) const;
 
@@ -73,9 +75,9 @@ class Tokenizer {
   std::unique_ptr<Impl> impl_;
 };
 
-// Streams text out of a growing sequence of token ids without ever emitting a broken UTF-8 sequence:
-// bytes of a character split across tokens are held back until the character is complete. Bytes that
-// can never form valid UTF-8 are emitted as U+FFFD. Not thread-safe; one per sequence.
+// Streams text out of a growing sequence of token ids without ever emitting a broken UTF-8
+// sequence: bytes of a character split across tokens are held back until the character is complete.
+// Bytes that can never form valid UTF-8 are emitted as U+FFFD. Not thread-safe; one per sequence.
 class IncrementalDecoder {
  public:
   IncrementalDecoder(const Tokenizer* tokenizer, bool skip_special_tokens)

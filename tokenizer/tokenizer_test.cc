@@ -54,9 +54,9 @@ std::string ByteLevelJson(bool ignore_merges = false) {
     "post_processor": {"type": "ByteLevel"},
     "decoder": {"type": "ByteLevel"},
     "model": {"type": "BPE", "dropout": null, "unk_token": null, "ignore_merges": )",
-                      ignore_merges ? "true" : "false", R"(, "vocab": {)", absl::StrJoin(vocab, ","),
-                      R"(}, "merges": [)", JsonStr(G + " t"), ",", JsonStr("h e"), ",",
-                      R"([")", G, R"(t", "he"]]}})");
+                      ignore_merges ? "true" : "false", R"(, "vocab": {)",
+                      absl::StrJoin(vocab, ","), R"(}, "merges": [)", JsonStr(G + " t"), ",",
+                      JsonStr("h e"), ",", R"([")", G, R"(t", "he"]]}})");
 }
 
 // A Llama-2-style tokenizer: Metaspace via normalizer, BPE over characters with byte fallback.
@@ -115,13 +115,14 @@ TEST(ByteLevelBpeTest, RoundTripsArbitraryUtf8) {
   auto t = Load(ByteLevelJson());
   ASSERT_NE(t, nullptr);
   std::mt19937 rng(std::random_device{}());
-  const std::vector<char32_t> alphabet = {'a', ' ', '\n', '\t', 't', 'h', 'e', '!', '7', 0xE9,
-                                          0x4E2D, 0x1F600, 0x200D, 0x301, '<', '|'};
+  const std::vector<char32_t> alphabet = {'a', ' ',  '\n',   '\t',    't',    'h',   'e', '!',
+                                          '7', 0xE9, 0x4E2D, 0x1F600, 0x200D, 0x301, '<', '|'};
   for (int trial = 0; trial < 200; ++trial) {
     std::string text;
     const int len = std::uniform_int_distribution<int>(0, 30)(rng);
     for (int i = 0; i < len; ++i) {
-      AppendUtf8(alphabet[std::uniform_int_distribution<size_t>(0, alphabet.size() - 1)(rng)], &text);
+      AppendUtf8(alphabet[std::uniform_int_distribution<size_t>(0, alphabet.size() - 1)(rng)],
+                 &text);
     }
     auto ids = t->Encode(text);
     ASSERT_TRUE(ids.ok());

@@ -28,8 +28,8 @@ bool SecondByteOk(uint8_t lead, uint8_t b) {
   }
 }
 
-// How many bytes of `s` form a valid (possibly incomplete) prefix of one sequence: returns the number
-// of bytes that are consistent, and sets *complete when they form a whole sequence.
+// How many bytes of `s` form a valid (possibly incomplete) prefix of one sequence: returns the
+// number of bytes that are consistent, and sets *complete when they form a whole sequence.
 size_t ValidPrefix(absl::string_view s, bool* complete) {
   *complete = false;
   if (s.empty()) return 0;

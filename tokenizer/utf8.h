@@ -22,12 +22,14 @@ size_t DecodeUtf8(absl::string_view s, char32_t* cp);
 
 bool IsValidUtf8(absl::string_view s);
 
-// Replaces every maximal invalid subsequence with U+FFFD, the way WHATWG and Rust's from_utf8_lossy do.
+// Replaces every maximal invalid subsequence with U+FFFD, the way WHATWG and Rust's from_utf8_lossy
+// do.
 std::string Utf8Lossy(absl::string_view s);
 
 // For streaming: the length of the longest prefix of `s` that can be emitted now. Complete valid
-// sequences are emittable; so is any byte that can never become part of a valid sequence (the caller
-// replaces it with U+FFFD). A trailing sequence that is valid so far but incomplete is held back.
+// sequences are emittable; so is any byte that can never become part of a valid sequence (the
+// caller replaces it with U+FFFD). A trailing sequence that is valid so far but incomplete is held
+// back.
 size_t EmittableUtf8Prefix(absl::string_view s);
 
 }  // namespace strata

@@ -29,9 +29,15 @@ TEST(Utf8Test, SequenceLengthsAndValidity) {
 
 TEST(Utf8Test, LossyReplacesMaximalInvalidSubsequences) {
   EXPECT_EQ(Utf8Lossy("ok"), "ok");
-  EXPECT_EQ(Utf8Lossy("a\xff" "b"), "a\xef\xbf\xbd" "b");
+  EXPECT_EQ(Utf8Lossy("a\xff"
+                      "b"),
+            "a\xef\xbf\xbd"
+            "b");
   // A truncated 3-byte sequence followed by ASCII is one replacement.
-  EXPECT_EQ(Utf8Lossy("\xe4\xb8" "x"), "\xef\xbf\xbd" "x");
+  EXPECT_EQ(Utf8Lossy("\xe4\xb8"
+                      "x"),
+            "\xef\xbf\xbd"
+            "x");
   EXPECT_EQ(Utf8Lossy("\xe4\xb8"), "\xef\xbf\xbd");
 }
 
@@ -40,8 +46,10 @@ TEST(Utf8Test, EmittablePrefixHoldsBackOnlyIncompleteTails) {
   EXPECT_EQ(EmittableUtf8Prefix("ab\xe4\xb8"), 2u);  // 中 waits for its last byte
   EXPECT_EQ(EmittableUtf8Prefix("ab\xe4\xb8\xad"), 5u);
   EXPECT_EQ(EmittableUtf8Prefix("\xf0\x9f"), 0u);
-  EXPECT_EQ(EmittableUtf8Prefix("\xff"), 1u);        // never valid: emit (as U+FFFD)
-  EXPECT_EQ(EmittableUtf8Prefix("\xe4\xb8" "a"), 3u);  // broken by 'a': emit all
+  EXPECT_EQ(EmittableUtf8Prefix("\xff"), 1u);  // never valid: emit (as U+FFFD)
+  EXPECT_EQ(EmittableUtf8Prefix("\xe4\xb8"
+                                "a"),
+            3u);  // broken by 'a': emit all
 }
 
 }  // namespace
