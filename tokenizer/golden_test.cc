@@ -35,7 +35,8 @@ std::vector<GoldenLine> ReadGolden(const std::string& path) {
     for (const char* field : {"ids", "ids_special"}) {
       const std::vector<JsonValue> values = *root.Field(field)->AsArray();
       for (const JsonValue& v : values) {
-        (std::string(field) == "ids" ? g.ids : g.ids_special).push_back(static_cast<int32_t>(*v.AsInt()));
+        (std::string(field) == "ids" ? g.ids : g.ids_special)
+            .push_back(static_cast<int32_t>(*v.AsInt()));
       }
     }
     g.decoded = std::string(*root.StringField("decoded"));

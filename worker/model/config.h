@@ -13,20 +13,15 @@
 #include "absl/status/statusor.h"
 #include "common/json.h"
 #include "kernels/dtype.h"
+#include "kernels/elementwise.h"
 
 namespace strata {
 
 enum class Architecture { kLlama, kMistral, kQwen2, kQwen3 };
 
-struct RopeScaling {
-  enum class Type { kNone, kLinear, kLlama3 };
-  Type type = Type::kNone;
-  double factor = 1.0;
-  // llama3 only.
-  double low_freq_factor = 1.0;
-  double high_freq_factor = 4.0;
-  int64_t original_max_position_embeddings = 8192;
-};
+// Rope scaling as config.json's "rope_scaling" describes it; the kernels compute frequencies from
+// it.
+using RopeScaling = RopeScalingParams;
 
 struct ModelConfig {
   Architecture architecture = Architecture::kLlama;

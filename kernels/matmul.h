@@ -1,0 +1,42 @@
+// matmul: y = x · Wᵀ (+ bias), the projection of every linear layer. W is stored as Hugging Face stores
+// it, [out_features, in_features], in f32, bf16 or f16; activations are f32.
+#ifndef STRATA_KERNELS_MATMUL_H_
+#define STRATA_KERNELS_MATMUL_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kernels/dtype.h"
+
+namespace strata {
+
+struct MatMulParams {
+  int64_t m = 0;  // rows of x and y (tokens)
+  int64_t n = 0;  // out_features
+  int64_t k = 0;  // in_features
+  // [m, k], host, f32, row-major.
+  const float* x = nullptr;
+  // [n, k], host, w_dtype (f32, bf16 or f16), row-major.
+  const void* w = nullptr;
+  DType w_dtype = DType::kF32;
+  // [n], host, f32, or nullptr.
+  const float* bias = nullptr;
+  // [m, n], host, f32, row-major with row stride ldy (>= n; 0 means n). Must not overlap x or w.
+  float* y = nullptr;
+  int64_t ldy = 0;
+  // Only output columns [n_begin, n_end) are computed (n_end 0 means n): callers split a projection
+  // across threads by columns.
+  int64_t n_begin = 0;
+  int64_t n_end = 0;
+};
+
+// Bytes of scratch memory MatMulCpu needs for these parameters.
+size_t MatMulCpuWorkspaceBytes(const MatMulParams& p);
+
+// INVALID_ARGUMENT for bad shapes, a null pointer, an unsupported dtype or a small workspace.
+absl::Status MatMulCpu(const MatMulParams& p, void* workspace, size_t workspace_bytes);
+
+}  // namespace strata
+
+#endif  // STRATA_KERNELS_MATMUL_H_
