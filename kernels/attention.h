@@ -1,9 +1,9 @@
-// Paged attention over a block-structured KV cache, for prefill (many query tokens per sequence, causal)
-// and decode (one query token per sequence) alike.
+// Paged attention over a block-structured KV cache, for prefill (many query tokens per sequence,
+// causal) and decode (one query token per sequence) alike.
 //
-// KV cache layout, per layer: k_cache and v_cache are [num_blocks, block_tokens, num_kv_heads, head_dim].
-// A sequence's token at position p lives in block block_table[p / block_tokens], row p % block_tokens.
-// A query token at position p attends to every key of its sequence at positions
+// KV cache layout, per layer: k_cache and v_cache are [num_blocks, block_tokens, num_kv_heads,
+// head_dim]. A sequence's token at position p lives in block block_table[p / block_tokens], row p %
+// block_tokens. A query token at position p attends to every key of its sequence at positions
 // max(0, p - sliding_window + 1) .. p (all of 0..p without a window). The keys of the query tokens
 // themselves must already be written (WriteKvCacheCpu) before the attention call.
 #ifndef STRATA_KERNELS_ATTENTION_H_
@@ -21,7 +21,8 @@ struct WriteKvParams {
   int64_t head_dim = 0;
   int64_t block_tokens = 0;
   int64_t num_blocks = 0;
-  // [num_tokens, num_kv_heads, head_dim] with token stride k_stride / v_stride (0: dense), host, f32.
+  // [num_tokens, num_kv_heads, head_dim] with token stride k_stride / v_stride (0: dense), host,
+  // f32.
   const float* k = nullptr;
   int64_t k_stride = 0;
   const float* v = nullptr;
@@ -37,9 +38,9 @@ absl::Status WriteKvCacheCpu(const WriteKvParams& p);
 struct PagedAttentionParams {
   int64_t num_tokens = 0;  // query tokens, across all sequences
   int64_t num_heads = 0;
-  int64_t num_kv_heads = 0;  // divides num_heads
-  int64_t head_dim = 0;      // <= 512
-  float scale = 1.0f;        // usually 1 / sqrt(head_dim)
+  int64_t num_kv_heads = 0;    // divides num_heads
+  int64_t head_dim = 0;        // <= 512
+  float scale = 1.0f;          // usually 1 / sqrt(head_dim)
   int64_t sliding_window = 0;  // 0: none
   // [num_tokens, num_heads, head_dim] with token stride q_stride (0: dense), host, f32.
   const float* q = nullptr;

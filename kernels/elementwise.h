@@ -1,4 +1,5 @@
-// Row-wise ops of a transformer layer: RMSNorm, SiLU-and-multiply, and the rotary position embedding.
+// Row-wise ops of a transformer layer: RMSNorm, SiLU-and-multiply, and the rotary position
+// embedding.
 #ifndef STRATA_KERNELS_ELEMENTWISE_H_
 #define STRATA_KERNELS_ELEMENTWISE_H_
 
@@ -24,7 +25,8 @@ struct RmsNormParams {
 };
 absl::Status RmsNormCpu(const RmsNormParams& p);
 
-// out[r, i] = silu(in[r, i]) * in[r, dim + i], where in holds the gate and up projections side by side.
+// out[r, i] = silu(in[r, i]) * in[r, dim + i], where in holds the gate and up projections side by
+// side.
 struct SiluMulParams {
   int64_t rows = 0;
   int64_t dim = 0;

@@ -1,5 +1,5 @@
-// matmul: y = x · Wᵀ (+ bias), the projection of every linear layer. W is stored as Hugging Face stores
-// it, [out_features, in_features], in f32, bf16 or f16; activations are f32.
+// matmul: y = x · Wᵀ (+ bias), the projection of every linear layer. W is stored as Hugging Face
+// stores it, [out_features, in_features], in f32, bf16 or f16; activations are f32.
 #ifndef STRATA_KERNELS_MATMUL_H_
 #define STRATA_KERNELS_MATMUL_H_
 

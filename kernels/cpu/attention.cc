@@ -1,10 +1,11 @@
+#include "kernels/attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/attention.h"
 
 namespace strata {
 
@@ -24,7 +25,8 @@ absl::Status WriteKvCacheCpu(const WriteKvParams& p) {
   for (int64_t t = 0; t < p.num_tokens; ++t) {
     const int64_t slot = p.slots[t];
     if (slot < 0 || slot >= num_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("write_kv: slot ", slot, " outside the cache"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("write_kv: slot ", slot, " outside the cache"));
     }
     std::memcpy(p.k_cache + slot * row, p.k + t * ks, row * sizeof(float));
     std::memcpy(p.v_cache + slot * row, p.v + t * vs, row * sizeof(float));
@@ -64,7 +66,8 @@ absl::Status PagedAttentionCpu(const PagedAttentionParams& p) {
     }
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
     const float* q = p.q + t * qs + h * d;
-    const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
+    const int64_t first =
+        p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
     // Online softmax: running max m, normalizer l, and the weighted sum of values in acc.
     float m = -std::numeric_limits<float>::infinity();
     float l = 0.0f;

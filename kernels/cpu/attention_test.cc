@@ -1,5 +1,8 @@
-// PagedAttentionCpu against a dense float64 reference: random sequences of several lengths scattered
-// over shuffled cache blocks, GQA, a sliding window, prefill and decode tokens mixed in one call.
+// PagedAttentionCpu against a dense float64 reference: random sequences of several lengths
+// scattered over shuffled cache blocks, GQA, a sliding window, prefill and decode tokens mixed in
+// one call.
+#include "kernels/attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -8,7 +11,6 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kernels/attention.h"
 
 namespace strata {
 namespace {
@@ -22,11 +24,11 @@ TEST(PagedAttentionCpuTest, MatchesDenseReference) {
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist;
-  for (const Case c : {Case{4, 4, 16, 4, 0}, Case{8, 2, 32, 16, 0}, Case{6, 3, 8, 3, 5},
-                       Case{2, 1, 64, 8, 0}}) {
-    SCOPED_TRACE(::testing::Message() << "heads " << c.num_heads << "/" << c.num_kv_heads << " d "
-                                      << c.head_dim << " block " << c.block_tokens << " window "
-                                      << c.sliding_window);
+  for (const Case c :
+       {Case{4, 4, 16, 4, 0}, Case{8, 2, 32, 16, 0}, Case{6, 3, 8, 3, 5}, Case{2, 1, 64, 8, 0}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "heads " << c.num_heads << "/" << c.num_kv_heads << " d " << c.head_dim
+                 << " block " << c.block_tokens << " window " << c.sliding_window);
     const std::vector<int64_t> lens = {1, 5, 17, 40};
     const int64_t max_blocks = (40 + c.block_tokens - 1) / c.block_tokens;
     const int64_t num_blocks = max_blocks * static_cast<int64_t>(lens.size()) + 3;
@@ -40,7 +42,8 @@ TEST(PagedAttentionCpuTest, MatchesDenseReference) {
     std::vector<int32_t> tables(lens.size() * max_blocks, -1);
     size_t next = 0;
     for (size_t s = 0; s < lens.size(); ++s) {
-      for (int64_t b = 0; b * c.block_tokens < lens[s]; ++b) tables[s * max_blocks + b] = free_blocks[next++];
+      for (int64_t b = 0; b * c.block_tokens < lens[s]; ++b)
+        tables[s * max_blocks + b] = free_blocks[next++];
     }
     // Queries: the last 3 positions of each sequence (prefill-like) or just the last (decode-like).
     std::vector<int32_t> token_seq, token_pos;
@@ -52,8 +55,8 @@ TEST(PagedAttentionCpuTest, MatchesDenseReference) {
       }
     }
     const int64_t nt = static_cast<int64_t>(token_seq.size());
-    std::vector<float> q(nt * c.num_heads * c.head_dim), out(q.size(),
-                                                           std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> q(nt * c.num_heads * c.head_dim),
+        out(q.size(), std::numeric_limits<float>::quiet_NaN());
     for (float& v : q) v = dist(rng);
     PagedAttentionParams p;
     p.num_tokens = nt;
@@ -89,10 +92,12 @@ TEST(PagedAttentionCpuTest, MatchesDenseReference) {
         const int64_t kvh = h / group;
         std::vector<double> scores;
         for (int64_t j = first; j <= pos; ++j) {
-          const int64_t slot = tables[s * max_blocks + j / c.block_tokens] * c.block_tokens + j % c.block_tokens;
+          const int64_t slot =
+              tables[s * max_blocks + j / c.block_tokens] * c.block_tokens + j % c.block_tokens;
           double dot = 0;
           for (int64_t i = 0; i < c.head_dim; ++i) {
-            dot += double(q[(t * c.num_heads + h) * c.head_dim + i]) * kc[slot * row + kvh * c.head_dim + i];
+            dot += double(q[(t * c.num_heads + h) * c.head_dim + i]) *
+                   kc[slot * row + kvh * c.head_dim + i];
           }
           scores.push_back(dot / std::sqrt(double(c.head_dim)));
         }
@@ -102,10 +107,12 @@ TEST(PagedAttentionCpuTest, MatchesDenseReference) {
         for (int64_t i = 0; i < c.head_dim; ++i) {
           double want = 0;
           for (int64_t j = first; j <= pos; ++j) {
-            const int64_t slot = tables[s * max_blocks + j / c.block_tokens] * c.block_tokens + j % c.block_tokens;
+            const int64_t slot =
+                tables[s * max_blocks + j / c.block_tokens] * c.block_tokens + j % c.block_tokens;
             want += scores[j - first] / denom * vc[slot * row + kvh * c.head_dim + i];
           }
-          ASSERT_NEAR(out[(t * c.num_heads + h) * c.head_dim + i], want, 1e-4) << t << " " << h << " " << i;
+          ASSERT_NEAR(out[(t * c.num_heads + h) * c.head_dim + i], want, 1e-4)
+              << t << " " << h << " " << i;
         }
       }
     }

@@ -1,7 +1,7 @@
+#include "kernels/elementwise.h"
+
 #include <cmath>
 #include <numbers>
-
-#include "kernels/elementwise.h"
 
 namespace strata {
 
@@ -27,7 +27,8 @@ absl::Status RmsNormCpu(const RmsNormParams& p) {
 absl::Status SiluMulCpu(const SiluMulParams& p) {
   if (p.rows < 0 || p.dim <= 0) return absl::InvalidArgumentError("silu_mul: bad shape");
   if (p.rows == 0) return absl::OkStatus();
-  if (p.in == nullptr || p.out == nullptr) return absl::InvalidArgumentError("silu_mul: null pointer");
+  if (p.in == nullptr || p.out == nullptr)
+    return absl::InvalidArgumentError("silu_mul: null pointer");
   for (int64_t r = 0; r < p.rows; ++r) {
     const float* gate = p.in + r * 2 * p.dim;
     const float* up = gate + p.dim;

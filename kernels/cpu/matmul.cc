@@ -1,10 +1,11 @@
+#include "kernels/matmul.h"
+
 #include <cblas.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/matmul.h"
 
 namespace strata {
 namespace {

@@ -1,12 +1,13 @@
-// MatMulCpu against a float64 reference over shapes and weight dtypes, on fresh random inputs with the
-// output poisoned first.
+// MatMulCpu against a float64 reference over shapes and weight dtypes, on fresh random inputs with
+// the output poisoned first.
+#include "kernels/matmul.h"
+
 #include <cmath>
 #include <limits>
 #include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kernels/matmul.h"
 
 namespace strata {
 namespace {
@@ -23,8 +24,8 @@ TEST(MatMulCpuTest, MatchesFloat64ReferenceAcrossShapesAndDtypes) {
                         Shape{64, 64, 256}}) {
     for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
       for (bool with_bias : {false, true}) {
-        SCOPED_TRACE(::testing::Message() << s.m << "x" << s.n << "x" << s.k << " "
-                                          << DTypeName(dt) << " bias " << with_bias);
+        SCOPED_TRACE(::testing::Message() << s.m << "x" << s.n << "x" << s.k << " " << DTypeName(dt)
+                                          << " bias " << with_bias);
         std::vector<float> x(s.m * s.k), wf(s.n * s.k), bias(s.n);
         for (float& v : x) v = dist(rng);
         for (float& v : bias) v = dist(rng);

@@ -1,0 +1,211 @@
+#include "worker/model/model_runner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "kernels/attention.h"
+#include "kernels/elementwise.h"
+#include "kernels/matmul.h"
+
+namespace strata {
+namespace {
+
+template <typename T>
+T* Grow(std::vector<T>* v, size_t n) {
+  if (v->size() < n) v->resize(n);
+  return v->data();
+}
+
+void EmbedRow(const Matrix& embed, int32_t token, float* out) {
+  const int64_t H = embed.cols;
+  const uint8_t* row = static_cast<const uint8_t*>(embed.data) + token * H * DTypeBytes(embed.dtype);
+  if (embed.dtype == DType::kF32) {
+    std::memcpy(out, row, H * sizeof(float));
+    return;
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * i, 2);
+    out[i] = embed.dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
+  }
+}
+
+}  // namespace
+
+ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm) : w_(weights), comm_(comm) {
+  const ModelConfig& c = w_->config;
+  inv_freq_.resize(c.head_dim / 2);
+  ComputeRopeInvFreq(c.head_dim, c.rope_theta, c.rope_scaling, inv_freq_.data());
+}
+
+absl::Status ModelRunner::MatMul(const Matrix& m, const float* x, int64_t rows, float* y,
+                                 int64_t ldy, const std::vector<float>& bias) {
+  MatMulParams p;
+  p.m = rows;
+  p.n = m.rows;
+  p.k = m.cols;
+  p.x = x;
+  p.w = m.data;
+  p.w_dtype = m.dtype;
+  p.bias = bias.empty() ? nullptr : bias.data();
+  p.y = y;
+  p.ldy = ldy;
+  const size_t ws = MatMulCpuWorkspaceBytes(p);
+  return MatMulCpu(p, Grow(&workspace_, ws), ws);
+}
+
+absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& cache,
+                                  absl::Span<float> logits) {
+  const ModelConfig& c = w_->config;
+  const int64_t n = static_cast<int64_t>(b.tokens.size());
+  if (b.positions.size() != b.tokens.size() || b.token_seq.size() != b.tokens.size() ||
+      b.slots.size() != b.tokens.size()) {
+    return absl::InvalidArgumentError("forward: tokens, positions, token_seq and slots differ in length");
+  }
+  if (static_cast<int64_t>(b.block_tables.size()) != b.num_seqs * b.max_blocks_per_seq) {
+    return absl::InvalidArgumentError("forward: block_tables is not num_seqs x max_blocks_per_seq");
+  }
+  if (static_cast<int64_t>(logits.size()) != static_cast<int64_t>(b.logit_tokens.size()) * c.vocab_size) {
+    return absl::InvalidArgumentError("forward: logits buffer has the wrong size");
+  }
+  if (static_cast<int64_t>(cache.k.size()) != c.num_layers || cache.v.size() != cache.k.size()) {
+    return absl::InvalidArgumentError("forward: the cache has the wrong number of layers");
+  }
+  for (int32_t t : b.tokens) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: token id ", t, " outside the vocabulary"));
+    }
+  }
+  for (int32_t i : b.logit_tokens) {
+    if (i < 0 || i >= n) return absl::InvalidArgumentError("forward: logit_tokens index out of range");
+  }
+  if (n == 0) return absl::OkStatus();
+
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  const int64_t qd = w_->num_heads * D, kvd = w_->num_kv_heads * D;
+  const int64_t qkv_w = qd + 2 * kvd;
+  const int64_t I = w_->intermediate_size;
+  float* hidden = Grow(&hidden_, n * H);
+  float* normed = Grow(&normed_, n * H);
+  float* qkv = Grow(&qkv_, n * qkv_w);
+  float* attn = Grow(&attn_, n * qd);
+  float* proj = Grow(&proj_, n * H);
+  float* gate_up = Grow(&gate_up_, n * 2 * I);
+  float* act = Grow(&act_, n * I);
+
+  for (int64_t t = 0; t < n; ++t) EmbedRow(w_->embed, b.tokens[t], hidden + t * H);
+
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = w_->layers[l];
+    RETURN_IF_ERROR(RmsNormCpu({n, H, eps, hidden, 0, L.input_norm.data(), normed, 0}));
+    // q, k and v side by side in one buffer: [n, qd | kvd | kvd].
+    RETURN_IF_ERROR(MatMul(L.q, normed, n, qkv, qkv_w, L.q_bias));
+    RETURN_IF_ERROR(MatMul(L.k, normed, n, qkv + qd, qkv_w, L.k_bias));
+    RETURN_IF_ERROR(MatMul(L.v, normed, n, qkv + qd + kvd, qkv_w, L.v_bias));
+    float* q = qkv;
+    float* k = qkv + qd;
+    float* v = qkv + qd + kvd;
+    if (c.qk_norm) {
+      for (int64_t t = 0; t < n; ++t) {
+        RETURN_IF_ERROR(RmsNormCpu({w_->num_heads, D, eps, q + t * qkv_w, D, L.q_norm.data(),
+                                    q + t * qkv_w, D}));
+        RETURN_IF_ERROR(RmsNormCpu({w_->num_kv_heads, D, eps, k + t * qkv_w, D, L.k_norm.data(),
+                                    k + t * qkv_w, D}));
+      }
+    }
+    RopeParams rope;
+    rope.num_tokens = n;
+    rope.num_q_heads = w_->num_heads;
+    rope.num_k_heads = w_->num_kv_heads;
+    rope.head_dim = D;
+    rope.positions = b.positions.data();
+    rope.inv_freq = inv_freq_.data();
+    rope.q = q;
+    rope.q_stride = qkv_w;
+    rope.k = k;
+    rope.k_stride = qkv_w;
+    RETURN_IF_ERROR(RopeCpu(rope));
+
+    WriteKvParams write;
+    write.num_tokens = n;
+    write.num_kv_heads = w_->num_kv_heads;
+    write.head_dim = D;
+    write.block_tokens = cache.block_tokens;
+    write.num_blocks = cache.num_blocks;
+    write.k = k;
+    write.k_stride = qkv_w;
+    write.v = v;
+    write.v_stride = qkv_w;
+    write.slots = b.slots.data();
+    write.k_cache = cache.k[l];
+    write.v_cache = cache.v[l];
+    RETURN_IF_ERROR(WriteKvCacheCpu(write));
+
+    PagedAttentionParams pa;
+    pa.num_tokens = n;
+    pa.num_heads = w_->num_heads;
+    pa.num_kv_heads = w_->num_kv_heads;
+    pa.head_dim = D;
+    pa.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    pa.sliding_window = c.sliding_window;
+    pa.q = q;
+    pa.q_stride = qkv_w;
+    pa.k_cache = cache.k[l];
+    pa.v_cache = cache.v[l];
+    pa.block_tokens = cache.block_tokens;
+    pa.num_blocks = cache.num_blocks;
+    pa.token_seq = b.token_seq.data();
+    pa.token_pos = b.positions.data();
+    pa.block_tables = b.block_tables.data();
+    pa.num_seqs = b.num_seqs;
+    pa.max_blocks_per_seq = b.max_blocks_per_seq;
+    pa.out = attn;
+    RETURN_IF_ERROR(PagedAttentionCpu(pa));
+
+    RETURN_IF_ERROR(MatMul(L.o, attn, n, proj, H, L.o_bias));
+    RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));
+    for (int64_t i = 0; i < n * H; ++i) hidden[i] += proj[i];
+
+    RETURN_IF_ERROR(RmsNormCpu({n, H, eps, hidden, 0, L.post_attention_norm.data(), normed, 0}));
+    RETURN_IF_ERROR(MatMul(L.gate, normed, n, gate_up, 2 * I, {}));
+    RETURN_IF_ERROR(MatMul(L.up, normed, n, gate_up + I, 2 * I, {}));
+    RETURN_IF_ERROR(SiluMulCpu({n, I, gate_up, act}));
+    RETURN_IF_ERROR(MatMul(L.down, act, n, proj, H, {}));
+    RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));
+    for (int64_t i = 0; i < n * H; ++i) hidden[i] += proj[i];
+  }
+
+  // Final norm and lm_head only for the rows that need logits.
+  const int64_t m = static_cast<int64_t>(b.logit_tokens.size());
+  if (m == 0) return absl::OkStatus();
+  float* rows = Grow(&head_rows_, m * H);
+  for (int64_t i = 0; i < m; ++i) {
+    RETURN_IF_ERROR(RmsNormCpu(
+        {1, H, eps, hidden + b.logit_tokens[i] * H, 0, w_->final_norm.data(), rows + i * H, 0}));
+  }
+  if (comm_->world_size() == 1) {
+    return MatMul(w_->lm_head, rows, m, logits.data(), c.vocab_size, {});
+  }
+  // Each rank computes its vocabulary rows; gather them, then lay them out per token.
+  const int64_t per_rank = (c.vocab_size + comm_->world_size() - 1) / comm_->world_size();
+  float* part = Grow(&head_logits_, m * per_rank * (comm_->world_size() + 1));
+  std::fill(part, part + m * per_rank, 0.0f);
+  RETURN_IF_ERROR(MatMul(w_->lm_head, rows, m, part, per_rank, {}));
+  float* gathered = part + m * per_rank;
+  RETURN_IF_ERROR(comm_->AllGather(part, m * per_rank, gathered));
+  for (int64_t r = 0; r < comm_->world_size(); ++r) {
+    const int64_t begin = r * per_rank;
+    const int64_t count = std::min(per_rank, c.vocab_size - begin);
+    for (int64_t i = 0; i < m && count > 0; ++i) {
+      std::memcpy(logits.data() + i * c.vocab_size + begin, gathered + (r * m + i) * per_rank,
+                  count * sizeof(float));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace strata

@@ -1,0 +1,71 @@
+// ModelRunner: one forward pass of a Llama-family decoder over a batch of tokens from many sequences,
+// on the CPU kernels, for one tensor-parallel rank.
+//
+// A batch mixes prefill chunks and decode tokens: each token carries its sequence and position, and
+// each sequence its block table into the paged KV cache. The runner writes every token's K and V into
+// its cache slot, attends causally over the sequence's cached keys, and returns logits for the tokens
+// the caller asks for (usually the last token of each sequence). Thread contract: one thread calls
+// Forward at a time (the worker's step loop); the runner owns its scratch memory.
+#ifndef STRATA_WORKER_MODEL_MODEL_RUNNER_H_
+#define STRATA_WORKER_MODEL_MODEL_RUNNER_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "worker/comm/collectives.h"
+#include "worker/model/weights.h"
+
+namespace strata {
+
+// The KV cache of one rank: per layer, K and V of [num_blocks, block_tokens, num_kv_heads, head_dim]
+// f32 (num_kv_heads being this rank's share). Owned by the caller.
+struct KvCacheLayers {
+  int64_t num_blocks = 0;
+  int64_t block_tokens = 0;
+  std::vector<float*> k;  // [num_layers]
+  std::vector<float*> v;  // [num_layers]
+};
+
+struct ForwardBatch {
+  // One entry per token.
+  absl::Span<const int32_t> tokens;
+  absl::Span<const int32_t> positions;
+  absl::Span<const int32_t> token_seq;  // index into the block tables
+  absl::Span<const int64_t> slots;      // KV cache slot: block * block_tokens + row
+  // [num_seqs, max_blocks_per_seq], row-major.
+  absl::Span<const int32_t> block_tables;
+  int64_t num_seqs = 0;
+  int64_t max_blocks_per_seq = 0;
+  // Token indices to compute logits for.
+  absl::Span<const int32_t> logit_tokens;
+};
+
+class ModelRunner {
+ public:
+  // Neither is owned; both must outlive the runner.
+  ModelRunner(const ModelWeights* weights, Collectives* comm);
+
+  // logits: [logit_tokens.size(), vocab_size] f32, host. INVALID_ARGUMENT for inconsistent batches
+  // (a token id outside the vocabulary, mismatched lengths, a slot outside the cache).
+  absl::Status Forward(const ForwardBatch& batch, const KvCacheLayers& cache,
+                       absl::Span<float> logits);
+
+  const ModelWeights& weights() const { return *w_; }
+
+ private:
+  absl::Status MatMul(const Matrix& m, const float* x, int64_t rows, float* y, int64_t ldy,
+                      const std::vector<float>& bias);
+
+  const ModelWeights* w_;
+  Collectives* comm_;
+  std::vector<float> inv_freq_;
+  // Scratch, grown as needed.
+  std::vector<float> hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, head_rows_, head_logits_;
+  std::vector<char> workspace_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_MODEL_MODEL_RUNNER_H_

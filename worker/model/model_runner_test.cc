@@ -1,0 +1,200 @@
+// The CPU forward pass against an independent float64 NumPy reference (tools/reference/llama_ref.py)
+// on small random models of every supported architecture variant and weight dtype, and the invariance
+// of a sequence's logits to how it is fed: all at once, in prefill chunks, token by token, or batched
+// with other sequences.
+#include "worker/model/model_runner.h"
+
+#include <cmath>
+#include <fstream>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/json.h"
+#include "common/mapped_file.h"
+#include "gtest/gtest.h"
+#include "worker/model/config.h"
+#include "worker/model/weights.h"
+
+namespace strata {
+namespace {
+
+constexpr char kTestdata[] = "worker/model/testdata/";
+
+struct Case {
+  std::vector<int32_t> ids;
+  std::vector<float> logits;  // [ids.size(), vocab]
+};
+
+std::vector<Case> ReadCases(const std::string& dir) {
+  std::vector<Case> out;
+  auto text = ReadFileToString(dir + "/reference.json");
+  EXPECT_TRUE(text.ok()) << text.status();
+  auto doc = JsonDocument::Parse(*text, dir + "/reference.json");
+  EXPECT_TRUE(doc.ok()) << doc.status();
+  const std::vector<JsonValue> cases = *doc->root().Field("cases")->AsArray();
+  for (const JsonValue& c : cases) {
+    Case k;
+    const std::vector<JsonValue> ids = *c.Field("ids")->AsArray();
+    for (const JsonValue& id : ids) k.ids.push_back(static_cast<int32_t>(*id.AsInt()));
+    auto file = MappedFile::Open(dir + "/" + std::string(*c.StringField("logits_file")));
+    EXPECT_TRUE(file.ok()) << file.status();
+    k.logits.resize(file->size() / sizeof(float));
+    std::memcpy(k.logits.data(), file->bytes().data(), file->size());
+    out.push_back(std::move(k));
+  }
+  return out;
+}
+
+// A KV cache with `num_blocks` blocks for one rank.
+struct Cache {
+  Cache(const ModelWeights& w, int64_t num_blocks, int64_t block_tokens) {
+    const int64_t per_layer = num_blocks * block_tokens * w.num_kv_heads * w.config.head_dim;
+    storage.assign(2 * w.config.num_layers * per_layer, std::nanf(""));
+    layers.num_blocks = num_blocks;
+    layers.block_tokens = block_tokens;
+    for (int64_t l = 0; l < w.config.num_layers; ++l) {
+      layers.k.push_back(storage.data() + (2 * l) * per_layer);
+      layers.v.push_back(storage.data() + (2 * l + 1) * per_layer);
+    }
+  }
+  std::vector<float> storage;
+  KvCacheLayers layers;
+};
+
+// Feeds sequences through the runner in steps; each step takes up to `chunk` tokens from every
+// unfinished sequence. Returns the logits of every position of every sequence.
+std::vector<std::vector<float>> FeedSequences(ModelRunner& runner, const std::vector<std::vector<int32_t>>& seqs,
+                                    int64_t chunk, int64_t block_tokens) {
+  const ModelWeights& w = runner.weights();
+  const int64_t V = w.config.vocab_size;
+  int64_t max_len = 0;
+  for (const auto& s : seqs) max_len = std::max<int64_t>(max_len, s.size());
+  const int64_t max_blocks = (max_len + block_tokens - 1) / block_tokens;
+  Cache cache(w, max_blocks * static_cast<int64_t>(seqs.size()), block_tokens);
+  // Sequence s owns blocks in reverse order, so tables are not the identity.
+  std::vector<int32_t> tables(seqs.size() * max_blocks);
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    for (int64_t b = 0; b < max_blocks; ++b) {
+      tables[s * max_blocks + b] =
+          static_cast<int32_t>(seqs.size() * max_blocks - 1 - (s * max_blocks + b));
+    }
+  }
+  std::vector<std::vector<float>> out(seqs.size());
+  std::vector<int64_t> done(seqs.size(), 0);
+  while (true) {
+    std::vector<int32_t> tokens, positions, token_seq, logit_tokens;
+    std::vector<int64_t> slots;
+    std::vector<std::pair<size_t, int64_t>> logit_owner;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      const int64_t end = std::min<int64_t>(seqs[s].size(), done[s] + chunk);
+      for (int64_t p = done[s]; p < end; ++p) {
+        logit_tokens.push_back(static_cast<int32_t>(tokens.size()));
+        logit_owner.emplace_back(s, p);
+        tokens.push_back(seqs[s][p]);
+        positions.push_back(static_cast<int32_t>(p));
+        token_seq.push_back(static_cast<int32_t>(s));
+        slots.push_back(int64_t{tables[s * max_blocks + p / block_tokens]} * block_tokens + p % block_tokens);
+      }
+      done[s] = end;
+    }
+    if (tokens.empty()) break;
+    std::vector<float> logits(logit_tokens.size() * V);
+    ForwardBatch batch;
+    batch.tokens = tokens;
+    batch.positions = positions;
+    batch.token_seq = token_seq;
+    batch.slots = slots;
+    batch.block_tables = tables;
+    batch.num_seqs = static_cast<int64_t>(seqs.size());
+    batch.max_blocks_per_seq = max_blocks;
+    batch.logit_tokens = logit_tokens;
+    const absl::Status st = runner.Forward(batch, cache.layers, absl::MakeSpan(logits));
+    EXPECT_TRUE(st.ok()) << st;
+    for (size_t i = 0; i < logit_owner.size(); ++i) {
+      auto& dst = out[logit_owner[i].first];
+      dst.insert(dst.end(), logits.begin() + i * V, logits.begin() + (i + 1) * V);
+    }
+  }
+  return out;
+}
+
+double RelativeError(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    den += double(want[i]) * want[i];
+  }
+  return std::sqrt(num / den);
+}
+
+class ModelRunnerTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ModelRunnerTest, MatchesFloat64Reference) {
+  const std::string dir = kTestdata + GetParam();
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto weights = LoadModelWeights(dir, *config, 0, 1);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  SingleRankCollectives comm;
+  ModelRunner runner(weights->get(), &comm);
+  const std::vector<Case> cases = ReadCases(dir);
+  ASSERT_FALSE(cases.empty());
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << c.ids.size() << " tokens");
+    const auto got = FeedSequences(runner, {c.ids}, /*chunk=*/1 << 20, /*block_tokens=*/4);
+    ASSERT_EQ(got[0].size(), c.logits.size());
+    EXPECT_LT(RelativeError(got[0], c.logits), 1e-4);
+  }
+}
+
+TEST_P(ModelRunnerTest, LogitsDoNotDependOnChunkingOrBatching) {
+  const std::string dir = kTestdata + GetParam();
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  auto weights = LoadModelWeights(dir, *config, 0, 1);
+  ASSERT_TRUE(weights.ok());
+  SingleRankCollectives comm;
+  ModelRunner runner(weights->get(), &comm);
+  const std::vector<Case> cases = ReadCases(dir);
+  std::vector<std::vector<int32_t>> seqs;
+  for (const Case& c : cases) seqs.push_back(c.ids);
+  const auto alone = FeedSequences(runner, {seqs.back()}, 1 << 20, 16);
+  const auto chunked = FeedSequences(runner, {seqs.back()}, 3, 16);
+  const auto by_token = FeedSequences(runner, {seqs.back()}, 1, 5);
+  const auto batched = FeedSequences(runner, seqs, 7, 4);
+  EXPECT_LT(RelativeError(chunked[0], alone[0]), 1e-5);
+  EXPECT_LT(RelativeError(by_token[0], alone[0]), 1e-5);
+  EXPECT_LT(RelativeError(batched.back(), alone[0]), 1e-5);
+  for (size_t i = 0; i < seqs.size(); ++i) EXPECT_LT(RelativeError(batched[i], cases[i].logits), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, ModelRunnerTest,
+                         ::testing::Values("llama2_f32", "llama3_bf16", "mistral_f16", "qwen2_bf16",
+                                           "qwen3_f32"));
+
+TEST(ModelWeightsTest, MissingTensorAndWrongShapeAreNamed) {
+  auto config = LoadModelConfig(std::string(kTestdata) + "llama2_f32");
+  ASSERT_TRUE(config.ok());
+  ModelConfig wrong = *config;
+  wrong.intermediate_size += 2;
+  auto w = LoadModelWeights(std::string(kTestdata) + "llama2_f32", wrong, 0, 1);
+  ASSERT_FALSE(w.ok());
+  EXPECT_NE(w.status().message().find("mlp.gate_proj.weight has shape"), absl::string_view::npos)
+      << w.status();
+  ModelConfig qwen = *config;
+  qwen.qk_norm = true;
+  w = LoadModelWeights(std::string(kTestdata) + "llama2_f32", qwen, 0, 1);
+  ASSERT_FALSE(w.ok());
+  EXPECT_NE(w.status().message().find("missing tensor model.layers.0.self_attn.q_norm.weight"),
+            absl::string_view::npos)
+      << w.status();
+  w = LoadModelWeights(std::string(kTestdata) + "llama2_f32", *config, 0, 3);
+  ASSERT_FALSE(w.ok());
+  EXPECT_NE(w.status().message().find("not divisible by the tensor-parallel size 3"),
+            absl::string_view::npos);
+}
+
+}  // namespace
+}  // namespace strata
