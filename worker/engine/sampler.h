@@ -1,0 +1,78 @@
+// Sampling the next token from logits: penalties, temperature, top-k / top-p / min-p truncation, and
+// log-probabilities.
+//
+// Determinism: the random draw for the token at output position p is XXH3(seed, p) mapped to [0, 1),
+// and candidates are visited in a fixed order (probability descending, token id ascending), so the
+// sampled token is a pure function of (seed, position, logits). A sequence resumed on another worker at
+// position p therefore continues exactly as it would have.
+#ifndef STRATA_WORKER_ENGINE_SAMPLER_H_
+#define STRATA_WORKER_ENGINE_SAMPLER_H_
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+
+namespace strata {
+
+struct SamplingOptions {
+  float temperature = 1.0f;  // 0: greedy
+  int32_t top_k = 0;         // 0: all
+  float top_p = 1.0f;        // (0, 1]
+  float min_p = 0.0f;        // [0, 1]
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  uint64_t seed = 0;
+  // Top-N log-probabilities to report per generated token; -1: none, 0: the sampled token's only.
+  int32_t logprobs = -1;
+};
+
+// INVALID_ARGUMENT naming the field when a value is outside its range (see proto/strata/v1/common.proto).
+absl::Status ValidateSamplingOptions(const SamplingOptions& o, int64_t vocab_size);
+
+// Tokens a sequence has seen, for penalties: which appeared in the prompt or output (repetition) and
+// how often each appeared in the output (presence, frequency).
+class PenaltyState {
+ public:
+  void AddPrompt(absl::Span<const int32_t> tokens);
+  void AddOutput(int32_t token);
+  const absl::flat_hash_map<int32_t, int32_t>& output_counts() const { return output_counts_; }
+  bool SeenAnywhere(int32_t token) const;
+
+ private:
+  absl::flat_hash_map<int32_t, int32_t> output_counts_;
+  std::vector<int32_t> prompt_tokens_sorted_;
+  std::vector<int32_t> pending_prompt_;
+};
+
+struct SampledToken {
+  int32_t token = -1;
+  // Log-probability of `token` under the distribution after penalties and temperature (for greedy,
+  // temperature 1), before truncation.
+  float logprob = 0.0f;
+  // Its 1-based rank in that distribution.
+  int32_t rank = 0;
+  // The most likely tokens with their log-probabilities, most likely first (when requested).
+  std::vector<std::pair<int32_t, float>> top;
+};
+
+// The uniform draw in [0, 1) for output position `position` of a sequence seeded with `seed`.
+double SampleUniform(uint64_t seed, int64_t position);
+
+// Samples from `logits` (modified in place: penalties, temperature, banned tokens). `banned` tokens get
+// probability zero (used to hold back EOS before min_tokens). `scratch` is reused between calls.
+SampledToken Sample(absl::Span<float> logits, const SamplingOptions& options,
+                    const PenaltyState& penalties, int64_t position,
+                    absl::Span<const int32_t> banned, std::vector<std::pair<float, int32_t>>* scratch);
+
+// Log-probability of `token` and the top-n tokens of raw `logits` (log-softmax, temperature 1): for
+// prompt log-probabilities.
+SampledToken LogprobsOf(absl::Span<const float> logits, int32_t token, int32_t top_n);
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_ENGINE_SAMPLER_H_

@@ -1,0 +1,140 @@
+#include "worker/engine/sampler.h"
+
+#include <cmath>
+#include <map>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+SampledToken Draw(std::vector<float> logits, const SamplingOptions& o, int64_t position,
+                  const PenaltyState& pen = {}, std::vector<int32_t> banned = {}) {
+  std::vector<std::pair<float, int32_t>> scratch;
+  return Sample(absl::MakeSpan(logits), o, pen, position, banned, &scratch);
+}
+
+TEST(SamplerTest, GreedyTakesArgmaxLowestIdOnTies) {
+  SamplingOptions o;
+  o.temperature = 0;
+  EXPECT_EQ(Draw({0.1f, 3.0f, 3.0f, -1.0f}, o, 0).token, 1);
+}
+
+TEST(SamplerTest, SamplingIsAPureFunctionOfSeedPositionAndLogits) {
+  const std::vector<float> logits = {1.0f, 1.2f, 0.8f, 1.1f, 0.9f};
+  SamplingOptions o;
+  o.seed = 42;
+  std::vector<int32_t> first;
+  for (int64_t pos = 0; pos < 50; ++pos) first.push_back(Draw(logits, o, pos).token);
+  for (int64_t pos = 0; pos < 50; ++pos) EXPECT_EQ(Draw(logits, o, pos).token, first[pos]);
+  // Positions differ in their draws: not all the same token.
+  EXPECT_NE(std::count(first.begin(), first.end(), first[0]), 50);
+  o.seed = 43;
+  int same = 0;
+  for (int64_t pos = 0; pos < 50; ++pos) same += Draw(logits, o, pos).token == first[pos];
+  EXPECT_LT(same, 50);
+}
+
+TEST(SamplerTest, FrequenciesFollowTheTemperedSoftmax) {
+  const std::vector<float> logits = {2.0f, 1.0f, 0.0f, -1.0f};
+  for (float temperature : {1.0f, 0.5f, 2.0f}) {
+    SamplingOptions o;
+    o.temperature = temperature;
+    std::map<int32_t, int> counts;
+    const int n = 40000;
+    for (int i = 0; i < n; ++i) {
+      o.seed = static_cast<uint64_t>(i);
+      ++counts[Draw(logits, o, 7).token];
+    }
+    double z = 0;
+    for (float l : logits) z += std::exp(l / temperature);
+    for (int32_t t = 0; t < 4; ++t) {
+      const double p = std::exp(logits[t] / temperature) / z;
+      EXPECT_NEAR(counts[t] / double(n), p, 4 * std::sqrt(p * (1 - p) / n) + 1e-3)
+          << "T " << temperature << " token " << t;
+    }
+  }
+}
+
+TEST(SamplerTest, TruncationsKeepOnlyTheirCandidates) {
+  const std::vector<float> logits = {0.0f, 3.0f, 2.9f, 1.0f, -5.0f};
+  for (int i = 0; i < 300; ++i) {
+    SamplingOptions o;
+    o.seed = static_cast<uint64_t>(i);
+    o.top_k = 2;
+    const int32_t k = Draw(logits, o, 0).token;
+    EXPECT_TRUE(k == 1 || k == 2) << k;
+    o.top_k = 0;
+    o.top_p = 0.3f;  // the top token alone holds ~47%
+    EXPECT_EQ(Draw(logits, o, 0).token, 1);
+    o.top_p = 1.0f;
+    o.min_p = 0.5f;  // keeps tokens with p >= 0.5 p_max: 1 and 2
+    const int32_t m = Draw(logits, o, 0).token;
+    EXPECT_TRUE(m == 1 || m == 2) << m;
+  }
+}
+
+TEST(SamplerTest, BannedTokensAreNeverSampled) {
+  SamplingOptions o;
+  o.temperature = 0;
+  EXPECT_EQ(Draw({0.0f, 5.0f, 1.0f}, o, 0, {}, {1}).token, 2);
+  o.temperature = 1;
+  for (int i = 0; i < 200; ++i) {
+    o.seed = static_cast<uint64_t>(i);
+    EXPECT_NE(Draw({0.0f, 5.0f, 1.0f}, o, 0, {}, {1}).token, 1);
+  }
+}
+
+TEST(SamplerTest, PenaltiesFollowTheirDefinitions) {
+  PenaltyState pen;
+  pen.AddPrompt(std::vector<int32_t>{0});
+  pen.AddOutput(1);
+  pen.AddOutput(1);
+  SamplingOptions o;
+  o.temperature = 0;
+  o.repetition_penalty = 4.0f;
+  // Token 0 (prompt, positive logit) 4 -> 1; token 1 (output) 3 -> 0.75; token 2 unseen stays 2.
+  EXPECT_EQ(Draw({4.0f, 3.0f, 2.0f}, o, 0, pen).token, 2);
+  o.repetition_penalty = 1.0f;
+  o.frequency_penalty = 1.0f;  // token 1: 3 - 2 = 1
+  EXPECT_EQ(Draw({0.0f, 3.0f, 2.0f}, o, 0, pen).token, 2);
+  o.frequency_penalty = 0.0f;
+  o.presence_penalty = 0.5f;  // token 1: 3 - 0.5 = 2.5 still wins
+  EXPECT_EQ(Draw({0.0f, 3.0f, 2.0f}, o, 0, pen).token, 1);
+}
+
+TEST(SamplerTest, LogprobsAreLogSoftmaxWithRanks) {
+  SamplingOptions o;
+  o.temperature = 0;
+  o.logprobs = 2;
+  const std::vector<float> logits = {1.0f, 3.0f, 2.0f};
+  const SampledToken s = Draw(logits, o, 0);
+  const double z = std::exp(1.0) + std::exp(3.0) + std::exp(2.0);
+  EXPECT_EQ(s.token, 1);
+  EXPECT_NEAR(s.logprob, 3.0 - std::log(z), 1e-6);
+  EXPECT_EQ(s.rank, 1);
+  ASSERT_EQ(s.top.size(), 2u);
+  EXPECT_EQ(s.top[0].first, 1);
+  EXPECT_EQ(s.top[1].first, 2);
+  EXPECT_NEAR(s.top[1].second, 2.0 - std::log(z), 1e-6);
+  const SampledToken p = LogprobsOf(logits, 0, 1);
+  EXPECT_EQ(p.rank, 3);
+  EXPECT_NEAR(p.logprob, 1.0 - std::log(z), 1e-6);
+}
+
+TEST(SamplerTest, ValidationNamesTheField) {
+  SamplingOptions o;
+  o.top_p = 0;
+  EXPECT_EQ(ValidateSamplingOptions(o, 100).message(), "sampling.top_p must be in (0, 1]");
+  o = {};
+  o.top_k = 101;
+  EXPECT_EQ(ValidateSamplingOptions(o, 100).message(), "sampling.top_k must be in [0, vocab_size]");
+  o = {};
+  o.temperature = -1;
+  EXPECT_FALSE(ValidateSamplingOptions(o, 100).ok());
+  EXPECT_TRUE(ValidateSamplingOptions({}, 100).ok());
+}
+
+}  // namespace
+}  // namespace strata
