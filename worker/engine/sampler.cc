@@ -58,7 +58,8 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o, int64_t vocab_siz
   if (!(o.repetition_penalty > 0 && o.repetition_penalty <= 10)) {
     return bad("repetition_penalty", "(0, 10]");
   }
-  if (!(o.presence_penalty >= -2 && o.presence_penalty <= 2)) return bad("presence_penalty", "[-2, 2]");
+  if (!(o.presence_penalty >= -2 && o.presence_penalty <= 2))
+    return bad("presence_penalty", "[-2, 2]");
   if (!(o.frequency_penalty >= -2 && o.frequency_penalty <= 2)) {
     return bad("frequency_penalty", "[-2, 2]");
   }
@@ -69,8 +70,9 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o, int64_t vocab_siz
 void PenaltyState::AddPrompt(absl::Span<const int32_t> tokens) {
   prompt_tokens_sorted_.insert(prompt_tokens_sorted_.end(), tokens.begin(), tokens.end());
   std::sort(prompt_tokens_sorted_.begin(), prompt_tokens_sorted_.end());
-  prompt_tokens_sorted_.erase(std::unique(prompt_tokens_sorted_.begin(), prompt_tokens_sorted_.end()),
-                              prompt_tokens_sorted_.end());
+  prompt_tokens_sorted_.erase(
+      std::unique(prompt_tokens_sorted_.begin(), prompt_tokens_sorted_.end()),
+      prompt_tokens_sorted_.end());
 }
 
 void PenaltyState::AddOutput(int32_t token) { ++output_counts_[token]; }

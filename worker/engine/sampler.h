@@ -1,10 +1,10 @@
-// Sampling the next token from logits: penalties, temperature, top-k / top-p / min-p truncation, and
-// log-probabilities.
+// Sampling the next token from logits: penalties, temperature, top-k / top-p / min-p truncation,
+// and log-probabilities.
 //
-// Determinism: the random draw for the token at output position p is XXH3(seed, p) mapped to [0, 1),
-// and candidates are visited in a fixed order (probability descending, token id ascending), so the
-// sampled token is a pure function of (seed, position, logits). A sequence resumed on another worker at
-// position p therefore continues exactly as it would have.
+// Determinism: the random draw for the token at output position p is XXH3(seed, p) mapped to [0,
+// 1), and candidates are visited in a fixed order (probability descending, token id ascending), so
+// the sampled token is a pure function of (seed, position, logits). A sequence resumed on another
+// worker at position p therefore continues exactly as it would have.
 #ifndef STRATA_WORKER_ENGINE_SAMPLER_H_
 #define STRATA_WORKER_ENGINE_SAMPLER_H_
 
@@ -31,11 +31,12 @@ struct SamplingOptions {
   int32_t logprobs = -1;
 };
 
-// INVALID_ARGUMENT naming the field when a value is outside its range (see proto/strata/v1/common.proto).
+// INVALID_ARGUMENT naming the field when a value is outside its range (see
+// proto/strata/v1/common.proto).
 absl::Status ValidateSamplingOptions(const SamplingOptions& o, int64_t vocab_size);
 
-// Tokens a sequence has seen, for penalties: which appeared in the prompt or output (repetition) and
-// how often each appeared in the output (presence, frequency).
+// Tokens a sequence has seen, for penalties: which appeared in the prompt or output (repetition)
+// and how often each appeared in the output (presence, frequency).
 class PenaltyState {
  public:
   void AddPrompt(absl::Span<const int32_t> tokens);
@@ -63,11 +64,13 @@ struct SampledToken {
 // The uniform draw in [0, 1) for output position `position` of a sequence seeded with `seed`.
 double SampleUniform(uint64_t seed, int64_t position);
 
-// Samples from `logits` (modified in place: penalties, temperature, banned tokens). `banned` tokens get
-// probability zero (used to hold back EOS before min_tokens). `scratch` is reused between calls.
+// Samples from `logits` (modified in place: penalties, temperature, banned tokens). `banned` tokens
+// get probability zero (used to hold back EOS before min_tokens). `scratch` is reused between
+// calls.
 SampledToken Sample(absl::Span<float> logits, const SamplingOptions& options,
                     const PenaltyState& penalties, int64_t position,
-                    absl::Span<const int32_t> banned, std::vector<std::pair<float, int32_t>>* scratch);
+                    absl::Span<const int32_t> banned,
+                    std::vector<std::pair<float, int32_t>>* scratch);
 
 // Log-probability of `token` and the top-n tokens of raw `logits` (log-softmax, temperature 1): for
 // prompt log-probabilities.

@@ -1,0 +1,96 @@
+#include "worker/engine/block_manager.h"
+
+#include "common/log.h"
+
+namespace strata {
+
+BlockManager::BlockManager(int64_t num_blocks, int64_t block_tokens)
+    : num_blocks_(num_blocks), block_tokens_(block_tokens), blocks_(num_blocks) {
+  CHECK_GT(num_blocks, 0);
+  CHECK_GT(block_tokens, 0);
+  free_.reserve(num_blocks);
+  for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+int64_t BlockManager::MatchPrefix(absl::Span<const BlockHash> hashes) const {
+  int64_t n = 0;
+  for (BlockHash h : hashes) {
+    if (!by_hash_.contains(h)) break;
+    ++n;
+  }
+  return n;
+}
+
+std::vector<int32_t> BlockManager::AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n) {
+  std::vector<int32_t> out;
+  for (int64_t i = 0; i < n; ++i) {
+    auto it = by_hash_.find(hashes[i]);
+    CHECK(it != by_hash_.end()) << "AcquirePrefix beyond MatchPrefix";
+    Block& b = blocks_[it->second];
+    if (b.in_lru) {
+      lru_.erase(b.lru_pos);
+      b.in_lru = false;
+    }
+    ++b.refs;
+    out.push_back(it->second);
+  }
+  return out;
+}
+
+std::optional<int32_t> BlockManager::Allocate() {
+  int32_t id;
+  if (!free_.empty()) {
+    id = free_.back();
+    free_.pop_back();
+  } else if (!lru_.empty()) {
+    id = lru_.front();
+    Evict(id);
+  } else {
+    return std::nullopt;
+  }
+  Block& b = blocks_[id];
+  b.refs = 1;
+  return id;
+}
+
+void BlockManager::Evict(int32_t id) {
+  Block& b = blocks_[id];
+  DCHECK(b.in_lru);
+  lru_.erase(b.lru_pos);
+  b.in_lru = false;
+  by_hash_.erase(b.hash);
+  events_.push_back({BlockEvent::Kind::kRemoved, b.hash});
+  b.published = false;
+  b.hash = 0;
+}
+
+void BlockManager::Publish(int32_t id, BlockHash hash) {
+  Block& b = blocks_[id];
+  DCHECK_LT(0, b.refs);
+  if (b.published || by_hash_.contains(hash)) return;
+  b.published = true;
+  b.hash = hash;
+  by_hash_[hash] = id;
+  events_.push_back({BlockEvent::Kind::kStored, hash});
+}
+
+void BlockManager::Release(int32_t id) {
+  Block& b = blocks_[id];
+  CHECK_GT(b.refs, 0) << "block " << id << " released more often than acquired";
+  if (--b.refs > 0) return;
+  if (b.published) {
+    lru_.push_back(id);
+    b.lru_pos = std::prev(lru_.end());
+    b.in_lru = true;
+  } else {
+    free_.push_back(id);
+  }
+}
+
+std::vector<BlockEvent> BlockManager::DrainEvents() {
+  std::vector<BlockEvent> out;
+  out.swap(events_);
+  return out;
+}
+
+}  // namespace strata

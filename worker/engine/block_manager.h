@@ -1,0 +1,78 @@
+// BlockManager: the KV cache blocks of one worker, with prefix caching.
+//
+// Block states: free (no content), in use (reference count > 0, held by sequences), or cached (count 0
+// but holding a published full block, evictable in least-recently-released order). A full block is
+// published under its chained hash (common/hash.h); a later sequence whose prompt starts with the same
+// blocks (same tokens, same model / fine-tune / tenant namespace) acquires them instead of recomputing.
+// Allocation takes free blocks first, then evicts the least recently used cached block.
+//
+// Every change to the set of published blocks is recorded as an event (stored / removed, by hash) for
+// the coordinator's routing index. Not thread-safe: owned by the engine's step thread.
+#ifndef STRATA_WORKER_ENGINE_BLOCK_MANAGER_H_
+#define STRATA_WORKER_ENGINE_BLOCK_MANAGER_H_
+
+#include <cstdint>
+#include <list>
+#include <optional>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/types/span.h"
+#include "common/hash.h"
+
+namespace strata {
+
+struct BlockEvent {
+  enum class Kind { kStored, kRemoved };
+  Kind kind;
+  BlockHash hash;
+};
+
+class BlockManager {
+ public:
+  BlockManager(int64_t num_blocks, int64_t block_tokens);
+
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t block_tokens() const { return block_tokens_; }
+  // Blocks that an allocation could take: free plus cached-and-unreferenced.
+  int64_t num_available() const { return static_cast<int64_t>(free_.size() + lru_.size()); }
+  int64_t num_cached() const { return static_cast<int64_t>(by_hash_.size()); }
+
+  // How many leading hashes are published (whether in use or cached).
+  int64_t MatchPrefix(absl::Span<const BlockHash> hashes) const;
+  // Takes a reference to the published blocks of the first `n` hashes (n <= MatchPrefix(hashes)).
+  std::vector<int32_t> AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n);
+  // A block for new content, or nullopt when none is available.
+  std::optional<int32_t> Allocate();
+  // Publishes a full, in-use block under `hash`. If another block already holds `hash`, nothing changes
+  // (this block stays private and is freed on release).
+  void Publish(int32_t block, BlockHash hash);
+  // Drops one reference; at zero the block becomes cached (if published) or free.
+  void Release(int32_t block);
+  int32_t ref_count(int32_t block) const { return blocks_[block].refs; }
+
+  // Events since the last call, in order.
+  std::vector<BlockEvent> DrainEvents();
+
+ private:
+  struct Block {
+    int32_t refs = 0;
+    bool published = false;
+    BlockHash hash = 0;
+    std::list<int32_t>::iterator lru_pos;
+    bool in_lru = false;
+  };
+  void Evict(int32_t block);
+
+  const int64_t num_blocks_;
+  const int64_t block_tokens_;
+  std::vector<Block> blocks_;
+  std::vector<int32_t> free_;
+  std::list<int32_t> lru_;  // cached, unreferenced; front is least recently released
+  absl::flat_hash_map<BlockHash, int32_t> by_hash_;
+  std::vector<BlockEvent> events_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_ENGINE_BLOCK_MANAGER_H_

@@ -1,0 +1,85 @@
+#include "worker/engine/block_manager.h"
+
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+TEST(BlockManagerTest, PublishedBlocksAreSharedAndCachedAfterRelease) {
+  BlockManager m(4, 16);
+  const int32_t a = *m.Allocate();
+  const int32_t b = *m.Allocate();
+  m.Publish(a, 100);
+  m.Publish(b, 200);
+  EXPECT_EQ(m.num_available(), 2);
+  const std::vector<BlockHash> chain = {100, 200, 300};
+  EXPECT_EQ(m.MatchPrefix(chain), 2);
+  // A second sequence shares the prefix.
+  const std::vector<int32_t> shared = m.AcquirePrefix(chain, 2);
+  EXPECT_EQ(shared, (std::vector<int32_t>{a, b}));
+  EXPECT_EQ(m.ref_count(a), 2);
+  // Both release: the blocks stay cached and matchable, and count as available.
+  for (int i = 0; i < 2; ++i) {
+    m.Release(a);
+    m.Release(b);
+  }
+  EXPECT_EQ(m.num_available(), 4);
+  EXPECT_EQ(m.MatchPrefix(chain), 2);
+  const std::vector<BlockEvent> events = m.DrainEvents();
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].kind, BlockEvent::Kind::kStored);
+  EXPECT_EQ(events[1].hash, 200u);
+}
+
+TEST(BlockManagerTest, AllocationPrefersFreeThenEvictsLeastRecentlyReleased) {
+  BlockManager m(3, 16);
+  const int32_t a = *m.Allocate();
+  const int32_t b = *m.Allocate();
+  m.Publish(a, 1);
+  m.Publish(b, 2);
+  m.Release(b);  // released first: evicted first
+  m.Release(a);
+  m.DrainEvents();
+  const int32_t c = *m.Allocate();  // the free block
+  EXPECT_NE(c, a);
+  EXPECT_NE(c, b);
+  EXPECT_EQ(m.MatchPrefix(std::vector<BlockHash>{1}), 1);
+  const int32_t d = *m.Allocate();  // evicts b (hash 2)
+  EXPECT_EQ(d, b);
+  EXPECT_EQ(m.MatchPrefix(std::vector<BlockHash>{2}), 0);
+  const std::vector<BlockEvent> ev = m.DrainEvents();
+  ASSERT_EQ(ev.size(), 1u);
+  EXPECT_EQ(ev[0].kind, BlockEvent::Kind::kRemoved);
+  EXPECT_EQ(ev[0].hash, 2u);
+  const int32_t e = *m.Allocate();  // evicts a
+  EXPECT_EQ(e, a);
+  EXPECT_FALSE(m.Allocate().has_value());
+}
+
+TEST(BlockManagerTest, AcquiringACachedBlockProtectsItFromEviction) {
+  BlockManager m(2, 16);
+  const int32_t a = *m.Allocate();
+  m.Publish(a, 7);
+  m.Release(a);
+  const std::vector<BlockHash> h = {7};
+  m.AcquirePrefix(h, 1);
+  const int32_t b = *m.Allocate();
+  EXPECT_NE(b, a);
+  EXPECT_FALSE(m.Allocate().has_value());  // a is in use, not evictable
+}
+
+TEST(BlockManagerTest, DuplicateHashStaysPrivate) {
+  BlockManager m(2, 16);
+  const int32_t a = *m.Allocate();
+  const int32_t b = *m.Allocate();
+  m.Publish(a, 5);
+  m.Publish(b, 5);  // same content computed twice: b is not published
+  m.Release(b);
+  EXPECT_EQ(m.num_cached(), 1);
+  EXPECT_EQ(*m.Allocate(), b);  // b went back to the free list
+}
+
+}  // namespace
+}  // namespace strata
