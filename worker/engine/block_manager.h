@@ -1,13 +1,14 @@
 // BlockManager: the KV cache blocks of one worker, with prefix caching.
 //
-// Block states: free (no content), in use (reference count > 0, held by sequences), or cached (count 0
-// but holding a published full block, evictable in least-recently-released order). A full block is
-// published under its chained hash (common/hash.h); a later sequence whose prompt starts with the same
-// blocks (same tokens, same model / fine-tune / tenant namespace) acquires them instead of recomputing.
-// Allocation takes free blocks first, then evicts the least recently used cached block.
+// Block states: free (no content), in use (reference count > 0, held by sequences), or cached
+// (count 0 but holding a published full block, evictable in least-recently-released order). A full
+// block is published under its chained hash (common/hash.h); a later sequence whose prompt starts
+// with the same blocks (same tokens, same model / fine-tune / tenant namespace) acquires them
+// instead of recomputing. Allocation takes free blocks first, then evicts the least recently used
+// cached block.
 //
-// Every change to the set of published blocks is recorded as an event (stored / removed, by hash) for
-// the coordinator's routing index. Not thread-safe: owned by the engine's step thread.
+// Every change to the set of published blocks is recorded as an event (stored / removed, by hash)
+// for the coordinator's routing index. Not thread-safe: owned by the engine's step thread.
 #ifndef STRATA_WORKER_ENGINE_BLOCK_MANAGER_H_
 #define STRATA_WORKER_ENGINE_BLOCK_MANAGER_H_
 
@@ -44,8 +45,8 @@ class BlockManager {
   std::vector<int32_t> AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n);
   // A block for new content, or nullopt when none is available.
   std::optional<int32_t> Allocate();
-  // Publishes a full, in-use block under `hash`. If another block already holds `hash`, nothing changes
-  // (this block stays private and is freed on release).
+  // Publishes a full, in-use block under `hash`. If another block already holds `hash`, nothing
+  // changes (this block stays private and is freed on release).
   void Publish(int32_t block, BlockHash hash);
   // Drops one reference; at zero the block becomes cached (if published) or free.
   void Release(int32_t block);

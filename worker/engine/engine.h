@@ -1,0 +1,154 @@
+// Engine: continuous batching of many sequences through one model on one worker.
+//
+// Each Step plans one batch under a token budget: every running sequence in the decode phase gets one
+// token, sequences still prefilling get the next chunk of their prompt, and waiting sequences are
+// admitted while budget and KV blocks allow (chunked prefill). On admission a sequence takes the
+// longest cached prefix of its full blocks from the BlockManager (prefix caching, namespaced by model,
+// fine-tune and cache salt). When blocks run out, the most recently admitted sequence is preempted: its
+// blocks are released and it waits to be recomputed (its published blocks usually remain cached).
+// Cancelling a sequence frees its blocks at once.
+//
+// Thread contract: a single thread (the worker's step loop) calls every method.
+#ifndef STRATA_WORKER_ENGINE_ENGINE_H_
+#define STRATA_WORKER_ENGINE_ENGINE_H_
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "worker/comm/collectives.h"
+#include "worker/engine/block_manager.h"
+#include "worker/engine/sampler.h"
+#include "worker/model/model_runner.h"
+#include "worker/model/weights.h"
+
+namespace strata {
+
+struct EngineConfig {
+  // KV cache size: `num_kv_blocks` blocks, or (when 0) as many as fit in kv_cache_bytes.
+  int64_t num_kv_blocks = 0;
+  int64_t kv_cache_bytes = int64_t{256} << 20;
+  int64_t block_tokens = 16;
+  // Most tokens computed in one step (prefill chunks plus decode tokens).
+  int64_t max_batch_tokens = 512;
+  int64_t max_running_sequences = 64;
+  bool enable_prefix_caching = true;
+  // Names the model in the cache namespace.
+  std::string model_name = "model";
+};
+
+enum class FinishReason { kNone, kLength, kEos, kStopToken, kContextLength, kCancelled };
+
+struct RequestOptions {
+  SamplingOptions sampling;
+  int64_t max_tokens = 16;
+  int64_t min_tokens = 0;
+  bool ignore_eos = false;
+  std::vector<int32_t> stop_token_ids;
+  // Top-N log-probabilities of prompt tokens; -1: none. Disables prefix-cache reuse for the request.
+  int32_t prompt_logprobs = -1;
+  std::string fine_tune_id;
+  std::string cache_salt;
+  // Tokens already generated elsewhere (failover): context, counted in max_tokens, and the sampler's
+  // positions continue after them.
+  std::vector<int32_t> resume_tokens;
+};
+
+// What one step produced for one request.
+struct RequestOutput {
+  std::string request_id;
+  std::vector<SampledToken> tokens;
+  // Once, when the prompt finishes prefilling (if requested): positions 1 .. prompt_len - 1.
+  std::vector<SampledToken> prompt_logprobs;
+  FinishReason finish = FinishReason::kNone;
+  int64_t num_prompt_tokens = 0;
+  // Prompt tokens whose KV came from the prefix cache.
+  int64_t num_cached_prompt_tokens = 0;
+  // Generated so far, counting resume tokens.
+  int64_t num_generated_tokens = 0;
+};
+
+struct EngineStats {
+  int64_t num_running = 0;
+  int64_t num_waiting = 0;
+  int64_t num_decode = 0;
+  int64_t num_pending_prefill_tokens = 0;
+  int64_t num_free_blocks = 0;
+  int64_t num_total_blocks = 0;
+  int64_t num_preemptions = 0;
+};
+
+class Engine {
+ public:
+  // `weights` and `comm` are not owned and must outlive the engine.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelWeights* weights,
+                                                        Collectives* comm, EngineConfig config);
+
+  // Queues a request. INVALID_ARGUMENT naming the field for a bad prompt or option; ALREADY_EXISTS for
+  // a live request id.
+  absl::Status AddRequest(const std::string& request_id, std::vector<int32_t> prompt,
+                          RequestOptions options);
+  // Cancels a live request, freeing its blocks now; the next Step reports it finished with
+  // kCancelled. False when no live request has this id.
+  bool Cancel(const std::string& request_id);
+  // Runs one batch. Outputs for every request that produced tokens or finished.
+  absl::StatusOr<std::vector<RequestOutput>> Step();
+  bool HasWork() const { return !running_.empty() || !waiting_.empty() || !cancelled_.empty(); }
+  EngineStats Stats() const;
+  // Published-block changes since the last call, for the coordinator's routing index.
+  std::vector<BlockEvent> DrainBlockEvents() { return blocks_.DrainEvents(); }
+  const EngineConfig& config() const { return config_; }
+
+ private:
+  struct Sequence {
+    std::string id;
+    int64_t arrival = 0;
+    std::vector<int32_t> tokens;  // prompt, then generated (resume tokens included)
+    int64_t prompt_len = 0;
+    int64_t num_generated = 0;
+    int64_t num_computed = 0;  // tokens whose K/V are in the cache
+    int64_t num_cached_prompt = 0;
+    std::vector<int32_t> block_table;
+    std::vector<BlockHash> hashes;  // chain hashes of the full blocks published so far
+    uint64_t cache_namespace = 0;
+    RequestOptions options;
+    PenaltyState penalties;
+    bool prompt_logprobs_sent = false;
+    std::vector<SampledToken> prompt_logprobs;
+  };
+  struct Chunk {
+    Sequence* seq;
+    int64_t start;
+    int64_t count;
+  };
+
+  Engine(const ModelWeights* weights, Collectives* comm, EngineConfig config, int64_t num_blocks);
+  bool EnsureBlocks(Sequence* s, int64_t num_tokens);
+  void ReleaseBlocks(Sequence* s);
+  void Preempt(Sequence* s);
+  bool Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
+  void PublishFullBlocks(Sequence* s);
+  FinishReason CheckStop(const Sequence& s, int32_t token) const;
+
+  const ModelWeights* weights_;
+  EngineConfig config_;
+  ModelRunner runner_;
+  BlockManager blocks_;
+  std::vector<float> kv_storage_;
+  KvCacheLayers kv_;
+  int64_t next_arrival_ = 0;
+  int64_t num_preemptions_ = 0;
+  std::deque<std::unique_ptr<Sequence>> waiting_;
+  std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
+  std::vector<std::unique_ptr<Sequence>> cancelled_;
+  std::vector<float> logits_;
+  std::vector<std::pair<float, int32_t>> scratch_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_ENGINE_ENGINE_H_

@@ -1,0 +1,274 @@
+// The engine on a small random Llama 3 model (worker/model/testdata/llama3_bf16): greedy output equals
+// a from-scratch recomputation at every step, and a sequence's output does not change when it runs in a
+// batch of 16 mixed-length sequences, with chunked prefill on or off, with prefix-cache hits, or under
+// preemption. Seeded sampling resumes exactly from a given position (failover).
+#include "worker/engine/engine.h"
+
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "worker/model/config.h"
+
+namespace strata {
+namespace {
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string dir = "worker/model/testdata/llama3_bf16";
+    auto config = LoadModelConfig(dir);
+    ASSERT_TRUE(config.ok()) << config.status();
+    auto weights = LoadModelWeights(dir, *config, 0, 1);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    weights_ = std::move(*weights);
+  }
+
+  std::unique_ptr<Engine> MakeEngine(EngineConfig config) {
+    auto e = Engine::Create(weights_.get(), &comm_, std::move(config));
+    EXPECT_TRUE(e.ok()) << e.status();
+    return e.ok() ? std::move(*e) : nullptr;
+  }
+
+  // Runs until idle; returns each request's tokens and its final output.
+  std::map<std::string, std::vector<int32_t>> RunAll(Engine& e,
+                                                     std::map<std::string, RequestOutput>* last = nullptr) {
+    std::map<std::string, std::vector<int32_t>> out;
+    for (int steps = 0; e.HasWork() && steps < 10000; ++steps) {
+      auto step = e.Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      for (const RequestOutput& o : *step) {
+        for (const SampledToken& t : o.tokens) out[o.request_id].push_back(t.token);
+        if (last != nullptr) (*last)[o.request_id] = o;
+      }
+    }
+    EXPECT_FALSE(e.HasWork());
+    return out;
+  }
+
+  std::vector<int32_t> RandomPrompt(std::mt19937& rng, int len) {
+    std::vector<int32_t> p(len);
+    for (int32_t& t : p) t = std::uniform_int_distribution<int32_t>(3, 255)(rng);
+    return p;
+  }
+
+  RequestOptions Greedy(int64_t max_tokens) {
+    RequestOptions o;
+    o.sampling.temperature = 0;
+    o.max_tokens = max_tokens;
+    o.ignore_eos = true;
+    return o;
+  }
+
+  SingleRankCollectives comm_;
+  std::unique_ptr<ModelWeights> weights_;
+};
+
+TEST_F(EngineTest, GreedyMatchesRecomputingFromScratchEachStep) {
+  std::mt19937 rng(1);
+  const std::vector<int32_t> prompt = RandomPrompt(rng, 23);
+  auto e = MakeEngine({});
+  ASSERT_TRUE(e->AddRequest("a", prompt, Greedy(12)).ok());
+  const auto got = RunAll(*e)["a"];
+  ASSERT_EQ(got.size(), 12u);
+
+  ModelRunner runner(weights_.get(), &comm_);
+  std::vector<int32_t> seq = prompt;
+  const int64_t V = weights_->config.vocab_size;
+  for (int i = 0; i < 12; ++i) {
+    const int64_t n = static_cast<int64_t>(seq.size());
+    const int64_t bt = 16, nb = (n + bt - 1) / bt;
+    std::vector<float> kv(2 * weights_->config.num_layers * nb * bt * weights_->num_kv_heads *
+                          weights_->config.head_dim);
+    KvCacheLayers cache;
+    cache.num_blocks = nb;
+    cache.block_tokens = bt;
+    const int64_t per_layer = nb * bt * weights_->num_kv_heads * weights_->config.head_dim;
+    for (int64_t l = 0; l < weights_->config.num_layers; ++l) {
+      cache.k.push_back(kv.data() + 2 * l * per_layer);
+      cache.v.push_back(kv.data() + (2 * l + 1) * per_layer);
+    }
+    std::vector<int32_t> pos(n), tseq(n, 0), table(nb), last = {static_cast<int32_t>(n - 1)};
+    std::vector<int64_t> slots(n);
+    for (int64_t p = 0; p < n; ++p) pos[p] = static_cast<int32_t>(p), slots[p] = p;
+    for (int64_t b = 0; b < nb; ++b) table[b] = static_cast<int32_t>(b);
+    std::vector<float> logits(V);
+    ForwardBatch batch{seq, pos, tseq, slots, table, 1, nb, last};
+    ASSERT_TRUE(runner.Forward(batch, cache, absl::MakeSpan(logits)).ok());
+    const int32_t want = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    EXPECT_EQ(got[i], want) << "step " << i;
+    seq.push_back(want);
+  }
+}
+
+TEST_F(EngineTest, OutputIndependentOfBatchingChunkingCachingAndPreemption) {
+  std::mt19937 rng(2);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 16; ++i) prompts.push_back(RandomPrompt(rng, 1 + (i * 7) % 60));
+  // Half the prompts share a 40-token prefix, so the prefix cache has something to find.
+  for (int i = 8; i < 16; ++i) {
+    std::copy(prompts[0].begin(), prompts[0].begin() + std::min<size_t>(40, prompts[0].size()),
+              prompts[i].begin());
+  }
+  prompts[0] = RandomPrompt(rng, 50);
+  for (int i = 8; i < 16; ++i) {
+    prompts[i] = prompts[0];
+    prompts[i].resize(41 + i);
+    for (size_t j = 50; j < prompts[i].size(); ++j) prompts[i][j] = static_cast<int32_t>(10 + j);
+  }
+
+  // Reference: each sequence alone, one big prefill, no prefix caching.
+  std::map<std::string, std::vector<int32_t>> alone;
+  for (int i = 0; i < 16; ++i) {
+    EngineConfig c;
+    c.enable_prefix_caching = false;
+    auto e = MakeEngine(c);
+    ASSERT_TRUE(e->AddRequest("r" + std::to_string(i), prompts[i], Greedy(10)).ok());
+    for (auto& [k, v] : RunAll(*e)) alone[k] = v;
+  }
+
+  struct Setup {
+    const char* name;
+    int64_t max_batch_tokens;
+    int64_t num_kv_blocks;
+    bool prefix_caching;
+  };
+  for (const Setup s : {Setup{"batched", 4096, 0, false}, Setup{"chunked", 7, 0, false},
+                        Setup{"prefix cache", 64, 0, true},
+                        Setup{"preemption", 32, 12, true}}) {
+    SCOPED_TRACE(s.name);
+    EngineConfig c;
+    c.max_batch_tokens = s.max_batch_tokens;
+    c.num_kv_blocks = s.num_kv_blocks;
+    c.block_tokens = 8;
+    c.enable_prefix_caching = s.prefix_caching;
+    auto e = MakeEngine(c);
+    for (int i = 0; i < 16; ++i) {
+      ASSERT_TRUE(e->AddRequest("r" + std::to_string(i), prompts[i], Greedy(10)).ok());
+    }
+    std::map<std::string, RequestOutput> last;
+    const auto got = RunAll(*e, &last);
+    for (int i = 0; i < 16; ++i) {
+      const std::string id = "r" + std::to_string(i);
+      EXPECT_EQ(got.at(id), alone.at(id)) << id;
+      EXPECT_EQ(last.at(id).finish, FinishReason::kLength);
+    }
+    if (s.prefix_caching) {
+      int64_t cached = 0;
+      for (const auto& [id, o] : last) cached += o.num_cached_prompt_tokens;
+      EXPECT_GT(cached, 0);
+    }
+    if (s.num_kv_blocks > 0) {
+      EXPECT_GT(e->Stats().num_preemptions, 0);
+    }
+    EXPECT_EQ(e->Stats().num_free_blocks, e->Stats().num_total_blocks);
+  }
+}
+
+TEST_F(EngineTest, SecondIdenticalPromptHitsThePrefixCache) {
+  std::mt19937 rng(3);
+  const std::vector<int32_t> prompt = RandomPrompt(rng, 40);
+  EngineConfig c;
+  c.block_tokens = 8;
+  auto e = MakeEngine(c);
+  ASSERT_TRUE(e->AddRequest("first", prompt, Greedy(5)).ok());
+  std::map<std::string, RequestOutput> last;
+  const auto first = RunAll(*e, &last)["first"];
+  EXPECT_EQ(last["first"].num_cached_prompt_tokens, 0);
+  ASSERT_TRUE(e->AddRequest("second", prompt, Greedy(5)).ok());
+  const auto second = RunAll(*e, &last)["second"];
+  EXPECT_EQ(second, first);
+  EXPECT_EQ(last["second"].num_cached_prompt_tokens, 32);  // 4 full blocks; the last token recomputed
+  // A different cache salt shares nothing.
+  RequestOptions salted = Greedy(5);
+  salted.cache_salt = "tenant-b";
+  ASSERT_TRUE(e->AddRequest("third", prompt, salted).ok());
+  EXPECT_EQ(RunAll(*e, &last)["third"], first);
+  EXPECT_EQ(last["third"].num_cached_prompt_tokens, 0);
+  EXPECT_FALSE(e->DrainBlockEvents().empty());
+}
+
+TEST_F(EngineTest, SeededSamplingResumesExactlyAtAPosition) {
+  std::mt19937 rng(4);
+  const std::vector<int32_t> prompt = RandomPrompt(rng, 9);
+  RequestOptions o;
+  o.sampling.temperature = 1.0f;
+  o.sampling.top_p = 0.9f;
+  o.sampling.seed = 1234;
+  o.max_tokens = 10;
+  o.ignore_eos = true;
+  auto e = MakeEngine({});
+  ASSERT_TRUE(e->AddRequest("full", prompt, o).ok());
+  const auto full = RunAll(*e)["full"];
+  ASSERT_EQ(full.size(), 10u);
+  RequestOptions resumed = o;
+  resumed.resume_tokens.assign(full.begin(), full.begin() + 4);
+  ASSERT_TRUE(e->AddRequest("resumed", prompt, resumed).ok());
+  const auto rest = RunAll(*e)["resumed"];
+  EXPECT_EQ(rest, std::vector<int32_t>(full.begin() + 4, full.end()));
+}
+
+TEST_F(EngineTest, StopConditions) {
+  std::mt19937 rng(5);
+  const std::vector<int32_t> prompt = RandomPrompt(rng, 5);
+  auto e = MakeEngine({});
+  ASSERT_TRUE(e->AddRequest("ref", prompt, Greedy(6)).ok());
+  const auto ref = RunAll(*e)["ref"];
+  // Stop at the third generated token by naming it a stop token.
+  RequestOptions stop = Greedy(6);
+  stop.stop_token_ids = {ref[2]};
+  ASSERT_TRUE(e->AddRequest("stop", prompt, stop).ok());
+  std::map<std::string, RequestOutput> last;
+  const auto got = RunAll(*e, &last)["stop"];
+  const size_t first_hit = std::find(ref.begin(), ref.end(), ref[2]) - ref.begin();
+  EXPECT_EQ(got.size(), first_hit + 1);
+  EXPECT_EQ(last["stop"].finish, FinishReason::kStopToken);
+  // min_tokens holds the stop token back.
+  stop.min_tokens = 6;
+  ASSERT_TRUE(e->AddRequest("min", prompt, stop).ok());
+  const auto held = RunAll(*e, &last)["min"];
+  EXPECT_EQ(held.size(), 6u);
+  EXPECT_EQ(std::count(held.begin(), held.end(), ref[2]), 0);
+  EXPECT_EQ(last["min"].finish, FinishReason::kLength);
+}
+
+TEST_F(EngineTest, CancelFreesBlocksAtOnce) {
+  std::mt19937 rng(6);
+  EngineConfig c;
+  c.block_tokens = 4;
+  c.enable_prefix_caching = false;
+  auto e = MakeEngine(c);
+  const int64_t total = e->Stats().num_total_blocks;
+  ASSERT_TRUE(e->AddRequest("x", RandomPrompt(rng, 30), Greedy(100)).ok());
+  ASSERT_TRUE(e->Step().ok());
+  EXPECT_LT(e->Stats().num_free_blocks, total);
+  EXPECT_TRUE(e->Cancel("x"));
+  EXPECT_EQ(e->Stats().num_free_blocks, total);
+  EXPECT_FALSE(e->Cancel("x"));
+  auto step = e->Step();
+  ASSERT_TRUE(step.ok());
+  ASSERT_EQ(step->size(), 1u);
+  EXPECT_EQ((*step)[0].finish, FinishReason::kCancelled);
+  EXPECT_FALSE(e->HasWork());
+}
+
+TEST_F(EngineTest, BadRequestsAreRefusedAndTheEngineKeepsServing) {
+  auto e = MakeEngine({});
+  EXPECT_EQ(e->AddRequest("a", {}, Greedy(4)).message(), "prompt must not be empty");
+  EXPECT_EQ(e->AddRequest("a", {1, 999}, Greedy(4)).message(),
+            "prompt holds token id 999 outside the vocabulary [0, 256)");
+  RequestOptions bad = Greedy(4);
+  bad.sampling.top_p = 2;
+  EXPECT_EQ(e->AddRequest("a", {1, 2}, bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = Greedy(0);
+  EXPECT_NE(e->AddRequest("a", {1, 2}, bad).message().find("max_tokens"), std::string::npos);
+  ASSERT_TRUE(e->AddRequest("a", {1, 2}, Greedy(2)).ok());
+  EXPECT_EQ(e->AddRequest("a", {1, 2}, Greedy(2)).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(RunAll(*e)["a"].size(), 2u);
+}
+
+}  // namespace
+}  // namespace strata
