@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace strata {
 namespace {
@@ -185,6 +186,40 @@ absl::StatusOr<std::string> JsonValue::StringFieldOr(absl::string_view key,
   absl::StatusOr<absl::string_view> s = v->AsString();
   if (!s.ok()) return s.status();
   return std::string(*s);
+}
+
+std::string JsonQuote(absl::string_view s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  out += '"';
+  for (char c : s) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (u < 0x20) {
+          out += absl::StrFormat("\\u%04x", u);
+        } else {
+          out += c;
+        }
+    }
+  }
+  out += '"';
+  return out;
 }
 
 absl::StatusOr<JsonDocument> JsonDocument::Parse(absl::string_view text, std::string source) {

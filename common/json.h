@@ -91,6 +91,10 @@ class JsonDocument {
   simdjson::dom::element root_;
 };
 
+// `s` as a JSON string literal, quotes included (control characters, quotes and backslashes
+// escaped; other bytes passed through, so valid UTF-8 in gives valid JSON out).
+std::string JsonQuote(absl::string_view s);
+
 }  // namespace strata
 
 #endif  // STRATA_COMMON_JSON_H_

@@ -64,5 +64,14 @@ TEST(JsonTest, DocumentSurvivesMove) {
   EXPECT_EQ(*moved.root().StringField("k"), "v");
 }
 
+TEST(JsonTest, QuoteEscapesAndRoundTrips) {
+  const std::string raw = std::string("a\"b\\c\n\t\x01 \xe4\xb8\xad", 12);
+  const std::string quoted = JsonQuote(raw);
+  EXPECT_EQ(quoted, "\"a\\\"b\\\\c\\n\\t\\u0001 \xe4\xb8\xad\"");
+  auto doc = JsonDocument::Parse(quoted, "q");
+  ASSERT_TRUE(doc.ok());
+  EXPECT_EQ(*doc->root().AsString(), raw);
+}
+
 }  // namespace
 }  // namespace strata

@@ -34,6 +34,9 @@ struct MatMulParams {
 // Bytes of scratch memory MatMulCpu needs for these parameters.
 size_t MatMulCpuWorkspaceBytes(const MatMulParams& p);
 
+// Threads the CPU BLAS may use inside one MatMulCpu call (process-wide). n <= 0 keeps the default.
+void SetMatMulCpuThreads(int n);
+
 // INVALID_ARGUMENT for bad shapes, a null pointer, an unsupported dtype or a small workspace.
 absl::Status MatMulCpu(const MatMulParams& p, void* workspace, size_t workspace_bytes);
 

@@ -28,6 +28,10 @@ void ConvertPanel(const MatMulParams& p, int64_t r0, int64_t rows, float* out) {
 
 }  // namespace
 
+void SetMatMulCpuThreads(int n) {
+  if (n > 0) openblas_set_num_threads(n);
+}
+
 size_t MatMulCpuWorkspaceBytes(const MatMulParams& p) {
   if (p.w_dtype == DType::kF32) return 0;
   return static_cast<size_t>(kPanelRows * p.k) * sizeof(float);

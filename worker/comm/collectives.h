@@ -1,6 +1,6 @@
-// Collectives: how the ranks of a tensor-parallel group combine partial results. The model runner calls
-// these after each row-parallel projection; implementations are a single rank (no-op), and NCCL across
-// the GPUs of one machine (later).
+// Collectives: how the ranks of a tensor-parallel group combine partial results. The model runner
+// calls these after each row-parallel projection; implementations are a single rank (no-op), and
+// NCCL across the GPUs of one machine (later).
 #ifndef STRATA_WORKER_COMM_COLLECTIVES_H_
 #define STRATA_WORKER_COMM_COLLECTIVES_H_
 

@@ -17,13 +17,12 @@ bool Contains(const std::vector<int32_t>& v, int32_t x) {
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weights,
                                                        Collectives* comm, EngineConfig config) {
-  const ModelConfig& c = weights->config;
-  if (config.block_tokens <= 0 || config.max_batch_tokens <= 0 || config.max_running_sequences <= 0) {
+  if (config.block_tokens <= 0 || config.max_batch_tokens <= 0 ||
+      config.max_running_sequences <= 0) {
     return absl::InvalidArgumentError(
         "engine: block_tokens, max_batch_tokens and max_running_sequences must be positive");
   }
-  const int64_t block_bytes = 2 * c.num_layers * config.block_tokens * weights->num_kv_heads *
-                              c.head_dim * static_cast<int64_t>(sizeof(float));
+  const int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
   int64_t num_blocks = config.num_kv_blocks;
   if (num_blocks == 0) num_blocks = config.kv_cache_bytes / block_bytes;
   if (num_blocks <= 0) {
@@ -39,17 +38,8 @@ Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig conf
     : weights_(weights),
       config_(std::move(config)),
       runner_(weights, comm),
-      blocks_(num_blocks, config_.block_tokens) {
-  const ModelConfig& c = weights->config;
-  const int64_t per_layer = num_blocks * config_.block_tokens * weights->num_kv_heads * c.head_dim;
-  kv_storage_.assign(static_cast<size_t>(2 * c.num_layers * per_layer), 0.0f);
-  kv_.num_blocks = num_blocks;
-  kv_.block_tokens = config_.block_tokens;
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    kv_.k.push_back(kv_storage_.data() + (2 * l) * per_layer);
-    kv_.v.push_back(kv_storage_.data() + (2 * l + 1) * per_layer);
-  }
-}
+      blocks_(num_blocks, config_.block_tokens),
+      kv_(*weights, num_blocks, config_.block_tokens) {}
 
 absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prompt,
                                 RequestOptions o) {
@@ -67,11 +57,11 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   for (const auto* list : {&prompt, &o.resume_tokens, &o.stop_token_ids}) {
     for (int32_t t : *list) {
       if (t < 0 || t >= c.vocab_size) {
-        const char* field = list == &prompt ? "prompt" : list == &o.resume_tokens ? "resume_tokens"
-                                                                                  : "stop_token_ids";
-        return absl::InvalidArgumentError(absl::StrCat(field, " holds token id ", t,
-                                                       " outside the vocabulary [0, ",
-                                                       c.vocab_size, ")"));
+        const char* field = list == &prompt            ? "prompt"
+                            : list == &o.resume_tokens ? "resume_tokens"
+                                                       : "stop_token_ids";
+        return absl::InvalidArgumentError(absl::StrCat(
+            field, " holds token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
       }
     }
   }
@@ -226,7 +216,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   int64_t budget = config_.max_batch_tokens;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i].get();
-    const int64_t n = std::min<int64_t>(static_cast<int64_t>(s->tokens.size()) - s->num_computed, budget);
+    const int64_t n =
+        std::min<int64_t>(static_cast<int64_t>(s->tokens.size()) - s->num_computed, budget);
     bool preempted_self = false;
     while (!EnsureBlocks(s, s->num_computed + n)) {
       Sequence* victim = running_.back().get();
@@ -307,7 +298,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   batch.num_seqs = static_cast<int64_t>(plan.size());
   batch.max_blocks_per_seq = max_blocks;
   batch.logit_tokens = logit_tokens;
-  RETURN_IF_ERROR(runner_.Forward(batch, kv_, absl::MakeSpan(logits_)));
+  RETURN_IF_ERROR(runner_.Forward(batch, kv_.layers(), absl::MakeSpan(logits_)));
 
   for (const Chunk& ch : plan) {
     ch.seq->num_computed += ch.count;
@@ -339,9 +330,11 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     std::vector<int32_t> banned;
     if (s->num_generated < s->options.min_tokens) {
       banned = weights_->config.eos_token_ids;
-      banned.insert(banned.end(), s->options.stop_token_ids.begin(), s->options.stop_token_ids.end());
+      banned.insert(banned.end(), s->options.stop_token_ids.begin(),
+                    s->options.stop_token_ids.end());
     }
-    SampledToken t = Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch_);
+    SampledToken t =
+        Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch_);
     s->tokens.push_back(t.token);
     s->penalties.AddOutput(t.token);
     ++s->num_generated;
@@ -376,7 +369,8 @@ EngineStats Engine::Stats() const {
       st.num_pending_prefill_tokens += s->prompt_len - s->num_computed;
     }
   }
-  for (const auto& s : waiting_) st.num_pending_prefill_tokens += static_cast<int64_t>(s->tokens.size());
+  for (const auto& s : waiting_)
+    st.num_pending_prefill_tokens += static_cast<int64_t>(s->tokens.size());
   st.num_free_blocks = blocks_.num_available();
   st.num_total_blocks = blocks_.num_blocks();
   st.num_preemptions = num_preemptions_;

@@ -1,12 +1,12 @@
 // Engine: continuous batching of many sequences through one model on one worker.
 //
-// Each Step plans one batch under a token budget: every running sequence in the decode phase gets one
-// token, sequences still prefilling get the next chunk of their prompt, and waiting sequences are
-// admitted while budget and KV blocks allow (chunked prefill). On admission a sequence takes the
-// longest cached prefix of its full blocks from the BlockManager (prefix caching, namespaced by model,
-// fine-tune and cache salt). When blocks run out, the most recently admitted sequence is preempted: its
-// blocks are released and it waits to be recomputed (its published blocks usually remain cached).
-// Cancelling a sequence frees its blocks at once.
+// Each Step plans one batch under a token budget: every running sequence in the decode phase gets
+// one token, sequences still prefilling get the next chunk of their prompt, and waiting sequences
+// are admitted while budget and KV blocks allow (chunked prefill). On admission a sequence takes
+// the longest cached prefix of its full blocks from the BlockManager (prefix caching, namespaced by
+// model, fine-tune and cache salt). When blocks run out, the most recently admitted sequence is
+// preempted: its blocks are released and it waits to be recomputed (its published blocks usually
+// remain cached). Cancelling a sequence frees its blocks at once.
 //
 // Thread contract: a single thread (the worker's step loop) calls every method.
 #ifndef STRATA_WORKER_ENGINE_ENGINE_H_
@@ -49,12 +49,13 @@ struct RequestOptions {
   int64_t min_tokens = 0;
   bool ignore_eos = false;
   std::vector<int32_t> stop_token_ids;
-  // Top-N log-probabilities of prompt tokens; -1: none. Disables prefix-cache reuse for the request.
+  // Top-N log-probabilities of prompt tokens; -1: none. Disables prefix-cache reuse for the
+  // request.
   int32_t prompt_logprobs = -1;
   std::string fine_tune_id;
   std::string cache_salt;
-  // Tokens already generated elsewhere (failover): context, counted in max_tokens, and the sampler's
-  // positions continue after them.
+  // Tokens already generated elsewhere (failover): context, counted in max_tokens, and the
+  // sampler's positions continue after them.
   std::vector<int32_t> resume_tokens;
 };
 
@@ -88,8 +89,8 @@ class Engine {
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelWeights* weights,
                                                         Collectives* comm, EngineConfig config);
 
-  // Queues a request. INVALID_ARGUMENT naming the field for a bad prompt or option; ALREADY_EXISTS for
-  // a live request id.
+  // Queues a request. INVALID_ARGUMENT naming the field for a bad prompt or option; ALREADY_EXISTS
+  // for a live request id.
   absl::Status AddRequest(const std::string& request_id, std::vector<int32_t> prompt,
                           RequestOptions options);
   // Cancels a live request, freeing its blocks now; the next Step reports it finished with
@@ -138,8 +139,7 @@ class Engine {
   EngineConfig config_;
   ModelRunner runner_;
   BlockManager blocks_;
-  std::vector<float> kv_storage_;
-  KvCacheLayers kv_;
+  KvCacheStorage kv_;
   int64_t next_arrival_ = 0;
   int64_t num_preemptions_ = 0;
   std::deque<std::unique_ptr<Sequence>> waiting_;

@@ -1,7 +1,8 @@
-// The engine on a small random Llama 3 model (worker/model/testdata/llama3_bf16): greedy output equals
-// a from-scratch recomputation at every step, and a sequence's output does not change when it runs in a
-// batch of 16 mixed-length sequences, with chunked prefill on or off, with prefix-cache hits, or under
-// preemption. Seeded sampling resumes exactly from a given position (failover).
+// The engine on a small random Llama 3 model (worker/model/testdata/llama3_bf16): greedy output
+// equals a from-scratch recomputation at every step, and a sequence's output does not change when
+// it runs in a batch of 16 mixed-length sequences, with chunked prefill on or off, with
+// prefix-cache hits, or under preemption. Seeded sampling resumes exactly from a given position
+// (failover).
 #include "worker/engine/engine.h"
 
 #include <map>
@@ -33,8 +34,8 @@ class EngineTest : public ::testing::Test {
   }
 
   // Runs until idle; returns each request's tokens and its final output.
-  std::map<std::string, std::vector<int32_t>> RunAll(Engine& e,
-                                                     std::map<std::string, RequestOutput>* last = nullptr) {
+  std::map<std::string, std::vector<int32_t>> RunAll(
+      Engine& e, std::map<std::string, RequestOutput>* last = nullptr) {
     std::map<std::string, std::vector<int32_t>> out;
     for (int steps = 0; e.HasWork() && steps < 10000; ++steps) {
       auto step = e.Step();
@@ -81,16 +82,8 @@ TEST_F(EngineTest, GreedyMatchesRecomputingFromScratchEachStep) {
   for (int i = 0; i < 12; ++i) {
     const int64_t n = static_cast<int64_t>(seq.size());
     const int64_t bt = 16, nb = (n + bt - 1) / bt;
-    std::vector<float> kv(2 * weights_->config.num_layers * nb * bt * weights_->num_kv_heads *
-                          weights_->config.head_dim);
-    KvCacheLayers cache;
-    cache.num_blocks = nb;
-    cache.block_tokens = bt;
-    const int64_t per_layer = nb * bt * weights_->num_kv_heads * weights_->config.head_dim;
-    for (int64_t l = 0; l < weights_->config.num_layers; ++l) {
-      cache.k.push_back(kv.data() + 2 * l * per_layer);
-      cache.v.push_back(kv.data() + (2 * l + 1) * per_layer);
-    }
+    KvCacheStorage kv(*weights_, nb, bt);
+    const KvCacheLayers& cache = kv.layers();
     std::vector<int32_t> pos(n), tseq(n, 0), table(nb), last = {static_cast<int32_t>(n - 1)};
     std::vector<int64_t> slots(n);
     for (int64_t p = 0; p < n; ++p) pos[p] = static_cast<int32_t>(p), slots[p] = p;
@@ -98,7 +91,8 @@ TEST_F(EngineTest, GreedyMatchesRecomputingFromScratchEachStep) {
     std::vector<float> logits(V);
     ForwardBatch batch{seq, pos, tseq, slots, table, 1, nb, last};
     ASSERT_TRUE(runner.Forward(batch, cache, absl::MakeSpan(logits)).ok());
-    const int32_t want = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    const int32_t want =
+        static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
     EXPECT_EQ(got[i], want) << "step " << i;
     seq.push_back(want);
   }
@@ -137,8 +131,7 @@ TEST_F(EngineTest, OutputIndependentOfBatchingChunkingCachingAndPreemption) {
     bool prefix_caching;
   };
   for (const Setup s : {Setup{"batched", 4096, 0, false}, Setup{"chunked", 7, 0, false},
-                        Setup{"prefix cache", 64, 0, true},
-                        Setup{"preemption", 32, 12, true}}) {
+                        Setup{"prefix cache", 64, 0, true}, Setup{"preemption", 32, 12, true}}) {
     SCOPED_TRACE(s.name);
     EngineConfig c;
     c.max_batch_tokens = s.max_batch_tokens;
@@ -181,7 +174,8 @@ TEST_F(EngineTest, SecondIdenticalPromptHitsThePrefixCache) {
   ASSERT_TRUE(e->AddRequest("second", prompt, Greedy(5)).ok());
   const auto second = RunAll(*e, &last)["second"];
   EXPECT_EQ(second, first);
-  EXPECT_EQ(last["second"].num_cached_prompt_tokens, 32);  // 4 full blocks; the last token recomputed
+  EXPECT_EQ(last["second"].num_cached_prompt_tokens,
+            32);  // 4 full blocks; the last token recomputed
   // A different cache salt shares nothing.
   RequestOptions salted = Greedy(5);
   salted.cache_salt = "tenant-b";

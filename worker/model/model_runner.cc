@@ -21,7 +21,8 @@ T* Grow(std::vector<T>* v, size_t n) {
 
 void EmbedRow(const Matrix& embed, int32_t token, float* out) {
   const int64_t H = embed.cols;
-  const uint8_t* row = static_cast<const uint8_t*>(embed.data) + token * H * DTypeBytes(embed.dtype);
+  const uint8_t* row =
+      static_cast<const uint8_t*>(embed.data) + token * H * DTypeBytes(embed.dtype);
   if (embed.dtype == DType::kF32) {
     std::memcpy(out, row, H * sizeof(float));
     return;
@@ -35,7 +36,26 @@ void EmbedRow(const Matrix& embed, int32_t token, float* out) {
 
 }  // namespace
 
-ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm) : w_(weights), comm_(comm) {
+int64_t KvCacheStorage::BlockBytes(const ModelWeights& w, int64_t block_tokens) {
+  return 2 * w.config.num_layers * block_tokens * w.num_kv_heads * w.config.head_dim *
+         static_cast<int64_t>(sizeof(float));
+}
+
+KvCacheStorage::KvCacheStorage(const ModelWeights& w, int64_t num_blocks, int64_t block_tokens) {
+  const int64_t per_layer = num_blocks * block_tokens * w.num_kv_heads * w.config.head_dim;
+  storage_.assign(static_cast<size_t>(2 * w.config.num_layers * per_layer), 0.0f);
+  layers_.num_blocks = num_blocks;
+  layers_.block_tokens = block_tokens;
+  for (int64_t l = 0; l < w.config.num_layers; ++l) {
+    layers_.k.push_back(storage_.data() + (2 * l) * per_layer);
+    layers_.v.push_back(storage_.data() + (2 * l + 1) * per_layer);
+  }
+}
+
+void SetCpuComputeThreads(int n) { SetMatMulCpuThreads(n); }
+
+ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm)
+    : w_(weights), comm_(comm) {
   const ModelConfig& c = w_->config;
   inv_freq_.resize(c.head_dim / 2);
   ComputeRopeInvFreq(c.head_dim, c.rope_theta, c.rope_scaling, inv_freq_.data());
@@ -63,12 +83,14 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
   const int64_t n = static_cast<int64_t>(b.tokens.size());
   if (b.positions.size() != b.tokens.size() || b.token_seq.size() != b.tokens.size() ||
       b.slots.size() != b.tokens.size()) {
-    return absl::InvalidArgumentError("forward: tokens, positions, token_seq and slots differ in length");
+    return absl::InvalidArgumentError(
+        "forward: tokens, positions, token_seq and slots differ in length");
   }
   if (static_cast<int64_t>(b.block_tables.size()) != b.num_seqs * b.max_blocks_per_seq) {
     return absl::InvalidArgumentError("forward: block_tables is not num_seqs x max_blocks_per_seq");
   }
-  if (static_cast<int64_t>(logits.size()) != static_cast<int64_t>(b.logit_tokens.size()) * c.vocab_size) {
+  if (static_cast<int64_t>(logits.size()) !=
+      static_cast<int64_t>(b.logit_tokens.size()) * c.vocab_size) {
     return absl::InvalidArgumentError("forward: logits buffer has the wrong size");
   }
   if (static_cast<int64_t>(cache.k.size()) != c.num_layers || cache.v.size() != cache.k.size()) {
@@ -76,11 +98,13 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
   }
   for (int32_t t : b.tokens) {
     if (t < 0 || t >= c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("forward: token id ", t, " outside the vocabulary"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: token id ", t, " outside the vocabulary"));
     }
   }
   for (int32_t i : b.logit_tokens) {
-    if (i < 0 || i >= n) return absl::InvalidArgumentError("forward: logit_tokens index out of range");
+    if (i < 0 || i >= n)
+      return absl::InvalidArgumentError("forward: logit_tokens index out of range");
   }
   if (n == 0) return absl::OkStatus();
 
@@ -111,10 +135,10 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
     float* v = qkv + qd + kvd;
     if (c.qk_norm) {
       for (int64_t t = 0; t < n; ++t) {
-        RETURN_IF_ERROR(RmsNormCpu({w_->num_heads, D, eps, q + t * qkv_w, D, L.q_norm.data(),
-                                    q + t * qkv_w, D}));
-        RETURN_IF_ERROR(RmsNormCpu({w_->num_kv_heads, D, eps, k + t * qkv_w, D, L.k_norm.data(),
-                                    k + t * qkv_w, D}));
+        RETURN_IF_ERROR(RmsNormCpu(
+            {w_->num_heads, D, eps, q + t * qkv_w, D, L.q_norm.data(), q + t * qkv_w, D}));
+        RETURN_IF_ERROR(RmsNormCpu(
+            {w_->num_kv_heads, D, eps, k + t * qkv_w, D, L.k_norm.data(), k + t * qkv_w, D}));
       }
     }
     RopeParams rope;

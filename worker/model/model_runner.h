@@ -1,11 +1,11 @@
-// ModelRunner: one forward pass of a Llama-family decoder over a batch of tokens from many sequences,
-// on the CPU kernels, for one tensor-parallel rank.
+// ModelRunner: one forward pass of a Llama-family decoder over a batch of tokens from many
+// sequences, on the CPU kernels, for one tensor-parallel rank.
 //
 // A batch mixes prefill chunks and decode tokens: each token carries its sequence and position, and
-// each sequence its block table into the paged KV cache. The runner writes every token's K and V into
-// its cache slot, attends causally over the sequence's cached keys, and returns logits for the tokens
-// the caller asks for (usually the last token of each sequence). Thread contract: one thread calls
-// Forward at a time (the worker's step loop); the runner owns its scratch memory.
+// each sequence its block table into the paged KV cache. The runner writes every token's K and V
+// into its cache slot, attends causally over the sequence's cached keys, and returns logits for the
+// tokens the caller asks for (usually the last token of each sequence). Thread contract: one thread
+// calls Forward at a time (the worker's step loop); the runner owns its scratch memory.
 #ifndef STRATA_WORKER_MODEL_MODEL_RUNNER_H_
 #define STRATA_WORKER_MODEL_MODEL_RUNNER_H_
 
@@ -19,13 +19,28 @@
 
 namespace strata {
 
-// The KV cache of one rank: per layer, K and V of [num_blocks, block_tokens, num_kv_heads, head_dim]
-// f32 (num_kv_heads being this rank's share). Owned by the caller.
+// The KV cache of one rank: per layer, K and V of [num_blocks, block_tokens, num_kv_heads,
+// head_dim] f32 (num_kv_heads being this rank's share). Owned by the caller.
 struct KvCacheLayers {
   int64_t num_blocks = 0;
   int64_t block_tokens = 0;
   std::vector<float*> k;  // [num_layers]
   std::vector<float*> v;  // [num_layers]
+};
+
+// Owns host memory for a KV cache of `num_blocks` blocks for one rank, zero-filled.
+class KvCacheStorage {
+ public:
+  KvCacheStorage(const ModelWeights& weights, int64_t num_blocks, int64_t block_tokens);
+  KvCacheStorage(const KvCacheStorage&) = delete;
+  KvCacheStorage& operator=(const KvCacheStorage&) = delete;
+  const KvCacheLayers& layers() const { return layers_; }
+  // Bytes one block takes across all layers (K and V).
+  static int64_t BlockBytes(const ModelWeights& weights, int64_t block_tokens);
+
+ private:
+  std::vector<float> storage_;
+  KvCacheLayers layers_;
 };
 
 struct ForwardBatch {
@@ -41,6 +56,9 @@ struct ForwardBatch {
   // Token indices to compute logits for.
   absl::Span<const int32_t> logit_tokens;
 };
+
+// Threads the CPU kernels may use (process-wide); n <= 0 keeps the default (all cores).
+void SetCpuComputeThreads(int n);
 
 class ModelRunner {
  public:

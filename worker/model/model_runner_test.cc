@@ -1,7 +1,7 @@
-// The CPU forward pass against an independent float64 NumPy reference (tools/reference/llama_ref.py)
-// on small random models of every supported architecture variant and weight dtype, and the invariance
-// of a sequence's logits to how it is fed: all at once, in prefill chunks, token by token, or batched
-// with other sequences.
+// The CPU forward pass against an independent float64 NumPy reference
+// (tools/reference/llama_ref.py) on small random models of every supported architecture variant and
+// weight dtype, and the invariance of a sequence's logits to how it is fed: all at once, in prefill
+// chunks, token by token, or batched with other sequences.
 #include "worker/model/model_runner.h"
 
 #include <cmath>
@@ -46,32 +46,24 @@ std::vector<Case> ReadCases(const std::string& dir) {
   return out;
 }
 
-// A KV cache with `num_blocks` blocks for one rank.
-struct Cache {
-  Cache(const ModelWeights& w, int64_t num_blocks, int64_t block_tokens) {
-    const int64_t per_layer = num_blocks * block_tokens * w.num_kv_heads * w.config.head_dim;
-    storage.assign(2 * w.config.num_layers * per_layer, std::nanf(""));
-    layers.num_blocks = num_blocks;
-    layers.block_tokens = block_tokens;
-    for (int64_t l = 0; l < w.config.num_layers; ++l) {
-      layers.k.push_back(storage.data() + (2 * l) * per_layer);
-      layers.v.push_back(storage.data() + (2 * l + 1) * per_layer);
-    }
-  }
-  std::vector<float> storage;
-  KvCacheLayers layers;
-};
-
 // Feeds sequences through the runner in steps; each step takes up to `chunk` tokens from every
 // unfinished sequence. Returns the logits of every position of every sequence.
-std::vector<std::vector<float>> FeedSequences(ModelRunner& runner, const std::vector<std::vector<int32_t>>& seqs,
-                                    int64_t chunk, int64_t block_tokens) {
+std::vector<std::vector<float>> FeedSequences(ModelRunner& runner,
+                                              const std::vector<std::vector<int32_t>>& seqs,
+                                              int64_t chunk, int64_t block_tokens) {
   const ModelWeights& w = runner.weights();
   const int64_t V = w.config.vocab_size;
   int64_t max_len = 0;
   for (const auto& s : seqs) max_len = std::max<int64_t>(max_len, s.size());
   const int64_t max_blocks = (max_len + block_tokens - 1) / block_tokens;
-  Cache cache(w, max_blocks * static_cast<int64_t>(seqs.size()), block_tokens);
+  const int64_t num_blocks = max_blocks * static_cast<int64_t>(seqs.size());
+  KvCacheStorage cache(w, num_blocks, block_tokens);
+  // Poison the cache: reading a slot nothing wrote turns the logits to NaN.
+  const int64_t per_layer = num_blocks * block_tokens * w.num_kv_heads * w.config.head_dim;
+  for (int64_t l = 0; l < w.config.num_layers; ++l) {
+    std::fill(cache.layers().k[l], cache.layers().k[l] + per_layer, std::nanf(""));
+    std::fill(cache.layers().v[l], cache.layers().v[l] + per_layer, std::nanf(""));
+  }
   // Sequence s owns blocks in reverse order, so tables are not the identity.
   std::vector<int32_t> tables(seqs.size() * max_blocks);
   for (size_t s = 0; s < seqs.size(); ++s) {
@@ -94,7 +86,8 @@ std::vector<std::vector<float>> FeedSequences(ModelRunner& runner, const std::ve
         tokens.push_back(seqs[s][p]);
         positions.push_back(static_cast<int32_t>(p));
         token_seq.push_back(static_cast<int32_t>(s));
-        slots.push_back(int64_t{tables[s * max_blocks + p / block_tokens]} * block_tokens + p % block_tokens);
+        slots.push_back(int64_t{tables[s * max_blocks + p / block_tokens]} * block_tokens +
+                        p % block_tokens);
       }
       done[s] = end;
     }
@@ -109,7 +102,7 @@ std::vector<std::vector<float>> FeedSequences(ModelRunner& runner, const std::ve
     batch.num_seqs = static_cast<int64_t>(seqs.size());
     batch.max_blocks_per_seq = max_blocks;
     batch.logit_tokens = logit_tokens;
-    const absl::Status st = runner.Forward(batch, cache.layers, absl::MakeSpan(logits));
+    const absl::Status st = runner.Forward(batch, cache.layers(), absl::MakeSpan(logits));
     EXPECT_TRUE(st.ok()) << st;
     for (size_t i = 0; i < logit_owner.size(); ++i) {
       auto& dst = out[logit_owner[i].first];
@@ -167,7 +160,8 @@ TEST_P(ModelRunnerTest, LogitsDoNotDependOnChunkingOrBatching) {
   EXPECT_LT(RelativeError(chunked[0], alone[0]), 1e-5);
   EXPECT_LT(RelativeError(by_token[0], alone[0]), 1e-5);
   EXPECT_LT(RelativeError(batched.back(), alone[0]), 1e-5);
-  for (size_t i = 0; i < seqs.size(); ++i) EXPECT_LT(RelativeError(batched[i], cases[i].logits), 1e-4);
+  for (size_t i = 0; i < seqs.size(); ++i)
+    EXPECT_LT(RelativeError(batched[i], cases[i].logits), 1e-4);
 }
 
 INSTANTIATE_TEST_SUITE_P(Variants, ModelRunnerTest,

@@ -20,23 +20,6 @@ constexpr uint64_t kMaxHeaderBytes = 100u << 20;
 
 bool FileExists(const std::string& path) { return MappedFile::Open(path).ok(); }
 
-std::string JsonString(absl::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    const unsigned char u = static_cast<unsigned char>(c);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (u < 0x20) {
-      out += absl::StrFormat("\\u%04x", u);
-    } else {
-      out += c;
-    }
-  }
-  out += '"';
-  return out;
-}
-
 }  // namespace
 
 int64_t TensorView::NumElements() const {
@@ -215,7 +198,7 @@ absl::Status WriteSafetensors(const std::string& path, absl::Span<const TensorTo
   std::vector<std::string> entries;
   if (!metadata.empty()) {
     std::vector<std::string> kv;
-    for (const auto& [k, v] : metadata) kv.push_back(JsonString(k) + ":" + JsonString(v));
+    for (const auto& [k, v] : metadata) kv.push_back(JsonQuote(k) + ":" + JsonQuote(v));
     entries.push_back("\"__metadata__\":{" + absl::StrJoin(kv, ",") + "}");
   }
   std::set<std::string> names;
@@ -231,7 +214,7 @@ absl::Status WriteSafetensors(const std::string& path, absl::Span<const TensorTo
       return absl::InvalidArgumentError(
           absl::StrCat("WriteSafetensors: duplicate tensor ", t.name));
     }
-    entries.push_back(absl::StrCat(JsonString(t.name), ":{\"dtype\":\"", DTypeName(t.dtype),
+    entries.push_back(absl::StrCat(JsonQuote(t.name), ":{\"dtype\":\"", DTypeName(t.dtype),
                                    "\",\"shape\":[", absl::StrJoin(t.shape, ","),
                                    "],\"data_offsets\":[", offset, ",", offset + t.data.size(),
                                    "]}"));

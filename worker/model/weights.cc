@@ -85,15 +85,13 @@ class Loader {
                                         const std::vector<int64_t>& shape) const {
     const TensorView* t = files_.Find(name);
     if (t == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(files_.dir(), ": missing tensor ", name, " that ", c_.architecture_name,
-                       " needs"));
+      return absl::InvalidArgumentError(absl::StrCat(files_.dir(), ": missing tensor ", name,
+                                                     " that ", c_.architecture_name, " needs"));
     }
     if (t->shape != shape) {
-      return absl::InvalidArgumentError(absl::StrCat(*t->file, ": tensor ", name, " has shape [",
-                                                     absl::StrJoin(t->shape, ", "),
-                                                     "], config.json implies [",
-                                                     absl::StrJoin(shape, ", "), "]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(*t->file, ": tensor ", name, " has shape [", absl::StrJoin(t->shape, ", "),
+                       "], config.json implies [", absl::StrJoin(shape, ", "), "]"));
     }
     if (t->dtype != DType::kF32 && t->dtype != DType::kBF16 && t->dtype != DType::kF16) {
       return absl::InvalidArgumentError(absl::StrCat(*t->file, ": tensor ", name, " has dtype ",
@@ -111,9 +109,9 @@ class Loader {
 
 absl::Status CheckSplit(const ModelConfig& c, int world) {
   auto bad = [&](absl::string_view field, int64_t value) {
-    return absl::InvalidArgumentError(absl::StrCat("config.json: ", field, " (", value,
-                                                   ") is not divisible by the tensor-parallel size ",
-                                                   world));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.json: ", field, " (", value,
+                     ") is not divisible by the tensor-parallel size ", world));
   };
   if (c.num_heads % world) return bad("num_attention_heads", c.num_heads);
   if (c.num_kv_heads % world) return bad("num_key_value_heads", c.num_kv_heads);
@@ -144,10 +142,12 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string
   const int64_t q_rows = w->num_heads * D, kv_rows = w->num_kv_heads * D;
   const int64_t I = w->intermediate_size;
 
-  ASSIGN_OR_RETURN(w->embed, load.Rows("model.embed_tokens.weight", c.vocab_size, H, 0, c.vocab_size));
+  ASSIGN_OR_RETURN(w->embed,
+                   load.Rows("model.embed_tokens.weight", c.vocab_size, H, 0, c.vocab_size));
   const int64_t vocab_share = (c.vocab_size + world - 1) / world;
   w->vocab_begin = std::min<int64_t>(c.vocab_size, rank * vocab_share);
-  const int64_t vocab_rows = std::min<int64_t>(c.vocab_size, w->vocab_begin + vocab_share) - w->vocab_begin;
+  const int64_t vocab_rows =
+      std::min<int64_t>(c.vocab_size, w->vocab_begin + vocab_share) - w->vocab_begin;
   const std::string head = (c.tie_word_embeddings && !load.Has("lm_head.weight"))
                                ? "model.embed_tokens.weight"
                                : "lm_head.weight";
@@ -157,14 +157,21 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     LayerWeights L;
-    ASSIGN_OR_RETURN(L.q, load.Rows(p + "self_attn.q_proj.weight", c.q_dim(), H, rank * q_rows, q_rows));
-    ASSIGN_OR_RETURN(L.k, load.Rows(p + "self_attn.k_proj.weight", c.kv_dim(), H, rank * kv_rows, kv_rows));
-    ASSIGN_OR_RETURN(L.v, load.Rows(p + "self_attn.v_proj.weight", c.kv_dim(), H, rank * kv_rows, kv_rows));
-    ASSIGN_OR_RETURN(L.o, load.Cols(p + "self_attn.o_proj.weight", H, c.q_dim(), rank * q_rows, q_rows));
+    ASSIGN_OR_RETURN(L.q,
+                     load.Rows(p + "self_attn.q_proj.weight", c.q_dim(), H, rank * q_rows, q_rows));
+    ASSIGN_OR_RETURN(
+        L.k, load.Rows(p + "self_attn.k_proj.weight", c.kv_dim(), H, rank * kv_rows, kv_rows));
+    ASSIGN_OR_RETURN(
+        L.v, load.Rows(p + "self_attn.v_proj.weight", c.kv_dim(), H, rank * kv_rows, kv_rows));
+    ASSIGN_OR_RETURN(L.o,
+                     load.Cols(p + "self_attn.o_proj.weight", H, c.q_dim(), rank * q_rows, q_rows));
     if (c.qkv_bias) {
-      ASSIGN_OR_RETURN(L.q_bias, load.Vector(p + "self_attn.q_proj.bias", c.q_dim(), rank * q_rows, q_rows));
-      ASSIGN_OR_RETURN(L.k_bias, load.Vector(p + "self_attn.k_proj.bias", c.kv_dim(), rank * kv_rows, kv_rows));
-      ASSIGN_OR_RETURN(L.v_bias, load.Vector(p + "self_attn.v_proj.bias", c.kv_dim(), rank * kv_rows, kv_rows));
+      ASSIGN_OR_RETURN(L.q_bias,
+                       load.Vector(p + "self_attn.q_proj.bias", c.q_dim(), rank * q_rows, q_rows));
+      ASSIGN_OR_RETURN(
+          L.k_bias, load.Vector(p + "self_attn.k_proj.bias", c.kv_dim(), rank * kv_rows, kv_rows));
+      ASSIGN_OR_RETURN(
+          L.v_bias, load.Vector(p + "self_attn.v_proj.bias", c.kv_dim(), rank * kv_rows, kv_rows));
     }
     if (c.o_bias && rank == 0) {
       ASSIGN_OR_RETURN(L.o_bias, load.Vector(p + "self_attn.o_proj.bias", H, 0, H));
@@ -176,9 +183,12 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string
     if (c.mlp_bias) {
       return absl::InvalidArgumentError("config.json: mlp_bias is not supported");
     }
-    ASSIGN_OR_RETURN(L.gate, load.Rows(p + "mlp.gate_proj.weight", c.intermediate_size, H, rank * I, I));
-    ASSIGN_OR_RETURN(L.up, load.Rows(p + "mlp.up_proj.weight", c.intermediate_size, H, rank * I, I));
-    ASSIGN_OR_RETURN(L.down, load.Cols(p + "mlp.down_proj.weight", H, c.intermediate_size, rank * I, I));
+    ASSIGN_OR_RETURN(L.gate,
+                     load.Rows(p + "mlp.gate_proj.weight", c.intermediate_size, H, rank * I, I));
+    ASSIGN_OR_RETURN(L.up,
+                     load.Rows(p + "mlp.up_proj.weight", c.intermediate_size, H, rank * I, I));
+    ASSIGN_OR_RETURN(L.down,
+                     load.Cols(p + "mlp.down_proj.weight", H, c.intermediate_size, rank * I, I));
     ASSIGN_OR_RETURN(L.input_norm, load.Vector(p + "input_layernorm.weight", H, 0, H));
     ASSIGN_OR_RETURN(L.post_attention_norm,
                      load.Vector(p + "post_attention_layernorm.weight", H, 0, H));

@@ -36,7 +36,7 @@ struct LayerWeights {
   // [hidden], f32; only rank 0 holds it (the bias is added once after the all-reduce).
   std::vector<float> o_bias;
   std::vector<float> input_norm, post_attention_norm;  // [hidden]
-  std::vector<float> q_norm, k_norm;                    // [head_dim] (Qwen3), else empty
+  std::vector<float> q_norm, k_norm;                   // [head_dim] (Qwen3), else empty
 };
 
 struct ModelWeights {
@@ -56,9 +56,9 @@ struct ModelWeights {
   std::shared_ptr<const SafetensorsModel> files;
 };
 
-// Loads rank `rank` of `world_size` from `dir` (config.json + safetensors). INVALID_ARGUMENT naming the
-// tensor and file for a missing tensor, a wrong shape or an unsupported dtype, or naming the config
-// field when the model cannot be split world_size ways.
+// Loads rank `rank` of `world_size` from `dir` (config.json + safetensors). INVALID_ARGUMENT naming
+// the tensor and file for a missing tensor, a wrong shape or an unsupported dtype, or naming the
+// config field when the model cannot be split world_size ways.
 absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string& dir,
                                                                const ModelConfig& config, int rank,
                                                                int world_size);

@@ -1,0 +1,69 @@
+// stratactl: Strata's operator CLI.
+//
+//   stratactl run --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [--temperature
+//   T]
+//       [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]... [--logprobs K]
+//       [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]
+//   stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]
+//   stratactl eval ppl --model DIR --text FILE [--context N] [--threads N] [--json]
+//
+// Exit status: 0 on success, 2 for a usage error, 1 for any other error (message on stderr).
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cli/args.h"
+#include "cli/offline.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage:\n"
+    "  stratactl run --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
+    "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
+    "      [--logprobs K] [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]\n"
+    "  stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]\n"
+    "  stratactl eval ppl --model DIR --text FILE [--context N] [--threads N] [--json]\n";
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "stratactl: %s\n", std::string(s.message()).c_str());
+  return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> argv_s(argv + 1, argv + argc);
+  if (argv_s.empty() || argv_s[0] == "--help" || argv_s[0] == "help") {
+    std::fputs(kUsage, argv_s.empty() ? stderr : stdout);
+    return argv_s.empty() ? 2 : 0;
+  }
+  const std::string command = argv_s[0];
+  std::vector<std::string> rest(argv_s.begin() + 1, argv_s.end());
+  if (command == "run") {
+    auto args = strata::Args::Parse(
+        rest, {"json", "ignore-eos"},
+        {"model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-p", "top-k", "min-p",
+         "seed", "stop", "logprobs", "prompt-logprobs", "threads"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::RunCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "tokenize") {
+    auto args =
+        strata::Args::Parse(rest, {"json", "add-special-tokens"}, {"model", "text", "file"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::TokenizeCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "eval" && !rest.empty() && rest[0] == "ppl") {
+    rest.erase(rest.begin());
+    auto args = strata::Args::Parse(rest, {"json"}, {"model", "text", "context", "threads"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::EvalPplCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  std::fprintf(stderr, "stratactl: unknown command \"%s\"\n%s", command.c_str(), kUsage);
+  return 2;
+}
