@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "kernels/dtype.h"
 
 namespace strata {
@@ -31,8 +32,17 @@ struct MatMulParams {
   int64_t n_end = 0;
 };
 
+// Small m (up to 8 rows, decode) runs a direct kernel that streams each weight row once and
+// converts 16-bit weights in registers, chosen at run time for AVX-512, AVX2 (+FMA, F16C) or plain
+// x86-64; larger m goes to the CPU BLAS. Either way one call is single-threaded unless the BLAS
+// threads itself: callers split large problems by columns (n_begin / n_end).
+//
 // Bytes of scratch memory MatMulCpu needs for these parameters.
 size_t MatMulCpuWorkspaceBytes(const MatMulParams& p);
+
+// For tests and benchmarks: restricts the direct kernel to one instruction set ("scalar", "avx2",
+// "avx512"; anything else: the best available). False, changing nothing, when the CPU lacks it.
+bool SetMatMulCpuIsaForTesting(absl::string_view isa);
 
 // Threads the CPU BLAS may use inside one MatMulCpu call (process-wide). n <= 0 keeps the default.
 void SetMatMulCpuThreads(int n);

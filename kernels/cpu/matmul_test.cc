@@ -12,7 +12,17 @@
 namespace strata {
 namespace {
 
-TEST(MatMulCpuTest, MatchesFloat64ReferenceAcrossShapesAndDtypes) {
+class MatMulIsaTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    if (!SetMatMulCpuIsaForTesting(GetParam())) GTEST_SKIP() << "CPU lacks " << GetParam();
+  }
+  void TearDown() override { SetMatMulCpuIsaForTesting("best"); }
+};
+
+INSTANTIATE_TEST_SUITE_P(Isas, MatMulIsaTest, ::testing::Values("scalar", "avx2", "avx512"));
+
+TEST_P(MatMulIsaTest, MatchesFloat64ReferenceAcrossShapesAndDtypes) {
   const uint32_t seed = std::random_device{}();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   std::mt19937 rng(seed);
@@ -100,6 +110,10 @@ TEST(MatMulCpuTest, BadParametersAreRefused) {
   EXPECT_NE(MatMulCpu(p, nullptr, 0).message().find("unsupported weight dtype I8"),
             absl::string_view::npos);
   p.w_dtype = DType::kBF16;
+  p.m = 16;  // large enough for the BLAS path, which needs a workspace for 16-bit weights
+  std::vector<float> big(16 * 2);
+  p.x = big.data();
+  p.y = big.data();
   EXPECT_NE(MatMulCpu(p, nullptr, 0).message().find("workspace"), absl::string_view::npos);
 }
 

@@ -24,6 +24,10 @@ Logits = lm_head(norm(x)), lm_head = embed_tokens when tie_word_embeddings.
 
 CLI:  llama_ref.py --model DIR --ids 1,2,3 [--out logits.bin]
 writes float32 little-endian logits [num_tokens, vocab_size] and prints the shape.
+      llama_ref.py --model DIR --text "def f(" [--generate 20]
+tokenizes with DIR/tokenizer.json (tools/reference/hf_tokenizer.py, needs python3-regex; special
+tokens added as the post_processor says) and optionally continues greedily (argmax, float64),
+stopping at eos_token_id.
 """
 
 import argparse
@@ -340,13 +344,38 @@ def log_softmax(logits):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="HF model directory (config.json + safetensors)")
-    ap.add_argument("--ids", required=True, help="comma-separated token ids")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ids", help="comma-separated token ids")
+    src.add_argument("--text", help="text to tokenize with the model's tokenizer.json")
+    ap.add_argument("--no-special-tokens", action="store_true", help="with --text: add no bos")
+    ap.add_argument("--generate", type=int, default=0, help="greedy-decode this many tokens")
     ap.add_argument("--out", help="write float32 little-endian logits [num_tokens, vocab] here")
     ap.add_argument("--top", type=int, default=5, help="print the top-N tokens of the last position")
     args = ap.parse_args(argv)
-    ids = [int(t) for t in args.ids.replace(" ", "").split(",") if t != ""]
+    tok = None
+    if args.text is not None:
+        import hf_tokenizer
+        tok = hf_tokenizer.Tokenizer.load(os.path.join(args.model, "tokenizer.json"))
+        ids = tok.encode(args.text, add_special_tokens=not args.no_special_tokens)
+        print("ids: %s" % ",".join(str(i) for i in ids))
+    else:
+        ids = [int(t) for t in args.ids.replace(" ", "").split(",") if t != ""]
     model = Model.load(args.model)
     logits = model.logits(ids)
+    if args.generate > 0:
+        eos = load_config(args.model).get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        out = []
+        cur = list(ids)
+        for _ in range(args.generate):
+            nxt = int(np.argmax(model.logits(cur)[-1]))
+            out.append(nxt)
+            cur.append(nxt)
+            if nxt in eos:
+                break
+        print("generated ids: %s" % ",".join(str(i) for i in out))
+        if tok is not None:
+            print("generated text: %r" % tok.decode(out))
     print("logits shape: [%d, %d]" % logits.shape)
     if args.top > 0:
         last = logits[-1]

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
@@ -54,8 +56,11 @@ KvCacheStorage::KvCacheStorage(const ModelWeights& w, int64_t num_blocks, int64_
 
 void SetCpuComputeThreads(int n) { SetMatMulCpuThreads(n); }
 
-ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm)
-    : w_(weights), comm_(comm) {
+ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm, int num_threads)
+    : w_(weights),
+      comm_(comm),
+      pool_(std::make_unique<ThreadPool>(
+          num_threads > 0 ? num_threads : static_cast<int>(std::thread::hardware_concurrency()))) {
   const ModelConfig& c = w_->config;
   inv_freq_.resize(c.head_dim / 2);
   ComputeRopeInvFreq(c.head_dim, c.rope_theta, c.rope_scaling, inv_freq_.data());
@@ -74,7 +79,23 @@ absl::Status ModelRunner::MatMul(const Matrix& m, const float* x, int64_t rows, 
   p.y = y;
   p.ldy = ldy;
   const size_t ws = MatMulCpuWorkspaceBytes(p);
-  return MatMulCpu(p, Grow(&workspace_, ws), ws);
+  if (ws > 0 || pool_->num_threads() == 1 || rows > 8) {
+    return MatMulCpu(p, Grow(&workspace_, ws), ws);  // the BLAS path threads itself
+  }
+  // Decode-sized: split the output columns across the pool.
+  absl::Mutex mu;
+  absl::Status status;
+  pool_->ParallelFor(m.rows, 16, [&](int64_t begin, int64_t end) {
+    MatMulParams part = p;
+    part.n_begin = begin;
+    part.n_end = end;
+    absl::Status s = MatMulCpu(part, nullptr, 0);
+    if (!s.ok()) {
+      absl::MutexLock lock(&mu);
+      status.Update(s);
+    }
+  });
+  return status;
 }
 
 absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& cache,
@@ -188,7 +209,21 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
     pa.num_seqs = b.num_seqs;
     pa.max_blocks_per_seq = b.max_blocks_per_seq;
     pa.out = attn;
-    RETURN_IF_ERROR(PagedAttentionCpu(pa));
+    {
+      absl::Mutex mu;
+      absl::Status status;
+      pool_->ParallelFor(n * w_->num_heads, 1, [&](int64_t begin, int64_t end) {
+        PagedAttentionParams part = pa;
+        part.work_begin = begin;
+        part.work_end = end;
+        absl::Status s = PagedAttentionCpu(part);
+        if (!s.ok()) {
+          absl::MutexLock lock(&mu);
+          status.Update(s);
+        }
+      });
+      RETURN_IF_ERROR(status);
+    }
 
     RETURN_IF_ERROR(MatMul(L.o, attn, n, proj, H, L.o_bias));
     RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));

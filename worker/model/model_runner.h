@@ -10,10 +10,12 @@
 #define STRATA_WORKER_MODEL_MODEL_RUNNER_H_
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "common/thread_pool.h"
 #include "worker/comm/collectives.h"
 #include "worker/model/weights.h"
 
@@ -62,8 +64,9 @@ void SetCpuComputeThreads(int n);
 
 class ModelRunner {
  public:
-  // Neither is owned; both must outlive the runner.
-  ModelRunner(const ModelWeights* weights, Collectives* comm);
+  // Neither is owned; both must outlive the runner. `num_threads` compute threads split
+  // decode-sized projections and attention (0: one per core).
+  ModelRunner(const ModelWeights* weights, Collectives* comm, int num_threads = 0);
 
   // logits: [logit_tokens.size(), vocab_size] f32, host. INVALID_ARGUMENT for inconsistent batches
   // (a token id outside the vocabulary, mismatched lengths, a slot outside the cache).
@@ -78,6 +81,7 @@ class ModelRunner {
 
   const ModelWeights* w_;
   Collectives* comm_;
+  std::unique_ptr<ThreadPool> pool_;
   std::vector<float> inv_freq_;
   // Scratch, grown as needed.
   std::vector<float> hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, head_rows_, head_logits_;
