@@ -10,6 +10,8 @@
 #                      use the GPU machine's own copies of large CUDA libraries, found at run time under
 #                      /usr/local/cuda/lib64 or Python's nvidia-* packages)
 #   --filter REGEX     only targets whose label matches
+#   --also LABEL       also pack this test or binary (repeatable), e.g. a CPU test whose AVX-512 path
+#                      only the GPU machine's processor can run
 #
 # On the GPU machine: DIR/run.sh RESULTS_DIR [NAME_REGEX]
 # Targets: every cc_test and cc_binary tagged "gpu" (benchmarks are cc_binary targets under bench/ that
@@ -20,12 +22,14 @@ cd "$(dirname "$0")/.."
 out=gpu-bundle
 skip_libs='^$'
 filter='.'
+also=()
 bazel_flags=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --skip-libs) skip_libs="$2"; shift 2 ;;
     --filter) filter="$2"; shift 2 ;;
+    --also) also+=("$2"); shift 2 ;;
     --) shift; bazel_flags=("$@"); break ;;
     *) echo "gpu_bundle: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -33,6 +37,7 @@ done
 
 mapfile -t targets < <(bazel query --noshow_progress \
   'attr(tags, "\bgpu\b", kind("cc_test|cc_binary", //...))' 2>/dev/null | grep -E "$filter" || true)
+targets+=("${also[@]}")
 if [ ${#targets[@]} -eq 0 ]; then
   echo "gpu_bundle: no gpu-tagged targets match '$filter'" >&2
   exit 1
@@ -63,8 +68,8 @@ for t in "${targets[@]}"; do
   done < <(ldd "$src" | awk '$2 == "=>" && $3 ~ /^\// { print $1, $3 }')
 done
 for lib in ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1; do
-  p="$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ { print $NF; exit }')"
-  [ -n "$p" ] && cp -L "$p" "$out/glibc/$lib"
+  p="$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ && !found { print $NF; found = 1 }')"
+  if [ -n "$p" ]; then cp -L "$p" "$out/glibc/$lib"; fi
 done
 ldd --version | head -1 | awk '{ print $NF }' >"$out/GLIBC_VERSION"
 git rev-parse --short HEAD 2>/dev/null >"$out/COMMIT" || echo unknown >"$out/COMMIT"

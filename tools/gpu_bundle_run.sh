@@ -24,7 +24,7 @@ launcher=()
 host_glibc="$(ldd --version 2>/dev/null | head -1 | awk '{ print $NF }')"
 want_glibc="$(cat "$here/GLIBC_VERSION")"
 if [ -z "$host_glibc" ] || [ "$(printf '%s\n%s\n' "$want_glibc" "$host_glibc" | sort -V | head -1)" != "$want_glibc" ]; then
-  driver_dirs="$(ldconfig -p 2>/dev/null | awk '/libcuda\.so/ { sub(/\/[^/]*$/, "", $NF); print $NF; exit }')"
+  driver_dirs="$(ldconfig -p 2>/dev/null | awk '/libcuda\.so/ && !found { sub(/\/[^/]*$/, "", $NF); print $NF; found = 1 }')"
   launcher=("$here/glibc/ld-linux-x86-64.so.2" --library-path "$libpath:$here/glibc:${driver_dirs:-/usr/lib/x86_64-linux-gnu}")
   echo "run.sh: host glibc ${host_glibc:-unknown} < build's $want_glibc: using the bundled glibc"
 fi
