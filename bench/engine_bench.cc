@@ -1,13 +1,14 @@
-// engine_bench: CPU prefill and decode throughput of the engine, beside the machine's measured memory
-// bandwidth and the batch-1 decode roofline it implies.
+// engine_bench: CPU prefill and decode throughput of the engine, beside the machine's measured
+// memory bandwidth and the batch-1 decode roofline it implies.
 //
 //   bazel run -c opt //bench:engine_bench -- [--models=bundled,llama-100m] [--dtypes=f32,bf16]
 //       [--batches=1,8,32] [--prompt_tokens=128] [--decode_steps=32] [--reps=3] [--threads=0]
 //       [--json_out=FILE]
 //
-// For each model, weight dtype and batch size: B sequences of prompt_tokens random tokens are prefilled
-// in one step (prefill tokens/s), then decoded for decode_steps steps (decode tokens/s). Each figure is
-// the median over reps. The roofline for batch-1 decode is bandwidth / bytes of weights read per token.
+// For each model, weight dtype and batch size: B sequences of prompt_tokens random tokens are
+// prefilled in one step (prefill tokens/s), then decoded for decode_steps steps (decode tokens/s).
+// Each figure is the median over reps. The roofline for batch-1 decode is bandwidth / bytes of
+// weights read per token.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -29,7 +30,8 @@
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
 
-ABSL_FLAG(std::string, models, "bundled,llama-100m", "Models: bundled (the committed tiny model) and/or llama-100m (random weights).");
+ABSL_FLAG(std::string, models, "bundled,llama-100m",
+          "Models: bundled (the committed tiny model) and/or llama-100m (random weights).");
 ABSL_FLAG(std::string, bundled_dir, "models/strata-tiny/base", "Directory of the bundled model.");
 ABSL_FLAG(std::string, dtypes, "f32,bf16", "Weight dtypes for random-weight models.");
 ABSL_FLAG(std::string, batches, "1,8,32", "Batch sizes.");
@@ -49,7 +51,8 @@ double Median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-// Read bandwidth of main memory with `threads` threads summing a 1 GiB buffer, bytes/s (median of 5).
+// Read bandwidth of main memory with `threads` threads summing a 1 GiB buffer, bytes/s (median of
+// 5).
 double MeasureBandwidth(int threads) {
   const size_t n = (size_t{1} << 30) / sizeof(float);
   std::vector<float> buf(n, 1.0f);
@@ -70,7 +73,8 @@ double MeasureBandwidth(int threads) {
     }
     for (auto& th : pool) th.join();
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (std::accumulate(sums.begin(), sums.end(), 0.0) != static_cast<double>(n)) LOG(FATAL) << "bad sum";
+    if (std::accumulate(sums.begin(), sums.end(), 0.0) != static_cast<double>(n))
+      LOG(FATAL) << "bad sum";
     rates.push_back(static_cast<double>(n * sizeof(float)) / s);
   }
   return Median(rates);
@@ -96,10 +100,13 @@ ModelConfig Llama100m() {
 
 // Bytes of weights one decode step reads per sequence batch (every projection and the lm_head).
 double WeightBytes(const ModelWeights& w) {
-  auto bytes = [](const Matrix& m) { return static_cast<double>(m.rows * m.cols * DTypeBytes(m.dtype)); };
+  auto bytes = [](const Matrix& m) {
+    return static_cast<double>(m.rows * m.cols * DTypeBytes(m.dtype));
+  };
   double total = bytes(w.lm_head);
   for (const LayerWeights& l : w.layers) {
-    total += bytes(l.q) + bytes(l.k) + bytes(l.v) + bytes(l.o) + bytes(l.gate) + bytes(l.up) + bytes(l.down);
+    total += bytes(l.q) + bytes(l.k) + bytes(l.v) + bytes(l.o) + bytes(l.gate) + bytes(l.up) +
+             bytes(l.down);
   }
   return total;
 }
@@ -126,7 +133,9 @@ Result RunOne(const std::string& name, const ModelWeights& w, const std::string&
     CHECK_OK(engine.status());
     for (int b = 0; b < batch; ++b) {
       std::vector<int32_t> ids(prompt);
-      for (int32_t& t : ids) t = std::uniform_int_distribution<int32_t>(0, static_cast<int32_t>(w.config.vocab_size - 1))(rng);
+      for (int32_t& t : ids)
+        t = std::uniform_int_distribution<int32_t>(
+            0, static_cast<int32_t>(w.config.vocab_size - 1))(rng);
       RequestOptions o;
       o.sampling.temperature = 0;
       o.ignore_eos = true;
@@ -149,15 +158,20 @@ Result RunOne(const std::string& name, const ModelWeights& w, const std::string&
 int main(int argc, char** argv) {
   using namespace strata;
   InitProgram(argc, argv, "CPU engine throughput benchmark");
-  const int threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads)
-                                                       : static_cast<int>(std::thread::hardware_concurrency());
+  const int threads = absl::GetFlag(FLAGS_threads) > 0
+                          ? absl::GetFlag(FLAGS_threads)
+                          : static_cast<int>(std::thread::hardware_concurrency());
   SetCpuComputeThreads(threads);
   const double bw = MeasureBandwidth(threads);
   std::printf("memory read bandwidth (%d threads): %.2f GB/s\n\n", threads, bw / 1e9);
   std::vector<int> batches;
-  for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_batches), ',')) batches.push_back(std::stoi(std::string(b)));
-  FILE* json = absl::GetFlag(FLAGS_json_out).empty() ? nullptr : std::fopen(absl::GetFlag(FLAGS_json_out).c_str(), "w");
-  std::printf("%-12s %-5s %6s %14s %14s %16s %10s\n", "model", "dtype", "batch", "prefill tok/s", "decode tok/s", "b1 roofline tok/s", "of roofline");
+  for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_batches), ','))
+    batches.push_back(std::stoi(std::string(b)));
+  FILE* json = absl::GetFlag(FLAGS_json_out).empty()
+                   ? nullptr
+                   : std::fopen(absl::GetFlag(FLAGS_json_out).c_str(), "w");
+  std::printf("%-12s %-5s %6s %14s %14s %16s %10s\n", "model", "dtype", "batch", "prefill tok/s",
+              "decode tok/s", "b1 roofline tok/s", "of roofline");
   for (absl::string_view model : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
     std::vector<std::pair<std::string, std::unique_ptr<ModelWeights>>> variants;
     if (model == "bundled") {
@@ -165,7 +179,8 @@ int main(int argc, char** argv) {
       CHECK_OK(config.status());
       auto w = LoadModelWeights(absl::GetFlag(FLAGS_bundled_dir), *config, 0, 1);
       CHECK_OK(w.status());
-      variants.emplace_back(config->torch_dtype.empty() ? "file" : config->torch_dtype, std::move(*w));
+      variants.emplace_back(config->torch_dtype.empty() ? "file" : config->torch_dtype,
+                            std::move(*w));
     } else if (model == "llama-100m") {
       for (absl::string_view d : absl::StrSplit(absl::GetFlag(FLAGS_dtypes), ',')) {
         const DType dt = d == "bf16" ? DType::kBF16 : d == "f16" ? DType::kF16 : DType::kF32;
@@ -178,16 +193,19 @@ int main(int argc, char** argv) {
       const double roofline = bw / WeightBytes(*w);
       for (int b : batches) {
         const Result r = RunOne(std::string(model), *w, dtype, b);
-        std::printf("%-12s %-5s %6d %14.1f %14.1f %16.1f %9.0f%%\n", r.model.c_str(), r.dtype.c_str(), r.batch,
-                    r.prefill_tps, r.decode_tps, roofline, b == 1 ? 100.0 * r.decode_tps / roofline : 0.0);
+        std::printf(
+            "%-12s %-5s %6d %14.1f %14.1f %16.1f %10s\n", r.model.c_str(), r.dtype.c_str(), r.batch,
+            r.prefill_tps, r.decode_tps, roofline,
+            b == 1 ? absl::StrFormat("%.0f%%", 100.0 * r.decode_tps / roofline).c_str() : "-");
         std::fflush(stdout);
         if (json) {
-          std::fprintf(json,
-                       "{\"model\":\"%s\",\"dtype\":\"%s\",\"batch\":%d,\"prefill_tokens_per_s\":%.2f,"
-                       "\"decode_tokens_per_s\":%.2f,\"batch1_roofline_tokens_per_s\":%.2f,"
-                       "\"bandwidth_bytes_per_s\":%.0f,\"params\":%lld}\n",
-                       r.model.c_str(), r.dtype.c_str(), r.batch, r.prefill_tps, r.decode_tps, roofline, bw,
-                       static_cast<long long>(w->config.NumParameters()));
+          std::fprintf(
+              json,
+              "{\"model\":\"%s\",\"dtype\":\"%s\",\"batch\":%d,\"prefill_tokens_per_s\":%.2f,"
+              "\"decode_tokens_per_s\":%.2f,\"batch1_roofline_tokens_per_s\":%.2f,"
+              "\"bandwidth_bytes_per_s\":%.0f,\"params\":%lld}\n",
+              r.model.c_str(), r.dtype.c_str(), r.batch, r.prefill_tps, r.decode_tps, roofline, bw,
+              static_cast<long long>(w->config.NumParameters()));
         }
       }
     }

@@ -122,17 +122,25 @@ double RelativeError(const std::vector<float>& got, const std::vector<float>& wa
   return std::sqrt(num / den);
 }
 
-class ModelRunnerTest : public ::testing::TestWithParam<std::string> {};
+// A model directory and the directory with its reference.json and logits.
+struct Variant {
+  std::string model;
+  std::string reference;
+};
+
+void PrintTo(const Variant& v, std::ostream* os) { *os << v.model; }
+
+class ModelRunnerTest : public ::testing::TestWithParam<Variant> {};
 
 TEST_P(ModelRunnerTest, MatchesFloat64Reference) {
-  const std::string dir = kTestdata + GetParam();
+  const std::string dir = GetParam().model;
   auto config = LoadModelConfig(dir);
   ASSERT_TRUE(config.ok()) << config.status();
   auto weights = LoadModelWeights(dir, *config, 0, 1);
   ASSERT_TRUE(weights.ok()) << weights.status();
   SingleRankCollectives comm;
   ModelRunner runner(weights->get(), &comm);
-  const std::vector<Case> cases = ReadCases(dir);
+  const std::vector<Case> cases = ReadCases(GetParam().reference);
   ASSERT_FALSE(cases.empty());
   for (const Case& c : cases) {
     SCOPED_TRACE(::testing::Message() << c.ids.size() << " tokens");
@@ -143,14 +151,14 @@ TEST_P(ModelRunnerTest, MatchesFloat64Reference) {
 }
 
 TEST_P(ModelRunnerTest, LogitsDoNotDependOnChunkingOrBatching) {
-  const std::string dir = kTestdata + GetParam();
+  const std::string dir = GetParam().model;
   auto config = LoadModelConfig(dir);
   ASSERT_TRUE(config.ok());
   auto weights = LoadModelWeights(dir, *config, 0, 1);
   ASSERT_TRUE(weights.ok());
   SingleRankCollectives comm;
   ModelRunner runner(weights->get(), &comm);
-  const std::vector<Case> cases = ReadCases(dir);
+  const std::vector<Case> cases = ReadCases(GetParam().reference);
   std::vector<std::vector<int32_t>> seqs;
   for (const Case& c : cases) seqs.push_back(c.ids);
   const auto alone = FeedSequences(runner, {seqs.back()}, 1 << 20, 16);
@@ -164,9 +172,17 @@ TEST_P(ModelRunnerTest, LogitsDoNotDependOnChunkingOrBatching) {
     EXPECT_LT(RelativeError(batched[i], cases[i].logits), 1e-4);
 }
 
+Variant Testdata(const std::string& name) {
+  return {std::string(kTestdata) + name, std::string(kTestdata) + name};
+}
+
 INSTANTIATE_TEST_SUITE_P(Variants, ModelRunnerTest,
-                         ::testing::Values("llama2_f32", "llama3_bf16", "mistral_f16", "qwen2_bf16",
-                                           "qwen3_f32"));
+                         ::testing::Values(Testdata("llama2_f32"), Testdata("llama3_bf16"),
+                                           Testdata("mistral_f16"), Testdata("qwen2_bf16"),
+                                           Testdata("qwen3_f32"),
+                                           // The bundled trained model, on held-out text.
+                                           Variant{"models/strata-tiny/base",
+                                                   std::string(kTestdata) + "strata_tiny_base"}));
 
 TEST(ModelWeightsTest, MissingTensorAndWrongShapeAreNamed) {
   auto config = LoadModelConfig(std::string(kTestdata) + "llama2_f32");
