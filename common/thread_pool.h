@@ -1,6 +1,6 @@
 // ThreadPool: a fixed set of worker threads for data-parallel loops (ParallelFor). Used by the CPU
-// model runner to split a projection's output columns or attention's (token, head) pairs across cores;
-// kernels themselves stay single-threaded.
+// model runner to split a projection's output columns or attention's (token, head) pairs across
+// cores; kernels themselves stay single-threaded.
 #ifndef STRATA_COMMON_THREAD_POOL_H_
 #define STRATA_COMMON_THREAD_POOL_H_
 
