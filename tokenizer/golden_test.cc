@@ -1,7 +1,8 @@
 // Checks the tokenizer against Hugging Face's own tokenizer (the Rust `tokenizers` library, run by
 // tools/tokenizer_oracle) on a corpus of code, CJK, emoji, numbers, whitespace runs, contractions,
 // NFC-sensitive text and special tokens: Qwen3's real tokenizer.json (byte-level BPE with a
-// Llama-3-style regex and NFC) and Mistral 7B's (Llama-2-style BPE with byte fallback).
+// Llama-3-style regex and NFC), Mistral 7B's (Llama-2-style BPE with byte fallback), the bundled
+// model's (GPT-2 regex), and that vocabulary behind Llama 3's regex with ignore_merges.
 #include <fstream>
 #include <string>
 #include <vector>
@@ -79,6 +80,15 @@ void CheckGolden(const std::string& dir) {
 TEST(TokenizerGoldenTest, Qwen3) { CheckGolden("tokenizer/testdata/qwen3_unpacked"); }
 
 TEST(TokenizerGoldenTest, Mistral7b) { CheckGolden("tokenizer/testdata/mistral7b_unpacked"); }
+
+// The bundled model's byte-level BPE with GPT-2's regex, and BOS added by a template.
+TEST(TokenizerGoldenTest, StrataTinyGpt2Regex) { CheckGolden("tokenizer/testdata/strata_tiny"); }
+
+// The same vocabulary behind Llama 3's pre-tokenizer regex (digits in runs of up to 3) and
+// ignore_merges, as Llama 3 tokenizers set it.
+TEST(TokenizerGoldenTest, Llama3StyleRegexAndIgnoreMerges) {
+  CheckGolden("tokenizer/testdata/llama3_style");
+}
 
 }  // namespace
 }  // namespace strata

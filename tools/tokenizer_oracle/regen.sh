@@ -73,4 +73,27 @@ node encode.mjs \
 install_if_changed "${TMP}/mistral.golden.jsonl" "${MISTRAL_OUT}/golden.jsonl"
 install_if_changed "${TMP}/mistral.div.jsonl" "${MISTRAL_OUT}/js_divergences.jsonl"
 
+# The bundled model's tokenizer (GPT-2 regex), and the same vocabulary behind Llama 3's regex with
+# ignore_merges (a permissive stand-in for Llama 3's own tokenizer, whose license keeps it out).
+TINY="${ROOT}/models/strata-tiny/base"
+install_if_changed "${TINY}/tokenizer.json" "${TESTDATA}/strata_tiny/tokenizer.json"
+install_if_changed "${TINY}/tokenizer_config.json" "${TESTDATA}/strata_tiny/tokenizer_config.json"
+install_if_changed "${TINY}/tokenizer_config.json" "${TESTDATA}/llama3_style/tokenizer_config.json"
+/usr/bin/python3 - "${TINY}/tokenizer.json" "${TMP}/llama3_style.tokenizer.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+t["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+     "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+t["model"]["ignore_merges"] = True
+json.dump(t, open(sys.argv[2], "w"), ensure_ascii=False)
+PY
+install_if_changed "${TMP}/llama3_style.tokenizer.json" "${TESTDATA}/llama3_style/tokenizer.json"
+for name in strata_tiny llama3_style; do
+  node encode.mjs --tokenizer-json "${TESTDATA}/${name}/tokenizer.json" \
+    --in "${CORPUS}" --out "${TMP}/${name}.golden.jsonl"
+  install_if_changed "${TMP}/${name}.golden.jsonl" "${TESTDATA}/${name}/golden.jsonl"
+done
+
 echo "done"
