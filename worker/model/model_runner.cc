@@ -68,31 +68,55 @@ ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm, int num
 
 absl::Status ModelRunner::MatMul(const Matrix& m, const float* x, int64_t rows, float* y,
                                  int64_t ldy, const std::vector<float>& bias) {
-  MatMulParams p;
-  p.m = rows;
-  p.n = m.rows;
-  p.k = m.cols;
-  p.x = x;
-  p.w = m.data;
-  p.w_dtype = m.dtype;
-  p.bias = bias.empty() ? nullptr : bias.data();
-  p.y = y;
-  p.ldy = ldy;
-  const size_t ws = MatMulCpuWorkspaceBytes(p);
-  if (ws > 0 || pool_->num_threads() == 1 || rows > 8) {
-    return MatMulCpu(p, Grow(&workspace_, ws), ws);  // the BLAS path threads itself
+  return MatMulGroup(x, rows, {{&m, y, ldy, &bias}});
+}
+
+absl::Status ModelRunner::MatMulGroup(const float* x, int64_t rows,
+                                      std::initializer_list<Projection> projections) {
+  std::vector<MatMulParams> params;
+  int64_t total_columns = 0;
+  bool direct = pool_->num_threads() > 1 && rows <= 8;
+  for (const Projection& pr : projections) {
+    MatMulParams p;
+    p.m = rows;
+    p.n = pr.m->rows;
+    p.k = pr.m->cols;
+    p.x = x;
+    p.w = pr.m->data;
+    p.w_dtype = pr.m->dtype;
+    p.bias = pr.bias == nullptr || pr.bias->empty() ? nullptr : pr.bias->data();
+    p.y = pr.y;
+    p.ldy = pr.ldy;
+    if (MatMulCpuWorkspaceBytes(p) > 0) direct = false;
+    total_columns += p.n;
+    params.push_back(p);
   }
-  // Decode-sized: split the output columns across the pool.
+  if (!direct) {
+    for (const MatMulParams& p : params) {  // the BLAS path threads itself
+      const size_t ws = MatMulCpuWorkspaceBytes(p);
+      RETURN_IF_ERROR(MatMulCpu(p, Grow(&workspace_, ws), ws));
+    }
+    return absl::OkStatus();
+  }
+  // Decode-sized: one parallel pass over the output columns of every projection together, so the
+  // threads synchronize once for q, k and v (or gate and up) instead of once each.
   absl::Mutex mu;
   absl::Status status;
-  pool_->ParallelFor(m.rows, 16, [&](int64_t begin, int64_t end) {
-    MatMulParams part = p;
-    part.n_begin = begin;
-    part.n_end = end;
-    absl::Status s = MatMulCpu(part, nullptr, 0);
-    if (!s.ok()) {
-      absl::MutexLock lock(&mu);
-      status.Update(s);
+  pool_->ParallelFor(total_columns, 16, [&](int64_t begin, int64_t end) {
+    int64_t offset = 0;
+    for (const MatMulParams& p : params) {
+      const int64_t b = std::max(begin, offset), e = std::min(end, offset + p.n);
+      if (b < e) {
+        MatMulParams part = p;
+        part.n_begin = b - offset;
+        part.n_end = e - offset;
+        absl::Status st = MatMulCpu(part, nullptr, 0);
+        if (!st.ok()) {
+          absl::MutexLock lock(&mu);
+          status.Update(st);
+        }
+      }
+      offset += p.n;
     }
   });
   return status;
@@ -148,9 +172,10 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
     const LayerWeights& L = w_->layers[l];
     RETURN_IF_ERROR(RmsNormCpu({n, H, eps, hidden, 0, L.input_norm.data(), normed, 0}));
     // q, k and v side by side in one buffer: [n, qd | kvd | kvd].
-    RETURN_IF_ERROR(MatMul(L.q, normed, n, qkv, qkv_w, L.q_bias));
-    RETURN_IF_ERROR(MatMul(L.k, normed, n, qkv + qd, qkv_w, L.k_bias));
-    RETURN_IF_ERROR(MatMul(L.v, normed, n, qkv + qd + kvd, qkv_w, L.v_bias));
+    RETURN_IF_ERROR(MatMulGroup(normed, n,
+                                {{&L.q, qkv, qkv_w, &L.q_bias},
+                                 {&L.k, qkv + qd, qkv_w, &L.k_bias},
+                                 {&L.v, qkv + qd + kvd, qkv_w, &L.v_bias}}));
     float* q = qkv;
     float* k = qkv + qd;
     float* v = qkv + qd + kvd;
@@ -230,8 +255,8 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
     for (int64_t i = 0; i < n * H; ++i) hidden[i] += proj[i];
 
     RETURN_IF_ERROR(RmsNormCpu({n, H, eps, hidden, 0, L.post_attention_norm.data(), normed, 0}));
-    RETURN_IF_ERROR(MatMul(L.gate, normed, n, gate_up, 2 * I, {}));
-    RETURN_IF_ERROR(MatMul(L.up, normed, n, gate_up + I, 2 * I, {}));
+    RETURN_IF_ERROR(MatMulGroup(
+        normed, n, {{&L.gate, gate_up, 2 * I, nullptr}, {&L.up, gate_up + I, 2 * I, nullptr}}));
     RETURN_IF_ERROR(SiluMulCpu({n, I, gate_up, act}));
     RETURN_IF_ERROR(MatMul(L.down, act, n, proj, H, {}));
     RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));

@@ -10,6 +10,7 @@
 #define STRATA_WORKER_MODEL_MODEL_RUNNER_H_
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <vector>
 
@@ -76,8 +77,18 @@ class ModelRunner {
   const ModelWeights& weights() const { return *w_; }
 
  private:
+  // y = x · mᵀ (+ bias) for one projection, or for several that share x (q/k/v, gate/up), which
+  // then run as one parallel pass.
+  struct Projection {
+    const Matrix* m;
+    float* y;
+    int64_t ldy;
+    const std::vector<float>* bias;  // may be null or empty
+  };
   absl::Status MatMul(const Matrix& m, const float* x, int64_t rows, float* y, int64_t ldy,
                       const std::vector<float>& bias);
+  absl::Status MatMulGroup(const float* x, int64_t rows,
+                           std::initializer_list<Projection> projections);
 
   const ModelWeights* w_;
   Collectives* comm_;
