@@ -72,35 +72,56 @@ struct Normalizer {
   bool left = false, right = false;    // kStrip
 };
 
-absl::StatusOr<std::string> UnicodeNormalize(const UNormalizer2* form, absl::string_view s) {
-  if (IsAscii(s)) return std::string(s);
+std::u16string ToUtf16(absl::string_view s) {
   UErrorCode err = U_ZERO_ERROR;
   int32_t len16 = 0;
   u_strFromUTF8(nullptr, 0, &len16, s.data(), static_cast<int32_t>(s.size()), &err);
+  std::u16string out(static_cast<size_t>(len16), u'\0');
   err = U_ZERO_ERROR;
-  std::u16string in(static_cast<size_t>(len16), u'\0');
-  u_strFromUTF8(reinterpret_cast<UChar*>(in.data()), len16, nullptr, s.data(),
+  u_strFromUTF8(reinterpret_cast<UChar*>(out.data()), len16, nullptr, s.data(),
                 static_cast<int32_t>(s.size()), &err);
-  if (U_FAILURE(err)) return absl::InvalidArgumentError("text is not valid UTF-8");
+  return out;  // the input was validated as UTF-8 before normalization
+}
+
+absl::StatusOr<std::string> ToUtf8(const std::u16string& s, int32_t len) {
+  UErrorCode err = U_ZERO_ERROR;
+  int32_t len8 = 0;
+  u_strToUTF8(nullptr, 0, &len8, reinterpret_cast<const UChar*>(s.data()), len, &err);
+  std::string out(static_cast<size_t>(len8), '\0');
+  err = U_ZERO_ERROR;
+  u_strToUTF8(out.data(), len8, nullptr, reinterpret_cast<const UChar*>(s.data()), len, &err);
+  if (U_FAILURE(err)) return absl::InternalError(absl::StrCat("ICU to UTF-8: ", u_errorName(err)));
+  return out;
+}
+
+// Runs an ICU UTF-16 transformation `fn(dest, capacity, src, src_len, &err) -> length`, growing the
+// destination once if it was too small.
+template <typename Fn>
+absl::StatusOr<std::string> TransformUtf16(absl::string_view s, const char* what, Fn fn) {
+  const std::u16string in = ToUtf16(s);
+  const int32_t in_len = static_cast<int32_t>(in.size());
   std::u16string out(in.size() * 3 + 16, u'\0');
-  int32_t n = unorm2_normalize(form, reinterpret_cast<const UChar*>(in.data()), len16,
-                               reinterpret_cast<UChar*>(out.data()),
-                               static_cast<int32_t>(out.size()), &err);
+  UErrorCode err = U_ZERO_ERROR;
+  int32_t n = fn(reinterpret_cast<UChar*>(out.data()), static_cast<int32_t>(out.size()),
+                 reinterpret_cast<const UChar*>(in.data()), in_len, &err);
   if (err == U_BUFFER_OVERFLOW_ERROR) {
     err = U_ZERO_ERROR;
     out.resize(static_cast<size_t>(n));
-    n = unorm2_normalize(form, reinterpret_cast<const UChar*>(in.data()), len16,
-                         reinterpret_cast<UChar*>(out.data()), n, &err);
+    n = fn(reinterpret_cast<UChar*>(out.data()), n, reinterpret_cast<const UChar*>(in.data()),
+           in_len, &err);
   }
-  if (U_FAILURE(err)) return absl::InternalError(absl::StrCat("ICU normalize: ", u_errorName(err)));
-  int32_t len8 = 0;
-  err = U_ZERO_ERROR;
-  u_strToUTF8(nullptr, 0, &len8, reinterpret_cast<const UChar*>(out.data()), n, &err);
-  err = U_ZERO_ERROR;
-  std::string result(static_cast<size_t>(len8), '\0');
-  u_strToUTF8(result.data(), len8, nullptr, reinterpret_cast<const UChar*>(out.data()), n, &err);
-  if (U_FAILURE(err)) return absl::InternalError(absl::StrCat("ICU to UTF-8: ", u_errorName(err)));
-  return result;
+  if (U_FAILURE(err))
+    return absl::InternalError(absl::StrCat("ICU ", what, ": ", u_errorName(err)));
+  return ToUtf8(out, n);
+}
+
+absl::StatusOr<std::string> UnicodeNormalize(const UNormalizer2* form, absl::string_view s) {
+  if (IsAscii(s)) return std::string(s);
+  return TransformUtf16(
+      s, "normalize",
+      [form](UChar* dst, int32_t cap, const UChar* src, int32_t len, UErrorCode* err) {
+        return unorm2_normalize(form, src, len, dst, cap, err);
+      });
 }
 
 absl::StatusOr<std::string> Lowercase(absl::string_view s) {
@@ -109,26 +130,10 @@ absl::StatusOr<std::string> Lowercase(absl::string_view s) {
     for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     return out;
   }
-  UErrorCode err = U_ZERO_ERROR;
-  int32_t len16 = 0;
-  u_strFromUTF8(nullptr, 0, &len16, s.data(), static_cast<int32_t>(s.size()), &err);
-  err = U_ZERO_ERROR;
-  std::u16string in(static_cast<size_t>(len16), u'\0');
-  u_strFromUTF8(reinterpret_cast<UChar*>(in.data()), len16, nullptr, s.data(),
-                static_cast<int32_t>(s.size()), &err);
-  std::u16string out(in.size() * 2 + 16, u'\0');
-  err = U_ZERO_ERROR;
-  const int32_t n =
-      u_strToLower(reinterpret_cast<UChar*>(out.data()), static_cast<int32_t>(out.size()),
-                   reinterpret_cast<const UChar*>(in.data()), len16, "", &err);
-  if (U_FAILURE(err)) return absl::InternalError(absl::StrCat("ICU lowercase: ", u_errorName(err)));
-  int32_t len8 = 0;
-  err = U_ZERO_ERROR;
-  u_strToUTF8(nullptr, 0, &len8, reinterpret_cast<const UChar*>(out.data()), n, &err);
-  err = U_ZERO_ERROR;
-  std::string result(static_cast<size_t>(len8), '\0');
-  u_strToUTF8(result.data(), len8, nullptr, reinterpret_cast<const UChar*>(out.data()), n, &err);
-  return result;
+  return TransformUtf16(
+      s, "lowercase", [](UChar* dst, int32_t cap, const UChar* src, int32_t len, UErrorCode* err) {
+        return u_strToLower(dst, cap, src, len, "", err);
+      });
 }
 
 // ---- Pre-tokenizers ----------------------------------------------------------------------------
@@ -248,6 +253,32 @@ struct Decoder {
   bool strip_first = true;  // kMetaspace: strip the first token's leading space
   int start = 0, stop = 0;  // kStrip
 };
+
+// Loads a {"Regex": ...} or {"String": ...} pattern into `regex` or `literal`.
+absl::Status LoadPattern(const JsonValue& pattern, std::optional<Regex>* regex,
+                         std::string* literal) {
+  if (std::optional<JsonValue> r = pattern.FindField("Regex")) {
+    ASSIGN_OR_RETURN(absl::string_view re, r->AsString());
+    absl::StatusOr<Regex> compiled = Regex::Compile(re);
+    if (!compiled.ok()) return r->Error(compiled.status().message());
+    *regex = std::move(*compiled);
+    return absl::OkStatus();
+  }
+  std::optional<JsonValue> str = pattern.FindField("String");
+  if (!str) return pattern.Error("must be {\"Regex\": ...} or {\"String\": ...}");
+  ASSIGN_OR_RETURN(absl::string_view v, str->AsString());
+  *literal = std::string(v);
+  return absl::OkStatus();
+}
+
+// Calls load(item) for each element of the array `field` of a Sequence component.
+template <typename Load>
+absl::Status LoadSequence(const JsonValue& seq, absl::string_view field, Load load) {
+  ASSIGN_OR_RETURN(JsonValue list, seq.Field(field));
+  ASSIGN_OR_RETURN(auto items, list.AsArray());
+  for (const JsonValue& item : items) RETURN_IF_ERROR(load(item));
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::string> PatternString(const JsonValue& pattern) {
   if (std::optional<JsonValue> s = pattern.FindField("String")) {
@@ -413,10 +444,8 @@ absl::Status Tokenizer::Impl::LoadNormalizer(const JsonValue& n) {
   Normalizer step;
   UErrorCode err = U_ZERO_ERROR;
   if (type == "Sequence") {
-    ASSIGN_OR_RETURN(JsonValue list, n.Field("normalizers"));
-    ASSIGN_OR_RETURN(auto items, list.AsArray());
-    for (const JsonValue& item : items) RETURN_IF_ERROR(LoadNormalizer(item));
-    return absl::OkStatus();
+    return LoadSequence(n, "normalizers",
+                        [this](const JsonValue& item) { return LoadNormalizer(item); });
   } else if (type == "NFC") {
     step.kind = Normalizer::Kind::kUnicode;
     step.form = unorm2_getNFCInstance(&err);
@@ -438,14 +467,7 @@ absl::Status Tokenizer::Impl::LoadNormalizer(const JsonValue& n) {
   } else if (type == "Replace") {
     step.kind = Normalizer::Kind::kReplace;
     ASSIGN_OR_RETURN(JsonValue pattern, n.Field("pattern"));
-    if (std::optional<JsonValue> r = pattern.FindField("Regex")) {
-      ASSIGN_OR_RETURN(absl::string_view re, r->AsString());
-      absl::StatusOr<Regex> compiled = Regex::Compile(re);
-      if (!compiled.ok()) return r->Error(compiled.status().message());
-      step.regex = std::move(*compiled);
-    } else {
-      ASSIGN_OR_RETURN(step.a, PatternString(pattern));
-    }
+    RETURN_IF_ERROR(LoadPattern(pattern, &step.regex, &step.a));
     ASSIGN_OR_RETURN(absl::string_view content, n.StringField("content"));
     step.b = std::string(content);
   } else if (type == "Strip") {
@@ -464,10 +486,8 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const JsonValue& p) {
   ASSIGN_OR_RETURN(absl::string_view type, p.StringField("type"));
   PreTokenizer step;
   if (type == "Sequence") {
-    ASSIGN_OR_RETURN(JsonValue list, p.Field("pretokenizers"));
-    ASSIGN_OR_RETURN(auto items, list.AsArray());
-    for (const JsonValue& item : items) RETURN_IF_ERROR(LoadPreTokenizer(item));
-    return absl::OkStatus();
+    return LoadSequence(p, "pretokenizers",
+                        [this](const JsonValue& item) { return LoadPreTokenizer(item); });
   } else if (type == "ByteLevel") {
     byte_level = true;
     step.kind = PreTokenizer::Kind::kByteLevel;
@@ -479,14 +499,7 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const JsonValue& p) {
   } else if (type == "Split") {
     step.kind = PreTokenizer::Kind::kSplit;
     ASSIGN_OR_RETURN(JsonValue pattern, p.Field("pattern"));
-    if (std::optional<JsonValue> r = pattern.FindField("Regex")) {
-      ASSIGN_OR_RETURN(absl::string_view re, r->AsString());
-      absl::StatusOr<Regex> compiled = Regex::Compile(re);
-      if (!compiled.ok()) return r->Error(compiled.status().message());
-      step.regex = std::move(*compiled);
-    } else {
-      ASSIGN_OR_RETURN(step.literal, PatternString(pattern));
-    }
+    RETURN_IF_ERROR(LoadPattern(pattern, &step.regex, &step.literal));
     ASSIGN_OR_RETURN(std::string behavior, p.StringFieldOr("behavior", "Isolated"));
     if (behavior == "Removed") {
       step.behavior = SplitBehavior::kRemoved;
@@ -544,10 +557,8 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const JsonValue& p) {
 absl::Status Tokenizer::Impl::LoadPostProcessor(const JsonValue& p) {
   ASSIGN_OR_RETURN(absl::string_view type, p.StringField("type"));
   if (type == "Sequence") {
-    ASSIGN_OR_RETURN(JsonValue list, p.Field("processors"));
-    ASSIGN_OR_RETURN(auto items, list.AsArray());
-    for (const JsonValue& item : items) RETURN_IF_ERROR(LoadPostProcessor(item));
-    return absl::OkStatus();
+    return LoadSequence(p, "processors",
+                        [this](const JsonValue& item) { return LoadPostProcessor(item); });
   }
   if (type == "ByteLevel") return absl::OkStatus();  // offsets only
   if (type != "TemplateProcessing") {
@@ -579,10 +590,7 @@ absl::Status Tokenizer::Impl::LoadDecoder(const JsonValue& d) {
   ASSIGN_OR_RETURN(absl::string_view type, d.StringField("type"));
   Decoder step;
   if (type == "Sequence") {
-    ASSIGN_OR_RETURN(JsonValue list, d.Field("decoders"));
-    ASSIGN_OR_RETURN(auto items, list.AsArray());
-    for (const JsonValue& item : items) RETURN_IF_ERROR(LoadDecoder(item));
-    return absl::OkStatus();
+    return LoadSequence(d, "decoders", [this](const JsonValue& item) { return LoadDecoder(item); });
   } else if (type == "ByteLevel") {
     step.kind = Decoder::Kind::kByteLevel;
   } else if (type == "Metaspace") {

@@ -12,8 +12,7 @@ namespace {
 
 class Loader {
  public:
-  Loader(const SafetensorsModel& files, const ModelConfig& c, int rank, int world)
-      : files_(files), c_(c), rank_(rank), world_(world) {}
+  Loader(const SafetensorsModel& files, const ModelConfig& c) : files_(files), c_(c) {}
 
   // A whole [rows, cols] matrix, or the rows [row_begin, row_begin + row_count) of it.
   absl::StatusOr<Matrix> Rows(const std::string& name, int64_t rows, int64_t cols,
@@ -103,8 +102,6 @@ class Loader {
 
   const SafetensorsModel& files_;
   const ModelConfig& c_;
-  [[maybe_unused]] int rank_;
-  [[maybe_unused]] int world_;
 };
 
 absl::Status CheckSplit(const ModelConfig& c, int world) {
@@ -137,7 +134,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string
   w->num_heads = c.num_heads / world;
   w->num_kv_heads = c.num_kv_heads / world;
   w->intermediate_size = c.intermediate_size / world;
-  const Loader load(*w->files, c, rank, world);
+  const Loader load(*w->files, c);
   const int64_t H = c.hidden_size, D = c.head_dim;
   const int64_t q_rows = w->num_heads * D, kv_rows = w->num_kv_heads * D;
   const int64_t I = w->intermediate_size;
