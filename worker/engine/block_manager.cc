@@ -93,4 +93,11 @@ std::vector<BlockEvent> BlockManager::DrainEvents() {
   return out;
 }
 
+std::vector<BlockHash> BlockManager::PublishedHashes() const {
+  std::vector<BlockHash> out;
+  out.reserve(by_hash_.size());
+  for (const auto& [hash, block] : by_hash_) out.push_back(hash);
+  return out;
+}
+
 }  // namespace strata

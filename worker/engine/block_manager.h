@@ -54,6 +54,9 @@ class BlockManager {
 
   // Events since the last call, in order.
   std::vector<BlockEvent> DrainEvents();
+  // Every published hash (in use or cached), in no particular order: the inventory that a fresh
+  // subscriber to the events receives before the changes.
+  std::vector<BlockHash> PublishedHashes() const;
 
  private:
   struct Block {

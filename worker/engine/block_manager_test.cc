@@ -53,8 +53,11 @@ TEST(BlockManagerTest, AllocationPrefersFreeThenEvictsLeastRecentlyReleased) {
   ASSERT_EQ(ev.size(), 1u);
   EXPECT_EQ(ev[0].kind, BlockEvent::Kind::kRemoved);
   EXPECT_EQ(ev[0].hash, 2u);
+  std::vector<BlockHash> inventory = m.PublishedHashes();
+  EXPECT_EQ(inventory, (std::vector<BlockHash>{1}));
   const int32_t e = *m.Allocate();  // evicts a
   EXPECT_EQ(e, a);
+  EXPECT_TRUE(m.PublishedHashes().empty());
   EXPECT_FALSE(m.Allocate().has_value());
 }
 

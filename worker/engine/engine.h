@@ -102,6 +102,16 @@ class Engine {
   EngineStats Stats() const;
   // Published-block changes since the last call, for the coordinator's routing index.
   std::vector<BlockEvent> DrainBlockEvents() { return blocks_.DrainEvents(); }
+  // Every published block hash now; with DrainBlockEvents called at the same point, a consistent
+  // starting inventory for a new event subscriber.
+  std::vector<BlockHash> PublishedBlockHashes() const { return blocks_.PublishedHashes(); }
+  int64_t block_tokens() const { return config_.block_tokens; }
+  const ModelConfig& model_config() const { return weights_->config; }
+  // Bytes of one KV block (all layers, K and V, this rank).
+  int64_t kv_block_bytes() const {
+    return KvCacheStorage::BlockBytes(*weights_, config_.block_tokens);
+  }
+  int64_t num_kv_blocks() const { return blocks_.num_blocks(); }
   const EngineConfig& config() const { return config_; }
 
  private:

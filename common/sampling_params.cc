@@ -1,0 +1,85 @@
+#include "common/sampling_params.h"
+
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+
+namespace strata {
+namespace {
+
+absl::Status Bad(absl::string_view field, absl::string_view rule) {
+  return absl::InvalidArgumentError(absl::StrCat("sampling.", field, " ", rule));
+}
+
+}  // namespace
+
+absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams& p,
+                                                       int64_t vocab_size) {
+  ResolvedSampling r;
+  r.max_tokens = p.max_tokens() == 0 ? 16 : p.max_tokens();
+  if (r.max_tokens > kMaxMaxTokens) return Bad("max_tokens", "must be in [1, 65536]");
+  r.min_tokens = p.min_tokens();
+  if (r.min_tokens > r.max_tokens) return Bad("min_tokens", "must be in [0, max_tokens]");
+  if (p.has_temperature()) r.temperature = p.temperature();
+  if (!(r.temperature >= 0 && r.temperature <= 100))
+    return Bad("temperature", "must be in [0, 100]");
+  if (p.top_k() > static_cast<uint64_t>(vocab_size)) {
+    return Bad("top_k", absl::StrCat("must be in [0, vocab_size = ", vocab_size, "]"));
+  }
+  r.top_k = static_cast<int32_t>(p.top_k());
+  if (p.has_top_p()) r.top_p = p.top_p();
+  if (!(r.top_p > 0 && r.top_p <= 1)) return Bad("top_p", "must be in (0, 1]");
+  r.min_p = p.min_p();
+  if (!(r.min_p >= 0 && r.min_p <= 1)) return Bad("min_p", "must be in [0, 1]");
+  if (p.has_repetition_penalty()) r.repetition_penalty = p.repetition_penalty();
+  if (!(r.repetition_penalty > 0 && r.repetition_penalty <= 10)) {
+    return Bad("repetition_penalty", "must be in (0, 10]");
+  }
+  r.presence_penalty = p.presence_penalty();
+  if (!(r.presence_penalty >= -2 && r.presence_penalty <= 2)) {
+    return Bad("presence_penalty", "must be in [-2, 2]");
+  }
+  r.frequency_penalty = p.frequency_penalty();
+  if (!(r.frequency_penalty >= -2 && r.frequency_penalty <= 2)) {
+    return Bad("frequency_penalty", "must be in [-2, 2]");
+  }
+  if (p.has_seed()) r.seed = p.seed();
+  if (p.stop_size() > kMaxStopStrings) return Bad("stop", "holds more than 16 strings");
+  // Protobuf rejects proto3 strings that are not valid UTF-8 while parsing, so stop strings are
+  // valid UTF-8 here.
+  for (int i = 0; i < p.stop_size(); ++i) {
+    const std::string& s = p.stop(i);
+    if (s.empty() || s.size() > kMaxStopStringBytes) {
+      return Bad(absl::StrCat("stop[", i, "]"), "must be 1 to 256 bytes");
+    }
+    r.stop.push_back(s);
+  }
+  if (p.stop_token_ids_size() > kMaxStopTokenIds) {
+    return Bad("stop_token_ids", "holds more than 64 ids");
+  }
+  for (int i = 0; i < p.stop_token_ids_size(); ++i) {
+    const int32_t id = p.stop_token_ids(i);
+    if (id < 0 || id >= vocab_size) {
+      return Bad(absl::StrCat("stop_token_ids[", i, "]"),
+                 absl::StrCat("= ", id, " is outside the vocabulary [0, ", vocab_size, ")"));
+    }
+    r.stop_token_ids.push_back(id);
+  }
+  r.ignore_eos = p.ignore_eos();
+  if (p.has_logprobs()) {
+    if (p.logprobs() > static_cast<uint32_t>(kMaxLogprobs))
+      return Bad("logprobs", "must be in [0, 20]");
+    r.logprobs = static_cast<int32_t>(p.logprobs());
+  }
+  if (p.has_prompt_logprobs()) {
+    if (p.prompt_logprobs() > static_cast<uint32_t>(kMaxLogprobs)) {
+      return Bad("prompt_logprobs", "must be in [0, 20]");
+    }
+    r.prompt_logprobs = static_cast<int32_t>(p.prompt_logprobs());
+  }
+  r.skip_special_tokens = p.skip_special_tokens();
+  return r;
+}
+
+}  // namespace strata

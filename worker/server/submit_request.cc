@@ -1,0 +1,116 @@
+#include "worker/server/submit_request.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/sampling_params.h"
+#include "common/status_macros.h"
+
+namespace strata {
+
+absl::StatusOr<RequestOptions> ParseSamplingParams(const v1::SamplingParams& sampling,
+                                                   int64_t vocab_size) {
+  ASSIGN_OR_RETURN(ResolvedSampling r, ResolveSamplingParams(sampling, vocab_size));
+  RequestOptions o;
+  o.max_tokens = r.max_tokens;
+  o.min_tokens = r.min_tokens;
+  o.ignore_eos = r.ignore_eos;
+  o.stop_token_ids = std::move(r.stop_token_ids);
+  o.prompt_logprobs = r.prompt_logprobs;
+  o.sampling.temperature = r.temperature;
+  o.sampling.top_k = r.top_k;
+  o.sampling.top_p = r.top_p;
+  o.sampling.min_p = r.min_p;
+  o.sampling.repetition_penalty = r.repetition_penalty;
+  o.sampling.presence_penalty = r.presence_penalty;
+  o.sampling.frequency_penalty = r.frequency_penalty;
+  o.sampling.seed = r.seed.value_or(0);
+  o.sampling.logprobs = r.logprobs;
+  return o;
+}
+
+absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request,
+                                                const SubmitLimits& limits) {
+  ParsedSubmit out;
+  if (request.request_id().empty() || request.request_id().size() > 128) {
+    return absl::InvalidArgumentError("request_id must be 1 to 128 bytes");
+  }
+  out.request_id = request.request_id();
+  if (request.model() != limits.model_name) {
+    return absl::NotFoundError(absl::StrCat("model \"", request.model(),
+                                            "\" is not served by this worker (it serves \"",
+                                            limits.model_name, "\")"));
+  }
+  if (!request.fine_tune_id().empty() &&
+      std::find(limits.fine_tune_ids.begin(), limits.fine_tune_ids.end(), request.fine_tune_id()) ==
+          limits.fine_tune_ids.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("fine_tune_id \"", request.fine_tune_id(), "\" is not served by this worker"));
+  }
+  if (request.cache_salt().size() > 256) {
+    return absl::InvalidArgumentError("cache_salt must be at most 256 bytes");
+  }
+  if (request.priority() < -100 || request.priority() > 100) {
+    return absl::InvalidArgumentError("priority must be in [-100, 100]");
+  }
+  out.priority = request.priority();
+  const int64_t num_prompt = request.prompt_token_ids_size();
+  const int64_t num_resume = request.resume_token_ids_size();
+  if (num_prompt == 0) return absl::InvalidArgumentError("prompt_token_ids must not be empty");
+  if (num_prompt + num_resume >= limits.max_context_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt_token_ids plus resume_token_ids hold ", num_prompt + num_resume,
+                     " tokens; the model's context length is ", limits.max_context_tokens,
+                     " (at most ", limits.max_context_tokens - 1, " may be given)"));
+  }
+  auto check_ids = [&](const auto& ids, const char* field) -> absl::Status {
+    for (int i = 0; i < ids.size(); ++i) {
+      if (ids[i] < 0 || ids[i] >= limits.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(field, "[", i, "] = ", ids[i],
+                                                       " is outside the vocabulary [0, ",
+                                                       limits.vocab_size, ")"));
+      }
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(check_ids(request.prompt_token_ids(), "prompt_token_ids"));
+  RETURN_IF_ERROR(check_ids(request.resume_token_ids(), "resume_token_ids"));
+  ASSIGN_OR_RETURN(out.options, ParseSamplingParams(request.sampling(), limits.vocab_size));
+  if (!request.sampling().stop().empty()) {
+    return absl::InvalidArgumentError(
+        "sampling.stop must be empty: stop strings are matched by the coordinator");
+  }
+  if (num_resume >= out.options.max_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "resume_token_ids holds ", num_resume,
+        " tokens, which already reach sampling.max_tokens = ", out.options.max_tokens));
+  }
+  out.prompt.assign(request.prompt_token_ids().begin(), request.prompt_token_ids().end());
+  out.options.resume_tokens.assign(request.resume_token_ids().begin(),
+                                   request.resume_token_ids().end());
+  out.options.fine_tune_id = request.fine_tune_id();
+  out.options.cache_salt = request.cache_salt();
+  return out;
+}
+
+v1::FinishReason ToProtoFinishReason(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kEos:
+      return v1::FINISH_REASON_EOS;
+    case FinishReason::kStopToken:
+      return v1::FINISH_REASON_STOP_TOKEN;
+    case FinishReason::kContextLength:
+      return v1::FINISH_REASON_CONTEXT_LENGTH;
+    case FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kNone:
+      break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+}  // namespace strata

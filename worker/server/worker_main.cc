@@ -1,0 +1,153 @@
+// strata-worker: serves one model over the strata.v1.Worker API (CPU engine).
+//
+// On SIGINT or SIGTERM it drains: it stops admitting sequences (health turns NOT_SERVING and
+// Submit answers FAILED_PRECONDITION, so coordinators route elsewhere), lets admitted sequences
+// finish for up to --drain_timeout_s, then shuts down; a second signal shuts down at once.
+#include <unistd.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/grpc_server.h"
+#include "common/init.h"
+#include "common/log.h"
+#include "common/process.h"
+#include "common/version.h"
+#include "worker/comm/collectives.h"
+#include "worker/engine/engine.h"
+#include "worker/model/config.h"
+#include "worker/model/model_runner.h"
+#include "worker/model/weights.h"
+#include "worker/server/worker_service.h"
+
+ABSL_FLAG(std::string, model, "", "Model directory (config.json, *.safetensors). Required.");
+ABSL_FLAG(std::string, model_name, "",
+          "Name clients use for the model (and its KV cache namespace); default: the directory's "
+          "base name.");
+ABSL_FLAG(std::string, listen, "127.0.0.1:50061", "host:port to serve on; port 0 picks one.");
+ABSL_FLAG(std::string, port_file, "",
+          "Once serving, write the bound port to this file (for scripts that start on port 0).");
+ABSL_FLAG(std::string, worker_id, "",
+          "Stable worker name reported to coordinators; default: hostname:port.");
+ABSL_FLAG(int64_t, kv_cache_mb, 256, "KV cache size in MiB.");
+ABSL_FLAG(int64_t, block_tokens, 16, "Tokens per KV block.");
+ABSL_FLAG(int64_t, max_batch_tokens, 512, "Most tokens computed in one engine step.");
+ABSL_FLAG(int64_t, max_running_sequences, 64, "Most sequences in one engine step.");
+ABSL_FLAG(int64_t, max_live_sequences, 256,
+          "Running plus queued sequences accepted; beyond it Submit fails RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int, threads, 0, "CPU compute threads; 0 uses every core.");
+ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
+
+namespace strata {
+namespace {
+
+std::string BaseName(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+int Main() {
+  const std::string dir = absl::GetFlag(FLAGS_model);
+  if (dir.empty()) {
+    std::fprintf(stderr, "--model is required (a model directory)\n");
+    return 2;
+  }
+  SetCpuComputeThreads(absl::GetFlag(FLAGS_threads));
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(dir);
+  if (!config.ok()) {
+    LOG(ERROR) << config.status();
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<ModelWeights>> weights = LoadModelWeights(dir, *config, 0, 1);
+  if (!weights.ok()) {
+    LOG(ERROR) << weights.status();
+    return 1;
+  }
+  std::string model_name = absl::GetFlag(FLAGS_model_name);
+  if (model_name.empty()) model_name = BaseName(dir);
+
+  SingleRankCollectives comm;
+  EngineConfig ec;
+  ec.model_name = model_name;
+  ec.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
+  ec.block_tokens = absl::GetFlag(FLAGS_block_tokens);
+  ec.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  ec.max_running_sequences = absl::GetFlag(FLAGS_max_running_sequences);
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(weights->get(), &comm, ec);
+  if (!engine.ok()) {
+    LOG(ERROR) << engine.status();
+    return 1;
+  }
+  const int64_t num_blocks = (*engine)->num_kv_blocks();
+
+  WorkerServiceOptions wo;
+  wo.model_name = model_name;
+  wo.max_live_sequences = absl::GetFlag(FLAGS_max_live_sequences);
+  absl::StatusOr<std::unique_ptr<WorkerService>> service =
+      WorkerService::Create(*std::move(engine), wo);
+  if (!service.ok()) {
+    LOG(ERROR) << service.status();
+    return 1;
+  }
+  GrpcServerOptions so;
+  so.listen_address = absl::GetFlag(FLAGS_listen);
+  absl::StatusOr<std::unique_ptr<GrpcServer>> server =
+      GrpcServer::Start(so, {{service->get(), std::string(v1::Worker::service_full_name())}});
+  if (!server.ok()) {
+    LOG(ERROR) << server.status();
+    return 1;
+  }
+  // The worker id names the worker in coordinators' status; it is fixed once the port is known.
+  std::string worker_id = absl::GetFlag(FLAGS_worker_id);
+  if (worker_id.empty()) {
+    char host[256] = {};
+    gethostname(host, sizeof(host) - 1);
+    worker_id = absl::StrCat(host, ":", (*server)->port());
+  }
+  (*service)->set_worker_id(worker_id);
+  GrpcServer* srv = server->get();
+  (*service)->SetDrainListener([srv](bool draining) { srv->SetServing(!draining); });
+  if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
+    if (absl::Status s = WriteFileAtomically(pf, absl::StrCat((*server)->port(), "\n")); !s.ok()) {
+      LOG(ERROR) << s;
+      return 1;
+    }
+  }
+  LOG(INFO) << "strata-worker " << kStrataVersion << " serving model " << model_name << " ("
+            << config->architecture_name << ", " << config->num_layers << " layers) as "
+            << worker_id << " on " << (*server)->address() << "; KV cache " << num_blocks
+            << " blocks of " << ec.block_tokens << " tokens";
+
+  const int sig = WaitForTerminationSignal();
+  LOG(INFO) << "signal " << sig << ": draining (" << (*service)->num_live_sequences()
+            << " sequences in flight); a second signal stops at once";
+  (*service)->SetDraining(true);
+  const absl::Time give_up = absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));
+  while ((*service)->num_live_sequences() > 0 && absl::Now() < give_up) {
+    if (WaitForTerminationSignal(absl::Milliseconds(50)) != 0) {
+      LOG(WARNING) << "second signal: stopping now";
+      break;
+    }
+  }
+  (*service)->Stop();
+  (*server)->Shutdown(absl::Seconds(1));
+  LOG(INFO) << "strata-worker stopped";
+  return 0;
+}
+
+}  // namespace
+}  // namespace strata
+
+int main(int argc, char** argv) {
+  strata::BlockTerminationSignals();
+  strata::InitProgram(argc, argv,
+                      "strata-worker --model DIR [--listen HOST:PORT] [--model_name NAME]: serves "
+                      "a model to Strata coordinators over gRPC.");
+  return strata::Main();
+}

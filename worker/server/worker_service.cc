@@ -1,0 +1,580 @@
+#include "worker/server/worker_service.h"
+
+#include <algorithm>
+#include <deque>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/grpc_stream.h"
+#include "common/log.h"
+#include "common/version.h"
+#include "worker/model/model_runner.h"
+#include "worker/server/submit_request.h"
+
+namespace strata {
+namespace {
+
+// Hashes per KvBlocksStored event of a snapshot.
+constexpr size_t kSnapshotChunk = 1024;
+// Step durations averaged in load reports.
+constexpr size_t kStepWindow = 32;
+
+uint64_t NewEpoch() {
+  absl::BitGen gen;
+  uint64_t e = 0;
+  while (e == 0) e = absl::Uniform<uint64_t>(gen);
+  return e;
+}
+
+v1::TokenLogprob ToTokenLogprob(int32_t token, float logprob, int32_t rank) {
+  v1::TokenLogprob t;
+  t.set_token_id(token);
+  t.set_logprob(logprob);
+  t.set_rank(static_cast<uint32_t>(rank));
+  return t;
+}
+
+void ToPositionLogprobs(const SampledToken& s, v1::PositionLogprobs* out) {
+  *out->mutable_token() = ToTokenLogprob(s.token, s.logprob, s.rank);
+  for (size_t i = 0; i < s.top.size(); ++i) {
+    *out->add_top() = ToTokenLogprob(s.top[i].first, s.top[i].second, static_cast<int32_t>(i + 1));
+  }
+}
+
+}  // namespace
+
+// One Submit call.
+class WorkerService::SubmitStream final : public QueuedServerWriter<v1::SubmitResponse> {
+ public:
+  SubmitStream(WorkerService* service, std::string request_id, uint64_t serial)
+      : service_(service), request_id_(std::move(request_id)), serial_(serial) {}
+
+  const std::string& request_id() const { return request_id_; }
+  uint64_t serial() const { return serial_; }
+
+  void OnCancel() override { PostCancel(); }
+
+ protected:
+  bool Merge(v1::SubmitResponse& queued, v1::SubmitResponse& next) override {
+    queued.mutable_token_ids()->Add(next.token_ids().begin(), next.token_ids().end());
+    for (auto& lp : *next.mutable_logprobs()) *queued.add_logprobs() = std::move(lp);
+    if (next.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      queued.set_finish_reason(next.finish_reason());
+    }
+    if (next.has_usage()) *queued.mutable_usage() = next.usage();
+    return true;
+  }
+  void OnWriteFailed() override { PostCancel(); }
+
+ private:
+  void PostCancel();
+
+  WorkerService* const service_;
+  const std::string request_id_;
+  const uint64_t serial_;
+};
+
+// One WatchEvents call.
+class WorkerService::EventStream final : public QueuedServerWriter<v1::WorkerEvent> {
+ public:
+  EventStream(WorkerService* service, uint64_t serial) : service_(service), serial_(serial) {}
+  uint64_t serial() const { return serial_; }
+  void OnCancel() override { PostUnwatch(); }
+
+ protected:
+  void OnWriteFailed() override { PostUnwatch(); }
+
+ private:
+  void PostUnwatch();
+
+  WorkerService* const service_;
+  const uint64_t serial_;
+};
+
+struct WorkerService::Command {
+  enum class Kind { kAdd, kCancel, kCancelById, kWatch, kUnwatch };
+  Kind kind = Kind::kAdd;
+  std::string request_id;
+  uint64_t serial = 0;
+  // kAdd.
+  SubmitStream* submit = nullptr;
+  ParsedSubmit parsed;
+  absl::Time accepted;
+  // kCancelById: answered by the loop.
+  grpc::ServerUnaryReactor* unary = nullptr;
+  v1::CancelResponse* cancel_response = nullptr;
+  // kWatch.
+  EventStream* watch = nullptr;
+  absl::Duration load_interval;
+};
+
+struct WorkerService::LoopState {
+  struct Live {
+    SubmitStream* stream = nullptr;
+    uint64_t serial = 0;
+    bool in_engine = false;
+    bool want_logprobs = false;
+    bool sent_first = false;
+    absl::Time accepted;
+  };
+  struct Watcher {
+    EventStream* stream = nullptr;
+    uint64_t serial = 0;
+    absl::Duration interval;
+    absl::Time next_report;
+    uint64_t next_sequence = 1;
+  };
+  absl::flat_hash_map<std::string, Live> live;
+  std::vector<Watcher> watchers;
+  std::deque<double> step_ms;
+};
+
+void WorkerService::SubmitStream::PostCancel() {
+  Command c;
+  c.kind = Command::Kind::kCancel;
+  c.request_id = request_id_;
+  c.serial = serial_;
+  service_->Post(std::move(c));
+}
+
+void WorkerService::EventStream::PostUnwatch() {
+  Command c;
+  c.kind = Command::Kind::kUnwatch;
+  c.serial = serial_;
+  service_->Post(std::move(c));
+}
+
+absl::StatusOr<std::unique_ptr<WorkerService>> WorkerService::Create(std::unique_ptr<Engine> engine,
+                                                                     WorkerServiceOptions options) {
+  if (engine == nullptr) return absl::InvalidArgumentError("WorkerService needs an engine");
+  if (options.model_name != engine->config().model_name) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("WorkerService: model_name \"", options.model_name,
+                     "\" differs from the engine's cache namespace model \"",
+                     engine->config().model_name, "\""));
+  }
+  if (options.max_live_sequences < 1) {
+    return absl::InvalidArgumentError("WorkerService: max_live_sequences must be positive");
+  }
+  return std::unique_ptr<WorkerService>(new WorkerService(std::move(engine), std::move(options)));
+}
+
+WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOptions options)
+    : engine_(std::move(engine)), options_(std::move(options)), epoch_(NewEpoch()) {
+  worker_id_ = options_.worker_id;
+  loop_ = std::thread([this] { Loop(); });
+}
+
+WorkerService::~WorkerService() { Stop(); }
+
+void WorkerService::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (loop_.joinable()) loop_.join();
+}
+
+void WorkerService::SetDrainListener(std::function<void(bool)> listener) {
+  absl::MutexLock lock(&mu_);
+  drain_listener_ = std::move(listener);
+}
+
+void WorkerService::set_worker_id(std::string worker_id) {
+  absl::MutexLock lock(&mu_);
+  worker_id_ = std::move(worker_id);
+}
+
+void WorkerService::SetDraining(bool draining) {
+  if (draining_.exchange(draining) == draining) return;
+  std::function<void(bool)> listener;
+  {
+    absl::MutexLock lock(&mu_);
+    listener = drain_listener_;
+  }
+  LOG(INFO) << (draining ? "draining: no new sequences are admitted"
+                         : "drain undone: admitting sequences again");
+  if (listener) listener(draining);
+}
+
+void WorkerService::Post(Command command) {
+  absl::MutexLock lock(&mu_);
+  inbox_.push_back(std::move(command));
+}
+
+grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
+    grpc::CallbackServerContext* /*context*/, const v1::SubmitRequest* request) {
+  auto* stream = new SubmitStream(this, request->request_id(), next_serial_.fetch_add(1));
+  const ModelConfig& mc = engine_->model_config();
+  SubmitLimits limits;
+  limits.model_name = options_.model_name;
+  limits.vocab_size = mc.vocab_size;
+  limits.max_context_tokens = mc.max_position_embeddings;
+  absl::StatusOr<ParsedSubmit> parsed = ParseSubmitRequest(*request, limits);
+  if (!parsed.ok()) {
+    stream->RequestFinish(ToGrpcStatus(parsed.status()));
+    return stream;
+  }
+  if (draining_.load()) {
+    stream->RequestFinish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                       "worker is draining: route the request elsewhere"));
+    return stream;
+  }
+  if (num_live_.fetch_add(1) >= options_.max_live_sequences) {
+    num_live_.fetch_sub(1);
+    stream->RequestFinish(
+        grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                     absl::StrCat("worker queue is full (", options_.max_live_sequences,
+                                  " sequences running or queued): back off or route elsewhere")));
+    return stream;
+  }
+  Command c;
+  c.kind = Command::Kind::kAdd;
+  c.request_id = parsed->request_id;
+  c.serial = stream->serial();
+  c.submit = stream;
+  c.parsed = *std::move(parsed);
+  c.accepted = absl::Now();
+  Post(std::move(c));
+  return stream;
+}
+
+grpc::ServerUnaryReactor* WorkerService::Cancel(grpc::CallbackServerContext* context,
+                                                const v1::CancelRequest* request,
+                                                v1::CancelResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  Command c;
+  c.kind = Command::Kind::kCancelById;
+  c.request_id = request->request_id();
+  c.unary = reactor;
+  c.cancel_response = response;
+  Post(std::move(c));
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::WorkerEvent>* WorkerService::WatchEvents(
+    grpc::CallbackServerContext* /*context*/, const v1::WatchEventsRequest* request) {
+  auto* stream = new EventStream(this, next_serial_.fetch_add(1));
+  const uint32_t ms = request->load_report_interval_ms();
+  if (ms != 0 && (ms < 10 || ms > 60000)) {
+    stream->RequestFinish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                       "load_report_interval_ms must be in [10, 60000] or 0"));
+    return stream;
+  }
+  Command c;
+  c.kind = Command::Kind::kWatch;
+  c.serial = stream->serial();
+  c.watch = stream;
+  c.load_interval = absl::Milliseconds(ms == 0 ? 500 : ms);
+  Post(std::move(c));
+  return stream;
+}
+
+grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* context,
+                                                 const v1::GetInfoRequest* /*request*/,
+                                                 v1::WorkerInfo* info) {
+  const ModelConfig& mc = engine_->model_config();
+  {
+    absl::MutexLock lock(&mu_);
+    info->set_worker_id(worker_id_);
+  }
+  info->set_worker_epoch(epoch_);
+  info->set_model(options_.model_name);
+  info->set_vocab_size(static_cast<uint32_t>(mc.vocab_size));
+  info->set_max_context_tokens(static_cast<uint32_t>(mc.max_position_embeddings));
+  info->set_tensor_parallel_size(static_cast<uint32_t>(options_.tensor_parallel_size));
+  info->set_block_tokens(static_cast<uint32_t>(engine_->block_tokens()));
+  v1::TierCapacity* tier = info->add_tiers();
+  tier->set_tier(v1::TIER_DEVICE);
+  tier->set_num_blocks(static_cast<uint64_t>(engine_->num_kv_blocks()));
+  tier->set_block_bytes(static_cast<uint64_t>(engine_->kv_block_bytes()));
+  info->set_max_running_sequences(static_cast<uint32_t>(engine_->config().max_running_sequences));
+  info->set_device(options_.device);
+  info->set_version(kStrataVersion);
+  info->set_draining(draining_.load());
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::Drain(grpc::CallbackServerContext* context,
+                                               const v1::DrainRequest* request,
+                                               v1::DrainResponse* response) {
+  const bool draining = !request->resume();
+  SetDraining(draining);
+  response->set_draining(draining);
+  response->set_num_inflight_sequences(static_cast<uint32_t>(num_live_.load()));
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+void WorkerService::Loop() {
+  LoopState state;
+  while (true) {
+    bool stopping = false;
+    {
+      absl::MutexLock lock(&mu_);
+      stopping = stop_;
+    }
+    if (stopping) break;
+    ProcessInbox(&state);
+    if (engine_->HasWork()) StepEngine(&state);
+    PublishBlockEvents(&state);
+    SendLoadReports(&state, /*force=*/false);
+    if (engine_->HasWork()) continue;
+    // Idle: sleep until a command arrives or the next load report is due.
+    absl::Time wake = absl::Now() + absl::Seconds(1);
+    for (const auto& w : state.watchers) wake = std::min(wake, w.next_report);
+    absl::MutexLock lock(&mu_);
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !inbox_.empty(); };
+    mu_.AwaitWithDeadline(absl::Condition(&ready), wake);
+  }
+  // Shutting down: fail everything still open so that coordinators fail over at once.
+  ProcessInbox(&state);
+  const grpc::Status gone(grpc::StatusCode::UNAVAILABLE, "worker is shutting down");
+  for (auto& [id, live] : state.live) {
+    if (live.in_engine) engine_->Cancel(id);
+    live.stream->RequestFinish(gone);
+    num_live_.fetch_sub(1);
+  }
+  state.live.clear();
+  for (auto& w : state.watchers) w.stream->RequestFinish(gone);
+  state.watchers.clear();
+  // Commands posted from now on (cancellations racing with shutdown) refer to finished streams.
+}
+
+void WorkerService::ProcessInbox(LoopState* state) {
+  std::vector<Command> commands;
+  {
+    absl::MutexLock lock(&mu_);
+    commands.swap(inbox_);
+  }
+  for (Command& c : commands) {
+    switch (c.kind) {
+      case Command::Kind::kAdd: {
+        if (state->live.contains(c.request_id)) {
+          num_live_.fetch_sub(1);
+          c.submit->RequestFinish(grpc::Status(
+              grpc::StatusCode::ALREADY_EXISTS,
+              absl::StrCat("request_id ", c.request_id, " is already running on this worker")));
+          break;
+        }
+        const bool want_logprobs = c.parsed.options.sampling.logprobs >= 0;
+        absl::Status added = engine_->AddRequest(c.request_id, std::move(c.parsed.prompt),
+                                                 std::move(c.parsed.options));
+        if (!added.ok()) {
+          num_live_.fetch_sub(1);
+          c.submit->RequestFinish(ToGrpcStatus(added));
+          break;
+        }
+        LoopState::Live live;
+        live.stream = c.submit;
+        live.serial = c.serial;
+        live.in_engine = true;
+        live.want_logprobs = want_logprobs;
+        live.accepted = c.accepted;
+        state->live.emplace(c.request_id, live);
+        break;
+      }
+      case Command::Kind::kCancel: {
+        auto it = state->live.find(c.request_id);
+        if (it != state->live.end() && it->second.serial == c.serial) {
+          VLOG(1) << "cancelling " << c.request_id << " (client cancelled or went away)";
+          engine_->Cancel(c.request_id);
+        }
+        break;
+      }
+      case Command::Kind::kCancelById: {
+        const bool found = state->live.contains(c.request_id) && engine_->Cancel(c.request_id);
+        c.cancel_response->set_cancelled(found);
+        c.unary->Finish(grpc::Status::OK);
+        break;
+      }
+      case Command::Kind::kWatch: {
+        // Bring existing watchers up to date first, so that the snapshot and every later change
+        // line up for the new one.
+        PublishBlockEvents(state);
+        LoopState::Watcher w;
+        w.stream = c.watch;
+        w.interval = c.load_interval;
+        w.next_report = absl::Now();
+        const std::vector<BlockHash> hashes = engine_->PublishedBlockHashes();
+        for (size_t i = 0; i < hashes.size(); i += kSnapshotChunk) {
+          v1::WorkerEvent e;
+          e.set_worker_epoch(epoch_);
+          e.set_sequence_number(w.next_sequence++);
+          v1::KvBlocksStored* stored = e.mutable_stored();
+          stored->set_tier(v1::TIER_DEVICE);
+          const size_t end = std::min(hashes.size(), i + kSnapshotChunk);
+          stored->mutable_block_hashes()->Add(hashes.begin() + static_cast<ptrdiff_t>(i),
+                                              hashes.begin() + static_cast<ptrdiff_t>(end));
+          w.stream->Write(std::move(e));
+        }
+        v1::WorkerEvent done;
+        done.set_worker_epoch(epoch_);
+        done.set_sequence_number(w.next_sequence++);
+        done.set_snapshot_complete(true);
+        w.stream->Write(std::move(done));
+        w.serial = c.watch->serial();
+        state->watchers.push_back(w);
+        break;
+      }
+      case Command::Kind::kUnwatch: {
+        for (auto it = state->watchers.begin(); it != state->watchers.end(); ++it) {
+          if (it->serial == c.serial) {
+            it->stream->RequestFinish(grpc::Status(grpc::StatusCode::CANCELLED, "unwatched"));
+            state->watchers.erase(it);
+            break;
+          }
+        }
+        break;
+      }
+    }
+  }
+}
+
+void WorkerService::FinishSubmit(LoopState* state, const std::string& request_id,
+                                 const grpc::Status& status) {
+  auto it = state->live.find(request_id);
+  if (it == state->live.end()) return;
+  it->second.stream->RequestFinish(status);
+  state->live.erase(it);
+  num_live_.fetch_sub(1);
+}
+
+void WorkerService::StepEngine(LoopState* state) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<std::vector<RequestOutput>> outputs = engine_->Step();
+  const absl::Time end = absl::Now();
+  state->step_ms.push_back(absl::ToDoubleMilliseconds(end - start));
+  if (state->step_ms.size() > kStepWindow) state->step_ms.pop_front();
+  if (!outputs.ok()) {
+    // Our bug, not the clients': fail every sequence so that the coordinator retries elsewhere.
+    LOG(ERROR) << "engine step failed: " << outputs.status();
+    std::vector<std::string> ids;
+    for (const auto& [id, live] : state->live) ids.push_back(id);
+    for (const std::string& id : ids) {
+      engine_->Cancel(id);
+      FinishSubmit(
+          state, id,
+          grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                       absl::StrCat("worker engine failed: ", outputs.status().message())));
+    }
+    return;
+  }
+  for (RequestOutput& out : *outputs) {
+    auto it = state->live.find(out.request_id);
+    if (it == state->live.end()) continue;  // its stream is gone
+    LoopState::Live& live = it->second;
+    if (out.finish == FinishReason::kCancelled) {
+      FinishSubmit(state, out.request_id,
+                   grpc::Status(grpc::StatusCode::CANCELLED, "sequence cancelled"));
+      continue;
+    }
+    v1::SubmitResponse r;
+    for (const SampledToken& t : out.tokens) r.add_token_ids(t.token);
+    r.set_first_token_index(
+        static_cast<uint32_t>(out.num_generated_tokens - static_cast<int64_t>(out.tokens.size())));
+    if (live.want_logprobs) {
+      for (const SampledToken& t : out.tokens) ToPositionLogprobs(t, r.add_logprobs());
+    }
+    for (const SampledToken& t : out.prompt_logprobs)
+      ToPositionLogprobs(t, r.add_prompt_logprobs());
+    const bool first = !live.sent_first && !out.tokens.empty();
+    if (first) live.sent_first = true;
+    if (out.finish != FinishReason::kNone) {
+      r.set_finish_reason(ToProtoFinishReason(out.finish));
+      v1::Usage* u = r.mutable_usage();
+      u->set_num_prompt_tokens(static_cast<uint32_t>(out.num_prompt_tokens));
+      u->set_num_completion_tokens(static_cast<uint32_t>(out.num_generated_tokens));
+      u->mutable_cached()->set_num_device_tokens(
+          static_cast<uint32_t>(out.num_cached_prompt_tokens));
+      u->set_total_time_ms(absl::ToDoubleMilliseconds(end - live.accepted));
+      live.stream->Write(std::move(r));
+      FinishSubmit(state, out.request_id, grpc::Status::OK);
+      continue;
+    }
+    if (r.token_ids_size() > 0 || r.prompt_logprobs_size() > 0) live.stream->Write(std::move(r));
+  }
+}
+
+void WorkerService::PublishBlockEvents(LoopState* state) {
+  const std::vector<BlockEvent> events = engine_->DrainBlockEvents();
+  if (events.empty() || state->watchers.empty()) return;
+  // Consecutive events of one kind become one message.
+  std::vector<v1::WorkerEvent> messages;
+  for (const BlockEvent& ev : events) {
+    const bool stored = ev.kind == BlockEvent::Kind::kStored;
+    if (messages.empty() || messages.back().has_stored() != stored) {
+      v1::WorkerEvent e;
+      e.set_worker_epoch(epoch_);
+      if (stored) {
+        e.mutable_stored()->set_tier(v1::TIER_DEVICE);
+      } else {
+        e.mutable_removed()->set_tier(v1::TIER_DEVICE);
+      }
+      messages.push_back(std::move(e));
+    }
+    if (stored) {
+      messages.back().mutable_stored()->add_block_hashes(ev.hash);
+    } else {
+      messages.back().mutable_removed()->add_block_hashes(ev.hash);
+    }
+  }
+  for (auto it = state->watchers.begin(); it != state->watchers.end();) {
+    if (it->stream->num_queued() + messages.size() >
+        static_cast<size_t>(options_.max_buffered_events)) {
+      LOG(WARNING) << "cutting off a slow event watcher; it will re-subscribe";
+      it->stream->RequestFinish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                             "event watcher fell too far behind; re-subscribe"));
+      it = state->watchers.erase(it);
+      continue;
+    }
+    for (v1::WorkerEvent m : messages) {
+      m.set_sequence_number(it->next_sequence++);
+      it->stream->Write(std::move(m));
+    }
+    ++it;
+  }
+}
+
+v1::LoadReport WorkerService::MakeLoadReport(const LoopState& state) const {
+  const EngineStats st = engine_->Stats();
+  v1::LoadReport r;
+  r.set_num_running_sequences(static_cast<uint32_t>(st.num_running));
+  r.set_num_decode_sequences(static_cast<uint32_t>(st.num_decode));
+  r.set_num_waiting_sequences(static_cast<uint32_t>(st.num_waiting));
+  r.set_num_pending_prefill_tokens(static_cast<uint64_t>(st.num_pending_prefill_tokens));
+  v1::TierLoad* t = r.add_tiers();
+  t->set_tier(v1::TIER_DEVICE);
+  t->set_num_free_blocks(static_cast<uint64_t>(st.num_free_blocks));
+  t->set_num_total_blocks(static_cast<uint64_t>(st.num_total_blocks));
+  double sum = 0;
+  for (double ms : state.step_ms) sum += ms;
+  r.set_mean_step_time_ms(state.step_ms.empty() ? 0.0 : sum / state.step_ms.size());
+  r.set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
+  return r;
+}
+
+void WorkerService::SendLoadReports(LoopState* state, bool force) {
+  const absl::Time now = absl::Now();
+  bool any_due = force;
+  for (const auto& w : state->watchers) any_due |= w.next_report <= now;
+  if (!any_due) return;
+  const v1::LoadReport report = MakeLoadReport(*state);
+  for (auto& w : state->watchers) {
+    if (!force && w.next_report > now) continue;
+    v1::WorkerEvent e;
+    e.set_worker_epoch(epoch_);
+    e.set_sequence_number(w.next_sequence++);
+    *e.mutable_load() = report;
+    w.stream->Write(std::move(e));
+    w.next_report = now + w.interval;
+  }
+}
+
+}  // namespace strata

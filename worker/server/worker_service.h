@@ -1,0 +1,133 @@
+// WorkerService: the strata.v1.Worker gRPC service over one Engine.
+//
+// Threads. The engine belongs to one step-loop thread that this class starts; it alone calls the
+// engine. gRPC callback threads validate requests and post commands (add, cancel, watch, unwatch)
+// to the loop through a mutex-guarded inbox. Output flows back through the stream reactors below,
+// each of which has its own small lock and write queue.
+//
+// Stream lifetime protocol. The loop thread keeps every open Submit and WatchEvents stream in maps
+// that only it touches. It may use a stream until it asks the stream to finish; after that it never
+// touches the stream again. A stream's Finish (and so its OnDone, which deletes it) happens only
+// after the loop asked it to finish, so the loop never sees a deleted stream. gRPC threads tell the
+// loop about cancellations and failed writes by posting commands keyed by a per-stream serial
+// number, never by pointer dereference.
+//
+// Admission. At most `max_live_sequences` Submit streams are live (running plus queued) at once;
+// beyond that Submit fails with RESOURCE_EXHAUSTED. While draining, Submit fails with
+// FAILED_PRECONDITION and admitted sequences run to completion. A client that cancels or
+// disconnects has its sequence cancelled in the engine at the loop's next turn, which frees its KV
+// blocks.
+#ifndef STRATA_WORKER_SERVER_WORKER_SERVICE_H_
+#define STRATA_WORKER_SERVER_WORKER_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "proto/strata/v1/worker.grpc.pb.h"
+#include "worker/engine/engine.h"
+
+namespace strata {
+
+struct WorkerServiceOptions {
+  // Stable name reported in WorkerInfo (the pod name in Kubernetes).
+  std::string worker_id = "worker";
+  // The model name clients submit under; also the cache namespace's model name (it must equal the
+  // engine's EngineConfig::model_name so that the coordinator's block hashes match).
+  std::string model_name = "model";
+  // Running plus queued sequences accepted at once.
+  int64_t max_live_sequences = 256;
+  // Buffered events per WatchEvents stream before a slow watcher is cut off (it re-subscribes and
+  // gets a fresh snapshot).
+  int64_t max_buffered_events = 4096;
+  // "cpu" or the GPU's name.
+  std::string device = "cpu";
+  int32_t tensor_parallel_size = 1;
+};
+
+class WorkerService final : public v1::Worker::CallbackService {
+ public:
+  // Starts the step loop. `engine` is owned; its model weights must outlive the service.
+  static absl::StatusOr<std::unique_ptr<WorkerService>> Create(std::unique_ptr<Engine> engine,
+                                                               WorkerServiceOptions options);
+  // Stops the loop. Open streams are finished with UNAVAILABLE first. Destroy the GrpcServer that
+  // serves this service (or call its Shutdown) before the service.
+  ~WorkerService() override;
+
+  // Finishes every open stream with UNAVAILABLE and stops the loop. Idempotent.
+  void Stop();
+
+  // Replaces options.worker_id (for a name that is known only once the server has bound its port).
+  void set_worker_id(std::string worker_id) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Starts (true) or stops (false) draining, as the Drain RPC does.
+  void SetDraining(bool draining);
+
+  // Called (on a gRPC thread) whenever draining starts or stops, so that the server's health status
+  // can follow.
+  void SetDrainListener(std::function<void(bool draining)> listener);
+
+  uint64_t epoch() const { return epoch_; }
+  bool draining() const { return draining_.load(); }
+  // Submit streams accepted and not finished.
+  int64_t num_live_sequences() const { return num_live_.load(); }
+
+  // strata.v1.Worker.
+  grpc::ServerWriteReactor<v1::SubmitResponse>* Submit(grpc::CallbackServerContext* context,
+                                                       const v1::SubmitRequest* request) override;
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
+                                   const v1::CancelRequest* request,
+                                   v1::CancelResponse* response) override;
+  grpc::ServerWriteReactor<v1::WorkerEvent>* WatchEvents(
+      grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) override;
+  grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* context,
+                                    const v1::GetInfoRequest* request,
+                                    v1::WorkerInfo* response) override;
+  grpc::ServerUnaryReactor* Drain(grpc::CallbackServerContext* context,
+                                  const v1::DrainRequest* request,
+                                  v1::DrainResponse* response) override;
+
+  class SubmitStream;
+  class EventStream;
+
+ private:
+  struct Command;
+  struct LoopState;
+
+  WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOptions options);
+  void Post(Command command) ABSL_LOCKS_EXCLUDED(mu_);
+  void Loop();
+  void ProcessInbox(LoopState* state);
+  void StepEngine(LoopState* state);
+  void PublishBlockEvents(LoopState* state);
+  void SendLoadReports(LoopState* state, bool force);
+  void FinishSubmit(LoopState* state, const std::string& request_id, const grpc::Status& status);
+  v1::LoadReport MakeLoadReport(const LoopState& state) const;
+
+  std::unique_ptr<Engine> engine_;
+  const WorkerServiceOptions options_;
+  const uint64_t epoch_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int64_t> num_live_{0};
+  std::atomic<uint64_t> next_serial_{1};
+
+  absl::Mutex mu_;
+  std::vector<Command> inbox_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::function<void(bool)> drain_listener_ ABSL_GUARDED_BY(mu_);
+  std::string worker_id_ ABSL_GUARDED_BY(mu_);
+
+  std::thread loop_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_SERVER_WORKER_SERVICE_H_
