@@ -6,6 +6,14 @@
 //       [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]
 //   stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]
 //   stratactl eval ppl --model DIR --text FILE [--context N] [--threads N] [--json]
+//   stratactl generate [--coordinator ADDR] [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3)
+//       [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
+//       [--stop STR]... [--ignore-eos] [--logprobs K] [--cache-salt S] [--timeout-s N] [--json]
+//   stratactl status [--coordinator ADDR] [--json]
+//   stratactl drain WORKER [--coordinator ADDR] [--resume] [--wait] [--timeout-s N] [--json]
+//
+// Cluster commands reach the coordinator at --coordinator, else $STRATA_COORDINATOR, else
+// 127.0.0.1:50051.
 //
 // Exit status: 0 on success, 2 for a usage error, 1 for any other error (message on stderr).
 #include <cstdio>
@@ -14,6 +22,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
+#include "cli/cluster.h"
 #include "cli/offline.h"
 
 namespace {
@@ -24,7 +33,13 @@ constexpr char kUsage[] =
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
     "      [--logprobs K] [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]\n"
     "  stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]\n"
-    "  stratactl eval ppl --model DIR --text FILE [--context N] [--threads N] [--json]\n";
+    "  stratactl eval ppl --model DIR --text FILE [--context N] [--threads N] [--json]\n"
+    "cluster (a running coordinator: --coordinator ADDR, $STRATA_COORDINATOR, 127.0.0.1:50051):\n"
+    "  stratactl generate [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
+    "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
+    "      [--ignore-eos] [--logprobs K] [--cache-salt S] [--timeout-s N] [--json]\n"
+    "  stratactl status [--json]\n"
+    "  stratactl drain WORKER [--resume] [--wait] [--timeout-s N] [--json]\n";
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "stratactl: %s\n", std::string(s.message()).c_str());
@@ -62,6 +77,27 @@ int main(int argc, char** argv) {
     auto args = strata::Args::Parse(rest, {"json"}, {"model", "text", "context", "threads"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::EvalPplCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "generate") {
+    auto args = strata::Args::Parse(
+        rest, {"json", "ignore-eos"},
+        {"coordinator", "model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-p",
+         "top-k", "min-p", "seed", "stop", "logprobs", "cache-salt", "timeout-s"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::GenerateCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "status") {
+    auto args = strata::Args::Parse(rest, {"json"}, {"coordinator"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::StatusCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "drain") {
+    auto args = strata::Args::Parse(rest, {"json", "resume", "wait"}, {"coordinator", "timeout-s"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::DrainCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);
   }
   std::fprintf(stderr, "stratactl: unknown command \"%s\"\n%s", command.c_str(), kUsage);

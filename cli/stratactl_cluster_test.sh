@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# stratactl's cluster commands against a real coordinator and worker (processes on loopback ports
+# they pick themselves), as an operator runs them: output and exit codes checked.
+set -euo pipefail
+ctl=cli/stratactl
+model=models/strata-tiny/base
+tmp=${TEST_TMPDIR:-$(mktemp -d)}
+fail() { echo "FAIL: $*" >&2; for f in "$tmp"/*.log; do echo "== $f"; tail -20 "$f"; done >&2; exit 1; }
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 600); do [ -s "$1" ] && { cat "$1"; return 0; }; sleep 0.05; done
+  fail "no port in $1"
+}
+
+worker/server/strata-worker --model=$model --model_name=strata-tiny --listen=127.0.0.1:0 \
+  --port_file="$tmp/w.port" --worker_id=w1 --threads=1 > "$tmp/worker.log" 2>&1 &
+pids+=($!)
+wport=$(wait_port "$tmp/w.port")
+coordinator/strata-coordinator --model=strata-tiny=$model --workers=127.0.0.1:$wport \
+  --listen=127.0.0.1:0 --port_file="$tmp/c.port" > "$tmp/coordinator.log" 2>&1 &
+pids+=($!)
+export STRATA_COORDINATOR=127.0.0.1:$(wait_port "$tmp/c.port")
+for _ in $(seq 200); do
+  $ctl status --json 2>/dev/null | grep -q WORKER_STATE_SERVING && break
+  sleep 0.05
+done
+
+# generate streams text; --json gives the whole result; the model is found when there is one.
+text="$($ctl generate --prompt 'import os' --max-tokens 12 --seed 3 --ignore-eos)"
+[ -n "$text" ] || fail "generate printed nothing"
+json="$($ctl generate --prompt 'import os' --max-tokens 12 --seed 3 --ignore-eos --json)"
+python3 - "$json" "$text" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["model"] == "strata-tiny", r
+assert len(r["token_ids"]) == 12, r
+assert r["finish_reason"] == "length", r
+assert r["seed"] == 3, r
+assert int(r["usage"]["num_completion_tokens"]) == 12, r
+assert r["text"] + "\n" == sys.argv[2] + "\n", (r["text"], sys.argv[2])
+PY
+
+# status: a table by default, the cluster as JSON for scripts.
+table="$($ctl status)"
+echo "$table" | grep -q '^MODEL ' || fail "no model table: $table"
+echo "$table" | grep -E '^w1 +127\.0\.0\.1:[0-9]+ +serving +strata-tiny' > /dev/null || fail "no worker row: $table"
+$ctl status --json | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+w = s["cluster"]["workers"]
+assert len(w) == 1 and w[0]["state"] == "WORKER_STATE_SERVING", s
+assert w[0]["info"]["worker_id"] == "w1", s
+assert s["models"]["models"][0]["name"] == "strata-tiny", s
+'
+
+# drain by worker id, then resume by address.
+$ctl drain w1 --wait | grep -q 'is draining' || fail "drain"
+$ctl generate --prompt 'x' --max-tokens 2 > "$tmp/out" 2> "$tmp/err" && fail "generate succeeded while the only worker drains"
+grep -q 'UNAVAILABLE\|can take\|unavailable\|draining' "$tmp/err" || fail "unhelpful error: $(cat "$tmp/err")"
+$ctl drain "127.0.0.1:$wport" --resume --json | grep -q 'WORKER_STATE_SERVING' || fail "resume"
+$ctl generate --prompt 'x' --max-tokens 2 > /dev/null || fail "generate after resume"
+
+# Errors name what is wrong and exit non-zero.
+if $ctl generate --model nope --prompt x 2> "$tmp/err"; then fail "unknown model accepted"; fi
+grep -q 'model "nope"' "$tmp/err" || fail "unknown model error: $(cat "$tmp/err")"
+if $ctl drain nobody 2> "$tmp/err"; then fail "unknown worker accepted"; fi
+grep -q 'nobody' "$tmp/err" || fail "unknown worker error: $(cat "$tmp/err")"
+if $ctl status --coordinator 127.0.0.1:1 2> "$tmp/err"; then fail "unreachable coordinator"; fi
+grep -q 'unreachable' "$tmp/err" || fail "unreachable error: $(cat "$tmp/err")"
+echo PASS

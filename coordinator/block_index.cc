@@ -1,0 +1,150 @@
+#include "coordinator/block_index.h"
+
+#include <algorithm>
+
+namespace strata {
+
+std::array<int64_t, kNumTiers>& BlockIndex::Counts(WorkerSlot worker) {
+  if (worker >= counts_.size()) counts_.resize(worker + 1, {0, 0, 0});
+  return counts_[worker];
+}
+
+BlockIndex::Holder* BlockIndex::FindOrAdd(BlockHash hash, WorkerSlot worker) {
+  Holders& holders = entries_[hash];
+  for (Holder& h : holders) {
+    if (h.worker == worker) return &h;
+  }
+  holders.push_back(Holder{worker, 0, 0});
+  return &holders.back();
+}
+
+void BlockIndex::MaybeErase(BlockHash hash, WorkerSlot worker) {
+  auto it = entries_.find(hash);
+  if (it == entries_.end()) return;
+  Holders& holders = it->second;
+  for (size_t i = 0; i < holders.size(); ++i) {
+    if (holders[i].worker == worker && holders[i].tiers == 0 && holders[i].pending == 0) {
+      holders.erase(holders.begin() + static_cast<ptrdiff_t>(i));
+      break;
+    }
+  }
+  if (holders.empty()) entries_.erase(it);
+}
+
+void BlockIndex::Stored(WorkerSlot worker, Tier tier, absl::Span<const BlockHash> hashes) {
+  const TierMask bit = static_cast<TierMask>(1u << static_cast<int>(tier));
+  auto& counts = Counts(worker);
+  for (BlockHash hash : hashes) {
+    Holder* h = FindOrAdd(hash, worker);
+    if ((h->tiers & bit) == 0) {
+      h->tiers |= bit;
+      ++counts[static_cast<int>(tier)];
+    }
+  }
+}
+
+void BlockIndex::Removed(WorkerSlot worker, Tier tier, absl::Span<const BlockHash> hashes) {
+  const TierMask bit = static_cast<TierMask>(1u << static_cast<int>(tier));
+  auto& counts = Counts(worker);
+  for (BlockHash hash : hashes) {
+    auto it = entries_.find(hash);
+    if (it == entries_.end()) continue;
+    for (Holder& h : it->second) {
+      if (h.worker == worker && (h.tiers & bit) != 0) {
+        h.tiers &= static_cast<TierMask>(~bit);
+        --counts[static_cast<int>(tier)];
+      }
+    }
+    MaybeErase(hash, worker);
+  }
+}
+
+void BlockIndex::DropWorker(WorkerSlot worker) {
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    Holders& holders = it->second;
+    for (size_t i = 0; i < holders.size();) {
+      if (holders[i].worker == worker) {
+        holders[i].tiers = 0;
+        if (holders[i].pending == 0) {
+          holders.erase(holders.begin() + static_cast<ptrdiff_t>(i));
+          continue;
+        }
+      }
+      ++i;
+    }
+    if (holders.empty()) {
+      entries_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  Counts(worker) = {0, 0, 0};
+}
+
+void BlockIndex::AddPending(WorkerSlot worker, absl::Span<const BlockHash> hashes) {
+  for (BlockHash hash : hashes) {
+    Holder* h = FindOrAdd(hash, worker);
+    if (h->pending < UINT16_MAX) ++h->pending;
+  }
+}
+
+void BlockIndex::RemovePending(WorkerSlot worker, absl::Span<const BlockHash> hashes) {
+  for (BlockHash hash : hashes) {
+    auto it = entries_.find(hash);
+    if (it == entries_.end()) continue;
+    for (Holder& h : it->second) {
+      if (h.worker == worker && h.pending > 0) --h.pending;
+    }
+    MaybeErase(hash, worker);
+  }
+}
+
+BlockIndex::TierMask BlockIndex::Find(BlockHash hash, WorkerSlot worker) const {
+  auto it = entries_.find(hash);
+  if (it == entries_.end()) return 0;
+  for (const Holder& h : it->second) {
+    if (h.worker == worker) {
+      return static_cast<TierMask>(h.tiers | (h.pending > 0 ? 1u : 0u));
+    }
+  }
+  return 0;
+}
+
+std::vector<std::array<int64_t, kNumTiers>> BlockIndex::PrefixOverlap(
+    absl::Span<const BlockHash> hashes, absl::Span<const WorkerSlot> workers) const {
+  std::vector<std::array<int64_t, kNumTiers>> out(workers.size(), {0, 0, 0});
+  std::vector<bool> alive(workers.size(), true);
+  size_t num_alive = workers.size();
+  for (BlockHash hash : hashes) {
+    if (num_alive == 0) break;
+    auto it = entries_.find(hash);
+    if (it == entries_.end()) break;
+    for (size_t i = 0; i < workers.size(); ++i) {
+      if (!alive[i]) continue;
+      TierMask mask = 0;
+      for (const Holder& h : it->second) {
+        if (h.worker == workers[i]) {
+          mask = static_cast<TierMask>(h.tiers | (h.pending > 0 ? 1u : 0u));
+          break;
+        }
+      }
+      if (mask == 0) {
+        alive[i] = false;
+        --num_alive;
+        continue;
+      }
+      // The fastest tier is the lowest set bit.
+      int tier = 0;
+      while ((mask & (1u << tier)) == 0) ++tier;
+      ++out[i][tier];
+    }
+  }
+  return out;
+}
+
+int64_t BlockIndex::NumBlocks(WorkerSlot worker, Tier tier) const {
+  if (worker >= counts_.size()) return 0;
+  return counts_[worker][static_cast<int>(tier)];
+}
+
+}  // namespace strata

@@ -1,0 +1,116 @@
+// strata-coordinator: the cluster's front door. Serves strata.v1.Serving and strata.v1.Admin,
+// routes requests to workers by where their prompt's KV blocks live, and fails requests over when a
+// worker dies. On SIGINT or SIGTERM it stops taking calls, lets in-flight ones finish for up to
+// --shutdown_grace_s, and exits.
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/grpc_server.h"
+#include "common/init.h"
+#include "common/log.h"
+#include "common/process.h"
+#include "common/version.h"
+#include "coordinator/coordinator_service.h"
+#include "coordinator/discovery.h"
+#include "coordinator/worker_pool.h"
+
+ABSL_FLAG(std::vector<std::string>, model, {},
+          "Models to serve, as NAME=DIR (DIR holds the tokenizer.json); comma-separated or "
+          "repeated. NAME must match the workers' --model_name.");
+ABSL_FLAG(std::string, workers, "",
+          "Workers: host:port,host:port,... or dns:NAME:PORT (every address NAME resolves to, "
+          "re-resolved every --resolve_interval_s: a Kubernetes headless Service).");
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "host:port to serve on; port 0 picks one.");
+ABSL_FLAG(std::string, port_file, "", "Once serving, write the bound port to this file.");
+ABSL_FLAG(double, resolve_interval_s, 5, "How often to re-resolve workers and refresh their info.");
+ABSL_FLAG(int64_t, max_inflight_requests, 1024,
+          "Generate calls accepted at once; beyond it Generate fails RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int, max_attempts, 4, "Workers tried per request (failover), counting the first.");
+ABSL_FLAG(std::string, routing, "kv", "kv (prefix-cache-aware cost) or round_robin (baseline).");
+ABSL_FLAG(double, decode_weight, 1.0, "Routing cost of one decoding sequence, in prefill blocks.");
+ABSL_FLAG(double, shutdown_grace_s, 10, "On SIGTERM, how long in-flight requests may finish.");
+ABSL_FLAG(std::string, instance_id, "",
+          "Prefix of worker-side request ids; default: coord-<pid> (must differ between "
+          "coordinator replicas sharing workers).");
+
+namespace strata {
+namespace {
+
+int Main() {
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> models =
+      ModelRegistry::Load(absl::GetFlag(FLAGS_model));
+  if (!models.ok()) {
+    LOG(ERROR) << models.status();
+    return 2;
+  }
+  absl::StatusOr<WorkerTargets> targets = ParseWorkerTargets(absl::GetFlag(FLAGS_workers));
+  if (!targets.ok()) {
+    LOG(ERROR) << targets.status();
+    return 2;
+  }
+  WorkerPoolOptions po;
+  po.targets = *targets;
+  po.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_resolve_interval_s));
+  po.router.decode_weight = absl::GetFlag(FLAGS_decode_weight);
+  const std::string routing = absl::GetFlag(FLAGS_routing);
+  if (routing == "round_robin") {
+    po.router.round_robin = true;
+  } else if (routing != "kv") {
+    LOG(ERROR) << "--routing must be kv or round_robin, not " << routing;
+    return 2;
+  }
+  WorkerPool pool(po);
+  pool.Start();
+
+  CoordinatorOptions co;
+  co.max_inflight_requests = absl::GetFlag(FLAGS_max_inflight_requests);
+  co.max_attempts = absl::GetFlag(FLAGS_max_attempts);
+  co.instance_id = absl::GetFlag(FLAGS_instance_id);
+  if (co.instance_id.empty()) co.instance_id = absl::StrCat("coord-", getpid());
+  CoordinatorService service(&pool, models->get(), co);
+  GrpcServerOptions so;
+  so.listen_address = absl::GetFlag(FLAGS_listen);
+  absl::StatusOr<std::unique_ptr<GrpcServer>> server =
+      GrpcServer::Start(so, {{static_cast<v1::Serving::CallbackService*>(&service),
+                              std::string(v1::Serving::service_full_name())},
+                             {static_cast<v1::Admin::CallbackService*>(&service),
+                              std::string(v1::Admin::service_full_name())}});
+  if (!server.ok()) {
+    LOG(ERROR) << server.status();
+    return 1;
+  }
+  if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
+    if (absl::Status s = WriteFileAtomically(pf, absl::StrCat((*server)->port(), "\n")); !s.ok()) {
+      LOG(ERROR) << s;
+      return 1;
+    }
+  }
+  LOG(INFO) << "strata-coordinator " << kStrataVersion << " serving models "
+            << absl::StrJoin((*models)->Names(), ", ") << " on " << (*server)->address()
+            << "; workers: " << absl::GetFlag(FLAGS_workers) << "; routing: " << routing;
+
+  const int sig = WaitForTerminationSignal();
+  LOG(INFO) << "signal " << sig << ": shutting down (" << service.num_inflight()
+            << " requests in flight)";
+  (*server)->SetServing(false);
+  (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_s)));
+  pool.Stop();
+  LOG(INFO) << "strata-coordinator stopped";
+  return 0;
+}
+
+}  // namespace
+}  // namespace strata
+
+int main(int argc, char** argv) {
+  strata::BlockTerminationSignals();
+  strata::InitProgram(argc, argv,
+                      "strata-coordinator --model NAME=DIR --workers host:port,... [--listen "
+                      "HOST:PORT]: routes Strata requests to workers.");
+  return strata::Main();
+}

@@ -1,0 +1,788 @@
+#include "coordinator/coordinator_service.h"
+
+#include <algorithm>
+#include <optional>
+#include <utility>
+
+#include "absl/random/random.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "common/grpc_status.h"
+#include "common/grpc_stream.h"
+#include "common/hash.h"
+#include "common/log.h"
+#include "common/sampling_params.h"
+#include "common/status_macros.h"
+#include "common/version.h"
+#include "grpcpp/alarm.h"
+#include "tokenizer/stop_matcher.h"
+#include "tokenizer/utf8.h"
+
+namespace strata {
+namespace {
+
+constexpr size_t kMaxTextBytes = size_t{1} << 20;
+constexpr int kMaxDetokenizeIds = 1 << 20;
+
+grpc::Status Invalid(absl::string_view message) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(message));
+}
+
+// A token's text for logprobs: byte-level pieces that are not valid UTF-8 become "\xNN" escapes.
+std::string TokenText(const Tokenizer& tokenizer, int32_t id) {
+  const std::string bytes =
+      tokenizer.TokenBytes(id, /*first=*/false, /*skip_special_tokens=*/false);
+  std::string out;
+  size_t i = 0;
+  while (i < bytes.size()) {
+    const size_t n = ValidUtf8SequenceLength(absl::string_view(bytes).substr(i));
+    if (n == 0) {
+      absl::StrAppendFormat(&out, "\\x%02X", static_cast<unsigned char>(bytes[i]));
+      ++i;
+    } else {
+      out.append(bytes, i, n);
+      i += n;
+    }
+  }
+  return out;
+}
+
+void FillTexts(const Tokenizer& tokenizer, v1::PositionLogprobs* p) {
+  p->mutable_token()->set_text(TokenText(tokenizer, p->token().token_id()));
+  for (v1::TokenLogprob& t : *p->mutable_top()) t.set_text(TokenText(tokenizer, t.token_id()));
+}
+
+bool ValidRequestId(absl::string_view id) {
+  if (id.size() > 128) return false;
+  for (char c : id) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Statuses after which another worker may succeed.
+bool Retryable(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+    case grpc::StatusCode::CANCELLED:
+    case grpc::StatusCode::ABORTED:
+    case grpc::StatusCode::UNKNOWN:
+    case grpc::StatusCode::INTERNAL:
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+// ModelRegistry.
+
+absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Load(
+    const std::vector<std::string>& specs) {
+  auto registry = std::make_unique<ModelRegistry>();
+  for (const std::string& spec : specs) {
+    std::vector<std::string> parts = absl::StrSplit(spec, absl::MaxSplits('=', 1));
+    if (parts.size() != 2 || parts[0].empty() || parts[1].empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--model \"", spec, "\" is not NAME=DIR (DIR holding tokenizer.json)"));
+    }
+    absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromModelDir(parts[1]);
+    if (!t.ok()) {
+      return absl::Status(t.status().code(),
+                          absl::StrCat("model ", parts[0], ": ", t.status().message()));
+    }
+    registry->tokenizers_[parts[0]] = *std::move(t);
+  }
+  if (registry->tokenizers_.empty()) {
+    return absl::InvalidArgumentError("at least one --model NAME=DIR is required");
+  }
+  return registry;
+}
+
+const Tokenizer* ModelRegistry::Find(const std::string& name) const {
+  auto it = tokenizers_.find(name);
+  return it == tokenizers_.end() ? nullptr : it->second.get();
+}
+
+std::vector<std::string> ModelRegistry::Names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, t] : tokenizers_) out.push_back(name);
+  return out;
+}
+
+// GenerateCall: one Generate stream, from validation to the last chunk, across attempts.
+//
+// Thread contract. gRPC reactions (the client's cancellation, each attempt's reads and end, the
+// first-token alarm) run on gRPC threads and serialize on mu_. No gRPC operation is started while
+// mu_ is held. Every entry point holds the call (Enter / Leave) while it runs, and the server
+// stream is finished, by whichever thread leaves last, only once the outcome is decided, no
+// attempt is active, the alarm is not pending and no thread is inside: after that nothing can call
+// back into the call, which deletes itself when gRPC reports the stream done. Attempts are owned by
+// the call and outlive their own OnDone.
+class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::GenerateResponse> {
+ public:
+  GenerateCall(CoordinatorService* service, grpc::CallbackServerContext* context,
+               const v1::GenerateRequest* request)
+      : service_(service), context_(context), request_(request), accepted_(absl::Now()) {}
+
+  void Start();
+  void OnCancel() override { ClientGone(); }
+
+ protected:
+  void OnWriteFailed() override { ClientGone(); }
+  void OnStreamDone() override { service_->inflight_.fetch_sub(1); }
+
+ private:
+  class Attempt final : public grpc::ClientReadReactor<v1::SubmitResponse> {
+   public:
+    Attempt(GenerateCall* call, WorkerPool::Assignment assignment)
+        : call_(call), assignment_(std::move(assignment)) {}
+    void OnReadDone(bool ok) override {
+      if (!ok) return;
+      call_->OnChunk(this, &response_);
+      response_.Clear();
+      StartRead(&response_);
+    }
+    void OnDone(const grpc::Status& status) override { call_->OnAttemptDone(this, status); }
+
+    GenerateCall* const call_;
+    WorkerPool::Assignment assignment_;
+    grpc::ClientContext context_;
+    v1::SubmitRequest request_;
+    v1::SubmitResponse response_;
+  };
+
+  grpc::Status Validate();
+  void Enter() ABSL_LOCKS_EXCLUDED(mu_);
+  void Leave() ABSL_LOCKS_EXCLUDED(mu_);
+  void StartAttempt();
+  void OnChunk(Attempt* attempt, v1::SubmitResponse* chunk);
+  void OnAttemptDone(Attempt* attempt, const grpc::Status& status);
+  void ClientGone();
+  void OnFirstTokenAlarm(bool fired);
+  // Decides the outcome, unless it is decided already. Returns whether the first-token alarm must
+  // now be cancelled (outside the lock).
+  bool SetFinalLocked(grpc::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A final chunk the coordinator writes itself (length or context reached between attempts).
+  v1::GenerateResponse LocalFinishLocked(v1::FinishReason reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AppendTextLocked(absl::string_view piece, v1::GenerateResponse* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FillUsageLocked(v1::GenerateResponse* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  CoordinatorService* const service_;
+  grpc::CallbackServerContext* const context_;
+  const v1::GenerateRequest* const request_;
+  const absl::Time accepted_;
+
+  // Set by Start, read-only afterwards.
+  std::string request_id_;
+  const Tokenizer* tokenizer_ = nullptr;
+  ModelView model_;
+  ResolvedSampling sampling_;
+  uint64_t seed_ = 0;
+  std::vector<int32_t> prompt_;
+  std::vector<BlockHash> hashes_;
+  int64_t prompt_blocks_ = 0;
+
+  absl::Mutex mu_;
+  std::vector<int32_t> generated_ ABSL_GUARDED_BY(mu_);
+  std::optional<IncrementalDecoder> decoder_ ABSL_GUARDED_BY(mu_);
+  std::optional<StopMatcher> stop_ ABSL_GUARDED_BY(mu_);
+  bool sent_first_chunk_ ABSL_GUARDED_BY(mu_) = false;
+  bool have_first_token_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time first_token_time_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<Attempt>> attempts_ ABSL_GUARDED_BY(mu_);
+  Attempt* active_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::vector<WorkerSlot> tried_ ABSL_GUARDED_BY(mu_);
+  grpc::Status last_failure_ ABSL_GUARDED_BY(mu_);
+  std::optional<grpc::Status> final_ ABSL_GUARDED_BY(mu_);
+  bool finish_requested_ ABSL_GUARDED_BY(mu_) = false;
+  int holds_ ABSL_GUARDED_BY(mu_) = 0;
+  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+  bool alarm_pending_ ABSL_GUARDED_BY(mu_) = false;
+  bool counted_failover_ ABSL_GUARDED_BY(mu_) = false;
+  v1::CachedTokens cached_ ABSL_GUARDED_BY(mu_);
+  grpc::Alarm alarm_;
+};
+
+grpc::Status CoordinatorService::GenerateCall::Validate() {
+  const v1::GenerateRequest& r = *request_;
+  if (!ValidRequestId(r.request_id())) {
+    return Invalid("request_id must be at most 128 bytes of [A-Za-z0-9._-]");
+  }
+  request_id_ = r.request_id().empty() ? absl::StrCat(service_->options_.instance_id, "-",
+                                                      service_->next_id_.fetch_add(1))
+                                       : r.request_id();
+  if (r.model().empty()) return Invalid("model is required (ListModels names the models)");
+  absl::StatusOr<ModelView> model = service_->Model(r.model());
+  if (!model.ok()) return ToGrpcStatus(model.status());
+  model_ = *model;
+  tokenizer_ = service_->models_->Find(r.model());
+  if (!r.fine_tune_id().empty() &&
+      std::find(model_.fine_tune_ids.begin(), model_.fine_tune_ids.end(), r.fine_tune_id()) ==
+          model_.fine_tune_ids.end()) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                        absl::StrCat("fine_tune_id \"", r.fine_tune_id(),
+                                     "\" is not registered for model ", r.model()));
+  }
+  if (r.cache_salt().size() > 256) return Invalid("cache_salt must be at most 256 bytes");
+  if (r.priority() < -100 || r.priority() > 100) return Invalid("priority must be in [-100, 100]");
+  if (model_.num_workers == 0 || model_.max_context_tokens == 0) {
+    return grpc::Status(
+        grpc::StatusCode::UNAVAILABLE,
+        model_.num_known_workers == 0
+            ? absl::StrCat("no worker serves model ", r.model(), " (none has connected yet)")
+            : absl::StrCat("none of the ", model_.num_known_workers, " workers of model ",
+                           r.model(), " is serving right now (draining or unavailable)"));
+  }
+  absl::StatusOr<ResolvedSampling> sampling =
+      ResolveSamplingParams(r.sampling(), model_.vocab_size);
+  if (!sampling.ok()) return ToGrpcStatus(sampling.status());
+  sampling_ = *std::move(sampling);
+  switch (r.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      if (r.text().size() > kMaxTextBytes) return Invalid("text must be at most 1 MiB");
+      absl::StatusOr<std::vector<int32_t>> ids =
+          tokenizer_->Encode(r.text(), /*add_special_tokens=*/true);
+      if (!ids.ok()) return Invalid(absl::StrCat("text: ", ids.status().message()));
+      prompt_ = *std::move(ids);
+      if (prompt_.empty()) return Invalid("text encodes to no tokens");
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds: {
+      const auto& ids = r.token_ids().ids();
+      if (ids.empty()) return Invalid("token_ids.ids must not be empty");
+      for (int i = 0; i < ids.size(); ++i) {
+        if (ids[i] < 0 || static_cast<uint32_t>(ids[i]) >= model_.vocab_size) {
+          return Invalid(absl::StrCat("token_ids.ids[", i, "] = ", ids[i],
+                                      " is outside the vocabulary [0, ", model_.vocab_size, ")"));
+        }
+      }
+      prompt_.assign(ids.begin(), ids.end());
+      break;
+    }
+    case v1::GenerateRequest::PROMPT_NOT_SET:
+      return Invalid("prompt is required: set text or token_ids");
+  }
+  if (prompt_.size() >= model_.max_context_tokens) {
+    return Invalid(absl::StrCat("prompt has ", prompt_.size(), " tokens; model ", r.model(),
+                                " has a context of ", model_.max_context_tokens,
+                                " tokens (prompt plus output)"));
+  }
+  if (sampling_.seed.has_value()) {
+    seed_ = *sampling_.seed;
+  } else {
+    absl::BitGen gen;
+    seed_ = absl::Uniform<uint64_t>(gen);
+  }
+  const int block_tokens = static_cast<int>(std::max<uint32_t>(1, model_.block_tokens));
+  hashes_ = PrefixBlockHashes(CacheNamespace(r.model(), r.fine_tune_id(), r.cache_salt()), prompt_,
+                              block_tokens);
+  prompt_blocks_ = (static_cast<int64_t>(prompt_.size()) + block_tokens - 1) / block_tokens;
+  return grpc::Status::OK;
+}
+
+void CoordinatorService::GenerateCall::Enter() {
+  absl::MutexLock lock(&mu_);
+  ++holds_;
+}
+
+void CoordinatorService::GenerateCall::Leave() {
+  std::optional<grpc::Status> finish;
+  {
+    absl::MutexLock lock(&mu_);
+    --holds_;
+    if (final_.has_value() && holds_ == 0 && active_ == nullptr && !alarm_pending_ &&
+        !finish_requested_) {
+      finish_requested_ = true;
+      finish = *final_;
+    }
+  }
+  if (finish.has_value()) RequestFinish(*std::move(finish));
+}
+
+void CoordinatorService::GenerateCall::Start() {
+  Enter();
+  grpc::Status valid;
+  if (service_->inflight_.fetch_add(1) >= service_->options_.max_inflight_requests) {
+    valid = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                         absl::StrCat("coordinator has ", service_->options_.max_inflight_requests,
+                                      " requests in flight: back off and retry"));
+  } else {
+    valid = Validate();
+  }
+  if (!valid.ok()) {
+    {
+      absl::MutexLock lock(&mu_);
+      SetFinalLocked(valid);
+    }
+    Leave();
+    return;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    decoder_.emplace(tokenizer_, sampling_.skip_special_tokens);
+    stop_.emplace(sampling_.stop);
+    if (request_->first_token_timeout_ms() > 0) alarm_pending_ = true;
+  }
+  if (request_->first_token_timeout_ms() > 0) {
+    alarm_.Set(
+        absl::ToChronoTime(accepted_ + absl::Milliseconds(request_->first_token_timeout_ms())),
+        [this](bool fired) { OnFirstTokenAlarm(fired); });
+  }
+  StartAttempt();
+  Leave();
+}
+
+void CoordinatorService::GenerateCall::StartAttempt() {
+  Attempt* attempt = nullptr;
+  bool cancel_alarm = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!final_.has_value() && !client_gone_) {
+      absl::StatusOr<WorkerPool::Assignment> a =
+          static_cast<int>(tried_.size()) >= service_->options_.max_attempts
+              ? absl::UnavailableError("tried too many workers")
+              : service_->pool_->Assign(request_->model(), hashes_, prompt_blocks_, tried_);
+      if (!a.ok()) {
+        // Prefer the workers' own answer (RESOURCE_EXHAUSTED: all full) over "no worker left".
+        grpc::Status s = ToGrpcStatus(a.status());
+        if (!last_failure_.ok()) {
+          s = grpc::Status(last_failure_.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED
+                               ? grpc::StatusCode::RESOURCE_EXHAUSTED
+                               : grpc::StatusCode::UNAVAILABLE,
+                           absl::StrCat(a.status().message(),
+                                        "; last worker error: ", last_failure_.error_message()));
+        }
+        cancel_alarm = SetFinalLocked(s);
+      } else {
+        tried_.push_back(a->slot);
+        attempts_.push_back(std::make_unique<Attempt>(this, *std::move(a)));
+        attempt = attempts_.back().get();
+        active_ = attempt;
+        v1::SubmitRequest& s = attempt->request_;
+        s.set_request_id(absl::StrCat(service_->options_.instance_id, "-",
+                                      service_->next_id_.fetch_add(1), "-", request_id_));
+        s.set_model(request_->model());
+        s.set_fine_tune_id(request_->fine_tune_id());
+        s.mutable_prompt_token_ids()->Add(prompt_.begin(), prompt_.end());
+        s.mutable_resume_token_ids()->Add(generated_.begin(), generated_.end());
+        *s.mutable_sampling() = request_->sampling();
+        s.mutable_sampling()->clear_stop();
+        s.mutable_sampling()->set_seed(seed_);
+        s.set_cache_salt(request_->cache_salt());
+        s.set_priority(request_->priority());
+        for (BlockHash h : hashes_) s.add_prefix_block_hashes(h);
+        if (context_->deadline() != std::chrono::system_clock::time_point::max()) {
+          attempt->context_.set_deadline(context_->deadline());
+        }
+        if (!generated_.empty()) {
+          LOG(INFO) << "request " << request_id_ << ": failing over to "
+                    << attempt->assignment_.address << " at token " << generated_.size();
+        }
+      }
+    }
+  }
+  if (cancel_alarm) alarm_.Cancel();
+  if (attempt != nullptr) {
+    attempt->assignment_.stub->async()->Submit(&attempt->context_, &attempt->request_, attempt);
+    attempt->StartRead(&attempt->response_);
+    attempt->StartCall();
+  }
+}
+
+void CoordinatorService::GenerateCall::AppendTextLocked(absl::string_view piece,
+                                                        v1::GenerateResponse* out) {
+  // Stop strings do not apply before min_tokens tokens.
+  if (static_cast<int64_t>(generated_.size()) <= sampling_.min_tokens) {
+    out->mutable_text()->append(piece.data(), piece.size());
+  } else {
+    out->mutable_text()->append(stop_->Add(piece));
+  }
+}
+
+void CoordinatorService::GenerateCall::FillUsageLocked(v1::GenerateResponse* out) {
+  v1::Usage* u = out->mutable_usage();
+  u->set_num_prompt_tokens(static_cast<uint32_t>(prompt_.size()));
+  u->set_num_completion_tokens(static_cast<uint32_t>(generated_.size()));
+  *u->mutable_cached() = cached_;
+  const absl::Time now = absl::Now();
+  u->set_time_to_first_token_ms(
+      have_first_token_ ? absl::ToDoubleMilliseconds(first_token_time_ - accepted_) : 0.0);
+  u->set_total_time_ms(absl::ToDoubleMilliseconds(now - accepted_));
+}
+
+v1::GenerateResponse CoordinatorService::GenerateCall::LocalFinishLocked(v1::FinishReason reason) {
+  v1::GenerateResponse out;
+  out.set_request_id(request_id_);
+  out.set_first_token_index(static_cast<uint32_t>(generated_.size()));
+  std::string tail = decoder_->Flush();
+  AppendTextLocked(tail, &out);
+  if (!stop_->stopped()) out.mutable_text()->append(stop_->Flush());
+  out.set_finish_reason(reason);
+  FillUsageLocked(&out);
+  return out;
+}
+
+void CoordinatorService::GenerateCall::OnChunk(Attempt* attempt, v1::SubmitResponse* chunk) {
+  std::optional<v1::GenerateResponse> out;
+  bool cancel_attempt = false;
+  bool cancel_alarm = false;
+  Enter();
+  // A chunk that arrives after the outcome is decided (a stop string matched) is dropped.
+  if (absl::MutexLock lock(&mu_); !final_.has_value() && attempt == active_) {
+    v1::GenerateResponse r;
+    r.set_request_id(request_id_);
+    r.set_first_token_index(static_cast<uint32_t>(generated_.size()));
+    if (!sent_first_chunk_) {
+      r.set_seed(seed_);
+      for (v1::PositionLogprobs& p : *chunk->mutable_prompt_logprobs()) {
+        FillTexts(*tokenizer_, &p);
+        *r.add_prompt_logprobs() = std::move(p);
+      }
+    }
+    const int64_t first = chunk->first_token_index();
+    bool stopped = false;
+    for (int k = 0; k < chunk->token_ids_size() && !stopped; ++k) {
+      const int64_t position = first + k;
+      if (position < static_cast<int64_t>(generated_.size())) continue;  // already have it
+      if (position > static_cast<int64_t>(generated_.size())) {
+        LOG(ERROR) << "request " << request_id_ << ": worker skipped from token "
+                   << generated_.size() << " to " << position;
+        break;
+      }
+      const int32_t token = chunk->token_ids(k);
+      generated_.push_back(token);
+      r.add_token_ids(token);
+      if (k < chunk->logprobs_size()) {
+        v1::PositionLogprobs* p = r.add_logprobs();
+        *p = std::move(*chunk->mutable_logprobs(k));
+        FillTexts(*tokenizer_, p);
+      }
+      AppendTextLocked(decoder_->Add(token), &r);
+      if (stop_->stopped()) {
+        stopped = true;
+        r.set_finish_reason(v1::FINISH_REASON_STOP_STRING);
+        r.set_matched_stop(stop_->matched());
+      }
+    }
+    if (!have_first_token_ && !generated_.empty()) {
+      have_first_token_ = true;
+      first_token_time_ = absl::Now();
+      service_->pool_->FirstToken(&attempt->assignment_);
+      cancel_alarm = alarm_pending_;
+    }
+    if (chunk->has_usage()) cached_ = chunk->usage().cached();
+    if (stopped) {
+      FillUsageLocked(&r);
+      cancel_alarm |= SetFinalLocked(grpc::Status::OK);
+      cancel_attempt = true;
+    } else if (chunk->finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      r.mutable_text()->append(decoder_->Flush());
+      r.mutable_text()->append(stop_->Flush());
+      r.set_finish_reason(chunk->finish_reason());
+      if (chunk->finish_reason() == v1::FINISH_REASON_STOP_TOKEN && !generated_.empty()) {
+        r.set_matched_stop(TokenText(*tokenizer_, generated_.back()));
+      }
+      FillUsageLocked(&r);
+      // The attempt ends with OK right after this chunk; the stream finishes then.
+      cancel_alarm |= SetFinalLocked(grpc::Status::OK);
+    }
+    if (r.token_ids_size() > 0 || !r.text().empty() || !sent_first_chunk_ ||
+        r.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      sent_first_chunk_ = true;
+      out = std::move(r);
+    }
+  }
+  if (out.has_value()) Write(*std::move(out));
+  if (cancel_alarm) alarm_.Cancel();
+  if (cancel_attempt) attempt->context_.TryCancel();
+  Leave();
+}
+
+void CoordinatorService::GenerateCall::OnAttemptDone(Attempt* attempt, const grpc::Status& status) {
+  bool retry = false;
+  bool cancel_alarm = false;
+  std::optional<v1::GenerateResponse> local;
+  Enter();
+  {
+    absl::MutexLock lock(&mu_);
+    active_ = nullptr;
+    service_->pool_->Release(&attempt->assignment_);
+    if (final_.has_value() || client_gone_) {
+      cancel_alarm =
+          SetFinalLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
+    } else {
+      grpc::Status failure = status;
+      if (status.ok()) {
+        failure = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                               "worker ended the stream without a finish reason");
+      }
+      if (!Retryable(failure.error_code())) {
+        // The request's own fault (INVALID_ARGUMENT, NOT_FOUND, ...) or its deadline.
+        cancel_alarm = SetFinalLocked(failure);
+      } else {
+        last_failure_ = failure;
+        service_->pool_->ReportSubmitFailure(attempt->assignment_.slot, failure);
+        LOG(WARNING) << "request " << request_id_ << ": worker " << attempt->assignment_.address
+                     << " failed after " << generated_.size() << " tokens ("
+                     << failure.error_message() << "); retrying elsewhere";
+        if (!generated_.empty() && !counted_failover_) {
+          counted_failover_ = true;
+          service_->failed_over_.fetch_add(1);
+        }
+        const int64_t n = static_cast<int64_t>(generated_.size());
+        if (n >= sampling_.max_tokens) {
+          local = LocalFinishLocked(v1::FINISH_REASON_LENGTH);
+          cancel_alarm = SetFinalLocked(grpc::Status::OK);
+        } else if (static_cast<int64_t>(prompt_.size()) + n >= model_.max_context_tokens) {
+          local = LocalFinishLocked(v1::FINISH_REASON_CONTEXT_LENGTH);
+          cancel_alarm = SetFinalLocked(grpc::Status::OK);
+        } else {
+          retry = true;
+        }
+      }
+    }
+  }
+  if (local.has_value()) Write(*std::move(local));
+  if (cancel_alarm) alarm_.Cancel();
+  if (retry) StartAttempt();
+  Leave();
+}
+
+void CoordinatorService::GenerateCall::ClientGone() {
+  Attempt* active = nullptr;
+  bool cancel_alarm = false;
+  Enter();
+  {
+    absl::MutexLock lock(&mu_);
+    if (!client_gone_) {
+      client_gone_ = true;
+      active = active_;
+      cancel_alarm =
+          SetFinalLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
+    }
+  }
+  // Cancelling the worker stream frees the sequence's KV blocks there.
+  if (active != nullptr) active->context_.TryCancel();
+  if (cancel_alarm) alarm_.Cancel();
+  Leave();
+}
+
+void CoordinatorService::GenerateCall::OnFirstTokenAlarm(bool fired) {
+  Attempt* active = nullptr;
+  Enter();
+  {
+    absl::MutexLock lock(&mu_);
+    alarm_pending_ = false;
+    if (fired && !have_first_token_ && !final_.has_value()) {
+      active = active_;
+      SetFinalLocked(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                  absl::StrCat("no first token within first_token_timeout_ms = ",
+                                               request_->first_token_timeout_ms())));
+    }
+  }
+  if (active != nullptr) active->context_.TryCancel();
+  Leave();
+}
+
+bool CoordinatorService::GenerateCall::SetFinalLocked(grpc::Status status) {
+  if (final_.has_value()) return false;
+  final_ = std::move(status);
+  service_->completed_.fetch_add(1);
+  // A pending alarm must go before the stream can finish: its callback (with fired = false)
+  // clears alarm_pending_.
+  return alarm_pending_;
+}
+
+// CoordinatorService.
+
+CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* models,
+                                       CoordinatorOptions options)
+    : pool_(pool), models_(models), options_(std::move(options)), started_(absl::Now()) {}
+
+CoordinatorService::~CoordinatorService() {
+  std::vector<std::thread> threads;
+  {
+    absl::MutexLock lock(&threads_mu_);
+    threads.swap(drain_threads_);
+  }
+  for (std::thread& t : threads) t.join();
+}
+
+absl::StatusOr<ModelView> CoordinatorService::Model(const std::string& name) const {
+  if (models_->Find(name) == nullptr) {
+    return absl::NotFoundError(absl::StrCat("model \"", name, "\" is not served here (models: ",
+                                            absl::StrJoin(models_->Names(), ", "), ")"));
+  }
+  for (const ModelView& m : pool_->Models()) {
+    if (m.name == name) return m;
+  }
+  ModelView m;
+  m.name = name;
+  return m;
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* CoordinatorService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto* call = new GenerateCall(this, context, request);
+  call->Start();
+  return call;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Tokenize(grpc::CallbackServerContext* context,
+                                                       const v1::TokenizeRequest* request,
+                                                       v1::TokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const Tokenizer* t = models_->Find(request->model());
+  absl::StatusOr<ModelView> model = Model(request->model());
+  if (t == nullptr || !model.ok()) {
+    reactor->Finish(ToGrpcStatus(model.status()));
+    return reactor;
+  }
+  if (request->text().size() > kMaxTextBytes) {
+    reactor->Finish(Invalid("text must be at most 1 MiB"));
+    return reactor;
+  }
+  absl::StatusOr<std::vector<int32_t>> ids =
+      t->Encode(request->text(), request->add_special_tokens());
+  if (!ids.ok()) {
+    reactor->Finish(Invalid(absl::StrCat("text: ", ids.status().message())));
+    return reactor;
+  }
+  response->mutable_token_ids()->Add(ids->begin(), ids->end());
+  if (request->return_token_texts()) {
+    for (int32_t id : *ids) response->add_token_texts(TokenText(*t, id));
+  }
+  response->set_max_context_tokens(model->max_context_tokens);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Detokenize(grpc::CallbackServerContext* context,
+                                                         const v1::DetokenizeRequest* request,
+                                                         v1::DetokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const Tokenizer* t = models_->Find(request->model());
+  if (t == nullptr) {
+    reactor->Finish(ToGrpcStatus(Model(request->model()).status()));
+    return reactor;
+  }
+  if (request->token_ids_size() > kMaxDetokenizeIds) {
+    reactor->Finish(Invalid("token_ids must hold at most 1048576 ids"));
+    return reactor;
+  }
+  for (int i = 0; i < request->token_ids_size(); ++i) {
+    const int32_t id = request->token_ids(i);
+    if (id < 0 || id >= t->vocab_size()) {
+      reactor->Finish(Invalid(absl::StrCat(
+          "token_ids[", i, "] = ", id, " is outside the vocabulary [0, ", t->vocab_size(), ")")));
+      return reactor;
+    }
+  }
+  absl::StatusOr<std::string> text =
+      t->Decode(absl::MakeConstSpan(request->token_ids().data(), request->token_ids_size()),
+                request->skip_special_tokens());
+  if (!text.ok()) {
+    reactor->Finish(ToGrpcStatus(text.status()));
+    return reactor;
+  }
+  response->set_text(*std::move(text));
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerContext* context,
+                                                         const v1::ListModelsRequest* /*request*/,
+                                                         v1::ListModelsResponse* response) {
+  const std::vector<ModelView> served = pool_->Models();
+  for (const std::string& name : models_->Names()) {
+    v1::ModelInfo* m = response->add_models();
+    m->set_name(name);
+    for (const ModelView& v : served) {
+      if (v.name != name) continue;
+      m->set_max_context_tokens(v.max_context_tokens);
+      m->set_vocab_size(v.vocab_size);
+      m->set_num_workers(v.num_workers);
+      for (const std::string& ft : v.fine_tune_ids) m->add_fine_tune_ids(ft);
+    }
+    if (m->vocab_size() == 0)
+      m->set_vocab_size(static_cast<uint32_t>(models_->Find(name)->vocab_size()));
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::GetClusterStatus(
+    grpc::CallbackServerContext* context, const v1::GetClusterStatusRequest* /*request*/,
+    v1::ClusterStatus* response) {
+  for (v1::WorkerStatus& w : pool_->Status()) *response->add_workers() = std::move(w);
+  response->set_num_inflight_requests(
+      static_cast<uint32_t>(std::max<int64_t>(0, inflight_.load())));
+  response->set_num_completed_requests(completed_.load());
+  response->set_num_failed_over_requests(failed_over_.load());
+  response->set_uptime_ms(absl::ToInt64Milliseconds(absl::Now() - started_));
+  response->set_version(kStrataVersion);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::DrainWorker(grpc::CallbackServerContext* context,
+                                                          const v1::DrainWorkerRequest* request,
+                                                          v1::DrainWorkerResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (request->worker().empty()) {
+    reactor->Finish(Invalid("worker is required (an address or worker_id)"));
+    return reactor;
+  }
+  if (request->timeout_ms() > 3600000) {
+    reactor->Finish(Invalid("timeout_ms must be in [0, 3600000]"));
+    return reactor;
+  }
+  // The drain RPC (and, with wait, the polling) blocks: run it off the gRPC thread.
+  const std::string worker = request->worker();
+  const bool resume = request->resume();
+  const bool wait = request->wait() && !resume;
+  const absl::Duration timeout =
+      absl::Milliseconds(request->timeout_ms() == 0 ? 60000 : request->timeout_ms());
+  absl::MutexLock lock(&threads_mu_);
+  drain_threads_.emplace_back([this, reactor, response, worker, resume, wait, timeout] {
+    const absl::Time give_up = absl::Now() + timeout;
+    while (true) {
+      absl::StatusOr<WorkerPool::DrainOutcome> out = pool_->Drain(worker, resume);
+      if (!out.ok()) {
+        reactor->Finish(ToGrpcStatus(out.status()));
+        return;
+      }
+      if (!wait || out->num_inflight_sequences == 0) {
+        *response->mutable_status() = std::move(out->status);
+        reactor->Finish(grpc::Status::OK);
+        return;
+      }
+      if (absl::Now() >= give_up) {
+        reactor->Finish(
+            grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                         absl::StrCat("worker ", worker, " still has ", out->num_inflight_sequences,
+                                      " sequences in flight")));
+        return;
+      }
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+  });
+  return reactor;
+}
+
+}  // namespace strata

@@ -1,0 +1,116 @@
+// The coordinator's gRPC services: strata.v1.Serving (what clients call) and strata.v1.Admin (what
+// operators call), over a WorkerPool.
+//
+// The life of a Generate call (GenerateCall in the .cc file):
+//   validate -> tokenize -> hash the prompt's blocks -> admit (bounded) -> route
+//   (WorkerPool::Assign)
+//   -> attempt: a Submit stream to the worker -> tokens are detokenized incrementally, checked for
+//   stop strings and streamed to the client -> finish.
+//
+// Failover protocol. The coordinator keeps every token a worker has sent for the request, whether
+// or not its text has reached the client yet (text may be held back for an incomplete character or
+// a possible stop string). If the attempt fails with a retryable status (the worker died:
+// UNAVAILABLE; it is draining: FAILED_PRECONDITION; it is full: RESOURCE_EXHAUSTED; ...), the
+// request is submitted to another worker with those tokens as resume_token_ids and the same seed.
+// Sampling is a pure function of (seed, position, logits), so the new worker continues exactly
+// where the first stopped; token positions (first_token_index) let the coordinator drop anything
+// it already has, so the client sees no gap and no duplicate. Before the first token this is a
+// plain retry. Each worker is tried at most once per request.
+//
+// Cancellation. When the client cancels, disconnects or its deadline passes, the coordinator
+// cancels the worker stream, which frees the sequence's KV blocks on the worker at once. The
+// client's deadline is also set on the worker stream.
+#ifndef STRATA_COORDINATOR_COORDINATOR_SERVICE_H_
+#define STRATA_COORDINATOR_COORDINATOR_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "coordinator/worker_pool.h"
+#include "proto/strata/v1/admin.grpc.pb.h"
+#include "proto/strata/v1/serving.grpc.pb.h"
+#include "tokenizer/tokenizer.h"
+
+namespace strata {
+
+struct CoordinatorOptions {
+  // Generate calls accepted and not finished; beyond it Generate fails RESOURCE_EXHAUSTED.
+  int64_t max_inflight_requests = 1024;
+  // Workers tried per request, counting the first.
+  int max_attempts = 4;
+  // Prefix of the request ids the coordinator uses towards workers (unique per coordinator).
+  std::string instance_id = "coord";
+};
+
+// The models this coordinator serves: their names and tokenizers. Context length and vocabulary
+// size come from the workers that serve them.
+class ModelRegistry {
+ public:
+  // Each spec is NAME=DIR, DIR holding tokenizer.json (and optionally tokenizer_config.json).
+  static absl::StatusOr<std::unique_ptr<ModelRegistry>> Load(const std::vector<std::string>& specs);
+  const Tokenizer* Find(const std::string& name) const;
+  std::vector<std::string> Names() const;
+
+ private:
+  std::map<std::string, std::unique_ptr<Tokenizer>> tokenizers_;
+};
+
+class CoordinatorService final : public v1::Serving::CallbackService,
+                                 public v1::Admin::CallbackService {
+ public:
+  // `pool` and `models` are not owned and must outlive the service.
+  CoordinatorService(WorkerPool* pool, const ModelRegistry* models, CoordinatorOptions options);
+  ~CoordinatorService() override;
+
+  // strata.v1.Serving.
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const v1::TokenizeRequest* request,
+                                     v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
+                                       const v1::DetokenizeRequest* request,
+                                       v1::DetokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
+                                       const v1::ListModelsRequest* request,
+                                       v1::ListModelsResponse* response) override;
+
+  // strata.v1.Admin.
+  grpc::ServerUnaryReactor* GetClusterStatus(grpc::CallbackServerContext* context,
+                                             const v1::GetClusterStatusRequest* request,
+                                             v1::ClusterStatus* response) override;
+  grpc::ServerUnaryReactor* DrainWorker(grpc::CallbackServerContext* context,
+                                        const v1::DrainWorkerRequest* request,
+                                        v1::DrainWorkerResponse* response) override;
+
+  int64_t num_inflight() const { return inflight_.load(); }
+
+  class GenerateCall;
+
+ private:
+  friend class GenerateCall;
+
+  // The model's limits as its workers report them; NOT_FOUND for a model not in the registry.
+  absl::StatusOr<ModelView> Model(const std::string& name) const;
+
+  WorkerPool* const pool_;
+  const ModelRegistry* const models_;
+  const CoordinatorOptions options_;
+  const absl::Time started_;
+  std::atomic<int64_t> inflight_{0};
+  std::atomic<uint64_t> next_id_{1};
+  std::atomic<uint64_t> completed_{0};
+  std::atomic<uint64_t> failed_over_{0};
+  // Admin DrainWorker calls with wait=true run on their own threads; joined on destruction.
+  absl::Mutex threads_mu_;
+  std::vector<std::thread> drain_threads_ ABSL_GUARDED_BY(threads_mu_);
+};
+
+}  // namespace strata
+
+#endif  // STRATA_COORDINATOR_COORDINATOR_SERVICE_H_

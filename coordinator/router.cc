@@ -1,0 +1,64 @@
+#include "coordinator/router.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace strata {
+
+RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView> candidates,
+                    const BlockIndex& index, const RouterConfig& config) {
+  RouteDecision d;
+  const size_t n = candidates.size();
+  if (n == 0) return d;
+  if (config.round_robin) {
+    d.chosen = static_cast<int>(request.tie_break % n);
+    d.scores.resize(n);
+    for (size_t i = 0; i < n; ++i) d.scores[i].slot = candidates[i].slot;
+    return d;
+  }
+  std::vector<WorkerSlot> slots(n);
+  double total_inflight = 0;
+  for (size_t i = 0; i < n; ++i) {
+    slots[i] = candidates[i].slot;
+    total_inflight += static_cast<double>(candidates[i].inflight_requests);
+  }
+  const std::vector<std::array<int64_t, kNumTiers>> overlap =
+      index.PrefixOverlap(request.prefix_hashes, slots);
+  // The mean counts this request, wherever it goes.
+  const double mean = (total_inflight + 1) / static_cast<double>(n);
+  const double limit = std::max(mean * (1 + config.balance_tolerance), mean + config.balance_slack);
+  d.scores.resize(n);
+  bool any_under = false;
+  for (size_t i = 0; i < n; ++i) {
+    const WorkerLoadView& c = candidates[i];
+    WorkerScore& s = d.scores[i];
+    s.slot = c.slot;
+    s.overlap_blocks = overlap[i];
+    for (int t = 0; t < kNumTiers; ++t) {
+      s.credit += config.tier_weights[t] * static_cast<double>(overlap[i][t]);
+    }
+    s.cost = std::max(0.0, static_cast<double>(request.prompt_blocks + c.queued_prefill_blocks) -
+                               s.credit) +
+             config.decode_weight * static_cast<double>(c.decode_sequences);
+    s.over_balance_limit = static_cast<double>(c.inflight_requests + 1) > limit;
+    any_under |= !s.over_balance_limit;
+  }
+  auto better = [&](size_t a, size_t b) {
+    const WorkerScore& sa = d.scores[a];
+    const WorkerScore& sb = d.scores[b];
+    if (any_under && sa.over_balance_limit != sb.over_balance_limit) return !sa.over_balance_limit;
+    if (sa.cost != sb.cost) return sa.cost < sb.cost;
+    if (candidates[a].inflight_requests != candidates[b].inflight_requests) {
+      return candidates[a].inflight_requests < candidates[b].inflight_requests;
+    }
+    return (a + n - request.tie_break % n) % n < (b + n - request.tie_break % n) % n;
+  };
+  size_t best = 0;
+  for (size_t i = 1; i < n; ++i) {
+    if (better(i, best)) best = i;
+  }
+  d.chosen = static_cast<int>(best);
+  return d;
+}
+
+}  // namespace strata

@@ -1,0 +1,203 @@
+// The router against tables: each case builds an index and loads, routes, and checks the choice and
+// the scores.
+#include "coordinator/router.h"
+
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+struct Placement {
+  WorkerSlot worker;
+  Tier tier;
+  std::vector<BlockHash> hashes;
+};
+
+struct Case {
+  std::string name;
+  std::vector<Placement> index;
+  std::vector<WorkerLoadView> loads;
+  std::vector<BlockHash> prefix;
+  int64_t prompt_blocks;
+  uint64_t tie_break;
+  int want_chosen;
+  // Expected (credit, cost) per candidate; empty: not checked.
+  std::vector<std::pair<double, double>> want_scores;
+  RouterConfig config = {};
+};
+
+const std::vector<BlockHash> kChain = {100, 101, 102, 103, 104};
+
+std::vector<WorkerLoadView> Idle(int n) {
+  std::vector<WorkerLoadView> v;
+  for (int i = 0; i < n; ++i) v.push_back(WorkerLoadView{static_cast<WorkerSlot>(i), 0, 0, 0});
+  return v;
+}
+
+TEST(RouterTest, Table) {
+  RouterConfig rr;
+  rr.round_robin = true;
+  const std::vector<Case> cases = {
+      {"no candidates", {}, {}, kChain, 6, 0, -1, {}},
+      {"cold, idle: tie_break rotates 0", {}, Idle(3), kChain, 6, 0, 0, {{0, 6}, {0, 6}, {0, 6}}},
+      {"cold, idle: tie_break rotates 1", {}, Idle(3), kChain, 6, 1, 1, {}},
+      {"cold, idle: tie_break rotates 5", {}, Idle(3), kChain, 6, 5, 2, {}},
+      {"longest device prefix wins",
+       {{1, Tier::kDevice, {100, 101, 102, 103}}, {2, Tier::kDevice, {100}}},
+       Idle(3),
+       kChain,
+       6,
+       0,
+       1,
+       {{0, 6}, {4, 2}, {1, 5}}},
+      {"a prefix must start at the first block",
+       {{0, Tier::kDevice, {101, 102, 103, 104}}, {1, Tier::kDevice, {100}}},
+       Idle(2),
+       kChain,
+       6,
+       0,
+       1,
+       {{0, 6}, {1, 5}}},
+      {"slower tiers earn less credit",
+       {{0, Tier::kDisk, {100, 101, 102, 103}}, {1, Tier::kDevice, {100, 101}}},
+       Idle(2),
+       kChain,
+       6,
+       0,
+       1,
+       {{1, 5}, {2, 4}}},
+      {"mixed tiers on one worker",
+       {{0, Tier::kDevice, {100, 101}}, {0, Tier::kHost, {102, 103}}},
+       Idle(1),
+       kChain,
+       6,
+       0,
+       0,
+       {{3.5, 2.5}}},
+      {"decode load outweighs a short prefix",
+       {{0, Tier::kDevice, {100, 101, 102}}},
+       {{0, 1, 0, 5}, {1, 0, 0, 0}},
+       kChain,
+       6,
+       0,
+       1,
+       {{3, 8}, {0, 6}}},
+      {"queued prefill outweighs a prefix",
+       {{0, Tier::kDevice, {100, 101, 102, 103}}},
+       {{0, 1, 10, 0}, {1, 0, 0, 0}},
+       kChain,
+       6,
+       0,
+       1,
+       {{4, 12}, {0, 6}}},
+      {"credit never makes cost negative",
+       {{0, Tier::kDevice, {100, 101, 102, 103, 104}}},
+       Idle(1),
+       kChain,
+       2,
+       0,
+       0,
+       {{5, 0}}},
+      {"over the balance limit: the prefix holder is passed over",
+       {{0, Tier::kDevice, {100, 101, 102, 103, 104}}},
+       {{0, 10, 0, 0}, {1, 2, 0, 0}, {2, 1, 0, 0}, {3, 2, 0, 0}},
+       kChain,
+       6,
+       0,
+       2,
+       {}},
+      {"under the balance limit: the prefix holder keeps it",
+       {{0, Tier::kDevice, {100, 101, 102, 103, 104}}},
+       {{0, 2, 0, 0}, {1, 1, 0, 0}, {2, 2, 0, 0}, {3, 2, 0, 0}},
+       kChain,
+       6,
+       0,
+       0,
+       {}},
+      {"equal cost: fewer in-flight requests win",
+       {},
+       {{0, 3, 0, 0}, {1, 1, 0, 0}, {2, 2, 0, 0}},
+       kChain,
+       6,
+       0,
+       1,
+       {}},
+      {"round robin ignores the index",
+       {{0, Tier::kDevice, {100, 101, 102, 103, 104}}},
+       Idle(4),
+       kChain,
+       6,
+       7,
+       3,
+       {},
+       rr},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    BlockIndex index;
+    for (const Placement& p : c.index) index.Stored(p.worker, p.tier, p.hashes);
+    RouteRequest req;
+    req.prefix_hashes = c.prefix;
+    req.prompt_blocks = c.prompt_blocks;
+    req.tie_break = c.tie_break;
+    const RouteDecision d = Route(req, c.loads, index, c.config);
+    EXPECT_EQ(d.chosen, c.want_chosen);
+    ASSERT_EQ(d.scores.size(), c.loads.size());
+    for (size_t i = 0; i < c.want_scores.size(); ++i) {
+      EXPECT_DOUBLE_EQ(d.scores[i].credit, c.want_scores[i].first) << "candidate " << i;
+      EXPECT_DOUBLE_EQ(d.scores[i].cost, c.want_scores[i].second) << "candidate " << i;
+    }
+  }
+}
+
+TEST(RouterTest, PendingBlocksRouteABurstToTheSameWorker) {
+  BlockIndex index;
+  std::vector<WorkerLoadView> loads = Idle(4);
+  RouteRequest req;
+  req.prefix_hashes = kChain;
+  req.prompt_blocks = 6;
+  req.tie_break = 2;
+  const RouteDecision first = Route(req, loads, index, RouterConfig());
+  ASSERT_EQ(first.chosen, 2);
+  index.AddPending(2, kChain);
+  for (WorkerLoadView& l : loads) l.inflight_requests = 1;
+  req.tie_break = 3;
+  const RouteDecision second = Route(req, loads, index, RouterConfig());
+  EXPECT_EQ(second.chosen, 2);
+  EXPECT_EQ(second.scores[2].overlap_blocks[0], 5);
+}
+
+TEST(RouterTest, AHotPrefixSpreadsOverEveryWorkerAndStaysBalanced) {
+  // Replays 400 requests sharing one prefix through the router with four workers, each request
+  // holding its worker for 8 routing rounds; the prefix is cached wherever a request ran.
+  BlockIndex index;
+  std::vector<WorkerLoadView> loads = Idle(4);
+  std::vector<int> share(4, 0);
+  std::vector<std::pair<int, int>> running;  // (worker, rounds left)
+  for (int r = 0; r < 400; ++r) {
+    for (auto& [w, left] : running) {
+      if (--left == 0) --loads[w].inflight_requests;
+    }
+    std::erase_if(running, [](const auto& p) { return p.second == 0; });
+    RouteRequest req;
+    req.prefix_hashes = kChain;
+    req.prompt_blocks = 6;
+    req.tie_break = static_cast<uint64_t>(r);
+    const RouteDecision d = Route(req, loads, index, RouterConfig());
+    ASSERT_GE(d.chosen, 0);
+    ++share[d.chosen];
+    ++loads[d.chosen].inflight_requests;
+    running.push_back({d.chosen, 8});
+    index.Stored(static_cast<WorkerSlot>(d.chosen), Tier::kDevice, kChain);
+  }
+  for (int w = 0; w < 4; ++w) {
+    EXPECT_GE(share[w], 75) << "worker " << w;
+    EXPECT_LE(share[w], 125) << "worker " << w;
+  }
+}
+
+}  // namespace
+}  // namespace strata

@@ -1,0 +1,514 @@
+#include "coordinator/worker_pool.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
+
+namespace strata {
+namespace {
+
+Tier FromProtoTier(v1::Tier t) {
+  switch (t) {
+    case v1::TIER_HOST:
+      return Tier::kHost;
+    case v1::TIER_DISK:
+      return Tier::kDisk;
+    default:
+      return Tier::kDevice;
+  }
+}
+
+v1::Tier ToProtoTier(Tier t) {
+  switch (t) {
+    case Tier::kDevice:
+      return v1::TIER_DEVICE;
+    case Tier::kHost:
+      return v1::TIER_HOST;
+    case Tier::kDisk:
+      return v1::TIER_DISK;
+  }
+  return v1::TIER_UNSPECIFIED;
+}
+
+std::chrono::system_clock::time_point Deadline(absl::Duration d) {
+  return absl::ToChronoTime(absl::Now() + d);
+}
+
+}  // namespace
+
+WorkerPool::WorkerPool(WorkerPoolOptions options) : options_(std::move(options)) {}
+
+WorkerPool::~WorkerPool() { Stop(); }
+
+void WorkerPool::Start() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (started_) return;
+    started_ = true;
+  }
+  if (options_.targets.uses_dns() || options_.resolver) {
+    discovery_ = std::thread([this] { DiscoveryLoop(); });
+  } else {
+    UpdateAddresses(options_.targets.static_addresses);
+    // Static workers still get their info refreshed (draining state) on the same period.
+    discovery_ = std::thread([this] { DiscoveryLoop(); });
+  }
+}
+
+void WorkerPool::Stop() {
+  std::vector<std::thread> threads;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stop_) return;
+    stop_ = true;
+    for (auto& w : workers_) {
+      if (w->active_context != nullptr) w->active_context->TryCancel();
+      if (w->thread.joinable()) threads.push_back(std::move(w->thread));
+    }
+  }
+  if (discovery_.joinable()) discovery_.join();
+  for (std::thread& t : threads) t.join();
+}
+
+void WorkerPool::SleepUnlessStopping(Worker* w, absl::Duration d) {
+  absl::MutexLock lock(&mu_);
+  auto done = [this, w]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return Stopping(w); };
+  mu_.AwaitWithTimeout(absl::Condition(&done), d);
+}
+
+void WorkerPool::DiscoveryLoop() {
+  Worker none;  // never removed: only the pool's stop flag wakes the sleep below
+  while (true) {
+    if (options_.targets.uses_dns() || options_.resolver) {
+      absl::StatusOr<std::vector<std::string>> addrs =
+          options_.resolver ? options_.resolver()
+                            : ResolveAll(options_.targets.dns_name, options_.targets.dns_port);
+      if (addrs.ok()) {
+        UpdateAddresses(*addrs);
+      } else {
+        // Keep what we have: a DNS hiccup must not drop healthy workers.
+        LOG(WARNING) << addrs.status();
+      }
+    }
+    std::vector<Worker*> live;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stop_) return;
+      for (auto& w : workers_) {
+        if (!w->removed && (w->state == State::kServing || w->state == State::kDraining)) {
+          live.push_back(w.get());
+        }
+      }
+    }
+    for (Worker* w : live) RefreshInfo(w);
+    SleepUnlessStopping(&none, options_.resolve_interval);
+    absl::MutexLock lock(&mu_);
+    if (stop_) return;
+  }
+}
+
+void WorkerPool::UpdateAddresses(const std::vector<std::string>& addresses) {
+  std::vector<std::thread> finished;
+  std::vector<Worker*> to_start;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stop_) return;
+    for (auto& w : workers_) {
+      const bool listed =
+          std::find(addresses.begin(), addresses.end(), w->address) != addresses.end();
+      if (!listed && !w->removed) {
+        LOG(INFO) << "worker " << w->address << " is gone from discovery; dropping it";
+        w->removed = true;
+        w->state = State::kUnavailable;
+        index_.DropWorker(w->slot);
+        if (w->active_context != nullptr) w->active_context->TryCancel();
+      }
+    }
+    for (const std::string& address : addresses) {
+      auto it = by_address_.find(address);
+      Worker* w = nullptr;
+      if (it == by_address_.end()) {
+        auto record = std::make_unique<Worker>();
+        record->slot = static_cast<WorkerSlot>(workers_.size());
+        record->address = address;
+        grpc::ChannelArguments args;
+        args.SetMaxReceiveMessageSize(64 << 20);
+        // Reconnect quickly after a worker restarts.
+        args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+        args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+        record->channel =
+            grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+        record->stub = v1::Worker::NewStub(record->channel);
+        w = record.get();
+        by_address_[address] = w->slot;
+        workers_.push_back(std::move(record));
+        LOG(INFO) << "discovered worker " << address;
+      } else {
+        w = workers_[it->second].get();
+        if (!w->removed) continue;
+        LOG(INFO) << "worker " << address << " is back";
+        w->removed = false;
+        w->state = State::kConnecting;
+        if (w->thread.joinable()) finished.push_back(std::move(w->thread));
+      }
+      to_start.push_back(w);
+    }
+  }
+  // A returning worker's old thread saw `removed` and is exiting; wait for it outside the lock.
+  for (std::thread& t : finished) t.join();
+  absl::MutexLock lock(&mu_);
+  for (Worker* w : to_start) w->thread = std::thread([this, w] { WatchLoop(w); });
+}
+
+void WorkerPool::RefreshInfo(Worker* w) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(Deadline(options_.rpc_timeout));
+  v1::WorkerInfo info;
+  const grpc::Status s = w->stub->GetInfo(&ctx, v1::GetInfoRequest(), &info);
+  if (!s.ok()) return;  // the watch stream decides availability
+  absl::MutexLock lock(&mu_);
+  if (w->removed || info.worker_epoch() != w->info.worker_epoch()) return;
+  w->info = info;
+  if (w->state == State::kServing && info.draining()) w->state = State::kDraining;
+  if (w->state == State::kDraining && !info.draining() && !w->drained_by_admin) {
+    w->state = State::kServing;
+  }
+}
+
+void WorkerPool::WatchLoop(Worker* w) {
+  absl::Duration backoff = absl::Milliseconds(50);
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (Stopping(w)) return;
+    }
+    // Who is it?
+    v1::WorkerInfo info;
+    grpc::Status status;
+    {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(Deadline(options_.rpc_timeout));
+      {
+        absl::MutexLock lock(&mu_);
+        if (Stopping(w)) return;
+        w->active_context = &ctx;
+      }
+      status = w->stub->GetInfo(&ctx, v1::GetInfoRequest(), &info);
+      absl::MutexLock lock(&mu_);
+      w->active_context = nullptr;
+    }
+    if (!status.ok()) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (w->state != State::kUnavailable) {
+          LOG(WARNING) << "worker " << w->address << " is unavailable: " << status.error_message();
+        }
+        w->state = State::kUnavailable;
+      }
+      SleepUnlessStopping(w, backoff);
+      backoff = std::min(backoff * 2, options_.max_reconnect_backoff);
+      continue;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      if (w->has_info && w->info.worker_epoch() != info.worker_epoch()) {
+        LOG(INFO) << "worker " << w->address << " restarted (new epoch)";
+      }
+      w->info = info;
+      w->has_info = true;
+    }
+    // Its events.
+    grpc::ClientContext ctx;
+    v1::WatchEventsRequest req;
+    req.set_load_report_interval_ms(options_.load_report_interval_ms);
+    {
+      absl::MutexLock lock(&mu_);
+      if (Stopping(w)) return;
+      w->active_context = &ctx;
+    }
+    std::unique_ptr<grpc::ClientReader<v1::WorkerEvent>> reader = w->stub->WatchEvents(&ctx, req);
+    v1::WorkerEvent ev;
+    uint64_t expected = 1;
+    const absl::Time opened = absl::Now();
+    std::string broken;
+    while (reader->Read(&ev)) {
+      if (ev.worker_epoch() != info.worker_epoch()) {
+        broken = "the worker restarted";
+        break;
+      }
+      if (ev.sequence_number() != expected) {
+        broken = absl::StrCat("event ", expected, " was lost");
+        break;
+      }
+      ++expected;
+      absl::MutexLock lock(&mu_);
+      w->last_event_unix_ms = absl::ToUnixMillis(absl::Now());
+      switch (ev.event_case()) {
+        case v1::WorkerEvent::kStored:
+          index_.Stored(w->slot, FromProtoTier(ev.stored().tier()),
+                        absl::MakeConstSpan(ev.stored().block_hashes().data(),
+                                            ev.stored().block_hashes_size()));
+          break;
+        case v1::WorkerEvent::kRemoved:
+          index_.Removed(w->slot, FromProtoTier(ev.removed().tier()),
+                         absl::MakeConstSpan(ev.removed().block_hashes().data(),
+                                             ev.removed().block_hashes_size()));
+          break;
+        case v1::WorkerEvent::kLoad:
+          w->load = ev.load();
+          break;
+        case v1::WorkerEvent::kSnapshotComplete:
+          w->state =
+              (w->info.draining() || w->drained_by_admin) ? State::kDraining : State::kServing;
+          LOG(INFO) << "worker " << w->address << " (" << w->info.worker_id() << ", model "
+                    << w->info.model() << ") is "
+                    << (w->state == State::kServing ? "serving" : "draining");
+          break;
+        case v1::WorkerEvent::EVENT_NOT_SET:
+          break;
+      }
+    }
+    if (broken.empty()) {
+      ctx.TryCancel();
+    } else {
+      ctx.TryCancel();
+      while (reader->Read(&ev)) {
+      }
+    }
+    status = reader->Finish();
+    {
+      absl::MutexLock lock(&mu_);
+      w->active_context = nullptr;
+      index_.DropWorker(w->slot);
+      if (Stopping(w)) return;
+      w->state = State::kUnavailable;
+      LOG(WARNING) << "lost the event stream of worker " << w->address << ": "
+                   << (broken.empty() ? status.error_message() : broken);
+    }
+    if (absl::Now() - opened > absl::Seconds(10)) backoff = absl::Milliseconds(50);
+    SleepUnlessStopping(w, backoff);
+    backoff = std::min(backoff * 2, options_.max_reconnect_backoff);
+  }
+}
+
+absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& model,
+                                                          absl::Span<const BlockHash> hashes,
+                                                          int64_t prompt_blocks,
+                                                          absl::Span<const WorkerSlot> exclude) {
+  absl::MutexLock lock(&mu_);
+  std::vector<WorkerLoadView> loads;
+  int known = 0;
+  for (const auto& w : workers_) {
+    if (w->removed || !w->has_info || w->info.model() != model) continue;
+    ++known;
+    if (w->state != State::kServing) continue;
+    if (std::find(exclude.begin(), exclude.end(), w->slot) != exclude.end()) continue;
+    WorkerLoadView v;
+    v.slot = w->slot;
+    const int64_t block_tokens = std::max<int64_t>(1, w->info.block_tokens());
+    v.inflight_requests = std::max<int64_t>(
+        w->inflight, w->load.num_running_sequences() + w->load.num_waiting_sequences());
+    v.queued_prefill_blocks = std::max<int64_t>(
+        w->prefill_blocks,
+        static_cast<int64_t>(w->load.num_pending_prefill_tokens()) / block_tokens);
+    v.decode_sequences = std::max<int64_t>(w->decoding, w->load.num_decode_sequences());
+    loads.push_back(v);
+  }
+  if (loads.empty()) {
+    return absl::UnavailableError(
+        known == 0 ? absl::StrCat("no worker serves model \"", model, "\" right now")
+                   : absl::StrCat("none of the ", known, " workers of model \"", model,
+                                  "\" can take a request now (unavailable, draining or tried)"));
+  }
+  RouteRequest req;
+  req.prefix_hashes = hashes;
+  req.prompt_blocks = prompt_blocks;
+  req.tie_break = tie_break_.fetch_add(1);
+  const RouteDecision d = Route(req, loads, index_, options_.router);
+  const WorkerScore& score = d.scores[d.chosen];
+  Worker* w = workers_[score.slot].get();
+  Assignment a;
+  a.slot = w->slot;
+  a.address = w->address;
+  a.stub = w->stub.get();
+  a.pending.assign(hashes.begin(), hashes.end());
+  int64_t cached = 0;
+  for (int64_t c : score.overlap_blocks) cached += c;
+  a.expected_cached_blocks = cached;
+  a.prefill_blocks = std::max<int64_t>(0, prompt_blocks - cached);
+  ++w->inflight;
+  ++w->routed;
+  w->prefill_blocks += a.prefill_blocks;
+  index_.AddPending(w->slot, a.pending);
+  VLOG(1) << "routed to " << w->address << " (cost " << score.cost << ", " << cached
+          << " cached blocks of " << prompt_blocks << ")";
+  return a;
+}
+
+void WorkerPool::FirstToken(Assignment* a) {
+  absl::MutexLock lock(&mu_);
+  if (a->decoding) return;
+  Worker* w = workers_[a->slot].get();
+  w->prefill_blocks -= a->prefill_blocks;
+  ++w->decoding;
+  a->decoding = true;
+}
+
+void WorkerPool::Release(Assignment* a) {
+  absl::MutexLock lock(&mu_);
+  Worker* w = workers_[a->slot].get();
+  --w->inflight;
+  if (a->decoding) {
+    --w->decoding;
+  } else {
+    w->prefill_blocks -= a->prefill_blocks;
+  }
+  index_.RemovePending(w->slot, a->pending);
+  a->pending.clear();
+}
+
+void WorkerPool::ReportSubmitFailure(WorkerSlot slot, const grpc::Status& status) {
+  absl::MutexLock lock(&mu_);
+  if (slot >= workers_.size()) return;
+  Worker* w = workers_[slot].get();
+  if (status.error_code() == grpc::StatusCode::FAILED_PRECONDITION && w->state == State::kServing) {
+    w->state = State::kDraining;
+  } else if (status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+             w->state != State::kUnavailable) {
+    // The watch stream will confirm (and reconnect if it was a blip).
+    w->state = State::kUnavailable;
+  }
+}
+
+std::vector<ModelView> WorkerPool::Models() {
+  absl::MutexLock lock(&mu_);
+  std::vector<ModelView> out;
+  for (const auto& w : workers_) {
+    if (w->removed || !w->has_info) continue;
+    auto it = std::find_if(out.begin(), out.end(),
+                           [&](const ModelView& m) { return m.name == w->info.model(); });
+    if (it == out.end()) {
+      ModelView m;
+      m.name = w->info.model();
+      m.max_context_tokens = w->info.max_context_tokens();
+      m.vocab_size = w->info.vocab_size();
+      m.block_tokens = w->info.block_tokens();
+      out.push_back(m);
+      it = out.end() - 1;
+    }
+    it->max_context_tokens = std::min(it->max_context_tokens, w->info.max_context_tokens());
+    for (const std::string& ft : w->info.fine_tune_ids()) {
+      if (std::find(it->fine_tune_ids.begin(), it->fine_tune_ids.end(), ft) ==
+          it->fine_tune_ids.end()) {
+        it->fine_tune_ids.push_back(ft);
+      }
+    }
+    if (w->state == State::kServing) ++it->num_workers;
+    ++it->num_known_workers;
+  }
+  return out;
+}
+
+v1::WorkerStatus WorkerPool::StatusLocked(const Worker& w) {
+  v1::WorkerStatus s;
+  s.set_address(w.address);
+  switch (w.state) {
+    case State::kServing:
+      s.set_state(v1::WORKER_STATE_SERVING);
+      break;
+    case State::kDraining:
+      s.set_state(v1::WORKER_STATE_DRAINING);
+      break;
+    case State::kConnecting:
+    case State::kUnavailable:
+      s.set_state(v1::WORKER_STATE_UNAVAILABLE);
+      break;
+  }
+  if (w.has_info) *s.mutable_info() = w.info;
+  *s.mutable_load() = w.load;
+  for (Tier t : {Tier::kDevice, Tier::kHost, Tier::kDisk}) {
+    const int64_t n = index_.NumBlocks(w.slot, t);
+    if (n == 0 && t != Tier::kDevice) continue;
+    v1::TierLoad* tl = s.add_indexed();
+    tl->set_tier(ToProtoTier(t));
+    tl->set_num_total_blocks(static_cast<uint64_t>(n));
+  }
+  s.set_last_event_unix_ms(w.last_event_unix_ms);
+  s.set_num_inflight_requests(static_cast<uint32_t>(std::max<int64_t>(0, w.inflight)));
+  s.set_num_routed_requests(w.routed);
+  return s;
+}
+
+std::vector<v1::WorkerStatus> WorkerPool::Status() {
+  absl::MutexLock lock(&mu_);
+  std::vector<v1::WorkerStatus> out;
+  for (const auto& w : workers_) {
+    if (!w->removed) out.push_back(StatusLocked(*w));
+  }
+  return out;
+}
+
+WorkerPool::Worker* WorkerPool::FindLocked(const std::string& worker) {
+  for (auto& w : workers_) {
+    if (w->removed) continue;
+    if (w->address == worker || (w->has_info && w->info.worker_id() == worker)) return w.get();
+  }
+  return nullptr;
+}
+
+absl::StatusOr<WorkerPool::DrainOutcome> WorkerPool::Drain(const std::string& worker, bool resume) {
+  v1::Worker::Stub* stub = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    Worker* w = FindLocked(worker);
+    if (w == nullptr) {
+      std::vector<std::string> known;
+      for (const auto& x : workers_) {
+        if (!x->removed) known.push_back(x->address);
+      }
+      return absl::NotFoundError(absl::StrCat(
+          "worker \"", worker, "\" is not known (workers: ", absl::StrJoin(known, ", "), ")"));
+    }
+    stub = w->stub.get();
+    w->drained_by_admin = !resume;
+    if (!resume && w->state == State::kServing) w->state = State::kDraining;
+  }
+  grpc::ClientContext ctx;
+  ctx.set_deadline(Deadline(options_.rpc_timeout));
+  v1::DrainRequest req;
+  req.set_resume(resume);
+  v1::DrainResponse resp;
+  const grpc::Status s = stub->Drain(&ctx, req, &resp);
+  absl::MutexLock lock(&mu_);
+  Worker* w = FindLocked(worker);
+  if (w == nullptr) return absl::NotFoundError(absl::StrCat("worker \"", worker, "\" is gone"));
+  if (!s.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("worker ", w->address, " did not answer Drain: ", s.error_message()));
+  }
+  w->info.set_draining(resp.draining());
+  if (resume && w->state == State::kDraining) w->state = State::kServing;
+  DrainOutcome out;
+  out.status = StatusLocked(*w);
+  out.num_inflight_sequences = resp.num_inflight_sequences();
+  return out;
+}
+
+bool WorkerPool::WaitForWorkers(const std::string& model, int n, absl::Duration timeout) {
+  const absl::Time give_up = absl::Now() + timeout;
+  while (true) {
+    int serving = 0;
+    for (const ModelView& m : Models()) {
+      if (m.name == model) serving = static_cast<int>(m.num_workers);
+    }
+    if (serving >= n) return true;
+    if (absl::Now() >= give_up) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
+}  // namespace strata

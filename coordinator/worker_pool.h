@@ -1,0 +1,161 @@
+// WorkerPool: the coordinator's view of its workers, and where routing decisions are made.
+//
+// Discovery. The pool starts with the addresses of a static list, or re-resolves a DNS name every
+// `resolve_interval` (a Kubernetes headless Service): new addresses become workers, and workers
+// whose address disappeared are dropped (requests already on them finish or fail over).
+//
+// Watching. Each worker has one thread that asks for its WorkerInfo, then holds a WatchEvents
+// stream and feeds the shared BlockIndex from it. A worker becomes routable (SERVING) once its
+// snapshot is complete; when the stream breaks, a sequence number is skipped or the epoch changes,
+// everything known about it is dropped from the index, it is UNAVAILABLE, and the thread reconnects
+// with exponential backoff.
+//
+// Routing. Assign runs the pure Route function over a consistent view (index plus loads, under the
+// pool's lock) and records the request against the chosen worker: in-flight count, prefill blocks
+// until its first token, and pending index entries for its prompt's blocks. Release undoes that.
+//
+// Thread-safe. Worker records live as long as the pool, so a stub handed out by Assign stays valid.
+#ifndef STRATA_COORDINATOR_WORKER_POOL_H_
+#define STRATA_COORDINATOR_WORKER_POOL_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "coordinator/block_index.h"
+#include "coordinator/discovery.h"
+#include "coordinator/router.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/strata/v1/admin.pb.h"
+#include "proto/strata/v1/worker.grpc.pb.h"
+
+namespace strata {
+
+struct WorkerPoolOptions {
+  WorkerTargets targets;
+  // Replaces DNS resolution of targets.dns_name (tests).
+  std::function<absl::StatusOr<std::vector<std::string>>()> resolver;
+  absl::Duration resolve_interval = absl::Seconds(5);
+  // Also how often each worker's info (draining) is refreshed.
+  uint32_t load_report_interval_ms = 100;
+  absl::Duration rpc_timeout = absl::Seconds(2);
+  absl::Duration max_reconnect_backoff = absl::Seconds(2);
+  RouterConfig router;
+};
+
+// One model as the workers serving it describe it.
+struct ModelView {
+  std::string name;
+  uint32_t max_context_tokens = 0;
+  uint32_t vocab_size = 0;
+  uint32_t block_tokens = 0;
+  std::vector<std::string> fine_tune_ids;
+  // Workers serving it now.
+  uint32_t num_workers = 0;
+  // Workers of it in any state (serving, draining, unavailable).
+  uint32_t num_known_workers = 0;
+};
+
+class WorkerPool {
+ public:
+  // A request's claim on a worker, from Assign until Release.
+  struct Assignment {
+    WorkerSlot slot = 0;
+    std::string address;
+    v1::Worker::Stub* stub = nullptr;
+    std::vector<BlockHash> pending;
+    int64_t prefill_blocks = 0;
+    bool decoding = false;
+    // Of the prompt's full blocks, how many the router expected to find cached there.
+    int64_t expected_cached_blocks = 0;
+  };
+
+  explicit WorkerPool(WorkerPoolOptions options);
+  // Stops every thread and cancels every stream.
+  ~WorkerPool();
+  void Start();
+  void Stop();
+
+  // Picks a SERVING worker of `model` outside `exclude`. UNAVAILABLE when none can take it.
+  absl::StatusOr<Assignment> Assign(const std::string& model, absl::Span<const BlockHash> hashes,
+                                    int64_t prompt_blocks, absl::Span<const WorkerSlot> exclude)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // The request's first token arrived: it moves from prefill to decode.
+  void FirstToken(Assignment* a) ABSL_LOCKS_EXCLUDED(mu_);
+  void Release(Assignment* a) ABSL_LOCKS_EXCLUDED(mu_);
+  // What a failed Submit taught: the worker is gone (UNAVAILABLE) or draining
+  // (FAILED_PRECONDITION).
+  void ReportSubmitFailure(WorkerSlot slot, const grpc::Status& status) ABSL_LOCKS_EXCLUDED(mu_);
+
+  std::vector<ModelView> Models() ABSL_LOCKS_EXCLUDED(mu_);
+  std::vector<v1::WorkerStatus> Status() ABSL_LOCKS_EXCLUDED(mu_);
+  struct DrainOutcome {
+    v1::WorkerStatus status;
+    // Sequences still running or queued on the worker.
+    uint32_t num_inflight_sequences = 0;
+  };
+  // Asks a worker (by address or worker_id) to drain (and stops routing to it) or to resume.
+  // NOT_FOUND for an unknown worker, UNAVAILABLE when it does not answer. Blocks for one RPC.
+  absl::StatusOr<DrainOutcome> Drain(const std::string& worker, bool resume)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Waits until `n` workers of `model` are SERVING (or `timeout` passes).
+  bool WaitForWorkers(const std::string& model, int n, absl::Duration timeout)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  enum class State { kConnecting, kServing, kDraining, kUnavailable };
+  struct Worker {
+    WorkerSlot slot = 0;
+    std::string address;
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<v1::Worker::Stub> stub;
+    std::thread thread;
+    // Guarded by the pool's mu_.
+    State state = State::kConnecting;
+    bool removed = false;  // dropped by discovery; its thread exits
+    bool drained_by_admin = false;
+    bool has_info = false;
+    v1::WorkerInfo info;
+    v1::LoadReport load;
+    int64_t last_event_unix_ms = 0;
+    int64_t inflight = 0;
+    uint64_t routed = 0;
+    int64_t prefill_blocks = 0;
+    int64_t decoding = 0;
+    grpc::ClientContext* active_context = nullptr;  // for cancellation on stop / removal
+  };
+
+  void DiscoveryLoop();
+  void UpdateAddresses(const std::vector<std::string>& addresses) ABSL_LOCKS_EXCLUDED(mu_);
+  void WatchLoop(Worker* w);
+  bool Stopping(const Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || w->removed; }
+  // Sleeps up to `d`, waking early when the pool stops or `w` is removed.
+  void SleepUnlessStopping(Worker* w, absl::Duration d) ABSL_LOCKS_EXCLUDED(mu_);
+  void RefreshInfo(Worker* w) ABSL_LOCKS_EXCLUDED(mu_);
+  Worker* FindLocked(const std::string& worker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::WorkerStatus StatusLocked(const Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const WorkerPoolOptions options_;
+  std::thread discovery_;
+  std::atomic<uint64_t> tie_break_{0};
+
+  absl::Mutex mu_;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::unique_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);  // by slot, never shrinks
+  absl::flat_hash_map<std::string, WorkerSlot> by_address_ ABSL_GUARDED_BY(mu_);
+  BlockIndex index_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace strata
+
+#endif  // STRATA_COORDINATOR_WORKER_POOL_H_

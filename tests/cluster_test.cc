@@ -1,0 +1,415 @@
+// End-to-end: a coordinator and two workers as real processes on loopback, serving the bundled
+// model, driven through the public gRPC API.
+#include <signal.h>
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "tests/local_cluster.h"
+
+namespace strata {
+namespace {
+
+struct Generated {
+  grpc::Status status;
+  std::vector<v1::GenerateResponse> chunks;
+  std::vector<int32_t> tokens;
+  std::string text;
+  bool contiguous = true;  // every chunk's first_token_index continues the previous chunk
+};
+
+Generated Collect(grpc::ClientReader<v1::GenerateResponse>* reader) {
+  Generated g;
+  v1::GenerateResponse chunk;
+  while (reader->Read(&chunk)) {
+    if (chunk.first_token_index() != g.tokens.size()) g.contiguous = false;
+    g.tokens.insert(g.tokens.end(), chunk.token_ids().begin(), chunk.token_ids().end());
+    g.text += chunk.text();
+    g.chunks.push_back(chunk);
+  }
+  g.status = reader->Finish();
+  return g;
+}
+
+Generated Generate(v1::Serving::Stub* stub, const v1::GenerateRequest& req,
+                   absl::Duration deadline = absl::Seconds(120)) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+  auto reader = stub->Generate(&ctx, req);
+  return Collect(reader.get());
+}
+
+v1::GenerateRequest TextRequest(const std::string& text, int max_tokens, uint64_t seed) {
+  v1::GenerateRequest r;
+  r.set_model(kTinyModel);
+  r.set_text(text);
+  r.mutable_sampling()->set_max_tokens(max_tokens);
+  r.mutable_sampling()->set_seed(seed);
+  r.mutable_sampling()->set_ignore_eos(true);
+  return r;
+}
+
+v1::ClusterStatus Status(v1::Admin::Stub* admin) {
+  grpc::ClientContext ctx;
+  v1::ClusterStatus s;
+  EXPECT_TRUE(admin->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &s).ok());
+  return s;
+}
+
+// Sum of running plus waiting sequences the workers report.
+int64_t WorkerSequences(v1::Admin::Stub* admin) {
+  int64_t n = 0;
+  const v1::ClusterStatus status = Status(admin);
+  for (const auto& w : status.workers()) {
+    n += w.load().num_running_sequences() + w.load().num_waiting_sequences();
+  }
+  return n;
+}
+
+bool WaitUntilWorkersIdle(v1::Admin::Stub* admin, absl::Duration timeout) {
+  const absl::Time give_up = absl::Now() + timeout;
+  while (absl::Now() < give_up) {
+    if (WorkerSequences(admin) == 0) return true;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return false;
+}
+
+LocalClusterOptions Options(int num_workers, std::string name,
+                            std::vector<std::string> coordinator_flags = {}) {
+  LocalClusterOptions o;
+  o.num_workers = num_workers;
+  o.name = std::move(name);
+  o.coordinator_flags = std::move(coordinator_flags);
+  return o;
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto c = LocalCluster::Start(Options(2, "cluster"));
+    ASSERT_TRUE(c.ok()) << c.status();
+    cluster_ = c->release();
+  }
+  static void TearDownTestSuite() {
+    delete cluster_;
+    cluster_ = nullptr;
+  }
+  static inline LocalCluster* cluster_ = nullptr;
+};
+
+TEST_F(ClusterTest, GenerateStreamsWhatTheWorkerProducesWithText) {
+  v1::GenerateRequest req = TextRequest("def parse(line):\n    ", 40, 42);
+  Generated g = Generate(cluster_->serving(), req);
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  ASSERT_EQ(g.tokens.size(), 40u);
+  EXPECT_TRUE(g.contiguous);
+  EXPECT_EQ(g.chunks.front().seed(), 42u);
+  const v1::GenerateResponse& last = g.chunks.back();
+  EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_GT(last.usage().num_prompt_tokens(), 5u);
+  EXPECT_EQ(last.usage().num_completion_tokens(), 40u);
+  EXPECT_GT(last.usage().total_time_ms(), 0);
+  EXPECT_GT(last.usage().time_to_first_token_ms(), 0);
+
+  // The streamed text is the detokenized tokens.
+  grpc::ClientContext dctx;
+  v1::DetokenizeRequest dreq;
+  dreq.set_model(kTinyModel);
+  dreq.mutable_token_ids()->Add(g.tokens.begin(), g.tokens.end());
+  v1::DetokenizeResponse dresp;
+  ASSERT_TRUE(cluster_->serving()->Detokenize(&dctx, dreq, &dresp).ok());
+  EXPECT_EQ(g.text, dresp.text());
+
+  // The same prompt submitted straight to a worker gives the same tokens.
+  grpc::ClientContext tctx;
+  v1::TokenizeRequest treq;
+  treq.set_model(kTinyModel);
+  treq.set_text(req.text());
+  treq.set_add_special_tokens(true);
+  v1::TokenizeResponse tresp;
+  ASSERT_TRUE(cluster_->serving()->Tokenize(&tctx, treq, &tresp).ok());
+  EXPECT_EQ(tresp.max_context_tokens(), 2048u);
+  v1::SubmitRequest sub;
+  sub.set_request_id("direct");
+  sub.set_model(kTinyModel);
+  *sub.mutable_prompt_token_ids() = tresp.token_ids();
+  *sub.mutable_sampling() = req.sampling();
+  grpc::ClientContext sctx;
+  auto reader = cluster_->worker(1)->Submit(&sctx, sub);
+  std::vector<int32_t> direct;
+  v1::SubmitResponse chunk;
+  while (reader->Read(&chunk))
+    direct.insert(direct.end(), chunk.token_ids().begin(), chunk.token_ids().end());
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(g.tokens, direct);
+
+  // And token-id prompts work the same as text.
+  v1::GenerateRequest by_ids = req;
+  *by_ids.mutable_token_ids()->mutable_ids() = tresp.token_ids();
+  EXPECT_EQ(Generate(cluster_->serving(), by_ids).tokens, g.tokens);
+}
+
+TEST_F(ClusterTest, LogprobsCarryTokenTexts) {
+  v1::GenerateRequest req = TextRequest("import os", 5, 1);
+  req.mutable_sampling()->set_logprobs(3);
+  req.mutable_sampling()->set_prompt_logprobs(2);
+  Generated g = Generate(cluster_->serving(), req);
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  int positions = 0;
+  for (const auto& c : g.chunks) {
+    ASSERT_EQ(c.logprobs_size(), c.token_ids_size());
+    for (int i = 0; i < c.logprobs_size(); ++i) {
+      EXPECT_EQ(c.logprobs(i).token().token_id(), c.token_ids(i));
+      EXPECT_EQ(c.logprobs(i).top_size(), 3);
+      EXPECT_LE(c.logprobs(i).token().logprob(), 0);
+      ++positions;
+    }
+  }
+  EXPECT_EQ(positions, 5);
+  ASSERT_GT(g.chunks.front().prompt_logprobs_size(), 0);
+  EXPECT_FALSE(g.chunks.front().prompt_logprobs(0).token().text().empty());
+}
+
+TEST_F(ClusterTest, StopStringEndsTheTextBeforeIt) {
+  v1::GenerateRequest req = TextRequest("for i in range(", 60, 7);
+  Generated full = Generate(cluster_->serving(), req);
+  ASSERT_TRUE(full.status.ok());
+  ASSERT_GT(full.text.size(), 20u);
+  // A stop string taken from the middle of the undisturbed output.
+  const std::string stop = full.text.substr(full.text.size() / 2, 3);
+  const size_t at = full.text.find(stop);
+  req.mutable_sampling()->add_stop(stop);
+  Generated g = Generate(cluster_->serving(), req);
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  EXPECT_EQ(g.text, full.text.substr(0, at));
+  EXPECT_EQ(g.chunks.back().finish_reason(), v1::FINISH_REASON_STOP_STRING);
+  EXPECT_EQ(g.chunks.back().matched_stop(), stop);
+  EXPECT_LT(g.tokens.size(), full.tokens.size());
+  EXPECT_TRUE(WaitUntilWorkersIdle(cluster_->admin(), absl::Seconds(10)));
+}
+
+TEST_F(ClusterTest, BadRequestsGetTheRightCodeNamingTheField) {
+  struct Case {
+    std::string name;
+    std::function<void(v1::GenerateRequest*)> edit;
+    grpc::StatusCode code;
+    std::string field;
+  };
+  const std::vector<Case> cases = {
+      {"unknown model", [](auto* r) { r->set_model("gpt-17"); }, grpc::StatusCode::NOT_FOUND,
+       "model"},
+      {"no model", [](auto* r) { r->clear_model(); }, grpc::StatusCode::INVALID_ARGUMENT, "model"},
+      {"no prompt", [](auto* r) { r->clear_text(); }, grpc::StatusCode::INVALID_ARGUMENT, "prompt"},
+      {"prompt too long",
+       [](auto* r) {
+         std::vector<int32_t> ids(2048, 5);
+         r->mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "prompt"},
+      {"token out of vocabulary", [](auto* r) { r->mutable_token_ids()->add_ids(4096); },
+       grpc::StatusCode::INVALID_ARGUMENT, "token_ids.ids[0]"},
+      {"temperature", [](auto* r) { r->mutable_sampling()->set_temperature(-1); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.temperature"},
+      {"max_tokens", [](auto* r) { r->mutable_sampling()->set_max_tokens(100000); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.max_tokens"},
+      {"request_id", [](auto* r) { r->set_request_id("has space"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "request_id"},
+      {"fine tune", [](auto* r) { r->set_fine_tune_id("nope"); }, grpc::StatusCode::NOT_FOUND,
+       "fine_tune_id"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    v1::GenerateRequest req = TextRequest("hello", 4, 1);
+    c.edit(&req);
+    Generated g = Generate(cluster_->serving(), req);
+    EXPECT_EQ(g.status.error_code(), c.code) << g.status.error_message();
+    EXPECT_NE(g.status.error_message().find(c.field), std::string::npos)
+        << g.status.error_message();
+  }
+  // Still serving.
+  EXPECT_TRUE(Generate(cluster_->serving(), TextRequest("hello", 4, 1)).status.ok());
+}
+
+TEST_F(ClusterTest, ClientCancelFreesTheWorkerSequence) {
+  grpc::ClientContext ctx;
+  auto reader = cluster_->serving()->Generate(&ctx, TextRequest("while True:", 1900, 3));
+  v1::GenerateResponse chunk;
+  ASSERT_TRUE(reader->Read(&chunk));
+  ASSERT_TRUE(reader->Read(&chunk));
+  ctx.TryCancel();
+  while (reader->Read(&chunk)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitUntilWorkersIdle(cluster_->admin(), absl::Seconds(10)));
+}
+
+TEST_F(ClusterTest, DeadlinesPropagateToTheWorker) {
+  Generated g =
+      Generate(cluster_->serving(), TextRequest("class Foo:", 1900, 3), absl::Milliseconds(300));
+  EXPECT_EQ(g.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(WaitUntilWorkersIdle(cluster_->admin(), absl::Seconds(10)));
+  // A first-token timeout too short for a long prefill.
+  v1::GenerateRequest req;
+  req.set_model(kTinyModel);
+  std::vector<int32_t> ids(2000);
+  for (int i = 0; i < 2000; ++i) ids[i] = (i * 31) % 2000;
+  req.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
+  req.set_first_token_timeout_ms(1);
+  g = Generate(cluster_->serving(), req);
+  EXPECT_EQ(g.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << g.status.error_message();
+  EXPECT_NE(g.status.error_message().find("first_token_timeout_ms"), std::string::npos);
+}
+
+TEST_F(ClusterTest, ListModelsAndStatusDescribeTheCluster) {
+  grpc::ClientContext ctx;
+  v1::ListModelsResponse models;
+  ASSERT_TRUE(cluster_->serving()->ListModels(&ctx, v1::ListModelsRequest(), &models).ok());
+  ASSERT_EQ(models.models_size(), 1);
+  EXPECT_EQ(models.models(0).name(), kTinyModel);
+  EXPECT_EQ(models.models(0).num_workers(), 2u);
+  EXPECT_EQ(models.models(0).max_context_tokens(), 2048u);
+  EXPECT_EQ(models.models(0).vocab_size(), 2048u);
+
+  const v1::ClusterStatus s = Status(cluster_->admin());
+  ASSERT_EQ(s.workers_size(), 2);
+  for (const auto& w : s.workers()) {
+    EXPECT_EQ(w.state(), v1::WORKER_STATE_SERVING);
+    EXPECT_EQ(w.info().model(), kTinyModel);
+    EXPECT_GT(w.load().tiers(0).num_total_blocks(), 0u);
+    EXPECT_GT(w.last_event_unix_ms(), 0);
+  }
+  EXPECT_FALSE(s.version().empty());
+}
+
+TEST_F(ClusterTest, DrainedWorkerGetsNoNewRequestsAndResumes) {
+  auto drain = [](const std::string& worker, bool resume) {
+    grpc::ClientContext ctx;
+    v1::DrainWorkerRequest req;
+    req.set_worker(worker);
+    req.set_resume(resume);
+    req.set_wait(!resume);
+    v1::DrainWorkerResponse resp;
+    const grpc::Status s = cluster_->admin()->DrainWorker(&ctx, req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return resp;
+  };
+  v1::DrainWorkerResponse r = drain("worker-0", false);
+  EXPECT_EQ(r.status().state(), v1::WORKER_STATE_DRAINING);
+  auto routed = [](int i) {
+    const v1::ClusterStatus st = Status(cluster_->admin());
+    for (const auto& w : st.workers()) {
+      if (w.info().worker_id() == absl::StrCat("worker-", i)) return w.num_routed_requests();
+    }
+    ADD_FAILURE() << "no worker-" << i;
+    return uint64_t{0};
+  };
+  const uint64_t before0 = routed(0);
+  const uint64_t before1 = routed(1);
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(Generate(cluster_->serving(), TextRequest(absl::StrCat("x", i), 3, 1)).status.ok());
+  }
+  EXPECT_EQ(routed(0), before0);
+  EXPECT_EQ(routed(1), before1 + 4);
+  // Unknown workers are NOT_FOUND.
+  grpc::ClientContext ctx;
+  v1::DrainWorkerRequest bad;
+  bad.set_worker("nope:1");
+  v1::DrainWorkerResponse resp;
+  EXPECT_EQ(cluster_->admin()->DrainWorker(&ctx, bad, &resp).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  r = drain(cluster_->worker_address(0), true);
+  EXPECT_EQ(r.status().state(), v1::WORKER_STATE_SERVING);
+}
+
+// Failover: kill -9 a worker while it streams. Each affected request continues on the other
+// worker from where it was, and the client gets exactly the undisturbed tokens.
+TEST(FailoverTest, KillingAWorkerMidStreamLosesNothing) {
+  auto c = LocalCluster::Start(Options(2, "failover"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  LocalCluster& cluster = **c;
+  constexpr int kRequests = 6;
+  constexpr int kTokens = 300;
+  std::vector<v1::GenerateRequest> requests;
+  std::vector<std::vector<int32_t>> expected;
+  for (int i = 0; i < kRequests; ++i) {
+    v1::GenerateRequest r =
+        TextRequest(absl::StrCat("# request ", i, "\nimport sys\n"), kTokens, 100 + i);
+    r.mutable_sampling()->set_temperature(0.8f);
+    Generated g = Generate(cluster.serving(), r);
+    ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+    ASSERT_EQ(g.tokens.size(), static_cast<size_t>(kTokens));
+    requests.push_back(r);
+    expected.push_back(g.tokens);
+  }
+  // Run them all at once, and kill the worker with more of them after a few tokens arrived.
+  std::vector<Generated> results(kRequests);
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
+  std::vector<v1::GenerateResponse> first(kRequests);
+  for (int i = 0; i < kRequests; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    readers.push_back(cluster.serving()->Generate(contexts.back().get(), requests[i]));
+  }
+  for (int i = 0; i < kRequests; ++i) ASSERT_TRUE(readers[i]->Read(&first[i]));
+  const v1::ClusterStatus st = Status(cluster.admin());
+  const int victim =
+      st.workers(0).num_inflight_requests() >= st.workers(1).num_inflight_requests() ? 0 : 1;
+  ASSERT_GT(st.workers(victim).num_inflight_requests(), 0u);
+  int victim_index = -1;
+  for (int i = 0; i < cluster.num_workers(); ++i) {
+    if (cluster.worker_address(i) == st.workers(victim).address()) victim_index = i;
+  }
+  ASSERT_GE(victim_index, 0);
+  cluster.worker_process(victim_index).Kill();
+
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i) {
+    threads.emplace_back([&, i] {
+      Generated rest = Collect(readers[i].get());
+      Generated& g = results[i];
+      g.status = rest.status;
+      g.tokens.assign(first[i].token_ids().begin(), first[i].token_ids().end());
+      g.contiguous = first[i].first_token_index() == 0;
+      for (const auto& chunk : rest.chunks) {
+        if (chunk.first_token_index() != g.tokens.size()) g.contiguous = false;
+        g.tokens.insert(g.tokens.end(), chunk.token_ids().begin(), chunk.token_ids().end());
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kRequests; ++i) {
+    SCOPED_TRACE(absl::StrCat("request ", i));
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_TRUE(results[i].contiguous);
+    EXPECT_EQ(results[i].tokens, expected[i]);
+  }
+  const v1::ClusterStatus after = Status(cluster.admin());
+  EXPECT_GT(after.num_failed_over_requests(), 0u);
+  EXPECT_EQ(after.workers(victim).state(), v1::WORKER_STATE_UNAVAILABLE);
+  // New requests go to the survivor.
+  EXPECT_TRUE(Generate(cluster.serving(), TextRequest("after", 4, 1)).status.ok());
+}
+
+TEST(AdmissionTest, CoordinatorQueueBoundAnswersResourceExhausted) {
+  auto c = LocalCluster::Start(Options(1, "admission", {"--max_inflight_requests=1"}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  grpc::ClientContext ctx;
+  auto reader = (*c)->serving()->Generate(&ctx, TextRequest("busy", 1900, 1));
+  v1::GenerateResponse chunk;
+  ASSERT_TRUE(reader->Read(&chunk));
+  Generated second = Generate((*c)->serving(), TextRequest("second", 4, 1));
+  EXPECT_EQ(second.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  ctx.TryCancel();
+  while (reader->Read(&chunk)) {
+  }
+  reader->Finish();
+}
+
+}  // namespace
+}  // namespace strata

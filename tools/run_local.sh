@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# The main job: a local Strata cluster on the bundled model, with a request through it.
+#
+# Installs what the build needs (tools/setup.sh), builds the binaries, starts two workers and a
+# coordinator on loopback serving models/strata-tiny/base, sends a request through the coordinator
+# with `stratactl generate`, prints the answer, the cluster's status and where it listens, then keeps
+# the cluster up until Ctrl-C, which shuts everything down cleanly.
+#
+# Usage:
+#   tools/run_local.sh                 start, ask, and stay in the foreground until Ctrl-C
+#   tools/run_local.sh --detach        start, ask, and leave the cluster running in the background
+#   tools/run_local.sh --stop          stop a detached cluster
+#   tools/run_local.sh --prompt TEXT   ask something else (the model writes Python-like text)
+# Environment: STRATA_PORT (coordinator port, default 50051; workers use the next ports after
+# STRATA_WORKER_PORT, default 50061), STRATA_RUN_DIR (logs and pids, default
+# ~/.cache/strata/local-cluster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+detach=0
+stop=0
+prompt='def fibonacci(n):'
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --detach) detach=1 ;;
+    --stop) stop=1 ;;
+    --prompt) prompt="$2"; shift ;;
+    --prompt=*) prompt="${1#--prompt=}" ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+run_dir=${STRATA_RUN_DIR:-$HOME/.cache/strata/local-cluster}
+coord_port=${STRATA_PORT:-50051}
+worker_port=${STRATA_WORKER_PORT:-50061}
+coordinator="127.0.0.1:$coord_port"
+mkdir -p "$run_dir/logs"
+
+stop_pids() {
+  local pids=()
+  [ -f "$run_dir/pids" ] && mapfile -t pids < "$run_dir/pids"
+  # Coordinator first (it is listed first), then the workers, each with SIGTERM.
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  rm -f "$run_dir/pids"
+}
+
+if [ $stop -eq 1 ]; then
+  if [ ! -f "$run_dir/pids" ]; then echo "no local cluster is running (no $run_dir/pids)"; exit 0; fi
+  stop_pids
+  echo "local cluster stopped"
+  exit 0
+fi
+
+if [ -f "$run_dir/pids" ]; then
+  while read -r pid; do
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "a local cluster is already running (pid $pid); stop it with: tools/run_local.sh --stop" >&2
+      exit 1
+    fi
+  done < "$run_dir/pids"
+  rm -f "$run_dir/pids"
+fi
+
+tools/setup.sh
+echo "building..."
+bazel build --noshow_progress //worker/server:strata-worker //coordinator:strata-coordinator \
+  //cli:stratactl 2>&1 | grep -v 'INFO:\|Loading\|Analyzing\|^Target\|^  bazel-bin' || true
+bin=$(bazel info --noshow_progress bazel-bin 2>/dev/null)
+for b in worker/server/strata-worker coordinator/strata-coordinator cli/stratactl; do
+  [ -x "$bin/$b" ] || { echo "build failed: $bin/$b is missing" >&2; exit 1; }
+done
+# Run copies, so that a rebuild while the cluster runs does not touch its binaries.
+mkdir -p "$run_dir/bin"
+for b in worker/server/strata-worker coordinator/strata-coordinator cli/stratactl; do
+  name=$(basename "$b")
+  cp -f "$bin/$b" "$run_dir/bin/$name.new" && mv -f "$run_dir/bin/$name.new" "$run_dir/bin/$name"
+done
+stratactl="$run_dir/bin/stratactl"
+
+model_dir="$repo/models/strata-tiny/base"
+launch() {  # launch NAME COMMAND...: starts a process (its own session when detached)
+  local name=$1; shift
+  if [ $detach -eq 1 ]; then
+    setsid "$@" > "$run_dir/logs/$name.log" 2>&1 < /dev/null &
+  else
+    "$@" > "$run_dir/logs/$name.log" 2>&1 < /dev/null &
+  fi
+  echo $! >> "$run_dir/pids"
+}
+
+: > "$run_dir/pids"
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  echo "shutting down the local cluster..."
+  stop_pids
+  echo "stopped (logs in $run_dir/logs)"
+}
+[ $detach -eq 0 ] && trap cleanup INT TERM EXIT
+
+workers=()
+for i in 1 2; do
+  port=$((worker_port + i - 1))
+  workers+=("127.0.0.1:$port")
+  rm -f "$run_dir/worker-$i.port"
+done
+launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model_dir" \
+  --workers="$(IFS=,; echo "${workers[*]}")" --listen="$coordinator" \
+  --port_file="$run_dir/coordinator.port"
+for i in 1 2; do
+  launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
+    --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
+    --port_file="$run_dir/worker-$i.port"
+done
+
+echo "waiting for the cluster..."
+ready=0
+for _ in $(seq 300); do
+  if out=$("$stratactl" status --coordinator "$coordinator" --json 2>/dev/null) &&
+     [ "$(grep -o '"WORKER_STATE_SERVING"' <<< "$out" | wc -l)" -ge 2 ]; then
+    ready=1; break
+  fi
+  n=0
+  while read -r pid; do
+    name=$([ $n -eq 0 ] && echo coordinator || echo "worker-$n")
+    n=$((n + 1))
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "$name failed to start:" >&2; tail -5 "$run_dir/logs/$name.log" >&2; exit 1
+    fi
+  done < "$run_dir/pids"
+  sleep 0.1
+done
+if [ $ready -eq 0 ]; then
+  echo "the cluster did not come up in 30 s; logs in $run_dir/logs" >&2
+  exit 1
+fi
+
+echo
+echo "request: stratactl generate --prompt $(printf %q "$prompt") --max-tokens 64 --seed 1"
+echo "----------------------------------------------------------------------"
+printf '%s' "$prompt"
+"$stratactl" generate --coordinator "$coordinator" --prompt "$prompt" --max-tokens 64 --seed 1
+echo "----------------------------------------------------------------------"
+echo
+"$stratactl" status --coordinator "$coordinator"
+echo
+echo "Strata is listening:"
+echo "  coordinator (strata.v1.Serving, strata.v1.Admin, grpc.health.v1): $coordinator"
+echo "  workers (strata.v1.Worker): ${workers[*]}"
+echo "  logs: $run_dir/logs"
+echo "Try:"
+echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
+echo "  $stratactl status --coordinator $coordinator"
+if [ $detach -eq 1 ]; then
+  echo "The cluster keeps running in the background; stop it with: tools/run_local.sh --stop"
+  exit 0
+fi
+echo "Press Ctrl-C to stop the cluster."
+interrupted=0
+trap 'interrupted=1' INT TERM
+while [ $interrupted -eq 0 ]; do
+  # `wait` (unlike a foreground sleep) lets the trap run at once.
+  sleep 1 &
+  wait $! || true
+  [ $interrupted -eq 1 ] && break
+  # Stop everything if a process dies on its own.
+  while read -r pid; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "a cluster process (pid $pid) exited; see $run_dir/logs" >&2
+      exit 1
+    fi
+  done < "$run_dir/pids"
+done
+cleanup
