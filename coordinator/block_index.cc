@@ -110,6 +110,15 @@ BlockIndex::TierMask BlockIndex::Find(BlockHash hash, WorkerSlot worker) const {
   return 0;
 }
 
+int BlockIndex::Pending(BlockHash hash, WorkerSlot worker) const {
+  auto it = entries_.find(hash);
+  if (it == entries_.end()) return 0;
+  for (const Holder& h : it->second) {
+    if (h.worker == worker) return h.pending;
+  }
+  return 0;
+}
+
 std::vector<std::array<int64_t, kNumTiers>> BlockIndex::PrefixOverlap(
     absl::Span<const BlockHash> hashes, absl::Span<const WorkerSlot> workers) const {
   std::vector<std::array<int64_t, kNumTiers>> out(workers.size(), {0, 0, 0});

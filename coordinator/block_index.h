@@ -44,6 +44,8 @@ class BlockIndex {
 
   // The tiers that hold `hash` on `worker`, with pending entries as kDevice; 0 when none.
   TierMask Find(BlockHash hash, WorkerSlot worker) const;
+  // In-flight requests routed to `worker` whose prompts hold `hash` (its pending references).
+  int Pending(BlockHash hash, WorkerSlot worker) const;
 
   // For each worker in `workers`, the length of the longest prefix of `hashes` that it holds (in
   // any tier), and of that prefix how many blocks are in each worker's fastest tier: result[i][t] =

@@ -49,6 +49,8 @@ TEST(BlockIndexTest, PendingIsReferenceCountedAndIndependentOfEvents) {
   index.Stored(2, Tier::kDevice, {7});
   index.Removed(2, Tier::kDevice, {7});
   EXPECT_EQ(index.Find(7, 2), 0b001);  // still pending twice
+  EXPECT_EQ(index.Pending(7, 2), 2);
+  EXPECT_EQ(index.Pending(7, 3), 0);
   index.RemovePending(2, {7});
   EXPECT_EQ(index.Find(7, 2), 0b001);
   index.RemovePending(2, {7});

@@ -58,6 +58,27 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
     if (better(i, best)) best = i;
   }
   d.chosen = static_cast<int>(best);
+
+  // Hot-prefix replication.
+  const WorkerScore& b = d.scores[best];
+  if (config.hot_prefix_requests > 0 && !request.prefix_hashes.empty() &&
+      b.overlap_blocks[0] + b.overlap_blocks[1] + b.overlap_blocks[2] > 0 &&
+      index.Pending(request.prefix_hashes[0], b.slot) >= config.hot_prefix_requests) {
+    int target = -1;
+    for (size_t i = 0; i < n; ++i) {
+      const WorkerScore& s = d.scores[i];
+      const bool lacks = s.overlap_blocks[0] + s.overlap_blocks[1] + s.overlap_blocks[2] == 0;
+      if (!lacks || s.over_balance_limit) continue;
+      if (candidates[i].inflight_requests + 2 > candidates[best].inflight_requests) continue;
+      if (target < 0 || candidates[i].inflight_requests < candidates[target].inflight_requests) {
+        target = static_cast<int>(i);
+      }
+    }
+    if (target >= 0) {
+      d.chosen = target;
+      d.replicated = true;
+    }
+  }
   return d;
 }
 

@@ -12,9 +12,13 @@
 // Balance. Cost alone pins a hot shared prefix to the worker that cached it first. So a worker
 // whose in-flight request count would exceed the balance limit, max(mean * (1 + balance_tolerance),
 // mean + balance_slack) over all candidates, is passed over while any other candidate is under the
-// limit; the request goes to a less loaded worker, which then caches the prefix too (hot prefixes
-// replicate). Ties go to fewer in-flight requests, then to an order rotated by `tie_break`, so idle
-// workers share cold traffic evenly.
+// limit; the request goes to a less loaded worker, which then caches the prefix too. Within the
+// limit, hot prefixes replicate on purpose: when the cheapest worker is serving at least
+// `hot_prefix_requests` in-flight requests that share this prompt's first block, and a worker that
+// lacks the prefix has at least two fewer requests in flight, the least loaded such worker gets the
+// request (and so a copy of the prefix). A conversation's own history is never hot in this sense
+// (its turns do not overlap), so it stays where its cache is. Ties go to fewer in-flight requests,
+// then to an order rotated by `tie_break`, so idle workers share cold traffic evenly.
 #ifndef STRATA_COORDINATOR_ROUTER_H_
 #define STRATA_COORDINATOR_ROUTER_H_
 
@@ -35,7 +39,9 @@ struct RouterConfig {
   // Cost of one sequence in decode, in prefill blocks.
   double decode_weight = 1.0;
   double balance_tolerance = 0.25;
-  double balance_slack = 1.0;
+  double balance_slack = 2.0;
+  // 0 disables replication of hot prefixes.
+  int hot_prefix_requests = 2;
   // Round-robin instead of cost (a baseline for benchmarks): the candidate at tie_break modulo the
   // number of candidates.
   bool round_robin = false;
@@ -71,6 +77,8 @@ struct WorkerScore {
 struct RouteDecision {
   // Index into the candidates; -1 when there were none.
   int chosen = -1;
+  // The choice replicates a hot prefix (it was not the cheapest).
+  bool replicated = false;
   // One per candidate, in candidate order.
   std::vector<WorkerScore> scores;
 };

@@ -170,6 +170,37 @@ TEST(RouterTest, PendingBlocksRouteABurstToTheSameWorker) {
   EXPECT_EQ(second.scores[2].overlap_blocks[0], 5);
 }
 
+TEST(RouterTest, AHotPrefixReplicatesToALessLoadedWorker) {
+  BlockIndex index;
+  index.Stored(0, Tier::kDevice, kChain);
+  std::vector<WorkerLoadView> loads = {{0, 2, 0, 2}, {1, 1, 0, 1}, {2, 0, 0, 0}};
+  RouteRequest req;
+  req.prefix_hashes = kChain;
+  req.prompt_blocks = 6;
+  // One request on worker 0 uses the prefix: not hot, the cache wins.
+  index.AddPending(0, kChain);
+  RouteDecision d = Route(req, loads, index, RouterConfig());
+  EXPECT_EQ(d.chosen, 0);
+  EXPECT_FALSE(d.replicated);
+  // Two do: it is copied to the least loaded worker that lacks it.
+  index.AddPending(0, kChain);
+  d = Route(req, loads, index, RouterConfig());
+  EXPECT_EQ(d.chosen, 2);
+  EXPECT_TRUE(d.replicated);
+  // Not when the others are nearly as busy.
+  loads = {{0, 2, 0, 2}, {1, 1, 0, 1}, {2, 1, 0, 1}};
+  d = Route(req, loads, index, RouterConfig());
+  EXPECT_EQ(d.chosen, 0);
+  EXPECT_FALSE(d.replicated);
+  // Not when every worker already holds it: then cost and load decide.
+  index.Stored(1, Tier::kDevice, kChain);
+  index.Stored(2, Tier::kDevice, kChain);
+  loads = {{0, 2, 0, 2}, {1, 1, 0, 1}, {2, 0, 0, 0}};
+  d = Route(req, loads, index, RouterConfig());
+  EXPECT_EQ(d.chosen, 2);
+  EXPECT_FALSE(d.replicated);
+}
+
 TEST(RouterTest, AHotPrefixSpreadsOverEveryWorkerAndStaysBalanced) {
   // Replays 400 requests sharing one prefix through the router with four workers, each request
   // holding its worker for 8 routing rounds; the prefix is cached wherever a request ran.
@@ -177,10 +208,15 @@ TEST(RouterTest, AHotPrefixSpreadsOverEveryWorkerAndStaysBalanced) {
   std::vector<WorkerLoadView> loads = Idle(4);
   std::vector<int> share(4, 0);
   std::vector<std::pair<int, int>> running;  // (worker, rounds left)
+  std::vector<std::pair<int, int>> pending;  // the same, for the index's pending entries
   for (int r = 0; r < 400; ++r) {
     for (auto& [w, left] : running) {
       if (--left == 0) --loads[w].inflight_requests;
     }
+    for (auto& [w, left] : pending) {
+      if (--left == 0) index.RemovePending(static_cast<WorkerSlot>(w), kChain);
+    }
+    std::erase_if(pending, [](const auto& p) { return p.second == 0; });
     std::erase_if(running, [](const auto& p) { return p.second == 0; });
     RouteRequest req;
     req.prefix_hashes = kChain;
@@ -192,6 +228,8 @@ TEST(RouterTest, AHotPrefixSpreadsOverEveryWorkerAndStaysBalanced) {
     ++loads[d.chosen].inflight_requests;
     running.push_back({d.chosen, 8});
     index.Stored(static_cast<WorkerSlot>(d.chosen), Tier::kDevice, kChain);
+    index.AddPending(static_cast<WorkerSlot>(d.chosen), kChain);
+    pending.push_back({d.chosen, 8});
   }
   for (int w = 0; w < 4; ++w) {
     EXPECT_GE(share[w], 75) << "worker " << w;

@@ -310,8 +310,10 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     WorkerLoadView v;
     v.slot = w->slot;
     const int64_t block_tokens = std::max<int64_t>(1, w->info.block_tokens());
-    v.inflight_requests = std::max<int64_t>(
-        w->inflight, w->load.num_running_sequences() + w->load.num_waiting_sequences());
+    // The balance limit uses this coordinator's own, exact count: a worker's load report is up to
+    // one report interval old, and a stale count would push conversations off their caches.
+    // Work from other coordinators still shows in the cost terms below through the reports.
+    v.inflight_requests = w->inflight;
     v.queued_prefill_blocks = std::max<int64_t>(
         w->prefill_blocks,
         static_cast<int64_t>(w->load.num_pending_prefill_tokens()) / block_tokens);
@@ -345,7 +347,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   w->prefill_blocks += a.prefill_blocks;
   index_.AddPending(w->slot, a.pending);
   VLOG(1) << "routed to " << w->address << " (cost " << score.cost << ", " << cached
-          << " cached blocks of " << prompt_blocks << ")";
+          << " cached blocks of " << prompt_blocks << (d.replicated ? ", replicating" : "") << ")";
   return a;
 }
 

@@ -150,11 +150,20 @@ void Engine::Preempt(Sequence* s) {
   }
 }
 
+const std::vector<BlockHash>& Engine::WaitingHashes(const Sequence& s) const {
+  const size_t full = s.tokens.size() / static_cast<size_t>(config_.block_tokens);
+  if (s.waiting_hashes.size() != full) {
+    s.waiting_hashes = PrefixBlockHashes(s.cache_namespace, s.tokens, config_.block_tokens);
+  }
+  return s.waiting_hashes;
+}
+
 bool Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan) {
   const int64_t bt = config_.block_tokens;
   const int64_t len = static_cast<int64_t>(s->tokens.size());
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) {
-    std::vector<BlockHash> hashes = PrefixBlockHashes(s->cache_namespace, s->tokens, bt);
+    std::vector<BlockHash> hashes = WaitingHashes(*s);
+    s->waiting_hashes.clear();
     // At least one token must be computed to produce logits.
     const int64_t usable = std::min<int64_t>(blocks_.MatchPrefix(hashes), (len - 1) / bt);
     s->block_table = blocks_.AcquirePrefix(hashes, usable);
@@ -369,8 +378,17 @@ EngineStats Engine::Stats() const {
       st.num_pending_prefill_tokens += s->prompt_len - s->num_computed;
     }
   }
-  for (const auto& s : waiting_)
-    st.num_pending_prefill_tokens += static_cast<int64_t>(s->tokens.size());
+  // A waiting sequence will compute only what the prefix cache does not hold.
+  for (const auto& s : waiting_) {
+    const int64_t len = static_cast<int64_t>(s->tokens.size());
+    int64_t cached = 0;
+    if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) {
+      cached = std::min<int64_t>(blocks_.MatchPrefix(WaitingHashes(*s)),
+                                 (len - 1) / config_.block_tokens) *
+               config_.block_tokens;
+    }
+    st.num_pending_prefill_tokens += len - cached;
+  }
   st.num_free_blocks = blocks_.num_available();
   st.num_total_blocks = blocks_.num_blocks();
   st.num_preemptions = num_preemptions_;

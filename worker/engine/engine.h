@@ -125,6 +125,9 @@ class Engine {
     int64_t num_cached_prompt = 0;
     std::vector<int32_t> block_table;
     std::vector<BlockHash> hashes;  // chain hashes of the full blocks published so far
+    // Chain hashes of all full blocks of `tokens` while waiting (computed once per admission
+    // attempt; Stats uses them to leave cached blocks out of the pending prefill).
+    mutable std::vector<BlockHash> waiting_hashes;
     uint64_t cache_namespace = 0;
     RequestOptions options;
     PenaltyState penalties;
@@ -142,6 +145,7 @@ class Engine {
   void ReleaseBlocks(Sequence* s);
   void Preempt(Sequence* s);
   bool Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
+  const std::vector<BlockHash>& WaitingHashes(const Sequence& s) const;
   void PublishFullBlocks(Sequence* s);
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
 

@@ -185,6 +185,22 @@ TEST_F(EngineTest, SecondIdenticalPromptHitsThePrefixCache) {
   EXPECT_FALSE(e->DrainBlockEvents().empty());
 }
 
+TEST_F(EngineTest, PendingPrefillLeavesOutCachedBlocks) {
+  std::mt19937 rng(9);
+  const std::vector<int32_t> prompt = RandomPrompt(rng, 70);  // 4 full blocks of 16, then 6
+  auto e = MakeEngine({});
+  ASSERT_TRUE(e->AddRequest("a", prompt, Greedy(1)).ok());
+  EXPECT_EQ(e->Stats().num_pending_prefill_tokens, 70);
+  RunAll(*e);
+  // Same prompt again: its 4 full blocks are cached, so only 6 tokens are still to compute.
+  ASSERT_TRUE(e->AddRequest("b", prompt, Greedy(1)).ok());
+  EXPECT_EQ(e->Stats().num_waiting, 1);
+  EXPECT_EQ(e->Stats().num_pending_prefill_tokens, 6);
+  std::map<std::string, RequestOutput> last;
+  RunAll(*e, &last);
+  EXPECT_EQ(last["b"].num_cached_prompt_tokens, 64);
+}
+
 TEST_F(EngineTest, SeededSamplingResumesExactlyAtAPosition) {
   std::mt19937 rng(4);
   const std::vector<int32_t> prompt = RandomPrompt(rng, 9);

@@ -1,6 +1,7 @@
 #include "worker/server/worker_service.h"
 
 #include <algorithm>
+#include <array>
 #include <deque>
 #include <utility>
 
@@ -21,6 +22,8 @@ namespace {
 constexpr size_t kSnapshotChunk = 1024;
 // Step durations averaged in load reports.
 constexpr size_t kStepWindow = 32;
+// Least time between two load reports sent because the load changed.
+constexpr absl::Duration kMinChangeReportInterval = absl::Milliseconds(5);
 
 uint64_t NewEpoch() {
   absl::BitGen gen;
@@ -130,6 +133,8 @@ struct WorkerService::LoopState {
   absl::flat_hash_map<std::string, Live> live;
   std::vector<Watcher> watchers;
   std::deque<double> step_ms;
+  std::array<int64_t, 4> last_reported_counts = {0, 0, 0, 0};
+  absl::Time last_change_report = absl::InfinitePast();
 };
 
 void WorkerService::SubmitStream::PostCancel() {
@@ -324,7 +329,7 @@ void WorkerService::Loop() {
     ProcessInbox(&state);
     if (engine_->HasWork()) StepEngine(&state);
     PublishBlockEvents(&state);
-    SendLoadReports(&state, /*force=*/false);
+    SendLoadReports(&state);
     if (engine_->HasWork()) continue;
     // Idle: sleep until a command arrives or the next load report is due.
     absl::Time wake = absl::Now() + absl::Seconds(1);
@@ -560,14 +565,26 @@ v1::LoadReport WorkerService::MakeLoadReport(const LoopState& state) const {
   return r;
 }
 
-void WorkerService::SendLoadReports(LoopState* state, bool force) {
+void WorkerService::SendLoadReports(LoopState* state) {
+  if (state->watchers.empty()) return;
   const absl::Time now = absl::Now();
-  bool any_due = force;
+  // Besides the periodic reports, a change in the counts that routing uses is reported at once
+  // (at most every kMinChangeReportInterval), so that coordinators never route on a stale picture.
+  const EngineStats st = engine_->Stats();
+  const std::array<int64_t, 4> counts = {st.num_running, st.num_waiting, st.num_decode,
+                                         st.num_pending_prefill_tokens};
+  const bool changed = counts != state->last_reported_counts &&
+                       now - state->last_change_report >= kMinChangeReportInterval;
+  bool any_due = changed;
   for (const auto& w : state->watchers) any_due |= w.next_report <= now;
   if (!any_due) return;
+  if (changed) {
+    state->last_reported_counts = counts;
+    state->last_change_report = now;
+  }
   const v1::LoadReport report = MakeLoadReport(*state);
   for (auto& w : state->watchers) {
-    if (!force && w.next_report > now) continue;
+    if (!changed && w.next_report > now) continue;
     v1::WorkerEvent e;
     e.set_worker_epoch(epoch_);
     e.set_sequence_number(w.next_sequence++);

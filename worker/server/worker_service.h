@@ -108,7 +108,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   void ProcessInbox(LoopState* state);
   void StepEngine(LoopState* state);
   void PublishBlockEvents(LoopState* state);
-  void SendLoadReports(LoopState* state, bool force);
+  void SendLoadReports(LoopState* state);
   void FinishSubmit(LoopState* state, const std::string& request_id, const grpc::Status& status);
   v1::LoadReport MakeLoadReport(const LoopState& state) const;
 
