@@ -1,0 +1,164 @@
+// The coordinator's WorkerPool against real worker processes: discovery picks up and drops workers
+// as the resolved address set changes, a restarted worker is reconnected under its new epoch, and a
+// real DNS name (localhost) resolves to workers.
+#include "coordinator/worker_pool.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "tests/local_cluster.h"
+
+namespace strata {
+namespace {
+
+// Waits until `pred(pool.Status())` holds.
+template <typename Pred>
+bool WaitFor(WorkerPool& pool, Pred pred, absl::Duration timeout = absl::Seconds(30)) {
+  const absl::Time give_up = absl::Now() + timeout;
+  while (absl::Now() < give_up) {
+    if (pred(pool.Status())) return true;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return false;
+}
+
+const v1::WorkerStatus* Find(const std::vector<v1::WorkerStatus>& s, const std::string& address) {
+  for (const auto& w : s) {
+    if (w.address() == address) return &w;
+  }
+  return nullptr;
+}
+
+bool Serving(const std::vector<v1::WorkerStatus>& s, const std::string& address) {
+  const v1::WorkerStatus* w = Find(s, address);
+  return w != nullptr && w->state() == v1::WORKER_STATE_SERVING;
+}
+
+TEST(WorkerPoolTest, WorkersThatComeAndGoArePickedUpAndDropped) {
+  LocalClusterOptions o;
+  o.num_workers = 3;
+  o.coordinator = false;
+  o.name = "pool";
+  auto cluster = LocalCluster::Start(o);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const std::string a = (*cluster)->worker_address(0);
+  const std::string b = (*cluster)->worker_address(1);
+  const std::string c = (*cluster)->worker_address(2);
+
+  absl::Mutex mu;
+  std::vector<std::string> resolved = {a, b};
+  bool fail = false;
+  WorkerPoolOptions po;
+  po.resolve_interval = absl::Milliseconds(50);
+  po.resolver = [&]() -> absl::StatusOr<std::vector<std::string>> {
+    absl::MutexLock lock(&mu);
+    if (fail) return absl::UnavailableError("DNS is down");
+    return resolved;
+  };
+  WorkerPool pool(po);
+  pool.Start();
+  ASSERT_TRUE(WaitFor(pool, [&](const auto& s) { return Serving(s, a) && Serving(s, b); }));
+  EXPECT_EQ(pool.Status().size(), 2u);
+  EXPECT_TRUE(pool.WaitForWorkers(kTinyModel, 2, absl::Seconds(1)));
+
+  // The name now resolves to b and c: a is dropped, c is picked up.
+  {
+    absl::MutexLock lock(&mu);
+    resolved = {b, c};
+  }
+  ASSERT_TRUE(WaitFor(pool, [&](const auto& s) {
+    return Find(s, a) == nullptr && Serving(s, b) && Serving(s, c);
+  }));
+  // Routing only reaches current workers.
+  for (int i = 0; i < 8; ++i) {
+    auto assigned = pool.Assign(kTinyModel, {}, 1, {});
+    ASSERT_TRUE(assigned.ok()) << assigned.status();
+    EXPECT_NE(assigned->address, a);
+    pool.Release(&*assigned);
+  }
+  // A failed resolution keeps the workers we have.
+  {
+    absl::MutexLock lock(&mu);
+    fail = true;
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_TRUE(Serving(pool.Status(), b) && Serving(pool.Status(), c));
+  // And a is welcome back.
+  {
+    absl::MutexLock lock(&mu);
+    fail = false;
+    resolved = {a};
+  }
+  ASSERT_TRUE(WaitFor(pool, [&](const auto& s) { return Serving(s, a) && s.size() == 1; }));
+  pool.Stop();
+}
+
+TEST(WorkerPoolTest, ARestartedWorkerIsReconnectedWithItsNewEpoch) {
+  LocalClusterOptions o;
+  o.num_workers = 1;
+  o.coordinator = false;
+  o.name = "restart";
+  auto cluster = LocalCluster::Start(o);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const std::string address = (*cluster)->worker_address(0);
+  absl::StatusOr<WorkerTargets> targets = ParseWorkerTargets(address);
+  ASSERT_TRUE(targets.ok());
+  WorkerPoolOptions po;
+  po.targets = *targets;
+  po.max_reconnect_backoff = absl::Milliseconds(200);
+  WorkerPool pool(po);
+  pool.Start();
+  ASSERT_TRUE(WaitFor(pool, [&](const auto& s) { return Serving(s, address); }));
+  const uint64_t epoch = pool.Status()[0].info().worker_epoch();
+
+  (*cluster)->worker_process(0).Kill();
+  ASSERT_TRUE(
+      WaitFor(pool, [&](const auto& s) { return s[0].state() == v1::WORKER_STATE_UNAVAILABLE; }));
+  EXPECT_FALSE(pool.Assign(kTinyModel, {}, 1, {}).ok());
+
+  // The same address comes back as a new process.
+  ChildProcess restarted;
+  {
+    const std::string base = absl::StrCat(TestOutputDir(), "/restarted-worker");
+    auto p = ChildProcess::Start({kWorkerBinary, absl::StrCat("--model=", kTinyModelDir),
+                                  absl::StrCat("--model_name=", kTinyModel),
+                                  absl::StrCat("--listen=", address), "--threads=1"},
+                                 base + ".log");
+    ASSERT_TRUE(p.ok()) << p.status();
+    restarted = *std::move(p);
+  }
+  ASSERT_TRUE(WaitFor(pool, [&](const auto& s) { return Serving(s, address); }));
+  EXPECT_NE(pool.Status()[0].info().worker_epoch(), epoch);
+  EXPECT_TRUE(pool.Assign(kTinyModel, {}, 1, {}).ok());
+  pool.Stop();
+}
+
+TEST(WorkerPoolTest, ADnsNameResolvesToItsWorkers) {
+  LocalClusterOptions o;
+  o.num_workers = 1;
+  o.coordinator = false;
+  o.name = "dns";
+  auto cluster = LocalCluster::Start(o);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const std::string address = (*cluster)->worker_address(0);  // 127.0.0.1:PORT
+  const std::string port = address.substr(address.rfind(':') + 1);
+  absl::StatusOr<WorkerTargets> targets = ParseWorkerTargets(absl::StrCat("dns:localhost:", port));
+  ASSERT_TRUE(targets.ok());
+  WorkerPoolOptions po;
+  po.targets = *targets;
+  po.resolve_interval = absl::Milliseconds(100);
+  WorkerPool pool(po);
+  pool.Start();
+  // localhost may also resolve to ::1, where nothing listens: that one stays unavailable.
+  ASSERT_TRUE(WaitFor(pool, [&](const auto& s) { return Serving(s, address); }));
+  EXPECT_TRUE(pool.WaitForWorkers(kTinyModel, 1, absl::Seconds(1)));
+  pool.Stop();
+}
+
+}  // namespace
+}  // namespace strata
