@@ -60,23 +60,28 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
   d.chosen = static_cast<int>(best);
 
   // Hot-prefix replication.
-  const WorkerScore& b = d.scores[best];
-  if (config.hot_prefix_requests > 0 && !request.prefix_hashes.empty() &&
-      b.overlap_blocks[0] + b.overlap_blocks[1] + b.overlap_blocks[2] > 0 &&
-      index.Pending(request.prefix_hashes[0], b.slot) >= config.hot_prefix_requests) {
-    int target = -1;
-    for (size_t i = 0; i < n; ++i) {
-      const WorkerScore& s = d.scores[i];
-      const bool lacks = s.overlap_blocks[0] + s.overlap_blocks[1] + s.overlap_blocks[2] == 0;
-      if (!lacks || s.over_balance_limit) continue;
-      if (candidates[i].inflight_requests + 2 > candidates[best].inflight_requests) continue;
-      if (target < 0 || candidates[i].inflight_requests < candidates[target].inflight_requests) {
-        target = static_cast<int>(i);
+  auto holds = [&](size_t i) {
+    const WorkerScore& s = d.scores[i];
+    return s.overlap_blocks[0] + s.overlap_blocks[1] + s.overlap_blocks[2] > 0;
+  };
+  if (config.replicate_hot_prefixes && holds(best)) {
+    const int64_t wanted =
+        static_cast<int64_t>(std::ceil(std::clamp(request.prefix_share, 0.0, 1.0) * n - 1e-9));
+    int64_t holders = 0;
+    for (size_t i = 0; i < n; ++i) holders += holds(i) ? 1 : 0;
+    if (holders < wanted) {
+      int target = -1;
+      for (size_t i = 0; i < n; ++i) {
+        if (holds(i) || d.scores[i].over_balance_limit) continue;
+        if (candidates[i].inflight_requests >= candidates[best].inflight_requests) continue;
+        if (target < 0 || candidates[i].inflight_requests < candidates[target].inflight_requests) {
+          target = static_cast<int>(i);
+        }
       }
-    }
-    if (target >= 0) {
-      d.chosen = target;
-      d.replicated = true;
+      if (target >= 0) {
+        d.chosen = target;
+        d.replicated = true;
+      }
     }
   }
   return d;

@@ -9,16 +9,21 @@
 // where overlap_t counts the blocks of the longest cached prefix of the prompt on w whose fastest
 // copy is in tier t. Lower cost wins.
 //
-// Balance. Cost alone pins a hot shared prefix to the worker that cached it first. So a worker
-// whose in-flight request count would exceed the balance limit, max(mean * (1 + balance_tolerance),
-// mean + balance_slack) over all candidates, is passed over while any other candidate is under the
-// limit; the request goes to a less loaded worker, which then caches the prefix too. Within the
-// limit, hot prefixes replicate on purpose: when the cheapest worker is serving at least
-// `hot_prefix_requests` in-flight requests that share this prompt's first block, and a worker that
-// lacks the prefix has at least two fewer requests in flight, the least loaded such worker gets the
-// request (and so a copy of the prefix). A conversation's own history is never hot in this sense
-// (its turns do not overlap), so it stays where its cache is. Ties go to fewer in-flight requests,
-// then to an order rotated by `tie_break`, so idle workers share cold traffic evenly.
+// Balance. The load terms move a request off the worker that holds its prefix only when that
+// worker's queue costs more than recomputing the prefix elsewhere, so a busy worker never sheds
+// work into expensive misses (which under load would cascade into cache thrash). Two rules keep
+// workers balanced beyond that:
+// - Hot prefixes replicate: a prefix that starts a share s of recent requests (`prefix_share`,
+//   measured by the caller over a window of requests) needs about ceil(s * n) of the n workers.
+//   While fewer hold it, the request goes to the least loaded worker that lacks it, if that one has
+//   fewer requests in flight than the cheapest; once enough hold it, cost and load decide. A
+//   conversation's history or one tenant's prompt among many has a small share, so it stays where
+//   its cache is; queueing alone never triggers replication (which under load would cascade).
+// - A guard against gross imbalance: a worker whose in-flight count would exceed
+//   max(mean * (1 + balance_tolerance), mean + balance_slack) is passed over while another is under
+//   that limit.
+// Ties go to fewer in-flight requests, then to an order rotated by `tie_break`, so idle workers
+// share cold traffic evenly.
 #ifndef STRATA_COORDINATOR_ROUTER_H_
 #define STRATA_COORDINATOR_ROUTER_H_
 
@@ -38,10 +43,9 @@ struct RouterConfig {
   std::array<double, kNumTiers> tier_weights = {1.0, 0.75, 0.25};
   // Cost of one sequence in decode, in prefill blocks.
   double decode_weight = 1.0;
-  double balance_tolerance = 0.25;
-  double balance_slack = 2.0;
-  // 0 disables replication of hot prefixes.
-  int hot_prefix_requests = 2;
+  double balance_tolerance = 1.0;
+  double balance_slack = 4.0;
+  bool replicate_hot_prefixes = true;
   // Round-robin instead of cost (a baseline for benchmarks): the candidate at tie_break modulo the
   // number of candidates.
   bool round_robin = false;
@@ -64,6 +68,8 @@ struct RouteRequest {
   int64_t prompt_blocks = 0;
   // Rotates the order among equally good candidates.
   uint64_t tie_break = 0;
+  // Fraction of recent requests whose prompt starts with the same first block, in [0, 1].
+  double prefix_share = 0;
 };
 
 struct WorkerScore {

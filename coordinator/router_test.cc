@@ -177,28 +177,32 @@ TEST(RouterTest, AHotPrefixReplicatesToALessLoadedWorker) {
   RouteRequest req;
   req.prefix_hashes = kChain;
   req.prompt_blocks = 6;
-  // One request on worker 0 uses the prefix: not hot, the cache wins.
-  index.AddPending(0, kChain);
+  // A third of recent traffic: one worker is enough, the cache wins.
+  req.prefix_share = 0.3;
   RouteDecision d = Route(req, loads, index, RouterConfig());
   EXPECT_EQ(d.chosen, 0);
   EXPECT_FALSE(d.replicated);
-  // Two do: it is copied to the least loaded worker that lacks it.
-  index.AddPending(0, kChain);
+  // Half of it needs two workers: copied to the least loaded one that lacks it.
+  req.prefix_share = 0.5;
   d = Route(req, loads, index, RouterConfig());
   EXPECT_EQ(d.chosen, 2);
   EXPECT_TRUE(d.replicated);
-  // Not when the others are nearly as busy.
-  loads = {{0, 2, 0, 2}, {1, 1, 0, 1}, {2, 1, 0, 1}};
+  // Not to a worker as busy as the holder.
+  loads = {{0, 1, 0, 1}, {1, 1, 0, 1}, {2, 1, 0, 1}};
   d = Route(req, loads, index, RouterConfig());
   EXPECT_EQ(d.chosen, 0);
   EXPECT_FALSE(d.replicated);
-  // Not when every worker already holds it: then cost and load decide.
+  // Once two hold it, cost and load decide.
   index.Stored(1, Tier::kDevice, kChain);
-  index.Stored(2, Tier::kDevice, kChain);
   loads = {{0, 2, 0, 2}, {1, 1, 0, 1}, {2, 0, 0, 0}};
   d = Route(req, loads, index, RouterConfig());
-  EXPECT_EQ(d.chosen, 2);
+  EXPECT_EQ(d.chosen, 1);
   EXPECT_FALSE(d.replicated);
+  // All of it wants all three.
+  req.prefix_share = 1.0;
+  d = Route(req, loads, index, RouterConfig());
+  EXPECT_EQ(d.chosen, 2);
+  EXPECT_TRUE(d.replicated);
 }
 
 TEST(RouterTest, AHotPrefixSpreadsOverEveryWorkerAndStaysBalanced) {
@@ -222,6 +226,7 @@ TEST(RouterTest, AHotPrefixSpreadsOverEveryWorkerAndStaysBalanced) {
     req.prefix_hashes = kChain;
     req.prompt_blocks = 6;
     req.tie_break = static_cast<uint64_t>(r);
+    req.prefix_share = 1.0;
     const RouteDecision d = Route(req, loads, index, RouterConfig());
     ASSERT_GE(d.chosen, 0);
     ++share[d.chosen];

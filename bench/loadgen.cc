@@ -1,0 +1,296 @@
+// loadgen: drives a Strata coordinator (or one worker directly) with an open-loop workload over
+// gRPC and reports latency and throughput.
+//
+//   loadgen --target HOST:PORT [--api serving|worker] [--model NAME]
+//       [--workload random|shared-prefix|multi-turn] [--requests N] [--rate R]
+//       [--prompt_tokens N|MIN:MAX] [--output_tokens N|MIN:MAX]
+//       [--shared_prefix_tokens N] [--shared_fraction F] [--shared_prefixes K]
+//       [--turns T] [--turn_tokens N|MIN:MAX] [--think_time_ms MS]
+//       [--cache_salt S] [--seed S] [--label L] [--json] [--json_out FILE]
+//
+// Arrivals are open-loop: requests (for multi-turn, conversations) start at Poisson times at --rate
+// per second whatever the system's latency; a conversation's next turn is sent after the previous
+// one ends plus an exponential think time. Each request generates exactly its output length
+// (ignore_eos). Reported per request: TTFT (send to first token), TPOT (first token to last, per
+// token after the first), end-to-end latency, at p50 / p90 / p99; throughput in requests and output
+// tokens per second over the run; and the prefix-cache hit rate (cached prompt tokens / prompt
+// tokens, from each response's usage).
+#include <atomic>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "bench/workload.h"
+#include "common/init.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/strata/v1/serving.grpc.pb.h"
+#include "proto/strata/v1/worker.grpc.pb.h"
+
+ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Coordinator (or, with --api worker, worker).");
+ABSL_FLAG(std::string, api, "serving", "serving (a coordinator's Generate) or worker (Submit).");
+ABSL_FLAG(std::string, model, "strata-tiny", "Model name.");
+ABSL_FLAG(std::string, workload, "random", "random, shared-prefix or multi-turn.");
+ABSL_FLAG(int64_t, requests, 100, "Requests in all (multi-turn: conversations x turns).");
+ABSL_FLAG(double, rate, 4, "Arrivals per second (multi-turn: of conversations).");
+ABSL_FLAG(std::string, prompt_tokens, "128", "Prompt length (own tokens), N or MIN:MAX.");
+ABSL_FLAG(std::string, output_tokens, "32", "Output length, N or MIN:MAX.");
+ABSL_FLAG(int64_t, shared_prefix_tokens, 1000, "shared-prefix: length of each shared prefix.");
+ABSL_FLAG(double, shared_fraction, 0.9, "shared-prefix: fraction of requests with a prefix.");
+ABSL_FLAG(int, shared_prefixes, 1, "shared-prefix: number of distinct prefixes.");
+ABSL_FLAG(int, turns, 4, "multi-turn: turns per conversation.");
+ABSL_FLAG(std::string, turn_tokens, "40", "multi-turn: new tokens per turn, N or MIN:MAX.");
+ABSL_FLAG(double, think_time_ms, 200, "multi-turn: mean think time between turns.");
+ABSL_FLAG(int, vocab_size, 2048, "Token ids are drawn from [0, vocab_size).");
+ABSL_FLAG(std::string, cache_salt, "", "Cache salt for every request (isolates runs).");
+ABSL_FLAG(uint64_t, seed, 1, "Workload seed.");
+ABSL_FLAG(std::string, label, "", "Name of this run in the report.");
+ABSL_FLAG(bool, json, false, "Print the report as JSON instead of a table.");
+ABSL_FLAG(std::string, json_out, "", "Also write the JSON report to this file.");
+
+namespace strata {
+namespace {
+
+struct Sample {
+  bool ok = false;
+  std::string error;
+  double ttft_ms = 0;
+  double tpot_ms = 0;
+  double e2e_ms = 0;
+  int64_t prompt_tokens = 0;
+  int64_t cached_tokens = 0;
+  int64_t output_tokens = 0;
+  absl::Time end;
+};
+
+class Driver {
+ public:
+  Driver(std::shared_ptr<grpc::Channel> channel, bool worker_api)
+      : serving_(v1::Serving::NewStub(channel)),
+        worker_(v1::Worker::NewStub(channel)),
+        worker_api_(worker_api) {}
+
+  Sample Send(const Turn& turn, uint64_t seed) {
+    Sample s;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Minutes(10)));
+    const absl::Time sent = absl::Now();
+    absl::Time first;
+    bool have_first = false;
+    grpc::Status status;
+    v1::Usage usage;
+    auto on_tokens = [&](int n) {
+      if (n > 0 && !have_first) {
+        first = absl::Now();
+        have_first = true;
+      }
+      s.output_tokens += n;
+    };
+    v1::SamplingParams sampling;
+    sampling.set_max_tokens(static_cast<uint32_t>(turn.output_tokens));
+    sampling.set_ignore_eos(true);
+    sampling.set_seed(seed);
+    if (worker_api_) {
+      v1::SubmitRequest req;
+      req.set_request_id(absl::StrCat("loadgen-", next_id_.fetch_add(1)));
+      req.set_model(absl::GetFlag(FLAGS_model));
+      req.mutable_prompt_token_ids()->Add(turn.prompt.begin(), turn.prompt.end());
+      *req.mutable_sampling() = sampling;
+      req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
+      auto reader = worker_->Submit(&ctx, req);
+      v1::SubmitResponse chunk;
+      while (reader->Read(&chunk)) {
+        on_tokens(chunk.token_ids_size());
+        if (chunk.has_usage()) usage = chunk.usage();
+      }
+      status = reader->Finish();
+    } else {
+      v1::GenerateRequest req;
+      req.set_model(absl::GetFlag(FLAGS_model));
+      req.mutable_token_ids()->mutable_ids()->Add(turn.prompt.begin(), turn.prompt.end());
+      *req.mutable_sampling() = sampling;
+      req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
+      auto reader = serving_->Generate(&ctx, req);
+      v1::GenerateResponse chunk;
+      while (reader->Read(&chunk)) {
+        on_tokens(chunk.token_ids_size());
+        if (chunk.has_usage()) usage = chunk.usage();
+      }
+      status = reader->Finish();
+    }
+    s.end = absl::Now();
+    if (!status.ok()) {
+      s.error = absl::StrCat(status.error_code(), ": ", status.error_message());
+      return s;
+    }
+    s.ok = true;
+    s.prompt_tokens = static_cast<int64_t>(turn.prompt.size());
+    s.cached_tokens = usage.cached().num_device_tokens() + usage.cached().num_host_tokens() +
+                      usage.cached().num_disk_tokens();
+    s.e2e_ms = absl::ToDoubleMilliseconds(s.end - sent);
+    s.ttft_ms = have_first ? absl::ToDoubleMilliseconds(first - sent) : s.e2e_ms;
+    s.tpot_ms =
+        s.output_tokens > 1 ? absl::ToDoubleMilliseconds(s.end - first) / (s.output_tokens - 1) : 0;
+    return s;
+  }
+
+ private:
+  std::unique_ptr<v1::Serving::Stub> serving_;
+  std::unique_ptr<v1::Worker::Stub> worker_;
+  const bool worker_api_;
+  std::atomic<uint64_t> next_id_{0};
+};
+
+std::string Stats(const std::vector<double>& v, bool json) {
+  const double p50 = Percentile(v, 50), p90 = Percentile(v, 90), p99 = Percentile(v, 99);
+  double mean = 0;
+  for (double x : v) mean += x;
+  mean = v.empty() ? 0 : mean / v.size();
+  if (json)
+    return absl::StrFormat("{\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"mean\":%.3f}", p50, p90, p99,
+                           mean);
+  return absl::StrFormat("%9.1f %9.1f %9.1f %9.1f", p50, p90, p99, mean);
+}
+
+int Main() {
+  WorkloadOptions o;
+  o.kind = absl::GetFlag(FLAGS_workload);
+  o.num_requests = absl::GetFlag(FLAGS_requests);
+  o.rate_per_s = absl::GetFlag(FLAGS_rate);
+  o.shared_prefix_tokens = absl::GetFlag(FLAGS_shared_prefix_tokens);
+  o.shared_fraction = absl::GetFlag(FLAGS_shared_fraction);
+  o.num_shared_prefixes = absl::GetFlag(FLAGS_shared_prefixes);
+  o.turns = absl::GetFlag(FLAGS_turns);
+  o.think_time_ms = absl::GetFlag(FLAGS_think_time_ms);
+  o.vocab_size = absl::GetFlag(FLAGS_vocab_size);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  for (auto [flag, out] : {std::pair{&FLAGS_prompt_tokens, &o.prompt_tokens},
+                           std::pair{&FLAGS_output_tokens, &o.output_tokens},
+                           std::pair{&FLAGS_turn_tokens, &o.turn_tokens}}) {
+    absl::StatusOr<LengthRange> r = ParseLengthRange(absl::GetFlag(*flag));
+    if (!r.ok()) {
+      std::fprintf(stderr, "loadgen: %s\n", std::string(r.status().message()).c_str());
+      return 2;
+    }
+    *out = *r;
+  }
+  const std::string api = absl::GetFlag(FLAGS_api);
+  if (api != "serving" && api != "worker") {
+    std::fprintf(stderr, "loadgen: --api must be serving or worker\n");
+    return 2;
+  }
+  absl::StatusOr<std::vector<Conversation>> workload = MakeWorkload(o);
+  if (!workload.ok()) {
+    std::fprintf(stderr, "loadgen: %s\n", std::string(workload.status().message()).c_str());
+    return 2;
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_target),
+                                           grpc::InsecureChannelCredentials(), args);
+  if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
+    std::fprintf(stderr, "loadgen: cannot reach %s\n", absl::GetFlag(FLAGS_target).c_str());
+    return 1;
+  }
+  Driver driver(channel, api == "worker");
+
+  absl::Mutex mu;
+  std::vector<Sample> samples;
+  std::vector<std::thread> threads;
+  const absl::Time start = absl::Now();
+  uint64_t request_seed = o.seed * 1000003;
+  for (const Conversation& c : *workload) {
+    absl::SleepFor(start + c.start - absl::Now());
+    const uint64_t seed = request_seed++;
+    threads.emplace_back([&, seed, conv = &c] {
+      for (const Turn& t : conv->turns) {
+        if (t.think_time > absl::ZeroDuration()) absl::SleepFor(t.think_time);
+        Sample s = driver.Send(t, seed);
+        absl::MutexLock lock(&mu);
+        samples.push_back(std::move(s));
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  absl::Time last_end = start;
+  std::vector<double> ttft, tpot, e2e;
+  int64_t ok = 0, output_tokens = 0, prompt_tokens = 0, cached_tokens = 0;
+  std::map<std::string, int> errors;
+  for (const Sample& s : samples) {
+    if (!s.ok) {
+      ++errors[s.error.substr(0, 120)];
+      continue;
+    }
+    ++ok;
+    ttft.push_back(s.ttft_ms);
+    if (s.output_tokens > 1) tpot.push_back(s.tpot_ms);
+    e2e.push_back(s.e2e_ms);
+    output_tokens += s.output_tokens;
+    prompt_tokens += s.prompt_tokens;
+    cached_tokens += s.cached_tokens;
+    last_end = std::max(last_end, s.end);
+  }
+  const double seconds = std::max(1e-9, absl::ToDoubleSeconds(last_end - start));
+  const double hit_rate =
+      prompt_tokens == 0 ? 0 : static_cast<double>(cached_tokens) / prompt_tokens;
+  const int64_t failed = static_cast<int64_t>(samples.size()) - ok;
+  std::string label = absl::GetFlag(FLAGS_label);
+  if (label.empty()) label = absl::StrCat(o.kind, "@", absl::GetFlag(FLAGS_target));
+
+  std::string errors_json;
+  for (const auto& [e, n] : errors) {
+    absl::StrAppend(&errors_json, errors_json.empty() ? "" : ",", "{\"error\":", JsonQuote(e),
+                    ",\"count\":", n, "}");
+  }
+  const std::string json = absl::StrFormat(
+      "{\"label\":%s,\"target\":%s,\"api\":\"%s\",\"workload\":\"%s\",\"rate_per_s\":%g,"
+      "\"requests\":%d,\"ok\":%d,\"failed\":%d,\"duration_s\":%.3f,\"throughput_rps\":%.3f,"
+      "\"output_tokens_per_s\":%.3f,\"prompt_tokens\":%d,\"cached_prompt_tokens\":%d,"
+      "\"cache_hit_rate\":%.4f,\"ttft_ms\":%s,\"tpot_ms\":%s,\"e2e_ms\":%s,\"errors\":[%s]}",
+      JsonQuote(label), JsonQuote(absl::GetFlag(FLAGS_target)), api, o.kind, o.rate_per_s,
+      samples.size(), ok, failed, seconds, ok / seconds, output_tokens / seconds, prompt_tokens,
+      cached_tokens, hit_rate, Stats(ttft, true), Stats(tpot, true), Stats(e2e, true), errors_json);
+  if (const std::string path = absl::GetFlag(FLAGS_json_out); !path.empty()) {
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (f == nullptr) {
+      std::fprintf(stderr, "loadgen: cannot write %s\n", path.c_str());
+      return 1;
+    }
+    std::fprintf(f, "%s\n", json.c_str());
+    std::fclose(f);
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    std::printf("%s\n", json.c_str());
+  } else {
+    std::printf("%s: %s workload, %zu requests at %g/s (%lld ok, %lld failed) in %.1f s\n",
+                label.c_str(), o.kind.c_str(), samples.size(), o.rate_per_s,
+                static_cast<long long>(ok), static_cast<long long>(failed), seconds);
+    std::printf("            %9s %9s %9s %9s\n", "p50", "p90", "p99", "mean");
+    std::printf("TTFT ms     %s\n", Stats(ttft, false).c_str());
+    std::printf("TPOT ms     %s\n", Stats(tpot, false).c_str());
+    std::printf("E2E ms      %s\n", Stats(e2e, false).c_str());
+    std::printf("throughput  %.2f req/s, %.1f output tok/s; prefix-cache hit rate %.3f\n",
+                ok / seconds, output_tokens / seconds, hit_rate);
+    for (const auto& [e, n] : errors) std::printf("error x%d: %s\n", n, e.c_str());
+  }
+  return failed == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace strata
+
+int main(int argc, char** argv) {
+  strata::InitProgram(argc, argv,
+                      "loadgen --target HOST:PORT [--workload ...]: see bench/loadgen.cc");
+  return strata::Main();
+}

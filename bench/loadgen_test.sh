@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# loadgen against a real coordinator and worker: every request succeeds and the JSON report adds up.
+set -euo pipefail
+tmp=${TEST_TMPDIR:-$(mktemp -d)}
+fail() { echo "FAIL: $*" >&2; tail -20 "$tmp"/*.log >&2; exit 1; }
+pids=()
+trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true' EXIT
+wait_port() { for _ in $(seq 600); do [ -s "$1" ] && { cat "$1"; return 0; }; sleep 0.05; done; fail "no port in $1"; }
+
+model=models/strata-tiny/base
+worker/server/strata-worker --model=$model --model_name=strata-tiny --listen=127.0.0.1:0 \
+  --port_file="$tmp/w.port" --threads=1 > "$tmp/worker.log" 2>&1 &
+pids+=($!)
+wport=$(wait_port "$tmp/w.port")
+coordinator/strata-coordinator --model=strata-tiny=$model --workers=127.0.0.1:$wport \
+  --listen=127.0.0.1:0 --port_file="$tmp/c.port" > "$tmp/coordinator.log" 2>&1 &
+pids+=($!)
+cport=$(wait_port "$tmp/c.port")
+sleep 0.5
+
+check() {  # check JSON EXPECTED_REQUESTS MIN_HIT_RATE
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1]); n = int(sys.argv[2]); hit = float(sys.argv[3])
+assert r["requests"] == n and r["ok"] == n and r["failed"] == 0, r
+assert r["output_tokens_per_s"] > 0 and r["throughput_rps"] > 0, r
+for k in ("ttft_ms", "tpot_ms", "e2e_ms"):
+    s = r[k]
+    assert 0 < s["p50"] <= s["p90"] <= s["p99"], (k, s)
+assert r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"], r
+assert r["cache_hit_rate"] >= hit, r
+PY
+}
+out=$(bench/loadgen --target=127.0.0.1:$cport --workload=shared-prefix --requests=12 --rate=20 \
+  --shared_prefix_tokens=200 --prompt_tokens=8:16 --output_tokens=4:8 --json) || fail "loadgen: $out"
+check "$out" 12 0.5 || fail "shared-prefix report: $out"
+out=$(bench/loadgen --target=127.0.0.1:$cport --workload=multi-turn --requests=8 --turns=4 --rate=10 \
+  --prompt_tokens=64 --turn_tokens=16 --output_tokens=4 --think_time_ms=10 --json) || fail "loadgen: $out"
+check "$out" 8 0.3 || fail "multi-turn report: $out"
+# Straight to the worker, with the human table.
+out=$(bench/loadgen --target=127.0.0.1:$wport --api=worker --requests=4 --rate=20 --prompt_tokens=32 \
+  --output_tokens=4) || fail "loadgen worker: $out"
+echo "$out" | grep -q '^TTFT ms' || fail "no table: $out"
+echo "$out" | grep -q '4 ok, 0 failed' || fail "worker run: $out"
+echo PASS

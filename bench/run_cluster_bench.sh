@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Cluster benchmarks recorded in docs/PERFORMANCE.md, on the bundled model, all processes on this
+# machine:
+#   1. KV-aware vs round-robin routing: four workers (32 MiB of KV each: 8k tokens), one
+#      coordinator of each kind over the same workers, the same workloads (separate cache salts, so
+#      neither run sees the other's cache): multi-turn conversations, one hot 1,000-token system
+#      prompt, and 16 tenants' 1,000-token system prompts (twice what one worker's cache holds).
+#   2. The coordinator's added latency: one worker, the same workload sent straight to the worker
+#      (Worker.Submit) and through a coordinator (Serving.Generate), alternating, several rounds.
+# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|all]   (JSON per run, plus
+# summary.txt)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-/tmp/strata-cluster-bench}
+part=${2:-all}
+mkdir -p "$out"
+tools/setup.sh
+bazel build --noshow_progress //worker/server:strata-worker //coordinator:strata-coordinator \
+  //bench:loadgen 2>&1 | grep -v 'INFO:\|Loading\|Analyzing' || true
+bin=$(bazel info bazel-bin 2>/dev/null)
+model=$PWD/models/strata-tiny/base
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+wait_port() { for _ in $(seq 600); do [ -s "$1" ] && { cat "$1"; return 0; }; sleep 0.05; done; echo "no port in $1" >&2; exit 1; }
+start_worker() {  # start_worker NAME -> prints port
+  rm -f "$out/$1.port"
+  "$bin/worker/server/strata-worker" --model="$model" --model_name=strata-tiny --listen=127.0.0.1:0 \
+    --port_file="$out/$1.port" --worker_id="$1" --threads=1 --kv_cache_mb=32 > "$out/$1.log" 2>&1 &
+  pids+=($!)
+  wait_port "$out/$1.port"
+}
+start_coordinator() {  # start_coordinator NAME WORKERS FLAGS... -> prints port
+  local name=$1 workers=$2; shift 2
+  rm -f "$out/$name.port"
+  "$bin/coordinator/strata-coordinator" --model="strata-tiny=$model" --workers="$workers" \
+    --listen=127.0.0.1:0 --port_file="$out/$name.port" "$@" > "$out/$name.log" 2>&1 &
+  pids+=($!)
+  wait_port "$out/$name.port"
+}
+loadgen() { "$bin/bench/loadgen" "$@"; }
+summary="$out/summary.txt"
+: > "$summary"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" | tee -a "$summary"
+
+# 1. Routing.
+if [ "$part" = all ] || [ "$part" = routing ]; then
+workers=()
+for i in 1 2 3 4; do workers+=("127.0.0.1:$(start_worker "w$i")"); done
+wlist=$(IFS=,; echo "${workers[*]}")
+kv=$(start_coordinator kv "$wlist")
+rr=$(start_coordinator rr "$wlist" --routing=round_robin)
+sleep 1
+multi=(--workload=multi-turn --requests=192 --turns=6 --rate=1.5 --prompt_tokens=600 --turn_tokens=48
+       --output_tokens=16 --think_time_ms=300)
+shared=(--workload=shared-prefix --requests=300 --rate=6 --shared_prefix_tokens=1000 --shared_fraction=0.9
+        --prompt_tokens=16:64 --output_tokens=16)
+tenants=(--workload=shared-prefix --requests=240 --rate=3 --shared_prefix_tokens=1000 --shared_prefixes=16
+         --shared_fraction=0.9 --prompt_tokens=16:64 --output_tokens=16)
+for policy in kv rr; do
+  port=$([ $policy = kv ] && echo "$kv" || echo "$rr")
+  loadgen --target=127.0.0.1:$port "${multi[@]}" --cache_salt="multi-$policy" --label="multi-turn/$policy" \
+    --json_out="$out/multi-$policy.json" | tee -a "$summary"
+  loadgen --target=127.0.0.1:$port "${shared[@]}" --cache_salt="shared-$policy" --label="shared-prefix/$policy" \
+    --json_out="$out/shared-$policy.json" | tee -a "$summary"
+  loadgen --target=127.0.0.1:$port "${tenants[@]}" --cache_salt="tenants-$policy" --label="16-tenant-prefixes/$policy" \
+    --json_out="$out/tenants-$policy.json" | tee -a "$summary"
+done
+cleanup
+pids=()
+fi
+
+# 2. Coordinator overhead. Each run has its own cache salt, so no run hits another's cache.
+if [ "$part" = all ] || [ "$part" = overhead ]; then
+w=$(start_worker solo)
+c=$(start_coordinator solo-coordinator "127.0.0.1:$w")
+sleep 1
+plain=(--workload=random --requests=150 --rate=8 --prompt_tokens=64 --output_tokens=8)
+for round in 1 2 3; do
+  loadgen --target=127.0.0.1:$w --api=worker "${plain[@]}" --seed=$round --label="direct/round$round" \
+    --cache_salt="direct-$round" --json_out="$out/direct-$round.json" | tee -a "$summary"
+  loadgen --target=127.0.0.1:$c "${plain[@]}" --seed=$round --label="coordinator/round$round" \
+    --cache_salt="coordinator-$round" --json_out="$out/coordinator-$round.json" | tee -a "$summary"
+done
+fi
+echo "results in $out" | tee -a "$summary"

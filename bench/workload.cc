@@ -1,0 +1,114 @@
+#include "bench/workload.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace strata {
+namespace {
+
+int64_t Draw(std::mt19937_64* rng, LengthRange r) {
+  return std::uniform_int_distribution<int64_t>(r.min, r.max)(*rng);
+}
+
+std::vector<int32_t> Tokens(std::mt19937_64* rng, int64_t n, int32_t vocab) {
+  std::uniform_int_distribution<int32_t> d(0, vocab - 1);
+  std::vector<int32_t> out(static_cast<size_t>(n));
+  for (int32_t& t : out) t = d(*rng);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<LengthRange> ParseLengthRange(const std::string& spec) {
+  std::vector<std::string> parts = absl::StrSplit(spec, ':');
+  LengthRange r;
+  if (parts.size() == 1 && absl::SimpleAtoi(parts[0], &r.min)) {
+    r.max = r.min;
+  } else if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &r.min) ||
+             !absl::SimpleAtoi(parts[1], &r.max)) {
+    return absl::InvalidArgumentError(absl::StrCat("\"", spec, "\" is not N or MIN:MAX"));
+  }
+  if (r.min < 1 || r.max < r.min) {
+    return absl::InvalidArgumentError(absl::StrCat("\"", spec, "\": need 1 <= MIN <= MAX"));
+  }
+  return r;
+}
+
+absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o) {
+  if (o.rate_per_s <= 0) return absl::InvalidArgumentError("rate must be positive");
+  if (o.num_requests < 1) return absl::InvalidArgumentError("num_requests must be positive");
+  std::mt19937_64 rng(o.seed);
+  std::exponential_distribution<double> gap(o.rate_per_s);
+  std::vector<Conversation> out;
+  double t = 0;
+  if (o.kind == "random" || o.kind == "shared-prefix") {
+    std::vector<std::vector<int32_t>> prefixes;
+    if (o.kind == "shared-prefix") {
+      if (o.num_shared_prefixes < 1 || o.shared_fraction < 0 || o.shared_fraction > 1) {
+        return absl::InvalidArgumentError(
+            "shared-prefix needs >= 1 prefix and a fraction in [0, 1]");
+      }
+      for (int i = 0; i < o.num_shared_prefixes; ++i) {
+        prefixes.push_back(Tokens(&rng, o.shared_prefix_tokens, o.vocab_size));
+      }
+    }
+    std::bernoulli_distribution shared(o.shared_fraction);
+    for (int64_t i = 0; i < o.num_requests; ++i) {
+      Conversation c;
+      c.start = absl::Seconds(t);
+      t += gap(rng);
+      Turn turn;
+      if (!prefixes.empty() && shared(rng)) {
+        turn.prompt = prefixes[std::uniform_int_distribution<size_t>(0, prefixes.size() - 1)(rng)];
+      }
+      const std::vector<int32_t> own = Tokens(&rng, Draw(&rng, o.prompt_tokens), o.vocab_size);
+      turn.prompt.insert(turn.prompt.end(), own.begin(), own.end());
+      turn.output_tokens = Draw(&rng, o.output_tokens);
+      c.turns.push_back(std::move(turn));
+      out.push_back(std::move(c));
+    }
+    return out;
+  }
+  if (o.kind == "multi-turn") {
+    if (o.turns < 1) return absl::InvalidArgumentError("turns must be positive");
+    std::exponential_distribution<double> think(1000.0 / std::max(1e-3, o.think_time_ms));
+    const int64_t conversations = (o.num_requests + o.turns - 1) / o.turns;
+    for (int64_t i = 0; i < conversations; ++i) {
+      Conversation c;
+      c.start = absl::Seconds(t);
+      t += gap(rng);
+      std::vector<int32_t> history = Tokens(&rng, Draw(&rng, o.prompt_tokens), o.vocab_size);
+      for (int k = 0; k < o.turns; ++k) {
+        Turn turn;
+        if (k > 0) {
+          const std::vector<int32_t> more = Tokens(&rng, Draw(&rng, o.turn_tokens), o.vocab_size);
+          history.insert(history.end(), more.begin(), more.end());
+          turn.think_time = absl::Milliseconds(think(rng));
+        }
+        turn.prompt = history;
+        turn.output_tokens = Draw(&rng, o.output_tokens);
+        c.turns.push_back(std::move(turn));
+      }
+      out.push_back(std::move(c));
+    }
+    return out;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("workload \"", o.kind, "\" is not random, shared-prefix or multi-turn"));
+}
+
+double Percentile(std::vector<double> values, double p) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const double rank = p / 100.0 * static_cast<double>(values.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(rank));
+  const size_t hi = std::min(values.size() - 1, lo + 1);
+  return values[lo] + (values[hi] - values[lo]) * (rank - static_cast<double>(lo));
+}
+
+}  // namespace strata

@@ -1,0 +1,65 @@
+// Workloads and latency statistics for bench/loadgen.
+//
+// A workload is a list of conversations, each a sequence of turns (one request per turn), with the
+// time each conversation starts (open-loop Poisson arrivals) and the think time before each later
+// turn. A single-turn workload is conversations of one turn. Prompts are token ids drawn from a
+// seeded generator, so a workload is reproducible and two systems can be given the same one.
+#ifndef STRATA_BENCH_WORKLOAD_H_
+#define STRATA_BENCH_WORKLOAD_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace strata {
+
+// An inclusive range of lengths, drawn uniformly ("128" or "64:512").
+struct LengthRange {
+  int64_t min = 0;
+  int64_t max = 0;
+};
+absl::StatusOr<LengthRange> ParseLengthRange(const std::string& spec);
+
+struct WorkloadOptions {
+  // "random": unrelated prompts. "shared-prefix": a fraction of requests start with one of a few
+  // shared prefixes (a system prompt). "multi-turn": conversations whose every turn resends the
+  // whole history plus new tokens.
+  std::string kind = "random";
+  int64_t num_requests = 100;  // for multi-turn: conversations * turns
+  double rate_per_s = 4;       // arrivals of requests (multi-turn: of conversations)
+  LengthRange prompt_tokens = {128, 128};
+  LengthRange output_tokens = {32, 32};
+  // shared-prefix
+  int64_t shared_prefix_tokens = 1000;
+  double shared_fraction = 0.9;
+  int num_shared_prefixes = 1;
+  // multi-turn
+  int turns = 4;
+  LengthRange turn_tokens = {40, 40};
+  double think_time_ms = 200;  // mean of an exponential
+  int32_t vocab_size = 2048;
+  uint64_t seed = 1;
+};
+
+struct Turn {
+  std::vector<int32_t> prompt;  // the whole prompt sent (history included)
+  int64_t output_tokens = 0;
+  absl::Duration think_time;  // wait after the previous turn's end (0 for the first)
+};
+
+struct Conversation {
+  absl::Duration start;  // since the run's start
+  std::vector<Turn> turns;
+};
+
+absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& options);
+
+// p in [0, 100]; linear interpolation between order statistics. 0 for an empty input.
+double Percentile(std::vector<double> values, double p);
+
+}  // namespace strata
+
+#endif  // STRATA_BENCH_WORKLOAD_H_
