@@ -8,7 +8,9 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/grpc_server.h"
 #include "common/init.h"
@@ -35,7 +37,7 @@ ABSL_FLAG(std::string, routing, "kv", "kv (prefix-cache-aware cost) or round_rob
 ABSL_FLAG(double, decode_weight, 1.0, "Routing cost of one decoding sequence, in prefill blocks.");
 ABSL_FLAG(double, shutdown_grace_s, 10, "On SIGTERM, how long in-flight requests may finish.");
 ABSL_FLAG(std::string, instance_id, "",
-          "Prefix of worker-side request ids; default: coord-<pid> (must differ between "
+          "Prefix of worker-side request ids; default: coord-<random hex> (must differ between "
           "coordinator replicas sharing workers).");
 
 namespace strata {
@@ -71,7 +73,10 @@ int Main() {
   co.max_inflight_requests = absl::GetFlag(FLAGS_max_inflight_requests);
   co.max_attempts = absl::GetFlag(FLAGS_max_attempts);
   co.instance_id = absl::GetFlag(FLAGS_instance_id);
-  if (co.instance_id.empty()) co.instance_id = absl::StrCat("coord-", getpid());
+  if (co.instance_id.empty()) {
+    absl::BitGen gen;
+    co.instance_id = absl::StrFormat("coord-%08x", absl::Uniform<uint32_t>(gen));
+  }
   CoordinatorService service(&pool, models->get(), co);
   GrpcServerOptions so;
   so.listen_address = absl::GetFlag(FLAGS_listen);

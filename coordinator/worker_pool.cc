@@ -300,12 +300,13 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
                                                           int64_t prompt_blocks,
                                                           absl::Span<const WorkerSlot> exclude) {
   absl::MutexLock lock(&mu_);
+  const absl::Time now = absl::Now();
   std::vector<WorkerLoadView> loads;
   int known = 0;
   for (const auto& w : workers_) {
     if (w->removed || !w->has_info || w->info.model() != model) continue;
     ++known;
-    if (w->state != State::kServing) continue;
+    if (w->state != State::kServing || w->suspect_until > now) continue;
     if (std::find(exclude.begin(), exclude.end(), w->slot) != exclude.end()) continue;
     WorkerLoadView v;
     v.slot = w->slot;
@@ -394,10 +395,10 @@ void WorkerPool::ReportSubmitFailure(WorkerSlot slot, const grpc::Status& status
   Worker* w = workers_[slot].get();
   if (status.error_code() == grpc::StatusCode::FAILED_PRECONDITION && w->state == State::kServing) {
     w->state = State::kDraining;
-  } else if (status.error_code() == grpc::StatusCode::UNAVAILABLE &&
-             w->state != State::kUnavailable) {
-    // The watch stream will confirm (and reconnect if it was a blip).
-    w->state = State::kUnavailable;
+  } else if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    // A dead worker's event stream breaks at the same moment and marks it unavailable; a blip
+    // only keeps it out of routing for a second.
+    w->suspect_until = absl::Now() + absl::Seconds(1);
   }
 }
 

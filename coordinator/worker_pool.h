@@ -123,6 +123,9 @@ class WorkerPool {
     State state = State::kConnecting;
     bool removed = false;  // dropped by discovery; its thread exits
     bool drained_by_admin = false;
+    // A Submit to it just failed UNAVAILABLE: not routed to until then, unless its event stream
+    // (the judge of availability) says otherwise first by breaking.
+    absl::Time suspect_until = absl::InfinitePast();
     bool has_info = false;
     v1::WorkerInfo info;
     v1::LoadReport load;

@@ -396,6 +396,70 @@ TEST(FailoverTest, KillingAWorkerMidStreamLosesNothing) {
   EXPECT_TRUE(Generate(cluster.serving(), TextRequest("after", 4, 1)).status.ok());
 }
 
+// Requests queued on a worker that dies before they start are retried elsewhere from the start;
+// the one it was running continues from where it was. Nothing is lost either way.
+TEST(FailoverTest, QueuedRequestsOfADeadWorkerStartOverElsewhere) {
+  LocalClusterOptions o = Options(2, "failover-queued");
+  o.worker_flags = {"--max_running_sequences=1"};
+  auto c = LocalCluster::Start(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  LocalCluster& cluster = **c;
+  constexpr int kRequests = 3;
+  std::vector<v1::GenerateRequest> requests;
+  std::vector<std::vector<int32_t>> expected;
+  for (int i = 0; i < kRequests; ++i) {
+    v1::GenerateRequest r = TextRequest(absl::StrCat("queued ", i), 200, 7 + i);
+    Generated g = Generate(cluster.serving(), r);
+    ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+    requests.push_back(r);
+    expected.push_back(g.tokens);
+  }
+  auto drain = [&](const std::string& worker, bool resume) {
+    grpc::ClientContext ctx;
+    v1::DrainWorkerRequest req;
+    req.set_worker(worker);
+    req.set_resume(resume);
+    v1::DrainWorkerResponse resp;
+    ASSERT_TRUE(cluster.admin()->DrainWorker(&ctx, req, &resp).ok());
+  };
+  // Everything goes to worker-0, which runs one sequence at a time.
+  drain("worker-1", false);
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
+  for (int i = 0; i < kRequests; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    readers.push_back(cluster.serving()->Generate(contexts.back().get(), requests[i]));
+  }
+  std::vector<Generated> results(kRequests);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i) {
+    threads.emplace_back([&, i] { results[i] = Collect(readers[i].get()); });
+  }
+  // Once worker-0 streams one of them and queues the others, resume worker-1 and kill worker-0.
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  bool queued = false;
+  while (!queued && absl::Now() < give_up) {
+    const v1::ClusterStatus st = Status(cluster.admin());
+    int64_t running = 0, waiting = 0;
+    for (const auto& w : st.workers()) {
+      running += w.load().num_running_sequences();
+      waiting += w.load().num_waiting_sequences();
+    }
+    queued = running == 1 && waiting == kRequests - 1;
+    if (!queued) absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_TRUE(queued) << "never saw one running and the rest queued";
+  drain("worker-1", true);
+  cluster.worker_process(0).Kill();
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kRequests; ++i) {
+    SCOPED_TRACE(absl::StrCat("request ", i));
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_TRUE(results[i].contiguous);
+    EXPECT_EQ(results[i].tokens, expected[i]);
+  }
+}
+
 TEST(AdmissionTest, CoordinatorQueueBoundAnswersResourceExhausted) {
   auto c = LocalCluster::Start(Options(1, "admission", {"--max_inflight_requests=1"}));
   ASSERT_TRUE(c.ok()) << c.status();
