@@ -63,6 +63,22 @@ grep -q 'UNAVAILABLE\|can take\|unavailable\|draining' "$tmp/err" || fail "unhel
 $ctl drain "127.0.0.1:$wport" --resume --json | grep -q 'WORKER_STATE_SERVING' || fail "resume"
 $ctl generate --prompt 'x' --max-tokens 2 > /dev/null || fail "generate after resume"
 
+# A client that disappears mid-stream (kill -9) frees its sequence on the worker.
+running() {
+  $ctl status --json | python3 -c '
+import json, sys
+w = json.load(sys.stdin)["cluster"]["workers"][0]
+print(w.get("load", {}).get("num_running_sequences", 0))'
+}
+$ctl generate --prompt 'while True:' --max-tokens 1900 --ignore-eos > /dev/null &
+gpid=$!
+for _ in $(seq 200); do [ "$(running)" -gt 0 ] && break; sleep 0.05; done
+[ "$(running)" -gt 0 ] || fail "the long generation never ran"
+kill -9 $gpid
+wait $gpid 2>/dev/null || true
+for _ in $(seq 200); do [ "$(running)" = 0 ] && break; sleep 0.05; done
+[ "$(running)" = 0 ] || fail "the killed client's sequence is still running"
+
 # Errors name what is wrong and exit non-zero.
 if $ctl generate --model nope --prompt x 2> "$tmp/err"; then fail "unknown model accepted"; fi
 grep -q 'model "nope"' "$tmp/err" || fail "unknown model error: $(cat "$tmp/err")"
