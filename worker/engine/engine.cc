@@ -98,7 +98,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   s->num_generated = static_cast<int64_t>(o.resume_tokens.size());
   s->cache_namespace = CacheNamespace(config_.model_name, o.fine_tune_id, o.cache_salt);
   s->options = std::move(o);
-  waiting_.push_back(std::move(s));
+  Enqueue(std::move(s), /*ahead_of_equals=*/false);
   return absl::OkStatus();
 }
 
@@ -138,13 +138,24 @@ void Engine::ReleaseBlocks(Sequence* s) {
   s->num_computed = 0;
 }
 
+void Engine::Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals) {
+  const int32_t p = s->options.priority;
+  auto it = waiting_.begin();
+  while (it != waiting_.end() &&
+         ((*it)->options.priority > p || (!ahead_of_equals && (*it)->options.priority == p))) {
+    ++it;
+  }
+  waiting_.insert(it, std::move(s));
+}
+
 void Engine::Preempt(Sequence* s) {
   ++num_preemptions_;
   ReleaseBlocks(s);
   for (auto it = running_.begin(); it != running_.end(); ++it) {
     if (it->get() == s) {
-      waiting_.push_front(std::move(*it));
+      std::unique_ptr<Sequence> owned = std::move(*it);
       running_.erase(it);
+      Enqueue(std::move(owned), /*ahead_of_equals=*/true);
       return;
     }
   }
@@ -229,7 +240,12 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         std::min<int64_t>(static_cast<int64_t>(s->tokens.size()) - s->num_computed, budget);
     bool preempted_self = false;
     while (!EnsureBlocks(s, s->num_computed + n)) {
+      // Only sequences not yet planned this step (index >= i) may be preempted; among them the
+      // lowest priority, most recently admitted.
       Sequence* victim = running_.back().get();
+      for (size_t j = running_.size(); j-- > i;) {
+        if (running_[j]->options.priority < victim->options.priority) victim = running_[j].get();
+      }
       Preempt(victim);
       if (victim == s) {
         preempted_self = true;

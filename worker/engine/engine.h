@@ -2,11 +2,12 @@
 //
 // Each Step plans one batch under a token budget: every running sequence in the decode phase gets
 // one token, sequences still prefilling get the next chunk of their prompt, and waiting sequences
-// are admitted while budget and KV blocks allow (chunked prefill). On admission a sequence takes
-// the longest cached prefix of its full blocks from the BlockManager (prefix caching, namespaced by
-// model, fine-tune and cache salt). When blocks run out, the most recently admitted sequence is
-// preempted: its blocks are released and it waits to be recomputed (its published blocks usually
-// remain cached). Cancelling a sequence frees its blocks at once.
+// are admitted while budget and KV blocks allow (chunked prefill), highest priority first, then in
+// arrival order. On admission a sequence takes the longest cached prefix of its full blocks from
+// the BlockManager (prefix caching, namespaced by model, fine-tune and cache salt). When blocks run
+// out, a sequence not yet planned in this step is preempted, the lowest priority and most recently
+// admitted first: its blocks are released and it waits to be recomputed (its published blocks
+// usually remain cached). Cancelling a sequence frees its blocks at once.
 //
 // Thread contract: a single thread (the worker's step loop) calls every method.
 #ifndef STRATA_WORKER_ENGINE_ENGINE_H_
@@ -57,6 +58,8 @@ struct RequestOptions {
   // Tokens already generated elsewhere (failover): context, counted in max_tokens, and the
   // sampler's positions continue after them.
   std::vector<int32_t> resume_tokens;
+  // Higher is admitted first; under KV pressure the lowest is preempted first. Ties go by arrival.
+  int32_t priority = 0;
 };
 
 // What one step produced for one request.
@@ -145,6 +148,9 @@ class Engine {
   void ReleaseBlocks(Sequence* s);
   void Preempt(Sequence* s);
   bool Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
+  // Queues `s` in waiting_ behind every sequence of higher or equal priority (`ahead_of_equals`:
+  // in front of equal ones, for a preempted sequence that was admitted before them).
+  void Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals);
   const std::vector<BlockHash>& WaitingHashes(const Sequence& s) const;
   void PublishFullBlocks(Sequence* s);
   FinishReason CheckStop(const Sequence& s, int32_t token) const;

@@ -201,6 +201,28 @@ TEST_F(EngineTest, PendingPrefillLeavesOutCachedBlocks) {
   EXPECT_EQ(last["b"].num_cached_prompt_tokens, 64);
 }
 
+TEST_F(EngineTest, HigherPriorityIsAdmittedFirst) {
+  std::mt19937 rng(4);
+  EngineConfig c;
+  c.max_running_sequences = 1;
+  auto e = MakeEngine(c);
+  RequestOptions low = Greedy(3), high = Greedy(3), mid = Greedy(3);
+  high.priority = 10;
+  mid.priority = 5;
+  ASSERT_TRUE(e->AddRequest("low", RandomPrompt(rng, 8), low).ok());
+  ASSERT_TRUE(e->AddRequest("high", RandomPrompt(rng, 8), high).ok());
+  ASSERT_TRUE(e->AddRequest("mid", RandomPrompt(rng, 8), mid).ok());
+  std::vector<std::string> finished;
+  for (int steps = 0; e->HasWork() && steps < 100; ++steps) {
+    auto step = e->Step();
+    ASSERT_TRUE(step.ok());
+    for (const RequestOutput& o : *step) {
+      if (o.finish != FinishReason::kNone) finished.push_back(o.request_id);
+    }
+  }
+  EXPECT_EQ(finished, (std::vector<std::string>{"high", "mid", "low"}));
+}
+
 TEST_F(EngineTest, SeededSamplingResumesExactlyAtAPosition) {
   std::mt19937 rng(4);
   const std::vector<int32_t> prompt = RandomPrompt(rng, 9);

@@ -91,6 +91,7 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
   out.options.resume_tokens.assign(request.resume_token_ids().begin(),
                                    request.resume_token_ids().end());
   out.options.fine_tune_id = request.fine_tune_id();
+  out.options.priority = request.priority();
   out.options.cache_salt = request.cache_salt();
   return out;
 }

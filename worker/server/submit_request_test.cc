@@ -25,6 +25,7 @@ v1::SubmitRequest Valid() {
   r.mutable_sampling()->set_max_tokens(4);
   r.mutable_sampling()->set_seed(9);
   r.set_cache_salt("tenant-a");
+  r.set_priority(-7);
   return r;
 }
 
@@ -39,6 +40,7 @@ TEST(SubmitRequestTest, ParsesAValidRequest) {
   EXPECT_EQ(p->options.max_tokens, 4);
   EXPECT_EQ(p->options.sampling.seed, 9u);
   EXPECT_EQ(p->options.cache_salt, "tenant-a");
+  EXPECT_EQ(p->options.priority, -7);
 }
 
 struct BadCase {
