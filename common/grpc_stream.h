@@ -56,6 +56,20 @@ class QueuedServerWriter : public grpc::ServerWriteReactor<Message> {
     Act(action);
   }
 
+  // Drops whatever is still queued and finishes with `status` as soon as no write is in flight (for
+  // a reader that stopped reading). The caller must not touch the object afterwards.
+  void Abort(grpc::Status status) ABSL_LOCKS_EXCLUDED(mu_) {
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finish_.has_value()) return;
+      queue_.clear();
+      finish_ = std::move(status);
+      action = DecideLocked();
+    }
+    Act(action);
+  }
+
   // Messages waiting to be written (not counting the one in flight).
   size_t num_queued() ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);

@@ -22,8 +22,8 @@
 #include "coordinator/worker_pool.h"
 
 ABSL_FLAG(std::vector<std::string>, model, {},
-          "Models to serve, as NAME=DIR (DIR holds the tokenizer.json); comma-separated or "
-          "repeated. NAME must match the workers' --model_name.");
+          "Models to serve, as NAME=DIR (DIR holds the tokenizer.json), comma-separated. NAME "
+          "must match the workers' --model_name.");
 ABSL_FLAG(std::string, workers, "",
           "Workers: host:port,host:port,... or dns:NAME:PORT (every address NAME resolves to, "
           "re-resolved every --resolve_interval_s: a Kubernetes headless Service).");

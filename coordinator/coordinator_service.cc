@@ -372,8 +372,10 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         attempt = attempts_.back().get();
         active_ = attempt;
         v1::SubmitRequest& s = attempt->request_;
-        s.set_request_id(absl::StrCat(service_->options_.instance_id, "-",
-                                      service_->next_id_.fetch_add(1), "-", request_id_));
+        // The coordinator's own id: unique per attempt and short (a client id may take all 128
+        // bytes the worker allows).
+        s.set_request_id(
+            absl::StrCat(service_->options_.instance_id, "-", service_->next_id_.fetch_add(1)));
         s.set_model(request_->model());
         s.set_fine_tune_id(request_->fine_tune_id());
         s.mutable_prompt_token_ids()->Add(prompt_.begin(), prompt_.end());
@@ -391,6 +393,8 @@ void CoordinatorService::GenerateCall::StartAttempt() {
           LOG(INFO) << "request " << request_id_ << ": failing over to "
                     << attempt->assignment_.address << " at token " << generated_.size();
         }
+        VLOG(1) << "request " << request_id_ << " is " << s.request_id() << " on "
+                << attempt->assignment_.address;
       }
     }
   }
@@ -480,8 +484,11 @@ void CoordinatorService::GenerateCall::OnChunk(Attempt* attempt, v1::SubmitRespo
     if (!have_first_token_ && !generated_.empty()) {
       have_first_token_ = true;
       first_token_time_ = absl::Now();
-      service_->pool_->FirstToken(&attempt->assignment_);
       cancel_alarm = alarm_pending_;
+    }
+    // Each attempt (a failover one too) moves from prefill to decode at its first tokens.
+    if (chunk->token_ids_size() > 0 && !attempt->assignment_.decoding) {
+      service_->pool_->FirstToken(&attempt->assignment_);
     }
     if (chunk->has_usage()) cached_ = chunk->usage().cached();
     if (stopped) {
@@ -759,9 +766,13 @@ grpc::ServerUnaryReactor* CoordinatorService::DrainWorker(grpc::CallbackServerCo
   const absl::Duration timeout =
       absl::Milliseconds(request->timeout_ms() == 0 ? 60000 : request->timeout_ms());
   absl::MutexLock lock(&threads_mu_);
-  drain_threads_.emplace_back([this, reactor, response, worker, resume, wait, timeout] {
+  drain_threads_.emplace_back([this, context, reactor, response, worker, resume, wait, timeout] {
     const absl::Time give_up = absl::Now() + timeout;
     while (true) {
+      if (context->IsCancelled()) {
+        reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while waiting"));
+        return;
+      }
       absl::StatusOr<WorkerPool::DrainOutcome> out = pool_->Drain(worker, resume);
       if (!out.ok()) {
         reactor->Finish(ToGrpcStatus(out.status()));

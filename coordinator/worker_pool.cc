@@ -161,6 +161,8 @@ void WorkerPool::UpdateAddresses(const std::vector<std::string>& addresses) {
   // A returning worker's old thread saw `removed` and is exiting; wait for it outside the lock.
   for (std::thread& t : finished) t.join();
   absl::MutexLock lock(&mu_);
+  // Stop may have collected the threads in between: start none it cannot join.
+  if (stop_) return;
   for (Worker* w : to_start) w->thread = std::thread([this, w] { WatchLoop(w); });
 }
 

@@ -206,8 +206,31 @@ void WorkerService::SetDraining(bool draining) {
 }
 
 void WorkerService::Post(Command command) {
-  absl::MutexLock lock(&mu_);
-  inbox_.push_back(std::move(command));
+  {
+    absl::MutexLock lock(&mu_);
+    if (!loop_exited_) {
+      inbox_.push_back(std::move(command));
+      return;
+    }
+  }
+  // The loop is gone (shutting down): answer here so that no call is left open.
+  const grpc::Status gone(grpc::StatusCode::UNAVAILABLE, "worker is shutting down");
+  switch (command.kind) {
+    case Command::Kind::kAdd:
+      num_live_.fetch_sub(1);
+      command.submit->RequestFinish(gone);
+      break;
+    case Command::Kind::kWatch:
+      command.watch->RequestFinish(gone);
+      break;
+    case Command::Kind::kCancelById:
+      command.cancel_response->set_cancelled(false);
+      command.unary->Finish(grpc::Status::OK);
+      break;
+    case Command::Kind::kCancel:
+    case Command::Kind::kUnwatch:
+      break;  // their streams were finished when the loop exited
+  }
 }
 
 grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
@@ -223,17 +246,20 @@ grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
     stream->RequestFinish(ToGrpcStatus(parsed.status()));
     return stream;
   }
-  if (draining_.load()) {
-    stream->RequestFinish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                                       "worker is draining: route the request elsewhere"));
-    return stream;
-  }
+  // Counted before the draining check, so that a drain that sees no live sequences cannot miss
+  // this one.
   if (num_live_.fetch_add(1) >= options_.max_live_sequences) {
     num_live_.fetch_sub(1);
     stream->RequestFinish(
         grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                      absl::StrCat("worker queue is full (", options_.max_live_sequences,
                                   " sequences running or queued): back off or route elsewhere")));
+    return stream;
+  }
+  if (draining_.load()) {
+    num_live_.fetch_sub(1);
+    stream->RequestFinish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                       "worker is draining: route the request elsewhere"));
     return stream;
   }
   Command c;
@@ -338,7 +364,12 @@ void WorkerService::Loop() {
     auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !inbox_.empty(); };
     mu_.AwaitWithDeadline(absl::Condition(&ready), wake);
   }
-  // Shutting down: fail everything still open so that coordinators fail over at once.
+  // Shutting down: fail everything still open so that coordinators fail over at once. The last
+  // inbox swap and loop_exited_ happen under one lock, so every command is handled exactly once.
+  {
+    absl::MutexLock lock(&mu_);
+    loop_exited_ = true;
+  }
   ProcessInbox(&state);
   const grpc::Status gone(grpc::StatusCode::UNAVAILABLE, "worker is shutting down");
   for (auto& [id, live] : state.live) {
@@ -530,18 +561,24 @@ void WorkerService::PublishBlockEvents(LoopState* state) {
       messages.back().mutable_removed()->add_block_hashes(ev.hash);
     }
   }
+  CutSlowWatchers(state, messages.size());
+  for (auto& w : state->watchers) {
+    for (v1::WorkerEvent m : messages) {
+      m.set_sequence_number(w.next_sequence++);
+      w.stream->Write(std::move(m));
+    }
+  }
+}
+
+void WorkerService::CutSlowWatchers(LoopState* state, size_t incoming) {
   for (auto it = state->watchers.begin(); it != state->watchers.end();) {
-    if (it->stream->num_queued() + messages.size() >
-        static_cast<size_t>(options_.max_buffered_events)) {
+    if (it->stream->num_queued() + incoming > static_cast<size_t>(options_.max_buffered_events)) {
       LOG(WARNING) << "cutting off a slow event watcher; it will re-subscribe";
-      it->stream->RequestFinish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                             "event watcher fell too far behind; re-subscribe"));
+      // Abort, not RequestFinish: a reader that stopped reading would never drain the queue.
+      it->stream->Abort(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                     "event watcher fell too far behind; re-subscribe"));
       it = state->watchers.erase(it);
       continue;
-    }
-    for (v1::WorkerEvent m : messages) {
-      m.set_sequence_number(it->next_sequence++);
-      it->stream->Write(std::move(m));
     }
     ++it;
   }
@@ -582,6 +619,7 @@ void WorkerService::SendLoadReports(LoopState* state) {
     state->last_reported_counts = counts;
     state->last_change_report = now;
   }
+  CutSlowWatchers(state, 1);
   const v1::LoadReport report = MakeLoadReport(*state);
   for (auto& w : state->watchers) {
     if (!changed && w.next_report > now) continue;

@@ -109,6 +109,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   void StepEngine(LoopState* state);
   void PublishBlockEvents(LoopState* state);
   void SendLoadReports(LoopState* state);
+  // Drops watchers that are more than max_buffered_events behind (they re-subscribe).
+  void CutSlowWatchers(LoopState* state, size_t incoming);
   void FinishSubmit(LoopState* state, const std::string& request_id, const grpc::Status& status);
   v1::LoadReport MakeLoadReport(const LoopState& state) const;
 
@@ -122,6 +124,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   absl::Mutex mu_;
   std::vector<Command> inbox_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Set with the loop's last look at the inbox: commands posted later are answered by Post itself.
+  bool loop_exited_ ABSL_GUARDED_BY(mu_) = false;
   std::function<void(bool)> drain_listener_ ABSL_GUARDED_BY(mu_);
   std::string worker_id_ ABSL_GUARDED_BY(mu_);
 
