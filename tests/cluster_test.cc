@@ -232,8 +232,12 @@ TEST_F(ClusterTest, BadRequestsGetTheRightCodeNamingTheField) {
     EXPECT_NE(g.status.error_message().find(c.field), std::string::npos)
         << g.status.error_message();
   }
-  // Still serving.
-  EXPECT_TRUE(Generate(cluster_->serving(), TextRequest("hello", 4, 1)).status.ok());
+  // Still serving, and a client id of the full 128 bytes is echoed back.
+  v1::GenerateRequest long_id = TextRequest("hello", 4, 1);
+  long_id.set_request_id(std::string(128, 'r'));
+  Generated g = Generate(cluster_->serving(), long_id);
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  EXPECT_EQ(g.chunks.front().request_id(), long_id.request_id());
 }
 
 TEST_F(ClusterTest, ClientCancelFreesTheWorkerSequence) {
