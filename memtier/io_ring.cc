@@ -1,0 +1,196 @@
+#include "memtier/io_ring.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace strata {
+namespace {
+
+std::string ErrnoText(int err) { return strerror(err); }
+
+}  // namespace
+
+absl::StatusOr<AlignedBuffer> AlignedBuffer::Create(size_t bytes, size_t alignment) {
+  if (bytes == 0) return absl::InvalidArgumentError("AlignedBuffer of 0 bytes");
+  void* p = nullptr;
+  if (posix_memalign(&p, alignment, bytes) != 0) {
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", bytes, " aligned bytes"));
+  }
+  memset(p, 0, bytes);
+  AlignedBuffer b;
+  b.data_ = static_cast<uint8_t*>(p);
+  b.size_ = bytes;
+  return b;
+}
+
+AlignedBuffer::AlignedBuffer(AlignedBuffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+
+AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& other) noexcept {
+  if (this != &other) {
+    free(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+  }
+  return *this;
+}
+
+AlignedBuffer::~AlignedBuffer() { free(data_); }
+
+absl::StatusOr<SlotFile> SlotFile::Open(const std::string& path, int64_t num_slots,
+                                        int64_t slot_bytes) {
+  if (num_slots < 1 || slot_bytes < 4096 || slot_bytes % 4096 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path,
+                     ": need at least one slot and a slot size that is a positive multiple "
+                     "of 4096 bytes (got ",
+                     num_slots, " x ", slot_bytes, ")"));
+  }
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    const int err = errno;
+    return absl::UnavailableError(
+        absl::StrCat("cannot open ", path, " with O_DIRECT: ", ErrnoText(err)));
+  }
+  SlotFile f;
+  f.fd_ = fd;
+  f.num_slots_ = num_slots;
+  f.slot_bytes_ = slot_bytes;
+  f.path_ = path;
+  const int rc = posix_fallocate(fd, 0, num_slots * slot_bytes);
+  if (rc != 0) {
+    const std::string what = absl::StrCat("cannot preallocate ", num_slots * slot_bytes,
+                                          " bytes for ", path, ": ", ErrnoText(rc));
+    return rc == ENOSPC || rc == EDQUOT ? absl::ResourceExhaustedError(what)
+                                        : absl::UnavailableError(what);
+  }
+  return f;
+}
+
+SlotFile::SlotFile(SlotFile&& other) noexcept
+    : fd_(std::exchange(other.fd_, -1)),
+      num_slots_(other.num_slots_),
+      slot_bytes_(other.slot_bytes_),
+      path_(std::move(other.path_)) {}
+
+SlotFile& SlotFile::operator=(SlotFile&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+    num_slots_ = other.num_slots_;
+    slot_bytes_ = other.slot_bytes_;
+    path_ = std::move(other.path_);
+  }
+  return *this;
+}
+
+SlotFile::~SlotFile() {
+  if (fd_ >= 0) close(fd_);
+}
+
+absl::StatusOr<std::unique_ptr<IoRing>> IoRing::Create(unsigned queue_depth,
+                                                       absl::Span<const iovec> buffers) {
+  if (queue_depth < 1 || queue_depth > 4096) {
+    return absl::InvalidArgumentError("io_uring queue depth must be in [1, 4096]");
+  }
+  std::unique_ptr<IoRing> r(new IoRing(queue_depth));
+  if (int rc = io_uring_queue_init(queue_depth, &r->ring_, 0); rc < 0) {
+    r->ring_.ring_fd = -1;
+    return absl::UnavailableError(absl::StrCat("io_uring_queue_init: ", ErrnoText(-rc)));
+  }
+  if (!buffers.empty()) {
+    if (int rc = io_uring_register_buffers(&r->ring_, buffers.data(),
+                                           static_cast<unsigned>(buffers.size()));
+        rc < 0) {
+      return absl::UnavailableError(absl::StrCat("io_uring_register_buffers (", buffers.size(),
+                                                 " buffers): ", ErrnoText(-rc),
+                                                 rc == -ENOMEM ? " (raise RLIMIT_MEMLOCK)" : ""));
+    }
+  }
+  return r;
+}
+
+IoRing::~IoRing() {
+  if (ring_.ring_fd >= 0) {
+    // Wait for what the kernel still owns: it writes into our buffers.
+    if (unsubmitted_ > 0) io_uring_submit(&ring_);
+    while (outstanding_ > 0) {
+      io_uring_cqe* cqe = nullptr;
+      if (io_uring_wait_cqe(&ring_, &cqe) < 0) break;
+      io_uring_cqe_seen(&ring_, cqe);
+      --outstanding_;
+    }
+    io_uring_queue_exit(&ring_);
+  }
+}
+
+absl::Status IoRing::Queue(bool write, int fd, int buffer_index, uint8_t* addr, uint32_t len,
+                           uint64_t offset, uint64_t tag) {
+  if (outstanding_ >= static_cast<int>(queue_depth_)) {
+    return absl::ResourceExhaustedError("io_uring queue is full: reap completions first");
+  }
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  if (sqe == nullptr) return absl::ResourceExhaustedError("io_uring submission queue is full");
+  if (write) {
+    io_uring_prep_write_fixed(sqe, fd, addr, len, offset, buffer_index);
+  } else {
+    io_uring_prep_read_fixed(sqe, fd, addr, len, offset, buffer_index);
+  }
+  io_uring_sqe_set_data64(sqe, tag);
+  ++outstanding_;
+  ++unsubmitted_;
+  return absl::OkStatus();
+}
+
+absl::Status IoRing::QueueRead(int fd, int buffer_index, uint8_t* addr, uint32_t len,
+                               uint64_t offset, uint64_t tag) {
+  return Queue(false, fd, buffer_index, addr, len, offset, tag);
+}
+
+absl::Status IoRing::QueueWrite(int fd, int buffer_index, const uint8_t* addr, uint32_t len,
+                                uint64_t offset, uint64_t tag) {
+  return Queue(true, fd, buffer_index, const_cast<uint8_t*>(addr), len, offset, tag);
+}
+
+absl::Status IoRing::Submit() {
+  const int rc = io_uring_submit(&ring_);
+  if (rc < 0) return absl::UnavailableError(absl::StrCat("io_uring_submit: ", ErrnoText(-rc)));
+  unsubmitted_ = 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<IoRing::Completion>> IoRing::Reap(int min_completions) {
+  if (unsubmitted_ > 0) {
+    if (absl::Status s = Submit(); !s.ok()) return s;
+  }
+  std::vector<Completion> out;
+  const int want = std::min(min_completions, outstanding_);
+  while (static_cast<int>(out.size()) < want) {
+    io_uring_cqe* cqe = nullptr;
+    const int rc = io_uring_wait_cqe(&ring_, &cqe);
+    if (rc == -EINTR) continue;
+    if (rc < 0) return absl::UnavailableError(absl::StrCat("io_uring_wait_cqe: ", ErrnoText(-rc)));
+    out.push_back({io_uring_cqe_get_data64(cqe), cqe->res});
+    io_uring_cqe_seen(&ring_, cqe);
+    --outstanding_;
+  }
+  // And whatever else is ready, without waiting.
+  io_uring_cqe* cqe = nullptr;
+  while (outstanding_ > 0 && io_uring_peek_cqe(&ring_, &cqe) == 0) {
+    out.push_back({io_uring_cqe_get_data64(cqe), cqe->res});
+    io_uring_cqe_seen(&ring_, cqe);
+    --outstanding_;
+  }
+  return out;
+}
+
+}  // namespace strata
