@@ -20,7 +20,8 @@
 
 namespace strata {
 
-// `bytes` of zeroed memory aligned to `alignment` (4096: what O_DIRECT needs).
+// `bytes` of zeroed memory aligned to `alignment` (4096: what O_DIRECT needs; 2 MiB or more also
+// asks for transparent huge pages, so that large I/Os are few segments).
 class AlignedBuffer {
  public:
   static absl::StatusOr<AlignedBuffer> Create(size_t bytes, size_t alignment = 4096);
