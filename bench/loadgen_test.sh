@@ -3,19 +3,14 @@
 set -euo pipefail
 tmp=${TEST_TMPDIR:-$(mktemp -d)}
 fail() { echo "FAIL: $*" >&2; tail -20 "$tmp"/*.log >&2; exit 1; }
-pids=()
-trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true' EXIT
-wait_port() { for _ in $(seq 600); do [ -s "$1" ] && { cat "$1"; return 0; }; sleep 0.05; done; fail "no port in $1"; }
+STRATA_BIN=. STRATA_OUT=$tmp
+source tools/local_servers.sh
 
 model=models/strata-tiny/base
-worker/server/strata-worker --model=$model --model_name=strata-tiny --listen=127.0.0.1:0 \
-  --port_file="$tmp/w.port" --threads=1 > "$tmp/worker.log" 2>&1 &
-pids+=($!)
-wport=$(wait_port "$tmp/w.port")
-coordinator/strata-coordinator --model=strata-tiny=$model --workers=127.0.0.1:$wport \
-  --listen=127.0.0.1:0 --port_file="$tmp/c.port" > "$tmp/coordinator.log" 2>&1 &
-pids+=($!)
-cport=$(wait_port "$tmp/c.port")
+strata_worker w1 $model || fail "worker did not start"
+wport=$STRATA_PORT
+strata_coordinator coordinator $model 127.0.0.1:$wport || fail "coordinator did not start"
+cport=$STRATA_PORT
 sleep 0.5
 
 check() {  # check JSON EXPECTED_REQUESTS MIN_HIT_RATE

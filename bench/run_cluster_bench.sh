@@ -19,25 +19,8 @@ bazel build --noshow_progress //worker/server:strata-worker //coordinator:strata
   //bench:loadgen 2>&1 | grep -v 'INFO:\|Loading\|Analyzing' || true
 bin=$(bazel info bazel-bin 2>/dev/null)
 model=$PWD/models/strata-tiny/base
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 600); do [ -s "$1" ] && { cat "$1"; return 0; }; sleep 0.05; done; echo "no port in $1" >&2; exit 1; }
-start_worker() {  # start_worker NAME -> prints port
-  rm -f "$out/$1.port"
-  "$bin/worker/server/strata-worker" --model="$model" --model_name=strata-tiny --listen=127.0.0.1:0 \
-    --port_file="$out/$1.port" --worker_id="$1" --threads=1 --kv_cache_mb=32 > "$out/$1.log" 2>&1 &
-  pids+=($!)
-  wait_port "$out/$1.port"
-}
-start_coordinator() {  # start_coordinator NAME WORKERS FLAGS... -> prints port
-  local name=$1 workers=$2; shift 2
-  rm -f "$out/$name.port"
-  "$bin/coordinator/strata-coordinator" --model="strata-tiny=$model" --workers="$workers" \
-    --listen=127.0.0.1:0 --port_file="$out/$name.port" "$@" > "$out/$name.log" 2>&1 &
-  pids+=($!)
-  wait_port "$out/$name.port"
-}
+STRATA_BIN=$bin STRATA_OUT=$out
+source tools/local_servers.sh
 loadgen() { "$bin/bench/loadgen" "$@"; }
 summary="$out/summary.txt"
 : > "$summary"
@@ -46,10 +29,15 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 # 1. Routing.
 if [ "$part" = all ] || [ "$part" = routing ]; then
 workers=()
-for i in 1 2 3 4; do workers+=("127.0.0.1:$(start_worker "w$i")"); done
+for i in 1 2 3 4; do
+  strata_worker "w$i" "$model" --kv_cache_mb=32
+  workers+=("127.0.0.1:$STRATA_PORT")
+done
 wlist=$(IFS=,; echo "${workers[*]}")
-kv=$(start_coordinator kv "$wlist")
-rr=$(start_coordinator rr "$wlist" --routing=round_robin)
+strata_coordinator kv "$model" "$wlist"
+kv=$STRATA_PORT
+strata_coordinator rr "$model" "$wlist" --routing=round_robin
+rr=$STRATA_PORT
 sleep 1
 multi=(--workload=multi-turn --requests=192 --turns=6 --rate=1.5 --prompt_tokens=600 --turn_tokens=48
        --output_tokens=16 --think_time_ms=300)
@@ -66,14 +54,15 @@ for policy in kv rr; do
   loadgen --target=127.0.0.1:$port "${tenants[@]}" --cache_salt="tenants-$policy" --label="16-tenant-prefixes/$policy" \
     --json_out="$out/tenants-$policy.json" | tee -a "$summary"
 done
-cleanup
-pids=()
+strata_stop_all
 fi
 
 # 2. Coordinator overhead. Each run has its own cache salt, so no run hits another's cache.
 if [ "$part" = all ] || [ "$part" = overhead ]; then
-w=$(start_worker solo)
-c=$(start_coordinator solo-coordinator "127.0.0.1:$w")
+strata_worker solo "$model" --kv_cache_mb=32
+w=$STRATA_PORT
+strata_coordinator solo-coordinator "$model" "127.0.0.1:$w"
+c=$STRATA_PORT
 sleep 1
 plain=(--workload=random --requests=150 --rate=8 --prompt_tokens=64 --output_tokens=8)
 for round in 1 2 3; do

@@ -42,6 +42,7 @@ absl::StatusOr<LengthRange> ParseLengthRange(const std::string& spec) {
 absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o) {
   if (o.rate_per_s <= 0) return absl::InvalidArgumentError("rate must be positive");
   if (o.num_requests < 1) return absl::InvalidArgumentError("num_requests must be positive");
+  if (o.vocab_size < 1) return absl::InvalidArgumentError("vocab_size must be positive");
   std::mt19937_64 rng(o.seed);
   std::exponential_distribution<double> gap(o.rate_per_s);
   std::vector<Conversation> out;

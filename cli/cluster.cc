@@ -56,7 +56,8 @@ std::string ToJson(const google::protobuf::Message& m) {
   std::string out;
   google::protobuf::util::JsonPrintOptions o;
   o.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(m, &out, o);
+  const auto status = google::protobuf::util::MessageToJsonString(m, &out, o);
+  if (!status.ok()) return absl::StrCat("{\"error\":", JsonQuote(status.ToString()), "}");
   return out;
 }
 

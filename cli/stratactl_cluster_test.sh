@@ -6,23 +6,13 @@ ctl=cli/stratactl
 model=models/strata-tiny/base
 tmp=${TEST_TMPDIR:-$(mktemp -d)}
 fail() { echo "FAIL: $*" >&2; for f in "$tmp"/*.log; do echo "== $f"; tail -20 "$f"; done >&2; exit 1; }
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+STRATA_BIN=. STRATA_OUT=$tmp
+source tools/local_servers.sh
 
-wait_port() {
-  for _ in $(seq 600); do [ -s "$1" ] && { cat "$1"; return 0; }; sleep 0.05; done
-  fail "no port in $1"
-}
-
-worker/server/strata-worker --model=$model --model_name=strata-tiny --listen=127.0.0.1:0 \
-  --port_file="$tmp/w.port" --worker_id=w1 --threads=1 > "$tmp/worker.log" 2>&1 &
-pids+=($!)
-wport=$(wait_port "$tmp/w.port")
-coordinator/strata-coordinator --model=strata-tiny=$model --workers=127.0.0.1:$wport \
-  --listen=127.0.0.1:0 --port_file="$tmp/c.port" > "$tmp/coordinator.log" 2>&1 &
-pids+=($!)
-export STRATA_COORDINATOR=127.0.0.1:$(wait_port "$tmp/c.port")
+strata_worker w1 $model || fail "worker did not start"
+wport=$STRATA_PORT
+strata_coordinator coordinator $model 127.0.0.1:$wport || fail "coordinator did not start"
+export STRATA_COORDINATOR=127.0.0.1:$STRATA_PORT
 for _ in $(seq 200); do
   $ctl status --json 2>/dev/null | grep -q WORKER_STATE_SERVING && break
   sleep 0.05

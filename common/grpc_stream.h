@@ -46,28 +46,13 @@ class QueuedServerWriter : public grpc::ServerWriteReactor<Message> {
   // Finishes the stream with `status` once queued messages are written (at once if it failed).
   // The caller must not touch the object afterwards.
   void RequestFinish(grpc::Status status) ABSL_LOCKS_EXCLUDED(mu_) {
-    Action action;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finish_.has_value()) return;
-      finish_ = std::move(status);
-      action = DecideLocked();
-    }
-    Act(action);
+    FinishWith(std::move(status), /*drop_queued=*/false);
   }
 
   // Drops whatever is still queued and finishes with `status` as soon as no write is in flight (for
   // a reader that stopped reading). The caller must not touch the object afterwards.
   void Abort(grpc::Status status) ABSL_LOCKS_EXCLUDED(mu_) {
-    Action action;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finish_.has_value()) return;
-      queue_.clear();
-      finish_ = std::move(status);
-      action = DecideLocked();
-    }
-    Act(action);
+    FinishWith(std::move(status), /*drop_queued=*/true);
   }
 
   // Messages waiting to be written (not counting the one in flight).
@@ -121,6 +106,18 @@ class QueuedServerWriter : public grpc::ServerWriteReactor<Message> {
 
  private:
   enum class Action { kNone, kWrite, kFinish };
+
+  void FinishWith(grpc::Status status, bool drop_queued) ABSL_LOCKS_EXCLUDED(mu_) {
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finish_.has_value()) return;
+      if (drop_queued) queue_.clear();
+      finish_ = std::move(status);
+      action = DecideLocked();
+    }
+    Act(action);
+  }
 
   Action DecideLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (writing_ || finishing_) return Action::kNone;

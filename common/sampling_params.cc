@@ -1,5 +1,6 @@
 #include "common/sampling_params.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -22,28 +23,15 @@ absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams&
   r.min_tokens = p.min_tokens();
   if (r.min_tokens > r.max_tokens) return Bad("min_tokens", "must be in [0, max_tokens]");
   if (p.has_temperature()) r.temperature = p.temperature();
-  if (!(r.temperature >= 0 && r.temperature <= 100))
-    return Bad("temperature", "must be in [0, 100]");
-  if (p.top_k() > static_cast<uint64_t>(vocab_size)) {
-    return Bad("top_k", absl::StrCat("must be in [0, vocab_size = ", vocab_size, "]"));
-  }
+  // Unsigned API values past int32 range wrap to negatives, which the range check refuses.
   r.top_k = static_cast<int32_t>(p.top_k());
   if (p.has_top_p()) r.top_p = p.top_p();
-  if (!(r.top_p > 0 && r.top_p <= 1)) return Bad("top_p", "must be in (0, 1]");
   r.min_p = p.min_p();
-  if (!(r.min_p >= 0 && r.min_p <= 1)) return Bad("min_p", "must be in [0, 1]");
   if (p.has_repetition_penalty()) r.repetition_penalty = p.repetition_penalty();
-  if (!(r.repetition_penalty > 0 && r.repetition_penalty <= 10)) {
-    return Bad("repetition_penalty", "must be in (0, 10]");
-  }
   r.presence_penalty = p.presence_penalty();
-  if (!(r.presence_penalty >= -2 && r.presence_penalty <= 2)) {
-    return Bad("presence_penalty", "must be in [-2, 2]");
-  }
   r.frequency_penalty = p.frequency_penalty();
-  if (!(r.frequency_penalty >= -2 && r.frequency_penalty <= 2)) {
-    return Bad("frequency_penalty", "must be in [-2, 2]");
-  }
+  if (p.has_logprobs()) r.logprobs = static_cast<int32_t>(std::min<uint32_t>(p.logprobs(), 1000));
+  if (absl::Status s = ValidateSamplingKnobs(r, vocab_size); !s.ok()) return s;
   if (p.has_seed()) r.seed = p.seed();
   if (p.stop_size() > kMaxStopStrings) return Bad("stop", "holds more than 16 strings");
   // Protobuf rejects proto3 strings that are not valid UTF-8 while parsing, so stop strings are
@@ -67,11 +55,6 @@ absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams&
     r.stop_token_ids.push_back(id);
   }
   r.ignore_eos = p.ignore_eos();
-  if (p.has_logprobs()) {
-    if (p.logprobs() > static_cast<uint32_t>(kMaxLogprobs))
-      return Bad("logprobs", "must be in [0, 20]");
-    r.logprobs = static_cast<int32_t>(p.logprobs());
-  }
   if (p.has_prompt_logprobs()) {
     if (p.prompt_logprobs() > static_cast<uint32_t>(kMaxLogprobs)) {
       return Bad("prompt_logprobs", "must be in [0, 20]");

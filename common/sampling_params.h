@@ -11,27 +11,19 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/sampling_knobs.h"
 #include "proto/strata/v1/common.pb.h"
 
 namespace strata {
 
-struct ResolvedSampling {
+struct ResolvedSampling : SamplingKnobs {
   int64_t max_tokens = 16;
   int64_t min_tokens = 0;
-  float temperature = 1.0f;
-  int32_t top_k = 0;
-  float top_p = 1.0f;
-  float min_p = 0.0f;
-  float repetition_penalty = 1.0f;
-  float presence_penalty = 0.0f;
-  float frequency_penalty = 0.0f;
   // Unset: the server picks one.
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
-  // -1: none; 0: the sampled token's only; N: also the top N.
-  int32_t logprobs = -1;
   int32_t prompt_logprobs = -1;
   bool skip_special_tokens = false;
 };

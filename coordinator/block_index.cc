@@ -3,6 +3,22 @@
 #include <algorithm>
 
 namespace strata {
+namespace {
+
+// The entry of `worker` among a hash's holders, or null (const or not, as `holders` is).
+template <typename Holders>
+auto* FindIn(Holders& holders, WorkerSlot worker) {
+  decltype(&*holders.begin()) found = nullptr;
+  for (auto& h : holders) {
+    if (h.worker == worker) {
+      found = &h;
+      break;
+    }
+  }
+  return found;
+}
+
+}  // namespace
 
 std::array<int64_t, kNumTiers>& BlockIndex::Counts(WorkerSlot worker) {
   if (worker >= counts_.size()) counts_.resize(worker + 1, {0, 0, 0});
@@ -11,9 +27,7 @@ std::array<int64_t, kNumTiers>& BlockIndex::Counts(WorkerSlot worker) {
 
 BlockIndex::Holder* BlockIndex::FindOrAdd(BlockHash hash, WorkerSlot worker) {
   Holders& holders = entries_[hash];
-  for (Holder& h : holders) {
-    if (h.worker == worker) return &h;
-  }
+  if (Holder* h = FindIn(holders, worker)) return h;
   holders.push_back(Holder{worker, 0, 0});
   return &holders.back();
 }
@@ -49,11 +63,10 @@ void BlockIndex::Removed(WorkerSlot worker, Tier tier, absl::Span<const BlockHas
   for (BlockHash hash : hashes) {
     auto it = entries_.find(hash);
     if (it == entries_.end()) continue;
-    for (Holder& h : it->second) {
-      if (h.worker == worker && (h.tiers & bit) != 0) {
-        h.tiers &= static_cast<TierMask>(~bit);
-        --counts[static_cast<int>(tier)];
-      }
+    Holder* h = FindIn(it->second, worker);
+    if (h != nullptr && (h->tiers & bit) != 0) {
+      h->tiers &= static_cast<TierMask>(~bit);
+      --counts[static_cast<int>(tier)];
     }
     MaybeErase(hash, worker);
   }
@@ -92,31 +105,26 @@ void BlockIndex::RemovePending(WorkerSlot worker, absl::Span<const BlockHash> ha
   for (BlockHash hash : hashes) {
     auto it = entries_.find(hash);
     if (it == entries_.end()) continue;
-    for (Holder& h : it->second) {
-      if (h.worker == worker && h.pending > 0) --h.pending;
-    }
+    Holder* h = FindIn(it->second, worker);
+    if (h != nullptr && h->pending > 0) --h->pending;
     MaybeErase(hash, worker);
   }
 }
 
+BlockIndex::TierMask BlockIndex::MaskOf(const Holder* h) {
+  if (h == nullptr) return 0;
+  return static_cast<TierMask>(h->tiers | (h->pending > 0 ? 1u : 0u));
+}
+
 BlockIndex::TierMask BlockIndex::Find(BlockHash hash, WorkerSlot worker) const {
   auto it = entries_.find(hash);
-  if (it == entries_.end()) return 0;
-  for (const Holder& h : it->second) {
-    if (h.worker == worker) {
-      return static_cast<TierMask>(h.tiers | (h.pending > 0 ? 1u : 0u));
-    }
-  }
-  return 0;
+  return it == entries_.end() ? 0 : MaskOf(FindIn(it->second, worker));
 }
 
 int BlockIndex::Pending(BlockHash hash, WorkerSlot worker) const {
   auto it = entries_.find(hash);
-  if (it == entries_.end()) return 0;
-  for (const Holder& h : it->second) {
-    if (h.worker == worker) return h.pending;
-  }
-  return 0;
+  const Holder* h = it == entries_.end() ? nullptr : FindIn(it->second, worker);
+  return h == nullptr ? 0 : h->pending;
 }
 
 std::vector<std::array<int64_t, kNumTiers>> BlockIndex::PrefixOverlap(
@@ -130,13 +138,7 @@ std::vector<std::array<int64_t, kNumTiers>> BlockIndex::PrefixOverlap(
     if (it == entries_.end()) break;
     for (size_t i = 0; i < workers.size(); ++i) {
       if (!alive[i]) continue;
-      TierMask mask = 0;
-      for (const Holder& h : it->second) {
-        if (h.worker == workers[i]) {
-          mask = static_cast<TierMask>(h.tiers | (h.pending > 0 ? 1u : 0u));
-          break;
-        }
-      }
+      const TierMask mask = MaskOf(FindIn(it->second, workers[i]));
       if (mask == 0) {
         alive[i] = false;
         --num_alive;

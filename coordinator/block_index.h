@@ -65,6 +65,8 @@ class BlockIndex {
   };
   using Holders = absl::InlinedVector<Holder, 4>;
 
+  // The tiers a holder stands for, pending entries as kDevice; 0 for none.
+  static TierMask MaskOf(const Holder* holder);
   Holder* FindOrAdd(BlockHash hash, WorkerSlot worker);
   void MaybeErase(BlockHash hash, WorkerSlot worker);
   std::array<int64_t, kNumTiers>& Counts(WorkerSlot worker);

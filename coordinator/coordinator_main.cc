@@ -55,6 +55,14 @@ int Main() {
     LOG(ERROR) << targets.status();
     return 2;
   }
+  if (absl::GetFlag(FLAGS_max_inflight_requests) < 1 || absl::GetFlag(FLAGS_max_attempts) < 1) {
+    LOG(ERROR) << "--max_inflight_requests and --max_attempts must be at least 1";
+    return 2;
+  }
+  if (!(absl::GetFlag(FLAGS_resolve_interval_s) > 0)) {
+    LOG(ERROR) << "--resolve_interval_s must be positive";
+    return 2;
+  }
   WorkerPoolOptions po;
   po.targets = *targets;
   po.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_resolve_interval_s));
@@ -72,6 +80,7 @@ int Main() {
   CoordinatorOptions co;
   co.max_inflight_requests = absl::GetFlag(FLAGS_max_inflight_requests);
   co.max_attempts = absl::GetFlag(FLAGS_max_attempts);
+
   co.instance_id = absl::GetFlag(FLAGS_instance_id);
   if (co.instance_id.empty()) {
     absl::BitGen gen;

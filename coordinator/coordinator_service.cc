@@ -620,12 +620,12 @@ CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* mo
     : pool_(pool), models_(models), options_(std::move(options)), started_(absl::Now()) {}
 
 CoordinatorService::~CoordinatorService() {
-  std::vector<std::thread> threads;
+  std::list<DrainThread> threads;
   {
     absl::MutexLock lock(&threads_mu_);
     threads.swap(drain_threads_);
   }
-  for (std::thread& t : threads) t.join();
+  for (DrainThread& t : threads) t.thread.join();
 }
 
 absl::StatusOr<ModelView> CoordinatorService::Model(const std::string& name) const {
@@ -747,6 +747,30 @@ grpc::ServerUnaryReactor* CoordinatorService::GetClusterStatus(
   return reactor;
 }
 
+grpc::Status CoordinatorService::RunDrain(grpc::CallbackServerContext* context,
+                                          const std::string& worker, bool resume, bool wait,
+                                          absl::Duration timeout,
+                                          v1::DrainWorkerResponse* response) {
+  const absl::Time give_up = absl::Now() + timeout;
+  while (true) {
+    if (context->IsCancelled()) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while waiting");
+    }
+    absl::StatusOr<WorkerPool::DrainOutcome> out = pool_->Drain(worker, resume);
+    if (!out.ok()) return ToGrpcStatus(out.status());
+    if (!wait || out->num_inflight_sequences == 0) {
+      *response->mutable_status() = std::move(out->status);
+      return grpc::Status::OK;
+    }
+    if (absl::Now() >= give_up) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                          absl::StrCat("worker ", worker, " still has ",
+                                       out->num_inflight_sequences, " sequences in flight"));
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+}
+
 grpc::ServerUnaryReactor* CoordinatorService::DrainWorker(grpc::CallbackServerContext* context,
                                                           const v1::DrainWorkerRequest* request,
                                                           v1::DrainWorkerResponse* response) {
@@ -766,32 +790,19 @@ grpc::ServerUnaryReactor* CoordinatorService::DrainWorker(grpc::CallbackServerCo
   const absl::Duration timeout =
       absl::Milliseconds(request->timeout_ms() == 0 ? 60000 : request->timeout_ms());
   absl::MutexLock lock(&threads_mu_);
-  drain_threads_.emplace_back([this, context, reactor, response, worker, resume, wait, timeout] {
-    const absl::Time give_up = absl::Now() + timeout;
-    while (true) {
-      if (context->IsCancelled()) {
-        reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while waiting"));
-        return;
-      }
-      absl::StatusOr<WorkerPool::DrainOutcome> out = pool_->Drain(worker, resume);
-      if (!out.ok()) {
-        reactor->Finish(ToGrpcStatus(out.status()));
-        return;
-      }
-      if (!wait || out->num_inflight_sequences == 0) {
-        *response->mutable_status() = std::move(out->status);
-        reactor->Finish(grpc::Status::OK);
-        return;
-      }
-      if (absl::Now() >= give_up) {
-        reactor->Finish(
-            grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                         absl::StrCat("worker ", worker, " still has ", out->num_inflight_sequences,
-                                      " sequences in flight")));
-        return;
-      }
-      absl::SleepFor(absl::Milliseconds(50));
+  // Join the drains that have finished, so that repeated calls do not pile up threads.
+  for (auto it = drain_threads_.begin(); it != drain_threads_.end();) {
+    if (it->done.load()) {
+      it->thread.join();
+      it = drain_threads_.erase(it);
+    } else {
+      ++it;
     }
+  }
+  DrainThread& d = drain_threads_.emplace_back();
+  d.thread = std::thread([this, context, reactor, response, worker, resume, wait, timeout, &d] {
+    reactor->Finish(RunDrain(context, worker, resume, wait, timeout, response));
+    d.done.store(true);
   });
   return reactor;
 }

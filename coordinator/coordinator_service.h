@@ -25,9 +25,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <list>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -95,6 +97,11 @@ class CoordinatorService final : public v1::Serving::CallbackService,
  private:
   friend class GenerateCall;
 
+  // One DrainWorker call: drains (or resumes) `worker` and, with `wait`, polls until it is idle.
+  grpc::Status RunDrain(grpc::CallbackServerContext* context, const std::string& worker,
+                        bool resume, bool wait, absl::Duration timeout,
+                        v1::DrainWorkerResponse* response);
+
   // The model's limits as its workers report them; NOT_FOUND for a model not in the registry.
   absl::StatusOr<ModelView> Model(const std::string& name) const;
 
@@ -106,9 +113,14 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   std::atomic<uint64_t> next_id_{1};
   std::atomic<uint64_t> completed_{0};
   std::atomic<uint64_t> failed_over_{0};
-  // Admin DrainWorker calls with wait=true run on their own threads; joined on destruction.
+  // Admin DrainWorker calls run on their own threads (the RPC to the worker, and with wait the
+  // polling, block); finished ones are joined on the next call, the rest on destruction.
+  struct DrainThread {
+    std::thread thread;
+    std::atomic<bool> done{false};
+  };
   absl::Mutex threads_mu_;
-  std::vector<std::thread> drain_threads_ ABSL_GUARDED_BY(threads_mu_);
+  std::list<DrainThread> drain_threads_ ABSL_GUARDED_BY(threads_mu_);
 };
 
 }  // namespace strata

@@ -61,6 +61,20 @@ v1::ClusterStatus Status(v1::Admin::Stub* admin) {
   return s;
 }
 
+// Admin.DrainWorker; the call must succeed.
+v1::DrainWorkerResponse Drain(v1::Admin::Stub* admin, const std::string& worker, bool resume,
+                              bool wait) {
+  grpc::ClientContext ctx;
+  v1::DrainWorkerRequest req;
+  req.set_worker(worker);
+  req.set_resume(resume);
+  req.set_wait(wait);
+  v1::DrainWorkerResponse resp;
+  const grpc::Status s = admin->DrainWorker(&ctx, req, &resp);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return resp;
+}
+
 // Sum of running plus waiting sequences the workers report.
 int64_t WorkerSequences(v1::Admin::Stub* admin) {
   int64_t n = 0;
@@ -293,15 +307,7 @@ TEST_F(ClusterTest, ListModelsAndStatusDescribeTheCluster) {
 
 TEST_F(ClusterTest, DrainedWorkerGetsNoNewRequestsAndResumes) {
   auto drain = [](const std::string& worker, bool resume) {
-    grpc::ClientContext ctx;
-    v1::DrainWorkerRequest req;
-    req.set_worker(worker);
-    req.set_resume(resume);
-    req.set_wait(!resume);
-    v1::DrainWorkerResponse resp;
-    const grpc::Status s = cluster_->admin()->DrainWorker(&ctx, req, &resp);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return resp;
+    return Drain(cluster_->admin(), worker, resume, /*wait=*/!resume);
   };
   v1::DrainWorkerResponse r = drain("worker-0", false);
   EXPECT_EQ(r.status().state(), v1::WORKER_STATE_DRAINING);
@@ -419,12 +425,7 @@ TEST(FailoverTest, QueuedRequestsOfADeadWorkerStartOverElsewhere) {
     expected.push_back(g.tokens);
   }
   auto drain = [&](const std::string& worker, bool resume) {
-    grpc::ClientContext ctx;
-    v1::DrainWorkerRequest req;
-    req.set_worker(worker);
-    req.set_resume(resume);
-    v1::DrainWorkerResponse resp;
-    ASSERT_TRUE(cluster.admin()->DrainWorker(&ctx, req, &resp).ok());
+    Drain(cluster.admin(), worker, resume, /*wait=*/false);
   };
   // Everything goes to worker-0, which runs one sequence at a time.
   drain("worker-1", false);

@@ -34,17 +34,22 @@ const v1::WorkerStatus* Find(const std::vector<v1::WorkerStatus>& s, const std::
   return nullptr;
 }
 
+// `n` worker processes and no coordinator: the pool under test is the coordinator's part.
+absl::StatusOr<std::unique_ptr<LocalCluster>> StartWorkers(int n, const std::string& name) {
+  LocalClusterOptions o;
+  o.num_workers = n;
+  o.coordinator = false;
+  o.name = name;
+  return LocalCluster::Start(o);
+}
+
 bool Serving(const std::vector<v1::WorkerStatus>& s, const std::string& address) {
   const v1::WorkerStatus* w = Find(s, address);
   return w != nullptr && w->state() == v1::WORKER_STATE_SERVING;
 }
 
 TEST(WorkerPoolTest, WorkersThatComeAndGoArePickedUpAndDropped) {
-  LocalClusterOptions o;
-  o.num_workers = 3;
-  o.coordinator = false;
-  o.name = "pool";
-  auto cluster = LocalCluster::Start(o);
+  auto cluster = StartWorkers(3, "pool");
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   const std::string a = (*cluster)->worker_address(0);
   const std::string b = (*cluster)->worker_address(1);
@@ -99,11 +104,7 @@ TEST(WorkerPoolTest, WorkersThatComeAndGoArePickedUpAndDropped) {
 }
 
 TEST(WorkerPoolTest, ARestartedWorkerIsReconnectedWithItsNewEpoch) {
-  LocalClusterOptions o;
-  o.num_workers = 1;
-  o.coordinator = false;
-  o.name = "restart";
-  auto cluster = LocalCluster::Start(o);
+  auto cluster = StartWorkers(1, "restart");
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   const std::string address = (*cluster)->worker_address(0);
   absl::StatusOr<WorkerTargets> targets = ParseWorkerTargets(address);
@@ -139,11 +140,7 @@ TEST(WorkerPoolTest, ARestartedWorkerIsReconnectedWithItsNewEpoch) {
 }
 
 TEST(WorkerPoolTest, ADnsNameResolvesToItsWorkers) {
-  LocalClusterOptions o;
-  o.num_workers = 1;
-  o.coordinator = false;
-  o.name = "dns";
-  auto cluster = LocalCluster::Start(o);
+  auto cluster = StartWorkers(1, "dns");
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   const std::string address = (*cluster)->worker_address(0);  // 127.0.0.1:PORT
   const std::string port = address.substr(address.rfind(':') + 1);

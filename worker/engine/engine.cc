@@ -173,7 +173,8 @@ bool Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan) {
   const int64_t bt = config_.block_tokens;
   const int64_t len = static_cast<int64_t>(s->tokens.size());
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) {
-    std::vector<BlockHash> hashes = WaitingHashes(*s);
+    WaitingHashes(*s);  // computes them if the sequence grew since
+    std::vector<BlockHash> hashes = std::move(s->waiting_hashes);
     s->waiting_hashes.clear();
     // At least one token must be computed to produce logits.
     const int64_t usable = std::min<int64_t>(blocks_.MatchPrefix(hashes), (len - 1) / bt);

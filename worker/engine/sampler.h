@@ -15,25 +15,20 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "common/sampling_knobs.h"
 
 namespace strata {
 
-struct SamplingOptions {
-  float temperature = 1.0f;  // 0: greedy
-  int32_t top_k = 0;         // 0: all
-  float top_p = 1.0f;        // (0, 1]
-  float min_p = 0.0f;        // [0, 1]
-  float repetition_penalty = 1.0f;
-  float presence_penalty = 0.0f;
-  float frequency_penalty = 0.0f;
+// The knobs and their limits live in common/sampling_knobs.h, shared with the API layer.
+struct SamplingOptions : SamplingKnobs {
   uint64_t seed = 0;
-  // Top-N log-probabilities to report per generated token; -1: none, 0: the sampled token's only.
-  int32_t logprobs = -1;
 };
 
 // INVALID_ARGUMENT naming the field when a value is outside its range (see
 // proto/strata/v1/common.proto).
-absl::Status ValidateSamplingOptions(const SamplingOptions& o, int64_t vocab_size);
+inline absl::Status ValidateSamplingOptions(const SamplingOptions& o, int64_t vocab_size) {
+  return ValidateSamplingKnobs(o, vocab_size);
+}
 
 // Tokens a sequence has seen, for penalties: which appeared in the prompt or output (repetition)
 // and how often each appeared in the output (presence, frequency).

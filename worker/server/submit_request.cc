@@ -19,15 +19,8 @@ absl::StatusOr<RequestOptions> ParseSamplingParams(const v1::SamplingParams& sam
   o.ignore_eos = r.ignore_eos;
   o.stop_token_ids = std::move(r.stop_token_ids);
   o.prompt_logprobs = r.prompt_logprobs;
-  o.sampling.temperature = r.temperature;
-  o.sampling.top_k = r.top_k;
-  o.sampling.top_p = r.top_p;
-  o.sampling.min_p = r.min_p;
-  o.sampling.repetition_penalty = r.repetition_penalty;
-  o.sampling.presence_penalty = r.presence_penalty;
-  o.sampling.frequency_penalty = r.frequency_penalty;
+  static_cast<SamplingKnobs&>(o.sampling) = r;
   o.sampling.seed = r.seed.value_or(0);
-  o.sampling.logprobs = r.logprobs;
   return o;
 }
 

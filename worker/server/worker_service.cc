@@ -55,7 +55,6 @@ class WorkerService::SubmitStream final : public QueuedServerWriter<v1::SubmitRe
   SubmitStream(WorkerService* service, std::string request_id, uint64_t serial)
       : service_(service), request_id_(std::move(request_id)), serial_(serial) {}
 
-  const std::string& request_id() const { return request_id_; }
   uint64_t serial() const { return serial_; }
 
   void OnCancel() override { PostCancel(); }
@@ -118,9 +117,7 @@ struct WorkerService::LoopState {
   struct Live {
     SubmitStream* stream = nullptr;
     uint64_t serial = 0;
-    bool in_engine = false;
     bool want_logprobs = false;
-    bool sent_first = false;
     absl::Time accepted;
   };
   struct Watcher {
@@ -373,7 +370,7 @@ void WorkerService::Loop() {
   ProcessInbox(&state);
   const grpc::Status gone(grpc::StatusCode::UNAVAILABLE, "worker is shutting down");
   for (auto& [id, live] : state.live) {
-    if (live.in_engine) engine_->Cancel(id);
+    engine_->Cancel(id);
     live.stream->RequestFinish(gone);
     num_live_.fetch_sub(1);
   }
@@ -410,7 +407,6 @@ void WorkerService::ProcessInbox(LoopState* state) {
         LoopState::Live live;
         live.stream = c.submit;
         live.serial = c.serial;
-        live.in_engine = true;
         live.want_logprobs = want_logprobs;
         live.accepted = c.accepted;
         state->live.emplace(c.request_id, live);
@@ -520,8 +516,6 @@ void WorkerService::StepEngine(LoopState* state) {
     }
     for (const SampledToken& t : out.prompt_logprobs)
       ToPositionLogprobs(t, r.add_prompt_logprobs());
-    const bool first = !live.sent_first && !out.tokens.empty();
-    if (first) live.sent_first = true;
     if (out.finish != FinishReason::kNone) {
       r.set_finish_reason(ToProtoFinishReason(out.finish));
       v1::Usage* u = r.mutable_usage();
@@ -584,8 +578,7 @@ void WorkerService::CutSlowWatchers(LoopState* state, size_t incoming) {
   }
 }
 
-v1::LoadReport WorkerService::MakeLoadReport(const LoopState& state) const {
-  const EngineStats st = engine_->Stats();
+v1::LoadReport WorkerService::MakeLoadReport(const EngineStats& st, const LoopState& state) const {
   v1::LoadReport r;
   r.set_num_running_sequences(static_cast<uint32_t>(st.num_running));
   r.set_num_decode_sequences(static_cast<uint32_t>(st.num_decode));
@@ -607,20 +600,22 @@ void WorkerService::SendLoadReports(LoopState* state) {
   const absl::Time now = absl::Now();
   // Besides the periodic reports, a change in the counts that routing uses is reported at once
   // (at most every kMinChangeReportInterval), so that coordinators never route on a stale picture.
+  // Engine::Stats walks every sequence, so the step loop asks for it only when a report may go out.
+  bool periodic_due = false;
+  for (const auto& w : state->watchers) periodic_due |= w.next_report <= now;
+  const bool change_allowed = now - state->last_change_report >= kMinChangeReportInterval;
+  if (!periodic_due && !change_allowed) return;
   const EngineStats st = engine_->Stats();
   const std::array<int64_t, 4> counts = {st.num_running, st.num_waiting, st.num_decode,
                                          st.num_pending_prefill_tokens};
-  const bool changed = counts != state->last_reported_counts &&
-                       now - state->last_change_report >= kMinChangeReportInterval;
-  bool any_due = changed;
-  for (const auto& w : state->watchers) any_due |= w.next_report <= now;
-  if (!any_due) return;
+  const bool changed = change_allowed && counts != state->last_reported_counts;
+  if (!periodic_due && !changed) return;
   if (changed) {
     state->last_reported_counts = counts;
     state->last_change_report = now;
   }
   CutSlowWatchers(state, 1);
-  const v1::LoadReport report = MakeLoadReport(*state);
+  const v1::LoadReport report = MakeLoadReport(st, *state);
   for (auto& w : state->watchers) {
     if (!changed && w.next_report > now) continue;
     v1::WorkerEvent e;

@@ -112,7 +112,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   // Drops watchers that are more than max_buffered_events behind (they re-subscribe).
   void CutSlowWatchers(LoopState* state, size_t incoming);
   void FinishSubmit(LoopState* state, const std::string& request_id, const grpc::Status& status);
-  v1::LoadReport MakeLoadReport(const LoopState& state) const;
+  v1::LoadReport MakeLoadReport(const EngineStats& stats, const LoopState& state) const;
 
   std::unique_ptr<Engine> engine_;
   const WorkerServiceOptions options_;

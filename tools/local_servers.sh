@@ -1,0 +1,52 @@
+# Shell functions that start strata-worker and strata-coordinator processes on loopback ports they
+# pick themselves (--listen 127.0.0.1:0 --port_file), for sh tests and benchmark scripts. Source it,
+# then set:
+#   STRATA_BIN  directory holding worker/server/strata-worker and coordinator/strata-coordinator
+#               (a bazel-bin or a test's runfiles root)
+#   STRATA_OUT  directory for port files and logs
+# Every started process is stopped (SIGTERM) when the sourcing script exits.
+#
+#   strata_worker NAME MODEL_DIR [FLAGS...];              port in $STRATA_PORT
+#   strata_coordinator NAME MODEL_DIR WORKERS [FLAGS...]; port in $STRATA_PORT
+
+strata_pids=()
+strata_stop_all() {
+  for p in "${strata_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  strata_pids=()
+}
+trap strata_stop_all EXIT
+
+# Prints the port in FILE once a server has written it; fails after 30 s.
+strata_wait_port() {
+  for _ in $(seq 600); do
+    [ -s "$1" ] && { cat "$1"; return 0; }
+    sleep 0.05
+  done
+  echo "no port in $1 (see ${1%.port}.log)" >&2
+  return 1
+}
+
+# Runs the command with a port file and log named NAME in STRATA_OUT, records its pid (in this
+# shell: call it directly, not in $(...)), and leaves the port in STRATA_PORT.
+strata_launch() {
+  local name=$1; shift
+  rm -f "$STRATA_OUT/$name.port"
+  "$@" --listen=127.0.0.1:0 --port_file="$STRATA_OUT/$name.port" > "$STRATA_OUT/$name.log" 2>&1 &
+  strata_pids+=($!)
+  STRATA_PORT=$(strata_wait_port "$STRATA_OUT/$name.port")
+}
+
+# strata_worker NAME MODEL_DIR [FLAGS...]: a worker serving MODEL_DIR as strata-tiny, one thread.
+strata_worker() {
+  local name=$1 model=$2; shift 2
+  strata_launch "$name" "$STRATA_BIN/worker/server/strata-worker" --model="$model" \
+    --model_name=strata-tiny --worker_id="$name" --threads=1 "$@"
+}
+
+# strata_coordinator NAME MODEL_DIR WORKERS [FLAGS...]
+strata_coordinator() {
+  local name=$1 model=$2 workers=$3; shift 3
+  strata_launch "$name" "$STRATA_BIN/coordinator/strata-coordinator" \
+    --model="strata-tiny=$model" --workers="$workers" "$@"
+}
