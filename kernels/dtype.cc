@@ -1,6 +1,7 @@
 #include "kernels/dtype.h"
 
 #include <cmath>
+#include <limits>
 
 namespace strata {
 
@@ -88,6 +89,33 @@ uint16_t FloatToF16(float f) {
   const uint32_t rest = abs & 0x1fffu;
   if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
   return sign | static_cast<uint16_t>(h);
+}
+
+float F8E4M3ToFloat(uint8_t v) {
+  const float sign = (v & 0x80u) ? -1.0f : 1.0f;
+  const int exp = (v >> 3) & 0xf;
+  const int mant = v & 0x7;
+  if (exp == 0xf && mant == 0x7) return std::numeric_limits<float>::quiet_NaN();
+  if (exp == 0) return sign * std::ldexp(static_cast<float>(mant), -9);  // subnormal: m * 2^-9
+  return sign * std::ldexp(1.0f + static_cast<float>(mant) / 8.0f, exp - 7);
+}
+
+uint8_t FloatToF8E4M3(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
+  const uint32_t abs_bits = u & 0x7fffffffu;
+  if (abs_bits > 0x7f800000u) return sign | 0x7f;  // NaN
+  const float a = std::bit_cast<float>(abs_bits);
+  if (a >= kF8E4M3Max) return sign | 0x7e;
+  if (a < 0.015625f) {  // below the smallest normal, 2^-6: multiples of 2^-9, 0..8
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+  }
+  // Keep 3 mantissa bits, rounding the 20 dropped bits to nearest even (a carry moves into the
+  // exponent, which is what rounding up to the next binade means).
+  uint32_t r = abs_bits + 0x7ffffu + ((abs_bits >> 20) & 1u);
+  const int exp = static_cast<int>(r >> 23) - 127 + 7;
+  const uint32_t bits = (static_cast<uint32_t>(exp) << 3) | ((r >> 20) & 0x7u);
+  return sign | static_cast<uint8_t>(bits > 0x7eu ? 0x7eu : bits);
 }
 
 }  // namespace strata

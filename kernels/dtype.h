@@ -48,6 +48,13 @@ inline uint16_t FloatToBf16(float f) {
 float F16ToFloat(uint16_t h);
 uint16_t FloatToF16(float f);
 
+// FP8 E4M3 (the "fn" variant of NVIDIA and OCP: bias 7, no infinities, largest finite 448, NaN
+// 0x7f/0xff) <-> float. Rounding to nearest even; values beyond +-448 saturate to +-448 (KV
+// quantization scales keep them in range), NaN stays NaN. Every FP8 value converts exactly.
+float F8E4M3ToFloat(uint8_t v);
+uint8_t FloatToF8E4M3(float f);
+inline constexpr float kF8E4M3Max = 448.0f;
+
 }  // namespace strata
 
 #endif  // STRATA_KERNELS_DTYPE_H_

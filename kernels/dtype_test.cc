@@ -57,5 +57,37 @@ TEST(DTypeTest, Bf16RoundsToNearestEven) {
   }
 }
 
+TEST(DTypeTest, F8E4M3KnownValues) {
+  EXPECT_EQ(F8E4M3ToFloat(0x38), 1.0f);
+  EXPECT_EQ(F8E4M3ToFloat(0x7e), 448.0f);
+  EXPECT_EQ(F8E4M3ToFloat(0xfe), -448.0f);
+  EXPECT_EQ(F8E4M3ToFloat(0x08), 0.015625f);             // smallest normal, 2^-6
+  EXPECT_EQ(F8E4M3ToFloat(0x01), std::ldexp(1.0f, -9));  // smallest subnormal
+  EXPECT_TRUE(std::isnan(F8E4M3ToFloat(0x7f)));
+  EXPECT_EQ(FloatToF8E4M3(1000.0f), 0x7e);  // saturates
+  EXPECT_EQ(FloatToF8E4M3(-1000.0f), 0xfe);
+  EXPECT_EQ(FloatToF8E4M3(1.0f + 1.0f / 16), 0x38);       // tie to even (down)
+  EXPECT_EQ(FloatToF8E4M3(1.0f + 3.0f / 16), 0x3a);       // tie to even (up)
+  EXPECT_EQ(FloatToF8E4M3(std::ldexp(1.0f, -11)), 0x00);  // below half the smallest subnormal
+  EXPECT_EQ(FloatToF8E4M3(std::ldexp(3.0f, -10)), 0x02);  // 1.5 subnormal steps: tie to even
+  EXPECT_EQ(FloatToF8E4M3(0.0156249f), 0x08);             // rounds up into the normals
+  EXPECT_EQ(FloatToF8E4M3(std::numeric_limits<float>::quiet_NaN()) & 0x7f, 0x7f);
+}
+
+TEST(DTypeTest, F8E4M3RoundTripsEveryValueAndRoundsToNearest) {
+  for (int v = 0; v < 256; ++v) {
+    const float f = F8E4M3ToFloat(static_cast<uint8_t>(v));
+    if (std::isnan(f)) continue;
+    EXPECT_EQ(FloatToF8E4M3(f), v) << v;
+  }
+  // Between neighbours, the nearer one wins.
+  for (int v = 0x01; v < 0x7e; ++v) {
+    const float lo = F8E4M3ToFloat(static_cast<uint8_t>(v));
+    const float hi = F8E4M3ToFloat(static_cast<uint8_t>(v + 1));
+    EXPECT_EQ(FloatToF8E4M3(lo + (hi - lo) * 0.3f), v);
+    EXPECT_EQ(FloatToF8E4M3(lo + (hi - lo) * 0.7f), v + 1);
+  }
+}
+
 }  // namespace
 }  // namespace strata

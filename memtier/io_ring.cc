@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -144,7 +145,13 @@ absl::Status IoRing::Queue(bool write, int fd, int buffer_index, uint8_t* addr, 
   }
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   if (sqe == nullptr) return absl::ResourceExhaustedError("io_uring submission queue is full");
-  if (write) {
+  if (buffer_index < 0) {
+    if (write) {
+      io_uring_prep_write(sqe, fd, addr, len, offset);
+    } else {
+      io_uring_prep_read(sqe, fd, addr, len, offset);
+    }
+  } else if (write) {
     io_uring_prep_write_fixed(sqe, fd, addr, len, offset, buffer_index);
   } else {
     io_uring_prep_read_fixed(sqe, fd, addr, len, offset, buffer_index);
@@ -163,6 +170,19 @@ absl::Status IoRing::QueueRead(int fd, int buffer_index, uint8_t* addr, uint32_t
 absl::Status IoRing::QueueWrite(int fd, int buffer_index, const uint8_t* addr, uint32_t len,
                                 uint64_t offset, uint64_t tag) {
   return Queue(true, fd, buffer_index, const_cast<uint8_t*>(addr), len, offset, tag);
+}
+
+absl::Status IoRing::QueuePoll(int fd, uint64_t tag) {
+  if (outstanding_ >= static_cast<int>(queue_depth_)) {
+    return absl::ResourceExhaustedError("io_uring queue is full: reap completions first");
+  }
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  if (sqe == nullptr) return absl::ResourceExhaustedError("io_uring submission queue is full");
+  io_uring_prep_poll_add(sqe, fd, POLLIN);
+  io_uring_sqe_set_data64(sqe, tag);
+  ++outstanding_;
+  ++unsubmitted_;
+  return absl::OkStatus();
 }
 
 absl::Status IoRing::Submit() {

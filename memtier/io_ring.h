@@ -84,12 +84,17 @@ class IoRing {
   IoRing& operator=(const IoRing&) = delete;
 
   // Queue a read or write of `len` bytes at file `offset` into / from `addr`, which lies inside
-  // registered buffer `buffer_index`. RESOURCE_EXHAUSTED when `queue_depth` operations are already
-  // queued or in flight (reap first). Nothing reaches the kernel until Submit.
+  // registered buffer `buffer_index` (or anywhere, page-aligned, when buffer_index is -1: a plain
+  // read or write, for memory that could not be registered). RESOURCE_EXHAUSTED when `queue_depth`
+  // operations are already queued or in flight (reap first). Nothing reaches the kernel until
+  // Submit.
   absl::Status QueueRead(int fd, int buffer_index, uint8_t* addr, uint32_t len, uint64_t offset,
                          uint64_t tag);
   absl::Status QueueWrite(int fd, int buffer_index, const uint8_t* addr, uint32_t len,
                           uint64_t offset, uint64_t tag);
+  // Queue a one-shot wait for `fd` to become readable (an eventfd that other threads signal), so
+  // that one Reap wakes for either I/O or new work. Counts against queue_depth like an I/O.
+  absl::Status QueuePoll(int fd, uint64_t tag);
   // Submits everything queued in one system call.
   absl::Status Submit();
   // Submits anything still queued, waits for at least `min_completions` (at most what is

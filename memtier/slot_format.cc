@@ -40,20 +40,34 @@ absl::Status EncodeSlot(const SlotHeader& h, absl::Span<const uint8_t> payload,
     return absl::InvalidArgumentError(absl::StrCat("slot of ", slot.size(), " bytes cannot hold ",
                                                    payload.size(), " payload bytes"));
   }
+  if (!payload.empty()) std::memcpy(slot.data() + kSlotHeaderBytes, payload.data(), payload.size());
+  return SealSlot(h, payload.size(), slot);
+}
+
+absl::Status SealSlot(const SlotHeader& h, size_t payload_bytes, absl::Span<uint8_t> slot) {
+  if (slot.size() < kSlotHeaderBytes + payload_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("slot of ", slot.size(), " bytes cannot hold ",
+                                                   payload_bytes, " payload bytes"));
+  }
   uint8_t* p = slot.data();
   Put<uint64_t>(p, 0, kSlotMagic);
   Put<uint32_t>(p, 8, kSlotLayoutVersion);
   Put<uint32_t>(p, 12, h.payload_layout);
   Put<uint64_t>(p, 16, h.block_hash);
   Put<uint64_t>(p, 24, h.cache_namespace);
-  Put<uint64_t>(p, 32, payload.size());
-  Put<uint64_t>(p, 40, Checksum(payload.data(), payload.size()));
+  Put<uint64_t>(p, 32, payload_bytes);
+  Put<uint64_t>(p, 40, Checksum(p + kSlotHeaderBytes, payload_bytes));
   Put<uint64_t>(p, 48, h.generation);
   Put<uint64_t>(p, 56, Checksum(p, 56));
-  if (!payload.empty()) std::memcpy(p + kSlotHeaderBytes, payload.data(), payload.size());
-  std::memset(p + kSlotHeaderBytes + payload.size(), 0,
-              slot.size() - kSlotHeaderBytes - payload.size());
+  std::memset(p + kSlotHeaderBytes + payload_bytes, 0,
+              slot.size() - kSlotHeaderBytes - payload_bytes);
   return absl::OkStatus();
+}
+
+void SetSlotGeneration(absl::Span<uint8_t> slot, uint64_t generation) {
+  uint8_t* p = slot.data();
+  Put<uint64_t>(p, 48, generation);
+  Put<uint64_t>(p, 56, Checksum(p, 56));
 }
 
 absl::StatusOr<SlotHeader> ValidateSlotHeader(absl::Span<const uint8_t> slot) {

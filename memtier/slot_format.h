@@ -45,6 +45,14 @@ size_t SlotBytesFor(size_t payload_bytes, size_t alignment);
 absl::Status EncodeSlot(const SlotHeader& header, absl::Span<const uint8_t> payload,
                         absl::Span<uint8_t> slot);
 
+// Writes the header for a payload already in place at slot[kSlotHeaderBytes, + payload_bytes)
+// (encoded there by a codec) and zeroes the padding after it. INVALID_ARGUMENT when it does not
+// fit.
+absl::Status SealSlot(const SlotHeader& header, size_t payload_bytes, absl::Span<uint8_t> slot);
+
+// Rewrites the generation of a sealed slot (and its header checksum), leaving the rest as is.
+void SetSlotGeneration(absl::Span<uint8_t> slot, uint64_t generation);
+
 // Checks the header alone (magic, version, header checksum, length within the slot size).
 // NOT_FOUND for an all-zero header (never written), DATA_LOSS for anything else that is wrong.
 absl::StatusOr<SlotHeader> ValidateSlotHeader(absl::Span<const uint8_t> slot);

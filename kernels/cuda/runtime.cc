@@ -36,6 +36,17 @@ absl::StatusOr<int> CudaDeviceCount() {
   return count;
 }
 
+absl::Status RegisterPinnedHostMemory(void* ptr, size_t bytes) {
+  absl::Status s =
+      CudaStatus(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable), "cudaHostRegister");
+  if (!s.ok()) cudaGetLastError();
+  return s;
+}
+
+absl::Status UnregisterPinnedHostMemory(void* ptr) {
+  return CudaStatus(cudaHostUnregister(ptr), "cudaHostUnregister");
+}
+
 bool IsDeviceMemory(const void* ptr) {
   cudaPointerAttributes attributes{};
   if (cudaPointerGetAttributes(&attributes, ptr) != cudaSuccess) {

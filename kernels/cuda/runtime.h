@@ -24,6 +24,12 @@ absl::Status CudaStatus(cudaError_t error, absl::string_view what);
 // driver") or there is no device.
 absl::StatusOr<int> CudaDeviceCount();
 
+// Page-locks `bytes` of existing host memory at `ptr` for the current device (cudaHostRegister,
+// portable), so that copies between it and device memory run as asynchronous DMA. UNAVAILABLE
+// without a usable driver or device.
+absl::Status RegisterPinnedHostMemory(void* ptr, size_t bytes);
+absl::Status UnregisterPinnedHostMemory(void* ptr);
+
 // True when `ptr` is device (or managed) memory of the current device.
 bool IsDeviceMemory(const void* ptr);
 

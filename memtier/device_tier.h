@@ -1,0 +1,67 @@
+// DeviceTier: the engine's KV cache blocks, seen as a BlockTier.
+//
+// A slot is one block of the paged KV cache: for each segment (K or V of a layer), the `slot`-th
+// [block_tokens, num_heads, head_dim] row of that segment's array. Write scatters a raw payload
+// into the segments, Read gathers them. The engine computes most blocks in place rather than
+// writing them here; Bind names such a block so that Read can check the key it is asked for.
+//
+// Memory: the segment arrays belong to the caller (the engine's KV cache), or to the tier when the
+// config names none. On a CPU worker they are host memory and copies are memcpy, complete when
+// Write/Read return (callbacks still wait for Poll, per the BlockTier contract).
+//
+// Thread contract: the engine's step thread owns it, like the cache it views.
+#ifndef STRATA_MEMTIER_DEVICE_TIER_H_
+#define STRATA_MEMTIER_DEVICE_TIER_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "memtier/block_tier.h"
+
+namespace strata {
+
+struct DeviceTierConfig {
+  KvBlockLayout layout;
+  int64_t num_slots = 0;
+  // Per segment, the base of its [num_slots, block_tokens, num_heads, head_dim] f32 array; empty:
+  // the tier allocates its own (zeroed).
+  std::vector<float*> segments;
+};
+
+class DeviceTier final : public BlockTier {
+ public:
+  // INVALID_ARGUMENT for an invalid layout, no slots, or a segment count that does not match.
+  static absl::StatusOr<std::unique_ptr<DeviceTier>> Create(DeviceTierConfig config);
+
+  // The block in `slot` was computed in place and is `key` now / holds nothing any more.
+  void Bind(int64_t slot, BlockKey key);
+  void Unbind(int64_t slot);
+
+  Tier tier() const override { return Tier::kDevice; }
+  int64_t num_slots() const override { return config_.num_slots; }
+  int64_t payload_bytes() const override { return config_.layout.block_bytes(); }
+  int64_t slot_bytes() const override { return config_.layout.block_bytes(); }
+  bool persistent() const override { return false; }
+  void Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> payload, Done done) override;
+  void Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done done) override;
+  int Poll() override { return ready_.Run(); }
+  void Flush() override { ready_.RunAll(); }
+  int64_t in_flight() const override { return ready_.size(); }
+  std::vector<StoredSlot> Scan() const override { return {}; }
+
+ private:
+  explicit DeviceTier(DeviceTierConfig config);
+
+  DeviceTierConfig config_;
+  std::vector<float> owned_;
+  std::vector<std::optional<BlockKey>> keys_;
+  DeferredCallbacks ready_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_MEMTIER_DEVICE_TIER_H_

@@ -1,0 +1,245 @@
+// The BlockTier contract (block_tier.h), run against every tier: device, host and disk, raw and
+// quantized. A tier that passes here can sit under the KV store.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "memtier/block_tier.h"
+#include "memtier/device_tier.h"
+#include "memtier/disk_tier.h"
+#include "memtier/host_tier.h"
+#include "memtier/kv_codec.h"
+
+namespace strata {
+namespace {
+
+constexpr KvBlockLayout kLayout{4, 16, 2, 8};  // 4 KiB raw
+constexpr int64_t kSlots = 16;
+
+struct TierCase {
+  std::string name;
+  KvCompression compression;
+  // Opens the tier; `dir` is the same for every call of one test (reopening finds the same file).
+  std::function<absl::StatusOr<std::unique_ptr<BlockTier>>(const std::string& dir)> open;
+};
+
+void PrintTo(const TierCase& c, std::ostream* os) { *os << c.name; }
+
+std::vector<TierCase> Cases() {
+  std::vector<TierCase> cases;
+  cases.push_back({"device", KvCompression::kNone, [](const std::string&) {
+                     DeviceTierConfig c;
+                     c.layout = kLayout;
+                     c.num_slots = kSlots;
+                     return absl::StatusOr<std::unique_ptr<BlockTier>>(DeviceTier::Create(c));
+                   }});
+  for (KvCompression comp : {KvCompression::kNone, KvCompression::kInt8, KvCompression::kFp8E4M3}) {
+    const std::string suffix(KvCompressionName(comp));
+    cases.push_back({"host_" + suffix, comp, [comp](const std::string&) {
+                       HostTierConfig c;
+                       c.codec = KvCodec(kLayout, comp);
+                       c.num_slots = kSlots;
+                       return absl::StatusOr<std::unique_ptr<BlockTier>>(HostTier::Create(c));
+                     }});
+    cases.push_back({"disk_" + suffix, comp, [comp](const std::string& dir) {
+                       DiskTierConfig c;
+                       c.path = dir + "/slots";
+                       c.codec = KvCodec(kLayout, comp);
+                       c.num_slots = kSlots;
+                       c.queue_depth = 4;
+                       return absl::StatusOr<std::unique_ptr<BlockTier>>(DiskTier::Open(c));
+                     }});
+  }
+  return cases;
+}
+
+std::vector<uint8_t> RandomBlock(uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 2.0f);
+  std::vector<float> f(kLayout.block_bytes() / sizeof(float));
+  for (float& x : f) x = dist(rng);
+  std::vector<uint8_t> out(kLayout.block_bytes());
+  std::memcpy(out.data(), f.data(), out.size());
+  return out;
+}
+
+BlockKey KeyOf(uint32_t i) { return BlockKey{0x9e3779b97f4a7c15ull * (i + 1), 77}; }
+
+class TierConformanceTest : public ::testing::TestWithParam<TierCase> {
+ protected:
+  void SetUp() override {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    dir_ = std::string(tmp != nullptr ? tmp : "/tmp") + "/" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::string cmd = "rm -rf '" + dir_ + "' && mkdir -p '" + dir_ + "'";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    Open();
+  }
+  void Open() {
+    tier_.reset();
+    auto t = GetParam().open(dir_);
+    ASSERT_TRUE(t.ok()) << t.status();
+    tier_ = *std::move(t);
+  }
+  // Runs one operation to completion; its status.
+  absl::Status WriteNow(int64_t slot, BlockKey key, const std::vector<uint8_t>& payload) {
+    absl::Status result = absl::InternalError("callback never ran");
+    tier_->Write(slot, key, payload, [&result](absl::Status s) { result = std::move(s); });
+    tier_->Flush();
+    return result;
+  }
+  absl::Status ReadNow(int64_t slot, BlockKey key, std::vector<uint8_t>* out) {
+    out->assign(tier_->payload_bytes(), 0xAB);  // poisoned
+    absl::Status result = absl::InternalError("callback never ran");
+    tier_->Read(slot, key, absl::MakeSpan(*out),
+                [&result](absl::Status s) { result = std::move(s); });
+    tier_->Flush();
+    return result;
+  }
+  void ExpectSameBlock(const std::vector<uint8_t>& want, const std::vector<uint8_t>& got) {
+    ASSERT_EQ(want.size(), got.size());
+    if (GetParam().compression == KvCompression::kNone) {
+      EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size()));
+      return;
+    }
+    const float* a = reinterpret_cast<const float*>(want.data());
+    const float* b = reinterpret_cast<const float*>(got.data());
+    const size_t n = want.size() / sizeof(float);
+    float amax = 0;
+    for (size_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(a[i]));
+    int bad = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (std::fabs(a[i] - b[i]) > 0.07f * std::fabs(a[i]) + 0.005f * amax) ++bad;
+    }
+    EXPECT_EQ(bad, 0);
+  }
+
+  std::string dir_;
+  std::unique_ptr<BlockTier> tier_;
+};
+
+TEST_P(TierConformanceTest, EveryBlockReadsBackAsWritten) {
+  std::vector<std::vector<uint8_t>> blocks;
+  int callbacks = 0;
+  for (int64_t s = 0; s < kSlots; ++s) {
+    blocks.push_back(RandomBlock(static_cast<uint32_t>(s)));
+    tier_->Write(s, KeyOf(s), blocks.back(), [&callbacks](absl::Status st) {
+      EXPECT_TRUE(st.ok()) << st;
+      ++callbacks;
+    });
+  }
+  tier_->Flush();
+  EXPECT_EQ(callbacks, kSlots);
+  EXPECT_EQ(tier_->in_flight(), 0);
+  std::vector<std::vector<uint8_t>> out(kSlots);
+  for (int64_t s = kSlots - 1; s >= 0; --s) {
+    out[s].assign(tier_->payload_bytes(), 0xCD);
+    tier_->Read(s, KeyOf(s), absl::MakeSpan(out[s]),
+                [](absl::Status st) { EXPECT_TRUE(st.ok()) << st; });
+  }
+  EXPECT_EQ(tier_->in_flight(), kSlots);
+  tier_->Flush();
+  for (int64_t s = 0; s < kSlots; ++s) ExpectSameBlock(blocks[s], out[s]);
+}
+
+TEST_P(TierConformanceTest, CallbacksRunOnceAndOnlyFromPoll) {
+  int runs = 0;
+  const std::vector<uint8_t> block = RandomBlock(1);
+  tier_->Write(3, KeyOf(3), block, [&runs](absl::Status) { ++runs; });
+  EXPECT_EQ(runs, 0);  // never inside Write
+  tier_->Flush();
+  EXPECT_EQ(runs, 1);
+  tier_->Flush();
+  EXPECT_EQ(tier_->Poll(), 0);
+  EXPECT_EQ(runs, 1);
+  // A callback may issue the next operation.
+  std::vector<uint8_t> out(tier_->payload_bytes());
+  bool read_ok = false;
+  tier_->Write(4, KeyOf(4), block, [&](absl::Status) {
+    tier_->Read(4, KeyOf(4), absl::MakeSpan(out), [&](absl::Status s) { read_ok = s.ok(); });
+  });
+  tier_->Flush();
+  EXPECT_TRUE(read_ok);
+  ExpectSameBlock(block, out);
+}
+
+TEST_P(TierConformanceTest, MissesAreNotFoundOrDataLossNeverData) {
+  std::vector<uint8_t> out;
+  EXPECT_TRUE(absl::IsNotFound(ReadNow(5, KeyOf(5), &out))) << ReadNow(5, KeyOf(5), &out);
+  ASSERT_TRUE(WriteNow(5, KeyOf(5), RandomBlock(5)).ok());
+  BlockKey other_hash = KeyOf(5);
+  other_hash.hash ^= 1;
+  BlockKey other_namespace = KeyOf(5);
+  other_namespace.cache_namespace ^= 1;
+  EXPECT_TRUE(absl::IsDataLoss(ReadNow(5, other_hash, &out)));
+  EXPECT_TRUE(absl::IsDataLoss(ReadNow(5, other_namespace, &out)));
+  EXPECT_TRUE(ReadNow(5, KeyOf(5), &out).ok());
+}
+
+TEST_P(TierConformanceTest, OverwriteReplacesTheBlock) {
+  const std::vector<uint8_t> a = RandomBlock(10), b = RandomBlock(11);
+  ASSERT_TRUE(WriteNow(7, KeyOf(10), a).ok());
+  ASSERT_TRUE(WriteNow(7, KeyOf(11), b).ok());
+  std::vector<uint8_t> out;
+  EXPECT_TRUE(absl::IsDataLoss(ReadNow(7, KeyOf(10), &out)));
+  ASSERT_TRUE(ReadNow(7, KeyOf(11), &out).ok());
+  ExpectSameBlock(b, out);
+}
+
+TEST_P(TierConformanceTest, BadSlotsAndSizesAreInvalidArgument) {
+  const std::vector<uint8_t> block = RandomBlock(2);
+  EXPECT_TRUE(absl::IsInvalidArgument(WriteNow(-1, KeyOf(0), block)));
+  EXPECT_TRUE(absl::IsInvalidArgument(WriteNow(kSlots, KeyOf(0), block)));
+  std::vector<uint8_t> shorter(block.begin(), block.end() - 4);
+  EXPECT_TRUE(absl::IsInvalidArgument(WriteNow(0, KeyOf(0), shorter)));
+  std::vector<uint8_t> out;
+  EXPECT_TRUE(absl::IsInvalidArgument(ReadNow(kSlots, KeyOf(0), &out)));
+  out.assign(tier_->payload_bytes() + 1, 0);
+  absl::Status st;
+  tier_->Read(0, KeyOf(0), absl::MakeSpan(out), [&st](absl::Status s) { st = std::move(s); });
+  tier_->Flush();
+  EXPECT_TRUE(absl::IsInvalidArgument(st)) << st;
+  // And the tier goes on working.
+  EXPECT_TRUE(WriteNow(0, KeyOf(0), block).ok());
+}
+
+TEST_P(TierConformanceTest, SizesAreConsistent) {
+  EXPECT_EQ(tier_->num_slots(), kSlots);
+  EXPECT_EQ(tier_->payload_bytes(), kLayout.block_bytes());
+  EXPECT_GE(tier_->slot_bytes(), KvCodec(kLayout, GetParam().compression).encoded_bytes());
+  if (GetParam().compression != KvCompression::kNone) {
+    // Quantized slots take at most half the raw bytes plus the header's page.
+    EXPECT_LE(tier_->slot_bytes(), kLayout.block_bytes() / 2 + 4096);
+  }
+}
+
+TEST_P(TierConformanceTest, PersistentTiersFindTheirBlocksAfterReopening) {
+  for (int64_t s = 0; s < 6; ++s) ASSERT_TRUE(WriteNow(s, KeyOf(s), RandomBlock(s)).ok());
+  Open();
+  const std::vector<StoredSlot> found = tier_->Scan();
+  if (!tier_->persistent()) {
+    EXPECT_TRUE(found.empty());
+    return;
+  }
+  ASSERT_EQ(found.size(), 6u);
+  for (const StoredSlot& f : found) {
+    EXPECT_EQ(f.key, KeyOf(f.slot));
+    std::vector<uint8_t> out;
+    ASSERT_TRUE(ReadNow(f.slot, f.key, &out).ok());
+    ExpectSameBlock(RandomBlock(f.slot), out);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllTiers, TierConformanceTest, ::testing::ValuesIn(Cases()),
+                         [](const ::testing::TestParamInfo<TierCase>& info) {
+                           return info.param.name;
+                         });
+
+}  // namespace
+}  // namespace strata
