@@ -75,7 +75,7 @@ absl::StatusOr<SlotFile> SlotFile::Open(const std::string& path, int64_t num_slo
   if (rc != 0) {
     const std::string what = absl::StrCat("cannot preallocate ", num_slots * slot_bytes,
                                           " bytes for ", path, ": ", ErrnoText(rc));
-    return rc == ENOSPC || rc == EDQUOT ? absl::ResourceExhaustedError(what)
+    return rc == ENOSPC || rc == EDQUOT || rc == EFBIG ? absl::ResourceExhaustedError(what)
                                         : absl::UnavailableError(what);
   }
   return f;

@@ -1,0 +1,519 @@
+#include "memtier/kv_store.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace strata {
+namespace {
+
+// Runs one operation of a memory tier (which completes within the call) to its callback.
+template <typename Issue>
+absl::Status RunNow(BlockTier& tier, Issue issue) {
+  absl::Status result = absl::InternalError("tier callback did not run");
+  issue([&result](absl::Status s) { result = std::move(s); });
+  tier.Flush();
+  return result;
+}
+
+// Host LRU entries looked at for a clean victim before the oldest block is taken regardless.
+constexpr int kCleanVictimScan = 64;
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvStore>> KvStore::Create(KvStoreConfig config, KvBlockLayout layout,
+                                                         BlockTier* device) {
+  if (!layout.valid()) return absl::InvalidArgumentError("kv store: invalid block layout");
+  if (device == nullptr || device->payload_bytes() != layout.block_bytes()) {
+    return absl::InvalidArgumentError("kv store: the device tier does not hold this layout");
+  }
+  if (config.host_bytes < 0 || config.disk_bytes < 0) {
+    return absl::InvalidArgumentError("kv store: tier capacities must not be negative");
+  }
+  if (config.disk_bytes > 0 && config.host_bytes == 0) {
+    return absl::InvalidArgumentError(
+        "kv store: a disk tier needs a host tier (blocks move to disk through host memory)");
+  }
+  if (config.disk_bytes > 0 && config.disk_path.empty()) {
+    return absl::InvalidArgumentError("kv store: a disk tier needs a path");
+  }
+  std::unique_ptr<KvStore> store(new KvStore(std::move(config), layout, device));
+  if (absl::Status s = store->OpenTiers(); !s.ok()) return s;
+  return store;
+}
+
+KvStore::KvStore(KvStoreConfig config, KvBlockLayout layout, BlockTier* device)
+    : config_(std::move(config)),
+      codec_(layout, config_.compression),
+      device_(device),
+      staging_(layout.block_bytes()) {}
+
+absl::Status KvStore::OpenTiers() {
+  if (config_.host_bytes == 0) return absl::OkStatus();
+  const int64_t slot_bytes = HostTier::SlotBytesFor(codec_);
+  HostTierConfig hc;
+  hc.codec = codec_;
+  hc.num_slots = config_.host_bytes / slot_bytes;
+  hc.pin = config_.pin_host;
+  if (hc.num_slots == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("kv store: host tier of ", config_.host_bytes,
+                                                   " bytes holds no ", slot_bytes, "-byte block"));
+  }
+  absl::StatusOr<std::unique_ptr<HostTier>> host = HostTier::Create(hc);
+  if (!host.ok()) return host.status();
+  host_ = *std::move(host);
+  host_slots_.resize(hc.num_slots);
+  for (int64_t s = hc.num_slots - 1; s >= 0; --s) host_free_.push_back(s);
+  if (config_.disk_bytes == 0) return absl::OkStatus();
+
+  DiskTierConfig dc;
+  dc.path = config_.disk_path;
+  dc.codec = codec_;
+  dc.queue_depth = config_.disk_queue_depth;
+  dc.registered_region = host_->region();
+  dc.notify = config_.notify;
+  dc.recover = config_.disk_recover;
+  dc.fault_injector = config_.disk_fault_injector;
+  dc.num_slots = config_.disk_bytes / slot_bytes;
+  if (dc.num_slots == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("kv store: disk tier of ", config_.disk_bytes,
+                                                   " bytes holds no ", slot_bytes, "-byte block"));
+  }
+  absl::StatusOr<std::unique_ptr<DiskTier>> disk = DiskTier::Open(dc);
+  // A file system without room for the whole tier: take what fits.
+  while (absl::IsResourceExhausted(disk.status()) && dc.num_slots > 1) {
+    dc.num_slots /= 2;
+    LOG(WARNING) << disk.status().message() << "; trying " << dc.num_slots << " slots";
+    disk = DiskTier::Open(dc);
+  }
+  if (!disk.ok()) {
+    LOG(ERROR) << "kv store: serving without a disk tier: " << disk.status();
+    return absl::OkStatus();
+  }
+  disk_ = *std::move(disk);
+  disk_enabled_ = true;
+  disk_slots_.resize(dc.num_slots);
+  std::vector<StoredSlot> found = disk_->Scan();
+  // Oldest first into the LRU.
+  std::sort(found.begin(), found.end(),
+            [](const StoredSlot& a, const StoredSlot& b) { return a.generation < b.generation; });
+  std::vector<bool> used(dc.num_slots, false);
+  for (const StoredSlot& f : found) {
+    DiskSlot& d = disk_slots_[f.slot];
+    d.state = DiskSlot::State::kReady;
+    d.key = f.key;
+    disk_lru_.push_back(f.slot);
+    d.lru_pos = std::prev(disk_lru_.end());
+    d.in_lru = true;
+    disk_index_[f.key.hash] = f.slot;
+    used[f.slot] = true;
+  }
+  for (int64_t s = dc.num_slots - 1; s >= 0; --s) {
+    if (!used[s]) disk_free_.push_back(s);
+  }
+  stats_.disk_recovered = static_cast<int64_t>(found.size());
+  if (!found.empty()) {
+    LOG(INFO) << "kv store: " << found.size() << " blocks recovered from " << dc.path;
+  }
+  return absl::OkStatus();
+}
+
+KvStore::~KvStore() { Flush(); }
+
+KvStore::Where KvStore::Find(BlockHash hash) const {
+  if (auto it = host_index_.find(hash); it != host_index_.end()) {
+    return host_slots_[it->second].state == HostSlot::State::kReady ? Where::kHost
+                                                                    : Where::kLoading;
+  }
+  if (disk_enabled_) {
+    if (auto it = disk_index_.find(hash);
+        it != disk_index_.end() && disk_slots_[it->second].state == DiskSlot::State::kReady) {
+      return Where::kDisk;
+    }
+  }
+  return Where::kNone;
+}
+
+void KvStore::PinHost(int64_t slot) { ++host_slots_[slot].pins; }
+
+void KvStore::UnpinHost(int64_t slot) {
+  CHECK_GT(host_slots_[slot].pins, 0);
+  --host_slots_[slot].pins;
+}
+
+void KvStore::TouchHost(int64_t slot) {
+  HostSlot& h = host_slots_[slot];
+  if (h.in_lru) host_lru_.splice(host_lru_.end(), host_lru_, h.lru_pos);
+}
+
+void KvStore::PinDisk(int64_t slot) {
+  DiskSlot& d = disk_slots_[slot];
+  if (d.in_lru) {
+    disk_lru_.erase(d.lru_pos);
+    d.in_lru = false;
+  }
+  ++d.pins;
+}
+
+void KvStore::UnpinDisk(int64_t slot) {
+  DiskSlot& d = disk_slots_[slot];
+  CHECK_GT(d.pins, 0);
+  if (--d.pins > 0 || d.state != DiskSlot::State::kReady) return;
+  d.lru_pos = disk_lru_.insert(disk_lru_.end(), slot);
+  d.in_lru = true;
+}
+
+void KvStore::EvictHost(int64_t slot) {
+  HostSlot& h = host_slots_[slot];
+  DCHECK(h.in_lru && h.pins == 0);
+  host_lru_.erase(h.lru_pos);
+  h.in_lru = false;
+  host_index_.erase(h.key.hash);
+  if (h.prefetched) promoted_.erase(h.key.hash);
+  Emit(Tier::kHost, false, h.key.hash);
+  h = HostSlot();
+}
+
+void KvStore::EvictDisk(int64_t slot) {
+  DiskSlot& d = disk_slots_[slot];
+  DCHECK(d.in_lru);
+  disk_lru_.erase(d.lru_pos);
+  d.in_lru = false;
+  disk_index_.erase(d.key.hash);
+  // A host copy is no longer clean.
+  if (auto it = host_index_.find(d.key.hash); it != host_index_.end()) {
+    host_slots_[it->second].clean = false;
+  }
+  Emit(Tier::kDisk, false, d.key.hash);
+  d = DiskSlot();
+}
+
+int64_t KvStore::AllocateHost() {
+  if (!host_free_.empty()) {
+    const int64_t s = host_free_.back();
+    host_free_.pop_back();
+    return s;
+  }
+  // The least recently used clean block (a disk copy exists), else the least recently used one.
+  int64_t victim = -1;
+  int scanned = 0;
+  for (auto it = host_lru_.begin(); it != host_lru_.end() && scanned < kCleanVictimScan; ++it) {
+    const HostSlot& h = host_slots_[*it];
+    if (h.pins > 0) continue;
+    ++scanned;
+    if (h.clean) {
+      victim = *it;
+      break;
+    }
+    if (victim < 0) victim = *it;
+  }
+  if (victim < 0) return -1;
+  if (disk_enabled_ && !host_slots_[victim].clean) ++stats_.lost_evictions;
+  EvictHost(victim);
+  ++stats_.host.evictions;
+  return victim;
+}
+
+int64_t KvStore::AllocateDisk() {
+  if (!disk_free_.empty()) {
+    const int64_t s = disk_free_.back();
+    disk_free_.pop_back();
+    return s;
+  }
+  if (disk_lru_.empty()) return -1;
+  const int64_t s = disk_lru_.front();
+  EvictDisk(s);
+  ++stats_.disk.evictions;
+  return s;
+}
+
+void KvStore::Put(int64_t device_slot, BlockKey key, bool to_disk) {
+  if (host_ == nullptr) return;
+  if (auto it = host_index_.find(key.hash); it != host_index_.end()) {
+    const int64_t s = it->second;
+    HostSlot& h = host_slots_[s];
+    TouchHost(s);  // most recently used
+    if (to_disk && h.state == HostSlot::State::kReady && !h.clean && !h.writing) {
+      StartWriteBack(s);
+    }
+    return;
+  }
+  const int64_t s = AllocateHost();
+  if (s < 0) {
+    ++stats_.dropped_puts;
+    return;
+  }
+  absl::Status st = RunNow(*device_, [&](BlockTier::Done done) {
+    device_->Read(device_slot, key, absl::MakeSpan(staging_), std::move(done));
+  });
+  if (st.ok()) {
+    st = RunNow(*host_,
+                [&](BlockTier::Done done) { host_->Write(s, key, staging_, std::move(done)); });
+  }
+  if (!st.ok()) {
+    LOG(ERROR) << "kv store: cannot copy device slot " << device_slot << " to host: " << st;
+    host_free_.push_back(s);
+    return;
+  }
+  HostSlot& h = host_slots_[s];
+  h.state = HostSlot::State::kReady;
+  h.key = key;
+  h.clean = false;
+  if (disk_enabled_) {
+    auto d = disk_index_.find(key.hash);
+    h.clean = d != disk_index_.end() && disk_slots_[d->second].state == DiskSlot::State::kReady;
+  }
+  host_index_[key.hash] = s;
+  h.lru_pos = host_lru_.insert(host_lru_.end(), s);
+  h.in_lru = true;
+  ++stats_.host.stores;
+  Emit(Tier::kHost, true, key.hash);
+  if (to_disk && !h.clean) StartWriteBack(s);
+}
+
+absl::Status KvStore::Restore(BlockHash hash, int64_t device_slot, bool speculative) {
+  auto it = host_index_.find(hash);
+  if (it == host_index_.end() || host_slots_[it->second].state != HostSlot::State::kReady) {
+    return absl::NotFoundError("kv store: block not ready in the host tier");
+  }
+  const int64_t s = it->second;
+  const BlockKey key = host_slots_[s].key;
+  PinHost(s);
+  absl::Status st = RunNow(*host_, [&](BlockTier::Done done) {
+    host_->Read(s, key, absl::MakeSpan(staging_), std::move(done));
+  });
+  if (st.ok()) {
+    st = RunNow(*device_, [&](BlockTier::Done done) {
+      device_->Write(device_slot, key, staging_, std::move(done));
+    });
+  }
+  UnpinHost(s);
+  TouchHost(s);
+  if (!st.ok()) {
+    if (absl::IsDataLoss(st)) {
+      ++stats_.corrupt_blocks;
+      LOG(WARNING) << "kv store: dropping a damaged host block: " << st;
+      if (host_slots_[s].pins == 0) {
+        EvictHost(s);
+        host_free_.push_back(s);
+      }
+    }
+    return st;
+  }
+  ++stats_.host.hits;
+  if (speculative) {
+    promoted_.insert(hash);
+    ++stats_.prefetch_promoted;
+  }
+  return absl::OkStatus();
+}
+
+int KvStore::Prefetch(absl::Span<const BlockHash> hashes) {
+  int started = 0;
+  for (BlockHash hash : hashes) {
+    const Where where = Find(hash);
+    if (where == Where::kHost || where == Where::kLoading) continue;
+    if (where == Where::kNone) break;  // the chain ends here
+    StartLoad(disk_index_.at(hash));
+    if (Find(hash) != Where::kLoading) break;  // no host slot free
+    ++started;
+  }
+  return started;
+}
+
+void KvStore::RecordLowerTierHit(BlockHash hash, bool covered) {
+  ++stats_.lower_tier_hits;
+  if (covered) ++stats_.lower_tier_hits_covered;
+  if (promoted_.erase(hash) > 0) ++stats_.prefetch_used;
+  if (auto it = host_index_.find(hash); it != host_index_.end()) {
+    host_slots_[it->second].prefetched = false;
+  }
+  // Bounded: promotions nobody used are forgotten when their host copy goes; device promotions
+  // are forgotten wholesale if the set grows past this.
+  if (promoted_.size() > (size_t{1} << 16)) promoted_.clear();
+}
+
+void KvStore::StartLoad(int64_t disk_slot) {
+  const int64_t hs = AllocateHost();
+  if (hs < 0) return;
+  DiskSlot& d = disk_slots_[disk_slot];
+  const BlockKey key = d.key;
+  HostSlot& h = host_slots_[hs];
+  h.state = HostSlot::State::kLoading;
+  h.key = key;
+  host_index_[key.hash] = hs;
+  PinDisk(disk_slot);
+  ++loads_in_flight_;
+  const uint64_t epoch = disk_epoch_;
+  disk_->ReadImage(disk_slot, key, host_->image(hs),
+                   [this, hs, disk_slot, epoch, key](absl::Status st) {
+                     --loads_in_flight_;
+                     HostSlot& h = host_slots_[hs];
+                     const bool current = epoch == disk_epoch_;
+                     if (st.ok()) {
+                       h.state = HostSlot::State::kReady;
+                       h.clean = current;
+                       h.prefetched = true;
+                       h.lru_pos = host_lru_.insert(host_lru_.end(), hs);
+                       h.in_lru = true;
+                       Emit(Tier::kHost, true, key.hash);
+                       ++stats_.loads;
+                       ++stats_.disk.hits;
+                       ++stats_.prefetch_promoted;
+                       promoted_.insert(key.hash);
+                     } else {
+                       host_index_.erase(key.hash);
+                       h = HostSlot();
+                       host_free_.push_back(hs);
+                     }
+                     if (!current) return;
+                     UnpinDisk(disk_slot);
+                     if (st.ok()) {
+                       consecutive_disk_errors_ = 0;
+                       return;
+                     }
+                     // The disk copy is unusable: forget it.
+                     if (disk_slots_[disk_slot].in_lru) {
+                       EvictDisk(disk_slot);
+                       disk_free_.push_back(disk_slot);
+                     }
+                     if (absl::IsDataLoss(st) || absl::IsNotFound(st)) {
+                       ++stats_.corrupt_blocks;
+                       LOG(WARNING) << "kv store: " << st;
+                     } else {
+                       DiskFailed(st);
+                     }
+                   });
+}
+
+void KvStore::StartWriteBack(int64_t host_slot) {
+  if (!disk_enabled_) return;
+  HostSlot& h = host_slots_[host_slot];
+  const BlockKey key = h.key;
+  if (auto it = disk_index_.find(key.hash); it != disk_index_.end()) {
+    if (disk_slots_[it->second].state == DiskSlot::State::kReady) h.clean = true;
+    return;  // on disk, or on its way there
+  }
+  const int64_t ds = AllocateDisk();
+  if (ds < 0) return;
+  DiskSlot& d = disk_slots_[ds];
+  d.state = DiskSlot::State::kWriting;
+  d.key = key;
+  disk_index_[key.hash] = ds;
+  h.writing = true;
+  PinHost(host_slot);
+  ++writes_in_flight_;
+  const uint64_t epoch = disk_epoch_;
+  disk_->WriteImage(ds, host_->image(host_slot),
+                    [this, host_slot, ds, epoch, key](absl::Status st) {
+                      --writes_in_flight_;
+                      HostSlot& h = host_slots_[host_slot];
+                      h.writing = false;
+                      const bool current = epoch == disk_epoch_;
+                      if (current) {
+                        DiskSlot& d = disk_slots_[ds];
+                        if (st.ok()) {
+                          consecutive_disk_errors_ = 0;
+                          d.state = DiskSlot::State::kReady;
+                          d.lru_pos = disk_lru_.insert(disk_lru_.end(), ds);
+                          d.in_lru = true;
+                          h.clean = true;
+                          ++stats_.write_backs;
+                          ++stats_.disk.stores;
+                          Emit(Tier::kDisk, true, key.hash);
+                        } else {
+                          disk_index_.erase(key.hash);
+                          d = DiskSlot();
+                          disk_free_.push_back(ds);
+                        }
+                      }
+                      // It kept its place in the LRU; clean now, it is evicted for free when its
+                      // turn comes.
+                      UnpinHost(host_slot);
+                      if (current && !st.ok()) DiskFailed(st);
+                    });
+}
+
+void KvStore::ScheduleWriteBacks() {
+  if (!disk_enabled_ || host_ == nullptr) return;
+  const int64_t reserve = std::max<int64_t>(2, static_cast<int64_t>(host_slots_.size()) / 8);
+  const int64_t max_writes = 2 * static_cast<int64_t>(config_.disk_queue_depth);
+  int64_t available = static_cast<int64_t>(host_free_.size());
+  for (auto it = host_lru_.begin();
+       it != host_lru_.end() && available < reserve && writes_in_flight_ < max_writes; ++it) {
+    HostSlot& h = host_slots_[*it];
+    if (!h.clean && !h.writing) StartWriteBack(*it);
+    if (h.clean || h.writing) ++available;
+  }
+}
+
+void KvStore::DiskFailed(const absl::Status& status) {
+  ++stats_.io_errors;
+  LOG(ERROR) << "kv store: " << status;
+  if (++consecutive_disk_errors_ >= config_.disk_error_limit) DisableDisk();
+}
+
+void KvStore::DisableDisk() {
+  if (!disk_enabled_) return;
+  LOG(ERROR) << "kv store: " << consecutive_disk_errors_
+             << " disk operations failed in a row; the disk tier is off, serving goes on";
+  disk_enabled_ = false;
+  ++disk_epoch_;
+  for (const auto& [hash, slot] : disk_index_) Emit(Tier::kDisk, false, hash);
+  disk_index_.clear();
+  disk_lru_.clear();
+  disk_free_.clear();
+  for (DiskSlot& d : disk_slots_) d = DiskSlot();
+  for (HostSlot& h : host_slots_) h.clean = false;
+}
+
+void KvStore::Poll() {
+  if (disk_ != nullptr) disk_->Poll();
+  ScheduleWriteBacks();
+}
+
+void KvStore::Flush() {
+  if (disk_ != nullptr) disk_->Flush();
+}
+
+std::vector<TierEvent> KvStore::DrainEvents() {
+  std::vector<TierEvent> out;
+  out.swap(events_);
+  return out;
+}
+
+std::vector<TierEvent> KvStore::Inventory() const {
+  std::vector<TierEvent> out;
+  for (const auto& [hash, slot] : host_index_) {
+    if (host_slots_[slot].state == HostSlot::State::kReady)
+      out.push_back({Tier::kHost, true, hash});
+  }
+  if (disk_enabled_) {
+    for (const auto& [hash, slot] : disk_index_) {
+      if (disk_slots_[slot].state == DiskSlot::State::kReady) {
+        out.push_back({Tier::kDisk, true, hash});
+      }
+    }
+  }
+  return out;
+}
+
+KvStoreStats KvStore::stats() const {
+  KvStoreStats st = stats_;
+  st.disk_enabled = disk_enabled_;
+  if (host_ != nullptr) {
+    st.host.num_slots = host_->num_slots();
+    st.host.num_used = host_->num_slots() - static_cast<int64_t>(host_free_.size());
+    st.host.slot_bytes = host_->slot_bytes();
+  }
+  if (disk_enabled_) {
+    st.disk.num_slots = disk_->num_slots();
+    st.disk.num_used = disk_->num_slots() - static_cast<int64_t>(disk_free_.size());
+    st.disk.slot_bytes = disk_->slot_bytes();
+  }
+  if (disk_ != nullptr) st.io_errors = std::max(st.io_errors, disk_->stats().io_errors);
+  return st;
+}
+
+}  // namespace strata

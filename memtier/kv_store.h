@@ -1,0 +1,213 @@
+// KvStore: the host and disk tiers under an engine's device cache, and the policies that move KV
+// blocks between the three.
+//
+// The engine's BlockManager keeps the device tier (reference-counted pinning, LRU). This store
+// keeps what falls out of it:
+//   - Put: a device block about to be reused (evicted), a block hit twice or more (write-through)
+//     or a finished turn's blocks (kept warm) are copied to the host tier, unless already there.
+//   - Write-back: the host tier keeps a reserve of clean slots (also on disk) at its LRU end by
+//     writing the oldest dirty blocks to disk ahead of need; evicting a clean host block costs
+//     nothing, and a block is lost from both tiers only when a burst outruns the disk.
+//   - Disk slots are reused least recently used first; a recovered disk tier's blocks (DiskTier
+//     recovery) are indexed again at start.
+//   - Prefetch: a request's chain blocks found on disk start loading into the host tier when the
+//     request arrives, while it queues. Restore copies a host block into a device slot.
+//   - Faults: a block that fails its checks is dropped and counted (a miss); repeated device
+//     errors disable the disk tier, a disk that cannot be preallocated is shrunk until it fits.
+//
+// Block state machine, per tier slot (a slot is pinned while a copy reads or writes it):
+//   host:  free -> loading (disk read in flight) -> ready; ready -> free (evicted); a ready slot
+//          is dirty until a disk copy exists (clean) and is pinned while it is written back or
+//          restored. Ready slots keep their LRU place while pinned; eviction skips pinned ones.
+//   disk:  free -> writing -> ready -> free (reused); ready slots are pinned while read.
+//
+// Thread contract: one owning thread (the engine's step loop) calls every method; tier callbacks
+// run from Poll on that thread. `notify` in the config runs on the disk tier's I/O thread.
+#ifndef STRATA_MEMTIER_KV_STORE_H_
+#define STRATA_MEMTIER_KV_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "memtier/block_tier.h"
+#include "memtier/disk_tier.h"
+#include "memtier/host_tier.h"
+#include "memtier/kv_codec.h"
+
+namespace strata {
+
+struct KvStoreConfig {
+  // Byte capacities; 0 leaves the tier out.
+  int64_t host_bytes = 0;
+  int64_t disk_bytes = 0;
+  // The disk tier's file (or block device).
+  std::string disk_path;
+  int disk_queue_depth = 32;
+  // Index the blocks a previous process left in the disk file.
+  bool disk_recover = true;
+  // How the host and disk tiers store blocks.
+  KvCompression compression = KvCompression::kNone;
+  bool pin_host = true;
+  // Consecutive failed disk operations after which the disk tier is turned off.
+  int disk_error_limit = 8;
+  // Runs on the disk tier's I/O thread when completions wait for Poll.
+  std::function<void()> notify;
+  // Passed to the disk tier (tests).
+  std::function<int(bool write, int64_t slot)> disk_fault_injector;
+};
+
+// A block entering (stored) or leaving (removed) the host or disk tier.
+struct TierEvent {
+  Tier tier = Tier::kHost;
+  bool stored = true;
+  BlockHash hash = 0;
+};
+
+struct KvStoreStats {
+  struct PerTier {
+    int64_t num_slots = 0;
+    int64_t num_used = 0;
+    int64_t slot_bytes = 0;
+    int64_t stores = 0;     // blocks written into the tier
+    int64_t hits = 0;       // blocks read out of it (restored or loaded up)
+    int64_t evictions = 0;  // blocks dropped to make room
+  };
+  PerTier host, disk;
+  bool disk_enabled = false;
+  int64_t write_backs = 0;     // host -> disk copies finished
+  int64_t loads = 0;           // disk -> host copies finished
+  int64_t lost_evictions = 0;  // dirty host blocks evicted before their write-back
+  int64_t dropped_puts = 0;    // blocks not kept: every host slot pinned
+  int64_t corrupt_blocks = 0;  // reads that failed a checksum or key check (misses)
+  int64_t io_errors = 0;
+  int64_t disk_recovered = 0;  // blocks indexed from the disk file at start
+  // Speculative prefetch: blocks moved up ahead of need, and how many of them a request used.
+  int64_t prefetch_promoted = 0;
+  int64_t prefetch_used = 0;
+  // Hits on blocks that were below the device tier when their request arrived, and how many of
+  // those were already on the device when the request was admitted.
+  int64_t lower_tier_hits = 0;
+  int64_t lower_tier_hits_covered = 0;
+};
+
+class KvStore {
+ public:
+  enum class Where { kNone, kHost, kLoading, kDisk };
+
+  // `device` (the engine's cache as a tier) is not owned and must outlive the store. A disk tier
+  // that cannot be preallocated is shrunk (halved until it fits) or left out with a warning.
+  static absl::StatusOr<std::unique_ptr<KvStore>> Create(KvStoreConfig config, KvBlockLayout layout,
+                                                         BlockTier* device);
+  // Waits for the disk tier's operations.
+  ~KvStore();
+
+  // Where a block is below the device tier.
+  Where Find(BlockHash hash) const;
+  // Copies the device block `key` in `device_slot` to the host tier unless it is there already
+  // (then it only becomes most recently used); `to_disk` also starts writing it to disk at once.
+  void Put(int64_t device_slot, BlockKey key, bool to_disk = false);
+  // Copies the host block `hash` into `device_slot`. NOT_FOUND when it is not ready in host;
+  // DATA_LOSS when it failed its checks (it is dropped). `speculative`: a prefetch promotion,
+  // counted for accuracy.
+  absl::Status Restore(BlockHash hash, int64_t device_slot, bool speculative = false);
+  // Starts loading into the host tier each of `hashes` that is on disk only. Returns how many
+  // loads started.
+  int Prefetch(absl::Span<const BlockHash> hashes);
+  // A request reused `hash`, which was below the device tier when it arrived; `covered`: it was
+  // on the device by the time the request was admitted.
+  void RecordLowerTierHit(BlockHash hash, bool covered);
+
+  // Runs finished transfers' continuations and schedules write-backs. Call once per engine step.
+  void Poll();
+  // Waits for every disk operation and runs its continuation (tests, shutdown).
+  void Flush();
+  // Disk loads in flight (a waiting request may be waiting for them).
+  int64_t loads_in_flight() const { return loads_in_flight_; }
+
+  std::vector<TierEvent> DrainEvents();
+  // Every block in the host and disk tiers now (ready or on its way), for a new event subscriber.
+  std::vector<TierEvent> Inventory() const;
+  KvStoreStats stats() const;
+  bool has_host() const { return host_ != nullptr; }
+  bool has_disk() const { return disk_enabled_; }
+
+ private:
+  struct HostSlot {
+    enum class State { kFree, kLoading, kReady };
+    State state = State::kFree;
+    BlockKey key;
+    int pins = 0;
+    bool clean = false;       // a ready disk copy exists
+    bool writing = false;     // a write-back is in flight
+    bool prefetched = false;  // loaded by Prefetch and not used yet
+    bool in_lru = false;
+    std::list<int64_t>::iterator lru_pos;
+  };
+  struct DiskSlot {
+    enum class State { kFree, kWriting, kReady };
+    State state = State::kFree;
+    BlockKey key;
+    int pins = 0;
+    bool in_lru = false;
+    std::list<int64_t>::iterator lru_pos;
+  };
+
+  KvStore(KvStoreConfig config, KvBlockLayout layout, BlockTier* device);
+  absl::Status OpenTiers();
+  // A free host slot, evicting a clean (or, failing that, the oldest) block; -1 when every slot
+  // is pinned.
+  int64_t AllocateHost();
+  int64_t AllocateDisk();
+  void EvictHost(int64_t slot);
+  void EvictDisk(int64_t slot);
+  void PinHost(int64_t slot);
+  void UnpinHost(int64_t slot);
+  // Makes a ready host block the most recently used.
+  void TouchHost(int64_t slot);
+  void PinDisk(int64_t slot);
+  void UnpinDisk(int64_t slot);
+  void StartWriteBack(int64_t host_slot);
+  void StartLoad(int64_t disk_slot);
+  void ScheduleWriteBacks();
+  void DiskFailed(const absl::Status& status);
+  void DisableDisk();
+  void Emit(Tier tier, bool stored, BlockHash hash) { events_.push_back({tier, stored, hash}); }
+
+  KvStoreConfig config_;
+  KvCodec codec_;
+  BlockTier* device_;
+  std::unique_ptr<HostTier> host_;
+  std::unique_ptr<DiskTier> disk_;
+  bool disk_enabled_ = false;
+  int consecutive_disk_errors_ = 0;
+  // Bumped when the disk tier is turned off, so continuations of older operations know.
+  uint64_t disk_epoch_ = 0;
+
+  std::vector<HostSlot> host_slots_;
+  std::vector<int64_t> host_free_;
+  std::list<int64_t> host_lru_;  // front: least recently used
+  absl::flat_hash_map<BlockHash, int64_t> host_index_;
+  std::vector<DiskSlot> disk_slots_;
+  std::vector<int64_t> disk_free_;
+  std::list<int64_t> disk_lru_;
+  absl::flat_hash_map<BlockHash, int64_t> disk_index_;
+  int64_t writes_in_flight_ = 0;
+  int64_t loads_in_flight_ = 0;
+
+  std::vector<uint8_t> staging_;  // one raw block, for device <-> host copies
+  absl::flat_hash_set<BlockHash> promoted_;
+  std::vector<TierEvent> events_;
+  KvStoreStats stats_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_MEMTIER_KV_STORE_H_
