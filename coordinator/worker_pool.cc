@@ -7,32 +7,10 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
+#include "common/tier_proto.h"
 
 namespace strata {
 namespace {
-
-Tier FromProtoTier(v1::Tier t) {
-  switch (t) {
-    case v1::TIER_HOST:
-      return Tier::kHost;
-    case v1::TIER_DISK:
-      return Tier::kDisk;
-    default:
-      return Tier::kDevice;
-  }
-}
-
-v1::Tier ToProtoTier(Tier t) {
-  switch (t) {
-    case Tier::kDevice:
-      return v1::TIER_DEVICE;
-    case Tier::kHost:
-      return v1::TIER_HOST;
-    case Tier::kDisk:
-      return v1::TIER_DISK;
-  }
-  return v1::TIER_UNSPECIFIED;
-}
 
 std::chrono::system_clock::time_point Deadline(absl::Duration d) {
   return absl::ToChronoTime(absl::Now() + d);

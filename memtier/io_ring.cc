@@ -76,7 +76,7 @@ absl::StatusOr<SlotFile> SlotFile::Open(const std::string& path, int64_t num_slo
     const std::string what = absl::StrCat("cannot preallocate ", num_slots * slot_bytes,
                                           " bytes for ", path, ": ", ErrnoText(rc));
     return rc == ENOSPC || rc == EDQUOT || rc == EFBIG ? absl::ResourceExhaustedError(what)
-                                        : absl::UnavailableError(what);
+                                                       : absl::UnavailableError(what);
   }
   return f;
 }

@@ -44,8 +44,9 @@ class AlignedBuffer {
 class SlotFile {
  public:
   // Creates or reopens `path`, preallocating num_slots * slot_bytes (fallocate). RESOURCE_EXHAUSTED
-  // when the file system is full (or the file would pass a quota or size limit), INVALID_ARGUMENT for sizes that are not multiples of 4096,
-  // UNAVAILABLE for other I/O errors (the message names the path and the error).
+  // when the file system is full (or the file would pass a quota or size limit), INVALID_ARGUMENT
+  // for sizes that are not multiples of 4096, UNAVAILABLE for other I/O errors (the message names
+  // the path and the error).
   static absl::StatusOr<SlotFile> Open(const std::string& path, int64_t num_slots,
                                        int64_t slot_bytes);
   SlotFile() = default;

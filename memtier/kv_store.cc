@@ -1,6 +1,7 @@
 #include "memtier/kv_store.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
@@ -124,12 +125,13 @@ KvStore::~KvStore() { Flush(); }
 KvStore::Where KvStore::Find(BlockHash hash) const {
   if (auto it = host_index_.find(hash); it != host_index_.end()) {
     return host_slots_[it->second].state == HostSlot::State::kReady ? Where::kHost
-                                                                    : Where::kLoading;
+                                                                     : Where::kLoading;
   }
   if (disk_enabled_) {
-    if (auto it = disk_index_.find(hash);
-        it != disk_index_.end() && disk_slots_[it->second].state == DiskSlot::State::kReady) {
-      return Where::kDisk;
+    if (auto it = disk_index_.find(hash); it != disk_index_.end()) {
+      // A block being written from a copy (its host slot already reused) can be loaded soon.
+      return disk_slots_[it->second].state == DiskSlot::State::kReady ? Where::kDisk
+                                                                       : Where::kLoading;
     }
   }
   return Where::kNone;
@@ -209,7 +211,10 @@ int64_t KvStore::AllocateHost() {
     if (victim < 0) victim = *it;
   }
   if (victim < 0) return -1;
-  if (disk_enabled_ && !host_slots_[victim].clean) ++stats_.lost_evictions;
+  // A dirty victim goes to disk from a copy (the write-backs fell behind a burst).
+  if (disk_enabled_ && !host_slots_[victim].clean && !SpillToDisk(victim)) {
+    ++stats_.lost_evictions;
+  }
   EvictHost(victim);
   ++stats_.host.evictions;
   return victim;
@@ -309,9 +314,27 @@ absl::Status KvStore::Restore(BlockHash hash, int64_t device_slot, bool speculat
   return absl::OkStatus();
 }
 
+bool KvStore::Pin(BlockHash hash) {
+  auto it = host_index_.find(hash);
+  if (it == host_index_.end() || host_slots_[it->second].state != HostSlot::State::kReady) {
+    return false;
+  }
+  PinHost(it->second);
+  return true;
+}
+
+void KvStore::Unpin(BlockHash hash) {
+  auto it = host_index_.find(hash);
+  CHECK(it != host_index_.end()) << "Unpin without Pin";
+  UnpinHost(it->second);
+}
+
 int KvStore::Prefetch(absl::Span<const BlockHash> hashes) {
+  // One request's chain must not evict itself from a small host tier.
+  const int max_loads = std::max<int>(1, static_cast<int>(host_slots_.size()) / 2);
   int started = 0;
   for (BlockHash hash : hashes) {
+    if (started >= max_loads) break;
     const Where where = Find(hash);
     if (where == Where::kHost || where == Where::kLoading) continue;
     if (where == Where::kNone) break;  // the chain ends here
@@ -387,29 +410,19 @@ void KvStore::StartLoad(int64_t disk_slot) {
                    });
 }
 
-void KvStore::StartWriteBack(int64_t host_slot) {
-  if (!disk_enabled_) return;
-  HostSlot& h = host_slots_[host_slot];
-  const BlockKey key = h.key;
-  if (auto it = disk_index_.find(key.hash); it != disk_index_.end()) {
-    if (disk_slots_[it->second].state == DiskSlot::State::kReady) h.clean = true;
-    return;  // on disk, or on its way there
-  }
+bool KvStore::WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
+                          absl::AnyInvocable<void(bool ok) &&> after) {
   const int64_t ds = AllocateDisk();
-  if (ds < 0) return;
+  if (ds < 0) return false;
   DiskSlot& d = disk_slots_[ds];
   d.state = DiskSlot::State::kWriting;
   d.key = key;
   disk_index_[key.hash] = ds;
-  h.writing = true;
-  PinHost(host_slot);
   ++writes_in_flight_;
   const uint64_t epoch = disk_epoch_;
-  disk_->WriteImage(ds, host_->image(host_slot),
-                    [this, host_slot, ds, epoch, key](absl::Status st) {
+  disk_->WriteImage(ds, image,
+                    [this, ds, epoch, key, after = std::move(after)](absl::Status st) mutable {
                       --writes_in_flight_;
-                      HostSlot& h = host_slots_[host_slot];
-                      h.writing = false;
                       const bool current = epoch == disk_epoch_;
                       if (current) {
                         DiskSlot& d = disk_slots_[ds];
@@ -418,7 +431,6 @@ void KvStore::StartWriteBack(int64_t host_slot) {
                           d.state = DiskSlot::State::kReady;
                           d.lru_pos = disk_lru_.insert(disk_lru_.end(), ds);
                           d.in_lru = true;
-                          h.clean = true;
                           ++stats_.write_backs;
                           ++stats_.disk.stores;
                           Emit(Tier::kDisk, true, key.hash);
@@ -428,11 +440,58 @@ void KvStore::StartWriteBack(int64_t host_slot) {
                           disk_free_.push_back(ds);
                         }
                       }
-                      // It kept its place in the LRU; clean now, it is evicted for free when its
-                      // turn comes.
-                      UnpinHost(host_slot);
+                      std::move(after)(current && st.ok());
                       if (current && !st.ok()) DiskFailed(st);
                     });
+  return true;
+}
+
+void KvStore::StartWriteBack(int64_t host_slot) {
+  if (!disk_enabled_) return;
+  HostSlot& h = host_slots_[host_slot];
+  const BlockKey key = h.key;
+  if (auto it = disk_index_.find(key.hash); it != disk_index_.end()) {
+    if (disk_slots_[it->second].state == DiskSlot::State::kReady) h.clean = true;
+    return;  // on disk, or on its way there
+  }
+  PinHost(host_slot);
+  h.writing = true;
+  const bool started = WriteToDisk(key, host_->image(host_slot), [this, host_slot](bool ok) {
+    HostSlot& h = host_slots_[host_slot];
+    h.writing = false;
+    h.clean = ok;
+    // It kept its place in the LRU; clean now, it is evicted for free when its turn comes.
+    UnpinHost(host_slot);
+  });
+  if (!started) {
+    h.writing = false;
+    UnpinHost(host_slot);
+  }
+}
+
+bool KvStore::SpillToDisk(int64_t host_slot) {
+  const HostSlot& h = host_slots_[host_slot];
+  if (disk_index_.contains(h.key.hash)) return true;  // on disk, or on its way there
+  AlignedBuffer buffer;
+  if (!spill_buffers_.empty()) {
+    buffer = std::move(spill_buffers_.back());
+    spill_buffers_.pop_back();
+  } else if (spill_buffers_out_ < 2 * static_cast<int64_t>(config_.disk_queue_depth)) {
+    absl::StatusOr<AlignedBuffer> b = AlignedBuffer::Create(host_->slot_bytes());
+    if (!b.ok()) return false;
+    buffer = *std::move(b);
+  } else {
+    return false;
+  }
+  std::memcpy(buffer.data(), host_->image(host_slot).data(), buffer.size());
+  const absl::Span<uint8_t> image = buffer.span();
+  auto holder = std::make_unique<AlignedBuffer>(std::move(buffer));
+  ++spill_buffers_out_;
+  const bool started = WriteToDisk(h.key, image, [this, b = std::move(holder)](bool) mutable {
+    --spill_buffers_out_;
+    spill_buffers_.push_back(std::move(*b));
+  });
+  return started;
 }
 
 void KvStore::ScheduleWriteBacks() {

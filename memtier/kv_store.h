@@ -7,7 +7,8 @@
 //     or a finished turn's blocks (kept warm) are copied to the host tier, unless already there.
 //   - Write-back: the host tier keeps a reserve of clean slots (also on disk) at its LRU end by
 //     writing the oldest dirty blocks to disk ahead of need; evicting a clean host block costs
-//     nothing, and a block is lost from both tiers only when a burst outruns the disk.
+//     nothing. A burst that outruns the reserve evicts dirty blocks, which are written from a
+//     copy; a block is lost only when the disk falls 2 x queue_depth copies behind.
 //   - Disk slots are reused least recently used first; a recovered disk tier's blocks (DiskTier
 //     recovery) are indexed again at start.
 //   - Prefetch: a request's chain blocks found on disk start loading into the host tier when the
@@ -36,10 +37,12 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "memtier/block_tier.h"
 #include "memtier/disk_tier.h"
 #include "memtier/host_tier.h"
+#include "memtier/io_ring.h"
 #include "memtier/kv_codec.h"
 
 namespace strata {
@@ -100,6 +103,8 @@ struct KvStoreStats {
 
 class KvStore {
  public:
+  // kLoading: on its way (loading into host, or being written to disk with no host copy left);
+  // ready soon, as kHost or kDisk.
   enum class Where { kNone, kHost, kLoading, kDisk };
 
   // `device` (the engine's cache as a tier) is not owned and must outlive the store. A disk tier
@@ -118,7 +123,12 @@ class KvStore {
   // DATA_LOSS when it failed its checks (it is dropped). `speculative`: a prefetch promotion,
   // counted for accuracy.
   absl::Status Restore(BlockHash hash, int64_t device_slot, bool speculative = false);
-  // Starts loading into the host tier each of `hashes` that is on disk only. Returns how many
+  // Keeps a ready host block from being evicted (while the caller makes room on the device for
+  // it); false when it is not ready in host. Every successful Pin needs one Unpin.
+  bool Pin(BlockHash hash);
+  void Unpin(BlockHash hash);
+  // Starts loading into the host tier each of `hashes` that is on disk only, in order, stopping
+  // at the first that is nowhere and after loads for half the host tier. Returns how many
   // loads started.
   int Prefetch(absl::Span<const BlockHash> hashes);
   // A request reused `hash`, which was below the device tier when it arrived; `covered`: it was
@@ -174,7 +184,13 @@ class KvStore {
   void TouchHost(int64_t slot);
   void PinDisk(int64_t slot);
   void UnpinDisk(int64_t slot);
+  // Starts writing `image` (kept unchanged until then) to a free or reused disk slot as `key`;
+  // `after(ok)` runs when it is done. False when no disk slot can be had.
+  bool WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
+                   absl::AnyInvocable<void(bool ok) &&> after);
   void StartWriteBack(int64_t host_slot);
+  // Writes a copy of a dirty host block that is about to be evicted. False when it cannot.
+  bool SpillToDisk(int64_t host_slot);
   void StartLoad(int64_t disk_slot);
   void ScheduleWriteBacks();
   void DiskFailed(const absl::Status& status);
@@ -202,7 +218,9 @@ class KvStore {
   int64_t writes_in_flight_ = 0;
   int64_t loads_in_flight_ = 0;
 
-  std::vector<uint8_t> staging_;  // one raw block, for device <-> host copies
+  std::vector<uint8_t> staging_;              // one raw block, for device <-> host copies
+  std::vector<AlignedBuffer> spill_buffers_;  // free copies for SpillToDisk
+  int64_t spill_buffers_out_ = 0;
   absl::flat_hash_set<BlockHash> promoted_;
   std::vector<TierEvent> events_;
   KvStoreStats stats_;

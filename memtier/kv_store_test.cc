@@ -128,7 +128,7 @@ TEST_F(KvStoreTest, HostIsLruWithoutADisk) {
 }
 
 TEST_F(KvStoreTest, HostBlocksAreWrittenBackBeforeEvictionAndLoadBack) {
-  Open(Config(4, 32));
+  Open(Config(6, 32));
   for (uint32_t i = 0; i < 20; ++i) {
     Evict(i);
     Settle();  // write-backs of the LRU end keep up
@@ -159,8 +159,46 @@ TEST_F(KvStoreTest, HostBlocksAreWrittenBackBeforeEvictionAndLoadBack) {
   EXPECT_EQ(store_->stats().prefetch_used, 3);
   EXPECT_EQ(store_->stats().lower_tier_hits, 3);
   EXPECT_EQ(store_->stats().lower_tier_hits_covered, 2);
+  // One prefetch loads at most half the host tier.
+  EXPECT_EQ(store_->Prefetch({KeyOf(5).hash, KeyOf(6).hash, KeyOf(7).hash, KeyOf(8).hash}), 3);
+  Settle();
   // A chain stops at the first block nobody has.
-  EXPECT_EQ(store_->Prefetch({KeyOf(99).hash, KeyOf(5).hash}), 0);
+  EXPECT_EQ(store_->Prefetch({KeyOf(99).hash, KeyOf(9).hash}), 0);
+}
+
+TEST_F(KvStoreTest, ABurstBeyondTheCleanReserveIsSpilledNotLost) {
+  Open(Config(4, 32));
+  // No Poll between puts: the write-backs never run ahead, so evictions find dirty blocks.
+  for (uint32_t i = 0; i < 12; ++i) {
+    Compute(0, i);
+    store_->Put(0, KeyOf(i));
+  }
+  Settle();
+  EXPECT_EQ(store_->stats().lost_evictions, 0);
+  for (uint32_t i = 0; i < 12; ++i) EXPECT_NE(store_->Find(KeyOf(i).hash), KvStore::Where::kNone);
+  ASSERT_EQ(store_->Prefetch({KeyOf(0).hash}), 1);
+  Settle();
+  ASSERT_TRUE(store_->Restore(KeyOf(0).hash, 4).ok());
+  EXPECT_EQ(DeviceBlock(4, 0), Block(0));
+}
+
+TEST_F(KvStoreTest, PinnedHostBlocksAreNotEvicted) {
+  Open(Config(2, 0));
+  Evict(0);
+  Evict(1);
+  ASSERT_TRUE(store_->Pin(KeyOf(0).hash));
+  EXPECT_FALSE(store_->Pin(KeyOf(5).hash));
+  Evict(2);  // evicts 1, not the pinned 0
+  EXPECT_EQ(store_->Find(KeyOf(0).hash), KvStore::Where::kHost);
+  EXPECT_EQ(store_->Find(KeyOf(1).hash), KvStore::Where::kNone);
+  ASSERT_TRUE(store_->Pin(KeyOf(2).hash));
+  Evict(3);  // everything pinned: the put is dropped
+  EXPECT_EQ(store_->Find(KeyOf(3).hash), KvStore::Where::kNone);
+  EXPECT_EQ(store_->stats().dropped_puts, 1);
+  store_->Unpin(KeyOf(0).hash);
+  store_->Unpin(KeyOf(2).hash);
+  Evict(3);
+  EXPECT_EQ(store_->Find(KeyOf(3).hash), KvStore::Where::kHost);
 }
 
 TEST_F(KvStoreTest, WriteThroughPutsAHotBlockOnDiskAtOnce) {

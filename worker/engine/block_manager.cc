@@ -32,17 +32,18 @@ std::vector<int32_t> BlockManager::AcquirePrefix(absl::Span<const BlockHash> has
       b.in_lru = false;
     }
     ++b.refs;
+    ++b.hits;
     out.push_back(it->second);
   }
   return out;
 }
 
-std::optional<int32_t> BlockManager::Allocate() {
+std::optional<int32_t> BlockManager::Allocate(bool free_only) {
   int32_t id;
   if (!free_.empty()) {
     id = free_.back();
     free_.pop_back();
-  } else if (!lru_.empty()) {
+  } else if (!lru_.empty() && !free_only) {
     id = lru_.front();
     Evict(id);
   } else {
@@ -58,20 +59,25 @@ void BlockManager::Evict(int32_t id) {
   DCHECK(b.in_lru);
   lru_.erase(b.lru_pos);
   b.in_lru = false;
+  if (on_evict_) on_evict_(id, BlockKey{b.hash, b.ns});
   by_hash_.erase(b.hash);
-  events_.push_back({BlockEvent::Kind::kRemoved, b.hash});
+  events_.push_back({BlockEvent::Kind::kRemoved, b.hash, Tier::kDevice});
   b.published = false;
   b.hash = 0;
+  b.ns = 0;
+  b.hits = 0;
 }
 
-void BlockManager::Publish(int32_t id, BlockHash hash) {
+void BlockManager::Publish(int32_t id, BlockHash hash, uint64_t cache_namespace) {
   Block& b = blocks_[id];
   DCHECK_LT(0, b.refs);
   if (b.published || by_hash_.contains(hash)) return;
   b.published = true;
   b.hash = hash;
+  b.ns = cache_namespace;
+  b.hits = 0;
   by_hash_[hash] = id;
-  events_.push_back({BlockEvent::Kind::kStored, hash});
+  events_.push_back({BlockEvent::Kind::kStored, hash, Tier::kDevice});
 }
 
 void BlockManager::Release(int32_t id) {

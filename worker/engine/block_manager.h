@@ -13,6 +13,7 @@
 #define STRATA_WORKER_ENGINE_BLOCK_MANAGER_H_
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <optional>
 #include <vector>
@@ -20,13 +21,17 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/types/span.h"
 #include "common/hash.h"
+#include "common/tier.h"
+#include "memtier/block_tier.h"
 
 namespace strata {
 
+// A block entering or leaving a tier (the device tier here; memtier reports the others).
 struct BlockEvent {
   enum class Kind { kStored, kRemoved };
   Kind kind;
   BlockHash hash;
+  Tier tier;
 };
 
 class BlockManager {
@@ -38,19 +43,32 @@ class BlockManager {
   // Blocks that an allocation could take: free plus cached-and-unreferenced.
   int64_t num_available() const { return static_cast<int64_t>(free_.size() + lru_.size()); }
   int64_t num_cached() const { return static_cast<int64_t>(by_hash_.size()); }
+  // Blocks holding nothing (never published, or freed unpublished): allocating one evicts nothing.
+  int64_t num_free() const { return static_cast<int64_t>(free_.size()); }
+
+  // Runs when a cached block is evicted, before its memory is reused (the KV store copies it
+  // down a tier).
+  void SetEvictionHook(std::function<void(int32_t block, BlockKey key)> hook) {
+    on_evict_ = std::move(hook);
+  }
 
   // How many leading hashes are published (whether in use or cached).
   int64_t MatchPrefix(absl::Span<const BlockHash> hashes) const;
-  // Takes a reference to the published blocks of the first `n` hashes (n <= MatchPrefix(hashes)).
+  // Takes a reference to the published blocks of the first `n` hashes (n <= MatchPrefix(hashes)),
+  // counting a hit on each.
   std::vector<int32_t> AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n);
-  // A block for new content, or nullopt when none is available.
-  std::optional<int32_t> Allocate();
-  // Publishes a full, in-use block under `hash`. If another block already holds `hash`, nothing
-  // changes (this block stays private and is freed on release).
-  void Publish(int32_t block, BlockHash hash);
+  // A block for new content, or nullopt when none is available. `free_only`: only a block that
+  // holds nothing (never evicts a cached one).
+  std::optional<int32_t> Allocate(bool free_only = false);
+  // Publishes a full, in-use block under `hash` (computed in `cache_namespace`). If another block
+  // already holds `hash`, nothing changes (this block stays private and is freed on release).
+  void Publish(int32_t block, BlockHash hash, uint64_t cache_namespace = 0);
   // Drops one reference; at zero the block becomes cached (if published) or free.
   void Release(int32_t block);
   int32_t ref_count(int32_t block) const { return blocks_[block].refs; }
+  // Times the published block was reused by AcquirePrefix since it was published.
+  int32_t hit_count(int32_t block) const { return blocks_[block].hits; }
+  BlockKey key(int32_t block) const { return {blocks_[block].hash, blocks_[block].ns}; }
 
   // Events since the last call, in order.
   std::vector<BlockEvent> DrainEvents();
@@ -63,6 +81,8 @@ class BlockManager {
     int32_t refs = 0;
     bool published = false;
     BlockHash hash = 0;
+    uint64_t ns = 0;
+    int32_t hits = 0;
     std::list<int32_t>::iterator lru_pos;
     bool in_lru = false;
   };
@@ -75,6 +95,7 @@ class BlockManager {
   std::list<int32_t> lru_;  // cached, unreferenced; front is least recently released
   absl::flat_hash_map<BlockHash, int32_t> by_hash_;
   std::vector<BlockEvent> events_;
+  std::function<void(int32_t, BlockKey)> on_evict_;
 };
 
 }  // namespace strata

@@ -30,7 +30,34 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
                                                    " bytes) holds no ", block_bytes,
                                                    "-byte block"));
   }
-  return std::unique_ptr<Engine>(new Engine(weights, comm, std::move(config), num_blocks));
+  std::unique_ptr<Engine> engine(new Engine(weights, comm, std::move(config), num_blocks));
+  RETURN_IF_ERROR(engine->OpenTiers());
+  return engine;
+}
+
+absl::Status Engine::OpenTiers() {
+  if (config_.tiers.host_bytes == 0 && config_.tiers.disk_bytes == 0) return absl::OkStatus();
+  if (!config_.enable_prefix_caching) {
+    return absl::InvalidArgumentError("engine: host and disk KV tiers need prefix caching");
+  }
+  const ModelWeights& w = *weights_;
+  DeviceTierConfig dc;
+  dc.layout = KvBlockLayout{2 * w.config.num_layers, config_.block_tokens, w.num_kv_heads,
+                            w.config.head_dim};
+  dc.num_slots = blocks_.num_blocks();
+  for (int64_t l = 0; l < w.config.num_layers; ++l) {
+    dc.segments.push_back(kv_.layers().k[l]);
+    dc.segments.push_back(kv_.layers().v[l]);
+  }
+  const KvBlockLayout layout = dc.layout;
+  ASSIGN_OR_RETURN(device_tier_, DeviceTier::Create(std::move(dc)));
+  ASSIGN_OR_RETURN(store_, KvStore::Create(config_.tiers, layout, device_tier_.get()));
+  // A cached block about to be reused goes down to the host tier first.
+  blocks_.SetEvictionHook([this](int32_t block, BlockKey key) {
+    device_tier_->Bind(block, key);
+    store_->Put(block, key);
+  });
+  return absl::OkStatus();
 }
 
 Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig config,
@@ -98,6 +125,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   s->num_generated = static_cast<int64_t>(o.resume_tokens.size());
   s->cache_namespace = CacheNamespace(config_.model_name, o.fine_tune_id, o.cache_salt);
   s->options = std::move(o);
+  if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) LookUpAndPrefetch(s.get());
   Enqueue(std::move(s), /*ahead_of_equals=*/false);
   return absl::OkStatus();
 }
@@ -132,7 +160,9 @@ bool Engine::EnsureBlocks(Sequence* s, int64_t num_tokens) {
 }
 
 void Engine::ReleaseBlocks(Sequence* s) {
-  for (int32_t b : s->block_table) blocks_.Release(b);
+  // Last block first: a chain's tail becomes least recently used and is evicted before its head
+  // (a head without its tail is still a prefix hit; a tail without its head is useless).
+  for (auto it = s->block_table.rbegin(); it != s->block_table.rend(); ++it) blocks_.Release(*it);
   s->block_table.clear();
   s->hashes.clear();
   s->num_computed = 0;
@@ -169,30 +199,142 @@ const std::vector<BlockHash>& Engine::WaitingHashes(const Sequence& s) const {
   return s.waiting_hashes;
 }
 
-bool Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan) {
+void Engine::LookUpAndPrefetch(Sequence* s) {
+  const std::vector<BlockHash>& hashes = WaitingHashes(*s);
+  const int64_t limit = (static_cast<int64_t>(s->tokens.size()) - 1) / config_.block_tokens;
+  const int64_t on_device = std::min<int64_t>(blocks_.MatchPrefix(hashes), limit);
+  s->arrival_tiers.assign(on_device, Tier::kDevice);
+  if (store_ == nullptr) return;
+  int64_t end = on_device;
+  for (; end < limit; ++end) {
+    const KvStore::Where where = store_->Find(hashes[end]);
+    if (where == KvStore::Where::kNone) break;
+    s->arrival_tiers.push_back(where == KvStore::Where::kHost ? Tier::kHost : Tier::kDisk);
+  }
+  if (end == on_device) return;
+  // Disk blocks start loading into host memory now, while the request queues.
+  store_->Prefetch(absl::MakeConstSpan(hashes).subspan(on_device, end - on_device));
+  // Host blocks go on into device blocks that hold nothing (evicting nothing), as cached blocks
+  // that admission will find there.
+  for (int64_t i = on_device; i < end; ++i) {
+    if (store_->Find(hashes[i]) != KvStore::Where::kHost || blocks_.num_free() == 0) break;
+    // Free device blocks evict nothing, so nothing is put into the host tier meanwhile.
+    const int32_t b = RestoreFromHost(hashes[i], s->cache_namespace, /*free_only=*/true,
+                                      /*speculative=*/true);
+    if (b < 0) break;
+    blocks_.Release(b);
+  }
+}
+
+int32_t Engine::RestoreFromHost(BlockHash hash, uint64_t cache_namespace, bool free_only,
+                                bool speculative) {
+  std::optional<int32_t> b = blocks_.Allocate(free_only);
+  if (!b.has_value()) return -1;
+  if (!store_->Restore(hash, *b, speculative).ok()) {
+    blocks_.Release(*b);
+    return -1;
+  }
+  blocks_.Publish(*b, hash, cache_namespace);
+  return *b;
+}
+
+void Engine::KeepWarm(const Sequence& s) {
+  // Tail first, so that the head is the host tier's most recently used.
+  for (size_t i = s.hashes.size(); i-- > 0;) {
+    const int32_t b = s.block_table[i];
+    const BlockKey key = blocks_.key(b);
+    if (key.hash != s.hashes[i]) continue;  // a private duplicate of a published block
+    device_tier_->Bind(b, key);
+    store_->Put(b, key);
+  }
+}
+
+Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan) {
   const int64_t bt = config_.block_tokens;
   const int64_t len = static_cast<int64_t>(s->tokens.size());
+  int64_t on_device = 0;
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) {
     WaitingHashes(*s);  // computes them if the sequence grew since
     std::vector<BlockHash> hashes = std::move(s->waiting_hashes);
     s->waiting_hashes.clear();
     // At least one token must be computed to produce logits.
-    const int64_t usable = std::min<int64_t>(blocks_.MatchPrefix(hashes), (len - 1) / bt);
-    s->block_table = blocks_.AcquirePrefix(hashes, usable);
-    hashes.resize(usable);
-    s->hashes = std::move(hashes);
-    s->num_computed = usable * bt;
-    if (s->num_generated == static_cast<int64_t>(s->options.resume_tokens.size())) {
-      s->num_cached_prompt = std::min(s->num_computed, s->prompt_len);
+    const int64_t limit = (len - 1) / bt;
+    on_device = std::min<int64_t>(blocks_.MatchPrefix(hashes), limit);
+    // The chain goes on in the host tier; blocks still on disk are worth waiting for.
+    int64_t in_host_end = on_device;
+    if (store_ != nullptr) {
+      bool loading = false;
+      for (; in_host_end < limit; ++in_host_end) {
+        const KvStore::Where where = store_->Find(hashes[in_host_end]);
+        if (where == KvStore::Where::kHost) continue;
+        loading = where == KvStore::Where::kDisk || where == KvStore::Where::kLoading;
+        break;
+      }
+      if (loading) {
+        const absl::Time now = absl::Now();
+        if (s->io_wait_since == absl::InfiniteFuture()) s->io_wait_since = now;
+        if (now - s->io_wait_since < config_.max_io_wait) {
+          store_->Prefetch(absl::MakeConstSpan(hashes).subspan(in_host_end, limit - in_host_end));
+          s->waiting_hashes = std::move(hashes);
+          return AdmitResult::kWaitingForIo;
+        }
+      }
     }
+    s->io_wait_since = absl::InfiniteFuture();
+    s->block_table = blocks_.AcquirePrefix(hashes, on_device);
+    if (store_ != nullptr && config_.write_through_hot_blocks) {
+      for (int32_t b : s->block_table) {
+        if (blocks_.hit_count(b) == 2) {
+          device_tier_->Bind(b, blocks_.key(b));
+          store_->Put(b, blocks_.key(b), /*to_disk=*/true);
+        }
+      }
+    }
+    // Pin the host blocks first: making room on the device puts evicted blocks into the host
+    // tier, which must not push out the ones about to be restored.
+    int64_t pinned = on_device;
+    while (pinned < in_host_end && store_->Pin(hashes[pinned])) ++pinned;
+    int64_t cached = on_device;
+    for (; cached < pinned; ++cached) {
+      const int32_t b = RestoreFromHost(hashes[cached], s->cache_namespace, /*free_only=*/false,
+                                        /*speculative=*/false);
+      if (b < 0) break;
+      s->block_table.push_back(b);
+    }
+    for (int64_t i = on_device; i < pinned; ++i) store_->Unpin(hashes[i]);
+    hashes.resize(cached);
+    s->hashes = std::move(hashes);
+    s->num_computed = cached * bt;
   }
   const int64_t n = std::min(len - s->num_computed, budget);
   if (!EnsureBlocks(s, s->num_computed + n)) {
     ReleaseBlocks(s);
-    return false;
+    return AdmitResult::kNoRoom;
+  }
+  // Usage by tier (on the first admission only: a preempted sequence recomputes its own blocks)
+  // and prefetch coverage.
+  const int64_t cached_blocks = static_cast<int64_t>(s->hashes.size());
+  if (s->num_generated == static_cast<int64_t>(s->options.resume_tokens.size())) {
+    s->num_cached_prompt = std::min(s->num_computed, s->prompt_len);
+    s->num_cached_by_tier = {};
+    for (int64_t i = 0; i < cached_blocks; ++i) {
+      const Tier t =
+          i < static_cast<int64_t>(s->arrival_tiers.size()) ? s->arrival_tiers[i] : Tier::kDevice;
+      const int64_t tokens = std::min(bt, std::max<int64_t>(0, s->prompt_len - i * bt));
+      s->num_cached_by_tier[static_cast<int>(t)] += tokens;
+    }
+  }
+  if (store_ != nullptr) {
+    for (int64_t i = 0; i < cached_blocks && i < static_cast<int64_t>(s->arrival_tiers.size());
+         ++i) {
+      if (s->arrival_tiers[i] != Tier::kDevice) {
+        store_->RecordLowerTierHit(s->hashes[i], /*covered=*/i < on_device);
+      }
+    }
+    s->arrival_tiers.clear();  // counted once
   }
   plan->push_back({s, s->num_computed, n});
-  return true;
+  return AdmitResult::kAdmitted;
 }
 
 void Engine::PublishFullBlocks(Sequence* s) {
@@ -203,7 +345,7 @@ void Engine::PublishFullBlocks(Sequence* s) {
     const int64_t i = static_cast<int64_t>(s->hashes.size());
     const BlockHash parent = i == 0 ? kRootBlockHash : s->hashes.back();
     const BlockHash h = ChainBlockHash(parent, s->cache_namespace, tokens.subspan(i * bt, bt));
-    blocks_.Publish(s->block_table[i], h);
+    blocks_.Publish(s->block_table[i], h, s->cache_namespace);
     s->hashes.push_back(h);
   }
 }
@@ -221,12 +363,15 @@ FinishReason Engine::CheckStop(const Sequence& s, int32_t token) const {
 
 absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   std::vector<RequestOutput> outputs;
+  waiting_for_io_ = false;
+  if (store_ != nullptr) store_->Poll();
   for (auto& s : cancelled_) {
     RequestOutput out;
     out.request_id = s->id;
     out.finish = FinishReason::kCancelled;
     out.num_prompt_tokens = s->prompt_len;
     out.num_cached_prompt_tokens = s->num_cached_prompt;
+    out.num_cached_prompt_tokens_by_tier = s->num_cached_by_tier;
     out.num_generated_tokens = s->num_generated;
     outputs.push_back(std::move(out));
   }
@@ -258,16 +403,24 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     budget -= n;
     ++i;
   }
-  while (budget > 0 && !waiting_.empty() &&
-         static_cast<int64_t>(running_.size()) < config_.max_running_sequences) {
-    Sequence* s = waiting_.front().get();
-    if (!Admit(s, budget, &plan)) break;
+  // Admissions in queue order; a sequence waiting for disk loads lets the ones behind it go first.
+  bool io_wait = false;
+  for (size_t i = 0; i < waiting_.size() && budget > 0 &&
+                     static_cast<int64_t>(running_.size()) < config_.max_running_sequences;) {
+    const AdmitResult r = Admit(waiting_[i].get(), budget, &plan);
+    if (r == AdmitResult::kNoRoom) break;
+    if (r == AdmitResult::kWaitingForIo) {
+      io_wait = true;
+      ++i;
+      continue;
+    }
     budget -= plan.back().count;
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.pop_front();
+    running_.push_back(std::move(waiting_[i]));
+    waiting_.erase(waiting_.begin() + static_cast<ptrdiff_t>(i));
   }
   if (plan.empty()) {
-    if (!waiting_.empty() && running_.empty()) {
+    waiting_for_io_ = io_wait;
+    if (!io_wait && !waiting_.empty() && running_.empty()) {
       // Not even one sequence fits: the cache is smaller than its prompt.
       auto s = std::move(waiting_.front());
       waiting_.pop_front();
@@ -373,10 +526,12 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     out.request_id = s->id;
     out.num_prompt_tokens = s->prompt_len;
     out.num_cached_prompt_tokens = s->num_cached_prompt;
+    out.num_cached_prompt_tokens_by_tier = s->num_cached_by_tier;
     out.num_generated_tokens = s->num_generated;
     outputs.push_back(std::move(out));
   }
   for (Sequence* s : finished) {
+    if (store_ != nullptr && config_.keep_finished_warm) KeepWarm(*s);
     ReleaseBlocks(s);
     running_.erase(std::find_if(running_.begin(), running_.end(),
                                 [s](const auto& p) { return p.get() == s; }));
@@ -409,7 +564,32 @@ EngineStats Engine::Stats() const {
   st.num_free_blocks = blocks_.num_available();
   st.num_total_blocks = blocks_.num_blocks();
   st.num_preemptions = num_preemptions_;
+  if (store_ != nullptr) st.tiers = store_->stats();
   return st;
+}
+
+std::vector<BlockEvent> Engine::DrainBlockEvents() {
+  std::vector<BlockEvent> events = blocks_.DrainEvents();
+  if (store_ != nullptr) {
+    for (const TierEvent& e : store_->DrainEvents()) {
+      events.push_back(
+          {e.stored ? BlockEvent::Kind::kStored : BlockEvent::Kind::kRemoved, e.hash, e.tier});
+    }
+  }
+  return events;
+}
+
+std::vector<BlockEvent> Engine::BlockInventory() const {
+  std::vector<BlockEvent> out;
+  for (BlockHash h : blocks_.PublishedHashes()) {
+    out.push_back({BlockEvent::Kind::kStored, h, Tier::kDevice});
+  }
+  if (store_ != nullptr) {
+    for (const TierEvent& e : store_->Inventory()) {
+      out.push_back({BlockEvent::Kind::kStored, e.hash, e.tier});
+    }
+  }
+  return out;
 }
 
 }  // namespace strata

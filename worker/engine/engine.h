@@ -9,10 +9,21 @@
 // admitted first: its blocks are released and it waits to be recomputed (its published blocks
 // usually remain cached). Cancelling a sequence frees its blocks at once.
 //
+// Below the device cache, an optional KvStore (memtier) keeps blocks in host RAM and on disk. A
+// cached block evicted from the device is copied to the host tier first (and from there written
+// back to disk). When a request arrives, its prefix chain is looked up in every tier: blocks on
+// disk start loading into host memory at once, and host blocks are copied into free device blocks
+// while the request waits (speculative prefetch). On admission the chain continues past the
+// device blocks into host blocks, which are restored instead of recomputed; a request whose next
+// blocks are still loading from disk waits for them (up to max_io_wait) while others go ahead.
+// Blocks reused twice (write_through_hot_blocks) and a finished request's blocks
+// (keep_finished_warm) are copied down ahead of eviction.
+//
 // Thread contract: a single thread (the worker's step loop) calls every method.
 #ifndef STRATA_WORKER_ENGINE_ENGINE_H_
 #define STRATA_WORKER_ENGINE_ENGINE_H_
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -21,6 +32,10 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/tier.h"
+#include "memtier/device_tier.h"
+#include "memtier/kv_store.h"
 #include "worker/comm/collectives.h"
 #include "worker/engine/block_manager.h"
 #include "worker/engine/sampler.h"
@@ -40,6 +55,14 @@ struct EngineConfig {
   bool enable_prefix_caching = true;
   // Names the model in the cache namespace.
   std::string model_name = "model";
+  // Host and disk tiers under the device cache (capacities in bytes; 0 leaves a tier out).
+  KvStoreConfig tiers;
+  // Copy blocks reused twice or more down to host and disk before they are evicted.
+  bool write_through_hot_blocks = false;
+  // Copy a finished request's blocks to the host tier, warm for the conversation's next turn.
+  bool keep_finished_warm = true;
+  // Longest a request waits for its blocks to load from disk before computing them instead.
+  absl::Duration max_io_wait = absl::Milliseconds(500);
 };
 
 enum class FinishReason { kNone, kLength, kEos, kStopToken, kContextLength, kCancelled };
@@ -70,8 +93,10 @@ struct RequestOutput {
   std::vector<SampledToken> prompt_logprobs;
   FinishReason finish = FinishReason::kNone;
   int64_t num_prompt_tokens = 0;
-  // Prompt tokens whose KV came from the prefix cache.
+  // Prompt tokens whose KV came from the prefix cache, in all and by the tier each block was in
+  // when the request arrived.
   int64_t num_cached_prompt_tokens = 0;
+  std::array<int64_t, kNumTiers> num_cached_prompt_tokens_by_tier{};
   // Generated so far, counting resume tokens.
   int64_t num_generated_tokens = 0;
 };
@@ -84,6 +109,8 @@ struct EngineStats {
   int64_t num_free_blocks = 0;
   int64_t num_total_blocks = 0;
   int64_t num_preemptions = 0;
+  // Lower tiers, when configured.
+  KvStoreStats tiers;
 };
 
 class Engine {
@@ -102,12 +129,17 @@ class Engine {
   // Runs one batch. Outputs for every request that produced tokens or finished.
   absl::StatusOr<std::vector<RequestOutput>> Step();
   bool HasWork() const { return !running_.empty() || !waiting_.empty() || !cancelled_.empty(); }
+  // True after a Step that could do nothing but wait for disk loads: the caller may sleep until
+  // `tiers.notify` runs (or a new request arrives) instead of stepping again at once.
+  bool WaitingForIo() const { return waiting_for_io_; }
   EngineStats Stats() const;
-  // Published-block changes since the last call, for the coordinator's routing index.
-  std::vector<BlockEvent> DrainBlockEvents() { return blocks_.DrainEvents(); }
-  // Every published block hash now; with DrainBlockEvents called at the same point, a consistent
-  // starting inventory for a new event subscriber.
-  std::vector<BlockHash> PublishedBlockHashes() const { return blocks_.PublishedHashes(); }
+  // Block changes in every tier since the last call, for the coordinator's routing index.
+  std::vector<BlockEvent> DrainBlockEvents();
+  // Every block in every tier now (as kStored events); with DrainBlockEvents called at the same
+  // point, a consistent starting inventory for a new event subscriber.
+  std::vector<BlockEvent> BlockInventory() const;
+  // The lower tiers, or null when none is configured.
+  const KvStore* kv_store() const { return store_.get(); }
   int64_t block_tokens() const { return config_.block_tokens; }
   const ModelConfig& model_config() const { return weights_->config; }
   // Bytes of one KV block (all layers, K and V, this rank).
@@ -131,6 +163,12 @@ class Engine {
     // Chain hashes of all full blocks of `tokens` while waiting (computed once per admission
     // attempt; Stats uses them to leave cached blocks out of the pending prefill).
     mutable std::vector<BlockHash> waiting_hashes;
+    // For each of the prompt's leading cached blocks, the tier it was in when the request arrived
+    // (usage reports and prefetch coverage count by it).
+    std::vector<Tier> arrival_tiers;
+    // Set while the sequence waits for blocks loading from disk.
+    absl::Time io_wait_since = absl::InfiniteFuture();
+    std::array<int64_t, kNumTiers> num_cached_by_tier{};
     uint64_t cache_namespace = 0;
     RequestOptions options;
     PenaltyState penalties;
@@ -143,11 +181,22 @@ class Engine {
     int64_t count;
   };
 
+  enum class AdmitResult { kAdmitted, kNoRoom, kWaitingForIo };
+
   Engine(const ModelWeights* weights, Collectives* comm, EngineConfig config, int64_t num_blocks);
+  absl::Status OpenTiers();
   bool EnsureBlocks(Sequence* s, int64_t num_tokens);
   void ReleaseBlocks(Sequence* s);
   void Preempt(Sequence* s);
-  bool Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
+  AdmitResult Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
+  // On arrival: where each leading block of the prompt is, and the speculative prefetch.
+  void LookUpAndPrefetch(Sequence* s);
+  // Copies host block `hash` into a device block taken from `free_only` blocks or any; publishes
+  // it and returns it referenced, or -1.
+  int32_t RestoreFromHost(BlockHash hash, uint64_t cache_namespace, bool free_only,
+                          bool speculative);
+  // Copies the sequence's published blocks to the host tier (a finished turn kept warm).
+  void KeepWarm(const Sequence& s);
   // Queues `s` in waiting_ behind every sequence of higher or equal priority (`ahead_of_equals`:
   // in front of equal ones, for a preempted sequence that was admitted before them).
   void Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals);
@@ -160,6 +209,9 @@ class Engine {
   ModelRunner runner_;
   BlockManager blocks_;
   KvCacheStorage kv_;
+  std::unique_ptr<DeviceTier> device_tier_;
+  std::unique_ptr<KvStore> store_;
+  bool waiting_for_io_ = false;
   int64_t next_arrival_ = 0;
   int64_t num_preemptions_ = 0;
   std::deque<std::unique_ptr<Sequence>> waiting_;

@@ -36,6 +36,25 @@ ABSL_FLAG(std::string, worker_id, "",
           "Stable worker name reported to coordinators; default: hostname:port.");
 ABSL_FLAG(int64_t, kv_cache_mb, 256, "KV cache size in MiB.");
 ABSL_FLAG(int64_t, block_tokens, 16, "Tokens per KV block.");
+ABSL_FLAG(int64_t, host_cache_mb, 0,
+          "Host-RAM KV tier in MiB (pinned): blocks evicted from the KV cache go here; 0: none.");
+ABSL_FLAG(
+    int64_t, disk_cache_mb, 0,
+    "Disk KV tier in MiB, preallocated in --disk_cache_path (needs --host_cache_mb); 0: none.");
+ABSL_FLAG(std::string, disk_cache_path, "",
+          "File (or block device) of the disk KV tier, opened O_DIRECT. Blocks in it survive a "
+          "restart.");
+ABSL_FLAG(int, disk_queue_depth, 32, "Disk tier reads and writes in flight (io_uring).");
+ABSL_FLAG(bool, disk_cache_recover, true,
+          "At start, index the blocks a previous worker left in --disk_cache_path.");
+ABSL_FLAG(std::string, kv_compression, "none",
+          "How host and disk tiers store KV blocks: none, int8 or fp8 (per-head scales).");
+ABSL_FLAG(bool, write_through, false,
+          "Copy KV blocks reused twice or more down to host and disk before they are evicted.");
+ABSL_FLAG(bool, keep_finished_warm, true,
+          "Copy a finished request's KV blocks to the host tier for the conversation's next turn.");
+ABSL_FLAG(int64_t, max_io_wait_ms, 500,
+          "Longest a request waits for its KV blocks to load from disk before recomputing them.");
 ABSL_FLAG(int64_t, max_batch_tokens, 512, "Most tokens computed in one engine step.");
 ABSL_FLAG(int64_t, max_running_sequences, 64, "Most sequences in one engine step.");
 ABSL_FLAG(int64_t, max_live_sequences, 256,
@@ -79,12 +98,31 @@ int Main() {
   ec.block_tokens = absl::GetFlag(FLAGS_block_tokens);
   ec.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   ec.max_running_sequences = absl::GetFlag(FLAGS_max_running_sequences);
+  ec.tiers.host_bytes = absl::GetFlag(FLAGS_host_cache_mb) << 20;
+  ec.tiers.disk_bytes = absl::GetFlag(FLAGS_disk_cache_mb) << 20;
+  ec.tiers.disk_path = absl::GetFlag(FLAGS_disk_cache_path);
+  ec.tiers.disk_queue_depth = absl::GetFlag(FLAGS_disk_queue_depth);
+  ec.tiers.disk_recover = absl::GetFlag(FLAGS_disk_cache_recover);
+  if (!ParseKvCompression(absl::GetFlag(FLAGS_kv_compression), &ec.tiers.compression)) {
+    LOG(ERROR) << "--kv_compression must be none, int8 or fp8, not \""
+               << absl::GetFlag(FLAGS_kv_compression) << "\"";
+    return 1;
+  }
+  ec.write_through_hot_blocks = absl::GetFlag(FLAGS_write_through);
+  ec.keep_finished_warm = absl::GetFlag(FLAGS_keep_finished_warm);
+  ec.max_io_wait = absl::Milliseconds(absl::GetFlag(FLAGS_max_io_wait_ms));
+  if (ec.tiers.disk_bytes > 0 && ec.tiers.disk_path.empty()) {
+    LOG(ERROR) << "--disk_cache_mb needs --disk_cache_path";
+    return 1;
+  }
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(weights->get(), &comm, ec);
   if (!engine.ok()) {
     LOG(ERROR) << engine.status();
     return 1;
   }
   const int64_t num_blocks = (*engine)->num_kv_blocks();
+  const bool has_tiers = (*engine)->kv_store() != nullptr;
+  const KvStoreStats tiers = (*engine)->Stats().tiers;
 
   WorkerServiceOptions wo;
   wo.model_name = model_name;
@@ -123,6 +161,12 @@ int Main() {
             << config->architecture_name << ", " << config->num_layers << " layers) as "
             << worker_id << " on " << (*server)->address() << "; KV cache " << num_blocks
             << " blocks of " << ec.block_tokens << " tokens";
+  if (has_tiers) {
+    LOG(INFO) << "KV tiers: host " << tiers.host.num_slots << " blocks of " << tiers.host.slot_bytes
+              << " bytes; disk " << tiers.disk.num_slots << " blocks in " << ec.tiers.disk_path
+              << " (" << tiers.disk_recovered << " recovered); compression "
+              << KvCompressionName(ec.tiers.compression);
+  }
 
   const int sig = WaitForTerminationSignal();
   LOG(INFO) << "signal " << sig << ": draining (" << (*service)->num_live_sequences()

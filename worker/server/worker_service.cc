@@ -11,6 +11,7 @@
 #include "common/grpc_status.h"
 #include "common/grpc_stream.h"
 #include "common/log.h"
+#include "common/tier_proto.h"
 #include "common/version.h"
 #include "worker/model/model_runner.h"
 #include "worker/server/submit_request.h"
@@ -165,7 +166,10 @@ absl::StatusOr<std::unique_ptr<WorkerService>> WorkerService::Create(std::unique
 }
 
 WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOptions options)
-    : engine_(std::move(engine)), options_(std::move(options)), epoch_(NewEpoch()) {
+    : engine_(std::move(engine)),
+      options_(std::move(options)),
+      epoch_(NewEpoch()),
+      tiers_at_start_(engine_->Stats().tiers) {
   worker_id_ = options_.worker_id;
   loop_ = std::thread([this] { Loop(); });
 }
@@ -319,6 +323,15 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   tier->set_tier(v1::TIER_DEVICE);
   tier->set_num_blocks(static_cast<uint64_t>(engine_->num_kv_blocks()));
   tier->set_block_bytes(static_cast<uint64_t>(engine_->kv_block_bytes()));
+  // The lower tiers as the engine opened them (the load reports follow later changes).
+  for (const auto& [t, load] : {std::pair{v1::TIER_HOST, &tiers_at_start_.host},
+                                std::pair{v1::TIER_DISK, &tiers_at_start_.disk}}) {
+    if (load->num_slots == 0) continue;
+    tier = info->add_tiers();
+    tier->set_tier(t);
+    tier->set_num_blocks(static_cast<uint64_t>(load->num_slots));
+    tier->set_block_bytes(static_cast<uint64_t>(load->slot_bytes));
+  }
   info->set_max_running_sequences(static_cast<uint32_t>(engine_->config().max_running_sequences));
   info->set_device(options_.device);
   info->set_version(kStrataVersion);
@@ -353,9 +366,10 @@ void WorkerService::Loop() {
     if (engine_->HasWork()) StepEngine(&state);
     PublishBlockEvents(&state);
     SendLoadReports(&state);
-    if (engine_->HasWork()) continue;
+    // Waiting only for disk loads, the loop looks again within a millisecond.
+    if (engine_->HasWork() && !engine_->WaitingForIo()) continue;
     // Idle: sleep until a command arrives or the next load report is due.
-    absl::Time wake = absl::Now() + absl::Seconds(1);
+    absl::Time wake = absl::Now() + (engine_->HasWork() ? absl::Milliseconds(1) : absl::Seconds(1));
     for (const auto& w : state.watchers) wake = std::min(wake, w.next_report);
     absl::MutexLock lock(&mu_);
     auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !inbox_.empty(); };
@@ -434,17 +448,24 @@ void WorkerService::ProcessInbox(LoopState* state) {
         w.stream = c.watch;
         w.interval = c.load_interval;
         w.next_report = absl::Now();
-        const std::vector<BlockHash> hashes = engine_->PublishedBlockHashes();
-        for (size_t i = 0; i < hashes.size(); i += kSnapshotChunk) {
-          v1::WorkerEvent e;
-          e.set_worker_epoch(epoch_);
-          e.set_sequence_number(w.next_sequence++);
-          v1::KvBlocksStored* stored = e.mutable_stored();
-          stored->set_tier(v1::TIER_DEVICE);
-          const size_t end = std::min(hashes.size(), i + kSnapshotChunk);
-          stored->mutable_block_hashes()->Add(hashes.begin() + static_cast<ptrdiff_t>(i),
-                                              hashes.begin() + static_cast<ptrdiff_t>(end));
-          w.stream->Write(std::move(e));
+        // The inventory, per tier, in chunks.
+        const std::vector<BlockEvent> inventory = engine_->BlockInventory();
+        for (int t = 0; t < kNumTiers; ++t) {
+          std::vector<BlockHash> hashes;
+          for (const BlockEvent& ev : inventory) {
+            if (static_cast<int>(ev.tier) == t) hashes.push_back(ev.hash);
+          }
+          for (size_t i = 0; i < hashes.size(); i += kSnapshotChunk) {
+            v1::WorkerEvent e;
+            e.set_worker_epoch(epoch_);
+            e.set_sequence_number(w.next_sequence++);
+            v1::KvBlocksStored* stored = e.mutable_stored();
+            stored->set_tier(ToProtoTier(static_cast<Tier>(t)));
+            const size_t end = std::min(hashes.size(), i + kSnapshotChunk);
+            stored->mutable_block_hashes()->Add(hashes.begin() + static_cast<ptrdiff_t>(i),
+                                                hashes.begin() + static_cast<ptrdiff_t>(end));
+            w.stream->Write(std::move(e));
+          }
         }
         v1::WorkerEvent done;
         done.set_worker_epoch(epoch_);
@@ -521,8 +542,12 @@ void WorkerService::StepEngine(LoopState* state) {
       v1::Usage* u = r.mutable_usage();
       u->set_num_prompt_tokens(static_cast<uint32_t>(out.num_prompt_tokens));
       u->set_num_completion_tokens(static_cast<uint32_t>(out.num_generated_tokens));
-      u->mutable_cached()->set_num_device_tokens(
-          static_cast<uint32_t>(out.num_cached_prompt_tokens));
+      const auto& by_tier = out.num_cached_prompt_tokens_by_tier;
+      v1::CachedTokens* cached = u->mutable_cached();
+      cached->set_num_device_tokens(
+          static_cast<uint32_t>(by_tier[static_cast<int>(Tier::kDevice)]));
+      cached->set_num_host_tokens(static_cast<uint32_t>(by_tier[static_cast<int>(Tier::kHost)]));
+      cached->set_num_disk_tokens(static_cast<uint32_t>(by_tier[static_cast<int>(Tier::kDisk)]));
       u->set_total_time_ms(absl::ToDoubleMilliseconds(end - live.accepted));
       live.stream->Write(std::move(r));
       FinishSubmit(state, out.request_id, grpc::Status::OK);
@@ -535,19 +560,21 @@ void WorkerService::StepEngine(LoopState* state) {
 void WorkerService::PublishBlockEvents(LoopState* state) {
   const std::vector<BlockEvent> events = engine_->DrainBlockEvents();
   if (events.empty() || state->watchers.empty()) return;
-  // Consecutive events of one kind become one message.
+  // Consecutive events of one kind and tier become one message.
   std::vector<v1::WorkerEvent> messages;
+  Tier last_tier = Tier::kDevice;
   for (const BlockEvent& ev : events) {
     const bool stored = ev.kind == BlockEvent::Kind::kStored;
-    if (messages.empty() || messages.back().has_stored() != stored) {
+    if (messages.empty() || messages.back().has_stored() != stored || last_tier != ev.tier) {
       v1::WorkerEvent e;
       e.set_worker_epoch(epoch_);
       if (stored) {
-        e.mutable_stored()->set_tier(v1::TIER_DEVICE);
+        e.mutable_stored()->set_tier(ToProtoTier(ev.tier));
       } else {
-        e.mutable_removed()->set_tier(v1::TIER_DEVICE);
+        e.mutable_removed()->set_tier(ToProtoTier(ev.tier));
       }
       messages.push_back(std::move(e));
+      last_tier = ev.tier;
     }
     if (stored) {
       messages.back().mutable_stored()->add_block_hashes(ev.hash);
@@ -588,6 +615,14 @@ v1::LoadReport WorkerService::MakeLoadReport(const EngineStats& st, const LoopSt
   t->set_tier(v1::TIER_DEVICE);
   t->set_num_free_blocks(static_cast<uint64_t>(st.num_free_blocks));
   t->set_num_total_blocks(static_cast<uint64_t>(st.num_total_blocks));
+  for (const auto& [tier, load] :
+       {std::pair{v1::TIER_HOST, &st.tiers.host}, std::pair{v1::TIER_DISK, &st.tiers.disk}}) {
+    if (load->num_slots == 0) continue;
+    t = r.add_tiers();
+    t->set_tier(tier);
+    t->set_num_free_blocks(static_cast<uint64_t>(load->num_slots - load->num_used));
+    t->set_num_total_blocks(static_cast<uint64_t>(load->num_slots));
+  }
   double sum = 0;
   for (double ms : state.step_ms) sum += ms;
   r.set_mean_step_time_ms(state.step_ms.empty() ? 0.0 : sum / state.step_ms.size());

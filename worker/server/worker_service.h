@@ -117,6 +117,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::unique_ptr<Engine> engine_;
   const WorkerServiceOptions options_;
   const uint64_t epoch_;
+  // Read before the loop starts, immutable after.
+  const KvStoreStats tiers_at_start_;
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> num_live_{0};
   std::atomic<uint64_t> next_serial_{1};
