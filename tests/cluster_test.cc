@@ -10,56 +10,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "tests/cluster_client.h"
 #include "tests/local_cluster.h"
 
 namespace strata {
 namespace {
-
-struct Generated {
-  grpc::Status status;
-  std::vector<v1::GenerateResponse> chunks;
-  std::vector<int32_t> tokens;
-  std::string text;
-  bool contiguous = true;  // every chunk's first_token_index continues the previous chunk
-};
-
-Generated Collect(grpc::ClientReader<v1::GenerateResponse>* reader) {
-  Generated g;
-  v1::GenerateResponse chunk;
-  while (reader->Read(&chunk)) {
-    if (chunk.first_token_index() != g.tokens.size()) g.contiguous = false;
-    g.tokens.insert(g.tokens.end(), chunk.token_ids().begin(), chunk.token_ids().end());
-    g.text += chunk.text();
-    g.chunks.push_back(chunk);
-  }
-  g.status = reader->Finish();
-  return g;
-}
-
-Generated Generate(v1::Serving::Stub* stub, const v1::GenerateRequest& req,
-                   absl::Duration deadline = absl::Seconds(120)) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
-  auto reader = stub->Generate(&ctx, req);
-  return Collect(reader.get());
-}
-
-v1::GenerateRequest TextRequest(const std::string& text, int max_tokens, uint64_t seed) {
-  v1::GenerateRequest r;
-  r.set_model(kTinyModel);
-  r.set_text(text);
-  r.mutable_sampling()->set_max_tokens(max_tokens);
-  r.mutable_sampling()->set_seed(seed);
-  r.mutable_sampling()->set_ignore_eos(true);
-  return r;
-}
-
-v1::ClusterStatus Status(v1::Admin::Stub* admin) {
-  grpc::ClientContext ctx;
-  v1::ClusterStatus s;
-  EXPECT_TRUE(admin->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &s).ok());
-  return s;
-}
 
 // Admin.DrainWorker; the call must succeed.
 v1::DrainWorkerResponse Drain(v1::Admin::Stub* admin, const std::string& worker, bool resume,

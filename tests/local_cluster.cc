@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 
 namespace strata {
@@ -41,10 +42,13 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
     std::vector<std::string> flags = {absl::StrCat("--model=", kTinyModelDir),
                                       absl::StrCat("--model_name=", kTinyModel),
                                       absl::StrCat("--worker_id=worker-", i), "--threads=1"};
-    flags.insert(flags.end(), options.worker_flags.begin(), options.worker_flags.end());
+    for (const std::string& f : options.worker_flags) {
+      flags.push_back(absl::StrReplaceAll(f, {{"{i}", absl::StrCat(i)}}));
+    }
     auto started = StartServer(kWorkerBinary, flags, absl::StrCat(options.name, "-worker-", i));
     if (!started.ok()) return started.status();
     Worker w;
+    w.flags = flags;
     w.process = std::move(started->first);
     w.address = started->second;
     w.stub =
@@ -65,6 +69,18 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
     return s;
   }
   return c;
+}
+
+absl::Status LocalCluster::RestartWorker(int i) {
+  Worker& w = workers_[i];
+  w.process.Kill();
+  std::vector<std::string> flags = w.flags;
+  flags.push_back(absl::StrCat("--listen=", w.address));  // the last --listen wins
+  auto started = StartServer(kWorkerBinary, flags,
+                             absl::StrCat(options_.name, "-worker-", i, "-restart-", ++w.restarts));
+  if (!started.ok()) return started.status();
+  w.process = std::move(started->first);
+  return absl::OkStatus();
 }
 
 std::string LocalCluster::workers_flag() const {

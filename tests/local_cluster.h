@@ -25,7 +25,8 @@ inline constexpr char kTinyModelDir[] = "models/strata-tiny/base";
 
 struct LocalClusterOptions {
   int num_workers = 2;
-  // Extra flags for every worker / for the coordinator.
+  // Extra flags for every worker (with "{i}" replaced by the worker's index) / for the
+  // coordinator.
   std::vector<std::string> worker_flags;
   std::vector<std::string> coordinator_flags;
   // Start a coordinator (false: workers only).
@@ -48,6 +49,8 @@ class LocalCluster {
   const std::string& coordinator_address() const { return coordinator_address_; }
   int num_workers() const { return static_cast<int>(workers_.size()); }
   std::string workers_flag() const;
+  // Kills worker `i` (SIGKILL) and starts it again with the same flags on the same address.
+  absl::Status RestartWorker(int i);
 
   // Starts another coordinator over the same workers (different flags), returning its address.
   absl::StatusOr<std::string> StartExtraCoordinator(const std::vector<std::string>& flags,
@@ -58,6 +61,8 @@ class LocalCluster {
  private:
   struct Worker {
     ChildProcess process;
+    std::vector<std::string> flags;
+    int restarts = 0;
     std::string address;
     std::unique_ptr<v1::Worker::Stub> stub;
   };

@@ -274,6 +274,14 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
         const absl::Time now = absl::Now();
         if (s->io_wait_since == absl::InfiniteFuture()) s->io_wait_since = now;
         if (now - s->io_wait_since < config_.max_io_wait) {
+          // What has arrived moves on up to the device now (as cached blocks), so that a chain
+          // longer than the host tier streams through it.
+          for (int64_t i = on_device; i < in_host_end; ++i) {
+            const int32_t b = RestoreFromHost(hashes[i], s->cache_namespace, /*free_only=*/false,
+                                              /*speculative=*/true);
+            if (b < 0) break;
+            blocks_.Release(b);
+          }
           store_->Prefetch(absl::MakeConstSpan(hashes).subspan(in_host_end, limit - in_host_end));
           s->waiting_hashes = std::move(hashes);
           return AdmitResult::kWaitingForIo;

@@ -15,7 +15,9 @@
 // disk start loading into host memory at once, and host blocks are copied into free device blocks
 // while the request waits (speculative prefetch). On admission the chain continues past the
 // device blocks into host blocks, which are restored instead of recomputed; a request whose next
-// blocks are still loading from disk waits for them (up to max_io_wait) while others go ahead.
+// blocks are still loading from disk waits for them (up to max_io_wait) while others go ahead, and
+// the blocks that have arrived move on into the device meanwhile, so a chain longer than the host
+// tier streams through it.
 // Blocks reused twice (write_through_hot_blocks) and a finished request's blocks
 // (keep_finished_warm) are copied down ahead of eviction.
 //
