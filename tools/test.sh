@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # The test command: installs what the build needs (tools/setup.sh, quiet when nothing is missing), then
-# runs every test that needs no GPU. Extra arguments go to `bazel test` (for example --config=asan).
+# runs every test that needs no GPU, then memtier's tests under ASan and TSan. Extra arguments go to
+# `bazel test` (for example --config=asan) and skip the sanitizer passes.
 # GPU-tagged tests build here too; run them with `bazel test --config=gpu //...` on a machine with a
 # GPU, or pack them for one with tools/gpu_bundle.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-exec bazel test //... "$@"
+bazel test //... "$@"
+# The KV store's threads and I/O, again under the sanitizers (memtier synchronizes through std::
+# primitives, which TSAN sees; see .bazelrc for why other threaded tests are tagged no_tsan).
+if [[ $# -eq 0 ]]; then
+  bazel test --config=asan //memtier/...
+  bazel test --config=tsan //memtier/...
+fi
