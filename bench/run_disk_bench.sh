@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The disk tier's I/O path (bench/disk_bench) against fio on the same file, block size and queue
-# depth, both with io_uring, O_DIRECT and registered (fixed) buffers. Recorded in
+# The disk tier's I/O path (bench/disk_bench: memtier's IoRing alone, then the DiskTier with its I/O
+# thread and per-read checks) against fio on the same file, block size and queue depth, all with
+# io_uring, O_DIRECT and registered (fixed) buffers. Recorded in
 # docs/PERFORMANCE.md. Installs fio from Debian if it is missing.
 # Usage: bench/run_disk_bench.sh [FILE] [BLOCK_KIB] [QUEUE_DEPTH] [FILE_MIB] [SECONDS]
 set -euo pipefail
@@ -16,8 +17,11 @@ if ! command -v fio > /dev/null; then
 fi
 bazel build --noshow_progress //bench:disk_bench 2>&1 | grep -v 'INFO:\|Loading\|Analyzing' || true
 bin=$(bazel info bazel-bin 2>/dev/null)
-echo "== strata disk_bench (memtier IoRing)"
-"$bin/bench/disk_bench" --path="$file" --file_mib="$mib" --block_kib="$bs" --queue_depth="$qd" --seconds="$secs"
+for api in ring tier; do
+  echo "== strata disk_bench --api=$api"
+  "$bin/bench/disk_bench" --api=$api --path="$file" --file_mib="$mib" --block_kib="$bs" \
+    --queue_depth="$qd" --seconds="$secs"
+done
 for rw in randwrite randread; do
   echo "== fio $rw"
   fio --name=strata-$rw --filename="$file" --size="${mib}M" --rw=$rw --bs="${bs}k" --iodepth="$qd" \

@@ -283,6 +283,33 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
                     absl::StrFormat("%.1f", w.load().mean_step_time_ms())});
   }
   PrintTable(out, rows);
+  // Lower KV tiers, for the workers that have them.
+  std::vector<std::vector<std::string>> trows = {{"WORKER", "HOST FREE/TOTAL", "DISK FREE/TOTAL",
+                                                  "WRITE-BACKS", "LOADS", "PREFETCH ACC",
+                                                  "COVERAGE", "CORRUPT", "IO ERRORS"}};
+  auto ratio = [](uint64_t a, uint64_t b) {
+    return b == 0 ? std::string("-") : absl::StrFormat("%.2f", static_cast<double>(a) / b);
+  };
+  for (const auto& w : cs.workers()) {
+    if (!w.load().has_kv_tiers()) continue;
+    std::string host = "-", disk = "-";
+    for (const auto& t : w.load().tiers()) {
+      const std::string ft = absl::StrCat(t.num_free_blocks(), "/", t.num_total_blocks());
+      if (t.tier() == v1::TIER_HOST) host = ft;
+      if (t.tier() == v1::TIER_DISK) disk = ft;
+    }
+    const v1::KvTierStats& k = w.load().kv_tiers();
+    if (!k.disk_enabled() && disk != "-") disk += " (off)";
+    trows.push_back({w.info().worker_id().empty() ? w.address() : w.info().worker_id(), host, disk,
+                     absl::StrCat(k.write_backs()), absl::StrCat(k.loads()),
+                     ratio(k.prefetch_used(), k.prefetch_promoted()),
+                     ratio(k.lower_tier_hits_covered(), k.lower_tier_hits()),
+                     absl::StrCat(k.corrupt_blocks()), absl::StrCat(k.io_errors())});
+  }
+  if (trows.size() > 1) {
+    std::fputs("\n", out);
+    PrintTable(out, trows);
+  }
   return absl::OkStatus();
 }
 

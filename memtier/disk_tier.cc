@@ -255,12 +255,16 @@ int DiskTier::Poll() {
   return static_cast<int>(done.size());
 }
 
-void DiskTier::Flush() {
-  while (in_flight_ > 0) {
-    if (Poll() > 0) continue;
+int DiskTier::WaitAndPoll() {
+  if (in_flight_ > 0 && failed_.empty()) {
     std::unique_lock<std::mutex> lock(mu_);
     finished_cv_.wait(lock, [this] { return !finished_.empty(); });
   }
+  return Poll();
+}
+
+void DiskTier::Flush() {
+  while (in_flight_ > 0) WaitAndPoll();
 }
 
 bool DiskTier::Prepare(Op* op) {

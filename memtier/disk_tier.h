@@ -99,6 +99,8 @@ class DiskTier final : public BlockTier {
   void Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> payload, Done done) override;
   void Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done done) override;
   int Poll() override;
+  // Waits until at least one operation has finished (when any is in flight), then Poll.
+  int WaitAndPoll();
   void Flush() override;
   int64_t in_flight() const override { return in_flight_; }
   std::vector<StoredSlot> Scan() const override { return recovered_; }

@@ -186,18 +186,27 @@ absl::Status IoRing::QueuePoll(int fd, uint64_t tag) {
 }
 
 absl::Status IoRing::Submit() {
-  const int rc = io_uring_submit(&ring_);
-  if (rc < 0) return absl::UnavailableError(absl::StrCat("io_uring_submit: ", ErrnoText(-rc)));
-  unsubmitted_ = 0;
+  while (unsubmitted_ > 0) {
+    const int rc = io_uring_submit(&ring_);
+    if (rc == -EINTR) continue;
+    if (rc == -EAGAIN || rc == -EBUSY || rc == 0) {
+      // The kernel is short of resources or completions must be reaped first; what is left
+      // goes with the next Submit or Reap.
+      return absl::ResourceExhaustedError(absl::StrCat("io_uring_submit: ", ErrnoText(-rc)));
+    }
+    if (rc < 0) return absl::UnavailableError(absl::StrCat("io_uring_submit: ", ErrnoText(-rc)));
+    unsubmitted_ -= std::min(rc, unsubmitted_);
+  }
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<IoRing::Completion>> IoRing::Reap(int min_completions) {
   if (unsubmitted_ > 0) {
-    if (absl::Status s = Submit(); !s.ok()) return s;
+    if (absl::Status s = Submit(); !s.ok() && !absl::IsResourceExhausted(s)) return s;
   }
   std::vector<Completion> out;
-  const int want = std::min(min_completions, outstanding_);
+  // Only what reached the kernel can complete.
+  const int want = std::min(min_completions, outstanding_ - unsubmitted_);
   while (static_cast<int>(out.size()) < want) {
     io_uring_cqe* cqe = nullptr;
     const int rc = io_uring_wait_cqe(&ring_, &cqe);

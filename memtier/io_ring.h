@@ -96,7 +96,9 @@ class IoRing {
   // Queue a one-shot wait for `fd` to become readable (an eventfd that other threads signal), so
   // that one Reap wakes for either I/O or new work. Counts against queue_depth like an I/O.
   absl::Status QueuePoll(int fd, uint64_t tag);
-  // Submits everything queued in one system call.
+  // Submits everything queued (one system call unless the kernel takes part of it).
+  // RESOURCE_EXHAUSTED when the kernel takes no more now (EAGAIN, EBUSY): reap, then retry; what
+  // is left stays queued.
   absl::Status Submit();
   // Submits anything still queued, waits for at least `min_completions` (at most what is
   // outstanding) and returns every completion available, in no particular order.

@@ -125,13 +125,13 @@ KvStore::~KvStore() { Flush(); }
 KvStore::Where KvStore::Find(BlockHash hash) const {
   if (auto it = host_index_.find(hash); it != host_index_.end()) {
     return host_slots_[it->second].state == HostSlot::State::kReady ? Where::kHost
-                                                                     : Where::kLoading;
+                                                                    : Where::kLoading;
   }
   if (disk_enabled_) {
     if (auto it = disk_index_.find(hash); it != disk_index_.end()) {
       // A block being written from a copy (its host slot already reused) can be loaded soon.
       return disk_slots_[it->second].state == DiskSlot::State::kReady ? Where::kDisk
-                                                                       : Where::kLoading;
+                                                                      : Where::kLoading;
     }
   }
   return Where::kNone;
@@ -161,6 +161,7 @@ void KvStore::PinDisk(int64_t slot) {
 void KvStore::UnpinDisk(int64_t slot) {
   DiskSlot& d = disk_slots_[slot];
   CHECK_GT(d.pins, 0);
+  CHECK(!d.in_lru);
   if (--d.pins > 0 || d.state != DiskSlot::State::kReady) return;
   d.lru_pos = disk_lru_.insert(disk_lru_.end(), slot);
   d.in_lru = true;
@@ -179,7 +180,7 @@ void KvStore::EvictHost(int64_t slot) {
 
 void KvStore::EvictDisk(int64_t slot) {
   DiskSlot& d = disk_slots_[slot];
-  DCHECK(d.in_lru);
+  CHECK(d.in_lru && d.pins == 0);
   disk_lru_.erase(d.lru_pos);
   d.in_lru = false;
   disk_index_.erase(d.key.hash);
@@ -198,18 +199,22 @@ int64_t KvStore::AllocateHost() {
     return s;
   }
   // The least recently used clean block (a disk copy exists), else the least recently used one.
-  int64_t victim = -1;
+  // Preference: clean and not loaded for a request still waiting for it; then clean; then the
+  // oldest.
+  int64_t victim = -1, clean_prefetched = -1, oldest = -1;
   int scanned = 0;
   for (auto it = host_lru_.begin(); it != host_lru_.end() && scanned < kCleanVictimScan; ++it) {
     const HostSlot& h = host_slots_[*it];
     if (h.pins > 0) continue;
     ++scanned;
-    if (h.clean) {
+    if (oldest < 0) oldest = *it;
+    if (h.clean && !h.prefetched) {
       victim = *it;
       break;
     }
-    if (victim < 0) victim = *it;
+    if (h.clean && clean_prefetched < 0) clean_prefetched = *it;
   }
+  if (victim < 0) victim = clean_prefetched >= 0 ? clean_prefetched : oldest;
   if (victim < 0) return -1;
   // A dirty victim goes to disk from a copy (the write-backs fell behind a burst).
   if (disk_enabled_ && !host_slots_[victim].clean && !SpillToDisk(victim)) {
@@ -307,10 +312,11 @@ absl::Status KvStore::Restore(BlockHash hash, int64_t device_slot, bool speculat
     return st;
   }
   ++stats_.host.hits;
-  if (speculative) {
-    promoted_.insert(hash);
-    ++stats_.prefetch_promoted;
-  }
+  // A block that prefetch loaded from disk was counted as promoted then; moving it on up to the
+  // device is the same promotion.
+  HostSlot& h = host_slots_[s];
+  if (speculative && !h.prefetched && promoted_.insert(hash).second) ++stats_.prefetch_promoted;
+  h.prefetched = false;
   return absl::OkStatus();
 }
 
@@ -331,7 +337,9 @@ void KvStore::Unpin(BlockHash hash) {
 
 int KvStore::Prefetch(absl::Span<const BlockHash> hashes) {
   // One request's chain must not evict itself from a small host tier.
-  const int max_loads = std::max<int>(1, static_cast<int>(host_slots_.size()) / 2);
+  // Counting the loads already in flight, since a waiting request calls again every step.
+  const int64_t max_loads =
+      std::max<int64_t>(1, static_cast<int64_t>(host_slots_.size()) / 2) - loads_in_flight_;
   int started = 0;
   for (BlockHash hash : hashes) {
     if (started >= max_loads) break;
@@ -358,15 +366,18 @@ void KvStore::RecordLowerTierHit(BlockHash hash, bool covered) {
 }
 
 void KvStore::StartLoad(int64_t disk_slot) {
+  // Pinned first: making room in host may spill a block to disk, which must not take this slot.
+  const BlockKey key = disk_slots_[disk_slot].key;
+  PinDisk(disk_slot);
   const int64_t hs = AllocateHost();
-  if (hs < 0) return;
-  DiskSlot& d = disk_slots_[disk_slot];
-  const BlockKey key = d.key;
+  if (hs < 0) {
+    UnpinDisk(disk_slot);
+    return;
+  }
   HostSlot& h = host_slots_[hs];
   h.state = HostSlot::State::kLoading;
   h.key = key;
   host_index_[key.hash] = hs;
-  PinDisk(disk_slot);
   ++loads_in_flight_;
   const uint64_t epoch = disk_epoch_;
   disk_->ReadImage(disk_slot, key, host_->image(hs),
@@ -429,6 +440,7 @@ bool KvStore::WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
                         if (st.ok()) {
                           consecutive_disk_errors_ = 0;
                           d.state = DiskSlot::State::kReady;
+                          CHECK_EQ(d.pins, 0) << "a disk slot was read while written";
                           d.lru_pos = disk_lru_.insert(disk_lru_.end(), ds);
                           d.in_lru = true;
                           ++stats_.write_backs;
@@ -491,12 +503,17 @@ bool KvStore::SpillToDisk(int64_t host_slot) {
     --spill_buffers_out_;
     spill_buffers_.push_back(std::move(*b));
   });
+  if (!started) --spill_buffers_out_;  // no disk slot: the callback (and buffer) went unrun
   return started;
 }
 
 void KvStore::ScheduleWriteBacks() {
   if (!disk_enabled_ || host_ == nullptr) return;
-  const int64_t reserve = std::max<int64_t>(2, static_cast<int64_t>(host_slots_.size()) / 8);
+  // Capped by the disk's size: writing back more than half of it would evict the copies that
+  // made other host blocks clean.
+  const int64_t reserve =
+      std::min<int64_t>(std::max<int64_t>(2, static_cast<int64_t>(host_slots_.size()) / 8),
+                        static_cast<int64_t>(disk_slots_.size()) / 2);
   const int64_t max_writes = 2 * static_cast<int64_t>(config_.disk_queue_depth);
   int64_t available = static_cast<int64_t>(host_free_.size());
   for (auto it = host_lru_.begin();

@@ -182,6 +182,26 @@ TEST_F(KvStoreTest, ABurstBeyondTheCleanReserveIsSpilledNotLost) {
   EXPECT_EQ(DeviceBlock(4, 0), Block(0));
 }
 
+TEST_F(KvStoreTest, ALoadKeepsItsDiskSlotWhileRoomIsMadeForIt) {
+  Open(Config(2, 2));
+  Evict(0, /*to_disk=*/true);
+  Evict(1, /*to_disk=*/true);
+  Settle();  // disk: 0, 1 (full)
+  Compute(0, 2);
+  store_->Put(0, KeyOf(2));
+  Compute(0, 3);
+  store_->Put(0, KeyOf(3));  // host: 2, 3, both dirty
+  // Loading 0 needs a host slot: evicting dirty 2 spills it to disk, which must take 1's slot,
+  // not the one 0 is being read from.
+  ASSERT_EQ(store_->Prefetch({KeyOf(0).hash}), 1);
+  Settle();
+  ASSERT_EQ(store_->Find(KeyOf(0).hash), KvStore::Where::kHost);
+  ASSERT_TRUE(store_->Restore(KeyOf(0).hash, 5).ok());
+  EXPECT_EQ(DeviceBlock(5, 0), Block(0));
+  EXPECT_EQ(store_->Find(KeyOf(1).hash), KvStore::Where::kNone);
+  EXPECT_EQ(store_->stats().corrupt_blocks, 0);
+}
+
 TEST_F(KvStoreTest, PinnedHostBlocksAreNotEvicted) {
   Open(Config(2, 0));
   Evict(0);

@@ -117,6 +117,7 @@ launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model
 for i in 1 2; do
   launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
+    --host_cache_mb=128 --disk_cache_mb=512 --disk_cache_path="$run_dir/kv-worker-$i" \
     --port_file="$run_dir/worker-$i.port"
 done
 

@@ -245,7 +245,7 @@ void Engine::KeepWarm(const Sequence& s) {
     const BlockKey key = blocks_.key(b);
     if (key.hash != s.hashes[i]) continue;  // a private duplicate of a published block
     device_tier_->Bind(b, key);
-    store_->Put(b, key);
+    store_->Put(b, key, /*to_disk=*/config_.write_through_hot_blocks);
   }
 }
 

@@ -59,7 +59,8 @@ struct EngineConfig {
   std::string model_name = "model";
   // Host and disk tiers under the device cache (capacities in bytes; 0 leaves a tier out).
   KvStoreConfig tiers;
-  // Copy blocks reused twice or more down to host and disk before they are evicted.
+  // Copy blocks reused twice or more down to host and disk before they are evicted (and, with
+  // keep_finished_warm, write a finished request's blocks through to disk too).
   bool write_through_hot_blocks = false;
   // Copy a finished request's blocks to the host tier, warm for the conversation's next turn.
   bool keep_finished_warm = true;

@@ -50,7 +50,8 @@ ABSL_FLAG(bool, disk_cache_recover, true,
 ABSL_FLAG(std::string, kv_compression, "none",
           "How host and disk tiers store KV blocks: none, int8 or fp8 (per-head scales).");
 ABSL_FLAG(bool, write_through, false,
-          "Copy KV blocks reused twice or more down to host and disk before they are evicted.");
+          "Copy KV blocks reused twice or more down to host and disk before they are evicted, "
+          "and write finished requests' blocks through to disk.");
 ABSL_FLAG(bool, keep_finished_warm, true,
           "Copy a finished request's KV blocks to the host tier for the conversation's next turn.");
 ABSL_FLAG(int64_t, max_io_wait_ms, 500,

@@ -623,6 +623,21 @@ v1::LoadReport WorkerService::MakeLoadReport(const EngineStats& st, const LoopSt
     t->set_num_free_blocks(static_cast<uint64_t>(load->num_slots - load->num_used));
     t->set_num_total_blocks(static_cast<uint64_t>(load->num_slots));
   }
+  if (st.tiers.host.num_slots > 0) {
+    const KvStoreStats& ts = st.tiers;
+    v1::KvTierStats* k = r.mutable_kv_tiers();
+    k->set_disk_enabled(ts.disk_enabled);
+    k->set_write_backs(static_cast<uint64_t>(ts.write_backs));
+    k->set_loads(static_cast<uint64_t>(ts.loads));
+    k->set_lost_evictions(static_cast<uint64_t>(ts.lost_evictions));
+    k->set_corrupt_blocks(static_cast<uint64_t>(ts.corrupt_blocks));
+    k->set_io_errors(static_cast<uint64_t>(ts.io_errors));
+    k->set_prefetch_promoted(static_cast<uint64_t>(ts.prefetch_promoted));
+    k->set_prefetch_used(static_cast<uint64_t>(ts.prefetch_used));
+    k->set_lower_tier_hits(static_cast<uint64_t>(ts.lower_tier_hits));
+    k->set_lower_tier_hits_covered(static_cast<uint64_t>(ts.lower_tier_hits_covered));
+    k->set_disk_recovered(static_cast<uint64_t>(ts.disk_recovered));
+  }
   double sum = 0;
   for (double ms : state.step_ms) sum += ms;
   r.set_mean_step_time_ms(state.step_ms.empty() ? 0.0 : sum / state.step_ms.size());
