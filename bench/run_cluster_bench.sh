@@ -7,8 +7,11 @@
 #      prompt, and 16 tenants' 1,000-token system prompts (twice what one worker's cache holds).
 #   2. The coordinator's added latency: one worker, the same workload sent straight to the worker
 #      (Worker.Submit) and through a coordinator (Serving.Generate), alternating, several rounds.
-# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|all]   (JSON per run, plus
-# summary.txt)
+#   3. KV tiers: multi-turn conversations whose KV is many times one worker's device cache (8 MiB:
+#      2k tokens), on a worker with the device cache only and on one with host (64 MiB) and disk
+#      (256 MiB) tiers below it; then the tiered worker's counters (prefetch accuracy, coverage).
+# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|all]   (JSON per run,
+# plus summary.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/strata-cluster-bench}
@@ -16,7 +19,7 @@ part=${2:-all}
 mkdir -p "$out"
 tools/setup.sh
 bazel build --noshow_progress //worker/server:strata-worker //coordinator:strata-coordinator \
-  //bench:loadgen 2>&1 | grep -v 'INFO:\|Loading\|Analyzing' || true
+  //bench:loadgen //cli:stratactl 2>&1 | grep -v 'INFO:\|Loading\|Analyzing' || true
 bin=$(bazel info bazel-bin 2>/dev/null)
 model=$PWD/models/strata-tiny/base
 STRATA_BIN=$bin STRATA_OUT=$out
@@ -70,6 +73,28 @@ for round in 1 2 3; do
     --cache_salt="direct-$round" --json_out="$out/direct-$round.json" | tee -a "$summary"
   loadgen --target=127.0.0.1:$c "${plain[@]}" --seed=$round --label="coordinator/round$round" \
     --cache_salt="coordinator-$round" --json_out="$out/coordinator-$round.json" | tee -a "$summary"
+done
+fi
+# 3. KV tiers.
+if [ "$part" = all ] || [ "$part" = tiers ]; then
+convs=(--workload=multi-turn --requests=144 --turns=6 --rate=1 --prompt_tokens=600 --turn_tokens=48
+       --output_tokens=16 --think_time_ms=2000)
+for setup in device-only tiered; do
+  flags=(--kv_cache_mb=8 --threads=2)
+  if [ $setup = tiered ]; then
+    rm -f "$out/tiers-kv"
+    flags+=(--host_cache_mb=64 --disk_cache_mb=256 --disk_cache_path="$out/tiers-kv")
+  fi
+  strata_worker "tiers-$setup" "$model" "${flags[@]}"
+  w=$STRATA_PORT
+  strata_coordinator "tiers-$setup-coordinator" "$model" "127.0.0.1:$w"
+  c=$STRATA_PORT
+  sleep 1
+  loadgen --target=127.0.0.1:$c "${convs[@]}" --label="multi-turn/$setup" \
+    --json_out="$out/tiers-$setup.json" | tee -a "$summary"
+  "$bin/cli/stratactl" status --coordinator "127.0.0.1:$c" | tee -a "$summary"
+  "$bin/cli/stratactl" status --coordinator "127.0.0.1:$c" --json > "$out/tiers-$setup-status.json"
+  strata_stop_all
 done
 fi
 echo "results in $out" | tee -a "$summary"

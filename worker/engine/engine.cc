@@ -64,7 +64,7 @@ Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig conf
                int64_t num_blocks)
     : weights_(weights),
       config_(std::move(config)),
-      runner_(weights, comm),
+      runner_(weights, comm, config_.compute_threads),
       blocks_(num_blocks, config_.block_tokens),
       kv_(*weights, num_blocks, config_.block_tokens) {}
 

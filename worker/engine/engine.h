@@ -57,6 +57,8 @@ struct EngineConfig {
   bool enable_prefix_caching = true;
   // Names the model in the cache namespace.
   std::string model_name = "model";
+  // Threads the model runner splits a step's work across (0: one per core).
+  int compute_threads = 0;
   // Host and disk tiers under the device cache (capacities in bytes; 0 leaves a tier out).
   KvStoreConfig tiers;
   // Copy blocks reused twice or more down to host and disk before they are evicted (and, with

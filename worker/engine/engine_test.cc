@@ -319,6 +319,9 @@ class EngineTiersTest : public EngineTest {
   EngineConfig TieredConfig(int64_t host_blocks, int64_t disk_blocks) {
     EngineConfig c;
     c.num_kv_blocks = 16;
+    // One compute thread: the disk tier's I/O thread is then the only other one, and TSAN (which
+    // cannot see the thread pool's uninstrumented absl::Mutex) checks the store's synchronization.
+    c.compute_threads = 1;
     auto probe = MakeEngine({});
     const int64_t slot = (probe->kv_block_bytes() + 64 + 4095) / 4096 * 4096;
     c.tiers.host_bytes = host_blocks * slot;

@@ -99,6 +99,7 @@ int Main() {
   ec.block_tokens = absl::GetFlag(FLAGS_block_tokens);
   ec.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   ec.max_running_sequences = absl::GetFlag(FLAGS_max_running_sequences);
+  ec.compute_threads = absl::GetFlag(FLAGS_threads);
   ec.tiers.host_bytes = absl::GetFlag(FLAGS_host_cache_mb) << 20;
   ec.tiers.disk_bytes = absl::GetFlag(FLAGS_disk_cache_mb) << 20;
   ec.tiers.disk_path = absl::GetFlag(FLAGS_disk_cache_path);
