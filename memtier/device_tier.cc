@@ -4,6 +4,14 @@
 
 #include "absl/strings/str_cat.h"
 
+#ifdef STRATA_HAVE_CUDA
+#include "kernels/cuda/runtime.h"
+#else
+namespace strata {
+class DeviceBuffer {};
+}  // namespace strata
+#endif
+
 namespace strata {
 
 absl::StatusOr<std::unique_ptr<DeviceTier>> DeviceTier::Create(DeviceTierConfig config) {
@@ -16,7 +24,44 @@ absl::StatusOr<std::unique_ptr<DeviceTier>> DeviceTier::Create(DeviceTierConfig 
                                                    " segment arrays for a layout of ",
                                                    config.layout.num_segments));
   }
-  return std::unique_ptr<DeviceTier>(new DeviceTier(std::move(config)));
+  if (config.gpu_memory && !config.segments.empty()) {
+    return absl::InvalidArgumentError("device tier: gpu_memory is for a pool the tier allocates");
+  }
+  std::unique_ptr<DeviceBuffer> gpu;
+  bool on_gpu = false;
+#ifdef STRATA_HAVE_CUDA
+  if (config.gpu_memory) {
+    if (absl::StatusOr<int> n = CudaDeviceCount(); !n.ok()) return n.status();
+    const size_t bytes = static_cast<size_t>(config.num_slots * config.layout.block_bytes());
+    absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(bytes);
+    if (!b.ok()) return b.status();
+    if (absl::Status s = b->Fill(0); !s.ok()) return s;
+    gpu = std::make_unique<DeviceBuffer>(*std::move(b));
+    const int64_t per_segment = config.num_slots * config.layout.segment_floats();
+    for (int64_t s = 0; s < config.layout.num_segments; ++s) {
+      config.segments.push_back(gpu->as<float>() + s * per_segment);
+    }
+  }
+  on_gpu = !config.segments.empty() && IsDeviceMemory(config.segments[0]);
+#else
+  if (config.gpu_memory) {
+    return absl::UnavailableError("device tier: GPU memory needs a CUDA build");
+  }
+#endif
+  auto tier = std::unique_ptr<DeviceTier>(new DeviceTier(std::move(config)));
+  tier->gpu_owned_ = std::move(gpu);
+  tier->on_gpu_ = on_gpu;
+  return tier;
+}
+
+DeviceTier::~DeviceTier() = default;
+
+absl::Status DeviceTier::Copy(void* dst, const void* src, size_t bytes) const {
+#ifdef STRATA_HAVE_CUDA
+  if (on_gpu_) return CopyMemory(dst, src, bytes);
+#endif
+  std::memcpy(dst, src, bytes);
+  return absl::OkStatus();
 }
 
 DeviceTier::DeviceTier(DeviceTierConfig config)
@@ -39,10 +84,10 @@ void DeviceTier::Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> pay
   if (status.ok()) {
     const int64_t n = config_.layout.segment_floats();
     const int64_t bytes = config_.layout.segment_bytes();
-    for (size_t s = 0; s < config_.segments.size(); ++s) {
-      std::memcpy(config_.segments[s] + slot * n, payload.data() + s * bytes, bytes);
+    for (size_t s = 0; s < config_.segments.size() && status.ok(); ++s) {
+      status = Copy(config_.segments[s] + slot * n, payload.data() + s * bytes, bytes);
     }
-    keys_[slot] = key;
+    if (status.ok()) keys_[slot] = key;
   }
   ready_.Add(std::move(done), std::move(status));
 }
@@ -58,8 +103,8 @@ void DeviceTier::Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done 
     } else {
       const int64_t n = config_.layout.segment_floats();
       const int64_t bytes = config_.layout.segment_bytes();
-      for (size_t s = 0; s < config_.segments.size(); ++s) {
-        std::memcpy(out.data() + s * bytes, config_.segments[s] + slot * n, bytes);
+      for (size_t s = 0; s < config_.segments.size() && status.ok(); ++s) {
+        status = Copy(out.data() + s * bytes, config_.segments[s] + slot * n, bytes);
       }
     }
   }

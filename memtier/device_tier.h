@@ -6,8 +6,10 @@
 // writing them here; Bind names such a block so that Read can check the key it is asked for.
 //
 // Memory: the segment arrays belong to the caller (the engine's KV cache), or to the tier when the
-// config names none. On a CPU worker they are host memory and copies are memcpy, complete when
-// Write/Read return (callbacks still wait for Poll, per the BlockTier contract).
+// config names none: host memory, or GPU memory with `gpu_memory` (a CUDA build with a device).
+// Copies are memcpy for host memory and cudaMemcpy for GPU memory, complete when Write/Read return
+// (callbacks still wait for Poll, per the BlockTier contract). A GPU engine will want them
+// asynchronous on a copy stream, with the block's ready event; that comes with the CUDA engine.
 //
 // Thread contract: the engine's step thread owns it, like the cache it views.
 #ifndef STRATA_MEMTIER_DEVICE_TIER_H_
@@ -27,15 +29,22 @@ namespace strata {
 struct DeviceTierConfig {
   KvBlockLayout layout;
   int64_t num_slots = 0;
-  // Per segment, the base of its [num_slots, block_tokens, num_heads, head_dim] f32 array; empty:
-  // the tier allocates its own (zeroed).
+  // Per segment, the base of its [num_slots, block_tokens, num_heads, head_dim] f32 array (host or
+  // GPU memory); empty: the tier allocates its own (zeroed).
   std::vector<float*> segments;
+  // When the tier allocates: in GPU memory (UNAVAILABLE without a CUDA device) instead of host.
+  bool gpu_memory = false;
 };
+
+class DeviceBuffer;
 
 class DeviceTier final : public BlockTier {
  public:
   // INVALID_ARGUMENT for an invalid layout, no slots, or a segment count that does not match.
   static absl::StatusOr<std::unique_ptr<DeviceTier>> Create(DeviceTierConfig config);
+  ~DeviceTier() override;
+  // Whether the slots are GPU memory.
+  bool on_gpu() const { return on_gpu_; }
 
   // The block in `slot` was computed in place and is `key` now / holds nothing any more.
   void Bind(int64_t slot, BlockKey key);
@@ -55,9 +64,12 @@ class DeviceTier final : public BlockTier {
 
  private:
   explicit DeviceTier(DeviceTierConfig config);
+  absl::Status Copy(void* dst, const void* src, size_t bytes) const;
 
   DeviceTierConfig config_;
   std::vector<float> owned_;
+  std::unique_ptr<DeviceBuffer> gpu_owned_;
+  bool on_gpu_ = false;
   std::vector<std::optional<BlockKey>> keys_;
   DeferredCallbacks ready_;
 };

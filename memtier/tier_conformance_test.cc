@@ -39,6 +39,14 @@ std::vector<TierCase> Cases() {
                      c.num_slots = kSlots;
                      return absl::StatusOr<std::unique_ptr<BlockTier>>(DeviceTier::Create(c));
                    }});
+  // GPU memory: skipped where there is no CUDA device (see SetUp).
+  cases.push_back({"device_gpu", KvCompression::kNone, [](const std::string&) {
+                     DeviceTierConfig c;
+                     c.layout = kLayout;
+                     c.num_slots = kSlots;
+                     c.gpu_memory = true;
+                     return absl::StatusOr<std::unique_ptr<BlockTier>>(DeviceTier::Create(c));
+                   }});
   for (KvCompression comp : {KvCompression::kNone, KvCompression::kInt8, KvCompression::kFp8E4M3}) {
     const std::string suffix(KvCompressionName(comp));
     cases.push_back({"host_" + suffix, comp, [comp](const std::string&) {
@@ -84,6 +92,9 @@ class TierConformanceTest : public ::testing::TestWithParam<TierCase> {
   void Open() {
     tier_.reset();
     auto t = GetParam().open(dir_);
+    if (GetParam().name == "device_gpu" && absl::IsUnavailable(t.status())) {
+      GTEST_SKIP() << "no CUDA device: " << t.status();
+    }
     ASSERT_TRUE(t.ok()) << t.status();
     tier_ = *std::move(t);
   }

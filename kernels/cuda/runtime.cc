@@ -47,6 +47,10 @@ absl::Status UnregisterPinnedHostMemory(void* ptr) {
   return CudaStatus(cudaHostUnregister(ptr), "cudaHostUnregister");
 }
 
+absl::Status CopyMemory(void* dst, const void* src, size_t bytes) {
+  return CudaStatus(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
+}
+
 bool IsDeviceMemory(const void* ptr) {
   cudaPointerAttributes attributes{};
   if (cudaPointerGetAttributes(&attributes, ptr) != cudaSuccess) {

@@ -30,6 +30,10 @@ absl::StatusOr<int> CudaDeviceCount();
 absl::Status RegisterPinnedHostMemory(void* ptr, size_t bytes);
 absl::Status UnregisterPinnedHostMemory(void* ptr);
 
+// Copies `bytes` between any two of host and device memory (cudaMemcpyDefault, unified addressing),
+// synchronously.
+absl::Status CopyMemory(void* dst, const void* src, size_t bytes);
+
 // True when `ptr` is device (or managed) memory of the current device.
 bool IsDeviceMemory(const void* ptr);
 
