@@ -140,6 +140,18 @@ TEST(DiskTierTest, TheNewestCopyOfABlockWinsAtRecovery) {
   EXPECT_TRUE((*t)->Scan().empty());
 }
 
+TEST(DiskTierTest, OneProcessPerFile) {
+  const std::string dir = TestDir();
+  DiskTierConfig config = Config(dir);
+  auto first = DiskTier::Open(config);
+  ASSERT_TRUE(first.ok());
+  // flock locks belong to open file descriptions: a second open conflicts even in one process.
+  auto second = DiskTier::Open(config);
+  EXPECT_TRUE(absl::IsFailedPrecondition(second.status())) << second.status();
+  first->reset();
+  EXPECT_TRUE(DiskTier::Open(config).ok());
+}
+
 TEST(DiskTierTest, OtherEncodingsAreNotRecovered) {
   const std::string dir = TestDir();
   DiskTierConfig config = Config(dir);

@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -65,6 +66,23 @@ absl::StatusOr<SlotFile> SlotFile::Open(const std::string& path, int64_t num_slo
     const int err = errno;
     return absl::UnavailableError(
         absl::StrCat("cannot open ", path, " with O_DIRECT: ", ErrnoText(err)));
+  }
+  // One process per slot file: a second worker on the same file would overwrite its slots. A
+  // process killed with I/O in flight keeps its lock until the kernel has torn its ring down
+  // (milliseconds), so a restart waits up to 2 s for it.
+  int locked = -1;
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    locked = flock(fd, LOCK_EX | LOCK_NB);
+    if (locked == 0 || errno != EWOULDBLOCK) break;
+    usleep(10 * 1000);
+  }
+  if (locked != 0) {
+    const int err = errno;
+    close(fd);
+    return err == EWOULDBLOCK
+               ? absl::FailedPreconditionError(
+                     absl::StrCat(path, " is in use by another process (flock)"))
+               : absl::UnavailableError(absl::StrCat("cannot lock ", path, ": ", ErrnoText(err)));
   }
   SlotFile f;
   f.fd_ = fd;

@@ -44,7 +44,9 @@ class AlignedBuffer {
 class SlotFile {
  public:
   // Creates or reopens `path`, preallocating num_slots * slot_bytes (fallocate). RESOURCE_EXHAUSTED
-  // when the file system is full (or the file would pass a quota or size limit), INVALID_ARGUMENT
+  // when the file system is full (or the file would pass a quota or size limit),
+  // FAILED_PRECONDITION when another process has it open as a slot file (an exclusive flock, held
+  // until close; waited for up to 2 s, for a killed predecessor's kernel I/O to drain), INVALID_ARGUMENT
   // for sizes that are not multiples of 4096, UNAVAILABLE for other I/O errors (the message names
   // the path and the error).
   static absl::StatusOr<SlotFile> Open(const std::string& path, int64_t num_slots,

@@ -88,6 +88,11 @@ absl::Status KvStore::OpenTiers() {
     LOG(WARNING) << disk.status().message() << "; trying " << dc.num_slots << " slots";
     disk = DiskTier::Open(dc);
   }
+  // A file another worker holds, or a bad setting, is the operator's to fix; a disk that fails is
+  // served around.
+  if (absl::IsFailedPrecondition(disk.status()) || absl::IsInvalidArgument(disk.status())) {
+    return disk.status();
+  }
   if (!disk.ok()) {
     LOG(ERROR) << "kv store: serving without a disk tier: " << disk.status();
     return absl::OkStatus();
