@@ -82,6 +82,15 @@ TEST(TiersTest, PrefixesComeBackFromHostAndDiskAndSurviveAWorkerRestart) {
     if (!tiers_indexed) absl::SleepFor(absl::Milliseconds(20));
   }
   EXPECT_TRUE(tiers_indexed);
+  // The worker's load reports carry the tiers' counters.
+  bool counted = false;
+  for (int i = 0; i < 100 && !counted; ++i) {
+    const v1::KvTierStats k = Status(cluster.admin()).workers(0).load().kv_tiers();
+    counted = k.disk_enabled() && k.write_backs() > 0 && k.lower_tier_hits() > 0 &&
+              k.corrupt_blocks() == 0 && k.io_errors() == 0;
+    if (!counted) absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_TRUE(counted) << Status(cluster.admin()).workers(0).load().DebugString();
 
   // SIGKILL, restart on the same disk file: the blocks on disk are indexed again and hit.
   const uint64_t epoch = Status(cluster.admin()).workers(0).info().worker_epoch();
