@@ -2,6 +2,7 @@
 // model, driven through the public gRPC API.
 #include <signal.h>
 
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
@@ -12,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "tests/cluster_client.h"
 #include "tests/local_cluster.h"
+#include "tests/process.h"
 
 namespace strata {
 namespace {
@@ -418,6 +420,36 @@ TEST(FailoverTest, QueuedRequestsOfADeadWorkerStartOverElsewhere) {
     EXPECT_TRUE(results[i].contiguous);
     EXPECT_EQ(results[i].tokens, expected[i]);
   }
+}
+
+// A worker serves random weights shaped by a config.json alone (benchmarking models whose files
+// are not here): it starts, and generates the tokens asked for.
+TEST(RandomWeightsTest, AWorkerServesAModelFromItsConfigAlone) {
+  const std::string dir = absl::StrCat(TestOutputDir(), "/config-only");
+  ASSERT_EQ(std::system(absl::StrCat("mkdir -p '", dir, "' && cp ", kTinyModelDir, "/config.json '",
+                                     dir, "/'")
+                            .c_str()),
+            0);
+  LocalClusterOptions o;
+  o.num_workers = 1;
+  o.coordinator = false;
+  o.name = "random-weights";
+  o.worker_flags = {absl::StrCat("--model=", dir), "--random_weights=bf16"};
+  auto c = LocalCluster::Start(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  v1::SubmitRequest sub;
+  sub.set_request_id("random");
+  sub.set_model(kTinyModel);
+  for (int32_t t : {5, 6, 7, 8, 9}) sub.add_prompt_token_ids(t);
+  sub.mutable_sampling()->set_max_tokens(6);
+  sub.mutable_sampling()->set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  auto reader = (*c)->worker(0)->Submit(&ctx, sub);
+  int64_t tokens = 0;
+  v1::SubmitResponse chunk;
+  while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens, 6);
 }
 
 TEST(AdmissionTest, CoordinatorQueueBoundAnswersResourceExhausted) {

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -18,6 +19,7 @@
 #include "common/log.h"
 #include "common/process.h"
 #include "common/version.h"
+#include "kernels/dtype.h"
 #include "worker/comm/collectives.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
@@ -26,6 +28,10 @@
 #include "worker/server/worker_service.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory (config.json, *.safetensors). Required.");
+ABSL_FLAG(std::string, random_weights, "",
+          "Serve random weights of this dtype (f32, bf16, f16) built from --model's config.json "
+          "alone, for benchmarking model shapes whose weight files are not here.");
+ABSL_FLAG(uint64_t, random_seed, 1, "Seed of --random_weights.");
 ABSL_FLAG(std::string, model_name, "",
           "Name clients use for the model (and its KV cache namespace); default: the directory's "
           "base name.");
@@ -84,7 +90,20 @@ int Main() {
     LOG(ERROR) << config.status();
     return 1;
   }
-  absl::StatusOr<std::unique_ptr<ModelWeights>> weights = LoadModelWeights(dir, *config, 0, 1);
+  absl::StatusOr<std::unique_ptr<ModelWeights>> weights;
+  if (const std::string dtype_name = absl::GetFlag(FLAGS_random_weights); !dtype_name.empty()) {
+    DType dtype;
+    if (!ParseDType(absl::AsciiStrToUpper(dtype_name), &dtype) ||
+        (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16)) {
+      LOG(ERROR) << "--random_weights must be f32, bf16 or f16, not \"" << dtype_name << "\"";
+      return 1;
+    }
+    weights = RandomModelWeights(*config, dtype, absl::GetFlag(FLAGS_random_seed));
+    LOG(WARNING) << "serving RANDOM " << dtype_name << " weights shaped by " << dir
+                 << "/config.json: output is noise, timing is real";
+  } else {
+    weights = LoadModelWeights(dir, *config, 0, 1);
+  }
   if (!weights.ok()) {
     LOG(ERROR) << weights.status();
     return 1;
