@@ -8,8 +8,9 @@
 #   2. The coordinator's added latency: one worker, the same workload sent straight to the worker
 #      (Worker.Submit) and through a coordinator (Serving.Generate), alternating, several rounds.
 #   3. KV tiers: multi-turn conversations whose KV is many times one worker's device cache (8 MiB:
-#      2k tokens), on a worker with the device cache only and on one with host (64 MiB) and disk
-#      (256 MiB) tiers below it; then the tiered worker's counters (prefetch accuracy, coverage).
+#      2k tokens), on a worker with the device cache only, one with host (64 MiB) and disk
+#      (256 MiB) tiers below it, and one with a 16 MiB host tier only, raw and INT8; each worker's
+#      tier counters (prefetch accuracy, coverage) after its run.
 # Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|all]   (JSON per run,
 # plus summary.txt)
 set -euo pipefail
@@ -79,12 +80,14 @@ fi
 if [ "$part" = all ] || [ "$part" = tiers ]; then
 convs=(--workload=multi-turn --requests=144 --turns=6 --rate=1 --prompt_tokens=600 --turn_tokens=48
        --output_tokens=16 --think_time_ms=2000)
-for setup in device-only tiered; do
+for setup in device-only tiered small-host small-host-int8; do
   flags=(--kv_cache_mb=8 --threads=2)
-  if [ $setup = tiered ]; then
-    rm -f "$out/tiers-kv"
-    flags+=(--host_cache_mb=64 --disk_cache_mb=256 --disk_cache_path="$out/tiers-kv")
-  fi
+  rm -f "$out/tiers-kv"
+  case $setup in
+    tiered) flags+=(--host_cache_mb=64 --disk_cache_mb=256 --disk_cache_path="$out/tiers-kv") ;;
+    small-host) flags+=(--host_cache_mb=16) ;;
+    small-host-int8) flags+=(--host_cache_mb=16 --kv_compression=int8) ;;
+  esac
   strata_worker "tiers-$setup" "$model" "${flags[@]}"
   w=$STRATA_PORT
   strata_coordinator "tiers-$setup-coordinator" "$model" "127.0.0.1:$w"

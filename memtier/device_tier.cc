@@ -82,6 +82,7 @@ void DeviceTier::Unbind(int64_t slot) { keys_[slot].reset(); }
 void DeviceTier::Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> payload, Done done) {
   absl::Status status = CheckSlotAccess(*this, slot, payload.size());
   if (status.ok()) {
+    keys_[slot].reset();  // a copy that fails halfway leaves no block here
     const int64_t n = config_.layout.segment_floats();
     const int64_t bytes = config_.layout.segment_bytes();
     for (size_t s = 0; s < config_.segments.size() && status.ok(); ++s) {

@@ -42,8 +42,9 @@ struct DiskTier::Op {
 
 absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(DiskTierConfig config) {
   if (config.num_slots <= 0) return absl::InvalidArgumentError("disk tier: needs slots");
-  if (config.queue_depth < 1 || config.queue_depth > 4096) {
-    return absl::InvalidArgumentError("disk tier: queue_depth must be in [1, 4096]");
+  // The ring has one more entry, for the wake-up poll.
+  if (config.queue_depth < 1 || config.queue_depth > 4095) {
+    return absl::InvalidArgumentError("disk tier: queue_depth must be in [1, 4095]");
   }
   if (config.staging_slots <= 0) config.staging_slots = config.queue_depth;
   const int64_t slot_bytes = HostTier::SlotBytesFor(config.codec);

@@ -70,14 +70,13 @@ absl::StatusOr<SlotFile> SlotFile::Open(const std::string& path, int64_t num_slo
   // One process per slot file: a second worker on the same file would overwrite its slots. A
   // process killed with I/O in flight keeps its lock until the kernel has torn its ring down
   // (milliseconds), so a restart waits up to 2 s for it.
-  int locked = -1;
+  int err = 0;
   for (int attempt = 0; attempt < 200; ++attempt) {
-    locked = flock(fd, LOCK_EX | LOCK_NB);
-    if (locked == 0 || errno != EWOULDBLOCK) break;
+    err = flock(fd, LOCK_EX | LOCK_NB) == 0 ? 0 : errno;
+    if (err != EWOULDBLOCK || attempt == 199) break;
     usleep(10 * 1000);
   }
-  if (locked != 0) {
-    const int err = errno;
+  if (err != 0) {
     close(fd);
     return err == EWOULDBLOCK
                ? absl::FailedPreconditionError(
@@ -210,7 +209,8 @@ absl::Status IoRing::Submit() {
     if (rc == -EAGAIN || rc == -EBUSY || rc == 0) {
       // The kernel is short of resources or completions must be reaped first; what is left
       // goes with the next Submit or Reap.
-      return absl::ResourceExhaustedError(absl::StrCat("io_uring_submit: ", ErrnoText(-rc)));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("io_uring_submit: ", rc == 0 ? "nothing taken" : ErrnoText(-rc)));
     }
     if (rc < 0) return absl::UnavailableError(absl::StrCat("io_uring_submit: ", ErrnoText(-rc)));
     unsubmitted_ -= std::min(rc, unsubmitted_);
@@ -219,29 +219,32 @@ absl::Status IoRing::Submit() {
 }
 
 absl::StatusOr<std::vector<IoRing::Completion>> IoRing::Reap(int min_completions) {
-  if (unsubmitted_ > 0) {
-    if (absl::Status s = Submit(); !s.ok() && !absl::IsResourceExhausted(s)) return s;
-  }
   std::vector<Completion> out;
-  // Only what reached the kernel can complete.
-  const int want = std::min(min_completions, outstanding_ - unsubmitted_);
-  while (static_cast<int>(out.size()) < want) {
+  const int want = std::min(min_completions, outstanding_);
+  while (true) {
+    if (unsubmitted_ > 0) {
+      if (absl::Status s = Submit(); !s.ok() && !absl::IsResourceExhausted(s)) return s;
+    }
+    // Whatever is ready, without waiting.
     io_uring_cqe* cqe = nullptr;
-    const int rc = io_uring_wait_cqe(&ring_, &cqe);
-    if (rc == -EINTR) continue;
-    if (rc < 0) return absl::UnavailableError(absl::StrCat("io_uring_wait_cqe: ", ErrnoText(-rc)));
-    out.push_back({io_uring_cqe_get_data64(cqe), cqe->res});
-    io_uring_cqe_seen(&ring_, cqe);
-    --outstanding_;
+    while (outstanding_ > 0 && io_uring_peek_cqe(&ring_, &cqe) == 0) {
+      out.push_back({io_uring_cqe_get_data64(cqe), cqe->res});
+      io_uring_cqe_seen(&ring_, cqe);
+      --outstanding_;
+    }
+    if (static_cast<int>(out.size()) >= want) return out;
+    if (outstanding_ > unsubmitted_) {
+      // Something is in the kernel: wait for it.
+      const int rc = io_uring_wait_cqe(&ring_, &cqe);
+      if (rc == -EINTR) continue;
+      if (rc < 0) {
+        return absl::UnavailableError(absl::StrCat("io_uring_wait_cqe: ", ErrnoText(-rc)));
+      }
+      continue;  // taken by the peek loop
+    }
+    // Nothing in the kernel and it takes nothing now: back off, then submit again.
+    usleep(100);
   }
-  // And whatever else is ready, without waiting.
-  io_uring_cqe* cqe = nullptr;
-  while (outstanding_ > 0 && io_uring_peek_cqe(&ring_, &cqe) == 0) {
-    out.push_back({io_uring_cqe_get_data64(cqe), cqe->res});
-    io_uring_cqe_seen(&ring_, cqe);
-    --outstanding_;
-  }
-  return out;
 }
 
 }  // namespace strata

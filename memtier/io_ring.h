@@ -46,9 +46,9 @@ class SlotFile {
   // Creates or reopens `path`, preallocating num_slots * slot_bytes (fallocate). RESOURCE_EXHAUSTED
   // when the file system is full (or the file would pass a quota or size limit),
   // FAILED_PRECONDITION when another process has it open as a slot file (an exclusive flock, held
-  // until close; waited for up to 2 s, for a killed predecessor's kernel I/O to drain), INVALID_ARGUMENT
-  // for sizes that are not multiples of 4096, UNAVAILABLE for other I/O errors (the message names
-  // the path and the error).
+  // until close; waited for up to 2 s, for a killed predecessor's kernel I/O to drain),
+  // INVALID_ARGUMENT for sizes that are not multiples of 4096, UNAVAILABLE for other I/O errors
+  // (the message names the path and the error).
   static absl::StatusOr<SlotFile> Open(const std::string& path, int64_t num_slots,
                                        int64_t slot_bytes);
   SlotFile() = default;
@@ -102,8 +102,9 @@ class IoRing {
   // RESOURCE_EXHAUSTED when the kernel takes no more now (EAGAIN, EBUSY): reap, then retry; what
   // is left stays queued.
   absl::Status Submit();
-  // Submits anything still queued, waits for at least `min_completions` (at most what is
-  // outstanding) and returns every completion available, in no particular order.
+  // Submits anything still queued (retrying while the kernel refuses it), waits for at least
+  // `min_completions` (at most what is outstanding) and returns every completion available, in no
+  // particular order.
   absl::StatusOr<std::vector<Completion>> Reap(int min_completions);
 
   unsigned queue_depth() const { return queue_depth_; }

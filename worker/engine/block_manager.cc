@@ -21,7 +21,8 @@ int64_t BlockManager::MatchPrefix(absl::Span<const BlockHash> hashes) const {
   return n;
 }
 
-std::vector<int32_t> BlockManager::AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n) {
+std::vector<int32_t> BlockManager::AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n,
+                                                 bool count_hits) {
   std::vector<int32_t> out;
   for (int64_t i = 0; i < n; ++i) {
     auto it = by_hash_.find(hashes[i]);
@@ -32,7 +33,7 @@ std::vector<int32_t> BlockManager::AcquirePrefix(absl::Span<const BlockHash> has
       b.in_lru = false;
     }
     ++b.refs;
-    ++b.hits;
+    if (count_hits) ++b.hits;
     out.push_back(it->second);
   }
   return out;

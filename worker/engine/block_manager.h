@@ -55,8 +55,9 @@ class BlockManager {
   // How many leading hashes are published (whether in use or cached).
   int64_t MatchPrefix(absl::Span<const BlockHash> hashes) const;
   // Takes a reference to the published blocks of the first `n` hashes (n <= MatchPrefix(hashes)),
-  // counting a hit on each.
-  std::vector<int32_t> AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n);
+  // counting a hit on each unless `count_hits` is false (a reference only held, not a reuse).
+  std::vector<int32_t> AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n,
+                                     bool count_hits = true);
   // A block for new content, or nullopt when none is available. `free_only`: only a block that
   // holds nothing (never evicts a cached one).
   std::optional<int32_t> Allocate(bool free_only = false);

@@ -275,13 +275,20 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
         if (s->io_wait_since == absl::InfiniteFuture()) s->io_wait_since = now;
         if (now - s->io_wait_since < config_.max_io_wait) {
           // What has arrived moves on up to the device now (as cached blocks), so that a chain
-          // longer than the host tier streams through it.
+          // longer than the host tier streams through it. The chain's device blocks are held
+          // meanwhile, so making room evicts other blocks, never this chain's own, and each host
+          // copy is pinned while room is made for it.
+          std::vector<int32_t> held =
+              blocks_.AcquirePrefix(hashes, on_device, /*count_hits=*/false);
           for (int64_t i = on_device; i < in_host_end; ++i) {
+            if (!store_->Pin(hashes[i])) break;
             const int32_t b = RestoreFromHost(hashes[i], s->cache_namespace, /*free_only=*/false,
                                               /*speculative=*/true);
+            store_->Unpin(hashes[i]);
             if (b < 0) break;
-            blocks_.Release(b);
+            held.push_back(b);
           }
+          for (auto it = held.rbegin(); it != held.rend(); ++it) blocks_.Release(*it);
           store_->Prefetch(absl::MakeConstSpan(hashes).subspan(in_host_end, limit - in_host_end));
           s->waiting_hashes = std::move(hashes);
           return AdmitResult::kWaitingForIo;

@@ -92,6 +92,12 @@ int Main() {
   }
   absl::StatusOr<std::unique_ptr<ModelWeights>> weights;
   if (const std::string dtype_name = absl::GetFlag(FLAGS_random_weights); !dtype_name.empty()) {
+    // Its KV blocks share the real model's cache namespace: never let them into a disk file a
+    // real worker could recover.
+    if (absl::GetFlag(FLAGS_disk_cache_mb) > 0) {
+      LOG(ERROR) << "--random_weights cannot be combined with a disk KV tier (--disk_cache_mb)";
+      return 1;
+    }
     DType dtype;
     if (!ParseDType(absl::AsciiStrToUpper(dtype_name), &dtype) ||
         (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16)) {
