@@ -354,7 +354,9 @@ TEST_F(EngineTiersTest, EvictedPrefixesComeBackFromHostAndDiskWithTheSameOutput)
   RequestOutput out;
   std::vector<int32_t> want;
   {
-    auto ref = MakeEngine({});
+    EngineConfig one_thread;
+    one_thread.compute_threads = 1;  // see TieredConfig
+    auto ref = MakeEngine(one_thread);
     want = Run(*ref, "ref", a, &out);
   }
   auto e = MakeEngine(TieredConfig(/*host_blocks=*/8, /*disk_blocks=*/64));
