@@ -100,28 +100,33 @@ class BlockTier {
   virtual std::vector<StoredSlot> Scan() const = 0;
 };
 
-// Callbacks of operations that finished within the call (the memory tiers' copies), held for Poll
-// as the BlockTier contract asks. Owned by the tier; same thread contract.
-class DeferredCallbacks {
+// Base of the tiers whose copies complete within Write/Read (device and host memory): the callbacks
+// wait here for Poll, as the contract asks, and nothing survives the process.
+class ImmediateTier : public BlockTier {
  public:
-  void Add(BlockTier::Done done, absl::Status status) {
-    ready_.emplace_back(std::move(done), std::move(status));
-  }
-  // Runs what was added before the call (callbacks may add more); returns how many ran.
-  int Run() {
-    std::vector<std::pair<BlockTier::Done, absl::Status>> ready;
+  bool persistent() const override { return false; }
+  // Runs what finished before the call (callbacks may issue more); returns how many ran.
+  int Poll() override {
+    std::vector<std::pair<Done, absl::Status>> ready;
     ready.swap(ready_);
     for (auto& [done, status] : ready) std::move(done)(std::move(status));
     return static_cast<int>(ready.size());
   }
-  void RunAll() {
-    while (Run() > 0) {
+  void Flush() override {
+    while (Poll() > 0) {
     }
   }
-  int64_t size() const { return static_cast<int64_t>(ready_.size()); }
+  int64_t in_flight() const override { return static_cast<int64_t>(ready_.size()); }
+  std::vector<StoredSlot> Scan() const override { return {}; }
+
+ protected:
+  // Records a finished operation for the next Poll.
+  void Finish(Done done, absl::Status status) {
+    ready_.emplace_back(std::move(done), std::move(status));
+  }
 
  private:
-  std::vector<std::pair<BlockTier::Done, absl::Status>> ready_;
+  std::vector<std::pair<Done, absl::Status>> ready_;
 };
 
 // Checks what every tier's Write/Read must refuse. OK, or INVALID_ARGUMENT naming the tier.

@@ -90,7 +90,7 @@ void DeviceTier::Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> pay
     }
     if (status.ok()) keys_[slot] = key;
   }
-  ready_.Add(std::move(done), std::move(status));
+  Finish(std::move(done), std::move(status));
 }
 
 void DeviceTier::Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done done) {
@@ -109,7 +109,7 @@ void DeviceTier::Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done 
       }
     }
   }
-  ready_.Add(std::move(done), std::move(status));
+  Finish(std::move(done), std::move(status));
 }
 
 }  // namespace strata

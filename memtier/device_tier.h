@@ -38,7 +38,7 @@ struct DeviceTierConfig {
 
 class DeviceBuffer;
 
-class DeviceTier final : public BlockTier {
+class DeviceTier final : public ImmediateTier {
  public:
   // INVALID_ARGUMENT for an invalid layout, no slots, or a segment count that does not match.
   static absl::StatusOr<std::unique_ptr<DeviceTier>> Create(DeviceTierConfig config);
@@ -54,13 +54,8 @@ class DeviceTier final : public BlockTier {
   int64_t num_slots() const override { return config_.num_slots; }
   int64_t payload_bytes() const override { return config_.layout.block_bytes(); }
   int64_t slot_bytes() const override { return config_.layout.block_bytes(); }
-  bool persistent() const override { return false; }
   void Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> payload, Done done) override;
   void Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done done) override;
-  int Poll() override { return ready_.Run(); }
-  void Flush() override { ready_.RunAll(); }
-  int64_t in_flight() const override { return ready_.size(); }
-  std::vector<StoredSlot> Scan() const override { return {}; }
 
  private:
   explicit DeviceTier(DeviceTierConfig config);
@@ -71,7 +66,6 @@ class DeviceTier final : public BlockTier {
   std::unique_ptr<DeviceBuffer> gpu_owned_;
   bool on_gpu_ = false;
   std::vector<std::optional<BlockKey>> keys_;
-  DeferredCallbacks ready_;
 };
 
 }  // namespace strata

@@ -18,20 +18,12 @@
 #include "gtest/gtest.h"
 #include "memtier/host_tier.h"
 #include "memtier/slot_format.h"
+#include "tests/test_dir.h"
 
 namespace strata {
 namespace {
 
 constexpr KvBlockLayout kLayout{4, 16, 2, 8};  // 4 KiB raw, 8 KiB slots
-
-std::string TestDir() {
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  std::string dir = std::string(tmp != nullptr ? tmp : "/tmp") + "/" +
-                    ::testing::UnitTest::GetInstance()->current_test_info()->name();
-  const std::string cmd = "rm -rf '" + dir + "' && mkdir -p '" + dir + "'";
-  EXPECT_EQ(std::system(cmd.c_str()), 0);
-  return dir;
-}
 
 std::vector<uint8_t> Block(uint32_t seed, int64_t bytes = kLayout.block_bytes()) {
   std::mt19937 rng(seed);
@@ -77,7 +69,7 @@ void Damage(const std::string& path, int64_t offset, size_t n, uint8_t value) {
 }
 
 TEST(DiskTierTest, DamagedSlotsAreMissesAndCountedAtReadAndAtRecovery) {
-  const std::string dir = TestDir();
+  const std::string dir = FreshTestDir();
   DiskTierConfig config = Config(dir);
   int64_t slot_bytes;
   {
@@ -110,7 +102,7 @@ TEST(DiskTierTest, DamagedSlotsAreMissesAndCountedAtReadAndAtRecovery) {
 }
 
 TEST(DiskTierTest, TheNewestCopyOfABlockWinsAtRecovery) {
-  const std::string dir = TestDir();
+  const std::string dir = FreshTestDir();
   DiskTierConfig config = Config(dir);
   {
     auto t = DiskTier::Open(config);
@@ -141,7 +133,7 @@ TEST(DiskTierTest, TheNewestCopyOfABlockWinsAtRecovery) {
 }
 
 TEST(DiskTierTest, OneProcessPerFile) {
-  const std::string dir = TestDir();
+  const std::string dir = FreshTestDir();
   DiskTierConfig config = Config(dir);
   auto first = DiskTier::Open(config);
   ASSERT_TRUE(first.ok());
@@ -153,7 +145,7 @@ TEST(DiskTierTest, OneProcessPerFile) {
 }
 
 TEST(DiskTierTest, OtherEncodingsAreNotRecovered) {
-  const std::string dir = TestDir();
+  const std::string dir = FreshTestDir();
   DiskTierConfig config = Config(dir);
   {
     auto t = DiskTier::Open(config);
@@ -169,7 +161,7 @@ TEST(DiskTierTest, OtherEncodingsAreNotRecovered) {
 }
 
 TEST(DiskTierTest, DeviceErrorsFailTheOperationAndTheTierGoesOn) {
-  const std::string dir = TestDir();
+  const std::string dir = FreshTestDir();
   DiskTierConfig config = Config(dir);
   std::atomic<int> fail_next{0};
   config.fault_injector = [&fail_next](bool, int64_t) { return fail_next.exchange(0); };
@@ -192,7 +184,7 @@ TEST(DiskTierTest, DeviceErrorsFailTheOperationAndTheTierGoesOn) {
 }
 
 TEST(DiskTierTest, ImagesMoveToAndFromARegisteredHostPool) {
-  const std::string dir = TestDir();
+  const std::string dir = FreshTestDir();
   HostTierConfig hc;
   hc.codec = KvCodec(kLayout, KvCompression::kInt8);
   hc.num_slots = 4;
@@ -240,7 +232,7 @@ TEST(DiskTierTest, ImagesMoveToAndFromARegisteredHostPool) {
 // A child process writes blocks as fast as it can and is killed with SIGKILL mid-stream. On
 // reopening, every slot is either a verified copy of what was written there or a miss.
 TEST(DiskTierTest, KillDuringWritesLeavesOnlyVerifiedBlocksOrMisses) {
-  const std::string dir = TestDir();
+  const std::string dir = FreshTestDir();
   constexpr KvBlockLayout kBig{8, 64, 8, 64};  // 1 MiB raw: writes take long enough to be torn
   constexpr int64_t kSlots = 16;
   DiskTierConfig config = Config(dir, kSlots);

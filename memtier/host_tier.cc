@@ -79,7 +79,7 @@ void HostTier::Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> paylo
     h.payload_layout = config_.codec.payload_layout();
     status = SealSlot(h, n, img);
   }
-  ready_.Add(std::move(done), std::move(status));
+  Finish(std::move(done), std::move(status));
 }
 
 void HostTier::Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done done) {
@@ -94,7 +94,7 @@ void HostTier::Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done do
                             absl::StrCat("host tier: slot ", slot, ": ", status.message()));
     }
   }
-  ready_.Add(std::move(done), std::move(status));
+  Finish(std::move(done), std::move(status));
 }
 
 }  // namespace strata

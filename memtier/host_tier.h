@@ -33,7 +33,7 @@ struct HostTierConfig {
   bool pin = true;
 };
 
-class HostTier final : public BlockTier {
+class HostTier final : public ImmediateTier {
  public:
   // RESOURCE_EXHAUSTED when the pool cannot be mapped.
   static absl::StatusOr<std::unique_ptr<HostTier>> Create(HostTierConfig config);
@@ -55,13 +55,8 @@ class HostTier final : public BlockTier {
   int64_t num_slots() const override { return config_.num_slots; }
   int64_t payload_bytes() const override { return config_.codec.raw_bytes(); }
   int64_t slot_bytes() const override { return slot_bytes_; }
-  bool persistent() const override { return false; }
   void Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> payload, Done done) override;
   void Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done done) override;
-  int Poll() override { return ready_.Run(); }
-  void Flush() override { ready_.RunAll(); }
-  int64_t in_flight() const override { return ready_.size(); }
-  std::vector<StoredSlot> Scan() const override { return {}; }
 
  private:
   HostTier(HostTierConfig config, uint8_t* base, int64_t bytes, int64_t slot_bytes);
@@ -72,7 +67,6 @@ class HostTier final : public BlockTier {
   int64_t slot_bytes_;
   bool locked_ = false;
   bool cuda_registered_ = false;
-  DeferredCallbacks ready_;
 };
 
 // Checks that `image` is a valid slot image of `key` written with `codec`: OK, NOT_FOUND (never

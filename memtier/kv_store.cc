@@ -350,9 +350,8 @@ int KvStore::Prefetch(absl::Span<const BlockHash> hashes) {
     if (started >= max_loads) break;
     const Where where = Find(hash);
     if (where == Where::kHost || where == Where::kLoading) continue;
-    if (where == Where::kNone) break;  // the chain ends here
-    StartLoad(disk_index_.at(hash));
-    if (Find(hash) != Where::kLoading) break;  // no host slot free
+    if (where == Where::kNone) break;             // the chain ends here
+    if (!StartLoad(disk_index_.at(hash))) break;  // no host slot free
     ++started;
   }
   return started;
@@ -370,14 +369,14 @@ void KvStore::RecordLowerTierHit(BlockHash hash, bool covered) {
   if (promoted_.size() > (size_t{1} << 16)) promoted_.clear();
 }
 
-void KvStore::StartLoad(int64_t disk_slot) {
+bool KvStore::StartLoad(int64_t disk_slot) {
   // Pinned first: making room in host may spill a block to disk, which must not take this slot.
   const BlockKey key = disk_slots_[disk_slot].key;
   PinDisk(disk_slot);
   const int64_t hs = AllocateHost();
   if (hs < 0) {
     UnpinDisk(disk_slot);
-    return;
+    return false;
   }
   HostSlot& h = host_slots_[hs];
   h.state = HostSlot::State::kLoading;
@@ -424,12 +423,16 @@ void KvStore::StartLoad(int64_t disk_slot) {
                        DiskFailed(st);
                      }
                    });
+  return true;
 }
 
 bool KvStore::WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
                           absl::AnyInvocable<void(bool ok) &&> after) {
   const int64_t ds = AllocateDisk();
-  if (ds < 0) return false;
+  if (ds < 0) {
+    std::move(after)(false);
+    return false;
+  }
   DiskSlot& d = disk_slots_[ds];
   d.state = DiskSlot::State::kWriting;
   d.key = key;
@@ -463,27 +466,23 @@ bool KvStore::WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
   return true;
 }
 
-void KvStore::StartWriteBack(int64_t host_slot) {
-  if (!disk_enabled_) return;
+bool KvStore::StartWriteBack(int64_t host_slot) {
+  if (!disk_enabled_) return false;
   HostSlot& h = host_slots_[host_slot];
   const BlockKey key = h.key;
   if (auto it = disk_index_.find(key.hash); it != disk_index_.end()) {
     if (disk_slots_[it->second].state == DiskSlot::State::kReady) h.clean = true;
-    return;  // on disk, or on its way there
+    return true;  // on disk, or on its way there
   }
   PinHost(host_slot);
   h.writing = true;
-  const bool started = WriteToDisk(key, host_->image(host_slot), [this, host_slot](bool ok) {
+  return WriteToDisk(key, host_->image(host_slot), [this, host_slot](bool ok) {
     HostSlot& h = host_slots_[host_slot];
     h.writing = false;
     h.clean = ok;
     // It kept its place in the LRU; clean now, it is evicted for free when its turn comes.
     UnpinHost(host_slot);
   });
-  if (!started) {
-    h.writing = false;
-    UnpinHost(host_slot);
-  }
 }
 
 bool KvStore::SpillToDisk(int64_t host_slot) {
@@ -504,12 +503,10 @@ bool KvStore::SpillToDisk(int64_t host_slot) {
   const absl::Span<uint8_t> image = buffer.span();
   auto holder = std::make_unique<AlignedBuffer>(std::move(buffer));
   ++spill_buffers_out_;
-  const bool started = WriteToDisk(h.key, image, [this, b = std::move(holder)](bool) mutable {
+  return WriteToDisk(h.key, image, [this, b = std::move(holder)](bool) mutable {
     --spill_buffers_out_;
     spill_buffers_.push_back(std::move(*b));
   });
-  if (!started) --spill_buffers_out_;  // no disk slot: the callback (and buffer) went unrun
-  return started;
 }
 
 void KvStore::ScheduleWriteBacks() {
@@ -524,13 +521,13 @@ void KvStore::ScheduleWriteBacks() {
   for (auto it = host_lru_.begin();
        it != host_lru_.end() && available < reserve && writes_in_flight_ < max_writes; ++it) {
     HostSlot& h = host_slots_[*it];
-    if (!h.clean && !h.writing) StartWriteBack(*it);
+    // No disk slot to be had: the rest of the LRU would fare no better this step.
+    if (!h.clean && !h.writing && !StartWriteBack(*it)) break;
     if (h.clean || h.writing) ++available;
   }
 }
 
 void KvStore::DiskFailed(const absl::Status& status) {
-  ++stats_.io_errors;
   LOG(ERROR) << "kv store: " << status;
   if (++consecutive_disk_errors_ >= config_.disk_error_limit) DisableDisk();
 }
@@ -593,7 +590,7 @@ KvStoreStats KvStore::stats() const {
     st.disk.num_used = disk_->num_slots() - static_cast<int64_t>(disk_free_.size());
     st.disk.slot_bytes = disk_->slot_bytes();
   }
-  if (disk_ != nullptr) st.io_errors = std::max(st.io_errors, disk_->stats().io_errors);
+  if (disk_ != nullptr) st.io_errors = disk_->stats().io_errors;
   return st;
 }
 

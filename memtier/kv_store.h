@@ -185,13 +185,16 @@ class KvStore {
   void PinDisk(int64_t slot);
   void UnpinDisk(int64_t slot);
   // Starts writing `image` (kept unchanged until then) to a free or reused disk slot as `key`;
-  // `after(ok)` runs when it is done. False when no disk slot can be had.
+  // `after(ok)` runs when it is done, or at once with false (and the call returns false) when no
+  // disk slot can be had.
   bool WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
                    absl::AnyInvocable<void(bool ok) &&> after);
-  void StartWriteBack(int64_t host_slot);
+  // False when the block is not on disk and cannot be written there now.
+  bool StartWriteBack(int64_t host_slot);
   // Writes a copy of a dirty host block that is about to be evicted. False when it cannot.
   bool SpillToDisk(int64_t host_slot);
-  void StartLoad(int64_t disk_slot);
+  // False when no host slot can be had.
+  bool StartLoad(int64_t disk_slot);
   void ScheduleWriteBacks();
   void DiskFailed(const absl::Status& status);
   void DisableDisk();

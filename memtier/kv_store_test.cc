@@ -16,6 +16,7 @@
 #include "gtest/gtest.h"
 #include "memtier/device_tier.h"
 #include "memtier/slot_format.h"
+#include "tests/test_dir.h"
 
 namespace strata {
 namespace {
@@ -23,15 +24,6 @@ namespace {
 constexpr KvBlockLayout kLayout{4, 16, 2, 8};  // 4 KiB raw; host and disk slots of 8 KiB
 constexpr int64_t kSlotBytes = 8192;
 constexpr int64_t kDeviceSlots = 8;
-
-std::string TestDir() {
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  std::string dir = std::string(tmp != nullptr ? tmp : "/tmp") + "/" +
-                    ::testing::UnitTest::GetInstance()->current_test_info()->name();
-  const std::string cmd = "rm -rf '" + dir + "' && mkdir -p '" + dir + "'";
-  EXPECT_EQ(std::system(cmd.c_str()), 0);
-  return dir;
-}
 
 std::vector<uint8_t> Block(uint32_t seed) {
   std::mt19937 rng(seed);
@@ -47,7 +39,7 @@ BlockKey KeyOf(uint32_t i) { return BlockKey{0x51ed270b27ull * (i + 1), 3}; }
 class KvStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = TestDir();
+    dir_ = FreshTestDir();
     DeviceTierConfig dc;
     dc.layout = kLayout;
     dc.num_slots = kDeviceSlots;

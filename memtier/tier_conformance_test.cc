@@ -15,6 +15,7 @@
 #include "memtier/disk_tier.h"
 #include "memtier/host_tier.h"
 #include "memtier/kv_codec.h"
+#include "tests/test_dir.h"
 
 namespace strata {
 namespace {
@@ -82,11 +83,7 @@ BlockKey KeyOf(uint32_t i) { return BlockKey{0x9e3779b97f4a7c15ull * (i + 1), 77
 class TierConformanceTest : public ::testing::TestWithParam<TierCase> {
  protected:
   void SetUp() override {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    dir_ = std::string(tmp != nullptr ? tmp : "/tmp") + "/" +
-           ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::string cmd = "rm -rf '" + dir_ + "' && mkdir -p '" + dir_ + "'";
-    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    dir_ = FreshTestDir();
     Open();
   }
   void Open() {

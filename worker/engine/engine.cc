@@ -53,10 +53,8 @@ absl::Status Engine::OpenTiers() {
   ASSIGN_OR_RETURN(device_tier_, DeviceTier::Create(std::move(dc)));
   ASSIGN_OR_RETURN(store_, KvStore::Create(config_.tiers, layout, device_tier_.get()));
   // A cached block about to be reused goes down to the host tier first.
-  blocks_.SetEvictionHook([this](int32_t block, BlockKey key) {
-    device_tier_->Bind(block, key);
-    store_->Put(block, key);
-  });
+  blocks_.SetEvictionHook(
+      [this](int32_t block, BlockKey key) { PutDown(block, key, /*to_disk=*/false); });
   return absl::OkStatus();
 }
 
@@ -216,26 +214,48 @@ void Engine::LookUpAndPrefetch(Sequence* s) {
   store_->Prefetch(absl::MakeConstSpan(hashes).subspan(on_device, end - on_device));
   // Host blocks go on into device blocks that hold nothing (evicting nothing), as cached blocks
   // that admission will find there.
-  for (int64_t i = on_device; i < end; ++i) {
-    if (store_->Find(hashes[i]) != KvStore::Where::kHost || blocks_.num_free() == 0) break;
-    // Free device blocks evict nothing, so nothing is put into the host tier meanwhile.
-    const int32_t b = RestoreFromHost(hashes[i], s->cache_namespace, /*free_only=*/true,
-                                      /*speculative=*/true);
-    if (b < 0) break;
-    blocks_.Release(b);
-  }
+  const std::vector<int32_t> promoted =
+      RestoreRun(*s, hashes, on_device, end, /*free_only=*/true, /*speculative=*/true);
+  for (auto it = promoted.rbegin(); it != promoted.rend(); ++it) blocks_.Release(*it);
 }
 
-int32_t Engine::RestoreFromHost(BlockHash hash, uint64_t cache_namespace, bool free_only,
-                                bool speculative) {
-  std::optional<int32_t> b = blocks_.Allocate(free_only);
-  if (!b.has_value()) return -1;
-  if (!store_->Restore(hash, *b, speculative).ok()) {
-    blocks_.Release(*b);
-    return -1;
+std::vector<int32_t> Engine::RestoreRun(const Sequence& s, absl::Span<const BlockHash> hashes,
+                                        int64_t from, int64_t to, bool free_only,
+                                        bool speculative) {
+  int64_t pinned = from;
+  while (pinned < to && store_->Pin(hashes[pinned])) ++pinned;
+  std::vector<int32_t> out;
+  for (int64_t i = from; i < pinned; ++i) {
+    std::optional<int32_t> b = blocks_.Allocate(free_only);
+    if (!b.has_value()) break;
+    if (!store_->Restore(hashes[i], *b, speculative).ok()) {
+      blocks_.Release(*b);
+      break;
+    }
+    blocks_.Publish(*b, hashes[i], s.cache_namespace);
+    out.push_back(*b);
   }
-  blocks_.Publish(*b, hash, cache_namespace);
-  return *b;
+  for (int64_t i = from; i < pinned; ++i) store_->Unpin(hashes[i]);
+  return out;
+}
+
+bool Engine::WaitForLoads(Sequence* s, absl::Span<const BlockHash> hashes, int64_t on_device,
+                          int64_t in_host_end, int64_t limit) {
+  const absl::Time now = absl::Now();
+  if (s->io_wait_since == absl::InfiniteFuture()) s->io_wait_since = now;
+  if (now - s->io_wait_since >= config_.max_io_wait) return false;
+  std::vector<int32_t> held = blocks_.AcquirePrefix(hashes, on_device, /*count_hits=*/false);
+  const std::vector<int32_t> arrived =
+      RestoreRun(*s, hashes, on_device, in_host_end, /*free_only=*/false, /*speculative=*/true);
+  held.insert(held.end(), arrived.begin(), arrived.end());
+  for (auto it = held.rbegin(); it != held.rend(); ++it) blocks_.Release(*it);
+  store_->Prefetch(hashes.subspan(in_host_end, limit - in_host_end));
+  return true;
+}
+
+void Engine::PutDown(int32_t block, BlockKey key, bool to_disk) {
+  device_tier_->Bind(block, key);
+  store_->Put(block, key, to_disk);
 }
 
 void Engine::KeepWarm(const Sequence& s) {
@@ -244,8 +264,7 @@ void Engine::KeepWarm(const Sequence& s) {
     const int32_t b = s.block_table[i];
     const BlockKey key = blocks_.key(b);
     if (key.hash != s.hashes[i]) continue;  // a private duplicate of a published block
-    device_tier_->Bind(b, key);
-    store_->Put(b, key, /*to_disk=*/config_.write_through_hot_blocks);
+    PutDown(b, key, /*to_disk=*/config_.write_through_hot_blocks);
   }
 }
 
@@ -262,61 +281,32 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
     on_device = std::min<int64_t>(blocks_.MatchPrefix(hashes), limit);
     // The chain goes on in the host tier; blocks still on disk are worth waiting for.
     int64_t in_host_end = on_device;
+    bool loading = false;
     if (store_ != nullptr) {
-      bool loading = false;
       for (; in_host_end < limit; ++in_host_end) {
         const KvStore::Where where = store_->Find(hashes[in_host_end]);
         if (where == KvStore::Where::kHost) continue;
         loading = where == KvStore::Where::kDisk || where == KvStore::Where::kLoading;
         break;
       }
-      if (loading) {
-        const absl::Time now = absl::Now();
-        if (s->io_wait_since == absl::InfiniteFuture()) s->io_wait_since = now;
-        if (now - s->io_wait_since < config_.max_io_wait) {
-          // What has arrived moves on up to the device now (as cached blocks), so that a chain
-          // longer than the host tier streams through it. The chain's device blocks are held
-          // meanwhile, so making room evicts other blocks, never this chain's own, and each host
-          // copy is pinned while room is made for it.
-          std::vector<int32_t> held =
-              blocks_.AcquirePrefix(hashes, on_device, /*count_hits=*/false);
-          for (int64_t i = on_device; i < in_host_end; ++i) {
-            if (!store_->Pin(hashes[i])) break;
-            const int32_t b = RestoreFromHost(hashes[i], s->cache_namespace, /*free_only=*/false,
-                                              /*speculative=*/true);
-            store_->Unpin(hashes[i]);
-            if (b < 0) break;
-            held.push_back(b);
-          }
-          for (auto it = held.rbegin(); it != held.rend(); ++it) blocks_.Release(*it);
-          store_->Prefetch(absl::MakeConstSpan(hashes).subspan(in_host_end, limit - in_host_end));
-          s->waiting_hashes = std::move(hashes);
-          return AdmitResult::kWaitingForIo;
-        }
-      }
+    }
+    if (loading && WaitForLoads(s, hashes, on_device, in_host_end, limit)) {
+      s->waiting_hashes = std::move(hashes);
+      return AdmitResult::kWaitingForIo;
     }
     s->io_wait_since = absl::InfiniteFuture();
     s->block_table = blocks_.AcquirePrefix(hashes, on_device);
     if (store_ != nullptr && config_.write_through_hot_blocks) {
       for (int32_t b : s->block_table) {
-        if (blocks_.hit_count(b) == 2) {
-          device_tier_->Bind(b, blocks_.key(b));
-          store_->Put(b, blocks_.key(b), /*to_disk=*/true);
-        }
+        if (blocks_.hit_count(b) == 2) PutDown(b, blocks_.key(b), /*to_disk=*/true);
       }
     }
-    // Pin the host blocks first: making room on the device puts evicted blocks into the host
-    // tier, which must not push out the ones about to be restored.
-    int64_t pinned = on_device;
-    while (pinned < in_host_end && store_->Pin(hashes[pinned])) ++pinned;
-    int64_t cached = on_device;
-    for (; cached < pinned; ++cached) {
-      const int32_t b = RestoreFromHost(hashes[cached], s->cache_namespace, /*free_only=*/false,
-                                        /*speculative=*/false);
-      if (b < 0) break;
-      s->block_table.push_back(b);
+    if (store_ != nullptr) {
+      const std::vector<int32_t> restored = RestoreRun(*s, hashes, on_device, in_host_end,
+                                                       /*free_only=*/false, /*speculative=*/false);
+      s->block_table.insert(s->block_table.end(), restored.begin(), restored.end());
     }
-    for (int64_t i = on_device; i < pinned; ++i) store_->Unpin(hashes[i]);
+    const int64_t cached = static_cast<int64_t>(s->block_table.size());
     hashes.resize(cached);
     s->hashes = std::move(hashes);
     s->num_computed = cached * bt;

@@ -196,10 +196,21 @@ class Engine {
   AdmitResult Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
   // On arrival: where each leading block of the prompt is, and the speculative prefetch.
   void LookUpAndPrefetch(Sequence* s);
-  // Copies host block `hash` into a device block taken from `free_only` blocks or any; publishes
-  // it and returns it referenced, or -1.
-  int32_t RestoreFromHost(BlockHash hash, uint64_t cache_namespace, bool free_only,
-                          bool speculative);
+  // Copies the host blocks hashes[from, to) into device blocks, in order, stopping at the first
+  // that is not ready in host or finds no device block (`free_only`: only blocks that hold
+  // nothing). The host copies are pinned first: making room on the device puts evicted blocks into
+  // the host tier, which must not push out the ones still to come. Returns the device blocks,
+  // published and referenced. `speculative`: a prefetch promotion, counted for accuracy.
+  std::vector<int32_t> RestoreRun(const Sequence& s, absl::Span<const BlockHash> hashes,
+                                  int64_t from, int64_t to, bool free_only, bool speculative);
+  // A request whose next blocks are loading from disk waits for them, up to max_io_wait; true
+  // while it goes on waiting. Meanwhile what has arrived moves on up into the device (as cached
+  // blocks), so that a chain longer than the host tier streams through it; the chain's device
+  // blocks are held while room is made, so only other blocks are evicted.
+  bool WaitForLoads(Sequence* s, absl::Span<const BlockHash> hashes, int64_t on_device,
+                    int64_t in_host_end, int64_t limit);
+  // Copies device block `block` (published as `key`) to the host tier; `to_disk`: on to disk now.
+  void PutDown(int32_t block, BlockKey key, bool to_disk);
   // Copies the sequence's published blocks to the host tier (a finished turn kept warm).
   void KeepWarm(const Sequence& s);
   // Queues `s` in waiting_ behind every sequence of higher or equal priority (`ahead_of_equals`:

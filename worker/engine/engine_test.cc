@@ -13,6 +13,7 @@
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "tests/test_dir.h"
 #include "worker/model/config.h"
 
 namespace strata {
@@ -311,10 +312,7 @@ class EngineTiersTest : public EngineTest {
  protected:
   void SetUp() override {
     EngineTest::SetUp();
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    dir_ = std::string(tmp != nullptr ? tmp : "/tmp") + "/" +
-           ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    ASSERT_EQ(std::system(("rm -rf '" + dir_ + "' && mkdir -p '" + dir_ + "'").c_str()), 0);
+    dir_ = FreshTestDir();
   }
   EngineConfig TieredConfig(int64_t host_blocks, int64_t disk_blocks) {
     EngineConfig c;
