@@ -73,7 +73,10 @@ absl::Status KvStore::OpenTiers() {
   dc.codec = codec_;
   dc.queue_depth = config_.disk_queue_depth;
   dc.registered_region = host_->region();
-  dc.notify = config_.notify;
+  dc.notify = [this] {
+    std::lock_guard<std::mutex> lock(notify_mu_);
+    if (notify_) notify_();
+  };
   dc.recover = config_.disk_recover;
   dc.fault_injector = config_.disk_fault_injector;
   dc.num_slots = config_.disk_bytes / slot_bytes;
@@ -544,6 +547,11 @@ void KvStore::DisableDisk() {
   disk_free_.clear();
   for (DiskSlot& d : disk_slots_) d = DiskSlot();
   for (HostSlot& h : host_slots_) h.clean = false;
+}
+
+void KvStore::SetNotify(std::function<void()> notify) {
+  std::lock_guard<std::mutex> lock(notify_mu_);
+  notify_ = std::move(notify);
 }
 
 void KvStore::Poll() {

@@ -23,7 +23,7 @@
 //   disk:  free -> writing -> ready -> free (reused); ready slots are pinned while read.
 //
 // Thread contract: one owning thread (the engine's step loop) calls every method; tier callbacks
-// run from Poll on that thread. `notify` in the config runs on the disk tier's I/O thread.
+// run from Poll on that thread. The SetNotify callback runs on the disk tier's I/O thread.
 #ifndef STRATA_MEMTIER_KV_STORE_H_
 #define STRATA_MEMTIER_KV_STORE_H_
 
@@ -31,10 +31,12 @@
 #include <functional>
 #include <list>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
@@ -61,8 +63,6 @@ struct KvStoreConfig {
   bool pin_host = true;
   // Consecutive failed disk operations after which the disk tier is turned off.
   int disk_error_limit = 8;
-  // Runs on the disk tier's I/O thread when completions wait for Poll.
-  std::function<void()> notify;
   // Passed to the disk tier (tests).
   std::function<int(bool write, int64_t slot)> disk_fault_injector;
 };
@@ -137,6 +137,10 @@ class KvStore {
 
   // Runs finished transfers' continuations and schedules write-backs. Call once per engine step.
   void Poll();
+  // `notify` runs (on the disk tier's I/O thread) whenever disk completions wait for Poll, so that
+  // an owner sleeping while a request waits for loads wakes at once; null stops it. Callable from
+  // any thread.
+  void SetNotify(std::function<void()> notify) ABSL_LOCKS_EXCLUDED(notify_mu_);
   // Waits for every disk operation and runs its continuation (tests, shutdown).
   void Flush();
   // Disk loads in flight (a waiting request may be waiting for them).
@@ -227,6 +231,8 @@ class KvStore {
   absl::flat_hash_set<BlockHash> promoted_;
   std::vector<TierEvent> events_;
   KvStoreStats stats_;
+  std::mutex notify_mu_;
+  std::function<void()> notify_ ABSL_GUARDED_BY(notify_mu_);
 };
 
 }  // namespace strata

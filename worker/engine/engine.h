@@ -28,6 +28,7 @@
 #include <array>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -135,8 +136,13 @@ class Engine {
   absl::StatusOr<std::vector<RequestOutput>> Step();
   bool HasWork() const { return !running_.empty() || !waiting_.empty() || !cancelled_.empty(); }
   // True after a Step that could do nothing but wait for disk loads: the caller may sleep until
-  // `tiers.notify` runs (or a new request arrives) instead of stepping again at once.
+  // the SetIoNotify callback runs (or a new request arrives) instead of stepping again at once.
   bool WaitingForIo() const { return waiting_for_io_; }
+  // `notify` runs on the disk tier's I/O thread when loads finish (KvStore::SetNotify); null
+  // stops it. Callable from any thread; a no-op without lower tiers.
+  void SetIoNotify(std::function<void()> notify) {
+    if (store_ != nullptr) store_->SetNotify(std::move(notify));
+  }
   EngineStats Stats() const;
   // Block changes in every tier since the last call, for the coordinator's routing index.
   std::vector<BlockEvent> DrainBlockEvents();

@@ -171,6 +171,11 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
       epoch_(NewEpoch()),
       tiers_at_start_(engine_->Stats().tiers) {
   worker_id_ = options_.worker_id;
+  // Disk loads a waiting request needs wake the loop as they finish.
+  engine_->SetIoNotify([this] {
+    absl::MutexLock lock(&mu_);
+    io_ready_ = true;
+  });
   loop_ = std::thread([this] { Loop(); });
 }
 
@@ -182,6 +187,8 @@ void WorkerService::Stop() {
     stop_ = true;
   }
   if (loop_.joinable()) loop_.join();
+  // The engine outlives this object's mutex in destruction: stop its calls into it first.
+  engine_->SetIoNotify(nullptr);
 }
 
 void WorkerService::SetDrainListener(std::function<void(bool)> listener) {
@@ -366,14 +373,19 @@ void WorkerService::Loop() {
     if (engine_->HasWork()) StepEngine(&state);
     PublishBlockEvents(&state);
     SendLoadReports(&state);
-    // Waiting only for disk loads, the loop looks again within a millisecond.
     if (engine_->HasWork() && !engine_->WaitingForIo()) continue;
-    // Idle: sleep until a command arrives or the next load report is due.
-    absl::Time wake = absl::Now() + (engine_->HasWork() ? absl::Milliseconds(1) : absl::Seconds(1));
+    // Idle, or waiting only for disk loads: sleep until a command arrives, loads finish, or the
+    // next load report is due (waiting for loads, at most 10 ms: the engine gives up on them
+    // after max_io_wait, which needs a step to notice).
+    absl::Time wake =
+        absl::Now() + (engine_->HasWork() ? absl::Milliseconds(10) : absl::Seconds(1));
     for (const auto& w : state.watchers) wake = std::min(wake, w.next_report);
     absl::MutexLock lock(&mu_);
-    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !inbox_.empty(); };
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return stop_ || !inbox_.empty() || io_ready_;
+    };
     mu_.AwaitWithDeadline(absl::Condition(&ready), wake);
+    io_ready_ = false;
   }
   // Shutting down: fail everything still open so that coordinators fail over at once. The last
   // inbox swap and loop_exited_ happen under one lock, so every command is handled exactly once.

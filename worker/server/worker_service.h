@@ -126,6 +126,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   absl::Mutex mu_;
   std::vector<Command> inbox_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Set by the engine's disk tier when loads finish (see Engine::SetIoNotify).
+  bool io_ready_ ABSL_GUARDED_BY(mu_) = false;
   // Set with the loop's last look at the inbox: commands posted later are answered by Post itself.
   bool loop_exited_ ABSL_GUARDED_BY(mu_) = false;
   std::function<void(bool)> drain_listener_ ABSL_GUARDED_BY(mu_);
