@@ -77,8 +77,6 @@ DeviceTier::DeviceTier(DeviceTierConfig config)
 
 void DeviceTier::Bind(int64_t slot, BlockKey key) { keys_[slot] = key; }
 
-void DeviceTier::Unbind(int64_t slot) { keys_[slot].reset(); }
-
 void DeviceTier::Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> payload, Done done) {
   absl::Status status = CheckSlotAccess(*this, slot, payload.size());
   if (status.ok()) {

@@ -43,12 +43,9 @@ class DeviceTier final : public ImmediateTier {
   // INVALID_ARGUMENT for an invalid layout, no slots, or a segment count that does not match.
   static absl::StatusOr<std::unique_ptr<DeviceTier>> Create(DeviceTierConfig config);
   ~DeviceTier() override;
-  // Whether the slots are GPU memory.
-  bool on_gpu() const { return on_gpu_; }
 
-  // The block in `slot` was computed in place and is `key` now / holds nothing any more.
+  // The block in `slot` was computed in place and is `key` now.
   void Bind(int64_t slot, BlockKey key);
-  void Unbind(int64_t slot);
 
   Tier tier() const override { return Tier::kDevice; }
   int64_t num_slots() const override { return config_.num_slots; }

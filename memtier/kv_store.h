@@ -150,7 +150,6 @@ class KvStore {
   // Every block in the host and disk tiers now (ready or on its way), for a new event subscriber.
   std::vector<TierEvent> Inventory() const;
   KvStoreStats stats() const;
-  bool has_host() const { return host_ != nullptr; }
   bool has_disk() const { return disk_enabled_; }
 
  private:

@@ -296,6 +296,19 @@ TEST_F(ClusterTest, DrainedWorkerGetsNoNewRequestsAndResumes) {
 
 // Failover: kill -9 a worker while it streams. Each affected request continues on the other
 // worker from where it was, and the client gets exactly the undisturbed tokens.
+// Every failed-over request finished, its chunks contiguous, with exactly the tokens an
+// undisturbed run produced.
+void ExpectExactlyTheUndisturbedTokens(const std::vector<Generated>& results,
+                                       const std::vector<std::vector<int32_t>>& expected) {
+  ASSERT_EQ(results.size(), expected.size());
+  for (size_t i = 0; i < results.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("request ", i));
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_TRUE(results[i].contiguous);
+    EXPECT_EQ(results[i].tokens, expected[i]);
+  }
+}
+
 TEST(FailoverTest, KillingAWorkerMidStreamLosesNothing) {
   auto c = LocalCluster::Start(Options(2, "failover"));
   ASSERT_TRUE(c.ok()) << c.status();
@@ -350,12 +363,7 @@ TEST(FailoverTest, KillingAWorkerMidStreamLosesNothing) {
     });
   }
   for (std::thread& t : threads) t.join();
-  for (int i = 0; i < kRequests; ++i) {
-    SCOPED_TRACE(absl::StrCat("request ", i));
-    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
-    EXPECT_TRUE(results[i].contiguous);
-    EXPECT_EQ(results[i].tokens, expected[i]);
-  }
+  ExpectExactlyTheUndisturbedTokens(results, expected);
   const v1::ClusterStatus after = Status(cluster.admin());
   EXPECT_GT(after.num_failed_over_requests(), 0u);
   EXPECT_EQ(after.workers(victim).state(), v1::WORKER_STATE_UNAVAILABLE);
@@ -414,12 +422,7 @@ TEST(FailoverTest, QueuedRequestsOfADeadWorkerStartOverElsewhere) {
   drain("worker-1", true);
   cluster.worker_process(0).Kill();
   for (std::thread& t : threads) t.join();
-  for (int i = 0; i < kRequests; ++i) {
-    SCOPED_TRACE(absl::StrCat("request ", i));
-    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
-    EXPECT_TRUE(results[i].contiguous);
-    EXPECT_EQ(results[i].tokens, expected[i]);
-  }
+  ExpectExactlyTheUndisturbedTokens(results, expected);
 }
 
 // A worker serves random weights shaped by a config.json alone (benchmarking models whose files
