@@ -14,8 +14,9 @@
 #                      only the GPU machine's processor can run
 #
 # On the GPU machine: DIR/run.sh RESULTS_DIR [NAME_REGEX]
-# Targets: every cc_test and cc_binary tagged "gpu" (benchmarks are cc_binary targets under bench/ that
-# use Google Benchmark; the runner passes them --benchmark_out).
+# Targets: every cc_test and cc_binary tagged "gpu" (benchmarks are cc_binary targets under bench/; the
+# runner passes them --out=RESULTS_DIR/NAME.json). Binaries are stripped of debug sections, and the
+# bundle is also packed as DIR.tar.xz, small enough to travel with a checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +58,7 @@ for t in "${targets[@]}"; do
   flat="$(echo "$pkg/$name" | tr '/' '.')"
   cp "$src" "$out/bin/$flat"
   chmod u+w "$out/bin/$flat"
+  strip --strip-debug "$out/bin/$flat"
   kind=test
   case "$pkg" in bench|bench/*) kind=bench ;; esac
   echo "$flat $kind $t" >>"$out/MANIFEST"
@@ -75,5 +77,7 @@ ldd --version | head -1 | awk '{ print $NF }' >"$out/GLIBC_VERSION"
 git rev-parse --short HEAD 2>/dev/null >"$out/COMMIT" || echo unknown >"$out/COMMIT"
 cp tools/gpu_bundle_run.sh "$out/run.sh"
 chmod +x "$out/run.sh"
+for lib in "$out"/lib/*; do strip --strip-debug "$lib" 2>/dev/null || true; done
+tar -C "$(dirname "$out")" -cJf "$out.tar.xz" "$(basename "$out")"
 echo "gpu_bundle: $(wc -l <"$out/MANIFEST") binaries, $(ls "$out/lib" | wc -l) libraries," \
-  "$(du -sh "$out" | cut -f1) in $out" >&2
+  "$(du -sh "$out" | cut -f1) in $out, $(du -sh "$out.tar.xz" | cut -f1) packed in $out.tar.xz" >&2

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runner of a bundle made by tools/gpu_bundle.sh. Runs every test and benchmark in the bundle (or those
 # whose name matches NAME_REGEX), writes NAME.log plus NAME.xml (tests) or NAME.json (benchmarks) and
-# summary.txt to RESULTS_DIR, prints the summary, and exits non-zero if anything failed.
+# summary.txt to RESULTS_DIR, prints the summary, and exits non-zero if anything failed. Run it from the
+# root of a Strata checkout: tests read their data (models/, testdata/) relative to it, as under Bazel.
 #
 # Usage: run.sh RESULTS_DIR [NAME_REGEX]
 set -uo pipefail
@@ -40,18 +41,20 @@ while read -r name kind label; do
   echo "$name" | grep -Eq "$only" || continue
   start_ns=$(date +%s%N)
   if [ "$kind" = bench ]; then
-    args=(--benchmark_out="$results/$name.json" --benchmark_out_format=json)
+    args=(--out="$results/$name.json")
   else
     args=(--gtest_output="xml:$results/$name.xml")
   fi
-  LD_LIBRARY_PATH="$libpath" "${launcher[@]}" "$here/bin/$name" "${args[@]}" >"$results/$name.log" 2>&1
+  LD_LIBRARY_PATH="$libpath" timeout "${STRATA_GPU_TIMEOUT:-300}" "${launcher[@]}" "$here/bin/$name" \
+    "${args[@]}" >"$results/$name.log" 2>&1
   rc=$?
   elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
   secs="$((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))"
   pass=- fail=- skip=-
   if [ -f "$results/$name.xml" ]; then
-    total=$(grep -o '<testcase ' "$results/$name.xml" | wc -l)
-    fail=$(grep -c '<failure' "$results/$name.xml")
+    # The root element's counts (a failed test can hold several <failure> elements).
+    total=$(grep -o '<testsuites [^>]*' "$results/$name.xml" | grep -o ' tests="[0-9]*"' | grep -o '[0-9]*')
+    fail=$(grep -o '<testsuites [^>]*' "$results/$name.xml" | grep -o ' failures="[0-9]*"' | grep -o '[0-9]*')
     skip=$(grep -c '<skipped' "$results/$name.xml")
     pass=$((total - fail - skip))
   fi

@@ -116,7 +116,14 @@ absl::Status DeviceBuffer::CopyFromHost(const void* src, size_t bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("CopyFromHost: ", bytes, " bytes into a ", bytes_, "-byte buffer"));
   }
-  return CudaStatus(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+  // From pageable memory cudaMemcpy may return before the data lands, and work on non-blocking
+  // streams is not ordered after it: wait for it.
+  if (absl::Status s = CudaStatus(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice),
+                                  "cudaMemcpy H2D");
+      !s.ok()) {
+    return s;
+  }
+  return CudaStatus(cudaStreamSynchronize(nullptr), "cudaMemcpy H2D");
 }
 
 absl::Status DeviceBuffer::CopyToHost(void* dst, size_t bytes) const {
@@ -128,7 +135,11 @@ absl::Status DeviceBuffer::CopyToHost(void* dst, size_t bytes) const {
 }
 
 absl::Status DeviceBuffer::Fill(int value) {
-  return CudaStatus(cudaMemset(data_, value, bytes_), "cudaMemset");
+  // cudaMemset is asynchronous on the legacy stream, which non-blocking streams do not wait for.
+  if (absl::Status s = CudaStatus(cudaMemset(data_, value, bytes_), "cudaMemset"); !s.ok()) {
+    return s;
+  }
+  return CudaStatus(cudaStreamSynchronize(nullptr), "cudaMemset");
 }
 
 }  // namespace strata

@@ -78,10 +78,11 @@ class DeviceBuffer {
   }
   size_t bytes() const { return bytes_; }
 
-  // Synchronous copies of the first `bytes` bytes; INVALID_ARGUMENT when bytes exceeds the buffer.
+  // Copies of the first `bytes` bytes, complete on return (so work on any stream sees them);
+  // INVALID_ARGUMENT when bytes exceeds the buffer.
   absl::Status CopyFromHost(const void* src, size_t bytes);
   absl::Status CopyToHost(void* dst, size_t bytes) const;
-  // Sets every byte to `value` (for poisoning outputs in tests).
+  // Sets every byte to `value` (for poisoning outputs in tests), complete on return.
   absl::Status Fill(int value);
 
  private:

@@ -90,7 +90,7 @@ package(default_visibility = ["@//:cuda_users"])
 cc_library(
     name = "cuda_headers",
     hdrs = glob(
-        ["include/**/*.h", "include/**/*.hpp", "include/**/*.cuh", "include/**/*.inl"],
+        ["include/**/*.h", "include/**/*.hpp", "include/**/*.cuh", "include/**/*.inl", "include/nv/**"],
         exclude = ["include/Openmp/**", "include/Openacc/**"],
     ),
     includes = ["include"],

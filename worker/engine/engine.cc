@@ -22,7 +22,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     return absl::InvalidArgumentError(
         "engine: block_tokens, max_batch_tokens and max_running_sequences must be positive");
   }
-  const int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
+  const bool on_gpu = config.device == "gpu";
+  if (!on_gpu && config.device != "cpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine: device must be cpu or gpu, not '", config.device, "'"));
+  }
+  int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
+  if (on_gpu) block_bytes = block_bytes / 4 * DTypeBytes(config.gpu_dtype);
   int64_t num_blocks = config.num_kv_blocks;
   if (num_blocks == 0) num_blocks = config.kv_cache_bytes / block_bytes;
   if (num_blocks <= 0) {
@@ -31,6 +37,32 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
                                                    "-byte block"));
   }
   std::unique_ptr<Engine> engine(new Engine(weights, comm, std::move(config), num_blocks));
+  if (on_gpu) {
+    const EngineConfig& c = engine->config_;
+    if (c.tiers.host_bytes != 0 || c.tiers.disk_bytes != 0) {
+      return absl::InvalidArgumentError(
+          "engine: host and disk KV tiers are not wired to the GPU's KV cache yet");
+    }
+    if (comm->world_size() != 1) {
+      return absl::InvalidArgumentError("engine: the GPU runner serves one rank only for now");
+    }
+#ifdef STRATA_HAVE_CUDA
+    GpuRunnerOptions o;
+    o.num_blocks = num_blocks;
+    o.block_tokens = c.block_tokens;
+    o.act = c.gpu_dtype;
+    o.max_batch_tokens = c.max_batch_tokens;
+    o.max_seqs = c.max_running_sequences;
+    o.max_blocks_per_seq =
+        (weights->config.max_position_embeddings + c.block_tokens - 1) / c.block_tokens + 1;
+    ASSIGN_OR_RETURN(engine->gpu_, GpuModelRunner::Create(*weights, o));
+#else
+    return absl::UnavailableError("engine: this build has no CUDA (device gpu)");
+#endif
+  } else {
+    engine->runner_ = std::make_unique<ModelRunner>(weights, comm, engine->config_.compute_threads);
+    engine->kv_ = std::make_unique<KvCacheStorage>(*weights, num_blocks, engine->config_.block_tokens);
+  }
   RETURN_IF_ERROR(engine->OpenTiers());
   return engine;
 }
@@ -46,8 +78,8 @@ absl::Status Engine::OpenTiers() {
                             w.config.head_dim};
   dc.num_slots = blocks_.num_blocks();
   for (int64_t l = 0; l < w.config.num_layers; ++l) {
-    dc.segments.push_back(kv_.layers().k[l]);
-    dc.segments.push_back(kv_.layers().v[l]);
+    dc.segments.push_back(kv_->layers().k[l]);
+    dc.segments.push_back(kv_->layers().v[l]);
   }
   const KvBlockLayout layout = dc.layout;
   ASSIGN_OR_RETURN(device_tier_, DeviceTier::Create(std::move(dc)));
@@ -60,11 +92,9 @@ absl::Status Engine::OpenTiers() {
 
 Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig config,
                int64_t num_blocks)
-    : weights_(weights),
-      config_(std::move(config)),
-      runner_(weights, comm, config_.compute_threads),
-      blocks_(num_blocks, config_.block_tokens),
-      kv_(*weights, num_blocks, config_.block_tokens) {}
+    : weights_(weights), config_(std::move(config)), blocks_(num_blocks, config_.block_tokens) {
+  (void)comm;
+}
 
 absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prompt,
                                 RequestOptions o) {
@@ -482,7 +512,11 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   batch.num_seqs = static_cast<int64_t>(plan.size());
   batch.max_blocks_per_seq = max_blocks;
   batch.logit_tokens = logit_tokens;
-  RETURN_IF_ERROR(runner_.Forward(batch, kv_.layers(), absl::MakeSpan(logits_)));
+  if (gpu_ != nullptr) {
+    RETURN_IF_ERROR(gpu_->Forward(batch, absl::MakeSpan(logits_)));
+  } else {
+    RETURN_IF_ERROR(runner_->Forward(batch, kv_->layers(), absl::MakeSpan(logits_)));
+  }
 
   for (const Chunk& ch : plan) {
     ch.seq->num_computed += ch.count;

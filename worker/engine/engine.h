@@ -42,6 +42,7 @@
 #include "worker/comm/collectives.h"
 #include "worker/engine/block_manager.h"
 #include "worker/engine/sampler.h"
+#include "worker/model/gpu_model_runner.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
 
@@ -69,6 +70,11 @@ struct EngineConfig {
   bool keep_finished_warm = true;
   // Longest a request waits for its blocks to load from disk before computing them instead.
   absl::Duration max_io_wait = absl::Milliseconds(500);
+  // Where the model runs: "cpu" (f32, ModelRunner) or "gpu" (GpuModelRunner on the current CUDA
+  // device, weights, activations and KV cache in gpu_dtype; one rank only, no host or disk tiers
+  // yet). Sampling stays on the host either way, so both draw tokens the same way.
+  std::string device = "cpu";
+  DType gpu_dtype = DType::kBF16;
 };
 
 enum class FinishReason { kNone, kLength, kEos, kStopToken, kContextLength, kCancelled };
@@ -155,7 +161,8 @@ class Engine {
   const ModelConfig& model_config() const { return weights_->config; }
   // Bytes of one KV block (all layers, K and V, this rank).
   int64_t kv_block_bytes() const {
-    return KvCacheStorage::BlockBytes(*weights_, config_.block_tokens);
+    const int64_t f32 = KvCacheStorage::BlockBytes(*weights_, config_.block_tokens);
+    return config_.device == "gpu" ? f32 / 4 * DTypeBytes(config_.gpu_dtype) : f32;
   }
   int64_t num_kv_blocks() const { return blocks_.num_blocks(); }
   const EngineConfig& config() const { return config_; }
@@ -228,9 +235,11 @@ class Engine {
 
   const ModelWeights* weights_;
   EngineConfig config_;
-  ModelRunner runner_;
+  // One of the two: the CPU runner with its host KV cache, or the GPU runner (which owns its cache).
+  std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<KvCacheStorage> kv_;
+  std::unique_ptr<GpuModelRunner> gpu_;
   BlockManager blocks_;
-  KvCacheStorage kv_;
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<KvStore> store_;
   bool waiting_for_io_ = false;

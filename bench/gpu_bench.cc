@@ -1,0 +1,549 @@
+// GPU benchmark of the forward pass (worker/model/gpu_model_runner.h) on a model built from its
+// config.json alone with random weights (default: a Llama-3-8B-shaped model in bf16), against the
+// card's own limits measured in the same run:
+//   - copy bandwidth: a large device-to-device copy, bytes read plus written over time;
+//   - GEMM rate: an 8192^3 GEMM through cuBLASLt in the activation type;
+//   - the GEMMs of one layer at m = 1 (decode), as achieved bandwidth over the weight bytes;
+//   - prefill: tokens/s of one prompt of --prefill_tokens tokens;
+//   - decode: for each batch size, --prompt tokens of context per sequence, then --steps greedy
+//     steps (CUDA graphs), step time median -> tokens/s; batch 1 also without graphs;
+//   - roofline of batch-1 decode: the bytes a step must read (every weight but the embedding
+//     table, plus the KV cache of the context) over the measured copy bandwidth.
+// Prints a table last and writes every figure as JSON to --out.
+#include <algorithm>
+#include <cmath>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/init.h"
+#include "kernels/dtype.h"
+#include "worker/model/config.h"
+
+#ifdef STRATA_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+#include "worker/model/gpu_model_runner.h"
+#endif
+
+ABSL_FLAG(std::string, config, "bench/configs/llama3_8b.json", "The model's config.json.");
+ABSL_FLAG(std::string, dtype, "bf16", "Activation and weight type: bf16, f16 or f32.");
+ABSL_FLAG(int64_t, prompt, 512, "Context tokens per sequence before decoding.");
+ABSL_FLAG(int64_t, steps, 64, "Decode steps timed per batch size.");
+ABSL_FLAG(std::string, batches, "1,64", "Decode batch sizes.");
+ABSL_FLAG(int64_t, prefill_tokens, 2048, "Prompt length of the prefill measurement.");
+ABSL_FLAG(std::string, out, "", "Write the results as JSON here.");
+
+namespace strata {
+namespace {
+
+#ifdef STRATA_HAVE_CUDA
+
+CudaStreamHandle Handle(cudaStream_t s) { return reinterpret_cast<CudaStreamHandle>(s); }
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+#define CHECK_OK(expr)                                                       \
+  do {                                                                       \
+    const absl::Status _s = (expr);                                          \
+    if (!_s.ok()) {                                                          \
+      std::fprintf(stderr, "gpu_bench: %s: %s\n", #expr, _s.ToString().c_str()); \
+      std::exit(1);                                                          \
+    }                                                                        \
+  } while (0)
+
+// Milliseconds of `fn` on `stream`, median of `reps` after one warm-up, by CUDA events.
+template <typename Fn>
+double TimeMs(cudaStream_t stream, int reps, Fn&& fn) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  fn();
+  std::vector<double> times;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a, stream);
+    fn();
+    cudaEventRecord(b, stream);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    times.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return Median(times);
+}
+
+// Microseconds per call of `fn` inside a CUDA graph of `reps` calls (the way a decode step runs its
+// kernels: back to back, no host launch in between), median of 5 replays after one warm-up.
+template <typename Fn>
+double GraphTimeUs(cudaStream_t stream, int reps, Fn&& fn) {
+  fn();  // plans and lazy module loads happen outside the capture
+  cudaStreamSynchronize(stream);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+  for (int i = 0; i < reps; ++i) fn();
+  if (cudaStreamEndCapture(stream, &graph) != cudaSuccess ||
+      cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) {
+    std::fprintf(stderr, "gpu_bench: graph capture failed\n");
+    std::exit(1);
+  }
+  const double ms = TimeMs(stream, 5, [&] { cudaGraphLaunch(exec, stream); });
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return ms * 1e3 / reps;
+}
+
+struct Json {
+  std::string s = "{";
+  void Add(const std::string& k, double v) {
+    if (s.size() > 1) s += ",";
+    s += absl::StrFormat("\n  \"%s\": %.6g", k, v);
+  }
+  void AddStr(const std::string& k, const std::string& v) {
+    if (s.size() > 1) s += ",";
+    s += absl::StrFormat("\n  \"%s\": \"%s\"", k, v);
+  }
+};
+
+// One batch of `seqs` sequences: prefill of `prompt` tokens each (in chunks that fit), then the
+// caller's decode steps. Sequence s owns blocks [s * per_seq, (s + 1) * per_seq).
+struct Batch {
+  int64_t seqs = 0, per_seq = 0, block_tokens = 0;
+  std::vector<int32_t> tables;
+  std::vector<int64_t> lengths;
+  std::vector<int32_t> last;
+
+  int64_t Slot(int64_t s, int64_t p) const {
+    return int64_t{tables[s * per_seq + p / block_tokens]} * block_tokens + p % block_tokens;
+  }
+};
+
+void Prefill(GpuModelRunner* r, Batch* b, int64_t prompt, int64_t max_tokens, std::mt19937* rng) {
+  const int64_t V = r->config().vocab_size;
+  b->lengths.assign(b->seqs, 0);
+  b->last.assign(b->seqs, 0);
+  for (int64_t s = 0; s < b->seqs; ++s) {
+    for (int64_t done = 0; done < prompt;) {
+      const int64_t n = std::min(prompt - done, max_tokens);
+      std::vector<int32_t> tokens(n), positions(n), token_seq(n, static_cast<int32_t>(s));
+      std::vector<int64_t> slots(n);
+      for (int64_t i = 0; i < n; ++i) {
+        tokens[i] = static_cast<int32_t>((*rng)() % V);
+        positions[i] = static_cast<int32_t>(done + i);
+        slots[i] = b->Slot(s, done + i);
+      }
+      const std::vector<int32_t> logit_tokens = {static_cast<int32_t>(n - 1)};
+      ForwardBatch fb{tokens, positions, token_seq, slots, b->tables, b->seqs, b->per_seq,
+                      logit_tokens};
+      int32_t next = 0;
+      CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(&next, 1), {}));
+      b->last[s] = next;
+      done += n;
+    }
+    b->lengths[s] = prompt;
+  }
+}
+
+// Median milliseconds per decode step over `steps` steps (wall time); device_ms: the median of the
+// steps' device time.
+double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms) {
+  std::vector<double> times, device;
+  std::vector<int32_t> token_seq(b->seqs), logit_tokens(b->seqs), positions(b->seqs);
+  std::iota(token_seq.begin(), token_seq.end(), 0);
+  std::iota(logit_tokens.begin(), logit_tokens.end(), 0);
+  std::vector<int64_t> slots(b->seqs);
+  std::vector<int32_t> next(b->seqs);
+  for (int64_t step = 0; step < steps; ++step) {
+    for (int64_t s = 0; s < b->seqs; ++s) {
+      positions[s] = static_cast<int32_t>(b->lengths[s]);
+      slots[s] = b->Slot(s, b->lengths[s]);
+    }
+    ForwardBatch fb{b->last, positions, token_seq, slots, b->tables, b->seqs, b->per_seq,
+                    logit_tokens};
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(next), {}));
+    const auto t1 = std::chrono::steady_clock::now();
+    if (step > 0) {
+      times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      device.push_back(r->last_step_device_ms());
+    }
+    b->last = next;
+    for (int64_t s = 0; s < b->seqs; ++s) ++b->lengths[s];
+  }
+  *device_ms = Median(device);
+  return Median(times);
+}
+
+int Main() {
+  absl::StatusOr<int> devices = CudaDeviceCount();
+  if (!devices.ok()) {
+    std::fprintf(stderr, "gpu_bench: no usable GPU: %s\n", devices.status().ToString().c_str());
+    return 2;
+  }
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  Json json;
+  json.AddStr("device", prop.name);
+  json.Add("multiprocessors", prop.multiProcessorCount);
+
+  const std::string dtype_name = absl::GetFlag(FLAGS_dtype);
+  DType dtype = DType::kBF16;
+  if (dtype_name == "f16") dtype = DType::kF16;
+  if (dtype_name == "f32") dtype = DType::kF32;
+  gpu::ActType act;
+  CHECK_OK(ActTypeOf(dtype, &act));
+  const int64_t eb = gpu::ActBytes(act);
+  json.AddStr("dtype", dtype_name);
+
+  absl::StatusOr<CudaStream> stream = CudaStream::Create();
+  CHECK_OK(stream.status());
+  const cudaStream_t st = stream->get();
+
+  // Copy bandwidth: 2 GiB device to device.
+  double copy_gbs = 0;
+  {
+    const size_t bytes = size_t{2} << 30;
+    absl::StatusOr<DeviceBuffer> a = DeviceBuffer::Allocate(bytes), b = DeviceBuffer::Allocate(bytes);
+    CHECK_OK(a.status());
+    CHECK_OK(b.status());
+    CHECK_OK(a->Fill(1));
+    const double ms = TimeMs(st, 10, [&] {
+      cudaMemcpyAsync(b->data(), a->data(), bytes, cudaMemcpyDeviceToDevice, st);
+    });
+    copy_gbs = 2.0 * bytes / (ms * 1e6);
+    json.Add("copy_gb_per_s", copy_gbs);
+  }
+
+  absl::StatusOr<std::unique_ptr<CublasLtGemm>> gemm = CublasLtGemm::Create();
+  CHECK_OK(gemm.status());
+  // Matrix rate: 8192^3 on random data.
+  {
+    const int64_t N = 8192;
+    absl::StatusOr<DeviceBuffer> x = DeviceBuffer::Allocate(N * N * eb),
+                                 w = DeviceBuffer::Allocate(N * N * eb),
+                                 y = DeviceBuffer::Allocate(N * N * eb);
+    CHECK_OK(x.status());
+    CHECK_OK(w.status());
+    CHECK_OK(y.status());
+    gpu::LaunchRandomNormal(x->data(), act, N * N, 0, 1, 1, st);
+    gpu::LaunchRandomNormal(w->data(), act, N * N, 0, 1, 2, st);
+    GemmArgs g{N, N, N, x->data(), 0, w->data(), nullptr, y->data(), 0, act, act};
+    const double ms = TimeMs(st, 10, [&] { CHECK_OK((*gemm)->Run(g, st)); });
+    json.Add("gemm_8192_tflops", 2.0 * N * N * N / (ms * 1e9));
+  }
+
+  absl::StatusOr<ModelConfig> config = [&]() -> absl::StatusOr<ModelConfig> {
+    std::string path = absl::GetFlag(FLAGS_config);
+    const size_t slash = path.rfind('/');
+    // LoadModelConfig takes a directory holding config.json; accept a file path too.
+    if (path.size() > 5 && path.substr(path.size() - 5) == ".json") {
+      const std::string dir = "/tmp/strata_gpu_bench_config";
+      std::string cmd = "mkdir -p " + dir + " && cp '" + path + "' " + dir + "/config.json";
+      if (std::system(cmd.c_str()) != 0) return absl::InternalError("copying the config failed");
+      (void)slash;
+      return LoadModelConfig(dir);
+    }
+    return LoadModelConfig(path);
+  }();
+  CHECK_OK(config.status());
+  const ModelConfig& c = *config;
+  json.AddStr("config", absl::GetFlag(FLAGS_config));
+
+  // The GEMMs of one layer at m = 1, as achieved weight bandwidth.
+  {
+    const int64_t H = c.hidden_size, I = c.intermediate_size;
+    const int64_t qkv = c.q_dim() + 2 * c.kv_dim();
+    struct Shape {
+      const char* name;
+      int64_t n, k;
+    };
+    for (const Shape& sh : {Shape{"qkv", qkv, H}, Shape{"o", H, c.q_dim()},
+                            Shape{"gate_up", 2 * I, H}, Shape{"down", H, I},
+                            Shape{"lm_head", c.vocab_size, H}}) {
+      absl::StatusOr<DeviceBuffer> w = DeviceBuffer::Allocate(sh.n * sh.k * eb),
+                                   x = DeviceBuffer::Allocate(64 * sh.k * eb),
+                                   y = DeviceBuffer::Allocate(64 * sh.n * 4);
+      CHECK_OK(w.status());
+      CHECK_OK(x.status());
+      CHECK_OK(y.status());
+      gpu::LaunchRandomNormal(w->data(), act, sh.n * sh.k, 0, 0.02f, 3, st);
+      gpu::LaunchRandomNormal(x->data(), act, 64 * sh.k, 0, 1, 4, st);
+      // -1 to -4: m = 1 through the GEMV kernel's variants 0 to 3.
+      for (int64_t m : {1, 64, -1, -2, -3, -4}) {
+        const int64_t rows = m < 0 ? 1 : m;
+        (*gemm)->set_small_m_gemv(m < 0);
+        (*gemm)->set_gemv_variant(m < 0 ? static_cast<int>(-m - 1) : 0);
+        GemmArgs g{rows, sh.n, sh.k, x->data(), 0, w->data(), nullptr, y->data(), 0, act, act};
+        const double ms = GraphTimeUs(st, 20, [&] { CHECK_OK((*gemm)->Run(g, st)); }) / 1e3;
+        const std::string key =
+            m < 0 ? absl::StrCat("gemv", -m - 1, "_m1_") : absl::StrCat("gemm_m", m, "_");
+        json.Add(key + sh.name + "_gb_per_s", (sh.n * sh.k * eb) / (ms * 1e6));
+        json.Add(key + sh.name + "_us", ms * 1e3);
+      }
+      (*gemm)->set_small_m_gemv(false);
+      (*gemm)->set_gemv_variant(0);
+    }
+  }
+  // The other ops of one decode step at batch 1 and 64 (microseconds each, by events), and paged
+  // attention over contexts of 512 and 4096 tokens, to place the time a step spends outside GEMMs.
+  {
+    const int64_t H = c.hidden_size, D = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+    const int64_t qkv_w = c.q_dim() + 2 * c.kv_dim(), I = c.intermediate_size;
+    const int64_t bt = 16, max_ctx = 4096, max_b = 64;
+    const int64_t blocks = max_b * max_ctx / bt;
+    auto buf = [&](int64_t bytes) {
+      absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(bytes);
+      CHECK_OK(b.status());
+      return *std::move(b);
+    };
+    DeviceBuffer resid = buf(4 * max_b * H), normed = buf(eb * max_b * H),
+                 qkv = buf(eb * max_b * qkv_w), attn = buf(eb * max_b * c.q_dim()),
+                 gu = buf(eb * max_b * 2 * I), act_out = buf(eb * max_b * I),
+                 normw = buf(4 * H), inv = buf(4 * D), kcache = buf(eb * blocks * bt * c.kv_dim()),
+                 vcache = buf(eb * blocks * bt * c.kv_dim()), meta = buf(4 * 4 * max_b),
+                 tables = buf(4 * max_b * (max_ctx / bt)), slots = buf(8 * max_b),
+                 ws = buf(4 * int64_t{64} << 20);
+    gpu::LaunchRandomNormal(resid.data(), gpu::ActType::kF32, max_b * H, 0, 1, 5, st);
+    gpu::LaunchRandomNormal(qkv.data(), act, max_b * qkv_w, 0, 1, 6, st);
+    gpu::LaunchRandomNormal(gu.data(), act, max_b * 2 * I, 0, 1, 7, st);
+    gpu::LaunchRandomNormal(normw.data(), gpu::ActType::kF32, H, 1, 0, 0, st);
+    gpu::LaunchRandomNormal(inv.data(), gpu::ActType::kF32, D, 0.01f, 0, 0, st);
+    gpu::LaunchRandomNormal(kcache.data(), act, blocks * bt * c.kv_dim(), 0, 1, 8, st);
+    gpu::LaunchRandomNormal(vcache.data(), act, blocks * bt * c.kv_dim(), 0, 1, 9, st);
+    for (int64_t b : {int64_t{1}, int64_t{64}}) {
+      for (int64_t ctx : {int64_t{512}, max_ctx}) {
+        // Sequence s: blocks [s * per, (s + 1) * per), query at position ctx - 1.
+        const int64_t per = max_ctx / bt;
+        std::vector<int32_t> seq(b), pos(b), tab(b * per);
+        std::vector<int64_t> sl(b);
+        for (int64_t i = 0; i < b; ++i) {
+          seq[i] = static_cast<int32_t>(i);
+          pos[i] = static_cast<int32_t>(ctx - 1);
+          sl[i] = (i * per + (ctx - 1) / bt) * bt + (ctx - 1) % bt;
+        }
+        std::iota(tab.begin(), tab.end(), 0);
+        CHECK_OK(meta.CopyFromHost(seq.data(), 4 * b));
+        CHECK_OK(CopyMemory(meta.as<int32_t>() + max_b, pos.data(), 4 * b));
+        CHECK_OK(tables.CopyFromHost(tab.data(), 4 * tab.size()));
+        CHECK_OK(slots.CopyFromHost(sl.data(), 8 * b));
+        gpu::PagedAttentionArgs pa;
+        pa.num_tokens = b;
+        pa.num_heads = nh;
+        pa.num_kv_heads = nkv;
+        pa.head_dim = D;
+        pa.scale = 1.0f / std::sqrt(static_cast<float>(D));
+        pa.q = qkv.data();
+        pa.q_stride = qkv_w;
+        pa.k_cache = kcache.data();
+        pa.v_cache = vcache.data();
+        pa.block_tokens = bt;
+        pa.num_blocks = blocks;
+        pa.token_seq = meta.as<int32_t>();
+        pa.token_pos = meta.as<int32_t>() + max_b;
+        pa.block_tables = tables.as<int32_t>();
+        pa.num_seqs = b;
+        pa.max_blocks_per_seq = per;
+        pa.out = attn.data();
+        pa.out_stride = c.q_dim();
+        pa.act = act;
+        pa.num_tiles = b;
+        pa.workspace = ws.as<float>();
+        for (int64_t plan_keys : {ctx, max_ctx}) {  // partitions for this context, or for capacity
+          ChooseAttentionPartitions(plan_keys, prop.multiProcessorCount, &pa);
+          const double us =
+              GraphTimeUs(st, 50, [&] { CHECK_OK(PagedAttentionCuda(pa, Handle(st))); });
+          const std::string key = absl::StrCat("attn_b", b, "_ctx", ctx,
+                                               plan_keys == ctx ? "" : "_capacity_plan");
+          json.Add(key + "_us", us);
+          json.Add(key + "_partitions", static_cast<double>(pa.num_partitions));
+          json.Add(key + "_gb_per_s", 2.0 * b * ctx * c.kv_dim() * eb / (us * 1e3));
+        }
+      }
+      const double eps = 1e-5;
+      const CudaStreamHandle hs = Handle(st);
+      json.Add(absl::StrCat("op_b", b, "_add_rms_norm_us"),
+               GraphTimeUs(st, 50, [&] {
+                 CHECK_OK(AddRmsNormCuda({b, H, static_cast<float>(eps), resid.as<float>(),
+                                          normed.data(), H, normw.as<float>(), normed.data(), H,
+                                          act},
+                                         hs));
+               }));
+      json.Add(absl::StrCat("op_b", b, "_rope_us"), GraphTimeUs(st, 50, [&] {
+        CHECK_OK(RopeCuda({b, nh, nkv, D, meta.as<int32_t>() + max_b, inv.as<float>(), qkv.data(),
+                           qkv_w, static_cast<char*>(qkv.data()) + c.q_dim() * eb, qkv_w, act},
+                          hs));
+      }));
+      gpu::WriteKvArgs wk;
+      wk.num_tokens = b;
+      wk.num_kv_heads = nkv;
+      wk.head_dim = D;
+      wk.block_tokens = bt;
+      wk.num_blocks = blocks;
+      wk.k = static_cast<char*>(qkv.data()) + c.q_dim() * eb;
+      wk.k_stride = qkv_w;
+      wk.v = static_cast<char*>(qkv.data()) + (c.q_dim() + c.kv_dim()) * eb;
+      wk.v_stride = qkv_w;
+      wk.slots = slots.as<int64_t>();
+      wk.k_cache = kcache.data();
+      wk.v_cache = vcache.data();
+      wk.act = act;
+      json.Add(absl::StrCat("op_b", b, "_write_kv_us"),
+               GraphTimeUs(st, 50, [&] { CHECK_OK(WriteKvCacheCuda(wk, hs)); }));
+      const gpu::RopeArgs rope{b,     nh, nkv, D, meta.as<int32_t>() + max_b, inv.as<float>(),
+                               qkv.data(), qkv_w, static_cast<char*>(qkv.data()) + c.q_dim() * eb,
+                               qkv_w, act};
+      json.Add(absl::StrCat("op_b", b, "_rope_write_kv_us"),
+               GraphTimeUs(st, 50, [&] { CHECK_OK(RopeWriteKvCuda(rope, wk, hs)); }));
+      json.Add(absl::StrCat("op_b", b, "_silu_mul_us"), GraphTimeUs(st, 50, [&] {
+        CHECK_OK(SiluMulCuda({b, I, gu.data(), act_out.data(), act}, hs));
+      }));
+    }
+  }
+  gemm->reset();
+
+  std::vector<int64_t> batches;
+  for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_batches), ',')) {
+    int64_t v;
+    if (absl::SimpleAtoi(b, &v) && v > 0) batches.push_back(v);
+  }
+  const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
+  const int64_t prompt = absl::GetFlag(FLAGS_prompt);
+  const int64_t steps = absl::GetFlag(FLAGS_steps);
+  const int64_t prefill_tokens = absl::GetFlag(FLAGS_prefill_tokens);
+  const int64_t block_tokens = 16;
+  const int64_t ctx = std::max(prompt + steps + 1, prefill_tokens);
+  const int64_t per_seq = (ctx + block_tokens - 1) / block_tokens;
+
+  GpuRunnerOptions o;
+  o.block_tokens = block_tokens;
+  o.act = dtype;
+  o.max_batch_tokens = std::max<int64_t>(prefill_tokens, 1024);
+  o.max_seqs = std::max<int64_t>(max_batch, 1);
+  o.max_blocks_per_seq = per_seq;
+  o.num_blocks = per_seq * o.max_seqs;
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::unique_ptr<GpuModelRunner>> runner = GpuModelRunner::CreateRandom(c, o, 1);
+  CHECK_OK(runner.status());
+  json.Add("create_s",
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  const GpuRunnerMemory mem = (*runner)->memory();
+  json.Add("weight_bytes", static_cast<double>(mem.weight_bytes));
+  json.Add("kv_cache_bytes", static_cast<double>(mem.kv_cache_bytes));
+  json.Add("params", static_cast<double>(c.NumParameters()));
+
+  std::mt19937 rng(1);
+  Batch proto;
+  proto.block_tokens = block_tokens;
+  proto.per_seq = per_seq;
+
+  // Prefill: one prompt of prefill_tokens tokens, median of 3 (after one warm-up).
+  {
+    Batch b = proto;
+    b.seqs = 1;
+    b.tables.resize(per_seq);
+    std::iota(b.tables.begin(), b.tables.end(), 0);
+    std::vector<double> times;
+    for (int rep = 0; rep < 4; ++rep) {
+      const auto a = std::chrono::steady_clock::now();
+      Prefill(runner->get(), &b, prefill_tokens, prefill_tokens, &rng);
+      const double s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+      if (rep > 0) times.push_back(s);
+    }
+    json.Add("prefill_tokens", static_cast<double>(prefill_tokens));
+    json.Add("prefill_tokens_per_s", prefill_tokens / Median(times));
+  }
+
+  // Bytes one batch-1 decode step must read: every weight but the embedding table (one row of it),
+  // and the KV cache of the context (mid-run length).
+  const int64_t embed_bytes = c.vocab_size * c.hidden_size * eb;
+  const double weights_per_step =
+      static_cast<double>(mem.weight_bytes - (c.tie_word_embeddings ? 0 : embed_bytes));
+  const double kv_per_token = 2.0 * c.num_layers * c.kv_dim() * eb;
+  const double b1_bytes = weights_per_step + kv_per_token * (prompt + steps / 2.0);
+  const double roofline = copy_gbs * 1e9 / b1_bytes;
+  json.Add("decode_b1_bytes_per_step", b1_bytes);
+  json.Add("decode_b1_roofline_tokens_per_s", roofline);
+
+  // Decode with graphs for every batch size, then batch 1 with cuBLASLt instead of the GEMV kernel
+  // for the projections and batch 1 eager (each a new runner, made after the one before is gone,
+  // so that they fit).
+  struct DecodeRun {
+    int64_t batch;
+    bool graphs, cublas;
+  };
+  std::vector<DecodeRun> runs;
+  for (int64_t bs : batches) runs.push_back({bs, true, false});
+  runs.push_back({1, true, true});  // projections through cuBLASLt
+  runs.push_back({1, false, false});
+  std::unique_ptr<GpuModelRunner> other;
+  for (const DecodeRun& run : runs) {
+    GpuModelRunner* r = runner->get();
+    if (!run.graphs || run.cublas) {
+      GpuRunnerOptions oo = o;
+      oo.cuda_graphs = run.graphs;
+      oo.small_m_gemv = !run.cublas;
+      runner->reset();
+      other.reset();
+      absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
+      CHECK_OK(e.status());
+      other = *std::move(e);
+      r = other.get();
+    }
+    Batch b = proto;
+    b.seqs = run.batch;
+    b.tables.resize(run.batch * per_seq);
+    std::iota(b.tables.begin(), b.tables.end(), 0);
+    Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
+    double device_ms = 0;
+    const double ms = Decode(r, &b, steps, &device_ms);
+    const std::string key = absl::StrCat("decode_b", run.batch, run.graphs ? "" : "_eager",
+                                         run.cublas ? "_cublas" : "");
+    json.Add(key + "_ms_per_step", ms);
+    json.Add(key + "_device_ms_per_step", device_ms);
+    json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);
+    if (run.batch == 1 && run.graphs) {
+      json.Add(key + "_fraction_of_roofline", (1000.0 / ms) / roofline);
+    }
+  }
+  json.s += "\n}\n";
+  if (!absl::GetFlag(FLAGS_out).empty()) {
+    std::ofstream(absl::GetFlag(FLAGS_out)) << json.s;
+  }
+  std::printf("%s", json.s.c_str());
+  return 0;
+}
+
+#else
+
+int Main() {
+  std::fprintf(stderr, "gpu_bench: built without CUDA\n");
+  return 2;
+}
+
+#endif
+
+}  // namespace
+}  // namespace strata
+
+int main(int argc, char** argv) {
+  strata::InitProgram(argc, argv, "GPU forward-pass benchmark against the card's limits.");
+  return strata::Main();
+}

@@ -1,0 +1,158 @@
+// Small-m GEMM (decode) as a bandwidth-bound GEMV: see GemvArgs in ops_kernel.h. Each warp owns
+// kRows weight rows and walks k in 16-byte vectors, kUnroll vectors per row in flight per step, with
+// every row of x applied to each weight vector it loads; a warp reduction finishes each output.
+#include <cstdint>
+
+#include "kernels/cuda/cuda_types.cuh"
+#include "kernels/cuda/ops_kernel.h"
+
+namespace strata::gpu {
+namespace {
+
+// Shapes (weight rows per warp, warps per block, vectors per row in flight per lane), by variant:
+// 0 (the default) 2/8/2; 1: 1/4/4; 2: 4/4/2; 3: 2/4/4. Variant 0 was the fastest of the first two
+// on an H200 for four of Llama-3-8B's five decode projections (docs/PERFORMANCE.md); 2 and 3 hold
+// more loads in flight per lane, for comparison.
+
+template <typename T>
+struct Pack {
+  static constexpr int kN = 16 / sizeof(T);
+  static __device__ __forceinline__ void ToFloat(const uint4& v, float* out) {
+    if constexpr (sizeof(T) == 4) {
+      out[0] = __uint_as_float(v.x);
+      out[1] = __uint_as_float(v.y);
+      out[2] = __uint_as_float(v.z);
+      out[3] = __uint_as_float(v.w);
+    } else {
+      const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int i = 0; i < kN; ++i) out[i] = ToF(h[i]);
+    }
+  }
+};
+
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll>
+__global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
+  constexpr int kN = Pack<T>::kN;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
+  if (row0 >= a.n) return;
+  const int64_t vecs = a.k / kN;  // 16-byte vectors per row
+  const uint4* w = reinterpret_cast<const uint4*>(a.w);
+  const uint4* x = reinterpret_cast<const uint4*>(a.x);
+  const int64_t ldx_v = a.ldx / kN;
+  float acc[M][kRows];
+#pragma unroll
+  for (int r = 0; r < M; ++r) {
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) acc[r][j] = 0.0f;
+  }
+  const int64_t rows_here = a.n - row0 < kRows ? a.n - row0 : kRows;
+  for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
+    uint4 wv[kUnroll][kRows];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + u * 32;
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        wv[u][j] = v < vecs && j < rows_here ? __ldg(w + (row0 + j) * vecs + v) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + u * 32;
+      if (v >= vecs) break;
+      float wf[kRows][kN];
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) Pack<T>::ToFloat(wv[u][j], wf[j]);
+#pragma unroll
+      for (int r = 0; r < M; ++r) {
+        if (r >= a.m) break;
+        float xf[kN];
+        Pack<T>::ToFloat(__ldg(x + r * ldx_v + v), xf);
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+#pragma unroll
+          for (int e = 0; e < kN; ++e) acc[r][j] = fmaf(xf[e], wf[j][e], acc[r][j]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < M; ++r) {
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) acc[r][j] = WarpSum(acc[r][j]);
+  }
+  if (lane == 0) {
+    O* y = static_cast<O*>(a.y);
+    const O* bias = static_cast<const O*>(a.bias);
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      if (r >= a.m) break;
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        if (j < rows_here) {
+          float v = acc[r][j];
+          if (bias != nullptr) v += ToF(bias[row0 + j]);
+          y[r * a.ldy + row0 + j] = FromF<O>(v);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename O, int kRows, int kWarps, int kUnroll>
+cudaError_t LaunchShape(const GemvArgs& a, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((a.n + kWarps * kRows - 1) / (kWarps * kRows));
+  if (a.m <= 1) {
+    GemvKernel<T, O, 1, kRows, kWarps, kUnroll><<<blocks, kWarps * 32, 0, stream>>>(a);
+  } else if (a.m <= 2) {
+    GemvKernel<T, O, 2, kRows, kWarps, kUnroll><<<blocks, kWarps * 32, 0, stream>>>(a);
+  } else if (a.m <= 4) {
+    GemvKernel<T, O, 4, kRows, kWarps, kUnroll><<<blocks, kWarps * 32, 0, stream>>>(a);
+  } else {
+    GemvKernel<T, O, 8, kRows, kWarps, kUnroll><<<blocks, kWarps * 32, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, typename O>
+cudaError_t LaunchFor(const GemvArgs& a, cudaStream_t stream) {
+  switch (a.variant) {
+    case 1:
+      return LaunchShape<T, O, 1, 4, 4>(a, stream);
+    case 2:
+      return LaunchShape<T, O, 4, 4, 2>(a, stream);
+    case 3:
+      return LaunchShape<T, O, 2, 4, 4>(a, stream);
+    default:
+      return LaunchShape<T, O, 2, 8, 2>(a, stream);
+  }
+}
+
+}  // namespace
+
+bool GemvSupported(const GemvArgs& a) {
+  const int64_t vec = 16 / ActBytes(a.act);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool out_ok = a.out_type == a.act || a.out_type == ActType::kF32;
+  return a.m >= 1 && a.m <= 8 && a.n > 0 && a.k > 0 && a.k % vec == 0 && a.ldx % vec == 0 &&
+         aligned(a.x) && aligned(a.w) && out_ok;
+}
+
+cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream) {
+  if (!GemvSupported(a)) return cudaErrorInvalidValue;
+  switch (a.act) {
+    case ActType::kF32:
+      return LaunchFor<float, float>(a, stream);
+    case ActType::kF16:
+      return a.out_type == ActType::kF32 ? LaunchFor<__half, float>(a, stream)
+                                         : LaunchFor<__half, __half>(a, stream);
+    case ActType::kBF16:
+      return a.out_type == ActType::kF32 ? LaunchFor<__nv_bfloat16, float>(a, stream)
+                                         : LaunchFor<__nv_bfloat16, __nv_bfloat16>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace strata::gpu

@@ -1,0 +1,221 @@
+// The CUDA twins of the CPU ops of a transformer layer (kernels/elementwise.h, kernels/attention.h,
+// the embedding lookup and greedy token choice), as plain argument structs and launchers kept free
+// of Abseil so that nvcc compiles only CUDA code. Callers go through kernels/cuda/ops.h, which
+// validates the arguments and turns errors into absl::Status.
+//
+// Activations and weights are f32, f16 or bf16 (`ActType`); every reduction and every product
+// accumulates in f32. The residual stream between layers stays f32. All pointers are device memory
+// unless a field says otherwise; every launcher is asynchronous on `stream` and returns the launch
+// error.
+#ifndef STRATA_KERNELS_CUDA_OPS_KERNEL_H_
+#define STRATA_KERNELS_CUDA_OPS_KERNEL_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace strata::gpu {
+
+enum class ActType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline int ActBytes(ActType t) { return t == ActType::kF32 ? 4 : 2; }
+
+// out[t, :] = table[tokens[t], :] as f32 (the residual stream).
+struct EmbedArgs {
+  int64_t num_tokens = 0;
+  int64_t hidden = 0;
+  int64_t vocab = 0;
+  const int32_t* tokens = nullptr;  // [num_tokens]; ids outside [0, vocab) give zero rows
+  const void* table = nullptr;      // [vocab, hidden], table_type
+  ActType table_type = ActType::kBF16;
+  float* out = nullptr;  // [num_tokens, hidden]
+};
+cudaError_t LaunchEmbed(const EmbedArgs& a, cudaStream_t stream);
+
+// Fused residual add and RMSNorm, one row per token:
+//   if delta: residual[r, :] += delta[r, :]
+//   out[r, :] = residual[r, :] / sqrt(mean(residual[r, :]^2) + eps) * weight
+struct AddRmsNormArgs {
+  int64_t rows = 0;
+  int64_t dim = 0;
+  float eps = 1e-6f;
+  float* residual = nullptr;     // [rows, dim], f32, dense; updated in place when delta is set
+  const void* delta = nullptr;   // [rows, dim] with row stride delta_stride, act; may be null
+  int64_t delta_stride = 0;      // 0: dim
+  const float* weight = nullptr;  // [dim], f32
+  void* out = nullptr;           // [rows, dim] with row stride out_stride, act
+  int64_t out_stride = 0;        // 0: dim
+  ActType act = ActType::kBF16;  // of delta and out
+};
+cudaError_t LaunchAddRmsNorm(const AddRmsNormArgs& a, cudaStream_t stream);
+
+// In-place RMSNorm of each head of each token (Qwen3's q_norm / k_norm):
+//   x[t, h, :] = x[t, h, :] / sqrt(mean(x[t, h, :]^2) + eps) * weight
+struct HeadRmsNormArgs {
+  int64_t num_tokens = 0;
+  int64_t num_heads = 0;
+  int64_t head_dim = 0;
+  float eps = 1e-6f;
+  void* x = nullptr;  // token t, head h at x + t * token_stride + h * head_dim (elements), act
+  int64_t token_stride = 0;
+  const float* weight = nullptr;  // [head_dim], f32
+  ActType act = ActType::kBF16;
+};
+cudaError_t LaunchHeadRmsNorm(const HeadRmsNormArgs& a, cudaStream_t stream);
+
+// Rotary embedding in place, rotate-half convention, angle position * inv_freq[i] in double (as
+// RopeCpu computes it).
+struct RopeArgs {
+  int64_t num_tokens = 0;
+  int64_t num_q_heads = 0;
+  int64_t num_k_heads = 0;
+  int64_t head_dim = 0;  // even, <= 1024
+  const int32_t* positions = nullptr;  // [num_tokens]
+  const float* inv_freq = nullptr;     // [head_dim / 2]
+  void* q = nullptr;                   // [num_tokens, num_q_heads, head_dim], token stride q_stride
+  int64_t q_stride = 0;
+  void* k = nullptr;  // [num_tokens, num_k_heads, head_dim], token stride k_stride
+  int64_t k_stride = 0;
+  ActType act = ActType::kBF16;
+};
+cudaError_t LaunchRope(const RopeArgs& a, cudaStream_t stream);
+
+// out[r, i] = silu(in[r, i]) * in[r, dim + i].
+struct SiluMulArgs {
+  int64_t rows = 0;
+  int64_t dim = 0;
+  const void* in = nullptr;  // [rows, 2 * dim]
+  void* out = nullptr;       // [rows, dim]
+  ActType act = ActType::kBF16;
+};
+cudaError_t LaunchSiluMul(const SiluMulArgs& a, cudaStream_t stream);
+
+// Writes each token's K and V into its cache slot (block * block_tokens + row); a negative slot
+// writes nothing (padding rows of a captured decode graph).
+struct WriteKvArgs {
+  int64_t num_tokens = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t block_tokens = 0;
+  int64_t num_blocks = 0;
+  const void* k = nullptr;  // [num_tokens, num_kv_heads, head_dim], token stride k_stride
+  int64_t k_stride = 0;
+  const void* v = nullptr;
+  int64_t v_stride = 0;
+  const int64_t* slots = nullptr;  // [num_tokens]
+  void* k_cache = nullptr;         // [num_blocks, block_tokens, num_kv_heads, head_dim]
+  void* v_cache = nullptr;
+  ActType act = ActType::kBF16;
+};
+cudaError_t LaunchWriteKv(const WriteKvArgs& a, cudaStream_t stream);
+
+// Rotary embedding of q and k fused with the KV cache write (one launch instead of two, for
+// decode): exactly LaunchRope(rope) then LaunchWriteKv(kv), where kv.k must be rope.k (the rotated
+// keys are what gets written).
+cudaError_t LaunchRopeWriteKv(const RopeArgs& rope, const WriteKvArgs& kv, cudaStream_t stream);
+
+// Paged attention (see kernels/attention.h for the cache layout and the causal rule), for prefill
+// and decode alike. Work is cut into tiles: a tile is a run of consecutive query tokens of one
+// sequence at consecutive positions, and one thread block serves one tile for one KV head, i.e.
+// tile_tokens x group query rows that share every K and V load (GQA). The four warps of a block
+// split the tile's keys; long key ranges are further split across `num_partitions` blocks whose
+// partial results a second kernel merges (split-K, for decode of long contexts).
+struct PagedAttentionArgs {
+  int64_t num_tokens = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;  // 16, 32, 64, 128 or 256
+  float scale = 1.0f;
+  int64_t sliding_window = 0;
+  const void* q = nullptr;  // [num_tokens, num_heads, head_dim], token stride q_stride
+  int64_t q_stride = 0;
+  const void* k_cache = nullptr;  // [num_blocks, block_tokens, num_kv_heads, head_dim]
+  const void* v_cache = nullptr;
+  int64_t block_tokens = 0;
+  int64_t num_blocks = 0;
+  const int32_t* token_seq = nullptr;  // [num_tokens]
+  const int32_t* token_pos = nullptr;  // [num_tokens]
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
+  int64_t num_seqs = 0;
+  int64_t max_blocks_per_seq = 0;
+  void* out = nullptr;  // [num_tokens, num_heads, head_dim], token stride out_stride
+  int64_t out_stride = 0;
+  ActType act = ActType::kBF16;
+  // [num_tiles] (first token, token count) pairs, device; null means one tile per token.
+  const int32_t* tiles = nullptr;
+  int64_t num_tiles = 0;
+  // Most query tokens in one tile (1 when tiles is null).
+  int64_t tile_tokens = 1;
+  // Split-K: each tile's key range is cut into at most num_partitions partitions, each a multiple
+  // of partition_keys keys (itself a multiple of 128), as few as cover the range; the split is made
+  // on the device from the actual range. 1 partition needs no workspace.
+  int64_t num_partitions = 1;
+  int64_t partition_keys = 0;
+  // f32 scratch of PagedAttentionWorkspaceFloats() floats when num_partitions > 1.
+  float* workspace = nullptr;
+};
+// Query rows one block can hold for this head_dim (the tile_tokens x group limit).
+int64_t PagedAttentionMaxRows(int64_t head_dim);
+int64_t PagedAttentionWorkspaceFloats(const PagedAttentionArgs& a);
+cudaError_t LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stream);
+
+// Greedy choice per row: the index of the largest logit (the lowest index among equals, as the CPU
+// sampler picks), and its log-probability under log-softmax of the row.
+struct ArgmaxArgs {
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  const void* logits = nullptr;  // [rows, vocab] with row stride ld (0: vocab)
+  int64_t ld = 0;
+  ActType type = ActType::kF32;
+  int32_t* token = nullptr;    // [rows]
+  float* logprob = nullptr;    // [rows]; may be null
+};
+cudaError_t LaunchArgmax(const ArgmaxArgs& a, cudaStream_t stream);
+
+// dst[i, :] = src[rows[i], :] for i < num_rows (width elements each, row strides ld_src, ld_dst).
+struct GatherRowsArgs {
+  int64_t num_rows = 0;
+  int64_t width = 0;
+  const void* src = nullptr;
+  int64_t ld_src = 0;
+  const int32_t* rows = nullptr;  // [num_rows]
+  void* dst = nullptr;
+  int64_t ld_dst = 0;
+  ActType type = ActType::kBF16;
+};
+cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream);
+
+// y[m, n] = x[m, k] . w[n, k]^T (+ bias[n]) for small m (decode): every weight row is streamed once
+// in 16-byte loads with all m rows of x applied to it, f32 accumulation. Needs m <= 8, k a multiple
+// of 16 / sizeof(act) and 16-byte aligned x, w and row strides.
+struct GemvArgs {
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  const void* x = nullptr;  // [m, k], row stride ldx, act
+  int64_t ldx = 0;
+  const void* w = nullptr;     // [n, k], act
+  const void* bias = nullptr;  // [n], out_type; may be null
+  void* y = nullptr;           // [m, n], row stride ldy, out_type
+  int64_t ldy = 0;
+  ActType act = ActType::kBF16;
+  ActType out_type = ActType::kBF16;
+  // The kernel's block shape (see gemv.cu): 0 is the default, 1 to 3 are for benchmarks.
+  int variant = 0;
+};
+bool GemvSupported(const GemvArgs& a);
+cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream);
+
+// Element type conversion: out[i] = (out_type) in[i].
+cudaError_t LaunchConvert(const void* in, ActType in_type, void* out, ActType out_type, int64_t n,
+                          cudaStream_t stream);
+
+// out[i] = mean + stddev * N(0, 1), drawn from a counter-based hash of (seed, i): the same values
+// for the same seed on any GPU, in any launch shape.
+cudaError_t LaunchRandomNormal(void* out, ActType type, int64_t n, float mean, float stddev,
+                               uint64_t seed, cudaStream_t stream);
+
+}  // namespace strata::gpu
+
+#endif  // STRATA_KERNELS_CUDA_OPS_KERNEL_H_

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU check of Strata in one script: here, build and pack every GPU-tagged test and benchmark; on a
+# GPU machine, run them and the PyTorch comparison, write one results file and print a short table.
+#
+#   tools/gpu_check.sh bundle                 # on the build machine (Debian, CUDA toolkit, no GPU
+#                                             # needed): writes gpu-bundle/ and gpu-bundle.tar.xz
+#   tools/gpu_check.sh run RESULTS_DIR        # on the GPU machine, from the root of the same checkout
+#                                             # with gpu-bundle.tar.xz beside it (or gpu-bundle/)
+#
+# `run` unpacks the bundle, runs the GPU tests and bench/gpu_bench (gpu-bundle/run.sh), then
+# bench/torch_baseline.py with the same model shape when python3 has torch and transformers, and
+# writes RESULTS_DIR/results.json (everything) next to every log. The table comes last. Environment:
+# STRATA_GPU_TIMEOUT (seconds per binary, default 300), STRATA_TORCH_BUDGET (seconds for the PyTorch
+# comparison, default 150; 0 skips it), STRATA_GPU_ONLY (a regex of bundle names to run),
+# STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+  bundle)
+    shift
+    # cuBLAS, cuBLASLt, cudart and NCCL are far too large to carry; the GPU machine has its own.
+    exec tools/gpu_bundle.sh --skip-libs '^lib(cublas|cublasLt|cudart|nccl)\.so' "$@"
+    ;;
+  run)
+    results="${2:?usage: tools/gpu_check.sh run RESULTS_DIR}"
+    mkdir -p "$results"
+    if [ ! -x gpu-bundle/run.sh ]; then
+      [ -f gpu-bundle.tar.xz ] || { echo "gpu_check: no gpu-bundle/ or gpu-bundle.tar.xz here" >&2; exit 2; }
+      tar -xJf gpu-bundle.tar.xz
+    fi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
+      >"$results/nvidia-smi.txt" 2>&1
+    gpu-bundle/run.sh "$results" "${STRATA_GPU_ONLY:-.}" >"$results/run.log" 2>&1
+    tests_rc=$?
+    # compute-sanitizer's memcheck over the op tests (a gtest filter), where the machine allows it.
+    if [ -n "${STRATA_GPU_SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
+      libpath="$PWD/gpu-bundle/lib"
+      for d in /usr/local/cuda/lib64; do [ -d "$d" ] && libpath="$libpath:$d"; done
+      LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+        gpu-bundle/bin/kernels.cuda.ops_test --gtest_filter="$STRATA_GPU_SANITIZE" \
+        >"$results/sanitizer.log" 2>&1
+      echo "compute-sanitizer memcheck exit $?" >>"$results/sanitizer.log"
+    fi
+    budget="${STRATA_TORCH_BUDGET:-150}"
+    if [ "$budget" != 0 ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+      PYTHONUNBUFFERED=1 timeout $((budget + 120)) python3 bench/torch_baseline.py \
+        --config bench/configs/llama3_8b.json --out "$results/torch_baseline.json" \
+        --time_budget_s "$budget" >"$results/torch_baseline.log" 2>&1
+      echo "torch_baseline exit $?" >>"$results/torch_baseline.log"
+    else
+      echo "skipped: no torch + transformers or STRATA_TORCH_BUDGET=0" >"$results/torch_baseline.log"
+    fi
+    python3 - "$results" <<'PY'
+import json, os, sys
+res = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(res, name)) as f:
+            return json.load(f)
+    except Exception:
+        return {}
+ours = load("bench.gpu_bench.json")
+torch = load("torch_baseline.json")
+summary = open(os.path.join(res, "summary.txt")).read() if os.path.exists(os.path.join(res, "summary.txt")) else ""
+with open(os.path.join(res, "results.json"), "w") as f:
+    json.dump({"strata": ours, "pytorch": torch, "summary": summary}, f, indent=1)
+def g(d, *path):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d if isinstance(d, (int, float)) else None
+def fmt(v, spec="{:.1f}"):
+    return "-" if v is None else spec.format(v)
+tdec = torch.get("decode", {}) if isinstance(torch.get("decode"), dict) else {}
+rows = [
+    ("device", ours.get("device", "-"), torch.get("device", "-")),
+    ("copy GB/s (read+write)", fmt(g(ours, "copy_gb_per_s")), fmt(g(torch, "copy", "gb_per_s_median"))),
+    ("bf16 GEMM 8192^3 TFLOP/s", fmt(g(ours, "gemm_8192_tflops")), "-"),
+    ("decode b1 roofline tok/s", fmt(g(ours, "decode_b1_roofline_tokens_per_s")), fmt(g(torch, "decode_roofline_b1_tokens_per_s"))),
+    ("decode b1 tok/s (graphs)", fmt(g(ours, "decode_b1_tokens_per_s")), fmt(g(tdec, "1", "tokens_per_s"))),
+    ("  fraction of roofline", fmt(g(ours, "decode_b1_fraction_of_roofline"), "{:.3f}"), "-"),
+    ("  ms per step (device)", fmt(g(ours, "decode_b1_ms_per_step"), "{:.3f}") + " (" + fmt(g(ours, "decode_b1_device_ms_per_step"), "{:.3f}") + ")", fmt(g(tdec, "1", "ms_per_step_median"), "{:.3f}")),
+    ("decode b1 tok/s (cuBLASLt)", fmt(g(ours, "decode_b1_cublas_tokens_per_s")), "-"),
+    ("decode b1 tok/s (eager)", fmt(g(ours, "decode_b1_eager_tokens_per_s")), "-"),
+    ("decode b64 tok/s", fmt(g(ours, "decode_b64_tokens_per_s")), fmt(g(tdec, "64", "tokens_per_s"))),
+    ("prefill tok/s", fmt(g(ours, "prefill_tokens_per_s")), fmt(g(torch, "prefill", "tokens_per_s"))),
+]
+print()
+print(summary.strip())
+san = os.path.join(res, "sanitizer.log")
+if os.path.exists(san):
+    lines = open(san).read().strip().splitlines()
+    print("\n".join([l for l in lines if "ERROR SUMMARY" in l][-1:] + lines[-1:]))
+print()
+print("%-28s %18s %18s" % ("Llama-3-8B shape, bf16", "strata", "pytorch+hf"))
+for name, a, b in rows:
+    print("%-28s %18s %18s" % (name, str(a)[:18], str(b)[:18]))
+PY
+    exit $tests_rc
+    ;;
+  *)
+    echo "usage: tools/gpu_check.sh bundle | run RESULTS_DIR" >&2
+    exit 2
+    ;;
+esac

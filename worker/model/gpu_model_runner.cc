@@ -1,0 +1,749 @@
+#include "worker/model/gpu_model_runner.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+#include "kernels/elementwise.h"
+
+namespace strata {
+namespace {
+
+constexpr size_t kAlign = 256;
+
+size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+CudaStreamHandle Handle(cudaStream_t s) { return reinterpret_cast<CudaStreamHandle>(s); }
+
+// Host conversion of n elements of `src` (f32, bf16 or f16) into `act`, appended as raw bytes.
+void ConvertToAct(const void* src, DType dtype, int64_t n, gpu::ActType act,
+                  std::vector<uint8_t>* out) {
+  const size_t eb = static_cast<size_t>(gpu::ActBytes(act));
+  out->resize(static_cast<size_t>(n) * eb);
+  const auto* s8 = static_cast<const uint8_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    float f;
+    if (dtype == DType::kF32) {
+      std::memcpy(&f, s8 + 4 * i, 4);
+    } else {
+      uint16_t h;
+      std::memcpy(&h, s8 + 2 * i, 2);
+      f = dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
+    }
+    uint8_t* d = out->data() + i * eb;
+    if (act == gpu::ActType::kF32) {
+      std::memcpy(d, &f, 4);
+    } else {
+      const uint16_t h = act == gpu::ActType::kBF16 ? FloatToBf16(f) : FloatToF16(f);
+      std::memcpy(d, &h, 2);
+    }
+  }
+}
+
+struct LayerDev {
+  void* qkv_w = nullptr;
+  void* qkv_b = nullptr;
+  void* o_w = nullptr;
+  void* o_b = nullptr;
+  void* gate_up_w = nullptr;
+  void* down_w = nullptr;
+  float* in_norm = nullptr;
+  float* post_norm = nullptr;
+  float* q_norm = nullptr;
+  float* k_norm = nullptr;
+};
+
+}  // namespace
+
+struct GpuModelRunner::Impl {
+  ModelConfig c;
+  GpuRunnerOptions o;
+  gpu::ActType act = gpu::ActType::kBF16;
+  int64_t eb = 2;
+  int64_t H = 0, D = 0, nh = 0, nkv = 0, qd = 0, kvd = 0, qkv_w = 0, I = 0, V = 0;
+  int64_t tile_tokens = 1;
+  int sms = 1;
+
+  DeviceBuffer pool;
+  size_t used = 0;
+  std::unique_ptr<CublasLtGemm> gemm;
+  std::unique_ptr<CudaStream> compute, copy;
+  cudaEvent_t inputs_ready = nullptr, outputs_ready = nullptr;
+  // Timing events around a step's device work (after its inputs, before its results' copy).
+  cudaEvent_t step_begin = nullptr, step_end = nullptr;
+  float last_step_ms = 0;
+
+  void* embed = nullptr;
+  void* lm_head = nullptr;
+  float* final_norm = nullptr;
+  float* inv_freq = nullptr;
+  std::vector<LayerDev> layers;
+  std::vector<void*> kc, vc;
+
+  // Inputs: one region, the same layout on the host (pinned) and the device.
+  size_t off_tokens = 0, off_pos = 0, off_seq = 0, off_tiles = 0, off_logit_rows = 0,
+         off_tables = 0, off_slots = 0, inputs_bytes = 0;
+  char* h_inputs = nullptr;
+  char* d_inputs = nullptr;
+  // Outputs.
+  float* h_logits = nullptr;
+  int32_t* h_tokens = nullptr;
+  float* h_logprobs = nullptr;
+  int32_t* d_out_tokens = nullptr;
+  float* d_out_logprobs = nullptr;
+
+  // Scratch.
+  float* hidden = nullptr;
+  void *normed = nullptr, *qkv = nullptr, *attn = nullptr, *proj = nullptr, *gate_up = nullptr,
+       *actb = nullptr, *rows = nullptr;
+  float* logits = nullptr;
+  float* attn_ws = nullptr;
+  int64_t attn_ws_floats = 0;
+
+  std::map<int64_t, cudaGraphExec_t> graphs;
+  GpuRunnerMemory mem;
+
+  ~Impl() {
+    for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
+    if (inputs_ready) cudaEventDestroy(inputs_ready);
+    if (outputs_ready) cudaEventDestroy(outputs_ready);
+    if (step_begin) cudaEventDestroy(step_begin);
+    if (step_end) cudaEventDestroy(step_end);
+    if (h_inputs) cudaFreeHost(h_inputs);
+    if (h_logits) cudaFreeHost(h_logits);
+  }
+
+  template <typename T = void>
+  T* Take(size_t bytes) {
+    void* p = static_cast<char*>(pool.data()) + used;
+    used += AlignUp(bytes);
+    return static_cast<T*>(p);
+  }
+
+  int64_t T_() const { return o.max_batch_tokens; }
+  int64_t S_() const { return o.max_seqs; }
+  int64_t M_() const { return o.max_blocks_per_seq; }
+
+  int32_t* In32(size_t off) const { return reinterpret_cast<int32_t*>(d_inputs + off); }
+  int32_t* Host32(size_t off) const { return reinterpret_cast<int32_t*>(h_inputs + off); }
+
+  absl::Status Init(const ModelConfig& config, const GpuRunnerOptions& options);
+  int64_t WeightBytes() const;
+  void LayOut();
+  absl::Status UploadWeights(const ModelWeights& w);
+  absl::Status RandomWeights(uint64_t seed);
+  absl::Status Prepare(const ForwardBatch& b, int64_t padded, std::vector<int32_t>* tiles);
+  absl::Status Run(int64_t n, int64_t num_seqs, int64_t num_tiles, bool tiled, int64_t max_keys,
+                   int64_t m, bool gather, bool greedy);
+  // The final norm's rows logit_rows[offset, offset + m) (m <= max_seqs) through lm_head, and the
+  // greedy choice when asked; gather: pick the rows, else rows 0..m of the batch are the ones.
+  absl::Status Head(int64_t offset, int64_t m, bool gather, bool greedy);
+  absl::Status Upload();
+  absl::Status Download(bool logits_out, int64_t m);
+  int64_t PartitionsWorkspace(int64_t num_tiles, int64_t tile_tok, int64_t max_keys,
+                              gpu::PagedAttentionArgs* a) const;
+};
+
+absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
+                                        const GpuRunnerOptions& options) {
+  c = config;
+  o = options;
+  RETURN_IF_ERROR(ActTypeOf(o.act, &act));
+  eb = gpu::ActBytes(act);
+  H = c.hidden_size;
+  D = c.head_dim;
+  nh = c.num_heads;
+  nkv = c.num_kv_heads;
+  qd = nh * D;
+  kvd = nkv * D;
+  qkv_w = qd + 2 * kvd;
+  I = c.intermediate_size;
+  V = c.vocab_size;
+  if (D != 16 && D != 32 && D != 64 && D != 128 && D != 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gpu runner: head_dim ", D, " unsupported (16, 32, 64, 128 or 256)"));
+  }
+  if (c.group_size() > gpu::PagedAttentionMaxRows(D)) {
+    return absl::InvalidArgumentError(absl::StrCat("gpu runner: GQA group ", c.group_size(),
+                                                   " exceeds ", gpu::PagedAttentionMaxRows(D)));
+  }
+  if (o.num_blocks <= 0 || o.block_tokens <= 0 || o.max_batch_tokens <= 0 || o.max_seqs <= 0 ||
+      o.max_blocks_per_seq <= 0) {
+    return absl::InvalidArgumentError(
+        "gpu runner: num_blocks, block_tokens, max_batch_tokens, max_seqs and max_blocks_per_seq "
+        "must be positive");
+  }
+  if (o.max_seqs > o.max_batch_tokens) o.max_seqs = o.max_batch_tokens;
+  tile_tokens = AttentionTileTokens(D, c.group_size());
+  ASSIGN_OR_RETURN(int count, CudaDeviceCount());
+  (void)count;
+  cudaDeviceProp prop{};
+  RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
+  sms = prop.multiProcessorCount;
+  ASSIGN_OR_RETURN(gemm, CublasLtGemm::Create());
+  gemm->set_small_m_gemv(o.small_m_gemv);
+  ASSIGN_OR_RETURN(CudaStream cs, CudaStream::Create());
+  compute = std::make_unique<CudaStream>(std::move(cs));
+  ASSIGN_OR_RETURN(CudaStream ps, CudaStream::Create());
+  copy = std::make_unique<CudaStream>(std::move(ps));
+  RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&inputs_ready, cudaEventDisableTiming),
+                             "cudaEventCreate"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&outputs_ready, cudaEventDisableTiming),
+                             "cudaEventCreate"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_begin), "cudaEventCreate"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_end), "cudaEventCreate"));
+
+  // Attention split-K workspace: the most any padded decode graph or eager step may use.
+  gpu::PagedAttentionArgs probe;
+  probe.num_heads = nh;
+  probe.num_kv_heads = nkv;
+  probe.head_dim = D;
+  int64_t ws = 0;
+  for (int64_t b = 1; b <= S_(); b *= 2) {
+    ws = std::max(ws, PartitionsWorkspace(b, 1, M_() * o.block_tokens, &probe));
+  }
+  ws = std::max(ws, PartitionsWorkspace(S_(), 1, M_() * o.block_tokens, &probe));
+  attn_ws_floats = std::max<int64_t>(ws, 4 * sms * 16 * (D + 2));
+
+  // Sizes.
+  inputs_bytes = 0;
+  auto field = [&](size_t bytes) {
+    const size_t off = inputs_bytes;
+    inputs_bytes += AlignUp(bytes);
+    return off;
+  };
+  off_tokens = field(4 * T_());
+  off_pos = field(4 * T_());
+  off_seq = field(4 * T_());
+  off_tiles = field(8 * T_());
+  off_logit_rows = field(4 * T_());
+  off_tables = field(4 * S_() * M_());
+  off_slots = field(8 * T_());
+
+  mem.weight_bytes = WeightBytes();
+  mem.kv_cache_bytes = 2 * c.num_layers * o.num_blocks * o.block_tokens * kvd * eb;
+  const int64_t Tn = T_(), S = S_();
+  mem.scratch_bytes = static_cast<int64_t>(
+      AlignUp(4 * Tn * H) + AlignUp(eb * Tn * H) + AlignUp(eb * Tn * qkv_w) +
+      AlignUp(eb * Tn * qd) + AlignUp(eb * Tn * H) + AlignUp(eb * Tn * 2 * I) +
+      AlignUp(eb * Tn * I) + AlignUp(eb * S * H) + AlignUp(4 * S * V) +
+      AlignUp(4 * attn_ws_floats) + AlignUp(4 * S) * 2 + inputs_bytes + AlignUp(4 * D));
+  const size_t total = static_cast<size_t>(mem.weight_bytes + mem.kv_cache_bytes +
+                                           mem.scratch_bytes) +
+                       64 * kAlign * (c.num_layers + 4);
+  ASSIGN_OR_RETURN(pool, DeviceBuffer::Allocate(total));
+  RETURN_IF_ERROR(CudaStatus(cudaHostAlloc(reinterpret_cast<void**>(&h_inputs), inputs_bytes,
+                                           cudaHostAllocDefault),
+                             "cudaHostAlloc"));
+  const size_t out_bytes = AlignUp(4 * S * V) + 2 * AlignUp(4 * S);
+  RETURN_IF_ERROR(CudaStatus(
+      cudaHostAlloc(reinterpret_cast<void**>(&h_logits), out_bytes, cudaHostAllocDefault),
+      "cudaHostAlloc"));
+  h_tokens = reinterpret_cast<int32_t*>(reinterpret_cast<char*>(h_logits) + AlignUp(4 * S * V));
+  h_logprobs = reinterpret_cast<float*>(reinterpret_cast<char*>(h_tokens) + AlignUp(4 * S));
+  LayOut();
+
+  std::vector<float> inv(D / 2);
+  ComputeRopeInvFreq(D, c.rope_theta, c.rope_scaling, inv.data());
+  RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpy(inv_freq, inv.data(), 4 * inv.size(), cudaMemcpyHostToDevice), "upload inv_freq"));
+  return CudaStatus(cudaDeviceSynchronize(), "upload inv_freq");
+}
+
+int64_t GpuModelRunner::Impl::WeightBytes() const {
+  int64_t e = V * H * (c.tie_word_embeddings ? 1 : 2);
+  int64_t per_layer = qkv_w * H + H * qd + 2 * I * H + H * I;
+  if (c.qkv_bias) per_layer += qkv_w;
+  if (c.o_bias) per_layer += H;
+  int64_t bytes = (e + c.num_layers * per_layer) * eb;
+  bytes += 4 * (H + c.num_layers * (2 * H + 2 * D));
+  return bytes;
+}
+
+void GpuModelRunner::Impl::LayOut() {
+  embed = Take(V * H * eb);
+  lm_head = c.tie_word_embeddings ? embed : Take(V * H * eb);
+  final_norm = Take<float>(4 * H);
+  inv_freq = Take<float>(4 * D);
+  layers.resize(c.num_layers);
+  for (LayerDev& L : layers) {
+    L.qkv_w = Take(qkv_w * H * eb);
+    if (c.qkv_bias) L.qkv_b = Take(qkv_w * eb);
+    L.o_w = Take(H * qd * eb);
+    if (c.o_bias) L.o_b = Take(H * eb);
+    L.gate_up_w = Take(2 * I * H * eb);
+    L.down_w = Take(H * I * eb);
+    L.in_norm = Take<float>(4 * H);
+    L.post_norm = Take<float>(4 * H);
+    if (c.qk_norm) {
+      L.q_norm = Take<float>(4 * D);
+      L.k_norm = Take<float>(4 * D);
+    }
+  }
+  const int64_t per_layer = o.num_blocks * o.block_tokens * kvd * eb;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    kc.push_back(Take(per_layer));
+    vc.push_back(Take(per_layer));
+  }
+  const int64_t Tn = T_(), S = S_();
+  hidden = Take<float>(4 * Tn * H);
+  normed = Take(eb * Tn * H);
+  qkv = Take(eb * Tn * qkv_w);
+  attn = Take(eb * Tn * qd);
+  proj = Take(eb * Tn * H);
+  gate_up = Take(eb * Tn * 2 * I);
+  actb = Take(eb * Tn * I);
+  rows = Take(eb * S * H);
+  logits = Take<float>(4 * S * V);
+  attn_ws = Take<float>(4 * attn_ws_floats);
+  d_out_tokens = Take<int32_t>(4 * S);
+  d_out_logprobs = Take<float>(4 * S);
+  d_inputs = Take<char>(inputs_bytes);
+}
+
+absl::Status GpuModelRunner::Impl::UploadWeights(const ModelWeights& w) {
+  std::vector<uint8_t> buf;
+  auto put = [&](void* dst, const void* src, DType dtype, int64_t n) -> absl::Status {
+    if (n == 0) return absl::OkStatus();
+    const void* from = src;
+    if (dtype == o.act) {
+      return CudaStatus(cudaMemcpy(dst, src, n * eb, cudaMemcpyHostToDevice), "upload weights");
+    }
+    ConvertToAct(src, dtype, n, act, &buf);
+    from = buf.data();
+    return CudaStatus(cudaMemcpy(dst, from, n * eb, cudaMemcpyHostToDevice), "upload weights");
+  };
+  auto put_f32 = [&](float* dst, const std::vector<float>& v) -> absl::Status {
+    if (v.empty()) return absl::OkStatus();
+    return CudaStatus(cudaMemcpy(dst, v.data(), 4 * v.size(), cudaMemcpyHostToDevice),
+                      "upload norms");
+  };
+  auto put_bias = [&](char* dst, const std::vector<float>& v, int64_t n) -> absl::Status {
+    if (v.empty()) return CudaStatus(cudaMemset(dst, 0, n * eb), "zero bias");
+    return put(dst, v.data(), DType::kF32, n);
+  };
+  auto matrix = [&](void* dst, const Matrix& m) {
+    return put(dst, m.data, m.dtype, m.rows * m.cols);
+  };
+  RETURN_IF_ERROR(matrix(embed, w.embed));
+  if (lm_head != embed) RETURN_IF_ERROR(matrix(lm_head, w.lm_head));
+  RETURN_IF_ERROR(put_f32(final_norm, w.final_norm));
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = w.layers[l];
+    LayerDev& d = layers[l];
+    char* qkvw = static_cast<char*>(d.qkv_w);
+    RETURN_IF_ERROR(matrix(qkvw, L.q));
+    RETURN_IF_ERROR(matrix(qkvw + qd * H * eb, L.k));
+    RETURN_IF_ERROR(matrix(qkvw + (qd + kvd) * H * eb, L.v));
+    if (d.qkv_b) {
+      char* b = static_cast<char*>(d.qkv_b);
+      RETURN_IF_ERROR(put_bias(b, L.q_bias, qd));
+      RETURN_IF_ERROR(put_bias(b + qd * eb, L.k_bias, kvd));
+      RETURN_IF_ERROR(put_bias(b + (qd + kvd) * eb, L.v_bias, kvd));
+    }
+    RETURN_IF_ERROR(matrix(d.o_w, L.o));
+    if (d.o_b) RETURN_IF_ERROR(put_bias(static_cast<char*>(d.o_b), L.o_bias, H));
+    char* gu = static_cast<char*>(d.gate_up_w);
+    RETURN_IF_ERROR(matrix(gu, L.gate));
+    RETURN_IF_ERROR(matrix(gu + I * H * eb, L.up));
+    RETURN_IF_ERROR(matrix(d.down_w, L.down));
+    RETURN_IF_ERROR(put_f32(d.in_norm, L.input_norm));
+    RETURN_IF_ERROR(put_f32(d.post_norm, L.post_attention_norm));
+    if (c.qk_norm) {
+      RETURN_IF_ERROR(put_f32(d.q_norm, L.q_norm));
+      RETURN_IF_ERROR(put_f32(d.k_norm, L.k_norm));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GpuModelRunner::Impl::RandomWeights(uint64_t seed) {
+  cudaStream_t s = compute->get();
+  uint64_t tensor = 0;
+  auto normal = [&](void* dst, int64_t n) {
+    return CudaStatus(gpu::LaunchRandomNormal(dst, act, n, 0.0f, 0.02f, seed + 1000003 * ++tensor, s),
+                      "random weights");
+  };
+  auto ones = [&](float* dst, int64_t n) {
+    return CudaStatus(gpu::LaunchRandomNormal(dst, gpu::ActType::kF32, n, 1.0f, 0.0f, 0, s),
+                      "random weights");
+  };
+  RETURN_IF_ERROR(normal(embed, V * H));
+  if (lm_head != embed) RETURN_IF_ERROR(normal(lm_head, V * H));
+  RETURN_IF_ERROR(ones(final_norm, H));
+  for (LayerDev& d : layers) {
+    RETURN_IF_ERROR(normal(d.qkv_w, qkv_w * H));
+    if (d.qkv_b) RETURN_IF_ERROR(normal(d.qkv_b, qkv_w));
+    RETURN_IF_ERROR(normal(d.o_w, H * qd));
+    if (d.o_b) RETURN_IF_ERROR(normal(d.o_b, H));
+    RETURN_IF_ERROR(normal(d.gate_up_w, 2 * I * H));
+    RETURN_IF_ERROR(normal(d.down_w, H * I));
+    RETURN_IF_ERROR(ones(d.in_norm, H));
+    RETURN_IF_ERROR(ones(d.post_norm, H));
+    if (d.q_norm) {
+      RETURN_IF_ERROR(ones(d.q_norm, D));
+      RETURN_IF_ERROR(ones(d.k_norm, D));
+    }
+  }
+  return compute->Synchronize();
+}
+
+int64_t GpuModelRunner::Impl::PartitionsWorkspace(int64_t num_tiles, int64_t tile_tok,
+                                                  int64_t max_keys,
+                                                  gpu::PagedAttentionArgs* a) const {
+  a->num_tiles = num_tiles;
+  a->tile_tokens = tile_tok;
+  ChooseAttentionPartitions(max_keys, sms, a);
+  return gpu::PagedAttentionWorkspaceFloats(*a);
+}
+
+absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded,
+                                           std::vector<int32_t>* tiles) {
+  const int64_t n = static_cast<int64_t>(b.tokens.size());
+  if (b.positions.size() != b.tokens.size() || b.token_seq.size() != b.tokens.size() ||
+      b.slots.size() != b.tokens.size()) {
+    return absl::InvalidArgumentError(
+        "forward: tokens, positions, token_seq and slots differ in length");
+  }
+  if (static_cast<int64_t>(b.block_tables.size()) != b.num_seqs * b.max_blocks_per_seq) {
+    return absl::InvalidArgumentError("forward: block_tables is not num_seqs x max_blocks_per_seq");
+  }
+  if (padded > T_()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("forward: ", n, " tokens exceed max_batch_tokens ", T_()));
+  }
+  const int64_t seqs = std::max(b.num_seqs, padded == n ? b.num_seqs : padded);
+  if (seqs > S_()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("forward: ", b.num_seqs, " sequences exceed max_seqs ", S_()));
+  }
+  if (b.max_blocks_per_seq > M_()) {
+    return absl::InvalidArgumentError(absl::StrCat("forward: max_blocks_per_seq ",
+                                                   b.max_blocks_per_seq, " exceeds the runner's ",
+                                                   M_()));
+  }
+  const int64_t cache_slots = o.num_blocks * o.block_tokens;
+  int32_t* tok = Host32(off_tokens);
+  int32_t* pos = Host32(off_pos);
+  int32_t* seq = Host32(off_seq);
+  int64_t* slots = reinterpret_cast<int64_t*>(h_inputs + off_slots);
+  for (int64_t i = 0; i < n; ++i) {
+    if (b.tokens[i] < 0 || b.tokens[i] >= V) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: token id ", b.tokens[i], " outside the vocabulary"));
+    }
+    if (b.token_seq[i] < 0 || b.token_seq[i] >= b.num_seqs) {
+      return absl::InvalidArgumentError("forward: token_seq out of range");
+    }
+    if (b.positions[i] < 0 || b.positions[i] / o.block_tokens >= b.max_blocks_per_seq) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: position ", b.positions[i], " beyond the block table"));
+    }
+    if (b.slots[i] < 0 || b.slots[i] >= cache_slots) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: slot ", b.slots[i], " outside the cache"));
+    }
+    tok[i] = b.tokens[i];
+    pos[i] = b.positions[i];
+    seq[i] = b.token_seq[i];
+    slots[i] = b.slots[i];
+  }
+  for (int64_t i = n; i < padded; ++i) {  // padding rows of a decode graph
+    tok[i] = 0;
+    pos[i] = 0;
+    seq[i] = static_cast<int32_t>(i);
+    slots[i] = -1;
+  }
+  // Block tables, repacked to the runner's row length. Entries a query can reach (blocks up to
+  // its position's) must be in the cache; the rest may be anything and read as block 0.
+  std::vector<int64_t> reach(b.num_seqs, -1);
+  for (int64_t i = 0; i < n; ++i) {
+    reach[b.token_seq[i]] = std::max<int64_t>(reach[b.token_seq[i]], b.positions[i] / o.block_tokens);
+  }
+  int32_t* tables = Host32(off_tables);
+  std::fill(tables, tables + seqs * M_(), 0);
+  for (int64_t s = 0; s < b.num_seqs; ++s) {
+    for (int64_t j = 0; j < b.max_blocks_per_seq; ++j) {
+      const int32_t blk = b.block_tables[s * b.max_blocks_per_seq + j];
+      if (blk >= 0 && blk < o.num_blocks) {
+        tables[s * M_() + j] = blk;
+      } else if (j <= reach[s]) {
+        return absl::InvalidArgumentError(absl::StrCat("forward: block table entry ", blk,
+                                                       " of sequence ", s, " outside the cache"));
+      }
+    }
+  }
+  int32_t* lr = Host32(off_logit_rows);
+  for (size_t i = 0; i < b.logit_tokens.size(); ++i) {
+    if (b.logit_tokens[i] < 0 || b.logit_tokens[i] >= n) {
+      return absl::InvalidArgumentError("forward: logit_tokens index out of range");
+    }
+    lr[i] = b.logit_tokens[i];
+  }
+  for (int64_t i = static_cast<int64_t>(b.logit_tokens.size()); i < padded && i < S_(); ++i) {
+    lr[i] = static_cast<int32_t>(i);
+  }
+  if (tiles != nullptr) {
+    *tiles = PlanAttentionTiles(b.token_seq, b.positions, tile_tokens);
+    std::memcpy(h_inputs + off_tiles, tiles->data(), 4 * tiles->size());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GpuModelRunner::Impl::Upload() {
+  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d_inputs, h_inputs, inputs_bytes,
+                                             cudaMemcpyHostToDevice, copy->get()),
+                             "upload inputs"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(inputs_ready, copy->get()), "cudaEventRecord"));
+  RETURN_IF_ERROR(
+      CudaStatus(cudaStreamWaitEvent(compute->get(), inputs_ready, 0), "cudaStreamWaitEvent"));
+  return CudaStatus(cudaEventRecord(step_begin, compute->get()), "cudaEventRecord");
+}
+
+absl::Status GpuModelRunner::Impl::Download(bool logits_out, int64_t m) {
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_end, compute->get()), "cudaEventRecord"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(outputs_ready, compute->get()), "cudaEventRecord"));
+  RETURN_IF_ERROR(
+      CudaStatus(cudaStreamWaitEvent(copy->get(), outputs_ready, 0), "cudaStreamWaitEvent"));
+  if (logits_out) {
+    RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(h_logits, logits, 4 * m * V,
+                                               cudaMemcpyDeviceToHost, copy->get()),
+                               "download logits"));
+  } else {
+    RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(h_tokens, d_out_tokens, 4 * m,
+                                               cudaMemcpyDeviceToHost, copy->get()),
+                               "download tokens"));
+    RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(h_logprobs, d_out_logprobs, 4 * m,
+                                               cudaMemcpyDeviceToHost, copy->get()),
+                               "download logprobs"));
+  }
+  RETURN_IF_ERROR(copy->Synchronize());
+  float ms = 0;
+  if (cudaEventElapsedTime(&ms, step_begin, step_end) == cudaSuccess) last_step_ms = ms;
+  return absl::OkStatus();
+}
+
+absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_tiles, bool tiled,
+                                       int64_t max_keys, int64_t m, bool gather, bool greedy) {
+  const CudaStreamHandle s = Handle(compute->get());
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  RETURN_IF_ERROR(EmbedCuda({n, H, V, In32(off_tokens), embed, act, hidden}, s));
+
+  gpu::PagedAttentionArgs pa;
+  pa.num_tokens = n;
+  pa.num_heads = nh;
+  pa.num_kv_heads = nkv;
+  pa.head_dim = D;
+  pa.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  pa.sliding_window = c.sliding_window;
+  pa.q = qkv;
+  pa.q_stride = qkv_w;
+  pa.block_tokens = o.block_tokens;
+  pa.num_blocks = o.num_blocks;
+  pa.token_seq = In32(off_seq);
+  pa.token_pos = In32(off_pos);
+  pa.block_tables = In32(off_tables);
+  pa.num_seqs = num_seqs;
+  pa.max_blocks_per_seq = M_();
+  pa.out = attn;
+  pa.out_stride = qd;
+  pa.act = act;
+  pa.tiles = tiled ? In32(off_tiles) : nullptr;
+  const int64_t tile_tok = tiled ? tile_tokens : 1;
+  int64_t ws = PartitionsWorkspace(num_tiles, tile_tok, max_keys, &pa);
+  while (ws > attn_ws_floats && pa.num_partitions > 1) {  // fewer, longer partitions
+    pa.num_partitions = (pa.num_partitions + 1) / 2;
+    if (pa.num_partitions <= 1) {
+      pa.num_partitions = 1;
+      pa.partition_keys = 0;
+    }
+    ws = gpu::PagedAttentionWorkspaceFloats(pa);
+  }
+  pa.workspace = attn_ws;
+
+  char* q = static_cast<char*>(qkv);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerDev& L = layers[l];
+    RETURN_IF_ERROR(AddRmsNormCuda(
+        {n, H, eps, hidden, l == 0 ? nullptr : proj, H, L.in_norm, normed, H, act}, s));
+    RETURN_IF_ERROR(gemm->Run({n, qkv_w, H, normed, H, L.qkv_w, L.qkv_b, qkv, qkv_w, act, act}, s));
+    if (c.qk_norm) {
+      RETURN_IF_ERROR(HeadRmsNormCuda({n, nh, D, eps, q, qkv_w, L.q_norm, act}, s));
+      RETURN_IF_ERROR(HeadRmsNormCuda({n, nkv, D, eps, q + qd * eb, qkv_w, L.k_norm, act}, s));
+    }
+    const gpu::RopeArgs rope{n,      nh, nkv, D, In32(off_pos), inv_freq, q, qkv_w, q + qd * eb,
+                             qkv_w, act};
+    gpu::WriteKvArgs wk;
+    wk.num_tokens = n;
+    wk.num_kv_heads = nkv;
+    wk.head_dim = D;
+    wk.block_tokens = o.block_tokens;
+    wk.num_blocks = o.num_blocks;
+    wk.k = q + qd * eb;
+    wk.k_stride = qkv_w;
+    wk.v = q + (qd + kvd) * eb;
+    wk.v_stride = qkv_w;
+    wk.slots = reinterpret_cast<const int64_t*>(d_inputs + off_slots);
+    wk.k_cache = kc[l];
+    wk.v_cache = vc[l];
+    wk.act = act;
+    RETURN_IF_ERROR(RopeWriteKvCuda(rope, wk, s));
+    pa.k_cache = kc[l];
+    pa.v_cache = vc[l];
+    RETURN_IF_ERROR(PagedAttentionCuda(pa, s));
+    RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act}, s));
+    RETURN_IF_ERROR(
+        AddRmsNormCuda({n, H, eps, hidden, proj, H, L.post_norm, normed, H, act}, s));
+    RETURN_IF_ERROR(
+        gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act, act}, s));
+    RETURN_IF_ERROR(SiluMulCuda({n, I, gate_up, actb, act}, s));
+    RETURN_IF_ERROR(gemm->Run({n, H, I, actb, I, L.down_w, nullptr, proj, H, act, act}, s));
+  }
+  RETURN_IF_ERROR(AddRmsNormCuda({n, H, eps, hidden, proj, H, final_norm, normed, H, act}, s));
+  return Head(0, m, gather, greedy);
+}
+
+absl::Status GpuModelRunner::Impl::Head(int64_t offset, int64_t m, bool gather, bool greedy) {
+  if (m == 0) return absl::OkStatus();
+  const CudaStreamHandle s = Handle(compute->get());
+  const void* x = normed;
+  if (gather) {
+    gpu::GatherRowsArgs g{m, H, normed, H, In32(off_logit_rows) + offset, rows, H, act};
+    RETURN_IF_ERROR(CudaStatus(gpu::LaunchGatherRows(g, compute->get()), "gather_rows launch"));
+    x = rows;
+  }
+  RETURN_IF_ERROR(
+      gemm->Run({m, V, H, x, H, lm_head, nullptr, logits, V, act, gpu::ActType::kF32}, s));
+  if (greedy) {
+    RETURN_IF_ERROR(
+        ArgmaxCuda({m, V, logits, V, gpu::ActType::kF32, d_out_tokens, d_out_logprobs}, s));
+  }
+  return absl::OkStatus();
+}
+
+GpuModelRunner::GpuModelRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GpuModelRunner::~GpuModelRunner() = default;
+
+absl::StatusOr<std::unique_ptr<GpuModelRunner>> GpuModelRunner::Create(
+    const ModelWeights& weights, const GpuRunnerOptions& options) {
+  if (weights.world_size != 1) {
+    return absl::UnimplementedError("gpu runner: tensor parallelism is not supported yet");
+  }
+  auto impl = std::make_unique<Impl>();
+  RETURN_IF_ERROR(impl->Init(weights.config, options));
+  RETURN_IF_ERROR(impl->UploadWeights(weights));
+  // Uploads from pageable memory may still be in flight on the legacy stream.
+  RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "upload weights"));
+  return std::unique_ptr<GpuModelRunner>(new GpuModelRunner(std::move(impl)));
+}
+
+absl::StatusOr<std::unique_ptr<GpuModelRunner>> GpuModelRunner::CreateRandom(
+    const ModelConfig& config, const GpuRunnerOptions& options, uint64_t seed) {
+  auto impl = std::make_unique<Impl>();
+  RETURN_IF_ERROR(impl->Init(config, options));
+  RETURN_IF_ERROR(impl->RandomWeights(seed));
+  return std::unique_ptr<GpuModelRunner>(new GpuModelRunner(std::move(impl)));
+}
+
+const ModelConfig& GpuModelRunner::config() const { return impl_->c; }
+GpuRunnerMemory GpuModelRunner::memory() const { return impl_->mem; }
+double GpuModelRunner::last_step_device_ms() const { return impl_->last_step_ms; }
+int64_t GpuModelRunner::graphs_captured() const {
+  return static_cast<int64_t>(impl_->graphs.size());
+}
+
+absl::Status GpuModelRunner::Forward(const ForwardBatch& b, absl::Span<float> logits) {
+  const int64_t m = static_cast<int64_t>(b.logit_tokens.size());
+  if (static_cast<int64_t>(logits.size()) != m * impl_->V) {
+    return absl::InvalidArgumentError("forward: logits buffer has the wrong size");
+  }
+  if (b.tokens.empty()) return absl::OkStatus();
+  return Step(b, /*greedy=*/false, logits.data(), nullptr, nullptr);
+}
+
+absl::Status GpuModelRunner::ForwardGreedy(const ForwardBatch& b, absl::Span<int32_t> tokens,
+                                           absl::Span<float> logprobs) {
+  const int64_t m = static_cast<int64_t>(b.logit_tokens.size());
+  if (static_cast<int64_t>(tokens.size()) != m ||
+      (!logprobs.empty() && static_cast<int64_t>(logprobs.size()) != m)) {
+    return absl::InvalidArgumentError("forward: tokens or logprobs has the wrong size");
+  }
+  if (b.tokens.empty()) return absl::OkStatus();
+  return Step(b, /*greedy=*/true, nullptr, tokens.data(),
+              logprobs.empty() ? nullptr : logprobs.data());
+}
+
+absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, float* logits_out,
+                                  int32_t* tokens_out, float* logprobs_out) {
+  Impl& x = *impl_;
+  const int64_t n = static_cast<int64_t>(b.tokens.size());
+  const int64_t m = static_cast<int64_t>(b.logit_tokens.size());
+  // A decode step (one token per sequence, in sequence order, each giving logits) replays a graph
+  // captured for its batch size rounded up to a power of two.
+  bool decode = x.o.cuda_graphs && n == b.num_seqs && m == n;
+  for (int64_t i = 0; decode && i < n; ++i) {
+    decode = b.token_seq[i] == i && b.logit_tokens[i] == i;
+  }
+  int64_t padded = 1;
+  while (padded < n) padded *= 2;
+  if (padded > x.S_()) decode = false;
+  if (decode) {
+    RETURN_IF_ERROR(x.Prepare(b, padded, nullptr));
+    RETURN_IF_ERROR(x.Upload());
+    const int64_t max_keys = x.M_() * x.o.block_tokens;
+    auto it = x.graphs.find(padded);
+    if (it == x.graphs.end()) {
+      // Once uncaptured (creating the GEMM plans), then captured. The graph computes logits and
+      // the greedy choice both; a step downloads what it needs.
+      RETURN_IF_ERROR(x.Run(padded, padded, padded, false, max_keys, padded, false, true));
+      RETURN_IF_ERROR(x.compute->Synchronize());
+      cudaGraph_t graph = nullptr;
+      RETURN_IF_ERROR(CudaStatus(
+          cudaStreamBeginCapture(x.compute->get(), cudaStreamCaptureModeThreadLocal),
+          "cudaStreamBeginCapture"));
+      absl::Status run = x.Run(padded, padded, padded, false, max_keys, padded, false, true);
+      const cudaError_t end = cudaStreamEndCapture(x.compute->get(), &graph);
+      RETURN_IF_ERROR(run);
+      RETURN_IF_ERROR(CudaStatus(end, "cudaStreamEndCapture"));
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      RETURN_IF_ERROR(CudaStatus(inst, "cudaGraphInstantiate"));
+      it = x.graphs.emplace(padded, exec).first;
+    }
+    RETURN_IF_ERROR(CudaStatus(cudaGraphLaunch(it->second, x.compute->get()), "cudaGraphLaunch"));
+  } else {
+    std::vector<int32_t> tiles;
+    RETURN_IF_ERROR(x.Prepare(b, n, &tiles));
+    int64_t max_keys = 0;
+    for (int32_t p : b.positions) max_keys = std::max<int64_t>(max_keys, p + 1);
+    RETURN_IF_ERROR(x.Upload());
+    RETURN_IF_ERROR(x.Run(n, b.num_seqs, static_cast<int64_t>(tiles.size() / 2), true, max_keys,
+                          std::min(m, x.S_()), true, greedy));
+  }
+  // Results come back max_seqs rows at a time (more rows only for prompt log-probabilities).
+  for (int64_t offset = 0; offset < m; offset += x.S_()) {
+    const int64_t rows = std::min(m - offset, x.S_());
+    if (offset > 0) RETURN_IF_ERROR(x.Head(offset, rows, /*gather=*/true, greedy));
+    RETURN_IF_ERROR(x.Download(!greedy, rows));
+    if (greedy) {
+      std::memcpy(tokens_out + offset, x.h_tokens, 4 * rows);
+      if (logprobs_out != nullptr) std::memcpy(logprobs_out + offset, x.h_logprobs, 4 * rows);
+    } else {
+      std::memcpy(logits_out + offset * x.V, x.h_logits, 4 * rows * x.V);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace strata

@@ -1,0 +1,96 @@
+// GpuModelRunner: the forward pass of a Llama-family decoder on one GPU, the twin of ModelRunner
+// (worker/model/model_runner.h) with the same ForwardBatch.
+//
+// Weights (converted to the activation type: f32, f16 or bf16, with q/k/v and gate/up fused into
+// one matrix each), the paged KV cache and all scratch live in one device allocation made at
+// creation (plain cudaMalloc, no managed memory). A step's inputs go up from pinned host memory on a
+// copy stream, which the compute stream waits for through an event; results come back the same way.
+// Decode steps (one token per sequence) run as CUDA graphs captured once per padded batch size, so
+// a step costs one launch instead of hundreds. The residual stream is f32; every GEMM (cuBLASLt) and
+// reduction accumulates in f32.
+//
+// World size 1 only for now: tensor parallelism over NCCL is not wired here yet. Thread contract:
+// one thread at a time.
+#ifndef STRATA_WORKER_MODEL_GPU_MODEL_RUNNER_H_
+#define STRATA_WORKER_MODEL_GPU_MODEL_RUNNER_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kernels/dtype.h"
+#include "worker/model/config.h"
+#include "worker/model/model_runner.h"
+#include "worker/model/weights.h"
+
+namespace strata {
+
+struct GpuRunnerOptions {
+  // The paged KV cache: num_blocks blocks of block_tokens tokens, in the activation type.
+  int64_t num_blocks = 1024;
+  int64_t block_tokens = 16;
+  // Activation (and weight) type on the GPU: kF32, kF16 or kBF16.
+  DType act = DType::kBF16;
+  // Most tokens in one forward pass, most sequences in one batch, longest block table.
+  int64_t max_batch_tokens = 4096;
+  int64_t max_seqs = 64;
+  int64_t max_blocks_per_seq = 256;
+  // Capture decode steps as CUDA graphs (per padded batch size 1, 2, 4, ... up to max_seqs).
+  bool cuda_graphs = true;
+  // GEMMs of up to 8 rows (decode) through Strata's GEMV kernel rather than cuBLASLt (faster on
+  // an H200 for all of Llama-3-8B's projections but down_proj; docs/PERFORMANCE.md).
+  bool small_m_gemv = true;
+};
+
+// What the runner holds on the device.
+struct GpuRunnerMemory {
+  int64_t weight_bytes = 0;
+  int64_t kv_cache_bytes = 0;
+  int64_t scratch_bytes = 0;
+};
+
+class GpuModelRunner {
+ public:
+  // Uploads `weights` (world size 1). UNAVAILABLE without a usable GPU; INVALID_ARGUMENT for a
+  // model the kernels cannot run (head_dim not 16/32/64/128/256, a GQA group over the rows a block
+  // holds) or bad options; RESOURCE_EXHAUSTED when it does not fit.
+  static absl::StatusOr<std::unique_ptr<GpuModelRunner>> Create(const ModelWeights& weights,
+                                                                const GpuRunnerOptions& options);
+  // Random weights (normal, std 0.02; norms 1) drawn on the GPU from `seed`, for benchmarks of
+  // models whose files are not at hand: only config.json is needed.
+  static absl::StatusOr<std::unique_ptr<GpuModelRunner>> CreateRandom(
+      const ModelConfig& config, const GpuRunnerOptions& options, uint64_t seed);
+  ~GpuModelRunner();
+  GpuModelRunner(const GpuModelRunner&) = delete;
+  GpuModelRunner& operator=(const GpuModelRunner&) = delete;
+
+  // logits: [logit_tokens.size(), vocab_size] f32, host. The batch's slots and block tables refer
+  // to this runner's KV cache. INVALID_ARGUMENT as ModelRunner::Forward, and for batches over the
+  // options' limits.
+  absl::Status Forward(const ForwardBatch& batch, absl::Span<float> logits);
+  // Greedy decoding on the GPU: tokens[i] is the argmax of logit_tokens[i]'s logits (lowest id
+  // among equals, as the CPU sampler), logprobs[i] its log-probability (logprobs may be empty).
+  absl::Status ForwardGreedy(const ForwardBatch& batch, absl::Span<int32_t> tokens,
+                             absl::Span<float> logprobs);
+
+  const ModelConfig& config() const;
+  GpuRunnerMemory memory() const;
+  int64_t graphs_captured() const;
+  // Device time of the last step's work, from its inputs' arrival to its results (CUDA events): the
+  // step's wall time less the host's share.
+  double last_step_device_ms() const;
+
+ private:
+  struct Impl;
+  // Runs the batch and copies out the logits, or (greedy) the tokens and log-probabilities.
+  absl::Status Step(const ForwardBatch& batch, bool greedy, float* logits_out, int32_t* tokens_out,
+                    float* logprobs_out);
+  explicit GpuModelRunner(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_MODEL_GPU_MODEL_RUNNER_H_
