@@ -174,6 +174,20 @@ absl::Status ArgmaxCuda(const gpu::ArgmaxArgs& a, CudaStreamHandle stream) {
   return Launched(gpu::LaunchArgmax(a, S(stream)), "argmax");
 }
 
+absl::Status SampleCuda(const gpu::SampleArgs& a, CudaStreamHandle stream) {
+  STRATA_REQUIRE(a.rows >= 0 && a.vocab > 0, "sample", "bad shape");
+  STRATA_REQUIRE(a.rows * a.vocab < (int64_t{1} << 31), "sample", "rows x vocab above 2^31");
+  if (a.rows == 0) return absl::OkStatus();
+  STRATA_REQUIRE(a.logits && a.params && a.token && a.workspace, "sample",
+                 "logits, params, token and workspace must be set");
+  STRATA_REQUIRE((a.pen_offsets == nullptr) == (a.pen_tokens == nullptr) &&
+                     (a.pen_tokens == nullptr) == (a.pen_counts == nullptr),
+                 "sample", "pen_offsets, pen_tokens and pen_counts are set together");
+  STRATA_REQUIRE((a.ban_offsets == nullptr) == (a.ban_tokens == nullptr), "sample",
+                 "ban_offsets and ban_tokens are set together");
+  return Launched(gpu::LaunchSample(a, S(stream)), "sample");
+}
+
 std::vector<int32_t> PlanAttentionTiles(absl::Span<const int32_t> token_seq,
                                         absl::Span<const int32_t> token_pos,
                                         int64_t max_tile_tokens) {

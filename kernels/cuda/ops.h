@@ -33,6 +33,9 @@ absl::Status RopeWriteKvCuda(const gpu::RopeArgs& rope, const gpu::WriteKvArgs& 
                              CudaStreamHandle stream);
 absl::Status PagedAttentionCuda(const gpu::PagedAttentionArgs& a, CudaStreamHandle stream);
 absl::Status ArgmaxCuda(const gpu::ArgmaxArgs& a, CudaStreamHandle stream);
+// Seeded sampling (penalties, bans, temperature, top-k / min-p / top-p, the host's draw): see
+// gpu::SampleArgs. Needs gpu::SampleWorkspaceBytes(rows, vocab) bytes of workspace.
+absl::Status SampleCuda(const gpu::SampleArgs& a, CudaStreamHandle stream);
 
 // Host-side planning of paged attention: cuts the batch's query tokens (host copies of token_seq
 // and token_pos) into tiles of at most `max_tile_tokens` consecutive tokens of one sequence at

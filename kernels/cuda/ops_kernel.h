@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cuda/sample_row.h"
+
 namespace strata::gpu {
 
 enum class ActType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -172,6 +174,33 @@ struct ArgmaxArgs {
   float* logprob = nullptr;    // [rows]; may be null
 };
 cudaError_t LaunchArgmax(const ArgmaxArgs& a, cudaStream_t stream);
+
+// Seeded sampling on the GPU, the twin of the CPU sampler (worker/engine/sampler.h): per row,
+// repetition / presence / frequency penalties, banned tokens, temperature, then greedy (temperature 0)
+// or a draw from the candidates in (logit descending, id ascending) order truncated by top-k, min-p
+// and top-p. The uniform draw comes from the host (SampleUniform(seed, position)), so the GPU picks the
+// token the CPU would. The logits are modified in place exactly as the CPU modifies its copy.
+struct SampleArgs {
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  float* logits = nullptr;          // [rows, vocab], f32, dense; modified in place
+  const SampleRow* params = nullptr;  // [rows]
+  // Tokens each row has seen (prompt or output), each once, with its count in the output (0: prompt
+  // only), as row ranges [pen_offsets[r], pen_offsets[r + 1]); may be null for no penalties.
+  const int32_t* pen_offsets = nullptr;
+  const int32_t* pen_tokens = nullptr;
+  const int32_t* pen_counts = nullptr;
+  // Banned tokens (probability zero) per row, the same way; may be null.
+  const int32_t* ban_offsets = nullptr;
+  const int32_t* ban_tokens = nullptr;
+  int32_t* token = nullptr;   // [rows]
+  float* logprob = nullptr;   // [rows]: log-probability after penalties and temperature
+  void* workspace = nullptr;  // SampleWorkspaceBytes(rows, vocab) bytes
+  // Every row has temperature 0 (the caller knows): skips the sort.
+  bool all_greedy = false;
+};
+size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab);
+cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream);
 
 // dst[i, :] = src[rows[i], :] for i < num_rows (width elements each, row strides ld_src, ld_dst).
 struct GatherRowsArgs {

@@ -512,7 +512,66 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   batch.num_seqs = static_cast<int64_t>(plan.size());
   batch.max_blocks_per_seq = max_blocks;
   batch.logit_tokens = logit_tokens;
-  if (gpu_ != nullptr) {
+  // On the GPU, when every logit row is a token to sample with no log-probabilities to report,
+  // sampling runs there too and the logits never come to the host.
+  bool sampled_on_gpu = gpu_ != nullptr && !uses.empty() &&
+                        static_cast<int64_t>(uses.size()) <= config_.max_running_sequences;
+  for (size_t u = 0; sampled_on_gpu && u < uses.size(); ++u) {
+    const Sequence* s = plan[uses[u].chunk].seq;
+    sampled_on_gpu = uses[u].position + 1 >= s->prompt_len && s->options.sampling.logprobs < 0 &&
+                     (s->options.prompt_logprobs < 0 || s->prompt_logprobs_sent);
+  }
+  std::vector<int32_t> gpu_tokens;
+  std::vector<float> gpu_logprobs;
+  if (sampled_on_gpu) {
+    std::vector<gpu::SampleRow> rows;
+    std::vector<int32_t> pen_offsets = {0}, pen_tokens, pen_counts, ban_offsets = {0}, ban_tokens;
+    for (const LogitUse& use : uses) {
+      const Sequence* s = plan[use.chunk].seq;
+      const SamplingOptions& o = s->options.sampling;
+      rows.push_back(SampleRowOf(o, s->num_generated));
+      const auto& counts = s->penalties.output_counts();
+      const std::vector<int32_t>& prompt = s->penalties.prompt_tokens();
+      if (o.repetition_penalty != 1.0f) {
+        // Every token seen, once, with its count in the output (0: prompt only).
+        for (int32_t t : prompt) {
+          auto it = counts.find(t);
+          pen_tokens.push_back(t);
+          pen_counts.push_back(it == counts.end() ? 0 : it->second);
+        }
+        for (const auto& [t, c] : counts) {
+          if (std::binary_search(prompt.begin(), prompt.end(), t)) continue;
+          pen_tokens.push_back(t);
+          pen_counts.push_back(c);
+        }
+      } else if (o.presence_penalty != 0.0f || o.frequency_penalty != 0.0f) {
+        // Only the output's tokens are penalized.
+        for (const auto& [t, c] : counts) {
+          pen_tokens.push_back(t);
+          pen_counts.push_back(c);
+        }
+      }
+      pen_offsets.push_back(static_cast<int32_t>(pen_tokens.size()));
+      if (s->num_generated < s->options.min_tokens) {
+        ban_tokens.insert(ban_tokens.end(), weights_->config.eos_token_ids.begin(),
+                          weights_->config.eos_token_ids.end());
+        ban_tokens.insert(ban_tokens.end(), s->options.stop_token_ids.begin(),
+                          s->options.stop_token_ids.end());
+      }
+      ban_offsets.push_back(static_cast<int32_t>(ban_tokens.size()));
+    }
+    gpu_tokens.resize(uses.size());
+    gpu_logprobs.resize(uses.size());
+    GpuModelRunner::Sampling sampling;
+    sampling.rows = rows;
+    sampling.pen_offsets = pen_offsets;
+    sampling.pen_tokens = pen_tokens;
+    sampling.pen_counts = pen_counts;
+    sampling.ban_offsets = ban_offsets;
+    sampling.ban_tokens = ban_tokens;
+    RETURN_IF_ERROR(gpu_->ForwardSample(batch, sampling, absl::MakeSpan(gpu_tokens),
+                                        absl::MakeSpan(gpu_logprobs)));
+  } else if (gpu_ != nullptr) {
     RETURN_IF_ERROR(gpu_->Forward(batch, absl::MakeSpan(logits_)));
   } else {
     RETURN_IF_ERROR(runner_->Forward(batch, kv_->layers(), absl::MakeSpan(logits_)));
@@ -551,8 +610,13 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       banned.insert(banned.end(), s->options.stop_token_ids.begin(),
                     s->options.stop_token_ids.end());
     }
-    SampledToken t =
-        Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch_);
+    SampledToken t;
+    if (sampled_on_gpu) {
+      t.token = gpu_tokens[u];
+      t.logprob = gpu_logprobs[u];
+    } else {
+      t = Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch_);
+    }
     s->tokens.push_back(t.token);
     s->penalties.AddOutput(t.token);
     ++s->num_generated;

@@ -2,6 +2,8 @@
 // bundled strata-tiny model and every testdata architecture, a batch of mixed-length greedy
 // requests, with chunked prefill, produces the same tokens with f32 activations; with bf16 it runs
 // and agrees on nearly all of them (rounding can flip a near tie, so only the rate is bounded).
+// Seeded sampling with penalties, truncation and banned tokens (on the GPU, through
+// GpuModelRunner::ForwardSample) draws the CPU engine's tokens too.
 // Needs a GPU: tagged "gpu"; skipped where there is none.
 #include <map>
 #include <random>
@@ -47,7 +49,10 @@ class EngineGpuTest : public ::testing::TestWithParam<std::string> {
     weights_ = std::move(*weights);
   }
 
-  std::map<std::string, std::vector<int32_t>> Generate(const std::string& device, DType dtype) {
+  // Eight requests with mixed prompt lengths; `sampled`: seeded sampling with every knob (and
+  // min_tokens, which bans EOS for a while) instead of greedy.
+  std::map<std::string, std::vector<int32_t>> Generate(const std::string& device, DType dtype,
+                                                       bool sampled = false) {
     EngineConfig ec;
     ec.device = device;
     ec.gpu_dtype = dtype;
@@ -66,6 +71,18 @@ class EngineGpuTest : public ::testing::TestWithParam<std::string> {
       o.sampling.temperature = 0;
       o.max_tokens = 24;
       o.ignore_eos = true;
+      if (sampled) {
+        o.sampling.temperature = 0.6f + 0.1f * i;
+        o.sampling.top_k = i % 2 == 0 ? 0 : 20;
+        o.sampling.top_p = i % 3 == 0 ? 1.0f : 0.9f;
+        o.sampling.min_p = i % 4 == 1 ? 0.05f : 0.0f;
+        o.sampling.repetition_penalty = i % 2 == 1 ? 1.2f : 1.0f;
+        o.sampling.presence_penalty = i % 3 == 2 ? 0.4f : 0.0f;
+        o.sampling.frequency_penalty = i % 4 == 3 ? 0.3f : 0.0f;
+        o.sampling.seed = 1000 + i;
+        o.min_tokens = 4;
+        o.ignore_eos = i % 2 == 0;
+      }
       EXPECT_TRUE((*e)->AddRequest("r" + std::to_string(i), prompt, o).ok());
     }
     return RunAll(**e);
@@ -94,6 +111,14 @@ TEST_P(EngineGpuTest, GreedyTokensEqualTheCpuEngine) {
   }
   RecordProperty("bf16_agreement", std::to_string(same) + "/" + std::to_string(total));
   EXPECT_GE(same, total / 2) << same << " of " << total << " bf16 tokens before a divergence";
+}
+
+// Seeded sampling runs on the GPU (the logits stay there) and draws the CPU engine's tokens.
+TEST_P(EngineGpuTest, SampledTokensEqualTheCpuEngine) {
+  const auto cpu = Generate("cpu", DType::kF32, /*sampled=*/true);
+  const auto gpu = Generate("gpu", DType::kF32, /*sampled=*/true);
+  ASSERT_EQ(cpu.size(), 8u);
+  EXPECT_EQ(gpu, cpu);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, EngineGpuTest,

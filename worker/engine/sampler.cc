@@ -167,6 +167,19 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
   return out;
 }
 
+gpu::SampleRow SampleRowOf(const SamplingOptions& o, int64_t position) {
+  gpu::SampleRow r;
+  r.temperature = o.temperature;
+  r.top_k = o.top_k;
+  r.top_p = o.top_p;
+  r.min_p = o.min_p;
+  r.repetition_penalty = o.repetition_penalty;
+  r.presence_penalty = o.presence_penalty;
+  r.frequency_penalty = o.frequency_penalty;
+  r.u = SampleUniform(o.seed, position);
+  return r;
+}
+
 SampledToken LogprobsOf(absl::Span<const float> logits, int32_t token, int32_t top_n) {
   const double lse = LogSumExp(logits);
   SampledToken out;

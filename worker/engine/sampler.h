@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "common/sampling_knobs.h"
+#include "kernels/cuda/sample_row.h"
 
 namespace strata {
 
@@ -37,12 +38,13 @@ class PenaltyState {
   void AddPrompt(absl::Span<const int32_t> tokens);
   void AddOutput(int32_t token);
   const absl::flat_hash_map<int32_t, int32_t>& output_counts() const { return output_counts_; }
+  // The prompt's distinct tokens, ascending.
+  const std::vector<int32_t>& prompt_tokens() const { return prompt_tokens_sorted_; }
   bool SeenAnywhere(int32_t token) const;
 
  private:
   absl::flat_hash_map<int32_t, int32_t> output_counts_;
   std::vector<int32_t> prompt_tokens_sorted_;
-  std::vector<int32_t> pending_prompt_;
 };
 
 struct SampledToken {
@@ -66,6 +68,10 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& options,
                     const PenaltyState& penalties, int64_t position,
                     absl::Span<const int32_t> banned,
                     std::vector<std::pair<float, int32_t>>* scratch);
+
+// The GPU sampler's row for these options at output position `position` (the draw included), so
+// that it picks the token Sample would.
+gpu::SampleRow SampleRowOf(const SamplingOptions& options, int64_t position);
 
 // Log-probability of `token` and the top-n tokens of raw `logits` (log-softmax, temperature 1): for
 // prompt log-probabilities.

@@ -1,5 +1,7 @@
 #include "worker/model/gpu_model_runner.h"
 
+#ifdef STRATA_HAVE_CUDA
+
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -109,6 +111,10 @@ struct GpuModelRunner::Impl {
   float* logits = nullptr;
   float* attn_ws = nullptr;
   int64_t attn_ws_floats = 0;
+  // Seeded sampling: its workspace (max_seqs x vocab sort buffers, made on first use) and its
+  // per-step inputs (grown as needed).
+  DeviceBuffer sample_ws;
+  DeviceBuffer sample_in;
 
   std::map<int64_t, cudaGraphExec_t> graphs;
   GpuRunnerMemory mem;
@@ -150,6 +156,8 @@ struct GpuModelRunner::Impl {
   absl::Status Head(int64_t offset, int64_t m, bool gather, bool greedy);
   absl::Status Upload();
   absl::Status Download(bool logits_out, int64_t m);
+  // Seeded sampling of the m rows of logits into the greedy outputs' places.
+  absl::Status Sample(const GpuModelRunner::Sampling& sampling, int64_t m);
   int64_t PartitionsWorkspace(int64_t num_tiles, int64_t tile_tok, int64_t max_keys,
                               gpu::PagedAttentionArgs* a) const;
 };
@@ -631,6 +639,56 @@ absl::Status GpuModelRunner::Impl::Head(int64_t offset, int64_t m, bool gather, 
   return absl::OkStatus();
 }
 
+absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, int64_t m) {
+  // One upload of every input: rows, then the int32 lists.
+  std::vector<uint8_t> host;
+  auto put = [&host](const void* data, size_t bytes) {
+    const size_t at = AlignUp(host.size());
+    host.resize(at + AlignUp(bytes));
+    if (bytes > 0) std::memcpy(host.data() + at, data, bytes);
+    return at;
+  };
+  const size_t rows_at = put(sp.rows.data(), sizeof(gpu::SampleRow) * sp.rows.size());
+  const size_t po = put(sp.pen_offsets.data(), 4 * sp.pen_offsets.size());
+  const size_t pt = put(sp.pen_tokens.data(), 4 * sp.pen_tokens.size());
+  const size_t pc = put(sp.pen_counts.data(), 4 * sp.pen_counts.size());
+  const size_t bo = put(sp.ban_offsets.data(), 4 * sp.ban_offsets.size());
+  const size_t bt = put(sp.ban_tokens.data(), 4 * sp.ban_tokens.size());
+  if (sample_in.bytes() < host.size()) {
+    RETURN_IF_ERROR(compute->Synchronize());  // the old buffer may still be read
+    ASSIGN_OR_RETURN(sample_in, DeviceBuffer::Allocate(std::max(host.size(), sample_in.bytes() * 2)));
+  }
+  if (sample_ws.bytes() == 0) {
+    ASSIGN_OR_RETURN(sample_ws, DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(S_(), V)));
+  }
+  char* d = static_cast<char*>(sample_in.data());
+  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d, host.data(), host.size(), cudaMemcpyHostToDevice,
+                                             compute->get()),
+                             "upload sampling inputs"));
+  gpu::SampleArgs a;
+  a.rows = m;
+  a.vocab = V;
+  a.logits = logits;
+  a.params = reinterpret_cast<const gpu::SampleRow*>(d + rows_at);
+  if (!sp.pen_offsets.empty()) {
+    a.pen_offsets = reinterpret_cast<const int32_t*>(d + po);
+    a.pen_tokens = reinterpret_cast<const int32_t*>(d + pt);
+    a.pen_counts = reinterpret_cast<const int32_t*>(d + pc);
+  }
+  if (!sp.ban_offsets.empty()) {
+    a.ban_offsets = reinterpret_cast<const int32_t*>(d + bo);
+    a.ban_tokens = reinterpret_cast<const int32_t*>(d + bt);
+  }
+  a.token = d_out_tokens;
+  a.logprob = d_out_logprobs;
+  a.workspace = sample_ws.data();
+  a.all_greedy = std::all_of(sp.rows.begin(), sp.rows.end(),
+                             [](const gpu::SampleRow& r) { return r.temperature == 0; });
+  RETURN_IF_ERROR(SampleCuda(a, Handle(compute->get())));
+  // The pageable source must outlive the copy.
+  return compute->Synchronize();
+}
+
 GpuModelRunner::GpuModelRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GpuModelRunner::~GpuModelRunner() = default;
 
@@ -668,7 +726,7 @@ absl::Status GpuModelRunner::Forward(const ForwardBatch& b, absl::Span<float> lo
     return absl::InvalidArgumentError("forward: logits buffer has the wrong size");
   }
   if (b.tokens.empty()) return absl::OkStatus();
-  return Step(b, /*greedy=*/false, logits.data(), nullptr, nullptr);
+  return Step(b, /*greedy=*/false, nullptr, logits.data(), nullptr, nullptr);
 }
 
 absl::Status GpuModelRunner::ForwardGreedy(const ForwardBatch& b, absl::Span<int32_t> tokens,
@@ -679,12 +737,47 @@ absl::Status GpuModelRunner::ForwardGreedy(const ForwardBatch& b, absl::Span<int
     return absl::InvalidArgumentError("forward: tokens or logprobs has the wrong size");
   }
   if (b.tokens.empty()) return absl::OkStatus();
-  return Step(b, /*greedy=*/true, nullptr, tokens.data(),
+  return Step(b, /*greedy=*/true, nullptr, nullptr, tokens.data(),
               logprobs.empty() ? nullptr : logprobs.data());
 }
 
-absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, float* logits_out,
-                                  int32_t* tokens_out, float* logprobs_out) {
+absl::Status GpuModelRunner::ForwardSample(const ForwardBatch& b, const Sampling& sampling,
+                                           absl::Span<int32_t> tokens,
+                                           absl::Span<float> logprobs) {
+  const int64_t m = static_cast<int64_t>(b.logit_tokens.size());
+  if (static_cast<int64_t>(tokens.size()) != m ||
+      (!logprobs.empty() && static_cast<int64_t>(logprobs.size()) != m)) {
+    return absl::InvalidArgumentError("forward: tokens or logprobs has the wrong size");
+  }
+  if (static_cast<int64_t>(sampling.rows.size()) != m) {
+    return absl::InvalidArgumentError("forward: one sampling row per logit token");
+  }
+  if (m > impl_->S_()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("forward: ", m, " sampled rows exceed max_seqs ", impl_->S_()));
+  }
+  auto csr_ok = [m](absl::Span<const int32_t> offsets, size_t entries) {
+    if (offsets.empty()) return entries == 0;
+    if (static_cast<int64_t>(offsets.size()) != m + 1 || offsets[0] != 0) return false;
+    for (int64_t i = 0; i < m; ++i) {
+      if (offsets[i + 1] < offsets[i]) return false;
+    }
+    return static_cast<size_t>(offsets[m]) == entries;
+  };
+  if (!csr_ok(sampling.pen_offsets, sampling.pen_tokens.size()) ||
+      sampling.pen_counts.size() != sampling.pen_tokens.size()) {
+    return absl::InvalidArgumentError("forward: pen_offsets, pen_tokens and pen_counts disagree");
+  }
+  if (!csr_ok(sampling.ban_offsets, sampling.ban_tokens.size())) {
+    return absl::InvalidArgumentError("forward: ban_offsets and ban_tokens disagree");
+  }
+  if (b.tokens.empty()) return absl::OkStatus();
+  return Step(b, /*greedy=*/true, &sampling, nullptr, tokens.data(),
+              logprobs.empty() ? nullptr : logprobs.data());
+}
+
+absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, const Sampling* sampling,
+                                  float* logits_out, int32_t* tokens_out, float* logprobs_out) {
   Impl& x = *impl_;
   const int64_t n = static_cast<int64_t>(b.tokens.size());
   const int64_t m = static_cast<int64_t>(b.logit_tokens.size());
@@ -731,6 +824,7 @@ absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, float* log
     RETURN_IF_ERROR(x.Run(n, b.num_seqs, static_cast<int64_t>(tiles.size() / 2), true, max_keys,
                           std::min(m, x.S_()), true, greedy));
   }
+  if (sampling != nullptr) RETURN_IF_ERROR(x.Sample(*sampling, m));
   // Results come back max_seqs rows at a time (more rows only for prompt log-probabilities).
   for (int64_t offset = 0; offset < m; offset += x.S_()) {
     const int64_t rows = std::min(m - offset, x.S_());
@@ -747,3 +841,50 @@ absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, float* log
 }
 
 }  // namespace strata
+
+#else  // !STRATA_HAVE_CUDA: every entry point says so.
+
+#include "absl/status/status.h"
+
+namespace strata {
+
+struct GpuModelRunner::Impl {};
+
+namespace {
+absl::Status NoCuda() { return absl::UnavailableError("gpu runner: this build has no CUDA"); }
+}  // namespace
+
+GpuModelRunner::GpuModelRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GpuModelRunner::~GpuModelRunner() = default;
+absl::StatusOr<std::unique_ptr<GpuModelRunner>> GpuModelRunner::Create(const ModelWeights&,
+                                                                    const GpuRunnerOptions&) {
+  return NoCuda();
+}
+absl::StatusOr<std::unique_ptr<GpuModelRunner>> GpuModelRunner::CreateRandom(
+    const ModelConfig&, const GpuRunnerOptions&, uint64_t) {
+  return NoCuda();
+}
+absl::Status GpuModelRunner::Forward(const ForwardBatch&, absl::Span<float>) { return NoCuda(); }
+absl::Status GpuModelRunner::ForwardGreedy(const ForwardBatch&, absl::Span<int32_t>,
+                                           absl::Span<float>) {
+  return NoCuda();
+}
+absl::Status GpuModelRunner::ForwardSample(const ForwardBatch&, const Sampling&,
+                                           absl::Span<int32_t>, absl::Span<float>) {
+  return NoCuda();
+}
+absl::Status GpuModelRunner::Step(const ForwardBatch&, bool, const Sampling*, float*, int32_t*,
+                                  float*) {
+  return NoCuda();
+}
+const ModelConfig& GpuModelRunner::config() const {
+  static const ModelConfig none;
+  return none;
+}
+GpuRunnerMemory GpuModelRunner::memory() const { return {}; }
+double GpuModelRunner::last_step_device_ms() const { return 0; }
+int64_t GpuModelRunner::graphs_captured() const { return 0; }
+
+}  // namespace strata
+
+#endif  // STRATA_HAVE_CUDA

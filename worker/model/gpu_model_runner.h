@@ -3,14 +3,15 @@
 //
 // Weights (converted to the activation type: f32, f16 or bf16, with q/k/v and gate/up fused into
 // one matrix each), the paged KV cache and all scratch live in one device allocation made at
-// creation (plain cudaMalloc, no managed memory). A step's inputs go up from pinned host memory on a
+// creation (plain cudaMalloc, no managed memory); only seeded sampling's buffers (about 28 bytes x
+// max_seqs x vocab) are allocated apart, on its first use. A step's inputs go up from pinned host memory on a
 // copy stream, which the compute stream waits for through an event; results come back the same way.
 // Decode steps (one token per sequence) run as CUDA graphs captured once per padded batch size, so
 // a step costs one launch instead of hundreds. The residual stream is f32; every GEMM (cuBLASLt) and
 // reduction accumulates in f32.
 //
 // World size 1 only for now: tensor parallelism over NCCL is not wired here yet. Thread contract:
-// one thread at a time.
+// one thread at a time. In a build without CUDA every entry point returns UNAVAILABLE.
 #ifndef STRATA_WORKER_MODEL_GPU_MODEL_RUNNER_H_
 #define STRATA_WORKER_MODEL_GPU_MODEL_RUNNER_H_
 
@@ -20,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kernels/cuda/sample_row.h"
 #include "kernels/dtype.h"
 #include "worker/model/config.h"
 #include "worker/model/model_runner.h"
@@ -75,6 +77,18 @@ class GpuModelRunner {
   absl::Status ForwardGreedy(const ForwardBatch& batch, absl::Span<int32_t> tokens,
                              absl::Span<float> logprobs);
 
+  // Seeded sampling on the GPU (gpu::SampleArgs), one row per logit token (at most max_seqs): the
+  // token the CPU sampler would draw from these logits with these options, and its
+  // log-probability, without bringing the logits to the host. The lists are CSR ranges per row as
+  // SampleArgs describes them (offsets may be empty for none).
+  struct Sampling {
+    absl::Span<const gpu::SampleRow> rows;
+    absl::Span<const int32_t> pen_offsets, pen_tokens, pen_counts;
+    absl::Span<const int32_t> ban_offsets, ban_tokens;
+  };
+  absl::Status ForwardSample(const ForwardBatch& batch, const Sampling& sampling,
+                             absl::Span<int32_t> tokens, absl::Span<float> logprobs);
+
   const ModelConfig& config() const;
   GpuRunnerMemory memory() const;
   int64_t graphs_captured() const;
@@ -84,9 +98,10 @@ class GpuModelRunner {
 
  private:
   struct Impl;
-  // Runs the batch and copies out the logits, or (greedy) the tokens and log-probabilities.
-  absl::Status Step(const ForwardBatch& batch, bool greedy, float* logits_out, int32_t* tokens_out,
-                    float* logprobs_out);
+  // Runs the batch and copies out the logits, or (greedy, or sampled when `sampling` is set) the
+  // tokens and log-probabilities.
+  absl::Status Step(const ForwardBatch& batch, bool greedy, const Sampling* sampling,
+                    float* logits_out, int32_t* tokens_out, float* logprobs_out);
   explicit GpuModelRunner(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
