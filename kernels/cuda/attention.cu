@@ -126,6 +126,7 @@ __device__ __forceinline__ const T* KeyRow(const PagedAttentionArgs& a, const T*
 
 template <typename T, int D, int R>
 __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionArgs a) {
+  PdlBegin();
   constexpr int kDpl = D >= 32 ? D / 32 : 1;  // output dims per lane
   constexpr int kVec = Vec<T>::kN;
   __shared__ float q_s[R][D];
@@ -299,6 +300,7 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
 
 template <typename T, int D, int R>
 __global__ void __launch_bounds__(kThreads) MergePartitionsKernel(PagedAttentionArgs a) {
+  PdlBegin();
   const Tile tile = TileOf(a, blockIdx.x);
   const int64_t kvh = blockIdx.y;
   const int64_t group = a.num_heads / a.num_kv_heads;
@@ -342,12 +344,13 @@ template <typename T, int D, int R>
 cudaError_t LaunchWith(const PagedAttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads),
                   static_cast<unsigned>(a.num_partitions));
-  PagedAttentionKernel<T, D, R><<<grid, kThreads, 0, stream>>>(a);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  if (cudaError_t e = LaunchPdl(PagedAttentionKernel<T, D, R>, grid, dim3(kThreads), stream, a);
+      e != cudaSuccess) {
+    return e;
+  }
   if (a.num_partitions > 1) {
     const dim3 mgrid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads));
-    MergePartitionsKernel<T, D, R><<<mgrid, kThreads, 0, stream>>>(a);
-    return cudaGetLastError();
+    return LaunchPdl(MergePartitionsKernel<T, D, R>, mgrid, dim3(kThreads), stream, a);
   }
   return cudaSuccess;
 }

@@ -68,6 +68,49 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
   return WarpSum(v);
 }
 
+// Programmatic dependent launch (Hopper and newer). A kernel launched through LaunchPdl may begin
+// while the kernel before it in the stream is still finishing, which hides the launch latency that
+// otherwise separates every pair of small kernels in a decode step. Such a kernel calls PdlBegin()
+// before it touches global memory: it waits until the previous kernel has completed and its writes
+// are visible, then lets the next kernel start launching. On older GPUs (and without the launch
+// attribute) both are no-ops and launches serialize as usual.
+__device__ __forceinline__ void PdlBegin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+inline bool PdlSupported() {
+  static const bool supported = [] {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      return false;
+    }
+    return major >= 9;
+  }();
+  return supported;
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStream_t stream,
+                      Args... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (PdlSupported()) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...);
+}
+
 inline unsigned GridFor(int64_t n, int threads, int64_t cap = 65535 * 8) {
   int64_t g = (n + threads - 1) / threads;
   if (g > cap) g = cap;

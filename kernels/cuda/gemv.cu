@@ -33,6 +33,7 @@ struct Pack {
 
 template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
+  PdlBegin();
   constexpr int kN = Pack<T>::kN;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
@@ -105,15 +106,18 @@ template <typename T, typename O, int kRows, int kWarps, int kUnroll>
 cudaError_t LaunchShape(const GemvArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.n + kWarps * kRows - 1) / (kWarps * kRows));
   if (a.m <= 1) {
-    GemvKernel<T, O, 1, kRows, kWarps, kUnroll><<<blocks, kWarps * 32, 0, stream>>>(a);
+    return LaunchPdl(GemvKernel<T, O, 1, kRows, kWarps, kUnroll>, dim3(blocks), dim3(kWarps * 32),
+                     stream, a);
   } else if (a.m <= 2) {
-    GemvKernel<T, O, 2, kRows, kWarps, kUnroll><<<blocks, kWarps * 32, 0, stream>>>(a);
+    return LaunchPdl(GemvKernel<T, O, 2, kRows, kWarps, kUnroll>, dim3(blocks), dim3(kWarps * 32),
+                     stream, a);
   } else if (a.m <= 4) {
-    GemvKernel<T, O, 4, kRows, kWarps, kUnroll><<<blocks, kWarps * 32, 0, stream>>>(a);
+    return LaunchPdl(GemvKernel<T, O, 4, kRows, kWarps, kUnroll>, dim3(blocks), dim3(kWarps * 32),
+                     stream, a);
   } else {
-    GemvKernel<T, O, 8, kRows, kWarps, kUnroll><<<blocks, kWarps * 32, 0, stream>>>(a);
+    return LaunchPdl(GemvKernel<T, O, 8, kRows, kWarps, kUnroll>, dim3(blocks), dim3(kWarps * 32),
+                     stream, a);
   }
-  return cudaGetLastError();
 }
 
 template <typename T, typename O>

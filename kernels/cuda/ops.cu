@@ -21,6 +21,7 @@ __device__ __forceinline__ void RopeAngle(double pos, float inv_freq, float* c, 
 
 template <typename T>
 __global__ void EmbedKernel(EmbedArgs a) {
+  PdlBegin();
   const int64_t t = blockIdx.x;
   const int32_t id = a.tokens[t];
   const T* row = static_cast<const T*>(a.table) + static_cast<int64_t>(id) * a.hidden;
@@ -31,6 +32,7 @@ __global__ void EmbedKernel(EmbedArgs a) {
 
 template <typename T>
 __global__ void AddRmsNormKernel(AddRmsNormArgs a) {
+  PdlBegin();
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   float* res = a.residual + r * a.dim;
@@ -57,6 +59,7 @@ __global__ void AddRmsNormKernel(AddRmsNormArgs a) {
 // One warp per (token, head).
 template <typename T>
 __global__ void HeadRmsNormKernel(HeadRmsNormArgs a) {
+  PdlBegin();
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= a.num_tokens * a.num_heads) return;
@@ -79,6 +82,7 @@ __global__ void HeadRmsNormKernel(HeadRmsNormArgs a) {
 // one block of 256 threads on an H200).
 template <typename T, bool kWrite>
 __global__ void RopeKernel(RopeArgs a, WriteKvArgs w) {
+  PdlBegin();
   const int64_t t = blockIdx.x;
   const int64_t half = a.head_dim / 2;
   const int64_t q_work = a.num_q_heads * half;
@@ -119,6 +123,7 @@ __global__ void RopeKernel(RopeArgs a, WriteKvArgs w) {
 
 template <typename T>
 __global__ void SiluMulKernel(SiluMulArgs a) {
+  PdlBegin();
   const int64_t total = a.rows * a.dim;
   for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < total;
        w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -148,6 +153,7 @@ __global__ void WriteKvKernel(WriteKvArgs a) {
 // One block per row: the largest value with the lowest index, then log-sum-exp around it.
 template <typename T>
 __global__ void ArgmaxKernel(ArgmaxArgs a) {
+  PdlBegin();
   __shared__ float vals[32];
   __shared__ int idxs[32];
   __shared__ float scratch[32];
@@ -208,6 +214,7 @@ __global__ void ArgmaxKernel(ArgmaxArgs a) {
 
 template <typename T>
 __global__ void GatherRowsKernel(GatherRowsArgs a) {
+  PdlBegin();
   const int64_t i = blockIdx.x;
   const T* src = static_cast<const T*>(a.src) + static_cast<int64_t>(a.rows[i]) * a.ld_src;
   T* dst = static_cast<T*>(a.dst) + i * a.ld_dst;
@@ -247,8 +254,7 @@ __global__ void RandomNormalKernel(T* out, int64_t n, float mean, float stddev, 
 cudaError_t LaunchEmbed(const EmbedArgs& a, cudaStream_t stream) {
   return DispatchAct(a.table_type, [&](auto t) {
     using T = decltype(t);
-    EmbedKernel<T><<<static_cast<unsigned>(a.num_tokens), 256, 0, stream>>>(a);
-    return cudaGetLastError();
+    return LaunchPdl(EmbedKernel<T>, dim3(static_cast<unsigned>(a.num_tokens)), dim3(256), stream, a);
   });
 }
 
@@ -256,8 +262,8 @@ cudaError_t LaunchAddRmsNorm(const AddRmsNormArgs& a, cudaStream_t stream) {
   const int threads = a.dim >= 4096 ? 1024 : a.dim >= 1024 ? 512 : 128;
   return DispatchAct(a.act, [&](auto t) {
     using T = decltype(t);
-    AddRmsNormKernel<T><<<static_cast<unsigned>(a.rows), threads, 0, stream>>>(a);
-    return cudaGetLastError();
+    return LaunchPdl(AddRmsNormKernel<T>, dim3(static_cast<unsigned>(a.rows)), dim3(threads), stream,
+                     a);
   });
 }
 
@@ -265,8 +271,8 @@ cudaError_t LaunchHeadRmsNorm(const HeadRmsNormArgs& a, cudaStream_t stream) {
   const int64_t warps = a.num_tokens * a.num_heads;
   return DispatchAct(a.act, [&](auto t) {
     using T = decltype(t);
-    HeadRmsNormKernel<T><<<static_cast<unsigned>((warps + 7) / 8), 256, 0, stream>>>(a);
-    return cudaGetLastError();
+    return LaunchPdl(HeadRmsNormKernel<T>, dim3(static_cast<unsigned>((warps + 7) / 8)), dim3(256),
+                     stream, a);
   });
 }
 
@@ -275,8 +281,7 @@ cudaError_t LaunchRope(const RopeArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.num_tokens), GridFor(items, 128));
   return DispatchAct(a.act, [&](auto t) {
     using T = decltype(t);
-    RopeKernel<T, false><<<grid, 128, 0, stream>>>(a, WriteKvArgs{});
-    return cudaGetLastError();
+    return LaunchPdl(RopeKernel<T, false>, grid, dim3(128), stream, a, WriteKvArgs{});
   });
 }
 
@@ -289,16 +294,14 @@ cudaError_t LaunchRopeWriteKv(const RopeArgs& rope, const WriteKvArgs& kv, cudaS
   const dim3 grid(static_cast<unsigned>(rope.num_tokens), GridFor(items, 128));
   return DispatchAct(rope.act, [&](auto t) {
     using T = decltype(t);
-    RopeKernel<T, true><<<grid, 128, 0, stream>>>(rope, kv);
-    return cudaGetLastError();
+    return LaunchPdl(RopeKernel<T, true>, grid, dim3(128), stream, rope, kv);
   });
 }
 
 cudaError_t LaunchSiluMul(const SiluMulArgs& a, cudaStream_t stream) {
   return DispatchAct(a.act, [&](auto t) {
     using T = decltype(t);
-    SiluMulKernel<T><<<GridFor(a.rows * a.dim, 256), 256, 0, stream>>>(a);
-    return cudaGetLastError();
+    return LaunchPdl(SiluMulKernel<T>, dim3(GridFor(a.rows * a.dim, 256)), dim3(256), stream, a);
   });
 }
 
@@ -313,16 +316,15 @@ cudaError_t LaunchWriteKv(const WriteKvArgs& a, cudaStream_t stream) {
 cudaError_t LaunchArgmax(const ArgmaxArgs& a, cudaStream_t stream) {
   return DispatchAct(a.type, [&](auto t) {
     using T = decltype(t);
-    ArgmaxKernel<T><<<static_cast<unsigned>(a.rows), 1024, 0, stream>>>(a);
-    return cudaGetLastError();
+    return LaunchPdl(ArgmaxKernel<T>, dim3(static_cast<unsigned>(a.rows)), dim3(1024), stream, a);
   });
 }
 
 cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream) {
   return DispatchAct(a.type, [&](auto t) {
     using T = decltype(t);
-    GatherRowsKernel<T><<<static_cast<unsigned>(a.num_rows), 256, 0, stream>>>(a);
-    return cudaGetLastError();
+    return LaunchPdl(GatherRowsKernel<T>, dim3(static_cast<unsigned>(a.num_rows)), dim3(256), stream,
+                     a);
   });
 }
 
