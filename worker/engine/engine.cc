@@ -502,7 +502,6 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     }
   }
   const int64_t V = weights_->config.vocab_size;
-  logits_.resize(logit_tokens.size() * V);
   ForwardBatch batch;
   batch.tokens = tokens;
   batch.positions = positions;
@@ -572,8 +571,10 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     RETURN_IF_ERROR(gpu_->ForwardSample(batch, sampling, absl::MakeSpan(gpu_tokens),
                                         absl::MakeSpan(gpu_logprobs)));
   } else if (gpu_ != nullptr) {
+    logits_.resize(logit_tokens.size() * V);
     RETURN_IF_ERROR(gpu_->Forward(batch, absl::MakeSpan(logits_)));
   } else {
+    logits_.resize(logit_tokens.size() * V);
     RETURN_IF_ERROR(runner_->Forward(batch, kv_->layers(), absl::MakeSpan(logits_)));
   }
 
@@ -593,29 +594,31 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   std::vector<Sequence*> finished;
   for (size_t u = 0; u < uses.size(); ++u) {
     Sequence* s = plan[uses[u].chunk].seq;
-    const absl::Span<float> row(logits_.data() + u * V, V);
+    // This row's logits on the host (none when the GPU sampled: every row then samples).
+    auto row = [&] { return absl::Span<float>(logits_.data() + u * V, V); };
     const int64_t p = uses[u].position;
     RequestOutput& out = output_of(s);
     if (p + 1 < s->prompt_len) {
-      s->prompt_logprobs.push_back(LogprobsOf(row, s->tokens[p + 1], s->options.prompt_logprobs));
+      s->prompt_logprobs.push_back(
+          LogprobsOf(row(), s->tokens[p + 1], s->options.prompt_logprobs));
       continue;
     }
     if (s->options.prompt_logprobs >= 0 && !s->prompt_logprobs_sent) {
       out.prompt_logprobs = std::move(s->prompt_logprobs);
       s->prompt_logprobs_sent = true;
     }
-    std::vector<int32_t> banned;
-    if (s->num_generated < s->options.min_tokens) {
-      banned = weights_->config.eos_token_ids;
-      banned.insert(banned.end(), s->options.stop_token_ids.begin(),
-                    s->options.stop_token_ids.end());
-    }
     SampledToken t;
     if (sampled_on_gpu) {
       t.token = gpu_tokens[u];
       t.logprob = gpu_logprobs[u];
     } else {
-      t = Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch_);
+      std::vector<int32_t> banned;
+      if (s->num_generated < s->options.min_tokens) {
+        banned = weights_->config.eos_token_ids;
+        banned.insert(banned.end(), s->options.stop_token_ids.begin(),
+                      s->options.stop_token_ids.end());
+      }
+      t = Sample(row(), s->options.sampling, s->penalties, s->num_generated, banned, &scratch_);
     }
     s->tokens.push_back(t.token);
     s->penalties.AddOutput(t.token);
