@@ -10,6 +10,8 @@
 #                      use the GPU machine's own copies of large CUDA libraries, found at run time under
 #                      /usr/local/cuda/lib64 or Python's nvidia-* packages)
 #   --filter REGEX     only targets whose label matches
+#   --tool LABEL       also pack this binary as a tool: packed with its libraries, not run by run.sh
+#                      (repeatable; tools/gpu_check.sh runs the servers and CLI this way)
 #   --also LABEL       also pack this test or binary (repeatable), e.g. a CPU test whose AVX-512 path
 #                      only the GPU machine's processor can run
 #
@@ -24,6 +26,7 @@ out=gpu-bundle
 skip_libs='^$'
 filter='.'
 also=()
+tools=()
 bazel_flags=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -31,6 +34,7 @@ while [ $# -gt 0 ]; do
     --skip-libs) skip_libs="$2"; shift 2 ;;
     --filter) filter="$2"; shift 2 ;;
     --also) also+=("$2"); shift 2 ;;
+    --tool) tools+=("$2"); shift 2 ;;
     --) shift; bazel_flags=("$@"); break ;;
     *) echo "gpu_bundle: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -38,7 +42,7 @@ done
 
 mapfile -t targets < <(bazel query --noshow_progress \
   'attr(tags, "\bgpu\b", kind("cc_test|cc_binary", //...))' 2>/dev/null | grep -E "$filter" || true)
-targets+=("${also[@]}")
+targets+=("${also[@]}" "${tools[@]}")
 if [ ${#targets[@]} -eq 0 ]; then
   echo "gpu_bundle: no gpu-tagged targets match '$filter'" >&2
   exit 1
@@ -61,6 +65,7 @@ for t in "${targets[@]}"; do
   strip --strip-debug "$out/bin/$flat"
   kind=test
   case "$pkg" in bench|bench/*) kind=bench ;; esac
+  for tool in "${tools[@]}"; do [ "$tool" = "$t" ] && kind=tool; done
   echo "$flat $kind $t" >>"$out/MANIFEST"
   while read -r lib path; do
     [ -n "$path" ] || continue
@@ -78,6 +83,7 @@ git rev-parse --short HEAD 2>/dev/null >"$out/COMMIT" || echo unknown >"$out/COM
 cp tools/gpu_bundle_run.sh "$out/run.sh"
 chmod +x "$out/run.sh"
 for lib in "$out"/lib/*; do strip --strip-debug "$lib" 2>/dev/null || true; done
-tar -C "$(dirname "$out")" -cJf "$out.tar.xz" "$(basename "$out")"
+# xz -9: a 64 MiB window, so the CUDA kernels every binary carries compress to about one copy.
+XZ_OPT=-9 tar -C "$(dirname "$out")" -cJf "$out.tar.xz" "$(basename "$out")"
 echo "gpu_bundle: $(wc -l <"$out/MANIFEST") binaries, $(ls "$out/lib" | wc -l) libraries," \
   "$(du -sh "$out" | cut -f1) in $out, $(du -sh "$out.tar.xz" | cut -f1) packed in $out.tar.xz" >&2

@@ -7,20 +7,67 @@
 #   tools/gpu_check.sh run RESULTS_DIR        # on the GPU machine, from the root of the same checkout
 #                                             # with gpu-bundle.tar.xz beside it (or gpu-bundle/)
 #
-# `run` unpacks the bundle, runs the GPU tests and bench/gpu_bench (gpu-bundle/run.sh), then
-# bench/torch_baseline.py with the same model shape when python3 has torch and transformers, and
+# `run` unpacks the bundle, runs the GPU tests and bench/gpu_bench (gpu-bundle/run.sh), a coordinator
+# and a GPU worker serving the bundled model over gRPC (their greedy text must equal the CPU
+# engine's), then bench/torch_baseline.py with the same model shape when python3 has torch and
+# transformers, and
 # writes RESULTS_DIR/results.json (everything) next to every log. The table comes last. Environment:
 # STRATA_GPU_TIMEOUT (seconds per binary, default 300), STRATA_TORCH_BUDGET (seconds for the PyTorch
 # comparison, default 150; 0 skips it), STRATA_GPU_ONLY (a regex of bundle names to run),
-# STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer).
+# STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer),
+# STRATA_CLUSTER (0 skips the cluster check), STRATA_CLUSTER_DEVICE (the worker's --device, default
+# gpu; cpu checks the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+# cluster_check RESULTS_DIR: see `run`. Writes RESULTS_DIR/cluster.txt (PASS or FAIL and both texts).
+cluster_check() {
+  local results=$1 device="${STRATA_CLUSTER_DEVICE:-gpu}"
+  local libpath="$PWD/gpu-bundle/lib" b="$PWD/gpu-bundle/bin" model="$PWD/models/strata-tiny/base"
+  for d in /usr/local/cuda/lib64 $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+    [ -d "$d" ] && libpath="$libpath:$d"
+    for l in "$d"/nvidia/*/lib; do [ -d "$l" ] && libpath="$libpath:$l"; done
+  done
+  export LD_LIBRARY_PATH="$libpath"
+  local cport=50951 wport=50961 prompt='def fibonacci(n):'
+  "$b/coordinator.strata-coordinator" --model="strata-tiny=$model" --workers="127.0.0.1:$wport" \
+    --listen="127.0.0.1:$cport" >"$results/cluster-coordinator.log" 2>&1 &
+  local cpid=$!
+  "$b/worker.server.strata-worker" --model="$model" --model_name=strata-tiny \
+    --listen="127.0.0.1:$wport" --device="$device" --gpu_dtype=f32 --kv_cache_mb=64 --threads=2 \
+    >"$results/cluster-worker.log" 2>&1 &
+  local wpid=$!
+  local ready=0
+  for _ in $(seq 300); do
+    if "$b/cli.stratactl" status --coordinator "127.0.0.1:$cport" --json 2>/dev/null |
+       grep -q '"WORKER_STATE_SERVING"'; then ready=1; break; fi
+    kill -0 "$wpid" 2>/dev/null || break
+    sleep 0.1
+  done
+  local got="" want="" verdict=FAIL
+  if [ $ready = 1 ]; then
+    got=$("$b/cli.stratactl" generate --coordinator "127.0.0.1:$cport" --prompt "$prompt" \
+      --max-tokens 32 --temperature 0 --ignore-eos 2>&1)
+    want=$("$b/cli.stratactl" run --model "$model" --prompt "$prompt" --max-tokens 32 \
+      --temperature 0 --ignore-eos --threads 4 2>&1)
+    [ -n "$got" ] && [ "$got" = "$want" ] && verdict=PASS
+  fi
+  kill "$wpid" "$cpid" 2>/dev/null
+  wait "$wpid" "$cpid" 2>/dev/null
+  {
+    echo "cluster ($device worker over gRPC vs stratactl run on the CPU): $verdict"
+    echo "--- served:"; echo "$got"
+    echo "--- local CPU engine:"; echo "$want"
+  } >"$results/cluster.txt"
+}
 
 case "${1:-}" in
   bundle)
     shift
     # cuBLAS, cuBLASLt, cudart and NCCL are far too large to carry; the GPU machine has its own.
-    exec tools/gpu_bundle.sh --skip-libs '^lib(cublas|cublasLt|cudart|nccl)\.so' "$@"
+    exec tools/gpu_bundle.sh --skip-libs '^lib(cublas|cublasLt|cudart|nccl)\.so' \
+      --tool //worker/server:strata-worker --tool //coordinator:strata-coordinator \
+      --tool //cli:stratactl "$@"
     ;;
   run)
     results="${2:?usage: tools/gpu_check.sh run RESULTS_DIR}"
@@ -41,6 +88,11 @@ case "${1:-}" in
         gpu-bundle/bin/kernels.cuda.ops_test --gtest_filter="$STRATA_GPU_SANITIZE" \
         >"$results/sanitizer.log" 2>&1
       echo "compute-sanitizer memcheck exit $?" >>"$results/sanitizer.log"
+    fi
+    # End to end: a coordinator and one worker on the GPU (f32, so that greedy tokens are exact)
+    # serve the bundled model over gRPC; its greedy text must equal the CPU engine's (stratactl run).
+    if [ -x gpu-bundle/bin/worker.server.strata-worker ] && [ "${STRATA_CLUSTER:-1}" != 0 ]; then
+      cluster_check "$results" >"$results/cluster.log" 2>&1
     fi
     budget="${STRATA_TORCH_BUDGET:-150}"
     if [ "$budget" != 0 ] && python3 -c 'import torch, transformers' 2>/dev/null; then
@@ -89,6 +141,9 @@ rows = [
 ]
 print()
 print(summary.strip())
+cl = os.path.join(res, "cluster.txt")
+if os.path.exists(cl):
+    print(open(cl).read().splitlines()[0])
 san = os.path.join(res, "sanitizer.log")
 if os.path.exists(san):
     lines = open(san).read().strip().splitlines()
