@@ -11,8 +11,8 @@
 //     table, plus the KV cache of the context) over the measured copy bandwidth.
 // Prints a table last and writes every figure as JSON to --out.
 #include <algorithm>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <numeric>
@@ -21,11 +21,16 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/init.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "common/mapped_file.h"
+#include "common/status_macros.h"
 #include "kernels/dtype.h"
 #include "worker/model/config.h"
 
@@ -57,15 +62,6 @@ double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
 }
-
-#define CHECK_OK(expr)                                                       \
-  do {                                                                       \
-    const absl::Status _s = (expr);                                          \
-    if (!_s.ok()) {                                                          \
-      std::fprintf(stderr, "gpu_bench: %s: %s\n", #expr, _s.ToString().c_str()); \
-      std::exit(1);                                                          \
-    }                                                                        \
-  } while (0)
 
 // Milliseconds of `fn` on `stream`, median of `reps` after one warm-up, by CUDA events.
 template <typename Fn>
@@ -118,7 +114,7 @@ struct Json {
   }
   void AddStr(const std::string& k, const std::string& v) {
     if (s.size() > 1) s += ",";
-    s += absl::StrFormat("\n  \"%s\": \"%s\"", k, v);
+    s += absl::StrFormat("\n  \"%s\": %s", k, JsonQuote(v));
   }
 };
 
@@ -150,8 +146,8 @@ void Prefill(GpuModelRunner* r, Batch* b, int64_t prompt, int64_t max_tokens, st
         slots[i] = b->Slot(s, done + i);
       }
       const std::vector<int32_t> logit_tokens = {static_cast<int32_t>(n - 1)};
-      ForwardBatch fb{tokens, positions, token_seq, slots, b->tables, b->seqs, b->per_seq,
-                      logit_tokens};
+      ForwardBatch fb{tokens,    positions, token_seq,  slots,
+                      b->tables, b->seqs,   b->per_seq, logit_tokens};
       int32_t next = 0;
       CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(&next, 1), {}));
       b->last[s] = next;
@@ -175,8 +171,8 @@ double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms) {
       positions[s] = static_cast<int32_t>(b->lengths[s]);
       slots[s] = b->Slot(s, b->lengths[s]);
     }
-    ForwardBatch fb{b->last, positions, token_seq, slots, b->tables, b->seqs, b->per_seq,
-                    logit_tokens};
+    ForwardBatch fb{b->last,   positions, token_seq,  slots,
+                    b->tables, b->seqs,   b->per_seq, logit_tokens};
     const auto t0 = std::chrono::steady_clock::now();
     CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(next), {}));
     const auto t1 = std::chrono::steady_clock::now();
@@ -220,7 +216,8 @@ int Main() {
   double copy_gbs = 0;
   {
     const size_t bytes = size_t{2} << 30;
-    absl::StatusOr<DeviceBuffer> a = DeviceBuffer::Allocate(bytes), b = DeviceBuffer::Allocate(bytes);
+    absl::StatusOr<DeviceBuffer> a = DeviceBuffer::Allocate(bytes),
+                                 b = DeviceBuffer::Allocate(bytes);
     CHECK_OK(a.status());
     CHECK_OK(b.status());
     CHECK_OK(a->Fill(1));
@@ -249,18 +246,13 @@ int Main() {
     json.Add("gemm_8192_tflops", 2.0 * N * N * N / (ms * 1e9));
   }
 
+  // --config names a config.json file (or a model directory holding one).
   absl::StatusOr<ModelConfig> config = [&]() -> absl::StatusOr<ModelConfig> {
-    std::string path = absl::GetFlag(FLAGS_config);
-    const size_t slash = path.rfind('/');
-    // LoadModelConfig takes a directory holding config.json; accept a file path too.
-    if (path.size() > 5 && path.substr(path.size() - 5) == ".json") {
-      const std::string dir = "/tmp/strata_gpu_bench_config";
-      std::string cmd = "mkdir -p " + dir + " && cp '" + path + "' " + dir + "/config.json";
-      if (std::system(cmd.c_str()) != 0) return absl::InternalError("copying the config failed");
-      (void)slash;
-      return LoadModelConfig(dir);
-    }
-    return LoadModelConfig(path);
+    const std::string path = absl::GetFlag(FLAGS_config);
+    if (!absl::EndsWith(path, ".json")) return LoadModelConfig(path);
+    ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
+    ASSIGN_OR_RETURN(const JsonDocument doc, JsonDocument::Parse(text, path));
+    return ParseModelConfig(doc.root());
   }();
   CHECK_OK(config.status());
   const ModelConfig& c = *config;
@@ -274,9 +266,9 @@ int Main() {
       const char* name;
       int64_t n, k;
     };
-    for (const Shape& sh : {Shape{"qkv", qkv, H}, Shape{"o", H, c.q_dim()},
-                            Shape{"gate_up", 2 * I, H}, Shape{"down", H, I},
-                            Shape{"lm_head", c.vocab_size, H}}) {
+    for (const Shape& sh :
+         {Shape{"qkv", qkv, H}, Shape{"o", H, c.q_dim()}, Shape{"gate_up", 2 * I, H},
+          Shape{"down", H, I}, Shape{"lm_head", c.vocab_size, H}}) {
       absl::StatusOr<DeviceBuffer> w = DeviceBuffer::Allocate(sh.n * sh.k * eb),
                                    x = DeviceBuffer::Allocate(64 * sh.k * eb),
                                    y = DeviceBuffer::Allocate(64 * sh.n * 4);
@@ -315,8 +307,8 @@ int Main() {
     };
     DeviceBuffer resid = buf(4 * max_b * H), normed = buf(eb * max_b * H),
                  qkv = buf(eb * max_b * qkv_w), attn = buf(eb * max_b * c.q_dim()),
-                 gu = buf(eb * max_b * 2 * I), act_out = buf(eb * max_b * I),
-                 normw = buf(4 * H), inv = buf(4 * D), kcache = buf(eb * blocks * bt * c.kv_dim()),
+                 gu = buf(eb * max_b * 2 * I), act_out = buf(eb * max_b * I), normw = buf(4 * H),
+                 inv = buf(4 * D), kcache = buf(eb * blocks * bt * c.kv_dim()),
                  vcache = buf(eb * blocks * bt * c.kv_dim()), meta = buf(4 * 4 * max_b),
                  tables = buf(4 * max_b * (max_ctx / bt)), slots = buf(8 * max_b),
                  ws = buf(4 * int64_t{64} << 20);
@@ -369,8 +361,8 @@ int Main() {
           ChooseAttentionPartitions(plan_keys, prop.multiProcessorCount, &pa);
           const double us =
               GraphTimeUs(st, 50, [&] { CHECK_OK(PagedAttentionCuda(pa, Handle(st))); });
-          const std::string key = absl::StrCat("attn_b", b, "_ctx", ctx,
-                                               plan_keys == ctx ? "" : "_capacity_plan");
+          const std::string key =
+              absl::StrCat("attn_b", b, "_ctx", ctx, plan_keys == ctx ? "" : "_capacity_plan");
           json.Add(key + "_us", us);
           json.Add(key + "_partitions", static_cast<double>(pa.num_partitions));
           json.Add(key + "_gb_per_s", 2.0 * b * ctx * c.kv_dim() * eb / (us * 1e3));
@@ -378,18 +370,18 @@ int Main() {
       }
       const double eps = 1e-5;
       const CudaStreamHandle hs = Handle(st);
-      json.Add(absl::StrCat("op_b", b, "_add_rms_norm_us"),
-               GraphTimeUs(st, 50, [&] {
-                 CHECK_OK(AddRmsNormCuda({b, H, static_cast<float>(eps), resid.as<float>(),
-                                          normed.data(), H, normw.as<float>(), normed.data(), H,
-                                          act},
-                                         hs));
-               }));
+      json.Add(
+          absl::StrCat("op_b", b, "_add_rms_norm_us"), GraphTimeUs(st, 50, [&] {
+            CHECK_OK(AddRmsNormCuda({b, H, static_cast<float>(eps), resid.as<float>(),
+                                     normed.data(), H, normw.as<float>(), normed.data(), H, act},
+                                    hs));
+          }));
       json.Add(absl::StrCat("op_b", b, "_rope_us"), GraphTimeUs(st, 50, [&] {
-        CHECK_OK(RopeCuda({b, nh, nkv, D, meta.as<int32_t>() + max_b, inv.as<float>(), qkv.data(),
-                           qkv_w, static_cast<char*>(qkv.data()) + c.q_dim() * eb, qkv_w, act},
-                          hs));
-      }));
+                 CHECK_OK(RopeCuda(
+                     {b, nh, nkv, D, meta.as<int32_t>() + max_b, inv.as<float>(), qkv.data(), qkv_w,
+                      static_cast<char*>(qkv.data()) + c.q_dim() * eb, qkv_w, act},
+                     hs));
+               }));
       gpu::WriteKvArgs wk;
       wk.num_tokens = b;
       wk.num_kv_heads = nkv;
@@ -406,14 +398,22 @@ int Main() {
       wk.act = act;
       json.Add(absl::StrCat("op_b", b, "_write_kv_us"),
                GraphTimeUs(st, 50, [&] { CHECK_OK(WriteKvCacheCuda(wk, hs)); }));
-      const gpu::RopeArgs rope{b,     nh, nkv, D, meta.as<int32_t>() + max_b, inv.as<float>(),
-                               qkv.data(), qkv_w, static_cast<char*>(qkv.data()) + c.q_dim() * eb,
-                               qkv_w, act};
+      const gpu::RopeArgs rope{b,
+                               nh,
+                               nkv,
+                               D,
+                               meta.as<int32_t>() + max_b,
+                               inv.as<float>(),
+                               qkv.data(),
+                               qkv_w,
+                               static_cast<char*>(qkv.data()) + c.q_dim() * eb,
+                               qkv_w,
+                               act};
       json.Add(absl::StrCat("op_b", b, "_rope_write_kv_us"),
                GraphTimeUs(st, 50, [&] { CHECK_OK(RopeWriteKvCuda(rope, wk, hs)); }));
       json.Add(absl::StrCat("op_b", b, "_silu_mul_us"), GraphTimeUs(st, 50, [&] {
-        CHECK_OK(SiluMulCuda({b, I, gu.data(), act_out.data(), act}, hs));
-      }));
+                 CHECK_OK(SiluMulCuda({b, I, gu.data(), act_out.data(), act}, hs));
+               }));
     }
   }
   gemm->reset();
@@ -463,8 +463,7 @@ int Main() {
     for (int rep = 0; rep < 4; ++rep) {
       const auto a = std::chrono::steady_clock::now();
       Prefill(runner->get(), &b, prefill_tokens, prefill_tokens, &rng);
-      const double s =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
       if (rep > 0) times.push_back(s);
     }
     json.Add("prefill_tokens", static_cast<double>(prefill_tokens));

@@ -3,10 +3,10 @@
 // One block of four warps serves one tile (consecutive query tokens of one sequence) for one KV
 // head: the tile's query rows (tokens x the heads of the KV head's group) sit in shared memory,
 // pre-scaled, and every key the block reads is used by all of them. The warps take turns over
-// chunks of 32 keys (lane = key for Q.K, lane = output dims for P.V), each keeping an online softmax
-// per row in the log2 domain; at the end the four warps' states merge in shared memory. With several
-// partitions, each block covers one range of keys and writes its unnormalized state, and a second
-// kernel merges the partitions.
+// chunks of 32 keys (lane = key for Q.K, lane = output dims for P.V), each keeping an online
+// softmax per row in the log2 domain; at the end the four warps' states merge in shared memory.
+// With several partitions, each block covers one range of keys and writes its unnormalized state,
+// and a second kernel merges the partitions.
 #include <cstdint>
 
 #include "kernels/cuda/cuda_types.cuh"
@@ -19,56 +19,13 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// f32 copies of 16 bytes of T.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  static constexpr int kN = 4;
-  static __device__ __forceinline__ void Load(const float* p, float* out) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    out[0] = v.x;
-    out[1] = v.y;
-    out[2] = v.z;
-    out[3] = v.w;
-  }
-};
-template <>
-struct Vec<__half> {
-  static constexpr int kN = 8;
-  static __device__ __forceinline__ void Load(const __half* p, float* out) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-};
-template <>
-struct Vec<__nv_bfloat16> {
-  static constexpr int kN = 8;
-  static __device__ __forceinline__ void Load(const __nv_bfloat16* p, float* out) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-};
-
 // N consecutive elements of T at p as f32, in one 8- or 16-byte load where the size allows (p is
 // aligned to the load: rows are head_dim elements and lanes take equal slices).
 template <typename T, int N>
 __device__ __forceinline__ void LoadDims(const T* p, float* out) {
   if constexpr (N * sizeof(T) == 16) {
-    float tmp[16 / sizeof(T)];
-    Vec<T>::Load(p, tmp);
+    float tmp[kVec16<T>];
+    Load16(p, tmp);
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = tmp[i];
   } else if constexpr (N * sizeof(T) == 8 && sizeof(T) == 2) {
@@ -128,7 +85,7 @@ template <typename T, int D, int R>
 __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionArgs a) {
   PdlBegin();
   constexpr int kDpl = D >= 32 ? D / 32 : 1;  // output dims per lane
-  constexpr int kVec = Vec<T>::kN;
+  constexpr int kVec = kVec16<T>;
   __shared__ float q_s[R][D];
   __shared__ int pos_s[R], lo_s[R];
   __shared__ float m_s[kWarps][R], l_s[kWarps][R];
@@ -159,9 +116,8 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
   int64_t k_begin = INT64_MAX, k_end = 0;
   for (int r = 0; r < rows; ++r) {
     const int64_t pos = a.token_pos[tile.begin + r / group];
-    const int64_t lo = a.sliding_window > 0 && pos - a.sliding_window + 1 > 0
-                           ? pos - a.sliding_window + 1
-                           : 0;
+    const int64_t lo =
+        a.sliding_window > 0 && pos - a.sliding_window + 1 > 0 ? pos - a.sliding_window + 1 : 0;
     if (threadIdx.x == 0) {
       pos_s[r] = static_cast<int>(pos);
       lo_s[r] = static_cast<int>(lo);
@@ -200,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
 #pragma unroll(R <= 4 ? D / kVec : 4)
       for (int d = 0; d < D; d += kVec) {
         float kv[kVec];
-        Vec<T>::Load(krow + d, kv);
+        Load16(krow + d, kv);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -225,8 +181,8 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
     // P.V: every lane holds output dims [lane * kDpl, +kDpl) of each row. V rows are loaded a group
     // of keys at a time (16 for decode-sized tiles, else 8), so that many loads are in flight.
     const int valid = static_cast<int>(k_end - chunk < 32 ? k_end - chunk : 32);
-    const uint64_t vrow_mine = reinterpret_cast<uint64_t>(
-        krow != nullptr ? vc + (krow - kc) : nullptr);
+    const uint64_t vrow_mine =
+        reinterpret_cast<uint64_t>(krow != nullptr ? vc + (krow - kc) : nullptr);
     constexpr int kGroup = R <= 4 ? 16 : 8;
     for (int j0 = 0; j0 < valid; j0 += kGroup) {
       float vv[kGroup][kDpl];
@@ -282,9 +238,11 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
     }
     if (a.num_partitions > 1) {
       // [tile, kvh, part, R, D + 2]: o..., then m and l after the D values.
-      float* ws = a.workspace +
-                  ((static_cast<int64_t>(blockIdx.x) * a.num_kv_heads + kvh) * a.num_partitions +
-                   part) * R * (D + 2) + r * (D + 2);
+      float* ws =
+          a.workspace +
+          ((static_cast<int64_t>(blockIdx.x) * a.num_kv_heads + kvh) * a.num_partitions + part) *
+              R * (D + 2) +
+          r * (D + 2);
       ws[d] = o;
       if (d == 0) {
         ws[D] = mx;
@@ -305,16 +263,14 @@ __global__ void __launch_bounds__(kThreads) MergePartitionsKernel(PagedAttention
   const int64_t kvh = blockIdx.y;
   const int64_t group = a.num_heads / a.num_kv_heads;
   const int rows = static_cast<int>(tile.count * group < R ? tile.count * group : R);
-  const float* base = a.workspace +
-                      (static_cast<int64_t>(blockIdx.x) * a.num_kv_heads + kvh) *
-                          a.num_partitions * R * (D + 2);
+  const float* base = a.workspace + (static_cast<int64_t>(blockIdx.x) * a.num_kv_heads + kvh) *
+                                        a.num_partitions * R * (D + 2);
   // The same key range and split as the partitions' blocks computed.
   int64_t k_begin = INT64_MAX, k_end = 0;
   for (int r = 0; r < rows; ++r) {
     const int64_t pos = a.token_pos[tile.begin + r / group];
-    const int64_t lo = a.sliding_window > 0 && pos - a.sliding_window + 1 > 0
-                           ? pos - a.sliding_window + 1
-                           : 0;
+    const int64_t lo =
+        a.sliding_window > 0 && pos - a.sliding_window + 1 > 0 ? pos - a.sliding_window + 1 : 0;
     k_begin = min(k_begin, lo);
     k_end = max(k_end, pos + 1);
   }

@@ -1,5 +1,5 @@
-// Device-side helpers shared by Strata's .cu files: f32 <-> activation type conversions, dispatch on
-// ActType, and warp / block reductions.
+// Device-side helpers shared by Strata's .cu files: f32 <-> activation type conversions, dispatch
+// on ActType, and warp / block reductions.
 #ifndef STRATA_KERNELS_CUDA_CUDA_TYPES_CUH_
 #define STRATA_KERNELS_CUDA_CUDA_TYPES_CUH_
 
@@ -29,6 +29,24 @@ __device__ __forceinline__ __half FromF<__half>(float x) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// Elements of T in 16 bytes, the width of one vector load.
+template <typename T>
+inline constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+// The kVec16<T> elements of T packed in `v`, as f32.
+template <typename T>
+__device__ __forceinline__ void Unpack16(const uint4& v, float* out) {
+  const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int i = 0; i < kVec16<T>; ++i) out[i] = ToF(h[i]);
+}
+
+// The 16 bytes of T at p (16-byte aligned) in one load, as f32.
+template <typename T>
+__device__ __forceinline__ void Load16(const T* p, float* out) {
+  Unpack16<T>(*reinterpret_cast<const uint4*>(p), out);
 }
 
 // Calls fn(T{}) with T the C++ type of `t`.

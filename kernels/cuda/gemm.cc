@@ -8,6 +8,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "kernels/cuda/runtime.h"
 
 namespace strata {
@@ -60,7 +61,13 @@ struct CublasLtGemm::Impl {
   }
 
   absl::StatusOr<Plan*> PlanFor(const GemmArgs& g, int64_t ldx, int64_t ldy) {
-    const Key key{g.m, g.n, g.k, ldx, ldy, static_cast<int>(g.act), static_cast<int>(g.out_type),
+    const Key key{g.m,
+                  g.n,
+                  g.k,
+                  ldx,
+                  ldy,
+                  static_cast<int>(g.act),
+                  static_cast<int>(g.out_type),
                   g.bias != nullptr};
     if (auto it = plans.find(key); it != plans.end()) return &it->second;
     Plan p;
@@ -73,32 +80,37 @@ struct CublasLtGemm::Impl {
       return s;
     }
     const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
-    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a));
-    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b));
-    if (g.bias != nullptr) {
+    auto set = [&p](cublasLtMatmulDescAttributes_t attr, const void* value, size_t bytes) {
+      return LtStatus(cublasLtMatmulDescSetAttribute(p.desc, attr, value, bytes), "attribute");
+    };
+    absl::Status s = set(CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a));
+    if (s.ok()) s = set(CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b));
+    if (s.ok() && g.bias != nullptr) {
       const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
-      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out_t,
-                                     sizeof(out_t));
+      s = set(CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
+      if (s.ok()) s = set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out_t, sizeof(out_t));
       p.has_bias = true;
     }
-    absl::Status s = LtStatus(cublasLtMatrixLayoutCreate(&p.a, in_t, g.k, g.n, g.k), "layout A");
+    if (s.ok()) s = LtStatus(cublasLtMatrixLayoutCreate(&p.a, in_t, g.k, g.n, g.k), "layout A");
     if (s.ok()) s = LtStatus(cublasLtMatrixLayoutCreate(&p.b, in_t, g.k, g.m, ldx), "layout B");
     if (s.ok()) s = LtStatus(cublasLtMatrixLayoutCreate(&p.d, out_t, g.n, g.m, ldy), "layout D");
     cublasLtMatmulPreference_t pref = nullptr;
     if (s.ok()) s = LtStatus(cublasLtMatmulPreferenceCreate(&pref), "preference");
     if (s.ok()) {
       const size_t ws = workspace.bytes();
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
-                                           sizeof(ws));
+      s = LtStatus(cublasLtMatmulPreferenceSetAttribute(
+                       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)),
+                   "preference attribute");
+    }
+    if (s.ok()) {
       cublasLtMatmulHeuristicResult_t result{};
       int found = 0;
       s = LtStatus(cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.d, p.d, pref, 1,
                                                   &result, &found),
                    "heuristic");
       if (s.ok() && found == 0) {
-        s = absl::InternalError(absl::StrCat("cublasLt: no algorithm for m=", g.m, " n=", g.n,
-                                             " k=", g.k));
+        s = absl::InternalError(
+            absl::StrCat("cublasLt: no algorithm for m=", g.m, " n=", g.n, " k=", g.k));
       }
       if (s.ok()) p.algo = result.algo;
     }
@@ -147,8 +159,8 @@ absl::Status CublasLtGemm::Run(const GemmArgs& g, CudaStreamHandle stream) {
   // The GEMV kernel wins for k up to 8192 (measured on an H200 for Llama-3-8B's projections);
   // cuBLASLt's split-K is faster for the long rows of down_proj (k = 14336).
   if (impl_->small_m_gemv && g.m <= 8 && g.k <= 8192) {
-    gpu::GemvArgs v{g.m,   g.n,      g.k,        g.x, ldx, g.w, g.bias, g.y, ldy, g.act,
-                    g.out_type, impl_->gemv_variant};
+    gpu::GemvArgs v{g.m,    g.n, g.k, g.x,   ldx,        g.w,
+                    g.bias, g.y, ldy, g.act, g.out_type, impl_->gemv_variant};
     if (gpu::GemvSupported(v)) {
       return CudaStatus(gpu::LaunchGemv(v, reinterpret_cast<cudaStream_t>(stream)), "gemv launch");
     }
@@ -157,12 +169,14 @@ absl::Status CublasLtGemm::Run(const GemmArgs& g, CudaStreamHandle stream) {
   if (!plan.ok()) return plan.status();
   Plan& p = **plan;
   if (p.has_bias) {
-    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
-                                   sizeof(g.bias));
+    RETURN_IF_ERROR(
+        LtStatus(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
+                                                sizeof(g.bias)),
+                 "bias attribute"));
   }
   const float alpha = 1.0f, beta = 0.0f;
-  return LtStatus(cublasLtMatmul(impl_->handle, p.desc, &alpha, g.w, p.a, g.x, p.b, &beta, g.y,
-                                 p.d, g.y, p.d, &p.algo, impl_->workspace.data(),
+  return LtStatus(cublasLtMatmul(impl_->handle, p.desc, &alpha, g.w, p.a, g.x, p.b, &beta, g.y, p.d,
+                                 g.y, p.d, &p.algo, impl_->workspace.data(),
                                  impl_->workspace.bytes(), reinterpret_cast<cudaStream_t>(stream)),
                   "matmul");
 }

@@ -1,8 +1,9 @@
-// GEMMs of every linear layer on the GPU, through cuBLASLt: y = x · Wᵀ (+ bias), W stored as Hugging
-// Face stores it, [out_features, in_features] row-major, activations row-major. Operands are f32,
-// f16 or bf16 with f32 accumulation (f32 operands compute in full f32, no TF32, so that the GPU can be
-// checked against the CPU exactly enough). The matmul descriptors and the heuristic's algorithm are
-// cached per shape, so a call allocates nothing and can be captured in a CUDA graph.
+// GEMMs of every linear layer on the GPU, through cuBLASLt: y = x · Wᵀ (+ bias), W stored as
+// Hugging Face stores it, [out_features, in_features] row-major, activations row-major. Operands
+// are f32, f16 or bf16 with f32 accumulation (f32 operands compute in full f32, no TF32, so that
+// the GPU can be checked against the CPU exactly enough). The matmul descriptors and the
+// heuristic's algorithm are cached per shape, so a call allocates nothing and can be captured in a
+// CUDA graph.
 #ifndef STRATA_KERNELS_CUDA_GEMM_H_
 #define STRATA_KERNELS_CUDA_GEMM_H_
 
@@ -18,12 +19,12 @@
 namespace strata {
 
 struct GemmArgs {
-  int64_t m = 0;  // rows of x and y (tokens)
-  int64_t n = 0;  // out_features
-  int64_t k = 0;  // in_features
+  int64_t m = 0;            // rows of x and y (tokens)
+  int64_t n = 0;            // out_features
+  int64_t k = 0;            // in_features
   const void* x = nullptr;  // [m, k], row stride ldx (0: k), device, act
   int64_t ldx = 0;
-  const void* w = nullptr;  // [n, k] row-major, device, act
+  const void* w = nullptr;     // [n, k] row-major, device, act
   const void* bias = nullptr;  // [n], device, out_type; may be null
   void* y = nullptr;           // [m, n], row stride ldy (0: n), device, out_type
   int64_t ldy = 0;

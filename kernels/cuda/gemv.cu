@@ -1,6 +1,7 @@
 // Small-m GEMM (decode) as a bandwidth-bound GEMV: see GemvArgs in ops_kernel.h. Each warp owns
-// kRows weight rows and walks k in 16-byte vectors, kUnroll vectors per row in flight per step, with
-// every row of x applied to each weight vector it loads; a warp reduction finishes each output.
+// kRows weight rows and walks k in 16-byte vectors, kUnroll vectors per row in flight per step,
+// with every row of x applied to each weight vector it loads; a warp reduction finishes each
+// output.
 #include <cstdint>
 
 #include "kernels/cuda/cuda_types.cuh"
@@ -14,27 +15,10 @@ namespace {
 // on an H200 for four of Llama-3-8B's five decode projections (docs/PERFORMANCE.md); 2 and 3 hold
 // more loads in flight per lane, for comparison.
 
-template <typename T>
-struct Pack {
-  static constexpr int kN = 16 / sizeof(T);
-  static __device__ __forceinline__ void ToFloat(const uint4& v, float* out) {
-    if constexpr (sizeof(T) == 4) {
-      out[0] = __uint_as_float(v.x);
-      out[1] = __uint_as_float(v.y);
-      out[2] = __uint_as_float(v.z);
-      out[3] = __uint_as_float(v.w);
-    } else {
-      const T* h = reinterpret_cast<const T*>(&v);
-#pragma unroll
-      for (int i = 0; i < kN; ++i) out[i] = ToF(h[i]);
-    }
-  }
-};
-
 template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
   PdlBegin();
-  constexpr int kN = Pack<T>::kN;
+  constexpr int kN = kVec16<T>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
   if (row0 >= a.n) return;
@@ -56,7 +40,8 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       const int64_t v = v0 + u * 32;
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
-        wv[u][j] = v < vecs && j < rows_here ? __ldg(w + (row0 + j) * vecs + v) : make_uint4(0, 0, 0, 0);
+        wv[u][j] =
+            v < vecs && j < rows_here ? __ldg(w + (row0 + j) * vecs + v) : make_uint4(0, 0, 0, 0);
       }
     }
 #pragma unroll
@@ -65,12 +50,12 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       if (v >= vecs) break;
       float wf[kRows][kN];
 #pragma unroll
-      for (int j = 0; j < kRows; ++j) Pack<T>::ToFloat(wv[u][j], wf[j]);
+      for (int j = 0; j < kRows; ++j) Unpack16<T>(wv[u][j], wf[j]);
 #pragma unroll
       for (int r = 0; r < M; ++r) {
         if (r >= a.m) break;
         float xf[kN];
-        Pack<T>::ToFloat(__ldg(x + r * ldx_v + v), xf);
+        Unpack16<T>(__ldg(x + r * ldx_v + v), xf);
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
 #pragma unroll

@@ -128,8 +128,9 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
               (*gemm)->set_small_m_gemv(gemv);
               (*gemm)->set_gemv_variant(mode);
               ASSERT_TRUE(dy->Fill(0xff).ok());  // NaN in every float type
-              GemmArgs g{m,       sh.n, sh.k, dx.data(), 0,   dw.data(), bias ? db.data() : nullptr,
-                         dy->data(), ldy, act,  out};
+              GemmArgs g{
+                  m,          sh.n, sh.k, dx.data(), 0, dw.data(), bias ? db.data() : nullptr,
+                  dy->data(), ldy,  act,  out};
               ASSERT_TRUE((*gemm)->Run(g, stream->handle()).ok());
               ASSERT_TRUE(stream->Synchronize().ok());
               std::vector<uint8_t> raw(m * ldy * gpu::ActBytes(out));
@@ -145,7 +146,8 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
                 num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
                 den += double(want[i]) * want[i];
               }
-              EXPECT_LT(std::sqrt(num / den), tol) << (gemv ? "gemv variant " : "cublasLt ") << mode;
+              EXPECT_LT(std::sqrt(num / den), tol)
+                  << (gemv ? "gemv variant " : "cublasLt ") << mode;
             }
           }
         }

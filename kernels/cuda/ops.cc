@@ -72,8 +72,8 @@ absl::Status HeadRmsNormCuda(const gpu::HeadRmsNormArgs& a, CudaStreamHandle str
 namespace {
 
 absl::Status ValidateRope(const gpu::RopeArgs& a) {
-  STRATA_REQUIRE(a.num_tokens >= 0 && a.head_dim > 0 && a.head_dim % 2 == 0 &&
-                     a.head_dim <= 1024 && a.num_q_heads >= 0 && a.num_k_heads >= 0,
+  STRATA_REQUIRE(a.num_tokens >= 0 && a.head_dim > 0 && a.head_dim % 2 == 0 && a.head_dim <= 1024 &&
+                     a.num_q_heads >= 0 && a.num_k_heads >= 0,
                  "rope", "bad shape (head_dim must be even and at most 1024)");
   if (a.num_tokens == 0) return absl::OkStatus();
   STRATA_REQUIRE(a.positions && a.inv_freq, "rope", "positions and inv_freq must be set");
@@ -101,15 +101,15 @@ absl::Status SiluMulCuda(const gpu::SiluMulArgs& a, CudaStreamHandle stream) {
 namespace {
 
 absl::Status ValidateWriteKv(const gpu::WriteKvArgs& a) {
-  STRATA_REQUIRE(a.num_tokens >= 0 && a.num_kv_heads > 0 && a.head_dim > 0 &&
-                     a.block_tokens > 0 && a.num_blocks > 0,
+  STRATA_REQUIRE(a.num_tokens >= 0 && a.num_kv_heads > 0 && a.head_dim > 0 && a.block_tokens > 0 &&
+                     a.num_blocks > 0,
                  "write_kv", "bad shape");
   if (a.num_tokens == 0) return absl::OkStatus();
   STRATA_REQUIRE(a.k && a.v && a.slots && a.k_cache && a.v_cache, "write_kv",
                  "k, v, slots, k_cache and v_cache must be set");
-  STRATA_REQUIRE(a.k_stride >= a.num_kv_heads * a.head_dim &&
-                     a.v_stride >= a.num_kv_heads * a.head_dim,
-                 "write_kv", "k_stride or v_stride below num_kv_heads * head_dim");
+  STRATA_REQUIRE(
+      a.k_stride >= a.num_kv_heads * a.head_dim && a.v_stride >= a.num_kv_heads * a.head_dim,
+      "write_kv", "k_stride or v_stride below num_kv_heads * head_dim");
   return absl::OkStatus();
 }
 
@@ -141,28 +141,29 @@ absl::Status PagedAttentionCuda(const gpu::PagedAttentionArgs& a, CudaStreamHand
                      a.head_dim == 256,
                  "paged_attention", "head_dim must be 16, 32, 64, 128 or 256");
   if (a.num_tokens == 0) return absl::OkStatus();
-  STRATA_REQUIRE(a.block_tokens > 0 && a.num_blocks > 0 && a.num_seqs > 0 &&
-                     a.max_blocks_per_seq > 0,
-                 "paged_attention", "bad cache or block table shape");
-  STRATA_REQUIRE(a.q && a.k_cache && a.v_cache && a.token_seq && a.token_pos && a.block_tables &&
-                     a.out,
-                 "paged_attention", "q, caches, token_seq, token_pos, block_tables and out must be set");
+  STRATA_REQUIRE(
+      a.block_tokens > 0 && a.num_blocks > 0 && a.num_seqs > 0 && a.max_blocks_per_seq > 0,
+      "paged_attention", "bad cache or block table shape");
+  STRATA_REQUIRE(
+      a.q && a.k_cache && a.v_cache && a.token_seq && a.token_pos && a.block_tables && a.out,
+      "paged_attention", "q, caches, token_seq, token_pos, block_tables and out must be set");
   STRATA_REQUIRE(a.q_stride >= a.num_heads * a.head_dim && a.out_stride >= a.num_heads * a.head_dim,
                  "paged_attention", "q_stride or out_stride below num_heads * head_dim");
   const int64_t group = a.num_heads / a.num_kv_heads;
-  STRATA_REQUIRE(a.tile_tokens >= 1 &&
-                     a.tile_tokens * group <= gpu::PagedAttentionMaxRows(a.head_dim),
-                 "paged_attention", "tile_tokens x group exceeds the rows one block holds");
+  STRATA_REQUIRE(
+      a.tile_tokens >= 1 && a.tile_tokens * group <= gpu::PagedAttentionMaxRows(a.head_dim),
+      "paged_attention", "tile_tokens x group exceeds the rows one block holds");
   STRATA_REQUIRE(a.tiles != nullptr || (a.tile_tokens == 1 && a.num_tiles == a.num_tokens),
-                 "paged_attention", "without tiles, num_tiles must equal num_tokens and tile_tokens 1");
+                 "paged_attention",
+                 "without tiles, num_tiles must equal num_tokens and tile_tokens 1");
   STRATA_REQUIRE(a.num_tiles > 0 && a.num_tiles <= a.num_tokens, "paged_attention",
                  "num_tiles out of range");
   STRATA_REQUIRE(a.num_partitions >= 1 && a.num_partitions <= 65535, "paged_attention",
                  "num_partitions out of range");
-  STRATA_REQUIRE(a.num_partitions == 1 || (a.partition_keys > 0 && a.partition_keys % 128 == 0 &&
-                                           a.workspace != nullptr),
-                 "paged_attention",
-                 "split-K needs partition_keys (a multiple of 128) and a workspace");
+  STRATA_REQUIRE(
+      a.num_partitions == 1 ||
+          (a.partition_keys > 0 && a.partition_keys % 128 == 0 && a.workspace != nullptr),
+      "paged_attention", "split-K needs partition_keys (a multiple of 128) and a workspace");
   return Launched(gpu::LaunchPagedAttention(a, S(stream)), "paged_attention");
 }
 

@@ -254,7 +254,8 @@ __global__ void RandomNormalKernel(T* out, int64_t n, float mean, float stddev, 
 cudaError_t LaunchEmbed(const EmbedArgs& a, cudaStream_t stream) {
   return DispatchAct(a.table_type, [&](auto t) {
     using T = decltype(t);
-    return LaunchPdl(EmbedKernel<T>, dim3(static_cast<unsigned>(a.num_tokens)), dim3(256), stream, a);
+    return LaunchPdl(EmbedKernel<T>, dim3(static_cast<unsigned>(a.num_tokens)), dim3(256), stream,
+                     a);
   });
 }
 
@@ -262,8 +263,8 @@ cudaError_t LaunchAddRmsNorm(const AddRmsNormArgs& a, cudaStream_t stream) {
   const int threads = a.dim >= 4096 ? 1024 : a.dim >= 1024 ? 512 : 128;
   return DispatchAct(a.act, [&](auto t) {
     using T = decltype(t);
-    return LaunchPdl(AddRmsNormKernel<T>, dim3(static_cast<unsigned>(a.rows)), dim3(threads), stream,
-                     a);
+    return LaunchPdl(AddRmsNormKernel<T>, dim3(static_cast<unsigned>(a.rows)), dim3(threads),
+                     stream, a);
   });
 }
 
@@ -323,8 +324,8 @@ cudaError_t LaunchArgmax(const ArgmaxArgs& a, cudaStream_t stream) {
 cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream) {
   return DispatchAct(a.type, [&](auto t) {
     using T = decltype(t);
-    return LaunchPdl(GatherRowsKernel<T>, dim3(static_cast<unsigned>(a.num_rows)), dim3(256), stream,
-                     a);
+    return LaunchPdl(GatherRowsKernel<T>, dim3(static_cast<unsigned>(a.num_rows)), dim3(256),
+                     stream, a);
   });
 }
 
@@ -335,7 +336,7 @@ cudaError_t LaunchConvert(const void* in, ActType in_type, void* out, ActType ou
     return DispatchAct(out_type, [&](auto o) {
       using Out = decltype(o);
       ConvertKernel<In, Out><<<GridFor(n, 256), 256, 0, stream>>>(static_cast<const In*>(in),
-                                                                   static_cast<Out*>(out), n);
+                                                                  static_cast<Out*>(out), n);
       return cudaGetLastError();
     });
   });

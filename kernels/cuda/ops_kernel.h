@@ -42,13 +42,13 @@ struct AddRmsNormArgs {
   int64_t rows = 0;
   int64_t dim = 0;
   float eps = 1e-6f;
-  float* residual = nullptr;     // [rows, dim], f32, dense; updated in place when delta is set
-  const void* delta = nullptr;   // [rows, dim] with row stride delta_stride, act; may be null
-  int64_t delta_stride = 0;      // 0: dim
+  float* residual = nullptr;      // [rows, dim], f32, dense; updated in place when delta is set
+  const void* delta = nullptr;    // [rows, dim] with row stride delta_stride, act; may be null
+  int64_t delta_stride = 0;       // 0: dim
   const float* weight = nullptr;  // [dim], f32
-  void* out = nullptr;           // [rows, dim] with row stride out_stride, act
-  int64_t out_stride = 0;        // 0: dim
-  ActType act = ActType::kBF16;  // of delta and out
+  void* out = nullptr;            // [rows, dim] with row stride out_stride, act
+  int64_t out_stride = 0;         // 0: dim
+  ActType act = ActType::kBF16;   // of delta and out
 };
 cudaError_t LaunchAddRmsNorm(const AddRmsNormArgs& a, cudaStream_t stream);
 
@@ -72,7 +72,7 @@ struct RopeArgs {
   int64_t num_tokens = 0;
   int64_t num_q_heads = 0;
   int64_t num_k_heads = 0;
-  int64_t head_dim = 0;  // even, <= 1024
+  int64_t head_dim = 0;                // even, <= 1024
   const int32_t* positions = nullptr;  // [num_tokens]
   const float* inv_freq = nullptr;     // [head_dim / 2]
   void* q = nullptr;                   // [num_tokens, num_q_heads, head_dim], token stride q_stride
@@ -136,8 +136,8 @@ struct PagedAttentionArgs {
   const void* v_cache = nullptr;
   int64_t block_tokens = 0;
   int64_t num_blocks = 0;
-  const int32_t* token_seq = nullptr;  // [num_tokens]
-  const int32_t* token_pos = nullptr;  // [num_tokens]
+  const int32_t* token_seq = nullptr;     // [num_tokens]
+  const int32_t* token_pos = nullptr;     // [num_tokens]
   const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
   int64_t num_seqs = 0;
   int64_t max_blocks_per_seq = 0;
@@ -170,20 +170,21 @@ struct ArgmaxArgs {
   const void* logits = nullptr;  // [rows, vocab] with row stride ld (0: vocab)
   int64_t ld = 0;
   ActType type = ActType::kF32;
-  int32_t* token = nullptr;    // [rows]
-  float* logprob = nullptr;    // [rows]; may be null
+  int32_t* token = nullptr;  // [rows]
+  float* logprob = nullptr;  // [rows]; may be null
 };
 cudaError_t LaunchArgmax(const ArgmaxArgs& a, cudaStream_t stream);
 
 // Seeded sampling on the GPU, the twin of the CPU sampler (worker/engine/sampler.h): per row,
-// repetition / presence / frequency penalties, banned tokens, temperature, then greedy (temperature 0)
-// or a draw from the candidates in (logit descending, id ascending) order truncated by top-k, min-p
-// and top-p. The uniform draw comes from the host (SampleUniform(seed, position)), so the GPU picks the
-// token the CPU would. The logits are modified in place exactly as the CPU modifies its copy.
+// repetition / presence / frequency penalties, banned tokens, temperature, then greedy (temperature
+// 0) or a draw from the candidates in (logit descending, id ascending) order truncated by top-k,
+// min-p and top-p. The uniform draw comes from the host (SampleUniform(seed, position)), so the GPU
+// picks the token the CPU would. The logits are modified in place exactly as the CPU modifies its
+// copy.
 struct SampleArgs {
   int64_t rows = 0;
   int64_t vocab = 0;
-  float* logits = nullptr;          // [rows, vocab], f32, dense; modified in place
+  float* logits = nullptr;            // [rows, vocab], f32, dense; modified in place
   const SampleRow* params = nullptr;  // [rows]
   // Tokens each row has seen (prompt or output), each once, with its count in the output (0: prompt
   // only), as row ranges [pen_offsets[r], pen_offsets[r + 1]); may be null for no penalties.

@@ -684,7 +684,8 @@ TEST_F(OpsCudaTest, RopeMatchesCpu) {
 // SiLU-mul.
 
 // The fused rotary embedding + KV write does exactly what the two ops do one after the other:
-// q and k (in a fused qkv buffer) and both caches equal byte for byte, padding slots (-1) untouched.
+// q and k (in a fused qkv buffer) and both caches equal byte for byte, padding slots (-1)
+// untouched.
 TEST_F(OpsCudaTest, RopeWriteKvEqualsRopeThenWriteKv) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (ActType t : kActTypes) {

@@ -118,8 +118,8 @@ absl::Status DeviceBuffer::CopyFromHost(const void* src, size_t bytes) {
   }
   // From pageable memory cudaMemcpy may return before the data lands, and work on non-blocking
   // streams is not ordered after it: wait for it.
-  if (absl::Status s = CudaStatus(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice),
-                                  "cudaMemcpy H2D");
+  if (absl::Status s =
+          CudaStatus(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
       !s.ok()) {
     return s;
   }

@@ -1,16 +1,15 @@
 // Seeded sampling on the GPU (SampleArgs in ops_kernel.h), step for step the CPU sampler's
 // arithmetic (worker/engine/sampler.cc): penalties and temperature with the same IEEE float
 // operations (no contraction into FMAs), log-sum-exp and candidate probabilities in double,
-// candidates ordered by a stable segmented radix sort on (logit descending), which keeps equal logits
-// in ascending id order as the CPU's comparison does. Sums over the candidates are parallel, so they
-// round differently from the CPU's sequential ones in the last bits; a draw would have to land within
-// about 1e-16 of a boundary to pick another token.
+// candidates ordered by a stable segmented radix sort on (logit descending), which keeps equal
+// logits in ascending id order as the CPU's comparison does. Sums over the candidates are parallel,
+// so they round differently from the CPU's sequential ones in the last bits; a draw would have to
+// land within about 1e-16 of a boundary to pick another token.
+#include <cfloat>
+#include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
-
-#include <cfloat>
-#include <cstdint>
 
 #include "kernels/cuda/cuda_types.cuh"
 #include "kernels/cuda/ops_kernel.h"
@@ -207,7 +206,8 @@ __global__ void __launch_bounds__(kThreads) PickKernel(SampleArgs a, Layout l) {
   if (keep == 0) {
     if (threadIdx.x == 0) {
       a.token[r] = 0;
-      if (a.logprob) a.logprob[r] = static_cast<float>(static_cast<double>(a.logits[r * a.vocab]) - lse);
+      if (a.logprob)
+        a.logprob[r] = static_cast<float>(static_cast<double>(a.logits[r * a.vocab]) - lse);
     }
     return;
   }
@@ -260,9 +260,9 @@ cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
   if (cudaError_t e = cub::DeviceSegmentedRadixSort::SortPairsDescending(
           ws + l.temp, temp, reinterpret_cast<const float*>(ws + l.keys_in),
           reinterpret_cast<float*>(ws + l.keys_out),
-          reinterpret_cast<const int32_t*>(ws + l.vals_in), reinterpret_cast<int32_t*>(ws + l.vals_out),
-          static_cast<int>(a.rows * a.vocab), static_cast<int>(a.rows), offsets, offsets + 1, 0,
-          32, stream);
+          reinterpret_cast<const int32_t*>(ws + l.vals_in),
+          reinterpret_cast<int32_t*>(ws + l.vals_out), static_cast<int>(a.rows * a.vocab),
+          static_cast<int>(a.rows), offsets, offsets + 1, 0, 32, stream);
       e != cudaSuccess) {
     return e;
   }

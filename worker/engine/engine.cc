@@ -61,7 +61,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
 #endif
   } else {
     engine->runner_ = std::make_unique<ModelRunner>(weights, comm, engine->config_.compute_threads);
-    engine->kv_ = std::make_unique<KvCacheStorage>(*weights, num_blocks, engine->config_.block_tokens);
+    engine->kv_ =
+        std::make_unique<KvCacheStorage>(*weights, num_blocks, engine->config_.block_tokens);
   }
   RETURN_IF_ERROR(engine->OpenTiers());
   return engine;
@@ -513,8 +514,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   batch.logit_tokens = logit_tokens;
   // On the GPU, when every logit row is a token to sample with no log-probabilities to report,
   // sampling runs there too and the logits never come to the host.
-  bool sampled_on_gpu = gpu_ != nullptr && !uses.empty() &&
-                        static_cast<int64_t>(uses.size()) <= config_.max_running_sequences;
+  // (Every such row is one sequence's, so there are at most max_running_sequences of them.)
+  bool sampled_on_gpu = gpu_ != nullptr && !uses.empty();
   for (size_t u = 0; sampled_on_gpu && u < uses.size(); ++u) {
     const Sequence* s = plan[uses[u].chunk].seq;
     sampled_on_gpu = uses[u].position + 1 >= s->prompt_len && s->options.sampling.logprobs < 0 &&
@@ -599,8 +600,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     const int64_t p = uses[u].position;
     RequestOutput& out = output_of(s);
     if (p + 1 < s->prompt_len) {
-      s->prompt_logprobs.push_back(
-          LogprobsOf(row(), s->tokens[p + 1], s->options.prompt_logprobs));
+      s->prompt_logprobs.push_back(LogprobsOf(row(), s->tokens[p + 1], s->options.prompt_logprobs));
       continue;
     }
     if (s->options.prompt_logprobs >= 0 && !s->prompt_logprobs_sent) {

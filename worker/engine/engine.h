@@ -235,7 +235,8 @@ class Engine {
 
   const ModelWeights* weights_;
   EngineConfig config_;
-  // One of the two: the CPU runner with its host KV cache, or the GPU runner (which owns its cache).
+  // One of the two: the CPU runner with its host KV cache, or the GPU runner (which owns its
+  // cache).
   std::unique_ptr<ModelRunner> runner_;
   std::unique_ptr<KvCacheStorage> kv_;
   std::unique_ptr<GpuModelRunner> gpu_;

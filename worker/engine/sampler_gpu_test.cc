@@ -39,7 +39,8 @@ class SamplerGpuTest : public ::testing::Test {
 
 template <typename T>
 DeviceBuffer Upload(const std::vector<T>& v) {
-  absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(std::max<size_t>(16, v.size() * sizeof(T)));
+  absl::StatusOr<DeviceBuffer> b =
+      DeviceBuffer::Allocate(std::max<size_t>(16, v.size() * sizeof(T)));
   EXPECT_TRUE(b.ok()) << b.status();
   if (!v.empty()) {
     EXPECT_TRUE(b->CopyFromHost(v.data(), v.size() * sizeof(T)).ok());
@@ -69,9 +70,9 @@ TEST_F(SamplerGpuTest, DrawsTheCpuSamplersTokens) {
       o.frequency_penalty = freq;
       sets.push_back(o);
     };
-    add(0, 0, 1, 0, 1, 0, 0);          // greedy
+    add(0, 0, 1, 0, 1, 0, 0);           // greedy
     add(0, 0, 1, 0, 1.3f, 0.5f, 0.2f);  // greedy with penalties
-    add(1, 0, 1, 0, 1, 0, 0);          // the whole vocabulary
+    add(1, 0, 1, 0, 1, 0, 0);           // the whole vocabulary
     add(0.7f, 40, 1, 0, 1, 0, 0);
     add(1.0f, 0, 0.9f, 0, 1, 0, 0);
     add(1.3f, 0, 0.95f, 0.05f, 1, 0, 0);
@@ -97,7 +98,7 @@ TEST_F(SamplerGpuTest, DrawsTheCpuSamplersTokens) {
       float* row = logits.data() + r * vocab;
       row[rng() % vocab] = row[rng() % vocab];  // a tie somewhere
       const int64_t top = std::max_element(row, row + vocab) - row;
-      row[(top + 17) % vocab] = row[top];       // a tie for the top
+      row[(top + 17) % vocab] = row[top];  // a tie for the top
       row[rng() % vocab] = -INFINITY;
     }
     // CPU.
@@ -128,9 +129,9 @@ TEST_F(SamplerGpuTest, DrawsTheCpuSamplersTokens) {
       ban_offsets.push_back(static_cast<int32_t>(ban_tokens.size()));
       params[r] = SampleRowOf(row.options, row.position);
     }
-    DeviceBuffer d_logits = Upload(logits), d_params = Upload(params),
-                 d_po = Upload(pen_offsets), d_pt = Upload(pen_tokens), d_pc = Upload(pen_counts),
-                 d_bo = Upload(ban_offsets), d_bt = Upload(ban_tokens);
+    DeviceBuffer d_logits = Upload(logits), d_params = Upload(params), d_po = Upload(pen_offsets),
+                 d_pt = Upload(pen_tokens), d_pc = Upload(pen_counts), d_bo = Upload(ban_offsets),
+                 d_bt = Upload(ban_tokens);
     absl::StatusOr<DeviceBuffer> d_token = DeviceBuffer::Allocate(4 * R),
                                  d_lp = DeviceBuffer::Allocate(4 * R),
                                  ws = DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(R, vocab));
@@ -165,9 +166,10 @@ TEST_F(SamplerGpuTest, DrawsTheCpuSamplersTokens) {
                    << o.frequency_penalty);
       EXPECT_EQ(got[r], want[r].token);
       EXPECT_NEAR(got_lp[r], want[r].logprob, 1e-5);
-      EXPECT_TRUE(std::equal(got_logits.begin() + r * vocab, got_logits.begin() + (r + 1) * vocab,
-                             cpu_logits.begin() + r * vocab,
-                             [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); }))
+      EXPECT_TRUE(
+          std::equal(got_logits.begin() + r * vocab, got_logits.begin() + (r + 1) * vocab,
+                     cpu_logits.begin() + r * vocab,
+                     [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); }))
           << "processed logits differ";
     }
   }

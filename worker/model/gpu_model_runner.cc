@@ -193,8 +193,7 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   }
   if (o.max_seqs > o.max_batch_tokens) o.max_seqs = o.max_batch_tokens;
   tile_tokens = AttentionTileTokens(D, c.group_size());
-  ASSIGN_OR_RETURN(int count, CudaDeviceCount());
-  (void)count;
+  RETURN_IF_ERROR(CudaDeviceCount().status());
   cudaDeviceProp prop{};
   RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
   sms = prop.multiProcessorCount;
@@ -246,13 +245,13 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
       AlignUp(eb * Tn * qd) + AlignUp(eb * Tn * H) + AlignUp(eb * Tn * 2 * I) +
       AlignUp(eb * Tn * I) + AlignUp(eb * S * H) + AlignUp(4 * S * V) +
       AlignUp(4 * attn_ws_floats) + AlignUp(4 * S) * 2 + inputs_bytes + AlignUp(4 * D));
-  const size_t total = static_cast<size_t>(mem.weight_bytes + mem.kv_cache_bytes +
-                                           mem.scratch_bytes) +
-                       64 * kAlign * (c.num_layers + 4);
+  const size_t total =
+      static_cast<size_t>(mem.weight_bytes + mem.kv_cache_bytes + mem.scratch_bytes) +
+      64 * kAlign * (c.num_layers + 4);
   ASSIGN_OR_RETURN(pool, DeviceBuffer::Allocate(total));
-  RETURN_IF_ERROR(CudaStatus(cudaHostAlloc(reinterpret_cast<void**>(&h_inputs), inputs_bytes,
-                                           cudaHostAllocDefault),
-                             "cudaHostAlloc"));
+  RETURN_IF_ERROR(CudaStatus(
+      cudaHostAlloc(reinterpret_cast<void**>(&h_inputs), inputs_bytes, cudaHostAllocDefault),
+      "cudaHostAlloc"));
   const size_t out_bytes = AlignUp(4 * S * V) + 2 * AlignUp(4 * S);
   RETURN_IF_ERROR(CudaStatus(
       cudaHostAlloc(reinterpret_cast<void**>(&h_logits), out_bytes, cudaHostAllocDefault),
@@ -379,8 +378,9 @@ absl::Status GpuModelRunner::Impl::RandomWeights(uint64_t seed) {
   cudaStream_t s = compute->get();
   uint64_t tensor = 0;
   auto normal = [&](void* dst, int64_t n) {
-    return CudaStatus(gpu::LaunchRandomNormal(dst, act, n, 0.0f, 0.02f, seed + 1000003 * ++tensor, s),
-                      "random weights");
+    return CudaStatus(
+        gpu::LaunchRandomNormal(dst, act, n, 0.0f, 0.02f, seed + 1000003 * ++tensor, s),
+        "random weights");
   };
   auto ones = [&](float* dst, int64_t n) {
     return CudaStatus(gpu::LaunchRandomNormal(dst, gpu::ActType::kF32, n, 1.0f, 0.0f, 0, s),
@@ -436,9 +436,8 @@ absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded
         absl::StrCat("forward: ", b.num_seqs, " sequences exceed max_seqs ", S_()));
   }
   if (b.max_blocks_per_seq > M_()) {
-    return absl::InvalidArgumentError(absl::StrCat("forward: max_blocks_per_seq ",
-                                                   b.max_blocks_per_seq, " exceeds the runner's ",
-                                                   M_()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "forward: max_blocks_per_seq ", b.max_blocks_per_seq, " exceeds the runner's ", M_()));
   }
   const int64_t cache_slots = o.num_blocks * o.block_tokens;
   int32_t* tok = Host32(off_tokens);
@@ -476,7 +475,8 @@ absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded
   // its position's) must be in the cache; the rest may be anything and read as block 0.
   std::vector<int64_t> reach(b.num_seqs, -1);
   for (int64_t i = 0; i < n; ++i) {
-    reach[b.token_seq[i]] = std::max<int64_t>(reach[b.token_seq[i]], b.positions[i] / o.block_tokens);
+    reach[b.token_seq[i]] =
+        std::max<int64_t>(reach[b.token_seq[i]], b.positions[i] / o.block_tokens);
   }
   int32_t* tables = Host32(off_tables);
   std::fill(tables, tables + seqs * M_(), 0);
@@ -509,9 +509,9 @@ absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded
 }
 
 absl::Status GpuModelRunner::Impl::Upload() {
-  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d_inputs, h_inputs, inputs_bytes,
-                                             cudaMemcpyHostToDevice, copy->get()),
-                             "upload inputs"));
+  RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(d_inputs, h_inputs, inputs_bytes, cudaMemcpyHostToDevice, copy->get()),
+      "upload inputs"));
   RETURN_IF_ERROR(CudaStatus(cudaEventRecord(inputs_ready, copy->get()), "cudaEventRecord"));
   RETURN_IF_ERROR(
       CudaStatus(cudaStreamWaitEvent(compute->get(), inputs_ready, 0), "cudaStreamWaitEvent"));
@@ -524,16 +524,16 @@ absl::Status GpuModelRunner::Impl::Download(bool logits_out, int64_t m) {
   RETURN_IF_ERROR(
       CudaStatus(cudaStreamWaitEvent(copy->get(), outputs_ready, 0), "cudaStreamWaitEvent"));
   if (logits_out) {
-    RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(h_logits, logits, 4 * m * V,
-                                               cudaMemcpyDeviceToHost, copy->get()),
-                               "download logits"));
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(h_logits, logits, 4 * m * V, cudaMemcpyDeviceToHost, copy->get()),
+        "download logits"));
   } else {
-    RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(h_tokens, d_out_tokens, 4 * m,
-                                               cudaMemcpyDeviceToHost, copy->get()),
-                               "download tokens"));
-    RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(h_logprobs, d_out_logprobs, 4 * m,
-                                               cudaMemcpyDeviceToHost, copy->get()),
-                               "download logprobs"));
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(h_tokens, d_out_tokens, 4 * m, cudaMemcpyDeviceToHost, copy->get()),
+        "download tokens"));
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(h_logprobs, d_out_logprobs, 4 * m, cudaMemcpyDeviceToHost, copy->get()),
+        "download logprobs"));
   }
   RETURN_IF_ERROR(copy->Synchronize());
   float ms = 0;
@@ -589,8 +589,8 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
       RETURN_IF_ERROR(HeadRmsNormCuda({n, nh, D, eps, q, qkv_w, L.q_norm, act}, s));
       RETURN_IF_ERROR(HeadRmsNormCuda({n, nkv, D, eps, q + qd * eb, qkv_w, L.k_norm, act}, s));
     }
-    const gpu::RopeArgs rope{n,      nh, nkv, D, In32(off_pos), inv_freq, q, qkv_w, q + qd * eb,
-                             qkv_w, act};
+    const gpu::RopeArgs rope{n,     nh,          nkv,   D,  In32(off_pos), inv_freq, q,
+                             qkv_w, q + qd * eb, qkv_w, act};
     gpu::WriteKvArgs wk;
     wk.num_tokens = n;
     wk.num_kv_heads = nkv;
@@ -610,8 +610,7 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     pa.v_cache = vc[l];
     RETURN_IF_ERROR(PagedAttentionCuda(pa, s));
     RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act}, s));
-    RETURN_IF_ERROR(
-        AddRmsNormCuda({n, H, eps, hidden, proj, H, L.post_norm, normed, H, act}, s));
+    RETURN_IF_ERROR(AddRmsNormCuda({n, H, eps, hidden, proj, H, L.post_norm, normed, H, act}, s));
     RETURN_IF_ERROR(
         gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act, act}, s));
     RETURN_IF_ERROR(SiluMulCuda({n, I, gate_up, actb, act}, s));
@@ -656,15 +655,16 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   const size_t bt = put(sp.ban_tokens.data(), 4 * sp.ban_tokens.size());
   if (sample_in.bytes() < host.size()) {
     RETURN_IF_ERROR(compute->Synchronize());  // the old buffer may still be read
-    ASSIGN_OR_RETURN(sample_in, DeviceBuffer::Allocate(std::max(host.size(), sample_in.bytes() * 2)));
+    ASSIGN_OR_RETURN(sample_in,
+                     DeviceBuffer::Allocate(std::max(host.size(), sample_in.bytes() * 2)));
   }
   if (sample_ws.bytes() == 0) {
     ASSIGN_OR_RETURN(sample_ws, DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(S_(), V)));
   }
   char* d = static_cast<char*>(sample_in.data());
-  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d, host.data(), host.size(), cudaMemcpyHostToDevice,
-                                             compute->get()),
-                             "upload sampling inputs"));
+  RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(d, host.data(), host.size(), cudaMemcpyHostToDevice, compute->get()),
+      "upload sampling inputs"));
   gpu::SampleArgs a;
   a.rows = m;
   a.vocab = V;
@@ -742,8 +742,7 @@ absl::Status GpuModelRunner::ForwardGreedy(const ForwardBatch& b, absl::Span<int
 }
 
 absl::Status GpuModelRunner::ForwardSample(const ForwardBatch& b, const Sampling& sampling,
-                                           absl::Span<int32_t> tokens,
-                                           absl::Span<float> logprobs) {
+                                           absl::Span<int32_t> tokens, absl::Span<float> logprobs) {
   const int64_t m = static_cast<int64_t>(b.logit_tokens.size());
   if (static_cast<int64_t>(tokens.size()) != m ||
       (!logprobs.empty() && static_cast<int64_t>(logprobs.size()) != m)) {
@@ -801,9 +800,9 @@ absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, const Samp
       RETURN_IF_ERROR(x.Run(padded, padded, padded, false, max_keys, padded, false, true));
       RETURN_IF_ERROR(x.compute->Synchronize());
       cudaGraph_t graph = nullptr;
-      RETURN_IF_ERROR(CudaStatus(
-          cudaStreamBeginCapture(x.compute->get(), cudaStreamCaptureModeThreadLocal),
-          "cudaStreamBeginCapture"));
+      RETURN_IF_ERROR(
+          CudaStatus(cudaStreamBeginCapture(x.compute->get(), cudaStreamCaptureModeThreadLocal),
+                     "cudaStreamBeginCapture"));
       absl::Status run = x.Run(padded, padded, padded, false, max_keys, padded, false, true);
       const cudaError_t end = cudaStreamEndCapture(x.compute->get(), &graph);
       RETURN_IF_ERROR(run);
@@ -857,7 +856,7 @@ absl::Status NoCuda() { return absl::UnavailableError("gpu runner: this build ha
 GpuModelRunner::GpuModelRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GpuModelRunner::~GpuModelRunner() = default;
 absl::StatusOr<std::unique_ptr<GpuModelRunner>> GpuModelRunner::Create(const ModelWeights&,
-                                                                    const GpuRunnerOptions&) {
+                                                                       const GpuRunnerOptions&) {
   return NoCuda();
 }
 absl::StatusOr<std::unique_ptr<GpuModelRunner>> GpuModelRunner::CreateRandom(

@@ -4,11 +4,11 @@
 // Weights (converted to the activation type: f32, f16 or bf16, with q/k/v and gate/up fused into
 // one matrix each), the paged KV cache and all scratch live in one device allocation made at
 // creation (plain cudaMalloc, no managed memory); only seeded sampling's buffers (about 28 bytes x
-// max_seqs x vocab) are allocated apart, on its first use. A step's inputs go up from pinned host memory on a
-// copy stream, which the compute stream waits for through an event; results come back the same way.
-// Decode steps (one token per sequence) run as CUDA graphs captured once per padded batch size, so
-// a step costs one launch instead of hundreds. The residual stream is f32; every GEMM (cuBLASLt) and
-// reduction accumulates in f32.
+// max_seqs x vocab) are allocated apart, on its first use. A step's inputs go up from pinned host
+// memory on a copy stream, which the compute stream waits for through an event; results come back
+// the same way. Decode steps (one token per sequence) run as CUDA graphs captured once per padded
+// batch size, so a step costs one launch instead of hundreds. The residual stream is f32; every
+// GEMM (cuBLASLt) and reduction accumulates in f32.
 //
 // World size 1 only for now: tensor parallelism over NCCL is not wired here yet. Thread contract:
 // one thread at a time. In a build without CUDA every entry point returns UNAVAILABLE.

@@ -45,8 +45,7 @@ std::vector<int32_t> Tables(int64_t num_seqs) {
 
 // Feeds sequences in steps of up to `chunk` tokens each; returns every position's logits.
 std::vector<std::vector<float>> Feed(const ForwardFn& forward, int64_t vocab,
-                                     const std::vector<std::vector<int32_t>>& seqs,
-                                     int64_t chunk) {
+                                     const std::vector<std::vector<int32_t>>& seqs, int64_t chunk) {
   const std::vector<int32_t> tables = Tables(static_cast<int64_t>(seqs.size()));
   std::vector<std::vector<float>> out(seqs.size());
   std::vector<int64_t> done(seqs.size(), 0);
@@ -215,8 +214,8 @@ std::vector<int32_t> Generate(const std::vector<int32_t>& prompt, int steps,
     }
     done = static_cast<int64_t>(seq.size());
     const std::vector<int32_t> logit_tokens = {static_cast<int32_t>(tokens.size() - 1)};
-    const int32_t t =
-        next(ForwardBatch{tokens, positions, token_seq, slots, tables, 1, kMaxBlocks, logit_tokens});
+    const int32_t t = next(
+        ForwardBatch{tokens, positions, token_seq, slots, tables, 1, kMaxBlocks, logit_tokens});
     if (t < 0) break;
     seq.push_back(t);
   }
@@ -283,8 +282,8 @@ TEST_P(GpuModelRunnerTest, GreedyTokensEqualCpu) {
     EXPECT_GE((*gpu)->graphs_captured(), 1);
     for (int i = 0; i < kSteps; ++i) {
       if (act != DType::kF32 && want.margins[i] < 0.05f) break;
-      ASSERT_EQ(got[i], want.tokens[i]) << "step " << i << " (CPU margin " << want.margins[i]
-                                        << ")";
+      ASSERT_EQ(got[i], want.tokens[i])
+          << "step " << i << " (CPU margin " << want.margins[i] << ")";
     }
   }
 }
@@ -352,8 +351,10 @@ TEST_F(GpuModelRunnerMiscTest, BatchedGraphDecodeEqualsEager) {
     ForwardBatch b{last, positions, token_seq, slots, tables, 3, kMaxBlocks, logit_tokens};
     std::vector<int32_t> from_graph(3), from_eager(3);
     std::vector<float> lp_graph(3), lp_eager(3);
-    ASSERT_TRUE((*graph)->ForwardGreedy(b, absl::MakeSpan(from_graph), absl::MakeSpan(lp_graph)).ok());
-    ASSERT_TRUE((*eager)->ForwardGreedy(b, absl::MakeSpan(from_eager), absl::MakeSpan(lp_eager)).ok());
+    ASSERT_TRUE(
+        (*graph)->ForwardGreedy(b, absl::MakeSpan(from_graph), absl::MakeSpan(lp_graph)).ok());
+    ASSERT_TRUE(
+        (*eager)->ForwardGreedy(b, absl::MakeSpan(from_eager), absl::MakeSpan(lp_eager)).ok());
     EXPECT_EQ(from_graph, from_eager) << "step " << step;
     for (int s = 0; s < 3; ++s) EXPECT_NEAR(lp_graph[s], lp_eager[s], 1e-4);
     last = from_graph;

@@ -67,10 +67,12 @@ ABSL_FLAG(int64_t, max_running_sequences, 64, "Most sequences in one engine step
 ABSL_FLAG(int64_t, max_live_sequences, 256,
           "Running plus queued sequences accepted; beyond it Submit fails RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, threads, 0, "CPU compute threads; 0 uses every core.");
-ABSL_FLAG(std::string, device, "cpu",
-          "Where the model runs: cpu, or gpu (the current CUDA device; one rank, no host or disk KV "
-          "tiers yet).");
-ABSL_FLAG(std::string, gpu_dtype, "bf16", "Weights, activations and KV cache on the GPU: bf16, f16 "
+ABSL_FLAG(
+    std::string, device, "cpu",
+    "Where the model runs: cpu, or gpu (the current CUDA device; one rank, no host or disk KV "
+    "tiers yet).");
+ABSL_FLAG(std::string, gpu_dtype, "bf16",
+          "Weights, activations and KV cache on the GPU: bf16, f16 "
           "or f32.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
 
@@ -146,7 +148,8 @@ int Main() {
   ec.device = absl::GetFlag(FLAGS_device);
   if (const std::string g = absl::GetFlag(FLAGS_gpu_dtype);
       !ParseDType(absl::AsciiStrToUpper(g), &ec.gpu_dtype) ||
-      (ec.gpu_dtype != DType::kBF16 && ec.gpu_dtype != DType::kF16 && ec.gpu_dtype != DType::kF32)) {
+      (ec.gpu_dtype != DType::kBF16 && ec.gpu_dtype != DType::kF16 &&
+       ec.gpu_dtype != DType::kF32)) {
     LOG(ERROR) << "--gpu_dtype must be bf16, f16 or f32, not \"" << g << "\"";
     return 1;
   }
