@@ -34,6 +34,7 @@
 #include "absl/types/span.h"
 #include "common/hash.h"
 #include "common/tier.h"
+#include "kernels/dtype.h"
 
 namespace strata {
 
@@ -47,18 +48,22 @@ struct BlockKey {
 };
 
 // The raw bytes of one KV block: `num_segments` segments (K and V of each layer on this rank),
-// each [block_tokens, num_heads, head_dim] f32, concatenated in segment order.
+// each [block_tokens, num_heads, head_dim] elements of `dtype` (f32 for the CPU engine, the
+// activation type of a GPU engine: f32, f16 or bf16), concatenated in segment order.
 struct KvBlockLayout {
   int64_t num_segments = 0;
   int64_t block_tokens = 0;
   int64_t num_heads = 0;
   int64_t head_dim = 0;
+  DType dtype = DType::kF32;
 
-  int64_t segment_floats() const { return block_tokens * num_heads * head_dim; }
-  int64_t segment_bytes() const { return segment_floats() * int64_t{sizeof(float)}; }
+  int64_t segment_elements() const { return block_tokens * num_heads * head_dim; }
+  int64_t element_bytes() const { return DTypeBytes(dtype); }
+  int64_t segment_bytes() const { return segment_elements() * element_bytes(); }
   int64_t block_bytes() const { return num_segments * segment_bytes(); }
   bool valid() const {
-    return num_segments > 0 && block_tokens > 0 && num_heads > 0 && head_dim > 0;
+    return num_segments > 0 && block_tokens > 0 && num_heads > 0 && head_dim > 0 &&
+           (dtype == DType::kF32 || dtype == DType::kF16 || dtype == DType::kBF16);
   }
 };
 

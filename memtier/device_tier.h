@@ -5,11 +5,14 @@
 // into the segments, Read gathers them. The engine computes most blocks in place rather than
 // writing them here; Bind names such a block so that Read can check the key it is asked for.
 //
-// Memory: the segment arrays belong to the caller (the engine's KV cache), or to the tier when the
-// config names none: host memory, or GPU memory with `gpu_memory` (a CUDA build with a device).
-// Copies are memcpy for host memory and cudaMemcpy for GPU memory, complete when Write/Read return
-// (callbacks still wait for Poll, per the BlockTier contract). A GPU engine will want them
-// asynchronous on a copy stream, with the block's ready event; that comes with the CUDA engine.
+// Memory: the segment arrays belong to the caller (the engine's KV cache, on the host or a GPU),
+// or to the tier when the config names none: host memory, or GPU memory with `gpu_memory` (a CUDA
+// build with a device). Host copies are memcpy. GPU copies gather a block's segments into one
+// packed device buffer (kv_block_copy) and move it with one copy, or the reverse, on the tier's
+// own stream; they are complete when Write/Read return (callbacks still wait for Poll, per the
+// BlockTier contract). The caller orders them after the compute that wrote a block and before the
+// compute that reads it: the GPU engine's steps end synchronized, and tier copies run between
+// them.
 //
 // Thread contract: the engine's step thread owns it, like the cache it views.
 #ifndef STRATA_MEMTIER_DEVICE_TIER_H_
@@ -29,14 +32,13 @@ namespace strata {
 struct DeviceTierConfig {
   KvBlockLayout layout;
   int64_t num_slots = 0;
-  // Per segment, the base of its [num_slots, block_tokens, num_heads, head_dim] f32 array (host or
-  // GPU memory); empty: the tier allocates its own (zeroed).
-  std::vector<float*> segments;
+  // Per segment, the base of its [num_slots, block_tokens, num_heads, head_dim] array of
+  // layout.dtype, all in host memory or all in the current GPU's memory; empty: the tier
+  // allocates its own (zeroed).
+  std::vector<void*> segments;
   // When the tier allocates: in GPU memory (UNAVAILABLE without a CUDA device) instead of host.
   bool gpu_memory = false;
 };
-
-class DeviceBuffer;
 
 class DeviceTier final : public ImmediateTier {
  public:
@@ -55,13 +57,15 @@ class DeviceTier final : public ImmediateTier {
   void Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done done) override;
 
  private:
+  struct Gpu;  // the GPU path's stream and buffers (device_tier.cc)
+
   explicit DeviceTier(DeviceTierConfig config);
-  absl::Status Copy(void* dst, const void* src, size_t bytes) const;
+  // Moves one block between `slot` of the segments and a packed host payload.
+  absl::Status Copy(int64_t slot, bool gather, uint8_t* packed);
 
   DeviceTierConfig config_;
-  std::vector<float> owned_;
-  std::unique_ptr<DeviceBuffer> gpu_owned_;
-  bool on_gpu_ = false;
+  std::vector<uint8_t> owned_;
+  std::unique_ptr<Gpu> gpu_;
   std::vector<std::optional<BlockKey>> keys_;
 };
 

@@ -1,13 +1,15 @@
 // KvCodec: how the host and disk tiers store a block's payload, raw or quantized.
 //
-// A raw payload is KvBlockLayout's f32 segments. Quantized, each segment stores one f32 scale per
-// head, then every element as one byte: INT8 (x / scale rounded, scale = max|x| / 127 over the
-// head's block_tokens x head_dim values) or FP8 E4M3 (x / scale, scale = max|x| / 448). Encoded:
+// A raw payload is KvBlockLayout's segments in the layout's element type (f32, f16 or bf16).
+// Quantized, each segment stores one f32 scale per head, then every element as one byte: INT8
+// (x / scale rounded, scale = max|x| / 127 over the head's block_tokens x head_dim values) or FP8
+// E4M3 (x / scale, scale = max|x| / 448). Encoded:
 //   [num_segments, num_heads] f32 scales, then [num_segments, block_tokens, num_heads, head_dim]
 //   u8.
-// That is a quarter of the f32 bytes plus the scales (half of a bf16 cache, which is what a GPU
-// worker keeps). Decoding an encoded block is exact for kNone; quantized values come back within
-// half a quantization step of the original (scale / 2 for INT8; 2^-4 relative for FP8's normals).
+// That is a quarter of the f32 bytes or half of the f16/bf16 bytes, plus the scales. Decoding an
+// encoded block is exact for kNone; quantized values come back within half a quantization step of
+// the original (scale / 2 for INT8; 2^-4 relative for FP8's normals), then rounded to the element
+// type.
 //
 // The codec is pure computation on host memory; thread-compatible (const methods only).
 #ifndef STRATA_MEMTIER_KV_CODEC_H_

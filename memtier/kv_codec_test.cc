@@ -12,6 +12,8 @@ namespace strata {
 namespace {
 
 constexpr KvBlockLayout kLayout{2, 16, 4, 32};
+// KvCodec(kLayout, kNone).payload_layout() as computed before layouts named an element type.
+constexpr uint32_t kF32LayoutIdBeforeDTypes = 0x001557b9;
 
 std::vector<float> Random(uint32_t seed) {
   std::mt19937 rng(seed);
@@ -97,6 +99,70 @@ TEST(KvCodecTest, LayoutIdsDifferByEncodingAndShape) {
   EXPECT_TRUE(ParseKvCompression("fp8", &parsed));
   EXPECT_EQ(parsed, KvCompression::kFp8E4M3);
   EXPECT_FALSE(ParseKvCompression("fp4", &parsed));
+}
+
+TEST(KvCodecTest, LayoutIdsDifferByElementTypeAndF32KeepsItsOldId) {
+  KvBlockLayout bf16 = kLayout, f16 = kLayout;
+  bf16.dtype = DType::kBF16;
+  f16.dtype = DType::kF16;
+  const uint32_t a = KvCodec(kLayout, KvCompression::kNone).payload_layout();
+  const uint32_t b = KvCodec(bf16, KvCompression::kNone).payload_layout();
+  const uint32_t c = KvCodec(f16, KvCompression::kNone).payload_layout();
+  EXPECT_NE(a, b);
+  EXPECT_NE(a, c);
+  EXPECT_NE(b, c);
+  // Disk files written before layouts had an element type stay readable: an f32 layout's id is
+  // the one its shape alone gave then.
+  EXPECT_EQ(a, kF32LayoutIdBeforeDTypes);
+}
+
+// A GPU engine's blocks: f16 or bf16 elements. Raw stays exact; quantized values come back within
+// the quantization bound plus half an ulp of the element type.
+TEST(KvCodecTest, SixteenBitElementsRoundTrip) {
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    SCOPED_TRACE(DTypeName(dt));
+    KvBlockLayout layout = kLayout;
+    layout.dtype = dt;
+    const std::vector<float> x = Random(4);
+    std::vector<uint8_t> raw(layout.block_bytes());
+    ASSERT_EQ(raw.size(), x.size() * 2);
+    std::vector<float> xr(x.size());  // x as the element type holds it
+    for (size_t i = 0; i < x.size(); ++i) {
+      const uint16_t h = dt == DType::kBF16 ? FloatToBf16(x[i]) : FloatToF16(x[i]);
+      std::memcpy(raw.data() + 2 * i, &h, 2);
+      xr[i] = dt == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
+    }
+    const float rel_ulp = dt == DType::kBF16 ? std::ldexp(1.0f, -8) : std::ldexp(1.0f, -11);
+    for (KvCompression c : {KvCompression::kNone, KvCompression::kInt8, KvCompression::kFp8E4M3}) {
+      SCOPED_TRACE(KvCompressionName(c));
+      KvCodec codec(layout, c);
+      EXPECT_EQ(codec.raw_bytes(), static_cast<int64_t>(raw.size()));
+      if (c != KvCompression::kNone) {
+        EXPECT_EQ(codec.encoded_bytes(),
+                  layout.block_bytes() / 2 + layout.num_segments * layout.num_heads * 4);
+      }
+      std::vector<uint8_t> enc(codec.encoded_bytes(), 0xEE);
+      codec.Encode(raw, absl::MakeSpan(enc));
+      std::vector<uint8_t> back(raw.size(), 0xFF);
+      codec.Decode(enc, absl::MakeSpan(back));
+      if (c == KvCompression::kNone) {
+        EXPECT_EQ(back, raw);
+        continue;
+      }
+      for (size_t i = 0; i < x.size(); ++i) {
+        uint16_t h;
+        std::memcpy(&h, back.data() + 2 * i, 2);
+        const float y = dt == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
+        const float scale = HeadMax(xr, i) / (c == KvCompression::kInt8 ? 127.0f : kF8E4M3Max);
+        const float quant = c == KvCompression::kInt8
+                                ? scale * 0.5f
+                                : std::max(std::fabs(xr[i]) / 16.0f, scale * std::ldexp(1.0f, -10));
+        // f16's subnormals (below 2^-14) are spaced 2^-24 apart.
+        const float tol = (quant + std::fabs(y) * rel_ulp) * 1.0001f + std::ldexp(1.0f, -24);
+        ASSERT_LE(std::fabs(xr[i] - y), tol) << i;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/dtype.h"
 #include "memtier/block_tier.h"
 #include "memtier/device_tier.h"
 #include "memtier/disk_tier.h"
@@ -25,6 +26,7 @@ constexpr int64_t kSlots = 16;
 
 struct TierCase {
   std::string name;
+  KvBlockLayout layout;
   KvCompression compression;
   // Opens the tier; `dir` is the same for every call of one test (reopening finds the same file).
   std::function<absl::StatusOr<std::unique_ptr<BlockTier>>(const std::string& dir)> open;
@@ -34,47 +36,74 @@ void PrintTo(const TierCase& c, std::ostream* os) { *os << c.name; }
 
 std::vector<TierCase> Cases() {
   std::vector<TierCase> cases;
-  cases.push_back({"device", KvCompression::kNone, [](const std::string&) {
-                     DeviceTierConfig c;
-                     c.layout = kLayout;
-                     c.num_slots = kSlots;
-                     return absl::StatusOr<std::unique_ptr<BlockTier>>(DeviceTier::Create(c));
-                   }});
-  // GPU memory: skipped where there is no CUDA device (see SetUp).
-  cases.push_back({"device_gpu", KvCompression::kNone, [](const std::string&) {
-                     DeviceTierConfig c;
-                     c.layout = kLayout;
-                     c.num_slots = kSlots;
-                     c.gpu_memory = true;
-                     return absl::StatusOr<std::unique_ptr<BlockTier>>(DeviceTier::Create(c));
-                   }});
-  for (KvCompression comp : {KvCompression::kNone, KvCompression::kInt8, KvCompression::kFp8E4M3}) {
-    const std::string suffix(KvCompressionName(comp));
-    cases.push_back({"host_" + suffix, comp, [comp](const std::string&) {
-                       HostTierConfig c;
-                       c.codec = KvCodec(kLayout, comp);
+  // f32 blocks (the CPU engine's) and bf16 blocks (a GPU engine's).
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    KvBlockLayout layout = kLayout;
+    layout.dtype = dtype;
+    const std::string prefix = dtype == DType::kF32 ? "" : "bf16_";
+    cases.push_back({prefix + "device", layout, KvCompression::kNone, [layout](const std::string&) {
+                       DeviceTierConfig c;
+                       c.layout = layout;
                        c.num_slots = kSlots;
-                       return absl::StatusOr<std::unique_ptr<BlockTier>>(HostTier::Create(c));
+                       return absl::StatusOr<std::unique_ptr<BlockTier>>(DeviceTier::Create(c));
                      }});
-    cases.push_back({"disk_" + suffix, comp, [comp](const std::string& dir) {
-                       DiskTierConfig c;
-                       c.path = dir + "/slots";
-                       c.codec = KvCodec(kLayout, comp);
-                       c.num_slots = kSlots;
-                       c.queue_depth = 4;
-                       return absl::StatusOr<std::unique_ptr<BlockTier>>(DiskTier::Open(c));
-                     }});
+    // GPU memory: skipped where there is no CUDA device (see SetUp).
+    cases.push_back(
+        {prefix + "device_gpu", layout, KvCompression::kNone, [layout](const std::string&) {
+           DeviceTierConfig c;
+           c.layout = layout;
+           c.num_slots = kSlots;
+           c.gpu_memory = true;
+           return absl::StatusOr<std::unique_ptr<BlockTier>>(DeviceTier::Create(c));
+         }});
+    for (KvCompression comp :
+         {KvCompression::kNone, KvCompression::kInt8, KvCompression::kFp8E4M3}) {
+      const std::string suffix(KvCompressionName(comp));
+      cases.push_back({prefix + "host_" + suffix, layout, comp, [layout, comp](const std::string&) {
+                         HostTierConfig c;
+                         c.codec = KvCodec(layout, comp);
+                         c.num_slots = kSlots;
+                         return absl::StatusOr<std::unique_ptr<BlockTier>>(HostTier::Create(c));
+                       }});
+      cases.push_back(
+          {prefix + "disk_" + suffix, layout, comp, [layout, comp](const std::string& dir) {
+             DiskTierConfig c;
+             c.path = dir + "/slots";
+             c.codec = KvCodec(layout, comp);
+             c.num_slots = kSlots;
+             c.queue_depth = 4;
+             return absl::StatusOr<std::unique_ptr<BlockTier>>(DiskTier::Open(c));
+           }});
+    }
   }
   return cases;
 }
 
-std::vector<uint8_t> RandomBlock(uint32_t seed) {
+// Element i of a raw block, as a float.
+float ElementOf(const KvBlockLayout& layout, const std::vector<uint8_t>& block, size_t i) {
+  if (layout.dtype == DType::kF32) {
+    float f;
+    std::memcpy(&f, block.data() + 4 * i, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, block.data() + 2 * i, 2);
+  return Bf16ToFloat(h);
+}
+
+std::vector<uint8_t> RandomBlock(const KvBlockLayout& layout, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist(0.0f, 2.0f);
-  std::vector<float> f(kLayout.block_bytes() / sizeof(float));
-  for (float& x : f) x = dist(rng);
-  std::vector<uint8_t> out(kLayout.block_bytes());
-  std::memcpy(out.data(), f.data(), out.size());
+  std::vector<uint8_t> out(layout.block_bytes());
+  for (int64_t i = 0; i < layout.num_segments * layout.segment_elements(); ++i) {
+    const float x = dist(rng);
+    if (layout.dtype == DType::kF32) {
+      std::memcpy(out.data() + 4 * i, &x, 4);
+    } else {
+      const uint16_t h = FloatToBf16(x);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    }
+  }
   return out;
 }
 
@@ -89,7 +118,8 @@ class TierConformanceTest : public ::testing::TestWithParam<TierCase> {
   void Open() {
     tier_.reset();
     auto t = GetParam().open(dir_);
-    if (GetParam().name == "device_gpu" && absl::IsUnavailable(t.status())) {
+    if (GetParam().name.find("device_gpu") != std::string::npos &&
+        absl::IsUnavailable(t.status())) {
       GTEST_SKIP() << "no CUDA device: " << t.status();
     }
     ASSERT_TRUE(t.ok()) << t.status();
@@ -116,16 +146,20 @@ class TierConformanceTest : public ::testing::TestWithParam<TierCase> {
       EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size()));
       return;
     }
-    const float* a = reinterpret_cast<const float*>(want.data());
-    const float* b = reinterpret_cast<const float*>(got.data());
-    const size_t n = want.size() / sizeof(float);
+    const KvBlockLayout& l = GetParam().layout;
+    const size_t n = static_cast<size_t>(l.num_segments * l.segment_elements());
     float amax = 0;
-    for (size_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(a[i]));
+    for (size_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(ElementOf(l, want, i)));
     int bad = 0;
     for (size_t i = 0; i < n; ++i) {
-      if (std::fabs(a[i] - b[i]) > 0.07f * std::fabs(a[i]) + 0.005f * amax) ++bad;
+      const float a = ElementOf(l, want, i), b = ElementOf(l, got, i);
+      if (std::fabs(a - b) > 0.07f * std::fabs(a) + 0.005f * amax) ++bad;
     }
     EXPECT_EQ(bad, 0);
+  }
+
+  std::vector<uint8_t> RandomBlock(int64_t seed) const {
+    return ::strata::RandomBlock(GetParam().layout, static_cast<uint32_t>(seed));
   }
 
   std::string dir_;
@@ -219,11 +253,12 @@ TEST_P(TierConformanceTest, BadSlotsAndSizesAreInvalidArgument) {
 
 TEST_P(TierConformanceTest, SizesAreConsistent) {
   EXPECT_EQ(tier_->num_slots(), kSlots);
-  EXPECT_EQ(tier_->payload_bytes(), kLayout.block_bytes());
-  EXPECT_GE(tier_->slot_bytes(), KvCodec(kLayout, GetParam().compression).encoded_bytes());
+  EXPECT_EQ(tier_->payload_bytes(), GetParam().layout.block_bytes());
+  EXPECT_GE(tier_->slot_bytes(),
+            KvCodec(GetParam().layout, GetParam().compression).encoded_bytes());
   if (GetParam().compression != KvCompression::kNone) {
     // Quantized slots take at most half the raw bytes plus the header's page.
-    EXPECT_LE(tier_->slot_bytes(), kLayout.block_bytes() / 2 + 4096);
+    EXPECT_LE(tier_->slot_bytes(), GetParam().layout.block_bytes() / 2 + 4096);
   }
 }
 

@@ -46,7 +46,10 @@ while read -r name kind label; do
   else
     args=(--gtest_output="xml:$results/$name.xml")
   fi
-  LD_LIBRARY_PATH="$libpath" timeout "${STRATA_GPU_TIMEOUT:-300}" "${launcher[@]}" "$here/bin/$name" \
+  # Test files (the disk tier's O_DIRECT file among them) go under the bundle, on the machine's disk
+  # rather than a /tmp that may be tmpfs.
+  rm -rf "$here/tmp/$name" && mkdir -p "$here/tmp/$name"
+  TEST_TMPDIR="$here/tmp/$name" LD_LIBRARY_PATH="$libpath" timeout "${STRATA_GPU_TIMEOUT:-300}" "${launcher[@]}" "$here/bin/$name" \
     "${args[@]}" >"$results/$name.log" 2>&1
   rc=$?
   elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))

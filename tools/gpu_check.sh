@@ -29,12 +29,14 @@ cluster_check() {
     for l in "$d"/nvidia/*/lib; do [ -d "$l" ] && libpath="$libpath:$l"; done
   done
   export LD_LIBRARY_PATH="$libpath"
+  mkdir -p "$PWD/gpu-bundle/tmp"
   local cport=50951 wport=50961 prompt='def fibonacci(n):'
   "$b/coordinator.strata-coordinator" --model="strata-tiny=$model" --workers="127.0.0.1:$wport" \
     --listen="127.0.0.1:$cport" >"$results/cluster-coordinator.log" 2>&1 &
   local cpid=$!
   "$b/worker.server.strata-worker" --model="$model" --model_name=strata-tiny \
     --listen="127.0.0.1:$wport" --device="$device" --gpu_dtype=f32 --kv_cache_mb=64 --threads=2 \
+    --host_cache_mb=16 --disk_cache_mb=32 --disk_cache_path="$PWD/gpu-bundle/tmp/cluster-kv" --write_through \
     >"$results/cluster-worker.log" 2>&1 &
   local wpid=$!
   local ready=0
@@ -44,19 +46,24 @@ cluster_check() {
     kill -0 "$wpid" 2>/dev/null || break
     sleep 0.1
   done
-  local got="" want="" verdict=FAIL
+  local got="" again="" want="" verdict=FAIL
   if [ $ready = 1 ]; then
+    # Twice: the worker keeps the first request's blocks in its host and disk tiers (copied out
+    # of the GPU cache) and the second reuses its prefix.
     got=$("$b/cli.stratactl" generate --coordinator "127.0.0.1:$cport" --prompt "$prompt" \
+      --max-tokens 32 --temperature 0 --ignore-eos 2>&1)
+    again=$("$b/cli.stratactl" generate --coordinator "127.0.0.1:$cport" --prompt "$prompt" \
       --max-tokens 32 --temperature 0 --ignore-eos 2>&1)
     want=$("$b/cli.stratactl" run --model "$model" --prompt "$prompt" --max-tokens 32 \
       --temperature 0 --ignore-eos --threads 4 2>&1)
-    [ -n "$got" ] && [ "$got" = "$want" ] && verdict=PASS
+    [ -n "$got" ] && [ "$got" = "$want" ] && [ "$again" = "$want" ] && verdict=PASS
   fi
   kill "$wpid" "$cpid" 2>/dev/null
   wait "$wpid" "$cpid" 2>/dev/null
   {
     echo "cluster ($device worker over gRPC vs stratactl run on the CPU): $verdict"
     echo "--- served:"; echo "$got"
+    echo "--- served again:"; echo "$again"
     echo "--- local CPU engine:"; echo "$want"
   } >"$results/cluster.txt"
 }

@@ -48,7 +48,16 @@ absl::Status UnregisterPinnedHostMemory(void* ptr) {
 }
 
 absl::Status CopyMemory(void* dst, const void* src, size_t bytes) {
-  return CudaStatus(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
+  // From pageable memory cudaMemcpy may return before the data lands: wait for it.
+  if (absl::Status s = CudaStatus(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
+      !s.ok()) {
+    return s;
+  }
+  return CudaStatus(cudaStreamSynchronize(nullptr), "cudaMemcpy");
+}
+
+absl::Status CopyMemoryAsync(void* dst, const void* src, size_t bytes, CudaStreamHandle stream) {
+  return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream), "cudaMemcpyAsync");
 }
 
 bool IsDeviceMemory(const void* ptr) {

@@ -31,8 +31,10 @@ absl::Status RegisterPinnedHostMemory(void* ptr, size_t bytes);
 absl::Status UnregisterPinnedHostMemory(void* ptr);
 
 // Copies `bytes` between any two of host and device memory (cudaMemcpyDefault, unified addressing),
-// synchronously.
+// complete on return (so work on any stream sees the result).
 absl::Status CopyMemory(void* dst, const void* src, size_t bytes);
+// Enqueues the same copy on `stream`; pinned host memory makes it asynchronous DMA.
+absl::Status CopyMemoryAsync(void* dst, const void* src, size_t bytes, CudaStreamHandle stream);
 
 // True when `ptr` is device (or managed) memory of the current device.
 bool IsDeviceMemory(const void* ptr);

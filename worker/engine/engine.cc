@@ -38,15 +38,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
   }
   std::unique_ptr<Engine> engine(new Engine(weights, comm, std::move(config), num_blocks));
   if (on_gpu) {
-    const EngineConfig& c = engine->config_;
-    if (c.tiers.host_bytes != 0 || c.tiers.disk_bytes != 0) {
-      return absl::InvalidArgumentError(
-          "engine: host and disk KV tiers are not wired to the GPU's KV cache yet");
-    }
     if (comm->world_size() != 1) {
       return absl::InvalidArgumentError("engine: the GPU runner serves one rank only for now");
     }
 #ifdef STRATA_HAVE_CUDA
+    const EngineConfig& c = engine->config_;
     GpuRunnerOptions o;
     o.num_blocks = num_blocks;
     o.block_tokens = c.block_tokens;
@@ -78,9 +74,16 @@ absl::Status Engine::OpenTiers() {
   dc.layout = KvBlockLayout{2 * w.config.num_layers, config_.block_tokens, w.num_kv_heads,
                             w.config.head_dim};
   dc.num_slots = blocks_.num_blocks();
-  for (int64_t l = 0; l < w.config.num_layers; ++l) {
-    dc.segments.push_back(kv_->layers().k[l]);
-    dc.segments.push_back(kv_->layers().v[l]);
+  if (gpu_ != nullptr) {
+    // The GPU cache in its activation type; tier copies run between steps, which end
+    // synchronized (GpuModelRunner::KvSegments).
+    dc.layout.dtype = config_.gpu_dtype;
+    dc.segments = gpu_->KvSegments();
+  } else {
+    for (int64_t l = 0; l < w.config.num_layers; ++l) {
+      dc.segments.push_back(kv_->layers().k[l]);
+      dc.segments.push_back(kv_->layers().v[l]);
+    }
   }
   const KvBlockLayout layout = dc.layout;
   ASSIGN_OR_RETURN(device_tier_, DeviceTier::Create(std::move(dc)));

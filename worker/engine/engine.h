@@ -71,8 +71,9 @@ struct EngineConfig {
   // Longest a request waits for its blocks to load from disk before computing them instead.
   absl::Duration max_io_wait = absl::Milliseconds(500);
   // Where the model runs: "cpu" (f32, ModelRunner) or "gpu" (GpuModelRunner on the current CUDA
-  // device, weights, activations and KV cache in gpu_dtype; one rank only, no host or disk tiers
-  // yet). Sampling stays on the host either way, so both draw tokens the same way.
+  // device, weights, activations and KV cache in gpu_dtype; one rank only). Host and disk tiers
+  // work under either. Both draw the same tokens (seeded sampling runs on the GPU when no row
+  // needs log-probabilities, GpuModelRunner::ForwardSample).
   std::string device = "cpu";
   DType gpu_dtype = DType::kBF16;
 };

@@ -3,14 +3,18 @@
 // requests, with chunked prefill, produces the same tokens with f32 activations; with bf16 it runs
 // and agrees on nearly all of them (rounding can flip a near tie, so only the rate is bounded).
 // Seeded sampling with penalties, truncation and banned tokens (on the GPU, through
-// GpuModelRunner::ForwardSample) draws the CPU engine's tokens too.
+// GpuModelRunner::ForwardSample) draws the CPU engine's tokens too, and host and disk tiers under
+// the GPU cache bring evicted prefixes back.
 // Needs a GPU: tagged "gpu"; skipped where there is none.
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "memtier/kv_codec.h"
+#include "tests/test_dir.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 
@@ -119,6 +123,106 @@ TEST_P(EngineGpuTest, SampledTokensEqualTheCpuEngine) {
   const auto gpu = Generate("gpu", DType::kF32, /*sampled=*/true);
   ASSERT_EQ(cpu.size(), 8u);
   EXPECT_EQ(gpu, cpu);
+}
+
+// Host and disk tiers under the GPU's KV cache: a prefix evicted from the device cache comes back
+// from host memory or disk (through the device tier's packed GPU copies) and the greedy tokens are
+// the ones computed without tiers; on the CPU engine in f32, and on the GPU's own untiered run in
+// bf16. Quantized tiers (INT8 here) decode into the bf16 cache and keep the first token.
+TEST_P(EngineGpuTest, EvictedPrefixesComeBackFromHostAndDiskWithTheSameTokens) {
+  const std::string dir = FreshTestDir();
+  std::mt19937 rng(7);
+  const int64_t vocab = weights_->config.vocab_size;
+  auto prompt = [&] {
+    std::vector<int32_t> p(100);
+    for (int32_t& t : p) t = static_cast<int32_t>(3 + rng() % (vocab - 3));
+    return p;
+  };
+  const std::vector<int32_t> a = prompt(), b = prompt(), c = prompt();
+  RequestOptions o;
+  o.sampling.temperature = 0;
+  o.max_tokens = 4;
+  o.ignore_eos = true;
+  auto make = [&](const std::string& device, DType dtype, int64_t host_blocks, int64_t disk_blocks,
+                  KvCompression comp) {
+    EngineConfig ec;
+    ec.device = device;
+    ec.gpu_dtype = dtype;
+    ec.num_kv_blocks = 16;
+    ec.compute_threads = 2;
+    int64_t slot_bytes = 0;  // a raw block and its slot header, in whole pages
+    {
+      auto probe = Engine::Create(weights_.get(), &comm_, ec);
+      EXPECT_TRUE(probe.ok()) << probe.status();
+      if (!probe.ok()) return std::unique_ptr<Engine>();
+      slot_bytes = ((*probe)->kv_block_bytes() + 64 + 4095) / 4096 * 4096;
+    }
+    ec.tiers.host_bytes = host_blocks * slot_bytes;
+    ec.tiers.disk_bytes = disk_blocks * slot_bytes;
+    ec.tiers.disk_path = dir + "/kv_" + device + "_" + std::string(DTypeName(dtype)) + "_" +
+                         std::string(KvCompressionName(comp));
+    ec.tiers.disk_queue_depth = 4;
+    ec.tiers.compression = comp;
+    auto e = Engine::Create(weights_.get(), &comm_, ec);
+    EXPECT_TRUE(e.ok()) << e.status();
+    return e.ok() ? *std::move(e) : nullptr;
+  };
+  auto run = [&](Engine& e, const std::string& id, const std::vector<int32_t>& p,
+                 RequestOutput* last) {
+    EXPECT_TRUE(e.AddRequest(id, p, o).ok());
+    std::vector<int32_t> tokens;
+    for (int steps = 0; e.HasWork() && steps < 100000; ++steps) {
+      if (e.WaitingForIo()) absl::SleepFor(absl::Microseconds(200));
+      auto step = e.Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      for (const RequestOutput& out : *step) {
+        for (const SampledToken& t : out.tokens) tokens.push_back(t.token);
+        *last = out;  // every output carries the cache counts
+      }
+    }
+    return tokens;
+  };
+  auto cached = [](const RequestOutput& out, Tier t) {
+    return out.num_cached_prompt_tokens_by_tier[static_cast<int>(t)];
+  };
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    RequestOutput out;
+    // The untiered reference: the CPU engine for f32, the GPU engine itself for bf16.
+    std::unique_ptr<Engine> ref =
+        make(dtype == DType::kF32 ? "cpu" : "gpu", dtype, 0, 0, KvCompression::kNone);
+    ASSERT_NE(ref, nullptr);
+    const std::vector<int32_t> want = run(*ref, "ref", a, &out);
+    ref.reset();
+    std::unique_ptr<Engine> e =
+        make("gpu", dtype, /*host_blocks=*/8, /*disk_blocks=*/64, KvCompression::kNone);
+    ASSERT_NE(e, nullptr);
+    EXPECT_EQ(run(*e, "a1", a, &out), want);
+    // b and c push a's six full blocks out of the 16-block device cache and the 8-block host tier.
+    run(*e, "b", b, &out);
+    run(*e, "c", c, &out);
+    run(*e, "b2", b, &out);
+    EXPECT_EQ(run(*e, "a2", a, &out), want);
+    EXPECT_EQ(out.num_cached_prompt_tokens, 96);  // (100 - 1) / 16 full blocks
+    EXPECT_GT(cached(out, Tier::kHost) + cached(out, Tier::kDisk), 0);
+    const KvStoreStats st = e->Stats().tiers;
+    EXPECT_GT(st.write_backs, 0);
+    EXPECT_EQ(st.corrupt_blocks, 0);
+    EXPECT_EQ(st.io_errors, 0);
+  }
+  // INT8 host tier under a bf16 cache.
+  std::unique_ptr<Engine> e = make("gpu", DType::kBF16, 16, 0, KvCompression::kInt8);
+  ASSERT_NE(e, nullptr);
+  RequestOutput out;
+  const std::vector<int32_t> want = run(*e, "a1", a, &out);
+  run(*e, "b", b, &out);
+  run(*e, "c", c, &out);
+  const std::vector<int32_t> got = run(*e, "a2", a, &out);
+  EXPECT_GT(cached(out, Tier::kHost), 0);
+  ASSERT_FALSE(got.empty());
+  ASSERT_FALSE(want.empty());
+  EXPECT_EQ(got[0], want[0]);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, EngineGpuTest,

@@ -715,6 +715,14 @@ absl::StatusOr<std::unique_ptr<GpuModelRunner>> GpuModelRunner::CreateRandom(
 
 const ModelConfig& GpuModelRunner::config() const { return impl_->c; }
 GpuRunnerMemory GpuModelRunner::memory() const { return impl_->mem; }
+std::vector<void*> GpuModelRunner::KvSegments() const {
+  std::vector<void*> out;
+  for (size_t l = 0; l < impl_->kc.size(); ++l) {
+    out.push_back(impl_->kc[l]);
+    out.push_back(impl_->vc[l]);
+  }
+  return out;
+}
 double GpuModelRunner::last_step_device_ms() const { return impl_->last_step_ms; }
 int64_t GpuModelRunner::graphs_captured() const {
   return static_cast<int64_t>(impl_->graphs.size());
@@ -881,6 +889,7 @@ const ModelConfig& GpuModelRunner::config() const {
   return none;
 }
 GpuRunnerMemory GpuModelRunner::memory() const { return {}; }
+std::vector<void*> GpuModelRunner::KvSegments() const { return {}; }
 double GpuModelRunner::last_step_device_ms() const { return 0; }
 int64_t GpuModelRunner::graphs_captured() const { return 0; }
 

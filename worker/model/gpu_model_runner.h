@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -88,6 +89,12 @@ class GpuModelRunner {
   };
   absl::Status ForwardSample(const ForwardBatch& batch, const Sampling& sampling,
                              absl::Span<int32_t> tokens, absl::Span<float> logprobs);
+
+  // The paged KV cache, for tier copies: 2 x num_layers device arrays, K then V of each layer, each
+  // [num_blocks, block_tokens, num_kv_heads, head_dim] in the activation type. Every step's
+  // writes to them are complete when its Forward call returns, and a step reads them only after
+  // it is called, so host-ordered copies between steps need no further synchronization.
+  std::vector<void*> KvSegments() const;
 
   const ModelConfig& config() const;
   GpuRunnerMemory memory() const;
