@@ -311,7 +311,8 @@ int Main() {
                  inv = buf(4 * D), kcache = buf(eb * blocks * bt * c.kv_dim()),
                  vcache = buf(eb * blocks * bt * c.kv_dim()), meta = buf(4 * 4 * max_b),
                  tables = buf(4 * max_b * (max_ctx / bt)), slots = buf(8 * max_b),
-                 ws = buf(4 * int64_t{64} << 20);
+                 ws = buf(4 * int64_t{64} << 20), counters = buf(4 * max_b * nkv);
+    CHECK_OK(counters.Fill(0));
     gpu::LaunchRandomNormal(resid.data(), gpu::ActType::kF32, max_b * H, 0, 1, 5, st);
     gpu::LaunchRandomNormal(qkv.data(), act, max_b * qkv_w, 0, 1, 6, st);
     gpu::LaunchRandomNormal(gu.data(), act, max_b * 2 * I, 0, 1, 7, st);
@@ -357,12 +358,18 @@ int Main() {
         pa.act = act;
         pa.num_tiles = b;
         pa.workspace = ws.as<float>();
-        for (int64_t plan_keys : {ctx, max_ctx}) {  // partitions for this context, or for capacity
+        // Partitions for this context or for capacity, with the tiled or the decode kernel.
+        for (const auto& [plan_keys, decode_kernel] :
+             {std::pair{ctx, false}, std::pair{max_ctx, false}, std::pair{ctx, true},
+              std::pair{max_ctx, true}}) {
+          pa.decode_kernel = decode_kernel;
+          pa.counters = counters.as<uint32_t>();
           ChooseAttentionPartitions(plan_keys, prop.multiProcessorCount, &pa);
           const double us =
               GraphTimeUs(st, 50, [&] { CHECK_OK(PagedAttentionCuda(pa, Handle(st))); });
           const std::string key =
-              absl::StrCat("attn_b", b, "_ctx", ctx, plan_keys == ctx ? "" : "_capacity_plan");
+              absl::StrCat("attn_b", b, "_ctx", ctx, plan_keys == ctx ? "" : "_capacity_plan",
+                           pa.decode_kernel ? "_decode_kernel" : "");
           json.Add(key + "_us", us);
           json.Add(key + "_partitions", static_cast<double>(pa.num_partitions));
           json.Add(key + "_gb_per_s", 2.0 * b * ctx * c.kv_dim() * eb / (us * 1e3));
@@ -486,19 +493,22 @@ int Main() {
   // so that they fit).
   struct DecodeRun {
     int64_t batch;
-    bool graphs, cublas;
+    bool graphs, cublas, decode_attn;
   };
   std::vector<DecodeRun> runs;
-  for (int64_t bs : batches) runs.push_back({bs, true, false});
-  runs.push_back({1, true, true});  // projections through cuBLASLt
-  runs.push_back({1, false, false});
+  for (int64_t bs : batches) runs.push_back({bs, true, false, false});
+  runs.push_back({1, true, true, false});  // projections through cuBLASLt
+  runs.push_back({1, false, false, false});
+  // The decode attention kernel (GpuRunnerOptions::decode_attention_kernel) at every batch size.
+  for (int64_t bs : batches) runs.push_back({bs, true, false, true});
   std::unique_ptr<GpuModelRunner> other;
   for (const DecodeRun& run : runs) {
     GpuModelRunner* r = runner->get();
-    if (!run.graphs || run.cublas) {
+    if (!run.graphs || run.cublas || run.decode_attn) {
       GpuRunnerOptions oo = o;
       oo.cuda_graphs = run.graphs;
       oo.small_m_gemv = !run.cublas;
+      oo.decode_attention_kernel = run.decode_attn;
       runner->reset();
       other.reset();
       absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
@@ -513,8 +523,9 @@ int Main() {
     Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
     double device_ms = 0;
     const double ms = Decode(r, &b, steps, &device_ms);
-    const std::string key = absl::StrCat("decode_b", run.batch, run.graphs ? "" : "_eager",
-                                         run.cublas ? "_cublas" : "");
+    const std::string key =
+        absl::StrCat("decode_b", run.batch, run.graphs ? "" : "_eager", run.cublas ? "_cublas" : "",
+                     run.decode_attn ? "_decode_attn" : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
     json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);

@@ -143,7 +143,11 @@ rows = [
     ("  ms per step (device)", fmt(g(ours, "decode_b1_ms_per_step"), "{:.3f}") + " (" + fmt(g(ours, "decode_b1_device_ms_per_step"), "{:.3f}") + ")", fmt(g(tdec, "1", "ms_per_step_median"), "{:.3f}")),
     ("decode b1 tok/s (cuBLASLt)", fmt(g(ours, "decode_b1_cublas_tokens_per_s")), "-"),
     ("decode b1 tok/s (eager)", fmt(g(ours, "decode_b1_eager_tokens_per_s")), "-"),
+    ("decode b1, decode attn kernel", fmt(g(ours, "decode_b1_decode_attn_tokens_per_s")), "-"),
+    ("  fraction of roofline", fmt(g(ours, "decode_b1_decode_attn_fraction_of_roofline"), "{:.3f}"), "-"),
+    ("attn b1 512 keys us", fmt(g(ours, "attn_b1_ctx512_capacity_plan_us")) + " / " + fmt(g(ours, "attn_b1_ctx512_capacity_plan_decode_kernel_us")), "-"),
     ("decode b64 tok/s", fmt(g(ours, "decode_b64_tokens_per_s")), fmt(g(tdec, "64", "tokens_per_s"))),
+    ("decode b64, decode attn", fmt(g(ours, "decode_b64_decode_attn_tokens_per_s")), "-"),
     ("prefill tok/s", fmt(g(ours, "prefill_tokens_per_s")), fmt(g(torch, "prefill", "tokens_per_s"))),
 ]
 print()

@@ -7,6 +7,11 @@
 // softmax per row in the log2 domain; at the end the four warps' states merge in shared memory.
 // With several partitions, each block covers one range of keys and writes its unnormalized state,
 // and a second kernel merges the partitions.
+//
+// Decode steps (one query token per tile, a GQA group of at most 8) may instead take the decode
+// kernel (PagedAttentionArgs::decode_kernel): lanes share each key, query and output slices stay
+// in registers, a lane group loads several keys' rows before using any, and the partitions merge
+// in the kernel itself.
 #include <cstdint>
 
 #include "kernels/cuda/cuda_types.cuh"
@@ -79,6 +84,49 @@ __device__ __forceinline__ const T* KeyRow(const PagedAttentionArgs& a, const T*
   const int64_t block = table[bi];
   if (block < 0 || block >= a.num_blocks) return nullptr;
   return cache + ((block * a.block_tokens + key % a.block_tokens) * a.num_kv_heads + kvh) * D;
+}
+
+// Row r's online-softmax states of the kWarps warps, merged at dim d: returns the unnormalized
+// output and sets *lt to the row's sum of weights and *mx to its largest score (log2 domain).
+template <int R, int D>
+__device__ __forceinline__ float MergeWarps(const float (&m_s)[kWarps][R],
+                                            const float (&l_s)[kWarps][R],
+                                            const float (&acc_s)[kWarps][R][D], int r, int d,
+                                            float* lt, float* mx) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) m = fmaxf(m, m_s[w][r]);
+  float l = 0.0f, o = 0.0f;
+  if (m != -INFINITY) {
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = exp2f(m_s[w][r] - m);
+      l += l_s[w][r] * f;
+      o += acc_s[w][r][d] * f;
+    }
+  }
+  *lt = l;
+  *mx = m;
+  return o;
+}
+
+// Row r's states of `used` partitions, [used, R, D + 2] at `base` (D outputs, then m and l), merged
+// at dim d into the normalized output. Reads through L2 (other blocks wrote them).
+template <int R, int D>
+__device__ __forceinline__ float MergePartitionStates(const float* base, int64_t used, int r,
+                                                      int d) {
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < used; ++p) mx = fmaxf(mx, __ldcg(base + (p * R + r) * (D + 2) + D));
+  float lt = 0.0f, o = 0.0f;
+  if (mx != -INFINITY) {
+    for (int64_t p = 0; p < used; ++p) {
+      const float* e = base + (p * R + r) * (D + 2);
+      const float f = exp2f(__ldcg(e + D) - mx);
+      lt += __ldcg(e + D + 1) * f;
+      o += __ldcg(e + d) * f;
+    }
+  }
+  return lt > 0 ? o / lt : 0.0f;
 }
 
 template <typename T, int D, int R>
@@ -224,18 +272,8 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
   __syncthreads();
   for (int i = threadIdx.x; i < rows * D; i += kThreads) {
     const int r = i / D, d = i % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_s[w][r]);
-    float lt = 0.0f, o = 0.0f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = exp2f(m_s[w][r] - mx);
-        lt += l_s[w][r] * f;
-        o += acc_s[w][r][d] * f;
-      }
-    }
+    float lt, mx;
+    const float o = MergeWarps<R, D>(m_s, l_s, acc_s, r, d, &lt, &mx);
     if (a.num_partitions > 1) {
       // [tile, kvh, part, R, D + 2]: o..., then m and l after the D values.
       float* ws =
@@ -277,21 +315,260 @@ __global__ void __launch_bounds__(kThreads) MergePartitionsKernel(PagedAttention
   const int64_t used = SplitKeys(k_begin, k_end, a).used;
   for (int i = threadIdx.x; i < rows * D; i += kThreads) {
     const int r = i / D, d = i % D;
-    float mx = -INFINITY;
-    for (int64_t p = 0; p < used; ++p) mx = fmaxf(mx, base[(p * R + r) * (D + 2) + D]);
-    float lt = 0.0f, o = 0.0f;
-    if (mx != -INFINITY) {
-      for (int64_t p = 0; p < used; ++p) {
-        const float* e = base + (p * R + r) * (D + 2);
-        const float f = exp2f(e[D] - mx);
-        lt += e[D + 1] * f;
-        o += e[d] * f;
-      }
-    }
     const int64_t t = tile.begin + r / group;
     const int64_t h = kvh * group + r % group;
-    static_cast<T*>(a.out)[t * a.out_stride + h * D + d] = FromF<T>(lt > 0 ? o / lt : 0.0f);
+    static_cast<T*>(a.out)[t * a.out_stride + h * D + d] =
+        FromF<T>(MergePartitionStates<R, D>(base, used, r, d));
   }
+}
+
+// The decode kernel's shape for T and D: each key's row is split over kLpk lanes, kEpl elements
+// (whole 16-byte loads) each, so a warp takes kKpw keys at a time; every lane group loads kUnroll
+// keys' K and V rows before using any.
+template <typename T, int D, int R>
+struct DecodeShape {
+  static constexpr int kVec = kVec16<T>;
+  static constexpr int kLpk = D / kVec < 32 ? D / kVec : 32;
+  static constexpr int kEpl = D / kLpk;
+  static constexpr int kLoads = kEpl / kVec;  // 16-byte loads per lane per row
+  static constexpr int kKpw = 32 / kLpk;
+  static constexpr int kUnroll = R <= 4 && sizeof(T) == 2 ? 8 : 4;
+  static constexpr int kKeysPerRound = kWarps * kKpw * kUnroll;
+};
+
+// Block-table entries a decode block stages in shared memory at a time.
+constexpr int kTableEntries = 256;
+
+// Decode attention: one query token per block row (tiles null), R >= the GQA group. Lane
+// (grp, sub) takes keys grp, grp + kKpw, ... of its warp's rounds and dims [sub * kEpl, +kEpl);
+// every lane group keeps an online softmax per query row over its keys. The lane groups then merge
+// by shuffles, the warps in shared memory, and with several partitions the last partition block
+// of a (token, KV head) to finish merges all of them from the workspace (a counter per pair,
+// reset by that block).
+template <typename T, int D, int R>
+__global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttentionArgs a) {
+  PdlBegin();
+  using S = DecodeShape<T, D, R>;
+  __shared__ int32_t table_s[kTableEntries];
+  __shared__ float m_s[kWarps][R], l_s[kWarps][R];
+  __shared__ float acc_s[kWarps][R][D];
+  __shared__ int last_s;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int grp = lane / S::kLpk, sub = lane % S::kLpk;
+  const int64_t t = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
+  const int group = static_cast<int>(a.num_heads / a.num_kv_heads);  // <= R
+  const int64_t seq = a.token_seq[t];
+  const int64_t pos = a.token_pos[t];
+  const int64_t lo =
+      a.sliding_window > 0 && pos - a.sliding_window + 1 > 0 ? pos - a.sliding_window + 1 : 0;
+  int64_t k_begin = lo, k_end = pos + 1;
+  int64_t used = 1;
+  if (a.num_partitions > 1) {
+    const Split sp = SplitKeys(k_begin, k_end, a);
+    // A token with no keys (a negative position) still gets its zero output from partition 0.
+    used = sp.used > 1 ? sp.used : 1;
+    if (part >= used) return;  // no keys here; the merge counts only the used partitions
+    k_begin += part * sp.keys;
+    k_end = min(k_end, k_begin + sp.keys);
+  }
+  const int32_t* table = a.block_tables + seq * a.max_blocks_per_seq;
+
+  // This lane's slice of the query rows, scaled into the log2 domain; rows past the group are 0.
+  const float qscale = a.scale * kLog2e;
+  float q[R][S::kEpl];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < group) {
+      const T* qrow =
+          static_cast<const T*>(a.q) + t * a.q_stride + (kvh * group + r) * D + sub * S::kEpl;
+#pragma unroll
+      for (int i = 0; i < S::kLoads; ++i) Load16(qrow + i * S::kVec, &q[r][i * S::kVec]);
+#pragma unroll
+      for (int e = 0; e < S::kEpl; ++e) q[r][e] *= qscale;
+    } else {
+#pragma unroll
+      for (int e = 0; e < S::kEpl; ++e) q[r][e] = 0.0f;
+    }
+  }
+
+  float m[R], l[R], acc[R][S::kEpl];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < S::kEpl; ++e) acc[r][e] = 0.0f;
+  }
+
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+  const int64_t bt = a.block_tokens;
+  // Key ranges of at most (kTableEntries - 2) blocks, whose table entries are staged first.
+  const int64_t span = (kTableEntries - 2) * bt;
+  for (int64_t cb = k_begin; cb < k_end; cb += span) {
+    const int64_t ce = min(k_end, cb + span);
+    const int64_t first = cb / bt;
+    const int64_t entries = (ce - 1) / bt - first + 1;
+    __syncthreads();  // the previous range's entries are no longer read
+    for (int64_t i = threadIdx.x; i < entries; i += kThreads) {
+      const int64_t bi = first + i;
+      int32_t block = bi < a.max_blocks_per_seq ? table[bi] : -1;
+      if (block < 0 || block >= a.num_blocks) block = -1;
+      table_s[i] = block;
+    }
+    __syncthreads();
+    for (int64_t r0 = cb + warp * S::kKpw * S::kUnroll; r0 < ce; r0 += S::kKeysPerRound) {
+      uint4 kr[S::kUnroll][S::kLoads], vr[S::kUnroll][S::kLoads];
+      bool ok[S::kUnroll];
+#pragma unroll
+      for (int u = 0; u < S::kUnroll; ++u) {
+        const int64_t key = r0 + u * S::kKpw + grp;
+        const int32_t block = key < ce ? table_s[key / bt - first] : -1;
+        ok[u] = block >= 0;
+        if (ok[u]) {
+          const int64_t off = ((block * bt + key % bt) * a.num_kv_heads + kvh) * D + sub * S::kEpl;
+#pragma unroll
+          for (int i = 0; i < S::kLoads; ++i) {
+            kr[u][i] = *reinterpret_cast<const uint4*>(kc + off + i * S::kVec);
+            vr[u][i] = *reinterpret_cast<const uint4*>(vc + off + i * S::kVec);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < S::kLoads; ++i) kr[u][i] = vr[u][i] = make_uint4(0, 0, 0, 0);
+        }
+      }
+      // Scores of the round's keys (every lane of a group ends with the full dot products).
+      float sc[S::kUnroll][R];
+#pragma unroll
+      for (int u = 0; u < S::kUnroll; ++u) {
+        float kf[S::kEpl];
+#pragma unroll
+        for (int i = 0; i < S::kLoads; ++i) Unpack16<T>(kr[u][i], &kf[i * S::kVec]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float d = 0.0f;
+#pragma unroll
+          for (int e = 0; e < S::kEpl; ++e) d = fmaf(q[r][e], kf[e], d);
+#pragma unroll
+          for (int o = S::kLpk / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+          sc[u][r] = ok[u] ? d : -INFINITY;
+        }
+      }
+      // One rescale per round, then the round's keys' weights.
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float mx = m[r];
+#pragma unroll
+        for (int u = 0; u < S::kUnroll; ++u) mx = fmaxf(mx, sc[u][r]);
+        const float alpha = mx == -INFINITY ? 1.0f : exp2f(m[r] - mx);
+        l[r] *= alpha;
+#pragma unroll
+        for (int e = 0; e < S::kEpl; ++e) acc[r][e] *= alpha;
+        m[r] = mx;
+      }
+#pragma unroll
+      for (int u = 0; u < S::kUnroll; ++u) {
+        float vf[S::kEpl];
+#pragma unroll
+        for (int i = 0; i < S::kLoads; ++i) Unpack16<T>(vr[u][i], &vf[i * S::kVec]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float p = ok[u] ? exp2f(sc[u][r] - m[r]) : 0.0f;
+          l[r] += p;
+#pragma unroll
+          for (int e = 0; e < S::kEpl; ++e) acc[r][e] = fmaf(p, vf[e], acc[r][e]);
+        }
+      }
+    }
+  }
+
+  // Lane groups of a warp hold the same dims for different keys: merge them by shuffles.
+#pragma unroll
+  for (int o = S::kLpk; o < 32; o <<= 1) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[r], o);
+      const float lo_other = __shfl_xor_sync(0xffffffffu, l[r], o);
+      const float mx = fmaxf(m[r], mo);
+      const float fa = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - mx);
+      const float fb = mo == -INFINITY ? 0.0f : exp2f(mo - mx);
+      l[r] = l[r] * fa + lo_other * fb;
+#pragma unroll
+      for (int e = 0; e < S::kEpl; ++e) {
+        acc[r][e] = acc[r][e] * fa + __shfl_xor_sync(0xffffffffu, acc[r][e], o) * fb;
+      }
+      m[r] = mx;
+    }
+  }
+  if (grp == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (sub == 0) {
+        m_s[warp][r] = m[r];
+        l_s[warp][r] = l[r];
+      }
+#pragma unroll
+      for (int e = 0; e < S::kEpl; ++e) acc_s[warp][r][sub * S::kEpl + e] = acc[r][e];
+    }
+  }
+  __syncthreads();
+
+  // The warps merged: the output (one partition) or this partition's unnormalized state,
+  // [token, kvh, part, R, D + 2] as the tiled kernel writes it.
+  float* const ws_pair = a.workspace + (t * a.num_kv_heads + kvh) * a.num_partitions * R * (D + 2);
+  for (int i = threadIdx.x; i < group * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float lt, mx;
+    const float o = MergeWarps<R, D>(m_s, l_s, acc_s, r, d, &lt, &mx);
+    if (used > 1) {
+      float* ws = ws_pair + (part * R + r) * (D + 2);
+      ws[d] = o;
+      if (d == 0) {
+        ws[D] = mx;
+        ws[D + 1] = lt;
+      }
+    } else {
+      static_cast<T*>(a.out)[t * a.out_stride + (kvh * group + r) * D + d] =
+          FromF<T>(lt > 0 ? o / lt : 0.0f);
+    }
+  }
+  if (used <= 1) return;
+
+  // Count this partition done; the last of the pair's `used` partitions merges them.
+  __threadfence();  // this thread's workspace writes, before the count
+  __syncthreads();
+  uint32_t* counter = a.counters + t * a.num_kv_heads + kvh;
+  if (threadIdx.x == 0) {
+    __threadfence();  // release: the block's writes (ordered by the barrier) before the count
+    const uint32_t done = atomicAdd(counter, 1u) + 1;
+    __threadfence();  // acquire: the other partitions' writes after it
+    last_s = done == static_cast<uint32_t>(used);
+  }
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < group * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    static_cast<T*>(a.out)[t * a.out_stride + (kvh * group + r) * D + d] =
+        FromF<T>(MergePartitionStates<R, D>(ws_pair, used, r, d));
+  }
+  if (threadIdx.x == 0) *counter = 0;  // ready for the next launch
+}
+
+template <typename T, int D, int R>
+cudaError_t LaunchDecode(const PagedAttentionArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads),
+                  static_cast<unsigned>(a.num_partitions));
+  return LaunchPdl(DecodeAttentionKernel<T, D, R>, grid, dim3(kThreads), stream, a);
+}
+
+template <typename T, int D>
+cudaError_t LaunchDecodeForGroup(const PagedAttentionArgs& a, int64_t group, cudaStream_t stream) {
+  if (group <= 1) return LaunchDecode<T, D, 1>(a, stream);
+  if (group <= 2) return LaunchDecode<T, D, 2>(a, stream);
+  if (group <= 4) return LaunchDecode<T, D, 4>(a, stream);
+  return LaunchDecode<T, D, 8>(a, stream);
 }
 
 int RowsBucket(int64_t rows) { return rows <= 4 ? 4 : rows <= 8 ? 8 : 16; }
@@ -339,21 +616,33 @@ int64_t PagedAttentionWorkspaceFloats(const PagedAttentionArgs& a) {
   return a.num_tiles * a.num_kv_heads * a.num_partitions * r * (a.head_dim + 2);
 }
 
+bool PagedAttentionUsesDecodeKernel(const PagedAttentionArgs& a) {
+  return a.decode_kernel && a.tiles == nullptr && a.num_kv_heads > 0 &&
+         a.num_heads / a.num_kv_heads <= 8;
+}
+
 cudaError_t LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stream) {
-  const int64_t rows = a.tile_tokens * (a.num_heads / a.num_kv_heads);
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  const int64_t rows = a.tile_tokens * group;
+  const bool decode = PagedAttentionUsesDecodeKernel(a);
   return DispatchAct(a.act, [&](auto t) -> cudaError_t {
     using T = decltype(t);
     switch (a.head_dim) {
       case 16:
-        return LaunchForRows<T, 16>(a, rows, stream);
+        return decode ? LaunchDecodeForGroup<T, 16>(a, group, stream)
+                      : LaunchForRows<T, 16>(a, rows, stream);
       case 32:
-        return LaunchForRows<T, 32>(a, rows, stream);
+        return decode ? LaunchDecodeForGroup<T, 32>(a, group, stream)
+                      : LaunchForRows<T, 32>(a, rows, stream);
       case 64:
-        return LaunchForRows<T, 64>(a, rows, stream);
+        return decode ? LaunchDecodeForGroup<T, 64>(a, group, stream)
+                      : LaunchForRows<T, 64>(a, rows, stream);
       case 128:
-        return LaunchForRows<T, 128>(a, rows, stream);
+        return decode ? LaunchDecodeForGroup<T, 128>(a, group, stream)
+                      : LaunchForRows<T, 128>(a, rows, stream);
       case 256:
-        return LaunchForRows<T, 256>(a, rows, stream);
+        return decode ? LaunchDecodeForGroup<T, 256>(a, group, stream)
+                      : LaunchForRows<T, 256>(a, rows, stream);
       default:
         return cudaErrorInvalidValue;
     }

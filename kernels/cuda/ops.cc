@@ -160,10 +160,20 @@ absl::Status PagedAttentionCuda(const gpu::PagedAttentionArgs& a, CudaStreamHand
                  "num_tiles out of range");
   STRATA_REQUIRE(a.num_partitions >= 1 && a.num_partitions <= 65535, "paged_attention",
                  "num_partitions out of range");
-  STRATA_REQUIRE(
-      a.num_partitions == 1 ||
-          (a.partition_keys > 0 && a.partition_keys % 128 == 0 && a.workspace != nullptr),
-      "paged_attention", "split-K needs partition_keys (a multiple of 128) and a workspace");
+  STRATA_REQUIRE(a.num_partitions == 1 ||
+                     (a.partition_keys > 0 && a.partition_keys % 32 == 0 && a.workspace != nullptr),
+                 "paged_attention",
+                 "split-K needs partition_keys (a multiple of 32) and a workspace");
+  if (gpu::PagedAttentionUsesDecodeKernel(a)) {
+    STRATA_REQUIRE(a.num_partitions == 1 || a.counters != nullptr, "paged_attention",
+                   "the decode kernel's split-K needs counters");
+    const int64_t eb = a.act == gpu::ActType::kF32 ? 4 : 2;
+    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    STRATA_REQUIRE(
+        aligned(a.q) && a.q_stride * eb % 16 == 0 && aligned(a.k_cache) && aligned(a.v_cache),
+        "paged_attention",
+        "the decode kernel needs q, q_stride, k_cache and v_cache 16-byte aligned");
+  }
   return Launched(gpu::LaunchPagedAttention(a, S(stream)), "paged_attention");
 }
 
@@ -219,13 +229,17 @@ void ChooseAttentionPartitions(int64_t max_keys, int64_t multiprocessors,
   const int64_t blocks = a->num_tiles * a->num_kv_heads;
   if (blocks <= 0) return;
   const int64_t target = 2 * std::max<int64_t>(1, multiprocessors);
-  if (blocks >= target || max_keys <= 128) return;
-  // Enough partitions to reach the target, at most one per 128 keys (one chunk per warp); the
-  // kernel splits each tile's actual range over as many of them as it needs.
-  const int64_t parts = std::min<int64_t>((target + blocks - 1) / blocks, (max_keys + 127) / 128);
+  // The tiled kernel's warps take chunks of 32 keys (128 per block round); the decode kernel's
+  // lane groups take 64 keys per block round for bf16 and f16.
+  const int64_t unit = gpu::PagedAttentionUsesDecodeKernel(*a) ? 64 : 128;
+  if (blocks >= target || max_keys <= unit) return;
+  // Enough partitions to reach the target, at most one per unit of keys; the kernel splits each
+  // tile's actual range over as many of them as it needs.
+  const int64_t parts =
+      std::min<int64_t>((target + blocks - 1) / blocks, (max_keys + unit - 1) / unit);
   if (parts <= 1) return;
   a->num_partitions = parts;
-  a->partition_keys = 128;
+  a->partition_keys = unit;
 }
 
 }  // namespace strata

@@ -49,7 +49,8 @@ int64_t AttentionTileTokens(int64_t head_dim, int64_t group);
 
 // Chooses num_partitions and partition_keys (set num_tiles and num_kv_heads first) for queries that
 // see at most `max_keys` keys: split-K only when the tiles alone leave `multiprocessors` short of
-// about two blocks each, with at most one partition per 128 keys.
+// about two blocks each, with at most one partition per 128 keys (64 for the decode kernel: set
+// decode_kernel and tiles first too).
 void ChooseAttentionPartitions(int64_t max_keys, int64_t multiprocessors,
                                gpu::PagedAttentionArgs* a);
 

@@ -150,13 +150,24 @@ struct PagedAttentionArgs {
   // Most query tokens in one tile (1 when tiles is null).
   int64_t tile_tokens = 1;
   // Split-K: each tile's key range is cut into at most num_partitions partitions, each a multiple
-  // of partition_keys keys (itself a multiple of 128), as few as cover the range; the split is made
+  // of partition_keys keys (itself a multiple of 32), as few as cover the range; the split is made
   // on the device from the actual range. 1 partition needs no workspace.
   int64_t num_partitions = 1;
   int64_t partition_keys = 0;
   // f32 scratch of PagedAttentionWorkspaceFloats() floats when num_partitions > 1.
   float* workspace = nullptr;
+  // Decode kernel: for one query token per tile (tiles null) and a group of at most 8 query heads
+  // per KV head, lanes share each key (16 bytes of its row apiece) and keep their slice of the
+  // query rows and the output in registers; its partitions take multiples of 64 keys, and the last
+  // partition block of each (tile, KV head) to finish merges them (no second kernel). Other shapes
+  // use the tiled kernel whatever this says.
+  bool decode_kernel = false;
+  // [num_tiles, num_kv_heads] u32, device, zero before the first launch; each launch leaves them
+  // zero. Needed by the decode kernel with num_partitions > 1 (it counts finished partitions).
+  uint32_t* counters = nullptr;
 };
+// Whether these arguments run the decode kernel (decode_kernel set and the shape allows it).
+bool PagedAttentionUsesDecodeKernel(const PagedAttentionArgs& a);
 // Query rows one block can hold for this head_dim (the tile_tokens x group limit).
 int64_t PagedAttentionMaxRows(int64_t head_dim);
 int64_t PagedAttentionWorkspaceFloats(const PagedAttentionArgs& a);

@@ -1037,41 +1037,68 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
     variants.push_back(c.split);
     variants.push_back(Split::kCapacity);
   }
-  for (const Split split : variants) {
-    a.num_partitions = 1;
-    a.partition_keys = 0;
-    a.workspace = nullptr;
-    if (split == Split::kChosen) {
-      ChooseAttentionPartitions(max_len, /*multiprocessors=*/132, &a);
-      EXPECT_GT(a.num_partitions, 1) << base << ": ChooseAttentionPartitions(" << max_len
-                                     << ", 132) kept one partition for " << num_tiles << " tiles";
-    } else if (split == Split::kEvery128) {
-      a.partition_keys = 128;
-      a.num_partitions = (max_len + 127) / 128;
-    } else if (split == Split::kCapacity) {
-      // As a decode graph captured for a longer context plans it: more partitions than the keys
-      // need, which the kernel leaves unused.
-      a.partition_keys = 128;
-      a.num_partitions = 4 * ((max_len + 127) / 128) + 3;
+  // One tile per token with a group of at most 8: the decode kernel too.
+  std::vector<bool> kernels = {false};
+  if (!c.plan_tiles && group <= 8) kernels.push_back(true);
+  for (const bool decode_kernel : kernels) {
+    for (const Split split : variants) {
+      a.decode_kernel = decode_kernel;
+      a.num_partitions = 1;
+      a.partition_keys = 0;
+      a.workspace = nullptr;
+      a.counters = nullptr;
+      const int64_t unit = decode_kernel ? 64 : 128;
+      if (split == Split::kChosen) {
+        ChooseAttentionPartitions(max_len, /*multiprocessors=*/132, &a);
+        EXPECT_GT(a.num_partitions, 1) << base << ": ChooseAttentionPartitions(" << max_len
+                                       << ", 132) kept one partition for " << num_tiles << " tiles";
+      } else if (split == Split::kEvery128) {
+        a.partition_keys = unit;
+        a.num_partitions = (max_len + unit - 1) / unit;
+      } else if (split == Split::kCapacity) {
+        // As a decode graph captured for a longer context plans it: more partitions than the keys
+        // need, which the kernel leaves unused.
+        a.partition_keys = unit;
+        a.num_partitions = 4 * ((max_len + unit - 1) / unit) + 3;
+      }
+      EXPECT_EQ(gpu::PagedAttentionUsesDecodeKernel(a), decode_kernel);
+      const std::string what =
+          absl::StrCat(base, decode_kernel ? " decode kernel" : " tiled kernel", " tokens ", T,
+                       " tiles ", num_tiles, " (tile_tokens ", tile_tokens, ") partitions ",
+                       a.num_partitions, " x ", a.partition_keys, " keys");
+      SCOPED_TRACE(what);
+      DeviceBuffer d_workspace, d_counters;
+      if (a.num_partitions > 1) {
+        ASSERT_OK_AND_ASSIGN(d_workspace,
+                             Poisoned(PagedAttentionWorkspaceFloats(a) * sizeof(float)));
+        a.workspace = d_workspace.as<float>();
+        if (decode_kernel) {
+          ASSERT_OK_AND_ASSIGN(d_counters, UploadPod(std::vector<uint32_t>(num_tiles * KVH, 0)));
+          a.counters = d_counters.as<uint32_t>();
+        }
+      }
+      ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned(T * out_stride * eb));
+      a.out = d_out.data();
+      ASSERT_OK(PagedAttentionCuda(a, stream()));
+      ASSERT_OK(Sync());
+      ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> out_bytes,
+                           DownloadBytes(d_out, T * out_stride * eb));
+      EXPECT_TRUE(PaddingIntact(out_bytes, T, out_stride * eb, H * D * eb, what));
+      // Row r of the comparison is token r / H, head r % H.
+      EXPECT_TRUE(Near(DecodeRows(act, out_bytes, T, H * D, out_stride), want, D,
+                       Tolerance(act, true), what + " (row = token * num_heads + head)"));
+      if (a.counters != nullptr) {
+        // Every merge reset its counter, ready for the next launch (a graph replays with them).
+        ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> counters,
+                             DownloadBytes(d_counters, num_tiles * KVH * sizeof(uint32_t)));
+        EXPECT_EQ(counters, std::vector<uint8_t>(counters.size(), 0)) << "counters left nonzero";
+        // And a second launch on the same counters gives the same output.
+        ASSERT_OK(PagedAttentionCuda(a, stream()));
+        ASSERT_OK(Sync());
+        ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> again, DownloadBytes(d_out, T * out_stride * eb));
+        EXPECT_EQ(again, out_bytes) << "a second launch differs";
+      }
     }
-    const std::string what =
-        absl::StrCat(base, " tokens ", T, " tiles ", num_tiles, " (tile_tokens ", tile_tokens,
-                     ") partitions ", a.num_partitions, " x ", a.partition_keys, " keys");
-    SCOPED_TRACE(what);
-    DeviceBuffer d_workspace;
-    if (a.num_partitions > 1) {
-      ASSERT_OK_AND_ASSIGN(d_workspace, Poisoned(PagedAttentionWorkspaceFloats(a) * sizeof(float)));
-      a.workspace = d_workspace.as<float>();
-    }
-    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned(T * out_stride * eb));
-    a.out = d_out.data();
-    ASSERT_OK(PagedAttentionCuda(a, stream()));
-    ASSERT_OK(Sync());
-    ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> out_bytes, DownloadBytes(d_out, T * out_stride * eb));
-    EXPECT_TRUE(PaddingIntact(out_bytes, T, out_stride * eb, H * D * eb, what));
-    // Row r of the comparison is token r / H, head r % H.
-    EXPECT_TRUE(Near(DecodeRows(act, out_bytes, T, H * D, out_stride), want, D,
-                     Tolerance(act, true), what + " (row = token * num_heads + head)"));
   }
 }
 
@@ -1085,12 +1112,16 @@ TEST_F(OpsCudaTest, WriteKvAndPagedAttentionMatchCpu) {
       // chooses it for long contexts.
       {"decode", {{0, 1}, {14, 1}, {15, 1}, {299, 1}, {699, 1}}, false, 16, 0, Split::kChosen},
       {"decode", {{0, 1}, {14, 1}, {15, 1}, {299, 1}, {699, 1}}, false, 8, 32, Split::kChosen},
+      // Long contexts: the decode kernel stages block-table entries a range at a time.
+      {"decode_long", {{2600, 1}, {3, 1}}, false, 8, 0, Split::kChosen},
+      // A window that starts mid-block, so a staged range of block-table entries does too.
+      {"decode_long", {{2600, 1}, {3, 1}}, false, 8, 300, Split::kChosen},
       // A chunk of a prompt after cached tokens, with a decode sequence in the same batch.
       {"chunked_prefill", {{50, 30}, {9, 1}}, true, 16, 0, Split::kNone},
       // The same with partitions of 128 keys: the chunk's tiles straddle the boundary at 256.
       {"chunked_prefill", {{250, 30}, {40, 1}}, true, 16, 0, Split::kEvery128},
   };
-  const HeadConfig heads[] = {{4, 2, 16}, {8, 8, 64}, {32, 8, 128}, {8, 1, 256}};
+  const HeadConfig heads[] = {{4, 2, 16}, {16, 4, 32}, {8, 8, 64}, {32, 8, 128}, {8, 1, 256}};
   for (const AttentionCase& c : cases) {
     for (const HeadConfig& hc : heads) {
       for (const ActType act : kActTypes) {
@@ -1439,6 +1470,18 @@ TEST_F(OpsCudaTest, BadArgumentsAreRefusedBeforeLaunch) {
     a.partition_keys = 100;
     a.workspace = gf;
     EXPECT_TRUE(refused(PagedAttentionCuda(a, stream()), "partition_keys"));
+    // The decode kernel's split-K counts finished partitions, and its loads are 16 bytes wide.
+    a.partition_keys = 64;
+    a.decode_kernel = true;
+    EXPECT_TRUE(refused(PagedAttentionCuda(a, stream()), "counters"));
+    gpu::PagedAttentionArgs b = pa;
+    b.decode_kernel = true;
+    b.q = static_cast<const char*>(pa.q) + 4;
+    EXPECT_TRUE(refused(PagedAttentionCuda(b, stream()), "16-byte aligned"));
+    b = pa;
+    b.decode_kernel = true;
+    b.v_cache = static_cast<const char*>(pa.v_cache) + 8;
+    EXPECT_TRUE(refused(PagedAttentionCuda(b, stream()), "16-byte aligned"));
     a.partition_keys = 128;
     a.workspace = nullptr;
     EXPECT_TRUE(refused(PagedAttentionCuda(a, stream()), "workspace"));
@@ -1614,6 +1657,19 @@ TEST(OpsCudaPlanningTest, ChooseAttentionPartitionsCoversTheKeys) {
   decode.num_kv_heads = 2;
   ChooseAttentionPartitions(700, 132, &decode);
   EXPECT_GT(decode.num_partitions, 1);
+  // The decode kernel splits in units of 64 keys: batch 1 of Llama-3-8B over 512 keys gets 8.
+  gpu::PagedAttentionArgs b1;
+  b1.num_tiles = 1;
+  b1.num_heads = 32;
+  b1.num_kv_heads = 8;
+  b1.decode_kernel = true;
+  ChooseAttentionPartitions(512, 132, &b1);
+  EXPECT_EQ(b1.partition_keys, 64);
+  EXPECT_EQ(b1.num_partitions, 8);
+  // Not for planned tiles (prefill) or groups over 8: the tiled kernel's 128.
+  b1.tiles = reinterpret_cast<const int32_t*>(&b1);
+  ChooseAttentionPartitions(512, 132, &b1);
+  EXPECT_EQ(b1.partition_keys, 128);
 }
 
 #else  // !STRATA_HAVE_CUDA

@@ -111,6 +111,7 @@ struct GpuModelRunner::Impl {
   float* logits = nullptr;
   float* attn_ws = nullptr;
   int64_t attn_ws_floats = 0;
+  uint32_t* attn_counters = nullptr;  // [max_seqs, num_kv_heads], zero between launches
   // Seeded sampling: its workspace (max_seqs x vocab sort buffers, made on first use) and its
   // per-step inputs (grown as needed).
   DeviceBuffer sample_ws;
@@ -215,6 +216,7 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   probe.num_heads = nh;
   probe.num_kv_heads = nkv;
   probe.head_dim = D;
+  probe.decode_kernel = o.decode_attention_kernel;
   int64_t ws = 0;
   for (int64_t b = 1; b <= S_(); b *= 2) {
     ws = std::max(ws, PartitionsWorkspace(b, 1, M_() * o.block_tokens, &probe));
@@ -240,11 +242,12 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   mem.weight_bytes = WeightBytes();
   mem.kv_cache_bytes = 2 * c.num_layers * o.num_blocks * o.block_tokens * kvd * eb;
   const int64_t Tn = T_(), S = S_();
-  mem.scratch_bytes = static_cast<int64_t>(
-      AlignUp(4 * Tn * H) + AlignUp(eb * Tn * H) + AlignUp(eb * Tn * qkv_w) +
-      AlignUp(eb * Tn * qd) + AlignUp(eb * Tn * H) + AlignUp(eb * Tn * 2 * I) +
-      AlignUp(eb * Tn * I) + AlignUp(eb * S * H) + AlignUp(4 * S * V) +
-      AlignUp(4 * attn_ws_floats) + AlignUp(4 * S) * 2 + inputs_bytes + AlignUp(4 * D));
+  mem.scratch_bytes =
+      static_cast<int64_t>(AlignUp(4 * Tn * H) + AlignUp(eb * Tn * H) + AlignUp(eb * Tn * qkv_w) +
+                           AlignUp(eb * Tn * qd) + AlignUp(eb * Tn * H) + AlignUp(eb * Tn * 2 * I) +
+                           AlignUp(eb * Tn * I) + AlignUp(eb * S * H) + AlignUp(4 * S * V) +
+                           AlignUp(4 * attn_ws_floats) + AlignUp(4 * S * nkv) + AlignUp(4 * S) * 2 +
+                           inputs_bytes + AlignUp(4 * D));
   const size_t total =
       static_cast<size_t>(mem.weight_bytes + mem.kv_cache_bytes + mem.scratch_bytes) +
       64 * kAlign * (c.num_layers + 4);
@@ -264,6 +267,8 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   ComputeRopeInvFreq(D, c.rope_theta, c.rope_scaling, inv.data());
   RETURN_IF_ERROR(CudaStatus(
       cudaMemcpy(inv_freq, inv.data(), 4 * inv.size(), cudaMemcpyHostToDevice), "upload inv_freq"));
+  RETURN_IF_ERROR(
+      CudaStatus(cudaMemset(attn_counters, 0, 4 * S_() * nkv), "zero attention counters"));
   return CudaStatus(cudaDeviceSynchronize(), "upload inv_freq");
 }
 
@@ -313,6 +318,7 @@ void GpuModelRunner::Impl::LayOut() {
   rows = Take(eb * S * H);
   logits = Take<float>(4 * S * V);
   attn_ws = Take<float>(4 * attn_ws_floats);
+  attn_counters = Take<uint32_t>(4 * S * nkv);
   d_out_tokens = Take<int32_t>(4 * S);
   d_out_logprobs = Take<float>(4 * S);
   d_inputs = Take<char>(inputs_bytes);
@@ -567,6 +573,8 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   pa.out_stride = qd;
   pa.act = act;
   pa.tiles = tiled ? In32(off_tiles) : nullptr;
+  pa.decode_kernel = o.decode_attention_kernel;
+  pa.counters = attn_counters;
   const int64_t tile_tok = tiled ? tile_tokens : 1;
   int64_t ws = PartitionsWorkspace(num_tiles, tile_tok, max_keys, &pa);
   while (ws > attn_ws_floats && pa.num_partitions > 1) {  // fewer, longer partitions

@@ -45,6 +45,10 @@ struct GpuRunnerOptions {
   // GEMMs of up to 8 rows (decode) through Strata's GEMV kernel rather than cuBLASLt (faster on
   // an H200 for all of Llama-3-8B's projections but down_proj; docs/PERFORMANCE.md).
   bool small_m_gemv = true;
+  // Decode steps' attention through the decode kernel (PagedAttentionArgs::decode_kernel: lanes
+  // share each key, partitions merge in the same kernel) instead of the tiled one. Off until it
+  // has been measured and tested on a GPU.
+  bool decode_attention_kernel = false;
 };
 
 // What the runner holds on the device.

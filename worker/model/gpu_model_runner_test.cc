@@ -268,13 +268,17 @@ TEST_P(GpuModelRunnerTest, GreedyTokensEqualCpu) {
   struct Variant {
     DType act;
     bool gemv;
+    bool decode_kernel;
   };
-  for (const Variant v : {Variant{DType::kF32, false}, Variant{DType::kF32, true},
-                          Variant{DType::kBF16, false}, Variant{DType::kBF16, true}}) {
+  for (const Variant v : {Variant{DType::kF32, false, false}, Variant{DType::kF32, true, false},
+                          Variant{DType::kBF16, false, false}, Variant{DType::kBF16, true, false},
+                          Variant{DType::kF32, true, true}, Variant{DType::kBF16, true, true}}) {
     const DType act = v.act;
-    SCOPED_TRACE(::testing::Message() << "act " << DTypeName(act) << " gemv " << v.gemv);
+    SCOPED_TRACE(::testing::Message() << "act " << DTypeName(act) << " gemv " << v.gemv
+                                      << " decode attention kernel " << v.decode_kernel);
     GpuRunnerOptions options = Options(act, 1);
     options.small_m_gemv = v.gemv;
+    options.decode_attention_kernel = v.decode_kernel;
     auto gpu = GpuModelRunner::Create(*m.weights, options);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     const std::vector<int32_t> got = GenerateGpu(gpu->get(), prompt, kSteps);
@@ -311,7 +315,11 @@ TEST_F(GpuModelRunnerMiscTest, BatchedGraphDecodeEqualsEager) {
   Loaded m;
   ASSERT_NO_FATAL_FAILURE(Load("models/strata-tiny/base", 3, &m));
   const int64_t V = m.weights->config.vocab_size;
-  auto graph = GpuModelRunner::Create(*m.weights, Options(DType::kF32, 3));
+  // The graphs also take the decode attention kernel (the eager path's prefill-shaped steps never
+  // do), so the two kernels are compared step by step.
+  GpuRunnerOptions graph_options = Options(DType::kF32, 3);
+  graph_options.decode_attention_kernel = true;
+  auto graph = GpuModelRunner::Create(*m.weights, graph_options);
   ASSERT_TRUE(graph.ok()) << graph.status();
   GpuRunnerOptions eager_options = Options(DType::kF32, 3);
   eager_options.cuda_graphs = false;
