@@ -493,22 +493,27 @@ int Main() {
   // so that they fit).
   struct DecodeRun {
     int64_t batch;
-    bool graphs, cublas, decode_attn;
+    bool graphs, cublas, decode_attn, fused_norm;
   };
   std::vector<DecodeRun> runs;
-  for (int64_t bs : batches) runs.push_back({bs, true, false, false});
-  runs.push_back({1, true, true, false});  // projections through cuBLASLt
-  runs.push_back({1, false, false, false});
-  // The decode attention kernel (GpuRunnerOptions::decode_attention_kernel) at every batch size.
-  for (int64_t bs : batches) runs.push_back({bs, true, false, true});
+  for (int64_t bs : batches) runs.push_back({bs, true, false, false, false});
+  runs.push_back({1, true, true, false, false});  // projections through cuBLASLt
+  runs.push_back({1, false, false, false, false});
+  // The decode attention kernel (GpuRunnerOptions::decode_attention_kernel) at every batch size,
+  // then with the residual-add RMSNorms folded into the GEMVs as well (fused_residual_norm).
+  for (int64_t bs : batches) runs.push_back({bs, true, false, true, false});
+  for (int64_t bs : batches) {
+    if (bs <= 4) runs.push_back({bs, true, false, true, true});  // fused up to 4 rows
+  }
   std::unique_ptr<GpuModelRunner> other;
   for (const DecodeRun& run : runs) {
     GpuModelRunner* r = runner->get();
-    if (!run.graphs || run.cublas || run.decode_attn) {
+    if (!run.graphs || run.cublas || run.decode_attn || run.fused_norm) {
       GpuRunnerOptions oo = o;
       oo.cuda_graphs = run.graphs;
       oo.small_m_gemv = !run.cublas;
       oo.decode_attention_kernel = run.decode_attn;
+      oo.fused_residual_norm = run.fused_norm;
       runner->reset();
       other.reset();
       absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
@@ -525,7 +530,7 @@ int Main() {
     const double ms = Decode(r, &b, steps, &device_ms);
     const std::string key =
         absl::StrCat("decode_b", run.batch, run.graphs ? "" : "_eager", run.cublas ? "_cublas" : "",
-                     run.decode_attn ? "_decode_attn" : "");
+                     run.decode_attn ? "_decode_attn" : "", run.fused_norm ? "_fused_norm" : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
     json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);

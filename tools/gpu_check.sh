@@ -145,6 +145,8 @@ rows = [
     ("decode b1 tok/s (eager)", fmt(g(ours, "decode_b1_eager_tokens_per_s")), "-"),
     ("decode b1, decode attn kernel", fmt(g(ours, "decode_b1_decode_attn_tokens_per_s")), "-"),
     ("  fraction of roofline", fmt(g(ours, "decode_b1_decode_attn_fraction_of_roofline"), "{:.3f}"), "-"),
+    ("decode b1, + fused norms", fmt(g(ours, "decode_b1_decode_attn_fused_norm_tokens_per_s")), "-"),
+    ("  fraction of roofline", fmt(g(ours, "decode_b1_decode_attn_fused_norm_fraction_of_roofline"), "{:.3f}"), "-"),
     ("attn b1 512 keys us", fmt(g(ours, "attn_b1_ctx512_capacity_plan_us")) + " / " + fmt(g(ours, "attn_b1_ctx512_capacity_plan_decode_kernel_us")), "-"),
     ("decode b64 tok/s", fmt(g(ours, "decode_b64_tokens_per_s")), fmt(g(tdec, "64", "tokens_per_s"))),
     ("decode b64, decode attn", fmt(g(ours, "decode_b64_decode_attn_tokens_per_s")), "-"),

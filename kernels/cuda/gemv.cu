@@ -1,7 +1,8 @@
 // Small-m GEMM (decode) as a bandwidth-bound GEMV: see GemvArgs in ops_kernel.h. Each warp owns
 // kRows weight rows and walks k in 16-byte vectors, kUnroll vectors per row in flight per step,
 // with every row of x applied to each weight vector it loads; a warp reduction finishes each
-// output.
+// output. Optionally x is the f32 residual stream, RMS-normalized on the fly (each block reduces
+// the rows first), and y accumulates into the residual.
 #include <cstdint>
 
 #include "kernels/cuda/cuda_types.cuh"
@@ -15,26 +16,21 @@ namespace {
 // on an H200 for four of Llama-3-8B's five decode projections (docs/PERFORMANCE.md); 2 and 3 hold
 // more loads in flight per lane, for comparison.
 
-template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll>
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
-  PdlBegin();
   constexpr int kN = kVec16<T>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
-  if (row0 >= a.n) return;
+  // Warps past the last row stay for the block-wide norm reduction, with no rows of their own.
+  const int64_t rows_here = a.n - row0 < kRows ? (a.n > row0 ? a.n - row0 : 0) : kRows;
+  if (!kNorm && rows_here == 0) return;
   const int64_t vecs = a.k / kN;  // 16-byte vectors per row
   const uint4* w = reinterpret_cast<const uint4*>(a.w);
   const uint4* x = reinterpret_cast<const uint4*>(a.x);
   const int64_t ldx_v = a.ldx / kN;
-  float acc[M][kRows];
-#pragma unroll
-  for (int r = 0; r < M; ++r) {
-#pragma unroll
-    for (int j = 0; j < kRows; ++j) acc[r][j] = 0.0f;
-  }
-  const int64_t rows_here = a.n - row0 < kRows ? a.n - row0 : kRows;
-  for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
-    uint4 wv[kUnroll][kRows];
+
+  uint4 wv[kUnroll][kRows];
+  auto load_weights = [&](int64_t v0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = v0 + u * 32;
@@ -44,6 +40,50 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
             v < vecs && j < rows_here ? __ldg(w + (row0 + j) * vecs + v) : make_uint4(0, 0, 0, 0);
       }
     }
+  };
+  // No kernel writes the weights: the first round's loads go out before waiting for the kernel
+  // before (programmatic dependent launch), overlapping its tail.
+  load_weights(lane);
+  PdlBegin();
+
+  // Input norm: every block computes each row's inverse RMS over the whole residual row.
+  __shared__ float inv_s[kNorm ? M : 1];
+  if constexpr (kNorm) {
+    __shared__ float part_s[kWarps][M];
+    const float* res = static_cast<const float*>(a.x);
+    float sq[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      sq[r] = 0.0f;
+      if (r < a.m) {
+        const float4* row = reinterpret_cast<const float4*>(res + r * a.ldx);
+        for (int64_t i = threadIdx.x; i < a.k / 4; i += kWarps * 32) {
+          const float4 v = row[i];
+          sq[r] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+      }
+      sq[r] = WarpSum(sq[r]);
+      if (lane == 0) part_s[warp][r] = sq[r];
+    }
+    __syncthreads();
+    if (threadIdx.x < M) {
+      float total = 0.0f;
+#pragma unroll
+      for (int wi = 0; wi < kWarps; ++wi) total += part_s[wi][threadIdx.x];
+      inv_s[threadIdx.x] = rsqrtf(total / static_cast<float>(a.k) + a.norm_eps);
+    }
+    __syncthreads();
+    if (rows_here == 0) return;
+  }
+
+  float acc[M][kRows];
+#pragma unroll
+  for (int r = 0; r < M; ++r) {
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) acc[r][j] = 0.0f;
+  }
+  for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
+    if (v0 != lane) load_weights(v0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = v0 + u * 32;
@@ -51,11 +91,35 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       float wf[kRows][kN];
 #pragma unroll
       for (int j = 0; j < kRows; ++j) Unpack16<T>(wv[u][j], wf[j]);
+      // The norm's gain, once per vector for every row (its 1/RMS scales the sums at the end).
+      float gain[kNorm ? kN : 1];
+      if constexpr (kNorm) {
+#pragma unroll
+        for (int i = 0; i < kN; i += 4) {
+          const float4 g = __ldg(reinterpret_cast<const float4*>(a.norm_weight + v * kN + i));
+          gain[i] = g.x;
+          gain[i + 1] = g.y;
+          gain[i + 2] = g.z;
+          gain[i + 3] = g.w;
+        }
+      }
 #pragma unroll
       for (int r = 0; r < M; ++r) {
         if (r >= a.m) break;
         float xf[kN];
-        Unpack16<T>(__ldg(x + r * ldx_v + v), xf);
+        if constexpr (kNorm) {
+          const float* xr = static_cast<const float*>(a.x) + r * a.ldx + v * kN;
+#pragma unroll
+          for (int i = 0; i < kN; i += 4) {
+            const float4 xv = *reinterpret_cast<const float4*>(xr + i);
+            xf[i] = xv.x * gain[i];
+            xf[i + 1] = xv.y * gain[i + 1];
+            xf[i + 2] = xv.z * gain[i + 2];
+            xf[i + 3] = xv.w * gain[i + 3];
+          }
+        } else {
+          Unpack16<T>(__ldg(x + r * ldx_v + v), xf);
+        }
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
 #pragma unroll
@@ -79,43 +143,47 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       for (int j = 0; j < kRows; ++j) {
         if (j < rows_here) {
           float v = acc[r][j];
+          if constexpr (kNorm) v *= inv_s[r];
           if (bias != nullptr) v += ToF(bias[row0 + j]);
-          y[r * a.ldy + row0 + j] = FromF<O>(v);
+          O* out = y + r * a.ldy + row0 + j;
+          if (a.accumulate) v += ToF(*out);
+          *out = FromF<O>(v);
         }
       }
     }
   }
 }
 
-template <typename T, typename O, int kRows, int kWarps, int kUnroll>
+template <typename T, typename O, int kRows, int kWarps, int kUnroll, bool kNorm>
 cudaError_t LaunchShape(const GemvArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.n + kWarps * kRows - 1) / (kWarps * kRows));
   if (a.m <= 1) {
-    return LaunchPdl(GemvKernel<T, O, 1, kRows, kWarps, kUnroll>, dim3(blocks), dim3(kWarps * 32),
-                     stream, a);
+    return LaunchPdl(GemvKernel<T, O, 1, kRows, kWarps, kUnroll, kNorm>, dim3(blocks),
+                     dim3(kWarps * 32), stream, a);
   } else if (a.m <= 2) {
-    return LaunchPdl(GemvKernel<T, O, 2, kRows, kWarps, kUnroll>, dim3(blocks), dim3(kWarps * 32),
-                     stream, a);
+    return LaunchPdl(GemvKernel<T, O, 2, kRows, kWarps, kUnroll, kNorm>, dim3(blocks),
+                     dim3(kWarps * 32), stream, a);
   } else if (a.m <= 4) {
-    return LaunchPdl(GemvKernel<T, O, 4, kRows, kWarps, kUnroll>, dim3(blocks), dim3(kWarps * 32),
-                     stream, a);
+    return LaunchPdl(GemvKernel<T, O, 4, kRows, kWarps, kUnroll, kNorm>, dim3(blocks),
+                     dim3(kWarps * 32), stream, a);
   } else {
-    return LaunchPdl(GemvKernel<T, O, 8, kRows, kWarps, kUnroll>, dim3(blocks), dim3(kWarps * 32),
-                     stream, a);
+    return LaunchPdl(GemvKernel<T, O, 8, kRows, kWarps, kUnroll, kNorm>, dim3(blocks),
+                     dim3(kWarps * 32), stream, a);
   }
 }
 
 template <typename T, typename O>
 cudaError_t LaunchFor(const GemvArgs& a, cudaStream_t stream) {
+  if (a.norm_weight != nullptr) return LaunchShape<T, O, 2, 8, 2, true>(a, stream);
   switch (a.variant) {
     case 1:
-      return LaunchShape<T, O, 1, 4, 4>(a, stream);
+      return LaunchShape<T, O, 1, 4, 4, false>(a, stream);
     case 2:
-      return LaunchShape<T, O, 4, 4, 2>(a, stream);
+      return LaunchShape<T, O, 4, 4, 2, false>(a, stream);
     case 3:
-      return LaunchShape<T, O, 2, 4, 4>(a, stream);
+      return LaunchShape<T, O, 2, 4, 4, false>(a, stream);
     default:
-      return LaunchShape<T, O, 2, 8, 2>(a, stream);
+      return LaunchShape<T, O, 2, 8, 2, false>(a, stream);
   }
 }
 
@@ -125,8 +193,11 @@ bool GemvSupported(const GemvArgs& a) {
   const int64_t vec = 16 / ActBytes(a.act);
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool out_ok = a.out_type == a.act || a.out_type == ActType::kF32;
+  const bool norm_ok = a.norm_weight == nullptr ||
+                       (a.k % 4 == 0 && a.ldx % 4 == 0 && aligned(a.norm_weight) && a.x != a.y);
+  const bool accumulate_ok = !a.accumulate || (a.out_type == ActType::kF32 && a.x != a.y);
   return a.m >= 1 && a.m <= 8 && a.n > 0 && a.k > 0 && a.k % vec == 0 && a.ldx % vec == 0 &&
-         aligned(a.x) && aligned(a.w) && out_ok;
+         aligned(a.x) && aligned(a.w) && out_ok && norm_ok && accumulate_ok;
 }
 
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream) {

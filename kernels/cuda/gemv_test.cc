@@ -1,11 +1,13 @@
 // Differential test of the small-m GEMV path of CublasLtGemm (set_small_m_gemv) against the CPU
 // matmul and against cuBLASLt itself: m from 1 to 8, decode-sized and odd shapes, every activation
 // type, with and without bias, act and f32 outputs, fresh random inputs rounded to the activation
-// type first, poisoned outputs. Tolerances (relative L2 error): f32 1e-5, f16 2e-3, bf16 1e-2.
+// type first, poisoned outputs. Tolerances (relative L2 error): f32 1e-5, f16 2e-3, bf16 1e-2. Also
+// the GEMV's fused forms for decode (input RMSNorm over the f32 residual, accumulation into it).
 // Needs a GPU: tagged "gpu"; skipped where the build has no CUDA or the machine no device.
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -14,6 +16,7 @@
 
 #ifdef STRATA_HAVE_CUDA
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #endif
 
@@ -66,6 +69,24 @@ DeviceBuffer Upload(const std::vector<uint8_t>& bytes) {
   return *std::move(b);
 }
 
+// y = x W^T + bias on the CPU in f32: x [m, k], w [n, k], bias [n] or null.
+std::vector<float> CpuMatMul(const std::vector<float>& x, const std::vector<float>& w,
+                             const float* bias, int64_t m, int64_t n, int64_t k) {
+  std::vector<float> y(m * n);
+  MatMulParams p;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.x = x.data();
+  p.w = w.data();
+  p.w_dtype = DType::kF32;
+  p.bias = bias;
+  p.y = y.data();
+  std::vector<char> ws(MatMulCpuWorkspaceBytes(p));
+  EXPECT_TRUE(MatMulCpu(p, ws.data(), ws.size()).ok());
+  return y;
+}
+
 class GemvTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -106,18 +127,8 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
             std::vector<float> b(sh.n);
             for (int64_t i = 0; i < sh.n; ++i) b[i] = Round(b_raw[i], out);
             // CPU reference in f32 on the rounded values.
-            std::vector<float> want(m * sh.n);
-            MatMulParams p;
-            p.m = m;
-            p.n = sh.n;
-            p.k = sh.k;
-            p.x = x.data();
-            p.w = w.data();
-            p.w_dtype = DType::kF32;
-            p.bias = bias ? b.data() : nullptr;
-            p.y = want.data();
-            std::vector<char> ws(MatMulCpuWorkspaceBytes(p));
-            ASSERT_TRUE(MatMulCpu(p, ws.data(), ws.size()).ok());
+            const std::vector<float> want =
+                CpuMatMul(x, w, bias ? b.data() : nullptr, m, sh.n, sh.k);
             DeviceBuffer dx = Upload(Encode(x, act)), db = Upload(Encode(b, out));
             const int64_t ldy = sh.n + 3;
             absl::StatusOr<DeviceBuffer> dy = DeviceBuffer::Allocate(m * ldy * gpu::ActBytes(out));
@@ -154,6 +165,138 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
       }
     }
   }
+}
+
+// The fused forms a decode step uses: the input RMS-normalized from the f32 residual as it is
+// read (GemvArgs::norm_weight), and the output added into an f32 residual (accumulate), each
+// alone and both, against the same computation on the CPU in f32 (the norm in double).
+TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  absl::StatusOr<CudaStream> stream = CudaStream::Create();
+  ASSERT_TRUE(stream.ok());
+  struct Shape {
+    int64_t n, k;
+  };
+  const float eps = 1e-5f;
+  for (ActType act : {ActType::kF32, ActType::kF16, ActType::kBF16}) {
+    const double tol = act == ActType::kF32 ? 1e-5 : act == ActType::kF16 ? 2e-3 : 1e-2;
+    for (const Shape sh : {Shape{64, 32}, Shape{1000, 256}, Shape{333, 1032}, Shape{6144, 4096},
+                           Shape{4096, 14336}}) {
+      std::vector<float> w(sh.n * sh.k), resid(8 * sh.k), gain(sh.k), y0(8 * sh.n);
+      for (float& v : w) v = Round(normal(rng) * 0.05f, act);
+      for (float& v : resid) v = normal(rng) * 3.0f;  // f32: the residual stream is never rounded
+      // Row 4's mean square (about 1e-5) is near eps, so a wrong eps shows.
+      for (int64_t i = 0; i < sh.k; ++i) resid[4 * sh.k + i] *= 1e-3f;
+      for (float& v : gain) v = 1.0f + 0.2f * normal(rng);
+      for (float& v : y0) v = normal(rng);
+      std::vector<float> b_raw(sh.n);
+      for (float& v : b_raw) v = normal(rng);
+      DeviceBuffer dw = Upload(Encode(w, act)), dgain = Upload(Encode(gain, ActType::kF32));
+      for (int64_t m : {1, 2, 3, 5, 8}) {
+        for (const auto& [norm, accumulate] :
+             {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
+          // A bias with the normalized input (qkv's, in the out type).
+          const bool with_bias = norm && !accumulate;
+          SCOPED_TRACE(::testing::Message()
+                       << "act " << static_cast<int>(act) << " m " << m << " n " << sh.n << " k "
+                       << sh.k << " norm " << norm << " accumulate " << accumulate);
+          // The input as the kernel sees it: the normalized residual, or x rounded to act.
+          std::vector<float> x(m * sh.k);
+          for (int64_t r = 0; r < m; ++r) {
+            double sq = 0;
+            for (int64_t i = 0; i < sh.k; ++i)
+              sq += double(resid[r * sh.k + i]) * resid[r * sh.k + i];
+            const double inv = 1.0 / std::sqrt(sq / sh.k + eps);
+            for (int64_t i = 0; i < sh.k; ++i) {
+              const float v = resid[r * sh.k + i];
+              x[r * sh.k + i] = norm ? static_cast<float>(v * inv * gain[i]) : Round(v, act);
+            }
+          }
+          const ActType out = accumulate ? ActType::kF32 : act;
+          std::vector<float> b(sh.n);
+          for (int64_t i = 0; i < sh.n; ++i) b[i] = Round(b_raw[i], out);
+          std::vector<float> want = CpuMatMul(x, w, with_bias ? b.data() : nullptr, m, sh.n, sh.k);
+          if (accumulate) {
+            for (size_t i = 0; i < want.size(); ++i) want[i] += y0[i];
+          }
+          const std::vector<float> x_in(resid.begin(), resid.begin() + m * sh.k);
+          DeviceBuffer dx = Upload(Encode(norm ? x_in : x, norm ? ActType::kF32 : act));
+          DeviceBuffer db = Upload(Encode(b, out));
+          DeviceBuffer dy =
+              Upload(accumulate ? Encode(std::vector<float>(y0.begin(), y0.begin() + m * sh.n),
+                                         ActType::kF32)
+                                : std::vector<uint8_t>(m * sh.n * gpu::ActBytes(out), 0xff));
+          gpu::GemvArgs g;
+          g.m = m;
+          g.n = sh.n;
+          g.k = sh.k;
+          g.x = dx.data();
+          g.ldx = sh.k;
+          g.w = dw.data();
+          g.bias = with_bias ? db.data() : nullptr;
+          g.y = dy.data();
+          g.ldy = sh.n;
+          g.act = act;
+          g.out_type = out;
+          g.norm_weight = norm ? dgain.as<float>() : nullptr;
+          g.norm_eps = eps;
+          g.accumulate = accumulate;
+          ASSERT_TRUE(GemvCuda(g, stream->handle()).ok());
+          ASSERT_TRUE(stream->Synchronize().ok());
+          std::vector<uint8_t> raw(m * sh.n * gpu::ActBytes(out));
+          ASSERT_TRUE(dy.CopyToHost(raw.data(), raw.size()).ok());
+          const std::vector<float> got = Decode(raw, out);
+          double num = 0, den = 0;
+          for (size_t i = 0; i < want.size(); ++i) {
+            ASSERT_TRUE(std::isfinite(got[i])) << "element " << i << " unwritten or NaN";
+            num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+            den += double(want[i]) * want[i];
+          }
+          EXPECT_LT(std::sqrt(num / den), tol);
+          // Element by element too: an output left at its starting value (accumulate) shows.
+          const double rms = std::sqrt(den / want.size());
+          int64_t bad = 0;
+          for (size_t i = 0; i < want.size(); ++i) {
+            if (std::fabs(double(got[i]) - want[i]) > 8 * tol * (std::fabs(want[i]) + rms)) ++bad;
+          }
+          EXPECT_EQ(bad, 0) << "elements off by more than 8x the tolerance";
+        }
+      }
+    }
+  }
+  // Refused: accumulating into a non-f32 output, a misaligned norm weight, y aliasing x, a row
+  // stride below k.
+  DeviceBuffer d = Upload(std::vector<uint8_t>(4096, 0));
+  gpu::GemvArgs bad;
+  bad.m = 1;
+  bad.n = 8;
+  bad.k = 64;
+  bad.x = d.data();
+  bad.ldx = 64;
+  bad.w = d.data();
+  bad.y = static_cast<char*>(d.data()) + 2048;
+  bad.ldy = 8;
+  bad.act = bad.out_type = ActType::kBF16;
+  bad.accumulate = true;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.accumulate = false;
+  bad.norm_weight = reinterpret_cast<const float*>(static_cast<char*>(d.data()) + 4);
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.norm_weight = nullptr;
+  bad.out_type = ActType::kF32;
+  bad.accumulate = true;
+  bad.y = d.data();
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.accumulate = false;
+  bad.y = static_cast<char*>(d.data()) + 2048;
+  bad.ldx = 32;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.ldx = 64;
+  EXPECT_TRUE(GemvCuda(bad, stream->handle()).ok());  // the same arguments, fixed, run
+  ASSERT_TRUE(stream->Synchronize().ok());
 }
 
 #else

@@ -133,6 +133,17 @@ absl::Status RopeWriteKvCuda(const gpu::RopeArgs& rope, const gpu::WriteKvArgs& 
   return Launched(gpu::LaunchRopeWriteKv(rope, kv, S(stream)), "rope_write_kv");
 }
 
+absl::Status GemvCuda(const gpu::GemvArgs& a, CudaStreamHandle stream) {
+  STRATA_REQUIRE(a.m >= 0 && a.n > 0 && a.k > 0, "gemv", "bad shape");
+  if (a.m == 0) return absl::OkStatus();
+  STRATA_REQUIRE(a.x && a.w && a.y, "gemv", "x, w and y must be set");
+  STRATA_REQUIRE(a.ldx >= a.k && a.ldy >= a.n, "gemv", "ldx below k or ldy below n");
+  STRATA_REQUIRE(gpu::GemvSupported(a), "gemv",
+                 "unsupported arguments (m 1 to 8, k and ldx whole 16-byte vectors, 16-byte "
+                 "aligned x, w and norm_weight, f32 output to accumulate, y not aliasing x)");
+  return Launched(gpu::LaunchGemv(a, S(stream)), "gemv");
+}
+
 absl::Status PagedAttentionCuda(const gpu::PagedAttentionArgs& a, CudaStreamHandle stream) {
   STRATA_REQUIRE(a.num_tokens >= 0 && a.num_heads > 0 && a.num_kv_heads > 0 &&
                      a.num_heads % a.num_kv_heads == 0,

@@ -31,6 +31,9 @@ absl::Status WriteKvCacheCuda(const gpu::WriteKvArgs& a, CudaStreamHandle stream
 // RopeCuda(rope) then WriteKvCacheCuda(kv) in one launch; kv.k and kv.k_stride must be rope's.
 absl::Status RopeWriteKvCuda(const gpu::RopeArgs& rope, const gpu::WriteKvArgs& kv,
                              CudaStreamHandle stream);
+// The decode GEMV (gpu::GemvArgs) called directly, for its fused forms (input RMSNorm over the
+// f32 residual, accumulation into it); INVALID_ARGUMENT when the kernel cannot take the arguments.
+absl::Status GemvCuda(const gpu::GemvArgs& a, CudaStreamHandle stream);
 absl::Status PagedAttentionCuda(const gpu::PagedAttentionArgs& a, CudaStreamHandle stream);
 absl::Status ArgmaxCuda(const gpu::ArgmaxArgs& a, CudaStreamHandle stream);
 // Seeded sampling (penalties, bans, temperature, top-k / min-p / top-p, the host's draw): see

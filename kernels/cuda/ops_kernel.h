@@ -236,7 +236,8 @@ struct GemvArgs {
   int64_t k = 0;
   const void* x = nullptr;  // [m, k], row stride ldx, act
   int64_t ldx = 0;
-  const void* w = nullptr;     // [n, k], act
+  const void* w = nullptr;     // [n, k], act; its first loads may start before the kernel
+                               // launched just before this one finishes (read-only weights)
   const void* bias = nullptr;  // [n], out_type; may be null
   void* y = nullptr;           // [m, n], row stride ldy, out_type
   int64_t ldy = 0;
@@ -244,6 +245,14 @@ struct GemvArgs {
   ActType out_type = ActType::kBF16;
   // The kernel's block shape (see gemv.cu): 0 is the default, 1 to 3 are for benchmarks.
   int variant = 0;
+  // Input RMSNorm (a decode step's residual-add RMSNorm folded into the projection that follows
+  // it): when set, x is the f32 residual stream [m, k] (row stride ldx, 16-byte aligned) and the
+  // GEMV applies W to x * rsqrt(mean(x^2) + norm_eps) * norm_weight, in f32, instead of x.
+  const float* norm_weight = nullptr;  // [k], f32, 16-byte aligned
+  float norm_eps = 0.0f;
+  // y += x W^T (+ bias) instead of y = ...: the projection adds itself to the residual stream.
+  // out_type must be f32, and y must not alias x.
+  bool accumulate = false;
 };
 bool GemvSupported(const GemvArgs& a);
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream);

@@ -587,12 +587,44 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   }
   pa.workspace = attn_ws;
 
+  // Decode steps may fold each residual add into the projection before it (o_proj and
+  // down_proj accumulate into the f32 residual) and each RMSNorm into the projection after it
+  // (qkv and gate_up normalize the residual as they read it): no norm kernels between layers.
+  // Up to 4 rows: every GEMV block re-reads the whole residual rows for their norms, which at 8
+  // rows costs about as many L2 bytes as the weights.
+  const bool fused = o.fused_residual_norm && o.small_m_gemv && n <= 4 && !c.o_bias && H % 8 == 0 &&
+                     qd % 8 == 0 && I % 8 == 0;
+  // A decode GEMV over `x` (or, with `norm`, the residual normalized by it) into `y`.
+  auto gemv = [&](int64_t rows, int64_t k, const void* x, const float* norm, const void* w,
+                  const void* bias, void* y, bool accumulate) {
+    gpu::GemvArgs g;
+    g.m = n;
+    g.n = rows;
+    g.k = k;
+    g.x = norm != nullptr ? static_cast<const void*>(hidden) : x;
+    g.ldx = k;
+    g.w = w;
+    g.bias = bias;
+    g.y = y;
+    g.ldy = rows;
+    g.act = act;
+    g.out_type = accumulate ? gpu::ActType::kF32 : act;
+    g.norm_weight = norm;
+    g.norm_eps = eps;
+    g.accumulate = accumulate;
+    return GemvCuda(g, s);
+  };
   char* q = static_cast<char*>(qkv);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerDev& L = layers[l];
-    RETURN_IF_ERROR(AddRmsNormCuda(
-        {n, H, eps, hidden, l == 0 ? nullptr : proj, H, L.in_norm, normed, H, act}, s));
-    RETURN_IF_ERROR(gemm->Run({n, qkv_w, H, normed, H, L.qkv_w, L.qkv_b, qkv, qkv_w, act, act}, s));
+    if (fused) {
+      RETURN_IF_ERROR(gemv(qkv_w, H, nullptr, L.in_norm, L.qkv_w, L.qkv_b, qkv, false));
+    } else {
+      RETURN_IF_ERROR(AddRmsNormCuda(
+          {n, H, eps, hidden, l == 0 ? nullptr : proj, H, L.in_norm, normed, H, act}, s));
+      RETURN_IF_ERROR(
+          gemm->Run({n, qkv_w, H, normed, H, L.qkv_w, L.qkv_b, qkv, qkv_w, act, act}, s));
+    }
     if (c.qk_norm) {
       RETURN_IF_ERROR(HeadRmsNormCuda({n, nh, D, eps, q, qkv_w, L.q_norm, act}, s));
       RETURN_IF_ERROR(HeadRmsNormCuda({n, nkv, D, eps, q + qd * eb, qkv_w, L.k_norm, act}, s));
@@ -617,14 +649,25 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     pa.k_cache = kc[l];
     pa.v_cache = vc[l];
     RETURN_IF_ERROR(PagedAttentionCuda(pa, s));
-    RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act}, s));
-    RETURN_IF_ERROR(AddRmsNormCuda({n, H, eps, hidden, proj, H, L.post_norm, normed, H, act}, s));
-    RETURN_IF_ERROR(
-        gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act, act}, s));
+    if (fused) {
+      RETURN_IF_ERROR(gemv(H, qd, attn, nullptr, L.o_w, nullptr, hidden, true));
+      RETURN_IF_ERROR(gemv(2 * I, H, nullptr, L.post_norm, L.gate_up_w, nullptr, gate_up, false));
+    } else {
+      RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act}, s));
+      RETURN_IF_ERROR(AddRmsNormCuda({n, H, eps, hidden, proj, H, L.post_norm, normed, H, act}, s));
+      RETURN_IF_ERROR(
+          gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act, act}, s));
+    }
     RETURN_IF_ERROR(SiluMulCuda({n, I, gate_up, actb, act}, s));
-    RETURN_IF_ERROR(gemm->Run({n, H, I, actb, I, L.down_w, nullptr, proj, H, act, act}, s));
+    if (fused) {
+      RETURN_IF_ERROR(gemv(H, I, actb, nullptr, L.down_w, nullptr, hidden, true));
+    } else {
+      RETURN_IF_ERROR(gemm->Run({n, H, I, actb, I, L.down_w, nullptr, proj, H, act, act}, s));
+    }
   }
-  RETURN_IF_ERROR(AddRmsNormCuda({n, H, eps, hidden, proj, H, final_norm, normed, H, act}, s));
+  // The final norm (the residual is complete already when fused).
+  RETURN_IF_ERROR(AddRmsNormCuda(
+      {n, H, eps, hidden, fused ? nullptr : proj, H, final_norm, normed, H, act}, s));
   return Head(0, m, gather, greedy);
 }
 

@@ -49,6 +49,12 @@ struct GpuRunnerOptions {
   // share each key, partitions merge in the same kernel) instead of the tiled one. Off until it
   // has been measured and tested on a GPU.
   bool decode_attention_kernel = false;
+  // Decode steps (up to 4 tokens, with small_m_gemv) fold each residual-add RMSNorm into the
+  // projections around it: o_proj and down_proj add themselves to the f32 residual, qkv and
+  // gate_up normalize it as they read it (GemvArgs::norm_weight, accumulate), so a layer runs
+  // no norm kernel. Models with an o_proj bias keep the separate kernels. Off until it has been
+  // measured and tested on a GPU.
+  bool fused_residual_norm = false;
 };
 
 // What the runner holds on the device.

@@ -175,15 +175,22 @@ TEST_P(GpuModelRunnerTest, LogitsMatchCpuForEveryFeedingAndDtype) {
     double tol;
   };
   for (const Run& r : {Run{DType::kF32, 1e-4}, Run{DType::kBF16, 3e-2}, Run{DType::kF16, 3e-2}}) {
-    SCOPED_TRACE(::testing::Message() << "act " << DTypeName(r.act));
-    auto gpu = GpuModelRunner::Create(*m.weights, Options(r.act, 3));
-    ASSERT_TRUE(gpu.ok()) << gpu.status();
-    for (int64_t chunk : {int64_t{1} << 20, int64_t{7}, int64_t{1}}) {
-      SCOPED_TRACE(::testing::Message() << "chunk " << chunk);
-      const auto got = Feed(GpuForward(gpu->get()), V, seqs, chunk);
-      for (size_t s = 0; s < seqs.size(); ++s) {
-        const double err = RelativeError(got[s], want[s]);
-        EXPECT_LT(err, r.tol) << "sequence " << s << " of " << seqs[s].size() << " tokens";
+    // The default path, and decode steps through the decode attention kernel and the GEMVs that
+    // fold in the residual-add RMSNorms.
+    for (const bool fused : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "act " << DTypeName(r.act) << " fused decode " << fused);
+      GpuRunnerOptions options = Options(r.act, 3);
+      options.decode_attention_kernel = fused;
+      options.fused_residual_norm = fused;
+      auto gpu = GpuModelRunner::Create(*m.weights, options);
+      ASSERT_TRUE(gpu.ok()) << gpu.status();
+      for (int64_t chunk : {int64_t{1} << 20, int64_t{7}, int64_t{1}}) {
+        SCOPED_TRACE(::testing::Message() << "chunk " << chunk);
+        const auto got = Feed(GpuForward(gpu->get()), V, seqs, chunk);
+        for (size_t s = 0; s < seqs.size(); ++s) {
+          const double err = RelativeError(got[s], want[s]);
+          EXPECT_LT(err, r.tol) << "sequence " << s << " of " << seqs[s].size() << " tokens";
+        }
       }
     }
   }
@@ -269,16 +276,21 @@ TEST_P(GpuModelRunnerTest, GreedyTokensEqualCpu) {
     DType act;
     bool gemv;
     bool decode_kernel;
+    bool fused_norm;
   };
-  for (const Variant v : {Variant{DType::kF32, false, false}, Variant{DType::kF32, true, false},
-                          Variant{DType::kBF16, false, false}, Variant{DType::kBF16, true, false},
-                          Variant{DType::kF32, true, true}, Variant{DType::kBF16, true, true}}) {
+  for (const Variant v :
+       {Variant{DType::kF32, false, false, false}, Variant{DType::kF32, true, false, false},
+        Variant{DType::kBF16, false, false, false}, Variant{DType::kBF16, true, false, false},
+        Variant{DType::kF32, true, true, false}, Variant{DType::kBF16, true, true, false},
+        Variant{DType::kF32, true, false, true}, Variant{DType::kBF16, true, true, true}}) {
     const DType act = v.act;
-    SCOPED_TRACE(::testing::Message() << "act " << DTypeName(act) << " gemv " << v.gemv
-                                      << " decode attention kernel " << v.decode_kernel);
+    SCOPED_TRACE(::testing::Message()
+                 << "act " << DTypeName(act) << " gemv " << v.gemv << " decode attention kernel "
+                 << v.decode_kernel << " fused residual norm " << v.fused_norm);
     GpuRunnerOptions options = Options(act, 1);
     options.small_m_gemv = v.gemv;
     options.decode_attention_kernel = v.decode_kernel;
+    options.fused_residual_norm = v.fused_norm;
     auto gpu = GpuModelRunner::Create(*m.weights, options);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     const std::vector<int32_t> got = GenerateGpu(gpu->get(), prompt, kSteps);
