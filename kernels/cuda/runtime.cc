@@ -120,6 +120,31 @@ DeviceBuffer::~DeviceBuffer() {
   if (data_ != nullptr) cudaFree(data_);
 }
 
+absl::StatusOr<PinnedHostBuffer> PinnedHostBuffer::Allocate(size_t bytes) {
+  void* data = nullptr;
+  if (bytes > 0) {
+    if (absl::Status s = CudaStatus(cudaHostAlloc(&data, bytes, cudaHostAllocDefault),
+                                    absl::StrCat("cudaHostAlloc(", bytes, ")"));
+        !s.ok()) {
+      return s;
+    }
+  }
+  return PinnedHostBuffer(data, bytes);
+}
+
+PinnedHostBuffer& PinnedHostBuffer::operator=(PinnedHostBuffer&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) cudaFreeHost(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+PinnedHostBuffer::~PinnedHostBuffer() {
+  if (data_ != nullptr) cudaFreeHost(data_);
+}
+
 absl::Status DeviceBuffer::CopyFromHost(const void* src, size_t bytes) {
   if (bytes > bytes_) {
     return absl::InvalidArgumentError(

@@ -93,6 +93,35 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// An owned page-locked host allocation (cudaHostAlloc): copies between it and device memory are
+// asynchronous DMA, so the host may not touch it until a copy that reads or writes it is done.
+// Contents are uninitialized.
+class PinnedHostBuffer {
+ public:
+  static absl::StatusOr<PinnedHostBuffer> Allocate(size_t bytes);
+  PinnedHostBuffer() = default;
+  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept : data_(other.data_), bytes_(other.bytes_) {
+    other.data_ = nullptr;
+    other.bytes_ = 0;
+  }
+  PinnedHostBuffer& operator=(PinnedHostBuffer&& other) noexcept;
+  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
+  ~PinnedHostBuffer();
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  PinnedHostBuffer(void* data, size_t bytes) : data_(data), bytes_(bytes) {}
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 }  // namespace strata
 
 #endif  // STRATA_KERNELS_CUDA_RUNTIME_H_

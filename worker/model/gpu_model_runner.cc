@@ -95,9 +95,11 @@ struct GpuModelRunner::Impl {
   // Inputs: one region, the same layout on the host (pinned) and the device.
   size_t off_tokens = 0, off_pos = 0, off_seq = 0, off_tiles = 0, off_logit_rows = 0,
          off_tables = 0, off_slots = 0, inputs_bytes = 0;
+  PinnedHostBuffer h_inputs_buf;
   char* h_inputs = nullptr;
   char* d_inputs = nullptr;
   // Outputs.
+  PinnedHostBuffer h_outputs_buf;
   float* h_logits = nullptr;
   int32_t* h_tokens = nullptr;
   float* h_logprobs = nullptr;
@@ -113,9 +115,11 @@ struct GpuModelRunner::Impl {
   int64_t attn_ws_floats = 0;
   uint32_t* attn_counters = nullptr;  // [max_seqs, num_kv_heads], zero between launches
   // Seeded sampling: its workspace (max_seqs x vocab sort buffers, made on first use) and its
-  // per-step inputs (grown as needed).
+  // per-step inputs, staged in pinned memory and copied on the compute stream (both grown as
+  // needed). The staging buffer is free again when the step's results have come back.
   DeviceBuffer sample_ws;
   DeviceBuffer sample_in;
+  PinnedHostBuffer sample_staging;
 
   std::map<int64_t, cudaGraphExec_t> graphs;
   GpuRunnerMemory mem;
@@ -126,8 +130,6 @@ struct GpuModelRunner::Impl {
     if (outputs_ready) cudaEventDestroy(outputs_ready);
     if (step_begin) cudaEventDestroy(step_begin);
     if (step_end) cudaEventDestroy(step_end);
-    if (h_inputs) cudaFreeHost(h_inputs);
-    if (h_logits) cudaFreeHost(h_logits);
   }
 
   template <typename T = void>
@@ -252,13 +254,11 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
       static_cast<size_t>(mem.weight_bytes + mem.kv_cache_bytes + mem.scratch_bytes) +
       64 * kAlign * (c.num_layers + 4);
   ASSIGN_OR_RETURN(pool, DeviceBuffer::Allocate(total));
-  RETURN_IF_ERROR(CudaStatus(
-      cudaHostAlloc(reinterpret_cast<void**>(&h_inputs), inputs_bytes, cudaHostAllocDefault),
-      "cudaHostAlloc"));
+  ASSIGN_OR_RETURN(h_inputs_buf, PinnedHostBuffer::Allocate(inputs_bytes));
+  h_inputs = h_inputs_buf.as<char>();
   const size_t out_bytes = AlignUp(4 * S * V) + 2 * AlignUp(4 * S);
-  RETURN_IF_ERROR(CudaStatus(
-      cudaHostAlloc(reinterpret_cast<void**>(&h_logits), out_bytes, cudaHostAllocDefault),
-      "cudaHostAlloc"));
+  ASSIGN_OR_RETURN(h_outputs_buf, PinnedHostBuffer::Allocate(out_bytes));
+  h_logits = h_outputs_buf.as<float>();
   h_tokens = reinterpret_cast<int32_t*>(reinterpret_cast<char*>(h_logits) + AlignUp(4 * S * V));
   h_logprobs = reinterpret_cast<float*>(reinterpret_cast<char*>(h_tokens) + AlignUp(4 * S));
   LayOut();
@@ -705,17 +705,20 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   const size_t bo = put(sp.ban_offsets.data(), 4 * sp.ban_offsets.size());
   const size_t bt = put(sp.ban_tokens.data(), 4 * sp.ban_tokens.size());
   if (sample_in.bytes() < host.size()) {
-    RETURN_IF_ERROR(compute->Synchronize());  // the old buffer may still be read
-    ASSIGN_OR_RETURN(sample_in,
-                     DeviceBuffer::Allocate(std::max(host.size(), sample_in.bytes() * 2)));
+    RETURN_IF_ERROR(compute->Synchronize());  // the old buffers may still be read
+    const size_t bytes = std::max(host.size(), sample_in.bytes() * 2);
+    ASSIGN_OR_RETURN(sample_in, DeviceBuffer::Allocate(bytes));
+    ASSIGN_OR_RETURN(sample_staging, PinnedHostBuffer::Allocate(bytes));
   }
+  // The last step's copy out of the staging buffer finished before its results came back.
+  std::memcpy(sample_staging.data(), host.data(), host.size());
   if (sample_ws.bytes() == 0) {
     ASSIGN_OR_RETURN(sample_ws, DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(S_(), V)));
   }
   char* d = static_cast<char*>(sample_in.data());
-  RETURN_IF_ERROR(CudaStatus(
-      cudaMemcpyAsync(d, host.data(), host.size(), cudaMemcpyHostToDevice, compute->get()),
-      "upload sampling inputs"));
+  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d, sample_staging.data(), host.size(),
+                                             cudaMemcpyHostToDevice, compute->get()),
+                             "upload sampling inputs"));
   gpu::SampleArgs a;
   a.rows = m;
   a.vocab = V;
@@ -735,9 +738,8 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   a.workspace = sample_ws.data();
   a.all_greedy = std::all_of(sp.rows.begin(), sp.rows.end(),
                              [](const gpu::SampleRow& r) { return r.temperature == 0; });
-  RETURN_IF_ERROR(SampleCuda(a, Handle(compute->get())));
-  // The pageable source must outlive the copy.
-  return compute->Synchronize();
+  // No wait here: the step's download waits for the compute stream, copy and sampling included.
+  return SampleCuda(a, Handle(compute->get()));
 }
 
 GpuModelRunner::GpuModelRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
