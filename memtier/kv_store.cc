@@ -6,6 +6,10 @@
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 
+#ifdef STRATA_HAVE_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
+
 namespace strata {
 namespace {
 
@@ -41,6 +45,14 @@ absl::StatusOr<std::unique_ptr<KvStore>> KvStore::Create(KvStoreConfig config, K
   }
   std::unique_ptr<KvStore> store(new KvStore(std::move(config), layout, device));
   if (absl::Status s = store->OpenTiers(); !s.ok()) return s;
+#ifdef STRATA_HAVE_CUDA
+  // A GPU device tier copies blocks into and out of the staging block: page-locked, those copies
+  // are DMA at full speed (best effort; without a driver it stays pageable).
+  if (store->config_.pin_host) {
+    store->staging_pinned_ =
+        RegisterPinnedHostMemory(store->staging_.data(), store->staging_.size()).ok();
+  }
+#endif
   return store;
 }
 
@@ -128,7 +140,12 @@ absl::Status KvStore::OpenTiers() {
   return absl::OkStatus();
 }
 
-KvStore::~KvStore() { Flush(); }
+KvStore::~KvStore() {
+  Flush();
+#ifdef STRATA_HAVE_CUDA
+  if (staging_pinned_) UnregisterPinnedHostMemory(staging_.data()).IgnoreError();
+#endif
+}
 
 KvStore::Where KvStore::Find(BlockHash hash) const {
   if (auto it = host_index_.find(hash); it != host_index_.end()) {

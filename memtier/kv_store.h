@@ -225,6 +225,7 @@ class KvStore {
   int64_t loads_in_flight_ = 0;
 
   std::vector<uint8_t> staging_;              // one raw block, for device <-> host copies
+  bool staging_pinned_ = false;               // registered with the CUDA driver
   std::vector<AlignedBuffer> spill_buffers_;  // free copies for SpillToDisk
   int64_t spill_buffers_out_ = 0;
   absl::flat_hash_set<BlockHash> promoted_;
