@@ -30,6 +30,7 @@ cluster_check() {
   done
   export LD_LIBRARY_PATH="$libpath"
   mkdir -p "$PWD/gpu-bundle/tmp"
+  rm -f "$PWD/gpu-bundle/tmp/cluster-kv"  # a fresh disk tier each run
   local cport=50951 wport=50961 prompt='def fibonacci(n):'
   "$b/coordinator.strata-coordinator" --model="strata-tiny=$model" --workers="127.0.0.1:$wport" \
     --listen="127.0.0.1:$cport" >"$results/cluster-coordinator.log" 2>&1 &
