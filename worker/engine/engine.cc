@@ -51,6 +51,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     o.max_seqs = c.max_running_sequences;
     o.max_blocks_per_seq =
         (weights->config.max_position_embeddings + c.block_tokens - 1) / c.block_tokens + 1;
+    o.decode_attention_kernel = c.gpu_decode_attention_kernel;
+    o.fused_residual_norm = c.gpu_fused_residual_norm;
     ASSIGN_OR_RETURN(engine->gpu_, GpuModelRunner::Create(*weights, o));
 #else
     return absl::UnavailableError("engine: this build has no CUDA (device gpu)");

@@ -76,6 +76,9 @@ struct EngineConfig {
   // needs log-probabilities, GpuModelRunner::ForwardSample).
   std::string device = "cpu";
   DType gpu_dtype = DType::kBF16;
+  // GpuRunnerOptions::decode_attention_kernel and fused_residual_norm (experimental, off).
+  bool gpu_decode_attention_kernel = false;
+  bool gpu_fused_residual_norm = false;
 };
 
 enum class FinishReason { kNone, kLength, kEos, kStopToken, kContextLength, kCancelled };

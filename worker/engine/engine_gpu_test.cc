@@ -55,11 +55,15 @@ class EngineGpuTest : public ::testing::TestWithParam<std::string> {
 
   // Eight requests with mixed prompt lengths; `sampled`: seeded sampling with every knob (and
   // min_tokens, which bans EOS for a while) instead of greedy.
+  // `fast_decode`: the experimental decode attention kernel and fused residual norms.
   std::map<std::string, std::vector<int32_t>> Generate(const std::string& device, DType dtype,
-                                                       bool sampled = false) {
+                                                       bool sampled = false,
+                                                       bool fast_decode = false) {
     EngineConfig ec;
     ec.device = device;
     ec.gpu_dtype = dtype;
+    ec.gpu_decode_attention_kernel = fast_decode;
+    ec.gpu_fused_residual_norm = fast_decode;
     ec.max_batch_tokens = 48;  // prompts prefill in chunks, beside other requests' decodes
     ec.max_running_sequences = 8;
     ec.compute_threads = 2;
@@ -101,6 +105,8 @@ TEST_P(EngineGpuTest, GreedyTokensEqualTheCpuEngine) {
   const auto gpu = Generate("gpu", DType::kF32);
   ASSERT_EQ(cpu.size(), 8u);
   EXPECT_EQ(gpu, cpu);
+  EXPECT_EQ(Generate("gpu", DType::kF32, false, /*fast_decode=*/true), cpu)
+      << "with the decode attention kernel and fused residual norms";
   const auto bf16 = Generate("gpu", DType::kBF16);
   ASSERT_EQ(bf16.size(), cpu.size());
   int same = 0, total = 0;

@@ -67,13 +67,17 @@ ABSL_FLAG(int64_t, max_running_sequences, 64, "Most sequences in one engine step
 ABSL_FLAG(int64_t, max_live_sequences, 256,
           "Running plus queued sequences accepted; beyond it Submit fails RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, threads, 0, "CPU compute threads; 0 uses every core.");
-ABSL_FLAG(
-    std::string, device, "cpu",
-    "Where the model runs: cpu, or gpu (the current CUDA device; one rank, no host or disk KV "
-    "tiers yet).");
+ABSL_FLAG(std::string, device, "cpu",
+          "Where the model runs: cpu, or gpu (the current CUDA device; one rank).");
 ABSL_FLAG(std::string, gpu_dtype, "bf16",
           "Weights, activations and KV cache on the GPU: bf16, f16 "
           "or f32.");
+ABSL_FLAG(bool, gpu_decode_attention_kernel, false,
+          "GPU decode steps' attention through the decode kernel (lanes share each key; split-K "
+          "merged in the same kernel). Experimental: not yet measured on a GPU.");
+ABSL_FLAG(bool, gpu_fused_residual_norm, false,
+          "GPU decode steps of up to 4 rows fold each residual-add RMSNorm into the projections "
+          "around it. Experimental: not yet measured on a GPU.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
 
 namespace strata {
@@ -146,6 +150,8 @@ int Main() {
   ec.keep_finished_warm = absl::GetFlag(FLAGS_keep_finished_warm);
   ec.max_io_wait = absl::Milliseconds(absl::GetFlag(FLAGS_max_io_wait_ms));
   ec.device = absl::GetFlag(FLAGS_device);
+  ec.gpu_decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);
+  ec.gpu_fused_residual_norm = absl::GetFlag(FLAGS_gpu_fused_residual_norm);
   if (const std::string g = absl::GetFlag(FLAGS_gpu_dtype);
       !ParseDType(absl::AsciiStrToUpper(g), &ec.gpu_dtype) ||
       (ec.gpu_dtype != DType::kBF16 && ec.gpu_dtype != DType::kF16 &&
