@@ -1,6 +1,7 @@
 #include "worker/engine/engine.h"
 
 #include <algorithm>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
@@ -517,14 +518,28 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   batch.num_seqs = static_cast<int64_t>(plan.size());
   batch.max_blocks_per_seq = max_blocks;
   batch.logit_tokens = logit_tokens;
-  // On the GPU, when every logit row is a token to sample with no log-probabilities to report,
-  // sampling runs there too and the logits never come to the host.
-  // (Every such row is one sequence's, so there are at most max_running_sequences of them.)
+  // On the GPU, when every logit row is a token to sample, sampling runs there too. The logits
+  // of rows that report log-probabilities come to the host and are sampled there (the same draw);
+  // the others never leave the GPU. (Every such row is one sequence's, so there are at most
+  // max_running_sequences of them.) Prompt log-probabilities send the whole step to the host.
   bool sampled_on_gpu = gpu_ != nullptr && !uses.empty();
   for (size_t u = 0; sampled_on_gpu && u < uses.size(); ++u) {
     const Sequence* s = plan[uses[u].chunk].seq;
-    sampled_on_gpu = uses[u].position + 1 >= s->prompt_len && s->options.sampling.logprobs < 0 &&
+    sampled_on_gpu = uses[u].position + 1 >= s->prompt_len &&
                      (s->options.prompt_logprobs < 0 || s->prompt_logprobs_sent);
+  }
+  // Per logit row, its row in logits_ when it is sampled on the host (-1: on the GPU).
+  std::vector<int32_t> host_row(uses.size(), -1);
+  std::vector<int32_t> host_rows;
+  if (sampled_on_gpu) {
+    for (size_t u = 0; u < uses.size(); ++u) {
+      if (plan[uses[u].chunk].seq->options.sampling.logprobs >= 0) {
+        host_row[u] = static_cast<int32_t>(host_rows.size());
+        host_rows.push_back(static_cast<int32_t>(u));
+      }
+    }
+  } else {
+    std::iota(host_row.begin(), host_row.end(), 0);
   }
   std::vector<int32_t> gpu_tokens;
   std::vector<float> gpu_logprobs;
@@ -574,6 +589,9 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     sampling.pen_counts = pen_counts;
     sampling.ban_offsets = ban_offsets;
     sampling.ban_tokens = ban_tokens;
+    logits_.resize(host_rows.size() * V);
+    sampling.host_rows = host_rows;
+    sampling.host_logits = absl::MakeSpan(logits_);
     RETURN_IF_ERROR(gpu_->ForwardSample(batch, sampling, absl::MakeSpan(gpu_tokens),
                                         absl::MakeSpan(gpu_logprobs)));
   } else if (gpu_ != nullptr) {
@@ -600,8 +618,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   std::vector<Sequence*> finished;
   for (size_t u = 0; u < uses.size(); ++u) {
     Sequence* s = plan[uses[u].chunk].seq;
-    // This row's logits on the host (none when the GPU sampled: every row then samples).
-    auto row = [&] { return absl::Span<float>(logits_.data() + u * V, V); };
+    // This row's logits on the host (a row the GPU sampled has none).
+    auto row = [&] { return absl::Span<float>(logits_.data() + host_row[u] * V, V); };
     const int64_t p = uses[u].position;
     RequestOutput& out = output_of(s);
     if (p + 1 < s->prompt_len) {
@@ -613,7 +631,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       s->prompt_logprobs_sent = true;
     }
     SampledToken t;
-    if (sampled_on_gpu) {
+    if (host_row[u] < 0) {
       t.token = gpu_tokens[u];
       t.logprob = gpu_logprobs[u];
     } else {

@@ -131,6 +131,66 @@ TEST_P(EngineGpuTest, SampledTokensEqualTheCpuEngine) {
   EXPECT_EQ(gpu, cpu);
 }
 
+// A batch where some requests report log-probabilities (with their top alternatives): the GPU
+// samples the others and sends only those rows' logits to the host, and every request gets the
+// CPU engine's tokens and, where asked, its log-probabilities and alternatives.
+TEST_P(EngineGpuTest, LogprobRequestsShareAStepWithGpuSampledOnes) {
+  auto run = [&](const std::string& device) {
+    EngineConfig ec;
+    ec.device = device;
+    ec.gpu_dtype = DType::kF32;
+    ec.max_running_sequences = 8;
+    ec.compute_threads = 2;
+    auto e = Engine::Create(weights_.get(), &comm_, ec);
+    EXPECT_TRUE(e.ok()) << e.status();
+    std::map<std::string, std::vector<SampledToken>> out;
+    if (!e.ok()) return out;
+    std::mt19937 rng(5);
+    const int64_t vocab = weights_->config.vocab_size;
+    for (int i = 0; i < 6; ++i) {
+      std::vector<int32_t> prompt(5 + rng() % 30);
+      for (int32_t& t : prompt) t = static_cast<int32_t>(3 + rng() % (vocab - 3));
+      RequestOptions o;
+      o.max_tokens = 12;
+      o.ignore_eos = true;
+      o.sampling.temperature = i % 2 == 0 ? 0.0f : 0.8f;
+      o.sampling.seed = 77 + i;
+      o.sampling.logprobs = i % 3 == 0 ? 3 : -1;  // requests 0 and 3 report them
+      EXPECT_TRUE((*e)->AddRequest("r" + std::to_string(i), prompt, o).ok());
+    }
+    for (int steps = 0; (*e)->HasWork() && steps < 1000; ++steps) {
+      auto step = (*e)->Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      for (const RequestOutput& o : *step) {
+        for (const SampledToken& t : o.tokens) out[o.request_id].push_back(t);
+      }
+    }
+    return out;
+  };
+  const auto cpu = run("cpu");
+  const auto gpu = run("gpu");
+  ASSERT_EQ(cpu.size(), 6u);
+  ASSERT_EQ(gpu.size(), cpu.size());
+  for (const auto& [id, want] : cpu) {
+    SCOPED_TRACE(id);
+    const std::vector<SampledToken>& got = gpu.at(id);
+    ASSERT_EQ(got.size(), want.size());
+    const bool reports = id == "r0" || id == "r3";
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i].token, want[i].token) << "token " << i;
+      EXPECT_NEAR(got[i].logprob, want[i].logprob, 1e-3) << "token " << i;
+      if (!reports) continue;
+      EXPECT_EQ(got[i].rank, want[i].rank) << "token " << i;
+      ASSERT_EQ(got[i].top.size(), 3u) << "token " << i;
+      for (size_t k = 0; k < 3; ++k) {
+        EXPECT_EQ(got[i].top[k].first, want[i].top[k].first) << "token " << i << " top " << k;
+        EXPECT_NEAR(got[i].top[k].second, want[i].top[k].second, 1e-3);
+      }
+    }
+  }
+}
+
 // Host and disk tiers under the GPU's KV cache: a prefix evicted from the device cache comes back
 // from host memory or disk (through the device tier's packed GPU copies) and the greedy tokens are
 // the ones computed without tiers; on the CPU engine in f32, and on the GPU's own untiered run in

@@ -831,6 +831,15 @@ absl::Status GpuModelRunner::ForwardSample(const ForwardBatch& b, const Sampling
   if (!csr_ok(sampling.ban_offsets, sampling.ban_tokens.size())) {
     return absl::InvalidArgumentError("forward: ban_offsets and ban_tokens disagree");
   }
+  const auto& hr = sampling.host_rows;
+  if (sampling.host_logits.size() != hr.size() * static_cast<size_t>(impl_->V)) {
+    return absl::InvalidArgumentError("forward: host_logits must hold vocab_size per host row");
+  }
+  for (size_t j = 0; j < hr.size(); ++j) {
+    if (hr[j] < 0 || hr[j] >= m || (j > 0 && hr[j] <= hr[j - 1])) {
+      return absl::InvalidArgumentError("forward: host_rows must be ascending logit-token indices");
+    }
+  }
   if (b.tokens.empty()) return absl::OkStatus();
   return Step(b, /*greedy=*/true, &sampling, nullptr, tokens.data(),
               logprobs.empty() ? nullptr : logprobs.data());
@@ -884,7 +893,17 @@ absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, const Samp
     RETURN_IF_ERROR(x.Run(n, b.num_seqs, static_cast<int64_t>(tiles.size() / 2), true, max_keys,
                           std::min(m, x.S_()), true, greedy));
   }
-  if (sampling != nullptr) RETURN_IF_ERROR(x.Sample(*sampling, m));
+  if (sampling != nullptr) {
+    // Rows the caller samples itself: their logits go to the pinned output buffer before the
+    // sampler modifies them in place (same stream), and arrive with the step's download.
+    for (size_t j = 0; j < sampling->host_rows.size(); ++j) {
+      RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(x.h_logits + j * x.V, x.logits + sampling->host_rows[j] * x.V,
+                                     4 * x.V, cudaMemcpyDeviceToHost, x.compute->get()),
+                     "download host rows' logits"));
+    }
+    RETURN_IF_ERROR(x.Sample(*sampling, m));
+  }
   // Results come back max_seqs rows at a time (more rows only for prompt log-probabilities).
   for (int64_t offset = 0; offset < m; offset += x.S_()) {
     const int64_t rows = std::min(m - offset, x.S_());
@@ -896,6 +915,10 @@ absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, const Samp
     } else {
       std::memcpy(logits_out + offset * x.V, x.h_logits, 4 * rows * x.V);
     }
+  }
+  if (sampling != nullptr && !sampling->host_rows.empty()) {
+    std::memcpy(sampling->host_logits.data(), x.h_logits,
+                4 * sampling->host_rows.size() * static_cast<size_t>(x.V));
   }
   return absl::OkStatus();
 }

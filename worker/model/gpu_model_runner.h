@@ -96,6 +96,12 @@ class GpuModelRunner {
     absl::Span<const gpu::SampleRow> rows;
     absl::Span<const int32_t> pen_offsets, pen_tokens, pen_counts;
     absl::Span<const int32_t> ban_offsets, ban_tokens;
+    // Rows (indices into the logit tokens, ascending) whose logits also come back to the host as
+    // the model produced them, before the sampler's penalties and temperature: rows the caller
+    // samples itself (one that reports log-probabilities), while the GPU samples the rest.
+    // host_logits: [host_rows.size(), vocab_size] f32, host.
+    absl::Span<const int32_t> host_rows;
+    absl::Span<float> host_logits;
   };
   absl::Status ForwardSample(const ForwardBatch& batch, const Sampling& sampling,
                              absl::Span<int32_t> tokens, absl::Span<float> logprobs);
