@@ -16,6 +16,7 @@
 #include "gtest/gtest.h"
 #include "worker/model/config.h"
 #include "worker/model/model_runner.h"
+#include "worker/model/test_util.h"
 #include "worker/model/weights.h"
 
 #ifdef STRATA_HAVE_CUDA
@@ -86,17 +87,6 @@ std::vector<std::vector<float>> Feed(const ForwardFn& forward, int64_t vocab,
     }
   }
   return out;
-}
-
-double RelativeError(const std::vector<float>& got, const std::vector<float>& want) {
-  if (got.size() != want.size()) return INFINITY;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
-    den += double(want[i]) * want[i];
-  }
-  return std::sqrt(num / den);
 }
 
 struct Loaded {

@@ -14,6 +14,7 @@
 #include "common/mapped_file.h"
 #include "gtest/gtest.h"
 #include "worker/model/config.h"
+#include "worker/model/test_util.h"
 #include "worker/model/weights.h"
 
 namespace strata {
@@ -110,16 +111,6 @@ std::vector<std::vector<float>> FeedSequences(ModelRunner& runner,
     }
   }
   return out;
-}
-
-double RelativeError(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
-    den += double(want[i]) * want[i];
-  }
-  return std::sqrt(num / den);
 }
 
 // A model directory and the directory with its reference.json and logits.
