@@ -147,14 +147,17 @@ absl::Status DeviceTier::Copy(int64_t slot, bool gather, uint8_t* packed) {
   p.packed = gpu_->packed;
   const size_t block_bytes = static_cast<size_t>(config_.layout.block_bytes());
   const CudaStreamHandle stream = gpu_->stream.handle();
+  absl::Status status;
   if (gather) {
-    RETURN_IF_ERROR(KvBlockCopyCuda(p, stream));
-    RETURN_IF_ERROR(CopyMemoryAsync(packed, gpu_->packed, block_bytes, stream));
+    status = KvBlockCopyCuda(p, stream);
+    if (status.ok()) status = CopyMemoryAsync(packed, gpu_->packed, block_bytes, stream);
   } else {
-    RETURN_IF_ERROR(CopyMemoryAsync(gpu_->packed, packed, block_bytes, stream));
-    RETURN_IF_ERROR(KvBlockCopyCuda(p, stream));
+    status = CopyMemoryAsync(gpu_->packed, packed, block_bytes, stream);
+    if (status.ok()) status = KvBlockCopyCuda(p, stream);
   }
-  return gpu_->stream.Synchronize();
+  // Whatever was queued finishes before the caller reuses `packed`, failed or not.
+  absl::Status idle = gpu_->stream.Synchronize();
+  return status.ok() ? idle : status;
 #else
   return absl::InternalError("device tier: GPU path in a build without CUDA");
 #endif

@@ -538,7 +538,10 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         host_rows.push_back(static_cast<int32_t>(u));
       }
     }
-  } else {
+    // Every row on the host: no GPU sampling to do.
+    if (host_rows.size() == uses.size()) sampled_on_gpu = false;
+  }
+  if (!sampled_on_gpu) {
     std::iota(host_row.begin(), host_row.end(), 0);
   }
   std::vector<int32_t> gpu_tokens;

@@ -704,11 +704,13 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   const size_t pc = put(sp.pen_counts.data(), 4 * sp.pen_counts.size());
   const size_t bo = put(sp.ban_offsets.data(), 4 * sp.ban_offsets.size());
   const size_t bt = put(sp.ban_tokens.data(), 4 * sp.ban_tokens.size());
-  if (sample_in.bytes() < host.size()) {
+  if (sample_in.bytes() < host.size() || sample_staging.bytes() < host.size()) {
     RETURN_IF_ERROR(compute->Synchronize());  // the old buffers may still be read
     const size_t bytes = std::max(host.size(), sample_in.bytes() * 2);
-    ASSIGN_OR_RETURN(sample_in, DeviceBuffer::Allocate(bytes));
-    ASSIGN_OR_RETURN(sample_staging, PinnedHostBuffer::Allocate(bytes));
+    ASSIGN_OR_RETURN(DeviceBuffer in, DeviceBuffer::Allocate(bytes));
+    ASSIGN_OR_RETURN(PinnedHostBuffer staging, PinnedHostBuffer::Allocate(bytes));
+    sample_in = std::move(in);  // both or neither
+    sample_staging = std::move(staging);
   }
   // The last step's copy out of the staging buffer finished before its results came back.
   std::memcpy(sample_staging.data(), host.data(), host.size());
@@ -847,6 +849,20 @@ absl::Status GpuModelRunner::ForwardSample(const ForwardBatch& b, const Sampling
 
 absl::Status GpuModelRunner::Step(const ForwardBatch& b, bool greedy, const Sampling* sampling,
                                   float* logits_out, int32_t* tokens_out, float* logprobs_out) {
+  absl::Status status = RunStep(b, greedy, sampling, logits_out, tokens_out, logprobs_out);
+  // A step that downloads results has waited for the compute stream; one that does not (no logit
+  // rows: a chunk in the middle of a prompt) or that failed part-way waits here, so that nothing
+  // of it is in flight when the call returns (tier copies and the next step's pinned inputs touch
+  // what it was writing and reading).
+  if (!status.ok() || b.logit_tokens.empty()) {
+    absl::Status idle = impl_->compute->Synchronize();
+    if (status.ok()) status = idle;
+  }
+  return status;
+}
+
+absl::Status GpuModelRunner::RunStep(const ForwardBatch& b, bool greedy, const Sampling* sampling,
+                                     float* logits_out, int32_t* tokens_out, float* logprobs_out) {
   Impl& x = *impl_;
   const int64_t n = static_cast<int64_t>(b.tokens.size());
   const int64_t m = static_cast<int64_t>(b.logit_tokens.size());

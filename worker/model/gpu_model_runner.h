@@ -125,6 +125,9 @@ class GpuModelRunner {
   // tokens and log-probabilities.
   absl::Status Step(const ForwardBatch& batch, bool greedy, const Sampling* sampling,
                     float* logits_out, int32_t* tokens_out, float* logprobs_out);
+  // Step's work; Step makes sure the GPU is idle when it returns, on every path.
+  absl::Status RunStep(const ForwardBatch& batch, bool greedy, const Sampling* sampling,
+                       float* logits_out, int32_t* tokens_out, float* logprobs_out);
   explicit GpuModelRunner(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
