@@ -553,26 +553,15 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       const Sequence* s = plan[use.chunk].seq;
       const SamplingOptions& o = s->options.sampling;
       rows.push_back(SampleRowOf(o, s->num_generated));
-      const auto& counts = s->penalties.output_counts();
-      const std::vector<int32_t>& prompt = s->penalties.prompt_tokens();
-      if (o.repetition_penalty != 1.0f) {
-        // Every token seen, once, with its count in the output (0: prompt only).
-        for (int32_t t : prompt) {
-          auto it = counts.find(t);
-          pen_tokens.push_back(t);
-          pen_counts.push_back(it == counts.end() ? 0 : it->second);
-        }
-        for (const auto& [t, c] : counts) {
-          if (std::binary_search(prompt.begin(), prompt.end(), t)) continue;
-          pen_tokens.push_back(t);
-          pen_counts.push_back(c);
-        }
-      } else if (o.presence_penalty != 0.0f || o.frequency_penalty != 0.0f) {
-        // Only the output's tokens are penalized.
-        for (const auto& [t, c] : counts) {
-          pen_tokens.push_back(t);
-          pen_counts.push_back(c);
-        }
+      // The lists PenaltyState keeps current: every token seen with its output count (repetition),
+      // or only the output's tokens (presence and frequency).
+      const PenaltyState& ps = s->penalties;
+      const bool repetition = o.repetition_penalty != 1.0f;
+      if (repetition || o.presence_penalty != 0.0f || o.frequency_penalty != 0.0f) {
+        const std::vector<int32_t>& t = repetition ? ps.seen_tokens() : ps.output_tokens();
+        const std::vector<int32_t>& c = repetition ? ps.seen_counts() : ps.output_token_counts();
+        pen_tokens.insert(pen_tokens.end(), t.begin(), t.end());
+        pen_counts.insert(pen_counts.end(), c.begin(), c.end());
       }
       pen_offsets.push_back(static_cast<int32_t>(pen_tokens.size()));
       if (s->num_generated < s->options.min_tokens) {

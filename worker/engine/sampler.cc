@@ -53,9 +53,33 @@ void PenaltyState::AddPrompt(absl::Span<const int32_t> tokens) {
   prompt_tokens_sorted_.erase(
       std::unique(prompt_tokens_sorted_.begin(), prompt_tokens_sorted_.end()),
       prompt_tokens_sorted_.end());
+  for (int32_t t : tokens) {
+    if (seen_index_.try_emplace(t, static_cast<int32_t>(seen_tokens_.size())).second) {
+      seen_tokens_.push_back(t);
+      auto it = output_counts_.find(t);
+      seen_counts_.push_back(it == output_counts_.end() ? 0 : it->second);
+    }
+  }
 }
 
-void PenaltyState::AddOutput(int32_t token) { ++output_counts_[token]; }
+void PenaltyState::AddOutput(int32_t token) {
+  ++output_counts_[token];
+  auto [seen, new_seen] = seen_index_.try_emplace(token, static_cast<int32_t>(seen_tokens_.size()));
+  if (new_seen) {
+    seen_tokens_.push_back(token);
+    seen_counts_.push_back(1);
+  } else {
+    ++seen_counts_[seen->second];
+  }
+  auto [out, new_out] =
+      output_index_.try_emplace(token, static_cast<int32_t>(output_tokens_.size()));
+  if (new_out) {
+    output_tokens_.push_back(token);
+    output_token_counts_.push_back(1);
+  } else {
+    ++output_token_counts_[out->second];
+  }
+}
 
 bool PenaltyState::SeenAnywhere(int32_t token) const {
   return output_counts_.contains(token) ||

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <map>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -121,6 +122,35 @@ TEST(SamplerTest, LogprobsAreLogSoftmaxWithRanks) {
   const SampledToken p = LogprobsOf(logits, 0, 1);
   EXPECT_EQ(p.rank, 3);
   EXPECT_NEAR(p.logprob, 1.0 - std::log(z), 1e-6);
+}
+
+// The GPU sampler's lists, kept current token by token, hold exactly what rebuilding them from the
+// counts would: every prompt or output token once with its output count, and the output's tokens.
+TEST(SamplerTest, PenaltyListsTrackPromptAndOutput) {
+  std::mt19937 rng(3);
+  PenaltyState ps;
+  std::vector<int32_t> prompt(300);
+  for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 200);
+  ps.AddOutput(7);  // output before the prompt arrives (a resumed request)
+  ps.AddPrompt(prompt);
+  for (int i = 0; i < 500; ++i) {
+    ps.AddOutput(static_cast<int32_t>(rng() % 260));
+    if (i % 50 != 49) continue;
+    std::map<int32_t, int32_t> want_seen, want_out, got_seen, got_out;
+    for (int32_t t : ps.prompt_tokens()) want_seen[t] = 0;
+    for (const auto& [t, c] : ps.output_counts()) want_seen[t] = want_out[t] = c;
+    ASSERT_EQ(ps.seen_tokens().size(), ps.seen_counts().size());
+    ASSERT_EQ(ps.output_tokens().size(), ps.output_token_counts().size());
+    for (size_t j = 0; j < ps.seen_tokens().size(); ++j) {
+      EXPECT_TRUE(got_seen.emplace(ps.seen_tokens()[j], ps.seen_counts()[j]).second)
+          << "token " << ps.seen_tokens()[j] << " listed twice";
+    }
+    for (size_t j = 0; j < ps.output_tokens().size(); ++j) {
+      EXPECT_TRUE(got_out.emplace(ps.output_tokens()[j], ps.output_token_counts()[j]).second);
+    }
+    EXPECT_EQ(got_seen, want_seen);
+    EXPECT_EQ(got_out, want_out);
+  }
 }
 
 TEST(SamplerTest, ValidationNamesTheField) {
