@@ -36,6 +36,7 @@
 
 #ifdef STRATA_HAVE_CUDA
 #include <cuda_runtime_api.h>
+#include <nvtx3/nvToolsExt.h>
 
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
@@ -50,6 +51,12 @@ ABSL_FLAG(int64_t, steps, 64, "Decode steps timed per batch size.");
 ABSL_FLAG(std::string, batches, "1,64", "Decode batch sizes.");
 ABSL_FLAG(int64_t, prefill_tokens, 2048, "Prompt length of the prefill measurement.");
 ABSL_FLAG(std::string, out, "", "Write the results as JSON here.");
+ABSL_FLAG(bool, only_decode, false,
+          "Skip the matrix rate, per-op and prefill measurements: the copy bandwidth and the "
+          "decode runs only (for profiling a decode step under ncu).");
+ABSL_FLAG(std::string, variants, "default,cublas,eager,decode_attn,fused_norm",
+          "Decode runs to make: default (graphs, GEMV), cublas, eager, decode_attn (the decode "
+          "attention kernel), fused_norm (that and the fused residual norms).");
 
 namespace strata {
 namespace {
@@ -173,9 +180,13 @@ double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms) {
     }
     ForwardBatch fb{b->last,   positions, token_seq,  slots,
                     b->tables, b->seqs,   b->per_seq, logit_tokens};
+    // Timed steps sit in an NVTX range, so that a profiler can take just them
+    // (ncu --nvtx --nvtx-include "strata_decode_step/").
+    if (step > 0) nvtxRangePushA("strata_decode_step");
     const auto t0 = std::chrono::steady_clock::now();
     CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(next), {}));
     const auto t1 = std::chrono::steady_clock::now();
+    if (step > 0) nvtxRangePop();
     if (step > 0) {
       times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
       device.push_back(r->last_step_device_ms());
@@ -230,8 +241,9 @@ int Main() {
 
   absl::StatusOr<std::unique_ptr<CublasLtGemm>> gemm = CublasLtGemm::Create();
   CHECK_OK(gemm.status());
+  const bool only_decode = absl::GetFlag(FLAGS_only_decode);
   // Matrix rate: 8192^3 on random data.
-  {
+  if (!only_decode) {
     const int64_t N = 8192;
     absl::StatusOr<DeviceBuffer> x = DeviceBuffer::Allocate(N * N * eb),
                                  w = DeviceBuffer::Allocate(N * N * eb),
@@ -259,7 +271,7 @@ int Main() {
   json.AddStr("config", absl::GetFlag(FLAGS_config));
 
   // The GEMMs of one layer at m = 1, as achieved weight bandwidth.
-  {
+  if (!only_decode) {
     const int64_t H = c.hidden_size, I = c.intermediate_size;
     const int64_t qkv = c.q_dim() + 2 * c.kv_dim();
     struct Shape {
@@ -295,7 +307,7 @@ int Main() {
   }
   // The other ops of one decode step at batch 1 and 64 (microseconds each, by events), and paged
   // attention over contexts of 512 and 4096 tokens, to place the time a step spends outside GEMMs.
-  {
+  if (!only_decode) {
     const int64_t H = c.hidden_size, D = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
     const int64_t qkv_w = c.q_dim() + 2 * c.kv_dim(), I = c.intermediate_size;
     const int64_t bt = 16, max_ctx = 4096, max_b = 64;
@@ -461,7 +473,7 @@ int Main() {
   proto.per_seq = per_seq;
 
   // Prefill: one prompt of prefill_tokens tokens, median of 3 (after one warm-up).
-  {
+  if (!only_decode) {
     Batch b = proto;
     b.seqs = 1;
     b.tables.resize(per_seq);
@@ -496,14 +508,24 @@ int Main() {
     bool graphs, cublas, decode_attn, fused_norm;
   };
   std::vector<DecodeRun> runs;
-  for (int64_t bs : batches) runs.push_back({bs, true, false, false, false});
-  runs.push_back({1, true, true, false, false});  // projections through cuBLASLt
-  runs.push_back({1, false, false, false, false});
+  const std::vector<std::string> variants = absl::StrSplit(absl::GetFlag(FLAGS_variants), ',');
+  auto wanted = [&variants](absl::string_view v) {
+    return std::find(variants.begin(), variants.end(), v) != variants.end();
+  };
+  if (wanted("default")) {
+    for (int64_t bs : batches) runs.push_back({bs, true, false, false, false});
+  }
+  if (wanted("cublas")) runs.push_back({1, true, true, false, false});  // projections: cuBLASLt
+  if (wanted("eager")) runs.push_back({1, false, false, false, false});
   // The decode attention kernel (GpuRunnerOptions::decode_attention_kernel) at every batch size,
   // then with the residual-add RMSNorms folded into the GEMVs as well (fused_residual_norm).
-  for (int64_t bs : batches) runs.push_back({bs, true, false, true, false});
-  for (int64_t bs : batches) {
-    if (bs <= 4) runs.push_back({bs, true, false, true, true});  // fused up to 4 rows
+  if (wanted("decode_attn")) {
+    for (int64_t bs : batches) runs.push_back({bs, true, false, true, false});
+  }
+  if (wanted("fused_norm")) {
+    for (int64_t bs : batches) {
+      if (bs <= 4) runs.push_back({bs, true, false, true, true});  // fused up to 4 rows
+    }
   }
   std::unique_ptr<GpuModelRunner> other;
   for (const DecodeRun& run : runs) {

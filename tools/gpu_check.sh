@@ -13,22 +13,44 @@
 # transformers, and
 # writes RESULTS_DIR/results.json (everything) next to every log. The table comes last. Environment:
 # STRATA_GPU_TIMEOUT (seconds per binary, default 300), STRATA_TORCH_BUDGET (seconds for the PyTorch
-# comparison, default 150; 0 skips it), STRATA_GPU_ONLY (a regex of bundle names to run),
+# comparison, default 150; 0 skips it), STRATA_GPU_NCU=1 (per-kernel times of one batch-1 decode
+# step under ncu, per variant), STRATA_GPU_ONLY (a regex of bundle names to run),
 # STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer),
 # STRATA_CLUSTER (0 skips the cluster check), STRATA_CLUSTER_DEVICE (the worker's --device, default
 # gpu; cpu checks the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# cluster_check RESULTS_DIR: see `run`. Writes RESULTS_DIR/cluster.txt (PASS or FAIL and both texts).
-cluster_check() {
-  local results=$1 device="${STRATA_CLUSTER_DEVICE:-gpu}"
-  local libpath="$PWD/gpu-bundle/lib" b="$PWD/gpu-bundle/bin" model="$PWD/models/strata-tiny/base"
+# The bundle's libraries, then the machine's CUDA libraries (toolkit or Python wheels).
+bundle_libpath() {
+  local libpath="$PWD/gpu-bundle/lib"
   for d in /usr/local/cuda/lib64 $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
     [ -d "$d" ] && libpath="$libpath:$d"
     for l in "$d"/nvidia/*/lib; do [ -d "$l" ] && libpath="$libpath:$l"; done
   done
-  export LD_LIBRARY_PATH="$libpath"
+  echo "$libpath"
+}
+
+# ncu_decode RESULTS_DIR: one timed batch-1 decode step of gpu_bench per variant under Nsight
+# Compute (clocks left alone), each kernel's duration in RESULTS_DIR/ncu_VARIANT.csv.
+ncu_decode() {
+  local results=$1 v
+  export LD_LIBRARY_PATH="$(bundle_libpath)"
+  for v in ${STRATA_GPU_NCU_VARIANTS:-default decode_attn fused_norm}; do
+    timeout "${STRATA_NCU_TIMEOUT:-240}" ncu --clock-control none --nvtx \
+      --nvtx-include "strata_decode_step/" --graph-profiling node \
+      --launch-count "${STRATA_NCU_KERNELS:-400}" --metrics gpu__time_duration.sum --csv --page raw \
+      gpu-bundle/bin/bench.gpu_bench --only_decode --batches=1 --steps=2 --variants="$v" \
+      >"$results/ncu_$v.csv" 2>"$results/ncu_$v.log"
+    echo "ncu exit $?" >>"$results/ncu_$v.log"
+  done
+}
+
+# cluster_check RESULTS_DIR: see `run`. Writes RESULTS_DIR/cluster.txt (PASS or FAIL and both texts).
+cluster_check() {
+  local results=$1 device="${STRATA_CLUSTER_DEVICE:-gpu}"
+  local b="$PWD/gpu-bundle/bin" model="$PWD/models/strata-tiny/base"
+  export LD_LIBRARY_PATH="$(bundle_libpath)"
   mkdir -p "$PWD/gpu-bundle/tmp"
   rm -f "$PWD/gpu-bundle/tmp/cluster-kv"  # a fresh disk tier each run
   local cport=50951 wport=50961 prompt='def fibonacci(n):'
@@ -102,6 +124,10 @@ case "${1:-}" in
     if [ -x gpu-bundle/bin/worker.server.strata-worker ] && [ "${STRATA_CLUSTER:-1}" != 0 ]; then
       cluster_check "$results" >"$results/cluster.log" 2>&1
     fi
+    # Per-kernel times of one batch-1 decode step (STRATA_GPU_NCU=1, where ncu is on the PATH).
+    if [ -n "${STRATA_GPU_NCU:-}" ] && command -v ncu >/dev/null; then
+      ncu_decode "$results" >"$results/ncu.log" 2>&1
+    fi
     budget="${STRATA_TORCH_BUDGET:-150}"
     if [ "$budget" != 0 ] && python3 -c 'import torch, transformers' 2>/dev/null; then
       PYTHONUNBUFFERED=1 timeout $((budget + 120)) python3 bench/torch_baseline.py \
@@ -162,6 +188,28 @@ san = os.path.join(res, "sanitizer.log")
 if os.path.exists(san):
     lines = open(san).read().strip().splitlines()
     print("\n".join([l for l in lines if "ERROR SUMMARY" in l][-1:] + lines[-1:]))
+import csv, glob
+for path in sorted(glob.glob(os.path.join(res, "ncu_*.csv"))):
+    kernels = []
+    try:
+        lines = list(csv.reader(open(path)))
+        h = next(i for i, r in enumerate(lines) if "Kernel Name" in r and "gpu__time_duration.sum" in r)
+        name_col, dur_col = lines[h].index("Kernel Name"), lines[h].index("gpu__time_duration.sum")
+        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(lines[h + 1][dur_col], 1.0)
+        for r in lines[h + 2:]:
+            if len(r) > dur_col:
+                kernels.append((r[name_col], float(r[dur_col].replace(",", "")) * scale))
+    except Exception as e:
+        print("%s: unreadable (%s)" % (os.path.basename(path), e))
+        continue
+    by = {}
+    for n, us in kernels:
+        short = n.split("<")[0].split("::")[-1].split("(")[0][-40:]
+        by[short] = by.get(short, 0.0) + us
+    top = sorted(by.items(), key=lambda kv: -kv[1])[:6]
+    print("%s: %d kernels, %.1f us of kernel time; top: %s" % (
+        os.path.basename(path), len(kernels), sum(us for _, us in kernels),
+        ", ".join("%s %.0f" % kv for kv in top)))
 print()
 print("%-28s %18s %18s" % ("Llama-3-8B shape, bf16", "strata", "pytorch+hf"))
 for name, a, b in rows:
