@@ -605,6 +605,14 @@ cudaError_t LaunchForRows(const PagedAttentionArgs& a, int64_t rows, cudaStream_
   }
 }
 
+// The decode kernel where the arguments allow it, else the tiled one.
+template <typename T, int D>
+cudaError_t LaunchForHeadDim(const PagedAttentionArgs& a, cudaStream_t stream) {
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  if (PagedAttentionUsesDecodeKernel(a)) return LaunchDecodeForGroup<T, D>(a, group, stream);
+  return LaunchForRows<T, D>(a, a.tile_tokens * group, stream);
+}
+
 }  // namespace
 
 int64_t PagedAttentionMaxRows(int64_t head_dim) { return head_dim * 16 <= 2048 ? 16 : 8; }
@@ -622,27 +630,19 @@ bool PagedAttentionUsesDecodeKernel(const PagedAttentionArgs& a) {
 }
 
 cudaError_t LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stream) {
-  const int64_t group = a.num_heads / a.num_kv_heads;
-  const int64_t rows = a.tile_tokens * group;
-  const bool decode = PagedAttentionUsesDecodeKernel(a);
   return DispatchAct(a.act, [&](auto t) -> cudaError_t {
     using T = decltype(t);
     switch (a.head_dim) {
       case 16:
-        return decode ? LaunchDecodeForGroup<T, 16>(a, group, stream)
-                      : LaunchForRows<T, 16>(a, rows, stream);
+        return LaunchForHeadDim<T, 16>(a, stream);
       case 32:
-        return decode ? LaunchDecodeForGroup<T, 32>(a, group, stream)
-                      : LaunchForRows<T, 32>(a, rows, stream);
+        return LaunchForHeadDim<T, 32>(a, stream);
       case 64:
-        return decode ? LaunchDecodeForGroup<T, 64>(a, group, stream)
-                      : LaunchForRows<T, 64>(a, rows, stream);
+        return LaunchForHeadDim<T, 64>(a, stream);
       case 128:
-        return decode ? LaunchDecodeForGroup<T, 128>(a, group, stream)
-                      : LaunchForRows<T, 128>(a, rows, stream);
+        return LaunchForHeadDim<T, 128>(a, stream);
       case 256:
-        return decode ? LaunchDecodeForGroup<T, 256>(a, group, stream)
-                      : LaunchForRows<T, 256>(a, rows, stream);
+        return LaunchForHeadDim<T, 256>(a, stream);
       default:
         return cudaErrorInvalidValue;
     }

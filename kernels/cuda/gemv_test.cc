@@ -18,6 +18,7 @@
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/cuda/test_util.h"
 #endif
 
 namespace strata {
@@ -27,45 +28,13 @@ namespace {
 
 using gpu::ActType;
 
-float Round(float v, ActType t) {
-  if (t == ActType::kBF16) return Bf16ToFloat(FloatToBf16(v));
-  if (t == ActType::kF16) return F16ToFloat(FloatToF16(v));
-  return v;
-}
-
-std::vector<uint8_t> Encode(const std::vector<float>& v, ActType t) {
-  const int eb = gpu::ActBytes(t);
-  std::vector<uint8_t> out(v.size() * eb);
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (t == ActType::kF32) {
-      std::memcpy(&out[4 * i], &v[i], 4);
-    } else {
-      const uint16_t h = t == ActType::kBF16 ? FloatToBf16(v[i]) : FloatToF16(v[i]);
-      std::memcpy(&out[2 * i], &h, 2);
-    }
-  }
-  return out;
-}
-
-std::vector<float> Decode(const std::vector<uint8_t>& b, ActType t) {
-  const int eb = gpu::ActBytes(t);
-  std::vector<float> out(b.size() / eb);
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (t == ActType::kF32) {
-      std::memcpy(&out[i], &b[4 * i], 4);
-    } else {
-      uint16_t h;
-      std::memcpy(&h, &b[2 * i], 2);
-      out[i] = t == ActType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
-    }
-  }
-  return out;
-}
+using cuda_test::Decode;
+using cuda_test::Encode;
+using cuda_test::RoundTo;
 
 DeviceBuffer Upload(const std::vector<uint8_t>& bytes) {
-  absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(bytes.size());
+  absl::StatusOr<DeviceBuffer> b = cuda_test::UploadBytes(bytes.data(), bytes.size());
   EXPECT_TRUE(b.ok()) << b.status();
-  EXPECT_TRUE(b->CopyFromHost(bytes.data(), bytes.size()).ok());
   return *std::move(b);
 }
 
@@ -113,10 +82,10 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
                            Shape{6144, 4096}, Shape{96, 8192}}) {
       // Drawn once per shape; each m uses the first m rows of x.
       std::vector<float> x_all(8 * sh.k), w(sh.n * sh.k), b_raw(sh.n);
-      for (float& v : x_all) v = Round(normal(rng), act);
-      for (float& v : w) v = Round(normal(rng) * 0.05f, act);
+      for (float& v : x_all) v = RoundTo(act, normal(rng));
+      for (float& v : w) v = RoundTo(act, normal(rng) * 0.05f);
       for (float& v : b_raw) v = normal(rng);
-      DeviceBuffer dw = Upload(Encode(w, act));
+      DeviceBuffer dw = Upload(Encode(act, w));
       for (int64_t m : {1, 2, 3, 5, 8}) {
         for (bool bias : {false, true}) {
           for (ActType out : {act, ActType::kF32}) {
@@ -125,11 +94,11 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
                          << " m " << m << " n " << sh.n << " k " << sh.k << " bias " << bias);
             const std::vector<float> x(x_all.begin(), x_all.begin() + m * sh.k);
             std::vector<float> b(sh.n);
-            for (int64_t i = 0; i < sh.n; ++i) b[i] = Round(b_raw[i], out);
+            for (int64_t i = 0; i < sh.n; ++i) b[i] = RoundTo(out, b_raw[i]);
             // CPU reference in f32 on the rounded values.
             const std::vector<float> want =
                 CpuMatMul(x, w, bias ? b.data() : nullptr, m, sh.n, sh.k);
-            DeviceBuffer dx = Upload(Encode(x, act)), db = Upload(Encode(b, out));
+            DeviceBuffer dx = Upload(Encode(act, x)), db = Upload(Encode(out, b));
             const int64_t ldy = sh.n + 3;
             absl::StatusOr<DeviceBuffer> dy = DeviceBuffer::Allocate(m * ldy * gpu::ActBytes(out));
             ASSERT_TRUE(dy.ok());
@@ -146,7 +115,7 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
               ASSERT_TRUE(stream->Synchronize().ok());
               std::vector<uint8_t> raw(m * ldy * gpu::ActBytes(out));
               ASSERT_TRUE(dy->CopyToHost(raw.data(), raw.size()).ok());
-              const std::vector<float> all = Decode(raw, out);
+              const std::vector<float> all = Decode(out, raw);
               std::vector<float>& got = got_by[mode];
               for (int64_t r = 0; r < m; ++r) {
                 got.insert(got.end(), all.begin() + r * ldy, all.begin() + r * ldy + sh.n);
@@ -186,7 +155,7 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
     for (const Shape sh : {Shape{64, 32}, Shape{1000, 256}, Shape{333, 1032}, Shape{6144, 4096},
                            Shape{4096, 14336}}) {
       std::vector<float> w(sh.n * sh.k), resid(8 * sh.k), gain(sh.k), y0(8 * sh.n);
-      for (float& v : w) v = Round(normal(rng) * 0.05f, act);
+      for (float& v : w) v = RoundTo(act, normal(rng) * 0.05f);
       for (float& v : resid) v = normal(rng) * 3.0f;  // f32: the residual stream is never rounded
       // Row 4's mean square (about 1e-5) is near eps, so a wrong eps shows.
       for (int64_t i = 0; i < sh.k; ++i) resid[4 * sh.k + i] *= 1e-3f;
@@ -194,7 +163,7 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
       for (float& v : y0) v = normal(rng);
       std::vector<float> b_raw(sh.n);
       for (float& v : b_raw) v = normal(rng);
-      DeviceBuffer dw = Upload(Encode(w, act)), dgain = Upload(Encode(gain, ActType::kF32));
+      DeviceBuffer dw = Upload(Encode(act, w)), dgain = Upload(Encode(ActType::kF32, gain));
       for (int64_t m : {1, 2, 3, 5, 8}) {
         for (const auto& [norm, accumulate] :
              {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
@@ -212,22 +181,22 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
             const double inv = 1.0 / std::sqrt(sq / sh.k + eps);
             for (int64_t i = 0; i < sh.k; ++i) {
               const float v = resid[r * sh.k + i];
-              x[r * sh.k + i] = norm ? static_cast<float>(v * inv * gain[i]) : Round(v, act);
+              x[r * sh.k + i] = norm ? static_cast<float>(v * inv * gain[i]) : RoundTo(act, v);
             }
           }
           const ActType out = accumulate ? ActType::kF32 : act;
           std::vector<float> b(sh.n);
-          for (int64_t i = 0; i < sh.n; ++i) b[i] = Round(b_raw[i], out);
+          for (int64_t i = 0; i < sh.n; ++i) b[i] = RoundTo(out, b_raw[i]);
           std::vector<float> want = CpuMatMul(x, w, with_bias ? b.data() : nullptr, m, sh.n, sh.k);
           if (accumulate) {
             for (size_t i = 0; i < want.size(); ++i) want[i] += y0[i];
           }
           const std::vector<float> x_in(resid.begin(), resid.begin() + m * sh.k);
-          DeviceBuffer dx = Upload(Encode(norm ? x_in : x, norm ? ActType::kF32 : act));
-          DeviceBuffer db = Upload(Encode(b, out));
+          DeviceBuffer dx = Upload(Encode(norm ? ActType::kF32 : act, norm ? x_in : x));
+          DeviceBuffer db = Upload(Encode(out, b));
           DeviceBuffer dy =
-              Upload(accumulate ? Encode(std::vector<float>(y0.begin(), y0.begin() + m * sh.n),
-                                         ActType::kF32)
+              Upload(accumulate ? Encode(ActType::kF32,
+                                         std::vector<float>(y0.begin(), y0.begin() + m * sh.n))
                                 : std::vector<uint8_t>(m * sh.n * gpu::ActBytes(out), 0xff));
           gpu::GemvArgs g;
           g.m = m;
@@ -248,7 +217,7 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
           ASSERT_TRUE(stream->Synchronize().ok());
           std::vector<uint8_t> raw(m * sh.n * gpu::ActBytes(out));
           ASSERT_TRUE(dy.CopyToHost(raw.data(), raw.size()).ok());
-          const std::vector<float> got = Decode(raw, out);
+          const std::vector<float> got = Decode(out, raw);
           double num = 0, den = 0;
           for (size_t i = 0; i < want.size(); ++i) {
             ASSERT_TRUE(std::isfinite(got[i])) << "element " << i << " unwritten or NaN";

@@ -150,6 +150,18 @@ __global__ void WriteKvKernel(WriteKvArgs a) {
   }
 }
 
+// The warp's largest (*best, *best_i), the lowest index among equals, in every lane.
+__device__ __forceinline__ void WarpArgmax(float* best, int* best_i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, *best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, *best_i, o);
+    if (ov > *best || (ov == *best && oi < *best_i)) {
+      *best = ov;
+      *best_i = oi;
+    }
+  }
+}
+
 // One block per row: the largest value with the lowest index, then log-sum-exp around it.
 template <typename T>
 __global__ void ArgmaxKernel(ArgmaxArgs a) {
@@ -169,14 +181,7 @@ __global__ void ArgmaxKernel(ArgmaxArgs a) {
       best_i = static_cast<int>(i);
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-    if (ov > best || (ov == best && oi < best_i)) {
-      best = ov;
-      best_i = oi;
-    }
-  }
+  WarpArgmax(&best, &best_i);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     vals[warp] = best;
@@ -187,14 +192,7 @@ __global__ void ArgmaxKernel(ArgmaxArgs a) {
     const int warps = blockDim.x >> 5;
     best = lane < warps ? vals[lane] : -FLT_MAX;
     best_i = lane < warps ? idxs[lane] : INT32_MAX;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-      if (ov > best || (ov == best && oi < best_i)) {
-        best = ov;
-        best_i = oi;
-      }
-    }
+    WarpArgmax(&best, &best_i);
     if (lane == 0) {
       vals[0] = best;
       idxs[0] = best_i;

@@ -424,14 +424,7 @@ int64_t GpuModelRunner::Impl::PartitionsWorkspace(int64_t num_tiles, int64_t til
 absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded,
                                            std::vector<int32_t>* tiles) {
   const int64_t n = static_cast<int64_t>(b.tokens.size());
-  if (b.positions.size() != b.tokens.size() || b.token_seq.size() != b.tokens.size() ||
-      b.slots.size() != b.tokens.size()) {
-    return absl::InvalidArgumentError(
-        "forward: tokens, positions, token_seq and slots differ in length");
-  }
-  if (static_cast<int64_t>(b.block_tables.size()) != b.num_seqs * b.max_blocks_per_seq) {
-    return absl::InvalidArgumentError("forward: block_tables is not num_seqs x max_blocks_per_seq");
-  }
+  RETURN_IF_ERROR(ValidateForwardBatch(b, V));
   if (padded > T_()) {
     return absl::InvalidArgumentError(
         absl::StrCat("forward: ", n, " tokens exceed max_batch_tokens ", T_()));
@@ -451,10 +444,6 @@ absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded
   int32_t* seq = Host32(off_seq);
   int64_t* slots = reinterpret_cast<int64_t*>(h_inputs + off_slots);
   for (int64_t i = 0; i < n; ++i) {
-    if (b.tokens[i] < 0 || b.tokens[i] >= V) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("forward: token id ", b.tokens[i], " outside the vocabulary"));
-    }
     if (b.token_seq[i] < 0 || b.token_seq[i] >= b.num_seqs) {
       return absl::InvalidArgumentError("forward: token_seq out of range");
     }
@@ -498,12 +487,7 @@ absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded
     }
   }
   int32_t* lr = Host32(off_logit_rows);
-  for (size_t i = 0; i < b.logit_tokens.size(); ++i) {
-    if (b.logit_tokens[i] < 0 || b.logit_tokens[i] >= n) {
-      return absl::InvalidArgumentError("forward: logit_tokens index out of range");
-    }
-    lr[i] = b.logit_tokens[i];
-  }
+  std::copy(b.logit_tokens.begin(), b.logit_tokens.end(), lr);
   for (int64_t i = static_cast<int64_t>(b.logit_tokens.size()); i < padded && i < S_(); ++i) {
     lr[i] = static_cast<int32_t>(i);
   }

@@ -122,9 +122,7 @@ absl::Status ModelRunner::MatMulGroup(const float* x, int64_t rows,
   return status;
 }
 
-absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& cache,
-                                  absl::Span<float> logits) {
-  const ModelConfig& c = w_->config;
+absl::Status ValidateForwardBatch(const ForwardBatch& b, int64_t vocab_size) {
   const int64_t n = static_cast<int64_t>(b.tokens.size());
   if (b.positions.size() != b.tokens.size() || b.token_seq.size() != b.tokens.size() ||
       b.slots.size() != b.tokens.size()) {
@@ -134,22 +132,31 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
   if (static_cast<int64_t>(b.block_tables.size()) != b.num_seqs * b.max_blocks_per_seq) {
     return absl::InvalidArgumentError("forward: block_tables is not num_seqs x max_blocks_per_seq");
   }
+  for (int32_t t : b.tokens) {
+    if (t < 0 || t >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: token id ", t, " outside the vocabulary"));
+    }
+  }
+  for (int32_t i : b.logit_tokens) {
+    if (i < 0 || i >= n) {
+      return absl::InvalidArgumentError("forward: logit_tokens index out of range");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& cache,
+                                  absl::Span<float> logits) {
+  const ModelConfig& c = w_->config;
+  const int64_t n = static_cast<int64_t>(b.tokens.size());
+  RETURN_IF_ERROR(ValidateForwardBatch(b, c.vocab_size));
   if (static_cast<int64_t>(logits.size()) !=
       static_cast<int64_t>(b.logit_tokens.size()) * c.vocab_size) {
     return absl::InvalidArgumentError("forward: logits buffer has the wrong size");
   }
   if (static_cast<int64_t>(cache.k.size()) != c.num_layers || cache.v.size() != cache.k.size()) {
     return absl::InvalidArgumentError("forward: the cache has the wrong number of layers");
-  }
-  for (int32_t t : b.tokens) {
-    if (t < 0 || t >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("forward: token id ", t, " outside the vocabulary"));
-    }
-  }
-  for (int32_t i : b.logit_tokens) {
-    if (i < 0 || i >= n)
-      return absl::InvalidArgumentError("forward: logit_tokens index out of range");
   }
   if (n == 0) return absl::OkStatus();
 

@@ -60,6 +60,11 @@ struct ForwardBatch {
   absl::Span<const int32_t> logit_tokens;
 };
 
+// The checks every runner makes of a batch before running it: INVALID_ARGUMENT when the per-token
+// arrays differ in length, the block tables are not num_seqs x max_blocks_per_seq, a token id is
+// outside [0, vocab_size) or a logit token index outside the batch.
+absl::Status ValidateForwardBatch(const ForwardBatch& batch, int64_t vocab_size);
+
 // Threads the CPU kernels may use (process-wide); n <= 0 keeps the default (all cores).
 void SetCpuComputeThreads(int n);
 
