@@ -32,61 +32,12 @@ constexpr char kTestdata[] = "worker/model/testdata/";
 constexpr int64_t kBlockTokens = 4;
 constexpr int64_t kMaxBlocks = 64;
 
-// One step's logits, given a batch.
-using ForwardFn = std::function<absl::Status(const ForwardBatch&, std::vector<float>*)>;
-
-// Block tables shared by the CPU and GPU runs: sequence s owns blocks in reverse order.
-std::vector<int32_t> Tables(int64_t num_seqs) {
-  std::vector<int32_t> t(num_seqs * kMaxBlocks);
-  for (int64_t i = 0; i < num_seqs * kMaxBlocks; ++i) {
-    t[i] = static_cast<int32_t>(num_seqs * kMaxBlocks - 1 - i);
-  }
-  return t;
-}
+std::vector<int32_t> Tables(int64_t num_seqs) { return ReversedBlockTables(num_seqs, kMaxBlocks); }
 
 // Feeds sequences in steps of up to `chunk` tokens each; returns every position's logits.
 std::vector<std::vector<float>> Feed(const ForwardFn& forward, int64_t vocab,
                                      const std::vector<std::vector<int32_t>>& seqs, int64_t chunk) {
-  const std::vector<int32_t> tables = Tables(static_cast<int64_t>(seqs.size()));
-  std::vector<std::vector<float>> out(seqs.size());
-  std::vector<int64_t> done(seqs.size(), 0);
-  while (true) {
-    std::vector<int32_t> tokens, positions, token_seq, logit_tokens;
-    std::vector<int64_t> slots;
-    std::vector<size_t> owner;
-    for (size_t s = 0; s < seqs.size(); ++s) {
-      const int64_t end = std::min<int64_t>(seqs[s].size(), done[s] + chunk);
-      for (int64_t p = done[s]; p < end; ++p) {
-        logit_tokens.push_back(static_cast<int32_t>(tokens.size()));
-        owner.push_back(s);
-        tokens.push_back(seqs[s][p]);
-        positions.push_back(static_cast<int32_t>(p));
-        token_seq.push_back(static_cast<int32_t>(s));
-        slots.push_back(int64_t{tables[s * kMaxBlocks + p / kBlockTokens]} * kBlockTokens +
-                        p % kBlockTokens);
-      }
-      done[s] = end;
-    }
-    if (tokens.empty()) break;
-    ForwardBatch b;
-    b.tokens = tokens;
-    b.positions = positions;
-    b.token_seq = token_seq;
-    b.slots = slots;
-    b.block_tables = tables;
-    b.num_seqs = static_cast<int64_t>(seqs.size());
-    b.max_blocks_per_seq = kMaxBlocks;
-    b.logit_tokens = logit_tokens;
-    std::vector<float> logits;
-    const absl::Status st = forward(b, &logits);
-    EXPECT_TRUE(st.ok()) << st;
-    if (!st.ok()) return out;
-    for (size_t i = 0; i < owner.size(); ++i) {
-      out[owner[i]].insert(out[owner[i]].end(), logits.begin() + i * vocab,
-                           logits.begin() + (i + 1) * vocab);
-    }
-  }
-  return out;
+  return FeedInChunks(forward, vocab, seqs, chunk, kBlockTokens, kMaxBlocks);
 }
 
 struct Loaded {

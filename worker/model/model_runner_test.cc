@@ -65,52 +65,12 @@ std::vector<std::vector<float>> FeedSequences(ModelRunner& runner,
     std::fill(cache.layers().k[l], cache.layers().k[l] + per_layer, std::nanf(""));
     std::fill(cache.layers().v[l], cache.layers().v[l] + per_layer, std::nanf(""));
   }
-  // Sequence s owns blocks in reverse order, so tables are not the identity.
-  std::vector<int32_t> tables(seqs.size() * max_blocks);
-  for (size_t s = 0; s < seqs.size(); ++s) {
-    for (int64_t b = 0; b < max_blocks; ++b) {
-      tables[s * max_blocks + b] =
-          static_cast<int32_t>(seqs.size() * max_blocks - 1 - (s * max_blocks + b));
-    }
-  }
-  std::vector<std::vector<float>> out(seqs.size());
-  std::vector<int64_t> done(seqs.size(), 0);
-  while (true) {
-    std::vector<int32_t> tokens, positions, token_seq, logit_tokens;
-    std::vector<int64_t> slots;
-    std::vector<std::pair<size_t, int64_t>> logit_owner;
-    for (size_t s = 0; s < seqs.size(); ++s) {
-      const int64_t end = std::min<int64_t>(seqs[s].size(), done[s] + chunk);
-      for (int64_t p = done[s]; p < end; ++p) {
-        logit_tokens.push_back(static_cast<int32_t>(tokens.size()));
-        logit_owner.emplace_back(s, p);
-        tokens.push_back(seqs[s][p]);
-        positions.push_back(static_cast<int32_t>(p));
-        token_seq.push_back(static_cast<int32_t>(s));
-        slots.push_back(int64_t{tables[s * max_blocks + p / block_tokens]} * block_tokens +
-                        p % block_tokens);
-      }
-      done[s] = end;
-    }
-    if (tokens.empty()) break;
-    std::vector<float> logits(logit_tokens.size() * V);
-    ForwardBatch batch;
-    batch.tokens = tokens;
-    batch.positions = positions;
-    batch.token_seq = token_seq;
-    batch.slots = slots;
-    batch.block_tables = tables;
-    batch.num_seqs = static_cast<int64_t>(seqs.size());
-    batch.max_blocks_per_seq = max_blocks;
-    batch.logit_tokens = logit_tokens;
-    const absl::Status st = runner.Forward(batch, cache.layers(), absl::MakeSpan(logits));
-    EXPECT_TRUE(st.ok()) << st;
-    for (size_t i = 0; i < logit_owner.size(); ++i) {
-      auto& dst = out[logit_owner[i].first];
-      dst.insert(dst.end(), logits.begin() + i * V, logits.begin() + (i + 1) * V);
-    }
-  }
-  return out;
+  return FeedInChunks(
+      [&](const ForwardBatch& batch, std::vector<float>* logits) {
+        logits->assign(batch.logit_tokens.size() * V, 0.0f);
+        return runner.Forward(batch, cache.layers(), absl::MakeSpan(*logits));
+      },
+      V, seqs, chunk, block_tokens, max_blocks);
 }
 
 // A model directory and the directory with its reference.json and logits.

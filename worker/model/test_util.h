@@ -1,11 +1,82 @@
-// Helpers shared by the model runners' tests (testonly).
+// Helpers shared by the model runners' tests (testonly): feeding sequences in chunks and comparing
+// logits.
 #ifndef STRATA_WORKER_MODEL_TEST_UTIL_H_
 #define STRATA_WORKER_MODEL_TEST_UTIL_H_
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <functional>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "gtest/gtest.h"
+#include "worker/model/model_runner.h"
+
 namespace strata {
+
+// One step's logits ([logit tokens, vocab] f32), given a batch.
+using ForwardFn = std::function<absl::Status(const ForwardBatch&, std::vector<float>*)>;
+
+// Block tables of num_seqs x max_blocks in which sequence s owns blocks in reverse order, so that
+// a table is not the identity.
+inline std::vector<int32_t> ReversedBlockTables(int64_t num_seqs, int64_t max_blocks) {
+  std::vector<int32_t> t(num_seqs * max_blocks);
+  for (int64_t i = 0; i < num_seqs * max_blocks; ++i) {
+    t[i] = static_cast<int32_t>(num_seqs * max_blocks - 1 - i);
+  }
+  return t;
+}
+
+// Feeds sequences through `forward` in steps; each step takes up to `chunk` tokens from every
+// unfinished sequence, over ReversedBlockTables(seqs.size(), max_blocks). Returns the logits of
+// every position of every sequence, concatenated per sequence.
+inline std::vector<std::vector<float>> FeedInChunks(const ForwardFn& forward, int64_t vocab,
+                                                    const std::vector<std::vector<int32_t>>& seqs,
+                                                    int64_t chunk, int64_t block_tokens,
+                                                    int64_t max_blocks) {
+  const int64_t num_seqs = static_cast<int64_t>(seqs.size());
+  const std::vector<int32_t> tables = ReversedBlockTables(num_seqs, max_blocks);
+  std::vector<std::vector<float>> out(seqs.size());
+  std::vector<int64_t> done(seqs.size(), 0);
+  while (true) {
+    std::vector<int32_t> tokens, positions, token_seq, logit_tokens;
+    std::vector<int64_t> slots;
+    std::vector<size_t> owner;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      const int64_t end = std::min<int64_t>(seqs[s].size(), done[s] + chunk);
+      for (int64_t p = done[s]; p < end; ++p) {
+        logit_tokens.push_back(static_cast<int32_t>(tokens.size()));
+        owner.push_back(s);
+        tokens.push_back(seqs[s][p]);
+        positions.push_back(static_cast<int32_t>(p));
+        token_seq.push_back(static_cast<int32_t>(s));
+        slots.push_back(int64_t{tables[s * max_blocks + p / block_tokens]} * block_tokens +
+                        p % block_tokens);
+      }
+      done[s] = end;
+    }
+    if (tokens.empty()) break;
+    ForwardBatch b;
+    b.tokens = tokens;
+    b.positions = positions;
+    b.token_seq = token_seq;
+    b.slots = slots;
+    b.block_tables = tables;
+    b.num_seqs = num_seqs;
+    b.max_blocks_per_seq = max_blocks;
+    b.logit_tokens = logit_tokens;
+    std::vector<float> logits;
+    const absl::Status st = forward(b, &logits);
+    EXPECT_TRUE(st.ok()) << st;
+    if (!st.ok()) return out;
+    for (size_t i = 0; i < owner.size(); ++i) {
+      out[owner[i]].insert(out[owner[i]].end(), logits.begin() + i * vocab,
+                           logits.begin() + (i + 1) * vocab);
+    }
+  }
+  return out;
+}
 
 // ||got - want|| / ||want|| in double; infinity when the sizes differ or got holds a NaN or an
 // infinity (an unwritten or poisoned output).
