@@ -48,22 +48,16 @@ int32_t RankOf(absl::Span<const float> logits, int32_t token) {
 }  // namespace
 
 void PenaltyState::AddPrompt(absl::Span<const int32_t> tokens) {
-  prompt_tokens_sorted_.insert(prompt_tokens_sorted_.end(), tokens.begin(), tokens.end());
-  std::sort(prompt_tokens_sorted_.begin(), prompt_tokens_sorted_.end());
-  prompt_tokens_sorted_.erase(
-      std::unique(prompt_tokens_sorted_.begin(), prompt_tokens_sorted_.end()),
-      prompt_tokens_sorted_.end());
   for (int32_t t : tokens) {
     if (seen_index_.try_emplace(t, static_cast<int32_t>(seen_tokens_.size())).second) {
       seen_tokens_.push_back(t);
-      auto it = output_counts_.find(t);
-      seen_counts_.push_back(it == output_counts_.end() ? 0 : it->second);
+      auto it = output_index_.find(t);
+      seen_counts_.push_back(it == output_index_.end() ? 0 : output_token_counts_[it->second]);
     }
   }
 }
 
 void PenaltyState::AddOutput(int32_t token) {
-  ++output_counts_[token];
   auto [seen, new_seen] = seen_index_.try_emplace(token, static_cast<int32_t>(seen_tokens_.size()));
   if (new_seen) {
     seen_tokens_.push_back(token);
@@ -79,11 +73,6 @@ void PenaltyState::AddOutput(int32_t token) {
   } else {
     ++output_token_counts_[out->second];
   }
-}
-
-bool PenaltyState::SeenAnywhere(int32_t token) const {
-  return output_counts_.contains(token) ||
-         std::binary_search(prompt_tokens_sorted_.begin(), prompt_tokens_sorted_.end(), token);
 }
 
 double SampleUniform(uint64_t seed, int64_t position) {
@@ -104,13 +93,17 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
       float& v = logits[t];
       v = v > 0 ? v / o.repetition_penalty : v * o.repetition_penalty;
     };
-    for (int32_t t = 0; t < vocab; ++t) {
-      if (penalties.SeenAnywhere(t)) apply(t);
+    // Each token seen once: the distinct tokens, not a lookup per vocabulary entry.
+    for (int32_t t : penalties.seen_tokens()) {
+      if (t >= 0 && t < vocab) apply(t);
     }
   }
   if (o.presence_penalty != 0.0f || o.frequency_penalty != 0.0f) {
-    for (const auto& [t, count] : penalties.output_counts()) {
-      if (t >= 0 && t < vocab) logits[t] -= o.presence_penalty + o.frequency_penalty * count;
+    const std::vector<int32_t>& tokens = penalties.output_tokens();
+    const std::vector<int32_t>& counts = penalties.output_token_counts();
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      const int32_t t = tokens[i];
+      if (t >= 0 && t < vocab) logits[t] -= o.presence_penalty + o.frequency_penalty * counts[i];
     }
   }
   for (int32_t t : banned) {

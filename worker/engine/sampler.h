@@ -37,23 +37,17 @@ class PenaltyState {
  public:
   void AddPrompt(absl::Span<const int32_t> tokens);
   void AddOutput(int32_t token);
-  const absl::flat_hash_map<int32_t, int32_t>& output_counts() const { return output_counts_; }
-  // The prompt's distinct tokens, ascending.
-  const std::vector<int32_t>& prompt_tokens() const { return prompt_tokens_sorted_; }
-  bool SeenAnywhere(int32_t token) const;
 
-  // The GPU sampler's penalty lists (gpu::SampleArgs), kept up to date as tokens arrive rather than
-  // rebuilt every step: each distinct token of the prompt or the output once, with its count in
-  // the output (repetition penalty; 0 for prompt-only tokens), and each distinct output token with
-  // its count (presence and frequency penalties). Parallel arrays, in order of first appearance.
+  // Kept up to date as tokens arrive, in order of first appearance, as parallel arrays (the form
+  // the GPU sampler takes them in, gpu::SampleArgs): each distinct token of the prompt or the
+  // output once, with its count in the output (repetition penalty; 0 for prompt-only tokens), and
+  // each distinct output token with its count (presence and frequency penalties).
   const std::vector<int32_t>& seen_tokens() const { return seen_tokens_; }
   const std::vector<int32_t>& seen_counts() const { return seen_counts_; }
   const std::vector<int32_t>& output_tokens() const { return output_tokens_; }
   const std::vector<int32_t>& output_token_counts() const { return output_token_counts_; }
 
  private:
-  absl::flat_hash_map<int32_t, int32_t> output_counts_;
-  std::vector<int32_t> prompt_tokens_sorted_;
   // Token -> index in seen_tokens_ / output_tokens_.
   absl::flat_hash_map<int32_t, int32_t> seen_index_, output_index_;
   std::vector<int32_t> seen_tokens_, seen_counts_, output_tokens_, output_token_counts_;

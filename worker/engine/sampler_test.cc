@@ -131,14 +131,18 @@ TEST(SamplerTest, PenaltyListsTrackPromptAndOutput) {
   PenaltyState ps;
   std::vector<int32_t> prompt(300);
   for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 200);
-  ps.AddOutput(7);  // output before the prompt arrives (a resumed request)
+  std::map<int32_t, int32_t> output_counts;  // the reference, counted here
+  ps.AddOutput(7);                           // output before the prompt arrives (a resumed request)
+  ++output_counts[7];
   ps.AddPrompt(prompt);
   for (int i = 0; i < 500; ++i) {
-    ps.AddOutput(static_cast<int32_t>(rng() % 260));
+    const int32_t t = static_cast<int32_t>(rng() % 260);
+    ps.AddOutput(t);
+    ++output_counts[t];
     if (i % 50 != 49) continue;
     std::map<int32_t, int32_t> want_seen, want_out, got_seen, got_out;
-    for (int32_t t : ps.prompt_tokens()) want_seen[t] = 0;
-    for (const auto& [t, c] : ps.output_counts()) want_seen[t] = want_out[t] = c;
+    for (int32_t p : prompt) want_seen[p] = 0;
+    for (const auto& [tok, c] : output_counts) want_seen[tok] = want_out[tok] = c;
     ASSERT_EQ(ps.seen_tokens().size(), ps.seen_counts().size());
     ASSERT_EQ(ps.output_tokens().size(), ps.output_token_counts().size());
     for (size_t j = 0; j < ps.seen_tokens().size(); ++j) {
