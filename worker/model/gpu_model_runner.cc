@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <utility>
 #include <vector>
@@ -674,37 +675,42 @@ absl::Status GpuModelRunner::Impl::Head(int64_t offset, int64_t m, bool gather, 
 }
 
 absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, int64_t m) {
-  // One upload of every input: rows, then the int32 lists.
-  std::vector<uint8_t> host;
-  auto put = [&host](const void* data, size_t bytes) {
-    const size_t at = AlignUp(host.size());
-    host.resize(at + AlignUp(bytes));
-    if (bytes > 0) std::memcpy(host.data() + at, data, bytes);
-    return at;
-  };
-  const size_t rows_at = put(sp.rows.data(), sizeof(gpu::SampleRow) * sp.rows.size());
-  const size_t po = put(sp.pen_offsets.data(), 4 * sp.pen_offsets.size());
-  const size_t pt = put(sp.pen_tokens.data(), 4 * sp.pen_tokens.size());
-  const size_t pc = put(sp.pen_counts.data(), 4 * sp.pen_counts.size());
-  const size_t bo = put(sp.ban_offsets.data(), 4 * sp.ban_offsets.size());
-  const size_t bt = put(sp.ban_tokens.data(), 4 * sp.ban_tokens.size());
-  if (sample_in.bytes() < host.size() || sample_staging.bytes() < host.size()) {
+  // One upload of every input: rows, then the int32 lists, each at an aligned offset, written
+  // straight into the pinned staging buffer.
+  const std::pair<const void*, size_t> parts[] = {
+      {sp.rows.data(), sizeof(gpu::SampleRow) * sp.rows.size()},
+      {sp.pen_offsets.data(), 4 * sp.pen_offsets.size()},
+      {sp.pen_tokens.data(), 4 * sp.pen_tokens.size()},
+      {sp.pen_counts.data(), 4 * sp.pen_counts.size()},
+      {sp.ban_offsets.data(), 4 * sp.ban_offsets.size()},
+      {sp.ban_tokens.data(), 4 * sp.ban_tokens.size()}};
+  size_t at[std::size(parts)], total = 0;
+  for (size_t i = 0; i < std::size(parts); ++i) {
+    at[i] = total;
+    total += AlignUp(parts[i].second);
+  }
+  const size_t rows_at = at[0], po = at[1], pt = at[2], pc = at[3], bo = at[4], bt = at[5];
+  if (sample_in.bytes() < total || sample_staging.bytes() < total) {
     RETURN_IF_ERROR(compute->Synchronize());  // the old buffers may still be read
-    const size_t bytes = std::max(host.size(), sample_in.bytes() * 2);
+    const size_t bytes = std::max(total, sample_in.bytes() * 2);
     ASSIGN_OR_RETURN(DeviceBuffer in, DeviceBuffer::Allocate(bytes));
     ASSIGN_OR_RETURN(PinnedHostBuffer staging, PinnedHostBuffer::Allocate(bytes));
     sample_in = std::move(in);  // both or neither
     sample_staging = std::move(staging);
   }
   // The last step's copy out of the staging buffer finished before its results came back.
-  std::memcpy(sample_staging.data(), host.data(), host.size());
+  for (size_t i = 0; i < std::size(parts); ++i) {
+    if (parts[i].second > 0) {
+      std::memcpy(sample_staging.as<char>() + at[i], parts[i].first, parts[i].second);
+    }
+  }
   if (sample_ws.bytes() == 0) {
     ASSIGN_OR_RETURN(sample_ws, DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(S_(), V)));
   }
   char* d = static_cast<char*>(sample_in.data());
-  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d, sample_staging.data(), host.size(),
-                                             cudaMemcpyHostToDevice, compute->get()),
-                             "upload sampling inputs"));
+  RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(d, sample_staging.data(), total, cudaMemcpyHostToDevice, compute->get()),
+      "upload sampling inputs"));
   gpu::SampleArgs a;
   a.rows = m;
   a.vocab = V;
