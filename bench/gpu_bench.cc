@@ -54,9 +54,10 @@ ABSL_FLAG(std::string, out, "", "Write the results as JSON here.");
 ABSL_FLAG(bool, only_decode, false,
           "Skip the matrix rate, per-op and prefill measurements: the copy bandwidth and the "
           "decode runs only (for profiling a decode step under ncu).");
-ABSL_FLAG(std::string, variants, "default,cublas,eager,decode_attn,fused_norm",
-          "Decode runs to make: default (graphs, GEMV), cublas, eager, decode_attn (the decode "
-          "attention kernel), fused_norm (that and the fused residual norms).");
+ABSL_FLAG(std::string, variants, "default,cublas,eager,decode_attn,fused_norm,mma_prefill",
+          "Runs to make: default (graphs, GEMV), cublas, eager, decode_attn (the decode "
+          "attention kernel), fused_norm (that and the fused residual norms), mma_prefill "
+          "(prefill with the tensor-core attention kernel).");
 
 namespace strata {
 namespace {
@@ -325,6 +326,32 @@ int Main() {
                  tables = buf(4 * max_b * (max_ctx / bt)), slots = buf(8 * max_b),
                  ws = buf(4 * int64_t{64} << 20), counters = buf(4 * max_b * nkv);
     CHECK_OK(counters.Fill(0));
+    // Paged attention over the bench's caches and block tables: `tokens` queries (token stride
+    // qkv_w) of `seqs` sequences of `per` blocks each.
+    auto attn_args = [&](int64_t tokens, const void* q, const int32_t* token_seq,
+                         const int32_t* token_pos, int64_t seqs, int64_t per, void* out) {
+      gpu::PagedAttentionArgs pa;
+      pa.num_tokens = tokens;
+      pa.num_heads = nh;
+      pa.num_kv_heads = nkv;
+      pa.head_dim = D;
+      pa.scale = 1.0f / std::sqrt(static_cast<float>(D));
+      pa.q = q;
+      pa.q_stride = qkv_w;
+      pa.k_cache = kcache.data();
+      pa.v_cache = vcache.data();
+      pa.block_tokens = bt;
+      pa.num_blocks = blocks;
+      pa.token_seq = token_seq;
+      pa.token_pos = token_pos;
+      pa.block_tables = tables.as<int32_t>();
+      pa.num_seqs = seqs;
+      pa.max_blocks_per_seq = per;
+      pa.out = out;
+      pa.out_stride = c.q_dim();
+      pa.act = act;
+      return pa;
+    };
     gpu::LaunchRandomNormal(resid.data(), gpu::ActType::kF32, max_b * H, 0, 1, 5, st);
     gpu::LaunchRandomNormal(qkv.data(), act, max_b * qkv_w, 0, 1, 6, st);
     gpu::LaunchRandomNormal(gu.data(), act, max_b * 2 * I, 0, 1, 7, st);
@@ -348,26 +375,8 @@ int Main() {
         CHECK_OK(CopyMemory(meta.as<int32_t>() + max_b, pos.data(), 4 * b));
         CHECK_OK(tables.CopyFromHost(tab.data(), 4 * tab.size()));
         CHECK_OK(slots.CopyFromHost(sl.data(), 8 * b));
-        gpu::PagedAttentionArgs pa;
-        pa.num_tokens = b;
-        pa.num_heads = nh;
-        pa.num_kv_heads = nkv;
-        pa.head_dim = D;
-        pa.scale = 1.0f / std::sqrt(static_cast<float>(D));
-        pa.q = qkv.data();
-        pa.q_stride = qkv_w;
-        pa.k_cache = kcache.data();
-        pa.v_cache = vcache.data();
-        pa.block_tokens = bt;
-        pa.num_blocks = blocks;
-        pa.token_seq = meta.as<int32_t>();
-        pa.token_pos = meta.as<int32_t>() + max_b;
-        pa.block_tables = tables.as<int32_t>();
-        pa.num_seqs = b;
-        pa.max_blocks_per_seq = per;
-        pa.out = attn.data();
-        pa.out_stride = c.q_dim();
-        pa.act = act;
+        gpu::PagedAttentionArgs pa = attn_args(b, qkv.data(), meta.as<int32_t>(),
+                                               meta.as<int32_t>() + max_b, b, per, attn.data());
         pa.num_tiles = b;
         pa.workspace = ws.as<float>();
         // Partitions for this context or for capacity, with the tiled or the decode kernel.
@@ -434,6 +443,45 @@ int Main() {
                  CHECK_OK(SiluMulCuda({b, I, gu.data(), act_out.data(), act}, hs));
                }));
     }
+    // Prefill attention: one prompt of up to 4096 tokens over its own keys (causal), in planned
+    // tiles, through the CUDA-core tiled kernel and the tensor-core kernel. TFLOP/s counts the
+    // multiply-adds of Q.K and P.V over the causal triangle.
+    {
+      const int64_t T = std::min(absl::GetFlag(FLAGS_prefill_tokens), max_ctx);
+      const int64_t group = nh / nkv;
+      DeviceBuffer q = buf(eb * T * qkv_w), out = buf(eb * T * c.q_dim()), pmeta = buf(4 * 2 * T),
+                   ptiles = buf(4 * 2 * T);
+      gpu::LaunchRandomNormal(q.data(), act, T * qkv_w, 0, 1, 10, st);
+      std::vector<int32_t> seq(T, 0), pos(T);
+      std::iota(pos.begin(), pos.end(), 0);
+      CHECK_OK(pmeta.CopyFromHost(seq.data(), 4 * T));
+      CHECK_OK(CopyMemory(pmeta.as<int32_t>() + T, pos.data(), 4 * T));
+      std::vector<int32_t> tab(max_ctx / bt);
+      std::iota(tab.begin(), tab.end(), 0);
+      CHECK_OK(tables.CopyFromHost(tab.data(), 4 * tab.size()));
+      for (const bool mma : {false, true}) {
+        if (mma && !AttentionMmaRunsHere(act, D, group)) continue;
+        const int64_t tile_tokens =
+            mma ? AttentionMmaTileTokens(group) : AttentionTileTokens(D, group);
+        const std::vector<int32_t> tiles = PlanAttentionTiles(seq, pos, tile_tokens);
+        CHECK_OK(ptiles.CopyFromHost(tiles.data(), 4 * tiles.size()));
+        gpu::PagedAttentionArgs pa = attn_args(
+            T, q.data(), pmeta.as<int32_t>(), pmeta.as<int32_t>() + T, 1, max_ctx / bt, out.data());
+        pa.tiles = ptiles.as<int32_t>();
+        pa.num_tiles = static_cast<int64_t>(tiles.size() / 2);
+        pa.tile_tokens = tile_tokens;
+        pa.mma_prefill = mma;
+        pa.workspace = ws.as<float>();
+        ChooseAttentionPartitions(T, prop.multiProcessorCount, &pa);
+        CHECK_LE(gpu::PagedAttentionWorkspaceFloats(pa), int64_t{64} << 20);
+        CHECK_EQ(gpu::PagedAttentionUsesMmaKernel(pa), mma);
+        const double us = GraphTimeUs(st, 5, [&] { CHECK_OK(PagedAttentionCuda(pa, Handle(st))); });
+        const std::string key = absl::StrCat("attn_prefill", T, mma ? "_mma" : "");
+        json.Add(key + "_us", us);
+        const double flops = 4.0 * nh * D * (static_cast<double>(T) * (T + 1) / 2);
+        json.Add(key + "_tflops", flops / (us * 1e6));
+      }
+    }
   }
   gemm->reset();
 
@@ -473,7 +521,7 @@ int Main() {
   proto.per_seq = per_seq;
 
   // Prefill: one prompt of prefill_tokens tokens, median of 3 (after one warm-up).
-  if (!only_decode) {
+  auto prefill = [&](GpuModelRunner* r, const std::string& key) {
     Batch b = proto;
     b.seqs = 1;
     b.tables.resize(per_seq);
@@ -481,12 +529,15 @@ int Main() {
     std::vector<double> times;
     for (int rep = 0; rep < 4; ++rep) {
       const auto a = std::chrono::steady_clock::now();
-      Prefill(runner->get(), &b, prefill_tokens, prefill_tokens, &rng);
+      Prefill(r, &b, prefill_tokens, prefill_tokens, &rng);
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
       if (rep > 0) times.push_back(s);
     }
+    json.Add(key, prefill_tokens / Median(times));
+  };
+  if (!only_decode) {
     json.Add("prefill_tokens", static_cast<double>(prefill_tokens));
-    json.Add("prefill_tokens_per_s", prefill_tokens / Median(times));
+    prefill(runner->get(), "prefill_tokens_per_s");
   }
 
   // Bytes one batch-1 decode step must read: every weight but the embedding table (one row of it),
@@ -559,6 +610,18 @@ int Main() {
     if (run.batch == 1 && run.graphs) {
       json.Add(key + "_fraction_of_roofline", (1000.0 / ms) / roofline);
     }
+  }
+  // Prefill again with the tensor-core attention kernel (GpuRunnerOptions::prefill_mma_attention).
+  if (!only_decode && wanted("mma_prefill") &&
+      AttentionMmaRunsHere(act, c.head_dim, c.group_size())) {
+    GpuRunnerOptions oo = o;
+    oo.prefill_mma_attention = true;
+    runner->reset();
+    other.reset();
+    absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
+    CHECK_OK(e.status());
+    other = *std::move(e);
+    prefill(other.get(), "prefill_mma_tokens_per_s");
   }
   json.s += "\n}\n";
   if (!absl::GetFlag(FLAGS_out).empty()) {

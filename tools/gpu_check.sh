@@ -178,6 +178,8 @@ rows = [
     ("decode b64 tok/s", fmt(g(ours, "decode_b64_tokens_per_s")), fmt(g(tdec, "64", "tokens_per_s"))),
     ("decode b64, decode attn", fmt(g(ours, "decode_b64_decode_attn_tokens_per_s")), "-"),
     ("prefill tok/s", fmt(g(ours, "prefill_tokens_per_s")), fmt(g(torch, "prefill", "tokens_per_s"))),
+    ("prefill tok/s, tensor-core attn", fmt(g(ours, "prefill_mma_tokens_per_s")), "-"),
+    ("attn prefill us (tiled / mma)", fmt(g(ours, "attn_prefill2048_us")) + " / " + fmt(g(ours, "attn_prefill2048_mma_us")), "-"),
 ]
 print()
 print(summary.strip())

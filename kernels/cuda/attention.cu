@@ -11,7 +11,10 @@
 // Decode steps (one query token per tile, a GQA group of at most 8) may instead take the decode
 // kernel (PagedAttentionArgs::decode_kernel): lanes share each key, query and output slices stay
 // in registers, a lane group loads several keys' rows before using any, and the partitions merge
-// in the kernel itself.
+// in the kernel itself. Planned tiles in bf16 and f16 may take the tensor-core kernel
+// (PagedAttentionArgs::mma_prefill): 64 query rows a block, 64 keys a step, wmma for Q.K and P.V.
+#include <mma.h>
+
 #include <cstdint>
 
 #include "kernels/cuda/cuda_types.cuh"
@@ -74,6 +77,33 @@ __device__ __forceinline__ Tile TileOf(const PagedAttentionArgs& a, int64_t t) {
   return {a.tiles[2 * t], a.tiles[2 * t + 1]};
 }
 
+// What a block of the tiled kernels serves: tile blockIdx.x for KV head blockIdx.y, partition
+// blockIdx.z; its query rows (tokens x the group's heads, clamped to the R a block holds: the
+// host plans tiles so) and its sequence's block table.
+template <int R>
+struct TileBlock {
+  Tile tile;
+  int64_t kvh, part, group;
+  int rows;
+  const int32_t* table;
+};
+template <int R>
+__device__ __forceinline__ TileBlock<R> TileBlockOf(const PagedAttentionArgs& a) {
+  TileBlock<R> b;
+  b.tile = TileOf(a, blockIdx.x);
+  b.kvh = blockIdx.y;
+  b.part = blockIdx.z;
+  b.group = a.num_heads / a.num_kv_heads;
+  b.rows = static_cast<int>(b.tile.count * b.group < R ? b.tile.count * b.group : R);
+  b.table = a.block_tables + int64_t{a.token_seq[b.tile.begin]} * a.max_blocks_per_seq;
+  return b;
+}
+
+// The first key a query at `pos` sees (its sliding window's start, else 0).
+__device__ __forceinline__ int64_t WindowStart(const PagedAttentionArgs& a, int64_t pos) {
+  return a.sliding_window > 0 && pos - a.sliding_window + 1 > 0 ? pos - a.sliding_window + 1 : 0;
+}
+
 // Address of key `key`'s row for KV head `kvh` in `cache`, or null when the block table does not
 // reach it.
 template <typename T, int D>
@@ -129,6 +159,30 @@ __device__ __forceinline__ float MergePartitionStates(const float* base, int64_t
   return lt > 0 ? o / lt : 0.0f;
 }
 
+// Row r's result at dim d: with partitions, its unnormalized state into the workspace
+// ([tile, kvh, part, R, D + 2]: the D outputs, then m and l); else the normalized output.
+template <typename T, int D, int R>
+__device__ __forceinline__ void WriteRowResult(const PagedAttentionArgs& a, const Tile& tile,
+                                               int64_t kvh, int64_t part, int64_t group, int r,
+                                               int d, float o, float mx, float lt) {
+  if (a.num_partitions > 1) {
+    float* ws =
+        a.workspace +
+        ((static_cast<int64_t>(blockIdx.x) * a.num_kv_heads + kvh) * a.num_partitions + part) * R *
+            (D + 2) +
+        r * (D + 2);
+    ws[d] = o;
+    if (d == 0) {
+      ws[D] = mx;
+      ws[D + 1] = lt;
+    }
+  } else {
+    const int64_t t = tile.begin + r / group;
+    const int64_t h = kvh * group + r % group;
+    static_cast<T*>(a.out)[t * a.out_stride + h * D + d] = FromF<T>(lt > 0 ? o / lt : 0.0f);
+  }
+}
+
 template <typename T, int D, int R>
 __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionArgs a) {
   PdlBegin();
@@ -140,14 +194,7 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
   __shared__ float acc_s[kWarps][R][D];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const Tile tile = TileOf(a, blockIdx.x);
-  const int64_t kvh = blockIdx.y;
-  const int64_t part = blockIdx.z;
-  const int64_t group = a.num_heads / a.num_kv_heads;
-  // A tile never holds more rows than R (the host plans tiles so); clamp rather than overrun.
-  const int rows = static_cast<int>(tile.count * group < R ? tile.count * group : R);
-  const int64_t seq = a.token_seq[tile.begin];
-  const int32_t* table = a.block_tables + seq * a.max_blocks_per_seq;
+  const auto [tile, kvh, part, group, rows, table] = TileBlockOf<R>(a);
 
   // Query rows, scaled into the log2 domain.
   const float qscale = a.scale * kLog2e;
@@ -164,8 +211,7 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
   int64_t k_begin = INT64_MAX, k_end = 0;
   for (int r = 0; r < rows; ++r) {
     const int64_t pos = a.token_pos[tile.begin + r / group];
-    const int64_t lo =
-        a.sliding_window > 0 && pos - a.sliding_window + 1 > 0 ? pos - a.sliding_window + 1 : 0;
+    const int64_t lo = WindowStart(a, pos);
     if (threadIdx.x == 0) {
       pos_s[r] = static_cast<int>(pos);
       lo_s[r] = static_cast<int>(lo);
@@ -274,23 +320,7 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(PagedAttentionA
     const int r = i / D, d = i % D;
     float lt, mx;
     const float o = MergeWarps<R, D>(m_s, l_s, acc_s, r, d, &lt, &mx);
-    if (a.num_partitions > 1) {
-      // [tile, kvh, part, R, D + 2]: o..., then m and l after the D values.
-      float* ws =
-          a.workspace +
-          ((static_cast<int64_t>(blockIdx.x) * a.num_kv_heads + kvh) * a.num_partitions + part) *
-              R * (D + 2) +
-          r * (D + 2);
-      ws[d] = o;
-      if (d == 0) {
-        ws[D] = mx;
-        ws[D + 1] = lt;
-      }
-    } else {
-      const int64_t t = tile.begin + r / group;
-      const int64_t h = kvh * group + r % group;
-      static_cast<T*>(a.out)[t * a.out_stride + h * D + d] = FromF<T>(lt > 0 ? o / lt : 0.0f);
-    }
+    WriteRowResult<T, D, R>(a, tile, kvh, part, group, r, d, o, mx, lt);
   }
 }
 
@@ -307,8 +337,7 @@ __global__ void __launch_bounds__(kThreads) MergePartitionsKernel(PagedAttention
   int64_t k_begin = INT64_MAX, k_end = 0;
   for (int r = 0; r < rows; ++r) {
     const int64_t pos = a.token_pos[tile.begin + r / group];
-    const int64_t lo =
-        a.sliding_window > 0 && pos - a.sliding_window + 1 > 0 ? pos - a.sliding_window + 1 : 0;
+    const int64_t lo = WindowStart(a, pos);
     k_begin = min(k_begin, lo);
     k_end = max(k_end, pos + 1);
   }
@@ -360,8 +389,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
   const int group = static_cast<int>(a.num_heads / a.num_kv_heads);  // <= R
   const int64_t seq = a.token_seq[t];
   const int64_t pos = a.token_pos[t];
-  const int64_t lo =
-      a.sliding_window > 0 && pos - a.sliding_window + 1 > 0 ? pos - a.sliding_window + 1 : 0;
+  const int64_t lo = WindowStart(a, pos);
   int64_t k_begin = lo, k_end = pos + 1;
   int64_t used = 1;
   if (a.num_partitions > 1) {
@@ -556,6 +584,316 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
   if (threadIdx.x == 0) *counter = 0;  // ready for the next launch
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernel for planned tiles (PagedAttentionArgs::mma_prefill).
+//
+// A block of four warps serves up to 64 query rows (a tile's tokens x the group's heads) for one
+// KV head; warp w owns rows [16w, 16w + 16). Keys go 64 at a time through two shared-memory
+// buffers that cp.async fills one step ahead. Per step each warp computes its 16 x 64 scores with
+// wmma (K is read as a column-major B operand), turns them into
+// probabilities in shared memory (two lanes per row, online softmax in the log2 domain, rounded
+// to the activation type, the row sum taken over the rounded values), rescales its output
+// accumulators and adds P.V. wmma leaves the accumulator's element-to-row mapping unspecified, so
+// each warp reads it once from a fragment loaded with row numbers, and rescales element by element.
+
+constexpr int kMmaRows = static_cast<int>(kPagedAttentionMmaRows);
+constexpr int kMmaKeys = 64;
+
+template <int D>
+struct MmaLayout {
+  static constexpr int kLdh = D + 8;         // 16-bit row pitch of the Q, K and V tiles
+  static constexpr int kLds = kMmaKeys + 4;  // f32 row pitch of a warp's scores
+  static constexpr int kLdp = kMmaKeys + 8;  // 16-bit row pitch of its probabilities (same bytes)
+  static constexpr int kLdo = D + 4;         // f32 row pitch of the output (K and V's bytes)
+  static constexpr size_t kTile = size_t{kMmaRows} * kLdh * 2;  // Q, or one K or V buffer
+  static constexpr size_t kQ = 0;
+  static constexpr size_t kK = kQ + kTile;      // two buffers
+  static constexpr size_t kV = kK + 2 * kTile;  // two buffers
+  static constexpr size_t kS = kV + 2 * kTile;  // kWarps x [16][kLds] f32
+  static constexpr size_t kSWarp = size_t{16} * kLds * 4;
+  static constexpr size_t kBytes = kS + kWarps * kSWarp;
+  static_assert(kTile % 128 == 0 && kSWarp % 128 == 0, "wmma pointers need 32-byte alignment");
+  static_assert(size_t{kMmaRows} * kLdo * 4 <= 4 * kTile, "the output fits the K and V buffers");
+  static_assert(size_t{16} * kLdp * 2 <= kSWarp, "probabilities fit the scores' bytes");
+};
+
+// 16 bytes from global `src` to shared `dst` without passing through registers; zeros instead
+// when !valid (src is then not read).
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Starts copying keys [chunk, chunk + 64) of KV head kvh into the K and V buffers (rows of keys
+// past k_end or beyond the block table zeroed, so that no stale or poisoned value meets a zero
+// probability) and marks which keys exist in valid_s.
+template <typename T, int D>
+__device__ __forceinline__ void LoadKvChunk(const PagedAttentionArgs& a, const int32_t* table,
+                                            int64_t chunk, int64_t k_end, int64_t kvh, T* k_s,
+                                            T* v_s, int* valid_s) {
+  constexpr int kPieces = D / 8;  // 16-byte pieces per row
+  constexpr int kLdh = MmaLayout<D>::kLdh;
+  static_assert(kThreads == 2 * kMmaKeys, "two threads per key");
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+  // Threads 2j and 2j + 1 take key j's even and odd pieces: one block-table lookup per thread,
+  // and each pair reads 32 contiguous bytes at a time.
+  const int j = threadIdx.x >> 1, h = threadIdx.x & 1;
+  const int64_t key = chunk + j;
+  const T* krow = key < k_end ? KeyRow<T, D>(a, kc, table, key, kvh) : nullptr;
+  const int64_t row = krow != nullptr ? krow - kc : 0;
+#pragma unroll
+  for (int piece = h; piece < kPieces; piece += 2) {
+    CpAsync16(k_s + j * kLdh + piece * 8, kc + row + piece * 8, krow != nullptr);
+    CpAsync16(v_s + j * kLdh + piece * 8, vc + row + piece * 8, krow != nullptr);
+  }
+  if (h == 0) valid_s[j] = krow != nullptr;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) PrefillMmaKernel(PagedAttentionArgs a) {
+  PdlBegin();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using L = MmaLayout<D>;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  using FragKt = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+  using FragV = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+  constexpr int kLdh = L::kLdh;
+  constexpr int kFrags = D / 16;
+  constexpr int kElems = Acc::num_elements;
+  constexpr unsigned kAll = 0xffffffffu;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int pos_s[kMmaRows], lo_s[kMmaRows];
+  __shared__ int valid_s[2][kMmaKeys];
+  __shared__ float alpha_s[kWarps][16];
+  __shared__ float m_fin[kMmaRows], l_fin[kMmaRows];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
+  T* k_s = reinterpret_cast<T*>(smem + L::kK);
+  T* v_s = reinterpret_cast<T*>(smem + L::kV);
+  float* s_w = reinterpret_cast<float*>(smem + L::kS + warp * L::kSWarp);
+  T* p_w = reinterpret_cast<T*>(s_w);
+
+  const auto [tile, kvh, part, group, rows, table] = TileBlockOf<kMmaRows>(a);
+
+  // Each row's key range [lo, pos]; rows past the tile see no key (pos -1).
+  if (threadIdx.x < kMmaRows) {
+    const int r = threadIdx.x;
+    int64_t pos = -1, lo = 0;
+    if (r < rows) {
+      pos = a.token_pos[tile.begin + r / group];
+      lo = WindowStart(a, pos);
+    }
+    pos_s[r] = static_cast<int>(pos);
+    lo_s[r] = static_cast<int>(lo);
+  }
+  // Query rows as stored (scaled later, in f32), zero past the tile.
+  for (int i = threadIdx.x; i < kMmaRows * (D / 8); i += kThreads) {
+    const int r = i / (D / 8), piece = i % (D / 8);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < rows) {
+      const int64_t t = tile.begin + r / group;
+      const int64_t h = kvh * group + r % group;
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.q) + t * a.q_stride + h * D +
+                                          piece * 8);
+    }
+    *reinterpret_cast<uint4*>(q_s + r * kLdh + piece * 8) = v;
+  }
+  __syncthreads();
+  int64_t k_begin = INT64_MAX, k_end = 0;
+  for (int r = 0; r < rows; ++r) {
+    k_begin = min(k_begin, static_cast<int64_t>(lo_s[r]));
+    k_end = max(k_end, static_cast<int64_t>(pos_s[r]) + 1);
+  }
+  if (a.num_partitions > 1) {
+    const Split sp = SplitKeys(k_begin, k_end, a);
+    if (part >= sp.used) return;  // nothing here; the merge reads only the used partitions
+    k_begin += part * sp.keys;
+    k_end = min(k_end, k_begin + sp.keys);
+  }
+
+  // Which of the warp's 16 rows each accumulator element holds: load a matrix of row numbers.
+  int row_of[kElems];
+  for (int i = lane; i < 16 * 16; i += 32) s_w[(i / 16) * L::kLds + i % 16] = i / 16;
+  __syncwarp();
+  {
+    Acc probe;
+    wmma::load_matrix_sync(probe, s_w, L::kLds, wmma::mem_row_major);
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) row_of[i] = static_cast<int>(probe.x[i]);
+  }
+  __syncwarp();
+  Acc of[kFrags];
+#pragma unroll
+  for (int f = 0; f < kFrags; ++f) wmma::fill_fragment(of[f], 0.0f);
+
+  const bool active = warp * 16 < rows;  // a warp whose rows are all past the tile only loads
+  const int my_row = lane >> 1, half = lane & 1;
+  const int row_pos = pos_s[warp * 16 + my_row], row_lo = lo_s[warp * 16 + my_row];
+  const float qscale = a.scale * kLog2e;
+  float m_run = -INFINITY, l_run = 0.0f;  // l_run: this lane's half of the row sum
+  const int64_t chunks = k_end > k_begin ? (k_end - k_begin + kMmaKeys - 1) / kMmaKeys : 0;
+  if (chunks > 0) LoadKvChunk<T, D>(a, table, k_begin, k_end, kvh, k_s, v_s, valid_s[0]);
+  CpAsyncCommit();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int buf = static_cast<int>(c & 1);
+    const int64_t chunk = k_begin + c * kMmaKeys;
+    if (c + 1 < chunks) {
+      LoadKvChunk<T, D>(a, table, chunk + kMmaKeys, k_end, kvh, k_s + (buf ^ 1) * kMmaKeys * kLdh,
+                        v_s + (buf ^ 1) * kMmaKeys * kLdh, valid_s[buf ^ 1]);
+    }
+    CpAsyncCommit();
+    CpAsyncWait<1>();  // this chunk's copies (the next one's may still fly)
+    __syncthreads();   // everyone's
+    if (active) {
+      const T* kb = k_s + buf * kMmaKeys * kLdh;
+      const T* vb = v_s + buf * kMmaKeys * kLdh;
+      // Scores of the warp's 16 rows against the 64 keys, a slice of head_dim at a time (the
+      // query's fragments come from shared memory: registers go to the output and the scores).
+      Acc sf[kMmaKeys / 16];
+#pragma unroll
+      for (int n = 0; n < kMmaKeys / 16; ++n) wmma::fill_fragment(sf[n], 0.0f);
+#pragma unroll
+      for (int f = 0; f < kFrags; ++f) {
+        FragA qf;
+        wmma::load_matrix_sync(qf, q_s + warp * 16 * kLdh + f * 16, kLdh);
+#pragma unroll
+        for (int n = 0; n < kMmaKeys / 16; ++n) {
+          FragKt kf;
+          wmma::load_matrix_sync(kf, kb + n * 16 * kLdh + f * 16, kLdh);
+          wmma::mma_sync(sf[n], qf, kf, sf[n]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kMmaKeys / 16; ++n) {
+        wmma::store_matrix_sync(s_w + n * 16, sf[n], L::kLds, wmma::mem_row_major);
+      }
+      __syncwarp();
+      // Online softmax: lanes 2r and 2r + 1 take row r's even and odd keys.
+      float sv[kMmaKeys / 2];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kMmaKeys / 2; ++j) {
+        const int col = 2 * j + half;
+        const int64_t key = chunk + col;
+        const bool ok = key < k_end && key <= row_pos && key >= row_lo && valid_s[buf][col] != 0;
+        sv[j] = ok ? s_w[my_row * L::kLds + col] * qscale : -INFINITY;
+        mx = fmaxf(mx, sv[j]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(kAll, mx, 1));
+      const float mn = fmaxf(m_run, mx);
+      const float alpha = mn == -INFINITY ? 1.0f : exp2f(m_run - mn);
+      __syncwarp();  // every score read before the probabilities overwrite them
+      float ls = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kMmaKeys / 2; ++j) {
+        const T pt = FromF<T>(sv[j] == -INFINITY ? 0.0f : exp2f(sv[j] - mn));
+        p_w[my_row * L::kLdp + 2 * j + half] = pt;
+        ls += ToF(pt);
+      }
+      l_run = l_run * alpha + ls;
+      m_run = mn;
+      if (half == 0) alpha_s[warp][my_row] = alpha;
+      __syncwarp();
+      float al[kElems];
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) al[i] = alpha_s[warp][row_of[i]];
+#pragma unroll
+      for (int f = 0; f < kFrags; ++f) {
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) of[f].x[i] *= al[i];
+      }
+      // O += P.V
+#pragma unroll
+      for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+        FragA pf;
+        wmma::load_matrix_sync(pf, p_w + kk * 16, L::kLdp);
+#pragma unroll
+        for (int f = 0; f < kFrags; ++f) {
+          FragV vf;
+          wmma::load_matrix_sync(vf, vb + kk * 16 * kLdh + f * 16, kLdh);
+          wmma::mma_sync(of[f], pf, vf, of[f]);
+        }
+      }
+    }
+    __syncthreads();  // this buffer is free for the copy two chunks on
+  }
+  CpAsyncWait<0>();
+
+  const float l_row = l_run + __shfl_xor_sync(kAll, l_run, 1);
+  if (half == 0) {
+    m_fin[warp * 16 + my_row] = m_run;
+    l_fin[warp * 16 + my_row] = l_row;
+  }
+  __syncthreads();  // the K and V buffers are free (no copy in flight), m_fin and l_fin written
+  float* o_s = reinterpret_cast<float*>(smem + L::kK);  // [kMmaRows][kLdo]
+  if (active) {
+#pragma unroll
+    for (int f = 0; f < kFrags; ++f) {
+      wmma::store_matrix_sync(o_s + warp * 16 * L::kLdo + f * 16, of[f], L::kLdo,
+                              wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    WriteRowResult<T, D, kMmaRows>(a, tile, kvh, part, group, r, d, o_s[r * L::kLdo + d], m_fin[r],
+                                   l_fin[r]);
+  }
+#endif
+}
+
+// `kernel` over (tiles, KV heads, partitions) with `smem` bytes of dynamic shared memory, then,
+// with several partitions, the merge of their states (R rows per tile).
+template <typename T, int D, int R>
+cudaError_t LaunchAndMerge(void (*kernel)(PagedAttentionArgs), size_t smem,
+                           const PagedAttentionArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads),
+                  static_cast<unsigned>(a.num_partitions));
+  if (cudaError_t e = LaunchPdlSmem(kernel, grid, dim3(kThreads), smem, stream, a);
+      e != cudaSuccess) {
+    return e;
+  }
+  if (a.num_partitions > 1) {
+    const dim3 mgrid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads));
+    return LaunchPdl(MergePartitionsKernel<T, D, R>, mgrid, dim3(kThreads), stream, a);
+  }
+  return cudaSuccess;
+}
+
+template <typename T, int D>
+cudaError_t LaunchMma(const PagedAttentionArgs& a, cudaStream_t stream) {
+  constexpr size_t kBytes = MmaLayout<D>::kBytes;
+  // Every launch (cheap, and right for whichever device is current).
+  if (cudaError_t e =
+          cudaFuncSetAttribute(PrefillMmaKernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(kBytes));
+      e != cudaSuccess) {
+    return e;
+  }
+  return LaunchAndMerge<T, D, kMmaRows>(PrefillMmaKernel<T, D>, kBytes, a, stream);
+}
+
 template <typename T, int D, int R>
 cudaError_t LaunchDecode(const PagedAttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads),
@@ -575,17 +913,7 @@ int RowsBucket(int64_t rows) { return rows <= 4 ? 4 : rows <= 8 ? 8 : 16; }
 
 template <typename T, int D, int R>
 cudaError_t LaunchWith(const PagedAttentionArgs& a, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads),
-                  static_cast<unsigned>(a.num_partitions));
-  if (cudaError_t e = LaunchPdl(PagedAttentionKernel<T, D, R>, grid, dim3(kThreads), stream, a);
-      e != cudaSuccess) {
-    return e;
-  }
-  if (a.num_partitions > 1) {
-    const dim3 mgrid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads));
-    return LaunchPdl(MergePartitionsKernel<T, D, R>, mgrid, dim3(kThreads), stream, a);
-  }
-  return cudaSuccess;
+  return LaunchAndMerge<T, D, R>(PagedAttentionKernel<T, D, R>, 0, a, stream);
 }
 
 template <typename T, int D>
@@ -610,6 +938,13 @@ template <typename T, int D>
 cudaError_t LaunchForHeadDim(const PagedAttentionArgs& a, cudaStream_t stream) {
   const int64_t group = a.num_heads / a.num_kv_heads;
   if (PagedAttentionUsesDecodeKernel(a)) return LaunchDecodeForGroup<T, D>(a, group, stream);
+  if constexpr (sizeof(T) == 2 && D <= 128) {
+    if (PagedAttentionUsesMmaKernel(a)) return LaunchMma<T, D>(a, stream);
+  }
+  // Tiles planned for the tensor-core kernel must not reach a kernel that holds fewer rows.
+  if (a.tiles != nullptr && a.tile_tokens * group > PagedAttentionMaxRows(D)) {
+    return cudaErrorInvalidValue;
+  }
   return LaunchForRows<T, D>(a, a.tile_tokens * group, stream);
 }
 
@@ -620,13 +955,44 @@ int64_t PagedAttentionMaxRows(int64_t head_dim) { return head_dim * 16 <= 2048 ?
 int64_t PagedAttentionWorkspaceFloats(const PagedAttentionArgs& a) {
   if (a.num_partitions <= 1) return 0;
   const int64_t rows = a.tile_tokens * (a.num_heads / a.num_kv_heads);
-  const int64_t r = RowsBucket(rows);
+  const int64_t r = PagedAttentionUsesMmaKernel(a) ? kPagedAttentionMmaRows : RowsBucket(rows);
   return a.num_tiles * a.num_kv_heads * a.num_partitions * r * (a.head_dim + 2);
 }
 
 bool PagedAttentionUsesDecodeKernel(const PagedAttentionArgs& a) {
   return a.decode_kernel && a.tiles == nullptr && a.num_kv_heads > 0 &&
          a.num_heads / a.num_kv_heads <= 8;
+}
+
+int64_t PagedAttentionMmaSharedBytes(int64_t head_dim) {
+  // The dynamic layout plus the kernel's static arrays (pos, lo, valid, alpha, m, l).
+  constexpr int64_t kStatic = 4 * (2 * kMmaRows + 2 * kMmaKeys + kWarps * 16 + 2 * kMmaRows);
+  switch (head_dim) {
+    case 16:
+      return MmaLayout<16>::kBytes + kStatic;
+    case 32:
+      return MmaLayout<32>::kBytes + kStatic;
+    case 64:
+      return MmaLayout<64>::kBytes + kStatic;
+    case 128:
+      return MmaLayout<128>::kBytes + kStatic;
+    default:
+      return 0;
+  }
+}
+
+bool PagedAttentionMmaSupported(ActType act, int64_t head_dim, int64_t group) {
+  return act != ActType::kF32 &&
+         (head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128) && group >= 1 &&
+         group <= kPagedAttentionMmaRows;
+}
+
+bool PagedAttentionUsesMmaKernel(const PagedAttentionArgs& a) {
+  if (!a.mma_prefill || a.tiles == nullptr || a.num_kv_heads <= 0) return false;
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  return PagedAttentionMmaSupported(a.act, a.head_dim, group) &&
+         a.tile_tokens * group <= kPagedAttentionMmaRows && a.q_stride % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(a.q) % 16 == 0;
 }
 
 cudaError_t LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stream) {

@@ -111,13 +111,15 @@ inline bool PdlSupported() {
   return supported;
 }
 
+// LaunchPdl with `smem_bytes` of dynamic shared memory (over 48 KiB needs the kernel's
+// cudaFuncAttributeMaxDynamicSharedMemorySize raised first).
 template <typename... KernelArgs, typename... Args>
-cudaError_t LaunchPdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStream_t stream,
-                      Args... args) {
+cudaError_t LaunchPdlSmem(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,
+                          cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = 0;
+  config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -127,6 +129,12 @@ cudaError_t LaunchPdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cuda
     config.numAttrs = 1;
   }
   return cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...);
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStream_t stream,
+                      Args... args) {
+  return LaunchPdlSmem(kernel, grid, block, 0, stream, args...);
 }
 
 inline unsigned GridFor(int64_t n, int threads, int64_t cap = 65535 * 8) {

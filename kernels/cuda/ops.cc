@@ -1,5 +1,7 @@
 #include "kernels/cuda/ops.h"
 
+#include <cuda_runtime_api.h>
+
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -162,8 +164,11 @@ absl::Status PagedAttentionCuda(const gpu::PagedAttentionArgs& a, CudaStreamHand
                  "paged_attention", "q_stride or out_stride below num_heads * head_dim");
   const int64_t group = a.num_heads / a.num_kv_heads;
   STRATA_REQUIRE(
-      a.tile_tokens >= 1 && a.tile_tokens * group <= gpu::PagedAttentionMaxRows(a.head_dim),
-      "paged_attention", "tile_tokens x group exceeds the rows one block holds");
+      a.tile_tokens >= 1 && (a.tile_tokens * group <= gpu::PagedAttentionMaxRows(a.head_dim) ||
+                             gpu::PagedAttentionUsesMmaKernel(a)),
+      "paged_attention",
+      "tile_tokens x group exceeds the rows one block holds (the tensor-core kernel's "
+      "64 need mma_prefill, 16-bit activations, head_dim <= 128 and aligned q)");
   STRATA_REQUIRE(a.tiles != nullptr || (a.tile_tokens == 1 && a.num_tiles == a.num_tokens),
                  "paged_attention",
                  "without tiles, num_tiles must equal num_tokens and tile_tokens 1");
@@ -231,6 +236,21 @@ std::vector<int32_t> PlanAttentionTiles(absl::Span<const int32_t> token_seq,
 
 int64_t AttentionTileTokens(int64_t head_dim, int64_t group) {
   return std::max<int64_t>(1, gpu::PagedAttentionMaxRows(head_dim) / std::max<int64_t>(1, group));
+}
+
+int64_t AttentionMmaTileTokens(int64_t group) {
+  return std::max<int64_t>(1, gpu::kPagedAttentionMmaRows / std::max<int64_t>(1, group));
+}
+
+bool AttentionMmaRunsHere(gpu::ActType act, int64_t head_dim, int64_t group) {
+  if (!gpu::PagedAttentionMmaSupported(act, head_dim, group)) return false;
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess) {
+    return false;
+  }
+  return gpu::PagedAttentionMmaSharedBytes(head_dim) <= optin;
 }
 
 void ChooseAttentionPartitions(int64_t max_keys, int64_t multiprocessors,

@@ -49,6 +49,10 @@ std::vector<int32_t> PlanAttentionTiles(absl::Span<const int32_t> token_seq,
 
 // Tokens per tile that fit one block for this head_dim and GQA group.
 int64_t AttentionTileTokens(int64_t head_dim, int64_t group);
+// Tokens per tile for the tensor-core kernel (PagedAttentionArgs::mma_prefill) and this group.
+int64_t AttentionMmaTileTokens(int64_t group);
+// Whether the tensor-core kernel supports this shape and fits the current device's shared memory.
+bool AttentionMmaRunsHere(gpu::ActType act, int64_t head_dim, int64_t group);
 
 // Chooses num_partitions and partition_keys (set num_tiles and num_kv_heads first) for queries that
 // see at most `max_keys` keys: split-K only when the tiles alone leave `multiprocessors` short of

@@ -165,9 +165,28 @@ struct PagedAttentionArgs {
   // [num_tiles, num_kv_heads] u32, device, zero before the first launch; each launch leaves them
   // zero. Needed by the decode kernel with num_partitions > 1 (it counts finished partitions).
   uint32_t* counters = nullptr;
+  // Tensor-core kernel for planned tiles (prefill and chunked prefill) in bf16 and f16: one block
+  // takes up to kPagedAttentionMmaRows query rows (plan tiles of AttentionMmaTileTokens(group)
+  // tokens, kernels/cuda/ops.h) and 64 keys at a time, Q.K and P.V on tensor cores with f32
+  // accumulation, the probabilities rounded to the activation type. Other shapes use the CUDA-core
+  // kernels whatever this says (PagedAttentionUsesMmaKernel).
+  bool mma_prefill = false;
 };
 // Whether these arguments run the decode kernel (decode_kernel set and the shape allows it).
 bool PagedAttentionUsesDecodeKernel(const PagedAttentionArgs& a);
+// Query rows (tile tokens x GQA group) one block of the tensor-core kernel serves.
+inline constexpr int64_t kPagedAttentionMmaRows = 64;
+// Whether the tensor-core kernel can serve this activation type, head_dim and GQA group at all
+// (16-bit activations, head_dim 16 to 128, a group of at most kPagedAttentionMmaRows).
+bool PagedAttentionMmaSupported(ActType act, int64_t head_dim, int64_t group);
+// Shared memory one block of the tensor-core kernel takes for this head_dim (0 if unsupported):
+// a device whose per-block opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin) is smaller
+// cannot run it (head_dim 128 needs about 104 KiB: A100, H100 and H200 can, sm_86/sm_89 cannot).
+int64_t PagedAttentionMmaSharedBytes(int64_t head_dim);
+// Whether these arguments run the tensor-core kernel: mma_prefill set, planned tiles of at most
+// kPagedAttentionMmaRows rows, a supported shape, and queries in whole 16-byte rows (q 16-byte
+// aligned, q_stride a multiple of 8).
+bool PagedAttentionUsesMmaKernel(const PagedAttentionArgs& a);
 // Query rows one block can hold for this head_dim (the tile_tokens x group limit).
 int64_t PagedAttentionMaxRows(int64_t head_dim);
 int64_t PagedAttentionWorkspaceFloats(const PagedAttentionArgs& a);

@@ -915,14 +915,6 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
 
   // Attention, with a padded output row stride.
   const int64_t out_stride = H * D + 8;
-  std::vector<int32_t> tiles;
-  int64_t tile_tokens = 1, num_tiles = T;
-  if (c.plan_tiles) {
-    tile_tokens = AttentionTileTokens(D, group);
-    tiles = PlanAttentionTiles(token_seq, token_pos, tile_tokens);
-    num_tiles = static_cast<int64_t>(tiles.size()) / 2;
-  }
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_tiles, UploadPod(tiles));
   gpu::PagedAttentionArgs a;
   a.num_tokens = T;
   a.num_heads = H;
@@ -943,21 +935,38 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
   a.max_blocks_per_seq = max_blocks;
   a.out_stride = out_stride;
   a.act = act;
-  a.tiles = c.plan_tiles ? d_tiles.as<int32_t>() : nullptr;
-  a.num_tiles = num_tiles;
-  a.tile_tokens = tile_tokens;
 
   std::vector<Split> variants = {Split::kNone};
   if (c.split != Split::kNone) {
     variants.push_back(c.split);
     variants.push_back(Split::kCapacity);
   }
-  // One tile per token with a group of at most 8: the decode kernel too.
-  std::vector<bool> kernels = {false};
-  if (!c.plan_tiles && group <= 8) kernels.push_back(true);
-  for (const bool decode_kernel : kernels) {
+  // Every kernel these arguments can take: the tiled one always; the decode kernel for one tile
+  // per token and a group of at most 8; the tensor-core one for planned tiles in f16 and bf16,
+  // with tiles of its own size.
+  enum class Kernel { kTiled, kDecode, kMma };
+  std::vector<Kernel> kernels = {Kernel::kTiled};
+  if (!c.plan_tiles && group <= 8) kernels.push_back(Kernel::kDecode);
+  if (c.plan_tiles && AttentionMmaRunsHere(act, D, group)) {
+    kernels.push_back(Kernel::kMma);
+  }
+  for (const Kernel kernel : kernels) {
+    const bool decode_kernel = kernel == Kernel::kDecode;
+    std::vector<int32_t> tiles;
+    int64_t tile_tokens = 1, num_tiles = T;
+    if (c.plan_tiles) {
+      tile_tokens =
+          kernel == Kernel::kMma ? AttentionMmaTileTokens(group) : AttentionTileTokens(D, group);
+      tiles = PlanAttentionTiles(token_seq, token_pos, tile_tokens);
+      num_tiles = static_cast<int64_t>(tiles.size()) / 2;
+    }
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_tiles, UploadPod(tiles));
+    a.tiles = c.plan_tiles ? d_tiles.as<int32_t>() : nullptr;
+    a.num_tiles = num_tiles;
+    a.tile_tokens = tile_tokens;
     for (const Split split : variants) {
       a.decode_kernel = decode_kernel;
+      a.mma_prefill = kernel == Kernel::kMma;
       a.num_partitions = 1;
       a.partition_keys = 0;
       a.workspace = nullptr;
@@ -977,10 +986,13 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
         a.num_partitions = 4 * ((max_len + unit - 1) / unit) + 3;
       }
       EXPECT_EQ(gpu::PagedAttentionUsesDecodeKernel(a), decode_kernel);
-      const std::string what =
-          absl::StrCat(base, decode_kernel ? " decode kernel" : " tiled kernel", " tokens ", T,
-                       " tiles ", num_tiles, " (tile_tokens ", tile_tokens, ") partitions ",
-                       a.num_partitions, " x ", a.partition_keys, " keys");
+      EXPECT_EQ(gpu::PagedAttentionUsesMmaKernel(a), kernel == Kernel::kMma);
+      const char* kernel_name = kernel == Kernel::kDecode ? " decode kernel"
+                                : kernel == Kernel::kMma  ? " tensor-core kernel"
+                                                          : " tiled kernel";
+      const std::string what = absl::StrCat(base, kernel_name, " tokens ", T, " tiles ", num_tiles,
+                                            " (tile_tokens ", tile_tokens, ") partitions ",
+                                            a.num_partitions, " x ", a.partition_keys, " keys");
       SCOPED_TRACE(what);
       DeviceBuffer d_workspace, d_counters;
       if (a.num_partitions > 1) {
@@ -1023,6 +1035,10 @@ TEST_F(OpsCudaTest, WriteKvAndPagedAttentionMatchCpu) {
       // Whole prompts in one batch, planned tiles.
       {"prefill", {{0, 1}, {0, 17}, {0, 100}}, true, 16, 0, Split::kNone},
       {"prefill", {{0, 1}, {0, 17}, {0, 100}}, true, 8, 32, Split::kNone},
+      // Longer prompts: the tensor-core kernel's full 64-row tiles over several 64-key steps,
+      // a window that cuts steps mid-way, and a prompt that ends mid-tile.
+      {"prefill_long", {{0, 300}, {0, 75}}, true, 16, 0, Split::kNone},
+      {"prefill_long", {{0, 300}, {0, 75}}, true, 16, 100, Split::kNone},
       // One query per sequence at its last position, one tile per token; split-K as the engine
       // chooses it for long contexts.
       {"decode", {{0, 1}, {14, 1}, {15, 1}, {299, 1}, {699, 1}}, false, 16, 0, Split::kChosen},
@@ -1035,6 +1051,10 @@ TEST_F(OpsCudaTest, WriteKvAndPagedAttentionMatchCpu) {
       {"chunked_prefill", {{50, 30}, {9, 1}}, true, 16, 0, Split::kNone},
       // The same with partitions of 128 keys: the chunk's tiles straddle the boundary at 256.
       {"chunked_prefill", {{250, 30}, {40, 1}}, true, 16, 0, Split::kEvery128},
+      // And with a window that starts mid-partition.
+      {"chunked_prefill", {{250, 30}, {40, 1}}, true, 16, 100, Split::kEvery128},
+      // A long chunk after a long cached prefix, split as the engine chooses for few tiles.
+      {"chunked_prefill", {{600, 40}}, true, 16, 0, Split::kChosen},
   };
   const HeadConfig heads[] = {{4, 2, 16}, {16, 4, 32}, {8, 8, 64}, {32, 8, 128}, {8, 1, 256}};
   for (const AttentionCase& c : cases) {
@@ -1506,85 +1526,6 @@ TEST_F(OpsCudaTest, BadArgumentsAreRefusedBeforeLaunch) {
   ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> bytes, DownloadBytes(guard, kGuardBytes));
   EXPECT_EQ(std::count(bytes.begin(), bytes.end(), 0), static_cast<int64_t>(kGuardBytes))
       << "a refused call wrote into the guard buffer";
-}
-
-// ---------------------------------------------------------------------------------------------
-// Host-side planning and type mapping (no GPU needed, but built only with CUDA).
-
-TEST(OpsCudaPlanningTest, ActTypeOfMapsActivationTypesOnly) {
-  gpu::ActType t = gpu::ActType::kF32;
-  ASSERT_TRUE(ActTypeOf(DType::kBF16, &t).ok());
-  EXPECT_EQ(t, gpu::ActType::kBF16);
-  ASSERT_TRUE(ActTypeOf(DType::kF16, &t).ok());
-  EXPECT_EQ(t, gpu::ActType::kF16);
-  ASSERT_TRUE(ActTypeOf(DType::kF32, &t).ok());
-  EXPECT_EQ(t, gpu::ActType::kF32);
-  const absl::Status s = ActTypeOf(DType::kI8, &t);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_NE(s.message().find("not an activation type"), absl::string_view::npos) << s;
-}
-
-TEST(OpsCudaPlanningTest, PlanAttentionTilesCutsRunsOfOneSequence) {
-  // Sequence 0 at 0..4, sequence 1 at 7, 8, sequence 0 again at 5 (a new run), sequence 2 at 3, 5
-  // (not consecutive).
-  const std::vector<int32_t> seq = {0, 0, 0, 0, 0, 1, 1, 0, 2, 2};
-  const std::vector<int32_t> pos = {0, 1, 2, 3, 4, 7, 8, 5, 3, 5};
-  EXPECT_EQ(PlanAttentionTiles(seq, pos, 2),
-            (std::vector<int32_t>{0, 2, 2, 2, 4, 1, 5, 2, 7, 1, 8, 1, 9, 1}));
-  EXPECT_EQ(PlanAttentionTiles(seq, pos, 16), (std::vector<int32_t>{0, 5, 5, 2, 7, 1, 8, 1, 9, 1}));
-  EXPECT_EQ(PlanAttentionTiles(seq, pos, 1).size(), 2 * seq.size());
-  EXPECT_TRUE(PlanAttentionTiles({}, {}, 4).empty());
-}
-
-TEST(OpsCudaPlanningTest, TileTokensFitOneBlock) {
-  for (const int64_t head_dim : {16, 32, 64, 128, 256}) {
-    for (const int64_t group : {1, 2, 4, 8}) {
-      const int64_t tokens = AttentionTileTokens(head_dim, group);
-      EXPECT_GE(tokens, 1);
-      EXPECT_LE(tokens * group, gpu::PagedAttentionMaxRows(head_dim))
-          << "head_dim " << head_dim << " group " << group;
-    }
-  }
-}
-
-TEST(OpsCudaPlanningTest, ChooseAttentionPartitionsCoversTheKeys) {
-  for (const int64_t num_tiles : {1, 5, 64, 300}) {
-    for (const int64_t num_kv_heads : {1, 8}) {
-      for (const int64_t max_keys : {1, 256, 257, 700, 4096, 131072}) {
-        SCOPED_TRACE(::testing::Message() << "tiles " << num_tiles << " kv heads " << num_kv_heads
-                                          << " max_keys " << max_keys);
-        gpu::PagedAttentionArgs a;
-        a.num_tiles = num_tiles;
-        a.num_kv_heads = num_kv_heads;
-        ChooseAttentionPartitions(max_keys, 132, &a);
-        if (a.num_partitions == 1) continue;
-        EXPECT_GT(a.num_partitions, 1);
-        EXPECT_LE(a.num_partitions, 65535);
-        EXPECT_EQ(a.partition_keys % 128, 0);
-        EXPECT_EQ(a.partition_keys, 128);
-        EXPECT_LE(a.num_partitions, (max_keys + 127) / 128) << "a partition with no keys";
-        EXPECT_LT(num_tiles * num_kv_heads, 2 * 132) << "split although the tiles fill the GPU";
-      }
-    }
-  }
-  gpu::PagedAttentionArgs decode;
-  decode.num_tiles = 5;
-  decode.num_kv_heads = 2;
-  ChooseAttentionPartitions(700, 132, &decode);
-  EXPECT_GT(decode.num_partitions, 1);
-  // The decode kernel splits in units of 64 keys: batch 1 of Llama-3-8B over 512 keys gets 8.
-  gpu::PagedAttentionArgs b1;
-  b1.num_tiles = 1;
-  b1.num_heads = 32;
-  b1.num_kv_heads = 8;
-  b1.decode_kernel = true;
-  ChooseAttentionPartitions(512, 132, &b1);
-  EXPECT_EQ(b1.partition_keys, 64);
-  EXPECT_EQ(b1.num_partitions, 8);
-  // Not for planned tiles (prefill) or groups over 8: the tiled kernel's 128.
-  b1.tiles = reinterpret_cast<const int32_t*>(&b1);
-  ChooseAttentionPartitions(512, 132, &b1);
-  EXPECT_EQ(b1.partition_keys, 128);
 }
 
 #else  // !STRATA_HAVE_CUDA

@@ -54,6 +54,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
         (weights->config.max_position_embeddings + c.block_tokens - 1) / c.block_tokens + 1;
     o.decode_attention_kernel = c.gpu_decode_attention_kernel;
     o.fused_residual_norm = c.gpu_fused_residual_norm;
+    o.prefill_mma_attention = c.gpu_prefill_mma_attention;
     ASSIGN_OR_RETURN(engine->gpu_, GpuModelRunner::Create(*weights, o));
 #else
     return absl::UnavailableError("engine: this build has no CUDA (device gpu)");

@@ -76,9 +76,11 @@ struct EngineConfig {
   // needs log-probabilities, GpuModelRunner::ForwardSample).
   std::string device = "cpu";
   DType gpu_dtype = DType::kBF16;
-  // GpuRunnerOptions::decode_attention_kernel and fused_residual_norm (experimental, off).
+  // GpuRunnerOptions::decode_attention_kernel, fused_residual_norm and prefill_mma_attention
+  // (experimental, off).
   bool gpu_decode_attention_kernel = false;
   bool gpu_fused_residual_norm = false;
+  bool gpu_prefill_mma_attention = false;
 };
 
 enum class FinishReason { kNone, kLength, kEos, kStopToken, kContextLength, kCancelled };

@@ -55,15 +55,17 @@ class EngineGpuTest : public ::testing::TestWithParam<std::string> {
 
   // Eight requests with mixed prompt lengths; `sampled`: seeded sampling with every knob (and
   // min_tokens, which bans EOS for a while) instead of greedy.
-  // `fast_decode`: the experimental decode attention kernel and fused residual norms.
+  // `experimental`: the experimental decode attention kernel, fused residual norms and
+  // tensor-core prefill attention (which takes bf16 and f16 only).
   std::map<std::string, std::vector<int32_t>> Generate(const std::string& device, DType dtype,
                                                        bool sampled = false,
-                                                       bool fast_decode = false) {
+                                                       bool experimental = false) {
     EngineConfig ec;
     ec.device = device;
     ec.gpu_dtype = dtype;
-    ec.gpu_decode_attention_kernel = fast_decode;
-    ec.gpu_fused_residual_norm = fast_decode;
+    ec.gpu_decode_attention_kernel = experimental;
+    ec.gpu_fused_residual_norm = experimental;
+    ec.gpu_prefill_mma_attention = experimental;
     ec.max_batch_tokens = 48;  // prompts prefill in chunks, beside other requests' decodes
     ec.max_running_sequences = 8;
     ec.compute_threads = 2;
@@ -105,22 +107,28 @@ TEST_P(EngineGpuTest, GreedyTokensEqualTheCpuEngine) {
   const auto gpu = Generate("gpu", DType::kF32);
   ASSERT_EQ(cpu.size(), 8u);
   EXPECT_EQ(gpu, cpu);
-  EXPECT_EQ(Generate("gpu", DType::kF32, false, /*fast_decode=*/true), cpu)
+  EXPECT_EQ(Generate("gpu", DType::kF32, false, /*experimental=*/true), cpu)
       << "with the decode attention kernel and fused residual norms";
-  const auto bf16 = Generate("gpu", DType::kBF16);
-  ASSERT_EQ(bf16.size(), cpu.size());
-  int same = 0, total = 0;
-  for (const auto& [id, tokens] : cpu) {
-    const std::vector<int32_t>& b = bf16.at(id);
-    ASSERT_EQ(b.size(), tokens.size());
-    // Count up to the first difference: after it the two continue different texts.
-    size_t i = 0;
-    while (i < tokens.size() && b[i] == tokens[i]) ++i;
-    same += static_cast<int>(i);
-    total += static_cast<int>(tokens.size());
+  // bf16: at least half of the tokens agree before each request's first divergence, by default
+  // and with the experimental paths (tensor-core prefill attention included).
+  for (const bool experimental : {false, true}) {
+    SCOPED_TRACE(::testing::Message() << "experimental paths " << experimental);
+    const auto bf16 = Generate("gpu", DType::kBF16, false, experimental);
+    ASSERT_EQ(bf16.size(), cpu.size());
+    int same = 0, total = 0;
+    for (const auto& [id, tokens] : cpu) {
+      const std::vector<int32_t>& b = bf16.at(id);
+      ASSERT_EQ(b.size(), tokens.size());
+      // Count up to the first difference: after it the two continue different texts.
+      size_t i = 0;
+      while (i < tokens.size() && b[i] == tokens[i]) ++i;
+      same += static_cast<int>(i);
+      total += static_cast<int>(tokens.size());
+    }
+    RecordProperty(experimental ? "bf16_experimental_agreement" : "bf16_agreement",
+                   std::to_string(same) + "/" + std::to_string(total));
+    EXPECT_GE(same, total / 2) << same << " of " << total << " bf16 tokens before a divergence";
   }
-  RecordProperty("bf16_agreement", std::to_string(same) + "/" + std::to_string(total));
-  EXPECT_GE(same, total / 2) << same << " of " << total << " bf16 tokens before a divergence";
 }
 
 // Seeded sampling runs on the GPU (the logits stay there) and draws the CPU engine's tokens.

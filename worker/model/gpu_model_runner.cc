@@ -75,6 +75,13 @@ struct GpuModelRunner::Impl {
   int64_t eb = 2;
   int64_t H = 0, D = 0, nh = 0, nkv = 0, qd = 0, kvd = 0, qkv_w = 0, I = 0, V = 0;
   int64_t tile_tokens = 1;
+  // The tensor-core attention kernel is on and runs on this device: steps that prefill (a tile
+  // of two or more tokens) plan tiles of mma_tile_tokens and take it.
+  bool mma_prefill = false;
+  int64_t mma_tile_tokens = 1;
+  // What Prepare planned for this step.
+  int64_t step_tile_tokens = 1;
+  bool step_mma = false;
   int sms = 1;
 
   DeviceBuffer pool;
@@ -201,6 +208,8 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   cudaDeviceProp prop{};
   RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
   sms = prop.multiProcessorCount;
+  mma_prefill = o.prefill_mma_attention && AttentionMmaRunsHere(act, D, c.group_size());
+  mma_tile_tokens = AttentionMmaTileTokens(c.group_size());
   ASSIGN_OR_RETURN(gemm, CublasLtGemm::Create());
   gemm->set_small_m_gemv(o.small_m_gemv);
   ASSIGN_OR_RETURN(CudaStream cs, CudaStream::Create());
@@ -492,8 +501,16 @@ absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded
   for (int64_t i = static_cast<int64_t>(b.logit_tokens.size()); i < padded && i < S_(); ++i) {
     lr[i] = static_cast<int32_t>(i);
   }
+  step_mma = false;
+  step_tile_tokens = 1;
   if (tiles != nullptr) {
-    *tiles = PlanAttentionTiles(b.token_seq, b.positions, tile_tokens);
+    // Steps that only decode keep the CUDA-core kernel's small tiles: a one-token tile would
+    // leave all but one of the tensor-core kernel's warps idle.
+    for (int64_t i = 1; mma_prefill && !step_mma && i < n; ++i) {
+      step_mma = b.token_seq[i] == b.token_seq[i - 1] && b.positions[i] == b.positions[i - 1] + 1;
+    }
+    step_tile_tokens = step_mma ? mma_tile_tokens : tile_tokens;
+    *tiles = PlanAttentionTiles(b.token_seq, b.positions, step_tile_tokens);
     std::memcpy(h_inputs + off_tiles, tiles->data(), 4 * tiles->size());
   }
   return absl::OkStatus();
@@ -559,8 +576,9 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   pa.act = act;
   pa.tiles = tiled ? In32(off_tiles) : nullptr;
   pa.decode_kernel = o.decode_attention_kernel;
+  pa.mma_prefill = tiled && step_mma;
   pa.counters = attn_counters;
-  const int64_t tile_tok = tiled ? tile_tokens : 1;
+  const int64_t tile_tok = tiled ? step_tile_tokens : 1;
   int64_t ws = PartitionsWorkspace(num_tiles, tile_tok, max_keys, &pa);
   while (ws > attn_ws_floats && pa.num_partitions > 1) {  // fewer, longer partitions
     pa.num_partitions = (pa.num_partitions + 1) / 2;

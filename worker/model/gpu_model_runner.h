@@ -55,6 +55,10 @@ struct GpuRunnerOptions {
   // no norm kernel. Models with an o_proj bias keep the separate kernels. Off until it has been
   // measured and tested on a GPU.
   bool fused_residual_norm = false;
+  // Attention over planned tiles (prefill and prompt chunks) in bf16 and f16 through the
+  // tensor-core kernel (PagedAttentionArgs::mma_prefill; tiles of 64 query rows). Off until it has
+  // been measured and tested on a GPU.
+  bool prefill_mma_attention = false;
 };
 
 // What the runner holds on the device.

@@ -116,13 +116,15 @@ TEST_P(GpuModelRunnerTest, LogitsMatchCpuForEveryFeedingAndDtype) {
     double tol;
   };
   for (const Run& r : {Run{DType::kF32, 1e-4}, Run{DType::kBF16, 3e-2}, Run{DType::kF16, 3e-2}}) {
-    // The default path, and decode steps through the decode attention kernel and the GEMVs that
-    // fold in the residual-add RMSNorms.
+    // The default path, and the experimental ones: decode steps through the decode attention
+    // kernel and the GEMVs that fold in the residual-add RMSNorms, prompts (whole and in chunks)
+    // through the tensor-core attention kernel (bf16 and f16).
     for (const bool fused : {false, true}) {
-      SCOPED_TRACE(::testing::Message() << "act " << DTypeName(r.act) << " fused decode " << fused);
+      SCOPED_TRACE(::testing::Message() << "act " << DTypeName(r.act) << " experimental " << fused);
       GpuRunnerOptions options = Options(r.act, 3);
       options.decode_attention_kernel = fused;
       options.fused_residual_norm = fused;
+      options.prefill_mma_attention = fused;
       auto gpu = GpuModelRunner::Create(*m.weights, options);
       ASSERT_TRUE(gpu.ok()) << gpu.status();
       for (int64_t chunk : {int64_t{1} << 20, int64_t{7}, int64_t{1}}) {
@@ -218,20 +220,25 @@ TEST_P(GpuModelRunnerTest, GreedyTokensEqualCpu) {
     bool gemv;
     bool decode_kernel;
     bool fused_norm;
+    bool mma_prefill = false;
   };
   for (const Variant v :
        {Variant{DType::kF32, false, false, false}, Variant{DType::kF32, true, false, false},
         Variant{DType::kBF16, false, false, false}, Variant{DType::kBF16, true, false, false},
         Variant{DType::kF32, true, true, false}, Variant{DType::kBF16, true, true, false},
-        Variant{DType::kF32, true, false, true}, Variant{DType::kBF16, true, true, true}}) {
+        Variant{DType::kF32, true, false, true}, Variant{DType::kBF16, true, true, true},
+        Variant{DType::kBF16, true, false, false, true},
+        Variant{DType::kF16, true, true, true, true}}) {
     const DType act = v.act;
     SCOPED_TRACE(::testing::Message()
                  << "act " << DTypeName(act) << " gemv " << v.gemv << " decode attention kernel "
-                 << v.decode_kernel << " fused residual norm " << v.fused_norm);
+                 << v.decode_kernel << " fused residual norm " << v.fused_norm
+                 << " tensor-core prefill attention " << v.mma_prefill);
     GpuRunnerOptions options = Options(act, 1);
     options.small_m_gemv = v.gemv;
     options.decode_attention_kernel = v.decode_kernel;
     options.fused_residual_norm = v.fused_norm;
+    options.prefill_mma_attention = v.mma_prefill;
     auto gpu = GpuModelRunner::Create(*m.weights, options);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     const std::vector<int32_t> got = GenerateGpu(gpu->get(), prompt, kSteps);

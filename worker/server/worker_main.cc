@@ -78,6 +78,9 @@ ABSL_FLAG(bool, gpu_decode_attention_kernel, false,
 ABSL_FLAG(bool, gpu_fused_residual_norm, false,
           "GPU decode steps of up to 4 rows fold each residual-add RMSNorm into the projections "
           "around it. Experimental: not yet measured on a GPU.");
+ABSL_FLAG(bool, gpu_prefill_mma_attention, false,
+          "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores. "
+          "Experimental: not yet measured on a GPU.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
 
 namespace strata {
@@ -152,6 +155,7 @@ int Main() {
   ec.device = absl::GetFlag(FLAGS_device);
   ec.gpu_decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);
   ec.gpu_fused_residual_norm = absl::GetFlag(FLAGS_gpu_fused_residual_norm);
+  ec.gpu_prefill_mma_attention = absl::GetFlag(FLAGS_gpu_prefill_mma_attention);
   if (const std::string g = absl::GetFlag(FLAGS_gpu_dtype);
       !ParseDType(absl::AsciiStrToUpper(g), &ec.gpu_dtype) ||
       (ec.gpu_dtype != DType::kBF16 && ec.gpu_dtype != DType::kF16 &&
