@@ -2,8 +2,10 @@
 // kRows weight rows and walks k in 16-byte vectors, kUnroll vectors per row in flight per step,
 // with every row of x applied to each weight vector it loads; a warp reduction finishes each
 // output. Optionally x is the f32 residual stream, RMS-normalized on the fly (each block reduces
-// the rows first), and y accumulates into the residual.
+// the rows first), and y accumulates into the residual; or each warp takes a gate row and its up
+// row and writes silu(gate) * up (SiLU-mul folded into the gate/up projection).
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_types.cuh"
 #include "kernels/cuda/ops_kernel.h"
@@ -16,13 +18,21 @@ namespace {
 // on an H200 for four of Llama-3-8B's five decode projections (docs/PERFORMANCE.md); 2 and 3 hold
 // more loads in flight per lane, for comparison.
 
-template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm>
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm,
+          bool kPairs>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
+  static_assert(!kPairs || kRows == 2, "a pair is a gate row and its up row");
   constexpr int kN = kVec16<T>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  // The warp's weight rows: row0 + j * row_step for j < rows_here (pairs: gate row `unit` and up
+  // row n / 2 + unit).
+  const int64_t half = a.n / 2;
+  const int64_t row0 = kPairs ? unit : unit * kRows;
+  const int64_t row_step = kPairs ? half : 1;
   // Warps past the last row stay for the block-wide norm reduction, with no rows of their own.
-  const int64_t rows_here = a.n - row0 < kRows ? (a.n > row0 ? a.n - row0 : 0) : kRows;
+  const int64_t rows_here = kPairs ? (unit < half ? kRows : 0)
+                                   : (a.n - row0 < kRows ? (a.n > row0 ? a.n - row0 : 0) : kRows);
   if (!kNorm && rows_here == 0) return;
   const int64_t vecs = a.k / kN;  // 16-byte vectors per row
   const uint4* w = reinterpret_cast<const uint4*>(a.w);
@@ -36,8 +46,8 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       const int64_t v = v0 + u * 32;
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
-        wv[u][j] =
-            v < vecs && j < rows_here ? __ldg(w + (row0 + j) * vecs + v) : make_uint4(0, 0, 0, 0);
+        wv[u][j] = v < vecs && j < rows_here ? __ldg(w + (row0 + j * row_step) * vecs + v)
+                                             : make_uint4(0, 0, 0, 0);
       }
     }
   };
@@ -133,7 +143,23 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
 #pragma unroll
     for (int j = 0; j < kRows; ++j) acc[r][j] = WarpSum(acc[r][j]);
   }
-  if (lane == 0) {
+  if constexpr (kPairs) {
+    if (lane != 0) return;
+    // Gate and up rounded to the output type, as the unfused SiLU-mul reads them.
+    O* y = static_cast<O*>(a.y);
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      if (r >= a.m) break;
+      float gu[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float v = acc[r][j];
+        if constexpr (kNorm) v *= inv_s[r];
+        gu[j] = ToF(FromF<O>(v));
+      }
+      y[r * a.ldy + row0] = FromF<O>(gu[0] / (1.0f + __expf(-gu[0])) * gu[1]);
+    }
+  } else if (lane == 0) {
     O* y = static_cast<O*>(a.y);
     const O* bias = static_cast<const O*>(a.bias);
 #pragma unroll
@@ -154,26 +180,36 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
   }
 }
 
-template <typename T, typename O, int kRows, int kWarps, int kUnroll, bool kNorm>
+template <typename T, typename O, int kRows, int kWarps, int kUnroll, bool kNorm,
+          bool kPairs = false>
 cudaError_t LaunchShape(const GemvArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.n + kWarps * kRows - 1) / (kWarps * kRows));
+  const dim3 grid(blocks), block(kWarps * 32);
   if (a.m <= 1) {
-    return LaunchPdl(GemvKernel<T, O, 1, kRows, kWarps, kUnroll, kNorm>, dim3(blocks),
-                     dim3(kWarps * 32), stream, a);
+    return LaunchPdl(GemvKernel<T, O, 1, kRows, kWarps, kUnroll, kNorm, kPairs>, grid, block,
+                     stream, a);
   } else if (a.m <= 2) {
-    return LaunchPdl(GemvKernel<T, O, 2, kRows, kWarps, kUnroll, kNorm>, dim3(blocks),
-                     dim3(kWarps * 32), stream, a);
+    return LaunchPdl(GemvKernel<T, O, 2, kRows, kWarps, kUnroll, kNorm, kPairs>, grid, block,
+                     stream, a);
   } else if (a.m <= 4) {
-    return LaunchPdl(GemvKernel<T, O, 4, kRows, kWarps, kUnroll, kNorm>, dim3(blocks),
-                     dim3(kWarps * 32), stream, a);
+    return LaunchPdl(GemvKernel<T, O, 4, kRows, kWarps, kUnroll, kNorm, kPairs>, grid, block,
+                     stream, a);
   } else {
-    return LaunchPdl(GemvKernel<T, O, 8, kRows, kWarps, kUnroll, kNorm>, dim3(blocks),
-                     dim3(kWarps * 32), stream, a);
+    return LaunchPdl(GemvKernel<T, O, 8, kRows, kWarps, kUnroll, kNorm, kPairs>, grid, block,
+                     stream, a);
   }
 }
 
 template <typename T, typename O>
 cudaError_t LaunchFor(const GemvArgs& a, cudaStream_t stream) {
+  if (a.silu_pairs) {
+    if constexpr (std::is_same_v<T, O>) {
+      return a.norm_weight != nullptr ? LaunchShape<T, O, 2, 8, 2, true, true>(a, stream)
+                                      : LaunchShape<T, O, 2, 8, 2, false, true>(a, stream);
+    } else {
+      return cudaErrorInvalidValue;  // refused by GemvSupported (out_type must be act)
+    }
+  }
   if (a.norm_weight != nullptr) return LaunchShape<T, O, 2, 8, 2, true>(a, stream);
   switch (a.variant) {
     case 1:
@@ -196,8 +232,10 @@ bool GemvSupported(const GemvArgs& a) {
   const bool norm_ok = a.norm_weight == nullptr ||
                        (a.k % 4 == 0 && a.ldx % 4 == 0 && aligned(a.norm_weight) && a.x != a.y);
   const bool accumulate_ok = !a.accumulate || (a.out_type == ActType::kF32 && a.x != a.y);
+  const bool pairs_ok = !a.silu_pairs || (a.n % 2 == 0 && a.out_type == a.act &&
+                                          a.bias == nullptr && !a.accumulate && a.x != a.y);
   return a.m >= 1 && a.m <= 8 && a.n > 0 && a.k > 0 && a.k % vec == 0 && a.ldx % vec == 0 &&
-         aligned(a.x) && aligned(a.w) && out_ok && norm_ok && accumulate_ok;
+         aligned(a.x) && aligned(a.w) && out_ok && norm_ok && accumulate_ok && pairs_ok;
 }
 
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream) {

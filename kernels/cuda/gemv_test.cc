@@ -2,8 +2,10 @@
 // matmul and against cuBLASLt itself: m from 1 to 8, decode-sized and odd shapes, every activation
 // type, with and without bias, act and f32 outputs, fresh random inputs rounded to the activation
 // type first, poisoned outputs. Tolerances (relative L2 error): f32 1e-5, f16 2e-3, bf16 1e-2. Also
-// the GEMV's fused forms for decode (input RMSNorm over the f32 residual, accumulation into it).
+// the GEMV's fused forms for decode (input RMSNorm over the f32 residual, accumulation into it,
+// SiLU-mul of gate/up pairs: bit for bit the unfused GEMV followed by the SiLU-mul kernel).
 // Needs a GPU: tagged "gpu"; skipped where the build has no CUDA or the machine no device.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -264,6 +266,120 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
   bad.ldx = 32;
   EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
   bad.ldx = 64;
+  EXPECT_TRUE(GemvCuda(bad, stream->handle()).ok());  // the same arguments, fixed, run
+  ASSERT_TRUE(stream->Synchronize().ok());
+}
+
+// The gate/up GEMV with SiLU-mul folded in writes exactly the bytes that the plain GEMV followed
+// by the SiLU-mul kernel does (the same sums, rounded the same way), with and without the input
+// norm, for every activation type and m.
+TEST_F(GemvTest, SiluPairsEqualGemvThenSiluMul) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  absl::StatusOr<CudaStream> stream = CudaStream::Create();
+  ASSERT_TRUE(stream.ok());
+  const float eps = 1e-5f;
+  struct Shape {
+    int64_t half, k;  // n = 2 * half rows of W
+  };
+  for (ActType act : {ActType::kF32, ActType::kF16, ActType::kBF16}) {
+    const int64_t eb = gpu::ActBytes(act);
+    // 333 pairs leave the last block with idle warps.
+    for (const Shape sh : {Shape{64, 32}, Shape{333, 1032}, Shape{1000, 256}, Shape{14336, 4096}}) {
+      const int64_t n = 2 * sh.half;
+      std::vector<float> w(n * sh.k), x(8 * sh.k), resid(8 * sh.k), gain(sh.k);
+      for (float& v : w) v = RoundTo(act, normal(rng) * 0.05f);
+      for (float& v : x) v = RoundTo(act, normal(rng));
+      for (float& v : resid) v = normal(rng) * 3.0f;
+      for (float& v : gain) v = 1.0f + 0.2f * normal(rng);
+      DeviceBuffer dw = Upload(Encode(act, w)), dx = Upload(Encode(act, x)),
+                   dres = Upload(Encode(ActType::kF32, resid)),
+                   dgain = Upload(Encode(ActType::kF32, gain));
+      for (int64_t m : {1, 2, 3, 5, 8}) {
+        for (const bool norm : {false, true}) {
+          SCOPED_TRACE(::testing::Message()
+                       << "act " << static_cast<int>(act) << " m " << m << " half " << sh.half
+                       << " k " << sh.k << " norm " << norm);
+          DeviceBuffer full = Upload(std::vector<uint8_t>(m * n * eb, 0xff));
+          // The output with a row stride past its row, whose padding must stay poisoned.
+          const int64_t ldy = sh.half + 8;
+          DeviceBuffer want = Upload(std::vector<uint8_t>(m * sh.half * eb, 0xff));
+          DeviceBuffer got = Upload(std::vector<uint8_t>(m * ldy * eb, 0xff));
+          gpu::GemvArgs g;
+          g.m = m;
+          g.n = n;
+          g.k = sh.k;
+          g.x = norm ? dres.data() : dx.data();
+          g.ldx = sh.k;
+          g.w = dw.data();
+          g.y = full.data();
+          g.ldy = n;
+          g.act = g.out_type = act;
+          g.norm_weight = norm ? dgain.as<float>() : nullptr;
+          g.norm_eps = eps;
+          ASSERT_TRUE(GemvCuda(g, stream->handle()).ok());
+          ASSERT_TRUE(
+              SiluMulCuda({m, sh.half, full.data(), want.data(), act}, stream->handle()).ok());
+          g.y = got.data();
+          g.ldy = ldy;
+          g.silu_pairs = true;
+          ASSERT_TRUE(GemvCuda(g, stream->handle()).ok());
+          ASSERT_TRUE(stream->Synchronize().ok());
+          std::vector<uint8_t> want_bytes(m * sh.half * eb), padded(m * ldy * eb);
+          std::vector<uint8_t> got_bytes;
+          ASSERT_TRUE(want.CopyToHost(want_bytes.data(), want_bytes.size()).ok());
+          ASSERT_TRUE(got.CopyToHost(padded.data(), padded.size()).ok());
+          for (int64_t r = 0; r < m; ++r) {
+            const uint8_t* row = padded.data() + r * ldy * eb;
+            got_bytes.insert(got_bytes.end(), row, row + sh.half * eb);
+            EXPECT_TRUE(std::all_of(row + sh.half * eb, row + ldy * eb,
+                                    [](uint8_t b) { return b == 0xff; }))
+                << "row " << r << ": padding written";
+          }
+          const std::vector<float> wf = Decode(act, want_bytes), gf = Decode(act, got_bytes);
+          int64_t differ = 0, first = -1;
+          for (size_t i = 0; i < wf.size(); ++i) {
+            ASSERT_TRUE(std::isfinite(wf[i])) << "reference element " << i << " not finite";
+            if (std::memcmp(&want_bytes[i * eb], &got_bytes[i * eb], eb) != 0 && differ++ == 0) {
+              first = static_cast<int64_t>(i);
+            }
+          }
+          EXPECT_EQ(differ, 0) << "first at " << first << ": " << (first >= 0 ? gf[first] : 0.0f)
+                               << " against " << (first >= 0 ? wf[first] : 0.0f);
+        }
+      }
+    }
+  }
+  // Refused: an odd row count, a bias, accumulation, an output type other than act.
+  DeviceBuffer d = Upload(std::vector<uint8_t>(4096, 0));
+  gpu::GemvArgs bad;
+  bad.m = 1;
+  bad.n = 8;
+  bad.k = 64;
+  bad.x = d.data();
+  bad.ldx = 64;
+  bad.w = d.data();
+  bad.y = static_cast<char*>(d.data()) + 2048;
+  bad.ldy = 4;
+  bad.act = bad.out_type = ActType::kBF16;
+  bad.silu_pairs = true;
+  bad.n = 7;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.n = 8;
+  bad.bias = d.data();
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.bias = nullptr;
+  bad.out_type = ActType::kF32;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.out_type = ActType::kBF16;
+  bad.accumulate = true;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.accumulate = false;
+  bad.ldy = 3;  // below n / 2
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.ldy = 4;
   EXPECT_TRUE(GemvCuda(bad, stream->handle()).ok());  // the same arguments, fixed, run
   ASSERT_TRUE(stream->Synchronize().ok());
 }

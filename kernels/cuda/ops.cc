@@ -139,10 +139,12 @@ absl::Status GemvCuda(const gpu::GemvArgs& a, CudaStreamHandle stream) {
   STRATA_REQUIRE(a.m >= 0 && a.n > 0 && a.k > 0, "gemv", "bad shape");
   if (a.m == 0) return absl::OkStatus();
   STRATA_REQUIRE(a.x && a.w && a.y, "gemv", "x, w and y must be set");
-  STRATA_REQUIRE(a.ldx >= a.k && a.ldy >= a.n, "gemv", "ldx below k or ldy below n");
+  STRATA_REQUIRE(a.ldx >= a.k && a.ldy >= (a.silu_pairs ? a.n / 2 : a.n), "gemv",
+                 "ldx below k or ldy below the output row");
   STRATA_REQUIRE(gpu::GemvSupported(a), "gemv",
                  "unsupported arguments (m 1 to 8, k and ldx whole 16-byte vectors, 16-byte "
-                 "aligned x, w and norm_weight, f32 output to accumulate, y not aliasing x)");
+                 "aligned x, w and norm_weight, f32 output to accumulate, y not aliasing x; "
+                 "silu_pairs: even n, output in act, no bias or accumulate)");
   return Launched(gpu::LaunchGemv(a, S(stream)), "gemv");
 }
 

@@ -272,6 +272,11 @@ struct GemvArgs {
   // y += x W^T (+ bias) instead of y = ...: the projection adds itself to the residual stream.
   // out_type must be f32, and y must not alias x.
   bool accumulate = false;
+  // SiLU-mul folded into the gate/up projection: W holds the n / 2 gate rows, then the n / 2 up
+  // rows (n even), and y [m, n / 2] (row stride ldy) gets silu(g_i) * u_i for g_i = x.W_i and
+  // u_i = x.W_{n/2+i}, each rounded to out_type first: exactly what LaunchSiluMul computes from
+  // this GEMV's plain output. out_type must be act; no bias, no accumulate; `variant` is ignored.
+  bool silu_pairs = false;
 };
 bool GemvSupported(const GemvArgs& a);
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream);

@@ -593,13 +593,15 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   // Decode steps may fold each residual add into the projection before it (o_proj and
   // down_proj accumulate into the f32 residual) and each RMSNorm into the projection after it
   // (qkv and gate_up normalize the residual as they read it): no norm kernels between layers.
+  // gate_up then writes silu(gate) * up itself (GemvArgs::silu_pairs): no SiLU-mul kernel either.
   // Up to 4 rows: every GEMV block re-reads the whole residual rows for their norms, which at 8
   // rows costs about as many L2 bytes as the weights.
   const bool fused = o.fused_residual_norm && o.small_m_gemv && n <= 4 && !c.o_bias && H % 8 == 0 &&
                      qd % 8 == 0 && I % 8 == 0;
-  // A decode GEMV over `x` (or, with `norm`, the residual normalized by it) into `y`.
+  // A decode GEMV over `x` (or, with `norm`, the residual normalized by it) into `y`; with
+  // `silu_pairs`, SiLU-mul of its gate and up halves into y [n, rows / 2].
   auto gemv = [&](int64_t rows, int64_t k, const void* x, const float* norm, const void* w,
-                  const void* bias, void* y, bool accumulate) {
+                  const void* bias, void* y, bool accumulate, bool silu_pairs = false) {
     gpu::GemvArgs g;
     g.m = n;
     g.n = rows;
@@ -609,7 +611,8 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     g.w = w;
     g.bias = bias;
     g.y = y;
-    g.ldy = rows;
+    g.ldy = silu_pairs ? rows / 2 : rows;
+    g.silu_pairs = silu_pairs;
     g.act = act;
     g.out_type = accumulate ? gpu::ActType::kF32 : act;
     g.norm_weight = norm;
@@ -654,14 +657,15 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     RETURN_IF_ERROR(PagedAttentionCuda(pa, s));
     if (fused) {
       RETURN_IF_ERROR(gemv(H, qd, attn, nullptr, L.o_w, nullptr, hidden, true));
-      RETURN_IF_ERROR(gemv(2 * I, H, nullptr, L.post_norm, L.gate_up_w, nullptr, gate_up, false));
+      RETURN_IF_ERROR(gemv(2 * I, H, nullptr, L.post_norm, L.gate_up_w, nullptr, actb, false,
+                           /*silu_pairs=*/true));
     } else {
       RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act}, s));
       RETURN_IF_ERROR(AddRmsNormCuda({n, H, eps, hidden, proj, H, L.post_norm, normed, H, act}, s));
       RETURN_IF_ERROR(
           gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act, act}, s));
+      RETURN_IF_ERROR(SiluMulCuda({n, I, gate_up, actb, act}, s));
     }
-    RETURN_IF_ERROR(SiluMulCuda({n, I, gate_up, actb, act}, s));
     if (fused) {
       RETURN_IF_ERROR(gemv(H, I, actb, nullptr, L.down_w, nullptr, hidden, true));
     } else {

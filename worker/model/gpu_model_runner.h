@@ -52,8 +52,8 @@ struct GpuRunnerOptions {
   // Decode steps (up to 4 tokens, with small_m_gemv) fold each residual-add RMSNorm into the
   // projections around it: o_proj and down_proj add themselves to the f32 residual, qkv and
   // gate_up normalize it as they read it (GemvArgs::norm_weight, accumulate), so a layer runs
-  // no norm kernel. Models with an o_proj bias keep the separate kernels. Off until it has been
-  // measured and tested on a GPU.
+  // no norm kernel; gate_up also applies SiLU-mul itself (GemvArgs::silu_pairs). Models with an
+  // o_proj bias keep the separate kernels. Off until it has been measured and tested on a GPU.
   bool fused_residual_norm = false;
   // Attention over planned tiles (prefill and prompt chunks) in bf16 and f16 through the
   // tensor-core kernel (PagedAttentionArgs::mma_prefill; tiles of 64 query rows). Off until it has
