@@ -58,6 +58,22 @@ std::vector<float> CpuMatMul(const std::vector<float>& x, const std::vector<floa
   return y;
 }
 
+// Valid bf16 arguments over `d` (4096 bytes): m 1, n 8, k 64, y in its second half. Each refusal
+// test breaks one thing at a time and ends by running the repaired arguments.
+gpu::GemvArgs SmallArgs(DeviceBuffer& d) {
+  gpu::GemvArgs a;
+  a.m = 1;
+  a.n = 8;
+  a.k = 64;
+  a.x = d.data();
+  a.ldx = 64;
+  a.w = d.data();
+  a.y = static_cast<char*>(d.data()) + 2048;
+  a.ldy = 8;
+  a.act = a.out_type = ActType::kBF16;
+  return a;
+}
+
 class GemvTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -241,16 +257,7 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
   // Refused: accumulating into a non-f32 output, a misaligned norm weight, y aliasing x, a row
   // stride below k.
   DeviceBuffer d = Upload(std::vector<uint8_t>(4096, 0));
-  gpu::GemvArgs bad;
-  bad.m = 1;
-  bad.n = 8;
-  bad.k = 64;
-  bad.x = d.data();
-  bad.ldx = 64;
-  bad.w = d.data();
-  bad.y = static_cast<char*>(d.data()) + 2048;
-  bad.ldy = 8;
-  bad.act = bad.out_type = ActType::kBF16;
+  gpu::GemvArgs bad = SmallArgs(d);
   bad.accumulate = true;
   EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
   bad.accumulate = false;
@@ -354,16 +361,8 @@ TEST_F(GemvTest, SiluPairsEqualGemvThenSiluMul) {
   }
   // Refused: an odd row count, a bias, accumulation, an output type other than act.
   DeviceBuffer d = Upload(std::vector<uint8_t>(4096, 0));
-  gpu::GemvArgs bad;
-  bad.m = 1;
-  bad.n = 8;
-  bad.k = 64;
-  bad.x = d.data();
-  bad.ldx = 64;
-  bad.w = d.data();
-  bad.y = static_cast<char*>(d.data()) + 2048;
+  gpu::GemvArgs bad = SmallArgs(d);
   bad.ldy = 4;
-  bad.act = bad.out_type = ActType::kBF16;
   bad.silu_pairs = true;
   bad.n = 7;
   EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
