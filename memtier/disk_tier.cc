@@ -1,5 +1,6 @@
 #include "memtier/disk_tier.h"
 
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -8,6 +9,7 @@
 #include <cstring>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "memtier/host_tier.h"
@@ -332,8 +334,37 @@ void DiskTier::Complete(Op* op, int32_t result) {
   }
 }
 
+void DiskTier::Fail(Op* op, const absl::Status& status) {
+  op->status = status;
+  if (op->staging >= 0) {
+    free_staging_.push_back(op->staging);
+    op->staging = -1;
+  }
+}
+
+void DiskTier::Deliver(std::vector<std::unique_ptr<Op>>* completed) {
+  if (completed->empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& op : *completed) finished_.push_back(std::move(op));
+  }
+  completed->clear();
+  finished_cv_.notify_all();
+  if (config_.notify) config_.notify();
+}
+
+void DiskTier::WaitForWake() {
+  pollfd p{event_fd_, POLLIN, 0};
+  while (poll(&p, 1, -1) < 0 && errno == EINTR) {
+  }
+  uint64_t count;
+  while (read(event_fd_, &count, sizeof(count)) > 0) {
+  }
+}
+
 void DiskTier::IoLoop() {
   std::deque<std::unique_ptr<Op>> queue;  // accepted, not yet issued
+  absl::flat_hash_set<Op*> in_ring;       // issued, completion not yet reaped
   bool wake_armed = false;
   const int max_io = config_.queue_depth;
   for (;;) {
@@ -347,6 +378,18 @@ void DiskTier::IoLoop() {
       stopping = stop_;
     }
     std::vector<std::unique_ptr<Op>> completed;
+    if (ring_ == nullptr) {
+      // The ring has failed: every operation fails as it arrives.
+      for (auto& op : queue) {
+        Fail(op.get(), ring_status_);
+        completed.push_back(std::move(op));
+      }
+      queue.clear();
+      Deliver(&completed);
+      if (stopping) break;
+      WaitForWake();
+      continue;
+    }
     int io_outstanding = ring_->outstanding() - (wake_armed ? 1 : 0);
     while (!queue.empty() && io_outstanding < max_io) {
       Op* op = queue.front().get();
@@ -372,39 +415,59 @@ void DiskTier::IoLoop() {
         queue.pop_front();
         continue;
       }
-      queue.front().release();  // owned by the ring until its completion
+      in_ring.insert(queue.front().release());  // owned by the ring until its completion
       queue.pop_front();
       ++io_outstanding;
     }
     if (stopping && queue.empty() && io_outstanding == 0 && completed.empty()) break;
+    absl::Status ring_error;
     if (!wake_armed && !stopping) {
-      CHECK_OK(ring_->QueuePoll(event_fd_, kWakeTag));
-      wake_armed = true;
+      ring_error = ring_->QueuePoll(event_fd_, kWakeTag);
+      wake_armed = ring_error.ok();
     }
-    if (completed.empty()) {
-      absl::StatusOr<std::vector<IoRing::Completion>> reaped = ring_->Reap(1);
-      CHECK_OK(reaped.status());
-      for (const IoRing::Completion& c : *reaped) {
-        if (c.tag == kWakeTag) {
-          wake_armed = false;
-          uint64_t count;
-          while (read(event_fd_, &count, sizeof(count)) > 0) {
+    if (ring_error.ok() && completed.empty()) {
+      if (config_.ring_fault_injector) ring_error = config_.ring_fault_injector();
+      absl::StatusOr<std::vector<IoRing::Completion>> reaped =
+          ring_error.ok() ? ring_->Reap(1) : ring_error;
+      if (!reaped.ok()) {
+        ring_error = reaped.status();
+      } else {
+        for (const IoRing::Completion& c : *reaped) {
+          if (c.tag == kWakeTag) {
+            wake_armed = false;
+            uint64_t count;
+            while (read(event_fd_, &count, sizeof(count)) > 0) {
+            }
+            continue;
           }
-          continue;
+          Op* raw = reinterpret_cast<Op*>(c.tag);
+          in_ring.erase(raw);
+          std::unique_ptr<Op> op(raw);
+          Complete(op.get(), c.result);
+          completed.push_back(std::move(op));
         }
-        std::unique_ptr<Op> op(reinterpret_cast<Op*>(c.tag));
-        Complete(op.get(), c.result);
-        completed.push_back(std::move(op));
       }
     }
-    if (!completed.empty()) {
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        for (auto& op : completed) finished_.push_back(std::move(op));
+    if (!ring_error.ok()) {
+      ring_status_ = absl::UnavailableError(
+          absl::StrCat("disk tier ", file_.path(), ": io_uring failed: ", ring_error.message()));
+      LOG(ERROR) << ring_status_ << "; every disk operation fails from now on";
+      // Complete the armed wake-up poll, so that closing the ring (which waits for what the kernel
+      // holds, our buffers included) does not wait for the owner.
+      const uint64_t one = 1;
+      if (wake_armed && write(event_fd_, &one, sizeof(one)) < 0) {
+        LOG(ERROR) << "disk tier: cannot complete the wake-up poll: " << strerror(errno);
       }
-      finished_cv_.notify_all();
-      if (config_.notify) config_.notify();
+      ring_.reset();
+      wake_armed = false;
+      for (Op* op : in_ring) {
+        Fail(op, ring_status_);
+        completed.push_back(std::unique_ptr<Op>(op));
+      }
+      in_ring.clear();
+      // What is still queued fails on the next turn (ring_ is null).
     }
+    Deliver(&completed);
   }
 }
 

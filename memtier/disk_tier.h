@@ -17,6 +17,12 @@
 // corrupt or foreign slots are counted and treated as free. Payload checksums are checked on every
 // read, so a slot damaged after the scan is a DATA_LOSS miss then.
 //
+// Ring failure: should io_uring itself fail (submission or waiting refused for a reason other than
+// a transient shortage), the I/O thread closes the ring, which lets the kernel finish or cancel
+// what it holds, and from then on fails every operation, queued, in flight or new, with
+// UNAVAILABLE. The process keeps serving; the owner (KvStore) turns the tier off after a few
+// failures in a row.
+//
 // Thread contract: one owning thread calls every method; `notify` runs on the I/O thread.
 #ifndef STRATA_MEMTIER_DISK_TIER_H_
 #define STRATA_MEMTIER_DISK_TIER_H_
@@ -56,6 +62,9 @@ struct DiskTierConfig {
   // Fault injection for tests: asked on the I/O thread before each read and write is issued; a
   // negative errno fails that operation as if the device had returned it.
   std::function<int(bool write, int64_t slot)> fault_injector;
+  // Fault injection for tests: asked on the I/O thread before it waits for completions; an error
+  // acts as if io_uring itself had failed (see "Ring failure" above).
+  std::function<absl::Status()> ring_fault_injector;
 };
 
 struct DiskTierStats {
@@ -118,13 +127,20 @@ class DiskTier final : public BlockTier {
   // I/O thread: assigns staging and the ring buffer; false when no staging slot is free.
   bool Prepare(Op* op);
   void Complete(Op* op, int32_t result);
+  // I/O thread: fails `op` with `status` (returning its staging slot).
+  void Fail(Op* op, const absl::Status& status);
+  // I/O thread: hands finished operations to Poll and wakes the owner.
+  void Deliver(std::vector<std::unique_ptr<Op>>* completed);
+  // I/O thread: blocks until the owner writes the wake-up eventfd, then clears it.
+  void WaitForWake();
   int BufferIndexOf(const uint8_t* p) const;
 
   DiskTierConfig config_;
   SlotFile file_;
   const int64_t slot_bytes_;
   AlignedBuffer staging_;
-  std::unique_ptr<IoRing> ring_;  // the I/O thread's once started
+  std::unique_ptr<IoRing> ring_;  // the I/O thread's once started; null once it has failed
+  absl::Status ring_status_;      // I/O thread: why the ring failed
   int event_fd_ = -1;
   int64_t region_chunk_bytes_ = 0;
   bool fixed_buffers_ = false;

@@ -91,6 +91,7 @@ absl::Status KvStore::OpenTiers() {
   };
   dc.recover = config_.disk_recover;
   dc.fault_injector = config_.disk_fault_injector;
+  dc.ring_fault_injector = config_.disk_ring_fault_injector;
   dc.num_slots = config_.disk_bytes / slot_bytes;
   if (dc.num_slots == 0) {
     return absl::InvalidArgumentError(absl::StrCat("kv store: disk tier of ", config_.disk_bytes,

@@ -65,6 +65,7 @@ struct KvStoreConfig {
   int disk_error_limit = 8;
   // Passed to the disk tier (tests).
   std::function<int(bool write, int64_t slot)> disk_fault_injector;
+  std::function<absl::Status()> disk_ring_fault_injector;
 };
 
 // A block entering (stored) or leaving (removed) the host or disk tier.

@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -13,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "gtest/gtest.h"
 #include "memtier/device_tier.h"
 #include "memtier/slot_format.h"
@@ -282,6 +284,29 @@ TEST_F(KvStoreTest, RepeatedDeviceErrorsTurnTheDiskOffAndServingGoesOn) {
   EXPECT_FALSE(store_->has_disk());
   EXPECT_EQ(store_->stats().io_errors, 3);
   // The host tier still works.
+  EXPECT_EQ(store_->Find(KeyOf(9).hash), KvStore::Where::kHost);
+  ASSERT_TRUE(store_->Restore(KeyOf(9).hash, 1).ok());
+  EXPECT_EQ(DeviceBlock(1, 9), Block(9));
+}
+
+TEST_F(KvStoreTest, ARingFailureTurnsTheDiskOffAndServingGoesOn) {
+  KvStoreConfig c = Config(2, 8);
+  c.disk_error_limit = 3;
+  std::atomic<bool> fail_ring{false};
+  c.disk_ring_fault_injector = [&fail_ring] {
+    return fail_ring ? absl::UnavailableError("injected: io_uring_enter failed") : absl::OkStatus();
+  };
+  Open(c);
+  Evict(0, /*to_disk=*/true);
+  Settle();
+  EXPECT_TRUE(store_->has_disk());
+  fail_ring = true;
+  for (uint32_t i = 1; i < 10; ++i) {
+    Evict(i, /*to_disk=*/true);
+    Settle();
+  }
+  EXPECT_FALSE(store_->has_disk());
+  // The host tier still serves.
   EXPECT_EQ(store_->Find(KeyOf(9).hash), KvStore::Where::kHost);
   ASSERT_TRUE(store_->Restore(KeyOf(9).hash, 1).ok());
   EXPECT_EQ(DeviceBlock(1, 9), Block(9));
