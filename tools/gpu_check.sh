@@ -216,6 +216,22 @@ print()
 print("%-28s %18s %18s" % ("Llama-3-8B shape, bf16", "strata", "pytorch+hf"))
 for name, a, b in rows:
     print("%-28s %18s %18s" % (name, str(a)[:18], str(b)[:18]))
+# The experimental options (off by default) against the default path in the same run: faster
+# here and their tests passed (summary above) is the case for turning them on.
+verdicts = [
+    ("--gpu_decode_attention_kernel", "decode_b1_tokens_per_s", "decode_b1_decode_attn_tokens_per_s"),
+    ("  at batch 64", "decode_b64_tokens_per_s", "decode_b64_decode_attn_tokens_per_s"),
+    ("  + --gpu_fused_residual_norm", "decode_b1_decode_attn_tokens_per_s",
+     "decode_b1_decode_attn_fused_norm_tokens_per_s"),
+    ("--gpu_prefill_mma_attention", "prefill_tokens_per_s", "prefill_mma_tokens_per_s"),
+]
+print()
+for name, base, option in verdicts:
+    b, o = g(ours, base), g(ours, option)
+    if b and o:
+        print("%-32s %+6.1f%% (%s -> %s)" % (name, 100.0 * (o / b - 1), fmt(b), fmt(o)))
+    else:
+        print("%-32s not measured" % name)
 PY
     exit $tests_rc
     ;;
