@@ -15,7 +15,8 @@
 # STRATA_GPU_TIMEOUT (seconds per binary, default 300), STRATA_TORCH_BUDGET (seconds for the PyTorch
 # comparison, default 150; 0 skips it), STRATA_GPU_NCU=1 (per-kernel times of one batch-1 decode
 # step under ncu, per variant), STRATA_GPU_ONLY (a regex of bundle names to run),
-# STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer),
+# STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer, with
+# the tools in STRATA_GPU_SANITIZE_TOOLS, default memcheck),
 # STRATA_CLUSTER (0 skips the cluster check), STRATA_CLUSTER_DEVICE (the worker's --device, default
 # gpu; cpu checks the script itself on a machine without a GPU).
 set -uo pipefail
@@ -110,14 +111,18 @@ case "${1:-}" in
       >"$results/nvidia-smi.txt" 2>&1
     gpu-bundle/run.sh "$results" "${STRATA_GPU_ONLY:-.}" >"$results/run.log" 2>&1
     tests_rc=$?
-    # compute-sanitizer's memcheck over the op tests (a gtest filter), where the machine allows it.
+    # compute-sanitizer over the op tests (a gtest filter), where the machine allows it: memcheck, or
+    # the tools named in STRATA_GPU_SANITIZE_TOOLS (racecheck and synccheck for shared memory).
     if [ -n "${STRATA_GPU_SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
       libpath="$PWD/gpu-bundle/lib"
       for d in /usr/local/cuda/lib64; do [ -d "$d" ] && libpath="$libpath:$d"; done
-      LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 \
-        gpu-bundle/bin/kernels.cuda.ops_test --gtest_filter="$STRATA_GPU_SANITIZE" \
-        >"$results/sanitizer.log" 2>&1
-      echo "compute-sanitizer memcheck exit $?" >>"$results/sanitizer.log"
+      : >"$results/sanitizer.log"
+      for tool in ${STRATA_GPU_SANITIZE_TOOLS:-memcheck}; do
+        LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          gpu-bundle/bin/kernels.cuda.ops_test --gtest_filter="$STRATA_GPU_SANITIZE" \
+          >>"$results/sanitizer.log" 2>&1
+        echo "compute-sanitizer $tool exit $?" >>"$results/sanitizer.log"
+      done
     fi
     # End to end: a coordinator and one worker on the GPU (f32, so that greedy tokens are exact)
     # serve the bundled model over gRPC; its greedy text must equal the CPU engine's (stratactl run).
@@ -189,7 +194,7 @@ if os.path.exists(cl):
 san = os.path.join(res, "sanitizer.log")
 if os.path.exists(san):
     lines = open(san).read().strip().splitlines()
-    print("\n".join([l for l in lines if "ERROR SUMMARY" in l][-1:] + lines[-1:]))
+    print("\n".join([l for l in lines if "SUMMARY:" in l or l.startswith("compute-sanitizer ")]))
 import csv, glob
 for path in sorted(glob.glob(os.path.join(res, "ncu_*.csv"))):
     kernels = []
