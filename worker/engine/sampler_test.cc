@@ -1,6 +1,8 @@
 #include "worker/engine/sampler.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <random>
 #include <vector>
@@ -126,6 +128,69 @@ TEST(SamplerTest, LogprobsAreLogSoftmaxWithRanks) {
 
 // The GPU sampler's lists, kept current token by token, hold exactly what rebuilding them from the
 // counts would: every prompt or output token once with its output count, and the output's tokens.
+// LogprobsOf against the definitions computed the slow way (log-sum-exp in double, rank by
+// counting, the top list by a full sort), over vocabularies up to Llama 3's with many exact ties
+// and banned (-inf) entries: the same ranks and top tokens in the same order, log-probabilities
+// within 1e-6.
+TEST(SamplerTest, LogprobsOfMatchesTheDefinitions) {
+  std::mt19937 rng(11);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const int vocab : {1, 2, 7, 1000, 128256}) {
+    for (int trial = 0; trial < 3; ++trial) {
+      SCOPED_TRACE(::testing::Message() << "vocab " << vocab << " trial " << trial);
+      std::vector<float> logits(vocab);
+      std::normal_distribution<float> normal(0.0f, 4.0f);
+      // Trial 0: continuous values; 1: values on a coarse grid (many ties); 2: that, with a
+      // quarter of the entries banned and one very negative value.
+      for (float& v : logits) v = trial == 0 ? normal(rng) : std::round(normal(rng) * 2) / 2;
+      if (trial == 2) {
+        for (int i = 0; i < vocab; i += 4) logits[i] = -inf;
+        if (vocab > 1) logits[1] = -200.0f;
+      }
+      if (std::all_of(logits.begin(), logits.end(), [&](float v) { return v == -inf; })) {
+        logits[0] = 0.0f;
+      }
+      double mx = -inf;
+      for (float v : logits) mx = std::max<double>(mx, v);
+      double sum = 0;
+      for (float v : logits) sum += std::exp(double(v) - mx);
+      const double lse = mx + std::log(sum);
+      std::vector<int32_t> order(vocab);
+      for (int i = 0; i < vocab; ++i) order[i] = i;
+      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+        return logits[a] != logits[b] ? logits[a] > logits[b] : a < b;
+      });
+      for (const int top_n : {0, 1, 5, 20}) {
+        for (int probe = 0; probe < 4; ++probe) {
+          int32_t token = static_cast<int32_t>(rng() % vocab);
+          if (probe == 0) token = order[0];
+          if (logits[token] == -inf) continue;
+          const SampledToken got = LogprobsOf(logits, token, top_n);
+          // 1e-6, plus the float result's own rounding; banned entries exactly -inf.
+          auto near = [](float got_value, double want) {
+            return std::isinf(want) ? got_value == want
+                                    : std::fabs(got_value - want) <= 1e-6 + 1e-7 * std::fabs(want);
+          };
+          EXPECT_TRUE(near(got.logprob, logits[token] - lse))
+              << "token " << token << ": " << got.logprob << " against " << logits[token] - lse;
+          int32_t rank = 1;
+          for (int i = 0; i < vocab; ++i) {
+            rank += logits[i] > logits[token] || (logits[i] == logits[token] && i < token);
+          }
+          EXPECT_EQ(got.rank, rank) << "token " << token;
+          ASSERT_EQ(got.top.size(), std::min<size_t>(top_n, vocab));
+          for (size_t i = 0; i < got.top.size(); ++i) {
+            EXPECT_EQ(got.top[i].first, order[i]) << "top " << i;
+            EXPECT_TRUE(near(got.top[i].second, logits[order[i]] - lse))
+                << "top " << i << ": " << got.top[i].second << " against "
+                << logits[order[i]] - lse;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(SamplerTest, PenaltyListsTrackPromptAndOutput) {
   std::mt19937 rng(3);
   PenaltyState ps;
