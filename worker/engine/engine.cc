@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
@@ -56,6 +57,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     o.fused_residual_norm = c.gpu_fused_residual_norm;
     o.prefill_mma_attention = c.gpu_prefill_mma_attention;
     ASSIGN_OR_RETURN(engine->gpu_, GpuModelRunner::Create(*weights, o));
+    engine->host_pool_ = std::make_unique<ThreadPool>(
+        c.compute_threads > 0 ? c.compute_threads
+                              : static_cast<int>(std::thread::hardware_concurrency()));
 #else
     return absl::UnavailableError("engine: this build has no CUDA (device gpu)");
 #endif
@@ -609,6 +613,28 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     return produced.back().second;
   };
   std::vector<Sequence*> finished;
+  // Prompt log-probabilities first, each row on its own (a pure function of the row), across the
+  // host threads: a long prompt scored for an evaluation brings one row per token.
+  std::vector<size_t> prompt_uses;
+  for (size_t u = 0; u < uses.size(); ++u) {
+    if (uses[u].position + 1 < plan[uses[u].chunk].seq->prompt_len) prompt_uses.push_back(u);
+  }
+  std::vector<SampledToken> prompt_lp(prompt_uses.size());
+  auto score = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const size_t u = prompt_uses[i];
+      const Sequence* s = plan[uses[u].chunk].seq;
+      prompt_lp[i] = LogprobsOf(absl::MakeConstSpan(logits_.data() + host_row[u] * V, V),
+                                s->tokens[uses[u].position + 1], s->options.prompt_logprobs);
+    }
+  };
+  const int64_t num_prompt = static_cast<int64_t>(prompt_uses.size());
+  if (ThreadPool* pool = HostPool(); pool != nullptr && num_prompt > 1) {
+    pool->ParallelFor(num_prompt, 1, score);
+  } else {
+    score(0, num_prompt);
+  }
+  size_t next_prompt = 0;
   for (size_t u = 0; u < uses.size(); ++u) {
     Sequence* s = plan[uses[u].chunk].seq;
     // This row's logits on the host (a row the GPU sampled has none).
@@ -616,7 +642,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     const int64_t p = uses[u].position;
     RequestOutput& out = output_of(s);
     if (p + 1 < s->prompt_len) {
-      s->prompt_logprobs.push_back(LogprobsOf(row(), s->tokens[p + 1], s->options.prompt_logprobs));
+      s->prompt_logprobs.push_back(std::move(prompt_lp[next_prompt++]));
       continue;
     }
     if (s->options.prompt_logprobs >= 0 && !s->prompt_logprobs_sent) {

@@ -36,6 +36,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/thread_pool.h"
 #include "common/tier.h"
 #include "memtier/device_tier.h"
 #include "memtier/kv_store.h"
@@ -246,6 +247,10 @@ class Engine {
   std::unique_ptr<ModelRunner> runner_;
   std::unique_ptr<KvCacheStorage> kv_;
   std::unique_ptr<GpuModelRunner> gpu_;
+  // Threads for host work between steps (prompt log-probabilities): the CPU runner's own, or, on
+  // the GPU, compute_threads of the engine's.
+  std::unique_ptr<ThreadPool> host_pool_;
+  ThreadPool* HostPool() const { return runner_ != nullptr ? runner_->pool() : host_pool_.get(); }
   BlockManager blocks_;
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<KvStore> store_;

@@ -247,6 +247,81 @@ TEST_F(EngineTest, SeededSamplingResumesExactlyAtAPosition) {
   EXPECT_EQ(rest, std::vector<int32_t>(full.begin() + 4, full.end()));
 }
 
+// Prompt log-probabilities score each prompt token as generation would: a greedy request's
+// tokens, appended to its prompt, come back from a second request's prompt log-probabilities with
+// the log-probabilities they were generated with, at rank 1. Every entry names the next prompt
+// token, with its top alternatives in order, whether the prompt is prefilled whole on two threads
+// or in chunks of 16 on one (the rows are scored across the host threads).
+TEST_F(EngineTest, PromptLogprobsScoreEachPromptTokenAsGenerationWould) {
+  std::mt19937 rng(5);
+  const std::vector<int32_t> prompt = RandomPrompt(rng, 40);
+  auto outputs_of = [](Engine& e) {
+    std::vector<RequestOutput> all;
+    for (int steps = 0; e.HasWork() && steps < 10000; ++steps) {
+      auto step = e.Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      for (RequestOutput& o : *step) all.push_back(std::move(o));
+    }
+    return all;
+  };
+  RequestOptions gen = Greedy(6);
+  gen.sampling.logprobs = 3;
+  auto e = MakeEngine({});
+  ASSERT_TRUE(e->AddRequest("gen", prompt, gen).ok());
+  std::vector<SampledToken> generated;
+  for (RequestOutput& o : outputs_of(*e)) {
+    for (SampledToken& t : o.tokens) generated.push_back(std::move(t));
+  }
+  ASSERT_EQ(generated.size(), 6u);
+
+  std::vector<int32_t> scored = prompt;
+  for (const SampledToken& t : generated) scored.push_back(t.token);
+  std::vector<std::vector<SampledToken>> runs;
+  for (const auto& [max_batch_tokens, threads] : {std::pair{512, 2}, std::pair{16, 1}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "max_batch_tokens " << max_batch_tokens << " threads " << threads);
+    EngineConfig c;
+    c.max_batch_tokens = max_batch_tokens;
+    c.compute_threads = threads;
+    auto engine = MakeEngine(c);
+    RequestOptions score = Greedy(1);
+    score.prompt_logprobs = 4;
+    ASSERT_TRUE(engine->AddRequest("score", scored, score).ok());
+    std::vector<SampledToken> lp;
+    for (RequestOutput& o : outputs_of(*engine)) {
+      for (SampledToken& t : o.prompt_logprobs) lp.push_back(std::move(t));
+    }
+    ASSERT_EQ(lp.size(), scored.size() - 1);
+    for (size_t k = 0; k < lp.size(); ++k) {
+      SCOPED_TRACE(::testing::Message() << "prompt position " << k + 1);
+      EXPECT_EQ(lp[k].token, scored[k + 1]);
+      EXPECT_LE(lp[k].logprob, 0.0f);
+      EXPECT_GE(lp[k].rank, 1);
+      ASSERT_EQ(lp[k].top.size(), 4u);
+      for (size_t i = 0; i + 1 < lp[k].top.size(); ++i) {
+        EXPECT_GE(lp[k].top[i].second, lp[k].top[i + 1].second);
+      }
+      if (lp[k].rank == 1) {
+        EXPECT_EQ(lp[k].top[0].first, lp[k].token);
+        EXPECT_EQ(lp[k].top[0].second, lp[k].logprob);
+      } else {
+        EXPECT_GE(lp[k].top[0].second, lp[k].logprob);
+      }
+    }
+    // The generated tokens: greedy's choices, so rank 1, at the log-probability they had.
+    for (size_t j = 0; j < generated.size(); ++j) {
+      const SampledToken& t = lp[prompt.size() - 1 + j];
+      EXPECT_EQ(t.rank, 1) << "generated token " << j;
+      EXPECT_NEAR(t.logprob, generated[j].logprob, 1e-4) << "generated token " << j;
+    }
+    runs.push_back(std::move(lp));
+  }
+  for (size_t k = 0; k < runs[0].size(); ++k) {
+    EXPECT_NEAR(runs[0][k].logprob, runs[1][k].logprob, 1e-4) << "prompt position " << k + 1;
+  }
+}
+
 TEST_F(EngineTest, StopConditions) {
   std::mt19937 rng(5);
   const std::vector<int32_t> prompt = RandomPrompt(rng, 5);

@@ -80,6 +80,8 @@ class ModelRunner {
                        absl::Span<float> logits);
 
   const ModelWeights& weights() const { return *w_; }
+  // The runner's threads, idle between Forward calls (the engine borrows them for host work).
+  ThreadPool* pool() const { return pool_.get(); }
 
  private:
   // y = x · mᵀ (+ bias) for one projection, or for several that share x (q/k/v, gate/up), which
