@@ -613,36 +613,48 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     return produced.back().second;
   };
   std::vector<Sequence*> finished;
-  // Prompt log-probabilities first, each row on its own (a pure function of the row), across the
-  // host threads: a long prompt scored for an evaluation brings one row per token.
-  std::vector<size_t> prompt_uses;
+  // The host's work on the rows first, across its threads: prompt log-probabilities (a long prompt
+  // scored for an evaluation brings one row per token) and the tokens sampled here. Each row is
+  // independent: a pure function of its logits and its sequence's state, and a sequence has at
+  // most one sampled row per step (its state changes only in the in-order pass below).
+  std::vector<size_t> host_uses;
   for (size_t u = 0; u < uses.size(); ++u) {
-    if (uses[u].position + 1 < plan[uses[u].chunk].seq->prompt_len) prompt_uses.push_back(u);
+    if (host_row[u] >= 0) host_uses.push_back(u);
   }
-  std::vector<SampledToken> prompt_lp(prompt_uses.size());
-  auto score = [&](int64_t begin, int64_t end) {
+  std::vector<SampledToken> host_result(uses.size());
+  auto host_work = [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int32_t>> scratch;
     for (int64_t i = begin; i < end; ++i) {
-      const size_t u = prompt_uses[i];
+      const size_t u = host_uses[i];
       const Sequence* s = plan[uses[u].chunk].seq;
-      prompt_lp[i] = LogprobsOf(absl::MakeConstSpan(logits_.data() + host_row[u] * V, V),
-                                s->tokens[uses[u].position + 1], s->options.prompt_logprobs);
+      const int64_t p = uses[u].position;
+      const absl::Span<float> row(logits_.data() + host_row[u] * V, V);
+      if (p + 1 < s->prompt_len) {
+        host_result[u] = LogprobsOf(row, s->tokens[p + 1], s->options.prompt_logprobs);
+        continue;
+      }
+      std::vector<int32_t> banned;
+      if (s->num_generated < s->options.min_tokens) {
+        banned = weights_->config.eos_token_ids;
+        banned.insert(banned.end(), s->options.stop_token_ids.begin(),
+                      s->options.stop_token_ids.end());
+      }
+      host_result[u] =
+          Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch);
     }
   };
-  const int64_t num_prompt = static_cast<int64_t>(prompt_uses.size());
-  if (ThreadPool* pool = HostPool(); pool != nullptr && num_prompt > 1) {
-    pool->ParallelFor(num_prompt, 1, score);
+  const int64_t num_host = static_cast<int64_t>(host_uses.size());
+  if (ThreadPool* pool = HostPool(); pool != nullptr && num_host > 1) {
+    pool->ParallelFor(num_host, 1, host_work);
   } else {
-    score(0, num_prompt);
+    host_work(0, num_host);
   }
-  size_t next_prompt = 0;
   for (size_t u = 0; u < uses.size(); ++u) {
     Sequence* s = plan[uses[u].chunk].seq;
-    // This row's logits on the host (a row the GPU sampled has none).
-    auto row = [&] { return absl::Span<float>(logits_.data() + host_row[u] * V, V); };
     const int64_t p = uses[u].position;
     RequestOutput& out = output_of(s);
     if (p + 1 < s->prompt_len) {
-      s->prompt_logprobs.push_back(std::move(prompt_lp[next_prompt++]));
+      s->prompt_logprobs.push_back(std::move(host_result[u]));
       continue;
     }
     if (s->options.prompt_logprobs >= 0 && !s->prompt_logprobs_sent) {
@@ -654,13 +666,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       t.token = gpu_tokens[u];
       t.logprob = gpu_logprobs[u];
     } else {
-      std::vector<int32_t> banned;
-      if (s->num_generated < s->options.min_tokens) {
-        banned = weights_->config.eos_token_ids;
-        banned.insert(banned.end(), s->options.stop_token_ids.begin(),
-                      s->options.stop_token_ids.end());
-      }
-      t = Sample(row(), s->options.sampling, s->penalties, s->num_generated, banned, &scratch_);
+      t = std::move(host_result[u]);
     }
     s->tokens.push_back(t.token);
     s->penalties.AddOutput(t.token);

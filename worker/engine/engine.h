@@ -247,8 +247,8 @@ class Engine {
   std::unique_ptr<ModelRunner> runner_;
   std::unique_ptr<KvCacheStorage> kv_;
   std::unique_ptr<GpuModelRunner> gpu_;
-  // Threads for host work between steps (prompt log-probabilities): the CPU runner's own, or, on
-  // the GPU, compute_threads of the engine's.
+  // Threads for host work between steps (prompt log-probabilities, sampling on the host): the CPU
+  // runner's own, or, on the GPU, compute_threads of the engine's.
   std::unique_ptr<ThreadPool> host_pool_;
   ThreadPool* HostPool() const { return runner_ != nullptr ? runner_->pool() : host_pool_.get(); }
   BlockManager blocks_;
@@ -261,7 +261,6 @@ class Engine {
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<std::unique_ptr<Sequence>> cancelled_;
   std::vector<float> logits_;
-  std::vector<std::pair<float, int32_t>> scratch_;
 };
 
 }  // namespace strata
