@@ -6,7 +6,7 @@
 //
 // Prints milliseconds per row (best of --reps rounds of --rows rows) for: LogprobsOf with the top
 // 5 (a prompt token's log-probability, rank and alternatives), greedy Sample with logprobs 5, and
-// Sample at temperature 0.8 with top-k 50.
+// Sample at temperature 0.8 with top-k 50 and with top-p 0.95 (every candidate in order).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -60,6 +60,10 @@ int Main() {
   tempered.temperature = 0.8f;
   tempered.top_k = 50;
   tempered.seed = 7;
+  SamplingOptions nucleus;  // temperature and top-p: every candidate in order
+  nucleus.temperature = 0.8f;
+  nucleus.top_p = 0.95f;
+  nucleus.seed = 7;
   const double copy_ms = BestMsPerRow([&](int) {
     work = logits;
     return work[0];
@@ -73,6 +77,8 @@ int Main() {
               BestMsPerRow([&](int r) { return sample(greedy, r); }));
   std::printf("Sample temperature 0.8, top-k 50: %.3f\n",
               BestMsPerRow([&](int r) { return sample(tempered, r); }));
+  std::printf("Sample temperature 0.8, top-p 0.95: %.3f\n",
+              BestMsPerRow([&](int r) { return sample(nucleus, r); }));
   return 0;
 }
 

@@ -201,7 +201,7 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
       keep = static_cast<size_t>(o.top_k);
       std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), by_prob);
     } else {
-      std::sort(cand.begin(), cand.end(), by_prob);
+      SortByProbability(&cand);
     }
     cand.resize(keep);
     if (cand.empty()) {
@@ -259,6 +259,51 @@ gpu::SampleRow SampleRowOf(const SamplingOptions& o, int64_t position) {
   r.frequency_penalty = o.frequency_penalty;
   r.u = SampleUniform(o.seed, position);
   return r;
+}
+
+void SortByProbability(std::vector<std::pair<float, int32_t>>* candidates) {
+  std::vector<std::pair<float, int32_t>>& c = *candidates;
+  const size_t n = c.size();
+  if (n < 1024) {
+    std::sort(c.begin(), c.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    return;
+  }
+  // Keys that order as the logits descending: the float's bits made monotonic (negatives
+  // flipped, positives' sign bit set), then complemented; -0 taken as 0. They replace the logits'
+  // bits in place for the sort and turn back into them after (0 for -0). LSD radix, 8 bits a pass,
+  // stable, so equal logits keep their (ascending) token order. The second half of the vector is
+  // the passes' other buffer (its capacity stays for the next call).
+  auto key_of = [](const std::pair<float, int32_t>& item) {
+    uint32_t k;
+    std::memcpy(&k, &item.first, sizeof(k));
+    return k;
+  };
+  c.resize(2 * n);
+  std::pair<float, int32_t>* from = c.data();
+  std::pair<float, int32_t>* to = from + n;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits = from[i].first == 0.0f ? 0 : key_of(from[i]);
+    bits = (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+    bits = ~bits;
+    std::memcpy(&from[i].first, &bits, sizeof(bits));
+  }
+  for (int shift = 0; shift < 32; shift += 8) {
+    size_t count[257] = {};
+    for (size_t i = 0; i < n; ++i) ++count[((key_of(from[i]) >> shift) & 0xff) + 1];
+    if (count[((key_of(from[0]) >> shift) & 0xff) + 1] == n) continue;  // one bucket: no-op
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (size_t i = 0; i < n; ++i) to[count[(key_of(from[i]) >> shift) & 0xff]++] = from[i];
+    std::swap(from, to);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t monotonic = ~key_of(from[i]);
+    const uint32_t bits = (monotonic & 0x80000000u) != 0 ? monotonic & 0x7fffffffu : ~monotonic;
+    c[i].second = from[i].second;  // from[i] is c[i] itself, or lies in the other half
+    std::memcpy(&c[i].first, &bits, sizeof(bits));
+  }
+  c.resize(n);
 }
 
 SampledToken LogprobsOf(absl::Span<const float> logits, int32_t token, int32_t top_n) {

@@ -83,6 +83,12 @@ gpu::SampleRow SampleRowOf(const SamplingOptions& options, int64_t position);
 // prompt log-probabilities.
 SampledToken LogprobsOf(absl::Span<const float> logits, int32_t token, int32_t top_n);
 
+// Sorts (logit, token) candidates by logit descending, token ascending on equal logits (0 and -0
+// equal), as Sample orders them: exactly std::sort's order under that comparison, in linear time
+// (a stable radix sort on the logits' bits, for candidates given in ascending token order, as
+// Sample builds them). NaN logits are not allowed.
+void SortByProbability(std::vector<std::pair<float, int32_t>>* candidates);
+
 }  // namespace strata
 
 #endif  // STRATA_WORKER_ENGINE_SAMPLER_H_

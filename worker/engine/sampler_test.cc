@@ -191,6 +191,52 @@ TEST(SamplerTest, LogprobsOfMatchesTheDefinitions) {
   }
 }
 
+// SortByProbability gives std::sort's order under Sample's comparison (logit descending, token
+// ascending), on small and vocabulary-sized inputs with ties, zeros of both signs, infinities and
+// values spanning every exponent byte.
+TEST(SamplerTest, SortByProbabilityIsTheComparisonSortsOrder) {
+  std::mt19937 rng(3);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const size_t n : {size_t{0}, size_t{1}, size_t{5}, size_t{1023}, size_t{1024}, size_t{5000},
+                         size_t{128256}}) {
+    for (int trial = 0; trial < 3; ++trial) {
+      SCOPED_TRACE(::testing::Message() << "n " << n << " trial " << trial);
+      std::vector<std::pair<float, int32_t>> cand(n);
+      std::normal_distribution<float> normal(0.0f, 5.0f);
+      std::uniform_int_distribution<int> pick(0, 9);
+      for (size_t i = 0; i < n; ++i) {
+        float v = normal(rng);
+        if (trial == 1) v = std::round(v);                       // many ties
+        if (trial == 2) v = std::ldexp(v, pick(rng) * 12 - 60);  // tiny to huge
+        switch (pick(rng)) {
+          case 0:
+            v = 0.0f;
+            break;
+          case 1:
+            v = -0.0f;
+            break;
+          case 2:
+            if (trial == 2) v = i % 2 == 0 ? inf : -inf;
+            break;
+          default:
+            break;
+        }
+        cand[i] = {v, static_cast<int32_t>(i)};
+      }
+      std::vector<std::pair<float, int32_t>> want = cand;
+      std::sort(want.begin(), want.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+      });
+      SortByProbability(&cand);
+      ASSERT_EQ(cand.size(), n);
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_EQ(cand[i].second, want[i].second) << "position " << i;
+        ASSERT_EQ(cand[i].first, want[i].first) << "position " << i;  // 0 == -0
+      }
+    }
+  }
+}
+
 TEST(SamplerTest, PenaltyListsTrackPromptAndOutput) {
   std::mt19937 rng(3);
   PenaltyState ps;
