@@ -67,34 +67,61 @@ HostTier::~HostTier() {
   munmap(base_, bytes_);
 }
 
+namespace {
+
+// Writes the header of `key`'s image in `img`, whose payload (n encoded bytes) is in place.
+absl::Status SealImage(absl::Span<uint8_t> img, BlockKey key, const KvCodec& codec) {
+  SlotHeader h;
+  h.block_hash = key.hash;
+  h.cache_namespace = key.cache_namespace;
+  h.payload_layout = codec.payload_layout();
+  return SealSlot(h, codec.encoded_bytes(), img);
+}
+
+}  // namespace
+
 void HostTier::Write(int64_t slot, BlockKey key, absl::Span<const uint8_t> payload, Done done) {
   absl::Status status = CheckSlotAccess(*this, slot, payload.size());
   if (status.ok()) {
     absl::Span<uint8_t> img = image(slot);
-    const int64_t n = config_.codec.encoded_bytes();
-    config_.codec.Encode(payload, img.subspan(kSlotHeaderBytes, n));
-    SlotHeader h;
-    h.block_hash = key.hash;
-    h.cache_namespace = key.cache_namespace;
-    h.payload_layout = config_.codec.payload_layout();
-    status = SealSlot(h, n, img);
+    config_.codec.Encode(payload, img.subspan(kSlotHeaderBytes, config_.codec.encoded_bytes()));
+    status = SealImage(img, key, config_.codec);
   }
   Finish(std::move(done), std::move(status));
 }
 
 void HostTier::Read(int64_t slot, BlockKey key, absl::Span<uint8_t> out, Done done) {
   absl::Status status = CheckSlotAccess(*this, slot, out.size());
+  if (status.ok()) status = Check(slot, key);
   if (status.ok()) {
-    absl::Span<const uint8_t> img = image(slot);
-    status = CheckSlotImage(img, key, config_.codec);
-    if (status.ok()) {
-      config_.codec.Decode(img.subspan(kSlotHeaderBytes, config_.codec.encoded_bytes()), out);
-    } else {
-      status = absl::Status(status.code(),
-                            absl::StrCat("host tier: slot ", slot, ": ", status.message()));
-    }
+    config_.codec.Decode(image(slot).subspan(kSlotHeaderBytes, config_.codec.encoded_bytes()), out);
   }
   Finish(std::move(done), std::move(status));
+}
+
+absl::Span<uint8_t> HostTier::raw_payload(int64_t slot) const {
+  if (!stores_raw() || slot < 0 || slot >= config_.num_slots) return {};
+  return image(slot).subspan(kSlotHeaderBytes, static_cast<size_t>(payload_bytes()));
+}
+
+absl::Status HostTier::Seal(int64_t slot, BlockKey key) {
+  if (!stores_raw()) return absl::FailedPreconditionError("host tier: Seal needs raw blocks");
+  if (absl::Status s = CheckSlotAccess(*this, slot, static_cast<size_t>(payload_bytes()));
+      !s.ok()) {
+    return s;
+  }
+  return SealImage(image(slot), key, config_.codec);
+}
+
+absl::Status HostTier::Check(int64_t slot, BlockKey key) const {
+  if (absl::Status s = CheckSlotAccess(*this, slot, static_cast<size_t>(payload_bytes()));
+      !s.ok()) {
+    return s;
+  }
+  absl::Status status = CheckSlotImage(image(slot), key, config_.codec);
+  if (status.ok()) return status;
+  return absl::Status(status.code(),
+                      absl::StrCat("host tier: slot ", slot, ": ", status.message()));
 }
 
 }  // namespace strata

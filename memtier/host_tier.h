@@ -51,6 +51,19 @@ class HostTier final : public ImmediateTier {
   const KvCodec& codec() const { return config_.codec; }
   bool pinned() const { return locked_ || cuda_registered_; }
 
+  // Raw blocks (no compression) sit in a slot's image as they are, so another tier can copy
+  // straight into or out of the image (KvStore: device <-> host with no staging copy):
+  //   - raw_payload(slot): the payload's bytes in the image (payload_bytes() of them);
+  //   - Seal(slot, key): after filling raw_payload(slot), writes the header and checksum, as
+  //     Write would have;
+  //   - Check(slot, key): whether the slot holds a valid copy of `key` (Read's checks, same
+  //     statuses), before reading raw_payload(slot) in place.
+  // For compressed codecs raw_payload is empty and Seal is FAILED_PRECONDITION.
+  bool stores_raw() const { return config_.codec.compression() == KvCompression::kNone; }
+  absl::Span<uint8_t> raw_payload(int64_t slot) const;
+  absl::Status Seal(int64_t slot, BlockKey key);
+  absl::Status Check(int64_t slot, BlockKey key) const;
+
   Tier tier() const override { return Tier::kHost; }
   int64_t num_slots() const override { return config_.num_slots; }
   int64_t payload_bytes() const override { return config_.codec.raw_bytes(); }

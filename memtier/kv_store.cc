@@ -280,12 +280,21 @@ void KvStore::Put(int64_t device_slot, BlockKey key, bool to_disk) {
     ++stats_.dropped_puts;
     return;
   }
-  absl::Status st = RunNow(*device_, [&](BlockTier::Done done) {
-    device_->Read(device_slot, key, absl::MakeSpan(staging_), std::move(done));
-  });
-  if (st.ok()) {
-    st = RunNow(*host_,
-                [&](BlockTier::Done done) { host_->Write(s, key, staging_, std::move(done)); });
+  absl::Status st;
+  if (host_->stores_raw()) {
+    // Raw blocks go from the device straight into the slot's image, sealed in place.
+    st = RunNow(*device_, [&](BlockTier::Done done) {
+      device_->Read(device_slot, key, host_->raw_payload(s), std::move(done));
+    });
+    if (st.ok()) st = host_->Seal(s, key);
+  } else {
+    st = RunNow(*device_, [&](BlockTier::Done done) {
+      device_->Read(device_slot, key, absl::MakeSpan(staging_), std::move(done));
+    });
+    if (st.ok()) {
+      st = RunNow(*host_,
+                  [&](BlockTier::Done done) { host_->Write(s, key, staging_, std::move(done)); });
+    }
   }
   if (!st.ok()) {
     LOG(ERROR) << "kv store: cannot copy device slot " << device_slot << " to host: " << st;
@@ -316,13 +325,24 @@ absl::Status KvStore::Restore(BlockHash hash, int64_t device_slot, bool speculat
   const int64_t s = it->second;
   const BlockKey key = host_slots_[s].key;
   PinHost(s);
-  absl::Status st = RunNow(*host_, [&](BlockTier::Done done) {
-    host_->Read(s, key, absl::MakeSpan(staging_), std::move(done));
-  });
-  if (st.ok()) {
-    st = RunNow(*device_, [&](BlockTier::Done done) {
-      device_->Write(device_slot, key, staging_, std::move(done));
+  absl::Status st;
+  if (host_->stores_raw()) {
+    // A raw block goes from the slot's image (checked first) straight to the device.
+    st = host_->Check(s, key);
+    if (st.ok()) {
+      st = RunNow(*device_, [&](BlockTier::Done done) {
+        device_->Write(device_slot, key, host_->raw_payload(s), std::move(done));
+      });
+    }
+  } else {
+    st = RunNow(*host_, [&](BlockTier::Done done) {
+      host_->Read(s, key, absl::MakeSpan(staging_), std::move(done));
     });
+    if (st.ok()) {
+      st = RunNow(*device_, [&](BlockTier::Done done) {
+        device_->Write(device_slot, key, staging_, std::move(done));
+      });
+    }
   }
   UnpinHost(s);
   TouchHost(s);

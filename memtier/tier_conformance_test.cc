@@ -279,6 +279,47 @@ TEST_P(TierConformanceTest, PersistentTiersFindTheirBlocksAfterReopening) {
   }
 }
 
+// The host tier's in-place access for raw blocks (KvStore copies device blocks straight into and
+// out of slot images): a payload filled in place and sealed reads back through Read, Check finds
+// an unwritten slot, another key and a damaged byte, and compressed pools refuse it.
+TEST(HostTierInPlaceTest, RawImagesAreFilledSealedAndCheckedInPlace) {
+  HostTierConfig c;
+  c.codec = KvCodec(kLayout, KvCompression::kNone);
+  c.num_slots = 4;
+  auto host = HostTier::Create(c);
+  ASSERT_TRUE(host.ok()) << host.status();
+  HostTier& h = **host;
+  ASSERT_TRUE(h.stores_raw());
+  const std::vector<uint8_t> block = RandomBlock(kLayout, 7);
+  const BlockKey key{0x1234, 5};
+  EXPECT_TRUE(absl::IsNotFound(h.Check(1, key))) << h.Check(1, key);
+  absl::Span<uint8_t> payload = h.raw_payload(1);
+  ASSERT_EQ(payload.size(), block.size());
+  std::copy(block.begin(), block.end(), payload.begin());
+  ASSERT_TRUE(h.Seal(1, key).ok());
+  EXPECT_TRUE(h.Check(1, key).ok());
+  std::vector<uint8_t> out(block.size());
+  absl::Status r = absl::InternalError("no callback");
+  h.Read(1, key, absl::MakeSpan(out), [&r](absl::Status s) { r = std::move(s); });
+  h.Poll();
+  ASSERT_TRUE(r.ok()) << r;
+  EXPECT_EQ(out, block);
+  EXPECT_TRUE(absl::IsDataLoss(h.Check(1, BlockKey{0x9999, 5})));
+  payload[100] ^= 1;
+  const absl::Status damaged = h.Check(1, key);
+  EXPECT_TRUE(absl::IsDataLoss(damaged)) << damaged;
+  EXPECT_NE(damaged.message().find("slot 1"), std::string::npos) << damaged;
+  EXPECT_TRUE(absl::IsInvalidArgument(h.Seal(9, key)));
+  EXPECT_TRUE(h.raw_payload(9).empty());
+
+  c.codec = KvCodec(kLayout, KvCompression::kInt8);
+  auto quantized = HostTier::Create(c);
+  ASSERT_TRUE(quantized.ok()) << quantized.status();
+  EXPECT_FALSE((*quantized)->stores_raw());
+  EXPECT_TRUE((*quantized)->raw_payload(0).empty());
+  EXPECT_TRUE(absl::IsFailedPrecondition((*quantized)->Seal(0, key)));
+}
+
 INSTANTIATE_TEST_SUITE_P(AllTiers, TierConformanceTest, ::testing::ValuesIn(Cases()),
                          [](const ::testing::TestParamInfo<TierCase>& info) {
                            return info.param.name;
