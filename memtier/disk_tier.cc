@@ -422,8 +422,10 @@ void DiskTier::IoLoop() {
     if (stopping && queue.empty() && io_outstanding == 0 && completed.empty()) break;
     absl::Status ring_error;
     if (!wake_armed && !stopping) {
-      ring_error = ring_->QueuePoll(event_fd_, kWakeTag);
-      wake_armed = ring_error.ok();
+      // A full ring (a transient shortage) has completions coming: wait for those instead.
+      const absl::Status armed = ring_->QueuePoll(event_fd_, kWakeTag);
+      wake_armed = armed.ok();
+      if (!armed.ok() && !absl::IsResourceExhausted(armed)) ring_error = armed;
     }
     if (ring_error.ok() && completed.empty()) {
       if (config_.ring_fault_injector) ring_error = config_.ring_fault_injector();
@@ -457,6 +459,11 @@ void DiskTier::IoLoop() {
       const uint64_t one = 1;
       if (wake_armed && write(event_fd_, &one, sizeof(one)) < 0) {
         LOG(ERROR) << "disk tier: cannot complete the wake-up poll: " << strerror(errno);
+      }
+      // Failing the operations hands their buffers back, which is only safe once the kernel is
+      // done with them; when that cannot be known, stopping is the only safe answer.
+      if (absl::Status closed = ring_->Close(); !closed.ok()) {
+        LOG(FATAL) << ring_status_ << "; closing the ring: " << closed;
       }
       ring_.reset();
       wake_armed = false;

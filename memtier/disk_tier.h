@@ -18,8 +18,9 @@
 // read, so a slot damaged after the scan is a DATA_LOSS miss then.
 //
 // Ring failure: should io_uring itself fail (submission or waiting refused for a reason other than
-// a transient shortage), the I/O thread closes the ring, which lets the kernel finish or cancel
-// what it holds, and from then on fails every operation, queued, in flight or new, with
+// a transient shortage), the I/O thread closes the ring, waiting for what the kernel took (it may
+// write into our buffers until it is done; if even that wait fails, the process stops rather than
+// hand those buffers back), and from then on fails every operation, queued, in flight or new, with
 // UNAVAILABLE. The process keeps serving; the owner (KvStore) turns the tier off after a few
 // failures in a row.
 //

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/log.h"
 
 namespace strata {
 namespace {
@@ -142,17 +143,32 @@ absl::StatusOr<std::unique_ptr<IoRing>> IoRing::Create(unsigned queue_depth,
 }
 
 IoRing::~IoRing() {
-  if (ring_.ring_fd >= 0) {
-    // Wait for what the kernel still owns: it writes into our buffers.
-    if (unsubmitted_ > 0) io_uring_submit(&ring_);
-    while (outstanding_ > 0) {
-      io_uring_cqe* cqe = nullptr;
-      if (io_uring_wait_cqe(&ring_, &cqe) < 0) break;
-      io_uring_cqe_seen(&ring_, cqe);
-      --outstanding_;
+  if (absl::Status s = Close(); !s.ok()) LOG(ERROR) << s;
+}
+
+absl::Status IoRing::Close() {
+  if (ring_.ring_fd < 0) return absl::OkStatus();
+  // Entries never submitted never reached the kernel: they are dropped with the ring. Those the
+  // kernel took may still write into our buffers: wait for each of them.
+  int in_kernel = outstanding_ - unsubmitted_;
+  absl::Status status;
+  while (in_kernel > 0) {
+    io_uring_cqe* cqe = nullptr;
+    const int rc = io_uring_wait_cqe(&ring_, &cqe);
+    if (rc == -EINTR) continue;
+    if (rc < 0) {
+      status = absl::UnavailableError(
+          absl::StrCat("io_uring_wait_cqe: ", ErrnoText(-rc), "; ", in_kernel,
+                       " operations may still be in the kernel, writing into their buffers"));
+      break;
     }
-    io_uring_queue_exit(&ring_);
+    io_uring_cqe_seen(&ring_, cqe);
+    --in_kernel;
   }
+  io_uring_queue_exit(&ring_);
+  ring_.ring_fd = -1;
+  outstanding_ = unsubmitted_ = 0;
+  return status;
 }
 
 absl::Status IoRing::Queue(bool write, int fd, int buffer_index, uint8_t* addr, uint32_t len,

@@ -82,7 +82,12 @@ class IoRing {
   // UNAVAILABLE when io_uring cannot be set up (an old kernel, a seccomp filter, memlock limits).
   static absl::StatusOr<std::unique_ptr<IoRing>> Create(unsigned queue_depth,
                                                         absl::Span<const iovec> buffers);
+  // Close(), logging an error.
   ~IoRing();
+  // Waits for every operation the kernel took (it may write into their buffers until then), drops
+  // those it never took, and closes the ring. UNAVAILABLE when the wait failed: the kernel may
+  // still own some buffers, and the caller must not reuse them. The ring takes nothing after.
+  absl::Status Close();
   IoRing(const IoRing&) = delete;
   IoRing& operator=(const IoRing&) = delete;
 

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -97,6 +98,31 @@ TEST(IoRingTest, SlotsWrittenAndReadBackAtQueueDepth) {
   ASSERT_TRUE(done.ok());
   ASSERT_EQ(done->size(), 1u);
   EXPECT_EQ(ValidateSlotHeader(b->span())->block_hash, 1007u);
+}
+
+// Close waits for what the kernel took and drops what it never took: a submitted read has landed
+// in its buffer when Close returns, an unsubmitted one never happens, and nothing hangs.
+TEST(IoRingTest, CloseWaitsForSubmittedOperationsAndDropsTheRest) {
+  constexpr int64_t kSlotBytes = 64 << 10;
+  auto file = SlotFile::Open(TempPath("close_slots"), 2, kSlotBytes);
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto a = AlignedBuffer::Create(kSlotBytes), b = AlignedBuffer::Create(kSlotBytes);
+  ASSERT_TRUE(a.ok() && b.ok());
+  // Slot 0 on disk holds 0x5a bytes.
+  std::fill(a->data(), a->data() + kSlotBytes, 0x5a);
+  auto ring = IoRing::Create(4, {});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  ASSERT_TRUE((*ring)->QueueWrite(file->fd(), -1, a->data(), kSlotBytes, 0, 1).ok());
+  ASSERT_TRUE((*ring)->Reap(1).ok());
+  std::fill(a->data(), a->data() + kSlotBytes, 0);
+  std::fill(b->data(), b->data() + kSlotBytes, 0);
+  ASSERT_TRUE((*ring)->QueueRead(file->fd(), -1, a->data(), kSlotBytes, 0, 2).ok());
+  ASSERT_TRUE((*ring)->Submit().ok());
+  ASSERT_TRUE((*ring)->QueueRead(file->fd(), -1, b->data(), kSlotBytes, 0, 3).ok());  // not sent
+  ASSERT_TRUE((*ring)->Close().ok());
+  EXPECT_EQ(a->data()[kSlotBytes - 1], 0x5a) << "the submitted read had not landed";
+  EXPECT_EQ(b->data()[0], 0) << "the unsubmitted read ran";
+  EXPECT_TRUE((*ring)->Close().ok());  // once closed, again is a no-op
 }
 
 TEST(IoRingTest, ErrorsComeBackAsCompletionsAndStatuses) {

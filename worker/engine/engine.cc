@@ -57,9 +57,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     o.fused_residual_norm = c.gpu_fused_residual_norm;
     o.prefill_mma_attention = c.gpu_prefill_mma_attention;
     ASSIGN_OR_RETURN(engine->gpu_, GpuModelRunner::Create(*weights, o));
+    // Up to 16 threads by default: every parallel pass wakes them all.
     engine->host_pool_ = std::make_unique<ThreadPool>(
-        c.compute_threads > 0 ? c.compute_threads
-                              : static_cast<int>(std::thread::hardware_concurrency()));
+        c.compute_threads > 0
+            ? c.compute_threads
+            : std::min(16, static_cast<int>(std::thread::hardware_concurrency())));
 #else
     return absl::UnavailableError("engine: this build has no CUDA (device gpu)");
 #endif
@@ -623,7 +625,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   }
   std::vector<SampledToken> host_result(uses.size());
   auto host_work = [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<float, int32_t>> scratch;
+    thread_local std::vector<std::pair<float, int32_t>> scratch;  // kept across steps
     for (int64_t i = begin; i < end; ++i) {
       const size_t u = host_uses[i];
       const Sequence* s = plan[uses[u].chunk].seq;
