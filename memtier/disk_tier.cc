@@ -328,6 +328,10 @@ void DiskTier::Complete(Op* op, int32_t result) {
       std::memcpy(op->dst, op->io_addr, slot_bytes_);
     }
   }
+  ReleaseStaging(op);
+}
+
+void DiskTier::ReleaseStaging(Op* op) {
   if (op->staging >= 0) {
     free_staging_.push_back(op->staging);
     op->staging = -1;
@@ -336,10 +340,7 @@ void DiskTier::Complete(Op* op, int32_t result) {
 
 void DiskTier::Fail(Op* op, const absl::Status& status) {
   op->status = status;
-  if (op->staging >= 0) {
-    free_staging_.push_back(op->staging);
-    op->staging = -1;
-  }
+  ReleaseStaging(op);
 }
 
 void DiskTier::Deliver(std::vector<std::unique_ptr<Op>>* completed) {
@@ -357,6 +358,10 @@ void DiskTier::WaitForWake() {
   pollfd p{event_fd_, POLLIN, 0};
   while (poll(&p, 1, -1) < 0 && errno == EINTR) {
   }
+  DrainWake();
+}
+
+void DiskTier::DrainWake() {
   uint64_t count;
   while (read(event_fd_, &count, sizeof(count)) > 0) {
   }
@@ -437,9 +442,7 @@ void DiskTier::IoLoop() {
         for (const IoRing::Completion& c : *reaped) {
           if (c.tag == kWakeTag) {
             wake_armed = false;
-            uint64_t count;
-            while (read(event_fd_, &count, sizeof(count)) > 0) {
-            }
+            DrainWake();
             continue;
           }
           Op* raw = reinterpret_cast<Op*>(c.tag);

@@ -130,10 +130,14 @@ class DiskTier final : public BlockTier {
   void Complete(Op* op, int32_t result);
   // I/O thread: fails `op` with `status` (returning its staging slot).
   void Fail(Op* op, const absl::Status& status);
+  // I/O thread: returns `op`'s staging slot, if it holds one.
+  void ReleaseStaging(Op* op);
   // I/O thread: hands finished operations to Poll and wakes the owner.
   void Deliver(std::vector<std::unique_ptr<Op>>* completed);
   // I/O thread: blocks until the owner writes the wake-up eventfd, then clears it.
   void WaitForWake();
+  // I/O thread: clears the wake-up eventfd's count (non-blocking).
+  void DrainWake();
   int BufferIndexOf(const uint8_t* p) const;
 
   DiskTierConfig config_;

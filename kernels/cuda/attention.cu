@@ -15,6 +15,7 @@
 // (PagedAttentionArgs::mma_prefill): 64 query rows a block, 64 keys a step, wmma for Q.K and P.V.
 #include <mma.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "kernels/cuda/cuda_types.cuh"
@@ -884,12 +885,19 @@ cudaError_t LaunchAndMerge(void (*kernel)(PagedAttentionArgs), size_t smem,
 template <typename T, int D>
 cudaError_t LaunchMma(const PagedAttentionArgs& a, cudaStream_t stream) {
   constexpr size_t kBytes = MmaLayout<D>::kBytes;
-  // Every launch (cheap, and right for whichever device is current).
-  if (cudaError_t e =
-          cudaFuncSetAttribute(PrefillMmaKernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(kBytes));
-      e != cudaSuccess) {
-    return e;
+  // Raised once per device (every layer of every prefill step launches this); a failure is not
+  // remembered, so the next launch tries again.
+  static std::atomic<int> raised_on{-1};
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (raised_on.load(std::memory_order_relaxed) != device) {
+    if (cudaError_t e = cudaFuncSetAttribute(PrefillMmaKernel<T, D>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(kBytes));
+        e != cudaSuccess) {
+      return e;
+    }
+    raised_on.store(device, std::memory_order_relaxed);
   }
   return LaunchAndMerge<T, D, kMmaRows>(PrefillMmaKernel<T, D>, kBytes, a, stream);
 }

@@ -70,6 +70,9 @@ double LogSumExp(absl::Span<const float> x) {
 
 // Whether (value a, token i) comes before (value b, token j): value descending, token ascending.
 inline bool Before(float a, int32_t i, float b, int32_t j) { return a != b ? a > b : i < j; }
+inline bool PairBefore(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+  return Before(a.first, a.second, b.first, b.second);
+}
 
 // Top-n (value, token) pairs by value descending, token ascending.
 std::vector<std::pair<int32_t, float>> TopN(absl::Span<const float> logits, int32_t n, double lse) {
@@ -193,13 +196,10 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
     for (int32_t t = 0; t < vocab; ++t) {
       if (logits[t] != kNegInf) cand.emplace_back(logits[t], t);
     }
-    auto by_prob = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-      return a.first != b.first ? a.first > b.first : a.second < b.second;
-    };
     size_t keep = cand.size();
     if (o.top_k > 0 && static_cast<size_t>(o.top_k) < keep) {
       keep = static_cast<size_t>(o.top_k);
-      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), by_prob);
+      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), PairBefore);
     } else {
       SortByProbability(&cand);
     }
@@ -265,9 +265,7 @@ void SortByProbability(std::vector<std::pair<float, int32_t>>* candidates) {
   std::vector<std::pair<float, int32_t>>& c = *candidates;
   const size_t n = c.size();
   if (n < 1024) {
-    std::sort(c.begin(), c.end(), [](const auto& a, const auto& b) {
-      return a.first != b.first ? a.first > b.first : a.second < b.second;
-    });
+    std::sort(c.begin(), c.end(), PairBefore);
     return;
   }
   // Keys that order as the logits descending: the float's bits made monotonic (negatives
