@@ -399,6 +399,13 @@ void Engine::PublishFullBlocks(Sequence* s) {
   }
 }
 
+void Engine::AppendBanned(const Sequence& s, std::vector<int32_t>* out) const {
+  if (s.num_generated >= s.options.min_tokens) return;
+  const std::vector<int32_t>& eos = weights_->config.eos_token_ids;
+  out->insert(out->end(), eos.begin(), eos.end());
+  out->insert(out->end(), s.options.stop_token_ids.begin(), s.options.stop_token_ids.end());
+}
+
 FinishReason Engine::CheckStop(const Sequence& s, int32_t token) const {
   const ModelConfig& c = weights_->config;
   if (!s.options.ignore_eos && Contains(c.eos_token_ids, token)) return FinishReason::kEos;
@@ -571,12 +578,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         pen_counts.insert(pen_counts.end(), c.begin(), c.end());
       }
       pen_offsets.push_back(static_cast<int32_t>(pen_tokens.size()));
-      if (s->num_generated < s->options.min_tokens) {
-        ban_tokens.insert(ban_tokens.end(), weights_->config.eos_token_ids.begin(),
-                          weights_->config.eos_token_ids.end());
-        ban_tokens.insert(ban_tokens.end(), s->options.stop_token_ids.begin(),
-                          s->options.stop_token_ids.end());
-      }
+      AppendBanned(*s, &ban_tokens);
       ban_offsets.push_back(static_cast<int32_t>(ban_tokens.size()));
     }
     gpu_tokens.resize(uses.size());
@@ -636,11 +638,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         continue;
       }
       std::vector<int32_t> banned;
-      if (s->num_generated < s->options.min_tokens) {
-        banned = weights_->config.eos_token_ids;
-        banned.insert(banned.end(), s->options.stop_token_ids.begin(),
-                      s->options.stop_token_ids.end());
-      }
+      AppendBanned(*s, &banned);
       host_result[u] =
           Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch);
     }

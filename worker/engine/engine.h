@@ -239,6 +239,8 @@ class Engine {
   const std::vector<BlockHash>& WaitingHashes(const Sequence& s) const;
   void PublishFullBlocks(Sequence* s);
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
+  // Appends the tokens `s` may not sample now: EOS and its stop tokens until min_tokens.
+  void AppendBanned(const Sequence& s, std::vector<int32_t>* out) const;
 
   const ModelWeights* weights_;
   EngineConfig config_;
