@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/unique_fd.h"
 
 namespace strata {
 namespace {
@@ -21,23 +22,10 @@ absl::Status OsError(int err, absl::string_view what, absl::string_view path) {
   return absl::InternalError(message);
 }
 
-// Owns a file descriptor for the duration of Open.
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
-
 }  // namespace
 
 absl::StatusOr<MappedFile> MappedFile::Open(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) return OsError(errno, "cannot open", path);
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) return OsError(errno, "cannot stat", path);
@@ -75,7 +63,7 @@ void MappedFile::Reset() {
 }
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) return OsError(errno, "cannot open", path);
   std::string out;
   char buf[1 << 16];

@@ -29,6 +29,11 @@ void BlockTerminationSignals() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
+void UnblockTerminationSignals() {
+  const sigset_t set = TerminationSignals();
+  pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+}
+
 int WaitForTerminationSignal(absl::Duration timeout) {
   const sigset_t set = TerminationSignals();
   while (true) {

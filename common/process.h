@@ -13,6 +13,9 @@ namespace strata {
 // are delivered only through WaitForTerminationSignal. Call first thing in main, before any thread
 // exists.
 void BlockTerminationSignals();
+// Undoes it in the calling thread (and threads it starts later): SIGINT and SIGTERM terminate the
+// process again.
+void UnblockTerminationSignals();
 
 // Waits up to `timeout` (forever when it is absl::InfiniteDuration()) for SIGINT or SIGTERM and
 // returns the signal number, or 0 on timeout.

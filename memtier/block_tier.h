@@ -47,9 +47,10 @@ struct BlockKey {
   }
 };
 
-// The raw bytes of one KV block: `num_segments` segments (K and V of each layer on this rank),
-// each [block_tokens, num_heads, head_dim] elements of `dtype` (f32 for the CPU engine, the
-// activation type of a GPU engine: f32, f16 or bf16), concatenated in segment order.
+// The raw bytes of one KV block: `num_segments` segments (K and V of each layer, for each
+// tensor-parallel rank whose cache the tier serves), each [block_tokens, num_heads, head_dim]
+// elements of `dtype` (f32 for the CPU engine, the activation type of a GPU engine: f32, f16 or
+// bf16), concatenated in segment order.
 struct KvBlockLayout {
   int64_t num_segments = 0;
   int64_t block_tokens = 0;

@@ -4,7 +4,9 @@
 #define STRATA_TESTS_CLUSTER_CLIENT_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/time/clock.h"
@@ -38,6 +40,65 @@ inline Generated Collect(grpc::ClientReader<v1::GenerateResponse>* reader) {
   return g;
 }
 
+// The rest of a stream whose first chunk was read already, with that chunk in front.
+inline Generated CollectAfter(const v1::GenerateResponse& first,
+                              grpc::ClientReader<v1::GenerateResponse>* reader) {
+  Generated rest = Collect(reader);
+  Generated g;
+  g.status = rest.status;
+  g.tokens.assign(first.token_ids().begin(), first.token_ids().end());
+  g.contiguous = first.first_token_index() == 0;
+  for (const auto& chunk : rest.chunks) {
+    if (chunk.first_token_index() != g.tokens.size()) g.contiguous = false;
+    g.tokens.insert(g.tokens.end(), chunk.token_ids().begin(), chunk.token_ids().end());
+  }
+  return g;
+}
+
+// Failover checks: every request finished, its chunks contiguous, with exactly the tokens an
+// undisturbed run produced.
+inline void ExpectExactlyTheUndisturbedTokens(const std::vector<Generated>& results,
+                                              const std::vector<std::vector<int32_t>>& expected) {
+  ASSERT_EQ(results.size(), expected.size());
+  for (size_t i = 0; i < results.size(); ++i) {
+    SCOPED_TRACE(::testing::Message() << "request " << i);
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_TRUE(results[i].contiguous);
+    EXPECT_EQ(results[i].tokens, expected[i]);
+  }
+}
+
+// Requests streaming at once, each with its first chunk read (so each is running on a worker).
+struct OpenStreams {
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
+  std::vector<v1::GenerateResponse> first;
+  bool ok = true;  // every stream delivered its first chunk
+
+  // Reads every stream to its end, one thread each, joined to its first chunk.
+  std::vector<Generated> CollectAll() {
+    std::vector<Generated> results(readers.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < readers.size(); ++i) {
+      threads.emplace_back([&, i] { results[i] = CollectAfter(first[i], readers[i].get()); });
+    }
+    for (std::thread& t : threads) t.join();
+    return results;
+  }
+};
+
+inline OpenStreams StartStreams(v1::Serving::Stub* stub,
+                                const std::vector<v1::GenerateRequest>& requests) {
+  OpenStreams s;
+  for (const v1::GenerateRequest& r : requests) {
+    s.contexts.push_back(std::make_unique<grpc::ClientContext>());
+    s.readers.push_back(stub->Generate(s.contexts.back().get(), r));
+  }
+  s.first.resize(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) s.ok = s.readers[i]->Read(&s.first[i]) && s.ok;
+  return s;
+}
+
 inline Generated Generate(v1::Serving::Stub* stub, const v1::GenerateRequest& req,
                           absl::Duration deadline = absl::Seconds(120)) {
   grpc::ClientContext ctx;
@@ -61,6 +122,23 @@ inline v1::ClusterStatus Status(v1::Admin::Stub* admin) {
   v1::ClusterStatus s;
   EXPECT_TRUE(admin->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &s).ok());
   return s;
+}
+
+// The index (in `cluster`) of the worker the coordinator reports with the most requests in flight;
+// -1 when none has any.
+inline int BusiestWorker(LocalCluster& cluster) {
+  const v1::ClusterStatus st = Status(cluster.admin());
+  int best = -1;
+  uint32_t most = 0;
+  for (const auto& w : st.workers()) {
+    for (int i = 0; i < cluster.num_workers(); ++i) {
+      if (cluster.worker_address(i) == w.address() && w.num_inflight_requests() > most) {
+        most = w.num_inflight_requests();
+        best = i;
+      }
+    }
+  }
+  return best;
 }
 
 }  // namespace strata

@@ -296,19 +296,6 @@ TEST_F(ClusterTest, DrainedWorkerGetsNoNewRequestsAndResumes) {
 
 // Failover: kill -9 a worker while it streams. Each affected request continues on the other
 // worker from where it was, and the client gets exactly the undisturbed tokens.
-// Every failed-over request finished, its chunks contiguous, with exactly the tokens an
-// undisturbed run produced.
-void ExpectExactlyTheUndisturbedTokens(const std::vector<Generated>& results,
-                                       const std::vector<std::vector<int32_t>>& expected) {
-  ASSERT_EQ(results.size(), expected.size());
-  for (size_t i = 0; i < results.size(); ++i) {
-    SCOPED_TRACE(absl::StrCat("request ", i));
-    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
-    EXPECT_TRUE(results[i].contiguous);
-    EXPECT_EQ(results[i].tokens, expected[i]);
-  }
-}
-
 TEST(FailoverTest, KillingAWorkerMidStreamLosesNothing) {
   auto c = LocalCluster::Start(Options(2, "failover"));
   ASSERT_TRUE(c.ok()) << c.status();
@@ -328,45 +315,21 @@ TEST(FailoverTest, KillingAWorkerMidStreamLosesNothing) {
     expected.push_back(g.tokens);
   }
   // Run them all at once, and kill the worker with more of them after a few tokens arrived.
-  std::vector<Generated> results(kRequests);
-  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
-  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
-  std::vector<v1::GenerateResponse> first(kRequests);
-  for (int i = 0; i < kRequests; ++i) {
-    contexts.push_back(std::make_unique<grpc::ClientContext>());
-    readers.push_back(cluster.serving()->Generate(contexts.back().get(), requests[i]));
-  }
-  for (int i = 0; i < kRequests; ++i) ASSERT_TRUE(readers[i]->Read(&first[i]));
-  const v1::ClusterStatus st = Status(cluster.admin());
-  const int victim =
-      st.workers(0).num_inflight_requests() >= st.workers(1).num_inflight_requests() ? 0 : 1;
-  ASSERT_GT(st.workers(victim).num_inflight_requests(), 0u);
-  int victim_index = -1;
-  for (int i = 0; i < cluster.num_workers(); ++i) {
-    if (cluster.worker_address(i) == st.workers(victim).address()) victim_index = i;
-  }
+  OpenStreams streams = StartStreams(cluster.serving(), requests);
+  ASSERT_TRUE(streams.ok);
+  const int victim_index = BusiestWorker(cluster);
   ASSERT_GE(victim_index, 0);
+  const std::string victim_address = cluster.worker_address(victim_index);
   cluster.worker_process(victim_index).Kill();
-
-  std::vector<std::thread> threads;
-  for (int i = 0; i < kRequests; ++i) {
-    threads.emplace_back([&, i] {
-      Generated rest = Collect(readers[i].get());
-      Generated& g = results[i];
-      g.status = rest.status;
-      g.tokens.assign(first[i].token_ids().begin(), first[i].token_ids().end());
-      g.contiguous = first[i].first_token_index() == 0;
-      for (const auto& chunk : rest.chunks) {
-        if (chunk.first_token_index() != g.tokens.size()) g.contiguous = false;
-        g.tokens.insert(g.tokens.end(), chunk.token_ids().begin(), chunk.token_ids().end());
-      }
-    });
-  }
-  for (std::thread& t : threads) t.join();
+  const std::vector<Generated> results = streams.CollectAll();
   ExpectExactlyTheUndisturbedTokens(results, expected);
   const v1::ClusterStatus after = Status(cluster.admin());
   EXPECT_GT(after.num_failed_over_requests(), 0u);
-  EXPECT_EQ(after.workers(victim).state(), v1::WORKER_STATE_UNAVAILABLE);
+  for (const auto& w : after.workers()) {
+    if (w.address() == victim_address) {
+      EXPECT_EQ(w.state(), v1::WORKER_STATE_UNAVAILABLE);
+    }
+  }
   // New requests go to the survivor.
   EXPECT_TRUE(Generate(cluster.serving(), TextRequest("after", 4, 1)).status.ok());
 }

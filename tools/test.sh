@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs what the build needs (tools/setup.sh, quiet when nothing is missing), then
-# runs every test that needs no GPU, then memtier's tests under ASan and TSan. Extra arguments go to
+# The test command: installs what the build needs (tools/setup.sh, quiet when nothing is missing),
+# then runs every test that needs no GPU, then memtier's and the collectives' tests under ASan and
+# TSan. Extra arguments go to
 # `bazel test` (for example --config=asan) and skip the sanitizer passes.
 # GPU-tagged tests build here too; run them with `bazel test --config=gpu //...` on a machine with a
 # GPU, or pack them for one with tools/gpu_bundle.sh.
@@ -8,10 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
 bazel test //... "$@"
-# The KV store's threads and I/O, again under the sanitizers (memtier synchronizes through std::
-# primitives, which TSAN sees; see .bazelrc for why other threaded tests are tagged no_tsan).
+# The KV store's threads and I/O and the tensor-parallel collectives, again under the sanitizers
+# (both synchronize through std:: primitives, which TSAN sees; see .bazelrc for why other threaded
+# tests are tagged no_tsan). Each rank maps the collectives' shared memory at its own address, so
+# TSAN checks each rank's own accesses, not how ranks share data: the barrier protocol's argument
+# is in shm_collectives.h, and the conformance suite's bitwise checks test it.
 if [[ $# -eq 0 ]]; then
-  bazel test --config=asan //memtier/...
-  bazel test --config=tsan //memtier/...
+  bazel test --config=asan //memtier/... //worker/comm/...
+  bazel test --config=tsan //memtier/... //worker/comm/...
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
 fi

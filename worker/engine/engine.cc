@@ -24,6 +24,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     return absl::InvalidArgumentError(
         "engine: block_tokens, max_batch_tokens and max_running_sequences must be positive");
   }
+  if (comm->world_size() != weights->world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine: the weights are one of ", weights->world_size,
+                     " tensor-parallel shards, the group has ", comm->world_size(), " ranks"));
+  }
+  if (comm->rank() != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("engine: tensor-parallel rank ", comm->rank(),
+                     " follows rank 0 (ModelRunner::ServeFollower)"));
+  }
   const bool on_gpu = config.device == "gpu";
   if (!on_gpu && config.device != "cpu") {
     return absl::InvalidArgumentError(
@@ -67,8 +77,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
 #endif
   } else {
     engine->runner_ = std::make_unique<ModelRunner>(weights, comm, engine->config_.compute_threads);
-    engine->kv_ =
-        std::make_unique<KvCacheStorage>(*weights, num_blocks, engine->config_.block_tokens);
+    if (comm->world_size() > 1) {
+      // Every rank's cache in the group's shared memory; the followers map theirs on the first
+      // step's plan.
+      ASSIGN_OR_RETURN(engine->caches_,
+                       GroupKvCaches(*weights, comm, num_blocks, engine->config_.block_tokens));
+    } else {
+      engine->kv_ =
+          std::make_unique<KvCacheStorage>(*weights, num_blocks, engine->config_.block_tokens);
+      engine->caches_.push_back(engine->kv_->layers());
+    }
   }
   RETURN_IF_ERROR(engine->OpenTiers());
   return engine;
@@ -90,9 +108,14 @@ absl::Status Engine::OpenTiers() {
     dc.layout.dtype = config_.gpu_dtype;
     dc.segments = gpu_->KvSegments();
   } else {
-    for (int64_t l = 0; l < w.config.num_layers; ++l) {
-      dc.segments.push_back(kv_->layers().k[l]);
-      dc.segments.push_back(kv_->layers().v[l]);
+    // Under tensor parallelism a block is every rank's share of it: rank by rank, each with
+    // its KV heads.
+    dc.layout.num_segments *= static_cast<int64_t>(caches_.size());
+    for (const KvCacheLayers& cache : caches_) {
+      for (int64_t l = 0; l < w.config.num_layers; ++l) {
+        dc.segments.push_back(cache.k[l]);
+        dc.segments.push_back(cache.v[l]);
+      }
     }
   }
   const KvBlockLayout layout = dc.layout;
@@ -600,7 +623,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     RETURN_IF_ERROR(gpu_->Forward(batch, absl::MakeSpan(logits_)));
   } else {
     logits_.resize(logit_tokens.size() * V);
-    RETURN_IF_ERROR(runner_->Forward(batch, kv_->layers(), absl::MakeSpan(logits_)));
+    RETURN_IF_ERROR(runner_->Forward(batch, caches_[0], absl::MakeSpan(logits_)));
   }
 
   for (const Chunk& ch : plan) {

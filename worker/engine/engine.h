@@ -166,10 +166,11 @@ class Engine {
   const KvStore* kv_store() const { return store_.get(); }
   int64_t block_tokens() const { return config_.block_tokens; }
   const ModelConfig& model_config() const { return weights_->config; }
-  // Bytes of one KV block (all layers, K and V, this rank).
+  // Bytes of one KV block (all layers, K and V, every tensor-parallel rank's share).
   int64_t kv_block_bytes() const {
     const int64_t f32 = KvCacheStorage::BlockBytes(*weights_, config_.block_tokens);
-    return config_.device == "gpu" ? f32 / 4 * DTypeBytes(config_.gpu_dtype) : f32;
+    return config_.device == "gpu" ? f32 / 4 * DTypeBytes(config_.gpu_dtype)
+                                   : f32 * weights_->world_size;
   }
   int64_t num_kv_blocks() const { return blocks_.num_blocks(); }
   const EngineConfig& config() const { return config_; }
@@ -248,6 +249,9 @@ class Engine {
   // cache).
   std::unique_ptr<ModelRunner> runner_;
   std::unique_ptr<KvCacheStorage> kv_;
+  // The CPU caches of every rank, rank 0's first: kv_'s alone, or under tensor parallelism the
+  // group's (GroupKvCaches).
+  std::vector<KvCacheLayers> caches_;
   std::unique_ptr<GpuModelRunner> gpu_;
   // Threads for host work between steps (prompt log-probabilities, sampling on the host): the CPU
   // runner's own, or, on the GPU, compute_threads of the engine's.

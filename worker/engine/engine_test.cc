@@ -9,11 +9,13 @@
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/test_dir.h"
+#include "worker/comm/shm_collectives.h"
 #include "worker/model/config.h"
 
 namespace strata {
@@ -518,6 +520,134 @@ TEST_F(EngineTiersTest, BadTierSettingsAreRefused) {
   c = TieredConfig(8, 0);
   c.enable_prefix_caching = false;
   EXPECT_TRUE(absl::IsInvalidArgument(Engine::Create(weights_.get(), &comm_, c).status()));
+}
+
+// Tensor parallelism on the CPU: rank 0's engine drives a second rank (a thread of this process,
+// as a worker's follower process would) through a shared-memory group.
+class TensorParallelGroup {
+ public:
+  // Starts ranks 1 .. world-1 in ServeFollower on their shards of `dir`'s model.
+  TensorParallelGroup(const std::string& dir, int world) {
+    auto config = LoadModelConfig(dir);
+    EXPECT_TRUE(config.ok());
+    auto group = ShmGroup::Create(world, 64 << 10);
+    EXPECT_TRUE(group.ok()) << group.status();
+    group_ = std::make_unique<ShmGroup>(*std::move(group));
+    for (int r = 0; r < world; ++r) {
+      auto w = LoadModelWeights(dir, *config, r, world);
+      EXPECT_TRUE(w.ok()) << w.status();
+      shards_.push_back(*std::move(w));
+      auto c = ShmCollectives::Join(group_->control_fd(), group_->memory_fd(), r, world);
+      EXPECT_TRUE(c.ok()) << c.status();
+      comms_.push_back(*std::move(c));
+    }
+    statuses_.resize(world);
+    for (int r = 1; r < world; ++r) {
+      followers_.emplace_back([this, r] {
+        ModelRunner runner(shards_[r].get(), comms_[r].get(), /*num_threads=*/1);
+        statuses_[r] = runner.ServeFollower();
+      });
+    }
+  }
+  // Waits for the followers, which return once rank 0's engine is gone (or, after a failed test
+  // that left them waiting, once the group is aborted).
+  ~TensorParallelGroup() {
+    if (::testing::Test::HasFailure()) comms_[0]->Abort("the test failed");
+    for (std::thread& t : followers_) t.join();
+    for (size_t r = 1; r < statuses_.size() && !::testing::Test::HasFailure(); ++r) {
+      EXPECT_TRUE(statuses_[r].ok()) << "rank " << r << ": " << statuses_[r];
+    }
+  }
+  const ModelWeights* weights() const { return shards_[0].get(); }
+  Collectives* comm() const { return comms_[0].get(); }
+
+ private:
+  std::unique_ptr<ShmGroup> group_;
+  std::vector<std::unique_ptr<ModelWeights>> shards_;
+  std::vector<std::unique_ptr<ShmCollectives>> comms_;
+  std::vector<absl::Status> statuses_;
+  std::vector<std::thread> followers_;
+};
+
+TEST_F(EngineTest, TwoTensorParallelRanksGenerateTheSingleRanksTokens) {
+  std::mt19937 rng(5);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 10; ++i) prompts.push_back(RandomPrompt(rng, 3 + (i * 11) % 50));
+  prompts[9] = prompts[8];  // a prefix-cache hit
+  prompts[9].push_back(7);
+  EngineConfig c;
+  c.max_batch_tokens = 24;  // chunked prefill mixed with decode
+  c.num_kv_blocks = 20;     // and preemption
+  c.block_tokens = 8;
+  c.compute_threads = 1;
+  const auto submit = [&](Engine& e) {
+    for (int i = 0; i < 10; ++i) {
+      ASSERT_TRUE(e.AddRequest("r" + std::to_string(i), prompts[i], Greedy(8)).ok());
+    }
+  };
+  auto single = MakeEngine(c);
+  submit(*single);
+  const auto want = RunAll(*single);
+
+  TensorParallelGroup group("worker/model/testdata/llama3_bf16", 2);
+  auto e = Engine::Create(group.weights(), group.comm(), c);
+  ASSERT_TRUE(e.ok()) << e.status();
+  // A block is both ranks' halves of the KV heads.
+  EXPECT_EQ((*e)->kv_block_bytes(), single->kv_block_bytes());
+  submit(**e);
+  EXPECT_EQ(RunAll(**e), want);
+  EXPECT_GT((*e)->Stats().num_preemptions, 0);
+}
+
+TEST_F(EngineTiersTest, TensorParallelBlocksMoveThroughHostAndDiskWithEveryRanksShare) {
+  std::mt19937 rng(9);
+  const std::vector<int32_t> a = RandomPrompt(rng, 100), b = RandomPrompt(rng, 100),
+                             c = RandomPrompt(rng, 100);
+  RequestOutput out;
+  std::vector<int32_t> want;
+  {
+    EngineConfig one_thread;
+    one_thread.compute_threads = 1;
+    auto ref = MakeEngine(one_thread);
+    want = Run(*ref, "ref", a, &out);
+  }
+  {
+    TensorParallelGroup group("worker/model/testdata/llama3_bf16", 2);
+    auto e = Engine::Create(group.weights(), group.comm(), TieredConfig(8, 64));
+    ASSERT_TRUE(e.ok()) << e.status();
+    EXPECT_EQ(Run(**e, "a1", a, &out), want);
+    Run(**e, "b", b, &out);
+    Run(**e, "c", c, &out);
+    Run(**e, "b2", b, &out);
+    // a's blocks come back from host and disk into both ranks' caches: any half missing or
+    // misplaced changes the tokens.
+    EXPECT_EQ(Run(**e, "a2", a, &out), want);
+    EXPECT_EQ(out.num_cached_prompt_tokens, 96);
+    EXPECT_GT(Cached(out, Tier::kDisk), 0);
+    EXPECT_EQ((*e)->Stats().tiers.corrupt_blocks, 0);
+  }
+  // A single-rank worker on the same disk file does not take the two-rank blocks for its own.
+  auto restarted = MakeEngine(TieredConfig(8, 64));
+  EXPECT_EQ(restarted->Stats().tiers.disk_recovered, 0);
+  EXPECT_EQ(Run(*restarted, "a3", a, &out), want);
+}
+
+TEST_F(EngineTest, OnlyRankZeroOfAMatchingGroupDrivesAnEngine) {
+  auto group = ShmGroup::Create(2, 64 << 10);
+  ASSERT_TRUE(group.ok());
+  auto rank1 = ShmCollectives::Join(group->control_fd(), group->memory_fd(), 1, 2);
+  ASSERT_TRUE(rank1.ok());
+  auto config = LoadModelConfig("worker/model/testdata/llama3_bf16");
+  ASSERT_TRUE(config.ok());
+  auto shard = LoadModelWeights("worker/model/testdata/llama3_bf16", *config, 1, 2);
+  ASSERT_TRUE(shard.ok());
+  auto e = Engine::Create(shard->get(), rank1->get(), {});
+  EXPECT_EQ(e.status().code(), absl::StatusCode::kFailedPrecondition) << e.status();
+  // Whole weights in a group of two.
+  auto rank0 = ShmCollectives::Join(group->control_fd(), group->memory_fd(), 0, 2);
+  ASSERT_TRUE(rank0.ok());
+  e = Engine::Create(weights_.get(), rank0->get(), {});
+  EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument) << e.status();
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/log.h"
 #include "common/status_macros.h"
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
@@ -36,7 +37,119 @@ void EmbedRow(const Matrix& embed, int32_t token, float* out) {
   }
 }
 
+// The plan rank 0 broadcasts before each step: a header, then the batch's arrays.
+constexpr uint32_t kPlanMagic = 0x504c414e;  // "PLAN"
+enum PlanKind : uint32_t { kPlanStep = 1, kPlanStop = 2 };
+
+struct PlanHeader {
+  uint32_t magic = kPlanMagic;
+  uint32_t kind = kPlanStep;
+  int64_t num_blocks = 0;
+  int64_t block_tokens = 0;
+  int64_t num_seqs = 0;
+  int64_t max_blocks_per_seq = 0;
+  int64_t num_tokens = 0;
+  int64_t num_table_entries = 0;
+  int64_t num_logit_tokens = 0;
+};
+
+template <typename T>
+void Append(std::string* out, absl::Span<const T> v) {
+  out->append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+void EncodePlan(const ForwardBatch& b, const KvCacheLayers& cache, std::string* out) {
+  PlanHeader h;
+  h.num_blocks = cache.num_blocks;
+  h.block_tokens = cache.block_tokens;
+  h.num_seqs = b.num_seqs;
+  h.max_blocks_per_seq = b.max_blocks_per_seq;
+  h.num_tokens = static_cast<int64_t>(b.tokens.size());
+  h.num_table_entries = static_cast<int64_t>(b.block_tables.size());
+  h.num_logit_tokens = static_cast<int64_t>(b.logit_tokens.size());
+  out->assign(reinterpret_cast<const char*>(&h), sizeof(h));
+  Append(out, b.tokens);
+  Append(out, b.positions);
+  Append(out, b.token_seq);
+  Append(out, b.slots);
+  Append(out, b.block_tables);
+  Append(out, b.logit_tokens);
+}
+
+// A decoded plan: the header and the arrays the batch's spans point into.
+struct Plan {
+  PlanHeader header;
+  std::vector<int32_t> tokens, positions, token_seq, block_tables, logit_tokens;
+  std::vector<int64_t> slots;
+  ForwardBatch batch;
+};
+
+absl::Status DecodePlan(const std::string& in, Plan* plan) {
+  const auto bad = [] { return absl::InternalError("tensor parallelism: malformed step plan"); };
+  if (in.size() < sizeof(PlanHeader)) return bad();
+  PlanHeader& h = plan->header;
+  std::memcpy(&h, in.data(), sizeof(h));
+  if (h.magic != kPlanMagic || (h.kind != kPlanStep && h.kind != kPlanStop)) return bad();
+  if (h.kind == kPlanStop) return absl::OkStatus();
+  const int64_t limit = static_cast<int64_t>(in.size());
+  if (h.num_tokens < 0 || h.num_table_entries < 0 || h.num_logit_tokens < 0 ||
+      h.num_tokens > limit || h.num_table_entries > limit || h.num_logit_tokens > limit) {
+    return bad();
+  }
+  const size_t want = sizeof(h) + h.num_tokens * (3 * sizeof(int32_t) + sizeof(int64_t)) +
+                      (h.num_table_entries + h.num_logit_tokens) * sizeof(int32_t);
+  if (in.size() != want) return bad();
+  size_t at = sizeof(h);
+  const auto take = [&](auto* v, int64_t count) {
+    v->resize(count);
+    std::memcpy(v->data(), in.data() + at, count * sizeof((*v)[0]));
+    at += count * sizeof((*v)[0]);
+  };
+  take(&plan->tokens, h.num_tokens);
+  take(&plan->positions, h.num_tokens);
+  take(&plan->token_seq, h.num_tokens);
+  take(&plan->slots, h.num_tokens);
+  take(&plan->block_tables, h.num_table_entries);
+  take(&plan->logit_tokens, h.num_logit_tokens);
+  ForwardBatch& b = plan->batch;
+  b.tokens = plan->tokens;
+  b.positions = plan->positions;
+  b.token_seq = plan->token_seq;
+  b.slots = plan->slots;
+  b.block_tables = plan->block_tables;
+  b.num_seqs = h.num_seqs;
+  b.max_blocks_per_seq = h.max_blocks_per_seq;
+  b.logit_tokens = plan->logit_tokens;
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+KvCacheLayers KvCacheLayersIn(const ModelWeights& w, float* memory, int64_t num_blocks,
+                              int64_t block_tokens) {
+  const int64_t per_layer = num_blocks * block_tokens * w.num_kv_heads * w.config.head_dim;
+  KvCacheLayers layers;
+  layers.num_blocks = num_blocks;
+  layers.block_tokens = block_tokens;
+  for (int64_t l = 0; l < w.config.num_layers; ++l) {
+    layers.k.push_back(memory + (2 * l) * per_layer);
+    layers.v.push_back(memory + (2 * l + 1) * per_layer);
+  }
+  return layers;
+}
+
+absl::StatusOr<std::vector<KvCacheLayers>> GroupKvCaches(const ModelWeights& w, Collectives* comm,
+                                                         int64_t num_blocks, int64_t block_tokens) {
+  const int64_t per_rank = KvCacheStorage::BlockBytes(w, block_tokens) * num_blocks;
+  ASSIGN_OR_RETURN(void* memory, comm->SharedMemory(per_rank * comm->world_size()));
+  std::vector<KvCacheLayers> caches;
+  for (int r = 0; r < comm->world_size(); ++r) {
+    caches.push_back(
+        KvCacheLayersIn(w, reinterpret_cast<float*>(static_cast<char*>(memory) + r * per_rank),
+                        num_blocks, block_tokens));
+  }
+  return caches;
+}
 
 int64_t KvCacheStorage::BlockBytes(const ModelWeights& w, int64_t block_tokens) {
   return 2 * w.config.num_layers * block_tokens * w.num_kv_heads * w.config.head_dim *
@@ -44,14 +157,9 @@ int64_t KvCacheStorage::BlockBytes(const ModelWeights& w, int64_t block_tokens) 
 }
 
 KvCacheStorage::KvCacheStorage(const ModelWeights& w, int64_t num_blocks, int64_t block_tokens) {
-  const int64_t per_layer = num_blocks * block_tokens * w.num_kv_heads * w.config.head_dim;
-  storage_.assign(static_cast<size_t>(2 * w.config.num_layers * per_layer), 0.0f);
-  layers_.num_blocks = num_blocks;
-  layers_.block_tokens = block_tokens;
-  for (int64_t l = 0; l < w.config.num_layers; ++l) {
-    layers_.k.push_back(storage_.data() + (2 * l) * per_layer);
-    layers_.v.push_back(storage_.data() + (2 * l + 1) * per_layer);
-  }
+  storage_.assign(static_cast<size_t>(BlockBytes(w, block_tokens) / sizeof(float) * num_blocks),
+                  0.0f);
+  layers_ = KvCacheLayersIn(w, storage_.data(), num_blocks, block_tokens);
 }
 
 void SetCpuComputeThreads(int n) { SetMatMulCpuThreads(n); }
@@ -64,6 +172,62 @@ ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm, int num
   const ModelConfig& c = w_->config;
   inv_freq_.resize(c.head_dim / 2);
   ComputeRopeInvFreq(c.head_dim, c.rope_theta, c.rope_scaling, inv_freq_.data());
+}
+
+ModelRunner::~ModelRunner() {
+  if (absl::Status s = StopFollowers(); !s.ok()) {
+    LOG(WARNING) << "stopping the other tensor-parallel ranks: " << s;
+  }
+}
+
+absl::Status ModelRunner::StopFollowers() {
+  if (comm_->world_size() == 1 || comm_->rank() != 0 || followers_stopped_) {
+    return absl::OkStatus();
+  }
+  followers_stopped_ = true;
+  PlanHeader h;
+  h.kind = kPlanStop;
+  plan_.assign(reinterpret_cast<const char*>(&h), sizeof(h));
+  return comm_->Broadcast(&plan_);
+}
+
+absl::Status ModelRunner::ServeFollower() {
+  if (comm_->rank() == 0) {
+    return absl::FailedPreconditionError("ServeFollower: rank 0 leads, it does not follow");
+  }
+  const ModelConfig& c = w_->config;
+  Plan plan;
+  std::vector<KvCacheLayers> caches;
+  std::vector<float> logits;
+  std::string message;
+  while (true) {
+    absl::Status s = comm_->Broadcast(&message);
+    if (s.ok()) s = DecodePlan(message, &plan);
+    if (s.ok() && plan.header.kind == kPlanStop) return absl::OkStatus();
+    if (s.ok() && caches.empty()) {
+      absl::StatusOr<std::vector<KvCacheLayers>> mapped =
+          GroupKvCaches(*w_, comm_, plan.header.num_blocks, plan.header.block_tokens);
+      if (mapped.ok()) {
+        caches = *std::move(mapped);
+      } else {
+        s = mapped.status();
+      }
+    }
+    const KvCacheLayers* cache = caches.empty() ? nullptr : &caches[comm_->rank()];
+    if (s.ok() && (cache->num_blocks != plan.header.num_blocks ||
+                   cache->block_tokens != plan.header.block_tokens)) {
+      s = absl::InternalError("tensor parallelism: the step plan changed the cache's geometry");
+    }
+    if (s.ok()) s = ValidateForwardBatch(plan.batch, c.vocab_size);
+    if (s.ok()) {
+      logits.resize(plan.batch.logit_tokens.size() * c.vocab_size);
+      s = ForwardLocal(plan.batch, *cache, absl::MakeSpan(logits));
+    }
+    if (!s.ok()) {
+      comm_->Abort(absl::StrCat("step failed: ", s.message()));
+      return s;
+    }
+  }
 }
 
 absl::Status ModelRunner::MatMul(const Matrix& m, const float* x, int64_t rows, float* y,
@@ -150,6 +314,10 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
                                   absl::Span<float> logits) {
   const ModelConfig& c = w_->config;
   const int64_t n = static_cast<int64_t>(b.tokens.size());
+  if (comm_->rank() != 0) {
+    return absl::FailedPreconditionError(
+        "forward: a tensor-parallel rank other than 0 runs rank 0's steps (ServeFollower)");
+  }
   RETURN_IF_ERROR(ValidateForwardBatch(b, c.vocab_size));
   if (static_cast<int64_t>(logits.size()) !=
       static_cast<int64_t>(b.logit_tokens.size()) * c.vocab_size) {
@@ -159,7 +327,21 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
     return absl::InvalidArgumentError("forward: the cache has the wrong number of layers");
   }
   if (n == 0) return absl::OkStatus();
+  if (comm_->world_size() == 1) return ForwardLocal(b, cache, logits);
+  if (followers_stopped_) {
+    return absl::FailedPreconditionError("forward: the other tensor-parallel ranks were stopped");
+  }
+  EncodePlan(b, cache, &plan_);
+  RETURN_IF_ERROR(comm_->Broadcast(&plan_));
+  absl::Status s = ForwardLocal(b, cache, logits);
+  if (!s.ok()) comm_->Abort(absl::StrCat("rank 0's step failed: ", s.message()));
+  return s;
+}
 
+absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayers& cache,
+                                       absl::Span<float> logits) {
+  const ModelConfig& c = w_->config;
+  const int64_t n = static_cast<int64_t>(b.tokens.size());
   const int64_t H = c.hidden_size, D = c.head_dim;
   const int64_t qd = w_->num_heads * D, kvd = w_->num_kv_heads * D;
   const int64_t qkv_w = qd + 2 * kvd;

@@ -6,15 +6,26 @@
 // into its cache slot, attends causally over the sequence's cached keys, and returns logits for the
 // tokens the caller asks for (usually the last token of each sequence). Thread contract: one thread
 // calls Forward at a time (the worker's step loop); the runner owns its scratch memory.
+//
+// Tensor parallelism. With a group of several ranks, rank 0's runner is the one the engine drives:
+// each Forward first broadcasts the step's plan (the batch and the cache's geometry) to the other
+// ranks, whose runners sit in ServeFollower running the same step on their shard of the weights and
+// their share of the KV heads. The row-parallel projections (o, down) are summed across ranks and
+// the vocabulary shards of the logits gathered, so every rank ends a step with the same hidden
+// states and rank 0 with the whole logits. Every rank's KV cache lives in the group's shared memory
+// (GroupKvCaches), so rank 0 can move whole blocks, every rank's heads, between tiers. Any failure
+// after a plan went out aborts the group: the ranks would no longer agree on what comes next.
 #ifndef STRATA_WORKER_MODEL_MODEL_RUNNER_H_
 #define STRATA_WORKER_MODEL_MODEL_RUNNER_H_
 
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/thread_pool.h"
 #include "worker/comm/collectives.h"
@@ -30,6 +41,16 @@ struct KvCacheLayers {
   std::vector<float*> k;  // [num_layers]
   std::vector<float*> v;  // [num_layers]
 };
+
+// The KV cache of one rank in `memory`: [num_layers][K, V][num_blocks, block_tokens, num_kv_heads,
+// head_dim] f32, KvCacheStorage::BlockBytes(w, block_tokens) * num_blocks bytes.
+KvCacheLayers KvCacheLayersIn(const ModelWeights& w, float* memory, int64_t num_blocks,
+                              int64_t block_tokens);
+
+// The KV caches of every rank of `comm`'s group in its shared memory, rank r's at r times one
+// rank's bytes (entry r of the result). Rank 0 sizes the memory; the others map it.
+absl::StatusOr<std::vector<KvCacheLayers>> GroupKvCaches(const ModelWeights& w, Collectives* comm,
+                                                         int64_t num_blocks, int64_t block_tokens);
 
 // Owns host memory for a KV cache of `num_blocks` blocks for one rank, zero-filled.
 class KvCacheStorage {
@@ -73,11 +94,22 @@ class ModelRunner {
   // Neither is owned; both must outlive the runner. `num_threads` compute threads split
   // decode-sized projections and attention (0: one per core).
   ModelRunner(const ModelWeights* weights, Collectives* comm, int num_threads = 0);
+  // Rank 0 of a group stops the other ranks (StopFollowers) if it has not yet.
+  ~ModelRunner();
 
   // logits: [logit_tokens.size(), vocab_size] f32, host. INVALID_ARGUMENT for inconsistent batches
-  // (a token id outside the vocabulary, mismatched lengths, a slot outside the cache).
+  // (a token id outside the vocabulary, mismatched lengths, a slot outside the cache). On rank 0 of
+  // a group, `cache` is rank 0's entry of GroupKvCaches; the other ranks must be in ServeFollower.
   absl::Status Forward(const ForwardBatch& batch, const KvCacheLayers& cache,
                        absl::Span<float> logits);
+
+  // The loop of a rank other than 0: runs every step rank 0 broadcasts, on this rank's shard and
+  // its cache in the group's shared memory, until rank 0 stops it (OK) or the group fails (the
+  // error; the group is aborted). Blocks the calling thread.
+  absl::Status ServeFollower();
+  // Rank 0: tells the other ranks' ServeFollower loops to return. Idempotent; a no-op for a single
+  // rank.
+  absl::Status StopFollowers();
 
   const ModelWeights& weights() const { return *w_; }
   // The runner's threads, idle between Forward calls (the engine borrows them for host work).
@@ -96,6 +128,9 @@ class ModelRunner {
                       const std::vector<float>& bias);
   absl::Status MatMulGroup(const float* x, int64_t rows,
                            std::initializer_list<Projection> projections);
+  // The step itself, on this rank, once the batch is validated (and the plan sent).
+  absl::Status ForwardLocal(const ForwardBatch& batch, const KvCacheLayers& cache,
+                            absl::Span<float> logits);
 
   const ModelWeights* w_;
   Collectives* comm_;
@@ -104,6 +139,9 @@ class ModelRunner {
   // Scratch, grown as needed.
   std::vector<float> hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, head_rows_, head_logits_;
   std::vector<char> workspace_;
+  // Rank 0: the plan of the current step, encoded; true once the followers were stopped.
+  std::string plan_;
+  bool followers_stopped_ = false;
 };
 
 }  // namespace strata

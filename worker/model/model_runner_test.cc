@@ -8,11 +8,14 @@
 #include <fstream>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "common/json.h"
 #include "common/mapped_file.h"
 #include "gtest/gtest.h"
+#include "worker/comm/shm_collectives.h"
 #include "worker/model/config.h"
 #include "worker/model/test_util.h"
 #include "worker/model/weights.h"
@@ -121,6 +124,103 @@ TEST_P(ModelRunnerTest, LogitsDoNotDependOnChunkingOrBatching) {
   EXPECT_LT(RelativeError(batched.back(), alone[0]), 1e-5);
   for (size_t i = 0; i < seqs.size(); ++i)
     EXPECT_LT(RelativeError(batched[i], cases[i].logits), 1e-4);
+}
+
+// Tensor parallelism: the same cases through two ranks (threads of this process sharing a group's
+// memory), each with its shard of the weights and its KV heads, rank 0 driving.
+TEST_P(ModelRunnerTest, TwoTensorParallelRanksMatchTheReference) {
+  const std::string dir = GetParam().model;
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  constexpr int kWorld = 2;
+  absl::StatusOr<ShmGroup> group = ShmGroup::Create(kWorld, 64 << 10);
+  ASSERT_TRUE(group.ok()) << group.status();
+  std::vector<std::unique_ptr<ModelWeights>> shards;
+  std::vector<std::unique_ptr<ShmCollectives>> comms;
+  for (int r = 0; r < kWorld; ++r) {
+    auto w = LoadModelWeights(dir, *config, r, kWorld);
+    ASSERT_TRUE(w.ok()) << w.status();
+    EXPECT_EQ((*w)->num_kv_heads * kWorld, config->num_kv_heads);
+    shards.push_back(*std::move(w));
+    auto c = ShmCollectives::Join(group->control_fd(), group->memory_fd(), r, kWorld);
+    ASSERT_TRUE(c.ok()) << c.status();
+    comms.push_back(*std::move(c));
+  }
+  absl::Status follower_status;
+  std::thread follower([&] {
+    ModelRunner runner(shards[1].get(), comms[1].get(), /*num_threads=*/1);
+    follower_status = runner.ServeFollower();
+  });
+  {
+    ModelRunner runner(shards[0].get(), comms[0].get(), /*num_threads=*/1);
+    const std::vector<Case> cases = ReadCases(GetParam().reference);
+    std::vector<std::vector<int32_t>> seqs;
+    for (const Case& c : cases) seqs.push_back(c.ids);
+    constexpr int64_t kBlockTokens = 4;
+    int64_t max_len = 0;
+    for (const auto& q : seqs) max_len = std::max<int64_t>(max_len, q.size());
+    const int64_t max_blocks = (max_len + kBlockTokens - 1) / kBlockTokens;
+    const int64_t num_blocks = max_blocks * static_cast<int64_t>(seqs.size());
+    auto caches = GroupKvCaches(*shards[0], comms[0].get(), num_blocks, kBlockTokens);
+    ASSERT_TRUE(caches.ok()) << caches.status();
+    // Poison every rank's cache: a slot no rank wrote turns the logits to NaN.
+    const int64_t per_rank = KvCacheStorage::BlockBytes(*shards[0], kBlockTokens) * num_blocks;
+    std::fill_n((*caches)[0].k[0], per_rank * kWorld / sizeof(float), std::nanf(""));
+    const int64_t V = config->vocab_size;
+    const auto got = FeedInChunks(
+        [&](const ForwardBatch& batch, std::vector<float>* logits) {
+          logits->assign(batch.logit_tokens.size() * V, 0.0f);
+          return runner.Forward(batch, (*caches)[0], absl::MakeSpan(*logits));
+        },
+        V, seqs, /*chunk=*/5, kBlockTokens, max_blocks);
+    ASSERT_EQ(got.size(), cases.size());
+    for (size_t i = 0; i < cases.size(); ++i) {
+      EXPECT_LT(RelativeError(got[i], cases[i].logits), 1e-4) << "case " << i;
+    }
+    EXPECT_TRUE(runner.StopFollowers().ok());
+  }
+  follower.join();
+  EXPECT_TRUE(follower_status.ok()) << follower_status;
+}
+
+// A follower whose step fails aborts the group: rank 0's step returns UNAVAILABLE naming the cause
+// instead of waiting forever, and so does every later one.
+TEST(ModelRunnerTensorParallelTest, AFailedFollowerStepAbortsTheGroup) {
+  const std::string dir = std::string(kTestdata) + "llama3_bf16";
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  absl::StatusOr<ShmGroup> group = ShmGroup::Create(2, 64 << 10);
+  ASSERT_TRUE(group.ok());
+  auto w0 = LoadModelWeights(dir, *config, 0, 2);
+  auto w1 = LoadModelWeights(dir, *config, 1, 2);
+  ASSERT_TRUE(w0.ok() && w1.ok());
+  auto c0 = ShmCollectives::Join(group->control_fd(), group->memory_fd(), 0, 2);
+  auto c1 = ShmCollectives::Join(group->control_fd(), group->memory_fd(), 1, 2);
+  ASSERT_TRUE(c0.ok() && c1.ok());
+  ModelRunner runner(w0->get(), c0->get(), 1);
+  // The group's memory is already mapped at 1 MiB on both ranks.
+  ASSERT_TRUE((*c0)->SharedMemory(1 << 20).ok());
+  ASSERT_TRUE((*c1)->SharedMemory(1 << 20).ok());
+  absl::Status follower_status;
+  std::thread follower([&] {
+    ModelRunner r1(w1->get(), c1->get(), 1);
+    follower_status = r1.ServeFollower();
+  });
+  // A plan for a cache of 8 blocks: the follower's cache of 8 blocks would need another size of
+  // group memory than the one it mapped, so its step fails.
+  KvCacheStorage own(**w0, 8, 4);
+  const std::vector<int32_t> tokens = {1, 2, 3}, positions = {0, 1, 2}, seq = {0, 0, 0},
+                             table = {0}, logit_tokens = {2};
+  const std::vector<int64_t> slots = {0, 1, 2};
+  ForwardBatch b{tokens, positions, seq, slots, table, 1, 1, logit_tokens};
+  std::vector<float> logits(config->vocab_size);
+  absl::Status s = runner.Forward(b, own.layers(), absl::MakeSpan(logits));
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "rank 1: step failed: SharedMemory")) << s;
+  follower.join();
+  EXPECT_FALSE(follower_status.ok());
+  EXPECT_EQ(runner.Forward(b, own.layers(), absl::MakeSpan(logits)).code(),
+            absl::StatusCode::kUnavailable);
 }
 
 Variant Testdata(const std::string& name) {

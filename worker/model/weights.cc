@@ -104,7 +104,9 @@ class Loader {
   const ModelConfig& c_;
 };
 
-absl::Status CheckSplit(const ModelConfig& c, int world) {
+}  // namespace
+
+absl::Status CheckTensorParallelSplit(const ModelConfig& c, int world) {
   auto bad = [&](absl::string_view field, int64_t value) {
     return absl::InvalidArgumentError(
         absl::StrCat("config.json: ", field, " (", value,
@@ -116,15 +118,13 @@ absl::Status CheckSplit(const ModelConfig& c, int world) {
   return absl::OkStatus();
 }
 
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string& dir,
                                                                const ModelConfig& c, int rank,
                                                                int world) {
   if (world < 1 || rank < 0 || rank >= world) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " of ", world));
   }
-  RETURN_IF_ERROR(CheckSplit(c, world));
+  RETURN_IF_ERROR(CheckTensorParallelSplit(c, world));
   ASSIGN_OR_RETURN(SafetensorsModel files, SafetensorsModel::Open(dir));
   auto w = std::make_unique<ModelWeights>();
   w->files = std::make_shared<const SafetensorsModel>(std::move(files));

@@ -56,6 +56,10 @@ struct ModelWeights {
   std::shared_ptr<const SafetensorsModel> files;
 };
 
+// OK when `world_size` ranks can split the model: INVALID_ARGUMENT naming the config field (heads,
+// KV heads, intermediate size) that is not divisible by it.
+absl::Status CheckTensorParallelSplit(const ModelConfig& config, int world_size);
+
 // Loads rank `rank` of `world_size` from `dir` (config.json + safetensors). INVALID_ARGUMENT naming
 // the tensor and file for a missing tensor, a wrong shape or an unsupported dtype, or naming the
 // config field when the model cannot be split world_size ways.

@@ -1,17 +1,28 @@
-// strata-worker: serves one model over the strata.v1.Worker API (CPU engine).
+// strata-worker: serves one model over the strata.v1.Worker API (CPU or GPU engine).
+//
+// With --tensor_parallel N it is rank 0 of a group: it starts ranks 1 .. N-1 as processes of its
+// own binary (FollowerRanks), which share the model's heads and the KV cache's memory with it. A
+// rank that dies takes the group down: rank 0 fails the step in flight and exits non-zero.
 //
 // On SIGINT or SIGTERM it drains: it stops admitting sequences (health turns NOT_SERVING and
 // Submit answers FAILED_PRECONDITION, so coordinators route elsewhere), lets admitted sequences
 // finish for up to --drain_timeout_s, then shuts down; a second signal shuts down at once.
+#include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/grpc_server.h"
@@ -21,10 +32,12 @@
 #include "common/version.h"
 #include "kernels/dtype.h"
 #include "worker/comm/collectives.h"
+#include "worker/comm/shm_collectives.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
+#include "worker/server/follower_ranks.h"
 #include "worker/server/worker_service.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory (config.json, *.safetensors). Required.");
@@ -40,7 +53,8 @@ ABSL_FLAG(std::string, port_file, "",
           "Once serving, write the bound port to this file (for scripts that start on port 0).");
 ABSL_FLAG(std::string, worker_id, "",
           "Stable worker name reported to coordinators; default: hostname:port.");
-ABSL_FLAG(int64_t, kv_cache_mb, 256, "KV cache size in MiB.");
+ABSL_FLAG(int64_t, kv_cache_mb, 256,
+          "KV cache size in MiB (per tensor-parallel rank: each holds its share of the heads).");
 ABSL_FLAG(int64_t, block_tokens, 16, "Tokens per KV block.");
 ABSL_FLAG(int64_t, host_cache_mb, 0,
           "Host-RAM KV tier in MiB (pinned): blocks evicted from the KV cache go here; 0: none.");
@@ -82,6 +96,14 @@ ABSL_FLAG(bool, gpu_prefill_mma_attention, false,
           "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores. "
           "Experimental: not yet measured on a GPU.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
+ABSL_FLAG(int, tensor_parallel, 1,
+          "Ranks the model is split across (attention heads, MLP columns and vocabulary): this "
+          "process is rank 0 and starts the others itself, one process each. CPU only for now; "
+          "--threads is per rank (0: the cores shared out evenly).");
+// Set by rank 0 on the ranks it starts; not for operators.
+ABSL_FLAG(int, tp_rank, 0, "Internal: this process's tensor-parallel rank.");
+ABSL_FLAG(int, tp_control_fd, -1, "Internal: the tensor-parallel group's control descriptor.");
+ABSL_FLAG(int, tp_memory_fd, -1, "Internal: the tensor-parallel group's memory descriptor.");
 
 namespace strata {
 namespace {
@@ -92,17 +114,119 @@ std::string BaseName(std::string path) {
   return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
-int Main() {
+// Compute threads of each rank: --threads, or the cores shared out among the ranks.
+int ThreadsPerRank(int world_size) {
+  const int threads = absl::GetFlag(FLAGS_threads);
+  if (threads > 0) return threads;
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / world_size);
+}
+
+// A rank other than 0: loads its shard and runs the steps rank 0 sends until rank 0 stops it.
+int FollowerMain(const std::string& dir, const ModelConfig& config) {
+  // Rank 0 drains on SIGTERM and then stops this rank; a signal sent to this process itself (in its
+  // own process group, out of a terminal's reach) ends it, which rank 0 sees as a lost rank.
+  UnblockTerminationSignals();
+  const int rank = absl::GetFlag(FLAGS_tp_rank);
+  const int world = absl::GetFlag(FLAGS_tensor_parallel);
+  absl::StatusOr<std::unique_ptr<ShmCollectives>> comm = ShmCollectives::Join(
+      absl::GetFlag(FLAGS_tp_control_fd), absl::GetFlag(FLAGS_tp_memory_fd), rank, world);
+  if (!comm.ok()) {
+    LOG(ERROR) << "tensor-parallel rank " << rank << ": " << comm.status();
+    return 1;
+  }
+  close(absl::GetFlag(FLAGS_tp_control_fd));  // Join keeps its own copy of what it needs
+  close(absl::GetFlag(FLAGS_tp_memory_fd));
+  absl::StatusOr<std::unique_ptr<ModelWeights>> weights =
+      LoadModelWeights(dir, config, rank, world);
+  if (!weights.ok()) {
+    // Rank 0 may be waiting for this rank's first step: tell it why this rank is gone.
+    (*comm)->Abort(absl::StrCat("cannot load its shard: ", weights.status().message()));
+    LOG(ERROR) << "tensor-parallel rank " << rank << ": " << weights.status();
+    return 1;
+  }
+  ModelRunner runner(weights->get(), comm->get(), ThreadsPerRank(world));
+  LOG(INFO) << "tensor-parallel rank " << rank << " of " << world << " (pid " << getpid()
+            << ") serving its shard of " << dir;
+  if (absl::Status s = runner.ServeFollower(); !s.ok()) {
+    LOG(ERROR) << "tensor-parallel rank " << rank << ": " << s;
+    return 1;
+  }
+  return 0;
+}
+
+int Main(const std::vector<std::string>& args) {
   const std::string dir = absl::GetFlag(FLAGS_model);
   if (dir.empty()) {
     std::fprintf(stderr, "--model is required (a model directory)\n");
     return 2;
   }
-  SetCpuComputeThreads(absl::GetFlag(FLAGS_threads));
+  const int world = absl::GetFlag(FLAGS_tensor_parallel);
+  if (world < 1 || world > 64) {
+    LOG(ERROR) << "--tensor_parallel must be 1 to 64, not " << world;
+    return 1;
+  }
+  SetCpuComputeThreads(ThreadsPerRank(world));
   absl::StatusOr<ModelConfig> config = LoadModelConfig(dir);
   if (!config.ok()) {
     LOG(ERROR) << config.status();
     return 1;
+  }
+  if (absl::GetFlag(FLAGS_tp_control_fd) >= 0) return FollowerMain(dir, *config);
+
+  // Rank 0 of a group starts the other ranks before anything else starts threads.
+  // (group_failed outlives the followers' watcher thread, which may set it.)
+  std::atomic<bool> group_failed{false};
+  std::unique_ptr<ShmGroup> group;
+  std::unique_ptr<ShmCollectives> group_comm;
+  std::unique_ptr<FollowerRanks> followers;
+  if (world > 1) {
+    if (absl::GetFlag(FLAGS_device) != "cpu") {
+      LOG(ERROR) << "--tensor_parallel " << world
+                 << " needs --device=cpu: tensor parallelism across GPUs (NCCL) is not built yet";
+      return 1;
+    }
+    if (!absl::GetFlag(FLAGS_random_weights).empty()) {
+      LOG(ERROR) << "--random_weights serves one rank; it cannot be combined with "
+                    "--tensor_parallel";
+      return 1;
+    }
+    if (absl::Status s = CheckTensorParallelSplit(*config, world); !s.ok()) {
+      LOG(ERROR) << "--tensor_parallel " << world << ": " << s.message();
+      return 1;
+    }
+    absl::StatusOr<ShmGroup> created = ShmGroup::Create(world);
+    if (!created.ok()) {
+      LOG(ERROR) << created.status();
+      return 1;
+    }
+    group = std::make_unique<ShmGroup>(*std::move(created));
+    absl::StatusOr<std::unique_ptr<ShmCollectives>> comm =
+        ShmCollectives::Join(group->control_fd(), group->memory_fd(), 0, world);
+    if (absl::Status s = group->SetInheritable(true); !s.ok() || !comm.ok()) {
+      LOG(ERROR) << (s.ok() ? comm.status() : s);
+      return 1;
+    }
+    group_comm = *std::move(comm);
+    ShmCollectives* raw_comm = group_comm.get();
+    absl::StatusOr<std::unique_ptr<FollowerRanks>> started =
+        FollowerRanks::Start("/proc/self/exe", args, world, group->control_fd(), group->memory_fd(),
+                             [raw_comm, &group_failed](const std::string& what) {
+                               // The step in flight fails (its sequences go elsewhere), then the
+                               // worker shuts down.
+                               raw_comm->Abort(what);
+                               group_failed = true;
+                               kill(getpid(), SIGTERM);
+                             });
+    if (!started.ok()) {
+      LOG(ERROR) << started.status();
+      return 1;
+    }
+    followers = *std::move(started);
+    // Nothing else this process starts may inherit the group.
+    if (absl::Status s = group->SetInheritable(false); !s.ok()) {
+      LOG(ERROR) << s;
+      return 1;
+    }
   }
   absl::StatusOr<std::unique_ptr<ModelWeights>> weights;
   if (const std::string dtype_name = absl::GetFlag(FLAGS_random_weights); !dtype_name.empty()) {
@@ -122,7 +246,7 @@ int Main() {
     LOG(WARNING) << "serving RANDOM " << dtype_name << " weights shaped by " << dir
                  << "/config.json: output is noise, timing is real";
   } else {
-    weights = LoadModelWeights(dir, *config, 0, 1);
+    weights = LoadModelWeights(dir, *config, 0, world);
   }
   if (!weights.ok()) {
     LOG(ERROR) << weights.status();
@@ -131,14 +255,15 @@ int Main() {
   std::string model_name = absl::GetFlag(FLAGS_model_name);
   if (model_name.empty()) model_name = BaseName(dir);
 
-  SingleRankCollectives comm;
+  SingleRankCollectives single_rank;
+  Collectives* comm = world > 1 ? static_cast<Collectives*>(group_comm.get()) : &single_rank;
   EngineConfig ec;
   ec.model_name = model_name;
   ec.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
   ec.block_tokens = absl::GetFlag(FLAGS_block_tokens);
   ec.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   ec.max_running_sequences = absl::GetFlag(FLAGS_max_running_sequences);
-  ec.compute_threads = absl::GetFlag(FLAGS_threads);
+  ec.compute_threads = ThreadsPerRank(world);
   ec.tiers.host_bytes = absl::GetFlag(FLAGS_host_cache_mb) << 20;
   ec.tiers.disk_bytes = absl::GetFlag(FLAGS_disk_cache_mb) << 20;
   ec.tiers.disk_path = absl::GetFlag(FLAGS_disk_cache_path);
@@ -167,7 +292,7 @@ int Main() {
     LOG(ERROR) << "--disk_cache_mb needs --disk_cache_path";
     return 1;
   }
-  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(weights->get(), &comm, ec);
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(weights->get(), comm, ec);
   if (!engine.ok()) {
     LOG(ERROR) << engine.status();
     return 1;
@@ -179,6 +304,7 @@ int Main() {
   WorkerServiceOptions wo;
   wo.model_name = model_name;
   wo.max_live_sequences = absl::GetFlag(FLAGS_max_live_sequences);
+  wo.tensor_parallel_size = world;
   absl::StatusOr<std::unique_ptr<WorkerService>> service =
       WorkerService::Create(*std::move(engine), wo);
   if (!service.ok()) {
@@ -220,30 +346,59 @@ int Main() {
               << KvCompressionName(ec.tiers.compression);
   }
 
+  if (world > 1) {
+    LOG(INFO) << "tensor parallelism: " << world << " ranks (this process and pids "
+              << absl::StrJoin(followers->pids(), ", ") << "), " << ec.compute_threads
+              << " compute threads each";
+  }
+
   const int sig = WaitForTerminationSignal();
-  LOG(INFO) << "signal " << sig << ": draining (" << (*service)->num_live_sequences()
-            << " sequences in flight); a second signal stops at once";
+  if (group_failed) {
+    LOG(ERROR) << "the tensor-parallel group lost a rank (" << group_comm->AbortReason()
+               << "): shutting down";
+  } else {
+    LOG(INFO) << "signal " << sig << ": draining (" << (*service)->num_live_sequences()
+              << " sequences in flight); a second signal stops at once";
+  }
   (*service)->SetDraining(true);
   const absl::Time give_up = absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));
-  while ((*service)->num_live_sequences() > 0 && absl::Now() < give_up) {
+  while (!group_failed && (*service)->num_live_sequences() > 0 && absl::Now() < give_up) {
     if (WaitForTerminationSignal(absl::Milliseconds(50)) != 0) {
       LOG(WARNING) << "second signal: stopping now";
       break;
     }
   }
+  // A rank that hangs (or is still loading its shard) must not hold the shutdown up for ever: after
+  // a grace period the group is aborted, which ends every wait on it.
+  absl::Notification stopped;
+  std::thread watchdog;
+  if (group_comm != nullptr) {
+    watchdog = std::thread([&stopped, comm = group_comm.get()] {
+      if (!stopped.WaitForNotificationWithTimeout(absl::Seconds(15))) {
+        comm->Abort("shutdown: a rank did not stop within 15 s");
+      }
+    });
+  }
   (*service)->Stop();
   (*server)->Shutdown(absl::Seconds(1));
+  // The engine goes with the service; rank 0's runner tells the other ranks to stop.
+  service->reset();
+  if (followers != nullptr && !followers->Stop(absl::Seconds(10))) group_failed = true;
+  stopped.Notify();
+  if (watchdog.joinable()) watchdog.join();
   LOG(INFO) << "strata-worker stopped";
-  return 0;
+  return group_failed ? 1 : 0;
 }
 
 }  // namespace
 }  // namespace strata
 
 int main(int argc, char** argv) {
+  // Rank 0 starts the other ranks of a tensor-parallel group with its own flags.
+  const std::vector<std::string> args(argv, argv + argc);
   strata::BlockTerminationSignals();
   strata::InitProgram(argc, argv,
                       "strata-worker --model DIR [--listen HOST:PORT] [--model_name NAME]: serves "
                       "a model to Strata coordinators over gRPC.");
-  return strata::Main();
+  return strata::Main(args);
 }
