@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "common/copy.h"
 #include "common/status_macros.h"
 
 #ifdef STRATA_HAVE_CUDA
@@ -128,9 +129,9 @@ absl::Status DeviceTier::Copy(int64_t slot, bool gather, uint8_t* packed) {
       uint8_t* cache = static_cast<uint8_t*>(config_.segments[s]) + slot * bytes;
       uint8_t* pack = packed + s * bytes;
       if (gather) {
-        std::memcpy(pack, cache, static_cast<size_t>(bytes));
+        CopyBytes(pack, cache, static_cast<size_t>(bytes));
       } else {
-        std::memcpy(cache, pack, static_cast<size_t>(bytes));
+        CopyBytes(cache, pack, static_cast<size_t>(bytes));
       }
     }
     return absl::OkStatus();

@@ -11,6 +11,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "common/copy.h"
 #include "common/log.h"
 #include "memtier/host_tier.h"
 #include "memtier/slot_format.h"
@@ -298,7 +299,7 @@ bool DiskTier::Prepare(Op* op) {
     h.generation = op->generation;
     CHECK_OK(SealSlot(h, n, io));
   } else if (op->kind == Op::Kind::kWriteImage && op->staging >= 0) {
-    std::memcpy(op->io_addr, op->src, slot_bytes_);
+    CopyBytes(op->io_addr, op->src, slot_bytes_);
   }
   return true;
 }
@@ -325,7 +326,7 @@ void DiskTier::Complete(Op* op, int32_t result) {
       config_.codec.Decode(io.subspan(kSlotHeaderBytes, config_.codec.encoded_bytes()),
                            absl::MakeSpan(op->dst, static_cast<size_t>(payload_bytes())));
     } else if (op->staging >= 0) {
-      std::memcpy(op->dst, op->io_addr, slot_bytes_);
+      CopyBytes(op->dst, op->io_addr, slot_bytes_);
     }
   }
   ReleaseStaging(op);

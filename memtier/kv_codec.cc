@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/copy.h"
 #include "common/hash.h"
 #include "common/log.h"
 #include "kernels/dtype.h"
@@ -142,7 +143,7 @@ void KvCodec::Encode(absl::Span<const uint8_t> raw, absl::Span<uint8_t> out) con
   CHECK_EQ(static_cast<int64_t>(raw.size()), raw_bytes());
   CHECK_EQ(static_cast<int64_t>(out.size()), encoded_bytes());
   if (compression_ == KvCompression::kNone) {
-    std::memcpy(out.data(), raw.data(), raw.size());
+    CopyBytes(out.data(), raw.data(), raw.size());
     return;
   }
   const bool fp8 = compression_ == KvCompression::kFp8E4M3;
@@ -162,7 +163,7 @@ void KvCodec::Decode(absl::Span<const uint8_t> encoded, absl::Span<uint8_t> raw)
   CHECK_EQ(static_cast<int64_t>(encoded.size()), encoded_bytes());
   CHECK_EQ(static_cast<int64_t>(raw.size()), raw_bytes());
   if (compression_ == KvCompression::kNone) {
-    std::memcpy(raw.data(), encoded.data(), raw.size());
+    CopyBytes(raw.data(), encoded.data(), raw.size());
     return;
   }
   const bool fp8 = compression_ == KvCompression::kFp8E4M3;

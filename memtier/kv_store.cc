@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/copy.h"
 #include "common/log.h"
 
 #ifdef STRATA_HAVE_CUDA
@@ -540,7 +541,7 @@ bool KvStore::SpillToDisk(int64_t host_slot) {
   } else {
     return false;
   }
-  std::memcpy(buffer.data(), host_->image(host_slot).data(), buffer.size());
+  CopyBytes(buffer.data(), host_->image(host_slot).data(), buffer.size());
   const absl::Span<uint8_t> image = buffer.span();
   auto holder = std::make_unique<AlignedBuffer>(std::move(buffer));
   ++spill_buffers_out_;
