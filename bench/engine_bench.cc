@@ -3,12 +3,15 @@
 //
 //   bazel run -c opt //bench:engine_bench -- [--models=bundled,llama-100m] [--dtypes=f32,bf16]
 //       [--batches=1,8,32] [--prompt_tokens=128] [--decode_steps=32] [--reps=3] [--threads=0]
-//       [--json_out=FILE]
+//       [--json_out=FILE] [--tensor_parallel=1]
 //
 // For each model, weight dtype and batch size: B sequences of prompt_tokens random tokens are
 // prefilled in one step (prefill tokens/s), then decoded for decode_steps steps (decode tokens/s).
 // Each figure is the median over reps. The roofline for batch-1 decode is bandwidth / bytes of
 // weights read per token.
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -25,6 +28,7 @@
 #include "common/init.h"
 #include "common/log.h"
 #include "worker/comm/collectives.h"
+#include "worker/comm/shm_collectives.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 #include "worker/model/model_runner.h"
@@ -40,6 +44,10 @@ ABSL_FLAG(int, decode_steps, 32, "Decode steps measured.");
 ABSL_FLAG(int, reps, 3, "Repetitions; the median is reported.");
 ABSL_FLAG(int, threads, 0, "Compute threads (0: all cores).");
 ABSL_FLAG(std::string, json_out, "", "Also write the results as JSON lines here.");
+ABSL_FLAG(int, tensor_parallel, 1,
+          "Ranks the model is split across: rank 0 here, the others forked processes over a "
+          "shared-memory group, as strata-worker --tensor_parallel runs them; --threads is shared "
+          "out among them.");
 
 namespace strata {
 namespace {
@@ -117,8 +125,53 @@ struct Result {
   double prefill_tps, decode_tps;
 };
 
-Result RunOne(const std::string& name, const ModelWeights& w, const std::string& dtype, int batch) {
-  SingleRankCollectives comm;
+// Ranks 1 .. N-1 of a group for one engine's lifetime: forked processes serving their shards.
+class Followers {
+ public:
+  Followers(const std::vector<std::unique_ptr<ModelWeights>>& shards, int threads_per_rank) {
+    const int world = static_cast<int>(shards.size());
+    if (world == 1) return;
+    auto group = ShmGroup::Create(world);
+    CHECK_OK(group.status());
+    group_ = std::make_unique<ShmGroup>(*std::move(group));
+    for (int r = 1; r < world; ++r) {
+      const pid_t pid = fork();
+      CHECK(pid >= 0);
+      if (pid == 0) {
+        auto comm = ShmCollectives::Join(group_->control_fd(), group_->memory_fd(), r, world);
+        if (!comm.ok()) _exit(2);
+        ModelRunner runner(shards[r].get(), comm->get(), threads_per_rank);
+        _exit(runner.ServeFollower().ok() ? 0 : 1);
+      }
+      pids_.push_back(pid);
+    }
+    auto comm = ShmCollectives::Join(group_->control_fd(), group_->memory_fd(), 0, world);
+    CHECK_OK(comm.status());
+    comm_ = *std::move(comm);
+  }
+  // After rank 0's engine is gone (which stops the others).
+  ~Followers() {
+    for (pid_t pid : pids_) {
+      int status = 0;
+      waitpid(pid, &status, 0);
+      CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "a rank failed: " << status;
+    }
+  }
+  Collectives* comm() {
+    if (comm_ != nullptr) return comm_.get();
+    return &single_;
+  }
+
+ private:
+  std::unique_ptr<ShmGroup> group_;
+  std::unique_ptr<ShmCollectives> comm_;
+  SingleRankCollectives single_;
+  std::vector<pid_t> pids_;
+};
+
+Result RunOne(const std::string& name, const std::vector<std::unique_ptr<ModelWeights>>& shards,
+              const std::string& dtype, int batch, int threads_per_rank) {
+  const ModelWeights& w = *shards[0];
   const int prompt = absl::GetFlag(FLAGS_prompt_tokens);
   const int steps = absl::GetFlag(FLAGS_decode_steps);
   EngineConfig ec;
@@ -126,10 +179,12 @@ Result RunOne(const std::string& name, const ModelWeights& w, const std::string&
   ec.max_running_sequences = batch;
   ec.enable_prefix_caching = false;
   ec.num_kv_blocks = batch * ((prompt + steps + 32) / 16 + 1);
+  ec.compute_threads = threads_per_rank;
   std::vector<double> prefill, decode;
   std::mt19937 rng(1);
   for (int rep = 0; rep < absl::GetFlag(FLAGS_reps); ++rep) {
-    auto engine = Engine::Create(&w, &comm, ec);
+    Followers followers(shards, threads_per_rank);
+    auto engine = Engine::Create(&w, followers.comm(), ec);
     CHECK_OK(engine.status());
     for (int b = 0; b < batch; ++b) {
       std::vector<int32_t> ids(prompt);
@@ -161,9 +216,12 @@ int main(int argc, char** argv) {
   const int threads = absl::GetFlag(FLAGS_threads) > 0
                           ? absl::GetFlag(FLAGS_threads)
                           : static_cast<int>(std::thread::hardware_concurrency());
-  SetCpuComputeThreads(threads);
+  const int world = absl::GetFlag(FLAGS_tensor_parallel);
+  const int threads_per_rank = std::max(1, threads / world);
+  SetCpuComputeThreads(threads_per_rank);
   const double bw = MeasureBandwidth(threads);
-  std::printf("memory read bandwidth (%d threads): %.2f GB/s\n\n", threads, bw / 1e9);
+  std::printf("memory read bandwidth (%d threads): %.2f GB/s; %d rank(s), %d threads each\n\n",
+              threads, bw / 1e9, world, threads_per_rank);
   std::vector<int> batches;
   for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_batches), ','))
     batches.push_back(std::stoi(std::string(b)));
@@ -173,26 +231,38 @@ int main(int argc, char** argv) {
   std::printf("%-12s %-5s %6s %14s %14s %16s %10s\n", "model", "dtype", "batch", "prefill tok/s",
               "decode tok/s", "b1 roofline tok/s", "of roofline");
   for (absl::string_view model : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
-    std::vector<std::pair<std::string, std::unique_ptr<ModelWeights>>> variants;
+    // Each variant: a dtype and every rank's shard.
+    std::vector<std::pair<std::string, std::vector<std::unique_ptr<ModelWeights>>>> variants;
     if (model == "bundled") {
       auto config = LoadModelConfig(absl::GetFlag(FLAGS_bundled_dir));
       CHECK_OK(config.status());
-      auto w = LoadModelWeights(absl::GetFlag(FLAGS_bundled_dir), *config, 0, 1);
-      CHECK_OK(w.status());
+      std::vector<std::unique_ptr<ModelWeights>> shards;
+      for (int r = 0; r < world; ++r) {
+        auto w = LoadModelWeights(absl::GetFlag(FLAGS_bundled_dir), *config, r, world);
+        CHECK_OK(w.status());
+        shards.push_back(*std::move(w));
+      }
       variants.emplace_back(config->torch_dtype.empty() ? "file" : config->torch_dtype,
-                            std::move(*w));
+                            std::move(shards));
     } else if (model == "llama-100m") {
+      CHECK_OK(CheckTensorParallelSplit(Llama100m(), world));
       for (absl::string_view d : absl::StrSplit(absl::GetFlag(FLAGS_dtypes), ',')) {
         const DType dt = d == "bf16" ? DType::kBF16 : d == "f16" ? DType::kF16 : DType::kF32;
-        variants.emplace_back(std::string(d), RandomModelWeights(Llama100m(), dt, 7));
+        std::vector<std::unique_ptr<ModelWeights>> shards;
+        for (int r = 0; r < world; ++r)
+          shards.push_back(RandomModelWeights(Llama100m(), dt, 7, r, world));
+        variants.emplace_back(std::string(d), std::move(shards));
       }
     } else {
       LOG(FATAL) << "unknown model " << model;
     }
-    for (auto& [dtype, w] : variants) {
-      const double roofline = bw / WeightBytes(*w);
+    for (auto& [dtype, shards] : variants) {
+      double weight_bytes = 0;
+      for (const auto& shard : shards) weight_bytes += WeightBytes(*shard);
+      const double roofline = bw / weight_bytes;
+      const std::unique_ptr<ModelWeights>& w = shards[0];
       for (int b : batches) {
-        const Result r = RunOne(std::string(model), *w, dtype, b);
+        const Result r = RunOne(std::string(model), shards, dtype, b, threads_per_rank);
         std::printf(
             "%-12s %-5s %6d %14.1f %14.1f %16.1f %10s\n", r.model.c_str(), r.dtype.c_str(), r.batch,
             r.prefill_tps, r.decode_tps, roofline,
@@ -203,9 +273,9 @@ int main(int argc, char** argv) {
               json,
               "{\"model\":\"%s\",\"dtype\":\"%s\",\"batch\":%d,\"prefill_tokens_per_s\":%.2f,"
               "\"decode_tokens_per_s\":%.2f,\"batch1_roofline_tokens_per_s\":%.2f,"
-              "\"bandwidth_bytes_per_s\":%.0f,\"params\":%lld}\n",
+              "\"bandwidth_bytes_per_s\":%.0f,\"params\":%lld,\"tensor_parallel\":%d}\n",
               r.model.c_str(), r.dtype.c_str(), r.batch, r.prefill_tps, r.decode_tps, roofline, bw,
-              static_cast<long long>(w->config.NumParameters()));
+              static_cast<long long>(w->config.NumParameters()), world);
         }
       }
     }

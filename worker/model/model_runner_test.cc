@@ -223,6 +223,61 @@ TEST(ModelRunnerTensorParallelTest, AFailedFollowerStepAbortsTheGroup) {
             absl::StatusCode::kUnavailable);
 }
 
+// Random weights drawn for rank r of 2 are rank r's share of the one-rank random model, element for
+// element, so a tensor-parallel benchmark of a model that is not on disk runs the same model.
+TEST(ModelWeightsTest, RandomShardsAreSlicesOfTheWholeRandomModel) {
+  auto config = LoadModelConfig(std::string(kTestdata) + "qwen2_bf16");
+  ASSERT_TRUE(config.ok());
+  const auto whole = RandomModelWeights(*config, DType::kBF16, 5);
+  const int64_t H = config->hidden_size;
+  const auto element = [](const Matrix& m, int64_t r, int64_t c) {
+    uint16_t v;
+    std::memcpy(&v, static_cast<const uint8_t*>(m.data) + 2 * (r * m.cols + c), 2);
+    return v;
+  };
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto part = RandomModelWeights(*config, DType::kBF16, 5, rank, 2);
+    EXPECT_EQ(part->num_kv_heads * 2, config->num_kv_heads);
+    EXPECT_EQ(part->layers[1].q_bias.size(),
+              static_cast<size_t>(part->num_heads * config->head_dim));
+    const LayerWeights& w = whole->layers[1];
+    const LayerWeights& p = part->layers[1];
+    const int64_t q_rows = p.q.rows, inter = p.gate.rows;
+    ASSERT_EQ(q_rows * 2, w.q.rows);
+    for (int64_t r = 0; r < q_rows; ++r) {
+      for (int64_t c = 0; c < H; c += 7) {
+        ASSERT_EQ(element(p.q, r, c), element(w.q, rank * q_rows + r, c)) << r << "," << c;
+      }
+    }
+    for (int64_t r = 0; r < H; r += 5) {
+      for (int64_t c = 0; c < inter; ++c) {
+        ASSERT_EQ(element(p.down, r, c), element(w.down, r, rank * inter + c)) << r << "," << c;
+      }
+      for (int64_t c = 0; c < q_rows; ++c) {
+        ASSERT_EQ(element(p.o, r, c), element(w.o, r, rank * q_rows + c)) << r << "," << c;
+      }
+    }
+    for (int64_t r = 0; r < part->lm_head.rows; r += 3) {
+      ASSERT_EQ(element(part->lm_head, r, 1), element(whole->lm_head, part->vocab_begin + r, 1));
+    }
+    ASSERT_EQ(element(part->embed, 100, 3), element(whole->embed, 100, 3));
+  }
+  // Normal with standard deviation 0.02.
+  const Matrix& g = whole->layers[0].gate;
+  double sum = 0, sum2 = 0;
+  for (int64_t i = 0; i < g.rows * g.cols; ++i) {
+    const double v = Bf16ToFloat(element(g, 0, i));
+    sum += v;
+    sum2 += v * v;
+  }
+  const double n = static_cast<double>(g.rows * g.cols);
+  EXPECT_NEAR(sum / n, 0.0, 0.002);
+  EXPECT_NEAR(std::sqrt(sum2 / n), 0.02, 0.001);
+  // A different seed draws different weights.
+  const auto other = RandomModelWeights(*config, DType::kBF16, 6);
+  EXPECT_NE(std::memcmp(other->layers[0].q.data, whole->layers[0].q.data, 64), 0);
+}
+
 Variant Testdata(const std::string& name) {
   return {std::string(kTestdata) + name, std::string(kTestdata) + name};
 }

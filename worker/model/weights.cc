@@ -1,7 +1,8 @@
 #include "worker/model/weights.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
-#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -194,23 +195,48 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string
   return w;
 }
 
-std::unique_ptr<ModelWeights> RandomModelWeights(const ModelConfig& c, DType dtype, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 0.02f);
-  auto matrix = [&](int64_t rows, int64_t cols) {
+namespace {
+
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// A normal draw with standard deviation 0.02 that depends only on (seed, tensor, index), so that a
+// rank draws its slice of a tensor without drawing the rest (Box-Muller on one 64-bit hash).
+float RandomWeight(uint64_t seed, uint64_t tensor, uint64_t index) {
+  const uint64_t h = SplitMix64(SplitMix64(seed ^ (tensor << 48)) ^ index);
+  const float u1 = (static_cast<float>(h >> 40) + 0.5f) * (1.0f / 16777216.0f);  // (0, 1)
+  const float u2 = static_cast<float>(h & 0xffffff) * (1.0f / 16777216.0f);      // [0, 1)
+  return 0.02f * std::sqrt(-2.0f * std::log(u1)) * std::cos(6.2831853f * u2);
+}
+
+}  // namespace
+
+std::unique_ptr<ModelWeights> RandomModelWeights(const ModelConfig& c, DType dtype, uint64_t seed,
+                                                 int rank, int world) {
+  // Rows [row_begin, row_begin + rows) and columns [col_begin, col_begin + cols) of tensor
+  // `tensor`, a [full_rows, full_cols] matrix.
+  auto matrix = [&](uint64_t tensor, int64_t full_cols, int64_t row_begin, int64_t rows,
+                    int64_t col_begin, int64_t cols) {
     Matrix m;
     m.dtype = dtype;
     m.rows = rows;
     m.cols = cols;
-    const int64_t n = rows * cols;
-    m.owned.resize(static_cast<size_t>(n * DTypeBytes(dtype)));
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = dist(rng);
-      if (dtype == DType::kF32) {
-        std::memcpy(m.owned.data() + i * 4, &v, 4);
-      } else {
-        const uint16_t h = dtype == DType::kBF16 ? FloatToBf16(v) : FloatToF16(v);
-        std::memcpy(m.owned.data() + i * 2, &h, 2);
+    m.owned.resize(static_cast<size_t>(rows * cols * DTypeBytes(dtype)));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < cols; ++k) {
+        const uint64_t index = static_cast<uint64_t>((row_begin + r) * full_cols + col_begin + k);
+        const float v = RandomWeight(seed, tensor, index);
+        const int64_t i = r * cols + k;
+        if (dtype == DType::kF32) {
+          std::memcpy(m.owned.data() + i * 4, &v, 4);
+        } else {
+          const uint16_t h = dtype == DType::kBF16 ? FloatToBf16(v) : FloatToF16(v);
+          std::memcpy(m.owned.data() + i * 2, &h, 2);
+        }
       }
     }
     m.data = m.owned.data();
@@ -218,30 +244,39 @@ std::unique_ptr<ModelWeights> RandomModelWeights(const ModelConfig& c, DType dty
   };
   auto w = std::make_unique<ModelWeights>();
   w->config = c;
-  w->num_heads = c.num_heads;
-  w->num_kv_heads = c.num_kv_heads;
-  w->intermediate_size = c.intermediate_size;
-  const int64_t H = c.hidden_size;
-  w->embed = matrix(c.vocab_size, H);
-  w->lm_head = matrix(c.vocab_size, H);
+  w->rank = rank;
+  w->world_size = world;
+  w->num_heads = c.num_heads / world;
+  w->num_kv_heads = c.num_kv_heads / world;
+  w->intermediate_size = c.intermediate_size / world;
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  const int64_t q_rows = w->num_heads * D, kv_rows = w->num_kv_heads * D;
+  const int64_t I = w->intermediate_size;
+  const int64_t vocab_share = (c.vocab_size + world - 1) / world;
+  w->vocab_begin = std::min<int64_t>(c.vocab_size, rank * vocab_share);
+  const int64_t vocab_rows =
+      std::min<int64_t>(c.vocab_size, w->vocab_begin + vocab_share) - w->vocab_begin;
+  w->embed = matrix(0, H, 0, c.vocab_size, 0, H);
+  w->lm_head = matrix(1, H, w->vocab_begin, vocab_rows, 0, H);
   w->final_norm.assign(H, 1.0f);
   for (int64_t l = 0; l < c.num_layers; ++l) {
+    const uint64_t t = 2 + 7 * static_cast<uint64_t>(l);
     LayerWeights L;
-    L.q = matrix(c.q_dim(), H);
-    L.k = matrix(c.kv_dim(), H);
-    L.v = matrix(c.kv_dim(), H);
-    L.o = matrix(H, c.q_dim());
-    L.gate = matrix(c.intermediate_size, H);
-    L.up = matrix(c.intermediate_size, H);
-    L.down = matrix(H, c.intermediate_size);
+    L.q = matrix(t, H, rank * q_rows, q_rows, 0, H);
+    L.k = matrix(t + 1, H, rank * kv_rows, kv_rows, 0, H);
+    L.v = matrix(t + 2, H, rank * kv_rows, kv_rows, 0, H);
+    L.o = matrix(t + 3, c.q_dim(), 0, H, rank * q_rows, q_rows);
+    L.gate = matrix(t + 4, H, rank * I, I, 0, H);
+    L.up = matrix(t + 5, H, rank * I, I, 0, H);
+    L.down = matrix(t + 6, c.intermediate_size, 0, H, rank * I, I);
     if (c.qkv_bias) {
-      L.q_bias.assign(c.q_dim(), 0.0f);
-      L.k_bias.assign(c.kv_dim(), 0.0f);
-      L.v_bias.assign(c.kv_dim(), 0.0f);
+      L.q_bias.assign(q_rows, 0.0f);
+      L.k_bias.assign(kv_rows, 0.0f);
+      L.v_bias.assign(kv_rows, 0.0f);
     }
     if (c.qk_norm) {
-      L.q_norm.assign(c.head_dim, 1.0f);
-      L.k_norm.assign(c.head_dim, 1.0f);
+      L.q_norm.assign(D, 1.0f);
+      L.k_norm.assign(D, 1.0f);
     }
     L.input_norm.assign(H, 1.0f);
     L.post_attention_norm.assign(H, 1.0f);

@@ -67,10 +67,12 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string
                                                                const ModelConfig& config, int rank,
                                                                int world_size);
 
-// Random weights for `config` (normal, std 0.02; norms 1), for benchmarks of models that are not on
-// disk. dtype: f32, bf16 or f16.
+// Random weights for `config` (normal, std 0.02; norms 1, biases 0), for benchmarks of models that
+// are not on disk; dtype: f32, bf16 or f16. Each element is a function of (seed, tensor, position)
+// alone, so rank `rank` of `world_size` draws exactly its share of the whole model's weights (the
+// split must be possible: CheckTensorParallelSplit).
 std::unique_ptr<ModelWeights> RandomModelWeights(const ModelConfig& config, DType dtype,
-                                                 uint64_t seed);
+                                                 uint64_t seed, int rank = 0, int world_size = 1);
 
 }  // namespace strata
 

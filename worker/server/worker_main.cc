@@ -29,6 +29,7 @@
 #include "common/init.h"
 #include "common/log.h"
 #include "common/process.h"
+#include "common/status_macros.h"
 #include "common/version.h"
 #include "kernels/dtype.h"
 #include "worker/comm/collectives.h"
@@ -121,6 +122,31 @@ int ThreadsPerRank(int world_size) {
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / world_size);
 }
 
+// --random_weights as a dtype: f32, bf16 or f16.
+absl::StatusOr<DType> RandomWeightsDType() {
+  const std::string name = absl::GetFlag(FLAGS_random_weights);
+  DType dtype;
+  if (!ParseDType(absl::AsciiStrToUpper(name), &dtype) ||
+      (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--random_weights must be f32, bf16 or f16, not \"", name, "\""));
+  }
+  return dtype;
+}
+
+// Rank `rank` of `world`'s share of the weights: from the model's files, or random weights shaped
+// by its config.json (--random_weights; every rank draws its share of the same model).
+absl::StatusOr<std::unique_ptr<ModelWeights>> RankWeights(const std::string& dir,
+                                                          const ModelConfig& config, int rank,
+                                                          int world) {
+  if (absl::GetFlag(FLAGS_random_weights).empty()) {
+    return LoadModelWeights(dir, config, rank, world);
+  }
+  ASSIGN_OR_RETURN(const DType dtype, RandomWeightsDType());
+  RETURN_IF_ERROR(CheckTensorParallelSplit(config, world));
+  return RandomModelWeights(config, dtype, absl::GetFlag(FLAGS_random_seed), rank, world);
+}
+
 // A rank other than 0: loads its shard and runs the steps rank 0 sends until rank 0 stops it.
 int FollowerMain(const std::string& dir, const ModelConfig& config) {
   // Rank 0 drains on SIGTERM and then stops this rank; a signal sent to this process itself (in its
@@ -136,8 +162,7 @@ int FollowerMain(const std::string& dir, const ModelConfig& config) {
   }
   close(absl::GetFlag(FLAGS_tp_control_fd));  // Join keeps its own copy of what it needs
   close(absl::GetFlag(FLAGS_tp_memory_fd));
-  absl::StatusOr<std::unique_ptr<ModelWeights>> weights =
-      LoadModelWeights(dir, config, rank, world);
+  absl::StatusOr<std::unique_ptr<ModelWeights>> weights = RankWeights(dir, config, rank, world);
   if (!weights.ok()) {
     // Rank 0 may be waiting for this rank's first step: tell it why this rank is gone.
     (*comm)->Abort(absl::StrCat("cannot load its shard: ", weights.status().message()));
@@ -171,6 +196,18 @@ int Main(const std::vector<std::string>& args) {
     LOG(ERROR) << config.status();
     return 1;
   }
+  if (!absl::GetFlag(FLAGS_random_weights).empty()) {
+    if (absl::Status s = RandomWeightsDType().status(); !s.ok()) {
+      LOG(ERROR) << s.message();
+      return 1;
+    }
+    // Its KV blocks share the real model's cache namespace: never let them into a disk file a
+    // real worker could recover.
+    if (absl::GetFlag(FLAGS_disk_cache_mb) > 0) {
+      LOG(ERROR) << "--random_weights cannot be combined with a disk KV tier (--disk_cache_mb)";
+      return 1;
+    }
+  }
   if (absl::GetFlag(FLAGS_tp_control_fd) >= 0) return FollowerMain(dir, *config);
 
   // Rank 0 of a group starts the other ranks before anything else starts threads.
@@ -183,11 +220,6 @@ int Main(const std::vector<std::string>& args) {
     if (absl::GetFlag(FLAGS_device) != "cpu") {
       LOG(ERROR) << "--tensor_parallel " << world
                  << " needs --device=cpu: tensor parallelism across GPUs (NCCL) is not built yet";
-      return 1;
-    }
-    if (!absl::GetFlag(FLAGS_random_weights).empty()) {
-      LOG(ERROR) << "--random_weights serves one rank; it cannot be combined with "
-                    "--tensor_parallel";
       return 1;
     }
     if (absl::Status s = CheckTensorParallelSplit(*config, world); !s.ok()) {
@@ -228,25 +260,10 @@ int Main(const std::vector<std::string>& args) {
       return 1;
     }
   }
-  absl::StatusOr<std::unique_ptr<ModelWeights>> weights;
-  if (const std::string dtype_name = absl::GetFlag(FLAGS_random_weights); !dtype_name.empty()) {
-    // Its KV blocks share the real model's cache namespace: never let them into a disk file a
-    // real worker could recover.
-    if (absl::GetFlag(FLAGS_disk_cache_mb) > 0) {
-      LOG(ERROR) << "--random_weights cannot be combined with a disk KV tier (--disk_cache_mb)";
-      return 1;
-    }
-    DType dtype;
-    if (!ParseDType(absl::AsciiStrToUpper(dtype_name), &dtype) ||
-        (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16)) {
-      LOG(ERROR) << "--random_weights must be f32, bf16 or f16, not \"" << dtype_name << "\"";
-      return 1;
-    }
-    weights = RandomModelWeights(*config, dtype, absl::GetFlag(FLAGS_random_seed));
-    LOG(WARNING) << "serving RANDOM " << dtype_name << " weights shaped by " << dir
-                 << "/config.json: output is noise, timing is real";
-  } else {
-    weights = LoadModelWeights(dir, *config, 0, world);
+  absl::StatusOr<std::unique_ptr<ModelWeights>> weights = RankWeights(dir, *config, 0, world);
+  if (weights.ok() && !absl::GetFlag(FLAGS_random_weights).empty()) {
+    LOG(WARNING) << "serving RANDOM " << absl::GetFlag(FLAGS_random_weights)
+                 << " weights shaped by " << dir << "/config.json: output is noise, timing is real";
   }
   if (!weights.ok()) {
     LOG(ERROR) << weights.status();
