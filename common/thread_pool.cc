@@ -13,6 +13,21 @@ std::pair<int64_t, int64_t> Share(int64_t n, int64_t grain, int index, int parts
   return {b, e};
 }
 
+// Spins until `cond()` holds, for a bounded time (about 20 to 100 us, depending on the CPU's
+// pause instruction); false if it never did.
+template <typename Cond>
+bool SpinUntil(const Cond& cond) {
+  for (int i = 0; i < 2048; ++i) {
+    if (cond()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+  return cond();
+}
+
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)) {
@@ -20,37 +35,36 @@ ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads))
 }
 
 ThreadPool::~ThreadPool() {
+  stop_.store(true, std::memory_order_seq_cst);
   {
     absl::MutexLock lock(&mu_);
-    stop_ = true;
+    work_cv_.SignalAll();
   }
   for (std::thread& t : threads_) t.join();
 }
 
-bool ThreadPool::WorkReady(WaitArg* a) {
-  a->pool->mu_.AssertHeld();
-  return a->pool->stop_ || a->pool->generation_ != a->seen;
-}
-
 void ThreadPool::Worker(int index) {
   uint64_t seen = 0;
+  const auto ready = [&] {
+    return posted_.load(std::memory_order_acquire) != seen || stop_.load(std::memory_order_acquire);
+  };
   while (true) {
-    const std::function<void(int64_t, int64_t)>* fn;
-    int64_t n, grain;
-    {
+    if (!SpinUntil(ready)) {
       absl::MutexLock lock(&mu_);
-      WaitArg arg{this, seen};
-      mu_.Await(absl::Condition(&ThreadPool::WorkReady, &arg));
-      if (stop_) return;
-      seen = generation_;
-      fn = fn_;
-      n = n_;
-      grain = grain_;
+      ++sleeping_workers_;
+      while (!ready()) work_cv_.Wait(&mu_);
+      --sleeping_workers_;
     }
-    const auto [b, e] = Share(n, grain, index, num_threads_);
-    if (b < e) (*fn)(b, e);
-    absl::MutexLock lock(&mu_);
-    --pending_;
+    if (stop_.load(std::memory_order_acquire)) return;
+    // The caller posts the next loop only after this worker finished this one, so posted_ moved
+    // exactly once.
+    seen = posted_.load(std::memory_order_acquire);
+    const auto [b, e] = Share(n_, grain_, index, num_threads_);
+    if (b < e) (*fn_)(b, e);
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      absl::MutexLock lock(&mu_);
+      if (caller_sleeping_) done_cv_.Signal();
+    }
   }
 }
 
@@ -62,23 +76,26 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
     fn(0, n);
     return;
   }
+  fn_ = &fn;
+  n_ = n;
+  grain_ = grain;
+  pending_.store(num_threads_ - 1, std::memory_order_relaxed);
+  posted_.fetch_add(1, std::memory_order_seq_cst);
   {
+    // A worker about to sleep re-checks posted_ under the lock, so it either sees the new loop or
+    // is asleep by the time this signal comes.
     absl::MutexLock lock(&mu_);
-    fn_ = &fn;
-    n_ = n;
-    grain_ = grain;
-    pending_ = num_threads_ - 1;
-    ++generation_;
+    if (sleeping_workers_ > 0) work_cv_.SignalAll();
   }
   const auto [b, e] = Share(n, grain, 0, num_threads_);
   if (b < e) fn(b, e);
-  absl::MutexLock lock(&mu_);
-  mu_.Await(absl::Condition(
-      +[](ThreadPool* p) {
-        p->mu_.AssertHeld();
-        return p->pending_ == 0;
-      },
-      this));
+  const auto done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+  if (!SpinUntil(done)) {
+    absl::MutexLock lock(&mu_);
+    caller_sleeping_ = true;
+    while (!done()) done_cv_.Wait(&mu_);
+    caller_sleeping_ = false;
+  }
   fn_ = nullptr;
 }
 

@@ -4,6 +4,7 @@
 #ifndef STRATA_COMMON_THREAD_POOL_H_
 #define STRATA_COMMON_THREAD_POOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <thread>
@@ -15,7 +16,10 @@
 namespace strata {
 
 // Thread-compatible: one thread calls ParallelFor at a time (the pool's owner); the calling thread
-// takes a share of the work itself.
+// takes a share of the work itself. Between loops a worker spins for a few tens of microseconds
+// before it sleeps, and so does the caller waiting for the workers: the loops of one model step
+// follow each other closely, and a futex round trip per loop cost more than the loop on small
+// models (bench/engine_bench).
 class ThreadPool {
  public:
   // `num_threads` total workers including the caller; 1 runs everything inline.
@@ -31,22 +35,25 @@ class ThreadPool {
   void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
-  struct WaitArg {
-    ThreadPool* pool;
-    uint64_t seen;
-  };
-  static bool WorkReady(WaitArg* a);
   void Worker(int index);
 
   const int num_threads_;
   std::vector<std::thread> threads_;
+  // The current loop: written by the caller before it advances posted_ (release), read by workers
+  // after they see the advance (acquire), and not written again until pending_ is back to 0.
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+  int64_t grain_ = 1;
+  std::atomic<uint64_t> posted_{0};
+  // Workers still running their share of the current loop.
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
+  // Waiting spins first (a step's loops follow each other within microseconds), then sleeps here.
   absl::Mutex mu_;
-  const std::function<void(int64_t, int64_t)>* fn_ ABSL_GUARDED_BY(mu_) = nullptr;
-  int64_t n_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t grain_ ABSL_GUARDED_BY(mu_) = 1;
-  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
-  int pending_ ABSL_GUARDED_BY(mu_) = 0;
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  absl::CondVar work_cv_;
+  absl::CondVar done_cv_;
+  int sleeping_workers_ ABSL_GUARDED_BY(mu_) = 0;
+  bool caller_sleeping_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace strata

@@ -11,6 +11,7 @@
 #   tools/run_local.sh --detach        start, ask, and leave the cluster running in the background
 #   tools/run_local.sh --stop          stop a detached cluster
 #   tools/run_local.sh --prompt TEXT   ask something else (the model writes Python-like text)
+#   tools/run_local.sh --tensor-parallel 2   split the model across 2 processes in each worker
 # Environment: STRATA_PORT (coordinator port, default 50051; workers use the next ports after
 # STRATA_WORKER_PORT, default 50061), STRATA_RUN_DIR (logs and pids, default
 # ~/.cache/strata/local-cluster).
@@ -21,13 +22,16 @@ repo=$PWD
 detach=0
 stop=0
 prompt='def fibonacci(n):'
+tensor_parallel=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --detach) detach=1 ;;
     --stop) stop=1 ;;
     --prompt) prompt="$2"; shift ;;
     --prompt=*) prompt="${1#--prompt=}" ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --tensor-parallel) tensor_parallel="$2"; shift ;;
+    --tensor-parallel=*) tensor_parallel="${1#--tensor-parallel=}" ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -118,7 +122,7 @@ for i in 1 2; do
   launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
     --host_cache_mb=128 --disk_cache_mb=512 --disk_cache_path="$run_dir/kv-worker-$i" \
-    --port_file="$run_dir/worker-$i.port"
+    --port_file="$run_dir/worker-$i.port" --tensor_parallel="$tensor_parallel"
 done
 
 echo "waiting for the cluster..."
