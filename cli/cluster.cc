@@ -258,8 +258,8 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
   }
   PrintTable(out, mrows);
   std::fputs("\n", out);
-  std::vector<std::vector<std::string>> rows = {{"WORKER", "ADDRESS", "STATE", "MODEL", "RUNNING",
-                                                 "WAITING", "ROUTED", "KV FREE/TOTAL",
+  std::vector<std::vector<std::string>> rows = {{"WORKER", "ADDRESS", "STATE", "MODEL", "TP",
+                                                 "RUNNING", "WAITING", "ROUTED", "KV FREE/TOTAL",
                                                  "INDEXED DEV/HOST/DISK", "STEP MS"}};
   for (const auto& w : cs.workers()) {
     uint64_t free_blocks = 0, total_blocks = 0;
@@ -273,14 +273,15 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
     for (const auto& t : w.indexed()) {
       if (t.tier() >= 1 && t.tier() <= 3) indexed[t.tier()] = t.num_total_blocks();
     }
-    rows.push_back({w.info().worker_id().empty() ? "-" : w.info().worker_id(), w.address(),
-                    StateName(w.state()), w.info().model().empty() ? "-" : w.info().model(),
-                    absl::StrCat(w.load().num_running_sequences()),
-                    absl::StrCat(w.load().num_waiting_sequences()),
-                    absl::StrCat(w.num_routed_requests()),
-                    absl::StrCat(free_blocks, "/", total_blocks),
-                    absl::StrCat(indexed[1], "/", indexed[2], "/", indexed[3]),
-                    absl::StrFormat("%.1f", w.load().mean_step_time_ms())});
+    rows.push_back(
+        {w.info().worker_id().empty() ? "-" : w.info().worker_id(), w.address(),
+         StateName(w.state()), w.info().model().empty() ? "-" : w.info().model(),
+         w.info().tensor_parallel_size() == 0 ? "-" : absl::StrCat(w.info().tensor_parallel_size()),
+         absl::StrCat(w.load().num_running_sequences()),
+         absl::StrCat(w.load().num_waiting_sequences()), absl::StrCat(w.num_routed_requests()),
+         absl::StrCat(free_blocks, "/", total_blocks),
+         absl::StrCat(indexed[1], "/", indexed[2], "/", indexed[3]),
+         absl::StrFormat("%.1f", w.load().mean_step_time_ms())});
   }
   PrintTable(out, rows);
   // Lower KV tiers, for the workers that have them.

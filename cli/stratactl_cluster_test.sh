@@ -36,7 +36,7 @@ PY
 # status: a table by default, the cluster as JSON for scripts.
 table="$($ctl status)"
 echo "$table" | grep -q '^MODEL ' || fail "no model table: $table"
-echo "$table" | grep -E '^w1 +127\.0\.0\.1:[0-9]+ +serving +strata-tiny' > /dev/null || fail "no worker row: $table"
+echo "$table" | grep -E '^w1 +127\.0\.0\.1:[0-9]+ +serving +strata-tiny +1 ' > /dev/null || fail "no worker row: $table"
 $ctl status --json | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
