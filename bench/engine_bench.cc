@@ -9,6 +9,8 @@
 // prefilled in one step (prefill tokens/s), then decoded for decode_steps steps (decode tokens/s).
 // Each figure is the median over reps. The roofline for batch-1 decode is bandwidth / bytes of
 // weights read per token.
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -138,6 +140,7 @@ class Followers {
       const pid_t pid = fork();
       CHECK(pid >= 0);
       if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);  // a CHECK failing in rank 0 takes the ranks along
         auto comm = ShmCollectives::Join(group_->control_fd(), group_->memory_fd(), r, world);
         if (!comm.ok()) _exit(2);
         ModelRunner runner(shards[r].get(), comm->get(), threads_per_rank);
@@ -217,6 +220,7 @@ int main(int argc, char** argv) {
                           ? absl::GetFlag(FLAGS_threads)
                           : static_cast<int>(std::thread::hardware_concurrency());
   const int world = absl::GetFlag(FLAGS_tensor_parallel);
+  CHECK(world >= 1 && world <= 64) << "--tensor_parallel must be 1 to 64";
   const int threads_per_rank = std::max(1, threads / world);
   SetCpuComputeThreads(threads_per_rank);
   const double bw = MeasureBandwidth(threads);

@@ -1,5 +1,7 @@
 #include "common/thread_pool.h"
 
+#include <sched.h>
+
 #include <algorithm>
 
 namespace strata {
@@ -16,8 +18,8 @@ std::pair<int64_t, int64_t> Share(int64_t n, int64_t grain, int index, int parts
 // Spins until `cond()` holds, for a bounded time (about 20 to 100 us, depending on the CPU's
 // pause instruction); false if it never did.
 template <typename Cond>
-bool SpinUntil(const Cond& cond) {
-  for (int i = 0; i < 2048; ++i) {
+bool SpinUntil(const Cond& cond, bool spin) {
+  for (int i = 0; spin && i < 2048; ++i) {
     if (cond()) return true;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -28,9 +30,17 @@ bool SpinUntil(const Cond& cond) {
   return cond();
 }
 
+// CPUs this process may run on (its affinity mask).
+int UsableCpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return CPU_COUNT(&set);
+}
+
 }  // namespace
 
-ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)) {
+ThreadPool::ThreadPool(int num_threads)
+    : num_threads_(std::max(1, num_threads)), spin_(num_threads_ <= UsableCpus()) {
   for (int i = 1; i < num_threads_; ++i) threads_.emplace_back([this, i] { Worker(i); });
 }
 
@@ -49,7 +59,7 @@ void ThreadPool::Worker(int index) {
     return posted_.load(std::memory_order_acquire) != seen || stop_.load(std::memory_order_acquire);
   };
   while (true) {
-    if (!SpinUntil(ready)) {
+    if (!SpinUntil(ready, spin_)) {
       absl::MutexLock lock(&mu_);
       ++sleeping_workers_;
       while (!ready()) work_cv_.Wait(&mu_);
@@ -90,7 +100,7 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
   const auto [b, e] = Share(n, grain, 0, num_threads_);
   if (b < e) fn(b, e);
   const auto done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
-  if (!SpinUntil(done)) {
+  if (!SpinUntil(done, spin_)) {
     absl::MutexLock lock(&mu_);
     caller_sleeping_ = true;
     while (!done()) done_cv_.Wait(&mu_);

@@ -17,7 +17,8 @@ namespace strata {
 
 // Thread-compatible: one thread calls ParallelFor at a time (the pool's owner); the calling thread
 // takes a share of the work itself. Between loops a worker spins for a few tens of microseconds
-// before it sleeps, and so does the caller waiting for the workers: the loops of one model step
+// before it sleeps (when the pool has no more threads than usable CPUs), and so does the caller
+// waiting for the workers: the loops of one model step
 // follow each other closely, and a futex round trip per loop cost more than the loop on small
 // models (bench/engine_bench).
 class ThreadPool {
@@ -38,6 +39,9 @@ class ThreadPool {
   void Worker(int index);
 
   const int num_threads_;
+  // Spin only when every thread can have a CPU of its own: spinning on a thread whose partner was
+  // preempted just burns the CPU the partner needs.
+  const bool spin_;
   std::vector<std::thread> threads_;
   // The current loop: written by the caller before it advances posted_ (release), read by workers
   // after they see the advance (acquire), and not written again until pending_ is back to 0.

@@ -15,7 +15,5 @@ extern "C" const char* __tsan_default_suppressions() {
          "race:absl::\n"
          "race:libabsl_\n"
          "race:libgrpc\n"
-         "race:libgpr\n"
-         // Its workers read the stop flag under an absl::Mutex that TSAN cannot see.
-         "race:strata::ThreadPool::~ThreadPool\n";
+         "race:libgpr\n";
 }

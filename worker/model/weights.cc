@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/log.h"
 #include "common/status_macros.h"
 
 namespace strata {
@@ -217,6 +218,8 @@ float RandomWeight(uint64_t seed, uint64_t tensor, uint64_t index) {
 
 std::unique_ptr<ModelWeights> RandomModelWeights(const ModelConfig& c, DType dtype, uint64_t seed,
                                                  int rank, int world) {
+  CHECK(world >= 1 && rank >= 0 && rank < world && CheckTensorParallelSplit(c, world).ok())
+      << "RandomModelWeights: rank " << rank << " of " << world << " cannot split this model";
   // Rows [row_begin, row_begin + rows) and columns [col_begin, col_begin + cols) of tensor
   // `tensor`, a [full_rows, full_cols] matrix.
   auto matrix = [&](uint64_t tensor, int64_t full_cols, int64_t row_begin, int64_t rows,
