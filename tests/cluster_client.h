@@ -4,6 +4,7 @@
 #define STRATA_TESTS_CLUSTER_CLIENT_H_
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
@@ -15,7 +16,9 @@
 #include "gtest/gtest.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
+#include "proto/strata/v1/worker.grpc.pb.h"
 #include "tests/local_cluster.h"
+#include "tests/process.h"
 
 namespace strata {
 
@@ -122,6 +125,32 @@ inline v1::ClusterStatus Status(v1::Admin::Stub* admin) {
   v1::ClusterStatus s;
   EXPECT_TRUE(admin->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &s).ok());
   return s;
+}
+
+// A directory holding only the bundled model's config.json (for --random_weights workers).
+inline std::string ConfigOnlyModelDir(const std::string& name) {
+  const std::string dir = TestOutputDir() + "/" + name;
+  const std::string cmd =
+      "mkdir -p '" + dir + "' && cp " + std::string(kTinyModelDir) + "/config.json '" + dir + "/'";
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  return dir;
+}
+
+// Submits prompt 5..9 straight to a worker for `max_tokens` tokens, ignoring EOS; the number of
+// tokens that came back, or -1 when the stream failed.
+inline int64_t SubmitAndCountTokens(v1::Worker::Stub* worker, int max_tokens) {
+  v1::SubmitRequest sub;
+  sub.set_request_id("count");
+  sub.set_model(kTinyModel);
+  for (int32_t t : {5, 6, 7, 8, 9}) sub.add_prompt_token_ids(t);
+  sub.mutable_sampling()->set_max_tokens(max_tokens);
+  sub.mutable_sampling()->set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  auto reader = worker->Submit(&ctx, sub);
+  int64_t tokens = 0;
+  v1::SubmitResponse chunk;
+  while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
+  return reader->Finish().ok() ? tokens : -1;
 }
 
 // The index (in `cluster`) of the worker the coordinator reports with the most requests in flight;

@@ -391,11 +391,7 @@ TEST(FailoverTest, QueuedRequestsOfADeadWorkerStartOverElsewhere) {
 // A worker serves random weights shaped by a config.json alone (benchmarking models whose files
 // are not here): it starts, and generates the tokens asked for.
 TEST(RandomWeightsTest, AWorkerServesAModelFromItsConfigAlone) {
-  const std::string dir = absl::StrCat(TestOutputDir(), "/config-only");
-  ASSERT_EQ(std::system(absl::StrCat("mkdir -p '", dir, "' && cp ", kTinyModelDir, "/config.json '",
-                                     dir, "/'")
-                            .c_str()),
-            0);
+  const std::string dir = ConfigOnlyModelDir("config-only");
   LocalClusterOptions o;
   o.num_workers = 1;
   o.coordinator = false;
@@ -403,19 +399,7 @@ TEST(RandomWeightsTest, AWorkerServesAModelFromItsConfigAlone) {
   o.worker_flags = {absl::StrCat("--model=", dir), "--random_weights=bf16"};
   auto c = LocalCluster::Start(o);
   ASSERT_TRUE(c.ok()) << c.status();
-  v1::SubmitRequest sub;
-  sub.set_request_id("random");
-  sub.set_model(kTinyModel);
-  for (int32_t t : {5, 6, 7, 8, 9}) sub.add_prompt_token_ids(t);
-  sub.mutable_sampling()->set_max_tokens(6);
-  sub.mutable_sampling()->set_ignore_eos(true);
-  grpc::ClientContext ctx;
-  auto reader = (*c)->worker(0)->Submit(&ctx, sub);
-  int64_t tokens = 0;
-  v1::SubmitResponse chunk;
-  while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
-  ASSERT_TRUE(reader->Finish().ok());
-  EXPECT_EQ(tokens, 6);
+  EXPECT_EQ(SubmitAndCountTokens((*c)->worker(0), 6), 6);
 }
 
 TEST(AdmissionTest, CoordinatorQueueBoundAnswersResourceExhausted) {

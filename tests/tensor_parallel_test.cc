@@ -128,11 +128,7 @@ TEST(TensorParallelTest, ALostRankTakesItsWorkerDownAndRequestsFailOverIntact) {
 // Random weights from a config.json alone split across ranks too (benchmarks of model shapes that
 // are not on disk): each rank draws its share of the same model.
 TEST(TensorParallelTest, ARandomWeightsWorkerSplitsAcrossRanks) {
-  const std::string dir = absl::StrCat(TestOutputDir(), "/tp-config-only");
-  ASSERT_EQ(std::system(absl::StrCat("mkdir -p '", dir, "' && cp ", kTinyModelDir, "/config.json '",
-                                     dir, "/'")
-                            .c_str()),
-            0);
+  const std::string dir = ConfigOnlyModelDir("tp-config-only");
   LocalClusterOptions o;
   o.num_workers = 1;
   o.coordinator = false;
@@ -141,19 +137,7 @@ TEST(TensorParallelTest, ARandomWeightsWorkerSplitsAcrossRanks) {
   auto c = LocalCluster::Start(o);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(Children((*c)->worker_process(0).pid()).size(), 1u);
-  v1::SubmitRequest sub;
-  sub.set_request_id("random");
-  sub.set_model(kTinyModel);
-  for (int32_t t : {5, 6, 7, 8, 9}) sub.add_prompt_token_ids(t);
-  sub.mutable_sampling()->set_max_tokens(6);
-  sub.mutable_sampling()->set_ignore_eos(true);
-  grpc::ClientContext ctx;
-  auto reader = (*c)->worker(0)->Submit(&ctx, sub);
-  int64_t tokens = 0;
-  v1::SubmitResponse chunk;
-  while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
-  ASSERT_TRUE(reader->Finish().ok());
-  EXPECT_EQ(tokens, 6);
+  EXPECT_EQ(SubmitAndCountTokens((*c)->worker(0), 6), 6);
 }
 
 // Flags that cannot work are refused at start, naming the flag.
