@@ -29,6 +29,8 @@ PACKAGES=(
   libopenblas0-pthread
   python3
   python3-numpy          # reference forward pass used to generate test data
+  python3-yaml           # tests/k8s_test reads the Kubernetes manifests
+  iproute2               # tests/k8s_test gives each pod its own network namespace
 )
 
 missing=()
@@ -37,12 +39,27 @@ for p in "${PACKAGES[@]}"; do
     missing+=("$p")
   fi
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq >/dev/null
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "setup: done" >&2
+fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-echo "setup: installing ${missing[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq >/dev/null
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-echo "setup: done" >&2
+# The Kubernetes API schemas tests/k8s_test validates k8s/ against (npm's kubernetes-models, pinned by
+# tests/k8s_schema/package-lock.json), outside the checkout. They need Node.js 20 or newer; without
+# it, or without the npm registry, the test still runs every other check and says so.
+schema_dir="$HOME/.cache/strata/k8s-schema"
+lock="$(dirname "$0")/../tests/k8s_schema/package-lock.json"
+if command -v npm >/dev/null && node -e 'process.exit(parseInt(process.versions.node) >= 20 ? 0 : 1)' 2>/dev/null &&
+  ! cmp -s "$lock" "$schema_dir/package-lock.json"; then
+  mkdir -p "$schema_dir"
+  cp "$(dirname "$0")/../tests/k8s_schema/package.json" "$lock" "$schema_dir/"
+  if ! (cd "$schema_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null 2>&1); then
+    rm -f "$schema_dir/package-lock.json"
+    echo "setup: could not install the Kubernetes schemas (npm ci in $schema_dir); k8s_test skips that check" >&2
+  fi
+fi

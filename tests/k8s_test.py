@@ -1,0 +1,718 @@
+#!/usr/bin/env python3
+"""Checks k8s/ against the servers it deploys, then runs k8s/base the way a cluster would.
+
+1. Static checks of k8s/base (and k8s/gpu, rendered with `kubectl kustomize` where kubectl is
+   installed): selectors match pod labels, Services reach named container ports, every flag in a
+   container's args is a flag of the binary it runs (asked with --helpfull) and every $(VAR) in them is
+   defined, --listen and the probes use the container port, the coordinators' --workers names a
+   headless Service selecting the workers on its port, coordinators and workers agree on the model,
+   grace periods outlast the servers' own drain timeouts, memory limits hold the KV caches, the disk
+   tier's file lies on a volume large enough for it.
+2. The container image: tools/image/build_image.py packs the test's binaries and model into an OCI
+   archive, then unpacks it the way a runtime does (every digest checked).
+3. Pods: every replica of k8s/base's Deployment and StatefulSet runs from that root filesystem
+   (chroot, read-only, as the image's user when the test is root), each in its own network namespace
+   with its own address on a bridge, with its manifest's command, args (variables expanded), env
+   (ConfigMap and downward API), volumes and hostname. The test plays the kubelet and cluster DNS:
+   it runs the gRPC readiness probes and publishes each Service's ready endpoints in every pod's
+   /etc/hosts. Then: every worker becomes ready, each coordinator replica sees both workers and
+   answers generate requests, a worker sent SIGTERM (a pod deletion) turns NOT_SERVING, leaves the
+   Service and exits 0 within its grace period while requests keep succeeding, and its replacement
+   recovers the disk KV tier from its volume and serves again.
+
+Run by tests/k8s_test.sh (Bazel); needs unshare, ip and chroot (util-linux, iproute2, coreutils).
+"""
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+ROOT = os.getcwd()
+BINARIES = {
+    "strata-worker": "worker/server/strata-worker",
+    "strata-coordinator": "coordinator/strata-coordinator",
+    "stratactl": "cli/stratactl",
+}
+PROBE = "tests/grpc_health_probe"
+IMAGE_UID = 65532
+SUBNET = "10.88.0"
+
+
+def fail(msg):
+    print("FAIL: " + msg, file=sys.stderr)
+    sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def load_docs(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def render_base(directory):
+    """Renders a kustomization that only lists resources (what k8s/base is) without kustomize."""
+    k = load_docs(os.path.join(directory, "kustomization.yaml"))[0]
+    extra = set(k) - {"apiVersion", "kind", "resources"}
+    if extra:
+        fail("%s/kustomization.yaml uses %s: k8s/base must stay a plain list of resources (the "
+             "test renders it without kustomize)" % (directory, sorted(extra)))
+    objs = []
+    for r in k["resources"]:
+        objs += load_docs(os.path.join(directory, r))
+    return objs
+
+
+def kubectl_render(directory):
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        return None
+    out = subprocess.run([kubectl, "kustomize", directory], capture_output=True, text=True)
+    if out.returncode != 0:
+        fail("kubectl kustomize %s: %s" % (directory, out.stderr.strip()))
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def quantity(q):
+    """Bytes (or cores) of a Kubernetes quantity."""
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
+    if not m:
+        fail("bad quantity %r" % q)
+    units = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20,
+             "Gi": 2**30, "Ti": 2**40}
+    if m.group(2) not in units:
+        fail("bad quantity unit in %r" % q)
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def binary_flags(path):
+    out = subprocess.run([path, "--helpfull"], capture_output=True, text=True)
+    flags = set(re.findall(r"^\s+--([A-Za-z0-9_]+) \(", out.stdout + out.stderr, re.M))
+    if len(flags) < 5:
+        fail("%s --helpfull listed %d flags" % (path, len(flags)))
+    return flags
+
+
+def parse_args(args):
+    """{flag: value} of --name=value / --name value / --name arguments."""
+    out, i = {}, 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            fail("argument %r is not a --flag" % a)
+        name, eq, value = a[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        out[name] = value
+        i += 1
+    return out
+
+
+def expand(s, env):
+    """Kubernetes' $(VAR) expansion: defined names are replaced, $$ escapes, others stay as they are."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), s)
+
+
+def selects(selector, labels):
+    return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+class Manifests:
+    def __init__(self, objs, name):
+        self.name = name
+        self.objs = objs
+        self.by_kind = {}
+        for o in objs:
+            key = (o["kind"], o["metadata"]["name"])
+            if key in self.by_kind:
+                fail("%s: two %s named %s" % (name, *key))
+            self.by_kind[key] = o
+
+    def of(self, kind):
+        return [o for (k, _), o in self.by_kind.items() if k == kind]
+
+    def get(self, kind, name):
+        return self.by_kind.get((kind, name))
+
+    def workloads(self):
+        return self.of("Deployment") + self.of("StatefulSet")
+
+    def container_env(self, c):
+        """The names a container's env defines (values where static), as the kubelet would."""
+        env = {}
+        for src in c.get("envFrom", []):
+            ref = src.get("configMapRef")
+            if ref:
+                cm = self.get("ConfigMap", ref["name"])
+                if cm is None:
+                    fail("%s: envFrom names ConfigMap %s, which is not in the manifests" % (self.name, ref["name"]))
+                env.update(cm.get("data", {}))
+        for e in c.get("env", []):
+            if "value" in e:
+                env[e["name"]] = expand(e["value"], env)
+            elif "valueFrom" in e:
+                env[e["name"]] = "<%s>" % json.dumps(e["valueFrom"], sort_keys=True)
+        return env
+
+
+def check_manifests(m, flags, image_models):
+    """Static checks (see the file comment). Returns the number of checks made."""
+    n = 0
+    where = m.name
+    for w in m.workloads():
+        wname = "%s %s/%s" % (where, w["kind"], w["metadata"]["name"])
+        spec, tmpl = w["spec"], w["spec"]["template"]
+        labels = tmpl["metadata"].get("labels", {})
+        if not selects(spec["selector"]["matchLabels"], labels):
+            fail("%s: selector %s does not select its pod labels %s" % (wname, spec["selector"], labels))
+        pod = tmpl["spec"]
+        mounts_by_volume = {}
+        for v in pod.get("volumes", []):
+            if "persistentVolumeClaim" in v:
+                claim = v["persistentVolumeClaim"]["claimName"]
+                if m.get("PersistentVolumeClaim", claim) is None:
+                    fail("%s: volume %s claims %s, which is not in the manifests" % (wname, v["name"], claim))
+            mounts_by_volume[v["name"]] = v
+        templates = {t["metadata"]["name"]: t for t in spec.get("volumeClaimTemplates", [])}
+        for c in pod["containers"]:
+            cname = "%s container %s" % (wname, c["name"])
+            binary = os.path.basename(c["command"][0])
+            if c["command"][0] != "/usr/local/bin/" + binary or binary not in flags:
+                fail("%s: command %s is not one of the image's /usr/local/bin/%s" % (cname, c["command"], sorted(flags)))
+            args = parse_args(c.get("args", []))
+            for a in args:
+                if a not in flags[binary]:
+                    fail("%s: --%s is not a flag of %s" % (cname, a, binary))
+                n += 1
+            env = m.container_env(c)
+            for raw in c.get("args", []):
+                for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", raw):
+                    if var not in env:
+                        fail("%s: %s uses $(%s), which its env does not define" % (cname, raw, var))
+            args = {k: expand(v, env) for k, v in args.items()}
+            ports = {p["containerPort"]: p for p in c.get("ports", [])}
+            listen = args.get("listen")
+            if listen is None:
+                fail("%s: no --listen (the default is loopback, unreachable from outside the pod)" % cname)
+            host, _, port = listen.rpartition(":")
+            if host not in ("[::]", "0.0.0.0"):
+                fail("%s: --listen=%s does not listen on every address" % (cname, listen))
+            if int(port) not in ports:
+                fail("%s: --listen port %s is not a containerPort %s" % (cname, port, sorted(ports)))
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if probe in c:
+                    p = c[probe].get("grpc", {}).get("port")
+                    if p != int(port):
+                        fail("%s: %s probes port %s, not the serving port %s" % (cname, probe, p, port))
+                    n += 1
+            if "readinessProbe" not in c:
+                fail("%s: no readinessProbe (a draining server must leave its Service)" % cname)
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            own = {"strata-worker": ("drain_timeout_s", 30), "strata-coordinator": ("shutdown_grace_s", 10)}
+            if binary in own:
+                f, default = own[binary]
+                if float(args.get(f, default)) + 5 > grace:
+                    fail("%s: terminationGracePeriodSeconds %s leaves under 5 s beyond --%s=%s: the "
+                         "kubelet would kill it mid-drain" % (cname, grace, f, args.get(f, default)))
+                n += 1
+            mounts = c.get("volumeMounts", [])
+            for vm in mounts:
+                if vm["name"] not in mounts_by_volume and vm["name"] not in templates:
+                    fail("%s: volumeMount %s has no volume" % (cname, vm["name"]))
+
+            def mount_of(path):
+                best = None
+                for vm in mounts:
+                    mp = vm["mountPath"].rstrip("/")
+                    if path == mp or path.startswith(mp + "/"):
+                        if best is None or len(mp) > len(best["mountPath"]):
+                            best = vm
+                return best
+
+            if binary == "strata-worker":
+                model_dir = args["model"]
+                if mount_of(model_dir) is None and model_dir.lstrip("/") not in image_models:
+                    fail("%s: --model=%s is neither on a volume nor in the image (%s)" % (cname, model_dir, sorted(image_models)))
+                if int(args.get("disk_cache_mb", 0)) > 0:
+                    path = args.get("disk_cache_path", "")
+                    vm = mount_of(path)
+                    if vm is None:
+                        fail("%s: --disk_cache_path=%s is not on a volume (the root filesystem is read-only "
+                             "and a container's layer is lost on restart)" % (cname, path))
+                    if vm["name"] in templates:
+                        size = quantity(templates[vm["name"]]["spec"]["resources"]["requests"]["storage"])
+                        if int(args["disk_cache_mb"]) * 2**20 > size:
+                            fail("%s: --disk_cache_mb=%s does not fit its volume's %s" % (cname, args["disk_cache_mb"], size))
+                    n += 1
+                limit = c.get("resources", {}).get("limits", {}).get("memory")
+                if limit is None:
+                    fail("%s: no memory limit" % cname)
+                need = int(args.get("host_cache_mb", 0)) * 2**20 + 256 * 2**20
+                if args.get("device", "cpu") == "cpu":
+                    need += int(args.get("kv_cache_mb", 256)) * 2**20
+                else:
+                    if "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {}):
+                        fail("%s: --device=%s without an nvidia.com/gpu limit" % (cname, args["device"]))
+                if quantity(limit) < need:
+                    fail("%s: memory limit %s is under the KV caches it holds (%d MiB)" % (cname, limit, need >> 20))
+                n += 1
+            if binary == "strata-coordinator":
+                workers = args.get("workers", "")
+                mt = re.fullmatch(r"dns:([a-z0-9.-]+):([0-9]+)", workers)
+                if not mt:
+                    fail("%s: --workers=%s is not dns:SERVICE:PORT" % (cname, workers))
+                svc = m.get("Service", mt.group(1).split(".")[0])
+                if svc is None or svc["spec"].get("clusterIP") != "None":
+                    fail("%s: --workers names %s, which is not a headless Service here" % (cname, mt.group(1)))
+                if int(mt.group(2)) not in [p["port"] for p in svc["spec"]["ports"]]:
+                    fail("%s: --workers port %s is not a port of Service %s" % (cname, mt.group(2), mt.group(1)))
+                model_name, _, model_dir = args.get("model", "").partition("=")
+                if mount_of(model_dir) is None and model_dir.lstrip("/") not in image_models:
+                    fail("%s: --model dir %s is neither on a volume nor in the image" % (cname, model_dir))
+                served = set()
+                for ww in m.workloads():
+                    if selects(svc["spec"]["selector"], ww["spec"]["template"]["metadata"].get("labels", {})):
+                        for wc in ww["spec"]["template"]["spec"]["containers"]:
+                            wenv = m.container_env(wc)
+                            served.add(expand(parse_args(wc["args"]).get("model_name", ""), wenv))
+                if served != {model_name}:
+                    fail("%s: serves model %r, the workers behind %s serve %s" % (cname, model_name, svc["metadata"]["name"], sorted(served)))
+                n += 1
+        if w["kind"] == "StatefulSet":
+            svc = m.get("Service", spec["serviceName"])
+            if svc is None or svc["spec"].get("clusterIP") != "None" or not selects(svc["spec"]["selector"], labels):
+                fail("%s: serviceName %s is not a headless Service selecting its pods" % (wname, spec["serviceName"]))
+    for s in m.of("Service"):
+        sname = "%s Service/%s" % (where, s["metadata"]["name"])
+        targets = [w for w in m.workloads() if selects(s["spec"]["selector"], w["spec"]["template"]["metadata"].get("labels", {}))]
+        if not targets:
+            fail("%s: its selector matches no workload" % sname)
+        for p in s["spec"]["ports"]:
+            t = p.get("targetPort", p["port"])
+            for w in targets:
+                cports = [cp for c in w["spec"]["template"]["spec"]["containers"] for cp in c.get("ports", [])]
+                if not any(cp.get("name") == t or cp["containerPort"] == t for cp in cports):
+                    fail("%s: targetPort %s is not a port of %s" % (sname, t, w["metadata"]["name"]))
+            n += 1
+    for p in m.of("PodDisruptionBudget"):
+        if not any(selects(p["spec"]["selector"]["matchLabels"], w["spec"]["template"]["metadata"].get("labels", {})) for w in m.workloads()):
+            fail("%s PodDisruptionBudget/%s selects no workload" % (where, p["metadata"]["name"]))
+        n += 1
+    return n
+
+
+def validate_schemas(work, sets):
+    """Every object against the Kubernetes API's schemas, unknown fields refused (validate.mjs)."""
+    modules = os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".cache/strata/k8s-schema/node_modules")
+    node = shutil.which("node")
+    if node is None or not os.path.isdir(os.path.join(modules, "kubernetes-models")):
+        print("k8s_test: SKIPPED the API schema check: no Node.js 20+ or no %s (tools/setup.sh "
+              "installs it from the npm registry)" % modules)
+        return
+    d = os.path.join(work, "k8s_schema")
+    os.makedirs(d, exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "tests/k8s_schema/validate.mjs"), d)
+    if not os.path.exists(os.path.join(d, "node_modules")):
+        os.symlink(modules, os.path.join(d, "node_modules"))
+    for name, objs in sets:
+        path = os.path.join(d, name.replace("/", "_") + ".json")
+        with open(path, "w") as f:
+            json.dump(objs, f)
+        out = subprocess.run([node, os.path.join(d, "validate.mjs"), path], capture_output=True, text=True)
+        if out.returncode != 0:
+            fail("%s does not match the Kubernetes API schemas:\n%s%s" % (name, out.stdout, out.stderr))
+        print("k8s_test: %s: %d objects valid against the Kubernetes API schemas" % (name, len(objs)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pods
+
+
+def sh(*cmd, check=True):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        fail("%s: %s" % (" ".join(cmd), (out.stderr or out.stdout).strip()))
+    return out
+
+
+class Pod:
+    def __init__(self, name, workload, index, ip, work):
+        self.name, self.workload, self.index, self.ip = name, workload, index, ip
+        self.netns = "pod%d" % index
+        self.dir = os.path.join(work, "pods", name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.hosts = os.path.join(self.dir, "hosts")
+        self.log = os.path.join(self.dir, "log")
+        self.proc = None
+        self.ready = False
+        c = workload["spec"]["template"]["spec"]["containers"][0]
+        self.container = c
+        self.port = c["ports"][0]["containerPort"]
+
+    def labels(self):
+        return self.workload["spec"]["template"]["metadata"].get("labels", {})
+
+
+class Cluster:
+    """Plays the kubelet, the CNI and cluster DNS for the pods of one rendered manifest set."""
+
+    def __init__(self, m, rootfs, work):
+        self.m, self.rootfs, self.work = m, rootfs, work
+        self.as_root = os.environ.get("STRATA_K8S_TEST_REAL_ROOT") == "1"
+        self.pods = []
+        self.volumes = {}  # (pod name, volume name) -> host dir, kept across a pod's restarts
+        with open(os.path.join(rootfs, ".image-config.json")) as f:
+            self.image_env = dict(e.split("=", 1) for e in json.load(f)["config"]["Env"])
+        sh("ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", "strata0", "type", "bridge")
+        sh("ip", "addr", "add", SUBNET + ".1/24", "dev", "strata0")
+        sh("ip", "link", "set", "strata0", "up")
+        # What a runtime provides in every container: mount points for /proc, /dev and the files
+        # the kubelet manages.
+        for d in ("proc", "dev", "dev/shm", "run"):
+            os.makedirs(os.path.join(rootfs, d), exist_ok=True)
+        for f in ("etc/hosts", "etc/hostname", "etc/resolv.conf", "dev/null", "dev/zero", "dev/urandom",
+                  "dev/random"):
+            open(os.path.join(rootfs, f), "a").close()
+        index = 0
+        for w in m.workloads():
+            for i in range(w["spec"].get("replicas", 1)):
+                name = "%s-%d" % (w["metadata"]["name"], i)
+                index += 1
+                pod = Pod(name, w, index, "%s.%d" % (SUBNET, 10 + index), work)
+                self.pods.append(pod)
+                sh("ip", "netns", "add", pod.netns)
+                sh("ip", "link", "add", "veth%d" % index, "type", "veth", "peer", "name", "eth0", "netns", pod.netns)
+                sh("ip", "link", "set", "veth%d" % index, "master", "strata0", "up")
+                for cmd in (["addr", "add", pod.ip + "/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
+                            ["link", "set", "lo", "up"], ["route", "add", "default", "via", SUBNET + ".1"]):
+                    sh("ip", "-n", pod.netns, *cmd)
+        self.publish()
+
+    def pod(self, name):
+        return next(p for p in self.pods if p.name == name)
+
+    def publish(self):
+        """Cluster DNS: each Service name resolves to its ready endpoints (a ClusterIP Service, which
+        would have one virtual address, to its first), each StatefulSet pod to itself."""
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        for s in self.m.of("Service"):
+            name = s["metadata"]["name"]
+            ready = [p for p in self.pods if p.ready and selects(s["spec"]["selector"], p.labels())]
+            if s["spec"].get("clusterIP") != "None":
+                ready = ready[:1]
+            for p in ready:
+                lines.append("%s %s %s.default.svc.cluster.local" % (p.ip, name, name))
+        for p in self.pods:
+            if p.workload["kind"] == "StatefulSet":
+                svc = p.workload["spec"]["serviceName"]
+                lines.append("%s %s.%s %s.%s.default.svc.cluster.local" % (p.ip, p.name, svc, p.name, svc))
+        text = "\n".join(lines) + "\n"
+        for p in self.pods:
+            # Written in place, not replaced: the pod sees this file through a bind mount.
+            with open(p.hosts, "w") as f:
+                f.write(text + "%s %s\n" % (p.ip, p.name))
+
+    def volume_dir(self, pod, name, owner):
+        key = (pod.name, name)
+        if key not in self.volumes:
+            d = os.path.join(self.work, "volumes", pod.name, name)
+            os.makedirs(d)
+            if self.as_root:
+                os.chown(d, owner, owner)  # fsGroup, as the kubelet applies it
+            self.volumes[key] = d
+        return self.volumes[key]
+
+    def start(self, pod):
+        spec = pod.workload["spec"]["template"]["spec"]
+        c = pod.container
+        env = dict(self.image_env)
+        env.update(self.m.container_env(c))
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+            if ref:
+                env[e["name"]] = {"metadata.name": pod.name, "status.podIP": pod.ip}[ref]
+        args = [expand(a, env) for a in c.get("args", [])]
+        sc = dict(spec.get("securityContext", {}))
+        sc.update(c.get("securityContext", {}))
+        uid = sc.get("runAsUser", IMAGE_UID)
+        fs_group = spec.get("securityContext", {}).get("fsGroup", uid)
+        binds = [(pod.hosts, "etc/hosts")]
+        hostname_file = os.path.join(pod.dir, "hostname")
+        with open(hostname_file, "w") as f:
+            f.write(pod.name + "\n")
+        binds.append((hostname_file, "etc/hostname"))
+        for dev in ("null", "zero", "urandom", "random"):
+            binds.append(("/dev/" + dev, "dev/" + dev))
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for vm in c.get("volumeMounts", []):
+            src = volumes.get(vm["name"])
+            if src is not None and "emptyDir" not in src:
+                fail("pod %s: volume %s is not an emptyDir or a claim template; the test cannot provide it" % (pod.name, vm["name"]))
+            target = vm["mountPath"].lstrip("/")
+            os.makedirs(os.path.join(self.rootfs, target), exist_ok=True)
+            binds.append((self.volume_dir(pod, vm["name"], fs_group), target))
+        r = self.rootfs
+        script = ["set -e", "hostname %s" % pod.name,
+                  # The image, read-only as readOnlyRootFilesystem asks.
+                  "mount --bind %s %s" % (r, r)]
+        if sc.get("readOnlyRootFilesystem"):
+            script.append("mount -o remount,bind,ro %s" % r)
+        for src, dst in binds:
+            script.append("mount --bind %s %s/%s" % (src, r, dst))
+        script += ["mount -t proc proc %s/proc" % r, "mount -t tmpfs -o mode=1777 shm %s/dev/shm" % r]
+        chroot = [shutil.which("chroot")]
+        if self.as_root:
+            chroot.append("--userspec=%d:%d" % (uid, sc.get("runAsGroup", uid)))
+        chroot.append(r)
+        envs = ["%s=%s" % kv for kv in sorted(env.items())]
+        script.append("exec env -i " + " ".join(shquote(x) for x in envs) + " " +
+                      " ".join(shquote(x) for x in chroot + c["command"] + args))
+        logf = open(pod.log, "ab")
+        pod.proc = subprocess.Popen(
+            ["ip", "netns", "exec", pod.netns, "unshare", "--mount", "--uts", "--propagation", "private",
+             "/bin/sh", "-c", "\n".join(script)],
+            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        logf.close()
+        pod.ready = False
+        pod.started = time.monotonic()
+        pod.command = c["command"] + args
+
+    def probe(self, pod):
+        """The readiness probe: 0 SERVING, 1 answered otherwise, 2 unreachable."""
+        out = subprocess.run([os.path.join(ROOT, PROBE), "%s:%d" % (pod.ip, pod.port)],
+                             capture_output=True, text=True)
+        return out.returncode
+
+    def tick(self):
+        changed = False
+        for p in self.pods:
+            if p.proc is None:
+                continue
+            if p.proc.poll() is not None:
+                ready = False
+            else:
+                ready = self.probe(p) == 0
+            if ready != p.ready:
+                p.ready, changed = ready, True
+        if changed:
+            self.publish()
+
+    def wait(self, what, cond, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.tick()
+            for p in self.pods:
+                if p.proc is not None and p.proc.poll() is not None and not getattr(p, "expect_exit", False):
+                    self.dump()
+                    fail("pod %s exited with %s while waiting for %s" % (p.name, p.proc.returncode, what))
+            v = cond()
+            if v:
+                return v
+            time.sleep(0.3)
+        self.dump()
+        fail("timed out after %d s waiting for %s" % (timeout_s, what))
+
+    def dump(self):
+        for p in self.pods:
+            try:
+                with open(p.log, errors="replace") as f:
+                    tail = f.read()[-3000:]
+            except OSError:
+                tail = ""
+            print("---- pod %s (%s) ----\n%s" % (p.name, "ready" if p.ready else "not ready", tail), file=sys.stderr)
+
+    def stop_all(self):
+        for p in self.pods:
+            if p.proc is not None and p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in self.pods:
+            if p.proc is not None:
+                try:
+                    p.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.proc.pid, signal.SIGKILL)
+                    p.proc.wait()
+
+
+def shquote(s):
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+def stratactl(cluster, *args, timeout=60):
+    cmd = [os.path.join(ROOT, BINARIES["stratactl"])] + list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_pods(m, rootfs, work):
+    cluster = Cluster(m, rootfs, work)
+    try:
+        for p in cluster.pods:
+            cluster.start(p)
+        cluster.wait("every pod ready", lambda: all(p.ready for p in cluster.pods), 90)
+        coordinators = [p for p in cluster.pods if p.name.startswith("strata-coordinator")]
+        workers = [p for p in cluster.pods if p.name.startswith("strata-worker")]
+        if len(coordinators) < 2 or len(workers) < 2:
+            fail("k8s/base should run 2 coordinators and 2 workers, got %s" % [p.name for p in cluster.pods])
+        print("k8s_test: %d pods ready: %s" % (len(cluster.pods), ", ".join("%s %s" % (p.name, p.ip) for p in cluster.pods)))
+
+        def serving_workers(coord):
+            out = stratactl(cluster, "status", "--json", "--coordinator", "%s:%d" % (coord.ip, coord.port))
+            if out.returncode != 0:
+                return None
+            st = json.loads(out.stdout)
+            return sorted(w["info"]["worker_id"] for w in st["cluster"].get("workers", [])
+                          if w["state"] == "WORKER_STATE_SERVING")
+
+        expect = sorted(p.name for p in workers)
+        for coord in coordinators:
+            got = cluster.wait("%s to see both workers" % coord.name,
+                               lambda: serving_workers(coord) == expect and expect, 30)
+            del got
+            out = stratactl(cluster, "status", "--json", "--coordinator", "%s:%d" % (coord.ip, coord.port))
+            for w in json.loads(out.stdout)["cluster"].get("workers", []):
+                tiers = {t["tier"] for t in w["info"]["tiers"]}
+                if tiers != {"TIER_DEVICE", "TIER_HOST", "TIER_DISK"}:
+                    fail("worker %s runs tiers %s; the manifest asks for host and disk tiers" % (w["info"]["worker_id"], sorted(tiers)))
+
+        def generate(coord, prompt, n=16):
+            out = stratactl(cluster, "generate", "--coordinator", "%s:%d" % (coord.ip, coord.port),
+                            "--prompt", prompt, "--max-tokens", str(n), "--seed", "7", "--ignore-eos", "--json")
+            if out.returncode != 0:
+                cluster.dump()
+                fail("generate through %s: %s" % (coord.name, out.stderr.strip()))
+            r = json.loads(out.stdout)
+            if len(r["token_ids"]) != n or not r["text"]:
+                fail("generate through %s returned %s" % (coord.name, r))
+            return r
+
+        first = generate(coordinators[0], "def parse(")
+        for coord in coordinators:
+            for i in range(3):
+                r = generate(coord, "def parse(")
+                if r["token_ids"] != first["token_ids"]:
+                    fail("same prompt and seed gave different tokens through %s: %s vs %s" % (coord.name, r["token_ids"], first["token_ids"]))
+        print("k8s_test: both coordinators answer; %r" % first["text"])
+
+        # A pod deletion: SIGTERM, then the kubelet waits terminationGracePeriodSeconds.
+        victim = workers[1]
+        grace = victim.workload["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+        victim.expect_exit = True
+        victim.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        cluster.wait("%s to leave the Service" % victim.name, lambda: not victim.ready, grace)
+        for i in range(4):
+            generate(coordinators[i % 2], "int main(void) {")
+        try:
+            rc = victim.proc.wait(timeout=max(1, grace - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            fail("%s did not exit within its %d s grace period after SIGTERM" % (victim.name, grace))
+        if rc != 0:
+            cluster.dump()
+            fail("%s exited %d after SIGTERM (want 0: a clean drain)" % (victim.name, rc))
+        print("k8s_test: %s drained and exited 0 after %.1f s; requests kept succeeding" % (victim.name, time.monotonic() - t0))
+
+        # The StatefulSet replaces it: same name, same volume. Its disk tier finds its blocks again.
+        victim.expect_exit = False
+        cluster.start(victim)
+        cluster.wait("%s ready again" % victim.name, lambda: victim.ready, 60)
+        for coord in coordinators:
+            cluster.wait("%s to see %s again" % (coord.name, victim.name),
+                         lambda: serving_workers(coord) == expect, 30)
+        with open(victim.log, errors="replace") as f:
+            log = f.read()
+        recovered = re.findall(r"\((\d+) recovered\)", log)
+        if len(recovered) != 2:
+            fail("%s: want a KV tiers line from each start, found %s" % (victim.name, recovered))
+        print("k8s_test: %s back on its volume (disk tier: %s blocks recovered)" % (victim.name, recovered[-1]))
+        generate(coordinators[0], "def parse(")
+        cluster.stop_all()
+        for p in cluster.pods:
+            if p.proc.returncode != 0:
+                cluster.dump()
+                fail("%s exited %d on SIGTERM" % (p.name, p.proc.returncode))
+    finally:
+        for p in cluster.pods:
+            if p.proc is not None and p.proc.poll() is None:
+                os.killpg(p.proc.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main():
+    os.environ["PATH"] = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
+    if len(sys.argv) == 4 and sys.argv[1] == "--pods":
+        m = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
+        run_pods(m, sys.argv[2], sys.argv[3])
+        print("PASS")
+        return
+
+    work = os.environ.get("TEST_TMPDIR") or tempfile.mkdtemp()
+    flags = {name: binary_flags(os.path.join(ROOT, BINARIES[name]))
+             for name in ("strata-worker", "strata-coordinator")}
+    image_models = {"models/strata-tiny"}
+
+    base = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
+    n = check_manifests(base, flags, image_models)
+    # kustomize refuses the symlinks a Bazel runfiles tree is made of: render a copy.
+    k8s_copy = os.path.join(work, "k8s")
+    shutil.rmtree(k8s_copy, ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, "k8s"), k8s_copy)
+    rendered = kubectl_render(os.path.join(k8s_copy, "base"))
+    if rendered is not None:
+        if sorted(json.dumps(o, sort_keys=True) for o in rendered) != sorted(json.dumps(o, sort_keys=True) for o in base.objs):
+            fail("kubectl kustomize k8s/base differs from its resource files")
+        gpu = kubectl_render(os.path.join(k8s_copy, "gpu"))
+        n += check_manifests(Manifests(gpu, "k8s/gpu"), flags, image_models)
+        print("k8s_test: k8s/base and k8s/gpu pass %d checks" % n)
+    else:
+        print("k8s_test: k8s/base passes %d checks; no kubectl here, so k8s/gpu is not rendered" % n)
+
+    validate_schemas(work, [("k8s/base", base.objs)] + ([("k8s/gpu", gpu)] if rendered is not None else []))
+
+    archive = os.path.join(work, "strata-image.tar")
+    rootfs = os.path.join(work, "rootfs")
+    builder = os.path.join(ROOT, "tools/image/build_image.py")
+    py = sys.executable
+    sh(py, builder, "--out", archive, "--tag", "strata:test",
+       *sum((["--binary", os.path.join(ROOT, p)] for p in BINARIES.values()), []),
+       "--model", "strata-tiny=" + os.path.join(ROOT, "models/strata-tiny/base"))
+    sh(py, builder, "--unpack", archive, "--rootfs", rootfs)
+    os.unlink(archive)
+    for name in BINARIES:
+        if not os.access(os.path.join(rootfs, "usr/local/bin", name), os.X_OK):
+            fail("the image has no /usr/local/bin/%s" % name)
+
+    # Pods need their own network and mount namespaces: as root, directly; otherwise inside a user
+    # namespace where this user is root (the image's user cannot be taken on there).
+    real_root = os.geteuid() == 0
+    env = dict(os.environ, STRATA_K8S_TEST_REAL_ROOT="1" if real_root else "0")
+    ns = ["unshare", "--net", "--mount", "--pid", "--fork", "--propagation", "private"]
+    if not real_root:
+        ns[1:1] = ["--user", "--map-root-user"]
+    # A private /run for `ip netns`.
+    inner = "mount -t tmpfs tmpfs /run && mount -t proc proc /proc && exec %s %s --pods %s %s" % (
+        shquote(py), shquote(os.path.abspath(__file__)), shquote(rootfs), shquote(work))
+    rc = subprocess.run(ns + ["/bin/sh", "-c", inner], env=env).returncode
+    if rc != 0:
+        fail("pods phase exited %d" % rc)
+
+
+if __name__ == "__main__":
+    main()
