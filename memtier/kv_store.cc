@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/copy.h"
 #include "common/log.h"
 
@@ -600,6 +601,42 @@ void KvStore::Poll() {
 
 void KvStore::Flush() {
   if (disk_ != nullptr) disk_->Flush();
+}
+
+int64_t KvStore::Persist(absl::Time deadline) {
+  if (!disk_enabled_ || host_ == nullptr) return 0;
+  Flush();
+  std::vector<int64_t> todo;  // most recently used first
+  int64_t clean = 0;
+  for (auto it = host_lru_.rbegin(); it != host_lru_.rend(); ++it) {
+    const HostSlot& h = host_slots_[*it];
+    if (h.state != HostSlot::State::kReady) continue;
+    if (h.clean || disk_index_.contains(h.key.hash)) {
+      ++clean;
+    } else {
+      todo.push_back(*it);
+    }
+  }
+  // More would evict the disk copies of blocks written earlier in this call (or of clean ones).
+  const size_t limit = static_cast<size_t>(std::clamp<int64_t>(
+      static_cast<int64_t>(disk_slots_.size()) - clean, 0, static_cast<int64_t>(todo.size())));
+  const int64_t max_writes = 2 * static_cast<int64_t>(config_.disk_queue_depth);
+  const int64_t before = stats_.write_backs;
+  size_t next = 0;
+  while (next < limit && disk_enabled_ && absl::Now() < deadline) {
+    while (next < limit && writes_in_flight_ < max_writes) {
+      const int64_t slot = todo[next++];
+      const HostSlot& h = host_slots_[slot];
+      if (h.state != HostSlot::State::kReady || h.clean || h.writing) continue;
+      if (!StartWriteBack(slot)) {
+        next = limit;  // no disk slot to be had
+        break;
+      }
+    }
+    Flush();
+  }
+  Flush();
+  return stats_.write_backs - before;
 }
 
 std::vector<TierEvent> KvStore::DrainEvents() {

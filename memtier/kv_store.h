@@ -41,6 +41,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "memtier/block_tier.h"
 #include "memtier/disk_tier.h"
 #include "memtier/host_tier.h"
@@ -144,6 +145,12 @@ class KvStore {
   void SetNotify(std::function<void()> notify) ABSL_LOCKS_EXCLUDED(notify_mu_);
   // Waits for every disk operation and runs its continuation (tests, shutdown).
   void Flush();
+  // For shutdown: writes the host tier's blocks that have no disk copy to disk, most recently used
+  // first, so that a store opened later on the same disk file (DiskTier recovery) starts with them.
+  // Writes no more blocks than the disk holds besides the host's clean blocks, keeps up to
+  // 2 x disk_queue_depth writes in flight, and stops starting new ones at `deadline`; returns when
+  // the last has finished, with how many blocks were written. 0 without a disk tier.
+  int64_t Persist(absl::Time deadline);
   // Disk loads in flight (a waiting request may be waiting for them).
   int64_t loads_in_flight() const { return loads_in_flight_; }
 

@@ -249,6 +249,50 @@ TEST_F(KvStoreTest, TheDiskTierIsIndexedAgainAfterARestart) {
   EXPECT_EQ(store_->Find(KeyOf(5).hash), KvStore::Where::kNone);
 }
 
+TEST_F(KvStoreTest, PersistLeavesTheHostTierOnDiskForTheNextStore) {
+  Open(Config(8, 16));
+  for (uint32_t i = 0; i < 8; ++i) Evict(i);
+  Settle();
+  const int64_t clean = store_->stats().write_backs;  // the LRU end, written back ahead of need
+  EXPECT_LT(clean, 8);
+  EXPECT_EQ(store_->Persist(absl::InfinitePast()), 0);  // past its deadline: starts nothing
+  EXPECT_EQ(store_->Persist(absl::InfiniteFuture()), 8 - clean);
+  EXPECT_EQ(store_->Persist(absl::InfiniteFuture()), 0);  // nothing left without a disk copy
+  store_.reset();
+  Open(Config(8, 16));
+  EXPECT_EQ(store_->stats().disk_recovered, 8);
+  for (uint32_t i = 0; i < 8; ++i) {
+    ASSERT_EQ(store_->Find(KeyOf(i).hash), KvStore::Where::kDisk) << i;
+    ASSERT_EQ(store_->Prefetch({KeyOf(i).hash}), 1);
+    Settle();
+    ASSERT_TRUE(store_->Restore(KeyOf(i).hash, 3).ok());
+    EXPECT_EQ(DeviceBlock(3, i), Block(i)) << i;
+  }
+}
+
+TEST_F(KvStoreTest, PersistOnASmallDiskKeepsTheMostRecentlyUsed) {
+  Open(Config(8, 4));
+  for (uint32_t i = 0; i < 8; ++i) Evict(i);
+  Settle();
+  const int64_t clean = store_->stats().write_backs;
+  ASSERT_LT(clean, 4);
+  // Only the disk's free room: writing more would evict what this call wrote first.
+  EXPECT_EQ(store_->Persist(absl::InfiniteFuture()), 4 - clean);
+  store_.reset();
+  Open(Config(8, 4));
+  EXPECT_EQ(store_->stats().disk_recovered, 4);
+  for (uint32_t i = 8 - (4 - clean); i < 8; ++i) {
+    EXPECT_EQ(store_->Find(KeyOf(i).hash), KvStore::Where::kDisk) << i;
+  }
+}
+
+TEST_F(KvStoreTest, PersistWithoutADiskWritesNothing) {
+  Open(Config(4, 0));
+  Evict(1);
+  EXPECT_EQ(store_->Persist(absl::InfiniteFuture()), 0);
+  EXPECT_EQ(store_->Find(KeyOf(1).hash), KvStore::Where::kHost);
+}
+
 TEST_F(KvStoreTest, ADamagedDiskBlockIsAMissAndCounted) {
   Open(Config(2, 8));
   Evict(4, /*to_disk=*/true);

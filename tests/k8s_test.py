@@ -223,12 +223,14 @@ def check_manifests(m, flags, image_models):
             if "readinessProbe" not in c:
                 fail("%s: no readinessProbe (a draining server must leave its Service)" % cname)
             grace = pod.get("terminationGracePeriodSeconds", 30)
-            own = {"strata-worker": ("drain_timeout_s", 30), "strata-coordinator": ("shutdown_grace_s", 10)}
+            # The server's own shutdown limits, with their defaults: all must fit in the grace period.
+            own = {"strata-worker": {"drain_timeout_s": 30, "persist_kv_s": 10},
+                   "strata-coordinator": {"shutdown_grace_s": 10}}
             if binary in own:
-                f, default = own[binary]
-                if float(args.get(f, default)) + 5 > grace:
-                    fail("%s: terminationGracePeriodSeconds %s leaves under 5 s beyond --%s=%s: the "
-                         "kubelet would kill it mid-drain" % (cname, grace, f, args.get(f, default)))
+                limits = {f: float(args.get(f, d)) for f, d in own[binary].items()}
+                if sum(limits.values()) + 5 > grace:
+                    fail("%s: terminationGracePeriodSeconds %s leaves under 5 s beyond %s: the "
+                         "kubelet would kill it mid-shutdown" % (cname, grace, limits))
                 n += 1
             mounts = c.get("volumeMounts", [])
             for vm in mounts:
@@ -601,6 +603,13 @@ def run_pods(m, rootfs, work):
                 fail("generate through %s returned %s" % (coord.name, r))
             return r
 
+        # Prompts of several full KV blocks (16 tokens each), so that the workers have a cache to
+        # hand on.
+        prompts = ["# %s\nimport os\nimport sys\n\n\ndef main(argv):\n    for arg in argv[1:]:\n"
+                   "        print(arg, file=sys.stderr)\n    return %d\n" % (word, i)
+                   for i, word in enumerate(["parse", "config", "server", "client", "tokens", "blocks"])]
+        for i, prompt in enumerate(prompts):
+            generate(coordinators[i % 2], prompt)
         first = generate(coordinators[0], "def parse(")
         for coord in coordinators:
             for i in range(3):
@@ -609,8 +618,16 @@ def run_pods(m, rootfs, work):
                     fail("same prompt and seed gave different tokens through %s: %s vs %s" % (coord.name, r["token_ids"], first["token_ids"]))
         print("k8s_test: both coordinators answer; %r" % first["text"])
 
-        # A pod deletion: SIGTERM, then the kubelet waits terminationGracePeriodSeconds.
-        victim = workers[1]
+        # A pod deletion: SIGTERM, then the kubelet waits terminationGracePeriodSeconds. The victim
+        # is the worker holding the most KV blocks.
+        out = stratactl(cluster, "status", "--json", "--coordinator", "%s:%d" % (coordinators[0].ip, coordinators[0].port))
+        held = {}
+        for w in json.loads(out.stdout)["cluster"].get("workers", []):
+            held[w["info"]["worker_id"]] = sum(int(t.get("num_total_blocks", 0)) for t in w.get("indexed", [])
+                                               if t["tier"] == "TIER_DEVICE")
+        victim = cluster.pod(max(held, key=held.get))
+        if held[victim.name] == 0:
+            fail("no worker holds a KV block after %d requests: %s" % (len(prompts) + 7, held))
         grace = victim.workload["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         victim.expect_exit = True
         victim.proc.send_signal(signal.SIGTERM)
@@ -637,9 +654,14 @@ def run_pods(m, rootfs, work):
         with open(victim.log, errors="replace") as f:
             log = f.read()
         recovered = re.findall(r"\((\d+) recovered\)", log)
-        if len(recovered) != 2:
-            fail("%s: want a KV tiers line from each start, found %s" % (victim.name, recovered))
-        print("k8s_test: %s back on its volume (disk tier: %s blocks recovered)" % (victim.name, recovered[-1]))
+        persisted = re.findall(r"KV cache persisted: (\d+) blocks", log)
+        if len(recovered) != 2 or len(persisted) != 1:
+            fail("%s: want a KV tiers line from each start and one persist line, found %s, %s" % (victim.name, recovered, persisted))
+        if int(persisted[0]) < held[victim.name] or int(recovered[1]) < int(recovered[0]) + int(persisted[0]):
+            fail("%s held %d device blocks, wrote %s to disk on SIGTERM and its replacement recovered "
+                 "%s (the first start %s)" % (victim.name, held[victim.name], persisted[0], recovered[1], recovered[0]))
+        print("k8s_test: %s back on its volume: %s KV blocks written on SIGTERM, recovered by its replacement"
+              % (victim.name, persisted[0]))
         generate(coordinators[0], "def parse(")
         cluster.stop_all()
         for p in cluster.pods:

@@ -76,6 +76,8 @@ class BlockManager {
   // Every published hash (in use or cached), in no particular order: the inventory that a fresh
   // subscriber to the events receives before the changes.
   std::vector<BlockHash> PublishedHashes() const;
+  // Cached blocks (published, held by no sequence), least recently released first.
+  std::vector<int32_t> CachedBlocks() const { return {lru_.begin(), lru_.end()}; }
 
  private:
   struct Block {

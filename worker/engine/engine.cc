@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/log.h"
 #include "common/status_macros.h"
 
@@ -323,6 +324,21 @@ bool Engine::WaitForLoads(Sequence* s, absl::Span<const BlockHash> hashes, int64
 void Engine::PutDown(int32_t block, BlockKey key, bool to_disk) {
   device_tier_->Bind(block, key);
   store_->Put(block, key, to_disk);
+}
+
+int64_t Engine::PersistKv(absl::Time deadline) {
+  if (store_ == nullptr || !store_->has_disk()) return 0;
+  int64_t n = 0;
+  for (const int32_t b : blocks_.CachedBlocks()) {
+    if (absl::Now() >= deadline) break;
+    const BlockKey key = blocks_.key(b);
+    if (store_->Find(key.hash) != KvStore::Where::kNone) continue;
+    PutDown(b, key, /*to_disk=*/false);
+    // Lets write-backs keep up when the host tier is smaller than the device cache.
+    if (++n % 32 == 0) store_->Poll();
+  }
+  store_->Poll();
+  return store_->Persist(deadline);
 }
 
 void Engine::KeepWarm(const Sequence& s) {

@@ -470,6 +470,29 @@ TEST_F(EngineTiersTest, EvictedPrefixesComeBackFromHostAndDiskWithTheSameOutput)
   EXPECT_EQ(out.num_cached_prompt_tokens, Cached(out, Tier::kDisk) + Cached(out, Tier::kHost));
 }
 
+TEST_F(EngineTiersTest, PersistKvHandsTheWholeCacheToTheNextEngine) {
+  std::mt19937 rng(11);
+  const std::vector<int32_t> a = RandomPrompt(rng, 100);
+  RequestOutput out;
+  std::vector<int32_t> want;
+  {
+    auto e = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/64));
+    want = Run(*e, "a1", a, &out);
+    // Without it, a's blocks sit in the device cache and the host tier, both lost on exit.
+    EXPECT_EQ(e->Stats().tiers.write_backs, 0);
+    EXPECT_EQ(e->PersistKv(absl::InfiniteFuture()), 6);  // (100 - 1) / 16 full blocks
+    EXPECT_EQ(e->PersistKv(absl::InfiniteFuture()), 0);  // all of them on disk already
+  }
+  auto restarted = MakeEngine(TieredConfig(32, 64));
+  EXPECT_EQ(restarted->Stats().tiers.disk_recovered, 6);
+  EXPECT_EQ(Run(*restarted, "a2", a, &out), want);
+  EXPECT_EQ(Cached(out, Tier::kDisk), 96);
+  // Without a disk tier there is nothing to persist to.
+  auto host_only = MakeEngine(TieredConfig(32, 0));
+  Run(*host_only, "a3", a, &out);
+  EXPECT_EQ(host_only->PersistKv(absl::InfiniteFuture()), 0);
+}
+
 TEST_F(EngineTiersTest, HostBlocksArePromotedToFreeDeviceBlocksOnArrival) {
   std::mt19937 rng(9);
   const std::vector<int32_t> a = RandomPrompt(rng, 80), b = RandomPrompt(rng, 200);

@@ -6,7 +6,9 @@
 //
 // On SIGINT or SIGTERM it drains: it stops admitting sequences (health turns NOT_SERVING and
 // Submit answers FAILED_PRECONDITION, so coordinators route elsewhere), lets admitted sequences
-// finish for up to --drain_timeout_s, then shuts down; a second signal shuts down at once.
+// finish for up to --drain_timeout_s, then writes its cached KV blocks down to the disk tier for up
+// to --persist_kv_s (a worker restarted on the same file starts warm) and shuts down; a second
+// signal shuts down at once.
 #include <signal.h>
 #include <unistd.h>
 
@@ -97,6 +99,9 @@ ABSL_FLAG(bool, gpu_prefill_mma_attention, false,
           "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores. "
           "Experimental: not yet measured on a GPU.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
+ABSL_FLAG(int64_t, persist_kv_s, 10,
+          "On shutdown, up to this long writing cached KV blocks down to the disk tier, so that "
+          "the next worker on the same --disk_cache_path starts with them; 0: none.");
 ABSL_FLAG(int, tensor_parallel, 1,
           "Ranks the model is split across (attention heads, MLP columns and vocabulary): this "
           "process is rank 0 and starts the others itself, one process each. CPU only for now; "
@@ -322,6 +327,11 @@ int Main(const std::vector<std::string>& args) {
   wo.model_name = model_name;
   wo.max_live_sequences = absl::GetFlag(FLAGS_max_live_sequences);
   wo.tensor_parallel_size = world;
+  if (absl::GetFlag(FLAGS_persist_kv_s) < 0) {
+    LOG(ERROR) << "--persist_kv_s must be 0 or more, not " << absl::GetFlag(FLAGS_persist_kv_s);
+    return 1;
+  }
+  wo.persist_kv_timeout = absl::Seconds(absl::GetFlag(FLAGS_persist_kv_s));
   absl::StatusOr<std::unique_ptr<WorkerService>> service =
       WorkerService::Create(*std::move(engine), wo);
   if (!service.ok()) {
@@ -390,9 +400,12 @@ int Main(const std::vector<std::string>& args) {
   absl::Notification stopped;
   std::thread watchdog;
   if (group_comm != nullptr) {
-    watchdog = std::thread([&stopped, comm = group_comm.get()] {
-      if (!stopped.WaitForNotificationWithTimeout(absl::Seconds(15))) {
-        comm->Abort("shutdown: a rank did not stop within 15 s");
+    // The loop's last act, writing the KV cache to disk, gets its own time on top.
+    const absl::Duration limit = absl::Seconds(15 + absl::GetFlag(FLAGS_persist_kv_s));
+    watchdog = std::thread([&stopped, limit, comm = group_comm.get()] {
+      if (!stopped.WaitForNotificationWithTimeout(limit)) {
+        comm->Abort(
+            absl::StrCat("shutdown: a rank did not stop within ", absl::FormatDuration(limit)));
       }
     });
   }

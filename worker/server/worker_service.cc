@@ -404,6 +404,13 @@ void WorkerService::Loop() {
   for (auto& w : state.watchers) w.stream->RequestFinish(gone);
   state.watchers.clear();
   // Commands posted from now on (cancellations racing with shutdown) refer to finished streams.
+  if (options_.persist_kv_timeout > absl::ZeroDuration() && engine_->kv_store() != nullptr &&
+      engine_->kv_store()->has_disk()) {
+    const absl::Time start = absl::Now();
+    const int64_t written = engine_->PersistKv(start + options_.persist_kv_timeout);
+    LOG(INFO) << "KV cache persisted: " << written << " blocks written to the disk tier in "
+              << absl::FormatDuration(absl::Now() - start);
+  }
 }
 
 void WorkerService::ProcessInbox(LoopState* state) {

@@ -51,6 +51,9 @@ struct WorkerServiceOptions {
   // "cpu" or the GPU's name.
   std::string device = "cpu";
   int32_t tensor_parallel_size = 1;
+  // When the loop stops: how long the engine may spend writing its cached KV blocks down to the
+  // disk tier (Engine::PersistKv) after the open streams are failed over; zero: not at all.
+  absl::Duration persist_kv_timeout = absl::ZeroDuration();
 };
 
 class WorkerService final : public v1::Worker::CallbackService {
