@@ -11,6 +11,7 @@
 //       [--stop STR]... [--ignore-eos] [--logprobs K] [--cache-salt S] [--timeout-s N] [--json]
 //   stratactl status [--coordinator ADDR] [--json]
 //   stratactl drain WORKER [--coordinator ADDR] [--resume] [--wait] [--timeout-s N] [--json]
+//   stratactl plan --model DIR|CONFIG.json [--gpu NAME] [workload and sizing flags] [--emit ...]
 //
 // Cluster commands reach the coordinator at --coordinator, else $STRATA_COORDINATOR, else
 // 127.0.0.1:50051.
@@ -24,6 +25,7 @@
 #include "cli/args.h"
 #include "cli/cluster.h"
 #include "cli/offline.h"
+#include "cli/plan.h"
 
 namespace {
 
@@ -39,7 +41,17 @@ constexpr char kUsage[] =
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
     "      [--ignore-eos] [--logprobs K] [--cache-salt S] [--timeout-s N] [--json]\n"
     "  stratactl status [--json]\n"
-    "  stratactl drain WORKER [--resume] [--wait] [--timeout-s N] [--json]\n";
+    "  stratactl drain WORKER [--resume] [--wait] [--timeout-s N] [--json]\n"
+    "capacity planning (docs/KUBERNETES.md):\n"
+    "  stratactl plan --model DIR|CONFIG.json [--gpu h100|h200|a100|l40s|list] [--rate RPS]\n"
+    "      [--prompt-tokens N] [--output-tokens N] [--shared-prefix-tokens N] [--tpot-ms T]\n"
+    "      [--conversations N] [--conversation-tokens N] [--host-cache-gib G]\n"
+    "      [--kv-compression none|int8|fp8] [--tensor-parallel N] [--dtype bf16|f16|f32]\n"
+    "      [--max-running-sequences N] [--max-batch-tokens N] [--gpu-memory-gib G\n"
+    "      --gpu-bandwidth-gbps B --gpu-tflops F] [--decode-efficiency E] [--prefill-efficiency "
+    "E]\n"
+    "      [--gpu-memory-utilization U] [--target-utilization U] [--json | --emit "
+    "table|json|k8s]\n";
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "stratactl: %s\n", std::string(s.message()).c_str());
@@ -98,6 +110,12 @@ int main(int argc, char** argv) {
     auto args = strata::Args::Parse(rest, {"json", "resume", "wait"}, {"coordinator", "timeout-s"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::DrainCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "plan") {
+    auto args = strata::ParsePlanArgs(rest);
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::PlanCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);
   }
   std::fprintf(stderr, "stratactl: unknown command \"%s\"\n%s", command.c_str(), kUsage);

@@ -332,7 +332,7 @@ def validate_schemas(work, sets):
     if not os.path.exists(os.path.join(d, "node_modules")):
         os.symlink(modules, os.path.join(d, "node_modules"))
     for name, objs in sets:
-        path = os.path.join(d, name.replace("/", "_") + ".json")
+        path = os.path.join(d, re.sub(r"[^A-Za-z0-9]+", "_", name) + ".json")
         with open(path, "w") as f:
             json.dump(objs, f)
         out = subprocess.run([node, os.path.join(d, "validate.mjs"), path], capture_output=True, text=True)
@@ -702,11 +702,28 @@ def main():
             fail("kubectl kustomize k8s/base differs from its resource files")
         gpu = kubectl_render(os.path.join(k8s_copy, "gpu"))
         n += check_manifests(Manifests(gpu, "k8s/gpu"), flags, image_models)
-        print("k8s_test: k8s/base and k8s/gpu pass %d checks" % n)
+        # What `stratactl plan --emit k8s` writes, as an overlay of k8s/gpu.
+        planned_dir = os.path.join(k8s_copy, "planned")
+        os.makedirs(planned_dir)
+        out = subprocess.run([os.path.join(ROOT, BINARIES["stratactl"]), "plan", "--model",
+                              os.path.join(ROOT, "bench/configs/llama3_8b.json"), "--gpu", "h100",
+                              "--rate", "20", "--conversations", "2000", "--conversation-tokens",
+                              "3000", "--host-cache-gib", "128", "--emit", "k8s"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            fail("stratactl plan --emit k8s: %s" % out.stderr)
+        with open(os.path.join(planned_dir, "worker.yaml"), "w") as f:
+            f.write(out.stdout)
+        with open(os.path.join(planned_dir, "kustomization.yaml"), "w") as f:
+            f.write("resources: [../gpu]\npatches:\n  - path: worker.yaml\n")
+        planned = kubectl_render(planned_dir)
+        n += check_manifests(Manifests(planned, "stratactl plan --emit k8s"), flags, image_models)
+        print("k8s_test: k8s/base, k8s/gpu and a stratactl plan overlay pass %d checks" % n)
     else:
         print("k8s_test: k8s/base passes %d checks; no kubectl here, so k8s/gpu is not rendered" % n)
 
-    validate_schemas(work, [("k8s/base", base.objs)] + ([("k8s/gpu", gpu)] if rendered is not None else []))
+    validate_schemas(work, [("k8s/base", base.objs)] +
+                     ([("k8s/gpu", gpu), ("stratactl plan --emit k8s", planned)] if rendered is not None else []))
 
     archive = os.path.join(work, "strata-image.tar")
     rootfs = os.path.join(work, "rootfs")

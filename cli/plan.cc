@@ -1,0 +1,535 @@
+#include "cli/plan.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "common/json.h"
+#include "common/mapped_file.h"
+#include "common/status_macros.h"
+#include "memtier/slot_format.h"
+
+namespace strata {
+namespace {
+
+constexpr double kMiB = 1024.0 * 1024.0;
+constexpr double kGiB = 1024.0 * kMiB;
+// Host memory a GPU worker needs besides its host KV tier: the process, the CUDA context's host
+// side, pinned staging, and page cache while the weights load.
+constexpr int64_t kPodOverheadMiB = 8192;
+// Sequential write rate assumed for the disk tier when sizing --persist_kv_s (one NVMe drive).
+constexpr double kPersistBytesPerS = 2e9;
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The spelling of strata-worker's --gpu_dtype.
+const char* FlagName(DType t) {
+  return t == DType::kBF16 ? "bf16" : t == DType::kF16 ? "f16" : "f32";
+}
+
+}  // namespace
+
+const std::vector<GpuSpec>& KnownGpus() {
+  static const std::vector<GpuSpec>* gpus = new std::vector<GpuSpec>{
+      {"h100", 80e9, 3009e9, 794e12, 0.73, 0.33,
+       "H100 80GB HBM3 (SXM): bandwidth, GEMM rate and Strata's efficiencies measured by "
+       "bench/gpu_bench"},
+      {"h200", 141e9, 4205e9, 780e12, 0.665, 0.33,
+       "H200 141GB HBM3e: bandwidth, GEMM rate and Strata's efficiencies measured by "
+       "bench/gpu_bench"},
+      {"a100", 80e9, 0.9 * 2039e9, 0.9 * 312e12, 0.73, 0.33,
+       "A100 80GB SXM: datasheet bandwidth and dense bf16 rate x 0.9, the H100's efficiencies "
+       "(not measured)"},
+      {"l40s", 48e9, 0.9 * 864e9, 0.9 * 362e12, 0.73, 0.33,
+       "L40S 48GB: datasheet bandwidth and dense bf16 rate x 0.9, the H100's efficiencies (not "
+       "measured)"},
+  };
+  return *gpus;
+}
+
+absl::StatusOr<GpuSpec> FindGpu(const std::string& name) {
+  std::vector<std::string> names;
+  for (const GpuSpec& g : KnownGpus()) {
+    if (g.name == name) return g;
+    names.push_back(g.name);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--gpu \"", name, "\" is not one of ", absl::StrJoin(names, ", "),
+                   " (or give --gpu-memory-gib, --gpu-bandwidth-gbps and "
+                   "--gpu-tflops)"));
+}
+
+absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
+                              const Workload& workload, const PlanOptions& options) {
+  const int tp = options.tensor_parallel;
+  if (tp < 1 || model.num_kv_heads % tp != 0 || model.num_heads % tp != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tensor-parallel ", tp, " must divide the model's ", model.num_heads,
+                     " attention heads and ", model.num_kv_heads, " KV heads"));
+  }
+  if (workload.prompt_tokens < 1 || workload.output_tokens < 1) {
+    return absl::InvalidArgumentError("--prompt-tokens and --output-tokens must be at least 1");
+  }
+  if (workload.prompt_tokens + workload.output_tokens > model.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--prompt-tokens plus --output-tokens (", workload.prompt_tokens + workload.output_tokens,
+        ") exceed the model's max_position_embeddings (", model.max_position_embeddings, ")"));
+  }
+  if (workload.shared_prefix_tokens < 0 || workload.shared_prefix_tokens > workload.prompt_tokens) {
+    return absl::InvalidArgumentError("--shared-prefix-tokens must be 0 to --prompt-tokens");
+  }
+  const double dtype_bytes = DTypeBytes(options.dtype);
+  const int64_t bt = options.block_tokens;
+  Plan p;
+  p.parameters = model.NumParameters();
+  p.weight_bytes = static_cast<double>(p.parameters) * dtype_bytes;
+  p.kv_bytes_per_token = 2 * model.num_layers * model.kv_dim() * DTypeBytes(options.dtype);
+
+  // Prefill FLOPs per token: two per weight used (every matrix but the embedding table), plus
+  // Q.K and P.V over the mean causal context of an uncached prompt.
+  const int64_t shared_full = workload.shared_prefix_tokens / bt * bt;
+  const int64_t uncached = workload.prompt_tokens - shared_full;
+  const double embedding = static_cast<double>(model.vocab_size) * model.hidden_size;
+  const double matrix_params =
+      static_cast<double>(p.parameters) - (model.tie_word_embeddings ? 0.0 : embedding);
+  double mean_keys = shared_full + uncached / 2.0;
+  if (model.sliding_window > 0) mean_keys = std::min<double>(mean_keys, model.sliding_window);
+  p.prefill_flops_per_token =
+      2 * matrix_params + 4.0 * model.num_layers * model.q_dim() * mean_keys;
+
+  // One GPU's memory.
+  p.gpu_weight_bytes = p.weight_bytes / tp;
+  p.gpu_scratch_bytes =
+      4.0 * options.max_batch_tokens *
+          (3.0 * model.hidden_size +
+           (2.0 * model.intermediate_size + model.q_dim() + 2.0 * model.kv_dim()) / tp) +
+      8.0 * options.max_running_sequences * model.vocab_size;
+  const double kv_bytes =
+      gpu.memory_bytes * options.gpu_memory_utilization - p.gpu_weight_bytes - p.gpu_scratch_bytes;
+  const int64_t block_bytes_rank = p.kv_bytes_per_token / tp * bt;
+  if (kv_bytes < block_bytes_rank) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s's weights (%.1f GiB per GPU) and scratch (%.1f GiB) leave no room for a KV cache in "
+        "%.0f%% of %s's %.0f GB: use a larger --tensor-parallel or another --gpu",
+        model.architecture_name, p.gpu_weight_bytes / kGiB, p.gpu_scratch_bytes / kGiB,
+        100 * options.gpu_memory_utilization, gpu.name, gpu.memory_bytes / 1e9));
+  }
+  p.kv_cache_mb = static_cast<int64_t>(kv_bytes / kMiB);
+  const int64_t blocks = static_cast<int64_t>(p.kv_cache_mb * kMiB) / block_bytes_rank;
+  p.kv_cache_tokens = blocks * bt;
+
+  // Decode: a step reads every weight once (one row of the embedding table per sequence) and
+  // each sequence's KV over its mean context.
+  const double mean_context = workload.prompt_tokens + workload.output_tokens / 2.0;
+  const double step_weight_bytes =
+      p.weight_bytes - (model.tie_word_embeddings ? 0.0 : embedding * dtype_bytes);
+  const double decode_efficiency =
+      options.decode_efficiency > 0 ? options.decode_efficiency : gpu.decode_efficiency;
+  const double prefill_efficiency =
+      options.prefill_efficiency > 0 ? options.prefill_efficiency : gpu.prefill_efficiency;
+  const double bandwidth = tp * gpu.copy_bytes_per_s * decode_efficiency;
+  const double flop_rate = tp * gpu.flops * prefill_efficiency;
+  auto step_s = [&](double b) {
+    const double memory = (step_weight_bytes + b * mean_context * p.kv_bytes_per_token) / bandwidth;
+    const double compute = 2 * matrix_params * b / flop_rate;
+    return std::max(memory, compute);
+  };
+  p.batch1_step_ms = 1e3 * step_s(1);
+  const int64_t per_sequence =
+      CeilDiv(workload.prompt_tokens + workload.output_tokens - shared_full, bt) * bt;
+  const int64_t by_memory = (p.kv_cache_tokens - shared_full) / per_sequence;
+  if (by_memory < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "one sequence of %d tokens does not fit in the %d-token KV cache of one %s",
+        workload.prompt_tokens + workload.output_tokens, p.kv_cache_tokens, gpu.name));
+  }
+  int64_t by_tpot = std::numeric_limits<int64_t>::max();
+  if (workload.tpot_ms > 0) {
+    if (p.batch1_step_ms > workload.tpot_ms) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--tpot-ms %.1f is below a batch-1 decode step of this model on %s (%.2f ms)",
+          workload.tpot_ms, gpu.name, p.batch1_step_ms));
+    }
+    // The largest batch whose step (memory- or compute-bound, both linear in the batch) fits.
+    const double t = workload.tpot_ms / 1e3;
+    const double by_bytes =
+        (t * bandwidth - step_weight_bytes) / (mean_context * p.kv_bytes_per_token);
+    const double by_flops = t * flop_rate / (2 * matrix_params);
+    by_tpot = std::max<int64_t>(1, static_cast<int64_t>(std::min(by_bytes, by_flops)));
+  }
+  p.batch = std::min({by_memory, by_tpot, options.max_running_sequences});
+  p.batch_limit = p.batch == options.max_running_sequences ? "max_running_sequences"
+                  : p.batch == by_memory                   ? "memory"
+                                                           : "tpot";
+  p.max_running_sequences = p.batch;
+  p.step_ms = 1e3 * step_s(static_cast<double>(p.batch));
+  p.decode_tokens_per_s = p.batch / (p.step_ms / 1e3);
+
+  // Prefill, and what a request costs.
+  p.prefill_tokens_per_s = flop_rate / p.prefill_flops_per_token;
+  p.ttft_ms = 1e3 * uncached / p.prefill_tokens_per_s;
+  p.gpu_seconds_per_request =
+      workload.output_tokens * (p.step_ms / 1e3) / p.batch + uncached / p.prefill_tokens_per_s;
+  p.requests_per_s_per_worker = 1 / p.gpu_seconds_per_request;
+  p.workers = std::max<int64_t>(
+      1, static_cast<int64_t>(std::ceil(
+             workload.rate_rps / (p.requests_per_s_per_worker * options.target_utilization))));
+  p.utilization = workload.rate_rps / (p.workers * p.requests_per_s_per_worker);
+
+  // Tiers: each block in a host or disk slot (header, 4 KiB alignment, compression), every
+  // rank's share of it.
+  KvBlockLayout layout;
+  layout.num_segments = 2 * model.num_layers;
+  layout.block_tokens = bt;
+  layout.num_heads = model.num_kv_heads / tp;
+  layout.head_dim = model.head_dim;
+  layout.dtype = options.dtype;
+  const KvCodec codec(layout, options.lower_tier_compression);
+  p.tier_slot_bytes = static_cast<int64_t>(SlotBytesFor(codec.encoded_bytes(), 4096)) * tp;
+  const int64_t conversation_tokens = workload.conversation_tokens > 0
+                                          ? workload.conversation_tokens
+                                          : workload.prompt_tokens + workload.output_tokens;
+  const int64_t conversations_per_worker = CeilDiv(workload.conversations, p.workers);
+  p.warm_set_bytes = static_cast<double>(conversations_per_worker) *
+                     CeilDiv(conversation_tokens, bt) * p.tier_slot_bytes;
+  double host = p.warm_set_bytes;
+  if (options.host_cache_budget_bytes > 0) host = std::min(host, options.host_cache_budget_bytes);
+  p.host_cache_mb = static_cast<int64_t>(std::ceil(host / kMiB));
+  // The disk holds the conversations the host tier cannot, and room for the device cache and the
+  // host tier written down at shutdown (--persist_kv_s), with a quarter more for LRU churn.
+  const double device_in_slots = static_cast<double>(blocks) * p.tier_slot_bytes;
+  const double disk = 1.25 * std::max(p.warm_set_bytes, p.host_cache_mb * kMiB + device_in_slots);
+  p.disk_cache_mb = static_cast<int64_t>(std::ceil(disk / kMiB));
+  p.pod_memory_request_mb = p.host_cache_mb + kPodOverheadMiB;
+  p.pod_memory_limit_mb = p.pod_memory_request_mb;
+  p.disk_volume_gib = static_cast<int64_t>(std::ceil(p.disk_cache_mb * 1.1 / 1024));
+
+  if (tp > 1) {
+    p.notes.push_back(
+        "tensor parallelism across GPUs is not built yet (--tensor_parallel is CPU-only): the "
+        "figures assume it scales bandwidth and FLOPs with the GPUs and ignore all-reduce time");
+  }
+  if (p.batch_limit == "max_running_sequences" && std::min(by_memory, by_tpot) > p.batch) {
+    p.notes.push_back(absl::StrFormat(
+        "--max-running-sequences %d caps the batch: the KV cache and the TPOT target allow %d",
+        options.max_running_sequences, std::min(by_memory, by_tpot)));
+  }
+  if (p.batch_limit == "memory") {
+    p.notes.push_back(absl::StrFormat(
+        "the KV cache (%d tokens) limits the batch to %d sequences of %d tokens: a larger GPU, "
+        "--tensor-parallel or shorter requests would allow more",
+        p.kv_cache_tokens, p.batch, workload.prompt_tokens + workload.output_tokens));
+  }
+  if (options.host_cache_budget_bytes > 0 && p.warm_set_bytes > options.host_cache_budget_bytes) {
+    p.notes.push_back(absl::StrFormat(
+        "the conversations' KV (%.1f GiB per worker) exceeds the host budget: %.1f GiB of it "
+        "lives on disk, one disk read per turn",
+        p.warm_set_bytes / kGiB, (p.warm_set_bytes - options.host_cache_budget_bytes) / kGiB));
+  }
+  return p;
+}
+
+std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& options) {
+  std::vector<std::string> f = {
+      "--device=gpu",
+      absl::StrCat("--gpu_dtype=", FlagName(options.dtype)),
+      absl::StrCat("--kv_cache_mb=", plan.kv_cache_mb),
+      absl::StrCat("--max_running_sequences=", plan.max_running_sequences),
+      absl::StrCat("--max_batch_tokens=", options.max_batch_tokens),
+  };
+  if (options.tensor_parallel > 1) {
+    f.push_back(absl::StrCat("--tensor_parallel=", options.tensor_parallel));
+  }
+  if (options.block_tokens != 16)
+    f.push_back(absl::StrCat("--block_tokens=", options.block_tokens));
+  if (plan.host_cache_mb > 0) f.push_back(absl::StrCat("--host_cache_mb=", plan.host_cache_mb));
+  f.push_back(absl::StrCat("--disk_cache_mb=", plan.disk_cache_mb));
+  if (options.lower_tier_compression != KvCompression::kNone) {
+    f.push_back(
+        absl::StrCat("--kv_compression=", KvCompressionName(options.lower_tier_compression)));
+  }
+  return f;
+}
+
+std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
+  // Persisting writes the device cache and the host tier at kPersistBytesPerS.
+  const double persist_bytes =
+      plan.kv_cache_mb * kMiB + static_cast<double>(plan.host_cache_mb) * kMiB;
+  const int64_t persist_s = std::clamp<int64_t>(
+      static_cast<int64_t>(std::ceil(persist_bytes / kPersistBytesPerS)) + 5, 10, 600);
+  const int64_t drain_s = 90;
+  std::string args;
+  for (const std::string& a :
+       {std::string("--listen=[::]:50061"), std::string("--model=$(STRATA_MODEL_DIR)"),
+        std::string("--model_name=$(STRATA_MODEL_NAME)"), std::string("--worker_id=$(POD_NAME)")}) {
+    absl::StrAppend(&args, "            - ", a, "\n");
+  }
+  for (const std::string& a : WorkerFlags(plan, options)) {
+    absl::StrAppend(&args, "            - ", a, "\n");
+  }
+  absl::StrAppend(&args, "            - --disk_cache_path=/var/lib/strata/kv/blocks\n",
+                  "            - --drain_timeout_s=", drain_s, "\n",
+                  "            - --persist_kv_s=", persist_s, "\n");
+  return absl::StrCat(
+      "# Written by `stratactl plan --emit k8s`: a patch of k8s/gpu's worker StatefulSet. Use it\n"
+      "# from an overlay: resources: [<path to k8s/gpu>], patches: [{path: this file}].\n"
+      "apiVersion: apps/v1\n"
+      "kind: StatefulSet\n"
+      "metadata:\n"
+      "  name: strata-worker\n"
+      "spec:\n"
+      "  replicas: ",
+      plan.workers, "\n",
+      "  template:\n"
+      "    spec:\n"
+      "      terminationGracePeriodSeconds: ",
+      drain_s + persist_s + 10, "\n",
+      "      containers:\n"
+      "        - name: worker\n"
+      "          args:\n",
+      args,
+      "          resources:\n"
+      "            requests:\n"
+      "              cpu: \"8\"\n"
+      "              memory: ",
+      plan.pod_memory_request_mb, "Mi\n",
+      "            limits:\n"
+      "              nvidia.com/gpu: ",
+      options.tensor_parallel, "\n", "              memory: ", plan.pod_memory_limit_mb, "Mi\n",
+      "  volumeClaimTemplates:\n"
+      "    - metadata:\n"
+      "        name: kv-disk\n"
+      "      spec:\n"
+      "        accessModes: [\"ReadWriteOnce\"]\n"
+      "        resources:\n"
+      "          requests:\n"
+      "            storage: ",
+      plan.disk_volume_gib, "Gi\n");
+}
+
+namespace {
+
+absl::StatusOr<double> PositiveDouble(const Args& args, const std::string& name, double fallback,
+                                      bool allow_zero) {
+  ASSIGN_OR_RETURN(const double v, args.GetDouble(name, fallback));
+  if (!(v > 0 || (allow_zero && v == 0)) || !std::isfinite(v)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", name, " must be ", allow_zero ? "0 or more" : "more than 0", ", not ", v));
+  }
+  return v;
+}
+
+absl::StatusOr<double> Fraction(const Args& args, const std::string& name, double fallback) {
+  ASSIGN_OR_RETURN(const double v, args.GetDouble(name, fallback));
+  if (!(v > 0 && v <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be in (0, 1], not ", v));
+  }
+  return v;
+}
+
+absl::StatusOr<int64_t> IntAtLeast(const Args& args, const std::string& name, int64_t fallback,
+                                   int64_t least) {
+  ASSIGN_OR_RETURN(const int64_t v, args.GetInt(name, fallback));
+  if (v < least) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be at least ", least, ", not ", v));
+  }
+  return v;
+}
+
+std::string Quoted(const std::string& s) {
+  return absl::StrCat("\"", absl::StrReplaceAll(s, {{"\\", "\\\\"}, {"\"", "\\\""}}), "\"");
+}
+
+std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
+  std::vector<std::string> notes;
+  for (const std::string& n : p.notes) notes.push_back(Quoted(n));
+  std::vector<std::string> flags;
+  for (const std::string& f : WorkerFlags(p, o)) flags.push_back(Quoted(f));
+  return absl::StrFormat(
+      "{\"gpu\":%s,\"tensor_parallel\":%d,\"parameters\":%d,\"weight_bytes\":%.0f,"
+      "\"kv_bytes_per_token\":%d,\"gpu_weight_bytes\":%.0f,\"gpu_scratch_bytes\":%.0f,"
+      "\"kv_cache_mb\":%d,\"kv_cache_tokens\":%d,\"batch\":%d,\"batch_limit\":%s,"
+      "\"step_ms\":%.3f,\"batch1_step_ms\":%.3f,\"decode_tokens_per_s\":%.1f,"
+      "\"prefill_tokens_per_s\":%.1f,\"ttft_ms\":%.2f,\"requests_per_s_per_worker\":%.3f,"
+      "\"workers\":%d,\"utilization\":%.3f,\"tier_slot_bytes\":%d,\"warm_set_bytes\":%.0f,"
+      "\"host_cache_mb\":%d,\"disk_cache_mb\":%d,\"pod_memory_limit_mb\":%d,"
+      "\"disk_volume_gib\":%d,\"worker_flags\":[%s],\"notes\":[%s]}\n",
+      Quoted(gpu.name), o.tensor_parallel, p.parameters, p.weight_bytes, p.kv_bytes_per_token,
+      p.gpu_weight_bytes, p.gpu_scratch_bytes, p.kv_cache_mb, p.kv_cache_tokens, p.batch,
+      Quoted(p.batch_limit), p.step_ms, p.batch1_step_ms, p.decode_tokens_per_s,
+      p.prefill_tokens_per_s, p.ttft_ms, p.requests_per_s_per_worker, p.workers, p.utilization,
+      p.tier_slot_bytes, p.warm_set_bytes, p.host_cache_mb, p.disk_cache_mb, p.pod_memory_limit_mb,
+      p.disk_volume_gib, absl::StrJoin(flags, ","), absl::StrJoin(notes, ","));
+}
+
+}  // namespace
+
+absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv) {
+  return Args::Parse(argv, {"json"},
+                     {"model",
+                      "gpu",
+                      "gpu-memory-gib",
+                      "gpu-bandwidth-gbps",
+                      "gpu-tflops",
+                      "dtype",
+                      "tensor-parallel",
+                      "rate",
+                      "prompt-tokens",
+                      "output-tokens",
+                      "shared-prefix-tokens",
+                      "tpot-ms",
+                      "conversations",
+                      "conversation-tokens",
+                      "max-running-sequences",
+                      "max-batch-tokens",
+                      "kv-compression",
+                      "host-cache-gib",
+                      "gpu-memory-utilization",
+                      "decode-efficiency",
+                      "prefill-efficiency",
+                      "target-utilization",
+                      "emit"});
+}
+
+absl::Status PlanCommand(const Args& args, std::FILE* out) {
+  if (args.Get("gpu") == "list") {
+    for (const GpuSpec& g : KnownGpus()) {
+      absl::FPrintF(out, "%-6s %5.0f GB  copy %6.0f GB/s  bf16 %5.0f TFLOP/s  %s\n", g.name,
+                    g.memory_bytes / 1e9, g.copy_bytes_per_s / 1e9, g.flops / 1e12, g.source);
+    }
+    return absl::OkStatus();
+  }
+  const std::optional<std::string> model_arg = args.Get("model");
+  if (!model_arg)
+    return absl::InvalidArgumentError("--model is required (a directory with config.json)");
+  // A model directory, or a config.json-style file on its own (a model whose weights are not here).
+  ModelConfig model;
+  struct stat st;
+  if (stat(model_arg->c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    ASSIGN_OR_RETURN(const std::string text, ReadFileToString(*model_arg));
+    ASSIGN_OR_RETURN(const JsonDocument doc, JsonDocument::Parse(text, *model_arg));
+    ASSIGN_OR_RETURN(model, ParseModelConfig(doc.root()));
+  } else {
+    ASSIGN_OR_RETURN(model, LoadModelConfig(*model_arg));
+  }
+
+  GpuSpec gpu;
+  if (args.Has("gpu-memory-gib") || args.Has("gpu-bandwidth-gbps") || args.Has("gpu-tflops")) {
+    if (args.Has("gpu")) {
+      return absl::InvalidArgumentError("give --gpu or the --gpu-* figures, not both");
+    }
+    gpu.name = "custom";
+    ASSIGN_OR_RETURN(const double gib, PositiveDouble(args, "gpu-memory-gib", 0, false));
+    ASSIGN_OR_RETURN(const double gbps, PositiveDouble(args, "gpu-bandwidth-gbps", 0, false));
+    ASSIGN_OR_RETURN(const double tflops, PositiveDouble(args, "gpu-tflops", 0, false));
+    gpu.memory_bytes = gib * kGiB;
+    gpu.copy_bytes_per_s = gbps * 1e9;
+    gpu.flops = tflops * 1e12;
+    gpu.source = "given on the command line";
+  } else {
+    ASSIGN_OR_RETURN(gpu, FindGpu(args.Get("gpu").value_or("h100")));
+  }
+
+  Workload w;
+  ASSIGN_OR_RETURN(w.rate_rps, PositiveDouble(args, "rate", 0, true));
+  ASSIGN_OR_RETURN(w.prompt_tokens, IntAtLeast(args, "prompt-tokens", w.prompt_tokens, 1));
+  ASSIGN_OR_RETURN(w.output_tokens, IntAtLeast(args, "output-tokens", w.output_tokens, 1));
+  ASSIGN_OR_RETURN(w.shared_prefix_tokens, IntAtLeast(args, "shared-prefix-tokens", 0, 0));
+  ASSIGN_OR_RETURN(w.tpot_ms, PositiveDouble(args, "tpot-ms", 0, true));
+  ASSIGN_OR_RETURN(w.conversations, IntAtLeast(args, "conversations", 0, 0));
+  ASSIGN_OR_RETURN(w.conversation_tokens, IntAtLeast(args, "conversation-tokens", 0, 0));
+
+  PlanOptions o;
+  const std::string dtype = args.Get("dtype").value_or("bf16");
+  if (dtype == "bf16" || dtype == "f16" || dtype == "f32") {
+    o.dtype = dtype == "bf16" ? DType::kBF16 : dtype == "f16" ? DType::kF16 : DType::kF32;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dtype must be bf16, f16 or f32, not \"", dtype, "\""));
+  }
+  ASSIGN_OR_RETURN(const int64_t tp, IntAtLeast(args, "tensor-parallel", 1, 1));
+  if (tp > 64) return absl::InvalidArgumentError("--tensor-parallel must be at most 64");
+  o.tensor_parallel = static_cast<int>(tp);
+  ASSIGN_OR_RETURN(o.max_running_sequences,
+                   IntAtLeast(args, "max-running-sequences", o.max_running_sequences, 1));
+  ASSIGN_OR_RETURN(o.max_batch_tokens, IntAtLeast(args, "max-batch-tokens", o.max_batch_tokens, 1));
+  const std::string compression = args.Get("kv-compression").value_or("none");
+  if (!ParseKvCompression(compression, &o.lower_tier_compression)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-compression must be none, int8 or fp8, not \"", compression, "\""));
+  }
+  ASSIGN_OR_RETURN(const double host_gib, PositiveDouble(args, "host-cache-gib", 0, true));
+  o.host_cache_budget_bytes = host_gib * kGiB;
+  ASSIGN_OR_RETURN(o.gpu_memory_utilization,
+                   Fraction(args, "gpu-memory-utilization", o.gpu_memory_utilization));
+  ASSIGN_OR_RETURN(o.decode_efficiency, Fraction(args, "decode-efficiency", gpu.decode_efficiency));
+  ASSIGN_OR_RETURN(o.prefill_efficiency,
+                   Fraction(args, "prefill-efficiency", gpu.prefill_efficiency));
+  ASSIGN_OR_RETURN(o.target_utilization,
+                   Fraction(args, "target-utilization", o.target_utilization));
+
+  ASSIGN_OR_RETURN(const Plan p, MakePlan(model, gpu, w, o));
+  const std::string emit = args.Has("json") ? "json" : args.Get("emit").value_or("table");
+  if (emit == "json") {
+    absl::FPrintF(out, "%s", Json(p, gpu, o));
+    return absl::OkStatus();
+  }
+  if (emit == "k8s") {
+    absl::FPrintF(out, "%s", EmitK8sPatch(p, o));
+    return absl::OkStatus();
+  }
+  if (emit != "table") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--emit must be table, json or k8s, not \"", emit, "\""));
+  }
+  absl::FPrintF(out, "model      %s: %.2f B parameters, %.1f GiB in %s, KV %d KiB per token\n",
+                model.architecture_name, p.parameters / 1e9, p.weight_bytes / kGiB,
+                FlagName(o.dtype), p.kv_bytes_per_token / 1024);
+  absl::FPrintF(out, "gpu        %s x %d: %s\n", gpu.name, o.tensor_parallel, gpu.source);
+  absl::FPrintF(out,
+                "memory     per GPU: weights %.1f GiB, scratch %.1f GiB, KV cache %d MiB (%d "
+                "tokens per worker)\n",
+                p.gpu_weight_bytes / kGiB, p.gpu_scratch_bytes / kGiB, p.kv_cache_mb,
+                p.kv_cache_tokens);
+  absl::FPrintF(out,
+                "decode     batch %d (limited by %s): step %.2f ms, %.0f tok/s per worker; batch "
+                "1: %.2f ms (%.0f tok/s)\n",
+                p.batch, p.batch_limit, p.step_ms, p.decode_tokens_per_s, p.batch1_step_ms,
+                1e3 / p.batch1_step_ms);
+  absl::FPrintF(
+      out,
+      "prefill    %.0f tok/s per worker; TTFT of a %d-token uncached prompt %.0f ms (idle GPU)\n",
+      p.prefill_tokens_per_s,
+      w.prompt_tokens - w.shared_prefix_tokens / o.block_tokens * o.block_tokens, p.ttft_ms);
+  absl::FPrintF(out, "capacity   %.2f requests/s per worker at 100%% busy\n",
+                p.requests_per_s_per_worker);
+  if (w.rate_rps > 0) {
+    absl::FPrintF(out, "workers    %d for %.2f requests/s (each %.0f%% busy; target %.0f%%)\n",
+                  p.workers, w.rate_rps, 100 * p.utilization, 100 * o.target_utilization);
+  }
+  absl::FPrintF(out,
+                "tiers      per worker: host %d MiB, disk %d MiB (block slots of %d bytes%s); "
+                "conversations' KV %.1f GiB\n",
+                p.host_cache_mb, p.disk_cache_mb, p.tier_slot_bytes,
+                o.lower_tier_compression == KvCompression::kNone
+                    ? ""
+                    : absl::StrCat(", ", KvCompressionName(o.lower_tier_compression)),
+                p.warm_set_bytes / kGiB);
+  absl::FPrintF(out, "pod        memory %d MiB, disk volume %d GiB, nvidia.com/gpu %d\n",
+                p.pod_memory_limit_mb, p.disk_volume_gib, o.tensor_parallel);
+  absl::FPrintF(out, "flags      %s\n", absl::StrJoin(WorkerFlags(p, o), " "));
+  for (const std::string& n : p.notes) absl::FPrintF(out, "note       %s\n", n);
+  return absl::OkStatus();
+}
+
+}  // namespace strata

@@ -1,0 +1,146 @@
+// Capacity planning: how to size Strata workers for a model, a GPU and a workload.
+//
+// MakePlan is a pure function of its inputs. It counts the model's weights and per-token KV bytes
+// from config.json, then gives each GPU its weights, a scratch estimate and a KV cache. From the
+// KV cache it works out how many sequences fit, and from the time-per-output-token target how many
+// may share a decode step. The decode step is memory-bound: it reads every weight once plus the
+// batch's KV at the GPU's copy bandwidth times a measured efficiency. Prefill is compute-bound: two
+// FLOPs per parameter per token plus attention, at the GPU's dense bf16 rate times a measured
+// efficiency. The plan then gives:
+//   - requests per second per worker, and the workers a request rate needs at a target utilization;
+//   - host and disk KV tiers, sized to keep a set of conversations warm between turns, with each
+//     tier slot's exact size (memtier's slot format, compression included);
+//   - the worker flags and pod resources that would deploy it (EmitK8sPatch).
+// The efficiencies default to what bench/gpu_bench measured of Strata on each GPU
+// (docs/PERFORMANCE.md). The plan models neither queueing nor the coordinator; TTFT is the
+// prefill time of one uncached prompt on an otherwise idle GPU.
+#ifndef STRATA_CLI_PLAN_H_
+#define STRATA_CLI_PLAN_H_
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cli/args.h"
+#include "kernels/dtype.h"
+#include "memtier/kv_codec.h"
+#include "worker/model/config.h"
+
+namespace strata {
+
+struct GpuSpec {
+  std::string name;
+  double memory_bytes = 0;
+  // Device-to-device copy bandwidth, bytes read plus written per second: what gpu_bench divides a
+  // decode step's bytes by for its roofline.
+  double copy_bytes_per_s = 0;
+  // Dense bf16 tensor-core FLOP/s.
+  double flops = 0;
+  // Achieved share of the copy-bandwidth roofline in decode steps, and of the dense FLOP rate in
+  // prefill: measured of Strata by bench/gpu_bench where the card was available (2026-11-26;
+  // H100: 76% at batch 1, 71% at batch 64; H200: 70% and 63%; prefill of a 2048-token prompt at
+  // 33% of the GEMM rate on both), else the H100's.
+  double decode_efficiency = 0.73;
+  double prefill_efficiency = 0.33;
+  // Where the figures come from ("measured by bench/gpu_bench ..." or "datasheet x 0.9").
+  std::string source;
+};
+
+// The built-in GPUs, by the names --gpu takes.
+const std::vector<GpuSpec>& KnownGpus();
+// INVALID_ARGUMENT naming the known ones for any other name.
+absl::StatusOr<GpuSpec> FindGpu(const std::string& name);
+
+struct Workload {
+  // Requests per second the cluster must serve (0: plan one worker and report its capacity).
+  double rate_rps = 0;
+  int64_t prompt_tokens = 1024;
+  int64_t output_tokens = 256;
+  // Leading prompt tokens every request shares (a system prompt): computed once per worker.
+  int64_t shared_prefix_tokens = 0;
+  // Time per output token target for each sequence (0: none).
+  double tpot_ms = 0;
+  // Conversations whose KV should stay cached between turns, and their length in tokens (0:
+  // prompt plus output tokens).
+  int64_t conversations = 0;
+  int64_t conversation_tokens = 0;
+};
+
+struct PlanOptions {
+  DType dtype = DType::kBF16;
+  int tensor_parallel = 1;
+  int64_t block_tokens = 16;
+  int64_t max_running_sequences = 64;
+  int64_t max_batch_tokens = 2048;
+  KvCompression lower_tier_compression = KvCompression::kNone;
+  // Host RAM a worker may take for its KV tier (0: as much as the conversations need).
+  double host_cache_budget_bytes = 0;
+  // Share of GPU memory Strata may allocate (the rest: CUDA context, cuBLAS workspaces).
+  double gpu_memory_utilization = 0.92;
+  // Override the GPU's decode and prefill efficiencies (GpuSpec) when more than 0.
+  double decode_efficiency = 0;
+  double prefill_efficiency = 0;
+  // Busiest share of each worker's capacity the plan allows (headroom for bursts).
+  double target_utilization = 0.8;
+};
+
+struct Plan {
+  // The model.
+  int64_t parameters = 0;
+  double weight_bytes = 0;         // all ranks
+  int64_t kv_bytes_per_token = 0;  // all layers, K and V, all ranks, in the cache's dtype
+  double prefill_flops_per_token = 0;
+  // One GPU (one tensor-parallel rank).
+  double gpu_weight_bytes = 0;
+  double gpu_scratch_bytes = 0;
+  int64_t kv_cache_mb = 0;      // --kv_cache_mb
+  int64_t kv_cache_tokens = 0;  // whole blocks, one worker (all ranks)
+  // Decode.
+  int64_t batch = 0;
+  std::string batch_limit;            // "memory", "tpot" or "max_running_sequences"
+  int64_t max_running_sequences = 0;  // --max_running_sequences
+  double step_ms = 0;                 // decode step at `batch`, mean context
+  double batch1_step_ms = 0;
+  double decode_tokens_per_s = 0;  // one worker at `batch`
+  // Prefill.
+  double prefill_tokens_per_s = 0;  // one worker
+  double ttft_ms = 0;               // one uncached prompt (after the shared prefix) on an idle GPU
+  // Capacity.
+  double gpu_seconds_per_request = 0;
+  double requests_per_s_per_worker = 0;  // at 100% busy
+  int64_t workers = 0;                   // for rate_rps at target_utilization (>= 1)
+  double utilization = 0;                // of each worker at rate_rps
+  // Tiers (per worker).
+  int64_t tier_slot_bytes = 0;  // one block in the host or disk tier
+  double warm_set_bytes = 0;    // conversations' KV per worker, in tier slots
+  int64_t host_cache_mb = 0;    // --host_cache_mb
+  int64_t disk_cache_mb = 0;    // --disk_cache_mb
+  // Pod resources.
+  int64_t pod_memory_request_mb = 0;
+  int64_t pod_memory_limit_mb = 0;
+  int64_t disk_volume_gib = 0;
+  std::vector<std::string> notes;
+};
+
+absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
+                              const Workload& workload, const PlanOptions& options);
+
+// The strata-worker flags that deploy `plan` (without --listen, --model or --worker_id).
+std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& options);
+
+// A kustomize patch of k8s/gpu's StatefulSet strata-worker: replicas, args, resources and the
+// disk tier's volume, for an overlay whose resources include k8s/gpu.
+std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options);
+
+// The flags of `stratactl plan`, parsed (unknown ones refused by name).
+absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv);
+
+// `stratactl plan`: reads --model (a directory with config.json, or the file), --gpu or the
+// --gpu-* figures, the workload and options; prints a table, --json, or --emit k8s.
+absl::Status PlanCommand(const Args& args, std::FILE* out);
+
+}  // namespace strata
+
+#endif  // STRATA_CLI_PLAN_H_

@@ -1,0 +1,248 @@
+#include "cli/plan.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cli/args.h"
+#include "gtest/gtest.h"
+#include "worker/model/config.h"
+
+namespace strata {
+namespace {
+
+// Llama-3-8B's shape (bench/configs/llama3_8b.json).
+ModelConfig Llama8B() {
+  ModelConfig m;
+  m.architecture_name = "LlamaForCausalLM";
+  m.hidden_size = 4096;
+  m.intermediate_size = 14336;
+  m.num_layers = 32;
+  m.num_heads = 32;
+  m.num_kv_heads = 8;
+  m.head_dim = 128;
+  m.vocab_size = 128256;
+  m.max_position_embeddings = 8192;
+  return m;
+}
+
+Workload Decode(int64_t prompt, int64_t output) {
+  Workload w;
+  w.prompt_tokens = prompt;
+  w.output_tokens = output;
+  return w;
+}
+
+PlanOptions Batch(int64_t max_running) {
+  PlanOptions o;
+  o.max_running_sequences = max_running;
+  return o;
+}
+
+TEST(PlanTest, CountsLlama3_8BAsItsFilesDo) {
+  auto p = MakePlan(Llama8B(), *FindGpu("h100"), Decode(512, 64), PlanOptions());
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->parameters, 8030261248);
+  EXPECT_EQ(p->weight_bytes, 2.0 * 8030261248);
+  EXPECT_EQ(p->kv_bytes_per_token, 2 * 32 * 8 * 128 * 2);  // 128 KiB
+  // A bf16 block of 16 tokens (2 MiB) plus the 64-byte header, to 4 KiB.
+  EXPECT_EQ(p->tier_slot_bytes, 2101248);
+  // The KV cache is what is left of 92% of 80 GB, in whole MiB and whole blocks.
+  const double left = 80e9 * 0.92 - p->gpu_weight_bytes - p->gpu_scratch_bytes;
+  EXPECT_EQ(p->kv_cache_mb, static_cast<int64_t>(left / (1 << 20)));
+  EXPECT_EQ(p->kv_cache_tokens % 16, 0);
+  EXPECT_LE(p->kv_cache_tokens * p->kv_bytes_per_token, p->kv_cache_mb * (int64_t{1} << 20));
+  EXPECT_GT((p->kv_cache_tokens + 16) * p->kv_bytes_per_token, p->kv_cache_mb * (int64_t{1} << 20));
+}
+
+// The defaults are calibrated on bench/gpu_bench's figures (docs/PERFORMANCE.md, 2026-11-26):
+// the plan must stay within 10% of what Strata measured.
+TEST(PlanTest, PredictsWhatGpuBenchMeasured) {
+  struct Case {
+    const char* gpu;
+    int64_t batch;
+    double measured_decode_tokens_per_s;
+  };
+  for (const Case& c : {Case{"h100", 1, 151.9}, Case{"h100", 64, 6943}, Case{"h200", 1, 194.1},
+                        Case{"h200", 64, 8701}}) {
+    auto p = MakePlan(Llama8B(), *FindGpu(c.gpu), Decode(512, 64), Batch(c.batch));
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(p->batch, c.batch);
+    EXPECT_NEAR(p->decode_tokens_per_s / c.measured_decode_tokens_per_s, 1.0, 0.10)
+        << c.gpu << " batch " << c.batch << ": " << p->decode_tokens_per_s;
+  }
+  for (const auto& [gpu, measured] : {std::pair{"h100", 16650.0}, std::pair{"h200", 16800.0}}) {
+    auto prefill = MakePlan(Llama8B(), *FindGpu(gpu), Decode(2048, 1), PlanOptions());
+    ASSERT_TRUE(prefill.ok());
+    EXPECT_NEAR(prefill->prefill_tokens_per_s / measured, 1.0, 0.10) << gpu;
+  }
+}
+
+TEST(PlanTest, TheBatchIsLimitedByMemoryTpotOrTheCap) {
+  // 7 000-token sequences on a 48 GB card: the KV cache holds only a few.
+  auto mem = MakePlan(Llama8B(), *FindGpu("l40s"), Decode(6000, 1000), PlanOptions());
+  ASSERT_TRUE(mem.ok()) << mem.status();
+  EXPECT_EQ(mem->batch_limit, "memory");
+  EXPECT_EQ(mem->batch, mem->kv_cache_tokens / 7008);  // whole blocks per sequence
+  EXPECT_LT(mem->batch, 64);
+
+  Workload fast = Decode(1024, 256);
+  fast.tpot_ms = 8;
+  auto tpot = MakePlan(Llama8B(), *FindGpu("h100"), fast, PlanOptions());
+  ASSERT_TRUE(tpot.ok()) << tpot.status();
+  EXPECT_EQ(tpot->batch_limit, "tpot");
+  EXPECT_LE(tpot->step_ms, 8.0);
+  // One more sequence would miss the target.
+  auto over = MakePlan(Llama8B(), *FindGpu("h100"), Decode(1024, 256), Batch(tpot->batch + 1));
+  ASSERT_TRUE(over.ok());
+  EXPECT_GT(over->step_ms, 8.0);
+
+  auto cap = MakePlan(Llama8B(), *FindGpu("h100"), Decode(1024, 256), Batch(16));
+  ASSERT_TRUE(cap.ok());
+  EXPECT_EQ(cap->batch_limit, "max_running_sequences");
+  EXPECT_EQ(cap->batch, 16);
+  EXPECT_EQ(cap->max_running_sequences, 16);
+  ASSERT_EQ(cap->notes.size(), 1u);
+  EXPECT_NE(cap->notes[0].find("caps the batch"), std::string::npos) << cap->notes[0];
+}
+
+TEST(PlanTest, WorkersCoverTheRateAtTheTargetUtilization) {
+  Workload w = Decode(1024, 256);
+  w.rate_rps = 50;
+  auto p = MakePlan(Llama8B(), *FindGpu("h100"), w, PlanOptions());
+  ASSERT_TRUE(p.ok());
+  EXPECT_LE(p->utilization, 0.8);
+  EXPECT_GT(p->workers * p->requests_per_s_per_worker * 0.8, 50);
+  EXPECT_LT((p->workers - 1) * p->requests_per_s_per_worker * 0.8, 50);  // not one more than needed
+  // A shared system prompt is computed once: requests get cheaper and first tokens sooner.
+  w.shared_prefix_tokens = 768;
+  auto shared = MakePlan(Llama8B(), *FindGpu("h100"), w, PlanOptions());
+  ASSERT_TRUE(shared.ok());
+  EXPECT_LT(shared->ttft_ms, p->ttft_ms / 3);
+  EXPECT_GT(shared->requests_per_s_per_worker, p->requests_per_s_per_worker);
+}
+
+TEST(PlanTest, TiersHoldTheConversationsAndTheCacheAtShutdown) {
+  Workload w = Decode(1024, 256);
+  w.rate_rps = 5;
+  w.conversations = 300;
+  w.conversation_tokens = 4000;
+  auto p = MakePlan(Llama8B(), *FindGpu("h100"), w, PlanOptions());
+  ASSERT_TRUE(p.ok());
+  ASSERT_EQ(p->workers, 1);
+  EXPECT_EQ(p->warm_set_bytes, 300.0 * 250 * 2101248);  // 4000 tokens: 250 blocks each
+  EXPECT_EQ(p->host_cache_mb, static_cast<int64_t>(std::ceil(p->warm_set_bytes / (1 << 20))));
+  // The disk can take the device cache and the host tier when the worker stops.
+  const double device = static_cast<double>(p->kv_cache_tokens / 16) * p->tier_slot_bytes;
+  EXPECT_GE(p->disk_cache_mb * double{1 << 20}, p->host_cache_mb * double{1 << 20} + device);
+  EXPECT_EQ(p->pod_memory_limit_mb, p->host_cache_mb + 8192);
+
+  // A host budget moves the rest to disk, and says so.
+  PlanOptions budget;
+  budget.host_cache_budget_bytes = 64.0 * (1 << 30);
+  auto capped = MakePlan(Llama8B(), *FindGpu("h100"), w, budget);
+  ASSERT_TRUE(capped.ok());
+  EXPECT_EQ(capped->host_cache_mb, 64 * 1024);
+  EXPECT_GE(capped->disk_cache_mb * double{1 << 20}, capped->warm_set_bytes);
+  ASSERT_EQ(capped->notes.size(), 2u);  // the batch cap, and this
+  EXPECT_NE(capped->notes[1].find("exceeds the host budget"), std::string::npos);
+
+  // FP8 lower tiers: half the payload plus a scale per head and segment.
+  PlanOptions fp8;
+  fp8.lower_tier_compression = KvCompression::kFp8E4M3;
+  auto small = MakePlan(Llama8B(), *FindGpu("h100"), w, fp8);
+  ASSERT_TRUE(small.ok());
+  EXPECT_EQ(small->tier_slot_bytes, (1048576 + 64 * 8 * 4 + 64 + 4095) / 4096 * 4096);
+}
+
+TEST(PlanTest, ImpossiblePlansSayWhy) {
+  ModelConfig big = Llama8B();
+  big.num_layers = 320;  // about 72 B parameters
+  auto no_room = MakePlan(big, *FindGpu("h100"), Decode(512, 64), PlanOptions());
+  EXPECT_TRUE(absl::IsInvalidArgument(no_room.status()));
+  EXPECT_NE(no_room.status().message().find("--tensor-parallel"), std::string::npos);
+  PlanOptions tp2;
+  tp2.tensor_parallel = 2;
+  EXPECT_TRUE(MakePlan(big, *FindGpu("h200"), Decode(512, 64), tp2).ok());
+
+  PlanOptions tp3;
+  tp3.tensor_parallel = 3;
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      MakePlan(Llama8B(), *FindGpu("h100"), Decode(512, 64), tp3).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      MakePlan(Llama8B(), *FindGpu("h100"), Decode(8000, 500), PlanOptions()).status()));
+  Workload w = Decode(512, 64);
+  w.tpot_ms = 2;
+  auto too_fast = MakePlan(Llama8B(), *FindGpu("h100"), w, PlanOptions());
+  EXPECT_TRUE(absl::IsInvalidArgument(too_fast.status()));
+  EXPECT_NE(too_fast.status().message().find("--tpot-ms"), std::string::npos);
+  EXPECT_TRUE(absl::IsInvalidArgument(FindGpu("h900").status()));
+}
+
+// The command, on the bench's config files and the bundled model's directory.
+absl::StatusOr<std::string> RunPlan(std::vector<std::string> argv) {
+  absl::StatusOr<Args> args = ParsePlanArgs(argv);
+  if (!args.ok()) return args.status();
+  char* buf = nullptr;
+  size_t len = 0;
+  std::FILE* out = open_memstream(&buf, &len);
+  const absl::Status s = PlanCommand(*args, out);
+  std::fclose(out);
+  std::string text(buf, len);
+  std::free(buf);
+  if (!s.ok()) return s;
+  return text;
+}
+
+TEST(PlanCommandTest, PrintsATableJsonAndAKubernetesPatch) {
+  auto table =
+      RunPlan({"--model", "bench/configs/llama3_8b.json", "--gpu", "h100", "--rate", "20"});
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_NE(table->find("8.03 B parameters"), std::string::npos) << *table;
+  EXPECT_NE(table->find("workers    "), std::string::npos) << *table;
+  auto json = RunPlan({"--model", "bench/configs/llama3_8b.json", "--json"});
+  ASSERT_TRUE(json.ok());
+  EXPECT_EQ(json->front(), '{');
+  EXPECT_NE(json->find("\"kv_bytes_per_token\":131072"), std::string::npos) << *json;
+  auto k8s = RunPlan({"--model", "bench/configs/llama3_70b.json", "--gpu", "h200",
+                      "--tensor-parallel", "2", "--rate", "4", "--emit", "k8s"});
+  ASSERT_TRUE(k8s.ok()) << k8s.status();
+  EXPECT_NE(k8s->find("kind: StatefulSet"), std::string::npos);
+  EXPECT_NE(k8s->find("- --tensor_parallel=2"), std::string::npos) << *k8s;
+  EXPECT_NE(k8s->find("nvidia.com/gpu: 2"), std::string::npos) << *k8s;
+  // A model directory works too, and a custom GPU.
+  auto tiny = RunPlan({"--model", "models/strata-tiny/base", "--gpu-memory-gib", "16",
+                       "--gpu-bandwidth-gbps", "300", "--gpu-tflops", "50", "--prompt-tokens",
+                       "256", "--output-tokens", "64"});
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  EXPECT_NE(tiny->find("custom x 1"), std::string::npos) << *tiny;
+}
+
+TEST(PlanCommandTest, BadFlagsNameTheFlag) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--gpu", "h100"}, "--model"},
+      {{"--model", "bench/configs/llama3_8b.json", "--gpu", "h900"}, "h900"},
+      {{"--model", "bench/configs/llama3_8b.json", "--rate", "-1"}, "--rate"},
+      {{"--model", "bench/configs/llama3_8b.json", "--prompt-tokens", "0"}, "--prompt-tokens"},
+      {{"--model", "bench/configs/llama3_8b.json", "--dtype", "int4"}, "--dtype"},
+      {{"--model", "bench/configs/llama3_8b.json", "--kv-compression", "zip"}, "--kv-compression"},
+      {{"--model", "bench/configs/llama3_8b.json", "--target-utilization", "1.5"},
+       "--target-utilization"},
+      {{"--model", "bench/configs/llama3_8b.json", "--emit", "helm"}, "--emit"},
+      {{"--model", "bench/configs/llama3_8b.json", "--gpu", "h100", "--gpu-tflops", "10"},
+       "not both"},
+      {{"--model", "bench/configs/llama3_8b.json", "--gpu-memory-gib", "16"},
+       "--gpu-bandwidth-gbps"},
+      {{"--model", "no/such/dir"}, "config.json"},
+  };
+  for (const auto& [argv, want] : cases) {
+    auto r = RunPlan(argv);
+    ASSERT_FALSE(r.ok()) << argv[argv.size() - 1];
+    EXPECT_NE(r.status().message().find(want), std::string::npos) << r.status();
+  }
+}
+
+}  // namespace
+}  // namespace strata
