@@ -485,6 +485,12 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
     return absl::OkStatus();
   }
   if (emit == "k8s") {
+    if (o.tensor_parallel > 1) {
+      return absl::InvalidArgumentError(
+          "--emit k8s with --tensor-parallel above 1: strata-worker splits a model across GPUs "
+          "only once NCCL tensor parallelism lands (it runs on the CPU today), so such a patch "
+          "would not start; the table and --json still plan it");
+    }
     absl::FPrintF(out, "%s", EmitK8sPatch(p, o));
     return absl::OkStatus();
   }

@@ -206,12 +206,21 @@ TEST(PlanCommandTest, PrintsATableJsonAndAKubernetesPatch) {
   ASSERT_TRUE(json.ok());
   EXPECT_EQ(json->front(), '{');
   EXPECT_NE(json->find("\"kv_bytes_per_token\":131072"), std::string::npos) << *json;
-  auto k8s = RunPlan({"--model", "bench/configs/llama3_70b.json", "--gpu", "h200",
-                      "--tensor-parallel", "2", "--rate", "4", "--emit", "k8s"});
+  auto k8s = RunPlan({"--model", "bench/configs/llama3_8b.json", "--gpu", "h200", "--rate", "40",
+                      "--conversations", "100", "--emit", "k8s"});
   ASSERT_TRUE(k8s.ok()) << k8s.status();
   EXPECT_NE(k8s->find("kind: StatefulSet"), std::string::npos);
-  EXPECT_NE(k8s->find("- --tensor_parallel=2"), std::string::npos) << *k8s;
-  EXPECT_NE(k8s->find("nvidia.com/gpu: 2"), std::string::npos) << *k8s;
+  EXPECT_NE(k8s->find("- --device=gpu"), std::string::npos) << *k8s;
+  EXPECT_NE(k8s->find("nvidia.com/gpu: 1"), std::string::npos) << *k8s;
+  EXPECT_EQ(k8s->find("--tensor_parallel"), std::string::npos) << *k8s;
+  // Across GPUs the plan is a table only: strata-worker has no GPU tensor parallelism yet.
+  auto tp = RunPlan(
+      {"--model", "bench/configs/llama3_70b.json", "--gpu", "h200", "--tensor-parallel", "2"});
+  ASSERT_TRUE(tp.ok()) << tp.status();
+  EXPECT_NE(tp->find("not built yet"), std::string::npos) << *tp;
+  auto tp_k8s = RunPlan({"--model", "bench/configs/llama3_70b.json", "--gpu", "h200",
+                         "--tensor-parallel", "2", "--emit", "k8s"});
+  EXPECT_TRUE(absl::IsInvalidArgument(tp_k8s.status()));
   // A model directory works too, and a custom GPU.
   auto tiny = RunPlan({"--model", "models/strata-tiny/base", "--gpu-memory-gib", "16",
                        "--gpu-bandwidth-gbps", "300", "--gpu-tflops", "50", "--prompt-tokens",
