@@ -269,7 +269,8 @@ std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
   const int64_t drain_s = 90;
   std::string args;
   for (const std::string& a :
-       {std::string("--listen=[::]:50061"), std::string("--model=$(STRATA_MODEL_DIR)"),
+       {std::string("--listen=[::]:50061"), std::string("--metrics_listen=[::]:9090"),
+        std::string("--model=$(STRATA_MODEL_DIR)"),
         std::string("--model_name=$(STRATA_MODEL_NAME)"), std::string("--worker_id=$(POD_NAME)")}) {
     absl::StrAppend(&args, "            - ", a, "\n");
   }

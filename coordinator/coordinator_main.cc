@@ -15,6 +15,8 @@
 #include "common/grpc_server.h"
 #include "common/init.h"
 #include "common/log.h"
+#include "common/metrics.h"
+#include "common/metrics_http.h"
 #include "common/process.h"
 #include "common/version.h"
 #include "coordinator/coordinator_service.h"
@@ -29,6 +31,8 @@ ABSL_FLAG(std::string, workers, "",
           "re-resolved every --resolve_interval_s: a Kubernetes headless Service).");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "host:port to serve on; port 0 picks one.");
 ABSL_FLAG(std::string, port_file, "", "Once serving, write the bound port to this file.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
 ABSL_FLAG(double, resolve_interval_s, 5, "How often to re-resolve workers and refresh their info.");
 ABSL_FLAG(int64_t, max_inflight_requests, 1024,
           "Generate calls accepted at once; beyond it Generate fails RESOURCE_EXHAUSTED.");
@@ -86,6 +90,10 @@ int Main() {
     absl::BitGen gen;
     co.instance_id = absl::StrFormat("coord-%08x", absl::Uniform<uint32_t>(gen));
   }
+  // Declared before the service and the endpoint, so it outlives both.
+  MetricsRegistry metrics;
+  const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  if (!metrics_listen.empty()) co.metrics = &metrics;
   CoordinatorService service(&pool, models->get(), co);
   GrpcServerOptions so;
   so.listen_address = absl::GetFlag(FLAGS_listen);
@@ -96,6 +104,13 @@ int Main() {
                               std::string(v1::Admin::service_full_name())}});
   if (!server.ok()) {
     LOG(ERROR) << server.status();
+    return 1;
+  }
+  // Declared after the service: it stops (and its gauges stop calling into the service) first.
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics_server =
+      StartMetricsEndpoint(metrics_listen, &metrics);
+  if (!metrics_server.ok()) {
+    LOG(ERROR) << metrics_server.status();
     return 1;
   }
   if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {

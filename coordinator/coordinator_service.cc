@@ -173,6 +173,8 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   // Decides the outcome, unless it is decided already. Returns whether the first-token alarm must
   // now be cancelled (outside the lock).
   bool SetFinalLocked(grpc::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Counts and times the call in the service's metrics, once final_ is set.
+  void RecordMetricsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A final chunk the coordinator writes itself (length or context reached between attempts).
   v1::GenerateResponse LocalFinishLocked(v1::FinishReason reason)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -608,16 +610,64 @@ bool CoordinatorService::GenerateCall::SetFinalLocked(grpc::Status status) {
   if (final_.has_value()) return false;
   final_ = std::move(status);
   service_->completed_.fetch_add(1);
+  RecordMetricsLocked();
   // A pending alarm must go before the stream can finish: its callback (with fired = false)
   // clears alarm_pending_.
   return alarm_pending_;
+}
+
+void CoordinatorService::GenerateCall::RecordMetricsLocked() {
+  MetricsRegistry* m = service_->options_.metrics;
+  if (m == nullptr) return;
+  m->GetCounter(
+       "strata_coordinator_requests_total", "Generate calls finished, by gRPC status.",
+       {{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(final_->error_code()))}})
+      ->Add();
+  if (!final_->ok()) return;
+  const absl::Time now = absl::Now();
+  m->GetHistogram("strata_coordinator_request_duration_seconds",
+                  "Generate calls that succeeded: acceptance to last token.", LatencyBuckets())
+      ->Observe(absl::ToDoubleSeconds(now - accepted_));
+  if (have_first_token_) {
+    m->GetHistogram("strata_coordinator_time_to_first_token_seconds",
+                    "Generate calls that succeeded: acceptance to first token.", LatencyBuckets())
+        ->Observe(absl::ToDoubleSeconds(first_token_time_ - accepted_));
+  }
+  m->GetCounter("strata_coordinator_prompt_tokens_total", "Prompt tokens of successful calls.")
+      ->Add(static_cast<double>(prompt_.size()));
+  m->GetCounter("strata_coordinator_completion_tokens_total",
+                "Tokens generated for successful calls.")
+      ->Add(static_cast<double>(generated_.size()));
+  const char* kCached = "Prompt tokens served from the KV cache, by the tier they came from.";
+  m->GetCounter("strata_coordinator_cached_prompt_tokens_total", kCached, {{"tier", "device"}})
+      ->Add(cached_.num_device_tokens());
+  m->GetCounter("strata_coordinator_cached_prompt_tokens_total", kCached, {{"tier", "host"}})
+      ->Add(cached_.num_host_tokens());
+  m->GetCounter("strata_coordinator_cached_prompt_tokens_total", kCached, {{"tier", "disk"}})
+      ->Add(cached_.num_disk_tokens());
 }
 
 // CoordinatorService.
 
 CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* models,
                                        CoordinatorOptions options)
-    : pool_(pool), models_(models), options_(std::move(options)), started_(absl::Now()) {}
+    : pool_(pool), models_(models), options_(std::move(options)), started_(absl::Now()) {
+  if (MetricsRegistry* m = options_.metrics; m != nullptr) {
+    // Computed at each scrape: the metrics endpoint must stop before this service goes.
+    m->SetGaugeCallback("strata_coordinator_inflight_requests", "Generate calls in flight now.", {},
+                        [this] { return static_cast<double>(inflight_.load()); });
+    for (const auto state :
+         {v1::WORKER_STATE_SERVING, v1::WORKER_STATE_DRAINING, v1::WORKER_STATE_UNAVAILABLE}) {
+      m->SetGaugeCallback("strata_coordinator_workers", "Workers known, by state.",
+                          {{"state", v1::WorkerState_Name(state)}}, [this, state] {
+                            int n = 0;
+                            for (const v1::WorkerStatus& w : pool_->Status())
+                              n += w.state() == state;
+                            return static_cast<double>(n);
+                          });
+    }
+  }
+}
 
 CoordinatorService::~CoordinatorService() {
   std::list<DrainThread> threads;

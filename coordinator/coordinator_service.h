@@ -33,6 +33,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 #include "coordinator/worker_pool.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
@@ -47,6 +48,9 @@ struct CoordinatorOptions {
   int max_attempts = 4;
   // Prefix of the request ids the coordinator uses towards workers (unique per coordinator).
   std::string instance_id = "coord";
+  // Where Generate calls are counted and timed (strata_coordinator_*), or null. Not owned; it must
+  // outlive the service.
+  MetricsRegistry* metrics = nullptr;
 };
 
 // The models this coordinator serves: their names and tokenizers. Context length and vocabulary

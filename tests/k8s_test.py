@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import yaml
 
@@ -220,6 +221,15 @@ def check_manifests(m, flags, image_models):
                     if p != int(port):
                         fail("%s: %s probes port %s, not the serving port %s" % (cname, probe, p, port))
                     n += 1
+            metrics = args.get("metrics_listen")
+            if metrics is not None:
+                mport = int(metrics.rpartition(":")[2])
+                if mport not in ports:
+                    fail("%s: --metrics_listen port %s is not a containerPort %s" % (cname, mport, sorted(ports)))
+                ann = tmpl["metadata"].get("annotations", {})
+                if ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") != str(mport):
+                    fail("%s: prometheus.io/port %s is not --metrics_listen's port %s" % (cname, ann.get("prometheus.io/port"), mport))
+                n += 1
             if "readinessProbe" not in c:
                 fail("%s: no readinessProbe (a draining server must leave its Service)" % cname)
             grace = pod.get("terminationGracePeriodSeconds", 30)
@@ -617,6 +627,38 @@ def run_pods(m, rootfs, work):
                 if r["token_ids"] != first["token_ids"]:
                     fail("same prompt and seed gave different tokens through %s: %s vs %s" % (coord.name, r["token_ids"], first["token_ids"]))
         print("k8s_test: both coordinators answer; %r" % first["text"])
+
+        # Prometheus' view: each pod's metrics port, as its annotations name it.
+        def scrape(pod):
+            ann = pod.workload["spec"]["template"]["metadata"].get("annotations", {})
+            url = "http://%s:%s%s" % (pod.ip, ann["prometheus.io/port"], ann.get("prometheus.io/path", "/metrics"))
+            # Straight to the pod, never through a proxy from the environment.
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(url, timeout=5) as r:
+                if r.status != 200 or "version=0.0.4" not in r.headers.get("Content-Type", ""):
+                    fail("%s: %s %s" % (url, r.status, r.headers.get("Content-Type")))
+                text = r.read().decode()
+            values = {}
+            for line in text.splitlines():
+                if line and not line.startswith("#"):
+                    name, _, value = line.rpartition(" ")
+                    values[name] = float(value)
+            return values
+
+        sent = len(prompts) + 1 + 3 * len(coordinators)
+        ok = sum(scrape(c).get('strata_coordinator_requests_total{code="OK"}', 0) for c in coordinators)
+        if ok != sent:
+            fail("the coordinators count %s successful requests, the test sent %d" % (ok, sent))
+        tokens = sum(scrape(w).get("strata_worker_generated_tokens_total", 0) for w in workers)
+        if tokens < sent * 16:
+            fail("the workers count %s generated tokens for %d requests of 16" % (tokens, sent))
+        for w in workers:
+            m = scrape(w)
+            for tier in ("device", "host", "disk"):
+                if m.get('strata_worker_kv_blocks{tier="%s",state="total"}' % tier, 0) <= 0:
+                    fail("%s reports no %s KV blocks: %s" % (w.name, tier, sorted(m)))
+        print("k8s_test: metrics: %d requests counted by the coordinators, %d tokens by the workers"
+              % (ok, tokens))
 
         # A pod deletion: SIGTERM, then the kubelet waits terminationGracePeriodSeconds. The victim
         # is the worker holding the most KV blocks.

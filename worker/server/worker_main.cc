@@ -30,6 +30,8 @@
 #include "common/grpc_server.h"
 #include "common/init.h"
 #include "common/log.h"
+#include "common/metrics.h"
+#include "common/metrics_http.h"
 #include "common/process.h"
 #include "common/status_macros.h"
 #include "common/version.h"
@@ -99,6 +101,8 @@ ABSL_FLAG(bool, gpu_prefill_mma_attention, false,
           "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores. "
           "Experimental: not yet measured on a GPU.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
 ABSL_FLAG(int64_t, persist_kv_s, 10,
           "On shutdown, up to this long writing cached KV blocks down to the disk tier, so that "
           "the next worker on the same --disk_cache_path starts with them; 0: none.");
@@ -332,6 +336,10 @@ int Main(const std::vector<std::string>& args) {
     return 1;
   }
   wo.persist_kv_timeout = absl::Seconds(absl::GetFlag(FLAGS_persist_kv_s));
+  // Outlives the service and the metrics endpoint, both declared after it.
+  MetricsRegistry metrics;
+  const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  if (!metrics_listen.empty()) wo.metrics = &metrics;
   absl::StatusOr<std::unique_ptr<WorkerService>> service =
       WorkerService::Create(*std::move(engine), wo);
   if (!service.ok()) {
@@ -356,6 +364,12 @@ int Main(const std::vector<std::string>& args) {
   (*service)->set_worker_id(worker_id);
   GrpcServer* srv = server->get();
   (*service)->SetDrainListener([srv](bool draining) { srv->SetServing(!draining); });
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics_server =
+      StartMetricsEndpoint(metrics_listen, &metrics);
+  if (!metrics_server.ok()) {
+    LOG(ERROR) << metrics_server.status();
+    return 1;
+  }
   if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
     if (absl::Status s = WriteFileAtomically(pf, absl::StrCat((*server)->port(), "\n")); !s.ok()) {
       LOG(ERROR) << s;

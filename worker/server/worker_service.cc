@@ -133,6 +133,7 @@ struct WorkerService::LoopState {
   std::deque<double> step_ms;
   std::array<int64_t, 4> last_reported_counts = {0, 0, 0, 0};
   absl::Time last_change_report = absl::InfinitePast();
+  absl::Time next_metrics = absl::InfinitePast();
 };
 
 void WorkerService::SubmitStream::PostCancel() {
@@ -373,6 +374,7 @@ void WorkerService::Loop() {
     if (engine_->HasWork()) StepEngine(&state);
     PublishBlockEvents(&state);
     SendLoadReports(&state);
+    PublishMetrics(&state);
     if (engine_->HasWork() && !engine_->WaitingForIo()) continue;
     // Idle, or waiting only for disk loads: sleep until a command arrives, loads finish, or the
     // next load report is due (waiting for loads, at most 10 ms: the engine gives up on them
@@ -522,6 +524,12 @@ void WorkerService::StepEngine(LoopState* state) {
   const absl::Time start = absl::Now();
   absl::StatusOr<std::vector<RequestOutput>> outputs = engine_->Step();
   const absl::Time end = absl::Now();
+  if (options_.metrics != nullptr) {
+    options_.metrics
+        ->GetHistogram("strata_worker_step_seconds", "Engine step time.",
+                       {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})
+        ->Observe(absl::ToDoubleSeconds(end - start));
+  }
   state->step_ms.push_back(absl::ToDoubleMilliseconds(end - start));
   if (state->step_ms.size() > kStepWindow) state->step_ms.pop_front();
   if (!outputs.ok()) {
@@ -539,6 +547,17 @@ void WorkerService::StepEngine(LoopState* state) {
     return;
   }
   for (RequestOutput& out : *outputs) {
+    if (options_.metrics != nullptr) {
+      options_.metrics
+          ->GetCounter("strata_worker_generated_tokens_total", "Tokens generated (sampled).")
+          ->Add(static_cast<double>(out.tokens.size()));
+      if (out.finish != FinishReason::kNone) {
+        options_.metrics
+            ->GetCounter("strata_worker_sequences_finished_total", "Sequences finished, by reason.",
+                         {{"reason", v1::FinishReason_Name(ToProtoFinishReason(out.finish))}})
+            ->Add();
+      }
+    }
     auto it = state->live.find(out.request_id);
     if (it == state->live.end()) continue;  // its stream is gone
     LoopState::Live& live = it->second;
@@ -694,6 +713,57 @@ void WorkerService::SendLoadReports(LoopState* state) {
     w.stream->Write(std::move(e));
     w.next_report = now + w.interval;
   }
+}
+
+void WorkerService::PublishMetrics(LoopState* state) {
+  MetricsRegistry* m = options_.metrics;
+  if (m == nullptr) return;
+  const absl::Time now = absl::Now();
+  if (now < state->next_metrics) return;
+  state->next_metrics = now + absl::Milliseconds(250);
+  const EngineStats st = engine_->Stats();
+  m->GetGauge("strata_worker_running_sequences", "Sequences in the running batch.")
+      ->Set(static_cast<double>(st.num_running));
+  m->GetGauge("strata_worker_waiting_sequences", "Sequences admitted, waiting to run.")
+      ->Set(static_cast<double>(st.num_waiting));
+  m->GetGauge("strata_worker_live_sequences", "Sequences accepted and not finished.")
+      ->Set(static_cast<double>(num_live_.load()));
+  m->GetGauge("strata_worker_draining", "1 while the worker drains (admits nothing new).")
+      ->Set(draining_.load() ? 1 : 0);
+  m->GetCounter("strata_worker_preemptions_total", "Sequences preempted for KV blocks.")
+      ->SetTotal(static_cast<double>(st.num_preemptions));
+  const char* kBlocks = "KV blocks per tier: capacity (total) and in use (used).";
+  m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "total"}})
+      ->Set(static_cast<double>(st.num_total_blocks));
+  m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "used"}})
+      ->Set(static_cast<double>(st.num_total_blocks - st.num_free_blocks));
+  if (engine_->kv_store() == nullptr) return;
+  const KvStoreStats& t = st.tiers;
+  struct TierStats {
+    const char* name;
+    const KvStoreStats::PerTier& s;
+  };
+  for (const TierStats& tier : {TierStats{"host", t.host}, TierStats{"disk", t.disk}}) {
+    if (tier.s.num_slots == 0) continue;
+    m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", tier.name}, {"state", "total"}})
+        ->Set(static_cast<double>(tier.s.num_slots));
+    m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", tier.name}, {"state", "used"}})
+        ->Set(static_cast<double>(tier.s.num_used));
+    m->GetCounter("strata_worker_kv_tier_stores_total", "Blocks written into a lower tier.",
+                  {{"tier", tier.name}})
+        ->SetTotal(static_cast<double>(tier.s.stores));
+    m->GetCounter("strata_worker_kv_tier_hits_total", "Blocks read back out of a lower tier.",
+                  {{"tier", tier.name}})
+        ->SetTotal(static_cast<double>(tier.s.hits));
+    m->GetCounter("strata_worker_kv_tier_evictions_total", "Blocks dropped from a lower tier.",
+                  {{"tier", tier.name}})
+        ->SetTotal(static_cast<double>(tier.s.evictions));
+  }
+  m->GetGauge("strata_worker_kv_disk_enabled", "1 while the disk tier is on.")
+      ->Set(t.disk_enabled ? 1 : 0);
+  m->GetCounter("strata_worker_kv_corrupt_blocks_total",
+                "Lower-tier reads that failed a checksum or key check (served as misses).")
+      ->SetTotal(static_cast<double>(t.corrupt_blocks));
 }
 
 }  // namespace strata

@@ -32,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
 #include "worker/engine/engine.h"
 
@@ -54,6 +55,9 @@ struct WorkerServiceOptions {
   // When the loop stops: how long the engine may spend writing its cached KV blocks down to the
   // disk tier (Engine::PersistKv) after the open streams are failed over; zero: not at all.
   absl::Duration persist_kv_timeout = absl::ZeroDuration();
+  // Where the service records its metrics (strata_worker_*; see docs/ARCHITECTURE.md), or null.
+  // Not owned; it must outlive the service.
+  MetricsRegistry* metrics = nullptr;
 };
 
 class WorkerService final : public v1::Worker::CallbackService {
@@ -116,6 +120,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   void CutSlowWatchers(LoopState* state, size_t incoming);
   void FinishSubmit(LoopState* state, const std::string& request_id, const grpc::Status& status);
   v1::LoadReport MakeLoadReport(const EngineStats& stats, const LoopState& state) const;
+  // Refreshes the gauges and component totals in options_.metrics (at most every 250 ms).
+  void PublishMetrics(LoopState* state);
 
   std::unique_ptr<Engine> engine_;
   const WorkerServiceOptions options_;
