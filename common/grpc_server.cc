@@ -66,6 +66,9 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
   const std::string address = absl::StrCat(HostPart(options.listen_address), ":", port);
   std::unique_ptr<GrpcServer> out(new GrpcServer(std::move(server), port, address, names));
   out->SetServing(true);
+  if (grpc::HealthCheckServiceInterface* health = out->server_->GetHealthCheckService()) {
+    health->SetServingStatus(kLivenessService, true);
+  }
   LOG(INFO) << "serving on " << address;
   return out;
 }
@@ -82,7 +85,7 @@ GrpcServer::~GrpcServer() { Shutdown(absl::ZeroDuration()); }
 void GrpcServer::SetServing(bool serving) {
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
   if (health == nullptr) return;
-  health->SetServingStatus(serving);
+  health->SetServingStatus("", serving);
   for (const std::string& name : service_names_) health->SetServingStatus(name, serving);
 }
 

@@ -1,7 +1,7 @@
 // GrpcServer: how every Strata server (coordinator, worker) listens. Besides the given services it
 // serves gRPC health checking (grpc.health.v1.Health, reporting each service and "" for the whole
-// server) and server reflection (so grpcurl and similar tools can list and call the API), and it
-// routes gRPC's own log messages into common/log.h.
+// server, plus kLivenessService) and server reflection (so grpcurl and similar tools can list and
+// call the API), and it routes gRPC's own log messages into common/log.h.
 #ifndef STRATA_COMMON_GRPC_SERVER_H_
 #define STRATA_COMMON_GRPC_SERVER_H_
 
@@ -31,6 +31,10 @@ struct ServiceToServe {
   std::string name;
 };
 
+// The health service name that reports SERVING for as long as the server runs (Kubernetes'
+// liveness probes: `grpc: {port: P, service: liveness}`).
+inline constexpr char kLivenessService[] = "liveness";
+
 // A started server. Owns the grpc::Server; the services are not owned and must outlive it.
 // Thread-safe.
 class GrpcServer {
@@ -49,7 +53,9 @@ class GrpcServer {
   const std::string& address() const { return address_; }
 
   // Reports SERVING or NOT_SERVING for every service and for "" (a draining server reports
-  // NOT_SERVING so that load balancers stop sending to it, while in-flight calls finish).
+  // NOT_SERVING so that load balancers stop sending to it, while in-flight calls finish). The
+  // health service name kLivenessService is left SERVING: a liveness probe asks that one, so that a
+  // drained, idle server is not restarted.
   void SetServing(bool serving);
 
   // Stops accepting calls, reports NOT_SERVING, and cancels calls still running after `grace`.

@@ -125,8 +125,13 @@ TEST_F(GrpcServerTest, HealthReportsServerAndServicesAndFollowsSetServing) {
   EXPECT_EQ(r.status(), HealthResponse::NOT_SERVING);
   ASSERT_TRUE(Check("", &r).ok());
   EXPECT_EQ(r.status(), HealthResponse::NOT_SERVING);
+  // A draining server is still alive: liveness probes must not restart it.
+  ASSERT_TRUE(Check(kLivenessService, &r).ok());
+  EXPECT_EQ(r.status(), HealthResponse::SERVING);
   server_->SetServing(true);
   ASSERT_TRUE(Check("", &r).ok());
+  EXPECT_EQ(r.status(), HealthResponse::SERVING);
+  ASSERT_TRUE(Check(kLivenessService, &r).ok());
   EXPECT_EQ(r.status(), HealthResponse::SERVING);
 }
 

@@ -40,6 +40,9 @@ ABSL_FLAG(int, max_attempts, 4, "Workers tried per request (failover), counting 
 ABSL_FLAG(std::string, routing, "kv", "kv (prefix-cache-aware cost) or round_robin (baseline).");
 ABSL_FLAG(double, decode_weight, 1.0, "Routing cost of one decoding sequence, in prefill blocks.");
 ABSL_FLAG(double, shutdown_grace_s, 10, "On SIGTERM, how long in-flight requests may finish.");
+ABSL_FLAG(int64_t, shutdown_delay_s, 0,
+          "On SIGTERM, how long to keep accepting calls while reporting NOT_SERVING before "
+          "closing the listener (time for load balancers to drop this replica).");
 ABSL_FLAG(std::string, instance_id, "",
           "Prefix of worker-side request ids; default: coord-<random hex> (must differ between "
           "coordinator replicas sharing workers).");
@@ -127,6 +130,12 @@ int Main() {
   LOG(INFO) << "signal " << sig << ": shutting down (" << service.num_inflight()
             << " requests in flight)";
   (*server)->SetServing(false);
+  // Still listening, NOT_SERVING: load balancers (a Kubernetes Service's endpoints) drop this
+  // replica before it refuses connections. A second signal cuts the wait short.
+  if (const int64_t delay = absl::GetFlag(FLAGS_shutdown_delay_s); delay > 0) {
+    LOG(INFO) << "not serving; closing the listener in " << delay << " s";
+    WaitForTerminationSignal(absl::Seconds(delay));
+  }
   (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_s)));
   pool.Stop();
   LOG(INFO) << "strata-coordinator stopped";

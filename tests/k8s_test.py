@@ -230,12 +230,17 @@ def check_manifests(m, flags, image_models):
                 if ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") != str(mport):
                     fail("%s: prometheus.io/port %s is not --metrics_listen's port %s" % (cname, ann.get("prometheus.io/port"), mport))
                 n += 1
+            for probe in ("startupProbe", "livenessProbe"):
+                if probe in c and c[probe].get("grpc", {}).get("service") != "liveness":
+                    fail("%s: %s must ask the \"liveness\" health service: the server's overall "
+                         "health turns NOT_SERVING while it drains, and the kubelet would restart it"
+                         % (cname, probe))
             if "readinessProbe" not in c:
                 fail("%s: no readinessProbe (a draining server must leave its Service)" % cname)
             grace = pod.get("terminationGracePeriodSeconds", 30)
             # The server's own shutdown limits, with their defaults: all must fit in the grace period.
             own = {"strata-worker": {"drain_timeout_s": 30, "persist_kv_s": 10},
-                   "strata-coordinator": {"shutdown_grace_s": 10}}
+                   "strata-coordinator": {"shutdown_delay_s": 0, "shutdown_grace_s": 10}}
             if binary in own:
                 limits = {f: float(args.get(f, d)) for f, d in own[binary].items()}
                 if sum(limits.values()) + 5 > grace:
@@ -436,9 +441,14 @@ class Cluster:
                 lines.append("%s %s.%s %s.%s.default.svc.cluster.local" % (p.ip, p.name, svc, p.name, svc))
         text = "\n".join(lines) + "\n"
         for p in self.pods:
-            # Written in place, not replaced: the pod sees this file through a bind mount.
-            with open(p.hosts, "w") as f:
-                f.write(text + "%s %s\n" % (p.ip, p.name))
+            # Written in place, not replaced (the pod sees this file through a bind mount), and
+            # always at one size, padded with a comment, so that a reader never finds it empty.
+            body = (text + "%s %s\n#" % (p.ip, p.name)).ljust(8192, " ") + "\n"
+            if len(body) != 8193:
+                fail("the hosts file outgrew its fixed size")
+            mode = "r+" if os.path.exists(p.hosts) else "w"
+            with open(p.hosts, mode) as f:
+                f.write(body)
 
     def volume_dir(self, pod, name, owner):
         key = (pod.name, name)
@@ -505,21 +515,28 @@ class Cluster:
         pod.started = time.monotonic()
         pod.command = c["command"] + args
 
-    def probe(self, pod):
-        """The readiness probe: 0 SERVING, 1 answered otherwise, 2 unreachable."""
-        out = subprocess.run([os.path.join(ROOT, PROBE), "%s:%d" % (pod.ip, pod.port)],
+    def probe(self, pod, service=""):
+        """A gRPC probe: 0 SERVING, 1 answered otherwise, 2 unreachable."""
+        out = subprocess.run([os.path.join(ROOT, PROBE), "%s:%d" % (pod.ip, pod.port), service],
                              capture_output=True, text=True)
         return out.returncode
 
     def tick(self):
+        """One round of readiness probes, as the kubelet runs them: ready after a success, not
+        ready after failureThreshold failures in a row (or at once when the process is gone)."""
         changed = False
         for p in self.pods:
             if p.proc is None:
                 continue
+            threshold = p.container.get("readinessProbe", {}).get("failureThreshold", 3)
             if p.proc.poll() is not None:
-                ready = False
+                ready, p.failures = False, threshold
             else:
-                ready = self.probe(p) == 0
+                p.last_probe = self.probe(p)
+                p.failures = 0 if p.last_probe == 0 else getattr(p, "failures", 0) + 1
+                ready = p.ready if 0 < p.failures < threshold else p.failures == 0
+                if p.last_probe == 1:
+                    p.seen_not_serving = True
             if ready != p.ready:
                 p.ready, changed = ready, True
         if changed:
@@ -670,11 +687,41 @@ def run_pods(m, rootfs, work):
         victim = cluster.pod(max(held, key=held.get))
         if held[victim.name] == 0:
             fail("no worker holds a KV block after %d requests: %s" % (len(prompts) + 7, held))
+        other = next(w for w in workers if w is not victim)
+        admin = "%s:%d" % (coordinators[0].ip, coordinators[0].port)
+
+        # `stratactl drain` of the other worker: it leaves the Service (readiness) but stays live,
+        # so the kubelet keeps it. Meanwhile every new request goes to the victim.
+        out = stratactl(cluster, "drain", other.name, "--coordinator", admin)
+        if out.returncode != 0:
+            fail("stratactl drain %s: %s" % (other.name, out.stderr))
+        cluster.wait("%s to leave the Service after stratactl drain" % other.name, lambda: not other.ready, 30)
+        if cluster.probe(other, "liveness") != 0 or other.proc.poll() is not None:
+            fail("%s, drained, must stay live (its liveness probe would restart it)" % other.name)
+        streams = []
+        for i in range(4):
+            cmd = [os.path.join(ROOT, BINARIES["stratactl"]), "generate", "--coordinator",
+                   "%s:%d" % (coordinators[i % 2].ip, coordinators[i % 2].port), "--prompt",
+                   "# stream %d\n" % i, "--max-tokens", "1800", "--seed", str(i), "--ignore-eos", "--json"]
+            streams.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        # All four admitted there before the SIGTERM (with the other worker draining, a stream that
+        # arrived later would find no worker at all).
+        cluster.wait("the streams to run on %s" % victim.name,
+                     lambda: scrape(victim).get("strata_worker_live_sequences", 0) >= len(streams), 30)
+
         grace = victim.workload["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         victim.expect_exit = True
+        victim.seen_not_serving = False
         victim.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
+        out = stratactl(cluster, "drain", other.name, "--resume", "--coordinator", admin)
+        if out.returncode != 0:
+            fail("stratactl drain --resume %s: %s" % (other.name, out.stderr))
         cluster.wait("%s to leave the Service" % victim.name, lambda: not victim.ready, grace)
+        cluster.wait("%s back in the Service" % other.name, lambda: other.ready, 30)
+        for coord in coordinators:
+            cluster.wait("%s to see %s serving again" % (coord.name, other.name),
+                         lambda: other.name in (serving_workers(coord) or []), 30)
         for i in range(4):
             generate(coordinators[i % 2], "int main(void) {")
         try:
@@ -684,7 +731,21 @@ def run_pods(m, rootfs, work):
         if rc != 0:
             cluster.dump()
             fail("%s exited %d after SIGTERM (want 0: a clean drain)" % (victim.name, rc))
-        print("k8s_test: %s drained and exited 0 after %.1f s; requests kept succeeding" % (victim.name, time.monotonic() - t0))
+        with open(victim.log, errors="replace") as f:
+            in_flight = re.findall(r"draining \((\d+) sequences in flight\)", f.read())
+        if not in_flight or int(in_flight[-1]) == 0:
+            fail("%s had no sequence in flight at SIGTERM (%s): the drain went untested" % (victim.name, in_flight))
+        if not victim.seen_not_serving:
+            fail("%s never answered NOT_SERVING while it drained" % victim.name)
+        for i, st in enumerate(streams):
+            stdout, stderr = st.communicate(timeout=60)
+            if st.returncode != 0:
+                fail("stream %d, in flight on %s at SIGTERM, failed: %s" % (i, victim.name, stderr))
+            if len(json.loads(stdout)["token_ids"]) != 1800:
+                fail("stream %d came back short" % i)
+        print("k8s_test: %s, SIGTERM with %s sequences in flight: NOT_SERVING, left the Service, "
+              "finished them all, exited 0 after %.1f s; other requests kept succeeding"
+              % (victim.name, in_flight[-1], time.monotonic() - t0))
 
         # The StatefulSet replaces it: same name, same volume. Its disk tier finds its blocks again.
         victim.expect_exit = False
@@ -783,6 +844,9 @@ def main():
     # Pods need their own network and mount namespaces: as root, directly; otherwise inside a user
     # namespace where this user is root (the image's user cannot be taken on there).
     real_root = os.geteuid() == 0
+    if not real_root:
+        print("k8s_test: not root, so pods run as root of a user namespace: runAsUser, fsGroup and "
+              "file permissions are NOT exercised (run as root, as CI does, for those)")
     env = dict(os.environ, STRATA_K8S_TEST_REAL_ROOT="1" if real_root else "0")
     ns = ["unshare", "--net", "--mount", "--pid", "--fork", "--propagation", "private"]
     if not real_root:

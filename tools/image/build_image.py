@@ -154,7 +154,18 @@ class HashingWriter:
         self.f.flush()
 
 
+def check_glibc():
+    """The image relies on glibc 2.34+, whose libc has the files and dns name lookups built in (no
+    libnss_*.so to pack)."""
+    version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    m = re.match(r"glibc (\d+)\.(\d+)", version)
+    if not m or (int(m.group(1)), int(m.group(2))) < (2, 34):
+        fail("this host's C library is %r: the image needs glibc 2.34 or newer (its name lookups "
+             "are built into libc), so build it on Debian 12 or similar" % version)
+
+
 def build(args):
+    check_glibc()
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
     libs_layer, models_layer, strata_layer = Layer("libraries"), Layer("models"), Layer("strata")
 
@@ -223,7 +234,9 @@ def build(args):
                 "User": "%d:%d" % (UID, UID),
                 "Env": [
                     "PATH=/usr/local/bin",
-                    "LD_LIBRARY_PATH=/" + LIB_DIR,
+                    # Then where the NVIDIA container toolkit mounts the driver's libcuda.so.1, in
+                    # case its ldconfig hook does not run.
+                    "LD_LIBRARY_PATH=/%s:/usr/lib64:/usr/lib/x86_64-linux-gnu" % LIB_DIR,
                     # Asks the NVIDIA container toolkit for the driver's compute libraries in GPU pods.
                     "NVIDIA_DRIVER_CAPABILITIES=compute,utility",
                 ],
@@ -248,13 +261,22 @@ def build(args):
         manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
         ref = args.tag.rsplit(":", 1)[1] if ":" in args.tag.rsplit("/", 1)[-1] else "latest"
+        # containerd (kind load, ctr import) keeps this name as written and the kubelet looks up
+        # the normalized one: docker.io/library/strata:dev for strata:dev.
+        first = args.tag.split("/", 1)[0]
+        if "/" not in args.tag:
+            full_name = "docker.io/library/" + args.tag
+        elif "." in first or ":" in first or first == "localhost":
+            full_name = args.tag
+        else:
+            full_name = "docker.io/" + args.tag
         index = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
             "manifests": [{
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "digest": "sha256:" + manifest_digest, "size": len(manifest_bytes),
-                "annotations": {"io.containerd.image.name": args.tag,
+                "annotations": {"io.containerd.image.name": full_name,
                                 "org.opencontainers.image.ref.name": ref},
             }],
         }
@@ -291,24 +313,33 @@ def build(args):
 
 
 def unpack(args):
-    """Checks every digest of the archive and applies its layers in order under --rootfs."""
+    """Checks every digest of the archive and applies its layers in order under --rootfs, reading
+    each blob in chunks (layers are hundreds of MiB)."""
     with tarfile.open(args.unpack) as tar:
-        def read(name):
+        def member(name):
             f = tar.extractfile(name)
             if f is None:
                 fail("%s: no %s" % (args.unpack, name))
-            return f.read()
+            return f
 
-        def blob(digest, expect_size=None):
+        def read(name):
+            return member(name).read()
+
+        def check(digest, expect_size=None):
+            """Streams the blob once, checking its digest and size; returns its path in the tar."""
             algo, _, hexd = digest.partition(":")
             if algo != "sha256":
                 fail("unsupported digest %s" % digest)
-            data = read("blobs/sha256/" + hexd)
-            if hashlib.sha256(data).hexdigest() != hexd:
+            name = "blobs/sha256/" + hexd
+            f, sha, size = member(name), hashlib.sha256(), 0
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+                size += len(chunk)
+            if sha.hexdigest() != hexd:
                 fail("blob %s does not match its digest" % digest)
-            if expect_size is not None and len(data) != expect_size:
-                fail("blob %s is %d bytes, the manifest says %d" % (digest, len(data), expect_size))
-            return data
+            if expect_size is not None and size != expect_size:
+                fail("blob %s is %d bytes, the manifest says %d" % (digest, size, expect_size))
+            return name
 
         if json.loads(read("oci-layout")).get("imageLayoutVersion") != "1.0.0":
             fail("bad oci-layout")
@@ -316,23 +347,29 @@ def unpack(args):
         if len(index.get("manifests", [])) != 1:
             fail("index.json should name exactly one manifest")
         desc = index["manifests"][0]
-        manifest = json.loads(blob(desc["digest"], desc["size"]))
-        config = json.loads(blob(manifest["config"]["digest"], manifest["config"]["size"]))
+        manifest = json.loads(read(check(desc["digest"], desc["size"])))
+        config = json.loads(read(check(manifest["config"]["digest"], manifest["config"]["size"])))
         diff_ids = config["rootfs"]["diff_ids"]
         if len(diff_ids) != len(manifest["layers"]):
             fail("config has %d diff_ids for %d layers" % (len(diff_ids), len(manifest["layers"])))
         os.makedirs(args.rootfs, exist_ok=True)
         for layer, diff_id in zip(manifest["layers"], diff_ids):
-            data = blob(layer["digest"], layer["size"])
-            if layer["mediaType"].endswith("+gzip"):
-                data = gzip.decompress(data)
-            if "sha256:" + hashlib.sha256(data).hexdigest() != diff_id:
+            name = check(layer["digest"], layer["size"])
+            gz = layer["mediaType"].endswith("+gzip")
+            if gz:
+                sha = hashlib.sha256()
+                with gzip.GzipFile(fileobj=member(name)) as z:
+                    for chunk in iter(lambda: z.read(1 << 20), b""):
+                        sha.update(chunk)
+                if "sha256:" + sha.hexdigest() != diff_id:
+                    fail("layer %s does not match its diff_id %s" % (layer["digest"], diff_id))
+            elif "sha256:" + name.rsplit("/", 1)[1] != diff_id:
                 fail("layer %s does not match its diff_id %s" % (layer["digest"], diff_id))
-            with tarfile.open(fileobj=io.BytesIO(data)) as lt:
-                for m in lt.getmembers():
+            with tarfile.open(fileobj=member(name), mode="r|gz" if gz else "r|") as lt:
+                for m in lt:
                     if m.name.startswith("/") or ".." in m.name.split("/"):
                         fail("layer entry %s escapes the root" % m.name)
-                lt.extractall(args.rootfs, numeric_owner=True)
+                    lt.extract(m, args.rootfs, numeric_owner=True)
         with open(os.path.join(args.rootfs, ".image-config.json"), "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
     print("build_image: unpacked %d layers of %s into %s" % (len(diff_ids), args.unpack, args.rootfs),
