@@ -13,7 +13,8 @@
 #   tools/run_local.sh --prompt TEXT   ask something else (the model writes Python-like text)
 #   tools/run_local.sh --tensor-parallel 2   split the model across 2 processes in each worker
 # Environment: STRATA_PORT (coordinator port, default 50051; workers use the next ports after
-# STRATA_WORKER_PORT, default 50061), STRATA_RUN_DIR (logs and pids, default
+# STRATA_WORKER_PORT, default 50061; metrics on STRATA_METRICS_PORT, default 9090, and the next two),
+# STRATA_RUN_DIR (logs and pids, default
 # ~/.cache/strata/local-cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,7 @@ done
 run_dir=${STRATA_RUN_DIR:-$HOME/.cache/strata/local-cluster}
 coord_port=${STRATA_PORT:-50051}
 worker_port=${STRATA_WORKER_PORT:-50061}
+metrics_port=${STRATA_METRICS_PORT:-9090}
 coordinator="127.0.0.1:$coord_port"
 mkdir -p "$run_dir/logs"
 
@@ -117,11 +119,12 @@ for i in 1 2; do
 done
 launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model_dir" \
   --workers="$(IFS=,; echo "${workers[*]}")" --listen="$coordinator" \
-  --port_file="$run_dir/coordinator.port"
+  --metrics_listen="127.0.0.1:$metrics_port" --port_file="$run_dir/coordinator.port"
 for i in 1 2; do
   launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
     --host_cache_mb=128 --disk_cache_mb=512 --disk_cache_path="$run_dir/kv-worker-$i" \
+    --metrics_listen="127.0.0.1:$((metrics_port + i))" \
     --port_file="$run_dir/worker-$i.port" --tensor_parallel="$tensor_parallel"
 done
 
@@ -159,6 +162,8 @@ echo
 echo "Strata is listening:"
 echo "  coordinator (strata.v1.Serving, strata.v1.Admin, grpc.health.v1): $coordinator"
 echo "  workers (strata.v1.Worker): ${workers[*]}"
+echo "  Prometheus metrics: http://127.0.0.1:$metrics_port/metrics (coordinator)," \
+  "http://127.0.0.1:$((metrics_port + 1))/metrics and :$((metrics_port + 2)) (workers)"
 echo "  logs: $run_dir/logs"
 echo "Try:"
 echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
