@@ -44,6 +44,14 @@ msg="$($bin run --model $model --prompt-ids 1,9999 2>&1)"; rc=$?
 [ $rc = 2 ] && echo "$msg" | grep -q 'token id 9999 outside the vocabulary' || fail "bad id: $rc $msg"
 msg="$($bin run --model /nonexistent --prompt-ids 1 2>&1)"; rc=$?
 [ $rc = 1 ] && echo "$msg" | grep -q '/nonexistent/config.json' || fail "missing model: $rc $msg"
+# Capacity planning, as an operator runs it: a table, and usage errors naming the flag.
+msg="$($bin plan --model $model --gpu-memory-gib 8 --gpu-bandwidth-gbps 100 --gpu-tflops 10 \
+  --prompt-tokens 16 --output-tokens 8 --rate 1 2>&1)"; rc=$?
+[ $rc = 0 ] && echo "$msg" | grep -q '^workers    1 for 1.00 requests/s' || fail "plan: $rc $msg"
+msg="$($bin plan --model $model --gpu h900 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--gpu "h900" is not one of h100' || fail "plan --gpu: $rc $msg"
+msg="$($bin plan --model $model --rate=-3 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--rate must be 0 or more' || fail "plan --rate: $rc $msg"
 msg="$($bin frobnicate 2>&1)"; rc=$?
 [ $rc = 2 ] && echo "$msg" | grep -q 'unknown command' || fail "unknown command: $rc $msg"
 set -e
