@@ -185,28 +185,31 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
              workload.rate_rps / (p.requests_per_s_per_worker * options.target_utilization))));
   p.utilization = workload.rate_rps / (p.workers * p.requests_per_s_per_worker);
 
-  // Tiers: each block in a host or disk slot (header, 4 KiB alignment, compression), every
-  // rank's share of it.
+  // Tiers: each block in a host or disk slot (header, 4 KiB alignment, compression); one slot holds
+  // every rank's share of a block.
   KvBlockLayout layout;
   layout.num_segments = 2 * model.num_layers;
   layout.block_tokens = bt;
-  layout.num_heads = model.num_kv_heads / tp;
+  layout.num_heads = model.num_kv_heads;
   layout.head_dim = model.head_dim;
   layout.dtype = options.dtype;
   const KvCodec codec(layout, options.lower_tier_compression);
-  p.tier_slot_bytes = static_cast<int64_t>(SlotBytesFor(codec.encoded_bytes(), 4096)) * tp;
+  p.tier_slot_bytes = static_cast<int64_t>(SlotBytesFor(codec.encoded_bytes(), 4096));
   const int64_t conversation_tokens = workload.conversation_tokens > 0
                                           ? workload.conversation_tokens
                                           : workload.prompt_tokens + workload.output_tokens;
   const int64_t conversations_per_worker = CeilDiv(workload.conversations, p.workers);
   p.warm_set_bytes = static_cast<double>(conversations_per_worker) *
                      CeilDiv(conversation_tokens, bt) * p.tier_slot_bytes;
-  double host = p.warm_set_bytes;
-  if (options.host_cache_budget_bytes > 0) host = std::min(host, options.host_cache_budget_bytes);
-  p.host_cache_mb = static_cast<int64_t>(std::ceil(host / kMiB));
-  // The disk holds the conversations the host tier cannot, and room for the device cache and the
-  // host tier written down at shutdown (--persist_kv_s), with a quarter more for LRU churn.
+  // The host tier holds the conversations, and at least the device cache: evicted blocks and a
+  // shutdown's blocks (--persist_kv_s) pass through it on their way to disk, and a disk tier needs
+  // one.
   const double device_in_slots = static_cast<double>(blocks) * p.tier_slot_bytes;
+  double host = std::max(p.warm_set_bytes, device_in_slots);
+  if (options.host_cache_budget_bytes > 0) host = std::min(host, options.host_cache_budget_bytes);
+  p.host_cache_mb = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(host / kMiB)));
+  // The disk holds the conversations the host tier cannot, and room for the device cache and the
+  // host tier written down at shutdown, with a quarter more for LRU churn.
   const double disk = 1.25 * std::max(p.warm_set_bytes, p.host_cache_mb * kMiB + device_in_slots);
   p.disk_cache_mb = static_cast<int64_t>(std::ceil(disk / kMiB));
   p.pod_memory_request_mb = p.host_cache_mb + kPodOverheadMiB;
@@ -246,13 +249,13 @@ std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& option
       absl::StrCat("--max_running_sequences=", plan.max_running_sequences),
       absl::StrCat("--max_batch_tokens=", options.max_batch_tokens),
   };
-  if (options.tensor_parallel > 1) {
-    f.push_back(absl::StrCat("--tensor_parallel=", options.tensor_parallel));
-  }
   if (options.block_tokens != 16)
     f.push_back(absl::StrCat("--block_tokens=", options.block_tokens));
-  if (plan.host_cache_mb > 0) f.push_back(absl::StrCat("--host_cache_mb=", plan.host_cache_mb));
-  f.push_back(absl::StrCat("--disk_cache_mb=", plan.disk_cache_mb));
+  // strata-worker refuses a disk tier without a host tier.
+  if (plan.host_cache_mb > 0) {
+    f.push_back(absl::StrCat("--host_cache_mb=", plan.host_cache_mb));
+    f.push_back(absl::StrCat("--disk_cache_mb=", plan.disk_cache_mb));
+  }
   if (options.lower_tier_compression != KvCompression::kNone) {
     f.push_back(
         absl::StrCat("--kv_compression=", KvCompressionName(options.lower_tier_compression)));
@@ -271,7 +274,8 @@ std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
   for (const std::string& a :
        {std::string("--listen=[::]:50061"), std::string("--metrics_listen=[::]:9090"),
         std::string("--model=$(STRATA_MODEL_DIR)"),
-        std::string("--model_name=$(STRATA_MODEL_NAME)"), std::string("--worker_id=$(POD_NAME)")}) {
+        std::string("--model_name=$(STRATA_MODEL_NAME)"), std::string("--worker_id=$(POD_NAME)"),
+        std::string("--threads=8")}) {
     absl::StrAppend(&args, "            - ", a, "\n");
   }
   for (const std::string& a : WorkerFlags(plan, options)) {
@@ -480,6 +484,9 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
                    Fraction(args, "target-utilization", o.target_utilization));
 
   ASSIGN_OR_RETURN(const Plan p, MakePlan(model, gpu, w, o));
+  if (args.Has("json") && args.Has("emit") && args.Get("emit") != "json") {
+    return absl::InvalidArgumentError("give --json or --emit, not both");
+  }
   const std::string emit = args.Has("json") ? "json" : args.Get("emit").value_or("table");
   if (emit == "json") {
     absl::FPrintF(out, "%s", Json(p, gpu, o));

@@ -1,11 +1,13 @@
 #include "cli/plan.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "cli/args.h"
 #include "gtest/gtest.h"
 #include "worker/model/config.h"
@@ -155,6 +157,30 @@ TEST(PlanTest, TiersHoldTheConversationsAndTheCacheAtShutdown) {
   auto small = MakePlan(Llama8B(), *FindGpu("h100"), w, fp8);
   ASSERT_TRUE(small.ok());
   EXPECT_EQ(small->tier_slot_bytes, (1048576 + 64 * 8 * 4 + 64 + 4095) / 4096 * 4096);
+}
+
+TEST(PlanTest, TheDefaultWorkloadStillGetsAHostTierUnderItsDisk) {
+  auto p = MakePlan(Llama8B(), *FindGpu("h100"), Decode(1024, 256), PlanOptions());
+  ASSERT_TRUE(p.ok());
+  // No conversations to keep: the host tier still holds the device cache (a shutdown passes it
+  // through there), and strata-worker takes no disk tier without a host tier.
+  const double device = static_cast<double>(p->kv_cache_tokens / 16) * p->tier_slot_bytes;
+  EXPECT_EQ(p->host_cache_mb, static_cast<int64_t>(std::ceil(device / (1 << 20))));
+  const std::vector<std::string> flags = WorkerFlags(*p, PlanOptions());
+  EXPECT_NE(
+      std::find(flags.begin(), flags.end(), absl::StrCat("--host_cache_mb=", p->host_cache_mb)),
+      flags.end());
+  EXPECT_NE(
+      std::find(flags.begin(), flags.end(), absl::StrCat("--disk_cache_mb=", p->disk_cache_mb)),
+      flags.end());
+  // One tier slot holds every tensor-parallel rank's share of a block, as the engine stores it.
+  PlanOptions tp2;
+  tp2.tensor_parallel = 2;
+  auto split = MakePlan(Llama8B(), *FindGpu("h100"), Decode(1024, 256), tp2);
+  ASSERT_TRUE(split.ok());
+  EXPECT_EQ(split->tier_slot_bytes, p->tier_slot_bytes);
+  for (const std::string& f : WorkerFlags(*split, tp2))
+    EXPECT_EQ(f.find("--tensor_parallel"), std::string::npos);
 }
 
 TEST(PlanTest, ImpossiblePlansSayWhy) {

@@ -148,6 +148,14 @@ void MetricsRegistry::SetGaugeCallback(const std::string& name, const std::strin
   s.callback = std::move(fn);
 }
 
+void MetricsRegistry::RemoveGaugeCallback(const std::string& name, const MetricLabels& labels) {
+  absl::MutexLock lock(&mu_);
+  auto it = families_.find(name);
+  if (it == families_.end()) return;
+  it->second.series.erase(LabelText(labels));
+  if (it->second.series.empty()) families_.erase(it);
+}
+
 std::string MetricsRegistry::Render() const {
   absl::MutexLock lock(&mu_);
   std::string out;

@@ -86,6 +86,10 @@ class MetricsRegistry {
                         const MetricLabels& labels, std::function<double()> fn)
       ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Drops a callback gauge's series (its callback must not outlive what it reads).
+  void RemoveGaugeCallback(const std::string& name, const MetricLabels& labels)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
   // Every series, grouped by name in name order, each name with its HELP and TYPE lines.
   std::string Render() const ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -5,15 +5,17 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/log.h"
 
 namespace strata {
@@ -24,11 +26,27 @@ absl::Status Invalid(const std::string& listen, const std::string& why) {
       absl::StrCat("--metrics_listen \"", listen, "\" ", why, " (want HOST:PORT, e.g. [::]:9090)"));
 }
 
-bool WriteAll(int fd, const std::string& data) {
+// Waits until `fd` is ready for `events` or `wake_fd` is readable (the server stopping), at most
+// until `deadline`. True when `fd` is ready.
+bool WaitFor(int fd, short events, int wake_fd, absl::Time deadline) {
+  while (true) {
+    const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (ms <= 0) return false;
+    pollfd fds[2] = {{fd, events, 0}, {wake_fd, POLLIN, 0}};
+    const int rc = ::poll(fds, 2, static_cast<int>(std::min<int64_t>(ms, 1000)));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0 || fds[1].revents != 0) return false;
+    if (fds[0].revents != 0) return true;
+  }
+}
+
+bool WriteAll(int fd, const std::string& data, int wake_fd, absl::Time deadline) {
   size_t done = 0;
   while (done < data.size()) {
-    const ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
+    if (!WaitFor(fd, POLLOUT, wake_fd, deadline)) return false;
+    const ssize_t n =
+        ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (n <= 0) return false;
     done += static_cast<size_t>(n);
   }
@@ -66,7 +84,8 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   UniqueFd fd;
   std::string last_error = "no address";
   for (addrinfo* ai = res; ai != nullptr && !fd.valid(); ai = ai->ai_next) {
-    UniqueFd s(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
+    UniqueFd s(
+        ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol));
     if (!s.valid()) {
       last_error = strerror(errno);
       continue;
@@ -83,6 +102,8 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
     fd = std::move(s);
   }
   freeaddrinfo(res);
+  // "[::]" on a host without IPv6: every IPv4 address instead, as gRPC's own listener does.
+  if (!fd.valid() && host == "::") return Start(absl::StrCat("0.0.0.0:", port), registry);
   if (!fd.valid()) {
     return absl::UnavailableError(
         absl::StrCat("metrics: cannot listen on ", listen, ": ", last_error));
@@ -127,42 +148,46 @@ void MetricsHttpServer::Loop() {
     if (fds[1].revents != 0) return;
     if ((fds[0].revents & POLLIN) == 0) continue;
     UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!conn.valid()) continue;  // the client gave up, or fds ran out: try the next one
+    if (!conn.valid()) {
+      // The client gave up, or descriptors ran out: back off a little instead of spinning.
+      if (errno != EAGAIN && errno != ECONNABORTED && errno != EINTR) {
+        pollfd wake = {wake_fd_.get(), POLLIN, 0};
+        ::poll(&wake, 1, 100);
+      }
+      continue;
+    }
     Serve(conn.get());
   }
 }
 
 void MetricsHttpServer::Serve(int fd) {
-  const timeval timeout{2, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  // One deadline for the whole exchange: a client that trickles bytes in or reads slowly holds
+  // the endpoint for 2 s at most, and the server's shutdown not at all.
+  const absl::Time deadline = absl::Now() + absl::Seconds(2);
+  const int wake = wake_fd_.get();
   std::string request;
   char buf[1024];
   while (request.find("\r\n\r\n") == std::string::npos && request.size() < 8192) {
-    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
-    if (n < 0 && errno == EINTR) continue;
+    if (!WaitFor(fd, POLLIN, wake, deadline)) return;
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (n <= 0) return;
     request.append(buf, static_cast<size_t>(n));
   }
   const std::string line = request.substr(0, request.find("\r\n"));
   const std::vector<std::string> parts = absl::StrSplit(line, ' ');
+  std::string response;
   if (parts.size() != 3) {
-    WriteAll(fd, Response("400 Bad Request", "text/plain", "bad request line\n"));
-    return;
+    response = Response("400 Bad Request", "text/plain", "bad request line\n");
+  } else if (parts[0] != "GET" && parts[0] != "HEAD") {
+    response = Response("405 Method Not Allowed", "text/plain", "GET /metrics\n");
+  } else if (parts[1].substr(0, parts[1].find('?')) != "/metrics") {
+    response = Response("404 Not Found", "text/plain", "GET /metrics\n");
+  } else {
+    response = Response("200 OK", "text/plain; version=0.0.4; charset=utf-8", registry_->Render());
+    if (parts[0] == "HEAD") response.resize(response.find("\r\n\r\n") + 4);
   }
-  if (parts[0] != "GET" && parts[0] != "HEAD") {
-    WriteAll(fd, Response("405 Method Not Allowed", "text/plain", "GET /metrics\n"));
-    return;
-  }
-  const std::string path = parts[1].substr(0, parts[1].find('?'));
-  if (path != "/metrics") {
-    WriteAll(fd, Response("404 Not Found", "text/plain", "GET /metrics\n"));
-    return;
-  }
-  std::string response =
-      Response("200 OK", "text/plain; version=0.0.4; charset=utf-8", registry_->Render());
-  if (parts[0] == "HEAD") response.resize(response.find("\r\n\r\n") + 4);
-  WriteAll(fd, response);
+  WriteAll(fd, response, wake, deadline);
 }
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> StartMetricsEndpoint(

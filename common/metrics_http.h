@@ -1,8 +1,8 @@
 // MetricsHttpServer: serves a MetricsRegistry over plain HTTP for Prometheus to scrape:
 // GET /metrics answers the registry's text exposition; any other path is 404, any other method 405.
 // One request per connection (Connection: close), handled one at a time on the server's own
-// thread, with 2 s read and write timeouts, so a stuck client delays scrapes but never the server
-// that owns the registry.
+// thread, each exchange within 2 s: a stuck or trickling client delays scrapes by 2 s at most,
+// never the server that owns the registry, and never shutdown.
 #ifndef STRATA_COMMON_METRICS_HTTP_H_
 #define STRATA_COMMON_METRICS_HTTP_H_
 

@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/metrics_http.h"
 #include "gtest/gtest.h"
 
@@ -125,7 +127,24 @@ TEST(MetricsHttpServerTest, ServesTheRegistryAtMetrics) {
   const int idle = Connect(port);
   EXPECT_NE(Http(port, "GET /metrics HTTP/1.1\r\n\r\n").find("strata_up_total"), std::string::npos);
   close(idle);
+  // One that trickles its request in a byte at a time is cut off after 2 s in all.
+  const int slow = Connect(port);
+  const absl::Time start = absl::Now();
+  const std::string request = "GET /metrics HTTP/1.1\r\n";
+  for (size_t i = 0; i < request.size(); ++i) {
+    if (send(slow, &request[i], 1, MSG_NOSIGNAL) != 1) break;
+    absl::SleepFor(absl::Milliseconds(150));
+  }
+  char byte;
+  EXPECT_LE(recv(slow, &byte, 1, 0), 0);  // closed without an answer
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  close(slow);
+  // A connection in progress does not hold up shutdown.
+  const int pending = Connect(port);
+  const absl::Time stop = absl::Now();
   server->reset();  // stops and joins promptly
+  EXPECT_LT(absl::Now() - stop, absl::Seconds(1));
+  close(pending);
 }
 
 TEST(MetricsHttpServerTest, BadAddressesNameTheFlag) {

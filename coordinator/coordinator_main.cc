@@ -84,6 +84,11 @@ int Main() {
   WorkerPool pool(po);
   pool.Start();
 
+  if (absl::GetFlag(FLAGS_shutdown_delay_s) < 0) {
+    LOG(ERROR) << "--shutdown_delay_s must be 0 or more, not "
+               << absl::GetFlag(FLAGS_shutdown_delay_s);
+    return 1;
+  }
   CoordinatorOptions co;
   co.max_inflight_requests = absl::GetFlag(FLAGS_max_inflight_requests);
   co.max_attempts = absl::GetFlag(FLAGS_max_attempts);

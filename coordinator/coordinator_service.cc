@@ -653,7 +653,7 @@ CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* mo
                                        CoordinatorOptions options)
     : pool_(pool), models_(models), options_(std::move(options)), started_(absl::Now()) {
   if (MetricsRegistry* m = options_.metrics; m != nullptr) {
-    // Computed at each scrape: the metrics endpoint must stop before this service goes.
+    // Computed at each scrape; removed again when the service goes.
     m->SetGaugeCallback("strata_coordinator_inflight_requests", "Generate calls in flight now.", {},
                         [this] { return static_cast<double>(inflight_.load()); });
     for (const auto state :
@@ -670,6 +670,14 @@ CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* mo
 }
 
 CoordinatorService::~CoordinatorService() {
+  if (MetricsRegistry* m = options_.metrics; m != nullptr) {
+    m->RemoveGaugeCallback("strata_coordinator_inflight_requests", {});
+    for (const auto state :
+         {v1::WORKER_STATE_SERVING, v1::WORKER_STATE_DRAINING, v1::WORKER_STATE_UNAVAILABLE}) {
+      m->RemoveGaugeCallback("strata_coordinator_workers",
+                             {{"state", v1::WorkerState_Name(state)}});
+    }
+  }
   std::list<DrainThread> threads;
   {
     absl::MutexLock lock(&threads_mu_);

@@ -603,9 +603,18 @@ void KvStore::Flush() {
   if (disk_ != nullptr) disk_->Flush();
 }
 
-int64_t KvStore::Persist(absl::Time deadline) {
+int64_t KvStore::Persist(absl::Time deadline, const std::atomic<bool>* cancel) {
   if (!disk_enabled_ || host_ == nullptr) return 0;
   Flush();
+  // The disk copies of blocks still in host are more recent than disk-only ones: move them to the
+  // disk LRU's young end (host order kept), so that room for the writes below is taken from
+  // disk-only blocks first.
+  for (const int64_t hs : host_lru_) {
+    auto it = disk_index_.find(host_slots_[hs].key.hash);
+    if (it == disk_index_.end()) continue;
+    DiskSlot& d = disk_slots_[it->second];
+    if (d.in_lru) disk_lru_.splice(disk_lru_.end(), disk_lru_, d.lru_pos);
+  }
   std::vector<int64_t> todo;  // most recently used first
   int64_t clean = 0;
   for (auto it = host_lru_.rbegin(); it != host_lru_.rend(); ++it) {
@@ -623,8 +632,11 @@ int64_t KvStore::Persist(absl::Time deadline) {
   const int64_t max_writes = 2 * static_cast<int64_t>(config_.disk_queue_depth);
   const int64_t before = stats_.write_backs;
   size_t next = 0;
-  while (next < limit && disk_enabled_ && absl::Now() < deadline) {
-    while (next < limit && writes_in_flight_ < max_writes) {
+  auto go_on = [&] {
+    return disk_enabled_ && absl::Now() < deadline && (cancel == nullptr || !cancel->load());
+  };
+  while (next < limit && go_on()) {
+    while (next < limit && writes_in_flight_ < max_writes && go_on()) {
       const int64_t slot = todo[next++];
       const HostSlot& h = host_slots_[slot];
       if (h.state != HostSlot::State::kReady || h.clean || h.writing) continue;

@@ -27,6 +27,7 @@
 #ifndef STRATA_MEMTIER_KV_STORE_H_
 #define STRATA_MEMTIER_KV_STORE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <list>
@@ -148,9 +149,10 @@ class KvStore {
   // For shutdown: writes the host tier's blocks that have no disk copy to disk, most recently used
   // first, so that a store opened later on the same disk file (DiskTier recovery) starts with them.
   // Writes no more blocks than the disk holds besides the host's clean blocks, keeps up to
-  // 2 x disk_queue_depth writes in flight, and stops starting new ones at `deadline`; returns when
-  // the last has finished, with how many blocks were written. 0 without a disk tier.
-  int64_t Persist(absl::Time deadline);
+  // 2 x disk_queue_depth writes in flight, and stops starting new ones at `deadline` or once
+  // `*cancel` (if given) is true; returns when the last has finished, with how many blocks were
+  // written. 0 without a disk tier.
+  int64_t Persist(absl::Time deadline, const std::atomic<bool>* cancel = nullptr);
   // Disk loads in flight (a waiting request may be waiting for them).
   int64_t loads_in_flight() const { return loads_in_flight_; }
 

@@ -286,6 +286,28 @@ TEST_F(KvStoreTest, PersistOnASmallDiskKeepsTheMostRecentlyUsed) {
   }
 }
 
+TEST_F(KvStoreTest, PersistTakesRoomFromDiskOnlyBlocksBeforeHostOnes) {
+  Open(Config(4, 4));
+  for (uint32_t i = 0; i < 4; ++i) {
+    Evict(i, /*to_disk=*/true);  // disk, oldest first: 0 1 2 3
+    Settle();
+  }
+  Evict(0);  // used again: 0 and 1 are the host tier's most recent
+  Evict(1);
+  Evict(4);  // evicts 2 and 3 from host (clean: they stay on disk only)
+  Evict(5);
+  Settle();
+  ASSERT_EQ(store_->Find(KeyOf(2).hash), KvStore::Where::kDisk);
+  // Room for 4 and 5 comes from 2 and 3, not from the disk copies of 0 and 1, which are older
+  // on disk but in use.
+  EXPECT_EQ(store_->Persist(absl::InfiniteFuture()), 2);
+  store_.reset();
+  Open(Config(4, 4));
+  for (uint32_t i : {0u, 1u, 4u, 5u}) {
+    EXPECT_EQ(store_->Find(KeyOf(i).hash), KvStore::Where::kDisk) << i;
+  }
+}
+
 TEST_F(KvStoreTest, PersistWithoutADiskWritesNothing) {
   Open(Config(4, 0));
   Evict(1);

@@ -266,6 +266,9 @@ def check_manifests(m, flags, image_models):
                 if mount_of(model_dir) is None and model_dir.lstrip("/") not in image_models:
                     fail("%s: --model=%s is neither on a volume nor in the image (%s)" % (cname, model_dir, sorted(image_models)))
                 if int(args.get("disk_cache_mb", 0)) > 0:
+                    if int(args.get("host_cache_mb", 0)) <= 0:
+                        fail("%s: --disk_cache_mb without --host_cache_mb: strata-worker refuses a "
+                             "disk tier with no host tier above it" % cname)
                     path = args.get("disk_cache_path", "")
                     vm = mount_of(path)
                     if vm is None:
@@ -810,8 +813,7 @@ def main():
         os.makedirs(planned_dir)
         out = subprocess.run([os.path.join(ROOT, BINARIES["stratactl"]), "plan", "--model",
                               os.path.join(ROOT, "bench/configs/llama3_8b.json"), "--gpu", "h100",
-                              "--rate", "20", "--conversations", "2000", "--conversation-tokens",
-                              "3000", "--host-cache-gib", "128", "--emit", "k8s"],
+                              "--rate", "20", "--emit", "k8s"],
                              capture_output=True, text=True)
         if out.returncode != 0:
             fail("stratactl plan --emit k8s: %s" % out.stderr)

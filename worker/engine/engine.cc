@@ -326,19 +326,28 @@ void Engine::PutDown(int32_t block, BlockKey key, bool to_disk) {
   store_->Put(block, key, to_disk);
 }
 
-int64_t Engine::PersistKv(absl::Time deadline) {
+int64_t Engine::PersistKv(absl::Time deadline, const std::atomic<bool>* cancel) {
   if (store_ == nullptr || !store_->has_disk()) return 0;
-  int64_t n = 0;
+  // The host tier's own blocks first, so that its slots are clean (free to evict) when the device
+  // blocks come down.
+  int64_t written = store_->Persist(deadline, cancel);
+  // Then the device's, least recently used first, through the host tier: whenever as many have
+  // come down as the host tier holds, they are written out before more come (a dirty block
+  // evicted from a full host tier could otherwise be lost). A disk that fills drops its least
+  // recently written blocks first, so the most recent survive.
+  const int64_t batch = std::max<int64_t>(1, store_->stats().host.num_slots);
+  int64_t pending = 0;
   for (const int32_t b : blocks_.CachedBlocks()) {
-    if (absl::Now() >= deadline) break;
+    if (absl::Now() >= deadline || (cancel != nullptr && cancel->load())) break;
     const BlockKey key = blocks_.key(b);
     if (store_->Find(key.hash) != KvStore::Where::kNone) continue;
     PutDown(b, key, /*to_disk=*/false);
-    // Lets write-backs keep up when the host tier is smaller than the device cache.
-    if (++n % 32 == 0) store_->Poll();
+    if (++pending == batch) {
+      written += store_->Persist(deadline, cancel);
+      pending = 0;
+    }
   }
-  store_->Poll();
-  return store_->Persist(deadline);
+  return written + store_->Persist(deadline, cancel);
 }
 
 void Engine::KeepWarm(const Sequence& s) {

@@ -26,6 +26,7 @@
 #define STRATA_WORKER_ENGINE_ENGINE_H_
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -156,12 +157,12 @@ class Engine {
   void SetIoNotify(std::function<void()> notify) {
     if (store_ != nullptr) store_->SetNotify(std::move(notify));
   }
-  // For shutdown, once no sequence runs: copies the device cache's blocks that no lower tier holds
-  // down to the host tier (least recently used first, so that a smaller host tier keeps the most
-  // recent), then writes the host tier to disk (KvStore::Persist), so that an engine started later
-  // on the same disk file begins with this one's cache. Stops starting copies at `deadline`.
-  // Returns the blocks written to disk; 0 without a disk tier.
-  int64_t PersistKv(absl::Time deadline);
+  // For shutdown, once no sequence runs: writes the host tier to disk (KvStore::Persist), then the
+  // device cache's blocks that no lower tier holds, least recently used first, through the host
+  // tier a host tier's worth at a time, so that an engine started later on the same disk file
+  // begins with this one's cache. Stops starting copies at `deadline` or once `*cancel` (if given)
+  // is true. Returns the blocks written to disk; 0 without a disk tier.
+  int64_t PersistKv(absl::Time deadline, const std::atomic<bool>* cancel = nullptr);
   EngineStats Stats() const;
   // Block changes in every tier since the last call, for the coordinator's routing index.
   std::vector<BlockEvent> DrainBlockEvents();

@@ -5,6 +5,7 @@
 // (failover).
 #include "worker/engine/engine.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <random>
@@ -476,11 +477,17 @@ TEST_F(EngineTiersTest, PersistKvHandsTheWholeCacheToTheNextEngine) {
   RequestOutput out;
   std::vector<int32_t> want;
   {
-    auto e = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/64));
+    // A host tier smaller than what comes down, and nothing kept warm: a's six blocks are on the
+    // device only, and reach the disk through the host tier four at a time.
+    EngineConfig c = TieredConfig(/*host_blocks=*/4, /*disk_blocks=*/64);
+    c.keep_finished_warm = false;
+    auto e = MakeEngine(c);
     want = Run(*e, "a1", a, &out);
-    // Without it, a's blocks sit in the device cache and the host tier, both lost on exit.
-    EXPECT_EQ(e->Stats().tiers.write_backs, 0);
-    EXPECT_EQ(e->PersistKv(absl::InfiniteFuture()), 6);  // (100 - 1) / 16 full blocks
+    EXPECT_EQ(e->Stats().tiers.host.stores, 0);
+    std::atomic<bool> cancelled{true};
+    EXPECT_EQ(e->PersistKv(absl::InfiniteFuture(), &cancelled), 0);  // a second signal
+    EXPECT_EQ(e->PersistKv(absl::InfiniteFuture()), 6);              // (100 - 1) / 16 full blocks
+    EXPECT_EQ(e->Stats().tiers.lost_evictions, 0);
     EXPECT_EQ(e->PersistKv(absl::InfiniteFuture()), 0);  // all of them on disk already
   }
   auto restarted = MakeEngine(TieredConfig(32, 64));

@@ -8,7 +8,7 @@
 // Submit answers FAILED_PRECONDITION, so coordinators route elsewhere), lets admitted sequences
 // finish for up to --drain_timeout_s, then writes its cached KV blocks down to the disk tier for up
 // to --persist_kv_s (a worker restarted on the same file starts warm) and shuts down; a second
-// signal shuts down at once.
+// signal cuts the drain and the write short.
 #include <signal.h>
 #include <unistd.h>
 
@@ -406,12 +406,25 @@ int Main(const std::vector<std::string>& args) {
   while (!group_failed && (*service)->num_live_sequences() > 0 && absl::Now() < give_up) {
     if (WaitForTerminationSignal(absl::Milliseconds(50)) != 0) {
       LOG(WARNING) << "second signal: stopping now";
+      (*service)->CancelPersist();
       break;
     }
   }
+  // A lost rank's share of the KV cache may be half written: none of it goes to disk.
+  if (group_failed) (*service)->CancelPersist();
   // A rank that hangs (or is still loading its shard) must not hold the shutdown up for ever: after
   // a grace period the group is aborted, which ends every wait on it.
   absl::Notification stopped;
+  // A signal while the worker writes its KV cache to disk cuts that short.
+  absl::Notification loop_stopped;
+  std::thread second_signal([&loop_stopped, svc = service->get()] {
+    while (!loop_stopped.HasBeenNotified()) {
+      if (WaitForTerminationSignal(absl::Milliseconds(100)) != 0) {
+        LOG(WARNING) << "signal: skipping the rest of the KV cache's write to disk";
+        svc->CancelPersist();
+      }
+    }
+  });
   std::thread watchdog;
   if (group_comm != nullptr) {
     // The loop's last act, writing the KV cache to disk, gets its own time on top.
@@ -424,6 +437,8 @@ int Main(const std::vector<std::string>& args) {
     });
   }
   (*service)->Stop();
+  loop_stopped.Notify();
+  second_signal.join();  // before the service goes
   (*server)->Shutdown(absl::Seconds(1));
   // The engine goes with the service; rank 0's runner tells the other ranks to stop.
   service->reset();

@@ -172,6 +172,13 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
       epoch_(NewEpoch()),
       tiers_at_start_(engine_->Stats().tiers) {
   worker_id_ = options_.worker_id;
+  if (options_.metrics != nullptr) {
+    step_seconds_ = options_.metrics->GetHistogram(
+        "strata_worker_step_seconds", "Engine step time.",
+        {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5});
+    generated_tokens_ = options_.metrics->GetCounter("strata_worker_generated_tokens_total",
+                                                     "Tokens generated (sampled).");
+  }
   // Disk loads a waiting request needs wake the loop as they finish.
   engine_->SetIoNotify([this] {
     absl::MutexLock lock(&mu_);
@@ -407,9 +414,10 @@ void WorkerService::Loop() {
   state.watchers.clear();
   // Commands posted from now on (cancellations racing with shutdown) refer to finished streams.
   if (options_.persist_kv_timeout > absl::ZeroDuration() && engine_->kv_store() != nullptr &&
-      engine_->kv_store()->has_disk()) {
+      engine_->kv_store()->has_disk() && !persist_cancel_.load()) {
     const absl::Time start = absl::Now();
-    const int64_t written = engine_->PersistKv(start + options_.persist_kv_timeout);
+    const int64_t written =
+        engine_->PersistKv(start + options_.persist_kv_timeout, &persist_cancel_);
     LOG(INFO) << "KV cache persisted: " << written << " blocks written to the disk tier in "
               << absl::FormatDuration(absl::Now() - start);
   }
@@ -524,12 +532,7 @@ void WorkerService::StepEngine(LoopState* state) {
   const absl::Time start = absl::Now();
   absl::StatusOr<std::vector<RequestOutput>> outputs = engine_->Step();
   const absl::Time end = absl::Now();
-  if (options_.metrics != nullptr) {
-    options_.metrics
-        ->GetHistogram("strata_worker_step_seconds", "Engine step time.",
-                       {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})
-        ->Observe(absl::ToDoubleSeconds(end - start));
-  }
+  if (step_seconds_ != nullptr) step_seconds_->Observe(absl::ToDoubleSeconds(end - start));
   state->step_ms.push_back(absl::ToDoubleMilliseconds(end - start));
   if (state->step_ms.size() > kStepWindow) state->step_ms.pop_front();
   if (!outputs.ok()) {
@@ -546,11 +549,10 @@ void WorkerService::StepEngine(LoopState* state) {
     }
     return;
   }
+  int64_t generated = 0;
   for (RequestOutput& out : *outputs) {
+    generated += static_cast<int64_t>(out.tokens.size());
     if (options_.metrics != nullptr) {
-      options_.metrics
-          ->GetCounter("strata_worker_generated_tokens_total", "Tokens generated (sampled).")
-          ->Add(static_cast<double>(out.tokens.size()));
       if (out.finish != FinishReason::kNone) {
         options_.metrics
             ->GetCounter("strata_worker_sequences_finished_total", "Sequences finished, by reason.",
@@ -593,6 +595,7 @@ void WorkerService::StepEngine(LoopState* state) {
     }
     if (r.token_ids_size() > 0 || r.prompt_logprobs_size() > 0) live.stream->Write(std::move(r));
   }
+  if (generated_tokens_ != nullptr) generated_tokens_->Add(static_cast<double>(generated));
 }
 
 void WorkerService::PublishBlockEvents(LoopState* state) {
@@ -744,7 +747,10 @@ void WorkerService::PublishMetrics(LoopState* state) {
     const KvStoreStats::PerTier& s;
   };
   for (const TierStats& tier : {TierStats{"host", t.host}, TierStats{"disk", t.disk}}) {
-    if (tier.s.num_slots == 0) continue;
+    // A tier configured at start keeps its series: a disk tier turned off reads 0, not stale.
+    const int64_t configured =
+        tier.name[0] == 'h' ? tiers_at_start_.host.num_slots : tiers_at_start_.disk.num_slots;
+    if (configured == 0) continue;
     m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", tier.name}, {"state", "total"}})
         ->Set(static_cast<double>(tier.s.num_slots));
     m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", tier.name}, {"state", "used"}})

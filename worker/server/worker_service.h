@@ -69,6 +69,10 @@ class WorkerService final : public v1::Worker::CallbackService {
   // serves this service (or call its Shutdown) before the service.
   ~WorkerService() override;
 
+  // Cuts the loop's last act, writing the KV cache to disk, short (or skips it): a second signal,
+  // or a tensor-parallel group that lost a rank. Callable from any thread.
+  void CancelPersist() { persist_cancel_.store(true); }
+
   // Finishes every open stream with UNAVAILABLE and stops the loop. Idempotent.
   void Stop();
 
@@ -129,6 +133,10 @@ class WorkerService final : public v1::Worker::CallbackService {
   // Read before the loop starts, immutable after.
   const KvStoreStats tiers_at_start_;
   std::atomic<bool> draining_{false};
+  std::atomic<bool> persist_cancel_{false};
+  // Series of options_.metrics updated every step (null without metrics).
+  Histogram* step_seconds_ = nullptr;
+  Counter* generated_tokens_ = nullptr;
   std::atomic<int64_t> num_live_{0};
   std::atomic<uint64_t> next_serial_{1};
 
