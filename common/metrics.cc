@@ -157,6 +157,19 @@ void MetricsRegistry::RemoveGaugeCallback(const std::string& name, const MetricL
 }
 
 std::string MetricsRegistry::Render() const {
+  // Callback gauges run first, outside the lock: they may take other locks, and updates and
+  // lookups from serving threads must not wait for them.
+  std::vector<std::pair<const Series*, std::function<double()>>> callbacks;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [name, family] : families_) {
+      for (const auto& [labels, s] : family.series) {
+        if (s.callback) callbacks.emplace_back(&s, s.callback);
+      }
+    }
+  }
+  std::map<const Series*, double> values;
+  for (const auto& [series, fn] : callbacks) values[series] = fn();
   absl::MutexLock lock(&mu_);
   std::string out;
   for (const auto& [name, family] : families_) {
@@ -171,7 +184,9 @@ std::string MetricsRegistry::Render() const {
       } else if (s.gauge != nullptr) {
         absl::StrAppend(&out, name, labels, " ", Number(s.gauge->value()), "\n");
       } else if (s.callback) {
-        absl::StrAppend(&out, name, labels, " ", Number(s.callback()), "\n");
+        // A callback registered since the values were taken is left for the next scrape.
+        auto it = values.find(&s);
+        if (it != values.end()) absl::StrAppend(&out, name, labels, " ", Number(it->second), "\n");
       } else if (s.histogram != nullptr) {
         const std::vector<uint64_t> counts = s.histogram->CumulativeCounts();
         const std::vector<double>& bounds = s.histogram->bounds();

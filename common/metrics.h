@@ -8,8 +8,11 @@
 // (CHECK).
 //
 // Thread contract: updates (Add, Set, Observe) are lock-free and callable from any thread; lookups
-// and Render take the registry's mutex. Callback gauges run inside Render, on the rendering thread,
-// so they must be thread-safe themselves.
+// and Render take the registry's mutex. Callback gauges run inside Render, on the rendering thread
+// and outside the mutex, so they must be thread-safe themselves; RemoveGaugeCallback must not race
+// with a Render that may still call the removed callback (remove before what it reads goes, with
+// no scrape in flight, as the servers do by stopping their endpoint first or unregistering in
+// their destructor while the registry outlives them).
 #ifndef STRATA_COMMON_METRICS_H_
 #define STRATA_COMMON_METRICS_H_
 

@@ -380,6 +380,7 @@ class Pod:
         self.log = os.path.join(self.dir, "log")
         self.proc = None
         self.ready = False
+        self.ready_once = False  # liveness is probed once the server has come up (startupProbe)
         c = workload["spec"]["template"]["spec"]["containers"][0]
         self.container = c
         self.port = c["ports"][0]["containerPort"]
@@ -535,15 +536,41 @@ class Cluster:
             if p.proc.poll() is not None:
                 ready, p.failures = False, threshold
             else:
+                self.check_liveness(p)
                 p.last_probe = self.probe(p)
                 p.failures = 0 if p.last_probe == 0 else getattr(p, "failures", 0) + 1
                 ready = p.ready if 0 < p.failures < threshold else p.failures == 0
                 if p.last_probe == 1:
                     p.seen_not_serving = True
+            if ready:
+                p.ready_once = True
             if ready != p.ready:
                 p.ready, changed = ready, True
         if changed:
             self.publish()
+
+    def check_liveness(self, p):
+        """The liveness probe, while the pod runs and is not being deleted, far more often than the
+        kubelet's periodSeconds (the test's drains last seconds, not minutes). Any answer other than
+        SERVING fails the test at once: the kubelet would restart a server that kept giving it, and a
+        drained or draining server must never look dead. Unreachable counts against
+        failureThreshold."""
+        probe = p.container.get("livenessProbe")
+        if probe is None or getattr(p, "expect_exit", False) or not p.ready_once:
+            return
+        now = time.monotonic()
+        if now < getattr(p, "next_liveness", 0):
+            return
+        p.next_liveness = now + 0.5
+        rc = self.probe(p, probe["grpc"].get("service", ""))
+        if rc == 0:
+            p.liveness_failures = 0
+            return
+        p.liveness_failures = getattr(p, "liveness_failures", 0) + 1
+        if rc == 1 or p.liveness_failures >= probe.get("failureThreshold", 3):
+            self.dump()
+            fail("%s failed its liveness probe (%s): the kubelet would restart it"
+                 % (p.name, "NOT_SERVING" if rc == 1 else "unreachable %d times" % p.liveness_failures))
 
     def wait(self, what, cond, timeout_s):
         deadline = time.monotonic() + timeout_s
