@@ -434,7 +434,10 @@ class Cluster:
         lines = ["127.0.0.1 localhost", "::1 localhost"]
         for s in self.m.of("Service"):
             name = s["metadata"]["name"]
-            ready = [p for p in self.pods if p.ready and selects(s["spec"]["selector"], p.labels())]
+            # publishNotReadyAddresses: every running pod, ready or not.
+            listed = (lambda p: p.proc is not None and p.proc.poll() is None) \
+                if s["spec"].get("publishNotReadyAddresses") else (lambda p: p.ready)
+            ready = [p for p in self.pods if listed(p) and selects(s["spec"]["selector"], p.labels())]
             if s["spec"].get("clusterIP") != "None":
                 ready = ready[:1]
             for p in ready:
@@ -532,6 +535,9 @@ class Cluster:
         for p in self.pods:
             if p.proc is None:
                 continue
+            running = p.proc.poll() is None
+            if running != getattr(p, "was_running", False):
+                p.was_running, changed = running, True
             threshold = p.container.get("readinessProbe", {}).get("failureThreshold", 3)
             if p.proc.poll() is not None:
                 ready, p.failures = False, threshold
@@ -720,12 +726,14 @@ def run_pods(m, rootfs, work):
         other = next(w for w in workers if w is not victim)
         admin = "%s:%d" % (coordinators[0].ip, coordinators[0].port)
 
-        # `stratactl drain` of the other worker: it leaves the Service (readiness) but stays live,
+        # `stratactl drain` of the other worker: it turns not ready but stays live (and known to the
+        # coordinators, through the headless Service that lists not-ready pods),
         # so the kubelet keeps it. Meanwhile every new request goes to the victim.
         out = stratactl(cluster, "drain", other.name, "--coordinator", admin)
         if out.returncode != 0:
             fail("stratactl drain %s: %s" % (other.name, out.stderr))
-        cluster.wait("%s to leave the Service after stratactl drain" % other.name, lambda: not other.ready, 30)
+        cluster.wait("%s to turn not ready after stratactl drain" % other.name, lambda: not other.ready, 30)
+        drained_at = time.monotonic()
         if cluster.probe(other, "liveness") != 0 or other.proc.poll() is not None:
             fail("%s, drained, must stay live (its liveness probe would restart it)" % other.name)
         streams = []
@@ -739,6 +747,10 @@ def run_pods(m, rootfs, work):
         cluster.wait("the streams to run on %s" % victim.name,
                      lambda: scrape(victim).get("strata_worker_live_sequences", 0) >= len(streams), 30)
 
+        # Past the coordinators' DNS re-resolution (every 5 s) while the other worker is not ready:
+        # it must stay known to them, or the resume below could not reach it.
+        cluster.wait("a DNS re-resolution while %s is drained" % other.name,
+                     lambda: time.monotonic() - drained_at > 6, 15)
         grace = victim.workload["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         victim.expect_exit = True
         victim.seen_not_serving = False
@@ -747,7 +759,7 @@ def run_pods(m, rootfs, work):
         out = stratactl(cluster, "drain", other.name, "--resume", "--coordinator", admin)
         if out.returncode != 0:
             fail("stratactl drain --resume %s: %s" % (other.name, out.stderr))
-        cluster.wait("%s to leave the Service" % victim.name, lambda: not victim.ready, grace)
+        cluster.wait("%s to turn not ready" % victim.name, lambda: not victim.ready, grace)
         cluster.wait("%s back in the Service" % other.name, lambda: other.ready, 30)
         for coord in coordinators:
             cluster.wait("%s to see %s serving again" % (coord.name, other.name),
@@ -773,7 +785,7 @@ def run_pods(m, rootfs, work):
                 fail("stream %d, in flight on %s at SIGTERM, failed: %s" % (i, victim.name, stderr))
             if len(json.loads(stdout)["token_ids"]) != 1800:
                 fail("stream %d came back short" % i)
-        print("k8s_test: %s, SIGTERM with %s sequences in flight: NOT_SERVING, left the Service, "
+        print("k8s_test: %s, SIGTERM with %s sequences in flight: NOT_SERVING, turned not ready, "
               "finished them all, exited 0 after %.1f s; other requests kept succeeding"
               % (victim.name, in_flight[-1], time.monotonic() - t0))
 
