@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -31,10 +32,8 @@ constexpr double kPersistBytesPerS = 2e9;
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The spelling of strata-worker's --gpu_dtype.
-const char* FlagName(DType t) {
-  return t == DType::kBF16 ? "bf16" : t == DType::kF16 ? "f16" : "f32";
-}
+// The spelling of strata-worker's --gpu_dtype: safetensors' name in lower case.
+std::string FlagName(DType t) { return absl::AsciiStrToLower(DTypeName(t)); }
 
 }  // namespace
 
@@ -453,12 +452,22 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
   ASSIGN_OR_RETURN(w.tpot_ms, PositiveDouble(args, "tpot-ms", 0, true));
   ASSIGN_OR_RETURN(w.conversations, IntAtLeast(args, "conversations", 0, 0));
   ASSIGN_OR_RETURN(w.conversation_tokens, IntAtLeast(args, "conversation-tokens", 0, 0));
+  // Far past any real deployment, and small enough that no count overflows.
+  for (const auto& [name, v] :
+       {std::pair<const char*, double>{"rate", w.rate_rps},
+        {"prompt-tokens", static_cast<double>(w.prompt_tokens)},
+        {"output-tokens", static_cast<double>(w.output_tokens)},
+        {"conversations", static_cast<double>(w.conversations)},
+        {"conversation-tokens", static_cast<double>(w.conversation_tokens)}}) {
+    if (v > 1e9)
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be at most 1e9"));
+  }
 
   PlanOptions o;
   const std::string dtype = args.Get("dtype").value_or("bf16");
-  if (dtype == "bf16" || dtype == "f16" || dtype == "f32") {
-    o.dtype = dtype == "bf16" ? DType::kBF16 : dtype == "f16" ? DType::kF16 : DType::kF32;
-  } else {
+  // As strata-worker parses --gpu_dtype.
+  if (!ParseDType(absl::AsciiStrToUpper(dtype), &o.dtype) ||
+      (o.dtype != DType::kBF16 && o.dtype != DType::kF16 && o.dtype != DType::kF32)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--dtype must be bf16, f16 or f32, not \"", dtype, "\""));
   }
@@ -468,6 +477,10 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
   ASSIGN_OR_RETURN(o.max_running_sequences,
                    IntAtLeast(args, "max-running-sequences", o.max_running_sequences, 1));
   ASSIGN_OR_RETURN(o.max_batch_tokens, IntAtLeast(args, "max-batch-tokens", o.max_batch_tokens, 1));
+  if (o.max_running_sequences > 1e6 || o.max_batch_tokens > 1e9) {
+    return absl::InvalidArgumentError(
+        "--max-running-sequences must be at most 1e6 and --max-batch-tokens at most 1e9");
+  }
   const std::string compression = args.Get("kv-compression").value_or("none");
   if (!ParseKvCompression(compression, &o.lower_tier_compression)) {
     return absl::InvalidArgumentError(

@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <regex>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -13,9 +13,13 @@
 namespace strata {
 namespace {
 
+// [a-zA-Z_:][a-zA-Z0-9_:]*, checked on every lookup, so by hand rather than with std::regex.
 bool ValidName(const std::string& name) {
-  static const std::regex* re = new std::regex("[a-zA-Z_:][a-zA-Z0-9_:]*");
-  return std::regex_match(name, *re);
+  if (name.empty() || absl::ascii_isdigit(static_cast<unsigned char>(name[0]))) return false;
+  for (char c : name) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '_' && c != ':') return false;
+  }
+  return true;
 }
 
 std::string Escape(const std::string& s, bool quote) {

@@ -745,12 +745,12 @@ void WorkerService::PublishMetrics(LoopState* state) {
   struct TierStats {
     const char* name;
     const KvStoreStats::PerTier& s;
+    const KvStoreStats::PerTier& at_start;
   };
-  for (const TierStats& tier : {TierStats{"host", t.host}, TierStats{"disk", t.disk}}) {
+  for (const TierStats& tier : {TierStats{"host", t.host, tiers_at_start_.host},
+                                TierStats{"disk", t.disk, tiers_at_start_.disk}}) {
     // A tier configured at start keeps its series: a disk tier turned off reads 0, not stale.
-    const int64_t configured =
-        tier.name[0] == 'h' ? tiers_at_start_.host.num_slots : tiers_at_start_.disk.num_slots;
-    if (configured == 0) continue;
+    if (tier.at_start.num_slots == 0) continue;
     m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", tier.name}, {"state", "total"}})
         ->Set(static_cast<double>(tier.s.num_slots));
     m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", tier.name}, {"state", "used"}})
