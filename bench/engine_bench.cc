@@ -27,6 +27,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_models.h"
 #include "common/init.h"
 #include "common/log.h"
 #include "worker/comm/collectives.h"
@@ -88,24 +89,6 @@ double MeasureBandwidth(int threads) {
     rates.push_back(static_cast<double>(n * sizeof(float)) / s);
   }
   return Median(rates);
-}
-
-ModelConfig Llama100m() {
-  ModelConfig c;
-  c.architecture = Architecture::kLlama;
-  c.architecture_name = "LlamaForCausalLM";
-  c.hidden_size = 768;
-  c.intermediate_size = 2048;
-  c.num_layers = 12;
-  c.num_heads = 12;
-  c.num_kv_heads = 4;
-  c.head_dim = 64;
-  c.vocab_size = 32000;
-  c.max_position_embeddings = 4096;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 10000;
-  c.tie_word_embeddings = true;
-  return c;
 }
 
 // Bytes of weights one decode step reads per sequence batch (every projection and the lm_head).
@@ -249,12 +232,12 @@ int main(int argc, char** argv) {
       variants.emplace_back(config->torch_dtype.empty() ? "file" : config->torch_dtype,
                             std::move(shards));
     } else if (model == "llama-100m") {
-      CHECK_OK(CheckTensorParallelSplit(Llama100m(), world));
+      CHECK_OK(CheckTensorParallelSplit(Llama100mConfig(), world));
       for (absl::string_view d : absl::StrSplit(absl::GetFlag(FLAGS_dtypes), ',')) {
         const DType dt = d == "bf16" ? DType::kBF16 : d == "f16" ? DType::kF16 : DType::kF32;
         std::vector<std::unique_ptr<ModelWeights>> shards;
         for (int r = 0; r < world; ++r)
-          shards.push_back(RandomModelWeights(Llama100m(), dt, 7, r, world));
+          shards.push_back(RandomModelWeights(Llama100mConfig(), dt, 7, r, world));
         variants.emplace_back(std::string(d), std::move(shards));
       }
     } else {

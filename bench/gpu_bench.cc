@@ -154,8 +154,8 @@ void Prefill(GpuModelRunner* r, Batch* b, int64_t prompt, int64_t max_tokens, st
         slots[i] = b->Slot(s, done + i);
       }
       const std::vector<int32_t> logit_tokens = {static_cast<int32_t>(n - 1)};
-      ForwardBatch fb{tokens,    positions, token_seq,  slots,
-                      b->tables, b->seqs,   b->per_seq, logit_tokens};
+      ForwardBatch fb{tokens,  positions,  token_seq,    slots, b->tables,
+                      b->seqs, b->per_seq, logit_tokens, {}};
       int32_t next = 0;
       CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(&next, 1), {}));
       b->last[s] = next;
@@ -179,8 +179,8 @@ double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms) {
       positions[s] = static_cast<int32_t>(b->lengths[s]);
       slots[s] = b->Slot(s, b->lengths[s]);
     }
-    ForwardBatch fb{b->last,   positions, token_seq,  slots,
-                    b->tables, b->seqs,   b->per_seq, logit_tokens};
+    ForwardBatch fb{b->last, positions,  token_seq,    slots, b->tables,
+                    b->seqs, b->per_seq, logit_tokens, {}};
     // Timed steps sit in an NVTX range, so that a profiler can take just them
     // (ncu --nvtx --nvtx-include "strata_decode_step/").
     if (step > 0) nvtxRangePushA("strata_decode_step");

@@ -17,6 +17,7 @@
 #include "worker/comm/collectives.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
+#include "worker/model/delta.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
 
@@ -65,6 +66,8 @@ const char* FinishName(FinishReason r) {
       return "context_length";
     case FinishReason::kCancelled:
       return "cancelled";
+    case FinishReason::kError:
+      return "error";
     case FinishReason::kNone:
       break;
   }
@@ -242,6 +245,11 @@ absl::Status EvalPplCommand(const Args& args, std::FILE* out) {
   if (ids.size() < 2)
     return absl::InvalidArgumentError(absl::StrCat(path, " has fewer than 2 tokens"));
 
+  std::unique_ptr<DeltaWeights> delta;
+  if (std::optional<std::string> delta_path = args.Get("delta")) {
+    ASSIGN_OR_RETURN(delta, LoadDelta(*delta_path, *m.weights, BaseFingerprint(*m.weights->files)));
+  }
+  const DeltaWeights* seq_deltas[] = {delta.get()};
   SingleRankCollectives comm;
   ModelRunner runner(m.weights.get(), &comm);
   const ModelConfig& c = m.config;
@@ -268,7 +276,7 @@ absl::Status EvalPplCommand(const Args& args, std::FILE* out) {
         slots[i] = c0 + i;
         logit_rows[i] = static_cast<int32_t>(i);
       }
-      ForwardBatch batch{tokens, pos, seq, slots, table, 1, nb, logit_rows};
+      ForwardBatch batch{tokens, pos, seq, slots, table, 1, nb, logit_rows, seq_deltas};
       RETURN_IF_ERROR(runner.Forward(batch, cache, absl::MakeSpan(logits.data(), n * V)));
       for (int64_t i = 0; i < n; ++i) {
         const int64_t target = c0 + i + 1;

@@ -19,7 +19,8 @@ absl::Status RunCommand(const Args& args, std::FILE* out);
 // stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]
 absl::Status TokenizeCommand(const Args& args, std::FILE* out);
 
-// stratactl eval ppl --model DIR --text FILE [--context N] [--threads N] [--json]
+// stratactl eval ppl --model DIR [--delta FILE] --text FILE [--context N] [--threads N] [--json]
+// With --delta, the model is the fine-tune the delta file makes of the base in DIR.
 absl::Status EvalPplCommand(const Args& args, std::FILE* out);
 
 }  // namespace strata

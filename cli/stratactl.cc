@@ -5,7 +5,10 @@
 //       [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]... [--logprobs K]
 //       [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]
 //   stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]
-//   stratactl eval ppl --model DIR --text FILE [--context N] [--threads N] [--json]
+//   stratactl eval ppl --model DIR [--delta FILE] --text FILE [--context N] [--threads N] [--json]
+//   stratactl delta compress --base DIR --fine-tune DIR --out FILE [--bits 2|4|8]
+//       [--sparsity 2:4|none] [--base-name NAME] [--threads N] [--json]
+//   stratactl delta inspect FILE [--base DIR] [--json]
 //   stratactl generate [--coordinator ADDR] [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3)
 //       [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //       [--stop STR]... [--ignore-eos] [--logprobs K] [--cache-salt S] [--timeout-s N] [--json]
@@ -24,6 +27,7 @@
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
 #include "cli/cluster.h"
+#include "cli/delta_cmd.h"
 #include "cli/offline.h"
 #include "cli/plan.h"
 
@@ -35,7 +39,12 @@ constexpr char kUsage[] =
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
     "      [--logprobs K] [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]\n"
     "  stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]\n"
-    "  stratactl eval ppl --model DIR --text FILE [--context N] [--threads N] [--json]\n"
+    "  stratactl eval ppl --model DIR [--delta FILE] --text FILE [--context N] [--threads N]\n"
+    "      [--json]\n"
+    "fine-tune deltas (docs/FINE_TUNES.md):\n"
+    "  stratactl delta compress --base DIR --fine-tune DIR --out FILE [--bits 2|4|8]\n"
+    "      [--sparsity 2:4|none] [--base-name NAME] [--threads N] [--json]\n"
+    "  stratactl delta inspect FILE [--base DIR] [--json]\n"
     "cluster (a running coordinator: --coordinator ADDR, $STRATA_COORDINATOR, 127.0.0.1:50051):\n"
     "  stratactl generate [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
@@ -86,9 +95,25 @@ int main(int argc, char** argv) {
   }
   if (command == "eval" && !rest.empty() && rest[0] == "ppl") {
     rest.erase(rest.begin());
-    auto args = strata::Args::Parse(rest, {"json"}, {"model", "text", "context", "threads"});
+    auto args =
+        strata::Args::Parse(rest, {"json"}, {"model", "delta", "text", "context", "threads"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::EvalPplCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "delta" && !rest.empty() && rest[0] == "compress") {
+    rest.erase(rest.begin());
+    auto args = strata::Args::Parse(
+        rest, {"json"}, {"base", "fine-tune", "out", "bits", "sparsity", "base-name", "threads"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::DeltaCompressCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "delta" && !rest.empty() && rest[0] == "inspect") {
+    rest.erase(rest.begin());
+    auto args = strata::Args::Parse(rest, {"json"}, {"base"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::DeltaInspectCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);
   }
   if (command == "generate") {

@@ -356,7 +356,8 @@ void CoordinatorService::GenerateCall::StartAttempt() {
       absl::StatusOr<WorkerPool::Assignment> a =
           static_cast<int>(tried_.size()) >= service_->options_.max_attempts
               ? absl::UnavailableError("tried too many workers")
-              : service_->pool_->Assign(request_->model(), hashes_, prompt_blocks_, tried_);
+              : service_->pool_->Assign(request_->model(), hashes_, prompt_blocks_, tried_,
+                                        request_->fine_tune_id());
       if (!a.ok()) {
         // Prefer the workers' own answer (RESOURCE_EXHAUSTED: all full) over "no worker left".
         grpc::Status s = ToGrpcStatus(a.status());

@@ -278,13 +278,19 @@ void WorkerPool::WatchLoop(Worker* w) {
 absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& model,
                                                           absl::Span<const BlockHash> hashes,
                                                           int64_t prompt_blocks,
-                                                          absl::Span<const WorkerSlot> exclude) {
+                                                          absl::Span<const WorkerSlot> exclude,
+                                                          const std::string& fine_tune_id) {
   absl::MutexLock lock(&mu_);
   const absl::Time now = absl::Now();
   std::vector<WorkerLoadView> loads;
   int known = 0;
   for (const auto& w : workers_) {
     if (w->removed || !w->has_info || w->info.model() != model) continue;
+    if (!fine_tune_id.empty() &&
+        std::find(w->info.fine_tune_ids().begin(), w->info.fine_tune_ids().end(), fine_tune_id) ==
+            w->info.fine_tune_ids().end()) {
+      continue;
+    }
     ++known;
     if (w->state != State::kServing || w->suspect_until > now) continue;
     if (std::find(exclude.begin(), exclude.end(), w->slot) != exclude.end()) continue;
@@ -303,7 +309,9 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   }
   if (loads.empty()) {
     return absl::UnavailableError(
-        known == 0 ? absl::StrCat("no worker serves model \"", model, "\" right now")
+        known == 0 ? absl::StrCat("no worker serves model \"", model, "\"",
+                                  fine_tune_id.empty() ? "" : " with fine-tune \"", fine_tune_id,
+                                  fine_tune_id.empty() ? "" : "\"", " right now")
                    : absl::StrCat("none of the ", known, " workers of model \"", model,
                                   "\" can take a request now (unavailable, draining or tried)"));
   }

@@ -85,10 +85,11 @@ class WorkerPool {
   void Start();
   void Stop();
 
-  // Picks a SERVING worker of `model` outside `exclude`. UNAVAILABLE when none can take it.
+  // Picks a SERVING worker of `model` (that serves `fine_tune_id`, when not empty) outside
+  // `exclude`. UNAVAILABLE when none can take it.
   absl::StatusOr<Assignment> Assign(const std::string& model, absl::Span<const BlockHash> hashes,
-                                    int64_t prompt_blocks, absl::Span<const WorkerSlot> exclude)
-      ABSL_LOCKS_EXCLUDED(mu_);
+                                    int64_t prompt_blocks, absl::Span<const WorkerSlot> exclude,
+                                    const std::string& fine_tune_id = "") ABSL_LOCKS_EXCLUDED(mu_);
   // The request's first token arrived: it moves from prefill to decode.
   void FirstToken(Assignment* a) ABSL_LOCKS_EXCLUDED(mu_);
   void Release(Assignment* a) ABSL_LOCKS_EXCLUDED(mu_);

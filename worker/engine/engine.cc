@@ -90,6 +90,26 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     }
   }
   RETURN_IF_ERROR(engine->OpenTiers());
+  const EngineConfig& ec = engine->config_;
+  if (!ec.fine_tunes.empty()) {
+    if (on_gpu) {
+      return absl::UnimplementedError(
+          "engine: fine-tunes are served on the cpu device only (no CUDA delta kernel yet)");
+    }
+    if (comm->world_size() > 1) {
+      return absl::FailedPreconditionError(
+          "engine: fine-tunes are served by workers of one tensor-parallel rank only");
+    }
+    if (weights->files == nullptr) {
+      return absl::FailedPreconditionError(
+          "engine: fine-tunes need a base loaded from files (random weights have no fingerprint)");
+    }
+    engine->deltas_ = std::make_unique<DeltaCache>(weights, BaseFingerprint(*weights->files),
+                                                   ec.delta_cache_bytes);
+    for (const auto& [id, path] : ec.fine_tunes) {
+      RETURN_IF_ERROR(engine->deltas_->Register(id, path));
+    }
+  }
   return engine;
 }
 
@@ -177,6 +197,13 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
     return absl::InvalidArgumentError("sampling.prompt_logprobs must be in [0, 20]");
   }
   RETURN_IF_ERROR(ValidateSamplingOptions(o.sampling, c.vocab_size));
+  if (!o.fine_tune_id.empty()) {
+    if (deltas_ == nullptr || !deltas_->Has(o.fine_tune_id)) {
+      return absl::NotFoundError(
+          absl::StrCat("fine_tune_id \"", o.fine_tune_id, "\" is not served by this worker"));
+    }
+    deltas_->Prefetch(o.fine_tune_id);
+  }
 
   auto s = std::make_unique<Sequence>();
   s->id = id;
@@ -196,10 +223,18 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   return absl::OkStatus();
 }
 
+void Engine::ReleaseDelta(Sequence* s) {
+  if (s->delta != nullptr) {
+    deltas_->Release(s->options.fine_tune_id);
+    s->delta = nullptr;
+  }
+}
+
 bool Engine::Cancel(const std::string& id) {
   for (auto it = running_.begin(); it != running_.end(); ++it) {
     if ((*it)->id == id) {
       ReleaseBlocks(it->get());
+      ReleaseDelta(it->get());
       cancelled_.push_back(std::move(*it));
       running_.erase(it);
       return true;
@@ -208,6 +243,7 @@ bool Engine::Cancel(const std::string& id) {
   for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
     if ((*it)->id == id) {
       ReleaseBlocks(it->get());
+      ReleaseDelta(it->get());
       cancelled_.push_back(std::move(*it));
       waiting_.erase(it);
       return true;
@@ -511,7 +547,31 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   bool io_wait = false;
   for (size_t i = 0; i < waiting_.size() && budget > 0 &&
                      static_cast<int64_t>(running_.size()) < config_.max_running_sequences;) {
-    const AdmitResult r = Admit(waiting_[i].get(), budget, &plan);
+    Sequence* w = waiting_[i].get();
+    if (!w->options.fine_tune_id.empty() && w->delta == nullptr) {
+      absl::StatusOr<const DeltaWeights*> d = deltas_->Acquire(w->options.fine_tune_id);
+      if (!d.ok()) {
+        // The delta could not be loaded: the request fails (the coordinator may retry it on
+        // another worker).
+        RequestOutput out;
+        out.request_id = w->id;
+        out.finish = FinishReason::kError;
+        out.error = d.status();
+        out.num_prompt_tokens = w->prompt_len;
+        out.num_generated_tokens = w->num_generated;
+        outputs.push_back(std::move(out));
+        ReleaseBlocks(w);
+        waiting_.erase(waiting_.begin() + static_cast<ptrdiff_t>(i));
+        continue;
+      }
+      if (*d == nullptr) {  // still loading: the ones behind it go first
+        io_wait = true;
+        ++i;
+        continue;
+      }
+      w->delta = *d;
+    }
+    const AdmitResult r = Admit(w, budget, &plan);
     if (r == AdmitResult::kNoRoom) break;
     if (r == AdmitResult::kWaitingForIo) {
       io_wait = true;
@@ -528,6 +588,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       // Not even one sequence fits: the cache is smaller than its prompt.
       auto s = std::move(waiting_.front());
       waiting_.pop_front();
+      ReleaseDelta(s.get());
       LOG(ERROR) << "request " << s->id << " needs more KV blocks than the cache has";
       RequestOutput out;
       out.request_id = s->id;
@@ -580,6 +641,11 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   batch.num_seqs = static_cast<int64_t>(plan.size());
   batch.max_blocks_per_seq = max_blocks;
   batch.logit_tokens = logit_tokens;
+  std::vector<const DeltaWeights*> seq_deltas;
+  if (deltas_ != nullptr) {
+    for (const Chunk& ch : plan) seq_deltas.push_back(ch.seq->delta);
+    batch.seq_deltas = seq_deltas;
+  }
   // On the GPU, when every logit row is a token to sample, sampling runs there too. The logits
   // of rows that report log-probabilities come to the host and are sampled there (the same draw);
   // the others never leave the GPU. (Every such row is one sequence's, so there are at most
@@ -735,6 +801,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   for (Sequence* s : finished) {
     if (store_ != nullptr && config_.keep_finished_warm) KeepWarm(*s);
     ReleaseBlocks(s);
+    ReleaseDelta(s);
     running_.erase(std::find_if(running_.begin(), running_.end(),
                                 [s](const auto& p) { return p.get() == s; }));
   }
@@ -767,6 +834,7 @@ EngineStats Engine::Stats() const {
   st.num_total_blocks = blocks_.num_blocks();
   st.num_preemptions = num_preemptions_;
   if (store_ != nullptr) st.tiers = store_->stats();
+  if (deltas_ != nullptr) st.deltas = deltas_->GetStats();
   return st;
 }
 

@@ -32,6 +32,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -43,6 +44,7 @@
 #include "memtier/kv_store.h"
 #include "worker/comm/collectives.h"
 #include "worker/engine/block_manager.h"
+#include "worker/engine/delta_cache.h"
 #include "worker/engine/sampler.h"
 #include "worker/model/gpu_model_runner.h"
 #include "worker/model/model_runner.h"
@@ -83,9 +85,15 @@ struct EngineConfig {
   bool gpu_decode_attention_kernel = false;
   bool gpu_fused_residual_norm = false;
   bool gpu_prefill_mma_attention = false;
+  // Fine-tunes served as compressed deltas over the base (fine-tune id, delta file), and the
+  // memory their loaded deltas may take together (DeltaCache). CPU device, one rank.
+  std::vector<std::pair<std::string, std::string>> fine_tunes;
+  int64_t delta_cache_bytes = int64_t{1} << 30;
 };
 
-enum class FinishReason { kNone, kLength, kEos, kStopToken, kContextLength, kCancelled };
+// kError: the request could not be served (RequestOutput::error says why; for example its
+// fine-tune's delta failed to load).
+enum class FinishReason { kNone, kLength, kEos, kStopToken, kContextLength, kCancelled, kError };
 
 struct RequestOptions {
   SamplingOptions sampling;
@@ -119,6 +127,8 @@ struct RequestOutput {
   std::array<int64_t, kNumTiers> num_cached_prompt_tokens_by_tier{};
   // Generated so far, counting resume tokens.
   int64_t num_generated_tokens = 0;
+  // With FinishReason::kError.
+  absl::Status error;
 };
 
 struct EngineStats {
@@ -131,6 +141,8 @@ struct EngineStats {
   int64_t num_preemptions = 0;
   // Lower tiers, when configured.
   KvStoreStats tiers;
+  // Fine-tune deltas, when any is registered.
+  DeltaCacheStats deltas;
 };
 
 class Engine {
@@ -140,7 +152,8 @@ class Engine {
                                                         Collectives* comm, EngineConfig config);
 
   // Queues a request. INVALID_ARGUMENT naming the field for a bad prompt or option; ALREADY_EXISTS
-  // for a live request id.
+  // for a live request id; NOT_FOUND for a fine_tune_id this engine does not serve. A fine-tune's
+  // delta starts loading now; the request waits for it (others go ahead).
   absl::Status AddRequest(const std::string& request_id, std::vector<int32_t> prompt,
                           RequestOptions options);
   // Cancels a live request, freeing its blocks now; the next Step reports it finished with
@@ -155,6 +168,7 @@ class Engine {
   // `notify` runs on the disk tier's I/O thread when loads finish (KvStore::SetNotify); null
   // stops it. Callable from any thread; a no-op without lower tiers.
   void SetIoNotify(std::function<void()> notify) {
+    if (deltas_ != nullptr) deltas_->SetNotify(notify);
     if (store_ != nullptr) store_->SetNotify(std::move(notify));
   }
   // For shutdown, once no sequence runs: writes the host tier to disk (KvStore::Persist), then the
@@ -180,6 +194,10 @@ class Engine {
                                    : f32 * weights_->world_size;
   }
   int64_t num_kv_blocks() const { return blocks_.num_blocks(); }
+  // The fine-tunes this engine serves, sorted.
+  std::vector<std::string> FineTuneIds() const {
+    return deltas_ != nullptr ? deltas_->Ids() : std::vector<std::string>{};
+  }
   const EngineConfig& config() const { return config_; }
 
  private:
@@ -205,6 +223,8 @@ class Engine {
     uint64_t cache_namespace = 0;
     RequestOptions options;
     PenaltyState penalties;
+    // The fine-tune's delta, pinned in deltas_ from the first admission until the sequence ends.
+    const DeltaWeights* delta = nullptr;
     bool prompt_logprobs_sent = false;
     std::vector<SampledToken> prompt_logprobs;
   };
@@ -220,6 +240,8 @@ class Engine {
   absl::Status OpenTiers();
   bool EnsureBlocks(Sequence* s, int64_t num_tokens);
   void ReleaseBlocks(Sequence* s);
+  // Unpins the sequence's delta, if it holds one.
+  void ReleaseDelta(Sequence* s);
   void Preempt(Sequence* s);
   AdmitResult Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
   // On arrival: where each leading block of the prompt is, and the speculative prefetch.
@@ -267,6 +289,7 @@ class Engine {
   BlockManager blocks_;
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<KvStore> store_;
+  std::unique_ptr<DeltaCache> deltas_;
   bool waiting_for_io_ = false;
   int64_t next_arrival_ = 0;
   int64_t num_preemptions_ = 0;

@@ -96,7 +96,7 @@ TEST_F(EngineTest, GreedyMatchesRecomputingFromScratchEachStep) {
     for (int64_t p = 0; p < n; ++p) pos[p] = static_cast<int32_t>(p), slots[p] = p;
     for (int64_t b = 0; b < nb; ++b) table[b] = static_cast<int32_t>(b);
     std::vector<float> logits(V);
-    ForwardBatch batch{seq, pos, tseq, slots, table, 1, nb, last};
+    ForwardBatch batch{seq, pos, tseq, slots, table, 1, nb, last, {}};
     ASSERT_TRUE(runner.Forward(batch, cache, absl::MakeSpan(logits)).ok());
     const int32_t want =
         static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());

@@ -435,6 +435,13 @@ absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded
                                            std::vector<int32_t>* tiles) {
   const int64_t n = static_cast<int64_t>(b.tokens.size());
   RETURN_IF_ERROR(ValidateForwardBatch(b, V));
+  for (const DeltaWeights* d : b.seq_deltas) {
+    if (d != nullptr) {
+      return absl::UnimplementedError(
+          "forward: fine-tune deltas run on the CPU runner only; the GPU runner has no delta "
+          "kernel yet");
+    }
+  }
   if (padded > T_()) {
     return absl::InvalidArgumentError(
         absl::StrCat("forward: ", n, " tokens exceed max_batch_tokens ", T_()));

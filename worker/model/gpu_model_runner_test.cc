@@ -165,7 +165,7 @@ std::vector<int32_t> Generate(const std::vector<int32_t>& prompt, int steps,
     done = static_cast<int64_t>(seq.size());
     const std::vector<int32_t> logit_tokens = {static_cast<int32_t>(tokens.size() - 1)};
     const int32_t t = next(
-        ForwardBatch{tokens, positions, token_seq, slots, tables, 1, kMaxBlocks, logit_tokens});
+        ForwardBatch{tokens, positions, token_seq, slots, tables, 1, kMaxBlocks, logit_tokens, {}});
     if (t < 0) break;
     seq.push_back(t);
   }
@@ -301,7 +301,7 @@ TEST_F(GpuModelRunnerMiscTest, BatchedGraphDecodeEqualsEager) {
       }
       logit_tokens.push_back(static_cast<int32_t>(tokens.size() - 1));
     }
-    ForwardBatch b{tokens, positions, token_seq, slots, tables, 3, kMaxBlocks, logit_tokens};
+    ForwardBatch b{tokens, positions, token_seq, slots, tables, 3, kMaxBlocks, logit_tokens, {}};
     std::vector<int32_t> next(3);
     ASSERT_TRUE(g->ForwardGreedy(b, absl::MakeSpan(next), {}).ok());
   }
@@ -316,7 +316,7 @@ TEST_F(GpuModelRunnerMiscTest, BatchedGraphDecodeEqualsEager) {
       slots.push_back(int64_t{tables[s * kMaxBlocks + p / kBlockTokens]} * kBlockTokens +
                       p % kBlockTokens);
     }
-    ForwardBatch b{last, positions, token_seq, slots, tables, 3, kMaxBlocks, logit_tokens};
+    ForwardBatch b{last, positions, token_seq, slots, tables, 3, kMaxBlocks, logit_tokens, {}};
     std::vector<int32_t> from_graph(3), from_eager(3);
     std::vector<float> lp_graph(3), lp_eager(3);
     ASSERT_TRUE(
@@ -341,7 +341,7 @@ TEST_F(GpuModelRunnerMiscTest, BadInputIsRefusedAndTheRunnerKeepsWorking) {
   std::vector<int32_t> positions = {0, 1}, token_seq = {0, 0}, logit_tokens = {1};
   std::vector<int64_t> slots = {int64_t{tables[0]} * kBlockTokens,
                                 int64_t{tables[0]} * kBlockTokens + 1};
-  ForwardBatch b{tokens, positions, token_seq, slots, tables, 1, kMaxBlocks, logit_tokens};
+  ForwardBatch b{tokens, positions, token_seq, slots, tables, 1, kMaxBlocks, logit_tokens, {}};
   int32_t next = -1;
   absl::Status st = (*gpu)->ForwardGreedy(b, absl::MakeSpan(&next, 1), {});
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
@@ -369,7 +369,7 @@ TEST_F(GpuModelRunnerMiscTest, RandomWeightsFromConfigAlone) {
                        logit_tokens = {2};
   std::vector<int64_t> slots;
   for (int p = 0; p < 3; ++p) slots.push_back(int64_t{tables[0]} * kBlockTokens + p);
-  ForwardBatch batch{tokens, positions, token_seq, slots, tables, 1, kMaxBlocks, logit_tokens};
+  ForwardBatch batch{tokens, positions, token_seq, slots, tables, 1, kMaxBlocks, logit_tokens, {}};
   std::vector<float> la(config->vocab_size), lb(config->vocab_size);
   ASSERT_TRUE((*a)->Forward(batch, absl::MakeSpan(la)).ok());
   ASSERT_TRUE((*b)->Forward(batch, absl::MakeSpan(lb)).ok());

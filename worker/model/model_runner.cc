@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "kernels/attention.h"
+#include "kernels/delta.h"
 #include "kernels/elementwise.h"
 #include "kernels/matmul.h"
 
@@ -326,6 +327,17 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
   if (static_cast<int64_t>(cache.k.size()) != c.num_layers || cache.v.size() != cache.k.size()) {
     return absl::InvalidArgumentError("forward: the cache has the wrong number of layers");
   }
+  if (!b.seq_deltas.empty()) {
+    if (static_cast<int64_t>(b.seq_deltas.size()) != b.num_seqs) {
+      return absl::InvalidArgumentError("forward: seq_deltas is not one entry per sequence");
+    }
+    if (comm_->world_size() > 1 &&
+        std::any_of(b.seq_deltas.begin(), b.seq_deltas.end(),
+                    [](const DeltaWeights* d) { return d != nullptr; })) {
+      return absl::FailedPreconditionError(
+          "forward: fine-tune deltas run on one tensor-parallel rank only");
+    }
+  }
   if (n == 0) return absl::OkStatus();
   if (comm_->world_size() == 1) return ForwardLocal(b, cache, logits);
   if (followers_stopped_) {
@@ -336,6 +348,73 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
   absl::Status s = ForwardLocal(b, cache, logits);
   if (!s.ok()) comm_->Abort(absl::StrCat("rank 0's step failed: ", s.message()));
   return s;
+}
+
+void ModelRunner::BuildSegments(const ForwardBatch& b) {
+  segments_.clear();
+  const int64_t n = static_cast<int64_t>(b.tokens.size());
+  token_delta_.assign(n, nullptr);
+  if (b.seq_deltas.empty()) return;
+  const auto segment = [&](const DeltaWeights* d) -> DeltaSegment& {
+    for (DeltaSegment& s : segments_) {
+      if (s.delta == d) return s;
+    }
+    segments_.push_back({d, {}, {}});
+    return segments_.back();
+  };
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t seq = b.token_seq[t];
+    const DeltaWeights* d = seq >= 0 && seq < b.num_seqs ? b.seq_deltas[seq] : nullptr;
+    token_delta_[t] = d;
+    if (d != nullptr) segment(d).rows.push_back(static_cast<int32_t>(t));
+  }
+  for (size_t i = 0; i < b.logit_tokens.size(); ++i) {
+    if (const DeltaWeights* d = token_delta_[b.logit_tokens[i]]; d != nullptr) {
+      segment(d).logit_rows.push_back(static_cast<int32_t>(i));
+    }
+  }
+}
+
+absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const std::vector<int32_t>& rows,
+                                     const float* x, int64_t ldx, float* y, int64_t ldy) {
+  if (d.rows == 0 || rows.empty()) return absl::OkStatus();
+  DeltaMatMulParams p;
+  p.m = static_cast<int64_t>(rows.size());
+  p.rows = rows.data();
+  p.x = x;
+  p.ldx = ldx;
+  p.delta = d;
+  p.y = y;
+  p.ldy = ldy;
+  absl::Mutex mu;
+  absl::Status status;
+  pool_->ParallelFor(d.rows, 16, [&](int64_t begin, int64_t end) {
+    DeltaMatMulParams part = p;
+    part.n_begin = begin;
+    part.n_end = end;
+    absl::Status s = DeltaMatMulCpu(part);
+    if (!s.ok()) {
+      absl::MutexLock lock(&mu);
+      status.Update(s);
+    }
+  });
+  return status;
+}
+
+absl::Status ModelRunner::NormRows(
+    int64_t n, const float* x, const std::vector<float>& weight,
+    absl::FunctionRef<const std::vector<float>&(const DeltaWeights&)> replaced, float* out) {
+  const int64_t H = w_->config.hidden_size;
+  const float eps = static_cast<float>(w_->config.rms_norm_eps);
+  RETURN_IF_ERROR(RmsNormCpu({n, H, eps, x, 0, weight.data(), out, 0}));
+  for (const DeltaSegment& s : segments_) {
+    const std::vector<float>& w = replaced(*s.delta);
+    if (w.empty()) continue;
+    for (int32_t t : s.rows) {
+      RETURN_IF_ERROR(RmsNormCpu({1, H, eps, x + t * H, 0, w.data(), out + t * H, 0}));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayers& cache,
@@ -355,11 +434,22 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
   float* act = Grow(&act_, n * I);
 
   for (int64_t t = 0; t < n; ++t) EmbedRow(w_->embed, b.tokens[t], hidden + t * H);
+  BuildSegments(b);
+  for (const DeltaSegment& s : segments_) {
+    if (s.delta->embed.rows == 0) continue;
+    for (int32_t t : s.rows) {
+      RETURN_IF_ERROR(UnpackDeltaCpu(s.delta->embed, b.tokens[t], b.tokens[t] + 1, hidden + t * H,
+                                     /*accumulate=*/true));
+    }
+  }
 
   const float eps = static_cast<float>(c.rms_norm_eps);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_->layers[l];
-    RETURN_IF_ERROR(RmsNormCpu({n, H, eps, hidden, 0, L.input_norm.data(), normed, 0}));
+    RETURN_IF_ERROR(NormRows(
+        n, hidden, L.input_norm,
+        [l](const DeltaWeights& d) -> const std::vector<float>& { return d.layers[l].input_norm; },
+        normed));
     // q, k and v side by side in one buffer: [n, qd | kvd | kvd].
     RETURN_IF_ERROR(MatMulGroup(normed, n,
                                 {{&L.q, qkv, qkv_w, &L.q_bias},
@@ -368,12 +458,28 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     float* q = qkv;
     float* k = qkv + qd;
     float* v = qkv + qd + kvd;
+    for (const DeltaSegment& s : segments_) {
+      const LayerDelta& LD = s.delta->layers[l];
+      RETURN_IF_ERROR(ApplyDelta(LD.q, s.rows, normed, H, q, qkv_w));
+      RETURN_IF_ERROR(ApplyDelta(LD.k, s.rows, normed, H, k, qkv_w));
+      RETURN_IF_ERROR(ApplyDelta(LD.v, s.rows, normed, H, v, qkv_w));
+      for (int32_t t : s.rows) {
+        for (size_t i = 0; i < LD.q_bias.size(); ++i) q[t * qkv_w + i] += LD.q_bias[i];
+        for (size_t i = 0; i < LD.k_bias.size(); ++i) k[t * qkv_w + i] += LD.k_bias[i];
+        for (size_t i = 0; i < LD.v_bias.size(); ++i) v[t * qkv_w + i] += LD.v_bias[i];
+      }
+    }
     if (c.qk_norm) {
       for (int64_t t = 0; t < n; ++t) {
-        RETURN_IF_ERROR(RmsNormCpu(
-            {w_->num_heads, D, eps, q + t * qkv_w, D, L.q_norm.data(), q + t * qkv_w, D}));
-        RETURN_IF_ERROR(RmsNormCpu(
-            {w_->num_kv_heads, D, eps, k + t * qkv_w, D, L.k_norm.data(), k + t * qkv_w, D}));
+        const LayerDelta* LD = token_delta_[t] == nullptr ? nullptr : &token_delta_[t]->layers[l];
+        const float* q_norm =
+            LD != nullptr && !LD->q_norm.empty() ? LD->q_norm.data() : L.q_norm.data();
+        const float* k_norm =
+            LD != nullptr && !LD->k_norm.empty() ? LD->k_norm.data() : L.k_norm.data();
+        RETURN_IF_ERROR(
+            RmsNormCpu({w_->num_heads, D, eps, q + t * qkv_w, D, q_norm, q + t * qkv_w, D}));
+        RETURN_IF_ERROR(
+            RmsNormCpu({w_->num_kv_heads, D, eps, k + t * qkv_w, D, k_norm, k + t * qkv_w, D}));
       }
     }
     RopeParams rope;
@@ -440,14 +546,34 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     }
 
     RETURN_IF_ERROR(MatMul(L.o, attn, n, proj, H, L.o_bias));
+    for (const DeltaSegment& s : segments_) {
+      const LayerDelta& LD = s.delta->layers[l];
+      RETURN_IF_ERROR(ApplyDelta(LD.o, s.rows, attn, qd, proj, H));
+      for (int32_t t : s.rows) {
+        for (size_t i = 0; i < LD.o_bias.size(); ++i) proj[t * H + i] += LD.o_bias[i];
+      }
+    }
     RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));
     for (int64_t i = 0; i < n * H; ++i) hidden[i] += proj[i];
 
-    RETURN_IF_ERROR(RmsNormCpu({n, H, eps, hidden, 0, L.post_attention_norm.data(), normed, 0}));
+    RETURN_IF_ERROR(NormRows(
+        n, hidden, L.post_attention_norm,
+        [l](const DeltaWeights& d) -> const std::vector<float>& {
+          return d.layers[l].post_attention_norm;
+        },
+        normed));
     RETURN_IF_ERROR(MatMulGroup(
         normed, n, {{&L.gate, gate_up, 2 * I, nullptr}, {&L.up, gate_up + I, 2 * I, nullptr}}));
+    for (const DeltaSegment& s : segments_) {
+      const LayerDelta& LD = s.delta->layers[l];
+      RETURN_IF_ERROR(ApplyDelta(LD.gate, s.rows, normed, H, gate_up, 2 * I));
+      RETURN_IF_ERROR(ApplyDelta(LD.up, s.rows, normed, H, gate_up + I, 2 * I));
+    }
     RETURN_IF_ERROR(SiluMulCpu({n, I, gate_up, act}));
     RETURN_IF_ERROR(MatMul(L.down, act, n, proj, H, {}));
+    for (const DeltaSegment& s : segments_) {
+      RETURN_IF_ERROR(ApplyDelta(s.delta->layers[l].down, s.rows, act, I, proj, H));
+    }
     RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));
     for (int64_t i = 0; i < n * H; ++i) hidden[i] += proj[i];
   }
@@ -457,11 +583,21 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
   if (m == 0) return absl::OkStatus();
   float* rows = Grow(&head_rows_, m * H);
   for (int64_t i = 0; i < m; ++i) {
-    RETURN_IF_ERROR(RmsNormCpu(
-        {1, H, eps, hidden + b.logit_tokens[i] * H, 0, w_->final_norm.data(), rows + i * H, 0}));
+    const DeltaWeights* d = token_delta_[b.logit_tokens[i]];
+    const float* norm =
+        d != nullptr && !d->final_norm.empty() ? d->final_norm.data() : w_->final_norm.data();
+    RETURN_IF_ERROR(
+        RmsNormCpu({1, H, eps, hidden + b.logit_tokens[i] * H, 0, norm, rows + i * H, 0}));
   }
   if (comm_->world_size() == 1) {
-    return MatMul(w_->lm_head, rows, m, logits.data(), c.vocab_size, {});
+    RETURN_IF_ERROR(MatMul(w_->lm_head, rows, m, logits.data(), c.vocab_size, {}));
+    // With tied embeddings the embedding's delta is the LM head's.
+    const bool tied = w_->lm_head.data == w_->embed.data;
+    for (const DeltaSegment& s : segments_) {
+      const PackedDelta& head = tied ? s.delta->embed : s.delta->lm_head;
+      RETURN_IF_ERROR(ApplyDelta(head, s.logit_rows, rows, H, logits.data(), c.vocab_size));
+    }
+    return absl::OkStatus();
   }
   // Each rank computes its vocabulary rows; gather them, then lay them out per token.
   const int64_t per_rank = (c.vocab_size + comm_->world_size() - 1) / comm_->world_size();

@@ -24,11 +24,13 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/thread_pool.h"
 #include "worker/comm/collectives.h"
+#include "worker/model/delta.h"
 #include "worker/model/weights.h"
 
 namespace strata {
@@ -79,6 +81,10 @@ struct ForwardBatch {
   int64_t max_blocks_per_seq = 0;
   // Token indices to compute logits for.
   absl::Span<const int32_t> logit_tokens;
+  // [num_seqs], or empty when every sequence runs the base model: the fine-tune each sequence runs
+  // (null for the base). The runner computes each projection for the whole batch with the base
+  // weights, then adds each fine-tune's delta for its own tokens. One tensor-parallel rank only.
+  absl::Span<const DeltaWeights* const> seq_deltas;
 };
 
 // The checks every runner makes of a batch before running it: INVALID_ARGUMENT when the per-token
@@ -128,6 +134,23 @@ class ModelRunner {
                       const std::vector<float>& bias);
   absl::Status MatMulGroup(const float* x, int64_t rows,
                            std::initializer_list<Projection> projections);
+  // The tokens and logit rows of one fine-tune in the current batch.
+  struct DeltaSegment {
+    const DeltaWeights* delta;
+    std::vector<int32_t> rows;        // token indices
+    std::vector<int32_t> logit_rows;  // indices into logit_tokens
+  };
+  // Groups the batch's tokens by fine-tune into segments_ (none when all run the base).
+  void BuildSegments(const ForwardBatch& batch);
+  // y[rows] += x[rows] · Δᵀ for one segment, split across the pool by output columns. A no-op for
+  // an unchanged matrix (d.rows == 0).
+  absl::Status ApplyDelta(const PackedDelta& d, const std::vector<int32_t>& rows, const float* x,
+                          int64_t ldx, float* y, int64_t ldy);
+  // out[t] = RmsNorm(x[t]) with the base's `weight`, except the tokens of segments whose fine-tune
+  // replaces it (`replaced` picks the fine-tune's vector; empty: the base's).
+  absl::Status NormRows(int64_t n, const float* x, const std::vector<float>& weight,
+                        absl::FunctionRef<const std::vector<float>&(const DeltaWeights&)> replaced,
+                        float* out);
   // The step itself, on this rank, once the batch is validated (and the plan sent).
   absl::Status ForwardLocal(const ForwardBatch& batch, const KvCacheLayers& cache,
                             absl::Span<float> logits);
@@ -139,6 +162,8 @@ class ModelRunner {
   // Scratch, grown as needed.
   std::vector<float> hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, head_rows_, head_logits_;
   std::vector<char> workspace_;
+  std::vector<DeltaSegment> segments_;
+  std::vector<const DeltaWeights*> token_delta_;  // per token of the current batch
   // Rank 0: the plan of the current step, encoded; true once the followers were stopped.
   std::string plan_;
   bool followers_stopped_ = false;

@@ -212,7 +212,7 @@ TEST(ModelRunnerTensorParallelTest, AFailedFollowerStepAbortsTheGroup) {
   const std::vector<int32_t> tokens = {1, 2, 3}, positions = {0, 1, 2}, seq = {0, 0, 0},
                              table = {0}, logit_tokens = {2};
   const std::vector<int64_t> slots = {0, 1, 2};
-  ForwardBatch b{tokens, positions, seq, slots, table, 1, 1, logit_tokens};
+  ForwardBatch b{tokens, positions, seq, slots, table, 1, 1, logit_tokens, {}};
   std::vector<float> logits(config->vocab_size);
   absl::Status s = runner.Forward(b, own.layers(), absl::MakeSpan(logits));
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;

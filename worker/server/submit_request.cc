@@ -102,6 +102,7 @@ v1::FinishReason ToProtoFinishReason(FinishReason reason) {
     case FinishReason::kCancelled:
       return v1::FINISH_REASON_CANCELLED;
     case FinishReason::kNone:
+    case FinishReason::kError:  // sent as the stream's status, never as a finish reason
       break;
   }
   return v1::FINISH_REASON_UNSPECIFIED;

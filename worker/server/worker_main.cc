@@ -15,13 +15,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
@@ -111,6 +114,14 @@ ABSL_FLAG(int, tensor_parallel, 1,
           "process is rank 0 and starts the others itself, one process each. CPU only for now; "
           "--threads is per rank (0: the cores shared out evenly).");
 // Set by rank 0 on the ranks it starts; not for operators.
+ABSL_FLAG(std::vector<std::string>, fine_tunes, {},
+          "Fine-tunes to serve as compressed deltas over the base: comma-separated ID=PATH pairs "
+          "(PATH a delta file from stratactl delta compress). CPU device, one rank.");
+ABSL_FLAG(std::string, fine_tune_dir, "",
+          "A directory whose *.delta.safetensors files are served as fine-tunes, each under its "
+          "file name without the suffix.");
+ABSL_FLAG(int64_t, delta_cache_mb, 1024,
+          "Memory for loaded fine-tune deltas; the least recently used unpinned ones are evicted.");
 ABSL_FLAG(int, tp_rank, 0, "Internal: this process's tensor-parallel rank.");
 ABSL_FLAG(int, tp_control_fd, -1, "Internal: the tensor-parallel group's control descriptor.");
 ABSL_FLAG(int, tp_memory_fd, -1, "Internal: the tensor-parallel group's memory descriptor.");
@@ -129,6 +140,37 @@ int ThreadsPerRank(int world_size) {
   const int threads = absl::GetFlag(FLAGS_threads);
   if (threads > 0) return threads;
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / world_size);
+}
+
+// The fine-tunes of --fine_tunes and --fine_tune_dir, as (id, path) pairs.
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const std::string& entry : absl::GetFlag(FLAGS_fine_tunes)) {
+    const size_t eq = entry.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == entry.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--fine_tunes entries must be ID=PATH, not \"", entry, "\""));
+    }
+    out.emplace_back(entry.substr(0, eq), entry.substr(eq + 1));
+  }
+  const std::string dir = absl::GetFlag(FLAGS_fine_tune_dir);
+  if (!dir.empty()) {
+    constexpr absl::string_view kSuffix = ".delta.safetensors";
+    std::error_code ec;
+    std::vector<std::pair<std::string, std::string>> found;
+    for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.size() > kSuffix.size() && absl::EndsWith(name, kSuffix)) {
+        found.emplace_back(name.substr(0, name.size() - kSuffix.size()), e.path().string());
+      }
+    }
+    if (ec) {
+      return absl::InvalidArgumentError(absl::StrCat("--fine_tune_dir ", dir, ": ", ec.message()));
+    }
+    std::sort(found.begin(), found.end());
+    out.insert(out.end(), found.begin(), found.end());
+  }
+  return out;
 }
 
 // --random_weights as a dtype: f32, bf16 or f16.
@@ -314,6 +356,17 @@ int Main(const std::vector<std::string>& args) {
     LOG(ERROR) << "--gpu_dtype must be bf16, f16 or f32, not \"" << g << "\"";
     return 1;
   }
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> fine_tunes = FineTuneFlags();
+  if (!fine_tunes.ok()) {
+    LOG(ERROR) << fine_tunes.status().message();
+    return 1;
+  }
+  ec.fine_tunes = *std::move(fine_tunes);
+  if (absl::GetFlag(FLAGS_delta_cache_mb) <= 0) {
+    LOG(ERROR) << "--delta_cache_mb must be positive";
+    return 1;
+  }
+  ec.delta_cache_bytes = absl::GetFlag(FLAGS_delta_cache_mb) << 20;
   if (ec.tiers.disk_bytes > 0 && ec.tiers.disk_path.empty()) {
     LOG(ERROR) << "--disk_cache_mb needs --disk_cache_path";
     return 1;
@@ -385,6 +438,12 @@ int Main(const std::vector<std::string>& args) {
               << " bytes; disk " << tiers.disk.num_slots << " blocks in " << ec.tiers.disk_path
               << " (" << tiers.disk_recovered << " recovered); compression "
               << KvCompressionName(ec.tiers.compression);
+  }
+  if (!ec.fine_tunes.empty()) {
+    std::vector<std::string> ids;
+    for (const auto& [id, path] : ec.fine_tunes) ids.push_back(id);
+    LOG(INFO) << "fine-tunes (deltas, up to " << (ec.delta_cache_bytes >> 20)
+              << " MiB loaded): " << absl::StrJoin(ids, ", ");
   }
 
   if (world > 1) {

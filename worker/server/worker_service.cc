@@ -170,7 +170,8 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
     : engine_(std::move(engine)),
       options_(std::move(options)),
       epoch_(NewEpoch()),
-      tiers_at_start_(engine_->Stats().tiers) {
+      tiers_at_start_(engine_->Stats().tiers),
+      fine_tune_ids_(engine_->FineTuneIds()) {
   worker_id_ = options_.worker_id;
   if (options_.metrics != nullptr) {
     step_seconds_ = options_.metrics->GetHistogram(
@@ -257,6 +258,7 @@ grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
   limits.model_name = options_.model_name;
   limits.vocab_size = mc.vocab_size;
   limits.max_context_tokens = mc.max_position_embeddings;
+  limits.fine_tune_ids = fine_tune_ids_;
   absl::StatusOr<ParsedSubmit> parsed = ParseSubmitRequest(*request, limits);
   if (!parsed.ok()) {
     stream->RequestFinish(ToGrpcStatus(parsed.status()));
@@ -334,6 +336,7 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   info->set_max_context_tokens(static_cast<uint32_t>(mc.max_position_embeddings));
   info->set_tensor_parallel_size(static_cast<uint32_t>(options_.tensor_parallel_size));
   info->set_block_tokens(static_cast<uint32_t>(engine_->block_tokens()));
+  for (const std::string& ft : fine_tune_ids_) info->add_fine_tune_ids(ft);
   v1::TierCapacity* tier = info->add_tiers();
   tier->set_tier(v1::TIER_DEVICE);
   tier->set_num_blocks(static_cast<uint64_t>(engine_->num_kv_blocks()));
@@ -556,7 +559,9 @@ void WorkerService::StepEngine(LoopState* state) {
       if (out.finish != FinishReason::kNone) {
         options_.metrics
             ->GetCounter("strata_worker_sequences_finished_total", "Sequences finished, by reason.",
-                         {{"reason", v1::FinishReason_Name(ToProtoFinishReason(out.finish))}})
+                         {{"reason", out.finish == FinishReason::kError
+                                         ? std::string("ERROR")
+                                         : v1::FinishReason_Name(ToProtoFinishReason(out.finish))}})
             ->Add();
       }
     }
@@ -566,6 +571,15 @@ void WorkerService::StepEngine(LoopState* state) {
     if (out.finish == FinishReason::kCancelled) {
       FinishSubmit(state, out.request_id,
                    grpc::Status(grpc::StatusCode::CANCELLED, "sequence cancelled"));
+      continue;
+    }
+    if (out.finish == FinishReason::kError) {
+      // Another worker may well serve it (its copy of the delta intact): UNAVAILABLE lets the
+      // coordinator retry there.
+      FinishSubmit(state, out.request_id,
+                   grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                absl::StrCat("this worker could not serve the request: ",
+                                             out.error.message())));
       continue;
     }
     v1::SubmitResponse r;
@@ -740,6 +754,27 @@ void WorkerService::PublishMetrics(LoopState* state) {
       ->Set(static_cast<double>(st.num_total_blocks));
   m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "used"}})
       ->Set(static_cast<double>(st.num_total_blocks - st.num_free_blocks));
+  if (!fine_tune_ids_.empty()) {
+    const DeltaCacheStats& d = st.deltas;
+    m->GetGauge("strata_worker_fine_tunes", "Fine-tunes registered (total) and loaded (resident).",
+                {{"state", "total"}})
+        ->Set(static_cast<double>(d.num_registered));
+    m->GetGauge("strata_worker_fine_tunes", "Fine-tunes registered (total) and loaded (resident).",
+                {{"state", "resident"}})
+        ->Set(static_cast<double>(d.num_resident));
+    m->GetGauge("strata_worker_delta_cache_bytes", "Delta cache: capacity and bytes in use.",
+                {{"state", "total"}})
+        ->Set(static_cast<double>(d.capacity_bytes));
+    m->GetGauge("strata_worker_delta_cache_bytes", "Delta cache: capacity and bytes in use.",
+                {{"state", "used"}})
+        ->Set(static_cast<double>(d.resident_bytes));
+    m->GetCounter("strata_worker_delta_loads_total", "Fine-tune deltas loaded from disk.")
+        ->SetTotal(static_cast<double>(d.num_loads));
+    m->GetCounter("strata_worker_delta_load_failures_total", "Fine-tune delta loads that failed.")
+        ->SetTotal(static_cast<double>(d.num_load_failures));
+    m->GetCounter("strata_worker_delta_evictions_total", "Fine-tune deltas evicted for room.")
+        ->SetTotal(static_cast<double>(d.num_evictions));
+  }
   if (engine_->kv_store() == nullptr) return;
   const KvStoreStats& t = st.tiers;
   struct TierStats {

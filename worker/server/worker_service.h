@@ -132,6 +132,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   const uint64_t epoch_;
   // Read before the loop starts, immutable after.
   const KvStoreStats tiers_at_start_;
+  // The fine-tunes the engine serves (fixed at start).
+  const std::vector<std::string> fine_tune_ids_;
   std::atomic<bool> draining_{false};
   std::atomic<bool> persist_cancel_{false};
   // Series of options_.metrics updated every step (null without metrics).

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# stratactl delta as a user runs it on the bundled strata-tiny models: compress a real fine-tune,
+# inspect the file, and measure the compressed fine-tune's perplexity against the base's and the
+# full fine-tune's on held-out text.
+set -euo pipefail
+bin=cli/stratactl
+m=models/strata-tiny
+tmp="${TEST_TMPDIR:-/tmp}"
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+out="$($bin delta compress --base $m/base --fine-tune $m/ft-c-headers --out $tmp/c.delta.safetensors \
+  --base-name strata-tiny --json)"
+python3 - "$out" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["bits"] == 4 and r["sparsity"] == "none", r
+assert r["compression"] > 3.5, r  # 4 bits and a scale a row, against bf16
+assert r["unchanged_tensors"] == 0 and len(r["tensors"]) == 38, r
+for t in r["tensors"]:
+    if t["cols"]:
+        assert 0 < t["relative_error"] < 0.2, t
+PY
+table="$($bin delta compress --base $m/base --fine-tune $m/ft-c-headers --out $tmp/c24.delta.safetensors \
+  --bits 4 --sparsity 2:4)"
+echo "$table" | grep -q "^model.layers.0.mlp.down_proj.weight  *256x512 " || fail "table: $table"
+echo "$table" | tail -1 | grep -q "4-bit, sparsity 2:4, 38 tensors" || fail "summary: $table"
+
+info="$($bin delta inspect $tmp/c.delta.safetensors --base $m/base)"
+echo "$info" | grep -q "base model  *strata-tiny" || fail "inspect: $info"
+echo "$info" | grep -q "loads  *yes, over $m/base" || fail "inspect: $info"
+
+# Perplexity on the first 8 KB of held-out C headers: the compressed fine-tune is far better than
+# the base and within 2% of the full fine-tune.
+head -c 8000 $m/heldout/c_headers.txt > $tmp/heldout.txt
+ppl() { $bin eval ppl "$@" --text $tmp/heldout.txt --context 512 --json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["perplexity"])'; }
+base="$(ppl --model $m/base)"
+full="$(ppl --model $m/ft-c-headers)"
+delta="$(ppl --model $m/base --delta $tmp/c.delta.safetensors)"
+python3 - "$base" "$full" "$delta" <<'PY'
+import sys
+base, full, delta = map(float, sys.argv[1:])
+assert delta < base / 4, (base, full, delta)
+assert abs(delta / full - 1) < 0.02, (base, full, delta)
+PY
+
+# Errors: a usage error exits 2; a delta over the wrong base exits 1 and says so.
+set +e
+msg="$($bin delta compress --base $m/base --fine-tune $m/ft-man --out $tmp/x --bits 3 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--bits must be 2, 4 or 8' || fail "bad bits: $rc $msg"
+msg="$($bin delta inspect $tmp/c.delta.safetensors --base $m/ft-man 2>&1)"; rc=$?
+[ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "wrong base: $rc $msg"
+msg="$($bin eval ppl --model $m/ft-man --delta $tmp/c.delta.safetensors --text $tmp/heldout.txt 2>&1)"; rc=$?
+[ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "ppl wrong base: $rc $msg"
+msg="$($bin delta inspect $m/base/model.safetensors 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q 'metadata field format' || fail "not a delta: $rc $msg"
+echo PASS

@@ -1,0 +1,178 @@
+// DeltaCache on real delta files of the bundled strata-tiny fine-tunes: registration checks,
+// asynchronous loads, LRU eviction under the byte budget with pinned deltas kept, and failed loads.
+#include "worker/engine/delta_cache.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "worker/model/config.h"
+
+namespace strata {
+namespace {
+
+constexpr char kBase[] = "models/strata-tiny/base";
+
+std::string TempPath(const std::string& name) {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return std::string(dir == nullptr ? "/tmp" : dir) + "/" + name;
+}
+
+class DeltaCacheTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<ModelConfig> config = LoadModelConfig(kBase);
+    ASSERT_TRUE(config.ok());
+    absl::StatusOr<std::unique_ptr<ModelWeights>> w = LoadModelWeights(kBase, *config, 0, 1);
+    ASSERT_TRUE(w.ok());
+    base_ = *std::move(w);
+    fingerprint_ = BaseFingerprint(*base_->files);
+    c_path_ = Compress("models/strata-tiny/ft-c-headers", "c");
+    man_path_ = Compress("models/strata-tiny/ft-man", "man");
+    absl::StatusOr<DeltaFileInfo> info = ReadDeltaFileInfo(c_path_);
+    ASSERT_TRUE(info.ok());
+    delta_bytes_ = info->data_bytes;
+  }
+
+  std::string Compress(const std::string& ft, const std::string& name) {
+    const std::string out = TempPath(name + ".delta.safetensors");
+    EXPECT_TRUE(CompressDelta(kBase, ft, out, {}).ok());
+    return out;
+  }
+
+  // Waits (up to 30 s) until `loads` loads have ended, well or not.
+  static void WaitForLoads(const DeltaCache& cache, int64_t loads) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (absl::Now() < deadline) {
+      const DeltaCacheStats s = cache.GetStats();
+      if (s.num_loads + s.num_load_failures >= loads) return;
+      absl::SleepFor(absl::Milliseconds(2));
+    }
+    ADD_FAILURE() << "loads did not end";
+  }
+
+  std::unique_ptr<ModelWeights> base_;
+  std::string fingerprint_, c_path_, man_path_;
+  int64_t delta_bytes_ = 0;
+};
+
+TEST_F(DeltaCacheTest, RegistrationChecksIdFileBaseAndSize) {
+  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
+  EXPECT_TRUE(cache.Register("c-headers", c_path_).ok());
+  EXPECT_EQ(cache.Register("c-headers", man_path_).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(cache.Register("bad id!", man_path_).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cache.Register("gone", TempPath("nope.safetensors")).code(),
+            absl::StatusCode::kNotFound);
+  // A delta made against another base (ft-man as the "base").
+  const std::string other = TempPath("other-base.delta.safetensors");
+  ASSERT_TRUE(
+      CompressDelta("models/strata-tiny/ft-man", "models/strata-tiny/ft-c-headers", other, {})
+          .ok());
+  const absl::Status wrong_base = cache.Register("other", other);
+  EXPECT_EQ(wrong_base.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(wrong_base.message(), "different base model")) << wrong_base;
+  DeltaCache small(base_.get(), fingerprint_, delta_bytes_ - 1);
+  const absl::Status too_big = small.Register("c-headers", c_path_);
+  EXPECT_EQ(too_big.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(too_big.message(), "more than the whole delta cache")) << too_big;
+  EXPECT_EQ(cache.Ids(), std::vector<std::string>{"c-headers"});
+  EXPECT_EQ(cache.Acquire("nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(DeltaCacheTest, LoadsInTheBackgroundThenServesPinned) {
+  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
+  ASSERT_TRUE(cache.Register("c", c_path_).ok());
+  std::atomic<int> notified{0};
+  cache.SetNotify([&] { notified.fetch_add(1); });
+  cache.Prefetch("c");
+  WaitForLoads(cache, 1);
+  EXPECT_EQ(notified.load(), 1);
+  absl::StatusOr<const DeltaWeights*> d = cache.Acquire("c");
+  ASSERT_TRUE(d.ok());
+  ASSERT_NE(*d, nullptr);
+  EXPECT_EQ((*d)->path, c_path_);
+  DeltaCacheStats s = cache.GetStats();
+  EXPECT_EQ(s.num_loads, 1);
+  EXPECT_EQ(s.num_hits, 1);
+  EXPECT_EQ(s.num_pinned, 1);
+  EXPECT_EQ(s.resident_bytes, (*d)->resident_bytes);
+  cache.Release("c");
+  EXPECT_EQ(cache.GetStats().num_pinned, 0);
+  // Prefetch of a resident delta loads nothing.
+  cache.Prefetch("c");
+  EXPECT_EQ(cache.GetStats().num_loads, 1);
+}
+
+TEST_F(DeltaCacheTest, EvictsTheLeastRecentlyUsedUnpinnedDelta) {
+  // Room for two deltas of this size, not three.
+  DeltaCache cache(base_.get(), fingerprint_, 2 * delta_bytes_ + delta_bytes_ / 2);
+  ASSERT_TRUE(cache.Register("a", c_path_).ok());
+  ASSERT_TRUE(cache.Register("b", man_path_).ok());
+  ASSERT_TRUE(cache.Register("c", c_path_).ok());
+  // Acquire of an unloaded delta starts its load and answers null.
+  EXPECT_EQ(*cache.Acquire("a"), nullptr);
+  EXPECT_EQ(*cache.Acquire("b"), nullptr);
+  WaitForLoads(cache, 2);
+  const DeltaWeights* a = *cache.Acquire("a");
+  const DeltaWeights* b = *cache.Acquire("b");
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  // Both pinned: c must wait for room.
+  EXPECT_EQ(*cache.Acquire("c"), nullptr);
+  DeltaCacheStats s = cache.GetStats();
+  EXPECT_EQ(s.num_waiting_for_room, 1);
+  EXPECT_EQ(s.num_evictions, 0);
+  // Releasing b makes it the only unpinned delta: it goes, c comes in.
+  cache.Release("b");
+  WaitForLoads(cache, 3);
+  s = cache.GetStats();
+  EXPECT_EQ(s.num_evictions, 1);
+  EXPECT_EQ(s.num_resident, 2);
+  EXPECT_LE(s.resident_bytes, 2 * delta_bytes_ + delta_bytes_ / 2);
+  EXPECT_NE(*cache.Acquire("c"), nullptr);
+  EXPECT_EQ(*cache.Acquire("a"), a);        // still resident, same memory
+  EXPECT_EQ(*cache.Acquire("b"), nullptr);  // evicted: loading again, needs room
+  cache.Release("a");
+  cache.Release("a");
+  cache.Release("c");
+  WaitForLoads(cache, 4);
+  EXPECT_NE(*cache.Acquire("b"), nullptr);
+}
+
+TEST_F(DeltaCacheTest, AFailedLoadIsReportedAndRetried) {
+  const std::string path = TempPath("flaky.delta.safetensors");
+  {
+    std::ifstream in(c_path_, std::ios::binary);
+    std::ofstream(path, std::ios::binary) << in.rdbuf();
+  }
+  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
+  ASSERT_TRUE(cache.Register("flaky", path).ok());
+  // Corrupt the data after registration (which reads only the header).
+  {
+    std::fstream f(path, std::ios::binary | std::ios::in | std::ios::out);
+    f.seekp(-64, std::ios::end);
+    f.put('\x55');
+  }
+  EXPECT_EQ(*cache.Acquire("flaky"), nullptr);
+  WaitForLoads(cache, 1);
+  absl::StatusOr<const DeltaWeights*> d = cache.Acquire("flaky");
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kDataLoss) << d.status();
+  EXPECT_EQ(cache.GetStats().num_load_failures, 1);
+  // Repaired: the next Prefetch tries again.
+  {
+    std::ifstream in(c_path_, std::ios::binary);
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << in.rdbuf();
+  }
+  cache.Prefetch("flaky");
+  WaitForLoads(cache, 2);
+  d = cache.Acquire("flaky");
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_NE(*d, nullptr);
+}
+
+}  // namespace
+}  // namespace strata

@@ -1,0 +1,197 @@
+// Serving fine-tunes through the engine on the bundled strata-tiny models: one engine over the base
+// with two fine-tunes registered as deltas generates, for a batch mixing all three, the greedy
+// tokens that engines over each fine-tune's own weights (base + unpacked delta) generate alone.
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "worker/comm/collectives.h"
+#include "worker/engine/engine.h"
+#include "worker/model/config.h"
+#include "worker/model/delta.h"
+#include "worker/model/weights.h"
+
+namespace strata {
+namespace {
+
+constexpr char kBase[] = "models/strata-tiny/base";
+
+std::string TempPath(const std::string& name) {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return std::string(dir == nullptr ? "/tmp" : dir) + "/" + name;
+}
+
+struct Outcome {
+  std::vector<int32_t> tokens;
+  FinishReason finish = FinishReason::kNone;
+  absl::Status error;
+  int64_t cached_prompt_tokens = 0;
+};
+
+// Runs the engine until idle (at most a minute), pausing while it can only wait for loads.
+std::map<std::string, Outcome> RunAll(Engine& engine) {
+  std::map<std::string, Outcome> out;
+  const absl::Time deadline = absl::Now() + absl::Minutes(1);
+  while (engine.HasWork() && absl::Now() < deadline) {
+    if (engine.WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));
+    absl::StatusOr<std::vector<RequestOutput>> step = engine.Step();
+    EXPECT_TRUE(step.ok()) << step.status();
+    if (!step.ok()) break;
+    for (const RequestOutput& r : *step) {
+      Outcome& o = out[r.request_id];
+      for (const SampledToken& t : r.tokens) o.tokens.push_back(t.token);
+      if (r.finish != FinishReason::kNone) {
+        o.finish = r.finish;
+        o.error = r.error;
+        o.cached_prompt_tokens = r.num_cached_prompt_tokens;
+      }
+    }
+  }
+  return out;
+}
+
+RequestOptions Greedy(const std::string& fine_tune, int64_t max_tokens = 12) {
+  RequestOptions o;
+  o.sampling.temperature = 0;
+  o.max_tokens = max_tokens;
+  o.ignore_eos = true;
+  o.fine_tune_id = fine_tune;
+  return o;
+}
+
+class EngineDeltaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<ModelConfig> config = LoadModelConfig(kBase);
+    ASSERT_TRUE(config.ok());
+    config_ = *config;
+    absl::StatusOr<std::unique_ptr<ModelWeights>> w = LoadModelWeights(kBase, config_, 0, 1);
+    ASSERT_TRUE(w.ok());
+    base_ = *std::move(w);
+    c_path_ = TempPath("c.delta.safetensors");
+    man_path_ = TempPath("man.delta.safetensors");
+    ASSERT_TRUE(CompressDelta(kBase, "models/strata-tiny/ft-c-headers", c_path_, {}).ok());
+    ASSERT_TRUE(CompressDelta(kBase, "models/strata-tiny/ft-man", man_path_, {}).ok());
+  }
+
+  EngineConfig Config(bool with_fine_tunes) {
+    EngineConfig ec;
+    ec.model_name = "strata-tiny";
+    ec.num_kv_blocks = 256;
+    ec.max_batch_tokens = 64;  // prompts prefill in several chunks, mixed with decodes
+    ec.compute_threads = 2;
+    if (with_fine_tunes) ec.fine_tunes = {{"c-headers", c_path_}, {"man", man_path_}};
+    return ec;
+  }
+
+  // What an engine over the fine-tune's own (materialized) weights generates alone.
+  std::vector<int32_t> Alone(const std::string& delta_path, const std::vector<int32_t>& prompt) {
+    std::unique_ptr<ModelWeights> weights;
+    if (!delta_path.empty()) {
+      absl::StatusOr<std::unique_ptr<DeltaWeights>> d =
+          LoadDelta(delta_path, *base_, BaseFingerprint(*base_->files));
+      EXPECT_TRUE(d.ok()) << d.status();
+      absl::StatusOr<std::unique_ptr<ModelWeights>> m = MaterializeDelta(*base_, **d);
+      EXPECT_TRUE(m.ok()) << m.status();
+      weights = *std::move(m);
+    }
+    SingleRankCollectives comm;
+    absl::StatusOr<std::unique_ptr<Engine>> engine =
+        Engine::Create(weights != nullptr ? weights.get() : base_.get(), &comm, Config(false));
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    EXPECT_TRUE((*engine)->AddRequest("alone", prompt, Greedy("")).ok());
+    return RunAll(**engine)["alone"].tokens;
+  }
+
+  ModelConfig config_;
+  std::unique_ptr<ModelWeights> base_;
+  std::string c_path_, man_path_;
+};
+
+// Prompts in the bundled tokenizer's ids (any ids do: greedy decoding is deterministic).
+std::vector<int32_t> Prompt(int32_t seed, int64_t len) {
+  std::vector<int32_t> p = {2047};
+  for (int64_t i = 1; i < len; ++i) p.push_back((seed * 131 + static_cast<int32_t>(i) * 17) % 2000);
+  return p;
+}
+
+TEST_F(EngineDeltaTest, MixedBatchGeneratesWhatEachFineTuneGeneratesAlone) {
+  SingleRankCollectives comm;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(base_.get(), &comm, Config(true));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->FineTuneIds(), (std::vector<std::string>{"c-headers", "man"}));
+  const std::vector<int32_t> p1 = Prompt(1, 40), p2 = Prompt(2, 70), p3 = Prompt(3, 25);
+  ASSERT_TRUE((*engine)->AddRequest("base", p1, Greedy("")).ok());
+  ASSERT_TRUE((*engine)->AddRequest("c", p2, Greedy("c-headers")).ok());
+  ASSERT_TRUE((*engine)->AddRequest("man", p3, Greedy("man")).ok());
+  ASSERT_TRUE((*engine)->AddRequest("c-on-p1", p1, Greedy("c-headers")).ok());
+  const absl::Status unknown = (*engine)->AddRequest("x", p1, Greedy("nope"));
+  EXPECT_EQ(unknown.code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(absl::StrContains(unknown.message(), "fine_tune_id")) << unknown;
+
+  std::map<std::string, Outcome> got = RunAll(**engine);
+  for (const auto& [id, o] : got) {
+    EXPECT_EQ(o.finish, FinishReason::kLength) << id;
+    EXPECT_EQ(o.tokens.size(), 12u) << id;
+  }
+  EXPECT_EQ(got["base"].tokens, Alone("", p1));
+  EXPECT_EQ(got["c"].tokens, Alone(c_path_, p2));
+  EXPECT_EQ(got["man"].tokens, Alone(man_path_, p3));
+  const std::vector<int32_t> c_on_p1 = Alone(c_path_, p1);
+  EXPECT_EQ(got["c-on-p1"].tokens, c_on_p1);
+  // The fine-tune really changes the output, and the same prompt under the base and under the
+  // fine-tune share no cache (separate namespaces).
+  EXPECT_NE(c_on_p1, got["base"].tokens);
+  EXPECT_EQ(got["c-on-p1"].cached_prompt_tokens, 0);
+
+  const EngineStats st = (*engine)->Stats();
+  EXPECT_EQ(st.deltas.num_registered, 2);
+  EXPECT_EQ(st.deltas.num_loads, 2);
+  EXPECT_EQ(st.deltas.num_pinned, 0);  // every sequence let go
+
+  // A second turn of the same fine-tune hits the loaded delta and its own prefix cache.
+  ASSERT_TRUE((*engine)->AddRequest("c-again", p2, Greedy("c-headers", 4)).ok());
+  got = RunAll(**engine);
+  EXPECT_EQ(got["c-again"].cached_prompt_tokens, 64);
+  EXPECT_EQ((*engine)->Stats().deltas.num_loads, 2);
+}
+
+TEST_F(EngineDeltaTest, AFineTuneThatFailsToLoadFailsItsRequestsOnly) {
+  const std::string broken = TempPath("broken.delta.safetensors");
+  ASSERT_TRUE(CompressDelta(kBase, "models/strata-tiny/ft-man", broken, {}).ok());
+  EngineConfig ec = Config(true);
+  ec.fine_tunes.push_back({"broken", broken});
+  SingleRankCollectives comm;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(base_.get(), &comm, ec);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::remove(broken.c_str());  // registered, then gone
+  ASSERT_TRUE((*engine)->AddRequest("broken", Prompt(4, 20), Greedy("broken")).ok());
+  ASSERT_TRUE((*engine)->AddRequest("man", Prompt(5, 20), Greedy("man")).ok());
+  std::map<std::string, Outcome> got = RunAll(**engine);
+  EXPECT_EQ(got["broken"].finish, FinishReason::kError);
+  EXPECT_EQ(got["broken"].error.code(), absl::StatusCode::kNotFound) << got["broken"].error;
+  EXPECT_EQ(got["man"].finish, FinishReason::kLength);
+  EXPECT_EQ(got["man"].tokens.size(), 12u);
+}
+
+TEST_F(EngineDeltaTest, ConfigurationErrorsAreNamed) {
+  SingleRankCollectives comm;
+  EngineConfig ec = Config(true);
+  ec.fine_tunes.push_back({"man", man_path_});
+  EXPECT_EQ(Engine::Create(base_.get(), &comm, ec).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  ec = Config(true);
+  ec.delta_cache_bytes = 1000;
+  EXPECT_TRUE(absl::StrContains(Engine::Create(base_.get(), &comm, ec).status().message(),
+                                "more than the whole delta cache"));
+  std::unique_ptr<ModelWeights> random = RandomModelWeights(config_, DType::kF32, 1);
+  EXPECT_TRUE(absl::StrContains(
+      Engine::Create(random.get(), &comm, Config(true)).status().message(), "random weights"));
+}
+
+}  // namespace
+}  // namespace strata
