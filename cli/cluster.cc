@@ -172,6 +172,7 @@ absl::Status GenerateCommand(const Args& args, std::FILE* out) {
     p->set_logprobs(static_cast<uint32_t>(k));
   }
   if (std::optional<std::string> salt = args.Get("cache-salt")) req.set_cache_salt(*salt);
+  if (std::optional<std::string> ft = args.Get("fine-tune")) req.set_fine_tune_id(*ft);
   ASSIGN_OR_RETURN(double timeout_s, args.GetDouble("timeout-s", 300));
 
   grpc::ClientContext ctx;
@@ -251,10 +252,12 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
                cs.num_inflight_requests(),
                static_cast<unsigned long long>(cs.num_completed_requests()),
                static_cast<unsigned long long>(cs.num_failed_over_requests()));
-  std::vector<std::vector<std::string>> mrows = {{"MODEL", "WORKERS", "CONTEXT", "VOCAB"}};
+  std::vector<std::vector<std::string>> mrows = {
+      {"MODEL", "WORKERS", "CONTEXT", "VOCAB", "FINE-TUNES"}};
   for (const auto& m : models.models()) {
     mrows.push_back({m.name(), absl::StrCat(m.num_workers()), absl::StrCat(m.max_context_tokens()),
-                     absl::StrCat(m.vocab_size())});
+                     absl::StrCat(m.vocab_size()),
+                     m.fine_tune_ids().empty() ? "-" : absl::StrJoin(m.fine_tune_ids(), ",")});
   }
   PrintTable(out, mrows);
   std::fputs("\n", out);

@@ -13,7 +13,8 @@ namespace strata {
 
 // stratactl generate [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]
 //   [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...
-//   [--ignore-eos] [--logprobs K] [--cache-salt S] [--timeout-s N] [--json]
+//   [--ignore-eos] [--logprobs K] [--cache-salt S] [--fine-tune ID] [--timeout-s N]
+//   [--json]
 // Streams the text as it is generated; with --json prints one object at the end.
 absl::Status GenerateCommand(const Args& args, std::FILE* out);
 

@@ -11,7 +11,8 @@
 //   stratactl delta inspect FILE [--base DIR] [--json]
 //   stratactl generate [--coordinator ADDR] [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3)
 //       [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
-//       [--stop STR]... [--ignore-eos] [--logprobs K] [--cache-salt S] [--timeout-s N] [--json]
+//       [--stop STR]... [--ignore-eos] [--logprobs K] [--cache-salt S] [--fine-tune ID]
+//       [--timeout-s N] [--json]
 //   stratactl status [--coordinator ADDR] [--json]
 //   stratactl drain WORKER [--coordinator ADDR] [--resume] [--wait] [--timeout-s N] [--json]
 //   stratactl plan --model DIR|CONFIG.json [--gpu NAME] [workload and sizing flags] [--emit ...]
@@ -48,7 +49,8 @@ constexpr char kUsage[] =
     "cluster (a running coordinator: --coordinator ADDR, $STRATA_COORDINATOR, 127.0.0.1:50051):\n"
     "  stratactl generate [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
-    "      [--ignore-eos] [--logprobs K] [--cache-salt S] [--timeout-s N] [--json]\n"
+    "      [--ignore-eos] [--logprobs K] [--cache-salt S] [--fine-tune ID] [--timeout-s N]\n"
+    "      [--json]\n"
     "  stratactl status [--json]\n"
     "  stratactl drain WORKER [--resume] [--wait] [--timeout-s N] [--json]\n"
     "capacity planning (docs/KUBERNETES.md):\n"
@@ -120,7 +122,7 @@ int main(int argc, char** argv) {
     auto args = strata::Args::Parse(
         rest, {"json", "ignore-eos"},
         {"coordinator", "model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-p",
-         "top-k", "min-p", "seed", "stop", "logprobs", "cache-salt", "timeout-s"});
+         "top-k", "min-p", "seed", "stop", "logprobs", "cache-salt", "fine-tune", "timeout-s"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::GenerateCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);

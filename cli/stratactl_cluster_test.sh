@@ -9,7 +9,11 @@ fail() { echo "FAIL: $*" >&2; for f in "$tmp"/*.log; do echo "== $f"; tail -20 "
 STRATA_BIN=. STRATA_OUT=$tmp
 source tools/local_servers.sh
 
-strata_worker w1 $model || fail "worker did not start"
+# The worker also serves a fine-tune, compressed here as an operator would.
+mkdir -p $tmp/fine-tunes
+$ctl delta compress --base $model --fine-tune models/strata-tiny/ft-c-headers \
+  --out $tmp/fine-tunes/c-headers.delta.safetensors > /dev/null || fail "delta compress"
+strata_worker w1 $model --fine_tune_dir=$tmp/fine-tunes || fail "worker did not start"
 wport=$STRATA_PORT
 strata_coordinator coordinator $model 127.0.0.1:$wport || fail "coordinator did not start"
 export STRATA_COORDINATOR=127.0.0.1:$STRATA_PORT
@@ -33,9 +37,19 @@ assert int(r["usage"]["num_completion_tokens"]) == 12, r
 assert r["text"] + "\n" == sys.argv[2] + "\n", (r["text"], sys.argv[2])
 PY
 
+# --fine-tune picks the fine-tune: greedy text differs from the base's; an unknown one exits 1.
+base="$($ctl generate --prompt '#include <' --max-tokens 12 --temperature 0 --ignore-eos)"
+tuned="$($ctl generate --prompt '#include <' --max-tokens 12 --temperature 0 --ignore-eos --fine-tune c-headers)"
+[ -n "$tuned" ] && [ "$tuned" != "$base" ] || fail "fine-tune gave the base's text: $tuned"
+set +e
+msg="$($ctl generate --prompt x --fine-tune nope 2>&1)"; rc=$?
+set -e
+[ $rc = 1 ] && echo "$msg" | grep -q 'fine_tune_id "nope" is not registered' || fail "unknown fine-tune: $rc $msg"
+
 # status: a table by default, the cluster as JSON for scripts.
 table="$($ctl status)"
 echo "$table" | grep -q '^MODEL ' || fail "no model table: $table"
+echo "$table" | grep -E '^strata-tiny +1 +2048 +2048 +c-headers' > /dev/null || fail "no fine-tunes: $table"
 echo "$table" | grep -E '^w1 +127\.0\.0\.1:[0-9]+ +serving +strata-tiny +1 ' > /dev/null || fail "no worker row: $table"
 $ctl status --json | python3 -c '
 import json, sys

@@ -110,8 +110,10 @@ struct DeltaMatMulParams {
   int64_t n_end = 0;
 };
 
-// y[rows[i], j] += Σ_k x[rows[i], k] · Δ[j, k]. Single-threaded; decodes each row of Δ once per
-// call, in chunks on the stack (no workspace), and streams it past all m rows of x.
+// y[rows[i], j] += Σ_k x[rows[i], k] · Δ[j, k]. Decodes each row of Δ once per call, in chunks on
+// the stack (through per-byte tables), and streams it past the m rows of x with AVX2/FMA dots
+// where the CPU has them. Single-threaded and meant for few rows (decode steps): callers split by
+// columns, and for many rows unpack panels of Δ (UnpackDeltaCpu) and multiply with MatMulCpu.
 absl::Status DeltaMatMulCpu(const DeltaMatMulParams& p);
 
 }  // namespace strata

@@ -111,6 +111,18 @@ cleanup() {
 }
 [ $detach -eq 0 ] && trap cleanup INT TERM EXIT
 
+# The bundled fine-tunes, compressed to deltas that both workers serve over the base (one rank only:
+# tensor-parallel workers serve the base alone).
+fine_tune_flags=()
+if [ "$tensor_parallel" = 1 ]; then
+  mkdir -p "$run_dir/fine-tunes"
+  for ft in c-headers man; do
+    "$stratactl" delta compress --base "$model_dir" --fine-tune "$repo/models/strata-tiny/ft-$ft" \
+      --base-name strata-tiny --out "$run_dir/fine-tunes/$ft.delta.safetensors" > /dev/null
+  done
+  fine_tune_flags=(--fine_tune_dir="$run_dir/fine-tunes" --delta_cache_mb=64)
+fi
+
 workers=()
 for i in 1 2; do
   port=$((worker_port + i - 1))
@@ -125,7 +137,8 @@ for i in 1 2; do
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
     --host_cache_mb=128 --disk_cache_mb=512 --disk_cache_path="$run_dir/kv-worker-$i" \
     --metrics_listen="127.0.0.1:$((metrics_port + i))" \
-    --port_file="$run_dir/worker-$i.port" --tensor_parallel="$tensor_parallel"
+    --port_file="$run_dir/worker-$i.port" --tensor_parallel="$tensor_parallel" \
+    "${fine_tune_flags[@]}"
 done
 
 echo "waiting for the cluster..."
@@ -156,6 +169,16 @@ echo "----------------------------------------------------------------------"
 printf '%s' "$prompt"
 "$stratactl" generate --coordinator "$coordinator" --prompt "$prompt" --max-tokens 64 --seed 1
 echo "----------------------------------------------------------------------"
+if [ ${#fine_tune_flags[@]} -gt 0 ]; then
+  ft_prompt='#include <'
+  echo
+  echo "request: stratactl generate --prompt $(printf %q "$ft_prompt") --fine-tune c-headers --max-tokens 48 --seed 1"
+  echo "----------------------------------------------------------------------"
+  printf '%s' "$ft_prompt"
+  "$stratactl" generate --coordinator "$coordinator" --prompt "$ft_prompt" --fine-tune c-headers \
+    --max-tokens 48 --seed 1
+  echo "----------------------------------------------------------------------"
+fi
 echo
 "$stratactl" status --coordinator "$coordinator"
 echo
@@ -167,6 +190,8 @@ echo "  Prometheus metrics: http://127.0.0.1:$metrics_port/metrics (coordinator)
 echo "  logs: $run_dir/logs"
 echo "Try:"
 echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
+[ ${#fine_tune_flags[@]} -gt 0 ] &&
+  echo "  $stratactl generate --coordinator $coordinator --prompt '.TH' --fine-tune man --max-tokens 40"
 echo "  $stratactl status --coordinator $coordinator"
 if [ $detach -eq 1 ]; then
   echo "The cluster keeps running in the background; stop it with: tools/run_local.sh --stop"

@@ -1,5 +1,7 @@
 #include "kernels/delta.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,7 +12,7 @@
 namespace strata {
 namespace {
 
-// Columns of a delta row decoded at a time in DeltaMatMulCpu (a multiple of 8).
+// Columns of a delta row decoded at a time (a multiple of 8).
 constexpr int64_t kChunkCols = 512;
 // Clipping ratios PackDeltaCpu tries, from 1 (the row's largest magnitude) down.
 constexpr int kClipSteps = 20;
@@ -18,47 +20,75 @@ constexpr float kClipLowest = 0.35f;
 
 int Levels(int bits) { return (1 << (bits - 1)) - 1; }
 
-int Code(const uint8_t* q_row, int64_t v, int bits) {
-  const int64_t bit = v * bits;
-  return (q_row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
-}
+// Every byte's values as floats, less the zero point: two 4-bit codes, or four 2-bit codes.
+struct Luts {
+  float four[256][2];
+  float two[256][4];
+};
 
-int Offset(const uint8_t* index_row, int64_t v) {
-  const int64_t g = v >> 1;
-  const int nibble = (index_row[g >> 1] >> ((g & 1) * 4)) & 0xf;
-  return (v & 1) ? (nibble >> 2) & 3 : nibble & 3;
-}
-
-// Adds values [v_begin, v_end) of row `r` of `d` into `out`, whose element 0 is column col0.
-void DecodeValues(const PackedDelta& d, int64_t r, int64_t v_begin, int64_t v_end, int64_t col0,
-                  float* out) {
-  const uint8_t* q_row = d.q + r * d.QBytesPerRow();
-  const float scale = d.scale[r];
-  const int half = 1 << (d.bits - 1);
-  if (!d.sparse_2_4) {
-    for (int64_t v = v_begin; v < v_end; ++v) {
-      out[v - col0] += static_cast<float>(Code(q_row, v, d.bits) - half) * scale;
+const Luts& GetLuts() {
+  static const Luts* luts = [] {
+    auto* l = new Luts;
+    for (int b = 0; b < 256; ++b) {
+      l->four[b][0] = static_cast<float>((b & 15) - 8);
+      l->four[b][1] = static_cast<float>((b >> 4) - 8);
+      for (int i = 0; i < 4; ++i) l->two[b][i] = static_cast<float>(((b >> (2 * i)) & 3) - 2);
     }
-    return;
-  }
-  const uint8_t* index_row = d.index + r * d.IndexBytesPerRow();
-  for (int64_t v = v_begin; v < v_end; ++v) {
-    const int64_t col = 4 * (v >> 1) + Offset(index_row, v);
-    out[col - col0] += static_cast<float>(Code(q_row, v, d.bits) - half) * scale;
-  }
+    return l;
+  }();
+  return *luts;
 }
 
-// Decodes columns [c0, c0 + len) of row r (c0 and len multiples of 8) into buf, overwriting it.
+// Columns [c0, c0 + len) of row r (c0 and len multiples of 8) as code minus zero point, unscaled:
+// the value is buf[i] * scale[r]. Pruned positions are 0.
 void DecodeChunk(const PackedDelta& d, int64_t r, int64_t c0, int64_t len, float* buf) {
+  const Luts& lut = GetLuts();
+  const uint8_t* q = d.q + r * d.QBytesPerRow();
+  if (!d.sparse_2_4) {
+    switch (d.bits) {
+      case 4: {
+        const uint8_t* b = q + c0 / 2;
+        for (int64_t i = 0; i < len / 2; ++i) std::memcpy(buf + 2 * i, lut.four[b[i]], 8);
+        return;
+      }
+      case 2: {
+        const uint8_t* b = q + c0 / 4;
+        for (int64_t i = 0; i < len / 4; ++i) std::memcpy(buf + 4 * i, lut.two[b[i]], 16);
+        return;
+      }
+      default: {
+        const uint8_t* b = q + c0;
+        for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<float>(b[i]) - 128.0f;
+        return;
+      }
+    }
+  }
   std::fill(buf, buf + len, 0.0f);
-  if (d.sparse_2_4) {
-    DecodeValues(d, r, c0 / 2, (c0 + len) / 2, c0, buf);
-  } else {
-    DecodeValues(d, r, c0, c0 + len, c0, buf);
+  const uint8_t* index = d.index + r * d.IndexBytesPerRow();
+  for (int64_t g = c0 / 4; g < (c0 + len) / 4; ++g) {
+    float v0, v1;
+    switch (d.bits) {
+      case 4:
+        v0 = lut.four[q[g]][0];
+        v1 = lut.four[q[g]][1];
+        break;
+      case 2:
+        v0 = lut.two[q[g >> 1]][2 * (g & 1)];
+        v1 = lut.two[q[g >> 1]][2 * (g & 1) + 1];
+        break;
+      default:
+        v0 = static_cast<float>(q[2 * g]) - 128.0f;
+        v1 = static_cast<float>(q[2 * g + 1]) - 128.0f;
+        break;
+    }
+    const int nibble = (index[g >> 1] >> ((g & 1) * 4)) & 0xf;
+    float* group = buf + 4 * g - c0;
+    group[nibble & 3] += v0;
+    group[(nibble >> 2) & 3] += v1;
   }
 }
 
-float Dot(const float* a, const float* b, int64_t n) {
+float DotScalar(const float* a, const float* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -67,6 +97,34 @@ float Dot(const float* a, const float* b, int64_t n) {
   float tail = 0;
   for (; i < n; ++i) tail += a[i] * b[i];
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+__attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  }
+  const __m256 v = _mm256_add_ps(acc0, acc1);
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  float sum = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+using DotFn = float (*)(const float*, const float*, int64_t);
+
+DotFn BestDot() {
+  static const DotFn dot = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &DotAvx2 : &DotScalar;
+  }();
+  return dot;
 }
 
 // Packs one row: picks the kept values, the scale, the codes.
@@ -205,10 +263,19 @@ absl::Status UnpackDeltaCpu(const PackedDelta& d, int64_t row_begin, int64_t row
   }
   if (row_begin == row_end) return absl::OkStatus();
   if (out == nullptr) return absl::InvalidArgumentError("delta unpack: out is null");
+  float buf[kChunkCols];
   for (int64_t r = row_begin; r < row_end; ++r) {
     float* o = out + (r - row_begin) * d.cols;
-    if (!accumulate) std::fill(o, o + d.cols, 0.0f);
-    DecodeValues(d, r, 0, d.KeptPerRow(), 0, o);
+    const float scale = d.scale[r];
+    for (int64_t c0 = 0; c0 < d.cols; c0 += kChunkCols) {
+      const int64_t len = std::min(kChunkCols, d.cols - c0);
+      DecodeChunk(d, r, c0, len, buf);
+      if (accumulate) {
+        for (int64_t i = 0; i < len; ++i) o[c0 + i] += buf[i] * scale;
+      } else {
+        for (int64_t i = 0; i < len; ++i) o[c0 + i] = buf[i] * scale;
+      }
+    }
   }
   return absl::OkStatus();
 }
@@ -236,14 +303,16 @@ absl::Status DeltaMatMulCpu(const DeltaMatMulParams& p) {
       }
     }
   }
+  const auto row_of = [&](int64_t i) -> int64_t { return p.rows == nullptr ? i : p.rows[i]; };
+  const DotFn dot = BestDot();
   float buf[kChunkCols];
   for (int64_t j = p.n_begin; j < n_end; ++j) {
+    const float scale = d.scale[j];
     for (int64_t c0 = 0; c0 < d.cols; c0 += kChunkCols) {
       const int64_t len = std::min(kChunkCols, d.cols - c0);
       DecodeChunk(d, j, c0, len, buf);
       for (int64_t i = 0; i < p.m; ++i) {
-        const int64_t row = p.rows == nullptr ? i : p.rows[i];
-        p.y[row * ldy + j] += Dot(buf, p.x + row * ldx + c0, len);
+        p.y[row_of(i) * ldy + j] += scale * dot(buf, p.x + row_of(i) * ldx + c0, len);
       }
     }
   }

@@ -149,18 +149,18 @@ TEST(DeltaMatMulTest, SweepMatchesUnpackedReference) {
   for (Shape s : {Shape{1, 8}, Shape{5, 40}, Shape{33, 520}, Shape{64, 1544}}) {
     for (int bits : {2, 4, 8}) {
       for (bool sparse : {true, false}) {
-        for (int64_t m : {1, 3, 9}) {
+        for (int64_t m : {1, 3, 9, 40}) {
           SCOPED_TRACE(testing::Message() << s.rows << "x" << s.cols << " bits " << bits
                                           << (sparse ? " 2:4" : " dense") << " m " << m);
           Packed p = Pack(RandomVector(&rng, s.rows * s.cols, 0.02f), s.rows, s.cols, bits, sparse);
           const std::vector<float> dense = Unpack(p.view);
-          const int64_t total_rows = m + 4, ldx = s.cols + 3, ldy = s.rows + 5;
+          const int64_t total_rows = 2 * m + 4, ldx = s.cols + 3, ldy = s.rows + 5;
           const std::vector<float> x = RandomVector(&rng, total_rows * ldx, 1.0f);
           const std::vector<float> y0 = RandomVector(&rng, total_rows * ldy, 1.0f);
           // Every other row, from the back: a scattered subset.
           std::vector<int32_t> rows;
           for (int64_t i = 0; i < m; ++i)
-            rows.push_back(static_cast<int32_t>(total_rows - 1 - 2 * i % total_rows));
+            rows.push_back(static_cast<int32_t>(total_rows - 1 - 2 * i));
           std::vector<float> y = y0;
           DeltaMatMulParams mp;
           mp.m = m;

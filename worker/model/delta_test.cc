@@ -232,7 +232,7 @@ std::vector<std::vector<float>> Feed(ModelRunner& runner,
                                      const std::vector<std::vector<int32_t>>& seqs,
                                      std::vector<const DeltaWeights*> deltas, int64_t chunk) {
   const ModelWeights& w = runner.weights();
-  const int64_t block_tokens = 4, max_blocks = 16;
+  const int64_t block_tokens = 4, max_blocks = 48;
   KvCacheStorage cache(w, max_blocks * static_cast<int64_t>(seqs.size()), block_tokens);
   return FeedInChunks(
       [&](const ForwardBatch& batch, std::vector<float>* logits) {
@@ -284,6 +284,32 @@ TEST(DeltaForwardTest, MixedBatchMatchesMaterializedFineTunes) {
   // The fine-tunes really differ from the base on these sequences.
   const auto base_on_c = Feed(runner, {seqs[1]}, {}, 64);
   EXPECT_GT(RelativeError(mixed[1], base_on_c[0]), 0.02);
+}
+
+// A prefill of 160 tokens of one fine-tune takes the runner's panel path (delta panels unpacked to
+// f32 and multiplied with the BLAS); it must agree with the materialized fine-tune too.
+TEST(DeltaForwardTest, LongPrefillMatchesMaterializedFineTune) {
+  Base base = LoadBase(kBase);
+  auto c_delta = LoadDelta(CHeadersDelta(), *base.weights, base.fingerprint);
+  ASSERT_TRUE(c_delta.ok());
+  auto c_weights = MaterializeDelta(*base.weights, **c_delta);
+  ASSERT_TRUE(c_weights.ok());
+  std::mt19937 rng(9);
+  std::uniform_int_distribution<int32_t> id(0, 2000);
+  std::vector<std::vector<int32_t>> seqs(2, std::vector<int32_t>(40));
+  seqs[0].resize(160);
+  for (auto& s : seqs) {
+    for (int32_t& t : s) t = id(rng);
+  }
+  SingleRankCollectives comm;
+  ModelRunner runner(base.weights.get(), &comm);
+  ModelRunner c_runner(c_weights->get(), &comm);
+  // One step for everything: 160 rows of the fine-tune, 40 of the base.
+  const auto mixed = Feed(runner, seqs, {c_delta->get(), nullptr}, 1 << 20);
+  const auto c_alone = Feed(c_runner, {seqs[0]}, {}, 1 << 20);
+  const auto base_alone = Feed(runner, {seqs[1]}, {}, 1 << 20);
+  EXPECT_LT(RelativeError(mixed[0], c_alone[0]), 1e-4);
+  EXPECT_LT(RelativeError(mixed[1], base_alone[0]), 1e-5);
 }
 
 TEST(DeltaForwardTest, SeqDeltasMustCoverEverySequence) {

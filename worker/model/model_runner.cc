@@ -17,6 +17,12 @@
 namespace strata {
 namespace {
 
+// A fine-tune's tokens in one step from which ApplyDelta unpacks panels of the delta and multiplies
+// them with the BLAS instead of streaming the packed rows past each token (prefill chunks), and
+// the rows of a panel.
+constexpr int64_t kDeltaPanelMinRows = 128;
+constexpr int64_t kDeltaPanelRows = 256;
+
 template <typename T>
 T* Grow(std::vector<T>* v, size_t n) {
   if (v->size() < n) v->resize(n);
@@ -386,6 +392,7 @@ absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const std::vector<int
   p.delta = d;
   p.y = y;
   p.ldy = ldy;
+  if (p.m >= kDeltaPanelMinRows) return ApplyDeltaPanels(d, rows, x, ldx, y, ldy);
   absl::Mutex mu;
   absl::Status status;
   pool_->ParallelFor(d.rows, 16, [&](int64_t begin, int64_t end) {
@@ -399,6 +406,49 @@ absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const std::vector<int
     }
   });
   return status;
+}
+
+absl::Status ModelRunner::ApplyDeltaPanels(const PackedDelta& d, const std::vector<int32_t>& rows,
+                                           const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const int64_t m = static_cast<int64_t>(rows.size()), k = d.cols;
+  const int64_t panel_rows = std::min<int64_t>(kDeltaPanelRows, d.rows);
+  float* xs = Grow(&delta_x_, m * k);
+  float* panel = Grow(&delta_panel_, panel_rows * k);
+  float* out = Grow(&delta_out_, m * panel_rows);
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(xs + i * k, x + int64_t{rows[i]} * ldx, k * sizeof(float));
+  }
+  for (int64_t j0 = 0; j0 < d.rows; j0 += panel_rows) {
+    const int64_t nb = std::min(panel_rows, d.rows - j0);
+    absl::Mutex mu;
+    absl::Status status;
+    pool_->ParallelFor(nb, 8, [&](int64_t begin, int64_t end) {
+      absl::Status s =
+          UnpackDeltaCpu(d, j0 + begin, j0 + end, panel + begin * k, /*accumulate=*/false);
+      if (!s.ok()) {
+        absl::MutexLock lock(&mu);
+        status.Update(s);
+      }
+    });
+    RETURN_IF_ERROR(status);
+    MatMulParams mp;
+    mp.m = m;
+    mp.n = nb;
+    mp.k = k;
+    mp.x = xs;
+    mp.w = panel;
+    mp.w_dtype = DType::kF32;
+    mp.y = out;
+    mp.ldy = nb;
+    const size_t ws = MatMulCpuWorkspaceBytes(mp);
+    RETURN_IF_ERROR(MatMulCpu(mp, Grow(&workspace_, ws), ws));
+    for (int64_t i = 0; i < m; ++i) {
+      float* yr = y + int64_t{rows[i]} * ldy + j0;
+      const float* o = out + i * nb;
+      for (int64_t j = 0; j < nb; ++j) yr[j] += o[j];
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ModelRunner::NormRows(

@@ -146,6 +146,10 @@ class ModelRunner {
   // an unchanged matrix (d.rows == 0).
   absl::Status ApplyDelta(const PackedDelta& d, const std::vector<int32_t>& rows, const float* x,
                           int64_t ldx, float* y, int64_t ldy);
+  // ApplyDelta for many rows: panels of the delta unpacked to f32 across the pool, each multiplied
+  // with the gathered rows by MatMulCpu.
+  absl::Status ApplyDeltaPanels(const PackedDelta& d, const std::vector<int32_t>& rows,
+                                const float* x, int64_t ldx, float* y, int64_t ldy);
   // out[t] = RmsNorm(x[t]) with the base's `weight`, except the tokens of segments whose fine-tune
   // replaces it (`replaced` picks the fine-tune's vector; empty: the base's).
   absl::Status NormRows(int64_t n, const float* x, const std::vector<float>& weight,
@@ -163,6 +167,7 @@ class ModelRunner {
   std::vector<float> hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, head_rows_, head_logits_;
   std::vector<char> workspace_;
   std::vector<DeltaSegment> segments_;
+  std::vector<float> delta_x_, delta_panel_, delta_out_;
   std::vector<const DeltaWeights*> token_delta_;  // per token of the current batch
   // Rank 0: the plan of the current step, encoded; true once the followers were stopped.
   std::string plan_;
