@@ -3,6 +3,7 @@
 #include <bit>
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
 #include "common/log.h"
 #define XXH_STATIC_LINKING_ONLY  // for XXH3_state_t on the stack
 #include "xxhash.h"
@@ -36,6 +37,11 @@ class Xxh3 {
 
 uint64_t Hash64(absl::string_view bytes, uint64_t seed) {
   return XXH3_64bits_withSeed(bytes.data(), bytes.size(), seed);
+}
+
+std::string FineTuneNamespaceId(absl::string_view fine_tune_id, absl::string_view revision) {
+  if (fine_tune_id.empty() || revision.empty()) return std::string(fine_tune_id);
+  return absl::StrCat(fine_tune_id, "@", revision);
 }
 
 uint64_t CacheNamespace(absl::string_view model, absl::string_view fine_tune_id,

@@ -15,6 +15,7 @@
 #define STRATA_COMMON_HASH_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "absl/strings/string_view.h"
@@ -27,6 +28,10 @@ uint64_t Hash64(absl::string_view bytes, uint64_t seed = 0);
 
 using BlockHash = uint64_t;
 inline constexpr BlockHash kRootBlockHash = 0;
+
+// The fine-tune part of a cache namespace: the id, and for a served delta its revision (the delta
+// file's checksum), as "id@revision"; the id alone when either is empty.
+std::string FineTuneNamespaceId(absl::string_view fine_tune_id, absl::string_view revision);
 
 // The namespace that separates caches of different models, fine-tunes and tenants.
 uint64_t CacheNamespace(absl::string_view model, absl::string_view fine_tune_id,

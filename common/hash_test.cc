@@ -84,5 +84,14 @@ TEST(HashTest, PrefixBlockHashesChainFullBlocksOnly) {
   EXPECT_TRUE(PrefixBlockHashes(ns, absl::Span<const int32_t>(tokens).first(15), 16).empty());
 }
 
+TEST(FineTuneNamespaceIdTest, RevisionJoinsTheIdOnlyForAFineTune) {
+  EXPECT_EQ(FineTuneNamespaceId("", ""), "");
+  EXPECT_EQ(FineTuneNamespaceId("", "0123456789abcdef"), "");
+  EXPECT_EQ(FineTuneNamespaceId("tenant", ""), "tenant");
+  EXPECT_EQ(FineTuneNamespaceId("tenant", "0123456789abcdef"), "tenant@0123456789abcdef");
+  EXPECT_NE(CacheNamespace("m", FineTuneNamespaceId("t", "aaaa"), ""),
+            CacheNamespace("m", FineTuneNamespaceId("t", "bbbb"), ""));
+}
+
 }  // namespace
 }  // namespace strata

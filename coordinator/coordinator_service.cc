@@ -289,8 +289,14 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
     seed_ = absl::Uniform<uint64_t>(gen);
   }
   const int block_tokens = static_cast<int>(std::max<uint32_t>(1, model_.block_tokens));
-  hashes_ = PrefixBlockHashes(CacheNamespace(r.model(), r.fine_tune_id(), r.cache_salt()), prompt_,
-                              block_tokens);
+  std::string revision;
+  if (auto it = model_.fine_tune_revisions.find(r.fine_tune_id());
+      it != model_.fine_tune_revisions.end()) {
+    revision = it->second;
+  }
+  hashes_ = PrefixBlockHashes(
+      CacheNamespace(r.model(), FineTuneNamespaceId(r.fine_tune_id(), revision), r.cache_salt()),
+      prompt_, block_tokens);
   prompt_blocks_ = (static_cast<int64_t>(prompt_.size()) + block_tokens - 1) / block_tokens;
   return grpc::Status::OK;
 }

@@ -407,10 +407,14 @@ std::vector<ModelView> WorkerPool::Models() {
       it = out.end() - 1;
     }
     it->max_context_tokens = std::min(it->max_context_tokens, w->info.max_context_tokens());
-    for (const std::string& ft : w->info.fine_tune_ids()) {
+    for (int i = 0; i < w->info.fine_tune_ids_size(); ++i) {
+      const std::string& ft = w->info.fine_tune_ids(i);
       if (std::find(it->fine_tune_ids.begin(), it->fine_tune_ids.end(), ft) ==
           it->fine_tune_ids.end()) {
         it->fine_tune_ids.push_back(ft);
+      }
+      if (i < w->info.fine_tune_revisions_size()) {
+        it->fine_tune_revisions.emplace(ft, w->info.fine_tune_revisions(i));
       }
     }
     if (w->state == State::kServing) ++it->num_workers;

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -59,6 +60,9 @@ struct ModelView {
   uint32_t vocab_size = 0;
   uint32_t block_tokens = 0;
   std::vector<std::string> fine_tune_ids;
+  // Each fine-tune's revision as the workers report it (WorkerInfo.fine_tune_revisions; the first
+  // worker's when they disagree).
+  std::map<std::string, std::string> fine_tune_revisions;
   // Workers serving it now.
   uint32_t num_workers = 0;
   // Workers of it in any state (serving, draining, unavailable).

@@ -55,7 +55,7 @@ struct DeltaPackParams {
   int64_t rows = 0;
   int64_t cols = 0;
   int bits = 4;
-  bool sparse_2_4 = true;
+  bool sparse_2_4 = false;
   // [rows, cols], host, f32: the dense delta to compress.
   const float* delta = nullptr;
   // [cols], host, f32, or null: importance of each input column (for example the RMS of the

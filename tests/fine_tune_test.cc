@@ -91,6 +91,14 @@ TEST_F(FineTuneTest, FineTuneRequestsGoToTheWorkerThatServesThem) {
   }
   EXPECT_EQ(Routed(0), before0);
   EXPECT_EQ(Routed(1), before1 + 6);
+  // The worker publishes the fine-tune's blocks under the namespace the coordinator computes (id
+  // and the delta's revision): a repeated prompt is a prefix hit.
+  v1::GenerateRequest longer = Greedy(std::string(200, 'x') + prompt, "c-headers");
+  longer.mutable_sampling()->set_max_tokens(2);
+  ASSERT_TRUE(Generate(cluster_->serving(), longer).status.ok());
+  Generated hit = Generate(cluster_->serving(), longer);
+  ASSERT_TRUE(hit.status.ok());
+  EXPECT_GT(hit.chunks.back().usage().cached().num_device_tokens(), 0u);
 
   // The fine-tune's output is not the base's, and the two fine-tunes differ from each other.
   Generated base = Generate(cluster_->serving(), Greedy(prompt, ""));

@@ -1,6 +1,8 @@
 #include "kernels/delta.h"
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -99,6 +101,7 @@ float DotScalar(const float* a, const float* b, int64_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
+#if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
@@ -117,14 +120,20 @@ __attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b
   return sum;
 }
 
+#endif
+
 using DotFn = float (*)(const float*, const float*, int64_t);
 
 DotFn BestDot() {
+#if defined(__x86_64__)
   static const DotFn dot = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &DotAvx2 : &DotScalar;
   }();
   return dot;
+#else
+  return &DotScalar;
+#endif
 }
 
 // Packs one row: picks the kept values, the scale, the codes.
@@ -249,6 +258,12 @@ absl::Status PackDeltaCpu(const DeltaPackParams& p) {
   if (p.workspace == nullptr || p.workspace_bytes < DeltaPackWorkspaceBytes(p.cols)) {
     return absl::InvalidArgumentError(
         absl::StrCat("delta pack: workspace needs ", DeltaPackWorkspaceBytes(p.cols), " bytes"));
+  }
+  for (int64_t i = p.row_begin * p.cols; i < row_end * p.cols; ++i) {
+    if (!std::isfinite(p.delta[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("delta pack: delta[", i / p.cols, ", ", i % p.cols, "] is not finite"));
+    }
   }
   float* kept = static_cast<float*>(p.workspace);
   for (int64_t r = p.row_begin; r < row_end; ++r) PackRow(p, r, kept, kept + p.cols);

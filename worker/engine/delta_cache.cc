@@ -23,8 +23,11 @@ bool ValidFineTuneId(const std::string& id) {
 }  // namespace
 
 DeltaCache::DeltaCache(const ModelWeights* base, std::string base_fingerprint,
-                       int64_t capacity_bytes)
-    : base_(base), base_fingerprint_(std::move(base_fingerprint)), capacity_bytes_(capacity_bytes) {
+                       int64_t capacity_bytes, absl::Duration retry_after)
+    : base_(base),
+      base_fingerprint_(std::move(base_fingerprint)),
+      capacity_bytes_(capacity_bytes),
+      retry_after_(retry_after) {
   stats_.capacity_bytes = capacity_bytes_;
   loader_ = std::thread([this] { LoaderLoop(); });
 }
@@ -49,11 +52,11 @@ absl::Status DeltaCache::Register(const std::string& id, const std::string& path
         info.base_fingerprint, ", base ", info.base_model, "); this worker's base has fingerprint ",
         base_fingerprint_));
   }
-  if (info.data_bytes > capacity_bytes_) {
-    return absl::InvalidArgumentError(absl::StrCat("fine-tune ", id, ": its delta needs ",
-                                                   info.data_bytes,
-                                                   " bytes, more than the whole delta "
-                                                   "cache (",
+  // Loaded, each tensor starts on a 64-byte boundary.
+  const int64_t reserve = info.data_bytes + 64 * (info.num_tensors + 1);
+  if (reserve > capacity_bytes_) {
+    return absl::InvalidArgumentError(absl::StrCat("fine-tune ", id, ": its delta needs ", reserve,
+                                                   " bytes, more than the whole delta cache (",
                                                    capacity_bytes_, " bytes)"));
   }
   absl::MutexLock lock(&mu_);
@@ -62,7 +65,8 @@ absl::Status DeltaCache::Register(const std::string& id, const std::string& path
   }
   Entry& e = entries_[id];
   e.path = path;
-  e.reserve_bytes = info.data_bytes;
+  e.revision = info.data_xxh3;
+  e.reserve_bytes = reserve;
   ++stats_.num_registered;
   return absl::OkStatus();
 }
@@ -70,6 +74,12 @@ absl::Status DeltaCache::Register(const std::string& id, const std::string& path
 bool DeltaCache::Has(const std::string& id) const {
   absl::MutexLock lock(&mu_);
   return entries_.contains(id);
+}
+
+std::string DeltaCache::Revision(const std::string& id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(id);
+  return it == entries_.end() ? "" : it->second.revision;
 }
 
 std::vector<std::string> DeltaCache::Ids() const {
@@ -85,6 +95,7 @@ void DeltaCache::Prefetch(const std::string& id) {
   if (it == entries_.end()) return;
   Entry& e = it->second;
   if (e.state != State::kOnDisk && e.state != State::kFailed) return;
+  if (e.state == State::kFailed && absl::Now() < e.failed_at + retry_after_) return;
   e.state = State::kQueued;
   e.error = absl::OkStatus();
   queued_.push_back(id);
@@ -175,12 +186,21 @@ void DeltaCache::LoaderLoop() {
     absl::StatusOr<std::unique_ptr<DeltaWeights>> loaded =
         LoadDelta(path, *base_, base_fingerprint_);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
-    std::function<void()> notify;
     {
       absl::MutexLock lock(&mu_);
       Entry& e = entries_.at(id);
       stats_.load_seconds += seconds;
+      if (loaded.ok() && (*loaded)->resident_bytes > e.reserve_bytes &&
+          used_bytes_ - e.reserve_bytes + (*loaded)->resident_bytes > capacity_bytes_) {
+        // The file grew since it was registered (replaced in place) beyond the room left.
+        loaded = absl::ResourceExhaustedError(
+            absl::StrCat("fine-tune ", id, ": its delta grew to ", (*loaded)->resident_bytes,
+                         " bytes since registration, more than the delta cache has room for"));
+      }
       if (loaded.ok()) {
+        // Account what the delta really holds from now on.
+        used_bytes_ += (*loaded)->resident_bytes - e.reserve_bytes;
+        e.reserve_bytes = (*loaded)->resident_bytes;
         e.delta = *std::move(loaded);
         e.state = State::kResident;
         e.last_use = ++tick_;
@@ -191,18 +211,19 @@ void DeltaCache::LoaderLoop() {
         LOG(ERROR) << "loading fine-tune " << id << ": " << loaded.status();
         e.error = loaded.status();
         e.state = State::kFailed;
+        e.failed_at = absl::Now();
         ++stats_.num_load_failures;
         used_bytes_ -= e.reserve_bytes;
         StartLoads();
       }
-      notify = notify_;
     }
-    if (notify) notify();
+    absl::MutexLock lock(&notify_mu_);
+    if (notify_) notify_();
   }
 }
 
 void DeltaCache::SetNotify(std::function<void()> notify) {
-  absl::MutexLock lock(&mu_);
+  absl::MutexLock lock(&notify_mu_);
   notify_ = std::move(notify);
 }
 

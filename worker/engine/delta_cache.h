@@ -33,6 +33,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "worker/model/delta.h"
 #include "worker/model/weights.h"
 
@@ -57,7 +58,8 @@ struct DeltaCacheStats {
 class DeltaCache {
  public:
   // `base` must outlive the cache; `base_fingerprint` is BaseFingerprint of its files.
-  DeltaCache(const ModelWeights* base, std::string base_fingerprint, int64_t capacity_bytes);
+  DeltaCache(const ModelWeights* base, std::string base_fingerprint, int64_t capacity_bytes,
+             absl::Duration retry_after = absl::Seconds(10));
   // Waits for a load in progress, then stops the loader thread.
   ~DeltaCache();
   DeltaCache(const DeltaCache&) = delete;
@@ -69,17 +71,21 @@ class DeltaCache {
   // base; NOT_FOUND when the file does not exist.
   absl::Status Register(const std::string& id, const std::string& path);
   bool Has(const std::string& id) const;
+  // The registered delta's revision (its data checksum); empty for an unknown id.
+  std::string Revision(const std::string& id) const;
   // Registered ids, sorted.
   std::vector<std::string> Ids() const;
 
-  // Starts loading `id` unless it is resident or loading already (a failed one is retried).
+  // Starts loading `id` unless it is resident or loading already (a failed one once retry_after
+  // has passed since it failed).
   void Prefetch(const std::string& id);
   // The resident delta of `id`, pinned (Release it once), or null while it loads (Prefetch is
   // implied). The load's error when the last one failed; NOT_FOUND for an unregistered id.
   absl::StatusOr<const DeltaWeights*> Acquire(const std::string& id);
   void Release(const std::string& id);
 
-  // `notify` runs on the loader thread after each load ends; null stops it. Any thread.
+  // `notify` runs on the loader thread after each load ends; null stops it, and once SetNotify
+  // returns no earlier callback is running or will run. Any thread.
   void SetNotify(std::function<void()> notify);
   // Any thread.
   DeltaCacheStats GetStats() const;
@@ -88,10 +94,12 @@ class DeltaCache {
   enum class State { kOnDisk, kQueued, kLoading, kResident, kFailed };
   struct Entry {
     std::string path;
+    std::string revision;
     int64_t reserve_bytes = 0;  // the file's tensor bytes: the room a load asks for
     State state = State::kOnDisk;
     std::unique_ptr<DeltaWeights> delta;
     absl::Status error;
+    absl::Time failed_at = absl::InfinitePast();
     int64_t pins = 0;
     int64_t last_use = 0;
   };
@@ -103,6 +111,7 @@ class DeltaCache {
   const ModelWeights* base_;
   const std::string base_fingerprint_;
   const int64_t capacity_bytes_;
+  const absl::Duration retry_after_;
 
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
@@ -113,7 +122,9 @@ class DeltaCache {
   int64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tick_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  std::function<void()> notify_ ABSL_GUARDED_BY(mu_);
+  // Held while the callback runs (never with mu_), so that SetNotify waits for a call in progress.
+  absl::Mutex notify_mu_;
+  std::function<void()> notify_ ABSL_GUARDED_BY(notify_mu_);
   DeltaCacheStats stats_ ABSL_GUARDED_BY(mu_);
   std::thread loader_;
 };

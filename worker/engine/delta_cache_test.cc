@@ -3,6 +3,7 @@
 #include "worker/engine/delta_cache.h"
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -75,7 +76,7 @@ TEST_F(DeltaCacheTest, RegistrationChecksIdFileBaseAndSize) {
   const absl::Status wrong_base = cache.Register("other", other);
   EXPECT_EQ(wrong_base.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(absl::StrContains(wrong_base.message(), "different base model")) << wrong_base;
-  DeltaCache small(base_.get(), fingerprint_, delta_bytes_ - 1);
+  DeltaCache small(base_.get(), fingerprint_, delta_bytes_);
   const absl::Status too_big = small.Register("c-headers", c_path_);
   EXPECT_EQ(too_big.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(too_big.message(), "more than the whole delta cache")) << too_big;
@@ -149,7 +150,7 @@ TEST_F(DeltaCacheTest, AFailedLoadIsReportedAndRetried) {
     std::ifstream in(c_path_, std::ios::binary);
     std::ofstream(path, std::ios::binary) << in.rdbuf();
   }
-  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
+  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_, absl::ZeroDuration());
   ASSERT_TRUE(cache.Register("flaky", path).ok());
   // Corrupt the data after registration (which reads only the header).
   {
@@ -172,6 +173,40 @@ TEST_F(DeltaCacheTest, AFailedLoadIsReportedAndRetried) {
   d = cache.Acquire("flaky");
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_NE(*d, nullptr);
+}
+
+TEST_F(DeltaCacheTest, AFailedLoadIsNotRetriedBeforeItsBackoff) {
+  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_, absl::Hours(1));
+  const std::string path = TempPath("gone.delta.safetensors");
+  {
+    std::ifstream in(c_path_, std::ios::binary);
+    std::ofstream(path, std::ios::binary) << in.rdbuf();
+  }
+  ASSERT_TRUE(cache.Register("gone", path).ok());
+  std::remove(path.c_str());
+  cache.Prefetch("gone");
+  WaitForLoads(cache, 1);
+  cache.Prefetch("gone");  // within the backoff: no second read
+  EXPECT_EQ(cache.Acquire("gone").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(cache.GetStats().num_load_failures, 1);
+}
+
+TEST_F(DeltaCacheTest, StopsCleanlyWithLoadsInFlightAndNotifyCleared) {
+  std::atomic<int> calls{0};
+  {
+    DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
+    ASSERT_TRUE(cache.Register("a", c_path_).ok());
+    ASSERT_TRUE(cache.Register("b", man_path_).ok());
+    cache.SetNotify([&] { calls.fetch_add(1); });
+    cache.Prefetch("a");
+    cache.Prefetch("b");
+    cache.SetNotify(nullptr);  // from here on no callback may run
+    const int seen = calls.load();
+    WaitForLoads(cache, 2);
+    EXPECT_EQ(calls.load(), seen);
+    cache.Prefetch("a");
+  }  // destroyed, perhaps with nothing left to load: must not hang
+  SUCCEED();
 }
 
 }  // namespace

@@ -216,7 +216,13 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
     s->penalties.AddOutput(t);
   }
   s->num_generated = static_cast<int64_t>(o.resume_tokens.size());
-  s->cache_namespace = CacheNamespace(config_.model_name, o.fine_tune_id, o.cache_salt);
+  // A delta's revision joins its id in the namespace: a delta file replaced under the same id
+  // (after a restart, with the disk tier kept) must not reuse the old one's KV.
+  s->cache_namespace = CacheNamespace(
+      config_.model_name,
+      FineTuneNamespaceId(o.fine_tune_id,
+                          o.fine_tune_id.empty() ? "" : deltas_->Revision(o.fine_tune_id)),
+      o.cache_salt);
   s->options = std::move(o);
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) LookUpAndPrefetch(s.get());
   Enqueue(std::move(s), /*ahead_of_equals=*/false);
@@ -283,6 +289,7 @@ void Engine::Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals) {
 void Engine::Preempt(Sequence* s) {
   ++num_preemptions_;
   ReleaseBlocks(s);
+  ReleaseDelta(s);
   for (auto it = running_.begin(); it != running_.end(); ++it) {
     if (it->get() == s) {
       std::unique_ptr<Sequence> owned = std::move(*it);
@@ -572,6 +579,9 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       w->delta = *d;
     }
     const AdmitResult r = Admit(w, budget, &plan);
+    // A sequence holds its delta only while it runs: one that waits here must not keep another
+    // fine-tune's load from getting room.
+    if (r != AdmitResult::kAdmitted) ReleaseDelta(w);
     if (r == AdmitResult::kNoRoom) break;
     if (r == AdmitResult::kWaitingForIo) {
       io_wait = true;

@@ -194,9 +194,12 @@ class Engine {
                                    : f32 * weights_->world_size;
   }
   int64_t num_kv_blocks() const { return blocks_.num_blocks(); }
-  // The fine-tunes this engine serves, sorted.
+  // The fine-tunes this engine serves, sorted, and each one's revision (DeltaCache::Revision).
   std::vector<std::string> FineTuneIds() const {
     return deltas_ != nullptr ? deltas_->Ids() : std::vector<std::string>{};
+  }
+  std::string FineTuneRevision(const std::string& id) const {
+    return deltas_ != nullptr ? deltas_->Revision(id) : std::string();
   }
   const EngineConfig& config() const { return config_; }
 
@@ -223,7 +226,8 @@ class Engine {
     uint64_t cache_namespace = 0;
     RequestOptions options;
     PenaltyState penalties;
-    // The fine-tune's delta, pinned in deltas_ from the first admission until the sequence ends.
+    // The fine-tune's delta, pinned in deltas_ while the sequence runs (from admission until it
+    // finishes, is preempted or is cancelled).
     const DeltaWeights* delta = nullptr;
     bool prompt_logprobs_sent = false;
     std::vector<SampledToken> prompt_logprobs;

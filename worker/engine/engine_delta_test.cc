@@ -1,6 +1,7 @@
 // Serving fine-tunes through the engine on the bundled strata-tiny models: one engine over the base
 // with two fine-tunes registered as deltas generates, for a batch mixing all three, the greedy
 // tokens that engines over each fine-tune's own weights (base + unpacked delta) generate alone.
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <string>
@@ -8,6 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
+#include "common/hash.h"
 #include "gtest/gtest.h"
 #include "worker/comm/collectives.h"
 #include "worker/engine/engine.h"
@@ -176,6 +178,89 @@ TEST_F(EngineDeltaTest, AFineTuneThatFailsToLoadFailsItsRequestsOnly) {
   EXPECT_EQ(got["broken"].error.code(), absl::StatusCode::kNotFound) << got["broken"].error;
   EXPECT_EQ(got["man"].finish, FinishReason::kLength);
   EXPECT_EQ(got["man"].tokens.size(), 12u);
+}
+
+// A request that waits for KV blocks does not hold its delta: only running sequences pin, so a
+// waiting one cannot keep another fine-tune's load from getting room.
+TEST_F(EngineDeltaTest, OnlyRunningSequencesPinTheirDeltas) {
+  EngineConfig ec = Config(true);
+  ec.num_kv_blocks = 20;  // 320 tokens: the first request leaves no room for the second
+  ec.max_batch_tokens = 512;
+  SingleRankCollectives comm;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(base_.get(), &comm, ec);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_TRUE((*engine)->AddRequest("long", Prompt(6, 250), Greedy("man", 40)).ok());
+  // Load man and start "long" before the second request arrives.
+  while ((*engine)->Stats().num_running == 0) {
+    if ((*engine)->WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));
+    ASSERT_TRUE((*engine)->Step().ok());
+  }
+  ASSERT_TRUE((*engine)->AddRequest("waits", Prompt(7, 100), Greedy("c-headers", 4)).ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while ((*engine)->Stats().deltas.num_loads < 2 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_TRUE((*engine)->Step().ok());
+  EngineStats st = (*engine)->Stats();
+  ASSERT_EQ(st.num_running, 1);  // "long" runs, "waits" has no blocks
+  EXPECT_EQ(st.num_waiting, 1);
+  EXPECT_EQ(st.deltas.num_pinned, 1);
+  std::map<std::string, Outcome> got = RunAll(**engine);
+  EXPECT_EQ(got["long"].finish, FinishReason::kLength);
+  EXPECT_EQ(got["waits"].finish, FinishReason::kLength);
+  EXPECT_EQ((*engine)->Stats().deltas.num_pinned, 0);
+}
+
+TEST_F(EngineDeltaTest, CancelAndPreemptionReleaseDeltas) {
+  EngineConfig ec = Config(true);
+  ec.num_kv_blocks = 12;  // two 80-token requests growing by 60 tokens cannot both stay
+  SingleRankCollectives comm;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(base_.get(), &comm, ec);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_TRUE((*engine)->AddRequest("a", Prompt(8, 80), Greedy("man", 60)).ok());
+  ASSERT_TRUE((*engine)->AddRequest("b", Prompt(9, 80), Greedy("c-headers", 60)).ok());
+  ASSERT_TRUE((*engine)->AddRequest("c", Prompt(10, 30), Greedy("c-headers", 60)).ok());
+  for (int i = 0; i < 40; ++i) {
+    if ((*engine)->WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));
+    ASSERT_TRUE((*engine)->Step().ok());
+  }
+  EXPECT_TRUE((*engine)->Cancel("c"));
+  std::map<std::string, Outcome> got = RunAll(**engine);
+  EXPECT_EQ(got["a"].finish, FinishReason::kLength);
+  EXPECT_EQ(got["b"].finish, FinishReason::kLength);
+  EXPECT_EQ(got["c"].finish, FinishReason::kCancelled);
+  EXPECT_GT((*engine)->Stats().num_preemptions, 0);
+  EXPECT_EQ((*engine)->Stats().deltas.num_pinned, 0);
+}
+
+// A delta file replaced under the same id is another revision, so its requests never meet the old
+// one's cached KV.
+TEST_F(EngineDeltaTest, ARevisedDeltaGetsItsOwnCacheNamespace) {
+  SingleRankCollectives comm;
+  EngineConfig a = Config(false), b = Config(false);
+  a.fine_tunes = {{"tenant", c_path_}};
+  b.fine_tunes = {{"tenant", man_path_}};
+  absl::StatusOr<std::unique_ptr<Engine>> ea = Engine::Create(base_.get(), &comm, a);
+  absl::StatusOr<std::unique_ptr<Engine>> eb = Engine::Create(base_.get(), &comm, b);
+  ASSERT_TRUE(ea.ok() && eb.ok());
+  const std::string ra = (*ea)->FineTuneRevision("tenant"), rb = (*eb)->FineTuneRevision("tenant");
+  EXPECT_EQ(ra.size(), 16u);
+  EXPECT_NE(ra, rb);
+  // Both engines publish the prompt's blocks under their own revision's namespace.
+  const std::vector<int32_t> p = Prompt(11, 40);
+  ASSERT_TRUE((*ea)->AddRequest("r", p, Greedy("tenant", 2)).ok());
+  ASSERT_TRUE((*eb)->AddRequest("r", p, Greedy("tenant", 2)).ok());
+  RunAll(**ea);
+  RunAll(**eb);
+  std::vector<BlockHash> ha, hb;
+  for (const BlockEvent& e : (*ea)->BlockInventory()) ha.push_back(e.hash);
+  for (const BlockEvent& e : (*eb)->BlockInventory()) hb.push_back(e.hash);
+  ASSERT_FALSE(ha.empty());
+  for (BlockHash h : ha) EXPECT_EQ(std::count(hb.begin(), hb.end(), h), 0);
+  EXPECT_EQ(
+      ha.front(),
+      PrefixBlockHashes(CacheNamespace("strata-tiny", FineTuneNamespaceId("tenant", ra), ""), p, 16)
+          .front());
 }
 
 TEST_F(EngineDeltaTest, ConfigurationErrorsAreNamed) {

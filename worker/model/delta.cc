@@ -1,9 +1,11 @@
 #include "worker/model/delta.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <set>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -20,7 +22,9 @@
 namespace strata {
 namespace {
 
-constexpr int64_t kFingerprintEdgeBytes = 4096;
+// BaseFingerprint hashes this many evenly spaced samples of this many bytes from each tensor.
+constexpr int64_t kFingerprintSamples = 16;
+constexpr int64_t kFingerprintSampleBytes = 4096;
 constexpr int64_t kArenaAlign = 64;
 
 float ElementToFloat(const TensorView& t, int64_t i) {
@@ -44,6 +48,12 @@ float ElementToFloat(const TensorView& t, int64_t i) {
     default:
       return 0;
   }
+}
+
+// "N.q", "N.index" or "N.scale": a part of a packed matrix N.
+bool IsMatrixPart(absl::string_view name) {
+  return absl::EndsWith(name, ".q") || absl::EndsWith(name, ".index") ||
+         absl::EndsWith(name, ".scale");
 }
 
 bool IsFloat(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
@@ -76,7 +86,7 @@ absl::StatusOr<Slot> FindSlot(DeltaWeights* d, const ModelConfig& c, absl::strin
   if (absl::ConsumePrefix(&rest, "model.layers.")) {
     const size_t dot = rest.find('.');
     if (dot != absl::string_view::npos && absl::SimpleAtoi(rest.substr(0, dot), &layer) &&
-        layer >= 0 && layer < c.num_layers) {
+        layer >= 0 && layer < c.num_layers && absl::StrCat(layer) == rest.substr(0, dot)) {
       rest.remove_prefix(dot + 1);
       LayerDelta& L = d->layers[layer];
       const struct {
@@ -100,7 +110,11 @@ absl::StatusOr<Slot> FindSlot(DeltaWeights* d, const ModelConfig& c, absl::strin
           {"self_attn.o_proj.bias", {nullptr, &L.o_bias, true, H, 0}},
       };
       for (const auto& entry : table) {
-        if (rest == entry.suffix) return entry.slot;
+        if (rest != entry.suffix) continue;
+        if (!c.qk_norm && (entry.slot.vector == &L.q_norm || entry.slot.vector == &L.k_norm)) {
+          break;  // the base has no per-head q/k norm for it to change
+        }
+        return entry.slot;
       }
     }
   }
@@ -145,15 +159,20 @@ std::string BaseFingerprint(const SafetensorsModel& model) {
     absl::StrAppend(&buffer, name, "|", DTypeName(t->dtype), "|", absl::StrJoin(t->shape, ","), "|",
                     t->data.size(), "|");
     const int64_t size = static_cast<int64_t>(t->data.size());
-    const int64_t edge = std::min(size, kFingerprintEdgeBytes);
-    buffer.append(reinterpret_cast<const char*>(t->data.data()), edge);
-    buffer.append(reinterpret_cast<const char*>(t->data.data() + size - edge), edge);
+    const int64_t sample = std::min(size, kFingerprintSampleBytes);
+    // Samples from the first to the last page, evenly spaced.
+    for (int64_t i = 0; i < kFingerprintSamples && sample > 0; ++i) {
+      const int64_t at = (size - sample) * i / (kFingerprintSamples - 1);
+      buffer.append(reinterpret_cast<const char*>(t->data.data() + at), sample);
+    }
   }
   return Hex64(Hash64(buffer));
 }
 
-absl::StatusOr<DeltaFileInfo> ReadDeltaFileInfo(const std::string& path) {
-  ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(path));
+namespace {
+
+// The header of an open delta file (ReadDeltaFileInfo).
+absl::StatusOr<DeltaFileInfo> InfoOf(const SafetensorsFile& file, const std::string& path) {
   const auto& meta = file.metadata();
   const auto field = [&](const std::string& key) -> std::string {
     auto it = meta.find(key);
@@ -187,9 +206,17 @@ absl::StatusOr<DeltaFileInfo> ReadDeltaFileInfo(const std::string& path) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": metadata field data_xxh3 must be 16 hex digits"));
   }
+  info.data_xxh3 = field("data_xxh3");
   info.num_tensors = static_cast<int64_t>(file.tensors().size());
   for (const TensorView& t : file.tensors()) info.data_bytes += t.data.size();
   return info;
+}
+
+}  // namespace
+
+absl::StatusOr<DeltaFileInfo> ReadDeltaFileInfo(const std::string& path) {
+  ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(path));
+  return InfoOf(file, path);
 }
 
 absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
@@ -199,13 +226,14 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
     return absl::FailedPreconditionError(
         "fine-tune deltas are served by workers of one tensor-parallel rank only");
   }
-  ASSIGN_OR_RETURN(DeltaFileInfo info, ReadDeltaFileInfo(path));
+  // One open for the header and the data: a file replaced in between cannot mix the two.
+  ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(path));
+  ASSIGN_OR_RETURN(DeltaFileInfo info, InfoOf(file, path));
   if (info.base_fingerprint != base_fingerprint) {
     return absl::FailedPreconditionError(absl::StrCat(
         path, ": made from a different base model (base_fingerprint ", info.base_fingerprint,
         ", base ", info.base_model, "); the worker's base has fingerprint ", base_fingerprint));
   }
-  ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(path));
   const ModelConfig& c = base.config;
   auto d = std::make_unique<DeltaWeights>();
   d->path = path;
@@ -213,19 +241,21 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
   d->sparse_2_4 = info.sparse_2_4;
   d->layers.resize(c.num_layers);
 
-  // Pass 1: checksum, names, and the arena's size.
+  // Pass 1: checksum, and the arena's size (the packed matrices' parts; vectors are kept apart).
   std::string checksum_input;
   int64_t arena_bytes = 0;
   for (const TensorView& t : file.tensors()) {
     AppendTensorHash(t.data, &checksum_input);
-    arena_bytes +=
-        (static_cast<int64_t>(t.data.size()) + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+    if (IsMatrixPart(t.name)) {
+      arena_bytes +=
+          (static_cast<int64_t>(t.data.size()) + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+    }
   }
-  if (Hex64(Hash64(checksum_input)) != file.metadata().at("data_xxh3")) {
+  if (Hex64(Hash64(checksum_input)) != info.data_xxh3) {
     return absl::DataLossError(
         absl::StrCat(path, ": tensor data does not match its checksum (data_xxh3)"));
   }
-  d->arena.resize(static_cast<size_t>(arena_bytes + kArenaAlign));
+  if (arena_bytes > 0) d->arena.resize(static_cast<size_t>(arena_bytes + kArenaAlign));
   uint8_t* next = d->arena.data();
   next += (kArenaAlign - reinterpret_cast<uintptr_t>(next) % kArenaAlign) % kArenaAlign;
   const auto copy = [&](const TensorView& t) {
@@ -237,16 +267,17 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
 
   // Pass 2: every matrix is three tensors under one name; every vector one.
   std::map<std::string, std::vector<const TensorView*>> parts;
+  std::set<std::string> vectors_seen;
   for (const TensorView& t : file.tensors()) {
     absl::string_view name = t.name;
-    bool part = false;
-    for (absl::string_view suffix : {".q", ".index", ".scale"}) {
-      if (absl::EndsWith(name, suffix)) {
-        parts[std::string(name.substr(0, name.size() - suffix.size()))].push_back(&t);
-        part = true;
-      }
+    if (IsMatrixPart(name)) {
+      const size_t dot = name.rfind('.');
+      parts[std::string(name.substr(0, dot))].push_back(&t);
+      continue;
     }
-    if (part) continue;
+    if (!vectors_seen.insert(std::string(name)).second) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " appears twice"));
+    }
     ASSIGN_OR_RETURN(Slot slot, FindSlot(d.get(), c, name), _.Prepend(path));
     if (slot.vector == nullptr || t.dtype != DType::kF32 ||
         t.shape != std::vector<int64_t>{slot.rows}) {
@@ -262,6 +293,12 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
             absl::StrCat(path, ": tensor ", name, " changes a bias the base does not have"));
       }
       for (size_t i = 0; i < values.size(); ++i) values[i] -= b[i];
+    }
+    for (size_t i = 0; i < values.size(); ++i) {
+      if (!std::isfinite(values[i])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": tensor ", name, "[", i, "] is not finite"));
+      }
     }
     *slot.vector = std::move(values);
     d->resident_bytes += slot.rows * static_cast<int64_t>(sizeof(float));
@@ -279,9 +316,14 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
     p.sparse_2_4 = info.sparse_2_4;
     const TensorView *q = nullptr, *index = nullptr, *scale = nullptr;
     for (const TensorView* t : tensors) {
-      if (absl::EndsWith(t->name, ".q")) q = t;
-      if (absl::EndsWith(t->name, ".index")) index = t;
-      if (absl::EndsWith(t->name, ".scale")) scale = t;
+      const TensorView** slot_part = absl::EndsWith(t->name, ".q")       ? &q
+                                     : absl::EndsWith(t->name, ".index") ? &index
+                                                                         : &scale;
+      if (*slot_part != nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": tensor ", t->name, " appears twice"));
+      }
+      *slot_part = t;
     }
     const auto check = [&](const TensorView* t, const char* suffix, DType dtype,
                            std::vector<int64_t> shape) -> absl::Status {
@@ -311,16 +353,19 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
     p.q = copy(*q);
     p.scale = reinterpret_cast<const float*>(copy(*scale));
     if (index != nullptr) p.index = copy(*index);
+    // A value is at most 2^(bits-1) scales: bounding the scale keeps every delta value finite
+    // and far below anything a real fine-tune changes a weight by.
+    const float max_scale = 1e4f / static_cast<float>(1 << (p.bits - 1));
     for (int64_t r = 0; r < p.rows; ++r) {
-      if (!std::isfinite(p.scale[r]) || p.scale[r] < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(path, ": tensor ", name, ".scale[", r, "] is not a finite value >= 0"));
+      if (!(p.scale[r] >= 0 && p.scale[r] <= max_scale)) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, ".scale[", r,
+                                                       "] is not in [0, ", max_scale, "]"));
       }
     }
-    d->resident_bytes += p.PackedBytes();
   }
-  if (c.tie_word_embeddings && d->lm_head.rows > 0 && base.files != nullptr &&
-      base.files->Find("lm_head.weight") == nullptr) {
+  d->resident_bytes += static_cast<int64_t>(d->arena.size());
+  // The runner applies the embedding's delta to a tied LM head (the same test as here).
+  if (d->lm_head.rows > 0 && base.lm_head.data == base.embed.data) {
     return absl::InvalidArgumentError(absl::StrCat(
         path, ": changes lm_head.weight, which the base ties to model.embed_tokens.weight"));
   }
@@ -463,6 +508,14 @@ absl::StatusOr<DeltaCompressReport> CompressDelta(const std::string& base_dir,
           absl::StrCat("tensor ", name, ": only F32, BF16 and F16 weights can be compressed"));
     }
     ASSIGN_OR_RETURN(Slot slot, FindSlot(&probe, base_config, name));
+    const std::vector<int64_t> want = slot.vector != nullptr
+                                          ? std::vector<int64_t>{slot.rows}
+                                          : std::vector<int64_t>{slot.rows, slot.cols};
+    if (b->shape != want) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor ", name, " has shape [", absl::StrJoin(b->shape, ", "),
+                       "]; config.json implies [", absl::StrJoin(want, ", "), "]"));
+    }
     report.fine_tune_bytes += static_cast<int64_t>(f->data.size());
     const int64_t n = b->NumElements();
     bool changed = false;
@@ -495,11 +548,19 @@ absl::StatusOr<DeltaCompressReport> CompressDelta(const std::string& base_dir,
           absl::StrCat("tensor ", name, " has ", cols, " columns, not a multiple of 8"));
     }
     std::vector<float> delta(n);
+    std::atomic<bool> finite{true};
     pool.ParallelFor(rows, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin * cols; i < end * cols; ++i) {
         delta[i] = ElementToFloat(*f, i) - ElementToFloat(*b, i);
+        if (!std::isfinite(delta[i])) finite.store(false, std::memory_order_relaxed);
       }
     });
+    if (!finite.load()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor ", name,
+                       ": the fine-tune minus the base is not finite somewhere (NaN or inf "
+                       "weights)"));
+    }
     PackedDelta shape;
     shape.rows = rows;
     shape.cols = cols;

@@ -44,6 +44,11 @@ struct LayerDelta {
 // One fine-tune, loaded: views into its own memory, read whole from the delta file. Immutable once
 // loaded, so any thread may read it. Only for a base run as one tensor-parallel rank.
 struct DeltaWeights {
+  DeltaWeights() = default;
+  // The PackedDelta views point into `arena`: a copy would point into the original.
+  DeltaWeights(const DeltaWeights&) = delete;
+  DeltaWeights& operator=(const DeltaWeights&) = delete;
+
   std::string path;
   int bits = 4;
   bool sparse_2_4 = true;
@@ -51,15 +56,16 @@ struct DeltaWeights {
   PackedDelta lm_head;  // [vocab, hidden]; rows == 0 with tied embeddings (embed's applies)
   std::vector<float> final_norm;
   std::vector<LayerDelta> layers;
-  // Bytes of memory the loaded delta holds (its packed tensors and vectors).
+  // Bytes of memory the loaded delta holds (its arena and its vectors).
   int64_t resident_bytes = 0;
   // The packed tensors' bytes, 64-byte aligned each.
   std::vector<uint8_t> arena;
 };
 
 // The identity of a base model's weights: XXH3-64 over every tensor's name, dtype, shape, size and
-// its first and last 4 KiB, as 16 hex digits. Cheap (two pages a tensor), and it tells apart
-// different checkpoints of one architecture.
+// 16 evenly spaced 4 KiB samples of its data (first and last page included), as 16 hex digits.
+// Cheap (16 pages a tensor), and it tells apart different checkpoints of one architecture; two
+// bases that differ only between the samples of every tensor would pass for one.
 std::string BaseFingerprint(const SafetensorsModel& model);
 
 // A delta file's header, read without loading its tensors.
@@ -71,6 +77,8 @@ struct DeltaFileInfo {
   int64_t num_tensors = 0;
   // Bytes of tensor data in the file.
   int64_t data_bytes = 0;
+  // The metadata's checksum of the data (16 hex digits).
+  std::string data_xxh3;
 };
 
 // INVALID_ARGUMENT naming the file and the metadata field when it is not a version-1 delta file;

@@ -337,11 +337,17 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
     if (static_cast<int64_t>(b.seq_deltas.size()) != b.num_seqs) {
       return absl::InvalidArgumentError("forward: seq_deltas is not one entry per sequence");
     }
-    if (comm_->world_size() > 1 &&
-        std::any_of(b.seq_deltas.begin(), b.seq_deltas.end(),
-                    [](const DeltaWeights* d) { return d != nullptr; })) {
-      return absl::FailedPreconditionError(
-          "forward: fine-tune deltas run on one tensor-parallel rank only");
+    for (const DeltaWeights* d : b.seq_deltas) {
+      if (d == nullptr) continue;
+      if (comm_->world_size() > 1) {
+        return absl::FailedPreconditionError(
+            "forward: fine-tune deltas run on one tensor-parallel rank only");
+      }
+      if (static_cast<int64_t>(d->layers.size()) != c.num_layers) {
+        return absl::InvalidArgumentError(absl::StrCat("forward: a delta of ", d->layers.size(),
+                                                       " layers for a model of ", c.num_layers,
+                                                       " (loaded for another base)"));
+      }
     }
   }
   if (n == 0) return absl::OkStatus();

@@ -109,11 +109,6 @@ ABSL_FLAG(std::string, metrics_listen, "",
 ABSL_FLAG(int64_t, persist_kv_s, 10,
           "On shutdown, up to this long writing cached KV blocks down to the disk tier, so that "
           "the next worker on the same --disk_cache_path starts with them; 0: none.");
-ABSL_FLAG(int, tensor_parallel, 1,
-          "Ranks the model is split across (attention heads, MLP columns and vocabulary): this "
-          "process is rank 0 and starts the others itself, one process each. CPU only for now; "
-          "--threads is per rank (0: the cores shared out evenly).");
-// Set by rank 0 on the ranks it starts; not for operators.
 ABSL_FLAG(std::vector<std::string>, fine_tunes, {},
           "Fine-tunes to serve as compressed deltas over the base: comma-separated ID=PATH pairs "
           "(PATH a delta file from stratactl delta compress). CPU device, one rank.");
@@ -122,6 +117,11 @@ ABSL_FLAG(std::string, fine_tune_dir, "",
           "file name without the suffix.");
 ABSL_FLAG(int64_t, delta_cache_mb, 1024,
           "Memory for loaded fine-tune deltas; the least recently used unpinned ones are evicted.");
+ABSL_FLAG(int, tensor_parallel, 1,
+          "Ranks the model is split across (attention heads, MLP columns and vocabulary): this "
+          "process is rank 0 and starts the others itself, one process each. CPU only for now; "
+          "--threads is per rank (0: the cores shared out evenly).");
+// Set by rank 0 on the ranks it starts; not for operators.
 ABSL_FLAG(int, tp_rank, 0, "Internal: this process's tensor-parallel rank.");
 ABSL_FLAG(int, tp_control_fd, -1, "Internal: the tensor-parallel group's control descriptor.");
 ABSL_FLAG(int, tp_memory_fd, -1, "Internal: the tensor-parallel group's memory descriptor.");
@@ -362,8 +362,8 @@ int Main(const std::vector<std::string>& args) {
     return 1;
   }
   ec.fine_tunes = *std::move(fine_tunes);
-  if (absl::GetFlag(FLAGS_delta_cache_mb) <= 0) {
-    LOG(ERROR) << "--delta_cache_mb must be positive";
+  if (absl::GetFlag(FLAGS_delta_cache_mb) <= 0 || absl::GetFlag(FLAGS_delta_cache_mb) > (1 << 30)) {
+    LOG(ERROR) << "--delta_cache_mb must be in [1, 2^30]";
     return 1;
   }
   ec.delta_cache_bytes = absl::GetFlag(FLAGS_delta_cache_mb) << 20;

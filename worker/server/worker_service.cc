@@ -336,7 +336,10 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   info->set_max_context_tokens(static_cast<uint32_t>(mc.max_position_embeddings));
   info->set_tensor_parallel_size(static_cast<uint32_t>(options_.tensor_parallel_size));
   info->set_block_tokens(static_cast<uint32_t>(engine_->block_tokens()));
-  for (const std::string& ft : fine_tune_ids_) info->add_fine_tune_ids(ft);
+  for (const std::string& ft : fine_tune_ids_) {
+    info->add_fine_tune_ids(ft);
+    info->add_fine_tune_revisions(engine_->FineTuneRevision(ft));
+  }
   v1::TierCapacity* tier = info->add_tiers();
   tier->set_tier(v1::TIER_DEVICE);
   tier->set_num_blocks(static_cast<uint64_t>(engine_->num_kv_blocks()));
@@ -574,10 +577,10 @@ void WorkerService::StepEngine(LoopState* state) {
       continue;
     }
     if (out.finish == FinishReason::kError) {
-      // Another worker may well serve it (its copy of the delta intact): UNAVAILABLE lets the
-      // coordinator retry there.
+      // Another worker may well serve it (its copy of the delta intact): ABORTED lets the
+      // coordinator retry there without taking this worker out of routing for everyone else.
       FinishSubmit(state, out.request_id,
-                   grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                   grpc::Status(grpc::StatusCode::ABORTED,
                                 absl::StrCat("this worker could not serve the request: ",
                                              out.error.message())));
       continue;
