@@ -4,6 +4,8 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
@@ -328,6 +330,87 @@ TEST(DeltaForwardTest, LongPrefillMatchesMaterializedFineTune) {
   const auto base_alone = Feed(runner, {seqs[1]}, {}, 1 << 20);
   EXPECT_LT(RelativeError(mixed[0], c_alone[0]), 1e-4);
   EXPECT_LT(RelativeError(mixed[1], base_alone[0]), 1e-5);
+}
+
+// Writes `dir`'s model with every tensor perturbed (a stand-in fine-tune that changes everything:
+// biases, per-head q/k norms and an untied LM head included) to `out`, in F32.
+void WritePerturbedCopy(const std::string& dir, const std::string& out) {
+  std::filesystem::create_directories(out);
+  std::filesystem::copy_file(dir + "/config.json", out + "/config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  absl::StatusOr<SafetensorsModel> model = SafetensorsModel::Open(dir);
+  ASSERT_TRUE(model.ok()) << model.status();
+  std::mt19937 rng(17);
+  std::normal_distribution<float> noise(0.0f, 0.02f);
+  std::vector<std::vector<float>> values;
+  std::vector<TensorToWrite> tensors;
+  for (const std::string& name : model->Names()) {
+    const TensorView* t = model->Find(name);
+    std::vector<float> v(t->NumElements());
+    for (int64_t i = 0; i < t->NumElements(); ++i) {
+      float x = 0;
+      if (t->dtype == DType::kF32) {
+        std::memcpy(&x, t->data.data() + 4 * i, 4);
+      } else {
+        uint16_t h;
+        std::memcpy(&h, t->data.data() + 2 * i, 2);
+        x = t->dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
+      }
+      v[i] = x + noise(rng);
+    }
+    values.push_back(std::move(v));
+    tensors.push_back(
+        {name, DType::kF32, t->shape,
+         absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(values.back().data()),
+                                   values.back().size() * sizeof(float))});
+  }
+  ASSERT_TRUE(WriteSafetensors(out + "/model.safetensors", tensors).ok());
+}
+
+// Every architecture variant's extra weights go through the delta path: Qwen2's q/k/v biases,
+// Qwen3's per-head q/k norms, Llama 2's untied LM head. A mixed batch matches the materialized
+// fine-tune, at 8-bit dense and at 4-bit 2:4.
+TEST(DeltaForwardTest, EveryVariantMatchesItsMaterializedFineTune) {
+  for (const char* variant : {"qwen2_bf16", "qwen3_f32", "llama2_f32"}) {
+    for (const auto& [bits, sparse] : {std::pair{8, false}, std::pair{4, true}}) {
+      SCOPED_TRACE(testing::Message() << variant << " bits " << bits << (sparse ? " 2:4" : ""));
+      const std::string dir = std::string("worker/model/testdata/") + variant;
+      const std::string ft = TempPath(std::string(variant) + "-ft");
+      WritePerturbedCopy(dir, ft);
+      DeltaCompressOptions o;
+      o.bits = bits;
+      o.sparse_2_4 = sparse;
+      const std::string path = TempPath(std::string(variant) + ".delta.safetensors");
+      absl::StatusOr<DeltaCompressReport> report = CompressDelta(dir, ft, path, o);
+      ASSERT_TRUE(report.ok()) << report.status();
+      EXPECT_EQ(report->num_unchanged, 0);
+      Base base = LoadBase(dir);
+      absl::StatusOr<std::unique_ptr<DeltaWeights>> d =
+          LoadDelta(path, *base.weights, base.fingerprint);
+      ASSERT_TRUE(d.ok()) << d.status();
+      absl::StatusOr<std::unique_ptr<ModelWeights>> tuned = MaterializeDelta(*base.weights, **d);
+      ASSERT_TRUE(tuned.ok()) << tuned.status();
+      const ModelConfig& c = base.weights->config;
+      EXPECT_EQ((*d)->layers[0].q_bias.empty(), !c.qkv_bias);
+      EXPECT_EQ((*d)->layers[0].k_norm.empty(), !c.qk_norm);
+      EXPECT_EQ((*d)->lm_head.rows > 0, !c.tie_word_embeddings);
+      std::mt19937 rng(21);
+      std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(c.vocab_size) - 1);
+      std::vector<std::vector<int32_t>> seqs(2, std::vector<int32_t>(30));
+      for (auto& sq : seqs) {
+        for (int32_t& t : sq) t = id(rng);
+      }
+      SingleRankCollectives comm;
+      ModelRunner runner(base.weights.get(), &comm);
+      ModelRunner tuned_runner(tuned->get(), &comm);
+      const auto mixed = Feed(runner, seqs, {d->get(), nullptr}, 7);
+      const auto tuned_alone = Feed(tuned_runner, {seqs[0]}, {}, 64);
+      const auto base_alone = Feed(runner, {seqs[1]}, {}, 64);
+      EXPECT_LT(RelativeError(mixed[0], tuned_alone[0]), 1e-4);
+      EXPECT_LT(RelativeError(mixed[1], base_alone[0]), 1e-5);
+      EXPECT_GT(RelativeError(mixed[0], Feed(runner, {seqs[0]}, {}, 64)[0]), 1e-3);
+    }
+  }
 }
 
 TEST(DeltaForwardTest, SeqDeltasMustCoverEverySequence) {
