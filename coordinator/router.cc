@@ -40,6 +40,11 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
     s.cost = std::max(0.0, static_cast<double>(request.prompt_blocks + c.queued_prefill_blocks) -
                                s.credit) +
              config.decode_weight * static_cast<double>(c.decode_sequences);
+    if (request.fine_tune &&
+        std::find(request.fine_tune_resident.begin(), request.fine_tune_resident.end(), c.slot) ==
+            request.fine_tune_resident.end()) {
+      s.cost += config.cold_fine_tune_blocks;
+    }
     s.over_balance_limit = static_cast<double>(c.inflight_requests + 1) > limit;
     any_under |= !s.over_balance_limit;
   }

@@ -6,6 +6,7 @@
 //   credit(w) = w_device * overlap_device + w_host * overlap_host + w_disk * overlap_disk (blocks)
 //   cost(w)   = max(0, prompt_blocks + queued_prefill_blocks(w) - credit(w))
 //               + decode_weight * decode_sequences(w)
+//               + cold_fine_tune_blocks   (a fine-tune request, when w does not hold its delta)
 // where overlap_t counts the blocks of the longest cached prefix of the prompt on w whose fastest
 // copy is in tier t. Lower cost wins.
 //
@@ -43,6 +44,9 @@ struct RouterConfig {
   std::array<double, kNumTiers> tier_weights = {1.0, 0.75, 0.25};
   // Cost of one sequence in decode, in prefill blocks.
   double decode_weight = 1.0;
+  // Cost, in prefill blocks, of sending a fine-tune's request to a worker whose memory does not
+  // hold the fine-tune's delta (it loads it first, and may evict another tenant's).
+  double cold_fine_tune_blocks = 4.0;
   double balance_tolerance = 1.0;
   double balance_slack = 4.0;
   bool replicate_hot_prefixes = true;
@@ -70,6 +74,10 @@ struct RouteRequest {
   uint64_t tie_break = 0;
   // Fraction of recent requests whose prompt starts with the same first block, in [0, 1].
   double prefix_share = 0;
+  // A fine-tune's request: the candidates whose load reports say its delta is resident. The
+  // others cost cold_fine_tune_blocks more.
+  bool fine_tune = false;
+  absl::Span<const WorkerSlot> fine_tune_resident;
 };
 
 struct WorkerScore {

@@ -242,5 +242,30 @@ TEST(RouterTest, AHotPrefixSpreadsOverEveryWorkerAndStaysBalanced) {
   }
 }
 
+// A fine-tune's request prefers a worker that holds its delta, unless load says otherwise; the
+// base's requests ignore residency.
+TEST(RouterTest, FineTunesPreferWorkersHoldingTheirDelta) {
+  BlockIndex index;
+  const std::vector<WorkerSlot> resident = {2};
+  RouteRequest req;
+  req.prefix_hashes = kChain;
+  req.prompt_blocks = 6;
+  req.fine_tune = true;
+  req.fine_tune_resident = resident;
+  RouteDecision d = Route(req, Idle(3), index, RouterConfig{});
+  EXPECT_EQ(d.chosen, 2);
+  EXPECT_DOUBLE_EQ(d.scores[0].cost, 10);
+  EXPECT_DOUBLE_EQ(d.scores[2].cost, 6);
+  // A busy holder loses to an idle worker once its queue costs more than the load.
+  std::vector<WorkerLoadView> loads = Idle(3);
+  loads[2].queued_prefill_blocks = 5;
+  d = Route(req, loads, index, RouterConfig{});
+  EXPECT_NE(d.chosen, 2);
+  // The base's requests: residency does not count.
+  req.fine_tune = false;
+  d = Route(req, Idle(3), index, RouterConfig{});
+  EXPECT_DOUBLE_EQ(d.scores[0].cost, d.scores[2].cost);
+}
+
 }  // namespace
 }  // namespace strata

@@ -283,6 +283,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   absl::MutexLock lock(&mu_);
   const absl::Time now = absl::Now();
   std::vector<WorkerLoadView> loads;
+  std::vector<WorkerSlot> resident;  // workers holding the fine-tune's delta now
   int known = 0;
   for (const auto& w : workers_) {
     if (w->removed || !w->has_info || w->info.model() != model) continue;
@@ -306,6 +307,11 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
         static_cast<int64_t>(w->load.num_pending_prefill_tokens()) / block_tokens);
     v.decode_sequences = std::max<int64_t>(w->decoding, w->load.num_decode_sequences());
     loads.push_back(v);
+    if (!fine_tune_id.empty() &&
+        std::find(w->load.resident_fine_tune_ids().begin(), w->load.resident_fine_tune_ids().end(),
+                  fine_tune_id) != w->load.resident_fine_tune_ids().end()) {
+      resident.push_back(w->slot);
+    }
   }
   if (loads.empty()) {
     return absl::UnavailableError(
@@ -319,6 +325,8 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   req.prefix_hashes = hashes;
   req.prompt_blocks = prompt_blocks;
   req.tie_break = tie_break_.fetch_add(1);
+  req.fine_tune = !fine_tune_id.empty();
+  req.fine_tune_resident = resident;
   if (!hashes.empty()) {
     // Count this prompt's first block among the recent ones (retries count again: they are load).
     const BlockHash first = hashes[0];

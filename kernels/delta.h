@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace strata {
 
@@ -115,6 +116,11 @@ struct DeltaMatMulParams {
 // where the CPU has them. Single-threaded and meant for few rows (decode steps): callers split by
 // columns, and for many rows unpack panels of Δ (UnpackDeltaCpu) and multiply with MatMulCpu.
 absl::Status DeltaMatMulCpu(const DeltaMatMulParams& p);
+
+// For tests and benchmarks: restricts DeltaMatMulCpu's dot products to one instruction set
+// ("scalar", "avx2"; anything else: the best available). False, changing nothing, when the CPU
+// lacks it.
+bool SetDeltaCpuIsaForTesting(absl::string_view isa);
 
 }  // namespace strata
 

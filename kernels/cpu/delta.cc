@@ -5,6 +5,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -124,16 +125,25 @@ __attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b
 
 using DotFn = float (*)(const float*, const float*, int64_t);
 
-DotFn BestDot() {
+bool HasAvx2() {
 #if defined(__x86_64__)
-  static const DotFn dot = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &DotAvx2 : &DotScalar;
-  }();
-  return dot;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
-  return &DotScalar;
+  return false;
 #endif
+}
+
+DotFn BestDotFn() {
+#if defined(__x86_64__)
+  if (HasAvx2()) return &DotAvx2;
+#endif
+  return &DotScalar;
+}
+
+std::atomic<DotFn>& ActiveDot() {
+  static std::atomic<DotFn> dot{BestDotFn()};
+  return dot;
 }
 
 // Packs one row: picks the kept values, the scale, the codes.
@@ -222,6 +232,23 @@ absl::Status CheckShape(int64_t rows, int64_t cols, int bits) {
 }
 
 }  // namespace
+
+bool SetDeltaCpuIsaForTesting(absl::string_view isa) {
+  if (isa == "scalar") {
+    ActiveDot().store(&DotScalar);
+    return true;
+  }
+#if defined(__x86_64__)
+  if (isa == "avx2") {
+    if (!HasAvx2()) return false;
+    ActiveDot().store(&DotAvx2);
+    return true;
+  }
+#endif
+  if (isa == "avx2") return false;
+  ActiveDot().store(BestDotFn());
+  return true;
+}
 
 absl::Status ValidatePackedDelta(const PackedDelta& d) {
   if (absl::Status s = CheckShape(d.rows, d.cols, d.bits); !s.ok()) return s;
@@ -319,7 +346,7 @@ absl::Status DeltaMatMulCpu(const DeltaMatMulParams& p) {
     }
   }
   const auto row_of = [&](int64_t i) -> int64_t { return p.rows == nullptr ? i : p.rows[i]; };
-  const DotFn dot = BestDot();
+  const DotFn dot = ActiveDot().load(std::memory_order_relaxed);
   float buf[kChunkCols];
   for (int64_t j = p.n_begin; j < n_end; ++j) {
     const float scale = d.scale[j];

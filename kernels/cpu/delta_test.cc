@@ -143,8 +143,15 @@ TEST(DeltaPackTest, SweepReconstructionError) {
 }
 
 // y += x · Δᵀ against a float64 reference on the unpacked delta, over shapes, bit widths, row
-// subsets, strides and column splits; rows outside the subset stay bitwise unchanged.
-TEST(DeltaMatMulTest, SweepMatchesUnpackedReference) {
+// subsets, strides and column splits, with each instruction set the CPU has; rows outside the
+// subset stay bitwise unchanged.
+class DeltaMatMulIsaTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void TearDown() override { SetDeltaCpuIsaForTesting("best"); }
+};
+
+TEST_P(DeltaMatMulIsaTest, SweepMatchesUnpackedReference) {
+  if (!SetDeltaCpuIsaForTesting(GetParam())) GTEST_SKIP() << "this CPU lacks " << GetParam();
   std::mt19937 rng(11);
   for (Shape s : {Shape{1, 8}, Shape{5, 40}, Shape{33, 520}, Shape{64, 1544}}) {
     for (int bits : {2, 4, 8}) {
@@ -199,6 +206,8 @@ TEST(DeltaMatMulTest, SweepMatchesUnpackedReference) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Isas, DeltaMatMulIsaTest, ::testing::Values("scalar", "avx2"));
 
 TEST(DeltaMatMulTest, BadParamsNameTheField) {
   std::vector<uint8_t> q(64), index(8);

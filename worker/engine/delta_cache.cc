@@ -231,7 +231,10 @@ DeltaCacheStats DeltaCache::GetStats() const {
   absl::MutexLock lock(&mu_);
   DeltaCacheStats s = stats_;
   s.num_pinned = 0;
-  for (const auto& [id, e] : entries_) s.num_pinned += e.pins > 0 ? 1 : 0;
+  for (const auto& [id, e] : entries_) {
+    s.num_pinned += e.pins > 0 ? 1 : 0;
+    if (e.state == State::kResident) s.resident_ids.push_back(id);
+  }
   s.num_waiting_for_room = static_cast<int64_t>(queued_.size());
   return s;
 }

@@ -47,6 +47,8 @@ struct DeltaCacheStats {
   int64_t num_pinned = 0;
   // Loads waiting for room (every resident delta pinned).
   int64_t num_waiting_for_room = 0;
+  // The fine-tunes resident now, sorted.
+  std::vector<std::string> resident_ids;
   // Counters since start.
   int64_t num_loads = 0;
   int64_t num_load_failures = 0;

@@ -101,6 +101,7 @@ TEST_F(DeltaCacheTest, LoadsInTheBackgroundThenServesPinned) {
   EXPECT_EQ(s.num_hits, 1);
   EXPECT_EQ(s.num_pinned, 1);
   EXPECT_EQ(s.resident_bytes, (*d)->resident_bytes);
+  EXPECT_EQ(s.resident_ids, std::vector<std::string>{"c"});
   cache.Release("c");
   EXPECT_EQ(cache.GetStats().num_pinned, 0);
   // Prefetch of a resident delta loads nothing.

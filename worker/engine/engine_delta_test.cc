@@ -257,10 +257,10 @@ TEST_F(EngineDeltaTest, ARevisedDeltaGetsItsOwnCacheNamespace) {
   for (const BlockEvent& e : (*eb)->BlockInventory()) hb.push_back(e.hash);
   ASSERT_FALSE(ha.empty());
   for (BlockHash h : ha) EXPECT_EQ(std::count(hb.begin(), hb.end(), h), 0);
-  EXPECT_EQ(
-      ha.front(),
-      PrefixBlockHashes(CacheNamespace("strata-tiny", FineTuneNamespaceId("tenant", ra), ""), p, 16)
-          .front());
+  // Its blocks are the ones the coordinator computes for this id and revision (in any order).
+  const std::vector<BlockHash> want = PrefixBlockHashes(
+      CacheNamespace("strata-tiny", FineTuneNamespaceId("tenant", ra), ""), p, 16);
+  for (BlockHash h : want) EXPECT_GE(std::count(ha.begin(), ha.end(), h), 1);
 }
 
 TEST_F(EngineDeltaTest, ConfigurationErrorsAreNamed) {
