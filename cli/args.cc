@@ -48,6 +48,12 @@ std::optional<std::string> Args::Get(const std::string& name) const {
   return it->second.back();
 }
 
+absl::StatusOr<std::string> Args::GetRequired(const std::string& name) const {
+  std::optional<std::string> v = Get(name);
+  if (!v || v->empty()) return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
+  return *v;
+}
+
 std::vector<std::string> Args::GetAll(const std::string& name) const {
   auto it = values_.find(name);
   return it == values_.end() ? std::vector<std::string>{} : it->second;

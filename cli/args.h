@@ -24,6 +24,8 @@ class Args {
 
   bool Has(const std::string& name) const { return values_.contains(name); }
   std::optional<std::string> Get(const std::string& name) const;
+  // The flag's value; INVALID_ARGUMENT ("--name is required") when it is absent or empty.
+  absl::StatusOr<std::string> GetRequired(const std::string& name) const;
   std::vector<std::string> GetAll(const std::string& name) const;
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t fallback) const;
   absl::StatusOr<double> GetDouble(const std::string& name, double fallback) const;

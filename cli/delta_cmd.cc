@@ -14,20 +14,11 @@
 #include "worker/model/weights.h"
 
 namespace strata {
-namespace {
-
-absl::StatusOr<std::string> Required(const Args& args, const std::string& name) {
-  std::optional<std::string> v = args.Get(name);
-  if (!v || v->empty()) return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
-  return *v;
-}
-
-}  // namespace
 
 absl::Status DeltaCompressCommand(const Args& args, std::FILE* out) {
-  ASSIGN_OR_RETURN(std::string base, Required(args, "base"));
-  ASSIGN_OR_RETURN(std::string fine_tune, Required(args, "fine-tune"));
-  ASSIGN_OR_RETURN(std::string out_path, Required(args, "out"));
+  ASSIGN_OR_RETURN(std::string base, args.GetRequired("base"));
+  ASSIGN_OR_RETURN(std::string fine_tune, args.GetRequired("fine-tune"));
+  ASSIGN_OR_RETURN(std::string out_path, args.GetRequired("out"));
   DeltaCompressOptions options;
   ASSIGN_OR_RETURN(int64_t bits, args.GetInt("bits", 4));
   if (bits != 2 && bits != 4 && bits != 8) {

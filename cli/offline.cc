@@ -30,14 +30,8 @@ struct LoadedModel {
   std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer.json
 };
 
-absl::StatusOr<std::string> Required(const Args& args, const std::string& name) {
-  std::optional<std::string> v = args.Get(name);
-  if (!v || v->empty()) return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
-  return *v;
-}
-
 absl::StatusOr<LoadedModel> Load(const Args& args, bool need_weights, bool need_tokenizer) {
-  ASSIGN_OR_RETURN(std::string dir, Required(args, "model"));
+  ASSIGN_OR_RETURN(std::string dir, args.GetRequired("model"));
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
   SetCpuComputeThreads(static_cast<int>(threads));
   LoadedModel m;
@@ -230,7 +224,7 @@ absl::Status TokenizeCommand(const Args& args, std::FILE* out) {
 }
 
 absl::Status EvalPplCommand(const Args& args, std::FILE* out) {
-  ASSIGN_OR_RETURN(std::string path, Required(args, "text"));
+  ASSIGN_OR_RETURN(std::string path, args.GetRequired("text"));
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   ASSIGN_OR_RETURN(LoadedModel m, Load(args, /*need_weights=*/true, /*need_tokenizer=*/true));
   ASSIGN_OR_RETURN(

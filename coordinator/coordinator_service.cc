@@ -14,6 +14,7 @@
 #include "common/grpc_status.h"
 #include "common/grpc_stream.h"
 #include "common/hash.h"
+#include "common/ids.h"
 #include "common/log.h"
 #include "common/sampling_params.h"
 #include "common/status_macros.h"
@@ -54,16 +55,6 @@ std::string TokenText(const Tokenizer& tokenizer, int32_t id) {
 void FillTexts(const Tokenizer& tokenizer, v1::PositionLogprobs* p) {
   p->mutable_token()->set_text(TokenText(tokenizer, p->token().token_id()));
   for (v1::TokenLogprob& t : *p->mutable_top()) t.set_text(TokenText(tokenizer, t.token_id()));
-}
-
-bool ValidRequestId(absl::string_view id) {
-  if (id.size() > 128) return false;
-  for (char c : id) {
-    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
-      return false;
-    }
-  }
-  return true;
 }
 
 // Statuses after which another worker may succeed.
@@ -220,7 +211,7 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
 
 grpc::Status CoordinatorService::GenerateCall::Validate() {
   const v1::GenerateRequest& r = *request_;
-  if (!ValidRequestId(r.request_id())) {
+  if (!IsValidId(r.request_id())) {
     return Invalid("request_id must be at most 128 bytes of [A-Za-z0-9._-]");
   }
   request_id_ = r.request_id().empty() ? absl::StrCat(service_->options_.instance_id, "-",

@@ -4,24 +4,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/ids.h"
 #include "common/log.h"
 #include "common/status_macros.h"
 
 namespace strata {
-namespace {
-
-bool ValidFineTuneId(const std::string& id) {
-  if (id.empty() || id.size() > 128) return false;
-  for (char c : id) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '.' || c == '_' || c == '-';
-    if (!ok) return false;
-  }
-  return true;
-}
-
-}  // namespace
-
 DeltaCache::DeltaCache(const ModelWeights* base, std::string base_fingerprint,
                        int64_t capacity_bytes, absl::Duration retry_after)
     : base_(base),
@@ -41,7 +28,7 @@ DeltaCache::~DeltaCache() {
 }
 
 absl::Status DeltaCache::Register(const std::string& id, const std::string& path) {
-  if (!ValidFineTuneId(id)) {
+  if (id.empty() || !IsValidId(id)) {
     return absl::InvalidArgumentError(
         absl::StrCat("fine-tune id \"", id, "\" must be 1 to 128 bytes of [A-Za-z0-9._-]"));
   }

@@ -246,24 +246,6 @@ TEST(DeltaLoadTest, RefusesMalformedFiles) {
   EXPECT_TRUE(absl::StrContains(s.message(), "up_proj.weight.scale is missing")) << s;
 }
 
-// Runs `seqs` through `runner` in chunks of `chunk` tokens, sequence i as fine-tune deltas[i]
-// (empty: all base), and returns every position's logits per sequence.
-std::vector<std::vector<float>> Feed(ModelRunner& runner,
-                                     const std::vector<std::vector<int32_t>>& seqs,
-                                     std::vector<const DeltaWeights*> deltas, int64_t chunk) {
-  const ModelWeights& w = runner.weights();
-  const int64_t block_tokens = 4, max_blocks = 48;
-  KvCacheStorage cache(w, max_blocks * static_cast<int64_t>(seqs.size()), block_tokens);
-  return FeedInChunks(
-      [&](const ForwardBatch& batch, std::vector<float>* logits) {
-        ForwardBatch b = batch;
-        b.seq_deltas = deltas;
-        logits->assign(b.logit_tokens.size() * w.config.vocab_size, 0.0f);
-        return runner.Forward(b, cache.layers(), absl::MakeSpan(*logits));
-      },
-      w.config.vocab_size, seqs, chunk, block_tokens, max_blocks);
-}
-
 // A batch that mixes the base and two fine-tunes computes each sequence as the fine-tune's own
 // weights would (base + unpacked delta, materialized in f32), and the base's as the base alone.
 TEST(DeltaForwardTest, MixedBatchMatchesMaterializedFineTunes) {
@@ -292,17 +274,17 @@ TEST(DeltaForwardTest, MixedBatchMatchesMaterializedFineTunes) {
   ModelRunner runner(base.weights.get(), &comm);
   ModelRunner c_runner(c_weights->get(), &comm);
   ModelRunner man_runner(man_weights->get(), &comm);
-  const auto mixed =
-      Feed(runner, seqs, {nullptr, c_delta->get(), man_delta->get(), c_delta->get()}, 5);
-  const auto base_alone = Feed(runner, {seqs[0]}, {}, 64);
-  const auto c_alone = Feed(c_runner, {seqs[1], seqs[3]}, {}, 64);
-  const auto man_alone = Feed(man_runner, {seqs[2]}, {}, 64);
+  const auto mixed = FeedSequences(runner, seqs, 5, /*block_tokens=*/4,
+                                   {nullptr, c_delta->get(), man_delta->get(), c_delta->get()});
+  const auto base_alone = FeedSequences(runner, {seqs[0]}, 64, /*block_tokens=*/4);
+  const auto c_alone = FeedSequences(c_runner, {seqs[1], seqs[3]}, 64, /*block_tokens=*/4);
+  const auto man_alone = FeedSequences(man_runner, {seqs[2]}, 64, /*block_tokens=*/4);
   EXPECT_LT(RelativeError(mixed[0], base_alone[0]), 1e-5);
   EXPECT_LT(RelativeError(mixed[1], c_alone[0]), 1e-4);
   EXPECT_LT(RelativeError(mixed[3], c_alone[1]), 1e-4);
   EXPECT_LT(RelativeError(mixed[2], man_alone[0]), 1e-4);
   // The fine-tunes really differ from the base on these sequences.
-  const auto base_on_c = Feed(runner, {seqs[1]}, {}, 64);
+  const auto base_on_c = FeedSequences(runner, {seqs[1]}, 64, /*block_tokens=*/4);
   EXPECT_GT(RelativeError(mixed[1], base_on_c[0]), 0.02);
 }
 
@@ -325,9 +307,10 @@ TEST(DeltaForwardTest, LongPrefillMatchesMaterializedFineTune) {
   ModelRunner runner(base.weights.get(), &comm);
   ModelRunner c_runner(c_weights->get(), &comm);
   // One step for everything: 160 rows of the fine-tune, 40 of the base.
-  const auto mixed = Feed(runner, seqs, {c_delta->get(), nullptr}, 1 << 20);
-  const auto c_alone = Feed(c_runner, {seqs[0]}, {}, 1 << 20);
-  const auto base_alone = Feed(runner, {seqs[1]}, {}, 1 << 20);
+  const auto mixed =
+      FeedSequences(runner, seqs, 1 << 20, /*block_tokens=*/4, {c_delta->get(), nullptr});
+  const auto c_alone = FeedSequences(c_runner, {seqs[0]}, 1 << 20, /*block_tokens=*/4);
+  const auto base_alone = FeedSequences(runner, {seqs[1]}, 1 << 20, /*block_tokens=*/4);
   EXPECT_LT(RelativeError(mixed[0], c_alone[0]), 1e-4);
   EXPECT_LT(RelativeError(mixed[1], base_alone[0]), 1e-5);
 }
@@ -403,12 +386,14 @@ TEST(DeltaForwardTest, EveryVariantMatchesItsMaterializedFineTune) {
       SingleRankCollectives comm;
       ModelRunner runner(base.weights.get(), &comm);
       ModelRunner tuned_runner(tuned->get(), &comm);
-      const auto mixed = Feed(runner, seqs, {d->get(), nullptr}, 7);
-      const auto tuned_alone = Feed(tuned_runner, {seqs[0]}, {}, 64);
-      const auto base_alone = Feed(runner, {seqs[1]}, {}, 64);
+      const auto mixed = FeedSequences(runner, seqs, 7, /*block_tokens=*/4, {d->get(), nullptr});
+      const auto tuned_alone = FeedSequences(tuned_runner, {seqs[0]}, 64, /*block_tokens=*/4);
+      const auto base_alone = FeedSequences(runner, {seqs[1]}, 64, /*block_tokens=*/4);
       EXPECT_LT(RelativeError(mixed[0], tuned_alone[0]), 1e-4);
       EXPECT_LT(RelativeError(mixed[1], base_alone[0]), 1e-5);
-      EXPECT_GT(RelativeError(mixed[0], Feed(runner, {seqs[0]}, {}, 64)[0]), 1e-3);
+      EXPECT_GT(
+          RelativeError(mixed[0], FeedSequences(runner, {seqs[0]}, 64, /*block_tokens=*/4)[0]),
+          1e-3);
     }
   }
 }

@@ -23,6 +23,22 @@ namespace {
 constexpr int64_t kDeltaPanelMinRows = 128;
 constexpr int64_t kDeltaPanelRows = 256;
 
+// Runs fn over [0, n) split across `pool` in grains of `grain`; an error of any part (one of
+// them, when several fail).
+absl::Status ParallelForStatus(ThreadPool* pool, int64_t n, int64_t grain,
+                               absl::FunctionRef<absl::Status(int64_t, int64_t)> fn) {
+  absl::Mutex mu;
+  absl::Status status;
+  pool->ParallelFor(n, grain, [&](int64_t begin, int64_t end) {
+    absl::Status s = fn(begin, end);
+    if (!s.ok()) {
+      absl::MutexLock lock(&mu);
+      status.Update(s);
+    }
+  });
+  return status;
+}
+
 template <typename T>
 T* Grow(std::vector<T>* v, size_t n) {
   if (v->size() < n) v->resize(n);
@@ -271,9 +287,7 @@ absl::Status ModelRunner::MatMulGroup(const float* x, int64_t rows,
   }
   // Decode-sized: one parallel pass over the output columns of every projection together, so the
   // threads synchronize once for q, k and v (or gate and up) instead of once each.
-  absl::Mutex mu;
-  absl::Status status;
-  pool_->ParallelFor(total_columns, 16, [&](int64_t begin, int64_t end) {
+  return ParallelForStatus(pool_.get(), total_columns, 16, [&](int64_t begin, int64_t end) {
     int64_t offset = 0;
     for (const MatMulParams& p : params) {
       const int64_t b = std::max(begin, offset), e = std::min(end, offset + p.n);
@@ -281,16 +295,12 @@ absl::Status ModelRunner::MatMulGroup(const float* x, int64_t rows,
         MatMulParams part = p;
         part.n_begin = b - offset;
         part.n_end = e - offset;
-        absl::Status st = MatMulCpu(part, nullptr, 0);
-        if (!st.ok()) {
-          absl::MutexLock lock(&mu);
-          status.Update(st);
-        }
+        RETURN_IF_ERROR(MatMulCpu(part, nullptr, 0));
       }
       offset += p.n;
     }
+    return absl::OkStatus();
   });
-  return status;
 }
 
 absl::Status ValidateForwardBatch(const ForwardBatch& b, int64_t vocab_size) {
@@ -314,6 +324,9 @@ absl::Status ValidateForwardBatch(const ForwardBatch& b, int64_t vocab_size) {
       return absl::InvalidArgumentError("forward: logit_tokens index out of range");
     }
   }
+  if (!b.seq_deltas.empty() && static_cast<int64_t>(b.seq_deltas.size()) != b.num_seqs) {
+    return absl::InvalidArgumentError("forward: seq_deltas is not one entry per sequence");
+  }
   return absl::OkStatus();
 }
 
@@ -334,9 +347,6 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
     return absl::InvalidArgumentError("forward: the cache has the wrong number of layers");
   }
   if (!b.seq_deltas.empty()) {
-    if (static_cast<int64_t>(b.seq_deltas.size()) != b.num_seqs) {
-      return absl::InvalidArgumentError("forward: seq_deltas is not one entry per sequence");
-    }
     for (const DeltaWeights* d : b.seq_deltas) {
       if (d == nullptr) continue;
       if (comm_->world_size() > 1) {
@@ -399,19 +409,12 @@ absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const std::vector<int
   p.y = y;
   p.ldy = ldy;
   if (p.m >= kDeltaPanelMinRows) return ApplyDeltaPanels(d, rows, x, ldx, y, ldy);
-  absl::Mutex mu;
-  absl::Status status;
-  pool_->ParallelFor(d.rows, 16, [&](int64_t begin, int64_t end) {
+  return ParallelForStatus(pool_.get(), d.rows, 16, [&](int64_t begin, int64_t end) {
     DeltaMatMulParams part = p;
     part.n_begin = begin;
     part.n_end = end;
-    absl::Status s = DeltaMatMulCpu(part);
-    if (!s.ok()) {
-      absl::MutexLock lock(&mu);
-      status.Update(s);
-    }
+    return DeltaMatMulCpu(part);
   });
-  return status;
 }
 
 absl::Status ModelRunner::ApplyDeltaPanels(const PackedDelta& d, const std::vector<int32_t>& rows,
@@ -426,17 +429,9 @@ absl::Status ModelRunner::ApplyDeltaPanels(const PackedDelta& d, const std::vect
   }
   for (int64_t j0 = 0; j0 < d.rows; j0 += panel_rows) {
     const int64_t nb = std::min(panel_rows, d.rows - j0);
-    absl::Mutex mu;
-    absl::Status status;
-    pool_->ParallelFor(nb, 8, [&](int64_t begin, int64_t end) {
-      absl::Status s =
-          UnpackDeltaCpu(d, j0 + begin, j0 + end, panel + begin * k, /*accumulate=*/false);
-      if (!s.ok()) {
-        absl::MutexLock lock(&mu);
-        status.Update(s);
-      }
-    });
-    RETURN_IF_ERROR(status);
+    RETURN_IF_ERROR(ParallelForStatus(pool_.get(), nb, 8, [&](int64_t begin, int64_t end) {
+      return UnpackDeltaCpu(d, j0 + begin, j0 + end, panel + begin * k, /*accumulate=*/false);
+    }));
     MatMulParams mp;
     mp.m = m;
     mp.n = nb;
@@ -462,13 +457,21 @@ absl::Status ModelRunner::NormRows(
     absl::FunctionRef<const std::vector<float>&(const DeltaWeights&)> replaced, float* out) {
   const int64_t H = w_->config.hidden_size;
   const float eps = static_cast<float>(w_->config.rms_norm_eps);
-  RETURN_IF_ERROR(RmsNormCpu({n, H, eps, x, 0, weight.data(), out, 0}));
-  for (const DeltaSegment& s : segments_) {
-    const std::vector<float>& w = replaced(*s.delta);
-    if (w.empty()) continue;
-    for (int32_t t : s.rows) {
-      RETURN_IF_ERROR(RmsNormCpu({1, H, eps, x + t * H, 0, w.data(), out + t * H, 0}));
-    }
+  if (segments_.empty()) return RmsNormCpu({n, H, eps, x, 0, weight.data(), out, 0});
+  // Each token's weights (a fine-tune's replacement, or the base's); one call per run of tokens
+  // that share them (a sequence's tokens are contiguous).
+  const auto weights_of = [&](int64_t t) {
+    const DeltaWeights* d = token_delta_[t];
+    if (d == nullptr) return weight.data();
+    const std::vector<float>& w = replaced(*d);
+    return w.empty() ? weight.data() : w.data();
+  };
+  for (int64_t t = 0; t < n;) {
+    const float* w = weights_of(t);
+    int64_t end = t + 1;
+    while (end < n && weights_of(end) == w) ++end;
+    RETURN_IF_ERROR(RmsNormCpu({end - t, H, eps, x + t * H, 0, w, out + t * H, 0}));
+    t = end;
   }
   return absl::OkStatus();
 }
@@ -585,21 +588,13 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     pa.num_seqs = b.num_seqs;
     pa.max_blocks_per_seq = b.max_blocks_per_seq;
     pa.out = attn;
-    {
-      absl::Mutex mu;
-      absl::Status status;
-      pool_->ParallelFor(n * w_->num_heads, 1, [&](int64_t begin, int64_t end) {
-        PagedAttentionParams part = pa;
-        part.work_begin = begin;
-        part.work_end = end;
-        absl::Status s = PagedAttentionCpu(part);
-        if (!s.ok()) {
-          absl::MutexLock lock(&mu);
-          status.Update(s);
-        }
-      });
-      RETURN_IF_ERROR(status);
-    }
+    RETURN_IF_ERROR(
+        ParallelForStatus(pool_.get(), n * w_->num_heads, 1, [&](int64_t begin, int64_t end) {
+          PagedAttentionParams part = pa;
+          part.work_begin = begin;
+          part.work_end = end;
+          return PagedAttentionCpu(part);
+        }));
 
     RETURN_IF_ERROR(MatMul(L.o, attn, n, proj, H, L.o_bias));
     for (const DeltaSegment& s : segments_) {

@@ -50,32 +50,6 @@ std::vector<Case> ReadCases(const std::string& dir) {
   return out;
 }
 
-// Feeds sequences through the runner in steps; each step takes up to `chunk` tokens from every
-// unfinished sequence. Returns the logits of every position of every sequence.
-std::vector<std::vector<float>> FeedSequences(ModelRunner& runner,
-                                              const std::vector<std::vector<int32_t>>& seqs,
-                                              int64_t chunk, int64_t block_tokens) {
-  const ModelWeights& w = runner.weights();
-  const int64_t V = w.config.vocab_size;
-  int64_t max_len = 0;
-  for (const auto& s : seqs) max_len = std::max<int64_t>(max_len, s.size());
-  const int64_t max_blocks = (max_len + block_tokens - 1) / block_tokens;
-  const int64_t num_blocks = max_blocks * static_cast<int64_t>(seqs.size());
-  KvCacheStorage cache(w, num_blocks, block_tokens);
-  // Poison the cache: reading a slot nothing wrote turns the logits to NaN.
-  const int64_t per_layer = num_blocks * block_tokens * w.num_kv_heads * w.config.head_dim;
-  for (int64_t l = 0; l < w.config.num_layers; ++l) {
-    std::fill(cache.layers().k[l], cache.layers().k[l] + per_layer, std::nanf(""));
-    std::fill(cache.layers().v[l], cache.layers().v[l] + per_layer, std::nanf(""));
-  }
-  return FeedInChunks(
-      [&](const ForwardBatch& batch, std::vector<float>* logits) {
-        logits->assign(batch.logit_tokens.size() * V, 0.0f);
-        return runner.Forward(batch, cache.layers(), absl::MakeSpan(*logits));
-      },
-      V, seqs, chunk, block_tokens, max_blocks);
-}
-
 // A model directory and the directory with its reference.json and logits.
 struct Variant {
   std::string model;

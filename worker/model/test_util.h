@@ -91,6 +91,36 @@ inline double RelativeError(const std::vector<float>& got, const std::vector<flo
   return std::sqrt(num / den);
 }
 
+// Feeds sequences through the runner in steps over a fresh KV cache poisoned with NaN (reading a
+// slot nothing wrote turns the logits to NaN); each step takes up to `chunk` tokens from every
+// unfinished sequence, sequence i running fine-tune seq_deltas[i] (empty: all on the base).
+// Returns the logits of every position of every sequence.
+inline std::vector<std::vector<float>> FeedSequences(
+    ModelRunner& runner, const std::vector<std::vector<int32_t>>& seqs, int64_t chunk,
+    int64_t block_tokens, const std::vector<const DeltaWeights*>& seq_deltas = {}) {
+  const ModelWeights& w = runner.weights();
+  const int64_t V = w.config.vocab_size;
+  int64_t max_len = 0;
+  for (const auto& s : seqs) max_len = std::max<int64_t>(max_len, s.size());
+  const int64_t max_blocks = (max_len + block_tokens - 1) / block_tokens;
+  const int64_t num_blocks = max_blocks * static_cast<int64_t>(seqs.size());
+  KvCacheStorage cache(w, num_blocks, block_tokens);
+  // Poison the cache: reading a slot nothing wrote turns the logits to NaN.
+  const int64_t per_layer = num_blocks * block_tokens * w.num_kv_heads * w.config.head_dim;
+  for (int64_t l = 0; l < w.config.num_layers; ++l) {
+    std::fill(cache.layers().k[l], cache.layers().k[l] + per_layer, std::nanf(""));
+    std::fill(cache.layers().v[l], cache.layers().v[l] + per_layer, std::nanf(""));
+  }
+  return FeedInChunks(
+      [&](const ForwardBatch& batch, std::vector<float>* logits) {
+        ForwardBatch b = batch;
+        b.seq_deltas = seq_deltas;
+        logits->assign(b.logit_tokens.size() * V, 0.0f);
+        return runner.Forward(b, cache.layers(), absl::MakeSpan(*logits));
+      },
+      V, seqs, chunk, block_tokens, max_blocks);
+}
+
 }  // namespace strata
 
 #endif  // STRATA_WORKER_MODEL_TEST_UTIL_H_

@@ -158,10 +158,11 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags()
     constexpr absl::string_view kSuffix = ".delta.safetensors";
     std::error_code ec;
     std::vector<std::pair<std::string, std::string>> found;
-    for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
-      const std::string name = e.path().filename().string();
+    // increment(ec), not the range-for's throwing ++: a directory error is a message, not a crash.
+    for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
       if (name.size() > kSuffix.size() && absl::EndsWith(name, kSuffix)) {
-        found.emplace_back(name.substr(0, name.size() - kSuffix.size()), e.path().string());
+        found.emplace_back(name.substr(0, name.size() - kSuffix.size()), it->path().string());
       }
     }
     if (ec) {
