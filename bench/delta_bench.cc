@@ -10,9 +10,9 @@
 // the ratio is against T = 0 in the same process.
 //   bundled:    the committed strata-tiny base with T deltas loaded from files made of its two real
 //               fine-tunes (alternating), each a separate copy in memory.
-//   llama-100m: random bf16 weights with one synthesized delta (random, std 0.002, packed with
-//               --bits/--sparsity) that T tenants share as separate DeltaWeights views: the compute
-//               is the same as T distinct deltas, the cache footprint smaller.
+//   llama-100m: random bf16 weights with one random delta (RandomDeltaWeights: random codes in
+//               the --bits/--sparsity format) that T tenants share as separate DeltaWeights views:
+//               the compute is the same as T distinct deltas, the cache footprint smaller.
 // Also reported: the delta's bytes against the fine-tune's, and the time to load a delta file.
 #include <algorithm>
 #include <chrono>
@@ -60,61 +60,6 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
-}
-
-// A random delta for every matrix of `w`, packed; the buffers live in `storage`.
-std::unique_ptr<DeltaWeights> SyntheticDelta(const ModelWeights& w, int bits, bool sparse,
-                                             std::vector<std::vector<uint8_t>>* storage) {
-  std::mt19937 rng(3);
-  std::normal_distribution<float> dist(0.0f, 0.002f);
-  auto d = std::make_unique<DeltaWeights>();
-  d->bits = bits;
-  d->sparse_2_4 = sparse;
-  d->layers.resize(w.layers.size());
-  const auto pack = [&](const Matrix& m, PackedDelta* out) {
-    std::vector<float> dense(m.rows * m.cols);
-    for (float& x : dense) x = dist(rng);
-    out->rows = m.rows;
-    out->cols = m.cols;
-    out->bits = bits;
-    out->sparse_2_4 = sparse;
-    storage->emplace_back(m.rows * out->QBytesPerRow());
-    uint8_t* q = storage->back().data();
-    storage->emplace_back(m.rows * out->IndexBytesPerRow() + 1);
-    uint8_t* index = storage->back().data();
-    storage->emplace_back(m.rows * sizeof(float));
-    float* scale = reinterpret_cast<float*>(storage->back().data());
-    std::vector<float> workspace(DeltaPackWorkspaceBytes(m.cols) / sizeof(float));
-    DeltaPackParams p;
-    p.rows = m.rows;
-    p.cols = m.cols;
-    p.bits = bits;
-    p.sparse_2_4 = sparse;
-    p.delta = dense.data();
-    p.q = q;
-    p.index = sparse ? index : nullptr;
-    p.scale = scale;
-    p.workspace = workspace.data();
-    p.workspace_bytes = workspace.size() * sizeof(float);
-    CHECK_OK(PackDeltaCpu(p));
-    out->q = q;
-    out->index = sparse ? index : nullptr;
-    out->scale = scale;
-    d->resident_bytes += out->PackedBytes();
-  };
-  pack(w.embed, &d->embed);
-  for (size_t l = 0; l < w.layers.size(); ++l) {
-    const LayerWeights& L = w.layers[l];
-    LayerDelta& D = d->layers[l];
-    pack(L.q, &D.q);
-    pack(L.k, &D.k);
-    pack(L.v, &D.v);
-    pack(L.o, &D.o);
-    pack(L.gate, &D.gate);
-    pack(L.up, &D.up);
-    pack(L.down, &D.down);
-  }
-  return d;
 }
 
 struct Result {
@@ -205,7 +150,6 @@ int Main() {
   for (absl::string_view model : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
     std::unique_ptr<ModelWeights> weights;
     std::vector<std::unique_ptr<DeltaWeights>> owned;
-    std::vector<std::vector<uint8_t>> storage;
     std::vector<const DeltaWeights*> pool;  // one per tenant, up to the largest count
     const int most = *std::max_element(tenant_counts.begin(), tenant_counts.end());
     if (model == "bundled") {
@@ -248,7 +192,7 @@ int Main() {
       }
     } else if (model == "llama-100m") {
       weights = RandomModelWeights(Llama100mConfig(), DType::kBF16, 7);
-      owned.push_back(SyntheticDelta(*weights, bits, sparse, &storage));
+      owned.push_back(RandomDeltaWeights(weights->config, bits, sparse, 3));
       std::printf("llama-100m: %.1f MB synthesized delta\n", owned[0]->resident_bytes / 1e6);
       for (int t = 0; t < most; ++t) {
         // A shallow copy: its own object (its own segment in a batch), the same packed bytes.

@@ -8,7 +8,10 @@
 //   - decode: for each batch size, --prompt tokens of context per sequence, then --steps greedy
 //     steps (CUDA graphs), step time median -> tokens/s; batch 1 also without graphs;
 //   - roofline of batch-1 decode: the bytes a step must read (every weight but the embedding
-//     table, plus the KV cache of the context) over the measured copy bandwidth.
+//     table, plus the KV cache of the context) over the measured copy bandwidth;
+//   - fine-tunes: decode at the largest batch with its sequences spread over 1, 4, ... random
+//     packed deltas (--fine_tune_tenants, --fine_tune_bits), and the prefill of one fine-tune's
+//     prompt.
 // Prints a table last and writes every figure as JSON to --out.
 #include <algorithm>
 #include <chrono>
@@ -41,6 +44,7 @@
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
+#include "worker/model/delta.h"
 #include "worker/model/gpu_model_runner.h"
 #endif
 
@@ -54,10 +58,15 @@ ABSL_FLAG(std::string, out, "", "Write the results as JSON here.");
 ABSL_FLAG(bool, only_decode, false,
           "Skip the matrix rate, per-op and prefill measurements: the copy bandwidth and the "
           "decode runs only (for profiling a decode step under ncu).");
-ABSL_FLAG(std::string, variants, "default,cublas,eager,decode_attn,fused_norm,mma_prefill",
+ABSL_FLAG(std::string, variants,
+          "default,cublas,eager,decode_attn,fused_norm,mma_prefill,fine_tunes",
           "Runs to make: default (graphs, GEMV), cublas, eager, decode_attn (the decode "
           "attention kernel), fused_norm (that and the fused residual norms), mma_prefill "
-          "(prefill with the tensor-core attention kernel).");
+          "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
+          "with random deltas).");
+ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
+          "Distinct fine-tunes among the decode batch's sequences, per fine_tunes run.");
+ABSL_FLAG(int, fine_tune_bits, 4, "Bits of the fine_tunes runs' random deltas (2, 4 or 8).");
 
 namespace strata {
 namespace {
@@ -131,6 +140,8 @@ struct Json {
 struct Batch {
   int64_t seqs = 0, per_seq = 0, block_tokens = 0;
   std::vector<int32_t> tables;
+  // Each sequence's fine-tune (empty: all on the base).
+  std::vector<const DeltaWeights*> deltas;
   std::vector<int64_t> lengths;
   std::vector<int32_t> last;
 
@@ -154,8 +165,8 @@ void Prefill(GpuModelRunner* r, Batch* b, int64_t prompt, int64_t max_tokens, st
         slots[i] = b->Slot(s, done + i);
       }
       const std::vector<int32_t> logit_tokens = {static_cast<int32_t>(n - 1)};
-      ForwardBatch fb{tokens,  positions,  token_seq,    slots, b->tables,
-                      b->seqs, b->per_seq, logit_tokens, {}};
+      ForwardBatch fb{tokens,  positions,  token_seq,    slots,    b->tables,
+                      b->seqs, b->per_seq, logit_tokens, b->deltas};
       int32_t next = 0;
       CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(&next, 1), {}));
       b->last[s] = next;
@@ -179,8 +190,8 @@ double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms) {
       positions[s] = static_cast<int32_t>(b->lengths[s]);
       slots[s] = b->Slot(s, b->lengths[s]);
     }
-    ForwardBatch fb{b->last, positions,  token_seq,    slots, b->tables,
-                    b->seqs, b->per_seq, logit_tokens, {}};
+    ForwardBatch fb{b->last, positions,  token_seq,    slots,    b->tables,
+                    b->seqs, b->per_seq, logit_tokens, b->deltas};
     // Timed steps sit in an NVTX range, so that a profiler can take just them
     // (ncu --nvtx --nvtx-include "strata_decode_step/").
     if (step > 0) nvtxRangePushA("strata_decode_step");
@@ -521,9 +532,11 @@ int Main() {
   proto.per_seq = per_seq;
 
   // Prefill: one prompt of prefill_tokens tokens, median of 3 (after one warm-up).
-  auto prefill = [&](GpuModelRunner* r, const std::string& key) {
+  auto prefill = [&](GpuModelRunner* r, const std::string& key,
+                     const DeltaWeights* fine_tune = nullptr) {
     Batch b = proto;
     b.seqs = 1;
+    if (fine_tune != nullptr) b.deltas = {fine_tune};
     b.tables.resize(per_seq);
     std::iota(b.tables.begin(), b.tables.end(), 0);
     std::vector<double> times;
@@ -622,6 +635,47 @@ int Main() {
     CHECK_OK(e.status());
     other = *std::move(e);
     prefill(other.get(), "prefill_mma_tokens_per_s");
+  }
+  // Fine-tunes: random packed deltas (Strata's delta format; the values do not matter for speed),
+  // one per tenant, copied to the runner's device region on their first step.
+  if (wanted("fine_tunes")) {
+    std::vector<int64_t> tenants;
+    for (absl::string_view t : absl::StrSplit(absl::GetFlag(FLAGS_fine_tune_tenants), ',')) {
+      int64_t v;
+      if (absl::SimpleAtoi(t, &v) && v > 0) tenants.push_back(v);
+    }
+    const int64_t most = tenants.empty() ? 0 : *std::max_element(tenants.begin(), tenants.end());
+    std::vector<std::unique_ptr<DeltaWeights>> deltas;
+    for (int64_t i = 0; i < most; ++i) {
+      deltas.push_back(RandomDeltaWeights(c, absl::GetFlag(FLAGS_fine_tune_bits), false, 100 + i));
+    }
+    if (most > 0) {
+      const int64_t per_delta = deltas[0]->resident_bytes + (1 << 20);
+      json.Add("fine_tune_delta_bytes", static_cast<double>(deltas[0]->resident_bytes));
+      GpuRunnerOptions oo = o;
+      oo.delta_bytes = most * per_delta;
+      runner->reset();
+      other.reset();
+      absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
+      CHECK_OK(e.status());
+      other = *std::move(e);
+      if (!only_decode) prefill(other.get(), "prefill_ft_tokens_per_s", deltas[0].get());
+      for (int64_t t : tenants) {
+        Batch b = proto;
+        b.seqs = max_batch;
+        b.tables.resize(max_batch * per_seq);
+        std::iota(b.tables.begin(), b.tables.end(), 0);
+        for (int64_t s = 0; s < max_batch; ++s) b.deltas.push_back(deltas[s % t].get());
+        Prefill(other.get(), &b, prompt, o.max_batch_tokens, &rng);
+        double device_ms = 0;
+        const double ms = Decode(other.get(), &b, steps, &device_ms);
+        const std::string key = absl::StrCat("decode_b", max_batch, "_ft", t);
+        json.Add(key + "_ms_per_step", ms);
+        json.Add(key + "_device_ms_per_step", device_ms);
+        json.Add(key + "_tokens_per_s", max_batch * 1000.0 / ms);
+      }
+      json.Add("fine_tune_uploads", static_cast<double>(other->delta_stats().uploads));
+    }
   }
   json.s += "\n}\n";
   if (!absl::GetFlag(FLAGS_out).empty()) {

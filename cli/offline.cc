@@ -9,6 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/json.h"
 #include "common/mapped_file.h"
 #include "common/status_macros.h"
@@ -126,6 +128,11 @@ absl::Status RunCommand(const Args& args, std::FILE* out) {
   SingleRankCollectives comm;
   EngineConfig ec;
   ec.model_name = m.config.architecture_name;
+  if (std::optional<std::string> delta = args.Get("delta")) {
+    // The fine-tune in this delta file, served over the base as a worker serves it.
+    ec.fine_tunes = {{"local", *delta}};
+    o.fine_tune_id = "local";
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(m.weights.get(), &comm, ec));
   RETURN_IF_ERROR(engine->AddRequest("run", prompt_ids, o));
 
@@ -139,8 +146,10 @@ absl::Status RunCommand(const Args& args, std::FILE* out) {
   const auto start = std::chrono::steady_clock::now();
   double first_token_ms = 0;
   while (engine->HasWork()) {
+    if (engine->WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));  // the delta is loading
     ASSIGN_OR_RETURN(std::vector<RequestOutput> step, engine->Step());
     for (RequestOutput& r : step) {
+      if (r.finish == FinishReason::kError) return r.error;
       if (!r.prompt_logprobs.empty()) prompt_lps = std::move(r.prompt_logprobs);
       for (SampledToken& t : r.tokens) {
         if (generated.empty()) {

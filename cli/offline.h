@@ -13,7 +13,8 @@ namespace strata {
 
 // stratactl run --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [--temperature T]
 //   [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]... [--logprobs K]
-//   [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]
+//   [--prompt-logprobs K] [--ignore-eos] [--threads N] [--delta FILE] [--json]: --delta runs the
+//   fine-tune in that delta file over the base in --model, as a worker serves it.
 absl::Status RunCommand(const Args& args, std::FILE* out);
 
 // stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]

@@ -3,7 +3,7 @@
 //   stratactl run --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [--temperature
 //   T]
 //       [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]... [--logprobs K]
-//       [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]
+//       [--prompt-logprobs K] [--ignore-eos] [--threads N] [--delta FILE] [--json]
 //   stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]
 //   stratactl eval ppl --model DIR [--delta FILE] --text FILE [--context N] [--threads N] [--json]
 //   stratactl delta compress --base DIR --fine-tune DIR --out FILE [--bits 2|4|8]
@@ -38,7 +38,8 @@ constexpr char kUsage[] =
     "usage:\n"
     "  stratactl run --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
-    "      [--logprobs K] [--prompt-logprobs K] [--ignore-eos] [--threads N] [--json]\n"
+    "      [--logprobs K] [--prompt-logprobs K] [--ignore-eos] [--threads N] [--delta FILE]\n"
+    "      [--json]\n"
     "  stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]\n"
     "  stratactl eval ppl --model DIR [--delta FILE] --text FILE [--context N] [--threads N]\n"
     "      [--json]\n"
@@ -83,7 +84,7 @@ int main(int argc, char** argv) {
     auto args = strata::Args::Parse(
         rest, {"json", "ignore-eos"},
         {"model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-p", "top-k", "min-p",
-         "seed", "stop", "logprobs", "prompt-logprobs", "threads"});
+         "seed", "stop", "logprobs", "prompt-logprobs", "threads", "delta"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::RunCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);

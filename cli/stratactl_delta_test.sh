@@ -44,6 +44,15 @@ assert delta < base / 4, (base, full, delta)
 assert abs(delta / full - 1) < 0.02, (base, full, delta)
 PY
 
+# run --delta serves the fine-tune over the base as a worker does: with an 8-bit delta its greedy
+# text is the full fine-tune's, and not the base's.
+$bin delta compress --base $m/base --fine-tune $m/ft-c-headers --out $tmp/c8.delta.safetensors \
+  --bits 8 >/dev/null
+gen() { $bin run "$@" --prompt '#include <stdio.h>' --max-tokens 24 --temperature 0 --ignore-eos; }
+tuned="$(gen --model $m/base --delta $tmp/c8.delta.safetensors)"
+[ "$tuned" = "$(gen --model $m/ft-c-headers)" ] || fail "run --delta: $tuned"
+[ "$tuned" != "$(gen --model $m/base)" ] || fail "run --delta gave the base's text: $tuned"
+
 # Errors: a usage error exits 2; a delta over the wrong base exits 1 and says so.
 set +e
 msg="$($bin delta compress --base $m/base --fine-tune $m/ft-man --out $tmp/x --bits 3 2>&1)"; rc=$?
@@ -52,6 +61,8 @@ msg="$($bin delta inspect $tmp/c.delta.safetensors --base $m/ft-man 2>&1)"; rc=$
 [ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "wrong base: $rc $msg"
 msg="$($bin eval ppl --model $m/ft-man --delta $tmp/c.delta.safetensors --text $tmp/heldout.txt 2>&1)"; rc=$?
 [ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "ppl wrong base: $rc $msg"
+msg="$($bin run --model $m/ft-man --delta $tmp/c.delta.safetensors --prompt x 2>&1)"; rc=$?
+[ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "run wrong base: $rc $msg"
 msg="$($bin delta inspect $m/base/model.safetensors 2>&1)"; rc=$?
 [ $rc = 2 ] && echo "$msg" | grep -q 'metadata field format' || fail "not a delta: $rc $msg"
 echo PASS

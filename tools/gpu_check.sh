@@ -55,12 +55,17 @@ cluster_check() {
   mkdir -p "$PWD/gpu-bundle/tmp"
   rm -f "$PWD/gpu-bundle/tmp/cluster-kv"  # a fresh disk tier each run
   local cport=50951 wport=50961 prompt='def fibonacci(n):'
+  # A fine-tune served as a delta beside the base (4-bit, the default).
+  local delta="$PWD/gpu-bundle/tmp/c-headers.delta.safetensors"
+  "$b/cli.stratactl" delta compress --base "$model" --fine-tune "$PWD/models/strata-tiny/ft-c-headers" \
+    --out "$delta" >"$results/cluster-delta.log" 2>&1
   "$b/coordinator.strata-coordinator" --model="strata-tiny=$model" --workers="127.0.0.1:$wport" \
     --listen="127.0.0.1:$cport" >"$results/cluster-coordinator.log" 2>&1 &
   local cpid=$!
   "$b/worker.server.strata-worker" --model="$model" --model_name=strata-tiny \
     --listen="127.0.0.1:$wport" --device="$device" --gpu_dtype=f32 --kv_cache_mb=64 --threads=2 \
     --host_cache_mb=16 --disk_cache_mb=32 --disk_cache_path="$PWD/gpu-bundle/tmp/cluster-kv" --write_through \
+    --fine_tunes="c-headers=$delta" \
     >"$results/cluster-worker.log" 2>&1 &
   local wpid=$!
   local ready=0
@@ -70,7 +75,7 @@ cluster_check() {
     kill -0 "$wpid" 2>/dev/null || break
     sleep 0.1
   done
-  local got="" again="" want="" verdict=FAIL
+  local got="" again="" want="" ft_got="" ft_want="" verdict=FAIL
   if [ $ready = 1 ]; then
     # Twice: the worker keeps the first request's blocks in its host and disk tiers (copied out
     # of the GPU cache) and the second reuses its prefix.
@@ -80,7 +85,12 @@ cluster_check() {
       --max-tokens 32 --temperature 0 --ignore-eos 2>&1)
     want=$("$b/cli.stratactl" run --model "$model" --prompt "$prompt" --max-tokens 32 \
       --temperature 0 --ignore-eos --threads 4 2>&1)
-    [ -n "$got" ] && [ "$got" = "$want" ] && [ "$again" = "$want" ] && verdict=PASS
+    ft_got=$("$b/cli.stratactl" generate --coordinator "127.0.0.1:$cport" --prompt '#include <stdio.h>' \
+      --max-tokens 32 --temperature 0 --ignore-eos --fine-tune c-headers 2>&1)
+    ft_want=$("$b/cli.stratactl" run --model "$model" --delta "$delta" --prompt '#include <stdio.h>' \
+      --max-tokens 32 --temperature 0 --ignore-eos --threads 4 2>&1)
+    [ -n "$got" ] && [ "$got" = "$want" ] && [ "$again" = "$want" ] && [ -n "$ft_got" ] &&
+      [ "$ft_got" = "$ft_want" ] && verdict=PASS
   fi
   kill "$wpid" "$cpid" 2>/dev/null
   wait "$wpid" "$cpid" 2>/dev/null
@@ -89,6 +99,8 @@ cluster_check() {
     echo "--- served:"; echo "$got"
     echo "--- served again:"; echo "$again"
     echo "--- local CPU engine:"; echo "$want"
+    echo "--- fine-tune c-headers, served:"; echo "$ft_got"
+    echo "--- fine-tune c-headers, local CPU engine (run --delta):"; echo "$ft_want"
   } >"$results/cluster.txt"
 }
 
@@ -185,6 +197,9 @@ rows = [
     ("prefill tok/s", fmt(g(ours, "prefill_tokens_per_s")), fmt(g(torch, "prefill", "tokens_per_s"))),
     ("prefill tok/s, tensor-core attn", fmt(g(ours, "prefill_mma_tokens_per_s")), "-"),
     ("attn prefill us (tiled / mma)", fmt(g(ours, "attn_prefill2048_us")) + " / " + fmt(g(ours, "attn_prefill2048_mma_us")), "-"),
+    ("decode b64, 1 fine-tune", fmt(g(ours, "decode_b64_ft1_tokens_per_s")), "-"),
+    ("decode b64, 4 fine-tunes", fmt(g(ours, "decode_b64_ft4_tokens_per_s")), "-"),
+    ("prefill tok/s, a fine-tune", fmt(g(ours, "prefill_ft_tokens_per_s")), "-"),
 ]
 print()
 print(summary.strip())

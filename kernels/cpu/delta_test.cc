@@ -7,46 +7,13 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/cpu/delta_test_util.h"
 
 namespace strata {
 namespace {
 
-// A packed delta with its own buffers.
-struct Packed {
-  std::vector<uint8_t> q, index;
-  std::vector<float> scale;
-  PackedDelta view;
-};
-
-Packed Pack(const std::vector<float>& delta, int64_t rows, int64_t cols, int bits, bool sparse,
-            const float* importance = nullptr) {
-  Packed out;
-  out.view.rows = rows;
-  out.view.cols = cols;
-  out.view.bits = bits;
-  out.view.sparse_2_4 = sparse;
-  out.q.assign(rows * out.view.QBytesPerRow(), 0xcd);
-  out.index.assign(rows * out.view.IndexBytesPerRow() + 1, 0xcd);
-  out.scale.assign(rows, std::numeric_limits<float>::quiet_NaN());
-  std::vector<float> workspace(DeltaPackWorkspaceBytes(cols) / sizeof(float));
-  DeltaPackParams p;
-  p.rows = rows;
-  p.cols = cols;
-  p.bits = bits;
-  p.sparse_2_4 = sparse;
-  p.delta = delta.data();
-  p.column_importance = importance;
-  p.q = out.q.data();
-  p.index = sparse ? out.index.data() : nullptr;
-  p.scale = out.scale.data();
-  p.workspace = workspace.data();
-  p.workspace_bytes = workspace.size() * sizeof(float);
-  EXPECT_TRUE(PackDeltaCpu(p).ok());
-  out.view.q = out.q.data();
-  out.view.index = sparse ? out.index.data() : nullptr;
-  out.view.scale = out.scale.data();
-  return out;
-}
+using delta_test::Pack;
+using delta_test::Packed;
 
 std::vector<float> Unpack(const PackedDelta& d) {
   std::vector<float> out(d.rows * d.cols, std::numeric_limits<float>::quiet_NaN());

@@ -5,21 +5,13 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/arg_check.h"
 #include "kernels/cuda/runtime.h"
 
 namespace strata {
 namespace {
 
-absl::Status Bad(const char* op, const char* what) {
-  return absl::InvalidArgumentError(absl::StrCat(op, ": ", what));
-}
-
-#define STRATA_REQUIRE(cond, op, what) \
-  if (!(cond)) return Bad(op, what)
-
-absl::Status Launched(cudaError_t e, const char* op) {
-  return CudaStatus(e, absl::StrCat(op, " launch"));
-}
+using cuda_args::Launched;
 
 cudaStream_t S(CudaStreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
 

@@ -67,6 +67,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     o.decode_attention_kernel = c.gpu_decode_attention_kernel;
     o.fused_residual_norm = c.gpu_fused_residual_norm;
     o.prefill_mma_attention = c.gpu_prefill_mma_attention;
+    if (!c.fine_tunes.empty()) {
+      // The deltas of running sequences, which DeltaCache keeps within delta_cache_bytes, plus
+      // the few hundred bytes of alignment each may take more on the device.
+      o.delta_bytes = c.delta_cache_bytes + 1024 * static_cast<int64_t>(c.fine_tunes.size() + 1);
+    }
     ASSIGN_OR_RETURN(engine->gpu_, GpuModelRunner::Create(*weights, o));
     // Up to 16 threads by default: every parallel pass wakes them all.
     engine->host_pool_ = std::make_unique<ThreadPool>(
@@ -92,10 +97,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
   RETURN_IF_ERROR(engine->OpenTiers());
   const EngineConfig& ec = engine->config_;
   if (!ec.fine_tunes.empty()) {
-    if (on_gpu) {
-      return absl::UnimplementedError(
-          "engine: fine-tunes are served on the cpu device only (no CUDA delta kernel yet)");
-    }
     if (comm->world_size() > 1) {
       return absl::FailedPreconditionError(
           "engine: fine-tunes are served by workers of one tensor-parallel rank only");

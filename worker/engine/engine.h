@@ -86,7 +86,8 @@ struct EngineConfig {
   bool gpu_fused_residual_norm = false;
   bool gpu_prefill_mma_attention = false;
   // Fine-tunes served as compressed deltas over the base (fine-tune id, delta file), and the
-  // memory their loaded deltas may take together (DeltaCache). CPU device, one rank.
+  // memory their loaded deltas may take together (DeltaCache; on the gpu device, the device
+  // region that holds their copies too: GpuRunnerOptions::delta_bytes). One rank.
   std::vector<std::pair<std::string, std::string>> fine_tunes;
   int64_t delta_cache_bytes = int64_t{1} << 30;
 };

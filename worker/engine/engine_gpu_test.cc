@@ -17,6 +17,7 @@
 #include "tests/test_dir.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
+#include "worker/model/delta.h"
 
 #ifdef STRATA_HAVE_CUDA
 #include "kernels/cuda/runtime.h"
@@ -304,6 +305,66 @@ INSTANTIATE_TEST_SUITE_P(Models, EngineGpuTest,
                                            std::string("worker/model/testdata/llama3_bf16"),
                                            std::string("worker/model/testdata/qwen2_bf16"),
                                            std::string("worker/model/testdata/mistral_f16")));
+
+// Fine-tunes on the GPU: an engine over the bundled base with both bundled fine-tunes registered
+// as deltas (4-bit, the default) generates, for a batch mixing base and fine-tune requests with
+// chunked prefill, the tokens the CPU engine generates with the same deltas (f32 activations).
+TEST(EngineGpuFineTuneTest, MixedTenantsGenerateTheCpuEngineTokens) {
+  absl::StatusOr<int> devices = CudaDeviceCount();
+  if (!devices.ok()) GTEST_SKIP() << "no usable GPU: " << devices.status();
+  const std::string base_dir = "models/strata-tiny/base";
+  auto config = LoadModelConfig(base_dir);
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto weights = LoadModelWeights(base_dir, *config, 0, 1);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  const std::string dir = FreshTestDir();
+  const std::string c_path = dir + "/c.delta.safetensors",
+                    man_path = dir + "/man.delta.safetensors";
+  ASSERT_TRUE(CompressDelta(base_dir, "models/strata-tiny/ft-c-headers", c_path, {}).ok());
+  ASSERT_TRUE(CompressDelta(base_dir, "models/strata-tiny/ft-man", man_path, {}).ok());
+  const auto generate = [&](const std::string& device) {
+    EngineConfig ec;
+    ec.device = device;
+    ec.gpu_dtype = DType::kF32;
+    ec.max_batch_tokens = 48;
+    ec.max_running_sequences = 8;
+    ec.compute_threads = 2;
+    ec.fine_tunes = {{"c-headers", c_path}, {"man", man_path}};
+    SingleRankCollectives comm;
+    auto e = Engine::Create(weights->get(), &comm, ec);
+    EXPECT_TRUE(e.ok()) << e.status();
+    if (!e.ok()) return std::map<std::string, std::vector<int32_t>>{};
+    std::mt19937 rng(5);
+    const char* tenants[] = {"", "c-headers", "man", "c-headers", "", "man"};
+    for (int i = 0; i < 6; ++i) {
+      std::vector<int32_t> prompt(2 + rng() % 50);
+      for (int32_t& t : prompt) t = static_cast<int32_t>(3 + rng() % 2000);
+      RequestOptions o;
+      o.sampling.temperature = 0;
+      o.max_tokens = 16;
+      o.ignore_eos = true;
+      o.fine_tune_id = tenants[i];
+      EXPECT_TRUE((*e)->AddRequest("r" + std::to_string(i), prompt, o).ok());
+    }
+    // Deltas load on the delta cache's thread: wait for them as the worker does.
+    std::map<std::string, std::vector<int32_t>> out;
+    const absl::Time deadline = absl::Now() + absl::Minutes(2);
+    while ((*e)->HasWork() && absl::Now() < deadline) {
+      if ((*e)->WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));
+      auto step = (*e)->Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      for (const RequestOutput& r : *step) {
+        EXPECT_TRUE(r.error.ok()) << r.error;
+        for (const SampledToken& t : r.tokens) out[r.request_id].push_back(t.token);
+      }
+    }
+    return out;
+  };
+  const auto cpu = generate("cpu");
+  ASSERT_EQ(cpu.size(), 6u);
+  EXPECT_EQ(generate("gpu"), cpu);
+}
 
 #else
 

@@ -20,6 +20,12 @@
 #include "worker/model/config.h"
 
 namespace strata {
+
+DeltaWeights::DeltaWeights()
+    : serial([] {
+        static std::atomic<uint64_t> next{1};
+        return next.fetch_add(1, std::memory_order_relaxed);
+      }()) {}
 namespace {
 
 // BaseFingerprint hashes this many evenly spaced samples of this many bytes from each tensor.
@@ -407,6 +413,81 @@ void AddVector(const std::vector<float>& d, std::vector<float>* v) {
 }
 
 }  // namespace
+
+std::unique_ptr<DeltaWeights> RandomDeltaWeights(const ModelConfig& c, int bits, bool sparse_2_4,
+                                                 uint64_t seed) {
+  auto d = std::make_unique<DeltaWeights>();
+  d->bits = bits;
+  d->sparse_2_4 = sparse_2_4;
+  d->layers.resize(c.num_layers);
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+  struct Shape {
+    PackedDelta* p;
+    int64_t rows, cols;
+  };
+  std::vector<Shape> shapes = {{&d->embed, V, H}};
+  if (!c.tie_word_embeddings) shapes.push_back({&d->lm_head, V, H});
+  for (LayerDelta& L : d->layers) {
+    shapes.push_back({&L.q, c.q_dim(), H});
+    shapes.push_back({&L.k, c.kv_dim(), H});
+    shapes.push_back({&L.v, c.kv_dim(), H});
+    shapes.push_back({&L.o, H, c.q_dim()});
+    shapes.push_back({&L.gate, I, H});
+    shapes.push_back({&L.up, I, H});
+    shapes.push_back({&L.down, H, I});
+  }
+  const auto aligned = [](int64_t n) { return (n + kArenaAlign - 1) / kArenaAlign * kArenaAlign; };
+  int64_t bytes = kArenaAlign;
+  for (Shape& s : shapes) {
+    PackedDelta& p = *s.p;
+    p.rows = s.rows;
+    p.cols = s.cols;
+    p.bits = bits;
+    p.sparse_2_4 = sparse_2_4;
+    bytes += aligned(p.rows * p.QBytesPerRow()) + aligned(p.rows * p.IndexBytesPerRow()) +
+             aligned(4 * p.rows);
+  }
+  d->arena.resize(static_cast<size_t>(bytes));
+  uint8_t* next = d->arena.data();
+  next += (kArenaAlign - reinterpret_cast<uintptr_t>(next) % kArenaAlign) % kArenaAlign;
+  uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
+  const auto random64 = [&state] {  // xorshift64*
+    state ^= state >> 12;
+    state ^= state << 25;
+    state ^= state >> 27;
+    return state * 0x2545F4914F6CDD1Dull;
+  };
+  // The six valid nibbles of a 2:4 group: two distinct column offsets, the smaller first.
+  constexpr uint8_t kPairs[6] = {0 | 1 << 2, 0 | 2 << 2, 0 | 3 << 2,
+                                 1 | 2 << 2, 1 | 3 << 2, 2 | 3 << 2};
+  const float scale = 0.02f * 0.01f * 2.0f / static_cast<float>((1 << (bits - 1)) - 1);
+  for (Shape& s : shapes) {
+    PackedDelta& p = *s.p;
+    uint8_t* q = next;
+    const int64_t q_bytes = p.rows * p.QBytesPerRow();
+    for (int64_t i = 0; i < q_bytes; i += 8) {
+      const uint64_t r = random64();
+      std::memcpy(q + i, &r, static_cast<size_t>(std::min<int64_t>(8, q_bytes - i)));
+    }
+    next += aligned(q_bytes);
+    if (sparse_2_4) {
+      uint8_t* index = next;
+      for (int64_t i = 0; i < p.rows * p.IndexBytesPerRow(); ++i) {
+        const uint64_t r = random64();
+        index[i] = static_cast<uint8_t>(kPairs[r % 6] | kPairs[(r >> 8) % 6] << 4);
+      }
+      p.index = index;
+      next += aligned(p.rows * p.IndexBytesPerRow());
+    }
+    auto* scales = reinterpret_cast<float*>(next);
+    std::fill(scales, scales + p.rows, scale);
+    next += aligned(4 * p.rows);
+    p.q = q;
+    p.scale = scales;
+  }
+  d->resident_bytes = static_cast<int64_t>(d->arena.size());
+  return d;
+}
 
 absl::StatusOr<std::unique_ptr<ModelWeights>> MaterializeDelta(const ModelWeights& base,
                                                                const DeltaWeights& delta) {

@@ -44,10 +44,14 @@ struct LayerDelta {
 // One fine-tune, loaded: views into its own memory, read whole from the delta file. Immutable once
 // loaded, so any thread may read it. Only for a base run as one tensor-parallel rank.
 struct DeltaWeights {
-  DeltaWeights() = default;
+  DeltaWeights();
   // The PackedDelta views point into `arena`: a copy would point into the original.
   DeltaWeights(const DeltaWeights&) = delete;
   DeltaWeights& operator=(const DeltaWeights&) = delete;
+
+  // Unique in the process (drawn at construction, never reused): what caches of derived copies
+  // (the GPU runner's device copies) key on, where an address could be reused after a free.
+  const uint64_t serial;
 
   std::string path;
   int bits = 4;
@@ -98,6 +102,13 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
 // way to export a compressed fine-tune). `base` must be one rank of one.
 absl::StatusOr<std::unique_ptr<ModelWeights>> MaterializeDelta(const ModelWeights& base,
                                                                const DeltaWeights& delta);
+
+// A delta of random codes and scales (about 1% of a weight of 0.02) for every matrix of a model
+// shaped by `config` (embedding and, when untied, LM head included; norms and biases kept), packed
+// in its arena as LoadDelta packs a file's: for benchmarks of serving speed, where the values do
+// not matter, on models whose files are not at hand. Deterministic in `seed`.
+std::unique_ptr<DeltaWeights> RandomDeltaWeights(const ModelConfig& config, int bits,
+                                                 bool sparse_2_4, uint64_t seed);
 
 // The defaults are what measured best on the bundled fine-tunes (docs/PERFORMANCE.md): 4-bit
 // without sparsity kept held-out perplexity within 0.3% of the full fine-tune at 3.9x less memory,

@@ -2,6 +2,7 @@
 // it back over its base, and every way a delta file can be refused.
 #include "worker/model/delta.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "worker/comm/collectives.h"
 #include "worker/model/config.h"
+#include "worker/model/delta_test_util.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/test_util.h"
 #include "worker/model/weights.h"
@@ -25,30 +27,13 @@
 namespace strata {
 namespace {
 
-constexpr char kBase[] = "models/strata-tiny/base";
-constexpr char kCHeaders[] = "models/strata-tiny/ft-c-headers";
-constexpr char kMan[] = "models/strata-tiny/ft-man";
-
-std::string TempPath(const std::string& name) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  return std::string(dir == nullptr ? "/tmp" : dir) + "/" + name;
-}
-
-struct Base {
-  std::unique_ptr<ModelWeights> weights;
-  std::string fingerprint;
-};
-
-Base LoadBase(const std::string& dir) {
-  Base b;
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(dir);
-  EXPECT_TRUE(config.ok()) << config.status();
-  absl::StatusOr<std::unique_ptr<ModelWeights>> w = LoadModelWeights(dir, *config, 0, 1);
-  EXPECT_TRUE(w.ok()) << w.status();
-  b.weights = *std::move(w);
-  b.fingerprint = BaseFingerprint(*b.weights->files);
-  return b;
-}
+using delta_test::Base;
+using delta_test::kBase;
+using delta_test::kCHeaders;
+using delta_test::kMan;
+using delta_test::LoadBase;
+using delta_test::TempPath;
+using delta_test::WritePerturbedCopy;
 
 // Compresses ft-c-headers once per test binary.
 const std::string& CHeadersDelta() {
@@ -315,41 +300,6 @@ TEST(DeltaForwardTest, LongPrefillMatchesMaterializedFineTune) {
   EXPECT_LT(RelativeError(mixed[1], base_alone[0]), 1e-5);
 }
 
-// Writes `dir`'s model with every tensor perturbed (a stand-in fine-tune that changes everything:
-// biases, per-head q/k norms and an untied LM head included) to `out`, in F32.
-void WritePerturbedCopy(const std::string& dir, const std::string& out) {
-  std::filesystem::create_directories(out);
-  std::filesystem::copy_file(dir + "/config.json", out + "/config.json",
-                             std::filesystem::copy_options::overwrite_existing);
-  absl::StatusOr<SafetensorsModel> model = SafetensorsModel::Open(dir);
-  ASSERT_TRUE(model.ok()) << model.status();
-  std::mt19937 rng(17);
-  std::normal_distribution<float> noise(0.0f, 0.02f);
-  std::vector<std::vector<float>> values;
-  std::vector<TensorToWrite> tensors;
-  for (const std::string& name : model->Names()) {
-    const TensorView* t = model->Find(name);
-    std::vector<float> v(t->NumElements());
-    for (int64_t i = 0; i < t->NumElements(); ++i) {
-      float x = 0;
-      if (t->dtype == DType::kF32) {
-        std::memcpy(&x, t->data.data() + 4 * i, 4);
-      } else {
-        uint16_t h;
-        std::memcpy(&h, t->data.data() + 2 * i, 2);
-        x = t->dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
-      }
-      v[i] = x + noise(rng);
-    }
-    values.push_back(std::move(v));
-    tensors.push_back(
-        {name, DType::kF32, t->shape,
-         absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(values.back().data()),
-                                   values.back().size() * sizeof(float))});
-  }
-  ASSERT_TRUE(WriteSafetensors(out + "/model.safetensors", tensors).ok());
-}
-
 // Every architecture variant's extra weights go through the delta path: Qwen2's q/k/v biases,
 // Qwen3's per-head q/k norms, Llama 2's untied LM head. A mixed batch matches the materialized
 // fine-tune, at 8-bit dense and at 4-bit 2:4.
@@ -395,6 +345,52 @@ TEST(DeltaForwardTest, EveryVariantMatchesItsMaterializedFineTune) {
           RelativeError(mixed[0], FeedSequences(runner, {seqs[0]}, 64, /*block_tokens=*/4)[0]),
           1e-3);
     }
+  }
+}
+
+TEST(RandomDeltaTest, PacksValidDeltasInItsArena) {
+  absl::StatusOr<ModelConfig> c = LoadModelConfig("worker/model/testdata/llama2_f32");
+  ASSERT_TRUE(c.ok()) << c.status();
+  for (const auto& [bits, sparse] : {std::pair{4, false}, std::pair{2, true}}) {
+    std::unique_ptr<DeltaWeights> d = RandomDeltaWeights(*c, bits, sparse, 7);
+    std::unique_ptr<DeltaWeights> again = RandomDeltaWeights(*c, bits, sparse, 7);
+    // Deterministic in the seed (the arenas may start at different offsets from their 64-byte
+    // alignment).
+    const int64_t q_bytes = d->layers[1].up.rows * d->layers[1].up.QBytesPerRow();
+    EXPECT_EQ(std::vector<uint8_t>(d->layers[1].up.q, d->layers[1].up.q + q_bytes),
+              std::vector<uint8_t>(again->layers[1].up.q, again->layers[1].up.q + q_bytes));
+    EXPECT_NE(d->serial, again->serial);
+    ASSERT_EQ(static_cast<int64_t>(d->layers.size()), c->num_layers);
+    EXPECT_EQ(d->lm_head.rows, c->vocab_size);  // llama2 is untied
+    const uint8_t* begin = d->arena.data();
+    const uint8_t* end = begin + d->arena.size();
+    auto check = [&](const PackedDelta& p, int64_t rows, int64_t cols) {
+      EXPECT_TRUE(ValidatePackedDelta(p).ok());
+      EXPECT_EQ(p.rows, rows);
+      EXPECT_EQ(p.cols, cols);
+      EXPECT_TRUE(p.q >= begin && p.q + p.rows * p.QBytesPerRow() <= end);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(p.q) % 64, 0u);
+      if (sparse) {
+        for (int64_t i = 0; i < p.rows * p.IndexBytesPerRow(); ++i) {
+          for (int shift : {0, 4}) {
+            const int nib = (p.index[i] >> shift) & 0xf;
+            ASSERT_LT(nib & 3, nib >> 2) << "a 2:4 group's offsets must be distinct, ascending";
+          }
+        }
+      }
+    };
+    check(d->embed, c->vocab_size, c->hidden_size);
+    check(d->layers[0].q, c->q_dim(), c->hidden_size);
+    check(d->layers[1].down, c->hidden_size, c->intermediate_size);
+    // The CPU runner serves it.
+    absl::StatusOr<std::unique_ptr<ModelWeights>> w =
+        LoadModelWeights("worker/model/testdata/llama2_f32", *c, 0, 1);
+    ASSERT_TRUE(w.ok());
+    SingleRankCollectives comm;
+    ModelRunner runner(w->get(), &comm);
+    const auto logits = FeedSequences(runner, {{1, 2, 3, 4, 5}}, 64, 4, {d.get()});
+    ASSERT_EQ(logits.size(), 1u);
+    for (float v : logits[0]) ASSERT_TRUE(std::isfinite(v));
   }
 }
 

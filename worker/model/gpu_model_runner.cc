@@ -9,15 +9,19 @@
 #include <cstring>
 #include <iterator>
 #include <map>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/cuda/delta.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "kernels/elementwise.h"
+#include "worker/model/delta.h"
+#include "worker/model/gpu_delta_plan.h"
 
 namespace strata {
 namespace {
@@ -65,6 +69,64 @@ struct LayerDev {
   float* q_norm = nullptr;
   float* k_norm = nullptr;
 };
+
+// A fine-tune's delta on the device: the packed matrices' views point into the runner's delta
+// region; a vector pointer is null where the fine-tune keeps the base's.
+struct LayerDeltaDev {
+  PackedDelta q, k, v, o, gate, up, down;
+  const float* input_norm = nullptr;
+  const float* post_norm = nullptr;
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  const float* q_bias = nullptr;
+  const float* k_bias = nullptr;
+  const float* v_bias = nullptr;
+  const float* o_bias = nullptr;
+};
+
+struct DeltaDev {
+  PackedDelta embed, lm_head;
+  const float* final_norm = nullptr;
+  std::vector<LayerDeltaDev> layers;
+};
+
+// Where a delta's bytes go in its place in the device region: the arena at the same address
+// modulo 64 as on the host (its tensors' 64-byte alignment holds), then each vector it holds,
+// 16-byte aligned.
+struct DeltaLayout {
+  size_t shift = 0;
+  size_t arena_bytes = 0;
+  size_t total = 0;
+  std::vector<const std::vector<float>*> vectors;  // non-empty ones, in placement order
+};
+
+size_t Align16(size_t n) { return (n + 15) / 16 * 16; }
+
+DeltaLayout LayoutOf(const DeltaWeights& d) {
+  DeltaLayout lay;
+  lay.shift = reinterpret_cast<uintptr_t>(d.arena.data()) % 64;
+  lay.arena_bytes = Align16(lay.shift + d.arena.size());
+  const auto add = [&lay](const std::vector<float>& v) {
+    if (!v.empty()) lay.vectors.push_back(&v);
+  };
+  add(d.final_norm);
+  for (const LayerDelta& L : d.layers) {
+    for (const std::vector<float>* v : {&L.input_norm, &L.post_attention_norm, &L.q_norm, &L.k_norm,
+                                        &L.q_bias, &L.k_bias, &L.v_bias, &L.o_bias}) {
+      add(*v);
+    }
+  }
+  lay.total = lay.arena_bytes;
+  for (const std::vector<float>* v : lay.vectors) lay.total += Align16(4 * v->size());
+  return lay;
+}
+
+// Rows of one fine-tune that a delta GEMV serves; from this many on, panels of the delta are
+// unpacked for a GEMM. Not tuned on a GPU yet.
+constexpr int64_t kDeltaPanelMinRows = 32;
+// Panel scratch: at most this many bytes of unpacked delta, and at most this many gathered rows.
+constexpr int64_t kDeltaPanelBytes = 32 << 20;
+constexpr int64_t kDeltaChunkRows = 1024;
 
 }  // namespace
 
@@ -132,6 +194,22 @@ struct GpuModelRunner::Impl {
   std::map<int64_t, cudaGraphExec_t> graphs;
   GpuRunnerMemory mem;
 
+  // Fine-tunes: the device region and its bookkeeping (null without delta_bytes), the device
+  // copies by DeltaWeights::serial, this step's plan and its segments' copies, and the panel
+  // scratch (ApplyDelta).
+  char* delta_region = nullptr;
+  std::unique_ptr<DeltaResidency> residency;
+  // Node-based: seg_devs points into it while later segments of a step are added.
+  std::unordered_map<uint64_t, DeltaDev> delta_devs;
+  int64_t delta_step = 0;
+  DeltaStepPlan plan;
+  std::vector<const DeltaDev*> seg_devs;
+  size_t off_delta_idx = 0, delta_idx_ints = 0;
+  int64_t max_k = 0, panel_rows = 0, chunk_rows = 0;
+  void* delta_xs = nullptr;
+  void* delta_panel = nullptr;
+  float* delta_out = nullptr;
+
   ~Impl() {
     for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
     if (inputs_ready) cudaEventDestroy(inputs_ready);
@@ -171,6 +249,30 @@ struct GpuModelRunner::Impl {
   absl::Status Sample(const GpuModelRunner::Sampling& sampling, int64_t m);
   int64_t PartitionsWorkspace(int64_t num_tiles, int64_t tile_tok, int64_t max_keys,
                               gpu::PagedAttentionArgs* a) const;
+
+  // Fine-tunes. PrepareDeltas plans the step's segments, makes their deltas resident (uploading
+  // what is not) and stages the row indices with the step's inputs.
+  absl::Status PrepareDeltas(const ForwardBatch& b);
+  absl::StatusOr<const DeltaDev*> MakeResident(const DeltaWeights& d);
+  const int32_t* DeltaIdx(int64_t at) const { return In32(off_delta_idx) + at; }
+  // y[rows[i]] += x[rows[i]] · Δᵀ for the `count` rows listed at `rows` (device); x act, y
+  // out_type.
+  absl::Status ApplyDelta(const PackedDelta& d, const int32_t* rows, int64_t count, const void* x,
+                          int64_t ldx, void* y, int64_t ldy, gpu::ActType out_type);
+  // Each segment's delta (picked by `pick`, skipped when it has no rows) applied to its rows.
+  template <typename Pick>
+  absl::Status ApplySegments(Pick pick, const void* x, int64_t ldx, void* y, int64_t ldy);
+  // y[rows] += bias (f32 [width]) for each segment whose `pick` is not null; y act, row stride ldy.
+  template <typename Pick>
+  absl::Status AddBiases(Pick pick, void* y, int64_t width, int64_t ldy);
+  // RMSNorm again, over the runs of each segment whose `pick` gives its own weight: out = norm of
+  // the f32 residual (already updated) with that weight.
+  template <typename Pick>
+  absl::Status Renorm(Pick pick, void* out);
+  // Per-head RMSNorm (in place) of x's heads with each token's weight: the fine-tune's where
+  // `pick` gives one, else `base`; one launch per run of tokens sharing a weight.
+  template <typename Pick>
+  absl::Status HeadNormRuns(int64_t n, int64_t heads, void* x, const float* base, Pick pick);
 };
 
 absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
@@ -201,6 +303,9 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
     return absl::InvalidArgumentError(
         "gpu runner: num_blocks, block_tokens, max_batch_tokens, max_seqs and max_blocks_per_seq "
         "must be positive");
+  }
+  if (o.delta_bytes < 0) {
+    return absl::InvalidArgumentError("gpu runner: delta_bytes must be >= 0");
   }
   if (o.max_seqs > o.max_batch_tokens) o.max_seqs = o.max_batch_tokens;
   tile_tokens = AttentionTileTokens(D, c.group_size());
@@ -250,6 +355,11 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   off_logit_rows = field(4 * T_());
   off_tables = field(4 * S_() * M_());
   off_slots = field(8 * T_());
+  if (o.delta_bytes > 0) {
+    // A step's fine-tune rows, their token ids and their logit rows: at most 3 per token.
+    delta_idx_ints = static_cast<size_t>(3 * T_());
+    off_delta_idx = field(4 * delta_idx_ints);
+  }
 
   mem.weight_bytes = WeightBytes();
   mem.kv_cache_bytes = 2 * c.num_layers * o.num_blocks * o.block_tokens * kvd * eb;
@@ -260,9 +370,21 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
                            AlignUp(eb * Tn * I) + AlignUp(eb * S * H) + AlignUp(4 * S * V) +
                            AlignUp(4 * attn_ws_floats) + AlignUp(4 * S * nkv) + AlignUp(4 * S) * 2 +
                            inputs_bytes + AlignUp(4 * D));
-  const size_t total =
-      static_cast<size_t>(mem.weight_bytes + mem.kv_cache_bytes + mem.scratch_bytes) +
-      64 * kAlign * (c.num_layers + 4);
+  if (o.delta_bytes > 0) {
+    // Panels of unpacked delta rows (at most kDeltaPanelBytes, at most 4096 rows), the gathered
+    // rows of x they meet (kDeltaChunkRows at a time) and the f32 product.
+    max_k = std::max({H, qd, I});
+    const int64_t max_rows = std::max({V, I, qd, H});
+    panel_rows = std::clamp<int64_t>(kDeltaPanelBytes / (max_k * eb), 8, 4096);
+    panel_rows = std::min(panel_rows, (max_rows + 7) / 8 * 8) / 8 * 8;
+    chunk_rows = std::min(Tn, kDeltaChunkRows);
+    mem.delta_bytes = static_cast<int64_t>(
+        AlignUp(o.delta_bytes) + AlignUp(chunk_rows * max_k * eb) +
+        AlignUp(panel_rows * max_k * eb) + AlignUp(4 * chunk_rows * panel_rows));
+  }
+  const size_t total = static_cast<size_t>(mem.weight_bytes + mem.kv_cache_bytes +
+                                           mem.scratch_bytes + mem.delta_bytes) +
+                       64 * kAlign * (c.num_layers + 4);
   ASSIGN_OR_RETURN(pool, DeviceBuffer::Allocate(total));
   ASSIGN_OR_RETURN(h_inputs_buf, PinnedHostBuffer::Allocate(inputs_bytes));
   h_inputs = h_inputs_buf.as<char>();
@@ -332,6 +454,13 @@ void GpuModelRunner::Impl::LayOut() {
   d_out_tokens = Take<int32_t>(4 * S);
   d_out_logprobs = Take<float>(4 * S);
   d_inputs = Take<char>(inputs_bytes);
+  if (o.delta_bytes > 0) {
+    delta_region = Take<char>(o.delta_bytes);
+    delta_xs = Take(chunk_rows * max_k * eb);
+    delta_panel = Take(panel_rows * max_k * eb);
+    delta_out = Take<float>(4 * chunk_rows * panel_rows);
+    residency = std::make_unique<DeltaResidency>(o.delta_bytes);
+  }
 }
 
 absl::Status GpuModelRunner::Impl::UploadWeights(const ModelWeights& w) {
@@ -431,17 +560,285 @@ int64_t GpuModelRunner::Impl::PartitionsWorkspace(int64_t num_tiles, int64_t til
   return gpu::PagedAttentionWorkspaceFloats(*a);
 }
 
+absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWeights& d) {
+  const auto* arena = d.arena.data();
+  auto vec = [&](const std::vector<float>& v, int64_t size, const char* what) -> absl::Status {
+    if (!v.empty() && static_cast<int64_t>(v.size()) != size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: a fine-tune's ", what, " has ", v.size(), " values, not ", size));
+    }
+    return absl::OkStatus();
+  };
+  auto mat = [&](const PackedDelta& p, int64_t rows, int64_t cols,
+                 const char* what) -> absl::Status {
+    if (p.rows == 0) return absl::OkStatus();
+    const auto inside = [&](const void* ptr, int64_t bytes) {
+      const auto* b = static_cast<const uint8_t*>(ptr);
+      return b >= arena && b + bytes <= arena + d.arena.size();
+    };
+    if (p.rows != rows || p.cols != cols || !ValidatePackedDelta(p).ok() ||
+        !inside(p.q, p.rows * p.QBytesPerRow()) ||
+        (p.sparse_2_4 && !inside(p.index, p.rows * p.IndexBytesPerRow())) ||
+        !inside(p.scale, 4 * p.rows)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: a fine-tune's ", what, " delta is not a [", rows, ", ", cols,
+                       "] packed delta in its arena (loaded for another base?)"));
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(mat(d.embed, V, H, "embedding"));
+  RETURN_IF_ERROR(mat(d.lm_head, V, H, "lm_head"));
+  RETURN_IF_ERROR(vec(d.final_norm, H, "final norm"));
+  for (const LayerDelta& L : d.layers) {
+    RETURN_IF_ERROR(mat(L.q, qd, H, "q_proj"));
+    RETURN_IF_ERROR(mat(L.k, kvd, H, "k_proj"));
+    RETURN_IF_ERROR(mat(L.v, kvd, H, "v_proj"));
+    RETURN_IF_ERROR(mat(L.o, H, qd, "o_proj"));
+    RETURN_IF_ERROR(mat(L.gate, I, H, "gate_proj"));
+    RETURN_IF_ERROR(mat(L.up, I, H, "up_proj"));
+    RETURN_IF_ERROR(mat(L.down, H, I, "down_proj"));
+    RETURN_IF_ERROR(vec(L.input_norm, H, "input norm"));
+    RETURN_IF_ERROR(vec(L.post_attention_norm, H, "post-attention norm"));
+    RETURN_IF_ERROR(vec(L.q_norm, D, "q_norm"));
+    RETURN_IF_ERROR(vec(L.k_norm, D, "k_norm"));
+    RETURN_IF_ERROR(vec(L.q_bias, qd, "q bias"));
+    RETURN_IF_ERROR(vec(L.k_bias, kvd, "k bias"));
+    RETURN_IF_ERROR(vec(L.v_bias, kvd, "v bias"));
+    RETURN_IF_ERROR(vec(L.o_bias, H, "o bias"));
+  }
+  // A delta's device bytes stay within what DeltaCache reserves for it plus a few hundred bytes
+  // (GpuRunnerOptions::delta_bytes).
+  const DeltaLayout lay = LayoutOf(d);
+  const size_t shift = lay.shift, arena_bytes = lay.arena_bytes, bytes = lay.total;
+  ASSIGN_OR_RETURN(DeltaResidency::Placement place,
+                   residency->Place(d.serial, static_cast<int64_t>(bytes), delta_step));
+  if (!place.upload) {
+    if (auto it = delta_devs.find(d.serial); it != delta_devs.end()) return &it->second;
+  }
+  // Copies of deltas evicted to make room are stale now.
+  for (auto it = delta_devs.begin(); it != delta_devs.end();) {
+    if (residency->resident(it->first) && it->first != d.serial) {
+      ++it;
+    } else {
+      it = delta_devs.erase(it);
+    }
+  }
+  char* base = delta_region + place.offset;
+  uint8_t* dev_arena = reinterpret_cast<uint8_t*>(base + shift);
+  if (!d.arena.empty()) {
+    RETURN_IF_ERROR(CudaStatus(cudaMemcpy(dev_arena, arena, d.arena.size(), cudaMemcpyHostToDevice),
+                               "upload delta"));
+  }
+  // The vectors, staged in one host buffer laid out as on the device.
+  std::vector<uint8_t> staging(bytes - arena_bytes);
+  std::map<const std::vector<float>*, const float*> where;
+  size_t at = 0;
+  for (const std::vector<float>* v : lay.vectors) {
+    std::memcpy(staging.data() + at, v->data(), 4 * v->size());
+    where[v] = reinterpret_cast<const float*>(base + arena_bytes + at);
+    at += Align16(4 * v->size());
+  }
+  if (!staging.empty()) {
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpy(base + arena_bytes, staging.data(), staging.size(), cudaMemcpyHostToDevice),
+        "upload delta vectors"));
+  }
+  // A copy from pageable memory may return before it lands, on the legacy stream, which the
+  // (non-blocking) compute stream does not wait for.
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(nullptr), "upload delta"));
+  auto moved = [&](const PackedDelta& p) {
+    PackedDelta out = p;
+    if (p.rows == 0) return out;
+    out.q = dev_arena + (p.q - arena);
+    out.index = p.sparse_2_4 ? dev_arena + (p.index - arena) : nullptr;
+    out.scale = reinterpret_cast<const float*>(dev_arena +
+                                               (reinterpret_cast<const uint8_t*>(p.scale) - arena));
+    return out;
+  };
+  auto placed = [&](const std::vector<float>& v) -> const float* {
+    return v.empty() ? nullptr : where.at(&v);
+  };
+  DeltaDev dev;
+  dev.embed = moved(d.embed);
+  dev.lm_head = moved(d.lm_head);
+  dev.final_norm = placed(d.final_norm);
+  for (const LayerDelta& L : d.layers) {
+    LayerDeltaDev& l = dev.layers.emplace_back();
+    l.q = moved(L.q);
+    l.k = moved(L.k);
+    l.v = moved(L.v);
+    l.o = moved(L.o);
+    l.gate = moved(L.gate);
+    l.up = moved(L.up);
+    l.down = moved(L.down);
+    l.input_norm = placed(L.input_norm);
+    l.post_norm = placed(L.post_attention_norm);
+    l.q_norm = placed(L.q_norm);
+    l.k_norm = placed(L.k_norm);
+    l.q_bias = placed(L.q_bias);
+    l.k_bias = placed(L.k_bias);
+    l.v_bias = placed(L.v_bias);
+    l.o_bias = placed(L.o_bias);
+  }
+  return &(delta_devs[d.serial] = std::move(dev));
+}
+
+absl::Status GpuModelRunner::Impl::PrepareDeltas(const ForwardBatch& b) {
+  plan = PlanDeltaStep(b.tokens, b.token_seq, b.seq_deltas, b.logit_tokens, S_());
+  seg_devs.clear();
+  if (plan.empty()) return absl::OkStatus();
+  if (residency == nullptr) {
+    return absl::FailedPreconditionError(
+        "forward: fine-tune deltas need a device delta region (GpuRunnerOptions::delta_bytes)");
+  }
+  if (plan.indices.size() > delta_idx_ints) {
+    return absl::InvalidArgumentError("forward: too many logit rows for the fine-tune indices");
+  }
+  ++delta_step;
+  for (const DeltaStepPlan::Segment& seg : plan.segments) {
+    if (static_cast<int64_t>(seg.delta->layers.size()) != c.num_layers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: a delta of ", seg.delta->layers.size(), " layers for a model of ",
+                       c.num_layers, " (loaded for another base)"));
+    }
+  }
+  for (int attempt = 0;; ++attempt) {
+    absl::Status placed = absl::OkStatus();
+    seg_devs.clear();
+    for (const DeltaStepPlan::Segment& seg : plan.segments) {
+      absl::StatusOr<const DeltaDev*> dev = MakeResident(*seg.delta);
+      if (!dev.ok()) {
+        placed = dev.status();
+        break;
+      }
+      seg_devs.push_back(*dev);
+    }
+    if (placed.ok()) break;
+    // The step's deltas may fit together but not in the gaps between those already placed:
+    // start again in an empty region, once, if together they fit at all.
+    if (!absl::IsResourceExhausted(placed) || attempt > 0) return placed;
+    int64_t together = 0;
+    for (const DeltaStepPlan::Segment& seg : plan.segments) {
+      together += static_cast<int64_t>((LayoutOf(*seg.delta).total + 255) / 256 * 256);
+    }
+    if (together > residency->capacity()) return placed;
+    residency->Clear();
+    delta_devs.clear();
+  }
+  std::memcpy(h_inputs + off_delta_idx, plan.indices.data(), 4 * plan.indices.size());
+  return absl::OkStatus();
+}
+
+absl::Status GpuModelRunner::Impl::ApplyDelta(const PackedDelta& d, const int32_t* rows,
+                                              int64_t count, const void* x, int64_t ldx, void* y,
+                                              int64_t ldy, gpu::ActType out_type) {
+  if (d.rows == 0 || count == 0) return absl::OkStatus();
+  const CudaStreamHandle s = Handle(compute->get());
+  const gpu::DeltaView view = ToDeltaView(d);
+  if (count < kDeltaPanelMinRows) {
+    gpu::DeltaGemvArgs g;
+    g.m = count;
+    g.rows = rows;
+    g.x = x;
+    g.ldx = ldx;
+    g.act = act;
+    g.delta = view;
+    g.y = y;
+    g.ldy = ldy;
+    g.out_type = out_type;
+    return DeltaGemvCuda(g, s);
+  }
+  // Many rows: gather them, then per panel of the delta's rows unpack, multiply, add back.
+  const int64_t k = d.cols, ob = gpu::ActBytes(out_type);
+  for (int64_t c0 = 0; c0 < count; c0 += chunk_rows) {
+    const int64_t cn = std::min(chunk_rows, count - c0);
+    const gpu::GatherRowsArgs gather{cn, k, x, ldx, rows + c0, delta_xs, k, act};
+    RETURN_IF_ERROR(
+        CudaStatus(gpu::LaunchGatherRows(gather, compute->get()), "gather_rows launch"));
+    for (int64_t j0 = 0; j0 < d.rows; j0 += panel_rows) {
+      const int64_t nb = std::min(panel_rows, d.rows - j0);
+      gpu::UnpackDeltaArgs u;
+      u.delta = view;
+      u.num_rows = nb;
+      u.row_begin = j0;
+      u.out = delta_panel;
+      u.ld_out = k;
+      u.out_type = act;
+      RETURN_IF_ERROR(UnpackDeltaCuda(u, s));
+      RETURN_IF_ERROR(gemm->Run(
+          {cn, nb, k, delta_xs, k, delta_panel, nullptr, delta_out, nb, act, gpu::ActType::kF32},
+          s));
+      const gpu::AddRowsArgs add{
+          cn, nb, rows + c0, delta_out, nb, static_cast<char*>(y) + j0 * ob, ldy, out_type};
+      RETURN_IF_ERROR(AddRowsCuda(add, s));
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename Pick>
+absl::Status GpuModelRunner::Impl::ApplySegments(Pick pick, const void* x, int64_t ldx, void* y,
+                                                 int64_t ldy) {
+  for (size_t i = 0; i < plan.segments.size(); ++i) {
+    const DeltaStepPlan::Segment& seg = plan.segments[i];
+    RETURN_IF_ERROR(
+        ApplyDelta(pick(*seg_devs[i]), DeltaIdx(seg.rows_at), seg.num_rows, x, ldx, y, ldy, act));
+  }
+  return absl::OkStatus();
+}
+
+template <typename Pick>
+absl::Status GpuModelRunner::Impl::AddBiases(Pick pick, void* y, int64_t width, int64_t ldy) {
+  for (size_t i = 0; i < plan.segments.size(); ++i) {
+    const float* bias = pick(*seg_devs[i]);
+    if (bias == nullptr) continue;
+    const DeltaStepPlan::Segment& seg = plan.segments[i];
+    const gpu::AddRowsArgs add{seg.num_rows, width, DeltaIdx(seg.rows_at), bias, 0, y, ldy, act};
+    RETURN_IF_ERROR(AddRowsCuda(add, Handle(compute->get())));
+  }
+  return absl::OkStatus();
+}
+
+template <typename Pick>
+absl::Status GpuModelRunner::Impl::Renorm(Pick pick, void* out) {
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  for (size_t i = 0; i < plan.segments.size(); ++i) {
+    const float* weight = pick(*seg_devs[i]);
+    if (weight == nullptr) continue;
+    for (const auto& [begin, end] : plan.segments[i].runs) {
+      RETURN_IF_ERROR(AddRmsNormCuda({end - begin, H, eps, hidden + int64_t{begin} * H, nullptr, H,
+                                      weight, static_cast<char*>(out) + begin * H * eb, H, act},
+                                     Handle(compute->get())));
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename Pick>
+absl::Status GpuModelRunner::Impl::HeadNormRuns(int64_t n, int64_t heads, void* x,
+                                                const float* base, Pick pick) {
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const auto weight_of = [&](int64_t t) {
+    const int32_t seg = plan.empty() ? -1 : plan.token_segment[t];
+    const float* w = seg < 0 ? nullptr : pick(*seg_devs[seg]);
+    return w != nullptr ? w : base;
+  };
+  for (int64_t t = 0; t < n;) {
+    const float* w = weight_of(t);
+    int64_t end = t + 1;
+    while (end < n && weight_of(end) == w) ++end;
+    RETURN_IF_ERROR(HeadRmsNormCuda(
+        {end - t, heads, D, eps, static_cast<char*>(x) + t * qkv_w * eb, qkv_w, w, act},
+        Handle(compute->get())));
+    t = end;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded,
                                            std::vector<int32_t>* tiles) {
   const int64_t n = static_cast<int64_t>(b.tokens.size());
   RETURN_IF_ERROR(ValidateForwardBatch(b, V));
-  for (const DeltaWeights* d : b.seq_deltas) {
-    if (d != nullptr) {
-      return absl::UnimplementedError(
-          "forward: fine-tune deltas run on the CPU runner only; the GPU runner has no delta "
-          "kernel yet");
-    }
-  }
   if (padded > T_()) {
     return absl::InvalidArgumentError(
         absl::StrCat("forward: ", n, " tokens exceed max_batch_tokens ", T_()));
@@ -503,6 +900,7 @@ absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded
       }
     }
   }
+  RETURN_IF_ERROR(PrepareDeltas(b));
   int32_t* lr = Host32(off_logit_rows);
   std::copy(b.logit_tokens.begin(), b.logit_tokens.end(), lr);
   for (int64_t i = static_cast<int64_t>(b.logit_tokens.size()); i < padded && i < S_(); ++i) {
@@ -561,6 +959,22 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   const CudaStreamHandle s = Handle(compute->get());
   const float eps = static_cast<float>(c.rms_norm_eps);
   RETURN_IF_ERROR(EmbedCuda({n, H, V, In32(off_tokens), embed, act, hidden}, s));
+  // Fine-tunes: their embedding rows' deltas, added to the residual rows of their tokens.
+  const bool deltas = !plan.empty();
+  for (size_t i = 0; i < plan.segments.size(); ++i) {
+    const DeltaStepPlan::Segment& seg = plan.segments[i];
+    if (seg_devs[i]->embed.rows == 0) continue;
+    gpu::UnpackDeltaArgs u;
+    u.delta = ToDeltaView(seg_devs[i]->embed);
+    u.num_rows = seg.num_rows;
+    u.src_rows = DeltaIdx(seg.ids_at);
+    u.dst_rows = DeltaIdx(seg.rows_at);
+    u.out = hidden;
+    u.ld_out = H;
+    u.out_type = gpu::ActType::kF32;
+    u.accumulate = true;
+    RETURN_IF_ERROR(UnpackDeltaCuda(u, s));
+  }
 
   gpu::PagedAttentionArgs pa;
   pa.num_tokens = n;
@@ -603,8 +1017,9 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   // gate_up then writes silu(gate) * up itself (GemvArgs::silu_pairs): no SiLU-mul kernel either.
   // Up to 4 rows: every GEMV block re-reads the whole residual rows for their norms, which at 8
   // rows costs about as many L2 bytes as the weights.
+  // Fine-tunes add their deltas between the projections and the norms: no fused forms.
   const bool fused = o.fused_residual_norm && o.small_m_gemv && n <= 4 && !c.o_bias && H % 8 == 0 &&
-                     qd % 8 == 0 && I % 8 == 0;
+                     qd % 8 == 0 && I % 8 == 0 && !deltas;
   // A decode GEMV over `x` (or, with `norm`, the residual normalized by it) into `y`; with
   // `silu_pairs`, SiLU-mul of its gate and up halves into y [n, rows / 2].
   auto gemv = [&](int64_t rows, int64_t k, const void* x, const float* norm, const void* w,
@@ -635,12 +1050,31 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     } else {
       RETURN_IF_ERROR(AddRmsNormCuda(
           {n, H, eps, hidden, l == 0 ? nullptr : proj, H, L.in_norm, normed, H, act}, s));
+      if (deltas) {
+        RETURN_IF_ERROR(Renorm([l](const DeltaDev& d) { return d.layers[l].input_norm; }, normed));
+      }
       RETURN_IF_ERROR(
           gemm->Run({n, qkv_w, H, normed, H, L.qkv_w, L.qkv_b, qkv, qkv_w, act, act}, s));
     }
+    if (deltas) {
+      RETURN_IF_ERROR(
+          ApplySegments([l](const DeltaDev& d) { return d.layers[l].q; }, normed, H, q, qkv_w));
+      RETURN_IF_ERROR(ApplySegments([l](const DeltaDev& d) { return d.layers[l].k; }, normed, H,
+                                    q + qd * eb, qkv_w));
+      RETURN_IF_ERROR(ApplySegments([l](const DeltaDev& d) { return d.layers[l].v; }, normed, H,
+                                    q + (qd + kvd) * eb, qkv_w));
+      RETURN_IF_ERROR(
+          AddBiases([l](const DeltaDev& d) { return d.layers[l].q_bias; }, q, qd, qkv_w));
+      RETURN_IF_ERROR(AddBiases([l](const DeltaDev& d) { return d.layers[l].k_bias; }, q + qd * eb,
+                                kvd, qkv_w));
+      RETURN_IF_ERROR(AddBiases([l](const DeltaDev& d) { return d.layers[l].v_bias; },
+                                q + (qd + kvd) * eb, kvd, qkv_w));
+    }
     if (c.qk_norm) {
-      RETURN_IF_ERROR(HeadRmsNormCuda({n, nh, D, eps, q, qkv_w, L.q_norm, act}, s));
-      RETURN_IF_ERROR(HeadRmsNormCuda({n, nkv, D, eps, q + qd * eb, qkv_w, L.k_norm, act}, s));
+      RETURN_IF_ERROR(
+          HeadNormRuns(n, nh, q, L.q_norm, [l](const DeltaDev& d) { return d.layers[l].q_norm; }));
+      RETURN_IF_ERROR(HeadNormRuns(n, nkv, q + qd * eb, L.k_norm,
+                                   [l](const DeltaDev& d) { return d.layers[l].k_norm; }));
     }
     const gpu::RopeArgs rope{n,     nh,          nkv,   D,  In32(off_pos), inv_freq, q,
                              qkv_w, q + qd * eb, qkv_w, act};
@@ -668,20 +1102,41 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
                            /*silu_pairs=*/true));
     } else {
       RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act}, s));
+      if (deltas) {
+        RETURN_IF_ERROR(
+            ApplySegments([l](const DeltaDev& d) { return d.layers[l].o; }, attn, qd, proj, H));
+        RETURN_IF_ERROR(
+            AddBiases([l](const DeltaDev& d) { return d.layers[l].o_bias; }, proj, H, H));
+      }
       RETURN_IF_ERROR(AddRmsNormCuda({n, H, eps, hidden, proj, H, L.post_norm, normed, H, act}, s));
+      if (deltas) {
+        RETURN_IF_ERROR(Renorm([l](const DeltaDev& d) { return d.layers[l].post_norm; }, normed));
+      }
       RETURN_IF_ERROR(
           gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act, act}, s));
+      if (deltas) {
+        char* gu = static_cast<char*>(gate_up);
+        RETURN_IF_ERROR(ApplySegments([l](const DeltaDev& d) { return d.layers[l].gate; }, normed,
+                                      H, gu, 2 * I));
+        RETURN_IF_ERROR(ApplySegments([l](const DeltaDev& d) { return d.layers[l].up; }, normed, H,
+                                      gu + I * eb, 2 * I));
+      }
       RETURN_IF_ERROR(SiluMulCuda({n, I, gate_up, actb, act}, s));
     }
     if (fused) {
       RETURN_IF_ERROR(gemv(H, I, actb, nullptr, L.down_w, nullptr, hidden, true));
     } else {
       RETURN_IF_ERROR(gemm->Run({n, H, I, actb, I, L.down_w, nullptr, proj, H, act, act}, s));
+      if (deltas) {
+        RETURN_IF_ERROR(
+            ApplySegments([l](const DeltaDev& d) { return d.layers[l].down; }, actb, I, proj, H));
+      }
     }
   }
   // The final norm (the residual is complete already when fused).
   RETURN_IF_ERROR(AddRmsNormCuda(
       {n, H, eps, hidden, fused ? nullptr : proj, H, final_norm, normed, H, act}, s));
+  if (deltas) RETURN_IF_ERROR(Renorm([](const DeltaDev& d) { return d.final_norm; }, normed));
   return Head(0, m, gather, greedy);
 }
 
@@ -696,6 +1151,16 @@ absl::Status GpuModelRunner::Impl::Head(int64_t offset, int64_t m, bool gather, 
   }
   RETURN_IF_ERROR(
       gemm->Run({m, V, H, x, H, lm_head, nullptr, logits, V, act, gpu::ActType::kF32}, s));
+  // Fine-tunes' LM head deltas (the embedding's with tied embeddings) for their logit rows here.
+  for (size_t i = 0; i < plan.segments.size(); ++i) {
+    const DeltaStepPlan::Segment& seg = plan.segments[i];
+    const auto [first, count] = DeltaStepPlan::LogitRange(seg, offset, m);
+    if (count == 0) continue;
+    if (!gather) return absl::InternalError("gpu runner: fine-tune logits need gathered rows");
+    const PackedDelta& head = lm_head == embed ? seg_devs[i]->embed : seg_devs[i]->lm_head;
+    RETURN_IF_ERROR(ApplyDelta(head, DeltaIdx(seg.logits_at + first), count, x, H, logits, V,
+                               gpu::ActType::kF32));
+  }
   if (greedy) {
     RETURN_IF_ERROR(
         ArgmaxCuda({m, V, logits, V, gpu::ActType::kF32, d_out_tokens, d_out_logprobs}, s));
@@ -789,6 +1254,16 @@ absl::StatusOr<std::unique_ptr<GpuModelRunner>> GpuModelRunner::CreateRandom(
 
 const ModelConfig& GpuModelRunner::config() const { return impl_->c; }
 GpuRunnerMemory GpuModelRunner::memory() const { return impl_->mem; }
+GpuDeltaStats GpuModelRunner::delta_stats() const {
+  GpuDeltaStats st;
+  if (const DeltaResidency* r = impl_->residency.get(); r != nullptr) {
+    st.resident = r->num_resident();
+    st.bytes_used = r->used_bytes();
+    st.uploads = r->uploads();
+    st.evictions = r->evictions();
+  }
+  return st;
+}
 std::vector<void*> GpuModelRunner::KvSegments() const {
   std::vector<void*> out;
   for (size_t l = 0; l < impl_->kc.size(); ++l) {
@@ -887,7 +1362,10 @@ absl::Status GpuModelRunner::RunStep(const ForwardBatch& b, bool greedy, const S
   const int64_t m = static_cast<int64_t>(b.logit_tokens.size());
   // A decode step (one token per sequence, in sequence order, each giving logits) replays a graph
   // captured for its batch size rounded up to a power of two.
-  bool decode = x.o.cuda_graphs && n == b.num_seqs && m == n;
+  // Steps with fine-tunes run eagerly: their segments differ from step to step.
+  bool decode = x.o.cuda_graphs && n == b.num_seqs && m == n &&
+                std::all_of(b.seq_deltas.begin(), b.seq_deltas.end(),
+                            [](const DeltaWeights* d) { return d == nullptr; });
   for (int64_t i = 0; decode && i < n; ++i) {
     decode = b.token_seq[i] == i && b.logit_tokens[i] == i;
   }
@@ -1000,6 +1478,7 @@ const ModelConfig& GpuModelRunner::config() const {
   return none;
 }
 GpuRunnerMemory GpuModelRunner::memory() const { return {}; }
+GpuDeltaStats GpuModelRunner::delta_stats() const { return {}; }
 std::vector<void*> GpuModelRunner::KvSegments() const { return {}; }
 double GpuModelRunner::last_step_device_ms() const { return 0; }
 int64_t GpuModelRunner::graphs_captured() const { return 0; }

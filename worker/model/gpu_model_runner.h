@@ -10,6 +10,14 @@
 // batch size, so a step costs one launch instead of hundreds. The residual stream is f32; every
 // GEMM (cuBLASLt) and reduction accumulates in f32.
 //
+// Fine-tunes (ForwardBatch::seq_deltas) run as on the CPU runner: the base's projections for the
+// whole batch, then each fine-tune's delta for its own rows, through the CUDA delta kernels
+// (kernels/cuda/delta.h): a decode GEMV over the packed delta for a few rows, or panels of the
+// delta unpacked for a cuBLASLt GEMM over many. A delta is copied to a device region of
+// GpuRunnerOptions::delta_bytes on its first step and stays there until room is needed (least
+// recently used first); steps with fine-tunes run without CUDA graphs and without the fused
+// decode projections.
+//
 // World size 1 only for now: tensor parallelism over NCCL is not wired here yet. Thread contract:
 // one thread at a time. In a build without CUDA every entry point returns UNAVAILABLE.
 #ifndef STRATA_WORKER_MODEL_GPU_MODEL_RUNNER_H_
@@ -59,6 +67,10 @@ struct GpuRunnerOptions {
   // tensor-core kernel (PagedAttentionArgs::mma_prefill; tiles of 64 query rows). Off until it has
   // been measured and tested on a GPU.
   bool prefill_mma_attention = false;
+  // Device memory for fine-tunes' packed deltas (0: steps with fine-tunes are refused). A step's
+  // fine-tunes must fit together. Steps with fine-tunes also take a scratch of about 64 MiB (less
+  // for small models) for delta panels.
+  int64_t delta_bytes = 0;
 };
 
 // What the runner holds on the device.
@@ -66,6 +78,16 @@ struct GpuRunnerMemory {
   int64_t weight_bytes = 0;
   int64_t kv_cache_bytes = 0;
   int64_t scratch_bytes = 0;
+  // The fine-tune delta region and its panel scratch.
+  int64_t delta_bytes = 0;
+};
+
+// The fine-tune deltas on the device.
+struct GpuDeltaStats {
+  int64_t resident = 0;
+  int64_t bytes_used = 0;
+  int64_t uploads = 0;
+  int64_t evictions = 0;
 };
 
 class GpuModelRunner {
@@ -118,6 +140,7 @@ class GpuModelRunner {
 
   const ModelConfig& config() const;
   GpuRunnerMemory memory() const;
+  GpuDeltaStats delta_stats() const;
   int64_t graphs_captured() const;
   // Device time of the last step's work, from its inputs' arrival to its results (CUDA events): the
   // step's wall time less the host's share.

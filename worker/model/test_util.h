@@ -15,6 +15,39 @@
 
 namespace strata {
 
+// A batch that owns its arrays (ForwardBatch only points at them).
+struct TestBatch {
+  std::vector<int32_t> tokens, positions, token_seq, block_tables, logit_tokens;
+  std::vector<int64_t> slots;
+  std::vector<const DeltaWeights*> seq_deltas;
+  int64_t num_seqs = 0;
+  int64_t max_blocks_per_seq = 0;
+
+  // Appends token `id` of sequence `seq` at `position`, its cache slot from the block table.
+  void Add(int32_t id, int32_t seq, int32_t position, int64_t block_tokens, bool logits) {
+    if (logits) logit_tokens.push_back(static_cast<int32_t>(tokens.size()));
+    tokens.push_back(id);
+    positions.push_back(position);
+    token_seq.push_back(seq);
+    slots.push_back(int64_t{block_tables[seq * max_blocks_per_seq + position / block_tokens]} *
+                        block_tokens +
+                    position % block_tokens);
+  }
+  ForwardBatch View() const {
+    ForwardBatch b;
+    b.tokens = tokens;
+    b.positions = positions;
+    b.token_seq = token_seq;
+    b.slots = slots;
+    b.block_tables = block_tables;
+    b.num_seqs = num_seqs;
+    b.max_blocks_per_seq = max_blocks_per_seq;
+    b.logit_tokens = logit_tokens;
+    b.seq_deltas = seq_deltas;
+    return b;
+  }
+};
+
 // One step's logits ([logit tokens, vocab] f32), given a batch.
 using ForwardFn = std::function<absl::Status(const ForwardBatch&, std::vector<float>*)>;
 

@@ -1,0 +1,82 @@
+// The CUDA twins of the fine-tune delta ops (kernels/delta.h): applying a packed delta to the rows
+// of a batch that belong to one fine-tune, unpacking it (to a dense panel for a GEMM, or single
+// rows for the embedding), and adding f32 rows (biases, panel products) to chosen rows. Plain
+// argument structs and launchers, free of Abseil so that nvcc compiles only CUDA code; callers go
+// through kernels/cuda/delta.h, which validates the arguments. All pointers are device memory;
+// every launcher is asynchronous on `stream` and returns the launch error. Products and sums
+// accumulate in f32.
+#ifndef STRATA_KERNELS_CUDA_DELTA_KERNEL_H_
+#define STRATA_KERNELS_CUDA_DELTA_KERNEL_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/ops_kernel.h"
+
+namespace strata::gpu {
+
+// A packed delta in device memory, laid out as kernels/delta.h describes (PackedDelta's fields).
+// The kernels read q in loads of up to 8 bytes and need q 8-byte aligned.
+struct DeltaView {
+  int64_t rows = 0;
+  int64_t cols = 0;  // a multiple of 8
+  int bits = 4;      // 2, 4 or 8
+  bool sparse_2_4 = false;
+  const uint8_t* q = nullptr;      // [rows, kept * bits / 8]
+  const uint8_t* index = nullptr;  // [rows, cols / 8], 2:4 only
+  const float* scale = nullptr;    // [rows]
+};
+
+// y[r(i), j] += Σ_k x[r(i), k] · Δ[j, k] for i < m and every row j of Δ, where r(i) = rows[i] +
+// row_offset (rows null: i + row_offset). Meant for few rows per tenant (decode): each warp decodes
+// one row of Δ once per 8 rows of x and streams it past them.
+struct DeltaGemvArgs {
+  int64_t m = 0;
+  const int32_t* rows = nullptr;  // [m] or null
+  int64_t row_offset = 0;
+  const void* x = nullptr;  // [*, delta.cols], row stride ldx, act; 16-byte aligned rows
+  int64_t ldx = 0;
+  ActType act = ActType::kBF16;
+  DeltaView delta;
+  void* y = nullptr;  // [*, delta.rows], row stride ldy, out_type; must not overlap x
+  int64_t ldy = 0;
+  ActType out_type = ActType::kBF16;
+};
+cudaError_t LaunchDeltaGemv(const DeltaGemvArgs& a, cudaStream_t stream);
+
+// Dense rows of Δ: out row d(i) = Δ row s(i) for i < num_rows, where s(i) = src_rows[i] (null:
+// row_begin + i) and d(i) = dst_rows[i] (null: i); written over out's values, or added to them
+// when `accumulate`. A source row outside [0, delta.rows) leaves its out row untouched. Used for
+// panels of Δ that a GEMM multiplies, and for the embedding's rows of a fine-tune's tokens.
+struct UnpackDeltaArgs {
+  DeltaView delta;
+  int64_t num_rows = 0;
+  int64_t row_begin = 0;
+  const int32_t* src_rows = nullptr;  // [num_rows] or null
+  const int32_t* dst_rows = nullptr;  // [num_rows] or null
+  void* out = nullptr;                // [*, delta.cols], row stride ld_out, out_type
+  int64_t ld_out = 0;
+  ActType out_type = ActType::kBF16;
+  bool accumulate = false;
+};
+cudaError_t LaunchUnpackDelta(const UnpackDeltaArgs& a, cudaStream_t stream);
+
+// y[rows[i], j] += src[i * ld_src + j] for i < m, j < n (rows null: row i); ld_src 0 adds the
+// same row to each (a bias). How a fine-tune's bias deltas, and the products of its delta panels
+// (gathered rows, f32), reach their rows of the batch.
+struct AddRowsArgs {
+  int64_t m = 0;
+  int64_t n = 0;
+  const int32_t* rows = nullptr;  // [m] or null
+  const float* src = nullptr;     // [m, n] with row stride ld_src, or [n] when ld_src is 0; f32
+  int64_t ld_src = 0;
+  void* y = nullptr;  // [*, n], row stride ldy, type
+  int64_t ldy = 0;
+  ActType type = ActType::kBF16;
+};
+cudaError_t LaunchAddRows(const AddRowsArgs& a, cudaStream_t stream);
+
+}  // namespace strata::gpu
+
+#endif  // STRATA_KERNELS_CUDA_DELTA_KERNEL_H_
