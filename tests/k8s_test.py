@@ -6,17 +6,19 @@
    container's args is a flag of the binary it runs (asked with --helpfull) and every $(VAR) in them is
    defined, --listen and the probes use the container port, the coordinators' --workers names a
    headless Service selecting the workers on its port, coordinators and workers agree on the model,
-   grace periods outlast the servers' own drain timeouts, memory limits hold the KV caches, the disk
-   tier's file lies on a volume large enough for it.
-2. The container image: tools/image/build_image.py packs the test's binaries and model into an OCI
-   archive, then unpacks it the way a runtime does (every digest checked).
+   grace periods outlast the servers' own drain timeouts, memory limits hold the KV caches and the
+   delta cache, the disk tier's file lies on a volume large enough for it, the model and fine-tune
+   directories are in the image or on a volume.
+2. The container image: tools/image/build_image.py packs the test's binaries, model and the model's
+   two fine-tunes (compressed with the test's stratactl) into an OCI archive, then unpacks it the way
+   a runtime does (every digest checked).
 3. Pods: every replica of k8s/base's Deployment and StatefulSet runs from that root filesystem
    (chroot, read-only, as the image's user when the test is root), each in its own network namespace
    with its own address on a bridge, with its manifest's command, args (variables expanded), env
    (ConfigMap and downward API), volumes and hostname. The test plays the kubelet and cluster DNS:
    it runs the gRPC readiness probes and publishes each Service's ready endpoints in every pod's
    /etc/hosts. Then: every worker becomes ready, each coordinator replica sees both workers and
-   answers generate requests, a worker sent SIGTERM (a pod deletion) turns NOT_SERVING, leaves the
+   answers generate requests (for the base and for a fine-tune), a worker sent SIGTERM (a pod deletion) turns NOT_SERVING, leaves the
    Service and exits 0 within its grace period while requests keep succeeding, and its replacement
    recovers the disk KV tier from its volume and serves again.
 
@@ -171,7 +173,7 @@ class Manifests:
         return env
 
 
-def check_manifests(m, flags, image_models):
+def check_manifests(m, flags, image_models, image_fine_tunes):
     """Static checks (see the file comment). Returns the number of checks made."""
     n = 0
     where = m.name
@@ -265,6 +267,12 @@ def check_manifests(m, flags, image_models):
                 model_dir = args["model"]
                 if mount_of(model_dir) is None and model_dir.lstrip("/") not in image_models:
                     fail("%s: --model=%s is neither on a volume nor in the image (%s)" % (cname, model_dir, sorted(image_models)))
+                ft_dir = args.get("fine_tune_dir")
+                if ft_dir is not None:
+                    if mount_of(ft_dir) is None and ft_dir.lstrip("/") not in image_fine_tunes:
+                        fail("%s: --fine_tune_dir=%s is neither on a volume nor in the image (%s)"
+                             % (cname, ft_dir, sorted(image_fine_tunes)))
+                    n += 1
                 if int(args.get("disk_cache_mb", 0)) > 0:
                     if int(args.get("host_cache_mb", 0)) <= 0:
                         fail("%s: --disk_cache_mb without --host_cache_mb: strata-worker refuses a "
@@ -283,6 +291,8 @@ def check_manifests(m, flags, image_models):
                 if limit is None:
                     fail("%s: no memory limit" % cname)
                 need = int(args.get("host_cache_mb", 0)) * 2**20 + 256 * 2**20
+                if "fine_tune_dir" in args or "fine_tunes" in args:
+                    need += int(args.get("delta_cache_mb", 1024)) * 2**20
                 if args.get("device", "cpu") == "cpu":
                     need += int(args.get("kv_cache_mb", 256)) * 2**20
                 else:
@@ -655,9 +665,11 @@ def run_pods(m, rootfs, work):
                 if tiers != {"TIER_DEVICE", "TIER_HOST", "TIER_DISK"}:
                     fail("worker %s runs tiers %s; the manifest asks for host and disk tiers" % (w["info"]["worker_id"], sorted(tiers)))
 
-        def generate(coord, prompt, n=16):
+        def generate(coord, prompt, n=16, fine_tune=None):
+            extra = ["--fine-tune", fine_tune] if fine_tune else []
             out = stratactl(cluster, "generate", "--coordinator", "%s:%d" % (coord.ip, coord.port),
-                            "--prompt", prompt, "--max-tokens", str(n), "--seed", "7", "--ignore-eos", "--json")
+                            "--prompt", prompt, "--max-tokens", str(n), "--seed", "7", "--ignore-eos", "--json",
+                            *extra)
             if out.returncode != 0:
                 cluster.dump()
                 fail("generate through %s: %s" % (coord.name, out.stderr.strip()))
@@ -680,6 +692,16 @@ def run_pods(m, rootfs, work):
                 if r["token_ids"] != first["token_ids"]:
                     fail("same prompt and seed gave different tokens through %s: %s vs %s" % (coord.name, r["token_ids"], first["token_ids"]))
         print("k8s_test: both coordinators answer; %r" % first["text"])
+        # The image's fine-tunes, served over the model by whichever worker takes them: the same
+        # seed gives the same tokens through either coordinator, and not the base's.
+        tuned = [generate(coord, "#include <", fine_tune="c-headers") for coord in coordinators]
+        plain = generate(coordinators[0], "#include <")
+        if tuned[0]["token_ids"] != tuned[1]["token_ids"]:
+            fail("fine-tune c-headers gave different tokens through the two coordinators: %s vs %s"
+                 % (tuned[0]["token_ids"], tuned[1]["token_ids"]))
+        if tuned[0]["token_ids"] == plain["token_ids"]:
+            fail("fine-tune c-headers generated the base's tokens: %s" % plain["token_ids"])
+        print("k8s_test: fine-tune c-headers answers %r" % tuned[0]["text"])
 
         # Prometheus' view: each pod's metrics port, as its annotations name it.
         def scrape(pod):
@@ -698,7 +720,7 @@ def run_pods(m, rootfs, work):
                     values[name] = float(value)
             return values
 
-        sent = len(prompts) + 1 + 3 * len(coordinators)
+        sent = len(prompts) + 1 + 3 * len(coordinators) + len(coordinators) + 1
         ok = sum(scrape(c).get('strata_coordinator_requests_total{code="OK"}', 0) for c in coordinators)
         if ok != sent:
             fail("the coordinators count %s successful requests, the test sent %d" % (ok, sent))
@@ -834,9 +856,10 @@ def main():
     flags = {name: binary_flags(os.path.join(ROOT, BINARIES[name]))
              for name in ("strata-worker", "strata-coordinator")}
     image_models = {"models/strata-tiny"}
+    image_fine_tunes = {"fine-tunes/strata-tiny"}
 
     base = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
-    n = check_manifests(base, flags, image_models)
+    n = check_manifests(base, flags, image_models, image_fine_tunes)
     # kustomize refuses the symlinks a Bazel runfiles tree is made of: render a copy.
     k8s_copy = os.path.join(work, "k8s")
     shutil.rmtree(k8s_copy, ignore_errors=True)
@@ -846,7 +869,7 @@ def main():
         if sorted(json.dumps(o, sort_keys=True) for o in rendered) != sorted(json.dumps(o, sort_keys=True) for o in base.objs):
             fail("kubectl kustomize k8s/base differs from its resource files")
         gpu = kubectl_render(os.path.join(k8s_copy, "gpu"))
-        n += check_manifests(Manifests(gpu, "k8s/gpu"), flags, image_models)
+        n += check_manifests(Manifests(gpu, "k8s/gpu"), flags, image_models, image_fine_tunes)
         # What `stratactl plan --emit k8s` writes, as an overlay of k8s/gpu.
         planned_dir = os.path.join(k8s_copy, "planned")
         os.makedirs(planned_dir)
@@ -861,7 +884,8 @@ def main():
         with open(os.path.join(planned_dir, "kustomization.yaml"), "w") as f:
             f.write("resources: [../gpu]\npatches:\n  - path: worker.yaml\n")
         planned = kubectl_render(planned_dir)
-        n += check_manifests(Manifests(planned, "stratactl plan --emit k8s"), flags, image_models)
+        n += check_manifests(Manifests(planned, "stratactl plan --emit k8s"), flags, image_models,
+                             image_fine_tunes)
         print("k8s_test: k8s/base, k8s/gpu and a stratactl plan overlay pass %d checks" % n)
     else:
         print("k8s_test: k8s/base passes %d checks; no kubectl here, so k8s/gpu is not rendered" % n)
@@ -873,9 +897,18 @@ def main():
     rootfs = os.path.join(work, "rootfs")
     builder = os.path.join(ROOT, "tools/image/build_image.py")
     py = sys.executable
+    # The bundled fine-tunes as tools/build_image.sh packs them.
+    deltas = os.path.join(work, "deltas")
+    os.makedirs(deltas, exist_ok=True)
+    for ft in ("c-headers", "man"):
+        sh(os.path.join(ROOT, BINARIES["stratactl"]), "delta", "compress", "--base",
+           os.path.join(ROOT, "models/strata-tiny/base"), "--fine-tune",
+           os.path.join(ROOT, "models/strata-tiny/ft-" + ft), "--out",
+           os.path.join(deltas, ft + ".delta.safetensors"), "--json")
     sh(py, builder, "--out", archive, "--tag", "strata:test",
        *sum((["--binary", os.path.join(ROOT, p)] for p in BINARIES.values()), []),
-       "--model", "strata-tiny=" + os.path.join(ROOT, "models/strata-tiny/base"))
+       "--model", "strata-tiny=" + os.path.join(ROOT, "models/strata-tiny/base"),
+       "--fine-tunes", "strata-tiny=" + deltas)
     sh(py, builder, "--unpack", archive, "--rootfs", rootfs)
     os.unlink(archive)
     for name in BINARIES:

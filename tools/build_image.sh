@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds Strata's container image (strata-coordinator, strata-worker, stratactl, their shared libraries
-# and the bundled strata-tiny model; no base image) as an OCI archive, with no container engine. The
-# manifests in k8s/ run it. See tools/image/build_image.py for what is in it.
+# Builds Strata's container image (strata-coordinator, strata-worker, stratactl, their shared libraries,
+# the bundled strata-tiny model and its two fine-tunes as 4-bit deltas; no base image) as an OCI
+# archive, with no container engine. The manifests in k8s/ run it. See tools/image/build_image.py for what is in it.
 #
 # Usage:
 #   tools/build_image.sh                       writes strata-image.tar (tag strata:dev)
@@ -34,9 +34,18 @@ targets=(//worker/server:strata-worker //coordinator:strata-coordinator //cli:st
 bazel build --noshow_progress "${bazel_flags[@]}" "${targets[@]}" >&2
 bin_dir="$(bazel info "${bazel_flags[@]}" bazel-bin 2>/dev/null)"
 revision="$(git rev-parse HEAD 2>/dev/null || true)"
+# The bundled fine-tunes, compressed as a worker serves them (k8s/base: --fine_tune_dir).
+deltas="$(mktemp -d)"
+trap 'rm -rf "$deltas"' EXIT
+for ft in c-headers man; do
+  "$bin_dir/cli/stratactl" delta compress --base models/strata-tiny/base \
+    --fine-tune "models/strata-tiny/ft-$ft" --out "$deltas/$ft.delta.safetensors" \
+    --base-name strata-tiny --json >/dev/null
+done
 /usr/bin/python3 tools/image/build_image.py --out "$out" --tag "$tag" --revision "$revision" \
   --binary "$bin_dir/worker/server/strata-worker" --binary "$bin_dir/coordinator/strata-coordinator" \
-  --binary "$bin_dir/cli/stratactl" --model "strata-tiny=models/strata-tiny/base" "${extra[@]}"
+  --binary "$bin_dir/cli/stratactl" --model "strata-tiny=models/strata-tiny/base" \
+  --fine-tunes "strata-tiny=$deltas" "${extra[@]}"
 
 if [ "$load" = 1 ]; then
   if command -v podman >/dev/null; then

@@ -7,7 +7,9 @@ image), and the bundled model, in three layers ordered from least to most often 
   1. libraries  /lib64/ld-linux-x86-64.so.2 and /usr/lib/strata/*.so* (each under the name the binaries
                 ask for; found with ldd). The NVIDIA driver (libcuda.so.1) is not packed: the NVIDIA
                 container toolkit mounts the node's copy into GPU pods.
-  2. models     /models/NAME/... for each --model NAME=DIR.
+  2. models     /models/NAME/... for each --model NAME=DIR, and /fine-tunes/NAME/*.delta.safetensors
+                for each --fine-tunes NAME=DIR (fine-tunes of model NAME, as `stratactl delta
+                compress` writes them; a worker serves them with --fine_tune_dir).
   3. strata     /usr/local/bin/<binaries>, /etc/{passwd,group,nsswitch.conf,host.conf}, /tmp and
                 /var/lib/strata (the disk KV tier's default home, owned by the image's user).
 
@@ -18,7 +20,8 @@ digests. The image runs as user 65532 (strata) and sets LD_LIBRARY_PATH to /usr/
 
 Usage:
   build_image.py --out strata-image.tar --tag strata:dev \
-      --binary bazel-bin/worker/server/strata-worker --binary ... --model strata-tiny=models/strata-tiny/base
+      --binary bazel-bin/worker/server/strata-worker --binary ... --model strata-tiny=models/strata-tiny/base \
+      [--fine-tunes strata-tiny=DIR]
   build_image.py --unpack strata-image.tar --rootfs DIR   # what a runtime does: layers applied in order
 """
 
@@ -187,6 +190,15 @@ def build(args):
         if not os.path.isfile(os.path.join(src, "config.json")):
             fail("--model %s: %s has no config.json" % (spec, src))
         models_layer.tree("models/" + name, src)
+    for spec in args.fine_tunes:
+        name, sep, src = spec.partition("=")
+        if not sep or not re.match(r"^[A-Za-z0-9._-]+$", name):
+            fail("--fine-tunes %r: want NAME=DIR with NAME of letters, digits, '.', '_' or '-'" % spec)
+        deltas = sorted(f for f in os.listdir(src) if f.endswith(".delta.safetensors")) if os.path.isdir(src) else []
+        if not deltas:
+            fail("--fine-tunes %s: %s holds no *.delta.safetensors" % (spec, src))
+        for f in deltas:
+            models_layer.file("fine-tunes/%s/%s" % (name, f), os.path.join(src, f), 0o644)
 
     for path, text in ETC_FILES.items():
         strata_layer.text(path, text)
@@ -382,6 +394,8 @@ def main():
     p.add_argument("--tag", default="strata:dev", help="image name:tag recorded in the archive")
     p.add_argument("--binary", action="append", default=[], help="a binary to pack (repeatable)")
     p.add_argument("--model", action="append", default=[], help="NAME=DIR to pack under /models/NAME")
+    p.add_argument("--fine-tunes", action="append", default=[],
+                   help="NAME=DIR: DIR's *.delta.safetensors to pack under /fine-tunes/NAME")
     p.add_argument("--revision", default="", help="source revision for the image's labels")
     p.add_argument("--gzip", action="store_true", help="gzip the layers (smaller, slower to write)")
     p.add_argument("--unpack", metavar="ARCHIVE", help="verify ARCHIVE and unpack it into --rootfs")
