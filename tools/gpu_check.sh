@@ -8,15 +8,16 @@
 #                                             # with gpu-bundle.tar.xz beside it (or gpu-bundle/)
 #
 # `run` unpacks the bundle, runs the GPU tests and bench/gpu_bench (gpu-bundle/run.sh), a coordinator
-# and a GPU worker serving the bundled model over gRPC (their greedy text must equal the CPU
-# engine's), then bench/torch_baseline.py with the same model shape when python3 has torch and
+# and a GPU worker serving the bundled model and a fine-tune of it over gRPC (their greedy text must
+# equal the CPU engine's), then bench/torch_baseline.py with the same model shape when python3 has torch and
 # transformers, and
 # writes RESULTS_DIR/results.json (everything) next to every log. The table comes last. Environment:
 # STRATA_GPU_TIMEOUT (seconds per binary, default 300), STRATA_TORCH_BUDGET (seconds for the PyTorch
 # comparison, default 150; 0 skips it), STRATA_GPU_NCU=1 (per-kernel times of one batch-1 decode
 # step under ncu, per variant), STRATA_GPU_ONLY (a regex of bundle names to run),
 # STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer, with
-# the tools in STRATA_GPU_SANITIZE_TOOLS, default memcheck),
+# the tools in STRATA_GPU_SANITIZE_TOOLS, default memcheck; kernels/cuda:delta_test runs under them
+# too, filtered by STRATA_GPU_SANITIZE_DELTA, default all, empty for none),
 # STRATA_CLUSTER (0 skips the cluster check), STRATA_CLUSTER_DEVICE (the worker's --device, default
 # gpu; cpu checks the script itself on a machine without a GPU).
 set -uo pipefail
@@ -134,6 +135,14 @@ case "${1:-}" in
           gpu-bundle/bin/kernels.cuda.ops_test --gtest_filter="$STRATA_GPU_SANITIZE" \
           >>"$results/sanitizer.log" 2>&1
         echo "compute-sanitizer $tool exit $?" >>"$results/sanitizer.log"
+        # The fine-tune delta kernels too (STRATA_GPU_SANITIZE_DELTA: a gtest filter of
+        # kernels/cuda:delta_test, default all of it; empty skips them).
+        if [ -n "${STRATA_GPU_SANITIZE_DELTA-*}" ] && [ -x gpu-bundle/bin/kernels.cuda.delta_test ]; then
+          LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            gpu-bundle/bin/kernels.cuda.delta_test --gtest_filter="${STRATA_GPU_SANITIZE_DELTA-*}" \
+            >>"$results/sanitizer.log" 2>&1
+          echo "compute-sanitizer $tool (delta_test) exit $?" >>"$results/sanitizer.log"
+        fi
       done
     fi
     # End to end: a coordinator and one worker on the GPU (f32, so that greedy tokens are exact)
@@ -200,6 +209,7 @@ rows = [
     ("decode b64, 1 fine-tune", fmt(g(ours, "decode_b64_ft1_tokens_per_s")), "-"),
     ("decode b64, 4 fine-tunes", fmt(g(ours, "decode_b64_ft4_tokens_per_s")), "-"),
     ("prefill tok/s, a fine-tune", fmt(g(ours, "prefill_ft_tokens_per_s")), "-"),
+    ("fine-tune first step ms", fmt(g(ours, "fine_tune_first_step_ms")), "-"),
 ]
 print()
 print(summary.strip())

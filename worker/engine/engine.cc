@@ -846,6 +846,7 @@ EngineStats Engine::Stats() const {
   st.num_preemptions = num_preemptions_;
   if (store_ != nullptr) st.tiers = store_->stats();
   if (deltas_ != nullptr) st.deltas = deltas_->GetStats();
+  if (deltas_ != nullptr && gpu_ != nullptr) st.gpu_deltas = gpu_->delta_stats();
   return st;
 }
 

@@ -142,8 +142,9 @@ struct EngineStats {
   int64_t num_preemptions = 0;
   // Lower tiers, when configured.
   KvStoreStats tiers;
-  // Fine-tune deltas, when any is registered.
+  // Fine-tune deltas, when any is registered, and on the gpu device their copies in GPU memory.
   DeltaCacheStats deltas;
+  GpuDeltaStats gpu_deltas;
 };
 
 class Engine {

@@ -131,6 +131,7 @@ void ExpectMixedBatchesMatchCpu(const Base& base, const DeltaWeights* a, const D
       for (size_t s = 0; s < seqs.size(); ++s) {
         EXPECT_LT(RelativeError(got[s], want[s]), r.tol) << "sequence " << s;
       }
+      EXPECT_EQ((*g)->delta_stats().capacity_bytes, 64 << 20);
       EXPECT_EQ((*g)->delta_stats().resident, 2);
       EXPECT_EQ((*g)->delta_stats().uploads, 2);  // once each, then kept
     }

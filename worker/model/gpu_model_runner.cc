@@ -1257,6 +1257,7 @@ GpuRunnerMemory GpuModelRunner::memory() const { return impl_->mem; }
 GpuDeltaStats GpuModelRunner::delta_stats() const {
   GpuDeltaStats st;
   if (const DeltaResidency* r = impl_->residency.get(); r != nullptr) {
+    st.capacity_bytes = r->capacity();
     st.resident = r->num_resident();
     st.bytes_used = r->used_bytes();
     st.uploads = r->uploads();

@@ -84,6 +84,7 @@ struct GpuRunnerMemory {
 
 // The fine-tune deltas on the device.
 struct GpuDeltaStats {
+  int64_t capacity_bytes = 0;  // the region (GpuRunnerOptions::delta_bytes)
   int64_t resident = 0;
   int64_t bytes_used = 0;
   int64_t uploads = 0;

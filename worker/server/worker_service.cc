@@ -778,6 +778,19 @@ void WorkerService::PublishMetrics(LoopState* state) {
         ->SetTotal(static_cast<double>(d.num_load_failures));
     m->GetCounter("strata_worker_delta_evictions_total", "Fine-tune deltas evicted for room.")
         ->SetTotal(static_cast<double>(d.num_evictions));
+    if (const GpuDeltaStats& g = st.gpu_deltas; g.capacity_bytes > 0) {
+      const char* kDevice = "GPU memory for fine-tune deltas: capacity and bytes in use.";
+      m->GetGauge("strata_worker_delta_device_bytes", kDevice, {{"state", "total"}})
+          ->Set(static_cast<double>(g.capacity_bytes));
+      m->GetGauge("strata_worker_delta_device_bytes", kDevice, {{"state", "used"}})
+          ->Set(static_cast<double>(g.bytes_used));
+      m->GetCounter("strata_worker_delta_device_uploads_total",
+                    "Fine-tune deltas copied to GPU memory.")
+          ->SetTotal(static_cast<double>(g.uploads));
+      m->GetCounter("strata_worker_delta_device_evictions_total",
+                    "Fine-tune deltas dropped from GPU memory for room.")
+          ->SetTotal(static_cast<double>(g.evictions));
+    }
   }
   if (engine_->kv_store() == nullptr) return;
   const KvStoreStats& t = st.tiers;
