@@ -9,37 +9,60 @@
 namespace strata::gpu {
 namespace {
 
+// `#pragma unroll` in code that the host compiles too (DecodeUnit), where GCC would warn.
+#ifdef __CUDA_ARCH__
+#define STRATA_UNROLL _Pragma("unroll")
+#else
+#define STRATA_UNROLL
+#endif
+
 constexpr int kWarps = 4;        // warps per block of the GEMV
 constexpr int kRowsPerPass = 8;  // rows of x each decoded unit of Δ meets per pass
 
+// A naturally aligned little-endian word of kBytes bytes (read-only cache on the device; the host
+// path is for DecodeDeltaUnitForTesting).
 template <int kBytes>
-__device__ __forceinline__ uint64_t LoadWord(const uint8_t* p) {
+__host__ __device__ __forceinline__ uint64_t LoadWord(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
   if constexpr (kBytes == 1) return __ldg(p);
   if constexpr (kBytes == 2) return __ldg(reinterpret_cast<const uint16_t*>(p));
   if constexpr (kBytes == 4) return __ldg(reinterpret_cast<const uint32_t*>(p));
   if constexpr (kBytes == 8) return __ldg(reinterpret_cast<const unsigned long long*>(p));
   return 0;
+#else
+  uint64_t v = 0;
+  for (int i = 0; i < kBytes; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return v;
+#endif
+}
+
+__host__ __device__ __forceinline__ uint32_t LoadByte(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
 }
 
 // Columns 8u .. 8u + 7 of one row of Δ as code minus zero point (unscaled; pruned columns 0).
 template <int kBits, bool kSparse>
-__device__ __forceinline__ void DecodeUnit(const uint8_t* q_row, const uint8_t* index_row,
-                                           int64_t u, float w[8]) {
+__host__ __device__ __forceinline__ void DecodeUnit(const uint8_t* q_row, const uint8_t* index_row,
+                                                    int64_t u, float w[8]) {
   constexpr uint64_t kMask = (1u << kBits) - 1;
   constexpr float kZero = static_cast<float>(1 << (kBits - 1));
   if constexpr (!kSparse) {
     const uint64_t word = LoadWord<kBits>(q_row + u * kBits);
-#pragma unroll
+    STRATA_UNROLL
     for (int i = 0; i < 8; ++i) w[i] = static_cast<float>((word >> (i * kBits)) & kMask) - kZero;
   } else {
     // Values 4u .. 4u + 3 of the row; index byte u holds groups 2u (low nibble) and 2u + 1.
     const uint64_t word = LoadWord<kBits / 2>(q_row + u * (kBits / 2));
-    const uint32_t nib = __ldg(index_row + u);
+    const uint32_t nib = LoadByte(index_row + u);
     float v[4];
-#pragma unroll
+    STRATA_UNROLL
     for (int i = 0; i < 4; ++i) v[i] = static_cast<float>((word >> (i * kBits)) & kMask) - kZero;
     const uint32_t o0 = nib & 3, o1 = (nib >> 2) & 3, o2 = (nib >> 4) & 3, o3 = (nib >> 6) & 3;
-#pragma unroll
+    STRATA_UNROLL
     for (uint32_t c = 0; c < 4; ++c) {
       w[c] = (c == o0 ? v[0] : 0.0f) + (c == o1 ? v[1] : 0.0f);
       w[4 + c] = (c == o2 ? v[2] : 0.0f) + (c == o3 ? v[3] : 0.0f);
@@ -59,7 +82,7 @@ __device__ __forceinline__ void Load8(const T* p, float out[8]) {
 }
 
 template <int kBits, bool kSparse>
-__device__ __forceinline__ int64_t QBytesPerRow(int64_t cols) {
+__host__ __device__ __forceinline__ int64_t QBytesPerRow(int64_t cols) {
   return (kSparse ? cols / 2 : cols) * kBits / 8;
 }
 
@@ -194,6 +217,14 @@ cudaError_t LaunchUnpackDelta(const UnpackDeltaArgs& a, cudaStream_t stream) {
       UnpackDeltaKernel<O, kBits, kSparse><<<grid, 256, 0, stream>>>(a);
       return cudaGetLastError();
     });
+  });
+}
+
+void DecodeDeltaUnitForTesting(const DeltaView& d, int64_t row, int64_t unit, float out[8]) {
+  DispatchFormat(d, [&]<int kBits, bool kSparse>() {
+    DecodeUnit<kBits, kSparse>(d.q + row * QBytesPerRow<kBits, kSparse>(d.cols),
+                               kSparse ? d.index + row * (d.cols / 8) : nullptr, unit, out);
+    return cudaSuccess;
   });
 }
 

@@ -77,6 +77,11 @@ struct AddRowsArgs {
 };
 cudaError_t LaunchAddRows(const AddRowsArgs& a, cudaStream_t stream);
 
+// For tests, on the host: columns [8 * unit, 8 * unit + 8) of row `row` of Δ, decoded by the very
+// code the kernels run (as code minus zero point, before the row's scale; pruned columns 0). `d`'s
+// buffers are host memory here.
+void DecodeDeltaUnitForTesting(const DeltaView& d, int64_t row, int64_t unit, float out[8]);
+
 }  // namespace strata::gpu
 
 #endif  // STRATA_KERNELS_CUDA_DELTA_KERNEL_H_
