@@ -5,6 +5,9 @@
 # models/strata-tiny/README.md). Prints a Markdown table (docs/PERFORMANCE.md, "Fine-tunes").
 #
 #   bench/run_delta_quality.sh [FORMATS...]      FORMATS like 4:none 2:4 (bits:sparsity; default all)
+#   bench/run_delta_quality.sh calibration       2:4 chosen by magnitude against 2:4 chosen with
+#                                                calibration (--calibration on the first half of each
+#                                                held-out file; perplexity on the second half)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bazel build -c opt //cli:stratactl >/dev/null 2>&1
@@ -15,6 +18,33 @@ trap 'rm -rf "$tmp"' EXIT
 formats=("$@")
 [ ${#formats[@]} -gt 0 ] || formats=(8:none 4:none 2:none 8:2:4 4:2:4 2:2:4)
 ppl() { $bin eval ppl "$@" --context 512 --json | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["perplexity"])'; }
+if [ "${1:-}" = calibration ]; then
+  echo "| fine-tune | format | ppl, magnitude 2:4 | ppl, calibrated 2:4 | change | full fine-tune | base |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+  for ft in c-headers:c_headers man:man; do
+    name=${ft%%:*} text=$m/heldout/${ft##*:}.txt
+    # Halves at the line break nearest the middle: calibrate on one, measure on the other.
+    python3 - "$text" "$tmp/first.txt" "$tmp/second.txt" <<'PY'
+import sys
+s = open(sys.argv[1], encoding="utf-8").read()
+mid = s.index("\n", len(s) // 2) + 1
+open(sys.argv[2], "w", encoding="utf-8").write(s[:mid])
+open(sys.argv[3], "w", encoding="utf-8").write(s[mid:])
+PY
+    full="$(ppl --model $m/ft-$name --text $tmp/second.txt)"
+    base="$(ppl --model $m/base --text $tmp/second.txt)"
+    for bits in 8 4 2; do
+      $bin delta compress --base $m/base --fine-tune $m/ft-$name --out $tmp/p.delta.safetensors \
+        --bits $bits --sparsity 2:4 >/dev/null
+      $bin delta compress --base $m/base --fine-tune $m/ft-$name --out $tmp/c.delta.safetensors \
+        --bits $bits --sparsity 2:4 --calibration $tmp/first.txt >/dev/null
+      p="$(ppl --model $m/base --delta $tmp/p.delta.safetensors --text $tmp/second.txt)"
+      c="$(ppl --model $m/base --delta $tmp/c.delta.safetensors --text $tmp/second.txt)"
+      echo "| $name | ${bits}-bit 2:4 | $p | $c | $(python3 -c 'import sys; print("%+.1f%%" % (100 * (float(sys.argv[2]) / float(sys.argv[1]) - 1)))' $p $c) | $full | $base |"
+    done
+  done
+  exit 0
+fi
 echo "| fine-tune | held-out | format | bits/weight | delta MB | vs bf16 fine-tune | ppl | full fine-tune | base |"
 echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for ft in c-headers:c_headers man:man; do

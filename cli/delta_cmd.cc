@@ -8,9 +8,12 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/json.h"
+#include "common/mapped_file.h"
 #include "common/status_macros.h"
+#include "tokenizer/tokenizer.h"
 #include "worker/model/config.h"
 #include "worker/model/delta.h"
+#include "worker/model/delta_calibration.h"
 #include "worker/model/weights.h"
 
 namespace strata {
@@ -36,6 +39,31 @@ absl::Status DeltaCompressCommand(const Args& args, std::FILE* out) {
     return absl::InvalidArgumentError("--threads must be in [0, 1024]");
   options.threads = static_cast<int>(threads);
   const auto start = std::chrono::steady_clock::now();
+  int64_t calibration_tokens = 0;
+  if (std::optional<std::string> calibration = args.Get("calibration")) {
+    if (!options.sparse_2_4) {
+      return absl::InvalidArgumentError(
+          "--calibration only changes which values 2:4 sparsity keeps: add --sparsity 2:4");
+    }
+    // Column importance from the base's activations on this text (docs/FINE_TUNES.md).
+    ASSIGN_OR_RETURN(int64_t most, args.GetInt("calibration-tokens", 32768));
+    ASSIGN_OR_RETURN(int64_t context, args.GetInt("calibration-context", 512));
+    if (most <= 0) return absl::InvalidArgumentError("--calibration-tokens must be positive");
+    ASSIGN_OR_RETURN(std::string text, ReadFileToString(*calibration),
+                     _.Prepend("--calibration: "));
+    ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromModelDir(base));
+    ASSIGN_OR_RETURN(std::vector<int32_t> ids,
+                     tokenizer->Encode(text, /*add_special_tokens=*/true));
+    if (static_cast<int64_t>(ids.size()) > most) ids.resize(most);
+    ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(base));
+    ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> weights, LoadModelWeights(base, config, 0, 1));
+    CalibrationOptions co;
+    co.context = context;
+    co.threads = options.threads;
+    ASSIGN_OR_RETURN(options.column_importance, CalibrateColumnImportance(*weights, ids, co),
+                     _.Prepend("--calibration: "));
+    calibration_tokens = static_cast<int64_t>(ids.size());
+  }
   ASSIGN_OR_RETURN(DeltaCompressReport report, CompressDelta(base, fine_tune, out_path, options));
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -53,11 +81,14 @@ absl::Status DeltaCompressCommand(const Args& args, std::FILE* out) {
         out,
         "{\"out\":%s,\"bits\":%d,\"sparsity\":%s,\"base_fingerprint\":%s,"
         "\"fine_tune_bytes\":%lld,\"delta_bytes\":%lld,\"compression\":%.3f,"
-        "\"unchanged_tensors\":%lld,\"seconds\":%.3f,\"tensors\":[%s]}\n",
+        "\"unchanged_tensors\":%lld,\"calibration_tokens\":%lld,\"calibrated_tensors\":%lld,"
+        "\"seconds\":%.3f,\"tensors\":[%s]}\n",
         JsonQuote(out_path).c_str(), options.bits, JsonQuote(sparsity).c_str(),
         JsonQuote(report.base_fingerprint).c_str(), static_cast<long long>(report.fine_tune_bytes),
         static_cast<long long>(report.delta_bytes), ratio,
-        static_cast<long long>(report.num_unchanged), seconds, absl::StrJoin(tensors, ",").c_str());
+        static_cast<long long>(report.num_unchanged), static_cast<long long>(calibration_tokens),
+        static_cast<long long>(report.num_calibrated), seconds,
+        absl::StrJoin(tensors, ",").c_str());
     return absl::OkStatus();
   }
   std::fprintf(out, "%-48s %12s %10s %10s\n", "tensor", "shape", "rel.error", "bytes");
@@ -73,6 +104,11 @@ absl::Status DeltaCompressCommand(const Args& args, std::FILE* out) {
                static_cast<long long>(report.tensors.size()),
                static_cast<long long>(report.num_unchanged), report.delta_bytes / 1e6,
                report.fine_tune_bytes / 1e6, ratio, report.base_fingerprint.c_str(), seconds);
+  if (calibration_tokens > 0) {
+    std::fprintf(out, "calibrated on %lld tokens: %lld matrices packed by column importance\n",
+                 static_cast<long long>(calibration_tokens),
+                 static_cast<long long>(report.num_calibrated));
+  }
   return absl::OkStatus();
 }
 

@@ -7,7 +7,8 @@
 //   stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]
 //   stratactl eval ppl --model DIR [--delta FILE] --text FILE [--context N] [--threads N] [--json]
 //   stratactl delta compress --base DIR --fine-tune DIR --out FILE [--bits 2|4|8]
-//       [--sparsity 2:4|none] [--base-name NAME] [--threads N] [--json]
+//       [--sparsity 2:4|none] [--base-name NAME] [--threads N] [--calibration TEXT_FILE
+//       [--calibration-tokens N] [--calibration-context N]] [--json]
 //   stratactl delta inspect FILE [--base DIR] [--json]
 //   stratactl generate [--coordinator ADDR] [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3)
 //       [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
@@ -45,7 +46,8 @@ constexpr char kUsage[] =
     "      [--json]\n"
     "fine-tune deltas (docs/FINE_TUNES.md):\n"
     "  stratactl delta compress --base DIR --fine-tune DIR --out FILE [--bits 2|4|8]\n"
-    "      [--sparsity 2:4|none] [--base-name NAME] [--threads N] [--json]\n"
+    "      [--sparsity 2:4|none] [--base-name NAME] [--threads N] [--calibration TEXT_FILE\n"
+    "      [--calibration-tokens N] [--calibration-context N]] [--json]\n"
     "  stratactl delta inspect FILE [--base DIR] [--json]\n"
     "cluster (a running coordinator: --coordinator ADDR, $STRATA_COORDINATOR, 127.0.0.1:50051):\n"
     "  stratactl generate [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
@@ -106,8 +108,10 @@ int main(int argc, char** argv) {
   }
   if (command == "delta" && !rest.empty() && rest[0] == "compress") {
     rest.erase(rest.begin());
-    auto args = strata::Args::Parse(
-        rest, {"json"}, {"base", "fine-tune", "out", "bits", "sparsity", "base-name", "threads"});
+    auto args =
+        strata::Args::Parse(rest, {"json"},
+                            {"base", "fine-tune", "out", "bits", "sparsity", "base-name", "threads",
+                             "calibration", "calibration-tokens", "calibration-context"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::DeltaCompressCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);

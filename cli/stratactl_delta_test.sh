@@ -44,6 +44,16 @@ assert delta < base / 4, (base, full, delta)
 assert abs(delta / full - 1) < 0.02, (base, full, delta)
 PY
 
+# Calibrated 2:4: the base reads text first and every layer matrix is packed by column importance.
+head -c 6000 $m/heldout/man.txt > $tmp/calibration.txt
+cal="$($bin delta compress --base $m/base --fine-tune $m/ft-c-headers --out $tmp/c24cal.delta.safetensors \
+  --sparsity 2:4 --calibration $tmp/calibration.txt --json)"
+python3 - "$cal" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["calibration_tokens"] > 1000 and r["calibrated_tensors"] == 28, r
+PY
+
 # run --delta serves the fine-tune over the base as a worker does: with an 8-bit delta its greedy
 # text is the full fine-tune's, and not the base's.
 $bin delta compress --base $m/base --fine-tune $m/ft-c-headers --out $tmp/c8.delta.safetensors \
@@ -61,6 +71,10 @@ msg="$($bin delta inspect $tmp/c.delta.safetensors --base $m/ft-man 2>&1)"; rc=$
 [ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "wrong base: $rc $msg"
 msg="$($bin eval ppl --model $m/ft-man --delta $tmp/c.delta.safetensors --text $tmp/heldout.txt 2>&1)"; rc=$?
 [ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "ppl wrong base: $rc $msg"
+msg="$($bin delta compress --base $m/base --fine-tune $m/ft-man --out $tmp/x --calibration $tmp/calibration.txt 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--sparsity 2:4' || fail "dense calibration: $rc $msg"
+msg="$($bin delta compress --base $m/base --fine-tune $m/ft-man --out $tmp/x --sparsity 2:4 --calibration $tmp/nope.txt 2>&1)"; rc=$?
+[ $rc = 1 ] && echo "$msg" | grep -q -- '--calibration' || fail "missing calibration file: $rc $msg"
 msg="$($bin run --model $m/ft-man --delta $tmp/c.delta.safetensors --prompt x 2>&1)"; rc=$?
 [ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "run wrong base: $rc $msg"
 msg="$($bin delta inspect $m/base/model.safetensors 2>&1)"; rc=$?

@@ -61,7 +61,9 @@ struct DeltaPackParams {
   const float* delta = nullptr;
   // [cols], host, f32, or null: importance of each input column (for example the RMS of the
   // activations that meet it on calibration text). 2:4 selection keeps the two values of a group
-  // with the largest |Δ| * importance (Wanda's criterion); null weighs columns equally.
+  // with the largest |Δ| * importance (Wanda's criterion); null weighs columns equally. The scale
+  // search ignores it: weighting its squared error by importance measured worse on the bundled
+  // fine-tunes (docs/PERFORMANCE.md).
   const float* column_importance = nullptr;
   // Outputs, host: [rows, kept * bits / 8], [rows, cols / 8] (2:4 only; may be null otherwise) and
   // [rows].
@@ -78,12 +80,12 @@ struct DeltaPackParams {
 
 // Scratch PackDeltaCpu needs for rows of `cols` columns.
 inline size_t DeltaPackWorkspaceBytes(int64_t cols) {
-  return 2 * static_cast<size_t>(cols) * sizeof(float);
+  return static_cast<size_t>(cols) * sizeof(float);
 }
 
 // Compresses a dense delta: 2:4 selection (if asked), then per row the scale, among a grid of
 // clipping ratios of the row's largest kept magnitude, that gives the smallest squared error of
-// the importance-weighted kept values, and round-to-nearest codes. Deterministic.
+// the kept values, and round-to-nearest codes. Deterministic.
 absl::Status PackDeltaCpu(const DeltaPackParams& p);
 
 // out [row_end - row_begin, cols], host, f32: rows [row_begin, row_end) of the dense Δ (zeros at

@@ -147,7 +147,7 @@ std::atomic<DotFn>& ActiveDot() {
 }
 
 // Packs one row: picks the kept values, the scale, the codes.
-void PackRow(const DeltaPackParams& p, int64_t r, float* kept, float* weight) {
+void PackRow(const DeltaPackParams& p, int64_t r, float* kept) {
   const float* row = p.delta + r * p.cols;
   const int64_t num_kept = p.sparse_2_4 ? p.cols / 2 : p.cols;
   const auto importance = [&](int64_t col) {
@@ -171,15 +171,10 @@ void PackRow(const DeltaPackParams& p, int64_t r, float* kept, float* weight) {
       const int lo = std::min(first, second), hi = std::max(first, second);
       kept[2 * g] = row[4 * g + lo];
       kept[2 * g + 1] = row[4 * g + hi];
-      weight[2 * g] = importance(4 * g + lo) * importance(4 * g + lo);
-      weight[2 * g + 1] = importance(4 * g + hi) * importance(4 * g + hi);
       index_row[g >> 1] |= static_cast<uint8_t>((lo | (hi << 2)) << ((g & 1) * 4));
     }
   } else {
-    for (int64_t c = 0; c < p.cols; ++c) {
-      kept[c] = row[c];
-      weight[c] = importance(c) * importance(c);
-    }
+    std::memcpy(kept, row, p.cols * sizeof(float));
   }
   const int levels = Levels(p.bits);
   float amax = 0;
@@ -195,7 +190,7 @@ void PackRow(const DeltaPackParams& p, int64_t r, float* kept, float* weight) {
         const float c = std::clamp(std::nearbyint(kept[v] / scale), static_cast<float>(-levels),
                                    static_cast<float>(levels));
         const double e = kept[v] - c * scale;
-        error += weight[v] * e * e;
+        error += e * e;
       }
       if (best_error < 0 || error < best_error) {
         best_error = error;
@@ -293,7 +288,7 @@ absl::Status PackDeltaCpu(const DeltaPackParams& p) {
     }
   }
   float* kept = static_cast<float*>(p.workspace);
-  for (int64_t r = p.row_begin; r < row_end; ++r) PackRow(p, r, kept, kept + p.cols);
+  for (int64_t r = p.row_begin; r < row_end; ++r) PackRow(p, r, kept);
   return absl::OkStatus();
 }
 

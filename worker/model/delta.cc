@@ -642,6 +642,17 @@ absl::StatusOr<DeltaCompressReport> CompressDelta(const std::string& base_dir,
                        ": the fine-tune minus the base is not finite somewhere (NaN or inf "
                        "weights)"));
     }
+    const float* importance = nullptr;
+    if (auto it = options.column_importance.find(name);
+        options.sparse_2_4 && it != options.column_importance.end()) {
+      if (static_cast<int64_t>(it->second.size()) != cols) {
+        return absl::InvalidArgumentError(absl::StrCat("column importance of ", name, " has ",
+                                                       it->second.size(), " values for ", cols,
+                                                       " columns"));
+      }
+      importance = it->second.data();
+      ++report.num_calibrated;
+    }
     PackedDelta shape;
     shape.rows = rows;
     shape.cols = cols;
@@ -660,6 +671,7 @@ absl::StatusOr<DeltaCompressReport> CompressDelta(const std::string& base_dir,
       p.bits = options.bits;
       p.sparse_2_4 = options.sparse_2_4;
       p.delta = delta.data();
+      p.column_importance = importance;
       p.q = q.data();
       p.index = options.sparse_2_4 ? index.data() : nullptr;
       p.scale = reinterpret_cast<float*>(scale.data());

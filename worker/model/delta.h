@@ -17,6 +17,7 @@
 #define STRATA_WORKER_MODEL_DELTA_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -120,6 +121,11 @@ struct DeltaCompressOptions {
   std::string base_model_name;
   // Threads packing rows (0: one per core).
   int threads = 0;
+  // Importance of each input column per weight matrix, by tensor name (for example from
+  // CalibrateColumnImportance, worker/model/delta_calibration.h): DeltaPackParams::
+  // column_importance for that matrix. Matrices without an entry weigh columns equally; only 2:4
+  // selection uses it, so dense deltas ignore it.
+  std::map<std::string, std::vector<float>> column_importance;
 };
 
 struct DeltaCompressReport {
@@ -134,6 +140,8 @@ struct DeltaCompressReport {
   std::vector<Tensor> tensors;
   // Tensors equal in base and fine-tune, left out.
   int64_t num_unchanged = 0;
+  // Matrices packed with a column importance (DeltaCompressOptions::column_importance).
+  int64_t num_calibrated = 0;
   // Bytes of the fine-tune's weights, and of the delta file's tensor data.
   int64_t fine_tune_bytes = 0;
   int64_t delta_bytes = 0;

@@ -509,6 +509,7 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
         n, hidden, L.input_norm,
         [l](const DeltaWeights& d) -> const std::vector<float>& { return d.layers[l].input_norm; },
         normed));
+    if (observer_) observer_(l, ProjectionInput::kQkv, normed, n, H);
     // q, k and v side by side in one buffer: [n, qd | kvd | kvd].
     RETURN_IF_ERROR(MatMulGroup(normed, n,
                                 {{&L.q, qkv, qkv_w, &L.q_bias},
@@ -596,6 +597,7 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
           return PagedAttentionCpu(part);
         }));
 
+    if (observer_) observer_(l, ProjectionInput::kO, attn, n, qd);
     RETURN_IF_ERROR(MatMul(L.o, attn, n, proj, H, L.o_bias));
     for (const DeltaSegment& s : segments_) {
       const LayerDelta& LD = s.delta->layers[l];
@@ -613,6 +615,7 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
           return d.layers[l].post_attention_norm;
         },
         normed));
+    if (observer_) observer_(l, ProjectionInput::kGateUp, normed, n, H);
     RETURN_IF_ERROR(MatMulGroup(
         normed, n, {{&L.gate, gate_up, 2 * I, nullptr}, {&L.up, gate_up + I, 2 * I, nullptr}}));
     for (const DeltaSegment& s : segments_) {
@@ -621,6 +624,7 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
       RETURN_IF_ERROR(ApplyDelta(LD.up, s.rows, normed, H, gate_up + I, 2 * I));
     }
     RETURN_IF_ERROR(SiluMulCpu({n, I, gate_up, act}));
+    if (observer_) observer_(l, ProjectionInput::kDown, act, n, I);
     RETURN_IF_ERROR(MatMul(L.down, act, n, proj, H, {}));
     for (const DeltaSegment& s : segments_) {
       RETURN_IF_ERROR(ApplyDelta(s.delta->layers[l].down, s.rows, act, I, proj, H));

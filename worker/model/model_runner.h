@@ -19,6 +19,7 @@
 #define STRATA_WORKER_MODEL_MODEL_RUNNER_H_
 
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -96,6 +97,18 @@ absl::Status ValidateForwardBatch(const ForwardBatch& batch, int64_t vocab_size)
 // Threads the CPU kernels may use (process-wide); n <= 0 keeps the default (all cores).
 void SetCpuComputeThreads(int n);
 
+// The inputs of a decoder layer's projections, as ModelRunner's activation observer sees them.
+enum class ProjectionInput {
+  kQkv,     // the input-normed hidden state, [tokens, hidden]: q, k and v read it
+  kO,       // the attention output, [tokens, q_dim]: o_proj reads it
+  kGateUp,  // the post-attention-normed hidden state, [tokens, hidden]: gate and up read it
+  kDown,    // silu(gate) * up, [tokens, intermediate]: down_proj reads it
+};
+// Called during Forward with each layer's projection inputs (x: rows x cols, dense, f32, host),
+// for calibration statistics (worker/model/delta_calibration.h). Single-rank runners only.
+using ActivationObserver = std::function<void(int64_t layer, ProjectionInput input, const float* x,
+                                              int64_t rows, int64_t cols)>;
+
 class ModelRunner {
  public:
   // Neither is owned; both must outlive the runner. `num_threads` compute threads split
@@ -119,6 +132,8 @@ class ModelRunner {
   absl::Status StopFollowers();
 
   const ModelWeights& weights() const { return *w_; }
+  // Sees every projection input of later Forward calls (null: none). One rank only.
+  void set_activation_observer(ActivationObserver observer) { observer_ = std::move(observer); }
   // The runner's threads, idle between Forward calls (the engine borrows them for host work).
   ThreadPool* pool() const { return pool_.get(); }
 
@@ -167,6 +182,7 @@ class ModelRunner {
   // Scratch, grown as needed.
   std::vector<float> hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, head_rows_, head_logits_;
   std::vector<char> workspace_;
+  ActivationObserver observer_;
   std::vector<DeltaSegment> segments_;
   std::vector<float> delta_x_, delta_panel_, delta_out_;
   std::vector<const DeltaWeights*> token_delta_;  // per token of the current batch
