@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "bench/stats.h"
 #include "common/copy.h"
 #include "common/init.h"
 #include "worker/comm/shm_collectives.h"
@@ -33,11 +34,6 @@ namespace strata {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 // Bytes each collective moves per rank: a decode step's hidden state (1 token) of a 256-wide and a
 // 4096-wide model, a 64-token batch, and prefill chunks of 512 tokens.

@@ -28,6 +28,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_models.h"
+#include "bench/stats.h"
 #include "common/init.h"
 #include "common/log.h"
 #include "worker/comm/collectives.h"
@@ -56,11 +57,6 @@ namespace strata {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
 
 // Read bandwidth of main memory with `threads` threads summing a 1 GiB buffer, bytes/s (median of
 // 5).

@@ -29,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/stats.h"
 #include "common/init.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -74,11 +75,6 @@ namespace {
 #ifdef STRATA_HAVE_CUDA
 
 CudaStreamHandle Handle(cudaStream_t s) { return reinterpret_cast<CudaStreamHandle>(s); }
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
 
 // Milliseconds of `fn` on `stream`, median of `reps` after one warm-up, by CUDA events.
 template <typename Fn>

@@ -18,6 +18,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "bench/stats.h"
 #include "common/init.h"
 #include "common/log.h"
 #include "memtier/device_tier.h"
@@ -34,11 +35,6 @@ ABSL_FLAG(std::string, json_out, "", "Append one JSON line with the medians here
 
 namespace strata {
 namespace {
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 int Main() {
   KvBlockLayout layout;

@@ -48,6 +48,21 @@ inline uint16_t FloatToBf16(float f) {
 float F16ToFloat(uint16_t h);
 uint16_t FloatToF16(float f);
 
+// Element i of an array of f32, bf16 or f16 values at `data` (any alignment) as f32; 0 for the
+// other types.
+inline float ElementAsFloat(const void* data, DType t, int64_t i) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  if (t == DType::kF32) {
+    float f;
+    std::memcpy(&f, p + 4 * i, 4);
+    return f;
+  }
+  if (t != DType::kBF16 && t != DType::kF16) return 0.0f;
+  uint16_t h;
+  std::memcpy(&h, p + 2 * i, 2);
+  return t == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
+}
+
 // FP8 E4M3 (the "fn" variant of NVIDIA and OCP: bias 7, no infinities, largest finite 448, NaN
 // 0x7f/0xff) <-> float. Rounding to nearest even; values beyond +-448 saturate to +-448 (KV
 // quantization scales keep them in range), NaN stays NaN. Every FP8 value converts exactly.

@@ -25,11 +25,7 @@ int64_t End(const MatMulParams& p) { return p.n_end == 0 ? p.n : p.n_end; }
 // converting 16-bit weights in registers, which is what batch-1 and small-batch decode need.
 constexpr int64_t kGemvMaxRows = 8;
 
-float Scalar(const void* w, int64_t i, DType dt) {
-  if (dt == DType::kF32) return static_cast<const float*>(w)[i];
-  const uint16_t h = static_cast<const uint16_t*>(w)[i];
-  return dt == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
-}
+float Scalar(const void* w, int64_t i, DType dt) { return ElementAsFloat(w, dt, i); }
 
 void GemvScalar(const MatMulParams& p, int64_t ldy, int64_t n_begin, int64_t n_end) {
   for (int64_t j = n_begin; j < n_end; ++j) {

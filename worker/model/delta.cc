@@ -34,26 +34,7 @@ constexpr int64_t kFingerprintSampleBytes = 4096;
 constexpr int64_t kArenaAlign = 64;
 
 float ElementToFloat(const TensorView& t, int64_t i) {
-  const uint8_t* p = t.data.data();
-  switch (t.dtype) {
-    case DType::kF32: {
-      float f;
-      std::memcpy(&f, p + 4 * i, 4);
-      return f;
-    }
-    case DType::kBF16: {
-      uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      return Bf16ToFloat(h);
-    }
-    case DType::kF16: {
-      uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      return F16ToFloat(h);
-    }
-    default:
-      return 0;
-  }
+  return ElementAsFloat(t.data.data(), t.dtype, i);
 }
 
 // "N.q", "N.index" or "N.scale": a part of a packed matrix N.
@@ -389,15 +370,7 @@ absl::StatusOr<Matrix> AddDelta(const Matrix& m, const PackedDelta& d) {
   out.owned.resize(static_cast<size_t>(m.rows * m.cols) * sizeof(float));
   float* f = reinterpret_cast<float*>(out.owned.data());
   const uint8_t* src = static_cast<const uint8_t*>(m.data);
-  for (int64_t i = 0; i < m.rows * m.cols; ++i) {
-    if (m.dtype == DType::kF32) {
-      std::memcpy(&f[i], src + 4 * i, 4);
-    } else {
-      uint16_t h;
-      std::memcpy(&h, src + 2 * i, 2);
-      f[i] = m.dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
-    }
-  }
+  for (int64_t i = 0; i < m.rows * m.cols; ++i) f[i] = ElementAsFloat(src, m.dtype, i);
   if (d.rows > 0) {
     if (d.rows != m.rows || d.cols != m.cols) {
       return absl::InvalidArgumentError("materialize: a delta's shape differs from its matrix");

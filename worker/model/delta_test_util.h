@@ -63,15 +63,7 @@ inline void WritePerturbedCopy(const std::string& dir, const std::string& out) {
     const TensorView* t = model->Find(name);
     std::vector<float> v(t->NumElements());
     for (int64_t i = 0; i < t->NumElements(); ++i) {
-      float x = 0;
-      if (t->dtype == DType::kF32) {
-        std::memcpy(&x, t->data.data() + 4 * i, 4);
-      } else {
-        uint16_t h;
-        std::memcpy(&h, t->data.data() + 2 * i, 2);
-        x = t->dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
-      }
-      v[i] = x + noise(rng);
+      v[i] = ElementAsFloat(t->data.data(), t->dtype, i) + noise(rng);
     }
     values.push_back(std::move(v));
     tensors.push_back(

@@ -39,14 +39,7 @@ void ConvertToAct(const void* src, DType dtype, int64_t n, gpu::ActType act,
   out->resize(static_cast<size_t>(n) * eb);
   const auto* s8 = static_cast<const uint8_t*>(src);
   for (int64_t i = 0; i < n; ++i) {
-    float f;
-    if (dtype == DType::kF32) {
-      std::memcpy(&f, s8 + 4 * i, 4);
-    } else {
-      uint16_t h;
-      std::memcpy(&h, s8 + 2 * i, 2);
-      f = dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
-    }
+    const float f = ElementAsFloat(s8, dtype, i);
     uint8_t* d = out->data() + i * eb;
     if (act == gpu::ActType::kF32) {
       std::memcpy(d, &f, 4);

@@ -53,11 +53,7 @@ void EmbedRow(const Matrix& embed, int32_t token, float* out) {
     std::memcpy(out, row, H * sizeof(float));
     return;
   }
-  for (int64_t i = 0; i < H; ++i) {
-    uint16_t h;
-    std::memcpy(&h, row + 2 * i, 2);
-    out[i] = embed.dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
-  }
+  for (int64_t i = 0; i < H; ++i) out[i] = ElementAsFloat(row, embed.dtype, i);
 }
 
 // The plan rank 0 broadcasts before each step: a header, then the batch's arrays.
