@@ -15,6 +15,7 @@
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 #include "worker/model/delta.h"
+#include "worker/model/delta_test_util.h"
 #include "worker/model/weights.h"
 
 namespace strata {
@@ -22,10 +23,7 @@ namespace {
 
 constexpr char kBase[] = "models/strata-tiny/base";
 
-std::string TempPath(const std::string& name) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  return std::string(dir == nullptr ? "/tmp" : dir) + "/" + name;
-}
+using delta_test::TempPath;
 
 struct Outcome {
   std::vector<int32_t> tokens;
