@@ -78,6 +78,20 @@ void ThreadPool::Worker(int index) {
   }
 }
 
+absl::Status ThreadPool::ParallelForStatus(int64_t n, int64_t grain,
+                                           absl::FunctionRef<absl::Status(int64_t, int64_t)> fn) {
+  absl::Mutex mu;
+  absl::Status status;
+  ParallelFor(n, grain, [&](int64_t begin, int64_t end) {
+    absl::Status s = fn(begin, end);
+    if (!s.ok()) {
+      absl::MutexLock lock(&mu);
+      status.Update(s);
+    }
+  });
+  return status;
+}
+
 void ThreadPool::ParallelFor(int64_t n, int64_t grain,
                              const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;

@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 
 namespace strata {
@@ -34,6 +36,10 @@ class ThreadPool {
   // Calls fn(begin, end) on disjoint ranges covering [0, n), in parallel, rounding range boundaries
   // to multiples of `grain`; returns when all calls have returned.
   void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+  // ParallelFor of a fallible fn: OK, or an error of a range that failed (one of them, when
+  // several do). Every range runs either way.
+  absl::Status ParallelForStatus(int64_t n, int64_t grain,
+                                 absl::FunctionRef<absl::Status(int64_t, int64_t)> fn);
 
  private:
   void Worker(int index);

@@ -34,5 +34,18 @@ TEST(ThreadPoolTest, ManyRoundsReuseTheWorkers) {
   EXPECT_EQ(sum.load(), 500 * 4950);
 }
 
+TEST(ThreadPoolTest, ParallelForStatusRunsEveryRangeAndReportsAFailure) {
+  ThreadPool pool(3);
+  std::atomic<int64_t> covered{0};
+  const absl::Status s = pool.ParallelForStatus(1000, 10, [&](int64_t begin, int64_t end) {
+    covered += end - begin;
+    return begin <= 500 && 500 < end ? absl::InternalError("range with 500") : absl::OkStatus();
+  });
+  EXPECT_EQ(covered.load(), 1000);
+  EXPECT_TRUE(absl::IsInternal(s)) << s;
+  EXPECT_TRUE(
+      pool.ParallelForStatus(1000, 10, [](int64_t, int64_t) { return absl::OkStatus(); }).ok());
+}
+
 }  // namespace
 }  // namespace strata

@@ -652,8 +652,11 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   batch.num_seqs = static_cast<int64_t>(plan.size());
   batch.max_blocks_per_seq = max_blocks;
   batch.logit_tokens = logit_tokens;
+  // Only a step with a fine-tune in it carries seq_deltas: the runners' base-only paths (the GPU's
+  // decode graphs among them) take the others.
   std::vector<const DeltaWeights*> seq_deltas;
-  if (deltas_ != nullptr) {
+  if (std::any_of(plan.begin(), plan.end(),
+                  [](const Chunk& ch) { return ch.seq->delta != nullptr; })) {
     for (const Chunk& ch : plan) seq_deltas.push_back(ch.seq->delta);
     batch.seq_deltas = seq_deltas;
   }

@@ -634,9 +634,7 @@ absl::StatusOr<DeltaCompressReport> CompressDelta(const std::string& base_dir,
     std::vector<uint8_t> q(rows * shape.QBytesPerRow());
     std::vector<uint8_t> index(rows * shape.IndexBytesPerRow());
     std::vector<uint8_t> scale(rows * sizeof(float));
-    absl::Mutex mu;
-    absl::Status status;
-    pool.ParallelFor(rows, 16, [&](int64_t begin, int64_t end) {
+    RETURN_IF_ERROR(pool.ParallelForStatus(rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> workspace(DeltaPackWorkspaceBytes(cols) / sizeof(float));
       DeltaPackParams p;
       p.rows = rows;
@@ -652,29 +650,25 @@ absl::StatusOr<DeltaCompressReport> CompressDelta(const std::string& base_dir,
       p.row_end = end;
       p.workspace = workspace.data();
       p.workspace_bytes = workspace.size() * sizeof(float);
-      absl::Status s = PackDeltaCpu(p);
-      if (!s.ok()) {
-        absl::MutexLock lock(&mu);
-        status.Update(s);
-      }
-    });
-    RETURN_IF_ERROR(status);
+      return PackDeltaCpu(p);
+    }));
     // The error of the compressed delta against the true one, row by row.
     shape.q = q.data();
     shape.index = options.sparse_2_4 ? index.data() : nullptr;
     shape.scale = reinterpret_cast<const float*>(scale.data());
     std::vector<double> row_error(rows), row_norm(rows);
-    pool.ParallelFor(rows, 64, [&](int64_t begin, int64_t end) {
+    RETURN_IF_ERROR(pool.ParallelForStatus(rows, 64, [&](int64_t begin, int64_t end) {
       std::vector<float> back(cols);
       for (int64_t r = begin; r < end; ++r) {
-        (void)UnpackDeltaCpu(shape, r, r + 1, back.data(), false);
+        RETURN_IF_ERROR(UnpackDeltaCpu(shape, r, r + 1, back.data(), false));
         for (int64_t k = 0; k < cols; ++k) {
           const double t = delta[r * cols + k];
           row_error[r] += (back[k] - t) * (back[k] - t);
           row_norm[r] += t * t;
         }
       }
-    });
+      return absl::OkStatus();
+    }));
     double error = 0, norm = 0;
     for (int64_t r = 0; r < rows; ++r) {
       error += row_error[r];

@@ -554,6 +554,12 @@ int64_t GpuModelRunner::Impl::PartitionsWorkspace(int64_t num_tiles, int64_t til
 }
 
 absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWeights& d) {
+  // Resident already (checked and laid out when it was copied): only its last use moves.
+  if (auto it = delta_devs.find(d.serial);
+      it != delta_devs.end() && residency->resident(d.serial)) {
+    RETURN_IF_ERROR(residency->Place(d.serial, 0, delta_step).status());
+    return &it->second;
+  }
   const auto* arena = d.arena.data();
   auto vec = [&](const std::vector<float>& v, int64_t size, const char* what) -> absl::Status {
     if (!v.empty() && static_cast<int64_t>(v.size()) != size) {
@@ -605,9 +611,6 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
   const size_t shift = lay.shift, arena_bytes = lay.arena_bytes, bytes = lay.total;
   ASSIGN_OR_RETURN(DeltaResidency::Placement place,
                    residency->Place(d.serial, static_cast<int64_t>(bytes), delta_step));
-  if (!place.upload) {
-    if (auto it = delta_devs.find(d.serial); it != delta_devs.end()) return &it->second;
-  }
   // Copies of deltas evicted to make room are stale now.
   for (auto it = delta_devs.begin(); it != delta_devs.end();) {
     if (residency->resident(it->first) && it->first != d.serial) {
@@ -688,13 +691,6 @@ absl::Status GpuModelRunner::Impl::PrepareDeltas(const ForwardBatch& b) {
     return absl::InvalidArgumentError("forward: too many logit rows for the fine-tune indices");
   }
   ++delta_step;
-  for (const DeltaStepPlan::Segment& seg : plan.segments) {
-    if (static_cast<int64_t>(seg.delta->layers.size()) != c.num_layers) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("forward: a delta of ", seg.delta->layers.size(), " layers for a model of ",
-                       c.num_layers, " (loaded for another base)"));
-    }
-  }
   for (int attempt = 0;; ++attempt) {
     absl::Status placed = absl::OkStatus();
     seg_devs.clear();
@@ -831,7 +827,7 @@ absl::Status GpuModelRunner::Impl::HeadNormRuns(int64_t n, int64_t heads, void* 
 absl::Status GpuModelRunner::Impl::Prepare(const ForwardBatch& b, int64_t padded,
                                            std::vector<int32_t>* tiles) {
   const int64_t n = static_cast<int64_t>(b.tokens.size());
-  RETURN_IF_ERROR(ValidateForwardBatch(b, V));
+  RETURN_IF_ERROR(ValidateForwardBatch(b, V, c.num_layers));
   if (padded > T_()) {
     return absl::InvalidArgumentError(
         absl::StrCat("forward: ", n, " tokens exceed max_batch_tokens ", T_()));

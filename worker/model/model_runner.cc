@@ -23,22 +23,6 @@ namespace {
 constexpr int64_t kDeltaPanelMinRows = 128;
 constexpr int64_t kDeltaPanelRows = 256;
 
-// Runs fn over [0, n) split across `pool` in grains of `grain`; an error of any part (one of
-// them, when several fail).
-absl::Status ParallelForStatus(ThreadPool* pool, int64_t n, int64_t grain,
-                               absl::FunctionRef<absl::Status(int64_t, int64_t)> fn) {
-  absl::Mutex mu;
-  absl::Status status;
-  pool->ParallelFor(n, grain, [&](int64_t begin, int64_t end) {
-    absl::Status s = fn(begin, end);
-    if (!s.ok()) {
-      absl::MutexLock lock(&mu);
-      status.Update(s);
-    }
-  });
-  return status;
-}
-
 template <typename T>
 T* Grow(std::vector<T>* v, size_t n) {
   if (v->size() < n) v->resize(n);
@@ -237,7 +221,7 @@ absl::Status ModelRunner::ServeFollower() {
                    cache->block_tokens != plan.header.block_tokens)) {
       s = absl::InternalError("tensor parallelism: the step plan changed the cache's geometry");
     }
-    if (s.ok()) s = ValidateForwardBatch(plan.batch, c.vocab_size);
+    if (s.ok()) s = ValidateForwardBatch(plan.batch, c.vocab_size, c.num_layers);
     if (s.ok()) {
       logits.resize(plan.batch.logit_tokens.size() * c.vocab_size);
       s = ForwardLocal(plan.batch, *cache, absl::MakeSpan(logits));
@@ -283,7 +267,7 @@ absl::Status ModelRunner::MatMulGroup(const float* x, int64_t rows,
   }
   // Decode-sized: one parallel pass over the output columns of every projection together, so the
   // threads synchronize once for q, k and v (or gate and up) instead of once each.
-  return ParallelForStatus(pool_.get(), total_columns, 16, [&](int64_t begin, int64_t end) {
+  return pool_->ParallelForStatus(total_columns, 16, [&](int64_t begin, int64_t end) {
     int64_t offset = 0;
     for (const MatMulParams& p : params) {
       const int64_t b = std::max(begin, offset), e = std::min(end, offset + p.n);
@@ -299,7 +283,7 @@ absl::Status ModelRunner::MatMulGroup(const float* x, int64_t rows,
   });
 }
 
-absl::Status ValidateForwardBatch(const ForwardBatch& b, int64_t vocab_size) {
+absl::Status ValidateForwardBatch(const ForwardBatch& b, int64_t vocab_size, int64_t num_layers) {
   const int64_t n = static_cast<int64_t>(b.tokens.size());
   if (b.positions.size() != b.tokens.size() || b.token_seq.size() != b.tokens.size() ||
       b.slots.size() != b.tokens.size()) {
@@ -323,6 +307,13 @@ absl::Status ValidateForwardBatch(const ForwardBatch& b, int64_t vocab_size) {
   if (!b.seq_deltas.empty() && static_cast<int64_t>(b.seq_deltas.size()) != b.num_seqs) {
     return absl::InvalidArgumentError("forward: seq_deltas is not one entry per sequence");
   }
+  for (const DeltaWeights* d : b.seq_deltas) {
+    if (d != nullptr && static_cast<int64_t>(d->layers.size()) != num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: a delta of ", d->layers.size(),
+                                                     " layers for a model of ", num_layers,
+                                                     " (loaded for another base)"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -334,7 +325,7 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
     return absl::FailedPreconditionError(
         "forward: a tensor-parallel rank other than 0 runs rank 0's steps (ServeFollower)");
   }
-  RETURN_IF_ERROR(ValidateForwardBatch(b, c.vocab_size));
+  RETURN_IF_ERROR(ValidateForwardBatch(b, c.vocab_size, c.num_layers));
   if (static_cast<int64_t>(logits.size()) !=
       static_cast<int64_t>(b.logit_tokens.size()) * c.vocab_size) {
     return absl::InvalidArgumentError("forward: logits buffer has the wrong size");
@@ -342,19 +333,10 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, const KvCacheLayers& ca
   if (static_cast<int64_t>(cache.k.size()) != c.num_layers || cache.v.size() != cache.k.size()) {
     return absl::InvalidArgumentError("forward: the cache has the wrong number of layers");
   }
-  if (!b.seq_deltas.empty()) {
-    for (const DeltaWeights* d : b.seq_deltas) {
-      if (d == nullptr) continue;
-      if (comm_->world_size() > 1) {
-        return absl::FailedPreconditionError(
-            "forward: fine-tune deltas run on one tensor-parallel rank only");
-      }
-      if (static_cast<int64_t>(d->layers.size()) != c.num_layers) {
-        return absl::InvalidArgumentError(absl::StrCat("forward: a delta of ", d->layers.size(),
-                                                       " layers for a model of ", c.num_layers,
-                                                       " (loaded for another base)"));
-      }
-    }
+  if (comm_->world_size() > 1 && std::any_of(b.seq_deltas.begin(), b.seq_deltas.end(),
+                                             [](const DeltaWeights* d) { return d != nullptr; })) {
+    return absl::FailedPreconditionError(
+        "forward: fine-tune deltas run on one tensor-parallel rank only");
   }
   if (n == 0) return absl::OkStatus();
   if (comm_->world_size() == 1) return ForwardLocal(b, cache, logits);
@@ -405,7 +387,7 @@ absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const std::vector<int
   p.y = y;
   p.ldy = ldy;
   if (p.m >= kDeltaPanelMinRows) return ApplyDeltaPanels(d, rows, x, ldx, y, ldy);
-  return ParallelForStatus(pool_.get(), d.rows, 16, [&](int64_t begin, int64_t end) {
+  return pool_->ParallelForStatus(d.rows, 16, [&](int64_t begin, int64_t end) {
     DeltaMatMulParams part = p;
     part.n_begin = begin;
     part.n_end = end;
@@ -425,7 +407,7 @@ absl::Status ModelRunner::ApplyDeltaPanels(const PackedDelta& d, const std::vect
   }
   for (int64_t j0 = 0; j0 < d.rows; j0 += panel_rows) {
     const int64_t nb = std::min(panel_rows, d.rows - j0);
-    RETURN_IF_ERROR(ParallelForStatus(pool_.get(), nb, 8, [&](int64_t begin, int64_t end) {
+    RETURN_IF_ERROR(pool_->ParallelForStatus(nb, 8, [&](int64_t begin, int64_t end) {
       return UnpackDeltaCpu(d, j0 + begin, j0 + end, panel + begin * k, /*accumulate=*/false);
     }));
     MatMulParams mp;
@@ -585,13 +567,12 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     pa.num_seqs = b.num_seqs;
     pa.max_blocks_per_seq = b.max_blocks_per_seq;
     pa.out = attn;
-    RETURN_IF_ERROR(
-        ParallelForStatus(pool_.get(), n * w_->num_heads, 1, [&](int64_t begin, int64_t end) {
-          PagedAttentionParams part = pa;
-          part.work_begin = begin;
-          part.work_end = end;
-          return PagedAttentionCpu(part);
-        }));
+    RETURN_IF_ERROR(pool_->ParallelForStatus(n * w_->num_heads, 1, [&](int64_t begin, int64_t end) {
+      PagedAttentionParams part = pa;
+      part.work_begin = begin;
+      part.work_end = end;
+      return PagedAttentionCpu(part);
+    }));
 
     if (observer_) observer_(l, ProjectionInput::kO, attn, n, qd);
     RETURN_IF_ERROR(MatMul(L.o, attn, n, proj, H, L.o_bias));

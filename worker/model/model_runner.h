@@ -91,8 +91,10 @@ struct ForwardBatch {
 // The checks every runner makes of a batch before running it: INVALID_ARGUMENT when the per-token
 // arrays differ in length, the block tables are not num_seqs x max_blocks_per_seq, a token id is
 // outside [0, vocab_size), a logit token index outside the batch, or seq_deltas is neither empty
-// nor one entry per sequence.
-absl::Status ValidateForwardBatch(const ForwardBatch& batch, int64_t vocab_size);
+// nor one entry per sequence, or holds a delta of other than `num_layers` layers (loaded for
+// another base).
+absl::Status ValidateForwardBatch(const ForwardBatch& batch, int64_t vocab_size,
+                                  int64_t num_layers);
 
 // Threads the CPU kernels may use (process-wide); n <= 0 keeps the default (all cores).
 void SetCpuComputeThreads(int n);

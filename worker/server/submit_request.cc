@@ -108,4 +108,9 @@ v1::FinishReason ToProtoFinishReason(FinishReason reason) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
+std::string FinishReasonLabel(FinishReason reason) {
+  return reason == FinishReason::kError ? "ERROR"
+                                        : v1::FinishReason_Name(ToProtoFinishReason(reason));
+}
+
 }  // namespace strata

@@ -41,6 +41,9 @@ absl::StatusOr<RequestOptions> ParseSamplingParams(const v1::SamplingParams& sam
                                                    int64_t vocab_size);
 
 v1::FinishReason ToProtoFinishReason(FinishReason reason);
+// The reason as metrics label it: the proto enum's name ("FINISH_REASON_EOS", ...), and "ERROR"
+// for kError (which has none: it reaches the client as the stream's status).
+std::string FinishReasonLabel(FinishReason reason);
 
 }  // namespace strata
 

@@ -562,9 +562,7 @@ void WorkerService::StepEngine(LoopState* state) {
       if (out.finish != FinishReason::kNone) {
         options_.metrics
             ->GetCounter("strata_worker_sequences_finished_total", "Sequences finished, by reason.",
-                         {{"reason", out.finish == FinishReason::kError
-                                         ? std::string("ERROR")
-                                         : v1::FinishReason_Name(ToProtoFinishReason(out.finish))}})
+                         {{"reason", FinishReasonLabel(out.finish)}})
             ->Add();
       }
     }
@@ -760,17 +758,15 @@ void WorkerService::PublishMetrics(LoopState* state) {
       ->Set(static_cast<double>(st.num_total_blocks - st.num_free_blocks));
   if (!fine_tune_ids_.empty()) {
     const DeltaCacheStats& d = st.deltas;
-    m->GetGauge("strata_worker_fine_tunes", "Fine-tunes registered (total) and loaded (resident).",
-                {{"state", "total"}})
+    const char* kFineTunes = "Fine-tunes registered (total) and loaded (resident).";
+    m->GetGauge("strata_worker_fine_tunes", kFineTunes, {{"state", "total"}})
         ->Set(static_cast<double>(d.num_registered));
-    m->GetGauge("strata_worker_fine_tunes", "Fine-tunes registered (total) and loaded (resident).",
-                {{"state", "resident"}})
+    m->GetGauge("strata_worker_fine_tunes", kFineTunes, {{"state", "resident"}})
         ->Set(static_cast<double>(d.num_resident));
-    m->GetGauge("strata_worker_delta_cache_bytes", "Delta cache: capacity and bytes in use.",
-                {{"state", "total"}})
+    const char* kCache = "Delta cache: capacity and bytes in use.";
+    m->GetGauge("strata_worker_delta_cache_bytes", kCache, {{"state", "total"}})
         ->Set(static_cast<double>(d.capacity_bytes));
-    m->GetGauge("strata_worker_delta_cache_bytes", "Delta cache: capacity and bytes in use.",
-                {{"state", "used"}})
+    m->GetGauge("strata_worker_delta_cache_bytes", kCache, {{"state", "used"}})
         ->Set(static_cast<double>(d.resident_bytes));
     m->GetCounter("strata_worker_delta_loads_total", "Fine-tune deltas loaded from disk.")
         ->SetTotal(static_cast<double>(d.num_loads));
