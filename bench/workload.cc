@@ -15,14 +15,14 @@ int64_t Draw(std::mt19937_64* rng, LengthRange r) {
   return std::uniform_int_distribution<int64_t>(r.min, r.max)(*rng);
 }
 
-std::vector<int32_t> Tokens(std::mt19937_64* rng, int64_t n, int32_t vocab) {
+}  // namespace
+
+std::vector<int32_t> RandomTokens(std::mt19937_64* rng, int64_t n, int32_t vocab) {
   std::uniform_int_distribution<int32_t> d(0, vocab - 1);
   std::vector<int32_t> out(static_cast<size_t>(n));
   for (int32_t& t : out) t = d(*rng);
   return out;
 }
-
-}  // namespace
 
 absl::StatusOr<LengthRange> ParseLengthRange(const std::string& spec) {
   std::vector<std::string> parts = absl::StrSplit(spec, ':');
@@ -55,7 +55,7 @@ absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o)
             "shared-prefix needs >= 1 prefix and a fraction in [0, 1]");
       }
       for (int i = 0; i < o.num_shared_prefixes; ++i) {
-        prefixes.push_back(Tokens(&rng, o.shared_prefix_tokens, o.vocab_size));
+        prefixes.push_back(RandomTokens(&rng, o.shared_prefix_tokens, o.vocab_size));
       }
     }
     std::bernoulli_distribution shared(o.shared_fraction);
@@ -67,7 +67,8 @@ absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o)
       if (!prefixes.empty() && shared(rng)) {
         turn.prompt = prefixes[std::uniform_int_distribution<size_t>(0, prefixes.size() - 1)(rng)];
       }
-      const std::vector<int32_t> own = Tokens(&rng, Draw(&rng, o.prompt_tokens), o.vocab_size);
+      const std::vector<int32_t> own =
+          RandomTokens(&rng, Draw(&rng, o.prompt_tokens), o.vocab_size);
       turn.prompt.insert(turn.prompt.end(), own.begin(), own.end());
       turn.output_tokens = Draw(&rng, o.output_tokens);
       c.turns.push_back(std::move(turn));
@@ -83,11 +84,12 @@ absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o)
       Conversation c;
       c.start = absl::Seconds(t);
       t += gap(rng);
-      std::vector<int32_t> history = Tokens(&rng, Draw(&rng, o.prompt_tokens), o.vocab_size);
+      std::vector<int32_t> history = RandomTokens(&rng, Draw(&rng, o.prompt_tokens), o.vocab_size);
       for (int k = 0; k < o.turns; ++k) {
         Turn turn;
         if (k > 0) {
-          const std::vector<int32_t> more = Tokens(&rng, Draw(&rng, o.turn_tokens), o.vocab_size);
+          const std::vector<int32_t> more =
+              RandomTokens(&rng, Draw(&rng, o.turn_tokens), o.vocab_size);
           history.insert(history.end(), more.begin(), more.end());
           turn.think_time = absl::Milliseconds(think(rng));
         }

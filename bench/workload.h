@@ -8,6 +8,7 @@
 #define STRATA_BENCH_WORKLOAD_H_
 
 #include <cstdint>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,9 @@ struct Conversation {
 };
 
 absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& options);
+
+// `n` token ids drawn uniformly from [0, vocab).
+std::vector<int32_t> RandomTokens(std::mt19937_64* rng, int64_t n, int32_t vocab);
 
 // p in [0, 100]; linear interpolation between order statistics. 0 for an empty input.
 double Percentile(std::vector<double> values, double p);

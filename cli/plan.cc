@@ -240,6 +240,29 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   return p;
 }
 
+StepCost PlanStepCost(const ModelConfig& model, const GpuSpec& gpu, const PlanOptions& options) {
+  const double dtype_bytes = DTypeBytes(options.dtype);
+  const double embedding = static_cast<double>(model.vocab_size) * model.hidden_size;
+  const double parameters = static_cast<double>(model.NumParameters());
+  const double matrix_params = parameters - (model.tie_word_embeddings ? 0.0 : embedding);
+  const double step_weight_bytes =
+      (parameters - (model.tie_word_embeddings ? 0.0 : embedding)) * dtype_bytes;
+  const double kv_bytes_per_token = 2.0 * model.num_layers * model.kv_dim() * dtype_bytes;
+  const double decode_efficiency =
+      options.decode_efficiency > 0 ? options.decode_efficiency : gpu.decode_efficiency;
+  const double prefill_efficiency =
+      options.prefill_efficiency > 0 ? options.prefill_efficiency : gpu.prefill_efficiency;
+  const double bandwidth = options.tensor_parallel * gpu.copy_bytes_per_s * decode_efficiency;
+  const double flop_rate = options.tensor_parallel * gpu.flops * prefill_efficiency;
+  StepCost c;
+  c.weights_s = step_weight_bytes / bandwidth;
+  c.kv_token_s = kv_bytes_per_token / bandwidth;
+  c.token_s = 2 * matrix_params / flop_rate;
+  c.attention_pair_s = 4.0 * model.num_layers * model.q_dim() / flop_rate;
+  c.host_block_s = kv_bytes_per_token * options.block_tokens / kHostToDeviceBytesPerS;
+  return c;
+}
+
 std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& options) {
   std::vector<std::string> f = {
       "--device=gpu",
@@ -405,14 +428,7 @@ absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv) {
                       "emit"});
 }
 
-absl::Status PlanCommand(const Args& args, std::FILE* out) {
-  if (args.Get("gpu") == "list") {
-    for (const GpuSpec& g : KnownGpus()) {
-      absl::FPrintF(out, "%-6s %5.0f GB  copy %6.0f GB/s  bf16 %5.0f TFLOP/s  %s\n", g.name,
-                    g.memory_bytes / 1e9, g.copy_bytes_per_s / 1e9, g.flops / 1e12, g.source);
-    }
-    return absl::OkStatus();
-  }
+absl::StatusOr<ModelConfig> PlanModelFromArgs(const Args& args) {
   const std::optional<std::string> model_arg = args.Get("model");
   if (!model_arg)
     return absl::InvalidArgumentError("--model is required (a directory with config.json)");
@@ -427,6 +443,10 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
     ASSIGN_OR_RETURN(model, LoadModelConfig(*model_arg));
   }
 
+  return model;
+}
+
+absl::StatusOr<GpuSpec> PlanGpuFromArgs(const Args& args) {
   GpuSpec gpu;
   if (args.Has("gpu-memory-gib") || args.Has("gpu-bandwidth-gbps") || args.Has("gpu-tflops")) {
     if (args.Has("gpu")) {
@@ -444,25 +464,10 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
     ASSIGN_OR_RETURN(gpu, FindGpu(args.Get("gpu").value_or("h100")));
   }
 
-  Workload w;
-  ASSIGN_OR_RETURN(w.rate_rps, PositiveDouble(args, "rate", 0, true));
-  ASSIGN_OR_RETURN(w.prompt_tokens, IntAtLeast(args, "prompt-tokens", w.prompt_tokens, 1));
-  ASSIGN_OR_RETURN(w.output_tokens, IntAtLeast(args, "output-tokens", w.output_tokens, 1));
-  ASSIGN_OR_RETURN(w.shared_prefix_tokens, IntAtLeast(args, "shared-prefix-tokens", 0, 0));
-  ASSIGN_OR_RETURN(w.tpot_ms, PositiveDouble(args, "tpot-ms", 0, true));
-  ASSIGN_OR_RETURN(w.conversations, IntAtLeast(args, "conversations", 0, 0));
-  ASSIGN_OR_RETURN(w.conversation_tokens, IntAtLeast(args, "conversation-tokens", 0, 0));
-  // Far past any real deployment, and small enough that no count overflows.
-  for (const auto& [name, v] :
-       {std::pair<const char*, double>{"rate", w.rate_rps},
-        {"prompt-tokens", static_cast<double>(w.prompt_tokens)},
-        {"output-tokens", static_cast<double>(w.output_tokens)},
-        {"conversations", static_cast<double>(w.conversations)},
-        {"conversation-tokens", static_cast<double>(w.conversation_tokens)}}) {
-    if (v > 1e9)
-      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be at most 1e9"));
-  }
+  return gpu;
+}
 
+absl::StatusOr<PlanOptions> PlanOptionsFromArgs(const Args& args, const GpuSpec& gpu) {
   PlanOptions o;
   const std::string dtype = args.Get("dtype").value_or("bf16");
   // As strata-worker parses --gpu_dtype.
@@ -496,6 +501,39 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
   ASSIGN_OR_RETURN(o.target_utilization,
                    Fraction(args, "target-utilization", o.target_utilization));
 
+  return o;
+}
+
+absl::Status PlanCommand(const Args& args, std::FILE* out) {
+  if (args.Get("gpu") == "list") {
+    for (const GpuSpec& g : KnownGpus()) {
+      absl::FPrintF(out, "%-6s %5.0f GB  copy %6.0f GB/s  bf16 %5.0f TFLOP/s  %s\n", g.name,
+                    g.memory_bytes / 1e9, g.copy_bytes_per_s / 1e9, g.flops / 1e12, g.source);
+    }
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(const ModelConfig model, PlanModelFromArgs(args));
+  ASSIGN_OR_RETURN(const GpuSpec gpu, PlanGpuFromArgs(args));
+  Workload w;
+  ASSIGN_OR_RETURN(w.rate_rps, PositiveDouble(args, "rate", 0, true));
+  ASSIGN_OR_RETURN(w.prompt_tokens, IntAtLeast(args, "prompt-tokens", w.prompt_tokens, 1));
+  ASSIGN_OR_RETURN(w.output_tokens, IntAtLeast(args, "output-tokens", w.output_tokens, 1));
+  ASSIGN_OR_RETURN(w.shared_prefix_tokens, IntAtLeast(args, "shared-prefix-tokens", 0, 0));
+  ASSIGN_OR_RETURN(w.tpot_ms, PositiveDouble(args, "tpot-ms", 0, true));
+  ASSIGN_OR_RETURN(w.conversations, IntAtLeast(args, "conversations", 0, 0));
+  ASSIGN_OR_RETURN(w.conversation_tokens, IntAtLeast(args, "conversation-tokens", 0, 0));
+  // Far past any real deployment, and small enough that no count overflows.
+  for (const auto& [name, v] :
+       {std::pair<const char*, double>{"rate", w.rate_rps},
+        {"prompt-tokens", static_cast<double>(w.prompt_tokens)},
+        {"output-tokens", static_cast<double>(w.output_tokens)},
+        {"conversations", static_cast<double>(w.conversations)},
+        {"conversation-tokens", static_cast<double>(w.conversation_tokens)}}) {
+    if (v > 1e9)
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be at most 1e9"));
+  }
+
+  ASSIGN_OR_RETURN(const PlanOptions o, PlanOptionsFromArgs(args, gpu));
   ASSIGN_OR_RETURN(const Plan p, MakePlan(model, gpu, w, o));
   if (args.Has("json") && args.Has("emit") && args.Get("emit") != "json") {
     return absl::InvalidArgumentError("give --json or --emit, not both");

@@ -13,7 +13,8 @@
 //   - the worker flags and pod resources that would deploy it (EmitK8sPatch).
 // The efficiencies default to what bench/gpu_bench measured of Strata on each GPU
 // (docs/PERFORMANCE.md). The plan models neither queueing nor the coordinator; TTFT is the
-// prefill time of one uncached prompt on an otherwise idle GPU.
+// prefill time of one uncached prompt on an otherwise idle GPU. cli/simulate.h replays a workload
+// with queueing, batching and caching, at step costs from PlanStepCost.
 #ifndef STRATA_CLI_PLAN_H_
 #define STRATA_CLI_PLAN_H_
 
@@ -24,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "cli/args.h"
+#include "cli/simulate.h"
 #include "kernels/dtype.h"
 #include "memtier/kv_codec.h"
 #include "worker/model/config.h"
@@ -127,6 +129,13 @@ struct Plan {
 absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
                               const Workload& workload, const PlanOptions& options);
 
+// What a step of one worker (all its tensor-parallel ranks) costs under the plan's roofline, for
+// the simulator (cli/simulate.h): the bandwidth and FLOP terms that MakePlan's decode and prefill
+// figures come from, and a host-tier block's copy at kHostToDeviceBytesPerS.
+StepCost PlanStepCost(const ModelConfig& model, const GpuSpec& gpu, const PlanOptions& options);
+// Host-to-device copies from pinned memory (PCIe Gen4 x16 in practice; Gen5 is about twice).
+inline constexpr double kHostToDeviceBytesPerS = 25e9;
+
 // The strata-worker flags that deploy `plan` (without --listen, --model or --worker_id).
 std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& options);
 
@@ -136,6 +145,11 @@ std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options);
 
 // The flags of `stratactl plan`, parsed (unknown ones refused by name).
 absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv);
+
+// The model, GPU and options flags `stratactl plan` shares with `stratactl simulate`.
+absl::StatusOr<ModelConfig> PlanModelFromArgs(const Args& args);
+absl::StatusOr<GpuSpec> PlanGpuFromArgs(const Args& args);
+absl::StatusOr<PlanOptions> PlanOptionsFromArgs(const Args& args, const GpuSpec& gpu);
 
 // `stratactl plan`: reads --model (a directory with config.json, or the file), --gpu or the
 // --gpu-* figures, the workload and options; prints a table, --json, or --emit k8s.

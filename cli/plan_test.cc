@@ -43,6 +43,26 @@ PlanOptions Batch(int64_t max_running) {
   return o;
 }
 
+// The simulator's step cost is the plan's roofline: a lone sequence's decode step and an uncached
+// prompt's prefill come out as MakePlan's figures.
+TEST(PlanTest, StepCostAgreesWithThePlan) {
+  for (const char* gpu : {"h100", "h200"}) {
+    const GpuSpec g = *FindGpu(gpu);
+    const PlanOptions o = Batch(1);
+    auto p = MakePlan(Llama8B(), g, Decode(512, 64), o);
+    ASSERT_TRUE(p.ok()) << p.status();
+    const StepCost c = PlanStepCost(Llama8B(), g, o);
+    const double context = 512 + 64 / 2.0;
+    EXPECT_NEAR(1e3 * c.Step(1, context, context, 1), p->batch1_step_ms, 1e-9) << gpu;
+    const double pairs = 512 * (512 + 1) / 2.0;
+    EXPECT_NEAR(512 / c.Step(512, 512, pairs, 1), p->prefill_tokens_per_s,
+                0.01 * p->prefill_tokens_per_s)
+        << gpu;
+    // A 16-token block (2 MiB in bf16) over PCIe at 25 GB/s.
+    EXPECT_NEAR(c.host_block_s, 2.0 * 1024 * 1024 / 25e9, 1e-9);
+  }
+}
+
 TEST(PlanTest, CountsLlama3_8BAsItsFilesDo) {
   auto p = MakePlan(Llama8B(), *FindGpu("h100"), Decode(512, 64), PlanOptions());
   ASSERT_TRUE(p.ok()) << p.status();

@@ -32,6 +32,8 @@
 #include "cli/delta_cmd.h"
 #include "cli/offline.h"
 #include "cli/plan.h"
+#include "cli/profile.h"
+#include "cli/simulate_cmd.h"
 
 namespace {
 
@@ -65,7 +67,17 @@ constexpr char kUsage[] =
     "      --gpu-bandwidth-gbps B --gpu-tflops F] [--decode-efficiency E] [--prefill-efficiency "
     "E]\n"
     "      [--gpu-memory-utilization U] [--target-utilization U] [--json | --emit "
-    "table|json|k8s]\n";
+    "table|json|k8s]\n"
+    "  stratactl simulate (--model DIR|CONFIG.json --gpu G [plan's GPU and option flags] |\n"
+    "      --profile FILE) [--workers N | --find-workers] [--rate RPS | --rates R1,R2,...]\n"
+    "      [--workload random|shared-prefix|multi-turn] [--requests N] [--prompt-tokens N|A:B]\n"
+    "      [--output-tokens N|A:B] [--shared-prefix-tokens N] [--shared-fraction F]\n"
+    "      [--shared-prefixes N] [--turns N] [--turn-tokens N|A:B] [--think-time-ms T] [--seed S]\n"
+    "      [--ttft-p99-ms T] [--tpot-p99-ms T] [--router cost|round-robin] [--kv-blocks N]\n"
+    "      [--host-blocks N] [--svg FILE] [--json]\n"
+    "  stratactl profile --model DIR [--threads N] [--kv-cache-mb N] [--max-batch-tokens N]\n"
+    "      [--max-running-sequences N] [--block-tokens N] [--context N] [--reps N] [--out FILE]\n"
+    "      [--json]\n";
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "stratactl: %s\n", std::string(s.message()).c_str());
@@ -148,6 +160,18 @@ int main(int argc, char** argv) {
     auto args = strata::ParsePlanArgs(rest);
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::PlanCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "simulate") {
+    auto args = strata::ParseSimulateArgs(rest);
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::SimulateCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "profile") {
+    auto args = strata::ParseProfileArgs(rest);
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s = strata::ProfileCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);
   }
   std::fprintf(stderr, "stratactl: unknown command \"%s\"\n%s", command.c_str(), kUsage);

@@ -52,6 +52,48 @@ msg="$($bin plan --model $model --gpu h900 2>&1)"; rc=$?
 [ $rc = 2 ] && echo "$msg" | grep -q -- '--gpu "h900" is not one of h100' || fail "plan --gpu: $rc $msg"
 msg="$($bin plan --model $model --rate=-3 2>&1)"; rc=$?
 [ $rc = 2 ] && echo "$msg" | grep -q -- '--rate must be 0 or more' || fail "plan --rate: $rc $msg"
+
+# Simulation: the test model's engine profiled, a latency/load curve from the profile, and the
+# fewest H100 workers for a target from the roofline.
+tmp=${TEST_TMPDIR:-$(mktemp -d)}
+msg="$($bin profile --model $model --threads 1 --kv-cache-mb 4 --context 32 --reps 2 \
+  --out "$tmp/profile.json" 2>&1)"; rc=$?
+[ $rc = 0 ] && echo "$msg" | grep -q '^fit ' && grep -q '"token_s"' "$tmp/profile.json" \
+  || fail "profile: $rc $msg"
+out="$($bin simulate --profile "$tmp/profile.json" --workers 2 --rates 5,500 --requests 60 \
+  --prompt-tokens 32:64 --output-tokens 8 --svg "$tmp/curve.svg" --json 2>&1)" || fail "simulate: $out"
+python3 - "$out" "$tmp/curve.svg" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+runs = r["runs"]
+assert [x["rate_per_s"] for x in runs] == [5, 500], r
+for x in runs:
+    assert x["completed"] == 60 and x["rejected"] == 0 and x["workers"] == 2, x
+    assert len(x["worker_utilization"]) == 2, x
+# A hundred times the load queues: the first token comes later.
+assert runs[1]["ttft_ms"]["p99"] > runs[0]["ttft_ms"]["p99"], runs
+svg = open(sys.argv[2]).read()
+assert svg.startswith("<svg") and svg.count("<polyline") == 2, svg[:200]
+PY
+found="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --requests 600 \
+  --prompt-tokens 1024 --output-tokens 128 --find-workers --ttft-p99-ms 400 --json)" \
+  || fail "find-workers: $found"
+n=$(echo "$found" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["run"]["ttft_ms"]["p99"] <= 400, r; print(r["workers"])')
+[ "$n" -gt 1 ] || fail "30 requests/s of 1k-token prompts should need several H100s, got $n"
+msg="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --requests 600 \
+  --prompt-tokens 1024 --output-tokens 128 --workers $((n - 1)) --ttft-p99-ms 400)"
+echo "$msg" | grep -q '^targets    missed' || fail "$((n - 1)) workers should miss the target: $msg"
+set +e
+msg="$($bin simulate --profile "$tmp/profile.json" --rates 1,x 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--rates must be' || fail "simulate --rates: $rc $msg"
+msg="$($bin simulate --profile "$tmp/profile.json" --model $model 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- 'give --profile or --model' || fail "simulate both: $rc $msg"
+msg="$($bin simulate --profile "$tmp/profile.json" --workload nope 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--workload must be' || fail "simulate --workload: $rc $msg"
+msg="$($bin simulate --profile /nonexistent.json 2>&1)"; rc=$?
+[ $rc = 1 ] && echo "$msg" | grep -q '/nonexistent.json' || fail "simulate no profile: $rc $msg"
+msg="$($bin simulate --profile "$tmp/profile.json" --find-workers 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--ttft-p99-ms' || fail "find-workers no target: $rc $msg"
 msg="$($bin frobnicate 2>&1)"; rc=$?
 [ $rc = 2 ] && echo "$msg" | grep -q 'unknown command' || fail "unknown command: $rc $msg"
 set -e

@@ -92,4 +92,17 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
   return d;
 }
 
+double PrefixShareWindow::Add(BlockHash first) {
+  if (recent_.size() < window_) {
+    recent_.push_back(first);
+  } else {
+    const BlockHash old = recent_[next_];
+    if (--counts_[old] == 0) counts_.erase(old);
+    recent_[next_] = first;
+    next_ = (next_ + 1) % window_;
+  }
+  ++counts_[first];
+  return static_cast<double>(counts_[first]) / static_cast<double>(recent_.size());
+}
+
 }  // namespace strata

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/types/span.h"
 #include "common/hash.h"
 #include "common/tier.h"
@@ -99,6 +100,22 @@ struct RouteDecision {
 
 RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView> candidates,
                     const BlockIndex& index, const RouterConfig& config);
+
+// The share of recent traffic each prefix has (RouteRequest::prefix_share): the first block hash
+// of the last `window` routed prompts, and how often each occurs. Not thread-safe.
+class PrefixShareWindow {
+ public:
+  explicit PrefixShareWindow(size_t window = 256) : window_(window) {}
+  // Counts a prompt starting with block `first` among the recent ones and returns its share, in
+  // (0, 1], counting this one.
+  double Add(BlockHash first);
+
+ private:
+  const size_t window_;
+  std::vector<BlockHash> recent_;
+  size_t next_ = 0;
+  absl::flat_hash_map<BlockHash, int> counts_;
+};
 
 }  // namespace strata
 

@@ -329,18 +329,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   req.fine_tune_resident = resident;
   if (!hashes.empty()) {
     // Count this prompt's first block among the recent ones (retries count again: they are load).
-    const BlockHash first = hashes[0];
-    if (recent_first_blocks_.size() < kShareWindow) {
-      recent_first_blocks_.push_back(first);
-    } else {
-      const BlockHash old = recent_first_blocks_[recent_next_];
-      if (--recent_counts_[old] == 0) recent_counts_.erase(old);
-      recent_first_blocks_[recent_next_] = first;
-      recent_next_ = (recent_next_ + 1) % kShareWindow;
-    }
-    ++recent_counts_[first];
-    req.prefix_share = static_cast<double>(recent_counts_[first]) /
-                       static_cast<double>(recent_first_blocks_.size());
+    req.prefix_share = prefix_share_.Add(hashes[0]);
   }
   const RouteDecision d = Route(req, loads, index_, options_.router);
   const WorkerScore& score = d.scores[d.chosen];

@@ -162,12 +162,8 @@ class WorkerPool {
   std::vector<std::unique_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);  // by slot, never shrinks
   absl::flat_hash_map<std::string, WorkerSlot> by_address_ ABSL_GUARDED_BY(mu_);
   BlockIndex index_ ABSL_GUARDED_BY(mu_);
-  // The first block hash of the last kShareWindow routed prompts, and how often each occurs: the
-  // share of recent traffic each prefix has, for hot-prefix replication.
-  static constexpr size_t kShareWindow = 256;
-  std::vector<BlockHash> recent_first_blocks_ ABSL_GUARDED_BY(mu_);
-  size_t recent_next_ ABSL_GUARDED_BY(mu_) = 0;
-  absl::flat_hash_map<BlockHash, int> recent_counts_ ABSL_GUARDED_BY(mu_);
+  // The share of recent traffic each prefix has, for hot-prefix replication.
+  PrefixShareWindow prefix_share_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace strata

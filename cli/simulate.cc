@@ -1,0 +1,585 @@
+#include "cli/simulate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <limits>
+#include <list>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+#include "common/hash.h"
+#include "common/json.h"
+#include "common/status_macros.h"
+#include "coordinator/block_index.h"
+#include "worker/engine/block_manager.h"
+
+namespace strata {
+
+double StepCost::Step(double tokens, double kv_tokens, double pairs, double sampled) const {
+  const double memory = weights_s + kv_token_s * kv_tokens;
+  const double compute = token_s * tokens + attention_pair_s * pairs + sequence_s * sampled;
+  return fixed_s + std::max(memory, compute);
+}
+
+namespace {
+
+// A worker's host tier: block hashes in least-recently-used order, with the events the
+// coordinator's index sees.
+class HostTier {
+ public:
+  explicit HostTier(int64_t capacity) : capacity_(capacity) {}
+
+  bool Contains(BlockHash h) const { return pos_.contains(h); }
+  // Inserts `h`, or makes it the most recently used; drops the least recently used past capacity.
+  void Put(BlockHash h, std::vector<BlockEvent>* events) {
+    if (capacity_ <= 0) return;
+    if (auto it = pos_.find(h); it != pos_.end()) {
+      lru_.splice(lru_.end(), lru_, it->second);
+      return;
+    }
+    lru_.push_back(h);
+    pos_[h] = std::prev(lru_.end());
+    events->push_back({BlockEvent::Kind::kStored, h, Tier::kHost});
+    while (static_cast<int64_t>(lru_.size()) > capacity_) {
+      const BlockHash old = lru_.front();
+      lru_.pop_front();
+      pos_.erase(old);
+      events->push_back({BlockEvent::Kind::kRemoved, old, Tier::kHost});
+    }
+  }
+
+ private:
+  const int64_t capacity_;
+  std::list<BlockHash> lru_;
+  absl::flat_hash_map<BlockHash, std::list<BlockHash>::iterator> pos_;
+};
+
+struct Request {
+  int64_t id = 0;
+  size_t conversation = 0;
+  size_t turn = 0;
+  std::vector<int32_t> tokens;  // prompt, then generated
+  int64_t prompt_len = 0;
+  int64_t output_tokens = 0;
+  double arrival = 0;
+  double first_token = -1;
+  double end = -1;
+  int64_t cached_prompt = 0;
+  bool admitted_once = false;
+  // The coordinator's bookkeeping (WorkerPool::Assignment).
+  int worker = -1;
+  std::vector<BlockHash> pending;
+  int64_t prefill_blocks = 0;
+  bool decoding = false;
+  // The engine's (Engine::Sequence).
+  int64_t num_computed = 0;
+  int64_t num_generated = 0;
+  std::vector<int32_t> block_table;
+  std::vector<BlockHash> hashes;
+};
+
+struct Chunk {
+  Request* seq;
+  int64_t start;
+  int64_t count;
+};
+
+struct Worker {
+  explicit Worker(const SimWorkerConfig& c)
+      : blocks(c.kv_blocks, c.block_tokens), host(c.host_blocks) {}
+  BlockManager blocks;
+  HostTier host;
+  std::vector<BlockEvent> host_events;
+  std::deque<Request*> waiting;
+  std::vector<Request*> running;  // in admission order
+  std::vector<Chunk> plan;
+  bool busy = false;
+  bool wake_pending = false;
+  double busy_s = 0;
+  // WorkerPool's view of it.
+  int64_t inflight = 0;
+  int64_t prefill_blocks = 0;
+  int64_t decoding = 0;
+  int64_t served = 0;
+};
+
+class Simulator {
+ public:
+  Simulator(const std::vector<Conversation>& workload, const SimConfig& config)
+      : workload_(workload), config_(config), ns_(CacheNamespace("simulated", "", "")) {
+    for (int i = 0; i < config.workers; ++i) {
+      workers_.push_back(std::make_unique<Worker>(config.worker));
+      Worker* w = workers_.back().get();
+      w->blocks.SetEvictionHook([w](int32_t, BlockKey key) {
+        // Engine::PutDown: a cached block leaving the device goes to the host tier.
+        w->host.Put(key.hash, &w->host_events);
+      });
+    }
+  }
+
+  SimResult Run() {
+    for (size_t c = 0; c < workload_.size(); ++c) {
+      if (!workload_[c].turns.empty()) {
+        Push(absl::ToDoubleSeconds(workload_[c].start), Event::kArrive, c, 0);
+      }
+    }
+    while (!events_.empty()) {
+      const Event e = events_.top();
+      events_.pop();
+      now_ = e.time;
+      if (e.kind == Event::kArrive) {
+        Arrive(e.a, e.b);
+      } else if (e.kind == Event::kWake) {
+        workers_[e.a]->wake_pending = false;
+        if (!workers_[e.a]->busy) StartStep(static_cast<int>(e.a));
+      } else {
+        StepDone(static_cast<int>(e.a));
+      }
+    }
+    return Summarize();
+  }
+
+ private:
+  struct Event {
+    enum Kind { kArrive, kWake, kStepDone };
+    double time;
+    uint64_t order;
+    Kind kind;
+    size_t a, b;
+    bool operator>(const Event& o) const {
+      return time != o.time ? time > o.time : order > o.order;
+    }
+  };
+
+  void Push(double time, Event::Kind kind, size_t a, size_t b) {
+    events_.push({time, next_order_++, kind, a, b});
+  }
+
+  int64_t bt() const { return config_.worker.block_tokens; }
+
+  void Arrive(size_t conversation, size_t turn) {
+    const Turn& t = workload_[conversation].turns[turn];
+    auto owned = std::make_unique<Request>();
+    Request* r = owned.get();
+    requests_.push_back(std::move(owned));
+    r->id = static_cast<int64_t>(requests_.size());
+    r->conversation = conversation;
+    r->turn = turn;
+    r->tokens = t.prompt;
+    r->prompt_len = static_cast<int64_t>(t.prompt.size());
+    r->output_tokens = std::max<int64_t>(1, t.output_tokens);
+    r->arrival = now_;
+    if (r->prompt_len < 1 ||
+        r->prompt_len + r->output_tokens > config_.worker.kv_blocks * config_.worker.block_tokens) {
+      ++rejected_;  // the engine would end it with kContextLength; the conversation stops
+      return;
+    }
+    // WorkerPool::Assign.
+    r->pending = PrefixBlockHashes(ns_, r->tokens, static_cast<int>(bt()));
+    const int64_t prompt_blocks = (r->prompt_len + bt() - 1) / bt();
+    std::vector<WorkerLoadView> loads;
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      const Worker& w = *workers_[i];
+      loads.push_back({static_cast<WorkerSlot>(i), w.inflight, w.prefill_blocks, w.decoding});
+    }
+    RouteRequest req;
+    req.prefix_hashes = r->pending;
+    req.prompt_blocks = prompt_blocks;
+    req.tie_break = tie_break_++;
+    if (!r->pending.empty()) req.prefix_share = share_.Add(r->pending[0]);
+    const RouteDecision d = Route(req, loads, index_, config_.router);
+    const WorkerScore& score = d.scores[d.chosen];
+    int64_t cached = 0;
+    for (int64_t c : score.overlap_blocks) cached += c;
+    r->worker = static_cast<int>(score.slot);
+    r->prefill_blocks = std::max<int64_t>(0, prompt_blocks - cached);
+    Worker& w = *workers_[r->worker];
+    ++w.inflight;
+    ++w.served;
+    w.prefill_blocks += r->prefill_blocks;
+    index_.AddPending(score.slot, r->pending);
+    w.waiting.push_back(r);  // every request has the same priority: arrival order
+    if (!w.busy && !w.wake_pending) {
+      // An idle worker starts a step once every request arriving at this instant is queued.
+      w.wake_pending = true;
+      Push(now_, Event::kWake, static_cast<size_t>(r->worker), 0);
+    }
+  }
+
+  // Engine::EnsureBlocks.
+  bool EnsureBlocks(Worker& w, Request* s, int64_t num_tokens) {
+    const int64_t want = (num_tokens + bt() - 1) / bt();
+    const int64_t need = want - static_cast<int64_t>(s->block_table.size());
+    if (need <= 0) return true;
+    if (need > w.blocks.num_available()) return false;
+    for (int64_t i = 0; i < need; ++i) s->block_table.push_back(*w.blocks.Allocate());
+    return true;
+  }
+
+  // Engine::ReleaseBlocks.
+  void ReleaseBlocks(Worker& w, Request* s) {
+    for (auto it = s->block_table.rbegin(); it != s->block_table.rend(); ++it) {
+      w.blocks.Release(*it);
+    }
+    s->block_table.clear();
+    s->hashes.clear();
+    s->num_computed = 0;
+  }
+
+  // Engine::Preempt: back to the front of the queue, to recompute (its blocks usually stay
+  // cached).
+  void Preempt(Worker& w, Request* s) {
+    ++preemptions_;
+    ReleaseBlocks(w, s);
+    w.running.erase(std::find(w.running.begin(), w.running.end(), s));
+    w.waiting.push_front(s);
+  }
+
+  // Engine::Admit, with the host tier's chain restored in the step.
+  bool Admit(Worker& w, Request* s, int64_t budget, int64_t* restored) {
+    const int64_t len = static_cast<int64_t>(s->tokens.size());
+    std::vector<BlockHash> hashes = PrefixBlockHashes(ns_, s->tokens, static_cast<int>(bt()));
+    const int64_t limit = (len - 1) / bt();
+    const int64_t on_device = std::min<int64_t>(w.blocks.MatchPrefix(hashes), limit);
+    int64_t in_host_end = on_device;
+    while (in_host_end < limit && w.host.Contains(hashes[in_host_end])) ++in_host_end;
+    // Most recently used first, so that blocks evicted into the host tier meanwhile push out
+    // others.
+    for (int64_t i = in_host_end; i-- > on_device;) w.host.Put(hashes[i], &w.host_events);
+    s->block_table = w.blocks.AcquirePrefix(hashes, on_device);
+    for (int64_t i = on_device; i < in_host_end; ++i) {
+      if (!w.host.Contains(hashes[i])) break;
+      const std::optional<int32_t> b = w.blocks.Allocate();
+      if (!b) break;
+      w.blocks.Publish(*b, hashes[i], ns_);
+      s->block_table.push_back(*b);
+      ++*restored;
+    }
+    const int64_t cached = static_cast<int64_t>(s->block_table.size());
+    hashes.resize(cached);
+    s->hashes = std::move(hashes);
+    s->num_computed = cached * bt();
+    const int64_t n = std::min(len - s->num_computed, budget);
+    if (!EnsureBlocks(w, s, s->num_computed + n)) {
+      ReleaseBlocks(w, s);
+      return false;
+    }
+    if (!s->admitted_once) {
+      s->admitted_once = true;
+      s->cached_prompt = std::min(s->num_computed, s->prompt_len);
+    }
+    w.plan.push_back({s, s->num_computed, n});
+    return true;
+  }
+
+  // Engine::Step's plan, and the step's time.
+  void StartStep(int wi) {
+    Worker& w = *workers_[wi];
+    w.plan.clear();
+    int64_t budget = config_.worker.max_batch_tokens;
+    for (size_t i = 0; i < w.running.size() && budget > 0;) {
+      Request* s = w.running[i];
+      const int64_t n =
+          std::min<int64_t>(static_cast<int64_t>(s->tokens.size()) - s->num_computed, budget);
+      bool preempted_self = false;
+      while (!EnsureBlocks(w, s, s->num_computed + n)) {
+        Request* victim = w.running.back();
+        Preempt(w, victim);
+        if (victim == s) {
+          preempted_self = true;
+          break;
+        }
+      }
+      if (preempted_self) break;
+      w.plan.push_back({s, s->num_computed, n});
+      budget -= n;
+      ++i;
+    }
+    int64_t restored = 0;
+    while (!w.waiting.empty() && budget > 0 &&
+           static_cast<int64_t>(w.running.size()) < config_.worker.max_running_sequences) {
+      Request* s = w.waiting.front();
+      if (!Admit(w, s, budget, &restored)) break;
+      budget -= w.plan.back().count;
+      w.running.push_back(s);
+      w.waiting.pop_front();
+    }
+    FlushBlockEvents(wi);
+    restored_blocks_ += restored;
+    if (w.plan.empty()) {
+      if (!w.waiting.empty() && w.running.empty()) {
+        // Not even one request fits (Arrive refuses what the whole cache cannot hold, so this
+        // does not happen): the engine ends it with kContextLength, and so does this.
+        Request* s = w.waiting.front();
+        w.waiting.pop_front();
+        ++rejected_;
+        --w.inflight;
+        w.prefill_blocks -= s->prefill_blocks;
+        index_.RemovePending(static_cast<WorkerSlot>(wi), s->pending);
+        StartStep(wi);
+      }
+      return;
+    }
+    double tokens = 0, kv_tokens = 0, pairs = 0, sampled = 0;
+    int64_t decoding = 0;
+    for (const Chunk& c : w.plan) {
+      if (c.start + c.count == static_cast<int64_t>(c.seq->tokens.size())) ++sampled;
+      tokens += static_cast<double>(c.count);
+      kv_tokens += static_cast<double>(c.start + c.count);
+      pairs += static_cast<double>(c.count) * (static_cast<double>(c.start) + (c.count + 1) / 2.0);
+      if (c.start >= c.seq->prompt_len) ++decoding;
+    }
+    if (decoding > 0) {
+      decode_rows_ += decoding;
+      ++decode_steps_;
+    }
+    const double dt = config_.cost.Step(tokens, kv_tokens, pairs, sampled) +
+                      static_cast<double>(restored) * config_.cost.host_block_s;
+    w.busy = true;
+    w.busy_s += dt;
+    Push(now_ + dt, Event::kStepDone, static_cast<size_t>(wi), 0);
+  }
+
+  // Engine::PublishFullBlocks.
+  void PublishFullBlocks(Worker& w, Request* s) {
+    const absl::Span<const int32_t> tokens(s->tokens);
+    while (static_cast<int64_t>(s->hashes.size() + 1) * bt() <= s->num_computed) {
+      const int64_t i = static_cast<int64_t>(s->hashes.size());
+      const BlockHash parent = i == 0 ? kRootBlockHash : s->hashes.back();
+      const BlockHash h = ChainBlockHash(parent, ns_, tokens.subspan(i * bt(), bt()));
+      w.blocks.Publish(s->block_table[i], h, ns_);
+      s->hashes.push_back(h);
+    }
+  }
+
+  void StepDone(int wi) {
+    Worker& w = *workers_[wi];
+    w.busy = false;
+    std::vector<Request*> finished;
+    for (const Chunk& c : w.plan) {
+      Request* s = c.seq;
+      s->num_computed += c.count;
+      PublishFullBlocks(w, s);
+      if (s->num_computed < static_cast<int64_t>(s->tokens.size())) continue;  // mid-prefill
+      ++s->num_generated;
+      // A token no later prompt continues with (a conversation's next turn resends its own).
+      s->tokens.push_back(
+          static_cast<int32_t>(Hash64(absl::StrCat(s->id, ":", s->num_generated)) & 0x3fffffff));
+      if (!s->decoding) {
+        s->first_token = now_;
+        s->decoding = true;
+        w.prefill_blocks -= s->prefill_blocks;
+        ++w.decoding;
+      }
+      if (s->num_generated >= s->output_tokens) finished.push_back(s);
+    }
+    w.plan.clear();
+    for (Request* s : finished) Finish(wi, s);
+    FlushBlockEvents(wi);
+    if (!w.running.empty() || !w.waiting.empty()) StartStep(wi);
+  }
+
+  void Finish(int wi, Request* s) {
+    Worker& w = *workers_[wi];
+    s->end = now_;
+    if (config_.worker.keep_finished_warm) {
+      for (BlockHash h : s->hashes) w.host.Put(h, &w.host_events);  // Engine::KeepWarm
+    }
+    ReleaseBlocks(w, s);
+    w.running.erase(std::find(w.running.begin(), w.running.end(), s));
+    // WorkerPool::Release.
+    --w.inflight;
+    --w.decoding;
+    index_.RemovePending(static_cast<WorkerSlot>(wi), s->pending);
+    const Conversation& c = workload_[s->conversation];
+    if (s->turn + 1 < c.turns.size()) {
+      Push(now_ + absl::ToDoubleSeconds(c.turns[s->turn + 1].think_time), Event::kArrive,
+           s->conversation, s->turn + 1);
+    }
+  }
+
+  // The worker's block events into the coordinator's index (immediately: the real event stream
+  // lags by a network round trip).
+  void FlushBlockEvents(int wi) {
+    Worker& w = *workers_[wi];
+    const WorkerSlot slot = static_cast<WorkerSlot>(wi);
+    for (const BlockEvent& e : w.blocks.DrainEvents()) {
+      if (e.kind == BlockEvent::Kind::kStored) {
+        index_.Stored(slot, e.tier, {&e.hash, 1});
+      } else {
+        index_.Removed(slot, e.tier, {&e.hash, 1});
+      }
+    }
+    for (const BlockEvent& e : w.host_events) {
+      if (e.kind == BlockEvent::Kind::kStored) {
+        index_.Stored(slot, e.tier, {&e.hash, 1});
+      } else {
+        index_.Removed(slot, e.tier, {&e.hash, 1});
+      }
+    }
+    w.host_events.clear();
+  }
+
+  SimResult Summarize() const {
+    SimResult out;
+    out.requests = static_cast<int64_t>(requests_.size());
+    out.rejected = rejected_;
+    std::vector<double> ttft, tpot, e2e;
+    double first = std::numeric_limits<double>::infinity(), last = 0;
+    int64_t output_tokens = 0, prompt_tokens = 0, cached = 0;
+    for (const auto& r : requests_) {
+      first = std::min(first, r->arrival);
+      if (r->end < 0) continue;
+      ++out.completed;
+      last = std::max(last, r->end);
+      ttft.push_back(1e3 * (r->first_token - r->arrival + config_.request_overhead_s));
+      if (r->num_generated > 1) {
+        tpot.push_back(1e3 * (r->end - r->first_token) / static_cast<double>(r->num_generated - 1));
+      }
+      e2e.push_back(1e3 * (r->end - r->arrival + config_.request_overhead_s));
+      output_tokens += r->num_generated;
+      prompt_tokens += r->prompt_len;
+      cached += r->cached_prompt;
+    }
+    auto stats = [](const std::vector<double>& v) {
+      SimPercentiles p;
+      if (v.empty()) return p;
+      p.p50 = Percentile(v, 50);
+      p.p90 = Percentile(v, 90);
+      p.p99 = Percentile(v, 99);
+      double sum = 0;
+      for (double x : v) sum += x;
+      p.mean = sum / static_cast<double>(v.size());
+      return p;
+    };
+    out.ttft_ms = stats(ttft);
+    out.tpot_ms = stats(tpot);
+    out.e2e_ms = stats(e2e);
+    out.duration_s = out.completed > 0 ? std::max(1e-9, last - first) : 0;
+    if (out.completed > 0) {
+      out.throughput_rps = static_cast<double>(out.completed) / out.duration_s;
+      out.output_tokens_per_s = static_cast<double>(output_tokens) / out.duration_s;
+    }
+    out.cache_hit_rate =
+        prompt_tokens > 0 ? static_cast<double>(cached) / static_cast<double>(prompt_tokens) : 0;
+    out.preemptions = preemptions_;
+    out.restored_blocks = restored_blocks_;
+    out.mean_decode_batch =
+        decode_steps_ > 0 ? static_cast<double>(decode_rows_) / static_cast<double>(decode_steps_)
+                          : 0;
+    for (const auto& w : workers_) {
+      out.worker_utilization.push_back(out.duration_s > 0 ? w->busy_s / out.duration_s : 0);
+      out.worker_requests.push_back(w->served);
+    }
+    return out;
+  }
+
+  const std::vector<Conversation>& workload_;
+  const SimConfig config_;
+  const uint64_t ns_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::vector<std::unique_ptr<Request>> requests_;
+  std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
+  uint64_t next_order_ = 0;
+  double now_ = 0;
+  BlockIndex index_;
+  PrefixShareWindow share_;
+  uint64_t tie_break_ = 0;
+  int64_t rejected_ = 0;
+  int64_t preemptions_ = 0;
+  int64_t restored_blocks_ = 0;
+  int64_t decode_rows_ = 0;
+  int64_t decode_steps_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<SimResult> Simulate(const std::vector<Conversation>& workload,
+                                   const SimConfig& config) {
+  const SimWorkerConfig& w = config.worker;
+  if (config.workers < 1 || config.workers > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workers must be 1 to 4096, not ", config.workers));
+  }
+  if (w.kv_blocks < 1 || w.block_tokens < 1 || w.max_batch_tokens < 1 ||
+      w.max_running_sequences < 1 || w.host_blocks < 0) {
+    return absl::InvalidArgumentError(
+        "kv_blocks, block_tokens, max_batch_tokens and max_running_sequences must be positive "
+        "and host_blocks at least 0");
+  }
+  const StepCost& c = config.cost;
+  for (double v : {c.fixed_s, c.weights_s, c.kv_token_s, c.token_s, c.attention_pair_s,
+                   c.sequence_s, c.host_block_s, config.request_overhead_s}) {
+    if (!(v >= 0) || !std::isfinite(v)) {
+      return absl::InvalidArgumentError("every step cost coefficient must be finite and >= 0");
+    }
+  }
+  if (c.Step(1, 1, 1, 1) <= 0) {
+    return absl::InvalidArgumentError("a step must take some time: every cost coefficient is 0");
+  }
+  Simulator sim(workload, config);
+  return sim.Run();
+}
+
+std::string EngineProfileToJson(const EngineProfile& p) {
+  return absl::StrFormat(
+      "{\"model\":%s,\"machine\":%s,\"kv_blocks\":%d,\"block_tokens\":%d,"
+      "\"max_batch_tokens\":%d,\"max_running_sequences\":%d,\"request_overhead_s\":%.9g,"
+      "\"cost\":{\"fixed_s\":%.9g,"
+      "\"weights_s\":%.9g,\"kv_token_s\":%.9g,\"token_s\":%.9g,\"attention_pair_s\":%.9g,"
+      "\"sequence_s\":%.9g,\"host_block_s\":%.9g}}\n",
+      JsonQuote(p.model), JsonQuote(p.machine), p.kv_blocks, p.block_tokens, p.max_batch_tokens,
+      p.max_running_sequences, p.request_overhead_s, p.cost.fixed_s, p.cost.weights_s,
+      p.cost.kv_token_s, p.cost.token_s, p.cost.attention_pair_s, p.cost.sequence_s,
+      p.cost.host_block_s);
+}
+
+absl::StatusOr<EngineProfile> EngineProfileFromJson(const std::string& text,
+                                                    const std::string& origin) {
+  ASSIGN_OR_RETURN(const JsonDocument doc, JsonDocument::Parse(text, origin));
+  const JsonValue root = doc.root();
+  EngineProfile p;
+  ASSIGN_OR_RETURN(p.model, root.StringFieldOr("model", ""));
+  ASSIGN_OR_RETURN(p.machine, root.StringFieldOr("machine", ""));
+  ASSIGN_OR_RETURN(p.kv_blocks, root.IntField("kv_blocks"));
+  ASSIGN_OR_RETURN(p.block_tokens, root.IntField("block_tokens"));
+  ASSIGN_OR_RETURN(p.max_batch_tokens, root.IntField("max_batch_tokens"));
+  ASSIGN_OR_RETURN(p.max_running_sequences, root.IntField("max_running_sequences"));
+  ASSIGN_OR_RETURN(p.request_overhead_s, root.DoubleFieldOr("request_overhead_s", 0));
+  if (!(p.request_overhead_s >= 0) || !std::isfinite(p.request_overhead_s)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": request_overhead_s must be finite and >= 0"));
+  }
+  ASSIGN_OR_RETURN(const JsonValue cost, root.Field("cost"));
+  struct Field {
+    const char* name;
+    double* value;
+  };
+  for (const Field& f :
+       {Field{"fixed_s", &p.cost.fixed_s}, Field{"weights_s", &p.cost.weights_s},
+        Field{"kv_token_s", &p.cost.kv_token_s}, Field{"token_s", &p.cost.token_s},
+        Field{"attention_pair_s", &p.cost.attention_pair_s},
+        Field{"sequence_s", &p.cost.sequence_s}, Field{"host_block_s", &p.cost.host_block_s}}) {
+    ASSIGN_OR_RETURN(*f.value, cost.DoubleField(f.name));
+    if (!(*f.value >= 0) || !std::isfinite(*f.value)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ": cost.", f.name, " must be finite and >= 0"));
+    }
+  }
+  if (p.kv_blocks < 1 || p.block_tokens < 1 || p.max_batch_tokens < 1 ||
+      p.max_running_sequences < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        origin,
+        ": kv_blocks, block_tokens, max_batch_tokens and max_running_sequences must be positive"));
+  }
+  return p;
+}
+
+}  // namespace strata

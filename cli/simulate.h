@@ -1,0 +1,117 @@
+// A Strata cluster on a simulated clock: capacity planning's replay of a workload.
+//
+// Simulate runs a workload (bench/workload.h: arrivals, prompts as token ids, multi-turn
+// conversations with think times) through N workers and a coordinator without running a model.
+// What decides where requests go and what each step computes is Strata's own code or a copy of
+// its rules:
+//   - routing: the coordinator's Route (coordinator/router.h) over a BlockIndex fed with every
+//     worker's block events, with the load views, pending entries and prefix-share window that
+//     WorkerPool keeps;
+//   - each worker's device KV cache: the engine's BlockManager (prefix caching, LRU eviction);
+//   - each worker's step: the engine's plan (worker/engine/engine.h): running sequences first in
+//     admission order under max_batch_tokens (chunked prefill), then admissions in queue order up
+//     to max_running_sequences, preempting the most recently admitted sequence when blocks run
+//     out; a finished request's blocks stay cached, and blocks evicted from the device (and a
+//     finished turn's, with keep_finished_warm) go to a host tier of host_blocks, from which an
+//     admission restores its prefix chain instead of recomputing it.
+// Only the time a step takes is modelled (StepCost): a fixed cost plus the larger of reading the
+// weights and the batch's KV, and computing its tokens, its attention and its sampled rows'
+// logits, plus the host blocks it restores. The coefficients come from a GPU's roofline
+// (cli/plan.h, CostFromPlan) or from measurements of a real engine (`stratactl profile`).
+//
+// Not modelled: the disk tier, speculative prefetch (a restored block's copy is charged to the
+// step that admits it), fine-tunes, network and tokenization time, and sampling's own cost beyond
+// the fixed per-step term.
+#ifndef STRATA_CLI_SIMULATE_H_
+#define STRATA_CLI_SIMULATE_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "bench/workload.h"
+#include "coordinator/router.h"
+
+namespace strata {
+
+// Seconds one engine step takes.
+struct StepCost {
+  double fixed_s = 0;           // per step: host work, launches, sampling
+  double weights_s = 0;         // reading the weights once
+  double kv_token_s = 0;        // reading one token's K and V (all layers)
+  double token_s = 0;           // the projections of one token
+  double attention_pair_s = 0;  // attention of one query token over one key
+  double sequence_s = 0;        // each sequence that samples a token: its logits and sampling
+  double host_block_s = 0;      // restoring one block from the host tier
+  // `tokens` computed in the step, `kv_tokens` context tokens read (each chunk's start plus its
+  // length), `pairs` (query, key) pairs of attention, `sampled` sequences that sample a token
+  // (every decode, and a prefill's last chunk).
+  double Step(double tokens, double kv_tokens, double pairs, double sampled) const;
+};
+
+struct SimWorkerConfig {
+  int64_t kv_blocks = 2048;
+  int64_t block_tokens = 16;
+  int64_t max_batch_tokens = 2048;
+  int64_t max_running_sequences = 64;
+  // Host tier capacity in blocks (0: none).
+  int64_t host_blocks = 0;
+  bool keep_finished_warm = true;
+};
+
+struct SimConfig {
+  int workers = 1;
+  SimWorkerConfig worker;
+  StepCost cost;
+  RouterConfig router;
+  // Added to every request's TTFT and end-to-end time: the client's round trip through the
+  // coordinator to a worker, outside any step.
+  double request_overhead_s = 0;
+};
+
+struct SimPercentiles {
+  double p50 = 0, p90 = 0, p99 = 0, mean = 0;
+};
+
+struct SimResult {
+  int64_t requests = 0;
+  int64_t completed = 0;
+  // Requests no worker could hold (prompt plus output past a worker's whole KV cache).
+  int64_t rejected = 0;
+  double duration_s = 0;  // first arrival to last finish
+  SimPercentiles ttft_ms, tpot_ms, e2e_ms;
+  double throughput_rps = 0;
+  double output_tokens_per_s = 0;
+  double cache_hit_rate = 0;  // cached prompt tokens over prompt tokens
+  int64_t preemptions = 0;
+  int64_t restored_blocks = 0;   // from host tiers
+  double mean_decode_batch = 0;  // sequences per step that decode
+  // Busy share of each worker over duration_s.
+  std::vector<double> worker_utilization;
+  // Requests each worker served.
+  std::vector<int64_t> worker_requests;
+};
+
+// INVALID_ARGUMENT for a config that cannot run (no workers, non-positive sizes).
+absl::StatusOr<SimResult> Simulate(const std::vector<Conversation>& workload,
+                                   const SimConfig& config);
+
+// A measured engine, as `stratactl profile` writes it: the step cost and the cache it ran with.
+struct EngineProfile {
+  std::string model;
+  std::string machine;
+  StepCost cost;
+  double request_overhead_s = 0;
+  int64_t kv_blocks = 0;
+  int64_t block_tokens = 16;
+  int64_t max_batch_tokens = 0;
+  int64_t max_running_sequences = 0;
+};
+std::string EngineProfileToJson(const EngineProfile& p);
+absl::StatusOr<EngineProfile> EngineProfileFromJson(const std::string& text,
+                                                    const std::string& origin);
+
+}  // namespace strata
+
+#endif  // STRATA_CLI_SIMULATE_H_

@@ -1,0 +1,477 @@
+#include "cli/simulate_cmd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "bench/workload.h"
+#include "cli/plan.h"
+#include "common/json.h"
+#include "common/mapped_file.h"
+#include "common/status_macros.h"
+
+namespace strata {
+namespace {
+
+constexpr double kMiB = 1024.0 * 1024.0;
+constexpr int kMaxWorkers = 4096;
+
+absl::StatusOr<int64_t> IntIn(const Args& args, const std::string& name, int64_t fallback,
+                              int64_t least, int64_t most) {
+  ASSIGN_OR_RETURN(const int64_t v, args.GetInt(name, fallback));
+  if (v < least || v > most) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be ", least, " to ", most, ", not ", v));
+  }
+  return v;
+}
+
+absl::StatusOr<double> NonNegative(const Args& args, const std::string& name, double fallback) {
+  ASSIGN_OR_RETURN(const double v, args.GetDouble(name, fallback));
+  if (!(v >= 0) || !std::isfinite(v)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be 0 or more, not ", v));
+  }
+  return v;
+}
+
+absl::StatusOr<LengthRange> Range(const Args& args, const std::string& name,
+                                  const std::string& fallback) {
+  absl::StatusOr<LengthRange> r = ParseLengthRange(args.Get(name).value_or(fallback));
+  if (!r.ok() || r->min < 1 || r->max > 1000000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be N or MIN:MAX with 1 <= MIN <= MAX <= 1000000, not \"",
+                     args.Get(name).value_or(fallback), "\""));
+  }
+  return *r;
+}
+
+absl::StatusOr<WorkloadOptions> WorkloadFromArgs(const Args& args) {
+  WorkloadOptions o;
+  o.kind = args.Get("workload").value_or("random");
+  if (o.kind != "random" && o.kind != "shared-prefix" && o.kind != "multi-turn") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--workload must be random, shared-prefix or multi-turn, not \"", o.kind, "\""));
+  }
+  ASSIGN_OR_RETURN(o.num_requests, IntIn(args, "requests", 1000, 1, 10000000));
+  ASSIGN_OR_RETURN(o.prompt_tokens, Range(args, "prompt-tokens", "1024"));
+  ASSIGN_OR_RETURN(o.output_tokens, Range(args, "output-tokens", "256"));
+  ASSIGN_OR_RETURN(o.shared_prefix_tokens,
+                   IntIn(args, "shared-prefix-tokens", o.shared_prefix_tokens, 0, 1000000));
+  ASSIGN_OR_RETURN(o.shared_fraction, NonNegative(args, "shared-fraction", o.shared_fraction));
+  if (o.shared_fraction > 1) {
+    return absl::InvalidArgumentError("--shared-fraction must be in [0, 1]");
+  }
+  ASSIGN_OR_RETURN(const int64_t prefixes,
+                   IntIn(args, "shared-prefixes", o.num_shared_prefixes, 1, 100000));
+  o.num_shared_prefixes = static_cast<int>(prefixes);
+  ASSIGN_OR_RETURN(const int64_t turns, IntIn(args, "turns", o.turns, 1, 1000));
+  o.turns = static_cast<int>(turns);
+  ASSIGN_OR_RETURN(o.turn_tokens, Range(args, "turn-tokens", "40"));
+  ASSIGN_OR_RETURN(o.think_time_ms, NonNegative(args, "think-time-ms", o.think_time_ms));
+  ASSIGN_OR_RETURN(const int64_t seed, IntIn(args, "seed", 1, 0, int64_t{1} << 62));
+  o.seed = static_cast<uint64_t>(seed);
+  o.vocab_size = 1 << 20;  // token ids only name blocks here
+  return o;
+}
+
+absl::StatusOr<std::vector<double>> Rates(const Args& args) {
+  if (args.Has("rate") && args.Has("rates")) {
+    return absl::InvalidArgumentError("give --rate or --rates, not both");
+  }
+  std::vector<double> rates;
+  if (args.Has("rates")) {
+    for (absl::string_view part : absl::StrSplit(*args.Get("rates"), ',')) {
+      double r;
+      if (!absl::SimpleAtod(part, &r) || !(r > 0) || r > 1e6) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--rates must be a comma-separated list of rates above 0, not \"",
+                         *args.Get("rates"), "\""));
+      }
+      rates.push_back(r);
+    }
+    std::sort(rates.begin(), rates.end());
+  } else {
+    ASSIGN_OR_RETURN(const double r, args.GetDouble("rate", 4));
+    if (!(r > 0) || r > 1e6) {
+      return absl::InvalidArgumentError(absl::StrCat("--rate must be above 0, not ", r));
+    }
+    rates.push_back(r);
+  }
+  return rates;
+}
+
+// The simulated cluster and where its costs come from.
+struct Setup {
+  SimConfig config;
+  std::string source;
+};
+
+absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversation>& sample) {
+  Setup s;
+  SimWorkerConfig& w = s.config.worker;
+  if (args.Has("profile")) {
+    if (args.Has("model") || args.Has("gpu")) {
+      return absl::InvalidArgumentError("give --profile or --model with --gpu, not both");
+    }
+    const std::string path = *args.Get("profile");
+    ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
+    ASSIGN_OR_RETURN(const EngineProfile p, EngineProfileFromJson(text, path));
+    s.config.cost = p.cost;
+    s.config.request_overhead_s = p.request_overhead_s;
+    w.kv_blocks = p.kv_blocks;
+    w.block_tokens = p.block_tokens;
+    w.max_batch_tokens = p.max_batch_tokens;
+    w.max_running_sequences = p.max_running_sequences;
+    s.source = absl::StrCat("profile ", path, " (", p.model, " on ", p.machine, ")");
+    ASSIGN_OR_RETURN(w.max_batch_tokens,
+                     IntIn(args, "max-batch-tokens", w.max_batch_tokens, 1, 1000000000));
+    ASSIGN_OR_RETURN(w.max_running_sequences,
+                     IntIn(args, "max-running-sequences", w.max_running_sequences, 1, 1000000));
+  } else {
+    // The plan's worker for the workload's mean request: its KV cache and its batch cap.
+    ASSIGN_OR_RETURN(const ModelConfig model, PlanModelFromArgs(args));
+    ASSIGN_OR_RETURN(const GpuSpec gpu, PlanGpuFromArgs(args));
+    ASSIGN_OR_RETURN(const PlanOptions o, PlanOptionsFromArgs(args, gpu));
+    double prompt = 0, output = 0, n = 0;
+    for (const Conversation& c : sample) {
+      for (const Turn& t : c.turns) {
+        prompt += static_cast<double>(t.prompt.size());
+        output += static_cast<double>(t.output_tokens);
+        ++n;
+      }
+    }
+    Workload pw;
+    pw.prompt_tokens = std::max<int64_t>(1, std::llround(prompt / std::max(1.0, n)));
+    pw.output_tokens = std::max<int64_t>(1, std::llround(output / std::max(1.0, n)));
+    ASSIGN_OR_RETURN(const Plan plan, MakePlan(model, gpu, pw, o));
+    s.config.cost = PlanStepCost(model, gpu, o);
+    w.block_tokens = o.block_tokens;
+    w.kv_blocks = plan.kv_cache_tokens / o.block_tokens;
+    w.max_batch_tokens = o.max_batch_tokens;
+    w.max_running_sequences = plan.max_running_sequences;
+    w.host_blocks = static_cast<int64_t>(plan.host_cache_mb * kMiB) / plan.tier_slot_bytes;
+    s.source = absl::StrFormat("%s x %d roofline (%s)", gpu.name, o.tensor_parallel, gpu.source);
+  }
+  ASSIGN_OR_RETURN(w.kv_blocks, IntIn(args, "kv-blocks", w.kv_blocks, 1, 1000000000));
+  ASSIGN_OR_RETURN(w.host_blocks, IntIn(args, "host-blocks", w.host_blocks, 0, 1000000000));
+  const std::string router = args.Get("router").value_or("cost");
+  if (router != "cost" && router != "round-robin") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--router must be cost or round-robin, not \"", router, "\""));
+  }
+  s.config.router.round_robin = router == "round-robin";
+  return s;
+}
+
+std::string PercentilesJson(const SimPercentiles& p) {
+  return absl::StrFormat("{\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"mean\":%.3f}", p.p50, p.p90,
+                         p.p99, p.mean);
+}
+
+std::string RunJson(double rate, int workers, const SimResult& r) {
+  return absl::StrFormat(
+      "{\"rate_per_s\":%g,\"workers\":%d,\"requests\":%d,\"completed\":%d,\"rejected\":%d,"
+      "\"duration_s\":%.3f,\"throughput_rps\":%.3f,\"output_tokens_per_s\":%.1f,"
+      "\"cache_hit_rate\":%.4f,\"preemptions\":%d,\"restored_blocks\":%d,"
+      "\"mean_decode_batch\":%.2f,\"ttft_ms\":%s,\"tpot_ms\":%s,\"e2e_ms\":%s,"
+      "\"worker_utilization\":[%s]}",
+      rate, workers, r.requests, r.completed, r.rejected, r.duration_s, r.throughput_rps,
+      r.output_tokens_per_s, r.cache_hit_rate, r.preemptions, r.restored_blocks,
+      r.mean_decode_batch, PercentilesJson(r.ttft_ms), PercentilesJson(r.tpot_ms),
+      PercentilesJson(r.e2e_ms),
+      absl::StrJoin(r.worker_utilization, ",",
+                    [](std::string* o, double u) { absl::StrAppendFormat(o, "%.4f", u); }));
+}
+
+double MeanUtilization(const SimResult& r) {
+  if (r.worker_utilization.empty()) return 0;
+  return std::accumulate(r.worker_utilization.begin(), r.worker_utilization.end(), 0.0) /
+         static_cast<double>(r.worker_utilization.size());
+}
+
+void PrintRun(std::FILE* out, const WorkloadOptions& o, double rate, int workers,
+              const SimResult& r) {
+  absl::FPrintF(out,
+                "simulated  %d worker%s, %s workload: %d requests at %g/s (%d done, %d rejected) "
+                "in %.1f s\n",
+                workers, workers == 1 ? "" : "s", o.kind, r.requests, rate, r.completed, r.rejected,
+                r.duration_s);
+  absl::FPrintF(out, "            %9s %9s %9s %9s\n", "p50", "p90", "p99", "mean");
+  for (const auto& [name, p] : {std::pair<const char*, SimPercentiles>{"TTFT ms", r.ttft_ms},
+                                {"TPOT ms", r.tpot_ms},
+                                {"E2E ms", r.e2e_ms}}) {
+    absl::FPrintF(out, "%-11s %9.2f %9.2f %9.2f %9.2f\n", name, p.p50, p.p90, p.p99, p.mean);
+  }
+  absl::FPrintF(out,
+                "throughput %.2f req/s, %.1f output tok/s; prefix-cache hit rate %.3f; mean "
+                "decode batch %.1f; %d preemptions; %d blocks restored from host\n",
+                r.throughput_rps, r.output_tokens_per_s, r.cache_hit_rate, r.mean_decode_batch,
+                r.preemptions, r.restored_blocks);
+  absl::FPrintF(out, "busy       %s\n",
+                absl::StrJoin(r.worker_utilization, " ", [](std::string* s, double u) {
+                  absl::StrAppendFormat(s, "%.0f%%", 100 * u);
+                }));
+}
+
+bool MeetsTargets(const SimResult& r, double ttft_p99_ms, double tpot_p99_ms) {
+  if (r.rejected > 0 || r.completed == 0) return false;
+  if (ttft_p99_ms > 0 && r.ttft_ms.p99 > ttft_p99_ms) return false;
+  if (tpot_p99_ms > 0 && r.tpot_ms.p99 > tpot_p99_ms) return false;
+  return true;
+}
+
+}  // namespace
+
+std::string CurveSvg(const std::vector<CurvePoint>& points, const std::string& title_text) {
+  const std::string title = absl::StrReplaceAll(
+      title_text, {{"&", "&amp;"}, {"<", "&lt;"}, {">", "&gt;"}, {"\"", "&quot;"}});
+  // Two panels side by side: p99 TTFT and p99 TPOT against the offered rate, linear axes from 0.
+  constexpr double kW = 360, kH = 240, kLeft = 60, kTop = 40, kGap = 90;
+  double max_rate = 0, max_ttft = 0, max_tpot = 0;
+  for (const CurvePoint& p : points) {
+    max_rate = std::max(max_rate, p.rate);
+    max_ttft = std::max(max_ttft, p.result.ttft_ms.p99);
+    max_tpot = std::max(max_tpot, p.result.tpot_ms.p99);
+  }
+  auto nice = [](double v) {
+    if (v <= 0) return 1.0;
+    const double e = std::pow(10.0, std::floor(std::log10(v)));
+    for (double m : {1.0, 2.0, 5.0, 10.0}) {
+      if (v <= m * e) return m * e;
+    }
+    return 10 * e;
+  };
+  max_rate = nice(max_rate);
+  std::string svg = absl::StrFormat(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"%.0f\" y=\"20\" "
+      "font-size=\"14\">%s</text>\n",
+      kLeft + 2 * kW + kGap + 20, kTop + kH + 50, kLeft, title);
+  const struct {
+    const char* label;
+    double max;
+    bool ttft;
+  } panels[] = {{"p99 TTFT (ms)", nice(max_ttft), true}, {"p99 TPOT (ms)", nice(max_tpot), false}};
+  for (int i = 0; i < 2; ++i) {
+    const double x0 = kLeft + i * (kW + kGap);
+    const double ymax = panels[i].max;
+    absl::StrAppendFormat(&svg,
+                          "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" "
+                          "fill=\"none\" stroke=\"#444\"/>\n",
+                          x0, kTop, kW, kH);
+    for (int t = 0; t <= 4; ++t) {
+      const double y = kTop + kH - kH * t / 4;
+      const double x = x0 + kW * t / 4;
+      absl::StrAppendFormat(&svg,
+                            "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\">%g</text>\n"
+                            "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">%g</text>\n",
+                            x0 - 6, y + 4, ymax * t / 4, x, kTop + kH + 16, max_rate * t / 4);
+    }
+    absl::StrAppendFormat(&svg,
+                          "<text x=\"%.0f\" y=\"%.0f\">%s</text>\n"
+                          "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">offered "
+                          "requests/s</text>\n",
+                          x0, kTop - 6, panels[i].label, x0 + kW / 2, kTop + kH + 34);
+    std::string path;
+    for (const CurvePoint& p : points) {
+      const double v = panels[i].ttft ? p.result.ttft_ms.p99 : p.result.tpot_ms.p99;
+      const double x = x0 + kW * p.rate / max_rate;
+      const double y = kTop + kH - kH * std::min(1.0, v / ymax);
+      absl::StrAppendFormat(&path, "%s%.1f,%.1f", path.empty() ? "" : " ", x, y);
+      absl::StrAppendFormat(&svg, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"#1f77b4\"/>\n", x,
+                            y);
+    }
+    absl::StrAppendFormat(&svg,
+                          "<polyline points=\"%s\" fill=\"none\" stroke=\"#1f77b4\" "
+                          "stroke-width=\"2\"/>\n",
+                          path);
+  }
+  svg += "</svg>\n";
+  return svg;
+}
+
+absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
+  return Args::Parse(argv, {"json", "find-workers"},
+                     {"profile",
+                      "model",
+                      "gpu",
+                      "gpu-memory-gib",
+                      "gpu-bandwidth-gbps",
+                      "gpu-tflops",
+                      "dtype",
+                      "tensor-parallel",
+                      "gpu-memory-utilization",
+                      "decode-efficiency",
+                      "prefill-efficiency",
+                      "target-utilization",
+                      "kv-compression",
+                      "host-cache-gib",
+                      "max-running-sequences",
+                      "max-batch-tokens",
+                      "kv-blocks",
+                      "host-blocks",
+                      "workers",
+                      "router",
+                      "workload",
+                      "requests",
+                      "rate",
+                      "rates",
+                      "prompt-tokens",
+                      "output-tokens",
+                      "shared-prefix-tokens",
+                      "shared-fraction",
+                      "shared-prefixes",
+                      "turns",
+                      "turn-tokens",
+                      "think-time-ms",
+                      "seed",
+                      "ttft-p99-ms",
+                      "tpot-p99-ms",
+                      "svg"});
+}
+
+absl::Status SimulateCommand(const Args& args, std::FILE* out) {
+  ASSIGN_OR_RETURN(WorkloadOptions wo, WorkloadFromArgs(args));
+  ASSIGN_OR_RETURN(const std::vector<double> rates, Rates(args));
+  wo.rate_per_s = rates[0];
+  ASSIGN_OR_RETURN(const std::vector<Conversation> first, MakeWorkload(wo));
+  ASSIGN_OR_RETURN(Setup setup, SetupFromArgs(args, first));
+  ASSIGN_OR_RETURN(const int64_t workers, IntIn(args, "workers", 1, 1, kMaxWorkers));
+  setup.config.workers = static_cast<int>(workers);
+  ASSIGN_OR_RETURN(const double ttft_target, NonNegative(args, "ttft-p99-ms", 0));
+  ASSIGN_OR_RETURN(const double tpot_target, NonNegative(args, "tpot-p99-ms", 0));
+  const bool json = args.Has("json");
+  const SimWorkerConfig& w = setup.config.worker;
+  if (!json) {
+    absl::FPrintF(out, "costs      %s\n", setup.source);
+    absl::FPrintF(out,
+                  "worker     KV cache %d blocks of %d tokens, host tier %d blocks, batch up to "
+                  "%d sequences and %d tokens a step\n",
+                  w.kv_blocks, w.block_tokens, w.host_blocks, w.max_running_sequences,
+                  w.max_batch_tokens);
+  }
+
+  if (args.Has("find-workers")) {
+    if (rates.size() != 1) return absl::InvalidArgumentError("--find-workers takes one --rate");
+    if (ttft_target == 0 && tpot_target == 0) {
+      return absl::InvalidArgumentError(
+          "--find-workers needs --ttft-p99-ms and/or --tpot-p99-ms to meet");
+    }
+    if (args.Has("workers")) {
+      return absl::InvalidArgumentError("give --workers or --find-workers, not both");
+    }
+    // Double until the targets hold, then bisect: latency falls as workers are added.
+    int lo = 0, hi = 1;
+    SimResult best;
+    for (;;) {
+      setup.config.workers = hi;
+      ASSIGN_OR_RETURN(const SimResult r, Simulate(first, setup.config));
+      if (MeetsTargets(r, ttft_target, tpot_target)) {
+        best = r;
+        break;
+      }
+      if (r.rejected > 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            r.rejected, " requests are longer than a worker's KV cache (",
+            w.kv_blocks * w.block_tokens, " tokens): no number of workers serves them"));
+      }
+      lo = hi;
+      if (hi == kMaxWorkers) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "even %d workers miss the targets at %g requests/s (p99 TTFT %.1f ms, TPOT %.2f ms): "
+            "a single request alone may already miss them",
+            kMaxWorkers, rates[0], r.ttft_ms.p99, r.tpot_ms.p99));
+      }
+      hi = std::min(kMaxWorkers, 2 * hi);
+    }
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      setup.config.workers = mid;
+      ASSIGN_OR_RETURN(const SimResult r, Simulate(first, setup.config));
+      if (MeetsTargets(r, ttft_target, tpot_target)) {
+        hi = mid;
+        best = r;
+      } else {
+        lo = mid;
+      }
+    }
+    if (json) {
+      absl::FPrintF(out,
+                    "{\"source\":%s,\"workers\":%d,\"ttft_p99_ms_target\":%g,"
+                    "\"tpot_p99_ms_target\":%g,\"run\":%s}\n",
+                    JsonQuote(setup.source), hi, ttft_target, tpot_target,
+                    RunJson(rates[0], hi, best));
+      return absl::OkStatus();
+    }
+    std::vector<std::string> targets;
+    if (ttft_target > 0) targets.push_back(absl::StrFormat("p99 TTFT <= %g ms", ttft_target));
+    if (tpot_target > 0) targets.push_back(absl::StrFormat("p99 TPOT <= %g ms", tpot_target));
+    absl::FPrintF(out, "workers    %d meet %s at %g requests/s%s\n", hi,
+                  absl::StrJoin(targets, " and "), rates[0],
+                  hi > 1 ? absl::StrCat(" (", hi - 1, " do not)") : "");
+    PrintRun(out, wo, rates[0], hi, best);
+    return absl::OkStatus();
+  }
+
+  std::vector<CurvePoint> points;
+  for (double rate : rates) {
+    wo.rate_per_s = rate;
+    ASSIGN_OR_RETURN(const std::vector<Conversation> workload, MakeWorkload(wo));
+    ASSIGN_OR_RETURN(SimResult r, Simulate(workload, setup.config));
+    points.push_back({rate, std::move(r)});
+  }
+  if (args.Has("svg")) {
+    const std::string title =
+        absl::StrFormat("%d worker%s, %s workload, %d requests per rate", setup.config.workers,
+                        setup.config.workers == 1 ? "" : "s", wo.kind, wo.num_requests);
+    const std::string path = *args.Get("svg");
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (f == nullptr) return absl::InvalidArgumentError(absl::StrCat("--svg: cannot write ", path));
+    const std::string svg = CurveSvg(points, title);
+    const bool ok = std::fwrite(svg.data(), 1, svg.size(), f) == svg.size();
+    if (std::fclose(f) != 0 || !ok) {
+      return absl::InternalError(absl::StrCat("--svg: writing ", path, " failed"));
+    }
+  }
+  if (json) {
+    std::vector<std::string> runs;
+    for (const CurvePoint& p : points)
+      runs.push_back(RunJson(p.rate, setup.config.workers, p.result));
+    absl::FPrintF(out, "{\"source\":%s,\"workload\":%s,\"runs\":[%s]}\n", JsonQuote(setup.source),
+                  JsonQuote(wo.kind), absl::StrJoin(runs, ","));
+    return absl::OkStatus();
+  }
+  if (points.size() == 1) {
+    PrintRun(out, wo, points[0].rate, setup.config.workers, points[0].result);
+    if (ttft_target > 0 || tpot_target > 0) {
+      absl::FPrintF(out, "targets    %s\n",
+                    MeetsTargets(points[0].result, ttft_target, tpot_target) ? "met" : "missed");
+    }
+    return absl::OkStatus();
+  }
+  absl::FPrintF(out, "%d worker%s, %s workload, %d requests per rate\n", setup.config.workers,
+                setup.config.workers == 1 ? "" : "s", wo.kind, wo.num_requests);
+  absl::FPrintF(out, "%9s %9s %10s %9s %9s %9s %9s %6s %6s%s\n", "rate/s", "done/s", "out tok/s",
+                "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "busy", "hit",
+                ttft_target > 0 || tpot_target > 0 ? "  targets" : "");
+  for (const CurvePoint& p : points) {
+    const SimResult& r = p.result;
+    absl::FPrintF(out, "%9g %9.2f %10.1f %9.1f %9.1f %9.2f %9.2f %5.0f%% %6.3f%s\n", p.rate,
+                  r.throughput_rps, r.output_tokens_per_s, r.ttft_ms.p50, r.ttft_ms.p99,
+                  r.tpot_ms.p50, r.tpot_ms.p99, 100 * MeanUtilization(r), r.cache_hit_rate,
+                  ttft_target > 0 || tpot_target > 0
+                      ? (MeetsTargets(r, ttft_target, tpot_target) ? "  met" : "  missed")
+                      : "");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace strata

@@ -1,0 +1,313 @@
+#include "cli/simulate.h"
+
+#include <string>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "bench/workload.h"
+#include "cli/profile.h"
+#include "cli/simulate_cmd.h"
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+std::vector<int32_t> Tokens(int64_t n, int32_t first) {
+  std::vector<int32_t> t;
+  for (int64_t i = 0; i < n; ++i) t.push_back(first + static_cast<int32_t>(i));
+  return t;
+}
+
+Conversation Single(double start_ms, std::vector<int32_t> prompt, int64_t output) {
+  Conversation c;
+  c.start = absl::Milliseconds(start_ms);
+  c.turns.push_back({std::move(prompt), output, absl::ZeroDuration()});
+  return c;
+}
+
+// 1 ms a step plus 0.1 ms a token: easy to add up by hand.
+SimConfig Simple() {
+  SimConfig c;
+  c.cost.fixed_s = 1e-3;
+  c.cost.token_s = 1e-4;
+  c.worker.kv_blocks = 64;
+  c.worker.block_tokens = 16;
+  c.worker.max_batch_tokens = 64;
+  c.worker.max_running_sequences = 8;
+  return c;
+}
+
+TEST(SimulateTest, LoneRequestTakesItsChunksAndDecodeSteps) {
+  const std::vector<Conversation> w = {Single(0, Tokens(100, 1), 10)};
+  const absl::StatusOr<SimResult> r = Simulate(w, Simple());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->completed, 1);
+  // Prefill in chunks of 64 and 36 tokens: 7.4 + 4.6 ms; then 9 decode steps of 1.1 ms.
+  EXPECT_NEAR(r->ttft_ms.p50, 12.0, 1e-9);
+  EXPECT_NEAR(r->tpot_ms.p50, 1.1, 1e-9);
+  EXPECT_NEAR(r->e2e_ms.p50, 12.0 + 9 * 1.1, 1e-9);
+  EXPECT_EQ(r->cache_hit_rate, 0);
+  EXPECT_NEAR(r->worker_utilization[0], 1.0, 1e-9);
+}
+
+TEST(SimulateTest, ConcurrentRequestsDecodeInOneBatch) {
+  std::vector<Conversation> w;
+  for (int i = 0; i < 4; ++i) w.push_back(Single(0, Tokens(8, 1000 * (i + 1)), 5));
+  const absl::StatusOr<SimResult> r = Simulate(w, Simple());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->completed, 4);
+  // All four prompts fit the first step's budget (32 tokens: 4.2 ms); then four decode steps of
+  // four tokens (1.4 ms each).
+  EXPECT_NEAR(r->ttft_ms.p99, 4.2, 1e-9);
+  EXPECT_NEAR(r->tpot_ms.p50, 1.4, 1e-9);
+  EXPECT_NEAR(r->mean_decode_batch, 4, 1e-9);
+  EXPECT_NEAR(r->output_tokens_per_s, 20 / (4.2e-3 + 4 * 1.4e-3), 1e-6);
+}
+
+TEST(SimulateTest, LaterRequestReusesCachedPrefix) {
+  std::vector<int32_t> second = Tokens(64, 1);  // the first's first four blocks
+  const std::vector<int32_t> own = Tokens(36, 5000);
+  second.insert(second.end(), own.begin(), own.end());
+  const std::vector<Conversation> w = {Single(0, Tokens(100, 1), 2), Single(1000, second, 2)};
+  const absl::StatusOr<SimResult> r = Simulate(w, Simple());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->completed, 2);
+  EXPECT_NEAR(r->cache_hit_rate, 64.0 / 200.0, 1e-9);
+  // The second computes 36 tokens in one step: 4.6 ms against the first's 12 ms.
+  EXPECT_NEAR(r->ttft_ms.p50, (4.6 + 12.0) / 2, 1e-9);
+}
+
+TEST(SimulateTest, QueueingGrowsPastCapacityAndWorkersRelieveIt) {
+  WorkloadOptions o;
+  o.num_requests = 400;
+  o.rate_per_s = 40;
+  o.prompt_tokens = {200, 200};
+  o.output_tokens = {50, 50};
+  SimConfig c = Simple();
+  c.worker.kv_blocks = 1024;
+  c.worker.max_batch_tokens = 512;
+  c.worker.max_running_sequences = 16;
+  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(o);
+  ASSERT_TRUE(w.ok());
+  const absl::StatusOr<SimResult> one = Simulate(*w, c);
+  c.workers = 4;
+  const absl::StatusOr<SimResult> four = Simulate(*w, c);
+  ASSERT_TRUE(one.ok() && four.ok());
+  EXPECT_EQ(one->completed, 400);
+  EXPECT_EQ(four->completed, 400);
+  // One worker: each request needs about 20 ms of prefill share and 50 decode steps of 16; it
+  // cannot keep up with 40 requests a second, so the queue (and TTFT) grows.
+  EXPECT_GT(one->ttft_ms.p99, 10 * four->ttft_ms.p99);
+  EXPECT_GT(one->worker_utilization[0], 0.95);
+  for (int64_t n : four->worker_requests) EXPECT_GT(n, 60);  // spread over all four
+  EXPECT_NEAR(four->throughput_rps, 40, 8);
+  // Same inputs, same answer.
+  const absl::StatusOr<SimResult> again = Simulate(*w, c);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->ttft_ms.p99, four->ttft_ms.p99);
+  EXPECT_EQ(again->worker_requests, four->worker_requests);
+}
+
+TEST(SimulateTest, PrefixAwareRoutingKeepsConversationsOnTheirCaches) {
+  WorkloadOptions o;
+  o.kind = "multi-turn";
+  o.num_requests = 160;  // 40 conversations x 4 turns
+  o.turns = 4;
+  o.rate_per_s = 8;
+  o.prompt_tokens = {400, 400};
+  o.turn_tokens = {40, 40};
+  o.output_tokens = {20, 20};
+  o.think_time_ms = 100;
+  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(o);
+  ASSERT_TRUE(w.ok());
+  SimConfig c = Simple();
+  c.workers = 4;
+  c.worker.kv_blocks = 512;
+  c.worker.max_batch_tokens = 512;
+  const absl::StatusOr<SimResult> aware = Simulate(*w, c);
+  c.router.round_robin = true;
+  const absl::StatusOr<SimResult> rr = Simulate(*w, c);
+  ASSERT_TRUE(aware.ok() && rr.ok());
+  EXPECT_EQ(aware->completed, 160);
+  // Turns 2-4 find their history (about 3/4 of their tokens): near 0.6 of all prompt tokens.
+  EXPECT_GT(aware->cache_hit_rate, 0.55);
+  EXPECT_LT(rr->cache_hit_rate, 0.5 * aware->cache_hit_rate);
+  EXPECT_LT(aware->ttft_ms.p50, rr->ttft_ms.p50);
+}
+
+TEST(SimulateTest, SmallCachePreemptsAndStillFinishesEverything) {
+  std::vector<Conversation> w;
+  for (int i = 0; i < 8; ++i) w.push_back(Single(0, Tokens(60, 1000 * (i + 1)), 100));
+  SimConfig c = Simple();
+  c.worker.kv_blocks = 24;  // 384 tokens: three of the eight 160-token sequences at their end
+  const absl::StatusOr<SimResult> r = Simulate(w, c);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->completed, 8);
+  EXPECT_GT(r->preemptions, 0);
+}
+
+TEST(SimulateTest, HostTierRestoresWhatTheDeviceEvicted) {
+  WorkloadOptions o;
+  o.kind = "multi-turn";
+  o.num_requests = 120;
+  o.turns = 3;
+  o.rate_per_s = 20;
+  o.prompt_tokens = {480, 480};
+  o.turn_tokens = {32, 32};
+  o.output_tokens = {16, 16};
+  o.think_time_ms = 2000;  // long enough for other conversations to push it off the device
+  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(o);
+  ASSERT_TRUE(w.ok());
+  SimConfig c = Simple();
+  c.worker.kv_blocks = 160;  // five conversations' worth
+  c.worker.max_batch_tokens = 512;
+  const absl::StatusOr<SimResult> device_only = Simulate(*w, c);
+  c.worker.host_blocks = 8192;
+  c.cost.host_block_s = 1e-5;
+  const absl::StatusOr<SimResult> with_host = Simulate(*w, c);
+  ASSERT_TRUE(device_only.ok() && with_host.ok());
+  EXPECT_EQ(with_host->completed, 120);
+  EXPECT_EQ(device_only->restored_blocks, 0);
+  EXPECT_GT(with_host->restored_blocks, 100);
+  EXPECT_GT(with_host->cache_hit_rate, device_only->cache_hit_rate + 0.2);
+  EXPECT_LT(with_host->ttft_ms.p50, device_only->ttft_ms.p50);
+}
+
+TEST(SimulateTest, RequestLargerThanTheCacheIsRejected) {
+  const std::vector<Conversation> w = {Single(0, Tokens(2000, 1), 4), Single(1, Tokens(10, 1), 4)};
+  const absl::StatusOr<SimResult> r = Simulate(w, Simple());  // 1024 tokens of cache
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->rejected, 1);
+  EXPECT_EQ(r->completed, 1);
+}
+
+TEST(SimulateTest, RefusesConfigsThatCannotRun) {
+  const std::vector<Conversation> w = {Single(0, Tokens(10, 1), 4)};
+  SimConfig c = Simple();
+  c.workers = 0;
+  EXPECT_EQ(Simulate(w, c).status().code(), absl::StatusCode::kInvalidArgument);
+  c = Simple();
+  c.worker.kv_blocks = 0;
+  EXPECT_EQ(Simulate(w, c).status().code(), absl::StatusCode::kInvalidArgument);
+  c = Simple();
+  c.cost = StepCost{};
+  EXPECT_EQ(Simulate(w, c).status().code(), absl::StatusCode::kInvalidArgument);
+  c.cost.token_s = -1;
+  EXPECT_EQ(Simulate(w, c).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SimulateTest, ProfileRoundTripsThroughJson) {
+  EngineProfile p;
+  p.model = "strata-tiny";
+  p.machine = "2 cores";
+  p.kv_blocks = 4096;
+  p.block_tokens = 16;
+  p.max_batch_tokens = 512;
+  p.max_running_sequences = 64;
+  p.cost = {1e-3, 2e-3, 3e-7, 4e-5, 5e-9, 7e-5, 6e-6};
+  p.request_overhead_s = 2e-3;
+  const absl::StatusOr<EngineProfile> q = EngineProfileFromJson(EngineProfileToJson(p), "p.json");
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_EQ(q->model, p.model);
+  EXPECT_EQ(q->kv_blocks, 4096);
+  EXPECT_DOUBLE_EQ(q->cost.token_s, 4e-5);
+  EXPECT_DOUBLE_EQ(q->cost.host_block_s, 6e-6);
+  EXPECT_DOUBLE_EQ(q->cost.sequence_s, 7e-5);
+  EXPECT_DOUBLE_EQ(q->request_overhead_s, 2e-3);
+
+  const absl::StatusOr<EngineProfile> bad = EngineProfileFromJson(
+      "{\"kv_blocks\":1,\"block_tokens\":16,\"max_batch_tokens\":8,\"max_running_sequences\":1,"
+      "\"cost\":{\"fixed_s\":0,\"weights_s\":0,\"kv_token_s\":0,\"token_s\":-1,"
+      "\"attention_pair_s\":0,\"host_block_s\":0}}",
+      "p.json");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("token_s"), std::string::npos) << bad.status();
+  const absl::StatusOr<EngineProfile> missing = EngineProfileFromJson("{}", "p.json");
+  EXPECT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("kv_blocks"), std::string::npos) << missing.status();
+}
+
+TEST(SimulateTest, RequestOverheadAddsToLatencyOnly) {
+  const std::vector<Conversation> w = {Single(0, Tokens(100, 1), 10)};
+  SimConfig c = Simple();
+  c.request_overhead_s = 5e-3;
+  const absl::StatusOr<SimResult> r = Simulate(w, c);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_NEAR(r->ttft_ms.p50, 17.0, 1e-9);
+  EXPECT_NEAR(r->tpot_ms.p50, 1.1, 1e-9);
+  EXPECT_NEAR(r->e2e_ms.p50, 17.0 + 9 * 1.1, 1e-9);
+}
+
+// Points from a known step cost come back as that cost: the floor (weights_s) below which small
+// decode steps stay, and the compute line above it.
+TEST(FitStepCostTest, RecoversTheCostThatMadeThePoints) {
+  StepCost truth;
+  truth.fixed_s = 0.4e-3;
+  truth.weights_s = 2e-3;
+  truth.token_s = 50e-6;
+  truth.attention_pair_s = 0.2e-6;
+  truth.sequence_s = 30e-6;
+  std::vector<ProfilePoint> points;
+  for (double b : {1.0, 4.0, 16.0, 64.0, 256.0}) {
+    points.push_back({"decode", b, b * 129, b * 129, b, 0});
+  }
+  for (double l : {128.0, 256.0, 512.0}) {
+    points.push_back({"prefill", l, l, l * (l + 1) / 2, 1, 0});
+  }
+  points.push_back({"prefill after 1024", 64, 1088, 64 * (1024 + 32.5), 1, 0});
+  auto step = [](const StepCost& c, const ProfilePoint& p) {
+    return c.Step(p.tokens, p.kv_tokens, p.pairs, p.sampled);
+  };
+  for (ProfilePoint& p : points) p.seconds = step(truth, p);
+  const absl::StatusOr<StepCost> fit = FitStepCost(points);
+  ASSERT_TRUE(fit.ok()) << fit.status();
+  for (const ProfilePoint& p : points) {
+    EXPECT_NEAR(step(*fit, p) / p.seconds, 1, 0.03) << p.what << " " << p.tokens;
+  }
+  EXPECT_NEAR(fit->token_s, truth.token_s, 0.05 * truth.token_s);
+  EXPECT_NEAR(fit->attention_pair_s, truth.attention_pair_s, 0.05 * truth.attention_pair_s);
+  EXPECT_NEAR(fit->sequence_s, truth.sequence_s, 0.1 * truth.sequence_s);
+
+  // A purely linear cost fits with no floor.
+  StepCost linear;
+  linear.fixed_s = 1e-3;
+  linear.token_s = 20e-6;
+  linear.attention_pair_s = 0.1e-6;
+  linear.sequence_s = 10e-6;
+  for (ProfilePoint& p : points) p.seconds = step(linear, p);
+  const absl::StatusOr<StepCost> lfit = FitStepCost(points);
+  ASSERT_TRUE(lfit.ok()) << lfit.status();
+  EXPECT_NEAR(lfit->fixed_s, 1e-3, 1e-6);
+  EXPECT_NEAR(lfit->token_s, 20e-6, 1e-8);
+  EXPECT_NEAR(lfit->weights_s, 0, 1e-6);
+
+  EXPECT_NEAR(lfit->sequence_s, 10e-6, 1e-8);
+  EXPECT_FALSE(FitStepCost({points[0], points[1], points[2]}).ok());
+  std::vector<ProfilePoint> bad = points;
+  bad[2].seconds = 0;
+  EXPECT_EQ(FitStepCost(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CurveSvgTest, DrawsOnePointPerRateInEachPanel) {
+  std::vector<CurvePoint> points;
+  for (double rate : {1.0, 2.0, 4.0}) {
+    CurvePoint p;
+    p.rate = rate;
+    p.result.ttft_ms.p99 = 10 * rate;
+    p.result.tpot_ms.p99 = rate;
+    points.push_back(p);
+  }
+  const std::string svg = CurveSvg(points, "a <title> & more");
+  EXPECT_EQ(svg.rfind("<svg", 0), 0u);
+  EXPECT_NE(svg.find("</svg>"), std::string::npos);
+  size_t circles = 0;
+  for (size_t at = svg.find("<circle"); at != std::string::npos; at = svg.find("<circle", at + 1)) {
+    ++circles;
+  }
+  EXPECT_EQ(circles, 6u);
+  EXPECT_NE(svg.find("a &lt;title&gt; &amp; more"), std::string::npos);
+  EXPECT_NE(svg.find("p99 TTFT (ms)"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace strata
