@@ -306,13 +306,13 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
 
   std::vector<ProfilePoint> points;
   // Decode: `b` sequences over `ctx_len` tokens each, every step one token each; a long context
-  // (eight times --context) at batch 2 weighs attention.
+  // (eight times --context) at batches 1 and 2 weighs attention.
   struct DecodeShape {
     int64_t batch, context;
   };
   for (const DecodeShape& shape :
        {DecodeShape{1, context}, DecodeShape{4, context}, DecodeShape{16, context},
-        DecodeShape{64, context}, DecodeShape{2, 8 * context}}) {
+        DecodeShape{64, context}, DecodeShape{1, 8 * context}, DecodeShape{2, 8 * context}}) {
     const int64_t b = shape.batch, ctx_len = shape.context;
     if (b > max_running || b * (ctx_len + 8 + reps) > engine->num_kv_blocks() * block_tokens ||
         ctx_len + 8 + reps > config.max_position_embeddings) {
