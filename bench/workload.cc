@@ -39,7 +39,9 @@ absl::StatusOr<LengthRange> ParseLengthRange(const std::string& spec) {
   return r;
 }
 
-absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o) {
+namespace {
+
+absl::StatusOr<std::vector<Conversation>> MakeConversations(const WorkloadOptions& o) {
   if (o.rate_per_s <= 0) return absl::InvalidArgumentError("rate must be positive");
   if (o.num_requests < 1) return absl::InvalidArgumentError("num_requests must be positive");
   if (o.vocab_size < 1) return absl::InvalidArgumentError("vocab_size must be positive");
@@ -103,6 +105,25 @@ absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o)
   }
   return absl::InvalidArgumentError(
       absl::StrCat("workload \"", o.kind, "\" is not random, shared-prefix or multi-turn"));
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o) {
+  if (o.fine_tunes < 0 || !(o.fine_tune_zipf >= 0) || !(o.base_fraction >= 0) ||
+      !(o.base_fraction <= 1)) {
+    return absl::InvalidArgumentError(
+        "fine_tunes must be >= 0, fine_tune_zipf >= 0 and base_fraction in [0, 1]");
+  }
+  absl::StatusOr<std::vector<Conversation>> out = MakeConversations(o);
+  if (!out.ok() || o.fine_tunes == 0) return out;
+  std::mt19937_64 rng(o.seed ^ 0x9e3779b97f4a7c15ULL);
+  std::vector<double> weights;
+  for (int k = 0; k < o.fine_tunes; ++k) weights.push_back(std::pow(k + 1.0, -o.fine_tune_zipf));
+  std::discrete_distribution<int> tenant(weights.begin(), weights.end());
+  std::bernoulli_distribution base(o.base_fraction);
+  for (Conversation& c : *out) c.fine_tune = base(rng) ? -1 : tenant(rng);
+  return out;
 }
 
 double Percentile(std::vector<double> values, double p) {

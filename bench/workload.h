@@ -43,6 +43,12 @@ struct WorkloadOptions {
   double think_time_ms = 200;  // mean of an exponential
   int32_t vocab_size = 2048;
   uint64_t seed = 1;
+  // Tenants: each conversation runs on one of `fine_tunes` fine-tunes, the k-th (from 0) drawn
+  // with weight 1 / (k + 1)^fine_tune_zipf (0: uniformly), or on the base with probability
+  // base_fraction. Drawn from their own stream, so the prompts do not change with these.
+  int fine_tunes = 0;
+  double fine_tune_zipf = 1.0;
+  double base_fraction = 0;
 };
 
 struct Turn {
@@ -54,6 +60,8 @@ struct Turn {
 struct Conversation {
   absl::Duration start;  // since the run's start
   std::vector<Turn> turns;
+  // The fine-tune every turn runs on: an index into the workload's fine-tunes, or -1 for the base.
+  int fine_tune = -1;
 };
 
 absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& options);

@@ -84,5 +84,33 @@ TEST(WorkloadTest, MultiTurnResendsTheGrowingHistory) {
   EXPECT_EQ((*MakeWorkload(o))[2].turns[1].prompt, (*w)[2].turns[1].prompt);
 }
 
+TEST(WorkloadTest, FineTunesFollowZipfWithoutChangingPrompts) {
+  WorkloadOptions o;
+  o.num_requests = 4000;
+  const auto base = MakeWorkload(o);
+  o.fine_tunes = 10;
+  o.fine_tune_zipf = 1.0;
+  o.base_fraction = 0.25;
+  const auto w = MakeWorkload(o);
+  ASSERT_TRUE(base.ok() && w.ok());
+  std::vector<int> counts(10, 0);
+  int on_base = 0;
+  for (size_t i = 0; i < w->size(); ++i) {
+    EXPECT_EQ((*w)[i].turns[0].prompt, (*base)[i].turns[0].prompt);
+    EXPECT_EQ((*base)[i].fine_tune, -1);
+    const int t = (*w)[i].fine_tune;
+    ASSERT_GE(t, -1);
+    ASSERT_LT(t, 10);
+    (t < 0 ? on_base : counts[t]) += 1;
+  }
+  EXPECT_NEAR(on_base / 4000.0, 0.25, 0.03);
+  // Zipf(1) over 10: the first has weight 1 / H(10) = 0.341 of the fine-tuned share, the second
+  // half of that.
+  EXPECT_NEAR(counts[0] / 3000.0, 0.341, 0.03);
+  EXPECT_NEAR(static_cast<double>(counts[1]) / counts[0], 0.5, 0.1);
+  o.fine_tunes = -1;
+  EXPECT_FALSE(MakeWorkload(o).ok());
+}
+
 }  // namespace
 }  // namespace strata

@@ -17,6 +17,7 @@
 #include "common/json.h"
 #include "common/mapped_file.h"
 #include "common/status_macros.h"
+#include "kernels/delta.h"
 #include "memtier/slot_format.h"
 
 namespace strata {
@@ -36,6 +37,21 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 std::string FlagName(DType t) { return absl::AsciiStrToLower(DTypeName(t)); }
 
 }  // namespace
+
+double DeltaBytes(const ModelConfig& m, int bits, bool sparse_2_4) {
+  const int64_t h = m.hidden_size, q = m.q_dim(), kv = m.kv_dim(), f = m.intermediate_size;
+  const int64_t shapes[][2] = {{q, h}, {kv, h}, {kv, h}, {h, q}, {f, h}, {f, h}, {h, f}};
+  double bytes = 0;
+  for (const auto& s : shapes) {
+    PackedDelta d;
+    d.rows = s[0];
+    d.cols = s[1];
+    d.bits = bits;
+    d.sparse_2_4 = sparse_2_4;
+    bytes += static_cast<double>(d.PackedBytes());
+  }
+  return bytes * m.num_layers;
+}
 
 const std::vector<GpuSpec>& KnownGpus() {
   static const std::vector<GpuSpec>* gpus = new std::vector<GpuSpec>{
@@ -92,6 +108,13 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   p.parameters = model.NumParameters();
   p.weight_bytes = static_cast<double>(p.parameters) * dtype_bytes;
   p.kv_bytes_per_token = 2 * model.num_layers * model.kv_dim() * DTypeBytes(options.dtype);
+  if (workload.fine_tunes < 0 || workload.active_fine_tunes < 0 ||
+      workload.active_fine_tunes > workload.fine_tunes) {
+    return absl::InvalidArgumentError(
+        "--fine-tunes must be 0 or more and --active-fine-tunes 0 to --fine-tunes");
+  }
+  if (workload.fine_tunes > 0)
+    p.delta_bytes = DeltaBytes(model, options.delta_bits, options.delta_sparse_2_4);
 
   // Prefill FLOPs per token: two per weight used (every matrix but the embedding table), plus
   // Q.K and P.V over the mean causal context of an uncached prompt.
@@ -112,15 +135,27 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
           (3.0 * model.hidden_size +
            (2.0 * model.intermediate_size + model.q_dim() + 2.0 * model.kv_dim()) / tp) +
       8.0 * options.max_running_sequences * model.vocab_size;
-  const double kv_bytes =
-      gpu.memory_bytes * options.gpu_memory_utilization - p.gpu_weight_bytes - p.gpu_scratch_bytes;
+  // The active fine-tunes' deltas live on the GPU beside the KV cache (at most one per running
+  // sequence).
+  if (workload.fine_tunes > 0) {
+    p.active_fine_tunes =
+        workload.active_fine_tunes > 0
+            ? workload.active_fine_tunes
+            : std::min<int64_t>(workload.fine_tunes, options.max_running_sequences);
+    p.delta_cache_mb =
+        static_cast<int64_t>(std::ceil(p.active_fine_tunes * p.delta_bytes / tp * 1.05 / kMiB));
+  }
+  const double kv_bytes = gpu.memory_bytes * options.gpu_memory_utilization - p.gpu_weight_bytes -
+                          p.gpu_scratch_bytes - p.delta_cache_mb * kMiB;
   const int64_t block_bytes_rank = p.kv_bytes_per_token / tp * bt;
   if (kv_bytes < block_bytes_rank) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "%s's weights (%.1f GiB per GPU) and scratch (%.1f GiB) leave no room for a KV cache in "
-        "%.0f%% of %s's %.0f GB: use a larger --tensor-parallel or another --gpu",
+        "%s's weights (%.1f GiB per GPU), scratch (%.1f GiB) and fine-tune deltas (%.1f GiB) leave "
+        "no room for a KV cache in %.0f%% of %s's %.0f GB: use a larger --tensor-parallel, "
+        "another --gpu or fewer --active-fine-tunes",
         model.architecture_name, p.gpu_weight_bytes / kGiB, p.gpu_scratch_bytes / kGiB,
-        100 * options.gpu_memory_utilization, gpu.name, gpu.memory_bytes / 1e9));
+        p.delta_cache_mb * kMiB / kGiB, 100 * options.gpu_memory_utilization, gpu.name,
+        gpu.memory_bytes / 1e9));
   }
   p.kv_cache_mb = static_cast<int64_t>(kv_bytes / kMiB);
   const int64_t blocks = static_cast<int64_t>(p.kv_cache_mb * kMiB) / block_bytes_rank;
@@ -137,12 +172,22 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
       options.prefill_efficiency > 0 ? options.prefill_efficiency : gpu.prefill_efficiency;
   const double bandwidth = tp * gpu.copy_bytes_per_s * decode_efficiency;
   const double flop_rate = tp * gpu.flops * prefill_efficiency;
-  auto step_s = [&](double b) {
-    const double memory = (step_weight_bytes + b * mean_context * p.kv_bytes_per_token) / bandwidth;
+  // A decode step of b sequences; with fine-tunes, every distinct one in the batch reads its delta
+  // (the batch mixes min(b, active) of them).
+  auto step_s = [&](double b, double deltas) {
+    const double memory =
+        (step_weight_bytes + b * mean_context * p.kv_bytes_per_token + deltas * p.delta_bytes) /
+        bandwidth;
     const double compute = 2 * matrix_params * b / flop_rate;
     return std::max(memory, compute);
   };
-  p.batch1_step_ms = 1e3 * step_s(1);
+  // Distinct fine-tunes in a batch of b (base requests read none).
+  auto deltas_in = [&](double b) {
+    return std::min<double>(b, static_cast<double>(p.active_fine_tunes));
+  };
+  p.batch1_step_ms = 1e3 * step_s(1, 0);
+  if (workload.fine_tunes > 0) p.batch1_delta_step_ms = 1e3 * step_s(1, 1);
+  const double slowest_batch1_ms = std::max(p.batch1_step_ms, p.batch1_delta_step_ms);
   const int64_t per_sequence =
       CeilDiv(workload.prompt_tokens + workload.output_tokens - shared_full, bt) * bt;
   const int64_t by_memory = (p.kv_cache_tokens - shared_full) / per_sequence;
@@ -153,24 +198,28 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   }
   int64_t by_tpot = std::numeric_limits<int64_t>::max();
   if (workload.tpot_ms > 0) {
-    if (p.batch1_step_ms > workload.tpot_ms) {
+    if (slowest_batch1_ms > workload.tpot_ms) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "--tpot-ms %.1f is below a batch-1 decode step of this model on %s (%.2f ms)",
-          workload.tpot_ms, gpu.name, p.batch1_step_ms));
+          "--tpot-ms %.1f is below a batch-1 decode step of this model on %s (%.2f ms%s)",
+          workload.tpot_ms, gpu.name, slowest_batch1_ms,
+          workload.fine_tunes > 0 ? ", a fine-tune's" : ""));
     }
-    // The largest batch whose step (memory- or compute-bound, both linear in the batch) fits.
+    // The largest batch whose step fits (the step grows with the batch).
     const double t = workload.tpot_ms / 1e3;
-    const double by_bytes =
-        (t * bandwidth - step_weight_bytes) / (mean_context * p.kv_bytes_per_token);
-    const double by_flops = t * flop_rate / (2 * matrix_params);
-    by_tpot = std::max<int64_t>(1, static_cast<int64_t>(std::min(by_bytes, by_flops)));
+    int64_t lo = 1, hi = int64_t{1} << 40;
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      const double b = static_cast<double>(mid);
+      (step_s(b, deltas_in(b)) <= t ? lo : hi) = mid;
+    }
+    by_tpot = lo;
   }
   p.batch = std::min({by_memory, by_tpot, options.max_running_sequences});
   p.batch_limit = p.batch == options.max_running_sequences ? "max_running_sequences"
                   : p.batch == by_memory                   ? "memory"
                                                            : "tpot";
   p.max_running_sequences = p.batch;
-  p.step_ms = 1e3 * step_s(static_cast<double>(p.batch));
+  p.step_ms = 1e3 * step_s(static_cast<double>(p.batch), deltas_in(static_cast<double>(p.batch)));
   p.decode_tokens_per_s = p.batch / (p.step_ms / 1e3);
 
   // Prefill, and what a request costs.
@@ -211,7 +260,8 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   // host tier written down at shutdown, with a quarter more for LRU churn.
   const double disk = 1.25 * std::max(p.warm_set_bytes, p.host_cache_mb * kMiB + device_in_slots);
   p.disk_cache_mb = static_cast<int64_t>(std::ceil(disk / kMiB));
-  p.pod_memory_request_mb = p.host_cache_mb + kPodOverheadMiB;
+  // The delta cache keeps the active deltas in RAM as well as on the GPU.
+  p.pod_memory_request_mb = p.host_cache_mb + p.delta_cache_mb + kPodOverheadMiB;
   p.pod_memory_limit_mb = p.pod_memory_request_mb;
   p.disk_volume_gib = static_cast<int64_t>(std::ceil(p.disk_cache_mb * 1.1 / 1024));
 
@@ -219,6 +269,14 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
     p.notes.push_back(
         "tensor parallelism across GPUs is not built yet (--tensor_parallel is CPU-only): the "
         "figures assume it scales bandwidth and FLOPs with the GPUs and ignore all-reduce time");
+  }
+  if (workload.fine_tunes > 0) {
+    p.notes.push_back(absl::StrFormat(
+        "each of the %d fine-tunes is a %.2f GiB delta (%d-bit%s); a decode step reads one per "
+        "distinct fine-tune in its batch, %d at full batch: %.2f GiB on top of the base's %.2f GiB",
+        workload.fine_tunes, p.delta_bytes / kGiB, options.delta_bits,
+        options.delta_sparse_2_4 ? ", 2:4" : "", static_cast<int64_t>(deltas_in(p.batch)),
+        deltas_in(p.batch) * p.delta_bytes / kGiB, step_weight_bytes / kGiB));
   }
   if (p.batch_limit == "max_running_sequences" && std::min(by_memory, by_tpot) > p.batch) {
     p.notes.push_back(absl::StrFormat(
@@ -260,6 +318,7 @@ StepCost PlanStepCost(const ModelConfig& model, const GpuSpec& gpu, const PlanOp
   c.token_s = 2 * matrix_params / flop_rate;
   c.attention_pair_s = 4.0 * model.num_layers * model.q_dim() / flop_rate;
   c.host_block_s = kv_bytes_per_token * options.block_tokens / kHostToDeviceBytesPerS;
+  c.delta_s = DeltaBytes(model, options.delta_bits, options.delta_sparse_2_4) / bandwidth;
   return c;
 }
 
@@ -282,6 +341,7 @@ std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& option
     f.push_back(
         absl::StrCat("--kv_compression=", KvCompressionName(options.lower_tier_compression)));
   }
+  if (plan.delta_cache_mb > 0) f.push_back(absl::StrCat("--delta_cache_mb=", plan.delta_cache_mb));
   return f;
 }
 
@@ -390,13 +450,16 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
       "\"prefill_tokens_per_s\":%.1f,\"ttft_ms\":%.2f,\"requests_per_s_per_worker\":%.3f,"
       "\"workers\":%d,\"utilization\":%.3f,\"tier_slot_bytes\":%d,\"warm_set_bytes\":%.0f,"
       "\"host_cache_mb\":%d,\"disk_cache_mb\":%d,\"pod_memory_limit_mb\":%d,"
-      "\"disk_volume_gib\":%d,\"worker_flags\":[%s],\"notes\":[%s]}\n",
+      "\"disk_volume_gib\":%d,\"delta_bytes\":%.0f,\"active_fine_tunes\":%d,"
+      "\"delta_cache_mb\":%d,\"batch1_delta_step_ms\":%.3f,\"worker_flags\":[%s],"
+      "\"notes\":[%s]}\n",
       Quoted(gpu.name), o.tensor_parallel, p.parameters, p.weight_bytes, p.kv_bytes_per_token,
       p.gpu_weight_bytes, p.gpu_scratch_bytes, p.kv_cache_mb, p.kv_cache_tokens, p.batch,
       Quoted(p.batch_limit), p.step_ms, p.batch1_step_ms, p.decode_tokens_per_s,
       p.prefill_tokens_per_s, p.ttft_ms, p.requests_per_s_per_worker, p.workers, p.utilization,
       p.tier_slot_bytes, p.warm_set_bytes, p.host_cache_mb, p.disk_cache_mb, p.pod_memory_limit_mb,
-      p.disk_volume_gib, absl::StrJoin(flags, ","), absl::StrJoin(notes, ","));
+      p.disk_volume_gib, p.delta_bytes, p.active_fine_tunes, p.delta_cache_mb,
+      p.batch1_delta_step_ms, absl::StrJoin(flags, ","), absl::StrJoin(notes, ","));
 }
 
 }  // namespace
@@ -425,6 +488,10 @@ absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv) {
                       "decode-efficiency",
                       "prefill-efficiency",
                       "target-utilization",
+                      "fine-tunes",
+                      "active-fine-tunes",
+                      "delta-bits",
+                      "delta-sparsity",
                       "emit"});
 }
 
@@ -500,6 +567,17 @@ absl::StatusOr<PlanOptions> PlanOptionsFromArgs(const Args& args, const GpuSpec&
                    Fraction(args, "prefill-efficiency", gpu.prefill_efficiency));
   ASSIGN_OR_RETURN(o.target_utilization,
                    Fraction(args, "target-utilization", o.target_utilization));
+  ASSIGN_OR_RETURN(const int64_t bits, args.GetInt("delta-bits", o.delta_bits));
+  if (bits != 2 && bits != 4 && bits != 8) {
+    return absl::InvalidArgumentError(absl::StrCat("--delta-bits must be 2, 4 or 8, not ", bits));
+  }
+  o.delta_bits = static_cast<int>(bits);
+  const std::string sparsity = args.Get("delta-sparsity").value_or("2:4");
+  if (sparsity != "2:4" && sparsity != "none") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--delta-sparsity must be 2:4 or none, not \"", sparsity, "\""));
+  }
+  o.delta_sparse_2_4 = sparsity == "2:4";
 
   return o;
 }
@@ -522,13 +600,20 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
   ASSIGN_OR_RETURN(w.tpot_ms, PositiveDouble(args, "tpot-ms", 0, true));
   ASSIGN_OR_RETURN(w.conversations, IntAtLeast(args, "conversations", 0, 0));
   ASSIGN_OR_RETURN(w.conversation_tokens, IntAtLeast(args, "conversation-tokens", 0, 0));
+  ASSIGN_OR_RETURN(w.fine_tunes, IntAtLeast(args, "fine-tunes", 0, 0));
+  ASSIGN_OR_RETURN(w.active_fine_tunes, IntAtLeast(args, "active-fine-tunes", 0, 0));
+  if (w.active_fine_tunes > w.fine_tunes) {
+    return absl::InvalidArgumentError(absl::StrCat("--active-fine-tunes (", w.active_fine_tunes,
+                                                   ") must be at most --fine-tunes (", w.fine_tunes,
+                                                   ")"));
+  }
   // Far past any real deployment, and small enough that no count overflows.
-  for (const auto& [name, v] :
-       {std::pair<const char*, double>{"rate", w.rate_rps},
-        {"prompt-tokens", static_cast<double>(w.prompt_tokens)},
-        {"output-tokens", static_cast<double>(w.output_tokens)},
-        {"conversations", static_cast<double>(w.conversations)},
-        {"conversation-tokens", static_cast<double>(w.conversation_tokens)}}) {
+  for (const auto& [name, v] : {std::pair<const char*, double>{"rate", w.rate_rps},
+                                {"prompt-tokens", static_cast<double>(w.prompt_tokens)},
+                                {"output-tokens", static_cast<double>(w.output_tokens)},
+                                {"conversations", static_cast<double>(w.conversations)},
+                                {"conversation-tokens", static_cast<double>(w.conversation_tokens)},
+                                {"fine-tunes", static_cast<double>(w.fine_tunes)}}) {
     if (v > 1e9)
       return absl::InvalidArgumentError(absl::StrCat("--", name, " must be at most 1e9"));
   }
@@ -576,6 +661,13 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
       "prefill    %.0f tok/s per worker; TTFT of a %d-token uncached prompt %.0f ms (idle GPU)\n",
       p.prefill_tokens_per_s,
       w.prompt_tokens - w.shared_prefix_tokens / o.block_tokens * o.block_tokens, p.ttft_ms);
+  if (w.fine_tunes > 0) {
+    absl::FPrintF(out,
+                  "fine-tunes %d, %d active per worker: %.2f GiB each, --delta_cache_mb %d on the "
+                  "GPU and in RAM; batch-1 step of a fine-tune %.2f ms\n",
+                  w.fine_tunes, p.active_fine_tunes, p.delta_bytes / kGiB, p.delta_cache_mb,
+                  p.batch1_delta_step_ms);
+  }
   absl::FPrintF(out, "capacity   %.2f requests/s per worker at 100%% busy\n",
                 p.requests_per_s_per_worker);
   if (w.rate_rps > 0) {

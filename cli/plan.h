@@ -68,6 +68,11 @@ struct Workload {
   // prompt plus output tokens).
   int64_t conversations = 0;
   int64_t conversation_tokens = 0;
+  // Fine-tunes served as deltas over the base (tenants), and how many of them a worker's batch
+  // mixes at once (0: as many as the batch can hold, up to fine_tunes). Each distinct fine-tune in
+  // a decode step reads its whole delta (DeltaZip's cost), and the active ones stay in memory.
+  int64_t fine_tunes = 0;
+  int64_t active_fine_tunes = 0;
 };
 
 struct PlanOptions {
@@ -86,6 +91,9 @@ struct PlanOptions {
   double prefill_efficiency = 0;
   // Busiest share of each worker's capacity the plan allows (headroom for bursts).
   double target_utilization = 0.8;
+  // The fine-tunes' delta format (stratactl delta compress --bits, --sparsity).
+  int delta_bits = 4;
+  bool delta_sparse_2_4 = true;
 };
 
 struct Plan {
@@ -119,6 +127,11 @@ struct Plan {
   double warm_set_bytes = 0;    // conversations' KV per worker, in tier slots
   int64_t host_cache_mb = 0;    // --host_cache_mb
   int64_t disk_cache_mb = 0;    // --disk_cache_mb
+  // Fine-tunes (when Workload::fine_tunes > 0).
+  double delta_bytes = 0;           // one fine-tune's delta (its projection matrices)
+  int64_t active_fine_tunes = 0;    // distinct fine-tunes in a full decode batch
+  int64_t delta_cache_mb = 0;       // --delta_cache_mb: the active deltas, on the GPU and in RAM
+  double batch1_delta_step_ms = 0;  // a batch-1 step of a fine-tune's sequence
   // Pod resources.
   int64_t pod_memory_request_mb = 0;
   int64_t pod_memory_limit_mb = 0;
@@ -135,6 +148,12 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
 StepCost PlanStepCost(const ModelConfig& model, const GpuSpec& gpu, const PlanOptions& options);
 // Host-to-device copies from pinned memory (PCIe Gen4 x16 in practice; Gen5 is about twice).
 inline constexpr double kHostToDeviceBytesPerS = 25e9;
+// Reading a fine-tune's delta file that is not in the page cache (one NVMe drive).
+inline constexpr double kDeltaReadBytesPerS = 2e9;
+// One fine-tune's delta in options' format: its projection matrices packed as `stratactl delta
+// compress` packs them (kernels/delta.h); norms and biases are negligible, and the embedding and
+// LM head are left out (a fine-tune that changes them adds their share).
+double DeltaBytes(const ModelConfig& model, int bits, bool sparse_2_4);
 
 // The strata-worker flags that deploy `plan` (without --listen, --model or --worker_id).
 std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& options);

@@ -63,6 +63,44 @@ TEST(PlanTest, StepCostAgreesWithThePlan) {
   }
 }
 
+// Fine-tunes: a 4-bit 2:4 delta of Llama-3-8B's projections, its room on the GPU, and what each
+// distinct one adds to a decode step.
+TEST(PlanTest, FineTunesTakeMemoryAndStepTime) {
+  const GpuSpec h100 = *FindGpu("h100");
+  Workload w = Decode(512, 64);
+  auto base = MakePlan(Llama8B(), h100, w, PlanOptions());
+  w.fine_tunes = 100;
+  w.active_fine_tunes = 8;
+  auto ft = MakePlan(Llama8B(), h100, w, PlanOptions());
+  ASSERT_TRUE(base.ok() && ft.ok()) << ft.status();
+  // Per layer: q and o 4096 x 4096, k and v 1024 x 4096, gate, up and down 14336 x 4096; each
+  // row keeps half its values at 4 bits, a 4-bit index per group of four, and a float scale.
+  const double per_weight = (2048 * 0.5 + 512 + 4.0 / 4096 * 4096) / 4096;  // bytes
+  const double weights = 32.0 * (2 * 4096.0 * 4096 + 2 * 1024.0 * 4096 + 3 * 14336.0 * 4096);
+  EXPECT_NEAR(ft->delta_bytes, weights * per_weight, 0.01 * ft->delta_bytes);
+  EXPECT_NEAR(ft->delta_bytes / (1 << 30), 2.44, 0.01);
+  EXPECT_EQ(ft->active_fine_tunes, 8);
+  EXPECT_NEAR(ft->delta_cache_mb, 8 * ft->delta_bytes * 1.05 / (1 << 20), 1);
+  EXPECT_NEAR(base->kv_cache_mb - ft->kv_cache_mb, ft->delta_cache_mb, 1);
+  // Batch 1 of the base is unchanged; a fine-tune's reads its delta too.
+  EXPECT_DOUBLE_EQ(ft->batch1_step_ms, base->batch1_step_ms);
+  const double bandwidth = h100.copy_bytes_per_s * h100.decode_efficiency;
+  EXPECT_NEAR(ft->batch1_delta_step_ms - ft->batch1_step_ms, 1e3 * ft->delta_bytes / bandwidth,
+              1e-6);
+  // A full batch mixes eight: its step reads eight deltas more.
+  EXPECT_NEAR(ft->step_ms - base->step_ms, 8e3 * ft->delta_bytes / bandwidth, 0.01);
+  bool flag = false;
+  for (const std::string& f : WorkerFlags(*ft, PlanOptions())) {
+    flag |= f == absl::StrCat("--delta_cache_mb=", ft->delta_cache_mb);
+  }
+  EXPECT_TRUE(flag);
+  EXPECT_NEAR(PlanStepCost(Llama8B(), h100, PlanOptions()).delta_s, ft->delta_bytes / bandwidth,
+              1e-12);
+  w.active_fine_tunes = 101;
+  EXPECT_EQ(MakePlan(Llama8B(), h100, w, PlanOptions()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(PlanTest, CountsLlama3_8BAsItsFilesDo) {
   auto p = MakePlan(Llama8B(), *FindGpu("h100"), Decode(512, 64), PlanOptions());
   ASSERT_TRUE(p.ok()) << p.status();

@@ -22,8 +22,9 @@
 
 namespace strata {
 
-double StepCost::Step(double tokens, double kv_tokens, double pairs, double sampled) const {
-  const double memory = weights_s + kv_token_s * kv_tokens;
+double StepCost::Step(double tokens, double kv_tokens, double pairs, double sampled,
+                      double deltas) const {
+  const double memory = weights_s + kv_token_s * kv_tokens + delta_s * deltas;
   const double compute = token_s * tokens + attention_pair_s * pairs + sequence_s * sampled;
   return fixed_s + std::max(memory, compute);
 }
@@ -68,6 +69,9 @@ struct Request {
   std::vector<int32_t> tokens;  // prompt, then generated
   int64_t prompt_len = 0;
   int64_t output_tokens = 0;
+  int fine_tune = -1;
+  uint64_t ns = 0;           // cache namespace
+  bool holds_delta = false;  // pins its fine-tune's delta (while running)
   double arrival = 0;
   double first_token = -1;
   double end = -1;
@@ -100,6 +104,13 @@ struct Worker {
   std::deque<Request*> waiting;
   std::vector<Request*> running;  // in admission order
   std::vector<Chunk> plan;
+  // Fine-tune deltas held: when each is ready, its pins, and when it was last used.
+  struct Delta {
+    double ready = 0;
+    int pins = 0;
+    uint64_t used = 0;
+  };
+  absl::flat_hash_map<int, Delta> deltas;
   bool busy = false;
   bool wake_pending = false;
   double busy_s = 0;
@@ -175,6 +186,9 @@ class Simulator {
     r->tokens = t.prompt;
     r->prompt_len = static_cast<int64_t>(t.prompt.size());
     r->output_tokens = std::max<int64_t>(1, t.output_tokens);
+    r->fine_tune = workload_[conversation].fine_tune;
+    r->ns =
+        r->fine_tune < 0 ? ns_ : CacheNamespace("simulated", absl::StrCat("ft", r->fine_tune), "");
     r->arrival = now_;
     if (r->prompt_len < 1 ||
         r->prompt_len + r->output_tokens > config_.worker.kv_blocks * config_.worker.block_tokens) {
@@ -182,14 +196,23 @@ class Simulator {
       return;
     }
     // WorkerPool::Assign.
-    r->pending = PrefixBlockHashes(ns_, r->tokens, static_cast<int>(bt()));
+    r->pending = PrefixBlockHashes(r->ns, r->tokens, static_cast<int>(bt()));
     const int64_t prompt_blocks = (r->prompt_len + bt() - 1) / bt();
     std::vector<WorkerLoadView> loads;
     for (size_t i = 0; i < workers_.size(); ++i) {
       const Worker& w = *workers_[i];
       loads.push_back({static_cast<WorkerSlot>(i), w.inflight, w.prefill_blocks, w.decoding});
     }
+    std::vector<WorkerSlot> resident;
+    if (r->fine_tune >= 0) {
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        if (workers_[i]->deltas.contains(r->fine_tune))
+          resident.push_back(static_cast<WorkerSlot>(i));
+      }
+    }
     RouteRequest req;
+    req.fine_tune = r->fine_tune >= 0;
+    req.fine_tune_resident = resident;
     req.prefix_hashes = r->pending;
     req.prompt_blocks = prompt_blocks;
     req.tie_break = tie_break_++;
@@ -206,11 +229,58 @@ class Simulator {
     w.prefill_blocks += r->prefill_blocks;
     index_.AddPending(score.slot, r->pending);
     w.waiting.push_back(r);  // every request has the same priority: arrival order
+    // Engine::AddRequest: the fine-tune's delta starts loading now.
+    if (r->fine_tune >= 0 && !w.deltas.contains(r->fine_tune)) StartLoad(r->worker, r->fine_tune);
     if (!w.busy && !w.wake_pending) {
       // An idle worker starts a step once every request arriving at this instant is queued.
       w.wake_pending = true;
       Push(now_, Event::kWake, static_cast<size_t>(r->worker), 0);
     }
+  }
+
+  // Starts loading fine-tune `t`'s delta on worker `wi`, making room by dropping the least
+  // recently used delta that no sequence pins and that has finished loading; false when there is
+  // no such room (the request waits for a running sequence of another fine-tune to finish).
+  bool StartLoad(int wi, int t) {
+    Worker& w = *workers_[wi];
+    if (static_cast<int64_t>(w.deltas.size()) >= config_.worker.resident_deltas) {
+      auto victim = w.deltas.end();
+      for (auto it = w.deltas.begin(); it != w.deltas.end(); ++it) {
+        if (it->second.pins > 0 || it->second.ready > now_) continue;
+        if (victim == w.deltas.end() || it->second.used < victim->second.used) victim = it;
+      }
+      if (victim == w.deltas.end()) return false;
+      w.deltas.erase(victim);
+    }
+    w.deltas[t] = {now_ + config_.worker.delta_load_s, 0, ++delta_clock_};
+    ++delta_loads_;
+    if (config_.worker.delta_load_s > 0) {
+      Push(now_ + config_.worker.delta_load_s, Event::kWake, static_cast<size_t>(wi), 0);
+    }
+    return true;
+  }
+
+  // Engine::Step: a fine-tune's sequence pins its delta to be admitted; false while it loads.
+  bool AcquireDelta(int wi, Request* s) {
+    if (s->holds_delta) return true;
+    Worker& w = *workers_[wi];
+    auto it = w.deltas.find(s->fine_tune);
+    if (it == w.deltas.end()) {
+      if (!StartLoad(wi, s->fine_tune)) return false;
+      it = w.deltas.find(s->fine_tune);
+    }
+    if (it->second.ready > now_) return false;
+    ++it->second.pins;
+    it->second.used = ++delta_clock_;
+    s->holds_delta = true;
+    return true;
+  }
+
+  void ReleaseDelta(Worker& w, Request* s) {
+    if (!s->holds_delta) return;
+    auto it = w.deltas.find(s->fine_tune);
+    if (it != w.deltas.end()) --it->second.pins;
+    s->holds_delta = false;
   }
 
   // Engine::EnsureBlocks.
@@ -238,6 +308,7 @@ class Simulator {
   void Preempt(Worker& w, Request* s) {
     ++preemptions_;
     ReleaseBlocks(w, s);
+    ReleaseDelta(w, s);
     w.running.erase(std::find(w.running.begin(), w.running.end(), s));
     w.waiting.push_front(s);
   }
@@ -245,7 +316,7 @@ class Simulator {
   // Engine::Admit, with the host tier's chain restored in the step.
   bool Admit(Worker& w, Request* s, int64_t budget, int64_t* restored) {
     const int64_t len = static_cast<int64_t>(s->tokens.size());
-    std::vector<BlockHash> hashes = PrefixBlockHashes(ns_, s->tokens, static_cast<int>(bt()));
+    std::vector<BlockHash> hashes = PrefixBlockHashes(s->ns, s->tokens, static_cast<int>(bt()));
     const int64_t limit = (len - 1) / bt();
     const int64_t on_device = std::min<int64_t>(w.blocks.MatchPrefix(hashes), limit);
     int64_t in_host_end = on_device;
@@ -258,7 +329,7 @@ class Simulator {
       if (!w.host.Contains(hashes[i])) break;
       const std::optional<int32_t> b = w.blocks.Allocate();
       if (!b) break;
-      w.blocks.Publish(*b, hashes[i], ns_);
+      w.blocks.Publish(*b, hashes[i], s->ns);
       s->block_table.push_back(*b);
       ++*restored;
     }
@@ -303,18 +374,28 @@ class Simulator {
       ++i;
     }
     int64_t restored = 0;
-    while (!w.waiting.empty() && budget > 0 &&
-           static_cast<int64_t>(w.running.size()) < config_.worker.max_running_sequences) {
-      Request* s = w.waiting.front();
-      if (!Admit(w, s, budget, &restored)) break;
+    bool delta_wait = false;
+    for (size_t i = 0;
+         i < w.waiting.size() && budget > 0 &&
+         static_cast<int64_t>(w.running.size()) < config_.worker.max_running_sequences;) {
+      Request* s = w.waiting[i];
+      if (s->fine_tune >= 0 && !AcquireDelta(wi, s)) {
+        delta_wait = true;  // still loading, or no room yet: the ones behind it go first
+        ++i;
+        continue;
+      }
+      if (!Admit(w, s, budget, &restored)) {
+        ReleaseDelta(w, s);
+        break;
+      }
       budget -= w.plan.back().count;
       w.running.push_back(s);
-      w.waiting.pop_front();
+      w.waiting.erase(w.waiting.begin() + static_cast<ptrdiff_t>(i));
     }
     FlushBlockEvents(wi);
     restored_blocks_ += restored;
     if (w.plan.empty()) {
-      if (!w.waiting.empty() && w.running.empty()) {
+      if (!w.waiting.empty() && w.running.empty() && !delta_wait) {
         // Not even one request fits (Arrive refuses what the whole cache cannot hold, so this
         // does not happen): the engine ends it with kContextLength, and so does this.
         Request* s = w.waiting.front();
@@ -329,7 +410,12 @@ class Simulator {
     }
     double tokens = 0, kv_tokens = 0, pairs = 0, sampled = 0;
     int64_t decoding = 0;
+    std::vector<int> step_deltas;
     for (const Chunk& c : w.plan) {
+      if (c.seq->fine_tune >= 0 && std::find(step_deltas.begin(), step_deltas.end(),
+                                             c.seq->fine_tune) == step_deltas.end()) {
+        step_deltas.push_back(c.seq->fine_tune);
+      }
       if (c.start + c.count == static_cast<int64_t>(c.seq->tokens.size())) ++sampled;
       tokens += static_cast<double>(c.count);
       kv_tokens += static_cast<double>(c.start + c.count);
@@ -340,8 +426,11 @@ class Simulator {
       decode_rows_ += decoding;
       ++decode_steps_;
     }
-    const double dt = config_.cost.Step(tokens, kv_tokens, pairs, sampled) +
+    const double dt = config_.cost.Step(tokens, kv_tokens, pairs, sampled,
+                                        static_cast<double>(step_deltas.size())) +
                       static_cast<double>(restored) * config_.cost.host_block_s;
+    ++steps_;
+    step_deltas_ += static_cast<int64_t>(step_deltas.size());
     w.busy = true;
     w.busy_s += dt;
     Push(now_ + dt, Event::kStepDone, static_cast<size_t>(wi), 0);
@@ -353,8 +442,8 @@ class Simulator {
     while (static_cast<int64_t>(s->hashes.size() + 1) * bt() <= s->num_computed) {
       const int64_t i = static_cast<int64_t>(s->hashes.size());
       const BlockHash parent = i == 0 ? kRootBlockHash : s->hashes.back();
-      const BlockHash h = ChainBlockHash(parent, ns_, tokens.subspan(i * bt(), bt()));
-      w.blocks.Publish(s->block_table[i], h, ns_);
+      const BlockHash h = ChainBlockHash(parent, s->ns, tokens.subspan(i * bt(), bt()));
+      w.blocks.Publish(s->block_table[i], h, s->ns);
       s->hashes.push_back(h);
     }
   }
@@ -393,6 +482,7 @@ class Simulator {
       for (BlockHash h : s->hashes) w.host.Put(h, &w.host_events);  // Engine::KeepWarm
     }
     ReleaseBlocks(w, s);
+    ReleaseDelta(w, s);
     w.running.erase(std::find(w.running.begin(), w.running.end(), s));
     // WorkerPool::Release.
     --w.inflight;
@@ -471,6 +561,9 @@ class Simulator {
         prompt_tokens > 0 ? static_cast<double>(cached) / static_cast<double>(prompt_tokens) : 0;
     out.preemptions = preemptions_;
     out.restored_blocks = restored_blocks_;
+    out.delta_loads = delta_loads_;
+    out.mean_step_deltas =
+        steps_ > 0 ? static_cast<double>(step_deltas_) / static_cast<double>(steps_) : 0;
     out.mean_decode_batch =
         decode_steps_ > 0 ? static_cast<double>(decode_rows_) / static_cast<double>(decode_steps_)
                           : 0;
@@ -495,6 +588,10 @@ class Simulator {
   int64_t rejected_ = 0;
   int64_t preemptions_ = 0;
   int64_t restored_blocks_ = 0;
+  int64_t delta_loads_ = 0;
+  int64_t steps_ = 0;
+  int64_t step_deltas_ = 0;
+  uint64_t delta_clock_ = 0;
   int64_t decode_rows_ = 0;
   int64_t decode_steps_ = 0;
 };
@@ -516,7 +613,7 @@ absl::StatusOr<SimResult> Simulate(const std::vector<Conversation>& workload,
   }
   const StepCost& c = config.cost;
   for (double v : {c.fixed_s, c.weights_s, c.kv_token_s, c.token_s, c.attention_pair_s,
-                   c.sequence_s, c.host_block_s, config.request_overhead_s}) {
+                   c.sequence_s, c.delta_s, c.host_block_s, config.request_overhead_s}) {
     if (!(v >= 0) || !std::isfinite(v)) {
       return absl::InvalidArgumentError("every step cost coefficient must be finite and >= 0");
     }
@@ -534,10 +631,10 @@ std::string EngineProfileToJson(const EngineProfile& p) {
       "\"max_batch_tokens\":%d,\"max_running_sequences\":%d,\"request_overhead_s\":%.9g,"
       "\"cost\":{\"fixed_s\":%.9g,"
       "\"weights_s\":%.9g,\"kv_token_s\":%.9g,\"token_s\":%.9g,\"attention_pair_s\":%.9g,"
-      "\"sequence_s\":%.9g,\"host_block_s\":%.9g}}\n",
+      "\"sequence_s\":%.9g,\"delta_s\":%.9g,\"host_block_s\":%.9g}}\n",
       JsonQuote(p.model), JsonQuote(p.machine), p.kv_blocks, p.block_tokens, p.max_batch_tokens,
       p.max_running_sequences, p.request_overhead_s, p.cost.fixed_s, p.cost.weights_s,
-      p.cost.kv_token_s, p.cost.token_s, p.cost.attention_pair_s, p.cost.sequence_s,
+      p.cost.kv_token_s, p.cost.token_s, p.cost.attention_pair_s, p.cost.sequence_s, p.cost.delta_s,
       p.cost.host_block_s);
 }
 
@@ -572,6 +669,12 @@ absl::StatusOr<EngineProfile> EngineProfileFromJson(const std::string& text,
       return absl::InvalidArgumentError(
           absl::StrCat(origin, ": cost.", f.name, " must be finite and >= 0"));
     }
+  }
+  // Not measured by stratactl profile; an operator may add it.
+  ASSIGN_OR_RETURN(p.cost.delta_s, cost.DoubleFieldOr("delta_s", 0));
+  if (!(p.cost.delta_s >= 0) || !std::isfinite(p.cost.delta_s)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": cost.delta_s must be finite and >= 0"));
   }
   if (p.kv_blocks < 1 || p.block_tokens < 1 || p.max_batch_tokens < 1 ||
       p.max_running_sequences < 1) {

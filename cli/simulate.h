@@ -19,9 +19,14 @@
 // logits, plus the host blocks it restores. The coefficients come from a GPU's roofline
 // (cli/plan.h, CostFromPlan) or from measurements of a real engine (`stratactl profile`).
 //
+// Fine-tunes: a conversation's requests run on its fine-tune (bench/workload.h), in that
+// fine-tune's cache namespace; the router prefers workers holding its delta
+// (RouteRequest::fine_tune_resident); a worker holds resident_deltas of them, loading a cold one
+// in delta_load_s (the request waits; others go ahead), and each distinct fine-tune in a step adds
+// StepCost::delta_s.
+//
 // Not modelled: the disk tier, speculative prefetch (a restored block's copy is charged to the
-// step that admits it), fine-tunes, network and tokenization time, and sampling's own cost beyond
-// the fixed per-step term.
+// step that admits it), network and tokenization time beyond request_overhead_s.
 #ifndef STRATA_CLI_SIMULATE_H_
 #define STRATA_CLI_SIMULATE_H_
 
@@ -43,11 +48,13 @@ struct StepCost {
   double token_s = 0;           // the projections of one token
   double attention_pair_s = 0;  // attention of one query token over one key
   double sequence_s = 0;        // each sequence that samples a token: its logits and sampling
+  double delta_s = 0;           // each distinct fine-tune in the step: reading its delta
   double host_block_s = 0;      // restoring one block from the host tier
   // `tokens` computed in the step, `kv_tokens` context tokens read (each chunk's start plus its
   // length), `pairs` (query, key) pairs of attention, `sampled` sequences that sample a token
-  // (every decode, and a prefill's last chunk).
-  double Step(double tokens, double kv_tokens, double pairs, double sampled) const;
+  // (every decode, and a prefill's last chunk), `deltas` distinct fine-tunes among its sequences.
+  double Step(double tokens, double kv_tokens, double pairs, double sampled,
+              double deltas = 0) const;
 };
 
 struct SimWorkerConfig {
@@ -58,6 +65,11 @@ struct SimWorkerConfig {
   // Host tier capacity in blocks (0: none).
   int64_t host_blocks = 0;
   bool keep_finished_warm = true;
+  // Fine-tune deltas a worker holds at once (DeltaCache; on a GPU its device region), and the
+  // time to load one that is not held. A delta is pinned while a sequence of its fine-tune runs;
+  // the least recently used unpinned one makes room.
+  int64_t resident_deltas = 8;
+  double delta_load_s = 0;
 };
 
 struct SimConfig {
@@ -86,6 +98,8 @@ struct SimResult {
   double cache_hit_rate = 0;  // cached prompt tokens over prompt tokens
   int64_t preemptions = 0;
   int64_t restored_blocks = 0;   // from host tiers
+  int64_t delta_loads = 0;       // fine-tune deltas loaded (cold) on any worker
+  double mean_step_deltas = 0;   // distinct fine-tunes per step
   double mean_decode_batch = 0;  // sequences per step that decode
   // Busy share of each worker over duration_s.
   std::vector<double> worker_utilization;

@@ -76,6 +76,11 @@ absl::StatusOr<WorkloadOptions> WorkloadFromArgs(const Args& args) {
   o.turns = static_cast<int>(turns);
   ASSIGN_OR_RETURN(o.turn_tokens, Range(args, "turn-tokens", "40"));
   ASSIGN_OR_RETURN(o.think_time_ms, NonNegative(args, "think-time-ms", o.think_time_ms));
+  ASSIGN_OR_RETURN(const int64_t fine_tunes, IntIn(args, "fine-tunes", 0, 0, 1000000));
+  o.fine_tunes = static_cast<int>(fine_tunes);
+  ASSIGN_OR_RETURN(o.fine_tune_zipf, NonNegative(args, "fine-tune-zipf", o.fine_tune_zipf));
+  ASSIGN_OR_RETURN(o.base_fraction, NonNegative(args, "base-fraction", 0));
+  if (o.base_fraction > 1) return absl::InvalidArgumentError("--base-fraction must be in [0, 1]");
   ASSIGN_OR_RETURN(const int64_t seed, IntIn(args, "seed", 1, 0, int64_t{1} << 62));
   o.seed = static_cast<uint64_t>(seed);
   o.vocab_size = 1 << 20;  // token ids only name blocks here
@@ -151,6 +156,9 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
     Workload pw;
     pw.prompt_tokens = std::max<int64_t>(1, std::llround(prompt / std::max(1.0, n)));
     pw.output_tokens = std::max<int64_t>(1, std::llround(output / std::max(1.0, n)));
+    ASSIGN_OR_RETURN(pw.fine_tunes, IntIn(args, "fine-tunes", 0, 0, 1000000));
+    ASSIGN_OR_RETURN(const int64_t resident, IntIn(args, "resident-deltas", 0, 0, 1000000));
+    pw.active_fine_tunes = std::min(resident, pw.fine_tunes);
     ASSIGN_OR_RETURN(const Plan plan, MakePlan(model, gpu, pw, o));
     s.config.cost = PlanStepCost(model, gpu, o);
     w.block_tokens = o.block_tokens;
@@ -158,16 +166,33 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
     w.max_batch_tokens = o.max_batch_tokens;
     w.max_running_sequences = plan.max_running_sequences;
     w.host_blocks = static_cast<int64_t>(plan.host_cache_mb * kMiB) / plan.tier_slot_bytes;
+    if (pw.fine_tunes > 0) {
+      // The plan's delta region holds the active fine-tunes; a cold one is read from disk and
+      // copied up.
+      w.resident_deltas = plan.active_fine_tunes;
+      w.delta_load_s =
+          plan.delta_bytes / kDeltaReadBytesPerS + plan.delta_bytes / kHostToDeviceBytesPerS;
+    }
     s.source = absl::StrFormat("%s x %d roofline (%s)", gpu.name, o.tensor_parallel, gpu.source);
   }
   ASSIGN_OR_RETURN(w.kv_blocks, IntIn(args, "kv-blocks", w.kv_blocks, 1, 1000000000));
   ASSIGN_OR_RETURN(w.host_blocks, IntIn(args, "host-blocks", w.host_blocks, 0, 1000000000));
+  ASSIGN_OR_RETURN(w.resident_deltas,
+                   IntIn(args, "resident-deltas", w.resident_deltas, 1, 1000000));
+  ASSIGN_OR_RETURN(const double load_ms, NonNegative(args, "delta-load-ms", 1e3 * w.delta_load_s));
+  w.delta_load_s = load_ms / 1e3;
   const std::string router = args.Get("router").value_or("cost");
   if (router != "cost" && router != "round-robin") {
     return absl::InvalidArgumentError(
         absl::StrCat("--router must be cost or round-robin, not \"", router, "\""));
   }
   s.config.router.round_robin = router == "round-robin";
+  // As strata-coordinator's --decode_weight and --cold_fine_tune_blocks.
+  ASSIGN_OR_RETURN(s.config.router.decode_weight,
+                   NonNegative(args, "decode-weight", s.config.router.decode_weight));
+  ASSIGN_OR_RETURN(
+      s.config.router.cold_fine_tune_blocks,
+      NonNegative(args, "cold-fine-tune-blocks", s.config.router.cold_fine_tune_blocks));
   return s;
 }
 
@@ -181,12 +206,13 @@ std::string RunJson(double rate, int workers, const SimResult& r) {
       "{\"rate_per_s\":%g,\"workers\":%d,\"requests\":%d,\"completed\":%d,\"rejected\":%d,"
       "\"duration_s\":%.3f,\"throughput_rps\":%.3f,\"output_tokens_per_s\":%.1f,"
       "\"cache_hit_rate\":%.4f,\"preemptions\":%d,\"restored_blocks\":%d,"
-      "\"mean_decode_batch\":%.2f,\"ttft_ms\":%s,\"tpot_ms\":%s,\"e2e_ms\":%s,"
+      "\"mean_decode_batch\":%.2f,\"delta_loads\":%d,\"mean_step_deltas\":%.2f,\"ttft_ms\":%s,"
+      "\"tpot_ms\":%s,\"e2e_ms\":%s,"
       "\"worker_utilization\":[%s]}",
       rate, workers, r.requests, r.completed, r.rejected, r.duration_s, r.throughput_rps,
       r.output_tokens_per_s, r.cache_hit_rate, r.preemptions, r.restored_blocks,
-      r.mean_decode_batch, PercentilesJson(r.ttft_ms), PercentilesJson(r.tpot_ms),
-      PercentilesJson(r.e2e_ms),
+      r.mean_decode_batch, r.delta_loads, r.mean_step_deltas, PercentilesJson(r.ttft_ms),
+      PercentilesJson(r.tpot_ms), PercentilesJson(r.e2e_ms),
       absl::StrJoin(r.worker_utilization, ",",
                     [](std::string* o, double u) { absl::StrAppendFormat(o, "%.4f", u); }));
 }
@@ -215,6 +241,11 @@ void PrintRun(std::FILE* out, const WorkloadOptions& o, double rate, int workers
                 "decode batch %.1f; %d preemptions; %d blocks restored from host\n",
                 r.throughput_rps, r.output_tokens_per_s, r.cache_hit_rate, r.mean_decode_batch,
                 r.preemptions, r.restored_blocks);
+  if (o.fine_tunes > 0) {
+    absl::FPrintF(
+        out, "fine-tunes %d (Zipf %g, %.0f%% base): %d delta loads, %.1f distinct per step\n",
+        o.fine_tunes, o.fine_tune_zipf, 100 * o.base_fraction, r.delta_loads, r.mean_step_deltas);
+  }
   absl::FPrintF(out, "busy       %s\n",
                 absl::StrJoin(r.worker_utilization, " ", [](std::string* s, double u) {
                   absl::StrAppendFormat(s, "%.0f%%", 100 * u);
@@ -313,6 +344,8 @@ absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
                       "prefill-efficiency",
                       "target-utilization",
                       "kv-compression",
+                      "delta-bits",
+                      "delta-sparsity",
                       "host-cache-gib",
                       "max-running-sequences",
                       "max-batch-tokens",
@@ -333,6 +366,13 @@ absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
                       "turn-tokens",
                       "think-time-ms",
                       "seed",
+                      "fine-tunes",
+                      "fine-tune-zipf",
+                      "base-fraction",
+                      "resident-deltas",
+                      "decode-weight",
+                      "cold-fine-tune-blocks",
+                      "delta-load-ms",
                       "ttft-p99-ms",
                       "tpot-p99-ms",
                       "svg"});
@@ -357,6 +397,13 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
                   "%d sequences and %d tokens a step\n",
                   w.kv_blocks, w.block_tokens, w.host_blocks, w.max_running_sequences,
                   w.max_batch_tokens);
+    if (wo.fine_tunes > 0) {
+      absl::FPrintF(out,
+                    "deltas     %d resident per worker, a cold one loads in %.1f ms, each distinct "
+                    "one in a step adds %.2f ms%s\n",
+                    w.resident_deltas, 1e3 * w.delta_load_s, 1e3 * setup.config.cost.delta_s,
+                    args.Has("profile") ? " (a profile does not measure it: 0)" : "");
+    }
   }
 
   if (args.Has("find-workers")) {

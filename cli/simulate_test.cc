@@ -37,6 +37,14 @@ SimConfig Simple() {
   return c;
 }
 
+SimConfig FourWorkers() {
+  SimConfig c = Simple();
+  c.workers = 4;
+  c.worker.kv_blocks = 512;
+  c.worker.max_batch_tokens = 512;
+  return c;
+}
+
 TEST(SimulateTest, LoneRequestTakesItsChunksAndDecodeSteps) {
   const std::vector<Conversation> w = {Single(0, Tokens(100, 1), 10)};
   const absl::StatusOr<SimResult> r = Simulate(w, Simple());
@@ -120,10 +128,7 @@ TEST(SimulateTest, PrefixAwareRoutingKeepsConversationsOnTheirCaches) {
   o.think_time_ms = 100;
   const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(o);
   ASSERT_TRUE(w.ok());
-  SimConfig c = Simple();
-  c.workers = 4;
-  c.worker.kv_blocks = 512;
-  c.worker.max_batch_tokens = 512;
+  SimConfig c = FourWorkers();
   const absl::StatusOr<SimResult> aware = Simulate(*w, c);
   c.router.round_robin = true;
   const absl::StatusOr<SimResult> rr = Simulate(*w, c);
@@ -204,7 +209,14 @@ TEST(SimulateTest, ProfileRoundTripsThroughJson) {
   p.block_tokens = 16;
   p.max_batch_tokens = 512;
   p.max_running_sequences = 64;
-  p.cost = {1e-3, 2e-3, 3e-7, 4e-5, 5e-9, 7e-5, 6e-6};
+  p.cost.fixed_s = 1e-3;
+  p.cost.weights_s = 2e-3;
+  p.cost.kv_token_s = 3e-7;
+  p.cost.token_s = 4e-5;
+  p.cost.attention_pair_s = 5e-9;
+  p.cost.sequence_s = 7e-5;
+  p.cost.delta_s = 8e-4;
+  p.cost.host_block_s = 6e-6;
   p.request_overhead_s = 2e-3;
   const absl::StatusOr<EngineProfile> q = EngineProfileFromJson(EngineProfileToJson(p), "p.json");
   ASSERT_TRUE(q.ok()) << q.status();
@@ -213,6 +225,7 @@ TEST(SimulateTest, ProfileRoundTripsThroughJson) {
   EXPECT_DOUBLE_EQ(q->cost.token_s, 4e-5);
   EXPECT_DOUBLE_EQ(q->cost.host_block_s, 6e-6);
   EXPECT_DOUBLE_EQ(q->cost.sequence_s, 7e-5);
+  EXPECT_DOUBLE_EQ(q->cost.delta_s, 8e-4);
   EXPECT_DOUBLE_EQ(q->request_overhead_s, 2e-3);
 
   const absl::StatusOr<EngineProfile> bad = EngineProfileFromJson(
@@ -225,6 +238,68 @@ TEST(SimulateTest, ProfileRoundTripsThroughJson) {
   const absl::StatusOr<EngineProfile> missing = EngineProfileFromJson("{}", "p.json");
   EXPECT_FALSE(missing.ok());
   EXPECT_NE(missing.status().message().find("kv_blocks"), std::string::npos) << missing.status();
+}
+
+// Fine-tunes: distinct deltas in a step cost time, a cold delta delays its request, and the
+// router keeps a fine-tune's requests on the workers that hold its delta.
+TEST(SimulateTest, FineTunesCostPerDistinctDeltaAndLoadsWhenCold) {
+  std::vector<Conversation> w;
+  for (int i = 0; i < 4; ++i) {
+    w.push_back(Single(0, Tokens(8, 1000 * (i + 1)), 5));
+    w.back().fine_tune = i;  // four fine-tunes in one batch
+  }
+  SimConfig c = Simple();
+  c.cost.delta_s = 2e-3;
+  c.cost.weights_s = 1e-3;  // the memory side: 1 ms plus 2 ms per distinct delta
+  c.cost.token_s = 0;
+  c.worker.resident_deltas = 4;
+  c.worker.delta_load_s = 10e-3;
+  const absl::StatusOr<SimResult> r = Simulate(w, c);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->completed, 4);
+  EXPECT_EQ(r->delta_loads, 4);
+  // All four load at once (10 ms), then each step reads four deltas: 1 + max(1 + 4 * 2) = 10 ms.
+  EXPECT_NEAR(r->ttft_ms.p50, 10 + 10, 1e-9);
+  EXPECT_NEAR(r->tpot_ms.p50, 10, 1e-9);
+  EXPECT_NEAR(r->mean_step_deltas, 4, 1e-9);
+
+  // Room for two: the other two wait for a running fine-tune to finish and release its delta.
+  c.worker.resident_deltas = 2;
+  const absl::StatusOr<SimResult> tight = Simulate(w, c);
+  ASSERT_TRUE(tight.ok()) << tight.status();
+  EXPECT_EQ(tight->completed, 4);
+  EXPECT_EQ(tight->delta_loads, 4);
+  EXPECT_GT(tight->ttft_ms.p99, 2 * r->ttft_ms.p99);
+
+  // The same fine-tune for all: one load, one delta per step.
+  for (Conversation& conv : w) conv.fine_tune = 0;
+  const absl::StatusOr<SimResult> one = Simulate(w, c);
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_EQ(one->delta_loads, 1);
+  EXPECT_NEAR(one->tpot_ms.p50, 1 + 1 + 2, 1e-9);
+}
+
+TEST(SimulateTest, RoutingByResidentDeltaAvoidsLoads) {
+  WorkloadOptions o;
+  o.num_requests = 400;
+  o.rate_per_s = 20;
+  o.prompt_tokens = {64, 64};
+  o.output_tokens = {16, 16};
+  o.fine_tunes = 8;
+  o.fine_tune_zipf = 0;
+  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(o);
+  ASSERT_TRUE(w.ok());
+  SimConfig c = FourWorkers();
+  c.worker.resident_deltas = 2;  // the four workers hold all eight between them
+  c.worker.delta_load_s = 50e-3;
+  c.router.cold_fine_tune_blocks = 0;  // residency ignored
+  const absl::StatusOr<SimResult> blind = Simulate(*w, c);
+  c.router.cold_fine_tune_blocks = 1000;
+  const absl::StatusOr<SimResult> aware = Simulate(*w, c);
+  ASSERT_TRUE(blind.ok() && aware.ok());
+  EXPECT_EQ(aware->completed, 400);
+  EXPECT_LT(aware->delta_loads, blind->delta_loads / 4) << blind->delta_loads;
+  EXPECT_LT(aware->ttft_ms.p90, blind->ttft_ms.p90);
 }
 
 TEST(SimulateTest, RequestOverheadAddsToLatencyOnly) {

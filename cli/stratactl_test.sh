@@ -83,7 +83,20 @@ n=$(echo "$found" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert 
 msg="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --requests 600 \
   --prompt-tokens 1024 --output-tokens 128 --workers $((n - 1)) --ttft-p99-ms 400)"
 echo "$msg" | grep -q '^targets    missed' || fail "$((n - 1)) workers should miss the target: $msg"
+# Tenants: 40 fine-tunes on four H100 workers; the plan sizes their deltas.
+out="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --workers 4 --rate 10 \
+  --requests 400 --prompt-tokens 512 --output-tokens 64 --fine-tunes 40 --resident-deltas 8 \
+  --cold-fine-tune-blocks 1000 --json)" || fail "simulate fine-tunes: $out"
+echo "$out" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["runs"][0]
+assert r["completed"] == 400 and 8 <= r["delta_loads"] < 400 and r["mean_step_deltas"] > 1, r'
+msg="$($bin plan --model bench/configs/llama3_8b.json --gpu h100 --fine-tunes 200 \
+  --active-fine-tunes 8)" || fail "plan fine-tunes: $msg"
+echo "$msg" | grep -q -- '--delta_cache_mb=' || fail "plan fine-tunes flags: $msg"
 set +e
+msg="$($bin plan --model bench/configs/llama3_8b.json --fine-tunes 2 --delta-bits 3 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--delta-bits must be 2, 4 or 8' || fail "plan bits: $rc $msg"
 msg="$($bin simulate --profile "$tmp/profile.json" --rates 1,x 2>&1)"; rc=$?
 [ $rc = 2 ] && echo "$msg" | grep -q -- '--rates must be' || fail "simulate --rates: $rc $msg"
 msg="$($bin simulate --profile "$tmp/profile.json" --model $model 2>&1)"; rc=$?

@@ -39,6 +39,10 @@ ABSL_FLAG(int64_t, max_inflight_requests, 1024,
 ABSL_FLAG(int, max_attempts, 4, "Workers tried per request (failover), counting the first.");
 ABSL_FLAG(std::string, routing, "kv", "kv (prefix-cache-aware cost) or round_robin (baseline).");
 ABSL_FLAG(double, decode_weight, 1.0, "Routing cost of one decoding sequence, in prefill blocks.");
+ABSL_FLAG(double, cold_fine_tune_blocks, 4.0,
+          "Routing cost, in prefill blocks, of sending a fine-tune's request to a worker that does "
+          "not hold its delta. Raise it where loading a delta takes long (large models on GPUs): "
+          "`stratactl simulate --fine-tunes N --cold-fine-tune-blocks B` shows the effect.");
 ABSL_FLAG(double, shutdown_grace_s, 10, "On SIGTERM, how long in-flight requests may finish.");
 ABSL_FLAG(int64_t, shutdown_delay_s, 0,
           "On SIGTERM, how long to keep accepting calls while reporting NOT_SERVING before "
@@ -74,6 +78,7 @@ int Main() {
   po.targets = *targets;
   po.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_resolve_interval_s));
   po.router.decode_weight = absl::GetFlag(FLAGS_decode_weight);
+  po.router.cold_fine_tune_blocks = absl::GetFlag(FLAGS_cold_fine_tune_blocks);
   const std::string routing = absl::GetFlag(FLAGS_routing);
   if (routing == "round_robin") {
     po.router.round_robin = true;

@@ -111,7 +111,8 @@ ABSL_FLAG(int64_t, persist_kv_s, 10,
           "the next worker on the same --disk_cache_path starts with them; 0: none.");
 ABSL_FLAG(std::vector<std::string>, fine_tunes, {},
           "Fine-tunes to serve as compressed deltas over the base: comma-separated ID=PATH pairs "
-          "(PATH a delta file from stratactl delta compress). CPU device, one rank.");
+          "(PATH a delta file from stratactl delta compress). Either device; not with "
+          "--tensor_parallel above 1.");
 ABSL_FLAG(std::string, fine_tune_dir, "",
           "A directory whose *.delta.safetensors files are served as fine-tunes, each under its "
           "file name without the suffix.");
