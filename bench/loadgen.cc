@@ -54,6 +54,11 @@ ABSL_FLAG(double, think_time_ms, 200, "multi-turn: mean think time between turns
 ABSL_FLAG(int, vocab_size, 2048, "Token ids are drawn from [0, vocab_size).");
 ABSL_FLAG(std::string, cache_salt, "", "Cache salt for every request (isolates runs).");
 ABSL_FLAG(uint64_t, seed, 1, "Workload seed.");
+ABSL_FLAG(std::vector<std::string>, fine_tunes, {},
+          "Fine-tune ids: each conversation runs on one of them, drawn by --fine_tune_zipf, or on "
+          "the base with probability --base_fraction.");
+ABSL_FLAG(double, fine_tune_zipf, 1.0, "The k-th fine-tune's weight is 1 / (k + 1)^this.");
+ABSL_FLAG(double, base_fraction, 0, "Share of conversations on the base model with --fine_tunes.");
 ABSL_FLAG(std::string, label, "", "Name of this run in the report.");
 ABSL_FLAG(bool, json, false, "Print the report as JSON instead of a table.");
 ABSL_FLAG(std::string, json_out, "", "Also write the JSON report to this file.");
@@ -80,7 +85,7 @@ class Driver {
         worker_(v1::Worker::NewStub(channel)),
         worker_api_(worker_api) {}
 
-  Sample Send(const Turn& turn, uint64_t seed) {
+  Sample Send(const Turn& turn, uint64_t seed, const std::string& fine_tune_id) {
     Sample s;
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Minutes(10)));
@@ -107,6 +112,7 @@ class Driver {
       req.mutable_prompt_token_ids()->Add(turn.prompt.begin(), turn.prompt.end());
       *req.mutable_sampling() = sampling;
       req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
+      req.set_fine_tune_id(fine_tune_id);
       auto reader = worker_->Submit(&ctx, req);
       v1::SubmitResponse chunk;
       while (reader->Read(&chunk)) {
@@ -120,6 +126,7 @@ class Driver {
       req.mutable_token_ids()->mutable_ids()->Add(turn.prompt.begin(), turn.prompt.end());
       *req.mutable_sampling() = sampling;
       req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
+      req.set_fine_tune_id(fine_tune_id);
       auto reader = serving_->Generate(&ctx, req);
       v1::GenerateResponse chunk;
       while (reader->Read(&chunk)) {
@@ -174,6 +181,10 @@ int Main() {
   o.think_time_ms = absl::GetFlag(FLAGS_think_time_ms);
   o.vocab_size = absl::GetFlag(FLAGS_vocab_size);
   o.seed = absl::GetFlag(FLAGS_seed);
+  const std::vector<std::string> fine_tunes = absl::GetFlag(FLAGS_fine_tunes);
+  o.fine_tunes = static_cast<int>(fine_tunes.size());
+  o.fine_tune_zipf = absl::GetFlag(FLAGS_fine_tune_zipf);
+  o.base_fraction = absl::GetFlag(FLAGS_base_fraction);
   for (auto [flag, out] : {std::pair{&FLAGS_prompt_tokens, &o.prompt_tokens},
                            std::pair{&FLAGS_output_tokens, &o.output_tokens},
                            std::pair{&FLAGS_turn_tokens, &o.turn_tokens}}) {
@@ -215,7 +226,7 @@ int Main() {
     threads.emplace_back([&, seed, conv = &c] {
       for (const Turn& t : conv->turns) {
         if (t.think_time > absl::ZeroDuration()) absl::SleepFor(t.think_time);
-        Sample s = driver.Send(t, seed);
+        Sample s = driver.Send(t, seed, conv->fine_tune < 0 ? "" : fine_tunes[conv->fine_tune]);
         absl::MutexLock lock(&mu);
         samples.push_back(std::move(s));
       }

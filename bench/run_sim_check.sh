@@ -5,7 +5,8 @@
 # through a real coordinator and two workers (loadgen) and through `stratactl simulate --profile`,
 # (the profile also times requests through that idle cluster: --coordinator),
 # and the script prints both side by side: throughput, TTFT and TPOT percentiles, prefix-cache
-# hit rate.
+# hit rate. The last workload spreads requests over the base and the two bundled fine-tunes
+# (served as 4-bit deltas; the profile measures one with --delta).
 # Usage: bench/run_sim_check.sh [RESULTS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +23,15 @@ kv_mb=16
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" \
   | tee "$out/summary.txt"
 
-strata_worker w1 "$model" --kv_cache_mb=$kv_mb
+# The bundled fine-tunes as 4-bit deltas, served by both workers.
+mkdir -p "$out/deltas"
+for ft in c-headers man; do
+  "$bin/cli/stratactl" delta compress --base "$model" --fine-tune "$PWD/models/strata-tiny/ft-$ft" \
+    --out "$out/deltas/$ft.delta.safetensors" > /dev/null
+done
+strata_worker w1 "$model" --kv_cache_mb=$kv_mb --fine_tune_dir="$out/deltas"
 w1=$STRATA_PORT
-strata_worker w2 "$model" --kv_cache_mb=$kv_mb
+strata_worker w2 "$model" --kv_cache_mb=$kv_mb --fine_tune_dir="$out/deltas"
 w2=$STRATA_PORT
 strata_coordinator c "$model" "127.0.0.1:$w1,127.0.0.1:$w2"
 c=$STRATA_PORT
@@ -33,7 +40,8 @@ sleep 1
 # The engine as the workers run it (one compute thread, the same cache and batch limits), and
 # the serving path's own costs measured through the idle cluster.
 "$bin/cli/stratactl" profile --model "$model" --threads 1 --kv-cache-mb $kv_mb \
-  --max-batch-tokens 512 --reps 9 --coordinator 127.0.0.1:$c --out "$out/profile.json" \
+  --max-batch-tokens 512 --reps 9 --coordinator 127.0.0.1:$c \
+  --delta "$out/deltas/c-headers.delta.safetensors" --out "$out/profile.json" \
   | tee -a "$out/summary.txt"
 
 # NAME RATES FLAGS...: loadgen at each rate (its own cache salt), then the simulator over the same
@@ -43,6 +51,8 @@ compare() {
   local sim_flags=()
   for f in "$@"; do
     local k=${f%%=*} v=${f#*=}
+    # loadgen names the fine-tunes; the simulator counts them.
+    [ "$k" = --fine_tunes ] && v=$(echo "$v" | tr , '\n' | wc -l)
     sim_flags+=("$(echo "$k" | tr _ -)=$v")
   done
   for r in ${rates//,/ }; do
@@ -76,4 +86,6 @@ compare multi-turn 0.5,1,2 --workload=multi-turn --requests=96 --turns=4 --promp
   --turn_tokens=40 --output_tokens=16 --think_time_ms=300
 compare shared-prefix 4,8,16 --workload=shared-prefix --requests=120 --shared_prefix_tokens=1000 \
   --shared_fraction=0.9 --prompt_tokens=16:64 --output_tokens=16
+compare fine-tunes 4,8,16 --workload=random --requests=120 --prompt_tokens=128 --output_tokens=32 \
+  --fine_tunes=c-headers,man --fine_tune_zipf=1 --base_fraction=0.34
 strata_stop_all

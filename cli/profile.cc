@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "bench/stats.h"
 #include "bench/workload.h"
 #include "common/grpc_status.h"
@@ -241,7 +242,7 @@ absl::StatusOr<StepCost> FitStepCost(const std::vector<ProfilePoint>& points) {
 absl::StatusOr<Args> ParseProfileArgs(const std::vector<std::string>& argv) {
   return Args::Parse(argv, {"json"},
                      {"model", "threads", "kv-cache-mb", "block-tokens", "max-batch-tokens",
-                      "max-running-sequences", "context", "reps", "out", "coordinator"});
+                      "max-running-sequences", "context", "reps", "out", "coordinator", "delta"});
 }
 
 absl::Status ProfileCommand(const Args& args, std::FILE* out) {
@@ -287,6 +288,7 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
   ec.max_batch_tokens = max_batch_tokens;
   ec.max_running_sequences = max_running;
   ec.compute_threads = static_cast<int>(threads);
+  if (std::optional<std::string> delta = args.Get("delta")) ec.fine_tunes = {{"profile", *delta}};
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(weights.get(), &comm, ec));
   std::mt19937_64 rng(1);
   int64_t next_id = 0;
@@ -305,8 +307,37 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
   };
 
   std::vector<ProfilePoint> points;
-  // Decode: `b` sequences over `ctx_len` tokens each, every step one token each; a long context
-  // (eight times --context) at batches 1 and 2 weighs attention.
+  // Decode: `b` sequences over `ctx_len` tokens each (on `fine_tune`, when not empty), every step
+  // one token each: the median step.
+  auto decode_median = [&](int64_t b, int64_t ctx_len,
+                           const std::string& fine_tune) -> absl::StatusOr<double> {
+    std::vector<std::string> ids;
+    for (int64_t i = 0; i < b; ++i) {
+      RequestOptions o;
+      o.max_tokens = 4 + reps;
+      o.ignore_eos = true;
+      o.fine_tune_id = fine_tune;
+      ids.push_back(absl::StrCat("profile-", next_id++));
+      RETURN_IF_ERROR(
+          engine->AddRequest(ids.back(), RandomTokens(&rng, ctx_len, config.vocab_size), o));
+    }
+    // Until every sequence decodes (prefill, and a delta's load), then two steps to settle.
+    for (;;) {
+      if (engine->WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));
+      if (engine->Stats().num_decode == b) break;
+      RETURN_IF_ERROR(step().status());
+    }
+    for (int i = 0; i < 2; ++i) RETURN_IF_ERROR(step().status());
+    std::vector<double> times;
+    for (int64_t i = 0; i < reps; ++i) {
+      ASSIGN_OR_RETURN(const double t, step());
+      times.push_back(t);
+    }
+    for (const std::string& id : ids) engine->Cancel(id);
+    RETURN_IF_ERROR(drain());
+    return Median(times);
+  };
+  // A long context (eight times --context) at batches 1 and 2 weighs attention.
   struct DecodeShape {
     int64_t batch, context;
   };
@@ -318,29 +349,11 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
         ctx_len + 8 + reps > config.max_position_embeddings) {
       continue;
     }
-    std::vector<std::string> ids;
-    for (int64_t i = 0; i < b; ++i) {
-      RequestOptions o;
-      o.max_tokens = 4 + reps;
-      o.ignore_eos = true;
-      ids.push_back(absl::StrCat("profile-", next_id++));
-      RETURN_IF_ERROR(
-          engine->AddRequest(ids.back(), RandomTokens(&rng, ctx_len, config.vocab_size), o));
-    }
-    // Prefill (as many steps as the budget needs), then two steps to settle.
-    const int64_t prefill_steps = (b * ctx_len + max_batch_tokens - 1) / max_batch_tokens;
-    for (int64_t i = 0; i < prefill_steps + 2; ++i) RETURN_IF_ERROR(step().status());
-    std::vector<double> times;
-    for (int64_t i = 0; i < reps; ++i) {
-      ASSIGN_OR_RETURN(const double t, step());
-      times.push_back(t);
-    }
+    ASSIGN_OR_RETURN(const double t, decode_median(b, ctx_len, ""));
     const double ctx = static_cast<double>(ctx_len + 3) + (reps - 1) / 2.0;  // mean position
     points.push_back({absl::StrCat("decode, batch ", b, ", context ", ctx_len),
                       static_cast<double>(b), b * (ctx + 1), b * (ctx + 1), static_cast<double>(b),
-                      Median(times)});
-    for (const std::string& id : ids) engine->Cancel(id);
-    RETURN_IF_ERROR(drain());
+                      t});
   }
   // Prefill of a short suffix after a long cached prefix (a conversation's next turn, a shared
   // system prompt): attention over the prefix dominates.
@@ -405,6 +418,63 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
     cost.host_block_s = static_cast<double>(block_bytes) / (static_cast<double>(n) / Median(times));
   }
 
+  // A fine-tune: what a cold delta takes to load (a one-token request on it, less the same on the
+  // base), and what it adds to a step: per distinct fine-tune and per token of its sequences,
+  // fitted to its extra time over the base at decode batch 1 and 4 and in a 128-token prefill.
+  double delta_load_s = 0;
+  std::vector<ProfilePoint> delta_points;  // seconds: the fine-tune's extra time
+  if (args.Has("delta")) {
+    auto one_request = [&](int64_t len, const std::string& fine_tune) -> absl::StatusOr<double> {
+      RequestOptions o;
+      o.max_tokens = 1;
+      o.ignore_eos = true;
+      o.fine_tune_id = fine_tune;
+      const auto t0 = std::chrono::steady_clock::now();
+      RETURN_IF_ERROR(engine->AddRequest(absl::StrCat("profile-", next_id++),
+                                         RandomTokens(&rng, len, config.vocab_size), o));
+      while (engine->HasWork()) {
+        if (engine->WaitingForIo()) absl::SleepFor(absl::Microseconds(100));
+        RETURN_IF_ERROR(step().status());
+      }
+      return Seconds(t0, std::chrono::steady_clock::now());
+    };
+    ASSIGN_OR_RETURN(const double base_request, one_request(16, ""));
+    ASSIGN_OR_RETURN(const double cold_request, one_request(16, "profile"));
+    delta_load_s = std::max(0.0, cold_request - base_request);
+    for (const int64_t b : {int64_t{1}, int64_t{4}}) {
+      ASSIGN_OR_RETURN(const double base, decode_median(b, context, ""));
+      ASSIGN_OR_RETURN(const double ft, decode_median(b, context, "profile"));
+      delta_points.push_back(
+          {absl::StrCat("decode, batch ", b), static_cast<double>(b), 0, 0, 0, ft - base});
+    }
+    std::vector<double> base_prefill, ft_prefill;
+    for (int64_t i = 0; i < reps; ++i) {
+      ASSIGN_OR_RETURN(const double base, one_request(128, ""));
+      ASSIGN_OR_RETURN(const double ft, one_request(128, "profile"));
+      base_prefill.push_back(base);
+      ft_prefill.push_back(ft);
+    }
+    delta_points.push_back(
+        {"prefill, 128 tokens", 128, 0, 0, 0, Median(ft_prefill) - Median(base_prefill)});
+    // Least squares of extra = delta_compute_s + delta_token_s * tokens, both >= 0.
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (const ProfilePoint& d : delta_points) {
+      sx += d.tokens;
+      sy += d.seconds;
+      sxx += d.tokens * d.tokens;
+      sxy += d.tokens * d.seconds;
+    }
+    const double n = static_cast<double>(delta_points.size());
+    double slope = std::max(0.0, (n * sxy - sx * sy) / (n * sxx - sx * sx));
+    double intercept = (sy - slope * sx) / n;
+    if (intercept < 0) {  // through the origin
+      intercept = 0;
+      slope = std::max(0.0, sxy / sxx);
+    }
+    cost.delta_compute_s = intercept;
+    cost.delta_token_s = slope;
+  }
+
   // The serving path's own cost per step (the worker's step loop, streaming each token through
   // the coordinator), which an in-process engine does not pay: a decode step at batch 1 as a
   // client sees it, less the fit's engine step, goes into fixed_s.
@@ -424,6 +494,7 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
   p.model = config.architecture_name;
   p.machine = MachineName();
   p.cost = cost;
+  p.delta_load_s = delta_load_s;
   // What a request pays outside the steps: the client's round trip through the coordinator.
   if (args.Has("coordinator")) p.request_overhead_s = std::max(0.0, serving.ttft_s - prefill_s);
   p.kv_blocks = engine->num_kv_blocks();
@@ -456,6 +527,18 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
                 "pair + %.1f us per sampled sequence); host block restore %.1f us\n",
                 1e3 * engine_cost.fixed_s, 1e3 * cost.weights_s, 1e6 * cost.token_s,
                 1e6 * cost.attention_pair_s, 1e6 * cost.sequence_s, 1e6 * cost.host_block_s);
+  if (args.Has("delta")) {
+    absl::FPrintF(out,
+                  "fine-tune  %s: loads in %.1f ms; adds %.3f ms a step + %.1f us a token (extra "
+                  "over the base, measured / fitted:",
+                  *args.Get("delta"), 1e3 * delta_load_s, 1e3 * cost.delta_compute_s,
+                  1e6 * cost.delta_token_s);
+    for (const ProfilePoint& d : delta_points) {
+      absl::FPrintF(out, " %s %.3f / %.3f ms;", d.what, 1e3 * d.seconds,
+                    1e3 * (cost.delta_compute_s + cost.delta_token_s * d.tokens));
+    }
+    absl::FPrintF(out, ")\n");
+  }
   if (args.Has("coordinator")) {
     absl::FPrintF(out,
                   "serving    through %s at batch 1: TPOT %.3f ms (the fitted engine step %.3f ms: "

@@ -22,10 +22,11 @@
 
 namespace strata {
 
-double StepCost::Step(double tokens, double kv_tokens, double pairs, double sampled,
-                      double deltas) const {
+double StepCost::Step(double tokens, double kv_tokens, double pairs, double sampled, double deltas,
+                      double delta_tokens) const {
   const double memory = weights_s + kv_token_s * kv_tokens + delta_s * deltas;
-  const double compute = token_s * tokens + attention_pair_s * pairs + sequence_s * sampled;
+  const double compute = token_s * tokens + attention_pair_s * pairs + sequence_s * sampled +
+                         delta_compute_s * deltas + delta_token_s * delta_tokens;
   return fixed_s + std::max(memory, compute);
 }
 
@@ -411,7 +412,9 @@ class Simulator {
     double tokens = 0, kv_tokens = 0, pairs = 0, sampled = 0;
     int64_t decoding = 0;
     std::vector<int> step_deltas;
+    double delta_tokens = 0;
     for (const Chunk& c : w.plan) {
+      if (c.seq->fine_tune >= 0) delta_tokens += static_cast<double>(c.count);
       if (c.seq->fine_tune >= 0 && std::find(step_deltas.begin(), step_deltas.end(),
                                              c.seq->fine_tune) == step_deltas.end()) {
         step_deltas.push_back(c.seq->fine_tune);
@@ -427,7 +430,7 @@ class Simulator {
       ++decode_steps_;
     }
     const double dt = config_.cost.Step(tokens, kv_tokens, pairs, sampled,
-                                        static_cast<double>(step_deltas.size())) +
+                                        static_cast<double>(step_deltas.size()), delta_tokens) +
                       static_cast<double>(restored) * config_.cost.host_block_s;
     ++steps_;
     step_deltas_ += static_cast<int64_t>(step_deltas.size());
@@ -612,8 +615,9 @@ absl::StatusOr<SimResult> Simulate(const std::vector<Conversation>& workload,
         "and host_blocks at least 0");
   }
   const StepCost& c = config.cost;
-  for (double v : {c.fixed_s, c.weights_s, c.kv_token_s, c.token_s, c.attention_pair_s,
-                   c.sequence_s, c.delta_s, c.host_block_s, config.request_overhead_s}) {
+  for (double v :
+       {c.fixed_s, c.weights_s, c.kv_token_s, c.token_s, c.attention_pair_s, c.sequence_s,
+        c.delta_s, c.delta_compute_s, c.delta_token_s, c.host_block_s, config.request_overhead_s}) {
     if (!(v >= 0) || !std::isfinite(v)) {
       return absl::InvalidArgumentError("every step cost coefficient must be finite and >= 0");
     }
@@ -629,12 +633,15 @@ std::string EngineProfileToJson(const EngineProfile& p) {
   return absl::StrFormat(
       "{\"model\":%s,\"machine\":%s,\"kv_blocks\":%d,\"block_tokens\":%d,"
       "\"max_batch_tokens\":%d,\"max_running_sequences\":%d,\"request_overhead_s\":%.9g,"
+      "\"delta_load_s\":%.9g,"
       "\"cost\":{\"fixed_s\":%.9g,"
       "\"weights_s\":%.9g,\"kv_token_s\":%.9g,\"token_s\":%.9g,\"attention_pair_s\":%.9g,"
-      "\"sequence_s\":%.9g,\"delta_s\":%.9g,\"host_block_s\":%.9g}}\n",
+      "\"sequence_s\":%.9g,\"delta_s\":%.9g,\"delta_compute_s\":%.9g,\"delta_token_s\":%.9g,"
+      "\"host_block_s\":%.9g}}\n",
       JsonQuote(p.model), JsonQuote(p.machine), p.kv_blocks, p.block_tokens, p.max_batch_tokens,
-      p.max_running_sequences, p.request_overhead_s, p.cost.fixed_s, p.cost.weights_s,
-      p.cost.kv_token_s, p.cost.token_s, p.cost.attention_pair_s, p.cost.sequence_s, p.cost.delta_s,
+      p.max_running_sequences, p.request_overhead_s, p.delta_load_s, p.cost.fixed_s,
+      p.cost.weights_s, p.cost.kv_token_s, p.cost.token_s, p.cost.attention_pair_s,
+      p.cost.sequence_s, p.cost.delta_s, p.cost.delta_compute_s, p.cost.delta_token_s,
       p.cost.host_block_s);
 }
 
@@ -654,6 +661,11 @@ absl::StatusOr<EngineProfile> EngineProfileFromJson(const std::string& text,
     return absl::InvalidArgumentError(
         absl::StrCat(origin, ": request_overhead_s must be finite and >= 0"));
   }
+  ASSIGN_OR_RETURN(p.delta_load_s, root.DoubleFieldOr("delta_load_s", 0));
+  if (!(p.delta_load_s >= 0) || !std::isfinite(p.delta_load_s)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": delta_load_s must be finite and >= 0"));
+  }
   ASSIGN_OR_RETURN(const JsonValue cost, root.Field("cost"));
   struct Field {
     const char* name;
@@ -671,10 +683,15 @@ absl::StatusOr<EngineProfile> EngineProfileFromJson(const std::string& text,
     }
   }
   // Not measured by stratactl profile; an operator may add it.
-  ASSIGN_OR_RETURN(p.cost.delta_s, cost.DoubleFieldOr("delta_s", 0));
-  if (!(p.cost.delta_s >= 0) || !std::isfinite(p.cost.delta_s)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(origin, ": cost.delta_s must be finite and >= 0"));
+  // Measured by stratactl profile only with --delta.
+  for (const Field& f :
+       {Field{"delta_s", &p.cost.delta_s}, Field{"delta_compute_s", &p.cost.delta_compute_s},
+        Field{"delta_token_s", &p.cost.delta_token_s}}) {
+    ASSIGN_OR_RETURN(*f.value, cost.DoubleFieldOr(f.name, 0));
+    if (!(*f.value >= 0) || !std::isfinite(*f.value)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ": cost.", f.name, " must be finite and >= 0"));
+    }
   }
   if (p.kv_blocks < 1 || p.block_tokens < 1 || p.max_batch_tokens < 1 ||
       p.max_running_sequences < 1) {

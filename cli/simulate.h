@@ -23,7 +23,7 @@
 // fine-tune's cache namespace; the router prefers workers holding its delta
 // (RouteRequest::fine_tune_resident); a worker holds resident_deltas of them, loading a cold one
 // in delta_load_s (the request waits; others go ahead), and each distinct fine-tune in a step adds
-// StepCost::delta_s.
+// StepCost's delta terms.
 //
 // Not modelled: the disk tier, speculative prefetch (a restored block's copy is charged to the
 // step that admits it), network and tokenization time beyond request_overhead_s.
@@ -49,12 +49,17 @@ struct StepCost {
   double attention_pair_s = 0;  // attention of one query token over one key
   double sequence_s = 0;        // each sequence that samples a token: its logits and sampling
   double delta_s = 0;           // each distinct fine-tune in the step: reading its delta
-  double host_block_s = 0;      // restoring one block from the host tier
+  // The same on the compute side (a CPU decodes and applies its delta), and per token of a
+  // fine-tune's sequences in the step.
+  double delta_compute_s = 0;
+  double delta_token_s = 0;
+  double host_block_s = 0;  // restoring one block from the host tier
   // `tokens` computed in the step, `kv_tokens` context tokens read (each chunk's start plus its
   // length), `pairs` (query, key) pairs of attention, `sampled` sequences that sample a token
-  // (every decode, and a prefill's last chunk), `deltas` distinct fine-tunes among its sequences.
-  double Step(double tokens, double kv_tokens, double pairs, double sampled,
-              double deltas = 0) const;
+  // (every decode, and a prefill's last chunk), `deltas` distinct fine-tunes among its sequences,
+  // `delta_tokens` the tokens of its fine-tunes' sequences.
+  double Step(double tokens, double kv_tokens, double pairs, double sampled, double deltas = 0,
+              double delta_tokens = 0) const;
 };
 
 struct SimWorkerConfig {
@@ -117,6 +122,7 @@ struct EngineProfile {
   std::string machine;
   StepCost cost;
   double request_overhead_s = 0;
+  double delta_load_s = 0;  // a cold fine-tune's delta (with --delta)
   int64_t kv_blocks = 0;
   int64_t block_tokens = 16;
   int64_t max_batch_tokens = 0;

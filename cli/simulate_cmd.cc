@@ -131,6 +131,7 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
     ASSIGN_OR_RETURN(const EngineProfile p, EngineProfileFromJson(text, path));
     s.config.cost = p.cost;
     s.config.request_overhead_s = p.request_overhead_s;
+    w.delta_load_s = p.delta_load_s;
     w.kv_blocks = p.kv_blocks;
     w.block_tokens = p.block_tokens;
     w.max_batch_tokens = p.max_batch_tokens;
@@ -400,9 +401,13 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
     if (wo.fine_tunes > 0) {
       absl::FPrintF(out,
                     "deltas     %d resident per worker, a cold one loads in %.1f ms, each distinct "
-                    "one in a step adds %.2f ms%s\n",
+                    "one in a step adds %.2f ms (reads) / %.2f ms + %.1f us a token (compute)%s\n",
                     w.resident_deltas, 1e3 * w.delta_load_s, 1e3 * setup.config.cost.delta_s,
-                    args.Has("profile") ? " (a profile does not measure it: 0)" : "");
+                    1e3 * setup.config.cost.delta_compute_s, 1e6 * setup.config.cost.delta_token_s,
+                    args.Has("profile") && setup.config.cost.delta_compute_s == 0 &&
+                            setup.config.cost.delta_token_s == 0
+                        ? " (a profile measures it only with --delta)"
+                        : "");
     }
   }
 

@@ -216,6 +216,8 @@ TEST(SimulateTest, ProfileRoundTripsThroughJson) {
   p.cost.attention_pair_s = 5e-9;
   p.cost.sequence_s = 7e-5;
   p.cost.delta_s = 8e-4;
+  p.cost.delta_compute_s = 9e-4;
+  p.cost.delta_token_s = 1e-5;
   p.cost.host_block_s = 6e-6;
   p.request_overhead_s = 2e-3;
   const absl::StatusOr<EngineProfile> q = EngineProfileFromJson(EngineProfileToJson(p), "p.json");
@@ -226,6 +228,8 @@ TEST(SimulateTest, ProfileRoundTripsThroughJson) {
   EXPECT_DOUBLE_EQ(q->cost.host_block_s, 6e-6);
   EXPECT_DOUBLE_EQ(q->cost.sequence_s, 7e-5);
   EXPECT_DOUBLE_EQ(q->cost.delta_s, 8e-4);
+  EXPECT_DOUBLE_EQ(q->cost.delta_compute_s, 9e-4);
+  EXPECT_DOUBLE_EQ(q->cost.delta_token_s, 1e-5);
   EXPECT_DOUBLE_EQ(q->request_overhead_s, 2e-3);
 
   const absl::StatusOr<EngineProfile> bad = EngineProfileFromJson(
@@ -270,6 +274,18 @@ TEST(SimulateTest, FineTunesCostPerDistinctDeltaAndLoadsWhenCold) {
   EXPECT_EQ(tight->completed, 4);
   EXPECT_EQ(tight->delta_loads, 4);
   EXPECT_GT(tight->ttft_ms.p99, 2 * r->ttft_ms.p99);
+
+  // On the compute side (a CPU): per distinct delta and per fine-tuned token, added to the
+  // compute, which here is all there is.
+  SimConfig cpu = Simple();
+  cpu.cost.delta_compute_s = 2e-3;
+  cpu.cost.delta_token_s = 1e-4;
+  const absl::StatusOr<SimResult> on_cpu = Simulate(w, cpu);
+  ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
+  // Four 8-token prompts in one step: 1 + 3.2 ms, plus 4 deltas and 32 tokens of them: 8 + 3.2 ms.
+  EXPECT_NEAR(on_cpu->ttft_ms.p50, 4.2 + 8 + 3.2, 1e-9);
+  // Decode: 1 + 0.4 ms, plus 4 deltas and 4 tokens: 8 + 0.4 ms.
+  EXPECT_NEAR(on_cpu->tpot_ms.p50, 1.4 + 8.4, 1e-9);
 
   // The same fine-tune for all: one load, one delta per step.
   for (Conversation& conv : w) conv.fine_tune = 0;
