@@ -37,4 +37,21 @@ out=$(bench/loadgen --target=127.0.0.1:$wport --api=worker --requests=4 --rate=2
   --output_tokens=4) || fail "loadgen worker: $out"
 echo "$out" | grep -q '^TTFT ms' || fail "no table: $out"
 echo "$out" | grep -q '4 ok, 0 failed' || fail "worker run: $out"
+# Fine-tunes: a worker serving a bundled fine-tune as a delta takes every request on it, and one
+# that does not know the id refuses them all (so the id does go out with each request).
+cli/stratactl delta compress --base $model --fine-tune models/strata-tiny/ft-man \
+  --out "$tmp/man.delta.safetensors" > /dev/null || fail "delta compress"
+strata_worker w2 $model --fine_tunes=man="$tmp/man.delta.safetensors" || fail "worker 2 did not start"
+w2port=$STRATA_PORT
+out=$(bench/loadgen --target=127.0.0.1:$w2port --api=worker --requests=6 --rate=20 --prompt_tokens=16 \
+  --output_tokens=4 --fine_tunes=man --json) || fail "loadgen fine-tune: $out"
+check "$out" 6 0 || fail "fine-tune report: $out"
+set +e
+out=$(bench/loadgen --target=127.0.0.1:$wport --api=worker --requests=3 --rate=20 --prompt_tokens=16 \
+  --output_tokens=4 --fine_tunes=man --json); rc=$?
+set -e
+[ $rc = 1 ] && echo "$out" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+assert r["failed"] == 3 and "man" in r["errors"][0]["error"], r' || fail "unknown fine-tune: $rc $out"
 echo PASS
