@@ -38,12 +38,14 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
 // when singular.
 bool Solve(std::vector<std::vector<double>> a, std::vector<double> b, std::vector<double>* x) {
   const size_t n = b.size();
+  double scale = 0;
+  for (size_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(a[i][i]));
   for (size_t c = 0; c < n; ++c) {
     size_t p = c;
     for (size_t r = c + 1; r < n; ++r) {
       if (std::abs(a[r][c]) > std::abs(a[p][c])) p = r;
     }
-    if (std::abs(a[p][c]) < 1e-300) return false;
+    if (std::abs(a[p][c]) <= 1e-12 * scale) return false;  // (nearly) collinear columns
     std::swap(a[c], a[p]);
     std::swap(b[c], b[p]);
     for (size_t r = c + 1; r < n; ++r) {
@@ -108,18 +110,20 @@ absl::StatusOr<StepCost> FitLinear(const std::vector<ProfilePoint>& points) {
         atb[i] += row[cols[i]] * w * p.seconds;
       }
     }
+    if (n == 0) break;
     std::vector<double> x;
     if (!Solve(ata, atb, &x)) {
       return absl::InvalidArgumentError("the measurements do not determine a step cost");
     }
-    bool negative = false;
+    // Drop the most negative coefficient, if any, and refit.
+    size_t worst = n;
     for (size_t i = 0; i < n; ++i) {
-      if (x[i] < 0) {
-        active[cols[i]] = false;
-        negative = true;
-      }
+      if (x[i] < 0 && (worst == n || x[i] < x[worst])) worst = i;
     }
-    if (negative) continue;
+    if (worst < n) {
+      active[cols[worst]] = false;
+      continue;
+    }
     StepCost c;
     for (size_t i = 0; i < n; ++i) {
       double* coefficient[kCols] = {&c.fixed_s, &c.token_s, &c.attention_pair_s, &c.sequence_s};
@@ -314,7 +318,9 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
     std::vector<std::string> ids;
     for (int64_t i = 0; i < b; ++i) {
       RequestOptions o;
-      o.max_tokens = 4 + reps;
+      // As long as the positions allow: none may finish before the timed steps end (they are
+      // cancelled after).
+      o.max_tokens = config.max_position_embeddings - ctx_len;
       o.ignore_eos = true;
       o.fine_tune_id = fine_tune;
       ids.push_back(absl::StrCat("profile-", next_id++));
@@ -322,9 +328,13 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
           engine->AddRequest(ids.back(), RandomTokens(&rng, ctx_len, config.vocab_size), o));
     }
     // Until every sequence decodes (prefill, and a delta's load), then two steps to settle.
-    for (;;) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
+    while (engine->Stats().num_decode < b) {
+      if (std::chrono::steady_clock::now() > deadline || !engine->HasWork()) {
+        return absl::InternalError(absl::StrCat("profile: ", b, " sequences of ", ctx_len,
+                                                " tokens never all reached decode"));
+      }
       if (engine->WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));
-      if (engine->Stats().num_decode == b) break;
       RETURN_IF_ERROR(step().status());
     }
     for (int i = 0; i < 2; ++i) RETURN_IF_ERROR(step().status());
@@ -332,6 +342,10 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
     for (int64_t i = 0; i < reps; ++i) {
       ASSIGN_OR_RETURN(const double t, step());
       times.push_back(t);
+    }
+    if (engine->Stats().num_decode != b) {
+      return absl::InternalError(
+          absl::StrCat("profile: the batch of ", b, " shrank while timed (preempted or finished)"));
     }
     for (const std::string& id : ids) engine->Cancel(id);
     RETURN_IF_ERROR(drain());

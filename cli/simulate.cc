@@ -25,9 +25,10 @@ namespace strata {
 double StepCost::Step(double tokens, double kv_tokens, double pairs, double sampled, double deltas,
                       double delta_tokens) const {
   const double memory = weights_s + kv_token_s * kv_tokens + delta_s * deltas;
-  const double compute = token_s * tokens + attention_pair_s * pairs + sequence_s * sampled +
-                         delta_compute_s * deltas + delta_token_s * delta_tokens;
-  return fixed_s + std::max(memory, compute);
+  const double compute = token_s * tokens + attention_pair_s * pairs + sequence_s * sampled;
+  // A measured fine-tune's cost is its extra time over the base's step, whichever bound that is.
+  return fixed_s + std::max(memory, compute) + delta_compute_s * deltas +
+         delta_token_s * delta_tokens;
 }
 
 namespace {
@@ -112,6 +113,8 @@ struct Worker {
     uint64_t used = 0;
   };
   absl::flat_hash_map<int, Delta> deltas;
+  // DeltaCache loads one delta at a time, in order: when its loader is free again.
+  double loader_free_at = 0;
   bool busy = false;
   bool wake_pending = false;
   double busy_s = 0;
@@ -175,6 +178,8 @@ class Simulator {
   }
 
   int64_t bt() const { return config_.worker.block_tokens; }
+  static std::string FineTuneId(int k) { return absl::StrCat("ft", k); }
+  absl::Time SimTime() const { return absl::UnixEpoch() + absl::Seconds(now_); }
 
   void Arrive(size_t conversation, size_t turn) {
     const Turn& t = workload_[conversation].turns[turn];
@@ -188,8 +193,7 @@ class Simulator {
     r->prompt_len = static_cast<int64_t>(t.prompt.size());
     r->output_tokens = std::max<int64_t>(1, t.output_tokens);
     r->fine_tune = workload_[conversation].fine_tune;
-    r->ns =
-        r->fine_tune < 0 ? ns_ : CacheNamespace("simulated", absl::StrCat("ft", r->fine_tune), "");
+    r->ns = r->fine_tune < 0 ? ns_ : CacheNamespace("simulated", FineTuneId(r->fine_tune), "");
     r->arrival = now_;
     if (r->prompt_len < 1 ||
         r->prompt_len + r->output_tokens > config_.worker.kv_blocks * config_.worker.block_tokens) {
@@ -207,8 +211,14 @@ class Simulator {
     std::vector<WorkerSlot> resident;
     if (r->fine_tune >= 0) {
       for (size_t i = 0; i < workers_.size(); ++i) {
-        if (workers_[i]->deltas.contains(r->fine_tune))
+        // WorkerPool::Assign: loaded (as a load report lists them), or sent one of the
+        // fine-tune's requests lately.
+        auto it = workers_[i]->deltas.find(r->fine_tune);
+        if ((it != workers_[i]->deltas.end() && it->second.ready <= now_) ||
+            recent_fine_tunes_.Recent(static_cast<WorkerSlot>(i), FineTuneId(r->fine_tune),
+                                      SimTime())) {
           resident.push_back(static_cast<WorkerSlot>(i));
+        }
       }
     }
     RouteRequest req;
@@ -229,6 +239,9 @@ class Simulator {
     ++w.served;
     w.prefill_blocks += r->prefill_blocks;
     index_.AddPending(score.slot, r->pending);
+    if (r->fine_tune >= 0) {
+      recent_fine_tunes_.Routed(score.slot, FineTuneId(r->fine_tune), SimTime());
+    }
     w.waiting.push_back(r);  // every request has the same priority: arrival order
     // Engine::AddRequest: the fine-tune's delta starts loading now.
     if (r->fine_tune >= 0 && !w.deltas.contains(r->fine_tune)) StartLoad(r->worker, r->fine_tune);
@@ -253,11 +266,11 @@ class Simulator {
       if (victim == w.deltas.end()) return false;
       w.deltas.erase(victim);
     }
-    w.deltas[t] = {now_ + config_.worker.delta_load_s, 0, ++delta_clock_};
+    const double ready = std::max(now_, w.loader_free_at) + config_.worker.delta_load_s;
+    w.loader_free_at = ready;
+    w.deltas[t] = {ready, 0, ++delta_clock_};
     ++delta_loads_;
-    if (config_.worker.delta_load_s > 0) {
-      Push(now_ + config_.worker.delta_load_s, Event::kWake, static_cast<size_t>(wi), 0);
-    }
+    if (ready > now_) Push(ready, Event::kWake, static_cast<size_t>(wi), 0);
     return true;
   }
 
@@ -280,7 +293,10 @@ class Simulator {
   void ReleaseDelta(Worker& w, Request* s) {
     if (!s->holds_delta) return;
     auto it = w.deltas.find(s->fine_tune);
-    if (it != w.deltas.end()) --it->second.pins;
+    if (it != w.deltas.end()) {
+      --it->second.pins;
+      it->second.used = ++delta_clock_;  // DeltaCache::Release marks it used
+    }
     s->holds_delta = false;
   }
 
@@ -482,7 +498,8 @@ class Simulator {
     Worker& w = *workers_[wi];
     s->end = now_;
     if (config_.worker.keep_finished_warm) {
-      for (BlockHash h : s->hashes) w.host.Put(h, &w.host_events);  // Engine::KeepWarm
+      // Engine::KeepWarm: tail first, so that the head is the host tier's most recently used.
+      for (size_t i = s->hashes.size(); i-- > 0;) w.host.Put(s->hashes[i], &w.host_events);
     }
     ReleaseBlocks(w, s);
     ReleaseDelta(w, s);
@@ -491,6 +508,9 @@ class Simulator {
     --w.inflight;
     --w.decoding;
     index_.RemovePending(static_cast<WorkerSlot>(wi), s->pending);
+    // Only the statistics stay.
+    std::vector<int32_t>().swap(s->tokens);
+    std::vector<BlockHash>().swap(s->pending);
     const Conversation& c = workload_[s->conversation];
     if (s->turn + 1 < c.turns.size()) {
       Push(now_ + absl::ToDoubleSeconds(c.turns[s->turn + 1].think_time), Event::kArrive,
@@ -524,6 +544,7 @@ class Simulator {
     SimResult out;
     out.requests = static_cast<int64_t>(requests_.size());
     out.rejected = rejected_;
+    out.unfinished = out.requests - out.rejected;  // less the completed, below
     std::vector<double> ttft, tpot, e2e;
     double first = std::numeric_limits<double>::infinity(), last = 0;
     int64_t output_tokens = 0, prompt_tokens = 0, cached = 0;
@@ -531,6 +552,7 @@ class Simulator {
       first = std::min(first, r->arrival);
       if (r->end < 0) continue;
       ++out.completed;
+      --out.unfinished;
       last = std::max(last, r->end);
       ttft.push_back(1e3 * (r->first_token - r->arrival + config_.request_overhead_s));
       if (r->num_generated > 1) {
@@ -587,6 +609,7 @@ class Simulator {
   double now_ = 0;
   BlockIndex index_;
   PrefixShareWindow share_;
+  RecentFineTuneRoutes recent_fine_tunes_;
   uint64_t tie_break_ = 0;
   int64_t rejected_ = 0;
   int64_t preemptions_ = 0;
@@ -608,11 +631,18 @@ absl::StatusOr<SimResult> Simulate(const std::vector<Conversation>& workload,
     return absl::InvalidArgumentError(
         absl::StrCat("workers must be 1 to 4096, not ", config.workers));
   }
-  if (w.kv_blocks < 1 || w.block_tokens < 1 || w.max_batch_tokens < 1 ||
-      w.max_running_sequences < 1 || w.host_blocks < 0) {
+  if (w.kv_blocks < 1 || w.block_tokens < 1 || w.block_tokens > 1024 || w.max_batch_tokens < 1 ||
+      w.max_running_sequences < 1 || w.host_blocks < 0 || w.resident_deltas < 1 ||
+      !(w.delta_load_s >= 0) || !std::isfinite(w.delta_load_s)) {
     return absl::InvalidArgumentError(
-        "kv_blocks, block_tokens, max_batch_tokens and max_running_sequences must be positive "
-        "and host_blocks at least 0");
+        "kv_blocks, max_batch_tokens, max_running_sequences and resident_deltas must be positive, "
+        "block_tokens 1 to 1024, host_blocks and delta_load_s at least 0");
+  }
+  // Every worker's blocks are allocated up front (BlockManager): about 50 bytes each.
+  if (static_cast<double>(w.kv_blocks) * config.workers > 5e7) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_blocks x workers (", w.kv_blocks, " x ", config.workers,
+        ") is past the simulator's 50 million blocks: use larger block_tokens or fewer workers"));
   }
   const StepCost& c = config.cost;
   for (double v :
@@ -693,11 +723,13 @@ absl::StatusOr<EngineProfile> EngineProfileFromJson(const std::string& text,
           absl::StrCat(origin, ": cost.", f.name, " must be finite and >= 0"));
     }
   }
-  if (p.kv_blocks < 1 || p.block_tokens < 1 || p.max_batch_tokens < 1 ||
-      p.max_running_sequences < 1) {
+  if (p.kv_blocks < 1 || p.kv_blocks > 1000000000 || p.block_tokens < 1 || p.block_tokens > 1024 ||
+      p.max_batch_tokens < 1 || p.max_batch_tokens > 1000000000 || p.max_running_sequences < 1 ||
+      p.max_running_sequences > 1000000) {
     return absl::InvalidArgumentError(absl::StrCat(
         origin,
-        ": kv_blocks, block_tokens, max_batch_tokens and max_running_sequences must be positive"));
+        ": kv_blocks (1 to 1e9), block_tokens (1 to 1024), max_batch_tokens (1 to 1e9) and "
+        "max_running_sequences (1 to 1e6) are out of range"));
   }
   return p;
 }

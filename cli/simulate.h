@@ -96,6 +96,9 @@ struct SimResult {
   int64_t completed = 0;
   // Requests no worker could hold (prompt plus output past a worker's whole KV cache).
   int64_t rejected = 0;
+  // Neither completed nor rejected when the simulation ran out of events (0 unless a request
+  // could never be admitted).
+  int64_t unfinished = 0;
   double duration_s = 0;  // first arrival to last finish
   SimPercentiles ttft_ms, tpot_ms, e2e_ms;
   double throughput_rps = 0;

@@ -257,15 +257,23 @@ TEST(SimulateTest, FineTunesCostPerDistinctDeltaAndLoadsWhenCold) {
   c.cost.weights_s = 1e-3;  // the memory side: 1 ms plus 2 ms per distinct delta
   c.cost.token_s = 0;
   c.worker.resident_deltas = 4;
+  const absl::StatusOr<SimResult> warm = Simulate(w, c);  // loads take no time
+  ASSERT_TRUE(warm.ok()) << warm.status();
+  EXPECT_EQ(warm->delta_loads, 4);
+  // Each step reads four deltas: 1 + max(1 + 4 * 2, compute 0) = 10 ms.
+  EXPECT_NEAR(warm->ttft_ms.p50, 10, 1e-9);
+  EXPECT_NEAR(warm->tpot_ms.p50, 10, 1e-9);
+  EXPECT_NEAR(warm->mean_step_deltas, 4, 1e-9);
+
+  // One loader, as DeltaCache has: the four loads of 10 ms end at 10, 20, 30 and 40 ms, and the
+  // last request cannot start before then.
   c.worker.delta_load_s = 10e-3;
   const absl::StatusOr<SimResult> r = Simulate(w, c);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->completed, 4);
   EXPECT_EQ(r->delta_loads, 4);
-  // All four load at once (10 ms), then each step reads four deltas: 1 + max(1 + 4 * 2) = 10 ms.
-  EXPECT_NEAR(r->ttft_ms.p50, 10 + 10, 1e-9);
-  EXPECT_NEAR(r->tpot_ms.p50, 10, 1e-9);
-  EXPECT_NEAR(r->mean_step_deltas, 4, 1e-9);
+  EXPECT_GE(r->ttft_ms.p99, 40);
+  EXPECT_LT(r->ttft_ms.p99, 40 + 4 * 10 + 1e-9);
 
   // Room for two: the other two wait for a running fine-tune to finish and release its delta.
   c.worker.resident_deltas = 2;
@@ -273,7 +281,7 @@ TEST(SimulateTest, FineTunesCostPerDistinctDeltaAndLoadsWhenCold) {
   ASSERT_TRUE(tight.ok()) << tight.status();
   EXPECT_EQ(tight->completed, 4);
   EXPECT_EQ(tight->delta_loads, 4);
-  EXPECT_GT(tight->ttft_ms.p99, 2 * r->ttft_ms.p99);
+  EXPECT_GT(tight->ttft_ms.p99, r->ttft_ms.p99 + 10);
 
   // On the compute side (a CPU): per distinct delta and per fine-tuned token, added to the
   // compute, which here is all there is.
@@ -315,7 +323,7 @@ TEST(SimulateTest, RoutingByResidentDeltaAvoidsLoads) {
   ASSERT_TRUE(blind.ok() && aware.ok());
   EXPECT_EQ(aware->completed, 400);
   EXPECT_LT(aware->delta_loads, blind->delta_loads / 4) << blind->delta_loads;
-  EXPECT_LT(aware->ttft_ms.p90, blind->ttft_ms.p90);
+  EXPECT_LT(aware->ttft_ms.mean, blind->ttft_ms.mean);
 }
 
 TEST(SimulateTest, RequestOverheadAddsToLatencyOnly) {

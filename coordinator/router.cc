@@ -105,4 +105,19 @@ double PrefixShareWindow::Add(BlockHash first) {
   return static_cast<double>(counts_[first]) / static_cast<double>(recent_.size());
 }
 
+void RecentFineTuneRoutes::Routed(WorkerSlot worker, const std::string& fine_tune_id,
+                                  absl::Time now) {
+  last_[{worker, fine_tune_id}] = now;
+  // Now and then forget what is past the window, so the map holds the recent pairs only.
+  if (++routed_ % 1024 == 0) {
+    absl::erase_if(last_, [&](const auto& e) { return now - e.second > window_; });
+  }
+}
+
+bool RecentFineTuneRoutes::Recent(WorkerSlot worker, const std::string& fine_tune_id,
+                                  absl::Time now) const {
+  auto it = last_.find({worker, fine_tune_id});
+  return it != last_.end() && now - it->second <= window_;
+}
+
 }  // namespace strata

@@ -30,9 +30,12 @@
 
 #include <array>
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/hash.h"
 #include "common/tier.h"
@@ -100,6 +103,23 @@ struct RouteDecision {
 
 RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView> candidates,
                     const BlockIndex& index, const RouterConfig& config);
+
+// Where the coordinator sent each fine-tune's requests lately. A worker that was sent one within
+// `window` has its delta loaded or loading, though its load reports list a delta only once it is
+// loaded; counting it as resident (RouteRequest::fine_tune_resident) keeps a burst for a cold
+// fine-tune on the worker already loading it instead of starting loads everywhere. Not
+// thread-safe.
+class RecentFineTuneRoutes {
+ public:
+  explicit RecentFineTuneRoutes(absl::Duration window = absl::Seconds(30)) : window_(window) {}
+  void Routed(WorkerSlot worker, const std::string& fine_tune_id, absl::Time now);
+  bool Recent(WorkerSlot worker, const std::string& fine_tune_id, absl::Time now) const;
+
+ private:
+  const absl::Duration window_;
+  absl::flat_hash_map<std::pair<WorkerSlot, std::string>, absl::Time> last_;
+  uint64_t routed_ = 0;
+};
 
 // The share of recent traffic each prefix has (RouteRequest::prefix_share): the first block hash
 // of the last `window` routed prompts, and how often each occurs. Not thread-safe.

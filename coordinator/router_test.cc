@@ -267,5 +267,48 @@ TEST(RouterTest, FineTunesPreferWorkersHoldingTheirDelta) {
   EXPECT_DOUBLE_EQ(d.scores[0].cost, d.scores[2].cost);
 }
 
+TEST(RecentFineTuneRoutesTest, RemembersWhereEachFineTuneWentWithinTheWindow) {
+  RecentFineTuneRoutes recent(absl::Seconds(30));
+  const absl::Time t0 = absl::UnixEpoch() + absl::Hours(1);
+  EXPECT_FALSE(recent.Recent(0, "a", t0));
+  recent.Routed(0, "a", t0);
+  EXPECT_TRUE(recent.Recent(0, "a", t0 + absl::Seconds(30)));
+  EXPECT_FALSE(recent.Recent(0, "a", t0 + absl::Seconds(31)));
+  EXPECT_FALSE(recent.Recent(1, "a", t0));  // another worker
+  EXPECT_FALSE(recent.Recent(0, "b", t0));  // another fine-tune
+  // Each request renews it; old pairs are forgotten as the map is pruned.
+  recent.Routed(0, "a", t0 + absl::Seconds(20));
+  EXPECT_TRUE(recent.Recent(0, "a", t0 + absl::Seconds(45)));
+  for (int i = 0; i < 2048; ++i) recent.Routed(2, "x", t0 + absl::Minutes(5));
+  EXPECT_FALSE(recent.Recent(0, "a", t0 + absl::Minutes(5)));
+  EXPECT_TRUE(recent.Recent(2, "x", t0 + absl::Minutes(5)));
+}
+
+// A burst for a cold fine-tune: with the route remembered, the second request follows the first
+// to the worker loading its delta instead of being spread by the tie-break.
+TEST(RecentFineTuneRoutesTest, ABurstForAColdFineTuneStaysTogether) {
+  BlockIndex index;
+  RouterConfig config;
+  RecentFineTuneRoutes recent;
+  const absl::Time now = absl::UnixEpoch();
+  std::vector<WorkerLoadView> loads = {{0, 0, 0, 0}, {1, 0, 0, 0}};
+  std::vector<int> chosen;
+  for (uint64_t i = 0; i < 4; ++i) {
+    std::vector<WorkerSlot> resident;
+    for (WorkerSlot w : {0u, 1u}) {
+      if (recent.Recent(w, "t", now)) resident.push_back(w);
+    }
+    RouteRequest req;
+    req.prompt_blocks = 2;
+    req.tie_break = i;
+    req.fine_tune = true;
+    req.fine_tune_resident = resident;
+    const RouteDecision d = Route(req, loads, index, config);
+    chosen.push_back(d.chosen);
+    recent.Routed(loads[d.chosen].slot, "t", now);
+  }
+  EXPECT_EQ(chosen, std::vector<int>(4, chosen[0]));
+}
+
 }  // namespace
 }  // namespace strata

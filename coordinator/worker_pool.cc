@@ -307,9 +307,12 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
         static_cast<int64_t>(w->load.num_pending_prefill_tokens()) / block_tokens);
     v.decode_sequences = std::max<int64_t>(w->decoding, w->load.num_decode_sequences());
     loads.push_back(v);
+    // Its load report lists the delta as loaded, or this coordinator sent it one of the
+    // fine-tune's requests lately (the delta is loading there, or was loaded since the report).
     if (!fine_tune_id.empty() &&
-        std::find(w->load.resident_fine_tune_ids().begin(), w->load.resident_fine_tune_ids().end(),
-                  fine_tune_id) != w->load.resident_fine_tune_ids().end()) {
+        (std::find(w->load.resident_fine_tune_ids().begin(), w->load.resident_fine_tune_ids().end(),
+                   fine_tune_id) != w->load.resident_fine_tune_ids().end() ||
+         recent_fine_tunes_.Recent(w->slot, fine_tune_id, now))) {
       resident.push_back(w->slot);
     }
   }
@@ -347,6 +350,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   ++w->routed;
   w->prefill_blocks += a.prefill_blocks;
   index_.AddPending(w->slot, a.pending);
+  if (!fine_tune_id.empty()) recent_fine_tunes_.Routed(w->slot, fine_tune_id, now);
   VLOG(1) << "routed to " << w->address << " (cost " << score.cost << ", " << cached
           << " cached blocks of " << prompt_blocks << (d.replicated ? ", replicating" : "") << ")";
   return a;

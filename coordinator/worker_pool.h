@@ -164,6 +164,8 @@ class WorkerPool {
   BlockIndex index_ ABSL_GUARDED_BY(mu_);
   // The share of recent traffic each prefix has, for hot-prefix replication.
   PrefixShareWindow prefix_share_ ABSL_GUARDED_BY(mu_);
+  // Where each fine-tune's requests went lately, for routing before load reports catch up.
+  RecentFineTuneRoutes recent_fine_tunes_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace strata
