@@ -509,6 +509,7 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
   p.machine = MachineName();
   p.cost = cost;
   p.delta_load_s = delta_load_s;
+  p.block_bytes = block_bytes;
   // What a request pays outside the steps: the client's round trip through the coordinator.
   if (args.Has("coordinator")) p.request_overhead_s = std::max(0.0, serving.ttft_s - prefill_s);
   p.kv_blocks = engine->num_kv_blocks();

@@ -37,7 +37,7 @@ namespace {
 // coordinator's index sees.
 class HostTier {
  public:
-  explicit HostTier(int64_t capacity) : capacity_(capacity) {}
+  explicit HostTier(int64_t capacity, Tier tier = Tier::kHost) : capacity_(capacity), tier_(tier) {}
 
   bool Contains(BlockHash h) const { return pos_.contains(h); }
   // Inserts `h`, or makes it the most recently used; drops the least recently used past capacity.
@@ -49,17 +49,18 @@ class HostTier {
     }
     lru_.push_back(h);
     pos_[h] = std::prev(lru_.end());
-    events->push_back({BlockEvent::Kind::kStored, h, Tier::kHost});
+    events->push_back({BlockEvent::Kind::kStored, h, tier_});
     while (static_cast<int64_t>(lru_.size()) > capacity_) {
       const BlockHash old = lru_.front();
       lru_.pop_front();
       pos_.erase(old);
-      events->push_back({BlockEvent::Kind::kRemoved, old, Tier::kHost});
+      events->push_back({BlockEvent::Kind::kRemoved, old, tier_});
     }
   }
 
  private:
   const int64_t capacity_;
+  const Tier tier_;
   std::list<BlockHash> lru_;
   absl::flat_hash_map<BlockHash, std::list<BlockHash>::iterator> pos_;
 };
@@ -72,8 +73,9 @@ struct Request {
   int64_t prompt_len = 0;
   int64_t output_tokens = 0;
   int fine_tune = -1;
-  uint64_t ns = 0;           // cache namespace
-  bool holds_delta = false;  // pins its fine-tune's delta (while running)
+  uint64_t ns = 0;            // cache namespace
+  bool holds_delta = false;   // pins its fine-tune's delta (while running)
+  double io_wait_since = -1;  // waiting for its chain's blocks to load from disk
   double arrival = 0;
   double first_token = -1;
   double end = -1;
@@ -99,9 +101,17 @@ struct Chunk {
 
 struct Worker {
   explicit Worker(const SimWorkerConfig& c)
-      : blocks(c.kv_blocks, c.block_tokens), host(c.host_blocks) {}
+      : blocks(c.kv_blocks, c.block_tokens),
+        host(c.host_blocks),
+        disk(c.host_blocks > 0 ? c.disk_blocks : 0, Tier::kDisk) {}
   BlockManager blocks;
   HostTier host;
+  // The disk tier: every block that enters the host tier is written back to it (KvStore's
+  // write-back, off the step path). Blocks loading from it into the host tier, with when each
+  // arrives; its reads queue on one ring.
+  HostTier disk;
+  absl::flat_hash_map<BlockHash, double> loading;
+  double io_free_at = 0;
   std::vector<BlockEvent> host_events;
   std::deque<Request*> waiting;
   std::vector<Request*> running;  // in admission order
@@ -134,7 +144,7 @@ class Simulator {
       Worker* w = workers_.back().get();
       w->blocks.SetEvictionHook([w](int32_t, BlockKey key) {
         // Engine::PutDown: a cached block leaving the device goes to the host tier.
-        w->host.Put(key.hash, &w->host_events);
+        PutHost(w, key.hash);
       });
     }
   }
@@ -178,6 +188,43 @@ class Simulator {
   }
 
   int64_t bt() const { return config_.worker.block_tokens; }
+  bool has_disk() const { return config_.worker.host_blocks > 0 && config_.worker.disk_blocks > 0; }
+
+  // A block entering the host tier, and (written back) the disk tier.
+  static void PutHost(Worker* w, BlockHash h) {
+    w->host.Put(h, &w->host_events);
+    w->disk.Put(h, &w->host_events);
+  }
+
+  // KvStore's prefetch: the chain's blocks from `from` on that are on disk (and in neither the
+  // host tier nor a load already) start loading into the host tier, one after another.
+  void StartDiskLoads(int wi, absl::Span<const BlockHash> hashes, int64_t from, int64_t limit) {
+    if (!has_disk()) return;
+    Worker& w = *workers_[wi];
+    for (int64_t i = from; i < limit; ++i) {
+      const BlockHash h = hashes[i];
+      if (w.host.Contains(h) || w.loading.contains(h)) continue;
+      if (!w.disk.Contains(h)) break;
+      const double ready = std::max(now_, w.io_free_at) + config_.worker.disk_block_s;
+      w.io_free_at = ready;
+      w.loading[h] = ready;
+      w.disk.Put(h, &w.host_events);  // read: most recently used
+      ++disk_loaded_blocks_;
+      Push(ready, Event::kWake, static_cast<size_t>(wi), 0);
+    }
+  }
+
+  // Loads that have arrived go into the host tier.
+  void LandDiskLoads(Worker& w) {
+    std::vector<BlockHash> landed;
+    for (const auto& [h, ready] : w.loading) {
+      if (ready <= now_) landed.push_back(h);
+    }
+    for (BlockHash h : landed) {
+      w.loading.erase(h);
+      w.host.Put(h, &w.host_events);
+    }
+  }
   static std::string FineTuneId(int k) { return absl::StrCat("ft", k); }
   absl::Time SimTime() const { return absl::UnixEpoch() + absl::Seconds(now_); }
 
@@ -243,6 +290,12 @@ class Simulator {
       recent_fine_tunes_.Routed(score.slot, FineTuneId(r->fine_tune), SimTime());
     }
     w.waiting.push_back(r);  // every request has the same priority: arrival order
+    // Engine::LookUpAndPrefetch: the chain's blocks on disk start loading now.
+    if (has_disk()) {
+      const int64_t limit = (r->prompt_len - 1) / bt();
+      StartDiskLoads(r->worker, r->pending,
+                     std::min<int64_t>(w.blocks.MatchPrefix(r->pending), limit), limit);
+    }
     // Engine::AddRequest: the fine-tune's delta starts loading now.
     if (r->fine_tune >= 0 && !w.deltas.contains(r->fine_tune)) StartLoad(r->worker, r->fine_tune);
     if (!w.busy && !w.wake_pending) {
@@ -331,13 +384,29 @@ class Simulator {
   }
 
   // Engine::Admit, with the host tier's chain restored in the step.
-  bool Admit(Worker& w, Request* s, int64_t budget, int64_t* restored) {
+  enum class AdmitResult { kAdmitted, kNoRoom, kWaitingForIo };
+  AdmitResult Admit(int wi, Request* s, int64_t budget, int64_t* restored) {
+    Worker& w = *workers_[wi];
     const int64_t len = static_cast<int64_t>(s->tokens.size());
     std::vector<BlockHash> hashes = PrefixBlockHashes(s->ns, s->tokens, static_cast<int>(bt()));
     const int64_t limit = (len - 1) / bt();
     const int64_t on_device = std::min<int64_t>(w.blocks.MatchPrefix(hashes), limit);
     int64_t in_host_end = on_device;
     while (in_host_end < limit && w.host.Contains(hashes[in_host_end])) ++in_host_end;
+    // Engine::WaitForLoads: the chain goes on on disk; wait for it (others go ahead) up to
+    // max_io_wait, then compute instead.
+    if (has_disk() && in_host_end < limit &&
+        (w.loading.contains(hashes[in_host_end]) || w.disk.Contains(hashes[in_host_end]))) {
+      if (s->io_wait_since < 0) {
+        s->io_wait_since = now_;
+        Push(now_ + config_.worker.max_io_wait_s, Event::kWake, static_cast<size_t>(wi), 0);
+      }
+      if (now_ - s->io_wait_since < config_.worker.max_io_wait_s) {
+        StartDiskLoads(wi, hashes, in_host_end, limit);
+        return AdmitResult::kWaitingForIo;
+      }
+    }
+    s->io_wait_since = -1;
     // Most recently used first, so that blocks evicted into the host tier meanwhile push out
     // others.
     for (int64_t i = in_host_end; i-- > on_device;) w.host.Put(hashes[i], &w.host_events);
@@ -357,14 +426,14 @@ class Simulator {
     const int64_t n = std::min(len - s->num_computed, budget);
     if (!EnsureBlocks(w, s, s->num_computed + n)) {
       ReleaseBlocks(w, s);
-      return false;
+      return AdmitResult::kNoRoom;
     }
     if (!s->admitted_once) {
       s->admitted_once = true;
       s->cached_prompt = std::min(s->num_computed, s->prompt_len);
     }
     w.plan.push_back({s, s->num_computed, n});
-    return true;
+    return AdmitResult::kAdmitted;
   }
 
   // Engine::Step's plan, and the step's time.
@@ -391,7 +460,8 @@ class Simulator {
       ++i;
     }
     int64_t restored = 0;
-    bool delta_wait = false;
+    bool delta_wait = false, io_wait = false;
+    LandDiskLoads(w);
     for (size_t i = 0;
          i < w.waiting.size() && budget > 0 &&
          static_cast<int64_t>(w.running.size()) < config_.worker.max_running_sequences;) {
@@ -401,9 +471,13 @@ class Simulator {
         ++i;
         continue;
       }
-      if (!Admit(w, s, budget, &restored)) {
-        ReleaseDelta(w, s);
-        break;
+      const AdmitResult admitted = Admit(wi, s, budget, &restored);
+      if (admitted != AdmitResult::kAdmitted) ReleaseDelta(w, s);
+      if (admitted == AdmitResult::kNoRoom) break;
+      if (admitted == AdmitResult::kWaitingForIo) {
+        io_wait = true;
+        ++i;
+        continue;
       }
       budget -= w.plan.back().count;
       w.running.push_back(s);
@@ -412,7 +486,7 @@ class Simulator {
     FlushBlockEvents(wi);
     restored_blocks_ += restored;
     if (w.plan.empty()) {
-      if (!w.waiting.empty() && w.running.empty() && !delta_wait) {
+      if (!w.waiting.empty() && w.running.empty() && !delta_wait && !io_wait) {
         // Not even one request fits (Arrive refuses what the whole cache cannot hold, so this
         // does not happen): the engine ends it with kContextLength, and so does this.
         Request* s = w.waiting.front();
@@ -499,7 +573,7 @@ class Simulator {
     s->end = now_;
     if (config_.worker.keep_finished_warm) {
       // Engine::KeepWarm: tail first, so that the head is the host tier's most recently used.
-      for (size_t i = s->hashes.size(); i-- > 0;) w.host.Put(s->hashes[i], &w.host_events);
+      for (size_t i = s->hashes.size(); i-- > 0;) PutHost(&w, s->hashes[i]);
     }
     ReleaseBlocks(w, s);
     ReleaseDelta(w, s);
@@ -586,6 +660,7 @@ class Simulator {
         prompt_tokens > 0 ? static_cast<double>(cached) / static_cast<double>(prompt_tokens) : 0;
     out.preemptions = preemptions_;
     out.restored_blocks = restored_blocks_;
+    out.disk_loaded_blocks = disk_loaded_blocks_;
     out.delta_loads = delta_loads_;
     out.mean_step_deltas =
         steps_ > 0 ? static_cast<double>(step_deltas_) / static_cast<double>(steps_) : 0;
@@ -614,6 +689,7 @@ class Simulator {
   int64_t rejected_ = 0;
   int64_t preemptions_ = 0;
   int64_t restored_blocks_ = 0;
+  int64_t disk_loaded_blocks_ = 0;
   int64_t delta_loads_ = 0;
   int64_t steps_ = 0;
   int64_t step_deltas_ = 0;
@@ -633,10 +709,12 @@ absl::StatusOr<SimResult> Simulate(const std::vector<Conversation>& workload,
   }
   if (w.kv_blocks < 1 || w.block_tokens < 1 || w.block_tokens > 1024 || w.max_batch_tokens < 1 ||
       w.max_running_sequences < 1 || w.host_blocks < 0 || w.resident_deltas < 1 ||
-      !(w.delta_load_s >= 0) || !std::isfinite(w.delta_load_s)) {
+      !(w.delta_load_s >= 0) || !std::isfinite(w.delta_load_s) || w.disk_blocks < 0 ||
+      !(w.disk_block_s >= 0) || !std::isfinite(w.disk_block_s) || !(w.max_io_wait_s >= 0) ||
+      !std::isfinite(w.max_io_wait_s)) {
     return absl::InvalidArgumentError(
         "kv_blocks, max_batch_tokens, max_running_sequences and resident_deltas must be positive, "
-        "block_tokens 1 to 1024, host_blocks and delta_load_s at least 0");
+        "block_tokens 1 to 1024, host_blocks, disk_blocks and the times at least 0");
   }
   // Every worker's blocks are allocated up front (BlockManager): about 50 bytes each.
   if (static_cast<double>(w.kv_blocks) * config.workers > 5e7) {
@@ -663,13 +741,13 @@ std::string EngineProfileToJson(const EngineProfile& p) {
   return absl::StrFormat(
       "{\"model\":%s,\"machine\":%s,\"kv_blocks\":%d,\"block_tokens\":%d,"
       "\"max_batch_tokens\":%d,\"max_running_sequences\":%d,\"request_overhead_s\":%.9g,"
-      "\"delta_load_s\":%.9g,"
+      "\"delta_load_s\":%.9g,\"block_bytes\":%d,"
       "\"cost\":{\"fixed_s\":%.9g,"
       "\"weights_s\":%.9g,\"kv_token_s\":%.9g,\"token_s\":%.9g,\"attention_pair_s\":%.9g,"
       "\"sequence_s\":%.9g,\"delta_s\":%.9g,\"delta_compute_s\":%.9g,\"delta_token_s\":%.9g,"
       "\"host_block_s\":%.9g}}\n",
       JsonQuote(p.model), JsonQuote(p.machine), p.kv_blocks, p.block_tokens, p.max_batch_tokens,
-      p.max_running_sequences, p.request_overhead_s, p.delta_load_s, p.cost.fixed_s,
+      p.max_running_sequences, p.request_overhead_s, p.delta_load_s, p.block_bytes, p.cost.fixed_s,
       p.cost.weights_s, p.cost.kv_token_s, p.cost.token_s, p.cost.attention_pair_s,
       p.cost.sequence_s, p.cost.delta_s, p.cost.delta_compute_s, p.cost.delta_token_s,
       p.cost.host_block_s);
@@ -692,6 +770,10 @@ absl::StatusOr<EngineProfile> EngineProfileFromJson(const std::string& text,
         absl::StrCat(origin, ": request_overhead_s must be finite and >= 0"));
   }
   ASSIGN_OR_RETURN(p.delta_load_s, root.DoubleFieldOr("delta_load_s", 0));
+  ASSIGN_OR_RETURN(p.block_bytes, root.IntFieldOr("block_bytes", 0));
+  if (p.block_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": block_bytes must be >= 0"));
+  }
   if (!(p.delta_load_s >= 0) || !std::isfinite(p.delta_load_s)) {
     return absl::InvalidArgumentError(
         absl::StrCat(origin, ": delta_load_s must be finite and >= 0"));

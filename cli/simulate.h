@@ -25,8 +25,14 @@
 // in delta_load_s (the request waits; others go ahead), and each distinct fine-tune in a step adds
 // StepCost's delta terms.
 //
-// Not modelled: the disk tier, speculative prefetch (a restored block's copy is charged to the
-// step that admits it), network and tokenization time beyond request_overhead_s.
+// The disk tier under the host tier holds every block the host tier took (written back off the
+// step path); a request's chain found on disk starts loading into the host tier when the request
+// arrives, one block after another per worker, and its admission waits for it up to
+// max_io_wait_s while others go ahead.
+//
+// Not modelled: moving host blocks up into the device while a request waits (a restored block's
+// copy is charged to the step that admits it), network and tokenization time beyond
+// request_overhead_s.
 #ifndef STRATA_CLI_SIMULATE_H_
 #define STRATA_CLI_SIMULATE_H_
 
@@ -75,6 +81,11 @@ struct SimWorkerConfig {
   // the least recently used unpinned one makes room.
   int64_t resident_deltas = 8;
   double delta_load_s = 0;
+  // Disk tier capacity in blocks (0: none; it needs a host tier above it), one block's read
+  // into the host tier, and the longest a request waits for its blocks before computing them.
+  int64_t disk_blocks = 0;
+  double disk_block_s = 0;
+  double max_io_wait_s = 0.5;
 };
 
 struct SimConfig {
@@ -105,10 +116,11 @@ struct SimResult {
   double output_tokens_per_s = 0;
   double cache_hit_rate = 0;  // cached prompt tokens over prompt tokens
   int64_t preemptions = 0;
-  int64_t restored_blocks = 0;   // from host tiers
-  int64_t delta_loads = 0;       // fine-tune deltas loaded (cold) on any worker
-  double mean_step_deltas = 0;   // distinct fine-tunes per step
-  double mean_decode_batch = 0;  // sequences per step that decode
+  int64_t restored_blocks = 0;     // from host tiers
+  int64_t disk_loaded_blocks = 0;  // read from disk tiers into host tiers
+  int64_t delta_loads = 0;         // fine-tune deltas loaded (cold) on any worker
+  double mean_step_deltas = 0;     // distinct fine-tunes per step
+  double mean_decode_batch = 0;    // sequences per step that decode
   // Busy share of each worker over duration_s.
   std::vector<double> worker_utilization;
   // Requests each worker served.
@@ -126,6 +138,7 @@ struct EngineProfile {
   StepCost cost;
   double request_overhead_s = 0;
   double delta_load_s = 0;  // a cold fine-tune's delta (with --delta)
+  int64_t block_bytes = 0;  // one KV block (all layers), for disk reads
   int64_t kv_blocks = 0;
   int64_t block_tokens = 16;
   int64_t max_batch_tokens = 0;

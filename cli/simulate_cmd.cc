@@ -135,6 +135,7 @@ struct Setup {
 absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversation>& sample) {
   Setup s;
   SimWorkerConfig& w = s.config.worker;
+  double block_bytes = 0;  // one block as the disk tier stores it
   if (args.Has("profile")) {
     if (args.Has("model") || args.Has("gpu")) {
       return absl::InvalidArgumentError("give --profile or --model with --gpu, not both");
@@ -145,6 +146,7 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
     s.config.cost = p.cost;
     s.config.request_overhead_s = p.request_overhead_s;
     w.delta_load_s = p.delta_load_s;
+    block_bytes = static_cast<double>(p.block_bytes);
     w.kv_blocks = p.kv_blocks;
     w.block_tokens = p.block_tokens;
     w.max_batch_tokens = p.max_batch_tokens;
@@ -180,6 +182,8 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
     w.max_batch_tokens = o.max_batch_tokens;
     w.max_running_sequences = plan.max_running_sequences;
     w.host_blocks = static_cast<int64_t>(plan.host_cache_mb * kMiB) / plan.tier_slot_bytes;
+    w.disk_blocks = static_cast<int64_t>(plan.disk_cache_mb * kMiB) / plan.tier_slot_bytes;
+    block_bytes = static_cast<double>(plan.tier_slot_bytes);
     if (pw.fine_tunes > 0) {
       // The plan's delta region holds the active fine-tunes; a cold one is read from disk and
       // copied up.
@@ -191,6 +195,10 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
   }
   ASSIGN_OR_RETURN(w.kv_blocks, IntIn(args, "kv-blocks", w.kv_blocks, 1, 1000000000));
   ASSIGN_OR_RETURN(w.host_blocks, IntIn(args, "host-blocks", w.host_blocks, 0, 1000000000));
+  ASSIGN_OR_RETURN(w.disk_blocks, IntIn(args, "disk-blocks", w.disk_blocks, 0, 1000000000));
+  ASSIGN_OR_RETURN(const double disk_gbps, NonNegative(args, "disk-read-gbps", 2.0));
+  if (disk_gbps <= 0) return absl::InvalidArgumentError("--disk-read-gbps must be above 0");
+  w.disk_block_s = block_bytes / (disk_gbps * 1e9);
   ASSIGN_OR_RETURN(w.resident_deltas,
                    IntIn(args, "resident-deltas", w.resident_deltas, 1, 1000000));
   ASSIGN_OR_RETURN(const double load_ms, NonNegative(args, "delta-load-ms", 1e3 * w.delta_load_s));
@@ -220,13 +228,14 @@ std::string RunJson(double rate, int workers, const SimResult& r) {
       "{\"rate_per_s\":%g,\"workers\":%d,\"requests\":%d,\"completed\":%d,\"rejected\":%d,"
       "\"duration_s\":%.3f,\"throughput_rps\":%.3f,\"output_tokens_per_s\":%.1f,"
       "\"unfinished\":%d,\"cache_hit_rate\":%.4f,\"preemptions\":%d,\"restored_blocks\":%d,"
+      "\"disk_loaded_blocks\":%d,"
       "\"mean_decode_batch\":%.2f,\"delta_loads\":%d,\"mean_step_deltas\":%.2f,\"ttft_ms\":%s,"
       "\"tpot_ms\":%s,\"e2e_ms\":%s,"
       "\"worker_utilization\":[%s]}",
       rate, workers, r.requests, r.completed, r.rejected, r.duration_s, r.throughput_rps,
       r.output_tokens_per_s, r.unfinished, r.cache_hit_rate, r.preemptions, r.restored_blocks,
-      r.mean_decode_batch, r.delta_loads, r.mean_step_deltas, PercentilesJson(r.ttft_ms),
-      PercentilesJson(r.tpot_ms), PercentilesJson(r.e2e_ms),
+      r.disk_loaded_blocks, r.mean_decode_batch, r.delta_loads, r.mean_step_deltas,
+      PercentilesJson(r.ttft_ms), PercentilesJson(r.tpot_ms), PercentilesJson(r.e2e_ms),
       absl::StrJoin(r.worker_utilization, ",",
                     [](std::string* o, double u) { absl::StrAppendFormat(o, "%.4f", u); }));
 }
@@ -250,11 +259,12 @@ void PrintRun(std::FILE* out, const WorkloadOptions& o, double rate, int workers
                                 {"E2E ms", r.e2e_ms}}) {
     absl::FPrintF(out, "%-11s %9.2f %9.2f %9.2f %9.2f\n", name, p.p50, p.p90, p.p99, p.mean);
   }
-  absl::FPrintF(out,
-                "throughput %.2f req/s, %.1f output tok/s; prefix-cache hit rate %.3f; mean "
-                "decode batch %.1f; %d preemptions; %d blocks restored from host\n",
-                r.throughput_rps, r.output_tokens_per_s, r.cache_hit_rate, r.mean_decode_batch,
-                r.preemptions, r.restored_blocks);
+  absl::FPrintF(
+      out,
+      "throughput %.2f req/s, %.1f output tok/s; prefix-cache hit rate %.3f; mean "
+      "decode batch %.1f; %d preemptions; %d blocks restored from host, %d read from disk\n",
+      r.throughput_rps, r.output_tokens_per_s, r.cache_hit_rate, r.mean_decode_batch, r.preemptions,
+      r.restored_blocks, r.disk_loaded_blocks);
   if (o.fine_tunes > 0) {
     absl::FPrintF(
         out, "fine-tunes %d (Zipf %g, %.0f%% base): %d delta loads, %.1f distinct per step\n",
@@ -369,6 +379,8 @@ absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
                       "max-batch-tokens",
                       "kv-blocks",
                       "host-blocks",
+                      "disk-blocks",
+                      "disk-read-gbps",
                       "workers",
                       "router",
                       "workload",
@@ -411,10 +423,10 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
   if (!json) {
     absl::FPrintF(out, "costs      %s\n", setup.source);
     absl::FPrintF(out,
-                  "worker     KV cache %d blocks of %d tokens, host tier %d blocks, batch up to "
-                  "%d sequences and %d tokens a step\n",
-                  w.kv_blocks, w.block_tokens, w.host_blocks, w.max_running_sequences,
-                  w.max_batch_tokens);
+                  "worker     KV cache %d blocks of %d tokens, host tier %d blocks, disk tier %d "
+                  "blocks (%.2f ms a read), batch up to %d sequences and %d tokens a step\n",
+                  w.kv_blocks, w.block_tokens, w.host_blocks, w.disk_blocks, 1e3 * w.disk_block_s,
+                  w.max_running_sequences, w.max_batch_tokens);
     if (wo.fine_tunes > 0) {
       absl::FPrintF(out,
                     "deltas     %d resident per worker, a cold one loads in %.1f ms, each distinct "

@@ -151,7 +151,9 @@ TEST(SimulateTest, SmallCachePreemptsAndStillFinishesEverything) {
   EXPECT_GT(r->preemptions, 0);
 }
 
-TEST(SimulateTest, HostTierRestoresWhatTheDeviceEvicted) {
+// 40 conversations of 3 turns, each ~35 blocks, that think long enough for others to push them
+// off a small device cache.
+WorkloadOptions LongThinkingChats() {
   WorkloadOptions o;
   o.kind = "multi-turn";
   o.num_requests = 120;
@@ -160,8 +162,12 @@ TEST(SimulateTest, HostTierRestoresWhatTheDeviceEvicted) {
   o.prompt_tokens = {480, 480};
   o.turn_tokens = {32, 32};
   o.output_tokens = {16, 16};
-  o.think_time_ms = 2000;  // long enough for other conversations to push it off the device
-  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(o);
+  o.think_time_ms = 2000;
+  return o;
+}
+
+TEST(SimulateTest, HostTierRestoresWhatTheDeviceEvicted) {
+  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(LongThinkingChats());
   ASSERT_TRUE(w.ok());
   SimConfig c = Simple();
   c.worker.kv_blocks = 160;  // five conversations' worth
@@ -176,6 +182,37 @@ TEST(SimulateTest, HostTierRestoresWhatTheDeviceEvicted) {
   EXPECT_GT(with_host->restored_blocks, 100);
   EXPECT_GT(with_host->cache_hit_rate, device_only->cache_hit_rate + 0.2);
   EXPECT_LT(with_host->ttft_ms.p50, device_only->ttft_ms.p50);
+}
+
+TEST(SimulateTest, DiskTierHoldsWhatTheHostTierCannot) {
+  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(LongThinkingChats());
+  ASSERT_TRUE(w.ok());
+  SimConfig c = Simple();
+  c.worker.kv_blocks = 160;
+  c.worker.max_batch_tokens = 512;
+  c.worker.host_blocks = 200;  // six conversations' worth of 40
+  c.cost.host_block_s = 1e-5;
+  const absl::StatusOr<SimResult> host_only = Simulate(*w, c);
+  c.worker.disk_blocks = 100000;
+  c.worker.disk_block_s = 1e-4;  // 3.2 ms for a 32-block chain, against ~50 ms to recompute it
+  const absl::StatusOr<SimResult> with_disk = Simulate(*w, c);
+  ASSERT_TRUE(host_only.ok() && with_disk.ok());
+  EXPECT_EQ(with_disk->completed, 120);
+  EXPECT_EQ(host_only->disk_loaded_blocks, 0);
+  EXPECT_GT(with_disk->disk_loaded_blocks, 500);
+  EXPECT_GT(with_disk->cache_hit_rate, host_only->cache_hit_rate + 0.2);
+  EXPECT_LT(with_disk->ttft_ms.p50, host_only->ttft_ms.p50);
+
+  // A disk too slow to wait for: after max_io_wait the request computes its prefix instead.
+  c.worker.disk_block_s = 1.0;
+  c.worker.max_io_wait_s = 0.05;
+  const absl::StatusOr<SimResult> slow = Simulate(*w, c);
+  ASSERT_TRUE(slow.ok());
+  EXPECT_EQ(slow->completed, 120);
+  // Each waits at most 50 ms more than without a disk (and the loads it gave up on still land
+  // in the host tier, pushing out others).
+  EXPECT_LT(slow->ttft_ms.p50, host_only->ttft_ms.p50 + 100)
+      << host_only->ttft_ms.p50 << " " << with_disk->ttft_ms.p50;
 }
 
 TEST(SimulateTest, RequestLargerThanTheCacheIsRejected) {
