@@ -673,6 +673,22 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
   if (w.rate_rps > 0) {
     absl::FPrintF(out, "workers    %d for %.2f requests/s (each %.0f%% busy; target %.0f%%)\n",
                   p.workers, w.rate_rps, 100 * p.utilization, 100 * o.target_utilization);
+    if (gpu.name != "custom") {
+      // Averages say nothing of tails: the simulator replays Poisson arrivals.
+      absl::FPrintF(out,
+                    "tails      for p99 targets: stratactl simulate --model %s --gpu %s "
+                    "--tensor-parallel %d --rate %g%s --prompt-tokens %d --output-tokens %d%s "
+                    "--find-workers --ttft-p99-ms T --tpot-p99-ms T\n",
+                    args.Get("model").value_or(""), gpu.name, o.tensor_parallel, w.rate_rps,
+                    // The simulator's prompt tokens are a request's own, after the prefix.
+                    w.shared_prefix_tokens > 0
+                        ? absl::StrCat(" --workload shared-prefix --shared-fraction 1 "
+                                       "--shared-prefix-tokens ",
+                                       w.shared_prefix_tokens)
+                        : "",
+                    std::max<int64_t>(1, w.prompt_tokens - w.shared_prefix_tokens), w.output_tokens,
+                    w.fine_tunes > 0 ? absl::StrCat(" --fine-tunes ", w.fine_tunes) : "");
+    }
   }
   absl::FPrintF(out,
                 "tiers      per worker: host %d MiB, disk %d MiB (block slots of %d bytes%s); "

@@ -83,6 +83,12 @@ n=$(echo "$found" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert 
 msg="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --requests 600 \
   --prompt-tokens 1024 --output-tokens 128 --workers $((n - 1)) --ttft-p99-ms 400)"
 echo "$msg" | grep -q '^targets    missed' || fail "$((n - 1)) workers should miss the target: $msg"
+# A plan for a rate points at the simulator for tails, with a command that runs.
+tails=$($bin plan --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --prompt-tokens 1024 \
+  --shared-prefix-tokens 256 --output-tokens 128 | sed -n 's/^tails      for p99 targets: stratactl //p')
+[ -n "$tails" ] || fail "plan printed no tails line"
+out="$($bin ${tails//T/800} --requests 300 --json)" || fail "the plan's simulate command: $tails: $out"
+echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["workers"] >= 1, r'
 # Tenants: 40 fine-tunes on four H100 workers; the plan sizes their deltas.
 out="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --workers 4 --rate 10 \
   --requests 400 --prompt-tokens 512 --output-tokens 64 --fine-tunes 40 --resident-deltas 8 \
