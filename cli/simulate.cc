@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
@@ -75,7 +76,7 @@ struct Request {
   int fine_tune = -1;
   uint64_t ns = 0;            // cache namespace
   bool holds_delta = false;   // pins its fine-tune's delta (while running)
-  double io_wait_since = -1;  // waiting for its chain's blocks to load from disk
+  double io_wait_until = -1;  // waiting for its chain's blocks to load from disk, until then
   double arrival = 0;
   double first_token = -1;
   double end = -1;
@@ -110,7 +111,9 @@ struct Worker {
   // write-back, off the step path). Blocks loading from it into the host tier, with when each
   // arrives; its reads queue on one ring.
   HostTier disk;
-  absl::flat_hash_map<BlockHash, double> loading;
+  // In flight, in the order they finish (loads queue, so each is ready after the one before).
+  std::deque<std::pair<double, BlockHash>> load_queue;
+  absl::flat_hash_set<BlockHash> loading;
   double io_free_at = 0;
   std::vector<BlockEvent> host_events;
   std::deque<Request*> waiting;
@@ -196,31 +199,36 @@ class Simulator {
     w->disk.Put(h, &w->host_events);
   }
 
-  // KvStore's prefetch: the chain's blocks from `from` on that are on disk (and in neither the
-  // host tier nor a load already) start loading into the host tier, one after another.
+  // KvStore::Prefetch: the chain's blocks from `from` on that are on disk (and in neither the
+  // host tier nor a load already) start loading into the host tier, one after another, with at
+  // most half the host tier's slots in flight. Each takes its host slot at once (KvStore's
+  // StartLoad allocates it), so the host tier holds it while it loads.
   void StartDiskLoads(int wi, absl::Span<const BlockHash> hashes, int64_t from, int64_t limit) {
     if (!has_disk()) return;
     Worker& w = *workers_[wi];
-    for (int64_t i = from; i < limit; ++i) {
+    const int64_t most = std::max<int64_t>(1, config_.worker.host_blocks / 2);
+    double last = -1;
+    for (int64_t i = from; i < limit && static_cast<int64_t>(w.loading.size()) < most; ++i) {
       const BlockHash h = hashes[i];
-      if (w.host.Contains(h) || w.loading.contains(h)) continue;
+      if (w.loading.contains(h) || (w.host.Contains(h) && !w.loading.contains(h))) continue;
       if (!w.disk.Contains(h)) break;
-      const double ready = std::max(now_, w.io_free_at) + config_.worker.disk_block_s;
-      w.io_free_at = ready;
-      w.loading[h] = ready;
+      last = std::max(now_, w.io_free_at) + config_.worker.disk_block_s;
+      w.io_free_at = last;
+      w.load_queue.emplace_back(last, h);
+      w.loading.insert(h);
+      w.host.Put(h, &w.host_events);
       w.disk.Put(h, &w.host_events);  // read: most recently used
       ++disk_loaded_blocks_;
-      Push(ready, Event::kWake, static_cast<size_t>(wi), 0);
     }
+    if (last > now_) Push(last, Event::kWake, static_cast<size_t>(wi), 0);
   }
 
-  // Loads that have arrived go into the host tier.
+  // Loads that have finished, in the order they finish, are ready in the host tier (taking a
+  // slot again if another block's took theirs meanwhile).
   void LandDiskLoads(Worker& w) {
-    std::vector<BlockHash> landed;
-    for (const auto& [h, ready] : w.loading) {
-      if (ready <= now_) landed.push_back(h);
-    }
-    for (BlockHash h : landed) {
+    while (!w.load_queue.empty() && w.load_queue.front().first <= now_) {
+      const BlockHash h = w.load_queue.front().second;
+      w.load_queue.pop_front();
       w.loading.erase(h);
       w.host.Put(h, &w.host_events);
     }
@@ -392,21 +400,24 @@ class Simulator {
     const int64_t limit = (len - 1) / bt();
     const int64_t on_device = std::min<int64_t>(w.blocks.MatchPrefix(hashes), limit);
     int64_t in_host_end = on_device;
-    while (in_host_end < limit && w.host.Contains(hashes[in_host_end])) ++in_host_end;
+    while (in_host_end < limit && w.host.Contains(hashes[in_host_end]) &&
+           !w.loading.contains(hashes[in_host_end])) {
+      ++in_host_end;
+    }
     // Engine::WaitForLoads: the chain goes on on disk; wait for it (others go ahead) up to
     // max_io_wait, then compute instead.
     if (has_disk() && in_host_end < limit &&
         (w.loading.contains(hashes[in_host_end]) || w.disk.Contains(hashes[in_host_end]))) {
-      if (s->io_wait_since < 0) {
-        s->io_wait_since = now_;
-        Push(now_ + config_.worker.max_io_wait_s, Event::kWake, static_cast<size_t>(wi), 0);
+      if (s->io_wait_until < 0) {
+        s->io_wait_until = now_ + config_.worker.max_io_wait_s;
+        Push(s->io_wait_until, Event::kWake, static_cast<size_t>(wi), 0);
       }
-      if (now_ - s->io_wait_since < config_.worker.max_io_wait_s) {
+      if (now_ < s->io_wait_until) {
         StartDiskLoads(wi, hashes, in_host_end, limit);
         return AdmitResult::kWaitingForIo;
       }
     }
-    s->io_wait_since = -1;
+    s->io_wait_until = -1;
     // Most recently used first, so that blocks evicted into the host tier meanwhile push out
     // others.
     for (int64_t i = in_host_end; i-- > on_device;) w.host.Put(hashes[i], &w.host_events);
@@ -711,10 +722,11 @@ absl::StatusOr<SimResult> Simulate(const std::vector<Conversation>& workload,
       w.max_running_sequences < 1 || w.host_blocks < 0 || w.resident_deltas < 1 ||
       !(w.delta_load_s >= 0) || !std::isfinite(w.delta_load_s) || w.disk_blocks < 0 ||
       !(w.disk_block_s >= 0) || !std::isfinite(w.disk_block_s) || !(w.max_io_wait_s >= 0) ||
-      !std::isfinite(w.max_io_wait_s)) {
+      !std::isfinite(w.max_io_wait_s) || (w.disk_blocks > 0 && !(w.disk_block_s > 0))) {
     return absl::InvalidArgumentError(
         "kv_blocks, max_batch_tokens, max_running_sequences and resident_deltas must be positive, "
-        "block_tokens 1 to 1024, host_blocks, disk_blocks and the times at least 0");
+        "block_tokens 1 to 1024, host_blocks, disk_blocks and the times at least 0, and a disk "
+        "tier's reads must take time");
   }
   // Every worker's blocks are allocated up front (BlockManager): about 50 bytes each.
   if (static_cast<double>(w.kv_blocks) * config.workers > 5e7) {

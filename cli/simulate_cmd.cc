@@ -199,6 +199,11 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
   ASSIGN_OR_RETURN(const double disk_gbps, NonNegative(args, "disk-read-gbps", 2.0));
   if (disk_gbps <= 0) return absl::InvalidArgumentError("--disk-read-gbps must be above 0");
   w.disk_block_s = block_bytes / (disk_gbps * 1e9);
+  if (w.disk_blocks > 0 && block_bytes <= 0) {
+    return absl::InvalidArgumentError(
+        "--disk-blocks needs the size of a block: this profile has no block_bytes (write it again "
+        "with this version's stratactl profile)");
+  }
   ASSIGN_OR_RETURN(w.resident_deltas,
                    IntIn(args, "resident-deltas", w.resident_deltas, 1, 1000000));
   ASSIGN_OR_RETURN(const double load_ms, NonNegative(args, "delta-load-ms", 1e3 * w.delta_load_s));

@@ -114,6 +114,10 @@ void RecentFineTuneRoutes::Routed(WorkerSlot worker, const std::string& fine_tun
   }
 }
 
+void RecentFineTuneRoutes::Forget(WorkerSlot worker, const std::string& fine_tune_id) {
+  last_.erase({worker, fine_tune_id});
+}
+
 bool RecentFineTuneRoutes::Recent(WorkerSlot worker, const std::string& fine_tune_id,
                                   absl::Time now) const {
   auto it = last_.find({worker, fine_tune_id});

@@ -114,6 +114,7 @@ class RecentFineTuneRoutes {
   explicit RecentFineTuneRoutes(absl::Duration window = absl::Seconds(30)) : window_(window) {}
   void Routed(WorkerSlot worker, const std::string& fine_tune_id, absl::Time now);
   bool Recent(WorkerSlot worker, const std::string& fine_tune_id, absl::Time now) const;
+  void Forget(WorkerSlot worker, const std::string& fine_tune_id);
 
  private:
   const absl::Duration window_;

@@ -279,6 +279,9 @@ TEST(RecentFineTuneRoutesTest, RemembersWhereEachFineTuneWentWithinTheWindow) {
   // Each request renews it; old pairs are forgotten as the map is pruned.
   recent.Routed(0, "a", t0 + absl::Seconds(20));
   EXPECT_TRUE(recent.Recent(0, "a", t0 + absl::Seconds(45)));
+  recent.Forget(0, "a");
+  EXPECT_FALSE(recent.Recent(0, "a", t0 + absl::Seconds(45)));
+  recent.Routed(0, "a", t0 + absl::Seconds(20));
   for (int i = 0; i < 2048; ++i) recent.Routed(2, "x", t0 + absl::Minutes(5));
   EXPECT_FALSE(recent.Recent(0, "a", t0 + absl::Minutes(5)));
   EXPECT_TRUE(recent.Recent(2, "x", t0 + absl::Minutes(5)));

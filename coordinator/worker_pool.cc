@@ -350,6 +350,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   ++w->routed;
   w->prefill_blocks += a.prefill_blocks;
   index_.AddPending(w->slot, a.pending);
+  a.fine_tune_id = fine_tune_id;
   if (!fine_tune_id.empty()) recent_fine_tunes_.Routed(w->slot, fine_tune_id, now);
   VLOG(1) << "routed to " << w->address << " (cost " << score.cost << ", " << cached
           << " cached blocks of " << prompt_blocks << (d.replicated ? ", replicating" : "") << ")";
@@ -376,6 +377,9 @@ void WorkerPool::Release(Assignment* a) {
   }
   index_.RemovePending(w->slot, a->pending);
   a->pending.clear();
+  // A fine-tune's request that ended before its first token (its delta failed to load there, or
+  // the worker failed) does not make that worker the fine-tune's home.
+  if (!a->decoding && !a->fine_tune_id.empty()) recent_fine_tunes_.Forget(w->slot, a->fine_tune_id);
 }
 
 void WorkerPool::ReportSubmitFailure(WorkerSlot slot, const grpc::Status& status) {

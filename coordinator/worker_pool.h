@@ -81,6 +81,8 @@ class WorkerPool {
     bool decoding = false;
     // Of the prompt's full blocks, how many the router expected to find cached there.
     int64_t expected_cached_blocks = 0;
+    // The request's fine-tune (empty for the base).
+    std::string fine_tune_id;
   };
 
   explicit WorkerPool(WorkerPoolOptions options);
