@@ -1,5 +1,7 @@
 #include "cli/profile.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -18,6 +20,8 @@
 #include "bench/stats.h"
 #include "bench/workload.h"
 #include "common/grpc_status.h"
+#include "common/json.h"
+#include "common/mapped_file.h"
 #include "common/status_macros.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
@@ -244,9 +248,10 @@ absl::StatusOr<StepCost> FitStepCost(const std::vector<ProfilePoint>& points) {
 }
 
 absl::StatusOr<Args> ParseProfileArgs(const std::vector<std::string>& argv) {
-  return Args::Parse(argv, {"json"},
+  return Args::Parse(argv, {"json", "random-weights"},
                      {"model", "threads", "kv-cache-mb", "block-tokens", "max-batch-tokens",
-                      "max-running-sequences", "context", "reps", "out", "coordinator", "delta"});
+                      "max-running-sequences", "context", "reps", "out", "coordinator", "delta",
+                      "device", "gpu-dtype"});
 }
 
 absl::Status ProfileCommand(const Args& args, std::FILE* out) {
@@ -276,9 +281,40 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
 
   SetCpuComputeThreads(
       static_cast<int>(threads));  // the BLAS's threads, as strata-worker sets them
-  ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(dir));
-  ASSIGN_OR_RETURN(const std::unique_ptr<ModelWeights> weights,
-                   LoadModelWeights(dir, config, 0, 1));
+  const std::string device = args.Get("device").value_or("cpu");
+  DType gpu_dtype = DType::kBF16;
+  if (device != "cpu" && device != "gpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu or gpu, not \"", device, "\""));
+  }
+  if (const std::string g = args.Get("gpu-dtype").value_or("bf16");
+      !ParseDType(absl::AsciiStrToUpper(g), &gpu_dtype) ||
+      (gpu_dtype != DType::kBF16 && gpu_dtype != DType::kF16 && gpu_dtype != DType::kF32)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--gpu-dtype must be bf16, f16 or f32, not \"", g, "\""));
+  }
+  // A model directory, or with --random-weights a config.json (a directory or the file) alone:
+  // a large model's shape without its files (RandomModelWeights).
+  ModelConfig config;
+  std::unique_ptr<ModelWeights> weights;
+  if (args.Has("random-weights")) {
+    if (args.Has("delta")) {
+      return absl::InvalidArgumentError("--delta needs the base's files, not --random-weights");
+    }
+    struct stat st;
+    if (stat(dir.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      ASSIGN_OR_RETURN(const std::string text, ReadFileToString(dir));
+      ASSIGN_OR_RETURN(const JsonDocument doc, JsonDocument::Parse(text, dir));
+      ASSIGN_OR_RETURN(config, ParseModelConfig(doc.root()));
+    } else {
+      ASSIGN_OR_RETURN(config, LoadModelConfig(dir));
+    }
+    // The CPU engine computes in f32; the GPU runner converts to --gpu-dtype as it uploads.
+    weights = RandomModelWeights(config, device == "gpu" ? gpu_dtype : DType::kF32, 1);
+  } else {
+    ASSIGN_OR_RETURN(config, LoadModelConfig(dir));
+    ASSIGN_OR_RETURN(weights, LoadModelWeights(dir, config, 0, 1));
+  }
   if (context + 8 + reps > config.max_position_embeddings) {
     return absl::InvalidArgumentError(absl::StrCat("--context ", context,
                                                    " plus the steps timed is past the model's ",
@@ -292,6 +328,8 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
   ec.max_batch_tokens = max_batch_tokens;
   ec.max_running_sequences = max_running;
   ec.compute_threads = static_cast<int>(threads);
+  ec.device = device;
+  ec.gpu_dtype = gpu_dtype;
   if (std::optional<std::string> delta = args.Get("delta")) ec.fine_tunes = {{"profile", *delta}};
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(weights.get(), &comm, ec));
   std::mt19937_64 rng(1);
@@ -506,7 +544,9 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
 
   EngineProfile p;
   p.model = config.architecture_name;
-  p.machine = MachineName();
+  p.machine = device == "gpu"
+                  ? absl::StrCat("GPU (", DTypeName(gpu_dtype), "), host ", MachineName())
+                  : MachineName();
   p.cost = cost;
   p.delta_load_s = delta_load_s;
   p.block_bytes = block_bytes;

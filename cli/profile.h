@@ -1,6 +1,7 @@
-// `stratactl profile`: measures a real engine (the one strata-worker runs, here on the CPU) on a
-// model and fits the simulator's step cost (cli/simulate.h, StepCost) to it, so that
-// `stratactl simulate --profile FILE` predicts what a cluster of such workers would do.
+// `stratactl profile`: measures a real engine (the one strata-worker runs; --device cpu or gpu) on
+// a model and fits the simulator's step cost (cli/simulate.h, StepCost) to it, so that `stratactl
+// simulate --profile FILE` predicts what a cluster of such workers would do. With
+// --random-weights, --model may be a config.json alone: a large model's shape without its files.
 //
 // It times single engine steps: decode at several batch sizes over a fixed context, and whole
 // prompts prefilled in one step at three lengths (distinct random tokens, so no prefix-cache

@@ -66,18 +66,22 @@ constexpr char kUsage[] =
     "      [--max-running-sequences N] [--max-batch-tokens N] [--gpu-memory-gib G\n"
     "      --gpu-bandwidth-gbps B --gpu-tflops F] [--decode-efficiency E] [--prefill-efficiency "
     "E]\n"
-    "      [--gpu-memory-utilization U] [--target-utilization U] [--json | --emit "
-    "table|json|k8s]\n"
+    "      [--gpu-memory-utilization U] [--target-utilization U] [--fine-tunes N\n"
+    "      [--active-fine-tunes K] [--delta-bits 2|4|8] [--delta-sparsity 2:4|none]]\n"
+    "      [--json | --emit table|json|k8s]\n"
     "  stratactl simulate (--model DIR|CONFIG.json --gpu G [plan's GPU and option flags] |\n"
     "      --profile FILE) [--workers N | --find-workers] [--rate RPS | --rates R1,R2,...]\n"
     "      [--workload random|shared-prefix|multi-turn] [--requests N] [--prompt-tokens N|A:B]\n"
     "      [--output-tokens N|A:B] [--shared-prefix-tokens N] [--shared-fraction F]\n"
     "      [--shared-prefixes N] [--turns N] [--turn-tokens N|A:B] [--think-time-ms T] [--seed S]\n"
     "      [--ttft-p99-ms T] [--tpot-p99-ms T] [--router cost|round-robin] [--kv-blocks N]\n"
-    "      [--host-blocks N] [--svg FILE] [--json]\n"
-    "  stratactl profile --model DIR [--threads N] [--kv-cache-mb N] [--max-batch-tokens N]\n"
-    "      [--max-running-sequences N] [--block-tokens N] [--context N] [--reps N] [--out FILE]\n"
-    "      [--json]\n";
+    "      [--host-blocks N] [--disk-blocks N] [--disk-read-gbps G] [--fine-tunes N]\n"
+    "      [--fine-tune-zipf S] [--base-fraction F] [--resident-deltas K] [--delta-load-ms T]\n"
+    "      [--cold-fine-tune-blocks B] [--decode-weight W] [--svg FILE] [--json]\n"
+    "  stratactl profile --model DIR [--random-weights] [--device cpu|gpu] [--gpu-dtype D]\n"
+    "      [--threads N] [--kv-cache-mb N] [--max-batch-tokens N] [--max-running-sequences N]\n"
+    "      [--block-tokens N] [--context N] [--reps N] [--delta FILE] [--coordinator ADDR]\n"
+    "      [--out FILE] [--json]\n";
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "stratactl: %s\n", std::string(s.message()).c_str());

@@ -83,6 +83,14 @@ n=$(echo "$found" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert 
 msg="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --requests 600 \
   --prompt-tokens 1024 --output-tokens 128 --workers $((n - 1)) --ttft-p99-ms 400)"
 echo "$msg" | grep -q '^targets    missed' || fail "$((n - 1)) workers should miss the target: $msg"
+# A profile of a shape alone (random weights from a config.json), and a device it cannot use.
+out="$($bin profile --model $model/config.json --random-weights --threads 1 --kv-cache-mb 4 \
+  --context 32 --reps 2 --json)" || fail "profile --random-weights: $out"
+echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["cost"]["token_s"] > 0, r'
+set +e
+msg="$($bin profile --model $model --device tpu 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q -- '--device must be cpu or gpu' || fail "profile --device: $rc $msg"
+set -e
 # A plan for a rate points at the simulator for tails, with a command that runs.
 tails=$($bin plan --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --prompt-tokens 1024 \
   --shared-prefix-tokens 256 --output-tokens 128 | sed -n 's/^tails      for p99 targets: stratactl //p')

@@ -150,6 +150,16 @@ case "${1:-}" in
     if [ -x gpu-bundle/bin/worker.server.strata-worker ] && [ "${STRATA_CLUSTER:-1}" != 0 ]; then
       cluster_check "$results" >"$results/cluster.log" 2>&1
     fi
+    # The capacity simulator's step cost, measured of the GPU engine on the Llama-3-8B shape
+    # (random bf16 weights): `stratactl simulate --profile RESULTS_DIR/profile_llama3_8b.json`
+    # then plans with this GPU's measured costs (STRATA_GPU_PROFILE=0 skips it).
+    if [ -x gpu-bundle/bin/cli.stratactl ] && [ "${STRATA_GPU_PROFILE:-1}" != 0 ]; then
+      LD_LIBRARY_PATH="$(bundle_libpath)" timeout "${STRATA_PROFILE_TIMEOUT:-300}" \
+        gpu-bundle/bin/cli.stratactl profile --device gpu --random-weights \
+        --model bench/configs/llama3_8b.json --kv-cache-mb 24576 --max-batch-tokens 2048 \
+        --context 512 --reps 5 --out "$results/profile_llama3_8b.json" >"$results/profile.log" 2>&1
+      echo "profile exit $?" >>"$results/profile.log"
+    fi
     # Per-kernel times of one batch-1 decode step (STRATA_GPU_NCU=1, where ncu is on the PATH).
     if [ -n "${STRATA_GPU_NCU:-}" ] && command -v ncu >/dev/null; then
       ncu_decode "$results" >"$results/ncu.log" 2>&1
@@ -216,6 +226,10 @@ print(summary.strip())
 cl = os.path.join(res, "cluster.txt")
 if os.path.exists(cl):
     print(open(cl).read().splitlines()[0])
+pl = os.path.join(res, "profile.log")
+if os.path.exists(pl):
+    print("\n".join(l for l in open(pl).read().splitlines()
+                    if l.startswith("fit ") or l.startswith("profile exit")))
 san = os.path.join(res, "sanitizer.log")
 if os.path.exists(san):
     lines = open(san).read().strip().splitlines()
