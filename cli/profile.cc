@@ -309,8 +309,16 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
     } else {
       ASSIGN_OR_RETURN(config, LoadModelConfig(dir));
     }
-    // The CPU engine computes in f32; the GPU runner converts to --gpu-dtype as it uploads.
-    weights = RandomModelWeights(config, device == "gpu" ? gpu_dtype : DType::kF32, 1);
+    if (device == "gpu") {
+      // Drawn on the GPU (EngineConfig::gpu_random_weights_seed): the host holds the shape only.
+      weights = std::make_unique<ModelWeights>();
+      weights->config = config;
+      weights->num_heads = config.num_heads;
+      weights->num_kv_heads = config.num_kv_heads;
+      weights->intermediate_size = config.intermediate_size;
+    } else {
+      weights = RandomModelWeights(config, DType::kF32, 1);  // the CPU engine computes in f32
+    }
   } else {
     ASSIGN_OR_RETURN(config, LoadModelConfig(dir));
     ASSIGN_OR_RETURN(weights, LoadModelWeights(dir, config, 0, 1));
@@ -330,6 +338,7 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
   ec.compute_threads = static_cast<int>(threads);
   ec.device = device;
   ec.gpu_dtype = gpu_dtype;
+  if (device == "gpu" && args.Has("random-weights")) ec.gpu_random_weights_seed = 1;
   if (std::optional<std::string> delta = args.Get("delta")) ec.fine_tunes = {{"profile", *delta}};
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(weights.get(), &comm, ec));
   std::mt19937_64 rng(1);

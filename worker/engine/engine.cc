@@ -72,7 +72,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
       // the few hundred bytes of alignment each may take more on the device.
       o.delta_bytes = c.delta_cache_bytes + 1024 * static_cast<int64_t>(c.fine_tunes.size() + 1);
     }
-    ASSIGN_OR_RETURN(engine->gpu_, GpuModelRunner::Create(*weights, o));
+    if (c.gpu_random_weights_seed != 0) {
+      ASSIGN_OR_RETURN(engine->gpu_,
+                       GpuModelRunner::CreateRandom(weights->config, o, c.gpu_random_weights_seed));
+    } else {
+      ASSIGN_OR_RETURN(engine->gpu_, GpuModelRunner::Create(*weights, o));
+    }
     // Up to 16 threads by default: every parallel pass wakes them all.
     engine->host_pool_ = std::make_unique<ThreadPool>(
         c.compute_threads > 0

@@ -85,6 +85,10 @@ struct EngineConfig {
   bool gpu_decode_attention_kernel = false;
   bool gpu_fused_residual_norm = false;
   bool gpu_prefill_mma_attention = false;
+  // Benchmarks and profiles of models whose files are not at hand: when not 0, the GPU runner
+  // draws random weights from this seed on the GPU (GpuModelRunner::CreateRandom) instead of
+  // uploading the engine's weights, which then need their shape fields only (config, heads).
+  uint64_t gpu_random_weights_seed = 0;
   // Fine-tunes served as compressed deltas over the base (fine-tune id, delta file), and the
   // memory their loaded deltas may take together (DeltaCache; on the gpu device, the device
   // region that holds their copies too: GpuRunnerOptions::delta_bytes). One rank.

@@ -366,6 +366,57 @@ TEST(EngineGpuFineTuneTest, MixedTenantsGenerateTheCpuEngineTokens) {
   EXPECT_EQ(generate("gpu"), cpu);
 }
 
+// gpu_random_weights_seed: an engine over a model's shape alone (no tensors on the host) draws its
+// weights on the GPU and serves requests: every request finishes with its tokens in the
+// vocabulary, and the same seed gives the same tokens.
+TEST(EngineGpuRandomWeightsTest, ServesAShapeWithoutFiles) {
+  absl::StatusOr<int> devices = CudaDeviceCount();
+  if (!devices.ok()) GTEST_SKIP() << "no usable GPU: " << devices.status();
+  auto config = LoadModelConfig("models/strata-tiny/base");
+  ASSERT_TRUE(config.ok()) << config.status();
+  ModelWeights shape;
+  shape.config = *config;
+  shape.num_heads = config->num_heads;
+  shape.num_kv_heads = config->num_kv_heads;
+  shape.intermediate_size = config->intermediate_size;
+  const auto generate = [&]() {
+    EngineConfig ec;
+    ec.device = "gpu";
+    ec.gpu_random_weights_seed = 7;
+    ec.max_batch_tokens = 64;
+    SingleRankCollectives comm;
+    auto e = Engine::Create(&shape, &comm, ec);
+    EXPECT_TRUE(e.ok()) << e.status();
+    std::map<std::string, std::vector<int32_t>> out;
+    if (!e.ok()) return out;
+    for (int i = 0; i < 3; ++i) {
+      RequestOptions o;
+      o.sampling.temperature = 0;
+      o.max_tokens = 8;
+      o.ignore_eos = true;
+      EXPECT_TRUE(
+          (*e)->AddRequest("r" + std::to_string(i), std::vector<int32_t>(20 + i, 5 + i), o).ok());
+    }
+    while ((*e)->HasWork()) {
+      auto step = (*e)->Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      for (const RequestOutput& r : *step) {
+        for (const SampledToken& t : r.tokens) {
+          EXPECT_GE(t.token, 0);
+          EXPECT_LT(t.token, config->vocab_size);
+          out[r.request_id].push_back(t.token);
+        }
+      }
+    }
+    return out;
+  };
+  const auto a = generate();
+  ASSERT_EQ(a.size(), 3u);
+  for (const auto& [id, tokens] : a) EXPECT_EQ(tokens.size(), 8u) << id;
+  EXPECT_EQ(generate(), a);
+}
+
 #else
 
 TEST(EngineGpuTest, NeedsCudaBuild) { GTEST_SKIP() << "built without CUDA"; }
