@@ -210,7 +210,7 @@ class Simulator {
     double last = -1;
     for (int64_t i = from; i < limit && static_cast<int64_t>(w.loading.size()) < most; ++i) {
       const BlockHash h = hashes[i];
-      if (w.loading.contains(h) || (w.host.Contains(h) && !w.loading.contains(h))) continue;
+      if (w.loading.contains(h) || w.host.Contains(h)) continue;
       if (!w.disk.Contains(h)) break;
       last = std::max(now_, w.io_free_at) + config_.worker.disk_block_s;
       w.io_free_at = last;
