@@ -464,35 +464,31 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
 
 }  // namespace
 
+absl::flat_hash_set<std::string> PlanMachineFlags() {
+  return {"model",
+          "gpu",
+          "gpu-memory-gib",
+          "gpu-bandwidth-gbps",
+          "gpu-tflops",
+          "dtype",
+          "tensor-parallel",
+          "max-running-sequences",
+          "max-batch-tokens",
+          "kv-compression",
+          "host-cache-gib",
+          "gpu-memory-utilization",
+          "decode-efficiency",
+          "prefill-efficiency",
+          "target-utilization",
+          "delta-bits",
+          "delta-sparsity"};
+}
+
 absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv) {
-  return Args::Parse(argv, {"json"},
-                     {"model",
-                      "gpu",
-                      "gpu-memory-gib",
-                      "gpu-bandwidth-gbps",
-                      "gpu-tflops",
-                      "dtype",
-                      "tensor-parallel",
-                      "rate",
-                      "prompt-tokens",
-                      "output-tokens",
-                      "shared-prefix-tokens",
-                      "tpot-ms",
-                      "conversations",
-                      "conversation-tokens",
-                      "max-running-sequences",
-                      "max-batch-tokens",
-                      "kv-compression",
-                      "host-cache-gib",
-                      "gpu-memory-utilization",
-                      "decode-efficiency",
-                      "prefill-efficiency",
-                      "target-utilization",
-                      "fine-tunes",
-                      "active-fine-tunes",
-                      "delta-bits",
-                      "delta-sparsity",
-                      "emit"});
+  absl::flat_hash_set<std::string> flags = PlanMachineFlags();
+  flags.insert({"rate", "prompt-tokens", "output-tokens", "shared-prefix-tokens", "tpot-ms",
+                "conversations", "conversation-tokens", "fine-tunes", "active-fine-tunes", "emit"});
+  return Args::Parse(argv, {"json"}, flags);
 }
 
 absl::StatusOr<ModelConfig> PlanModelFromArgs(const Args& args) {

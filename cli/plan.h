@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "cli/args.h"
 #include "cli/simulate.h"
@@ -165,6 +166,9 @@ std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options);
 // The flags of `stratactl plan`, parsed (unknown ones refused by name).
 absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv);
 
+// The names of the flags those three read (the model, the GPU and PlanOptions), which `stratactl
+// plan` and `stratactl simulate` both take.
+absl::flat_hash_set<std::string> PlanMachineFlags();
 // The model, GPU and options flags `stratactl plan` shares with `stratactl simulate`.
 absl::StatusOr<ModelConfig> PlanModelFromArgs(const Args& args);
 absl::StatusOr<GpuSpec> PlanGpuFromArgs(const Args& args);

@@ -248,7 +248,8 @@ class Simulator {
     r->prompt_len = static_cast<int64_t>(t.prompt.size());
     r->output_tokens = std::max<int64_t>(1, t.output_tokens);
     r->fine_tune = workload_[conversation].fine_tune;
-    r->ns = r->fine_tune < 0 ? ns_ : CacheNamespace("simulated", FineTuneId(r->fine_tune), "");
+    const std::string fine_tune_id = r->fine_tune < 0 ? "" : FineTuneId(r->fine_tune);
+    r->ns = r->fine_tune < 0 ? ns_ : CacheNamespace("simulated", fine_tune_id, "");
     r->arrival = now_;
     if (r->prompt_len < 1 ||
         r->prompt_len + r->output_tokens > config_.worker.kv_blocks * config_.worker.block_tokens) {
@@ -270,8 +271,7 @@ class Simulator {
         // fine-tune's requests lately.
         auto it = workers_[i]->deltas.find(r->fine_tune);
         if ((it != workers_[i]->deltas.end() && it->second.ready <= now_) ||
-            recent_fine_tunes_.Recent(static_cast<WorkerSlot>(i), FineTuneId(r->fine_tune),
-                                      SimTime())) {
+            recent_fine_tunes_.Recent(static_cast<WorkerSlot>(i), fine_tune_id, SimTime())) {
           resident.push_back(static_cast<WorkerSlot>(i));
         }
       }
@@ -295,7 +295,7 @@ class Simulator {
     w.prefill_blocks += r->prefill_blocks;
     index_.AddPending(score.slot, r->pending);
     if (r->fine_tune >= 0) {
-      recent_fine_tunes_.Routed(score.slot, FineTuneId(r->fine_tune), SimTime());
+      recent_fine_tunes_.Routed(score.slot, fine_tune_id, SimTime());
     }
     w.waiting.push_back(r);  // every request has the same priority: arrival order
     // Engine::LookUpAndPrefetch: the chain's blocks on disk start loading now.
@@ -396,7 +396,12 @@ class Simulator {
   AdmitResult Admit(int wi, Request* s, int64_t budget, int64_t* restored) {
     Worker& w = *workers_[wi];
     const int64_t len = static_cast<int64_t>(s->tokens.size());
-    std::vector<BlockHash> hashes = PrefixBlockHashes(s->ns, s->tokens, static_cast<int>(bt()));
+    // The prompt's hashes were made on arrival (the chain that routed it); a preempted sequence's
+    // grown tokens need their own.
+    std::vector<BlockHash> hashes =
+        static_cast<int64_t>(s->tokens.size()) == s->prompt_len
+            ? s->pending
+            : PrefixBlockHashes(s->ns, s->tokens, static_cast<int>(bt()));
     const int64_t limit = (len - 1) / bt();
     const int64_t on_device = std::min<int64_t>(w.blocks.MatchPrefix(hashes), limit);
     int64_t in_host_end = on_device;

@@ -2,6 +2,7 @@
 // routes requests to workers by where their prompt's KV blocks live, and fails requests over when a
 // worker dies. On SIGINT or SIGTERM it stops taking calls, lets in-flight ones finish for up to
 // --shutdown_grace_s, and exits.
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -79,6 +80,16 @@ int Main() {
   po.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_resolve_interval_s));
   po.router.decode_weight = absl::GetFlag(FLAGS_decode_weight);
   po.router.cold_fine_tune_blocks = absl::GetFlag(FLAGS_cold_fine_tune_blocks);
+  // A negative cost would send requests toward the workers that must load a delta or that are
+  // busiest.
+  for (const auto& [name, v] :
+       {std::pair<const char*, double>{"decode_weight", po.router.decode_weight},
+        {"cold_fine_tune_blocks", po.router.cold_fine_tune_blocks}}) {
+    if (!(v >= 0) || !std::isfinite(v)) {
+      LOG(ERROR) << "--" << name << " must be a finite number, 0 or more, not " << v;
+      return 2;
+    }
+  }
   const std::string routing = absl::GetFlag(FLAGS_routing);
   if (routing == "round_robin") {
     po.router.round_robin = true;

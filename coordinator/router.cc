@@ -105,23 +105,47 @@ double PrefixShareWindow::Add(BlockHash first) {
   return static_cast<double>(counts_[first]) / static_cast<double>(recent_.size());
 }
 
-void RecentFineTuneRoutes::Routed(WorkerSlot worker, const std::string& fine_tune_id,
+void RecentFineTuneRoutes::Routed(WorkerSlot worker, absl::string_view fine_tune_id,
                                   absl::Time now) {
-  last_[{worker, fine_tune_id}] = now;
-  // Now and then forget what is past the window, so the map holds the recent pairs only.
+  auto it = last_.find(fine_tune_id);
+  if (it == last_.end()) it = last_.emplace(std::string(fine_tune_id), Routes()).first;
+  Routes& routes = it->second;
+  auto r =
+      std::find_if(routes.begin(), routes.end(), [&](const auto& e) { return e.first == worker; });
+  if (r != routes.end()) {
+    r->second = now;
+  } else {
+    routes.emplace_back(worker, now);
+  }
+  // Now and then forget what is past the window, so the map holds the recent routes only.
   if (++routed_ % 1024 == 0) {
-    absl::erase_if(last_, [&](const auto& e) { return now - e.second > window_; });
+    for (auto& [id, list] : last_) {
+      list.erase(std::remove_if(list.begin(), list.end(),
+                                [&](const auto& e) { return now - e.second > window_; }),
+                 list.end());
+    }
+    absl::erase_if(last_, [](const auto& e) { return e.second.empty(); });
   }
 }
 
-void RecentFineTuneRoutes::Forget(WorkerSlot worker, const std::string& fine_tune_id) {
-  last_.erase({worker, fine_tune_id});
+void RecentFineTuneRoutes::Forget(WorkerSlot worker, absl::string_view fine_tune_id) {
+  auto it = last_.find(fine_tune_id);
+  if (it == last_.end()) return;
+  Routes& routes = it->second;
+  routes.erase(std::remove_if(routes.begin(), routes.end(),
+                              [&](const auto& e) { return e.first == worker; }),
+               routes.end());
+  if (routes.empty()) last_.erase(it);
 }
 
-bool RecentFineTuneRoutes::Recent(WorkerSlot worker, const std::string& fine_tune_id,
+bool RecentFineTuneRoutes::Recent(WorkerSlot worker, absl::string_view fine_tune_id,
                                   absl::Time now) const {
-  auto it = last_.find({worker, fine_tune_id});
-  return it != last_.end() && now - it->second <= window_;
+  auto it = last_.find(fine_tune_id);
+  if (it == last_.end()) return false;
+  for (const auto& [w, when] : it->second) {
+    if (w == worker) return now - when <= window_;
+  }
+  return false;
 }
 
 }  // namespace strata

@@ -35,6 +35,8 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/inlined_vector.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/hash.h"
@@ -112,13 +114,15 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
 class RecentFineTuneRoutes {
  public:
   explicit RecentFineTuneRoutes(absl::Duration window = absl::Seconds(30)) : window_(window) {}
-  void Routed(WorkerSlot worker, const std::string& fine_tune_id, absl::Time now);
-  bool Recent(WorkerSlot worker, const std::string& fine_tune_id, absl::Time now) const;
-  void Forget(WorkerSlot worker, const std::string& fine_tune_id);
+  void Routed(WorkerSlot worker, absl::string_view fine_tune_id, absl::Time now);
+  // Looks the fine-tune up by view (no copy of the id) on the router's path.
+  bool Recent(WorkerSlot worker, absl::string_view fine_tune_id, absl::Time now) const;
+  void Forget(WorkerSlot worker, absl::string_view fine_tune_id);
 
  private:
+  using Routes = absl::InlinedVector<std::pair<WorkerSlot, absl::Time>, 4>;
   const absl::Duration window_;
-  absl::flat_hash_map<std::pair<WorkerSlot, std::string>, absl::Time> last_;
+  absl::flat_hash_map<std::string, Routes> last_;  // by fine-tune: workers, last sent
   uint64_t routed_ = 0;
 };
 
