@@ -11,7 +11,12 @@
 #      2k tokens), on a worker with the device cache only, one with host (64 MiB) and disk
 #      (256 MiB) tiers below it, and one with a 16 MiB host tier only, raw and INT8; each worker's
 #      tier counters (prefetch accuracy, coverage) after its run.
-# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|all]   (JSON per run,
+#   4. Bursts sharing prefixes: 64 requests at once over 8 cold 1,000-token prefixes, on one worker
+#      with a step budget of 2,048 or 8,192 tokens (--max_batch_tokens), each with
+#      --inflight_prefill_min_tokens=0 (every request admitted computes its prefix, even one another
+#      request is computing in the same step) and the default 32 (it waits a step for those
+#      blocks); three rounds each, alternating.
+# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|bursts|all]   (JSON per run,
 # plus summary.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,5 +104,29 @@ for setup in device-only tiered small-host small-host-int8; do
   "$bin/cli/stratactl" status --coordinator "127.0.0.1:$c" --json > "$out/tiers-$setup-status.json"
   strata_stop_all
 done
+fi
+# 4. Bursts sharing prefixes.
+if [ "$part" = all ] || [ "$part" = bursts ]; then
+burst=(--workload=shared-prefix --requests=64 --rate=10000 --shared_prefix_tokens=1000 --shared_prefixes=8
+       --shared_fraction=1 --prompt_tokens=16:64 --output_tokens=16)
+for budget in 2048 8192; do
+  for min in 0 32; do
+    strata_worker "burst-$budget-$min" "$model" --kv_cache_mb=64 --threads=2 \
+      --max_batch_tokens=$budget --inflight_prefill_min_tokens=$min
+    eval "w_${budget}_$min=$STRATA_PORT"
+  done
+done
+sleep 1
+for budget in 2048 8192; do
+  for round in 1 2 3; do
+    for min in 0 32; do
+      w=$(eval echo "\$w_${budget}_$min")
+      loadgen --target=127.0.0.1:$w --api=worker "${burst[@]}" --seed=$round --cache_salt="burst-$round" \
+        --label="burst/budget$budget/min$min/round$round" --json_out="$out/burst-$budget-$min-$round.json" |
+        tee -a "$summary"
+    done
+  done
+done
+strata_stop_all
 fi
 echo "results in $out" | tee -a "$summary"

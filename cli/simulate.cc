@@ -82,6 +82,7 @@ struct Request {
   double end = -1;
   int64_t cached_prompt = 0;
   bool admitted_once = false;
+  bool waited_for_prefix = false;
   // The coordinator's bookkeeping (WorkerPool::Assignment).
   int worker = -1;
   std::vector<BlockHash> pending;
@@ -92,6 +93,7 @@ struct Request {
   int64_t num_generated = 0;
   std::vector<int32_t> block_table;
   std::vector<BlockHash> hashes;
+  std::vector<BlockHash> planned;  // Engine::Sequence::planned_hashes
 };
 
 struct Chunk {
@@ -119,6 +121,8 @@ struct Worker {
   std::deque<Request*> waiting;
   std::vector<Request*> running;  // in admission order
   std::vector<Chunk> plan;
+  // During a step's admissions: blocks the planned requests have yet to publish.
+  absl::flat_hash_set<BlockHash> inflight_blocks;
   // Fine-tune deltas held: when each is ready, its pins, and when it was last used.
   struct Delta {
     double ready = 0;
@@ -378,7 +382,14 @@ class Simulator {
     }
     s->block_table.clear();
     s->hashes.clear();
+    s->planned.clear();
     s->num_computed = 0;
+  }
+
+  // Engine::AddInflight.
+  void AddInflight(Worker& w, const Request& s) {
+    for (size_t i = s.hashes.size(); i < s.planned.size(); ++i)
+      w.inflight_blocks.insert(s.planned[i]);
   }
 
   // Engine::Preempt: back to the front of the queue, to recompute (its blocks usually stay
@@ -392,7 +403,7 @@ class Simulator {
   }
 
   // Engine::Admit, with the host tier's chain restored in the step.
-  enum class AdmitResult { kAdmitted, kNoRoom, kWaitingForIo };
+  enum class AdmitResult { kAdmitted, kNoRoom, kWaitingForIo, kWaitingForPrefix };
   AdmitResult Admit(int wi, Request* s, int64_t budget, int64_t* restored) {
     Worker& w = *workers_[wi];
     const int64_t len = static_cast<int64_t>(s->tokens.size());
@@ -423,6 +434,18 @@ class Simulator {
       }
     }
     s->io_wait_until = -1;
+    // Engine::Admit: the chain goes on in blocks a request in this step is computing.
+    int64_t inflight_end = in_host_end;
+    while (inflight_end < limit && w.inflight_blocks.contains(hashes[inflight_end])) ++inflight_end;
+    if (inflight_end > in_host_end &&
+        ((inflight_end - in_host_end) * bt() >= config_.worker.inflight_prefill_min_tokens ||
+         inflight_end == limit)) {
+      if (!s->waited_for_prefix) {
+        s->waited_for_prefix = true;
+        ++inflight_prefix_waits_;
+      }
+      return AdmitResult::kWaitingForPrefix;
+    }
     // Most recently used first, so that blocks evicted into the host tier meanwhile push out
     // others.
     for (int64_t i = in_host_end; i-- > on_device;) w.host.Put(hashes[i], &w.host_events);
@@ -436,6 +459,7 @@ class Simulator {
       ++*restored;
     }
     const int64_t cached = static_cast<int64_t>(s->block_table.size());
+    s->planned = hashes;
     hashes.resize(cached);
     s->hashes = std::move(hashes);
     s->num_computed = cached * bt();
@@ -478,6 +502,10 @@ class Simulator {
     int64_t restored = 0;
     bool delta_wait = false, io_wait = false;
     LandDiskLoads(w);
+    w.inflight_blocks.clear();
+    if (config_.worker.dedupe_inflight_prefill) {
+      for (const Chunk& c : w.plan) AddInflight(w, *c.seq);
+    }
     for (size_t i = 0;
          i < w.waiting.size() && budget > 0 &&
          static_cast<int64_t>(w.running.size()) < config_.worker.max_running_sequences;) {
@@ -490,11 +518,12 @@ class Simulator {
       const AdmitResult admitted = Admit(wi, s, budget, &restored);
       if (admitted != AdmitResult::kAdmitted) ReleaseDelta(w, s);
       if (admitted == AdmitResult::kNoRoom) break;
-      if (admitted == AdmitResult::kWaitingForIo) {
-        io_wait = true;
+      if (admitted == AdmitResult::kWaitingForIo || admitted == AdmitResult::kWaitingForPrefix) {
+        io_wait = io_wait || admitted == AdmitResult::kWaitingForIo;
         ++i;
         continue;
       }
+      if (config_.worker.dedupe_inflight_prefill) AddInflight(w, *s);
       budget -= w.plan.back().count;
       w.running.push_back(s);
       w.waiting.erase(w.waiting.begin() + static_cast<ptrdiff_t>(i));
@@ -555,6 +584,7 @@ class Simulator {
       w.blocks.Publish(s->block_table[i], h, s->ns);
       s->hashes.push_back(h);
     }
+    if (s->hashes.size() >= s->planned.size()) s->planned.clear();
   }
 
   void StepDone(int wi) {
@@ -675,6 +705,7 @@ class Simulator {
     out.cache_hit_rate =
         prompt_tokens > 0 ? static_cast<double>(cached) / static_cast<double>(prompt_tokens) : 0;
     out.preemptions = preemptions_;
+    out.inflight_prefix_waits = inflight_prefix_waits_;
     out.restored_blocks = restored_blocks_;
     out.disk_loaded_blocks = disk_loaded_blocks_;
     out.delta_loads = delta_loads_;
@@ -704,6 +735,7 @@ class Simulator {
   uint64_t tie_break_ = 0;
   int64_t rejected_ = 0;
   int64_t preemptions_ = 0;
+  int64_t inflight_prefix_waits_ = 0;
   int64_t restored_blocks_ = 0;
   int64_t disk_loaded_blocks_ = 0;
   int64_t delta_loads_ = 0;

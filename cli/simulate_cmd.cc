@@ -214,6 +214,11 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
         absl::StrCat("--router must be cost or round-robin, not \"", router, "\""));
   }
   s.config.router.round_robin = router == "round-robin";
+  // As strata-worker's --inflight_prefill_min_tokens (0: never waits).
+  ASSIGN_OR_RETURN(const int64_t dedupe_min, IntIn(args, "inflight-prefill-min-tokens",
+                                                   w.inflight_prefill_min_tokens, 0, 1000000000));
+  w.dedupe_inflight_prefill = dedupe_min > 0;
+  w.inflight_prefill_min_tokens = std::max<int64_t>(1, dedupe_min);
   // As strata-coordinator's --decode_weight and --cold_fine_tune_blocks.
   ASSIGN_OR_RETURN(s.config.router.decode_weight,
                    NonNegative(args, "decode-weight", s.config.router.decode_weight));
@@ -233,14 +238,15 @@ std::string RunJson(double rate, int workers, const SimResult& r) {
       "{\"rate_per_s\":%g,\"workers\":%d,\"requests\":%d,\"completed\":%d,\"rejected\":%d,"
       "\"duration_s\":%.3f,\"throughput_rps\":%.3f,\"output_tokens_per_s\":%.1f,"
       "\"unfinished\":%d,\"cache_hit_rate\":%.4f,\"preemptions\":%d,\"restored_blocks\":%d,"
-      "\"disk_loaded_blocks\":%d,"
+      "\"disk_loaded_blocks\":%d,\"inflight_prefix_waits\":%d,"
       "\"mean_decode_batch\":%.2f,\"delta_loads\":%d,\"mean_step_deltas\":%.2f,\"ttft_ms\":%s,"
       "\"tpot_ms\":%s,\"e2e_ms\":%s,"
       "\"worker_utilization\":[%s]}",
       rate, workers, r.requests, r.completed, r.rejected, r.duration_s, r.throughput_rps,
       r.output_tokens_per_s, r.unfinished, r.cache_hit_rate, r.preemptions, r.restored_blocks,
-      r.disk_loaded_blocks, r.mean_decode_batch, r.delta_loads, r.mean_step_deltas,
-      PercentilesJson(r.ttft_ms), PercentilesJson(r.tpot_ms), PercentilesJson(r.e2e_ms),
+      r.disk_loaded_blocks, r.inflight_prefix_waits, r.mean_decode_batch, r.delta_loads,
+      r.mean_step_deltas, PercentilesJson(r.ttft_ms), PercentilesJson(r.tpot_ms),
+      PercentilesJson(r.e2e_ms),
       absl::StrJoin(r.worker_utilization, ",",
                     [](std::string* o, double u) { absl::StrAppendFormat(o, "%.4f", u); }));
 }
@@ -267,9 +273,10 @@ void PrintRun(std::FILE* out, const WorkloadOptions& o, double rate, int workers
   absl::FPrintF(
       out,
       "throughput %.2f req/s, %.1f output tok/s; prefix-cache hit rate %.3f; mean "
-      "decode batch %.1f; %d preemptions; %d blocks restored from host, %d read from disk\n",
+      "decode batch %.1f; %d preemptions; %d blocks restored from host, %d read from disk; %d "
+      "waited for a prefix in flight\n",
       r.throughput_rps, r.output_tokens_per_s, r.cache_hit_rate, r.mean_decode_batch, r.preemptions,
-      r.restored_blocks, r.disk_loaded_blocks);
+      r.restored_blocks, r.disk_loaded_blocks, r.inflight_prefix_waits);
   if (o.fine_tunes > 0) {
     absl::FPrintF(
         out, "fine-tunes %d (Zipf %g, %.0f%% base): %d delta loads, %.1f distinct per step\n",
@@ -379,6 +386,7 @@ absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
                 "decode-weight",   "cold-fine-tune-blocks",
                 "delta-load-ms",   "ttft-p99-ms",
                 "tpot-p99-ms",     "svg"});
+  flags.insert("inflight-prefill-min-tokens");
   return Args::Parse(argv, {"json", "find-workers"}, flags);
 }
 

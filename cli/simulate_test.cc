@@ -85,6 +85,34 @@ TEST(SimulateTest, LaterRequestReusesCachedPrefix) {
   EXPECT_NEAR(r->ttft_ms.p50, (4.6 + 12.0) / 2, 1e-9);
 }
 
+// Engine::Admit's wait for a prefix in flight: four requests sharing 64 tokens arrive at once.
+TEST(SimulateTest, ABurstSharingAPrefixComputesItOnce) {
+  std::vector<Conversation> w;
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int32_t> p = Tokens(64, 1);
+    const std::vector<int32_t> own = Tokens(8, 1000 * (i + 1));
+    p.insert(p.end(), own.begin(), own.end());
+    w.push_back(Single(0, p, 2));
+  }
+  SimConfig c = Simple();
+  c.worker.max_batch_tokens = 512;
+  const absl::StatusOr<SimResult> shared = Simulate(w, c);
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  EXPECT_EQ(shared->completed, 4);
+  EXPECT_EQ(shared->inflight_prefix_waits, 3);
+  EXPECT_NEAR(shared->cache_hit_rate, 3 * 64.0 / (4 * 72.0), 1e-9);
+  // The first computes 72 tokens (8.2 ms); the others wait, then compute 8 tokens each beside its
+  // decode token (3.5 ms).
+  EXPECT_NEAR(shared->ttft_ms.p50, 8.2 + 3.5, 1e-9);
+
+  c.worker.dedupe_inflight_prefill = false;
+  const absl::StatusOr<SimResult> again = Simulate(w, c);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->inflight_prefix_waits, 0);
+  EXPECT_EQ(again->cache_hit_rate, 0);
+  EXPECT_NEAR(again->ttft_ms.p50, 1 + 28.8, 1e-9);  // all 288 tokens in one step
+}
+
 TEST(SimulateTest, QueueingGrowsPastCapacityAndWorkersRelieveIt) {
   WorkloadOptions o;
   o.num_requests = 400;

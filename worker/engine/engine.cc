@@ -279,6 +279,7 @@ void Engine::ReleaseBlocks(Sequence* s) {
   for (auto it = s->block_table.rbegin(); it != s->block_table.rend(); ++it) blocks_.Release(*it);
   s->block_table.clear();
   s->hashes.clear();
+  s->planned_hashes.clear();
   s->num_computed = 0;
 }
 
@@ -435,6 +436,24 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
       s->waiting_hashes = std::move(hashes);
       return AdmitResult::kWaitingForIo;
     }
+    // The chain goes on in blocks that a sequence planned in this step is computing: they will be
+    // published at the end of the step (a prefill chunk shorter than the budget is its prompt's
+    // last), so wait one step for them rather than compute them twice, when they are worth it.
+    int64_t inflight_end = in_host_end;
+    while (!loading && inflight_end < limit && inflight_.contains(hashes[inflight_end])) {
+      ++inflight_end;
+    }
+    if (inflight_end > in_host_end &&
+        ((inflight_end - in_host_end) * bt >= config_.inflight_prefill_min_tokens ||
+         inflight_end == limit)) {
+      if (!s->waited_for_prefix) {
+        s->waited_for_prefix = true;
+        s->cached_before_wait = in_host_end;
+        ++num_inflight_prefix_waits_;
+      }
+      s->waiting_hashes = std::move(hashes);
+      return AdmitResult::kWaitingForPrefix;
+    }
     s->io_wait_since = absl::InfiniteFuture();
     s->block_table = blocks_.AcquirePrefix(hashes, on_device);
     if (store_ != nullptr && config_.write_through_hot_blocks) {
@@ -448,6 +467,11 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
       s->block_table.insert(s->block_table.end(), restored.begin(), restored.end());
     }
     const int64_t cached = static_cast<int64_t>(s->block_table.size());
+    if (s->waited_for_prefix && cached > s->cached_before_wait) {
+      num_inflight_prefix_tokens_ += (cached - s->cached_before_wait) * bt;
+      s->cached_before_wait = cached;  // counted once
+    }
+    s->planned_hashes = hashes;
     hashes.resize(cached);
     s->hashes = std::move(hashes);
     s->num_computed = cached * bt;
@@ -483,6 +507,12 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
   return AdmitResult::kAdmitted;
 }
 
+void Engine::AddInflight(const Sequence& s) {
+  for (size_t i = s.hashes.size(); i < s.planned_hashes.size(); ++i) {
+    inflight_.insert(s.planned_hashes[i]);
+  }
+}
+
 void Engine::PublishFullBlocks(Sequence* s) {
   if (!config_.enable_prefix_caching) return;
   const int64_t bt = config_.block_tokens;
@@ -494,6 +524,7 @@ void Engine::PublishFullBlocks(Sequence* s) {
     blocks_.Publish(s->block_table[i], h, s->cache_namespace);
     s->hashes.push_back(h);
   }
+  if (s->hashes.size() >= s->planned_hashes.size()) s->planned_hashes.clear();
 }
 
 void Engine::AppendBanned(const Sequence& s, std::vector<int32_t>* out) const {
@@ -556,7 +587,12 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     budget -= n;
     ++i;
   }
-  // Admissions in queue order; a sequence waiting for disk loads lets the ones behind it go first.
+  // Admissions in queue order; a sequence waiting for disk loads or for a prefix in flight lets
+  // the ones behind it go first.
+  inflight_.clear();
+  if (config_.enable_prefix_caching && config_.dedupe_inflight_prefill) {
+    for (const Chunk& ch : plan) AddInflight(*ch.seq);
+  }
   bool io_wait = false;
   for (size_t i = 0; i < waiting_.size() && budget > 0 &&
                      static_cast<int64_t>(running_.size()) < config_.max_running_sequences;) {
@@ -589,11 +625,12 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     // fine-tune's load from getting room.
     if (r != AdmitResult::kAdmitted) ReleaseDelta(w);
     if (r == AdmitResult::kNoRoom) break;
-    if (r == AdmitResult::kWaitingForIo) {
-      io_wait = true;
+    if (r == AdmitResult::kWaitingForIo || r == AdmitResult::kWaitingForPrefix) {
+      io_wait = io_wait || r == AdmitResult::kWaitingForIo;
       ++i;
       continue;
     }
+    if (config_.dedupe_inflight_prefill) AddInflight(*w);
     budget -= plan.back().count;
     running_.push_back(std::move(waiting_[i]));
     waiting_.erase(waiting_.begin() + static_cast<ptrdiff_t>(i));
@@ -852,6 +889,8 @@ EngineStats Engine::Stats() const {
   st.num_free_blocks = blocks_.num_available();
   st.num_total_blocks = blocks_.num_blocks();
   st.num_preemptions = num_preemptions_;
+  st.num_inflight_prefix_waits = num_inflight_prefix_waits_;
+  st.num_inflight_prefix_tokens = num_inflight_prefix_tokens_;
   if (store_ != nullptr) st.tiers = store_->stats();
   if (deltas_ != nullptr) st.deltas = deltas_->GetStats();
   if (deltas_ != nullptr && gpu_ != nullptr) st.gpu_deltas = gpu_->delta_stats();

@@ -4,10 +4,12 @@
 // one token, sequences still prefilling get the next chunk of their prompt, and waiting sequences
 // are admitted while budget and KV blocks allow (chunked prefill), highest priority first, then in
 // arrival order. On admission a sequence takes the longest cached prefix of its full blocks from
-// the BlockManager (prefix caching, namespaced by model, fine-tune and cache salt). When blocks run
-// out, a sequence not yet planned in this step is preempted, the lowest priority and most recently
-// admitted first: its blocks are released and it waits to be recomputed (its published blocks
-// usually remain cached). Cancelling a sequence frees its blocks at once.
+// the BlockManager (prefix caching, namespaced by model, fine-tune and cache salt). A sequence
+// whose prefix goes on in blocks that another sequence in the step is computing right now waits for
+// them to be published instead of computing them a second time (dedupe_inflight_prefill). When
+// blocks run out, a sequence not yet planned in this step is preempted, the lowest priority and
+// most recently admitted first: its blocks are released and it waits to be recomputed (its
+// published blocks usually remain cached). Cancelling a sequence frees its blocks at once.
 //
 // Below the device cache, an optional KvStore (memtier) keeps blocks in host RAM and on disk. A
 // cached block evicted from the device is copied to the host tier first (and from there written
@@ -36,6 +38,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/thread_pool.h"
@@ -61,6 +64,14 @@ struct EngineConfig {
   int64_t max_batch_tokens = 512;
   int64_t max_running_sequences = 64;
   bool enable_prefix_caching = true;
+  // With prefix caching: a waiting sequence whose next uncached blocks are being computed by a
+  // sequence in this step (a burst of requests sharing a system prompt) waits a step for them to
+  // be published and takes them from the cache, rather than computing the same prefix again
+  // alongside. Only for at least inflight_prefill_min_tokens of them (or all it has left to
+  // compute): waiting delays its first token by a step, and sharing one block (a chat template's
+  // opening) does not pay for that. The ones behind it are admitted meanwhile.
+  bool dedupe_inflight_prefill = true;
+  int64_t inflight_prefill_min_tokens = 32;
   // Names the model in the cache namespace.
   std::string model_name = "model";
   // Threads the model runner splits a step's work across (0: one per core).
@@ -144,6 +155,10 @@ struct EngineStats {
   int64_t num_free_blocks = 0;
   int64_t num_total_blocks = 0;
   int64_t num_preemptions = 0;
+  // Sequences that waited for a prefix another sequence was computing (dedupe_inflight_prefill),
+  // counted once each, and the prompt tokens they then took from the cache instead of computing.
+  int64_t num_inflight_prefix_waits = 0;
+  int64_t num_inflight_prefix_tokens = 0;
   // Lower tiers, when configured.
   KvStoreStats tiers;
   // Fine-tune deltas, when any is registered, and on the gpu device their copies in GPU memory.
@@ -220,6 +235,13 @@ class Engine {
     int64_t num_cached_prompt = 0;
     std::vector<int32_t> block_table;
     std::vector<BlockHash> hashes;  // chain hashes of the full blocks published so far
+    // From admission until it is computed: the chain hashes of every full block of `tokens` then
+    // (the blocks past `hashes` are in flight: waiting sequences with the same prefix wait for
+    // them).
+    std::vector<BlockHash> planned_hashes;
+    // Set once the sequence has waited for an in-flight prefix; the cached blocks it had then.
+    bool waited_for_prefix = false;
+    int64_t cached_before_wait = 0;
     // Chain hashes of all full blocks of `tokens` while waiting (computed once per admission
     // attempt; Stats uses them to leave cached blocks out of the pending prefill).
     mutable std::vector<BlockHash> waiting_hashes;
@@ -244,7 +266,7 @@ class Engine {
     int64_t count;
   };
 
-  enum class AdmitResult { kAdmitted, kNoRoom, kWaitingForIo };
+  enum class AdmitResult { kAdmitted, kNoRoom, kWaitingForIo, kWaitingForPrefix };
 
   Engine(const ModelWeights* weights, Collectives* comm, EngineConfig config, int64_t num_blocks);
   absl::Status OpenTiers();
@@ -254,6 +276,8 @@ class Engine {
   void ReleaseDelta(Sequence* s);
   void Preempt(Sequence* s);
   AdmitResult Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
+  // Adds the blocks `s` has yet to publish of its planned chain to inflight_.
+  void AddInflight(const Sequence& s);
   // On arrival: where each leading block of the prompt is, and the speculative prefetch.
   void LookUpAndPrefetch(Sequence* s);
   // Copies the host blocks hashes[from, to) into device blocks, in order, stopping at the first
@@ -303,6 +327,11 @@ class Engine {
   bool waiting_for_io_ = false;
   int64_t next_arrival_ = 0;
   int64_t num_preemptions_ = 0;
+  int64_t num_inflight_prefix_waits_ = 0;
+  int64_t num_inflight_prefix_tokens_ = 0;
+  // During a step's admissions: chain hashes of the blocks that the sequences planned so far will
+  // compute (and publish) in this step or a later one.
+  absl::flat_hash_set<BlockHash> inflight_;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<std::unique_ptr<Sequence>> cancelled_;

@@ -208,6 +208,89 @@ TEST_F(EngineTest, PendingPrefillLeavesOutCachedBlocks) {
   EXPECT_EQ(last["b"].num_cached_prompt_tokens, 64);
 }
 
+// Four requests sharing a 64-token prefix arrive together: the first computes the prefix, and the
+// other three wait one step for its blocks instead of computing them alongside (the same tokens as
+// with the waiting off, where all four compute the prefix in one batch).
+TEST_F(EngineTest, ABurstSharingAPrefixComputesItOnce) {
+  std::mt19937 rng(12);
+  const std::vector<int32_t> prefix = RandomPrompt(rng, 64);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 4; ++i) {
+    prompts.push_back(prefix);
+    const std::vector<int32_t> tail = RandomPrompt(rng, 6 + i);
+    prompts.back().insert(prompts.back().end(), tail.begin(), tail.end());
+  }
+  std::map<bool, std::map<std::string, std::vector<int32_t>>> got;
+  for (const bool dedupe : {false, true}) {
+    SCOPED_TRACE(dedupe ? "waiting for the prefix in flight" : "computing it again");
+    EngineConfig c;
+    c.block_tokens = 8;
+    c.dedupe_inflight_prefill = dedupe;
+    auto e = MakeEngine(c);
+    for (int i = 0; i < 4; ++i) {
+      ASSERT_TRUE(e->AddRequest("r" + std::to_string(i), prompts[i], Greedy(6)).ok());
+    }
+    auto first = e->Step();
+    ASSERT_TRUE(first.ok()) << first.status();
+    EXPECT_EQ(e->Stats().num_running, dedupe ? 1 : 4);
+    EXPECT_EQ(e->Stats().num_waiting, dedupe ? 3 : 0);
+    std::map<std::string, RequestOutput> last;
+    for (const RequestOutput& o : *first) {
+      for (const SampledToken& t : o.tokens) got[dedupe][o.request_id].push_back(t.token);
+    }
+    for (auto& [id, tokens] : RunAll(*e, &last)) {
+      got[dedupe][id].insert(got[dedupe][id].end(), tokens.begin(), tokens.end());
+    }
+    for (int i = 0; i < 4; ++i) {
+      const std::string id = "r" + std::to_string(i);
+      EXPECT_EQ(got[dedupe][id].size(), 6u);
+      EXPECT_EQ(last[id].num_cached_prompt_tokens, dedupe && i > 0 ? 64 : 0) << id;
+    }
+    EXPECT_EQ(e->Stats().num_inflight_prefix_waits, dedupe ? 3 : 0);
+    EXPECT_EQ(e->Stats().num_inflight_prefix_tokens, dedupe ? 3 * 64 : 0);
+    EXPECT_EQ(e->Stats().num_free_blocks, e->Stats().num_total_blocks);
+  }
+  EXPECT_EQ(got[true], got[false]);
+
+  // Sharing one block (8 tokens) is not worth a step's wait: both run at once.
+  EngineConfig c;
+  c.block_tokens = 8;
+  auto e = MakeEngine(c);
+  for (int i = 0; i < 2; ++i) {
+    std::vector<int32_t> p(prefix.begin(), prefix.begin() + 8);
+    const std::vector<int32_t> tail = RandomPrompt(rng, 40);
+    p.insert(p.end(), tail.begin(), tail.end());
+    ASSERT_TRUE(e->AddRequest("s" + std::to_string(i), p, Greedy(2)).ok());
+  }
+  ASSERT_TRUE(e->Step().ok());
+  EXPECT_EQ(e->Stats().num_running, 2);
+  EXPECT_EQ(e->Stats().num_inflight_prefix_waits, 0);
+}
+
+// The request computing a prefix is cancelled while another waits for it: the waiting one is
+// admitted in the next step (the cancelled request's published blocks stay cached) and generates
+// what it generates alone.
+TEST_F(EngineTest, CancellingTheRequestComputingAPrefixReleasesTheOneWaitingForIt) {
+  std::mt19937 rng(13);
+  const std::vector<int32_t> prompt = RandomPrompt(rng, 45);
+  EngineConfig c;
+  c.block_tokens = 8;
+  auto alone = MakeEngine(c);
+  ASSERT_TRUE(alone->AddRequest("b", prompt, Greedy(5)).ok());
+  const std::vector<int32_t> want = RunAll(*alone)["b"];
+
+  auto e = MakeEngine(c);
+  ASSERT_TRUE(e->AddRequest("a", prompt, Greedy(50)).ok());
+  ASSERT_TRUE(e->AddRequest("b", prompt, Greedy(5)).ok());
+  ASSERT_TRUE(e->Step().ok());
+  EXPECT_EQ(e->Stats().num_waiting, 1);
+  EXPECT_TRUE(e->Cancel("a"));
+  std::map<std::string, RequestOutput> last;
+  EXPECT_EQ(RunAll(*e, &last)["b"], want);
+  EXPECT_EQ(last["b"].num_cached_prompt_tokens, 40);
+  EXPECT_EQ(last["a"].finish, FinishReason::kCancelled);
+}
+
 TEST_F(EngineTest, HigherPriorityIsAdmittedFirst) {
   std::mt19937 rng(4);
   EngineConfig c;

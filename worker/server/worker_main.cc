@@ -82,6 +82,10 @@ ABSL_FLAG(bool, write_through, false,
           "and write finished requests' blocks through to disk.");
 ABSL_FLAG(bool, keep_finished_warm, true,
           "Copy a finished request's KV blocks to the host tier for the conversation's next turn.");
+ABSL_FLAG(int64_t, inflight_prefill_min_tokens, 32,
+          "A request whose prompt goes on in at least this many tokens of KV blocks that another "
+          "request is computing now waits a step for them and takes them from the prefix cache "
+          "instead of computing them again; 0: never waits.");
 ABSL_FLAG(int64_t, max_io_wait_ms, 500,
           "Longest a request waits for its KV blocks to load from disk before recomputing them.");
 ABSL_FLAG(int64_t, max_batch_tokens, 512, "Most tokens computed in one engine step.");
@@ -346,6 +350,13 @@ int Main(const std::vector<std::string>& args) {
   }
   ec.write_through_hot_blocks = absl::GetFlag(FLAGS_write_through);
   ec.keep_finished_warm = absl::GetFlag(FLAGS_keep_finished_warm);
+  if (absl::GetFlag(FLAGS_inflight_prefill_min_tokens) < 0) {
+    LOG(ERROR) << "--inflight_prefill_min_tokens must be 0 or more, not "
+               << absl::GetFlag(FLAGS_inflight_prefill_min_tokens);
+    return 1;
+  }
+  ec.dedupe_inflight_prefill = absl::GetFlag(FLAGS_inflight_prefill_min_tokens) > 0;
+  ec.inflight_prefill_min_tokens = absl::GetFlag(FLAGS_inflight_prefill_min_tokens);
   ec.max_io_wait = absl::Milliseconds(absl::GetFlag(FLAGS_max_io_wait_ms));
   ec.device = absl::GetFlag(FLAGS_device);
   ec.gpu_decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);

@@ -751,6 +751,14 @@ void WorkerService::PublishMetrics(LoopState* state) {
       ->Set(draining_.load() ? 1 : 0);
   m->GetCounter("strata_worker_preemptions_total", "Sequences preempted for KV blocks.")
       ->SetTotal(static_cast<double>(st.num_preemptions));
+  m->GetCounter("strata_worker_inflight_prefix_waits_total",
+                "Requests that waited for a prompt prefix another request was computing, instead "
+                "of computing it again.")
+      ->SetTotal(static_cast<double>(st.num_inflight_prefix_waits));
+  m->GetCounter("strata_worker_inflight_prefix_tokens_total",
+                "Prompt tokens taken from the prefix cache after waiting for another request to "
+                "compute them.")
+      ->SetTotal(static_cast<double>(st.num_inflight_prefix_tokens));
   const char* kBlocks = "KV blocks per tier: capacity (total) and in use (used).";
   m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "total"}})
       ->Set(static_cast<double>(st.num_total_blocks));
