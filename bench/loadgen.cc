@@ -5,16 +5,17 @@
 //       [--workload random|shared-prefix|multi-turn] [--requests N] [--rate R]
 //       [--prompt_tokens N|MIN:MAX] [--output_tokens N|MIN:MAX]
 //       [--shared_prefix_tokens N] [--shared_fraction F] [--shared_prefixes K]
-//       [--turns T] [--turn_tokens N|MIN:MAX] [--think_time_ms MS]
+//       [--turns T] [--turn_tokens N|MIN:MAX] [--think_time_ms MS] [--replies_in_history]
 //       [--cache_salt S] [--seed S] [--label L] [--json] [--json_out FILE]
 //
 // Arrivals are open-loop: requests (for multi-turn, conversations) start at Poisson times at --rate
 // per second whatever the system's latency; a conversation's next turn is sent after the previous
-// one ends plus an exponential think time. Each request generates exactly its output length
-// (ignore_eos). Reported per request: TTFT (send to first token), TPOT (first token to last, per
-// token after the first), end-to-end latency, at p50 / p90 / p99; throughput in requests and output
-// tokens per second over the run; and the prefix-cache hit rate (cached prompt tokens / prompt
-// tokens, from each response's usage).
+// one ends plus an exponential think time, and resends the history with the model's replies in it
+// (as a chat client does; --noreplies_in_history leaves them out). Each request generates exactly
+// its output length (ignore_eos). Reported per request: TTFT (send to first token), TPOT (first
+// token to last, per token after the first), end-to-end latency, at p50 / p90 / p99; throughput in
+// requests and output tokens per second over the run; and the prefix-cache hit rate (cached prompt
+// tokens / prompt tokens, from each response's usage).
 #include <atomic>
 #include <cstdio>
 #include <map>
@@ -51,6 +52,9 @@ ABSL_FLAG(int, shared_prefixes, 1, "shared-prefix: number of distinct prefixes."
 ABSL_FLAG(int, turns, 4, "multi-turn: turns per conversation.");
 ABSL_FLAG(std::string, turn_tokens, "40", "multi-turn: new tokens per turn, N or MIN:MAX.");
 ABSL_FLAG(double, think_time_ms, 200, "multi-turn: mean think time between turns.");
+ABSL_FLAG(bool, replies_in_history, true,
+          "multi-turn: each turn's prompt has the model's earlier replies in it, as a chat client "
+          "sends it.");
 ABSL_FLAG(int, vocab_size, 2048, "Token ids are drawn from [0, vocab_size).");
 ABSL_FLAG(std::string, cache_salt, "", "Cache salt for every request (isolates runs).");
 ABSL_FLAG(uint64_t, seed, 1, "Workload seed.");
@@ -75,6 +79,7 @@ struct Sample {
   int64_t prompt_tokens = 0;
   int64_t cached_tokens = 0;
   int64_t output_tokens = 0;
+  std::vector<int32_t> reply;  // the tokens generated
   absl::Time end;
 };
 
@@ -85,7 +90,8 @@ class Driver {
         worker_(v1::Worker::NewStub(channel)),
         worker_api_(worker_api) {}
 
-  Sample Send(const Turn& turn, uint64_t seed, const std::string& fine_tune_id) {
+  Sample Send(const std::vector<int32_t>& prompt, int64_t output_tokens, uint64_t seed,
+              const std::string& fine_tune_id) {
     Sample s;
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Minutes(10)));
@@ -94,43 +100,44 @@ class Driver {
     bool have_first = false;
     grpc::Status status;
     v1::Usage usage;
-    auto on_tokens = [&](int n) {
-      if (n > 0 && !have_first) {
+    auto on_tokens = [&](const google::protobuf::RepeatedField<int32_t>& ids) {
+      if (!ids.empty() && !have_first) {
         first = absl::Now();
         have_first = true;
       }
-      s.output_tokens += n;
+      s.output_tokens += ids.size();
+      s.reply.insert(s.reply.end(), ids.begin(), ids.end());
     };
     v1::SamplingParams sampling;
-    sampling.set_max_tokens(static_cast<uint32_t>(turn.output_tokens));
+    sampling.set_max_tokens(static_cast<uint32_t>(output_tokens));
     sampling.set_ignore_eos(true);
     sampling.set_seed(seed);
     if (worker_api_) {
       v1::SubmitRequest req;
       req.set_request_id(absl::StrCat("loadgen-", next_id_.fetch_add(1)));
       req.set_model(absl::GetFlag(FLAGS_model));
-      req.mutable_prompt_token_ids()->Add(turn.prompt.begin(), turn.prompt.end());
+      req.mutable_prompt_token_ids()->Add(prompt.begin(), prompt.end());
       *req.mutable_sampling() = sampling;
       req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
       req.set_fine_tune_id(fine_tune_id);
       auto reader = worker_->Submit(&ctx, req);
       v1::SubmitResponse chunk;
       while (reader->Read(&chunk)) {
-        on_tokens(chunk.token_ids_size());
+        on_tokens(chunk.token_ids());
         if (chunk.has_usage()) usage = chunk.usage();
       }
       status = reader->Finish();
     } else {
       v1::GenerateRequest req;
       req.set_model(absl::GetFlag(FLAGS_model));
-      req.mutable_token_ids()->mutable_ids()->Add(turn.prompt.begin(), turn.prompt.end());
+      req.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
       *req.mutable_sampling() = sampling;
       req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
       req.set_fine_tune_id(fine_tune_id);
       auto reader = serving_->Generate(&ctx, req);
       v1::GenerateResponse chunk;
       while (reader->Read(&chunk)) {
-        on_tokens(chunk.token_ids_size());
+        on_tokens(chunk.token_ids());
         if (chunk.has_usage()) usage = chunk.usage();
       }
       status = reader->Finish();
@@ -141,7 +148,7 @@ class Driver {
       return s;
     }
     s.ok = true;
-    s.prompt_tokens = static_cast<int64_t>(turn.prompt.size());
+    s.prompt_tokens = static_cast<int64_t>(prompt.size());
     s.cached_tokens = usage.cached().num_device_tokens() + usage.cached().num_host_tokens() +
                       usage.cached().num_disk_tokens();
     s.e2e_ms = absl::ToDoubleMilliseconds(s.end - sent);
@@ -179,6 +186,7 @@ int Main() {
   o.num_shared_prefixes = absl::GetFlag(FLAGS_shared_prefixes);
   o.turns = absl::GetFlag(FLAGS_turns);
   o.think_time_ms = absl::GetFlag(FLAGS_think_time_ms);
+  o.replies_in_history = absl::GetFlag(FLAGS_replies_in_history);
   o.vocab_size = absl::GetFlag(FLAGS_vocab_size);
   o.seed = absl::GetFlag(FLAGS_seed);
   const std::vector<std::string> fine_tunes = absl::GetFlag(FLAGS_fine_tunes);
@@ -224,9 +232,13 @@ int Main() {
     absl::SleepFor(start + c.start - absl::Now());
     const uint64_t seed = request_seed++;
     threads.emplace_back([&, seed, conv = &c] {
+      ChatHistory chat(o.replies_in_history);
       for (const Turn& t : conv->turns) {
         if (t.think_time > absl::ZeroDuration()) absl::SleepFor(t.think_time);
-        Sample s = driver.Send(t, seed, conv->fine_tune < 0 ? "" : fine_tunes[conv->fine_tune]);
+        Sample s = driver.Send(chat.Prompt(t), t.output_tokens, seed,
+                               conv->fine_tune < 0 ? "" : fine_tunes[conv->fine_tune]);
+        chat.Reply(s.reply);
+        std::vector<int32_t>().swap(s.reply);
         absl::MutexLock lock(&mu);
         samples.push_back(std::move(s));
       }

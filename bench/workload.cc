@@ -126,6 +126,22 @@ absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& o)
   return out;
 }
 
+const std::vector<int32_t>& ChatHistory::Prompt(const Turn& turn) {
+  if (!with_replies_ || turn.prompt.size() < user_tokens_) {
+    // Without replies (or a turn that does not continue the one before): as made.
+    sent_ = turn.prompt;
+  } else {
+    sent_.insert(sent_.end(), turn.prompt.begin() + static_cast<ptrdiff_t>(user_tokens_),
+                 turn.prompt.end());
+  }
+  user_tokens_ = turn.prompt.size();
+  return sent_;
+}
+
+void ChatHistory::Reply(const std::vector<int32_t>& tokens) {
+  if (with_replies_) sent_.insert(sent_.end(), tokens.begin(), tokens.end());
+}
+
 double Percentile(std::vector<double> values, double p) {
   if (values.empty()) return 0;
   std::sort(values.begin(), values.end());

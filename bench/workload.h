@@ -27,7 +27,7 @@ absl::StatusOr<LengthRange> ParseLengthRange(const std::string& spec);
 struct WorkloadOptions {
   // "random": unrelated prompts. "shared-prefix": a fraction of requests start with one of a few
   // shared prefixes (a system prompt). "multi-turn": conversations whose every turn resends the
-  // whole history plus new tokens.
+  // whole history plus new tokens (with replies_in_history, the model's replies too).
   std::string kind = "random";
   int64_t num_requests = 100;  // for multi-turn: conversations * turns
   double rate_per_s = 4;       // arrivals of requests (multi-turn: of conversations)
@@ -41,6 +41,9 @@ struct WorkloadOptions {
   int turns = 4;
   LengthRange turn_tokens = {40, 40};
   double think_time_ms = 200;  // mean of an exponential
+  // As a chat client sends a conversation: each turn's prompt is the history with the model's
+  // earlier replies in it (ChatHistory). Off, the history holds the user's turns only.
+  bool replies_in_history = true;
   int32_t vocab_size = 2048;
   uint64_t seed = 1;
   // Tenants: each conversation runs on one of `fine_tunes` fine-tunes, the k-th (from 0) drawn
@@ -52,7 +55,9 @@ struct WorkloadOptions {
 };
 
 struct Turn {
-  std::vector<int32_t> prompt;  // the whole prompt sent (history included)
+  // The whole prompt, history included: each turn's starts with the one before's. The model's
+  // replies are not in it: a sender puts them in (ChatHistory).
+  std::vector<int32_t> prompt;
   int64_t output_tokens = 0;
   absl::Duration think_time;  // wait after the previous turn's end (0 for the first)
 };
@@ -65,6 +70,21 @@ struct Conversation {
 };
 
 absl::StatusOr<std::vector<Conversation>> MakeWorkload(const WorkloadOptions& options);
+
+// What a chat client sends for each turn of one conversation, in order: Prompt(turn) for the next
+// turn, then Reply(tokens) with what the model answered. With replies, a turn's prompt is the
+// previous prompt, its reply, then the turn's new tokens; without, the turn's prompt as made.
+class ChatHistory {
+ public:
+  explicit ChatHistory(bool with_replies) : with_replies_(with_replies) {}
+  const std::vector<int32_t>& Prompt(const Turn& turn);
+  void Reply(const std::vector<int32_t>& tokens);
+
+ private:
+  bool with_replies_;
+  size_t user_tokens_ = 0;  // of the turns' prompts sent so far
+  std::vector<int32_t> sent_;
+};
 
 // `n` token ids drawn uniformly from [0, vocab).
 std::vector<int32_t> RandomTokens(std::mt19937_64* rng, int64_t n, int32_t vocab);

@@ -84,6 +84,39 @@ TEST(WorkloadTest, MultiTurnResendsTheGrowingHistory) {
   EXPECT_EQ((*MakeWorkload(o))[2].turns[1].prompt, (*w)[2].turns[1].prompt);
 }
 
+TEST(WorkloadTest, ChatHistoryPutsRepliesBetweenTurns) {
+  WorkloadOptions o;
+  o.kind = "multi-turn";
+  o.num_requests = 3;
+  o.turns = 3;
+  o.prompt_tokens = {5, 5};
+  o.turn_tokens = {2, 2};
+  auto w = MakeWorkload(o);
+  ASSERT_TRUE(w.ok());
+  const std::vector<Turn>& t = (*w)[0].turns;
+  auto slice = [&](size_t k, size_t from, size_t to) {
+    return std::vector<int32_t>(t[k].prompt.begin() + from, t[k].prompt.begin() + to);
+  };
+  ChatHistory chat(/*with_replies=*/true);
+  EXPECT_EQ(chat.Prompt(t[0]), t[0].prompt);
+  chat.Reply({900, 901, 902});
+  std::vector<int32_t> want = t[0].prompt;
+  want.insert(want.end(), {900, 901, 902});
+  const std::vector<int32_t> new1 = slice(1, 5, 7);
+  want.insert(want.end(), new1.begin(), new1.end());
+  EXPECT_EQ(chat.Prompt(t[1]), want);
+  chat.Reply({});  // a failed turn: nothing to add
+  const std::vector<int32_t> new2 = slice(2, 7, 9);
+  want.insert(want.end(), new2.begin(), new2.end());
+  EXPECT_EQ(chat.Prompt(t[2]), want);
+
+  ChatHistory plain(/*with_replies=*/false);
+  for (const Turn& turn : t) {
+    EXPECT_EQ(plain.Prompt(turn), turn.prompt);
+    plain.Reply({7, 7});
+  }
+}
+
 TEST(WorkloadTest, FineTunesFollowZipfWithoutChangingPrompts) {
   WorkloadOptions o;
   o.num_requests = 4000;

@@ -157,6 +157,7 @@ class Simulator {
   }
 
   SimResult Run() {
+    chats_.assign(workload_.size(), ChatHistory(config_.replies_in_history));
     for (size_t c = 0; c < workload_.size(); ++c) {
       if (!workload_[c].turns.empty()) {
         Push(absl::ToDoubleSeconds(workload_[c].start), Event::kArrive, c, 0);
@@ -248,8 +249,8 @@ class Simulator {
     r->id = static_cast<int64_t>(requests_.size());
     r->conversation = conversation;
     r->turn = turn;
-    r->tokens = t.prompt;
-    r->prompt_len = static_cast<int64_t>(t.prompt.size());
+    r->tokens = chats_[conversation].Prompt(t);
+    r->prompt_len = static_cast<int64_t>(r->tokens.size());
     r->output_tokens = std::max<int64_t>(1, t.output_tokens);
     r->fine_tune = workload_[conversation].fine_tune;
     const std::string fine_tune_id = r->fine_tune < 0 ? "" : FineTuneId(r->fine_tune);
@@ -422,8 +423,10 @@ class Simulator {
     }
     // Engine::WaitForLoads: the chain goes on on disk; wait for it (others go ahead) up to
     // max_io_wait, then compute instead.
-    if (has_disk() && in_host_end < limit &&
-        (w.loading.contains(hashes[in_host_end]) || w.disk.Contains(hashes[in_host_end]))) {
+    const bool on_disk =
+        has_disk() && in_host_end < limit &&
+        (w.loading.contains(hashes[in_host_end]) || w.disk.Contains(hashes[in_host_end]));
+    if (on_disk) {
       if (s->io_wait_until < 0) {
         s->io_wait_until = now_ + config_.worker.max_io_wait_s;
         Push(s->io_wait_until, Event::kWake, static_cast<size_t>(wi), 0);
@@ -434,9 +437,12 @@ class Simulator {
       }
     }
     s->io_wait_until = -1;
-    // Engine::Admit: the chain goes on in blocks a request in this step is computing.
+    // Engine::Admit: the chain goes on in blocks a request in this step is computing (not when it
+    // goes on on disk and the wait for it is over).
     int64_t inflight_end = in_host_end;
-    while (inflight_end < limit && w.inflight_blocks.contains(hashes[inflight_end])) ++inflight_end;
+    while (!on_disk && inflight_end < limit && w.inflight_blocks.contains(hashes[inflight_end])) {
+      ++inflight_end;
+    }
     if (inflight_end > in_host_end &&
         ((inflight_end - in_host_end) * bt() >= config_.worker.inflight_prefill_min_tokens ||
          inflight_end == limit)) {
@@ -597,7 +603,7 @@ class Simulator {
       PublishFullBlocks(w, s);
       if (s->num_computed < static_cast<int64_t>(s->tokens.size())) continue;  // mid-prefill
       ++s->num_generated;
-      // A token no later prompt continues with (a conversation's next turn resends its own).
+      // A token no other prompt holds (the conversation's next turn resends it).
       s->tokens.push_back(
           static_cast<int32_t>(Hash64(absl::StrCat(s->id, ":", s->num_generated)) & 0x3fffffff));
       if (!s->decoding) {
@@ -628,10 +634,16 @@ class Simulator {
     --w.inflight;
     --w.decoding;
     index_.RemovePending(static_cast<WorkerSlot>(wi), s->pending);
+    const Conversation& c = workload_[s->conversation];
+    ChatHistory& chat = chats_[s->conversation];
+    if (s->turn + 1 < c.turns.size()) {
+      chat.Reply(std::vector<int32_t>(s->tokens.begin() + s->prompt_len, s->tokens.end()));
+    } else {
+      chat = ChatHistory(config_.replies_in_history);  // done with
+    }
     // Only the statistics stay.
     std::vector<int32_t>().swap(s->tokens);
     std::vector<BlockHash>().swap(s->pending);
-    const Conversation& c = workload_[s->conversation];
     if (s->turn + 1 < c.turns.size()) {
       Push(now_ + absl::ToDoubleSeconds(c.turns[s->turn + 1].think_time), Event::kArrive,
            s->conversation, s->turn + 1);
@@ -722,6 +734,7 @@ class Simulator {
   }
 
   const std::vector<Conversation>& workload_;
+  std::vector<ChatHistory> chats_;  // one per conversation
   const SimConfig config_;
   const uint64_t ns_;
   std::vector<std::unique_ptr<Worker>> workers_;

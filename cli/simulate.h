@@ -100,6 +100,9 @@ struct SimConfig {
   // Added to every request's TTFT and end-to-end time: the client's round trip through the
   // coordinator to a worker, outside any step.
   double request_overhead_s = 0;
+  // Multi-turn conversations resend the model's replies in each later turn's prompt (ChatHistory),
+  // as loadgen does by default.
+  bool replies_in_history = true;
 };
 
 struct SimPercentiles {

@@ -76,6 +76,8 @@ absl::StatusOr<WorkloadOptions> WorkloadFromArgs(const Args& args) {
   o.turns = static_cast<int>(turns);
   ASSIGN_OR_RETURN(o.turn_tokens, Range(args, "turn-tokens", "40"));
   ASSIGN_OR_RETURN(o.think_time_ms, NonNegative(args, "think-time-ms", o.think_time_ms));
+  ASSIGN_OR_RETURN(const int64_t replies, IntIn(args, "replies-in-history", 1, 0, 1));
+  o.replies_in_history = replies == 1;
   if (o.think_time_ms > 1e9)
     return absl::InvalidArgumentError("--think-time-ms must be at most 1e9");
   ASSIGN_OR_RETURN(const int64_t fine_tunes, IntIn(args, "fine-tunes", 0, 0, 1000000));
@@ -90,7 +92,10 @@ absl::StatusOr<WorkloadOptions> WorkloadFromArgs(const Args& args) {
   const double tokens_per_request =
       static_cast<double>(o.prompt_tokens.max) +
       (o.kind == "shared-prefix" ? static_cast<double>(o.shared_prefix_tokens) : 0) +
-      (o.kind == "multi-turn" ? static_cast<double>(o.turns) * o.turn_tokens.max : 0);
+      (o.kind == "multi-turn" ? static_cast<double>(o.turns) * o.turn_tokens.max : 0) +
+      (o.kind == "multi-turn" && o.replies_in_history
+           ? static_cast<double>(o.turns) * static_cast<double>(o.output_tokens.max)
+           : 0);
   if (tokens_per_request * static_cast<double>(o.num_requests) > 5e8) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "--requests %d of up to %.0f prompt tokens each is past the simulator's 500 million "
@@ -163,9 +168,13 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
     ASSIGN_OR_RETURN(const PlanOptions o, PlanOptionsFromArgs(args, gpu));
     double prompt = 0, output = 0, n = 0;
     for (const Conversation& c : sample) {
+      double replies = 0;  // earlier turns' outputs, resent in this one's prompt
       for (const Turn& t : c.turns) {
-        prompt += static_cast<double>(t.prompt.size());
+        prompt += static_cast<double>(t.prompt.size()) + replies;
         output += static_cast<double>(t.output_tokens);
+        if (args.Get("replies-in-history").value_or("1") != "0") {
+          replies += static_cast<double>(t.output_tokens);
+        }
         ++n;
       }
     }
@@ -386,7 +395,7 @@ absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
                 "decode-weight",   "cold-fine-tune-blocks",
                 "delta-load-ms",   "ttft-p99-ms",
                 "tpot-p99-ms",     "svg"});
-  flags.insert("inflight-prefill-min-tokens");
+  flags.insert({"inflight-prefill-min-tokens", "replies-in-history"});
   return Args::Parse(argv, {"json", "find-workers"}, flags);
 }
 
@@ -396,6 +405,7 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
   wo.rate_per_s = rates[0];
   ASSIGN_OR_RETURN(const std::vector<Conversation> first, MakeWorkload(wo));
   ASSIGN_OR_RETURN(Setup setup, SetupFromArgs(args, first));
+  setup.config.replies_in_history = wo.replies_in_history;
   ASSIGN_OR_RETURN(const int64_t workers, IntIn(args, "workers", 1, 1, kMaxWorkers));
   setup.config.workers = static_cast<int>(workers);
   ASSIGN_OR_RETURN(const double ttft_target, NonNegative(args, "ttft-p99-ms", 0));

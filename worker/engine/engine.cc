@@ -451,6 +451,7 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
         s->cached_before_wait = in_host_end;
         ++num_inflight_prefix_waits_;
       }
+      s->io_wait_since = absl::InfiniteFuture();  // a later disk wait gets its whole time
       s->waiting_hashes = std::move(hashes);
       return AdmitResult::kWaitingForPrefix;
     }
@@ -467,10 +468,6 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
       s->block_table.insert(s->block_table.end(), restored.begin(), restored.end());
     }
     const int64_t cached = static_cast<int64_t>(s->block_table.size());
-    if (s->waited_for_prefix && cached > s->cached_before_wait) {
-      num_inflight_prefix_tokens_ += (cached - s->cached_before_wait) * bt;
-      s->cached_before_wait = cached;  // counted once
-    }
     s->planned_hashes = hashes;
     hashes.resize(cached);
     s->hashes = std::move(hashes);
@@ -480,6 +477,12 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
   if (!EnsureBlocks(s, s->num_computed + n)) {
     ReleaseBlocks(s);
     return AdmitResult::kNoRoom;
+  }
+  // What waiting for a prefix in flight saved: counted on the admission after the wait, not again.
+  if (s->waited_for_prefix && !s->prefix_wait_counted) {
+    s->prefix_wait_counted = true;
+    num_inflight_prefix_tokens_ +=
+        std::max<int64_t>(0, std::min(s->num_computed, s->prompt_len) - s->cached_before_wait * bt);
   }
   // Usage by tier (on the first admission only: a preempted sequence recomputes its own blocks)
   // and prefetch coverage.

@@ -68,8 +68,9 @@ struct EngineConfig {
   // sequence in this step (a burst of requests sharing a system prompt) waits a step for them to
   // be published and takes them from the cache, rather than computing the same prefix again
   // alongside. Only for at least inflight_prefill_min_tokens of them (or all it has left to
-  // compute): waiting delays its first token by a step, and sharing one block (a chat template's
-  // opening) does not pay for that. The ones behind it are admitted meanwhile.
+  // compute), counted in whole blocks: waiting delays its first token by a step, and sharing a
+  // few tokens (a chat template's opening) does not pay for that. The ones behind it are admitted
+  // meanwhile.
   bool dedupe_inflight_prefill = true;
   int64_t inflight_prefill_min_tokens = 32;
   // Names the model in the cache namespace.
@@ -239,9 +240,11 @@ class Engine {
     // (the blocks past `hashes` are in flight: waiting sequences with the same prefix wait for
     // them).
     std::vector<BlockHash> planned_hashes;
-    // Set once the sequence has waited for an in-flight prefix; the cached blocks it had then.
+    // Set once the sequence has waited for an in-flight prefix; the cached blocks it had then;
+    // set once the tokens it took from the cache after the wait are counted.
     bool waited_for_prefix = false;
     int64_t cached_before_wait = 0;
+    bool prefix_wait_counted = false;
     // Chain hashes of all full blocks of `tokens` while waiting (computed once per admission
     // attempt; Stats uses them to leave cached blocks out of the pending prefill).
     mutable std::vector<BlockHash> waiting_hashes;
@@ -329,8 +332,10 @@ class Engine {
   int64_t num_preemptions_ = 0;
   int64_t num_inflight_prefix_waits_ = 0;
   int64_t num_inflight_prefix_tokens_ = 0;
-  // During a step's admissions: chain hashes of the blocks that the sequences planned so far will
-  // compute (and publish) in this step or a later one.
+  // During a step's admissions: chain hashes of the prompt blocks that the sequences planned so
+  // far have yet to publish. While admissions go on, every chunk planned is its prompt's last (a
+  // chunk cut short takes the rest of the budget, which ends them), so all of these are published
+  // at the end of this step.
   absl::flat_hash_set<BlockHash> inflight_;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order

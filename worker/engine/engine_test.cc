@@ -192,6 +192,34 @@ TEST_F(EngineTest, SecondIdenticalPromptHitsThePrefixCache) {
   EXPECT_FALSE(e->DrainBlockEvents().empty());
 }
 
+// A conversation's next turn resends the reply: the blocks the reply's tokens filled while they
+// were generated are published, and the next turn takes them from the cache (all but the last
+// generated token, whose K/V was never computed).
+TEST_F(EngineTest, TheNextTurnFindsTheReplyInTheCache) {
+  std::mt19937 rng(14);
+  const std::vector<int32_t> first = RandomPrompt(rng, 40);
+  EngineConfig c;
+  c.block_tokens = 8;
+  auto e = MakeEngine(c);
+  ASSERT_TRUE(e->AddRequest("turn1", first, Greedy(17)).ok());
+  const std::vector<int32_t> reply = RunAll(*e)["turn1"];
+  ASSERT_EQ(reply.size(), 17u);
+  std::vector<int32_t> second = first;
+  second.insert(second.end(), reply.begin(), reply.end());
+  const std::vector<int32_t> more = RandomPrompt(rng, 5);
+  second.insert(second.end(), more.begin(), more.end());
+  ASSERT_TRUE(e->AddRequest("turn2", second, Greedy(4)).ok());
+  std::map<std::string, RequestOutput> last;
+  const std::vector<int32_t> got = RunAll(*e, &last)["turn2"];
+  EXPECT_EQ(last["turn2"].num_cached_prompt_tokens, 56);  // 40 + 16 computed: 7 blocks
+
+  EngineConfig cold = c;
+  cold.enable_prefix_caching = false;
+  auto fresh = MakeEngine(cold);
+  ASSERT_TRUE(fresh->AddRequest("turn2", second, Greedy(4)).ok());
+  EXPECT_EQ(RunAll(*fresh)["turn2"], got);
+}
+
 TEST_F(EngineTest, PendingPrefillLeavesOutCachedBlocks) {
   std::mt19937 rng(9);
   const std::vector<int32_t> prompt = RandomPrompt(rng, 70);  // 4 full blocks of 16, then 6
@@ -265,6 +293,31 @@ TEST_F(EngineTest, ABurstSharingAPrefixComputesItOnce) {
   ASSERT_TRUE(e->Step().ok());
   EXPECT_EQ(e->Stats().num_running, 2);
   EXPECT_EQ(e->Stats().num_inflight_prefix_waits, 0);
+}
+
+// A request that waited for a prefix, ran, and was preempted for blocks counts what the wait
+// saved once: its re-admission takes its own blocks back from the cache, which is no saving of
+// the wait's.
+TEST_F(EngineTest, APreemptedWaiterCountsItsSavingOnce) {
+  std::mt19937 rng(15);
+  const std::vector<int32_t> prefix = RandomPrompt(rng, 64);
+  EngineConfig c;
+  c.block_tokens = 8;
+  c.num_kv_blocks = 16;
+  auto e = MakeEngine(c);
+  for (const char* id : {"a", "b"}) {
+    std::vector<int32_t> p = prefix;
+    const std::vector<int32_t> tail = RandomPrompt(rng, 6);
+    p.insert(p.end(), tail.begin(), tail.end());
+    ASSERT_TRUE(e->AddRequest(id, p, Greedy(40)).ok());
+  }
+  std::map<std::string, RequestOutput> last;
+  const auto got = RunAll(*e, &last);
+  EXPECT_EQ(got.at("a").size(), 40u);
+  EXPECT_EQ(got.at("b").size(), 40u);
+  EXPECT_GT(e->Stats().num_preemptions, 0);
+  EXPECT_EQ(e->Stats().num_inflight_prefix_waits, 1);
+  EXPECT_EQ(e->Stats().num_inflight_prefix_tokens, 64);
 }
 
 // The request computing a prefix is cancelled while another waits for it: the waiting one is
