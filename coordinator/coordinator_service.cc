@@ -615,34 +615,39 @@ bool CoordinatorService::GenerateCall::SetFinalLocked(grpc::Status status) {
 }
 
 void CoordinatorService::GenerateCall::RecordMetricsLocked() {
-  MetricsRegistry* m = service_->options_.metrics;
-  if (m == nullptr) return;
-  m->GetCounter(
-       "strata_coordinator_requests_total", "Generate calls finished, by gRPC status.",
-       {{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(final_->error_code()))}})
-      ->Add();
+  if (service_->options_.metrics == nullptr) return;
+  // Lock-free updates of series looked up beforehand: no registry lock under the call's.
+  service_->RequestsCounter(final_->error_code())->Add();
   if (!final_->ok()) return;
-  const absl::Time now = absl::Now();
-  m->GetHistogram("strata_coordinator_request_duration_seconds",
-                  "Generate calls that succeeded: acceptance to last token.", LatencyBuckets())
-      ->Observe(absl::ToDoubleSeconds(now - accepted_));
+  const CallMetrics& m = service_->call_metrics_;
+  m.duration->Observe(absl::ToDoubleSeconds(absl::Now() - accepted_));
   if (have_first_token_) {
-    m->GetHistogram("strata_coordinator_time_to_first_token_seconds",
-                    "Generate calls that succeeded: acceptance to first token.", LatencyBuckets())
-        ->Observe(absl::ToDoubleSeconds(first_token_time_ - accepted_));
+    m.first_token->Observe(absl::ToDoubleSeconds(first_token_time_ - accepted_));
   }
-  m->GetCounter("strata_coordinator_prompt_tokens_total", "Prompt tokens of successful calls.")
-      ->Add(static_cast<double>(prompt_.size()));
-  m->GetCounter("strata_coordinator_completion_tokens_total",
-                "Tokens generated for successful calls.")
-      ->Add(static_cast<double>(generated_.size()));
-  const char* kCached = "Prompt tokens served from the KV cache, by the tier they came from.";
-  m->GetCounter("strata_coordinator_cached_prompt_tokens_total", kCached, {{"tier", "device"}})
-      ->Add(cached_.num_device_tokens());
-  m->GetCounter("strata_coordinator_cached_prompt_tokens_total", kCached, {{"tier", "host"}})
-      ->Add(cached_.num_host_tokens());
-  m->GetCounter("strata_coordinator_cached_prompt_tokens_total", kCached, {{"tier", "disk"}})
-      ->Add(cached_.num_disk_tokens());
+  m.prompt_tokens->Add(static_cast<double>(prompt_.size()));
+  m.completion_tokens->Add(static_cast<double>(generated_.size()));
+  m.cached_tokens[0]->Add(cached_.num_device_tokens());
+  m.cached_tokens[1]->Add(cached_.num_host_tokens());
+  m.cached_tokens[2]->Add(cached_.num_disk_tokens());
+}
+
+Counter* CoordinatorService::RequestsCounter(grpc::StatusCode code) {
+  const size_t i = static_cast<size_t>(code);
+  if (i >= call_metrics_.requests.size()) {
+    return options_.metrics->GetCounter(
+        "strata_coordinator_requests_total", "Generate calls finished, by gRPC status.",
+        {{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
+  }
+  std::atomic<Counter*>& slot = call_metrics_.requests[i];
+  Counter* c = slot.load(std::memory_order_acquire);
+  if (c == nullptr) {
+    // The registry returns the same series to every caller, so a race stores the same pointer.
+    c = options_.metrics->GetCounter(
+        "strata_coordinator_requests_total", "Generate calls finished, by gRPC status.",
+        {{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
+    slot.store(c, std::memory_order_release);
+  }
+  return c;
 }
 
 // CoordinatorService.
@@ -651,6 +656,22 @@ CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* mo
                                        CoordinatorOptions options)
     : pool_(pool), models_(models), options_(std::move(options)), started_(absl::Now()) {
   if (MetricsRegistry* m = options_.metrics; m != nullptr) {
+    call_metrics_.duration = m->GetHistogram(
+        "strata_coordinator_request_duration_seconds",
+        "Generate calls that succeeded: acceptance to last token.", LatencyBuckets());
+    call_metrics_.first_token = m->GetHistogram(
+        "strata_coordinator_time_to_first_token_seconds",
+        "Generate calls that succeeded: acceptance to first token.", LatencyBuckets());
+    call_metrics_.prompt_tokens = m->GetCounter("strata_coordinator_prompt_tokens_total",
+                                                "Prompt tokens of successful calls.");
+    call_metrics_.completion_tokens = m->GetCounter("strata_coordinator_completion_tokens_total",
+                                                    "Tokens generated for successful calls.");
+    const char* kCached = "Prompt tokens served from the KV cache, by the tier they came from.";
+    int t = 0;
+    for (const char* tier : {"device", "host", "disk"}) {
+      call_metrics_.cached_tokens[t++] =
+          m->GetCounter("strata_coordinator_cached_prompt_tokens_total", kCached, {{"tier", tier}});
+    }
     // Computed at each scrape; removed again when the service goes.
     m->SetGaugeCallback("strata_coordinator_inflight_requests", "Generate calls in flight now.", {},
                         [this] { return static_cast<double>(inflight_.load()); });

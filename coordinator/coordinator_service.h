@@ -23,6 +23,7 @@
 #ifndef STRATA_COORDINATOR_COORDINATOR_SERVICE_H_
 #define STRATA_COORDINATOR_COORDINATOR_SERVICE_H_
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <list>
@@ -109,9 +110,22 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   // The model's limits as its workers report them; NOT_FOUND for a model not in the registry.
   absl::StatusOr<ModelView> Model(const std::string& name) const;
 
+  // The series every finished call updates, looked up once (a registry lookup takes its mutex):
+  // by gRPC status code as each first occurs, the rest at construction. Null without metrics.
+  struct CallMetrics {
+    std::array<std::atomic<Counter*>, 17> requests{};  // by grpc::StatusCode
+    Histogram* duration = nullptr;
+    Histogram* first_token = nullptr;
+    Counter* prompt_tokens = nullptr;
+    Counter* completion_tokens = nullptr;
+    std::array<Counter*, 3> cached_tokens{};  // device, host, disk
+  };
+  Counter* RequestsCounter(grpc::StatusCode code);
+
   WorkerPool* const pool_;
   const ModelRegistry* const models_;
   const CoordinatorOptions options_;
+  CallMetrics call_metrics_;
   const absl::Time started_;
   std::atomic<int64_t> inflight_{0};
   std::atomic<uint64_t> next_id_{1};

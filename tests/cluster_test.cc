@@ -1,6 +1,9 @@
 // End-to-end: a coordinator and two workers as real processes on loopback, serving the bundled
 // model, driven through the public gRPC API.
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <memory>
@@ -8,7 +11,9 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/cluster_client.h"
@@ -209,6 +214,102 @@ TEST_F(ClusterTest, BadRequestsGetTheRightCodeNamingTheField) {
   Generated g = Generate(cluster_->serving(), long_id);
   ASSERT_TRUE(g.status.ok()) << g.status.error_message();
   EXPECT_EQ(g.chunks.front().request_id(), long_id.request_id());
+}
+
+// A port free now (bound, then released) on loopback.
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  EXPECT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  EXPECT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// GET /metrics from 127.0.0.1:port: each sample line's value by its series ("name{labels}").
+std::map<std::string, double> Scrape(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  std::map<std::string, double> out;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    close(fd);
+    return out;
+  }
+  const std::string request = "GET /metrics HTTP/1.0\r\n\r\n";
+  EXPECT_EQ(send(fd, request.data(), request.size(), 0), static_cast<ssize_t>(request.size()));
+  std::string text;
+  char buf[4096];
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) text.append(buf, static_cast<size_t>(n));
+  close(fd);
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (line.empty() || line[0] == '#') continue;
+    const size_t space = line.rfind(' ');
+    double v = 0;
+    if (space != absl::string_view::npos && absl::SimpleAtod(line.substr(space + 1), &v)) {
+      out[std::string(line.substr(0, space))] = v;
+    }
+  }
+  return out;
+}
+
+// The coordinator's /metrics count what it served: calls by status code, tokens, and one TTFT and
+// duration observation per successful call.
+TEST_F(ClusterTest, CoordinatorMetricsCountWhatItServed) {
+  const int port = FreePort();
+  auto address = cluster_->StartExtraCoordinator(
+      {absl::StrCat("--metrics_listen=127.0.0.1:", port)}, "metrics-coordinator");
+  ASSERT_TRUE(address.ok()) << address.status();
+  auto channel = grpc::CreateChannel(*address, grpc::InsecureChannelCredentials());
+  auto serving = v1::Serving::NewStub(channel);
+  auto admin = v1::Admin::NewStub(channel);
+  ASSERT_TRUE(cluster_->WaitForServingWorkers(admin.get(), 2, absl::Seconds(30)).ok());
+  std::map<std::string, double> before = Scrape(port);
+  ASSERT_FALSE(before.empty()) << "no metrics on port " << port;
+  // Series a finished call updates are there, at zero, before any call.
+  EXPECT_EQ(before.at("strata_coordinator_completion_tokens_total"), 0);
+  EXPECT_EQ(before.at("strata_coordinator_time_to_first_token_seconds_count"), 0);
+
+  int64_t prompt_tokens = 0, cached_tokens = 0;
+  for (int i = 0; i < 2; ++i) {
+    // Long enough for whole blocks: the second call finds the first's in the cache.
+    const Generated g = Generate(
+        serving.get(),
+        TextRequest("the metrics of it all, counted once and then counted again by the coordinator "
+                    "that served the call to the worker that computed it",
+                    5, 1 + i));
+    ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+    const v1::Usage& u = g.chunks.back().usage();
+    prompt_tokens += u.num_prompt_tokens();
+    cached_tokens += u.cached().num_device_tokens() + u.cached().num_host_tokens() +
+                     u.cached().num_disk_tokens();
+  }
+  v1::GenerateRequest bad = TextRequest("hello", 4, 1);
+  bad.mutable_sampling()->set_temperature(-1);
+  EXPECT_EQ(Generate(serving.get(), bad).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  const std::map<std::string, double> m = Scrape(port);
+  EXPECT_EQ(m.at("strata_coordinator_requests_total{code=\"OK\"}"), 2);
+  EXPECT_EQ(m.at("strata_coordinator_requests_total{code=\"INVALID_ARGUMENT\"}"), 1);
+  EXPECT_EQ(m.at("strata_coordinator_completion_tokens_total"), 10);
+  EXPECT_GT(prompt_tokens, 0);
+  EXPECT_EQ(m.at("strata_coordinator_prompt_tokens_total"), static_cast<double>(prompt_tokens));
+  EXPECT_EQ(m.at("strata_coordinator_time_to_first_token_seconds_count"), 2);
+  EXPECT_EQ(m.at("strata_coordinator_request_duration_seconds_count"), 2);
+  EXPECT_GT(m.at("strata_coordinator_request_duration_seconds_sum"), 0);
+  double cached = 0;
+  for (const char* tier : {"device", "host", "disk"}) {
+    cached +=
+        m.at(absl::StrCat("strata_coordinator_cached_prompt_tokens_total{tier=\"", tier, "\"}"));
+  }
+  EXPECT_GT(cached_tokens, 0);
+  EXPECT_EQ(cached, static_cast<double>(cached_tokens));
 }
 
 TEST_F(ClusterTest, ClientCancelFreesTheWorkerSequence) {
