@@ -51,6 +51,13 @@ class GrpcServer {
   int port() const { return port_; }
   // "host:port" with the bound port, usable as a client target.
   const std::string& address() const { return address_; }
+  // A channel to this server's own services inside the process (no socket), for front ends that
+  // the same binary serves (the coordinator's HTTP API).
+  std::shared_ptr<grpc::Channel> InProcessChannel() {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(64 << 20);
+    return server_->InProcessChannel(args);
+  }
 
   // Reports SERVING or NOT_SERVING for every service and for "" (a draining server reports
   // NOT_SERVING so that load balancers stop sending to it, while in-flight calls finish). The

@@ -22,6 +22,7 @@
 #include "common/version.h"
 #include "coordinator/coordinator_service.h"
 #include "coordinator/discovery.h"
+#include "coordinator/openai_gateway.h"
 #include "coordinator/worker_pool.h"
 
 ABSL_FLAG(std::vector<std::string>, model, {},
@@ -34,6 +35,9 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "host:port to serve on; port 0
 ABSL_FLAG(std::string, port_file, "", "Once serving, write the bound port to this file.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
+ABSL_FLAG(std::string, http_listen, "",
+          "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions, GET "
+          "/v1/models), e.g. [::]:8000; empty: none.");
 ABSL_FLAG(double, resolve_interval_s, 5, "How often to re-resolve workers and refresh their info.");
 ABSL_FLAG(int64_t, max_inflight_requests, 1024,
           "Generate calls accepted at once; beyond it Generate fails RESOURCE_EXHAUSTED.");
@@ -137,6 +141,14 @@ int Main() {
     LOG(ERROR) << metrics_server.status();
     return 1;
   }
+  // The OpenAI-compatible API, through the server's own services in process. Started before the
+  // port file is written, so that whoever waits for it finds both ready.
+  absl::StatusOr<std::unique_ptr<OpenAiGateway>> http =
+      StartOpenAiGateway(absl::GetFlag(FLAGS_http_listen), (*server)->InProcessChannel());
+  if (!http.ok()) {
+    LOG(ERROR) << http.status();
+    return 1;
+  }
   if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
     if (absl::Status s = WriteFileAtomically(pf, absl::StrCat((*server)->port(), "\n")); !s.ok()) {
       LOG(ERROR) << s;
@@ -158,6 +170,7 @@ int Main() {
     WaitForTerminationSignal(absl::Seconds(delay));
   }
   (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_s)));
+  http->reset();  // its calls ended with the server's
   pool.Stop();
   LOG(INFO) << "strata-coordinator stopped";
   return 0;

@@ -1,9 +1,6 @@
 // End-to-end: a coordinator and two workers as real processes on loopback, serving the bundled
 // model, driven through the public gRPC API.
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <cstdlib>
 #include <memory>
@@ -11,12 +8,11 @@
 #include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/cluster_client.h"
+#include "tests/http_client.h"
 #include "tests/local_cluster.h"
 #include "tests/process.h"
 
@@ -216,47 +212,9 @@ TEST_F(ClusterTest, BadRequestsGetTheRightCodeNamingTheField) {
   EXPECT_EQ(g.chunks.front().request_id(), long_id.request_id());
 }
 
-// A port free now (bound, then released) on loopback.
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  EXPECT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
-  EXPECT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
-// GET /metrics from 127.0.0.1:port: each sample line's value by its series ("name{labels}").
+// GET /metrics from 127.0.0.1:port: each sample's value by its series.
 std::map<std::string, double> Scrape(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  std::map<std::string, double> out;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    close(fd);
-    return out;
-  }
-  const std::string request = "GET /metrics HTTP/1.0\r\n\r\n";
-  EXPECT_EQ(send(fd, request.data(), request.size(), 0), static_cast<ssize_t>(request.size()));
-  std::string text;
-  char buf[4096];
-  ssize_t n;
-  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) text.append(buf, static_cast<size_t>(n));
-  close(fd);
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (line.empty() || line[0] == '#') continue;
-    const size_t space = line.rfind(' ');
-    double v = 0;
-    if (space != absl::string_view::npos && absl::SimpleAtod(line.substr(space + 1), &v)) {
-      out[std::string(line.substr(0, space))] = v;
-    }
-  }
-  return out;
+  return ParseMetrics(Http(port, "GET", "/metrics").body);
 }
 
 // The coordinator's /metrics count what it served: calls by status code, tokens, and one TTFT and

@@ -7,8 +7,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/json.h"
 #include "gtest/gtest.h"
 #include "tests/cluster_client.h"
+#include "tests/http_client.h"
 #include "tests/local_cluster.h"
 #include "worker/model/delta.h"
 
@@ -37,6 +39,8 @@ class FineTuneTest : public ::testing::Test {
     o.num_workers = 2;
     o.name = "fine-tunes";
     o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/{i}"), "--delta_cache_mb=64"};
+    http_port_ = FreePort();
+    o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_)};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
@@ -64,6 +68,7 @@ class FineTuneTest : public ::testing::Test {
   }
 
   static inline LocalCluster* cluster_ = nullptr;
+  static inline int http_port_ = 0;
 };
 
 TEST_F(FineTuneTest, ListModelsNamesTheFineTunes) {
@@ -106,6 +111,36 @@ TEST_F(FineTuneTest, FineTuneRequestsGoToTheWorkerThatServesThem) {
   ASSERT_TRUE(base.status.ok() && man.status.ok());
   EXPECT_NE(base.tokens, c.tokens);
   EXPECT_NE(man.tokens, c.tokens);
+}
+
+// The OpenAI-compatible API lists each fine-tune as a model whose parent is the base, and takes
+// a fine-tune's name as the model (or the base with fine_tune_id): the gRPC API's tokens.
+TEST_F(FineTuneTest, TheHttpApiServesFineTunesByName) {
+  const HttpReply models = Http(http_port_, "GET", "/v1/models");
+  ASSERT_EQ(models.status, 200) << models.body;
+  EXPECT_NE(models.body.find(R"("id":"man","object":"model")"), std::string::npos) << models.body;
+  EXPECT_NE(models.body.find(R"("parent":"strata-tiny")"), std::string::npos) << models.body;
+
+  const Generated want = Generate(cluster_->serving(), Greedy("The manual page says", "man"));
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  for (const std::string& model :
+       {std::string(R"("model": "man")"),
+        std::string(R"("model": "strata-tiny", "fine_tune_id": "man")")}) {
+    SCOPED_TRACE(model);
+    const HttpReply r =
+        Http(http_port_, "POST", "/v1/completions",
+             absl::StrCat("{", model,
+                          R"(, "prompt": "The manual page says", "max_tokens": 24, "seed": 7, )"
+                          R"("temperature": 0, "ignore_eos": true})"));
+    ASSERT_EQ(r.status, 200) << r.body;
+    absl::StatusOr<JsonDocument> d = JsonDocument::Parse(r.body, "response");
+    ASSERT_TRUE(d.ok()) << d.status();
+    const JsonValue choice = (*d->root().Field("choices")->AsArray())[0];
+    EXPECT_EQ(*choice.StringField("text"), want.text);
+  }
+  const HttpReply unknown =
+      Http(http_port_, "POST", "/v1/completions", R"({"model": "no-such-tune", "prompt": "x"})");
+  EXPECT_EQ(unknown.status, 404) << unknown.body;
 }
 
 TEST_F(FineTuneTest, UnknownFineTunesAreNotFoundAndTheClusterKeepsServing) {

@@ -232,6 +232,12 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                 if ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") != str(mport):
                     fail("%s: prometheus.io/port %s is not --metrics_listen's port %s" % (cname, ann.get("prometheus.io/port"), mport))
                 n += 1
+            http = args.get("http_listen")
+            if http is not None:
+                hport = int(http.rpartition(":")[2])
+                if hport not in ports:
+                    fail("%s: --http_listen port %s is not a containerPort %s" % (cname, hport, sorted(ports)))
+                n += 1
             for probe in ("startupProbe", "livenessProbe"):
                 if probe in c and c[probe].get("grpc", {}).get("service") != "liveness":
                     fail("%s: %s must ask the \"liveness\" health service: the server's overall "
@@ -703,6 +709,23 @@ def run_pods(m, rootfs, work):
             fail("fine-tune c-headers generated the base's tokens: %s" % plain["token_ids"])
         print("k8s_test: fine-tune c-headers answers %r" % tuned[0]["text"])
 
+        # The OpenAI-compatible API on each coordinator's "http" port, naming the fine-tune as the
+        # model: the same text as through gRPC (same seed), for clients such as curl or openai.
+        for coord in coordinators:
+            cports = {p["name"]: p["containerPort"]
+                      for c in coord.workload["spec"]["template"]["spec"]["containers"]
+                      for p in c.get("ports", [])}
+            url = "http://%s:%d/v1/completions" % (coord.ip, cports["http"])
+            body = json.dumps({"model": "c-headers", "prompt": "#include <", "max_tokens": 16,
+                               "seed": 7, "ignore_eos": True}).encode()
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            with opener.open(req, timeout=60) as r:
+                reply = json.load(r)
+            if reply["usage"]["completion_tokens"] != 16 or reply["choices"][0]["text"] != tuned[0]["text"]:
+                fail("%s answered %s; gRPC gave %r" % (url, reply, tuned[0]["text"]))
+        print("k8s_test: the OpenAI-compatible API answers the same through both coordinators")
+
         # Prometheus' view: each pod's metrics port, as its annotations name it.
         def scrape(pod):
             ann = pod.workload["spec"]["template"]["metadata"].get("annotations", {})
@@ -720,7 +743,7 @@ def run_pods(m, rootfs, work):
                     values[name] = float(value)
             return values
 
-        sent = len(prompts) + 1 + 3 * len(coordinators) + len(coordinators) + 1
+        sent = len(prompts) + 1 + 3 * len(coordinators) + 2 * len(coordinators) + 1
         ok = sum(scrape(c).get('strata_coordinator_requests_total{code="OK"}', 0) for c in coordinators)
         if ok != sent:
             fail("the coordinators count %s successful requests, the test sent %d" % (ok, sent))

@@ -13,7 +13,8 @@
 #   tools/run_local.sh --prompt TEXT   ask something else (the model writes Python-like text)
 #   tools/run_local.sh --tensor-parallel 2   split the model across 2 processes in each worker
 # Environment: STRATA_PORT (coordinator port, default 50051; workers use the next ports after
-# STRATA_WORKER_PORT, default 50061; metrics on STRATA_METRICS_PORT, default 9090, and the next two),
+# STRATA_WORKER_PORT, default 50061; metrics on STRATA_METRICS_PORT, default 9090, and the next two;
+# the OpenAI-compatible HTTP API on STRATA_HTTP_PORT, default 8000),
 # STRATA_RUN_DIR (logs and pids, default
 # ~/.cache/strata/local-cluster).
 set -euo pipefail
@@ -42,6 +43,7 @@ run_dir=${STRATA_RUN_DIR:-$HOME/.cache/strata/local-cluster}
 coord_port=${STRATA_PORT:-50051}
 worker_port=${STRATA_WORKER_PORT:-50061}
 metrics_port=${STRATA_METRICS_PORT:-9090}
+http_port=${STRATA_HTTP_PORT:-8000}
 coordinator="127.0.0.1:$coord_port"
 mkdir -p "$run_dir/logs"
 
@@ -131,7 +133,8 @@ for i in 1 2; do
 done
 launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model_dir" \
   --workers="$(IFS=,; echo "${workers[*]}")" --listen="$coordinator" \
-  --metrics_listen="127.0.0.1:$metrics_port" --port_file="$run_dir/coordinator.port"
+  --metrics_listen="127.0.0.1:$metrics_port" --http_listen="127.0.0.1:$http_port" \
+  --port_file="$run_dir/coordinator.port"
 for i in 1 2; do
   launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
@@ -180,6 +183,19 @@ if [ ${#fine_tune_flags[@]} -gt 0 ]; then
   echo "----------------------------------------------------------------------"
 fi
 echo
+echo "request: POST http://127.0.0.1:$http_port/v1/completions (the OpenAI-compatible API)"
+echo "----------------------------------------------------------------------"
+python3 - "$http_port" <<'PY'
+import json, sys, urllib.request
+body = json.dumps({"model": "strata-tiny", "prompt": "int main(", "max_tokens": 32, "seed": 1}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
+                             headers={"Content-Type": "application/json"})
+reply = json.load(urllib.request.urlopen(req, timeout=60))
+print("int main(" + reply["choices"][0]["text"])
+print(f"(finish_reason {reply['choices'][0]['finish_reason']}, usage {reply['usage']})")
+PY
+echo "----------------------------------------------------------------------"
+echo
 "$stratactl" status --coordinator "$coordinator"
 echo
 echo "Strata is listening:"
@@ -187,12 +203,15 @@ echo "  coordinator (strata.v1.Serving, strata.v1.Admin, grpc.health.v1): $coord
 echo "  workers (strata.v1.Worker): ${workers[*]}"
 echo "  Prometheus metrics: http://127.0.0.1:$metrics_port/metrics (coordinator)," \
   "http://127.0.0.1:$((metrics_port + 1))/metrics and :$((metrics_port + 2)) (workers)"
+echo "  OpenAI-compatible API: http://127.0.0.1:$http_port/v1 (POST /v1/completions, GET /v1/models)"
 echo "  logs: $run_dir/logs"
 echo "Try:"
 echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
 [ ${#fine_tune_flags[@]} -gt 0 ] &&
   echo "  $stratactl generate --coordinator $coordinator --prompt '.TH' --fine-tune man --max-tokens 40"
 echo "  $stratactl status --coordinator $coordinator"
+echo "  curl -s http://127.0.0.1:$http_port/v1/completions -H 'Content-Type: application/json' \\"
+echo "    -d '{\"model\": \"strata-tiny\", \"prompt\": \"import os\", \"max_tokens\": 40, \"stream\": true}'"
 if [ $detach -eq 1 ]; then
   echo "The cluster keeps running in the background; stop it with: tools/run_local.sh --stop"
   exit 0

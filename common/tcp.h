@@ -1,0 +1,38 @@
+// Plain TCP for the servers' small HTTP endpoints (metrics, the OpenAI-compatible API): a
+// listening socket from a HOST:PORT flag, and waits and writes bounded by a deadline and
+// interrupted by a wake descriptor (an eventfd the server writes to when it stops).
+#ifndef STRATA_COMMON_TCP_H_
+#define STRATA_COMMON_TCP_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "common/unique_fd.h"
+
+namespace strata {
+
+struct ListenSocket {
+  UniqueFd fd;   // non-blocking, close-on-exec
+  int port = 0;  // the port bound (the chosen one for port 0)
+};
+
+// Listens on `listen`, host:port: "[::]:9090" (every address, IPv6 and IPv4; every IPv4 address
+// on a host without IPv6), "0.0.0.0:9090", "127.0.0.1:0" (port 0 picks one). INVALID_ARGUMENT
+// naming `flag` (e.g. "--metrics_listen") for a malformed address; UNAVAILABLE when it cannot
+// bind.
+absl::StatusOr<ListenSocket> ListenTcp(const std::string& listen, absl::string_view flag,
+                                       int backlog);
+
+// Waits until `fd` is ready for `events` (POLLIN, POLLOUT) or `wake_fd` is readable (the server
+// stopping; -1: none), at most until `deadline`. True when `fd` is ready.
+bool WaitFor(int fd, short events, int wake_fd, absl::Time deadline);
+
+// Writes all of `data` to the socket `fd` (no SIGPIPE), waiting as WaitFor does. False when the
+// peer is gone, the deadline passed or the server is stopping.
+bool WriteAll(int fd, absl::string_view data, int wake_fd, absl::Time deadline);
+
+}  // namespace strata
+
+#endif  // STRATA_COMMON_TCP_H_

@@ -1,0 +1,773 @@
+#include "coordinator/openai_gateway.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <list>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "common/status_macros.h"
+#include "common/tcp.h"
+
+namespace strata {
+namespace {
+
+constexpr size_t kMaxHeaderBytes = 64 << 10;
+constexpr absl::Duration kWriteTimeout = absl::Seconds(30);
+constexpr absl::Duration kModelsTtl = absl::Seconds(5);
+
+const char* Reason(int status) {
+  switch (status) {
+    case 200:
+      return "OK";
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 405:
+      return "Method Not Allowed";
+    case 411:
+      return "Length Required";
+    case 413:
+      return "Payload Too Large";
+    case 429:
+      return "Too Many Requests";
+    case 431:
+      return "Request Header Fields Too Large";
+    case 499:
+      return "Client Closed Request";
+    case 501:
+      return "Not Implemented";
+    case 503:
+      return "Service Unavailable";
+    case 504:
+      return "Gateway Timeout";
+    default:
+      return "Internal Server Error";
+  }
+}
+
+std::string Head(int status, const char* content_type, int64_t content_length) {
+  std::string h = absl::StrCat("HTTP/1.1 ", status, " ", Reason(status),
+                               "\r\nContent-Type: ", content_type, "\r\n");
+  if (content_length >= 0) absl::StrAppend(&h, "Content-Length: ", content_length, "\r\n");
+  absl::StrAppend(&h, "Cache-Control: no-cache\r\nConnection: close\r\n\r\n");
+  return h;
+}
+
+std::string JsonResponse(int status, const std::string& body) {
+  return absl::StrCat(Head(status, "application/json", static_cast<int64_t>(body.size())), body);
+}
+
+std::string ErrorResponse(int status, absl::string_view message, absl::string_view param = "") {
+  return JsonResponse(status, OpenAiErrorJson(status, message, param));
+}
+
+// True when the peer has closed its end (or the socket failed).
+bool PeerGone(int fd) {
+  pollfd p = {fd, POLLRDHUP, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
+std::string Float(double v) {
+  if (!std::isfinite(v)) return v < 0 ? "-9999.0" : "0.0";  // -inf logprobs as OpenAI's floor
+  return absl::StrFormat("%.6g", v);
+}
+
+// The OpenAI "logprobs" object of a completion: tokens, token_logprobs, top_logprobs, text_offset.
+struct Logprobs {
+  std::vector<std::string> tokens, top;
+  std::vector<double> values;
+  std::vector<int64_t> offsets;
+  int64_t offset = 0;
+
+  void Add(const google::protobuf::RepeatedPtrField<v1::PositionLogprobs>& positions) {
+    for (const v1::PositionLogprobs& p : positions) {
+      tokens.push_back(p.token().text());
+      values.push_back(p.token().logprob());
+      offsets.push_back(offset);
+      offset += static_cast<int64_t>(p.token().text().size());
+      std::string t = "{";
+      for (int i = 0; i < p.top_size(); ++i) {
+        absl::StrAppend(&t, i == 0 ? "" : ",", JsonQuote(p.top(i).text()), ":",
+                        Float(p.top(i).logprob()));
+      }
+      top.push_back(t + "}");
+    }
+  }
+  std::string Json() const {
+    std::string out = "{\"tokens\":[";
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      absl::StrAppend(&out, i == 0 ? "" : ",", JsonQuote(tokens[i]));
+    }
+    absl::StrAppend(&out, "],\"token_logprobs\":[");
+    for (size_t i = 0; i < values.size(); ++i) {
+      absl::StrAppend(&out, i == 0 ? "" : ",", Float(values[i]));
+    }
+    absl::StrAppend(&out, "],\"top_logprobs\":[", absl::StrJoin(top, ","), "],\"text_offset\":[",
+                    absl::StrJoin(offsets, ","), "]}");
+    return out;
+  }
+};
+
+std::string UsageJson(const v1::Usage& u) {
+  return absl::StrCat(
+      "{\"prompt_tokens\":", u.num_prompt_tokens(),
+      ",\"completion_tokens\":", u.num_completion_tokens(),
+      ",\"total_tokens\":", u.num_prompt_tokens() + u.num_completion_tokens(),
+      ",\"prompt_tokens_details\":{\"cached_tokens\":",
+      u.cached().num_device_tokens() + u.cached().num_host_tokens() + u.cached().num_disk_tokens(),
+      "}}");
+}
+
+// A prompt of token ids: every element an integer in int32.
+absl::Status TokenIds(const std::vector<JsonValue>& items, v1::TokenIds* out) {
+  for (const JsonValue& v : items) {
+    ASSIGN_OR_RETURN(const int64_t id, v.AsInt());
+    if (id < 0 || id > std::numeric_limits<int32_t>::max()) {
+      return v.Error("must be a token id (0 or more)");
+    }
+    out->add_ids(static_cast<int32_t>(id));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::string* param) {
+  param->clear();
+  absl::StatusOr<JsonDocument> parsed = JsonDocument::Parse(body, "request body");
+  if (!parsed.ok()) return parsed.status();
+  const JsonValue root = parsed->root();
+  if (!root.IsObject()) return root.Error("must be a JSON object");
+  CompletionCall call;
+  v1::GenerateRequest& r = call.request;
+  v1::SamplingParams& s = *r.mutable_sampling();
+
+  *param = "model";
+  ASSIGN_OR_RETURN(const absl::string_view model, root.StringField("model"));
+  r.set_model(std::string(model));
+
+  *param = "prompt";
+  ASSIGN_OR_RETURN(const JsonValue prompt, root.Field("prompt"));
+  if (prompt.IsString()) {
+    ASSIGN_OR_RETURN(const absl::string_view text, prompt.AsString());
+    r.set_text(std::string(text));
+  } else if (prompt.IsArray()) {
+    ASSIGN_OR_RETURN(const std::vector<JsonValue> items, prompt.AsArray());
+    if (items.empty()) return prompt.Error("must not be empty");
+    if (items[0].IsNumber()) {
+      RETURN_IF_ERROR(TokenIds(items, r.mutable_token_ids()));
+    } else if (items.size() > 1) {
+      return prompt.Error("holds several prompts: send one request per prompt");
+    } else if (items[0].IsString()) {
+      ASSIGN_OR_RETURN(const absl::string_view text, items[0].AsString());
+      r.set_text(std::string(text));
+    } else if (items[0].IsArray()) {
+      ASSIGN_OR_RETURN(const std::vector<JsonValue> ids, items[0].AsArray());
+      RETURN_IF_ERROR(TokenIds(ids, r.mutable_token_ids()));
+    } else {
+      return prompt.Error("must be a string, an array of token ids, or one of either in an array");
+    }
+  } else {
+    return prompt.Error("must be a string or an array of token ids");
+  }
+
+  *param = "max_tokens";
+  ASSIGN_OR_RETURN(const int64_t max_tokens, root.IntFieldOr("max_tokens", 16));
+  if (max_tokens < 1 || max_tokens > std::numeric_limits<uint32_t>::max()) {
+    return root.Field("max_tokens")->Error("must be at least 1");
+  }
+  s.set_max_tokens(static_cast<uint32_t>(max_tokens));
+  *param = "min_tokens";
+  ASSIGN_OR_RETURN(const int64_t min_tokens, root.IntFieldOr("min_tokens", 0));
+  if (min_tokens < 0 || min_tokens > std::numeric_limits<uint32_t>::max()) {
+    return root.Field("min_tokens")->Error("must be 0 or more");
+  }
+  s.set_min_tokens(static_cast<uint32_t>(min_tokens));
+
+  // Optional floats: left unset (the server's default) when missing or null.
+  for (const char* name : {"temperature", "top_p", "repetition_penalty"}) {
+    *param = name;
+    if (std::optional<JsonValue> v = root.FindField(name)) {
+      ASSIGN_OR_RETURN(const double x, v->AsDouble());
+      const float f = static_cast<float>(x);
+      if (std::string_view(name) == "temperature") s.set_temperature(f);
+      if (std::string_view(name) == "top_p") s.set_top_p(f);
+      if (std::string_view(name) == "repetition_penalty") s.set_repetition_penalty(f);
+    }
+  }
+  *param = "min_p";
+  ASSIGN_OR_RETURN(const double min_p, root.DoubleFieldOr("min_p", 0));
+  s.set_min_p(static_cast<float>(min_p));
+  *param = "presence_penalty";
+  ASSIGN_OR_RETURN(const double presence, root.DoubleFieldOr("presence_penalty", 0));
+  s.set_presence_penalty(static_cast<float>(presence));
+  *param = "frequency_penalty";
+  ASSIGN_OR_RETURN(const double frequency, root.DoubleFieldOr("frequency_penalty", 0));
+  s.set_frequency_penalty(static_cast<float>(frequency));
+  *param = "top_k";
+  ASSIGN_OR_RETURN(const int64_t top_k, root.IntFieldOr("top_k", 0));
+  if (top_k < -1 || top_k > std::numeric_limits<uint32_t>::max()) {
+    return root.Field("top_k")->Error("must be -1 or 0 (off), or a number of tokens");
+  }
+  s.set_top_k(top_k < 0 ? 0 : static_cast<uint32_t>(top_k));
+  *param = "seed";
+  if (std::optional<JsonValue> v = root.FindField("seed")) {
+    ASSIGN_OR_RETURN(const int64_t seed, v->AsInt());
+    if (seed < 0) return v->Error("must be 0 or more");
+    s.set_seed(static_cast<uint64_t>(seed));
+  }
+  *param = "stop";
+  if (std::optional<JsonValue> v = root.FindField("stop")) {
+    if (v->IsString()) {
+      ASSIGN_OR_RETURN(const absl::string_view stop, v->AsString());
+      s.add_stop(std::string(stop));
+    } else {
+      ASSIGN_OR_RETURN(const std::vector<JsonValue> items, v->AsArray());
+      for (const JsonValue& item : items) {
+        ASSIGN_OR_RETURN(const absl::string_view stop, item.AsString());
+        s.add_stop(std::string(stop));
+      }
+    }
+  }
+  *param = "stop_token_ids";
+  if (std::optional<JsonValue> v = root.FindField("stop_token_ids")) {
+    ASSIGN_OR_RETURN(const std::vector<JsonValue> items, v->AsArray());
+    for (const JsonValue& item : items) {
+      ASSIGN_OR_RETURN(const int64_t id, item.AsInt());
+      if (id < 0 || id > std::numeric_limits<int32_t>::max()) {
+        return item.Error("must be a token id");
+      }
+      s.add_stop_token_ids(static_cast<int32_t>(id));
+    }
+  }
+  *param = "ignore_eos";
+  ASSIGN_OR_RETURN(const bool ignore_eos, root.BoolFieldOr("ignore_eos", false));
+  s.set_ignore_eos(ignore_eos);
+  *param = "skip_special_tokens";
+  ASSIGN_OR_RETURN(const bool skip_special, root.BoolFieldOr("skip_special_tokens", true));
+  s.set_skip_special_tokens(skip_special);
+  *param = "logprobs";
+  if (std::optional<JsonValue> v = root.FindField("logprobs")) {
+    // OpenAI's completions take a count; a boolean is the chat API's and is refused.
+    ASSIGN_OR_RETURN(const int64_t n, v->AsInt());
+    if (n < 0 || n > 20) return v->Error("must be 0 to 20");
+    s.set_logprobs(static_cast<uint32_t>(n));
+  }
+
+  *param = "n";
+  ASSIGN_OR_RETURN(const int64_t n, root.IntFieldOr("n", 1));
+  if (n != 1) return root.Field("n")->Error("must be 1: send one request per completion");
+  *param = "best_of";
+  ASSIGN_OR_RETURN(const int64_t best_of, root.IntFieldOr("best_of", 1));
+  if (best_of != 1) return root.Field("best_of")->Error("must be 1 (best_of is not supported)");
+  *param = "echo";
+  ASSIGN_OR_RETURN(const bool echo, root.BoolFieldOr("echo", false));
+  if (echo) return root.Field("echo")->Error("is not supported: the prompt is not echoed");
+  *param = "suffix";
+  ASSIGN_OR_RETURN(const std::string suffix, root.StringFieldOr("suffix", ""));
+  if (!suffix.empty()) return root.Field("suffix")->Error("is not supported");
+  *param = "logit_bias";
+  if (std::optional<JsonValue> v = root.FindField("logit_bias")) {
+    ASSIGN_OR_RETURN(const auto members, v->AsObject());
+    if (!members.empty()) return v->Error("is not supported");
+  }
+
+  *param = "stream";
+  ASSIGN_OR_RETURN(call.stream, root.BoolFieldOr("stream", false));
+  *param = "stream_options";
+  if (std::optional<JsonValue> v = root.FindField("stream_options")) {
+    if (!v->IsObject()) return v->Error("must be an object");
+    ASSIGN_OR_RETURN(call.include_usage, v->BoolFieldOr("include_usage", false));
+  }
+
+  // Strata's own.
+  *param = "fine_tune_id";
+  ASSIGN_OR_RETURN(const std::string fine_tune, root.StringFieldOr("fine_tune_id", ""));
+  r.set_fine_tune_id(fine_tune);
+  *param = "cache_salt";
+  ASSIGN_OR_RETURN(const std::string salt, root.StringFieldOr("cache_salt", ""));
+  r.set_cache_salt(salt);
+  *param = "request_id";
+  ASSIGN_OR_RETURN(const std::string id, root.StringFieldOr("request_id", ""));
+  r.set_request_id(id);
+  *param = "priority";
+  ASSIGN_OR_RETURN(const int64_t priority, root.IntFieldOr("priority", 0));
+  if (priority < std::numeric_limits<int32_t>::min() ||
+      priority > std::numeric_limits<int32_t>::max()) {
+    return root.Field("priority")->Error("is out of range");
+  }
+  r.set_priority(static_cast<int32_t>(priority));
+  param->clear();
+  return call;
+}
+
+int HttpStatusOf(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK:
+      return 200;
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::OUT_OF_RANGE:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return 400;
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return 401;
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return 403;
+    case grpc::StatusCode::NOT_FOUND:
+      return 404;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return 429;
+    case grpc::StatusCode::CANCELLED:
+      return 499;
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return 501;
+    case grpc::StatusCode::UNAVAILABLE:
+      return 503;
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return 504;
+    default:
+      return 500;
+  }
+}
+
+std::string OpenAiErrorJson(int http_status, absl::string_view message, absl::string_view param) {
+  const char* type = http_status == 400 || http_status == 404 || http_status == 413
+                         ? "invalid_request_error"
+                     : http_status == 429 ? "rate_limit_error"
+                     : http_status == 501 ? "not_implemented"
+                                          : "server_error";
+  return absl::StrCat("{\"error\":{\"message\":", JsonQuote(message), ",\"type\":\"", type,
+                      "\",\"param\":", param.empty() ? "null" : JsonQuote(param),
+                      ",\"code\":", http_status, "}}");
+}
+
+const char* OpenAiFinishReason(v1::FinishReason reason) {
+  switch (reason) {
+    case v1::FINISH_REASON_LENGTH:
+    case v1::FINISH_REASON_CONTEXT_LENGTH:
+      return "length";
+    case v1::FINISH_REASON_UNSPECIFIED:
+      return nullptr;
+    default:
+      return "stop";
+  }
+}
+
+absl::StatusOr<std::unique_ptr<OpenAiGateway>> OpenAiGateway::Start(
+    const std::string& listen, std::shared_ptr<grpc::Channel> serving,
+    OpenAiGatewayOptions options) {
+  ASSIGN_OR_RETURN(ListenSocket socket, ListenTcp(listen, "--http_listen", 256));
+  UniqueFd wake(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake.valid()) return absl::UnavailableError(absl::StrCat("eventfd: ", strerror(errno)));
+  std::unique_ptr<OpenAiGateway> g(new OpenAiGateway(std::move(socket.fd), std::move(wake),
+                                                     socket.port, std::move(serving), options));
+  g->thread_ = std::thread([p = g.get()] { p->Loop(); });
+  return g;
+}
+
+OpenAiGateway::OpenAiGateway(UniqueFd listen_fd, UniqueFd wake_fd, int port,
+                             std::shared_ptr<grpc::Channel> serving, OpenAiGatewayOptions options)
+    : listen_fd_(std::move(listen_fd)),
+      wake_fd_(std::move(wake_fd)),
+      port_(port),
+      options_(options),
+      stub_(v1::Serving::NewStub(std::move(serving))) {}
+
+OpenAiGateway::~OpenAiGateway() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    for (grpc::ClientContext* ctx : calls_) ctx->TryCancel();
+  }
+  // The eventfd stays readable: every wait on a connection ends too.
+  const uint64_t one = 1;
+  if (::write(wake_fd_.get(), &one, sizeof(one)) != sizeof(one)) {
+    LOG(ERROR) << "http: cannot wake the server threads: " << strerror(errno);
+  }
+  if (thread_.joinable()) thread_.join();  // joins every connection's thread too
+}
+
+bool OpenAiGateway::Register(grpc::ClientContext* ctx) {
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return false;
+  calls_.insert(ctx);
+  return true;
+}
+
+void OpenAiGateway::Unregister(grpc::ClientContext* ctx) {
+  absl::MutexLock lock(&mu_);
+  calls_.erase(ctx);
+}
+
+void OpenAiGateway::Loop() {
+  // Each connection on its own thread, joined once it is done (and all of them when stopping).
+  struct Connection {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::list<Connection> connections;
+  auto reap = [&connections](bool all) {
+    for (auto it = connections.begin(); it != connections.end();) {
+      if (all || it->done->load()) {
+        it->thread.join();
+        it = connections.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  };
+  while (true) {
+    pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      LOG(ERROR) << "http: poll: " << strerror(errno);
+      break;
+    }
+    if (fds[1].revents != 0) break;
+    if ((fds[0].revents & POLLIN) == 0) continue;
+    UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!conn.valid()) {
+      if (errno != EAGAIN && errno != ECONNABORTED && errno != EINTR) {
+        pollfd wake = {wake_fd_.get(), POLLIN, 0};
+        ::poll(&wake, 1, 100);  // descriptors ran out: back off instead of spinning
+      }
+      continue;
+    }
+    reap(false);
+    if (static_cast<int>(connections.size()) >= options_.max_connections) {
+      WriteAll(conn.get(), ErrorResponse(503, "too many connections: try again"), wake_fd_.get(),
+               absl::Now() + absl::Seconds(1));
+      continue;
+    }
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    connections.push_back({std::thread([this, done, fd = std::move(conn)]() mutable {
+                             Serve(std::move(fd));
+                             done->store(true);
+                           }),
+                           done});
+  }
+  reap(true);
+}
+
+void OpenAiGateway::Serve(UniqueFd conn) {
+  const int fd = conn.get();
+  const int wake = wake_fd_.get();
+  const absl::Time deadline = absl::Now() + options_.read_timeout;
+  std::string data;
+  char buf[16384];
+  size_t header_end = std::string::npos;
+  while ((header_end = data.find("\r\n\r\n")) == std::string::npos) {
+    if (data.size() > kMaxHeaderBytes) {
+      WriteAll(fd, ErrorResponse(431, "request headers too large"), wake, deadline);
+      return;
+    }
+    if (!WaitFor(fd, POLLIN, wake, deadline)) return;
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) return;
+    data.append(buf, static_cast<size_t>(n));
+  }
+  const std::vector<std::string> lines =
+      absl::StrSplit(absl::string_view(data).substr(0, header_end), "\r\n");
+  const std::vector<std::string> parts = absl::StrSplit(lines[0], ' ');
+  if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/1.")) {
+    WriteAll(fd, ErrorResponse(400, "bad request line"), wake, deadline);
+    return;
+  }
+  int64_t content_length = -1;
+  bool expect_continue = false, chunked = false;
+  for (size_t i = 1; i < lines.size(); ++i) {
+    const size_t colon = lines[i].find(':');
+    if (colon == std::string::npos) continue;
+    const std::string name = absl::AsciiStrToLower(lines[i].substr(0, colon));
+    const std::string value =
+        absl::AsciiStrToLower(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
+    if (name == "content-length" &&
+        (!absl::SimpleAtoi(value, &content_length) || content_length < 0)) {
+      WriteAll(fd, ErrorResponse(400, "bad Content-Length"), wake, deadline);
+      return;
+    }
+    if (name == "expect" && value == "100-continue") expect_continue = true;
+    if (name == "transfer-encoding" && value != "identity") chunked = true;
+  }
+  const std::string& method = parts[0];
+  std::string body = data.substr(header_end + 4);
+  if (method == "POST") {
+    if (chunked || content_length < 0) {
+      WriteAll(fd, ErrorResponse(411, "send the body with a Content-Length"), wake, deadline);
+      return;
+    }
+    if (content_length > options_.max_body_bytes) {
+      WriteAll(
+          fd,
+          ErrorResponse(413, absl::StrCat("the body is over ", options_.max_body_bytes, " bytes")),
+          wake, deadline);
+      return;
+    }
+    if (expect_continue && static_cast<int64_t>(body.size()) < content_length &&
+        !WriteAll(fd, "HTTP/1.1 100 Continue\r\n\r\n", wake, deadline)) {
+      return;
+    }
+    while (static_cast<int64_t>(body.size()) < content_length) {
+      if (!WaitFor(fd, POLLIN, wake, deadline)) return;
+      const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+      if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+      if (n <= 0) return;
+      body.append(buf, static_cast<size_t>(n));
+    }
+    body.resize(static_cast<size_t>(content_length));
+  }
+  const std::string path = parts[1].substr(0, parts[1].find('?'));
+  Handle(fd, method, path, body);
+  // Let the client read everything before the close: no reset that could discard the tail.
+  ::shutdown(fd, SHUT_WR);
+}
+
+void OpenAiGateway::Handle(int fd, const std::string& method, const std::string& path,
+                           const std::string& body) {
+  const int wake = wake_fd_.get();
+  const absl::Time deadline = absl::Now() + kWriteTimeout;
+  if (path == "/health") {
+    WriteAll(fd, JsonResponse(200, "{\"status\":\"ok\"}"), wake, deadline);
+  } else if (path == "/v1/models") {
+    if (method != "GET") {
+      WriteAll(fd, ErrorResponse(405, "use GET /v1/models"), wake, deadline);
+    } else {
+      Models(fd);
+    }
+  } else if (path == "/v1/completions") {
+    if (method != "POST") {
+      WriteAll(fd, ErrorResponse(405, "use POST /v1/completions"), wake, deadline);
+    } else {
+      Completion(fd, body);
+    }
+  } else if (path == "/v1/chat/completions") {
+    WriteAll(fd,
+             ErrorResponse(501,
+                           "chat completions need the model's chat template, which Strata does "
+                           "not apply yet: format the conversation yourself and use "
+                           "/v1/completions"),
+             wake, deadline);
+  } else {
+    WriteAll(fd, ErrorResponse(404, absl::StrCat("no such endpoint: ", path)), wake, deadline);
+  }
+}
+
+void OpenAiGateway::Models(int fd) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  v1::ListModelsResponse resp;
+  const int wake = wake_fd_.get();
+  const absl::Time deadline = absl::Now() + kWriteTimeout;
+  if (!Register(&ctx)) {
+    WriteAll(fd, ErrorResponse(503, "the coordinator is stopping"), wake, deadline);
+    return;
+  }
+  const grpc::Status status = stub_->ListModels(&ctx, v1::ListModelsRequest(), &resp);
+  Unregister(&ctx);
+  if (!status.ok()) {
+    WriteAll(fd, ErrorResponse(HttpStatusOf(status.error_code()), status.error_message()), wake,
+             deadline);
+    return;
+  }
+  std::vector<std::string> data;
+  for (const v1::ModelInfo& m : resp.models()) {
+    data.push_back(absl::StrCat(
+        "{\"id\":", JsonQuote(m.name()),
+        ",\"object\":\"model\",\"created\":0,\"owned_by\":\"strata\","
+        "\"root\":",
+        JsonQuote(m.name()), ",\"parent\":null,\"max_model_len\":", m.max_context_tokens(), "}"));
+    for (const std::string& ft : m.fine_tune_ids()) {
+      data.push_back(absl::StrCat("{\"id\":", JsonQuote(ft),
+                                  ",\"object\":\"model\",\"created\":0,\"owned_by\":\"strata\","
+                                  "\"root\":",
+                                  JsonQuote(m.name()), ",\"parent\":", JsonQuote(m.name()),
+                                  ",\"max_model_len\":", m.max_context_tokens(), "}"));
+    }
+  }
+  WriteAll(fd,
+           JsonResponse(200, absl::StrCat("{\"object\":\"list\",\"data\":[",
+                                          absl::StrJoin(data, ","), "]}")),
+           wake, deadline);
+}
+
+void OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
+  if (!request->fine_tune_id().empty()) return;
+  v1::ListModelsResponse models;
+  bool fresh = false;
+  {
+    absl::MutexLock lock(&mu_);
+    fresh = absl::Now() - models_at_ < kModelsTtl;
+    if (fresh) models = models_;
+  }
+  if (!fresh) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    if (!Register(&ctx)) return;
+    const grpc::Status s = stub_->ListModels(&ctx, v1::ListModelsRequest(), &models);
+    Unregister(&ctx);
+    if (!s.ok()) return;  // Generate reports what is wrong
+    absl::MutexLock lock(&mu_);
+    models_ = models;
+    models_at_ = absl::Now();
+  }
+  for (const v1::ModelInfo& m : models.models()) {
+    if (m.name() == request->model()) return;
+  }
+  for (const v1::ModelInfo& m : models.models()) {
+    for (const std::string& ft : m.fine_tune_ids()) {
+      if (ft == request->model()) {
+        request->set_fine_tune_id(ft);
+        request->set_model(m.name());
+        return;
+      }
+    }
+  }
+}
+
+void OpenAiGateway::Completion(int fd, const std::string& body) {
+  const int wake = wake_fd_.get();
+  std::string param;
+  absl::StatusOr<CompletionCall> call = CompletionFromJson(body, &param);
+  if (!call.ok()) {
+    WriteAll(fd, ErrorResponse(400, call.status().message(), param), wake,
+             absl::Now() + kWriteTimeout);
+    return;
+  }
+  const std::string model_asked = call->request.model();
+  ResolveModel(&call->request);
+  grpc::ClientContext ctx;
+  if (!Register(&ctx)) {
+    WriteAll(fd, ErrorResponse(503, "the coordinator is stopping"), wake,
+             absl::Now() + kWriteTimeout);
+    return;
+  }
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
+      stub_->Generate(&ctx, call->request);
+  const int64_t created = absl::ToUnixSeconds(absl::Now());
+  std::string id;
+  std::string text;
+  Logprobs logprobs;
+  const bool want_logprobs = call->request.sampling().has_logprobs();
+  const char* finish = nullptr;
+  v1::Usage usage;
+  bool streaming = false;  // the 200 head went out
+  bool client_gone = false;
+  v1::GenerateResponse chunk;
+  auto event = [&](const std::string& choice_text, const char* reason, const Logprobs* lp) {
+    return absl::StrCat(
+        "data: {\"id\":", JsonQuote(id), ",\"object\":\"text_completion\",\"created\":", created,
+        ",\"model\":", JsonQuote(model_asked),
+        ",\"choices\":[{\"index\":0,\"text\":", JsonQuote(choice_text),
+        ",\"logprobs\":", lp != nullptr ? lp->Json() : "null",
+        ",\"finish_reason\":", reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null",
+        "}]}\n\n");
+  };
+  while (reader->Read(&chunk)) {
+    if (id.empty()) id = absl::StrCat("cmpl-", chunk.request_id());
+    if (chunk.has_usage()) usage = chunk.usage();
+    if (const char* r = OpenAiFinishReason(chunk.finish_reason()); r != nullptr) finish = r;
+    if (client_gone) continue;  // draining after a cancel
+    if (!call->stream) {
+      text += chunk.text();
+      if (want_logprobs) logprobs.Add(chunk.logprobs());
+      if (PeerGone(fd)) {
+        client_gone = true;
+        ctx.TryCancel();
+      }
+      continue;
+    }
+    std::string out;
+    if (!streaming) {
+      out = Head(200, "text/event-stream", -1);
+      streaming = true;
+    }
+    const char* reason = OpenAiFinishReason(chunk.finish_reason());
+    if (!chunk.text().empty() || reason != nullptr || chunk.logprobs_size() > 0) {
+      Logprobs lp;
+      if (want_logprobs) lp.Add(chunk.logprobs());
+      absl::StrAppend(&out, event(chunk.text(), reason, want_logprobs ? &lp : nullptr));
+    }
+    if (!out.empty() && !WriteAll(fd, out, wake, absl::Now() + kWriteTimeout)) {
+      client_gone = true;
+      ctx.TryCancel();  // frees the sequence on its worker
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  Unregister(&ctx);
+  if (client_gone) return;
+  const absl::Time deadline = absl::Now() + kWriteTimeout;
+  if (!status.ok()) {
+    const int http = HttpStatusOf(status.error_code());
+    if (streaming) {
+      WriteAll(fd,
+               absl::StrCat("data: ", OpenAiErrorJson(http, status.error_message(), ""),
+                            "\n\ndata: [DONE]\n\n"),
+               wake, deadline);
+    } else {
+      WriteAll(fd, ErrorResponse(http, status.error_message()), wake, deadline);
+    }
+    return;
+  }
+  if (!call->stream) {
+    WriteAll(fd,
+             JsonResponse(
+                 200, absl::StrCat("{\"id\":", JsonQuote(id),
+                                   ",\"object\":\"text_completion\",\"created\":", created,
+                                   ",\"model\":", JsonQuote(model_asked),
+                                   ",\"choices\":[{\"index\":0,\"text\":", JsonQuote(text),
+                                   ",\"logprobs\":", want_logprobs ? logprobs.Json() : "null",
+                                   ",\"finish_reason\":",
+                                   finish != nullptr ? absl::StrCat("\"", finish, "\"") : "null",
+                                   "}],\"usage\":", UsageJson(usage), "}")),
+             wake, deadline);
+    return;
+  }
+  std::string tail = streaming ? "" : Head(200, "text/event-stream", -1);
+  if (call->include_usage) {
+    absl::StrAppend(&tail, "data: {\"id\":", JsonQuote(id),
+                    ",\"object\":\"text_completion\",\"created\":", created,
+                    ",\"model\":", JsonQuote(model_asked),
+                    ",\"choices\":[],\"usage\":", UsageJson(usage), "}\n\n");
+  }
+  absl::StrAppend(&tail, "data: [DONE]\n\n");
+  WriteAll(fd, tail, wake, deadline);
+}
+
+absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartOpenAiGateway(
+    const std::string& listen, std::shared_ptr<grpc::Channel> serving) {
+  if (listen.empty()) return nullptr;
+  absl::StatusOr<std::unique_ptr<OpenAiGateway>> g = OpenAiGateway::Start(listen, serving);
+  if (g.ok()) {
+    LOG(INFO) << "OpenAI-compatible API at http://" << listen << "/v1 (port " << (*g)->port()
+              << ")";
+  }
+  return g;
+}
+
+}  // namespace strata

@@ -1,0 +1,124 @@
+// OpenAiGateway: the OpenAI-compatible completions API over HTTP/1.1, in front of a coordinator's
+// Serving service (strata-coordinator --http_listen), so that OpenAI clients, curl and the tools
+// built on them can use a Strata cluster as they are.
+//
+//   GET  /v1/models       the base models and their fine-tunes (ListModels)
+//   POST /v1/completions  one completion (Generate); "stream": true sends server-sent events
+//   GET  /health          200 while the gateway runs
+//
+// A completion request is translated into one GenerateRequest (CompletionFromJson) and sent through
+// the in-process channel, so every check, limit, metric and failover of the gRPC path applies.
+// Errors answer with the OpenAI error object ({"error": {"message", "type", "param", "code"}}) and
+// the HTTP status of the gRPC code (HttpStatusOf): 400 for a bad field (the message names it), 404
+// for an unknown model or fine-tune, 429 when the coordinator's queue is full, 503 with no worker,
+// 504 past a deadline. A streamed call that fails after its first event ends with an error event.
+// Chat completions need the model's chat template, which Strata does not apply yet: 501.
+//
+// Fine-tunes: "model" may name a fine-tune that ListModels lists under a base model (as vLLM names
+// its adapters), or the request may give the base model and Strata's own "fine_tune_id". Other
+// extensions to the OpenAI request: top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
+// stop_token_ids, skip_special_tokens, cache_salt (a tenant's cache isolation), priority,
+// request_id.
+//
+// One request per connection (Connection: close), each on its own thread, at most
+// max_connections at once (beyond it: 503). A client that disconnects cancels its generation. The
+// request must arrive within read_timeout; the response streams for as long as the generation runs.
+#ifndef STRATA_COORDINATOR_OPENAI_GATEWAY_H_
+#define STRATA_COORDINATOR_OPENAI_GATEWAY_H_
+
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/unique_fd.h"
+#include "grpcpp/channel.h"
+#include "grpcpp/client_context.h"
+#include "proto/strata/v1/serving.grpc.pb.h"
+
+namespace strata {
+
+// A /v1/completions request as Generate takes it.
+struct CompletionCall {
+  v1::GenerateRequest request;
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage: a last event with usage
+};
+
+// Parses a /v1/completions body. INVALID_ARGUMENT naming the field for a malformed body, a field
+// of the wrong type, or what this endpoint does not do (several prompts, n > 1, echo, suffix,
+// logit_bias); the status's message is the client's, `param` (when not null) the field.
+absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::string* param);
+
+// The HTTP status for a gRPC status code.
+int HttpStatusOf(grpc::StatusCode code);
+
+// The OpenAI error object for an HTTP status: {"error": {"message", "type", "param", "code"}}.
+std::string OpenAiErrorJson(int http_status, absl::string_view message, absl::string_view param);
+
+// "stop" (EOS, a stop token or string), "length" (max_tokens or the context), or null while the
+// generation goes on.
+const char* OpenAiFinishReason(v1::FinishReason reason);
+
+struct OpenAiGatewayOptions {
+  int max_connections = 256;
+  absl::Duration read_timeout = absl::Seconds(30);
+  int64_t max_body_bytes = int64_t{8} << 20;
+};
+
+class OpenAiGateway {
+ public:
+  // Listens on `listen` (HOST:PORT; errors name --http_listen) and serves through `serving`, a
+  // channel to the coordinator's Serving service.
+  static absl::StatusOr<std::unique_ptr<OpenAiGateway>> Start(
+      const std::string& listen, std::shared_ptr<grpc::Channel> serving,
+      OpenAiGatewayOptions options = {});
+  // Stops accepting, cancels the generations in flight and waits for every connection to end.
+  ~OpenAiGateway();
+  OpenAiGateway(const OpenAiGateway&) = delete;
+  OpenAiGateway& operator=(const OpenAiGateway&) = delete;
+
+  int port() const { return port_; }
+
+ private:
+  OpenAiGateway(UniqueFd listen_fd, UniqueFd wake_fd, int port,
+                std::shared_ptr<grpc::Channel> serving, OpenAiGatewayOptions options);
+  void Loop();
+  void Serve(UniqueFd fd);
+  // The HTTP exchange on `fd` after the request was read.
+  void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);
+  void Models(int fd);
+  void Completion(int fd, const std::string& body);
+  // Resolves a fine-tune named as the model (ListModels, cached a few seconds).
+  void ResolveModel(v1::GenerateRequest* request);
+  bool Register(grpc::ClientContext* ctx);
+  void Unregister(grpc::ClientContext* ctx);
+
+  UniqueFd listen_fd_;
+  UniqueFd wake_fd_;  // an eventfd: written to stop the loop and every connection
+  const int port_;
+  const OpenAiGatewayOptions options_;
+  std::unique_ptr<v1::Serving::Stub> stub_;
+  std::thread thread_;
+
+  absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::set<grpc::ClientContext*> calls_ ABSL_GUARDED_BY(mu_);
+  // ListModels' answer and when it was asked.
+  v1::ListModelsResponse models_ ABSL_GUARDED_BY(mu_);
+  absl::Time models_at_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+};
+
+// For strata-coordinator's main: null when `listen` is empty, else the started gateway, its
+// address logged.
+absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartOpenAiGateway(
+    const std::string& listen, std::shared_ptr<grpc::Channel> serving);
+
+}  // namespace strata
+
+#endif  // STRATA_COORDINATOR_OPENAI_GATEWAY_H_

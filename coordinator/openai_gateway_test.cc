@@ -1,0 +1,151 @@
+// The OpenAI completions request into a GenerateRequest, and the error mapping, without a server
+// (tests/openai_http_test runs the API end to end).
+#include "coordinator/openai_gateway.h"
+
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+absl::StatusOr<CompletionCall> Parse(const std::string& body, std::string* param = nullptr) {
+  std::string p;
+  return CompletionFromJson(body, param != nullptr ? param : &p);
+}
+
+TEST(CompletionFromJsonTest, MapsTheOpenAiFieldsAndStratasOwn) {
+  const absl::StatusOr<CompletionCall> c = Parse(R"({
+    "model": "strata-tiny", "prompt": "Once upon", "max_tokens": 7, "temperature": 0.5,
+    "top_p": 0.9, "top_k": 40, "min_p": 0.05, "presence_penalty": 0.1, "frequency_penalty": 0.2,
+    "repetition_penalty": 1.1, "seed": 42, "stop": ["\n", "END"], "logprobs": 3, "stream": true,
+    "stream_options": {"include_usage": true}, "user": "someone", "n": 1,
+    "fine_tune_id": "ft-man", "cache_salt": "tenant-a", "priority": 5, "request_id": "r-1",
+    "ignore_eos": true, "min_tokens": 2, "stop_token_ids": [2]})");
+  ASSERT_TRUE(c.ok()) << c.status();
+  const v1::GenerateRequest& r = c->request;
+  EXPECT_TRUE(c->stream);
+  EXPECT_TRUE(c->include_usage);
+  EXPECT_EQ(r.model(), "strata-tiny");
+  EXPECT_EQ(r.text(), "Once upon");
+  EXPECT_EQ(r.fine_tune_id(), "ft-man");
+  EXPECT_EQ(r.cache_salt(), "tenant-a");
+  EXPECT_EQ(r.priority(), 5);
+  EXPECT_EQ(r.request_id(), "r-1");
+  const v1::SamplingParams& s = r.sampling();
+  EXPECT_EQ(s.max_tokens(), 7u);
+  EXPECT_EQ(s.min_tokens(), 2u);
+  EXPECT_FLOAT_EQ(s.temperature(), 0.5f);
+  EXPECT_FLOAT_EQ(s.top_p(), 0.9f);
+  EXPECT_EQ(s.top_k(), 40u);
+  EXPECT_FLOAT_EQ(s.min_p(), 0.05f);
+  EXPECT_FLOAT_EQ(s.presence_penalty(), 0.1f);
+  EXPECT_FLOAT_EQ(s.frequency_penalty(), 0.2f);
+  EXPECT_FLOAT_EQ(s.repetition_penalty(), 1.1f);
+  EXPECT_EQ(s.seed(), 42u);
+  ASSERT_EQ(s.stop_size(), 2);
+  EXPECT_EQ(s.stop(1), "END");
+  EXPECT_EQ(s.logprobs(), 3u);
+  EXPECT_TRUE(s.ignore_eos());
+  EXPECT_TRUE(s.skip_special_tokens());
+  ASSERT_EQ(s.stop_token_ids_size(), 1);
+}
+
+TEST(CompletionFromJsonTest, DefaultsLeaveTheServersChoices) {
+  const absl::StatusOr<CompletionCall> c = Parse(R"({"model": "m", "prompt": "x"})");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->stream);
+  EXPECT_EQ(c->request.sampling().max_tokens(), 16u);  // OpenAI's default
+  EXPECT_FALSE(c->request.sampling().has_temperature());
+  EXPECT_FALSE(c->request.sampling().has_seed());
+  EXPECT_FALSE(c->request.sampling().has_logprobs());
+  // null is "not given"; top_k -1 is "off".
+  const absl::StatusOr<CompletionCall> n =
+      Parse(R"({"model": "m", "prompt": "x", "temperature": null, "top_k": -1, "seed": null})");
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_FALSE(n->request.sampling().has_temperature());
+  EXPECT_EQ(n->request.sampling().top_k(), 0u);
+}
+
+TEST(CompletionFromJsonTest, PromptsAsTextOrTokenIds) {
+  for (const char* prompt : {R"("hi")", R"(["hi"])"}) {
+    const absl::StatusOr<CompletionCall> c =
+        Parse(absl::StrCat(R"({"model": "m", "prompt": )", prompt, "}"));
+    ASSERT_TRUE(c.ok()) << prompt << ": " << c.status();
+    EXPECT_EQ(c->request.text(), "hi");
+  }
+  for (const char* prompt : {"[1, 2, 3]", "[[1, 2, 3]]"}) {
+    const absl::StatusOr<CompletionCall> c =
+        Parse(absl::StrCat(R"({"model": "m", "prompt": )", prompt, "}"));
+    ASSERT_TRUE(c.ok()) << prompt << ": " << c.status();
+    ASSERT_EQ(c->request.token_ids().ids_size(), 3);
+    EXPECT_EQ(c->request.token_ids().ids(2), 3);
+  }
+}
+
+TEST(CompletionFromJsonTest, RefusalsNameTheField) {
+  struct Case {
+    const char* body;
+    const char* param;
+    const char* says;
+  };
+  for (const Case& c : {
+           Case{R"(not json)", "", "request body"},
+           Case{R"([1])", "", "JSON object"},
+           Case{R"({"prompt": "x"})", "model", "model"},
+           Case{R"({"model": 3, "prompt": "x"})", "model", "model"},
+           Case{R"({"model": "m"})", "prompt", "prompt"},
+           Case{R"({"model": "m", "prompt": ["a", "b"]})", "prompt", "one request per prompt"},
+           Case{R"({"model": "m", "prompt": []})", "prompt", "empty"},
+           Case{R"({"model": "m", "prompt": [1, -2]})", "prompt", "prompt[1]"},
+           Case{R"({"model": "m", "prompt": {"a": 1}})", "prompt", "prompt"},
+           Case{R"({"model": "m", "prompt": "x", "max_tokens": 0})", "max_tokens", "at least 1"},
+           Case{R"({"model": "m", "prompt": "x", "max_tokens": "9"})", "max_tokens", "max_tokens"},
+           Case{R"({"model": "m", "prompt": "x", "temperature": "hot"})", "temperature",
+                "temperature"},
+           Case{R"({"model": "m", "prompt": "x", "seed": -1})", "seed", "seed"},
+           Case{R"({"model": "m", "prompt": "x", "stop": [1]})", "stop", "stop[0]"},
+           Case{R"({"model": "m", "prompt": "x", "n": 2})", "n", "one request per completion"},
+           Case{R"({"model": "m", "prompt": "x", "best_of": 3})", "best_of", "best_of"},
+           Case{R"({"model": "m", "prompt": "x", "echo": true})", "echo", "echo"},
+           Case{R"({"model": "m", "prompt": "x", "suffix": "z"})", "suffix", "suffix"},
+           Case{R"({"model": "m", "prompt": "x", "logit_bias": {"5": 1}})", "logit_bias",
+                "logit_bias"},
+           Case{R"({"model": "m", "prompt": "x", "logprobs": true})", "logprobs", "logprobs"},
+           Case{R"({"model": "m", "prompt": "x", "logprobs": 50})", "logprobs", "0 to 20"},
+           Case{R"({"model": "m", "prompt": "x", "stream": "yes"})", "stream", "stream"},
+           Case{R"({"model": "m", "prompt": "x", "priority": 1e12})", "priority", "priority"},
+       }) {
+    std::string param;
+    const absl::StatusOr<CompletionCall> r = Parse(c.body, &param);
+    ASSERT_FALSE(r.ok()) << c.body;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.body;
+    EXPECT_NE(r.status().message().find(c.says), std::string::npos)
+        << c.body << ": " << r.status().message();
+    if (*c.param != '\0') {
+      EXPECT_EQ(param, c.param) << c.body;
+    }
+  }
+}
+
+TEST(OpenAiErrorsTest, StatusCodesAndTheErrorObject) {
+  EXPECT_EQ(HttpStatusOf(grpc::StatusCode::INVALID_ARGUMENT), 400);
+  EXPECT_EQ(HttpStatusOf(grpc::StatusCode::NOT_FOUND), 404);
+  EXPECT_EQ(HttpStatusOf(grpc::StatusCode::RESOURCE_EXHAUSTED), 429);
+  EXPECT_EQ(HttpStatusOf(grpc::StatusCode::UNAVAILABLE), 503);
+  EXPECT_EQ(HttpStatusOf(grpc::StatusCode::DEADLINE_EXCEEDED), 504);
+  EXPECT_EQ(HttpStatusOf(grpc::StatusCode::INTERNAL), 500);
+  EXPECT_EQ(OpenAiErrorJson(400, "a \"bad\" one", "temperature"),
+            R"({"error":{"message":"a \"bad\" one","type":"invalid_request_error",)"
+            R"("param":"temperature","code":400}})");
+  EXPECT_EQ(OpenAiErrorJson(429, "full", ""),
+            R"({"error":{"message":"full","type":"rate_limit_error","param":null,"code":429}})");
+  EXPECT_STREQ(OpenAiFinishReason(v1::FINISH_REASON_LENGTH), "length");
+  EXPECT_STREQ(OpenAiFinishReason(v1::FINISH_REASON_STOP_STRING), "stop");
+  EXPECT_STREQ(OpenAiFinishReason(v1::FINISH_REASON_EOS), "stop");
+  EXPECT_EQ(OpenAiFinishReason(v1::FINISH_REASON_UNSPECIFIED), nullptr);
+}
+
+}  // namespace
+}  // namespace strata

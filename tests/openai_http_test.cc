@@ -1,0 +1,267 @@
+// End-to-end: the OpenAI-compatible HTTP API of a real coordinator (--http_listen) over a real
+// worker on the bundled model. Completions, streamed or not, carry the tokens the gRPC API gives
+// for the same request; errors come as OpenAI error objects with the right HTTP status naming the
+// field; a client that goes away mid-stream frees its sequence on the worker.
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/json.h"
+#include "gtest/gtest.h"
+#include "tests/cluster_client.h"
+#include "tests/http_client.h"
+#include "tests/local_cluster.h"
+
+namespace strata {
+namespace {
+
+class OpenAiHttpTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    port_ = FreePort();
+    LocalClusterOptions o;
+    o.num_workers = 1;
+    o.name = "openai";
+    o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", port_)};
+    auto c = LocalCluster::Start(o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    cluster_ = c->release();
+  }
+  static void TearDownTestSuite() {
+    delete cluster_;
+    cluster_ = nullptr;
+  }
+
+  // The body parsed; fails the test when it is not JSON.
+  static JsonDocument Json(const std::string& body) {
+    absl::StatusOr<JsonDocument> d = JsonDocument::Parse(body, "response");
+    EXPECT_TRUE(d.ok()) << d.status() << "\n" << body;
+    if (!d.ok()) return *JsonDocument::Parse("{}", "empty");
+    return std::move(*d);
+  }
+
+  static std::string Str(const JsonValue& v, absl::string_view key) {
+    absl::StatusOr<absl::string_view> s = v.StringField(key);
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? std::string(*s) : "";
+  }
+
+  // choices[0] of a completion.
+  static JsonValue Choice(const JsonDocument& d) {
+    return (*d.root().Field("choices")->AsArray())[0];
+  }
+
+  static inline LocalCluster* cluster_ = nullptr;
+  static inline int port_ = 0;
+};
+
+constexpr char kPrompt[] = "The quick brown fox jumps over the lazy dog, and then";
+
+// The same request through the gRPC API: its text.
+std::string GrpcText(LocalCluster* cluster, int max_tokens, uint64_t seed, float temperature) {
+  v1::GenerateRequest r = TextRequest(kPrompt, max_tokens, seed);
+  r.mutable_sampling()->set_temperature(temperature);
+  r.mutable_sampling()->set_skip_special_tokens(true);
+  const Generated g = Generate(cluster->serving(), r);
+  EXPECT_TRUE(g.status.ok()) << g.status.error_message();
+  return g.text;
+}
+
+std::string CompletionBody(int max_tokens, uint64_t seed, const std::string& extra = "") {
+  return absl::StrCat(R"({"model": "strata-tiny", "prompt": ")", kPrompt, R"(", "max_tokens": )",
+                      max_tokens, R"(, "seed": )", seed,
+                      R"(, "temperature": 0.8, "ignore_eos": true)", extra, "}");
+}
+
+TEST_F(OpenAiHttpTest, ModelsListsTheServedModel) {
+  const HttpReply r = Http(port_, "GET", "/v1/models");
+  ASSERT_EQ(r.status, 200) << r.head << r.body;
+  EXPECT_NE(r.head.find("Content-Type: application/json"), std::string::npos);
+  const JsonDocument d = Json(r.body);
+  EXPECT_EQ(Str(d.root(), "object"), "list");
+  const std::vector<JsonValue> data = *d.root().Field("data")->AsArray();
+  ASSERT_EQ(data.size(), 1u);
+  EXPECT_EQ(Str(data[0], "id"), kTinyModel);
+  EXPECT_EQ(*data[0].IntField("max_model_len"), 2048);
+  EXPECT_EQ(Http(port_, "GET", "/health").status, 200);
+}
+
+TEST_F(OpenAiHttpTest, ACompletionIsWhatTheGrpcApiGenerates) {
+  const std::string want = GrpcText(cluster_, 12, 7, 0.8f);
+  ASSERT_FALSE(want.empty());
+  const HttpReply r = Http(port_, "POST", "/v1/completions", CompletionBody(12, 7));
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  EXPECT_EQ(Str(d.root(), "object"), "text_completion");
+  EXPECT_EQ(Str(d.root(), "model"), kTinyModel);
+  EXPECT_EQ(Str(d.root(), "id").rfind("cmpl-", 0), 0u);
+  const JsonValue choice = Choice(d);
+  EXPECT_EQ(Str(choice, "text"), want);
+  EXPECT_EQ(Str(choice, "finish_reason"), "length");
+  EXPECT_TRUE(choice.Field("logprobs")->IsNull());
+  const JsonValue usage = *d.root().Field("usage");
+  EXPECT_EQ(*usage.IntField("completion_tokens"), 12);
+  EXPECT_GT(*usage.IntField("prompt_tokens"), 5);
+  EXPECT_EQ(*usage.IntField("total_tokens"),
+            *usage.IntField("prompt_tokens") + *usage.IntField("completion_tokens"));
+}
+
+TEST_F(OpenAiHttpTest, AStreamCarriesTheSameTextThenDone) {
+  const std::string want = GrpcText(cluster_, 16, 11, 0.8f);
+  const HttpReply r = Http(port_, "POST", "/v1/completions",
+                           CompletionBody(16, 11,
+                                          R"(, "stream": true, "stream_options": )"
+                                          R"({"include_usage": true})"));
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_NE(r.head.find("Content-Type: text/event-stream"), std::string::npos);
+  const std::vector<std::string> events = SseData(r.body);
+  ASSERT_GE(events.size(), 3u) << r.body;
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text, finish;
+  int64_t completion_tokens = -1;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    const JsonDocument d = Json(events[i]);
+    const std::vector<JsonValue> choices = *d.root().Field("choices")->AsArray();
+    if (choices.empty()) {  // the usage event, last
+      EXPECT_EQ(i + 2, events.size());
+      completion_tokens = *d.root().Field("usage")->IntField("completion_tokens");
+      continue;
+    }
+    text += Str(choices[0], "text");
+    if (!choices[0].Field("finish_reason")->IsNull()) finish = Str(choices[0], "finish_reason");
+  }
+  EXPECT_EQ(text, want);
+  EXPECT_EQ(finish, "length");
+  EXPECT_EQ(completion_tokens, 16);
+}
+
+TEST_F(OpenAiHttpTest, LogprobsComeInOpenAisShape) {
+  const HttpReply r =
+      Http(port_, "POST", "/v1/completions", CompletionBody(6, 3, R"(, "logprobs": 2)"));
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  const JsonValue lp = *Choice(d).Field("logprobs");
+  const std::vector<JsonValue> tokens = *lp.Field("tokens")->AsArray();
+  const std::vector<JsonValue> values = *lp.Field("token_logprobs")->AsArray();
+  const std::vector<JsonValue> top = *lp.Field("top_logprobs")->AsArray();
+  ASSERT_EQ(tokens.size(), 6u);
+  ASSERT_EQ(values.size(), 6u);
+  ASSERT_EQ(top.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_LE(*values[i].AsDouble(), 0);
+    EXPECT_EQ(top[i].AsObject()->size(), 2u);
+  }
+  std::string joined;
+  for (const JsonValue& t : tokens) absl::StrAppend(&joined, *t.AsString());
+  EXPECT_EQ(joined, Str(Choice(d), "text"));
+}
+
+TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsAndTheServerGoesOn) {
+  struct Case {
+    std::string method, path, body;
+    int status;
+    std::string param;  // "" : null
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {"POST", "/v1/completions",
+       R"({"model": "strata-tiny", "prompt": "x", "temperature": "hot"})", 400, "temperature",
+       "temperature"},
+      {"POST", "/v1/completions", "{not json", 400, "", "request body"},
+      {"POST", "/v1/completions", R"({"model": "strata-tiny", "prompt": "x", "n": 3})", 400, "n",
+       "one request per completion"},
+      // The coordinator's own checks come through with their field names.
+      {"POST", "/v1/completions", R"({"model": "strata-tiny", "prompt": "x", "top_p": 7})", 400, "",
+       "top_p"},
+      {"POST", "/v1/completions", R"({"model": "gpt-17", "prompt": "x"})", 404, "", "gpt-17"},
+      {"POST", "/v1/completions", R"({"model": "strata-tiny", "prompt": [99999]})", 400, "",
+       "token_ids"},
+      {"GET", "/v1/completions", "", 405, "", "POST"},
+      {"POST", "/v1/chat/completions", R"({"model": "strata-tiny", "messages": []})", 501, "",
+       "chat template"},
+      {"GET", "/v2/anything", "", 404, "", "/v2/anything"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.method + " " + c.path + " " + c.body);
+    const HttpReply r = Http(port_, c.method, c.path, c.body);
+    EXPECT_EQ(r.status, c.status) << r.body;
+    const JsonDocument d = Json(r.body);
+    const absl::StatusOr<JsonValue> e = d.root().Field("error");
+    ASSERT_TRUE(e.ok()) << r.body;
+    EXPECT_NE(Str(*e, "message").find(c.says), std::string::npos) << r.body;
+    EXPECT_EQ(*e->IntField("code"), c.status);
+    if (c.param.empty()) {
+      EXPECT_TRUE(e->Field("param")->IsNull()) << r.body;
+    } else {
+      EXPECT_EQ(Str(*e, "param"), c.param);
+    }
+  }
+  // A POST without a length, and one announcing too large a body.
+  EXPECT_EQ(HttpRaw(port_, "POST /v1/completions HTTP/1.1\r\nHost: t\r\n\r\n").status, 411);
+  EXPECT_EQ(
+      HttpRaw(port_, "POST /v1/completions HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n").status,
+      413);
+  EXPECT_EQ(HttpRaw(port_, "garbage\r\n\r\n").status, 400);
+  // Still serving.
+  EXPECT_EQ(Http(port_, "POST", "/v1/completions", CompletionBody(2, 1)).status, 200);
+}
+
+// curl sends "Expect: 100-continue" before a body over 1 KiB and waits for the go-ahead.
+TEST_F(OpenAiHttpTest, ExpectContinueGetsTheGoAhead) {
+  const std::string body =
+      CompletionBody(2, 5, absl::StrCat(R"(, "user": ")", std::string(2000, 'u'), "\""));
+  const int fd = ConnectLoopback(port_);
+  ASSERT_GE(fd, 0);
+  const std::string head =
+      absl::StrCat("POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: ", body.size(),
+                   "\r\nExpect: 100-continue\r\n\r\n");
+  ASSERT_EQ(send(fd, head.data(), head.size(), MSG_NOSIGNAL), static_cast<ssize_t>(head.size()));
+  char buf[256];
+  const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+  ASSERT_GT(n, 0);
+  EXPECT_EQ(std::string(buf, static_cast<size_t>(n)), "HTTP/1.1 100 Continue\r\n\r\n");
+  ASSERT_EQ(send(fd, body.data(), body.size(), MSG_NOSIGNAL), static_cast<ssize_t>(body.size()));
+  std::string text;
+  ssize_t m;
+  char more[4096];
+  while ((m = recv(fd, more, sizeof(more), 0)) > 0) text.append(more, static_cast<size_t>(m));
+  close(fd);
+  EXPECT_EQ(ParseHttpReply(text).status, 200) << text;
+}
+
+TEST_F(OpenAiHttpTest, AClientThatLeavesMidStreamFreesItsSequence) {
+  const int fd = ConnectLoopback(port_);
+  ASSERT_GE(fd, 0);
+  const std::string req =
+      HttpRequestText("POST", "/v1/completions", CompletionBody(1500, 9, R"(, "stream": true)"));
+  ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  // Wait for the first event: the sequence is running on the worker.
+  std::string got;
+  char buf[4096];
+  while (got.find("data: ") == std::string::npos) {
+    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    ASSERT_GT(n, 0);
+    got.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  int64_t live = -1;
+  while (absl::Now() < give_up) {
+    live = 0;
+    const v1::ClusterStatus status = Status(cluster_->admin());
+    for (const auto& w : status.workers()) {
+      live += w.load().num_running_sequences() + w.load().num_waiting_sequences();
+    }
+    if (live == 0) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_EQ(live, 0) << "the generation went on after its client left";
+}
+
+}  // namespace
+}  // namespace strata
