@@ -92,7 +92,8 @@ class JsonDocument {
 };
 
 // `s` as a JSON string literal, quotes included (control characters, quotes and backslashes
-// escaped; other bytes passed through, so valid UTF-8 in gives valid JSON out).
+// escaped; UTF-8 passed through; a byte that is not part of a well-formed UTF-8 sequence becomes
+// U+FFFD, so the output is valid JSON whatever `s` holds).
 std::string JsonQuote(absl::string_view s);
 
 }  // namespace strata

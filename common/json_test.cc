@@ -73,5 +73,18 @@ TEST(JsonTest, QuoteEscapesAndRoundTrips) {
   EXPECT_EQ(*doc->root().AsString(), raw);
 }
 
+TEST(JsonTest, QuoteReplacesWhatIsNotUtf8) {
+  // A stray continuation byte, a truncated sequence, an overlong "/", a surrogate, and valid
+  // two- and four-byte characters.
+  const std::string raw = std::string("a") + "\x80" + "b" + "\xe4\xb8" + "c" + "\xc0\xaf" + "d" +
+                          "\xed\xa0\x80" + "e" + "\xc3\xa9" + "\xf0\x9f\x98\x80";
+  const std::string quoted = JsonQuote(raw);
+  const std::string r = "\xef\xbf\xbd";  // U+FFFD
+  EXPECT_EQ(quoted, "\"a" + r + "b" + r + r + "c" + r + r + "d" + r + r + r +
+                        "e\xc3\xa9\xf0\x9f\x98\x80\"");
+  auto doc = JsonDocument::Parse(quoted, "q");
+  ASSERT_TRUE(doc.ok()) << doc.status();
+}
+
 }  // namespace
 }  // namespace strata

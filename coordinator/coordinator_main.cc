@@ -2,6 +2,7 @@
 // routes requests to workers by where their prompt's KV blocks live, and fails requests over when a
 // worker dies. On SIGINT or SIGTERM it stops taking calls, lets in-flight ones finish for up to
 // --shutdown_grace_s, and exits.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -163,14 +164,25 @@ int Main() {
   LOG(INFO) << "signal " << sig << ": shutting down (" << service.num_inflight()
             << " requests in flight)";
   (*server)->SetServing(false);
+  if (*http != nullptr) (*http)->SetServing(false);
   // Still listening, NOT_SERVING: load balancers (a Kubernetes Service's endpoints) drop this
   // replica before it refuses connections. A second signal cuts the wait short.
   if (const int64_t delay = absl::GetFlag(FLAGS_shutdown_delay_s); delay > 0) {
     LOG(INFO) << "not serving; closing the listener in " << delay << " s";
     WaitForTerminationSignal(absl::Seconds(delay));
   }
-  (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_s)));
-  http->reset();  // its calls ended with the server's
+  // New HTTP connections are refused; those accepted finish within the grace period first, since
+  // the in-process channel they use closes as soon as the server shuts down. Then the gRPC
+  // server gets what is left of the grace period, and the gateway goes.
+  const absl::Time grace_end = absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_s));
+  if (*http != nullptr) {
+    (*http)->StopAccepting();
+    if (!(*http)->WaitIdle(grace_end)) {
+      LOG(WARNING) << "HTTP requests still running at the end of the grace period: cancelling";
+    }
+  }
+  (*server)->Shutdown(std::max(absl::ZeroDuration(), grace_end - absl::Now()));
+  http->reset();
   pool.Stop();
   LOG(INFO) << "strata-coordinator stopped";
   return 0;

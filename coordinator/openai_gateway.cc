@@ -11,7 +11,9 @@
 #include <cstring>
 #include <limits>
 #include <list>
+#include <optional>
 #include <string_view>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -86,11 +88,55 @@ std::string ErrorResponse(int status, absl::string_view message, absl::string_vi
   return JsonResponse(status, OpenAiErrorJson(status, message, param));
 }
 
-// True when the peer has closed its end (or the socket failed).
-bool PeerGone(int fd) {
-  pollfd p = {fd, POLLRDHUP, 0};
-  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+// Ends a connection without losing the response: after our FIN, reads (and drops) what the
+// client still sends until it closes, 2 s or 1 MiB at most. Closing with unread bytes in the
+// receive buffer would send a reset, and the client could lose the response to it (a 413 before
+// the body, a 503 before the request was read).
+void LingeringClose(int fd, int wake_fd) {
+  ::shutdown(fd, SHUT_WR);
+  const absl::Time deadline = absl::Now() + absl::Seconds(2);
+  char buf[16384];
+  size_t drained = 0;
+  while (drained < (size_t{1} << 20) && WaitFor(fd, POLLIN, wake_fd, deadline)) {
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) return;
+    drained += static_cast<size_t>(n);
+  }
 }
+
+// Watches a connection while its generation runs: when the client closes it (or the socket
+// fails), or the gateway stops, cancels the call, which frees the sequence on its worker. Bytes
+// the client sends meanwhile are dropped. Stops when destroyed.
+class DisconnectWatch {
+ public:
+  DisconnectWatch(int fd, int wake_fd, grpc::ClientContext* ctx)
+      : thread_([this, fd, wake_fd, ctx] {
+          char buf[4096];
+          while (!done_.load()) {
+            pollfd fds[2] = {{fd, POLLIN | POLLRDHUP, 0}, {wake_fd, POLLIN, 0}};
+            const int rc = ::poll(fds, 2, 200);
+            if (rc < 0 && errno == EINTR) continue;
+            if (rc < 0 || fds[1].revents != 0) break;
+            if (fds[0].revents == 0) continue;
+            const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+            if (n > 0 || (n < 0 && (errno == EINTR || errno == EAGAIN))) continue;
+            gone_.store(true);
+            ctx->TryCancel();
+            break;
+          }
+        }) {}
+  ~DisconnectWatch() {
+    done_.store(true);
+    thread_.join();
+  }
+  bool gone() const { return gone_.load(); }
+
+ private:
+  std::atomic<bool> done_{false};
+  std::atomic<bool> gone_{false};
+  std::thread thread_;
+};
 
 std::string Float(double v) {
   if (!std::isfinite(v)) return v < 0 ? "-9999.0" : "0.0";  // -inf logprobs as OpenAI's floor
@@ -199,7 +245,7 @@ absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::s
   *param = "max_tokens";
   ASSIGN_OR_RETURN(const int64_t max_tokens, root.IntFieldOr("max_tokens", 16));
   if (max_tokens < 1 || max_tokens > std::numeric_limits<uint32_t>::max()) {
-    return root.Field("max_tokens")->Error("must be at least 1");
+    return root.Field("max_tokens")->Error("must be 1 to 4294967295");
   }
   s.set_max_tokens(static_cast<uint32_t>(max_tokens));
   *param = "min_tokens";
@@ -342,8 +388,9 @@ int HttpStatusOf(grpc::StatusCode code) {
       return 404;
     case grpc::StatusCode::RESOURCE_EXHAUSTED:
       return 429;
+    // The server cancelled (shutting down): the client, had it cancelled, would not be reading.
     case grpc::StatusCode::CANCELLED:
-      return 499;
+      return 503;
     case grpc::StatusCode::UNIMPLEMENTED:
       return 501;
     case grpc::StatusCode::UNAVAILABLE:
@@ -356,8 +403,11 @@ int HttpStatusOf(grpc::StatusCode code) {
 }
 
 std::string OpenAiErrorJson(int http_status, absl::string_view message, absl::string_view param) {
-  const char* type = http_status == 400 || http_status == 404 || http_status == 413
+  const char* type = http_status == 400 || http_status == 404 || http_status == 405 ||
+                             http_status == 411 || http_status == 413 || http_status == 431
                          ? "invalid_request_error"
+                     : http_status == 401 ? "authentication_error"
+                     : http_status == 403 ? "permission_error"
                      : http_status == 429 ? "rate_limit_error"
                      : http_status == 501 ? "not_implemented"
                                           : "server_error";
@@ -383,9 +433,13 @@ absl::StatusOr<std::unique_ptr<OpenAiGateway>> OpenAiGateway::Start(
     OpenAiGatewayOptions options) {
   ASSIGN_OR_RETURN(ListenSocket socket, ListenTcp(listen, "--http_listen", 256));
   UniqueFd wake(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!wake.valid()) return absl::UnavailableError(absl::StrCat("eventfd: ", strerror(errno)));
+  UniqueFd stop_accepting(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake.valid() || !stop_accepting.valid()) {
+    return absl::UnavailableError(absl::StrCat("eventfd: ", strerror(errno)));
+  }
   std::unique_ptr<OpenAiGateway> g(new OpenAiGateway(std::move(socket.fd), std::move(wake),
                                                      socket.port, std::move(serving), options));
+  g->stop_accepting_fd_ = std::move(stop_accepting);
   g->thread_ = std::thread([p = g.get()] { p->Loop(); });
   return g;
 }
@@ -404,12 +458,32 @@ OpenAiGateway::~OpenAiGateway() {
     stopping_ = true;
     for (grpc::ClientContext* ctx : calls_) ctx->TryCancel();
   }
+  // A connection whose call just ended writes its last event (an error, [DONE]) and closes: give
+  // that a second before cutting every wait short.
+  StopAccepting();
+  WaitIdle(absl::Now() + absl::Seconds(1));
   // The eventfd stays readable: every wait on a connection ends too.
   const uint64_t one = 1;
   if (::write(wake_fd_.get(), &one, sizeof(one)) != sizeof(one)) {
     LOG(ERROR) << "http: cannot wake the server threads: " << strerror(errno);
   }
   if (thread_.joinable()) thread_.join();  // joins every connection's thread too
+}
+
+bool OpenAiGateway::WaitIdle(absl::Time deadline) const {
+  while (active_.load() > 0) {
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return true;
+}
+
+void OpenAiGateway::StopAccepting() {
+  serving_.store(false);
+  const uint64_t one = 1;
+  if (::write(stop_accepting_fd_.get(), &one, sizeof(one)) != sizeof(one)) {
+    LOG(ERROR) << "http: cannot stop accepting: " << strerror(errno);
+  }
 }
 
 bool OpenAiGateway::Register(grpc::ClientContext* ctx) {
@@ -442,13 +516,15 @@ void OpenAiGateway::Loop() {
     }
   };
   while (true) {
-    pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0) {
+    pollfd fds[3] = {{listen_fd_.get(), POLLIN, 0},
+                     {wake_fd_.get(), POLLIN, 0},
+                     {stop_accepting_fd_.get(), POLLIN, 0}};
+    if (::poll(fds, 3, -1) < 0) {
       if (errno == EINTR) continue;
       LOG(ERROR) << "http: poll: " << strerror(errno);
       break;
     }
-    if (fds[1].revents != 0) break;
+    if (fds[1].revents != 0 || fds[2].revents != 0) break;
     if ((fds[0].revents & POLLIN) == 0) continue;
     UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!conn.valid()) {
@@ -459,23 +535,47 @@ void OpenAiGateway::Loop() {
       continue;
     }
     reap(false);
+    auto refuse = [this](int fd) {
+      // Without reading the request: drop what has arrived of it so that the close sends no
+      // reset, and do not wait for more (this is the accept loop).
+      WriteAll(fd, ErrorResponse(503, "too many connections: try again"), wake_fd_.get(),
+               absl::Now() + absl::Milliseconds(200));
+      ::shutdown(fd, SHUT_WR);
+      char buf[16384];
+      while (::recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+      }
+    };
     if (static_cast<int>(connections.size()) >= options_.max_connections) {
-      WriteAll(conn.get(), ErrorResponse(503, "too many connections: try again"), wake_fd_.get(),
-               absl::Now() + absl::Seconds(1));
+      refuse(conn.get());
       continue;
     }
     auto done = std::make_shared<std::atomic<bool>>(false);
-    connections.push_back({std::thread([this, done, fd = std::move(conn)]() mutable {
-                             Serve(std::move(fd));
-                             done->store(true);
-                           }),
-                           done});
+    const int raw = conn.get();
+    ++active_;
+    try {
+      connections.push_back({std::thread([this, done, fd = std::move(conn)]() mutable {
+                               Serve(std::move(fd));
+                               --active_;
+                               done->store(true);
+                             }),
+                             done});
+    } catch (const std::system_error& e) {  // no thread to be had
+      --active_;
+      LOG(ERROR) << "http: cannot start a connection thread: " << e.what();
+      if (conn.valid()) refuse(raw);
+    }
   }
+  // Stopped accepting (StopAccepting, or the gateway going): new connections are refused.
+  listen_fd_.reset();
   reap(true);
 }
 
 void OpenAiGateway::Serve(UniqueFd conn) {
-  const int fd = conn.get();
+  ServeRequest(conn.get());
+  LingeringClose(conn.get(), wake_fd_.get());
+}
+
+void OpenAiGateway::ServeRequest(int fd) {
   const int wake = wake_fd_.get();
   const absl::Time deadline = absl::Now() + options_.read_timeout;
   std::string data;
@@ -544,8 +644,6 @@ void OpenAiGateway::Serve(UniqueFd conn) {
   }
   const std::string path = parts[1].substr(0, parts[1].find('?'));
   Handle(fd, method, path, body);
-  // Let the client read everything before the close: no reset that could discard the tail.
-  ::shutdown(fd, SHUT_WR);
 }
 
 void OpenAiGateway::Handle(int fd, const std::string& method, const std::string& path,
@@ -553,7 +651,11 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
   const int wake = wake_fd_.get();
   const absl::Time deadline = absl::Now() + kWriteTimeout;
   if (path == "/health") {
-    WriteAll(fd, JsonResponse(200, "{\"status\":\"ok\"}"), wake, deadline);
+    // 503 once the coordinator stops serving, so that load balancers drop it first.
+    WriteAll(fd,
+             serving_.load() ? JsonResponse(200, "{\"status\":\"ok\"}")
+                             : ErrorResponse(503, "the coordinator is shutting down"),
+             wake, deadline);
   } else if (path == "/v1/models") {
     if (method != "GET") {
       WriteAll(fd, ErrorResponse(405, "use GET /v1/models"), wake, deadline);
@@ -618,33 +720,37 @@ void OpenAiGateway::Models(int fd) {
 
 void OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
   if (!request->fine_tune_id().empty()) return;
-  v1::ListModelsResponse models;
-  bool fresh = false;
-  {
-    absl::MutexLock lock(&mu_);
-    fresh = absl::Now() - models_at_ < kModelsTtl;
-    if (fresh) models = models_;
-  }
-  if (!fresh) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-    if (!Register(&ctx)) return;
-    const grpc::Status s = stub_->ListModels(&ctx, v1::ListModelsRequest(), &models);
-    Unregister(&ctx);
-    if (!s.ok()) return;  // Generate reports what is wrong
-    absl::MutexLock lock(&mu_);
-    models_ = models;
-    models_at_ = absl::Now();
-  }
-  for (const v1::ModelInfo& m : models.models()) {
-    if (m.name() == request->model()) return;
-  }
-  for (const v1::ModelInfo& m : models.models()) {
-    for (const std::string& ft : m.fine_tune_ids()) {
-      if (ft == request->model()) {
-        request->set_fine_tune_id(ft);
-        request->set_model(m.name());
-        return;
+  // The cached list (ListModels, kModelsTtl), or a new one when it is stale, or when the name is
+  // not in it and it is over half a second old (a fine-tune registered just now).
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    v1::ListModelsResponse models;
+    absl::Duration age;
+    {
+      absl::MutexLock lock(&mu_);
+      age = absl::Now() - models_at_;
+      models = models_;
+    }
+    if (age >= (attempt == 0 ? kModelsTtl : absl::Milliseconds(500))) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+      if (!Register(&ctx)) return;
+      const grpc::Status s = stub_->ListModels(&ctx, v1::ListModelsRequest(), &models);
+      Unregister(&ctx);
+      if (!s.ok()) return;  // Generate reports what is wrong
+      absl::MutexLock lock(&mu_);
+      models_ = models;
+      models_at_ = absl::Now();
+    } else if (attempt == 1) {
+      return;  // fresh, and the name is not in it
+    }
+    for (const v1::ModelInfo& m : models.models()) {
+      if (m.name() == request->model()) return;
+      for (const std::string& ft : m.fine_tune_ids()) {
+        if (ft == request->model()) {
+          request->set_fine_tune_id(ft);
+          request->set_model(m.name());
+          return;
+        }
       }
     }
   }
@@ -669,10 +775,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body) {
   }
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
       stub_->Generate(&ctx, call->request);
+  // A client that leaves while no token flows (queued, in a long prefill) cancels too.
+  std::optional<DisconnectWatch> watch(std::in_place, fd, wake, &ctx);
   const int64_t created = absl::ToUnixSeconds(absl::Now());
   std::string id;
   std::string text;
-  Logprobs logprobs;
+  Logprobs logprobs;  // the whole completion's; in a stream, for the running text offset
   const bool want_logprobs = call->request.sampling().has_logprobs();
   const char* finish = nullptr;
   v1::Usage usage;
@@ -696,10 +804,6 @@ void OpenAiGateway::Completion(int fd, const std::string& body) {
     if (!call->stream) {
       text += chunk.text();
       if (want_logprobs) logprobs.Add(chunk.logprobs());
-      if (PeerGone(fd)) {
-        client_gone = true;
-        ctx.TryCancel();
-      }
       continue;
     }
     std::string out;
@@ -710,7 +814,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body) {
     const char* reason = OpenAiFinishReason(chunk.finish_reason());
     if (!chunk.text().empty() || reason != nullptr || chunk.logprobs_size() > 0) {
       Logprobs lp;
+      lp.offset = logprobs.offset;  // text_offset counts from the completion's start
       if (want_logprobs) lp.Add(chunk.logprobs());
+      logprobs.offset = lp.offset;
       absl::StrAppend(&out, event(chunk.text(), reason, want_logprobs ? &lp : nullptr));
     }
     if (!out.empty() && !WriteAll(fd, out, wake, absl::Now() + kWriteTimeout)) {
@@ -720,6 +826,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body) {
   }
   const grpc::Status status = reader->Finish();
   Unregister(&ctx);
+  client_gone = client_gone || watch->gone();
+  watch.reset();
   if (client_gone) return;
   const absl::Time deadline = absl::Now() + kWriteTimeout;
   if (!status.ok()) {

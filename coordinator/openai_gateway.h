@@ -26,6 +26,7 @@
 #ifndef STRATA_COORDINATOR_OPENAI_GATEWAY_H_
 #define STRATA_COORDINATOR_OPENAI_GATEWAY_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <set>
@@ -84,12 +85,23 @@ class OpenAiGateway {
   OpenAiGateway& operator=(const OpenAiGateway&) = delete;
 
   int port() const { return port_; }
+  // /health answers 503 from now on (load balancers drop this replica), while requests are still
+  // taken: for a shutdown's delay before the listener closes.
+  void SetServing(bool serving) { serving_.store(serving); }
+  // Closes the listener (new connections are refused) and sets /health to 503; connections already
+  // accepted go on. For shutdown, before the coordinator's server stops.
+  void StopAccepting();
+  // Waits until no connection is open, or `deadline`; true when none is. The coordinator's
+  // in-process channel closes at once when its server shuts down (no grace for its calls), so
+  // shutdown waits here first.
+  bool WaitIdle(absl::Time deadline) const;
 
  private:
   OpenAiGateway(UniqueFd listen_fd, UniqueFd wake_fd, int port,
                 std::shared_ptr<grpc::Channel> serving, OpenAiGatewayOptions options);
   void Loop();
   void Serve(UniqueFd fd);
+  void ServeRequest(int fd);
   // The HTTP exchange on `fd` after the request was read.
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);
   void Models(int fd);
@@ -100,7 +112,10 @@ class OpenAiGateway {
   void Unregister(grpc::ClientContext* ctx);
 
   UniqueFd listen_fd_;
-  UniqueFd wake_fd_;  // an eventfd: written to stop the loop and every connection
+  UniqueFd wake_fd_;            // an eventfd: written to stop the loop and every connection
+  UniqueFd stop_accepting_fd_;  // an eventfd: written to stop accepting
+  std::atomic<bool> serving_{true};
+  std::atomic<int> active_{0};  // connection threads not yet done
   const int port_;
   const OpenAiGatewayOptions options_;
   std::unique_ptr<v1::Serving::Stub> stub_;

@@ -576,7 +576,9 @@ class Cluster:
         kubelet's periodSeconds (the test's drains last seconds, not minutes). Any answer other than
         SERVING fails the test at once: the kubelet would restart a server that kept giving it, and a
         drained or draining server must never look dead. Unreachable counts against
-        failureThreshold."""
+        failureThreshold, over as long as the kubelet would take to see that many failures
+        (periodSeconds apart): probing faster must not turn a busy second on a loaded machine into a
+        restart the kubelet would never make."""
         probe = p.container.get("livenessProbe")
         if probe is None or getattr(p, "expect_exit", False) or not p.ready_once:
             return
@@ -589,7 +591,11 @@ class Cluster:
             p.liveness_failures = 0
             return
         p.liveness_failures = getattr(p, "liveness_failures", 0) + 1
-        if rc == 1 or p.liveness_failures >= probe.get("failureThreshold", 3):
+        if p.liveness_failures == 1:
+            p.first_liveness_failure = now
+        threshold = probe.get("failureThreshold", 3)
+        span = probe.get("periodSeconds", 10) * (threshold - 1)
+        if rc == 1 or (p.liveness_failures >= threshold and now - p.first_liveness_failure >= span):
             self.dump()
             fail("%s failed its liveness probe (%s): the kubelet would restart it"
                  % (p.name, "NOT_SERVING" if rc == 1 else "unreachable %d times" % p.liveness_failures))

@@ -206,6 +206,12 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsAndTheServerGoesOn) {
   EXPECT_EQ(
       HttpRaw(port_, "POST /v1/completions HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n").status,
       413);
+  // The same with a megabyte of the body already sent: the answer still arrives (the server
+  // drains what it does not read instead of resetting the connection).
+  EXPECT_EQ(HttpRaw(port_, "POST /v1/completions HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n" +
+                               std::string(1 << 20, 'x'))
+                .status,
+            413);
   EXPECT_EQ(HttpRaw(port_, "garbage\r\n\r\n").status, 400);
   // Still serving.
   EXPECT_EQ(Http(port_, "POST", "/v1/completions", CompletionBody(2, 1)).status, 200);
@@ -234,6 +240,39 @@ TEST_F(OpenAiHttpTest, ExpectContinueGetsTheGoAhead) {
   EXPECT_EQ(ParseHttpReply(text).status, 200) << text;
 }
 
+// Live sequences on the workers (running or waiting).
+int64_t LiveSequences(LocalCluster* cluster) {
+  const v1::ClusterStatus status = Status(cluster->admin());
+  int64_t live = 0;
+  for (const auto& w : status.workers()) {
+    live += w.load().num_running_sequences() + w.load().num_waiting_sequences();
+  }
+  return live;
+}
+
+// Waits until the workers report `n` live sequences (or 20 s pass); the last count.
+int64_t WaitForLive(LocalCluster* cluster, int64_t n) {
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  int64_t live = LiveSequences(cluster);
+  while (live != n && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(50));
+    live = LiveSequences(cluster);
+  }
+  return live;
+}
+
+// Without streaming nothing is written until the end, so the gateway watches the socket: a client
+// that gives up on a long completion cancels it.
+TEST_F(OpenAiHttpTest, AClientThatGivesUpOnACompletionFreesItsSequence) {
+  const int fd = ConnectLoopback(port_);
+  ASSERT_GE(fd, 0);
+  const std::string req = HttpRequestText("POST", "/v1/completions", CompletionBody(1500, 4));
+  ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  ASSERT_EQ(WaitForLive(cluster_, 1), 1) << "the completion never started";
+  close(fd);
+  EXPECT_EQ(WaitForLive(cluster_, 0), 0) << "the generation went on after its client left";
+}
+
 TEST_F(OpenAiHttpTest, AClientThatLeavesMidStreamFreesItsSequence) {
   const int fd = ConnectLoopback(port_);
   ASSERT_GE(fd, 0);
@@ -249,18 +288,7 @@ TEST_F(OpenAiHttpTest, AClientThatLeavesMidStreamFreesItsSequence) {
     got.append(buf, static_cast<size_t>(n));
   }
   close(fd);
-  const absl::Time give_up = absl::Now() + absl::Seconds(20);
-  int64_t live = -1;
-  while (absl::Now() < give_up) {
-    live = 0;
-    const v1::ClusterStatus status = Status(cluster_->admin());
-    for (const auto& w : status.workers()) {
-      live += w.load().num_running_sequences() + w.load().num_waiting_sequences();
-    }
-    if (live == 0) break;
-    absl::SleepFor(absl::Milliseconds(50));
-  }
-  EXPECT_EQ(live, 0) << "the generation went on after its client left";
+  EXPECT_EQ(WaitForLive(cluster_, 0), 0) << "the generation went on after its client left";
 }
 
 }  // namespace
