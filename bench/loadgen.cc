@@ -16,17 +16,27 @@
 // token to last, per token after the first), end-to-end latency, at p50 / p90 / p99; throughput in
 // requests and output tokens per second over the run; and the prefix-cache hit rate (cached prompt
 // tokens / prompt tokens, from each response's usage).
+#include <netdb.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -39,7 +49,10 @@
 #include "proto/strata/v1/worker.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Coordinator (or, with --api worker, worker).");
-ABSL_FLAG(std::string, api, "serving", "serving (a coordinator's Generate) or worker (Submit).");
+ABSL_FLAG(std::string, api, "serving",
+          "serving (a coordinator's Generate), worker (Submit), or openai (a coordinator's "
+          "OpenAI-compatible HTTP API, --target its --http_listen address: streamed "
+          "/v1/completions).");
 ABSL_FLAG(std::string, model, "strata-tiny", "Model name.");
 ABSL_FLAG(std::string, workload, "random", "random, shared-prefix or multi-turn.");
 ABSL_FLAG(int64_t, requests, 100, "Requests in all (multi-turn: conversations x turns).");
@@ -83,12 +96,134 @@ struct Sample {
   absl::Time end;
 };
 
+// A connected TCP socket to host:port, or -1.
+int ConnectTcp(const std::string& target) {
+  const size_t colon = target.rfind(':');
+  if (colon == std::string::npos) return -1;
+  std::string host = target.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), target.substr(colon + 1).c_str(), &hints, &res) != 0) return -1;
+  int fd = -1;
+  for (addrinfo* ai = res; ai != nullptr && fd < 0; ai = ai->ai_next) {
+    fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(res);
+  if (fd >= 0) {
+    timeval tv{600, 0};  // a stalled server fails the request instead of hanging the run
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  }
+  return fd;
+}
+
 class Driver {
  public:
-  Driver(std::shared_ptr<grpc::Channel> channel, bool worker_api)
+  Driver(std::shared_ptr<grpc::Channel> channel, const std::string& api)
       : serving_(v1::Serving::NewStub(channel)),
         worker_(v1::Worker::NewStub(channel)),
-        worker_api_(worker_api) {}
+        worker_api_(api == "worker") {}
+
+  // One streamed /v1/completions call (the OpenAI-compatible API). The stream carries text, not
+  // token ids: the reply stays empty, and the counts come from the usage event.
+  Sample SendHttp(const std::vector<int32_t>& prompt, int64_t output_tokens, uint64_t seed,
+                  const std::string& fine_tune_id) {
+    Sample s;
+    const absl::Time sent = absl::Now();
+    const std::string body = absl::StrCat(
+        "{\"model\":", JsonQuote(absl::GetFlag(FLAGS_model)), ",\"prompt\":[",
+        absl::StrJoin(prompt, ","), "],\"max_tokens\":", output_tokens, ",\"seed\":", seed,
+        ",\"ignore_eos\":true,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+        "\"cache_salt\":",
+        JsonQuote(absl::GetFlag(FLAGS_cache_salt)), ",\"fine_tune_id\":", JsonQuote(fine_tune_id),
+        "}");
+    const std::string request = absl::StrCat(
+        "POST /v1/completions HTTP/1.1\r\nHost: loadgen\r\nContent-Type: "
+        "application/json\r\nContent-Length: ",
+        body.size(), "\r\n\r\n", body);
+    const int fd = ConnectTcp(absl::GetFlag(FLAGS_target));
+    if (fd < 0) {
+      s.error = "cannot connect";
+      return s;
+    }
+    size_t off = 0;
+    while (off < request.size()) {
+      const ssize_t n = send(fd, request.data() + off, request.size() - off, MSG_NOSIGNAL);
+      if (n <= 0) break;
+      off += static_cast<size_t>(n);
+    }
+    std::string data;
+    size_t parsed = 0;  // bytes of `data` consumed as events
+    bool head_done = false, have_first = false, done = false;
+    int status = 0;
+    absl::Time first;
+    char buf[16384];
+    while (!done) {
+      const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      data.append(buf, static_cast<size_t>(n));
+      if (!head_done) {
+        const size_t end = data.find("\r\n\r\n");
+        if (end == std::string::npos) continue;
+        const std::vector<std::string> line =
+            absl::StrSplit(data.substr(0, data.find("\r\n")), ' ');
+        if (line.size() < 2 || !absl::SimpleAtoi(line[1], &status)) status = 0;
+        head_done = true;
+        parsed = end + 4;
+        if (status != 200) continue;  // read the error body to the end
+      }
+      if (status != 200) continue;
+      size_t next;
+      while ((next = data.find("\n\n", parsed)) != std::string::npos) {
+        absl::string_view event = absl::string_view(data).substr(parsed, next - parsed);
+        parsed = next + 2;
+        if (!absl::ConsumePrefix(&event, "data: ")) continue;
+        if (event == "[DONE]") {
+          done = true;
+          break;
+        }
+        absl::StatusOr<JsonDocument> d = JsonDocument::Parse(event, "event");
+        if (!d.ok()) continue;
+        if (std::optional<JsonValue> e = d->root().FindField("error")) {
+          s.error = absl::StrCat("stream: ", e->StringFieldOr("message", "?").value_or("?"));
+          continue;
+        }
+        if (std::optional<JsonValue> u = d->root().FindField("usage")) {
+          s.prompt_tokens = u->IntFieldOr("prompt_tokens", 0).value_or(0);
+          s.output_tokens = u->IntFieldOr("completion_tokens", 0).value_or(0);
+          if (std::optional<JsonValue> details = u->FindField("prompt_tokens_details")) {
+            s.cached_tokens = details->IntFieldOr("cached_tokens", 0).value_or(0);
+          }
+          continue;
+        }
+        if (!have_first) {
+          first = absl::Now();
+          have_first = true;
+        }
+      }
+    }
+    close(fd);
+    s.end = absl::Now();
+    if (status != 200 || !done || !s.error.empty()) {
+      if (s.error.empty()) {
+        s.error = absl::StrCat(
+            "HTTP ", status, ": ",
+            head_done ? data.substr(std::min(parsed, data.size()), 200) : "no response");
+      }
+      return s;
+    }
+    s.ok = true;
+    s.e2e_ms = absl::ToDoubleMilliseconds(s.end - sent);
+    s.ttft_ms = have_first ? absl::ToDoubleMilliseconds(first - sent) : s.e2e_ms;
+    s.tpot_ms =
+        s.output_tokens > 1 ? absl::ToDoubleMilliseconds(s.end - first) / (s.output_tokens - 1) : 0;
+    return s;
+  }
 
   Sample Send(const std::vector<int32_t>& prompt, int64_t output_tokens, uint64_t seed,
               const std::string& fine_tune_id) {
@@ -204,9 +339,14 @@ int Main() {
     *out = *r;
   }
   const std::string api = absl::GetFlag(FLAGS_api);
-  if (api != "serving" && api != "worker") {
-    std::fprintf(stderr, "loadgen: --api must be serving or worker\n");
+  if (api != "serving" && api != "worker" && api != "openai") {
+    std::fprintf(stderr, "loadgen: --api must be serving, worker or openai\n");
     return 2;
+  }
+  if (api == "openai" && o.kind == "multi-turn" && o.replies_in_history) {
+    // The HTTP stream carries text, not token ids: there is no reply to put back.
+    std::fprintf(stderr, "loadgen: --api=openai sends multi-turn histories without replies\n");
+    o.replies_in_history = false;
   }
   absl::StatusOr<std::vector<Conversation>> workload = MakeWorkload(o);
   if (!workload.ok()) {
@@ -217,11 +357,18 @@ int Main() {
   args.SetMaxReceiveMessageSize(64 << 20);
   auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_target),
                                            grpc::InsecureChannelCredentials(), args);
-  if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
+  if (api == "openai") {
+    const int fd = ConnectTcp(absl::GetFlag(FLAGS_target));
+    if (fd < 0) {
+      std::fprintf(stderr, "loadgen: cannot reach %s\n", absl::GetFlag(FLAGS_target).c_str());
+      return 1;
+    }
+    close(fd);
+  } else if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
     std::fprintf(stderr, "loadgen: cannot reach %s\n", absl::GetFlag(FLAGS_target).c_str());
     return 1;
   }
-  Driver driver(channel, api == "worker");
+  Driver driver(channel, api);
 
   absl::Mutex mu;
   std::vector<Sample> samples;
@@ -235,8 +382,9 @@ int Main() {
       ChatHistory chat(o.replies_in_history);
       for (const Turn& t : conv->turns) {
         if (t.think_time > absl::ZeroDuration()) absl::SleepFor(t.think_time);
-        Sample s = driver.Send(chat.Prompt(t), t.output_tokens, seed,
-                               conv->fine_tune < 0 ? "" : fine_tunes[conv->fine_tune]);
+        const std::string ft = conv->fine_tune < 0 ? "" : fine_tunes[conv->fine_tune];
+        Sample s = api == "openai" ? driver.SendHttp(chat.Prompt(t), t.output_tokens, seed, ft)
+                                   : driver.Send(chat.Prompt(t), t.output_tokens, seed, ft);
         chat.Reply(s.reply);
         std::vector<int32_t>().swap(s.reply);
         absl::MutexLock lock(&mu);

@@ -9,7 +9,9 @@ source tools/local_servers.sh
 model=models/strata-tiny/base
 strata_worker w1 $model || fail "worker did not start"
 wport=$STRATA_PORT
-strata_coordinator coordinator $model 127.0.0.1:$wport || fail "coordinator did not start"
+http_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+strata_coordinator coordinator $model 127.0.0.1:$wport --http_listen=127.0.0.1:$http_port ||
+  fail "coordinator did not start"
 cport=$STRATA_PORT
 sleep 0.5
 
@@ -32,6 +34,12 @@ check "$out" 12 0.5 || fail "shared-prefix report: $out"
 out=$(bench/loadgen --target=127.0.0.1:$cport --workload=multi-turn --requests=8 --turns=4 --rate=10 \
   --prompt_tokens=64 --turn_tokens=16 --output_tokens=4 --think_time_ms=10 --json) || fail "loadgen: $out"
 check "$out" 8 0.3 || fail "multi-turn report: $out"
+# Through the OpenAI-compatible HTTP API: streamed completions, counts from the usage events; the
+# second request of a shared prefix hits the cache.
+out=$(bench/loadgen --target=127.0.0.1:$http_port --api=openai --workload=shared-prefix --requests=8 \
+  --rate=20 --shared_prefix_tokens=200 --prompt_tokens=8:16 --output_tokens=4:8 --json) ||
+  fail "loadgen openai: $out"
+check "$out" 8 0.5 || fail "openai report: $out"
 # Straight to the worker, with the human table.
 out=$(bench/loadgen --target=127.0.0.1:$wport --api=worker --requests=4 --rate=20 --prompt_tokens=32 \
   --output_tokens=4) || fail "loadgen worker: $out"

@@ -6,7 +6,8 @@
 #      neither run sees the other's cache): multi-turn conversations, one hot 1,000-token system
 #      prompt, and 16 tenants' 1,000-token system prompts (twice what one worker's cache holds).
 #   2. The coordinator's added latency: one worker, the same workload sent straight to the worker
-#      (Worker.Submit) and through a coordinator (Serving.Generate), alternating, several rounds.
+#      (Worker.Submit), through a coordinator (Serving.Generate) and through its OpenAI-compatible
+#      HTTP API (streamed /v1/completions), alternating, several rounds.
 #   3. KV tiers: multi-turn conversations whose KV is many times one worker's device cache (8 MiB:
 #      2k tokens), on a worker with the device cache only, one with host (64 MiB) and disk
 #      (256 MiB) tiers below it, and one with a 16 MiB host tier only, raw and INT8; each worker's
@@ -70,7 +71,8 @@ fi
 if [ "$part" = all ] || [ "$part" = overhead ]; then
 strata_worker solo "$model" --kv_cache_mb=32
 w=$STRATA_PORT
-strata_coordinator solo-coordinator "$model" "127.0.0.1:$w"
+http_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+strata_coordinator solo-coordinator "$model" "127.0.0.1:$w" --http_listen=127.0.0.1:$http_port
 c=$STRATA_PORT
 sleep 1
 plain=(--workload=random --requests=150 --rate=8 --prompt_tokens=64 --output_tokens=8)
@@ -79,7 +81,11 @@ for round in 1 2 3; do
     --cache_salt="direct-$round" --json_out="$out/direct-$round.json" | tee -a "$summary"
   loadgen --target=127.0.0.1:$c "${plain[@]}" --seed=$round --label="coordinator/round$round" \
     --cache_salt="coordinator-$round" --json_out="$out/coordinator-$round.json" | tee -a "$summary"
+  loadgen --target=127.0.0.1:$http_port --api=openai "${plain[@]}" --seed=$round \
+    --label="openai-http/round$round" --cache_salt="openai-$round" \
+    --json_out="$out/openai-$round.json" | tee -a "$summary"
 done
+strata_stop_all
 fi
 # 3. KV tiers.
 if [ "$part" = all ] || [ "$part" = tiers ]; then
