@@ -45,6 +45,8 @@ class LocalCluster {
   v1::Admin::Stub* admin() { return admin_.get(); }
   v1::Worker::Stub* worker(int i) { return workers_[i].stub.get(); }
   ChildProcess& worker_process(int i) { return workers_[i].process; }
+  // The coordinator Start began with.
+  ChildProcess& coordinator_process() { return coordinators_.front(); }
   const std::string& worker_address(int i) const { return workers_[i].address; }
   const std::string& coordinator_address() const { return coordinator_address_; }
   int num_workers() const { return static_cast<int>(workers_.size()); }

@@ -2,7 +2,9 @@
 // worker on the bundled model. Completions, streamed or not, carry the tokens the gRPC API gives
 // for the same request; errors come as OpenAI error objects with the right HTTP status naming the
 // field; a client that goes away mid-stream frees its sequence on the worker.
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <memory>
@@ -16,6 +18,7 @@
 #include "tests/cluster_client.h"
 #include "tests/http_client.h"
 #include "tests/local_cluster.h"
+#include "tests/process.h"
 
 namespace strata {
 namespace {
@@ -289,6 +292,45 @@ TEST_F(OpenAiHttpTest, AClientThatLeavesMidStreamFreesItsSequence) {
   }
   close(fd);
   EXPECT_EQ(WaitForLive(cluster_, 0), 0) << "the generation went on after its client left";
+}
+
+// SIGTERM while a completion streams: the coordinator stops taking connections, lets the stream
+// finish within its grace period (the in-process channel would cut it at once if the gRPC server
+// shut down first), and exits 0.
+TEST(OpenAiHttpShutdownTest, AStreamInFlightFinishesWithinTheGracePeriod) {
+  const int port = FreePort();
+  LocalClusterOptions o;
+  o.num_workers = 1;
+  o.name = "openai-shutdown";
+  o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", port), "--shutdown_grace_s=60"};
+  auto cluster = LocalCluster::Start(o);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const int fd = ConnectLoopback(port);
+  ASSERT_GE(fd, 0);
+  const std::string req =
+      HttpRequestText("POST", "/v1/completions", CompletionBody(400, 2, R"(, "stream": true)"));
+  ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  std::string got;
+  char buf[4096];
+  while (got.find("data: ") == std::string::npos) {
+    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    ASSERT_GT(n, 0);
+    got.append(buf, static_cast<size_t>(n));
+  }
+  ChildProcess& coordinator = (*cluster)->coordinator_process();
+  ASSERT_EQ(kill(coordinator.pid(), SIGTERM), 0);
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) got.append(buf, static_cast<size_t>(n));
+  close(fd);
+  const std::vector<std::string> events = SseData(ParseHttpReply(got).body);
+  ASSERT_GE(events.size(), 2u) << got;
+  EXPECT_EQ(events.back(), "[DONE]");
+  EXPECT_NE(events[events.size() - 2].find(R"("finish_reason":"length")"), std::string::npos)
+      << events[events.size() - 2];
+  const int status = coordinator.Wait(absl::Seconds(30));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  // Refused now.
+  EXPECT_EQ(Http(port, "GET", "/health").status, 0);
 }
 
 }  // namespace
