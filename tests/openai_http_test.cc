@@ -276,20 +276,34 @@ TEST_F(OpenAiHttpTest, AClientThatGivesUpOnACompletionFreesItsSequence) {
   EXPECT_EQ(WaitForLive(cluster_, 0), 0) << "the generation went on after its client left";
 }
 
-TEST_F(OpenAiHttpTest, AClientThatLeavesMidStreamFreesItsSequence) {
-  const int fd = ConnectLoopback(port_);
-  ASSERT_GE(fd, 0);
-  const std::string req =
-      HttpRequestText("POST", "/v1/completions", CompletionBody(1500, 9, R"(, "stream": true)"));
-  ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
-  // Wait for the first event: the sequence is running on the worker.
-  std::string got;
-  char buf[4096];
-  while (got.find("data: ") == std::string::npos) {
-    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
-    ASSERT_GT(n, 0);
-    got.append(buf, static_cast<size_t>(n));
+// Sends a streamed completion of `max_tokens` on a new connection to `port` and reads until its
+// first event (the sequence is running on the worker). The socket, and what was read, in `got`;
+// -1 when that failed.
+int StartStream(int port, int max_tokens, std::string* got) {
+  const int fd = ConnectLoopback(port);
+  if (fd < 0) return -1;
+  const std::string req = HttpRequestText("POST", "/v1/completions",
+                                          CompletionBody(max_tokens, 9, R"(, "stream": true)"));
+  if (send(fd, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
+    close(fd);
+    return -1;
   }
+  char buf[4096];
+  while (got->find("data: ") == std::string::npos) {
+    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) {
+      close(fd);
+      return -1;
+    }
+    got->append(buf, static_cast<size_t>(n));
+  }
+  return fd;
+}
+
+TEST_F(OpenAiHttpTest, AClientThatLeavesMidStreamFreesItsSequence) {
+  std::string got;
+  const int fd = StartStream(port_, 1500, &got);
+  ASSERT_GE(fd, 0) << got;
   close(fd);
   EXPECT_EQ(WaitForLive(cluster_, 0), 0) << "the generation went on after its client left";
 }
@@ -305,20 +319,12 @@ TEST(OpenAiHttpShutdownTest, AStreamInFlightFinishesWithinTheGracePeriod) {
   o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", port), "--shutdown_grace_s=60"};
   auto cluster = LocalCluster::Start(o);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
-  const int fd = ConnectLoopback(port);
-  ASSERT_GE(fd, 0);
-  const std::string req =
-      HttpRequestText("POST", "/v1/completions", CompletionBody(400, 2, R"(, "stream": true)"));
-  ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
   std::string got;
-  char buf[4096];
-  while (got.find("data: ") == std::string::npos) {
-    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
-    ASSERT_GT(n, 0);
-    got.append(buf, static_cast<size_t>(n));
-  }
+  const int fd = StartStream(port, 400, &got);
+  ASSERT_GE(fd, 0) << got;
   ChildProcess& coordinator = (*cluster)->coordinator_process();
   ASSERT_EQ(kill(coordinator.pid(), SIGTERM), 0);
+  char buf[4096];
   ssize_t n;
   while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) got.append(buf, static_cast<size_t>(n));
   close(fd);
