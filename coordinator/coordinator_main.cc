@@ -17,6 +17,7 @@
 #include "common/grpc_server.h"
 #include "common/init.h"
 #include "common/log.h"
+#include "common/mapped_file.h"
 #include "common/metrics.h"
 #include "common/metrics_http.h"
 #include "common/process.h"
@@ -39,6 +40,10 @@ ABSL_FLAG(std::string, metrics_listen, "",
 ABSL_FLAG(std::string, http_listen, "",
           "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions, GET "
           "/v1/models), e.g. [::]:8000; empty: none.");
+ABSL_FLAG(std::string, chat_format, "auto",
+          "How /v1/chat/completions writes out a conversation: auto (each model's "
+          "tokenizer_config.json chat_template, recognized as llama3 or chatml), or llama3, chatml "
+          "or none for every model.");
 ABSL_FLAG(double, resolve_interval_s, 5, "How often to re-resolve workers and refresh their info.");
 ABSL_FLAG(int64_t, max_inflight_requests, 1024,
           "Generate calls accepted at once; beyond it Generate fails RESOURCE_EXHAUSTED.");
@@ -144,8 +149,31 @@ int Main() {
   }
   // The OpenAI-compatible API, through the server's own services in process. Started before the
   // port file is written, so that whoever waits for it finds both ready.
-  absl::StatusOr<std::unique_ptr<OpenAiGateway>> http =
-      StartOpenAiGateway(absl::GetFlag(FLAGS_http_listen), (*server)->InProcessChannel());
+  OpenAiGatewayOptions http_options;
+  for (const std::string& spec : absl::GetFlag(FLAGS_model)) {
+    const size_t eq = spec.find('=');
+    if (eq == std::string::npos) continue;  // ModelRegistry::Load refused it already
+    const std::string name = spec.substr(0, eq), dir = spec.substr(eq + 1);
+    ChatFormat format = ChatFormat::kNone;
+    if (const std::string f = absl::GetFlag(FLAGS_chat_format); f != "auto") {
+      absl::StatusOr<ChatFormat> named = ChatFormatFromName(f);
+      if (!named.ok()) {
+        LOG(ERROR) << "--chat_format: " << named.status().message();
+        return 2;
+      }
+      format = *named;
+    } else if (absl::StatusOr<std::string> config =
+                   ReadFileToString(dir + "/tokenizer_config.json");
+               config.ok()) {
+      format = ChatFormatOfTokenizerConfig(*config);
+    }
+    http_options.chat_formats[name] = format;
+    if (!absl::GetFlag(FLAGS_http_listen).empty()) {
+      LOG(INFO) << "model " << name << ": chat format " << ChatFormatName(format);
+    }
+  }
+  absl::StatusOr<std::unique_ptr<OpenAiGateway>> http = StartOpenAiGateway(
+      absl::GetFlag(FLAGS_http_listen), (*server)->InProcessChannel(), http_options);
   if (!http.ok()) {
     LOG(ERROR) << http.status();
     return 1;

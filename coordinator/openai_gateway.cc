@@ -24,6 +24,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -211,7 +212,10 @@ absl::Status TokenIds(const std::vector<JsonValue>& items, v1::TokenIds* out) {
 
 }  // namespace
 
-absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::string* param) {
+namespace {
+
+// The body of /v1/completions (`chat` false) or /v1/chat/completions.
+absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, std::string* param) {
   param->clear();
   absl::StatusOr<JsonDocument> parsed = JsonDocument::Parse(body, "request body");
   if (!parsed.ok()) return parsed.status();
@@ -225,9 +229,44 @@ absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::s
   ASSIGN_OR_RETURN(const absl::string_view model, root.StringField("model"));
   r.set_model(std::string(model));
 
+  if (chat) {
+    *param = "messages";
+    ASSIGN_OR_RETURN(const JsonValue messages, root.Field("messages"));
+    ASSIGN_OR_RETURN(const std::vector<JsonValue> items, messages.AsArray());
+    if (items.empty()) return messages.Error("must not be empty");
+    for (const JsonValue& m : items) {
+      ASSIGN_OR_RETURN(const absl::string_view role, m.StringField("role"));
+      if (role != "system" && role != "user" && role != "assistant" && role != "developer") {
+        return m.Field("role")->Error("must be system, developer, user or assistant");
+      }
+      // A string, or text parts ([{"type": "text", "text": ...}]); null for an assistant turn
+      // that only called tools, which Strata does not do.
+      ASSIGN_OR_RETURN(const JsonValue content, m.Field("content"));
+      std::string text;
+      if (content.IsString()) {
+        text = std::string(*content.AsString());
+      } else {
+        ASSIGN_OR_RETURN(const std::vector<JsonValue> parts, content.AsArray());
+        for (const JsonValue& part : parts) {
+          ASSIGN_OR_RETURN(const absl::string_view type, part.StringField("type"));
+          if (type != "text") return part.Error("must be a text part: only text is supported");
+          ASSIGN_OR_RETURN(const absl::string_view t, part.StringField("text"));
+          absl::StrAppend(&text, t);
+        }
+      }
+      call.messages.emplace_back(role == "developer" ? "system" : std::string(role),
+                                 std::move(text));
+    }
+  }
   *param = "prompt";
-  ASSIGN_OR_RETURN(const JsonValue prompt, root.Field("prompt"));
-  if (prompt.IsString()) {
+  std::optional<JsonValue> prompt_field = chat ? std::nullopt : root.FindField("prompt");
+  if (!chat && !prompt_field.has_value()) {
+    ASSIGN_OR_RETURN(JsonValue missing, root.Field("prompt"));  // the error naming it
+    prompt_field = missing;
+  }
+  if (chat) {
+    // The messages make the prompt (RenderChat, once the model's chat format is known).
+  } else if (const JsonValue& prompt = *prompt_field; prompt.IsString()) {
     ASSIGN_OR_RETURN(const absl::string_view text, prompt.AsString());
     r.set_text(std::string(text));
   } else if (prompt.IsArray()) {
@@ -250,12 +289,21 @@ absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::s
     return prompt.Error("must be a string or an array of token ids");
   }
 
-  *param = "max_tokens";
-  ASSIGN_OR_RETURN(const int64_t max_tokens, root.IntFieldOr("max_tokens", 16));
-  if (max_tokens < 1 || max_tokens > std::numeric_limits<uint32_t>::max()) {
-    return root.Field("max_tokens")->Error("must be 1 to 4294967295");
+  // Chat: max_completion_tokens (the newer name) or max_tokens; neither: until the model ends its
+  // turn or the context is full (set once the model's context length is known).
+  const char* max_name = chat && root.FindField("max_completion_tokens").has_value()
+                             ? "max_completion_tokens"
+                             : "max_tokens";
+  *param = max_name;
+  if (chat && !root.FindField(max_name).has_value()) {
+    call.default_max_tokens = true;
+  } else {
+    ASSIGN_OR_RETURN(const int64_t max_tokens, root.IntFieldOr(max_name, 16));
+    if (max_tokens < 1 || max_tokens > std::numeric_limits<uint32_t>::max()) {
+      return root.Field(max_name)->Error("must be 1 to 4294967295");
+    }
+    s.set_max_tokens(static_cast<uint32_t>(max_tokens));
   }
-  s.set_max_tokens(static_cast<uint32_t>(max_tokens));
   *param = "min_tokens";
   ASSIGN_OR_RETURN(const int64_t min_tokens, root.IntFieldOr("min_tokens", 0));
   if (min_tokens < 0 || min_tokens > std::numeric_limits<uint32_t>::max()) {
@@ -326,7 +374,13 @@ absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::s
   ASSIGN_OR_RETURN(const bool skip_special, root.BoolFieldOr("skip_special_tokens", true));
   s.set_skip_special_tokens(skip_special);
   *param = "logprobs";
-  if (std::optional<JsonValue> v = root.FindField("logprobs")) {
+  if (chat) {
+    ASSIGN_OR_RETURN(const bool logprobs, root.BoolFieldOr("logprobs", false));
+    if (logprobs) {
+      return root.Field("logprobs")
+          ->Error("is not supported on chat completions yet: use /v1/completions");
+    }
+  } else if (std::optional<JsonValue> v = root.FindField("logprobs")) {
     // OpenAI's completions take a count; a boolean is the chat API's and is refused.
     ASSIGN_OR_RETURN(const int64_t n, v->AsInt());
     if (n < 0 || n > 20) return v->Error("must be 0 to 20");
@@ -339,12 +393,20 @@ absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::s
   *param = "best_of";
   ASSIGN_OR_RETURN(const int64_t best_of, root.IntFieldOr("best_of", 1));
   if (best_of != 1) return root.Field("best_of")->Error("must be 1 (best_of is not supported)");
-  *param = "echo";
-  ASSIGN_OR_RETURN(const bool echo, root.BoolFieldOr("echo", false));
-  if (echo) return root.Field("echo")->Error("is not supported: the prompt is not echoed");
-  *param = "suffix";
-  ASSIGN_OR_RETURN(const std::string suffix, root.StringFieldOr("suffix", ""));
-  if (!suffix.empty()) return root.Field("suffix")->Error("is not supported");
+  if (!chat) {
+    *param = "echo";
+    ASSIGN_OR_RETURN(const bool echo, root.BoolFieldOr("echo", false));
+    if (echo) return root.Field("echo")->Error("is not supported: the prompt is not echoed");
+    *param = "suffix";
+    ASSIGN_OR_RETURN(const std::string suffix, root.StringFieldOr("suffix", ""));
+    if (!suffix.empty()) return root.Field("suffix")->Error("is not supported");
+  } else {
+    *param = "tools";
+    if (std::optional<JsonValue> v = root.FindField("tools")) {
+      ASSIGN_OR_RETURN(const std::vector<JsonValue> tools, v->AsArray());
+      if (!tools.empty()) return v->Error("is not supported");
+    }
+  }
   *param = "logit_bias";
   if (std::optional<JsonValue> v = root.FindField("logit_bias")) {
     ASSIGN_OR_RETURN(const auto members, v->AsObject());
@@ -378,6 +440,80 @@ absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::s
   r.set_priority(static_cast<int32_t>(priority));
   param->clear();
   return call;
+}
+
+}  // namespace
+
+absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::string* param) {
+  return ParseRequest(body, /*chat=*/false, param);
+}
+
+absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string* param) {
+  return ParseRequest(body, /*chat=*/true, param);
+}
+
+ChatFormat DetectChatFormat(absl::string_view chat_template) {
+  if (absl::StrContains(chat_template, "<|start_header_id|>")) return ChatFormat::kLlama3;
+  if (absl::StrContains(chat_template, "<|im_start|>")) return ChatFormat::kChatml;
+  return ChatFormat::kNone;
+}
+
+absl::StatusOr<ChatFormat> ChatFormatFromName(absl::string_view name) {
+  if (name == "llama3") return ChatFormat::kLlama3;
+  if (name == "chatml") return ChatFormat::kChatml;
+  if (name == "none") return ChatFormat::kNone;
+  return absl::InvalidArgumentError(
+      absl::StrCat("chat format must be llama3, chatml or none, not \"", name, "\""));
+}
+
+const char* ChatFormatName(ChatFormat format) {
+  switch (format) {
+    case ChatFormat::kLlama3:
+      return "llama3";
+    case ChatFormat::kChatml:
+      return "chatml";
+    default:
+      return "none";
+  }
+}
+
+ChatFormat ChatFormatOfTokenizerConfig(absl::string_view tokenizer_config_json) {
+  absl::StatusOr<JsonDocument> d = JsonDocument::Parse(tokenizer_config_json, "tokenizer_config");
+  if (!d.ok()) return ChatFormat::kNone;
+  std::optional<JsonValue> t = d->root().FindField("chat_template");
+  if (!t.has_value()) return ChatFormat::kNone;
+  if (t->IsString()) return DetectChatFormat(*t->AsString());
+  // A list of named templates: the "default" one.
+  absl::StatusOr<std::vector<JsonValue>> list = t->AsArray();
+  if (!list.ok()) return ChatFormat::kNone;
+  for (const JsonValue& named : *list) {
+    if (named.StringFieldOr("name", "").value_or("") == "default") {
+      return DetectChatFormat(named.StringFieldOr("template", "").value_or(""));
+    }
+  }
+  return ChatFormat::kNone;
+}
+
+std::string RenderChat(ChatFormat format,
+                       const std::vector<std::pair<std::string, std::string>>& messages) {
+  std::string out;
+  for (const auto& [role, content] : messages) {
+    if (format == ChatFormat::kLlama3) {
+      // As Llama 3's template: the content trimmed; the BOS comes from the tokenizer.
+      absl::StrAppend(&out, "<|start_header_id|>", role, "<|end_header_id|>\n\n",
+                      absl::StripAsciiWhitespace(content), "<|eot_id|>");
+    } else {
+      absl::StrAppend(&out, "<|im_start|>", role, "\n", content, "<|im_end|>\n");
+    }
+  }
+  absl::StrAppend(&out, format == ChatFormat::kLlama3
+                            ? "<|start_header_id|>assistant<|end_header_id|>\n\n"
+                            : "<|im_start|>assistant\n");
+  return out;
+}
+
+const char* ChatEndOfTurn(ChatFormat format) {
+  return format == ChatFormat::kLlama3 ? "<|eot_id|>" : "<|im_end|>";
 }
 
 int HttpStatusOf(grpc::StatusCode code) {
@@ -674,15 +810,14 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
     if (method != "POST") {
       WriteAll(fd, ErrorResponse(405, "use POST /v1/completions"), wake, deadline);
     } else {
-      Completion(fd, body);
+      Completion(fd, body, /*chat=*/false);
     }
   } else if (path == "/v1/chat/completions") {
-    WriteAll(fd,
-             ErrorResponse(501,
-                           "chat completions need the model's chat template, which Strata does "
-                           "not apply yet: format the conversation yourself and use "
-                           "/v1/completions"),
-             wake, deadline);
+    if (method != "POST") {
+      WriteAll(fd, ErrorResponse(405, "use POST /v1/chat/completions"), wake, deadline);
+    } else {
+      Completion(fd, body, /*chat=*/true);
+    }
   } else {
     WriteAll(fd, ErrorResponse(404, absl::StrCat("no such endpoint: ", path)), wake, deadline);
   }
@@ -726,8 +861,7 @@ void OpenAiGateway::Models(int fd) {
            wake, deadline);
 }
 
-void OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
-  if (!request->fine_tune_id().empty()) return;
+uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
   // The cached list (ListModels, kModelsTtl), or a new one when it is stale, or when the name is
   // not in it and it is over half a second old (a fine-tune registered just now).
   for (int attempt = 0; attempt < 2; ++attempt) {
@@ -741,40 +875,90 @@ void OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
     if (age >= (attempt == 0 ? kModelsTtl : absl::Milliseconds(500))) {
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-      if (!Register(&ctx)) return;
+      if (!Register(&ctx)) return 0;
       const grpc::Status s = stub_->ListModels(&ctx, v1::ListModelsRequest(), &models);
       Unregister(&ctx);
-      if (!s.ok()) return;  // Generate reports what is wrong
+      if (!s.ok()) return 0;  // Generate reports what is wrong
       absl::MutexLock lock(&mu_);
       models_ = models;
       models_at_ = absl::Now();
     } else if (attempt == 1) {
-      return;  // fresh, and the name is not in it
+      return 0;  // fresh, and the name is not in it
     }
     for (const v1::ModelInfo& m : models.models()) {
-      if (m.name() == request->model()) return;
+      if (m.name() == request->model()) return m.max_context_tokens();
+      if (!request->fine_tune_id().empty()) continue;
       for (const std::string& ft : m.fine_tune_ids()) {
         if (ft == request->model()) {
           request->set_fine_tune_id(ft);
           request->set_model(m.name());
-          return;
+          return m.max_context_tokens();
         }
       }
     }
   }
+  return 0;
 }
 
-void OpenAiGateway::Completion(int fd, const std::string& body) {
+std::optional<int32_t> OpenAiGateway::EndOfTurnToken(const std::string& model, ChatFormat format) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = end_of_turn_.find(model); it != end_of_turn_.end()) return it->second;
+  }
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  if (!Register(&ctx)) return std::nullopt;
+  v1::TokenizeRequest req;
+  req.set_model(model);
+  req.set_text(ChatEndOfTurn(format));
+  v1::TokenizeResponse resp;
+  const grpc::Status s = stub_->Tokenize(&ctx, req, &resp);
+  Unregister(&ctx);
+  if (!s.ok()) return std::nullopt;  // not cached: asked again next time
+  // One token in the model's vocabulary (a special token), or none: then the text stands.
+  std::optional<int32_t> id;
+  if (resp.token_ids_size() == 1) id = resp.token_ids(0);
+  absl::MutexLock lock(&mu_);
+  end_of_turn_[model] = id;
+  return id;
+}
+
+void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   const int wake = wake_fd_.get();
   std::string param;
-  absl::StatusOr<CompletionCall> call = CompletionFromJson(body, &param);
+  absl::StatusOr<CompletionCall> call =
+      chat ? ChatFromJson(body, &param) : CompletionFromJson(body, &param);
   if (!call.ok()) {
     WriteAll(fd, ErrorResponse(400, call.status().message(), param), wake,
              absl::Now() + kWriteTimeout);
     return;
   }
   const std::string model_asked = call->request.model();
-  ResolveModel(&call->request);
+  const uint32_t context = ResolveModel(&call->request);
+  if (chat) {
+    auto it = options_.chat_formats.find(call->request.model());
+    const ChatFormat format = it == options_.chat_formats.end() ? ChatFormat::kNone : it->second;
+    if (format == ChatFormat::kNone) {
+      WriteAll(fd,
+               ErrorResponse(400,
+                             absl::StrCat("model \"", model_asked,
+                                          "\" has no chat template Strata knows (llama3, chatml): "
+                                          "start the coordinator with --chat_format, or use "
+                                          "/v1/completions"),
+                             "model"),
+               wake, absl::Now() + kWriteTimeout);
+      return;
+    }
+    call->request.set_text(RenderChat(format, call->messages));
+    // The turn's end is a token: stop on it (and leave it out of the text).
+    if (const std::optional<int32_t> end = EndOfTurnToken(call->request.model(), format)) {
+      call->request.mutable_sampling()->add_stop_token_ids(*end);
+    }
+    if (call->default_max_tokens) {
+      call->request.mutable_sampling()->set_max_tokens(
+          std::min<uint32_t>(65536, context > 0 ? context : 16));
+    }
+  }
   grpc::ClientContext ctx;
   if (!Register(&ctx)) {
     WriteAll(fd, ErrorResponse(503, "the coordinator is stopping"), wake,
@@ -795,17 +979,24 @@ void OpenAiGateway::Completion(int fd, const std::string& body) {
   bool streaming = false;  // the 200 head went out
   bool client_gone = false;
   v1::GenerateResponse chunk;
+  const char* object = chat ? "chat.completion.chunk" : "text_completion";
+  bool first_event = true;
   auto event = [&](const std::string& choice_text, const char* reason, const Logprobs* lp) {
+    // Chat: the first delta names the role.
+    const std::string content =
+        chat ? absl::StrCat("\"delta\":{", first_event ? "\"role\":\"assistant\"," : "",
+                            "\"content\":", JsonQuote(choice_text), "}")
+             : absl::StrCat("\"text\":", JsonQuote(choice_text));
+    first_event = false;
     return absl::StrCat(
-        "data: {\"id\":", JsonQuote(id), ",\"object\":\"text_completion\",\"created\":", created,
-        ",\"model\":", JsonQuote(model_asked),
-        ",\"choices\":[{\"index\":0,\"text\":", JsonQuote(choice_text),
+        "data: {\"id\":", JsonQuote(id), ",\"object\":\"", object, "\",\"created\":", created,
+        ",\"model\":", JsonQuote(model_asked), ",\"choices\":[{\"index\":0,", content,
         ",\"logprobs\":", lp != nullptr ? lp->Json() : "null",
         ",\"finish_reason\":", reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null",
         "}]}\n\n");
   };
   while (reader->Read(&chunk)) {
-    if (id.empty()) id = absl::StrCat("cmpl-", chunk.request_id());
+    if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
     if (chunk.has_usage()) usage = chunk.usage();
     if (const char* r = OpenAiFinishReason(chunk.finish_reason()); r != nullptr) finish = r;
     if (client_gone) continue;  // draining after a cancel
@@ -851,24 +1042,27 @@ void OpenAiGateway::Completion(int fd, const std::string& body) {
     return;
   }
   if (!call->stream) {
+    const std::string content =
+        chat
+            ? absl::StrCat("\"message\":{\"role\":\"assistant\",\"content\":", JsonQuote(text), "}")
+            : absl::StrCat("\"text\":", JsonQuote(text));
     WriteAll(fd,
              JsonResponse(
-                 200, absl::StrCat("{\"id\":", JsonQuote(id),
-                                   ",\"object\":\"text_completion\",\"created\":", created,
-                                   ",\"model\":", JsonQuote(model_asked),
-                                   ",\"choices\":[{\"index\":0,\"text\":", JsonQuote(text),
-                                   ",\"logprobs\":", want_logprobs ? logprobs.Json() : "null",
-                                   ",\"finish_reason\":",
-                                   finish != nullptr ? absl::StrCat("\"", finish, "\"") : "null",
-                                   "}],\"usage\":", UsageJson(usage), "}")),
+                 200, absl::StrCat(
+                          "{\"id\":", JsonQuote(id), ",\"object\":\"",
+                          chat ? "chat.completion" : "text_completion", "\",\"created\":", created,
+                          ",\"model\":", JsonQuote(model_asked), ",\"choices\":[{\"index\":0,",
+                          content, ",\"logprobs\":", want_logprobs ? logprobs.Json() : "null",
+                          ",\"finish_reason\":",
+                          finish != nullptr ? absl::StrCat("\"", finish, "\"") : "null",
+                          "}],\"usage\":", UsageJson(usage), "}")),
              wake, deadline);
     return;
   }
   std::string tail = streaming ? "" : Head(200, "text/event-stream", -1);
   if (call->include_usage) {
-    absl::StrAppend(&tail, "data: {\"id\":", JsonQuote(id),
-                    ",\"object\":\"text_completion\",\"created\":", created,
-                    ",\"model\":", JsonQuote(model_asked),
+    absl::StrAppend(&tail, "data: {\"id\":", JsonQuote(id), ",\"object\":\"", object,
+                    "\",\"created\":", created, ",\"model\":", JsonQuote(model_asked),
                     ",\"choices\":[],\"usage\":", UsageJson(usage), "}\n\n");
   }
   absl::StrAppend(&tail, "data: [DONE]\n\n");
@@ -876,9 +1070,11 @@ void OpenAiGateway::Completion(int fd, const std::string& body) {
 }
 
 absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartOpenAiGateway(
-    const std::string& listen, std::shared_ptr<grpc::Channel> serving) {
+    const std::string& listen, std::shared_ptr<grpc::Channel> serving,
+    OpenAiGatewayOptions options) {
   if (listen.empty()) return nullptr;
-  absl::StatusOr<std::unique_ptr<OpenAiGateway>> g = OpenAiGateway::Start(listen, serving);
+  absl::StatusOr<std::unique_ptr<OpenAiGateway>> g =
+      OpenAiGateway::Start(listen, serving, std::move(options));
   if (g.ok()) {
     LOG(INFO) << "OpenAI-compatible API at http://" << listen << "/v1 (port " << (*g)->port()
               << ")";

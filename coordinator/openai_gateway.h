@@ -2,9 +2,10 @@
 // Serving service (strata-coordinator --http_listen), so that OpenAI clients, curl and the tools
 // built on them can use a Strata cluster as they are.
 //
-//   GET  /v1/models       the base models and their fine-tunes (ListModels)
-//   POST /v1/completions  one completion (Generate); "stream": true sends server-sent events
-//   GET  /health          200 while the gateway runs
+//   GET  /v1/models            the base models and their fine-tunes (ListModels)
+//   POST /v1/completions       one completion (Generate); "stream": true sends server-sent events
+//   POST /v1/chat/completions  the same for a conversation, written out in the model's ChatFormat
+//   GET  /health               200 while the coordinator serves
 //
 // A completion request is translated into one GenerateRequest (CompletionFromJson) and sent through
 // the in-process channel, so every check, limit, metric and failover of the gRPC path applies.
@@ -12,7 +13,7 @@
 // the HTTP status of the gRPC code (HttpStatusOf): 400 for a bad field (the message names it), 404
 // for an unknown model or fine-tune, 429 when the coordinator's queue is full, 503 with no worker,
 // 504 past a deadline. A streamed call that fails after its first event ends with an error event.
-// Chat completions need the model's chat template, which Strata does not apply yet: 501.
+// A chat completion for a model without a known chat format is refused (400, naming "model").
 //
 // Fine-tunes: "model" may name a fine-tune that ListModels lists under a base model (as vLLM names
 // its adapters), or the request may give the base model and Strata's own "fine_tune_id". Other
@@ -28,10 +29,14 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -44,12 +49,35 @@
 
 namespace strata {
 
-// A /v1/completions request as Generate takes it.
+// A /v1/completions or /v1/chat/completions request as Generate takes it.
 struct CompletionCall {
   v1::GenerateRequest request;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage: a last event with usage
+  // Chat: the messages (role, text), rendered into request.text by the model's chat format; no
+  // max_tokens given (until the turn ends or the context is full).
+  std::vector<std::pair<std::string, std::string>> messages;
+  bool default_max_tokens = false;
 };
+
+// How a model's chat turns are written out: Llama 3's header tokens, or ChatML (Qwen and many
+// others). Detected from the chat_template of tokenizer_config.json by its markers (Strata does not
+// run Jinja templates), or named with strata-coordinator --chat_format.
+enum class ChatFormat { kNone, kLlama3, kChatml };
+ChatFormat DetectChatFormat(absl::string_view chat_template);
+ChatFormat ChatFormatOfTokenizerConfig(absl::string_view tokenizer_config_json);
+absl::StatusOr<ChatFormat> ChatFormatFromName(absl::string_view name);
+const char* ChatFormatName(ChatFormat format);
+// The prompt for `messages`, ending with the assistant's turn opened (no BOS: the tokenizer adds
+// it), and the token that ends a turn.
+std::string RenderChat(ChatFormat format,
+                       const std::vector<std::pair<std::string, std::string>>& messages);
+const char* ChatEndOfTurn(ChatFormat format);
+
+// Parses a /v1/chat/completions body: messages (system / developer / user / assistant, text
+// content), the sampling fields of CompletionFromJson, max_completion_tokens; refuses logprobs,
+// tools, n > 1.
+absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string* param);
 
 // Parses a /v1/completions body. INVALID_ARGUMENT naming the field for a malformed body, a field
 // of the wrong type, or what this endpoint does not do (several prompts, n > 1, echo, suffix,
@@ -67,6 +95,8 @@ std::string OpenAiErrorJson(int http_status, absl::string_view message, absl::st
 const char* OpenAiFinishReason(v1::FinishReason reason);
 
 struct OpenAiGatewayOptions {
+  // Each base model's chat format (a model missing here has none: chat completions refuse it).
+  std::map<std::string, ChatFormat> chat_formats;
   int max_connections = 256;
   absl::Duration read_timeout = absl::Seconds(30);
   int64_t max_body_bytes = int64_t{8} << 20;
@@ -105,9 +135,13 @@ class OpenAiGateway {
   // The HTTP exchange on `fd` after the request was read.
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);
   void Models(int fd);
-  void Completion(int fd, const std::string& body);
-  // Resolves a fine-tune named as the model (ListModels, cached a few seconds).
-  void ResolveModel(v1::GenerateRequest* request);
+  // /v1/completions, or with `chat` /v1/chat/completions.
+  void Completion(int fd, const std::string& body, bool chat);
+  // Resolves a fine-tune named as the model (ListModels, cached a few seconds); the model's
+  // context length (0: unknown).
+  uint32_t ResolveModel(v1::GenerateRequest* request);
+  // The token that ends a chat turn in `model`'s vocabulary (Tokenize, cached), if it is one.
+  std::optional<int32_t> EndOfTurnToken(const std::string& model, ChatFormat format);
   bool Register(grpc::ClientContext* ctx);
   void Unregister(grpc::ClientContext* ctx);
 
@@ -127,12 +161,14 @@ class OpenAiGateway {
   // ListModels' answer and when it was asked.
   v1::ListModelsResponse models_ ABSL_GUARDED_BY(mu_);
   absl::Time models_at_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  std::map<std::string, std::optional<int32_t>> end_of_turn_ ABSL_GUARDED_BY(mu_);
 };
 
 // For strata-coordinator's main: null when `listen` is empty, else the started gateway, its
 // address logged.
 absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartOpenAiGateway(
-    const std::string& listen, std::shared_ptr<grpc::Channel> serving);
+    const std::string& listen, std::shared_ptr<grpc::Channel> serving,
+    OpenAiGatewayOptions options = {});
 
 }  // namespace strata
 

@@ -130,6 +130,92 @@ TEST(CompletionFromJsonTest, RefusalsNameTheField) {
   }
 }
 
+TEST(ChatFromJsonTest, MessagesAndTheChatFields) {
+  std::string param;
+  const absl::StatusOr<CompletionCall> c = ChatFromJson(R"({
+    "model": "m", "messages": [
+      {"role": "developer", "content": "Be brief."},
+      {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+      {"role": "assistant", "content": "Hello."},
+      {"role": "user", "content": "Again"}],
+    "max_completion_tokens": 9, "temperature": 0, "stream": true, "logprobs": false, "tools": []})",
+                                                        &param);
+  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_EQ(c->messages.size(), 4u);
+  EXPECT_EQ(c->messages[0], (std::pair<std::string, std::string>{"system", "Be brief."}));
+  EXPECT_EQ(c->messages[1].second, "Hi there");
+  EXPECT_EQ(c->request.sampling().max_tokens(), 9u);
+  EXPECT_FALSE(c->default_max_tokens);
+  EXPECT_TRUE(c->stream);
+  EXPECT_FALSE(c->request.has_text());  // rendered later, by the model's format
+  // No max_tokens: until the turn ends or the context is full.
+  const absl::StatusOr<CompletionCall> d =
+      ChatFromJson(R"({"model": "m", "messages": [{"role": "user", "content": "x"}]})", &param);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_TRUE(d->default_max_tokens);
+}
+
+TEST(ChatFromJsonTest, RefusalsNameTheField) {
+  struct Case {
+    const char* body;
+    const char* param;
+    const char* says;
+  };
+  for (
+      const Case& c : {
+          Case{R"({"model": "m"})", "messages", "messages"},
+          Case{R"({"model": "m", "messages": []})", "messages", "empty"},
+          Case{R"({"model": "m", "messages": [{"role": "robot", "content": "x"}]})", "messages",
+               "messages[0].role"},
+          Case{R"({"model": "m", "messages": [{"role": "user"}]})", "messages", "content"},
+          Case{
+              R"({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
+              "messages", "only text"},
+          Case{
+              R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true})",
+              "logprobs", "/v1/completions"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]})",
+               "tools", "not supported"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2})", "n",
+               "one request per completion"},
+      }) {
+    std::string param;
+    const absl::StatusOr<CompletionCall> r = ChatFromJson(c.body, &param);
+    ASSERT_FALSE(r.ok()) << c.body;
+    EXPECT_NE(r.status().message().find(c.says), std::string::npos)
+        << c.body << ": " << r.status().message();
+    EXPECT_EQ(param, c.param) << c.body;
+  }
+}
+
+TEST(ChatFormatTest, DetectedFromTheTemplateAndRendered) {
+  EXPECT_EQ(DetectChatFormat("{{ '<|start_header_id|>' + message['role'] }}"), ChatFormat::kLlama3);
+  EXPECT_EQ(DetectChatFormat("{% for m in messages %}<|im_start|>{{ m.role }}"),
+            ChatFormat::kChatml);
+  EXPECT_EQ(DetectChatFormat("{{ messages }}"), ChatFormat::kNone);
+  EXPECT_EQ(ChatFormatOfTokenizerConfig(R"({"bos_token": "<s>"})"), ChatFormat::kNone);
+  EXPECT_EQ(ChatFormatOfTokenizerConfig(R"({"chat_template": "<|im_start|>"})"),
+            ChatFormat::kChatml);
+  EXPECT_EQ(ChatFormatOfTokenizerConfig(
+                R"({"chat_template": [{"name": "tool_use", "template": "<|im_start|>"},
+                                      {"name": "default", "template": "<|start_header_id|>"}]})"),
+            ChatFormat::kLlama3);
+  EXPECT_EQ(*ChatFormatFromName("chatml"), ChatFormat::kChatml);
+  EXPECT_FALSE(ChatFormatFromName("jinja").ok());
+
+  const std::vector<std::pair<std::string, std::string>> m = {{"system", " Be brief. "},
+                                                              {"user", "Hi"}};
+  EXPECT_EQ(RenderChat(ChatFormat::kLlama3, m),
+            "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n");
+  EXPECT_EQ(RenderChat(ChatFormat::kChatml, m),
+            "<|im_start|>system\n Be brief. <|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n");
+  EXPECT_STREQ(ChatEndOfTurn(ChatFormat::kLlama3), "<|eot_id|>");
+  EXPECT_STREQ(ChatEndOfTurn(ChatFormat::kChatml), "<|im_end|>");
+}
+
 TEST(OpenAiErrorsTest, StatusCodesAndTheErrorObject) {
   EXPECT_EQ(HttpStatusOf(grpc::StatusCode::INVALID_ARGUMENT), 400);
   EXPECT_EQ(HttpStatusOf(grpc::StatusCode::NOT_FOUND), 404);

@@ -141,6 +141,13 @@ TEST_F(FineTuneTest, TheHttpApiServesFineTunesByName) {
   const HttpReply unknown =
       Http(http_port_, "POST", "/v1/completions", R"({"model": "no-such-tune", "prompt": "x"})");
   EXPECT_EQ(unknown.status, 404) << unknown.body;
+  // This coordinator found no chat template for the bundled model: chat completions say so.
+  const HttpReply chat =
+      Http(http_port_, "POST", "/v1/chat/completions",
+           R"({"model": "man", "messages": [{"role": "user", "content": "x"}]})");
+  EXPECT_EQ(chat.status, 400) << chat.body;
+  EXPECT_NE(chat.body.find("no chat template"), std::string::npos) << chat.body;
+  EXPECT_NE(chat.body.find(R"("param":"model")"), std::string::npos) << chat.body;
 }
 
 TEST_F(FineTuneTest, UnknownFineTunesAreNotFoundAndTheClusterKeepsServing) {

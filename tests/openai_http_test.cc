@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/json.h"
+#include "coordinator/openai_gateway.h"
 #include "gtest/gtest.h"
 #include "tests/cluster_client.h"
 #include "tests/http_client.h"
@@ -30,7 +31,8 @@ class OpenAiHttpTest : public ::testing::Test {
     LocalClusterOptions o;
     o.num_workers = 1;
     o.name = "openai";
-    o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", port_)};
+    // The bundled model has no chat template: ChatML for the chat completions.
+    o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", port_), "--chat_format=chatml"};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
@@ -143,6 +145,50 @@ TEST_F(OpenAiHttpTest, AStreamCarriesTheSameTextThenDone) {
   EXPECT_EQ(completion_tokens, 16);
 }
 
+// Chat completions: the conversation written out in the model's chat format, then the same
+// generation as the gRPC API gives for that text; streamed, the deltas add up to it.
+TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
+  const std::vector<std::pair<std::string, std::string>> messages = {
+      {"system", "You write Python."}, {"user", "A function that parses a config file"}};
+  v1::GenerateRequest r = TextRequest(RenderChat(ChatFormat::kChatml, messages), 10, 5);
+  r.mutable_sampling()->set_temperature(0.8f);
+  r.mutable_sampling()->set_skip_special_tokens(true);
+  const Generated want = Generate(cluster_->serving(), r);
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  const std::string body =
+      R"({"model": "strata-tiny", "messages": [{"role": "system", "content": "You write Python."},)"
+      R"( {"role": "user", "content": "A function that parses a config file"}],)"
+      R"( "max_tokens": 10, "seed": 5, "temperature": 0.8, "ignore_eos": true)";
+  const HttpReply plain = Http(port_, "POST", "/v1/chat/completions", body + "}");
+  ASSERT_EQ(plain.status, 200) << plain.body;
+  const JsonDocument d = Json(plain.body);
+  EXPECT_EQ(Str(d.root(), "object"), "chat.completion");
+  EXPECT_EQ(Str(d.root(), "id").rfind("chatcmpl-", 0), 0u);
+  const JsonValue message = *Choice(d).Field("message");
+  EXPECT_EQ(Str(message, "role"), "assistant");
+  EXPECT_EQ(Str(message, "content"), want.text);
+  EXPECT_EQ(Str(Choice(d), "finish_reason"), "length");
+  EXPECT_EQ(*d.root().Field("usage")->IntField("completion_tokens"), 10);
+
+  const HttpReply streamed =
+      Http(port_, "POST", "/v1/chat/completions", body + R"(, "stream": true})");
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  const std::vector<std::string> events = SseData(streamed.body);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    const JsonDocument e = Json(events[i]);
+    EXPECT_EQ(Str(e.root(), "object"), "chat.completion.chunk");
+    const JsonValue delta = *Choice(e).Field("delta");
+    if (i == 0) {
+      EXPECT_EQ(Str(delta, "role"), "assistant");
+    }
+    text += Str(delta, "content");
+  }
+  EXPECT_EQ(text, want.text);
+}
+
 TEST_F(OpenAiHttpTest, LogprobsComeInOpenAisShape) {
   const HttpReply r =
       Http(port_, "POST", "/v1/completions", CompletionBody(6, 3, R"(, "logprobs": 2)"));
@@ -185,8 +231,9 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsAndTheServerGoesOn) {
       {"POST", "/v1/completions", R"({"model": "strata-tiny", "prompt": [99999]})", 400, "",
        "token_ids"},
       {"GET", "/v1/completions", "", 405, "", "POST"},
-      {"POST", "/v1/chat/completions", R"({"model": "strata-tiny", "messages": []})", 501, "",
-       "chat template"},
+      {"POST", "/v1/chat/completions", R"({"model": "strata-tiny", "messages": []})", 400,
+       "messages", "empty"},
+      {"GET", "/v1/chat/completions", "", 405, "", "POST"},
       {"GET", "/v2/anything", "", 404, "", "/v2/anything"},
   };
   for (const Case& c : cases) {
