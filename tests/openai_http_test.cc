@@ -187,6 +187,19 @@ TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
     text += Str(delta, "content");
   }
   EXPECT_EQ(text, want.text);
+
+  // No max_tokens: the turn runs until the model ends it or the context (2,048 tokens) is full.
+  const HttpReply open = Http(
+      port_, "POST", "/v1/chat/completions",
+      R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "Hi"}], "seed": 1})");
+  ASSERT_EQ(open.status, 200) << open.body;
+  const JsonDocument o = Json(open.body);
+  const int64_t n = *o.root().Field("usage")->IntField("completion_tokens");
+  const std::string finish = Str(Choice(o), "finish_reason");
+  EXPECT_TRUE(
+      (finish == "stop" && n >= 1) ||
+      (finish == "length" && n + *o.root().Field("usage")->IntField("prompt_tokens") == 2048))
+      << open.body.substr(0, 300);
 }
 
 TEST_F(OpenAiHttpTest, LogprobsComeInOpenAisShape) {
