@@ -38,8 +38,8 @@ ABSL_FLAG(std::string, port_file, "", "Once serving, write the bound port to thi
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
 ABSL_FLAG(std::string, http_listen, "",
-          "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions, GET "
-          "/v1/models), e.g. [::]:8000; empty: none.");
+          "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions and "
+          "/v1/chat/completions, GET /v1/models), e.g. [::]:8000; empty: none.");
 ABSL_FLAG(std::string, chat_format, "auto",
           "How /v1/chat/completions writes out a conversation: auto (each model's "
           "tokenizer_config.json chat_template, recognized as llama3 or chatml), or llama3, chatml "
@@ -99,6 +99,11 @@ int Main() {
       LOG(ERROR) << "--" << name << " must be a finite number, 0 or more, not " << v;
       return 2;
     }
+  }
+  if (const std::string f = absl::GetFlag(FLAGS_chat_format);
+      f != "auto" && !ChatFormatFromName(f).ok()) {
+    LOG(ERROR) << "--chat_format must be auto, llama3, chatml or none, not \"" << f << "\"";
+    return 2;
   }
   const std::string routing = absl::GetFlag(FLAGS_routing);
   if (routing == "round_robin") {
@@ -162,10 +167,16 @@ int Main() {
         return 2;
       }
       format = *named;
-    } else if (absl::StatusOr<std::string> config =
-                   ReadFileToString(dir + "/tokenizer_config.json");
-               config.ok()) {
-      format = ChatFormatOfTokenizerConfig(*config);
+    } else {
+      if (absl::StatusOr<std::string> config = ReadFileToString(dir + "/tokenizer_config.json");
+          config.ok()) {
+        format = ChatFormatOfTokenizerConfig(*config);
+      }
+      // Newer transformers save the template beside the config instead.
+      if (absl::StatusOr<std::string> jinja = ReadFileToString(dir + "/chat_template.jinja");
+          format == ChatFormat::kNone && jinja.ok()) {
+        format = DetectChatFormat(*jinja);
+      }
     }
     http_options.chat_formats[name] = format;
     if (!absl::GetFlag(FLAGS_http_listen).empty()) {

@@ -251,7 +251,7 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
           ASSIGN_OR_RETURN(const absl::string_view type, part.StringField("type"));
           if (type != "text") return part.Error("must be a text part: only text is supported");
           ASSIGN_OR_RETURN(const absl::string_view t, part.StringField("text"));
-          absl::StrAppend(&text, t);
+          absl::StrAppend(&text, text.empty() ? "" : "\n", t);  // parts a line apart, as vLLM
         }
       }
       call.messages.emplace_back(role == "developer" ? "system" : std::string(role),
@@ -937,7 +937,14 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   const uint32_t context = ResolveModel(&call->request);
   if (chat) {
     auto it = options_.chat_formats.find(call->request.model());
-    const ChatFormat format = it == options_.chat_formats.end() ? ChatFormat::kNone : it->second;
+    if (it == options_.chat_formats.end()) {
+      WriteAll(fd,
+               ErrorResponse(404, absl::StrCat("model \"", model_asked, "\" is not served here"),
+                             "model"),
+               wake, absl::Now() + kWriteTimeout);
+      return;
+    }
+    const ChatFormat format = it->second;
     if (format == ChatFormat::kNone) {
       WriteAll(fd,
                ErrorResponse(400,
@@ -950,13 +957,20 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       return;
     }
     call->request.set_text(RenderChat(format, call->messages));
-    // The turn's end is a token: stop on it (and leave it out of the text).
-    if (const std::optional<int32_t> end = EndOfTurnToken(call->request.model(), format)) {
-      call->request.mutable_sampling()->add_stop_token_ids(*end);
+    // The turn ends at the format's marker: a stop token when the vocabulary has it as one (left
+    // out of the text), else a stop string. Not with ignore_eos, which asks to go on past ends.
+    v1::SamplingParams& s = *call->request.mutable_sampling();
+    if (!s.ignore_eos()) {
+      if (const std::optional<int32_t> end = EndOfTurnToken(call->request.model(), format)) {
+        s.add_stop_token_ids(*end);
+      } else {
+        s.add_stop(ChatEndOfTurn(format));
+      }
     }
+    // Until the turn ends or the context is full (the coordinator ends a sequence there; an
+    // unknown context, before any worker reported one, must not cut the answer short).
     if (call->default_max_tokens) {
-      call->request.mutable_sampling()->set_max_tokens(
-          std::min<uint32_t>(65536, context > 0 ? context : 16));
+      s.set_max_tokens(std::min<uint32_t>(65536, context > 0 ? context : 65536));
     }
   }
   grpc::ClientContext ctx;

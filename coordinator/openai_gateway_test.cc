@@ -143,7 +143,7 @@ TEST(ChatFromJsonTest, MessagesAndTheChatFields) {
   ASSERT_TRUE(c.ok()) << c.status();
   ASSERT_EQ(c->messages.size(), 4u);
   EXPECT_EQ(c->messages[0], (std::pair<std::string, std::string>{"system", "Be brief."}));
-  EXPECT_EQ(c->messages[1].second, "Hi there");
+  EXPECT_EQ(c->messages[1].second, "Hi \nthere");  // parts a line apart
   EXPECT_EQ(c->request.sampling().max_tokens(), 9u);
   EXPECT_FALSE(c->default_max_tokens);
   EXPECT_TRUE(c->stream);

@@ -247,6 +247,9 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsAndTheServerGoesOn) {
       {"POST", "/v1/chat/completions", R"({"model": "strata-tiny", "messages": []})", 400,
        "messages", "empty"},
       {"GET", "/v1/chat/completions", "", 405, "", "POST"},
+      {"POST", "/v1/chat/completions",
+       R"({"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]})", 404, "model",
+       "gpt-17"},
       {"GET", "/v2/anything", "", 404, "", "/v2/anything"},
   };
   for (const Case& c : cases) {
