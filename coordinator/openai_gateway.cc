@@ -153,8 +153,20 @@ std::string Float(double v) {
 }
 
 // The OpenAI "logprobs" object of a completion: tokens, token_logprobs, top_logprobs, text_offset.
+// A token's entry in the chat API's logprobs: token, logprob, its UTF-8 bytes.
+std::string ChatTokenJson(const v1::TokenLogprob& t, absl::string_view more) {
+  std::string bytes;
+  for (const char c : t.text()) {
+    absl::StrAppend(&bytes, bytes.empty() ? "" : ",", static_cast<int>(static_cast<uint8_t>(c)));
+  }
+  return absl::StrCat("{\"token\":", JsonQuote(t.text()), ",\"logprob\":", Float(t.logprob()),
+                      ",\"bytes\":[", bytes, "]", more, "}");
+}
+
+// A completion's log-probabilities in both APIs' shapes: /v1/completions' (tokens,
+// token_logprobs, top_logprobs, text_offset) and the chat API's ({"content": [...]}).
 struct Logprobs {
-  std::vector<std::string> tokens, top;
+  std::vector<std::string> tokens, top, chat;
   std::vector<double> values;
   std::vector<int64_t> offsets;
   int64_t offset = 0;
@@ -171,7 +183,15 @@ struct Logprobs {
                         Float(p.top(i).logprob()));
       }
       top.push_back(t + "}");
+      std::string chat_top;
+      for (int i = 0; i < p.top_size(); ++i) {
+        absl::StrAppend(&chat_top, i == 0 ? "" : ",", ChatTokenJson(p.top(i), ""));
+      }
+      chat.push_back(ChatTokenJson(p.token(), absl::StrCat(",\"top_logprobs\":[", chat_top, "]")));
     }
+  }
+  std::string ChatJson() const {
+    return absl::StrCat("{\"content\":[", absl::StrJoin(chat, ","), "]}");
   }
   std::string Json() const {
     std::string out = "{\"tokens\":[";
@@ -375,11 +395,15 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   s.set_skip_special_tokens(skip_special);
   *param = "logprobs";
   if (chat) {
+    // The chat API's: logprobs true, and top_logprobs alternatives at each position.
     ASSIGN_OR_RETURN(const bool logprobs, root.BoolFieldOr("logprobs", false));
-    if (logprobs) {
-      return root.Field("logprobs")
-          ->Error("is not supported on chat completions yet: use /v1/completions");
+    *param = "top_logprobs";
+    ASSIGN_OR_RETURN(const int64_t top, root.IntFieldOr("top_logprobs", 0));
+    if (top < 0 || top > 20) return root.Field("top_logprobs")->Error("must be 0 to 20");
+    if (!logprobs && root.FindField("top_logprobs").has_value()) {
+      return root.Field("top_logprobs")->Error("needs \"logprobs\": true");
     }
+    if (logprobs) s.set_logprobs(static_cast<uint32_t>(top));
   } else if (std::optional<JsonValue> v = root.FindField("logprobs")) {
     // OpenAI's completions take a count; a boolean is the chat API's and is refused.
     ASSIGN_OR_RETURN(const int64_t n, v->AsInt());
@@ -1002,12 +1026,14 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                             "\"content\":", JsonQuote(choice_text), "}")
              : absl::StrCat("\"text\":", JsonQuote(choice_text));
     first_event = false;
-    return absl::StrCat(
-        "data: {\"id\":", JsonQuote(id), ",\"object\":\"", object, "\",\"created\":", created,
-        ",\"model\":", JsonQuote(model_asked), ",\"choices\":[{\"index\":0,", content,
-        ",\"logprobs\":", lp != nullptr ? lp->Json() : "null",
-        ",\"finish_reason\":", reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null",
-        "}]}\n\n");
+    return absl::StrCat("data: {\"id\":", JsonQuote(id), ",\"object\":\"", object,
+                        "\",\"created\":", created, ",\"model\":", JsonQuote(model_asked),
+                        ",\"choices\":[{\"index\":0,", content, ",\"logprobs\":",
+                        lp == nullptr ? "null"
+                        : chat        ? lp->ChatJson()
+                                      : lp->Json(),
+                        ",\"finish_reason\":",
+                        reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null", "}]}\n\n");
   };
   while (reader->Read(&chunk)) {
     if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
@@ -1062,14 +1088,16 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
             : absl::StrCat("\"text\":", JsonQuote(text));
     WriteAll(fd,
              JsonResponse(
-                 200, absl::StrCat(
-                          "{\"id\":", JsonQuote(id), ",\"object\":\"",
-                          chat ? "chat.completion" : "text_completion", "\",\"created\":", created,
-                          ",\"model\":", JsonQuote(model_asked), ",\"choices\":[{\"index\":0,",
-                          content, ",\"logprobs\":", want_logprobs ? logprobs.Json() : "null",
-                          ",\"finish_reason\":",
-                          finish != nullptr ? absl::StrCat("\"", finish, "\"") : "null",
-                          "}],\"usage\":", UsageJson(usage), "}")),
+                 200, absl::StrCat("{\"id\":", JsonQuote(id), ",\"object\":\"",
+                                   chat ? "chat.completion" : "text_completion", "\",\"created\":",
+                                   created, ",\"model\":", JsonQuote(model_asked),
+                                   ",\"choices\":[{\"index\":0,", content, ",\"logprobs\":",
+                                   !want_logprobs ? "null"
+                                   : chat         ? logprobs.ChatJson()
+                                                  : logprobs.Json(),
+                                   ",\"finish_reason\":",
+                                   finish != nullptr ? absl::StrCat("\"", finish, "\"") : "null",
+                                   "}],\"usage\":", UsageJson(usage), "}")),
              wake, deadline);
     return;
   }

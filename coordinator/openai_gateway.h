@@ -75,8 +75,8 @@ std::string RenderChat(ChatFormat format,
 const char* ChatEndOfTurn(ChatFormat format);
 
 // Parses a /v1/chat/completions body: messages (system / developer / user / assistant, text
-// content), the sampling fields of CompletionFromJson, max_completion_tokens; refuses logprobs,
-// tools, n > 1.
+// content), the sampling fields of CompletionFromJson, max_completion_tokens, logprobs (true) with
+// top_logprobs; refuses tools and n > 1.
 absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string* param);
 
 // Parses a /v1/completions body. INVALID_ARGUMENT naming the field for a malformed body, a field

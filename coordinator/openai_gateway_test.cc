@@ -153,6 +153,14 @@ TEST(ChatFromJsonTest, MessagesAndTheChatFields) {
       ChatFromJson(R"({"model": "m", "messages": [{"role": "user", "content": "x"}]})", &param);
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_TRUE(d->default_max_tokens);
+  EXPECT_FALSE(d->request.sampling().has_logprobs());
+  // The chat API's log-probabilities: logprobs true, top_logprobs alternatives.
+  const absl::StatusOr<CompletionCall> lp = ChatFromJson(
+      R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true,
+          "top_logprobs": 2})",
+      &param);
+  ASSERT_TRUE(lp.ok()) << lp.status();
+  EXPECT_EQ(lp->request.sampling().logprobs(), 2u);
 }
 
 TEST(ChatFromJsonTest, RefusalsNameTheField) {
@@ -171,9 +179,12 @@ TEST(ChatFromJsonTest, RefusalsNameTheField) {
           Case{
               R"({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
               "messages", "only text"},
-          Case{
-              R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true})",
-              "logprobs", "/v1/completions"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                    "top_logprobs": 2})",
+               "top_logprobs", "needs"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true,
+                    "top_logprobs": 99})",
+               "top_logprobs", "0 to 20"},
           Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]})",
                "tools", "not supported"},
           Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2})", "n",

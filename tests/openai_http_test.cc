@@ -188,6 +188,22 @@ TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
   }
   EXPECT_EQ(text, want.text);
 
+  // Log-probabilities in the chat API's shape: one entry per token, with its alternatives.
+  const HttpReply lp = Http(port_, "POST", "/v1/chat/completions",
+                            body + R"(, "logprobs": true, "top_logprobs": 2})");
+  ASSERT_EQ(lp.status, 200) << lp.body;
+  const JsonDocument l = Json(lp.body);
+  const std::vector<JsonValue> entries = *Choice(l).Field("logprobs")->Field("content")->AsArray();
+  ASSERT_EQ(entries.size(), 10u);
+  std::string joined;
+  for (const JsonValue& e : entries) {
+    absl::StrAppend(&joined, Str(e, "token"));
+    EXPECT_LE(*e.Field("logprob")->AsDouble(), 0);
+    EXPECT_EQ(e.Field("top_logprobs")->AsArray()->size(), 2u);
+    EXPECT_EQ(static_cast<size_t>(e.Field("bytes")->AsArray()->size()), Str(e, "token").size());
+  }
+  EXPECT_EQ(joined, want.text);
+
   // No max_tokens: the turn runs until the model ends it or the context (2,048 tokens) is full.
   const HttpReply open = Http(
       port_, "POST", "/v1/chat/completions",
