@@ -16,7 +16,6 @@
 // token to last, per token after the first), end-to-end latency, at p50 / p90 / p99; throughput in
 // requests and output tokens per second over the run; and the prefix-cache hit rate (cached prompt
 // tokens / prompt tokens, from each response's usage).
-#include <netdb.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -44,6 +43,7 @@
 #include "common/init.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "common/tcp.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
@@ -96,32 +96,6 @@ struct Sample {
   absl::Time end;
 };
 
-// A connected TCP socket to host:port, or -1.
-int ConnectTcp(const std::string& target) {
-  const size_t colon = target.rfind(':');
-  if (colon == std::string::npos) return -1;
-  std::string host = target.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  if (getaddrinfo(host.c_str(), target.substr(colon + 1).c_str(), &hints, &res) != 0) return -1;
-  int fd = -1;
-  for (addrinfo* ai = res; ai != nullptr && fd < 0; ai = ai->ai_next) {
-    fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-    if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-      close(fd);
-      fd = -1;
-    }
-  }
-  freeaddrinfo(res);
-  if (fd >= 0) {
-    timeval tv{600, 0};  // a stalled server fails the request instead of hanging the run
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  }
-  return fd;
-}
-
 class Driver {
  public:
   Driver(std::shared_ptr<grpc::Channel> channel, const std::string& api)
@@ -146,11 +120,14 @@ class Driver {
         "POST /v1/completions HTTP/1.1\r\nHost: loadgen\r\nContent-Type: "
         "application/json\r\nContent-Length: ",
         body.size(), "\r\n\r\n", body);
-    const int fd = ConnectTcp(absl::GetFlag(FLAGS_target));
-    if (fd < 0) {
+    const UniqueFd conn = ConnectTcp(absl::GetFlag(FLAGS_target));
+    if (!conn.valid()) {
       s.error = "cannot connect";
       return s;
     }
+    const int fd = conn.get();
+    timeval tv{600, 0};  // a stalled server fails the request instead of hanging the run
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     size_t off = 0;
     while (off < request.size()) {
       const ssize_t n = send(fd, request.data() + off, request.size() - off, MSG_NOSIGNAL);
@@ -207,7 +184,6 @@ class Driver {
         }
       }
     }
-    close(fd);
     s.end = absl::Now();
     if (status != 200 || !done || !s.error.empty()) {
       if (s.error.empty()) {
@@ -358,12 +334,10 @@ int Main() {
   auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_target),
                                            grpc::InsecureChannelCredentials(), args);
   if (api == "openai") {
-    const int fd = ConnectTcp(absl::GetFlag(FLAGS_target));
-    if (fd < 0) {
+    if (!ConnectTcp(absl::GetFlag(FLAGS_target)).valid()) {
       std::fprintf(stderr, "loadgen: cannot reach %s\n", absl::GetFlag(FLAGS_target).c_str());
       return 1;
     }
-    close(fd);
   } else if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
     std::fprintf(stderr, "loadgen: cannot reach %s\n", absl::GetFlag(FLAGS_target).c_str());
     return 1;

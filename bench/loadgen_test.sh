@@ -9,7 +9,7 @@ source tools/local_servers.sh
 model=models/strata-tiny/base
 strata_worker w1 $model || fail "worker did not start"
 wport=$STRATA_PORT
-http_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+http_port=$(strata_free_port)
 strata_coordinator coordinator $model 127.0.0.1:$wport --http_listen=127.0.0.1:$http_port ||
   fail "coordinator did not start"
 cport=$STRATA_PORT

@@ -71,7 +71,7 @@ fi
 if [ "$part" = all ] || [ "$part" = overhead ]; then
 strata_worker solo "$model" --kv_cache_mb=32
 w=$STRATA_PORT
-http_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+http_port=$(strata_free_port)
 strata_coordinator solo-coordinator "$model" "127.0.0.1:$w" --http_listen=127.0.0.1:$http_port
 c=$STRATA_PORT
 sleep 1

@@ -465,9 +465,8 @@ class Simulator {
       ++*restored;
     }
     const int64_t cached = static_cast<int64_t>(s->block_table.size());
-    s->planned = hashes;
-    hashes.resize(cached);
-    s->hashes = std::move(hashes);
+    s->hashes.assign(hashes.begin(), hashes.begin() + cached);
+    if (config_.worker.inflight_prefill_min_tokens > 0) s->planned = std::move(hashes);
     s->num_computed = cached * bt();
     const int64_t n = std::min(len - s->num_computed, budget);
     if (!EnsureBlocks(w, s, s->num_computed + n)) {
@@ -509,7 +508,8 @@ class Simulator {
     bool delta_wait = false, io_wait = false;
     LandDiskLoads(w);
     w.inflight_blocks.clear();
-    if (config_.worker.dedupe_inflight_prefill) {
+    const bool dedupe = config_.worker.inflight_prefill_min_tokens > 0;
+    if (dedupe) {
       for (const Chunk& c : w.plan) AddInflight(w, *c.seq);
     }
     for (size_t i = 0;
@@ -529,7 +529,7 @@ class Simulator {
         ++i;
         continue;
       }
-      if (config_.worker.dedupe_inflight_prefill) AddInflight(w, *s);
+      if (dedupe) AddInflight(w, *s);
       budget -= w.plan.back().count;
       w.running.push_back(s);
       w.waiting.erase(w.waiting.begin() + static_cast<ptrdiff_t>(i));

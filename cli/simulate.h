@@ -86,9 +86,8 @@ struct SimWorkerConfig {
   int64_t disk_blocks = 0;
   double disk_block_s = 0;
   double max_io_wait_s = 0.5;
-  // EngineConfig::dedupe_inflight_prefill and inflight_prefill_min_tokens: a request whose prefix
-  // another is computing in this step waits a step for it.
-  bool dedupe_inflight_prefill = true;
+  // EngineConfig::inflight_prefill_min_tokens: a request whose prefix another is computing in this
+  // step waits a step for it (0: never).
   int64_t inflight_prefill_min_tokens = 32;
 };
 
@@ -123,7 +122,7 @@ struct SimResult {
   double output_tokens_per_s = 0;
   double cache_hit_rate = 0;  // cached prompt tokens over prompt tokens
   int64_t preemptions = 0;
-  // Requests that waited a step for a prefix another was computing (dedupe_inflight_prefill).
+  // Requests that waited a step for a prefix another was computing (inflight_prefill_min_tokens).
   int64_t inflight_prefix_waits = 0;
   int64_t restored_blocks = 0;     // from host tiers
   int64_t disk_loaded_blocks = 0;  // read from disk tiers into host tiers

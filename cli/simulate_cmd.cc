@@ -137,8 +137,10 @@ struct Setup {
   std::string source;
 };
 
-absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversation>& sample) {
+absl::StatusOr<Setup> SetupFromArgs(const Args& args, const WorkloadOptions& wo,
+                                    const std::vector<Conversation>& sample) {
   Setup s;
+  s.config.replies_in_history = wo.replies_in_history;
   SimWorkerConfig& w = s.config.worker;
   double block_bytes = 0;  // one block as the disk tier stores it
   if (args.Has("profile")) {
@@ -172,16 +174,14 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
       for (const Turn& t : c.turns) {
         prompt += static_cast<double>(t.prompt.size()) + replies;
         output += static_cast<double>(t.output_tokens);
-        if (args.Get("replies-in-history").value_or("1") != "0") {
-          replies += static_cast<double>(t.output_tokens);
-        }
+        if (wo.replies_in_history) replies += static_cast<double>(t.output_tokens);
         ++n;
       }
     }
     Workload pw;
     pw.prompt_tokens = std::max<int64_t>(1, std::llround(prompt / std::max(1.0, n)));
     pw.output_tokens = std::max<int64_t>(1, std::llround(output / std::max(1.0, n)));
-    ASSIGN_OR_RETURN(pw.fine_tunes, IntIn(args, "fine-tunes", 0, 0, 1000000));
+    pw.fine_tunes = wo.fine_tunes;
     ASSIGN_OR_RETURN(const int64_t resident, IntIn(args, "resident-deltas", 0, 0, 1000000));
     pw.active_fine_tunes = std::min(resident, pw.fine_tunes);
     ASSIGN_OR_RETURN(const Plan plan, MakePlan(model, gpu, pw, o));
@@ -224,10 +224,9 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const std::vector<Conversa
   }
   s.config.router.round_robin = router == "round-robin";
   // As strata-worker's --inflight_prefill_min_tokens (0: never waits).
-  ASSIGN_OR_RETURN(const int64_t dedupe_min, IntIn(args, "inflight-prefill-min-tokens",
-                                                   w.inflight_prefill_min_tokens, 0, 1000000000));
-  w.dedupe_inflight_prefill = dedupe_min > 0;
-  w.inflight_prefill_min_tokens = std::max<int64_t>(1, dedupe_min);
+  ASSIGN_OR_RETURN(
+      w.inflight_prefill_min_tokens,
+      IntIn(args, "inflight-prefill-min-tokens", w.inflight_prefill_min_tokens, 0, 1000000000));
   // As strata-coordinator's --decode_weight and --cold_fine_tune_blocks.
   ASSIGN_OR_RETURN(s.config.router.decode_weight,
                    NonNegative(args, "decode-weight", s.config.router.decode_weight));
@@ -404,8 +403,7 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
   ASSIGN_OR_RETURN(const std::vector<double> rates, Rates(args));
   wo.rate_per_s = rates[0];
   ASSIGN_OR_RETURN(const std::vector<Conversation> first, MakeWorkload(wo));
-  ASSIGN_OR_RETURN(Setup setup, SetupFromArgs(args, first));
-  setup.config.replies_in_history = wo.replies_in_history;
+  ASSIGN_OR_RETURN(Setup setup, SetupFromArgs(args, wo, first));
   ASSIGN_OR_RETURN(const int64_t workers, IntIn(args, "workers", 1, 1, kMaxWorkers));
   setup.config.workers = static_cast<int>(workers);
   ASSIGN_OR_RETURN(const double ttft_target, NonNegative(args, "ttft-p99-ms", 0));

@@ -105,7 +105,7 @@ TEST(SimulateTest, ABurstSharingAPrefixComputesItOnce) {
   // decode token (3.5 ms).
   EXPECT_NEAR(shared->ttft_ms.p50, 8.2 + 3.5, 1e-9);
 
-  c.worker.dedupe_inflight_prefill = false;
+  c.worker.inflight_prefill_min_tokens = 0;
   const absl::StatusOr<SimResult> again = Simulate(w, c);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->inflight_prefix_waits, 0);

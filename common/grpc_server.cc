@@ -65,6 +65,7 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
   }
   const std::string address = absl::StrCat(HostPart(options.listen_address), ":", port);
   std::unique_ptr<GrpcServer> out(new GrpcServer(std::move(server), port, address, names));
+  out->max_message_bytes_ = options.max_message_bytes;
   out->SetServing(true);
   if (grpc::HealthCheckServiceInterface* health = out->server_->GetHealthCheckService()) {
     health->SetServingStatus(kLivenessService, true);

@@ -55,7 +55,7 @@ class GrpcServer {
   // the same binary serves (the coordinator's HTTP API).
   std::shared_ptr<grpc::Channel> InProcessChannel() {
     grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(64 << 20);
+    args.SetMaxReceiveMessageSize(max_message_bytes_);
     return server_->InProcessChannel(args);
   }
 
@@ -78,6 +78,7 @@ class GrpcServer {
   std::unique_ptr<grpc::Server> server_;
   const int port_;
   const std::string address_;
+  int max_message_bytes_ = 0;  // GrpcServerOptions::max_message_bytes
   const std::vector<std::string> service_names_;
   std::atomic<bool> shut_down_{false};
 };

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/utf8.h"
 
 namespace strata {
 namespace {
@@ -188,40 +189,6 @@ absl::StatusOr<std::string> JsonValue::StringFieldOr(absl::string_view key,
   return std::string(*s);
 }
 
-namespace {
-
-// The length of the well-formed UTF-8 sequence that starts s[i] (1-4), or 0 when it is not one
-// (a stray continuation byte, a truncated or overlong sequence, a surrogate, past U+10FFFF).
-size_t Utf8SequenceLength(absl::string_view s, size_t i) {
-  const unsigned char b = static_cast<unsigned char>(s[i]);
-  size_t n = 0;
-  uint32_t cp = 0;
-  if (b < 0x80) return 1;
-  if ((b & 0xe0) == 0xc0) {
-    n = 2;
-    cp = b & 0x1f;
-  } else if ((b & 0xf0) == 0xe0) {
-    n = 3;
-    cp = b & 0x0f;
-  } else if ((b & 0xf8) == 0xf0) {
-    n = 4;
-    cp = b & 0x07;
-  } else {
-    return 0;
-  }
-  if (i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k) {
-    const unsigned char c = static_cast<unsigned char>(s[i + k]);
-    if ((c & 0xc0) != 0x80) return 0;
-    cp = (cp << 6) | (c & 0x3f);
-  }
-  static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-  if (cp < kMin[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
-  return n;
-}
-
-}  // namespace
-
 std::string JsonQuote(absl::string_view s) {
   std::string out;
   out.reserve(s.size() + 2);
@@ -230,7 +197,7 @@ std::string JsonQuote(absl::string_view s) {
     const char c = s[i];
     const unsigned char u = static_cast<unsigned char>(c);
     if (u >= 0x80) {
-      const size_t n = Utf8SequenceLength(s, i);
+      const size_t n = ValidUtf8SequenceLength(s.substr(i));
       if (n == 0) {
         out += "\ufffd";  // not UTF-8: the replacement character, so the output stays JSON
       } else {

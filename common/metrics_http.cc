@@ -83,13 +83,8 @@ void MetricsHttpServer::Serve(int fd) {
   const absl::Time deadline = absl::Now() + absl::Seconds(2);
   const int wake = wake_fd_.get();
   std::string request;
-  char buf[1024];
   while (request.find("\r\n\r\n") == std::string::npos && request.size() < 8192) {
-    if (!WaitFor(fd, POLLIN, wake, deadline)) return;
-    const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    if (n <= 0) return;
-    request.append(buf, static_cast<size_t>(n));
+    if (!RecvSome(fd, &request, wake, deadline)) return;
   }
   const std::string line = request.substr(0, request.find("\r\n"));
   const std::vector<std::string> parts = absl::StrSplit(line, ' ');

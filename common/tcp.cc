@@ -21,20 +21,28 @@ absl::Status Invalid(absl::string_view flag, const std::string& listen, const st
       absl::StrCat(flag, " \"", listen, "\" ", why, " (want HOST:PORT, e.g. [::]:9090)"));
 }
 
+// HOST:PORT (brackets around an IPv6 host taken off) into its parts.
+absl::Status SplitHostPort(const std::string& address, absl::string_view flag, std::string* host,
+                           int* port) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || colon == 0) return Invalid(flag, address, "has no host");
+  *host = address.substr(0, colon);
+  if (!absl::SimpleAtoi(address.substr(colon + 1), port) || *port < 0 || *port > 65535) {
+    return Invalid(flag, address, "has no port in 0-65535");
+  }
+  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ListenSocket> ListenTcp(const std::string& listen, absl::string_view flag,
                                        int backlog) {
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos || colon == 0) return Invalid(flag, listen, "has no host");
-  std::string host = listen.substr(0, colon);
+  std::string host;
   int port = 0;
-  if (!absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return Invalid(flag, listen, "has no port in 0-65535");
-  }
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
+  if (absl::Status s = SplitHostPort(listen, flag, &host, &port); !s.ok()) return s;
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -81,6 +89,27 @@ absl::StatusOr<ListenSocket> ListenTcp(const std::string& listen, absl::string_v
   return out;
 }
 
+UniqueFd ConnectTcp(const std::string& target) {
+  std::string host;
+  int port = 0;
+  if (!SplitHostPort(target, "address", &host, &port).ok()) return UniqueFd();
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) {
+    return UniqueFd();
+  }
+  UniqueFd fd;
+  for (addrinfo* ai = res; ai != nullptr && !fd.valid(); ai = ai->ai_next) {
+    UniqueFd s(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
+    if (s.valid() && ::connect(s.get(), ai->ai_addr, ai->ai_addrlen) == 0) fd = std::move(s);
+  }
+  freeaddrinfo(res);
+  return fd;
+}
+
 bool WaitFor(int fd, short events, int wake_fd, absl::Time deadline) {
   while (true) {
     const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
@@ -91,6 +120,18 @@ bool WaitFor(int fd, short events, int wake_fd, absl::Time deadline) {
     if (rc < 0 || (wake_fd >= 0 && fds[1].revents != 0)) return false;
     if (fds[0].revents != 0) return true;
   }
+}
+
+bool RecvSome(int fd, std::string* out, int wake_fd, absl::Time deadline) {
+  char buf[16384];
+  while (WaitFor(fd, POLLIN, wake_fd, deadline)) {
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) return false;
+    out->append(buf, static_cast<size_t>(n));
+    return true;
+  }
+  return false;
 }
 
 bool WriteAll(int fd, absl::string_view data, int wake_fd, absl::Time deadline) {

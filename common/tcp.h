@@ -1,6 +1,7 @@
-// Plain TCP for the servers' small HTTP endpoints (metrics, the OpenAI-compatible API): a
-// listening socket from a HOST:PORT flag, and waits and writes bounded by a deadline and
-// interrupted by a wake descriptor (an eventfd the server writes to when it stops).
+// Plain TCP for the servers' small HTTP endpoints (metrics, the OpenAI-compatible API) and their
+// clients: a listening socket from a HOST:PORT flag, a connected one, and waits and writes bounded
+// by a deadline and interrupted by a wake descriptor (an eventfd the server writes to when it
+// stops).
 #ifndef STRATA_COMMON_TCP_H_
 #define STRATA_COMMON_TCP_H_
 
@@ -25,9 +26,17 @@ struct ListenSocket {
 absl::StatusOr<ListenSocket> ListenTcp(const std::string& listen, absl::string_view flag,
                                        int backlog);
 
+// A blocking socket connected to `target` (HOST:PORT, [V6]:PORT), close-on-exec, for clients
+// (loadgen, tests); not valid when the address is malformed or nothing answers.
+UniqueFd ConnectTcp(const std::string& target);
+
 // Waits until `fd` is ready for `events` (POLLIN, POLLOUT) or `wake_fd` is readable (the server
 // stopping; -1: none), at most until `deadline`. True when `fd` is ready.
 bool WaitFor(int fd, short events, int wake_fd, absl::Time deadline);
+
+// Appends what the socket `fd` has to `out` (up to 16 KiB), waiting for it as WaitFor does. False
+// when the peer has closed or failed, the deadline passed or the server is stopping.
+bool RecvSome(int fd, std::string* out, int wake_fd, absl::Time deadline);
 
 // Writes all of `data` to the socket `fd` (no SIGPIPE), waiting as WaitFor does. False when the
 // peer is gone, the deadline passed or the server is stopping.

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -100,10 +101,15 @@ int Main() {
       return 2;
     }
   }
-  if (const std::string f = absl::GetFlag(FLAGS_chat_format);
-      f != "auto" && !ChatFormatFromName(f).ok()) {
-    LOG(ERROR) << "--chat_format must be auto, llama3, chatml or none, not \"" << f << "\"";
-    return 2;
+  // Every model's chat format when named (else each model's own, found below).
+  std::optional<ChatFormat> chat_format;
+  if (const std::string f = absl::GetFlag(FLAGS_chat_format); f != "auto") {
+    absl::StatusOr<ChatFormat> named = ChatFormatFromName(f);
+    if (!named.ok()) {
+      LOG(ERROR) << "--chat_format must be auto, llama3, chatml or none, not \"" << f << "\"";
+      return 2;
+    }
+    chat_format = *named;
   }
   const std::string routing = absl::GetFlag(FLAGS_routing);
   if (routing == "round_robin") {
@@ -156,32 +162,30 @@ int Main() {
   // port file is written, so that whoever waits for it finds both ready.
   OpenAiGatewayOptions http_options;
   for (const std::string& spec : absl::GetFlag(FLAGS_model)) {
+    if (absl::GetFlag(FLAGS_http_listen).empty()) break;
     const size_t eq = spec.find('=');
     if (eq == std::string::npos) continue;  // ModelRegistry::Load refused it already
     const std::string name = spec.substr(0, eq), dir = spec.substr(eq + 1);
-    ChatFormat format = ChatFormat::kNone;
-    if (const std::string f = absl::GetFlag(FLAGS_chat_format); f != "auto") {
-      absl::StatusOr<ChatFormat> named = ChatFormatFromName(f);
-      if (!named.ok()) {
-        LOG(ERROR) << "--chat_format: " << named.status().message();
-        return 2;
-      }
-      format = *named;
-    } else {
+    ChatTemplate& chat = http_options.chat_templates[name];
+    chat.format = chat_format.value_or(ChatFormat::kNone);
+    if (!chat_format.has_value()) {
       if (absl::StatusOr<std::string> config = ReadFileToString(dir + "/tokenizer_config.json");
           config.ok()) {
-        format = ChatFormatOfTokenizerConfig(*config);
+        chat.format = ChatFormatOfTokenizerConfig(*config);
       }
       // Newer transformers save the template beside the config instead.
       if (absl::StatusOr<std::string> jinja = ReadFileToString(dir + "/chat_template.jinja");
-          format == ChatFormat::kNone && jinja.ok()) {
-        format = DetectChatFormat(*jinja);
+          chat.format == ChatFormat::kNone && jinja.ok()) {
+        chat.format = DetectChatFormat(*jinja);
       }
     }
-    http_options.chat_formats[name] = format;
-    if (!absl::GetFlag(FLAGS_http_listen).empty()) {
-      LOG(INFO) << "model " << name << ": chat format " << ChatFormatName(format);
+    // The turn's end marker: a stop token when the vocabulary has it as one.
+    if (chat.format != ChatFormat::kNone) {
+      absl::StatusOr<std::vector<int32_t>> ids =
+          (*models)->Find(name)->Encode(ChatEndOfTurn(chat.format));
+      if (ids.ok() && ids->size() == 1) chat.end_of_turn = (*ids)[0];
     }
+    LOG(INFO) << "model " << name << ": chat format " << ChatFormatName(chat.format);
   }
   absl::StatusOr<std::unique_ptr<OpenAiGateway>> http = StartOpenAiGateway(
       absl::GetFlag(FLAGS_http_listen), (*server)->InProcessChannel(), http_options);

@@ -18,10 +18,10 @@
 #include "common/log.h"
 #include "common/sampling_params.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 #include "common/version.h"
 #include "grpcpp/alarm.h"
 #include "tokenizer/stop_matcher.h"
-#include "tokenizer/utf8.h"
 
 namespace strata {
 namespace {
@@ -632,19 +632,18 @@ void CoordinatorService::GenerateCall::RecordMetricsLocked() {
 }
 
 Counter* CoordinatorService::RequestsCounter(grpc::StatusCode code) {
-  const size_t i = static_cast<size_t>(code);
-  if (i >= call_metrics_.requests.size()) {
+  auto lookup = [&] {
     return options_.metrics->GetCounter(
         "strata_coordinator_requests_total", "Generate calls finished, by gRPC status.",
         {{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
-  }
+  };
+  const size_t i = static_cast<size_t>(code);
+  if (i >= call_metrics_.requests.size()) return lookup();
   std::atomic<Counter*>& slot = call_metrics_.requests[i];
   Counter* c = slot.load(std::memory_order_acquire);
   if (c == nullptr) {
     // The registry returns the same series to every caller, so a race stores the same pointer.
-    c = options_.metrics->GetCounter(
-        "strata_coordinator_requests_total", "Generate calls finished, by gRPC status.",
-        {{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
+    c = lookup();
     slot.store(c, std::memory_order_release);
   }
   return c;

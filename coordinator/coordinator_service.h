@@ -113,7 +113,8 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   // The series every finished call updates, looked up once (a registry lookup takes its mutex):
   // by gRPC status code as each first occurs, the rest at construction. Null without metrics.
   struct CallMetrics {
-    std::array<std::atomic<Counter*>, 17> requests{};  // by grpc::StatusCode
+    // By grpc::StatusCode, OK (0) to UNAUTHENTICATED (16).
+    std::array<std::atomic<Counter*>, grpc::StatusCode::UNAUTHENTICATED + 1> requests{};
     Histogram* duration = nullptr;
     Histogram* first_token = nullptr;
     Counter* prompt_tokens = nullptr;

@@ -60,8 +60,6 @@ const char* Reason(int status) {
       return "Too Many Requests";
     case 431:
       return "Request Header Fields Too Large";
-    case 499:
-      return "Client Closed Request";
     case 501:
       return "Not Implemented";
     case 503:
@@ -96,13 +94,8 @@ std::string ErrorResponse(int status, absl::string_view message, absl::string_vi
 void LingeringClose(int fd, int wake_fd) {
   ::shutdown(fd, SHUT_WR);
   const absl::Time deadline = absl::Now() + absl::Seconds(2);
-  char buf[16384];
-  size_t drained = 0;
-  while (drained < (size_t{1} << 20) && WaitFor(fd, POLLIN, wake_fd, deadline)) {
-    const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    if (n <= 0) return;
-    drained += static_cast<size_t>(n);
+  std::string drained;
+  while (drained.size() < (size_t{1} << 20) && RecvSome(fd, &drained, wake_fd, deadline)) {
   }
 }
 
@@ -279,34 +272,32 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
     }
   }
   *param = "prompt";
-  std::optional<JsonValue> prompt_field = chat ? std::nullopt : root.FindField("prompt");
-  if (!chat && !prompt_field.has_value()) {
-    ASSIGN_OR_RETURN(JsonValue missing, root.Field("prompt"));  // the error naming it
-    prompt_field = missing;
-  }
-  if (chat) {
-    // The messages make the prompt (RenderChat, once the model's chat format is known).
-  } else if (const JsonValue& prompt = *prompt_field; prompt.IsString()) {
-    ASSIGN_OR_RETURN(const absl::string_view text, prompt.AsString());
-    r.set_text(std::string(text));
-  } else if (prompt.IsArray()) {
-    ASSIGN_OR_RETURN(const std::vector<JsonValue> items, prompt.AsArray());
-    if (items.empty()) return prompt.Error("must not be empty");
-    if (items[0].IsNumber()) {
-      RETURN_IF_ERROR(TokenIds(items, r.mutable_token_ids()));
-    } else if (items.size() > 1) {
-      return prompt.Error("holds several prompts: send one request per prompt");
-    } else if (items[0].IsString()) {
-      ASSIGN_OR_RETURN(const absl::string_view text, items[0].AsString());
+  // Chat: the messages make the prompt (RenderChat, once the model's chat format is known).
+  if (!chat) {
+    ASSIGN_OR_RETURN(const JsonValue prompt, root.Field("prompt"));
+    if (prompt.IsString()) {
+      ASSIGN_OR_RETURN(const absl::string_view text, prompt.AsString());
       r.set_text(std::string(text));
-    } else if (items[0].IsArray()) {
-      ASSIGN_OR_RETURN(const std::vector<JsonValue> ids, items[0].AsArray());
-      RETURN_IF_ERROR(TokenIds(ids, r.mutable_token_ids()));
+    } else if (prompt.IsArray()) {
+      ASSIGN_OR_RETURN(const std::vector<JsonValue> items, prompt.AsArray());
+      if (items.empty()) return prompt.Error("must not be empty");
+      if (items[0].IsNumber()) {
+        RETURN_IF_ERROR(TokenIds(items, r.mutable_token_ids()));
+      } else if (items.size() > 1) {
+        return prompt.Error("holds several prompts: send one request per prompt");
+      } else if (items[0].IsString()) {
+        ASSIGN_OR_RETURN(const absl::string_view text, items[0].AsString());
+        r.set_text(std::string(text));
+      } else if (items[0].IsArray()) {
+        ASSIGN_OR_RETURN(const std::vector<JsonValue> ids, items[0].AsArray());
+        RETURN_IF_ERROR(TokenIds(ids, r.mutable_token_ids()));
+      } else {
+        return prompt.Error(
+            "must be a string, an array of token ids, or one of either in an array");
+      }
     } else {
-      return prompt.Error("must be a string, an array of token ids, or one of either in an array");
+      return prompt.Error("must be a string or an array of token ids");
     }
-  } else {
-    return prompt.Error("must be a string or an array of token ids");
   }
 
   // Chat: max_completion_tokens (the newer name) or max_tokens; neither: until the model ends its
@@ -332,16 +323,19 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   s.set_min_tokens(static_cast<uint32_t>(min_tokens));
 
   // Optional floats: left unset (the server's default) when missing or null.
-  for (const char* name : {"temperature", "top_p", "repetition_penalty"}) {
+  auto optional_float = [&](const char* name,
+                            void (v1::SamplingParams::*set)(float)) -> absl::Status {
     *param = name;
-    if (std::optional<JsonValue> v = root.FindField(name)) {
-      ASSIGN_OR_RETURN(const double x, v->AsDouble());
-      const float f = static_cast<float>(x);
-      if (std::string_view(name) == "temperature") s.set_temperature(f);
-      if (std::string_view(name) == "top_p") s.set_top_p(f);
-      if (std::string_view(name) == "repetition_penalty") s.set_repetition_penalty(f);
-    }
-  }
+    std::optional<JsonValue> v = root.FindField(name);
+    if (!v.has_value()) return absl::OkStatus();
+    ASSIGN_OR_RETURN(const double x, v->AsDouble());
+    (s.*set)(static_cast<float>(x));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(optional_float("temperature", &v1::SamplingParams::set_temperature));
+  RETURN_IF_ERROR(optional_float("top_p", &v1::SamplingParams::set_top_p));
+  RETURN_IF_ERROR(
+      optional_float("repetition_penalty", &v1::SamplingParams::set_repetition_penalty));
   *param = "min_p";
   ASSIGN_OR_RETURN(const double min_p, root.DoubleFieldOr("min_p", 0));
   s.set_min_p(static_cast<float>(min_p));
@@ -721,16 +715,19 @@ void OpenAiGateway::Loop() {
     const int raw = conn.get();
     ++active_;
     try {
-      connections.push_back({std::thread([this, done, fd = std::move(conn)]() mutable {
-                               Serve(std::move(fd));
+      // The thread takes the descriptor over only once it exists: if it cannot start, the
+      // connection is still here to be refused.
+      connections.push_back({std::thread([this, done, raw] {
+                               Serve(UniqueFd(raw));
                                --active_;
                                done->store(true);
                              }),
                              done});
+      conn.release();
     } catch (const std::system_error& e) {  // no thread to be had
       --active_;
       LOG(ERROR) << "http: cannot start a connection thread: " << e.what();
-      if (conn.valid()) refuse(raw);
+      refuse(conn.get());
     }
   }
   // Stopped accepting (StopAccepting, or the gateway going): new connections are refused.
@@ -747,18 +744,13 @@ void OpenAiGateway::ServeRequest(int fd) {
   const int wake = wake_fd_.get();
   const absl::Time deadline = absl::Now() + options_.read_timeout;
   std::string data;
-  char buf[16384];
   size_t header_end = std::string::npos;
   while ((header_end = data.find("\r\n\r\n")) == std::string::npos) {
     if (data.size() > kMaxHeaderBytes) {
       WriteAll(fd, ErrorResponse(431, "request headers too large"), wake, deadline);
       return;
     }
-    if (!WaitFor(fd, POLLIN, wake, deadline)) return;
-    const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    if (n <= 0) return;
-    data.append(buf, static_cast<size_t>(n));
+    if (!RecvSome(fd, &data, wake, deadline)) return;
   }
   const std::vector<std::string> lines =
       absl::StrSplit(absl::string_view(data).substr(0, header_end), "\r\n");
@@ -802,11 +794,7 @@ void OpenAiGateway::ServeRequest(int fd) {
       return;
     }
     while (static_cast<int64_t>(body.size()) < content_length) {
-      if (!WaitFor(fd, POLLIN, wake, deadline)) return;
-      const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-      if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-      if (n <= 0) return;
-      body.append(buf, static_cast<size_t>(n));
+      if (!RecvSome(fd, &body, wake, deadline)) return;
     }
     body.resize(static_cast<size_t>(content_length));
   }
@@ -866,18 +854,16 @@ void OpenAiGateway::Models(int fd) {
   }
   std::vector<std::string> data;
   for (const v1::ModelInfo& m : resp.models()) {
-    data.push_back(absl::StrCat(
-        "{\"id\":", JsonQuote(m.name()),
-        ",\"object\":\"model\",\"created\":0,\"owned_by\":\"strata\","
-        "\"root\":",
-        JsonQuote(m.name()), ",\"parent\":null,\"max_model_len\":", m.max_context_tokens(), "}"));
-    for (const std::string& ft : m.fine_tune_ids()) {
-      data.push_back(absl::StrCat("{\"id\":", JsonQuote(ft),
-                                  ",\"object\":\"model\",\"created\":0,\"owned_by\":\"strata\","
-                                  "\"root\":",
-                                  JsonQuote(m.name()), ",\"parent\":", JsonQuote(m.name()),
-                                  ",\"max_model_len\":", m.max_context_tokens(), "}"));
-    }
+    // The base model (no parent), then each of its fine-tunes.
+    auto entry = [&m](const std::string& id, const std::string& parent) {
+      return absl::StrCat("{\"id\":", JsonQuote(id),
+                          ",\"object\":\"model\",\"created\":0,\"owned_by\":\"strata\",\"root\":",
+                          JsonQuote(m.name()),
+                          ",\"parent\":", parent.empty() ? "null" : JsonQuote(parent),
+                          ",\"max_model_len\":", m.max_context_tokens(), "}");
+    };
+    data.push_back(entry(m.name(), ""));
+    for (const std::string& ft : m.fine_tune_ids()) data.push_back(entry(ft, m.name()));
   }
   WriteAll(fd,
            JsonResponse(200, absl::StrCat("{\"object\":\"list\",\"data\":[",
@@ -889,7 +875,7 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
   // The cached list (ListModels, kModelsTtl), or a new one when it is stale, or when the name is
   // not in it and it is over half a second old (a fine-tune registered just now).
   for (int attempt = 0; attempt < 2; ++attempt) {
-    v1::ListModelsResponse models;
+    std::shared_ptr<const v1::ListModelsResponse> models;  // shared, never copied
     absl::Duration age;
     {
       absl::MutexLock lock(&mu_);
@@ -897,19 +883,21 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
       models = models_;
     }
     if (age >= (attempt == 0 ? kModelsTtl : absl::Milliseconds(500))) {
+      auto fresh = std::make_shared<v1::ListModelsResponse>();
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
       if (!Register(&ctx)) return 0;
-      const grpc::Status s = stub_->ListModels(&ctx, v1::ListModelsRequest(), &models);
+      const grpc::Status s = stub_->ListModels(&ctx, v1::ListModelsRequest(), fresh.get());
       Unregister(&ctx);
       if (!s.ok()) return 0;  // Generate reports what is wrong
+      models = std::move(fresh);
       absl::MutexLock lock(&mu_);
       models_ = models;
       models_at_ = absl::Now();
     } else if (attempt == 1) {
       return 0;  // fresh, and the name is not in it
     }
-    for (const v1::ModelInfo& m : models.models()) {
+    for (const v1::ModelInfo& m : models->models()) {
       if (m.name() == request->model()) return m.max_context_tokens();
       if (!request->fine_tune_id().empty()) continue;
       for (const std::string& ft : m.fine_tune_ids()) {
@@ -922,29 +910,6 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
     }
   }
   return 0;
-}
-
-std::optional<int32_t> OpenAiGateway::EndOfTurnToken(const std::string& model, ChatFormat format) {
-  {
-    absl::MutexLock lock(&mu_);
-    if (auto it = end_of_turn_.find(model); it != end_of_turn_.end()) return it->second;
-  }
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-  if (!Register(&ctx)) return std::nullopt;
-  v1::TokenizeRequest req;
-  req.set_model(model);
-  req.set_text(ChatEndOfTurn(format));
-  v1::TokenizeResponse resp;
-  const grpc::Status s = stub_->Tokenize(&ctx, req, &resp);
-  Unregister(&ctx);
-  if (!s.ok()) return std::nullopt;  // not cached: asked again next time
-  // One token in the model's vocabulary (a special token), or none: then the text stands.
-  std::optional<int32_t> id;
-  if (resp.token_ids_size() == 1) id = resp.token_ids(0);
-  absl::MutexLock lock(&mu_);
-  end_of_turn_[model] = id;
-  return id;
 }
 
 void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
@@ -960,15 +925,16 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   const std::string model_asked = call->request.model();
   const uint32_t context = ResolveModel(&call->request);
   if (chat) {
-    auto it = options_.chat_formats.find(call->request.model());
-    if (it == options_.chat_formats.end()) {
+    auto it = options_.chat_templates.find(call->request.model());
+    if (it == options_.chat_templates.end()) {
       WriteAll(fd,
                ErrorResponse(404, absl::StrCat("model \"", model_asked, "\" is not served here"),
                              "model"),
                wake, absl::Now() + kWriteTimeout);
       return;
     }
-    const ChatFormat format = it->second;
+    const ChatTemplate& chat_template = it->second;
+    const ChatFormat format = chat_template.format;
     if (format == ChatFormat::kNone) {
       WriteAll(fd,
                ErrorResponse(400,
@@ -985,8 +951,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     // out of the text), else a stop string. Not with ignore_eos, which asks to go on past ends.
     v1::SamplingParams& s = *call->request.mutable_sampling();
     if (!s.ignore_eos()) {
-      if (const std::optional<int32_t> end = EndOfTurnToken(call->request.model(), format)) {
-        s.add_stop_token_ids(*end);
+      if (chat_template.end_of_turn.has_value()) {
+        s.add_stop_token_ids(*chat_template.end_of_turn);
       } else {
         s.add_stop(ChatEndOfTurn(format));
       }
@@ -1018,6 +984,20 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   bool client_gone = false;
   v1::GenerateResponse chunk;
   const char* object = chat ? "chat.completion.chunk" : "text_completion";
+  // The fields every answer and event opens with ({"id", "object", "created", "model"), and its
+  // one choice.
+  auto envelope = [&](const char* object_name) {
+    return absl::StrCat("{\"id\":", JsonQuote(id), ",\"object\":\"", object_name,
+                        "\",\"created\":", created, ",\"model\":", JsonQuote(model_asked));
+  };
+  auto choice = [&](const std::string& content, const Logprobs* lp, const char* reason) {
+    return absl::StrCat(
+        ",\"choices\":[{\"index\":0,", content, ",\"logprobs\":",
+        lp == nullptr ? "null"
+        : chat        ? lp->ChatJson()
+                      : lp->Json(),
+        ",\"finish_reason\":", reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null", "}]");
+  };
   bool first_event = true;
   auto event = [&](const std::string& choice_text, const char* reason, const Logprobs* lp) {
     // Chat: the first delta names the role.
@@ -1026,19 +1006,13 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                             "\"content\":", JsonQuote(choice_text), "}")
              : absl::StrCat("\"text\":", JsonQuote(choice_text));
     first_event = false;
-    return absl::StrCat("data: {\"id\":", JsonQuote(id), ",\"object\":\"", object,
-                        "\",\"created\":", created, ",\"model\":", JsonQuote(model_asked),
-                        ",\"choices\":[{\"index\":0,", content, ",\"logprobs\":",
-                        lp == nullptr ? "null"
-                        : chat        ? lp->ChatJson()
-                                      : lp->Json(),
-                        ",\"finish_reason\":",
-                        reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null", "}]}\n\n");
+    return absl::StrCat("data: ", envelope(object), choice(content, lp, reason), "}\n\n");
   };
   while (reader->Read(&chunk)) {
     if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
     if (chunk.has_usage()) usage = chunk.usage();
-    if (const char* r = OpenAiFinishReason(chunk.finish_reason()); r != nullptr) finish = r;
+    const char* reason = OpenAiFinishReason(chunk.finish_reason());
+    if (reason != nullptr) finish = reason;
     if (client_gone) continue;  // draining after a cancel
     if (!call->stream) {
       text += chunk.text();
@@ -1050,7 +1024,6 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       out = Head(200, "text/event-stream", -1);
       streaming = true;
     }
-    const char* reason = OpenAiFinishReason(chunk.finish_reason());
     if (!chunk.text().empty() || reason != nullptr || chunk.logprobs_size() > 0) {
       Logprobs lp;
       lp.offset = logprobs.offset;  // text_offset counts from the completion's start
@@ -1086,25 +1059,17 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
         chat
             ? absl::StrCat("\"message\":{\"role\":\"assistant\",\"content\":", JsonQuote(text), "}")
             : absl::StrCat("\"text\":", JsonQuote(text));
-    WriteAll(fd,
-             JsonResponse(
-                 200, absl::StrCat("{\"id\":", JsonQuote(id), ",\"object\":\"",
-                                   chat ? "chat.completion" : "text_completion", "\",\"created\":",
-                                   created, ",\"model\":", JsonQuote(model_asked),
-                                   ",\"choices\":[{\"index\":0,", content, ",\"logprobs\":",
-                                   !want_logprobs ? "null"
-                                   : chat         ? logprobs.ChatJson()
-                                                  : logprobs.Json(),
-                                   ",\"finish_reason\":",
-                                   finish != nullptr ? absl::StrCat("\"", finish, "\"") : "null",
-                                   "}],\"usage\":", UsageJson(usage), "}")),
-             wake, deadline);
+    WriteAll(
+        fd,
+        JsonResponse(200, absl::StrCat(envelope(chat ? "chat.completion" : "text_completion"),
+                                       choice(content, want_logprobs ? &logprobs : nullptr, finish),
+                                       ",\"usage\":", UsageJson(usage), "}")),
+        wake, deadline);
     return;
   }
   std::string tail = streaming ? "" : Head(200, "text/event-stream", -1);
   if (call->include_usage) {
-    absl::StrAppend(&tail, "data: {\"id\":", JsonQuote(id), ",\"object\":\"", object,
-                    "\",\"created\":", created, ",\"model\":", JsonQuote(model_asked),
+    absl::StrAppend(&tail, "data: ", envelope(object),
                     ",\"choices\":[],\"usage\":", UsageJson(usage), "}\n\n");
   }
   absl::StrAppend(&tail, "data: [DONE]\n\n");

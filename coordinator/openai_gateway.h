@@ -94,9 +94,16 @@ std::string OpenAiErrorJson(int http_status, absl::string_view message, absl::st
 // generation goes on.
 const char* OpenAiFinishReason(v1::FinishReason reason);
 
+// A base model's chat format, and the token that ends a turn when its vocabulary has the format's
+// marker as one token (else the marker is a stop string).
+struct ChatTemplate {
+  ChatFormat format = ChatFormat::kNone;
+  std::optional<int32_t> end_of_turn;
+};
+
 struct OpenAiGatewayOptions {
-  // Each base model's chat format (a model missing here has none: chat completions refuse it).
-  std::map<std::string, ChatFormat> chat_formats;
+  // By base model; a model missing here is not served (404), one with kNone refuses chats (400).
+  std::map<std::string, ChatTemplate> chat_templates;
   int max_connections = 256;
   absl::Duration read_timeout = absl::Seconds(30);
   int64_t max_body_bytes = int64_t{8} << 20;
@@ -140,8 +147,6 @@ class OpenAiGateway {
   // Resolves a fine-tune named as the model (ListModels, cached a few seconds); the model's
   // context length (0: unknown).
   uint32_t ResolveModel(v1::GenerateRequest* request);
-  // The token that ends a chat turn in `model`'s vocabulary (Tokenize, cached), if it is one.
-  std::optional<int32_t> EndOfTurnToken(const std::string& model, ChatFormat format);
   bool Register(grpc::ClientContext* ctx);
   void Unregister(grpc::ClientContext* ctx);
 
@@ -159,9 +164,8 @@ class OpenAiGateway {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::set<grpc::ClientContext*> calls_ ABSL_GUARDED_BY(mu_);
   // ListModels' answer and when it was asked.
-  v1::ListModelsResponse models_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const v1::ListModelsResponse> models_ ABSL_GUARDED_BY(mu_);
   absl::Time models_at_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
-  std::map<std::string, std::optional<int32_t>> end_of_turn_ ABSL_GUARDED_BY(mu_);
 };
 
 // For strata-coordinator's main: null when `listen` is empty, else the started gateway, its

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "common/tcp.h"
 
 namespace strata {
 
@@ -35,18 +36,9 @@ inline int FreePort() {
   return port;
 }
 
-// A connected socket to 127.0.0.1:port, or -1.
+// A connected socket to 127.0.0.1:port (the caller closes it), or -1.
 inline int ConnectLoopback(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
+  return ConnectTcp(absl::StrCat("127.0.0.1:", port)).release();
 }
 
 struct HttpReply {
@@ -78,15 +70,20 @@ inline HttpReply ParseHttpReply(const std::string& text) {
   return r;
 }
 
+// Appends what `fd` receives until the peer closes (or fails) to `out`.
+inline void ReadToClose(int fd, std::string* out) {
+  char buf[4096];
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) out->append(buf, static_cast<size_t>(n));
+}
+
 // Sends `raw` to 127.0.0.1:port and reads the response until the server closes.
 inline HttpReply HttpRaw(int port, const std::string& raw) {
   const int fd = ConnectLoopback(port);
   if (fd < 0) return {};
   send(fd, raw.data(), raw.size(), MSG_NOSIGNAL);
   std::string text;
-  char buf[4096];
-  ssize_t n;
-  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) text.append(buf, static_cast<size_t>(n));
+  ReadToClose(fd, &text);
   close(fd);
   return ParseHttpReply(text);
 }

@@ -56,9 +56,17 @@ class OpenAiHttpTest : public ::testing::Test {
     return s.ok() ? std::string(*s) : "";
   }
 
-  // choices[0] of a completion.
+  // choices[0] of a completion; a failure (and an empty object) when there is none.
   static JsonValue Choice(const JsonDocument& d) {
-    return (*d.root().Field("choices")->AsArray())[0];
+    static const JsonDocument* const kEmpty = new JsonDocument(*JsonDocument::Parse("{}", "none"));
+    const absl::StatusOr<JsonValue> choices = d.root().Field("choices");
+    absl::StatusOr<std::vector<JsonValue>> list =
+        choices.ok() ? choices->AsArray() : choices.status();
+    if (!list.ok() || list->empty()) {
+      ADD_FAILURE() << "no choices in the response";
+      return kEmpty->root();
+    }
+    return (*list)[0];
   }
 
   static inline LocalCluster* cluster_ = nullptr;
@@ -315,9 +323,7 @@ TEST_F(OpenAiHttpTest, ExpectContinueGetsTheGoAhead) {
   EXPECT_EQ(std::string(buf, static_cast<size_t>(n)), "HTTP/1.1 100 Continue\r\n\r\n");
   ASSERT_EQ(send(fd, body.data(), body.size(), MSG_NOSIGNAL), static_cast<ssize_t>(body.size()));
   std::string text;
-  ssize_t m;
-  char more[4096];
-  while ((m = recv(fd, more, sizeof(more), 0)) > 0) text.append(more, static_cast<size_t>(m));
+  ReadToClose(fd, &text);
   close(fd);
   EXPECT_EQ(ParseHttpReply(text).status, 200) << text;
 }
@@ -403,9 +409,7 @@ TEST(OpenAiHttpShutdownTest, AStreamInFlightFinishesWithinTheGracePeriod) {
   ASSERT_GE(fd, 0) << got;
   ChildProcess& coordinator = (*cluster)->coordinator_process();
   ASSERT_EQ(kill(coordinator.pid(), SIGTERM), 0);
-  char buf[4096];
-  ssize_t n;
-  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) got.append(buf, static_cast<size_t>(n));
+  ReadToClose(fd, &got);
   close(fd);
   const std::vector<std::string> events = SseData(ParseHttpReply(got).body);
   ASSERT_GE(events.size(), 2u) << got;

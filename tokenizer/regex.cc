@@ -4,7 +4,7 @@
 #include <pcre2.h>
 
 #include "absl/strings/str_cat.h"
-#include "tokenizer/utf8.h"
+#include "common/utf8.h"
 
 namespace strata {
 

@@ -16,7 +16,7 @@
 #include "common/mapped_file.h"
 #include "common/status_macros.h"
 #include "tokenizer/regex.h"
-#include "tokenizer/utf8.h"
+#include "common/utf8.h"
 
 namespace strata {
 namespace {

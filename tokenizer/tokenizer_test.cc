@@ -8,7 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
-#include "tokenizer/utf8.h"
+#include "common/utf8.h"
 
 namespace strata {
 namespace {

@@ -8,6 +8,7 @@
 #
 #   strata_worker NAME MODEL_DIR [FLAGS...];              port in $STRATA_PORT
 #   strata_coordinator NAME MODEL_DIR WORKERS [FLAGS...]; port in $STRATA_PORT
+#   strata_free_port                                      a free loopback port, printed
 
 strata_pids=()
 strata_stop_all() {
@@ -35,6 +36,11 @@ strata_launch() {
   "$@" --listen=127.0.0.1:0 --port_file="$STRATA_OUT/$name.port" > "$STRATA_OUT/$name.log" 2>&1 &
   strata_pids+=($!)
   STRATA_PORT=$(strata_wait_port "$STRATA_OUT/$name.port")
+}
+
+# strata_free_port: a loopback port free now, for a flag that takes HOST:PORT (--http_listen).
+strata_free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # strata_worker NAME MODEL_DIR [FLAGS...]: a worker serving MODEL_DIR as strata-tiny, one thread.

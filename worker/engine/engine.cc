@@ -436,6 +436,7 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
       s->waiting_hashes = std::move(hashes);
       return AdmitResult::kWaitingForIo;
     }
+    s->io_wait_since = absl::InfiniteFuture();  // a later disk wait gets its whole time
     // The chain goes on in blocks that a sequence planned in this step is computing: they will be
     // published at the end of the step (a prefill chunk shorter than the budget is its prompt's
     // last), so wait one step for them rather than compute them twice, when they are worth it.
@@ -451,11 +452,9 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
         s->cached_before_wait = in_host_end;
         ++num_inflight_prefix_waits_;
       }
-      s->io_wait_since = absl::InfiniteFuture();  // a later disk wait gets its whole time
       s->waiting_hashes = std::move(hashes);
       return AdmitResult::kWaitingForPrefix;
     }
-    s->io_wait_since = absl::InfiniteFuture();
     s->block_table = blocks_.AcquirePrefix(hashes, on_device);
     if (store_ != nullptr && config_.write_through_hot_blocks) {
       for (int32_t b : s->block_table) {
@@ -468,10 +467,10 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
       s->block_table.insert(s->block_table.end(), restored.begin(), restored.end());
     }
     const int64_t cached = static_cast<int64_t>(s->block_table.size());
-    s->planned_hashes = hashes;
-    hashes.resize(cached);
-    s->hashes = std::move(hashes);
+    s->hashes.assign(hashes.begin(), hashes.begin() + cached);
     s->num_computed = cached * bt;
+    // The whole chain while it is computed, for sequences that may wait for its blocks.
+    if (config_.inflight_prefill_min_tokens > 0) s->planned_hashes = std::move(hashes);
   }
   const int64_t n = std::min(len - s->num_computed, budget);
   if (!EnsureBlocks(s, s->num_computed + n)) {
@@ -593,7 +592,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   // Admissions in queue order; a sequence waiting for disk loads or for a prefix in flight lets
   // the ones behind it go first.
   inflight_.clear();
-  if (config_.enable_prefix_caching && config_.dedupe_inflight_prefill) {
+  const bool dedupe = config_.enable_prefix_caching && config_.inflight_prefill_min_tokens > 0;
+  if (dedupe) {
     for (const Chunk& ch : plan) AddInflight(*ch.seq);
   }
   bool io_wait = false;
@@ -633,7 +633,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       ++i;
       continue;
     }
-    if (config_.dedupe_inflight_prefill) AddInflight(*w);
+    if (dedupe) AddInflight(*w);
     budget -= plan.back().count;
     running_.push_back(std::move(waiting_[i]));
     waiting_.erase(waiting_.begin() + static_cast<ptrdiff_t>(i));

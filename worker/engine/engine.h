@@ -6,7 +6,7 @@
 // arrival order. On admission a sequence takes the longest cached prefix of its full blocks from
 // the BlockManager (prefix caching, namespaced by model, fine-tune and cache salt). A sequence
 // whose prefix goes on in blocks that another sequence in the step is computing right now waits for
-// them to be published instead of computing them a second time (dedupe_inflight_prefill). When
+// them to be published instead of computing them a second time (inflight_prefill_min_tokens). When
 // blocks run out, a sequence not yet planned in this step is preempted, the lowest priority and
 // most recently admitted first: its blocks are released and it waits to be recomputed (its
 // published blocks usually remain cached). Cancelling a sequence frees its blocks at once.
@@ -70,8 +70,7 @@ struct EngineConfig {
   // alongside. Only for at least inflight_prefill_min_tokens of them (or all it has left to
   // compute), counted in whole blocks: waiting delays its first token by a step, and sharing a
   // few tokens (a chat template's opening) does not pay for that. The ones behind it are admitted
-  // meanwhile.
-  bool dedupe_inflight_prefill = true;
+  // meanwhile. 0: never waits.
   int64_t inflight_prefill_min_tokens = 32;
   // Names the model in the cache namespace.
   std::string model_name = "model";
@@ -156,8 +155,9 @@ struct EngineStats {
   int64_t num_free_blocks = 0;
   int64_t num_total_blocks = 0;
   int64_t num_preemptions = 0;
-  // Sequences that waited for a prefix another sequence was computing (dedupe_inflight_prefill),
-  // counted once each, and the prompt tokens they then took from the cache instead of computing.
+  // Sequences that waited for a prefix another sequence was computing
+  // (inflight_prefill_min_tokens), counted once each, and the prompt tokens they then took from the
+  // cache instead of computing.
   int64_t num_inflight_prefix_waits = 0;
   int64_t num_inflight_prefix_tokens = 0;
   // Lower tiers, when configured.
@@ -236,9 +236,9 @@ class Engine {
     int64_t num_cached_prompt = 0;
     std::vector<int32_t> block_table;
     std::vector<BlockHash> hashes;  // chain hashes of the full blocks published so far
-    // From admission until it is computed: the chain hashes of every full block of `tokens` then
-    // (the blocks past `hashes` are in flight: waiting sequences with the same prefix wait for
-    // them).
+    // With inflight_prefill_min_tokens, from admission until it is computed: the chain hashes of
+    // every full block of `tokens` then (the blocks past `hashes` are in flight: waiting sequences
+    // with the same prefix wait for them).
     std::vector<BlockHash> planned_hashes;
     // Set once the sequence has waited for an in-flight prefix; the cached blocks it had then;
     // set once the tokens it took from the cache after the wait are counted.

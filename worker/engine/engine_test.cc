@@ -253,7 +253,7 @@ TEST_F(EngineTest, ABurstSharingAPrefixComputesItOnce) {
     SCOPED_TRACE(dedupe ? "waiting for the prefix in flight" : "computing it again");
     EngineConfig c;
     c.block_tokens = 8;
-    c.dedupe_inflight_prefill = dedupe;
+    c.inflight_prefill_min_tokens = dedupe ? 32 : 0;
     auto e = MakeEngine(c);
     for (int i = 0; i < 4; ++i) {
       ASSERT_TRUE(e->AddRequest("r" + std::to_string(i), prompts[i], Greedy(6)).ok());
@@ -320,9 +320,11 @@ TEST_F(EngineTest, APreemptedWaiterCountsItsSavingOnce) {
   EXPECT_EQ(e->Stats().num_inflight_prefix_tokens, 64);
 }
 
-// The request computing a prefix is cancelled while another waits for it: the waiting one is
-// admitted in the next step (the cancelled request's published blocks stay cached) and generates
-// what it generates alone.
+// The request computing a prefix is cancelled while another waits for it. Its whole prompt was
+// computed and published in the step the other began waiting in (a sequence whose blocks are in
+// flight always publishes them in that step), so the cancel frees nothing the waiter needs: it is
+// admitted in the next step, takes the published blocks from the cache, and generates what it
+// generates alone.
 TEST_F(EngineTest, CancellingTheRequestComputingAPrefixReleasesTheOneWaitingForIt) {
   std::mt19937 rng(13);
   const std::vector<int32_t> prompt = RandomPrompt(rng, 45);

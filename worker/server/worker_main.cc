@@ -350,13 +350,12 @@ int Main(const std::vector<std::string>& args) {
   }
   ec.write_through_hot_blocks = absl::GetFlag(FLAGS_write_through);
   ec.keep_finished_warm = absl::GetFlag(FLAGS_keep_finished_warm);
-  if (absl::GetFlag(FLAGS_inflight_prefill_min_tokens) < 0) {
+  ec.inflight_prefill_min_tokens = absl::GetFlag(FLAGS_inflight_prefill_min_tokens);
+  if (ec.inflight_prefill_min_tokens < 0) {
     LOG(ERROR) << "--inflight_prefill_min_tokens must be 0 or more, not "
-               << absl::GetFlag(FLAGS_inflight_prefill_min_tokens);
+               << ec.inflight_prefill_min_tokens;
     return 1;
   }
-  ec.dedupe_inflight_prefill = absl::GetFlag(FLAGS_inflight_prefill_min_tokens) > 0;
-  ec.inflight_prefill_min_tokens = absl::GetFlag(FLAGS_inflight_prefill_min_tokens);
   ec.max_io_wait = absl::Milliseconds(absl::GetFlag(FLAGS_max_io_wait_ms));
   ec.device = absl::GetFlag(FLAGS_device);
   ec.gpu_decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);

@@ -1,6 +1,6 @@
 // UTF-8 helpers for tokenization and streaming detokenization.
-#ifndef STRATA_TOKENIZER_UTF8_H_
-#define STRATA_TOKENIZER_UTF8_H_
+#ifndef STRATA_COMMON_UTF8_H_
+#define STRATA_COMMON_UTF8_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -34,4 +34,4 @@ size_t EmittableUtf8Prefix(absl::string_view s);
 
 }  // namespace strata
 
-#endif  // STRATA_TOKENIZER_UTF8_H_
+#endif  // STRATA_COMMON_UTF8_H_
