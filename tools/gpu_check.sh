@@ -201,20 +201,20 @@ rows = [
     ("copy GB/s (read+write)", fmt(g(ours, "copy_gb_per_s")), fmt(g(torch, "copy", "gb_per_s_median"))),
     ("bf16 GEMM 8192^3 TFLOP/s", fmt(g(ours, "gemm_8192_tflops")), "-"),
     ("decode b1 roofline tok/s", fmt(g(ours, "decode_b1_roofline_tokens_per_s")), fmt(g(torch, "decode_roofline_b1_tokens_per_s"))),
-    ("decode b1 tok/s (graphs)", fmt(g(ours, "decode_b1_tokens_per_s")), fmt(g(tdec, "1", "tokens_per_s"))),
+    ("decode b1 tok/s, tiled attn", fmt(g(ours, "decode_b1_tokens_per_s")), fmt(g(tdec, "1", "tokens_per_s"))),
     ("  fraction of roofline", fmt(g(ours, "decode_b1_fraction_of_roofline"), "{:.3f}"), "-"),
     ("  ms per step (device)", fmt(g(ours, "decode_b1_ms_per_step"), "{:.3f}") + " (" + fmt(g(ours, "decode_b1_device_ms_per_step"), "{:.3f}") + ")", fmt(g(tdec, "1", "ms_per_step_median"), "{:.3f}")),
     ("decode b1 tok/s (cuBLASLt)", fmt(g(ours, "decode_b1_cublas_tokens_per_s")), "-"),
     ("decode b1 tok/s (eager)", fmt(g(ours, "decode_b1_eager_tokens_per_s")), "-"),
-    ("decode b1, decode attn kernel", fmt(g(ours, "decode_b1_decode_attn_tokens_per_s")), "-"),
+    ("decode b1 tok/s (default)", fmt(g(ours, "decode_b1_decode_attn_tokens_per_s")), "-"),
     ("  fraction of roofline", fmt(g(ours, "decode_b1_decode_attn_fraction_of_roofline"), "{:.3f}"), "-"),
     ("decode b1, + fused norms", fmt(g(ours, "decode_b1_decode_attn_fused_norm_tokens_per_s")), "-"),
     ("  fraction of roofline", fmt(g(ours, "decode_b1_decode_attn_fused_norm_fraction_of_roofline"), "{:.3f}"), "-"),
     ("attn b1 512 keys us", fmt(g(ours, "attn_b1_ctx512_capacity_plan_us")) + " / " + fmt(g(ours, "attn_b1_ctx512_capacity_plan_decode_kernel_us")), "-"),
-    ("decode b64 tok/s", fmt(g(ours, "decode_b64_tokens_per_s")), fmt(g(tdec, "64", "tokens_per_s"))),
-    ("decode b64, decode attn", fmt(g(ours, "decode_b64_decode_attn_tokens_per_s")), "-"),
-    ("prefill tok/s", fmt(g(ours, "prefill_tokens_per_s")), fmt(g(torch, "prefill", "tokens_per_s"))),
-    ("prefill tok/s, tensor-core attn", fmt(g(ours, "prefill_mma_tokens_per_s")), "-"),
+    ("decode b64 tok/s, tiled attn", fmt(g(ours, "decode_b64_tokens_per_s")), fmt(g(tdec, "64", "tokens_per_s"))),
+    ("decode b64 tok/s (default)", fmt(g(ours, "decode_b64_decode_attn_tokens_per_s")), "-"),
+    ("prefill tok/s, tiled attn", fmt(g(ours, "prefill_tokens_per_s")), fmt(g(torch, "prefill", "tokens_per_s"))),
+    ("prefill tok/s (default)", fmt(g(ours, "prefill_mma_tokens_per_s")), "-"),
     ("attn prefill us (tiled / mma)", fmt(g(ours, "attn_prefill2048_us")) + " / " + fmt(g(ours, "attn_prefill2048_mma_us")), "-"),
     ("decode b64, 1 fine-tune", fmt(g(ours, "decode_b64_ft1_tokens_per_s")), "-"),
     ("decode b64, 4 fine-tunes", fmt(g(ours, "decode_b64_ft4_tokens_per_s")), "-"),
@@ -241,7 +241,11 @@ for path in sorted(glob.glob(os.path.join(res, "ncu_*.csv"))):
         lines = list(csv.reader(open(path)))
         h = next(i for i, r in enumerate(lines) if "Kernel Name" in r and "gpu__time_duration.sum" in r)
         name_col, dur_col = lines[h].index("Kernel Name"), lines[h].index("gpu__time_duration.sum")
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(lines[h + 1][dur_col], 1.0)
+        unit = lines[h + 1][dur_col]
+        scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3,
+                 "msecond": 1e3}.get(unit)
+        if scale is None:
+            raise ValueError("unknown duration unit %r" % unit)
         for r in lines[h + 2:]:
             if len(r) > dur_col:
                 kernels.append((r[name_col], float(r[dur_col].replace(",", "")) * scale))
@@ -250,7 +254,9 @@ for path in sorted(glob.glob(os.path.join(res, "ncu_*.csv"))):
         continue
     by = {}
     for n, us in kernels:
-        short = n.split("<")[0].split("::")[-1].split("(")[0][-40:]
+        # "void strata::<unnamed>::GemvKernel<...>(...)" -> "GemvKernel"
+        bare = n.replace("<unnamed>::", "").replace("(anonymous namespace)::", "")
+        short = bare.split("<")[0].split("(")[0].split("::")[-1].replace("void ", "").strip()[-40:]
         by[short] = by.get(short, 0.0) + us
     top = sorted(by.items(), key=lambda kv: -kv[1])[:6]
     print("%s: %d kernels, %.1f us of kernel time; top: %s" % (

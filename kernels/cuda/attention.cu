@@ -368,6 +368,9 @@ struct DecodeShape {
 
 // Block-table entries a decode block stages in shared memory at a time.
 constexpr int kTableEntries = 256;
+// Partitions whose merge weights the decode kernel's last block keeps in shared memory; with more,
+// it merges each output from the workspace alone (MergePartitionStates).
+constexpr int kMergeParts = 64;
 
 // Decode attention: one query token per block row (tiles null), R >= the GQA group. Lane
 // (grp, sub) takes keys grp, grp + kKpw, ... of its warp's rounds and dims [sub * kEpl, +kEpl);
@@ -382,6 +385,8 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
   __shared__ int32_t table_s[kTableEntries];
   __shared__ float m_s[kWarps][R], l_s[kWarps][R];
   __shared__ float acc_s[kWarps][R][D];
+  // The last block's merge: partition p's row-r maximum, then weight, and its sum.
+  __shared__ float weight_s[kMergeParts][R], sum_s[kMergeParts][R];
   __shared__ int last_s;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -402,6 +407,19 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
     k_end = min(k_end, k_begin + sp.keys);
   }
   const int32_t* table = a.block_tables + seq * a.max_blocks_per_seq;
+  const int64_t bt = a.block_tokens;
+  // Key ranges of at most (kTableEntries - 2) blocks, whose table entries are staged first.
+  const int64_t span = (kTableEntries - 2) * bt;
+  auto stage = [&](int64_t cb, int64_t ce) {
+    const int64_t first = cb / bt;
+    const int64_t entries = (ce - 1) / bt - first + 1;
+    for (int64_t i = threadIdx.x; i < entries; i += kThreads) {
+      const int64_t bi = first + i;
+      int32_t block = bi < a.max_blocks_per_seq ? table[bi] : -1;
+      if (block < 0 || block >= a.num_blocks) block = -1;
+      table_s[i] = block;
+    }
+  };
 
   // This lane's slice of the query rows, scaled into the log2 domain; rows past the group are 0.
   const float qscale = a.scale * kLog2e;
@@ -432,20 +450,11 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
 
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  const int64_t bt = a.block_tokens;
-  // Key ranges of at most (kTableEntries - 2) blocks, whose table entries are staged first.
-  const int64_t span = (kTableEntries - 2) * bt;
   for (int64_t cb = k_begin; cb < k_end; cb += span) {
     const int64_t ce = min(k_end, cb + span);
     const int64_t first = cb / bt;
-    const int64_t entries = (ce - 1) / bt - first + 1;
     __syncthreads();  // the previous range's entries are no longer read
-    for (int64_t i = threadIdx.x; i < entries; i += kThreads) {
-      const int64_t bi = first + i;
-      int32_t block = bi < a.max_blocks_per_seq ? table[bi] : -1;
-      if (block < 0 || block >= a.num_blocks) block = -1;
-      table_s[i] = block;
-    }
+    stage(cb, ce);
     __syncthreads();
     for (int64_t r0 = cb + warp * S::kKpw * S::kUnroll; r0 < ce; r0 += S::kKeysPerRound) {
       uint4 kr[S::kUnroll][S::kLoads], vr[S::kUnroll][S::kLoads];
@@ -577,10 +586,43 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
   __syncthreads();
   if (!last_s) return;
   __threadfence();
-  for (int i = threadIdx.x; i < group * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    static_cast<T*>(a.out)[t * a.out_stride + (kvh * group + r) * D + d] =
-        FromF<T>(MergePartitionStates<R, D>(ws_pair, used, r, d));
+  if (used <= kMergeParts) {
+    // Each (partition, row)'s weight once, exp2(m_p - max m) / Σ l_p exp2(m_p - max m), in
+    // shared memory; then every output is one pass of independent loads over the partitions.
+    for (int i = threadIdx.x; i < used * group; i += kThreads) {
+      const int p = i / group, r = i % group;
+      weight_s[p][r] = __ldcg(ws_pair + (p * R + r) * (D + 2) + D);
+      sum_s[p][r] = __ldcg(ws_pair + (p * R + r) * (D + 2) + D + 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < group) {
+      const int r = threadIdx.x;
+      float mx = -INFINITY;
+      for (int p = 0; p < used; ++p) mx = fmaxf(mx, weight_s[p][r]);
+      float lt = 0.0f;
+      for (int p = 0; p < used; ++p) {
+        const float f = mx == -INFINITY ? 0.0f : exp2f(weight_s[p][r] - mx);
+        lt += sum_s[p][r] * f;
+        weight_s[p][r] = f;
+      }
+      const float inv = lt > 0 ? 1.0f / lt : 0.0f;
+      for (int p = 0; p < used; ++p) weight_s[p][r] *= inv;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * D; i += kThreads) {
+      const int r = i / D, d = i % D;
+      float o = 0.0f;
+#pragma unroll 8
+      for (int p = 0; p < used; ++p)
+        o += __ldcg(ws_pair + (p * R + r) * (D + 2) + d) * weight_s[p][r];
+      static_cast<T*>(a.out)[t * a.out_stride + (kvh * group + r) * D + d] = FromF<T>(o);
+    }
+  } else {
+    for (int i = threadIdx.x; i < group * D; i += kThreads) {
+      const int r = i / D, d = i % D;
+      static_cast<T*>(a.out)[t * a.out_stride + (kvh * group + r) * D + d] =
+          FromF<T>(MergePartitionStates<R, D>(ws_pair, used, r, d));
+    }
   }
   if (threadIdx.x == 0) *counter = 0;  // ready for the next launch
 }

@@ -27,6 +27,21 @@ absl::Status CheckView(const gpu::DeltaView& d, const char* op) {
   return absl::OkStatus();
 }
 
+// The checks DeltaGemvCuda and DeltaMmaCuda share.
+absl::Status CheckProduct(const gpu::DeltaGemvArgs& a, const char* kOp) {
+  if (absl::Status s = CheckView(a.delta, kOp); !s.ok()) return s;
+  STRATA_REQUIRE(a.m >= 0, kOp, "m must be >= 0");
+  if (a.m == 0 || a.delta.rows == 0) return absl::OkStatus();
+  STRATA_REQUIRE(a.x != nullptr && a.y != nullptr, kOp, "x and y must be set");
+  STRATA_REQUIRE(a.ldx >= a.delta.cols, kOp, "ldx below delta.cols");
+  STRATA_REQUIRE(a.ldy >= a.delta.rows, kOp, "ldy below delta.rows");
+  const int64_t eb = gpu::ActBytes(a.act);
+  STRATA_REQUIRE(Aligned(a.x, 16) && (a.ldx * eb) % 16 == 0, kOp,
+                 "x and its row stride ldx must be 16-byte aligned");
+  STRATA_REQUIRE(a.rows != nullptr || a.row_offset >= 0, kOp, "row_offset must be >= 0");
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 gpu::DeltaView ToDeltaView(const PackedDelta& d) {
@@ -43,17 +58,21 @@ gpu::DeltaView ToDeltaView(const PackedDelta& d) {
 
 absl::Status DeltaGemvCuda(const gpu::DeltaGemvArgs& a, CudaStreamHandle stream) {
   constexpr const char* kOp = "delta_gemv";
-  if (absl::Status s = CheckView(a.delta, kOp); !s.ok()) return s;
-  STRATA_REQUIRE(a.m >= 0, kOp, "m must be >= 0");
+  if (absl::Status s = CheckProduct(a, kOp); !s.ok()) return s;
   if (a.m == 0 || a.delta.rows == 0) return absl::OkStatus();
-  STRATA_REQUIRE(a.x != nullptr && a.y != nullptr, kOp, "x and y must be set");
-  STRATA_REQUIRE(a.ldx >= a.delta.cols, kOp, "ldx below delta.cols");
-  STRATA_REQUIRE(a.ldy >= a.delta.rows, kOp, "ldy below delta.rows");
-  const int64_t eb = gpu::ActBytes(a.act);
-  STRATA_REQUIRE(Aligned(a.x, 16) && (a.ldx * eb) % 16 == 0, kOp,
-                 "x and its row stride ldx must be 16-byte aligned");
-  STRATA_REQUIRE(a.rows != nullptr || a.row_offset >= 0, kOp, "row_offset must be >= 0");
   return cuda_args::Launched(gpu::LaunchDeltaGemv(a, S(stream)), kOp);
+}
+
+absl::Status DeltaMmaCuda(const gpu::DeltaGemvArgs& a, CudaStreamHandle stream) {
+  constexpr const char* kOp = "delta_mma";
+  STRATA_REQUIRE(a.act != gpu::ActType::kF32, kOp, "act must be f16 or bf16 (f32: delta_gemv)");
+  STRATA_REQUIRE((a.split_workspace == nullptr) == (a.split_counters == nullptr), kOp,
+                 "split_workspace and split_counters must be set together");
+  STRATA_REQUIRE(a.split_workspace_floats >= 0 && a.split_counters_count >= 0, kOp,
+                 "split_workspace_floats and split_counters_count must be >= 0");
+  if (absl::Status s = CheckProduct(a, kOp); !s.ok()) return s;
+  if (a.m == 0 || a.delta.rows == 0) return absl::OkStatus();
+  return cuda_args::Launched(gpu::LaunchDeltaMma(a, S(stream)), kOp);
 }
 
 absl::Status UnpackDeltaCuda(const gpu::UnpackDeltaArgs& a, CudaStreamHandle stream) {

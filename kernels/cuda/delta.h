@@ -1,4 +1,5 @@
-// The CUDA twins of kernels/delta.h's ops: DeltaGemvCuda (DeltaMatMulCpu for few rows),
+// The CUDA twins of kernels/delta.h's ops: DeltaGemvCuda (DeltaMatMulCpu for few rows; DeltaMmaCuda
+// the same on the tensor cores for f16 and bf16 activations),
 // UnpackDeltaCuda (UnpackDeltaCpu, to any activation type, for chosen rows) and AddRowsCuda (f32
 // rows or a bias added to chosen rows).
 // Each validates its arguments (INVALID_ARGUMENT naming the field) and launches asynchronously on
@@ -19,6 +20,7 @@ namespace strata {
 gpu::DeltaView ToDeltaView(const PackedDelta& d);
 
 absl::Status DeltaGemvCuda(const gpu::DeltaGemvArgs& a, CudaStreamHandle stream);
+absl::Status DeltaMmaCuda(const gpu::DeltaGemvArgs& a, CudaStreamHandle stream);
 absl::Status UnpackDeltaCuda(const gpu::UnpackDeltaArgs& a, CudaStreamHandle stream);
 absl::Status AddRowsCuda(const gpu::AddRowsArgs& a, CudaStreamHandle stream);
 

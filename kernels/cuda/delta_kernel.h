@@ -42,8 +42,24 @@ struct DeltaGemvArgs {
   void* y = nullptr;  // [*, delta.rows], row stride ldy, out_type; must not overlap x
   int64_t ldy = 0;
   ActType out_type = ActType::kBF16;
+  // LaunchDeltaMma only: where there are too few output tiles to fill the GPU, the columns split
+  // over up to split_counters_count tiles' worth of blocks, whose partial products meet in
+  // split_workspace (f32) and are summed in a fixed order by the last block of each tile
+  // (deterministic). The counters must be zero before the first launch; each launch leaves them
+  // zero. Null: no split.
+  float* split_workspace = nullptr;
+  int64_t split_workspace_floats = 0;
+  uint32_t* split_counters = nullptr;
+  int64_t split_counters_count = 0;
 };
 cudaError_t LaunchDeltaGemv(const DeltaGemvArgs& a, cudaStream_t stream);
+
+// The same product on the tensor cores, for f16 and bf16 activations (act; out_type any): blocks
+// of 64 rows of x by 64 rows of Δ decode each stretch of Δ into shared memory once and multiply it
+// with wmma (f32 accumulation), so that Δ is read once per 64 rows of x instead of being streamed
+// past them by CUDA-core FMAs. For a tenant's decode rows (up to 64 at once) and the small prompts
+// of a mixed step.
+cudaError_t LaunchDeltaMma(const DeltaGemvArgs& a, cudaStream_t stream);
 
 // Dense rows of Δ: out row d(i) = Δ row s(i) for i < num_rows, where s(i) = src_rows[i] (null:
 // row_begin + i) and d(i) = dst_rows[i] (null: i); written over out's values, or added to them

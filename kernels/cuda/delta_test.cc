@@ -108,7 +108,9 @@ struct Format {
 };
 constexpr Format kFormats[] = {{2, false}, {4, false}, {8, false}, {2, true}, {4, true}, {8, true}};
 
-TEST_F(DeltaCudaTest, GemvMatchesCpu) {
+// The CUDA-core GEMV (every activation type) and the tensor-core product (f16, bf16; row counts
+// around its 16-row fragments and 64-row tiles, and several row tiles) against DeltaMatMulCpu.
+TEST_F(DeltaCudaTest, GemvAndMmaMatchCpu) {
   const uint32_t seed = std::random_device{}();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   std::mt19937 rng(seed);
@@ -116,82 +118,108 @@ TEST_F(DeltaCudaTest, GemvMatchesCpu) {
   struct Shape {
     int64_t n, k;
   };
-  for (const Shape sh : {Shape{40, 64}, Shape{257, 1024}, Shape{1000, 136}}) {
+  for (const Shape sh : {Shape{40, 64}, Shape{257, 1024}, Shape{1000, 136}, Shape{72, 4096}}) {
     for (const Format f : kFormats) {
       TestDelta d = MakeDelta(&rng, sh.n, sh.k, f.bits, f.sparse);
       for (ActType act : {ActType::kF32, ActType::kF16, ActType::kBF16}) {
         for (ActType out : {act, ActType::kF32}) {
-          for (int64_t m : {1, 3, 8, 13}) {
-            for (bool listed : {false, true}) {
-              SCOPED_TRACE(::testing::Message()
-                           << "n " << sh.n << " k " << sh.k << " bits " << f.bits << " sparse "
-                           << f.sparse << " act " << static_cast<int>(act) << " out "
-                           << static_cast<int>(out) << " m " << m << " listed " << listed);
-              // The batch has m + 5 rows; the delta applies to m of them (shuffled when listed,
-              // else the first m).
-              const int64_t total = m + 5;
-              const int64_t ldx = sh.k + 8, ldy = sh.n + 3;
-              std::vector<int32_t> rows(total);
-              std::iota(rows.begin(), rows.end(), 0);
-              if (listed) std::shuffle(rows.begin(), rows.end(), rng);
-              rows.resize(m);
-              std::vector<float> x(total * ldx), y0(total * ldy);
-              for (float& v : x) v = RoundTo(act, normal(rng));
-              for (float& v : y0) v = RoundTo(out, normal(rng) * 0.1f);
-              // Padding columns of y hold NaN: the kernel must not touch them.
-              for (int64_t r = 0; r < total; ++r) {
-                for (int64_t j = sh.n; j < ldy; ++j) y0[r * ldy + j] = std::nanf("");
-              }
-              std::vector<float> want = y0;
-              DeltaMatMulParams p;
-              p.m = m;
-              p.rows = rows.data();
-              p.x = x.data();
-              p.ldx = ldx;
-              p.delta = d.host;
-              p.y = want.data();
-              p.ldy = ldy;
-              ASSERT_TRUE(DeltaMatMulCpu(p).ok());
+          for (bool mma : {false, true}) {
+            if (mma && act == ActType::kF32) continue;
+            const std::vector<int64_t> ms = mma ? std::vector<int64_t>{1, 13, 16, 17, 64, 70, 130}
+                                                : std::vector<int64_t>{1, 3, 8, 13};
+            for (int64_t m : ms) {
+              for (bool listed : {false, true}) {
+                SCOPED_TRACE(::testing::Message()
+                             << "n " << sh.n << " k " << sh.k << " bits " << f.bits << " sparse "
+                             << f.sparse << " act " << static_cast<int>(act) << " out "
+                             << static_cast<int>(out) << " m " << m << " listed " << listed
+                             << " mma " << mma);
+                // The batch has m + 5 rows; the delta applies to m of them (shuffled when listed,
+                // else the first m).
+                const int64_t total = m + 5;
+                const int64_t ldx = sh.k + 8, ldy = sh.n + 3;
+                std::vector<int32_t> rows(total);
+                std::iota(rows.begin(), rows.end(), 0);
+                if (listed) std::shuffle(rows.begin(), rows.end(), rng);
+                rows.resize(m);
+                std::vector<float> x(total * ldx), y0(total * ldy);
+                for (float& v : x) v = RoundTo(act, normal(rng));
+                for (float& v : y0) v = RoundTo(out, normal(rng) * 0.1f);
+                // Padding columns of y hold NaN: the kernel must not touch them.
+                for (int64_t r = 0; r < total; ++r) {
+                  for (int64_t j = sh.n; j < ldy; ++j) y0[r * ldy + j] = std::nanf("");
+                }
+                std::vector<float> want = y0;
+                DeltaMatMulParams p;
+                p.m = m;
+                p.rows = rows.data();
+                p.x = x.data();
+                p.ldx = ldx;
+                p.delta = d.host;
+                p.y = want.data();
+                p.ldy = ldy;
+                ASSERT_TRUE(DeltaMatMulCpu(p).ok());
 
-              const std::vector<uint8_t> y0_bytes = Encode(out, y0);
-              DeviceBuffer dx = UploadPod(Encode(act, x));
-              DeviceBuffer dy = UploadPod(y0_bytes);
-              DeviceBuffer drows = UploadPod(rows);
-              gpu::DeltaGemvArgs a;
-              a.m = m;
-              a.rows = listed ? static_cast<const int32_t*>(drows.data()) : nullptr;
-              a.x = dx.data();
-              a.ldx = ldx;
-              a.act = act;
-              a.delta = d.device;
-              a.y = dy.data();
-              a.ldy = ldy;
-              a.out_type = out;
-              ASSERT_TRUE(DeltaGemvCuda(a, stream_->handle()).ok());
-              ASSERT_TRUE(stream_->Synchronize().ok());
-              const std::vector<uint8_t> got_bytes = Download(dy, y0_bytes.size());
-              const std::vector<float> got = Decode(out, got_bytes);
-              const int64_t eb = gpu::ActBytes(out);
-              std::vector<bool> touched(total, false);
-              for (int32_t r : rows) touched[r] = true;
-              std::vector<float> got_rows, want_rows;
-              for (int64_t r = 0; r < total; ++r) {
-                if (!touched[r]) {
-                  // Another tenant's row: not one bit changed.
-                  EXPECT_EQ(
-                      0, std::memcmp(&got_bytes[r * ldy * eb], &y0_bytes[r * ldy * eb], ldy * eb))
-                      << "row " << r;
-                  continue;
+                const std::vector<uint8_t> y0_bytes = Encode(out, y0);
+                DeviceBuffer dx = UploadPod(Encode(act, x));
+                DeviceBuffer dy = UploadPod(y0_bytes);
+                DeviceBuffer drows = UploadPod(rows);
+                gpu::DeltaGemvArgs a;
+                a.m = m;
+                a.rows = listed ? static_cast<const int32_t*>(drows.data()) : nullptr;
+                a.x = dx.data();
+                a.ldx = ldx;
+                a.act = act;
+                a.delta = d.device;
+                a.y = dy.data();
+                a.ldy = ldy;
+                a.out_type = out;
+                // The tensor-core product with listed rows may split its columns over several
+                // blocks per tile (where the shape leaves the GPU short of blocks); its counters
+                // must come back zero.
+                constexpr int64_t kCounters = 64;
+                DeviceBuffer dws, dcounters;
+                if (mma && listed) {
+                  dws = UploadPod(std::vector<float>(1 << 20, std::nanf("")));
+                  dcounters = UploadPod(std::vector<uint32_t>(kCounters, 0));
+                  a.split_workspace = static_cast<float*>(dws.data());
+                  a.split_workspace_floats = 1 << 20;
+                  a.split_counters = static_cast<uint32_t*>(dcounters.data());
+                  a.split_counters_count = kCounters;
                 }
-                for (int64_t j = 0; j < sh.n; ++j) {
-                  got_rows.push_back(got[r * ldy + j]);
-                  want_rows.push_back(want[r * ldy + j]);
+                ASSERT_TRUE(
+                    (mma ? DeltaMmaCuda(a, stream_->handle()) : DeltaGemvCuda(a, stream_->handle()))
+                        .ok());
+                ASSERT_TRUE(stream_->Synchronize().ok());
+                if (a.split_counters != nullptr) {
+                  const std::vector<uint8_t> c = Download(dcounters, 4 * kCounters);
+                  EXPECT_TRUE(std::all_of(c.begin(), c.end(), [](uint8_t b) { return b == 0; }))
+                      << "split counters left non-zero";
                 }
-                for (int64_t j = sh.n; j < ldy; ++j) {
-                  EXPECT_TRUE(std::isnan(got[r * ldy + j])) << "padding of row " << r;
+                const std::vector<uint8_t> got_bytes = Download(dy, y0_bytes.size());
+                const std::vector<float> got = Decode(out, got_bytes);
+                const int64_t eb = gpu::ActBytes(out);
+                std::vector<bool> touched(total, false);
+                for (int32_t r : rows) touched[r] = true;
+                std::vector<float> got_rows, want_rows;
+                for (int64_t r = 0; r < total; ++r) {
+                  if (!touched[r]) {
+                    // Another tenant's row: not one bit changed.
+                    EXPECT_EQ(
+                        0, std::memcmp(&got_bytes[r * ldy * eb], &y0_bytes[r * ldy * eb], ldy * eb))
+                        << "row " << r;
+                    continue;
+                  }
+                  for (int64_t j = 0; j < sh.n; ++j) {
+                    got_rows.push_back(got[r * ldy + j]);
+                    want_rows.push_back(want[r * ldy + j]);
+                  }
+                  for (int64_t j = sh.n; j < ldy; ++j) {
+                    EXPECT_TRUE(std::isnan(got[r * ldy + j])) << "padding of row " << r;
+                  }
                 }
+                EXPECT_LE(RelativeError(got_rows, want_rows), Tolerance(out));
               }
-              EXPECT_LE(RelativeError(got_rows, want_rows), Tolerance(out));
             }
           }
         }
@@ -213,7 +241,10 @@ TEST_F(DeltaCudaTest, UnpackPanelsMatchCpu) {
       SCOPED_TRACE(::testing::Message() << "bits " << f.bits << " sparse " << f.sparse << " out "
                                         << static_cast<int>(out));
       // Rows [70, 70 + 129) into a poisoned panel with padded rows.
-      const int64_t begin = 70, count = 129, ld = cols + 8, eb = gpu::ActBytes(out);
+      // bf16's rows are not 16-byte aligned (the kernel's element-by-element stores), the others'
+      // are (its 16-byte stores).
+      const int64_t begin = 70, count = 129, eb = gpu::ActBytes(out);
+      const int64_t ld = cols + (out == ActType::kBF16 ? 3 : 8);
       absl::StatusOr<DeviceBuffer> panel = cuda_test::Poisoned(count * ld * eb);
       ASSERT_TRUE(panel.ok());
       gpu::UnpackDeltaArgs a;
@@ -329,10 +360,27 @@ TEST_F(DeltaCudaTest, RefusesBadArguments) {
   a.y = static_cast<char*>(buf->data()) + 32768;
   a.ldy = 16;
   const auto refused = [&](const gpu::DeltaGemvArgs& bad, const char* field) {
-    absl::Status s = DeltaGemvCuda(bad, stream_->handle());
-    EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
-    EXPECT_NE(s.message().find(field), absl::string_view::npos) << s;
+    for (const auto op : {&DeltaGemvCuda, &DeltaMmaCuda}) {
+      absl::Status s = op(bad, stream_->handle());
+      EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+      EXPECT_NE(s.message().find(field), absl::string_view::npos) << s;
+    }
   };
+  {
+    // The tensor-core product takes 16-bit activations only.
+    gpu::DeltaGemvArgs f32 = a;
+    f32.act = ActType::kF32;
+    absl::Status s = DeltaMmaCuda(f32, stream_->handle());
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+    EXPECT_NE(s.message().find("act"), absl::string_view::npos) << s;
+    // A split workspace without its counters.
+    gpu::DeltaGemvArgs half = a;
+    half.split_workspace = static_cast<float*>(buf->data());
+    half.split_workspace_floats = 1024;
+    s = DeltaMmaCuda(half, stream_->handle());
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+    EXPECT_NE(s.message().find("split_counters"), absl::string_view::npos) << s;
+  }
   gpu::DeltaGemvArgs bad = a;
   bad.delta.bits = 3;
   refused(bad, "delta.bits");

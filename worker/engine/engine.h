@@ -92,10 +92,10 @@ struct EngineConfig {
   std::string device = "cpu";
   DType gpu_dtype = DType::kBF16;
   // GpuRunnerOptions::decode_attention_kernel, fused_residual_norm and prefill_mma_attention
-  // (experimental, off).
-  bool gpu_decode_attention_kernel = false;
+  // (the same defaults: on, off, on).
+  bool gpu_decode_attention_kernel = true;
   bool gpu_fused_residual_norm = false;
-  bool gpu_prefill_mma_attention = false;
+  bool gpu_prefill_mma_attention = true;
   // Benchmarks and profiles of models whose files are not at hand: when not 0, the GPU runner
   // draws random weights from this seed on the GPU (GpuModelRunner::CreateRandom) instead of
   // uploading the engine's weights, which then need their shape fields only (config, heads).

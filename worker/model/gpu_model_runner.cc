@@ -114,8 +114,15 @@ DeltaLayout LayoutOf(const DeltaWeights& d) {
   return lay;
 }
 
-// Rows of one fine-tune that a delta GEMV serves; from this many on, panels of the delta are
-// unpacked for a GEMM. Not tuned on a GPU yet.
+// Rows of one fine-tune that the fused tensor-core delta product (DeltaMmaCuda, 16-bit
+// activations) serves; above this, panels of the delta are unpacked for a cuBLASLt GEMM. With f32
+// activations a delta GEMV serves fewer than kDeltaPanelMinRows rows. On an H200 the CUDA-core
+// GEMV took 108 ms a step for 16 rows of each of 4 tenants (Llama-3-8B shape, 4-bit deltas) and
+// panels 59 ms for 64 rows of one; both are far from reading the delta once.
+constexpr int64_t kDeltaMmaMaxRows = 64;
+// Tiles of the tensor-core delta product that may split their columns (counters, zeroed once);
+// the split partial products use the panel product's f32 scratch (delta_out).
+constexpr int64_t kDeltaSplitCounters = 1024;
 constexpr int64_t kDeltaPanelMinRows = 32;
 // Panel scratch: at most this many bytes of unpacked delta, and at most this many gathered rows.
 constexpr int64_t kDeltaPanelBytes = 32 << 20;
@@ -202,6 +209,7 @@ struct GpuModelRunner::Impl {
   void* delta_xs = nullptr;
   void* delta_panel = nullptr;
   float* delta_out = nullptr;
+  uint32_t* delta_counters = nullptr;  // [kDeltaSplitCounters], zero between launches
 
   ~Impl() {
     for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
@@ -373,7 +381,8 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
     chunk_rows = std::min(Tn, kDeltaChunkRows);
     mem.delta_bytes = static_cast<int64_t>(
         AlignUp(o.delta_bytes) + AlignUp(chunk_rows * max_k * eb) +
-        AlignUp(panel_rows * max_k * eb) + AlignUp(4 * chunk_rows * panel_rows));
+        AlignUp(panel_rows * max_k * eb) + AlignUp(4 * chunk_rows * panel_rows) +
+        AlignUp(4 * kDeltaSplitCounters));
   }
   const size_t total = static_cast<size_t>(mem.weight_bytes + mem.kv_cache_bytes +
                                            mem.scratch_bytes + mem.delta_bytes) +
@@ -394,6 +403,10 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
       cudaMemcpy(inv_freq, inv.data(), 4 * inv.size(), cudaMemcpyHostToDevice), "upload inv_freq"));
   RETURN_IF_ERROR(
       CudaStatus(cudaMemset(attn_counters, 0, 4 * S_() * nkv), "zero attention counters"));
+  if (delta_counters != nullptr) {
+    RETURN_IF_ERROR(CudaStatus(cudaMemset(delta_counters, 0, 4 * kDeltaSplitCounters),
+                               "zero delta split counters"));
+  }
   return CudaStatus(cudaDeviceSynchronize(), "upload inv_freq");
 }
 
@@ -452,6 +465,7 @@ void GpuModelRunner::Impl::LayOut() {
     delta_xs = Take(chunk_rows * max_k * eb);
     delta_panel = Take(panel_rows * max_k * eb);
     delta_out = Take<float>(4 * chunk_rows * panel_rows);
+    delta_counters = Take<uint32_t>(4 * kDeltaSplitCounters);
     residency = std::make_unique<DeltaResidency>(o.delta_bytes);
   }
 }
@@ -724,7 +738,8 @@ absl::Status GpuModelRunner::Impl::ApplyDelta(const PackedDelta& d, const int32_
   if (d.rows == 0 || count == 0) return absl::OkStatus();
   const CudaStreamHandle s = Handle(compute->get());
   const gpu::DeltaView view = ToDeltaView(d);
-  if (count < kDeltaPanelMinRows) {
+  const bool mma = act != gpu::ActType::kF32 && count <= kDeltaMmaMaxRows;
+  if (mma || count < kDeltaPanelMinRows) {
     gpu::DeltaGemvArgs g;
     g.m = count;
     g.rows = rows;
@@ -735,7 +750,12 @@ absl::Status GpuModelRunner::Impl::ApplyDelta(const PackedDelta& d, const int32_
     g.y = y;
     g.ldy = ldy;
     g.out_type = out_type;
-    return DeltaGemvCuda(g, s);
+    if (!mma) return DeltaGemvCuda(g, s);
+    g.split_workspace = delta_out;
+    g.split_workspace_floats = chunk_rows * panel_rows;
+    g.split_counters = delta_counters;
+    g.split_counters_count = kDeltaSplitCounters;
+    return DeltaMmaCuda(g, s);
   }
   // Many rows: gather them, then per panel of the delta's rows unpack, multiply, add back.
   const int64_t k = d.cols, ob = gpu::ActBytes(out_type);

@@ -98,15 +98,15 @@ ABSL_FLAG(std::string, device, "cpu",
 ABSL_FLAG(std::string, gpu_dtype, "bf16",
           "Weights, activations and KV cache on the GPU: bf16, f16 "
           "or f32.");
-ABSL_FLAG(bool, gpu_decode_attention_kernel, false,
+ABSL_FLAG(bool, gpu_decode_attention_kernel, true,
           "GPU decode steps' attention through the decode kernel (lanes share each key; split-K "
-          "merged in the same kernel). Experimental: not yet measured on a GPU.");
+          "merged in the same kernel); false: the tiled kernel.");
 ABSL_FLAG(bool, gpu_fused_residual_norm, false,
           "GPU decode steps of up to 4 rows fold each residual-add RMSNorm into the projections "
-          "around it. Experimental: not yet measured on a GPU.");
-ABSL_FLAG(bool, gpu_prefill_mma_attention, false,
-          "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores. "
-          "Experimental: not yet measured on a GPU.");
+          "around it. Experimental: slower than the separate norms on an H200.");
+ABSL_FLAG(bool, gpu_prefill_mma_attention, true,
+          "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores; "
+          "false: the tiled CUDA-core kernel.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
