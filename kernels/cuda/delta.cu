@@ -237,7 +237,7 @@ static_assert(size_t{kMmaRows} * kMmaLdc * 4 <= size_t{2} * kMmaRows * kMmaLd * 
 // products meet in a.split_workspace ([tile, split, kMmaRows * kMmaCols] f32), summed by the last
 // of its blocks to finish (a counter per tile, reset by that block).
 template <typename T, typename O, int kBits, bool kSparse>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(kMmaThreads, 3)
     DeltaMmaKernel(DeltaGemvArgs a, int64_t steps_per_split) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
@@ -340,45 +340,68 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
   }
   __syncthreads();
-  O* const y = static_cast<O*>(a.y);
-  if (gridDim.z == 1) {
-    for (int i = tid; i < mrows * kMmaCols; i += kMmaThreads) {
-      const int r = i / kMmaCols, n = i % kMmaCols;
-      const int64_t j = j0 + n;
-      if (j >= a.delta.rows) continue;
-      O* out = y + xrow_s[r] * a.ldy + j;
-      *out = FromF<O>(ToF(*out) + cs[r * kMmaLdc + n] * a.delta.scale[j]);
-    }
-    return;
-  }
-  // Split: this block's partial product into the workspace; the tile's last block adds them up.
-  const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  // Thread tid's elements of the tile are i = tid + q * kMmaThreads (row i / kMmaCols): every
+  // load of an epilogue is issued before any of its results is used, so that the block waits for
+  // one round trip to memory rather than one per element.
   constexpr int kTileFloats = kMmaRows * kMmaCols;
-  float* const parts = a.split_workspace + tile * gridDim.z * kTileFloats;
-  for (int i = tid; i < mrows * kMmaCols; i += kMmaThreads) {
-    parts[blockIdx.z * kTileFloats + i] = cs[(i / kMmaCols) * kMmaLdc + i % kMmaCols];
+  constexpr int kMine = kTileFloats / kMmaThreads;
+  float sum[kMine];
+#pragma unroll
+  for (int q = 0; q < kMine; ++q) {
+    const int i = tid + q * kMmaThreads;
+    sum[q] = cs[(i / kMmaCols) * kMmaLdc + i % kMmaCols];
   }
-  __threadfence();  // this thread's partial products, before the count
-  __syncthreads();
-  if (tid == 0) {
+  if (gridDim.z > 1) {
+    // Split: this block's partial product into the workspace; the tile's last block adds them
+    // up, in split order.
+    const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    float* const parts = a.split_workspace + tile * gridDim.z * kTileFloats;
+#pragma unroll
+    for (int q = 0; q < kMine; ++q) {
+      const int i = tid + q * kMmaThreads;
+      if (i < mrows * kMmaCols) parts[blockIdx.z * kTileFloats + i] = sum[q];
+    }
+    __threadfence();  // this thread's partial products, before the count
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      const uint32_t done = atomicAdd(a.split_counters + tile, 1u) + 1;
+      __threadfence();
+      last_s = done == gridDim.z;
+    }
+    __syncthreads();
+    if (!last_s) return;
     __threadfence();
-    const uint32_t done = atomicAdd(a.split_counters + tile, 1u) + 1;
-    __threadfence();
-    last_s = done == gridDim.z;
+#pragma unroll
+    for (int q = 0; q < kMine; ++q) sum[q] = 0.0f;
+    for (unsigned z = 0; z < gridDim.z; ++z) {
+#pragma unroll
+      for (int q = 0; q < kMine; ++q) {
+        const int i = tid + q * kMmaThreads;
+        if (i < mrows * kMmaCols) sum[q] += __ldcg(parts + z * kTileFloats + i);
+      }
+    }
+    if (tid == 0) a.split_counters[tile] = 0;  // ready for the next launch
   }
-  __syncthreads();
-  if (!last_s) return;
-  __threadfence();
-  for (int i = tid; i < mrows * kMmaCols; i += kMmaThreads) {
-    const int r = i / kMmaCols, n = i % kMmaCols;
-    const int64_t j = j0 + n;
-    if (j >= a.delta.rows) continue;
-    float sum = 0.0f;
-    for (unsigned z = 0; z < gridDim.z; ++z) sum += __ldcg(parts + z * kTileFloats + i);
-    O* out = y + xrow_s[r] * a.ldy + j;
-    *out = FromF<O>(ToF(*out) + sum * a.delta.scale[j]);
+  // y += sum * scale: the tile's old values first, then the new ones. kMmaThreads is a multiple
+  // of kMmaCols, so all of a thread's elements are in one column, j.
+  static_assert(kMmaThreads % kMmaCols == 0, "a thread's elements share a column");
+  const int64_t j = j0 + tid % kMmaCols;
+  if (j >= a.delta.rows) return;
+  const float scale = a.delta.scale[j];
+  O* const y = static_cast<O*>(a.y);
+  float old[kMine];
+#pragma unroll
+  for (int q = 0; q < kMine; ++q) {
+    const int i = tid + q * kMmaThreads;
+    old[q] = i < mrows * kMmaCols ? ToF(y[xrow_s[i / kMmaCols] * a.ldy + j]) : 0.0f;
   }
-  if (tid == 0) a.split_counters[tile] = 0;  // ready for the next launch
+#pragma unroll
+  for (int q = 0; q < kMine; ++q) {
+    const int i = tid + q * kMmaThreads;
+    if (i < mrows * kMmaCols)
+      y[xrow_s[i / kMmaCols] * a.ldy + j] = FromF<O>(old[q] + sum[q] * scale);
+  }
 #endif
 }
 

@@ -1408,13 +1408,19 @@ absl::Status GpuModelRunner::RunStep(const ForwardBatch& b, bool greedy, const S
     }
     RETURN_IF_ERROR(CudaStatus(cudaGraphLaunch(it->second, x.compute->get()), "cudaGraphLaunch"));
   } else {
+    // Tiles group a sequence's consecutive tokens (prompts, chunks); a step with none, such as
+    // a decode step with fine-tunes, takes one row per token like a replayed decode step, and
+    // so the decode attention kernel (tiled kernels' one-token tiles leave most rows idle).
+    bool runs = false;
+    for (int64_t i = 1; !runs && i < n; ++i) runs = b.token_seq[i] == b.token_seq[i - 1];
     std::vector<int32_t> tiles;
-    RETURN_IF_ERROR(x.Prepare(b, n, &tiles));
+    RETURN_IF_ERROR(x.Prepare(b, n, runs ? &tiles : nullptr));
     int64_t max_keys = 0;
     for (int32_t p : b.positions) max_keys = std::max<int64_t>(max_keys, p + 1);
     RETURN_IF_ERROR(x.Upload());
-    RETURN_IF_ERROR(x.Run(n, b.num_seqs, static_cast<int64_t>(tiles.size() / 2), true, max_keys,
-                          std::min(m, x.S_()), true, greedy));
+    const int64_t num_tiles = runs ? static_cast<int64_t>(tiles.size() / 2) : n;
+    RETURN_IF_ERROR(
+        x.Run(n, b.num_seqs, num_tiles, runs, max_keys, std::min(m, x.S_()), true, greedy));
   }
   if (sampling != nullptr) {
     // Rows the caller samples itself: their logits go to the pinned output buffer before the
