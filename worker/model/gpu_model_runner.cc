@@ -1374,6 +1374,7 @@ absl::Status GpuModelRunner::RunStep(const ForwardBatch& b, bool greedy, const S
   // captured for its batch size rounded up to a power of two.
   // Steps with fine-tunes run eagerly: their segments differ from step to step.
   bool decode = x.o.cuda_graphs && n == b.num_seqs && m == n &&
+                static_cast<int64_t>(b.token_seq.size()) == n &&
                 std::all_of(b.seq_deltas.begin(), b.seq_deltas.end(),
                             [](const DeltaWeights* d) { return d == nullptr; });
   for (int64_t i = 0; decode && i < n; ++i) {
@@ -1408,11 +1409,19 @@ absl::Status GpuModelRunner::RunStep(const ForwardBatch& b, bool greedy, const S
     }
     RETURN_IF_ERROR(CudaStatus(cudaGraphLaunch(it->second, x.compute->get()), "cudaGraphLaunch"));
   } else {
-    // Tiles group a sequence's consecutive tokens (prompts, chunks); a step with none, such as
-    // a decode step with fine-tunes, takes one row per token like a replayed decode step, and
-    // so the decode attention kernel (tiled kernels' one-token tiles leave most rows idle).
-    bool runs = false;
-    for (int64_t i = 1; !runs && i < n; ++i) runs = b.token_seq[i] == b.token_seq[i - 1];
+    // Tiles group a sequence's consecutive tokens (prompts, chunks); a step where every sequence
+    // has one token, such as a decode step with fine-tunes, takes one row per token like a
+    // replayed decode step, and so the decode attention kernel (the tiled kernels' one-token tiles
+    // leave most rows idle). Then n <= num_seqs <= max_seqs, what the decode kernel's split
+    // counters are sized for.
+    // (Prepare validates the batch after this; anything out of range takes the tiled path there.)
+    bool runs = static_cast<int64_t>(b.token_seq.size()) != n;
+    std::vector<bool> seen(std::clamp<int64_t>(b.num_seqs, 0, x.S_()), false);
+    for (int64_t i = 0; !runs && i < n; ++i) {
+      const int64_t s = b.token_seq[i];
+      runs = s < 0 || s >= static_cast<int64_t>(seen.size()) || seen[s];
+      if (!runs) seen[s] = true;
+    }
     std::vector<int32_t> tiles;
     RETURN_IF_ERROR(x.Prepare(b, n, runs ? &tiles : nullptr));
     int64_t max_keys = 0;
