@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runner of a bundle made by tools/gpu_bundle.sh. Runs every test and benchmark in the bundle (or those
-# whose name matches NAME_REGEX), writes NAME.log plus NAME.xml (tests) or NAME.json (benchmarks) and
-# summary.txt to RESULTS_DIR, prints the summary, and exits non-zero if anything failed. Run it from the
+# whose name matches NAME_REGEX; tests STRATA_GPU_JOBS at a time, default 4, then benchmarks alone),
+# writes NAME.log plus NAME.xml (tests) or NAME.json (benchmarks) and summary.txt to RESULTS_DIR,
+# prints the summary, and exits non-zero if anything failed. Run it from the
 # root of a Strata checkout: tests read their data (models/, testdata/) relative to it, as under Bazel.
 #
 # Usage: run.sh RESULTS_DIR [NAME_REGEX]
@@ -35,11 +36,10 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
 } >"$results/summary.txt"
 
-failed=0
-printf '%-40s %-6s %6s %6s %6s %8s\n' NAME RESULT PASS FAIL SKIP SECONDS >>"$results/summary.txt"
-while read -r name kind label; do
-  [ "$kind" = tool ] && continue  # servers and CLIs packed for other scripts
-  echo "$name" | grep -Eq "$only" || continue
+# run_one NAME KIND: runs one binary, writing NAME.log, NAME.xml (tests) or NAME.json (benchmarks),
+# and NAME.row, its line of the summary (NAME.rc: its exit status).
+run_one() {
+  local name=$1 kind=$2 args start_ns rc elapsed_ms secs pass=- fail=- skip=- total result=PASS
   start_ns=$(date +%s%N)
   if [ "$kind" = bench ]; then
     args=(--out="$results/$name.json")
@@ -54,7 +54,6 @@ while read -r name kind label; do
   rc=$?
   elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
   secs="$((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))"
-  pass=- fail=- skip=-
   if [ -f "$results/$name.xml" ]; then
     # The root element's counts (a failed test can hold several <failure> elements).
     total=$(grep -o '<testsuites [^>]*' "$results/$name.xml" | grep -o ' tests="[0-9]*"' | grep -o '[0-9]*')
@@ -62,15 +61,42 @@ while read -r name kind label; do
     skip=$(grep -c '<skipped' "$results/$name.xml")
     pass=$((total - fail - skip))
   fi
-  result=PASS
   if [ $rc -ne 0 ]; then
     result=FAIL
-    failed=$((failed + 1))
   elif [ "$pass" = 0 ] && [ "$skip" != 0 ] && [ "$skip" != - ]; then
     result=SKIP
   fi
-  printf '%-40s %-6s %6s %6s %6s %8s\n' "$name" "$result" "$pass" "$fail" "$skip" "$secs" >>"$results/summary.txt"
+  printf '%-40s %-6s %6s %6s %6s %8s\n' "$name" "$result" "$pass" "$fail" "$skip" "$secs" >"$results/$name.row"
+  echo "$rc" >"$results/$name.rc"
+}
+
+# Tests first, up to STRATA_GPU_JOBS of them at once (default 4; they share the GPU, and device time
+# is short), then the benchmarks one at a time with the GPU to themselves.
+jobs_max="${STRATA_GPU_JOBS:-4}"
+names=()
+while read -r name kind label; do
+  [ "$kind" = tool ] && continue  # servers and CLIs packed for other scripts
+  echo "$name" | grep -Eq "$only" || continue
+  names+=("$name")
+  rm -f "$results/$name.row" "$results/$name.rc"
+  [ "$kind" = bench ] && continue
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+  run_one "$name" "$kind" &
 done <"$here/MANIFEST"
+wait
+while read -r name kind label; do
+  [ "$kind" = bench ] || continue
+  echo "$name" | grep -Eq "$only" || continue
+  run_one "$name" "$kind"
+done <"$here/MANIFEST"
+
+failed=0
+printf '%-40s %-6s %6s %6s %6s %8s\n' NAME RESULT PASS FAIL SKIP SECONDS >>"$results/summary.txt"
+for name in "${names[@]}"; do
+  cat "$results/$name.row" >>"$results/summary.txt"
+  [ "$(cat "$results/$name.rc")" = 0 ] || failed=$((failed + 1))
+  rm -f "$results/$name.row" "$results/$name.rc"
+done
 echo "failed binaries: $failed" >>"$results/summary.txt"
 cat "$results/summary.txt"
 [ $failed -eq 0 ]

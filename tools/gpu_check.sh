@@ -19,7 +19,9 @@
 # the tools in STRATA_GPU_SANITIZE_TOOLS, default memcheck; kernels/cuda:delta_test runs under them
 # too, filtered by STRATA_GPU_SANITIZE_DELTA, default all, empty for none),
 # STRATA_CLUSTER (0 skips the cluster check), STRATA_CLUSTER_DEVICE (the worker's --device, default
-# gpu; cpu checks the script itself on a machine without a GPU).
+# gpu; cpu checks the script itself on a machine without a GPU), STRATA_GPU_JOBS (test binaries run
+# at once, default 4; benchmarks always run alone), STRATA_GPU_PACK (a .tgz path: RESULTS_DIR packed
+# into it at the end, for machines that hand back only a few files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -283,6 +285,9 @@ for name, base, option in verdicts:
     else:
         print("%-32s not measured" % name)
 PY
+    if [ -n "${STRATA_GPU_PACK:-}" ]; then
+      tar -czf "$STRATA_GPU_PACK" -C "$(dirname "$results")" "$(basename "$results")"
+    fi
     exit $tests_rc
     ;;
   *)
