@@ -53,14 +53,37 @@ double DeltaBytes(const ModelConfig& m, int bits, bool sparse_2_4) {
   return bytes * m.num_layers;
 }
 
+namespace {
+
+// What tp ranks of a GPU achieve: bytes/s for weights and deltas, for the KV cache, and FLOP/s
+// for prefill (the GPU's efficiencies unless the options override them).
+struct Rates {
+  double bandwidth, kv_bandwidth, flops;
+};
+
+Rates RatesOf(const GpuSpec& gpu, const PlanOptions& options, int64_t tp) {
+  const double decode =
+      options.decode_efficiency > 0 ? options.decode_efficiency : gpu.decode_efficiency;
+  const double kv = options.kv_efficiency > 0 ? options.kv_efficiency
+                    : gpu.kv_efficiency > 0   ? gpu.kv_efficiency
+                                              : decode;
+  const double prefill =
+      options.prefill_efficiency > 0 ? options.prefill_efficiency : gpu.prefill_efficiency;
+  return {tp * gpu.copy_bytes_per_s * decode, tp * gpu.copy_bytes_per_s * kv,
+          tp * gpu.flops * prefill};
+}
+
+}  // namespace
+
 const std::vector<GpuSpec>& KnownGpus() {
   static const std::vector<GpuSpec>* gpus = new std::vector<GpuSpec>{
       {"h100", 80e9, 3009e9, 794e12, 0.73, 0.33,
        "H100 80GB HBM3 (SXM): bandwidth, GEMM rate and Strata's efficiencies measured by "
        "bench/gpu_bench"},
-      {"h200", 141e9, 4205e9, 780e12, 0.665, 0.33,
+      {"h200", 141e9, 4205e9, 780e12, 0.738, 0.575,
        "H200 141GB HBM3e: bandwidth, GEMM rate and Strata's efficiencies measured by "
-       "bench/gpu_bench"},
+       "bench/gpu_bench",
+       0.288},
       {"a100", 80e9, 0.9 * 2039e9, 0.9 * 312e12, 0.73, 0.33,
        "A100 80GB SXM: datasheet bandwidth and dense bf16 rate x 0.9, the H100's efficiencies "
        "(not measured)"},
@@ -166,18 +189,13 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   const double mean_context = workload.prompt_tokens + workload.output_tokens / 2.0;
   const double step_weight_bytes =
       p.weight_bytes - (model.tie_word_embeddings ? 0.0 : embedding * dtype_bytes);
-  const double decode_efficiency =
-      options.decode_efficiency > 0 ? options.decode_efficiency : gpu.decode_efficiency;
-  const double prefill_efficiency =
-      options.prefill_efficiency > 0 ? options.prefill_efficiency : gpu.prefill_efficiency;
-  const double bandwidth = tp * gpu.copy_bytes_per_s * decode_efficiency;
-  const double flop_rate = tp * gpu.flops * prefill_efficiency;
+  const Rates r = RatesOf(gpu, options, tp);
+  const double flop_rate = r.flops;
   // A decode step of b sequences; with fine-tunes, every distinct one in the batch reads its delta
   // (the batch mixes min(b, active) of them).
   auto step_s = [&](double b, double deltas) {
-    const double memory =
-        (step_weight_bytes + b * mean_context * p.kv_bytes_per_token + deltas * p.delta_bytes) /
-        bandwidth;
+    const double memory = (step_weight_bytes + deltas * p.delta_bytes) / r.bandwidth +
+                          b * mean_context * p.kv_bytes_per_token / r.kv_bandwidth;
     const double compute = 2 * matrix_params * b / flop_rate;
     return std::max(memory, compute);
   };
@@ -306,15 +324,11 @@ StepCost PlanStepCost(const ModelConfig& model, const GpuSpec& gpu, const PlanOp
   const double step_weight_bytes =
       (parameters - (model.tie_word_embeddings ? 0.0 : embedding)) * dtype_bytes;
   const double kv_bytes_per_token = 2.0 * model.num_layers * model.kv_dim() * dtype_bytes;
-  const double decode_efficiency =
-      options.decode_efficiency > 0 ? options.decode_efficiency : gpu.decode_efficiency;
-  const double prefill_efficiency =
-      options.prefill_efficiency > 0 ? options.prefill_efficiency : gpu.prefill_efficiency;
-  const double bandwidth = options.tensor_parallel * gpu.copy_bytes_per_s * decode_efficiency;
-  const double flop_rate = options.tensor_parallel * gpu.flops * prefill_efficiency;
+  const Rates r = RatesOf(gpu, options, options.tensor_parallel);
+  const double bandwidth = r.bandwidth, flop_rate = r.flops;
   StepCost c;
   c.weights_s = step_weight_bytes / bandwidth;
-  c.kv_token_s = kv_bytes_per_token / bandwidth;
+  c.kv_token_s = kv_bytes_per_token / r.kv_bandwidth;
   c.token_s = 2 * matrix_params / flop_rate;
   c.attention_pair_s = 4.0 * model.num_layers * model.q_dim() / flop_rate;
   c.host_block_s = kv_bytes_per_token * options.block_tokens / kHostToDeviceBytesPerS;
@@ -478,6 +492,7 @@ absl::flat_hash_set<std::string> PlanMachineFlags() {
           "host-cache-gib",
           "gpu-memory-utilization",
           "decode-efficiency",
+          "kv-efficiency",
           "prefill-efficiency",
           "target-utilization",
           "delta-bits",
@@ -559,6 +574,10 @@ absl::StatusOr<PlanOptions> PlanOptionsFromArgs(const Args& args, const GpuSpec&
   ASSIGN_OR_RETURN(o.gpu_memory_utilization,
                    Fraction(args, "gpu-memory-utilization", o.gpu_memory_utilization));
   ASSIGN_OR_RETURN(o.decode_efficiency, Fraction(args, "decode-efficiency", gpu.decode_efficiency));
+  o.kv_efficiency = gpu.kv_efficiency;  // 0: as the weights
+  if (args.Has("kv-efficiency")) {
+    ASSIGN_OR_RETURN(o.kv_efficiency, Fraction(args, "kv-efficiency", 1.0));
+  }
   ASSIGN_OR_RETURN(o.prefill_efficiency,
                    Fraction(args, "prefill-efficiency", gpu.prefill_efficiency));
   ASSIGN_OR_RETURN(o.target_utilization,

@@ -41,14 +41,20 @@ struct GpuSpec {
   double copy_bytes_per_s = 0;
   // Dense bf16 tensor-core FLOP/s.
   double flops = 0;
-  // Achieved share of the copy-bandwidth roofline in decode steps, and of the dense FLOP rate in
-  // prefill: measured of Strata by bench/gpu_bench where the card was available (2026-11-26;
-  // H100: 76% at batch 1, 71% at batch 64; H200: 70% and 63%; prefill of a 2048-token prompt at
-  // 33% of the GEMM rate on both), else the H100's.
+  // Achieved share of the copy-bandwidth roofline in decode steps' weight (and delta) reads, and
+  // of the dense FLOP rate in prefill: measured of Strata by bench/gpu_bench where the card was
+  // available, else the H100's. H100 (2026-11-26, tiled attention kernels): 76% at batch 1, 71% at
+  // batch 64, prefill of a 2048-token prompt at 33% of the GEMM rate, fitted with one efficiency.
+  // H200 (2026-11-27, decode attention kernel and tensor-core prefill): the weights at 74%, the
+  // KV cache at 29% (kv_efficiency; attention at batch 64 is far from the bandwidth), prefill at
+  // 58%.
   double decode_efficiency = 0.73;
   double prefill_efficiency = 0.33;
   // Where the figures come from ("measured by bench/gpu_bench ..." or "datasheet x 0.9").
   std::string source;
+  // Share of the copy bandwidth at which decode attention reads the KV cache (0: as the weights,
+  // decode_efficiency).
+  double kv_efficiency = 0;
 };
 
 // The built-in GPUs, by the names --gpu takes.
@@ -87,8 +93,9 @@ struct PlanOptions {
   double host_cache_budget_bytes = 0;
   // Share of GPU memory Strata may allocate (the rest: CUDA context, cuBLAS workspaces).
   double gpu_memory_utilization = 0.92;
-  // Override the GPU's decode and prefill efficiencies (GpuSpec) when more than 0.
+  // Override the GPU's decode, KV-read and prefill efficiencies (GpuSpec) when more than 0.
   double decode_efficiency = 0;
+  double kv_efficiency = 0;
   double prefill_efficiency = 0;
   // Busiest share of each worker's capacity the plan allows (headroom for bursts).
   double target_utilization = 0.8;

@@ -117,7 +117,8 @@ TEST(PlanTest, CountsLlama3_8BAsItsFilesDo) {
   EXPECT_GT((p->kv_cache_tokens + 16) * p->kv_bytes_per_token, p->kv_cache_mb * (int64_t{1} << 20));
 }
 
-// The defaults are calibrated on bench/gpu_bench's figures (docs/PERFORMANCE.md, 2026-11-26):
+// The defaults are calibrated on bench/gpu_bench's figures (docs/PERFORMANCE.md: the H100's of
+// 2026-11-26, the H200's of 2026-11-27 with the decode attention kernel and tensor-core prefill):
 // the plan must stay within 10% of what Strata measured.
 TEST(PlanTest, PredictsWhatGpuBenchMeasured) {
   struct Case {
@@ -125,19 +126,44 @@ TEST(PlanTest, PredictsWhatGpuBenchMeasured) {
     int64_t batch;
     double measured_decode_tokens_per_s;
   };
-  for (const Case& c : {Case{"h100", 1, 151.9}, Case{"h100", 64, 6943}, Case{"h200", 1, 194.1},
-                        Case{"h200", 64, 8701}}) {
+  for (const Case& c : {Case{"h100", 1, 151.9}, Case{"h100", 64, 6943}, Case{"h200", 1, 204.2},
+                        Case{"h200", 64, 7434}}) {
     auto p = MakePlan(Llama8B(), *FindGpu(c.gpu), Decode(512, 64), Batch(c.batch));
     ASSERT_TRUE(p.ok()) << p.status();
     EXPECT_EQ(p->batch, c.batch);
     EXPECT_NEAR(p->decode_tokens_per_s / c.measured_decode_tokens_per_s, 1.0, 0.10)
         << c.gpu << " batch " << c.batch << ": " << p->decode_tokens_per_s;
   }
-  for (const auto& [gpu, measured] : {std::pair{"h100", 16650.0}, std::pair{"h200", 16800.0}}) {
+  for (const auto& [gpu, measured] : {std::pair{"h100", 16650.0}, std::pair{"h200", 28864.0}}) {
     auto prefill = MakePlan(Llama8B(), *FindGpu(gpu), Decode(2048, 1), PlanOptions());
     ASSERT_TRUE(prefill.ok());
     EXPECT_NEAR(prefill->prefill_tokens_per_s / measured, 1.0, 0.10) << gpu;
   }
+}
+
+// The KV cache's own efficiency scales only the KV term of a decode step.
+TEST(PlanTest, KvEfficiencyScalesOnlyTheCacheReads) {
+  const GpuSpec h100 = *FindGpu("h100");
+  EXPECT_EQ(h100.kv_efficiency, 0);  // as the weights
+  PlanOptions half;
+  half.kv_efficiency = h100.decode_efficiency / 2;
+  for (int64_t b : {1, 64}) {
+    auto base = MakePlan(Llama8B(), h100, Decode(512, 64), Batch(b));
+    auto slow = MakePlan(Llama8B(), h100, Decode(512, 64), [&] {
+      PlanOptions o = Batch(b);
+      o.kv_efficiency = half.kv_efficiency;
+      return o;
+    }());
+    ASSERT_TRUE(base.ok() && slow.ok());
+    // Twice the KV time: the difference is the KV term once, b sequences at the mean context.
+    const double kv_s =
+        b * 544.0 * base->kv_bytes_per_token / (h100.copy_bytes_per_s * h100.decode_efficiency);
+    EXPECT_NEAR(slow->step_ms - base->step_ms, 1e3 * kv_s, 1e-3) << "batch " << b;
+    EXPECT_EQ(slow->prefill_tokens_per_s, base->prefill_tokens_per_s);
+  }
+  // The simulator's step cost takes it too.
+  EXPECT_NEAR(PlanStepCost(Llama8B(), h100, half).kv_token_s,
+              2 * PlanStepCost(Llama8B(), h100, PlanOptions()).kv_token_s, 1e-15);
 }
 
 TEST(PlanTest, TheBatchIsLimitedByMemoryTpotOrTheCap) {
