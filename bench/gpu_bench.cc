@@ -60,11 +60,12 @@ ABSL_FLAG(bool, only_decode, false,
           "Skip the matrix rate, per-op and prefill measurements: the copy bandwidth and the "
           "decode runs only (for profiling a decode step under ncu).");
 ABSL_FLAG(std::string, variants,
-          "default,cublas,eager,decode_attn,fused_norm,mma_prefill,fine_tunes",
+          "default,cublas,eager,decode_attn,fused_norm,mma_prefill,fine_tunes,sampled",
           "Runs to make: default (graphs, GEMV), cublas, eager, decode_attn (the decode "
           "attention kernel), fused_norm (that and the fused residual norms), mma_prefill "
           "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
-          "with random deltas).");
+          "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
+          "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
 ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
           "Distinct fine-tunes among the decode batch's sequences, per fine_tunes run.");
 ABSL_FLAG(int, fine_tune_bits, 4, "Bits of the fine_tunes runs' random deltas (2, 4 or 8).");
@@ -174,7 +175,10 @@ void Prefill(GpuModelRunner* r, Batch* b, int64_t prompt, int64_t max_tokens, st
 
 // Median milliseconds per decode step over `steps` steps (wall time); device_ms: the median of the
 // steps' device time.
-double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms) {
+// Decode `steps` steps of b's sequences: greedy (ForwardGreedy), or with `rows` (one per sequence,
+// their draws changing every step) seeded sampling on the GPU (ForwardSample).
+double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms,
+              std::vector<gpu::SampleRow>* rows = nullptr) {
   std::vector<double> times, device;
   std::vector<int32_t> token_seq(b->seqs), logit_tokens(b->seqs), positions(b->seqs);
   std::iota(token_seq.begin(), token_seq.end(), 0);
@@ -192,7 +196,18 @@ double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms) {
     // (ncu --nvtx --nvtx-include "strata_decode_step/").
     if (step > 0) nvtxRangePushA("strata_decode_step");
     const auto t0 = std::chrono::steady_clock::now();
-    CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(next), {}));
+    if (rows == nullptr) {
+      CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(next), {}));
+    } else {
+      for (size_t i = 0; i < rows->size(); ++i) {
+        (*rows)[i].u =
+            static_cast<double>((step * 7919 + static_cast<int64_t>(i) * 104729) % 9973) / 9973.0;
+      }
+      GpuModelRunner::Sampling sampling;
+      sampling.rows = *rows;
+      std::vector<float> lp(b->seqs);
+      CHECK_OK(r->ForwardSample(fb, sampling, absl::MakeSpan(next), absl::MakeSpan(lp)));
+    }
     const auto t1 = std::chrono::steady_clock::now();
     if (step > 0) nvtxRangePop();
     if (step > 0) {
@@ -593,7 +608,24 @@ int Main() {
       if (bs <= 4) runs.push_back({bs, true, false, true, true});  // fused up to 4 rows
     }
   }
+  // Seeded sampling on the GPU in place of the graph's argmax (the engine's path for requests
+  // with a temperature; the shipped attention defaults): what sampling adds to a step.
+  struct SampledRun {
+    const char* key;
+    float top_p;
+  };
+  std::vector<SampledRun> sampled;
+  if (wanted("sampled")) sampled = {{"sampled", 1.0f}, {"sampled_top_p", 0.9f}};
   std::unique_ptr<GpuModelRunner> other;
+  // A runner of its own for a variant, made after the ones before are gone, so that they fit.
+  auto fresh = [&](const GpuRunnerOptions& oo) -> GpuModelRunner* {
+    runner->reset();
+    other.reset();
+    absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
+    CHECK_OK(e.status());
+    other = *std::move(e);
+    return other.get();
+  };
   for (const DecodeRun& run : runs) {
     GpuModelRunner* r = runner->get();
     if (!run.graphs || run.cublas || run.decode_attn || run.fused_norm) {
@@ -602,12 +634,7 @@ int Main() {
       oo.small_m_gemv = !run.cublas;
       oo.decode_attention_kernel = run.decode_attn;
       oo.fused_residual_norm = run.fused_norm;
-      runner->reset();
-      other.reset();
-      absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
-      CHECK_OK(e.status());
-      other = *std::move(e);
-      r = other.get();
+      r = fresh(oo);
     }
     Batch b = proto;
     b.seqs = run.batch;
@@ -626,16 +653,34 @@ int Main() {
       json.Add(key + "_fraction_of_roofline", (1000.0 / ms) / roofline);
     }
   }
+  if (!sampled.empty()) {
+    GpuRunnerOptions oo = o;
+    oo.decode_attention_kernel = true;
+    fresh(oo);
+    for (const SampledRun& sr : sampled) {
+      for (int64_t bs : batches) {
+        Batch b = proto;
+        b.seqs = bs;
+        b.tables.resize(bs * per_seq);
+        std::iota(b.tables.begin(), b.tables.end(), 0);
+        Prefill(other.get(), &b, prompt, o.max_batch_tokens, &rng);
+        std::vector<gpu::SampleRow> rows(bs);
+        for (gpu::SampleRow& row : rows) row.top_p = sr.top_p;
+        double device_ms = 0;
+        const double ms = Decode(other.get(), &b, steps, &device_ms, &rows);
+        const std::string key = absl::StrCat("decode_b", bs, "_", sr.key);
+        json.Add(key + "_ms_per_step", ms);
+        json.Add(key + "_device_ms_per_step", device_ms);
+        json.Add(key + "_tokens_per_s", bs * 1000.0 / ms);
+      }
+    }
+  }
   // Prefill again with the tensor-core attention kernel (GpuRunnerOptions::prefill_mma_attention).
   if (!only_decode && wanted("mma_prefill") &&
       AttentionMmaRunsHere(act, c.head_dim, c.group_size())) {
     GpuRunnerOptions oo = o;
     oo.prefill_mma_attention = true;
-    runner->reset();
-    other.reset();
-    absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
-    CHECK_OK(e.status());
-    other = *std::move(e);
+    fresh(oo);
     prefill(other.get(), "prefill_mma_tokens_per_s");
   }
   // Fine-tunes: random packed deltas (Strata's delta format; the values do not matter for speed),
@@ -658,11 +703,7 @@ int Main() {
       oo.decode_attention_kernel = true;
       oo.prefill_mma_attention = AttentionMmaRunsHere(act, c.head_dim, c.group_size());
       oo.delta_bytes = most * per_delta;
-      runner->reset();
-      other.reset();
-      absl::StatusOr<std::unique_ptr<GpuModelRunner>> e = GpuModelRunner::CreateRandom(c, oo, 1);
-      CHECK_OK(e.status());
-      other = *std::move(e);
+      fresh(oo);
       // A fine-tune's first step: one token, most of it the copy of its delta to the GPU (from
       // pageable memory, while the step waits).
       {
