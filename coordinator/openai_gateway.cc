@@ -14,6 +14,7 @@
 #include <optional>
 #include <string_view>
 #include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -37,6 +38,8 @@ namespace {
 constexpr size_t kMaxHeaderBytes = 64 << 10;
 constexpr absl::Duration kWriteTimeout = absl::Seconds(30);
 constexpr absl::Duration kModelsTtl = absl::Seconds(5);
+// Most choices ("n") one request may ask for: each is a generation of its own.
+constexpr int64_t kMaxChoices = 16;
 
 const char* Reason(int status) {
   switch (status) {
@@ -99,13 +102,14 @@ void LingeringClose(int fd, int wake_fd) {
   }
 }
 
-// Watches a connection while its generation runs: when the client closes it (or the socket
-// fails), or the gateway stops, cancels the call, which frees the sequence on its worker. Bytes
-// the client sends meanwhile are dropped. Stops when destroyed.
+// Watches a connection while its generations run: when the client closes it (or the socket
+// fails), or the gateway stops, cancels the calls, which frees their sequences on their workers.
+// Bytes the client sends meanwhile are dropped. Stops when destroyed.
 class DisconnectWatch {
  public:
-  DisconnectWatch(int fd, int wake_fd, grpc::ClientContext* ctx)
-      : stop_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)), thread_([this, fd, wake_fd, ctx] {
+  DisconnectWatch(int fd, int wake_fd, std::vector<grpc::ClientContext*> calls)
+      : stop_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+        thread_([this, fd, wake_fd, calls = std::move(calls)] {
           char buf[4096];
           while (true) {
             pollfd fds[3] = {
@@ -119,7 +123,7 @@ class DisconnectWatch {
             const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
             if (n > 0 || (n < 0 && (errno == EINTR || errno == EAGAIN))) continue;
             gone_.store(true);
-            ctx->TryCancel();
+            for (grpc::ClientContext* ctx : calls) ctx->TryCancel();
             break;
           }
         }) {}
@@ -407,7 +411,10 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
 
   *param = "n";
   ASSIGN_OR_RETURN(const int64_t n, root.IntFieldOr("n", 1));
-  if (n != 1) return root.Field("n")->Error("must be 1: send one request per completion");
+  if (n < 1 || n > kMaxChoices) {
+    return root.Field("n")->Error(absl::StrCat("must be 1 to ", kMaxChoices));
+  }
+  call.n = static_cast<int>(n);
   *param = "best_of";
   ASSIGN_OR_RETURN(const int64_t best_of, root.IntFieldOr("best_of", 1));
   if (best_of != 1) return root.Field("best_of")->Error("must be 1 (best_of is not supported)");
@@ -963,108 +970,156 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       s.set_max_tokens(std::min<uint32_t>(65536, context > 0 ? context : 65536));
     }
   }
-  grpc::ClientContext ctx;
-  if (!Register(&ctx)) {
-    WriteAll(fd, ErrorResponse(503, "the coordinator is stopping"), wake,
-             absl::Now() + kWriteTimeout);
-    return;
+  // One Generate call per choice ("n"): choice i's seed is seed + i where one was given (unset,
+  // each call draws its own) and its request id gets "-i"; choice 0 is read on this thread, the
+  // others on threads of their own. Their prompts share the prefix cache.
+  struct Choice {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader;
+    std::string text;
+    Logprobs logprobs;  // the whole completion's; in a stream, for the running text offset
+    const char* finish = nullptr;
+    v1::Usage usage;
+    grpc::Status status;
+    bool first_event = true;
+  };
+  const int n = call->n;
+  std::vector<std::unique_ptr<Choice>> choices;
+  std::vector<grpc::ClientContext*> contexts;
+  for (int i = 0; i < n; ++i) {
+    choices.push_back(std::make_unique<Choice>());
+    contexts.push_back(&choices.back()->ctx);
   }
-  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
-      stub_->Generate(&ctx, call->request);
+  for (int i = 0; i < n; ++i) {
+    if (!Register(contexts[i])) {
+      for (int j = 0; j < i; ++j) Unregister(contexts[j]);
+      WriteAll(fd, ErrorResponse(503, "the coordinator is stopping"), wake,
+               absl::Now() + kWriteTimeout);
+      return;
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    v1::GenerateRequest request = call->request;
+    if (i > 0) {
+      v1::SamplingParams& s = *request.mutable_sampling();
+      if (s.has_seed()) s.set_seed(s.seed() + static_cast<uint64_t>(i));
+      if (!request.request_id().empty()) {
+        request.set_request_id(absl::StrCat(request.request_id(), "-", i));
+      }
+    }
+    choices[i]->reader = stub_->Generate(contexts[i], request);
+  }
   // A client that leaves while no token flows (queued, in a long prefill) cancels too.
-  std::optional<DisconnectWatch> watch(std::in_place, fd, wake, &ctx);
+  std::optional<DisconnectWatch> watch(std::in_place, fd, wake, contexts);
   const int64_t created = absl::ToUnixSeconds(absl::Now());
-  std::string id;
-  std::string text;
-  Logprobs logprobs;  // the whole completion's; in a stream, for the running text offset
   const bool want_logprobs = call->request.sampling().has_logprobs();
-  const char* finish = nullptr;
-  v1::Usage usage;
-  bool streaming = false;  // the 200 head went out
-  bool client_gone = false;
-  v1::GenerateResponse chunk;
   const char* object = chat ? "chat.completion.chunk" : "text_completion";
-  // The fields every answer and event opens with ({"id", "object", "created", "model"), and its
-  // one choice.
+  absl::Mutex mu;          // the id, the head and the writes of a stream
+  std::string id;          // from the first chunk of any choice
+  bool streaming = false;  // the 200 head went out
+  std::atomic<bool> client_gone{false};
+  // The fields every answer and event opens with ({"id", "object", "created", "model").
   auto envelope = [&](const char* object_name) {
     return absl::StrCat("{\"id\":", JsonQuote(id), ",\"object\":\"", object_name,
                         "\",\"created\":", created, ",\"model\":", JsonQuote(model_asked));
   };
-  auto choice = [&](const std::string& content, const Logprobs* lp, const char* reason) {
+  // One entry of "choices".
+  auto choice_json = [&](int index, const std::string& content, const Logprobs* lp,
+                         const char* reason) {
     return absl::StrCat(
-        ",\"choices\":[{\"index\":0,", content, ",\"logprobs\":",
+        "{\"index\":", index, ",", content, ",\"logprobs\":",
         lp == nullptr ? "null"
         : chat        ? lp->ChatJson()
                       : lp->Json(),
-        ",\"finish_reason\":", reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null", "}]");
+        ",\"finish_reason\":", reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null", "}");
   };
-  bool first_event = true;
-  auto event = [&](const std::string& choice_text, const char* reason, const Logprobs* lp) {
-    // Chat: the first delta names the role.
-    const std::string content =
-        chat ? absl::StrCat("\"delta\":{", first_event ? "\"role\":\"assistant\"," : "",
-                            "\"content\":", JsonQuote(choice_text), "}")
-             : absl::StrCat("\"text\":", JsonQuote(choice_text));
-    first_event = false;
-    return absl::StrCat("data: ", envelope(object), choice(content, lp, reason), "}\n\n");
+  auto read = [&](int index) {
+    Choice& c = *choices[index];
+    v1::GenerateResponse chunk;
+    while (c.reader->Read(&chunk)) {
+      if (chunk.has_usage()) c.usage = chunk.usage();
+      const char* reason = OpenAiFinishReason(chunk.finish_reason());
+      if (reason != nullptr) c.finish = reason;
+      if (client_gone.load()) continue;  // draining after a cancel
+      if (!call->stream) {
+        if (index == 0 && id.empty())
+          id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
+        c.text += chunk.text();
+        if (want_logprobs) c.logprobs.Add(chunk.logprobs());
+        continue;
+      }
+      std::string event;
+      if (!chunk.text().empty() || reason != nullptr || chunk.logprobs_size() > 0) {
+        Logprobs lp;
+        lp.offset = c.logprobs.offset;  // text_offset counts from the completion's start
+        if (want_logprobs) lp.Add(chunk.logprobs());
+        c.logprobs.offset = lp.offset;
+        // Chat: each choice's first delta names the role.
+        event = chat ? absl::StrCat("\"delta\":{", c.first_event ? "\"role\":\"assistant\"," : "",
+                                    "\"content\":", JsonQuote(chunk.text()), "}")
+                     : absl::StrCat("\"text\":", JsonQuote(chunk.text()));
+        c.first_event = false;
+        event = choice_json(index, event, want_logprobs ? &lp : nullptr, reason);
+      }
+      absl::MutexLock lock(&mu);
+      if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
+      std::string out;
+      if (!streaming) {
+        out = Head(200, "text/event-stream", -1);
+        streaming = true;
+      }
+      if (!event.empty()) {
+        absl::StrAppend(&out, "data: ", envelope(object), ",\"choices\":[", event, "]}\n\n");
+      }
+      if (!out.empty() && !WriteAll(fd, out, wake, absl::Now() + kWriteTimeout)) {
+        client_gone.store(true);
+        for (grpc::ClientContext* ctx : contexts) ctx->TryCancel();  // frees the sequences
+      }
+    }
+    c.status = c.reader->Finish();
   };
-  while (reader->Read(&chunk)) {
-    if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
-    if (chunk.has_usage()) usage = chunk.usage();
-    const char* reason = OpenAiFinishReason(chunk.finish_reason());
-    if (reason != nullptr) finish = reason;
-    if (client_gone) continue;  // draining after a cancel
-    if (!call->stream) {
-      text += chunk.text();
-      if (want_logprobs) logprobs.Add(chunk.logprobs());
-      continue;
-    }
-    std::string out;
-    if (!streaming) {
-      out = Head(200, "text/event-stream", -1);
-      streaming = true;
-    }
-    if (!chunk.text().empty() || reason != nullptr || chunk.logprobs_size() > 0) {
-      Logprobs lp;
-      lp.offset = logprobs.offset;  // text_offset counts from the completion's start
-      if (want_logprobs) lp.Add(chunk.logprobs());
-      logprobs.offset = lp.offset;
-      absl::StrAppend(&out, event(chunk.text(), reason, want_logprobs ? &lp : nullptr));
-    }
-    if (!out.empty() && !WriteAll(fd, out, wake, absl::Now() + kWriteTimeout)) {
-      client_gone = true;
-      ctx.TryCancel();  // frees the sequence on its worker
-    }
-  }
-  const grpc::Status status = reader->Finish();
-  Unregister(&ctx);
-  client_gone = client_gone || watch->gone();
+  std::vector<std::thread> others;
+  for (int i = 1; i < n; ++i) others.emplace_back(read, i);
+  read(0);
+  for (std::thread& t : others) t.join();
+  for (grpc::ClientContext* ctx : contexts) Unregister(ctx);
+  const bool gone = client_gone.load() || watch->gone();
   watch.reset();
-  if (client_gone) return;
+  if (gone) return;
   const absl::Time deadline = absl::Now() + kWriteTimeout;
-  if (!status.ok()) {
-    const int http = HttpStatusOf(status.error_code());
+  for (const auto& c : choices) {
+    if (c->status.ok()) continue;
+    const int http = HttpStatusOf(c->status.error_code());
     if (streaming) {
       WriteAll(fd,
-               absl::StrCat("data: ", OpenAiErrorJson(http, status.error_message(), ""),
+               absl::StrCat("data: ", OpenAiErrorJson(http, c->status.error_message(), ""),
                             "\n\ndata: [DONE]\n\n"),
                wake, deadline);
     } else {
-      WriteAll(fd, ErrorResponse(http, status.error_message()), wake, deadline);
+      WriteAll(fd, ErrorResponse(http, c->status.error_message()), wake, deadline);
     }
     return;
   }
+  // The prompt once (choice 0's cache use), the completions of every choice.
+  v1::Usage usage = choices[0]->usage;
+  uint32_t completion = 0;
+  for (const auto& c : choices) completion += c->usage.num_completion_tokens();
+  usage.set_num_completion_tokens(completion);
   if (!call->stream) {
-    const std::string content =
-        chat
-            ? absl::StrCat("\"message\":{\"role\":\"assistant\",\"content\":", JsonQuote(text), "}")
-            : absl::StrCat("\"text\":", JsonQuote(text));
-    WriteAll(
-        fd,
-        JsonResponse(200, absl::StrCat(envelope(chat ? "chat.completion" : "text_completion"),
-                                       choice(content, want_logprobs ? &logprobs : nullptr, finish),
-                                       ",\"usage\":", UsageJson(usage), "}")),
-        wake, deadline);
+    std::vector<std::string> entries;
+    for (int i = 0; i < n; ++i) {
+      const Choice& c = *choices[i];
+      const std::string content =
+          chat ? absl::StrCat("\"message\":{\"role\":\"assistant\",\"content\":", JsonQuote(c.text),
+                              "}")
+               : absl::StrCat("\"text\":", JsonQuote(c.text));
+      entries.push_back(choice_json(i, content, want_logprobs ? &c.logprobs : nullptr, c.finish));
+    }
+    WriteAll(fd,
+             JsonResponse(200, absl::StrCat(envelope(chat ? "chat.completion" : "text_completion"),
+                                            ",\"choices\":[", absl::StrJoin(entries, ","),
+                                            "],\"usage\":", UsageJson(usage), "}")),
+             wake, deadline);
     return;
   }
   std::string tail = streaming ? "" : Head(200, "text/event-stream", -1);

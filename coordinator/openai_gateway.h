@@ -54,6 +54,7 @@ struct CompletionCall {
   v1::GenerateRequest request;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage: a last event with usage
+  int n = 1;                   // choices: one generation each, in parallel
   // Chat: the messages (role, text), rendered into request.text by the model's chat format; no
   // max_tokens given (until the turn ends or the context is full).
   std::vector<std::pair<std::string, std::string>> messages;

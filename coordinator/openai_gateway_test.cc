@@ -107,7 +107,8 @@ TEST(CompletionFromJsonTest, RefusalsNameTheField) {
                 "temperature"},
            Case{R"({"model": "m", "prompt": "x", "seed": -1})", "seed", "seed"},
            Case{R"({"model": "m", "prompt": "x", "stop": [1]})", "stop", "stop[0]"},
-           Case{R"({"model": "m", "prompt": "x", "n": 2})", "n", "one request per completion"},
+           Case{R"({"model": "m", "prompt": "x", "n": 17})", "n", "1 to 16"},
+           Case{R"({"model": "m", "prompt": "x", "n": 0})", "n", "1 to 16"},
            Case{R"({"model": "m", "prompt": "x", "best_of": 3})", "best_of", "best_of"},
            Case{R"({"model": "m", "prompt": "x", "echo": true})", "echo", "echo"},
            Case{R"({"model": "m", "prompt": "x", "suffix": "z"})", "suffix", "suffix"},
@@ -187,8 +188,8 @@ TEST(ChatFromJsonTest, RefusalsNameTheField) {
                "top_logprobs", "0 to 20"},
           Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]})",
                "tools", "not supported"},
-          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2})", "n",
-               "one request per completion"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 99})", "n",
+               "1 to 16"},
       }) {
     std::string param;
     const absl::StatusOr<CompletionCall> r = ChatFromJson(c.body, &param);

@@ -153,6 +153,59 @@ TEST_F(OpenAiHttpTest, AStreamCarriesTheSameTextThenDone) {
   EXPECT_EQ(completion_tokens, 16);
 }
 
+// "n": several choices, each a generation of its own: choice i is what the gRPC API gives with seed
+// seed + i, answered together (index i) or streamed interleaved, each choice's events adding up to
+// its text; usage counts the prompt once and every choice's tokens.
+TEST_F(OpenAiHttpTest, SeveralChoicesAreSeveralSeededGenerations) {
+  std::vector<std::string> want;
+  for (uint64_t i = 0; i < 3; ++i) want.push_back(GrpcText(cluster_, 12, 7 + i, 0.8f));
+  ASSERT_NE(want[0], want[1]);
+  const HttpReply r = Http(port_, "POST", "/v1/completions", CompletionBody(12, 7, R"(, "n": 3)"));
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  const std::vector<JsonValue> choices = *d.root().Field("choices")->AsArray();
+  ASSERT_EQ(choices.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(*choices[i].IntField("index"), i);
+    EXPECT_EQ(Str(choices[i], "text"), want[i]) << "choice " << i;
+    EXPECT_EQ(Str(choices[i], "finish_reason"), "length");
+  }
+  const JsonValue usage = *d.root().Field("usage");
+  EXPECT_EQ(*usage.IntField("completion_tokens"), 36);
+  EXPECT_EQ(*usage.IntField("total_tokens"), *usage.IntField("prompt_tokens") + 36);
+
+  const HttpReply s = Http(port_, "POST", "/v1/completions",
+                           CompletionBody(12, 7,
+                                          R"(, "n": 3, "stream": true, "stream_options": )"
+                                          R"({"include_usage": true})"));
+  ASSERT_EQ(s.status, 200) << s.body;
+  const std::vector<std::string> events = SseData(s.body);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::vector<std::string> texts(3);
+  std::vector<int> finished(3, 0);
+  int64_t completion_tokens = -1;
+  std::string id;
+  for (size_t e = 0; e + 1 < events.size(); ++e) {
+    const JsonDocument ev = Json(events[e]);
+    if (id.empty()) id = Str(ev.root(), "id");
+    EXPECT_EQ(Str(ev.root(), "id"), id) << "one id for every choice's events";
+    const std::vector<JsonValue> cs = *ev.root().Field("choices")->AsArray();
+    if (cs.empty()) {
+      completion_tokens = *ev.root().Field("usage")->IntField("completion_tokens");
+      continue;
+    }
+    ASSERT_EQ(cs.size(), 1u);
+    const int64_t i = *cs[0].IntField("index");
+    ASSERT_TRUE(i >= 0 && i < 3) << events[e];
+    texts[i] += Str(cs[0], "text");
+    if (!cs[0].Field("finish_reason")->IsNull()) ++finished[i];
+  }
+  EXPECT_EQ(texts, want);
+  EXPECT_EQ(finished, std::vector<int>({1, 1, 1}));
+  EXPECT_EQ(completion_tokens, 36);
+}
+
 // Chat completions: the conversation written out in the model's chat format, then the same
 // generation as the gRPC API gives for that text; streamed, the deltas add up to it.
 TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
@@ -259,8 +312,8 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsAndTheServerGoesOn) {
        R"({"model": "strata-tiny", "prompt": "x", "temperature": "hot"})", 400, "temperature",
        "temperature"},
       {"POST", "/v1/completions", "{not json", 400, "", "request body"},
-      {"POST", "/v1/completions", R"({"model": "strata-tiny", "prompt": "x", "n": 3})", 400, "n",
-       "one request per completion"},
+      {"POST", "/v1/completions", R"({"model": "strata-tiny", "prompt": "x", "n": 30})", 400, "n",
+       "1 to 16"},
       // The coordinator's own checks come through with their field names.
       {"POST", "/v1/completions", R"({"model": "strata-tiny", "prompt": "x", "top_p": 7})", 400, "",
        "top_p"},
