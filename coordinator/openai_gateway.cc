@@ -168,6 +168,15 @@ struct Logprobs {
   std::vector<int64_t> offsets;
   int64_t offset = 0;
 
+  // The prompt's first token, which has no log-probability (echo); `counted`: its text is part
+  // of the echoed text (not a BOS the server added).
+  void AddFirst(const std::string& text, bool counted) {
+    tokens.push_back(text);
+    values.push_back(std::numeric_limits<double>::quiet_NaN());
+    offsets.push_back(offset);
+    if (counted) offset += static_cast<int64_t>(text.size());
+    top.push_back("null");
+  }
   void Add(const google::protobuf::RepeatedPtrField<v1::PositionLogprobs>& positions) {
     for (const v1::PositionLogprobs& p : positions) {
       tokens.push_back(p.token().text());
@@ -197,7 +206,7 @@ struct Logprobs {
     }
     absl::StrAppend(&out, "],\"token_logprobs\":[");
     for (size_t i = 0; i < values.size(); ++i) {
-      absl::StrAppend(&out, i == 0 ? "" : ",", Float(values[i]));
+      absl::StrAppend(&out, i == 0 ? "" : ",", std::isnan(values[i]) ? "null" : Float(values[i]));
     }
     absl::StrAppend(&out, "],\"top_logprobs\":[", absl::StrJoin(top, ","), "],\"text_offset\":[",
                     absl::StrJoin(offsets, ","), "]}");
@@ -304,6 +313,10 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
     }
   }
 
+  if (!chat) {
+    *param = "echo";
+    ASSIGN_OR_RETURN(call.echo, root.BoolFieldOr("echo", false));
+  }
   // Chat: max_completion_tokens (the newer name) or max_tokens; neither: until the model ends its
   // turn or the context is full (set once the model's context length is known).
   const char* max_name = chat && root.FindField("max_completion_tokens").has_value()
@@ -314,10 +327,13 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
     call.default_max_tokens = true;
   } else {
     ASSIGN_OR_RETURN(const int64_t max_tokens, root.IntFieldOr(max_name, 16));
-    if (max_tokens < 1 || max_tokens > std::numeric_limits<uint32_t>::max()) {
-      return root.Field(max_name)->Error("must be 1 to 4294967295");
+    if (max_tokens == 0 && call.echo) {
+      call.score_only = true;  // the prompt scored (echo with logprobs), nothing generated
+      s.set_max_tokens(1);
+    } else if (max_tokens < 1 || max_tokens > std::numeric_limits<uint32_t>::max()) {
+      return root.Field(max_name)->Error("must be 1 to 4294967295 (0 only with echo)");
     }
-    s.set_max_tokens(static_cast<uint32_t>(max_tokens));
+    if (!call.score_only) s.set_max_tokens(static_cast<uint32_t>(max_tokens));
   }
   *param = "min_tokens";
   ASSIGN_OR_RETURN(const int64_t min_tokens, root.IntFieldOr("min_tokens", 0));
@@ -419,9 +435,8 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   ASSIGN_OR_RETURN(const int64_t best_of, root.IntFieldOr("best_of", 1));
   if (best_of != 1) return root.Field("best_of")->Error("must be 1 (best_of is not supported)");
   if (!chat) {
-    *param = "echo";
-    ASSIGN_OR_RETURN(const bool echo, root.BoolFieldOr("echo", false));
-    if (echo) return root.Field("echo")->Error("is not supported: the prompt is not echoed");
+    // Echoed with logprobs: the prompt's tokens' too.
+    if (call.echo && s.has_logprobs()) s.set_prompt_logprobs(s.logprobs());
     *param = "suffix";
     ASSIGN_OR_RETURN(const std::string suffix, root.StringFieldOr("suffix", ""));
     if (!suffix.empty()) return root.Field("suffix")->Error("is not supported");
@@ -919,6 +934,57 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
   return 0;
 }
 
+grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, std::string* text,
+                                       std::string* first_token, bool* first_added) {
+  auto call = [this](auto rpc) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    if (!Register(&ctx)) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "stopping");
+    const grpc::Status s = rpc(&ctx);
+    Unregister(&ctx);
+    return s;
+  };
+  *first_added = false;
+  if (request.prompt_case() == v1::GenerateRequest::kText) {
+    *text = request.text();
+    // As Generate tokenizes it (BOS first), and without the tokens the server adds.
+    v1::TokenizeRequest with;
+    with.set_model(request.model());
+    with.set_text(request.text());
+    with.set_add_special_tokens(true);
+    with.set_return_token_texts(true);
+    v1::TokenizeResponse tokens, plain;
+    grpc::Status s =
+        call([&](grpc::ClientContext* ctx) { return stub_->Tokenize(ctx, with, &tokens); });
+    if (!s.ok()) return s;
+    v1::TokenizeRequest without = with;
+    without.set_add_special_tokens(false);
+    without.set_return_token_texts(false);
+    s = call([&](grpc::ClientContext* ctx) { return stub_->Tokenize(ctx, without, &plain); });
+    if (!s.ok()) return s;
+    *first_token = tokens.token_texts_size() > 0 ? tokens.token_texts(0) : "";
+    *first_added = tokens.token_ids_size() > plain.token_ids_size();
+    return grpc::Status::OK;
+  }
+  const v1::TokenIds& ids = request.token_ids();
+  v1::DetokenizeRequest all;
+  all.set_model(request.model());
+  *all.mutable_token_ids() = ids.ids();
+  all.set_skip_special_tokens(request.sampling().skip_special_tokens());
+  v1::DetokenizeResponse whole, first;
+  grpc::Status s =
+      call([&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, all, &whole); });
+  if (!s.ok()) return s;
+  *text = whole.text();
+  v1::DetokenizeRequest one = all;
+  one.clear_token_ids();
+  if (ids.ids_size() > 0) one.add_token_ids(ids.ids(0));
+  s = call([&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, one, &first); });
+  if (!s.ok()) return s;
+  *first_token = first.text();
+  return grpc::Status::OK;
+}
+
 void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   const int wake = wake_fd_.get();
   std::string param;
@@ -977,12 +1043,33 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     grpc::ClientContext ctx;
     std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader;
     std::string text;
-    Logprobs logprobs;  // the whole completion's; in a stream, for the running text offset
+    // Answered whole: the generated and (echo) the prompt's log-probabilities as they came.
+    google::protobuf::RepeatedPtrField<v1::PositionLogprobs> logprobs, prompt_logprobs;
+    int64_t offset = 0;  // streamed: the text offset of the next token
     const char* finish = nullptr;
     v1::Usage usage;
     grpc::Status status;
     bool first_event = true;
   };
+  // Echo: the prompt's text (and its first token's) before each choice's.
+  std::string echo_text, first_token;
+  bool first_added = false;
+  if (call->echo) {
+    const grpc::Status s = EchoPrompt(call->request, &echo_text, &first_token, &first_added);
+    if (!s.ok()) {
+      WriteAll(fd, ErrorResponse(HttpStatusOf(s.error_code()), s.error_message()), wake,
+               absl::Now() + kWriteTimeout);
+      return;
+    }
+  }
+  // The echoed prompt's log-probabilities: its first token's none, then the worker's.
+  auto prompt_logprobs = [&](const google::protobuf::RepeatedPtrField<v1::PositionLogprobs>& lp) {
+    Logprobs out;
+    out.AddFirst(first_token, !first_added);
+    out.Add(lp);
+    return out;
+  };
+  const bool score_only = call->score_only;
   const int n = call->n;
   std::vector<std::unique_ptr<Choice>> choices;
   std::vector<grpc::ClientContext*> contexts;
@@ -1039,27 +1126,46 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     while (c.reader->Read(&chunk)) {
       if (chunk.has_usage()) c.usage = chunk.usage();
       const char* reason = OpenAiFinishReason(chunk.finish_reason());
+      if (score_only && reason != nullptr) reason = "length";  // the one token left out
       if (reason != nullptr) c.finish = reason;
+      if (score_only) {  // the generated token is not part of the answer
+        chunk.clear_text();
+        chunk.clear_logprobs();
+      }
       if (client_gone.load()) continue;  // draining after a cancel
       if (!call->stream) {
-        if (index == 0 && id.empty())
+        if (index == 0 && id.empty()) {
           id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
+        }
         c.text += chunk.text();
-        if (want_logprobs) c.logprobs.Add(chunk.logprobs());
+        if (want_logprobs) {
+          c.logprobs.MergeFrom(chunk.logprobs());
+          c.prompt_logprobs.MergeFrom(chunk.prompt_logprobs());
+        }
         continue;
       }
-      std::string event;
+      // This chunk's entries of "choices", one event each.
+      std::vector<std::string> entries;
+      if (call->echo && c.first_event) {
+        // The prompt first, in an event of its own.
+        const Logprobs lp = prompt_logprobs(chunk.prompt_logprobs());
+        entries.push_back(choice_json(index, absl::StrCat("\"text\":", JsonQuote(echo_text)),
+                                      want_logprobs ? &lp : nullptr, nullptr));
+        c.offset = static_cast<int64_t>(echo_text.size());
+        c.first_event = false;
+      }
       if (!chunk.text().empty() || reason != nullptr || chunk.logprobs_size() > 0) {
         Logprobs lp;
-        lp.offset = c.logprobs.offset;  // text_offset counts from the completion's start
+        lp.offset = c.offset;  // text_offset counts from the completion's start
         if (want_logprobs) lp.Add(chunk.logprobs());
-        c.logprobs.offset = lp.offset;
+        c.offset = lp.offset;
         // Chat: each choice's first delta names the role.
-        event = chat ? absl::StrCat("\"delta\":{", c.first_event ? "\"role\":\"assistant\"," : "",
-                                    "\"content\":", JsonQuote(chunk.text()), "}")
-                     : absl::StrCat("\"text\":", JsonQuote(chunk.text()));
+        const std::string content =
+            chat ? absl::StrCat("\"delta\":{", c.first_event ? "\"role\":\"assistant\"," : "",
+                                "\"content\":", JsonQuote(chunk.text()), "}")
+                 : absl::StrCat("\"text\":", JsonQuote(chunk.text()));
         c.first_event = false;
-        event = choice_json(index, event, want_logprobs ? &lp : nullptr, reason);
+        entries.push_back(choice_json(index, content, want_logprobs ? &lp : nullptr, reason));
       }
       absl::MutexLock lock(&mu);
       if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
@@ -1068,8 +1174,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
         out = Head(200, "text/event-stream", -1);
         streaming = true;
       }
-      if (!event.empty()) {
-        absl::StrAppend(&out, "data: ", envelope(object), ",\"choices\":[", event, "]}\n\n");
+      for (const std::string& entry : entries) {
+        absl::StrAppend(&out, "data: ", envelope(object), ",\"choices\":[", entry, "]}\n\n");
       }
       if (!out.empty() && !WriteAll(fd, out, wake, absl::Now() + kWriteTimeout)) {
         client_gone.store(true);
@@ -1100,11 +1206,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     }
     return;
   }
-  // The prompt once (choice 0's cache use), the completions of every choice.
+  // The prompt once (choice 0's cache use), the completions of every choice (none when only
+  // scoring the prompt).
   v1::Usage usage = choices[0]->usage;
   uint32_t completion = 0;
   for (const auto& c : choices) completion += c->usage.num_completion_tokens();
-  usage.set_num_completion_tokens(completion);
+  usage.set_num_completion_tokens(score_only ? 0 : completion);
   if (!call->stream) {
     std::vector<std::string> entries;
     for (int i = 0; i < n; ++i) {
@@ -1112,8 +1219,14 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       const std::string content =
           chat ? absl::StrCat("\"message\":{\"role\":\"assistant\",\"content\":", JsonQuote(c.text),
                               "}")
-               : absl::StrCat("\"text\":", JsonQuote(c.text));
-      entries.push_back(choice_json(i, content, want_logprobs ? &c.logprobs : nullptr, c.finish));
+               : absl::StrCat("\"text\":", JsonQuote(echo_text + c.text));
+      Logprobs lp;
+      if (call->echo) {
+        lp = prompt_logprobs(c.prompt_logprobs);
+        lp.offset = static_cast<int64_t>(echo_text.size());
+      }
+      lp.Add(c.logprobs);
+      entries.push_back(choice_json(i, content, want_logprobs ? &lp : nullptr, c.finish));
     }
     WriteAll(fd,
              JsonResponse(200, absl::StrCat(envelope(chat ? "chat.completion" : "text_completion"),

@@ -55,6 +55,11 @@ struct CompletionCall {
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage: a last event with usage
   int n = 1;                   // choices: one generation each, in parallel
+  // Completions: the prompt's text (and with logprobs, its tokens' log-probabilities, the first
+  // null) comes before each choice's; with max_tokens 0 (score_only) nothing else does: the
+  // request generates one token, which the answer leaves out.
+  bool echo = false;
+  bool score_only = false;
   // Chat: the messages (role, text), rendered into request.text by the model's chat format; no
   // max_tokens given (until the turn ends or the context is full).
   std::vector<std::pair<std::string, std::string>> messages;
@@ -148,6 +153,11 @@ class OpenAiGateway {
   // Resolves a fine-tune named as the model (ListModels, cached a few seconds); the model's
   // context length (0: unknown).
   uint32_t ResolveModel(v1::GenerateRequest* request);
+  // For echo: the prompt's text, the text of its first token (which has no log-probability), and
+  // whether the server adds that token itself (a BOS before a text prompt: no characters of the
+  // echoed text). Through Tokenize / Detokenize.
+  grpc::Status EchoPrompt(const v1::GenerateRequest& request, std::string* text,
+                          std::string* first_token, bool* first_added);
   bool Register(grpc::ClientContext* ctx);
   void Unregister(grpc::ClientContext* ctx);
 

@@ -84,6 +84,23 @@ TEST(CompletionFromJsonTest, PromptsAsTextOrTokenIds) {
   }
 }
 
+// echo: with logprobs the prompt's too; with max_tokens 0 one token is asked for and left out.
+TEST(CompletionFromJsonTest, EchoScoresThePrompt) {
+  std::string param;
+  auto c = CompletionFromJson(
+      R"({"model": "m", "prompt": "x", "echo": true, "max_tokens": 0, "logprobs": 2})", &param);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->echo);
+  EXPECT_TRUE(c->score_only);
+  EXPECT_EQ(c->request.sampling().max_tokens(), 1u);
+  EXPECT_EQ(c->request.sampling().prompt_logprobs(), 2u);
+  c = CompletionFromJson(R"({"model": "m", "prompt": "x", "echo": true, "max_tokens": 3})", &param);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->score_only);
+  EXPECT_EQ(c->request.sampling().max_tokens(), 3u);
+  EXPECT_FALSE(c->request.sampling().has_prompt_logprobs());  // no logprobs asked for
+}
+
 TEST(CompletionFromJsonTest, RefusalsNameTheField) {
   struct Case {
     const char* body;
@@ -110,7 +127,9 @@ TEST(CompletionFromJsonTest, RefusalsNameTheField) {
            Case{R"({"model": "m", "prompt": "x", "n": 17})", "n", "1 to 16"},
            Case{R"({"model": "m", "prompt": "x", "n": 0})", "n", "1 to 16"},
            Case{R"({"model": "m", "prompt": "x", "best_of": 3})", "best_of", "best_of"},
-           Case{R"({"model": "m", "prompt": "x", "echo": true})", "echo", "echo"},
+           Case{R"({"model": "m", "prompt": "x", "echo": 1})", "echo", "echo"},
+           Case{R"({"model": "m", "prompt": "x", "max_tokens": 0})", "max_tokens",
+                "0 only with echo"},
            Case{R"({"model": "m", "prompt": "x", "suffix": "z"})", "suffix", "suffix"},
            Case{R"({"model": "m", "prompt": "x", "logit_bias": {"5": 1}})", "logit_bias",
                 "logit_bias"},

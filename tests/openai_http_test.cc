@@ -206,6 +206,92 @@ TEST_F(OpenAiHttpTest, SeveralChoicesAreSeveralSeededGenerations) {
   EXPECT_EQ(completion_tokens, 36);
 }
 
+// echo: the prompt's text before the completion's; with max_tokens 0 and logprobs (how evaluation
+// harnesses score a text), only the prompt, every token of it with its log-probability as the gRPC
+// API's prompt_logprobs give it (the first null), and no completion tokens.
+TEST_F(OpenAiHttpTest, EchoPutsThePromptFirstAndScoresIt) {
+  const std::string want = GrpcText(cluster_, 6, 5, 0.8f);
+  const HttpReply r =
+      Http(port_, "POST", "/v1/completions", CompletionBody(6, 5, R"(, "echo": true)"));
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(Str(Choice(Json(r.body)), "text"), std::string(kPrompt) + want);
+
+  // The prompt's tokens and their log-probabilities through gRPC.
+  v1::TokenizeRequest tr;
+  tr.set_model(kTinyModel);
+  tr.set_text(kPrompt);
+  tr.set_add_special_tokens(true);
+  v1::TokenizeResponse tokens;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(cluster_->serving()->Tokenize(&ctx, tr, &tokens).ok());
+  }
+  v1::GenerateRequest g = TextRequest(kPrompt, 1, 5);
+  g.mutable_sampling()->set_prompt_logprobs(1);
+  const Generated scored = Generate(cluster_->serving(), g);
+  ASSERT_TRUE(scored.status.ok()) << scored.status.error_message();
+  ASSERT_FALSE(scored.chunks.empty());
+  const auto& prompt_lp = scored.chunks[0].prompt_logprobs();
+  ASSERT_EQ(prompt_lp.size() + 1, tokens.token_ids_size());
+
+  const HttpReply s = Http(port_, "POST", "/v1/completions",
+                           CompletionBody(0, 5, R"(, "echo": true, "logprobs": 1)"));
+  ASSERT_EQ(s.status, 200) << s.body;
+  const JsonDocument d = Json(s.body);
+  const JsonValue choice = Choice(d);
+  EXPECT_EQ(Str(choice, "text"), kPrompt);
+  EXPECT_EQ(Str(choice, "finish_reason"), "length");
+  EXPECT_EQ(*d.root().Field("usage")->IntField("completion_tokens"), 0);
+  const JsonValue lp = *choice.Field("logprobs");
+  const std::vector<JsonValue> values = *lp.Field("token_logprobs")->AsArray();
+  const std::vector<JsonValue> offsets = *lp.Field("text_offset")->AsArray();
+  const std::vector<JsonValue> top = *lp.Field("top_logprobs")->AsArray();
+  ASSERT_EQ(static_cast<int>(values.size()), tokens.token_ids_size());
+  ASSERT_EQ(offsets.size(), values.size());
+  EXPECT_TRUE(values[0].IsNull());
+  EXPECT_TRUE(top[0].IsNull());
+  for (size_t i = 1; i < values.size(); ++i) {
+    EXPECT_NEAR(*values[i].AsDouble(), prompt_lp[static_cast<int>(i) - 1].token().logprob(), 1e-5)
+        << "prompt token " << i;
+    EXPECT_GE(*offsets[i].AsInt(), *offsets[i - 1].AsInt());
+    EXPECT_LT(*offsets[i].AsInt(), static_cast<int64_t>(std::string(kPrompt).size()));
+  }
+
+  // Token ids (as evaluation harnesses send them): one entry per id, the first null.
+  std::string ids;
+  for (int i = 0; i < tokens.token_ids_size(); ++i) {
+    absl::StrAppend(&ids, i == 0 ? "" : ",", tokens.token_ids(i));
+  }
+  const HttpReply t = Http(port_, "POST", "/v1/completions",
+                           absl::StrCat(R"({"model": "strata-tiny", "prompt": [)", ids,
+                                        R"(], "max_tokens": 0, "echo": true, "logprobs": 0})"));
+  ASSERT_EQ(t.status, 200) << t.body;
+  const JsonDocument td = Json(t.body);
+  const JsonValue by_ids = *Choice(td).Field("logprobs");
+  const std::vector<JsonValue> id_values = *by_ids.Field("token_logprobs")->AsArray();
+  ASSERT_EQ(static_cast<int>(id_values.size()), tokens.token_ids_size()) << t.body;
+  EXPECT_TRUE(id_values[0].IsNull());
+  EXPECT_NEAR(*id_values.back().AsDouble(), prompt_lp[prompt_lp.size() - 1].token().logprob(),
+              1e-5);
+
+  // Streamed: the prompt in the first event.
+  const HttpReply e = Http(port_, "POST", "/v1/completions",
+                           CompletionBody(3, 5, R"(, "echo": true, "stream": true)"));
+  ASSERT_EQ(e.status, 200) << e.body;
+  const std::vector<std::string> events = SseData(e.body);
+  ASSERT_GE(events.size(), 2u);
+  std::string text;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    const JsonDocument ev = Json(events[i]);
+    const std::string piece = Str((*ev.root().Field("choices")->AsArray())[0], "text");
+    if (i == 0) {
+      EXPECT_EQ(piece, kPrompt);
+    }
+    text += piece;
+  }
+  EXPECT_EQ(text, std::string(kPrompt) + GrpcText(cluster_, 3, 5, 0.8f));
+}
+
 // Chat completions: the conversation written out in the model's chat format, then the same
 // generation as the gRPC API gives for that text; streamed, the deltas add up to it.
 TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
