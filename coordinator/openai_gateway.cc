@@ -329,7 +329,7 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
     ASSIGN_OR_RETURN(const int64_t max_tokens, root.IntFieldOr(max_name, 16));
     if (max_tokens == 0 && call.echo) {
       call.score_only = true;  // the prompt scored (echo with logprobs), nothing generated
-      s.set_max_tokens(1);
+      s.set_max_tokens(1);     // (min_tokens, below, is then ignored)
     } else if (max_tokens < 1 || max_tokens > std::numeric_limits<uint32_t>::max()) {
       return root.Field(max_name)->Error("must be 1 to 4294967295 (0 only with echo)");
     }
@@ -340,7 +340,7 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   if (min_tokens < 0 || min_tokens > std::numeric_limits<uint32_t>::max()) {
     return root.Field("min_tokens")->Error("must be 0 or more");
   }
-  s.set_min_tokens(static_cast<uint32_t>(min_tokens));
+  s.set_min_tokens(call.score_only ? 0 : static_cast<uint32_t>(min_tokens));
 
   // Optional floats: left unset (the server's default) when missing or null.
   auto optional_float = [&](const char* name,
@@ -470,6 +470,10 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   r.set_cache_salt(salt);
   *param = "request_id";
   ASSIGN_OR_RETURN(const std::string id, root.StringFieldOr("request_id", ""));
+  // Choice i > 0 runs as "<id>-i", within the coordinator's 128 bytes.
+  if (call.n > 1 && id.size() > 125) {
+    return root.Field("request_id")->Error("must be at most 125 bytes with n > 1");
+  }
   r.set_request_id(id);
   *param = "priority";
   ASSIGN_OR_RETURN(const int64_t priority, root.IntFieldOr("priority", 0));
@@ -1067,6 +1071,14 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     Logprobs out;
     out.AddFirst(first_token, !first_added);
     out.Add(lp);
+    // A SentencePiece tokenizer writes the first word's dummy-prefix space into its token's text
+    // (" The" for a prompt "The..."): the offsets after it count from the echoed text, without it.
+    const size_t k = first_added ? 1 : 0;  // the prompt's first token of the text
+    if (k < out.tokens.size() && absl::StartsWith(out.tokens[k], " ") &&
+        !absl::StartsWith(echo_text, " ")) {
+      for (size_t j = k + 1; j < out.offsets.size(); ++j) --out.offsets[j];
+      --out.offset;
+    }
     return out;
   };
   const bool score_only = call->score_only;
@@ -1105,6 +1117,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   std::string id;          // from the first chunk of any choice
   bool streaming = false;  // the 200 head went out
   std::atomic<bool> client_gone{false};
+  grpc::Status failure;  // the first choice to fail (under mu)
   // The fields every answer and event opens with ({"id", "object", "created", "model").
   auto envelope = [&](const char* object_name) {
     return absl::StrCat("{\"id\":", JsonQuote(id), ",\"object\":\"", object_name,
@@ -1168,6 +1181,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
         entries.push_back(choice_json(index, content, want_logprobs ? &lp : nullptr, reason));
       }
       absl::MutexLock lock(&mu);
+      // A write that failed while this thread waited for the lock: the stream is over.
+      if (client_gone.load()) continue;
       if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
       std::string out;
       if (!streaming) {
@@ -1183,6 +1198,14 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       }
     }
     c.status = c.reader->Finish();
+    if (!c.status.ok() && !client_gone.load()) {
+      // One choice failed: the answer is that error, so the others stop now (first one wins).
+      absl::MutexLock lock(&mu);
+      if (failure.ok()) {
+        failure = c.status;
+        for (grpc::ClientContext* ctx : contexts) ctx->TryCancel();
+      }
+    }
   };
   std::vector<std::thread> others;
   for (int i = 1; i < n; ++i) others.emplace_back(read, i);
@@ -1193,16 +1216,15 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   watch.reset();
   if (gone) return;
   const absl::Time deadline = absl::Now() + kWriteTimeout;
-  for (const auto& c : choices) {
-    if (c->status.ok()) continue;
-    const int http = HttpStatusOf(c->status.error_code());
+  if (!failure.ok()) {
+    const int http = HttpStatusOf(failure.error_code());
     if (streaming) {
       WriteAll(fd,
-               absl::StrCat("data: ", OpenAiErrorJson(http, c->status.error_message(), ""),
+               absl::StrCat("data: ", OpenAiErrorJson(http, failure.error_message(), ""),
                             "\n\ndata: [DONE]\n\n"),
                wake, deadline);
     } else {
-      WriteAll(fd, ErrorResponse(http, c->status.error_message()), wake, deadline);
+      WriteAll(fd, ErrorResponse(http, failure.error_message()), wake, deadline);
     }
     return;
   }

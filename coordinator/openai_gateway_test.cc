@@ -103,7 +103,7 @@ TEST(CompletionFromJsonTest, EchoScoresThePrompt) {
 
 TEST(CompletionFromJsonTest, RefusalsNameTheField) {
   struct Case {
-    const char* body;
+    std::string body;
     const char* param;
     const char* says;
   };
@@ -126,6 +126,9 @@ TEST(CompletionFromJsonTest, RefusalsNameTheField) {
            Case{R"({"model": "m", "prompt": "x", "stop": [1]})", "stop", "stop[0]"},
            Case{R"({"model": "m", "prompt": "x", "n": 17})", "n", "1 to 16"},
            Case{R"({"model": "m", "prompt": "x", "n": 0})", "n", "1 to 16"},
+           Case{absl::StrCat(R"({"model": "m", "prompt": "x", "n": 2, "request_id": ")",
+                             std::string(126, 'a'), R"("})"),
+                "request_id", "125 bytes"},
            Case{R"({"model": "m", "prompt": "x", "best_of": 3})", "best_of", "best_of"},
            Case{R"({"model": "m", "prompt": "x", "echo": 1})", "echo", "echo"},
            Case{R"({"model": "m", "prompt": "x", "max_tokens": 0})", "max_tokens",
