@@ -38,8 +38,10 @@ namespace {
 constexpr size_t kMaxHeaderBytes = 64 << 10;
 constexpr absl::Duration kWriteTimeout = absl::Seconds(30);
 constexpr absl::Duration kModelsTtl = absl::Seconds(5);
-// Most choices ("n") one request may ask for: each is a generation of its own.
+// Most choices ("n") one request may ask for per prompt, and generations in all (prompts x n): each
+// is a generation of its own, read on a thread of its own.
 constexpr int64_t kMaxChoices = 16;
+constexpr int64_t kMaxGenerations = 64;
 
 const char* Reason(int status) {
   switch (status) {
@@ -296,17 +298,21 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
       if (items.empty()) return prompt.Error("must not be empty");
       if (items[0].IsNumber()) {
         RETURN_IF_ERROR(TokenIds(items, r.mutable_token_ids()));
-      } else if (items.size() > 1) {
-        return prompt.Error("holds several prompts: send one request per prompt");
-      } else if (items[0].IsString()) {
-        ASSIGN_OR_RETURN(const absl::string_view text, items[0].AsString());
-        r.set_text(std::string(text));
-      } else if (items[0].IsArray()) {
-        ASSIGN_OR_RETURN(const std::vector<JsonValue> ids, items[0].AsArray());
-        RETURN_IF_ERROR(TokenIds(ids, r.mutable_token_ids()));
       } else {
-        return prompt.Error(
-            "must be a string, an array of token ids, or one of either in an array");
+        // One prompt or several: strings, or arrays of token ids.
+        for (size_t i = 0; i < items.size(); ++i) {
+          v1::GenerateRequest* p = i == 0 ? &r : &call.more_prompts.emplace_back();
+          if (items[i].IsString()) {
+            ASSIGN_OR_RETURN(const absl::string_view text, items[i].AsString());
+            p->set_text(std::string(text));
+          } else if (items[i].IsArray()) {
+            ASSIGN_OR_RETURN(const std::vector<JsonValue> ids, items[i].AsArray());
+            if (ids.empty()) return items[i].Error("must not be empty");
+            RETURN_IF_ERROR(TokenIds(ids, p->mutable_token_ids()));
+          } else {
+            return items[i].Error("must be a string or an array of token ids");
+          }
+        }
       }
     } else {
       return prompt.Error("must be a string or an array of token ids");
@@ -431,6 +437,13 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
     return root.Field("n")->Error(absl::StrCat("must be 1 to ", kMaxChoices));
   }
   call.n = static_cast<int>(n);
+  const int64_t prompts = 1 + static_cast<int64_t>(call.more_prompts.size());
+  if (prompts * n > kMaxGenerations) {
+    *param = prompts > 1 ? "prompt" : "n";
+    return root.Field(*param)->Error(absl::StrCat("asks for ", prompts * n, " generations (",
+                                                  prompts, " prompts x n ", n, "); at most ",
+                                                  kMaxGenerations, " a request"));
+  }
   *param = "best_of";
   ASSIGN_OR_RETURN(const int64_t best_of, root.IntFieldOr("best_of", 1));
   if (best_of != 1) return root.Field("best_of")->Error("must be 1 (best_of is not supported)");
@@ -471,8 +484,8 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   *param = "request_id";
   ASSIGN_OR_RETURN(const std::string id, root.StringFieldOr("request_id", ""));
   // Choice i > 0 runs as "<id>-i", within the coordinator's 128 bytes.
-  if (call.n > 1 && id.size() > 125) {
-    return root.Field("request_id")->Error("must be at most 125 bytes with n > 1");
+  if ((call.n > 1 || !call.more_prompts.empty()) && id.size() > 125) {
+    return root.Field("request_id")->Error("must be at most 125 bytes with several choices");
   }
   r.set_request_id(id);
   *param = "priority";
@@ -1040,9 +1053,10 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       s.set_max_tokens(std::min<uint32_t>(65536, context > 0 ? context : 65536));
     }
   }
-  // One Generate call per choice ("n"): choice i's seed is seed + i where one was given (unset,
-  // each call draws its own) and its request id gets "-i"; choice 0 is read on this thread, the
-  // others on threads of their own. Their prompts share the prefix cache.
+  // One Generate call per choice: n per prompt, prompt p's choices at p * n + i. Choice i of a
+  // prompt has seed + i where a seed was given (unset, each call draws its own); choice k > 0's
+  // request id gets "-k". Choice 0 is read on this thread, the others on threads of their own.
+  // A prompt's choices share its cached blocks.
   struct Choice {
     grpc::ClientContext ctx;
     std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader;
@@ -1054,59 +1068,82 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     v1::Usage usage;
     grpc::Status status;
     bool first_event = true;
+    // Echo: its prompt's text and first token's, and whether the server adds that token.
+    std::string echo_text, first_token;
+    bool first_added = false;
   };
-  // Echo: the prompt's text (and its first token's) before each choice's.
-  std::string echo_text, first_token;
-  bool first_added = false;
+  const bool score_only = call->score_only;
+  const int n = call->n;
+  const int num_prompts = 1 + static_cast<int>(call->more_prompts.size());
+  const int total = num_prompts * n;
+  std::vector<v1::GenerateRequest> requests;
+  for (int p = 0; p < num_prompts; ++p) {
+    v1::GenerateRequest request = call->request;
+    if (p > 0) {
+      const v1::GenerateRequest& other = call->more_prompts[p - 1];
+      if (other.prompt_case() == v1::GenerateRequest::kText) {
+        request.set_text(other.text());
+      } else {
+        *request.mutable_token_ids() = other.token_ids();
+      }
+    }
+    requests.push_back(std::move(request));
+  }
+  std::vector<std::unique_ptr<Choice>> choices;
+  std::vector<grpc::ClientContext*> contexts;
+  for (int k = 0; k < total; ++k) {
+    choices.push_back(std::make_unique<Choice>());
+    contexts.push_back(&choices.back()->ctx);
+  }
   if (call->echo) {
-    const grpc::Status s = EchoPrompt(call->request, &echo_text, &first_token, &first_added);
-    if (!s.ok()) {
-      WriteAll(fd, ErrorResponse(HttpStatusOf(s.error_code()), s.error_message()), wake,
-               absl::Now() + kWriteTimeout);
-      return;
+    for (int p = 0; p < num_prompts; ++p) {
+      Choice& c = *choices[p * n];
+      const grpc::Status s = EchoPrompt(requests[p], &c.echo_text, &c.first_token, &c.first_added);
+      if (!s.ok()) {
+        WriteAll(fd, ErrorResponse(HttpStatusOf(s.error_code()), s.error_message()), wake,
+                 absl::Now() + kWriteTimeout);
+        return;
+      }
+      for (int i = 1; i < n; ++i) {
+        choices[p * n + i]->echo_text = c.echo_text;
+        choices[p * n + i]->first_token = c.first_token;
+        choices[p * n + i]->first_added = c.first_added;
+      }
     }
   }
   // The echoed prompt's log-probabilities: its first token's none, then the worker's.
-  auto prompt_logprobs = [&](const google::protobuf::RepeatedPtrField<v1::PositionLogprobs>& lp) {
+  auto prompt_logprobs = [&](const Choice& c,
+                             const google::protobuf::RepeatedPtrField<v1::PositionLogprobs>& lp) {
     Logprobs out;
-    out.AddFirst(first_token, !first_added);
+    out.AddFirst(c.first_token, !c.first_added);
     out.Add(lp);
     // A SentencePiece tokenizer writes the first word's dummy-prefix space into its token's text
     // (" The" for a prompt "The..."): the offsets after it count from the echoed text, without it.
-    const size_t k = first_added ? 1 : 0;  // the prompt's first token of the text
+    const size_t k = c.first_added ? 1 : 0;  // the prompt's first token of the text
     if (k < out.tokens.size() && absl::StartsWith(out.tokens[k], " ") &&
-        !absl::StartsWith(echo_text, " ")) {
+        !absl::StartsWith(c.echo_text, " ")) {
       for (size_t j = k + 1; j < out.offsets.size(); ++j) --out.offsets[j];
       --out.offset;
     }
     return out;
   };
-  const bool score_only = call->score_only;
-  const int n = call->n;
-  std::vector<std::unique_ptr<Choice>> choices;
-  std::vector<grpc::ClientContext*> contexts;
-  for (int i = 0; i < n; ++i) {
-    choices.push_back(std::make_unique<Choice>());
-    contexts.push_back(&choices.back()->ctx);
-  }
-  for (int i = 0; i < n; ++i) {
-    if (!Register(contexts[i])) {
-      for (int j = 0; j < i; ++j) Unregister(contexts[j]);
+  for (int k = 0; k < total; ++k) {
+    if (!Register(contexts[k])) {
+      for (int j = 0; j < k; ++j) Unregister(contexts[j]);
       WriteAll(fd, ErrorResponse(503, "the coordinator is stopping"), wake,
                absl::Now() + kWriteTimeout);
       return;
     }
   }
-  for (int i = 0; i < n; ++i) {
-    v1::GenerateRequest request = call->request;
-    if (i > 0) {
-      v1::SamplingParams& s = *request.mutable_sampling();
-      if (s.has_seed()) s.set_seed(s.seed() + static_cast<uint64_t>(i));
-      if (!request.request_id().empty()) {
-        request.set_request_id(absl::StrCat(request.request_id(), "-", i));
-      }
+  for (int k = 0; k < total; ++k) {
+    v1::GenerateRequest request = requests[k / n];
+    const int i = k % n;
+    v1::SamplingParams& s = *request.mutable_sampling();
+    if (i > 0 && s.has_seed()) s.set_seed(s.seed() + static_cast<uint64_t>(i));
+    if (k > 0 && !request.request_id().empty()) {
+      request.set_request_id(absl::StrCat(request.request_id(), "-", k));
     }
-    choices[i]->reader = stub_->Generate(contexts[i], request);
+    choices[k]->reader = stub_->Generate(contexts[k], request);
   }
   // A client that leaves while no token flows (queued, in a long prefill) cancels too.
   std::optional<DisconnectWatch> watch(std::in_place, fd, wake, contexts);
@@ -1161,10 +1198,10 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       std::vector<std::string> entries;
       if (call->echo && c.first_event) {
         // The prompt first, in an event of its own.
-        const Logprobs lp = prompt_logprobs(chunk.prompt_logprobs());
-        entries.push_back(choice_json(index, absl::StrCat("\"text\":", JsonQuote(echo_text)),
+        const Logprobs lp = prompt_logprobs(c, chunk.prompt_logprobs());
+        entries.push_back(choice_json(index, absl::StrCat("\"text\":", JsonQuote(c.echo_text)),
                                       want_logprobs ? &lp : nullptr, nullptr));
-        c.offset = static_cast<int64_t>(echo_text.size());
+        c.offset = static_cast<int64_t>(c.echo_text.size());
         c.first_event = false;
       }
       if (!chunk.text().empty() || reason != nullptr || chunk.logprobs_size() > 0) {
@@ -1208,7 +1245,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     }
   };
   std::vector<std::thread> others;
-  for (int i = 1; i < n; ++i) others.emplace_back(read, i);
+  for (int k = 1; k < total; ++k) others.emplace_back(read, k);
   read(0);
   for (std::thread& t : others) t.join();
   for (grpc::ClientContext* ctx : contexts) Unregister(ctx);
@@ -1228,27 +1265,35 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     }
     return;
   }
-  // The prompt once (choice 0's cache use), the completions of every choice (none when only
-  // scoring the prompt).
+  // Each prompt once (its first choice's, with its cache use), the completions of every choice
+  // (none when only scoring the prompts).
   v1::Usage usage = choices[0]->usage;
+  for (int p = 1; p < num_prompts; ++p) {
+    const v1::Usage& u = choices[p * n]->usage;
+    usage.set_num_prompt_tokens(usage.num_prompt_tokens() + u.num_prompt_tokens());
+    v1::CachedTokens& cached = *usage.mutable_cached();
+    cached.set_num_device_tokens(cached.num_device_tokens() + u.cached().num_device_tokens());
+    cached.set_num_host_tokens(cached.num_host_tokens() + u.cached().num_host_tokens());
+    cached.set_num_disk_tokens(cached.num_disk_tokens() + u.cached().num_disk_tokens());
+  }
   uint32_t completion = 0;
   for (const auto& c : choices) completion += c->usage.num_completion_tokens();
   usage.set_num_completion_tokens(score_only ? 0 : completion);
   if (!call->stream) {
     std::vector<std::string> entries;
-    for (int i = 0; i < n; ++i) {
-      const Choice& c = *choices[i];
+    for (int k = 0; k < total; ++k) {
+      const Choice& c = *choices[k];
       const std::string content =
           chat ? absl::StrCat("\"message\":{\"role\":\"assistant\",\"content\":", JsonQuote(c.text),
                               "}")
-               : absl::StrCat("\"text\":", JsonQuote(echo_text + c.text));
+               : absl::StrCat("\"text\":", JsonQuote(c.echo_text + c.text));
       Logprobs lp;
       if (call->echo) {
-        lp = prompt_logprobs(c.prompt_logprobs);
-        lp.offset = static_cast<int64_t>(echo_text.size());
+        lp = prompt_logprobs(c, c.prompt_logprobs);
+        lp.offset = static_cast<int64_t>(c.echo_text.size());
       }
       lp.Add(c.logprobs);
-      entries.push_back(choice_json(i, content, want_logprobs ? &lp : nullptr, c.finish));
+      entries.push_back(choice_json(k, content, want_logprobs ? &lp : nullptr, c.finish));
     }
     WriteAll(fd,
              JsonResponse(200, absl::StrCat(envelope(chat ? "chat.completion" : "text_completion"),

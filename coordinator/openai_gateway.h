@@ -54,7 +54,11 @@ struct CompletionCall {
   v1::GenerateRequest request;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage: a last event with usage
-  int n = 1;                   // choices: one generation each, in parallel
+  int n = 1;                   // choices per prompt: one generation each, in parallel
+  // Completions given several prompts (an array of strings or of token-id arrays): the second
+  // and later, each as a GenerateRequest holding only its prompt; `request` holds the first.
+  // Their choices follow the first's, n each.
+  std::vector<v1::GenerateRequest> more_prompts;
   // Completions: the prompt's text (and with logprobs, its tokens' log-probabilities, the first
   // null) comes before each choice's; with max_tokens 0 (score_only) nothing else does: the
   // request generates one token, which the answer leaves out.

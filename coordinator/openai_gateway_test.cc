@@ -82,6 +82,15 @@ TEST(CompletionFromJsonTest, PromptsAsTextOrTokenIds) {
     ASSERT_EQ(c->request.token_ids().ids_size(), 3);
     EXPECT_EQ(c->request.token_ids().ids(2), 3);
   }
+  // Several prompts: the first in the request, the others after it, each its own kind.
+  const absl::StatusOr<CompletionCall> c =
+      Parse(R"({"model": "m", "prompt": ["a", [4, 5], "c"], "n": 2})");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->request.text(), "a");
+  ASSERT_EQ(c->more_prompts.size(), 2u);
+  EXPECT_EQ(c->more_prompts[0].token_ids().ids_size(), 2);
+  EXPECT_EQ(c->more_prompts[1].text(), "c");
+  EXPECT_EQ(c->n, 2);
 }
 
 // echo: with logprobs the prompt's too; with max_tokens 0 one token is asked for and left out.
@@ -113,7 +122,10 @@ TEST(CompletionFromJsonTest, RefusalsNameTheField) {
            Case{R"({"prompt": "x"})", "model", "model"},
            Case{R"({"model": 3, "prompt": "x"})", "model", "model"},
            Case{R"({"model": "m"})", "prompt", "prompt"},
-           Case{R"({"model": "m", "prompt": ["a", "b"]})", "prompt", "one request per prompt"},
+           Case{R"({"model": "m", "prompt": ["a", 5]})", "prompt", "prompt[1]"},
+           Case{R"({"model": "m", "prompt": ["a", []]})", "prompt", "prompt[1]"},
+           Case{R"({"model": "m", "prompt": ["a", "b", "c", "d", "e"], "n": 16})", "prompt",
+                "80 generations"},
            Case{R"({"model": "m", "prompt": []})", "prompt", "empty"},
            Case{R"({"model": "m", "prompt": [1, -2]})", "prompt", "prompt[1]"},
            Case{R"({"model": "m", "prompt": {"a": 1}})", "prompt", "prompt"},

@@ -69,6 +69,19 @@ class OpenAiHttpTest : public ::testing::Test {
     return (*list)[0];
   }
 
+  // The prompt's tokens as Generate takes a text prompt (BOS first), through gRPC.
+  static v1::TokenizeResponse PromptTokens(const std::string& text) {
+    v1::TokenizeRequest tr;
+    tr.set_model(kTinyModel);
+    tr.set_text(text);
+    tr.set_add_special_tokens(true);
+    v1::TokenizeResponse out;
+    grpc::ClientContext ctx;
+    const grpc::Status s = cluster_->serving()->Tokenize(&ctx, tr, &out);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return out;
+  }
+
   static inline LocalCluster* cluster_ = nullptr;
   static inline int port_ = 0;
 };
@@ -76,8 +89,9 @@ class OpenAiHttpTest : public ::testing::Test {
 constexpr char kPrompt[] = "The quick brown fox jumps over the lazy dog, and then";
 
 // The same request through the gRPC API: its text.
-std::string GrpcText(LocalCluster* cluster, int max_tokens, uint64_t seed, float temperature) {
-  v1::GenerateRequest r = TextRequest(kPrompt, max_tokens, seed);
+std::string GrpcText(LocalCluster* cluster, int max_tokens, uint64_t seed, float temperature,
+                     const std::string& prompt = kPrompt) {
+  v1::GenerateRequest r = TextRequest(prompt, max_tokens, seed);
   r.mutable_sampling()->set_temperature(temperature);
   r.mutable_sampling()->set_skip_special_tokens(true);
   const Generated g = Generate(cluster->serving(), r);
@@ -206,6 +220,30 @@ TEST_F(OpenAiHttpTest, SeveralChoicesAreSeveralSeededGenerations) {
   EXPECT_EQ(completion_tokens, 36);
 }
 
+// Several prompts in one request: n choices each, prompt p's at p * n + i, each what the gRPC API
+// gives for its prompt with seed + i; usage counts every prompt.
+TEST_F(OpenAiHttpTest, SeveralPromptsGetTheirChoicesInOrder) {
+  const std::vector<std::string> prompts = {kPrompt, "Once upon a time"};
+  const HttpReply r =
+      Http(port_, "POST", "/v1/completions",
+           absl::StrCat(R"({"model": "strata-tiny", "prompt": [")", prompts[0], R"(", ")",
+                        prompts[1], R"("], "n": 2, "max_tokens": 5, "seed": 3,)",
+                        R"( "temperature": 0.8, "ignore_eos": true})"));
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  const std::vector<JsonValue> choices = *d.root().Field("choices")->AsArray();
+  ASSERT_EQ(choices.size(), 4u);
+  for (int k = 0; k < 4; ++k) {
+    EXPECT_EQ(*choices[k].IntField("index"), k);
+    EXPECT_EQ(Str(choices[k], "text"), GrpcText(cluster_, 5, 3 + k % 2, 0.8f, prompts[k / 2]))
+        << "choice " << k;
+  }
+  const JsonValue usage = *d.root().Field("usage");
+  EXPECT_EQ(*usage.IntField("completion_tokens"), 20);
+  EXPECT_EQ(*usage.IntField("prompt_tokens"),
+            PromptTokens(prompts[0]).token_ids_size() + PromptTokens(prompts[1]).token_ids_size());
+}
+
 // echo: the prompt's text before the completion's; with max_tokens 0 and logprobs (how evaluation
 // harnesses score a text), only the prompt, every token of it with its log-probability as the gRPC
 // API's prompt_logprobs give it (the first null), and no completion tokens.
@@ -217,15 +255,7 @@ TEST_F(OpenAiHttpTest, EchoPutsThePromptFirstAndScoresIt) {
   EXPECT_EQ(Str(Choice(Json(r.body)), "text"), std::string(kPrompt) + want);
 
   // The prompt's tokens and their log-probabilities through gRPC.
-  v1::TokenizeRequest tr;
-  tr.set_model(kTinyModel);
-  tr.set_text(kPrompt);
-  tr.set_add_special_tokens(true);
-  v1::TokenizeResponse tokens;
-  {
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(cluster_->serving()->Tokenize(&ctx, tr, &tokens).ok());
-  }
+  const v1::TokenizeResponse tokens = PromptTokens(kPrompt);
   v1::GenerateRequest g = TextRequest(kPrompt, 1, 5);
   g.mutable_sampling()->set_prompt_logprobs(1);
   const Generated scored = Generate(cluster_->serving(), g);
