@@ -62,6 +62,22 @@ absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams&
     r.prompt_logprobs = static_cast<int32_t>(p.prompt_logprobs());
   }
   r.skip_special_tokens = p.skip_special_tokens();
+  if (p.logit_bias_size() > kMaxLogitBias) return Bad("logit_bias", "holds more than 300 tokens");
+  for (int i = 0; i < p.logit_bias_size(); ++i) {
+    const v1::TokenBias& b = p.logit_bias(i);
+    const std::string field = absl::StrCat("logit_bias[", i, "]");
+    if (b.token_id() < 0 || b.token_id() >= vocab_size) {
+      return Bad(field, absl::StrCat("token ", b.token_id(), " is outside the vocabulary [0, ",
+                                     vocab_size, ")"));
+    }
+    if (!(b.bias() >= -100.0f && b.bias() <= 100.0f)) {
+      return Bad(field, "bias must be in [-100, 100]");
+    }
+    for (const auto& [token, bias] : r.logit_bias) {
+      if (token == b.token_id()) return Bad(field, absl::StrCat("repeats token ", token));
+    }
+    r.logit_bias.emplace_back(b.token_id(), b.bias());
+  }
   return r;
 }
 

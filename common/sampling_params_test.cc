@@ -79,6 +79,30 @@ TEST(SamplingParamsTest, EveryLimitIsEnforcedAndNamed) {
        "sampling.stop_token_ids"},
       {[](auto* p) { p->set_logprobs(21); }, "sampling.logprobs"},
       {[](auto* p) { p->set_prompt_logprobs(21); }, "sampling.prompt_logprobs"},
+      {[](auto* p) {
+         auto* b = p->add_logit_bias();
+         b->set_token_id(100);
+         b->set_bias(1);
+       },
+       "sampling.logit_bias[0]"},
+      {[](auto* p) {
+         auto* b = p->add_logit_bias();
+         b->set_token_id(3);
+         b->set_bias(-101);
+       },
+       "sampling.logit_bias[0]"},
+      {[](auto* p) {
+         for (int i = 0; i < 2; ++i) {
+           auto* b = p->add_logit_bias();
+           b->set_token_id(3);
+           b->set_bias(1);
+         }
+       },
+       "sampling.logit_bias[1]"},
+      {[](auto* p) {
+         for (int i = 0; i < 301; ++i) p->add_logit_bias()->set_token_id(i % 100);
+       },
+       "sampling.logit_bias"},
   };
   for (const BadCase& c : cases) {
     v1::SamplingParams p;

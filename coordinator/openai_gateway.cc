@@ -460,10 +460,20 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
       if (!tools.empty()) return v->Error("is not supported");
     }
   }
+  // {"token id": bias, ...}; the ids and ranges are the server's to check (sampling.logit_bias).
   *param = "logit_bias";
-  if (std::optional<JsonValue> v = root.FindField("logit_bias")) {
+  if (std::optional<JsonValue> v = root.FindField("logit_bias"); v.has_value() && !v->IsNull()) {
     ASSIGN_OR_RETURN(const auto members, v->AsObject());
-    if (!members.empty()) return v->Error("is not supported");
+    for (const auto& [key, value] : members) {
+      int32_t token = 0;
+      if (!absl::SimpleAtoi(key, &token)) {
+        return v->Error(absl::StrCat("has a key \"", key, "\" that is not a token id"));
+      }
+      ASSIGN_OR_RETURN(const double bias, value.AsDouble());
+      v1::TokenBias* b = s.add_logit_bias();
+      b->set_token_id(token);
+      b->set_bias(static_cast<float>(bias));
+    }
   }
 
   *param = "stream";

@@ -93,6 +93,19 @@ TEST(CompletionFromJsonTest, PromptsAsTextOrTokenIds) {
   EXPECT_EQ(c->n, 2);
 }
 
+TEST(CompletionFromJsonTest, LogitBiasBecomesTokenBiases) {
+  std::string param;
+  auto c = CompletionFromJson(
+      R"({"model": "m", "prompt": "x", "logit_bias": {"5": 1.5, "7": -100}})", &param);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const v1::SamplingParams& s = c->request.sampling();
+  ASSERT_EQ(s.logit_bias_size(), 2);
+  EXPECT_EQ(s.logit_bias(0).token_id(), 5);
+  EXPECT_FLOAT_EQ(s.logit_bias(0).bias(), 1.5f);
+  EXPECT_EQ(s.logit_bias(1).token_id(), 7);
+  EXPECT_FLOAT_EQ(s.logit_bias(1).bias(), -100.0f);
+}
+
 // echo: with logprobs the prompt's too; with max_tokens 0 one token is asked for and left out.
 TEST(CompletionFromJsonTest, EchoScoresThePrompt) {
   std::string param;
@@ -146,7 +159,9 @@ TEST(CompletionFromJsonTest, RefusalsNameTheField) {
            Case{R"({"model": "m", "prompt": "x", "max_tokens": 0})", "max_tokens",
                 "0 only with echo"},
            Case{R"({"model": "m", "prompt": "x", "suffix": "z"})", "suffix", "suffix"},
-           Case{R"({"model": "m", "prompt": "x", "logit_bias": {"5": 1}})", "logit_bias",
+           Case{R"({"model": "m", "prompt": "x", "logit_bias": {"five": 1}})", "logit_bias",
+                "not a token id"},
+           Case{R"({"model": "m", "prompt": "x", "logit_bias": {"5": "up"}})", "logit_bias",
                 "logit_bias"},
            Case{R"({"model": "m", "prompt": "x", "logprobs": true})", "logprobs", "logprobs"},
            Case{R"({"model": "m", "prompt": "x", "logprobs": 50})", "logprobs", "0 to 20"},

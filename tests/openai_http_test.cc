@@ -220,6 +220,28 @@ TEST_F(OpenAiHttpTest, SeveralChoicesAreSeveralSeededGenerations) {
   EXPECT_EQ(completion_tokens, 36);
 }
 
+// logit_bias: +100 on one token makes it every token generated (sampled on the worker's host).
+TEST_F(OpenAiHttpTest, LogitBiasForcesAToken) {
+  const v1::TokenizeResponse the = PromptTokens(" the");
+  ASSERT_GT(the.token_ids_size(), 0);
+  const int32_t id = the.token_ids(the.token_ids_size() - 1);
+  const HttpReply r = Http(
+      port_, "POST", "/v1/completions",
+      CompletionBody(4, 9, absl::StrCat(R"(, "logprobs": 0, "logit_bias": {")", id, R"(": 100})")));
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  const std::vector<JsonValue> tokens = *Choice(d).Field("logprobs")->Field("tokens")->AsArray();
+  ASSERT_EQ(tokens.size(), 4u);
+  const std::string first = std::string(*tokens[0].AsString());
+  for (const JsonValue& t : tokens) EXPECT_EQ(*t.AsString(), first);
+  EXPECT_EQ(Str(Choice(d), "text"), first + first + first + first);
+  // A token outside the vocabulary is the coordinator's to refuse, naming the field.
+  const HttpReply bad = Http(port_, "POST", "/v1/completions",
+                             CompletionBody(4, 9, R"(, "logit_bias": {"99999999": 5})"));
+  EXPECT_EQ(bad.status, 400) << bad.body;
+  EXPECT_NE(bad.body.find("logit_bias"), std::string::npos) << bad.body;
+}
+
 // Several prompts in one request: n choices each, prompt p's at p * n + i, each what the gRPC API
 // gives for its prompt with seed + i; usage counts every prompt.
 TEST_F(OpenAiHttpTest, SeveralPromptsGetTheirChoicesInOrder) {

@@ -720,7 +720,9 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   std::vector<int32_t> host_rows;
   if (sampled_on_gpu) {
     for (size_t u = 0; u < uses.size(); ++u) {
-      if (plan[uses[u].chunk].seq->options.sampling.logprobs >= 0) {
+      // Log-probabilities, and logit biases (which the GPU sampler does not take), on the host.
+      const SamplingOptions& so = plan[uses[u].chunk].seq->options.sampling;
+      if (so.logprobs >= 0 || !so.logit_bias.empty()) {
         host_row[u] = static_cast<int32_t>(host_rows.size());
         host_rows.push_back(static_cast<int32_t>(u));
       }

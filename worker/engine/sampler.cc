@@ -176,6 +176,9 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
   for (int32_t t : banned) {
     if (t >= 0 && t < vocab) logits[t] = kNegInf;
   }
+  for (const auto& [t, bias] : o.logit_bias) {
+    if (t >= 0 && t < vocab && logits[t] != kNegInf) logits[t] += bias;
+  }
   if (o.temperature > 0 && o.temperature != 1.0f) {
     const float inv = 1.0f / o.temperature;
     for (float& v : logits) v *= inv;

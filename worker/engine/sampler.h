@@ -23,6 +23,9 @@ namespace strata {
 // The knobs and their limits live in common/sampling_knobs.h, shared with the API layer.
 struct SamplingOptions : SamplingKnobs {
   uint64_t seed = 0;
+  // Added to these tokens' logits after penalties and bans, before temperature (a banned token
+  // stays banned).
+  std::vector<std::pair<int32_t, float>> logit_bias;
 };
 
 // INVALID_ARGUMENT naming the field when a value is outside its range (see

@@ -89,6 +89,28 @@ TEST(SamplerTest, BannedTokensAreNeverSampled) {
   }
 }
 
+// logit_bias adds to the logits before temperature: +100 all but forces a token, -100 takes the
+// argmax away, and a banned token stays banned; log-probabilities are of the biased logits.
+TEST(SamplerTest, LogitBiasShiftsTheLogits) {
+  SamplingOptions o;
+  o.temperature = 0;
+  o.logit_bias = {{1, -100.0f}};
+  EXPECT_EQ(Draw({0.0f, 5.0f, 1.0f}, o, 0).token, 2);
+  o.temperature = 1;
+  o.logit_bias = {{0, 100.0f}};
+  for (int i = 0; i < 100; ++i) {
+    o.seed = static_cast<uint64_t>(i);
+    EXPECT_EQ(Draw({0.0f, 5.0f, 1.0f}, o, i).token, 0);
+  }
+  o.logprobs = 0;
+  o.logit_bias = {{2, 2.0f}};
+  const SampledToken t = Draw({0.0f, 0.0f, 1.0f}, o, 0);
+  const double z = std::log(1.0 + 1.0 + std::exp(3.0));
+  EXPECT_NEAR(t.logprob, (t.token == 2 ? 3.0 : 0.0) - z, 1e-5);
+  o.logit_bias = {{1, 100.0f}};
+  EXPECT_NE(Draw({0.0f, 5.0f, 1.0f}, o, 0, {}, {1}).token, 1);
+}
+
 TEST(SamplerTest, PenaltiesFollowTheirDefinitions) {
   PenaltyState pen;
   pen.AddPrompt(std::vector<int32_t>{0});
