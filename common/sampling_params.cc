@@ -62,7 +62,9 @@ absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams&
     r.prompt_logprobs = static_cast<int32_t>(p.prompt_logprobs());
   }
   r.skip_special_tokens = p.skip_special_tokens();
-  if (p.logit_bias_size() > kMaxLogitBias) return Bad("logit_bias", "holds more than 300 tokens");
+  if (p.logit_bias_size() > kMaxLogitBias) {
+    return Bad("logit_bias", absl::StrCat("holds more than ", kMaxLogitBias, " tokens"));
+  }
   for (int i = 0; i < p.logit_bias_size(); ++i) {
     const v1::TokenBias& b = p.logit_bias(i);
     const std::string field = absl::StrCat("logit_bias[", i, "]");

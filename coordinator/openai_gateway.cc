@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cmath>
@@ -462,15 +463,22 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   }
   // {"token id": bias, ...}; the ids and ranges are the server's to check (sampling.logit_bias).
   *param = "logit_bias";
-  if (std::optional<JsonValue> v = root.FindField("logit_bias"); v.has_value() && !v->IsNull()) {
+  // A key given twice keeps its last value, as a JSON object read into a dict does.
+  if (std::optional<JsonValue> v = root.FindField("logit_bias")) {
     ASSIGN_OR_RETURN(const auto members, v->AsObject());
     for (const auto& [key, value] : members) {
       int32_t token = 0;
-      if (!absl::SimpleAtoi(key, &token)) {
+      if (key.empty() || key.size() > 10 ||
+          !std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+          !absl::SimpleAtoi(key, &token)) {
         return v->Error(absl::StrCat("has a key \"", key, "\" that is not a token id"));
       }
       ASSIGN_OR_RETURN(const double bias, value.AsDouble());
-      v1::TokenBias* b = s.add_logit_bias();
+      v1::TokenBias* b = nullptr;
+      for (v1::TokenBias& seen : *s.mutable_logit_bias()) {
+        if (seen.token_id() == token) b = &seen;
+      }
+      if (b == nullptr) b = s.add_logit_bias();
       b->set_token_id(token);
       b->set_bias(static_cast<float>(bias));
     }

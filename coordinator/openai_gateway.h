@@ -86,12 +86,12 @@ const char* ChatEndOfTurn(ChatFormat format);
 
 // Parses a /v1/chat/completions body: messages (system / developer / user / assistant, text
 // content), the sampling fields of CompletionFromJson, max_completion_tokens, logprobs (true) with
-// top_logprobs; refuses tools and n > 1.
+// top_logprobs, n; refuses tools.
 absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string* param);
 
-// Parses a /v1/completions body. INVALID_ARGUMENT naming the field for a malformed body, a field
-// of the wrong type, or what this endpoint does not do (several prompts, n > 1, echo, suffix,
-// logit_bias); the status's message is the client's, `param` (when not null) the field.
+// Parses a /v1/completions body (one prompt or several, n, echo, logit_bias). INVALID_ARGUMENT
+// naming the field for a malformed body, a field of the wrong type, or what this endpoint does not
+// do (best_of, suffix); the status's message is the client's, `param` (when not null) the field.
 absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::string* param);
 
 // The HTTP status for a gRPC status code.

@@ -96,12 +96,12 @@ TEST(CompletionFromJsonTest, PromptsAsTextOrTokenIds) {
 TEST(CompletionFromJsonTest, LogitBiasBecomesTokenBiases) {
   std::string param;
   auto c = CompletionFromJson(
-      R"({"model": "m", "prompt": "x", "logit_bias": {"5": 1.5, "7": -100}})", &param);
+      R"({"model": "m", "prompt": "x", "logit_bias": {"5": 1.5, "7": -100, "5": 2}})", &param);
   ASSERT_TRUE(c.ok()) << c.status();
   const v1::SamplingParams& s = c->request.sampling();
   ASSERT_EQ(s.logit_bias_size(), 2);
   EXPECT_EQ(s.logit_bias(0).token_id(), 5);
-  EXPECT_FLOAT_EQ(s.logit_bias(0).bias(), 1.5f);
+  EXPECT_FLOAT_EQ(s.logit_bias(0).bias(), 2.0f);  // the last value of a repeated key
   EXPECT_EQ(s.logit_bias(1).token_id(), 7);
   EXPECT_FLOAT_EQ(s.logit_bias(1).bias(), -100.0f);
 }
@@ -160,6 +160,8 @@ TEST(CompletionFromJsonTest, RefusalsNameTheField) {
                 "0 only with echo"},
            Case{R"({"model": "m", "prompt": "x", "suffix": "z"})", "suffix", "suffix"},
            Case{R"({"model": "m", "prompt": "x", "logit_bias": {"five": 1}})", "logit_bias",
+                "not a token id"},
+           Case{R"({"model": "m", "prompt": "x", "logit_bias": {"+5": 1}})", "logit_bias",
                 "not a token id"},
            Case{R"({"model": "m", "prompt": "x", "logit_bias": {"5": "up"}})", "logit_bias",
                 "logit_bias"},

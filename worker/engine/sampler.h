@@ -31,6 +31,12 @@ struct SamplingOptions : SamplingKnobs {
 // INVALID_ARGUMENT naming the field when a value is outside its range (see
 // proto/strata/v1/common.proto).
 inline absl::Status ValidateSamplingOptions(const SamplingOptions& o, int64_t vocab_size) {
+  for (const auto& [token, bias] : o.logit_bias) {
+    if (token < 0 || token >= vocab_size || !(bias >= -100.0f && bias <= 100.0f)) {
+      return absl::InvalidArgumentError(
+          "sampling.logit_bias: each token in the vocabulary, each bias in [-100, 100]");
+    }
+  }
   return ValidateSamplingKnobs(o, vocab_size);
 }
 
