@@ -403,6 +403,39 @@ TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
   }
   EXPECT_EQ(joined, want.text);
 
+  // n = 2: choice 0 is the same text, choice 1 seed 6's; streamed, each choice's first delta names
+  // the role.
+  const HttpReply two = Http(port_, "POST", "/v1/chat/completions", body + R"(, "n": 2})");
+  ASSERT_EQ(two.status, 200) << two.body;
+  const JsonDocument t = Json(two.body);
+  const std::vector<JsonValue> choices = *t.root().Field("choices")->AsArray();
+  ASSERT_EQ(choices.size(), 2u);
+  EXPECT_EQ(Str(*choices[0].Field("message"), "content"), want.text);
+  r.mutable_sampling()->set_seed(6);
+  const Generated second = Generate(cluster_->serving(), r);
+  EXPECT_EQ(Str(*choices[1].Field("message"), "content"), second.text);
+  const HttpReply two_streamed =
+      Http(port_, "POST", "/v1/chat/completions", body + R"(, "n": 2, "stream": true})");
+  ASSERT_EQ(two_streamed.status, 200) << two_streamed.body;
+  std::vector<std::string> texts(2);
+  std::vector<int> roles(2, 0), deltas(2, 0);
+  for (const std::string& event : SseData(two_streamed.body)) {
+    if (event == "[DONE]") continue;
+    const JsonDocument e = Json(event);
+    const JsonValue c = Choice(e);
+    const int64_t i = *c.IntField("index");
+    ASSERT_TRUE(i == 0 || i == 1) << event;
+    const JsonValue delta = *c.Field("delta");
+    if (delta.FindField("role").has_value()) {
+      EXPECT_EQ(deltas[i], 0) << "the role comes in choice " << i << "'s first delta";
+      ++roles[i];
+    }
+    ++deltas[i];
+    texts[i] += Str(delta, "content");
+  }
+  EXPECT_EQ(roles, std::vector<int>({1, 1}));
+  EXPECT_EQ(texts, std::vector<std::string>({want.text, second.text}));
+
   // No max_tokens: the turn runs until the model ends it or the context (2,048 tokens) is full.
   const HttpReply open = Http(
       port_, "POST", "/v1/chat/completions",
