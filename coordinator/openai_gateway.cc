@@ -887,9 +887,81 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
     } else {
       Completion(fd, body, /*chat=*/true);
     }
+  } else if (path == "/tokenize" || path == "/detokenize") {
+    if (method != "POST") {
+      WriteAll(fd, ErrorResponse(405, absl::StrCat("use POST ", path)), wake, deadline);
+    } else {
+      Tokens(fd, body, /*tokenize=*/path == "/tokenize");
+    }
   } else {
     WriteAll(fd, ErrorResponse(404, absl::StrCat("no such endpoint: ", path)), wake, deadline);
   }
+}
+
+void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize) {
+  const int wake = wake_fd_.get();
+  const absl::Time deadline = absl::Now() + kWriteTimeout;
+  auto refuse = [&](const absl::Status& s, absl::string_view param) {
+    WriteAll(fd, ErrorResponse(400, s.message(), param), wake, deadline);
+  };
+  absl::StatusOr<JsonDocument> parsed = JsonDocument::Parse(body, "request body");
+  if (!parsed.ok()) return refuse(parsed.status(), "");
+  const JsonValue root = parsed->root();
+  absl::StatusOr<absl::string_view> model_name = root.StringField("model");
+  if (!model_name.ok()) return refuse(model_name.status(), "model");
+  // A fine-tune named as the model tokenizes as its base.
+  v1::GenerateRequest named;
+  named.set_model(std::string(*model_name));
+  ResolveModel(&named);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  std::string answer;
+  grpc::Status status;
+  if (tokenize) {
+    v1::TokenizeRequest request;
+    request.set_model(named.model());
+    absl::StatusOr<absl::string_view> prompt = root.StringField("prompt");
+    if (!prompt.ok()) return refuse(prompt.status(), "prompt");
+    request.set_text(std::string(*prompt));
+    absl::StatusOr<bool> special = root.BoolFieldOr("add_special_tokens", true);
+    if (!special.ok()) return refuse(special.status(), "add_special_tokens");
+    request.set_add_special_tokens(*special);
+    absl::StatusOr<bool> strs = root.BoolFieldOr("return_token_strs", false);
+    if (!strs.ok()) return refuse(strs.status(), "return_token_strs");
+    request.set_return_token_texts(*strs);
+    v1::TokenizeResponse response;
+    if (!Register(&ctx)) return refuse(absl::UnavailableError("the coordinator is stopping"), "");
+    status = stub_->Tokenize(&ctx, request, &response);
+    Unregister(&ctx);
+    std::vector<std::string> texts;
+    for (const std::string& t : response.token_texts()) texts.push_back(JsonQuote(t));
+    answer = absl::StrCat(
+        "{\"count\":", response.token_ids_size(),
+        ",\"max_model_len\":", response.max_context_tokens(), ",\"tokens\":[",
+        absl::StrJoin(response.token_ids(), ","), "]",
+        *strs ? absl::StrCat(",\"token_strs\":[", absl::StrJoin(texts, ","), "]") : "", "}");
+  } else {
+    v1::DetokenizeRequest request;
+    request.set_model(named.model());
+    absl::StatusOr<JsonValue> tokens = root.Field("tokens");
+    if (!tokens.ok()) return refuse(tokens.status(), "tokens");
+    absl::StatusOr<std::vector<JsonValue>> items = tokens->AsArray();
+    if (!items.ok()) return refuse(items.status(), "tokens");
+    v1::TokenIds ids;
+    if (absl::Status s = TokenIds(*items, &ids); !s.ok()) return refuse(s, "tokens");
+    *request.mutable_token_ids() = ids.ids();
+    v1::DetokenizeResponse response;
+    if (!Register(&ctx)) return refuse(absl::UnavailableError("the coordinator is stopping"), "");
+    status = stub_->Detokenize(&ctx, request, &response);
+    Unregister(&ctx);
+    answer = absl::StrCat("{\"prompt\":", JsonQuote(response.text()), "}");
+  }
+  if (!status.ok()) {
+    WriteAll(fd, ErrorResponse(HttpStatusOf(status.error_code()), status.error_message()), wake,
+             deadline);
+    return;
+  }
+  WriteAll(fd, JsonResponse(200, answer), wake, deadline);
 }
 
 void OpenAiGateway::Models(int fd) {

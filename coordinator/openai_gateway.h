@@ -152,6 +152,10 @@ class OpenAiGateway {
   // The HTTP exchange on `fd` after the request was read.
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);
   void Models(int fd);
+  // POST /tokenize ({"model", "prompt", "add_special_tokens", "return_token_strs"}: {"count",
+  // "max_model_len", "tokens", "token_strs"}) and /detokenize ({"model", "tokens"}: {"prompt"}),
+  // in vLLM's shape, through the Tokenize and Detokenize RPCs.
+  void Tokens(int fd, const std::string& body, bool tokenize);
   // /v1/completions, or with `chat` /v1/chat/completions.
   void Completion(int fd, const std::string& body, bool chat);
   // Resolves a fine-tune named as the model (ListModels, cached a few seconds); the model's

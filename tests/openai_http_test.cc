@@ -220,6 +220,44 @@ TEST_F(OpenAiHttpTest, SeveralChoicesAreSeveralSeededGenerations) {
   EXPECT_EQ(completion_tokens, 36);
 }
 
+// /tokenize and /detokenize in vLLM's shape: the gRPC API's tokens, and back to the text.
+TEST_F(OpenAiHttpTest, TokenizeAndDetokenizeRoundTrip) {
+  const v1::TokenizeResponse want = PromptTokens(kPrompt);
+  auto tokenize = [](const char* more) {
+    return Http(
+        port_, "POST", "/tokenize",
+        absl::StrCat(R"({"model": "strata-tiny", "prompt": ")", kPrompt, R"(", )", more, "}"));
+  };
+  const HttpReply t = tokenize(R"("return_token_strs": true)");
+  ASSERT_EQ(t.status, 200) << t.body;
+  const JsonDocument d = Json(t.body);
+  const std::vector<JsonValue> tokens = *d.root().Field("tokens")->AsArray();
+  ASSERT_EQ(static_cast<int>(tokens.size()), want.token_ids_size());
+  for (int i = 0; i < want.token_ids_size(); ++i) EXPECT_EQ(*tokens[i].AsInt(), want.token_ids(i));
+  EXPECT_EQ(*d.root().IntField("count"), want.token_ids_size());
+  EXPECT_EQ(*d.root().IntField("max_model_len"), 2048);
+  EXPECT_EQ(d.root().Field("token_strs")->AsArray()->size(), tokens.size());
+
+  const HttpReply plain = tokenize(R"("add_special_tokens": false)");
+  ASSERT_EQ(plain.status, 200) << plain.body;
+  const JsonDocument p = Json(plain.body);
+  const std::vector<JsonValue> plain_tokens = *p.root().Field("tokens")->AsArray();
+  std::string ids;
+  for (const JsonValue& v : plain_tokens) absl::StrAppend(&ids, ids.empty() ? "" : ",", *v.AsInt());
+  const HttpReply back = Http(port_, "POST", "/detokenize",
+                              absl::StrCat(R"({"model": "strata-tiny", "tokens": [)", ids, "]}"));
+  ASSERT_EQ(back.status, 200) << back.body;
+  EXPECT_EQ(Str(Json(back.body).root(), "prompt"), kPrompt);
+
+  const HttpReply no_prompt = Http(port_, "POST", "/tokenize", R"({"model": "strata-tiny"})");
+  EXPECT_EQ(no_prompt.status, 400);
+  EXPECT_NE(no_prompt.body.find("prompt"), std::string::npos) << no_prompt.body;
+  const HttpReply bad_id =
+      Http(port_, "POST", "/detokenize", R"({"model": "strata-tiny", "tokens": [99999999]})");
+  EXPECT_EQ(bad_id.status, 400) << bad_id.body;
+  EXPECT_EQ(Http(port_, "GET", "/tokenize").status, 405);
+}
+
 // logit_bias: +100 on one token makes it every token generated (sampled on the worker's host).
 TEST_F(OpenAiHttpTest, LogitBiasForcesAToken) {
   const v1::TokenizeResponse the = PromptTokens(" the");
