@@ -14,7 +14,8 @@
 # writes RESULTS_DIR/results.json (everything) next to every log. The table comes last. Environment:
 # STRATA_GPU_TIMEOUT (seconds per binary, default 300), STRATA_TORCH_BUDGET (seconds for the PyTorch
 # comparison, default 150; 0 skips it), STRATA_GPU_NCU=1 (per-kernel times of one batch-1 decode
-# step under ncu, per variant), STRATA_GPU_ONLY (a regex of bundle names to run),
+# step under ncu, per variant; with STRATA_GPU_NCU_FT=1 also a batch-64 step with a fine-tune),
+# STRATA_GPU_ONLY (a regex of bundle names to run),
 # STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer, with
 # the tools in STRATA_GPU_SANITIZE_TOOLS, default memcheck; kernels/cuda:delta_test runs under them
 # too, filtered by STRATA_GPU_SANITIZE_DELTA, default all, empty for none),
@@ -48,6 +49,16 @@ ncu_decode() {
       >"$results/ncu_$v.csv" 2>"$results/ncu_$v.log"
     echo "ncu exit $?" >>"$results/ncu_$v.log"
   done
+  # A batch-64 step with one fine-tune's delta (the tensor-core delta product and the eager
+  # step's attention), when STRATA_GPU_NCU_FT=1.
+  if [ -n "${STRATA_GPU_NCU_FT:-}" ]; then
+    timeout "${STRATA_NCU_TIMEOUT:-240}" ncu --clock-control none --nvtx \
+      --nvtx-include "strata_decode_step/" --graph-profiling node --launch-count 1500 \
+      --metrics gpu__time_duration.sum --csv --page raw \
+      gpu-bundle/bin/bench.gpu_bench --only_decode --batches=64 --steps=2 --variants=fine_tunes \
+      --fine_tune_tenants=1 >"$results/ncu_fine_tune.csv" 2>"$results/ncu_fine_tune.log"
+    echo "ncu exit $?" >>"$results/ncu_fine_tune.log"
+  fi
 }
 
 # cluster_check RESULTS_DIR: see `run`. Writes RESULTS_DIR/cluster.txt (PASS or FAIL and both texts).
