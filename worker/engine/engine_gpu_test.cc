@@ -140,9 +140,9 @@ TEST_P(EngineGpuTest, SampledTokensEqualTheCpuEngine) {
   EXPECT_EQ(gpu, cpu);
 }
 
-// A batch where some requests report log-probabilities (with their top alternatives): the GPU
-// samples the others and sends only those rows' logits to the host, and every request gets the
-// CPU engine's tokens and, where asked, its log-probabilities and alternatives.
+// A batch where some requests report log-probabilities (with their top alternatives) or carry logit
+// biases: the GPU samples the others and sends only those rows' logits to the host, and every
+// request gets the CPU engine's tokens and, where asked, its log-probabilities and alternatives.
 TEST_P(EngineGpuTest, LogprobRequestsShareAStepWithGpuSampledOnes) {
   auto run = [&](const std::string& device) {
     EngineConfig ec;
@@ -165,6 +165,8 @@ TEST_P(EngineGpuTest, LogprobRequestsShareAStepWithGpuSampledOnes) {
       o.sampling.temperature = i % 2 == 0 ? 0.0f : 0.8f;
       o.sampling.seed = 77 + i;
       o.sampling.logprobs = i % 3 == 0 ? 3 : -1;  // requests 0 and 3 report them
+      // Request 5 carries logit biases, which send its rows to the host sampler too.
+      if (i == 5) o.sampling.logit_bias = {{7, 4.0f}, {11, -100.0f}};
       EXPECT_TRUE((*e)->AddRequest("r" + std::to_string(i), prompt, o).ok());
     }
     for (int steps = 0; (*e)->HasWork() && steps < 1000; ++steps) {
@@ -188,6 +190,9 @@ TEST_P(EngineGpuTest, LogprobRequestsShareAStepWithGpuSampledOnes) {
     const bool reports = id == "r0" || id == "r3";
     for (size_t i = 0; i < want.size(); ++i) {
       ASSERT_EQ(got[i].token, want[i].token) << "token " << i;
+      if (id == "r5") {
+        EXPECT_NE(got[i].token, 11) << "biased away, token " << i;
+      }
       EXPECT_NEAR(got[i].logprob, want[i].logprob, 1e-3) << "token " << i;
       if (!reports) continue;
       EXPECT_EQ(got[i].rank, want[i].rank) << "token " << i;
