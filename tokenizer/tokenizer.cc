@@ -15,8 +15,8 @@
 #include "common/json.h"
 #include "common/mapped_file.h"
 #include "common/status_macros.h"
-#include "tokenizer/regex.h"
 #include "common/utf8.h"
+#include "tokenizer/regex.h"
 
 namespace strata {
 namespace {

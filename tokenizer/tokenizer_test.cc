@@ -7,8 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "gtest/gtest.h"
 #include "common/utf8.h"
+#include "gtest/gtest.h"
 
 namespace strata {
 namespace {
