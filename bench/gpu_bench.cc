@@ -59,13 +59,14 @@ ABSL_FLAG(std::string, out, "", "Write the results as JSON here.");
 ABSL_FLAG(bool, only_decode, false,
           "Skip the matrix rate, per-op and prefill measurements: the copy bandwidth and the "
           "decode runs only (for profiling a decode step under ncu).");
-ABSL_FLAG(std::string, variants,
-          "default,cublas,eager,decode_attn,fused_norm,mma_prefill,fine_tunes,sampled",
-          "Runs to make: default (graphs, GEMV), cublas, eager, decode_attn (the decode "
-          "attention kernel), fused_norm (that and the fused residual norms), mma_prefill "
-          "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
-          "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
-          "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
+ABSL_FLAG(
+    std::string, variants,
+    "default,cublas,eager,decode_attn,fused_norm,mma_prefill,fine_tunes,sampled",
+    "Runs to make: default (graphs, GEMV, tiled attention), cublas, eager, decode_attn (the decode "
+    "attention kernel), fused_norm (that and the fused residual norms), mma_prefill "
+    "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
+    "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
+    "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
 ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
           "Distinct fine-tunes among the decode batch's sequences, per fine_tunes run.");
 ABSL_FLAG(int, fine_tune_bits, 4, "Bits of the fine_tunes runs' random deltas (2, 4 or 8).");
@@ -173,10 +174,9 @@ void Prefill(GpuModelRunner* r, Batch* b, int64_t prompt, int64_t max_tokens, st
   }
 }
 
-// Median milliseconds per decode step over `steps` steps (wall time); device_ms: the median of the
-// steps' device time.
-// Decode `steps` steps of b's sequences: greedy (ForwardGreedy), or with `rows` (one per sequence,
-// their draws changing every step) seeded sampling on the GPU (ForwardSample).
+// Decodes `steps` steps of b's sequences, greedy (ForwardGreedy) or, with `rows` (one per sequence,
+// their draws changing every step), with seeded sampling on the GPU (ForwardSample): the median
+// milliseconds per step (wall time), and in device_ms the median of the steps' device time.
 double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms,
               std::vector<gpu::SampleRow>* rows = nullptr) {
   std::vector<double> times, device;
@@ -656,18 +656,18 @@ int Main() {
   if (!sampled.empty()) {
     GpuRunnerOptions oo = o;
     oo.decode_attention_kernel = true;
-    fresh(oo);
+    GpuModelRunner* const r = fresh(oo);
     for (const SampledRun& sr : sampled) {
       for (int64_t bs : batches) {
         Batch b = proto;
         b.seqs = bs;
         b.tables.resize(bs * per_seq);
         std::iota(b.tables.begin(), b.tables.end(), 0);
-        Prefill(other.get(), &b, prompt, o.max_batch_tokens, &rng);
+        Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
         std::vector<gpu::SampleRow> rows(bs);
         for (gpu::SampleRow& row : rows) row.top_p = sr.top_p;
         double device_ms = 0;
-        const double ms = Decode(other.get(), &b, steps, &device_ms, &rows);
+        const double ms = Decode(r, &b, steps, &device_ms, &rows);
         const std::string key = absl::StrCat("decode_b", bs, "_", sr.key);
         json.Add(key + "_ms_per_step", ms);
         json.Add(key + "_device_ms_per_step", device_ms);
@@ -680,8 +680,7 @@ int Main() {
       AttentionMmaRunsHere(act, c.head_dim, c.group_size())) {
     GpuRunnerOptions oo = o;
     oo.prefill_mma_attention = true;
-    fresh(oo);
-    prefill(other.get(), "prefill_mma_tokens_per_s");
+    prefill(fresh(oo), "prefill_mma_tokens_per_s");
   }
   // Fine-tunes: random packed deltas (Strata's delta format; the values do not matter for speed),
   // one per tenant, copied to the runner's device region on their first step.
@@ -703,7 +702,7 @@ int Main() {
       oo.decode_attention_kernel = true;
       oo.prefill_mma_attention = AttentionMmaRunsHere(act, c.head_dim, c.group_size());
       oo.delta_bytes = most * per_delta;
-      fresh(oo);
+      GpuModelRunner* const r = fresh(oo);
       // A fine-tune's first step: one token, most of it the copy of its delta to the GPU (from
       // pageable memory, while the step waits).
       {
@@ -713,27 +712,27 @@ int Main() {
         std::iota(b.tables.begin(), b.tables.end(), 0);
         b.deltas = {deltas[0].get()};
         const auto a = std::chrono::steady_clock::now();
-        Prefill(other.get(), &b, 1, 1, &rng);
+        Prefill(r, &b, 1, 1, &rng);
         json.Add("fine_tune_first_step_ms",
                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a)
                      .count());
       }
-      if (!only_decode) prefill(other.get(), "prefill_ft_tokens_per_s", deltas[0].get());
+      if (!only_decode) prefill(r, "prefill_ft_tokens_per_s", deltas[0].get());
       for (int64_t t : tenants) {
         Batch b = proto;
         b.seqs = max_batch;
         b.tables.resize(max_batch * per_seq);
         std::iota(b.tables.begin(), b.tables.end(), 0);
         for (int64_t s = 0; s < max_batch; ++s) b.deltas.push_back(deltas[s % t].get());
-        Prefill(other.get(), &b, prompt, o.max_batch_tokens, &rng);
+        Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
         double device_ms = 0;
-        const double ms = Decode(other.get(), &b, steps, &device_ms);
+        const double ms = Decode(r, &b, steps, &device_ms);
         const std::string key = absl::StrCat("decode_b", max_batch, "_ft", t);
         json.Add(key + "_ms_per_step", ms);
         json.Add(key + "_device_ms_per_step", device_ms);
         json.Add(key + "_tokens_per_s", max_batch * 1000.0 / ms);
       }
-      json.Add("fine_tune_uploads", static_cast<double>(other->delta_stats().uploads));
+      json.Add("fine_tune_uploads", static_cast<double>(r->delta_stats().uploads));
     }
   }
   json.s += "\n}\n";

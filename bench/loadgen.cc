@@ -16,7 +16,6 @@
 // token to last, per token after the first), end-to-end latency, at p50 / p90 / p99; throughput in
 // requests and output tokens per second over the run; and the prefix-cache hit rate (cached prompt
 // tokens / prompt tokens, from each response's usage).
-#include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -126,24 +125,18 @@ class Driver {
       return s;
     }
     const int fd = conn.get();
-    timeval tv{600, 0};  // a stalled server fails the request instead of hanging the run
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    size_t off = 0;
-    while (off < request.size()) {
-      const ssize_t n = send(fd, request.data() + off, request.size() - off, MSG_NOSIGNAL);
-      if (n <= 0) break;
-      off += static_cast<size_t>(n);
+    // The gRPC path's limit: a stalled server fails the request instead of hanging the run.
+    const absl::Time deadline = sent + absl::Minutes(10);
+    if (!WriteAll(fd, request, /*wake_fd=*/-1, deadline)) {
+      s.error = "cannot send the request";
+      return s;
     }
     std::string data;
     size_t parsed = 0;  // bytes of `data` consumed as events
     bool head_done = false, have_first = false, done = false;
     int status = 0;
     absl::Time first;
-    char buf[16384];
-    while (!done) {
-      const ssize_t n = recv(fd, buf, sizeof(buf), 0);
-      if (n <= 0) break;
-      data.append(buf, static_cast<size_t>(n));
+    while (!done && RecvSome(fd, &data, /*wake_fd=*/-1, deadline)) {
       if (!head_done) {
         const size_t end = data.find("\r\n\r\n");
         if (end == std::string::npos) continue;
@@ -196,8 +189,9 @@ class Driver {
     s.ok = true;
     s.e2e_ms = absl::ToDoubleMilliseconds(s.end - sent);
     s.ttft_ms = have_first ? absl::ToDoubleMilliseconds(first - sent) : s.e2e_ms;
-    s.tpot_ms =
-        s.output_tokens > 1 ? absl::ToDoubleMilliseconds(s.end - first) / (s.output_tokens - 1) : 0;
+    s.tpot_ms = have_first && s.output_tokens > 1
+                    ? absl::ToDoubleMilliseconds(s.end - first) / (s.output_tokens - 1)
+                    : 0;
     return s;
   }
 

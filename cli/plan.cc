@@ -190,13 +190,12 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   const double step_weight_bytes =
       p.weight_bytes - (model.tie_word_embeddings ? 0.0 : embedding * dtype_bytes);
   const Rates r = RatesOf(gpu, options, tp);
-  const double flop_rate = r.flops;
   // A decode step of b sequences; with fine-tunes, every distinct one in the batch reads its delta
   // (the batch mixes min(b, active) of them).
   auto step_s = [&](double b, double deltas) {
     const double memory = (step_weight_bytes + deltas * p.delta_bytes) / r.bandwidth +
                           b * mean_context * p.kv_bytes_per_token / r.kv_bandwidth;
-    const double compute = 2 * matrix_params * b / flop_rate;
+    const double compute = 2 * matrix_params * b / r.flops;
     return std::max(memory, compute);
   };
   // Distinct fine-tunes in a batch of b (base requests read none).
@@ -241,7 +240,7 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   p.decode_tokens_per_s = p.batch / (p.step_ms / 1e3);
 
   // Prefill, and what a request costs.
-  p.prefill_tokens_per_s = flop_rate / p.prefill_flops_per_token;
+  p.prefill_tokens_per_s = r.flops / p.prefill_flops_per_token;
   p.ttft_ms = 1e3 * uncached / p.prefill_tokens_per_s;
   p.gpu_seconds_per_request =
       workload.output_tokens * (p.step_ms / 1e3) / p.batch + uncached / p.prefill_tokens_per_s;
@@ -325,14 +324,13 @@ StepCost PlanStepCost(const ModelConfig& model, const GpuSpec& gpu, const PlanOp
       (parameters - (model.tie_word_embeddings ? 0.0 : embedding)) * dtype_bytes;
   const double kv_bytes_per_token = 2.0 * model.num_layers * model.kv_dim() * dtype_bytes;
   const Rates r = RatesOf(gpu, options, options.tensor_parallel);
-  const double bandwidth = r.bandwidth, flop_rate = r.flops;
   StepCost c;
-  c.weights_s = step_weight_bytes / bandwidth;
+  c.weights_s = step_weight_bytes / r.bandwidth;
   c.kv_token_s = kv_bytes_per_token / r.kv_bandwidth;
-  c.token_s = 2 * matrix_params / flop_rate;
-  c.attention_pair_s = 4.0 * model.num_layers * model.q_dim() / flop_rate;
+  c.token_s = 2 * matrix_params / r.flops;
+  c.attention_pair_s = 4.0 * model.num_layers * model.q_dim() / r.flops;
   c.host_block_s = kv_bytes_per_token * options.block_tokens / kHostToDeviceBytesPerS;
-  c.delta_s = DeltaBytes(model, options.delta_bits, options.delta_sparse_2_4) / bandwidth;
+  c.delta_s = DeltaBytes(model, options.delta_bits, options.delta_sparse_2_4) / r.bandwidth;
   return c;
 }
 
@@ -574,7 +572,6 @@ absl::StatusOr<PlanOptions> PlanOptionsFromArgs(const Args& args, const GpuSpec&
   ASSIGN_OR_RETURN(o.gpu_memory_utilization,
                    Fraction(args, "gpu-memory-utilization", o.gpu_memory_utilization));
   ASSIGN_OR_RETURN(o.decode_efficiency, Fraction(args, "decode-efficiency", gpu.decode_efficiency));
-  o.kv_efficiency = gpu.kv_efficiency;  // 0: as the weights
   if (args.Has("kv-efficiency")) {
     ASSIGN_OR_RETURN(o.kv_efficiency, Fraction(args, "kv-efficiency", 1.0));
   }

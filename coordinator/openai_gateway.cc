@@ -152,7 +152,6 @@ std::string Float(double v) {
   return absl::StrFormat("%.6g", v);
 }
 
-// The OpenAI "logprobs" object of a completion: tokens, token_logprobs, top_logprobs, text_offset.
 // A token's entry in the chat API's logprobs: token, logprob, its UTF-8 bytes.
 std::string ChatTokenJson(const v1::TokenLogprob& t, absl::string_view more) {
   std::string bytes;
@@ -238,10 +237,6 @@ absl::Status TokenIds(const std::vector<JsonValue>& items, v1::TokenIds* out) {
   }
   return absl::OkStatus();
 }
-
-}  // namespace
-
-namespace {
 
 // The body of /v1/completions (`chat` false) or /v1/chat/completions.
 absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, std::string* param) {
@@ -689,6 +684,10 @@ OpenAiGateway::~OpenAiGateway() {
   if (thread_.joinable()) thread_.join();  // joins every connection's thread too
 }
 
+void OpenAiGateway::Reply(int fd, const std::string& response) const {
+  WriteAll(fd, response, wake_fd_.get(), absl::Now() + kWriteTimeout);
+}
+
 bool OpenAiGateway::WaitIdle(absl::Time deadline) const {
   while (active_.load() > 0) {
     if (absl::Now() >= deadline) return false;
@@ -804,7 +803,7 @@ void OpenAiGateway::ServeRequest(int fd) {
   size_t header_end = std::string::npos;
   while ((header_end = data.find("\r\n\r\n")) == std::string::npos) {
     if (data.size() > kMaxHeaderBytes) {
-      WriteAll(fd, ErrorResponse(431, "request headers too large"), wake, deadline);
+      Reply(fd, ErrorResponse(431, "request headers too large"));
       return;
     }
     if (!RecvSome(fd, &data, wake, deadline)) return;
@@ -813,7 +812,7 @@ void OpenAiGateway::ServeRequest(int fd) {
       absl::StrSplit(absl::string_view(data).substr(0, header_end), "\r\n");
   const std::vector<std::string> parts = absl::StrSplit(lines[0], ' ');
   if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/1.")) {
-    WriteAll(fd, ErrorResponse(400, "bad request line"), wake, deadline);
+    Reply(fd, ErrorResponse(400, "bad request line"));
     return;
   }
   int64_t content_length = -1;
@@ -826,7 +825,7 @@ void OpenAiGateway::ServeRequest(int fd) {
         absl::AsciiStrToLower(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
     if (name == "content-length" &&
         (!absl::SimpleAtoi(value, &content_length) || content_length < 0)) {
-      WriteAll(fd, ErrorResponse(400, "bad Content-Length"), wake, deadline);
+      Reply(fd, ErrorResponse(400, "bad Content-Length"));
       return;
     }
     if (name == "expect" && value == "100-continue") expect_continue = true;
@@ -836,14 +835,12 @@ void OpenAiGateway::ServeRequest(int fd) {
   std::string body = data.substr(header_end + 4);
   if (method == "POST") {
     if (chunked || content_length < 0) {
-      WriteAll(fd, ErrorResponse(411, "send the body with a Content-Length"), wake, deadline);
+      Reply(fd, ErrorResponse(411, "send the body with a Content-Length"));
       return;
     }
     if (content_length > options_.max_body_bytes) {
-      WriteAll(
-          fd,
-          ErrorResponse(413, absl::StrCat("the body is over ", options_.max_body_bytes, " bytes")),
-          wake, deadline);
+      Reply(fd, ErrorResponse(
+                    413, absl::StrCat("the body is over ", options_.max_body_bytes, " bytes")));
       return;
     }
     if (expect_continue && static_cast<int64_t>(body.size()) < content_length &&
@@ -861,48 +858,54 @@ void OpenAiGateway::ServeRequest(int fd) {
 
 void OpenAiGateway::Handle(int fd, const std::string& method, const std::string& path,
                            const std::string& body) {
-  const int wake = wake_fd_.get();
-  const absl::Time deadline = absl::Now() + kWriteTimeout;
   if (path == "/health") {
     // 503 once the coordinator stops serving, so that load balancers drop it first.
-    WriteAll(fd,
-             serving_.load() ? JsonResponse(200, "{\"status\":\"ok\"}")
-                             : ErrorResponse(503, "the coordinator is shutting down"),
-             wake, deadline);
+    Reply(fd, serving_.load() ? JsonResponse(200, "{\"status\":\"ok\"}")
+                              : ErrorResponse(503, "the coordinator is shutting down"));
   } else if (path == "/v1/models") {
     if (method != "GET") {
-      WriteAll(fd, ErrorResponse(405, "use GET /v1/models"), wake, deadline);
+      Reply(fd, ErrorResponse(405, "use GET /v1/models"));
     } else {
       Models(fd);
     }
   } else if (path == "/v1/completions") {
     if (method != "POST") {
-      WriteAll(fd, ErrorResponse(405, "use POST /v1/completions"), wake, deadline);
+      Reply(fd, ErrorResponse(405, "use POST /v1/completions"));
     } else {
       Completion(fd, body, /*chat=*/false);
     }
   } else if (path == "/v1/chat/completions") {
     if (method != "POST") {
-      WriteAll(fd, ErrorResponse(405, "use POST /v1/chat/completions"), wake, deadline);
+      Reply(fd, ErrorResponse(405, "use POST /v1/chat/completions"));
     } else {
       Completion(fd, body, /*chat=*/true);
     }
   } else if (path == "/tokenize" || path == "/detokenize") {
     if (method != "POST") {
-      WriteAll(fd, ErrorResponse(405, absl::StrCat("use POST ", path)), wake, deadline);
+      Reply(fd, ErrorResponse(405, absl::StrCat("use POST ", path)));
     } else {
       Tokens(fd, body, /*tokenize=*/path == "/tokenize");
     }
   } else {
-    WriteAll(fd, ErrorResponse(404, absl::StrCat("no such endpoint: ", path)), wake, deadline);
+    Reply(fd, ErrorResponse(404, absl::StrCat("no such endpoint: ", path)));
   }
 }
 
+template <typename Rpc>
+grpc::Status OpenAiGateway::Unary(absl::Duration timeout, Rpc&& rpc) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  if (!Register(&ctx)) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is stopping");
+  }
+  const grpc::Status s = rpc(&ctx);
+  Unregister(&ctx);
+  return s;
+}
+
 void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize) {
-  const int wake = wake_fd_.get();
-  const absl::Time deadline = absl::Now() + kWriteTimeout;
   auto refuse = [&](const absl::Status& s, absl::string_view param) {
-    WriteAll(fd, ErrorResponse(400, s.message(), param), wake, deadline);
+    Reply(fd, ErrorResponse(400, s.message(), param));
   };
   absl::StatusOr<JsonDocument> parsed = JsonDocument::Parse(body, "request body");
   if (!parsed.ok()) return refuse(parsed.status(), "");
@@ -913,8 +916,6 @@ void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize) {
   v1::GenerateRequest named;
   named.set_model(std::string(*model_name));
   ResolveModel(&named);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
   std::string answer;
   grpc::Status status;
   if (tokenize) {
@@ -930,9 +931,9 @@ void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize) {
     if (!strs.ok()) return refuse(strs.status(), "return_token_strs");
     request.set_return_token_texts(*strs);
     v1::TokenizeResponse response;
-    if (!Register(&ctx)) return refuse(absl::UnavailableError("the coordinator is stopping"), "");
-    status = stub_->Tokenize(&ctx, request, &response);
-    Unregister(&ctx);
+    status = Unary(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
+      return stub_->Tokenize(ctx, request, &response);
+    });
     std::vector<std::string> texts;
     for (const std::string& t : response.token_texts()) texts.push_back(JsonQuote(t));
     answer = absl::StrCat(
@@ -951,34 +952,25 @@ void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize) {
     if (absl::Status s = TokenIds(*items, &ids); !s.ok()) return refuse(s, "tokens");
     *request.mutable_token_ids() = ids.ids();
     v1::DetokenizeResponse response;
-    if (!Register(&ctx)) return refuse(absl::UnavailableError("the coordinator is stopping"), "");
-    status = stub_->Detokenize(&ctx, request, &response);
-    Unregister(&ctx);
+    status = Unary(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
+      return stub_->Detokenize(ctx, request, &response);
+    });
     answer = absl::StrCat("{\"prompt\":", JsonQuote(response.text()), "}");
   }
   if (!status.ok()) {
-    WriteAll(fd, ErrorResponse(HttpStatusOf(status.error_code()), status.error_message()), wake,
-             deadline);
+    Reply(fd, ErrorResponse(HttpStatusOf(status.error_code()), status.error_message()));
     return;
   }
-  WriteAll(fd, JsonResponse(200, answer), wake, deadline);
+  Reply(fd, JsonResponse(200, answer));
 }
 
 void OpenAiGateway::Models(int fd) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
   v1::ListModelsResponse resp;
-  const int wake = wake_fd_.get();
-  const absl::Time deadline = absl::Now() + kWriteTimeout;
-  if (!Register(&ctx)) {
-    WriteAll(fd, ErrorResponse(503, "the coordinator is stopping"), wake, deadline);
-    return;
-  }
-  const grpc::Status status = stub_->ListModels(&ctx, v1::ListModelsRequest(), &resp);
-  Unregister(&ctx);
+  const grpc::Status status = Unary(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
+    return stub_->ListModels(ctx, v1::ListModelsRequest(), &resp);
+  });
   if (!status.ok()) {
-    WriteAll(fd, ErrorResponse(HttpStatusOf(status.error_code()), status.error_message()), wake,
-             deadline);
+    Reply(fd, ErrorResponse(HttpStatusOf(status.error_code()), status.error_message()));
     return;
   }
   std::vector<std::string> data;
@@ -994,10 +986,8 @@ void OpenAiGateway::Models(int fd) {
     data.push_back(entry(m.name(), ""));
     for (const std::string& ft : m.fine_tune_ids()) data.push_back(entry(ft, m.name()));
   }
-  WriteAll(fd,
-           JsonResponse(200, absl::StrCat("{\"object\":\"list\",\"data\":[",
-                                          absl::StrJoin(data, ","), "]}")),
-           wake, deadline);
+  Reply(fd, JsonResponse(200, absl::StrCat("{\"object\":\"list\",\"data\":[",
+                                           absl::StrJoin(data, ","), "]}")));
 }
 
 uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
@@ -1013,11 +1003,9 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
     }
     if (age >= (attempt == 0 ? kModelsTtl : absl::Milliseconds(500))) {
       auto fresh = std::make_shared<v1::ListModelsResponse>();
-      grpc::ClientContext ctx;
-      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-      if (!Register(&ctx)) return 0;
-      const grpc::Status s = stub_->ListModels(&ctx, v1::ListModelsRequest(), fresh.get());
-      Unregister(&ctx);
+      const grpc::Status s = Unary(absl::Seconds(5), [&](grpc::ClientContext* ctx) {
+        return stub_->ListModels(ctx, v1::ListModelsRequest(), fresh.get());
+      });
       if (!s.ok()) return 0;  // Generate reports what is wrong
       models = std::move(fresh);
       absl::MutexLock lock(&mu_);
@@ -1043,34 +1031,28 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
 
 grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, std::string* text,
                                        std::string* first_token, bool* first_added) {
-  auto call = [this](auto rpc) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-    if (!Register(&ctx)) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "stopping");
-    const grpc::Status s = rpc(&ctx);
-    Unregister(&ctx);
-    return s;
-  };
+  const absl::Duration timeout = absl::Seconds(10);
   *first_added = false;
   if (request.prompt_case() == v1::GenerateRequest::kText) {
     *text = request.text();
-    // As Generate tokenizes it (BOS first), and without the tokens the server adds.
+    // As Generate tokenizes it (BOS first); the empty text shows the tokens the server adds.
     v1::TokenizeRequest with;
     with.set_model(request.model());
     with.set_text(request.text());
     with.set_add_special_tokens(true);
     with.set_return_token_texts(true);
-    v1::TokenizeResponse tokens, plain;
-    grpc::Status s =
-        call([&](grpc::ClientContext* ctx) { return stub_->Tokenize(ctx, with, &tokens); });
+    v1::TokenizeRequest empty;
+    empty.set_model(request.model());
+    empty.set_add_special_tokens(true);
+    v1::TokenizeResponse tokens, added;
+    grpc::Status s = Unary(
+        timeout, [&](grpc::ClientContext* ctx) { return stub_->Tokenize(ctx, with, &tokens); });
     if (!s.ok()) return s;
-    v1::TokenizeRequest without = with;
-    without.set_add_special_tokens(false);
-    without.set_return_token_texts(false);
-    s = call([&](grpc::ClientContext* ctx) { return stub_->Tokenize(ctx, without, &plain); });
+    s = Unary(timeout,
+              [&](grpc::ClientContext* ctx) { return stub_->Tokenize(ctx, empty, &added); });
     if (!s.ok()) return s;
     *first_token = tokens.token_texts_size() > 0 ? tokens.token_texts(0) : "";
-    *first_added = tokens.token_ids_size() > plain.token_ids_size();
+    *first_added = added.token_ids_size() > 0;
     return grpc::Status::OK;
   }
   const v1::TokenIds& ids = request.token_ids();
@@ -1078,15 +1060,16 @@ grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, std::
   all.set_model(request.model());
   *all.mutable_token_ids() = ids.ids();
   all.set_skip_special_tokens(request.sampling().skip_special_tokens());
+  v1::DetokenizeRequest one;
+  one.set_model(request.model());
+  one.set_skip_special_tokens(all.skip_special_tokens());
+  if (ids.ids_size() > 0) one.add_token_ids(ids.ids(0));
   v1::DetokenizeResponse whole, first;
   grpc::Status s =
-      call([&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, all, &whole); });
+      Unary(timeout, [&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, all, &whole); });
   if (!s.ok()) return s;
   *text = whole.text();
-  v1::DetokenizeRequest one = all;
-  one.clear_token_ids();
-  if (ids.ids_size() > 0) one.add_token_ids(ids.ids(0));
-  s = call([&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, one, &first); });
+  s = Unary(timeout, [&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, one, &first); });
   if (!s.ok()) return s;
   *first_token = first.text();
   return grpc::Status::OK;
@@ -1098,8 +1081,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   absl::StatusOr<CompletionCall> call =
       chat ? ChatFromJson(body, &param) : CompletionFromJson(body, &param);
   if (!call.ok()) {
-    WriteAll(fd, ErrorResponse(400, call.status().message(), param), wake,
-             absl::Now() + kWriteTimeout);
+    Reply(fd, ErrorResponse(400, call.status().message(), param));
     return;
   }
   const std::string model_asked = call->request.model();
@@ -1107,23 +1089,19 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   if (chat) {
     auto it = options_.chat_templates.find(call->request.model());
     if (it == options_.chat_templates.end()) {
-      WriteAll(fd,
-               ErrorResponse(404, absl::StrCat("model \"", model_asked, "\" is not served here"),
-                             "model"),
-               wake, absl::Now() + kWriteTimeout);
+      Reply(fd, ErrorResponse(404, absl::StrCat("model \"", model_asked, "\" is not served here"),
+                              "model"));
       return;
     }
     const ChatTemplate& chat_template = it->second;
     const ChatFormat format = chat_template.format;
     if (format == ChatFormat::kNone) {
-      WriteAll(fd,
-               ErrorResponse(400,
-                             absl::StrCat("model \"", model_asked,
-                                          "\" has no chat template Strata knows (llama3, chatml): "
-                                          "start the coordinator with --chat_format, or use "
-                                          "/v1/completions"),
-                             "model"),
-               wake, absl::Now() + kWriteTimeout);
+      Reply(fd, ErrorResponse(400,
+                              absl::StrCat("model \"", model_asked,
+                                           "\" has no chat template Strata knows (llama3, chatml): "
+                                           "start the coordinator with --chat_format, or use "
+                                           "/v1/completions"),
+                              "model"));
       return;
     }
     call->request.set_text(RenderChat(format, call->messages));
@@ -1190,8 +1168,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       Choice& c = *choices[p * n];
       const grpc::Status s = EchoPrompt(requests[p], &c.echo_text, &c.first_token, &c.first_added);
       if (!s.ok()) {
-        WriteAll(fd, ErrorResponse(HttpStatusOf(s.error_code()), s.error_message()), wake,
-                 absl::Now() + kWriteTimeout);
+        Reply(fd, ErrorResponse(HttpStatusOf(s.error_code()), s.error_message()));
         return;
       }
       for (int i = 1; i < n; ++i) {
@@ -1220,8 +1197,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   for (int k = 0; k < total; ++k) {
     if (!Register(contexts[k])) {
       for (int j = 0; j < k; ++j) Unregister(contexts[j]);
-      WriteAll(fd, ErrorResponse(503, "the coordinator is stopping"), wake,
-               absl::Now() + kWriteTimeout);
+      Reply(fd, ErrorResponse(503, "the coordinator is stopping"));
       return;
     }
   }
@@ -1236,7 +1212,14 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     choices[k]->reader = stub_->Generate(contexts[k], request);
   }
   // A client that leaves while no token flows (queued, in a long prefill) cancels too.
-  std::optional<DisconnectWatch> watch(std::in_place, fd, wake, contexts);
+  // (Without a thread for it, the calls go on unwatched: a client that leaves is then noticed at
+  // the first write.)
+  std::optional<DisconnectWatch> watch;
+  try {
+    watch.emplace(fd, wake, contexts);
+  } catch (const std::system_error& e) {
+    LOG(WARNING) << "http: no thread to watch a connection: " << e.what();
+  }
   const int64_t created = absl::ToUnixSeconds(absl::Now());
   const bool want_logprobs = call->request.sampling().has_logprobs();
   const char* object = chat ? "chat.completion.chunk" : "text_completion";
@@ -1335,23 +1318,33 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     }
   };
   std::vector<std::thread> others;
-  for (int k = 1; k < total; ++k) others.emplace_back(read, k);
+  int started = 1;  // choices read on threads of their own: [1, started)
+  for (; started < total; ++started) {
+    try {
+      others.emplace_back(read, started);
+    } catch (const std::system_error& e) {
+      // No thread for this choice: the request fails, and every call stops now.
+      LOG(WARNING) << "http: no thread for a choice: " << e.what();
+      absl::MutexLock lock(&mu);
+      failure = grpc::Status(grpc::StatusCode::UNAVAILABLE, "out of threads: try again");
+      for (grpc::ClientContext* ctx : contexts) ctx->TryCancel();
+      break;
+    }
+  }
   read(0);
+  for (int k = started; k < total; ++k) read(k);  // cancelled: they end at once
   for (std::thread& t : others) t.join();
   for (grpc::ClientContext* ctx : contexts) Unregister(ctx);
-  const bool gone = client_gone.load() || watch->gone();
+  const bool gone = client_gone.load() || (watch.has_value() && watch->gone());
   watch.reset();
   if (gone) return;
-  const absl::Time deadline = absl::Now() + kWriteTimeout;
   if (!failure.ok()) {
     const int http = HttpStatusOf(failure.error_code());
     if (streaming) {
-      WriteAll(fd,
-               absl::StrCat("data: ", OpenAiErrorJson(http, failure.error_message(), ""),
-                            "\n\ndata: [DONE]\n\n"),
-               wake, deadline);
+      Reply(fd, absl::StrCat("data: ", OpenAiErrorJson(http, failure.error_message(), ""),
+                             "\n\ndata: [DONE]\n\n"));
     } else {
-      WriteAll(fd, ErrorResponse(http, failure.error_message()), wake, deadline);
+      Reply(fd, ErrorResponse(http, failure.error_message()));
     }
     return;
   }
@@ -1385,11 +1378,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       lp.Add(c.logprobs);
       entries.push_back(choice_json(k, content, want_logprobs ? &lp : nullptr, c.finish));
     }
-    WriteAll(fd,
-             JsonResponse(200, absl::StrCat(envelope(chat ? "chat.completion" : "text_completion"),
-                                            ",\"choices\":[", absl::StrJoin(entries, ","),
-                                            "],\"usage\":", UsageJson(usage), "}")),
-             wake, deadline);
+    Reply(fd, JsonResponse(200, absl::StrCat(envelope(chat ? "chat.completion" : "text_completion"),
+                                             ",\"choices\":[", absl::StrJoin(entries, ","),
+                                             "],\"usage\":", UsageJson(usage), "}")));
     return;
   }
   std::string tail = streaming ? "" : Head(200, "text/event-stream", -1);
@@ -1398,7 +1389,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                     ",\"choices\":[],\"usage\":", UsageJson(usage), "}\n\n");
   }
   absl::StrAppend(&tail, "data: [DONE]\n\n");
-  WriteAll(fd, tail, wake, deadline);
+  Reply(fd, tail);
 }
 
 absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartOpenAiGateway(

@@ -151,6 +151,8 @@ class OpenAiGateway {
   void ServeRequest(int fd);
   // The HTTP exchange on `fd` after the request was read.
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);
+  // Writes a whole response to `fd` within kWriteTimeout from now (or until the gateway stops).
+  void Reply(int fd, const std::string& response) const;
   void Models(int fd);
   // POST /tokenize ({"model", "prompt", "add_special_tokens", "return_token_strs"}: {"count",
   // "max_model_len", "tokens", "token_strs"}) and /detokenize ({"model", "tokens"}: {"prompt"}),
@@ -166,6 +168,10 @@ class OpenAiGateway {
   // echoed text). Through Tokenize / Detokenize.
   grpc::Status EchoPrompt(const v1::GenerateRequest& request, std::string* text,
                           std::string* first_token, bool* first_added);
+  // One unary call of the Serving service within `timeout`, registered so that a stop cancels it:
+  // `rpc` makes it with the context it is given. UNAVAILABLE when the gateway is stopping.
+  template <typename Rpc>
+  grpc::Status Unary(absl::Duration timeout, Rpc&& rpc);
   bool Register(grpc::ClientContext* ctx);
   void Unregister(grpc::ClientContext* ctx);
 

@@ -37,7 +37,8 @@ bundle_libpath() {
 }
 
 # ncu_decode RESULTS_DIR: one timed batch-1 decode step of gpu_bench per variant under Nsight
-# Compute (clocks left alone), each kernel's duration in RESULTS_DIR/ncu_VARIANT.csv.
+# Compute (clocks left alone), each kernel's duration in RESULTS_DIR/ncu_VARIANT.csv; with
+# STRATA_GPU_NCU_FT=1 also a batch-64 step with a fine-tune (ncu_fine_tune.csv).
 ncu_decode() {
   local results=$1 v
   export LD_LIBRARY_PATH="$(bundle_libpath)"
@@ -282,8 +283,9 @@ print()
 print("%-28s %18s %18s" % ("Llama-3-8B shape, bf16", "strata", "pytorch+hf"))
 for name, a, b in rows:
     print("%-28s %18s %18s" % (name, str(a)[:18], str(b)[:18]))
-# The experimental options (off by default) against the default path in the same run: faster
-# here and their tests passed (summary above) is the case for turning them on.
+# Each attention option against the tiled kernels in the same run (the first two are on by default
+# since 2026-11-27; fused norms stay off): faster here, with their tests passed (summary above),
+# is the case for a default.
 verdicts = [
     ("--gpu_decode_attention_kernel", "decode_b1_tokens_per_s", "decode_b1_decode_attn_tokens_per_s"),
     ("  at batch 64", "decode_b64_tokens_per_s", "decode_b64_decode_attn_tokens_per_s"),

@@ -59,7 +59,6 @@ gpu::DeltaView ToDeltaView(const PackedDelta& d) {
 absl::Status DeltaGemvCuda(const gpu::DeltaGemvArgs& a, CudaStreamHandle stream) {
   constexpr const char* kOp = "delta_gemv";
   if (absl::Status s = CheckProduct(a, kOp); !s.ok()) return s;
-  if (a.m == 0 || a.delta.rows == 0) return absl::OkStatus();
   return cuda_args::Launched(gpu::LaunchDeltaGemv(a, S(stream)), kOp);
 }
 
@@ -71,7 +70,6 @@ absl::Status DeltaMmaCuda(const gpu::DeltaGemvArgs& a, CudaStreamHandle stream) 
   STRATA_REQUIRE(a.split_workspace_floats >= 0 && a.split_counters_count >= 0, kOp,
                  "split_workspace_floats and split_counters_count must be >= 0");
   if (absl::Status s = CheckProduct(a, kOp); !s.ok()) return s;
-  if (a.m == 0 || a.delta.rows == 0) return absl::OkStatus();
   return cuda_args::Launched(gpu::LaunchDeltaMma(a, S(stream)), kOp);
 }
 

@@ -1,5 +1,5 @@
-// The CUDA twins of kernels/delta.h's ops: DeltaGemvCuda (DeltaMatMulCpu for few rows; DeltaMmaCuda
-// the same on the tensor cores for f16 and bf16 activations),
+// The CUDA twins of kernels/delta.h's ops: DeltaGemvCuda and DeltaMmaCuda (DeltaMatMulCpu for a
+// tenant's few rows, on CUDA cores or, for f16 and bf16 activations, on tensor cores),
 // UnpackDeltaCuda (UnpackDeltaCpu, to any activation type, for chosen rows) and AddRowsCuda (f32
 // rows or a bias added to chosen rows).
 // Each validates its arguments (INVALID_ARGUMENT naming the field) and launches asynchronously on

@@ -29,8 +29,9 @@ struct DeltaView {
 };
 
 // y[r(i), j] += Σ_k x[r(i), k] · Δ[j, k] for i < m and every row j of Δ, where r(i) = rows[i] +
-// row_offset (rows null: i + row_offset). Meant for few rows per tenant (decode): each warp decodes
-// one row of Δ once per 8 rows of x and streams it past them.
+// row_offset (rows null: i + row_offset). For a tenant's few rows: LaunchDeltaGemv (CUDA cores,
+// any activation type: each warp decodes one row of Δ once per 8 rows of x and streams it past
+// them) or LaunchDeltaMma (tensor cores, 16-bit activations).
 struct DeltaGemvArgs {
   int64_t m = 0;
   const int32_t* rows = nullptr;  // [m] or null

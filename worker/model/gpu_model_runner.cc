@@ -123,6 +123,7 @@ constexpr int64_t kDeltaMmaMaxRows = 64;
 // Tiles of the tensor-core delta product that may split their columns (counters, zeroed once);
 // the split partial products use the panel product's f32 scratch (delta_out).
 constexpr int64_t kDeltaSplitCounters = 1024;
+// With f32 activations (no tensor-core product): rows a delta GEMV serves, below panels.
 constexpr int64_t kDeltaPanelMinRows = 32;
 // Panel scratch: at most this many bytes of unpacked delta, and at most this many gathered rows.
 constexpr int64_t kDeltaPanelBytes = 32 << 20;
@@ -738,8 +739,9 @@ absl::Status GpuModelRunner::Impl::ApplyDelta(const PackedDelta& d, const int32_
   if (d.rows == 0 || count == 0) return absl::OkStatus();
   const CudaStreamHandle s = Handle(compute->get());
   const gpu::DeltaView view = ToDeltaView(d);
-  const bool mma = act != gpu::ActType::kF32 && count <= kDeltaMmaMaxRows;
-  if (mma || count < kDeltaPanelMinRows) {
+  // Few rows: the tensor-core product (16-bit activations) or the GEMV (f32).
+  const bool mma = act != gpu::ActType::kF32;
+  if (count <= (mma ? kDeltaMmaMaxRows : kDeltaPanelMinRows - 1)) {
     gpu::DeltaGemvArgs g;
     g.m = count;
     g.rows = rows;
