@@ -1047,6 +1047,9 @@ TEST_F(OpsCudaTest, WriteKvAndPagedAttentionMatchCpu) {
       {"decode_long", {{2600, 1}, {3, 1}}, false, 8, 0, Split::kChosen},
       // A window that starts mid-block, so a staged range of block-table entries does too.
       {"decode_long", {{2600, 1}, {3, 1}}, false, 8, 300, Split::kChosen},
+      // Over 64 partitions of 64 keys (with kCapacity's plan): the decode kernel's last block
+      // merges them from the workspace alone instead of through its shared-memory weights.
+      {"decode_longer", {{4500, 1}}, false, 8, 0, Split::kChosen},
       // A chunk of a prompt after cached tokens, with a decode sequence in the same batch.
       {"chunked_prefill", {{50, 30}, {9, 1}}, true, 16, 0, Split::kNone},
       // The same with partitions of 128 keys: the chunk's tiles straddle the boundary at 256.
