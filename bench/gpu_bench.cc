@@ -609,7 +609,8 @@ int Main() {
     }
   }
   // Seeded sampling on the GPU in place of the graph's argmax (the engine's path for requests
-  // with a temperature; the shipped attention defaults): what sampling adds to a step.
+  // with a temperature; the shipped attention defaults): what sampling adds to a step. Top-p 1
+  // draws by the exponential race (no sort); top-p 0.9 sorts every row's candidates.
   struct SampledRun {
     const char* key;
     float top_p;

@@ -6,7 +6,8 @@
 //
 // Prints milliseconds per row (best of --reps rounds of --rows rows) for: LogprobsOf with the top
 // 5 (a prompt token's log-probability, rank and alternatives), greedy Sample with logprobs 5, and
-// Sample at temperature 0.8 with top-k 50 and with top-p 0.95 (every candidate in order).
+// Sample at temperature 1 with nothing truncated (the OpenAI API's defaults), and at temperature
+// 0.8 with top-k 50 and with top-p 0.95 (every candidate in order).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -60,6 +61,8 @@ int Main() {
   tempered.temperature = 0.8f;
   tempered.top_k = 50;
   tempered.seed = 7;
+  SamplingOptions plain;  // temperature 1, nothing truncated: the OpenAI API's defaults
+  plain.seed = 7;
   SamplingOptions nucleus;  // temperature and top-p: every candidate in order
   nucleus.temperature = 0.8f;
   nucleus.top_p = 0.95f;
@@ -77,6 +80,8 @@ int Main() {
               BestMsPerRow([&](int r) { return sample(greedy, r); }));
   std::printf("Sample temperature 0.8, top-k 50: %.3f\n",
               BestMsPerRow([&](int r) { return sample(tempered, r); }));
+  std::printf("Sample temperature 1, untruncated: %.3f\n",
+              BestMsPerRow([&](int r) { return sample(plain, r); }));
   std::printf("Sample temperature 0.8, top-p 0.95: %.3f\n",
               BestMsPerRow([&](int r) { return sample(nucleus, r); }));
   return 0;

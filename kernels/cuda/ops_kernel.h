@@ -208,9 +208,10 @@ cudaError_t LaunchArgmax(const ArgmaxArgs& a, cudaStream_t stream);
 // Seeded sampling on the GPU, the twin of the CPU sampler (worker/engine/sampler.h): per row,
 // repetition / presence / frequency penalties, banned tokens, temperature, then greedy (temperature
 // 0) or a draw from the candidates in (logit descending, id ascending) order truncated by top-k,
-// min-p and top-p. The uniform draw comes from the host (SampleUniform(seed, position)), so the GPU
-// picks the token the CPU would. The logits are modified in place exactly as the CPU modifies its
-// copy.
+// min-p and top-p, or by an exponential race where no truncation depends on that order
+// (DrawsByRace in sample_row.h). The draws come from the host (SampleRow::u and race_key, from
+// SampleUniform and SampleRaceKey of (seed, position)), so the GPU picks the token the CPU would.
+// The logits are modified in place exactly as the CPU modifies its copy.
 struct SampleArgs {
   int64_t rows = 0;
   int64_t vocab = 0;
@@ -227,8 +228,9 @@ struct SampleArgs {
   int32_t* token = nullptr;   // [rows]
   float* logprob = nullptr;   // [rows]: log-probability after penalties and temperature
   void* workspace = nullptr;  // SampleWorkspaceBytes(rows, vocab) bytes
-  // Every row has temperature 0 (the caller knows): skips the sort.
-  bool all_greedy = false;
+  // Some row draws from sorted candidates (temperature above 0 and not DrawsByRace). False (the
+  // caller knows) skips the sort and the kernel after it.
+  bool sorted_draws = true;
 };
 size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab);
 cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream);

@@ -1,10 +1,14 @@
 // Seeded sampling on the GPU (SampleArgs in ops_kernel.h), step for step the CPU sampler's
 // arithmetic (worker/engine/sampler.cc): penalties and temperature with the same IEEE float
-// operations (no contraction into FMAs), log-sum-exp and candidate probabilities in double,
-// candidates ordered by a stable segmented radix sort on (logit descending), which keeps equal
-// logits in ascending id order as the CPU's comparison does. Sums over the candidates are parallel,
-// so they round differently from the CPU's sequential ones in the last bits; a draw would have to
-// land within about 1e-16 of a boundary to pick another token.
+// operations (no contraction into FMAs), log-sum-exp and candidate probabilities in double. Rows
+// whose draw depends on the candidates' order (top-k below the vocabulary, top-p below 1) order
+// them by a stable segmented radix sort on (logit descending), which keeps equal logits in
+// ascending id order as the CPU's comparison does; the others draw by an exponential race
+// (DrawsByRace in sample_row.h) within the first kernel, with no sort: the ratios p_i / E_i are the
+// CPU's to the last bit or two of exp and log, so only a near-tie (about 1e-16 apart) could pick
+// another token. Sums over the candidates are parallel, so they round differently from the CPU's
+// sequential ones in the last bits; a walk's draw would have to land within about 1e-16 of a
+// boundary to pick another token.
 #include <cfloat>
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
@@ -22,7 +26,8 @@ constexpr int kThreads = 1024;
 size_t Align(size_t n) { return (n + 255) / 256 * 256; }
 
 struct Layout {
-  size_t keys_in, keys_out, vals_in, vals_out, offsets, lse, finite, cum, temp, temp_bytes, total;
+  size_t keys_in, keys_out, vals_in, vals_out, offsets, ends, lse, finite, cum, temp, temp_bytes,
+      total;
 };
 
 Layout LayoutFor(int64_t rows, int64_t vocab) {
@@ -38,7 +43,9 @@ Layout LayoutFor(int64_t rows, int64_t vocab) {
   l.vals_out = at;
   at += Align(4 * n);
   l.offsets = at;
-  at += Align(4 * (rows + 1));
+  at += Align(4 * rows);
+  l.ends = at;
+  at += Align(4 * rows);
   l.lse = at;
   at += Align(8 * rows);
   l.finite = at;
@@ -57,8 +64,20 @@ Layout LayoutFor(int64_t rows, int64_t vocab) {
   return l;
 }
 
+// A race's best ratio p_i / E_i so far and its id.
+struct Race {
+  double ratio;
+  int id;
+};
+struct RaceBetter {
+  __device__ Race operator()(const Race& x, const Race& y) const {
+    return x.ratio > y.ratio || (x.ratio == y.ratio && x.id < y.id) ? x : y;
+  }
+};
+
 // Penalties, bans and temperature in place; then the log-sum-exp, the greedy choice, the count of
-// finite logits, and the sort's inputs (ids, segment offsets).
+// finite logits, and either the draw by a race or the sort's inputs (ids, segment bounds: empty
+// for rows that do not sort).
 __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l) {
   const int64_t r = blockIdx.x;
   const SampleRow p = a.params[r];
@@ -89,6 +108,8 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
   }
   __syncthreads();
   const bool scale = p.temperature > 0 && p.temperature != 1.0f;
+  const bool by_race = p.temperature > 0 && DrawsByRace(p.top_p, p.top_k, a.vocab);
+  const bool sorted = p.temperature > 0 && !by_race;
   const float inv = __fdiv_rn(1.0f, p.temperature);
   float best = -INFINITY;
   int best_i = INT32_MAX;
@@ -106,16 +127,20 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
       best_i = static_cast<int>(i);
     }
     finite += v != -INFINITY;
-    ids[i] = static_cast<int32_t>(i);
-    keys[i] = v == 0.0f ? 0.0f : v;  // -0.0 sorts as +0.0 (the CPU compares them equal)
+    if (sorted) {
+      ids[i] = static_cast<int32_t>(i);
+      keys[i] = v == 0.0f ? 0.0f : v;  // -0.0 sorts as +0.0 (the CPU compares them equal)
+    }
   }
   using MaxReduce = cub::BlockReduce<float, kThreads>;
   using IntReduce = cub::BlockReduce<int, kThreads>;
   using DoubleReduce = cub::BlockReduce<double, kThreads>;
+  using RaceReduce = cub::BlockReduce<Race, kThreads>;
   __shared__ union {
     typename MaxReduce::TempStorage f;
     typename IntReduce::TempStorage i;
     typename DoubleReduce::TempStorage d;
+    typename RaceReduce::TempStorage r;
   } tmp;
   __shared__ float mx_s;
   __shared__ int best_s;
@@ -129,23 +154,42 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
   if (best == mx_s && best_i != INT32_MAX) atomicMin(&best_s, best_i);
   const int finite_total = IntReduce(tmp.i).Sum(finite);
   __syncthreads();
+  // The log-sum-exp's sum and, for a race, each thread's best ratio p_i / E_i (lowest id on ties).
+  const double min_p_bound = p.min_p;  // min-p's bound on p_i = exp(l_i - max), relative to 1
   double sum = 0;
+  Race race{-1.0, INT32_MAX};
   if (mx_s != -INFINITY) {
     for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) {
-      sum += exp(static_cast<double>(row[i]) - mx_s);
+      const float v = row[i];
+      const double e = exp(static_cast<double>(v) - mx_s);
+      sum += e;
+      if (by_race && v != -INFINITY && e >= min_p_bound) {
+        // E_i >= 1 - u: a sure loser (by a margin over rounding) skips the log.
+        const double u = RaceUniform(p.race_key, i);
+        if (!(e < race.ratio * (1.0 - u) * (1.0 - 1e-12))) {
+          const double ratio = e / -log(u);
+          if (ratio > race.ratio) race = {ratio, static_cast<int>(i)};  // ids ascend per thread
+        }
+      }
     }
   }
   const double total = DoubleReduce(tmp.d).Sum(sum);
+  Race won{-1.0, INT32_MAX};
+  if (by_race) {      // the same for the whole block
+    __syncthreads();  // tmp is reused
+    won = RaceReduce(tmp.r).Reduce(race, RaceBetter{});
+  }
   if (threadIdx.x == 0) {
     const double lse = mx_s == -INFINITY ? -INFINITY : mx_s + log(total);
     reinterpret_cast<double*>(ws + l.lse)[r] = lse;
     reinterpret_cast<int*>(ws + l.finite)[r] = finite_total;
     reinterpret_cast<int*>(ws + l.offsets)[r] = static_cast<int>(r * a.vocab);
-    if (r == a.rows - 1) {
-      reinterpret_cast<int*>(ws + l.offsets)[a.rows] = static_cast<int>(a.rows * a.vocab);
-    }
-    if (p.temperature == 0) {
-      const int t = best_s == INT32_MAX ? 0 : best_s;
+    reinterpret_cast<int*>(ws + l.ends)[r] = static_cast<int>((sorted ? r + 1 : r) * a.vocab);
+    if (!sorted) {
+      // Greedy: the first maximum. A race: its winner, or token 0 with no finite logit, as on
+      // the CPU.
+      const int t = p.temperature == 0 ? (best_s == INT32_MAX ? 0 : best_s)
+                                       : (won.id == INT32_MAX ? 0 : won.id);
       a.token[r] = t;
       if (a.logprob) a.logprob[r] = static_cast<float>(static_cast<double>(row[t]) - lse);
     }
@@ -194,7 +238,8 @@ __device__ int FirstAbove(const double* cum, int n, double x, bool strict) {
 __global__ void __launch_bounds__(kThreads) PickKernel(SampleArgs a, Layout l) {
   const int64_t r = blockIdx.x;
   const SampleRow p = a.params[r];
-  if (p.temperature == 0) return;
+  // Drawn already (as PrepareKernel decides: only rows with temperature above 0 sort).
+  if (!(p.temperature > 0) || DrawsByRace(p.top_p, p.top_k, a.vocab)) return;
   char* ws = static_cast<char*>(a.workspace);
   const float* sorted = reinterpret_cast<const float*>(ws + l.keys_out) + r * a.vocab;
   const int32_t* ids = reinterpret_cast<const int32_t*>(ws + l.vals_out) + r * a.vocab;
@@ -253,7 +298,7 @@ cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
   const Layout l = LayoutFor(a.rows, a.vocab);
   PrepareKernel<<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a, l);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  if (a.all_greedy) return cudaSuccess;  // PrepareKernel chose every token
+  if (!a.sorted_draws) return cudaSuccess;  // PrepareKernel chose every token
   char* ws = static_cast<char*>(a.workspace);
   size_t temp = l.temp_bytes;
   const int* offsets = reinterpret_cast<const int*>(ws + l.offsets);
@@ -262,7 +307,8 @@ cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
           reinterpret_cast<float*>(ws + l.keys_out),
           reinterpret_cast<const int32_t*>(ws + l.vals_in),
           reinterpret_cast<int32_t*>(ws + l.vals_out), static_cast<int>(a.rows * a.vocab),
-          static_cast<int>(a.rows), offsets, offsets + 1, 0, 32, stream);
+          static_cast<int>(a.rows), offsets, reinterpret_cast<const int*>(ws + l.ends), 0, 32,
+          stream);
       e != cudaSuccess) {
     return e;
   }

@@ -192,6 +192,36 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
       if (logits[t] > logits[best]) best = t;
     }
     out.token = best;
+  } else if (gpu::DrawsByRace(o.top_p, o.top_k, vocab)) {
+    // Nothing truncated by rank: an exponential race over the finite candidates (those min-p
+    // keeps), argmax p_i / E_i with the lowest id on ties; in double, as the GPU computes it.
+    float top = kNegInf;
+    for (float v : logits) top = std::max(top, v);
+    out.token = 0;
+    if (top != kNegInf) {
+      const uint64_t key = SampleRaceKey(o.seed, position);
+      const double min_p_bound = o.min_p;  // of p_max = 1
+      const double top_d = top;
+      double best = -1, log_best = -std::numeric_limits<double>::infinity();
+      for (int32_t t = 0; t < vocab; ++t) {
+        const float v = logits[t];
+        if (v == kNegInf) continue;
+        const double u = gpu::RaceUniform(key, t);
+        const double d = static_cast<double>(v) - top_d;
+        // A sure loser skips the exp and the log: log(p_i / E_i) = d - log(E_i), and
+        // log(E_i) = log(-log u) >= log(1 - u) >= -u / (1 - u), so d < log(best) - u / (1 - u)
+        // (less a margin for rounding) cannot win.
+        if (d < log_best - u / (1.0 - u) - 1e-9) continue;
+        const double e = std::exp(d);
+        if (!(e >= min_p_bound)) continue;
+        const double r = e / -std::log(u);
+        if (r > best) {
+          best = r;
+          log_best = std::log(r);
+          out.token = t;
+        }
+      }
+    }
   } else {
     // Candidates by probability descending (token ascending on ties), then truncated.
     std::vector<std::pair<float, int32_t>>& cand = *scratch;
@@ -251,6 +281,11 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
   return out;
 }
 
+uint64_t SampleRaceKey(uint64_t seed, int64_t position) {
+  uint64_t buf[2] = {seed, static_cast<uint64_t>(position)};
+  return Hash64(absl::string_view(reinterpret_cast<const char*>(buf), sizeof(buf)), 0x7ace);
+}
+
 gpu::SampleRow SampleRowOf(const SamplingOptions& o, int64_t position) {
   gpu::SampleRow r;
   r.temperature = o.temperature;
@@ -261,6 +296,7 @@ gpu::SampleRow SampleRowOf(const SamplingOptions& o, int64_t position) {
   r.presence_penalty = o.presence_penalty;
   r.frequency_penalty = o.frequency_penalty;
   r.u = SampleUniform(o.seed, position);
+  r.race_key = SampleRaceKey(o.seed, position);
   return r;
 }
 

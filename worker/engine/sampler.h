@@ -73,8 +73,12 @@ struct SampledToken {
   std::vector<std::pair<int32_t, float>> top;
 };
 
-// The uniform draw in [0, 1) for output position `position` of a sequence seeded with `seed`.
+// The uniform draw in [0, 1) for output position `position` of a sequence seeded with `seed` (for
+// draws from candidates in probability order: top-k below the vocabulary, top-p below 1).
 double SampleUniform(uint64_t seed, int64_t position);
+
+// The key of the exponential race at that position (the other draws: gpu::DrawsByRace).
+uint64_t SampleRaceKey(uint64_t seed, int64_t position);
 
 // Samples from `logits` (modified in place: penalties, temperature, banned tokens). `banned` tokens
 // get probability zero (used to hold back EOS before min_tokens). `scratch` is reused between

@@ -2,7 +2,9 @@
 // on fresh random logits (with ties and -inf) over a 2048- and a 128256-token vocabulary, with
 // greedy, temperature, top-k, top-p, min-p, repetition / presence / frequency penalties and banned
 // tokens, the GPU draws the same token for the same (seed, position), computes the same processed
-// logits bit for bit, and the same log-probability (to 1e-5: its sums run in parallel).
+// logits bit for bit, and the same log-probability (to 1e-5: its sums run in parallel); draws by
+// the exponential race (no rank truncation) and by the sorted walk alike, in one batch and with
+// the sort skipped.
 // Needs a GPU: tagged "gpu"; skipped where there is none.
 #include <algorithm>
 #include <cmath>
@@ -70,107 +72,121 @@ TEST_F(SamplerGpuTest, DrawsTheCpuSamplersTokens) {
       o.frequency_penalty = freq;
       sets.push_back(o);
     };
-    add(0, 0, 1, 0, 1, 0, 0);           // greedy
-    add(0, 0, 1, 0, 1.3f, 0.5f, 0.2f);  // greedy with penalties
-    add(1, 0, 1, 0, 1, 0, 0);           // the whole vocabulary
+    add(0, 0, 1, 0, 1, 0, 0);                               // greedy
+    add(0, 0, 1, 0, 1.3f, 0.5f, 0.2f);                      // greedy with penalties
+    add(1, 0, 1, 0, 1, 0, 0);                               // the whole vocabulary: a race
+    add(0.8f, 0, 1, 0.02f, 1.1f, 0, 0.1f);                  // min-p alone: a race
+    add(1.2f, static_cast<int>(vocab), 1, 0, 1, 0.3f, 0);   // top-k of the whole vocabulary
+    add(1.0f, static_cast<int>(vocab - 1), 1, 0, 1, 0, 0);  // one short of it: sorted
     add(0.7f, 40, 1, 0, 1, 0, 0);
     add(1.0f, 0, 0.9f, 0, 1, 0, 0);
     add(1.3f, 0, 0.95f, 0.05f, 1, 0, 0);
     add(0.9f, 50, 0.8f, 0.02f, 1.2f, 0.4f, 0.3f);
     add(2.0f, 1, 1, 0, 0.8f, -0.5f, -0.2f);
-    std::vector<Row> rows;
-    for (const SamplingOptions& o : sets) {
-      for (int rep = 0; rep < 6; ++rep) {
-        Row r;
-        r.options = o;
-        r.options.seed = rng();
-        r.position = rng() % 5000;
-        for (int i = 0; i < 40; ++i) r.prompt.push_back(static_cast<int32_t>(rng() % vocab));
-        for (int i = 0; i < 30; ++i) r.output.push_back(static_cast<int32_t>(rng() % 200));
-        r.banned = {static_cast<int32_t>(vocab - 1), static_cast<int32_t>(rng() % vocab)};
-        rows.push_back(r);
+    // Every set in one batch (sorted draws, races and greedy rows side by side: rows that do not
+    // sort have empty segments), then the races and greedy rows alone, which skip the sort.
+    for (const bool no_sort : {false, true}) {
+      std::vector<SamplingOptions> use;
+      for (const SamplingOptions& o : sets) {
+        if (!no_sort || o.temperature == 0 || gpu::DrawsByRace(o.top_p, o.top_k, vocab)) {
+          use.push_back(o);
+        }
       }
-    }
-    const int64_t R = static_cast<int64_t>(rows.size());
-    std::vector<float> logits(R * vocab);
-    for (float& v : logits) v = normal(rng);
-    for (int64_t r = 0; r < R; ++r) {
-      float* row = logits.data() + r * vocab;
-      row[rng() % vocab] = row[rng() % vocab];  // a tie somewhere
-      const int64_t top = std::max_element(row, row + vocab) - row;
-      row[(top + 17) % vocab] = row[top];  // a tie for the top
-      row[rng() % vocab] = -INFINITY;
-    }
-    // CPU.
-    std::vector<float> cpu_logits = logits;
-    std::vector<SampledToken> want(R);
-    std::vector<std::pair<float, int32_t>> scratch;
-    // GPU inputs: penalized tokens (prompt or output, once each, with their output count), bans.
-    std::vector<gpu::SampleRow> params(R);
-    std::vector<int32_t> pen_offsets = {0}, pen_tokens, pen_counts, ban_offsets = {0}, ban_tokens;
-    for (int64_t r = 0; r < R; ++r) {
-      const Row& row = rows[r];
-      PenaltyState pen;
-      pen.AddPrompt(row.prompt);
-      std::map<int32_t, int32_t> counts;
-      for (int32_t t : row.prompt) counts.emplace(t, 0);
-      for (int32_t t : row.output) {
-        pen.AddOutput(t);
-        ++counts[t];
+      std::vector<Row> rows;
+      for (const SamplingOptions& o : use) {
+        for (int rep = 0; rep < 6; ++rep) {
+          Row r;
+          r.options = o;
+          r.options.seed = rng();
+          r.position = rng() % 5000;
+          for (int i = 0; i < 40; ++i) r.prompt.push_back(static_cast<int32_t>(rng() % vocab));
+          for (int i = 0; i < 30; ++i) r.output.push_back(static_cast<int32_t>(rng() % 200));
+          r.banned = {static_cast<int32_t>(vocab - 1), static_cast<int32_t>(rng() % vocab)};
+          rows.push_back(r);
+        }
       }
-      want[r] = Sample(absl::MakeSpan(cpu_logits.data() + r * vocab, vocab), row.options, pen,
-                       row.position, row.banned, &scratch);
-      for (const auto& [t, c] : counts) {
-        pen_tokens.push_back(t);
-        pen_counts.push_back(c);
+      const int64_t R = static_cast<int64_t>(rows.size());
+      std::vector<float> logits(R * vocab);
+      for (float& v : logits) v = normal(rng);
+      for (int64_t r = 0; r < R; ++r) {
+        float* row = logits.data() + r * vocab;
+        row[rng() % vocab] = row[rng() % vocab];  // a tie somewhere
+        const int64_t top = std::max_element(row, row + vocab) - row;
+        row[(top + 17) % vocab] = row[top];  // a tie for the top
+        row[rng() % vocab] = -INFINITY;
       }
-      pen_offsets.push_back(static_cast<int32_t>(pen_tokens.size()));
-      ban_tokens.insert(ban_tokens.end(), row.banned.begin(), row.banned.end());
-      ban_offsets.push_back(static_cast<int32_t>(ban_tokens.size()));
-      params[r] = SampleRowOf(row.options, row.position);
-    }
-    DeviceBuffer d_logits = Upload(logits), d_params = Upload(params), d_po = Upload(pen_offsets),
-                 d_pt = Upload(pen_tokens), d_pc = Upload(pen_counts), d_bo = Upload(ban_offsets),
-                 d_bt = Upload(ban_tokens);
-    absl::StatusOr<DeviceBuffer> d_token = DeviceBuffer::Allocate(4 * R),
-                                 d_lp = DeviceBuffer::Allocate(4 * R),
-                                 ws = DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(R, vocab));
-    ASSERT_TRUE(d_token.ok() && d_lp.ok() && ws.ok());
-    ASSERT_TRUE(d_token->Fill(0xff).ok());
-    gpu::SampleArgs a;
-    a.rows = R;
-    a.vocab = vocab;
-    a.logits = d_logits.as<float>();
-    a.params = d_params.as<gpu::SampleRow>();
-    a.pen_offsets = d_po.as<int32_t>();
-    a.pen_tokens = d_pt.as<int32_t>();
-    a.pen_counts = d_pc.as<int32_t>();
-    a.ban_offsets = d_bo.as<int32_t>();
-    a.ban_tokens = d_bt.as<int32_t>();
-    a.token = d_token->as<int32_t>();
-    a.logprob = d_lp->as<float>();
-    a.workspace = ws->data();
-    ASSERT_TRUE(SampleCuda(a, stream->handle()).ok());
-    ASSERT_TRUE(stream->Synchronize().ok());
-    std::vector<int32_t> got(R);
-    std::vector<float> got_lp(R), got_logits(R * vocab);
-    ASSERT_TRUE(d_token->CopyToHost(got.data(), 4 * R).ok());
-    ASSERT_TRUE(d_lp->CopyToHost(got_lp.data(), 4 * R).ok());
-    ASSERT_TRUE(d_logits.CopyToHost(got_logits.data(), 4 * R * vocab).ok());
-    for (int64_t r = 0; r < R; ++r) {
-      const SamplingOptions& o = rows[r].options;
-      SCOPED_TRACE(::testing::Message()
-                   << "vocab " << vocab << " row " << r << " temperature " << o.temperature
-                   << " top_k " << o.top_k << " top_p " << o.top_p << " min_p " << o.min_p
-                   << " penalties " << o.repetition_penalty << "/" << o.presence_penalty << "/"
-                   << o.frequency_penalty);
-      EXPECT_EQ(got[r], want[r].token);
-      EXPECT_NEAR(got_lp[r], want[r].logprob, 1e-5);
-      EXPECT_TRUE(
-          std::equal(got_logits.begin() + r * vocab, got_logits.begin() + (r + 1) * vocab,
-                     cpu_logits.begin() + r * vocab,
-                     [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); }))
-          << "processed logits differ";
+      // CPU.
+      std::vector<float> cpu_logits = logits;
+      std::vector<SampledToken> want(R);
+      std::vector<std::pair<float, int32_t>> scratch;
+      // GPU inputs: penalized tokens (prompt or output, once each, with their output count), bans.
+      std::vector<gpu::SampleRow> params(R);
+      std::vector<int32_t> pen_offsets = {0}, pen_tokens, pen_counts, ban_offsets = {0}, ban_tokens;
+      for (int64_t r = 0; r < R; ++r) {
+        const Row& row = rows[r];
+        PenaltyState pen;
+        pen.AddPrompt(row.prompt);
+        std::map<int32_t, int32_t> counts;
+        for (int32_t t : row.prompt) counts.emplace(t, 0);
+        for (int32_t t : row.output) {
+          pen.AddOutput(t);
+          ++counts[t];
+        }
+        want[r] = Sample(absl::MakeSpan(cpu_logits.data() + r * vocab, vocab), row.options, pen,
+                         row.position, row.banned, &scratch);
+        for (const auto& [t, c] : counts) {
+          pen_tokens.push_back(t);
+          pen_counts.push_back(c);
+        }
+        pen_offsets.push_back(static_cast<int32_t>(pen_tokens.size()));
+        ban_tokens.insert(ban_tokens.end(), row.banned.begin(), row.banned.end());
+        ban_offsets.push_back(static_cast<int32_t>(ban_tokens.size()));
+        params[r] = SampleRowOf(row.options, row.position);
+      }
+      DeviceBuffer d_logits = Upload(logits), d_params = Upload(params), d_po = Upload(pen_offsets),
+                   d_pt = Upload(pen_tokens), d_pc = Upload(pen_counts), d_bo = Upload(ban_offsets),
+                   d_bt = Upload(ban_tokens);
+      absl::StatusOr<DeviceBuffer> d_token = DeviceBuffer::Allocate(4 * R),
+                                   d_lp = DeviceBuffer::Allocate(4 * R),
+                                   ws = DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(R, vocab));
+      ASSERT_TRUE(d_token.ok() && d_lp.ok() && ws.ok());
+      ASSERT_TRUE(d_token->Fill(0xff).ok());
+      gpu::SampleArgs a;
+      a.rows = R;
+      a.vocab = vocab;
+      a.logits = d_logits.as<float>();
+      a.params = d_params.as<gpu::SampleRow>();
+      a.pen_offsets = d_po.as<int32_t>();
+      a.pen_tokens = d_pt.as<int32_t>();
+      a.pen_counts = d_pc.as<int32_t>();
+      a.ban_offsets = d_bo.as<int32_t>();
+      a.ban_tokens = d_bt.as<int32_t>();
+      a.token = d_token->as<int32_t>();
+      a.logprob = d_lp->as<float>();
+      a.workspace = ws->data();
+      a.sorted_draws = !no_sort;
+      ASSERT_TRUE(SampleCuda(a, stream->handle()).ok());
+      ASSERT_TRUE(stream->Synchronize().ok());
+      std::vector<int32_t> got(R);
+      std::vector<float> got_lp(R), got_logits(R * vocab);
+      ASSERT_TRUE(d_token->CopyToHost(got.data(), 4 * R).ok());
+      ASSERT_TRUE(d_lp->CopyToHost(got_lp.data(), 4 * R).ok());
+      ASSERT_TRUE(d_logits.CopyToHost(got_logits.data(), 4 * R * vocab).ok());
+      for (int64_t r = 0; r < R; ++r) {
+        const SamplingOptions& o = rows[r].options;
+        SCOPED_TRACE(::testing::Message()
+                     << "vocab " << vocab << " no sort " << no_sort << " row " << r
+                     << " temperature " << o.temperature << " top_k " << o.top_k << " top_p "
+                     << o.top_p << " min_p " << o.min_p << " penalties " << o.repetition_penalty
+                     << "/" << o.presence_penalty << "/" << o.frequency_penalty);
+        EXPECT_EQ(got[r], want[r].token);
+        EXPECT_NEAR(got_lp[r], want[r].logprob, 1e-5);
+        EXPECT_TRUE(
+            std::equal(got_logits.begin() + r * vocab, got_logits.begin() + (r + 1) * vocab,
+                       cpu_logits.begin() + r * vocab,
+                       [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); }))
+            << "processed logits differ";
+      }
     }
   }
 }

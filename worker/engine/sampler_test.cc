@@ -60,6 +60,26 @@ TEST(SamplerTest, FrequenciesFollowTheTemperedSoftmax) {
   }
 }
 
+// The walk in probability order (top-k below the vocabulary) draws from the renormalized softmax of
+// what it keeps.
+TEST(SamplerTest, TruncatedDrawsFollowTheRenormalizedSoftmax) {
+  const std::vector<float> logits = {2.0f, 1.0f, 0.0f, -1.0f};
+  SamplingOptions o;
+  o.top_k = 3;
+  std::map<int32_t, int> counts;
+  const int n = 40000;
+  for (int i = 0; i < n; ++i) {
+    o.seed = static_cast<uint64_t>(i);
+    ++counts[Draw(logits, o, 7).token];
+  }
+  const double z = std::exp(2.0) + std::exp(1.0) + 1.0;
+  for (int32_t t = 0; t < 3; ++t) {
+    const double p = std::exp(logits[t]) / z;
+    EXPECT_NEAR(counts[t] / double(n), p, 4 * std::sqrt(p * (1 - p) / n) + 1e-3) << t;
+  }
+  EXPECT_EQ(counts[3], 0);
+}
+
 TEST(SamplerTest, TruncationsKeepOnlyTheirCandidates) {
   const std::vector<float> logits = {0.0f, 3.0f, 2.9f, 1.0f, -5.0f};
   for (int i = 0; i < 300; ++i) {
@@ -76,6 +96,74 @@ TEST(SamplerTest, TruncationsKeepOnlyTheirCandidates) {
     const int32_t m = Draw(logits, o, 0).token;
     EXPECT_TRUE(m == 1 || m == 2) << m;
   }
+}
+
+// Without a truncation that depends on rank (top-p 1, top-k 0 or the whole vocabulary), a draw is
+// an exponential race: argmax over the candidates of p_i / E_i, E_i = -log(RaceUniform(key, i)).
+TEST(SamplerTest, UntruncatedDrawsAreAnExponentialRace) {
+  auto race = [](const std::vector<float>& logits, uint64_t key, double min_p) {
+    const float top = *std::max_element(logits.begin(), logits.end());
+    int32_t best = 0;
+    double best_ratio = -1;
+    for (int32_t t = 0; t < static_cast<int32_t>(logits.size()); ++t) {
+      if (logits[t] == -std::numeric_limits<float>::infinity()) continue;
+      const double e = std::exp(static_cast<double>(logits[t]) - top);
+      if (e < min_p) continue;
+      const double r = e / -std::log(gpu::RaceUniform(key, t));
+      if (r > best_ratio) best_ratio = r, best = t;
+    }
+    return best;
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  int differs_from_walk = 0;
+  for (int i = 0; i < 200; ++i) {
+    SamplingOptions o;
+    o.seed = static_cast<uint64_t>(i) * 7919;
+    const int64_t pos = i % 13;
+    const uint64_t key = SampleRaceKey(o.seed, pos);
+    const std::vector<float> logits = {0.0f, -1.0f, 1.0f, 0.5f, -inf, 0.7f};
+    const int32_t want = race(logits, key, 0);
+    EXPECT_EQ(Draw(logits, o, pos).token, want);
+    EXPECT_NE(want, 4);  // -inf never wins
+    o.top_k = 6;         // the whole vocabulary: the same race
+    EXPECT_EQ(Draw(logits, o, pos).token, want);
+    o.top_k = 0;
+    o.min_p = 0.5f;  // keeps p >= 0.5 p_max: tokens 2, 3 and 5
+    EXPECT_EQ(Draw(logits, o, pos).token, race(logits, key, 0.5));
+    // Top-k below the vocabulary walks the candidates in probability order with SampleUniform's
+    // draw instead: often another token for the same seed.
+    SamplingOptions walk;
+    walk.seed = o.seed;
+    walk.top_k = 5;
+    differs_from_walk += Draw(logits, walk, pos).token != want;
+  }
+  EXPECT_GT(differs_from_walk, 20);
+}
+
+// A race's pick moves only when the two best ratios swap, so logits that differ in their last bits
+// (another batch's GEMM, a prefill in place of a decode step after a fail-over) keep their tokens,
+// where a walk over the candidates in probability order moves whenever the draw lies near one of
+// the many boundaries between unlikely tokens.
+TEST(SamplerTest, RacesKeepTheirTokensWhenLogitsMoveInTheLastBits) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.5f);
+  std::normal_distribution<float> noise(0.0f, 1e-5f);
+  int race_moved = 0, walk_moved = 0;
+  for (int i = 0; i < 500; ++i) {
+    std::vector<float> a(8192), b(8192);
+    for (size_t t = 0; t < a.size(); ++t) {
+      a[t] = normal(rng);
+      b[t] = a[t] + noise(rng);
+    }
+    SamplingOptions o;
+    o.seed = static_cast<uint64_t>(i);
+    o.temperature = 0.8f;
+    race_moved += Draw(a, o, 3).token != Draw(b, o, 3).token;
+    o.top_k = 8191;  // below the vocabulary: a walk in probability order
+    walk_moved += Draw(a, o, 3).token != Draw(b, o, 3).token;
+  }
+  EXPECT_EQ(race_moved, 0);
+  EXPECT_GE(walk_moved, 2);  // 6 of 500 when written: the noise is large enough to matter
 }
 
 TEST(SamplerTest, BannedTokensAreNeverSampled) {

@@ -1233,8 +1233,9 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   a.token = d_out_tokens;
   a.logprob = d_out_logprobs;
   a.workspace = sample_ws.data();
-  a.all_greedy = std::all_of(sp.rows.begin(), sp.rows.end(),
-                             [](const gpu::SampleRow& r) { return r.temperature == 0; });
+  a.sorted_draws = std::any_of(sp.rows.begin(), sp.rows.end(), [this](const gpu::SampleRow& r) {
+    return r.temperature > 0 && !gpu::DrawsByRace(r.top_p, r.top_k, V);
+  });
   // No wait here: the step's download waits for the compute stream, copy and sampling included.
   return SampleCuda(a, Handle(compute->get()));
 }
