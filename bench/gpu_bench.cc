@@ -18,6 +18,8 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <numeric>
 #include <random>
 #include <string>
@@ -29,6 +31,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/kernel_trace.h"
 #include "bench/stats.h"
 #include "common/init.h"
 #include "common/json.h"
@@ -70,6 +73,11 @@ ABSL_FLAG(
 ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
           "Distinct fine-tunes among the decode batch's sequences, per fine_tunes run.");
 ABSL_FLAG(int, fine_tune_bits, 4, "Bits of the fine_tunes runs' random deltas (2, 4 or 8).");
+ABSL_FLAG(int64_t, trace_steps, 3,
+          "After every other run, trace this many decode steps per batch size with the shipped "
+          "defaults through CUPTI (0: none): per step, the kernels' busy and idle time inside the "
+          "graph (trace_b*_ keys), and next to --out a table of kernels by total time and the "
+          "last step's timeline (*_trace_bN.tsv, *_trace_bN_step.tsv).");
 
 namespace strata {
 namespace {
@@ -178,7 +186,8 @@ void Prefill(GpuModelRunner* r, Batch* b, int64_t prompt, int64_t max_tokens, st
 // their draws changing every step), with seeded sampling on the GPU (ForwardSample): the median
 // milliseconds per step (wall time), and in device_ms the median of the steps' device time.
 double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms,
-              std::vector<gpu::SampleRow>* rows = nullptr) {
+              std::vector<gpu::SampleRow>* rows = nullptr,
+              const std::function<void(bool before)>& around_step = nullptr) {
   std::vector<double> times, device;
   std::vector<int32_t> token_seq(b->seqs), logit_tokens(b->seqs), positions(b->seqs);
   std::iota(token_seq.begin(), token_seq.end(), 0);
@@ -195,6 +204,7 @@ double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms,
     // Timed steps sit in an NVTX range, so that a profiler can take just them
     // (ncu --nvtx --nvtx-include "strata_decode_step/").
     if (step > 0) nvtxRangePushA("strata_decode_step");
+    if (around_step) around_step(true);
     const auto t0 = std::chrono::steady_clock::now();
     if (rows == nullptr) {
       CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(next), {}));
@@ -209,6 +219,7 @@ double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms,
       CHECK_OK(r->ForwardSample(fb, sampling, absl::MakeSpan(next), absl::MakeSpan(lp)));
     }
     const auto t1 = std::chrono::steady_clock::now();
+    if (around_step) around_step(false);
     if (step > 0) nvtxRangePop();
     if (step > 0) {
       times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
@@ -517,7 +528,9 @@ int Main() {
   const int64_t steps = absl::GetFlag(FLAGS_steps);
   const int64_t prefill_tokens = absl::GetFlag(FLAGS_prefill_tokens);
   const int64_t block_tokens = 16;
-  const int64_t ctx = std::max(prompt + steps + 1, prefill_tokens);
+  // Positions a sequence reaches: the decode runs', the traces' (3 warm-up steps and theirs).
+  const int64_t ctx =
+      std::max({prompt + steps + 1, prompt + 4 + absl::GetFlag(FLAGS_trace_steps), prefill_tokens});
   const int64_t per_seq = (ctx + block_tokens - 1) / block_tokens;
 
   GpuRunnerOptions o;
@@ -547,15 +560,20 @@ int Main() {
   Batch proto;
   proto.block_tokens = block_tokens;
   proto.per_seq = per_seq;
+  // A batch of `seqs` sequences, sequence s on blocks [s * per_seq, (s + 1) * per_seq).
+  auto batch_of = [&proto, per_seq](int64_t seqs) {
+    Batch b = proto;
+    b.seqs = seqs;
+    b.tables.resize(seqs * per_seq);
+    std::iota(b.tables.begin(), b.tables.end(), 0);
+    return b;
+  };
 
   // Prefill: one prompt of prefill_tokens tokens, median of 3 (after one warm-up).
   auto prefill = [&](GpuModelRunner* r, const std::string& key,
                      const DeltaWeights* fine_tune = nullptr) {
-    Batch b = proto;
-    b.seqs = 1;
+    Batch b = batch_of(1);
     if (fine_tune != nullptr) b.deltas = {fine_tune};
-    b.tables.resize(per_seq);
-    std::iota(b.tables.begin(), b.tables.end(), 0);
     std::vector<double> times;
     for (int rep = 0; rep < 4; ++rep) {
       const auto a = std::chrono::steady_clock::now();
@@ -637,10 +655,7 @@ int Main() {
       oo.fused_residual_norm = run.fused_norm;
       r = fresh(oo);
     }
-    Batch b = proto;
-    b.seqs = run.batch;
-    b.tables.resize(run.batch * per_seq);
-    std::iota(b.tables.begin(), b.tables.end(), 0);
+    Batch b = batch_of(run.batch);
     Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
     double device_ms = 0;
     const double ms = Decode(r, &b, steps, &device_ms);
@@ -660,10 +675,7 @@ int Main() {
     GpuModelRunner* const r = fresh(oo);
     for (const SampledRun& sr : sampled) {
       for (int64_t bs : batches) {
-        Batch b = proto;
-        b.seqs = bs;
-        b.tables.resize(bs * per_seq);
-        std::iota(b.tables.begin(), b.tables.end(), 0);
+        Batch b = batch_of(bs);
         Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
         std::vector<gpu::SampleRow> rows(bs);
         for (gpu::SampleRow& row : rows) row.top_p = sr.top_p;
@@ -707,10 +719,7 @@ int Main() {
       // A fine-tune's first step: one token, most of it the copy of its delta to the GPU (from
       // pageable memory, while the step waits).
       {
-        Batch b = proto;
-        b.seqs = 1;
-        b.tables.resize(per_seq);
-        std::iota(b.tables.begin(), b.tables.end(), 0);
+        Batch b = batch_of(1);
         b.deltas = {deltas[0].get()};
         const auto a = std::chrono::steady_clock::now();
         Prefill(r, &b, 1, 1, &rng);
@@ -720,10 +729,7 @@ int Main() {
       }
       if (!only_decode) prefill(r, "prefill_ft_tokens_per_s", deltas[0].get());
       for (int64_t t : tenants) {
-        Batch b = proto;
-        b.seqs = max_batch;
-        b.tables.resize(max_batch * per_seq);
-        std::iota(b.tables.begin(), b.tables.end(), 0);
+        Batch b = batch_of(max_batch);
         for (int64_t s = 0; s < max_batch; ++s) b.deltas.push_back(deltas[s % t].get());
         Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
         double device_ms = 0;
@@ -736,10 +742,101 @@ int Main() {
       json.Add("fine_tune_uploads", static_cast<double>(r->delta_stats().uploads));
     }
   }
-  json.s += "\n}\n";
-  if (!absl::GetFlag(FLAGS_out).empty()) {
-    std::ofstream(absl::GetFlag(FLAGS_out)) << json.s;
+  // The results so far are on disk before tracing starts, in case CUPTI fails the process.
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (!out.empty()) std::ofstream(out) << json.s << "\n}\n";
+  const int64_t trace_steps = absl::GetFlag(FLAGS_trace_steps);
+  if (trace_steps > 0) {
+    GpuRunnerOptions oo = o;
+    oo.decode_attention_kernel = true;
+    oo.prefill_mma_attention = AttentionMmaRunsHere(act, c.head_dim, c.group_size());
+    runner->reset();
+    other.reset();
+    // Started before the runner, whose graphs CUPTI must see instantiated.
+    absl::StatusOr<std::unique_ptr<KernelTrace>> trace = KernelTrace::Start();
+    if (!trace.ok()) {
+      json.AddStr("trace_error", std::string(trace.status().message()));
+    } else {
+      GpuModelRunner* const r = fresh(oo);
+      for (int64_t bs : batches) {
+        Batch b = batch_of(bs);
+        Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
+        double device_ms = 0;
+        Decode(r, &b, 3, &device_ms);  // graphs captured and warm
+        // A window per step (so that the host's time between steps is not counted idle), the
+        // records collected once after the last step.
+        std::vector<std::pair<uint64_t, uint64_t>> windows;
+        Decode(r, &b, trace_steps, &device_ms, nullptr, [&](bool before) {
+          if (before) {
+            windows.push_back({(*trace)->Now(), 0});
+          } else {
+            windows.back().second = (*trace)->Now();  // the step's tokens are back: it is done
+          }
+        });
+        const uint64_t dropped_before = (*trace)->dropped();
+        const std::vector<KernelRecord> all =
+            (*trace)->Collect(windows.front().first, windows.back().second);
+        double kernels = 0, span = 0, busy = 0, idle = 0;
+        std::map<std::string, KernelTraceSummary::Entry> names;
+        std::vector<KernelRecord> last;
+        for (const auto& [from, to] : windows) {
+          last.clear();
+          for (const KernelRecord& k : all) {
+            if (k.start_ns >= from && k.start_ns < to) last.push_back(k);
+          }
+          const KernelTraceSummary s = Summarize(last);
+          kernels += s.kernels;
+          span += s.span_us;
+          busy += s.busy_us;
+          idle += s.idle_us;
+          for (const KernelTraceSummary::Entry& e : s.by_name) {
+            KernelTraceSummary::Entry& n = names[e.name];
+            n.name = e.name;
+            n.count += e.count;
+            n.total_us += e.total_us;
+          }
+        }
+        const double n = static_cast<double>(trace_steps);
+        const std::string key = absl::StrCat("trace_b", bs);
+        json.Add(key + "_kernels_per_step", kernels / n);
+        json.Add(key + "_span_us_per_step", span / n);
+        json.Add(key + "_busy_us_per_step", busy / n);
+        json.Add(key + "_idle_us_per_step", idle / n);
+        json.Add(key + "_traced_device_ms_per_step", device_ms);  // against the untraced runs
+        json.Add(key + "_dropped_records",
+                 static_cast<double>((*trace)->dropped() - dropped_before));
+        if (out.empty()) continue;
+        const std::string stem = absl::StrCat(
+            absl::EndsWith(out, ".json") ? out.substr(0, out.size() - 5) : out, "_", key);
+        std::vector<KernelTraceSummary::Entry> sorted;
+        for (auto& [name, e] : names) sorted.push_back(e);
+        std::sort(sorted.begin(), sorted.end(),
+                  [](const KernelTraceSummary::Entry& x, const KernelTraceSummary::Entry& y) {
+                    return x.total_us > y.total_us;
+                  });
+        std::ofstream table(stem + ".tsv");
+        table << "kernel\tlaunches_per_step\tus_per_step\tus_per_launch\n";
+        for (const KernelTraceSummary::Entry& e : sorted) {
+          table << absl::StrFormat("%s\t%.2f\t%.2f\t%.2f\n", e.name, e.count / n, e.total_us / n,
+                                   e.total_us / e.count);
+        }
+        // The last step's kernels in order: start (from the first), duration, and the gap after
+        // the previous kernel's end (negative: they overlapped).
+        std::ofstream timeline(stem + "_step.tsv");
+        timeline << "index\tkernel\tstart_us\tduration_us\tgap_us\n";
+        for (size_t i = 0; i < last.size(); ++i) {
+          const double start = (last[i].start_ns - last[0].start_ns) / 1000.0;
+          const double gap =
+              i == 0 ? 0.0 : (static_cast<double>(last[i].start_ns) - last[i - 1].end_ns) / 1000.0;
+          const uint64_t end = std::max(last[i].end_ns, last[i].start_ns);  // an incomplete record
+          timeline << absl::StrFormat("%d\t%s\t%.3f\t%.3f\t%.3f\n", i, last[i].name, start,
+                                      (end - last[i].start_ns) / 1000.0, gap);
+        }
+      }
+    }
   }
+  json.s += "\n}\n";
+  if (!out.empty()) std::ofstream(out) << json.s;
   std::printf("%s", json.s.c_str());
   return 0;
 }

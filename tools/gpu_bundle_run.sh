@@ -14,7 +14,8 @@ mkdir -p "$results"
 
 # Libraries: the bundle's first, then the GPU machine's CUDA libraries for any the bundle left out.
 libpath="$here/lib"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+# CUPTI (gpu_bench's kernel traces load it at run time) sits in extras/ in a toolkit install.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda/extras/CUPTI/lib64; do
   [ -d "$d" ] && libpath="$libpath:$d"
 done
 for d in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do

@@ -46,7 +46,7 @@ ncu_decode() {
     timeout "${STRATA_NCU_TIMEOUT:-240}" ncu --clock-control none --nvtx \
       --nvtx-include "strata_decode_step/" --graph-profiling node \
       --launch-count "${STRATA_NCU_KERNELS:-400}" --metrics gpu__time_duration.sum --csv --page raw \
-      gpu-bundle/bin/bench.gpu_bench --only_decode --batches=1 --steps=2 --variants="$v" \
+      gpu-bundle/bin/bench.gpu_bench --only_decode --batches=1 --steps=2 --variants="$v" --trace_steps=0 \
       >"$results/ncu_$v.csv" 2>"$results/ncu_$v.log"
     echo "ncu exit $?" >>"$results/ncu_$v.log"
   done
@@ -56,7 +56,7 @@ ncu_decode() {
     timeout "${STRATA_NCU_TIMEOUT:-240}" ncu --clock-control none --nvtx \
       --nvtx-include "strata_decode_step/" --graph-profiling node --launch-count 1500 \
       --metrics gpu__time_duration.sum --csv --page raw \
-      gpu-bundle/bin/bench.gpu_bench --only_decode --batches=64 --steps=2 --variants=fine_tunes \
+      gpu-bundle/bin/bench.gpu_bench --only_decode --batches=64 --steps=2 --variants=fine_tunes --trace_steps=0 \
       --fine_tune_tenants=1 >"$results/ncu_fine_tune.csv" 2>"$results/ncu_fine_tune.log"
     echo "ncu exit $?" >>"$results/ncu_fine_tune.log"
   fi
@@ -279,6 +279,25 @@ for path in sorted(glob.glob(os.path.join(res, "ncu_*.csv"))):
     print("%s: %d kernels, %.1f us of kernel time; top: %s" % (
         os.path.basename(path), len(kernels), sum(us for _, us in kernels),
         ", ".join("%s %.0f" % kv for kv in top)))
+# Kernel traces (CUPTI) of the shipped defaults' decode steps: device time per step, the part with
+# no kernel running, and the kernels that take the most.
+if ours.get("trace_error"):
+    print("kernel trace: " + ours["trace_error"])
+for b in ("1", "64"):
+    k = "trace_b%s_" % b
+    if g(ours, k + "span_us_per_step") is None:
+        continue
+    top = []
+    tsv = os.path.join(res, "bench.gpu_bench_trace_b%s.tsv" % b)
+    if os.path.exists(tsv):
+        for line in open(tsv).read().splitlines()[1:7]:
+            f = line.split("\t")
+            top.append("%s %s" % (f[0].split("<")[0][:28], f[2]))
+    print("trace b%s: %.0f kernels, %.1f us a step, %.1f us idle (%.1f%%); top us: %s" % (
+        b, g(ours, k + "kernels_per_step"), g(ours, k + "span_us_per_step"),
+        g(ours, k + "idle_us_per_step"),
+        100.0 * g(ours, k + "idle_us_per_step") / max(g(ours, k + "span_us_per_step"), 1e-9),
+        ", ".join(top)))
 print()
 print("%-28s %18s %18s" % ("Llama-3-8B shape, bf16", "strata", "pytorch+hf"))
 for name, a, b in rows:

@@ -1,8 +1,10 @@
 // Small-m GEMM (decode) as a bandwidth-bound GEMV: see GemvArgs in ops_kernel.h. Each warp owns
 // kRows weight rows and walks k in 16-byte vectors, kUnroll vectors per row in flight per step,
 // with every row of x applied to each weight vector it loads; a warp reduction finishes each
-// output. Optionally x is the f32 residual stream, RMS-normalized on the fly (each block reduces
-// the rows first), and y accumulates into the residual; or each warp takes a gate row and its up
+// output. Optionally x is the f32 residual stream, RMS-normalized by the kernel (each block reduces
+// the rows first, then, where the rows fit, writes them normalized and rounded to T into shared
+// memory once, by the norm kernel's expression; else it scales each x load by the gain and the
+// sums by 1/RMS), and y accumulates into the residual; or each warp takes a gate row and its up
 // row and writes silu(gate) * up (SiLU-mul folded into the gate/up projection).
 #include <cstdint>
 #include <type_traits>
@@ -18,8 +20,14 @@ namespace {
 // on an H200 for four of Llama-3-8B's five decode projections (docs/PERFORMANCE.md); 2 and 3 hold
 // more loads in flight per lane, for comparison.
 
-template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm,
-          bool kPairs>
+// The input norm (GemvArgs::norm_weight): none, applied to each load of x, or staged in shared
+// memory (a.m rows of k in T: dynamic shared memory of that size).
+enum NormMode : int { kNoNorm = 0, kNormOnLoad = 1, kNormStaged = 2 };
+// Most bytes of staged rows a block takes: the default 48 KiB of shared memory (no opt-in) less
+// 1 KiB for the kernel's own arrays (inv_s, part_s: under 300 bytes).
+constexpr size_t kMaxStagedBytes = 47 << 10;
+
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, int kNorm, bool kPairs>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
   static_assert(!kPairs || kRows == 2, "a pair is a gate row and its up row");
   constexpr int kN = kVec16<T>;
@@ -57,8 +65,9 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
   PdlBegin();
 
   // Input norm: every block computes each row's inverse RMS over the whole residual row.
-  __shared__ float inv_s[kNorm ? M : 1];
-  if constexpr (kNorm) {
+  __shared__ float inv_s[kNorm != kNoNorm ? M : 1];
+  extern __shared__ __align__(16) unsigned char staged_s[];
+  if constexpr (kNorm != kNoNorm) {
     __shared__ float part_s[kWarps][M];
     const float* res = static_cast<const float*>(a.x);
     float sq[M];
@@ -83,6 +92,31 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       inv_s[threadIdx.x] = rsqrtf(total / static_cast<float>(a.k) + a.norm_eps);
     }
     __syncthreads();
+    if constexpr (kNorm == kNormStaged) {
+      // The normalized rows, rounded to T by AddRmsNormKernel's expression (its 1/RMS may differ
+      // in the last bit: another summation order), for every warp's loads.
+      T* xs = reinterpret_cast<T*>(staged_s);
+      for (int r = 0; r < M; ++r) {
+        if (r >= a.m) break;
+        const float4* row = reinterpret_cast<const float4*>(res + r * a.ldx);
+        const float4* gain = reinterpret_cast<const float4*>(a.norm_weight);
+        const float inv = inv_s[r];
+        for (int64_t i = threadIdx.x; i < a.k / 4; i += kWarps * 32) {
+          const float4 v = row[i];
+          const float4 g = __ldg(gain + i);
+          // One 8- or 16-byte store of the four (no bank conflicts between neighbours).
+          T four[4] = {FromF<T>(v.x * inv * g.x), FromF<T>(v.y * inv * g.y),
+                       FromF<T>(v.z * inv * g.z), FromF<T>(v.w * inv * g.w)};
+          T* o = xs + r * a.k + 4 * i;
+          if constexpr (sizeof(T) == 2) {
+            *reinterpret_cast<uint2*>(o) = *reinterpret_cast<const uint2*>(four);
+          } else {
+            *reinterpret_cast<float4*>(o) = *reinterpret_cast<const float4*>(four);
+          }
+        }
+      }
+      __syncthreads();
+    }
     if (rows_here == 0) return;
   }
 
@@ -102,8 +136,8 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
 #pragma unroll
       for (int j = 0; j < kRows; ++j) Unpack16<T>(wv[u][j], wf[j]);
       // The norm's gain, once per vector for every row (its 1/RMS scales the sums at the end).
-      float gain[kNorm ? kN : 1];
-      if constexpr (kNorm) {
+      float gain[kNorm == kNormOnLoad ? kN : 1];
+      if constexpr (kNorm == kNormOnLoad) {
 #pragma unroll
         for (int i = 0; i < kN; i += 4) {
           const float4 g = __ldg(reinterpret_cast<const float4*>(a.norm_weight + v * kN + i));
@@ -117,7 +151,12 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       for (int r = 0; r < M; ++r) {
         if (r >= a.m) break;
         float xf[kN];
-        if constexpr (kNorm) {
+        if constexpr (kNorm == kNormStaged) {
+          // A local copy: a reference into shared memory may be read two bytes at a time (see
+          // Load16 in cuda_types.cuh).
+          const uint4 xv = reinterpret_cast<const uint4*>(staged_s)[r * vecs + v];
+          Unpack16<T>(xv, xf);
+        } else if constexpr (kNorm == kNormOnLoad) {
           const float* xr = static_cast<const float*>(a.x) + r * a.ldx + v * kN;
 #pragma unroll
           for (int i = 0; i < kN; i += 4) {
@@ -154,7 +193,7 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         float v = acc[r][j];
-        if constexpr (kNorm) v *= inv_s[r];
+        if constexpr (kNorm == kNormOnLoad) v *= inv_s[r];
         gu[j] = ToF(FromF<O>(v));
       }
       y[r * a.ldy + row0] = FromF<O>(gu[0] / (1.0f + __expf(-gu[0])) * gu[1]);
@@ -169,7 +208,7 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       for (int j = 0; j < kRows; ++j) {
         if (j < rows_here) {
           float v = acc[r][j];
-          if constexpr (kNorm) v *= inv_s[r];
+          if constexpr (kNorm == kNormOnLoad) v *= inv_s[r];
           if (bias != nullptr) v += ToF(bias[row0 + j]);
           O* out = y + r * a.ldy + row0 + j;
           if (a.accumulate) v += ToF(*out);
@@ -180,24 +219,36 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
   }
 }
 
+// With a norm, its rows staged in shared memory where they fit in kMaxStagedBytes.
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm,
+          bool kPairs>
+cudaError_t LaunchM(const GemvArgs& a, dim3 grid, dim3 block, cudaStream_t stream) {
+  if constexpr (kNorm) {
+    const size_t staged = static_cast<size_t>(a.m) * a.k * sizeof(T);
+    if (staged <= kMaxStagedBytes) {
+      return LaunchPdlSmem(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormStaged, kPairs>, grid,
+                           block, staged, stream, a);
+    }
+    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormOnLoad, kPairs>, grid, block,
+                     stream, a);
+  } else {
+    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNoNorm, kPairs>, grid, block,
+                     stream, a);
+  }
+}
+
 template <typename T, typename O, int kRows, int kWarps, int kUnroll, bool kNorm,
           bool kPairs = false>
 cudaError_t LaunchShape(const GemvArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.n + kWarps * kRows - 1) / (kWarps * kRows));
   const dim3 grid(blocks), block(kWarps * 32);
-  if (a.m <= 1) {
-    return LaunchPdl(GemvKernel<T, O, 1, kRows, kWarps, kUnroll, kNorm, kPairs>, grid, block,
-                     stream, a);
-  } else if (a.m <= 2) {
-    return LaunchPdl(GemvKernel<T, O, 2, kRows, kWarps, kUnroll, kNorm, kPairs>, grid, block,
-                     stream, a);
-  } else if (a.m <= 4) {
-    return LaunchPdl(GemvKernel<T, O, 4, kRows, kWarps, kUnroll, kNorm, kPairs>, grid, block,
-                     stream, a);
-  } else {
-    return LaunchPdl(GemvKernel<T, O, 8, kRows, kWarps, kUnroll, kNorm, kPairs>, grid, block,
-                     stream, a);
-  }
+  if (a.m <= 1)
+    return LaunchM<T, O, 1, kRows, kWarps, kUnroll, kNorm, kPairs>(a, grid, block, stream);
+  if (a.m <= 2)
+    return LaunchM<T, O, 2, kRows, kWarps, kUnroll, kNorm, kPairs>(a, grid, block, stream);
+  if (a.m <= 4)
+    return LaunchM<T, O, 4, kRows, kWarps, kUnroll, kNorm, kPairs>(a, grid, block, stream);
+  return LaunchM<T, O, 8, kRows, kWarps, kUnroll, kNorm, kPairs>(a, grid, block, stream);
 }
 
 template <typename T, typename O>

@@ -63,8 +63,10 @@ struct GpuRunnerOptions {
   // gate_up normalize it as they read it (GemvArgs::norm_weight, accumulate), so a layer runs
   // no norm kernel; gate_up also applies SiLU-mul itself (GemvArgs::silu_pairs). Models with an
   // o_proj bias keep the separate kernels. Off: its tests pass, but on an H200 it made batch-1
-  // decode 3.6% slower than the decode attention kernel alone (the norm-reading GEMVs are slower
-  // than the norm kernels they replace; docs/PERFORMANCE.md).
+  // decode 3.6% slower than the decode attention kernel alone (the norm-reading GEMVs were slower
+  // than the norm kernels they replace; docs/PERFORMANCE.md). Since then each GEMV block writes
+  // the normalized rows to shared memory once instead of scaling every load of x (not yet
+  // measured).
   bool fused_residual_norm = false;
   // Attention over planned tiles (prefill and prompt chunks) in bf16 and f16 through the
   // tensor-core kernel (PagedAttentionArgs::mma_prefill; tiles of 64 query rows). On an H200
