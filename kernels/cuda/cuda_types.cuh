@@ -53,6 +53,27 @@ __device__ __forceinline__ void Load16(const T* p, float* out) {
   Unpack16<T>(v, out);
 }
 
+// cos and sin of position * inv_freq: the angle in double (positions reach 10^5 and more, where
+// float loses the phase), reduced to [-pi, pi] in double, then sincosf, which is exact to about an
+// ulp there and much cheaper than a double sincos.
+__device__ __forceinline__ void RopeAngle(double pos, float inv_freq, float* c, float* s) {
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  // Rounded explicitly, so every kernel that calls it gets the same angle.
+  const double a0 = __dmul_rn(pos, static_cast<double>(inv_freq));
+  const double a = __fma_rn(-kTwoPi, rint(a0 / kTwoPi), a0);
+  sincosf(static_cast<float>(a), s, c);
+}
+
+// The rotate-half pair (x1, x2) at angle (c, s), rounded to T: x1 c - x2 s and x2 c + x1 s, each
+// product rounded and never contracted into an FMA, so every kernel that rotates (the RoPE kernel,
+// the q/k/v GEMV with RoPE folded in) writes the same bits; the arithmetic is RopeCpu's (its cos
+// and sin come from another library, so not its bits).
+template <typename T>
+__device__ __forceinline__ void RopeRotate(float x1, float x2, float c, float s, T* y1, T* y2) {
+  *y1 = FromF<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+  *y2 = FromF<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+}
+
 // Calls fn(T{}) with T the C++ type of `t`.
 template <typename Fn>
 cudaError_t DispatchAct(ActType t, Fn&& fn) {

@@ -5,7 +5,10 @@
 // the rows first, then, where the rows fit, writes them normalized and rounded to T into shared
 // memory once, by the norm kernel's expression; else it scales each x load by the gain and the
 // sums by 1/RMS), and y accumulates into the residual; or each warp takes a gate row and its up
-// row and writes silu(gate) * up (SiLU-mul folded into the gate/up projection).
+// row and writes silu(gate) * up (SiLU-mul folded into the gate/up projection); or, in the q/k/v
+// projection, a q or k head's rows i and i + head_dim / 2, rotated (RoPE) and written to y and,
+// for k and v, the KV cache. The epilogues round explicitly (__fmul_rn, __fadd_rn), so every mode
+// writes the same bits for a row as the plain GEMV and the kernels it replaces.
 #include <cstdint>
 #include <type_traits>
 
@@ -27,20 +30,39 @@ enum NormMode : int { kNoNorm = 0, kNormOnLoad = 1, kNormStaged = 2 };
 // 1 KiB for the kernel's own arrays (inv_s, part_s: under 300 bytes).
 constexpr size_t kMaxStagedBytes = 47 << 10;
 
-template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, int kNorm, bool kPairs>
+// What a warp does with its rows' sums: write them (plain), SiLU-mul a gate row and its up row
+// (GemvArgs::silu_pairs), or rotate a q or k row pair and write the KV cache too (rope_heads).
+enum OutMode : int { kPlainOut = 0, kSiluPairs = 1, kRopeQkv = 2 };
+
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, int kNorm, int kOut>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
-  static_assert(!kPairs || kRows == 2, "a pair is a gate row and its up row");
+  constexpr bool kPairs = kOut == kSiluPairs;
+  static_assert(kOut == kPlainOut || kRows == 2, "two rows a warp: gate and up, or a rotated pair");
   constexpr int kN = kVec16<T>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  // The warp's weight rows: row0 + j * row_step for j < rows_here (pairs: gate row `unit` and up
-  // row n / 2 + unit).
+  // The warp's weight rows: row0 + j * row_step for j < rows_here. Pairs: gate row `unit` and up
+  // row n / 2 + unit. RoPE: units below rot_units are a q or k head's rows i and i + head_dim / 2
+  // (head unit / rot_half, i = unit % rot_half); the rest take the v rows two at a time.
   const int64_t half = a.n / 2;
-  const int64_t row0 = kPairs ? unit : unit * kRows;
-  const int64_t row_step = kPairs ? half : 1;
+  const int64_t rot_half = kOut == kRopeQkv ? a.head_dim / 2 : 1;
+  const int64_t rot_units = kOut == kRopeQkv ? (a.rope_heads + a.kv_heads) * rot_half : 0;
+  int64_t row0 = unit * kRows, row_step = 1;
+  if constexpr (kPairs) {
+    row0 = unit;
+    row_step = half;
+  } else if constexpr (kOut == kRopeQkv) {
+    if (unit < rot_units) {
+      row0 = unit / rot_half * a.head_dim + unit % rot_half;
+      row_step = rot_half;
+    } else {
+      row0 = 2 * rot_units + 2 * (unit - rot_units);
+    }
+  }
   // Warps past the last row stay for the block-wide norm reduction, with no rows of their own.
-  const int64_t rows_here = kPairs ? (unit < half ? kRows : 0)
-                                   : (a.n - row0 < kRows ? (a.n > row0 ? a.n - row0 : 0) : kRows);
+  const int64_t rows_here = kOut != kPlainOut
+                                ? (unit < half ? kRows : 0)
+                                : (a.n - row0 < kRows ? (a.n > row0 ? a.n - row0 : 0) : kRows);
   if (!kNorm && rows_here == 0) return;
   const int64_t vecs = a.k / kN;  // 16-byte vectors per row
   const uint4* w = reinterpret_cast<const uint4*>(a.w);
@@ -193,10 +215,53 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         float v = acc[r][j];
-        if constexpr (kNorm == kNormOnLoad) v *= inv_s[r];
+        if constexpr (kNorm == kNormOnLoad) v = __fmul_rn(v, inv_s[r]);
         gu[j] = ToF(FromF<O>(v));
       }
       y[r * a.ldy + row0] = FromF<O>(gu[0] / (1.0f + __expf(-gu[0])) * gu[1]);
+    }
+  } else if constexpr (kOut == kRopeQkv) {
+    if (lane != 0 || rows_here == 0) return;
+    // Each sum (with its bias) rounded to T, as the RoPE kernel reads the plain output; a q or k
+    // pair rotated; then y, and the k and v heads' rows into the token's cache slot.
+    O* y = static_cast<O*>(a.y);
+    const O* bias = static_cast<const O*>(a.bias);
+    const bool rotated = unit < rot_units;
+    const int64_t head = unit / rot_half, i = unit % rot_half;
+    const int64_t width = a.kv_heads * a.head_dim;  // a cache slot's elements
+    O* cache = nullptr;                             // this unit's first element in slot 0
+    if (rotated && head >= a.rope_heads) {
+      cache = static_cast<O*>(a.k_cache) + (head - a.rope_heads) * a.head_dim + i;
+    } else if (!rotated) {
+      cache = static_cast<O*>(a.v_cache) + (row0 - 2 * rot_units);
+    }
+    float c = 1.0f, s = 0.0f;
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      if (r >= a.m) break;
+      float x[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float v = acc[r][j];
+        if constexpr (kNorm == kNormOnLoad) v = __fmul_rn(v, inv_s[r]);
+        if (bias != nullptr) v = __fadd_rn(v, ToF(bias[row0 + j * row_step]));
+        x[j] = ToF(FromF<O>(v));
+      }
+      O y0, y1;
+      if (rotated) {
+        RopeAngle(static_cast<double>(a.positions[r]), a.inv_freq[i], &c, &s);
+        RopeRotate(x[0], x[1], c, s, &y0, &y1);
+      } else {
+        y0 = FromF<O>(x[0]);
+        y1 = FromF<O>(x[1]);
+      }
+      y[r * a.ldy + row0] = y0;
+      y[r * a.ldy + row0 + row_step] = y1;
+      const int64_t slot = a.slots[r];
+      if (cache != nullptr && slot >= 0 && slot < a.cache_slots) {
+        cache[slot * width] = y0;
+        cache[slot * width + row_step] = y1;
+      }
     }
   } else if (lane == 0) {
     O* y = static_cast<O*>(a.y);
@@ -208,8 +273,8 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       for (int j = 0; j < kRows; ++j) {
         if (j < rows_here) {
           float v = acc[r][j];
-          if constexpr (kNorm == kNormOnLoad) v *= inv_s[r];
-          if (bias != nullptr) v += ToF(bias[row0 + j]);
+          if constexpr (kNorm == kNormOnLoad) v = __fmul_rn(v, inv_s[r]);
+          if (bias != nullptr) v = __fadd_rn(v, ToF(bias[row0 + j]));
           O* out = y + r * a.ldy + row0 + j;
           if (a.accumulate) v += ToF(*out);
           *out = FromF<O>(v);
@@ -220,43 +285,49 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
 }
 
 // With a norm, its rows staged in shared memory where they fit in kMaxStagedBytes.
-template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm,
-          bool kPairs>
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm, int kOut>
 cudaError_t LaunchM(const GemvArgs& a, dim3 grid, dim3 block, cudaStream_t stream) {
   if constexpr (kNorm) {
     const size_t staged = static_cast<size_t>(a.m) * a.k * sizeof(T);
     if (staged <= kMaxStagedBytes) {
-      return LaunchPdlSmem(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormStaged, kPairs>, grid,
+      return LaunchPdlSmem(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormStaged, kOut>, grid,
                            block, staged, stream, a);
     }
-    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormOnLoad, kPairs>, grid, block,
+    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormOnLoad, kOut>, grid, block,
                      stream, a);
   } else {
-    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNoNorm, kPairs>, grid, block,
+    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNoNorm, kOut>, grid, block,
                      stream, a);
   }
 }
 
 template <typename T, typename O, int kRows, int kWarps, int kUnroll, bool kNorm,
-          bool kPairs = false>
+          int kOut = kPlainOut>
 cudaError_t LaunchShape(const GemvArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.n + kWarps * kRows - 1) / (kWarps * kRows));
   const dim3 grid(blocks), block(kWarps * 32);
-  if (a.m <= 1)
-    return LaunchM<T, O, 1, kRows, kWarps, kUnroll, kNorm, kPairs>(a, grid, block, stream);
-  if (a.m <= 2)
-    return LaunchM<T, O, 2, kRows, kWarps, kUnroll, kNorm, kPairs>(a, grid, block, stream);
-  if (a.m <= 4)
-    return LaunchM<T, O, 4, kRows, kWarps, kUnroll, kNorm, kPairs>(a, grid, block, stream);
-  return LaunchM<T, O, 8, kRows, kWarps, kUnroll, kNorm, kPairs>(a, grid, block, stream);
+  if (a.m <= 1) {
+    return LaunchM<T, O, 1, kRows, kWarps, kUnroll, kNorm, kOut>(a, grid, block, stream);
+  }
+  if (a.m <= 2) {
+    return LaunchM<T, O, 2, kRows, kWarps, kUnroll, kNorm, kOut>(a, grid, block, stream);
+  }
+  if (a.m <= 4) {
+    return LaunchM<T, O, 4, kRows, kWarps, kUnroll, kNorm, kOut>(a, grid, block, stream);
+  }
+  return LaunchM<T, O, 8, kRows, kWarps, kUnroll, kNorm, kOut>(a, grid, block, stream);
 }
 
 template <typename T, typename O>
 cudaError_t LaunchFor(const GemvArgs& a, cudaStream_t stream) {
-  if (a.silu_pairs) {
+  if (a.silu_pairs || a.rope_heads > 0) {
     if constexpr (std::is_same_v<T, O>) {
-      return a.norm_weight != nullptr ? LaunchShape<T, O, 2, 8, 2, true, true>(a, stream)
-                                      : LaunchShape<T, O, 2, 8, 2, false, true>(a, stream);
+      if (a.silu_pairs) {
+        return a.norm_weight != nullptr ? LaunchShape<T, O, 2, 8, 2, true, kSiluPairs>(a, stream)
+                                        : LaunchShape<T, O, 2, 8, 2, false, kSiluPairs>(a, stream);
+      }
+      return a.norm_weight != nullptr ? LaunchShape<T, O, 2, 8, 2, true, kRopeQkv>(a, stream)
+                                      : LaunchShape<T, O, 2, 8, 2, false, kRopeQkv>(a, stream);
     } else {
       return cudaErrorInvalidValue;  // refused by GemvSupported (out_type must be act)
     }
@@ -285,8 +356,15 @@ bool GemvSupported(const GemvArgs& a) {
   const bool accumulate_ok = !a.accumulate || (a.out_type == ActType::kF32 && a.x != a.y);
   const bool pairs_ok = !a.silu_pairs || (a.n % 2 == 0 && a.out_type == a.act &&
                                           a.bias == nullptr && !a.accumulate && a.x != a.y);
+  const bool rope_ok =
+      a.rope_heads == 0 ||
+      (a.rope_heads > 0 && a.kv_heads > 0 && a.head_dim > 0 && a.head_dim % 2 == 0 &&
+       a.n == (a.rope_heads + 2 * a.kv_heads) * a.head_dim && !a.silu_pairs &&
+       a.out_type == a.act && !a.accumulate && a.x != a.y && a.positions != nullptr &&
+       a.inv_freq != nullptr && a.slots != nullptr && a.k_cache != nullptr &&
+       a.v_cache != nullptr && a.cache_slots >= 0);
   return a.m >= 1 && a.m <= 8 && a.n > 0 && a.k > 0 && a.k % vec == 0 && a.ldx % vec == 0 &&
-         aligned(a.x) && aligned(a.w) && out_ok && norm_ok && accumulate_ok && pairs_ok;
+         aligned(a.x) && aligned(a.w) && out_ok && norm_ok && accumulate_ok && pairs_ok && rope_ok;
 }
 
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream) {

@@ -3,7 +3,8 @@
 // type, with and without bias, act and f32 outputs, fresh random inputs rounded to the activation
 // type first, poisoned outputs. Tolerances (relative L2 error): f32 1e-5, f16 2e-3, bf16 1e-2. Also
 // the GEMV's fused forms for decode (input RMSNorm over the f32 residual, accumulation into it,
-// SiLU-mul of gate/up pairs: bit for bit the unfused GEMV followed by the SiLU-mul kernel).
+// SiLU-mul of gate/up pairs: bit for bit the unfused GEMV followed by the SiLU-mul kernel; RoPE
+// and the KV cache write in the q/k/v projection: bit for bit the GEMV, then the RoPE + KV kernel).
 // Needs a GPU: tagged "gpu"; skipped where the build has no CUDA or the machine no device.
 #include <algorithm>
 #include <cmath>
@@ -381,6 +382,184 @@ TEST_F(GemvTest, SiluPairsEqualGemvThenSiluMul) {
   bad.ldy = 4;
   EXPECT_TRUE(GemvCuda(bad, stream->handle()).ok());  // the same arguments, fixed, run
   ASSERT_TRUE(stream->Synchronize().ok());
+}
+
+// The q/k/v GEMV with RoPE and the KV cache write folded in writes exactly the bytes that the plain
+// GEMV followed by the RoPE + KV write kernel does: y (rotated q and k, v) and both caches, with
+// and without the input norm and a bias, for every activation type, m up to 8, a slot past the
+// cache and a negative one (nothing written), and several GQA shapes.
+TEST_F(GemvTest, RopeQkvEqualsGemvThenRopeWriteKv) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  absl::StatusOr<CudaStream> stream = CudaStream::Create();
+  ASSERT_TRUE(stream.ok());
+  const float eps = 1e-5f;
+  struct Shape {
+    int64_t q_heads, kv_heads, head_dim, k;
+  };
+  constexpr int64_t kSlots = 40;  // cache slots
+  for (ActType act : {ActType::kF32, ActType::kF16, ActType::kBF16}) {
+    const int64_t eb = gpu::ActBytes(act);
+    // {3, 2, 24, 64}: the q/k-to-v boundary mid-block (unit 60) and idle warps in the last block.
+    for (const Shape sh : {Shape{4, 2, 64, 256}, Shape{6, 6, 16, 96}, Shape{32, 8, 128, 4096},
+                           Shape{3, 1, 32, 1032}, Shape{3, 2, 24, 64}}) {
+      const int64_t D = sh.head_dim, n = (sh.q_heads + 2 * sh.kv_heads) * D;
+      const int64_t width = sh.kv_heads * D;
+      std::vector<float> w(n * sh.k), x(8 * sh.k), resid(8 * sh.k), gain(sh.k), bias(n);
+      for (float& v : w) v = RoundTo(act, normal(rng) * 0.05f);
+      for (float& v : x) v = RoundTo(act, normal(rng));
+      for (float& v : resid) v = normal(rng) * 3.0f;
+      for (float& v : gain) v = 1.0f + 0.2f * normal(rng);
+      for (float& v : bias) v = RoundTo(act, normal(rng));
+      std::vector<float> inv_freq(D / 2);
+      for (int64_t i = 0; i < D / 2; ++i) {
+        inv_freq[i] = static_cast<float>(std::pow(500000.0, -2.0 * i / D));
+      }
+      std::vector<int32_t> positions(8);
+      std::vector<int64_t> slots(8);
+      for (int r = 0; r < 8; ++r) {
+        positions[r] = static_cast<int32_t>(rng() % 100000);
+        slots[r] = 3 * r + 1;
+      }
+      slots[2] = -1;      // padding row: no cache write
+      slots[5] = kSlots;  // past the cache: none either
+      DeviceBuffer dw = Upload(Encode(act, w)), dx = Upload(Encode(act, x)),
+                   dres = Upload(Encode(ActType::kF32, resid)),
+                   dgain = Upload(Encode(ActType::kF32, gain)), db = Upload(Encode(act, bias));
+      auto upload = [](const void* p, size_t bytes) {
+        absl::StatusOr<DeviceBuffer> b = cuda_test::UploadBytes(p, bytes);
+        EXPECT_TRUE(b.ok()) << b.status();
+        return *std::move(b);
+      };
+      DeviceBuffer dfreq = upload(inv_freq.data(), 4 * inv_freq.size()),
+                   dpos = upload(positions.data(), 4 * positions.size()),
+                   dslots = upload(slots.data(), 8 * slots.size());
+      for (int64_t m : {1, 2, 3, 5, 8}) {
+        for (const bool norm : {false, true}) {
+          for (const bool with_bias : {false, true}) {
+            SCOPED_TRACE(::testing::Message()
+                         << "act " << static_cast<int>(act) << " m " << m << " heads " << sh.q_heads
+                         << "/" << sh.kv_heads << " head_dim " << D << " k " << sh.k << " norm "
+                         << norm << " bias " << with_bias);
+            const std::vector<uint8_t> poison(kSlots * width * eb, 0xff);
+            DeviceBuffer want_y = Upload(std::vector<uint8_t>(m * n * eb, 0xff)),
+                         got_y = Upload(std::vector<uint8_t>(m * n * eb, 0xff)),
+                         want_k = Upload(poison), want_v = Upload(poison), got_k = Upload(poison),
+                         got_v = Upload(poison);
+            gpu::GemvArgs g;
+            g.m = m;
+            g.n = n;
+            g.k = sh.k;
+            g.x = norm ? dres.data() : dx.data();
+            g.ldx = sh.k;
+            g.w = dw.data();
+            g.bias = with_bias ? db.data() : nullptr;
+            g.y = want_y.data();
+            g.ldy = n;
+            g.act = g.out_type = act;
+            g.norm_weight = norm ? dgain.as<float>() : nullptr;
+            g.norm_eps = eps;
+            ASSERT_TRUE(GemvCuda(g, stream->handle()).ok());
+            char* q = static_cast<char*>(want_y.data());
+            const int64_t qd = sh.q_heads * D;
+            const gpu::RopeArgs rope{
+                m, sh.q_heads,  sh.kv_heads, D,  dpos.as<int32_t>(), dfreq.as<float>(), q,
+                n, q + qd * eb, n,           act};
+            gpu::WriteKvArgs wk;
+            wk.num_tokens = m;
+            wk.num_kv_heads = sh.kv_heads;
+            wk.head_dim = D;
+            wk.block_tokens = 8;
+            wk.num_blocks = kSlots / 8;
+            wk.k = q + qd * eb;
+            wk.k_stride = n;
+            wk.v = q + (qd + width) * eb;
+            wk.v_stride = n;
+            wk.slots = dslots.as<int64_t>();
+            wk.k_cache = want_k.data();
+            wk.v_cache = want_v.data();
+            wk.act = act;
+            ASSERT_TRUE(RopeWriteKvCuda(rope, wk, stream->handle()).ok());
+            g.y = got_y.data();
+            g.rope_heads = sh.q_heads;
+            g.kv_heads = sh.kv_heads;
+            g.head_dim = D;
+            g.positions = dpos.as<int32_t>();
+            g.inv_freq = dfreq.as<float>();
+            g.slots = dslots.as<int64_t>();
+            g.cache_slots = kSlots;
+            g.k_cache = got_k.data();
+            g.v_cache = got_v.data();
+            ASSERT_TRUE(GemvCuda(g, stream->handle()).ok());
+            ASSERT_TRUE(stream->Synchronize().ok());
+            auto bytes = [](DeviceBuffer& b, size_t size) {
+              std::vector<uint8_t> out(size);
+              EXPECT_TRUE(b.CopyToHost(out.data(), size).ok());
+              return out;
+            };
+            const std::vector<uint8_t> wy = bytes(want_y, m * n * eb),
+                                       gy = bytes(got_y, m * n * eb);
+            int64_t first = -1;
+            for (int64_t i = 0; i < m * n && first < 0; ++i) {
+              if (std::memcmp(&wy[i * eb], &gy[i * eb], eb) != 0) first = i;
+            }
+            EXPECT_EQ(first, -1) << "y differs first at row " << first / n << " column "
+                                 << first % n;
+            const std::vector<float> wf = Decode(act, wy);
+            for (float v : wf) ASSERT_TRUE(std::isfinite(v)) << "reference output not written";
+            for (const char* which : {"k", "v"}) {
+              const bool is_k = which[0] == 'k';
+              const std::vector<uint8_t> wc = bytes(is_k ? want_k : want_v, poison.size()),
+                                         gc = bytes(is_k ? got_k : got_v, poison.size());
+              EXPECT_TRUE(wc == gc) << which << " cache differs";
+              // The written slots are those of rows below m with a slot inside the cache.
+              for (int64_t slot = 0; slot < kSlots; ++slot) {
+                bool written = false;
+                for (int64_t r = 0; r < m; ++r) written |= slots[r] == slot;
+                const bool poisoned = std::all_of(gc.begin() + slot * width * eb,
+                                                  gc.begin() + (slot + 1) * width * eb,
+                                                  [](uint8_t b) { return b == 0xff; });
+                EXPECT_EQ(poisoned, !written) << which << " cache slot " << slot;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  // Refused: rows that are not the heads' count, an odd head_dim, accumulation, a missing cache.
+  // (Only GemvSupported's verdict is checked: d serves as every buffer, so nothing runs.)
+  DeviceBuffer d = Upload(std::vector<uint8_t>(1 << 16, 0));
+  gpu::GemvArgs bad = SmallArgs(d);
+  bad.n = (2 + 2 * 1) * 16;
+  bad.ldy = bad.n;
+  bad.rope_heads = 2;
+  bad.kv_heads = 1;
+  bad.head_dim = 16;
+  bad.positions = d.as<int32_t>();
+  bad.inv_freq = d.as<float>();
+  bad.slots = reinterpret_cast<const int64_t*>(d.data());
+  bad.cache_slots = 4;
+  bad.k_cache = bad.v_cache = d.data();
+  EXPECT_TRUE(gpu::GemvSupported(bad));  // each change below alone makes it unsupported
+  bad.n = 48;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.n = 64;
+  bad.head_dim = 15;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.head_dim = 16;
+  bad.accumulate = true;
+  bad.out_type = ActType::kF32;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.act = ActType::kF32;  // f32 in and out: accumulation alone is what is refused
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
+  bad.accumulate = false;
+  EXPECT_TRUE(gpu::GemvSupported(bad));
+  bad.act = bad.out_type = ActType::kBF16;
+  bad.v_cache = nullptr;
+  EXPECT_TRUE(absl::IsInvalidArgument(GemvCuda(bad, stream->handle())));
 }
 
 #else

@@ -136,7 +136,9 @@ absl::Status GemvCuda(const gpu::GemvArgs& a, CudaStreamHandle stream) {
   STRATA_REQUIRE(gpu::GemvSupported(a), "gemv",
                  "unsupported arguments (m 1 to 8, k and ldx whole 16-byte vectors, 16-byte "
                  "aligned x, w and norm_weight, f32 output to accumulate, y not aliasing x; "
-                 "silu_pairs: even n, output in act, no bias or accumulate)");
+                 "silu_pairs: even n, output in act, no bias or accumulate; rope_heads: n = "
+                 "(rope_heads + 2 kv_heads) head_dim, even head_dim, output in act, no "
+                 "accumulate, positions, inv_freq, slots and both caches set)");
   return Launched(gpu::LaunchGemv(a, S(stream)), "gemv");
 }
 

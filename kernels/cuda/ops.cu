@@ -9,16 +9,6 @@
 namespace strata::gpu {
 namespace {
 
-// cos and sin of position * inv_freq: the angle in double (positions reach 10^5 and more, where
-// float loses the phase), reduced to [-pi, pi] in double, then sincosf, which is exact to about an
-// ulp there and much cheaper than a double sincos.
-__device__ __forceinline__ void RopeAngle(double pos, float inv_freq, float* c, float* s) {
-  constexpr double kTwoPi = 6.283185307179586476925286766559;
-  double a = pos * static_cast<double>(inv_freq);
-  a -= kTwoPi * rint(a / kTwoPi);
-  sincosf(static_cast<float>(a), s, c);
-}
-
 template <typename T>
 __global__ void EmbedKernel(EmbedArgs a) {
   PdlBegin();
@@ -102,8 +92,8 @@ __global__ void RopeKernel(RopeArgs a, WriteKvArgs w) {
                    : static_cast<T*>(a.k) + t * a.k_stride + h * a.head_dim;
     float c, s;
     RopeAngle(static_cast<double>(a.positions[t]), a.inv_freq[i], &c, &s);
-    const float x1 = ToF(base[i]), x2 = ToF(base[i + half]);
-    const T y1 = FromF<T>(x1 * c - x2 * s), y2 = FromF<T>(x2 * c + x1 * s);
+    T y1, y2;
+    RopeRotate(ToF(base[i]), ToF(base[i + half]), c, s, &y1, &y2);
     base[i] = y1;
     base[i + half] = y2;
     if (kWrite && !is_q && slot >= 0) {

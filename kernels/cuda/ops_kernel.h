@@ -279,6 +279,22 @@ struct GemvArgs {
   // u_i = x.W_{n/2+i}, each rounded to out_type first: exactly what LaunchSiluMul computes from
   // this GEMV's plain output. out_type must be act; no bias, no accumulate; `variant` is ignored.
   bool silu_pairs = false;
+  // RoPE and the KV cache write folded into the q/k/v projection (rope_heads > 0): W holds
+  // rope_heads q heads, then kv_heads k heads, then kv_heads v heads of head_dim rows each
+  // (n = (rope_heads + 2 kv_heads) head_dim), and out_type is act. Each output is rounded to act;
+  // q and k rows i and i + head_dim / 2 of a head are rotated by positions[r] * inv_freq[i]; y gets
+  // them all, and the k and v heads of row r also go to cache slot slots[r] (none for a negative
+  // slot or one at or past cache_slots): exactly this GEMV's plain output followed by
+  // LaunchRopeWriteKv. No accumulate; `variant` is ignored.
+  int64_t rope_heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;                // even
+  const int32_t* positions = nullptr;  // [m]
+  const float* inv_freq = nullptr;     // [head_dim / 2]
+  const int64_t* slots = nullptr;      // [m]
+  int64_t cache_slots = 0;             // num_blocks * block_tokens
+  void* k_cache = nullptr;             // [cache_slots, kv_heads, head_dim], act
+  void* v_cache = nullptr;
 };
 bool GemvSupported(const GemvArgs& a);
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream);

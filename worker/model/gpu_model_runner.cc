@@ -1054,9 +1054,37 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     return GemvCuda(g, s);
   };
   char* q = static_cast<char*>(qkv);
+  // The fused form also folds RoPE and the KV cache write into the q/k/v GEMV, unless per-head
+  // norms (Qwen3's) come between the projection and the rotation.
+  const bool fused_rope = fused && !c.qk_norm;
+  const int64_t* d_slots = reinterpret_cast<const int64_t*>(d_inputs + off_slots);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerDev& L = layers[l];
-    if (fused) {
+    if (fused_rope) {
+      gpu::GemvArgs g;
+      g.m = n;
+      g.n = qkv_w;
+      g.k = H;
+      g.x = hidden;
+      g.ldx = H;
+      g.w = L.qkv_w;
+      g.bias = L.qkv_b;
+      g.y = qkv;
+      g.ldy = qkv_w;
+      g.act = g.out_type = act;
+      g.norm_weight = L.in_norm;
+      g.norm_eps = eps;
+      g.rope_heads = nh;
+      g.kv_heads = nkv;
+      g.head_dim = D;
+      g.positions = In32(off_pos);
+      g.inv_freq = inv_freq;
+      g.slots = d_slots;
+      g.cache_slots = o.num_blocks * o.block_tokens;
+      g.k_cache = kc[l];
+      g.v_cache = vc[l];
+      RETURN_IF_ERROR(GemvCuda(g, s));
+    } else if (fused) {
       RETURN_IF_ERROR(gemv(qkv_w, H, nullptr, L.in_norm, L.qkv_w, L.qkv_b, qkv, false));
     } else {
       RETURN_IF_ERROR(AddRmsNormCuda(
@@ -1087,23 +1115,25 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
       RETURN_IF_ERROR(HeadNormRuns(n, nkv, q + qd * eb, L.k_norm,
                                    [l](const DeltaDev& d) { return d.layers[l].k_norm; }));
     }
-    const gpu::RopeArgs rope{n,     nh,          nkv,   D,  In32(off_pos), inv_freq, q,
-                             qkv_w, q + qd * eb, qkv_w, act};
-    gpu::WriteKvArgs wk;
-    wk.num_tokens = n;
-    wk.num_kv_heads = nkv;
-    wk.head_dim = D;
-    wk.block_tokens = o.block_tokens;
-    wk.num_blocks = o.num_blocks;
-    wk.k = q + qd * eb;
-    wk.k_stride = qkv_w;
-    wk.v = q + (qd + kvd) * eb;
-    wk.v_stride = qkv_w;
-    wk.slots = reinterpret_cast<const int64_t*>(d_inputs + off_slots);
-    wk.k_cache = kc[l];
-    wk.v_cache = vc[l];
-    wk.act = act;
-    RETURN_IF_ERROR(RopeWriteKvCuda(rope, wk, s));
+    if (!fused_rope) {
+      const gpu::RopeArgs rope{n,     nh,          nkv,   D,  In32(off_pos), inv_freq, q,
+                               qkv_w, q + qd * eb, qkv_w, act};
+      gpu::WriteKvArgs wk;
+      wk.num_tokens = n;
+      wk.num_kv_heads = nkv;
+      wk.head_dim = D;
+      wk.block_tokens = o.block_tokens;
+      wk.num_blocks = o.num_blocks;
+      wk.k = q + qd * eb;
+      wk.k_stride = qkv_w;
+      wk.v = q + (qd + kvd) * eb;
+      wk.v_stride = qkv_w;
+      wk.slots = d_slots;
+      wk.k_cache = kc[l];
+      wk.v_cache = vc[l];
+      wk.act = act;
+      RETURN_IF_ERROR(RopeWriteKvCuda(rope, wk, s));
+    }
     pa.k_cache = kc[l];
     pa.v_cache = vc[l];
     RETURN_IF_ERROR(PagedAttentionCuda(pa, s));

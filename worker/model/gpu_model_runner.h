@@ -65,8 +65,10 @@ struct GpuRunnerOptions {
   // o_proj bias keep the separate kernels. Off: its tests pass, but on an H200 it made batch-1
   // decode 3.6% slower than the decode attention kernel alone (the norm-reading GEMVs were slower
   // than the norm kernels they replace; docs/PERFORMANCE.md). Since then each GEMV block writes
-  // the normalized rows to shared memory once instead of scaling every load of x (not yet
-  // measured).
+  // the normalized rows to shared memory once instead of scaling every load of x, and, for models
+  // without per-head q/k norms, the qkv GEMV also applies RoPE and writes the KV cache
+  // (GemvArgs::rope_heads), so a layer is five kernels (with the decode attention kernel): qkv,
+  // attention, o_proj, gate_up, down (not yet measured).
   bool fused_residual_norm = false;
   // Attention over planned tiles (prefill and prompt chunks) in bf16 and f16 through the
   // tensor-core kernel (PagedAttentionArgs::mma_prefill; tiles of 64 query rows). On an H200
