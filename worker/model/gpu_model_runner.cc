@@ -1033,8 +1033,8 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
                      qd % 8 == 0 && I % 8 == 0 && !deltas;
   // A decode GEMV over `x` (or, with `norm`, the residual normalized by it) into `y`; with
   // `silu_pairs`, SiLU-mul of its gate and up halves into y [n, rows / 2].
-  auto gemv = [&](int64_t rows, int64_t k, const void* x, const float* norm, const void* w,
-                  const void* bias, void* y, bool accumulate, bool silu_pairs = false) {
+  auto gemv_args = [&](int64_t rows, int64_t k, const void* x, const float* norm, const void* w,
+                       const void* bias, void* y, bool accumulate, bool silu_pairs = false) {
     gpu::GemvArgs g;
     g.m = n;
     g.n = rows;
@@ -1051,8 +1051,9 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     g.norm_weight = norm;
     g.norm_eps = eps;
     g.accumulate = accumulate;
-    return GemvCuda(g, s);
+    return g;
   };
+  auto gemv = [&](auto... args) { return GemvCuda(gemv_args(args...), s); };
   char* q = static_cast<char*>(qkv);
   // The fused form also folds RoPE and the KV cache write into the q/k/v GEMV, unless per-head
   // norms (Qwen3's) come between the projection and the rotation.
@@ -1061,19 +1062,7 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerDev& L = layers[l];
     if (fused_rope) {
-      gpu::GemvArgs g;
-      g.m = n;
-      g.n = qkv_w;
-      g.k = H;
-      g.x = hidden;
-      g.ldx = H;
-      g.w = L.qkv_w;
-      g.bias = L.qkv_b;
-      g.y = qkv;
-      g.ldy = qkv_w;
-      g.act = g.out_type = act;
-      g.norm_weight = L.in_norm;
-      g.norm_eps = eps;
+      gpu::GemvArgs g = gemv_args(qkv_w, H, nullptr, L.in_norm, L.qkv_w, L.qkv_b, qkv, false);
       g.rope_heads = nh;
       g.kv_heads = nkv;
       g.head_dim = D;
