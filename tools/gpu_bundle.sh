@@ -78,7 +78,9 @@ for lib in ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 l
   p="$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ && !found { print $NF; found = 1 }')"
   if [ -n "$p" ]; then cp -L "$p" "$out/glibc/$lib"; fi
 done
-ldd --version | head -1 | awk '{ print $NF }' >"$out/GLIBC_VERSION"
+# awk reads all of ldd's output: `head -1` could close the pipe first, and pipefail would make
+# ldd's SIGPIPE end the script (it did, once in a while).
+ldd --version | awk 'NR == 1 { print $NF }' >"$out/GLIBC_VERSION"
 git rev-parse --short HEAD 2>/dev/null >"$out/COMMIT" || echo unknown >"$out/COMMIT"
 cp tools/gpu_bundle_run.sh "$out/run.sh"
 chmod +x "$out/run.sh"

@@ -24,7 +24,7 @@ done
 
 # Use the bundled glibc (through its own loader) only when the machine's is older than the build's.
 launcher=()
-host_glibc="$(ldd --version 2>/dev/null | head -1 | awk '{ print $NF }')"
+host_glibc="$(ldd --version 2>/dev/null | awk 'NR == 1 { print $NF }')"
 want_glibc="$(cat "$here/GLIBC_VERSION")"
 if [ -z "$host_glibc" ] || [ "$(printf '%s\n%s\n' "$want_glibc" "$host_glibc" | sort -V | head -1)" != "$want_glibc" ]; then
   driver_dirs="$(ldconfig -p 2>/dev/null | awk '/libcuda\.so/ && !found { sub(/\/[^/]*$/, "", $NF); print $NF; found = 1 }')"
