@@ -75,9 +75,10 @@ ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
 ABSL_FLAG(int, fine_tune_bits, 4, "Bits of the fine_tunes runs' random deltas (2, 4 or 8).");
 ABSL_FLAG(int64_t, trace_steps, 3,
           "After every other run, trace this many decode steps per batch size with the shipped "
-          "defaults through CUPTI (0: none): per step, the kernels' busy and idle time inside the "
-          "graph (trace_b*_ keys), and next to --out a table of kernels by total time and the "
-          "last step's timeline (*_trace_bN.tsv, *_trace_bN_step.tsv).");
+          "defaults through CUPTI, and with the fused decode layer up to 4 rows (0: none): per "
+          "step, the kernels' busy and idle time inside the graph (trace_b*_ keys), and next to "
+          "--out a table of kernels by total time and the last step's timeline "
+          "(*_trace_bN[_fused_norm].tsv, *_trace_bN[_fused_norm]_step.tsv).");
 
 namespace strata {
 namespace {
@@ -757,8 +758,8 @@ int Main() {
     if (!trace.ok()) {
       json.AddStr("trace_error", std::string(trace.status().message()));
     } else {
-      GpuModelRunner* const r = fresh(oo);
-      for (int64_t bs : batches) {
+      // Traces `trace_steps` decode steps of r at batch bs under the keys `key`_*.
+      auto trace_decode = [&](GpuModelRunner* r, int64_t bs, const std::string& key) {
         Batch b = batch_of(bs);
         Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
         double device_ms = 0;
@@ -797,7 +798,6 @@ int Main() {
           }
         }
         const double n = static_cast<double>(trace_steps);
-        const std::string key = absl::StrCat("trace_b", bs);
         json.Add(key + "_kernels_per_step", kernels / n);
         json.Add(key + "_span_us_per_step", span / n);
         json.Add(key + "_busy_us_per_step", busy / n);
@@ -805,7 +805,7 @@ int Main() {
         json.Add(key + "_traced_device_ms_per_step", device_ms);  // against the untraced runs
         json.Add(key + "_dropped_records",
                  static_cast<double>((*trace)->dropped() - dropped_before));
-        if (out.empty()) continue;
+        if (out.empty()) return;
         const std::string stem = absl::StrCat(
             absl::EndsWith(out, ".json") ? out.substr(0, out.size() - 5) : out, "_", key);
         std::vector<KernelTraceSummary::Entry> sorted;
@@ -831,6 +831,17 @@ int Main() {
           const uint64_t end = std::max(last[i].end_ns, last[i].start_ns);  // an incomplete record
           timeline << absl::StrFormat("%d\t%s\t%.3f\t%.3f\t%.3f\n", i, last[i].name, start,
                                       (end - last[i].start_ns) / 1000.0, gap);
+        }
+      };
+      GpuModelRunner* r = fresh(oo);
+      for (int64_t bs : batches) trace_decode(r, bs, absl::StrCat("trace_b", bs));
+      // The fused decode layer too (fused_residual_norm, up to 4 rows), next to the default.
+      if (std::any_of(batches.begin(), batches.end(), [](int64_t bs) { return bs <= 4; })) {
+        GpuRunnerOptions fused = oo;
+        fused.fused_residual_norm = true;
+        r = fresh(fused);
+        for (int64_t bs : batches) {
+          if (bs <= 4) trace_decode(r, bs, absl::StrCat("trace_b", bs, "_fused_norm"));
         }
       }
     }

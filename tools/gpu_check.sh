@@ -283,7 +283,7 @@ for path in sorted(glob.glob(os.path.join(res, "ncu_*.csv"))):
 # no kernel running, and the kernels that take the most.
 if ours.get("trace_error"):
     print("kernel trace: " + ours["trace_error"])
-for b in ("1", "64"):
+for b in ("1", "64", "1_fused_norm"):
     k = "trace_b%s_" % b
     if g(ours, k + "span_us_per_step") is None:
         continue
