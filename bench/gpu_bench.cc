@@ -11,7 +11,10 @@
 //     table, plus the KV cache of the context) over the measured copy bandwidth;
 //   - fine-tunes: decode at the largest batch with its sequences spread over 1, 4, ... random
 //     packed deltas (--fine_tune_tenants, --fine_tune_bits), and the prefill of one fine-tune's
-//     prompt.
+//     prompt;
+//   - decode with seeded sampling on the GPU (the exponential race, and the sort at top-p 0.9);
+//   - last, a CUPTI trace of a few decode steps (--trace_steps) of the default and the fused
+//     decode layer: each kernel's time inside the graph and the idle time between kernels.
 // Prints a table last and writes every figure as JSON to --out.
 #include <algorithm>
 #include <chrono>
@@ -213,6 +216,7 @@ double Decode(GpuModelRunner* r, Batch* b, int64_t steps, double* device_ms,
       for (size_t i = 0; i < rows->size(); ++i) {
         (*rows)[i].u =
             static_cast<double>((step * 7919 + static_cast<int64_t>(i) * 104729) % 9973) / 9973.0;
+        (*rows)[i].race_key = (static_cast<uint64_t>(step) << 32) | i;  // a race's draws
       }
       GpuModelRunner::Sampling sampling;
       sampling.rows = *rows;
@@ -803,6 +807,8 @@ int Main() {
         json.Add(key + "_busy_us_per_step", busy / n);
         json.Add(key + "_idle_us_per_step", idle / n);
         json.Add(key + "_traced_device_ms_per_step", device_ms);  // against the untraced runs
+        // Records CUPTI dropped since the last collection (this prefill and warm-up included): a
+        // health flag.
         json.Add(key + "_dropped_records",
                  static_cast<double>((*trace)->dropped() - dropped_before));
         if (out.empty()) return;

@@ -279,8 +279,8 @@ for path in sorted(glob.glob(os.path.join(res, "ncu_*.csv"))):
     print("%s: %d kernels, %.1f us of kernel time; top: %s" % (
         os.path.basename(path), len(kernels), sum(us for _, us in kernels),
         ", ".join("%s %.0f" % kv for kv in top)))
-# Kernel traces (CUPTI) of the shipped defaults' decode steps: device time per step, the part with
-# no kernel running, and the kernels that take the most.
+# Kernel traces (CUPTI) of the shipped defaults' decode steps and the fused layer's: device time per
+# step, the part with no kernel running, and the kernels that take the most.
 if ours.get("trace_error"):
     print("kernel trace: " + ours["trace_error"])
 for b in ("1", "64", "1_fused_norm"):
@@ -292,7 +292,8 @@ for b in ("1", "64", "1_fused_norm"):
     if os.path.exists(tsv):
         for line in open(tsv).read().splitlines()[1:7]:
             f = line.split("\t")
-            top.append("%s %s" % (f[0].split("<")[0][:28], f[2]))
+            if len(f) >= 3:  # a line cut short by a timeout
+                top.append("%s %s" % (f[0].split("<")[0][:28], f[2]))
     print("trace b%s: %.0f kernels, %.1f us a step, %.1f us idle (%.1f%%); top us: %s" % (
         b, g(ours, k + "kernels_per_step"), g(ours, k + "span_us_per_step"),
         g(ours, k + "idle_us_per_step"),

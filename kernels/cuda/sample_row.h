@@ -35,7 +35,8 @@ struct SampleRow {
 // in one pass with no sort, and a pick that moves only when the two best ratios swap, so logits
 // that differ in their last bits (another batch, a prefill in place of a decode step after a
 // fail-over) almost never change the token, where the walk's boundaries move with every
-// candidate's probability. The CPU and GPU samplers both follow this rule with the same arithmetic.
+// candidate's probability. The CPU and GPU samplers both follow this rule with the same arithmetic
+// (double exp and log, whose library implementations may differ in the last bit).
 inline STRATA_HOST_DEVICE bool DrawsByRace(float top_p, int32_t top_k, int64_t vocab) {
   return !(top_p < 1.0f) && (top_k <= 0 || top_k >= vocab);
 }

@@ -102,8 +102,9 @@ ABSL_FLAG(bool, gpu_decode_attention_kernel, true,
           "GPU decode steps' attention through the decode kernel (lanes share each key; split-K "
           "merged in the same kernel); false: the tiled kernel.");
 ABSL_FLAG(bool, gpu_fused_residual_norm, false,
-          "GPU decode steps of up to 4 rows fold each residual-add RMSNorm, SiLU-mul and RoPE "
-          "with the KV cache write into the projections around them. Experimental: its first "
+          "GPU decode steps of up to 4 rows fold each residual-add RMSNorm, SiLU-mul and (without "
+          "per-head q/k norms) RoPE with the KV cache write into the projections around them. "
+          "Experimental: its first "
           "version was slower than the separate kernels on an H200; the current one is not "
           "measured yet.");
 ABSL_FLAG(bool, gpu_prefill_mma_attention, true,
