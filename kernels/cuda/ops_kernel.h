@@ -227,12 +227,15 @@ struct SampleArgs {
   const int32_t* ban_tokens = nullptr;
   int32_t* token = nullptr;   // [rows]
   float* logprob = nullptr;   // [rows]: log-probability after penalties and temperature
-  void* workspace = nullptr;  // SampleWorkspaceBytes(rows, vocab) bytes
+  void* workspace = nullptr;  // SampleWorkspaceBytes(rows, vocab, sorted_draws) bytes
   // Some row draws from sorted candidates (temperature above 0 and not DrawsByRace). False (the
-  // caller knows) skips the sort and the kernel after it.
+  // caller knows) skips the sort and the kernel after it, and needs only the small workspace; a
+  // row that should sort is then drawn by the race instead.
   bool sorted_draws = true;
 };
-size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab);
+// The workspace for `rows` rows: with `sorted_draws`, the sort's buffers too (about 24 bytes a
+// logit: about 200 MB for 64 rows of a 128,256-token vocabulary); without, a few bytes a row.
+size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab, bool sorted_draws = true);
 cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream);
 
 // dst[i, :] = src[rows[i], :] for i < num_rows (width elements each, row strides ld_src, ld_dst).

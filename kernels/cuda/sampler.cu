@@ -30,18 +30,12 @@ struct Layout {
       total;
 };
 
-Layout LayoutFor(int64_t rows, int64_t vocab) {
+// The per-row values first; then, only where some row sorts (`sorted`), the sort's keys, values,
+// prefix sums and cub's scratch: about 24 bytes a logit, which races and greedy rows never touch.
+Layout LayoutFor(int64_t rows, int64_t vocab, bool sorted) {
   Layout l{};
   const size_t n = static_cast<size_t>(rows * vocab);
   size_t at = 0;
-  l.keys_in = at;
-  at += Align(4 * n);
-  l.keys_out = at;
-  at += Align(4 * n);
-  l.vals_in = at;
-  at += Align(4 * n);
-  l.vals_out = at;
-  at += Align(4 * n);
   l.offsets = at;
   at += Align(4 * rows);
   l.ends = at;
@@ -50,6 +44,18 @@ Layout LayoutFor(int64_t rows, int64_t vocab) {
   at += Align(8 * rows);
   l.finite = at;
   at += Align(4 * rows);
+  if (!sorted) {
+    l.total = at;
+    return l;
+  }
+  l.keys_in = at;
+  at += Align(4 * n);
+  l.keys_out = at;
+  at += Align(4 * n);
+  l.vals_in = at;
+  at += Align(4 * n);
+  l.vals_out = at;
+  at += Align(4 * n);
   l.cum = at;
   at += Align(8 * n);
   size_t temp = 0;
@@ -108,8 +114,11 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
   }
   __syncthreads();
   const bool scale = p.temperature > 0 && p.temperature != 1.0f;
-  const bool by_race = p.temperature > 0 && DrawsByRace(p.top_p, p.top_k, a.vocab);
-  const bool sorted = p.temperature > 0 && !by_race;
+  // Without the sort's workspace (sorted_draws false) no row may sort: one that should is raced
+  // rather than written past the workspace (the caller's bug; SampleArgs::sorted_draws).
+  const bool sorted =
+      a.sorted_draws && p.temperature > 0 && !DrawsByRace(p.top_p, p.top_k, a.vocab);
+  const bool by_race = p.temperature > 0 && !sorted;
   const float inv = __fdiv_rn(1.0f, p.temperature);
   float best = -INFINITY;
   int best_i = INT32_MAX;
@@ -292,10 +301,12 @@ __global__ void __launch_bounds__(kThreads) PickKernel(SampleArgs a, Layout l) {
 
 }  // namespace
 
-size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab) { return LayoutFor(rows, vocab).total; }
+size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab, bool sorted_draws) {
+  return LayoutFor(rows, vocab, sorted_draws).total;
+}
 
 cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
-  const Layout l = LayoutFor(a.rows, a.vocab);
+  const Layout l = LayoutFor(a.rows, a.vocab, a.sorted_draws);
   PrepareKernel<<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a, l);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   if (!a.sorted_draws) return cudaSuccess;  // PrepareKernel chose every token

@@ -148,7 +148,8 @@ TEST_F(SamplerGpuTest, DrawsTheCpuSamplersTokens) {
                    d_bt = Upload(ban_tokens);
       absl::StatusOr<DeviceBuffer> d_token = DeviceBuffer::Allocate(4 * R),
                                    d_lp = DeviceBuffer::Allocate(4 * R),
-                                   ws = DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(R, vocab));
+                                   ws = DeviceBuffer::Allocate(
+                                       gpu::SampleWorkspaceBytes(R, vocab, !no_sort));
       ASSERT_TRUE(d_token.ok() && d_lp.ok() && ws.ok());
       ASSERT_TRUE(d_token->Fill(0xff).ok());
       gpu::SampleArgs a;

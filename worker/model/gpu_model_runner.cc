@@ -1228,8 +1228,17 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
       std::memcpy(sample_staging.as<char>() + at[i], parts[i].first, parts[i].second);
     }
   }
-  if (sample_ws.bytes() == 0) {
-    ASSIGN_OR_RETURN(sample_ws, DeviceBuffer::Allocate(gpu::SampleWorkspaceBytes(S_(), V)));
+  // The sort's buffers (about 200 MB at 64 rows of a 128k vocabulary) only once a step needs them:
+  // races and greedy rows (the API's defaults) do not.
+  const bool sorted_draws =
+      std::any_of(sp.rows.begin(), sp.rows.end(), [this](const gpu::SampleRow& r) {
+        return r.temperature > 0 && !gpu::DrawsByRace(r.top_p, r.top_k, V);
+      });
+  if (const size_t need = gpu::SampleWorkspaceBytes(S_(), V, sorted_draws);
+      sample_ws.bytes() < need) {
+    RETURN_IF_ERROR(compute->Synchronize());  // the old workspace may still be in use
+    sample_ws = DeviceBuffer();
+    ASSIGN_OR_RETURN(sample_ws, DeviceBuffer::Allocate(need));
   }
   char* d = static_cast<char*>(sample_in.data());
   RETURN_IF_ERROR(CudaStatus(
@@ -1252,9 +1261,7 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   a.token = d_out_tokens;
   a.logprob = d_out_logprobs;
   a.workspace = sample_ws.data();
-  a.sorted_draws = std::any_of(sp.rows.begin(), sp.rows.end(), [this](const gpu::SampleRow& r) {
-    return r.temperature > 0 && !gpu::DrawsByRace(r.top_p, r.top_k, V);
-  });
+  a.sorted_draws = sorted_draws;
   // No wait here: the step's download waits for the compute stream, copy and sampling included.
   return SampleCuda(a, Handle(compute->get()));
 }
