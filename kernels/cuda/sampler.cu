@@ -36,36 +36,30 @@ Layout LayoutFor(int64_t rows, int64_t vocab, bool sorted) {
   Layout l{};
   const size_t n = static_cast<size_t>(rows * vocab);
   size_t at = 0;
-  l.offsets = at;
-  at += Align(4 * rows);
-  l.ends = at;
-  at += Align(4 * rows);
-  l.lse = at;
-  at += Align(8 * rows);
-  l.finite = at;
-  at += Align(4 * rows);
-  if (!sorted) {
-    l.total = at;
-    return l;
+  // Each region at the next 256-byte boundary.
+  auto take = [&at](size_t bytes) {
+    const size_t offset = at;
+    at += Align(bytes);
+    return offset;
+  };
+  l.offsets = take(4 * rows);
+  l.ends = take(4 * rows);
+  l.lse = take(8 * rows);
+  l.finite = take(4 * rows);
+  if (sorted) {
+    l.keys_in = take(4 * n);
+    l.keys_out = take(4 * n);
+    l.vals_in = take(4 * n);
+    l.vals_out = take(4 * n);
+    l.cum = take(8 * n);
+    size_t temp = 0;
+    (void)cub::DeviceSegmentedRadixSort::SortPairsDescending(
+        nullptr, temp, static_cast<const float*>(nullptr), static_cast<float*>(nullptr),
+        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), static_cast<int>(n),
+        static_cast<int>(rows), static_cast<const int*>(nullptr), static_cast<const int*>(nullptr));
+    l.temp_bytes = temp;
+    l.temp = take(temp);
   }
-  l.keys_in = at;
-  at += Align(4 * n);
-  l.keys_out = at;
-  at += Align(4 * n);
-  l.vals_in = at;
-  at += Align(4 * n);
-  l.vals_out = at;
-  at += Align(4 * n);
-  l.cum = at;
-  at += Align(8 * n);
-  size_t temp = 0;
-  (void)cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      nullptr, temp, static_cast<const float*>(nullptr), static_cast<float*>(nullptr),
-      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), static_cast<int>(n),
-      static_cast<int>(rows), static_cast<const int*>(nullptr), static_cast<const int*>(nullptr));
-  l.temp = at;
-  l.temp_bytes = temp;
-  at += Align(temp);
   l.total = at;
   return l;
 }
