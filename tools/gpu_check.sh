@@ -18,7 +18,8 @@
 # STRATA_GPU_ONLY (a regex of bundle names to run),
 # STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer, with
 # the tools in STRATA_GPU_SANITIZE_TOOLS, default memcheck; kernels/cuda:delta_test runs under them
-# too, filtered by STRATA_GPU_SANITIZE_DELTA, default all, empty for none),
+# too, filtered by STRATA_GPU_SANITIZE_DELTA, default all, empty for none, and kernels/cuda:gemv_test
+# when STRATA_GPU_SANITIZE_GEMV gives its filter),
 # STRATA_CLUSTER (0 skips the cluster check), STRATA_CLUSTER_DEVICE (the worker's --device, default
 # gpu; cpu checks the script itself on a machine without a GPU), STRATA_GPU_JOBS (test binaries run
 # at once, default 4; benchmarks always run alone), STRATA_GPU_PACK (a .tgz path: RESULTS_DIR packed
@@ -156,6 +157,15 @@ case "${1:-}" in
             gpu-bundle/bin/kernels.cuda.delta_test --gtest_filter="${STRATA_GPU_SANITIZE_DELTA-*}" \
             >>"$results/sanitizer.log" 2>&1
           echo "compute-sanitizer $tool (delta_test) exit $?" >>"$results/sanitizer.log"
+        fi
+        # The GEMV's fused forms, whose epilogues compute cache offsets (STRATA_GPU_SANITIZE_GEMV:
+        # a gtest filter of kernels/cuda:gemv_test, e.g. GemvTest.RopeQkv*; unset skips them: its
+        # 8B-sized shapes are slow under the sanitizer).
+        if [ -n "${STRATA_GPU_SANITIZE_GEMV:-}" ] && [ -x gpu-bundle/bin/kernels.cuda.gemv_test ]; then
+          LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            gpu-bundle/bin/kernels.cuda.gemv_test --gtest_filter="$STRATA_GPU_SANITIZE_GEMV" \
+            >>"$results/sanitizer.log" 2>&1
+          echo "compute-sanitizer $tool (gemv_test) exit $?" >>"$results/sanitizer.log"
         fi
       done
     fi
