@@ -210,8 +210,8 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
         const double d = static_cast<double>(v) - top_d;
         // A sure loser skips the exp and the log: log(p_i / E_i) = d - log(E_i), and
         // log(E_i) = log(-log u) >= log(1 - u) >= -u / (1 - u), so d < log(best) - u / (1 - u)
-        // (less a margin for rounding) cannot win.
-        if (d < log_best - u / (1.0 - u) - 1e-9) continue;
+        // (less a margin for rounding) cannot win; multiplied through by 1 - u > 0, no division.
+        if ((log_best - d - 1e-9) * (1.0 - u) > u) continue;
         const double e = std::exp(d);
         if (!(e >= min_p_bound)) continue;
         const double r = e / -std::log(u);
