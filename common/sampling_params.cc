@@ -67,16 +67,16 @@ absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams&
   }
   for (int i = 0; i < p.logit_bias_size(); ++i) {
     const v1::TokenBias& b = p.logit_bias(i);
-    const std::string field = absl::StrCat("logit_bias[", i, "]");
+    auto field = [i] { return absl::StrCat("logit_bias[", i, "]"); };  // for an error only
     if (b.token_id() < 0 || b.token_id() >= vocab_size) {
-      return Bad(field, absl::StrCat("token ", b.token_id(), " is outside the vocabulary [0, ",
-                                     vocab_size, ")"));
+      return Bad(field(), absl::StrCat("token ", b.token_id(), " is outside the vocabulary [0, ",
+                                       vocab_size, ")"));
     }
     if (!(b.bias() >= -100.0f && b.bias() <= 100.0f)) {
-      return Bad(field, "bias must be in [-100, 100]");
+      return Bad(field(), "bias must be in [-100, 100]");
     }
     for (const auto& [token, bias] : r.logit_bias) {
-      if (token == b.token_id()) return Bad(field, absl::StrCat("repeats token ", token));
+      if (token == b.token_id()) return Bad(field(), absl::StrCat("repeats token ", token));
     }
     r.logit_bias.emplace_back(b.token_id(), b.bias());
   }

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -434,8 +435,9 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   }
   call.n = static_cast<int>(n);
   const int64_t prompts = 1 + static_cast<int64_t>(call.more_prompts.size());
+  static_assert(kMaxChoices <= kMaxGenerations, "one prompt's n alone never exceeds it");
   if (prompts * n > kMaxGenerations) {
-    *param = prompts > 1 ? "prompt" : "n";
+    *param = "prompt";
     return root.Field(*param)->Error(absl::StrCat("asks for ", prompts * n, " generations (",
                                                   prompts, " prompts x n ", n, "); at most ",
                                                   kMaxGenerations, " a request"));
@@ -461,19 +463,17 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
   // A key given twice keeps its last value, as a JSON object read into a dict does.
   if (std::optional<JsonValue> v = root.FindField("logit_bias")) {
     ASSIGN_OR_RETURN(const auto members, v->AsObject());
+    absl::flat_hash_map<int32_t, int> index;  // token -> its entry (linear in the keys)
     for (const auto& [key, value] : members) {
       int32_t token = 0;
       if (key.empty() || key.size() > 10 ||
-          !std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+          !std::all_of(key.begin(), key.end(), absl::ascii_isdigit) ||
           !absl::SimpleAtoi(key, &token)) {
         return v->Error(absl::StrCat("has a key \"", key, "\" that is not a token id"));
       }
       ASSIGN_OR_RETURN(const double bias, value.AsDouble());
-      v1::TokenBias* b = nullptr;
-      for (v1::TokenBias& seen : *s.mutable_logit_bias()) {
-        if (seen.token_id() == token) b = &seen;
-      }
-      if (b == nullptr) b = s.add_logit_bias();
+      const auto [it, added] = index.try_emplace(token, s.logit_bias_size());
+      v1::TokenBias* b = added ? s.add_logit_bias() : s.mutable_logit_bias(it->second);
       b->set_token_id(token);
       b->set_bias(static_cast<float>(bias));
     }
@@ -1029,12 +1029,14 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
   return 0;
 }
 
-grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, std::string* text,
-                                       std::string* first_token, bool* first_added) {
+grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, bool first,
+                                       std::string* text, std::string* first_token,
+                                       bool* first_added) {
   const absl::Duration timeout = absl::Seconds(10);
   *first_added = false;
   if (request.prompt_case() == v1::GenerateRequest::kText) {
     *text = request.text();
+    if (!first) return grpc::Status::OK;
     // As Generate tokenizes it (BOS first); the empty text shows the tokens the server adds.
     v1::TokenizeRequest with;
     with.set_model(request.model());
@@ -1064,14 +1066,17 @@ grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, std::
   one.set_model(request.model());
   one.set_skip_special_tokens(all.skip_special_tokens());
   if (ids.ids_size() > 0) one.add_token_ids(ids.ids(0));
-  v1::DetokenizeResponse whole, first;
+  v1::DetokenizeResponse whole;
   grpc::Status s =
       Unary(timeout, [&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, all, &whole); });
   if (!s.ok()) return s;
   *text = whole.text();
-  s = Unary(timeout, [&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, one, &first); });
+  if (!first) return grpc::Status::OK;
+  v1::DetokenizeResponse one_text;
+  s = Unary(timeout,
+            [&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, one, &one_text); });
   if (!s.ok()) return s;
-  *first_token = first.text();
+  *first_token = one_text.text();
   return grpc::Status::OK;
 }
 
@@ -1134,13 +1139,13 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     int64_t offset = 0;  // streamed: the text offset of the next token
     const char* finish = nullptr;
     v1::Usage usage;
-    grpc::Status status;
     bool first_event = true;
     // Echo: its prompt's text and first token's, and whether the server adds that token.
     std::string echo_text, first_token;
     bool first_added = false;
   };
   const bool score_only = call->score_only;
+  const bool want_logprobs = call->request.sampling().has_logprobs();
   const int n = call->n;
   const int num_prompts = 1 + static_cast<int>(call->more_prompts.size());
   const int total = num_prompts * n;
@@ -1166,7 +1171,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   if (call->echo) {
     for (int p = 0; p < num_prompts; ++p) {
       Choice& c = *choices[p * n];
-      const grpc::Status s = EchoPrompt(requests[p], &c.echo_text, &c.first_token, &c.first_added);
+      const grpc::Status s =
+          EchoPrompt(requests[p], want_logprobs, &c.echo_text, &c.first_token, &c.first_added);
       if (!s.ok()) {
         Reply(fd, ErrorResponse(HttpStatusOf(s.error_code()), s.error_message()));
         return;
@@ -1201,14 +1207,16 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       return;
     }
   }
+  // Each prompt's request, its seed and id set per choice in place (the call has sent it when
+  // Generate returns): choice i seeded seed + i, choice k > 0 named "<id>-k".
+  const v1::SamplingParams& asked = call->request.sampling();
+  const std::string& id_asked = call->request.request_id();
   for (int k = 0; k < total; ++k) {
-    v1::GenerateRequest request = requests[k / n];
+    v1::GenerateRequest& request = requests[k / n];
     const int i = k % n;
-    v1::SamplingParams& s = *request.mutable_sampling();
-    if (i > 0 && s.has_seed()) s.set_seed(s.seed() + static_cast<uint64_t>(i));
-    if (k > 0 && !request.request_id().empty()) {
-      request.set_request_id(absl::StrCat(request.request_id(), "-", k));
-    }
+    if (asked.has_seed())
+      request.mutable_sampling()->set_seed(asked.seed() + static_cast<uint64_t>(i));
+    if (k > 0 && !id_asked.empty()) request.set_request_id(absl::StrCat(id_asked, "-", k));
     choices[k]->reader = stub_->Generate(contexts[k], request);
   }
   // A client that leaves while no token flows (queued, in a long prefill) cancels too.
@@ -1221,7 +1229,6 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     LOG(WARNING) << "http: no thread to watch a connection: " << e.what();
   }
   const int64_t created = absl::ToUnixSeconds(absl::Now());
-  const bool want_logprobs = call->request.sampling().has_logprobs();
   const char* object = chat ? "chat.completion.chunk" : "text_completion";
   absl::Mutex mu;          // the id, the head and the writes of a stream
   std::string id;          // from the first chunk of any choice
@@ -1271,9 +1278,10 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       std::vector<std::string> entries;
       if (call->echo && c.first_event) {
         // The prompt first, in an event of its own.
-        const Logprobs lp = prompt_logprobs(c, chunk.prompt_logprobs());
+        std::optional<Logprobs> lp;
+        if (want_logprobs) lp = prompt_logprobs(c, chunk.prompt_logprobs());
         entries.push_back(choice_json(index, absl::StrCat("\"text\":", JsonQuote(c.echo_text)),
-                                      want_logprobs ? &lp : nullptr, nullptr));
+                                      lp ? &*lp : nullptr, nullptr));
         c.offset = static_cast<int64_t>(c.echo_text.size());
         c.first_event = false;
       }
@@ -1307,12 +1315,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
         for (grpc::ClientContext* ctx : contexts) ctx->TryCancel();  // frees the sequences
       }
     }
-    c.status = c.reader->Finish();
-    if (!c.status.ok() && !client_gone.load()) {
+    const grpc::Status status = c.reader->Finish();
+    if (!status.ok() && !client_gone.load()) {
       // One choice failed: the answer is that error, so the others stop now (first one wins).
       absl::MutexLock lock(&mu);
       if (failure.ok()) {
-        failure = c.status;
+        failure = status;
         for (grpc::ClientContext* ctx : contexts) ctx->TryCancel();
       }
     }

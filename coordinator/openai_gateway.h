@@ -165,8 +165,9 @@ class OpenAiGateway {
   uint32_t ResolveModel(v1::GenerateRequest* request);
   // For echo: the prompt's text, the text of its first token (which has no log-probability), and
   // whether the server adds that token itself (a BOS before a text prompt: no characters of the
-  // echoed text). Through Tokenize / Detokenize.
-  grpc::Status EchoPrompt(const v1::GenerateRequest& request, std::string* text,
+  // echoed text), the last two only with `first` (for log-probabilities). Through Tokenize /
+  // Detokenize.
+  grpc::Status EchoPrompt(const v1::GenerateRequest& request, bool first, std::string* text,
                           std::string* first_token, bool* first_added);
   // One unary call of the Serving service within `timeout`, registered so that a stop cancels it:
   // `rpc` makes it with the context it is given. UNAVAILABLE when the gateway is stopping.
