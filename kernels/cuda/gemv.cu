@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
   const int64_t rows_here = kOut != kPlainOut
                                 ? (unit < half ? kRows : 0)
                                 : (a.n - row0 < kRows ? (a.n > row0 ? a.n - row0 : 0) : kRows);
-  if (!kNorm && rows_here == 0) return;
+  if (kNorm == kNoNorm && rows_here == 0) return;
   const int64_t vecs = a.k / kN;  // 16-byte vectors per row
   const uint4* w = reinterpret_cast<const uint4*>(a.w);
   const uint4* x = reinterpret_cast<const uint4*>(a.x);
@@ -204,28 +204,31 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
 #pragma unroll
     for (int j = 0; j < kRows; ++j) acc[r][j] = WarpSum(acc[r][j]);
   }
+  // Row j's sum for input row r as every epilogue starts from: 1/RMS (the on-load norm) and the
+  // bias applied, explicitly rounded.
+  const O* bias = static_cast<const O*>(a.bias);
+  auto sum = [&](int r, int j) {
+    float v = acc[r][j];
+    if constexpr (kNorm == kNormOnLoad) v = __fmul_rn(v, inv_s[r]);
+    if (bias != nullptr) v = __fadd_rn(v, ToF(bias[row0 + j * row_step]));
+    return v;
+  };
+  O* y = static_cast<O*>(a.y);
   if constexpr (kPairs) {
     if (lane != 0) return;
-    // Gate and up rounded to the output type, as the unfused SiLU-mul reads them.
-    O* y = static_cast<O*>(a.y);
+      // Gate and up rounded to the output type, as the unfused SiLU-mul reads them.
 #pragma unroll
     for (int r = 0; r < M; ++r) {
       if (r >= a.m) break;
       float gu[2];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float v = acc[r][j];
-        if constexpr (kNorm == kNormOnLoad) v = __fmul_rn(v, inv_s[r]);
-        gu[j] = ToF(FromF<O>(v));
-      }
+      for (int j = 0; j < 2; ++j) gu[j] = ToF(FromF<O>(sum(r, j)));
       y[r * a.ldy + row0] = FromF<O>(gu[0] / (1.0f + __expf(-gu[0])) * gu[1]);
     }
   } else if constexpr (kOut == kRopeQkv) {
-    if (lane != 0 || rows_here == 0) return;
+    if (lane != 0) return;  // warps without rows left before the main loop
     // Each sum (with its bias) rounded to T, as the RoPE kernel reads the plain output; a q or k
     // pair rotated; then y, and the k and v heads' rows into the token's cache slot.
-    O* y = static_cast<O*>(a.y);
-    const O* bias = static_cast<const O*>(a.bias);
     const bool rotated = unit < rot_units;
     const int64_t head = unit / rot_half, i = unit % rot_half;
     const int64_t width = a.kv_heads * a.head_dim;  // a cache slot's elements
@@ -241,12 +244,7 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       if (r >= a.m) break;
       float x[2];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float v = acc[r][j];
-        if constexpr (kNorm == kNormOnLoad) v = __fmul_rn(v, inv_s[r]);
-        if (bias != nullptr) v = __fadd_rn(v, ToF(bias[row0 + j * row_step]));
-        x[j] = ToF(FromF<O>(v));
-      }
+      for (int j = 0; j < 2; ++j) x[j] = ToF(FromF<O>(sum(r, j)));
       O y0, y1;
       if (rotated) {
         RopeAngle(static_cast<double>(a.positions[r]), a.inv_freq[i], &c, &s);
@@ -264,17 +262,13 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       }
     }
   } else if (lane == 0) {
-    O* y = static_cast<O*>(a.y);
-    const O* bias = static_cast<const O*>(a.bias);
 #pragma unroll
     for (int r = 0; r < M; ++r) {
       if (r >= a.m) break;
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
         if (j < rows_here) {
-          float v = acc[r][j];
-          if constexpr (kNorm == kNormOnLoad) v = __fmul_rn(v, inv_s[r]);
-          if (bias != nullptr) v = __fadd_rn(v, ToF(bias[row0 + j]));
+          float v = sum(r, j);  // row_step is 1 here
           O* out = y + r * a.ldy + row0 + j;
           if (a.accumulate) v += ToF(*out);
           *out = FromF<O>(v);

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <utility>
 #include <vector>
@@ -75,23 +76,29 @@ gpu::GemvArgs SmallArgs(DeviceBuffer& d) {
   return a;
 }
 
+// Every test draws fresh inputs (its seed in each failure's trace) and runs on its own stream.
 class GemvTest : public ::testing::Test {
  protected:
   void SetUp() override {
     absl::StatusOr<int> devices = CudaDeviceCount();
     if (!devices.ok()) GTEST_SKIP() << "no usable GPU: " << devices.status();
+    const uint32_t seed = std::random_device{}();
+    rng.seed(seed);
+    seed_trace.emplace(__FILE__, __LINE__, ::testing::Message() << "seed " << seed);
+    absl::StatusOr<CudaStream> s = CudaStream::Create();
+    ASSERT_TRUE(s.ok()) << s.status();
+    stream.emplace(*std::move(s));
   }
+
+  std::mt19937 rng;
+  std::normal_distribution<float> normal{0.0f, 1.0f};
+  std::optional<::testing::ScopedTrace> seed_trace;
+  std::optional<CudaStream> stream;
 };
 
 TEST_F(GemvTest, MatchesCpuAndCublasLt) {
-  const uint32_t seed = std::random_device{}();
-  SCOPED_TRACE(::testing::Message() << "seed " << seed);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
   auto gemm = CublasLtGemm::Create();
   ASSERT_TRUE(gemm.ok()) << gemm.status();
-  absl::StatusOr<CudaStream> stream = CudaStream::Create();
-  ASSERT_TRUE(stream.ok());
   struct Shape {
     int64_t n, k;
   };
@@ -159,12 +166,6 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
 // read (GemvArgs::norm_weight), and the output added into an f32 residual (accumulate), each
 // alone and both, against the same computation on the CPU in f32 (the norm in double).
 TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
-  const uint32_t seed = std::random_device{}();
-  SCOPED_TRACE(::testing::Message() << "seed " << seed);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  absl::StatusOr<CudaStream> stream = CudaStream::Create();
-  ASSERT_TRUE(stream.ok());
   struct Shape {
     int64_t n, k;
   };
@@ -282,12 +283,6 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
 // by the SiLU-mul kernel does (the same sums, rounded the same way), with and without the input
 // norm, for every activation type and m.
 TEST_F(GemvTest, SiluPairsEqualGemvThenSiluMul) {
-  const uint32_t seed = std::random_device{}();
-  SCOPED_TRACE(::testing::Message() << "seed " << seed);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  absl::StatusOr<CudaStream> stream = CudaStream::Create();
-  ASSERT_TRUE(stream.ok());
   const float eps = 1e-5f;
   struct Shape {
     int64_t half, k;  // n = 2 * half rows of W
@@ -389,12 +384,6 @@ TEST_F(GemvTest, SiluPairsEqualGemvThenSiluMul) {
 // and without the input norm and a bias, for every activation type, m up to 8, a slot past the
 // cache and a negative one (nothing written), and several GQA shapes.
 TEST_F(GemvTest, RopeQkvEqualsGemvThenRopeWriteKv) {
-  const uint32_t seed = std::random_device{}();
-  SCOPED_TRACE(::testing::Message() << "seed " << seed);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  absl::StatusOr<CudaStream> stream = CudaStream::Create();
-  ASSERT_TRUE(stream.ok());
   const float eps = 1e-5f;
   struct Shape {
     int64_t q_heads, kv_heads, head_dim, k;

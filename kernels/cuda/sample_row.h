@@ -5,10 +5,12 @@
 
 #include <cstdint>
 
+#ifndef STRATA_HOST_DEVICE
 #if defined(__CUDACC__)
 #define STRATA_HOST_DEVICE __host__ __device__
 #else
 #define STRATA_HOST_DEVICE
+#endif
 #endif
 
 namespace strata::gpu {
@@ -39,6 +41,12 @@ struct SampleRow {
 // (double exp and log, whose library implementations may differ in the last bit).
 inline STRATA_HOST_DEVICE bool DrawsByRace(float top_p, int32_t top_k, int64_t vocab) {
   return !(top_p < 1.0f) && (top_k <= 0 || top_k >= vocab);
+}
+
+// Whether row `r` draws from its candidates sorted by probability: it samples (temperature above
+// 0) and does not race. The GPU sampler sorts exactly these rows.
+inline STRATA_HOST_DEVICE bool DrawsSorted(const SampleRow& r, int64_t vocab) {
+  return r.temperature > 0 && !DrawsByRace(r.top_p, r.top_k, vocab);
 }
 
 // The race's uniform for token `id` under `key`, in (0, 1): a splitmix64 output of the id's place

@@ -110,8 +110,7 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
   const bool scale = p.temperature > 0 && p.temperature != 1.0f;
   // Without the sort's workspace (sorted_draws false) no row may sort: one that should is raced
   // rather than written past the workspace (the caller's bug; SampleArgs::sorted_draws).
-  const bool sorted =
-      a.sorted_draws && p.temperature > 0 && !DrawsByRace(p.top_p, p.top_k, a.vocab);
+  const bool sorted = a.sorted_draws && DrawsSorted(p, a.vocab);
   const bool by_race = p.temperature > 0 && !sorted;
   const float inv = __fdiv_rn(1.0f, p.temperature);
   float best = -INFINITY;
@@ -242,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) PickKernel(SampleArgs a, Layout l) {
   const int64_t r = blockIdx.x;
   const SampleRow p = a.params[r];
   // Drawn already (as PrepareKernel decides: only rows with temperature above 0 sort).
-  if (!(p.temperature > 0) || DrawsByRace(p.top_p, p.top_k, a.vocab)) return;
+  if (!DrawsSorted(p, a.vocab)) return;
   char* ws = static_cast<char*>(a.workspace);
   const float* sorted = reinterpret_cast<const float*>(ws + l.keys_out) + r * a.vocab;
   const int32_t* ids = reinterpret_cast<const int32_t*>(ws + l.vals_out) + r * a.vocab;

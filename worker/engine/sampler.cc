@@ -45,8 +45,8 @@ inline V4F Load4(const float* p) {
 
 // log(sum(exp(x))) over finite entries: the largest, then the sum of exp(x - max), four lanes at a
 // time in float for 32 steps, then in double (about 1e-7 relative, far below the logits' own
-// rounding).
-double LogSumExp(absl::Span<const float> x) {
+// rounding). The largest goes to *max_out when given.
+double LogSumExp(absl::Span<const float> x, float* max_out = nullptr) {
   const size_t n = x.size(), whole = n - n % 4;
   V4F m4 = V4F{} + kNegInf;
   for (size_t i = 0; i < whole; i += 4) {
@@ -55,6 +55,7 @@ double LogSumExp(absl::Span<const float> x) {
   }
   float mx = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
   for (size_t i = whole; i < n; ++i) mx = std::max(mx, x[i]);
+  if (max_out != nullptr) *max_out = mx;
   if (mx == kNegInf) return kNegInf;
   double s = 0;
   for (size_t i = 0; i < whole;) {
@@ -142,10 +143,18 @@ void PenaltyState::AddOutput(int32_t token) {
   }
 }
 
-double SampleUniform(uint64_t seed, int64_t position) {
+namespace {
+
+// XXH3 of (seed, position) under `salt`: each kind of draw its own stream.
+uint64_t HashSeedPosition(uint64_t seed, int64_t position, uint64_t salt) {
   uint64_t buf[2] = {seed, static_cast<uint64_t>(position)};
-  const uint64_t h =
-      Hash64(absl::string_view(reinterpret_cast<const char*>(buf), sizeof(buf)), 0x5eedull);
+  return Hash64(absl::string_view(reinterpret_cast<const char*>(buf), sizeof(buf)), salt);
+}
+
+}  // namespace
+
+double SampleUniform(uint64_t seed, int64_t position) {
+  const uint64_t h = HashSeedPosition(seed, position, 0x5eedull);
   return static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);  // 53 bits
 }
 
@@ -183,7 +192,8 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
     const float inv = 1.0f / o.temperature;
     for (float& v : logits) v *= inv;
   }
-  const double lse = LogSumExp(logits);
+  float top = kNegInf;  // the largest logit
+  const double lse = LogSumExp(logits, &top);
 
   SampledToken out;
   if (o.temperature == 0) {
@@ -195,8 +205,6 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
   } else if (gpu::DrawsByRace(o.top_p, o.top_k, vocab)) {
     // Nothing truncated by rank: an exponential race over the finite candidates (those min-p
     // keeps), argmax p_i / E_i with the lowest id on ties; in double, as the GPU computes it.
-    float top = kNegInf;
-    for (float v : logits) top = std::max(top, v);
     out.token = 0;
     if (top != kNegInf) {
       const uint64_t key = SampleRaceKey(o.seed, position);
@@ -282,8 +290,7 @@ SampledToken Sample(absl::Span<float> logits, const SamplingOptions& o,
 }
 
 uint64_t SampleRaceKey(uint64_t seed, int64_t position) {
-  uint64_t buf[2] = {seed, static_cast<uint64_t>(position)};
-  return Hash64(absl::string_view(reinterpret_cast<const char*>(buf), sizeof(buf)), 0x7ace);
+  return HashSeedPosition(seed, position, 0x7ace);
 }
 
 gpu::SampleRow SampleRowOf(const SamplingOptions& o, int64_t position) {

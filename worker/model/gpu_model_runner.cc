@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <iterator>
@@ -189,6 +190,7 @@ struct GpuModelRunner::Impl {
   // per-step inputs, staged in pinned memory and copied on the compute stream (both grown as
   // needed). The staging buffer is free again when the step's results have come back.
   DeviceBuffer sample_ws;
+  std::array<size_t, 2> sample_ws_need{};  // SampleWorkspaceBytes(S_(), V, without / with sort)
   DeviceBuffer sample_in;
   PinnedHostBuffer sample_staging;
 
@@ -1231,11 +1233,11 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   // The sort's buffers (about 200 MB at 64 rows of a 128k vocabulary) only once a step needs them:
   // races and greedy rows (the API's defaults) do not.
   const bool sorted_draws =
-      std::any_of(sp.rows.begin(), sp.rows.end(), [this](const gpu::SampleRow& r) {
-        return r.temperature > 0 && !gpu::DrawsByRace(r.top_p, r.top_k, V);
-      });
-  if (const size_t need = gpu::SampleWorkspaceBytes(S_(), V, sorted_draws);
-      sample_ws.bytes() < need) {
+      std::any_of(sp.rows.begin(), sp.rows.end(),
+                  [this](const gpu::SampleRow& r) { return gpu::DrawsSorted(r, V); });
+  size_t& need = sample_ws_need[sorted_draws];  // asked of cub once per runner, not per step
+  if (need == 0) need = gpu::SampleWorkspaceBytes(S_(), V, sorted_draws);
+  if (sample_ws.bytes() < need) {
     RETURN_IF_ERROR(compute->Synchronize());  // the old workspace may still be in use
     sample_ws = DeviceBuffer();
     ASSIGN_OR_RETURN(sample_ws, DeviceBuffer::Allocate(need));
