@@ -22,7 +22,6 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
-#include <map>
 #include <numeric>
 #include <random>
 #include <string>
@@ -76,6 +75,8 @@ ABSL_FLAG(
 ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
           "Distinct fine-tunes among the decode batch's sequences, per fine_tunes run.");
 ABSL_FLAG(int, fine_tune_bits, 4, "Bits of the fine_tunes runs' random deltas (2, 4 or 8).");
+ABSL_FLAG(std::string, cupti_lib, "libcupti.so.13",
+          "The CUPTI library the traces load (CUDA 13's, whose record layout this is built for).");
 ABSL_FLAG(int64_t, trace_steps, 3,
           "After every other run, trace this many decode steps per batch size with the shipped "
           "defaults through CUPTI, and with the fused decode layer up to 4 rows (0: none): per "
@@ -551,6 +552,11 @@ int Main() {
   o.max_seqs = std::max<int64_t>(max_batch, 1);
   o.max_blocks_per_seq = per_seq;
   o.num_blocks = per_seq * o.max_seqs;
+  // The shipped attention defaults on this run's shapes: the sampled, fine-tune and traced runs.
+  GpuRunnerOptions shipped = o;
+  shipped.decode_attention_kernel = GpuRunnerOptions{}.decode_attention_kernel;
+  shipped.prefill_mma_attention = GpuRunnerOptions{}.prefill_mma_attention &&
+                                  AttentionMmaRunsHere(act, c.head_dim, c.group_size());
   const auto t0 = std::chrono::steady_clock::now();
   absl::StatusOr<std::unique_ptr<GpuModelRunner>> runner = GpuModelRunner::CreateRandom(c, o, 1);
   CHECK_OK(runner.status());
@@ -675,9 +681,7 @@ int Main() {
     }
   }
   if (!sampled.empty()) {
-    GpuRunnerOptions oo = o;
-    oo.decode_attention_kernel = true;
-    GpuModelRunner* const r = fresh(oo);
+    GpuModelRunner* const r = fresh(shipped);
     for (const SampledRun& sr : sampled) {
       for (int64_t bs : batches) {
         Batch b = batch_of(bs);
@@ -716,9 +720,7 @@ int Main() {
     if (most > 0) {
       const int64_t per_delta = deltas[0]->resident_bytes + (1 << 20);
       json.Add("fine_tune_delta_bytes", static_cast<double>(deltas[0]->resident_bytes));
-      GpuRunnerOptions oo = o;
-      oo.decode_attention_kernel = true;
-      oo.prefill_mma_attention = AttentionMmaRunsHere(act, c.head_dim, c.group_size());
+      GpuRunnerOptions oo = shipped;
       oo.delta_bytes = most * per_delta;
       GpuModelRunner* const r = fresh(oo);
       // A fine-tune's first step: one token, most of it the copy of its delta to the GPU (from
@@ -752,13 +754,9 @@ int Main() {
   if (!out.empty()) std::ofstream(out) << json.s << "\n}\n";
   const int64_t trace_steps = absl::GetFlag(FLAGS_trace_steps);
   if (trace_steps > 0) {
-    GpuRunnerOptions oo = o;
-    oo.decode_attention_kernel = true;
-    oo.prefill_mma_attention = AttentionMmaRunsHere(act, c.head_dim, c.group_size());
-    runner->reset();
-    other.reset();
     // Started before the runner, whose graphs CUPTI must see instantiated.
-    absl::StatusOr<std::unique_ptr<KernelTrace>> trace = KernelTrace::Start();
+    absl::StatusOr<std::unique_ptr<KernelTrace>> trace =
+        KernelTrace::Start(absl::GetFlag(FLAGS_cupti_lib));
     if (!trace.ok()) {
       json.AddStr("trace_error", std::string(trace.status().message()));
     } else {
@@ -782,7 +780,6 @@ int Main() {
         const std::vector<KernelRecord> all =
             (*trace)->Collect(windows.front().first, windows.back().second);
         double kernels = 0, span = 0, busy = 0, idle = 0;
-        std::map<std::string, KernelTraceSummary::Entry> names;
         std::vector<KernelRecord> last;
         for (const auto& [from, to] : windows) {
           last.clear();
@@ -794,12 +791,6 @@ int Main() {
           span += s.span_us;
           busy += s.busy_us;
           idle += s.idle_us;
-          for (const KernelTraceSummary::Entry& e : s.by_name) {
-            KernelTraceSummary::Entry& n = names[e.name];
-            n.name = e.name;
-            n.count += e.count;
-            n.total_us += e.total_us;
-          }
         }
         const double n = static_cast<double>(trace_steps);
         json.Add(key + "_kernels_per_step", kernels / n);
@@ -814,15 +805,10 @@ int Main() {
         if (out.empty()) return;
         const std::string stem = absl::StrCat(
             absl::EndsWith(out, ".json") ? out.substr(0, out.size() - 5) : out, "_", key);
-        std::vector<KernelTraceSummary::Entry> sorted;
-        for (auto& [name, e] : names) sorted.push_back(e);
-        std::sort(sorted.begin(), sorted.end(),
-                  [](const KernelTraceSummary::Entry& x, const KernelTraceSummary::Entry& y) {
-                    return x.total_us > y.total_us;
-                  });
+        // Time by kernel over every traced step, largest first.
         std::ofstream table(stem + ".tsv");
         table << "kernel\tlaunches_per_step\tus_per_step\tus_per_launch\n";
-        for (const KernelTraceSummary::Entry& e : sorted) {
+        for (const KernelTraceSummary::Entry& e : Summarize(all).by_name) {
           table << absl::StrFormat("%s\t%.2f\t%.2f\t%.2f\n", e.name, e.count / n, e.total_us / n,
                                    e.total_us / e.count);
         }
@@ -834,16 +820,15 @@ int Main() {
           const double start = (last[i].start_ns - last[0].start_ns) / 1000.0;
           const double gap =
               i == 0 ? 0.0 : (static_cast<double>(last[i].start_ns) - last[i - 1].end_ns) / 1000.0;
-          const uint64_t end = std::max(last[i].end_ns, last[i].start_ns);  // an incomplete record
           timeline << absl::StrFormat("%d\t%s\t%.3f\t%.3f\t%.3f\n", i, last[i].name, start,
-                                      (end - last[i].start_ns) / 1000.0, gap);
+                                      (last[i].end_ns - last[i].start_ns) / 1000.0, gap);
         }
       };
-      GpuModelRunner* r = fresh(oo);
+      GpuModelRunner* r = fresh(shipped);
       for (int64_t bs : batches) trace_decode(r, bs, absl::StrCat("trace_b", bs));
       // The fused decode layer too (fused_residual_norm, up to 4 rows), next to the default.
       if (std::any_of(batches.begin(), batches.end(), [](int64_t bs) { return bs <= 4; })) {
-        GpuRunnerOptions fused = oo;
+        GpuRunnerOptions fused = shipped;
         fused.fused_residual_norm = true;
         r = fresh(fused);
         for (int64_t bs : batches) {

@@ -52,7 +52,6 @@ std::string ShortKernelName(const std::string& name) {
     const char c = s[i];
     if (c == '<') ++depth;
     if (c == '>') --depth;
-    if (c == '(' || c == ')') continue;
     if (depth == 0 && c == ':' && s[i + 1] == ':') begin = i + 2;
   }
   s = s.substr(begin);
@@ -130,7 +129,9 @@ void BufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid)
   while (api->next_record(buffer, valid, &rec) == CUPTI_SUCCESS) {
     if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
-    got.push_back({ShortKernelName(k->name != nullptr ? k->name : "?"), k->start, k->end});
+    // An incomplete record (no end yet) counts as ending where it starts.
+    got.push_back({ShortKernelName(k->name != nullptr ? k->name : "?"), k->start,
+                   std::max(k->end, k->start)});
   }
   std::free(buffer);
   std::lock_guard<std::mutex> lock(mu);
@@ -141,14 +142,12 @@ absl::Status Check(CUptiResult r, const char* what) {
   if (r == CUPTI_SUCCESS) return absl::OkStatus();
   const char* text = nullptr;
   if (api->result_string != nullptr) api->result_string(r, &text);
-  return absl::UnavailableError(absl::StrCat("CUPTI ", what, ": ", text ? text : "error ", r));
+  return absl::UnavailableError(
+      absl::StrCat("CUPTI ", what, ": ", text != nullptr ? text : absl::StrCat("error ", r)));
 }
 
-absl::Status Load() {
+absl::Status Load(const std::string& so) {
   if (api != nullptr) return absl::OkStatus();
-  // The major version the records' layout was compiled for; STRATA_CUPTI_LIB names another file.
-  const char* env = std::getenv("STRATA_CUPTI_LIB");
-  const std::string so = env != nullptr && *env != '\0' ? env : "libcupti.so.13";
   void* lib = dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {
     return absl::UnavailableError(absl::StrCat("cannot load ", so, ": ", dlerror()));
@@ -177,9 +176,9 @@ absl::Status Load() {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<KernelTrace>> KernelTrace::Start() {
+absl::StatusOr<std::unique_ptr<KernelTrace>> KernelTrace::Start(absl::string_view library) {
   if (active) return absl::FailedPreconditionError("a kernel trace is already running");
-  if (absl::Status s = Load(); !s.ok()) return s;
+  if (absl::Status s = Load(std::string(library)); !s.ok()) return s;
   if (absl::Status s =
           Check(api->register_callbacks(BufferRequested, BufferCompleted), "register callbacks");
       !s.ok()) {
@@ -229,7 +228,7 @@ std::vector<KernelRecord> KernelTrace::Collect(uint64_t from, uint64_t to) {
 
 #else  // no CUDA
 
-absl::StatusOr<std::unique_ptr<KernelTrace>> KernelTrace::Start() {
+absl::StatusOr<std::unique_ptr<KernelTrace>> KernelTrace::Start(absl::string_view) {
   return absl::UnavailableError("built without CUDA");
 }
 KernelTrace::~KernelTrace() = default;

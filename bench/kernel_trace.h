@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace strata {
 
@@ -47,9 +48,10 @@ KernelTraceSummary Summarize(std::vector<KernelRecord> records);
 // sees graph kernels only from then on).
 class KernelTrace {
  public:
-  // UNAVAILABLE when CUPTI cannot be loaded or enabled (the message says why). Loads
-  // libcupti.so.13 (the records' layout is CUDA 13's), or the file $STRATA_CUPTI_LIB names.
-  static absl::StatusOr<std::unique_ptr<KernelTrace>> Start();
+  // UNAVAILABLE when CUPTI cannot be loaded or enabled (the message says why). `library` is
+  // dlopen'ed: CUDA 13's CUPTI, whose record layout this file is compiled for.
+  static absl::StatusOr<std::unique_ptr<KernelTrace>> Start(
+      absl::string_view library = "libcupti.so.13");
   ~KernelTrace();  // stops recording
 
   // CUPTI's clock (ns), the one the records use: brackets a window for Collect.

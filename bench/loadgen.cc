@@ -16,9 +16,6 @@
 // token to last, per token after the first), end-to-end latency, at p50 / p90 / p99; throughput in
 // requests and output tokens per second over the run; and the prefix-cache hit rate (cached prompt
 // tokens / prompt tokens, from each response's usage).
-#include <sys/time.h>
-#include <unistd.h>
-
 #include <atomic>
 #include <cstdio>
 #include <map>

@@ -51,7 +51,7 @@ run_one() {
   # rather than a /tmp that may be tmpfs.
   rm -rf "$here/tmp/$name" && mkdir -p "$here/tmp/$name"
   TEST_TMPDIR="$here/tmp/$name" LD_LIBRARY_PATH="$libpath" timeout "${STRATA_GPU_TIMEOUT:-300}" "${launcher[@]}" "$here/bin/$name" \
-    "${args[@]}" >"$results/$name.log" 2>&1
+    "${args[@]}" </dev/null >"$results/$name.log" 2>&1
   rc=$?
   elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
   secs="$((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))"
@@ -74,22 +74,25 @@ run_one() {
 # Tests first, up to STRATA_GPU_JOBS of them at once (default 4; they share the GPU, and device time
 # is short), then the benchmarks one at a time with the GPU to themselves.
 jobs_max="${STRATA_GPU_JOBS:-4}"
+case "$jobs_max" in
+  '' | *[!0-9]* | 0) echo "run.sh: STRATA_GPU_JOBS must be a positive number, not '$jobs_max'" >&2; exit 2 ;;
+esac
 names=()
+benches=()
 while read -r name kind label; do
   [ "$kind" = tool ] && continue  # servers and CLIs packed for other scripts
   echo "$name" | grep -Eq "$only" || continue
   names+=("$name")
   rm -f "$results/$name.row" "$results/$name.rc"
-  [ "$kind" = bench ] && continue
+  if [ "$kind" = bench ]; then
+    benches+=("$name")
+    continue
+  fi
   while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
   run_one "$name" "$kind" &
 done <"$here/MANIFEST"
 wait
-while read -r name kind label; do
-  [ "$kind" = bench ] || continue
-  echo "$name" | grep -Eq "$only" || continue
-  run_one "$name" "$kind"
-done <"$here/MANIFEST"
+for name in "${benches[@]}"; do run_one "$name" bench; done
 
 failed=0
 printf '%-40s %-6s %6s %6s %6s %8s\n' NAME RESULT PASS FAIL SKIP SECONDS >>"$results/summary.txt"
