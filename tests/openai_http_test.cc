@@ -57,16 +57,26 @@ class OpenAiHttpTest : public ::testing::Test {
   }
 
   // choices[0] of a completion; a failure (and an empty object) when there is none.
-  static JsonValue Choice(const JsonDocument& d) {
-    static const JsonDocument* const kEmpty = new JsonDocument(*JsonDocument::Parse("{}", "none"));
+  // The response's "choices" (a failure, and none, when it has no such array).
+  static std::vector<JsonValue> Choices(const JsonDocument& d) {
     const absl::StatusOr<JsonValue> choices = d.root().Field("choices");
     absl::StatusOr<std::vector<JsonValue>> list =
         choices.ok() ? choices->AsArray() : choices.status();
-    if (!list.ok() || list->empty()) {
+    if (!list.ok()) {
+      ADD_FAILURE() << "no \"choices\" array in the response: " << list.status();
+      return {};
+    }
+    return *std::move(list);
+  }
+
+  static JsonValue Choice(const JsonDocument& d) {
+    static const JsonDocument* const kEmpty = new JsonDocument(*JsonDocument::Parse("{}", "none"));
+    const std::vector<JsonValue> list = Choices(d);
+    if (list.empty()) {
       ADD_FAILURE() << "no choices in the response";
       return kEmpty->root();
     }
-    return (*list)[0];
+    return list[0];
   }
 
   // The prompt's tokens as Generate takes a text prompt (BOS first), through gRPC.
@@ -153,7 +163,7 @@ TEST_F(OpenAiHttpTest, AStreamCarriesTheSameTextThenDone) {
   int64_t completion_tokens = -1;
   for (size_t i = 0; i + 1 < events.size(); ++i) {
     const JsonDocument d = Json(events[i]);
-    const std::vector<JsonValue> choices = *d.root().Field("choices")->AsArray();
+    const std::vector<JsonValue> choices = Choices(d);
     if (choices.empty()) {  // the usage event, last
       EXPECT_EQ(i + 2, events.size());
       completion_tokens = *d.root().Field("usage")->IntField("completion_tokens");
@@ -177,7 +187,7 @@ TEST_F(OpenAiHttpTest, SeveralChoicesAreSeveralSeededGenerations) {
   const HttpReply r = Http(port_, "POST", "/v1/completions", CompletionBody(12, 7, R"(, "n": 3)"));
   ASSERT_EQ(r.status, 200) << r.body;
   const JsonDocument d = Json(r.body);
-  const std::vector<JsonValue> choices = *d.root().Field("choices")->AsArray();
+  const std::vector<JsonValue> choices = Choices(d);
   ASSERT_EQ(choices.size(), 3u);
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(*choices[i].IntField("index"), i);
@@ -204,7 +214,7 @@ TEST_F(OpenAiHttpTest, SeveralChoicesAreSeveralSeededGenerations) {
     const JsonDocument ev = Json(events[e]);
     if (id.empty()) id = Str(ev.root(), "id");
     EXPECT_EQ(Str(ev.root(), "id"), id) << "one id for every choice's events";
-    const std::vector<JsonValue> cs = *ev.root().Field("choices")->AsArray();
+    const std::vector<JsonValue> cs = Choices(ev);
     if (cs.empty()) {
       completion_tokens = *ev.root().Field("usage")->IntField("completion_tokens");
       continue;
@@ -291,7 +301,7 @@ TEST_F(OpenAiHttpTest, SeveralPromptsGetTheirChoicesInOrder) {
                         R"( "temperature": 0.8, "ignore_eos": true})"));
   ASSERT_EQ(r.status, 200) << r.body;
   const JsonDocument d = Json(r.body);
-  const std::vector<JsonValue> choices = *d.root().Field("choices")->AsArray();
+  const std::vector<JsonValue> choices = Choices(d);
   ASSERT_EQ(choices.size(), 4u);
   for (int k = 0; k < 4; ++k) {
     EXPECT_EQ(*choices[k].IntField("index"), k);
@@ -373,7 +383,7 @@ TEST_F(OpenAiHttpTest, EchoPutsThePromptFirstAndScoresIt) {
   std::string text;
   for (size_t i = 0; i + 1 < events.size(); ++i) {
     const JsonDocument ev = Json(events[i]);
-    const std::string piece = Str((*ev.root().Field("choices")->AsArray())[0], "text");
+    const std::string piece = Str(Choice(ev), "text");
     if (i == 0) {
       EXPECT_EQ(piece, kPrompt);
     }
@@ -446,7 +456,7 @@ TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
   const HttpReply two = Http(port_, "POST", "/v1/chat/completions", body + R"(, "n": 2})");
   ASSERT_EQ(two.status, 200) << two.body;
   const JsonDocument t = Json(two.body);
-  const std::vector<JsonValue> choices = *t.root().Field("choices")->AsArray();
+  const std::vector<JsonValue> choices = Choices(t);
   ASSERT_EQ(choices.size(), 2u);
   EXPECT_EQ(Str(*choices[0].Field("message"), "content"), want.text);
   r.mutable_sampling()->set_seed(6);
