@@ -58,7 +58,7 @@ ABSL_FLAG(std::string, config, "bench/configs/llama3_8b.json", "The model's conf
 ABSL_FLAG(std::string, dtype, "bf16", "Activation and weight type: bf16, f16 or f32.");
 ABSL_FLAG(int64_t, prompt, 512, "Context tokens per sequence before decoding.");
 ABSL_FLAG(int64_t, steps, 64, "Decode steps timed per batch size.");
-ABSL_FLAG(std::string, batches, "1,64", "Decode batch sizes.");
+ABSL_FLAG(std::string, batches, "1,8,64", "Decode batch sizes.");
 ABSL_FLAG(int64_t, prefill_tokens, 2048, "Prompt length of the prefill measurement.");
 ABSL_FLAG(std::string, out, "", "Write the results as JSON here.");
 ABSL_FLAG(bool, only_decode, false,
@@ -66,9 +66,11 @@ ABSL_FLAG(bool, only_decode, false,
           "decode runs only (for profiling a decode step under ncu).");
 ABSL_FLAG(
     std::string, variants,
-    "default,cublas,eager,decode_attn,fused_norm,mma_prefill,fine_tunes,sampled",
-    "Runs to make: default (graphs, GEMV, tiled attention), cublas, eager, decode_attn (the decode "
-    "attention kernel), fused_norm (that and the fused residual norms), mma_prefill "
+    "default,cublas,eager,decode_attn,fused_norm,shipped,mma_prefill,fine_tunes,sampled",
+    "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
+    "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
+    "every batch size), fused_norm (that and the fused residual norms), shipped "
+    "(GpuRunnerOptions' defaults as they are, row limits included), mma_prefill "
     "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
     "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
     "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
@@ -616,6 +618,7 @@ int Main() {
   struct DecodeRun {
     int64_t batch;
     bool graphs, cublas, decode_attn, fused_norm;
+    bool shipped = false;  // GpuRunnerOptions' defaults, whatever the fields above say
   };
   std::vector<DecodeRun> runs;
   const std::vector<std::string> variants = absl::StrSplit(absl::GetFlag(FLAGS_variants), ',');
@@ -625,7 +628,12 @@ int Main() {
   if (wanted("default")) {
     for (int64_t bs : batches) runs.push_back({bs, true, false, false, false});
   }
-  if (wanted("cublas")) runs.push_back({1, true, true, false, false});  // projections: cuBLASLt
+  // Projections through cuBLASLt at every batch size where the GEMV would take them.
+  if (wanted("cublas")) {
+    for (int64_t bs : batches) {
+      if (bs <= 8) runs.push_back({bs, true, true, false, false});
+    }
+  }
   if (wanted("eager")) runs.push_back({1, false, false, false, false});
   // The decode attention kernel (GpuRunnerOptions::decode_attention_kernel) at every batch size,
   // then with the residual-add RMSNorms folded into the GEMVs as well (fused_residual_norm).
@@ -636,6 +644,10 @@ int Main() {
     for (int64_t bs : batches) {
       if (bs <= 4) runs.push_back({bs, true, false, true, true});  // fused up to 4 rows
     }
+  }
+  // The shipped defaults as they are (each option's row limits included) at every batch size.
+  if (wanted("shipped")) {
+    for (int64_t bs : batches) runs.push_back({bs, true, false, false, false, true});
   }
   // Seeded sampling on the GPU in place of the graph's argmax (the engine's path for requests
   // with a temperature; the shipped attention defaults): what sampling adds to a step. Top-p 1
@@ -658,12 +670,17 @@ int Main() {
   };
   for (const DecodeRun& run : runs) {
     GpuModelRunner* r = runner->get();
-    if (!run.graphs || run.cublas || run.decode_attn || run.fused_norm) {
+    if (run.shipped) {
+      r = fresh(shipped);
+    } else if (!run.graphs || run.cublas || run.decode_attn || run.fused_norm) {
       GpuRunnerOptions oo = o;
       oo.cuda_graphs = run.graphs;
       oo.small_m_gemv = !run.cublas;
       oo.decode_attention_kernel = run.decode_attn;
+      // The decode kernel at every batch size here (the shipped defaults stop at a row limit).
+      oo.decode_attention_max_rows = max_batch;
       oo.fused_residual_norm = run.fused_norm;
+      if (run.fused_norm) oo.gemv_max_rows = 8;  // the fused forms are GEMVs
       r = fresh(oo);
     }
     Batch b = batch_of(run.batch);
@@ -672,7 +689,8 @@ int Main() {
     const double ms = Decode(r, &b, steps, &device_ms);
     const std::string key =
         absl::StrCat("decode_b", run.batch, run.graphs ? "" : "_eager", run.cublas ? "_cublas" : "",
-                     run.decode_attn ? "_decode_attn" : "", run.fused_norm ? "_fused_norm" : "");
+                     run.decode_attn ? "_decode_attn" : "", run.fused_norm ? "_fused_norm" : "",
+                     run.shipped ? "_shipped" : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
     json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);

@@ -6,6 +6,7 @@
 # root of a Strata checkout: tests read their data (models/, testdata/) relative to it, as under Bazel.
 #
 # Usage: run.sh RESULTS_DIR [NAME_REGEX]
+# STRATA_GPU_BENCH_ARGS: more flags for bench.gpu_bench (split at spaces), e.g. --batches=1,8,64.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 results="${1:?usage: run.sh RESULTS_DIR [NAME_REGEX]}"
@@ -40,10 +41,14 @@ fi
 # run_one NAME KIND: runs one binary, writing NAME.log, NAME.xml (tests) or NAME.json (benchmarks),
 # and NAME.row, its line of the summary (NAME.rc: its exit status).
 run_one() {
-  local name=$1 kind=$2 args start_ns rc elapsed_ms secs pass=- fail=- skip=- total result=PASS
+  local name=$1 kind=$2 args extra start_ns rc elapsed_ms secs pass=- fail=- skip=- total result=PASS
   start_ns=$(date +%s%N)
   if [ "$kind" = bench ]; then
     args=(--out="$results/$name.json")
+    if [ "$name" = bench.gpu_bench ] && [ -n "${STRATA_GPU_BENCH_ARGS:-}" ]; then
+      read -r -a extra <<<"$STRATA_GPU_BENCH_ARGS"
+      args+=("${extra[@]}")
+    fi
   else
     args=(--gtest_output="xml:$results/$name.xml")
   fi

@@ -3,6 +3,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <tuple>
 #include <utility>
 
@@ -47,6 +48,7 @@ struct CublasLtGemm::Impl {
   DeviceBuffer workspace;
   bool small_m_gemv = false;
   int gemv_variant = 0;
+  int64_t gemv_max_m = 8;
   using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, int, bool>;
   absl::flat_hash_map<Key, Plan> plans;
 
@@ -129,6 +131,7 @@ struct CublasLtGemm::Impl {
 void CublasLtGemm::set_small_m_gemv(bool on) { impl_->small_m_gemv = on; }
 bool CublasLtGemm::small_m_gemv() const { return impl_->small_m_gemv; }
 void CublasLtGemm::set_gemv_variant(int variant) { impl_->gemv_variant = variant; }
+void CublasLtGemm::set_gemv_max_m(int64_t m) { impl_->gemv_max_m = std::clamp<int64_t>(m, 0, 8); }
 
 CublasLtGemm::CublasLtGemm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CublasLtGemm::~CublasLtGemm() = default;
@@ -158,7 +161,7 @@ absl::Status CublasLtGemm::Run(const GemmArgs& g, CudaStreamHandle stream) {
   if (ldy < g.n) return absl::InvalidArgumentError("gemm: ldy below n");
   // The GEMV kernel wins for k up to 8192 (measured on an H200 for Llama-3-8B's projections);
   // cuBLASLt's split-K is faster for the long rows of down_proj (k = 14336).
-  if (impl_->small_m_gemv && g.m <= 8 && g.k <= 8192) {
+  if (impl_->small_m_gemv && g.m <= impl_->gemv_max_m && g.k <= 8192) {
     gpu::GemvArgs v{g.m,    g.n, g.k, g.x,   ldx,        g.w,
                     g.bias, g.y, ldy, g.act, g.out_type, impl_->gemv_variant};
     if (gpu::GemvSupported(v)) {

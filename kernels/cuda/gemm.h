@@ -44,10 +44,11 @@ class CublasLtGemm {
   // fails.
   absl::Status Run(const GemmArgs& a, CudaStreamHandle stream);
 
-  // Route m <= 8 (decode) with k <= 8192 to Strata's own GEMV kernel (gpu::LaunchGemv) instead
-  // of cuBLASLt, where its alignment rules hold. Off by default.
+  // Route m <= gemv_max_m (decode; 8 unless set lower) with k <= 8192 to Strata's own GEMV
+  // kernel (gpu::LaunchGemv) instead of cuBLASLt, where its alignment rules hold. Off by default.
   void set_small_m_gemv(bool on);
   bool small_m_gemv() const;
+  void set_gemv_max_m(int64_t m);  // clamped to [0, 8], the kernel's limit
   // The GEMV kernel's variant (gpu::GemvArgs::variant), for benchmarks.
   void set_gemv_variant(int variant);
 

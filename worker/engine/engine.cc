@@ -67,6 +67,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     o.decode_attention_kernel = c.gpu_decode_attention_kernel;
     o.fused_residual_norm = c.gpu_fused_residual_norm;
     o.prefill_mma_attention = c.gpu_prefill_mma_attention;
+    o.decode_attention_max_rows = c.gpu_decode_attention_max_rows;
+    o.gemv_max_rows = c.gpu_gemv_max_rows;
     if (!c.fine_tunes.empty()) {
       // The deltas of running sequences, which DeltaCache keeps within delta_cache_bytes, plus
       // the few hundred bytes of alignment each may take more on the device.

@@ -96,6 +96,10 @@ struct EngineConfig {
   bool gpu_decode_attention_kernel = true;
   bool gpu_fused_residual_norm = false;
   bool gpu_prefill_mma_attention = true;
+  // GpuRunnerOptions::decode_attention_max_rows and gemv_max_rows: the batch sizes up to which
+  // decode steps take the decode attention kernel and the GEMV (card-dependent crossovers).
+  int64_t gpu_decode_attention_max_rows = GpuRunnerOptions{}.decode_attention_max_rows;
+  int64_t gpu_gemv_max_rows = GpuRunnerOptions{}.gemv_max_rows;
   // Benchmarks and profiles of models whose files are not at hand: when not 0, the GPU runner
   // draws random weights from this seed on the GPU (GpuModelRunner::CreateRandom) instead of
   // uploading the engine's weights, which then need their shape fields only (config, heads).

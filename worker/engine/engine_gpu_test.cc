@@ -56,8 +56,8 @@ class EngineGpuTest : public ::testing::TestWithParam<std::string> {
 
   // Eight requests with mixed prompt lengths; `sampled`: seeded sampling with every knob (and
   // min_tokens, which bans EOS for a while) instead of greedy.
-  // `experimental`: the experimental decode attention kernel, fused residual norms and
-  // tensor-core prefill attention (which takes bf16 and f16 only).
+  // `experimental`: the decode attention kernel, fused residual norms (the GEMV up to 8 rows)
+  // and tensor-core prefill attention (which takes bf16 and f16 only); else the tiled kernels.
   std::map<std::string, std::vector<int32_t>> Generate(const std::string& device, DType dtype,
                                                        bool sampled = false,
                                                        bool experimental = false) {
@@ -66,6 +66,7 @@ class EngineGpuTest : public ::testing::TestWithParam<std::string> {
     ec.gpu_dtype = dtype;
     ec.gpu_decode_attention_kernel = experimental;
     ec.gpu_fused_residual_norm = experimental;
+    if (experimental) ec.gpu_gemv_max_rows = 8;  // the GEMV (and the fused forms) up to 8 rows
     ec.gpu_prefill_mma_attention = experimental;
     ec.max_batch_tokens = 48;  // prompts prefill in chunks, beside other requests' decodes
     ec.max_running_sequences = 8;

@@ -321,6 +321,7 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   mma_tile_tokens = AttentionMmaTileTokens(c.group_size());
   ASSIGN_OR_RETURN(gemm, CublasLtGemm::Create());
   gemm->set_small_m_gemv(o.small_m_gemv);
+  gemm->set_gemv_max_m(o.gemv_max_rows);
   ASSIGN_OR_RETURN(CudaStream cs, CudaStream::Create());
   compute = std::make_unique<CudaStream>(std::move(cs));
   ASSIGN_OR_RETURN(CudaStream ps, CudaStream::Create());
@@ -337,11 +338,12 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   probe.num_heads = nh;
   probe.num_kv_heads = nkv;
   probe.head_dim = D;
-  probe.decode_kernel = o.decode_attention_kernel;
   int64_t ws = 0;
   for (int64_t b = 1; b <= S_(); b *= 2) {
+    probe.decode_kernel = o.decode_attention_kernel && b <= o.decode_attention_max_rows;
     ws = std::max(ws, PartitionsWorkspace(b, 1, M_() * o.block_tokens, &probe));
   }
+  probe.decode_kernel = o.decode_attention_kernel && S_() <= o.decode_attention_max_rows;
   ws = std::max(ws, PartitionsWorkspace(S_(), 1, M_() * o.block_tokens, &probe));
   attn_ws_floats = std::max<int64_t>(ws, 4 * sms * 16 * (D + 2));
 
@@ -1009,7 +1011,7 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   pa.out_stride = qd;
   pa.act = act;
   pa.tiles = tiled ? In32(off_tiles) : nullptr;
-  pa.decode_kernel = o.decode_attention_kernel;
+  pa.decode_kernel = o.decode_attention_kernel && n <= o.decode_attention_max_rows;
   pa.mma_prefill = tiled && step_mma;
   pa.counters = attn_counters;
   const int64_t tile_tok = tiled ? step_tile_tokens : 1;
@@ -1031,8 +1033,8 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   // Up to 4 rows: every GEMV block re-reads the whole residual rows for their norms, which at 8
   // rows costs about as many L2 bytes as the weights.
   // Fine-tunes add their deltas between the projections and the norms: no fused forms.
-  const bool fused = o.fused_residual_norm && o.small_m_gemv && n <= 4 && !c.o_bias && H % 8 == 0 &&
-                     qd % 8 == 0 && I % 8 == 0 && !deltas;
+  const bool fused = o.fused_residual_norm && o.small_m_gemv && n <= 4 && n <= o.gemv_max_rows &&
+                     !c.o_bias && H % 8 == 0 && qd % 8 == 0 && I % 8 == 0 && !deltas;
   // A decode GEMV over `x` (or, with `norm`, the residual normalized by it) into `y`; with
   // `silu_pairs`, SiLU-mul of its gate and up halves into y [n, rows / 2].
   auto gemv_args = [&](int64_t rows, int64_t k, const void* x, const float* norm, const void* w,

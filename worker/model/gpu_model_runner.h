@@ -50,14 +50,19 @@ struct GpuRunnerOptions {
   int64_t max_blocks_per_seq = 256;
   // Capture decode steps as CUDA graphs (per padded batch size 1, 2, 4, ... up to max_seqs).
   bool cuda_graphs = true;
-  // GEMMs of up to 8 rows (decode) through Strata's GEMV kernel rather than cuBLASLt (faster on
-  // an H200 for all of Llama-3-8B's projections but down_proj; docs/PERFORMANCE.md).
+  // GEMMs of up to gemv_max_rows rows (decode) through Strata's GEMV kernel rather than
+  // cuBLASLt (the kernel takes at most 8). On an H200 (2026-11-27, Llama-3-8B shape, bf16) the
+  // GEMV made batch-1 steps 2.8% faster (down_proj keeps cuBLASLt), but batch 2 4% slower, 4
+  // 25% and 8 83% (it reads x once per weight vector for every row); docs/PERFORMANCE.md.
   bool small_m_gemv = true;
+  int64_t gemv_max_rows = 1;
   // Decode steps' attention through the decode kernel (PagedAttentionArgs::decode_kernel: lanes
-  // share each key, partitions merge in the same kernel) instead of the tiled one. On an H200
-  // (2026-11-27) 7% faster at batch 1 and 29% at batch 64 (Llama-3-8B shape, bf16), with every
-  // GPU test passing.
+  // share each key, partitions merge in the same kernel) instead of the tiled one, for steps of
+  // up to decode_attention_max_rows sequences. On an H200 (2026-11-27, Llama-3-8B shape, bf16)
+  // 3-8% faster from batch 1 to 16 (512- and 2048-token contexts); since the tiled kernel's
+  // 16-byte loads, slower at batch 32 and 64 (15% and 36% at 2048 tokens).
   bool decode_attention_kernel = true;
+  int64_t decode_attention_max_rows = 16;
   // Decode steps (up to 4 tokens, with small_m_gemv) fold each residual-add RMSNorm into the
   // projections around it: o_proj and down_proj add themselves to the f32 residual, qkv and
   // gate_up normalize it as they read it (GemvArgs::norm_weight, accumulate), so a layer runs
@@ -68,7 +73,8 @@ struct GpuRunnerOptions {
   // the normalized rows to shared memory once instead of scaling every load of x, and, for models
   // without per-head q/k norms, the qkv GEMV also applies RoPE and writes the KV cache
   // (GemvArgs::rope_heads), so a layer is five kernels (with the decode attention kernel): qkv,
-  // attention, o_proj, gate_up, down (not yet measured).
+  // attention, o_proj, gate_up, down; still 7% slower on an H200 (2026-11-27). Fused steps are
+  // GEMVs: up to gemv_max_rows rows.
   bool fused_residual_norm = false;
   // Attention over planned tiles (prefill and prompt chunks) in bf16 and f16 through the
   // tensor-core kernel (PagedAttentionArgs::mma_prefill; tiles of 64 query rows). On an H200

@@ -116,15 +116,25 @@ TEST_P(GpuModelRunnerTest, LogitsMatchCpuForEveryFeedingAndDtype) {
     double tol;
   };
   for (const Run& r : {Run{DType::kF32, 1e-4}, Run{DType::kBF16, 3e-2}, Run{DType::kF16, 3e-2}}) {
-    // The default path, and the experimental ones: decode steps through the decode attention
-    // kernel and the GEMVs that fold in the residual-add RMSNorms, prompts (whole and in chunks)
-    // through the tensor-core attention kernel (bf16 and f16).
-    for (const bool fused : {false, true}) {
-      SCOPED_TRACE(::testing::Message() << "act " << DTypeName(r.act) << " experimental " << fused);
+    // The tiled attention kernels with the GEMV at every decode step, and the experimental
+    // paths: decode steps through the decode attention kernel and the GEMVs that fold in the
+    // residual-add RMSNorms, prompts (whole and in chunks) through the tensor-core attention
+    // kernel (bf16 and f16). Then the shipped defaults with
+    // row limits of 2, so that steps of 3 rows take the tiled attention kernel and cuBLASLt and
+    // those of 2 (once the 1-token sequence is done) the decode kernel and the GEMV.
+    for (const int pass : {0, 1, 2}) {
+      const bool fused = pass == 1;
+      SCOPED_TRACE(::testing::Message() << "act " << DTypeName(r.act) << " pass " << pass);
       GpuRunnerOptions options = Options(r.act, 3);
-      options.decode_attention_kernel = fused;
-      options.fused_residual_norm = fused;
-      options.prefill_mma_attention = fused;
+      if (pass < 2) {
+        options.decode_attention_kernel = fused;
+        options.fused_residual_norm = fused;
+        options.prefill_mma_attention = fused;
+        options.gemv_max_rows = 8;  // the GEMV (and the fused forms) at every decode step here
+      } else {
+        options.decode_attention_max_rows = 2;
+        options.gemv_max_rows = 2;
+      }
       auto gpu = GpuModelRunner::Create(*m.weights, options);
       ASSERT_TRUE(gpu.ok()) << gpu.status();
       for (int64_t chunk : {int64_t{1} << 20, int64_t{7}, int64_t{1}}) {

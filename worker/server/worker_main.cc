@@ -43,6 +43,7 @@
 #include "worker/comm/shm_collectives.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
+#include "worker/model/gpu_model_runner.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
 #include "worker/server/follower_ranks.h"
@@ -101,12 +102,18 @@ ABSL_FLAG(std::string, gpu_dtype, "bf16",
 ABSL_FLAG(bool, gpu_decode_attention_kernel, true,
           "GPU decode steps' attention through the decode kernel (lanes share each key; split-K "
           "merged in the same kernel); false: the tiled kernel.");
+ABSL_FLAG(int64_t, gpu_decode_attention_max_rows,
+          strata::GpuRunnerOptions{}.decode_attention_max_rows,
+          "Largest GPU decode batch whose attention takes the decode kernel (larger ones take "
+          "the tiled kernel); the crossover measured on an H200.");
+ABSL_FLAG(int64_t, gpu_gemv_max_rows, strata::GpuRunnerOptions{}.gemv_max_rows,
+          "Largest GPU decode batch whose projections take Strata's GEMV kernel (at most 8; "
+          "larger ones take cuBLASLt); the crossover measured on an H200.");
 ABSL_FLAG(bool, gpu_fused_residual_norm, false,
           "GPU decode steps of up to 4 rows fold each residual-add RMSNorm, SiLU-mul and (without "
           "per-head q/k norms) RoPE with the KV cache write into the projections around them. "
-          "Experimental: its first "
-          "version was slower than the separate kernels on an H200; the current one is not "
-          "measured yet.");
+          "Experimental: slower than the separate kernels on an H200 (7% at batch 1, "
+          "2026-11-27).");
 ABSL_FLAG(bool, gpu_prefill_mma_attention, true,
           "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores; "
           "false: the tiled CUDA-core kernel.");
@@ -364,6 +371,8 @@ int Main(const std::vector<std::string>& args) {
   ec.gpu_decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);
   ec.gpu_fused_residual_norm = absl::GetFlag(FLAGS_gpu_fused_residual_norm);
   ec.gpu_prefill_mma_attention = absl::GetFlag(FLAGS_gpu_prefill_mma_attention);
+  ec.gpu_decode_attention_max_rows = absl::GetFlag(FLAGS_gpu_decode_attention_max_rows);
+  ec.gpu_gemv_max_rows = absl::GetFlag(FLAGS_gpu_gemv_max_rows);
   if (const std::string g = absl::GetFlag(FLAGS_gpu_dtype);
       !ParseDType(absl::AsciiStrToUpper(g), &ec.gpu_dtype) ||
       (ec.gpu_dtype != DType::kBF16 && ec.gpu_dtype != DType::kF16 &&
