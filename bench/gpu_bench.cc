@@ -70,7 +70,8 @@ ABSL_FLAG(
     "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
     "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
     "every batch size), fused_norm (that and the fused residual norms), shipped "
-    "(GpuRunnerOptions' defaults as they are, row limits included), mma_prefill "
+    "(GpuRunnerOptions' defaults as they are, row limits included), gemv_variants (those at "
+    "batch 1 with each other GEMV block shape; not in the default list), mma_prefill "
     "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
     "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
     "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
@@ -331,8 +332,8 @@ int Main() {
       CHECK_OK(y.status());
       gpu::LaunchRandomNormal(w->data(), act, sh.n * sh.k, 0, 0.02f, 3, st);
       gpu::LaunchRandomNormal(x->data(), act, 64 * sh.k, 0, 1, 4, st);
-      // -1 to -4: m = 1 through the GEMV kernel's variants 0 to 3.
-      for (int64_t m : {1, 64, -1, -2, -3, -4}) {
+      // -1 to -8: m = 1 through the GEMV kernel's variants 0 to 7.
+      for (int64_t m : {1, 64, -1, -2, -3, -4, -5, -6, -7, -8}) {
         const int64_t rows = m < 0 ? 1 : m;
         (*gemm)->set_small_m_gemv(m < 0);
         (*gemm)->set_gemv_variant(m < 0 ? static_cast<int>(-m - 1) : 0);
@@ -618,7 +619,8 @@ int Main() {
   struct DecodeRun {
     int64_t batch;
     bool graphs, cublas, decode_attn, fused_norm;
-    bool shipped = false;  // GpuRunnerOptions' defaults, whatever the fields above say
+    bool shipped = false;   // GpuRunnerOptions' defaults, whatever the fields above say
+    int gemv_variant = -1;  // with shipped: GpuRunnerOptions::gemv_variant (-1: its default)
   };
   std::vector<DecodeRun> runs;
   const std::vector<std::string> variants = absl::StrSplit(absl::GetFlag(FLAGS_variants), ',');
@@ -649,6 +651,14 @@ int Main() {
   if (wanted("shipped")) {
     for (int64_t bs : batches) runs.push_back({bs, true, false, false, false, true});
   }
+  // The shipped defaults at batch 1 with each other GEMV block shape (gemv.cu's variants).
+  if (wanted("gemv_variants")) {
+    for (int v = 0; v <= 7; ++v) {
+      if (v != GpuRunnerOptions{}.gemv_variant) {
+        runs.push_back({1, true, false, false, false, true, v});
+      }
+    }
+  }
   // Seeded sampling on the GPU in place of the graph's argmax (the engine's path for requests
   // with a temperature; the shipped attention defaults): what sampling adds to a step. Top-p 1
   // draws by the exponential race (no sort); top-p 0.9 sorts every row's candidates.
@@ -671,7 +681,9 @@ int Main() {
   for (const DecodeRun& run : runs) {
     GpuModelRunner* r = runner->get();
     if (run.shipped) {
-      r = fresh(shipped);
+      GpuRunnerOptions oo = shipped;
+      if (run.gemv_variant >= 0) oo.gemv_variant = run.gemv_variant;
+      r = fresh(oo);
     } else if (!run.graphs || run.cublas || run.decode_attn || run.fused_norm) {
       GpuRunnerOptions oo = o;
       oo.cuda_graphs = run.graphs;
@@ -690,7 +702,8 @@ int Main() {
     const std::string key =
         absl::StrCat("decode_b", run.batch, run.graphs ? "" : "_eager", run.cublas ? "_cublas" : "",
                      run.decode_attn ? "_decode_attn" : "", run.fused_norm ? "_fused_norm" : "",
-                     run.shipped ? "_shipped" : "");
+                     run.shipped ? "_shipped" : "",
+                     run.gemv_variant >= 0 ? absl::StrCat("_gemv", run.gemv_variant) : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
     json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);

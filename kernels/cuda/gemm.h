@@ -49,7 +49,7 @@ class CublasLtGemm {
   void set_small_m_gemv(bool on);
   bool small_m_gemv() const;
   void set_gemv_max_m(int64_t m);  // clamped to [0, 8], the kernel's limit
-  // The GEMV kernel's variant (gpu::GemvArgs::variant), for benchmarks.
+  // The GEMV kernel's variant (gpu::GemvArgs::variant; 0 unless set).
   void set_gemv_variant(int variant);
 
  private:

@@ -19,9 +19,11 @@ namespace strata::gpu {
 namespace {
 
 // Shapes (weight rows per warp, warps per block, vectors per row in flight per lane), by variant:
-// 0 (the default) 2/8/2; 1: 1/4/4; 2: 4/4/2; 3: 2/4/4. Variant 0 was the fastest of the first two
-// on an H200 for four of Llama-3-8B's five decode projections (docs/PERFORMANCE.md); 2 and 3 hold
-// more loads in flight per lane, for comparison.
+// 0 (the default) 2/8/2; 1: 1/4/4; 2: 4/4/2; 3: 2/4/4; 4: 1/8/4; 5: 1/8/8; 6: 2/8/4; 7: 1/4/8.
+// Variant 0 was the fastest of the first two on an H200 for four of Llama-3-8B's five decode
+// projections timed alone, but inside a decode step 1 and 4 (a row a warp, 4 vectors in flight)
+// were 3% faster, so GpuModelRunner takes 1 (GpuRunnerOptions::gemv_variant; docs/PERFORMANCE.md).
+// The fused forms (norm, SiLU pairs, RoPE) keep 0's shape.
 
 // The input norm (GemvArgs::norm_weight): none, applied to each load of x, or staged in shared
 // memory (a.m rows of k in T: dynamic shared memory of that size).
@@ -334,6 +336,14 @@ cudaError_t LaunchFor(const GemvArgs& a, cudaStream_t stream) {
       return LaunchShape<T, O, 4, 4, 2, false>(a, stream);
     case 3:
       return LaunchShape<T, O, 2, 4, 4, false>(a, stream);
+    case 4:
+      return LaunchShape<T, O, 1, 8, 4, false>(a, stream);
+    case 5:
+      return LaunchShape<T, O, 1, 8, 8, false>(a, stream);
+    case 6:
+      return LaunchShape<T, O, 2, 8, 4, false>(a, stream);
+    case 7:
+      return LaunchShape<T, O, 1, 4, 8, false>(a, stream);
     default:
       return LaunchShape<T, O, 2, 8, 2, false>(a, stream);
   }

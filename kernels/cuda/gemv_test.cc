@@ -128,9 +128,10 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
             const int64_t ldy = sh.n + 3;
             absl::StatusOr<DeviceBuffer> dy = DeviceBuffer::Allocate(m * ldy * gpu::ActBytes(out));
             ASSERT_TRUE(dy.ok());
-            std::vector<float> got_by[5];
-            for (int mode : {0, 1, 2, 3, 4}) {  // GEMV variants 0 to 3, cuBLASLt
-              const bool gemv = mode < 4;
+            constexpr int kVariants = 8;  // GEMV variants 0 to 7, then cuBLASLt
+            std::vector<float> got_by[kVariants + 1];
+            for (int mode = 0; mode <= kVariants; ++mode) {
+              const bool gemv = mode < kVariants;
               (*gemm)->set_small_m_gemv(gemv);
               (*gemm)->set_gemv_variant(mode);
               ASSERT_TRUE(dy->Fill(0xff).ok());  // NaN in every float type

@@ -267,7 +267,8 @@ struct GemvArgs {
   int64_t ldy = 0;
   ActType act = ActType::kBF16;
   ActType out_type = ActType::kBF16;
-  // The kernel's block shape (see gemv.cu): 0 is the default, 1 to 3 are for benchmarks.
+  // The kernel's block shape (see gemv.cu), 0 to 7; GpuModelRunner takes 1
+  // (GpuRunnerOptions::gemv_variant).
   int variant = 0;
   // Input RMSNorm (a decode step's residual-add RMSNorm folded into the projection that follows
   // it): when set, x is the f32 residual stream [m, k] (row stride ldx, 16-byte aligned) and the

@@ -322,6 +322,7 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   ASSIGN_OR_RETURN(gemm, CublasLtGemm::Create());
   gemm->set_small_m_gemv(o.small_m_gemv);
   gemm->set_gemv_max_m(o.gemv_max_rows);
+  gemm->set_gemv_variant(o.gemv_variant);
   ASSIGN_OR_RETURN(CudaStream cs, CudaStream::Create());
   compute = std::make_unique<CudaStream>(std::move(cs));
   ASSIGN_OR_RETURN(CudaStream ps, CudaStream::Create());

@@ -56,6 +56,10 @@ struct GpuRunnerOptions {
   // 25% and 8 83% (it reads x once per weight vector for every row); docs/PERFORMANCE.md.
   bool small_m_gemv = true;
   int64_t gemv_max_rows = 1;
+  // The GEMV kernel's block shape (gpu::GemvArgs::variant, 0 to 7). 1 (a row a warp, 4 warps a
+  // block, 4 vectors in flight a lane) made batch-1 decode 3.4% faster than 0 (2 rows a warp, 8
+  // warps, 2 vectors) on an H200 (2026-11-27; 4, the same with 8 warps, 3.1%).
+  int gemv_variant = 1;
   // Decode steps' attention through the decode kernel (PagedAttentionArgs::decode_kernel: lanes
   // share each key, partitions merge in the same kernel) instead of the tiled one, for steps of
   // up to decode_attention_max_rows sequences. On an H200 (2026-11-27, Llama-3-8B shape, bf16)
