@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <list>
 #include <optional>
@@ -33,6 +34,7 @@
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "common/tcp.h"
+#include "coordinator/serial_writer.h"
 
 namespace strata {
 namespace {
@@ -1230,10 +1232,15 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   }
   const int64_t created = absl::ToUnixSeconds(absl::Now());
   const char* object = chat ? "chat.completion.chunk" : "text_completion";
-  absl::Mutex mu;          // the id, the head and the writes of a stream
-  std::string id;          // from the first chunk of any choice
-  bool streaming = false;  // the 200 head went out
+  std::string id;          // from the first chunk of any choice (streamed: under the writer's lock)
+  bool streaming = false;  // the 200 head went out (the same)
   std::atomic<bool> client_gone{false};
+  // A stream's events, written in order by whichever choice's thread finds the socket free.
+  SerialWriter writer(fd, wake, kWriteTimeout, [&] {
+    client_gone.store(true);
+    for (grpc::ClientContext* ctx : contexts) ctx->TryCancel();  // frees the sequences
+  });
+  absl::Mutex mu;
   grpc::Status failure;  // the first choice to fail (under mu)
   // The fields every answer and event opens with ({"id", "object", "created", "model").
   auto envelope = [&](const char* object_name) {
@@ -1298,22 +1305,18 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
         c.first_event = false;
         entries.push_back(choice_json(index, content, want_logprobs ? &lp : nullptr, reason));
       }
-      absl::MutexLock lock(&mu);
-      // A write that failed while this thread waited for the lock: the stream is over.
-      if (client_gone.load()) continue;
-      if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
-      std::string out;
-      if (!streaming) {
-        out = Head(200, "text/event-stream", -1);
-        streaming = true;
-      }
-      for (const std::string& entry : entries) {
-        absl::StrAppend(&out, "data: ", envelope(object), ",\"choices\":[", entry, "]}\n\n");
-      }
-      if (!out.empty() && !WriteAll(fd, out, wake, absl::Now() + kWriteTimeout)) {
-        client_gone.store(true);
-        for (grpc::ClientContext* ctx : contexts) ctx->TryCancel();  // frees the sequences
-      }
+      // The head before the first event of any choice; a failed write ends the stream (the
+      // writer cancels every call).
+      writer.Append([&](std::string* out) {
+        if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
+        if (!streaming) {
+          absl::StrAppend(out, Head(200, "text/event-stream", -1));
+          streaming = true;
+        }
+        for (const std::string& entry : entries) {
+          absl::StrAppend(out, "data: ", envelope(object), ",\"choices\":[", entry, "]}\n\n");
+        }
+      });
     }
     const grpc::Status status = c.reader->Finish();
     if (!status.ok() && !client_gone.load()) {
