@@ -91,11 +91,11 @@ struct EngineConfig {
   // needs log-probabilities, GpuModelRunner::ForwardSample).
   std::string device = "cpu";
   DType gpu_dtype = DType::kBF16;
-  // GpuRunnerOptions::decode_attention_kernel, fused_residual_norm and prefill_mma_attention
-  // (the same defaults: on, off, on).
-  bool gpu_decode_attention_kernel = true;
-  bool gpu_fused_residual_norm = false;
-  bool gpu_prefill_mma_attention = true;
+  // GpuRunnerOptions::decode_attention_kernel, fused_residual_norm and prefill_mma_attention,
+  // with their defaults.
+  bool gpu_decode_attention_kernel = GpuRunnerOptions{}.decode_attention_kernel;
+  bool gpu_fused_residual_norm = GpuRunnerOptions{}.fused_residual_norm;
+  bool gpu_prefill_mma_attention = GpuRunnerOptions{}.prefill_mma_attention;
   // GpuRunnerOptions::decode_attention_max_rows and gemv_max_rows: the batch sizes up to which
   // decode steps take the decode attention kernel and the GEMV (card-dependent crossovers).
   int64_t gpu_decode_attention_max_rows = GpuRunnerOptions{}.decode_attention_max_rows;

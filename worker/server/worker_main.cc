@@ -99,7 +99,7 @@ ABSL_FLAG(std::string, device, "cpu",
 ABSL_FLAG(std::string, gpu_dtype, "bf16",
           "Weights, activations and KV cache on the GPU: bf16, f16 "
           "or f32.");
-ABSL_FLAG(bool, gpu_decode_attention_kernel, true,
+ABSL_FLAG(bool, gpu_decode_attention_kernel, strata::GpuRunnerOptions{}.decode_attention_kernel,
           "GPU decode steps' attention through the decode kernel (lanes share each key; split-K "
           "merged in the same kernel); false: the tiled kernel.");
 ABSL_FLAG(int64_t, gpu_decode_attention_max_rows,
@@ -109,12 +109,13 @@ ABSL_FLAG(int64_t, gpu_decode_attention_max_rows,
 ABSL_FLAG(int64_t, gpu_gemv_max_rows, strata::GpuRunnerOptions{}.gemv_max_rows,
           "Largest GPU decode batch whose projections take Strata's GEMV kernel (at most 8; "
           "larger ones take cuBLASLt); the crossover measured on an H200.");
-ABSL_FLAG(bool, gpu_fused_residual_norm, false,
-          "GPU decode steps of up to 4 rows fold each residual-add RMSNorm, SiLU-mul and (without "
+ABSL_FLAG(bool, gpu_fused_residual_norm, strata::GpuRunnerOptions{}.fused_residual_norm,
+          "GPU decode steps of up to 4 rows (and --gpu_gemv_max_rows) fold each residual-add "
+          "RMSNorm, SiLU-mul and (without "
           "per-head q/k norms) RoPE with the KV cache write into the projections around them. "
           "Experimental: slower than the separate kernels on an H200 (7% at batch 1, "
           "2026-11-27).");
-ABSL_FLAG(bool, gpu_prefill_mma_attention, true,
+ABSL_FLAG(bool, gpu_prefill_mma_attention, strata::GpuRunnerOptions{}.prefill_mma_attention,
           "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores; "
           "false: the tiled CUDA-core kernel.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
