@@ -29,6 +29,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -1213,9 +1214,20 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   // Generate returns): choice i seeded seed + i, choice k > 0 named "<id>-k".
   const v1::SamplingParams& asked = call->request.sampling();
   const std::string& id_asked = call->request.request_id();
+  // Echo with logprobs: only each prompt's first choice asks for the prompt's log-probabilities
+  // (they turn prefix caching off, so n choices asking would prefill the prompt n times); its
+  // reader hands them to the prompt's other choices.
+  const bool share_scores = call->echo && want_logprobs && n > 1;
+  struct PromptScores {
+    absl::Notification ready;
+    google::protobuf::RepeatedPtrField<v1::PositionLogprobs> logprobs;  // written before ready
+  };
+  std::vector<std::unique_ptr<PromptScores>> scores;
+  for (int p = 0; p < num_prompts; ++p) scores.push_back(std::make_unique<PromptScores>());
   for (int k = 0; k < total; ++k) {
     v1::GenerateRequest& request = requests[k / n];
     const int i = k % n;
+    if (share_scores && i == 1) request.mutable_sampling()->clear_prompt_logprobs();
     if (asked.has_seed())
       request.mutable_sampling()->set_seed(asked.seed() + static_cast<uint64_t>(i));
     if (k > 0 && !id_asked.empty()) request.set_request_id(absl::StrCat(id_asked, "-", k));
@@ -1284,9 +1296,20 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       // This chunk's entries of "choices", one event each.
       std::vector<std::string> entries;
       if (call->echo && c.first_event) {
-        // The prompt first, in an event of its own.
+        // The prompt first, in an event of its own (its scores from the prompt's first choice).
         std::optional<Logprobs> lp;
-        if (want_logprobs) lp = prompt_logprobs(c, chunk.prompt_logprobs());
+        if (want_logprobs && !share_scores) {
+          lp = prompt_logprobs(c, chunk.prompt_logprobs());
+        } else if (want_logprobs) {
+          PromptScores& ps = *scores[index / n];
+          if (index % n == 0) {
+            ps.logprobs = chunk.prompt_logprobs();
+            ps.ready.Notify();
+          } else {
+            ps.ready.WaitForNotification();
+          }
+          lp = prompt_logprobs(c, ps.logprobs);
+        }
         entries.push_back(choice_json(index, absl::StrCat("\"text\":", JsonQuote(c.echo_text)),
                                       lp ? &*lp : nullptr, nullptr));
         c.offset = static_cast<int64_t>(c.echo_text.size());
@@ -1317,6 +1340,11 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
           absl::StrAppend(out, "data: ", envelope(object), ",\"choices\":[", entry, "]}\n\n");
         }
       });
+    }
+    // The prompt's other choices wait for its scores only while streaming: a first choice that
+    // ended without an event (failed, cancelled) releases them.
+    if (share_scores && index % n == 0 && !scores[index / n]->ready.HasBeenNotified()) {
+      scores[index / n]->ready.Notify();
     }
     const grpc::Status status = c.reader->Finish();
     if (!status.ok() && !client_gone.load()) {
@@ -1383,7 +1411,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                : absl::StrCat("\"text\":", JsonQuote(c.echo_text + c.text));
       Logprobs lp;
       if (call->echo) {
-        lp = prompt_logprobs(c, c.prompt_logprobs);
+        lp = prompt_logprobs(c, choices[k / n * n]->prompt_logprobs);  // the prompt's first
         lp.offset = static_cast<int64_t>(c.echo_text.size());
       }
       lp.Add(c.logprobs);

@@ -109,6 +109,18 @@ std::string GrpcText(LocalCluster* cluster, int max_tokens, uint64_t seed, float
   return g.text;
 }
 
+// kPrompt's log-probabilities (top 1) through the gRPC API, as a prompt_logprobs request gives
+// them (every token's but the first).
+void ScorePrompt(LocalCluster* cluster,
+                 google::protobuf::RepeatedPtrField<v1::PositionLogprobs>* out) {
+  v1::GenerateRequest g = TextRequest(kPrompt, 1, 5);
+  g.mutable_sampling()->set_prompt_logprobs(1);
+  const Generated scored = Generate(cluster->serving(), g);
+  ASSERT_TRUE(scored.status.ok()) << scored.status.error_message();
+  ASSERT_FALSE(scored.chunks.empty());
+  *out = scored.chunks[0].prompt_logprobs();
+}
+
 std::string CompletionBody(int max_tokens, uint64_t seed, const std::string& extra = "") {
   return absl::StrCat(R"({"model": "strata-tiny", "prompt": ")", kPrompt, R"(", "max_tokens": )",
                       max_tokens, R"(, "seed": )", seed,
@@ -326,12 +338,8 @@ TEST_F(OpenAiHttpTest, EchoPutsThePromptFirstAndScoresIt) {
 
   // The prompt's tokens and their log-probabilities through gRPC.
   const v1::TokenizeResponse tokens = PromptTokens(kPrompt);
-  v1::GenerateRequest g = TextRequest(kPrompt, 1, 5);
-  g.mutable_sampling()->set_prompt_logprobs(1);
-  const Generated scored = Generate(cluster_->serving(), g);
-  ASSERT_TRUE(scored.status.ok()) << scored.status.error_message();
-  ASSERT_FALSE(scored.chunks.empty());
-  const auto& prompt_lp = scored.chunks[0].prompt_logprobs();
+  google::protobuf::RepeatedPtrField<v1::PositionLogprobs> prompt_lp;
+  ASSERT_NO_FATAL_FAILURE(ScorePrompt(cluster_, &prompt_lp));
   ASSERT_EQ(prompt_lp.size() + 1, tokens.token_ids_size());
 
   const HttpReply s = Http(port_, "POST", "/v1/completions",
@@ -390,6 +398,64 @@ TEST_F(OpenAiHttpTest, EchoPutsThePromptFirstAndScoresIt) {
     text += piece;
   }
   EXPECT_EQ(text, std::string(kPrompt) + GrpcText(cluster_, 3, 5, 0.8f));
+}
+
+// echo + logprobs with n = 3: only the first choice asks the worker for the prompt's
+// log-probabilities (the others reuse its cached prompt); every choice still reports all of them,
+// whole and streamed, and each its own completion.
+TEST_F(OpenAiHttpTest, EchoScoresEveryChoiceFromTheFirstChoicesPrefill) {
+  const v1::TokenizeResponse tokens = PromptTokens(kPrompt);
+  google::protobuf::RepeatedPtrField<v1::PositionLogprobs> prompt_lp;
+  ASSERT_NO_FATAL_FAILURE(ScorePrompt(cluster_, &prompt_lp));
+  ASSERT_EQ(prompt_lp.size() + 1, tokens.token_ids_size());
+  const int prompt_len = tokens.token_ids_size();
+  // The prompt's entries of a choice's token_logprobs: null, then the gRPC API's.
+  auto expect_prompt_scores = [&](const JsonValue& logprobs, const std::string& where) {
+    const std::vector<JsonValue> values = *logprobs.Field("token_logprobs")->AsArray();
+    ASSERT_GE(static_cast<int>(values.size()), prompt_len) << where;
+    EXPECT_TRUE(values[0].IsNull()) << where;
+    for (int i = 1; i < prompt_len; ++i) {
+      ASSERT_TRUE(values[i].AsDouble().ok()) << where << " prompt token " << i;
+      EXPECT_NEAR(*values[i].AsDouble(), prompt_lp[i - 1].token().logprob(), 1e-5)
+          << where << " prompt token " << i;
+    }
+  };
+
+  const HttpReply r = Http(port_, "POST", "/v1/completions",
+                           CompletionBody(4, 5, R"(, "echo": true, "logprobs": 1, "n": 3)"));
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  const std::vector<JsonValue> choices = Choices(d);
+  ASSERT_EQ(choices.size(), 3u);
+  for (int k = 0; k < 3; ++k) {
+    const std::string where = absl::StrCat("choice ", k);
+    EXPECT_EQ(Str(choices[k], "text"), std::string(kPrompt) + GrpcText(cluster_, 4, 5 + k, 0.8f))
+        << where;
+    const JsonValue lp = *choices[k].Field("logprobs");
+    expect_prompt_scores(lp, where);
+    // The prompt's tokens, then the completion's 4.
+    EXPECT_EQ(static_cast<int>(lp.Field("token_logprobs")->AsArray()->size()), prompt_len + 4)
+        << where;
+  }
+
+  const HttpReply s =
+      Http(port_, "POST", "/v1/completions",
+           CompletionBody(4, 5, R"(, "echo": true, "logprobs": 1, "n": 3, "stream": true)"));
+  ASSERT_EQ(s.status, 200) << s.body;
+  std::vector<bool> echoed(3, false);
+  for (const std::string& event : SseData(s.body)) {
+    if (event == "[DONE]") continue;
+    const JsonDocument ev = Json(event);
+    const JsonValue choice = Choice(ev);
+    const int64_t k = *choice.IntField("index");
+    ASSERT_TRUE(k >= 0 && k < 3) << event;
+    if (echoed[k]) continue;
+    // Each choice's first event: the prompt with all its scores.
+    echoed[k] = true;
+    EXPECT_EQ(Str(choice, "text"), kPrompt) << "choice " << k;
+    expect_prompt_scores(*choice.Field("logprobs"), absl::StrCat("streamed choice ", k));
+  }
+  EXPECT_EQ(echoed, std::vector<bool>(3, true));
 }
 
 // Chat completions: the conversation written out in the model's chat format, then the same
