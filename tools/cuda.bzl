@@ -2,7 +2,10 @@
 
 Each .cu file compiles with the toolkit's nvcc into one relocatable object holding machine code for every
 arch in `archs` plus PTX for the newest, so the library runs on A100 (sm_80) and H100/H200 (sm_90) and
-JIT-compiles on anything newer. The objects link into an ordinary cc_library with cudart, so C++ targets
+JIT-compiles on anything newer. `--define=strata_cuda_archs=90` (comma-separated) replaces every
+library's archs, and `--define=strata_cuda_ptx=0` leaves the PTX out: tools/gpu_check.sh's bundle
+builds for the H100/H200 alone that way, so that it fits beside a checkout on the device machine.
+The objects link into an ordinary cc_library with cudart, so C++ targets
 depend on a cuda_library like on any other. Where @local_cuda found no toolkit, the library keeps only its
 headers and carries no STRATA_HAVE_CUDA define, so callers compile their CPU-only path.
 """
@@ -24,11 +27,15 @@ _NVCC_FLAGS = [
 def _cuda_objects_impl(ctx):
     cc_infos = [d[CcInfo] for d in ctx.attr.deps if CcInfo in d]
     comp = cc_common.merge_cc_infos(cc_infos = cc_infos).compilation_context
+    archs = ctx.attr.archs
+    if ctx.var.get("strata_cuda_archs"):
+        archs = ctx.var["strata_cuda_archs"].split(",")
     gencode = []
-    for a in ctx.attr.archs:
+    for a in archs:
         gencode.append("-gencode=arch=compute_%s,code=sm_%s" % (a, a))
-    last = ctx.attr.archs[-1]
-    gencode.append("-gencode=arch=compute_%s,code=compute_%s" % (last, last))
+    if ctx.var.get("strata_cuda_ptx", "1") != "0":
+        last = archs[-1]
+        gencode.append("-gencode=arch=compute_%s,code=compute_%s" % (last, last))
 
     inc = ["-I.", "-I" + ctx.bin_dir.path]
     for d in comp.quote_includes.to_list():
