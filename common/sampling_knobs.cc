@@ -1,5 +1,8 @@
 #include "common/sampling_knobs.h"
 
+#include <string>
+
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 
@@ -23,6 +26,25 @@ absl::Status ValidateSamplingKnobs(const SamplingKnobs& o, int64_t vocab_size) {
     return bad("frequency_penalty", "[-2, 2]");
   }
   if (o.logprobs < -1 || o.logprobs > 20) return bad("logprobs", "[0, 20]");
+  if (o.logit_bias.size() > static_cast<size_t>(kMaxLogitBias)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.logit_bias holds more than ", kMaxLogitBias, " tokens"));
+  }
+  absl::flat_hash_set<int32_t> seen;
+  for (size_t i = 0; i < o.logit_bias.size(); ++i) {
+    const auto [token, bias] = o.logit_bias[i];
+    const std::string field = absl::StrCat("sampling.logit_bias[", i, "] ");
+    if (token < 0 || token >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, "token ", token, " is outside the vocabulary [0, ", vocab_size, ")"));
+    }
+    if (!(bias >= -100.0f && bias <= 100.0f)) {
+      return absl::InvalidArgumentError(absl::StrCat(field, "bias must be in [-100, 100]"));
+    }
+    if (!seen.insert(token).second) {
+      return absl::InvalidArgumentError(absl::StrCat(field, "repeats token ", token));
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -31,6 +31,7 @@ absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams&
   r.presence_penalty = p.presence_penalty();
   r.frequency_penalty = p.frequency_penalty();
   if (p.has_logprobs()) r.logprobs = static_cast<int32_t>(std::min<uint32_t>(p.logprobs(), 1000));
+  for (const v1::TokenBias& b : p.logit_bias()) r.logit_bias.emplace_back(b.token_id(), b.bias());
   if (absl::Status s = ValidateSamplingKnobs(r, vocab_size); !s.ok()) return s;
   if (p.has_seed()) r.seed = p.seed();
   if (p.stop_size() > kMaxStopStrings) return Bad("stop", "holds more than 16 strings");
@@ -62,24 +63,6 @@ absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams&
     r.prompt_logprobs = static_cast<int32_t>(p.prompt_logprobs());
   }
   r.skip_special_tokens = p.skip_special_tokens();
-  if (p.logit_bias_size() > kMaxLogitBias) {
-    return Bad("logit_bias", absl::StrCat("holds more than ", kMaxLogitBias, " tokens"));
-  }
-  for (int i = 0; i < p.logit_bias_size(); ++i) {
-    const v1::TokenBias& b = p.logit_bias(i);
-    auto field = [i] { return absl::StrCat("logit_bias[", i, "]"); };  // for an error only
-    if (b.token_id() < 0 || b.token_id() >= vocab_size) {
-      return Bad(field(), absl::StrCat("token ", b.token_id(), " is outside the vocabulary [0, ",
-                                       vocab_size, ")"));
-    }
-    if (!(b.bias() >= -100.0f && b.bias() <= 100.0f)) {
-      return Bad(field(), "bias must be in [-100, 100]");
-    }
-    for (const auto& [token, bias] : r.logit_bias) {
-      if (token == b.token_id()) return Bad(field(), absl::StrCat("repeats token ", token));
-    }
-    r.logit_bias.emplace_back(b.token_id(), b.bias());
-  }
   return r;
 }
 

@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -27,8 +26,6 @@ struct ResolvedSampling : SamplingKnobs {
   bool ignore_eos = false;
   int32_t prompt_logprobs = -1;
   bool skip_special_tokens = false;
-  // (token, bias) pairs, each token once.
-  std::vector<std::pair<int32_t, float>> logit_bias;
 };
 
 inline constexpr int64_t kMaxMaxTokens = 65536;
@@ -36,7 +33,6 @@ inline constexpr int kMaxStopStrings = 16;
 inline constexpr size_t kMaxStopStringBytes = 256;
 inline constexpr int kMaxStopTokenIds = 64;
 inline constexpr int32_t kMaxLogprobs = 20;
-inline constexpr int kMaxLogitBias = 300;
 
 absl::StatusOr<ResolvedSampling> ResolveSamplingParams(const v1::SamplingParams& params,
                                                        int64_t vocab_size);

@@ -84,13 +84,13 @@ TEST(SamplingParamsTest, EveryLimitIsEnforcedAndNamed) {
          b->set_token_id(100);
          b->set_bias(1);
        },
-       "sampling.logit_bias[0]"},
+       "sampling.logit_bias[0] token 100 is outside the vocabulary"},
       {[](auto* p) {
          auto* b = p->add_logit_bias();
          b->set_token_id(3);
          b->set_bias(-101);
        },
-       "sampling.logit_bias[0]"},
+       "sampling.logit_bias[0] bias must be in [-100, 100]"},
       {[](auto* p) {
          for (int i = 0; i < 2; ++i) {
            auto* b = p->add_logit_bias();
@@ -98,11 +98,12 @@ TEST(SamplingParamsTest, EveryLimitIsEnforcedAndNamed) {
            b->set_bias(1);
          }
        },
-       "sampling.logit_bias[1]"},
+       "sampling.logit_bias[1] repeats token 3"},
+      // The count is checked before the entries (these also repeat tokens).
       {[](auto* p) {
          for (int i = 0; i < 301; ++i) p->add_logit_bias()->set_token_id(i % 100);
        },
-       "sampling.logit_bias"},
+       "sampling.logit_bias holds more than 300 tokens"},
   };
   for (const BadCase& c : cases) {
     v1::SamplingParams p;

@@ -204,7 +204,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   if (o.prompt_logprobs < -1 || o.prompt_logprobs > 20) {
     return absl::InvalidArgumentError("sampling.prompt_logprobs must be in [0, 20]");
   }
-  RETURN_IF_ERROR(ValidateSamplingOptions(o.sampling, c.vocab_size));
+  RETURN_IF_ERROR(ValidateSamplingKnobs(o.sampling, c.vocab_size));
   if (!o.fine_tune_id.empty()) {
     if (deltas_ == nullptr || !deltas_->Has(o.fine_tune_id)) {
       return absl::NotFoundError(

@@ -20,25 +20,11 @@
 
 namespace strata {
 
-// The knobs and their limits live in common/sampling_knobs.h, shared with the API layer.
+// The knobs (logit_bias among them) and their limits live in common/sampling_knobs.h, shared with
+// the API layer; ValidateSamplingKnobs checks them.
 struct SamplingOptions : SamplingKnobs {
   uint64_t seed = 0;
-  // Added to these tokens' logits after penalties and bans, before temperature (a banned token
-  // stays banned).
-  std::vector<std::pair<int32_t, float>> logit_bias;
 };
-
-// INVALID_ARGUMENT naming the field when a value is outside its range (see
-// proto/strata/v1/common.proto).
-inline absl::Status ValidateSamplingOptions(const SamplingOptions& o, int64_t vocab_size) {
-  for (const auto& [token, bias] : o.logit_bias) {
-    if (token < 0 || token >= vocab_size || !(bias >= -100.0f && bias <= 100.0f)) {
-      return absl::InvalidArgumentError(
-          "sampling.logit_bias: each token in the vocabulary, each bias in [-100, 100]");
-    }
-  }
-  return ValidateSamplingKnobs(o, vocab_size);
-}
 
 // Tokens a sequence has seen, for penalties: which appeared in the prompt or output (repetition)
 // and how often each appeared in the output (presence, frequency).

@@ -381,14 +381,24 @@ TEST(SamplerTest, PenaltyListsTrackPromptAndOutput) {
 TEST(SamplerTest, ValidationNamesTheField) {
   SamplingOptions o;
   o.top_p = 0;
-  EXPECT_EQ(ValidateSamplingOptions(o, 100).message(), "sampling.top_p must be in (0, 1]");
+  EXPECT_EQ(ValidateSamplingKnobs(o, 100).message(), "sampling.top_p must be in (0, 1]");
   o = {};
   o.top_k = 101;
-  EXPECT_EQ(ValidateSamplingOptions(o, 100).message(), "sampling.top_k must be in [0, vocab_size]");
+  EXPECT_EQ(ValidateSamplingKnobs(o, 100).message(), "sampling.top_k must be in [0, vocab_size]");
   o = {};
   o.temperature = -1;
-  EXPECT_FALSE(ValidateSamplingOptions(o, 100).ok());
-  EXPECT_TRUE(ValidateSamplingOptions({}, 100).ok());
+  EXPECT_FALSE(ValidateSamplingKnobs(o, 100).ok());
+  // The engine checks a logit bias as the API layer does (one rule, in SamplingKnobs).
+  o = {};
+  o.logit_bias = {{7, 1.0f}, {100, 1.0f}};
+  EXPECT_EQ(ValidateSamplingKnobs(o, 100).message(),
+            "sampling.logit_bias[1] token 100 is outside the vocabulary [0, 100)");
+  o.logit_bias = {{7, 1.0f}, {7, 2.0f}};
+  EXPECT_EQ(ValidateSamplingKnobs(o, 100).message(), "sampling.logit_bias[1] repeats token 7");
+  o.logit_bias = {{7, 100.5f}};
+  EXPECT_EQ(ValidateSamplingKnobs(o, 100).message(),
+            "sampling.logit_bias[0] bias must be in [-100, 100]");
+  EXPECT_TRUE(ValidateSamplingKnobs({}, 100).ok());
 }
 
 }  // namespace

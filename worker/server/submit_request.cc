@@ -21,7 +21,6 @@ absl::StatusOr<RequestOptions> ParseSamplingParams(const v1::SamplingParams& sam
   o.prompt_logprobs = r.prompt_logprobs;
   static_cast<SamplingKnobs&>(o.sampling) = r;
   o.sampling.seed = r.seed.value_or(0);
-  o.sampling.logit_bias = std::move(r.logit_bias);
   return o;
 }
 
