@@ -1220,7 +1220,10 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   const bool share_scores = call->echo && want_logprobs && n > 1;
   struct PromptScores {
     absl::Notification ready;
-    google::protobuf::RepeatedPtrField<v1::PositionLogprobs> logprobs;  // written before ready
+    // Written before ready; `filled` false: the first choice ended without them (failed or
+    // cancelled), and the request is failing.
+    google::protobuf::RepeatedPtrField<v1::PositionLogprobs> logprobs;
+    bool filled = false;
   };
   std::vector<std::unique_ptr<PromptScores>> scores;
   for (int p = 0; p < num_prompts; ++p) scores.push_back(std::make_unique<PromptScores>());
@@ -1304,9 +1307,13 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
           PromptScores& ps = *scores[index / n];
           if (index % n == 0) {
             ps.logprobs = chunk.prompt_logprobs();
+            ps.filled = true;
             ps.ready.Notify();
           } else {
             ps.ready.WaitForNotification();
+            // No scores to echo: the first choice failed, and so does the request (its error
+            // ends the stream); this choice sends nothing more.
+            if (!ps.filled) continue;
           }
           lp = prompt_logprobs(c, ps.logprobs);
         }

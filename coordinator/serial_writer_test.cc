@@ -126,6 +126,30 @@ TEST(SerialWriterTest, SlowReaderHoldsTheAppendersBack) {
   EXPECT_LT(most_pending.load(), SerialWriter::kMaxPendingBytes + chunk.size());
 }
 
+// A client that keeps reading, slowly, is served however long the whole batch takes: the write
+// timeout (0.5 s) applies to each 64 KiB slice (well under 0.1 s at this pace), not to the 2 MiB
+// batch (over 1.2 s: reads of at most 8 KiB through the 4 KiB send buffer, 5 ms apart).
+TEST(SerialWriterTest, ASlowButSteadyReaderIsNotCutOff) {
+  Pair p;
+  std::atomic<int> failures{0};
+  SerialWriter writer(p.w, -1, absl::Milliseconds(500), [&] { failures.fetch_add(1); });
+  const std::string batch(size_t{2} << 20, 'b');
+  std::string got;
+  std::thread reader([&] {
+    char buf[8 << 10];
+    while (got.size() < batch.size()) {
+      const ssize_t n = ::read(p.r, buf, sizeof(buf));
+      if (n <= 0) break;
+      got.append(buf, static_cast<size_t>(n));
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  });
+  EXPECT_TRUE(writer.Append([&](std::string* out) { out->append(batch); }));
+  reader.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(got.size(), batch.size());
+}
+
 // The peer goes away: the write fails, on_failure runs once whatever the number of threads, and
 // every Append after is refused without running its fill.
 TEST(SerialWriterTest, AFailedWriteRefusesEveryAppendAfterIt) {

@@ -29,7 +29,7 @@ def _cuda_objects_impl(ctx):
     comp = cc_common.merge_cc_infos(cc_infos = cc_infos).compilation_context
     archs = ctx.attr.archs
     if ctx.var.get("strata_cuda_archs"):
-        archs = ctx.var["strata_cuda_archs"].split(",")
+        archs = [a.strip() for a in ctx.var["strata_cuda_archs"].split(",") if a.strip()]
     gencode = []
     for a in archs:
         gencode.append("-gencode=arch=compute_%s,code=sm_%s" % (a, a))

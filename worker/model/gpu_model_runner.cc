@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <iterator>
@@ -283,6 +284,13 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
                                         const GpuRunnerOptions& options) {
   c = config;
   o = options;
+  // Row limits act on powers of two: decode graphs run their batch padded to one, so a limit in
+  // between would treat a graph step and an eager step of the same batch differently.
+  auto floor_pow2 = [](int64_t v) {
+    return v < 1 ? int64_t{0} : static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(v)));
+  };
+  o.gemv_max_rows = floor_pow2(o.gemv_max_rows);
+  o.decode_attention_max_rows = floor_pow2(o.decode_attention_max_rows);
   RETURN_IF_ERROR(ActTypeOf(o.act, &act));
   eb = gpu::ActBytes(act);
   H = c.hidden_size;

@@ -53,7 +53,8 @@ struct GpuRunnerOptions {
   // GEMMs of up to gemv_max_rows rows (decode) through Strata's GEMV kernel rather than
   // cuBLASLt (the kernel takes at most 8). On an H200 (2026-11-27, Llama-3-8B shape, bf16) the
   // GEMV made batch-1 steps 2.8% faster (down_proj keeps cuBLASLt), but batch 2 4% slower, 4
-  // 25% and 8 83% (it reads x once per weight vector for every row); docs/PERFORMANCE.md.
+  // 25% and 8 83% (it reads x once per weight vector for every row); docs/PERFORMANCE.md. Both
+  // row limits here are rounded down to a power of two (the batch sizes decode graphs run at).
   bool small_m_gemv = true;
   int64_t gemv_max_rows = 1;
   // The GEMV kernel's block shape (gpu::GemvArgs::variant, 0 to 7). 1 (a row a warp, 4 warps a
