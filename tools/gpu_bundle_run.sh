@@ -6,12 +6,10 @@
 # root of a Strata checkout: tests read their data (models/, testdata/) relative to it, as under Bazel.
 #
 # Usage: run.sh RESULTS_DIR [NAME_REGEX]
+#        run.sh --libpath      (prints the LD_LIBRARY_PATH the binaries run with, for other scripts)
 # STRATA_GPU_BENCH_ARGS: more flags for bench.gpu_bench (split at spaces), e.g. --batches=1,8,64.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-results="${1:?usage: run.sh RESULTS_DIR [NAME_REGEX]}"
-only="${2:-.}"
-mkdir -p "$results"
 
 # Libraries: the bundle's first, then the GPU machine's CUDA libraries for any the bundle left out.
 libpath="$here/lib"
@@ -22,6 +20,14 @@ done
 for d in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
   for l in "$d"/nvidia/*/lib; do [ -d "$l" ] && libpath="$libpath:$l"; done
 done
+if [ "${1:-}" = --libpath ]; then
+  echo "$libpath"
+  exit 0
+fi
+
+results="${1:?usage: run.sh RESULTS_DIR [NAME_REGEX]}"
+only="${2:-.}"
+mkdir -p "$results"
 
 # Use the bundled glibc (through its own loader) only when the machine's is older than the build's.
 launcher=()

@@ -27,14 +27,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# The bundle's libraries, then the machine's CUDA libraries (toolkit or Python wheels).
+# The bundle's libraries, then the machine's CUDA libraries (toolkit or Python wheels): the path
+# the bundle's runner gives its binaries, one rule for every binary run here.
 bundle_libpath() {
-  local libpath="$PWD/gpu-bundle/lib"
-  for d in /usr/local/cuda/lib64 $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
-    [ -d "$d" ] && libpath="$libpath:$d"
-    for l in "$d"/nvidia/*/lib; do [ -d "$l" ] && libpath="$libpath:$l"; done
-  done
-  echo "$libpath"
+  gpu-bundle/run.sh --libpath
 }
 
 # ncu_decode RESULTS_DIR: one timed batch-1 decode step of gpu_bench per variant under Nsight
@@ -146,8 +142,7 @@ case "${1:-}" in
     # compute-sanitizer over the op tests (a gtest filter), where the machine allows it: memcheck, or
     # the tools named in STRATA_GPU_SANITIZE_TOOLS (racecheck and synccheck for shared memory).
     if [ -n "${STRATA_GPU_SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
-      libpath="$PWD/gpu-bundle/lib"
-      for d in /usr/local/cuda/lib64; do [ -d "$d" ] && libpath="$libpath:$d"; done
+      libpath="$(bundle_libpath)"
       : >"$results/sanitizer.log"
       for tool in ${STRATA_GPU_SANITIZE_TOOLS:-memcheck}; do
         LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
