@@ -80,10 +80,10 @@ const std::vector<GpuSpec>& KnownGpus() {
       {"h100", 80e9, 3009e9, 794e12, 0.73, 0.33,
        "H100 80GB HBM3 (SXM): bandwidth, GEMM rate and Strata's efficiencies measured by "
        "bench/gpu_bench"},
-      {"h200", 141e9, 4205e9, 780e12, 0.738, 0.575,
+      {"h200", 141e9, 4205e9, 780e12, 0.748, 0.575,
        "H200 141GB HBM3e: bandwidth, GEMM rate and Strata's efficiencies measured by "
        "bench/gpu_bench",
-       0.288},
+       0.394},
       {"a100", 80e9, 0.9 * 2039e9, 0.9 * 312e12, 0.73, 0.33,
        "A100 80GB SXM: datasheet bandwidth and dense bf16 rate x 0.9, the H100's efficiencies "
        "(not measured)"},
