@@ -66,12 +66,13 @@ ABSL_FLAG(bool, only_decode, false,
           "decode runs only (for profiling a decode step under ncu).");
 ABSL_FLAG(
     std::string, variants,
-    "default,cublas,eager,decode_attn,fused_norm,shipped,mma_prefill,fine_tunes,sampled",
+    "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,mma_prefill,fine_tunes,sampled",
     "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
     "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
     "every batch size), fused_norm (that and the fused residual norms), shipped "
     "(GpuRunnerOptions' defaults as they are, row limits included), gemv_variants (those at "
-    "batch 1 with each other GEMV block shape; not in the default list), mma_prefill "
+    "batch 1 with each other GEMV block shape; not in the default list), prefetch_o (those at "
+    "batch 1 with o_proj's weights prefetched into L2 during attention), mma_prefill "
     "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
     "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
     "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
@@ -619,8 +620,9 @@ int Main() {
   struct DecodeRun {
     int64_t batch;
     bool graphs, cublas, decode_attn, fused_norm;
-    bool shipped = false;   // GpuRunnerOptions' defaults, whatever the fields above say
-    int gemv_variant = -1;  // with shipped: GpuRunnerOptions::gemv_variant (-1: its default)
+    bool shipped = false;     // GpuRunnerOptions' defaults, whatever the fields above say
+    int gemv_variant = -1;    // with shipped: GpuRunnerOptions::gemv_variant (-1: its default)
+    bool prefetch_o = false;  // with shipped: GpuRunnerOptions::gemv_prefetch_o_proj
   };
   std::vector<DecodeRun> runs;
   const std::vector<std::string> variants = absl::StrSplit(absl::GetFlag(FLAGS_variants), ',');
@@ -651,6 +653,9 @@ int Main() {
   if (wanted("shipped")) {
     for (int64_t bs : batches) runs.push_back({bs, true, false, false, false, true});
   }
+  // The shipped defaults at batch 1 with o_proj's GEMV prefetching its weights into L2 during
+  // attention (GpuRunnerOptions::gemv_prefetch_o_proj).
+  if (wanted("prefetch_o")) runs.push_back({1, true, false, false, false, true, -1, true});
   // The shipped defaults at batch 1 with each other GEMV block shape (gemv.cu's variants).
   if (wanted("gemv_variants")) {
     for (int v = 0; v <= 7; ++v) {
@@ -683,6 +688,7 @@ int Main() {
     if (run.shipped) {
       GpuRunnerOptions oo = shipped;
       if (run.gemv_variant >= 0) oo.gemv_variant = run.gemv_variant;
+      oo.gemv_prefetch_o_proj = run.prefetch_o;
       r = fresh(oo);
     } else if (!run.graphs || run.cublas || run.decode_attn || run.fused_norm) {
       GpuRunnerOptions oo = o;
@@ -703,7 +709,8 @@ int Main() {
         absl::StrCat("decode_b", run.batch, run.graphs ? "" : "_eager", run.cublas ? "_cublas" : "",
                      run.decode_attn ? "_decode_attn" : "", run.fused_norm ? "_fused_norm" : "",
                      run.shipped ? "_shipped" : "",
-                     run.gemv_variant >= 0 ? absl::StrCat("_gemv", run.gemv_variant) : "");
+                     run.gemv_variant >= 0 ? absl::StrCat("_gemv", run.gemv_variant) : "",
+                     run.prefetch_o ? "_prefetch_o" : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
     json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);

@@ -322,6 +322,8 @@ verdicts = [
     ("  at batch 64", "decode_b64_tokens_per_s", "decode_b64_decode_attn_tokens_per_s"),
     ("  + --gpu_fused_residual_norm", "decode_b1_decode_attn_tokens_per_s",
      "decode_b1_decode_attn_fused_norm_tokens_per_s"),
+    ("shipped b1 + o_proj L2 prefetch", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_prefetch_o_tokens_per_s"),
     ("--gpu_prefill_mma_attention", "prefill_tokens_per_s", "prefill_mma_tokens_per_s"),
 ]
 print()

@@ -164,6 +164,7 @@ absl::Status CublasLtGemm::Run(const GemmArgs& g, CudaStreamHandle stream) {
   if (impl_->small_m_gemv && g.m <= impl_->gemv_max_m && g.k <= 8192) {
     gpu::GemvArgs v{g.m,    g.n, g.k, g.x,   ldx,        g.w,
                     g.bias, g.y, ldy, g.act, g.out_type, impl_->gemv_variant};
+    v.l2_prefetch = g.gemv_l2_prefetch;
     if (gpu::GemvSupported(v)) {
       return CudaStatus(gpu::LaunchGemv(v, reinterpret_cast<cudaStream_t>(stream)), "gemv launch");
     }

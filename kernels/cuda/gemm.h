@@ -30,6 +30,8 @@ struct GemmArgs {
   int64_t ldy = 0;
   gpu::ActType act = gpu::ActType::kBF16;
   gpu::ActType out_type = gpu::ActType::kBF16;
+  // Where the GEMV kernel takes it: gpu::GemvArgs::l2_prefetch (a cache hint).
+  bool gemv_l2_prefetch = false;
 };
 
 class CublasLtGemm {

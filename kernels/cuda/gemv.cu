@@ -83,8 +83,26 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
       }
     }
   };
-  // No kernel writes the weights: the first round's loads go out before waiting for the kernel
-  // before (programmatic dependent launch), overlapping its tail.
+  // No kernel writes the weights: the first round's loads (and, with l2_prefetch, a request to
+  // L2 for the rest of the warp's rows) go out before waiting for the kernel before
+  // (programmatic dependent launch), overlapping its tail.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.l2_prefetch) {
+    // Lanes take 1 KiB pieces of each row (rows are a multiple of 16 bytes, 16-byte aligned).
+    constexpr int64_t kPiece = 1024;
+    const int64_t row_bytes = a.k * static_cast<int64_t>(sizeof(T));
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      if (j >= rows_here) break;
+      const size_t base = __cvta_generic_to_global(w + (row0 + j * row_step) * vecs);
+      for (int64_t off = lane * kPiece; off < row_bytes; off += 32 * kPiece) {
+        const uint32_t bytes = static_cast<uint32_t>(min(kPiece, row_bytes - off));
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + off), "r"(bytes)
+                     : "memory");
+      }
+    }
+  }
+#endif
   load_weights(lane);
   PdlBegin();
 

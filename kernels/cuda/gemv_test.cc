@@ -128,16 +128,26 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
             const int64_t ldy = sh.n + 3;
             absl::StatusOr<DeviceBuffer> dy = DeviceBuffer::Allocate(m * ldy * gpu::ActBytes(out));
             ASSERT_TRUE(dy.ok());
-            constexpr int kVariants = 8;  // GEMV variants 0 to 7, then cuBLASLt
-            std::vector<float> got_by[kVariants + 1];
-            for (int mode = 0; mode <= kVariants; ++mode) {
-              const bool gemv = mode < kVariants;
+            // GEMV variants 0 to 7, cuBLASLt, then variant 1 with the L2 prefetch.
+            constexpr int kVariants = 8, kCublas = kVariants, kPrefetch = kVariants + 1;
+            std::vector<float> got_by[kPrefetch + 1];
+            for (int mode = 0; mode <= kPrefetch; ++mode) {
+              const bool gemv = mode != kCublas;
               (*gemm)->set_small_m_gemv(gemv);
-              (*gemm)->set_gemv_variant(mode);
+              (*gemm)->set_gemv_variant(mode == kPrefetch ? 1 : mode);
               ASSERT_TRUE(dy->Fill(0xff).ok());  // NaN in every float type
-              GemmArgs g{
-                  m,          sh.n, sh.k, dx.data(), 0, dw.data(), bias ? db.data() : nullptr,
-                  dy->data(), ldy,  act,  out};
+              GemmArgs g{m,
+                         sh.n,
+                         sh.k,
+                         dx.data(),
+                         0,
+                         dw.data(),
+                         bias ? db.data() : nullptr,
+                         dy->data(),
+                         ldy,
+                         act,
+                         out,
+                         mode == kPrefetch};
               ASSERT_TRUE((*gemm)->Run(g, stream->handle()).ok());
               ASSERT_TRUE(stream->Synchronize().ok());
               std::vector<uint8_t> raw(m * ldy * gpu::ActBytes(out));
@@ -156,6 +166,8 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
               EXPECT_LT(std::sqrt(num / den), tol)
                   << (gemv ? "gemv variant " : "cublasLt ") << mode;
             }
+            // The prefetch is a cache hint: the same bits as without it.
+            EXPECT_EQ(got_by[kPrefetch], got_by[1]);
           }
         }
       }

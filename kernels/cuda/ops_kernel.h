@@ -270,6 +270,12 @@ struct GemvArgs {
   // The kernel's block shape (see gemv.cu), 0 to 7; GpuModelRunner takes 1
   // (GpuRunnerOptions::gemv_variant).
   int variant = 0;
+  // Before waiting for the kernel launched just before this one (programmatic dependent launch),
+  // each warp asks L2 for all of its weight rows (cp.async.bulk.prefetch; Hopper and newer, else
+  // ignored), so they stream in while that kernel still runs. A cache hint: the same bits either
+  // way. For a projection whose weights fit in L2 behind a long kernel (o_proj after attention):
+  // asked of every GEMV it made batch-1 decode 13% slower on an H200 (docs/PERFORMANCE.md).
+  bool l2_prefetch = false;
   // Input RMSNorm (a decode step's residual-add RMSNorm folded into the projection that follows
   // it): when set, x is the f32 residual stream [m, k] (row stride ldx, 16-byte aligned) and the
   // GEMV applies W to x * rsqrt(mean(x^2) + norm_eps) * norm_weight, in f32, instead of x.

@@ -1144,7 +1144,8 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
       RETURN_IF_ERROR(gemv(2 * I, H, nullptr, L.post_norm, L.gate_up_w, nullptr, actb, false,
                            /*silu_pairs=*/true));
     } else {
-      RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act}, s));
+      RETURN_IF_ERROR(gemm->Run(
+          {n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act, o.gemv_prefetch_o_proj}, s));
       if (deltas) {
         RETURN_IF_ERROR(
             ApplySegments([l](const DeltaDev& d) { return d.layers[l].o; }, attn, qd, proj, H));

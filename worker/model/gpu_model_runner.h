@@ -61,6 +61,9 @@ struct GpuRunnerOptions {
   // block, 4 vectors in flight a lane) made batch-1 decode 3.4% faster than 0 (2 rows a warp, 8
   // warps, 2 vectors) on an H200 (2026-11-27; 4, the same with 8 warps, 3.1%).
   int gemv_variant = 1;
+  // Experiment, off: o_proj's GEMV asks L2 for its weights while attention runs
+  // (GemvArgs::l2_prefetch); asked of every GEMV it was 13% slower, not yet measured alone.
+  bool gemv_prefetch_o_proj = false;
   // Decode steps' attention through the decode kernel (PagedAttentionArgs::decode_kernel: lanes
   // share each key, partitions merge in the same kernel) instead of the tiled one, for steps of
   // up to decode_attention_max_rows sequences. On an H200 (2026-11-27, Llama-3-8B shape, bf16)

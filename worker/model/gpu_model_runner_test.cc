@@ -121,7 +121,8 @@ TEST_P(GpuModelRunnerTest, LogitsMatchCpuForEveryFeedingAndDtype) {
     // residual-add RMSNorms, prompts (whole and in chunks) through the tensor-core attention
     // kernel (bf16 and f16). Then the shipped defaults with
     // row limits of 2, so that steps of 3 rows take the tiled attention kernel and cuBLASLt and
-    // those of 2 (once the 1-token sequence is done) the decode kernel and the GEMV.
+    // those of 2 (once the 1-token sequence is done) the decode kernel and the GEMV (o_proj's
+    // with the L2 prefetch).
     for (const int pass : {0, 1, 2}) {
       const bool fused = pass == 1;
       SCOPED_TRACE(::testing::Message() << "act " << DTypeName(r.act) << " pass " << pass);
@@ -134,6 +135,7 @@ TEST_P(GpuModelRunnerTest, LogitsMatchCpuForEveryFeedingAndDtype) {
       } else {
         options.decode_attention_max_rows = 2;
         options.gemv_max_rows = 2;
+        options.gemv_prefetch_o_proj = true;  // a cache hint: the same logits
       }
       auto gpu = GpuModelRunner::Create(*m.weights, options);
       ASSERT_TRUE(gpu.ok()) << gpu.status();
