@@ -66,13 +66,15 @@ ABSL_FLAG(bool, only_decode, false,
           "decode runs only (for profiling a decode step under ncu).");
 ABSL_FLAG(
     std::string, variants,
-    "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,mma_prefill,fine_tunes,sampled",
+    "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,gemv_routes,mma_prefill,fine_"
+    "tunes,sampled",
     "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
     "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
     "every batch size), fused_norm (that and the fused residual norms), shipped "
     "(GpuRunnerOptions' defaults as they are, row limits included), gemv_variants (those at "
     "batch 1 with each other GEMV block shape; not in the default list), prefetch_o (those at "
-    "batch 1 with o_proj's weights prefetched into L2 during attention), mma_prefill "
+    "batch 1 with o_proj's weights prefetched into L2 during attention), gemv_routes (those at "
+    "batch 1 with one projection at a time through cuBLASLt), mma_prefill "
     "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
     "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
     "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
@@ -623,6 +625,7 @@ int Main() {
     bool shipped = false;     // GpuRunnerOptions' defaults, whatever the fields above say
     int gemv_variant = -1;    // with shipped: GpuRunnerOptions::gemv_variant (-1: its default)
     bool prefetch_o = false;  // with shipped: GpuRunnerOptions::gemv_prefetch_o_proj
+    const char* cublas_for = nullptr;  // with shipped: this projection through cuBLASLt
   };
   std::vector<DecodeRun> runs;
   const std::vector<std::string> variants = absl::StrSplit(absl::GetFlag(FLAGS_variants), ',');
@@ -656,6 +659,13 @@ int Main() {
   // The shipped defaults at batch 1 with o_proj's GEMV prefetching its weights into L2 during
   // attention (GpuRunnerOptions::gemv_prefetch_o_proj).
   if (wanted("prefetch_o")) runs.push_back({1, true, false, false, false, true, -1, true});
+  // The shipped defaults at batch 1 with one projection at a time through cuBLASLt instead of
+  // the GEMV (GpuRunnerOptions::gemv_routes).
+  if (wanted("gemv_routes")) {
+    for (const char* p : {"qkv", "o_proj", "gate_up", "lm_head"}) {
+      runs.push_back({1, true, false, false, false, true, -1, false, p});
+    }
+  }
   // The shipped defaults at batch 1 with each other GEMV block shape (gemv.cu's variants).
   if (wanted("gemv_variants")) {
     for (int v = 0; v <= 7; ++v) {
@@ -689,6 +699,13 @@ int Main() {
       GpuRunnerOptions oo = shipped;
       if (run.gemv_variant >= 0) oo.gemv_variant = run.gemv_variant;
       oo.gemv_prefetch_o_proj = run.prefetch_o;
+      if (run.cublas_for != nullptr) {
+        const absl::string_view p = run.cublas_for;
+        oo.gemv_routes.qkv = p != "qkv";
+        oo.gemv_routes.o_proj = p != "o_proj";
+        oo.gemv_routes.gate_up = p != "gate_up";
+        oo.gemv_routes.lm_head = p != "lm_head";
+      }
       r = fresh(oo);
     } else if (!run.graphs || run.cublas || run.decode_attn || run.fused_norm) {
       GpuRunnerOptions oo = o;
@@ -710,7 +727,8 @@ int Main() {
                      run.decode_attn ? "_decode_attn" : "", run.fused_norm ? "_fused_norm" : "",
                      run.shipped ? "_shipped" : "",
                      run.gemv_variant >= 0 ? absl::StrCat("_gemv", run.gemv_variant) : "",
-                     run.prefetch_o ? "_prefetch_o" : "");
+                     run.prefetch_o ? "_prefetch_o" : "",
+                     run.cublas_for != nullptr ? absl::StrCat("_cublas_", run.cublas_for) : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
     json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);

@@ -324,6 +324,14 @@ verdicts = [
      "decode_b1_decode_attn_fused_norm_tokens_per_s"),
     ("shipped b1 + o_proj L2 prefetch", "decode_b1_shipped_tokens_per_s",
      "decode_b1_shipped_prefetch_o_tokens_per_s"),
+    ("shipped b1, qkv on cuBLASLt", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_cublas_qkv_tokens_per_s"),
+    ("shipped b1, o_proj on cuBLASLt", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_cublas_o_proj_tokens_per_s"),
+    ("shipped b1, gate_up on cuBLASLt", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_cublas_gate_up_tokens_per_s"),
+    ("shipped b1, lm_head on cuBLASLt", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_cublas_lm_head_tokens_per_s"),
     ("--gpu_prefill_mma_attention", "prefill_tokens_per_s", "prefill_mma_tokens_per_s"),
 ]
 print()

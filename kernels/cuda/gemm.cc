@@ -161,7 +161,7 @@ absl::Status CublasLtGemm::Run(const GemmArgs& g, CudaStreamHandle stream) {
   if (ldy < g.n) return absl::InvalidArgumentError("gemm: ldy below n");
   // The GEMV kernel wins for k up to 8192 (measured on an H200 for Llama-3-8B's projections);
   // cuBLASLt's split-K is faster for the long rows of down_proj (k = 14336).
-  if (impl_->small_m_gemv && g.m <= impl_->gemv_max_m && g.k <= 8192) {
+  if (impl_->small_m_gemv && g.allow_gemv && g.m <= impl_->gemv_max_m && g.k <= 8192) {
     gpu::GemvArgs v{g.m,    g.n, g.k, g.x,   ldx,        g.w,
                     g.bias, g.y, ldy, g.act, g.out_type, impl_->gemv_variant};
     v.l2_prefetch = g.gemv_l2_prefetch;

@@ -32,6 +32,8 @@ struct GemmArgs {
   gpu::ActType out_type = gpu::ActType::kBF16;
   // Where the GEMV kernel takes it: gpu::GemvArgs::l2_prefetch (a cache hint).
   bool gemv_l2_prefetch = false;
+  // False: cuBLASLt whatever set_small_m_gemv says (a projection measured without the GEMV).
+  bool allow_gemv = true;
 };
 
 class CublasLtGemm {

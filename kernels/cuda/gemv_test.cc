@@ -128,13 +128,15 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
             const int64_t ldy = sh.n + 3;
             absl::StatusOr<DeviceBuffer> dy = DeviceBuffer::Allocate(m * ldy * gpu::ActBytes(out));
             ASSERT_TRUE(dy.ok());
-            // GEMV variants 0 to 7, cuBLASLt, then variant 1 with the L2 prefetch.
-            constexpr int kVariants = 8, kCublas = kVariants, kPrefetch = kVariants + 1;
-            std::vector<float> got_by[kPrefetch + 1];
-            for (int mode = 0; mode <= kPrefetch; ++mode) {
-              const bool gemv = mode != kCublas;
-              (*gemm)->set_small_m_gemv(gemv);
-              (*gemm)->set_gemv_variant(mode == kPrefetch ? 1 : mode);
+            // GEMV variants 0 to 7, cuBLASLt, variant 1 with the L2 prefetch, then the GEMV
+            // routed but the call refusing it (GemmArgs::allow_gemv).
+            constexpr int kVariants = 8, kCublas = kVariants, kPrefetch = kVariants + 1,
+                          kRefused = kVariants + 2;
+            std::vector<float> got_by[kRefused + 1];
+            for (int mode = 0; mode <= kRefused; ++mode) {
+              const bool gemv = mode != kCublas && mode != kRefused;
+              (*gemm)->set_small_m_gemv(mode != kCublas);
+              (*gemm)->set_gemv_variant(mode < kVariants ? mode : 1);
               ASSERT_TRUE(dy->Fill(0xff).ok());  // NaN in every float type
               GemmArgs g{m,
                          sh.n,
@@ -147,7 +149,8 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
                          ldy,
                          act,
                          out,
-                         mode == kPrefetch};
+                         mode == kPrefetch,
+                         mode != kRefused};
               ASSERT_TRUE((*gemm)->Run(g, stream->handle()).ok());
               ASSERT_TRUE(stream->Synchronize().ok());
               std::vector<uint8_t> raw(m * ldy * gpu::ActBytes(out));
@@ -166,8 +169,10 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
               EXPECT_LT(std::sqrt(num / den), tol)
                   << (gemv ? "gemv variant " : "cublasLt ") << mode;
             }
-            // The prefetch is a cache hint: the same bits as without it.
+            // The prefetch is a cache hint: the same bits as without it. A call refusing the
+            // GEMV runs cuBLASLt's product, bit for bit.
             EXPECT_EQ(got_by[kPrefetch], got_by[1]);
+            EXPECT_EQ(got_by[kRefused], got_by[kCublas]);
           }
         }
       }

@@ -1094,8 +1094,9 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
       if (deltas) {
         RETURN_IF_ERROR(Renorm([l](const DeltaDev& d) { return d.layers[l].input_norm; }, normed));
       }
-      RETURN_IF_ERROR(
-          gemm->Run({n, qkv_w, H, normed, H, L.qkv_w, L.qkv_b, qkv, qkv_w, act, act}, s));
+      RETURN_IF_ERROR(gemm->Run({n, qkv_w, H, normed, H, L.qkv_w, L.qkv_b, qkv, qkv_w, act, act,
+                                 false, o.gemv_routes.qkv},
+                                s));
     }
     if (deltas) {
       RETURN_IF_ERROR(
@@ -1144,8 +1145,9 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
       RETURN_IF_ERROR(gemv(2 * I, H, nullptr, L.post_norm, L.gate_up_w, nullptr, actb, false,
                            /*silu_pairs=*/true));
     } else {
-      RETURN_IF_ERROR(gemm->Run(
-          {n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act, o.gemv_prefetch_o_proj}, s));
+      RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act,
+                                 o.gemv_prefetch_o_proj, o.gemv_routes.o_proj},
+                                s));
       if (deltas) {
         RETURN_IF_ERROR(
             ApplySegments([l](const DeltaDev& d) { return d.layers[l].o; }, attn, qd, proj, H));
@@ -1156,8 +1158,9 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
       if (deltas) {
         RETURN_IF_ERROR(Renorm([l](const DeltaDev& d) { return d.layers[l].post_norm; }, normed));
       }
-      RETURN_IF_ERROR(
-          gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act, act}, s));
+      RETURN_IF_ERROR(gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act,
+                                 act, false, o.gemv_routes.gate_up},
+                                s));
       if (deltas) {
         char* gu = static_cast<char*>(gate_up);
         RETURN_IF_ERROR(ApplySegments([l](const DeltaDev& d) { return d.layers[l].gate; }, normed,
@@ -1193,8 +1196,9 @@ absl::Status GpuModelRunner::Impl::Head(int64_t offset, int64_t m, bool gather, 
     RETURN_IF_ERROR(CudaStatus(gpu::LaunchGatherRows(g, compute->get()), "gather_rows launch"));
     x = rows;
   }
-  RETURN_IF_ERROR(
-      gemm->Run({m, V, H, x, H, lm_head, nullptr, logits, V, act, gpu::ActType::kF32}, s));
+  RETURN_IF_ERROR(gemm->Run({m, V, H, x, H, lm_head, nullptr, logits, V, act, gpu::ActType::kF32,
+                             false, o.gemv_routes.lm_head},
+                            s));
   // Fine-tunes' LM head deltas (the embedding's with tied embeddings) for their logit rows here.
   for (size_t i = 0; i < plan.segments.size(); ++i) {
     const DeltaStepPlan::Segment& seg = plan.segments[i];

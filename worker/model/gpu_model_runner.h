@@ -61,6 +61,12 @@ struct GpuRunnerOptions {
   // block, 4 vectors in flight a lane) made batch-1 decode 3.4% faster than 0 (2 rows a warp, 8
   // warps, 2 vectors) on an H200 (2026-11-27; 4, the same with 8 warps, 3.1%).
   int gemv_variant = 1;
+  // Which decode projections may take the GEMV kernel (the others take cuBLASLt; down_proj's
+  // rows are too long for it anyway), to measure them one at a time (gpu_bench's gemv_routes).
+  struct GemvRoutes {
+    bool qkv = true, o_proj = true, gate_up = true, lm_head = true;
+  };
+  GemvRoutes gemv_routes;
   // Experiment, off: o_proj's GEMV asks L2 for its weights while attention runs
   // (GemvArgs::l2_prefetch); asked of every GEMV it was 13% slower, not yet measured alone.
   bool gemv_prefetch_o_proj = false;
