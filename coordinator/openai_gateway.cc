@@ -299,7 +299,12 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
       if (items[0].IsNumber()) {
         RETURN_IF_ERROR(TokenIds(items, r.mutable_token_ids()));
       } else {
-        // One prompt or several: strings, or arrays of token ids.
+        // One prompt or several: strings, or arrays of token ids; no more than a request may
+        // generate for (checked again with n below), before any is copied.
+        if (static_cast<int64_t>(items.size()) > kMaxGenerations) {
+          return prompt.Error(absl::StrCat("holds ", items.size(), " prompts; at most ",
+                                           kMaxGenerations, " generations a request"));
+        }
         for (size_t i = 0; i < items.size(); ++i) {
           v1::GenerateRequest* p = i == 0 ? &r : &call.more_prompts.emplace_back();
           if (items[i].IsString()) {

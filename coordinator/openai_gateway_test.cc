@@ -3,8 +3,10 @@
 #include "coordinator/openai_gateway.h"
 
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
 
 namespace strata {
@@ -139,6 +141,10 @@ TEST(CompletionFromJsonTest, RefusalsNameTheField) {
            Case{R"({"model": "m", "prompt": ["a", []]})", "prompt", "prompt[1]"},
            Case{R"({"model": "m", "prompt": ["a", "b", "c", "d", "e"], "n": 16})", "prompt",
                 "80 generations"},
+           // More prompts than a request may generate for, refused before any is copied.
+           Case{absl::StrCat(R"({"model": "m", "prompt": [)",
+                             absl::StrJoin(std::vector<std::string>(65, R"("p")"), ","), "]}"),
+                "prompt", "holds 65 prompts"},
            Case{R"({"model": "m", "prompt": []})", "prompt", "empty"},
            Case{R"({"model": "m", "prompt": [1, -2]})", "prompt", "prompt[1]"},
            Case{R"({"model": "m", "prompt": {"a": 1}})", "prompt", "prompt"},
