@@ -33,16 +33,16 @@ absl::Status ValidateSamplingKnobs(const SamplingKnobs& o, int64_t vocab_size) {
   absl::flat_hash_set<int32_t> seen;
   for (size_t i = 0; i < o.logit_bias.size(); ++i) {
     const auto [token, bias] = o.logit_bias[i];
-    const std::string field = absl::StrCat("sampling.logit_bias[", i, "] ");
+    auto field = [i] { return absl::StrCat("sampling.logit_bias[", i, "] "); };  // errors only
     if (token < 0 || token >= vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, "token ", token, " is outside the vocabulary [0, ", vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          field(), "token ", token, " is outside the vocabulary [0, ", vocab_size, ")"));
     }
     if (!(bias >= -100.0f && bias <= 100.0f)) {
-      return absl::InvalidArgumentError(absl::StrCat(field, "bias must be in [-100, 100]"));
+      return absl::InvalidArgumentError(absl::StrCat(field(), "bias must be in [-100, 100]"));
     }
     if (!seen.insert(token).second) {
-      return absl::InvalidArgumentError(absl::StrCat(field, "repeats token ", token));
+      return absl::InvalidArgumentError(absl::StrCat(field(), "repeats token ", token));
     }
   }
   return absl::OkStatus();

@@ -147,4 +147,13 @@ bool WriteAll(int fd, absl::string_view data, int wake_fd, absl::Time deadline) 
   return true;
 }
 
+bool WriteAllPaced(int fd, absl::string_view data, int wake_fd, absl::Duration slice_timeout) {
+  for (size_t at = 0; at < data.size(); at += kWriteSliceBytes) {
+    if (!WriteAll(fd, data.substr(at, kWriteSliceBytes), wake_fd, absl::Now() + slice_timeout)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace strata

@@ -5,6 +5,7 @@
 #ifndef STRATA_COMMON_TCP_H_
 #define STRATA_COMMON_TCP_H_
 
+#include <cstddef>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -41,6 +42,12 @@ bool RecvSome(int fd, std::string* out, int wake_fd, absl::Time deadline);
 // Writes all of `data` to the socket `fd` (no SIGPIPE), waiting as WaitFor does. False when the
 // peer is gone, the deadline passed or the server is stopping.
 bool WriteAll(int fd, absl::string_view data, int wake_fd, absl::Time deadline);
+
+// WriteAll for replies that may be large: each slice of kWriteSliceBytes must go out within
+// `slice_timeout` of the one before, so a client that keeps reading, however slowly, is served
+// while one that stops is dropped.
+inline constexpr size_t kWriteSliceBytes = size_t{64} << 10;
+bool WriteAllPaced(int fd, absl::string_view data, int wake_fd, absl::Duration slice_timeout);
 
 }  // namespace strata
 

@@ -693,7 +693,7 @@ OpenAiGateway::~OpenAiGateway() {
 }
 
 void OpenAiGateway::Reply(int fd, const std::string& response) const {
-  WriteAll(fd, response, wake_fd_.get(), absl::Now() + kWriteTimeout);
+  WriteAllPaced(fd, response, wake_fd_.get(), kWriteTimeout);
 }
 
 bool OpenAiGateway::WaitIdle(absl::Time deadline) const {
@@ -1037,14 +1037,14 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
   return 0;
 }
 
-grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, bool first,
+grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, bool want_first_token,
                                        std::string* text, std::string* first_token,
                                        bool* first_added) {
   const absl::Duration timeout = absl::Seconds(10);
   *first_added = false;
   if (request.prompt_case() == v1::GenerateRequest::kText) {
     *text = request.text();
-    if (!first) return grpc::Status::OK;
+    if (!want_first_token) return grpc::Status::OK;
     // As Generate tokenizes it (BOS first); the empty text shows the tokens the server adds.
     v1::TokenizeRequest with;
     with.set_model(request.model());
@@ -1079,7 +1079,7 @@ grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, bool 
       Unary(timeout, [&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, all, &whole); });
   if (!s.ok()) return s;
   *text = whole.text();
-  if (!first) return grpc::Status::OK;
+  if (!want_first_token) return grpc::Status::OK;
   v1::DetokenizeResponse one_text;
   s = Unary(timeout,
             [&](grpc::ClientContext* ctx) { return stub_->Detokenize(ctx, one, &one_text); });
@@ -1231,7 +1231,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     bool filled = false;
   };
   std::vector<std::unique_ptr<PromptScores>> scores;
-  for (int p = 0; p < num_prompts; ++p) scores.push_back(std::make_unique<PromptScores>());
+  for (int p = 0; share_scores && p < num_prompts; ++p) {
+    scores.push_back(std::make_unique<PromptScores>());
+  }
   for (int k = 0; k < total; ++k) {
     v1::GenerateRequest& request = requests[k / n];
     const int i = k % n;
@@ -1358,7 +1360,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     if (share_scores && index % n == 0 && !scores[index / n]->ready.HasBeenNotified()) {
       scores[index / n]->ready.Notify();
     }
-    const grpc::Status status = c.reader->Finish();
+    grpc::Status status = c.reader->Finish();
+    if (status.ok() && share_scores && call->stream && index % n == 0 &&
+        !scores[index / n]->filled) {
+      // Ended well without a first event: the prompt's other choices have nothing to echo.
+      status = grpc::Status(grpc::StatusCode::INTERNAL, "no prompt log-probabilities to echo");
+    }
     if (!status.ok() && !client_gone.load()) {
       // One choice failed: the answer is that error, so the others stop now (first one wins).
       absl::MutexLock lock(&mu);
@@ -1422,11 +1429,13 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                               "}")
                : absl::StrCat("\"text\":", JsonQuote(c.echo_text + c.text));
       Logprobs lp;
-      if (call->echo) {
-        lp = prompt_logprobs(c, choices[k / n * n]->prompt_logprobs);  // the prompt's first
-        lp.offset = static_cast<int64_t>(c.echo_text.size());
+      if (want_logprobs) {
+        if (call->echo) {
+          lp = prompt_logprobs(c, choices[k / n * n]->prompt_logprobs);  // the prompt's first
+          lp.offset = static_cast<int64_t>(c.echo_text.size());
+        }
+        lp.Add(c.logprobs);
       }
-      lp.Add(c.logprobs);
       entries.push_back(choice_json(k, content, want_logprobs ? &lp : nullptr, c.finish));
     }
     Reply(fd, JsonResponse(200, absl::StrCat(envelope(chat ? "chat.completion" : "text_completion"),

@@ -151,7 +151,8 @@ class OpenAiGateway {
   void ServeRequest(int fd);
   // The HTTP exchange on `fd` after the request was read.
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);
-  // Writes a whole response to `fd` within kWriteTimeout from now (or until the gateway stops).
+  // Writes a whole response to `fd`, each 64 KiB within kWriteTimeout of the last (WriteAllPaced;
+  // or until the gateway stops).
   void Reply(int fd, const std::string& response) const;
   void Models(int fd);
   // POST /tokenize ({"model", "prompt", "add_special_tokens", "return_token_strs"}: {"count",
@@ -165,10 +166,10 @@ class OpenAiGateway {
   uint32_t ResolveModel(v1::GenerateRequest* request);
   // For echo: the prompt's text, the text of its first token (which has no log-probability), and
   // whether the server adds that token itself (a BOS before a text prompt: no characters of the
-  // echoed text), the last two only with `first` (for log-probabilities). Through Tokenize /
-  // Detokenize.
-  grpc::Status EchoPrompt(const v1::GenerateRequest& request, bool first, std::string* text,
-                          std::string* first_token, bool* first_added);
+  // echoed text), the last two only with `want_first_token` (for log-probabilities). Through
+  // Tokenize / Detokenize.
+  grpc::Status EchoPrompt(const v1::GenerateRequest& request, bool want_first_token,
+                          std::string* text, std::string* first_token, bool* first_added);
   // One unary call of the Serving service within `timeout`, registered so that a stop cancels it:
   // `rpc` makes it with the context it is given. UNAVAILABLE when the gateway is stopping.
   template <typename Rpc>

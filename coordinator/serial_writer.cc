@@ -1,6 +1,5 @@
 #include "coordinator/serial_writer.h"
 
-#include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "common/tcp.h"
 
@@ -25,14 +24,8 @@ bool SerialWriter::Append(absl::FunctionRef<void(std::string*)> fill) {
       }
       batch.swap(pending_);
     }
-    // In slices, each with its own deadline: a batch may be megabytes to a slow client, which
-    // must only keep reading, not read it all within one timeout.
-    bool ok = true;
-    for (size_t at = 0; ok && at < batch.size(); at += kSliceBytes) {
-      const absl::string_view slice = absl::string_view(batch).substr(at, kSliceBytes);
-      ok = WriteAll(fd_, slice, wake_fd_, absl::Now() + write_timeout_);
-    }
-    if (!ok) {
+    // A batch may be megabytes to a slow client, which must only keep reading.
+    if (!WriteAllPaced(fd_, batch, wake_fd_, write_timeout_)) {
       {
         absl::MutexLock lock(&mu_);
         failed_ = true;

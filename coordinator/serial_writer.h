@@ -22,10 +22,9 @@ namespace strata {
 class SerialWriter {
  public:
   static constexpr size_t kMaxPendingBytes = size_t{4} << 20;
-  // Writes go out in slices of this many bytes, each given the whole write timeout.
-  static constexpr size_t kSliceBytes = size_t{64} << 10;
 
-  // Each slice of a write must go out within write_timeout (and before wake_fd is readable).
+  // Each slice of a write must go out within write_timeout (WriteAllPaced) and before wake_fd is
+  // readable.
   SerialWriter(int fd, int wake_fd, absl::Duration write_timeout, std::function<void()> on_failure)
       : fd_(fd),
         wake_fd_(wake_fd),

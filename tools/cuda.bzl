@@ -30,6 +30,8 @@ def _cuda_objects_impl(ctx):
     archs = ctx.attr.archs
     if ctx.var.get("strata_cuda_archs"):
         archs = [a.strip() for a in ctx.var["strata_cuda_archs"].split(",") if a.strip()]
+        if not archs:
+            fail("--define=strata_cuda_archs names no compute capability")
     gencode = []
     for a in archs:
         gencode.append("-gencode=arch=compute_%s,code=sm_%s" % (a, a))

@@ -197,7 +197,7 @@ case "${1:-}" in
       echo "skipped: no torch + transformers or STRATA_TORCH_BUDGET=0" >"$results/torch_baseline.log"
     fi
     python3 - "$results" <<'PY'
-import json, os, sys
+import json, os, re, sys
 res = sys.argv[1]
 def load(name):
     try:
@@ -294,7 +294,9 @@ for path in sorted(glob.glob(os.path.join(res, "ncu_*.csv"))):
 # step, the part with no kernel running, and the kernels that take the most.
 if ours.get("trace_error"):
     print("kernel trace: " + ours["trace_error"])
-for b in ("1", "64", "1_fused_norm"):
+traced = sorted({m.group(1) for k in ours for m in [re.match(r"trace_b(.+)_span_us_per_step$", k)] if m},
+                key=lambda b: (len(b.split("_")), int(b.split("_")[0]), b))
+for b in traced:
     k = "trace_b%s_" % b
     if g(ours, k + "span_us_per_step") is None:
         continue

@@ -362,9 +362,10 @@ cudaError_t LaunchFor(const GemvArgs& a, cudaStream_t stream) {
       return LaunchShape<T, O, 2, 8, 4, false>(a, stream);
     case 7:
       return LaunchShape<T, O, 1, 4, 8, false>(a, stream);
-    default:
+    case 0:
       return LaunchShape<T, O, 2, 8, 2, false>(a, stream);
   }
+  return cudaErrorInvalidValue;  // refused by GemvSupported (variant out of range)
 }
 
 }  // namespace
@@ -385,8 +386,9 @@ bool GemvSupported(const GemvArgs& a) {
        a.out_type == a.act && !a.accumulate && a.x != a.y && a.positions != nullptr &&
        a.inv_freq != nullptr && a.slots != nullptr && a.k_cache != nullptr &&
        a.v_cache != nullptr && a.cache_slots >= 0);
-  return a.m >= 1 && a.m <= 8 && a.n > 0 && a.k > 0 && a.k % vec == 0 && a.ldx % vec == 0 &&
-         aligned(a.x) && aligned(a.w) && out_ok && norm_ok && accumulate_ok && pairs_ok && rope_ok;
+  return a.m >= 1 && a.m <= 8 && a.n > 0 && a.k > 0 && a.variant >= 0 &&
+         a.variant < kGemvVariants && a.k % vec == 0 && a.ldx % vec == 0 && aligned(a.x) &&
+         aligned(a.w) && out_ok && norm_ok && accumulate_ok && pairs_ok && rope_ok;
 }
 
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream) {

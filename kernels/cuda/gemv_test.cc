@@ -76,6 +76,27 @@ gpu::GemvArgs SmallArgs(DeviceBuffer& d) {
   return a;
 }
 
+constexpr float kNormEps = 1e-5f;
+
+// A dense [m, k] x [n, k]^T GEMV into y [m, n] (row strides k and n) in `act`; with `gain`, x is
+// the f32 residual normalized by it (epsilon kNormEps).
+gpu::GemvArgs DenseArgs(int64_t m, int64_t n, int64_t k, const void* x, const void* w, void* y,
+                        ActType act, const float* gain) {
+  gpu::GemvArgs g;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.x = x;
+  g.ldx = k;
+  g.w = w;
+  g.y = y;
+  g.ldy = n;
+  g.act = g.out_type = act;
+  g.norm_weight = gain;
+  g.norm_eps = kNormEps;
+  return g;
+}
+
 // Every test draws fresh inputs (its seed in each failure's trace) and runs on its own stream.
 class GemvTest : public ::testing::Test {
  protected:
@@ -130,8 +151,8 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
             ASSERT_TRUE(dy.ok());
             // GEMV variants 0 to 7, cuBLASLt, variant 1 with the L2 prefetch, then the GEMV
             // routed but the call refusing it (GemmArgs::allow_gemv).
-            constexpr int kVariants = 8, kCublas = kVariants, kPrefetch = kVariants + 1,
-                          kRefused = kVariants + 2;
+            constexpr int kVariants = gpu::kGemvVariants, kCublas = kVariants,
+                          kPrefetch = kVariants + 1, kRefused = kVariants + 2;
             std::vector<float> got_by[kRefused + 1];
             for (int mode = 0; mode <= kRefused; ++mode) {
               const bool gemv = mode != kCublas && mode != kRefused;
@@ -187,7 +208,7 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
   struct Shape {
     int64_t n, k;
   };
-  const float eps = 1e-5f;
+  const float eps = kNormEps;
   for (ActType act : {ActType::kF32, ActType::kF16, ActType::kBF16}) {
     const double tol = act == ActType::kF32 ? 1e-5 : act == ActType::kF16 ? 2e-3 : 1e-2;
     for (const Shape sh : {Shape{64, 32}, Shape{1000, 256}, Shape{333, 1032}, Shape{6144, 4096},
@@ -236,20 +257,10 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
               Upload(accumulate ? Encode(ActType::kF32,
                                          std::vector<float>(y0.begin(), y0.begin() + m * sh.n))
                                 : std::vector<uint8_t>(m * sh.n * gpu::ActBytes(out), 0xff));
-          gpu::GemvArgs g;
-          g.m = m;
-          g.n = sh.n;
-          g.k = sh.k;
-          g.x = dx.data();
-          g.ldx = sh.k;
-          g.w = dw.data();
+          gpu::GemvArgs g = DenseArgs(m, sh.n, sh.k, dx.data(), dw.data(), dy.data(), act,
+                                      norm ? dgain.as<float>() : nullptr);
           g.bias = with_bias ? db.data() : nullptr;
-          g.y = dy.data();
-          g.ldy = sh.n;
-          g.act = act;
           g.out_type = out;
-          g.norm_weight = norm ? dgain.as<float>() : nullptr;
-          g.norm_eps = eps;
           g.accumulate = accumulate;
           ASSERT_TRUE(GemvCuda(g, stream->handle()).ok());
           ASSERT_TRUE(stream->Synchronize().ok());
@@ -301,7 +312,6 @@ TEST_F(GemvTest, NormalizedInputAndAccumulatedOutputMatchCpu) {
 // by the SiLU-mul kernel does (the same sums, rounded the same way), with and without the input
 // norm, for every activation type and m.
 TEST_F(GemvTest, SiluPairsEqualGemvThenSiluMul) {
-  const float eps = 1e-5f;
   struct Shape {
     int64_t half, k;  // n = 2 * half rows of W
   };
@@ -328,18 +338,8 @@ TEST_F(GemvTest, SiluPairsEqualGemvThenSiluMul) {
           const int64_t ldy = sh.half + 8;
           DeviceBuffer want = Upload(std::vector<uint8_t>(m * sh.half * eb, 0xff));
           DeviceBuffer got = Upload(std::vector<uint8_t>(m * ldy * eb, 0xff));
-          gpu::GemvArgs g;
-          g.m = m;
-          g.n = n;
-          g.k = sh.k;
-          g.x = norm ? dres.data() : dx.data();
-          g.ldx = sh.k;
-          g.w = dw.data();
-          g.y = full.data();
-          g.ldy = n;
-          g.act = g.out_type = act;
-          g.norm_weight = norm ? dgain.as<float>() : nullptr;
-          g.norm_eps = eps;
+          gpu::GemvArgs g = DenseArgs(m, n, sh.k, norm ? dres.data() : dx.data(), dw.data(),
+                                      full.data(), act, norm ? dgain.as<float>() : nullptr);
           ASSERT_TRUE(GemvCuda(g, stream->handle()).ok());
           ASSERT_TRUE(
               SiluMulCuda({m, sh.half, full.data(), want.data(), act}, stream->handle()).ok());
@@ -402,7 +402,6 @@ TEST_F(GemvTest, SiluPairsEqualGemvThenSiluMul) {
 // and without the input norm and a bias, for every activation type, m up to 8, a slot past the
 // cache and a negative one (nothing written), and several GQA shapes.
 TEST_F(GemvTest, RopeQkvEqualsGemvThenRopeWriteKv) {
-  const float eps = 1e-5f;
   struct Shape {
     int64_t q_heads, kv_heads, head_dim, k;
   };
@@ -455,19 +454,9 @@ TEST_F(GemvTest, RopeQkvEqualsGemvThenRopeWriteKv) {
                          got_y = Upload(std::vector<uint8_t>(m * n * eb, 0xff)),
                          want_k = Upload(poison), want_v = Upload(poison), got_k = Upload(poison),
                          got_v = Upload(poison);
-            gpu::GemvArgs g;
-            g.m = m;
-            g.n = n;
-            g.k = sh.k;
-            g.x = norm ? dres.data() : dx.data();
-            g.ldx = sh.k;
-            g.w = dw.data();
+            gpu::GemvArgs g = DenseArgs(m, n, sh.k, norm ? dres.data() : dx.data(), dw.data(),
+                                        want_y.data(), act, norm ? dgain.as<float>() : nullptr);
             g.bias = with_bias ? db.data() : nullptr;
-            g.y = want_y.data();
-            g.ldy = n;
-            g.act = g.out_type = act;
-            g.norm_weight = norm ? dgain.as<float>() : nullptr;
-            g.norm_eps = eps;
             ASSERT_TRUE(GemvCuda(g, stream->handle()).ok());
             char* q = static_cast<char*>(want_y.data());
             const int64_t qd = sh.q_heads * D;

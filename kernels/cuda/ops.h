@@ -37,7 +37,7 @@ absl::Status GemvCuda(const gpu::GemvArgs& a, CudaStreamHandle stream);
 absl::Status PagedAttentionCuda(const gpu::PagedAttentionArgs& a, CudaStreamHandle stream);
 absl::Status ArgmaxCuda(const gpu::ArgmaxArgs& a, CudaStreamHandle stream);
 // Seeded sampling (penalties, bans, temperature, top-k / min-p / top-p, the host's draw): see
-// gpu::SampleArgs. Needs gpu::SampleWorkspaceBytes(rows, vocab) bytes of workspace.
+// gpu::SampleArgs. Needs gpu::SampleWorkspaceBytes(rows, vocab, sorted_draws) bytes of workspace.
 absl::Status SampleCuda(const gpu::SampleArgs& a, CudaStreamHandle stream);
 
 // Host-side planning of paged attention: cuts the batch's query tokens (host copies of token_seq

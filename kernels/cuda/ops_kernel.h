@@ -254,6 +254,7 @@ cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream);
 // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n]) for small m (decode): every weight row is streamed once
 // in 16-byte loads with all m rows of x applied to it, f32 accumulation. Needs m <= 8, k a multiple
 // of 16 / sizeof(act) and 16-byte aligned x, w and row strides.
+inline constexpr int kGemvVariants = 8;  // GemvArgs::variant's shapes
 struct GemvArgs {
   int64_t m = 0;
   int64_t n = 0;
@@ -267,7 +268,7 @@ struct GemvArgs {
   int64_t ldy = 0;
   ActType act = ActType::kBF16;
   ActType out_type = ActType::kBF16;
-  // The kernel's block shape (see gemv.cu), 0 to 7; GpuModelRunner takes 1
+  // The kernel's block shape (see gemv.cu), 0 to kGemvVariants - 1; GpuModelRunner takes 1
   // (GpuRunnerOptions::gemv_variant).
   int variant = 0;
   // Before waiting for the kernel launched just before this one (programmatic dependent launch),

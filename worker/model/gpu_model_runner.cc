@@ -319,6 +319,14 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   if (o.delta_bytes < 0) {
     return absl::InvalidArgumentError("gpu runner: delta_bytes must be >= 0");
   }
+  if (options.gemv_max_rows < 0 || options.decode_attention_max_rows < 0) {
+    return absl::InvalidArgumentError(
+        "gpu runner: gemv_max_rows and decode_attention_max_rows must be >= 0");
+  }
+  if (o.gemv_variant < 0 || o.gemv_variant >= gpu::kGemvVariants) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gpu runner: gemv_variant must be 0 to ", gpu::kGemvVariants - 1));
+  }
   if (o.max_seqs > o.max_batch_tokens) o.max_seqs = o.max_batch_tokens;
   tile_tokens = AttentionTileTokens(D, c.group_size());
   RETURN_IF_ERROR(CudaDeviceCount().status());
@@ -1064,6 +1072,7 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     g.norm_weight = norm;
     g.norm_eps = eps;
     g.accumulate = accumulate;
+    g.variant = o.gemv_variant;  // the plain accumulating forms (o_proj, down_proj)
     return g;
   };
   auto gemv = [&](auto... args) { return GemvCuda(gemv_args(args...), s); };
@@ -1251,12 +1260,21 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   const bool sorted_draws =
       std::any_of(sp.rows.begin(), sp.rows.end(),
                   [this](const gpu::SampleRow& r) { return gpu::DrawsSorted(r, V); });
-  size_t& need = sample_ws_need[sorted_draws];  // asked of cub once per runner, not per step
+  // Sized once per runner and kind (of the two cub size queries a sorting step would make, the
+  // launch's own remains).
+  size_t& need = sample_ws_need[sorted_draws];
   if (need == 0) need = gpu::SampleWorkspaceBytes(S_(), V, sorted_draws);
   if (sample_ws.bytes() < need) {
     RETURN_IF_ERROR(compute->Synchronize());  // the old workspace may still be in use
     sample_ws = DeviceBuffer();
-    ASSIGN_OR_RETURN(sample_ws, DeviceBuffer::Allocate(need));
+    absl::StatusOr<DeviceBuffer> ws = DeviceBuffer::Allocate(need);
+    if (!ws.ok()) {
+      return absl::Status(ws.status().code(),
+                          absl::StrCat("gpu sampler workspace of ", need, " bytes",
+                                       sorted_draws ? " (a top-k or top-p draw)" : "", ": ",
+                                       ws.status().message()));
+    }
+    sample_ws = *std::move(ws);
   }
   char* d = static_cast<char*>(sample_in.data());
   RETURN_IF_ERROR(CudaStatus(
