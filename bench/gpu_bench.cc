@@ -66,15 +66,18 @@ ABSL_FLAG(bool, only_decode, false,
           "decode runs only (for profiling a decode step under ncu).");
 ABSL_FLAG(
     std::string, variants,
-    "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,gemv_routes,mma_prefill,fine_"
-    "tunes,sampled",
+    "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,gemv_routes,gemv_two_stage,"
+    "gemv_rope,gemv_down,mma_prefill,fine_tunes,sampled",
     "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
     "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
     "every batch size), fused_norm (that and the fused residual norms), shipped "
     "(GpuRunnerOptions' defaults as they are, row limits included), gemv_variants (those at "
     "batch 1 with each other GEMV block shape; not in the default list), prefetch_o (those at "
     "batch 1 with o_proj's weights prefetched into L2 during attention), gemv_routes (those at "
-    "batch 1 with one projection at a time through cuBLASLt), mma_prefill "
+    "batch 1 with one projection at a time through cuBLASLt), gemv_two_stage (those at batch 1 "
+    "with each two-stage GEMV shape, variants 8 to 10), gemv_rope (those at batch 1 with RoPE "
+    "and the KV write in the q/k/v GEMV), gemv_down (those at batch 1 with down_proj through "
+    "the GEMV: variant 1, 8 and 9), mma_prefill "
     "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
     "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
     "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
@@ -335,8 +338,10 @@ int Main() {
       CHECK_OK(y.status());
       gpu::LaunchRandomNormal(w->data(), act, sh.n * sh.k, 0, 0.02f, 3, st);
       gpu::LaunchRandomNormal(x->data(), act, 64 * sh.k, 0, 1, 4, st);
-      // -1 to -8: m = 1 through the GEMV kernel's variants 0 to 7.
-      for (int64_t m : {1, 64, -1, -2, -3, -4, -5, -6, -7, -8}) {
+      // Negative: m = 1 through the GEMV kernel's variant -m - 1.
+      std::vector<int64_t> rows_or_variants = {1, 64};
+      for (int v = 0; v < gpu::kGemvVariants; ++v) rows_or_variants.push_back(-v - 1);
+      for (int64_t m : rows_or_variants) {
         const int64_t rows = m < 0 ? 1 : m;
         (*gemm)->set_small_m_gemv(m < 0);
         (*gemm)->set_gemv_variant(m < 0 ? static_cast<int>(-m - 1) : 0);
@@ -620,12 +625,14 @@ int Main() {
   // for the projections and batch 1 eager (each a new runner, made after the one before is gone,
   // so that they fit).
   struct DecodeRun {
-    int64_t batch;
-    bool graphs, cublas, decode_attn, fused_norm;
+    int64_t batch = 1;
+    bool graphs = true, cublas = false, decode_attn = false, fused_norm = false;
     bool shipped = false;     // GpuRunnerOptions' defaults, whatever the fields above say
     int gemv_variant = -1;    // with shipped: GpuRunnerOptions::gemv_variant (-1: its default)
     bool prefetch_o = false;  // with shipped: GpuRunnerOptions::gemv_prefetch_o_proj
     const char* cublas_for = nullptr;  // with shipped: this projection through cuBLASLt
+    bool gemv_rope = false;            // with shipped: GpuRunnerOptions::gemv_rope
+    bool gemv_down = false;            // with shipped: GpuRunnerOptions::GemvRoutes::down
   };
   std::vector<DecodeRun> runs;
   const std::vector<std::string> variants = absl::StrSplit(absl::GetFlag(FLAGS_variants), ',');
@@ -633,44 +640,60 @@ int Main() {
     return std::find(variants.begin(), variants.end(), v) != variants.end();
   };
   if (wanted("default")) {
-    for (int64_t bs : batches) runs.push_back({bs, true, false, false, false});
+    for (int64_t bs : batches) runs.push_back({.batch = bs, .graphs = true});
   }
   // Projections through cuBLASLt at every batch size where the GEMV would take them.
   if (wanted("cublas")) {
     for (int64_t bs : batches) {
-      if (bs <= 8) runs.push_back({bs, true, true, false, false});
+      if (bs <= 8) runs.push_back({.batch = bs, .graphs = true, .cublas = true});
     }
   }
-  if (wanted("eager")) runs.push_back({1, false, false, false, false});
+  if (wanted("eager")) runs.push_back({.batch = 1, .graphs = false});
   // The decode attention kernel (GpuRunnerOptions::decode_attention_kernel) at every batch size,
   // then with the residual-add RMSNorms folded into the GEMVs as well (fused_residual_norm).
   if (wanted("decode_attn")) {
-    for (int64_t bs : batches) runs.push_back({bs, true, false, true, false});
+    for (int64_t bs : batches) runs.push_back({.batch = bs, .graphs = true, .decode_attn = true});
   }
   if (wanted("fused_norm")) {
     for (int64_t bs : batches) {
-      if (bs <= 4) runs.push_back({bs, true, false, true, true});  // fused up to 4 rows
+      if (bs <= 4) {  // fused up to 4 rows
+        runs.push_back({.batch = bs, .graphs = true, .decode_attn = true, .fused_norm = true});
+      }
     }
   }
   // The shipped defaults as they are (each option's row limits included) at every batch size.
   if (wanted("shipped")) {
-    for (int64_t bs : batches) runs.push_back({bs, true, false, false, false, true});
+    for (int64_t bs : batches) runs.push_back({.batch = bs, .graphs = true, .shipped = true});
   }
   // The shipped defaults at batch 1 with o_proj's GEMV prefetching its weights into L2 during
   // attention (GpuRunnerOptions::gemv_prefetch_o_proj).
-  if (wanted("prefetch_o")) runs.push_back({1, true, false, false, false, true, -1, true});
+  if (wanted("prefetch_o"))
+    runs.push_back({.batch = 1, .graphs = true, .shipped = true, .prefetch_o = true});
   // The shipped defaults at batch 1 with one projection at a time through cuBLASLt instead of
   // the GEMV (GpuRunnerOptions::gemv_routes).
   if (wanted("gemv_routes")) {
     for (const char* p : {"qkv", "o_proj", "gate_up", "lm_head"}) {
-      runs.push_back({1, true, false, false, false, true, -1, false, p});
+      runs.push_back({.batch = 1, .graphs = true, .shipped = true, .cublas_for = p});
+    }
+  }
+  // The shipped defaults at batch 1 with RoPE and the KV write in the q/k/v GEMV.
+  if (wanted("gemv_rope")) {
+    runs.push_back({.batch = 1, .graphs = true, .shipped = true, .gemv_rope = true});
+  }
+  // The shipped defaults at batch 1 with down_proj through the GEMV (GemvRoutes::down), with the
+  // default shape and the two-stage ones of a row a warp.
+  if (wanted("gemv_down")) {
+    for (int v : {-1, 8, 9}) {
+      runs.push_back(
+          {.batch = 1, .graphs = true, .shipped = true, .gemv_variant = v, .gemv_down = true});
     }
   }
   // The shipped defaults at batch 1 with each other GEMV block shape (gemv.cu's variants).
-  if (wanted("gemv_variants")) {
-    for (int v = 0; v <= 7; ++v) {
+  // gemv_two_stage: the two-stage shapes only (variants 8 to 10).
+  if (wanted("gemv_variants") || wanted("gemv_two_stage")) {
+    for (int v = wanted("gemv_variants") ? 0 : 8; v < gpu::kGemvVariants; ++v) {
       if (v != GpuRunnerOptions{}.gemv_variant) {
-        runs.push_back({1, true, false, false, false, true, v});
+        runs.push_back({.batch = 1, .graphs = true, .shipped = true, .gemv_variant = v});
       }
     }
   }
@@ -699,6 +722,8 @@ int Main() {
       GpuRunnerOptions oo = shipped;
       if (run.gemv_variant >= 0) oo.gemv_variant = run.gemv_variant;
       oo.gemv_prefetch_o_proj = run.prefetch_o;
+      oo.gemv_rope = run.gemv_rope;
+      oo.gemv_routes.down = run.gemv_down;
       if (run.cublas_for != nullptr) {
         const absl::string_view p = run.cublas_for;
         oo.gemv_routes.qkv = p != "qkv";
@@ -728,7 +753,8 @@ int Main() {
                      run.shipped ? "_shipped" : "",
                      run.gemv_variant >= 0 ? absl::StrCat("_gemv", run.gemv_variant) : "",
                      run.prefetch_o ? "_prefetch_o" : "",
-                     run.cublas_for != nullptr ? absl::StrCat("_cublas_", run.cublas_for) : "");
+                     run.cublas_for != nullptr ? absl::StrCat("_cublas_", run.cublas_for) : "",
+                     run.gemv_rope ? "_gemv_rope" : "", run.gemv_down ? "_gemv_down" : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
     json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);

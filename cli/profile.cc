@@ -337,7 +337,7 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
   ec.max_running_sequences = max_running;
   ec.compute_threads = static_cast<int>(threads);
   ec.device = device;
-  ec.gpu_dtype = gpu_dtype;
+  ec.gpu.act = gpu_dtype;
   if (device == "gpu" && args.Has("random-weights")) ec.gpu_random_weights_seed = 1;
   if (std::optional<std::string> delta = args.Get("delta")) ec.fine_tunes = {{"profile", *delta}};
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(weights.get(), &comm, ec));

@@ -316,9 +316,11 @@ print()
 print("%-28s %18s %18s" % ("Llama-3-8B shape, bf16", "strata", "pytorch+hf"))
 for name, a, b in rows:
     print("%-28s %18s %18s" % (name, str(a)[:18], str(b)[:18]))
-# Each attention option against the tiled kernels in the same run (the first two are on by default
-# since 2026-11-27; fused norms stay off): faster here, with their tests passed (summary above),
-# is the case for a default.
+# Each option against its baseline in the same run: the attention options against the tiled kernels
+# (the first two on by default since 2026-11-27; fused norms stay off), the batch-1 experiments
+# against the shipped defaults (RoPE in the GEMV also gives q/k/v variant 0's shape: a loss there
+# may be the shape's). Faster here, with their tests passed (summary above), is the case for a
+# default.
 verdicts = [
     ("--gpu_decode_attention_kernel", "decode_b1_tokens_per_s", "decode_b1_decode_attn_tokens_per_s"),
     ("  at batch 64", "decode_b64_tokens_per_s", "decode_b64_decode_attn_tokens_per_s"),
@@ -334,6 +336,20 @@ verdicts = [
      "decode_b1_shipped_cublas_gate_up_tokens_per_s"),
     ("shipped b1, lm_head on cuBLASLt", "decode_b1_shipped_tokens_per_s",
      "decode_b1_shipped_cublas_lm_head_tokens_per_s"),
+    ("shipped b1, RoPE in the qkv GEMV", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_gemv_rope_tokens_per_s"),
+    ("shipped b1, GEMV variant 8", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_gemv8_tokens_per_s"),
+    ("shipped b1, GEMV variant 9", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_gemv9_tokens_per_s"),
+    ("shipped b1, GEMV variant 10", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_gemv10_tokens_per_s"),
+    ("shipped b1, down_proj on the GEMV", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_gemv_down_tokens_per_s"),
+    ("  with GEMV variant 8", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_gemv8_gemv_down_tokens_per_s"),
+    ("  with GEMV variant 9", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_shipped_gemv9_gemv_down_tokens_per_s"),
     ("--gpu_prefill_mma_attention", "prefill_tokens_per_s", "prefill_mma_tokens_per_s"),
 ]
 print()

@@ -378,9 +378,13 @@ constexpr int kMergeParts = 64;
 // by shuffles, the warps in shared memory, and with several partitions the last partition block
 // of a (token, KV head) to finish merges all of them from the workspace (a counter per pair,
 // reset by that block).
+//
+// The step's inputs (token_seq, token_pos, block_tables) are uploaded before the step and no
+// kernel writes them, so the block reads them and stages its first block-table range before
+// waiting for the kernel before it (programmatic dependent launch): two dependent loads off the
+// critical path. Everything that kernel may write (q, the KV cache) is read after the wait.
 template <typename T, int D, int R>
 __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttentionArgs a) {
-  PdlBegin();
   using S = DecodeShape<T, D, R>;
   __shared__ int32_t table_s[kTableEntries];
   __shared__ float m_s[kWarps][R], l_s[kWarps][R];
@@ -420,6 +424,8 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
       table_s[i] = block;
     }
   };
+  if (k_begin < k_end) stage(k_begin, min(k_end, k_begin + span));  // none for a padded row
+  PdlBegin();
 
   // This lane's slice of the query rows, scaled into the log2 domain; rows past the group are 0.
   const float qscale = a.scale * kLog2e;
@@ -453,8 +459,10 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
   for (int64_t cb = k_begin; cb < k_end; cb += span) {
     const int64_t ce = min(k_end, cb + span);
     const int64_t first = cb / bt;
-    __syncthreads();  // the previous range's entries are no longer read
-    stage(cb, ce);
+    if (cb != k_begin) {  // the first range was staged before the wait
+      __syncthreads();    // the previous range's entries are no longer read
+      stage(cb, ce);
+    }
     __syncthreads();
     for (int64_t r0 = cb + warp * S::kKpw * S::kUnroll; r0 < ce; r0 += S::kKeysPerRound) {
       uint4 kr[S::kUnroll][S::kLoads], vr[S::kUnroll][S::kLoads];

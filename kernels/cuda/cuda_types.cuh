@@ -114,8 +114,10 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
 // Programmatic dependent launch (Hopper and newer). A kernel launched through LaunchPdl may begin
 // while the kernel before it in the stream is still finishing, which hides the launch latency that
 // otherwise separates every pair of small kernels in a decode step. Such a kernel calls PdlBegin()
-// before it touches global memory: it waits until the previous kernel has completed and its writes
-// are visible, then lets the next kernel start launching. On older GPUs (and without the launch
+// before it touches global memory that an earlier kernel may write: it waits until the previous
+// kernel has completed and its writes are visible, then lets the next kernel start launching. What
+// no kernel writes (weights, constants, a step's inputs, uploaded before the step's first kernel)
+// may be read before. On older GPUs (and without the launch
 // attribute) both are no-ops and launches serialize as usual.
 __device__ __forceinline__ void PdlBegin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

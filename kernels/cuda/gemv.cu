@@ -1,14 +1,15 @@
 // Small-m GEMM (decode) as a bandwidth-bound GEMV: see GemvArgs in ops_kernel.h. Each warp owns
-// kRows weight rows and walks k in 16-byte vectors, kUnroll vectors per row in flight per step,
-// with every row of x applied to each weight vector it loads; a warp reduction finishes each
-// output. Optionally x is the f32 residual stream, RMS-normalized by the kernel (each block reduces
-// the rows first, then, where the rows fit, writes them normalized and rounded to T into shared
-// memory once, by the norm kernel's expression; else it scales each x load by the gain and the
-// sums by 1/RMS), and y accumulates into the residual; or each warp takes a gate row and its up
-// row and writes silu(gate) * up (SiLU-mul folded into the gate/up projection); or, in the q/k/v
-// projection, a q or k head's rows i and i + head_dim / 2, rotated (RoPE) and written to y and,
-// for k and v, the KV cache. The epilogues round explicitly (__fmul_rn, __fadd_rn), so every mode
-// writes the same bits for a row as the plain GEMV and the kernels it replaces.
+// kRows weight rows and walks k in 16-byte vectors, kUnroll vectors per row in flight per step
+// (two steps' worth in the two-stage shapes), with every row of x applied to each weight vector it
+// loads; a warp reduction finishes each output. Optionally x is the f32 residual stream,
+// RMS-normalized by the kernel (each block reduces the rows first, then, where the rows fit, writes
+// them normalized and rounded to T into shared memory once, by the norm kernel's expression; else
+// it scales each x load by the gain and the sums by 1/RMS), and y accumulates into the residual; or
+// each warp takes a gate row and its up row and writes silu(gate) * up (SiLU-mul folded into the
+// gate/up projection); or, in the q/k/v projection, a q or k head's rows i and i + head_dim / 2,
+// rotated (RoPE) and written to y and, for k and v, the KV cache. The epilogues round explicitly
+// (__fmul_rn, __fadd_rn), so every mode writes the same bits for a row as the plain GEMV and the
+// kernels it replaces.
 #include <cstdint>
 #include <type_traits>
 
@@ -23,7 +24,11 @@ namespace {
 // Variant 0 was the fastest of the first two on an H200 for four of Llama-3-8B's five decode
 // projections timed alone, but inside a decode step 1 and 4 (a row a warp, 4 vectors in flight)
 // were 3% faster, so GpuModelRunner takes 1 (GpuRunnerOptions::gemv_variant; docs/PERFORMANCE.md).
-// The fused forms (norm, SiLU pairs, RoPE) keep 0's shape.
+// Variants 8 (1/4/4), 9 (1/4/2) and 10 (2/8/2) are two-stage: a warp issues the next round's
+// loads before it uses the round it holds, so its loads are never all drained between rounds
+// (the one-stage shapes wait out a full memory latency each round; in a decode step's GEMVs,
+// where every block is resident at once and all warps start together, the rounds run in lock
+// step). Not yet measured. The fused forms (norm, SiLU pairs, RoPE) keep 0's shape.
 
 // The input norm (GemvArgs::norm_weight): none, applied to each load of x, or staged in shared
 // memory (a.m rows of k in T: dynamic shared memory of that size).
@@ -36,8 +41,10 @@ constexpr size_t kMaxStagedBytes = 47 << 10;
 // (GemvArgs::silu_pairs), or rotate a q or k row pair and write the KV cache too (rope_heads).
 enum OutMode : int { kPlainOut = 0, kSiluPairs = 1, kRopeQkv = 2 };
 
-template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, int kNorm, int kOut>
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, int kNorm, int kOut,
+          int kStages>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
+  static_assert(kStages == 1 || kStages == 2, "one round of loads in flight, or two");
   constexpr bool kPairs = kOut == kSiluPairs;
   static_assert(kOut == kPlainOut || kRows == 2, "two rows a warp: gate and up, or a rotated pair");
   constexpr int kN = kVec16<T>;
@@ -71,15 +78,18 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
   const uint4* x = reinterpret_cast<const uint4*>(a.x);
   const int64_t ldx_v = a.ldx / kN;
 
-  uint4 wv[kUnroll][kRows];
-  auto load_weights = [&](int64_t v0) {
+  // A round: kUnroll vectors of each of the warp's rows, 32 vectors apart (lane-interleaved).
+  using Round = uint4[kUnroll][kRows];
+  constexpr int64_t kRoundVecs = 32 * kUnroll;
+  Round wv;
+  auto load_weights = [&](Round& buf, int64_t v0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = v0 + u * 32;
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
-        wv[u][j] = v < vecs && j < rows_here ? __ldg(w + (row0 + j * row_step) * vecs + v)
-                                             : make_uint4(0, 0, 0, 0);
+        buf[u][j] = v < vecs && j < rows_here ? __ldg(w + (row0 + j * row_step) * vecs + v)
+                                              : make_uint4(0, 0, 0, 0);
       }
     }
   };
@@ -103,7 +113,7 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
     }
   }
 #endif
-  load_weights(lane);
+  load_weights(wv, lane);
   PdlBegin();
 
   // Input norm: every block computes each row's inverse RMS over the whole residual row.
@@ -168,15 +178,15 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
 #pragma unroll
     for (int j = 0; j < kRows; ++j) acc[r][j] = 0.0f;
   }
-  for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
-    if (v0 != lane) load_weights(v0);
+  // Applies the round of weights in `buf` (starting at vector v0 of this lane) to every row of x.
+  auto apply_round = [&](const Round& buf, int64_t v0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = v0 + u * 32;
       if (v >= vecs) break;
       float wf[kRows][kN];
 #pragma unroll
-      for (int j = 0; j < kRows; ++j) Unpack16<T>(wv[u][j], wf[j]);
+      for (int j = 0; j < kRows; ++j) Unpack16<T>(buf[u][j], wf[j]);
       // The norm's gain, once per vector for every row (its 1/RMS scales the sums at the end).
       float gain[kNorm == kNormOnLoad ? kN : 1];
       if constexpr (kNorm == kNormOnLoad) {
@@ -217,6 +227,22 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
           for (int e = 0; e < kN; ++e) acc[r][j] = fmaf(xf[e], wf[j][e], acc[r][j]);
         }
       }
+    }
+  };
+  if constexpr (kStages == 1) {
+    for (int64_t v0 = lane; v0 < vecs; v0 += kRoundVecs) {
+      if (v0 != lane) load_weights(wv, v0);
+      apply_round(wv, v0);
+    }
+  } else {
+    // Two buffers, two rounds an iteration: the loads of the round after next go out before the
+    // next round is applied. Loads past the row are skipped (zeros), so are their rounds.
+    Round wv2;
+    for (int64_t v0 = lane; v0 < vecs; v0 += 2 * kRoundVecs) {
+      load_weights(wv2, v0 + kRoundVecs);
+      apply_round(wv, v0);
+      if (v0 + 2 * kRoundVecs < vecs) load_weights(wv, v0 + 2 * kRoundVecs);
+      apply_round(wv2, v0 + kRoundVecs);
     }
   }
 #pragma unroll
@@ -299,37 +325,38 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvArgs a) {
 }
 
 // With a norm, its rows staged in shared memory where they fit in kMaxStagedBytes.
-template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm, int kOut>
+template <typename T, typename O, int M, int kRows, int kWarps, int kUnroll, bool kNorm, int kOut,
+          int kStages>
 cudaError_t LaunchM(const GemvArgs& a, dim3 grid, dim3 block, cudaStream_t stream) {
   if constexpr (kNorm) {
     const size_t staged = static_cast<size_t>(a.m) * a.k * sizeof(T);
     if (staged <= kMaxStagedBytes) {
-      return LaunchPdlSmem(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormStaged, kOut>, grid,
-                           block, staged, stream, a);
+      return LaunchPdlSmem(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormStaged, kOut, kStages>,
+                           grid, block, staged, stream, a);
     }
-    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormOnLoad, kOut>, grid, block,
-                     stream, a);
+    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNormOnLoad, kOut, kStages>, grid,
+                     block, stream, a);
   } else {
-    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNoNorm, kOut>, grid, block,
-                     stream, a);
+    return LaunchPdl(GemvKernel<T, O, M, kRows, kWarps, kUnroll, kNoNorm, kOut, kStages>, grid,
+                     block, stream, a);
   }
 }
 
 template <typename T, typename O, int kRows, int kWarps, int kUnroll, bool kNorm,
-          int kOut = kPlainOut>
+          int kOut = kPlainOut, int kStages = 1>
 cudaError_t LaunchShape(const GemvArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.n + kWarps * kRows - 1) / (kWarps * kRows));
   const dim3 grid(blocks), block(kWarps * 32);
   if (a.m <= 1) {
-    return LaunchM<T, O, 1, kRows, kWarps, kUnroll, kNorm, kOut>(a, grid, block, stream);
+    return LaunchM<T, O, 1, kRows, kWarps, kUnroll, kNorm, kOut, kStages>(a, grid, block, stream);
   }
   if (a.m <= 2) {
-    return LaunchM<T, O, 2, kRows, kWarps, kUnroll, kNorm, kOut>(a, grid, block, stream);
+    return LaunchM<T, O, 2, kRows, kWarps, kUnroll, kNorm, kOut, kStages>(a, grid, block, stream);
   }
   if (a.m <= 4) {
-    return LaunchM<T, O, 4, kRows, kWarps, kUnroll, kNorm, kOut>(a, grid, block, stream);
+    return LaunchM<T, O, 4, kRows, kWarps, kUnroll, kNorm, kOut, kStages>(a, grid, block, stream);
   }
-  return LaunchM<T, O, 8, kRows, kWarps, kUnroll, kNorm, kOut>(a, grid, block, stream);
+  return LaunchM<T, O, 8, kRows, kWarps, kUnroll, kNorm, kOut, kStages>(a, grid, block, stream);
 }
 
 template <typename T, typename O>
@@ -362,6 +389,12 @@ cudaError_t LaunchFor(const GemvArgs& a, cudaStream_t stream) {
       return LaunchShape<T, O, 2, 8, 4, false>(a, stream);
     case 7:
       return LaunchShape<T, O, 1, 4, 8, false>(a, stream);
+    case 8:
+      return LaunchShape<T, O, 1, 4, 4, false, kPlainOut, 2>(a, stream);
+    case 9:
+      return LaunchShape<T, O, 1, 4, 2, false, kPlainOut, 2>(a, stream);
+    case 10:
+      return LaunchShape<T, O, 2, 8, 2, false, kPlainOut, 2>(a, stream);
     case 0:
       return LaunchShape<T, O, 2, 8, 2, false>(a, stream);
   }

@@ -149,7 +149,7 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
             const int64_t ldy = sh.n + 3;
             absl::StatusOr<DeviceBuffer> dy = DeviceBuffer::Allocate(m * ldy * gpu::ActBytes(out));
             ASSERT_TRUE(dy.ok());
-            // GEMV variants 0 to 7, cuBLASLt, variant 1 with the L2 prefetch, then the GEMV
+            // Every GEMV variant, cuBLASLt, variant 1 with the L2 prefetch, then the GEMV
             // routed but the call refusing it (GemmArgs::allow_gemv).
             constexpr int kVariants = gpu::kGemvVariants, kCublas = kVariants,
                           kPrefetch = kVariants + 1, kRefused = kVariants + 2;
@@ -190,8 +190,13 @@ TEST_F(GemvTest, MatchesCpuAndCublasLt) {
               EXPECT_LT(std::sqrt(num / den), tol)
                   << (gemv ? "gemv variant " : "cublasLt ") << mode;
             }
-            // The prefetch is a cache hint: the same bits as without it. A call refusing the
-            // GEMV runs cuBLASLt's product, bit for bit.
+            // Every shape has each lane sum the same vectors of a row in the same order (lane,
+            // lane + 32, ...), two-stage or not: the same bits. The prefetch is a cache hint:
+            // the same bits as without it. A call refusing the GEMV runs cuBLASLt's product,
+            // bit for bit.
+            for (int v = 1; v < kVariants; ++v) {
+              EXPECT_EQ(got_by[v], got_by[0]) << "gemv variant " << v << " against 0";
+            }
             EXPECT_EQ(got_by[kPrefetch], got_by[1]);
             EXPECT_EQ(got_by[kRefused], got_by[kCublas]);
           }

@@ -20,29 +20,65 @@ __global__ void EmbedKernel(EmbedArgs a) {
   for (int64_t i = threadIdx.x; i < a.hidden; i += blockDim.x) out[i] = valid ? ToF(row[i]) : 0.0f;
 }
 
+// One block per row. Rows of up to kNormCached elements a thread stay in registers between the
+// sum and the output, and their gains (weights: no kernel writes them) are read before waiting for
+// the kernel before (programmatic dependent launch), so no load follows the block's reduction.
+// Longer rows read both again. The same arithmetic, in the same order, either way.
+constexpr int kNormCached = 8;
+
 template <typename T>
 __global__ void AddRmsNormKernel(AddRmsNormArgs a) {
-  PdlBegin();
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
+  const bool cached = a.dim <= kNormCached * static_cast<int64_t>(blockDim.x);
+  float gain[kNormCached], kept[kNormCached];
+  if (cached) {
+#pragma unroll
+    for (int j = 0; j < kNormCached; ++j) {
+      const int64_t i = threadIdx.x + j * static_cast<int64_t>(blockDim.x);
+      gain[j] = i < a.dim ? a.weight[i] : 0.0f;
+    }
+  }
+  PdlBegin();
   float* res = a.residual + r * a.dim;
   const int64_t ds = a.delta_stride ? a.delta_stride : a.dim;
   const int64_t os = a.out_stride ? a.out_stride : a.dim;
   const T* delta = a.delta ? static_cast<const T*>(a.delta) + r * ds : nullptr;
   T* out = static_cast<T*>(a.out) + r * os;
-  float sum = 0.0f;
-  for (int64_t i = threadIdx.x; i < a.dim; i += blockDim.x) {
+  auto add = [&](int64_t i) {
     float v = res[i];
     if (delta) {
       v += ToF(delta[i]);
       res[i] = v;
     }
-    sum += v * v;
+    return v;
+  };
+  float sum = 0.0f;
+  if (cached) {
+#pragma unroll
+    for (int j = 0; j < kNormCached; ++j) {
+      const int64_t i = threadIdx.x + j * static_cast<int64_t>(blockDim.x);
+      kept[j] = i < a.dim ? add(i) : 0.0f;
+      sum += kept[j] * kept[j];  // adds 0 past the row: the same sum
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < a.dim; i += blockDim.x) {
+      const float v = add(i);
+      sum += v * v;
+    }
   }
   sum = BlockSum(sum, scratch);
   const float inv = rsqrtf(sum / static_cast<float>(a.dim) + a.eps);
-  for (int64_t i = threadIdx.x; i < a.dim; i += blockDim.x) {
-    out[i] = FromF<T>(res[i] * inv * a.weight[i]);
+  if (cached) {
+#pragma unroll
+    for (int j = 0; j < kNormCached; ++j) {
+      const int64_t i = threadIdx.x + j * static_cast<int64_t>(blockDim.x);
+      if (i < a.dim) out[i] = FromF<T>(kept[j] * inv * gain[j]);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < a.dim; i += blockDim.x) {
+      out[i] = FromF<T>(res[i] * inv * a.weight[i]);
+    }
   }
 }
 
@@ -70,9 +106,12 @@ __global__ void HeadRmsNormKernel(HeadRmsNormArgs a) {
 // computes its own angle and does one load and one store per element, so a single decode token
 // spreads over many blocks instead of looping in one (measured: 5.4 us for Llama-3-8B's token in
 // one block of 256 threads on an H200).
+//
+// Positions, slots and inv_freq are the step's inputs and constants (no kernel writes them): the
+// slot and the angle are read and computed before waiting for the kernel before (programmatic
+// dependent launch), only q, k and v after.
 template <typename T, bool kWrite>
 __global__ void RopeKernel(RopeArgs a, WriteKvArgs w) {
-  PdlBegin();
   const int64_t t = blockIdx.x;
   const int64_t half = a.head_dim / 2;
   const int64_t q_work = a.num_q_heads * half;
@@ -84,14 +123,16 @@ __global__ void RopeKernel(RopeArgs a, WriteKvArgs w) {
     if (slot >= w.num_blocks * w.block_tokens) slot = -1;
   }
   const int64_t width = a.num_k_heads * a.head_dim;
-  if (item < q_work + k_work) {
-    const bool is_q = item < q_work;
-    const int64_t pair = is_q ? item : item - q_work;
-    const int64_t h = pair / half, i = pair - h * half;
+  const bool rotates = item < q_work + k_work;
+  const bool is_q = item < q_work;
+  const int64_t pair = is_q ? item : item - q_work;
+  const int64_t h = pair / half, i = pair - h * half;
+  float c = 1.0f, s = 0.0f;
+  if (rotates) RopeAngle(static_cast<double>(a.positions[t]), a.inv_freq[i], &c, &s);
+  PdlBegin();
+  if (rotates) {
     T* base = is_q ? static_cast<T*>(a.q) + t * a.q_stride + h * a.head_dim
                    : static_cast<T*>(a.k) + t * a.k_stride + h * a.head_dim;
-    float c, s;
-    RopeAngle(static_cast<double>(a.positions[t]), a.inv_freq[i], &c, &s);
     T y1, y2;
     RopeRotate(ToF(base[i]), ToF(base[i + half]), c, s, &y1, &y2);
     base[i] = y1;
@@ -102,12 +143,12 @@ __global__ void RopeKernel(RopeArgs a, WriteKvArgs w) {
       kc[i + half] = y2;
     }
   } else if (kWrite && slot >= 0 && item < q_work + 2 * k_work) {
-    const int64_t pair = item - q_work - k_work;
-    const int64_t h = pair / half, i = pair - h * half;
-    const T* v = static_cast<const T*>(w.v) + t * w.v_stride + h * a.head_dim;
-    T* vc = static_cast<T*>(w.v_cache) + slot * width + h * a.head_dim;
-    vc[i] = v[i];
-    vc[i + half] = v[i + half];
+    const int64_t v_pair = item - q_work - k_work;
+    const int64_t vh = v_pair / half, vi = v_pair - vh * half;
+    const T* v = static_cast<const T*>(w.v) + t * w.v_stride + vh * a.head_dim;
+    T* vc = static_cast<T*>(w.v_cache) + slot * width + vh * a.head_dim;
+    vc[vi] = v[vi];
+    vc[vi + half] = v[vi + half];
   }
 }
 

@@ -6,7 +6,9 @@
 // Activations and weights are f32, f16 or bf16 (`ActType`); every reduction and every product
 // accumulates in f32. The residual stream between layers stays f32. All pointers are device memory
 // unless a field says otherwise; every launcher is asynchronous on `stream` and returns the launch
-// error.
+// error. Kernels launch with programmatic dependent launch (cuda_types.cuh's PdlBegin): fields
+// marked "read early" are read before a kernel waits for the one launched before it, so the kernel
+// just before must not write them (weights, constants and a step's inputs uploaded before it).
 #ifndef STRATA_KERNELS_CUDA_OPS_KERNEL_H_
 #define STRATA_KERNELS_CUDA_OPS_KERNEL_H_
 
@@ -45,7 +47,7 @@ struct AddRmsNormArgs {
   float* residual = nullptr;      // [rows, dim], f32, dense; updated in place when delta is set
   const void* delta = nullptr;    // [rows, dim] with row stride delta_stride, act; may be null
   int64_t delta_stride = 0;       // 0: dim
-  const float* weight = nullptr;  // [dim], f32
+  const float* weight = nullptr;  // [dim], f32; read early
   void* out = nullptr;            // [rows, dim] with row stride out_stride, act
   int64_t out_stride = 0;         // 0: dim
   ActType act = ActType::kBF16;   // of delta and out
@@ -73,8 +75,8 @@ struct RopeArgs {
   int64_t num_q_heads = 0;
   int64_t num_k_heads = 0;
   int64_t head_dim = 0;                // even, <= 1024
-  const int32_t* positions = nullptr;  // [num_tokens]
-  const float* inv_freq = nullptr;     // [head_dim / 2]
+  const int32_t* positions = nullptr;  // [num_tokens]; read early
+  const float* inv_freq = nullptr;     // [head_dim / 2]; read early
   void* q = nullptr;                   // [num_tokens, num_q_heads, head_dim], token stride q_stride
   int64_t q_stride = 0;
   void* k = nullptr;  // [num_tokens, num_k_heads, head_dim], token stride k_stride
@@ -105,7 +107,7 @@ struct WriteKvArgs {
   int64_t k_stride = 0;
   const void* v = nullptr;
   int64_t v_stride = 0;
-  const int64_t* slots = nullptr;  // [num_tokens]
+  const int64_t* slots = nullptr;  // [num_tokens]; read early
   void* k_cache = nullptr;         // [num_blocks, block_tokens, num_kv_heads, head_dim]
   void* v_cache = nullptr;
   ActType act = ActType::kBF16;
@@ -136,6 +138,7 @@ struct PagedAttentionArgs {
   const void* v_cache = nullptr;
   int64_t block_tokens = 0;
   int64_t num_blocks = 0;
+  // Read early by the decode kernel (decode_kernel).
   const int32_t* token_seq = nullptr;     // [num_tokens]
   const int32_t* token_pos = nullptr;     // [num_tokens]
   const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
@@ -254,7 +257,7 @@ cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream);
 // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n]) for small m (decode): every weight row is streamed once
 // in 16-byte loads with all m rows of x applied to it, f32 accumulation. Needs m <= 8, k a multiple
 // of 16 / sizeof(act) and 16-byte aligned x, w and row strides.
-inline constexpr int kGemvVariants = 8;  // GemvArgs::variant's shapes
+inline constexpr int kGemvVariants = 11;  // GemvArgs::variant's shapes
 struct GemvArgs {
   int64_t m = 0;
   int64_t n = 0;

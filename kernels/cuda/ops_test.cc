@@ -368,7 +368,10 @@ TEST_F(OpsCudaTest, EmbedCopiesTableRowsExactly) {
 TEST_F(OpsCudaTest, AddRmsNormMatchesCpu) {
   SCOPED_TRACE(::testing::Message() << "seed " << seed_);
   for (const int64_t rows : {int64_t{1}, int64_t{7}, int64_t{64}}) {
-    for (const int64_t dim : {int64_t{64}, int64_t{4096}, int64_t{5120}}) {
+    // Rows a block's threads keep in registers (64, 1000, 4096, 5120) and one too long for that
+    // (16384).
+    for (const int64_t dim :
+         {int64_t{64}, int64_t{1000}, int64_t{4096}, int64_t{5120}, int64_t{16384}}) {
       for (const bool with_delta : {false, true}) {
         for (const ActType act : kActTypes) {
           // Rows of 7: delta and out inside wider rows (a fused buffer), and an eps large enough

@@ -41,7 +41,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
         absl::StrCat("engine: device must be cpu or gpu, not '", config.device, "'"));
   }
   int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
-  if (on_gpu) block_bytes = block_bytes / 4 * DTypeBytes(config.gpu_dtype);
+  if (on_gpu) block_bytes = block_bytes / 4 * DTypeBytes(config.gpu.act);
   int64_t num_blocks = config.num_kv_blocks;
   if (num_blocks == 0) num_blocks = config.kv_cache_bytes / block_bytes;
   if (num_blocks <= 0) {
@@ -56,19 +56,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     }
 #ifdef STRATA_HAVE_CUDA
     const EngineConfig& c = engine->config_;
-    GpuRunnerOptions o;
+    GpuRunnerOptions o = c.gpu;
     o.num_blocks = num_blocks;
     o.block_tokens = c.block_tokens;
-    o.act = c.gpu_dtype;
     o.max_batch_tokens = c.max_batch_tokens;
     o.max_seqs = c.max_running_sequences;
     o.max_blocks_per_seq =
         (weights->config.max_position_embeddings + c.block_tokens - 1) / c.block_tokens + 1;
-    o.decode_attention_kernel = c.gpu_decode_attention_kernel;
-    o.fused_residual_norm = c.gpu_fused_residual_norm;
-    o.prefill_mma_attention = c.gpu_prefill_mma_attention;
-    o.decode_attention_max_rows = c.gpu_decode_attention_max_rows;
-    o.gemv_max_rows = c.gpu_gemv_max_rows;
+    o.delta_bytes = 0;
     if (!c.fine_tunes.empty()) {
       // The deltas of running sequences, which DeltaCache keeps within delta_cache_bytes, plus
       // the few hundred bytes of alignment each may take more on the device.
@@ -134,7 +129,7 @@ absl::Status Engine::OpenTiers() {
   if (gpu_ != nullptr) {
     // The GPU cache in its activation type; tier copies run between steps, which end
     // synchronized (GpuModelRunner::KvSegments).
-    dc.layout.dtype = config_.gpu_dtype;
+    dc.layout.dtype = config_.gpu.act;
     dc.segments = gpu_->KvSegments();
   } else {
     // Under tensor parallelism a block is every rank's share of it: rank by rank, each with

@@ -86,20 +86,14 @@ struct EngineConfig {
   // Longest a request waits for its blocks to load from disk before computing them instead.
   absl::Duration max_io_wait = absl::Milliseconds(500);
   // Where the model runs: "cpu" (f32, ModelRunner) or "gpu" (GpuModelRunner on the current CUDA
-  // device, weights, activations and KV cache in gpu_dtype; one rank only). Host and disk tiers
+  // device, weights, activations and KV cache in gpu.act; one rank only). Host and disk tiers
   // work under either. Both draw the same tokens (seeded sampling runs on the GPU when no row
   // needs log-probabilities, GpuModelRunner::ForwardSample).
   std::string device = "cpu";
-  DType gpu_dtype = DType::kBF16;
-  // GpuRunnerOptions::decode_attention_kernel, fused_residual_norm and prefill_mma_attention,
-  // with their defaults.
-  bool gpu_decode_attention_kernel = GpuRunnerOptions{}.decode_attention_kernel;
-  bool gpu_fused_residual_norm = GpuRunnerOptions{}.fused_residual_norm;
-  bool gpu_prefill_mma_attention = GpuRunnerOptions{}.prefill_mma_attention;
-  // GpuRunnerOptions::decode_attention_max_rows and gemv_max_rows: the batch sizes up to which
-  // decode steps take the decode attention kernel and the GEMV (card-dependent crossovers).
-  int64_t gpu_decode_attention_max_rows = GpuRunnerOptions{}.decode_attention_max_rows;
-  int64_t gpu_gemv_max_rows = GpuRunnerOptions{}.gemv_max_rows;
+  // The GPU runner's activation type and kernel choices (GpuRunnerOptions' defaults). Its KV cache
+  // geometry (num_blocks, block_tokens), max_batch_tokens, max_seqs, max_blocks_per_seq and
+  // delta_bytes follow from the fields above and the model: the engine sets those itself.
+  GpuRunnerOptions gpu;
   // Benchmarks and profiles of models whose files are not at hand: when not 0, the GPU runner
   // draws random weights from this seed on the GPU (GpuModelRunner::CreateRandom) instead of
   // uploading the engine's weights, which then need their shape fields only (config, heads).
@@ -216,7 +210,7 @@ class Engine {
   // Bytes of one KV block (all layers, K and V, every tensor-parallel rank's share).
   int64_t kv_block_bytes() const {
     const int64_t f32 = KvCacheStorage::BlockBytes(*weights_, config_.block_tokens);
-    return config_.device == "gpu" ? f32 / 4 * DTypeBytes(config_.gpu_dtype)
+    return config_.device == "gpu" ? f32 / 4 * DTypeBytes(config_.gpu.act)
                                    : f32 * weights_->world_size;
   }
   int64_t num_kv_blocks() const { return blocks_.num_blocks(); }

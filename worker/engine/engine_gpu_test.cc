@@ -63,11 +63,11 @@ class EngineGpuTest : public ::testing::TestWithParam<std::string> {
                                                        bool experimental = false) {
     EngineConfig ec;
     ec.device = device;
-    ec.gpu_dtype = dtype;
-    ec.gpu_decode_attention_kernel = experimental;
-    ec.gpu_fused_residual_norm = experimental;
-    if (experimental) ec.gpu_gemv_max_rows = 8;  // the GEMV (and the fused forms) up to 8 rows
-    ec.gpu_prefill_mma_attention = experimental;
+    ec.gpu.act = dtype;
+    ec.gpu.decode_attention_kernel = experimental;
+    ec.gpu.fused_residual_norm = experimental;
+    if (experimental) ec.gpu.gemv_max_rows = 8;  // the GEMV (and the fused forms) up to 8 rows
+    ec.gpu.prefill_mma_attention = experimental;
     ec.max_batch_tokens = 48;  // prompts prefill in chunks, beside other requests' decodes
     ec.max_running_sequences = 8;
     ec.compute_threads = 2;
@@ -148,7 +148,7 @@ TEST_P(EngineGpuTest, LogprobRequestsShareAStepWithGpuSampledOnes) {
   auto run = [&](const std::string& device) {
     EngineConfig ec;
     ec.device = device;
-    ec.gpu_dtype = DType::kF32;
+    ec.gpu.act = DType::kF32;
     ec.max_running_sequences = 8;
     ec.compute_threads = 2;
     auto e = Engine::Create(weights_.get(), &comm_, ec);
@@ -228,7 +228,7 @@ TEST_P(EngineGpuTest, EvictedPrefixesComeBackFromHostAndDiskWithTheSameTokens) {
                   KvCompression comp) {
     EngineConfig ec;
     ec.device = device;
-    ec.gpu_dtype = dtype;
+    ec.gpu.act = dtype;
     ec.num_kv_blocks = 16;
     ec.compute_threads = 2;
     int64_t slot_bytes = 0;  // a raw block and its slot header, in whole pages
@@ -331,7 +331,7 @@ TEST(EngineGpuFineTuneTest, MixedTenantsGenerateTheCpuEngineTokens) {
   const auto generate = [&](const std::string& device) {
     EngineConfig ec;
     ec.device = device;
-    ec.gpu_dtype = DType::kF32;
+    ec.gpu.act = DType::kF32;
     ec.max_batch_tokens = 48;
     ec.max_running_sequences = 8;
     ec.compute_threads = 2;

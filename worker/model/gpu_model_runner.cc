@@ -1078,13 +1078,26 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   auto gemv = [&](auto... args) { return GemvCuda(gemv_args(args...), s); };
   char* q = static_cast<char*>(qkv);
   // The fused form also folds RoPE and the KV cache write into the q/k/v GEMV, unless per-head
-  // norms (Qwen3's) come between the projection and the rotation.
-  const bool fused_rope = fused && !c.qk_norm;
+  // norms (Qwen3's) come between the projection and the rotation; so does gemv_rope for any step
+  // whose q/k/v projection is the GEMV's.
+  // (CublasLtGemm::Run's rule: up to 8 rows, k up to 8192.)
+  const bool qkv_gemv = o.small_m_gemv && o.gemv_routes.qkv && n <= o.gemv_max_rows && n <= 8 &&
+                        H <= 8192 && H % 8 == 0 && !deltas;
+  const bool fused_rope = (fused || (o.gemv_rope && qkv_gemv)) && !c.qk_norm;
   const int64_t* d_slots = reinterpret_cast<const int64_t*>(d_inputs + off_slots);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerDev& L = layers[l];
+    if (!fused) {
+      RETURN_IF_ERROR(AddRmsNormCuda(
+          {n, H, eps, hidden, l == 0 ? nullptr : proj, H, L.in_norm, normed, H, act}, s));
+      if (deltas) {
+        RETURN_IF_ERROR(Renorm([l](const DeltaDev& d) { return d.layers[l].input_norm; }, normed));
+      }
+    }
     if (fused_rope) {
-      gpu::GemvArgs g = gemv_args(qkv_w, H, nullptr, L.in_norm, L.qkv_w, L.qkv_b, qkv, false);
+      gpu::GemvArgs g = fused
+                            ? gemv_args(qkv_w, H, nullptr, L.in_norm, L.qkv_w, L.qkv_b, qkv, false)
+                            : gemv_args(qkv_w, H, normed, nullptr, L.qkv_w, L.qkv_b, qkv, false);
       g.rope_heads = nh;
       g.kv_heads = nkv;
       g.head_dim = D;
@@ -1098,11 +1111,6 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     } else if (fused) {
       RETURN_IF_ERROR(gemv(qkv_w, H, nullptr, L.in_norm, L.qkv_w, L.qkv_b, qkv, false));
     } else {
-      RETURN_IF_ERROR(AddRmsNormCuda(
-          {n, H, eps, hidden, l == 0 ? nullptr : proj, H, L.in_norm, normed, H, act}, s));
-      if (deltas) {
-        RETURN_IF_ERROR(Renorm([l](const DeltaDev& d) { return d.layers[l].input_norm; }, normed));
-      }
       RETURN_IF_ERROR(gemm->Run({n, qkv_w, H, normed, H, L.qkv_w, L.qkv_b, qkv, qkv_w, act, act,
                                  false, o.gemv_routes.qkv},
                                 s));
@@ -1182,7 +1190,11 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     if (fused) {
       RETURN_IF_ERROR(gemv(H, I, actb, nullptr, L.down_w, nullptr, hidden, true));
     } else {
-      RETURN_IF_ERROR(gemm->Run({n, H, I, actb, I, L.down_w, nullptr, proj, H, act, act}, s));
+      if (o.gemv_routes.down && o.small_m_gemv && n <= o.gemv_max_rows && n <= 8 && I % 8 == 0) {
+        RETURN_IF_ERROR(gemv(H, I, actb, nullptr, L.down_w, nullptr, proj, false));
+      } else {
+        RETURN_IF_ERROR(gemm->Run({n, H, I, actb, I, L.down_w, nullptr, proj, H, act, act}, s));
+      }
       if (deltas) {
         RETURN_IF_ERROR(
             ApplySegments([l](const DeltaDev& d) { return d.layers[l].down; }, actb, I, proj, H));

@@ -57,19 +57,29 @@ struct GpuRunnerOptions {
   // row limits here are rounded down to a power of two (the batch sizes decode graphs run at).
   bool small_m_gemv = true;
   int64_t gemv_max_rows = 1;
-  // The GEMV kernel's block shape (gpu::GemvArgs::variant, 0 to 7). 1 (a row a warp, 4 warps a
-  // block, 4 vectors in flight a lane) made batch-1 decode 3.4% faster than 0 (2 rows a warp, 8
-  // warps, 2 vectors) on an H200 (2026-11-27; 4, the same with 8 warps, 3.1%).
+  // The GEMV kernel's block shape (gpu::GemvArgs::variant, 0 to gpu::kGemvVariants - 1; see
+  // gemv.cu). 1 (a row a warp, 4 warps a block, 4 vectors in flight a lane) made batch-1 decode
+  // 3.4% faster than 0 (2 rows a warp, 8 warps, 2 vectors) on an H200 (2026-11-27; 4, the same
+  // with 8 warps, 3.1%). The two-stage shapes (8 to 10) are not yet measured.
   int gemv_variant = 1;
-  // Which decode projections may take the GEMV kernel (the others take cuBLASLt; down_proj's
-  // rows are too long for it anyway), to measure them one at a time (gpu_bench's gemv_routes).
+  // Which decode projections may take the GEMV kernel (the others take cuBLASLt), to measure them
+  // one at a time (gpu_bench's gemv_routes). down_proj's rows are longer than CublasLtGemm gives
+  // the GEMV (k over 8192: Llama-3-8B's 14336); `down` sends them to it anyway (experiment, off:
+  // with variant 0 it was 2% slower than cuBLASLt's split-K on an H200; the two-stage shapes are
+  // not yet measured; gpu_bench's gemv_down runs).
   struct GemvRoutes {
-    bool qkv = true, o_proj = true, gate_up = true, lm_head = true;
+    bool qkv = true, o_proj = true, gate_up = true, lm_head = true, down = false;
   };
   GemvRoutes gemv_routes;
   // Experiment, off: o_proj's GEMV asks L2 for its weights while attention runs
   // (GemvArgs::l2_prefetch); asked of every GEMV it was 13% slower, not yet measured alone.
   bool gemv_prefetch_o_proj = false;
+  // Experiment, off: decode steps the GEMV takes (up to gemv_max_rows rows, qkv routed to it, no
+  // fine-tunes, no per-head q/k norms) apply RoPE and write the KV cache in the q/k/v GEMV
+  // (GemvArgs::rope_heads) instead of a kernel of their own: one kernel less a layer. Part of
+  // fused_residual_norm, which was slower for its norms; not yet measured alone. The GEMV then
+  // takes variant 0's shape.
+  bool gemv_rope = false;
   // Decode steps' attention through the decode kernel (PagedAttentionArgs::decode_kernel: lanes
   // share each key, partitions merge in the same kernel) instead of the tiled one, for steps of
   // up to decode_attention_max_rows sequences. On an H200 (2026-11-27, Llama-3-8B shape, bf16)

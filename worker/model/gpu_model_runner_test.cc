@@ -122,7 +122,7 @@ TEST_P(GpuModelRunnerTest, LogitsMatchCpuForEveryFeedingAndDtype) {
     // kernel (bf16 and f16). Then the shipped defaults with
     // row limits of 2, so that steps of 3 rows take the tiled attention kernel and cuBLASLt and
     // those of 2 (once the 1-token sequence is done) the decode kernel and the GEMV (o_proj's
-    // with the L2 prefetch).
+    // with the L2 prefetch, q/k/v's with RoPE and the KV write: gemv_rope).
     for (const int pass : {0, 1, 2}) {
       const bool fused = pass == 1;
       SCOPED_TRACE(::testing::Message() << "act " << DTypeName(r.act) << " pass " << pass);
@@ -136,6 +136,8 @@ TEST_P(GpuModelRunnerTest, LogitsMatchCpuForEveryFeedingAndDtype) {
         options.decode_attention_max_rows = 2;
         options.gemv_max_rows = 2;
         options.gemv_prefetch_o_proj = true;  // a cache hint: the same logits
+        options.gemv_rope = true;
+        options.gemv_routes.down = true;  // down_proj through the GEMV too
       }
       auto gpu = GpuModelRunner::Create(*m.weights, options);
       ASSERT_TRUE(gpu.ok()) << gpu.status();
@@ -228,29 +230,39 @@ TEST_P(GpuModelRunnerTest, GreedyTokensEqualCpu) {
   // f32 activations: every token. bf16: every token until the CPU's own choice was a near tie
   // (top-2 margin under 0.05), where rounding may legitimately pick the other.
   struct Variant {
-    DType act;
-    bool gemv;
-    bool decode_kernel;
-    bool fused_norm;
+    DType act = DType::kF32;
+    bool gemv = false;
+    bool decode_kernel = false;
+    bool fused_norm = false;
     bool mma_prefill = false;
+    bool gemv_rope = false;
   };
   for (const Variant v :
-       {Variant{DType::kF32, false, false, false}, Variant{DType::kF32, true, false, false},
-        Variant{DType::kBF16, false, false, false}, Variant{DType::kBF16, true, false, false},
-        Variant{DType::kF32, true, true, false}, Variant{DType::kBF16, true, true, false},
-        Variant{DType::kF32, true, false, true}, Variant{DType::kBF16, true, true, true},
-        Variant{DType::kBF16, true, false, false, true},
-        Variant{DType::kF16, true, true, true, true}}) {
+       {Variant{.act = DType::kF32}, Variant{.act = DType::kF32, .gemv = true},
+        Variant{.act = DType::kBF16}, Variant{.act = DType::kBF16, .gemv = true},
+        Variant{.act = DType::kF32, .gemv = true, .decode_kernel = true},
+        Variant{.act = DType::kBF16, .gemv = true, .decode_kernel = true},
+        Variant{.act = DType::kF32, .gemv = true, .fused_norm = true},
+        Variant{.act = DType::kBF16, .gemv = true, .decode_kernel = true, .fused_norm = true},
+        Variant{.act = DType::kBF16, .gemv = true, .mma_prefill = true},
+        Variant{.act = DType::kF16,
+        .gemv = true,
+        .decode_kernel = true,
+        .fused_norm = true,
+        .mma_prefill = true},
+        Variant{.act = DType::kBF16, .gemv = true, .decode_kernel = true, .gemv_rope = true}}) {
     const DType act = v.act;
     SCOPED_TRACE(::testing::Message()
                  << "act " << DTypeName(act) << " gemv " << v.gemv << " decode attention kernel "
                  << v.decode_kernel << " fused residual norm " << v.fused_norm
-                 << " tensor-core prefill attention " << v.mma_prefill);
+                 << " tensor-core prefill attention " << v.mma_prefill << " gemv rope "
+                 << v.gemv_rope);
     GpuRunnerOptions options = Options(act, 1);
     options.small_m_gemv = v.gemv;
     options.decode_attention_kernel = v.decode_kernel;
     options.fused_residual_norm = v.fused_norm;
     options.prefill_mma_attention = v.mma_prefill;
+    options.gemv_rope = v.gemv_rope;
     auto gpu = GpuModelRunner::Create(*m.weights, options);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     const std::vector<int32_t> got = GenerateGpu(gpu->get(), prompt, kSteps);

@@ -109,6 +109,10 @@ ABSL_FLAG(int64_t, gpu_decode_attention_max_rows,
 ABSL_FLAG(int64_t, gpu_gemv_max_rows, strata::GpuRunnerOptions{}.gemv_max_rows,
           "Largest GPU decode batch whose projections take Strata's GEMV kernel (at most 8; "
           "larger ones take cuBLASLt); the crossover measured on an H200.");
+ABSL_FLAG(int32_t, gpu_gemv_variant, strata::GpuRunnerOptions{}.gemv_variant,
+          "Block shape of the GPU's GEMV kernel (kernels/cuda/gemv.cu's variants, 0 to 10); the "
+          "default was the fastest at batch 1 on an H200 (gpu_bench's gemv_variants measures "
+          "them all on a card).");
 ABSL_FLAG(bool, gpu_fused_residual_norm, strata::GpuRunnerOptions{}.fused_residual_norm,
           "GPU decode steps of up to 4 rows (and --gpu_gemv_max_rows) fold each residual-add "
           "RMSNorm, SiLU-mul and (without "
@@ -369,15 +373,15 @@ int Main(const std::vector<std::string>& args) {
   }
   ec.max_io_wait = absl::Milliseconds(absl::GetFlag(FLAGS_max_io_wait_ms));
   ec.device = absl::GetFlag(FLAGS_device);
-  ec.gpu_decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);
-  ec.gpu_fused_residual_norm = absl::GetFlag(FLAGS_gpu_fused_residual_norm);
-  ec.gpu_prefill_mma_attention = absl::GetFlag(FLAGS_gpu_prefill_mma_attention);
-  ec.gpu_decode_attention_max_rows = absl::GetFlag(FLAGS_gpu_decode_attention_max_rows);
-  ec.gpu_gemv_max_rows = absl::GetFlag(FLAGS_gpu_gemv_max_rows);
+  ec.gpu.decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);
+  ec.gpu.fused_residual_norm = absl::GetFlag(FLAGS_gpu_fused_residual_norm);
+  ec.gpu.prefill_mma_attention = absl::GetFlag(FLAGS_gpu_prefill_mma_attention);
+  ec.gpu.decode_attention_max_rows = absl::GetFlag(FLAGS_gpu_decode_attention_max_rows);
+  ec.gpu.gemv_max_rows = absl::GetFlag(FLAGS_gpu_gemv_max_rows);
+  ec.gpu.gemv_variant = absl::GetFlag(FLAGS_gpu_gemv_variant);
   if (const std::string g = absl::GetFlag(FLAGS_gpu_dtype);
-      !ParseDType(absl::AsciiStrToUpper(g), &ec.gpu_dtype) ||
-      (ec.gpu_dtype != DType::kBF16 && ec.gpu_dtype != DType::kF16 &&
-       ec.gpu_dtype != DType::kF32)) {
+      !ParseDType(absl::AsciiStrToUpper(g), &ec.gpu.act) ||
+      (ec.gpu.act != DType::kBF16 && ec.gpu.act != DType::kF16 && ec.gpu.act != DType::kF32)) {
     LOG(ERROR) << "--gpu_dtype must be bf16, f16 or f32, not \"" << g << "\"";
     return 1;
   }
