@@ -319,9 +319,12 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   if (o.delta_bytes < 0) {
     return absl::InvalidArgumentError("gpu runner: delta_bytes must be >= 0");
   }
-  if (options.gemv_max_rows < 0 || options.decode_attention_max_rows < 0) {
+  if (options.gemv_max_rows < 0 || options.gemv_max_rows > 8) {
     return absl::InvalidArgumentError(
-        "gpu runner: gemv_max_rows and decode_attention_max_rows must be >= 0");
+        "gpu runner: gemv_max_rows must be 0 to 8 (the GEMV kernel's most rows)");
+  }
+  if (options.decode_attention_max_rows < 0) {
+    return absl::InvalidArgumentError("gpu runner: decode_attention_max_rows must be >= 0");
   }
   if (o.gemv_variant < 0 || o.gemv_variant >= gpu::kGemvVariants) {
     return absl::InvalidArgumentError(

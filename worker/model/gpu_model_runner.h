@@ -51,8 +51,8 @@ struct GpuRunnerOptions {
   // Capture decode steps as CUDA graphs (per padded batch size 1, 2, 4, ... up to max_seqs).
   bool cuda_graphs = true;
   // GEMMs of up to gemv_max_rows rows (decode) through Strata's GEMV kernel rather than
-  // cuBLASLt (the kernel takes at most 8). On an H200 (2026-11-27, Llama-3-8B shape, bf16) the
-  // GEMV made batch-1 steps 2.8% faster (down_proj keeps cuBLASLt), but batch 2 4% slower, 4
+  // cuBLASLt (0 to 8: the kernel takes at most 8). On an H200 (2026-11-27, Llama-3-8B shape, bf16)
+  // the GEMV made batch-1 steps 2.8% faster (down_proj keeps cuBLASLt), but batch 2 4% slower, 4
   // 25% and 8 83% (it reads x once per weight vector for every row); docs/PERFORMANCE.md. Both
   // row limits here are rounded down to a power of two (the batch sizes decode graphs run at).
   bool small_m_gemv = true;
