@@ -140,7 +140,9 @@ absl::Status RunCommand(const Args& args, std::FILE* out) {
   std::vector<SampledToken> token_lps, prompt_lps;
   std::string generated_text;
   std::unique_ptr<IncrementalDecoder> decoder;
-  if (m.tokenizer) decoder = std::make_unique<IncrementalDecoder>(m.tokenizer.get(), true);
+  if (m.tokenizer) {
+    decoder = std::make_unique<IncrementalDecoder>(m.tokenizer.get(), true, prompt_ids);
+  }
   StopMatcher stop(stops);
   RequestOutput final_out;
   const auto start = std::chrono::steady_clock::now();

@@ -331,7 +331,7 @@ void CoordinatorService::GenerateCall::Start() {
   }
   {
     absl::MutexLock lock(&mu_);
-    decoder_.emplace(tokenizer_, sampling_.skip_special_tokens);
+    decoder_.emplace(tokenizer_, sampling_.skip_special_tokens, prompt_);
     stop_.emplace(sampling_.stop);
     if (request_->first_token_timeout_ms() > 0) alarm_pending_ = true;
   }

@@ -4,14 +4,20 @@
 // field; a client that goes away mid-stream frees its sequence on the worker.
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "common/json.h"
 #include "coordinator/openai_gateway.h"
@@ -456,6 +462,127 @@ TEST_F(OpenAiHttpTest, EchoScoresEveryChoiceFromTheFirstChoicesPrefill) {
     expect_prompt_scores(*choice.Field("logprobs"), absl::StrCat("streamed choice ", k));
   }
   EXPECT_EQ(echoed, std::vector<bool>(3, true));
+}
+
+// A Llama-2-style (SentencePiece, Metaspace) tokenizer.json over strata-tiny's 2048 ids, in a
+// directory of its own: "The cat sat" is <s> ▁The ▁cat ▁sat; the ids the three words and their
+// letters do not take are filler words, so every id the model draws has a text.
+std::string WriteSentencePieceTokenizer() {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/sentencepiece_tokenizer");
+  mkdir(dir.c_str(), 0755);
+  std::vector<std::string> vocab = {"\"<unk>\": 0"};
+  int id = 1;
+  for (int b = 0; b < 256; ++b) vocab.push_back(absl::StrFormat("\"<0x%02X>\": %d", b, id++));
+  const std::vector<std::string> pieces = {"▁",  "T",  "h",    "e",  "c",  "a",    "t",  "s",
+                                           "▁T", "he", "▁The", "at", "▁c", "▁cat", "▁s", "▁sat"};
+  for (const std::string& p : pieces) vocab.push_back(absl::StrCat("\"", p, "\": ", id++));
+  for (; id < 2046; ++id) vocab.push_back(absl::StrCat("\"w", id, "\": ", id));
+  vocab.push_back("\"</s>\": 2046");
+  vocab.push_back("\"<s>\": 2047");
+  const std::string json = absl::StrCat(R"({
+  "added_tokens": [
+    {"id": 0, "content": "<unk>", "special": true},
+    {"id": 2046, "content": "</s>", "special": true},
+    {"id": 2047, "content": "<s>", "special": true}],
+  "normalizer": {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": "▁"},
+    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+  "pre_tokenizer": null,
+  "post_processor": {"type": "TemplateProcessing",
+    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+    "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [2047], "tokens": ["<s>"]}}},
+  "decoder": {"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+    {"type": "ByteFallback"}, {"type": "Fuse"},
+    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+  "model": {"type": "BPE", "unk_token": "<unk>", "byte_fallback": true, "fuse_unk": true,
+    "vocab": {)",
+                                        absl::StrJoin(vocab, ", "), R"(},
+    "merges": ["▁ T", "h e", "▁T he", "a t", "▁ c", "▁c at", "▁ s", "▁s at"]}})");
+  std::ofstream(dir + "/tokenizer.json") << json;
+  return dir;
+}
+
+// A SentencePiece tokenizer writes the first word's dummy-prefix space into its token's text
+// (" The" for a prompt "The ..."), which the echoed prompt does not have: the prompt's text
+// offsets count from the echoed text (each token after the first where the text has it), and the
+// completion's start at the prompt's length. A coordinator of its own with such a tokenizer, over
+// the same worker (which sees token ids only).
+TEST_F(OpenAiHttpTest, SentencePieceCompletionsContinueThePromptsText) {
+  const int port = FreePort();
+  auto address = cluster_->StartExtraCoordinator(
+      {absl::StrCat("--model=", kTinyModel, "=", WriteSentencePieceTokenizer()),
+       absl::StrCat("--http_listen=127.0.0.1:", port)},
+      "sentencepiece-coordinator");
+  ASSERT_TRUE(address.ok()) << address.status();
+  auto admin =
+      v1::Admin::NewStub(grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(cluster_->WaitForServingWorkers(admin.get(), 1, absl::Seconds(30)).ok());
+
+  const std::string prompt = "The cat sat";
+  const std::vector<std::string> want_tokens = {"<s>", " The", " cat", " sat"};
+  const std::vector<int64_t> want_offsets = {0, 0, 3, 7};
+  auto check = [&](const JsonValue& choice, int completion_tokens, const std::string& where) {
+    SCOPED_TRACE(where);
+    const std::string text = Str(choice, "text");
+    EXPECT_TRUE(absl::StartsWith(text, prompt)) << text;
+    const JsonValue lp = *choice.Field("logprobs");
+    const std::vector<JsonValue> tokens = *lp.Field("tokens")->AsArray();
+    const std::vector<JsonValue> offsets = *lp.Field("text_offset")->AsArray();
+    ASSERT_EQ(tokens.size(), want_tokens.size() + completion_tokens);
+    ASSERT_EQ(offsets.size(), tokens.size());
+    for (size_t i = 0; i < want_tokens.size(); ++i) {
+      EXPECT_EQ(*tokens[i].AsString(), want_tokens[i]) << "token " << i;
+      EXPECT_EQ(*offsets[i].AsInt(), want_offsets[i]) << "token " << i;
+    }
+    // Each prompt token after the first word's is in the text where its offset says.
+    for (size_t i = 2; i < want_tokens.size(); ++i) {
+      EXPECT_EQ(text.substr(*offsets[i].AsInt(), want_tokens[i].size()), want_tokens[i]);
+    }
+    if (completion_tokens > 0) {
+      EXPECT_EQ(*offsets[want_tokens.size()].AsInt(), static_cast<int64_t>(prompt.size()));
+    }
+  };
+  for (int max_tokens : {0, 2}) {
+    const std::string body =
+        absl::StrCat(R"({"model": "strata-tiny", "prompt": ")", prompt, R"(", "max_tokens": )",
+                     max_tokens, R"(, "echo": true, "logprobs": 1, "ignore_eos": true})");
+    const HttpReply r = Http(port, "POST", "/v1/completions", body);
+    ASSERT_EQ(r.status, 200) << r.body;
+    check(Choice(Json(r.body)), max_tokens, absl::StrCat("max_tokens ", max_tokens));
+  }
+  // Streamed: the first event carries the prompt and its scores, offsets as above.
+  const HttpReply s =
+      Http(port, "POST", "/v1/completions",
+           absl::StrCat(R"({"model": "strata-tiny", "prompt": ")", prompt,
+                        R"(", "max_tokens": 2, "echo": true, "logprobs": 1, "stream": true})"));
+  ASSERT_EQ(s.status, 200) << s.body;
+  const std::vector<std::string> events = SseData(s.body);
+  ASSERT_FALSE(events.empty());
+  check(Choice(Json(events[0])), 0, "streamed");
+
+  // A completion continues its prompt: its first word keeps the space that decoding prompt and
+  // completion at once gives it (" sat", id 272, forced by logit_bias), echoed or not, and its
+  // offset is the prompt's length.
+  for (const bool echo : {false, true}) {
+    SCOPED_TRACE(echo ? "echo" : "no echo");
+    const HttpReply c =
+        Http(port, "POST", "/v1/completions",
+             absl::StrCat(R"({"model": "strata-tiny", "prompt": "The cat", "max_tokens": 1, )",
+                          R"("logit_bias": {"272": 100}, "logprobs": 1, "echo": )",
+                          echo ? "true" : "false", "}"));
+    ASSERT_EQ(c.status, 200) << c.body;
+    const JsonValue choice = Choice(Json(c.body));
+    EXPECT_EQ(Str(choice, "text"), echo ? "The cat sat" : " sat");
+    const JsonValue lp = *choice.Field("logprobs");
+    const std::vector<JsonValue> tokens = *lp.Field("tokens")->AsArray();
+    const std::vector<JsonValue> offsets = *lp.Field("text_offset")->AsArray();
+    ASSERT_EQ(tokens.size(), echo ? 4u : 1u);
+    ASSERT_EQ(offsets.size(), tokens.size());
+    EXPECT_EQ(*tokens.back().AsString(), " sat");
+    EXPECT_EQ(*offsets.back().AsInt(), echo ? 7 : 0);
+  }
 }
 
 // Chat completions: the conversation written out in the model's chat format, then the same

@@ -1081,6 +1081,18 @@ bool Tokenizer::IsSpecial(int32_t id) const {
 int32_t Tokenizer::bos_token_id() const { return impl_->bos_id; }
 int32_t Tokenizer::eos_token_id() const { return impl_->eos_id; }
 
+IncrementalDecoder::IncrementalDecoder(const Tokenizer* tokenizer, bool skip_special_tokens,
+                                       absl::Span<const int32_t> prompt)
+    : IncrementalDecoder(tokenizer, skip_special_tokens) {
+  for (int32_t id : prompt) {
+    if (id >= 0 && id < tokenizer->vocab_size() &&
+        !(skip_special_tokens && tokenizer->IsSpecial(id))) {
+      first_ = false;
+      break;
+    }
+  }
+}
+
 std::string IncrementalDecoder::Add(int32_t id) {
   if (skip_special_tokens_ && tokenizer_->IsSpecial(id)) return "";
   pending_ += tokenizer_->TokenBytes(id, first_, skip_special_tokens_);

@@ -82,6 +82,12 @@ class IncrementalDecoder {
  public:
   IncrementalDecoder(const Tokenizer* tokenizer, bool skip_special_tokens)
       : tokenizer_(tokenizer), skip_special_tokens_(skip_special_tokens) {}
+  // A completion's decoder: its tokens continue `prompt`'s. Where the prompt decodes to any text
+  // (an id that is not a skipped special token), the first completion token is decoded as one
+  // inside a sequence, so a SentencePiece word keeps its leading space: the text that decoding
+  // the prompt and the completion at once gives after the prompt's.
+  IncrementalDecoder(const Tokenizer* tokenizer, bool skip_special_tokens,
+                     absl::Span<const int32_t> prompt);
 
   // Adds a token; returns the text that became complete (possibly empty).
   std::string Add(int32_t id);

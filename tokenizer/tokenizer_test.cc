@@ -167,6 +167,28 @@ TEST(IncrementalDecoderTest, NeverSplitsACharacter) {
   EXPECT_EQ(d.Flush(), "\xef\xbf\xbd");  // the stream ended mid-character
 }
 
+// A completion continues its prompt's text: its first word keeps the leading space that decoding
+// prompt and completion at once gives it, unless the prompt decodes to nothing.
+TEST(IncrementalDecoderTest, ACompletionContinuesItsPromptsText) {
+  auto t = Load(kLlama2Json);
+  ASSERT_NE(t, nullptr);
+  const std::vector<int32_t> prompt = {1, 15};  // <s> ▁hello
+  IncrementalDecoder after(t.get(), /*skip_special_tokens=*/true, prompt);
+  EXPECT_EQ(after.Add(15), " hello");
+  std::vector<int32_t> all = prompt;
+  all.push_back(15);
+  EXPECT_EQ(*t->Decode(all, true), *t->Decode(prompt, true) + " hello");
+  // <s> alone, skipped: nothing before, so the space goes as at a text's start.
+  IncrementalDecoder after_bos(t.get(), /*skip_special_tokens=*/true, std::vector<int32_t>{1});
+  EXPECT_EQ(after_bos.Add(15), "hello");
+  // <s> kept: "<s> hello".
+  IncrementalDecoder after_kept_bos(t.get(), /*skip_special_tokens=*/false,
+                                    std::vector<int32_t>{1});
+  EXPECT_EQ(after_kept_bos.Add(15), " hello");
+  IncrementalDecoder no_prompt(t.get(), /*skip_special_tokens=*/true, {});
+  EXPECT_EQ(no_prompt.Add(15), "hello");
+}
+
 TEST(TokenizerLoadTest, UnsupportedPartsNameTheField) {
   struct Case {
     std::string json;
