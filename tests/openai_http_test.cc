@@ -26,6 +26,7 @@
 #include "tests/http_client.h"
 #include "tests/local_cluster.h"
 #include "tests/process.h"
+#include "tokenizer/llama2_style.h"
 
 namespace strata {
 namespace {
@@ -480,26 +481,9 @@ std::string WriteSentencePieceTokenizer() {
   for (; id < 2046; ++id) vocab.push_back(absl::StrCat("\"w", id, "\": ", id));
   vocab.push_back("\"</s>\": 2046");
   vocab.push_back("\"<s>\": 2047");
-  const std::string json = absl::StrCat(R"({
-  "added_tokens": [
-    {"id": 0, "content": "<unk>", "special": true},
-    {"id": 2046, "content": "</s>", "special": true},
-    {"id": 2047, "content": "<s>", "special": true}],
-  "normalizer": {"type": "Sequence", "normalizers": [
-    {"type": "Prepend", "prepend": "▁"},
-    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
-  "pre_tokenizer": null,
-  "post_processor": {"type": "TemplateProcessing",
-    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-    "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [2047], "tokens": ["<s>"]}}},
-  "decoder": {"type": "Sequence", "decoders": [
-    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-    {"type": "ByteFallback"}, {"type": "Fuse"},
-    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-  "model": {"type": "BPE", "unk_token": "<unk>", "byte_fallback": true, "fuse_unk": true,
-    "vocab": {)",
-                                        absl::StrJoin(vocab, ", "), R"(},
-    "merges": ["▁ T", "h e", "▁T he", "a t", "▁ c", "▁c at", "▁ s", "▁s at"]}})");
+  const std::string json = Llama2StyleTokenizerJson(
+      absl::StrJoin(vocab, ", "), R"("▁ T", "h e", "▁T he", "a t", "▁ c", "▁c at", "▁ s", "▁s at")",
+      0, 2047, 2046);
   std::ofstream(dir + "/tokenizer.json") << json;
   return dir;
 }

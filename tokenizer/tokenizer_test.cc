@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "common/utf8.h"
 #include "gtest/gtest.h"
+#include "tokenizer/llama2_style.h"
 
 namespace strata {
 namespace {
@@ -60,27 +61,12 @@ std::string ByteLevelJson(bool ignore_merges = false) {
 }
 
 // A Llama-2-style tokenizer: Metaspace via normalizer, BPE over characters with byte fallback.
-constexpr char kLlama2Json[] = R"({
-  "added_tokens": [
-    {"id": 0, "content": "<unk>", "special": true},
-    {"id": 1, "content": "<s>", "special": true},
-    {"id": 2, "content": "</s>", "special": true}],
-  "normalizer": {"type": "Sequence", "normalizers": [
-    {"type": "Prepend", "prepend": "▁"},
-    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
-  "pre_tokenizer": null,
-  "post_processor": {"type": "TemplateProcessing",
-    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-    "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
-  "decoder": {"type": "Sequence", "decoders": [
-    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-    {"type": "ByteFallback"}, {"type": "Fuse"},
-    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-  "model": {"type": "BPE", "unk_token": "<unk>", "byte_fallback": true, "fuse_unk": true,
-    "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "<0xC3>": 3, "<0xA9>": 4, "<0x21>": 5,
-              "▁": 6, "h": 7, "e": 8, "l": 9, "o": 10, "▁h": 11, "ll": 12, "▁he": 13, "llo": 14,
-              "▁hello": 15, "w": 16},
-    "merges": ["▁ h", "l l", "▁h e", "ll o", "▁he llo"]}})";
+std::string Llama2Json() {
+  return Llama2StyleTokenizerJson(
+      R"("<unk>": 0, "<s>": 1, "</s>": 2, "<0xC3>": 3, "<0xA9>": 4, "<0x21>": 5, "▁": 6, "h": 7,)"
+      R"( "e": 8, "l": 9, "o": 10, "▁h": 11, "ll": 12, "▁he": 13, "llo": 14, "▁hello": 15, "w": 16)",
+      R"("▁ h", "l l", "▁h e", "ll o", "▁he llo")", 0, 1, 2);
+}
 
 std::unique_ptr<Tokenizer> Load(const std::string& json, const std::string& config = "") {
   auto t = Tokenizer::FromJson(json, config, "test/tokenizer.json");
@@ -139,7 +125,7 @@ TEST(ByteLevelBpeTest, InvalidInputIsRefused) {
 }
 
 TEST(Llama2StyleBpeTest, MetaspaceByteFallbackAndTemplate) {
-  auto t = Load(kLlama2Json);
+  auto t = Load(Llama2Json());
   ASSERT_NE(t, nullptr);
   EXPECT_EQ(*t->Encode("hello"), (std::vector<int32_t>{15}));
   EXPECT_EQ(*t->Encode("hello", /*add_special_tokens=*/true), (std::vector<int32_t>{1, 15}));
@@ -155,7 +141,7 @@ TEST(Llama2StyleBpeTest, MetaspaceByteFallbackAndTemplate) {
 }
 
 TEST(IncrementalDecoderTest, NeverSplitsACharacter) {
-  auto t = Load(kLlama2Json);
+  auto t = Load(Llama2Json());
   ASSERT_NE(t, nullptr);
   IncrementalDecoder d(t.get(), /*skip_special_tokens=*/true);
   EXPECT_EQ(d.Add(1), "");  // <s> skipped
@@ -170,7 +156,7 @@ TEST(IncrementalDecoderTest, NeverSplitsACharacter) {
 // A completion continues its prompt's text: its first word keeps the leading space that decoding
 // prompt and completion at once gives it, unless the prompt decodes to nothing.
 TEST(IncrementalDecoderTest, ACompletionContinuesItsPromptsText) {
-  auto t = Load(kLlama2Json);
+  auto t = Load(Llama2Json());
   ASSERT_NE(t, nullptr);
   const std::vector<int32_t> prompt = {1, 15};  // <s> ▁hello
   IncrementalDecoder after(t.get(), /*skip_special_tokens=*/true, prompt);
@@ -218,11 +204,11 @@ TEST(TokenizerLoadTest, UnsupportedPartsNameTheField) {
 }
 
 TEST(TokenizerLoadTest, ConfigNamesBosAndEos) {
-  auto t = Load(kLlama2Json, R"({"bos_token": "<s>", "eos_token": {"content": "</s>"}})");
+  auto t = Load(Llama2Json(), R"({"bos_token": "<s>", "eos_token": {"content": "</s>"}})");
   ASSERT_NE(t, nullptr);
   EXPECT_EQ(t->bos_token_id(), 1);
   EXPECT_EQ(t->eos_token_id(), 2);
-  auto bad = Tokenizer::FromJson(kLlama2Json, R"({"eos_token": "<nope>"})", "t");
+  auto bad = Tokenizer::FromJson(Llama2Json(), R"({"eos_token": "<nope>"})", "t");
   EXPECT_NE(bad.status().message().find("names \"<nope>\", which is not a token"),
             absl::string_view::npos);
 }
