@@ -15,6 +15,9 @@
 # STRATA_GPU_TIMEOUT (seconds per binary, default 300), STRATA_TORCH_BUDGET (seconds for the PyTorch
 # comparison, default 150; 0 skips it), STRATA_GPU_NCU=1 (per-kernel times of one batch-1 decode
 # step under ncu, per variant; with STRATA_GPU_NCU_FT=1 also a batch-64 step with a fine-tune),
+# STRATA_GPU_NCU_DETAILS=1 (where each kernel of one batch-1 layer spends its time: Nsight Compute's
+# throughput, occupancy, memory and warp-stall sections for the first qkv GEMV, RoPE, decode
+# attention, o_proj GEMV and norm kernels of a shipped step, in ncu_details.txt),
 # STRATA_GPU_ONLY (a regex of bundle names to run),
 # STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer, with
 # the tools in STRATA_GPU_SANITIZE_TOOLS, default memcheck; kernels/cuda:delta_test runs under them
@@ -57,6 +60,23 @@ ncu_decode() {
       --fine_tune_tenants=1 >"$results/ncu_fine_tune.csv" 2>"$results/ncu_fine_tune.log"
     echo "ncu exit $?" >>"$results/ncu_fine_tune.log"
   fi
+}
+
+# ncu_details RESULTS_DIR: Nsight Compute's sections (speed of light, occupancy, memory workload,
+# warp states, scheduler, launch) for the first kernels of one shipped batch-1 decode step (a
+# layer's norm, q/k/v GEMV, RoPE, decode attention, o_proj GEMV and the next norm), as text in
+# RESULTS_DIR/ncu_details.txt: why the latency-bound kernels take what they take.
+ncu_details() {
+  local results=$1
+  export LD_LIBRARY_PATH="$(bundle_libpath)"
+  timeout "${STRATA_NCU_TIMEOUT:-240}" ncu --clock-control none --nvtx \
+    --nvtx-include "strata_decode_step/" --graph-profiling node --launch-count 8 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+    --page details \
+    gpu-bundle/bin/bench.gpu_bench --only_decode --batches=1 --steps=2 --variants=shipped \
+    --trace_steps=0 >"$results/ncu_details.txt" 2>"$results/ncu_details.log"
+  echo "ncu exit $?" >>"$results/ncu_details.log"
 }
 
 # cluster_check RESULTS_DIR: see `run`. Writes RESULTS_DIR/cluster.txt (PASS or FAIL and both texts).
@@ -186,6 +206,9 @@ case "${1:-}" in
     # Per-kernel times of one batch-1 decode step (STRATA_GPU_NCU=1, where ncu is on the PATH).
     if [ -n "${STRATA_GPU_NCU:-}" ] && command -v ncu >/dev/null; then
       ncu_decode "$results" >"$results/ncu.log" 2>&1
+    fi
+    if [ -n "${STRATA_GPU_NCU_DETAILS:-}" ] && command -v ncu >/dev/null; then
+      ncu_details "$results" >>"$results/ncu.log" 2>&1
     fi
     budget="${STRATA_TORCH_BUDGET:-150}"
     if [ "$budget" != 0 ] && python3 -c 'import torch, transformers' 2>/dev/null; then
