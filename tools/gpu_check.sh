@@ -373,15 +373,24 @@ verdicts = [
      "decode_b1_shipped_gemv8_gemv_down_tokens_per_s"),
     ("  with GEMV variant 9", "decode_b1_shipped_tokens_per_s",
      "decode_b1_shipped_gemv9_gemv_down_tokens_per_s"),
+    ("shipped b1, the winners combined", "decode_b1_shipped_tokens_per_s",
+     "decode_b1_combined_tokens_per_s"),
     ("--gpu_prefill_mma_attention", "prefill_tokens_per_s", "prefill_mma_tokens_per_s"),
 ]
 print()
 for name, base, option in verdicts:
     b, o = g(ours, base), g(ours, option)
     if b and o:
-        print("%-32s %+6.1f%% (%s -> %s)" % (name, 100.0 * (o / b - 1), fmt(b), fmt(o)))
+        print("%-34s %+6.1f%% (%s -> %s)" % (name, 100.0 * (o / b - 1), fmt(b), fmt(o)))
     else:
-        print("%-32s not measured" % name)
+        print("%-34s not measured" % name)
+if isinstance(ours, dict) and g(ours, "decode_b1_combined_took") is not None:
+    prefix = "decode_b1_combined_took_"
+    took = ["%s%s" % (k[len(prefix):], "" if v == 1 and "variant" not in k else "=%s" % v)
+            for k, v in sorted(ours.items()) if k.startswith(prefix)]
+    frac = g(ours, "decode_b1_combined_fraction_of_roofline")
+    print("combined: %s%s" % (", ".join(took) or "nothing won",
+                               "; %.1f%% of roofline" % (100 * frac) if frac else ""))
 PY
     if [ -n "${STRATA_GPU_PACK:-}" ]; then
       tar -czf "$STRATA_GPU_PACK" -C "$(dirname "$results")" "$(basename "$results")"
