@@ -447,6 +447,19 @@ int Main() {
           json.Add(key + "_partitions", static_cast<double>(pa.num_partitions));
           json.Add(key + "_gb_per_s", 2.0 * b * ctx * c.kv_dim() * eb / (us * 1e3));
         }
+        // The decode kernel at batch 1 with partitions of other sizes than the planner's (64
+        // keys, a block's round, at 512 keys): longer ones merge fewer partitions but take more
+        // rounds a block; unit 0 is one partition, no merge at all.
+        if (b == 1) {
+          for (const int64_t unit : {0, 32, 64, 128, 256, 512}) {
+            pa.decode_kernel = true;
+            pa.num_partitions = unit == 0 ? 1 : (ctx + unit - 1) / unit;
+            pa.partition_keys = pa.num_partitions == 1 ? 0 : unit;
+            const double us =
+                GraphTimeUs(st, 50, [&] { CHECK_OK(PagedAttentionCuda(pa, Handle(st))); });
+            json.Add(absl::StrCat("attn_b1_ctx", ctx, "_decode_kernel_unit", unit, "_us"), us);
+          }
+        }
       }
       const double eps = 1e-5;
       const CudaStreamHandle hs = Handle(st);

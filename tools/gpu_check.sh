@@ -384,6 +384,12 @@ for name, base, option in verdicts:
         print("%-34s %+6.1f%% (%s -> %s)" % (name, 100.0 * (o / b - 1), fmt(b), fmt(o)))
     else:
         print("%-34s not measured" % name)
+for ctx in (512, 4096):
+    units = [(u, g(ours, "attn_b1_ctx%d_decode_kernel_unit%d_us" % (ctx, u)))
+             for u in (0, 32, 64, 128, 256, 512)]
+    if any(us for _, us in units):
+        print("decode attention b1 over %d keys, us by partition keys (0: one partition): %s" % (
+            ctx, ", ".join("%d: %.1f" % (u, us) for u, us in units if us)))
 if isinstance(ours, dict) and g(ours, "decode_b1_combined_took") is not None:
     prefix = "decode_b1_combined_took_"
     took = ["%s%s" % (k[len(prefix):], "" if v == 1 and "variant" not in k else "=%s" % v)
