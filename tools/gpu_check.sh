@@ -17,7 +17,8 @@
 # step under ncu, per variant; with STRATA_GPU_NCU_FT=1 also a batch-64 step with a fine-tune),
 # STRATA_GPU_NCU_DETAILS=1 (where each kernel of one batch-1 layer spends its time: Nsight Compute's
 # throughput, occupancy, memory and warp-stall sections for the first qkv GEMV, RoPE, decode
-# attention, o_proj GEMV and norm kernels of a shipped step, in ncu_details.txt),
+# attention, o_proj GEMV and norm kernels of a shipped step, in ncu_details.txt, and for the
+# tensor-core prefill attention kernel over 2048 tokens, in ncu_details_prefill.txt),
 # STRATA_GPU_ONLY (a regex of bundle names to run),
 # STRATA_GPU_SANITIZE (a gtest filter of kernels/cuda:ops_test to run under compute-sanitizer, with
 # the tools in STRATA_GPU_SANITIZE_TOOLS, default memcheck; kernels/cuda:delta_test runs under them
@@ -77,6 +78,17 @@ ncu_details() {
     gpu-bundle/bin/bench.gpu_bench --only_decode --batches=1 --steps=2 --variants=shipped \
     --trace_steps=0 >"$results/ncu_details.txt" 2>"$results/ncu_details.log"
   echo "ncu exit $?" >>"$results/ncu_details.log"
+  # The tensor-core prefill attention kernel over a 2048-token prompt (about 730 us a layer on an
+  # H200, 47 TFLOP/s: far below what its tensor and shared-memory work need), in
+  # RESULTS_DIR/ncu_details_prefill.txt.
+  timeout "${STRATA_NCU_TIMEOUT:-240}" ncu --clock-control none --graph-profiling node \
+    --kernel-name regex:PrefillMmaKernel --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+    --section ComputeWorkloadAnalysis --page details \
+    gpu-bundle/bin/bench.gpu_bench --batches=1 --steps=2 --variants=mma_prefill --trace_steps=0 \
+    >"$results/ncu_details_prefill.txt" 2>"$results/ncu_details_prefill.log"
+  echo "ncu exit $?" >>"$results/ncu_details_prefill.log"
 }
 
 # cluster_check RESULTS_DIR: see `run`. Writes RESULTS_DIR/cluster.txt (PASS or FAIL and both texts).
