@@ -14,6 +14,7 @@
 #include "common/json.h"
 #include "common/mapped_file.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 #include "tokenizer/stop_matcher.h"
 #include "tokenizer/tokenizer.h"
 #include "worker/comm/collectives.h"
@@ -70,11 +71,10 @@ const char* FinishName(FinishReason r) {
   return "none";
 }
 
-// The text of one token for display (invalid UTF-8 replaced).
+// The text of one token for display (invalid UTF-8 replaced), as inside a text (a SentencePiece
+// word keeps its leading space), as the coordinator gives it in logprobs.
 std::string Utf8LossyToken(const Tokenizer& tok, int32_t id) {
-  const int32_t one[] = {id};
-  absl::StatusOr<std::string> s = tok.Decode(one);
-  return s.ok() ? *s : "";
+  return Utf8Lossy(tok.TokenBytes(id, /*first=*/false, /*skip_special_tokens=*/false));
 }
 
 std::string LogprobJson(const SampledToken& t, const Tokenizer* tok) {

@@ -1199,11 +1199,16 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     out.AddFirst(c.first_token, !c.first_added);
     out.Add(lp);
     // A SentencePiece tokenizer writes the first word's dummy-prefix space into its token's text
-    // (" The" for a prompt "The..."): the offsets after it count from the echoed text, without it.
+    // (" The" for a prompt "The...", " " then " The" for " The..."), a space the echoed text does
+    // not have: where the token texts come to one byte more than the echoed text and the first
+    // token with text starts with a space, that space is the prefix, and the offsets after that
+    // token count one less.
     const size_t k = c.first_added ? 1 : 0;  // the prompt's first token of the text
-    if (k < out.tokens.size() && absl::StartsWith(out.tokens[k], " ") &&
-        !absl::StartsWith(c.echo_text, " ")) {
-      for (size_t j = k + 1; j < out.offsets.size(); ++j) --out.offsets[j];
+    size_t first_text = k;
+    while (first_text < out.tokens.size() && out.tokens[first_text].empty()) ++first_text;
+    if (out.offset == static_cast<int64_t>(c.echo_text.size()) + 1 &&
+        first_text < out.tokens.size() && absl::StartsWith(out.tokens[first_text], " ")) {
+      for (size_t j = first_text + 1; j < out.offsets.size(); ++j) --out.offsets[j];
       --out.offset;
     }
     return out;

@@ -505,27 +505,32 @@ TEST_F(OpenAiHttpTest, SentencePieceCompletionsContinueThePromptsText) {
   ASSERT_TRUE(cluster_->WaitForServingWorkers(admin.get(), 1, absl::Seconds(30)).ok());
 
   const std::string prompt = "The cat sat";
-  const std::vector<std::string> want_tokens = {"<s>", " The", " cat", " sat"};
-  const std::vector<int64_t> want_offsets = {0, 0, 3, 7};
+  std::vector<std::string> want_tokens = {"<s>", " The", " cat", " sat"};
+  std::vector<int64_t> want_offsets = {0, 0, 3, 7};
+  std::string want_text = prompt;
+  // `first_word`: the token whose text carries the dummy prefix; each one after it is in the
+  // text where its offset says.
+  size_t first_word = 1;
   auto check = [&](const JsonValue& choice, int completion_tokens, const std::string& where) {
     SCOPED_TRACE(where);
     const std::string text = Str(choice, "text");
-    EXPECT_TRUE(absl::StartsWith(text, prompt)) << text;
+    EXPECT_TRUE(absl::StartsWith(text, want_text)) << text;
     const JsonValue lp = *choice.Field("logprobs");
     const std::vector<JsonValue> tokens = *lp.Field("tokens")->AsArray();
     const std::vector<JsonValue> offsets = *lp.Field("text_offset")->AsArray();
     ASSERT_EQ(tokens.size(), want_tokens.size() + completion_tokens);
     ASSERT_EQ(offsets.size(), tokens.size());
     for (size_t i = 0; i < want_tokens.size(); ++i) {
-      EXPECT_EQ(*tokens[i].AsString(), want_tokens[i]) << "token " << i;
+      if (i > 0) {  // the first is the BOS's text, empty where the echo skips it
+        EXPECT_EQ(*tokens[i].AsString(), want_tokens[i]) << "token " << i;
+      }
       EXPECT_EQ(*offsets[i].AsInt(), want_offsets[i]) << "token " << i;
     }
-    // Each prompt token after the first word's is in the text where its offset says.
-    for (size_t i = 2; i < want_tokens.size(); ++i) {
+    for (size_t i = first_word + 1; i < want_tokens.size(); ++i) {
       EXPECT_EQ(text.substr(*offsets[i].AsInt(), want_tokens[i].size()), want_tokens[i]);
     }
     if (completion_tokens > 0) {
-      EXPECT_EQ(*offsets[want_tokens.size()].AsInt(), static_cast<int64_t>(prompt.size()));
+      EXPECT_EQ(*offsets[want_tokens.size()].AsInt(), static_cast<int64_t>(want_text.size()));
     }
   };
   for (int max_tokens : {0, 2}) {
@@ -535,6 +540,30 @@ TEST_F(OpenAiHttpTest, SentencePieceCompletionsContinueThePromptsText) {
     const HttpReply r = Http(port, "POST", "/v1/completions", body);
     ASSERT_EQ(r.status, 200) << r.body;
     check(Choice(Json(r.body)), max_tokens, absl::StrCat("max_tokens ", max_tokens));
+  }
+  // The same prompt as token ids (<s> ▁The ▁cat ▁sat): the first token's text is the BOS's
+  // (skipped in the echo), the same offsets.
+  {
+    const HttpReply r = Http(port, "POST", "/v1/completions",
+                             R"({"model": "strata-tiny", "prompt": [2047, 267, 270, 272], )"
+                             R"("max_tokens": 0, "echo": true, "logprobs": 1})");
+    ASSERT_EQ(r.status, 200) << r.body;
+    check(Choice(Json(r.body)), 0, "token ids");
+  }
+  // A prompt that starts with a space: <s> ▁ ▁The ▁cat ▁sat, the lone ▁ carrying the prefix.
+  {
+    want_text = " The cat sat";
+    want_tokens = {"<s>", " ", " The", " cat", " sat"};
+    want_offsets = {0, 0, 0, 4, 8};
+    first_word = 1;
+    const HttpReply r = Http(port, "POST", "/v1/completions",
+                             R"({"model": "strata-tiny", "prompt": " The cat sat", )"
+                             R"("max_tokens": 0, "echo": true, "logprobs": 1})");
+    ASSERT_EQ(r.status, 200) << r.body;
+    check(Choice(Json(r.body)), 0, "leading space");
+    want_text = prompt;
+    want_tokens = {"<s>", " The", " cat", " sat"};
+    want_offsets = {0, 0, 3, 7};
   }
   // Streamed: the first event carries the prompt and its scores, offsets as above.
   const HttpReply s =

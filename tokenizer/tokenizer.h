@@ -85,7 +85,8 @@ class IncrementalDecoder {
   // A completion's decoder: its tokens continue `prompt`'s. Where the prompt decodes to any text
   // (an id that is not a skipped special token), the first completion token is decoded as one
   // inside a sequence, so a SentencePiece word keeps its leading space: the text that decoding
-  // the prompt and the completion at once gives after the prompt's.
+  // the prompt and the completion at once gives after the prompt's (except after a prompt of
+  // token ids that ends inside a character: its bytes are not carried over).
   IncrementalDecoder(const Tokenizer* tokenizer, bool skip_special_tokens,
                      absl::Span<const int32_t> prompt);
 
