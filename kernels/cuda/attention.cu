@@ -947,6 +947,14 @@ cudaError_t LaunchMma(const PagedAttentionArgs& a, cudaStream_t stream) {
         e != cudaSuccess) {
       return e;
     }
+    // All of L1 as shared memory, so that two blocks of 104 KiB fit an SM (a hint; the driver
+    // may otherwise pick a split with room for one, halving the warps that hide latency).
+    if (cudaError_t e = cudaFuncSetAttribute(PrefillMmaKernel<T, D>,
+                                             cudaFuncAttributePreferredSharedMemoryCarveout,
+                                             cudaSharedmemCarveoutMaxShared);
+        e != cudaSuccess) {
+      return e;
+    }
     raised_on.store(device, std::memory_order_relaxed);
   }
   return LaunchAndMerge<T, D, kMmaRows>(PrefillMmaKernel<T, D>, kBytes, a, stream);
