@@ -379,12 +379,12 @@ constexpr int kMergeParts = 64;
 // of a (token, KV head) to finish merges all of them from the workspace (a counter per pair,
 // reset by that block).
 //
-// The step's inputs (token_seq, token_pos, block_tables) are uploaded before the step and no
-// kernel writes them, so the block reads them and stages its first block-table range before
-// waiting for the kernel before it (programmatic dependent launch): two dependent loads off the
-// critical path. Everything that kernel may write (q, the KV cache) is read after the wait.
+// (Staging the block table before griddepcontrol.wait, so that the table's loads overlap the kernel
+// before, took 1 µs off batch 1 alone on an H200 but spilled registers in the key loop and cost
+// batch 64 4%: dropped, 2026-11-27.)
 template <typename T, int D, int R>
 __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttentionArgs a) {
+  PdlBegin();
   using S = DecodeShape<T, D, R>;
   __shared__ int32_t table_s[kTableEntries];
   __shared__ float m_s[kWarps][R], l_s[kWarps][R];
@@ -424,8 +424,6 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
       table_s[i] = block;
     }
   };
-  if (k_begin < k_end) stage(k_begin, min(k_end, k_begin + span));  // none for a padded row
-  PdlBegin();
 
   // This lane's slice of the query rows, scaled into the log2 domain; rows past the group are 0.
   const float qscale = a.scale * kLog2e;
@@ -459,10 +457,8 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
   for (int64_t cb = k_begin; cb < k_end; cb += span) {
     const int64_t ce = min(k_end, cb + span);
     const int64_t first = cb / bt;
-    if (cb != k_begin) {  // the first range was staged before the wait
-      __syncthreads();    // the previous range's entries are no longer read
-      stage(cb, ce);
-    }
+    __syncthreads();  // the previous range's entries are no longer read
+    stage(cb, ce);
     __syncthreads();
     for (int64_t r0 = cb + warp * S::kKpw * S::kUnroll; r0 < ce; r0 += S::kKeysPerRound) {
       uint4 kr[S::kUnroll][S::kLoads], vr[S::kUnroll][S::kLoads];
@@ -691,23 +687,37 @@ __device__ __forceinline__ void CpAsyncWait() {
 #endif
 }
 
+// The block-table entry this thread's key of the chunk at `chunk` lives in (thread 2j or 2j + 1
+// takes key chunk + j; see LoadKvChunk), or -1 past k_end or the table. Read an iteration before
+// LoadKvChunk needs it, so that the lookup's memory latency is not waited out before every copy.
+__device__ __forceinline__ int32_t ChunkEntry(const PagedAttentionArgs& a, const int32_t* table,
+                                              int64_t chunk, int64_t k_end) {
+  const int64_t key = chunk + (threadIdx.x >> 1);
+  if (key >= k_end) return -1;
+  const int64_t bi = key / a.block_tokens;
+  return bi < a.max_blocks_per_seq ? table[bi] : -1;
+}
+
 // Starts copying keys [chunk, chunk + 64) of KV head kvh into the K and V buffers (rows of keys
 // past k_end or beyond the block table zeroed, so that no stale or poisoned value meets a zero
-// probability) and marks which keys exist in valid_s.
+// probability) and marks which keys exist in valid_s. `entry`: ChunkEntry for this chunk.
 template <typename T, int D>
-__device__ __forceinline__ void LoadKvChunk(const PagedAttentionArgs& a, const int32_t* table,
-                                            int64_t chunk, int64_t k_end, int64_t kvh, T* k_s,
-                                            T* v_s, int* valid_s) {
+__device__ __forceinline__ void LoadKvChunk(const PagedAttentionArgs& a, int32_t entry,
+                                            int64_t chunk, int64_t kvh, T* k_s, T* v_s,
+                                            int* valid_s) {
   constexpr int kPieces = D / 8;  // 16-byte pieces per row
   constexpr int kLdh = MmaLayout<D>::kLdh;
   static_assert(kThreads == 2 * kMmaKeys, "two threads per key");
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  // Threads 2j and 2j + 1 take key j's even and odd pieces: one block-table lookup per thread,
+  // Threads 2j and 2j + 1 take key j's even and odd pieces: one block-table entry per thread,
   // and each pair reads 32 contiguous bytes at a time.
   const int j = threadIdx.x >> 1, h = threadIdx.x & 1;
   const int64_t key = chunk + j;
-  const T* krow = key < k_end ? KeyRow<T, D>(a, kc, table, key, kvh) : nullptr;
+  const T* krow =
+      entry >= 0 && entry < a.num_blocks
+          ? kc + ((entry * a.block_tokens + key % a.block_tokens) * a.num_kv_heads + kvh) * D
+          : nullptr;
   const int64_t row = krow != nullptr ? krow - kc : 0;
 #pragma unroll
   for (int piece = h; piece < kPieces; piece += 2) {
@@ -804,14 +814,20 @@ __global__ void __launch_bounds__(kThreads) PrefillMmaKernel(PagedAttentionArgs 
   const float qscale = a.scale * kLog2e;
   float m_run = -INFINITY, l_run = 0.0f;  // l_run: this lane's half of the row sum
   const int64_t chunks = k_end > k_begin ? (k_end - k_begin + kMmaKeys - 1) / kMmaKeys : 0;
-  if (chunks > 0) LoadKvChunk<T, D>(a, table, k_begin, k_end, kvh, k_s, v_s, valid_s[0]);
+  if (chunks > 0) {
+    LoadKvChunk<T, D>(a, ChunkEntry(a, table, k_begin, k_end), k_begin, kvh, k_s, v_s, valid_s[0]);
+  }
+  // The next chunk's block-table entry, read a chunk ahead.
+  int32_t ahead = chunks > 1 ? ChunkEntry(a, table, k_begin + kMmaKeys, k_end) : -1;
   CpAsyncCommit();
   for (int64_t c = 0; c < chunks; ++c) {
     const int buf = static_cast<int>(c & 1);
     const int64_t chunk = k_begin + c * kMmaKeys;
     if (c + 1 < chunks) {
-      LoadKvChunk<T, D>(a, table, chunk + kMmaKeys, k_end, kvh, k_s + (buf ^ 1) * kMmaKeys * kLdh,
+      LoadKvChunk<T, D>(a, ahead, chunk + kMmaKeys, kvh, k_s + (buf ^ 1) * kMmaKeys * kLdh,
                         v_s + (buf ^ 1) * kMmaKeys * kLdh, valid_s[buf ^ 1]);
+      // The chunk after's entry: its load is waited for only at the next iteration's copy.
+      ahead = c + 2 < chunks ? ChunkEntry(a, table, chunk + 2 * kMmaKeys, k_end) : -1;
     }
     CpAsyncCommit();
     CpAsyncWait<1>();  // this chunk's copies (the next one's may still fly)

@@ -138,7 +138,6 @@ struct PagedAttentionArgs {
   const void* v_cache = nullptr;
   int64_t block_tokens = 0;
   int64_t num_blocks = 0;
-  // Read early by the decode kernel (decode_kernel).
   const int32_t* token_seq = nullptr;     // [num_tokens]
   const int32_t* token_pos = nullptr;     // [num_tokens]
   const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
