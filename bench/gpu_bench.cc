@@ -376,7 +376,9 @@ int Main() {
                  inv = buf(4 * D), kcache = buf(eb * blocks * bt * c.kv_dim()),
                  vcache = buf(eb * blocks * bt * c.kv_dim()), meta = buf(4 * 4 * max_b),
                  tables = buf(4 * max_b * (max_ctx / bt)), slots = buf(8 * max_b),
-                 ws = buf(4 * int64_t{64} << 20), counters = buf(4 * max_b * nkv);
+                 ws = buf(4 * int64_t{64} << 20), counters = buf(4 * max_b * nkv),
+                 logits = buf(4 * max_b * c.vocab_size), tokens = buf(4 * max_b),
+                 logprobs = buf(4 * max_b);
     CHECK_OK(counters.Fill(0));
     // Paged attention over the bench's caches and block tables: `tokens` queries (token stride
     // qkv_w) of `seqs` sequences of `per` blocks each.
@@ -411,6 +413,7 @@ int Main() {
     gpu::LaunchRandomNormal(inv.data(), gpu::ActType::kF32, D, 0.01f, 0, 0, st);
     gpu::LaunchRandomNormal(kcache.data(), act, blocks * bt * c.kv_dim(), 0, 1, 8, st);
     gpu::LaunchRandomNormal(vcache.data(), act, blocks * bt * c.kv_dim(), 0, 1, 9, st);
+    gpu::LaunchRandomNormal(logits.data(), gpu::ActType::kF32, max_b * c.vocab_size, 0, 2, 11, st);
     for (int64_t b : {int64_t{1}, int64_t{64}}) {
       for (int64_t ctx : {int64_t{512}, max_ctx}) {
         // Sequence s: blocks [s * per, (s + 1) * per), query at position ctx - 1.
@@ -506,6 +509,12 @@ int Main() {
                GraphTimeUs(st, 50, [&] { CHECK_OK(RopeWriteKvCuda(rope, wk, hs)); }));
       json.Add(absl::StrCat("op_b", b, "_silu_mul_us"), GraphTimeUs(st, 50, [&] {
                  CHECK_OK(SiluMulCuda({b, I, gu.data(), act_out.data(), act}, hs));
+               }));
+      // The greedy step's last kernel: argmax and its log-probability over f32 logits.
+      json.Add(absl::StrCat("op_b", b, "_argmax_us"), GraphTimeUs(st, 50, [&] {
+                 CHECK_OK(ArgmaxCuda({b, c.vocab_size, logits.data(), 0, gpu::ActType::kF32,
+                                      tokens.as<int32_t>(), logprobs.as<float>()},
+                                     hs));
                }));
     }
     // Prefill attention: one prompt of up to 4096 tokens over its own keys (causal), in planned
