@@ -377,7 +377,7 @@ int Main() {
                  vcache = buf(eb * blocks * bt * c.kv_dim()), meta = buf(4 * 4 * max_b),
                  tables = buf(4 * max_b * (max_ctx / bt)), slots = buf(8 * max_b),
                  ws = buf(4 * int64_t{64} << 20), counters = buf(4 * max_b * nkv),
-                 logits = buf(4 * max_b * c.vocab_size), tokens = buf(4 * max_b),
+                 logits = buf(4 * max_b * c.vocab_size), argmax_tokens = buf(4 * max_b),
                  logprobs = buf(4 * max_b);
     CHECK_OK(counters.Fill(0));
     // Paged attention over the bench's caches and block tables: `tokens` queries (token stride
@@ -513,7 +513,7 @@ int Main() {
       // The greedy step's last kernel: argmax and its log-probability over f32 logits.
       json.Add(absl::StrCat("op_b", b, "_argmax_us"), GraphTimeUs(st, 50, [&] {
                  CHECK_OK(ArgmaxCuda({b, c.vocab_size, logits.data(), 0, gpu::ActType::kF32,
-                                      tokens.as<int32_t>(), logprobs.as<float>()},
+                                      argmax_tokens.as<int32_t>(), logprobs.as<float>()},
                                      hs));
                }));
     }

@@ -1078,22 +1078,25 @@ TEST_F(OpsCudaTest, WriteKvAndPagedAttentionMatchCpu) {
 
 TEST_F(OpsCudaTest, ArgmaxMatchesCpu) {
   SCOPED_TRACE(::testing::Message() << "seed " << seed_);
-  constexpr int64_t kRows = 4;
-  // 1001: not a multiple of 4 (the kernel's element-by-element walk).
-  for (const int64_t vocab : {int64_t{1001}, int64_t{2048}, int64_t{128256}}) {
+  constexpr int64_t kRows = 5;
+  // 1001: not a multiple of 4 (the kernel's element-by-element walk); 1004 with rows 1005 apart:
+  // a multiple of 4 whose rows after the first are not aligned for the grouped loads.
+  for (const int64_t vocab : {int64_t{1001}, int64_t{1004}, int64_t{2048}, int64_t{128256}}) {
     for (const ActType act : kActTypes) {
-      const int64_t ld = vocab == 2048 ? vocab + 64 : vocab;
+      const int64_t ld = vocab == 2048 ? vocab + 64 : vocab == 1004 ? vocab + 1 : vocab;
       const std::string what =
           absl::StrCat("argmax rows ", kRows, " vocab ", vocab, " ld ", ld, " ", ActName(act));
       SCOPED_TRACE(what);
       std::vector<float> logits = rng().Uniform(kRows * ld, -8, 8);
       // Row 0 random; row 1 its maximum at two random indices (the lower wins); row 2 its maximum
-      // at the last index; row 3 tied at the first and the last. Padding past vocab is larger
-      // than everything: read by mistake, it wins.
+      // at the last index; row 3 tied at the first and the last; row 4 tied at two indices one
+      // thread of the grouped walk visits (1 and 1 + 4 x 1024, the kernel's block). Padding past
+      // vocab is larger than everything: read by mistake, it wins.
       const int64_t i1 = rng().Int(0, vocab - 2), i2 = rng().Int(i1 + 1, vocab - 1);
       logits[1 * ld + i1] = logits[1 * ld + i2] = 9.5f;
       logits[2 * ld + vocab - 1] = 9.5f;
       logits[3 * ld + 0] = logits[3 * ld + vocab - 1] = 9.5f;
+      logits[4 * ld + 1] = logits[4 * ld + (vocab > 4097 ? 4097 : vocab - 2)] = 9.5f;
       for (int64_t r = 0; r < kRows; ++r) {
         for (int64_t i = vocab; i < ld; ++i) logits[r * ld + i] = 100.0f;
       }
