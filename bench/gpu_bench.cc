@@ -863,8 +863,13 @@ int Main() {
       json.Add("decode_b1_combined_fraction_of_roofline", (1000.0 / ms) / roofline);
     }
   }
-  if (!sampled.empty()) {
-    GpuModelRunner* const r = fresh(shipped);
+  // Then again with each row's sampling split over blocks (GpuRunnerOptions::sampler_split_rows;
+  // keys ending _split).
+  for (const bool split : {false, true}) {
+    if (sampled.empty()) break;
+    GpuRunnerOptions oo = shipped;
+    oo.sampler_split_rows = split;
+    GpuModelRunner* const r = fresh(oo);
     for (const SampledRun& sr : sampled) {
       for (int64_t bs : batches) {
         Batch b = batch_of(bs);
@@ -873,7 +878,7 @@ int Main() {
         for (gpu::SampleRow& row : rows) row.top_p = sr.top_p;
         double device_ms = 0;
         const double ms = Decode(r, &b, steps, &device_ms, &rows);
-        const std::string key = absl::StrCat("decode_b", bs, "_", sr.key);
+        const std::string key = absl::StrCat("decode_b", bs, "_", sr.key, split ? "_split" : "");
         json.Add(key + "_ms_per_step", ms);
         json.Add(key + "_device_ms_per_step", device_ms);
         json.Add(key + "_tokens_per_s", bs * 1000.0 / ms);

@@ -234,6 +234,11 @@ struct SampleArgs {
   // caller knows) skips the sort and the kernel after it, and needs only the small workspace; a
   // row that should sort is then drawn by the race instead.
   bool sorted_draws = true;
+  // Each row's logits split over blocks of 8192 (three kernels: the scan, the sum and race, a
+  // fold of the chunks' results) instead of one block a row walking the whole vocabulary (a
+  // double-precision exp per logit on one SM: 0.16 ms of a batch-1 step on an H200). The same
+  // tokens; the log-sum-exp's sum in another order. Experiment, off until measured.
+  bool split_rows = false;
 };
 // The workspace for `rows` rows: with `sorted_draws`, the sort's buffers too (about 24 bytes a
 // logit: about 200 MB for 64 rows of a 128,256-token vocabulary); without, a few bytes a row.

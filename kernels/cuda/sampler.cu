@@ -28,7 +28,13 @@ size_t Align(size_t n) { return (n + 255) / 256 * 256; }
 struct Layout {
   size_t keys_in, keys_out, vals_in, vals_out, offsets, ends, lse, finite, cum, temp, temp_bytes,
       total;
+  // Rows split over blocks (SampleArgs::split_rows): each (row, chunk)'s partial results.
+  size_t pmax, pbest, pfinite, psum, pratio, pid;
 };
+
+// A split row's chunks: kSplitChunk logits each, one block apiece.
+constexpr int64_t kSplitChunk = 8192;
+int64_t SplitChunks(int64_t vocab) { return (vocab + kSplitChunk - 1) / kSplitChunk; }
 
 // The per-row values first; then, only where some row sorts (`sorted`), the sort's keys, values,
 // prefix sums and cub's scratch: about 24 bytes a logit, which races and greedy rows never touch.
@@ -46,6 +52,13 @@ Layout LayoutFor(int64_t rows, int64_t vocab, bool sorted) {
   l.ends = take(4 * rows);
   l.lse = take(8 * rows);
   l.finite = take(4 * rows);
+  const size_t parts = static_cast<size_t>(rows * SplitChunks(vocab));
+  l.pmax = take(4 * parts);
+  l.pbest = take(4 * parts);
+  l.pfinite = take(4 * parts);
+  l.psum = take(8 * parts);
+  l.pratio = take(8 * parts);
+  l.pid = take(4 * parts);
   if (sorted) {
     l.keys_in = take(4 * n);
     l.keys_out = take(4 * n);
@@ -75,12 +88,47 @@ struct RaceBetter {
   }
 };
 
-// Penalties, bans and temperature in place; then the log-sum-exp, the greedy choice, the count of
-// finite logits, and either the draw by a race or the sort's inputs (ids, segment bounds: empty
-// for rows that do not sort).
-__global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l) {
-  const int64_t r = blockIdx.x;
-  const SampleRow p = a.params[r];
+// A row's results once its logits are processed and reduced (one thread): the log-sum-exp and the
+// count of finite logits for the sort's kernel after, the row's segment bounds (empty for rows
+// that do not sort), and for those that do not, the token and its log-probability: greedy, the
+// first maximum; a race, its winner, or token 0 with no finite logit, as on the CPU.
+__device__ void FinishRow(const SampleArgs& a, const Layout& l, int64_t r, const SampleRow& p,
+                          bool sorted, float mx, int best, int finite, double total, Race won) {
+  char* ws = static_cast<char*>(a.workspace);
+  const double lse = mx == -INFINITY ? -INFINITY : mx + log(total);
+  reinterpret_cast<double*>(ws + l.lse)[r] = lse;
+  reinterpret_cast<int*>(ws + l.finite)[r] = finite;
+  reinterpret_cast<int*>(ws + l.offsets)[r] = static_cast<int>(r * a.vocab);
+  reinterpret_cast<int*>(ws + l.ends)[r] = static_cast<int>((sorted ? r + 1 : r) * a.vocab);
+  if (!sorted) {
+    const int t =
+        p.temperature == 0 ? (best == INT32_MAX ? 0 : best) : (won.id == INT32_MAX ? 0 : won.id);
+    a.token[r] = t;
+    if (a.logprob) {
+      a.logprob[r] = static_cast<float>(static_cast<double>(a.logits[r * a.vocab + t]) - lse);
+    }
+  }
+}
+
+// Whether row r sorts. Without the sort's workspace (sorted_draws false) no row may sort: one that
+// should is raced rather than written past the workspace (the caller's bug).
+__device__ __forceinline__ bool RowSorts(const SampleArgs& a, const SampleRow& p) {
+  return a.sorted_draws && DrawsSorted(p, a.vocab);
+}
+
+// What ProcessRange reduces: the largest logit, the first index holding it (INT32_MAX: none seen)
+// and the count of finite logits. Valid in thread 0 (mx in every thread).
+struct RangeScan {
+  float mx;
+  int best;
+  int finite;
+};
+
+// Row r's logits [begin, end), by the whole block: penalties and bans of the tokens in the range,
+// then temperature in place, the sort's inputs (ids and keys) where the row sorts, and the range's
+// reductions.
+__device__ RangeScan ProcessRange(const SampleArgs& a, const Layout& l, int64_t r,
+                                  const SampleRow& p, int64_t begin, int64_t end) {
   float* row = a.logits + r * a.vocab;
   char* ws = static_cast<char*>(a.workspace);
   if (a.pen_offsets != nullptr) {
@@ -88,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
     const bool additive = p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
     for (int64_t j = a.pen_offsets[r] + threadIdx.x; j < a.pen_offsets[r + 1]; j += blockDim.x) {
       const int32_t t = a.pen_tokens[j];
-      if (t < 0 || t >= a.vocab) continue;
+      if (t < begin || t >= end) continue;  // other ranges' (and ids outside the vocabulary)
       float v = row[t];
       if (rep != 1.0f) v = v > 0 ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
       const int32_t count = a.pen_counts[j];
@@ -103,22 +151,19 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
   if (a.ban_offsets != nullptr) {
     for (int64_t j = a.ban_offsets[r] + threadIdx.x; j < a.ban_offsets[r + 1]; j += blockDim.x) {
       const int32_t t = a.ban_tokens[j];
-      if (t >= 0 && t < a.vocab) row[t] = -INFINITY;
+      if (t >= begin && t < end) row[t] = -INFINITY;
     }
   }
   __syncthreads();
   const bool scale = p.temperature > 0 && p.temperature != 1.0f;
-  // Without the sort's workspace (sorted_draws false) no row may sort: one that should is raced
-  // rather than written past the workspace (the caller's bug; SampleArgs::sorted_draws).
-  const bool sorted = a.sorted_draws && DrawsSorted(p, a.vocab);
-  const bool by_race = p.temperature > 0 && !sorted;
+  const bool sorted = RowSorts(a, p);
   const float inv = __fdiv_rn(1.0f, p.temperature);
   float best = -INFINITY;
   int best_i = INT32_MAX;
   int finite = 0;
   int32_t* ids = reinterpret_cast<int32_t*>(ws + l.vals_in) + r * a.vocab;
   float* keys = reinterpret_cast<float*>(ws + l.keys_in) + r * a.vocab;
-  for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     float v = row[i];
     if (scale) {
       v = __fmul_rn(v, inv);
@@ -136,13 +181,9 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
   }
   using MaxReduce = cub::BlockReduce<float, kThreads>;
   using IntReduce = cub::BlockReduce<int, kThreads>;
-  using DoubleReduce = cub::BlockReduce<double, kThreads>;
-  using RaceReduce = cub::BlockReduce<Race, kThreads>;
   __shared__ union {
     typename MaxReduce::TempStorage f;
     typename IntReduce::TempStorage i;
-    typename DoubleReduce::TempStorage d;
-    typename RaceReduce::TempStorage r;
   } tmp;
   __shared__ float mx_s;
   __shared__ int best_s;
@@ -156,14 +197,23 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
   if (best == mx_s && best_i != INT32_MAX) atomicMin(&best_s, best_i);
   const int finite_total = IntReduce(tmp.i).Sum(finite);
   __syncthreads();
-  // The log-sum-exp's sum and, for a race, each thread's best ratio p_i / E_i (lowest id on ties).
+  return {mx_s, best_s, finite_total};
+}
+
+// The log-sum-exp's sum over row r's (processed) logits [begin, end) around the row's maximum mx
+// and, for a race, the range's best ratio p_i / E_i (lowest id on ties). By the whole block; valid
+// in thread 0.
+__device__ void SumAndRace(const SampleArgs& a, int64_t r, const SampleRow& p, int64_t begin,
+                           int64_t end, float mx, double* total, Race* won) {
+  const float* row = a.logits + r * a.vocab;
+  const bool by_race = p.temperature > 0 && !RowSorts(a, p);
   const double min_p_bound = p.min_p;  // min-p's bound on p_i = exp(l_i - max), relative to 1
   double sum = 0;
   Race race{-1.0, INT32_MAX};
-  if (mx_s != -INFINITY) {
-    for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) {
+  if (mx != -INFINITY) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       const float v = row[i];
-      const double e = exp(static_cast<double>(v) - mx_s);
+      const double e = exp(static_cast<double>(v) - mx);
       sum += e;
       if (by_race && v != -INFINITY && e >= min_p_bound) {
         // E_i >= 1 - u: a sure loser (by a margin over rounding) skips the log.
@@ -175,27 +225,96 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
       }
     }
   }
-  const double total = DoubleReduce(tmp.d).Sum(sum);
-  Race won{-1.0, INT32_MAX};
+  using DoubleReduce = cub::BlockReduce<double, kThreads>;
+  using RaceReduce = cub::BlockReduce<Race, kThreads>;
+  __shared__ union {
+    typename DoubleReduce::TempStorage d;
+    typename RaceReduce::TempStorage r;
+  } tmp;
+  *total = DoubleReduce(tmp.d).Sum(sum);
+  *won = Race{-1.0, INT32_MAX};
   if (by_race) {      // the same for the whole block
     __syncthreads();  // tmp is reused
-    won = RaceReduce(tmp.r).Reduce(race, RaceBetter{});
+    *won = RaceReduce(tmp.r).Reduce(race, RaceBetter{});
   }
+}
+
+// Penalties, bans and temperature in place; then the log-sum-exp, the greedy choice, the count of
+// finite logits, and either the draw by a race or the sort's inputs (ids, segment bounds: empty
+// for rows that do not sort). One block a row.
+__global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l) {
+  const int64_t r = blockIdx.x;
+  const SampleRow p = a.params[r];
+  const RangeScan scan = ProcessRange(a, l, r, p, 0, a.vocab);
+  double total = 0;
+  Race won{-1.0, INT32_MAX};
+  SumAndRace(a, r, p, 0, a.vocab, scan.mx, &total, &won);
   if (threadIdx.x == 0) {
-    const double lse = mx_s == -INFINITY ? -INFINITY : mx_s + log(total);
-    reinterpret_cast<double*>(ws + l.lse)[r] = lse;
-    reinterpret_cast<int*>(ws + l.finite)[r] = finite_total;
-    reinterpret_cast<int*>(ws + l.offsets)[r] = static_cast<int>(r * a.vocab);
-    reinterpret_cast<int*>(ws + l.ends)[r] = static_cast<int>((sorted ? r + 1 : r) * a.vocab);
-    if (!sorted) {
-      // Greedy: the first maximum. A race: its winner, or token 0 with no finite logit, as on
-      // the CPU.
-      const int t = p.temperature == 0 ? (best_s == INT32_MAX ? 0 : best_s)
-                                       : (won.id == INT32_MAX ? 0 : won.id);
-      a.token[r] = t;
-      if (a.logprob) a.logprob[r] = static_cast<float>(static_cast<double>(row[t]) - lse);
-    }
+    FinishRow(a, l, r, p, RowSorts(a, p), scan.mx, scan.best, scan.finite, total, won);
   }
+}
+
+// The same with each row split over blocks (SampleArgs::split_rows): a (row, chunk) block
+// processes kSplitChunk logits and writes its range's reductions ...
+__global__ void __launch_bounds__(kThreads) SplitScanKernel(SampleArgs a, Layout l) {
+  const int64_t r = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+  const SampleRow p = a.params[r];
+  const int64_t begin = c * kSplitChunk;
+  const int64_t end = begin + kSplitChunk < a.vocab ? begin + kSplitChunk : a.vocab;
+  const RangeScan scan = ProcessRange(a, l, r, p, begin, end);
+  if (threadIdx.x == 0) {
+    char* ws = static_cast<char*>(a.workspace);
+    reinterpret_cast<float*>(ws + l.pmax)[r * chunks + c] = scan.mx;
+    reinterpret_cast<int*>(ws + l.pbest)[r * chunks + c] = scan.best;
+    reinterpret_cast<int*>(ws + l.pfinite)[r * chunks + c] = scan.finite;
+  }
+}
+
+// ... then, around the row's maximum (the chunks' largest), its range's sum and race ...
+__global__ void __launch_bounds__(kThreads) SplitSumKernel(SampleArgs a, Layout l) {
+  const int64_t r = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+  const SampleRow p = a.params[r];
+  const int64_t begin = c * kSplitChunk;
+  const int64_t end = begin + kSplitChunk < a.vocab ? begin + kSplitChunk : a.vocab;
+  char* ws = static_cast<char*>(a.workspace);
+  const float* pmax = reinterpret_cast<const float*>(ws + l.pmax) + r * chunks;
+  float mx = -INFINITY;
+  for (int64_t k = 0; k < chunks; ++k) mx = fmaxf(mx, pmax[k]);
+  double total = 0;
+  Race won{-1.0, INT32_MAX};
+  SumAndRace(a, r, p, begin, end, mx, &total, &won);
+  if (threadIdx.x == 0) {
+    reinterpret_cast<double*>(ws + l.psum)[r * chunks + c] = total;
+    reinterpret_cast<double*>(ws + l.pratio)[r * chunks + c] = won.ratio;
+    reinterpret_cast<int*>(ws + l.pid)[r * chunks + c] = won.id;
+  }
+}
+
+// ... and one thread a row folds the chunks' results in chunk order: the first index of the
+// maximum, the finite count, the sum, the race's winner.
+__global__ void SplitFinishKernel(SampleArgs a, Layout l, int64_t chunks) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= a.rows) return;
+  const SampleRow p = a.params[r];
+  const char* ws = static_cast<const char*>(a.workspace);
+  const float* pmax = reinterpret_cast<const float*>(ws + l.pmax) + r * chunks;
+  const int* pbest = reinterpret_cast<const int*>(ws + l.pbest) + r * chunks;
+  const int* pfinite = reinterpret_cast<const int*>(ws + l.pfinite) + r * chunks;
+  const double* psum = reinterpret_cast<const double*>(ws + l.psum) + r * chunks;
+  const double* pratio = reinterpret_cast<const double*>(ws + l.pratio) + r * chunks;
+  const int* pid = reinterpret_cast<const int*>(ws + l.pid) + r * chunks;
+  float mx = -INFINITY;
+  for (int64_t k = 0; k < chunks; ++k) mx = fmaxf(mx, pmax[k]);
+  int best = INT32_MAX, finite = 0;
+  double total = 0;
+  Race won{-1.0, INT32_MAX};
+  for (int64_t k = 0; k < chunks; ++k) {
+    if (pmax[k] == mx && pbest[k] < best) best = pbest[k];
+    finite += pfinite[k];
+    total += psum[k];
+    won = RaceBetter{}(won, Race{pratio[k], pid[k]});
+  }
+  FinishRow(a, l, r, p, RowSorts(a, p), mx, best, finite, total, won);
 }
 
 // Inclusive prefix sums of p_i = exp(sorted_i - top) over i < n, into cum (double), by a block scan
@@ -300,7 +419,18 @@ size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab, bool sorted_draws) {
 
 cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
   const Layout l = LayoutFor(a.rows, a.vocab, a.sorted_draws);
-  PrepareKernel<<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a, l);
+  if (a.split_rows) {
+    const int64_t chunks = SplitChunks(a.vocab);
+    const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(chunks));
+    SplitScanKernel<<<grid, kThreads, 0, stream>>>(a, l);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    SplitSumKernel<<<grid, kThreads, 0, stream>>>(a, l);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    SplitFinishKernel<<<static_cast<unsigned>((a.rows + 127) / 128), 128, 0, stream>>>(a, l,
+                                                                                       chunks);
+  } else {
+    PrepareKernel<<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a, l);
+  }
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   if (!a.sorted_draws) return cudaSuccess;  // PrepareKernel chose every token
   char* ws = static_cast<char*>(a.workspace);

@@ -143,50 +143,56 @@ TEST_F(SamplerGpuTest, DrawsTheCpuSamplersTokens) {
         ban_offsets.push_back(static_cast<int32_t>(ban_tokens.size()));
         params[r] = SampleRowOf(row.options, row.position);
       }
-      DeviceBuffer d_logits = Upload(logits), d_params = Upload(params), d_po = Upload(pen_offsets),
-                   d_pt = Upload(pen_tokens), d_pc = Upload(pen_counts), d_bo = Upload(ban_offsets),
-                   d_bt = Upload(ban_tokens);
-      absl::StatusOr<DeviceBuffer> d_token = DeviceBuffer::Allocate(4 * R),
-                                   d_lp = DeviceBuffer::Allocate(4 * R),
-                                   ws = DeviceBuffer::Allocate(
-                                       gpu::SampleWorkspaceBytes(R, vocab, !no_sort));
-      ASSERT_TRUE(d_token.ok() && d_lp.ok() && ws.ok());
-      ASSERT_TRUE(d_token->Fill(0xff).ok());
-      gpu::SampleArgs a;
-      a.rows = R;
-      a.vocab = vocab;
-      a.logits = d_logits.as<float>();
-      a.params = d_params.as<gpu::SampleRow>();
-      a.pen_offsets = d_po.as<int32_t>();
-      a.pen_tokens = d_pt.as<int32_t>();
-      a.pen_counts = d_pc.as<int32_t>();
-      a.ban_offsets = d_bo.as<int32_t>();
-      a.ban_tokens = d_bt.as<int32_t>();
-      a.token = d_token->as<int32_t>();
-      a.logprob = d_lp->as<float>();
-      a.workspace = ws->data();
-      a.sorted_draws = !no_sort;
-      ASSERT_TRUE(SampleCuda(a, stream->handle()).ok());
-      ASSERT_TRUE(stream->Synchronize().ok());
-      std::vector<int32_t> got(R);
-      std::vector<float> got_lp(R), got_logits(R * vocab);
-      ASSERT_TRUE(d_token->CopyToHost(got.data(), 4 * R).ok());
-      ASSERT_TRUE(d_lp->CopyToHost(got_lp.data(), 4 * R).ok());
-      ASSERT_TRUE(d_logits.CopyToHost(got_logits.data(), 4 * R * vocab).ok());
-      for (int64_t r = 0; r < R; ++r) {
-        const SamplingOptions& o = rows[r].options;
-        SCOPED_TRACE(::testing::Message()
-                     << "vocab " << vocab << " no sort " << no_sort << " row " << r
-                     << " temperature " << o.temperature << " top_k " << o.top_k << " top_p "
-                     << o.top_p << " min_p " << o.min_p << " penalties " << o.repetition_penalty
-                     << "/" << o.presence_penalty << "/" << o.frequency_penalty);
-        EXPECT_EQ(got[r], want[r].token);
-        EXPECT_NEAR(got_lp[r], want[r].logprob, 1e-5);
-        EXPECT_TRUE(
-            std::equal(got_logits.begin() + r * vocab, got_logits.begin() + (r + 1) * vocab,
-                       cpu_logits.begin() + r * vocab,
-                       [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); }))
-            << "processed logits differ";
+      // One block a row, then each row split over blocks (SampleArgs::split_rows).
+      for (const bool split : {false, true}) {
+        DeviceBuffer d_logits = Upload(logits), d_params = Upload(params),
+                     d_po = Upload(pen_offsets), d_pt = Upload(pen_tokens),
+                     d_pc = Upload(pen_counts), d_bo = Upload(ban_offsets),
+                     d_bt = Upload(ban_tokens);
+        absl::StatusOr<DeviceBuffer> d_token = DeviceBuffer::Allocate(4 * R),
+                                     d_lp = DeviceBuffer::Allocate(4 * R),
+                                     ws = DeviceBuffer::Allocate(
+                                         gpu::SampleWorkspaceBytes(R, vocab, !no_sort));
+        ASSERT_TRUE(d_token.ok() && d_lp.ok() && ws.ok());
+        ASSERT_TRUE(d_token->Fill(0xff).ok());
+        gpu::SampleArgs a;
+        a.rows = R;
+        a.vocab = vocab;
+        a.logits = d_logits.as<float>();
+        a.params = d_params.as<gpu::SampleRow>();
+        a.pen_offsets = d_po.as<int32_t>();
+        a.pen_tokens = d_pt.as<int32_t>();
+        a.pen_counts = d_pc.as<int32_t>();
+        a.ban_offsets = d_bo.as<int32_t>();
+        a.ban_tokens = d_bt.as<int32_t>();
+        a.token = d_token->as<int32_t>();
+        a.logprob = d_lp->as<float>();
+        a.workspace = ws->data();
+        a.sorted_draws = !no_sort;
+        a.split_rows = split;
+        ASSERT_TRUE(SampleCuda(a, stream->handle()).ok());
+        ASSERT_TRUE(stream->Synchronize().ok());
+        std::vector<int32_t> got(R);
+        std::vector<float> got_lp(R), got_logits(R * vocab);
+        ASSERT_TRUE(d_token->CopyToHost(got.data(), 4 * R).ok());
+        ASSERT_TRUE(d_lp->CopyToHost(got_lp.data(), 4 * R).ok());
+        ASSERT_TRUE(d_logits.CopyToHost(got_logits.data(), 4 * R * vocab).ok());
+        for (int64_t r = 0; r < R; ++r) {
+          const SamplingOptions& o = rows[r].options;
+          SCOPED_TRACE(::testing::Message()
+                       << "vocab " << vocab << " no sort " << no_sort << " split " << split
+                       << " row " << r << " temperature " << o.temperature << " top_k " << o.top_k
+                       << " top_p " << o.top_p << " min_p " << o.min_p << " penalties "
+                       << o.repetition_penalty << "/" << o.presence_penalty << "/"
+                       << o.frequency_penalty);
+          EXPECT_EQ(got[r], want[r].token);
+          EXPECT_NEAR(got_lp[r], want[r].logprob, 1e-5);
+          EXPECT_TRUE(std::equal(
+              got_logits.begin() + r * vocab, got_logits.begin() + (r + 1) * vocab,
+              cpu_logits.begin() + r * vocab,
+              [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); }))
+              << "processed logits differ";
+        }
       }
     }
   }

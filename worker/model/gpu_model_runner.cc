@@ -1313,6 +1313,7 @@ absl::Status GpuModelRunner::Impl::Sample(const GpuModelRunner::Sampling& sp, in
   a.logprob = d_out_logprobs;
   a.workspace = sample_ws.data();
   a.sorted_draws = sorted_draws;
+  a.split_rows = o.sampler_split_rows;
   // No wait here: the step's download waits for the compute stream, copy and sampling included.
   return SampleCuda(a, Handle(compute->get()));
 }

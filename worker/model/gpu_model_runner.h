@@ -80,6 +80,9 @@ struct GpuRunnerOptions {
   // fused_residual_norm, which was slower for its norms; not yet measured alone. The GEMV then
   // takes variant 0's shape.
   bool gemv_rope = false;
+  // Experiment, off: seeded sampling splits each row's logits over blocks
+  // (gpu::SampleArgs::split_rows) instead of one block walking the vocabulary; the same tokens.
+  bool sampler_split_rows = false;
   // Decode steps' attention through the decode kernel (PagedAttentionArgs::decode_kernel: lanes
   // share each key, partitions merge in the same kernel) instead of the tiled one, for steps of
   // up to decode_attention_max_rows sequences. On an H200 (2026-11-27, Llama-3-8B shape, bf16)
