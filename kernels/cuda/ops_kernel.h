@@ -241,7 +241,8 @@ struct SampleArgs {
   bool split_rows = false;
 };
 // The workspace for `rows` rows: with `sorted_draws`, the sort's buffers too (about 24 bytes a
-// logit: about 200 MB for 64 rows of a 128,256-token vocabulary); without, a few bytes a row.
+// logit: about 200 MB for 64 rows of a 128,256-token vocabulary); without, about 32 bytes a row
+// for every 8192 logits.
 size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab, bool sorted_draws = true);
 cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream);
 

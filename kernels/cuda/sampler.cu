@@ -36,8 +36,9 @@ struct Layout {
 constexpr int64_t kSplitChunk = 8192;
 int64_t SplitChunks(int64_t vocab) { return (vocab + kSplitChunk - 1) / kSplitChunk; }
 
-// The per-row values first; then, only where some row sorts (`sorted`), the sort's keys, values,
-// prefix sums and cub's scratch: about 24 bytes a logit, which races and greedy rows never touch.
+// The per-row values and the split rows' per-chunk partials (32 bytes a chunk of 8192 logits)
+// first; then, only where some row sorts (`sorted`), the sort's keys, values, prefix sums and cub's
+// scratch: about 24 bytes a logit, which races and greedy rows never touch.
 Layout LayoutFor(int64_t rows, int64_t vocab, bool sorted) {
   Layout l{};
   const size_t n = static_cast<size_t>(rows * vocab);
@@ -117,7 +118,7 @@ __device__ __forceinline__ bool RowSorts(const SampleArgs& a, const SampleRow& p
 }
 
 // What ProcessRange reduces: the largest logit, the first index holding it (INT32_MAX: none seen)
-// and the count of finite logits. Valid in thread 0 (mx in every thread).
+// and the count of finite logits. `finite` is valid in thread 0 only (mx and best in every thread).
 struct RangeScan {
   float mx;
   int best;

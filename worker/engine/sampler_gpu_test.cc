@@ -113,6 +113,9 @@ TEST_F(SamplerGpuTest, DrawsTheCpuSamplersTokens) {
         row[rng() % vocab] = row[rng() % vocab];  // a tie somewhere
         const int64_t top = std::max_element(row, row + vocab) - row;
         row[(top + 17) % vocab] = row[top];  // a tie for the top
+        // And one 24576 logits on (another 8192-logit chunk of a split row, where there are
+        // several: split rows take the first maximum across chunks).
+        row[(top + 24576) % vocab] = row[top];
         row[rng() % vocab] = -INFINITY;
       }
       // CPU.
