@@ -34,6 +34,8 @@ struct GemmArgs {
   bool gemv_l2_prefetch = false;
   // False: cuBLASLt whatever set_small_m_gemv says (a projection measured without the GEMV).
   bool allow_gemv = true;
+  // The GEMV for rows longer than kGemvMaxK too (down_proj's, measured against cuBLASLt's split-K).
+  bool gemv_long_rows = false;
 };
 
 class CublasLtGemm {
@@ -48,10 +50,16 @@ class CublasLtGemm {
   // fails.
   absl::Status Run(const GemmArgs& a, CudaStreamHandle stream);
 
-  // Route m <= gemv_max_m (decode; 8 unless set lower) with k <= 8192 to Strata's own GEMV
+  // Route m <= gemv_max_m (decode; 8 unless set lower) with k <= kGemvMaxK to Strata's own GEMV
   // kernel (gpu::LaunchGemv) instead of cuBLASLt, where its alignment rules hold. Off by default.
+  // The GEMV kernel wins for k up to 8192 (measured on an H200 for Llama-3-8B's projections);
+  // cuBLASLt's split-K is faster for the long rows of down_proj (k = 14336).
+  static constexpr int64_t kGemvMaxK = 8192;
   void set_small_m_gemv(bool on);
   bool small_m_gemv() const;
+  // Whether Run routes an m x k product (allow_gemv, k within kGemvMaxK) to the GEMV, alignment
+  // aside: for callers that launch the GEMV's fused forms themselves on the same rule.
+  bool RoutesToGemv(int64_t m, int64_t k) const;
   void set_gemv_max_m(int64_t m);  // clamped to [0, 8], the kernel's limit
   // The GEMV kernel's variant (gpu::GemvArgs::variant; 0 unless set).
   void set_gemv_variant(int variant);

@@ -20,8 +20,8 @@ namespace strata::gpu {
 namespace {
 
 // Shapes (weight rows per warp, warps per block, vectors per row in flight per lane), by variant:
-// 0 (the default) 2/8/2; 1: 1/4/4; 2: 4/4/2; 3: 2/4/4; 4: 1/8/4; 5: 1/8/8; 6: 2/8/4; 7: 1/4/8.
-// Variant 0 was the fastest of the first two on an H200 for four of Llama-3-8B's five decode
+// 0 (GemvArgs' default) 2/8/2; 1: 1/4/4; 2: 4/4/2; 3: 2/4/4; 4: 1/8/4; 5: 1/8/8; 6: 2/8/4; 7:
+// 1/4/8. Variant 0 was the fastest of the first two on an H200 for four of Llama-3-8B's five decode
 // projections timed alone, but inside a decode step 1 and 4 (a row a warp, 4 vectors in flight)
 // were 3% faster, so GpuModelRunner takes 1 (GpuRunnerOptions::gemv_variant; docs/PERFORMANCE.md).
 // Variants 8 (1/4/4), 9 (1/4/2) and 10 (2/8/2) are two-stage: a warp issues the next round's

@@ -35,6 +35,9 @@ struct Layout {
 // A split row's chunks: kSplitChunk logits each, one block apiece.
 constexpr int64_t kSplitChunk = 8192;
 int64_t SplitChunks(int64_t vocab) { return (vocab + kSplitChunk - 1) / kSplitChunk; }
+__device__ __forceinline__ int64_t ChunkEnd(int64_t begin, int64_t vocab) {
+  return begin + kSplitChunk < vocab ? begin + kSplitChunk : vocab;
+}
 
 // The per-row values and the split rows' per-chunk partials (32 bytes a chunk of 8192 logits)
 // first; then, only where some row sorts (`sorted`), the sort's keys, values, prefix sums and cub's
@@ -260,8 +263,7 @@ __global__ void __launch_bounds__(kThreads) PrepareKernel(SampleArgs a, Layout l
 __global__ void __launch_bounds__(kThreads) SplitScanKernel(SampleArgs a, Layout l) {
   const int64_t r = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
   const SampleRow p = a.params[r];
-  const int64_t begin = c * kSplitChunk;
-  const int64_t end = begin + kSplitChunk < a.vocab ? begin + kSplitChunk : a.vocab;
+  const int64_t begin = c * kSplitChunk, end = ChunkEnd(begin, a.vocab);
   const RangeScan scan = ProcessRange(a, l, r, p, begin, end);
   if (threadIdx.x == 0) {
     char* ws = static_cast<char*>(a.workspace);
@@ -275,8 +277,7 @@ __global__ void __launch_bounds__(kThreads) SplitScanKernel(SampleArgs a, Layout
 __global__ void __launch_bounds__(kThreads) SplitSumKernel(SampleArgs a, Layout l) {
   const int64_t r = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
   const SampleRow p = a.params[r];
-  const int64_t begin = c * kSplitChunk;
-  const int64_t end = begin + kSplitChunk < a.vocab ? begin + kSplitChunk : a.vocab;
+  const int64_t begin = c * kSplitChunk, end = ChunkEnd(begin, a.vocab);
   char* ws = static_cast<char*>(a.workspace);
   const float* pmax = reinterpret_cast<const float*>(ws + l.pmax) + r * chunks;
   float mx = -INFINITY;

@@ -1083,9 +1083,7 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   // The fused form also folds RoPE and the KV cache write into the q/k/v GEMV, unless per-head
   // norms (Qwen3's) come between the projection and the rotation; so does gemv_rope for any step
   // whose q/k/v projection is the GEMV's.
-  // (CublasLtGemm::Run's rule: up to 8 rows, k up to 8192.)
-  const bool qkv_gemv = o.small_m_gemv && o.gemv_routes.qkv && n <= o.gemv_max_rows && n <= 8 &&
-                        H <= 8192 && H % 8 == 0 && !deltas;
+  const bool qkv_gemv = o.gemv_routes.qkv && gemm->RoutesToGemv(n, H) && H % 8 == 0 && !deltas;
   const bool fused_rope = (fused || (o.gemv_rope && qkv_gemv)) && !c.qk_norm;
   const int64_t* d_slots = reinterpret_cast<const int64_t*>(d_inputs + off_slots);
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -1114,8 +1112,16 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     } else if (fused) {
       RETURN_IF_ERROR(gemv(qkv_w, H, nullptr, L.in_norm, L.qkv_w, L.qkv_b, qkv, false));
     } else {
-      RETURN_IF_ERROR(gemm->Run({n, qkv_w, H, normed, H, L.qkv_w, L.qkv_b, qkv, qkv_w, act, act,
-                                 false, o.gemv_routes.qkv},
+      RETURN_IF_ERROR(gemm->Run({.m = n,
+                                 .n = qkv_w,
+                                 .k = H,
+                                 .x = normed,
+                                 .w = L.qkv_w,
+                                 .bias = L.qkv_b,
+                                 .y = qkv,
+                                 .act = act,
+                                 .out_type = act,
+                                 .allow_gemv = o.gemv_routes.qkv},
                                 s));
     }
     if (deltas) {
@@ -1165,8 +1171,17 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
       RETURN_IF_ERROR(gemv(2 * I, H, nullptr, L.post_norm, L.gate_up_w, nullptr, actb, false,
                            /*silu_pairs=*/true));
     } else {
-      RETURN_IF_ERROR(gemm->Run({n, H, qd, attn, qd, L.o_w, L.o_b, proj, H, act, act,
-                                 o.gemv_prefetch_o_proj, o.gemv_routes.o_proj},
+      RETURN_IF_ERROR(gemm->Run({.m = n,
+                                 .n = H,
+                                 .k = qd,
+                                 .x = attn,
+                                 .w = L.o_w,
+                                 .bias = L.o_b,
+                                 .y = proj,
+                                 .act = act,
+                                 .out_type = act,
+                                 .gemv_l2_prefetch = o.gemv_prefetch_o_proj,
+                                 .allow_gemv = o.gemv_routes.o_proj},
                                 s));
       if (deltas) {
         RETURN_IF_ERROR(
@@ -1178,8 +1193,15 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
       if (deltas) {
         RETURN_IF_ERROR(Renorm([l](const DeltaDev& d) { return d.layers[l].post_norm; }, normed));
       }
-      RETURN_IF_ERROR(gemm->Run({n, 2 * I, H, normed, H, L.gate_up_w, nullptr, gate_up, 2 * I, act,
-                                 act, false, o.gemv_routes.gate_up},
+      RETURN_IF_ERROR(gemm->Run({.m = n,
+                                 .n = 2 * I,
+                                 .k = H,
+                                 .x = normed,
+                                 .w = L.gate_up_w,
+                                 .y = gate_up,
+                                 .act = act,
+                                 .out_type = act,
+                                 .allow_gemv = o.gemv_routes.gate_up},
                                 s));
       if (deltas) {
         char* gu = static_cast<char*>(gate_up);
@@ -1193,11 +1215,16 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     if (fused) {
       RETURN_IF_ERROR(gemv(H, I, actb, nullptr, L.down_w, nullptr, hidden, true));
     } else {
-      if (o.gemv_routes.down && o.small_m_gemv && n <= o.gemv_max_rows && n <= 8 && I % 8 == 0) {
-        RETURN_IF_ERROR(gemv(H, I, actb, nullptr, L.down_w, nullptr, proj, false));
-      } else {
-        RETURN_IF_ERROR(gemm->Run({n, H, I, actb, I, L.down_w, nullptr, proj, H, act, act}, s));
-      }
+      RETURN_IF_ERROR(gemm->Run({.m = n,
+                                 .n = H,
+                                 .k = I,
+                                 .x = actb,
+                                 .w = L.down_w,
+                                 .y = proj,
+                                 .act = act,
+                                 .out_type = act,
+                                 .gemv_long_rows = o.gemv_routes.down},
+                                s));
       if (deltas) {
         RETURN_IF_ERROR(
             ApplySegments([l](const DeltaDev& d) { return d.layers[l].down; }, actb, I, proj, H));
@@ -1220,8 +1247,15 @@ absl::Status GpuModelRunner::Impl::Head(int64_t offset, int64_t m, bool gather, 
     RETURN_IF_ERROR(CudaStatus(gpu::LaunchGatherRows(g, compute->get()), "gather_rows launch"));
     x = rows;
   }
-  RETURN_IF_ERROR(gemm->Run({m, V, H, x, H, lm_head, nullptr, logits, V, act, gpu::ActType::kF32,
-                             false, o.gemv_routes.lm_head},
+  RETURN_IF_ERROR(gemm->Run({.m = m,
+                             .n = V,
+                             .k = H,
+                             .x = x,
+                             .w = lm_head,
+                             .y = logits,
+                             .act = act,
+                             .out_type = gpu::ActType::kF32,
+                             .allow_gemv = o.gemv_routes.lm_head},
                             s));
   // Fine-tunes' LM head deltas (the embedding's with tied embeddings) for their logit rows here.
   for (size_t i = 0; i < plan.segments.size(); ++i) {
