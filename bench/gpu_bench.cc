@@ -68,7 +68,7 @@ ABSL_FLAG(bool, only_decode, false,
 ABSL_FLAG(
     std::string, variants,
     "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,gemv_routes,gemv_two_stage,"
-    "gemv_rope,gemv_down,combined,mma_prefill,fine_tunes,sampled",
+    "gemv_rope,gemv_down,combined,mma_prefill,mma_sync_prefill,fine_tunes,sampled",
     "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
     "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
     "every batch size), fused_norm (that and the fused residual norms), shipped "
@@ -80,7 +80,8 @@ ABSL_FLAG(
     "and the KV write in the q/k/v GEMV), gemv_down (those at batch 1 with down_proj through "
     "the GEMV: variant 1, 8 and 9), combined (the batch-1 runs above that beat the shipped "
     "defaults, taken together), mma_prefill "
-    "(prefill with the tensor-core attention kernel), fine_tunes (decode and prefill "
+    "(prefill with the tensor-core attention kernel), mma_sync_prefill (the same through its "
+    "mma.sync form), fine_tunes (decode and prefill "
     "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
     "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
 ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
@@ -518,8 +519,8 @@ int Main() {
                }));
     }
     // Prefill attention: one prompt of up to 4096 tokens over its own keys (causal), in planned
-    // tiles, through the CUDA-core tiled kernel and the tensor-core kernel. TFLOP/s counts the
-    // multiply-adds of Q.K and P.V over the causal triangle.
+    // tiles, through the CUDA-core tiled kernel and the tensor-core kernel's wmma and mma.sync
+    // forms. TFLOP/s counts the multiply-adds of Q.K and P.V over the causal triangle.
     {
       const int64_t T = std::min(absl::GetFlag(FLAGS_prefill_tokens), max_ctx);
       const int64_t group = nh / nkv;
@@ -533,7 +534,8 @@ int Main() {
       std::vector<int32_t> tab(max_ctx / bt);
       std::iota(tab.begin(), tab.end(), 0);
       CHECK_OK(tables.CopyFromHost(tab.data(), 4 * tab.size()));
-      for (const bool mma : {false, true}) {
+      for (const int kernel : {0, 1, 2}) {  // tiled, wmma, mma.sync
+        const bool mma = kernel > 0;
         if (mma && !AttentionMmaRunsHere(act, D, group)) continue;
         const int64_t tile_tokens =
             mma ? AttentionMmaTileTokens(group) : AttentionTileTokens(D, group);
@@ -545,12 +547,16 @@ int Main() {
         pa.num_tiles = static_cast<int64_t>(tiles.size() / 2);
         pa.tile_tokens = tile_tokens;
         pa.mma_prefill = mma;
+        pa.mma_sync = kernel == 2;
         pa.workspace = ws.as<float>();
         ChooseAttentionPartitions(T, prop.multiProcessorCount, &pa);
         CHECK_LE(gpu::PagedAttentionWorkspaceFloats(pa), int64_t{64} << 20);
         CHECK_EQ(gpu::PagedAttentionUsesMmaKernel(pa), mma);
         const double us = GraphTimeUs(st, 5, [&] { CHECK_OK(PagedAttentionCuda(pa, Handle(st))); });
-        const std::string key = absl::StrCat("attn_prefill", T, mma ? "_mma" : "");
+        const std::string key = absl::StrCat("attn_prefill", T,
+                                             kernel == 1   ? "_mma"
+                                             : kernel == 2 ? "_mma_sync"
+                                                           : "");
         json.Add(key + "_us", us);
         const double flops = 4.0 * nh * D * (static_cast<double>(T) * (T + 1) / 2);
         json.Add(key + "_tflops", flops / (us * 1e6));
@@ -891,6 +897,14 @@ int Main() {
     GpuRunnerOptions oo = o;
     oo.prefill_mma_attention = true;
     prefill(fresh(oo), "prefill_mma_tokens_per_s");
+  }
+  // And through the kernel's mma.sync form (GpuRunnerOptions::prefill_mma_sync).
+  if (!only_decode && wanted("mma_sync_prefill") &&
+      AttentionMmaRunsHere(act, c.head_dim, c.group_size())) {
+    GpuRunnerOptions oo = o;
+    oo.prefill_mma_attention = true;
+    oo.prefill_mma_sync = true;
+    prefill(fresh(oo), "prefill_mma_sync_tokens_per_s");
   }
   // Fine-tunes: random packed deltas (Strata's delta format; the values do not matter for speed),
   // one per tenant, copied to the runner's device region on their first step.

@@ -89,6 +89,16 @@ ncu_details() {
     gpu-bundle/bin/bench.gpu_bench --batches=1 --steps=2 --variants=mma_prefill --trace_steps=0 \
     >"$results/ncu_details_prefill.txt" 2>"$results/ncu_details_prefill.log"
   echo "ncu exit $?" >>"$results/ncu_details_prefill.log"
+  # Its mma.sync form (GpuRunnerOptions::prefill_mma_sync), the same way.
+  timeout "${STRATA_NCU_TIMEOUT:-240}" ncu --clock-control none --graph-profiling node \
+    --kernel-name regex:PrefillMmaSyncKernel --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+    --section ComputeWorkloadAnalysis --page details \
+    gpu-bundle/bin/bench.gpu_bench --batches=1 --steps=2 --variants=mma_sync_prefill \
+    --trace_steps=0 >"$results/ncu_details_prefill_sync.txt" \
+    2>"$results/ncu_details_prefill_sync.log"
+  echo "ncu exit $?" >>"$results/ncu_details_prefill_sync.log"
 }
 
 # cluster_check RESULTS_DIR: see `run`. Writes RESULTS_DIR/cluster.txt (PASS or FAIL and both texts).
@@ -279,6 +289,7 @@ rows = [
     ("prefill tok/s, tiled attn", fmt(g(ours, "prefill_tokens_per_s")), fmt(g(torch, "prefill", "tokens_per_s"))),
     ("prefill tok/s (default)", fmt(g(ours, "prefill_mma_tokens_per_s")), "-"),
     ("attn prefill us (tiled / mma)", fmt(g(ours, "attn_prefill2048_us")) + " / " + fmt(g(ours, "attn_prefill2048_mma_us")), "-"),
+    ("  mma.sync form us, TFLOP/s", fmt(g(ours, "attn_prefill2048_mma_sync_us")) + ", " + fmt(g(ours, "attn_prefill2048_mma_sync_tflops"), "{:.1f}"), "-"),
     ("decode b64, 1 fine-tune", fmt(g(ours, "decode_b64_ft1_tokens_per_s")), "-"),
     ("decode b64, 4 fine-tunes", fmt(g(ours, "decode_b64_ft4_tokens_per_s")), "-"),
     ("prefill tok/s, a fine-tune", fmt(g(ours, "prefill_ft_tokens_per_s")), "-"),
@@ -394,6 +405,7 @@ verdicts = [
     ("shipped b1, the winners combined", "decode_b1_shipped_tokens_per_s",
      "decode_b1_combined_tokens_per_s"),
     ("--gpu_prefill_mma_attention", "prefill_tokens_per_s", "prefill_mma_tokens_per_s"),
+    ("--gpu_prefill_mma_sync", "prefill_mma_tokens_per_s", "prefill_mma_sync_tokens_per_s"),
 ]
 print()
 for name, base, option in verdicts:

@@ -12,11 +12,13 @@
 // kernel (PagedAttentionArgs::decode_kernel): lanes share each key, query and output slices stay
 // in registers, a lane group loads several keys' rows before using any, and the partitions merge
 // in the kernel itself. Planned tiles in bf16 and f16 may take the tensor-core kernel
-// (PagedAttentionArgs::mma_prefill): 64 query rows a block, 64 keys a step, wmma for Q.K and P.V.
+// (PagedAttentionArgs::mma_prefill): 64 query rows a block, 64 keys a step, wmma for Q.K and P.V,
+// or, with PagedAttentionArgs::mma_sync, mma.sync with the scores and probabilities in registers.
 #include <mma.h>
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_types.cuh"
 #include "kernels/cuda/ops_kernel.h"
@@ -727,6 +729,103 @@ __device__ __forceinline__ void LoadKvChunk(const PagedAttentionArgs& a, int32_t
   if (h == 0) valid_s[j] = krow != nullptr;
 }
 
+// The tensor-core kernels' start: each row's key range [lo, pos] into pos_s and lo_s (rows past
+// the tile see no key: pos -1), the query rows as stored (scaled later, in f32; zero past the
+// tile) into q_s at MmaLayout<D>::kLdh, then the block's key range [*k_begin, *k_end), its
+// partition's share. False when its partition is unused: the block returns whole (the merge reads
+// only the used partitions).
+template <typename T, int D>
+__device__ __forceinline__ bool MmaTileStart(const PagedAttentionArgs& a,
+                                             const TileBlock<kMmaRows>& b, T* q_s, int* pos_s,
+                                             int* lo_s, int64_t* k_begin, int64_t* k_end) {
+  constexpr int kLdh = MmaLayout<D>::kLdh;
+  if (threadIdx.x < kMmaRows) {
+    const int r = threadIdx.x;
+    int64_t pos = -1, lo = 0;
+    if (r < b.rows) {
+      pos = a.token_pos[b.tile.begin + r / b.group];
+      lo = WindowStart(a, pos);
+    }
+    pos_s[r] = static_cast<int>(pos);
+    lo_s[r] = static_cast<int>(lo);
+  }
+  for (int i = threadIdx.x; i < kMmaRows * (D / 8); i += kThreads) {
+    const int r = i / (D / 8), piece = i % (D / 8);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < b.rows) {
+      const int64_t t = b.tile.begin + r / b.group;
+      const int64_t h = b.kvh * b.group + r % b.group;
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.q) + t * a.q_stride + h * D +
+                                          piece * 8);
+    }
+    *reinterpret_cast<uint4*>(q_s + r * kLdh + piece * 8) = v;
+  }
+  __syncthreads();
+  int64_t lo = INT64_MAX, hi = 0;
+  for (int r = 0; r < b.rows; ++r) {
+    lo = min(lo, static_cast<int64_t>(lo_s[r]));
+    hi = max(hi, static_cast<int64_t>(pos_s[r]) + 1);
+  }
+  if (a.num_partitions > 1) {
+    const Split sp = SplitKeys(lo, hi, a);
+    if (b.part >= sp.used) return false;
+    lo += b.part * sp.keys;
+    hi = min(hi, lo + sp.keys);
+  }
+  *k_begin = lo;
+  *k_end = hi;
+  return true;
+}
+
+// Walks keys [k_begin, k_end) of KV head kvh 64 at a time through the two K and V buffers
+// (k_s, v_s: two chunks of MmaLayout<D>::kLdh-pitched rows each), cp.async filling the next chunk
+// while one is used: body(buf, chunk) runs, between barriers, with keys [chunk, chunk + 64) in
+// buffer buf and valid_s[buf] marking which of them exist. Leaves no copy in flight.
+template <typename T, int D, typename Body>
+__device__ __forceinline__ void ForEachKvChunk(const PagedAttentionArgs& a, const int32_t* table,
+                                               int64_t kvh, int64_t k_begin, int64_t k_end, T* k_s,
+                                               T* v_s, int (*valid_s)[kMmaKeys], Body&& body) {
+  constexpr int kLdh = MmaLayout<D>::kLdh;
+  const int64_t chunks = k_end > k_begin ? (k_end - k_begin + kMmaKeys - 1) / kMmaKeys : 0;
+  if (chunks > 0) {
+    LoadKvChunk<T, D>(a, ChunkEntry(a, table, k_begin, k_end), k_begin, kvh, k_s, v_s, valid_s[0]);
+  }
+  // The next chunk's block-table entry, read a chunk ahead.
+  int32_t ahead = chunks > 1 ? ChunkEntry(a, table, k_begin + kMmaKeys, k_end) : -1;
+  CpAsyncCommit();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int buf = static_cast<int>(c & 1);
+    const int64_t chunk = k_begin + c * kMmaKeys;
+    if (c + 1 < chunks) {
+      LoadKvChunk<T, D>(a, ahead, chunk + kMmaKeys, kvh, k_s + (buf ^ 1) * kMmaKeys * kLdh,
+                        v_s + (buf ^ 1) * kMmaKeys * kLdh, valid_s[buf ^ 1]);
+      // The chunk after's entry: its load is waited for only at the next iteration's copy.
+      ahead = c + 2 < chunks ? ChunkEntry(a, table, chunk + 2 * kMmaKeys, k_end) : -1;
+    }
+    CpAsyncCommit();
+    CpAsyncWait<1>();  // this chunk's copies (the next one's may still fly)
+    __syncthreads();   // everyone's
+    body(buf, chunk);
+    __syncthreads();  // this buffer is free for the copy two chunks on
+  }
+  CpAsyncWait<0>();
+}
+
+// The tensor-core kernels' end, once every warp has put its rows' unnormalized outputs in o_s
+// (pitch Ldo), their largest scores in m_fin and their sums in l_fin: the tile's rows written
+// out (see WriteRowResult).
+template <typename T, int D, int Ldo>
+__device__ __forceinline__ void WriteMmaTile(const PagedAttentionArgs& a,
+                                             const TileBlock<kMmaRows>& b, const float* o_s,
+                                             const float* m_fin, const float* l_fin) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < b.rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    WriteRowResult<T, D, kMmaRows>(a, b.tile, b.kvh, b.part, b.group, r, d, o_s[r * Ldo + d],
+                                   m_fin[r], l_fin[r]);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) PrefillMmaKernel(PagedAttentionArgs a) {
   PdlBegin();
@@ -755,43 +854,13 @@ __global__ void __launch_bounds__(kThreads) PrefillMmaKernel(PagedAttentionArgs 
   float* s_w = reinterpret_cast<float*>(smem + L::kS + warp * L::kSWarp);
   T* p_w = reinterpret_cast<T*>(s_w);
 
-  const auto [tile, kvh, part, group, rows, table] = TileBlockOf<kMmaRows>(a);
+  const TileBlock<kMmaRows> blk = TileBlockOf<kMmaRows>(a);
+  const int64_t kvh = blk.kvh;
+  const int rows = blk.rows;
+  const int32_t* table = blk.table;
 
-  // Each row's key range [lo, pos]; rows past the tile see no key (pos -1).
-  if (threadIdx.x < kMmaRows) {
-    const int r = threadIdx.x;
-    int64_t pos = -1, lo = 0;
-    if (r < rows) {
-      pos = a.token_pos[tile.begin + r / group];
-      lo = WindowStart(a, pos);
-    }
-    pos_s[r] = static_cast<int>(pos);
-    lo_s[r] = static_cast<int>(lo);
-  }
-  // Query rows as stored (scaled later, in f32), zero past the tile.
-  for (int i = threadIdx.x; i < kMmaRows * (D / 8); i += kThreads) {
-    const int r = i / (D / 8), piece = i % (D / 8);
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < rows) {
-      const int64_t t = tile.begin + r / group;
-      const int64_t h = kvh * group + r % group;
-      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.q) + t * a.q_stride + h * D +
-                                          piece * 8);
-    }
-    *reinterpret_cast<uint4*>(q_s + r * kLdh + piece * 8) = v;
-  }
-  __syncthreads();
-  int64_t k_begin = INT64_MAX, k_end = 0;
-  for (int r = 0; r < rows; ++r) {
-    k_begin = min(k_begin, static_cast<int64_t>(lo_s[r]));
-    k_end = max(k_end, static_cast<int64_t>(pos_s[r]) + 1);
-  }
-  if (a.num_partitions > 1) {
-    const Split sp = SplitKeys(k_begin, k_end, a);
-    if (part >= sp.used) return;  // nothing here; the merge reads only the used partitions
-    k_begin += part * sp.keys;
-    k_end = min(k_end, k_begin + sp.keys);
-  }
+  int64_t k_begin = 0, k_end = 0;
+  if (!MmaTileStart<T, D>(a, blk, q_s, pos_s, lo_s, &k_begin, &k_end)) return;
 
   // Which of the warp's 16 rows each accumulator element holds: load a matrix of row numbers.
   int row_of[kElems];
@@ -813,99 +882,81 @@ __global__ void __launch_bounds__(kThreads) PrefillMmaKernel(PagedAttentionArgs 
   const int row_pos = pos_s[warp * 16 + my_row], row_lo = lo_s[warp * 16 + my_row];
   const float qscale = a.scale * kLog2e;
   float m_run = -INFINITY, l_run = 0.0f;  // l_run: this lane's half of the row sum
-  const int64_t chunks = k_end > k_begin ? (k_end - k_begin + kMmaKeys - 1) / kMmaKeys : 0;
-  if (chunks > 0) {
-    LoadKvChunk<T, D>(a, ChunkEntry(a, table, k_begin, k_end), k_begin, kvh, k_s, v_s, valid_s[0]);
-  }
-  // The next chunk's block-table entry, read a chunk ahead.
-  int32_t ahead = chunks > 1 ? ChunkEntry(a, table, k_begin + kMmaKeys, k_end) : -1;
-  CpAsyncCommit();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int buf = static_cast<int>(c & 1);
-    const int64_t chunk = k_begin + c * kMmaKeys;
-    if (c + 1 < chunks) {
-      LoadKvChunk<T, D>(a, ahead, chunk + kMmaKeys, kvh, k_s + (buf ^ 1) * kMmaKeys * kLdh,
-                        v_s + (buf ^ 1) * kMmaKeys * kLdh, valid_s[buf ^ 1]);
-      // The chunk after's entry: its load is waited for only at the next iteration's copy.
-      ahead = c + 2 < chunks ? ChunkEntry(a, table, chunk + 2 * kMmaKeys, k_end) : -1;
-    }
-    CpAsyncCommit();
-    CpAsyncWait<1>();  // this chunk's copies (the next one's may still fly)
-    __syncthreads();   // everyone's
-    if (active) {
-      const T* kb = k_s + buf * kMmaKeys * kLdh;
-      const T* vb = v_s + buf * kMmaKeys * kLdh;
-      // Scores of the warp's 16 rows against the 64 keys, a slice of head_dim at a time (the
-      // query's fragments come from shared memory: registers go to the output and the scores).
-      Acc sf[kMmaKeys / 16];
+  ForEachKvChunk<T, D>(
+      a, table, kvh, k_begin, k_end, k_s, v_s, valid_s, [&](int buf, int64_t chunk) {
+        if (active) {
+          const T* kb = k_s + buf * kMmaKeys * kLdh;
+          const T* vb = v_s + buf * kMmaKeys * kLdh;
+          // Scores of the warp's 16 rows against the 64 keys, a slice of head_dim at a time (the
+          // query's fragments come from shared memory: registers go to the output and the scores).
+          Acc sf[kMmaKeys / 16];
 #pragma unroll
-      for (int n = 0; n < kMmaKeys / 16; ++n) wmma::fill_fragment(sf[n], 0.0f);
+          for (int n = 0; n < kMmaKeys / 16; ++n) wmma::fill_fragment(sf[n], 0.0f);
 #pragma unroll
-      for (int f = 0; f < kFrags; ++f) {
-        FragA qf;
-        wmma::load_matrix_sync(qf, q_s + warp * 16 * kLdh + f * 16, kLdh);
+          for (int f = 0; f < kFrags; ++f) {
+            FragA qf;
+            wmma::load_matrix_sync(qf, q_s + warp * 16 * kLdh + f * 16, kLdh);
 #pragma unroll
-        for (int n = 0; n < kMmaKeys / 16; ++n) {
-          FragKt kf;
-          wmma::load_matrix_sync(kf, kb + n * 16 * kLdh + f * 16, kLdh);
-          wmma::mma_sync(sf[n], qf, kf, sf[n]);
-        }
-      }
+            for (int n = 0; n < kMmaKeys / 16; ++n) {
+              FragKt kf;
+              wmma::load_matrix_sync(kf, kb + n * 16 * kLdh + f * 16, kLdh);
+              wmma::mma_sync(sf[n], qf, kf, sf[n]);
+            }
+          }
 #pragma unroll
-      for (int n = 0; n < kMmaKeys / 16; ++n) {
-        wmma::store_matrix_sync(s_w + n * 16, sf[n], L::kLds, wmma::mem_row_major);
-      }
-      __syncwarp();
-      // Online softmax: lanes 2r and 2r + 1 take row r's even and odd keys.
-      float sv[kMmaKeys / 2];
-      float mx = -INFINITY;
+          for (int n = 0; n < kMmaKeys / 16; ++n) {
+            wmma::store_matrix_sync(s_w + n * 16, sf[n], L::kLds, wmma::mem_row_major);
+          }
+          __syncwarp();
+          // Online softmax: lanes 2r and 2r + 1 take row r's even and odd keys.
+          float sv[kMmaKeys / 2];
+          float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kMmaKeys / 2; ++j) {
-        const int col = 2 * j + half;
-        const int64_t key = chunk + col;
-        const bool ok = key < k_end && key <= row_pos && key >= row_lo && valid_s[buf][col] != 0;
-        sv[j] = ok ? s_w[my_row * L::kLds + col] * qscale : -INFINITY;
-        mx = fmaxf(mx, sv[j]);
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(kAll, mx, 1));
-      const float mn = fmaxf(m_run, mx);
-      const float alpha = mn == -INFINITY ? 1.0f : exp2f(m_run - mn);
-      __syncwarp();  // every score read before the probabilities overwrite them
-      float ls = 0.0f;
+          for (int j = 0; j < kMmaKeys / 2; ++j) {
+            const int col = 2 * j + half;
+            const int64_t key = chunk + col;
+            const bool ok =
+                key < k_end && key <= row_pos && key >= row_lo && valid_s[buf][col] != 0;
+            sv[j] = ok ? s_w[my_row * L::kLds + col] * qscale : -INFINITY;
+            mx = fmaxf(mx, sv[j]);
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(kAll, mx, 1));
+          const float mn = fmaxf(m_run, mx);
+          const float alpha = mn == -INFINITY ? 1.0f : exp2f(m_run - mn);
+          __syncwarp();  // every score read before the probabilities overwrite them
+          float ls = 0.0f;
 #pragma unroll
-      for (int j = 0; j < kMmaKeys / 2; ++j) {
-        const T pt = FromF<T>(sv[j] == -INFINITY ? 0.0f : exp2f(sv[j] - mn));
-        p_w[my_row * L::kLdp + 2 * j + half] = pt;
-        ls += ToF(pt);
-      }
-      l_run = l_run * alpha + ls;
-      m_run = mn;
-      if (half == 0) alpha_s[warp][my_row] = alpha;
-      __syncwarp();
-      float al[kElems];
+          for (int j = 0; j < kMmaKeys / 2; ++j) {
+            const T pt = FromF<T>(sv[j] == -INFINITY ? 0.0f : exp2f(sv[j] - mn));
+            p_w[my_row * L::kLdp + 2 * j + half] = pt;
+            ls += ToF(pt);
+          }
+          l_run = l_run * alpha + ls;
+          m_run = mn;
+          if (half == 0) alpha_s[warp][my_row] = alpha;
+          __syncwarp();
+          float al[kElems];
 #pragma unroll
-      for (int i = 0; i < kElems; ++i) al[i] = alpha_s[warp][row_of[i]];
+          for (int i = 0; i < kElems; ++i) al[i] = alpha_s[warp][row_of[i]];
 #pragma unroll
-      for (int f = 0; f < kFrags; ++f) {
+          for (int f = 0; f < kFrags; ++f) {
 #pragma unroll
-        for (int i = 0; i < kElems; ++i) of[f].x[i] *= al[i];
-      }
+            for (int i = 0; i < kElems; ++i) of[f].x[i] *= al[i];
+          }
       // O += P.V
 #pragma unroll
-      for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
-        FragA pf;
-        wmma::load_matrix_sync(pf, p_w + kk * 16, L::kLdp);
+          for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+            FragA pf;
+            wmma::load_matrix_sync(pf, p_w + kk * 16, L::kLdp);
 #pragma unroll
-        for (int f = 0; f < kFrags; ++f) {
-          FragV vf;
-          wmma::load_matrix_sync(vf, vb + kk * 16 * kLdh + f * 16, kLdh);
-          wmma::mma_sync(of[f], pf, vf, of[f]);
+            for (int f = 0; f < kFrags; ++f) {
+              FragV vf;
+              wmma::load_matrix_sync(vf, vb + kk * 16 * kLdh + f * 16, kLdh);
+              wmma::mma_sync(of[f], pf, vf, of[f]);
+            }
+          }
         }
-      }
-    }
-    __syncthreads();  // this buffer is free for the copy two chunks on
-  }
-  CpAsyncWait<0>();
+      });
 
   const float l_row = l_run + __shfl_xor_sync(kAll, l_run, 1);
   if (half == 0) {
@@ -921,12 +972,254 @@ __global__ void __launch_bounds__(kThreads) PrefillMmaKernel(PagedAttentionArgs 
                               wmma::mem_row_major);
     }
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < rows * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    WriteRowResult<T, D, kMmaRows>(a, tile, kvh, part, group, r, d, o_s[r * L::kLdo + d], m_fin[r],
-                                   l_fin[r]);
+  WriteMmaTile<T, D, L::kLdo>(a, blk, o_s, m_fin, l_fin);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same tiles through mma.sync (PagedAttentionArgs::mma_sync), scores and probabilities kept in
+// registers. The tile, the key chunks, their cp.async pipeline, the masks, the rounding of the
+// probabilities and the output's epilogue are the wmma kernel's; what differs is where the
+// intermediate values live. With m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"),
+// lane l of a warp holds, for g = l / 4 and c = 2 * (l % 4):
+//   A (16 x 16, row-major): a0 = (g, c..c+1), a1 = (g+8, c..c+1), a2 = (g, c+8..), a3 = (g+8,
+//   c+8..) B (16 x 8, "col"):      b0 = (k = c..c+1, n = g), b1 = (k = c+8..c+9, n = g) C (16 x 8,
+//   f32):        c0, c1 = (g, c..c+1), c2, c3 = (g+8, c..c+1)
+// so each lane's scores sit in two rows (g and g + 8 of the warp's 16), the four lanes of a
+// quad share a row's reductions, and two neighbouring 8-key tiles of scores, rounded and packed,
+// are exactly the A fragment of the probabilities for P.V: no shared-memory round trip, no
+// row-number probe. Q's fragments are loaded once (ldmatrix) and stay in registers; K is read
+// with ldmatrix (its rows are B's columns) and V with ldmatrix.trans.
+
+template <int D>
+struct MmaSyncLayout {
+  // 16-bit row pitch, 16 bytes past D: the 8 rows of an ldmatrix phase hit 8 bank groups.
+  static constexpr int kLdh = MmaLayout<D>::kLdh;
+  // f32 output pitch: the float2 stores of a half-warp (4 rows) hit 32 banks.
+  static constexpr int kLdo = D + 8;
+  static constexpr size_t kTile = MmaLayout<D>::kTile;
+  static constexpr size_t kQ = 0;
+  static constexpr size_t kK = kQ + kTile;      // two buffers
+  static constexpr size_t kV = kK + 2 * kTile;  // two buffers
+  static constexpr size_t kBytes = kV + 2 * kTile;
+  static_assert(size_t{kMmaRows} * kLdo * 4 <= 4 * kTile, "the output fits the K and V buffers");
+};
+
+__device__ __forceinline__ unsigned SharedAddress(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory: lane l gives the address of row
+// l % 8 of matrix l / 8 and receives, in r[i], its two elements of matrix i (row l / 4, columns
+// 2 (l % 4) and the next; transposed with Trans: rows 2 (l % 4) and the next, column l / 4).
+template <bool Trans>
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(SharedAddress(row)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(SharedAddress(row)));
   }
+#endif
+}
+
+// d += a.b for one m16n8k16 tile, 16-bit inputs of type T, f32 accumulators.
+template <typename T>
+__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "16-bit activations only");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// Two values as T in one register, `lo` in the low half (the lower column of a fragment pair).
+template <typename T>
+__device__ __forceinline__ uint32_t Pack2(T lo, T hi) {
+  uint16_t l, h;
+  memcpy(&l, &lo, 2);
+  memcpy(&h, &hi, 2);
+  return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) PrefillMmaSyncKernel(PagedAttentionArgs a) {
+  PdlBegin();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using L = MmaSyncLayout<D>;
+  constexpr int kLdh = L::kLdh;
+  constexpr int kKSteps = D / 16;        // k16 steps of Q.K over head_dim
+  constexpr int kSTiles = kMmaKeys / 8;  // n8 tiles of scores: 8 keys each
+  constexpr int kOTiles = D / 8;         // n8 tiles of the output: 8 dims each
+  constexpr unsigned kAll = 0xffffffffu;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int pos_s[kMmaRows], lo_s[kMmaRows];
+  __shared__ int valid_s[2][kMmaKeys];
+  __shared__ float m_fin[kMmaRows], l_fin[kMmaRows];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c2 = 2 * (lane & 3);  // fragment row and column pair (see above)
+  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
+  T* k_s = reinterpret_cast<T*>(smem + L::kK);
+  T* v_s = reinterpret_cast<T*>(smem + L::kV);
+
+  const TileBlock<kMmaRows> blk = TileBlockOf<kMmaRows>(a);
+  const int64_t kvh = blk.kvh;
+  const int rows = blk.rows;
+  const int32_t* table = blk.table;
+
+  int64_t k_begin = 0, k_end = 0;
+  if (!MmaTileStart<T, D>(a, blk, q_s, pos_s, lo_s, &k_begin, &k_end)) return;
+
+  // The warp's query fragments: matrix i of each ldmatrix is rows 8 (i % 2) on, columns 8 (i / 2)
+  // on, of the 16 x 16 slice: a0..a3 in order.
+  uint32_t qf[kKSteps][4];
+  {
+    const T* qrow = q_s + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLdh + (lane >> 4) * 8;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) LdMatrixX4<false>(qf[kk], qrow + kk * 16);
+  }
+  float of[kOTiles][4];
+#pragma unroll
+  for (int n = 0; n < kOTiles; ++n) of[n][0] = of[n][1] = of[n][2] = of[n][3] = 0.0f;
+
+  const bool active = warp * 16 < rows;  // a warp whose rows are all past the tile only loads
+  // This lane's two rows: g and g + 8 of the warp's 16 ([0] and [1] below).
+  const int pos0 = pos_s[warp * 16 + g], lo0 = lo_s[warp * 16 + g];
+  const int pos1 = pos_s[warp * 16 + g + 8], lo1 = lo_s[warp * 16 + g + 8];
+  const float qscale = a.scale * kLog2e;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.0f, 0.0f};  // this lane's part of each row's sum (its 2 of every 8 keys)
+  ForEachKvChunk<T, D>(
+      a, table, kvh, k_begin, k_end, k_s, v_s, valid_s, [&](int buf, int64_t chunk) {
+        if (active) {
+          const T* kb = k_s + buf * kMmaKeys * kLdh;
+          const T* vb = v_s + buf * kMmaKeys * kLdh;
+          // Scores: 16 rows x 64 keys. One ldmatrix gives two 8-key tiles' B fragments for a k16
+          // step: matrices 0 and 1 are keys 16p..16p+7 at dims 16kk and 16kk+8 (b0, b1 of tile 2p),
+          // 2 and 3 the next 8 keys (tile 2p + 1).
+          float sf[kSTiles][4];
+#pragma unroll
+          for (int n = 0; n < kSTiles; ++n) sf[n][0] = sf[n][1] = sf[n][2] = sf[n][3] = 0.0f;
+          const T* krow = kb + ((lane & 7) + (lane >> 4) * 8) * kLdh + ((lane >> 3) & 1) * 8;
+#pragma unroll
+          for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+            for (int p = 0; p < kSTiles / 2; ++p) {
+              uint32_t kf[4];
+              LdMatrixX4<false>(kf, krow + p * 16 * kLdh + kk * 16);
+              Mma16816<T>(sf[2 * p], qf[kk], kf[0], kf[1]);
+              Mma16816<T>(sf[2 * p + 1], qf[kk], kf[2], kf[3]);
+            }
+          }
+          // Online softmax in the log2 domain, each row's max over its quad.
+          float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+          for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = n * 8 + c2 + (e & 1);
+              const int64_t key = chunk + col;
+              const int row_pos = e < 2 ? pos0 : pos1, row_lo = e < 2 ? lo0 : lo1;
+              const bool ok =
+                  key < k_end && key <= row_pos && key >= row_lo && valid_s[buf][col] != 0;
+              sf[n][e] = ok ? sf[n][e] * qscale : -INFINITY;
+              mx[e >> 1] = fmaxf(mx[e >> 1], sf[n][e]);
+            }
+          }
+          float alpha[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(kAll, mx[h], 1));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(kAll, mx[h], 2));
+            const float mn = fmaxf(m_run[h], mx[h]);
+            alpha[h] = mn == -INFINITY ? 1.0f : exp2f(m_run[h] - mn);
+            m_run[h] = mn;
+          }
+          // Probabilities rounded to T (the row sum over the rounded values, as the other kernels),
+          // packed straight into P's A fragments: key tiles 2kk and 2kk + 1 make k16 step kk.
+          uint32_t pf[kSTiles / 2][4];
+          float ls[2] = {0.0f, 0.0f};
+#pragma unroll
+          for (int n = 0; n < kSTiles; ++n) {
+            T pt[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float s = sf[n][e];
+              pt[e] = FromF<T>(s == -INFINITY ? 0.0f : exp2f(s - m_run[e >> 1]));
+              ls[e >> 1] += ToF(pt[e]);
+            }
+            pf[n / 2][(n & 1) * 2] = Pack2(pt[0], pt[1]);
+            pf[n / 2][(n & 1) * 2 + 1] = Pack2(pt[2], pt[3]);
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + ls[h];
+#pragma unroll
+          for (int n = 0; n < kOTiles; ++n) {
+            of[n][0] *= alpha[0];
+            of[n][1] *= alpha[0];
+            of[n][2] *= alpha[1];
+            of[n][3] *= alpha[1];
+          }
+          // O += P.V. One ldmatrix.trans gives two 8-dim tiles' B fragments for a k16 step of keys:
+          // matrices 0 and 1 are keys 16kk..+7 and 16kk+8..+15 at dims 16d..+7 (b0, b1 of tile 2d),
+          // 2 and 3 the same keys at the next 8 dims (tile 2d + 1).
+          const T* vrow = vb + ((lane & 7) + ((lane >> 3) & 1) * 8) * kLdh + (lane >> 4) * 8;
+#pragma unroll
+          for (int kk = 0; kk < kSTiles / 2; ++kk) {
+#pragma unroll
+            for (int d = 0; d < kOTiles / 2; ++d) {
+              uint32_t vf[4];
+              LdMatrixX4<true>(vf, vrow + kk * 16 * kLdh + d * 16);
+              Mma16816<T>(of[2 * d], pf[kk], vf[0], vf[1]);
+              Mma16816<T>(of[2 * d + 1], pf[kk], vf[2], vf[3]);
+            }
+          }
+        }
+      });
+
+  // Each row's sum over its quad; lane 4g writes rows g and g + 8.
+  float l_row[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l_row[h] = l_run[h] + __shfl_xor_sync(kAll, l_run[h], 1);
+    l_row[h] += __shfl_xor_sync(kAll, l_row[h], 2);
+  }
+  if ((lane & 3) == 0) {
+    m_fin[warp * 16 + g] = m_run[0];
+    l_fin[warp * 16 + g] = l_row[0];
+    m_fin[warp * 16 + g + 8] = m_run[1];
+    l_fin[warp * 16 + g + 8] = l_row[1];
+  }
+  __syncthreads();  // the K and V buffers are free (no copy in flight), m_fin and l_fin written
+  float* o_s = reinterpret_cast<float*>(smem + L::kK);  // [kMmaRows][kLdo]
+  if (active) {
+    float* r0 = o_s + (warp * 16 + g) * L::kLdo + c2;
+    float* r1 = r0 + 8 * L::kLdo;
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) {
+      *reinterpret_cast<float2*>(r0 + n * 8) = make_float2(of[n][0], of[n][1]);
+      *reinterpret_cast<float2*>(r1 + n * 8) = make_float2(of[n][2], of[n][3]);
+    }
+  }
+  WriteMmaTile<T, D, L::kLdo>(a, blk, o_s, m_fin, l_fin);
 #endif
 }
 
@@ -948,32 +1241,45 @@ cudaError_t LaunchAndMerge(void (*kernel)(PagedAttentionArgs), size_t smem,
   return cudaSuccess;
 }
 
+// A tensor-core kernel (`bytes` of dynamic shared memory) over the tiles, then the merge of its
+// partitions. Its attributes are raised once per device (every layer of every prefill step
+// launches it; `raised_on`, the kernel's own record); a failure is not remembered, so the next
+// launch tries again.
 template <typename T, int D>
-cudaError_t LaunchMma(const PagedAttentionArgs& a, cudaStream_t stream) {
-  constexpr size_t kBytes = MmaLayout<D>::kBytes;
-  // Raised once per device (every layer of every prefill step launches this); a failure is not
-  // remembered, so the next launch tries again.
-  static std::atomic<int> raised_on{-1};
+cudaError_t LaunchMmaKernel(void (*kernel)(PagedAttentionArgs), size_t bytes,
+                            std::atomic<int>* raised_on, const PagedAttentionArgs& a,
+                            cudaStream_t stream) {
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  if (raised_on.load(std::memory_order_relaxed) != device) {
-    if (cudaError_t e = cudaFuncSetAttribute(PrefillMmaKernel<T, D>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(kBytes));
+  if (raised_on->load(std::memory_order_relaxed) != device) {
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(bytes));
         e != cudaSuccess) {
       return e;
     }
-    // All of L1 as shared memory, so that two blocks of 104 KiB fit an SM (a hint; the driver
-    // may otherwise pick a split with room for one, halving the warps that hide latency).
-    if (cudaError_t e = cudaFuncSetAttribute(PrefillMmaKernel<T, D>,
-                                             cudaFuncAttributePreferredSharedMemoryCarveout,
+    // All of L1 as shared memory, so that two blocks fit an SM (a hint; the driver may otherwise
+    // pick a split with room for one, halving the warps that hide latency).
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                              cudaSharedmemCarveoutMaxShared);
         e != cudaSuccess) {
       return e;
     }
-    raised_on.store(device, std::memory_order_relaxed);
+    raised_on->store(device, std::memory_order_relaxed);
   }
-  return LaunchAndMerge<T, D, kMmaRows>(PrefillMmaKernel<T, D>, kBytes, a, stream);
+  return LaunchAndMerge<T, D, kMmaRows>(kernel, bytes, a, stream);
+}
+
+template <typename T, int D>
+cudaError_t LaunchMma(const PagedAttentionArgs& a, cudaStream_t stream) {
+  static std::atomic<int> raised_on{-1};
+  return LaunchMmaKernel<T, D>(PrefillMmaKernel<T, D>, MmaLayout<D>::kBytes, &raised_on, a, stream);
+}
+
+template <typename T, int D>
+cudaError_t LaunchMmaSync(const PagedAttentionArgs& a, cudaStream_t stream) {
+  static std::atomic<int> raised_on{-1};
+  return LaunchMmaKernel<T, D>(PrefillMmaSyncKernel<T, D>, MmaSyncLayout<D>::kBytes, &raised_on, a,
+                               stream);
 }
 
 template <typename T, int D, int R>
@@ -1021,7 +1327,9 @@ cudaError_t LaunchForHeadDim(const PagedAttentionArgs& a, cudaStream_t stream) {
   const int64_t group = a.num_heads / a.num_kv_heads;
   if (PagedAttentionUsesDecodeKernel(a)) return LaunchDecodeForGroup<T, D>(a, group, stream);
   if constexpr (sizeof(T) == 2 && D <= 128) {
-    if (PagedAttentionUsesMmaKernel(a)) return LaunchMma<T, D>(a, stream);
+    if (PagedAttentionUsesMmaKernel(a)) {
+      return a.mma_sync ? LaunchMmaSync<T, D>(a, stream) : LaunchMma<T, D>(a, stream);
+    }
   }
   // Tiles planned for the tensor-core kernel must not reach a kernel that holds fewer rows.
   if (a.tiles != nullptr && a.tile_tokens * group > PagedAttentionMaxRows(D)) {

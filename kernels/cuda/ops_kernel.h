@@ -173,6 +173,10 @@ struct PagedAttentionArgs {
   // accumulation, the probabilities rounded to the activation type. Other shapes use the CUDA-core
   // kernels whatever this says (PagedAttentionUsesMmaKernel).
   bool mma_prefill = false;
+  // With mma_prefill: the same tiles through the mma.sync kernel, which keeps the scores and the
+  // probabilities in registers (the wmma kernel passes them through shared memory). Same tiles,
+  // workspace and rounding; the sums in another order.
+  bool mma_sync = false;
 };
 // Whether these arguments run the decode kernel (decode_kernel set and the shape allows it).
 bool PagedAttentionUsesDecodeKernel(const PagedAttentionArgs& a);

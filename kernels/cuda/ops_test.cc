@@ -946,20 +946,21 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
   }
   // Every kernel these arguments can take: the tiled one always; the decode kernel for one tile
   // per token and a group of at most 8; the tensor-core one for planned tiles in f16 and bf16,
-  // with tiles of its own size.
-  enum class Kernel { kTiled, kDecode, kMma };
+  // with tiles of its own size, through wmma and through mma.sync.
+  enum class Kernel { kTiled, kDecode, kMma, kMmaSync };
   std::vector<Kernel> kernels = {Kernel::kTiled};
   if (!c.plan_tiles && group <= 8) kernels.push_back(Kernel::kDecode);
   if (c.plan_tiles && AttentionMmaRunsHere(act, D, group)) {
     kernels.push_back(Kernel::kMma);
+    kernels.push_back(Kernel::kMmaSync);
   }
   for (const Kernel kernel : kernels) {
     const bool decode_kernel = kernel == Kernel::kDecode;
+    const bool mma = kernel == Kernel::kMma || kernel == Kernel::kMmaSync;
     std::vector<int32_t> tiles;
     int64_t tile_tokens = 1, num_tiles = T;
     if (c.plan_tiles) {
-      tile_tokens =
-          kernel == Kernel::kMma ? AttentionMmaTileTokens(group) : AttentionTileTokens(D, group);
+      tile_tokens = mma ? AttentionMmaTileTokens(group) : AttentionTileTokens(D, group);
       tiles = PlanAttentionTiles(token_seq, token_pos, tile_tokens);
       num_tiles = static_cast<int64_t>(tiles.size()) / 2;
     }
@@ -969,7 +970,8 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
     a.tile_tokens = tile_tokens;
     for (const Split split : variants) {
       a.decode_kernel = decode_kernel;
-      a.mma_prefill = kernel == Kernel::kMma;
+      a.mma_prefill = mma;
+      a.mma_sync = kernel == Kernel::kMmaSync;
       a.num_partitions = 1;
       a.partition_keys = 0;
       a.workspace = nullptr;
@@ -989,10 +991,11 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
         a.num_partitions = 4 * ((max_len + unit - 1) / unit) + 3;
       }
       EXPECT_EQ(gpu::PagedAttentionUsesDecodeKernel(a), decode_kernel);
-      EXPECT_EQ(gpu::PagedAttentionUsesMmaKernel(a), kernel == Kernel::kMma);
-      const char* kernel_name = kernel == Kernel::kDecode ? " decode kernel"
-                                : kernel == Kernel::kMma  ? " tensor-core kernel"
-                                                          : " tiled kernel";
+      EXPECT_EQ(gpu::PagedAttentionUsesMmaKernel(a), mma);
+      const char* kernel_name = kernel == Kernel::kDecode    ? " decode kernel"
+                                : kernel == Kernel::kMma     ? " tensor-core kernel (wmma)"
+                                : kernel == Kernel::kMmaSync ? " tensor-core kernel (mma.sync)"
+                                                             : " tiled kernel";
       const std::string what = absl::StrCat(base, kernel_name, " tokens ", T, " tiles ", num_tiles,
                                             " (tile_tokens ", tile_tokens, ") partitions ",
                                             a.num_partitions, " x ", a.partition_keys, " keys");

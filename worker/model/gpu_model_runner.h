@@ -107,6 +107,11 @@ struct GpuRunnerOptions {
   // tensor-core kernel (PagedAttentionArgs::mma_prefill; tiles of 64 query rows). On an H200
   // (2026-11-27) 2.5x the tiled kernel's prefill of 2048 tokens, with every GPU test passing.
   bool prefill_mma_attention = true;
+  // With prefill_mma_attention: the mma.sync kernel (PagedAttentionArgs::mma_sync), which keeps
+  // scores and probabilities in registers where the wmma kernel passes them through shared
+  // memory, flash-attention-2 style. Same tiles and rounding. Off until a GPU run shows it
+  // correct and faster (built 2026-11-27 without a GPU).
+  bool prefill_mma_sync = false;
   // Device memory for fine-tunes' packed deltas (0: steps with fine-tunes are refused). A step's
   // fine-tunes must fit together. Steps with fine-tunes also take a scratch of about 64 MiB (less
   // for small models) for delta panels.

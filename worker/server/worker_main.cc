@@ -122,6 +122,9 @@ ABSL_FLAG(bool, gpu_fused_residual_norm, strata::GpuRunnerOptions{}.fused_residu
 ABSL_FLAG(bool, gpu_prefill_mma_attention, strata::GpuRunnerOptions{}.prefill_mma_attention,
           "GPU prefill attention (prompts and prompt chunks, bf16 or f16) on tensor cores; "
           "false: the tiled CUDA-core kernel.");
+ABSL_FLAG(bool, gpu_prefill_mma_sync, strata::GpuRunnerOptions{}.prefill_mma_sync,
+          "With --gpu_prefill_mma_attention: the mma.sync kernel (scores and probabilities in "
+          "registers) instead of the wmma one. Experimental.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
@@ -376,6 +379,7 @@ int Main(const std::vector<std::string>& args) {
   ec.gpu.decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);
   ec.gpu.fused_residual_norm = absl::GetFlag(FLAGS_gpu_fused_residual_norm);
   ec.gpu.prefill_mma_attention = absl::GetFlag(FLAGS_gpu_prefill_mma_attention);
+  ec.gpu.prefill_mma_sync = absl::GetFlag(FLAGS_gpu_prefill_mma_sync);
   ec.gpu.decode_attention_max_rows = absl::GetFlag(FLAGS_gpu_decode_attention_max_rows);
   ec.gpu.gemv_max_rows = absl::GetFlag(FLAGS_gpu_gemv_max_rows);
   ec.gpu.gemv_variant = absl::GetFlag(FLAGS_gpu_gemv_variant);
