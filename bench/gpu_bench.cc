@@ -68,7 +68,7 @@ ABSL_FLAG(bool, only_decode, false,
 ABSL_FLAG(
     std::string, variants,
     "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,gemv_routes,gemv_two_stage,"
-    "gemv_rope,gemv_down,combined,mma_prefill,mma_sync_prefill,fine_tunes,sampled",
+    "gemv_rope,gemv_down,one_block,combined,mma_prefill,mma_sync_prefill,fine_tunes,sampled",
     "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
     "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
     "every batch size), fused_norm (that and the fused residual norms), shipped "
@@ -78,11 +78,11 @@ ABSL_FLAG(
     "batch 1 with one projection at a time through cuBLASLt), gemv_two_stage (those at batch 1 "
     "with each two-stage GEMV shape, variants 8 to 10), gemv_rope (those at batch 1 with RoPE "
     "and the KV write in the q/k/v GEMV), gemv_down (those at batch 1 with down_proj through "
-    "the GEMV: variant 1, 8 and 9), combined (the batch-1 runs above that beat the shipped "
-    "defaults, taken together), mma_prefill "
-    "(prefill with the tensor-core attention kernel), mma_sync_prefill (the same through its "
-    "mma.sync form), fine_tunes (decode and prefill "
-    "with random deltas), sampled (decode with seeded sampling on the GPU instead of "
+    "the GEMV: variant 1, 8 and 9), one_block (those with the decode attention kernel's "
+    "one-block build, at each batch it takes), combined (the batch-1 runs above that beat the "
+    "shipped defaults, taken together), mma_prefill (prefill with the tensor-core attention "
+    "kernel), mma_sync_prefill (the same through its mma.sync form), fine_tunes (decode and "
+    "prefill with random deltas), sampled (decode with seeded sampling on the GPU instead of "
     "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
 ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
           "Distinct fine-tunes among the decode batch's sequences, per fine_tunes run.");
@@ -450,6 +450,13 @@ int Main() {
           json.Add(key + "_us", us);
           json.Add(key + "_partitions", static_cast<double>(pa.num_partitions));
           json.Add(key + "_gb_per_s", 2.0 * b * ctx * c.kv_dim() * eb / (us * 1e3));
+          // And the decode kernel's one-block build (PagedAttentionArgs::decode_one_block).
+          if (decode_kernel && plan_keys == ctx) {
+            pa.decode_one_block = true;
+            json.Add(key + "_one_block_us",
+                     GraphTimeUs(st, 50, [&] { CHECK_OK(PagedAttentionCuda(pa, Handle(st))); }));
+            pa.decode_one_block = false;
+          }
         }
         // The decode kernel at batch 1 with partitions of other sizes than the planner's (64
         // keys, a block's round, at 512 keys): longer ones merge fewer partitions but take more
@@ -663,6 +670,7 @@ int Main() {
     const char* cublas_for = nullptr;  // with shipped: this projection through cuBLASLt
     bool gemv_rope = false;            // with shipped: GpuRunnerOptions::gemv_rope
     bool gemv_down = false;            // with shipped: GpuRunnerOptions::GemvRoutes::down
+    bool one_block = false;            // with shipped: GpuRunnerOptions::decode_attention_one_block
   };
   std::vector<DecodeRun> runs;
   const std::vector<std::string> variants = absl::StrSplit(absl::GetFlag(FLAGS_variants), ',');
@@ -718,6 +726,15 @@ int Main() {
           {.batch = 1, .graphs = true, .shipped = true, .gemv_variant = v, .gemv_down = true});
     }
   }
+  // The shipped defaults with the decode attention kernel's one-block build, at each batch the
+  // decode kernel takes.
+  if (wanted("one_block")) {
+    for (int64_t bs : batches) {
+      if (bs <= GpuRunnerOptions{}.decode_attention_max_rows) {
+        runs.push_back({.batch = bs, .graphs = true, .shipped = true, .one_block = true});
+      }
+    }
+  }
   // The shipped defaults at batch 1 with each other GEMV block shape (gemv.cu's variants).
   // gemv_two_stage: the two-stage shapes only (variants 8 to 10).
   if (wanted("gemv_variants") || wanted("gemv_two_stage")) {
@@ -755,6 +772,7 @@ int Main() {
       oo.gemv_prefetch_o_proj = run.prefetch_o;
       oo.gemv_rope = run.gemv_rope;
       oo.gemv_routes.down = run.gemv_down;
+      oo.decode_attention_one_block = run.one_block;
       if (run.cublas_for != nullptr) {
         const absl::string_view p = run.cublas_for;
         oo.gemv_routes.qkv = p != "qkv";
@@ -785,7 +803,8 @@ int Main() {
                      run.gemv_variant >= 0 ? absl::StrCat("_gemv", run.gemv_variant) : "",
                      run.prefetch_o ? "_prefetch_o" : "",
                      run.cublas_for != nullptr ? absl::StrCat("_cublas_", run.cublas_for) : "",
-                     run.gemv_rope ? "_gemv_rope" : "", run.gemv_down ? "_gemv_down" : "");
+                     run.gemv_rope ? "_gemv_rope" : "", run.gemv_down ? "_gemv_down" : "",
+                     run.one_block ? "_one_block" : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
     json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);
@@ -849,6 +868,11 @@ int Main() {
     if (oo.gemv_routes.qkv && beats("decode_b1_shipped_gemv_rope", base)) {
       oo.gemv_rope = true;
       json.Add("decode_b1_combined_took_gemv_rope", 1);
+      ++took;
+    }
+    if (beats("decode_b1_shipped_one_block", base)) {
+      oo.decode_attention_one_block = true;
+      json.Add("decode_b1_combined_took_one_block", 1);
       ++took;
     }
     if (beats("decode_b1_shipped_prefetch_o", base)) {

@@ -385,7 +385,7 @@ constexpr int kMergeParts = 64;
 // before, took 1 µs off batch 1 alone on an H200 but spilled registers in the key loop and cost
 // batch 64 4%: dropped, 2026-11-27.)
 template <typename T, int D, int R>
-__global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttentionArgs a) {
+__device__ __forceinline__ void DecodeAttention(const PagedAttentionArgs& a) {
   PdlBegin();
   using S = DecodeShape<T, D, R>;
   __shared__ int32_t table_s[kTableEntries];
@@ -631,6 +631,20 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttention
     }
   }
   if (threadIdx.x == 0) *counter = 0;  // ready for the next launch
+}
+
+template <typename T, int D, int R>
+__global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(PagedAttentionArgs a) {
+  DecodeAttention<T, D, R>(a);
+}
+
+// The same built for one block an SM (PagedAttentionArgs::decode_one_block), so that ptxas may
+// give a thread up to 255 registers: at head_dim 128 in 16 bits the kernel above is held to 168
+// and spills in its key loop (12 bytes stored, 44 reloaded, sm_90); this one takes 229 and spills
+// nothing. Batch 1 runs one block an SM anyway; larger batches lose the third block an SM.
+template <typename T, int D, int R>
+__global__ void __launch_bounds__(kThreads, 1) DecodeAttentionOneBlockKernel(PagedAttentionArgs a) {
+  DecodeAttention<T, D, R>(a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1286,6 +1300,12 @@ template <typename T, int D, int R>
 cudaError_t LaunchDecode(const PagedAttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads),
                   static_cast<unsigned>(a.num_partitions));
+  // The one-block build only where the other spills (16-bit head_dim 128), to keep the build short.
+  if constexpr (sizeof(T) == 2 && D == 128) {
+    if (a.decode_one_block) {
+      return LaunchPdl(DecodeAttentionOneBlockKernel<T, D, R>, grid, dim3(kThreads), stream, a);
+    }
+  }
   return LaunchPdl(DecodeAttentionKernel<T, D, R>, grid, dim3(kThreads), stream, a);
 }
 

@@ -167,6 +167,10 @@ struct PagedAttentionArgs {
   // [num_tiles, num_kv_heads] u32, device, zero before the first launch; each launch leaves them
   // zero. Needed by the decode kernel with num_partitions > 1 (it counts finished partitions).
   uint32_t* counters = nullptr;
+  // With the decode kernel: its build for one block an SM, which may use up to 255 registers a
+  // thread (16-bit activations at head_dim 128 only; elsewhere ignored). The usual build is held
+  // to 168 there and spills in its key loop.
+  bool decode_one_block = false;
   // Tensor-core kernel for planned tiles (prefill and chunked prefill) in bf16 and f16: one block
   // takes up to kPagedAttentionMmaRows query rows (plan tiles of AttentionMmaTileTokens(group)
   // tokens, kernels/cuda/ops.h) and 64 keys at a time, Q.K and P.V on tensor cores with f32

@@ -947,15 +947,19 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
   // Every kernel these arguments can take: the tiled one always; the decode kernel for one tile
   // per token and a group of at most 8; the tensor-core one for planned tiles in f16 and bf16,
   // with tiles of its own size, through wmma and through mma.sync.
-  enum class Kernel { kTiled, kDecode, kMma, kMmaSync };
+  // The decode kernel's one-block build exists for 16-bit head_dim 128 only.
+  enum class Kernel { kTiled, kDecode, kDecodeOneBlock, kMma, kMmaSync };
   std::vector<Kernel> kernels = {Kernel::kTiled};
   if (!c.plan_tiles && group <= 8) kernels.push_back(Kernel::kDecode);
+  if (!c.plan_tiles && group <= 8 && D == 128 && act != ActType::kF32) {
+    kernels.push_back(Kernel::kDecodeOneBlock);
+  }
   if (c.plan_tiles && AttentionMmaRunsHere(act, D, group)) {
     kernels.push_back(Kernel::kMma);
     kernels.push_back(Kernel::kMmaSync);
   }
   for (const Kernel kernel : kernels) {
-    const bool decode_kernel = kernel == Kernel::kDecode;
+    const bool decode_kernel = kernel == Kernel::kDecode || kernel == Kernel::kDecodeOneBlock;
     const bool mma = kernel == Kernel::kMma || kernel == Kernel::kMmaSync;
     std::vector<int32_t> tiles;
     int64_t tile_tokens = 1, num_tiles = T;
@@ -972,6 +976,7 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
       a.decode_kernel = decode_kernel;
       a.mma_prefill = mma;
       a.mma_sync = kernel == Kernel::kMmaSync;
+      a.decode_one_block = kernel == Kernel::kDecodeOneBlock;
       a.num_partitions = 1;
       a.partition_keys = 0;
       a.workspace = nullptr;
@@ -992,8 +997,9 @@ void OpsCudaTest::RunAttention(const HeadConfig& hc, const AttentionCase& c, Act
       }
       EXPECT_EQ(gpu::PagedAttentionUsesDecodeKernel(a), decode_kernel);
       EXPECT_EQ(gpu::PagedAttentionUsesMmaKernel(a), mma);
-      const char* kernel_name = kernel == Kernel::kDecode    ? " decode kernel"
-                                : kernel == Kernel::kMma     ? " tensor-core kernel (wmma)"
+      const char* kernel_name = kernel == Kernel::kDecode           ? " decode kernel"
+                                : kernel == Kernel::kDecodeOneBlock ? " decode kernel (one block)"
+                                : kernel == Kernel::kMma            ? " tensor-core kernel (wmma)"
                                 : kernel == Kernel::kMmaSync ? " tensor-core kernel (mma.sync)"
                                                              : " tiled kernel";
       const std::string what = absl::StrCat(base, kernel_name, " tokens ", T, " tiles ", num_tiles,

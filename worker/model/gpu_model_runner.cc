@@ -1034,6 +1034,7 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
   pa.decode_kernel = o.decode_attention_kernel && n <= o.decode_attention_max_rows;
   pa.mma_prefill = tiled && step_mma;
   pa.mma_sync = o.prefill_mma_sync;
+  pa.decode_one_block = o.decode_attention_one_block;
   pa.counters = attn_counters;
   const int64_t tile_tok = tiled ? step_tile_tokens : 1;
   int64_t ws = PartitionsWorkspace(num_tiles, tile_tok, max_keys, &pa);

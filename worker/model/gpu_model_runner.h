@@ -112,6 +112,10 @@ struct GpuRunnerOptions {
   // memory, flash-attention-2 style. Same tiles and rounding. Off until a GPU run shows it
   // correct and faster (built 2026-11-27 without a GPU).
   bool prefill_mma_sync = false;
+  // The decode attention kernel's build for one block an SM (PagedAttentionArgs::
+  // decode_one_block): up to 255 registers a thread where the usual build spills in its key loop
+  // (bf16 and f16 at head_dim 128: Llama-3-8B's shape). Off until measured on a GPU.
+  bool decode_attention_one_block = false;
   // Device memory for fine-tunes' packed deltas (0: steps with fine-tunes are refused). A step's
   // fine-tunes must fit together. Steps with fine-tunes also take a scratch of about 64 MiB (less
   // for small models) for delta panels.

@@ -236,7 +236,8 @@ TEST_P(GpuModelRunnerTest, GreedyTokensEqualCpu) {
     bool fused_norm = false;
     bool mma_prefill = false;
     bool gemv_rope = false;
-    bool mma_sync = false;  // with mma_prefill: the mma.sync kernel
+    bool mma_sync = false;   // with mma_prefill: the mma.sync kernel
+    bool one_block = false;  // with decode_kernel: its one-block build (head_dim 128 only)
   };
   for (const Variant v :
        {Variant{.act = DType::kF32}, Variant{.act = DType::kF32, .gemv = true},
@@ -256,20 +257,22 @@ TEST_P(GpuModelRunnerTest, GreedyTokensEqualCpu) {
         .gemv = true,
         .decode_kernel = true,
         .mma_prefill = true,
-        .mma_sync = true},
+        .mma_sync = true,
+        .one_block = true},
         Variant{.act = DType::kF16, .gemv = true, .mma_prefill = true, .mma_sync = true}}) {
     const DType act = v.act;
     SCOPED_TRACE(::testing::Message()
                  << "act " << DTypeName(act) << " gemv " << v.gemv << " decode attention kernel "
                  << v.decode_kernel << " fused residual norm " << v.fused_norm
                  << " tensor-core prefill attention " << v.mma_prefill << " mma.sync " << v.mma_sync
-                 << " gemv rope " << v.gemv_rope);
+                 << " one block " << v.one_block << " gemv rope " << v.gemv_rope);
     GpuRunnerOptions options = Options(act, 1);
     options.small_m_gemv = v.gemv;
     options.decode_attention_kernel = v.decode_kernel;
     options.fused_residual_norm = v.fused_norm;
     options.prefill_mma_attention = v.mma_prefill;
     options.prefill_mma_sync = v.mma_sync;
+    options.decode_attention_one_block = v.one_block;
     options.gemv_rope = v.gemv_rope;
     auto gpu = GpuModelRunner::Create(*m.weights, options);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
