@@ -42,8 +42,9 @@ ABSL_FLAG(std::string, http_listen, "",
           "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions and "
           "/v1/chat/completions, GET /v1/models), e.g. [::]:8000; empty: none.");
 ABSL_FLAG(std::string, chat_format, "auto",
-          "How /v1/chat/completions writes out a conversation: auto (each model's "
-          "tokenizer_config.json chat_template, recognized as llama3 or chatml), or llama3, chatml "
+          "How /v1/chat/completions writes out a conversation: auto (each model's own Jinja chat "
+          "template from tokenizer_config.json or chat_template.jinja; one beyond Strata's Jinja "
+          "subset falls back to the llama3 or chatml format its markers name), or llama3, chatml "
           "or none for every model.");
 ABSL_FLAG(double, resolve_interval_s, 5, "How often to re-resolve workers and refresh their info.");
 ABSL_FLAG(int64_t, max_inflight_requests, 1024,
@@ -166,26 +167,11 @@ int Main() {
     const size_t eq = spec.find('=');
     if (eq == std::string::npos) continue;  // ModelRegistry::Load refused it already
     const std::string name = spec.substr(0, eq), dir = spec.substr(eq + 1);
-    ChatTemplate& chat = http_options.chat_templates[name];
-    chat.format = chat_format.value_or(ChatFormat::kNone);
-    if (!chat_format.has_value()) {
-      if (absl::StatusOr<std::string> config = ReadFileToString(dir + "/tokenizer_config.json");
-          config.ok()) {
-        chat.format = ChatFormatOfTokenizerConfig(*config);
-      }
-      // Newer transformers save the template beside the config instead.
-      if (absl::StatusOr<std::string> jinja = ReadFileToString(dir + "/chat_template.jinja");
-          chat.format == ChatFormat::kNone && jinja.ok()) {
-        chat.format = DetectChatFormat(*jinja);
-      }
-    }
-    // The turn's end marker: a stop token when the vocabulary has it as one.
-    if (chat.format != ChatFormat::kNone) {
-      absl::StatusOr<std::vector<int32_t>> ids =
-          (*models)->Find(name)->Encode(ChatEndOfTurn(chat.format));
-      if (ids.ok() && ids->size() == 1) chat.end_of_turn = (*ids)[0];
-    }
-    LOG(INFO) << "model " << name << ": chat format " << ChatFormatName(chat.format);
+    std::string note;
+    ChatTemplate& chat = http_options.chat_templates[name] =
+        LoadChatTemplate(dir, chat_format, *(*models)->Find(name), &note);
+    LOG(INFO) << "model " << name << ": chat format " << ChatFormatName(chat.format) << " (" << note
+              << ")";
   }
   absl::StatusOr<std::unique_ptr<OpenAiGateway>> http = StartOpenAiGateway(
       absl::GetFlag(FLAGS_http_listen), (*server)->InProcessChannel(), http_options);

@@ -33,6 +33,7 @@
 #include "absl/time/clock.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "common/mapped_file.h"
 #include "common/status_macros.h"
 #include "common/tcp.h"
 #include "coordinator/serial_writer.h"
@@ -541,7 +542,7 @@ absl::StatusOr<ChatFormat> ChatFormatFromName(absl::string_view name) {
   if (name == "chatml") return ChatFormat::kChatml;
   if (name == "none") return ChatFormat::kNone;
   return absl::InvalidArgumentError(
-      absl::StrCat("chat format must be llama3, chatml or none, not \"", name, "\""));
+      absl::StrCat("chat format must be auto, llama3, chatml or none, not \"", name, "\""));
 }
 
 const char* ChatFormatName(ChatFormat format) {
@@ -550,26 +551,143 @@ const char* ChatFormatName(ChatFormat format) {
       return "llama3";
     case ChatFormat::kChatml:
       return "chatml";
+    case ChatFormat::kTemplate:
+      return "template";
     default:
       return "none";
   }
 }
 
-ChatFormat ChatFormatOfTokenizerConfig(absl::string_view tokenizer_config_json) {
+std::optional<std::string> ChatTemplateSource(absl::string_view tokenizer_config_json) {
   absl::StatusOr<JsonDocument> d = JsonDocument::Parse(tokenizer_config_json, "tokenizer_config");
-  if (!d.ok()) return ChatFormat::kNone;
+  if (!d.ok()) return std::nullopt;
   std::optional<JsonValue> t = d->root().FindField("chat_template");
-  if (!t.has_value()) return ChatFormat::kNone;
-  if (t->IsString()) return DetectChatFormat(*t->AsString());
+  if (!t.has_value()) return std::nullopt;
+  if (t->IsString()) return std::string(*t->AsString());
   // A list of named templates: the "default" one.
   absl::StatusOr<std::vector<JsonValue>> list = t->AsArray();
-  if (!list.ok()) return ChatFormat::kNone;
+  if (!list.ok()) return std::nullopt;
   for (const JsonValue& named : *list) {
     if (named.StringFieldOr("name", "").value_or("") == "default") {
-      return DetectChatFormat(named.StringFieldOr("template", "").value_or(""));
+      return named.StringFieldOr("template", "").value_or("");
     }
   }
-  return ChatFormat::kNone;
+  return std::nullopt;
+}
+
+ChatFormat ChatFormatOfTokenizerConfig(absl::string_view tokenizer_config_json) {
+  const std::optional<std::string> source = ChatTemplateSource(tokenizer_config_json);
+  return source.has_value() ? DetectChatFormat(*source) : ChatFormat::kNone;
+}
+
+namespace {
+
+// A special token's text in tokenizer_config.json: a string, or an AddedToken's "content".
+std::string SpecialTokenText(absl::string_view config_json, absl::string_view field) {
+  absl::StatusOr<JsonDocument> d = JsonDocument::Parse(config_json, "tokenizer_config");
+  if (!d.ok()) return "";
+  std::optional<JsonValue> t = d->root().FindField(field);
+  if (!t.has_value()) return "";
+  if (t->IsString()) return std::string(*t->AsString());
+  if (t->IsObject()) return t->StringFieldOr("content", "").value_or("");
+  return "";
+}
+
+// Markers that end an assistant turn in common templates (the first one a template writes).
+constexpr const char* kEndMarkers[] = {
+    "<|eot_id|>",   "<|im_end|>", "<end_of_turn>", "<|end|>", "<|END_OF_TURN_TOKEN|>",
+    "<|endoftext|>"};
+
+}  // namespace
+
+ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> forced,
+                              const Tokenizer& tokenizer, std::string* note) {
+  ChatTemplate chat;
+  std::string config;
+  if (absl::StatusOr<std::string> c = ReadFileToString(dir + "/tokenizer_config.json"); c.ok()) {
+    config = *std::move(c);
+  }
+  std::optional<std::string> source = ChatTemplateSource(config);
+  // Newer transformers save the template beside the config instead.
+  if (!source.has_value()) {
+    if (absl::StatusOr<std::string> j = ReadFileToString(dir + "/chat_template.jinja"); j.ok()) {
+      source = *std::move(j);
+    }
+  }
+  if (forced.has_value()) {
+    chat.format = *forced;
+    *note = "--chat_format";
+  } else if (!source.has_value()) {
+    *note = "no chat template";
+  } else {
+    absl::StatusOr<jinja::Template> t = jinja::Template::Parse(*source);
+    if (t.ok()) {
+      chat.jinja = std::make_shared<const jinja::Template>(*std::move(t));
+      chat.bos_token = SpecialTokenText(config, "bos_token");
+      chat.eos_token = SpecialTokenText(config, "eos_token");
+      chat.format = ChatFormat::kTemplate;
+      // A leading BOS in the template's output is cut when the tokenizer adds one itself.
+      const int32_t bos = tokenizer.bos_token_id();
+      absl::StatusOr<std::vector<int32_t>> with = tokenizer.Encode("a", true);
+      chat.strip_bos = bos >= 0 && !chat.bos_token.empty() && with.ok() && !with->empty() &&
+                       with->front() == bos;
+      for (const char* m : kEndMarkers) {
+        if (absl::StrContains(*source, m)) {
+          chat.end_marker = m;
+          break;
+        }
+      }
+      // It must render a one-message conversation (a template may need what Strata does not give).
+      absl::StatusOr<std::string> probe = RenderChatTemplate(chat, {{"user", "Hello"}});
+      if (probe.ok()) {
+        *note = "the model's chat template";
+      } else {
+        chat = ChatTemplate();
+        *note =
+            absl::StrCat("its chat template failed to render (", probe.status().message(), "); ");
+      }
+    } else {
+      *note =
+          absl::StrCat("its chat template is beyond Strata's Jinja (", t.status().message(), "); ");
+    }
+    if (chat.format != ChatFormat::kTemplate) {
+      chat.format = DetectChatFormat(*source);
+      absl::StrAppend(note, chat.format == ChatFormat::kNone
+                                ? "no built-in format matches"
+                                : "its markers name a built-in format");
+    }
+  }
+  // The turn's end marker: a stop token when the vocabulary has it as one.
+  const std::string marker = chat.format == ChatFormat::kTemplate ? chat.end_marker
+                             : chat.format == ChatFormat::kNone   ? ""
+                                                                  : ChatEndOfTurn(chat.format);
+  if (!marker.empty()) {
+    absl::StatusOr<std::vector<int32_t>> ids = tokenizer.Encode(marker);
+    if (ids.ok() && ids->size() == 1) chat.end_of_turn = (*ids)[0];
+  }
+  return chat;
+}
+
+absl::StatusOr<std::string> RenderChatTemplate(
+    const ChatTemplate& chat, const std::vector<std::pair<std::string, std::string>>& messages) {
+  if (chat.format != ChatFormat::kTemplate) return RenderChat(chat.format, messages);
+  if (chat.jinja == nullptr) return absl::FailedPreconditionError("no chat template loaded");
+  jinja::List list;
+  for (const auto& [role, content] : messages) {
+    list.push_back(jinja::Value(
+        jinja::Dict{{"role", jinja::Value(role)}, {"content", jinja::Value(content)}}));
+  }
+  const jinja::Value context(jinja::Dict{
+      {"messages", jinja::Value(std::move(list))},
+      {"add_generation_prompt", jinja::Value(true)},
+      {"bos_token", jinja::Value(chat.bos_token)},
+      {"eos_token", jinja::Value(chat.eos_token)},
+  });
+  ASSIGN_OR_RETURN(std::string text, chat.jinja->Render(context));
+  if (chat.strip_bos && absl::StartsWith(text, chat.bos_token)) {
+    text.erase(0, chat.bos_token.size());
+  }
+  return text;
 }
 
 std::string RenderChat(ChatFormat format,
@@ -1111,21 +1229,30 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     if (format == ChatFormat::kNone) {
       Reply(fd, ErrorResponse(400,
                               absl::StrCat("model \"", model_asked,
-                                           "\" has no chat template Strata knows (llama3, chatml): "
-                                           "start the coordinator with --chat_format, or use "
-                                           "/v1/completions"),
+                                           "\" has no chat template Strata can run: start the "
+                                           "coordinator with --chat_format (llama3, chatml), or "
+                                           "use /v1/completions"),
                               "model"));
       return;
     }
-    call->request.set_text(RenderChat(format, call->messages));
+    absl::StatusOr<std::string> prompt = RenderChatTemplate(chat_template, call->messages);
+    if (!prompt.ok()) {
+      // The template refused the conversation (raise_exception: roles that do not alternate, a
+      // role it does not know), or failed on it.
+      Reply(fd, ErrorResponse(400, prompt.status().message(), "messages"));
+      return;
+    }
+    call->request.set_text(*std::move(prompt));
     // The turn ends at the format's marker: a stop token when the vocabulary has it as one (left
     // out of the text), else a stop string. Not with ignore_eos, which asks to go on past ends.
     v1::SamplingParams& s = *call->request.mutable_sampling();
     if (!s.ignore_eos()) {
       if (chat_template.end_of_turn.has_value()) {
         s.add_stop_token_ids(*chat_template.end_of_turn);
-      } else {
+      } else if (format != ChatFormat::kTemplate) {
         s.add_stop(ChatEndOfTurn(format));
+      } else if (!chat_template.end_marker.empty()) {
+        s.add_stop(chat_template.end_marker);
       }
     }
     // Until the turn ends or the context is full (the coordinator ends a sequence there; an

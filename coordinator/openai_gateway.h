@@ -43,9 +43,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/unique_fd.h"
+#include "coordinator/jinja.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
+#include "tokenizer/tokenizer.h"
 
 namespace strata {
 
@@ -70,10 +72,11 @@ struct CompletionCall {
   bool default_max_tokens = false;
 };
 
-// How a model's chat turns are written out: Llama 3's header tokens, or ChatML (Qwen and many
-// others). Detected from the chat_template of tokenizer_config.json by its markers (Strata does not
-// run Jinja templates), or named with strata-coordinator --chat_format.
-enum class ChatFormat { kNone, kLlama3, kChatml };
+// How a model's chat turns are written out: by the model's own Jinja chat template (kTemplate:
+// tokenizer_config.json's chat_template or chat_template.jinja, run by coordinator/jinja.h), or
+// by a built-in format: Llama 3's header tokens, ChatML (Qwen and many others). Chosen per model
+// by LoadChatTemplate, or named for every model with strata-coordinator --chat_format.
+enum class ChatFormat { kNone, kLlama3, kChatml, kTemplate };
 ChatFormat DetectChatFormat(absl::string_view chat_template);
 ChatFormat ChatFormatOfTokenizerConfig(absl::string_view tokenizer_config_json);
 absl::StatusOr<ChatFormat> ChatFormatFromName(absl::string_view name);
@@ -109,7 +112,31 @@ const char* OpenAiFinishReason(v1::FinishReason reason);
 struct ChatTemplate {
   ChatFormat format = ChatFormat::kNone;
   std::optional<int32_t> end_of_turn;
+  // kTemplate: the parsed template, the special tokens' texts it is given (bos_token, eos_token),
+  // whether a leading bos_token is cut from its output (the tokenizer adds the BOS itself), and
+  // the marker that ends an assistant turn (empty: the turn ends at the model's EOS).
+  std::shared_ptr<const jinja::Template> jinja;
+  std::string bos_token, eos_token;
+  bool strip_bos = false;
+  std::string end_marker;
 };
+
+// The chat template text of a tokenizer_config.json (its "chat_template", or the "default" one of
+// a list of named templates), if any.
+std::optional<std::string> ChatTemplateSource(absl::string_view tokenizer_config_json);
+
+// The chat template of the model in `dir` for the gateway. `forced`: --chat_format's choice for
+// every model (nullopt: auto). In auto, the model's Jinja template when it parses and renders a
+// one-message conversation, else a built-in format its markers name, else kNone; `tokenizer`
+// (not null) gives the end-of-turn token and whether it adds a BOS itself. `*note` says what was
+// chosen and why (for the log).
+ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> forced,
+                              const Tokenizer& tokenizer, std::string* note);
+
+// The prompt for `messages` in `chat`'s format (see RenderChat); INVALID_ARGUMENT with the
+// template's message when its template refuses them (roles that do not alternate, say).
+absl::StatusOr<std::string> RenderChatTemplate(
+    const ChatTemplate& chat, const std::vector<std::pair<std::string, std::string>>& messages);
 
 struct OpenAiGatewayOptions {
   // By base model; a model missing here is not served (404), one with kNone refuses chats (400).

@@ -2,12 +2,21 @@
 // (tests/openai_http_test runs the API end to end).
 #include "coordinator/openai_gateway.h"
 
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/json.h"
 #include "gtest/gtest.h"
+#include "tokenizer/llama2_style.h"
+#include "tokenizer/tokenizer.h"
 
 namespace strata {
 namespace {
@@ -301,6 +310,114 @@ TEST(OpenAiErrorsTest, StatusCodesAndTheErrorObject) {
   EXPECT_STREQ(OpenAiFinishReason(v1::FINISH_REASON_STOP_STRING), "stop");
   EXPECT_STREQ(OpenAiFinishReason(v1::FINISH_REASON_EOS), "stop");
   EXPECT_EQ(OpenAiFinishReason(v1::FINISH_REASON_UNSPECIFIED), nullptr);
+}
+
+}  // namespace
+}  // namespace strata
+
+namespace strata {
+namespace {
+
+// A model directory under TEST_TMPDIR with a Llama-2-style tokenizer (<s> added as BOS; no
+// <|im_end|> token) and the given tokenizer_config.json and chat_template.jinja (empty: none).
+struct ModelDir {
+  std::string dir;
+  std::unique_ptr<Tokenizer> tokenizer;
+};
+ModelDir MakeModelDir(const std::string& name, const std::string& config,
+                      const std::string& jinja_file = "") {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  ModelDir m;
+  m.dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/", name);
+  mkdir(m.dir.c_str(), 0755);
+  const std::string json = Llama2StyleTokenizerJson(
+      R"("<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "a": 4, "b": 5)", "", 0, 1, 2);
+  std::ofstream(m.dir + "/tokenizer.json") << json;
+  if (!config.empty()) std::ofstream(m.dir + "/tokenizer_config.json") << config;
+  if (!jinja_file.empty()) std::ofstream(m.dir + "/chat_template.jinja") << jinja_file;
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromModelDir(m.dir);
+  EXPECT_TRUE(t.ok()) << t.status();
+  if (t.ok()) m.tokenizer = *std::move(t);
+  return m;
+}
+
+std::string Config(const std::string& chat_template) {
+  return absl::StrCat(R"({"bos_token": "<s>", "eos_token": {"content": "</s>"}, )",
+                      R"("chat_template": )", JsonQuote(chat_template), "}");
+}
+
+constexpr char kChatmlJinja[] =
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+TEST(LoadChatTemplateTest, RunsTheModelsOwnTemplate) {
+  const ModelDir m = MakeModelDir("own_template", Config(kChatmlJinja));
+  ASSERT_NE(m.tokenizer, nullptr);
+  std::string note;
+  const ChatTemplate chat = LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note);
+  EXPECT_EQ(chat.format, ChatFormat::kTemplate) << note;
+  EXPECT_EQ(chat.bos_token, "<s>");
+  EXPECT_EQ(chat.eos_token, "</s>");  // from an AddedToken object
+  EXPECT_TRUE(chat.strip_bos);        // the tokenizer adds <s> itself
+  EXPECT_EQ(chat.end_marker, "<|im_end|>");
+  EXPECT_FALSE(chat.end_of_turn.has_value());  // not one token here: a stop string
+  absl::StatusOr<std::string> text = RenderChatTemplate(chat, {{"system", "S"}, {"user", "U"}});
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+            "<|im_start|>assistant\n");
+}
+
+TEST(LoadChatTemplateTest, ReadsChatTemplateJinjaBesideTheConfig) {
+  const ModelDir m = MakeModelDir("jinja_file", R"({"bos_token": "<s>"})", kChatmlJinja);
+  std::string note;
+  const ChatTemplate chat = LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note);
+  EXPECT_EQ(chat.format, ChatFormat::kTemplate) << note;
+}
+
+TEST(LoadChatTemplateTest, FallsBackToTheFormatItsMarkersName) {
+  // Beyond the subset ({% call %}): ChatML by its markers.
+  {
+    const ModelDir m =
+        MakeModelDir("beyond", Config("{% call foo() %}{% endcall %}<|im_start|>{{ messages }}"));
+    std::string note;
+    const ChatTemplate chat = LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note);
+    EXPECT_EQ(chat.format, ChatFormat::kChatml);
+    EXPECT_TRUE(absl::StrContains(note, "beyond")) << note;
+  }
+  // Fails on a one-message conversation: Llama 3 by its markers.
+  {
+    const ModelDir m = MakeModelDir(
+        "refuses", Config("{% if messages[0].role != 'system' %}{{ raise_exception('system "
+                          "first') }}{% endif %}<|start_header_id|>"));
+    std::string note;
+    const ChatTemplate chat = LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note);
+    EXPECT_EQ(chat.format, ChatFormat::kLlama3);
+    EXPECT_TRUE(absl::StrContains(note, "system first")) << note;
+  }
+  // No template at all, and --chat_format over a template.
+  {
+    const ModelDir m = MakeModelDir("none", R"({"bos_token": "<s>"})");
+    std::string note;
+    EXPECT_EQ(LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note).format, ChatFormat::kNone);
+    const ModelDir t = MakeModelDir("forced", Config(kChatmlJinja));
+    EXPECT_EQ(LoadChatTemplate(t.dir, ChatFormat::kLlama3, *t.tokenizer, &note).format,
+              ChatFormat::kLlama3);
+  }
+}
+
+TEST(LoadChatTemplateTest, ARefusedConversationIsInvalidArgument) {
+  const ModelDir m = MakeModelDir(
+      "alternate", Config("{% for m in messages %}{% if (m.role == 'user') != loop.index0 is even "
+                          "%}{{ raise_exception('roles must alternate') }}{% endif %}{{ m.content "
+                          "}}{% endfor %}"));
+  std::string note;
+  const ChatTemplate chat = LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note);
+  ASSERT_EQ(chat.format, ChatFormat::kTemplate) << note;
+  absl::StatusOr<std::string> text = RenderChatTemplate(chat, {{"user", "a"}, {"user", "b"}});
+  ASSERT_FALSE(text.ok());
+  EXPECT_EQ(text.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(text.status().message(), "roles must alternate"));
 }
 
 }  // namespace

@@ -704,6 +704,75 @@ TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
       << open.body.substr(0, 300);
 }
 
+// A model whose tokenizer_config.json carries a Jinja chat template (an [INST]-style one that
+// folds the system message into the last user turn, writes the BOS and refuses turns that do not
+// alternate): a coordinator of its own in auto mode runs it. The answer is the completion of the
+// text the template renders, the template's BOS cut (the tokenizer adds one); a conversation the
+// template refuses is a 400 naming "messages", and the server goes on.
+TEST_F(OpenAiHttpTest, AModelsOwnJinjaChatTemplateRendersTheConversation) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/templated_model");
+  mkdir(dir.c_str(), 0755);
+  {
+    std::ifstream in(absl::StrCat(kTinyModelDir, "/tokenizer.json"));
+    std::ofstream(dir + "/tokenizer.json") << in.rdbuf();
+  }
+  const std::string chat_template =
+      "{%- if messages[0]['role'] == 'system' %}{%- set sys = messages[0]['content'] %}"
+      "{%- set rest = messages[1:] %}{%- else %}{%- set rest = messages %}{%- endif %}"
+      "{{- bos_token }}{%- for m in rest %}"
+      "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+      "{{- raise_exception('Conversation roles must alternate user/assistant') }}{%- endif %}"
+      "{%- if m['role'] == 'user' %}{{- '[INST] ' }}{%- if loop.last and sys is defined %}"
+      "{{- sys ~ '\\n\\n' }}{%- endif %}{{- m['content'] | trim ~ ' [/INST]' }}"
+      "{%- else %}{{- ' ' ~ m['content'] ~ eos_token }}{%- endif %}{%- endfor %}";
+  std::ofstream(dir + "/tokenizer_config.json")
+      << R"({"add_bos_token": true, "bos_token": "<|bos|>", "eos_token": "<|endoftext|>", )"
+      << R"("chat_template": )" << JsonQuote(chat_template) << "}";
+  const int port = FreePort();
+  auto address = cluster_->StartExtraCoordinator({absl::StrCat("--model=", kTinyModel, "=", dir),
+                                                  absl::StrCat("--http_listen=127.0.0.1:", port)},
+                                                 "template-coordinator");
+  ASSERT_TRUE(address.ok()) << address.status();
+  auto admin =
+      v1::Admin::NewStub(grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(cluster_->WaitForServingWorkers(admin.get(), 1, absl::Seconds(30)).ok());
+
+  // What the template renders for these messages, written out by hand.
+  const std::string want_prompt =
+      "[INST] Hi there [/INST] Hello!<|endoftext|>[INST] Be brief.\n\nName a colour. [/INST]";
+  v1::GenerateRequest r = TextRequest(want_prompt, 8, 3);
+  r.mutable_sampling()->set_temperature(0.8f);
+  r.mutable_sampling()->set_skip_special_tokens(true);
+  const Generated want = Generate(cluster_->serving(), r);
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  const std::string body =
+      R"({"model": "strata-tiny", "messages": [{"role": "system", "content": "Be brief."},)"
+      R"( {"role": "user", "content": "  Hi there "}, {"role": "assistant", "content": "Hello!"},)"
+      R"( {"role": "user", "content": "Name a colour."}],)"
+      R"( "max_tokens": 8, "seed": 3, "temperature": 0.8, "ignore_eos": true, "logprobs": true})";
+  const HttpReply ok = Http(port, "POST", "/v1/chat/completions", body);
+  ASSERT_EQ(ok.status, 200) << ok.body;
+  const JsonDocument d = Json(ok.body);
+  EXPECT_EQ(Str(*Choice(d).Field("message"), "content"), want.text);
+  // The prompt's tokens are the rendered text's, one BOS first.
+  EXPECT_EQ(*d.root().Field("usage")->IntField("prompt_tokens"),
+            PromptTokens(want_prompt).token_ids_size());
+
+  const HttpReply refused =
+      Http(port, "POST", "/v1/chat/completions",
+           R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "a"},)"
+           R"( {"role": "user", "content": "b"}], "max_tokens": 2})");
+  EXPECT_EQ(refused.status, 400) << refused.body;
+  const JsonDocument e = Json(refused.body);
+  EXPECT_EQ(Str(*e.root().Field("error"), "param"), "messages");
+  EXPECT_TRUE(absl::StrContains(Str(*e.root().Field("error"), "message"),
+                                "Conversation roles must alternate"))
+      << refused.body;
+  const HttpReply again = Http(port, "POST", "/v1/chat/completions", body);
+  EXPECT_EQ(again.status, 200) << again.body;
+}
+
 TEST_F(OpenAiHttpTest, LogprobsComeInOpenAisShape) {
   const HttpReply r =
       Http(port_, "POST", "/v1/completions", CompletionBody(6, 3, R"(, "logprobs": 2)"));

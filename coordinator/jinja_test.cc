@@ -1,0 +1,113 @@
+// The chat-template renderer against Python's jinja2 (coordinator/testdata/jinja_cases.json, made
+// by tools/jinja_cases.py the way transformers renders chat templates), and its errors.
+#include "coordinator/jinja.h"
+
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "gtest/gtest.h"
+
+namespace strata::jinja {
+namespace {
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+TEST(JinjaTest, MatchesJinja2OnEveryCase) {
+  const std::string text = ReadFile("coordinator/testdata/jinja_cases.json");
+  ASSERT_FALSE(text.empty());
+  absl::StatusOr<JsonDocument> doc = JsonDocument::Parse(text, "jinja_cases.json");
+  ASSERT_TRUE(doc.ok()) << doc.status();
+  absl::StatusOr<std::vector<JsonValue>> cases = doc->root().AsArray();
+  ASSERT_TRUE(cases.ok()) << cases.status();
+  ASSERT_GE(cases->size(), 10u);
+  for (const JsonValue& c : *cases) {
+    const std::string name = *c.StringFieldOr("name", "");
+    SCOPED_TRACE(name);
+    absl::StatusOr<Template> t = Template::Parse(*c.StringField("template"));
+    ASSERT_TRUE(t.ok()) << t.status();
+    absl::StatusOr<Value> context = Value::FromJson(*c.Field("context"));
+    ASSERT_TRUE(context.ok()) << context.status();
+    absl::StatusOr<std::string> got = t->Render(*context);
+    if (std::optional<JsonValue> error = c.FindField("error"); error.has_value()) {
+      ASSERT_FALSE(got.ok()) << "rendered where jinja2 failed: " << *got;
+      EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_TRUE(absl::StrContains(got.status().message(), *error->AsString())) << got.status();
+      continue;
+    }
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(*got, *c.StringField("expected"));
+  }
+}
+
+absl::StatusOr<std::string> RenderWith(absl::string_view source, Value context = Value(Dict{})) {
+  absl::StatusOr<Template> t = Template::Parse(source);
+  if (!t.ok()) return t.status();
+  return t->Render(context);
+}
+
+TEST(JinjaTest, SyntaxErrorsNameTheLine) {
+  struct Bad {
+    const char* source;
+    const char* message;
+  };
+  for (const Bad& b : {
+           Bad{"a\n{% if x %}b", "line 2: missing {% endif %}"},
+           Bad{"{{ 1 + }}", "line 1: expected an expression"},
+           Bad{"x\ny\n{{ 'open }}", "line 3: "},
+           Bad{"{% for x in y recursive %}{% endfor %}", "recursive loops"},
+           Bad{"{% call foo() %}{% endcall %}", "unsupported statement {% call %}"},
+           Bad{"{{ x", "tag not closed"},
+           Bad{"{% endif %}", "unexpected {% endif %}"},
+           Bad{"{{ a b }}", "unexpected tokens before 'b'"},
+       }) {
+    absl::StatusOr<Template> t = Template::Parse(b.source);
+    ASSERT_FALSE(t.ok()) << b.source;
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(t.status().message(), b.message))
+        << b.source << ": " << t.status();
+  }
+}
+
+TEST(JinjaTest, RuntimeErrorsAreInvalidArgument) {
+  for (const char* source :
+       {"{{ raise_exception('no tools here') }}", "{{ 1 / 0 }}", "{{ 'a' - 1 }}", "{{ [1] < 'a' }}",
+        "{% for x in 3 %}{% endfor %}", "{{ x | nosuchfilter }}", "{{ 1 is nosuchtest }}",
+        "{{ not_a_function() }}"}) {
+    absl::StatusOr<std::string> r = RenderWith(source);
+    ASSERT_FALSE(r.ok()) << source << " rendered " << *r;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << source;
+  }
+  EXPECT_TRUE(absl::StrContains(
+      RenderWith("{{ raise_exception('no tools here') }}").status().message(), "no tools here"));
+}
+
+TEST(JinjaTest, NamespacesAreSharedAndLoopsScopeTheirSets) {
+  // A set inside a loop does not leak out; a namespace's attribute does.
+  absl::StatusOr<std::string> r = RenderWith(
+      "{% set n = 0 %}{% set ns = namespace(n=0) %}{% for x in [1, 2, 3] %}{% set n = n + x %}"
+      "{% set ns.n = ns.n + x %}{% endfor %}{{ n }} {{ ns.n }}");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, "0 6");
+}
+
+TEST(JinjaTest, RendersManyTimesFromOneParse) {
+  absl::StatusOr<Template> t = Template::Parse("{% for m in messages %}{{ m }};{% endfor %}");
+  ASSERT_TRUE(t.ok());
+  for (int n = 0; n < 3; ++n) {
+    List messages;
+    for (int k = 0; k < n; ++k) messages.push_back(Value(k));
+    absl::StatusOr<std::string> r = t->Render(Value(Dict{{"messages", Value(messages)}}));
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->size(), static_cast<size_t>(2 * n));
+  }
+}
+
+}  // namespace
+}  // namespace strata::jinja
