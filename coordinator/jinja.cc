@@ -1147,6 +1147,11 @@ class StmtParser {
 
 enum class Flow { kNormal, kBreak, kContinue };
 
+// Bounds on what a template may build, so that a runaway one fails instead of exhausting the
+// coordinator: items of range() and of a repeated string or list, and macro calls in flight.
+constexpr int64_t kMaxItems = int64_t{1} << 20;
+constexpr int kMaxMacroDepth = 64;
+
 absl::Status EvalError(int line, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("chat template line ", line, ": ", what));
 }
@@ -1322,6 +1327,11 @@ class Renderer {
         if (a.size() > 2) st = a[2].i();
       }
       if (st == 0) return absl::InvalidArgumentError("range() step must not be zero");
+      const int64_t n = st > 0 ? (e - b + st - 1) / st : (b - e - st - 1) / -st;
+      if (n > kMaxItems) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("range() of ", n, " items (at most ", kMaxItems, ")"));
+      }
       List l;
       for (int64_t k = b; st > 0 ? k < e : k > e; k += st) l.push_back(Value(k));
       return Value(std::move(l));
@@ -1425,6 +1435,9 @@ class Renderer {
   Value MakeMacro(const Node& n) {
     const Node* node = &n;
     return Value::Fn([this, node](const Args& a, const Kwargs& kw) -> absl::StatusOr<Value> {
+      if (macro_depth_ >= kMaxMacroDepth) {
+        return EvalError(node->line, absl::StrCat("macros nested over ", kMaxMacroDepth, " deep"));
+      }
       std::map<std::string, Value> locals;
       for (size_t k = 0; k < node->params.size(); ++k) {
         const auto& [name, def] = node->params[k];
@@ -1443,7 +1456,9 @@ class Renderer {
       std::swap(saved, frames_);
       std::string text;
       Flow f = Flow::kNormal;
+      ++macro_depth_;
       absl::Status s = Exec(*node->children[0], &text, &f);
+      --macro_depth_;
       std::swap(saved, frames_);
       RETURN_IF_ERROR(s);
       return Value(std::move(text));
@@ -1706,6 +1721,11 @@ class Renderer {
       }
     }
     if (op == "*" && (l.IsString() || l.IsList()) && r.kind() == Value::Kind::kInt) {
+      const int64_t size =
+          l.IsString() ? static_cast<int64_t>(l.s().size()) : static_cast<int64_t>(l.list().size());
+      if (r.i() > 0 && size > 0 && r.i() > kMaxItems / size) {
+        return EvalError(e.line, absl::StrCat("repetition of over ", kMaxItems, " items"));
+      }
       if (l.IsString()) {
         std::string out;
         for (int64_t k = 0; k < r.i(); ++k) out += l.s();
@@ -2114,6 +2134,7 @@ class Renderer {
   }
 
   std::vector<std::map<std::string, Value>> frames_;
+  int macro_depth_ = 0;
 };
 
 }  // namespace

@@ -79,7 +79,8 @@ TEST(JinjaTest, RuntimeErrorsAreInvalidArgument) {
   for (const char* source :
        {"{{ raise_exception('no tools here') }}", "{{ 1 / 0 }}", "{{ 'a' - 1 }}", "{{ [1] < 'a' }}",
         "{% for x in 3 %}{% endfor %}", "{{ x | nosuchfilter }}", "{{ 1 is nosuchtest }}",
-        "{{ not_a_function() }}"}) {
+        "{{ not_a_function() }}", "{{ range(10000000) | length }}", "{{ 'ab' * 10000000 }}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"}) {
     absl::StatusOr<std::string> r = RenderWith(source);
     ASSERT_FALSE(r.ok()) << source << " rendered " << *r;
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << source;
