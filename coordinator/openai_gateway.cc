@@ -811,6 +811,21 @@ OpenAiGateway::~OpenAiGateway() {
 }
 
 void OpenAiGateway::Reply(int fd, const std::string& response) const {
+  // Heads say "Connection: close"; a whole response (it has a Content-Length) to a request that
+  // may keep the connection says keep-alive instead.
+  static constexpr std::string_view kClose = "Connection: close\r\n";
+  const size_t head_end = response.find("\r\n\r\n");
+  const size_t at = response.find(kClose);
+  if (KeepAlive(fd) && at != std::string::npos && at < head_end &&
+      response.find("Content-Length: ") < head_end) {
+    const std::string kept = absl::StrCat(response.substr(0, at), "Connection: keep-alive\r\n",
+                                          response.substr(at + kClose.size()));
+    if (!WriteAllPaced(fd, kept, wake_fd_.get(), kWriteTimeout)) {
+      absl::MutexLock lock(&keep_mu_);
+      keep_alive_[fd] = false;  // the peer is gone or too slow: no next request
+    }
+    return;
+  }
   WriteAllPaced(fd, response, wake_fd_.get(), kWriteTimeout);
 }
 
@@ -918,31 +933,56 @@ void OpenAiGateway::Loop() {
 }
 
 void OpenAiGateway::Serve(UniqueFd conn) {
-  ServeRequest(conn.get());
+  std::string pending;
+  for (bool first = true; ServeRequest(conn.get(), &pending, first); first = false) {
+  }
   LingeringClose(conn.get(), wake_fd_.get());
 }
 
-void OpenAiGateway::ServeRequest(int fd) {
+void OpenAiGateway::SetKeepAlive(int fd, bool keep) {
+  absl::MutexLock lock(&keep_mu_);
+  keep_alive_[fd] = keep;
+}
+
+bool OpenAiGateway::KeepAlive(int fd) const {
+  absl::MutexLock lock(&keep_mu_);
+  auto it = keep_alive_.find(fd);
+  return it != keep_alive_.end() && it->second;
+}
+
+bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first) {
   const int wake = wake_fd_.get();
+  std::string data = std::move(*pending);
+  pending->clear();
+  if (!first && data.empty()) {
+    // Idle between requests: the peer's next one, its close, the read timeout, or the gateway
+    // no longer accepting (which ends idle connections at once) ends the wait.
+    if (!serving_.load() ||
+        !RecvSome(fd, &data, stop_accepting_fd_.get(), absl::Now() + options_.read_timeout) ||
+        !serving_.load()) {
+      return false;
+    }
+  }
   const absl::Time deadline = absl::Now() + options_.read_timeout;
-  std::string data;
   size_t header_end = std::string::npos;
   while ((header_end = data.find("\r\n\r\n")) == std::string::npos) {
     if (data.size() > kMaxHeaderBytes) {
       Reply(fd, ErrorResponse(431, "request headers too large"));
-      return;
+      return false;
     }
-    if (!RecvSome(fd, &data, wake, deadline)) return;
+    if (!RecvSome(fd, &data, wake, deadline)) return false;
   }
   const std::vector<std::string> lines =
       absl::StrSplit(absl::string_view(data).substr(0, header_end), "\r\n");
   const std::vector<std::string> parts = absl::StrSplit(lines[0], ' ');
   if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/1.")) {
     Reply(fd, ErrorResponse(400, "bad request line"));
-    return;
+    return false;
   }
   int64_t content_length = -1;
   bool expect_continue = false, chunked = false;
+  // HTTP/1.1 keeps the connection unless asked not to; HTTP/1.0 only when asked to.
+  bool keep = parts[2] != "HTTP/1.0";
   for (size_t i = 1; i < lines.size(); ++i) {
     const size_t colon = lines[i].find(':');
     if (colon == std::string::npos) continue;
@@ -952,7 +992,11 @@ void OpenAiGateway::ServeRequest(int fd) {
     if (name == "content-length" &&
         (!absl::SimpleAtoi(value, &content_length) || content_length < 0)) {
       Reply(fd, ErrorResponse(400, "bad Content-Length"));
-      return;
+      return false;
+    }
+    if (name == "connection") {
+      if (absl::StrContains(value, "close")) keep = false;
+      if (absl::StrContains(value, "keep-alive")) keep = true;
     }
     if (name == "expect" && value == "100-continue") expect_continue = true;
     if (name == "transfer-encoding" && value != "identity") chunked = true;
@@ -962,24 +1006,37 @@ void OpenAiGateway::ServeRequest(int fd) {
   if (method == "POST") {
     if (chunked || content_length < 0) {
       Reply(fd, ErrorResponse(411, "send the body with a Content-Length"));
-      return;
+      return false;
     }
     if (content_length > options_.max_body_bytes) {
       Reply(fd, ErrorResponse(
                     413, absl::StrCat("the body is over ", options_.max_body_bytes, " bytes")));
-      return;
+      return false;
     }
     if (expect_continue && static_cast<int64_t>(body.size()) < content_length &&
         !WriteAll(fd, "HTTP/1.1 100 Continue\r\n\r\n", wake, deadline)) {
-      return;
+      return false;
     }
     while (static_cast<int64_t>(body.size()) < content_length) {
-      if (!RecvSome(fd, &body, wake, deadline)) return;
+      if (!RecvSome(fd, &body, wake, deadline)) return false;
     }
+  } else if (content_length < 0) {
+    content_length = 0;
+  }
+  // What came after this request's body is the next request's start.
+  if (static_cast<int64_t>(body.size()) > content_length) {
+    *pending = body.substr(static_cast<size_t>(content_length));
     body.resize(static_cast<size_t>(content_length));
   }
   const std::string path = parts[1].substr(0, parts[1].find('?'));
+  SetKeepAlive(fd, keep && serving_.load());
   Handle(fd, method, path, body);
+  keep = KeepAlive(fd);
+  {
+    absl::MutexLock lock(&keep_mu_);
+    keep_alive_.erase(fd);
+  }
+  return keep && serving_.load();
 }
 
 void OpenAiGateway::Handle(int fd, const std::string& method, const std::string& path,
@@ -1215,6 +1272,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     Reply(fd, ErrorResponse(400, call.status().message(), param));
     return;
   }
+  // A stream's end is the connection's close.
+  if (call->stream) SetKeepAlive(fd, false);
   const std::string model_asked = call->request.model();
   const uint32_t context = ResolveModel(&call->request);
   if (chat) {

@@ -174,8 +174,18 @@ class OpenAiGateway {
   OpenAiGateway(UniqueFd listen_fd, UniqueFd wake_fd, int port,
                 std::shared_ptr<grpc::Channel> serving, OpenAiGatewayOptions options);
   void Loop();
+  // One connection: requests one after another while both sides keep it alive (HTTP/1.1's
+  // default; "Connection: close" or HTTP/1.0 without "keep-alive" ends it after the answer, as
+  // does a streamed answer, whose end is the close).
   void Serve(UniqueFd fd);
-  void ServeRequest(int fd);
+  // Reads one request (`pending`: bytes received past the one before; `first`: the connection's
+  // first, else an idle wait that a stop or the peer's close ends quietly) and answers it. True
+  // when the connection stays open for another.
+  bool ServeRequest(int fd, std::string* pending, bool first);
+  // Whether the answer to the request in progress on `fd` may keep the connection open (Reply
+  // then says "Connection: keep-alive"); a streamed answer clears it.
+  void SetKeepAlive(int fd, bool keep);
+  bool KeepAlive(int fd) const;
   // The HTTP exchange on `fd` after the request was read.
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);
   // Writes a whole response to `fd`, each 64 KiB within kWriteTimeout of the last (WriteAllPaced;
@@ -213,6 +223,9 @@ class OpenAiGateway {
   const OpenAiGatewayOptions options_;
   std::unique_ptr<v1::Serving::Stub> stub_;
   std::thread thread_;
+
+  mutable absl::Mutex keep_mu_;
+  mutable std::map<int, bool> keep_alive_ ABSL_GUARDED_BY(keep_mu_);
 
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -48,10 +48,12 @@ struct HttpReply {
 };
 
 // The raw request text for `method` `path` with a body (Content-Length set when `body` is not
-// empty or the method is POST).
+// empty or the method is POST). `close`: the connection ends with the answer, which the one-shot
+// helpers below read to the close.
 inline std::string HttpRequestText(const std::string& method, const std::string& path,
-                                   const std::string& body) {
-  std::string r = absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: test\r\n");
+                                   const std::string& body, bool close = true) {
+  std::string r = absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: test\r\n",
+                               close ? "Connection: close\r\n" : "");
   if (method == "POST" || !body.empty()) {
     absl::StrAppend(&r, "Content-Type: application/json\r\nContent-Length: ", body.size(), "\r\n");
   }

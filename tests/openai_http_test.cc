@@ -854,6 +854,82 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsAndTheServerGoesOn) {
   EXPECT_EQ(Http(port_, "POST", "/v1/completions", CompletionBody(2, 1)).status, 200);
 }
 
+// Reads one response with a Content-Length from `fd` (`buffer`: what arrived past the one before,
+// kept for the next); status 0 when the connection ends first.
+HttpReply ReadOneReply(int fd, std::string* buffer) {
+  size_t end;
+  while ((end = buffer->find("\r\n\r\n")) == std::string::npos) {
+    char buf[4096];
+    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) return {};
+    buffer->append(buf, static_cast<size_t>(n));
+  }
+  HttpReply r = ParseHttpReply(buffer->substr(0, end + 4));
+  const size_t at = r.head.find("Content-Length: ");
+  size_t length = 0;
+  if (at == std::string::npos ||
+      !absl::SimpleAtoi(r.head.substr(at + 16, r.head.find("\r\n", at) - at - 16), &length)) {
+    return {};
+  }
+  while (buffer->size() < end + 4 + length) {
+    char buf[4096];
+    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) return {};
+    buffer->append(buf, static_cast<size_t>(n));
+  }
+  r.body = buffer->substr(end + 4, length);
+  buffer->erase(0, end + 4 + length);
+  return r;
+}
+
+// Clients that keep a connection open (HTTP/1.1's default: the OpenAI SDKs, most HTTP libraries)
+// send request after request on it, pipelined too; "Connection: close", a stream, or HTTP/1.0
+// without "keep-alive" end it after the answer.
+TEST_F(OpenAiHttpTest, AKeptAliveConnectionServesRequestAfterRequest) {
+  const int fd = ConnectLoopback(port_);
+  ASSERT_GE(fd, 0);
+  std::string buffer;
+  auto send_text = [&](const std::string& text) {
+    ASSERT_EQ(send(fd, text.data(), text.size(), MSG_NOSIGNAL), static_cast<ssize_t>(text.size()));
+  };
+  send_text(HttpRequestText("GET", "/v1/models", "", /*close=*/false));
+  HttpReply models = ReadOneReply(fd, &buffer);
+  ASSERT_EQ(models.status, 200) << models.head;
+  EXPECT_TRUE(absl::StrContains(models.head, "Connection: keep-alive")) << models.head;
+  EXPECT_TRUE(absl::StrContains(models.body, "strata-tiny"));
+  // Two completions in one write, answered in order, the same as one-shot requests.
+  const std::string a = CompletionBody(3, 11), b = CompletionBody(4, 12);
+  send_text(HttpRequestText("POST", "/v1/completions", a, false) +
+            HttpRequestText("POST", "/v1/completions", b, false));
+  const HttpReply ra = ReadOneReply(fd, &buffer), rb = ReadOneReply(fd, &buffer);
+  ASSERT_EQ(ra.status, 200) << ra.head;
+  ASSERT_EQ(rb.status, 200) << rb.head;
+  EXPECT_EQ(Str(Choice(Json(ra.body)), "text"),
+            Str(Choice(Json(Http(port_, "POST", "/v1/completions", a).body)), "text"));
+  EXPECT_EQ(*Json(rb.body).root().Field("usage")->IntField("completion_tokens"), 4);
+  // An error keeps the connection too; then "Connection: close" ends it after the answer.
+  send_text(HttpRequestText("POST", "/v1/completions", "{", false));
+  EXPECT_EQ(ReadOneReply(fd, &buffer).status, 400);
+  send_text(HttpRequestText("GET", "/health", "", /*close=*/true));
+  const HttpReply last = ReadOneReply(fd, &buffer);
+  EXPECT_EQ(last.status, 200);
+  EXPECT_TRUE(absl::StrContains(last.head, "Connection: close")) << last.head;
+  std::string rest;
+  ReadToClose(fd, &rest);  // returns: the server closed
+  EXPECT_EQ(rest, "");
+  close(fd);
+
+  // A streamed answer ends the connection; so does HTTP/1.0 without keep-alive.
+  const HttpReply streamed =
+      HttpRaw(port_, HttpRequestText("POST", "/v1/completions",
+                                     CompletionBody(2, 5, R"(, "stream": true)"), false));
+  EXPECT_EQ(streamed.status, 200);
+  EXPECT_EQ(SseData(streamed.body).back(), "[DONE]");
+  const HttpReply old = HttpRaw(port_, "GET /health HTTP/1.0\r\n\r\n");
+  EXPECT_EQ(old.status, 200);
+  EXPECT_TRUE(absl::StrContains(old.head, "Connection: close")) << old.head;
+}
+
 // curl sends "Expect: 100-continue" before a body over 1 KiB and waits for the go-ahead.
 TEST_F(OpenAiHttpTest, ExpectContinueGetsTheGoAhead) {
   const std::string body =
@@ -862,7 +938,7 @@ TEST_F(OpenAiHttpTest, ExpectContinueGetsTheGoAhead) {
   ASSERT_GE(fd, 0);
   const std::string head =
       absl::StrCat("POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: ", body.size(),
-                   "\r\nExpect: 100-continue\r\n\r\n");
+                   "\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n");
   ASSERT_EQ(send(fd, head.data(), head.size(), MSG_NOSIGNAL), static_cast<ssize_t>(head.size()));
   char buf[256];
   const ssize_t n = recv(fd, buf, sizeof(buf), 0);
@@ -954,8 +1030,21 @@ TEST(OpenAiHttpShutdownTest, AStreamInFlightFinishesWithinTheGracePeriod) {
   std::string got;
   const int fd = StartStream(port, 400, &got);
   ASSERT_GE(fd, 0) << got;
+  // And a kept-alive connection waiting between requests: closed as the gateway stops accepting,
+  // not held for its idle timeout.
+  const int idle = ConnectLoopback(port);
+  ASSERT_GE(idle, 0);
+  const std::string health = HttpRequestText("GET", "/health", "", /*close=*/false);
+  ASSERT_EQ(send(idle, health.data(), health.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(health.size()));
+  std::string idle_buffer;
+  ASSERT_EQ(ReadOneReply(idle, &idle_buffer).status, 200);
   ChildProcess& coordinator = (*cluster)->coordinator_process();
   ASSERT_EQ(kill(coordinator.pid(), SIGTERM), 0);
+  const absl::Time stopped = absl::Now();
+  ReadToClose(idle, &idle_buffer);
+  EXPECT_LT(absl::Now() - stopped, absl::Seconds(5));
+  close(idle);
   ReadToClose(fd, &got);
   close(fd);
   const std::vector<std::string> events = SseData(ParseHttpReply(got).body);
