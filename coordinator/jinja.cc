@@ -7,10 +7,12 @@
 #include <map>
 #include <optional>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
@@ -20,6 +22,11 @@ namespace strata::jinja {
 
 // ---------------------------------------------------------------------------------------------
 // Values
+
+namespace {
+// Nesting a value may have when printed or compared (a namespace can hold itself).
+constexpr int kMaxDepth = 128;
+}  // namespace
 
 Value Value::None() {
   Value v;
@@ -45,7 +52,10 @@ absl::StatusOr<Value> Value::FromJson(const JsonValue& json) {
   if (json.IsBool()) return Value(*json.AsBool());
   if (json.IsString()) return Value(std::string(*json.AsString()));
   if (json.IsNumber()) {
-    if (absl::StatusOr<int64_t> i = json.AsInt(); i.ok()) return Value(*i);
+    const auto type = json.raw().type();
+    if (type == simdjson::dom::element_type::INT64 || type == simdjson::dom::element_type::UINT64) {
+      if (absl::StatusOr<int64_t> i = json.AsInt(); i.ok()) return Value(*i);
+    }
     ASSIGN_OR_RETURN(double d, json.AsDouble());
     return Value(d);
   }
@@ -115,8 +125,8 @@ namespace {
 std::string FloatRepr(double d) {
   if (std::isnan(d)) return "nan";
   if (std::isinf(d)) return d > 0 ? "inf" : "-inf";
-  char buf[64];
-  auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), d);
+  char buf[400];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), d, std::chars_format::fixed);
   std::string s(buf, end);
   // Python writes exponents from 1e16 up and below 1e-4; to_chars chooses the shorter form.
   const double a = std::fabs(d);
@@ -172,7 +182,12 @@ std::string Value::Str() const {
   }
 }
 
-std::string Value::Repr() const {
+std::string Value::Repr() const { return ReprAt(0); }
+
+std::string Value::ReprAt(int depth) const {
+  if (depth > kMaxDepth && (kind_ == Kind::kList || kind_ == Kind::kDict)) {
+    return kind_ == Kind::kList ? "[...]" : "{...}";
+  }
   switch (kind_) {
     case Kind::kUndefined:
       return "";
@@ -188,12 +203,14 @@ std::string Value::Repr() const {
       return PyQuote(*s_);
     case Kind::kList: {
       std::vector<std::string> parts;
-      for (const Value& v : *list_) parts.push_back(v.Repr());
+      for (const Value& v : *list_) parts.push_back(v.ReprAt(depth + 1));
       return absl::StrCat("[", absl::StrJoin(parts, ", "), "]");
     }
     case Kind::kDict: {
       std::vector<std::string> parts;
-      for (const auto& [k, v] : *dict_) parts.push_back(absl::StrCat(PyQuote(k), ": ", v.Repr()));
+      for (const auto& [k, v] : *dict_) {
+        parts.push_back(absl::StrCat(PyQuote(k), ": ", v.ReprAt(depth + 1)));
+      }
       return absl::StrCat("{", absl::StrJoin(parts, ", "), "}");
     }
     case Kind::kFunction:
@@ -202,7 +219,15 @@ std::string Value::Repr() const {
   return "";
 }
 
-bool operator==(const Value& a, const Value& b) {
+namespace {
+bool EqualAt(const Value& a, const Value& b, int depth);
+}  // namespace
+
+bool operator==(const Value& a, const Value& b) { return EqualAt(a, b, 0); }
+
+namespace {
+bool EqualAt(const Value& a, const Value& b, int depth) {
+  if (depth > kMaxDepth) return false;
   if (a.IsNumber() && b.IsNumber()) {
     if (a.kind() == Value::Kind::kInt && b.kind() == Value::Kind::kInt) return a.i() == b.i();
     return a.f() == b.f();
@@ -218,12 +243,17 @@ bool operator==(const Value& a, const Value& b) {
       return a.b() == b.b();
     case Value::Kind::kString:
       return a.s() == b.s();
-    case Value::Kind::kList:
-      return a.list() == b.list();
+    case Value::Kind::kList: {
+      if (a.list().size() != b.list().size()) return false;
+      for (size_t k = 0; k < a.list().size(); ++k) {
+        if (!EqualAt(a.list()[k], b.list()[k], depth + 1)) return false;
+      }
+      return true;
+    }
     case Value::Kind::kDict: {
       if (a.dict().size() != b.dict().size()) return false;
       for (const auto& [k, v] : a.dict()) {
-        if (!(b.Get(k) == v)) return false;
+        if (!EqualAt(b.Get(k), v, depth + 1)) return false;
       }
       return true;
     }
@@ -231,6 +261,7 @@ bool operator==(const Value& a, const Value& b) {
       return false;
   }
 }
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // Syntax
@@ -238,6 +269,23 @@ bool operator==(const Value& a, const Value& b) {
 namespace {
 
 enum class Tok { kName, kInt, kFloat, kString, kOp, kEnd };
+
+// How deep expressions, and statements, may nest (real templates: under 10).
+constexpr int kMaxNesting = 48;
+
+// The filters and tests Renderer::Filter and Renderer::Test implement.
+const absl::flat_hash_set<absl::string_view> kFilters = {
+    "trim",   "upper",      "lower",      "capitalize", "title",  "string", "safe",    "e",
+    "escape", "length",     "count",      "default",    "d",      "tojson", "first",   "last",
+    "join",   "replace",    "int",        "float",      "abs",    "list",   "reverse", "unique",
+    "items",  "selectattr", "rejectattr", "select",     "reject", "map"};
+const absl::flat_hash_set<absl::string_view> kTests = {
+    "defined",     "undefined", "none",    "string", "number",   "integer",
+    "float",       "boolean",   "true",    "false",  "mapping",  "iterable",
+    "sequence",    "callable",  "lower",   "upper",  "odd",      "even",
+    "divisibleby", "eq",        "equalto", "==",     "sameas",   "ne",
+    "!=",          "in",        "<",       ">",      "<=",       ">=",
+    "lt",          "gt",        "le",      "ge",     "lessthan", "greaterthan"};
 
 struct Token {
   Tok kind = Tok::kEnd;
@@ -248,6 +296,24 @@ struct Token {
 
 absl::Status SyntaxError(int line, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("chat template line ", line, ": ", what));
+}
+
+void AppendUtf8(uint32_t cp, std::string* out) {
+  if (cp < 0x80) {
+    *out += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    *out += static_cast<char>(0xC0 | (cp >> 6));
+    *out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    *out += static_cast<char>(0xE0 | (cp >> 12));
+    *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    *out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    *out += static_cast<char>(0xF0 | (cp >> 18));
+    *out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+    *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    *out += static_cast<char>(0x80 | (cp & 0x3F));
+  }
 }
 
 absl::StatusOr<std::vector<Token>> Tokenize(absl::string_view s, int line) {
@@ -322,6 +388,44 @@ absl::StatusOr<std::vector<Token>> Tokenize(absl::string_view s, int line) {
             case '"':
               v += s[j];
               break;
+            case '0':
+              v += '\0';
+              break;
+            case 'a':
+              v += '\a';
+              break;
+            case 'b':
+              v += '\b';
+              break;
+            case 'f':
+              v += '\f';
+              break;
+            case 'v':
+              v += '\v';
+              break;
+            case 'x':
+            case 'u':
+            case 'U': {
+              // \xHH, \uHHHH, \UHHHHHHHH: the code point in UTF-8.
+              const size_t digits = s[j] == 'x' ? 2 : s[j] == 'u' ? 4 : 8;
+              uint32_t cp = 0;
+              if (j + digits >= s.size()) {
+                return SyntaxError(line, "truncated escape in a string");
+              }
+              for (size_t k = 1; k <= digits; ++k) {
+                const char h = s[j + k];
+                int d = absl::ascii_isdigit(static_cast<unsigned char>(h)) ? h - '0'
+                        : (h >= 'a' && h <= 'f')                           ? h - 'a' + 10
+                        : (h >= 'A' && h <= 'F')                           ? h - 'A' + 10
+                                                                           : -1;
+                if (d < 0) return SyntaxError(line, "bad escape in a string");
+                cp = cp * 16 + static_cast<uint32_t>(d);
+              }
+              if (cp > 0x10FFFF) return SyntaxError(line, "escape beyond Unicode");
+              AppendUtf8(cp, &v);
+              j += digits;
+              break;
+            }
             default:
               v += '\\';
               v += s[j];
@@ -452,6 +556,8 @@ class ExprParser {
 
   // expr := or ['if' or ['else' expr]]
   absl::StatusOr<ExprP> Parse() {
+    Nest nest(this);
+    if (depth_ > kMaxNesting) return Error("expression nested too deep");
     ASSIGN_OR_RETURN(ExprP e, ParseOr());
     if (IsName("if")) {
       ++pos_;
@@ -492,6 +598,8 @@ class ExprParser {
     return e;
   }
   absl::StatusOr<ExprP> ParseNot() {
+    Nest nest(this);
+    if (depth_ > kMaxNesting) return Error("expression nested too deep");
     if (AcceptName("not")) {
       ASSIGN_OR_RETURN(ExprP x, ParseNot());
       ExprP o = Make(Expr::Kind::kNot);
@@ -502,7 +610,7 @@ class ExprParser {
   }
   // Comparisons chain as in Python: a < b <= c is (a < b) and (b <= c).
   absl::StatusOr<ExprP> ParseCompare() {
-    ASSIGN_OR_RETURN(ExprP e, ParseConcat());
+    ASSIGN_OR_RETURN(ExprP e, ParseAdd());
     ExprP chain, left = e;
     while (true) {
       std::string op;
@@ -521,7 +629,7 @@ class ExprParser {
       } else {
         return chain != nullptr ? chain : e;
       }
-      ASSIGN_OR_RETURN(ExprP r, ParseConcat());
+      ASSIGN_OR_RETURN(ExprP r, ParseAdd());
       ExprP b = Make(Expr::Kind::kBinary);
       b->name = op;
       b->negate = negate;
@@ -537,9 +645,9 @@ class ExprParser {
     }
   }
   absl::StatusOr<ExprP> ParseConcat() {
-    ASSIGN_OR_RETURN(ExprP e, ParseAdd());
+    ASSIGN_OR_RETURN(ExprP e, ParseMul());
     while (Accept("~")) {
-      ASSIGN_OR_RETURN(ExprP r, ParseAdd());
+      ASSIGN_OR_RETURN(ExprP r, ParseMul());
       ExprP b = Make(Expr::Kind::kBinary);
       b->name = "~";
       b->args = {e, r};
@@ -548,10 +656,10 @@ class ExprParser {
     return e;
   }
   absl::StatusOr<ExprP> ParseAdd() {
-    ASSIGN_OR_RETURN(ExprP e, ParseMul());
+    ASSIGN_OR_RETURN(ExprP e, ParseConcat());
     while (IsOp("+") || IsOp("-")) {
       const std::string op = t_[pos_++].text;
-      ASSIGN_OR_RETURN(ExprP r, ParseMul());
+      ASSIGN_OR_RETURN(ExprP r, ParseConcat());
       ExprP b = Make(Expr::Kind::kBinary);
       b->name = op;
       b->args = {e, r};
@@ -573,6 +681,8 @@ class ExprParser {
   }
   // As Jinja: filters and tests after a sign apply to the signed value (-3|abs is 3).
   absl::StatusOr<ExprP> ParseUnary(bool with_filters = true) {
+    Nest nest(this);
+    if (depth_ > kMaxNesting) return Error("expression nested too deep");
     ExprP e;
     if (Accept("-")) {
       ASSIGN_OR_RETURN(ExprP x, ParseUnary(false));
@@ -656,6 +766,11 @@ class ExprParser {
       if (Accept("|")) {
         ExprP f = Make(Expr::Kind::kFilter);
         ASSIGN_OR_RETURN(f->name, ExpectName());
+        // Known at parse time, so that a template using one Strata lacks falls back when the
+        // model loads rather than failing requests later.
+        if (!kFilters.contains(f->name)) {
+          return SyntaxError(line_, absl::StrCat("unsupported filter '", f->name, "'"));
+        }
         f->args = {e};
         if (Accept("(")) RETURN_IF_ERROR(ParseArgs(f.get()));
         e = f;
@@ -670,6 +785,9 @@ class ExprParser {
           t->name = t_[pos_++].text;
         } else {
           return Error("expected a test name after 'is'");
+        }
+        if (!kTests.contains(t->name)) {
+          return SyntaxError(line_, absl::StrCat("unsupported test '", t->name, "'"));
         }
         t->args = {e};
         if (Accept("(")) {
@@ -779,9 +897,18 @@ class ExprParser {
     return Error("expected an expression");
   }
 
+  // Counts the recursion of the parse, so that a hostile template fails instead of overflowing
+  // the stack.
+  struct Nest {
+    explicit Nest(ExprParser* p) : p(p) { ++p->depth_; }
+    ~Nest() { --p->depth_; }
+    ExprParser* p;
+  };
+
   std::vector<Token> t_;
   size_t pos_ = 0;
   int line_;
+  int depth_ = 0;
 };
 
 // The template's pieces after whitespace control: text, {{ expressions }} and {% statements %}.
@@ -792,9 +919,25 @@ struct Piece {
   int line;
 };
 
-int LineAt(absl::string_view src, size_t pos) {
-  return 1 + static_cast<int>(std::count(src.begin(), src.begin() + pos, '\n'));
-}
+// Line numbers of increasing positions without rescanning the source from its start.
+class LineCounter {
+ public:
+  explicit LineCounter(absl::string_view src) : src_(src) {}
+  int At(size_t pos) {
+    if (pos < pos_) {  // not expected (positions only grow), but stay right
+      pos_ = 0;
+      line_ = 1;
+    }
+    line_ += static_cast<int>(std::count(src_.begin() + pos_, src_.begin() + pos, '\n'));
+    pos_ = pos;
+    return line_;
+  }
+
+ private:
+  absl::string_view src_;
+  size_t pos_ = 0;
+  int line_ = 1;
+};
 
 // Where a tag whose inside starts at `from` closes: the index of `close`, skipping quoted text
 // and braces the tag opens itself (`{{ {'a': {'b': 1}}.a }}`); npos if it does not.
@@ -849,6 +992,7 @@ void StripRight(absl::string_view* s) {
 // tag's delimiters (all whitespace on that side goes).
 absl::StatusOr<std::vector<Piece>> Split(absl::string_view src) {
   std::vector<Piece> out;
+  LineCounter lines(src);
   bool strip_next = false;    // the tag before ended with '-'
   bool trim_newline = false;  // the tag before was a block or comment (trim_blocks)
   size_t i = 0;
@@ -857,6 +1001,7 @@ absl::StatusOr<std::vector<Piece>> Split(absl::string_view src) {
   };
   while (true) {
     const size_t open = FindOpen(src, i);
+    const int text_line = lines.At(i);
     absl::string_view chunk =
         src.substr(i, (open == absl::string_view::npos ? src.size() : open) - i);
     if (strip_next) {
@@ -869,7 +1014,7 @@ absl::StatusOr<std::vector<Piece>> Split(absl::string_view src) {
       }
     }
     if (open == absl::string_view::npos) {
-      emit(chunk, LineAt(src, i));
+      emit(chunk, text_line);
       break;
     }
     const char kind = src[open + 1];
@@ -878,7 +1023,7 @@ absl::StatusOr<std::vector<Piece>> Split(absl::string_view src) {
     const bool minus_left = inner < src.size() && src[inner] == '-';
     const bool plus_left = inner < src.size() && src[inner] == '+';
     if (minus_left || plus_left) ++inner;
-    const int line = LineAt(src, open);
+    const int line = lines.At(open);
     if (minus_left) {
       StripRight(&chunk);
     } else if (block && !plus_left) {
@@ -886,7 +1031,7 @@ absl::StatusOr<std::vector<Piece>> Split(absl::string_view src) {
       while (k > i && (src[k - 1] == ' ' || src[k - 1] == '\t')) --k;
       if (k == 0 || src[k - 1] == '\n') chunk.remove_suffix(std::min(open - k, chunk.size()));
     }
-    emit(chunk, LineAt(src, i));
+    emit(chunk, text_line);
     const absl::string_view close = kind == '{' ? "}}" : kind == '%' ? "%}" : "#}";
     const size_t end = kind == '#' ? src.find("#}", inner) : FindClose(src, inner, close);
     if (end == absl::string_view::npos) {
@@ -975,6 +1120,15 @@ class StmtParser {
   // Nodes up to a block whose first word is one of `ends` (left at p_[pos_], its word in *end),
   // or the end of the template (`ends` empty only).
   absl::StatusOr<NodeP> ParseBody(const std::vector<std::string>& ends, std::string* end) {
+    if (pos_ < p_.size() && nesting_ > kMaxNesting) {
+      return SyntaxError(p_[pos_].line, "statements nested too deep");
+    }
+    ++nesting_;
+    absl::StatusOr<NodeP> body = ParseBodyIn(ends, end);
+    --nesting_;
+    return body;
+  }
+  absl::StatusOr<NodeP> ParseBodyIn(const std::vector<std::string>& ends, std::string* end) {
     auto body = std::make_shared<Node>();
     while (pos_ < p_.size()) {
       const Piece& piece = p_[pos_];
@@ -1058,8 +1212,10 @@ class StmtParser {
       RETURN_IF_ERROR(ep.ExpectEnd());
       ++pos_;
       std::string end;
-      auto body = std::make_shared<Node>();
-      ASSIGN_OR_RETURN(body, ParseBody({"else", "endfor"}, &end));
+      ++loops_;
+      absl::StatusOr<NodeP> parsed = ParseBody({"else", "endfor"}, &end);
+      --loops_;
+      ASSIGN_OR_RETURN(NodeP body, std::move(parsed));
       n->children = {body};
       if (end == "else") {
         ++pos_;
@@ -1113,12 +1269,17 @@ class StmtParser {
       RETURN_IF_ERROR(ep.ExpectEnd());
       ++pos_;
       std::string end;
-      ASSIGN_OR_RETURN(NodeP body, ParseBody({"endmacro"}, &end));
+      const int loops = loops_;
+      loops_ = 0;  // a macro's body is outside any loop
+      absl::StatusOr<NodeP> parsed = ParseBody({"endmacro"}, &end);
+      loops_ = loops;
+      ASSIGN_OR_RETURN(NodeP body, std::move(parsed));
       n->children = {body};
       ++pos_;
       return n;
     }
     if (word == "break" || word == "continue") {
+      if (loops_ == 0) return SyntaxError(line, absl::StrCat("{% ", word, " %} outside a loop"));
       n->kind = word == "break" ? Node::Kind::kBreak : Node::Kind::kContinue;
       ++pos_;
       return n;
@@ -1140,6 +1301,8 @@ class StmtParser {
 
   std::vector<Piece> p_;
   size_t pos_ = 0;
+  int nesting_ = 0;  // bodies being parsed, one inside another
+  int loops_ = 0;    // for loops around the statement being parsed
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1150,7 +1313,11 @@ enum class Flow { kNormal, kBreak, kContinue };
 // Bounds on what a template may build, so that a runaway one fails instead of exhausting the
 // coordinator: items of range() and of a repeated string or list, and macro calls in flight.
 constexpr int64_t kMaxItems = int64_t{1} << 20;
-constexpr int kMaxMacroDepth = 64;
+constexpr int kMaxMacroDepth = 16;
+// And on the work a render may do: evaluation steps, and the bytes of its output or of a string
+// it builds.
+constexpr int64_t kMaxSteps = 5'000'000;
+constexpr size_t kMaxBytes = size_t{64} << 20;
 
 absl::Status EvalError(int line, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("chat template line ", line, ": ", what));
@@ -1225,63 +1392,148 @@ std::string StripChars(const std::string& s, const Value& chars, bool left, bool
   return s.substr(b, e - b);
 }
 
-void ToJson(const Value& v, const std::optional<int64_t>& indent, int depth, std::string* out) {
-  const std::string nl =
-      indent.has_value() ? "\n" + std::string(static_cast<size_t>(*indent * (depth + 1)), ' ') : "";
+// json.dumps's options as transformers' tojson passes them.
+struct JsonOptions {
+  std::optional<int64_t> indent;
+  std::string item_sep = ", ", key_sep = ": ";
+  bool sort_keys = false;
+  bool ensure_ascii = false;
+};
+
+// A UTF-8 sequence's code point at s[*i] (advancing *i), U+FFFD for a byte that starts none.
+uint32_t NextCodePoint(const std::string& s, size_t* i) {
+  const unsigned char c = static_cast<unsigned char>(s[*i]);
+  const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+  if (n == 0 || *i + n > s.size()) {
+    ++*i;
+    return 0xFFFD;
+  }
+  uint32_t cp = n == 1 ? c : n == 2 ? (c & 0x1F) : n == 3 ? (c & 0x0F) : (c & 0x07);
+  for (size_t k = 1; k < n; ++k) {
+    const unsigned char d = static_cast<unsigned char>(s[*i + k]);
+    if ((d >> 6) != 2) {
+      ++*i;
+      return 0xFFFD;
+    }
+    cp = (cp << 6) | (d & 0x3F);
+  }
+  *i += n;
+  return cp;
+}
+
+// As Python's json.dumps writes a string.
+std::string JsonString(const std::string& s, bool ensure_ascii) {
+  std::string out = "\"";
+  for (size_t i = 0; i < s.size();) {
+    const uint32_t cp = NextCodePoint(s, &i);
+    switch (cp) {
+      case '"':
+        out += "\\\"";
+        continue;
+      case '\\':
+        out += "\\\\";
+        continue;
+      case '\n':
+        out += "\\n";
+        continue;
+      case '\r':
+        out += "\\r";
+        continue;
+      case '\t':
+        out += "\\t";
+        continue;
+      case '\b':
+        out += "\\b";
+        continue;
+      case '\f':
+        out += "\\f";
+        continue;
+      default:
+        break;
+    }
+    if (cp < 0x20 || (ensure_ascii && cp > 0x7E)) {
+      if (cp >= 0x10000) {
+        const uint32_t v = cp - 0x10000;
+        out += absl::StrFormat("\\u%04x\\u%04x", 0xD800 + (v >> 10), 0xDC00 + (v & 0x3FF));
+      } else {
+        out += absl::StrFormat("\\u%04x", cp);
+      }
+    } else {
+      AppendUtf8(cp, &out);
+    }
+  }
+  out += '"';
+  return out;
+}
+
+absl::Status ToJson(const Value& v, const JsonOptions& o, int depth, std::string* out) {
+  if (depth > kMaxDepth) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chat template: tojson of a value nested over ", kMaxDepth, " deep"));
+  }
+  const std::string nl = o.indent.has_value()
+                             ? "\n" + std::string(static_cast<size_t>(*o.indent * (depth + 1)), ' ')
+                             : "";
   const std::string nl_end =
-      indent.has_value() ? "\n" + std::string(static_cast<size_t>(*indent * depth), ' ') : "";
-  const char* item_sep = indent.has_value() ? "," : ", ";
+      o.indent.has_value() ? "\n" + std::string(static_cast<size_t>(*o.indent * depth), ' ') : "";
   switch (v.kind()) {
     case Value::Kind::kUndefined:
     case Value::Kind::kNone:
+    case Value::Kind::kFunction:
       *out += "null";
-      return;
+      return absl::OkStatus();
     case Value::Kind::kBool:
       *out += v.b() ? "true" : "false";
-      return;
+      return absl::OkStatus();
     case Value::Kind::kInt:
-    case Value::Kind::kFloat:
       *out += v.Repr();
-      if (v.kind() == Value::Kind::kFloat && std::isnan(v.f()))
-        out->replace(out->size() - 3, 3, "NaN");
-      return;
+      return absl::OkStatus();
+    case Value::Kind::kFloat:
+      *out += std::isnan(v.f())   ? "NaN"
+              : std::isinf(v.f()) ? (v.f() > 0 ? "Infinity" : "-Infinity")
+                                  : v.Repr();
+      return absl::OkStatus();
     case Value::Kind::kString:
-      *out += JsonQuote(v.s());
-      return;
+      *out += JsonString(v.s(), o.ensure_ascii);
+      return absl::OkStatus();
     case Value::Kind::kList: {
       if (v.list().empty()) {
         *out += "[]";
-        return;
+        return absl::OkStatus();
       }
       *out += "[";
       for (size_t k = 0; k < v.list().size(); ++k) {
-        if (k > 0) *out += item_sep;
+        if (k > 0) *out += o.item_sep;
         *out += nl;
-        ToJson(v.list()[k], indent, depth + 1, out);
+        RETURN_IF_ERROR(ToJson(v.list()[k], o, depth + 1, out));
       }
       *out += nl_end + "]";
-      return;
+      return absl::OkStatus();
     }
     case Value::Kind::kDict: {
       if (v.dict().empty()) {
         *out += "{}";
-        return;
+        return absl::OkStatus();
+      }
+      std::vector<const std::pair<std::string, Value>*> entries;
+      for (const auto& e : v.dict()) entries.push_back(&e);
+      if (o.sort_keys) {
+        std::stable_sort(entries.begin(), entries.end(),
+                         [](const auto* a, const auto* b) { return a->first < b->first; });
       }
       *out += "{";
       bool first = true;
-      for (const auto& [k, item] : v.dict()) {
-        if (!first) *out += item_sep;
+      for (const auto* e : entries) {
+        if (!first) *out += o.item_sep;
         first = false;
-        *out += nl + JsonQuote(k) + ": ";
-        ToJson(item, indent, depth + 1, out);
+        *out += nl + JsonString(e->first, o.ensure_ascii) + o.key_sep;
+        RETURN_IF_ERROR(ToJson(e->second, o, depth + 1, out));
       }
       *out += nl_end + "}";
-      return;
+      return absl::OkStatus();
     }
-    case Value::Kind::kFunction:
-      *out += "null";
-      return;
   }
+  return absl::OkStatus();
 }
 
 // Python's a[b:c:d] over n elements: the indices taken.
@@ -1327,13 +1579,18 @@ class Renderer {
         if (a.size() > 2) st = a[2].i();
       }
       if (st == 0) return absl::InvalidArgumentError("range() step must not be zero");
-      const int64_t n = st > 0 ? (e - b + st - 1) / st : (b - e - st - 1) / -st;
+      // In unsigned arithmetic: e - b can overflow int64.
+      const uint64_t span = st > 0 ? (e > b ? uint64_t(e) - uint64_t(b) : 0)
+                                   : (b > e ? uint64_t(b) - uint64_t(e) : 0);
+      const uint64_t ust = st > 0 ? uint64_t(st) : 0 - uint64_t(st);
+      const uint64_t un = span / ust + (span % ust != 0);
+      const int64_t n = un > uint64_t(kMaxItems) ? kMaxItems + 1 : int64_t(un);
       if (n > kMaxItems) {
         return absl::InvalidArgumentError(
             absl::StrCat("range() of ", n, " items (at most ", kMaxItems, ")"));
       }
       List l;
-      for (int64_t k = b; st > 0 ? k < e : k > e; k += st) l.push_back(Value(k));
+      for (int64_t k = 0; k < n; ++k) l.push_back(Value(b + k * st));
       return Value(std::move(l));
     });
     g["namespace"] = Value::Fn([](const Args& a, const Kwargs& kw) -> absl::StatusOr<Value> {
@@ -1362,6 +1619,8 @@ class Renderer {
   }
 
   absl::Status Exec(const Node& n, std::string* out, Flow* flow) {
+    if (++steps_ > kMaxSteps) return EvalError(n.line, "the template takes too many steps");
+    if (out->size() > kMaxBytes) return EvalError(n.line, "the template's output is too long");
     switch (n.kind) {
       case Node::Kind::kBody:
         for (const NodeP& c : n.children) {
@@ -1420,8 +1679,30 @@ class Renderer {
       return EvalError(n.line, absl::StrCat("cannot set an attribute of ", KindName(ns), " (",
                                             n.targets[0], ")"));
     }
+    // Namespaces are the only values a template changes, so refusing to put one inside itself
+    // keeps every value acyclic (shared_ptr cycles would leak, and printing would not end).
+    if (Reaches(v, &ns.dict(), 0)) {
+      return EvalError(n.line, absl::StrCat("a namespace cannot hold itself (", n.targets[0], ".",
+                                            n.targets[1], ")"));
+    }
     ns.Set(n.targets[1], std::move(v));
     return absl::OkStatus();
+  }
+
+  // Whether `v` is or holds the dict at `target`.
+  static bool Reaches(const Value& v, const Dict* target, int depth) {
+    if (depth > kMaxDepth) return true;  // too deep to tell: refuse
+    if (v.IsDict()) {
+      if (&v.dict() == target) return true;
+      for (const auto& [k, x] : v.dict()) {
+        if (Reaches(x, target, depth + 1)) return true;
+      }
+    } else if (v.IsList()) {
+      for (const Value& x : v.list()) {
+        if (Reaches(x, target, depth + 1)) return true;
+      }
+    }
+    return false;
   }
 
   Value Lookup(const std::string& name) const {
@@ -1508,6 +1789,7 @@ class Renderer {
     }
     const int64_t len = static_cast<int64_t>(items.size());
     for (int64_t k = 0; status.ok() && k < len; ++k) {
+      frames_.back().clear();  // each iteration starts a fresh scope, as in jinja2
       status = bind(items[k]);
       if (!status.ok()) break;
       frames_.back()["loop"] = Value(Dict{
@@ -1527,7 +1809,12 @@ class Renderer {
     }
     frames_.pop_back();
     RETURN_IF_ERROR(status);
-    if (len == 0 && n.else_body != nullptr) return Exec(*n.else_body, out, flow);
+    if (len == 0 && n.else_body != nullptr) {
+      frames_.emplace_back();  // its sets stay inside, as the loop body's do
+      absl::Status s = Exec(*n.else_body, out, flow);
+      frames_.pop_back();
+      return s;
+    }
     return absl::OkStatus();
   }
 
@@ -1552,6 +1839,7 @@ class Renderer {
   }
 
   absl::StatusOr<Value> Eval(const Expr& e) {
+    if (++steps_ > kMaxSteps) return EvalError(e.line, "the template takes too many steps");
     switch (e.kind) {
       case Expr::Kind::kLiteral:
         return e.literal;
@@ -1613,7 +1901,10 @@ class Renderer {
       }
       case Expr::Kind::kNeg: {
         ASSIGN_OR_RETURN(Value x, Eval(*e.args[0]));
-        if (x.kind() == Value::Kind::kInt) return Value(-x.i());
+        if (x.kind() == Value::Kind::kInt) {
+          if (x.i() == INT64_MIN) return EvalError(e.line, "integer overflow");
+          return Value(-x.i());
+        }
         if (x.kind() == Value::Kind::kFloat) return Value(-x.f());
         return EvalError(e.line, absl::StrCat("cannot negate ", KindName(x)));
       }
@@ -1680,7 +1971,11 @@ class Renderer {
 
   absl::StatusOr<Value> Binary(const Expr& e, const Value& l, const Value& r) {
     const std::string& op = e.name;
-    if (op == "~") return Value(l.Str() + r.Str());
+    if (op == "~" || (op == "+" && l.IsString() && r.IsString())) {
+      std::string a = l.Str(), b = r.Str();
+      if (a.size() + b.size() > kMaxBytes) return EvalError(e.line, "a string grows too long");
+      return Value(a + b);
+    }
     if (op == "==") return Value(l == r);
     if (op == "!=") return Value(!(l == r));
     if (op == "in") {
@@ -1753,10 +2048,16 @@ class Renderer {
     }
     if (ints) {
       const int64_t a = as_int(l), b = as_int(r);
-      if (op == "+") return Value(a + b);
-      if (op == "-") return Value(a - b);
-      if (op == "*") return Value(a * b);
+      int64_t v = 0;
+      if (op == "+" || op == "-" || op == "*") {
+        const bool overflow = op == "+"   ? __builtin_add_overflow(a, b, &v)
+                              : op == "-" ? __builtin_sub_overflow(a, b, &v)
+                                          : __builtin_mul_overflow(a, b, &v);
+        if (overflow) return EvalError(e.line, "integer overflow");
+        return Value(v);
+      }
       if (b == 0) return EvalError(e.line, "division by zero");
+      if (b == -1 && a == INT64_MIN) return EvalError(e.line, "integer overflow");
       int64_t q = a / b, m = a % b;
       if (m != 0 && ((m < 0) != (b < 0))) {
         --q;
@@ -2024,11 +2325,21 @@ class Renderer {
       return v;
     }
     if (name == "tojson") {
-      const Value ind = Arg(a, kw, 0, "indent");
-      std::optional<int64_t> indent;
-      if (ind.kind() == Value::Kind::kInt) indent = ind.i();
+      // transformers' tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False).
+      JsonOptions o;
+      o.ensure_ascii = Arg(a, kw, 0, "ensure_ascii", Value(false)).Truthy();
+      const Value ind = Arg(a, kw, 1, "indent");
+      if (ind.kind() == Value::Kind::kInt) o.indent = std::clamp<int64_t>(ind.i(), 0, 64);
+      if (o.indent.has_value()) o.item_sep = ",";
+      const Value seps = Arg(a, kw, 2, "separators");
+      if (seps.IsList() && seps.list().size() == 2) {
+        o.item_sep = seps.list()[0].Str();
+        o.key_sep = seps.list()[1].Str();
+      }
+      o.sort_keys = Arg(a, kw, 3, "sort_keys", Value(false)).Truthy();
       std::string out;
-      ToJson(v, indent, 0, &out);
+      absl::Status s = ToJson(v, o, 0, &out);
+      if (!s.ok()) return EvalError(e.line, s.message());
       return Value(std::move(out));
     }
     if (name == "first" || name == "last") {
@@ -2051,7 +2362,11 @@ class Renderer {
     }
     if (name == "int") {
       if (v.kind() == Value::Kind::kInt) return v;
-      if (v.kind() == Value::Kind::kFloat) return Value(static_cast<int64_t>(v.f()));
+      if (v.kind() == Value::Kind::kFloat) {
+        // Within int64 only (Python's ints are unbounded; a template has no use for more).
+        if (!(std::fabs(v.f()) < 9.2e18)) return EvalError(e.line, "int of a float out of range");
+        return Value(static_cast<int64_t>(v.f()));
+      }
       if (v.kind() == Value::Kind::kBool) return Value(int64_t{v.b()});
       int64_t i = 0;
       if (v.IsString() && absl::SimpleAtoi(absl::StripAsciiWhitespace(v.s()), &i)) return Value(i);
@@ -2064,7 +2379,10 @@ class Renderer {
       return Arg(a, kw, 0, "default", Value(0.0));
     }
     if (name == "abs") {
-      if (v.kind() == Value::Kind::kInt) return Value(v.i() < 0 ? -v.i() : v.i());
+      if (v.kind() == Value::Kind::kInt) {
+        if (v.i() == INT64_MIN) return EvalError(e.line, "integer overflow");
+        return Value(v.i() < 0 ? -v.i() : v.i());
+      }
       if (v.kind() == Value::Kind::kFloat) return Value(std::fabs(v.f()));
       return EvalError(e.line, absl::StrCat("abs of ", KindName(v)));
     }
@@ -2135,12 +2453,17 @@ class Renderer {
 
   std::vector<std::map<std::string, Value>> frames_;
   int macro_depth_ = 0;
+  int64_t steps_ = 0;
 };
 
 }  // namespace
 
 absl::StatusOr<Template> Template::Parse(absl::string_view source) {
-  ASSIGN_OR_RETURN(std::vector<Piece> pieces, Split(source));
+  // As jinja2's lexer: \r\n and \r read as \n, and one trailing newline is dropped.
+  std::string src = absl::StrReplaceAll(source, {{"\r\n", "\n"}});
+  std::replace(src.begin(), src.end(), '\r', '\n');
+  if (absl::EndsWith(src, "\n")) src.pop_back();
+  ASSIGN_OR_RETURN(std::vector<Piece> pieces, Split(src));
   StmtParser parser(std::move(pieces));
   Template t;
   ASSIGN_OR_RETURN(NodeP root, parser.ParseAll());

@@ -82,6 +82,7 @@ class Value {
   std::string Repr() const;
 
  private:
+  std::string ReprAt(int depth) const;
   Kind kind_ = Kind::kUndefined;
   bool b_ = false;
   int64_t i_ = 0;

@@ -66,6 +66,12 @@ TEST(JinjaTest, SyntaxErrorsNameTheLine) {
            Bad{"{{ x", "tag not closed"},
            Bad{"{% endif %}", "unexpected {% endif %}"},
            Bad{"{{ a b }}", "unexpected tokens before 'b'"},
+           Bad{"{% break %}", "{% break %} outside a loop"},
+           Bad{"{% for x in y %}{% macro m() %}{% continue %}{% endmacro %}{% endfor %}",
+               "outside a loop"},
+           Bad{"{{ x | wordcount }}", "unsupported filter 'wordcount'"},
+           Bad{"{{ x is nosuchtest }}", "unsupported test 'nosuchtest'"},
+           Bad{"{{ 'bad \\u12' }}", "bad escape"},
        }) {
     absl::StatusOr<Template> t = Template::Parse(b.source);
     ASSERT_FALSE(t.ok()) << b.source;
@@ -80,13 +86,46 @@ TEST(JinjaTest, RuntimeErrorsAreInvalidArgument) {
        {"{{ raise_exception('no tools here') }}", "{{ 1 / 0 }}", "{{ 'a' - 1 }}", "{{ [1] < 'a' }}",
         "{% for x in 3 %}{% endfor %}", "{{ x | nosuchfilter }}", "{{ 1 is nosuchtest }}",
         "{{ not_a_function() }}", "{{ range(10000000) | length }}", "{{ 'ab' * 10000000 }}",
-        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"}) {
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "{{ 9223372036854775807 + 1 }}",
+        "{{ (-9223372036854775807 - 1) // -1 }}", "{{ -(-9223372036854775807 - 1) }}",
+        "{{ 1e300 | int }}", "{{ range(-9223372036854775807, 9223372036854775807) | length }}",
+        "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns | tojson }}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}",
+        "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}"}) {
     absl::StatusOr<std::string> r = RenderWith(source);
     ASSERT_FALSE(r.ok()) << source << " rendered " << *r;
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << source;
   }
   EXPECT_TRUE(absl::StrContains(
       RenderWith("{{ raise_exception('no tools here') }}").status().message(), "no tools here"));
+}
+
+TEST(JinjaTest, HostileTemplatesFailInsteadOfExhaustingTheProcess) {
+  // Nesting past the parser's bound is a syntax error, not a stack overflow.
+  EXPECT_FALSE(Template::Parse(absl::StrCat("{{ ", std::string(100000, '('), "1",
+                                            std::string(100000, ')'), " }}"))
+                   .ok());
+  EXPECT_FALSE(Template::Parse(absl::StrCat("{{ ", std::string(100000, '-'), "1 }}")).ok());
+  std::string ifs;
+  for (int i = 0; i < 20000; ++i) ifs += "{% if true %}";
+  for (int i = 0; i < 20000; ++i) ifs += "{% endif %}";
+  EXPECT_FALSE(Template::Parse(ifs).ok());
+  // A namespace cannot hold itself, directly or inside a list or dict (a cycle would leak and
+  // never print).
+  for (const char* set : {"{% set ns.me = ns %}", "{% set ns.me = [1, {'x': ns}] %}"}) {
+    absl::StatusOr<std::string> r =
+        RenderWith(absl::StrCat("{% set ns = namespace(a=1) %}", set, "{{ ns }}"));
+    ASSERT_FALSE(r.ok()) << set;
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "cannot hold itself")) << r.status();
+  }
+  // Another namespace inside one is fine.
+  EXPECT_TRUE(
+      RenderWith("{% set a = namespace(x=1) %}{% set b = namespace(y=a) %}{{ b.y.x }}").ok());
+  // Many tags parse in linear time (line numbers are counted as the parse goes).
+  std::string many;
+  for (int i = 0; i < 100000; ++i) many += "{{ x }}\n";
+  EXPECT_TRUE(Template::Parse(many).ok());
 }
 
 TEST(JinjaTest, NamespacesAreSharedAndLoopsScopeTheirSets) {

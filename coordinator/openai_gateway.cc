@@ -607,12 +607,13 @@ ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> 
   if (absl::StatusOr<std::string> c = ReadFileToString(dir + "/tokenizer_config.json"); c.ok()) {
     config = *std::move(c);
   }
-  std::optional<std::string> source = ChatTemplateSource(config);
-  // Newer transformers save the template beside the config instead.
-  if (!source.has_value()) {
-    if (absl::StatusOr<std::string> j = ReadFileToString(dir + "/chat_template.jinja"); j.ok()) {
-      source = *std::move(j);
-    }
+  // Newer transformers save the template beside the config, and that file wins over the
+  // config's (as transformers reads them).
+  std::optional<std::string> source;
+  if (absl::StatusOr<std::string> j = ReadFileToString(dir + "/chat_template.jinja"); j.ok()) {
+    source = *std::move(j);
+  } else {
+    source = ChatTemplateSource(config);
   }
   if (forced.has_value()) {
     chat.format = *forced;
@@ -955,10 +956,10 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first) {
   std::string data = std::move(*pending);
   pending->clear();
   if (!first && data.empty()) {
-    // Idle between requests: the peer's next one, its close, the read timeout, or the gateway
+    // Idle between requests: the peer's next one, its close, the keep-alive timeout, or the gateway
     // no longer accepting (which ends idle connections at once) ends the wait.
     if (!serving_.load() ||
-        !RecvSome(fd, &data, stop_accepting_fd_.get(), absl::Now() + options_.read_timeout) ||
+        !RecvSome(fd, &data, stop_accepting_fd_.get(), absl::Now() + options_.keep_alive_timeout) ||
         !serving_.load()) {
       return false;
     }

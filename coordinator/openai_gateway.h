@@ -143,6 +143,9 @@ struct OpenAiGatewayOptions {
   std::map<std::string, ChatTemplate> chat_templates;
   int max_connections = 256;
   absl::Duration read_timeout = absl::Seconds(30);
+  // How long a kept-alive connection may sit idle between requests (uvicorn's default: each idle
+  // connection holds one of max_connections).
+  absl::Duration keep_alive_timeout = absl::Seconds(5);
   int64_t max_body_bytes = int64_t{8} << 20;
 };
 

@@ -140,6 +140,21 @@ EXPRESSIONS = """{{ 7 // 2 }} {{ -7 // 2 }} {{ -7 % 3 }} {{ 7 / 2 }} {{ 10 / 5 }
 {% macro greet(name, punct='!') %}Hi {{ name }}{{ punct }}{% endmacro %}{{ greet('A') }} {{ greet('B', punct='?') }}
 {% set block %}  inside {{ 1 + 1 }}  {% endset %}[{{ block }}] {{ {'a': {'b': 'deep'}}.a.b }} {{ {'a': 1}.get('z', 'none') }} {{ [10, 20][-1] }}"""
 
+NEWLINES = "a\r\nb{% if true %}\r\nc{% endif %}\rd\n"
+
+LOOP_SCOPE = """{% for x in [1, 2] %}{% if x == 1 %}{% set y = 'a' %}{% endif %}[{{ y }}]{% endfor %}
+{% set x = 1 %}{% for i in [1, 2] %}{% set x = x + 1 %}{{ x }};{% endfor %}{{ x }}
+{% for i in [] %}{% else %}{% set z = 'inner' %}{% endfor %}[{{ z }}]"""
+
+NUMBERS = """{{ [1e5, 1e15, 0.0001, 5e-4, 1e16, 1.5e-5, 0.1, -0.0, 123.456, 2.5e20] }} {{ x }} {{ n }}
+{{ {'f': 1.0, 'g': 1e-7} | tojson }} {{ 9007199254740993 }} {{ 7 // -2 }} {{ -7 % -3 }}"""
+
+TOJSON = r"""{{ {'b': [1, 'é'], 'a': none} | tojson(separators=(',', ':')) }}
+{{ {'b': 1, 'a': {'d': 2, 'c': 3}} | tojson(sort_keys=true) }} {{ 'é\b\f\x01' | tojson }}
+{{ 'é😀' | tojson(true) }} {{ [1, {'k': []}] | tojson(indent=2) }} {{ {} | tojson(indent=2) }}"""
+
+ESCAPES = r"""{{ '\u2019\x41\t|\U0001F600|\\n' }} {{ "it's" }} {{ 'a' ~ 2 * 3 ~ 'b' }} {{ (1 + 2) ~ 'x' }}"""
+
 CASES = [
     ("chatml", CHATML, {"messages": CHAT, "add_generation_prompt": True}),
     ("chatml_default_system", CHATML, {"messages": NO_SYSTEM, "add_generation_prompt": True}),
@@ -157,6 +172,11 @@ CASES = [
     ("no_tools", WITH_TOOLS, {"messages": NO_SYSTEM}),
     ("whitespace", WHITESPACE, {}),
     ("expressions", EXPRESSIONS, {"messages": CHAT}),
+    ("newlines", NEWLINES, {}),
+    ("loop_scope", LOOP_SCOPE, {}),
+    ("numbers", NUMBERS, {"x": 1.0, "n": 3}),
+    ("tojson", TOJSON, {}),
+    ("escapes", ESCAPES, {}),
 ]
 
 
