@@ -113,8 +113,8 @@ class Driver {
         JsonQuote(absl::GetFlag(FLAGS_cache_salt)), ",\"fine_tune_id\":", JsonQuote(fine_tune_id),
         "}");
     const std::string request = absl::StrCat(
-        "POST /v1/completions HTTP/1.1\r\nHost: loadgen\r\nContent-Type: "
-        "application/json\r\nContent-Length: ",
+        "POST /v1/completions HTTP/1.1\r\nHost: loadgen\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\nContent-Length: ",
         body.size(), "\r\n\r\n", body);
     const UniqueFd conn = ConnectTcp(absl::GetFlag(FLAGS_target));
     if (!conn.valid()) {

@@ -40,6 +40,11 @@ Value::Value(std::string s)
     : kind_(Kind::kString), s_(std::make_shared<std::string>(std::move(s))) {}
 Value::Value(List l) : kind_(Kind::kList), list_(std::make_shared<List>(std::move(l))) {}
 Value::Value(Dict d) : kind_(Kind::kDict), dict_(std::make_shared<Dict>(std::move(d))) {}
+Value Value::Tuple(List l) {
+  Value v(std::move(l));
+  v.tuple_ = true;
+  return v;
+}
 Value Value::Fn(Function f) {
   Value v;
   v.kind_ = Kind::kFunction;
@@ -204,6 +209,9 @@ std::string Value::ReprAt(int depth) const {
     case Kind::kList: {
       std::vector<std::string> parts;
       for (const Value& v : *list_) parts.push_back(v.ReprAt(depth + 1));
+      if (tuple_) {
+        return absl::StrCat("(", absl::StrJoin(parts, ", "), parts.size() == 1 ? ",)" : ")");
+      }
       return absl::StrCat("[", absl::StrJoin(parts, ", "), "]");
     }
     case Kind::kDict: {
@@ -275,10 +283,11 @@ constexpr int kMaxNesting = 48;
 
 // The filters and tests Renderer::Filter and Renderer::Test implement.
 const absl::flat_hash_set<absl::string_view> kFilters = {
-    "trim",   "upper",      "lower",      "capitalize", "title",  "string", "safe",    "e",
-    "escape", "length",     "count",      "default",    "d",      "tojson", "first",   "last",
-    "join",   "replace",    "int",        "float",      "abs",    "list",   "reverse", "unique",
-    "items",  "selectattr", "rejectattr", "select",     "reject", "map"};
+    "trim",   "upper",      "lower",      "capitalize", "title",  "string",   "safe",    "e",
+    "escape", "length",     "count",      "default",    "d",      "tojson",   "first",   "last",
+    "join",   "replace",    "int",        "float",      "abs",    "list",     "reverse", "unique",
+    "items",  "selectattr", "rejectattr", "select",     "reject", "map",      "sort",    "dictsort",
+    "sum",    "min",        "max",        "round",      "indent", "wordcount"};
 const absl::flat_hash_set<absl::string_view> kTests = {
     "defined",     "undefined", "none",    "string", "number",   "integer",
     "float",       "boolean",   "true",    "false",  "mapping",  "iterable",
@@ -849,6 +858,7 @@ class ExprParser {
           ASSIGN_OR_RETURN(ExprP e, Parse());
           if (Accept(",")) {  // a tuple: a list here
             ExprP l = Make(Expr::Kind::kList);
+            l->negate = true;  // a tuple
             l->args.push_back(e);
             while (!Accept(")")) {
               ASSIGN_OR_RETURN(ExprP x, Parse());
@@ -1932,7 +1942,7 @@ class Renderer {
           ASSIGN_OR_RETURN(Value v, Eval(*x));
           l.push_back(std::move(v));
         }
-        return Value(std::move(l));
+        return e.negate ? Value::Tuple(std::move(l)) : Value(std::move(l));
       }
       case Expr::Kind::kDict: {
         Dict d;
@@ -2174,6 +2184,13 @@ class Renderer {
         }
         return Value(absl::StrJoin(parts, s));
       }
+      if (name == "count") {
+        const std::string sub = Arg(a, kw, 0, "sub").Str();
+        if (sub.empty()) return Value(static_cast<int64_t>(CodePoints(s).size()) + 1);
+        int64_t n = 0;
+        for (size_t k = s.find(sub); k != std::string::npos; k = s.find(sub, k + sub.size())) ++n;
+        return Value(n);
+      }
       if (name == "find") {
         const size_t k = s.find(Arg(a, kw, 0, "sub").Str());
         return Value(k == std::string::npos ? int64_t{-1} : static_cast<int64_t>(k));
@@ -2183,7 +2200,7 @@ class Renderer {
     if (obj.IsDict()) {
       if (name == "items") {
         List out;
-        for (const auto& [k, v] : obj.dict()) out.push_back(Value(List{Value(k), v}));
+        for (const auto& [k, v] : obj.dict()) out.push_back(Value::Tuple(List{Value(k), v}));
         return Value(std::move(out));
       }
       if (name == "keys") {
@@ -2222,6 +2239,15 @@ class Renderer {
     }
     out.append(s, k, std::string::npos);
     return out;
+  }
+
+  // a < b for sorting: numbers with numbers, strings with strings.
+  absl::StatusOr<bool> Less(int line, const Value& a, const Value& b) {
+    Expr e;
+    e.name = "<";
+    e.line = line;
+    ASSIGN_OR_RETURN(Value r, Binary(e, a, b));
+    return r.Truthy();
   }
 
   absl::StatusOr<bool> Test(int line, const std::string& name, const Value& v, const Args& a) {
@@ -2404,10 +2430,115 @@ class Renderer {
       }
       return Value(std::move(out));
     }
+    if (name == "sort" || name == "min" || name == "max") {
+      const bool case_sensitive =
+          Arg(a, kw, name == "sort" ? 1 : 0, "case_sensitive", Value(false)).Truthy();
+      const Value attr = Arg(a, kw, name == "sort" ? 2 : 1, "attribute");
+      List items = Items(v);
+      absl::Status bad;
+      auto key = [&](const Value& x) {
+        Value k = attr.IsUndefined() ? x : Attribute(x, attr.Str());
+        if (!case_sensitive && k.IsString()) k = Value(absl::AsciiStrToLower(k.s()));
+        return k;
+      };
+      auto less = [&](const Value& x, const Value& y) {
+        const Value kx = key(x), ky = key(y);
+        absl::StatusOr<bool> r = Less(e.line, kx, ky);
+        if (!r.ok()) {
+          if (bad.ok()) bad = r.status();
+          return false;
+        }
+        return *r;
+      };
+      if (name == "sort") {
+        std::stable_sort(items.begin(), items.end(), less);
+        if (Arg(a, kw, 0, "reverse", Value(false)).Truthy()) {
+          // Python's sorted(reverse=True) keeps equal items in their order.
+          std::stable_sort(items.begin(), items.end(),
+                           [&](const Value& x, const Value& y) { return less(y, x); });
+        }
+        RETURN_IF_ERROR(bad);
+        return Value(std::move(items));
+      }
+      if (items.empty()) return Value();
+      auto it = name == "min" ? std::min_element(items.begin(), items.end(), less)
+                              : std::max_element(items.begin(), items.end(), less);
+      RETURN_IF_ERROR(bad);
+      return *it;
+    }
+    if (name == "dictsort") {
+      if (!v.IsDict()) return EvalError(e.line, absl::StrCat("dictsort of ", KindName(v)));
+      const bool case_sensitive = Arg(a, kw, 0, "case_sensitive", Value(false)).Truthy();
+      const bool by_value = Arg(a, kw, 1, "by", Value("key")).Str() == "value";
+      const bool reverse = Arg(a, kw, 2, "reverse", Value(false)).Truthy();
+      List pairs;
+      for (const auto& [k, x] : v.dict()) pairs.push_back(Value::Tuple(List{Value(k), x}));
+      absl::Status bad;
+      std::stable_sort(pairs.begin(), pairs.end(), [&](const Value& x, const Value& y) {
+        Value kx = x.list()[by_value ? 1 : 0], ky = y.list()[by_value ? 1 : 0];
+        if (!case_sensitive && kx.IsString()) kx = Value(absl::AsciiStrToLower(kx.s()));
+        if (!case_sensitive && ky.IsString()) ky = Value(absl::AsciiStrToLower(ky.s()));
+        absl::StatusOr<bool> r = reverse ? Less(e.line, ky, kx) : Less(e.line, kx, ky);
+        if (!r.ok() && bad.ok()) bad = r.status();
+        return r.ok() && *r;
+      });
+      RETURN_IF_ERROR(bad);
+      return Value(std::move(pairs));
+    }
+    if (name == "sum") {
+      const Value attr = Arg(a, kw, 0, "attribute");
+      Value total = Arg(a, kw, 1, "start", Value(int64_t{0}));
+      for (const Value& x : Items(v)) {
+        Expr plus;
+        plus.name = "+";
+        plus.line = e.line;
+        ASSIGN_OR_RETURN(total,
+                         Binary(plus, total, attr.IsUndefined() ? x : Attribute(x, attr.Str())));
+      }
+      return total;
+    }
+    if (name == "round") {
+      if (!v.IsNumber()) return EvalError(e.line, absl::StrCat("round of ", KindName(v)));
+      const Value prec = Arg(a, kw, 0, "precision", Value(int64_t{0}));
+      const std::string method = Arg(a, kw, 1, "method", Value("common")).Str();
+      const double scale = std::pow(10.0, prec.kind() == Value::Kind::kInt ? prec.i() : 0);
+      const double x = v.f() * scale;
+      const double r = method == "floor"  ? std::floor(x)
+                       : method == "ceil" ? std::ceil(x)
+                                          : std::nearbyint(x);  // Python's round: half to even
+      return Value(r / scale);
+    }
+    if (name == "indent") {
+      // Lines after the first (and, with first, the first) indented; blank lines only with blank.
+      const Value w = Arg(a, kw, 0, "width", Value(int64_t{4}));
+      const std::string pad =
+          w.IsString() ? w.s()
+                       : std::string(static_cast<size_t>(std::clamp<int64_t>(
+                                         w.kind() == Value::Kind::kInt ? w.i() : 4, 0, 64)),
+                                     ' ');
+      const bool first = Arg(a, kw, 1, "first", Value(false)).Truthy();
+      const bool blank = Arg(a, kw, 2, "blank", Value(false)).Truthy();
+      std::vector<std::string> lines = absl::StrSplit(v.Str(), '\n');
+      for (size_t k = 0; k < lines.size(); ++k) {
+        if ((k > 0 || first) && (blank || !lines[k].empty())) lines[k] = pad + lines[k];
+      }
+      return Value(absl::StrJoin(lines, "\n"));
+    }
+    if (name == "wordcount") {
+      int64_t n = 0;
+      bool in_word = false;
+      for (const char c : v.Str()) {
+        const bool w = absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' ||
+                       static_cast<unsigned char>(c) >= 0x80;
+        if (w && !in_word) ++n;
+        in_word = w;
+      }
+      return Value(n);
+    }
     if (name == "items") {
       List out;
       if (v.IsDict()) {
-        for (const auto& [k, x] : v.dict()) out.push_back(Value(List{Value(k), x}));
+        for (const auto& [k, x] : v.dict()) out.push_back(Value::Tuple(List{Value(k), x}));
       }
       return Value(std::move(out));
     }

@@ -51,6 +51,8 @@ class Value {
   Value(List l);                                    // NOLINT(google-explicit-constructor)
   Value(Dict d);                                    // NOLINT(google-explicit-constructor)
   static Value Fn(Function f);
+  // A list that prints as a Python tuple: ('a', 1) (.items() pairs, tuple literals).
+  static Value Tuple(List l);
   // A JSON document's value: objects become dicts, arrays lists, integers ints.
   static absl::StatusOr<Value> FromJson(const JsonValue& json);
 
@@ -84,6 +86,7 @@ class Value {
  private:
   std::string ReprAt(int depth) const;
   Kind kind_ = Kind::kUndefined;
+  bool tuple_ = false;
   bool b_ = false;
   int64_t i_ = 0;
   double f_ = 0;

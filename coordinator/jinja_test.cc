@@ -69,7 +69,7 @@ TEST(JinjaTest, SyntaxErrorsNameTheLine) {
            Bad{"{% break %}", "{% break %} outside a loop"},
            Bad{"{% for x in y %}{% macro m() %}{% continue %}{% endmacro %}{% endfor %}",
                "outside a loop"},
-           Bad{"{{ x | wordcount }}", "unsupported filter 'wordcount'"},
+           Bad{"{{ x | truncate(9) }}", "unsupported filter 'truncate'"},
            Bad{"{{ x is nosuchtest }}", "unsupported test 'nosuchtest'"},
            Bad{"{{ 'bad \\u12' }}", "bad escape"},
        }) {

@@ -112,24 +112,21 @@ void LingeringClose(int fd, int wake_fd) {
 
 // Watches a connection while its generations run: when the client closes it (or the socket
 // fails), or the gateway stops, cancels the calls, which frees their sequences on their workers.
-// Bytes the client sends meanwhile are dropped. Stops when destroyed.
+// Bytes the client sends meanwhile (a pipelined next request) stay in the socket: it watches for
+// the peer's close or a failure, never reading. Stops when destroyed.
 class DisconnectWatch {
  public:
   DisconnectWatch(int fd, int wake_fd, std::vector<grpc::ClientContext*> calls)
       : stop_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
         thread_([this, fd, wake_fd, calls = std::move(calls)] {
-          char buf[4096];
           while (true) {
-            pollfd fds[3] = {
-                {fd, POLLIN | POLLRDHUP, 0}, {wake_fd, POLLIN, 0}, {stop_.get(), POLLIN, 0}};
+            pollfd fds[3] = {{fd, POLLRDHUP, 0}, {wake_fd, POLLIN, 0}, {stop_.get(), POLLIN, 0}};
             // Without its eventfd (none to be had), it looks every 200 ms for the end.
             const int rc = ::poll(fds, stop_.valid() ? 3 : 2, stop_.valid() ? -1 : 200);
             if (done_.load()) break;
             if (rc < 0 && errno == EINTR) continue;
             if (rc < 0 || fds[1].revents != 0) break;
-            if (fds[0].revents == 0) continue;
-            const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-            if (n > 0 || (n < 0 && (errno == EINTR || errno == EAGAIN))) continue;
+            if ((fds[0].revents & (POLLRDHUP | POLLHUP | POLLERR)) == 0) continue;
             gone_.store(true);
             for (grpc::ClientContext* ctx : calls) ctx->TryCancel();
             break;
@@ -817,15 +814,21 @@ void OpenAiGateway::Reply(int fd, const std::string& response) const {
   static constexpr std::string_view kClose = "Connection: close\r\n";
   const size_t head_end = response.find("\r\n\r\n");
   const size_t at = response.find(kClose);
-  if (KeepAlive(fd) && at != std::string::npos && at < head_end &&
+  if (KeepAlive(fd) && serving_.load() && at != std::string::npos && at < head_end &&
       response.find("Content-Length: ") < head_end) {
-    const std::string kept = absl::StrCat(response.substr(0, at), "Connection: keep-alive\r\n",
-                                          response.substr(at + kClose.size()));
+    const std::string kept =
+        absl::StrCat(response.substr(0, at), "Connection: keep-alive\r\nKeep-Alive: timeout=",
+                     absl::ToInt64Seconds(options_.keep_alive_timeout), "\r\n",
+                     response.substr(at + kClose.size()));
     if (!WriteAllPaced(fd, kept, wake_fd_.get(), kWriteTimeout)) {
       absl::MutexLock lock(&keep_mu_);
       keep_alive_[fd] = false;  // the peer is gone or too slow: no next request
     }
     return;
+  }
+  if (KeepAlive(fd)) {  // the answer says close: so be it
+    absl::MutexLock lock(&keep_mu_);
+    keep_alive_[fd] = false;
   }
   WriteAllPaced(fd, response, wake_fd_.get(), kWriteTimeout);
 }
@@ -958,9 +961,9 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first) {
   if (!first && data.empty()) {
     // Idle between requests: the peer's next one, its close, the keep-alive timeout, or the gateway
     // no longer accepting (which ends idle connections at once) ends the wait.
+    // A request read here is served (as the connection's last if the gateway is draining).
     if (!serving_.load() ||
-        !RecvSome(fd, &data, stop_accepting_fd_.get(), absl::Now() + options_.keep_alive_timeout) ||
-        !serving_.load()) {
+        !RecvSome(fd, &data, stop_accepting_fd_.get(), absl::Now() + options_.keep_alive_timeout)) {
       return false;
     }
   }
@@ -982,28 +985,44 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first) {
   }
   int64_t content_length = -1;
   bool expect_continue = false, chunked = false;
-  // HTTP/1.1 keeps the connection unless asked not to; HTTP/1.0 only when asked to.
-  bool keep = parts[2] != "HTTP/1.0";
+  // HTTP/1.1 keeps the connection unless asked not to; HTTP/1.0 only when asked to; "close"
+  // anywhere in a Connection header wins.
+  bool keep = parts[2] != "HTTP/1.0", saw_close = false, saw_length = false;
   for (size_t i = 1; i < lines.size(); ++i) {
     const size_t colon = lines[i].find(':');
     if (colon == std::string::npos) continue;
     const std::string name = absl::AsciiStrToLower(lines[i].substr(0, colon));
     const std::string value =
         absl::AsciiStrToLower(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
-    if (name == "content-length" &&
-        (!absl::SimpleAtoi(value, &content_length) || content_length < 0)) {
-      Reply(fd, ErrorResponse(400, "bad Content-Length"));
-      return false;
+    if (name == "content-length") {
+      // Digits only, and one value however often it is given (a proxy in front might read
+      // "+5" or two different lengths otherwise than this server does).
+      int64_t n = -1;
+      if (value.empty() || value.find_first_not_of("0123456789") != std::string::npos ||
+          !absl::SimpleAtoi(value, &n) || (saw_length && n != content_length)) {
+        Reply(fd, ErrorResponse(400, "bad Content-Length"));
+        return false;
+      }
+      content_length = n;
+      saw_length = true;
     }
     if (name == "connection") {
-      if (absl::StrContains(value, "close")) keep = false;
-      if (absl::StrContains(value, "keep-alive")) keep = true;
+      for (absl::string_view token : absl::StrSplit(value, ',')) {
+        token = absl::StripAsciiWhitespace(token);
+        if (token == "close") saw_close = true;
+        if (token == "keep-alive") keep = true;
+      }
     }
     if (name == "expect" && value == "100-continue") expect_continue = true;
     if (name == "transfer-encoding" && value != "identity") chunked = true;
   }
+  if (saw_close) keep = false;
   const std::string& method = parts[0];
   std::string body = data.substr(header_end + 4);
+  // Only POST bodies are read: another method with a body (or chunked) ends the connection after
+  // the answer, so that its unread bytes are never taken for a request. A HEAD does too (its
+  // answer here carries a body, which a client reusing the connection would not expect).
+  if (method != "POST" && (content_length > 0 || chunked || method == "HEAD")) keep = false;
   if (method == "POST") {
     if (chunked || content_length < 0) {
       Reply(fd, ErrorResponse(411, "send the body with a Content-Length"));
@@ -1587,7 +1606,10 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   for (grpc::ClientContext* ctx : contexts) Unregister(ctx);
   const bool gone = client_gone.load() || (watch.has_value() && watch->gone());
   watch.reset();
-  if (gone) return;
+  if (gone) {
+    SetKeepAlive(fd, false);  // nothing was answered: the connection must not carry on
+    return;
+  }
   if (!failure.ok()) {
     const int http = HttpStatusOf(failure.error_code());
     if (streaming) {

@@ -155,6 +155,11 @@ TOJSON = r"""{{ {'b': [1, 'é'], 'a': none} | tojson(separators=(',', ':')) }}
 
 ESCAPES = r"""{{ '\u2019\x41\t|\U0001F600|\\n' }} {{ "it's" }} {{ 'a' ~ 2 * 3 ~ 'b' }} {{ (1 + 2) ~ 'x' }}"""
 
+FILTERS = """{{ ['b', 'A', 'c'] | sort }} {{ [3, 1, 2] | sort(reverse=true) }} {{ messages | sort(attribute='role') | map(attribute='role') | join(',') }}
+{{ {'b': 2, 'A': 1} | dictsort }} {{ {'b': 2, 'a': 3} | dictsort(by='value') }} {{ [1, 2, 3.5] | sum }} {{ messages | map(attribute='content') | map('length') | sum }}
+{{ [4, 1, 9] | min }} {{ ['b', 'A'] | max }} {{ 2.5 | round }} {{ 3.14159 | round(2) }} {{ 2.7 | round(method='floor') }}
+{{ "a\nb\n\nc" | indent(2) }}|{{ "x\ny" | indent(first=true) }}|{{ 'one two, three' | wordcount }} {{ 'banana'.count('an') }}"""
+
 CASES = [
     ("chatml", CHATML, {"messages": CHAT, "add_generation_prompt": True}),
     ("chatml_default_system", CHATML, {"messages": NO_SYSTEM, "add_generation_prompt": True}),
@@ -177,6 +182,7 @@ CASES = [
     ("numbers", NUMBERS, {"x": 1.0, "n": 3}),
     ("tojson", TOJSON, {}),
     ("escapes", ESCAPES, {}),
+    ("filters", FILTERS, {"messages": CHAT}),
 ]
 
 
