@@ -41,6 +41,9 @@ ABSL_FLAG(std::string, metrics_listen, "",
 ABSL_FLAG(std::string, http_listen, "",
           "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions and "
           "/v1/chat/completions, GET /v1/models), e.g. [::]:8000; empty: none.");
+ABSL_FLAG(int, http_max_connections, strata::OpenAiGatewayOptions{}.max_connections,
+          "HTTP connections open at once; when full, a connection idle between requests is "
+          "closed for a new one, else the new one is refused (503).");
 ABSL_FLAG(std::string, chat_format, "auto",
           "How /v1/chat/completions writes out a conversation: auto (each model's own Jinja chat "
           "template from tokenizer_config.json or chat_template.jinja; one beyond Strata's Jinja "
@@ -162,6 +165,7 @@ int Main() {
   // The OpenAI-compatible API, through the server's own services in process. Started before the
   // port file is written, so that whoever waits for it finds both ready.
   OpenAiGatewayOptions http_options;
+  http_options.max_connections = std::max(1, absl::GetFlag(FLAGS_http_max_connections));
   for (const std::string& spec : absl::GetFlag(FLAGS_model)) {
     if (absl::GetFlag(FLAGS_http_listen).empty()) break;
     const size_t eq = spec.find('=');

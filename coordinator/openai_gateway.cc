@@ -772,12 +772,14 @@ absl::StatusOr<std::unique_ptr<OpenAiGateway>> OpenAiGateway::Start(
   ASSIGN_OR_RETURN(ListenSocket socket, ListenTcp(listen, "--http_listen", 256));
   UniqueFd wake(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   UniqueFd stop_accepting(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!wake.valid() || !stop_accepting.valid()) {
+  UniqueFd shed(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK | EFD_SEMAPHORE));
+  if (!wake.valid() || !stop_accepting.valid() || !shed.valid()) {
     return absl::UnavailableError(absl::StrCat("eventfd: ", strerror(errno)));
   }
   std::unique_ptr<OpenAiGateway> g(new OpenAiGateway(std::move(socket.fd), std::move(wake),
                                                      socket.port, std::move(serving), options));
   g->stop_accepting_fd_ = std::move(stop_accepting);
+  g->shed_fd_ = std::move(shed);
   g->thread_ = std::thread([p = g.get()] { p->Loop(); });
   return g;
 }
@@ -908,6 +910,23 @@ void OpenAiGateway::Loop() {
       while (::recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
       }
     };
+    if (static_cast<int>(connections.size()) >= options_.max_connections && idle_.load() > 0) {
+      // Full, but some connections only wait for a next request: close one of them for this
+      // one (a client's pool reconnects when it needs to), waiting up to 100 ms for its slot.
+      const uint64_t one = 1;
+      if (::write(shed_fd_.get(), &one, sizeof(one)) == sizeof(one)) {
+        const absl::Time give_up = absl::Now() + absl::Milliseconds(100);
+        while (static_cast<int>(connections.size()) >= options_.max_connections &&
+               absl::Now() < give_up) {
+          absl::SleepFor(absl::Milliseconds(2));
+          reap(false);
+        }
+        // A token no idle connection took (they all woke meanwhile) must not close a later one.
+        uint64_t left = 0;
+        while (::read(shed_fd_.get(), &left, sizeof(left)) == sizeof(left)) {
+        }
+      }
+    }
     if (static_cast<int>(connections.size()) >= options_.max_connections) {
       refuse(conn.get());
       continue;
@@ -938,9 +957,38 @@ void OpenAiGateway::Loop() {
 
 void OpenAiGateway::Serve(UniqueFd conn) {
   std::string pending;
-  for (bool first = true; ServeRequest(conn.get(), &pending, first); first = false) {
+  bool idle_end = false;
+  for (bool first = true; ServeRequest(conn.get(), &pending, first, &idle_end); first = false) {
   }
-  LingeringClose(conn.get(), wake_fd_.get());
+  // A connection closed while idle has nothing of ours in flight to protect from a reset.
+  if (!idle_end) LingeringClose(conn.get(), wake_fd_.get());
+}
+
+bool OpenAiGateway::AwaitNextRequest(int fd, std::string* data) {
+  ++idle_;
+  const absl::Time until = absl::Now() + options_.keep_alive_timeout;
+  bool next = false;
+  while (serving_.load()) {
+    const absl::Duration left = until - absl::Now();
+    if (left <= absl::ZeroDuration()) break;
+    pollfd fds[3] = {
+        {fd, POLLIN, 0}, {stop_accepting_fd_.get(), POLLIN, 0}, {shed_fd_.get(), POLLIN, 0}};
+    const int rc = ::poll(fds, 3, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1);
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0 || fds[1].revents != 0) break;
+    if (fds[2].revents != 0) {
+      // The gateway wants a slot: the first idle connection to take the token closes.
+      uint64_t token = 0;
+      if (::read(shed_fd_.get(), &token, sizeof(token)) == sizeof(token)) break;
+      continue;  // another took it
+    }
+    if (fds[0].revents != 0) {
+      next = RecvSome(fd, data, wake_fd_.get(), absl::Now() + options_.read_timeout);
+      break;
+    }
+  }
+  --idle_;
+  return next;
 }
 
 void OpenAiGateway::SetKeepAlive(int fd, bool keep) {
@@ -954,7 +1002,7 @@ bool OpenAiGateway::KeepAlive(int fd) const {
   return it != keep_alive_.end() && it->second;
 }
 
-bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first) {
+bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool* idle_end) {
   const int wake = wake_fd_.get();
   std::string data = std::move(*pending);
   pending->clear();
@@ -962,8 +1010,8 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first) {
     // Idle between requests: the peer's next one, its close, the keep-alive timeout, or the gateway
     // no longer accepting (which ends idle connections at once) ends the wait.
     // A request read here is served (as the connection's last if the gateway is draining).
-    if (!serving_.load() ||
-        !RecvSome(fd, &data, stop_accepting_fd_.get(), absl::Now() + options_.keep_alive_timeout)) {
+    if (!AwaitNextRequest(fd, &data)) {
+      *idle_end = true;
       return false;
     }
   }

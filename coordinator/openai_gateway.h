@@ -184,7 +184,12 @@ class OpenAiGateway {
   // Reads one request (`pending`: bytes received past the one before; `first`: the connection's
   // first, else an idle wait that a stop or the peer's close ends quietly) and answers it. True
   // when the connection stays open for another.
-  bool ServeRequest(int fd, std::string* pending, bool first);
+  // `*idle_end`: set when the connection ended waiting for a next request.
+  bool ServeRequest(int fd, std::string* pending, bool first, bool* idle_end);
+  // Waits, idle, for the start of a next request on `fd` into `data`: false at the keep-alive
+  // timeout, the peer's close, the gateway no longer accepting, or when the gateway, full, asks
+  // an idle connection to make room (shed_fd_).
+  bool AwaitNextRequest(int fd, std::string* data);
   // Whether the answer to the request in progress on `fd` may keep the connection open (Reply
   // then says "Connection: keep-alive"); a streamed answer clears it.
   void SetKeepAlive(int fd, bool keep);
@@ -220,6 +225,8 @@ class OpenAiGateway {
   UniqueFd listen_fd_;
   UniqueFd wake_fd_;            // an eventfd: written to stop the loop and every connection
   UniqueFd stop_accepting_fd_;  // an eventfd: written to stop accepting
+  UniqueFd shed_fd_;            // a semaphore eventfd: each token closes one idle connection
+  std::atomic<int> idle_{0};    // connections waiting for a next request
   std::atomic<bool> serving_{true};
   std::atomic<int> active_{0};  // connection threads not yet done
   const int port_;

@@ -2,6 +2,7 @@
 // worker on the bundled model. Completions, streamed or not, carry the tokens the gRPC API gives
 // for the same request; errors come as OpenAI error objects with the right HTTP status naming the
 // field; a client that goes away mid-stream frees its sequence on the worker.
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -943,6 +944,39 @@ TEST_F(OpenAiHttpTest, AKeptAliveConnectionServesRequestAfterRequest) {
                     "Content-Length: 3\r\n\r\n{}")
                 .status,
             400);
+}
+
+// A full gateway closes a connection that only waits for a next request to take a new one.
+TEST_F(OpenAiHttpTest, AFullGatewayMakesRoomByClosingAnIdleConnection) {
+  const int port = FreePort();
+  auto address = cluster_->StartExtraCoordinator(
+      {absl::StrCat("--model=", kTinyModel, "=", kTinyModelDir),
+       absl::StrCat("--http_listen=127.0.0.1:", port), "--http_max_connections=2"},
+      "two-connections-coordinator");
+  ASSERT_TRUE(address.ok()) << address.status();
+  std::vector<int> idle;
+  for (int i = 0; i < 2; ++i) {
+    const int fd = ConnectLoopback(port);
+    ASSERT_GE(fd, 0);
+    const std::string health = HttpRequestText("GET", "/health", "", /*close=*/false);
+    ASSERT_EQ(send(fd, health.data(), health.size(), MSG_NOSIGNAL),
+              static_cast<ssize_t>(health.size()));
+    std::string buffer;
+    ASSERT_EQ(ReadOneReply(fd, &buffer).status, 200);
+    idle.push_back(fd);
+  }
+  // Both slots hold idle connections: a third client is served, not refused.
+  const HttpReply third = Http(port, "GET", "/health");
+  EXPECT_EQ(third.status, 200) << third.head;
+  // One of the idle connections was closed for it.
+  int closed = 0;
+  for (const int fd : idle) {
+    pollfd p = {fd, POLLIN, 0};
+    char c;
+    if (::poll(&p, 1, 1000) == 1 && ::recv(fd, &c, 1, MSG_DONTWAIT) == 0) ++closed;
+    close(fd);
+  }
+  EXPECT_GE(closed, 1);
 }
 
 // A request the client sends while the one before still generates waits in the socket (the
