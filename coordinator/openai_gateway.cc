@@ -976,15 +976,16 @@ bool OpenAiGateway::AwaitNextRequest(int fd, std::string* data) {
     const int rc = ::poll(fds, 3, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1);
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0 || fds[1].revents != 0) break;
+    // A request that has arrived is served before any call to make room.
+    if (fds[0].revents != 0) {
+      next = RecvSome(fd, data, wake_fd_.get(), absl::Now() + options_.read_timeout);
+      break;
+    }
     if (fds[2].revents != 0) {
       // The gateway wants a slot: the first idle connection to take the token closes.
       uint64_t token = 0;
       if (::read(shed_fd_.get(), &token, sizeof(token)) == sizeof(token)) break;
       continue;  // another took it
-    }
-    if (fds[0].revents != 0) {
-      next = RecvSome(fd, data, wake_fd_.get(), absl::Now() + options_.read_timeout);
-      break;
     }
   }
   --idle_;
