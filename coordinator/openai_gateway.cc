@@ -675,8 +675,12 @@ absl::StatusOr<std::string> RenderChatTemplate(
     list.push_back(jinja::Value(
         jinja::Dict{{"role", jinja::Value(role)}, {"content", jinja::Value(content)}}));
   }
+  // As transformers renders: tools and documents given, as None (Llama 3.1's template, say, asks
+  // `tools is not none`).
   const jinja::Value context(jinja::Dict{
       {"messages", jinja::Value(std::move(list))},
+      {"tools", jinja::Value::None()},
+      {"documents", jinja::Value::None()},
       {"add_generation_prompt", jinja::Value(true)},
       {"bos_token", jinja::Value(chat.bos_token)},
       {"eos_token", jinja::Value(chat.eos_token)},

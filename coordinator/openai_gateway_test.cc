@@ -368,6 +368,18 @@ TEST(LoadChatTemplateTest, RunsTheModelsOwnTemplate) {
             "<|im_start|>assistant\n");
 }
 
+TEST(LoadChatTemplateTest, GivesToolsAndDocumentsAsNoneAsTransformersDoes) {
+  const ModelDir m = MakeModelDir(
+      "tools_none", Config("{% if tools is not none %}TOOLS{% endif %}{% if documents is defined "
+                           "and documents is none %}no documents{% endif %}"));
+  std::string note;
+  const ChatTemplate chat = LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note);
+  ASSERT_EQ(chat.format, ChatFormat::kTemplate) << note;
+  absl::StatusOr<std::string> text = RenderChatTemplate(chat, {{"user", "U"}});
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "no documents");
+}
+
 TEST(LoadChatTemplateTest, ReadsChatTemplateJinjaBesideTheConfig) {
   const ModelDir m = MakeModelDir("jinja_file", R"({"bos_token": "<s>"})", kChatmlJinja);
   std::string note;
