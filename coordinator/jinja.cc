@@ -283,11 +283,12 @@ constexpr int kMaxNesting = 48;
 
 // The filters and tests Renderer::Filter and Renderer::Test implement.
 const absl::flat_hash_set<absl::string_view> kFilters = {
-    "trim",   "upper",      "lower",      "capitalize", "title",  "string",   "safe",    "e",
-    "escape", "length",     "count",      "default",    "d",      "tojson",   "first",   "last",
-    "join",   "replace",    "int",        "float",      "abs",    "list",     "reverse", "unique",
-    "items",  "selectattr", "rejectattr", "select",     "reject", "map",      "sort",    "dictsort",
-    "sum",    "min",        "max",        "round",      "indent", "wordcount"};
+    "trim",   "upper",   "lower",     "capitalize", "title",      "string",     "safe",
+    "e",      "escape",  "length",    "count",      "default",    "d",          "tojson",
+    "first",  "last",    "join",      "replace",    "int",        "float",      "abs",
+    "list",   "reverse", "unique",    "items",      "selectattr", "rejectattr", "select",
+    "reject", "map",     "sort",      "dictsort",   "sum",        "min",        "max",
+    "round",  "indent",  "wordcount", "format"};
 const absl::flat_hash_set<absl::string_view> kTests = {
     "defined",     "undefined", "none",    "string", "number",   "integer",
     "float",       "boolean",   "true",    "false",  "mapping",  "iterable",
@@ -2025,6 +2026,7 @@ class Renderer {
         return Value(std::move(out));
       }
     }
+    if (op == "%" && l.IsString()) return Format(e.line, l.s(), r);
     if (op == "*" && (l.IsString() || l.IsList()) && r.kind() == Value::Kind::kInt) {
       const int64_t size =
           l.IsString() ? static_cast<int64_t>(l.s().size()) : static_cast<int64_t>(l.list().size());
@@ -2239,6 +2241,117 @@ class Renderer {
     }
     out.append(s, k, std::string::npos);
     return out;
+  }
+
+  // Python's printf-style `fmt % args`: %s %r %d %i %x %X %o %c %f %F %e %E %g %G %% with flags,
+  // width and precision; `args` a tuple (one argument each), a dict (for %(name)s) or one value.
+  absl::StatusOr<Value> Format(int line, const std::string& fmt, const Value& args) {
+    const bool many = args.IsTuple();  // a list is one argument, as in Python
+    size_t next = 0;
+    std::string out;
+    for (size_t i = 0; i < fmt.size(); ++i) {
+      if (fmt[i] != '%') {
+        out += fmt[i];
+        continue;
+      }
+      if (++i >= fmt.size()) return EvalError(line, "incomplete format");
+      Value arg;
+      bool have = false;
+      if (fmt[i] == '(') {
+        const size_t close = fmt.find(')', i);
+        if (close == std::string::npos || !args.IsDict()) {
+          return EvalError(line, "format requires a mapping");
+        }
+        arg = args.Get(fmt.substr(i + 1, close - i - 1));
+        have = true;
+        i = close + 1;
+      }
+      // Flags, width and precision, each number held to 3 digits.
+      std::string spec = "%";
+      bool left = false;
+      while (i < fmt.size() && absl::string_view("-+ #0").find(fmt[i]) != absl::string_view::npos) {
+        left = left || fmt[i] == '-';
+        spec += fmt[i++];
+      }
+      int width = 0, precision = -1;
+      while (i < fmt.size() && absl::ascii_isdigit(static_cast<unsigned char>(fmt[i]))) {
+        width = std::min(width * 10 + (fmt[i++] - '0'), 999);
+      }
+      if (i < fmt.size() && fmt[i] == '.') {
+        precision = 0;
+        ++i;
+        while (i < fmt.size() && absl::ascii_isdigit(static_cast<unsigned char>(fmt[i]))) {
+          precision = std::min(precision * 10 + (fmt[i++] - '0'), 999);
+        }
+      }
+      if (i >= fmt.size()) return EvalError(line, "incomplete format");
+      const char conv = fmt[i];
+      if (conv == '%') {
+        out += '%';
+        continue;
+      }
+      if (!have) {
+        if (many) {
+          if (next >= args.list().size()) {
+            return EvalError(line, "not enough arguments for format string");
+          }
+          arg = args.list()[next++];
+        } else {
+          if (next++ > 0) return EvalError(line, "not enough arguments for format string");
+          arg = args;
+        }
+      }
+      std::string piece;
+      if (conv == 's' || conv == 'r') {
+        piece = conv == 's' ? arg.Str() : arg.Repr();
+        if (precision >= 0) {
+          const std::vector<std::string> cps = CodePoints(piece);
+          if (static_cast<int>(cps.size()) > precision) {
+            piece = absl::StrJoin(cps.begin(), cps.begin() + precision, "");
+          }
+        }
+        const int n = static_cast<int>(CodePoints(piece).size());
+        if (n < width) {
+          piece = left ? piece + std::string(width - n, ' ') : std::string(width - n, ' ') + piece;
+        }
+      } else if (absl::string_view("diouxXcfFeEgG").find(conv) != absl::string_view::npos) {
+        if (!arg.IsNumber() && arg.kind() != Value::Kind::kBool) {
+          return EvalError(
+              line, absl::StrCat("%", std::string(1, conv), " format: a number is required, not ",
+                                 KindName(arg)));
+        }
+        if (width > 0) absl::StrAppend(&spec, width);
+        if (precision >= 0) absl::StrAppend(&spec, ".", precision);
+        char buf[2048];
+        if (absl::string_view("fFeEgG").find(conv) != absl::string_view::npos) {
+          const double d = arg.kind() == Value::Kind::kBool ? (arg.b() ? 1.0 : 0.0) : arg.f();
+          std::snprintf(buf, sizeof(buf), (spec + conv).c_str(), d);
+        } else {
+          const int64_t n = arg.kind() == Value::Kind::kBool  ? int64_t{arg.b()}
+                            : arg.kind() == Value::Kind::kInt ? arg.i()
+                            : std::fabs(arg.f()) < 9.2e18     ? static_cast<int64_t>(arg.f())
+                                                              : 0;
+          if (conv == 'c') {
+            if (n < 0 || n > 0x10FFFF) return EvalError(line, "%c arg not in range");
+            AppendUtf8(static_cast<uint32_t>(n), &piece);
+            buf[0] = '\0';
+          } else {
+            const char c = conv == 'i' || conv == 'u' ? 'd' : conv;
+            std::snprintf(buf, sizeof(buf), (spec + "ll" + c).c_str(), static_cast<long long>(n));
+          }
+        }
+        piece += buf;
+      } else {
+        return EvalError(line,
+                         absl::StrCat("unsupported format character '", std::string(1, conv), "'"));
+      }
+      out += piece;
+      if (out.size() > kMaxBytes) return EvalError(line, "a string grows too long");
+    }
+    if (many && next < args.list().size()) {
+      return EvalError(line, "not all arguments converted during string formatting");
+    }
+    return Value(std::move(out));
   }
 
   // a < b for sorting: numbers with numbers, strings with strings.
@@ -2539,8 +2652,15 @@ class Renderer {
       List out;
       if (v.IsDict()) {
         for (const auto& [k, x] : v.dict()) out.push_back(Value::Tuple(List{Value(k), x}));
+      } else if (!v.IsUndefined()) {
+        return EvalError(e.line, "Can only get item pairs from a mapping.");
       }
       return Value(std::move(out));
+    }
+    if (name == "format") {
+      // "%s and %d" | format(a, b), or %(name)s with keyword arguments.
+      if (!kw.empty()) return Format(e.line, v.Str(), Value(Dict(kw.begin(), kw.end())));
+      return Format(e.line, v.Str(), Value::Tuple(List(a.begin(), a.end())));
     }
     if (name == "selectattr" || name == "rejectattr" || name == "select" || name == "reject") {
       const bool by_attr = name == "selectattr" || name == "rejectattr";

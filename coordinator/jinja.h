@@ -62,6 +62,7 @@ class Value {
   bool IsString() const { return kind_ == Kind::kString; }
   bool IsNumber() const { return kind_ == Kind::kInt || kind_ == Kind::kFloat; }
   bool IsList() const { return kind_ == Kind::kList; }
+  bool IsTuple() const { return kind_ == Kind::kList && tuple_; }
   bool IsDict() const { return kind_ == Kind::kDict; }
 
   bool b() const { return b_; }

@@ -158,7 +158,9 @@ ESCAPES = r"""{{ '\u2019\x41\t|\U0001F600|\\n' }} {{ "it's" }} {{ 'a' ~ 2 * 3 ~ 
 FILTERS = """{{ ['b', 'A', 'c'] | sort }} {{ [3, 1, 2] | sort(reverse=true) }} {{ messages | sort(attribute='role') | map(attribute='role') | join(',') }}
 {{ {'b': 2, 'A': 1} | dictsort }} {{ {'b': 2, 'a': 3} | dictsort(by='value') }} {{ [1, 2, 3.5] | sum }} {{ messages | map(attribute='content') | map('length') | sum }}
 {{ [4, 1, 9] | min }} {{ ['b', 'A'] | max }} {{ 2.5 | round }} {{ 3.14159 | round(2) }} {{ 2.7 | round(method='floor') }}
-{{ "a\nb\n\nc" | indent(2) }}|{{ "x\ny" | indent(first=true) }}|{{ 'one two, three' | wordcount }} {{ 'banana'.count('an') }}"""
+{{ "a\nb\n\nc" | indent(2) }}|{{ "x\ny" | indent(first=true) }}|{{ 'one two, three' | wordcount }} {{ 'banana'.count('an') }}
+{{ "%sr" | format('Paris') }} {{ "%s-%d|%5.2f|%-4s|%03d|%r|%%" | format('a', 7, 3.14159, 'b', 5, 'q') }} {{ "%(x)s=%(y)s" | format(x=1, y='two') }}
+{{ "%s and %s" % ('a', 'b') }} {{ "%s" % [1, 2] }} {{ "%x %o %c" % (255, 8, 65) }} {{ "%.3s|%6s|" % ('abcdef', 'hi') }} {{ {'k': 1} | items | list }}"""
 
 CASES = [
     ("chatml", CHATML, {"messages": CHAT, "add_generation_prompt": True}),
