@@ -678,12 +678,24 @@ class ExprParser {
     return e;
   }
   absl::StatusOr<ExprP> ParseMul() {
-    ASSIGN_OR_RETURN(ExprP e, ParseUnary());
+    ASSIGN_OR_RETURN(ExprP e, ParsePow());
     while (IsOp("*") || IsOp("/") || IsOp("//") || IsOp("%")) {
       const std::string op = t_[pos_++].text;
-      ASSIGN_OR_RETURN(ExprP r, ParseUnary());
+      ASSIGN_OR_RETURN(ExprP r, ParsePow());
       ExprP b = Make(Expr::Kind::kBinary);
       b->name = op;
+      b->args = {e, r};
+      e = b;
+    }
+    return e;
+  }
+  // As Jinja: ** over signed operands, left to right (-2 ** 2 is 4, 2 ** 3 ** 2 is 64).
+  absl::StatusOr<ExprP> ParsePow() {
+    ASSIGN_OR_RETURN(ExprP e, ParseUnary());
+    while (Accept("**")) {
+      ASSIGN_OR_RETURN(ExprP r, ParseUnary());
+      ExprP b = Make(Expr::Kind::kBinary);
+      b->name = "**";
       b->args = {e, r};
       e = b;
     }
@@ -1813,6 +1825,10 @@ class Renderer {
           {"length", Value(len)},
           {"previtem", k > 0 ? items[k - 1] : Value()},
           {"nextitem", k + 1 < len ? items[k + 1] : Value()},
+          {"cycle", Value::Fn([k](const Args& c, const Kwargs&) -> absl::StatusOr<Value> {
+             if (c.empty()) return absl::InvalidArgumentError("loop.cycle() needs an argument");
+             return c[static_cast<size_t>(k) % c.size()];
+           })},
       });
       Flow f = Flow::kNormal;
       status = Exec(*n.children[0], out, &f);
@@ -2054,6 +2070,21 @@ class Renderer {
       return v.kind() == Value::Kind::kBool ? double{v.b() ? 1.0 : 0.0} : v.f();
     };
     const bool ints = l.kind() != Value::Kind::kFloat && r.kind() != Value::Kind::kFloat;
+    if (op == "**") {
+      if (ints && as_int(r) >= 0) {
+        int64_t base = as_int(l), v = 1;
+        for (int64_t k = as_int(r); k > 0; k >>= 1) {
+          if ((k & 1) && __builtin_mul_overflow(v, base, &v)) {
+            return EvalError(e.line, "integer overflow");
+          }
+          if (k > 1 && __builtin_mul_overflow(base, base, &base)) {
+            return EvalError(e.line, "integer overflow");
+          }
+        }
+        return Value(v);
+      }
+      return Value(std::pow(as_f(l), as_f(r)));
+    }
     if (op == "/") {
       if (as_f(r) == 0) return EvalError(e.line, "division by zero");
       return Value(as_f(l) / as_f(r));

@@ -160,7 +160,8 @@ FILTERS = """{{ ['b', 'A', 'c'] | sort }} {{ [3, 1, 2] | sort(reverse=true) }} {
 {{ [4, 1, 9] | min }} {{ ['b', 'A'] | max }} {{ 2.5 | round }} {{ 3.14159 | round(2) }} {{ 2.7 | round(method='floor') }}
 {{ "a\nb\n\nc" | indent(2) }}|{{ "x\ny" | indent(first=true) }}|{{ 'one two, three' | wordcount }} {{ 'banana'.count('an') }}
 {{ "%sr" | format('Paris') }} {{ "%s-%d|%5.2f|%-4s|%03d|%r|%%" | format('a', 7, 3.14159, 'b', 5, 'q') }} {{ "%(x)s=%(y)s" | format(x=1, y='two') }}
-{{ "%s and %s" % ('a', 'b') }} {{ "%s" % [1, 2] }} {{ "%x %o %c" % (255, 8, 65) }} {{ "%.3s|%6s|" % ('abcdef', 'hi') }} {{ {'k': 1} | items | list }}"""
+{{ "%s and %s" % ('a', 'b') }} {{ "%s" % [1, 2] }} {{ "%x %o %c" % (255, 8, 65) }} {{ "%.3s|%6s|" % ('abcdef', 'hi') }} {{ {'k': 1} | items | list }}
+{{ 2 ** 10 }} {{ -2 ** 2 }} {{ 2 ** 3 ** 2 }} {{ 2 ** -1 }} {{ 2.5 ** 2 }} {% for x in range(5) %}{{ loop.cycle('odd', 'even') }} {% endfor %}"""
 
 CASES = [
     ("chatml", CHATML, {"messages": CHAT, "add_generation_prompt": True}),
