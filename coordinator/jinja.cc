@@ -17,6 +17,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 
 namespace strata::jinja {
 
@@ -306,24 +307,6 @@ struct Token {
 
 absl::Status SyntaxError(int line, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("chat template line ", line, ": ", what));
-}
-
-void AppendUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    *out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    *out += static_cast<char>(0xC0 | (cp >> 6));
-    *out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    *out += static_cast<char>(0xE0 | (cp >> 12));
-    *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    *out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    *out += static_cast<char>(0xF0 | (cp >> 18));
-    *out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    *out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
 }
 
 absl::StatusOr<std::vector<Token>> Tokenize(absl::string_view s, int line) {
@@ -1029,12 +1012,8 @@ absl::StatusOr<std::vector<Piece>> Split(absl::string_view src) {
         src.substr(i, (open == absl::string_view::npos ? src.size() : open) - i);
     if (strip_next) {
       StripLeft(&chunk);
-    } else if (trim_newline) {
-      if (absl::StartsWith(chunk, "\r\n")) {
-        chunk.remove_prefix(2);
-      } else if (absl::StartsWith(chunk, "\n")) {
-        chunk.remove_prefix(1);
-      }
+    } else if (trim_newline && absl::StartsWith(chunk, "\n")) {  // Parse made every \r a \n
+      chunk.remove_prefix(1);
     }
     if (open == absl::string_view::npos) {
       emit(chunk, text_line);
@@ -1371,12 +1350,25 @@ const char* KindName(const Value& v) {
 }
 
 // UTF-8 code points of `s` (a byte that starts no sequence stands alone).
+// The number of UTF-8 code points of `s` (a byte that starts none counts as one), and the byte
+// offset where code point k starts (s.size() past the last): without a string per character.
+size_t CountCodePoints(absl::string_view s) {
+  size_t n = 0;
+  for (size_t i = 0; i < s.size(); ++n) {
+    i += std::max<size_t>(1, ValidUtf8SequenceLength(s.substr(i)));
+  }
+  return n;
+}
+size_t CodePointOffset(absl::string_view s, size_t k) {
+  size_t i = 0;
+  for (; k > 0 && i < s.size(); --k) i += std::max<size_t>(1, ValidUtf8SequenceLength(s.substr(i)));
+  return std::min(i, s.size());
+}
+
 std::vector<std::string> CodePoints(const std::string& s) {
   std::vector<std::string> out;
   for (size_t i = 0; i < s.size();) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
-    n = std::min(n, s.size() - i);
+    const size_t n = std::max<size_t>(1, ValidUtf8SequenceLength(absl::string_view(s).substr(i)));
     out.push_back(s.substr(i, n));
     i += n;
   }
@@ -1423,25 +1415,13 @@ struct JsonOptions {
   bool ensure_ascii = false;
 };
 
-// A UTF-8 sequence's code point at s[*i] (advancing *i), U+FFFD for a byte that starts none.
-uint32_t NextCodePoint(const std::string& s, size_t* i) {
-  const unsigned char c = static_cast<unsigned char>(s[*i]);
-  const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-  if (n == 0 || *i + n > s.size()) {
-    ++*i;
-    return 0xFFFD;
-  }
-  uint32_t cp = n == 1 ? c : n == 2 ? (c & 0x1F) : n == 3 ? (c & 0x0F) : (c & 0x07);
-  for (size_t k = 1; k < n; ++k) {
-    const unsigned char d = static_cast<unsigned char>(s[*i + k]);
-    if ((d >> 6) != 2) {
-      ++*i;
-      return 0xFFFD;
-    }
-    cp = (cp << 6) | (d & 0x3F);
-  }
-  *i += n;
-  return cp;
+// The code point of the UTF-8 sequence at s[*i] (advancing *i past it); U+FFFD for a byte that
+// starts none.
+char32_t NextCodePoint(const std::string& s, size_t* i) {
+  char32_t cp = 0xFFFD;
+  const size_t n = DecodeUtf8(absl::string_view(s).substr(*i), &cp);
+  *i += n > 0 ? n : 1;
+  return n > 0 ? cp : 0xFFFD;
 }
 
 // As Python's json.dumps writes a string.
@@ -1565,19 +1545,18 @@ std::vector<int64_t> SliceIndices(int64_t n, const Value& start, const Value& st
   const int64_t step = step_v.kind() == Value::Kind::kInt ? step_v.i() : 1;
   std::vector<int64_t> out;
   if (step == 0) return out;
-  auto norm = [&](const Value& v, int64_t def, bool is_start) {
+  auto norm = [&](const Value& v, int64_t def) {
     if (v.kind() != Value::Kind::kInt) return def;
     int64_t x = v.i();
     if (x < 0) x += n;
     if (step > 0) return std::clamp<int64_t>(x, 0, n);
-    (void)is_start;
     return std::clamp<int64_t>(x, -1, n - 1);
   };
   if (step > 0) {
-    const int64_t b = norm(start, 0, true), e = norm(stop, n, false);
+    const int64_t b = norm(start, 0), e = norm(stop, n);
     for (int64_t k = b; k < e; k += step) out.push_back(k);
   } else {
-    const int64_t b = norm(start, n - 1, true), e = norm(stop, -1, false);
+    const int64_t b = norm(start, n - 1), e = norm(stop, -1);
     for (int64_t k = b; k > e; k += step) out.push_back(k);
   }
   return out;
@@ -1777,6 +1756,9 @@ class Renderer {
     } else if (it.IsDict()) {
       for (const auto& [k, v] : it.dict()) items.push_back(Value(k));
     } else if (it.IsString()) {
+      if (CountCodePoints(it.s()) > static_cast<size_t>(kMaxItems)) {
+        return EvalError(n.line, absl::StrCat("a loop over more than ", kMaxItems, " characters"));
+      }
       for (std::string& c : CodePoints(it.s())) items.push_back(Value(std::move(c)));
     } else if (!it.IsUndefined()) {
       return EvalError(n.line, absl::StrCat("cannot loop over ", KindName(it)));
@@ -1898,11 +1880,18 @@ class Renderer {
           return Value(std::move(l));
         }
         if (obj.IsString()) {
-          const std::vector<std::string> cps = CodePoints(obj.s());
+          // Each code point's start, then the end: offsets, not a string per character.
+          const std::string& str = obj.s();
+          std::vector<size_t> starts;
+          for (size_t i = 0; i < str.size();) {
+            starts.push_back(i);
+            i += std::max<size_t>(1, ValidUtf8SequenceLength(absl::string_view(str).substr(i)));
+          }
+          starts.push_back(str.size());
           std::string s;
-          for (int64_t k :
-               SliceIndices(static_cast<int64_t>(cps.size()), parts[0], parts[1], parts[2])) {
-            s += cps[k];
+          for (int64_t k : SliceIndices(static_cast<int64_t>(starts.size()) - 1, parts[0], parts[1],
+                                        parts[2])) {
+            s.append(str, starts[k], starts[k + 1] - starts[k]);
           }
           return Value(std::move(s));
         }
@@ -1974,7 +1963,7 @@ class Renderer {
       case Expr::Kind::kBinary: {
         ASSIGN_OR_RETURN(Value l, Eval(*e.args[0]));
         ASSIGN_OR_RETURN(Value r, Eval(*e.args[1]));
-        return Binary(e, l, r);
+        return Binary(e.line, e.name, l, r, e.negate);
       }
     }
     return Value();
@@ -1988,19 +1977,22 @@ class Renderer {
         const int64_t k = key.i() < 0 ? key.i() + n : key.i();
         return k >= 0 && k < n ? obj.list()[k] : Value();
       }
-      const std::vector<std::string> cps = CodePoints(obj.s());
-      const int64_t n = static_cast<int64_t>(cps.size());
+      const int64_t n = static_cast<int64_t>(CountCodePoints(obj.s()));
       const int64_t k = key.i() < 0 ? key.i() + n : key.i();
-      return k >= 0 && k < n ? Value(cps[k]) : Value();
+      if (k < 0 || k >= n) return Value();
+      const size_t at = CodePointOffset(obj.s(), static_cast<size_t>(k));
+      return Value(obj.s().substr(at, CodePointOffset(obj.s(), static_cast<size_t>(k) + 1) - at));
     }
     return Value();
   }
 
-  absl::StatusOr<Value> Binary(const Expr& e, const Value& l, const Value& r) {
-    const std::string& op = e.name;
+  // l op r for a binary operator ("~", "==", "in", "+", ...), at template line `line`; `negate`
+  // makes "in" "not in".
+  absl::StatusOr<Value> Binary(int line, const std::string& op, const Value& l, const Value& r,
+                               bool negate = false) {
     if (op == "~" || (op == "+" && l.IsString() && r.IsString())) {
       std::string a = l.Str(), b = r.Str();
-      if (a.size() + b.size() > kMaxBytes) return EvalError(e.line, "a string grows too long");
+      if (a.size() + b.size() > kMaxBytes) return EvalError(line, "a string grows too long");
       return Value(a + b);
     }
     if (op == "==") return Value(l == r);
@@ -2014,10 +2006,10 @@ class Renderer {
       } else if (r.IsDict()) {
         found = !r.Get(l.Str()).IsUndefined();
       } else if (!r.IsUndefined()) {
-        return EvalError(e.line,
+        return EvalError(line,
                          absl::StrCat("'in' needs a string, list or dict, not ", KindName(r)));
       }
-      return Value(found != e.negate);
+      return Value(found != negate);
     }
     if (op == "<" || op == ">" || op == "<=" || op == ">=") {
       int c = 0;
@@ -2029,25 +2021,23 @@ class Renderer {
       } else if (l.IsString() && r.IsString()) {
         c = l.s().compare(r.s());
       } else {
-        return EvalError(e.line,
-                         absl::StrCat("cannot compare ", KindName(l), " with ", KindName(r)));
+        return EvalError(line, absl::StrCat("cannot compare ", KindName(l), " with ", KindName(r)));
       }
       return Value(op == "<" ? c < 0 : op == ">" ? c > 0 : op == "<=" ? c <= 0 : c >= 0);
     }
     if (op == "+") {
-      if (l.IsString() && r.IsString()) return Value(l.s() + r.s());
       if (l.IsList() && r.IsList()) {
         List out = l.list();
         out.insert(out.end(), r.list().begin(), r.list().end());
         return Value(std::move(out));
       }
     }
-    if (op == "%" && l.IsString()) return Format(e.line, l.s(), r);
+    if (op == "%" && l.IsString()) return Format(line, l.s(), r);
     if (op == "*" && (l.IsString() || l.IsList()) && r.kind() == Value::Kind::kInt) {
       const int64_t size =
           l.IsString() ? static_cast<int64_t>(l.s().size()) : static_cast<int64_t>(l.list().size());
       if (r.i() > 0 && size > 0 && r.i() > kMaxItems / size) {
-        return EvalError(e.line, absl::StrCat("repetition of over ", kMaxItems, " items"));
+        return EvalError(line, absl::StrCat("repetition of over ", kMaxItems, " items"));
       }
       if (l.IsString()) {
         std::string out;
@@ -2061,7 +2051,7 @@ class Renderer {
     auto num = [](const Value& v) { return v.IsNumber() || v.kind() == Value::Kind::kBool; };
     if (!num(l) || !num(r)) {
       return EvalError(
-          e.line, absl::StrCat("cannot apply '", op, "' to ", KindName(l), " and ", KindName(r)));
+          line, absl::StrCat("cannot apply '", op, "' to ", KindName(l), " and ", KindName(r)));
     }
     auto as_int = [](const Value& v) {
       return v.kind() == Value::Kind::kBool ? int64_t{v.b()} : v.i();
@@ -2075,10 +2065,10 @@ class Renderer {
         int64_t base = as_int(l), v = 1;
         for (int64_t k = as_int(r); k > 0; k >>= 1) {
           if ((k & 1) && __builtin_mul_overflow(v, base, &v)) {
-            return EvalError(e.line, "integer overflow");
+            return EvalError(line, "integer overflow");
           }
           if (k > 1 && __builtin_mul_overflow(base, base, &base)) {
-            return EvalError(e.line, "integer overflow");
+            return EvalError(line, "integer overflow");
           }
         }
         return Value(v);
@@ -2086,7 +2076,7 @@ class Renderer {
       return Value(std::pow(as_f(l), as_f(r)));
     }
     if (op == "/") {
-      if (as_f(r) == 0) return EvalError(e.line, "division by zero");
+      if (as_f(r) == 0) return EvalError(line, "division by zero");
       return Value(as_f(l) / as_f(r));
     }
     if (ints) {
@@ -2096,11 +2086,11 @@ class Renderer {
         const bool overflow = op == "+"   ? __builtin_add_overflow(a, b, &v)
                               : op == "-" ? __builtin_sub_overflow(a, b, &v)
                                           : __builtin_mul_overflow(a, b, &v);
-        if (overflow) return EvalError(e.line, "integer overflow");
+        if (overflow) return EvalError(line, "integer overflow");
         return Value(v);
       }
-      if (b == 0) return EvalError(e.line, "division by zero");
-      if (b == -1 && a == INT64_MIN) return EvalError(e.line, "integer overflow");
+      if (b == 0) return EvalError(line, "division by zero");
+      if (b == -1 && a == INT64_MIN) return EvalError(line, "integer overflow");
       int64_t q = a / b, m = a % b;
       if (m != 0 && ((m < 0) != (b < 0))) {
         --q;
@@ -2113,11 +2103,11 @@ class Renderer {
       if (op == "+") return Value(a + b);
       if (op == "-") return Value(a - b);
       if (op == "*") return Value(a * b);
-      if (b == 0) return EvalError(e.line, "division by zero");
+      if (b == 0) return EvalError(line, "division by zero");
       if (op == "//") return Value(std::floor(a / b));
       if (op == "%") return Value(a - b * std::floor(a / b));
     }
-    return EvalError(e.line, absl::StrCat("unknown operator ", op));
+    return EvalError(line, absl::StrCat("unknown operator ", op));
   }
 
   absl::StatusOr<Value> Call(const Expr& e) {
@@ -2206,8 +2196,10 @@ class Renderer {
       }
       if (name == "replace") {
         const Value cnt = Arg(a, kw, 2, "count", Value(int64_t{-1}));
-        return Value(Replace(s, Arg(a, kw, 0, "old").Str(), Arg(a, kw, 1, "new").Str(),
-                             cnt.kind() == Value::Kind::kInt ? cnt.i() : -1));
+        std::string r = Replace(s, Arg(a, kw, 0, "old").Str(), Arg(a, kw, 1, "new").Str(),
+                                cnt.kind() == Value::Kind::kInt ? cnt.i() : -1);
+        if (r.size() > kMaxBytes) return EvalError(line, "a string grows too long");
+        return Value(std::move(r));
       }
       if (name == "join") {
         const Value l = Arg(a, kw, 0, "iterable");
@@ -2219,7 +2211,7 @@ class Renderer {
       }
       if (name == "count") {
         const std::string sub = Arg(a, kw, 0, "sub").Str();
-        if (sub.empty()) return Value(static_cast<int64_t>(CodePoints(s).size()) + 1);
+        if (sub.empty()) return Value(static_cast<int64_t>(CountCodePoints(s)) + 1);
         int64_t n = 0;
         for (size_t k = s.find(sub); k != std::string::npos; k = s.find(sub, k + sub.size())) ++n;
         return Value(n);
@@ -2252,7 +2244,6 @@ class Renderer {
       }
       return std::optional<Value>();
     }
-    (void)line;
     return std::optional<Value>();
   }
 
@@ -2269,6 +2260,7 @@ class Renderer {
       out += to;
       k = j + from.size();
       ++done;
+      if (out.size() > kMaxBytes) break;  // Filter and Method refuse the result below
     }
     out.append(s, k, std::string::npos);
     return out;
@@ -2335,13 +2327,8 @@ class Renderer {
       std::string piece;
       if (conv == 's' || conv == 'r') {
         piece = conv == 's' ? arg.Str() : arg.Repr();
-        if (precision >= 0) {
-          const std::vector<std::string> cps = CodePoints(piece);
-          if (static_cast<int>(cps.size()) > precision) {
-            piece = absl::StrJoin(cps.begin(), cps.begin() + precision, "");
-          }
-        }
-        const int n = static_cast<int>(CodePoints(piece).size());
+        if (precision >= 0) piece.resize(CodePointOffset(piece, static_cast<size_t>(precision)));
+        const int n = static_cast<int>(CountCodePoints(piece));
         if (n < width) {
           piece = left ? piece + std::string(width - n, ' ') : std::string(width - n, ' ') + piece;
         }
@@ -2387,10 +2374,7 @@ class Renderer {
 
   // a < b for sorting: numbers with numbers, strings with strings.
   absl::StatusOr<bool> Less(int line, const Value& a, const Value& b) {
-    Expr e;
-    e.name = "<";
-    e.line = line;
-    ASSIGN_OR_RETURN(Value r, Binary(e, a, b));
+    ASSIGN_OR_RETURN(Value r, Binary(line, "<", a, b));
     return r.Truthy();
   }
 
@@ -2423,10 +2407,7 @@ class Renderer {
     if (name == "eq" || name == "equalto" || name == "==" || name == "sameas") return v == arg;
     if (name == "ne" || name == "!=") return !(v == arg);
     if (name == "in") {
-      Expr e;
-      e.name = "in";
-      e.line = line;
-      ASSIGN_OR_RETURN(Value r, Binary(e, v, arg));
+      ASSIGN_OR_RETURN(Value r, Binary(line, "in", v, arg));
       return r.Truthy();
     }
     for (const char* op : {"<", ">", "<=", ">="}) {
@@ -2436,10 +2417,7 @@ class Renderer {
       auto it = kAlias.find(name);
       const std::string want = it != kAlias.end() ? it->second : name;
       if (want == op) {
-        Expr e;
-        e.name = op;
-        e.line = line;
-        ASSIGN_OR_RETURN(Value r, Binary(e, v, arg));
+        ASSIGN_OR_RETURN(Value r, Binary(line, op, v, arg));
         return r.Truthy();
       }
     }
@@ -2482,7 +2460,7 @@ class Renderer {
     if (name == "string") return Value(v.Str());
     if (name == "safe" || name == "e" || name == "escape") return v;
     if (name == "length" || name == "count") {
-      if (v.IsString()) return Value(static_cast<int64_t>(CodePoints(v.s()).size()));
+      if (v.IsString()) return Value(static_cast<int64_t>(CountCodePoints(v.s())));
       if (v.IsList()) return Value(static_cast<int64_t>(v.list().size()));
       if (v.IsDict()) return Value(static_cast<int64_t>(v.dict().size()));
       if (v.IsUndefined()) return Value(int64_t{0});
@@ -2527,8 +2505,10 @@ class Renderer {
     }
     if (name == "replace") {
       const Value cnt = Arg(a, kw, 2, "count", Value(int64_t{-1}));
-      return Value(Replace(v.Str(), Arg(a, kw, 0, "old").Str(), Arg(a, kw, 1, "new").Str(),
-                           cnt.kind() == Value::Kind::kInt ? cnt.i() : -1));
+      std::string r = Replace(v.Str(), Arg(a, kw, 0, "old").Str(), Arg(a, kw, 1, "new").Str(),
+                              cnt.kind() == Value::Kind::kInt ? cnt.i() : -1);
+      if (r.size() > kMaxBytes) return EvalError(e.line, "a string grows too long");
+      return Value(std::move(r));
     }
     if (name == "int") {
       if (v.kind() == Value::Kind::kInt) return v;
@@ -2595,11 +2575,12 @@ class Renderer {
         return *r;
       };
       if (name == "sort") {
-        std::stable_sort(items.begin(), items.end(), less);
+        // Python's sorted(reverse=True) keeps equal items in their order: one stable sort.
         if (Arg(a, kw, 0, "reverse", Value(false)).Truthy()) {
-          // Python's sorted(reverse=True) keeps equal items in their order.
           std::stable_sort(items.begin(), items.end(),
                            [&](const Value& x, const Value& y) { return less(y, x); });
+        } else {
+          std::stable_sort(items.begin(), items.end(), less);
         }
         RETURN_IF_ERROR(bad);
         return Value(std::move(items));
@@ -2633,11 +2614,8 @@ class Renderer {
       const Value attr = Arg(a, kw, 0, "attribute");
       Value total = Arg(a, kw, 1, "start", Value(int64_t{0}));
       for (const Value& x : Items(v)) {
-        Expr plus;
-        plus.name = "+";
-        plus.line = e.line;
-        ASSIGN_OR_RETURN(total,
-                         Binary(plus, total, attr.IsUndefined() ? x : Attribute(x, attr.Str())));
+        ASSIGN_OR_RETURN(
+            total, Binary(e.line, "+", total, attr.IsUndefined() ? x : Attribute(x, attr.Str())));
       }
       return total;
     }

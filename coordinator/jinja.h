@@ -101,7 +101,8 @@ bool operator==(const Value& a, const Value& b);
 
 struct Node;
 
-// A parsed template. Parse once, render many times (Render is const and thread-safe).
+// A parsed template. Parse once, render many times: Render is const, and safe from several
+// threads as long as they do not share a context's lists or dicts (`set ns.x` changes a dict).
 class Template {
  public:
   // INVALID_ARGUMENT for what this subset cannot parse, naming the line.

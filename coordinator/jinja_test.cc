@@ -2,25 +2,18 @@
 // by tools/jinja_cases.py the way transformers renders chat templates), and its errors.
 #include "coordinator/jinja.h"
 
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include "absl/strings/match.h"
+#include "common/mapped_file.h"
 #include "gtest/gtest.h"
 
 namespace strata::jinja {
 namespace {
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
 TEST(JinjaTest, MatchesJinja2OnEveryCase) {
-  const std::string text = ReadFile("coordinator/testdata/jinja_cases.json");
+  const std::string text =
+      ReadFileToString("coordinator/testdata/jinja_cases.json").value_or(std::string());
   ASSERT_FALSE(text.empty());
   absl::StatusOr<JsonDocument> doc = JsonDocument::Parse(text, "jinja_cases.json");
   ASSERT_TRUE(doc.ok()) << doc.status();

@@ -601,16 +601,21 @@ ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> 
                               const Tokenizer& tokenizer, std::string* note) {
   ChatTemplate chat;
   std::string config;
-  if (absl::StatusOr<std::string> c = ReadFileToString(dir + "/tokenizer_config.json"); c.ok()) {
-    config = *std::move(c);
+  // --chat_format needs neither file.
+  if (!forced.has_value()) {
+    if (absl::StatusOr<std::string> c = ReadFileToString(dir + "/tokenizer_config.json"); c.ok()) {
+      config = *std::move(c);
+    }
   }
   // Newer transformers save the template beside the config, and that file wins over the
   // config's (as transformers reads them).
   std::optional<std::string> source;
-  if (absl::StatusOr<std::string> j = ReadFileToString(dir + "/chat_template.jinja"); j.ok()) {
-    source = *std::move(j);
-  } else {
-    source = ChatTemplateSource(config);
+  if (!forced.has_value()) {
+    if (absl::StatusOr<std::string> j = ReadFileToString(dir + "/chat_template.jinja"); j.ok()) {
+      source = *std::move(j);
+    } else {
+      source = ChatTemplateSource(config);
+    }
   }
   if (forced.has_value()) {
     chat.format = *forced;
@@ -820,22 +825,19 @@ void OpenAiGateway::Reply(int fd, const std::string& response) const {
   static constexpr std::string_view kClose = "Connection: close\r\n";
   const size_t head_end = response.find("\r\n\r\n");
   const size_t at = response.find(kClose);
-  if (KeepAlive(fd) && serving_.load() && at != std::string::npos && at < head_end &&
+  const bool keep = KeepAlive(fd);
+  if (keep && serving_.load() && at != std::string::npos && at < head_end &&
       response.find("Content-Length: ") < head_end) {
     const std::string kept =
         absl::StrCat(response.substr(0, at), "Connection: keep-alive\r\nKeep-Alive: timeout=",
                      absl::ToInt64Seconds(options_.keep_alive_timeout), "\r\n",
                      response.substr(at + kClose.size()));
     if (!WriteAllPaced(fd, kept, wake_fd_.get(), kWriteTimeout)) {
-      absl::MutexLock lock(&keep_mu_);
-      keep_alive_[fd] = false;  // the peer is gone or too slow: no next request
+      SetKeepAlive(fd, false);  // the peer is gone or too slow: no next request
     }
     return;
   }
-  if (KeepAlive(fd)) {  // the answer says close: so be it
-    absl::MutexLock lock(&keep_mu_);
-    keep_alive_[fd] = false;
-  }
+  if (keep) SetKeepAlive(fd, false);  // the answer says close: so be it
   WriteAllPaced(fd, response, wake_fd_.get(), kWriteTimeout);
 }
 
@@ -996,7 +998,7 @@ bool OpenAiGateway::AwaitNextRequest(int fd, std::string* data) {
   return next;
 }
 
-void OpenAiGateway::SetKeepAlive(int fd, bool keep) {
+void OpenAiGateway::SetKeepAlive(int fd, bool keep) const {
   absl::MutexLock lock(&keep_mu_);
   keep_alive_[fd] = keep;
 }

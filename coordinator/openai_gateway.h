@@ -21,9 +21,10 @@
 // stop_token_ids, skip_special_tokens, cache_salt (a tenant's cache isolation), priority,
 // request_id.
 //
-// One request per connection (Connection: close), each on its own thread, at most
-// max_connections at once (beyond it: 503). A client that disconnects cancels its generation. The
-// request must arrive within read_timeout; the response streams for as long as the generation runs.
+// A thread per connection, at most max_connections at once (when full, an idle kept-alive
+// connection is closed for a new one, else 503). Connections stay open between requests (see
+// Serve). A client that disconnects cancels its generation. Each request must arrive within
+// read_timeout; the response streams for as long as the generation runs.
 #ifndef STRATA_COORDINATOR_OPENAI_GATEWAY_H_
 #define STRATA_COORDINATOR_OPENAI_GATEWAY_H_
 
@@ -192,7 +193,7 @@ class OpenAiGateway {
   bool AwaitNextRequest(int fd, std::string* data);
   // Whether the answer to the request in progress on `fd` may keep the connection open (Reply
   // then says "Connection: keep-alive"); a streamed answer clears it.
-  void SetKeepAlive(int fd, bool keep);
+  void SetKeepAlive(int fd, bool keep) const;
   bool KeepAlive(int fd) const;
   // The HTTP exchange on `fd` after the request was read.
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);

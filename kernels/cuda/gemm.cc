@@ -132,8 +132,8 @@ void CublasLtGemm::set_small_m_gemv(bool on) { impl_->small_m_gemv = on; }
 bool CublasLtGemm::small_m_gemv() const { return impl_->small_m_gemv; }
 void CublasLtGemm::set_gemv_variant(int variant) { impl_->gemv_variant = variant; }
 void CublasLtGemm::set_gemv_max_m(int64_t m) { impl_->gemv_max_m = std::clamp<int64_t>(m, 0, 8); }
-bool CublasLtGemm::RoutesToGemv(int64_t m, int64_t k) const {
-  return impl_->small_m_gemv && m <= impl_->gemv_max_m && k <= kGemvMaxK;
+bool CublasLtGemm::RoutesToGemv(int64_t m, int64_t k, bool long_rows) const {
+  return impl_->small_m_gemv && m <= impl_->gemv_max_m && (long_rows || k <= kGemvMaxK);
 }
 
 CublasLtGemm::CublasLtGemm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -162,7 +162,7 @@ absl::Status CublasLtGemm::Run(const GemmArgs& g, CudaStreamHandle stream) {
   const int64_t ldy = g.ldy ? g.ldy : g.n;
   if (ldx < g.k) return absl::InvalidArgumentError("gemm: ldx below k");
   if (ldy < g.n) return absl::InvalidArgumentError("gemm: ldy below n");
-  if (g.allow_gemv && RoutesToGemv(g.m, g.gemv_long_rows ? 0 : g.k)) {
+  if (g.allow_gemv && RoutesToGemv(g.m, g.k, g.gemv_long_rows)) {
     gpu::GemvArgs v{g.m,    g.n, g.k, g.x,   ldx,        g.w,
                     g.bias, g.y, ldy, g.act, g.out_type, impl_->gemv_variant};
     v.l2_prefetch = g.gemv_l2_prefetch;

@@ -57,9 +57,10 @@ class CublasLtGemm {
   static constexpr int64_t kGemvMaxK = 8192;
   void set_small_m_gemv(bool on);
   bool small_m_gemv() const;
-  // Whether Run routes an m x k product (allow_gemv, k within kGemvMaxK) to the GEMV, alignment
-  // aside: for callers that launch the GEMV's fused forms themselves on the same rule.
-  bool RoutesToGemv(int64_t m, int64_t k) const;
+  // Whether Run routes an m x k product (allow_gemv, k within kGemvMaxK unless `long_rows`) to the
+  // GEMV, alignment aside: for callers that launch the GEMV's fused forms themselves on the same
+  // rule.
+  bool RoutesToGemv(int64_t m, int64_t k, bool long_rows = false) const;
   void set_gemv_max_m(int64_t m);  // clamped to [0, 8], the kernel's limit
   // The GEMV kernel's variant (gpu::GemvArgs::variant; 0 unless set).
   void set_gemv_variant(int variant);

@@ -110,7 +110,8 @@ ABSL_FLAG(int64_t, gpu_gemv_max_rows, strata::GpuRunnerOptions{}.gemv_max_rows,
           "Largest GPU decode batch whose projections take Strata's GEMV kernel (at most 8; "
           "larger ones take cuBLASLt); the crossover measured on an H200.");
 ABSL_FLAG(int32_t, gpu_gemv_variant, strata::GpuRunnerOptions{}.gemv_variant,
-          "Block shape of the GPU's GEMV kernel (kernels/cuda/gemv.cu's variants, 0 to 10); the "
+          "Block shape of the GPU's GEMV kernel (kernels/cuda/gemv.cu's variants, 0 to "
+          "gpu::kGemvVariants - 1); the "
           "default was the fastest at batch 1 on an H200 (gpu_bench's gemv_variants measures "
           "them all on a card).");
 ABSL_FLAG(bool, gpu_fused_residual_norm, strata::GpuRunnerOptions{}.fused_residual_norm,
