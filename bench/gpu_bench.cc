@@ -807,8 +807,8 @@ int Main() {
                      run.one_block ? "_one_block" : "");
     json.Add(key + "_ms_per_step", ms);
     json.Add(key + "_device_ms_per_step", device_ms);
-    json.Add(key + "_tokens_per_s", run.batch * 1000.0 / ms);
     tokens_per_s[key] = run.batch * 1000.0 / ms;
+    json.Add(key + "_tokens_per_s", tokens_per_s[key]);
     if (run.batch == 1 && run.graphs) {
       json.Add(key + "_fraction_of_roofline", (1000.0 / ms) / roofline);
     }

@@ -284,13 +284,6 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
                                         const GpuRunnerOptions& options) {
   c = config;
   o = options;
-  // Row limits act on powers of two: decode graphs run their batch padded to one, so a limit in
-  // between would treat a graph step and an eager step of the same batch differently.
-  auto floor_pow2 = [](int64_t v) {
-    return v < 1 ? int64_t{0} : static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(v)));
-  };
-  o.gemv_max_rows = floor_pow2(o.gemv_max_rows);
-  o.decode_attention_max_rows = floor_pow2(o.decode_attention_max_rows);
   RETURN_IF_ERROR(ActTypeOf(o.act, &act));
   eb = gpu::ActBytes(act);
   H = c.hidden_size;
@@ -319,17 +312,24 @@ absl::Status GpuModelRunner::Impl::Init(const ModelConfig& config,
   if (o.delta_bytes < 0) {
     return absl::InvalidArgumentError("gpu runner: delta_bytes must be >= 0");
   }
-  if (options.gemv_max_rows < 0 || options.gemv_max_rows > 8) {
+  if (o.gemv_max_rows < 0 || o.gemv_max_rows > 8) {
     return absl::InvalidArgumentError(
         "gpu runner: gemv_max_rows must be 0 to 8 (the GEMV kernel's most rows)");
   }
-  if (options.decode_attention_max_rows < 0) {
+  if (o.decode_attention_max_rows < 0) {
     return absl::InvalidArgumentError("gpu runner: decode_attention_max_rows must be >= 0");
   }
   if (o.gemv_variant < 0 || o.gemv_variant >= gpu::kGemvVariants) {
     return absl::InvalidArgumentError(
         absl::StrCat("gpu runner: gemv_variant must be 0 to ", gpu::kGemvVariants - 1));
   }
+  // Row limits act on powers of two: decode graphs run their batch padded to one, so a limit in
+  // between would treat a graph step and an eager step of the same batch differently.
+  auto floor_pow2 = [](int64_t v) {
+    return v < 1 ? int64_t{0} : static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(v)));
+  };
+  o.gemv_max_rows = floor_pow2(o.gemv_max_rows);
+  o.decode_attention_max_rows = floor_pow2(o.decode_attention_max_rows);
   if (o.max_seqs > o.max_batch_tokens) o.max_seqs = o.max_batch_tokens;
   tile_tokens = AttentionTileTokens(D, c.group_size());
   RETURN_IF_ERROR(CudaDeviceCount().status());
