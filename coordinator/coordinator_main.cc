@@ -26,6 +26,7 @@
 #include "coordinator/coordinator_service.h"
 #include "coordinator/discovery.h"
 #include "coordinator/openai_gateway.h"
+#include "coordinator/tool_calls.h"
 #include "coordinator/worker_pool.h"
 
 ABSL_FLAG(std::vector<std::string>, model, {},
@@ -49,6 +50,10 @@ ABSL_FLAG(std::string, chat_format, "auto",
           "template from tokenizer_config.json or chat_template.jinja; one beyond Strata's Jinja "
           "subset falls back to the llama3 or chatml format its markers name), or llama3, chatml "
           "or none for every model.");
+ABSL_FLAG(std::string, tool_call_format, "auto",
+          "How the models write tool calls, for the chat API's \"tools\": auto (each model's "
+          "own, from the markers its chat template writes), or hermes, llama3_json, mistral, "
+          "mistral_args or none for every model.");
 ABSL_FLAG(double, resolve_interval_s, 5, "How often to re-resolve workers and refresh their info.");
 ABSL_FLAG(int64_t, max_inflight_requests, 1024,
           "Generate calls accepted at once; beyond it Generate fails RESOURCE_EXHAUSTED.");
@@ -115,6 +120,17 @@ int Main() {
     }
     chat_format = *named;
   }
+  std::optional<ToolCallFormat> tool_call_format;
+  if (const std::string f = absl::GetFlag(FLAGS_tool_call_format); f != "auto") {
+    absl::StatusOr<ToolCallFormat> named = ToolCallFormatFromName(f);
+    if (!named.ok()) {
+      LOG(ERROR) << "--tool_call_format must be auto, hermes, llama3_json, mistral, mistral_args "
+                    "or none, not \""
+                 << f << "\"";
+      return 2;
+    }
+    tool_call_format = *named;
+  }
   const std::string routing = absl::GetFlag(FLAGS_routing);
   if (routing == "round_robin") {
     po.router.round_robin = true;
@@ -174,8 +190,13 @@ int Main() {
     std::string note;
     ChatTemplate& chat = http_options.chat_templates[name] =
         LoadChatTemplate(dir, chat_format, *(*models)->Find(name), &note);
+    if (tool_call_format.has_value()) chat.tool_format = *tool_call_format;
     LOG(INFO) << "model " << name << ": chat format " << ChatFormatName(chat.format) << " (" << note
-              << ")";
+              << ")"
+              << (chat.format == ChatFormat::kTemplate
+                      ? absl::StrCat(", tool calls ", ToolCallFormatName(chat.tool_format),
+                                     chat.takes_tools ? "" : " (its template takes no tools)")
+                      : "");
   }
   absl::StatusOr<std::unique_ptr<OpenAiGateway>> http = StartOpenAiGateway(
       absl::GetFlag(FLAGS_http_listen), (*server)->InProcessChannel(), http_options);

@@ -474,7 +474,13 @@ void CoordinatorService::GenerateCall::OnChunk(Attempt* attempt, v1::SubmitRespo
         *p = std::move(*chunk->mutable_logprobs(k));
         FillTexts(*tokenizer_, p);
       }
-      AppendTextLocked(decoder_->Add(token), &r);
+      // The EOS or stop token that ends the generation is not part of its text (as in vLLM),
+      // whether or not special tokens are skipped.
+      if (k + 1 < chunk->token_ids_size() ||
+          (chunk->finish_reason() != v1::FINISH_REASON_STOP_TOKEN &&
+           chunk->finish_reason() != v1::FINISH_REASON_EOS)) {
+        AppendTextLocked(decoder_->Add(token), &r);
+      }
       if (stop_->stopped()) {
         stopped = true;
         r.set_finish_reason(v1::FINISH_REASON_STOP_STRING);
@@ -496,11 +502,17 @@ void CoordinatorService::GenerateCall::OnChunk(Attempt* attempt, v1::SubmitRespo
       cancel_alarm |= SetFinalLocked(grpc::Status::OK);
       cancel_attempt = true;
     } else if (chunk->finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
-      r.mutable_text()->append(decoder_->Flush());
-      r.mutable_text()->append(stop_->Flush());
-      r.set_finish_reason(chunk->finish_reason());
-      if (chunk->finish_reason() == v1::FINISH_REASON_STOP_TOKEN && !generated_.empty()) {
-        r.set_matched_stop(TokenText(*tokenizer_, generated_.back()));
+      // The decoder's last bytes go through the stop strings too, in order.
+      AppendTextLocked(decoder_->Flush(), &r);
+      if (stop_->stopped()) {
+        r.set_finish_reason(v1::FINISH_REASON_STOP_STRING);
+        r.set_matched_stop(stop_->matched());
+      } else {
+        r.mutable_text()->append(stop_->Flush());
+        r.set_finish_reason(chunk->finish_reason());
+        if (chunk->finish_reason() == v1::FINISH_REASON_STOP_TOKEN && !generated_.empty()) {
+          r.set_matched_stop(TokenText(*tokenizer_, generated_.back()));
+        }
       }
       FillUsageLocked(&r);
       // The attempt ends with OK right after this chunk; the stream finishes then.

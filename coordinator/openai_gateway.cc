@@ -48,6 +48,7 @@ constexpr absl::Duration kModelsTtl = absl::Seconds(5);
 // is a generation of its own, read on a thread of its own.
 constexpr int64_t kMaxChoices = 16;
 constexpr int64_t kMaxGenerations = 64;
+constexpr size_t kMaxTools = 128;  // as OpenAI's API
 
 const char* Reason(int status) {
   switch (status) {
@@ -240,6 +241,76 @@ absl::Status TokenIds(const std::vector<JsonValue>& items, v1::TokenIds* out) {
   return absl::OkStatus();
 }
 
+// A chat request's tools, tool_choice and parallel_tool_calls.
+absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string* param) {
+  *param = "tools";
+  if (std::optional<JsonValue> v = root.FindField("tools")) {
+    ASSIGN_OR_RETURN(const std::vector<JsonValue> tools, v->AsArray());
+    if (tools.size() > kMaxTools) {
+      return v->Error(absl::StrCat("holds ", tools.size(), " tools; at most ", kMaxTools));
+    }
+    for (const JsonValue& tool : tools) {
+      ASSIGN_OR_RETURN(const absl::string_view type, tool.StringField("type"));
+      if (type != "function") return tool.Field("type")->Error("must be \"function\"");
+      ASSIGN_OR_RETURN(const JsonValue function, tool.Field("function"));
+      ASSIGN_OR_RETURN(const absl::string_view name, function.StringField("name"));
+      // The name goes into the prompt when a call is forced: letters, digits, _ . and -.
+      if (name.empty() || name.size() > 64 || !std::all_of(name.begin(), name.end(), [](char c) {
+            return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' ||
+                   c == '.';
+          })) {
+        return function.Field("name")->Error(
+            "must be 1 to 64 letters, digits, underscores, dots or dashes");
+      }
+      if (std::find(call->tool_names.begin(), call->tool_names.end(), name) !=
+          call->tool_names.end()) {
+        return function.Field("name")->Error(absl::StrCat("names \"", name, "\" twice"));
+      }
+      if (std::optional<JsonValue> p = function.FindField("parameters"); p && !p->IsObject()) {
+        return p->Error("must be a JSON Schema object");
+      }
+      ASSIGN_OR_RETURN(jinja::Value value, jinja::Value::FromJson(tool));
+      call->tools.push_back(std::move(value));
+      call->tool_names.emplace_back(name);
+    }
+  }
+  *param = "tool_choice";
+  call->tool_choice = call->tools.empty() ? ToolChoice::kNone : ToolChoice::kAuto;
+  if (std::optional<JsonValue> v = root.FindField("tool_choice")) {
+    if (v->IsString()) {
+      const absl::string_view choice = *v->AsString();
+      if (choice == "none") {
+        call->tool_choice = ToolChoice::kNone;
+      } else if (choice == "auto") {
+        // (Without tools, as none.)
+      } else if (choice == "required") {
+        call->tool_choice = ToolChoice::kRequired;
+      } else {
+        return v->Error("must be none, auto, required or {\"type\": \"function\", ...}");
+      }
+    } else {
+      ASSIGN_OR_RETURN(const absl::string_view type, v->StringField("type"));
+      if (type != "function") return v->Field("type")->Error("must be \"function\"");
+      ASSIGN_OR_RETURN(const JsonValue function, v->Field("function"));
+      ASSIGN_OR_RETURN(const absl::string_view name, function.StringField("name"));
+      if (std::find(call->tool_names.begin(), call->tool_names.end(), name) ==
+          call->tool_names.end()) {
+        return function.Field("name")->Error(
+            absl::StrCat("names \"", name, "\", which is not one of the tools"));
+      }
+      call->tool_choice = ToolChoice::kNamed;
+      call->tool_choice_name = std::string(name);
+    }
+    if (call->tools.empty() &&
+        (call->tool_choice == ToolChoice::kRequired || call->tool_choice == ToolChoice::kNamed)) {
+      return v->Error("asks for a tool call, but the request has no tools");
+    }
+  }
+  *param = "parallel_tool_calls";
+  RETURN_IF_ERROR(root.BoolFieldOr("parallel_tool_calls", true).status());
+  return absl::OkStatus();
+}
+
 // The body of /v1/completions (`chat` false) or /v1/chat/completions.
 absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, std::string* param) {
   param->clear();
@@ -262,11 +333,38 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
     if (items.empty()) return messages.Error("must not be empty");
     for (const JsonValue& m : items) {
       ASSIGN_OR_RETURN(const absl::string_view role, m.StringField("role"));
-      if (role != "system" && role != "user" && role != "assistant" && role != "developer") {
-        return m.Field("role")->Error("must be system, developer, user or assistant");
+      if (role != "system" && role != "user" && role != "assistant" && role != "developer" &&
+          role != "tool") {
+        return m.Field("role")->Error("must be system, developer, user, assistant or tool");
       }
-      // A string, or text parts ([{"type": "text", "text": ...}]); null for an assistant turn
-      // that only called tools, which Strata does not do.
+      ChatMessage& message = call.messages.emplace_back();
+      message.role = role == "developer" ? "system" : std::string(role);
+      ASSIGN_OR_RETURN(message.name, m.StringFieldOr("name", ""));
+      if (role == "assistant") {
+        if (std::optional<JsonValue> calls = m.FindField("tool_calls")) {
+          ASSIGN_OR_RETURN(const std::vector<JsonValue> list, calls->AsArray());
+          for (const JsonValue& c : list) {
+            ASSIGN_OR_RETURN(const std::string type, c.StringFieldOr("type", "function"));
+            if (type != "function") return c.Field("type")->Error("must be \"function\"");
+            ASSIGN_OR_RETURN(const absl::string_view id, c.StringField("id"));
+            ASSIGN_OR_RETURN(const JsonValue function, c.Field("function"));
+            ASSIGN_OR_RETURN(const absl::string_view name, function.StringField("name"));
+            ASSIGN_OR_RETURN(const absl::string_view arguments, function.StringField("arguments"));
+            message.tool_calls.push_back(
+                {std::string(id), std::string(name), std::string(arguments)});
+          }
+        }
+      }
+      if (role == "tool") {
+        ASSIGN_OR_RETURN(const absl::string_view id, m.StringField("tool_call_id"));
+        message.tool_call_id = std::string(id);
+      }
+      // A string, or text parts ([{"type": "text", "text": ...}]); null (or left out) for an
+      // assistant turn that only called tools.
+      if (role == "assistant" && !message.tool_calls.empty() &&
+          !m.FindField("content").has_value()) {
+        continue;
+      }
       ASSIGN_OR_RETURN(const JsonValue content, m.Field("content"));
       std::string text;
       if (content.IsString()) {
@@ -280,9 +378,9 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
           absl::StrAppend(&text, text.empty() ? "" : "\n", t);  // parts a line apart, as vLLM
         }
       }
-      call.messages.emplace_back(role == "developer" ? "system" : std::string(role),
-                                 std::move(text));
+      message.content = std::move(text);
     }
+    RETURN_IF_ERROR(ParseTools(root, &call, param));
   }
   *param = "prompt";
   // Chat: the messages make the prompt (RenderChat, once the model's chat format is known).
@@ -457,12 +555,6 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
     *param = "suffix";
     ASSIGN_OR_RETURN(const std::string suffix, root.StringFieldOr("suffix", ""));
     if (!suffix.empty()) return root.Field("suffix")->Error("is not supported");
-  } else {
-    *param = "tools";
-    if (std::optional<JsonValue> v = root.FindField("tools")) {
-      ASSIGN_OR_RETURN(const std::vector<JsonValue> tools, v->AsArray());
-      if (!tools.empty()) return v->Error("is not supported");
-    }
   }
   // {"token id": bias, ...}; the ids and ranges are the server's to check (sampling.logit_bias).
   *param = "logit_bias";
@@ -642,6 +734,8 @@ ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> 
       }
       // It must render a one-message conversation (a template may need what Strata does not give).
       absl::StatusOr<std::string> probe = RenderChatTemplate(chat, {{"user", "Hello"}});
+      chat.takes_tools = absl::StrContains(*source, "tools");
+      chat.tool_format = DetectToolCallFormat(*source);
       if (probe.ok()) {
         *note = "the model's chat template";
       } else {
@@ -671,20 +765,45 @@ ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> 
   return chat;
 }
 
-absl::StatusOr<std::string> RenderChatTemplate(
-    const ChatTemplate& chat, const std::vector<std::pair<std::string, std::string>>& messages) {
+absl::StatusOr<std::string> RenderChatTemplate(const ChatTemplate& chat,
+                                               const std::vector<ChatMessage>& messages,
+                                               const jinja::List* tools) {
   if (chat.format != ChatFormat::kTemplate) return RenderChat(chat.format, messages);
   if (chat.jinja == nullptr) return absl::FailedPreconditionError("no chat template loaded");
   jinja::List list;
-  for (const auto& [role, content] : messages) {
-    list.push_back(jinja::Value(
-        jinja::Dict{{"role", jinja::Value(role)}, {"content", jinja::Value(content)}}));
+  for (const ChatMessage& m : messages) {
+    jinja::Dict d{
+        {"role", jinja::Value(m.role)},
+        {"content", m.content.has_value() ? jinja::Value(*m.content) : jinja::Value::None()}};
+    if (!m.name.empty()) d.emplace_back("name", jinja::Value(m.name));
+    if (!m.tool_call_id.empty()) d.emplace_back("tool_call_id", jinja::Value(m.tool_call_id));
+    if (!m.tool_calls.empty()) {
+      jinja::List calls;
+      for (const ToolCall& c : m.tool_calls) {
+        // The arguments as a mapping where they are a JSON object (templates write them with
+        // tojson, or walk their items), as vLLM gives them.
+        jinja::Value arguments(c.arguments);
+        if (absl::StatusOr<JsonDocument> doc = JsonDocument::Parse(c.arguments, "arguments");
+            doc.ok() && doc->root().IsObject()) {
+          if (absl::StatusOr<jinja::Value> v = jinja::Value::FromJson(doc->root()); v.ok()) {
+            arguments = *std::move(v);
+          }
+        }
+        calls.push_back(jinja::Value(jinja::Dict{
+            {"id", jinja::Value(c.id)},
+            {"type", jinja::Value("function")},
+            {"function", jinja::Value(jinja::Dict{{"name", jinja::Value(c.name)},
+                                                  {"arguments", std::move(arguments)}})}}));
+      }
+      d.emplace_back("tool_calls", jinja::Value(std::move(calls)));
+    }
+    list.push_back(jinja::Value(std::move(d)));
   }
-  // As transformers renders: tools and documents given, as None (Llama 3.1's template, say, asks
-  // `tools is not none`).
+  // As transformers renders: tools and documents given, as None when there are none (Llama
+  // 3.1's template, say, asks `tools is not none`).
   const jinja::Value context(jinja::Dict{
       {"messages", jinja::Value(std::move(list))},
-      {"tools", jinja::Value::None()},
+      {"tools", tools != nullptr && !tools->empty() ? jinja::Value(*tools) : jinja::Value::None()},
       {"documents", jinja::Value::None()},
       {"add_generation_prompt", jinja::Value(true)},
       {"bos_token", jinja::Value(chat.bos_token)},
@@ -697,10 +816,11 @@ absl::StatusOr<std::string> RenderChatTemplate(
   return text;
 }
 
-std::string RenderChat(ChatFormat format,
-                       const std::vector<std::pair<std::string, std::string>>& messages) {
+std::string RenderChat(ChatFormat format, const std::vector<ChatMessage>& messages) {
   std::string out;
-  for (const auto& [role, content] : messages) {
+  for (const ChatMessage& m : messages) {
+    const std::string& role = m.role;
+    const std::string content = m.content.value_or("");
     if (format == ChatFormat::kLlama3) {
       // As Llama 3's template: the content trimmed; the BOS comes from the tokenizer.
       absl::StrAppend(&out, "<|start_header_id|>", role, "<|end_header_id|>\n\n",
@@ -1351,6 +1471,10 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   if (call->stream) SetKeepAlive(fd, false);
   const std::string model_asked = call->request.model();
   const uint32_t context = ResolveModel(&call->request);
+  // Chat with tools the model may call: how it writes calls (kNone: no calls are looked for), and
+  // the text the prompt ends with to make it call one (tool_choice required or named).
+  ToolCallFormat tool_format = ToolCallFormat::kNone;
+  std::string forced_call;
   if (chat) {
     auto it = options_.chat_templates.find(call->request.model());
     if (it == options_.chat_templates.end()) {
@@ -1369,14 +1493,58 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                               "model"));
       return;
     }
-    absl::StatusOr<std::string> prompt = RenderChatTemplate(chat_template, call->messages);
+    const bool tool_turns =
+        std::any_of(call->messages.begin(), call->messages.end(),
+                    [](const ChatMessage& m) { return m.role == "tool" || !m.tool_calls.empty(); });
+    if (format != ChatFormat::kTemplate && (!call->tools.empty() || tool_turns)) {
+      Reply(fd,
+            ErrorResponse(400,
+                          absl::StrCat("model \"", model_asked, "\" is served with the built-in ",
+                                       ChatFormatName(format),
+                                       " chat format, which has no way to give it tools or "
+                                       "their results: serve it with its own chat template"),
+                          call->tools.empty() ? "messages" : "tools"));
+      return;
+    }
+    if (!call->tools.empty()) {
+      if (!chat_template.takes_tools) {
+        Reply(fd, ErrorResponse(400,
+                                absl::StrCat("model \"", model_asked,
+                                             "\"'s chat template does not give it tools"),
+                                "tools"));
+        return;
+      }
+      if (call->tool_choice != ToolChoice::kNone) {
+        tool_format = chat_template.tool_format;
+        if (tool_format == ToolCallFormat::kNone) {
+          Reply(fd,
+                ErrorResponse(400,
+                              absl::StrCat("Strata does not know how model \"", model_asked,
+                                           "\" writes tool calls: start the coordinator with "
+                                           "--tool_call_format (hermes, llama3_json, mistral or "
+                                           "mistral_args), or send \"tool_choice\": \"none\""),
+                              "tools"));
+          return;
+        }
+      }
+    }
+    absl::StatusOr<std::string> prompt =
+        RenderChatTemplate(chat_template, call->messages, &call->tools);
     if (!prompt.ok()) {
       // The template refused the conversation (raise_exception: roles that do not alternate, a
       // role it does not know), or failed on it.
       Reply(fd, ErrorResponse(400, prompt.status().message(), "messages"));
       return;
     }
+    if (call->tool_choice == ToolChoice::kRequired || call->tool_choice == ToolChoice::kNamed) {
+      forced_call = ForcedToolCallPrefix(tool_format, call->tool_choice_name);
+      absl::StrAppend(&*prompt, forced_call);
+    }
     call->request.set_text(*std::move(prompt));
+    // The calls' markers may be special tokens (Mistral's [TOOL_CALLS]), which the parser must see.
+    if (tool_format != ToolCallFormat::kNone) {
+      call->request.mutable_sampling()->set_skip_special_tokens(false);
+    }
     // The turn ends at the format's marker: a stop token when the vocabulary has it as one (left
     // out of the text), else a stop string. Not with ignore_eos, which asks to go on past ends.
     v1::SamplingParams& s = *call->request.mutable_sampling();
@@ -1412,6 +1580,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     // Echo: its prompt's text and first token's, and whether the server adds that token.
     std::string echo_text, first_token;
     bool first_added = false;
+    // Chat with tools: the calls in its text, and how many were answered (streamed) so far.
+    std::optional<ToolCallParser> tool_calls;
+    int calls_sent = 0;
   };
   const bool score_only = call->score_only;
   const bool want_logprobs = call->request.sampling().has_logprobs();
@@ -1436,7 +1607,29 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   for (int k = 0; k < total; ++k) {
     choices.push_back(std::make_unique<Choice>());
     contexts.push_back(&choices.back()->ctx);
+    if (tool_format != ToolCallFormat::kNone) {
+      choices.back()->tool_calls.emplace(tool_format, forced_call);
+    }
   }
+  // finish_reason "tool_calls" for a choice that called tools and stopped; with a named function
+  // forced, "stop" (as OpenAI and vLLM answer).
+  const bool calls_finish = call->tool_choice != ToolChoice::kNamed;
+  // A chat answer's text and calls as "content" and "tool_calls" (`delta`: a stream's, the calls
+  // numbered from c.calls_sent); content is null when there are calls and no text.
+  auto chat_message = [&](Choice& c, const std::string& text, const std::vector<ToolCall>& calls,
+                          bool delta) {
+    std::vector<std::string> entries;
+    for (const ToolCall& t : calls) {
+      entries.push_back(
+          absl::StrCat("{", delta ? absl::StrCat("\"index\":", c.calls_sent, ",") : "",
+                       "\"id\":", JsonQuote(t.id), ",\"type\":\"function\",\"function\":{\"name\":",
+                       JsonQuote(t.name), ",\"arguments\":", JsonQuote(t.arguments), "}}"));
+      ++c.calls_sent;
+    }
+    return absl::StrCat(
+        "\"content\":", text.empty() && !entries.empty() ? "null" : JsonQuote(text),
+        entries.empty() ? "" : absl::StrCat(",\"tool_calls\":[", absl::StrJoin(entries, ","), "]"));
+  };
   if (call->echo) {
     for (int p = 0; p < num_prompts; ++p) {
       Choice& c = *choices[p * n];
@@ -1595,16 +1788,36 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
         c.offset = static_cast<int64_t>(c.echo_text.size());
         c.first_event = false;
       }
-      if (!chunk.text().empty() || reason != nullptr || chunk.logprobs_size() > 0) {
+      // Chat with tools: the text that is not part of a call, and the calls completed.
+      ToolCallParser::Output parsed;
+      if (c.tool_calls.has_value()) {
+        parsed = c.tool_calls->Add(chunk.text());
+        if (reason != nullptr) {
+          ToolCallParser::Output rest = c.tool_calls->Finish();
+          parsed.content += rest.content;
+          for (ToolCall& t : rest.calls) parsed.calls.push_back(std::move(t));
+        }
+      } else {
+        parsed.content = chunk.text();
+      }
+      if (!parsed.content.empty() || !parsed.calls.empty() || reason != nullptr ||
+          chunk.logprobs_size() > 0) {
         Logprobs lp;
         lp.offset = c.offset;  // text_offset counts from the completion's start
         if (want_logprobs) lp.Add(chunk.logprobs());
         c.offset = lp.offset;
         // Chat: each choice's first delta names the role.
-        const std::string content =
-            chat ? absl::StrCat("\"delta\":{", c.first_event ? "\"role\":\"assistant\"," : "",
-                                "\"content\":", JsonQuote(chunk.text()), "}")
-                 : absl::StrCat("\"text\":", JsonQuote(chunk.text()));
+        std::string content;
+        if (chat) {
+          content = absl::StrCat("\"delta\":{", c.first_event ? "\"role\":\"assistant\"," : "",
+                                 chat_message(c, parsed.content, parsed.calls, true), "}");
+          if (calls_finish && c.calls_sent > 0 && reason != nullptr &&
+              std::string_view(reason) == "stop") {
+            reason = "tool_calls";
+          }
+        } else {
+          content = absl::StrCat("\"text\":", JsonQuote(chunk.text()));
+        }
         c.first_event = false;
         entries.push_back(choice_json(index, content, want_logprobs ? &lp : nullptr, reason));
       }
@@ -1692,11 +1905,27 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   if (!call->stream) {
     std::vector<std::string> entries;
     for (int k = 0; k < total; ++k) {
-      const Choice& c = *choices[k];
-      const std::string content =
-          chat ? absl::StrCat("\"message\":{\"role\":\"assistant\",\"content\":", JsonQuote(c.text),
-                              "}")
-               : absl::StrCat("\"text\":", JsonQuote(c.echo_text + c.text));
+      Choice& c = *choices[k];
+      std::string content;
+      if (chat) {
+        ToolCallParser::Output parsed;
+        if (c.tool_calls.has_value()) {
+          parsed = c.tool_calls->Add(c.text);
+          ToolCallParser::Output rest = c.tool_calls->Finish();
+          parsed.content += rest.content;
+          for (ToolCall& t : rest.calls) parsed.calls.push_back(std::move(t));
+        } else {
+          parsed.content = c.text;
+        }
+        content = absl::StrCat("\"message\":{\"role\":\"assistant\",",
+                               chat_message(c, parsed.content, parsed.calls, false), "}");
+        if (calls_finish && c.calls_sent > 0 && c.finish != nullptr &&
+            std::string_view(c.finish) == "stop") {
+          c.finish = "tool_calls";
+        }
+      } else {
+        content = absl::StrCat("\"text\":", JsonQuote(c.echo_text + c.text));
+      }
       Logprobs lp;
       if (want_logprobs) {
         if (call->echo) {

@@ -4,7 +4,8 @@
 //
 //   GET  /v1/models            the base models and their fine-tunes (ListModels)
 //   POST /v1/completions       one completion (Generate); "stream": true sends server-sent events
-//   POST /v1/chat/completions  the same for a conversation, written out in the model's ChatFormat
+//   POST /v1/chat/completions  the same for a conversation, written out in the model's ChatFormat;
+//                              with "tools", the calls the model writes come back as tool_calls
 //   GET  /health               200 while the coordinator serves
 //
 // A completion request is translated into one GenerateRequest (CompletionFromJson) and sent through
@@ -45,12 +46,35 @@
 #include "absl/time/time.h"
 #include "common/unique_fd.h"
 #include "coordinator/jinja.h"
+#include "coordinator/tool_calls.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
 #include "tokenizer/tokenizer.h"
 
 namespace strata {
+
+// One message of a chat: system (a developer message becomes one), user, assistant or tool.
+struct ChatMessage {
+  ChatMessage() = default;
+  ChatMessage(std::string role, std::optional<std::string> content)
+      : role(std::move(role)), content(std::move(content)) {}
+
+  std::string role;
+  std::optional<std::string> content;  // null: an assistant turn that only called tools
+  // An assistant turn's calls (their arguments as the client sent them, JSON text).
+  std::vector<ToolCall> tool_calls;
+  std::string tool_call_id;  // a tool's answer: the call it answers
+  std::string name;          // the participant's or the tool's name, when given
+};
+
+// What the chat request lets the model do with its tools (OpenAI's tool_choice).
+enum class ToolChoice {
+  kAuto,      // call them or answer in text (the default with tools)
+  kNone,      // answer in text (the tools are still shown to the model)
+  kRequired,  // call at least one
+  kNamed,     // call the named one
+};
 
 // A /v1/completions or /v1/chat/completions request as Generate takes it.
 struct CompletionCall {
@@ -67,10 +91,18 @@ struct CompletionCall {
   // request generates one token, which the answer leaves out.
   bool echo = false;
   bool score_only = false;
-  // Chat: the messages (role, text), rendered into request.text by the model's chat format; no
-  // max_tokens given (until the turn ends or the context is full).
-  std::vector<std::pair<std::string, std::string>> messages;
+  // Chat: the messages, rendered into request.text by the model's chat format; no max_tokens
+  // given (until the turn ends or the context is full).
+  std::vector<ChatMessage> messages;
   bool default_max_tokens = false;
+  // Chat: the tools as given ({"type": "function", "function": {"name", "description",
+  // "parameters"}}) for the template, their names, and tool_choice (the function's name for
+  // kNamed). parallel_tool_calls is checked and not enforced: every call the model writes comes
+  // back (as vLLM does), since dropping one would lose what the model wrote.
+  jinja::List tools;
+  std::vector<std::string> tool_names;
+  ToolChoice tool_choice = ToolChoice::kAuto;
+  std::string tool_choice_name;
 };
 
 // How a model's chat turns are written out: by the model's own Jinja chat template (kTemplate:
@@ -83,14 +115,15 @@ ChatFormat ChatFormatOfTokenizerConfig(absl::string_view tokenizer_config_json);
 absl::StatusOr<ChatFormat> ChatFormatFromName(absl::string_view name);
 const char* ChatFormatName(ChatFormat format);
 // The prompt for `messages`, ending with the assistant's turn opened (no BOS: the tokenizer adds
-// it), and the token that ends a turn.
-std::string RenderChat(ChatFormat format,
-                       const std::vector<std::pair<std::string, std::string>>& messages);
+// it), and the token that ends a turn. The built-in formats write text turns only (a tool's
+// answer or an assistant's calls need the model's own template).
+std::string RenderChat(ChatFormat format, const std::vector<ChatMessage>& messages);
 const char* ChatEndOfTurn(ChatFormat format);
 
-// Parses a /v1/chat/completions body: messages (system / developer / user / assistant, text
-// content), the sampling fields of CompletionFromJson, max_completion_tokens, logprobs (true) with
-// top_logprobs, n; refuses tools.
+// Parses a /v1/chat/completions body: messages (system / developer / user / assistant / tool, text
+// content, an assistant's tool_calls), the sampling fields of CompletionFromJson,
+// max_completion_tokens, logprobs (true) with top_logprobs, n, tools, tool_choice,
+// parallel_tool_calls.
 absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string* param);
 
 // Parses a /v1/completions body (one prompt or several, n, echo, logit_bias). INVALID_ARGUMENT
@@ -120,6 +153,10 @@ struct ChatTemplate {
   std::string bos_token, eos_token;
   bool strip_bos = false;
   std::string end_marker;
+  // kTemplate: whether the template reads "tools", and how the model writes its calls (detected
+  // from the template, or named by strata-coordinator --tool_call_format).
+  bool takes_tools = false;
+  ToolCallFormat tool_format = ToolCallFormat::kNone;
 };
 
 // The chat template text of a tokenizer_config.json (its "chat_template", or the "default" one of
@@ -134,10 +171,13 @@ std::optional<std::string> ChatTemplateSource(absl::string_view tokenizer_config
 ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> forced,
                               const Tokenizer& tokenizer, std::string* note);
 
-// The prompt for `messages` in `chat`'s format (see RenderChat); INVALID_ARGUMENT with the
-// template's message when its template refuses them (roles that do not alternate, say).
-absl::StatusOr<std::string> RenderChatTemplate(
-    const ChatTemplate& chat, const std::vector<std::pair<std::string, std::string>>& messages);
+// The prompt for `messages` in `chat`'s format (see RenderChat), the template given `tools` (none:
+// None); INVALID_ARGUMENT with the template's message when its template refuses them (roles that
+// do not alternate, say). An assistant's call arguments reach the template as a mapping where
+// they are a JSON object (as transformers' templates expect), else as the text.
+absl::StatusOr<std::string> RenderChatTemplate(const ChatTemplate& chat,
+                                               const std::vector<ChatMessage>& messages,
+                                               const jinja::List* tools = nullptr);
 
 struct OpenAiGatewayOptions {
   // By base model; a model missing here is not served (404), one with kNone refuses chats (400).

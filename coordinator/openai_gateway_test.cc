@@ -209,8 +209,11 @@ TEST(ChatFromJsonTest, MessagesAndTheChatFields) {
                                                         &param);
   ASSERT_TRUE(c.ok()) << c.status();
   ASSERT_EQ(c->messages.size(), 4u);
-  EXPECT_EQ(c->messages[0], (std::pair<std::string, std::string>{"system", "Be brief."}));
-  EXPECT_EQ(c->messages[1].second, "Hi \nthere");  // parts a line apart
+  EXPECT_EQ(c->messages[0].role, "system");
+  EXPECT_EQ(c->messages[0].content, "Be brief.");
+  EXPECT_EQ(c->messages[1].content, "Hi \nthere");  // parts a line apart
+  EXPECT_TRUE(c->tools.empty());
+  EXPECT_EQ(c->tool_choice, ToolChoice::kNone);
   EXPECT_EQ(c->request.sampling().max_tokens(), 9u);
   EXPECT_FALSE(c->default_max_tokens);
   EXPECT_TRUE(c->stream);
@@ -228,6 +231,49 @@ TEST(ChatFromJsonTest, MessagesAndTheChatFields) {
       &param);
   ASSERT_TRUE(lp.ok()) << lp.status();
   EXPECT_EQ(lp->request.sampling().logprobs(), 2u);
+}
+
+TEST(ChatFromJsonTest, ToolsToolChoiceAndToolTurns) {
+  std::string param;
+  const absl::StatusOr<CompletionCall> c = ChatFromJson(R"({
+    "model": "m", "messages": [
+      {"role": "user", "content": "Weather in Paris?"},
+      {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}],
+    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Now.",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+              {"type": "function", "function": {"name": "ns.time-now"}}],
+    "tool_choice": {"type": "function", "function": {"name": "ns.time-now"}},
+    "parallel_tool_calls": false})",
+                                                        &param);
+  ASSERT_TRUE(c.ok()) << c.status() << " " << param;
+  ASSERT_EQ(c->messages.size(), 3u);
+  EXPECT_FALSE(c->messages[1].content.has_value());
+  ASSERT_EQ(c->messages[1].tool_calls.size(), 1u);
+  EXPECT_EQ(c->messages[1].tool_calls[0],
+            (ToolCall{"call_1", "get_weather", "{\"city\": \"Paris\"}"}));
+  EXPECT_EQ(c->messages[2].role, "tool");
+  EXPECT_EQ(c->messages[2].tool_call_id, "call_1");
+  EXPECT_EQ(c->messages[2].content, "18 C");
+  ASSERT_EQ(c->tools.size(), 2u);
+  EXPECT_EQ(c->tools[0].Get("function").Get("description").s(), "Now.");
+  EXPECT_EQ(c->tool_names, (std::vector<std::string>{"get_weather", "ns.time-now"}));
+  EXPECT_EQ(c->tool_choice, ToolChoice::kNamed);
+  EXPECT_EQ(c->tool_choice_name, "ns.time-now");
+  // Tools without a tool_choice: auto; "none" keeps them for the prompt.
+  for (const auto& [choice, want] : {std::pair<std::string, ToolChoice>{"", ToolChoice::kAuto},
+                                     {R"(, "tool_choice": "none")", ToolChoice::kNone},
+                                     {R"(, "tool_choice": "required")", ToolChoice::kRequired}}) {
+    const absl::StatusOr<CompletionCall> d =
+        ChatFromJson(absl::StrCat(R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                        "tools": [{"type": "function", "function": {"name": "f"}}])",
+                                  choice, "}"),
+                     &param);
+    ASSERT_TRUE(d.ok()) << d.status();
+    EXPECT_EQ(d->tool_choice, want) << choice;
+    EXPECT_EQ(d->tools.size(), 1u);
+  }
 }
 
 TEST(ChatFromJsonTest, RefusalsNameTheField) {
@@ -253,7 +299,32 @@ TEST(ChatFromJsonTest, RefusalsNameTheField) {
                     "top_logprobs": 99})",
                "top_logprobs", "0 to 20"},
           Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]})",
-               "tools", "not supported"},
+               "tools", "tools[0].type"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools":
+                    [{"type": "function", "function": {"name": "a b"}}]})",
+               "tools", "tools[0].function.name\" must be 1 to 64 letters"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools":
+                    [{"type": "function", "function": {"name": "f"}},
+                     {"type": "function", "function": {"name": "f"}}]})",
+               "tools", "names \"f\" twice"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools":
+                    [{"type": "function", "function": {"name": "f", "parameters": []}}]})",
+               "tools", "JSON Schema object"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools":
+                    [{"type": "function", "function": {"name": "f"}}],
+                    "tool_choice": {"type": "function", "function": {"name": "g"}}})",
+               "tool_choice", "not one of the tools"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                    "tool_choice": "required"})",
+               "tool_choice", "no tools"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools":
+                    [{"type": "function", "function": {"name": "f"}}], "tool_choice": "any"})",
+               "tool_choice", "must be none, auto, required"},
+          Case{R"({"model": "m", "messages": [{"role": "tool", "content": "x"}]})", "messages",
+               "messages[0].tool_call_id"},
+          Case{R"({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "1",
+                    "type": "function", "function": {"name": "f", "arguments": {}}}]}]})",
+               "messages", "arguments\" must be a string"},
           Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 99})", "n",
                "1 to 16"},
       }) {
@@ -281,8 +352,7 @@ TEST(ChatFormatTest, DetectedFromTheTemplateAndRendered) {
   EXPECT_EQ(*ChatFormatFromName("chatml"), ChatFormat::kChatml);
   EXPECT_FALSE(ChatFormatFromName("jinja").ok());
 
-  const std::vector<std::pair<std::string, std::string>> m = {{"system", " Be brief. "},
-                                                              {"user", "Hi"}};
+  const std::vector<ChatMessage> m = {{"system", " Be brief. "}, {"user", "Hi"}};
   EXPECT_EQ(RenderChat(ChatFormat::kLlama3, m),
             "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
@@ -378,6 +448,58 @@ TEST(LoadChatTemplateTest, GivesToolsAndDocumentsAsNoneAsTransformersDoes) {
   absl::StatusOr<std::string> text = RenderChatTemplate(chat, {{"user", "U"}});
   ASSERT_TRUE(text.ok()) << text.status();
   EXPECT_EQ(*text, "no documents");
+}
+
+// A template in the shape of Qwen 2.5's: tools in a system turn, calls and their answers as turns.
+constexpr char kHermesJinja[] =
+    "{%- if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}"
+    "{% endfor %}\n</tools>\nCall one with <tool_call>\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content or '' }}"
+    "{%- for tc in m.tool_calls %}<tool_call>\n{\"name\": \"{{ tc.function.name }}\", "
+    "\"arguments\": {{ tc.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+TEST(LoadChatTemplateTest, GivesToolsAndToolTurnsToTheTemplate) {
+  const ModelDir m = MakeModelDir("hermes", Config(kHermesJinja));
+  std::string note;
+  const ChatTemplate chat = LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note);
+  ASSERT_EQ(chat.format, ChatFormat::kTemplate) << note;
+  EXPECT_TRUE(chat.takes_tools);
+  EXPECT_EQ(chat.tool_format, ToolCallFormat::kHermes);
+  std::string param;
+  const absl::StatusOr<CompletionCall> c = ChatFromJson(R"({
+    "model": "m", "messages": [
+      {"role": "user", "content": "Weather in Paris?"},
+      {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}],
+    "tools": [{"type": "function", "function": {"name": "get_weather",
+               "parameters": {"type": "object"}}}]})",
+                                                        &param);
+  ASSERT_TRUE(c.ok()) << c.status();
+  absl::StatusOr<std::string> text = RenderChatTemplate(chat, c->messages, &c->tools);
+  ASSERT_TRUE(text.ok()) << text.status();
+  // As jinja2 renders it (trim_blocks: no newline after a block tag).
+  EXPECT_EQ(*text,
+            "<|im_start|>system\n<tools>{\"type\": \"function\", \"function\": {\"name\": "
+            "\"get_weather\", \"parameters\": {\"type\": \"object\"}}}</tools>\nCall one with "
+            "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+            "</tool_call><|im_end|><|im_start|>user\nWeather in Paris?<|im_end|>"
+            "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
+            "{\"city\": \"Paris\"}}\n</tool_call><|im_end|><|im_start|>user\n<tool_response>\n"
+            "18 C\n</tool_response><|im_end|><|im_start|>assistant\n");
+  // Arguments that are not a JSON object reach the template as their text.
+  std::vector<ChatMessage> odd = c->messages;
+  odd[1].tool_calls[0].arguments = "not json";
+  text = RenderChatTemplate(chat, odd, nullptr);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_TRUE(absl::StrContains(*text, "\"arguments\": \"not json\"}")) << *text;
+  EXPECT_FALSE(absl::StrContains(*text, "<tools>")) << *text;  // no tools: None
 }
 
 TEST(LoadChatTemplateTest, ReadsChatTemplateJinjaBesideTheConfig) {

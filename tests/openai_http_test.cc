@@ -22,6 +22,7 @@
 #include "absl/time/clock.h"
 #include "common/json.h"
 #include "coordinator/openai_gateway.h"
+#include "coordinator/tool_calls.h"
 #include "gtest/gtest.h"
 #include "tests/cluster_client.h"
 #include "tests/http_client.h"
@@ -85,6 +86,31 @@ class OpenAiHttpTest : public ::testing::Test {
       return kEmpty->root();
     }
     return list[0];
+  }
+
+  // A second coordinator over the cluster's workers, its HTTP API on the returned port, serving
+  // the bundled model with `chat_template` (and the bundled tokenizer) from a directory `name`.
+  static int StartTemplatedCoordinator(const std::string& name, const std::string& chat_template) {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    const std::string dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/", name);
+    mkdir(dir.c_str(), 0755);
+    {
+      std::ifstream in(absl::StrCat(kTinyModelDir, "/tokenizer.json"));
+      std::ofstream(dir + "/tokenizer.json") << in.rdbuf();
+    }
+    std::ofstream(dir + "/tokenizer_config.json")
+        << R"({"add_bos_token": true, "bos_token": "<|bos|>", "eos_token": "<|endoftext|>", )"
+        << R"("chat_template": )" << JsonQuote(chat_template) << "}";
+    const int port = FreePort();
+    auto address = cluster_->StartExtraCoordinator({absl::StrCat("--model=", kTinyModel, "=", dir),
+                                                    absl::StrCat("--http_listen=127.0.0.1:", port)},
+                                                   name + "-coordinator");
+    EXPECT_TRUE(address.ok()) << address.status();
+    if (!address.ok()) return 0;
+    auto admin =
+        v1::Admin::NewStub(grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
+    EXPECT_TRUE(cluster_->WaitForServingWorkers(admin.get(), 1, absl::Seconds(30)).ok());
+    return port;
   }
 
   // The prompt's tokens as Generate takes a text prompt (BOS first), through gRPC.
@@ -602,8 +628,8 @@ TEST_F(OpenAiHttpTest, SentencePieceCompletionsContinueThePromptsText) {
 // Chat completions: the conversation written out in the model's chat format, then the same
 // generation as the gRPC API gives for that text; streamed, the deltas add up to it.
 TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
-  const std::vector<std::pair<std::string, std::string>> messages = {
-      {"system", "You write Python."}, {"user", "A function that parses a config file"}};
+  const std::vector<ChatMessage> messages = {{"system", "You write Python."},
+                                             {"user", "A function that parses a config file"}};
   v1::GenerateRequest r = TextRequest(RenderChat(ChatFormat::kChatml, messages), 10, 5);
   r.mutable_sampling()->set_temperature(0.8f);
   r.mutable_sampling()->set_skip_special_tokens(true);
@@ -711,13 +737,6 @@ TEST_F(OpenAiHttpTest, AChatCompletionIsTheRenderedConversationsCompletion) {
 // text the template renders, the template's BOS cut (the tokenizer adds one); a conversation the
 // template refuses is a 400 naming "messages", and the server goes on.
 TEST_F(OpenAiHttpTest, AModelsOwnJinjaChatTemplateRendersTheConversation) {
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  const std::string dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/templated_model");
-  mkdir(dir.c_str(), 0755);
-  {
-    std::ifstream in(absl::StrCat(kTinyModelDir, "/tokenizer.json"));
-    std::ofstream(dir + "/tokenizer.json") << in.rdbuf();
-  }
   const std::string chat_template =
       "{%- if messages[0]['role'] == 'system' %}{%- set sys = messages[0]['content'] %}"
       "{%- set rest = messages[1:] %}{%- else %}{%- set rest = messages %}{%- endif %}"
@@ -727,17 +746,8 @@ TEST_F(OpenAiHttpTest, AModelsOwnJinjaChatTemplateRendersTheConversation) {
       "{%- if m['role'] == 'user' %}{{- '[INST] ' }}{%- if loop.last and sys is defined %}"
       "{{- sys ~ '\\n\\n' }}{%- endif %}{{- m['content'] | trim ~ ' [/INST]' }}"
       "{%- else %}{{- ' ' ~ m['content'] ~ eos_token }}{%- endif %}{%- endfor %}";
-  std::ofstream(dir + "/tokenizer_config.json")
-      << R"({"add_bos_token": true, "bos_token": "<|bos|>", "eos_token": "<|endoftext|>", )"
-      << R"("chat_template": )" << JsonQuote(chat_template) << "}";
-  const int port = FreePort();
-  auto address = cluster_->StartExtraCoordinator({absl::StrCat("--model=", kTinyModel, "=", dir),
-                                                  absl::StrCat("--http_listen=127.0.0.1:", port)},
-                                                 "template-coordinator");
-  ASSERT_TRUE(address.ok()) << address.status();
-  auto admin =
-      v1::Admin::NewStub(grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
-  ASSERT_TRUE(cluster_->WaitForServingWorkers(admin.get(), 1, absl::Seconds(30)).ok());
+  const int port = StartTemplatedCoordinator("templated_model", chat_template);
+  ASSERT_NE(port, 0);
 
   // What the template renders for these messages, written out by hand.
   const std::string want_prompt =
@@ -772,6 +782,152 @@ TEST_F(OpenAiHttpTest, AModelsOwnJinjaChatTemplateRendersTheConversation) {
       << refused.body;
   const HttpReply again = Http(port, "POST", "/v1/chat/completions", body);
   EXPECT_EQ(again.status, 200) << again.body;
+}
+
+// A template that shows the tools and writes calls and their results as Hermes-style turns.
+constexpr char kToolsTemplate[] =
+    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}"
+    "{% endfor %}<|im_end|>\n{% endif %}\n{%- for m in messages %}\n{%- if m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>{{ m.content }}</tool_response><|im_end|>\n"
+    "{% elif m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}<tool_call>"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
+    "{% endfor %}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% endif %}\n{%- endfor %}<|im_start|>assistant\n";
+constexpr char kTools[] =
+    R"("tools": [{"type": "function", "function": {"name": "get_time"}},)"
+    R"( {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",)"
+    R"( "properties": {"city": {"type": "string"}}}}}])";
+
+// Tools reach the model's template, a forced call comes back as tool_calls (whole or streamed),
+// and an answer after a tool's result is what the gRPC API generates for the rendered
+// conversation.
+TEST_F(OpenAiHttpTest, ToolsReachTheTemplateAndCallsComeBackAsToolCalls) {
+  const int port = StartTemplatedCoordinator("tools_model", kToolsTemplate);
+  ASSERT_NE(port, 0);
+  v1::TokenizeRequest tr;
+  tr.set_model(kTinyModel);
+  tr.set_text("}");
+  v1::TokenizeResponse brace;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(cluster_->serving()->Tokenize(&ctx, tr, &brace).ok());
+    ASSERT_EQ(brace.token_ids_size(), 1);
+  }
+  // tool_choice names get_time: the prompt ends with the call opened up to its arguments' "{",
+  // and two "}" (forced by logit_bias) close it.
+  const std::string forced_body = absl::StrCat(
+      R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "What time is it?"}], )",
+      kTools, R"(, "tool_choice": {"type": "function", "function": {"name": "get_time"}},)",
+      R"( "max_tokens": 2, "temperature": 0, "logit_bias": {")", brace.token_ids(0), R"(": 100})");
+  const std::string rendered =
+      "<|im_start|>system\nTools: get_time get_weather<|im_end|>\n<|im_start|>user\nWhat time is "
+      "it?<|im_end|>\n<|im_start|>assistant";
+  {
+    const HttpReply r = Http(port, "POST", "/v1/chat/completions", forced_body + "}");
+    ASSERT_EQ(r.status, 200) << r.body;
+    const JsonDocument d = Json(r.body);
+    const JsonValue message = *Choice(d).Field("message");
+    EXPECT_TRUE(message.Field("content")->IsNull()) << r.body;
+    const std::vector<JsonValue> calls = *message.Field("tool_calls")->AsArray();
+    ASSERT_EQ(calls.size(), 1u) << r.body;
+    EXPECT_TRUE(absl::StartsWith(Str(calls[0], "id"), "call_")) << r.body;
+    EXPECT_EQ(Str(calls[0], "type"), "function");
+    EXPECT_EQ(Str(*calls[0].Field("function"), "name"), "get_time");
+    EXPECT_EQ(Str(*calls[0].Field("function"), "arguments"), "{}");
+    EXPECT_EQ(Str(Choice(d), "finish_reason"), "length");
+    EXPECT_EQ(*d.root().Field("usage")->IntField("prompt_tokens"),
+              PromptTokens(rendered + "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {")
+                  .token_ids_size());
+  }
+  {
+    const HttpReply r =
+        Http(port, "POST", "/v1/chat/completions", forced_body + R"(, "stream": true})");
+    ASSERT_EQ(r.status, 200) << r.body;
+    const std::vector<std::string> events = SseData(r.body);
+    ASSERT_GE(events.size(), 2u) << r.body;
+    EXPECT_EQ(events.back(), "[DONE]");
+    std::string content, name, arguments, finish;
+    int calls = 0;
+    for (size_t i = 0; i + 1 < events.size(); ++i) {
+      const JsonDocument d = Json(events[i]);
+      const JsonValue delta = *Choice(d).Field("delta");
+      if (std::optional<JsonValue> c = delta.FindField("content")) {
+        content += std::string(*c->AsString());
+      }
+      if (std::optional<JsonValue> list = delta.FindField("tool_calls")) {
+        const absl::StatusOr<std::vector<JsonValue>> items = list->AsArray();
+        ASSERT_TRUE(items.ok()) << items.status();
+        for (const JsonValue& call : *items) {
+          EXPECT_EQ(*call.IntField("index"), calls);
+          ++calls;
+          name = Str(*call.Field("function"), "name");
+          arguments = Str(*call.Field("function"), "arguments");
+        }
+      }
+      if (!Choice(d).Field("finish_reason")->IsNull()) finish = Str(Choice(d), "finish_reason");
+    }
+    EXPECT_EQ(content, "");
+    EXPECT_EQ(calls, 1);
+    EXPECT_EQ(name, "get_time");
+    EXPECT_EQ(arguments, "{}");
+    EXPECT_EQ(finish, "length");
+  }
+  // After the tool's result: the assistant's call and the result rendered by the template, the
+  // answer what the model generates for that text, with its calls (if any) found in it.
+  const std::string after =
+      "<|im_start|>system\nTools: get_time get_weather<|im_end|>\n<|im_start|>user\nWeather in "
+      "Oslo?<|im_end|>\n<|im_start|>assistant\n<tool_call>{\"name\": \"get_weather\", "
+      "\"arguments\": {\"city\": \"Oslo\"}}</tool_call><|im_end|>\n<|im_start|>user\n"
+      "<tool_response>-3 C</tool_response><|im_end|>\n<|im_start|>assistant";
+  v1::GenerateRequest g = TextRequest(after, 12, 3);
+  g.mutable_sampling()->set_temperature(0.8f);
+  g.mutable_sampling()->set_ignore_eos(true);
+  g.mutable_sampling()->set_skip_special_tokens(false);  // as the gateway asks with tools
+  const Generated want = Generate(cluster_->serving(), g);
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  ToolCallParser parser(ToolCallFormat::kHermes);
+  ToolCallParser::Output expected = parser.Add(want.text);
+  ToolCallParser::Output rest = parser.Finish();
+  expected.content += rest.content;
+  for (ToolCall& t : rest.calls) expected.calls.push_back(std::move(t));
+  const HttpReply r = Http(
+      port, "POST", "/v1/chat/completions",
+      absl::StrCat(
+          R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "Weather in Oslo?"},)",
+          R"( {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type":)",
+          R"( "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},)",
+          R"( {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}], )", kTools,
+          R"(, "max_tokens": 12, "seed": 3, "temperature": 0.8, "ignore_eos": true})"));
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  EXPECT_EQ(*d.root().Field("usage")->IntField("prompt_tokens"),
+            PromptTokens(after).token_ids_size());
+  const JsonValue message = *Choice(d).Field("message");
+  if (expected.content.empty() && !expected.calls.empty()) {
+    EXPECT_TRUE(message.Field("content")->IsNull()) << r.body;
+  } else {
+    EXPECT_EQ(Str(message, "content"), expected.content);
+  }
+  std::vector<std::pair<std::string, std::string>> calls, want_calls;
+  if (std::optional<JsonValue> list = message.FindField("tool_calls")) {
+    const absl::StatusOr<std::vector<JsonValue>> items = list->AsArray();
+    ASSERT_TRUE(items.ok()) << items.status();
+    for (const JsonValue& call : *items) {
+      calls.emplace_back(Str(*call.Field("function"), "name"),
+                         Str(*call.Field("function"), "arguments"));
+    }
+  }
+  for (const ToolCall& t : expected.calls) want_calls.emplace_back(t.name, t.arguments);
+  EXPECT_EQ(calls, want_calls) << r.body;
+
+  // Refusals name the field, and the gateway goes on.
+  const HttpReply unknown = Http(
+      port, "POST", "/v1/chat/completions",
+      absl::StrCat(R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "x"}], )",
+                   kTools, R"(, "tool_choice": {"type": "function", "function": {"name": "f"}}})"));
+  EXPECT_EQ(unknown.status, 400) << unknown.body;
+  EXPECT_EQ(Str(*Json(unknown.body).root().Field("error"), "param"), "tool_choice");
+  EXPECT_EQ(Http(port, "POST", "/v1/chat/completions", forced_body + "}").status, 200);
 }
 
 TEST_F(OpenAiHttpTest, LogprobsComeInOpenAisShape) {
@@ -819,6 +975,15 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsAndTheServerGoesOn) {
       {"POST", "/v1/chat/completions", R"({"model": "strata-tiny", "messages": []})", 400,
        "messages", "empty"},
       {"GET", "/v1/chat/completions", "", 405, "", "POST"},
+      // The built-in ChatML format has no way to show tools, nor a tool's result.
+      {"POST", "/v1/chat/completions",
+       R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "x"}], "tools":)"
+       R"( [{"type": "function", "function": {"name": "f"}}]})",
+       400, "tools", "built-in chatml"},
+      {"POST", "/v1/chat/completions",
+       R"({"model": "strata-tiny", "messages": [{"role": "tool", "tool_call_id": "1",)"
+       R"( "content": "x"}]})",
+       400, "messages", "built-in chatml"},
       {"POST", "/v1/chat/completions",
        R"({"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]})", 404, "model",
        "gpt-17"},

@@ -15,7 +15,8 @@ bazel test //... "$@"
 # TSAN checks each rank's own accesses, not how ranks share data: the barrier protocol's argument
 # is in shm_collectives.h, and the conformance suite's bitwise checks test it.
 if [[ $# -eq 0 ]]; then
-  bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test
+  bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
+    //coordinator:tool_calls_test
   bazel test --config=tsan //memtier/... //worker/comm/...
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
 fi

@@ -1,0 +1,97 @@
+// Tool calls in a model's output, for the chat API's "tools": the formats models write calls in,
+// finding the calls in generated text (whole or as it streams), and the text that makes a model
+// start one (tool_choice "required" or a named function).
+//
+// Formats (each as models trained on it write it; vLLM's parsers of the same names):
+//   hermes       <tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>, any number, text
+//                around them (Hermes 2/3, Qwen 2.5 and 3, and the many templates that copied them)
+//   llama3_json  the whole answer a JSON call {"name": "f", "parameters": {...}}, or several
+//                separated by ";", optionally after <|python_tag|> (Llama 3.1 to 3.3)
+//   mistral      [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...] (Mistral's v3 tokenizers) or
+//                [TOOL_CALLS]f[ARGS]{...} (v11 and later: `mistral_args`, which is what forcing a
+//                call writes for them); both are read either way.
+// A call's arguments are the model's JSON object as it wrote it. A call that does not parse (not
+// JSON, no name, arguments that are not an object) is left in the text as content, so nothing the
+// model wrote is lost.
+#ifndef STRATA_COORDINATOR_TOOL_CALLS_H_
+#define STRATA_COORDINATOR_TOOL_CALLS_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace strata {
+
+enum class ToolCallFormat { kNone, kHermes, kLlama3Json, kMistral, kMistralArgs };
+
+const char* ToolCallFormatName(ToolCallFormat format);
+// hermes, llama3_json, mistral, mistral_args or none.
+absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name);
+// The format whose markers a chat template writes (kNone when none, or when the template never
+// mentions its tools).
+ToolCallFormat DetectToolCallFormat(absl::string_view chat_template);
+
+struct ToolCall {
+  std::string id;         // "call_" and 24 letters or digits; 9 of them for Mistral's formats
+  std::string name;       // the function
+  std::string arguments;  // a JSON object, as the model wrote it
+};
+
+bool operator==(const ToolCall& a, const ToolCall& b);
+
+// A new call id for `format` (Mistral's templates refuse ids that are not 9 letters or digits).
+std::string NewToolCallId(ToolCallFormat format);
+
+// What the prompt ends with to make the model call a function: `name` (up to its arguments'
+// opening brace), or any function when empty. The model's output then continues this text; give
+// the same text to the parser.
+std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name);
+
+// Finds the calls in one generation's text as it arrives. Text that cannot be part of a call goes
+// out as content at once; text that may open one is held until the call completes (or turns out
+// not to be one). The same text gives the same content and calls however it is split. One per
+// generation; not thread-safe.
+class ToolCallParser {
+ public:
+  struct Output {
+    std::string content;
+    std::vector<ToolCall> calls;
+  };
+
+  // `forced`: the ForcedToolCallPrefix the prompt ended with, read as if generated.
+  explicit ToolCallParser(ToolCallFormat format, absl::string_view forced = "");
+
+  // The next piece of generated text.
+  Output Add(absl::string_view text);
+  // The generation ended: what was held, as calls or content.
+  Output Finish();
+  // Calls found so far.
+  int num_calls() const { return num_calls_; }
+
+ private:
+  enum class Mode {
+    kStart,    // llama3_json: leading whitespace held until the answer's first character decides
+    kContent,  // text outside calls
+    kCall,     // inside a call (hermes: after <tool_call>; the others: to the end)
+    kText,     // llama3_json: the answer is text, no call can follow
+  };
+  void Scan(Output* out);
+  void Parse(absl::string_view call_text, absl::string_view raw, Output* out);
+  void Say(absl::string_view text, Output* out);
+
+  const ToolCallFormat format_;
+  Mode mode_;
+  std::string held_;  // text not yet given out
+  // Whitespace before the call being read: content again if the call does not parse.
+  std::string space_before_call_;
+  bool said_ = false;      // content given out
+  size_t space_sent_ = 0;  // whitespace at the end of the content given out
+  size_t searched_ = 0;    // hermes, in a call: no close marker starts before this offset
+  int num_calls_ = 0;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_COORDINATOR_TOOL_CALLS_H_

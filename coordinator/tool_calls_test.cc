@@ -1,0 +1,260 @@
+#include "coordinator/tool_calls.h"
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+// A parse's content and calls, ids left out (they are random).
+struct Parsed {
+  std::string content;
+  std::vector<std::pair<std::string, std::string>> calls;  // name, arguments
+  bool operator==(const Parsed&) const = default;
+};
+
+std::ostream& operator<<(std::ostream& os, const Parsed& p) {
+  os << "content \"" << p.content << "\", calls:";
+  for (const auto& [name, args] : p.calls) os << " " << name << args;
+  return os;
+}
+
+void Append(const ToolCallParser::Output& o, Parsed* p) {
+  p->content += o.content;
+  for (const ToolCall& c : o.calls) p->calls.emplace_back(c.name, c.arguments);
+}
+
+// `text` given whole.
+Parsed Whole(ToolCallFormat format, const std::string& text, const std::string& forced = "") {
+  ToolCallParser parser(format, forced);
+  Parsed p;
+  Append(parser.Add(text), &p);
+  Append(parser.Finish(), &p);
+  return p;
+}
+
+// `text` cut at `cuts` (ascending offsets).
+Parsed Pieces(ToolCallFormat format, const std::string& text, const std::vector<size_t>& cuts) {
+  ToolCallParser parser(format);
+  Parsed p;
+  size_t at = 0;
+  for (size_t cut : cuts) {
+    Append(parser.Add(text.substr(at, cut - at)), &p);
+    at = cut;
+  }
+  Append(parser.Add(text.substr(at)), &p);
+  Append(parser.Finish(), &p);
+  return p;
+}
+
+TEST(ToolCallParserTest, HermesCallsAndTheTextAroundThem) {
+  const std::string text =
+      "Let me check both.\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
+      "{\"city\": \"Paris\", \"unit\": \"c\"}}\n</tool_call>\n<tool_call>\n{\"arguments\": "
+      "{\"city\":\"Oslo\"}, \"name\": \"get_weather\"}\n</tool_call>\n";
+  ToolCallParser parser(ToolCallFormat::kHermes);
+  ToolCallParser::Output a = parser.Add(text);
+  ToolCallParser::Output b = parser.Finish();
+  EXPECT_EQ(a.content, "Let me check both.");
+  EXPECT_EQ(b.content, "");
+  ASSERT_EQ(a.calls.size(), 2u);
+  EXPECT_EQ(a.calls[0].name, "get_weather");
+  // The arguments as the model wrote them.
+  EXPECT_EQ(a.calls[0].arguments, "{\"city\": \"Paris\", \"unit\": \"c\"}");
+  EXPECT_EQ(a.calls[1].arguments, "{\"city\":\"Oslo\"}");
+  EXPECT_TRUE(absl::StartsWith(a.calls[0].id, "call_"));
+  EXPECT_EQ(a.calls[0].id.size(), 29u);
+  EXPECT_NE(a.calls[0].id, a.calls[1].id);
+  EXPECT_EQ(parser.num_calls(), 2);
+}
+
+TEST(ToolCallParserTest, TextWithoutCallsComesOutWhole) {
+  for (ToolCallFormat f : {ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
+                           ToolCallFormat::kMistral, ToolCallFormat::kNone}) {
+    for (const std::string text : {"  Hello, world!  \n", "a < b and {x} [y]", "", " \n "}) {
+      EXPECT_EQ(Whole(f, text), (Parsed{text, {}})) << ToolCallFormatName(f) << ": " << text;
+    }
+  }
+}
+
+TEST(ToolCallParserTest, WhatDoesNotParseStaysInTheTextAsWritten) {
+  // Not JSON, no name, arguments that are not an object: content, word for word.
+  for (const std::string text :
+       {"Hi <tool_call>{\"name\": \"f\", \"arguments\": {oops}}</tool_call> there",
+        "<tool_call>\n{\"arguments\": {}}\n</tool_call>",
+        "x\n<tool_call>{\"name\": \"f\", \"arguments\": 3}</tool_call>\n",
+        "<tool_call>{\"name\": \"\"}</tool_call>",
+        "cut short <tool_call>{\"name\": \"f\", \"argu"}) {
+    EXPECT_EQ(Whole(ToolCallFormat::kHermes, text), (Parsed{text, {}})) << text;
+  }
+  // One good call among bad ones: the bad one's text stays, with the whitespace before it.
+  EXPECT_EQ(Whole(ToolCallFormat::kHermes,
+                  "<tool_call>{\"name\": \"f\"}</tool_call>\n<tool_call>nope</tool_call> ok"),
+            (Parsed{"<tool_call>nope</tool_call> ok", {{"f", "{}"}}}));
+  for (const std::string text : {"{\"name\": \"f\", \"parameters\": {}} trailing", "{not json}",
+                                 "<|python_tag|>brave_search.call(query=\"x\")",
+                                 " {\"name\": \"f\", \"parameters\": {}}; {\"name\": 1}"}) {
+    EXPECT_EQ(Whole(ToolCallFormat::kLlama3Json, text), (Parsed{text, {}})) << text;
+  }
+  for (const std::string text : {"[TOOL_CALLS] [{\"name\": \"f\"", "[TOOL_CALLS]f g[ARGS]{}",
+                                 "[TOOL_CALLS]f[ARGS][1]", "[TOOL_CALLS]{\"name\": \"f\"}"}) {
+    EXPECT_EQ(Whole(ToolCallFormat::kMistral, text), (Parsed{text, {}})) << text;
+  }
+}
+
+TEST(ToolCallParserTest, HermesCallWithoutItsCloseStillCounts) {
+  EXPECT_EQ(Whole(ToolCallFormat::kHermes,
+                  "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": [1, {\"b\": \"}\"}]}}\n"),
+            (Parsed{"", {{"f", "{\"a\": [1, {\"b\": \"}\"}]}"}}}));
+}
+
+TEST(ToolCallParserTest, ArgumentsQuotedOrMissing) {
+  EXPECT_EQ(Whole(ToolCallFormat::kHermes,
+                  "<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"a\\\": 1}\"}</tool_call>"),
+            (Parsed{"", {{"f", "{\"a\": 1}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kHermes,
+                  "<tool_call>{\"name\": \"f\", \"arguments\": null}</tool_call>"),
+            (Parsed{"", {{"f", "{}"}}}));
+  const std::string quoted_list =
+      "<tool_call>{\"name\": \"f\", \"arguments\": \"[1]\"}</tool_call>";
+  EXPECT_EQ(Whole(ToolCallFormat::kHermes, quoted_list), (Parsed{quoted_list, {}}));
+}
+
+TEST(ToolCallParserTest, Llama3JsonCalls) {
+  EXPECT_EQ(Whole(ToolCallFormat::kLlama3Json,
+                  "\n{\"name\": \"f\", \"parameters\": {\"q\": \"a;b\"}}; {\"name\": \"g\", "
+                  "\"parameters\": {}}\n"),
+            (Parsed{"", {{"f", "{\"q\": \"a;b\"}"}, {"g", "{}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kLlama3Json,
+                  "<|python_tag|>{\"name\": \"f\", \"arguments\": {\"x\": 1.5e3}}"),
+            (Parsed{"", {{"f", "{\"x\": 1.5e3}"}}}));
+  // A text answer streams as it comes.
+  ToolCallParser parser(ToolCallFormat::kLlama3Json);
+  EXPECT_EQ(parser.Add("  ").content, "");
+  EXPECT_EQ(parser.Add("The answer").content, "  The answer");
+  EXPECT_EQ(parser.Add(" {is} here").content, " {is} here");
+}
+
+TEST(ToolCallParserTest, MistralCallsInBothForms) {
+  EXPECT_EQ(Whole(ToolCallFormat::kMistral,
+                  "Sure. [TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"a\": 1}}, "
+                  "{\"name\": \"g\", \"arguments\": {}}]"),
+            (Parsed{"Sure.", {{"f", "{\"a\": 1}"}, {"g", "{}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kMistralArgs,
+                  "[TOOL_CALLS]f[ARGS]{\"a\": 1}[TOOL_CALLS]g[CALL_ID]abc123XYZ[ARGS] {}"),
+            (Parsed{"", {{"f", "{\"a\": 1}"}, {"g", "{}"}}}));
+  ToolCallParser again(ToolCallFormat::kMistral);
+  again.Add("[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}}]");
+  const ToolCallParser::Output done = again.Finish();
+  ASSERT_EQ(done.calls.size(), 1u);
+  // Mistral's templates take only ids of 9 letters or digits.
+  EXPECT_EQ(done.calls[0].id.size(), 9u);
+  EXPECT_FALSE(absl::StartsWith(done.calls[0].id, "call_"));
+}
+
+TEST(ToolCallParserTest, TextIsNotHeldLongerThanAMarkerCouldNeed) {
+  ToolCallParser parser(ToolCallFormat::kHermes);
+  EXPECT_EQ(parser.Add("Hello world").content, "Hello world");
+  EXPECT_EQ(parser.Add(", and <tool").content, ", and");
+  ToolCallParser p2(ToolCallFormat::kHermes);
+  EXPECT_EQ(p2.Add("a b").content, "a b");
+  EXPECT_EQ(p2.Add(" <to").content, "");
+  EXPECT_EQ(p2.Add("day> c").content, " <today> c");
+  EXPECT_EQ(p2.Finish().content, "");
+}
+
+// However the text is cut, the same content and calls.
+TEST(ToolCallParserTest, TheSameResultHoweverTheTextArrives) {
+  const std::vector<std::pair<ToolCallFormat, std::string>> cases = {
+      {ToolCallFormat::kHermes,
+       "I'll look. \n<tool_call>\n{\"name\": \"a\", \"arguments\": {\"s\": \"</tool_call>?\"}}\n"
+       "</tool_call>\n\n<tool_call>bad</tool_call> then <tool_call>{\"name\": \"b\"}</tool_call> "
+       "end <tool"},
+      {ToolCallFormat::kHermes, "no calls at all, just < and > and <tool_cal"},
+      {ToolCallFormat::kLlama3Json, " <|python_tag|>{\"name\": \"a\", \"parameters\": {}}"},
+      {ToolCallFormat::kLlama3Json, "\n <|python_ta is not a tag"},
+      {ToolCallFormat::kMistral,
+       "x [TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"k\": [1, 2]}}]"},
+      {ToolCallFormat::kMistralArgs, "[TOOL_CALLS]a[ARGS]{}[TOOL_CALLS]b[ARGS]{\"z\": null}"},
+      // Whitespace runs longer than what is held next to a call.
+      {ToolCallFormat::kHermes, "x" + std::string(300, ' ') +
+                                    "\n\n<tool_call>{\"name\": \"f\"}"
+                                    "</tool_call>" +
+                                    std::string(280, '\n') +
+                                    "<tool_call>{\"name\": "
+                                    "\"g\"}</tool_call>" +
+                                    std::string(270, ' ') + "y"},
+      {ToolCallFormat::kLlama3Json, std::string(300, ' ') + "{\"name\": \"f\"}"},
+  };
+  for (const auto& [format, text] : cases) {
+    const Parsed whole = Whole(format, text);
+    if (&text == &cases[0].second) {
+      EXPECT_EQ(whole, (Parsed{"I'll look.\n\n<tool_call>bad</tool_call> then end <tool",
+                               {{"a", "{\"s\": \"</tool_call>?\"}"}, {"b", "{}"}}}));
+    }
+    for (size_t cut = 0; cut <= text.size(); ++cut) {
+      ASSERT_EQ(Pieces(format, text, {cut}), whole) << text << " cut at " << cut;
+    }
+    std::vector<size_t> every;
+    for (size_t i = 1; i < text.size(); ++i) every.push_back(i);
+    EXPECT_EQ(Pieces(format, text, every), whole) << text << " byte by byte";
+  }
+}
+
+TEST(ToolCallParserTest, AForcedPrefixIsReadAsIfGenerated) {
+  const struct {
+    ToolCallFormat format;
+    std::string rest_named, rest_any;
+  } cases[] = {
+      {ToolCallFormat::kHermes, "\"x\": 1}}\n</tool_call>",
+       "get_weather\", \"arguments\": {\"x\": 1}}\n</tool_call>"},
+      {ToolCallFormat::kLlama3Json, "\"x\": 1}}", "get_weather\", \"parameters\": {\"x\": 1}}"},
+      {ToolCallFormat::kMistral, "\"x\": 1}}]", "get_weather\", \"arguments\": {\"x\": 1}}]"},
+      {ToolCallFormat::kMistralArgs, "\"x\": 1}", "get_weather[ARGS]{\"x\": 1}"},
+  };
+  for (const auto& c : cases) {
+    const Parsed want{"", {{"get_weather", "{\"x\": 1}"}}};
+    EXPECT_EQ(Whole(c.format, c.rest_named, ForcedToolCallPrefix(c.format, "get_weather")), want)
+        << ToolCallFormatName(c.format);
+    EXPECT_EQ(Whole(c.format, c.rest_any, ForcedToolCallPrefix(c.format, "")), want)
+        << ToolCallFormatName(c.format);
+  }
+  EXPECT_EQ(ForcedToolCallPrefix(ToolCallFormat::kHermes, "a\"b"),
+            "<tool_call>\n{\"name\": \"a\\\"b\", \"arguments\": {");
+  EXPECT_EQ(ForcedToolCallPrefix(ToolCallFormat::kNone, "f"), "");
+}
+
+TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
+  for (ToolCallFormat f :
+       {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
+        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs}) {
+    EXPECT_EQ(*ToolCallFormatFromName(ToolCallFormatName(f)), f);
+  }
+  EXPECT_FALSE(ToolCallFormatFromName("pythonic").ok());
+  EXPECT_EQ(DetectToolCallFormat("{% for tool in tools %}{{ tool | tojson }}{% endfor %}"
+                                 "<tool_call>\n{\"name\": <function-name>}</tool_call>"),
+            ToolCallFormat::kHermes);
+  EXPECT_EQ(DetectToolCallFormat("{%- if tools %}[AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]"),
+            ToolCallFormat::kMistral);
+  EXPECT_EQ(DetectToolCallFormat("{%- if tools %}{% endif %}[TOOL_CALLS]{{ n }}[ARGS]"),
+            ToolCallFormat::kMistralArgs);
+  EXPECT_EQ(DetectToolCallFormat("{%- if tools is not none %}Respond in the format "
+                                 "{\"name\": function name, \"parameters\": dictionary of "
+                                 "argument name and its value}{% endif %}"),
+            ToolCallFormat::kLlama3Json);
+  EXPECT_EQ(DetectToolCallFormat("<|python_tag|> but never the functions it was given"),
+            ToolCallFormat::kNone);
+  EXPECT_EQ(DetectToolCallFormat("{{ tools }} in some format of its own"), ToolCallFormat::kNone);
+  // Qwen3-Coder's calls are XML inside <tool_call>, not Hermes' JSON.
+  EXPECT_EQ(DetectToolCallFormat("{% if tools %}<tool_call>\n<function=example_function_name>"
+                                 "\n<parameter=p>v</parameter></function></tool_call>{% endif %}"),
+            ToolCallFormat::kNone);
+}
+
+}  // namespace
+}  // namespace strata
