@@ -53,7 +53,7 @@ ABSL_FLAG(std::string, chat_format, "auto",
 ABSL_FLAG(std::string, tool_call_format, "auto",
           "How the models write tool calls, for the chat API's \"tools\": auto (each model's "
           "own, from the markers its chat template writes), or hermes, llama3_json, mistral, "
-          "mistral_args or none for every model.");
+          "mistral_args, pythonic or none for every model.");
 ABSL_FLAG(double, resolve_interval_s, 5, "How often to re-resolve workers and refresh their info.");
 ABSL_FLAG(int64_t, max_inflight_requests, 1024,
           "Generate calls accepted at once; beyond it Generate fails RESOURCE_EXHAUSTED.");
@@ -124,8 +124,8 @@ int Main() {
   if (const std::string f = absl::GetFlag(FLAGS_tool_call_format); f != "auto") {
     absl::StatusOr<ToolCallFormat> named = ToolCallFormatFromName(f);
     if (!named.ok()) {
-      LOG(ERROR) << "--tool_call_format must be auto, hermes, llama3_json, mistral, mistral_args "
-                    "or none, not \""
+      LOG(ERROR) << "--tool_call_format must be auto, hermes, llama3_json, mistral, mistral_args, "
+                    "pythonic or none, not \""
                  << f << "\"";
       return 2;
     }

@@ -1521,8 +1521,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                 ErrorResponse(400,
                               absl::StrCat("Strata does not know how model \"", model_asked,
                                            "\" writes tool calls: start the coordinator with "
-                                           "--tool_call_format (hermes, llama3_json, mistral or "
-                                           "mistral_args), or send \"tool_choice\": \"none\""),
+                                           "--tool_call_format (hermes, llama3_json, mistral, "
+                                           "mistral_args or pythonic), or send \"tool_choice\": "
+                                           "\"none\""),
                               "tools"));
           return;
         }

@@ -13,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/json.h"
+#include "common/utf8.h"
 
 namespace strata {
 namespace {
@@ -23,6 +24,8 @@ constexpr absl::string_view kMistralOpen = "[TOOL_CALLS]";
 constexpr absl::string_view kMistralArgs = "[ARGS]";
 constexpr absl::string_view kMistralCallId = "[CALL_ID]";
 constexpr absl::string_view kPythonTag = "<|python_tag|>";
+constexpr absl::string_view kPythonStart = "<|python_start|>";
+constexpr absl::string_view kPythonEnd = "<|python_end|>";
 // A run of whitespace longer than this is content even next to a call (and is not held back:
 // a model repeating newlines must not make each piece cost the whole run).
 constexpr size_t kMaxSpaceHeld = 256;
@@ -158,6 +161,246 @@ size_t TrailingSpace(absl::string_view s) {
   return n;
 }
 
+// Python (or JSON) literals and keyword calls, read into JSON: [f(a=1, b='x'), g()].
+class PythonCalls {
+ public:
+  explicit PythonCalls(absl::string_view text) : s_(text) {}
+
+  // The list of calls, each as (name, arguments as a JSON object); nullopt unless `text` is
+  // exactly such a list.
+  std::optional<std::vector<std::pair<std::string, std::string>>> Parse() {
+    std::vector<std::pair<std::string, std::string>> calls;
+    Space();
+    if (!Eat('[')) return std::nullopt;
+    Space();
+    while (!Eat(']')) {
+      if (!calls.empty() && !(Eat(',') && (Space(), true))) return std::nullopt;
+      std::string name;
+      if (!Name(&name, /*dotted=*/true) || (Space(), !Eat('('))) return std::nullopt;
+      std::string args(1, '{');
+      Space();
+      while (!Eat(')')) {
+        if (args.size() > 1) {
+          if (!Eat(',')) return std::nullopt;
+          Space();
+          if (Eat(')')) break;  // a trailing comma
+        }
+        std::string key;
+        if (!Name(&key, /*dotted=*/false) || (Space(), !Eat('='))) return std::nullopt;
+        Space();
+        absl::StrAppend(&args, args.size() > 1 ? ", " : "", JsonQuote(key), ": ");
+        if (!Value(&args, 0)) return std::nullopt;
+        Space();
+      }
+      args += "}";
+      calls.emplace_back(std::move(name), std::move(args));
+      Space();
+    }
+    Space();
+    if (i_ != s_.size() || calls.empty()) return std::nullopt;
+    return calls;
+  }
+
+ private:
+  static constexpr int kMaxDepth = 64;
+
+  bool Eat(char c) {
+    if (i_ < s_.size() && s_[i_] == c) {
+      ++i_;
+      return true;
+    }
+    return false;
+  }
+  void Space() { i_ = SkipSpace(s_, i_); }
+
+  static bool NameChar(char c, bool first) {
+    return absl::ascii_isalpha(static_cast<unsigned char>(c)) || c == '_' ||
+           (!first && absl::ascii_isdigit(static_cast<unsigned char>(c)));
+  }
+  // An identifier (with `dotted`, a.b.c, and dashes: tool names may have them).
+  bool Name(std::string* out, bool dotted) {
+    const size_t start = i_;
+    while (i_ < s_.size() && (NameChar(s_[i_], i_ == start) ||
+                              (dotted && i_ > start && (s_[i_] == '.' || s_[i_] == '-')))) {
+      ++i_;
+    }
+    *out = std::string(s_.substr(start, i_ - start));
+    return i_ > start;
+  }
+
+  // A literal appended to `out` as JSON.
+  bool Value(std::string* out, int depth) {
+    if (depth > kMaxDepth || i_ >= s_.size()) return false;
+    const char c = s_[i_];
+    if (c == '"' || c == '\'') return String(out);
+    if (c == '[' || c == '(') return Sequence(out, c == '[' ? ']' : ')', depth);
+    if (c == '{') return Mapping(out, depth);
+    if (c == '-' || c == '+' || c == '.' || absl::ascii_isdigit(static_cast<unsigned char>(c))) {
+      return Number(out);
+    }
+    std::string word;
+    if (!Name(&word, false)) return false;
+    if (word == "True" || word == "true") {
+      *out += "true";
+    } else if (word == "False" || word == "false") {
+      *out += "false";
+    } else if (word == "None" || word == "null") {
+      *out += "null";
+    } else {
+      return false;
+    }
+    return true;
+  }
+
+  bool Sequence(std::string* out, char close, int depth) {
+    ++i_;
+    *out += "[";
+    Space();
+    for (bool first = true; !Eat(close); first = false) {
+      if (!first) {
+        if (!Eat(',')) return false;
+        Space();
+        if (Eat(close)) break;
+        *out += ", ";
+      }
+      if (!Value(out, depth + 1)) return false;
+      Space();
+    }
+    *out += "]";
+    return true;
+  }
+
+  bool Mapping(std::string* out, int depth) {
+    ++i_;
+    *out += "{";
+    Space();
+    for (bool first = true; !Eat('}'); first = false) {
+      if (!first) {
+        if (!Eat(',')) return false;
+        Space();
+        if (Eat('}')) break;
+        *out += ", ";
+      }
+      if (i_ >= s_.size() || (s_[i_] != '"' && s_[i_] != '\'')) return false;  // string keys
+      if (!String(out)) return false;
+      Space();
+      if (!Eat(':')) return false;
+      *out += ": ";
+      Space();
+      if (!Value(out, depth + 1)) return false;
+      Space();
+    }
+    *out += "}";
+    return true;
+  }
+
+  // [-+]digits[.digits][e[-+]digits] (and 5. or .5), written as JSON writes it.
+  bool Number(std::string* out) {
+    std::string n;
+    if (s_[i_] == '-' || s_[i_] == '+') {
+      if (s_[i_] == '-') n += '-';
+      ++i_;
+    }
+    auto digits = [&] {
+      const size_t start = i_;
+      while (i_ < s_.size() && absl::ascii_isdigit(static_cast<unsigned char>(s_[i_]))) ++i_;
+      return s_.substr(start, i_ - start);
+    };
+    absl::string_view whole = digits();
+    absl::string_view frac;
+    const bool dot = Eat('.');
+    if (dot) frac = digits();
+    if (whole.empty() && frac.empty()) return false;
+    // JSON has no leading zeros: 007 is not a number there (nor in Python 3).
+    if (whole.size() > 1 && whole[0] == '0') return false;
+    absl::StrAppend(&n, whole.empty() ? "0" : whole);
+    if (dot) absl::StrAppend(&n, ".", frac.empty() ? "0" : frac);
+    if (i_ < s_.size() && (s_[i_] == 'e' || s_[i_] == 'E')) {
+      ++i_;
+      n += 'e';
+      if (i_ < s_.size() && (s_[i_] == '-' || s_[i_] == '+')) n += s_[i_++];
+      const absl::string_view exp = digits();
+      if (exp.empty()) return false;
+      absl::StrAppend(&n, exp);
+    }
+    *out += n;
+    return true;
+  }
+
+  // A quoted string ('...' or "...", Python's escapes), as a JSON string.
+  bool String(std::string* out) {
+    const char quote = s_[i_++];
+    std::string text;
+    while (i_ < s_.size() && s_[i_] != quote) {
+      if (s_[i_] == '\n') return false;  // not in a one-line string
+      if (s_[i_] != '\\') {
+        text += s_[i_++];
+        continue;
+      }
+      if (++i_ >= s_.size()) return false;
+      const char e = s_[i_++];
+      int hex = 0;
+      switch (e) {
+        case 'n':
+          text += '\n';
+          break;
+        case 't':
+          text += '\t';
+          break;
+        case 'r':
+          text += '\r';
+          break;
+        case 'b':
+          text += '\b';
+          break;
+        case 'f':
+          text += '\f';
+          break;
+        case '0':
+          text += '\0';
+          break;
+        case 'x':
+          hex = 2;
+          break;
+        case 'u':
+          hex = 4;
+          break;
+        case 'U':
+          hex = 8;
+          break;
+        case '\\':
+        case '\'':
+        case '"':
+        case '/':
+          text += e;
+          break;
+        default:  // Python keeps an unknown escape as written
+          text += '\\';
+          text += e;
+      }
+      if (hex > 0) {
+        if (i_ + hex > s_.size()) return false;
+        uint32_t cp = 0;
+        for (int k = 0; k < hex; ++k) {
+          const char h = s_[i_++];
+          if (!absl::ascii_isxdigit(static_cast<unsigned char>(h))) return false;
+          cp = cp * 16 + static_cast<uint32_t>(absl::ascii_isdigit(static_cast<unsigned char>(h))
+                                                   ? h - '0'
+                                                   : absl::ascii_tolower(h) - 'a' + 10);
+        }
+        if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+        AppendUtf8(cp, &text);
+      }
+    }
+    if (!Eat(quote)) return false;
+    *out += JsonQuote(text);
+    return true;
+  }
+
+  absl::string_view s_;
+  size_t i_ = 0;
+};
+
 }  // namespace
 
 const char* ToolCallFormatName(ToolCallFormat format) {
@@ -170,6 +413,8 @@ const char* ToolCallFormatName(ToolCallFormat format) {
       return "mistral";
     case ToolCallFormat::kMistralArgs:
       return "mistral_args";
+    case ToolCallFormat::kPythonic:
+      return "pythonic";
     case ToolCallFormat::kNone:
       break;
   }
@@ -179,11 +424,12 @@ const char* ToolCallFormatName(ToolCallFormat format) {
 absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
-        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs}) {
+        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic}) {
     if (name == ToolCallFormatName(f)) return f;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "no tool-call format \"", name, "\": hermes, llama3_json, mistral, mistral_args or none"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("no tool-call format \"", name,
+                   "\": hermes, llama3_json, mistral, mistral_args, pythonic or none"));
 }
 
 ToolCallFormat DetectToolCallFormat(absl::string_view chat_template) {
@@ -197,6 +443,8 @@ ToolCallFormat DetectToolCallFormat(absl::string_view chat_template) {
     return absl::StrContains(chat_template, kMistralArgs) ? ToolCallFormat::kMistralArgs
                                                           : ToolCallFormat::kMistral;
   }
+  // The instruction pythonic templates give: [func_name1(params_name1=params_value1, ...)].
+  if (absl::StrContains(chat_template, "func_name1(")) return ToolCallFormat::kPythonic;
   if (absl::StrContains(chat_template, kPythonTag) ||
       absl::StrContains(chat_template, "\"parameters\": dictionary")) {
     return ToolCallFormat::kLlama3Json;
@@ -236,6 +484,8 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
     case ToolCallFormat::kMistralArgs:
       return name.empty() ? std::string(kMistralOpen)
                           : absl::StrCat(kMistralOpen, name, kMistralArgs, "{");
+    case ToolCallFormat::kPythonic:
+      return name.empty() ? "[" : absl::StrCat("[", name, "(");
     case ToolCallFormat::kNone:
       break;
   }
@@ -244,9 +494,10 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
 
 ToolCallParser::ToolCallParser(ToolCallFormat format, absl::string_view forced)
     : format_(format),
-      mode_(format == ToolCallFormat::kLlama3Json ? Mode::kStart
-            : format == ToolCallFormat::kNone     ? Mode::kText
-                                                  : Mode::kContent) {
+      mode_(format == ToolCallFormat::kLlama3Json || format == ToolCallFormat::kPythonic
+                ? Mode::kStart
+            : format == ToolCallFormat::kNone ? Mode::kText
+                                              : Mode::kContent) {
   if (!forced.empty()) Add(forced);  // opens a call: nothing comes out
 }
 
@@ -267,7 +518,8 @@ void ToolCallParser::Scan(Output* out) {
         held_.clear();
         return;
       case Mode::kStart: {
-        // llama3_json: an answer that is a call starts with one (or the python tag).
+        // An answer that is a call starts with one: llama3_json's object (or the python tag),
+        // pythonic's list (or the python block's start).
         const size_t i = SkipSpace(held_, 0);
         if (i > kMaxSpaceHeld) {
           mode_ = Mode::kText;
@@ -275,11 +527,13 @@ void ToolCallParser::Scan(Output* out) {
         }
         if (i == held_.size()) return;
         const absl::string_view rest = absl::string_view(held_).substr(i);
-        if (rest[0] == '{' || absl::StartsWith(rest, kPythonTag)) {
+        const bool pythonic = format_ == ToolCallFormat::kPythonic;
+        const absl::string_view tag = pythonic ? kPythonStart : kPythonTag;
+        if (rest[0] == (pythonic ? '[' : '{') || absl::StartsWith(rest, tag)) {
           mode_ = Mode::kCall;
           return;
         }
-        if (absl::StartsWith(kPythonTag, rest)) return;  // the tag may be arriving
+        if (absl::StartsWith(tag, rest)) return;  // the tag may be arriving
         mode_ = Mode::kText;
         continue;
       }
@@ -349,6 +603,19 @@ void ToolCallParser::Parse(absl::string_view call_text, absl::string_view raw, O
         std::optional<ToolCall> call = CallOfObject((*objects)[i], format_);
         if (call.has_value()) calls.push_back(*std::move(call));
         ok = call.has_value();
+      }
+      break;
+    }
+    case ToolCallFormat::kPythonic: {
+      absl::string_view body = absl::StripAsciiWhitespace(call_text);
+      if (absl::ConsumePrefix(&body, kPythonStart)) {
+        absl::ConsumeSuffix(&body, kPythonEnd);
+      }
+      std::optional<std::vector<std::pair<std::string, std::string>>> list =
+          PythonCalls(body).Parse();
+      ok = list.has_value();
+      for (size_t i = 0; ok && i < list->size(); ++i) {
+        calls.push_back({NewToolCallId(format_), (*list)[i].first, (*list)[i].second});
       }
       break;
     }
@@ -431,7 +698,7 @@ ToolCallParser::Output ToolCallParser::Finish() {
     case Mode::kCall:
       if (format_ == ToolCallFormat::kHermes) {
         Parse(held_, absl::StrCat(kHermesOpen, held_), &out);  // the close never came
-      } else if (format_ == ToolCallFormat::kLlama3Json) {
+      } else if (format_ == ToolCallFormat::kLlama3Json || format_ == ToolCallFormat::kPythonic) {
         Parse(held_, held_, &out);
       } else {
         // Each [TOOL_CALLS] opens calls of its own.

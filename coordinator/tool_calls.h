@@ -10,6 +10,10 @@
 //   mistral      [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...] (Mistral's v3 tokenizers) or
 //                [TOOL_CALLS]f[ARGS]{...} (v11 and later: `mistral_args`, which is what forcing a
 //                call writes for them); both are read either way.
+//   pythonic     the whole answer a list of Python calls [f(a=1, b='x'), g()], keyword arguments
+//                of Python or JSON literals, optionally between <|python_start|> and
+//                <|python_end|> (Llama 3.2 / 4 pythonic templates, Gemma 3, ToolACE); the
+//                arguments come back as the JSON object of the keywords.
 // A call's arguments are the model's JSON object as it wrote it. A call that does not parse (not
 // JSON, no name, arguments that are not an object) is left in the text as content, so nothing the
 // model wrote is lost.
@@ -24,10 +28,10 @@
 
 namespace strata {
 
-enum class ToolCallFormat { kNone, kHermes, kLlama3Json, kMistral, kMistralArgs };
+enum class ToolCallFormat { kNone, kHermes, kLlama3Json, kMistral, kMistralArgs, kPythonic };
 
 const char* ToolCallFormatName(ToolCallFormat format);
-// hermes, llama3_json, mistral, mistral_args or none.
+// hermes, llama3_json, mistral, mistral_args, pythonic or none.
 absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name);
 // The format whose markers a chat template writes (kNone when none, or when the template never
 // mentions its tools).
@@ -72,10 +76,10 @@ class ToolCallParser {
 
  private:
   enum class Mode {
-    kStart,    // llama3_json: leading whitespace held until the answer's first character decides
+    kStart,    // llama3_json, pythonic: leading whitespace held until the answer's start decides
     kContent,  // text outside calls
     kCall,     // inside a call (hermes: after <tool_call>; the others: to the end)
-    kText,     // llama3_json: the answer is text, no call can follow
+    kText,     // llama3_json, pythonic: the answer is text, no call can follow
   };
   void Scan(Output* out);
   void Parse(absl::string_view call_text, absl::string_view raw, Output* out);

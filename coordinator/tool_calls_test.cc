@@ -157,6 +157,38 @@ TEST(ToolCallParserTest, MistralCallsInBothForms) {
   EXPECT_FALSE(absl::StartsWith(done.calls[0].id, "call_"));
 }
 
+TEST(ToolCallParserTest, PythonicCallsBecomeJsonArguments) {
+  EXPECT_EQ(
+      Whole(ToolCallFormat::kPythonic,
+            " [get_weather(city='San Francisco', metric=\"celsius\"), ns.get-time(), "
+            "f(a=-1.5e3, b=True, c=None, d=[1, (2, 3)], e={'k': 'v\\n\\u00e9\\'', \"x\": null}, "
+            "g=.5, h=5., i=false,)]\n"),
+      (Parsed{"",
+              {{"get_weather", "{\"city\": \"San Francisco\", \"metric\": \"celsius\"}"},
+               {"ns.get-time", "{}"},
+               {"f",
+                "{\"a\": -1.5e3, \"b\": true, \"c\": null, \"d\": [1, [2, 3]], \"e\": "
+                "{\"k\": \"v\\n\u00e9'\", \"x\": null}, \"g\": 0.5, \"h\": 5.0, "
+                "\"i\": false}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kPythonic, "<|python_start|>[f(x=1)]<|python_end|>"),
+            (Parsed{"", {{"f", "{\"x\": 1}"}}}));
+  // Not a list of keyword calls: the text as written.
+  for (const std::string& text :
+       {std::string("[f(1)]"), std::string("[f(x=y)]"), std::string("[f(x=1)] and more"),
+        std::string("[1, 2, 3]"), std::string("[f(x='a)]"), std::string("[]"),
+        std::string("[f(x=007)]"), std::string("[f(x={1: 2})]"), std::string("[f(x=1) g(y=2)]"),
+        std::string("Sure: [f(x=1)]"),
+        "[f(x=" + std::string(200, '[') + std::string(200, ']') + ")]"}) {
+    EXPECT_EQ(Whole(ToolCallFormat::kPythonic, text), (Parsed{text, {}})) << text;
+  }
+  EXPECT_EQ(Whole(ToolCallFormat::kPythonic, "x=1)]",
+                  ForcedToolCallPrefix(ToolCallFormat::kPythonic, "f")),
+            (Parsed{"", {{"f", "{\"x\": 1}"}}}));
+  EXPECT_EQ(
+      Whole(ToolCallFormat::kPythonic, "f()]", ForcedToolCallPrefix(ToolCallFormat::kPythonic, "")),
+      (Parsed{"", {{"f", "{}"}}}));
+}
+
 TEST(ToolCallParserTest, TextIsNotHeldLongerThanAMarkerCouldNeed) {
   ToolCallParser parser(ToolCallFormat::kHermes);
   EXPECT_EQ(parser.Add("Hello world").content, "Hello world");
@@ -190,6 +222,8 @@ TEST(ToolCallParserTest, TheSameResultHoweverTheTextArrives) {
                                     "\"g\"}</tool_call>" +
                                     std::string(270, ' ') + "y"},
       {ToolCallFormat::kLlama3Json, std::string(300, ' ') + "{\"name\": \"f\"}"},
+      {ToolCallFormat::kPythonic, "\n<|python_start|>[a(x='1'), b(y=[2])]<|python_end|>"},
+      {ToolCallFormat::kPythonic, " <|python_sta is text"},
   };
   for (const auto& [format, text] : cases) {
     const Parsed whole = Whole(format, text);
@@ -232,10 +266,14 @@ TEST(ToolCallParserTest, AForcedPrefixIsReadAsIfGenerated) {
 TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
-        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs}) {
+        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic}) {
     EXPECT_EQ(*ToolCallFormatFromName(ToolCallFormatName(f)), f);
   }
-  EXPECT_FALSE(ToolCallFormatFromName("pythonic").ok());
+  EXPECT_FALSE(ToolCallFormatFromName("xml").ok());
+  EXPECT_EQ(DetectToolCallFormat("{% if tools %}Example Format: [func_name1(params_name1="
+                                 "params_value1, params_name2=params_value2...), "
+                                 "func_name2(params)]{% endif %}"),
+            ToolCallFormat::kPythonic);
   EXPECT_EQ(DetectToolCallFormat("{% for tool in tools %}{{ tool | tojson }}{% endfor %}"
                                  "<tool_call>\n{\"name\": <function-name>}</tool_call>"),
             ToolCallFormat::kHermes);
