@@ -311,6 +311,46 @@ absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string
   return absl::OkStatus();
 }
 
+// A chat request's chat_template_kwargs, add_generation_prompt and continue_final_message.
+absl::Status ParseTemplateFields(const JsonValue& root, CompletionCall* call, std::string* param) {
+  *param = "chat_template_kwargs";
+  if (std::optional<JsonValue> v = root.FindField("chat_template_kwargs")) {
+    ASSIGN_OR_RETURN(const auto members, v->AsObject());
+    for (const auto& [name, value] : members) {
+      if (IsChatTemplateVariable(name)) {
+        return v->Error(
+            absl::StrCat("sets \"", name, "\", which Strata gives the template itself"));
+      }
+      ASSIGN_OR_RETURN(jinja::Value converted, jinja::Value::FromJson(value));
+      call->template_kwargs.emplace_back(std::string(name), std::move(converted));
+    }
+  }
+  *param = "continue_final_message";
+  ASSIGN_OR_RETURN(call->continue_final_message, root.BoolFieldOr("continue_final_message", false));
+  *param = "add_generation_prompt";
+  // Continuing the final message: no new turn unless asked for (which contradicts it).
+  ASSIGN_OR_RETURN(call->add_generation_prompt,
+                   root.BoolFieldOr("add_generation_prompt", !call->continue_final_message));
+  if (call->continue_final_message) {
+    if (call->add_generation_prompt) {
+      return root.Field("add_generation_prompt")
+          ->Error("must be false with continue_final_message (the final message goes on)");
+    }
+    const ChatMessage& last = call->messages.back();
+    if (last.role != "assistant" || !last.content.has_value()) {
+      *param = "messages";
+      return root.Field("messages")
+          ->Error("must end with an assistant message with content for continue_final_message");
+    }
+    if (call->tool_choice == ToolChoice::kRequired || call->tool_choice == ToolChoice::kNamed) {
+      *param = "tool_choice";
+      return root.Field("tool_choice")
+          ->Error("cannot force a tool call while continuing the final message");
+    }
+  }
+  return absl::OkStatus();
+}
+
 // The body of /v1/completions (`chat` false) or /v1/chat/completions.
 absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, std::string* param) {
   param->clear();
@@ -381,6 +421,7 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
       message.content = std::move(text);
     }
     RETURN_IF_ERROR(ParseTools(root, &call, param));
+    RETURN_IF_ERROR(ParseTemplateFields(root, &call, param));
   }
   *param = "prompt";
   // Chat: the messages make the prompt (RenderChat, once the model's chat format is known).
@@ -765,10 +806,23 @@ ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> 
   return chat;
 }
 
-absl::StatusOr<std::string> RenderChatTemplate(const ChatTemplate& chat,
-                                               const std::vector<ChatMessage>& messages,
-                                               const jinja::List* tools) {
-  if (chat.format != ChatFormat::kTemplate) return RenderChat(chat.format, messages);
+bool IsChatTemplateVariable(absl::string_view name) {
+  for (const char* v :
+       {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"}) {
+    if (name == v) return true;
+  }
+  return false;
+}
+
+namespace {
+
+// Written after the content of a final message to continue: the prompt ends where it lands.
+constexpr absl::string_view kContinueMark = "\x1e\x1fstrata-continue\x1f\x1e";
+
+absl::StatusOr<std::string> RenderTemplate(const ChatTemplate& chat,
+                                           const std::vector<ChatMessage>& messages,
+                                           const ChatRenderOptions& options,
+                                           bool add_generation_prompt) {
   if (chat.jinja == nullptr) return absl::FailedPreconditionError("no chat template loaded");
   jinja::List list;
   for (const ChatMessage& m : messages) {
@@ -801,22 +855,71 @@ absl::StatusOr<std::string> RenderChatTemplate(const ChatTemplate& chat,
   }
   // As transformers renders: tools and documents given, as None when there are none (Llama
   // 3.1's template, say, asks `tools is not none`).
-  const jinja::Value context(jinja::Dict{
+  const jinja::List* tools = options.tools;
+  jinja::Dict context{
       {"messages", jinja::Value(std::move(list))},
       {"tools", tools != nullptr && !tools->empty() ? jinja::Value(*tools) : jinja::Value::None()},
       {"documents", jinja::Value::None()},
-      {"add_generation_prompt", jinja::Value(true)},
+      {"add_generation_prompt", jinja::Value(add_generation_prompt)},
       {"bos_token", jinja::Value(chat.bos_token)},
       {"eos_token", jinja::Value(chat.eos_token)},
-  });
-  ASSIGN_OR_RETURN(std::string text, chat.jinja->Render(context));
+  };
+  if (options.template_kwargs != nullptr) {
+    for (const auto& [name, value] : *options.template_kwargs) {
+      if (IsChatTemplateVariable(name)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "chat_template_kwargs sets \"", name, "\", which Strata gives the template itself"));
+      }
+      context.emplace_back(name, value);
+    }
+  }
+  ASSIGN_OR_RETURN(std::string text, chat.jinja->Render(jinja::Value(std::move(context))));
   if (chat.strip_bos && absl::StartsWith(text, chat.bos_token)) {
     text.erase(0, chat.bos_token.size());
   }
   return text;
 }
 
-std::string RenderChat(ChatFormat format, const std::vector<ChatMessage>& messages) {
+}  // namespace
+
+absl::StatusOr<std::string> RenderChatTemplate(const ChatTemplate& chat,
+                                               const std::vector<ChatMessage>& messages,
+                                               const ChatRenderOptions& options) {
+  // Continuing: the final message is written with a mark after its content, and the prompt ends
+  // where the mark lands (whatever the template writes after the content is left out).
+  const std::vector<ChatMessage>* written = &messages;
+  std::vector<ChatMessage> marked;
+  if (options.continue_final_message) {
+    if (messages.empty() || messages.back().role != "assistant" ||
+        !messages.back().content.has_value()) {
+      return absl::InvalidArgumentError(
+          "continue_final_message needs a final assistant message with content");
+    }
+    marked = messages;
+    absl::StrAppend(&*marked.back().content, kContinueMark);
+    written = &marked;
+  }
+  const bool generation_prompt = options.add_generation_prompt && !options.continue_final_message;
+  std::string text;
+  if (chat.format == ChatFormat::kTemplate) {
+    ASSIGN_OR_RETURN(text, RenderTemplate(chat, *written, options, generation_prompt));
+  } else {
+    text = RenderChat(chat.format, *written, generation_prompt);
+  }
+  if (options.continue_final_message) {
+    const size_t at = absl::string_view(text).rfind(kContinueMark);
+    if (at == std::string::npos) {
+      return absl::InvalidArgumentError(
+          "continue_final_message: the chat template does not write the final message's content "
+          "as given");
+    }
+    text.resize(at);
+  }
+  return text;
+}
+
+std::string RenderChat(ChatFormat format, const std::vector<ChatMessage>& messages,
+                       bool add_generation_prompt) {
   std::string out;
   for (const ChatMessage& m : messages) {
     const std::string& role = m.role;
@@ -829,9 +932,11 @@ std::string RenderChat(ChatFormat format, const std::vector<ChatMessage>& messag
       absl::StrAppend(&out, "<|im_start|>", role, "\n", content, "<|im_end|>\n");
     }
   }
-  absl::StrAppend(&out, format == ChatFormat::kLlama3
-                            ? "<|start_header_id|>assistant<|end_header_id|>\n\n"
-                            : "<|im_start|>assistant\n");
+  if (add_generation_prompt) {
+    absl::StrAppend(&out, format == ChatFormat::kLlama3
+                              ? "<|start_header_id|>assistant<|end_header_id|>\n\n"
+                              : "<|im_start|>assistant\n");
+  }
   return out;
 }
 
@@ -1530,7 +1635,11 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       }
     }
     absl::StatusOr<std::string> prompt =
-        RenderChatTemplate(chat_template, call->messages, &call->tools);
+        RenderChatTemplate(chat_template, call->messages,
+                           {.tools = &call->tools,
+                            .template_kwargs = &call->template_kwargs,
+                            .add_generation_prompt = call->add_generation_prompt,
+                            .continue_final_message = call->continue_final_message});
     if (!prompt.ok()) {
       // The template refused the conversation (raise_exception: roles that do not alternate, a
       // role it does not know), or failed on it.

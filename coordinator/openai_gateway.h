@@ -103,6 +103,12 @@ struct CompletionCall {
   std::vector<std::string> tool_names;
   ToolChoice tool_choice = ToolChoice::kAuto;
   std::string tool_choice_name;
+  // Chat: chat_template_kwargs (more variables for the template: enable_thinking, say),
+  // add_generation_prompt and continue_final_message (vLLM's: the answer continues the last,
+  // assistant, message).
+  jinja::Dict template_kwargs;
+  bool add_generation_prompt = true;
+  bool continue_final_message = false;
 };
 
 // How a model's chat turns are written out: by the model's own Jinja chat template (kTemplate:
@@ -117,13 +123,14 @@ const char* ChatFormatName(ChatFormat format);
 // The prompt for `messages`, ending with the assistant's turn opened (no BOS: the tokenizer adds
 // it), and the token that ends a turn. The built-in formats write text turns only (a tool's
 // answer or an assistant's calls need the model's own template).
-std::string RenderChat(ChatFormat format, const std::vector<ChatMessage>& messages);
+std::string RenderChat(ChatFormat format, const std::vector<ChatMessage>& messages,
+                       bool add_generation_prompt = true);
 const char* ChatEndOfTurn(ChatFormat format);
 
 // Parses a /v1/chat/completions body: messages (system / developer / user / assistant / tool, text
 // content, an assistant's tool_calls), the sampling fields of CompletionFromJson,
 // max_completion_tokens, logprobs (true) with top_logprobs, n, tools, tool_choice,
-// parallel_tool_calls.
+// parallel_tool_calls, chat_template_kwargs, add_generation_prompt, continue_final_message.
 absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string* param);
 
 // Parses a /v1/completions body (one prompt or several, n, echo, logit_bias). INVALID_ARGUMENT
@@ -171,13 +178,26 @@ std::optional<std::string> ChatTemplateSource(absl::string_view tokenizer_config
 ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> forced,
                               const Tokenizer& tokenizer, std::string* note);
 
-// The prompt for `messages` in `chat`'s format (see RenderChat), the template given `tools` (none:
-// None); INVALID_ARGUMENT with the template's message when its template refuses them (roles that
-// do not alternate, say). An assistant's call arguments reach the template as a mapping where
-// they are a JSON object (as transformers' templates expect), else as the text.
+// What a conversation is written out with, besides its messages.
+struct ChatRenderOptions {
+  const jinja::List* tools = nullptr;            // the request's tools (null or empty: None)
+  const jinja::Dict* template_kwargs = nullptr;  // more variables for the template
+  bool add_generation_prompt = true;             // open the assistant's turn
+  // End with the final (assistant) message's content, its turn left open for the model to go on.
+  bool continue_final_message = false;
+};
+
+// The variables Strata gives every chat template itself (chat_template_kwargs may not set them).
+bool IsChatTemplateVariable(absl::string_view name);
+
+// The prompt for `messages` in `chat`'s format (see RenderChat); INVALID_ARGUMENT with the
+// template's message when its template refuses them (roles that do not alternate, say), or when
+// the final message cannot be continued (not an assistant's, or the template does not write its
+// content). An assistant's call arguments reach the template as a mapping where they are a JSON
+// object (as transformers' templates expect), else as the text.
 absl::StatusOr<std::string> RenderChatTemplate(const ChatTemplate& chat,
                                                const std::vector<ChatMessage>& messages,
-                                               const jinja::List* tools = nullptr);
+                                               const ChatRenderOptions& options = {});
 
 struct OpenAiGatewayOptions {
   // By base model; a model missing here is not served (404), one with kNone refuses chats (400).

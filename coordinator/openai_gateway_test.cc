@@ -322,6 +322,18 @@ TEST(ChatFromJsonTest, RefusalsNameTheField) {
                "tool_choice", "must be none, auto, required"},
           Case{R"({"model": "m", "messages": [{"role": "tool", "content": "x"}]})", "messages",
                "messages[0].tool_call_id"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                    "chat_template_kwargs": [1]})",
+               "chat_template_kwargs", "object"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                    "chat_template_kwargs": {"messages": []}})",
+               "chat_template_kwargs", "gives the template itself"},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                    "continue_final_message": true})",
+               "messages", "must end with an assistant message"},
+          Case{R"({"model": "m", "messages": [{"role": "assistant", "content": "x"}],
+                    "continue_final_message": true, "add_generation_prompt": true})",
+               "add_generation_prompt", "must be false"},
           Case{R"({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "1",
                     "type": "function", "function": {"name": "f", "arguments": {}}}]}]})",
                "messages", "arguments\" must be a string"},
@@ -482,7 +494,7 @@ TEST(LoadChatTemplateTest, GivesToolsAndToolTurnsToTheTemplate) {
                "parameters": {"type": "object"}}}]})",
                                                         &param);
   ASSERT_TRUE(c.ok()) << c.status();
-  absl::StatusOr<std::string> text = RenderChatTemplate(chat, c->messages, &c->tools);
+  absl::StatusOr<std::string> text = RenderChatTemplate(chat, c->messages, {.tools = &c->tools});
   ASSERT_TRUE(text.ok()) << text.status();
   // As jinja2 renders it (trim_blocks: no newline after a block tag).
   EXPECT_EQ(*text,
@@ -496,10 +508,70 @@ TEST(LoadChatTemplateTest, GivesToolsAndToolTurnsToTheTemplate) {
   // Arguments that are not a JSON object reach the template as their text.
   std::vector<ChatMessage> odd = c->messages;
   odd[1].tool_calls[0].arguments = "not json";
-  text = RenderChatTemplate(chat, odd, nullptr);
+  text = RenderChatTemplate(chat, odd);
   ASSERT_TRUE(text.ok()) << text.status();
   EXPECT_TRUE(absl::StrContains(*text, "\"arguments\": \"not json\"}")) << *text;
   EXPECT_FALSE(absl::StrContains(*text, "<tools>")) << *text;  // no tools: None
+}
+
+TEST(LoadChatTemplateTest, TemplateKwargsAndContinuingTheFinalMessage) {
+  const ModelDir m = MakeModelDir(
+      "kwargs", Config("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}"
+                       "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant"
+                       "\n{% if enable_thinking is defined and not enable_thinking %}<think>\n\n"
+                       "</think>\n\n{% endif %}{% endif %}"));
+  std::string note;
+  const ChatTemplate chat = LoadChatTemplate(m.dir, std::nullopt, *m.tokenizer, &note);
+  ASSERT_EQ(chat.format, ChatFormat::kTemplate) << note;
+  std::string param;
+  absl::StatusOr<CompletionCall> c = ChatFromJson(
+      R"({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+          "chat_template_kwargs": {"enable_thinking": false}})",
+      &param);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->add_generation_prompt);
+  absl::StatusOr<std::string> text =
+      RenderChatTemplate(chat, c->messages, {.template_kwargs = &c->template_kwargs});
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n");
+  text = RenderChatTemplate(chat, c->messages, {.add_generation_prompt = false});
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "<|im_start|>user\nHi<|im_end|>\n");
+
+  // The answer goes on from the final message's content, spaces and all (the template trims
+  // contents, but not the mark after it).
+  c = ChatFromJson(R"({"model": "m", "messages": [{"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello, "}],
+                       "continue_final_message": true})",
+                   &param);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->add_generation_prompt);
+  const ChatRenderOptions go_on{.continue_final_message = true};
+  text = RenderChatTemplate(chat, c->messages, go_on);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, ");
+  ChatTemplate chatml;
+  chatml.format = ChatFormat::kChatml;
+  text = RenderChatTemplate(chatml, c->messages, go_on);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, ");
+  ChatTemplate llama3;
+  llama3.format = ChatFormat::kLlama3;
+  text = RenderChatTemplate(llama3, c->messages, go_on);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text,
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>"
+            "assistant<|end_header_id|>\n\nHello, ");
+  // A template that leaves the content out cannot be continued.
+  const ModelDir drops =
+      MakeModelDir("drops", Config("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}"
+                                   "{% endif %}{% endfor %}"));
+  const ChatTemplate dropping = LoadChatTemplate(drops.dir, std::nullopt, *drops.tokenizer, &note);
+  ASSERT_EQ(dropping.format, ChatFormat::kTemplate) << note;
+  text = RenderChatTemplate(dropping, c->messages, go_on);
+  ASSERT_FALSE(text.ok());
+  EXPECT_TRUE(absl::StrContains(text.status().message(), "continue_final_message"));
 }
 
 TEST(LoadChatTemplateTest, ReadsChatTemplateJinjaBesideTheConfig) {

@@ -784,6 +784,28 @@ TEST_F(OpenAiHttpTest, AModelsOwnJinjaChatTemplateRendersTheConversation) {
   EXPECT_EQ(again.status, 200) << again.body;
 }
 
+// continue_final_message: the answer goes on from the final assistant message's text (a prefill).
+TEST_F(OpenAiHttpTest, AChatCanContinueTheFinalMessage) {
+  const std::string prompt =
+      "<|im_start|>user\nWrite a parser<|im_end|>\n<|im_start|>assistant\ndef parse(";
+  v1::GenerateRequest g = TextRequest(prompt, 8, 5);
+  g.mutable_sampling()->set_temperature(0.8f);
+  g.mutable_sampling()->set_ignore_eos(true);
+  g.mutable_sampling()->set_skip_special_tokens(true);
+  const Generated want = Generate(cluster_->serving(), g);
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  const HttpReply r =
+      Http(port_, "POST", "/v1/chat/completions",
+           R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "Write a parser"},)"
+           R"( {"role": "assistant", "content": "def parse("}], "continue_final_message": true,)"
+           R"( "max_tokens": 8, "seed": 5, "temperature": 0.8, "ignore_eos": true})");
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  EXPECT_EQ(Str(*Choice(d).Field("message"), "content"), want.text);
+  EXPECT_EQ(*d.root().Field("usage")->IntField("prompt_tokens"),
+            PromptTokens(prompt).token_ids_size());
+}
+
 // A template that shows the tools and writes calls and their results as Hermes-style turns.
 constexpr char kToolsTemplate[] =
     "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}"
