@@ -54,6 +54,10 @@ ABSL_FLAG(std::string, tool_call_format, "auto",
           "How the models write tool calls, for the chat API's \"tools\": auto (each model's "
           "own, from the markers its chat template writes), or hermes, llama3_json, mistral, "
           "mistral_args, pythonic or none for every model.");
+ABSL_FLAG(std::string, reasoning_format, "auto",
+          "Whether the chat API answers the models' reasoning apart from their answers "
+          "(reasoning_content): auto (think for a model whose chat template writes </think>), or "
+          "think or none for every model.");
 ABSL_FLAG(double, resolve_interval_s, 5, "How often to re-resolve workers and refresh their info.");
 ABSL_FLAG(int64_t, max_inflight_requests, 1024,
           "Generate calls accepted at once; beyond it Generate fails RESOURCE_EXHAUSTED.");
@@ -131,6 +135,15 @@ int Main() {
     }
     tool_call_format = *named;
   }
+  std::optional<ReasoningFormat> reasoning_format;
+  if (const std::string f = absl::GetFlag(FLAGS_reasoning_format); f != "auto") {
+    absl::StatusOr<ReasoningFormat> named = ReasoningFormatFromName(f);
+    if (!named.ok()) {
+      LOG(ERROR) << "--reasoning_format must be auto, think or none, not \"" << f << "\"";
+      return 2;
+    }
+    reasoning_format = *named;
+  }
   const std::string routing = absl::GetFlag(FLAGS_routing);
   if (routing == "round_robin") {
     po.router.round_robin = true;
@@ -191,11 +204,13 @@ int Main() {
     ChatTemplate& chat = http_options.chat_templates[name] =
         LoadChatTemplate(dir, chat_format, *(*models)->Find(name), &note);
     if (tool_call_format.has_value()) chat.tool_format = *tool_call_format;
+    if (reasoning_format.has_value()) chat.reasoning_format = *reasoning_format;
     LOG(INFO) << "model " << name << ": chat format " << ChatFormatName(chat.format) << " (" << note
               << ")"
               << (chat.format == ChatFormat::kTemplate
                       ? absl::StrCat(", tool calls ", ToolCallFormatName(chat.tool_format),
-                                     chat.takes_tools ? "" : " (its template takes no tools)")
+                                     chat.takes_tools ? "" : " (its template takes no tools)",
+                                     ", reasoning ", ReasoningFormatName(chat.reasoning_format))
                       : "");
   }
   absl::StatusOr<std::unique_ptr<OpenAiGateway>> http = StartOpenAiGateway(

@@ -325,6 +325,8 @@ absl::Status ParseTemplateFields(const JsonValue& root, CompletionCall* call, st
       call->template_kwargs.emplace_back(std::string(name), std::move(converted));
     }
   }
+  *param = "include_reasoning";
+  ASSIGN_OR_RETURN(call->include_reasoning, root.BoolFieldOr("include_reasoning", true));
   *param = "continue_final_message";
   ASSIGN_OR_RETURN(call->continue_final_message, root.BoolFieldOr("continue_final_message", false));
   *param = "add_generation_prompt";
@@ -777,6 +779,7 @@ ChatTemplate LoadChatTemplate(const std::string& dir, std::optional<ChatFormat> 
       absl::StatusOr<std::string> probe = RenderChatTemplate(chat, {{"user", "Hello"}});
       chat.takes_tools = absl::StrContains(*source, "tools");
       chat.tool_format = DetectToolCallFormat(*source);
+      chat.reasoning_format = DetectReasoningFormat(*source);
       if (probe.ok()) {
         *note = "the model's chat template";
       } else {
@@ -1580,6 +1583,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   // the text the prompt ends with to make it call one (tool_choice required or named).
   ToolCallFormat tool_format = ToolCallFormat::kNone;
   std::string forced_call;
+  // Chat with a model that thinks: its reasoning comes apart from its answer.
+  ReasoningFormat reasoning_format = ReasoningFormat::kNone;
   if (chat) {
     auto it = options_.chat_templates.find(call->request.model());
     if (it == options_.chat_templates.end()) {
@@ -1655,6 +1660,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     if (tool_format != ToolCallFormat::kNone) {
       call->request.mutable_sampling()->set_skip_special_tokens(false);
     }
+    if (format == ChatFormat::kTemplate) reasoning_format = chat_template.reasoning_format;
     // The turn ends at the format's marker: a stop token when the vocabulary has it as one (left
     // out of the text), else a stop string. Not with ignore_eos, which asks to go on past ends.
     v1::SamplingParams& s = *call->request.mutable_sampling();
@@ -1690,7 +1696,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     // Echo: its prompt's text and first token's, and whether the server adds that token.
     std::string echo_text, first_token;
     bool first_added = false;
-    // Chat with tools: the calls in its text, and how many were answered (streamed) so far.
+    // Chat: the reasoning apart from the answer (models that think), the calls in the answer
+    // (with tools), and how many calls were answered (streamed) so far.
+    std::optional<ReasoningSplitter> reasoning;
     std::optional<ToolCallParser> tool_calls;
     int calls_sent = 0;
   };
@@ -1720,24 +1728,67 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     if (tool_format != ToolCallFormat::kNone) {
       choices.back()->tool_calls.emplace(tool_format, forced_call);
     }
+    if (reasoning_format != ReasoningFormat::kNone) {
+      choices.back()->reasoning.emplace(reasoning_format, call->request.text());
+    }
   }
+  // A piece of a chat answer's text (`last`: the generation's end) as reasoning, content and the
+  // calls completed in it.
+  struct ChatPiece {
+    std::string reasoning, content;
+    std::vector<ToolCall> calls;
+  };
+  auto chat_piece = [&](Choice& c, absl::string_view text, bool last) {
+    ChatPiece piece;
+    std::string answer(text);
+    if (c.reasoning.has_value()) {
+      ReasoningSplitter::Output r = c.reasoning->Add(text);
+      if (last) {
+        ReasoningSplitter::Output rest = c.reasoning->Finish();
+        r.reasoning += rest.reasoning;
+        r.content += rest.content;
+      }
+      if (call->include_reasoning) piece.reasoning = std::move(r.reasoning);
+      answer = std::move(r.content);
+    }
+    if (c.tool_calls.has_value()) {
+      ToolCallParser::Output o = c.tool_calls->Add(answer);
+      if (last) {
+        ToolCallParser::Output rest = c.tool_calls->Finish();
+        o.content += rest.content;
+        for (ToolCall& t : rest.calls) o.calls.push_back(std::move(t));
+      }
+      piece.content = std::move(o.content);
+      piece.calls = std::move(o.calls);
+    } else {
+      piece.content = std::move(answer);
+    }
+    return piece;
+  };
+  const bool say_reasoning = reasoning_format != ReasoningFormat::kNone && call->include_reasoning;
   // finish_reason "tool_calls" for a choice that called tools and stopped; with a named function
   // forced, "stop" (as OpenAI and vLLM answer).
   const bool calls_finish = call->tool_choice != ToolChoice::kNamed;
-  // A chat answer's text and calls as "content" and "tool_calls" (`delta`: a stream's, the calls
-  // numbered from c.calls_sent); content is null when there are calls and no text.
-  auto chat_message = [&](Choice& c, const std::string& text, const std::vector<ToolCall>& calls,
-                          bool delta) {
+  // A chat answer's piece as "content", "reasoning_content" and "tool_calls" (`delta`: a stream's,
+  // the calls numbered from c.calls_sent, the reasoning only when there is some); content is null
+  // when there are calls and no text, reasoning_content null when the model did not think.
+  auto chat_message = [&](Choice& c, const ChatPiece& piece, bool delta) {
+    const std::string& text = piece.content;
     std::vector<std::string> entries;
-    for (const ToolCall& t : calls) {
+    for (const ToolCall& t : piece.calls) {
       entries.push_back(
           absl::StrCat("{", delta ? absl::StrCat("\"index\":", c.calls_sent, ",") : "",
                        "\"id\":", JsonQuote(t.id), ",\"type\":\"function\",\"function\":{\"name\":",
                        JsonQuote(t.name), ",\"arguments\":", JsonQuote(t.arguments), "}}"));
       ++c.calls_sent;
     }
+    std::string reasoning;
+    if (say_reasoning && (!delta || !piece.reasoning.empty())) {
+      reasoning = absl::StrCat(",\"reasoning_content\":",
+                               piece.reasoning.empty() ? "null" : JsonQuote(piece.reasoning));
+    }
     return absl::StrCat(
-        "\"content\":", text.empty() && !entries.empty() ? "null" : JsonQuote(text),
+        "\"content\":", text.empty() && !entries.empty() ? "null" : JsonQuote(text), reasoning,
         entries.empty() ? "" : absl::StrCat(",\"tool_calls\":[", absl::StrJoin(entries, ","), "]"));
   };
   if (call->echo) {
@@ -1899,19 +1950,14 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
         c.first_event = false;
       }
       // Chat with tools: the text that is not part of a call, and the calls completed.
-      ToolCallParser::Output parsed;
-      if (c.tool_calls.has_value()) {
-        parsed = c.tool_calls->Add(chunk.text());
-        if (reason != nullptr) {
-          ToolCallParser::Output rest = c.tool_calls->Finish();
-          parsed.content += rest.content;
-          for (ToolCall& t : rest.calls) parsed.calls.push_back(std::move(t));
-        }
+      ChatPiece parsed;
+      if (chat) {
+        parsed = chat_piece(c, chunk.text(), reason != nullptr);
       } else {
         parsed.content = chunk.text();
       }
-      if (!parsed.content.empty() || !parsed.calls.empty() || reason != nullptr ||
-          chunk.logprobs_size() > 0) {
+      if (!parsed.content.empty() || !parsed.reasoning.empty() || !parsed.calls.empty() ||
+          reason != nullptr || chunk.logprobs_size() > 0) {
         Logprobs lp;
         lp.offset = c.offset;  // text_offset counts from the completion's start
         if (want_logprobs) lp.Add(chunk.logprobs());
@@ -1920,7 +1966,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
         std::string content;
         if (chat) {
           content = absl::StrCat("\"delta\":{", c.first_event ? "\"role\":\"assistant\"," : "",
-                                 chat_message(c, parsed.content, parsed.calls, true), "}");
+                                 chat_message(c, parsed, true), "}");
           if (calls_finish && c.calls_sent > 0 && reason != nullptr &&
               std::string_view(reason) == "stop") {
             reason = "tool_calls";
@@ -2018,17 +2064,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       Choice& c = *choices[k];
       std::string content;
       if (chat) {
-        ToolCallParser::Output parsed;
-        if (c.tool_calls.has_value()) {
-          parsed = c.tool_calls->Add(c.text);
-          ToolCallParser::Output rest = c.tool_calls->Finish();
-          parsed.content += rest.content;
-          for (ToolCall& t : rest.calls) parsed.calls.push_back(std::move(t));
-        } else {
-          parsed.content = c.text;
-        }
         content = absl::StrCat("\"message\":{\"role\":\"assistant\",",
-                               chat_message(c, parsed.content, parsed.calls, false), "}");
+                               chat_message(c, chat_piece(c, c.text, true), false), "}");
         if (calls_finish && c.calls_sent > 0 && c.finish != nullptr &&
             std::string_view(c.finish) == "stop") {
           c.finish = "tool_calls";

@@ -109,6 +109,8 @@ struct CompletionCall {
   jinja::Dict template_kwargs;
   bool add_generation_prompt = true;
   bool continue_final_message = false;
+  // Chat with a model that thinks: whether its reasoning is answered (reasoning_content).
+  bool include_reasoning = true;
 };
 
 // How a model's chat turns are written out: by the model's own Jinja chat template (kTemplate:
@@ -164,6 +166,9 @@ struct ChatTemplate {
   // from the template, or named by strata-coordinator --tool_call_format).
   bool takes_tools = false;
   ToolCallFormat tool_format = ToolCallFormat::kNone;
+  // kTemplate: whether the model writes reasoning before its answer (detected from the template,
+  // or named by strata-coordinator --reasoning_format).
+  ReasoningFormat reasoning_format = ReasoningFormat::kNone;
 };
 
 // The chat template text of a tokenizer_config.json (its "chat_template", or the "default" one of

@@ -26,6 +26,8 @@ constexpr absl::string_view kMistralCallId = "[CALL_ID]";
 constexpr absl::string_view kPythonTag = "<|python_tag|>";
 constexpr absl::string_view kPythonStart = "<|python_start|>";
 constexpr absl::string_view kPythonEnd = "<|python_end|>";
+constexpr absl::string_view kThinkOpen = "<think>";
+constexpr absl::string_view kThinkClose = "</think>";
 // A run of whitespace longer than this is content even next to a call (and is not held back:
 // a model repeating newlines must not make each piece cost the whole run).
 constexpr size_t kMaxSpaceHeld = 256;
@@ -710,6 +712,111 @@ ToolCallParser::Output ToolCallParser::Finish() {
   }
   held_.clear();
   mode_ = Mode::kText;
+  return out;
+}
+
+const char* ReasoningFormatName(ReasoningFormat format) {
+  return format == ReasoningFormat::kThink ? "think" : "none";
+}
+
+absl::StatusOr<ReasoningFormat> ReasoningFormatFromName(absl::string_view name) {
+  if (name == "think") return ReasoningFormat::kThink;
+  if (name == "none") return ReasoningFormat::kNone;
+  return absl::InvalidArgumentError(
+      absl::StrCat("no reasoning format \"", name, "\": think or none"));
+}
+
+ReasoningFormat DetectReasoningFormat(absl::string_view chat_template) {
+  return absl::StrContains(chat_template, kThinkClose) ? ReasoningFormat::kThink
+                                                       : ReasoningFormat::kNone;
+}
+
+ReasoningSplitter::ReasoningSplitter(ReasoningFormat format, absl::string_view prompt)
+    : mode_(Mode::kAnswer) {
+  if (format != ReasoningFormat::kThink) return;
+  const size_t open = prompt.rfind(kThinkOpen);
+  const size_t close = prompt.rfind(kThinkClose);
+  mode_ = open != absl::string_view::npos && (close == absl::string_view::npos || open > close)
+              ? Mode::kThinking
+              : Mode::kStart;
+}
+
+ReasoningSplitter::Output ReasoningSplitter::Add(absl::string_view text) {
+  Output out;
+  held_.append(text.data(), text.size());
+  Scan(&out);
+  return out;
+}
+
+namespace {
+
+// Appends `text` to `out`, its leading whitespace left out until `*started`.
+void GiveOut(absl::string_view text, std::string* out, bool* started) {
+  if (!*started) {
+    text = text.substr(std::min(SkipSpace(text, 0), text.size()));
+    if (text.empty()) return;
+    *started = true;
+  }
+  out->append(text.data(), text.size());
+}
+
+}  // namespace
+
+void ReasoningSplitter::Scan(Output* out) {
+  for (;;) {
+    switch (mode_) {
+      case Mode::kStart: {
+        const size_t i = SkipSpace(held_, 0);
+        if (i > kMaxSpaceHeld) {
+          mode_ = Mode::kAnswer;
+          continue;
+        }
+        if (i == held_.size()) return;
+        const absl::string_view rest = absl::string_view(held_).substr(i);
+        if (absl::StartsWith(rest, kThinkOpen)) {
+          held_.erase(0, i + kThinkOpen.size());
+          mode_ = Mode::kThinking;
+          continue;
+        }
+        if (absl::StartsWith(kThinkOpen, rest)) return;  // the marker may be arriving
+        mode_ = Mode::kAnswer;
+        continue;
+      }
+      case Mode::kThinking: {
+        const size_t close = absl::string_view(held_).find(kThinkClose);
+        const size_t end =
+            close != std::string::npos ? close : held_.size() - PartialMarker(held_, kThinkClose);
+        GiveOut(absl::string_view(held_).substr(0, end), &out->reasoning, &reasoning_started_);
+        if (close == std::string::npos) {
+          held_.erase(0, end);
+          return;
+        }
+        held_.erase(0, close + kThinkClose.size());
+        had_reasoning_ = true;
+        mode_ = Mode::kAnswer;
+        continue;
+      }
+      case Mode::kAnswer:
+        if (had_reasoning_) {
+          GiveOut(held_, &out->content, &answer_started_);
+        } else {
+          out->content += held_;
+        }
+        held_.clear();
+        return;
+    }
+  }
+}
+
+ReasoningSplitter::Output ReasoningSplitter::Finish() {
+  Output out;
+  if (mode_ == Mode::kThinking) {
+    GiveOut(held_, &out.reasoning, &reasoning_started_);  // cut short inside the reasoning
+  } else {
+    out.content = std::move(held_);  // kStart: whitespace, or a marker's start that was not one
+  }
+  held_.clear();
+  mode_ = Mode::kAnswer;
   return out;
 }
 

@@ -1,6 +1,7 @@
-// Tool calls in a model's output, for the chat API's "tools": the formats models write calls in,
-// finding the calls in generated text (whole or as it streams), and the text that makes a model
-// start one (tool_choice "required" or a named function).
+// What the chat API finds in a model's output: tool calls, for the chat API's "tools" (the formats
+// models write calls in, finding the calls in generated text, whole or as it streams, and the text
+// that makes a model start one: tool_choice "required" or a named function), and reasoning (see
+// ReasoningSplitter).
 //
 // Formats (each as models trained on it write it; vLLM's parsers of the same names):
 //   hermes       <tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>, any number, text
@@ -94,6 +95,54 @@ class ToolCallParser {
   size_t space_sent_ = 0;  // whitespace at the end of the content given out
   size_t searched_ = 0;    // hermes, in a call: no close marker starts before this offset
   int num_calls_ = 0;
+};
+
+// Reasoning ("thinking"): the text between <think> and </think> that Qwen3, QwQ, DeepSeek-R1 and
+// its distills and many others write before the answer proper. The chat API returns it as
+// "reasoning_content", apart from "content" (as DeepSeek's API and vLLM's reasoning parsers do),
+// so that clients can show or hide it, and looks for tool calls in the answer only.
+enum class ReasoningFormat { kNone, kThink };
+
+const char* ReasoningFormatName(ReasoningFormat format);
+// think or none.
+absl::StatusOr<ReasoningFormat> ReasoningFormatFromName(absl::string_view name);
+// kThink for a chat template that writes </think> (its model thinks), else kNone.
+ReasoningFormat DetectReasoningFormat(absl::string_view chat_template);
+
+// Splits one generation's text, as it arrives, into reasoning and answer. The reasoning is what
+// follows a <think> that opens the answer (or one the prompt leaves open, as DeepSeek-R1's
+// template does) up to </think>; the rest is the answer. Leading whitespace of the reasoning and
+// of an answer after it is dropped. Text that may be the start of a marker is held until it is
+// known; the same text gives the same parts however it is split. With kNone everything is
+// answer. One per generation; not thread-safe.
+class ReasoningSplitter {
+ public:
+  struct Output {
+    std::string reasoning;
+    std::string content;
+  };
+
+  // `prompt`: the text the answer continues; when its last <think> comes after its last
+  // </think>, the answer starts inside the reasoning.
+  ReasoningSplitter(ReasoningFormat format, absl::string_view prompt);
+
+  Output Add(absl::string_view text);
+  // The generation ended: what was held.
+  Output Finish();
+
+ private:
+  enum class Mode {
+    kStart,     // before the answer's first characters show whether it opens with <think>
+    kThinking,  // inside the reasoning
+    kAnswer,    // after it, or with none
+  };
+  void Scan(Output* out);
+
+  Mode mode_;
+  std::string held_;
+  bool reasoning_started_ = false;  // a non-space character of the reasoning given out
+  bool answer_started_ = false;     // the same for the answer after a </think>
+  bool had_reasoning_ = false;      // a </think> came: the answer's leading whitespace goes
 };
 
 }  // namespace strata

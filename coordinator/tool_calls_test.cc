@@ -296,3 +296,89 @@ TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
 
 }  // namespace
 }  // namespace strata
+
+namespace strata {
+namespace {
+
+std::pair<std::string, std::string> Split(ReasoningFormat format, absl::string_view prompt,
+                                          const std::string& text,
+                                          const std::vector<size_t>& cuts = {}) {
+  ReasoningSplitter splitter(format, prompt);
+  std::pair<std::string, std::string> out;  // reasoning, content
+  auto take = [&out](const ReasoningSplitter::Output& o) {
+    out.first += o.reasoning;
+    out.second += o.content;
+  };
+  size_t at = 0;
+  for (size_t cut : cuts) {
+    take(splitter.Add(text.substr(at, cut - at)));
+    at = cut;
+  }
+  take(splitter.Add(text.substr(at)));
+  take(splitter.Finish());
+  return out;
+}
+
+using Parts = std::pair<std::string, std::string>;
+
+TEST(ReasoningSplitterTest, ThinkingComesApartFromTheAnswer) {
+  const std::string qwen = "<|im_start|>assistant\n";
+  EXPECT_EQ(Split(ReasoningFormat::kThink, qwen,
+                  "<think>\nThe user greets.\n</think>\n\nHello! <think> is a tag."),
+            (Parts{"The user greets.\n", "Hello! <think> is a tag."}));
+  // DeepSeek-R1's template opens the reasoning itself.
+  EXPECT_EQ(Split(ReasoningFormat::kThink, "<｜Assistant｜><think>\n", "Hmm.</think>42"),
+            (Parts{"Hmm.", "42"}));
+  // Cut short inside the reasoning: all of it is reasoning.
+  EXPECT_EQ(Split(ReasoningFormat::kThink, qwen, "  <think> Still going </thi"),
+            (Parts{"Still going </thi", ""}));
+  // Thinking turned off by the template (Qwen3's enable_thinking false), or no <think> first:
+  // the text is the answer, as written.
+  EXPECT_EQ(Split(ReasoningFormat::kThink, "assistant\n<think>\n\n</think>\n\n", "  A <think>"),
+            (Parts{"", "  A <think>"}));
+  EXPECT_EQ(Split(ReasoningFormat::kThink, qwen, "\n <thin"), (Parts{"", "\n <thin"}));
+  EXPECT_EQ(Split(ReasoningFormat::kNone, "<think>", "<think>x</think>y"),
+            (Parts{"", "<think>x</think>y"}));
+  // Reasoning streams as it comes, the answer too.
+  ReasoningSplitter s(ReasoningFormat::kThink, qwen);
+  EXPECT_EQ(s.Add("<think>").reasoning, "");
+  EXPECT_EQ(s.Add("\nStep one").reasoning, "Step one");
+  EXPECT_EQ(s.Add(", two</").reasoning, ", two");
+  const ReasoningSplitter::Output o = s.Add("think>\n\nDone");
+  EXPECT_EQ(o.reasoning, "");
+  EXPECT_EQ(o.content, "Done");
+}
+
+TEST(ReasoningSplitterTest, TheSamePartsHoweverTheTextArrives) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"", " \n<think>\n a </thinking> b</think> \n\n c </think> d"},
+      {"<think>", "x</think>"},
+      {"", "<thin"},
+      {"", std::string(300, ' ') + "<think>late</think>"},
+      {"<think>\n", "  \n  "},
+  };
+  for (const auto& [prompt, text] : cases) {
+    const Parts whole = Split(ReasoningFormat::kThink, prompt, text);
+    for (size_t cut = 0; cut <= text.size(); ++cut) {
+      ASSERT_EQ(Split(ReasoningFormat::kThink, prompt, text, {cut}), whole)
+          << text << " cut at " << cut;
+    }
+    std::vector<size_t> every;
+    for (size_t i = 1; i < text.size(); ++i) every.push_back(i);
+    EXPECT_EQ(Split(ReasoningFormat::kThink, prompt, text, every), whole) << text;
+  }
+  EXPECT_EQ(Split(ReasoningFormat::kThink, "", cases[0].second),
+            (Parts{"a </thinking> b", "c </think> d"}));
+}
+
+TEST(ReasoningFormatTest, NamedAndDetected) {
+  EXPECT_EQ(*ReasoningFormatFromName("think"), ReasoningFormat::kThink);
+  EXPECT_EQ(*ReasoningFormatFromName("none"), ReasoningFormat::kNone);
+  EXPECT_FALSE(ReasoningFormatFromName("r1").ok());
+  EXPECT_EQ(DetectReasoningFormat("{% if '</think>' in content %}{% endif %}"),
+            ReasoningFormat::kThink);
+  EXPECT_EQ(DetectReasoningFormat("<|im_start|>"), ReasoningFormat::kNone);
+}
+
+}  // namespace
+}  // namespace strata

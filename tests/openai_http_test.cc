@@ -806,6 +806,68 @@ TEST_F(OpenAiHttpTest, AChatCanContinueTheFinalMessage) {
             PromptTokens(prompt).token_ids_size());
 }
 
+// A model that thinks (its template opens <think> and knows </think>): the reasoning comes back as
+// reasoning_content, apart from the answer, whole or streamed, and not at all when not asked for.
+TEST_F(OpenAiHttpTest, ReasoningComesApartFromTheAnswer) {
+  const int port = StartTemplatedCoordinator(
+      "thinking_model",
+      "{# The reasoning ends with </think>. #}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+      "{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n<think>\n");
+  ASSERT_NE(port, 0);
+  const std::string prompt = "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n<think>";
+  v1::GenerateRequest g = TextRequest(prompt, 10, 7);
+  g.mutable_sampling()->set_temperature(0.8f);
+  g.mutable_sampling()->set_ignore_eos(true);
+  g.mutable_sampling()->set_skip_special_tokens(true);
+  const Generated want = Generate(cluster_->serving(), g);
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  ReasoningSplitter splitter(ReasoningFormat::kThink, prompt);
+  ReasoningSplitter::Output expected = splitter.Add(want.text);
+  const ReasoningSplitter::Output rest = splitter.Finish();
+  expected.reasoning += rest.reasoning;
+  expected.content += rest.content;
+  ASSERT_FALSE(expected.reasoning.empty()) << want.text;
+  const std::string body =
+      R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "Why?"}],)"
+      R"( "max_tokens": 10, "seed": 7, "temperature": 0.8, "ignore_eos": true)";
+  {
+    const HttpReply r = Http(port, "POST", "/v1/chat/completions", body + "}");
+    ASSERT_EQ(r.status, 200) << r.body;
+    const JsonDocument d = Json(r.body);
+    const JsonValue message = *Choice(d).Field("message");
+    EXPECT_EQ(Str(message, "reasoning_content"), expected.reasoning);
+    EXPECT_EQ(Str(message, "content"), expected.content);
+    EXPECT_EQ(*d.root().Field("usage")->IntField("prompt_tokens"),
+              PromptTokens(prompt).token_ids_size());
+  }
+  {
+    const HttpReply r = Http(port, "POST", "/v1/chat/completions", body + R"(, "stream": true})");
+    ASSERT_EQ(r.status, 200) << r.body;
+    const std::vector<std::string> events = SseData(r.body);
+    ASSERT_GE(events.size(), 2u) << r.body;
+    std::string reasoning, content;
+    for (size_t i = 0; i + 1 < events.size(); ++i) {
+      const JsonDocument d = Json(events[i]);
+      const JsonValue delta = *Choice(d).Field("delta");
+      if (std::optional<JsonValue> v = delta.FindField("reasoning_content")) {
+        reasoning += std::string(*v->AsString());
+      }
+      if (std::optional<JsonValue> v = delta.FindField("content")) {
+        content += std::string(*v->AsString());
+      }
+    }
+    EXPECT_EQ(reasoning, expected.reasoning);
+    EXPECT_EQ(content, expected.content);
+  }
+  const HttpReply r =
+      Http(port, "POST", "/v1/chat/completions", body + R"(, "include_reasoning": false})");
+  ASSERT_EQ(r.status, 200) << r.body;
+  const JsonDocument d = Json(r.body);
+  const JsonValue message = *Choice(d).Field("message");
+  EXPECT_FALSE(message.FindField("reasoning_content").has_value()) << r.body;
+  EXPECT_EQ(Str(message, "content"), expected.content);
+}
+
 // A template that shows the tools and writes calls and their results as Hermes-style turns.
 constexpr char kToolsTemplate[] =
     "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}"
