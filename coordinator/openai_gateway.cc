@@ -888,18 +888,29 @@ absl::StatusOr<std::string> RenderTemplate(const ChatTemplate& chat,
 absl::StatusOr<std::string> RenderChatTemplate(const ChatTemplate& chat,
                                                const std::vector<ChatMessage>& messages,
                                                const ChatRenderOptions& options) {
-  // Continuing: the final message is written with a mark after its content, and the prompt ends
-  // where the mark lands (whatever the template writes after the content is left out).
+  // Continuing: the final message is written with a mark before its trailing whitespace, and the
+  // prompt ends where the mark lands (whatever the template writes after the content is left
+  // out), with that whitespace where the template kept it: a template that trims contents ends
+  // the prompt at the trimmed content, as transformers does.
   const std::vector<ChatMessage>* written = &messages;
   std::vector<ChatMessage> marked;
+  std::string trailing;  // the final content's trailing whitespace
   if (options.continue_final_message) {
     if (messages.empty() || messages.back().role != "assistant" ||
         !messages.back().content.has_value()) {
       return absl::InvalidArgumentError(
           "continue_final_message needs a final assistant message with content");
     }
+    for (const ChatMessage& m : messages) {
+      if (m.content.has_value() && absl::StrContains(*m.content, kContinueMark)) {
+        return absl::InvalidArgumentError("a message holds Strata's continue_final_message mark");
+      }
+    }
     marked = messages;
-    absl::StrAppend(&*marked.back().content, kContinueMark);
+    std::string& content = *marked.back().content;
+    const size_t kept = absl::StripTrailingAsciiWhitespace(content).size();
+    trailing = content.substr(kept);
+    content.insert(kept, kContinueMark.data(), kContinueMark.size());
     written = &marked;
   }
   const bool generation_prompt = options.add_generation_prompt && !options.continue_final_message;
@@ -910,13 +921,17 @@ absl::StatusOr<std::string> RenderChatTemplate(const ChatTemplate& chat,
     text = RenderChat(chat.format, *written, generation_prompt);
   }
   if (options.continue_final_message) {
-    const size_t at = absl::string_view(text).rfind(kContinueMark);
-    if (at == std::string::npos) {
+    const size_t at = absl::string_view(text).find(kContinueMark);
+    if (at == std::string::npos ||
+        absl::string_view(text).find(kContinueMark, at + 1) != absl::string_view::npos) {
       return absl::InvalidArgumentError(
           "continue_final_message: the chat template does not write the final message's content "
-          "as given");
+          "once, as given");
     }
+    const bool kept =
+        absl::StartsWith(absl::string_view(text).substr(at + kContinueMark.size()), trailing);
     text.resize(at);
+    if (kept) text += trailing;
   }
   return text;
 }
@@ -1583,8 +1598,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   // the text the prompt ends with to make it call one (tool_choice required or named).
   ToolCallFormat tool_format = ToolCallFormat::kNone;
   std::string forced_call;
-  // Chat with a model that thinks: its reasoning comes apart from its answer.
+  // Chat with a model that thinks: its reasoning comes apart from its answer, which starts there.
   ReasoningFormat reasoning_format = ReasoningFormat::kNone;
+  ReasoningStart reasoning_start = ReasoningStart::kOpen;
   if (chat) {
     auto it = options_.chat_templates.find(call->request.model());
     if (it == options_.chat_templates.end()) {
@@ -1651,16 +1667,25 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       Reply(fd, ErrorResponse(400, prompt.status().message(), "messages"));
       return;
     }
+    reasoning_format = chat_template.reasoning_format;
+    reasoning_start = ReasoningStartOf(
+        *prompt, call->continue_final_message ? *call->messages.back().content : "");
     if (call->tool_choice == ToolChoice::kRequired || call->tool_choice == ToolChoice::kNamed) {
+      // The call is the answer: a reasoning the prompt left open is closed before it.
+      if (reasoning_format != ReasoningFormat::kNone &&
+          reasoning_start == ReasoningStart::kThinking) {
+        absl::StrAppend(&*prompt, "</think>\n\n");
+      }
+      reasoning_start = ReasoningStart::kAnswer;
       forced_call = ForcedToolCallPrefix(tool_format, call->tool_choice_name);
       absl::StrAppend(&*prompt, forced_call);
     }
     call->request.set_text(*std::move(prompt));
-    // The calls' markers may be special tokens (Mistral's [TOOL_CALLS]), which the parser must see.
-    if (tool_format != ToolCallFormat::kNone) {
+    // The calls' and the reasoning's markers may be special tokens (Mistral's [TOOL_CALLS]), which
+    // the parsers must see.
+    if (tool_format != ToolCallFormat::kNone || reasoning_format != ReasoningFormat::kNone) {
       call->request.mutable_sampling()->set_skip_special_tokens(false);
     }
-    if (format == ChatFormat::kTemplate) reasoning_format = chat_template.reasoning_format;
     // The turn ends at the format's marker: a stop token when the vocabulary has it as one (left
     // out of the text), else a stop string. Not with ignore_eos, which asks to go on past ends.
     v1::SamplingParams& s = *call->request.mutable_sampling();
@@ -1729,7 +1754,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       choices.back()->tool_calls.emplace(tool_format, forced_call);
     }
     if (reasoning_format != ReasoningFormat::kNone) {
-      choices.back()->reasoning.emplace(reasoning_format, call->request.text());
+      choices.back()->reasoning.emplace(reasoning_format, reasoning_start);
     }
   }
   // A piece of a chat answer's text (`last`: the generation's end) as reasoning, content and the
@@ -1782,14 +1807,22 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                        JsonQuote(t.name), ",\"arguments\":", JsonQuote(t.arguments), "}}"));
       ++c.calls_sent;
     }
-    std::string reasoning;
-    if (say_reasoning && (!delta || !piece.reasoning.empty())) {
-      reasoning = absl::StrCat(",\"reasoning_content\":",
-                               piece.reasoning.empty() ? "null" : JsonQuote(piece.reasoning));
+    std::vector<std::string> fields;
+    // A delta of reasoning alone has no content (as vLLM's), so that clients tell the phases apart.
+    const bool reasoning_only =
+        delta && text.empty() && entries.empty() && !piece.reasoning.empty();
+    if (!reasoning_only) {
+      fields.push_back(absl::StrCat("\"content\":",
+                                    text.empty() && !entries.empty() ? "null" : JsonQuote(text)));
     }
-    return absl::StrCat(
-        "\"content\":", text.empty() && !entries.empty() ? "null" : JsonQuote(text), reasoning,
-        entries.empty() ? "" : absl::StrCat(",\"tool_calls\":[", absl::StrJoin(entries, ","), "]"));
+    if (say_reasoning && (!delta || !piece.reasoning.empty())) {
+      fields.push_back(absl::StrCat("\"reasoning_content\":",
+                                    piece.reasoning.empty() ? "null" : JsonQuote(piece.reasoning)));
+    }
+    if (!entries.empty()) {
+      fields.push_back(absl::StrCat("\"tool_calls\":[", absl::StrJoin(entries, ","), "]"));
+    }
+    return absl::StrJoin(fields, ",");
   };
   if (call->echo) {
     for (int p = 0; p < num_prompts; ++p) {

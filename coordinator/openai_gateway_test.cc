@@ -539,8 +539,8 @@ TEST(LoadChatTemplateTest, TemplateKwargsAndContinuingTheFinalMessage) {
   ASSERT_TRUE(text.ok()) << text.status();
   EXPECT_EQ(*text, "<|im_start|>user\nHi<|im_end|>\n");
 
-  // The answer goes on from the final message's content, spaces and all (the template trims
-  // contents, but not the mark after it).
+  // The answer goes on from the final message's content: trimmed where the template trims it (as
+  // transformers continues), whole where it does not.
   c = ChatFromJson(R"({"model": "m", "messages": [{"role": "user", "content": "Hi"},
                        {"role": "assistant", "content": "Hello, "}],
                        "continue_final_message": true})",
@@ -550,7 +550,7 @@ TEST(LoadChatTemplateTest, TemplateKwargsAndContinuingTheFinalMessage) {
   const ChatRenderOptions go_on{.continue_final_message = true};
   text = RenderChatTemplate(chat, c->messages, go_on);
   ASSERT_TRUE(text.ok()) << text.status();
-  EXPECT_EQ(*text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, ");
+  EXPECT_EQ(*text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello,");
   ChatTemplate chatml;
   chatml.format = ChatFormat::kChatml;
   text = RenderChatTemplate(chatml, c->messages, go_on);
@@ -562,7 +562,7 @@ TEST(LoadChatTemplateTest, TemplateKwargsAndContinuingTheFinalMessage) {
   ASSERT_TRUE(text.ok()) << text.status();
   EXPECT_EQ(*text,
             "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>"
-            "assistant<|end_header_id|>\n\nHello, ");
+            "assistant<|end_header_id|>\n\nHello,");
   // A template that leaves the content out cannot be continued.
   const ModelDir drops =
       MakeModelDir("drops", Config("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}"

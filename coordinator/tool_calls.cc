@@ -731,14 +731,40 @@ ReasoningFormat DetectReasoningFormat(absl::string_view chat_template) {
                                                        : ReasoningFormat::kNone;
 }
 
-ReasoningSplitter::ReasoningSplitter(ReasoningFormat format, absl::string_view prompt)
+ReasoningStart ReasoningStartOf(absl::string_view prompt, absl::string_view continued) {
+  if (!absl::StripAsciiWhitespace(continued).empty()) {
+    const size_t open = continued.rfind(kThinkOpen);
+    const size_t close = continued.rfind(kThinkClose);
+    if (open != absl::string_view::npos && (close == absl::string_view::npos || open > close)) {
+      return absl::StripAsciiWhitespace(continued.substr(open + kThinkOpen.size())).empty()
+                 ? ReasoningStart::kThinking
+                 : ReasoningStart::kGoingOn;
+    }
+    return ReasoningStart::kAnswer;
+  }
+  return absl::EndsWith(absl::StripTrailingAsciiWhitespace(prompt), kThinkOpen)
+             ? ReasoningStart::kThinking
+             : ReasoningStart::kOpen;
+}
+
+ReasoningSplitter::ReasoningSplitter(ReasoningFormat format, ReasoningStart start)
     : mode_(Mode::kAnswer) {
   if (format != ReasoningFormat::kThink) return;
-  const size_t open = prompt.rfind(kThinkOpen);
-  const size_t close = prompt.rfind(kThinkClose);
-  mode_ = open != absl::string_view::npos && (close == absl::string_view::npos || open > close)
-              ? Mode::kThinking
-              : Mode::kStart;
+  switch (start) {
+    case ReasoningStart::kOpen:
+      mode_ = Mode::kStart;
+      break;
+    case ReasoningStart::kThinking:
+      mode_ = Mode::kThinking;
+      skip_open_ = true;
+      break;
+    case ReasoningStart::kGoingOn:
+      mode_ = Mode::kThinking;
+      reasoning_started_ = true;
+      break;
+    case ReasoningStart::kAnswer:
+      break;
+  }
 }
 
 ReasoningSplitter::Output ReasoningSplitter::Add(absl::string_view text) {
@@ -783,6 +809,23 @@ void ReasoningSplitter::Scan(Output* out) {
         continue;
       }
       case Mode::kThinking: {
+        if (skip_open_) {
+          // Opened by the prompt: a <think> the model writes first anyway is not reasoning.
+          const size_t i = SkipSpace(held_, 0);
+          if (i > kMaxSpaceHeld) {
+            skip_open_ = false;
+            continue;
+          }
+          if (i == held_.size()) return;
+          const absl::string_view rest = absl::string_view(held_).substr(i);
+          if (absl::StartsWith(rest, kThinkOpen)) {
+            held_.erase(0, i + kThinkOpen.size());
+          } else if (absl::StartsWith(kThinkOpen, rest)) {
+            return;  // the marker may be arriving
+          }
+          skip_open_ = false;
+          continue;
+        }
         const size_t close = absl::string_view(held_).find(kThinkClose);
         const size_t end =
             close != std::string::npos ? close : held_.size() - PartialMarker(held_, kThinkClose);

@@ -109,6 +109,19 @@ absl::StatusOr<ReasoningFormat> ReasoningFormatFromName(absl::string_view name);
 // kThink for a chat template that writes </think> (its model thinks), else kNone.
 ReasoningFormat DetectReasoningFormat(absl::string_view chat_template);
 
+// Where an answer starts, as far as reasoning goes.
+enum class ReasoningStart {
+  kOpen,      // it may open with <think>
+  kThinking,  // inside the reasoning: the prompt ends with <think> (a <think> written anyway goes)
+  kGoingOn,   // inside reasoning text it continues (continue_final_message): nothing is dropped
+  kAnswer,    // in the answer: no reasoning comes (a forced tool call, or an answer continued)
+};
+
+// The start of an answer to `prompt`; `continued`: when the answer continues the final message
+// (continue_final_message), that message's content. Only the end of the prompt counts (a <think>
+// in a user's message does not open anything).
+ReasoningStart ReasoningStartOf(absl::string_view prompt, absl::string_view continued);
+
 // Splits one generation's text, as it arrives, into reasoning and answer. The reasoning is what
 // follows a <think> that opens the answer (or one the prompt leaves open, as DeepSeek-R1's
 // template does) up to </think>; the rest is the answer. Leading whitespace of the reasoning and
@@ -122,9 +135,7 @@ class ReasoningSplitter {
     std::string content;
   };
 
-  // `prompt`: the text the answer continues; when its last <think> comes after its last
-  // </think>, the answer starts inside the reasoning.
-  ReasoningSplitter(ReasoningFormat format, absl::string_view prompt);
+  ReasoningSplitter(ReasoningFormat format, ReasoningStart start);
 
   Output Add(absl::string_view text);
   // The generation ended: what was held.
@@ -141,6 +152,7 @@ class ReasoningSplitter {
   Mode mode_;
   std::string held_;
   bool reasoning_started_ = false;  // a non-space character of the reasoning given out
+  bool skip_open_ = false;          // kThinking: a <think> the model writes first is dropped
   bool answer_started_ = false;     // the same for the answer after a </think>
   bool had_reasoning_ = false;      // a </think> came: the answer's leading whitespace goes
 };

@@ -302,8 +302,9 @@ namespace {
 
 std::pair<std::string, std::string> Split(ReasoningFormat format, absl::string_view prompt,
                                           const std::string& text,
-                                          const std::vector<size_t>& cuts = {}) {
-  ReasoningSplitter splitter(format, prompt);
+                                          const std::vector<size_t>& cuts = {},
+                                          absl::string_view continued = "") {
+  ReasoningSplitter splitter(format, ReasoningStartOf(prompt, continued));
   std::pair<std::string, std::string> out;  // reasoning, content
   auto take = [&out](const ReasoningSplitter::Output& o) {
     out.first += o.reasoning;
@@ -340,7 +341,7 @@ TEST(ReasoningSplitterTest, ThinkingComesApartFromTheAnswer) {
   EXPECT_EQ(Split(ReasoningFormat::kNone, "<think>", "<think>x</think>y"),
             (Parts{"", "<think>x</think>y"}));
   // Reasoning streams as it comes, the answer too.
-  ReasoningSplitter s(ReasoningFormat::kThink, qwen);
+  ReasoningSplitter s(ReasoningFormat::kThink, ReasoningStart::kOpen);
   EXPECT_EQ(s.Add("<think>").reasoning, "");
   EXPECT_EQ(s.Add("\nStep one").reasoning, "Step one");
   EXPECT_EQ(s.Add(", two</").reasoning, ", two");
@@ -349,12 +350,40 @@ TEST(ReasoningSplitterTest, ThinkingComesApartFromTheAnswer) {
   EXPECT_EQ(o.content, "Done");
 }
 
+TEST(ReasoningSplitterTest, OnlyTheEndOfThePromptSaysWhereTheAnswerStarts) {
+  EXPECT_EQ(ReasoningStartOf("user: why does <think> break?\nassistant:", ""),
+            ReasoningStart::kOpen);
+  EXPECT_EQ(ReasoningStartOf("assistant\n<think>\n", ""), ReasoningStart::kThinking);
+  EXPECT_EQ(ReasoningStartOf("assistant\n<think>\n\n</think>\n\n", ""), ReasoningStart::kOpen);
+  // Continuing the final message: where its content is.
+  EXPECT_EQ(ReasoningStartOf("x", "<think>\nLet me"), ReasoningStart::kGoingOn);
+  EXPECT_EQ(ReasoningStartOf("x", "<think>\n"), ReasoningStart::kThinking);
+  EXPECT_EQ(ReasoningStartOf("x<think>", "The answer is"), ReasoningStart::kAnswer);
+  EXPECT_EQ(ReasoningStartOf("x", "<think>a</think>b"), ReasoningStart::kAnswer);
+  EXPECT_EQ(ReasoningStartOf("x<think>", " \n"), ReasoningStart::kThinking);
+  // A user's <think> opens nothing: the answer is the answer.
+  EXPECT_EQ(Split(ReasoningFormat::kThink, "<think> in a question\nassistant:", "It is a tag."),
+            (Parts{"", "It is a tag."}));
+  // Opened by the prompt, a <think> the model writes anyway is not reasoning.
+  EXPECT_EQ(Split(ReasoningFormat::kThink, "assistant\n<think>\n", "\n<think>\nA</think>B"),
+            (Parts{"A", "B"}));
+  // Continuing reasoning text: its first characters are kept.
+  EXPECT_EQ(Split(ReasoningFormat::kThink, "x", " check.</think>\nDone", {}, "<think>\nLet me"),
+            (Parts{" check.", "Done"}));
+  // Continuing an answer: no reasoning can come.
+  EXPECT_EQ(Split(ReasoningFormat::kThink, "x", " <think>y</think>", {}, "So"),
+            (Parts{"", " <think>y</think>"}));
+}
+
 TEST(ReasoningSplitterTest, TheSamePartsHoweverTheTextArrives) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"", " \n<think>\n a </thinking> b</think> \n\n c </think> d"},
       {"<think>", "x</think>"},
+      {"<think>", " <think> x</think> y"},
+      {"<think>", " <thin"},
       {"", "<thin"},
       {"", std::string(300, ' ') + "<think>late</think>"},
+      {"<think>", std::string(300, ' ') + "<think>late</think>"},
       {"<think>\n", "  \n  "},
   };
   for (const auto& [prompt, text] : cases) {

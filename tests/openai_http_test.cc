@@ -818,10 +818,10 @@ TEST_F(OpenAiHttpTest, ReasoningComesApartFromTheAnswer) {
   v1::GenerateRequest g = TextRequest(prompt, 10, 7);
   g.mutable_sampling()->set_temperature(0.8f);
   g.mutable_sampling()->set_ignore_eos(true);
-  g.mutable_sampling()->set_skip_special_tokens(true);
+  g.mutable_sampling()->set_skip_special_tokens(false);  // as the gateway asks, for the markers
   const Generated want = Generate(cluster_->serving(), g);
   ASSERT_TRUE(want.status.ok()) << want.status.error_message();
-  ReasoningSplitter splitter(ReasoningFormat::kThink, prompt);
+  ReasoningSplitter splitter(ReasoningFormat::kThink, ReasoningStartOf(prompt, ""));
   ReasoningSplitter::Output expected = splitter.Add(want.text);
   const ReasoningSplitter::Output rest = splitter.Finish();
   expected.reasoning += rest.reasoning;
