@@ -241,6 +241,32 @@ absl::Status TokenIds(const std::vector<JsonValue>& items, v1::TokenIds* out) {
   return absl::OkStatus();
 }
 
+// Each tool's parameters' JSON Schema types (the first of a list of them, null aside).
+ToolParamTypes ParamTypesOf(const jinja::List& tools) {
+  ToolParamTypes types;
+  for (const jinja::Value& tool : tools) {
+    const jinja::Value function = tool.Get("function");
+    const jinja::Value name = function.Get("name");
+    const jinja::Value properties = function.Get("parameters").Get("properties");
+    if (!name.IsString() || !properties.IsDict()) continue;
+    std::map<std::string, std::string>& params = types[name.s()];
+    for (const auto& [param, schema] : properties.dict()) {
+      const jinja::Value type = schema.Get("type");
+      if (type.IsString()) {
+        params[param] = type.s();
+      } else if (type.IsList()) {
+        for (const jinja::Value& t : type.list()) {
+          if (t.IsString() && t.s() != "null") {
+            params[param] = t.s();
+            break;
+          }
+        }
+      }
+    }
+  }
+  return types;
+}
+
 // A chat request's tools, tool_choice and parallel_tool_calls.
 absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string* param) {
   *param = "tools";
@@ -1643,14 +1669,13 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       if (call->tool_choice != ToolChoice::kNone) {
         tool_format = chat_template.tool_format;
         if (tool_format == ToolCallFormat::kNone) {
-          Reply(fd,
-                ErrorResponse(400,
-                              absl::StrCat("Strata does not know how model \"", model_asked,
-                                           "\" writes tool calls: start the coordinator with "
-                                           "--tool_call_format (hermes, llama3_json, mistral, "
-                                           "mistral_args or pythonic), or send \"tool_choice\": "
-                                           "\"none\""),
-                              "tools"));
+          Reply(fd, ErrorResponse(400,
+                                  absl::StrCat("Strata does not know how model \"", model_asked,
+                                               "\" writes tool calls: start the coordinator with "
+                                               "--tool_call_format (hermes, llama3_json, mistral, "
+                                               "mistral_args, pythonic or qwen3_coder), or send "
+                                               "\"tool_choice\": \"none\""),
+                                  "tools"));
           return;
         }
       }
@@ -1747,11 +1772,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   }
   std::vector<std::unique_ptr<Choice>> choices;
   std::vector<grpc::ClientContext*> contexts;
+  const ToolParamTypes param_types = ParamTypesOf(call->tools);  // for qwen3_coder's values
   for (int k = 0; k < total; ++k) {
     choices.push_back(std::make_unique<Choice>());
     contexts.push_back(&choices.back()->ctx);
     if (tool_format != ToolCallFormat::kNone) {
-      choices.back()->tool_calls.emplace(tool_format, forced_call);
+      choices.back()->tool_calls.emplace(tool_format, forced_call, &param_types);
     }
     if (reasoning_format != ReasoningFormat::kNone) {
       choices.back()->reasoning.emplace(reasoning_format, reasoning_start);

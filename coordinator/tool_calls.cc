@@ -26,6 +26,10 @@ constexpr absl::string_view kMistralCallId = "[CALL_ID]";
 constexpr absl::string_view kPythonTag = "<|python_tag|>";
 constexpr absl::string_view kPythonStart = "<|python_start|>";
 constexpr absl::string_view kPythonEnd = "<|python_end|>";
+constexpr absl::string_view kFunctionOpen = "<function=";
+constexpr absl::string_view kFunctionClose = "</function>";
+constexpr absl::string_view kParameterOpen = "<parameter=";
+constexpr absl::string_view kParameterClose = "</parameter>";
 constexpr absl::string_view kThinkOpen = "<think>";
 constexpr absl::string_view kThinkClose = "</think>";
 // A run of whitespace longer than this is content even next to a call (and is not held back:
@@ -154,6 +158,22 @@ size_t PartialMarker(absl::string_view s, absl::string_view marker) {
     if (absl::StartsWith(marker, s.substr(s.size() - n))) return n;
   }
   return 0;
+}
+
+// What `held` starts with after its leading whitespace: `marker` (*end: the offset just past it),
+// perhaps `marker` still arriving (or only whitespace so far), or something else (more than
+// kMaxSpaceHeld bytes of whitespace count as something else).
+enum class Lead { kMarker, kArriving, kOther };
+Lead LeadOf(absl::string_view held, absl::string_view marker, size_t* end) {
+  const size_t i = SkipSpace(held, 0);
+  if (i > kMaxSpaceHeld) return Lead::kOther;
+  if (i == held.size()) return Lead::kArriving;
+  const absl::string_view rest = held.substr(i);
+  if (absl::StartsWith(rest, marker)) {
+    *end = i + marker.size();
+    return Lead::kMarker;
+  }
+  return absl::StartsWith(marker, rest) ? Lead::kArriving : Lead::kOther;
 }
 
 // Where trailing whitespace starts in `s`.
@@ -403,6 +423,65 @@ class PythonCalls {
   size_t i_ = 0;
 };
 
+// A qwen3_coder parameter's raw text as JSON, as its schema type says: a string as is; a number,
+// boolean, object, array or null when it is valid JSON of that kind (a "007" for an integer stays
+// a string). Without a type, JSON when it parses as JSON, else a string.
+std::string ParameterJson(absl::string_view raw, const std::string* type) {
+  const std::string quoted = JsonQuote(raw);
+  if (type != nullptr && *type == "string") return quoted;
+  absl::StatusOr<JsonDocument> d = JsonDocument::Parse(raw, "parameter");
+  if (!d.ok()) return quoted;
+  const JsonValue v = d->root();
+  if (type == nullptr) return std::string(absl::StripAsciiWhitespace(raw));
+  const bool fits = ((*type == "integer" || *type == "number") && v.IsNumber()) ||
+                    (*type == "boolean" && v.IsBool()) || (*type == "object" && v.IsObject()) ||
+                    (*type == "array" && v.IsArray()) || (*type == "null" && v.IsNull());
+  return fits ? std::string(absl::StripAsciiWhitespace(raw)) : quoted;
+}
+
+// <function=f>\n<parameter=a>\nvalue\n</parameter>\n...</function> (the </function> may be
+// missing at the end): the call's name and its arguments as a JSON object.
+std::optional<std::pair<std::string, std::string>> XmlCall(absl::string_view body,
+                                                           const ToolParamTypes* types) {
+  body = absl::StripAsciiWhitespace(body);
+  if (!absl::ConsumePrefix(&body, kFunctionOpen)) return std::nullopt;
+  const size_t name_end = body.find('>');
+  if (name_end == absl::string_view::npos) return std::nullopt;
+  const std::string name(absl::StripAsciiWhitespace(body.substr(0, name_end)));
+  if (name.empty()) return std::nullopt;
+  body.remove_prefix(name_end + 1);
+  const std::map<std::string, std::string>* params = nullptr;
+  if (types != nullptr) {
+    if (auto it = types->find(name); it != types->end()) params = &it->second;
+  }
+  std::string args = "{";
+  for (;;) {
+    body = absl::StripLeadingAsciiWhitespace(body);
+    if (body.empty() || absl::ConsumePrefix(&body, kFunctionClose)) break;
+    if (!absl::ConsumePrefix(&body, kParameterOpen)) return std::nullopt;
+    const size_t key_end = body.find('>');
+    if (key_end == absl::string_view::npos) return std::nullopt;
+    const std::string key(absl::StripAsciiWhitespace(body.substr(0, key_end)));
+    body.remove_prefix(key_end + 1);
+    const size_t value_end = body.find(kParameterClose);
+    if (key.empty() || value_end == absl::string_view::npos) return std::nullopt;
+    // The value between the newlines the format puts around it.
+    absl::string_view value = body.substr(0, value_end);
+    absl::ConsumePrefix(&value, "\n");
+    absl::ConsumeSuffix(&value, "\n");
+    const std::string* type = nullptr;
+    if (params != nullptr) {
+      if (auto it = params->find(key); it != params->end()) type = &it->second;
+    }
+    absl::StrAppend(&args, args.size() > 1 ? ", " : "", JsonQuote(key), ": ",
+                    ParameterJson(value, type));
+    body.remove_prefix(value_end + kParameterClose.size());
+  }
+  if (!absl::StripAsciiWhitespace(body).empty()) return std::nullopt;
+  args += "}";
+  return std::make_pair(name, std::move(args));
+}
+
 }  // namespace
 
 const char* ToolCallFormatName(ToolCallFormat format) {
@@ -417,6 +496,8 @@ const char* ToolCallFormatName(ToolCallFormat format) {
       return "mistral_args";
     case ToolCallFormat::kPythonic:
       return "pythonic";
+    case ToolCallFormat::kQwen3Coder:
+      return "qwen3_coder";
     case ToolCallFormat::kNone:
       break;
   }
@@ -426,20 +507,21 @@ const char* ToolCallFormatName(ToolCallFormat format) {
 absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
-        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic}) {
+        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
+        ToolCallFormat::kQwen3Coder}) {
     if (name == ToolCallFormatName(f)) return f;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("no tool-call format \"", name,
-                   "\": hermes, llama3_json, mistral, mistral_args, pythonic or none"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "no tool-call format \"", name,
+      "\": hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder or none"));
 }
 
 ToolCallFormat DetectToolCallFormat(absl::string_view chat_template) {
   if (!absl::StrContains(chat_template, "tools")) return ToolCallFormat::kNone;
   if (absl::StrContains(chat_template, kHermesOpen)) {
     // Qwen3-Coder's <tool_call><function=name><parameter=...> is XML, not Hermes' JSON.
-    return absl::StrContains(chat_template, "<function=") ? ToolCallFormat::kNone
-                                                          : ToolCallFormat::kHermes;
+    return absl::StrContains(chat_template, kFunctionOpen) ? ToolCallFormat::kQwen3Coder
+                                                           : ToolCallFormat::kHermes;
   }
   if (absl::StrContains(chat_template, kMistralOpen)) {
     return absl::StrContains(chat_template, kMistralArgs) ? ToolCallFormat::kMistralArgs
@@ -488,14 +570,18 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
                           : absl::StrCat(kMistralOpen, name, kMistralArgs, "{");
     case ToolCallFormat::kPythonic:
       return name.empty() ? "[" : absl::StrCat("[", name, "(");
+    case ToolCallFormat::kQwen3Coder:
+      return absl::StrCat(kHermesOpen, "\n", kFunctionOpen, name, name.empty() ? "" : ">\n");
     case ToolCallFormat::kNone:
       break;
   }
   return "";
 }
 
-ToolCallParser::ToolCallParser(ToolCallFormat format, absl::string_view forced)
+ToolCallParser::ToolCallParser(ToolCallFormat format, absl::string_view forced,
+                               const ToolParamTypes* types)
     : format_(format),
+      types_(types),
       mode_(format == ToolCallFormat::kLlama3Json || format == ToolCallFormat::kPythonic
                 ? Mode::kStart
             : format == ToolCallFormat::kNone ? Mode::kText
@@ -511,7 +597,8 @@ ToolCallParser::Output ToolCallParser::Add(absl::string_view text) {
 }
 
 void ToolCallParser::Scan(Output* out) {
-  const bool hermes = format_ == ToolCallFormat::kHermes;
+  // Qwen3-Coder's calls sit between Hermes' markers.
+  const bool hermes = format_ == ToolCallFormat::kHermes || format_ == ToolCallFormat::kQwen3Coder;
   const absl::string_view open = hermes ? kHermesOpen : kMistralOpen;
   for (;;) {
     switch (mode_) {
@@ -522,21 +609,23 @@ void ToolCallParser::Scan(Output* out) {
       case Mode::kStart: {
         // An answer that is a call starts with one: llama3_json's object (or the python tag),
         // pythonic's list (or the python block's start).
-        const size_t i = SkipSpace(held_, 0);
-        if (i > kMaxSpaceHeld) {
-          mode_ = Mode::kText;
-          continue;
-        }
-        if (i == held_.size()) return;
-        const absl::string_view rest = absl::string_view(held_).substr(i);
         const bool pythonic = format_ == ToolCallFormat::kPythonic;
-        const absl::string_view tag = pythonic ? kPythonStart : kPythonTag;
-        if (rest[0] == (pythonic ? '[' : '{') || absl::StartsWith(rest, tag)) {
+        const size_t i = SkipSpace(held_, 0);
+        size_t end = 0;
+        if (i <= kMaxSpaceHeld && i < held_.size() && held_[i] == (pythonic ? '[' : '{')) {
           mode_ = Mode::kCall;
           return;
         }
-        if (absl::StartsWith(tag, rest)) return;  // the tag may be arriving
-        mode_ = Mode::kText;
+        switch (LeadOf(held_, pythonic ? kPythonStart : kPythonTag, &end)) {
+          case Lead::kMarker:
+            mode_ = Mode::kCall;
+            return;
+          case Lead::kArriving:
+            return;
+          case Lead::kOther:
+            mode_ = Mode::kText;
+            continue;
+        }
         continue;
       }
       case Mode::kContent: {
@@ -606,6 +695,12 @@ void ToolCallParser::Parse(absl::string_view call_text, absl::string_view raw, O
         if (call.has_value()) calls.push_back(*std::move(call));
         ok = call.has_value();
       }
+      break;
+    }
+    case ToolCallFormat::kQwen3Coder: {
+      std::optional<std::pair<std::string, std::string>> call = XmlCall(call_text, types_);
+      ok = call.has_value();
+      if (ok) calls.push_back({NewToolCallId(format_), call->first, call->second});
       break;
     }
     case ToolCallFormat::kPythonic: {
@@ -698,7 +793,7 @@ ToolCallParser::Output ToolCallParser::Finish() {
       }
       break;
     case Mode::kCall:
-      if (format_ == ToolCallFormat::kHermes) {
+      if (format_ == ToolCallFormat::kHermes || format_ == ToolCallFormat::kQwen3Coder) {
         Parse(held_, absl::StrCat(kHermesOpen, held_), &out);  // the close never came
       } else if (format_ == ToolCallFormat::kLlama3Json || format_ == ToolCallFormat::kPythonic) {
         Parse(held_, held_, &out);
@@ -792,37 +887,27 @@ void ReasoningSplitter::Scan(Output* out) {
   for (;;) {
     switch (mode_) {
       case Mode::kStart: {
-        const size_t i = SkipSpace(held_, 0);
-        if (i > kMaxSpaceHeld) {
-          mode_ = Mode::kAnswer;
-          continue;
+        size_t end = 0;
+        switch (LeadOf(held_, kThinkOpen, &end)) {
+          case Lead::kMarker:
+            held_.erase(0, end);
+            mode_ = Mode::kThinking;
+            continue;
+          case Lead::kArriving:
+            return;
+          case Lead::kOther:
+            mode_ = Mode::kAnswer;
+            continue;
         }
-        if (i == held_.size()) return;
-        const absl::string_view rest = absl::string_view(held_).substr(i);
-        if (absl::StartsWith(rest, kThinkOpen)) {
-          held_.erase(0, i + kThinkOpen.size());
-          mode_ = Mode::kThinking;
-          continue;
-        }
-        if (absl::StartsWith(kThinkOpen, rest)) return;  // the marker may be arriving
-        mode_ = Mode::kAnswer;
         continue;
       }
       case Mode::kThinking: {
         if (skip_open_) {
           // Opened by the prompt: a <think> the model writes first anyway is not reasoning.
-          const size_t i = SkipSpace(held_, 0);
-          if (i > kMaxSpaceHeld) {
-            skip_open_ = false;
-            continue;
-          }
-          if (i == held_.size()) return;
-          const absl::string_view rest = absl::string_view(held_).substr(i);
-          if (absl::StartsWith(rest, kThinkOpen)) {
-            held_.erase(0, i + kThinkOpen.size());
-          } else if (absl::StartsWith(kThinkOpen, rest)) {
-            return;  // the marker may be arriving
-          }
+          size_t end = 0;
+          const Lead lead = LeadOf(held_, kThinkOpen, &end);
+          if (lead == Lead::kArriving) return;
+          if (lead == Lead::kMarker) held_.erase(0, end);
           skip_open_ = false;
           continue;
         }

@@ -15,12 +15,16 @@
 //                of Python or JSON literals, optionally between <|python_start|> and
 //                <|python_end|> (Llama 3.2 / 4 pythonic templates, Gemma 3, ToolACE); the
 //                arguments come back as the JSON object of the keywords.
+//   qwen3_coder  <tool_call>\n<function=f>\n<parameter=a>\nvalue\n</parameter>\n</function>\n
+//                </tool_call> (Qwen3-Coder): each value raw text, read as its parameter's JSON
+//                Schema type says (a string as is, numbers, booleans, objects and arrays as JSON).
 // A call's arguments are the model's JSON object as it wrote it. A call that does not parse (not
 // JSON, no name, arguments that are not an object) is left in the text as content, so nothing the
 // model wrote is lost.
 #ifndef STRATA_COORDINATOR_TOOL_CALLS_H_
 #define STRATA_COORDINATOR_TOOL_CALLS_H_
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -29,14 +33,26 @@
 
 namespace strata {
 
-enum class ToolCallFormat { kNone, kHermes, kLlama3Json, kMistral, kMistralArgs, kPythonic };
+enum class ToolCallFormat {
+  kNone,
+  kHermes,
+  kLlama3Json,
+  kMistral,
+  kMistralArgs,
+  kPythonic,
+  kQwen3Coder,
+};
 
 const char* ToolCallFormatName(ToolCallFormat format);
-// hermes, llama3_json, mistral, mistral_args, pythonic or none.
+// hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder or none.
 absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name);
 // The format whose markers a chat template writes (kNone when none, or when the template never
 // mentions its tools).
 ToolCallFormat DetectToolCallFormat(absl::string_view chat_template);
+
+// The JSON Schema type of each tool's parameters ("string", "integer", ...), by tool and
+// parameter name: how qwen3_coder's raw parameter values are read.
+using ToolParamTypes = std::map<std::string, std::map<std::string, std::string>>;
 
 struct ToolCall {
   std::string id;         // "call_" and 24 letters or digits; 9 of them for Mistral's formats
@@ -65,8 +81,10 @@ class ToolCallParser {
     std::vector<ToolCall> calls;
   };
 
-  // `forced`: the ForcedToolCallPrefix the prompt ended with, read as if generated.
-  explicit ToolCallParser(ToolCallFormat format, absl::string_view forced = "");
+  // `forced`: the ForcedToolCallPrefix the prompt ended with, read as if generated. `types`
+  // (qwen3_coder; may be null; must outlive the parser): the tools' parameter types.
+  explicit ToolCallParser(ToolCallFormat format, absl::string_view forced = "",
+                          const ToolParamTypes* types = nullptr);
 
   // The next piece of generated text.
   Output Add(absl::string_view text);
@@ -87,6 +105,7 @@ class ToolCallParser {
   void Say(absl::string_view text, Output* out);
 
   const ToolCallFormat format_;
+  const ToolParamTypes* const types_;
   Mode mode_;
   std::string held_;  // text not yet given out
   // Whitespace before the call being read: content again if the call does not parse.

@@ -189,6 +189,50 @@ TEST(ToolCallParserTest, PythonicCallsBecomeJsonArguments) {
       (Parsed{"", {{"f", "{}"}}}));
 }
 
+TEST(ToolCallParserTest, Qwen3CoderCallsReadTheirValuesByTheSchema) {
+  const ToolParamTypes types = {{"search",
+                                 {{"query", "string"},
+                                  {"limit", "integer"},
+                                  {"exact", "boolean"},
+                                  {"filters", "object"},
+                                  {"zip", "string"},
+                                  {"tags", "array"}}}};
+  const std::string text =
+      "I'll search.\n<tool_call>\n<function=search>\n<parameter=query>\nline one\nline "
+      "two\n</parameter>\n<parameter=limit>\n10\n</parameter>\n<parameter=exact>\ntrue\n"
+      "</parameter>\n<parameter=filters>\n{\"lang\": \"en\"}\n</parameter>\n<parameter=zip>\n"
+      "007\n</parameter>\n<parameter=tags>\nnot a list\n</parameter>\n<parameter=other>\n"
+      "[1, 2]\n</parameter>\n</function>\n</tool_call>";
+  ToolCallParser parser(ToolCallFormat::kQwen3Coder, "", &types);
+  Parsed p;
+  Append(parser.Add(text), &p);
+  Append(parser.Finish(), &p);
+  EXPECT_EQ(p, (Parsed{"I'll search.",
+                       {{"search",
+                         "{\"query\": \"line one\\nline two\", \"limit\": 10, \"exact\": true, "
+                         "\"filters\": {\"lang\": \"en\"}, \"zip\": \"007\", \"tags\": \"not a "
+                         "list\", \"other\": [1, 2]}"}}}));
+  // Without the schema: JSON where the value is JSON, else text.
+  EXPECT_EQ(Whole(ToolCallFormat::kQwen3Coder,
+                  "<tool_call>\n<function=f>\n<parameter=a>\n42\n</parameter>\n<parameter=b>\n"
+                  "hi\n</parameter>\n</function>\n</tool_call>"),
+            (Parsed{"", {{"f", "{\"a\": 42, \"b\": \"hi\"}"}}}));
+  // Forced: the opening is read as if written; a call cut before </function> still counts.
+  EXPECT_EQ(Whole(ToolCallFormat::kQwen3Coder, "<parameter=a>\nx\n</parameter>\n",
+                  ForcedToolCallPrefix(ToolCallFormat::kQwen3Coder, "f")),
+            (Parsed{"", {{"f", "{\"a\": \"x\"}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kQwen3Coder, "g>\n</function>\n</tool_call>",
+                  ForcedToolCallPrefix(ToolCallFormat::kQwen3Coder, "")),
+            (Parsed{"", {{"g", "{}"}}}));
+  for (const std::string& bad :
+       {std::string("<tool_call>\n{\"name\": \"f\"}\n</tool_call>"),
+        std::string("<tool_call><function=f><parameter=a>x</tool_call>"),
+        std::string("<tool_call><function=>\n</function></tool_call>"),
+        std::string("<tool_call><function=f></function> trailing</tool_call>")}) {
+    EXPECT_EQ(Whole(ToolCallFormat::kQwen3Coder, bad), (Parsed{bad, {}})) << bad;
+  }
+}
+
 TEST(ToolCallParserTest, TextIsNotHeldLongerThanAMarkerCouldNeed) {
   ToolCallParser parser(ToolCallFormat::kHermes);
   EXPECT_EQ(parser.Add("Hello world").content, "Hello world");
@@ -224,6 +268,9 @@ TEST(ToolCallParserTest, TheSameResultHoweverTheTextArrives) {
       {ToolCallFormat::kLlama3Json, std::string(300, ' ') + "{\"name\": \"f\"}"},
       {ToolCallFormat::kPythonic, "\n<|python_start|>[a(x='1'), b(y=[2])]<|python_end|>"},
       {ToolCallFormat::kPythonic, " <|python_sta is text"},
+      {ToolCallFormat::kQwen3Coder,
+       "a <tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>"
+       " b <tool_call><function=g></tool_call>"},
   };
   for (const auto& [format, text] : cases) {
     const Parsed whole = Whole(format, text);
@@ -266,7 +313,8 @@ TEST(ToolCallParserTest, AForcedPrefixIsReadAsIfGenerated) {
 TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
-        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic}) {
+        ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
+        ToolCallFormat::kQwen3Coder}) {
     EXPECT_EQ(*ToolCallFormatFromName(ToolCallFormatName(f)), f);
   }
   EXPECT_FALSE(ToolCallFormatFromName("xml").ok());
@@ -291,7 +339,7 @@ TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
   // Qwen3-Coder's calls are XML inside <tool_call>, not Hermes' JSON.
   EXPECT_EQ(DetectToolCallFormat("{% if tools %}<tool_call>\n<function=example_function_name>"
                                  "\n<parameter=p>v</parameter></function></tool_call>{% endif %}"),
-            ToolCallFormat::kNone);
+            ToolCallFormat::kQwen3Coder);
 }
 
 }  // namespace
