@@ -26,6 +26,11 @@ constexpr absl::string_view kMistralCallId = "[CALL_ID]";
 constexpr absl::string_view kPythonTag = "<|python_tag|>";
 constexpr absl::string_view kPythonStart = "<|python_start|>";
 constexpr absl::string_view kPythonEnd = "<|python_end|>";
+constexpr absl::string_view kDsCallsBegin = "<｜tool▁calls▁begin｜>";
+constexpr absl::string_view kDsCallsEnd = "<｜tool▁calls▁end｜>";
+constexpr absl::string_view kDsCallBegin = "<｜tool▁call▁begin｜>";
+constexpr absl::string_view kDsCallEnd = "<｜tool▁call▁end｜>";
+constexpr absl::string_view kDsSep = "<｜tool▁sep｜>";
 constexpr absl::string_view kFunctionOpen = "<function=";
 constexpr absl::string_view kFunctionClose = "</function>";
 constexpr absl::string_view kParameterOpen = "<parameter=";
@@ -482,6 +487,44 @@ std::optional<std::pair<std::string, std::string>> XmlCall(absl::string_view bod
   return std::make_pair(name, std::move(args));
 }
 
+// One DeepSeek call (between its begin and end markers): "function<｜tool▁sep｜>f\n```json\n{...}
+// \n```" (V3, R1) or "f<｜tool▁sep｜>{...}" (V3.1); the arguments' fence is optional either way.
+std::optional<std::pair<std::string, std::string>> DeepSeekCall(absl::string_view call) {
+  const size_t sep = call.find(kDsSep);
+  if (sep == absl::string_view::npos) return std::nullopt;
+  absl::string_view name = absl::StripAsciiWhitespace(call.substr(0, sep));
+  absl::string_view args = call.substr(sep + kDsSep.size());
+  if (name == "function") {
+    const size_t line = args.find('\n');
+    name = absl::StripAsciiWhitespace(args.substr(0, line));
+    args = line == absl::string_view::npos ? "" : args.substr(line + 1);
+  }
+  args = absl::StripAsciiWhitespace(args);
+  if (absl::ConsumePrefix(&args, "```")) {
+    absl::ConsumePrefix(&args, "json");
+    if (!absl::ConsumeSuffix(&args, "```")) return std::nullopt;
+    args = absl::StripAsciiWhitespace(args);
+  }
+  if (name.empty() || std::any_of(name.begin(), name.end(), IsSpace)) return std::nullopt;
+  if (args.empty()) return std::make_pair(std::string(name), std::string("{}"));
+  absl::StatusOr<JsonDocument> d = JsonDocument::Parse(args, "arguments");
+  if (!d.ok() || !d->root().IsObject()) return std::nullopt;
+  return std::make_pair(std::string(name), std::string(args));
+}
+
+// The markers around a format's calls: open and close (close empty: the calls run to the end).
+std::pair<absl::string_view, absl::string_view> CallMarkers(ToolCallFormat format) {
+  switch (format) {
+    case ToolCallFormat::kHermes:
+    case ToolCallFormat::kQwen3Coder:
+      return {kHermesOpen, kHermesClose};
+    case ToolCallFormat::kDeepSeek:
+      return {kDsCallsBegin, kDsCallsEnd};
+    default:
+      return {kMistralOpen, ""};
+  }
+}
+
 }  // namespace
 
 const char* ToolCallFormatName(ToolCallFormat format) {
@@ -498,6 +541,8 @@ const char* ToolCallFormatName(ToolCallFormat format) {
       return "pythonic";
     case ToolCallFormat::kQwen3Coder:
       return "qwen3_coder";
+    case ToolCallFormat::kDeepSeek:
+      return "deepseek";
     case ToolCallFormat::kNone:
       break;
   }
@@ -508,16 +553,17 @@ absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
         ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
-        ToolCallFormat::kQwen3Coder}) {
+        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek}) {
     if (name == ToolCallFormatName(f)) return f;
   }
   return absl::InvalidArgumentError(absl::StrCat(
       "no tool-call format \"", name,
-      "\": hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder or none"));
+      "\": hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek or none"));
 }
 
 ToolCallFormat DetectToolCallFormat(absl::string_view chat_template) {
   if (!absl::StrContains(chat_template, "tools")) return ToolCallFormat::kNone;
+  if (absl::StrContains(chat_template, kDsCallsBegin)) return ToolCallFormat::kDeepSeek;
   if (absl::StrContains(chat_template, kHermesOpen)) {
     // Qwen3-Coder's <tool_call><function=name><parameter=...> is XML, not Hermes' JSON.
     return absl::StrContains(chat_template, kFunctionOpen) ? ToolCallFormat::kQwen3Coder
@@ -572,6 +618,9 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
       return name.empty() ? "[" : absl::StrCat("[", name, "(");
     case ToolCallFormat::kQwen3Coder:
       return absl::StrCat(kHermesOpen, "\n", kFunctionOpen, name, name.empty() ? "" : ">\n");
+    case ToolCallFormat::kDeepSeek:
+      return absl::StrCat(kDsCallsBegin, kDsCallBegin, "function", kDsSep, name,
+                          name.empty() ? "" : "\n```json\n{");
     case ToolCallFormat::kNone:
       break;
   }
@@ -598,8 +647,7 @@ ToolCallParser::Output ToolCallParser::Add(absl::string_view text) {
 
 void ToolCallParser::Scan(Output* out) {
   // Qwen3-Coder's calls sit between Hermes' markers.
-  const bool hermes = format_ == ToolCallFormat::kHermes || format_ == ToolCallFormat::kQwen3Coder;
-  const absl::string_view open = hermes ? kHermesOpen : kMistralOpen;
+  const auto [open, close_marker] = CallMarkers(format_);
   for (;;) {
     switch (mode_) {
       case Mode::kText:
@@ -649,25 +697,24 @@ void ToolCallParser::Scan(Output* out) {
         continue;
       }
       case Mode::kCall: {
-        if (!hermes) return;  // the others' calls run to the end of the answer
-        const size_t close = absl::string_view(held_).find(kHermesClose, searched_);
+        if (close_marker.empty()) return;  // the calls run to the end of the answer
+        const size_t close = absl::string_view(held_).find(close_marker, searched_);
         if (close == std::string::npos) {
-          searched_ = held_.size() - PartialMarker(held_, kHermesClose);
+          searched_ = held_.size() - PartialMarker(held_, close_marker);
           return;
         }
-        // A close marker inside the call's JSON (in a string of its arguments) does not end it.
+        // A close marker inside a Hermes call's JSON (in a string of its arguments) does not
+        // end it.
         const absl::string_view body = absl::string_view(held_).substr(0, close);
         const size_t first = SkipSpace(body, 0);
-        if (first < body.size() && body[first] == '{' &&
+        if (format_ == ToolCallFormat::kHermes && first < body.size() && body[first] == '{' &&
             ValueEnd(body, first) == absl::string_view::npos) {
           searched_ = close + 1;
           continue;
         }
         searched_ = 0;
-        Parse(absl::string_view(held_).substr(0, close),
-              absl::StrCat(kHermesOpen, absl::string_view(held_).substr(0, close), kHermesClose),
-              out);
-        held_.erase(0, close + kHermesClose.size());
+        Parse(body, absl::StrCat(open, body, close_marker), out);
+        held_.erase(0, close + close_marker.size());
         mode_ = Mode::kContent;
         continue;
       }
@@ -695,6 +742,24 @@ void ToolCallParser::Parse(absl::string_view call_text, absl::string_view raw, O
         if (call.has_value()) calls.push_back(*std::move(call));
         ok = call.has_value();
       }
+      break;
+    }
+    case ToolCallFormat::kDeepSeek: {
+      // Calls one after another, each between its markers (the last one's end may be missing).
+      absl::string_view rest = call_text;
+      for (;;) {
+        rest = absl::StripLeadingAsciiWhitespace(rest);
+        if (rest.empty()) break;
+        ok = absl::ConsumePrefix(&rest, kDsCallBegin);
+        if (!ok) break;
+        const size_t end = rest.find(kDsCallEnd);
+        std::optional<std::pair<std::string, std::string>> call = DeepSeekCall(rest.substr(0, end));
+        ok = call.has_value();
+        if (!ok) break;
+        calls.push_back({NewToolCallId(format_), call->first, call->second});
+        rest = end == absl::string_view::npos ? "" : rest.substr(end + kDsCallEnd.size());
+      }
+      ok = ok && !calls.empty();
       break;
     }
     case ToolCallFormat::kQwen3Coder: {
@@ -793,8 +858,8 @@ ToolCallParser::Output ToolCallParser::Finish() {
       }
       break;
     case Mode::kCall:
-      if (format_ == ToolCallFormat::kHermes || format_ == ToolCallFormat::kQwen3Coder) {
-        Parse(held_, absl::StrCat(kHermesOpen, held_), &out);  // the close never came
+      if (const auto [open, close] = CallMarkers(format_); !close.empty()) {
+        Parse(held_, absl::StrCat(open, held_), &out);  // the close never came
       } else if (format_ == ToolCallFormat::kLlama3Json || format_ == ToolCallFormat::kPythonic) {
         Parse(held_, held_, &out);
       } else {

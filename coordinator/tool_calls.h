@@ -18,6 +18,10 @@
 //   qwen3_coder  <tool_call>\n<function=f>\n<parameter=a>\nvalue\n</parameter>\n</function>\n
 //                </tool_call> (Qwen3-Coder): each value raw text, read as its parameter's JSON
 //                Schema type says (a string as is, numbers, booleans, objects and arrays as JSON).
+//   deepseek     <｜tool▁calls▁begin｜> then calls <｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n
+//                ```json\n{...}\n```<｜tool▁call▁end｜> (DeepSeek V3 / R1; V3.1's
+//                <｜tool▁call▁begin｜>f<｜tool▁sep｜>{...}<｜tool▁call▁end｜> is read too), then
+//                <｜tool▁calls▁end｜>.
 // A call's arguments are the model's JSON object as it wrote it. A call that does not parse (not
 // JSON, no name, arguments that are not an object) is left in the text as content, so nothing the
 // model wrote is lost.
@@ -41,10 +45,11 @@ enum class ToolCallFormat {
   kMistralArgs,
   kPythonic,
   kQwen3Coder,
+  kDeepSeek,
 };
 
 const char* ToolCallFormatName(ToolCallFormat format);
-// hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder or none.
+// hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek or none.
 absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name);
 // The format whose markers a chat template writes (kNone when none, or when the template never
 // mentions its tools).

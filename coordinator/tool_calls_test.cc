@@ -233,6 +233,37 @@ TEST(ToolCallParserTest, Qwen3CoderCallsReadTheirValuesByTheSchema) {
   }
 }
 
+constexpr char kDsCalls[] = "<｜tool▁calls▁begin｜>";
+constexpr char kDsCallsEnd[] = "<｜tool▁calls▁end｜>";
+constexpr char kDsCall[] = "<｜tool▁call▁begin｜>";
+constexpr char kDsCallEnd[] = "<｜tool▁call▁end｜>";
+constexpr char kDsSep[] = "<｜tool▁sep｜>";
+
+TEST(ToolCallParserTest, DeepSeekCallsInBothVersions) {
+  const std::string v3 = absl::StrCat("Checking.\n", kDsCalls, kDsCall, "function", kDsSep,
+                                      "get_weather\n```json\n{\"city\": "
+                                      "\"Paris\"}\n```",
+                                      kDsCallEnd, "\n", kDsCall, "function", kDsSep,
+                                      "now\n```json\n{}\n```", kDsCallEnd, kDsCallsEnd, " Done.");
+  EXPECT_EQ(Whole(ToolCallFormat::kDeepSeek, v3),
+            (Parsed{"Checking. Done.", {{"get_weather", "{\"city\": \"Paris\"}"}, {"now", "{}"}}}));
+  // V3.1: the name before the separator, the arguments bare; the end marker cut off.
+  EXPECT_EQ(Whole(ToolCallFormat::kDeepSeek,
+                  absl::StrCat(kDsCalls, kDsCall, "f", kDsSep, "{\"a\": [1]}", kDsCallEnd)),
+            (Parsed{"", {{"f", "{\"a\": [1]}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kDeepSeek, "\"a\": 1}\n```" + std::string(kDsCallEnd),
+                  ForcedToolCallPrefix(ToolCallFormat::kDeepSeek, "f")),
+            (Parsed{"", {{"f", "{\"a\": 1}"}}}));
+  for (const std::string& bad :
+       {absl::StrCat(kDsCalls, kDsCall, "function", kDsSep, "f\n```json\n{oops}\n```", kDsCallEnd,
+                     kDsCallsEnd),
+        absl::StrCat(kDsCalls, "junk", kDsCall, "f", kDsSep, "{}", kDsCallEnd, kDsCallsEnd),
+        absl::StrCat(kDsCalls, kDsCall, "f", kDsCallEnd, kDsCallsEnd),
+        absl::StrCat(kDsCalls, kDsCallsEnd)}) {
+    EXPECT_EQ(Whole(ToolCallFormat::kDeepSeek, bad), (Parsed{bad, {}})) << bad;
+  }
+}
+
 TEST(ToolCallParserTest, TextIsNotHeldLongerThanAMarkerCouldNeed) {
   ToolCallParser parser(ToolCallFormat::kHermes);
   EXPECT_EQ(parser.Add("Hello world").content, "Hello world");
@@ -271,6 +302,9 @@ TEST(ToolCallParserTest, TheSameResultHoweverTheTextArrives) {
       {ToolCallFormat::kQwen3Coder,
        "a <tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>"
        " b <tool_call><function=g></tool_call>"},
+      {ToolCallFormat::kDeepSeek,
+       absl::StrCat("x ", kDsCalls, kDsCall, "function", kDsSep, "f\n```json\n{}\n```", kDsCallEnd,
+                    kDsCallsEnd, " <｜tool▁calls")},
   };
   for (const auto& [format, text] : cases) {
     const Parsed whole = Whole(format, text);
@@ -314,9 +348,11 @@ TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
         ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
-        ToolCallFormat::kQwen3Coder}) {
+        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek}) {
     EXPECT_EQ(*ToolCallFormatFromName(ToolCallFormatName(f)), f);
   }
+  EXPECT_EQ(DetectToolCallFormat("{% if tools %}{% endif %}<｜tool▁calls▁begin｜>"),
+            ToolCallFormat::kDeepSeek);
   EXPECT_FALSE(ToolCallFormatFromName("xml").ok());
   EXPECT_EQ(DetectToolCallFormat("{% if tools %}Example Format: [func_name1(params_name1="
                                  "params_value1, params_name2=params_value2...), "
