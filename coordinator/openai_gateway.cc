@@ -241,31 +241,43 @@ absl::Status TokenIds(const std::vector<JsonValue>& items, v1::TokenIds* out) {
   return absl::OkStatus();
 }
 
-// Each tool's parameters' JSON Schema types (the first of a list of them, null aside).
+// The JSON Schema types `schema` allows: its `type` (one or a list) and its anyOf / oneOf
+// entries' (one level down).
+void SchemaTypes(const jinja::Value& schema, bool nested, std::vector<std::string>* out) {
+  const jinja::Value type = schema.Get("type");
+  if (type.IsString()) out->push_back(type.s());
+  if (type.IsList()) {
+    for (const jinja::Value& t : type.list()) {
+      if (t.IsString()) out->push_back(t.s());
+    }
+  }
+  if (nested) return;
+  for (const char* key : {"anyOf", "oneOf"}) {
+    const jinja::Value options = schema.Get(key);
+    if (!options.IsList()) continue;
+    for (const jinja::Value& option : options.list()) SchemaTypes(option, true, out);
+  }
+}
+
+}  // namespace
+
 ToolParamTypes ParamTypesOf(const jinja::List& tools) {
   ToolParamTypes types;
   for (const jinja::Value& tool : tools) {
     const jinja::Value function = tool.Get("function");
     const jinja::Value name = function.Get("name");
+    if (!name.IsString()) continue;
+    std::map<std::string, std::vector<std::string>>& params = types[name.s()];
     const jinja::Value properties = function.Get("parameters").Get("properties");
-    if (!name.IsString() || !properties.IsDict()) continue;
-    std::map<std::string, std::string>& params = types[name.s()];
+    if (!properties.IsDict()) continue;
     for (const auto& [param, schema] : properties.dict()) {
-      const jinja::Value type = schema.Get("type");
-      if (type.IsString()) {
-        params[param] = type.s();
-      } else if (type.IsList()) {
-        for (const jinja::Value& t : type.list()) {
-          if (t.IsString() && t.s() != "null") {
-            params[param] = t.s();
-            break;
-          }
-        }
-      }
+      SchemaTypes(schema, false, &params[param]);
     }
   }
   return types;
 }
+
+namespace {
 
 // A chat request's tools, tool_choice and parallel_tool_calls.
 absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string* param) {
@@ -1669,14 +1681,14 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       if (call->tool_choice != ToolChoice::kNone) {
         tool_format = chat_template.tool_format;
         if (tool_format == ToolCallFormat::kNone) {
-          Reply(fd, ErrorResponse(
-                        400,
-                        absl::StrCat("Strata does not know how model \"", model_asked,
-                                     "\" writes tool calls: start the coordinator with "
-                                     "--tool_call_format (hermes, llama3_json, mistral, "
-                                     "mistral_args, pythonic, qwen3_coder or deepseek), or send "
-                                     "\"tool_choice\": \"none\""),
-                        "tools"));
+          Reply(fd, ErrorResponse(400,
+                                  absl::StrCat("Strata does not know how model \"", model_asked,
+                                               "\" writes tool calls: start the coordinator with "
+                                               "--tool_call_format (hermes, llama3_json, mistral, "
+                                               "mistral_args, pythonic, qwen3_coder, deepseek or "
+                                               "deepseek_v31), or send "
+                                               "\"tool_choice\": \"none\""),
+                                  "tools"));
           return;
         }
       }

@@ -140,6 +140,10 @@ absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string*
 // do (best_of, suffix); the status's message is the client's, `param` (when not null) the field.
 absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::string* param);
 
+// Each of a chat request's tools' parameters' JSON Schema types (`type`, one or a list, and
+// anyOf / oneOf entries'): how qwen3_coder's raw parameter values are read.
+ToolParamTypes ParamTypesOf(const jinja::List& tools);
+
 // The HTTP status for a gRPC status code.
 int HttpStatusOf(grpc::StatusCode code);
 

@@ -276,6 +276,26 @@ TEST(ChatFromJsonTest, ToolsToolChoiceAndToolTurns) {
   }
 }
 
+TEST(ChatFromJsonTest, ToolParameterTypesComeFromTheSchemas) {
+  std::string param;
+  const absl::StatusOr<CompletionCall> c = ChatFromJson(R"({
+    "model": "m", "messages": [{"role": "user", "content": "x"}],
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"a": {"type": "integer"}, "b": {"type": ["string", "null"]},
+                     "c": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+                     "d": {"enum": ["x", "y"]}}}}},
+              {"type": "function", "function": {"name": "g"}}]})",
+                                                        &param);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const ToolParamTypes types = ParamTypesOf(c->tools);
+  EXPECT_EQ(
+      types,
+      (ToolParamTypes{
+          {"f",
+           {{"a", {"integer"}}, {"b", {"string", "null"}}, {"c", {"number", "null"}}, {"d", {}}}},
+          {"g", {}}}));
+}
+
 TEST(ChatFromJsonTest, RefusalsNameTheField) {
   struct Case {
     const char* body;

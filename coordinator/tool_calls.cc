@@ -428,20 +428,40 @@ class PythonCalls {
   size_t i_ = 0;
 };
 
-// A qwen3_coder parameter's raw text as JSON, as its schema type says: a string as is; a number,
-// boolean, object, array or null when it is valid JSON of that kind (a "007" for an integer stays
-// a string). Without a type, JSON when it parses as JSON, else a string.
-std::string ParameterJson(absl::string_view raw, const std::string* type) {
+// A qwen3_coder parameter's raw text as JSON, as its schema's types say (as vLLM reads them): null
+// for "null"; otherwise valid JSON of one of its non-string types (an integer a JSON integer: a
+// "007" or "1.5" for one is not) as written, else a string. `types` null (no schema given for
+// the call at all): JSON when it parses as JSON, else a string. A parameter the schema has but
+// types nowhere, or does not have, is a string.
+std::string ParameterJson(absl::string_view raw, const std::vector<std::string>* types,
+                          bool have_schema) {
+  const absl::string_view text = absl::StripAsciiWhitespace(raw);
+  if (text == "null") return "null";
   const std::string quoted = JsonQuote(raw);
-  if (type != nullptr && *type == "string") return quoted;
-  absl::StatusOr<JsonDocument> d = JsonDocument::Parse(raw, "parameter");
+  if (have_schema && types == nullptr) return quoted;
+  absl::StatusOr<JsonDocument> d = JsonDocument::Parse(text, "parameter");
   if (!d.ok()) return quoted;
   const JsonValue v = d->root();
-  if (type == nullptr) return std::string(absl::StripAsciiWhitespace(raw));
-  const bool fits = ((*type == "integer" || *type == "number") && v.IsNumber()) ||
-                    (*type == "boolean" && v.IsBool()) || (*type == "object" && v.IsObject()) ||
-                    (*type == "array" && v.IsArray()) || (*type == "null" && v.IsNull());
-  return fits ? std::string(absl::StripAsciiWhitespace(raw)) : quoted;
+  if (types == nullptr) return std::string(text);
+  const bool integral =
+      v.IsNumber() && std::all_of(text.begin() + (text[0] == '-' ? 1 : 0), text.end(), [](char c) {
+        return absl::ascii_isdigit(static_cast<unsigned char>(c));
+      });
+  for (const std::string& type : *types) {
+    if ((type == "integer" && integral) || (type == "number" && v.IsNumber()) ||
+        (type == "boolean" && v.IsBool()) || (type == "object" && v.IsObject()) ||
+        (type == "array" && v.IsArray())) {
+      return std::string(text);
+    }
+  }
+  return quoted;
+}
+
+// A function or parameter name as tools name them: letters, digits, _ . and -.
+bool IsToolName(absl::string_view name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-';
+  });
 }
 
 // <function=f>\n<parameter=a>\nvalue\n</parameter>\n...</function> (the </function> may be
@@ -453,9 +473,9 @@ std::optional<std::pair<std::string, std::string>> XmlCall(absl::string_view bod
   const size_t name_end = body.find('>');
   if (name_end == absl::string_view::npos) return std::nullopt;
   const std::string name(absl::StripAsciiWhitespace(body.substr(0, name_end)));
-  if (name.empty()) return std::nullopt;
+  if (!IsToolName(name)) return std::nullopt;
   body.remove_prefix(name_end + 1);
-  const std::map<std::string, std::string>* params = nullptr;
+  const std::map<std::string, std::vector<std::string>>* params = nullptr;
   if (types != nullptr) {
     if (auto it = types->find(name); it != types->end()) params = &it->second;
   }
@@ -469,17 +489,21 @@ std::optional<std::pair<std::string, std::string>> XmlCall(absl::string_view bod
     const std::string key(absl::StripAsciiWhitespace(body.substr(0, key_end)));
     body.remove_prefix(key_end + 1);
     const size_t value_end = body.find(kParameterClose);
-    if (key.empty() || value_end == absl::string_view::npos) return std::nullopt;
+    if (key.empty() ||
+        std::any_of(key.begin(), key.end(), [](char c) { return IsSpace(c) || c == '<'; }) ||
+        value_end == absl::string_view::npos) {
+      return std::nullopt;
+    }
     // The value between the newlines the format puts around it.
     absl::string_view value = body.substr(0, value_end);
     absl::ConsumePrefix(&value, "\n");
     absl::ConsumeSuffix(&value, "\n");
-    const std::string* type = nullptr;
+    const std::vector<std::string>* param_types = nullptr;
     if (params != nullptr) {
-      if (auto it = params->find(key); it != params->end()) type = &it->second;
+      if (auto it = params->find(key); it != params->end()) param_types = &it->second;
     }
     absl::StrAppend(&args, args.size() > 1 ? ", " : "", JsonQuote(key), ": ",
-                    ParameterJson(value, type));
+                    ParameterJson(value, param_types, /*have_schema=*/params != nullptr));
     body.remove_prefix(value_end + kParameterClose.size());
   }
   if (!absl::StripAsciiWhitespace(body).empty()) return std::nullopt;
@@ -494,18 +518,21 @@ std::optional<std::pair<std::string, std::string>> DeepSeekCall(absl::string_vie
   if (sep == absl::string_view::npos) return std::nullopt;
   absl::string_view name = absl::StripAsciiWhitespace(call.substr(0, sep));
   absl::string_view args = call.substr(sep + kDsSep.size());
-  if (name == "function") {
+  // V3's "function<sep>name\n```json...", unless what follows the separator is arguments
+  // (V3.1 calling a tool that is named "function").
+  const absl::string_view after = absl::StripLeadingAsciiWhitespace(args);
+  if (name == "function" && !absl::StartsWith(after, "{") && !absl::StartsWith(after, "`")) {
     const size_t line = args.find('\n');
     name = absl::StripAsciiWhitespace(args.substr(0, line));
     args = line == absl::string_view::npos ? "" : args.substr(line + 1);
   }
   args = absl::StripAsciiWhitespace(args);
-  if (absl::ConsumePrefix(&args, "```")) {
+  if (absl::ConsumePrefix(&args, "```")) {  // a fence, perhaps never closed
     absl::ConsumePrefix(&args, "json");
-    if (!absl::ConsumeSuffix(&args, "```")) return std::nullopt;
+    absl::ConsumeSuffix(&args, "```");
     args = absl::StripAsciiWhitespace(args);
   }
-  if (name.empty() || std::any_of(name.begin(), name.end(), IsSpace)) return std::nullopt;
+  if (!IsToolName(name)) return std::nullopt;
   if (args.empty()) return std::make_pair(std::string(name), std::string("{}"));
   absl::StatusOr<JsonDocument> d = JsonDocument::Parse(args, "arguments");
   if (!d.ok() || !d->root().IsObject()) return std::nullopt;
@@ -519,6 +546,7 @@ std::pair<absl::string_view, absl::string_view> CallMarkers(ToolCallFormat forma
     case ToolCallFormat::kQwen3Coder:
       return {kHermesOpen, kHermesClose};
     case ToolCallFormat::kDeepSeek:
+    case ToolCallFormat::kDeepSeekV31:
       return {kDsCallsBegin, kDsCallsEnd};
     default:
       return {kMistralOpen, ""};
@@ -543,6 +571,8 @@ const char* ToolCallFormatName(ToolCallFormat format) {
       return "qwen3_coder";
     case ToolCallFormat::kDeepSeek:
       return "deepseek";
+    case ToolCallFormat::kDeepSeekV31:
+      return "deepseek_v31";
     case ToolCallFormat::kNone:
       break;
   }
@@ -553,17 +583,23 @@ absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
         ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
-        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek}) {
+        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek, ToolCallFormat::kDeepSeekV31}) {
     if (name == ToolCallFormatName(f)) return f;
   }
   return absl::InvalidArgumentError(absl::StrCat(
       "no tool-call format \"", name,
-      "\": hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek or none"));
+      "\": hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek, "
+      "deepseek_v31 or none"));
 }
 
 ToolCallFormat DetectToolCallFormat(absl::string_view chat_template) {
   if (!absl::StrContains(chat_template, "tools")) return ToolCallFormat::kNone;
-  if (absl::StrContains(chat_template, kDsCallsBegin)) return ToolCallFormat::kDeepSeek;
+  if (absl::StrContains(chat_template, kDsCallsBegin)) {
+    // V3 and R1 write "function<｜tool▁sep｜>name" and a fenced JSON block; V3.1 neither.
+    return absl::StrContains(chat_template, absl::StrCat("function", kDsSep))
+               ? ToolCallFormat::kDeepSeek
+               : ToolCallFormat::kDeepSeekV31;
+  }
   if (absl::StrContains(chat_template, kHermesOpen)) {
     // Qwen3-Coder's <tool_call><function=name><parameter=...> is XML, not Hermes' JSON.
     return absl::StrContains(chat_template, kFunctionOpen) ? ToolCallFormat::kQwen3Coder
@@ -621,6 +657,9 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
     case ToolCallFormat::kDeepSeek:
       return absl::StrCat(kDsCallsBegin, kDsCallBegin, "function", kDsSep, name,
                           name.empty() ? "" : "\n```json\n{");
+    case ToolCallFormat::kDeepSeekV31:
+      return name.empty() ? absl::StrCat(kDsCallsBegin, kDsCallBegin)
+                          : absl::StrCat(kDsCallsBegin, kDsCallBegin, name, kDsSep, "{");
     case ToolCallFormat::kNone:
       break;
   }
@@ -712,6 +751,15 @@ void ToolCallParser::Scan(Output* out) {
           searched_ = close + 1;
           continue;
         }
+        // Nor one inside a Qwen3-Coder parameter's value (its </parameter> yet to come).
+        if (format_ == ToolCallFormat::kQwen3Coder) {
+          const size_t param = body.rfind(kParameterOpen);
+          if (param != absl::string_view::npos &&
+              body.find(kParameterClose, param) == absl::string_view::npos) {
+            searched_ = close + 1;
+            continue;
+          }
+        }
         searched_ = 0;
         Parse(body, absl::StrCat(open, body, close_marker), out);
         held_.erase(0, close + close_marker.size());
@@ -744,7 +792,8 @@ void ToolCallParser::Parse(absl::string_view call_text, absl::string_view raw, O
       }
       break;
     }
-    case ToolCallFormat::kDeepSeek: {
+    case ToolCallFormat::kDeepSeek:
+    case ToolCallFormat::kDeepSeekV31: {
       // Calls one after another, each between its markers (the last one's end may be missing).
       absl::string_view rest = call_text;
       for (;;) {

@@ -19,9 +19,10 @@
 //                </tool_call> (Qwen3-Coder): each value raw text, read as its parameter's JSON
 //                Schema type says (a string as is, numbers, booleans, objects and arrays as JSON).
 //   deepseek     <｜tool▁calls▁begin｜> then calls <｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n
-//                ```json\n{...}\n```<｜tool▁call▁end｜> (DeepSeek V3 / R1; V3.1's
-//                <｜tool▁call▁begin｜>f<｜tool▁sep｜>{...}<｜tool▁call▁end｜> is read too), then
-//                <｜tool▁calls▁end｜>.
+//                ```json\n{...}\n```<｜tool▁call▁end｜> (DeepSeek V3 / R1), then
+//                <｜tool▁calls▁end｜>
+//   deepseek_v31 the same markers, each call <｜tool▁call▁begin｜>f<｜tool▁sep｜>{...}
+//                <｜tool▁call▁end｜> (DeepSeek V3.1); either DeepSeek form is read in both.
 // A call's arguments are the model's JSON object as it wrote it. A call that does not parse (not
 // JSON, no name, arguments that are not an object) is left in the text as content, so nothing the
 // model wrote is lost.
@@ -46,18 +47,21 @@ enum class ToolCallFormat {
   kPythonic,
   kQwen3Coder,
   kDeepSeek,
+  kDeepSeekV31,
 };
 
 const char* ToolCallFormatName(ToolCallFormat format);
-// hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek or none.
+// hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek, deepseek_v31 or
+// none.
 absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name);
 // The format whose markers a chat template writes (kNone when none, or when the template never
 // mentions its tools).
 ToolCallFormat DetectToolCallFormat(absl::string_view chat_template);
 
-// The JSON Schema type of each tool's parameters ("string", "integer", ...), by tool and
-// parameter name: how qwen3_coder's raw parameter values are read.
-using ToolParamTypes = std::map<std::string, std::map<std::string, std::string>>;
+// The JSON Schema types each tool's parameters may take ("string", "integer", "null", ...; those
+// of `type` and of anyOf / oneOf's entries), by tool and parameter name: how qwen3_coder's raw
+// parameter values are read.
+using ToolParamTypes = std::map<std::string, std::map<std::string, std::vector<std::string>>>;
 
 struct ToolCall {
   std::string id;         // "call_" and 24 letters or digits; 9 of them for Mistral's formats

@@ -191,12 +191,13 @@ TEST(ToolCallParserTest, PythonicCallsBecomeJsonArguments) {
 
 TEST(ToolCallParserTest, Qwen3CoderCallsReadTheirValuesByTheSchema) {
   const ToolParamTypes types = {{"search",
-                                 {{"query", "string"},
-                                  {"limit", "integer"},
-                                  {"exact", "boolean"},
-                                  {"filters", "object"},
-                                  {"zip", "string"},
-                                  {"tags", "array"}}}};
+                                 {{"query", {"string"}},
+                                  {"limit", {"integer"}},
+                                  {"exact", {"boolean"}},
+                                  {"filters", {"object"}},
+                                  {"zip", {"string"}},
+                                  {"tags", {"array"}},
+                                  {"other", {"array", "null"}}}}};
   const std::string text =
       "I'll search.\n<tool_call>\n<function=search>\n<parameter=query>\nline one\nline "
       "two\n</parameter>\n<parameter=limit>\n10\n</parameter>\n<parameter=exact>\ntrue\n"
@@ -212,6 +213,26 @@ TEST(ToolCallParserTest, Qwen3CoderCallsReadTheirValuesByTheSchema) {
                          "{\"query\": \"line one\\nline two\", \"limit\": 10, \"exact\": true, "
                          "\"filters\": {\"lang\": \"en\"}, \"zip\": \"007\", \"tags\": \"not a "
                          "list\", \"other\": [1, 2]}"}}}));
+  // Optional values (anyOf with null), null, integers that are not, names the schema lacks.
+  const ToolParamTypes optional = {
+      {"f", {{"name", {"string", "null"}}, {"n", {"integer"}}, {"m", {"number"}}, {"any", {}}}}};
+  ToolCallParser typed(ToolCallFormat::kQwen3Coder, "", &optional);
+  Parsed q;
+  Append(typed.Add("<tool_call>\n<function=f>\n<parameter=name>\n123\n</parameter>\n"
+                   "<parameter=n>\n1.5\n</parameter>\n<parameter=m>\n-2e3\n</parameter>\n"
+                   "<parameter=any>\n[1]\n</parameter>\n<parameter=extra>\ntrue\n</parameter>\n"
+                   "<parameter=name2>\nnull\n</parameter>\n</function>\n</tool_call>"),
+         &q);
+  Append(typed.Finish(), &q);
+  EXPECT_EQ(q, (Parsed{"",
+                       {{"f",
+                         "{\"name\": \"123\", \"n\": \"1.5\", \"m\": -2e3, \"any\": "
+                         "\"[1]\", \"extra\": \"true\", \"name2\": null}"}}}));
+  // A </tool_call> inside a value does not end the call.
+  EXPECT_EQ(Whole(ToolCallFormat::kQwen3Coder,
+                  "<tool_call>\n<function=write>\n<parameter=text>\nend with </tool_call> "
+                  "please\n</parameter>\n</function>\n</tool_call>"),
+            (Parsed{"", {{"write", "{\"text\": \"end with </tool_call> please\"}"}}}));
   // Without the schema: JSON where the value is JSON, else text.
   EXPECT_EQ(Whole(ToolCallFormat::kQwen3Coder,
                   "<tool_call>\n<function=f>\n<parameter=a>\n42\n</parameter>\n<parameter=b>\n"
@@ -228,7 +249,10 @@ TEST(ToolCallParserTest, Qwen3CoderCallsReadTheirValuesByTheSchema) {
        {std::string("<tool_call>\n{\"name\": \"f\"}\n</tool_call>"),
         std::string("<tool_call><function=f><parameter=a>x</tool_call>"),
         std::string("<tool_call><function=>\n</function></tool_call>"),
-        std::string("<tool_call><function=f></function> trailing</tool_call>")}) {
+        std::string("<tool_call><function=f></function> trailing</tool_call>"),
+        std::string("<tool_call><function=get weather></function></tool_call>"),
+        std::string(
+            "<tool_call><function=f><parameter=a b>x</parameter></function></tool_call>")}) {
     EXPECT_EQ(Whole(ToolCallFormat::kQwen3Coder, bad), (Parsed{bad, {}})) << bad;
   }
 }
@@ -254,9 +278,23 @@ TEST(ToolCallParserTest, DeepSeekCallsInBothVersions) {
   EXPECT_EQ(Whole(ToolCallFormat::kDeepSeek, "\"a\": 1}\n```" + std::string(kDsCallEnd),
                   ForcedToolCallPrefix(ToolCallFormat::kDeepSeek, "f")),
             (Parsed{"", {{"f", "{\"a\": 1}"}}}));
+  // V3.1: forced, a tool named "function", a fence that never closes.
+  EXPECT_EQ(Whole(ToolCallFormat::kDeepSeekV31, "\"a\": 1}" + std::string(kDsCallEnd),
+                  ForcedToolCallPrefix(ToolCallFormat::kDeepSeekV31, "f")),
+            (Parsed{"", {{"f", "{\"a\": 1}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kDeepSeekV31, absl::StrCat("g", kDsSep, "{}", kDsCallEnd),
+                  ForcedToolCallPrefix(ToolCallFormat::kDeepSeekV31, "")),
+            (Parsed{"", {{"g", "{}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kDeepSeekV31,
+                  absl::StrCat(kDsCalls, kDsCall, "function", kDsSep, "{\"x\":1}", kDsCallEnd)),
+            (Parsed{"", {{"function", "{\"x\":1}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kDeepSeek, "\"a\": 1}" + std::string(kDsCallEnd),
+                  ForcedToolCallPrefix(ToolCallFormat::kDeepSeek, "f")),
+            (Parsed{"", {{"f", "{\"a\": 1}"}}}));
   for (const std::string& bad :
        {absl::StrCat(kDsCalls, kDsCall, "function", kDsSep, "f\n```json\n{oops}\n```", kDsCallEnd,
                      kDsCallsEnd),
+        absl::StrCat(kDsCalls, kDsCall, "a b", kDsSep, "{}", kDsCallEnd, kDsCallsEnd),
         absl::StrCat(kDsCalls, "junk", kDsCall, "f", kDsSep, "{}", kDsCallEnd, kDsCallsEnd),
         absl::StrCat(kDsCalls, kDsCall, "f", kDsCallEnd, kDsCallsEnd),
         absl::StrCat(kDsCalls, kDsCallsEnd)}) {
@@ -348,11 +386,15 @@ TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
         ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
-        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek}) {
+        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek, ToolCallFormat::kDeepSeekV31}) {
     EXPECT_EQ(*ToolCallFormatFromName(ToolCallFormatName(f)), f);
   }
-  EXPECT_EQ(DetectToolCallFormat("{% if tools %}{% endif %}<｜tool▁calls▁begin｜>"),
+  EXPECT_EQ(DetectToolCallFormat("{% if tools %}{% endif %}<｜tool▁calls▁begin｜><｜tool▁call▁begin"
+                                 "｜>function<｜tool▁sep｜>{{ name }}\n```json"),
             ToolCallFormat::kDeepSeek);
+  EXPECT_EQ(DetectToolCallFormat("{% if tools %}{% endif %}<｜tool▁calls▁begin｜><｜tool▁call▁begin"
+                                 "｜>{{ name }}<｜tool▁sep｜>{{ args }}"),
+            ToolCallFormat::kDeepSeekV31);
   EXPECT_FALSE(ToolCallFormatFromName("xml").ok());
   EXPECT_EQ(DetectToolCallFormat("{% if tools %}Example Format: [func_name1(params_name1="
                                  "params_value1, params_name2=params_value2...), "
