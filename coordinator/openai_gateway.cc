@@ -745,11 +745,6 @@ std::optional<std::string> ChatTemplateSource(absl::string_view tokenizer_config
   return std::nullopt;
 }
 
-ChatFormat ChatFormatOfTokenizerConfig(absl::string_view tokenizer_config_json) {
-  const std::optional<std::string> source = ChatTemplateSource(tokenizer_config_json);
-  return source.has_value() ? DetectChatFormat(*source) : ChatFormat::kNone;
-}
-
 namespace {
 
 // A special token's text in tokenizer_config.json: a string, or an AddedToken's "content".

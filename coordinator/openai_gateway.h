@@ -119,7 +119,6 @@ struct CompletionCall {
 // by LoadChatTemplate, or named for every model with strata-coordinator --chat_format.
 enum class ChatFormat { kNone, kLlama3, kChatml, kTemplate };
 ChatFormat DetectChatFormat(absl::string_view chat_template);
-ChatFormat ChatFormatOfTokenizerConfig(absl::string_view tokenizer_config_json);
 absl::StatusOr<ChatFormat> ChatFormatFromName(absl::string_view name);
 const char* ChatFormatName(ChatFormat format);
 // The prompt for `messages`, ending with the assistant's turn opened (no BOS: the tokenizer adds

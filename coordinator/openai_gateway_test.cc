@@ -374,13 +374,13 @@ TEST(ChatFormatTest, DetectedFromTheTemplateAndRendered) {
   EXPECT_EQ(DetectChatFormat("{% for m in messages %}<|im_start|>{{ m.role }}"),
             ChatFormat::kChatml);
   EXPECT_EQ(DetectChatFormat("{{ messages }}"), ChatFormat::kNone);
-  EXPECT_EQ(ChatFormatOfTokenizerConfig(R"({"bos_token": "<s>"})"), ChatFormat::kNone);
-  EXPECT_EQ(ChatFormatOfTokenizerConfig(R"({"chat_template": "<|im_start|>"})"),
-            ChatFormat::kChatml);
-  EXPECT_EQ(ChatFormatOfTokenizerConfig(
-                R"({"chat_template": [{"name": "tool_use", "template": "<|im_start|>"},
-                                      {"name": "default", "template": "<|start_header_id|>"}]})"),
-            ChatFormat::kLlama3);
+  // The template of a tokenizer_config.json: none, one, or the default one of a list.
+  EXPECT_FALSE(ChatTemplateSource(R"({"bos_token": "<s>"})").has_value());
+  EXPECT_EQ(ChatTemplateSource(R"({"chat_template": "<|im_start|>"})"), "<|im_start|>");
+  EXPECT_EQ(
+      ChatTemplateSource(R"({"chat_template": [{"name": "tool_use", "template": "<|im_start|>"},
+                                               {"name": "default", "template": "<|start_header_id|>"}]})"),
+      "<|start_header_id|>");
   EXPECT_EQ(*ChatFormatFromName("chatml"), ChatFormat::kChatml);
   EXPECT_FALSE(ChatFormatFromName("jinja").ok());
 
