@@ -1676,14 +1676,15 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
       if (call->tool_choice != ToolChoice::kNone) {
         tool_format = chat_template.tool_format;
         if (tool_format == ToolCallFormat::kNone) {
-          Reply(fd, ErrorResponse(400,
-                                  absl::StrCat("Strata does not know how model \"", model_asked,
-                                               "\" writes tool calls: start the coordinator with "
-                                               "--tool_call_format (hermes, llama3_json, mistral, "
-                                               "mistral_args, pythonic, qwen3_coder, deepseek or "
-                                               "deepseek_v31), or send "
-                                               "\"tool_choice\": \"none\""),
-                                  "tools"));
+          Reply(fd, ErrorResponse(
+                        400,
+                        absl::StrCat("Strata does not know how model \"", model_asked,
+                                     "\" writes tool calls: start the coordinator with "
+                                     "--tool_call_format (hermes, llama3_json, mistral, "
+                                     "mistral_args, pythonic, qwen3_coder, deepseek, deepseek_v31, "
+                                     "minimax or phi4_mini), or send "
+                                     "\"tool_choice\": \"none\""),
+                        "tools"));
           return;
         }
       }

@@ -31,6 +31,9 @@ constexpr absl::string_view kDsCallsEnd = "<｜tool▁calls▁end｜>";
 constexpr absl::string_view kDsCallBegin = "<｜tool▁call▁begin｜>";
 constexpr absl::string_view kDsCallEnd = "<｜tool▁call▁end｜>";
 constexpr absl::string_view kDsSep = "<｜tool▁sep｜>";
+constexpr absl::string_view kMiniMaxOpen = "<tool_calls>";
+constexpr absl::string_view kMiniMaxClose = "</tool_calls>";
+constexpr absl::string_view kPhiOpen = "functools[";
 constexpr absl::string_view kFunctionOpen = "<function=";
 constexpr absl::string_view kFunctionClose = "</function>";
 constexpr absl::string_view kParameterOpen = "<parameter=";
@@ -154,6 +157,26 @@ std::optional<std::vector<absl::string_view>> Values(absl::string_view text, cha
     }
   }
   return out;
+}
+
+// A JSON list of {"name", "arguments"} calls, exactly: appended to *calls; false (and perhaps some
+// appended) when `text` is not one.
+bool CallList(absl::string_view text, ToolCallFormat format, std::vector<ToolCall>* calls) {
+  text = absl::StripAsciiWhitespace(text);
+  std::optional<std::vector<absl::string_view>> list = Values(text, ',');
+  if (!list.has_value() || list->size() != 1 || !absl::StartsWith(text, "[") ||
+      !absl::EndsWith(text, "]")) {
+    return false;
+  }
+  std::optional<std::vector<absl::string_view>> objects =
+      Values(text.substr(1, text.size() - 2), ',');
+  if (!objects.has_value() || objects->empty()) return false;
+  for (absl::string_view object : *objects) {
+    std::optional<ToolCall> call = CallOfObject(object, format);
+    if (!call.has_value()) return false;
+    calls->push_back(*std::move(call));
+  }
+  return true;
 }
 
 // The longest end of `s` that `marker` starts with (a marker that may be arriving), shorter than
@@ -548,6 +571,10 @@ std::pair<absl::string_view, absl::string_view> CallMarkers(ToolCallFormat forma
     case ToolCallFormat::kDeepSeek:
     case ToolCallFormat::kDeepSeekV31:
       return {kDsCallsBegin, kDsCallsEnd};
+    case ToolCallFormat::kMiniMax:
+      return {kMiniMaxOpen, kMiniMaxClose};
+    case ToolCallFormat::kPhi4Mini:
+      return {kPhiOpen, ""};
     default:
       return {kMistralOpen, ""};
   }
@@ -573,6 +600,10 @@ const char* ToolCallFormatName(ToolCallFormat format) {
       return "deepseek";
     case ToolCallFormat::kDeepSeekV31:
       return "deepseek_v31";
+    case ToolCallFormat::kMiniMax:
+      return "minimax";
+    case ToolCallFormat::kPhi4Mini:
+      return "phi4_mini";
     case ToolCallFormat::kNone:
       break;
   }
@@ -583,17 +614,20 @@ absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
         ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
-        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek, ToolCallFormat::kDeepSeekV31}) {
+        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek, ToolCallFormat::kDeepSeekV31,
+        ToolCallFormat::kMiniMax, ToolCallFormat::kPhi4Mini}) {
     if (name == ToolCallFormatName(f)) return f;
   }
   return absl::InvalidArgumentError(absl::StrCat(
       "no tool-call format \"", name,
       "\": hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek, "
-      "deepseek_v31 or none"));
+      "deepseek_v31, minimax, phi4_mini or none"));
 }
 
 ToolCallFormat DetectToolCallFormat(absl::string_view chat_template) {
   if (!absl::StrContains(chat_template, "tools")) return ToolCallFormat::kNone;
+  if (absl::StrContains(chat_template, kMiniMaxOpen)) return ToolCallFormat::kMiniMax;
+  if (absl::StrContains(chat_template, kPhiOpen)) return ToolCallFormat::kPhi4Mini;
   if (absl::StrContains(chat_template, kDsCallsBegin)) {
     // V3 and R1 write "function<｜tool▁sep｜>name" and a fenced JSON block; V3.1 neither.
     return absl::StrContains(chat_template, absl::StrCat("function", kDsSep))
@@ -660,6 +694,11 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
     case ToolCallFormat::kDeepSeekV31:
       return name.empty() ? absl::StrCat(kDsCallsBegin, kDsCallBegin)
                           : absl::StrCat(kDsCallsBegin, kDsCallBegin, name, kDsSep, "{");
+    case ToolCallFormat::kMiniMax:
+    case ToolCallFormat::kPhi4Mini:
+      return absl::StrCat(format == ToolCallFormat::kMiniMax ? "<tool_calls>\n" : kPhiOpen,
+                          name.empty() ? "{\"name\": \""
+                                       : absl::StrCat("{\"name\": ", quoted, ", \"arguments\": {"));
     case ToolCallFormat::kNone:
       break;
   }
@@ -830,21 +869,31 @@ void ToolCallParser::Parse(absl::string_view call_text, absl::string_view raw, O
       }
       break;
     }
+    case ToolCallFormat::kMiniMax: {
+      // JSON calls one per line (any whitespace between them).
+      absl::string_view rest = call_text;
+      for (size_t i = SkipSpace(rest, 0); ok && i < rest.size(); i = SkipSpace(rest, i)) {
+        const size_t end = ValueEnd(rest, i);
+        std::optional<ToolCall> call;
+        if (end != absl::string_view::npos && (end == rest.size() || IsSpace(rest[end]))) {
+          call = CallOfObject(rest.substr(i, end - i), format_);
+        }
+        ok = call.has_value();
+        if (ok) calls.push_back(*std::move(call));
+        i = end;
+      }
+      ok = ok && !calls.empty();
+      break;
+    }
+    case ToolCallFormat::kPhi4Mini:
+      // The marker ends with the list's "[".
+      ok = CallList(absl::StrCat("[", call_text), format_, &calls);
+      break;
     case ToolCallFormat::kMistral:
     case ToolCallFormat::kMistralArgs: {
       const absl::string_view body = absl::StripAsciiWhitespace(call_text);
       if (absl::StartsWith(body, "[")) {
-        // [{"name": ..., "arguments": ...}, ...]
-        std::optional<std::vector<absl::string_view>> list = Values(body, ',');
-        ok = list.has_value() && list->size() == 1 && absl::EndsWith(body, "]");
-        std::optional<std::vector<absl::string_view>> objects;
-        if (ok) objects = Values(body.substr(1, body.size() - 2), ',');
-        ok = ok && objects.has_value() && !objects->empty();
-        for (size_t i = 0; ok && i < objects->size(); ++i) {
-          std::optional<ToolCall> call = CallOfObject((*objects)[i], format_);
-          if (call.has_value()) calls.push_back(*std::move(call));
-          ok = call.has_value();
-        }
+        ok = CallList(body, format_, &calls);  // [{"name": ..., "arguments": ...}, ...]
       } else {
         // name[ARGS]{...}, the name perhaps followed by [CALL_ID]id.
         const size_t args = body.find(kMistralArgs);
@@ -911,6 +960,8 @@ ToolCallParser::Output ToolCallParser::Finish() {
         Parse(held_, absl::StrCat(open, held_), &out);  // the close never came
       } else if (format_ == ToolCallFormat::kLlama3Json || format_ == ToolCallFormat::kPythonic) {
         Parse(held_, held_, &out);
+      } else if (format_ == ToolCallFormat::kPhi4Mini) {
+        Parse(held_, absl::StrCat(kPhiOpen, held_), &out);
       } else {
         // Each [TOOL_CALLS] opens calls of its own.
         for (absl::string_view part : absl::StrSplit(held_, kMistralOpen)) {

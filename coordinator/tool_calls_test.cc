@@ -302,6 +302,33 @@ TEST(ToolCallParserTest, DeepSeekCallsInBothVersions) {
   }
 }
 
+TEST(ToolCallParserTest, MiniMaxAndPhi4MiniCalls) {
+  EXPECT_EQ(Whole(ToolCallFormat::kMiniMax,
+                  "Two calls.\n<tool_calls>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n"
+                  "{\"name\": \"g\", \"arguments\": {}}\n</tool_calls>"),
+            (Parsed{"Two calls.", {{"f", "{\"a\": 1}"}, {"g", "{}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kPhi4Mini,
+                  "functools[{\"name\": \"f\", \"arguments\": {\"a\": 1}}, {\"name\": \"g\", "
+                  "\"arguments\": {}}]"),
+            (Parsed{"", {{"f", "{\"a\": 1}"}, {"g", "{}"}}}));
+  for (ToolCallFormat f : {ToolCallFormat::kMiniMax, ToolCallFormat::kPhi4Mini}) {
+    EXPECT_EQ(Whole(f, "\"x\": 1}}" + std::string(f == ToolCallFormat::kPhi4Mini ? "]" : "\n"),
+                    ForcedToolCallPrefix(f, "h")),
+              (Parsed{"", {{"h", "{\"x\": 1}"}}}))
+        << ToolCallFormatName(f);
+  }
+  // Python's functools is text; so is what does not parse.
+  for (const std::string& text :
+       {std::string("import functools; functools.reduce(f, xs)"),
+        std::string("functools[{\"name\": \"f\"}] and more"),
+        std::string("<tool_calls>\n{\"name\": \"f\"}{\"name\": \"g\"}\n</tool_calls>"),
+        std::string("<tool_calls>\n\n</tool_calls>")}) {
+    const ToolCallFormat f =
+        absl::StrContains(text, "functools") ? ToolCallFormat::kPhi4Mini : ToolCallFormat::kMiniMax;
+    EXPECT_EQ(Whole(f, text), (Parsed{text, {}})) << text;
+  }
+}
+
 TEST(ToolCallParserTest, TextIsNotHeldLongerThanAMarkerCouldNeed) {
   ToolCallParser parser(ToolCallFormat::kHermes);
   EXPECT_EQ(parser.Add("Hello world").content, "Hello world");
@@ -343,6 +370,9 @@ TEST(ToolCallParserTest, TheSameResultHoweverTheTextArrives) {
       {ToolCallFormat::kDeepSeek,
        absl::StrCat("x ", kDsCalls, kDsCall, "function", kDsSep, "f\n```json\n{}\n```", kDsCallEnd,
                     kDsCallsEnd, " <｜tool▁calls")},
+      {ToolCallFormat::kMiniMax,
+       "a <tool_calls>\n{\"name\": \"f\"}\n</tool_calls> b <tool_calls>x</tool_calls> <tool_c"},
+      {ToolCallFormat::kPhi4Mini, "say functools functools[{\"name\": \"f\"}]"},
   };
   for (const auto& [format, text] : cases) {
     const Parsed whole = Whole(format, text);
@@ -386,9 +416,16 @@ TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
   for (ToolCallFormat f :
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
         ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
-        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek, ToolCallFormat::kDeepSeekV31}) {
+        ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek, ToolCallFormat::kDeepSeekV31,
+        ToolCallFormat::kMiniMax, ToolCallFormat::kPhi4Mini}) {
     EXPECT_EQ(*ToolCallFormatFromName(ToolCallFormatName(f)), f);
   }
+  EXPECT_EQ(DetectToolCallFormat("{% if tools %}respond with <tool_calls></tool_calls> XML tags"
+                                 "{% endif %}"),
+            ToolCallFormat::kMiniMax);
+  EXPECT_EQ(DetectToolCallFormat("{% if tools %}a single JSON list formatted as functools["
+                                 "{\"name\": ...}]{% endif %}"),
+            ToolCallFormat::kPhi4Mini);
   EXPECT_EQ(DetectToolCallFormat("{% if tools %}{% endif %}<｜tool▁calls▁begin｜><｜tool▁call▁begin"
                                  "｜>function<｜tool▁sep｜>{{ name }}\n```json"),
             ToolCallFormat::kDeepSeek);
