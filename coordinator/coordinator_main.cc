@@ -53,8 +53,8 @@ ABSL_FLAG(std::string, chat_format, "auto",
 ABSL_FLAG(std::string, tool_call_format, "auto",
           "How the models write tool calls, for the chat API's \"tools\": auto (each model's "
           "own, from the markers its chat template writes), or hermes, llama3_json, mistral, "
-          "mistral_args, pythonic, qwen3_coder, deepseek, deepseek_v31, minimax, phi4_mini or "
-          "none for every model.");
+          "mistral_args, pythonic, qwen3_coder, deepseek, deepseek_v31, minimax, phi4_mini, "
+          "internlm2 or none for every model.");
 ABSL_FLAG(std::string, reasoning_format, "auto",
           "Whether the chat API answers the models' reasoning apart from their answers "
           "(reasoning_content): auto (think for a model whose chat template writes </think>), or "
@@ -129,10 +129,10 @@ int Main() {
   if (const std::string f = absl::GetFlag(FLAGS_tool_call_format); f != "auto") {
     absl::StatusOr<ToolCallFormat> named = ToolCallFormatFromName(f);
     if (!named.ok()) {
-      LOG(ERROR)
-          << "--tool_call_format must be auto, hermes, llama3_json, mistral, mistral_args, "
-             "pythonic, qwen3_coder, deepseek, deepseek_v31, minimax, phi4_mini or none, not \""
-          << f << "\"";
+      LOG(ERROR) << "--tool_call_format must be auto, hermes, llama3_json, mistral, mistral_args, "
+                    "pythonic, qwen3_coder, deepseek, deepseek_v31, minimax, phi4_mini, internlm2 "
+                    "or none, not \""
+                 << f << "\"";
       return 2;
     }
     tool_call_format = *named;

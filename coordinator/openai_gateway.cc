@@ -1682,7 +1682,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
                                      "\" writes tool calls: start the coordinator with "
                                      "--tool_call_format (hermes, llama3_json, mistral, "
                                      "mistral_args, pythonic, qwen3_coder, deepseek, deepseek_v31, "
-                                     "minimax or phi4_mini), or send "
+                                     "minimax, phi4_mini or internlm2), or send "
                                      "\"tool_choice\": \"none\""),
                         "tools"));
           return;

@@ -34,6 +34,8 @@ constexpr absl::string_view kDsSep = "<｜tool▁sep｜>";
 constexpr absl::string_view kMiniMaxOpen = "<tool_calls>";
 constexpr absl::string_view kMiniMaxClose = "</tool_calls>";
 constexpr absl::string_view kPhiOpen = "functools[";
+constexpr absl::string_view kInternOpen = "<|action_start|><|plugin|>";
+constexpr absl::string_view kInternClose = "<|action_end|>";
 constexpr absl::string_view kFunctionOpen = "<function=";
 constexpr absl::string_view kFunctionClose = "</function>";
 constexpr absl::string_view kParameterOpen = "<parameter=";
@@ -575,6 +577,8 @@ std::pair<absl::string_view, absl::string_view> CallMarkers(ToolCallFormat forma
       return {kMiniMaxOpen, kMiniMaxClose};
     case ToolCallFormat::kPhi4Mini:
       return {kPhiOpen, ""};
+    case ToolCallFormat::kInternLm2:
+      return {kInternOpen, kInternClose};
     default:
       return {kMistralOpen, ""};
   }
@@ -604,6 +608,8 @@ const char* ToolCallFormatName(ToolCallFormat format) {
       return "minimax";
     case ToolCallFormat::kPhi4Mini:
       return "phi4_mini";
+    case ToolCallFormat::kInternLm2:
+      return "internlm2";
     case ToolCallFormat::kNone:
       break;
   }
@@ -615,19 +621,20 @@ absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name) {
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
         ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
         ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek, ToolCallFormat::kDeepSeekV31,
-        ToolCallFormat::kMiniMax, ToolCallFormat::kPhi4Mini}) {
+        ToolCallFormat::kMiniMax, ToolCallFormat::kPhi4Mini, ToolCallFormat::kInternLm2}) {
     if (name == ToolCallFormatName(f)) return f;
   }
   return absl::InvalidArgumentError(absl::StrCat(
       "no tool-call format \"", name,
       "\": hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek, "
-      "deepseek_v31, minimax, phi4_mini or none"));
+      "deepseek_v31, minimax, phi4_mini, internlm2 or none"));
 }
 
 ToolCallFormat DetectToolCallFormat(absl::string_view chat_template) {
   if (!absl::StrContains(chat_template, "tools")) return ToolCallFormat::kNone;
   if (absl::StrContains(chat_template, kMiniMaxOpen)) return ToolCallFormat::kMiniMax;
   if (absl::StrContains(chat_template, kPhiOpen)) return ToolCallFormat::kPhi4Mini;
+  if (absl::StrContains(chat_template, kInternOpen)) return ToolCallFormat::kInternLm2;
   if (absl::StrContains(chat_template, kDsCallsBegin)) {
     // V3 and R1 write "function<｜tool▁sep｜>name" and a fenced JSON block; V3.1 neither.
     return absl::StrContains(chat_template, absl::StrCat("function", kDsSep))
@@ -696,7 +703,10 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
                           : absl::StrCat(kDsCallsBegin, kDsCallBegin, name, kDsSep, "{");
     case ToolCallFormat::kMiniMax:
     case ToolCallFormat::kPhi4Mini:
-      return absl::StrCat(format == ToolCallFormat::kMiniMax ? "<tool_calls>\n" : kPhiOpen,
+    case ToolCallFormat::kInternLm2:
+      return absl::StrCat(format == ToolCallFormat::kMiniMax    ? absl::StrCat(kMiniMaxOpen, "\n")
+                          : format == ToolCallFormat::kPhi4Mini ? std::string(kPhiOpen)
+                                                                : absl::StrCat(kInternOpen, "\n"),
                           name.empty() ? "{\"name\": \""
                                        : absl::StrCat("{\"name\": ", quoted, ", \"arguments\": {"));
     case ToolCallFormat::kNone:
@@ -785,7 +795,8 @@ void ToolCallParser::Scan(Output* out) {
         // end it.
         const absl::string_view body = absl::string_view(held_).substr(0, close);
         const size_t first = SkipSpace(body, 0);
-        if (format_ == ToolCallFormat::kHermes && first < body.size() && body[first] == '{' &&
+        if ((format_ == ToolCallFormat::kHermes || format_ == ToolCallFormat::kInternLm2) &&
+            first < body.size() && body[first] == '{' &&
             ValueEnd(body, first) == absl::string_view::npos) {
           searched_ = close + 1;
           continue;
@@ -813,7 +824,8 @@ void ToolCallParser::Parse(absl::string_view call_text, absl::string_view raw, O
   std::vector<ToolCall> calls;
   bool ok = true;
   switch (format_) {
-    case ToolCallFormat::kHermes: {
+    case ToolCallFormat::kHermes:
+    case ToolCallFormat::kInternLm2: {
       std::optional<ToolCall> call = CallOfObject(call_text, format_);
       if (call.has_value()) calls.push_back(*std::move(call));
       ok = call.has_value();

@@ -25,6 +25,8 @@
 //                <｜tool▁call▁end｜> (DeepSeek V3.1); either DeepSeek form is read in both.
 //   minimax      <tool_calls>\n{"name": "f", "arguments": {...}}\n...</tool_calls> (MiniMax-M1)
 //   phi4_mini    functools[{"name": "f", "arguments": {...}}, ...] to the end (Phi-4-mini)
+//   internlm2    <|action_start|><|plugin|>\n{"name": "f", "arguments": {...}}<|action_end|>
+//                (InternLM2 / 2.5)
 // A call's arguments are the model's JSON object as it wrote it. A call that does not parse (not
 // JSON, no name, arguments that are not an object) is left in the text as content, so nothing the
 // model wrote is lost.
@@ -52,11 +54,12 @@ enum class ToolCallFormat {
   kDeepSeekV31,
   kMiniMax,
   kPhi4Mini,
+  kInternLm2,
 };
 
 const char* ToolCallFormatName(ToolCallFormat format);
 // hermes, llama3_json, mistral, mistral_args, pythonic, qwen3_coder, deepseek, deepseek_v31,
-// minimax, phi4_mini or none.
+// minimax, phi4_mini, internlm2 or none.
 absl::StatusOr<ToolCallFormat> ToolCallFormatFromName(absl::string_view name);
 // The format whose markers a chat template writes (kNone when none, or when the template never
 // mentions its tools).

@@ -329,6 +329,18 @@ TEST(ToolCallParserTest, MiniMaxAndPhi4MiniCalls) {
   }
 }
 
+TEST(ToolCallParserTest, InternLm2Calls) {
+  EXPECT_EQ(Whole(ToolCallFormat::kInternLm2,
+                  "Let me look.<|action_start|><|plugin|>\n{\"name\": \"f\", \"arguments\": "
+                  "{\"q\": \"<|action_end|>\"}}<|action_end|>"),
+            (Parsed{"Let me look.", {{"f", "{\"q\": \"<|action_end|>\"}"}}}));
+  EXPECT_EQ(Whole(ToolCallFormat::kInternLm2, "\"x\": 1}}<|action_end|>",
+                  ForcedToolCallPrefix(ToolCallFormat::kInternLm2, "h")),
+            (Parsed{"", {{"h", "{\"x\": 1}"}}}));
+  const std::string bad = "<|action_start|><|plugin|>\nnot json<|action_end|>";
+  EXPECT_EQ(Whole(ToolCallFormat::kInternLm2, bad), (Parsed{bad, {}}));
+}
+
 TEST(ToolCallParserTest, TextIsNotHeldLongerThanAMarkerCouldNeed) {
   ToolCallParser parser(ToolCallFormat::kHermes);
   EXPECT_EQ(parser.Add("Hello world").content, "Hello world");
@@ -373,6 +385,8 @@ TEST(ToolCallParserTest, TheSameResultHoweverTheTextArrives) {
       {ToolCallFormat::kMiniMax,
        "a <tool_calls>\n{\"name\": \"f\"}\n</tool_calls> b <tool_calls>x</tool_calls> <tool_c"},
       {ToolCallFormat::kPhi4Mini, "say functools functools[{\"name\": \"f\"}]"},
+      {ToolCallFormat::kInternLm2,
+       "a<|action_start|><|plugin|>{\"name\": \"f\"}<|action_end|> b <|action_start|><|plu"},
   };
   for (const auto& [format, text] : cases) {
     const Parsed whole = Whole(format, text);
@@ -417,9 +431,11 @@ TEST(ToolCallFormatTest, NamedAndDetectedFromTheTemplate) {
        {ToolCallFormat::kNone, ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
         ToolCallFormat::kMistral, ToolCallFormat::kMistralArgs, ToolCallFormat::kPythonic,
         ToolCallFormat::kQwen3Coder, ToolCallFormat::kDeepSeek, ToolCallFormat::kDeepSeekV31,
-        ToolCallFormat::kMiniMax, ToolCallFormat::kPhi4Mini}) {
+        ToolCallFormat::kMiniMax, ToolCallFormat::kPhi4Mini, ToolCallFormat::kInternLm2}) {
     EXPECT_EQ(*ToolCallFormatFromName(ToolCallFormatName(f)), f);
   }
+  EXPECT_EQ(DetectToolCallFormat("{% for t in tools %}{% endfor %}<|action_start|><|plugin|>"),
+            ToolCallFormat::kInternLm2);
   EXPECT_EQ(DetectToolCallFormat("{% if tools %}respond with <tool_calls></tool_calls> XML tags"
                                  "{% endif %}"),
             ToolCallFormat::kMiniMax);
