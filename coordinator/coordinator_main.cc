@@ -80,6 +80,21 @@ ABSL_FLAG(std::string, instance_id, "",
 namespace strata {
 namespace {
 
+// A flag that names one format for every model, or "auto" (*out left empty: each model's own).
+// False, logged with the names `from_name` takes, for any other value.
+template <typename T>
+bool NamedOrAuto(const char* flag, const std::string& value,
+                 absl::StatusOr<T> (*from_name)(absl::string_view), std::optional<T>* out) {
+  if (value == "auto") return true;
+  absl::StatusOr<T> named = from_name(value);
+  if (!named.ok()) {
+    LOG(ERROR) << "--" << flag << ": " << named.status().message() << " (or auto)";
+    return false;
+  }
+  *out = *named;
+  return true;
+}
+
 int Main() {
   absl::StatusOr<std::unique_ptr<ModelRegistry>> models =
       ModelRegistry::Load(absl::GetFlag(FLAGS_model));
@@ -115,36 +130,18 @@ int Main() {
       return 2;
     }
   }
-  // Every model's chat format when named (else each model's own, found below).
+  // Every model's chat, tool-call and reasoning format when named (else each model's own, found
+  // below).
   std::optional<ChatFormat> chat_format;
-  if (const std::string f = absl::GetFlag(FLAGS_chat_format); f != "auto") {
-    absl::StatusOr<ChatFormat> named = ChatFormatFromName(f);
-    if (!named.ok()) {
-      LOG(ERROR) << "--chat_format must be auto, llama3, chatml or none, not \"" << f << "\"";
-      return 2;
-    }
-    chat_format = *named;
-  }
   std::optional<ToolCallFormat> tool_call_format;
-  if (const std::string f = absl::GetFlag(FLAGS_tool_call_format); f != "auto") {
-    absl::StatusOr<ToolCallFormat> named = ToolCallFormatFromName(f);
-    if (!named.ok()) {
-      LOG(ERROR) << "--tool_call_format must be auto, hermes, llama3_json, mistral, mistral_args, "
-                    "pythonic, qwen3_coder, deepseek, deepseek_v31, minimax, phi4_mini, internlm2 "
-                    "or none, not \""
-                 << f << "\"";
-      return 2;
-    }
-    tool_call_format = *named;
-  }
   std::optional<ReasoningFormat> reasoning_format;
-  if (const std::string f = absl::GetFlag(FLAGS_reasoning_format); f != "auto") {
-    absl::StatusOr<ReasoningFormat> named = ReasoningFormatFromName(f);
-    if (!named.ok()) {
-      LOG(ERROR) << "--reasoning_format must be auto, think or none, not \"" << f << "\"";
-      return 2;
-    }
-    reasoning_format = *named;
+  if (!NamedOrAuto("chat_format", absl::GetFlag(FLAGS_chat_format), ChatFormatFromName,
+                   &chat_format) ||
+      !NamedOrAuto("tool_call_format", absl::GetFlag(FLAGS_tool_call_format),
+                   ToolCallFormatFromName, &tool_call_format) ||
+      !NamedOrAuto("reasoning_format", absl::GetFlag(FLAGS_reasoning_format),
+                   ReasoningFormatFromName, &reasoning_format)) {
+    return 2;
   }
   const std::string routing = absl::GetFlag(FLAGS_routing);
   if (routing == "round_robin") {

@@ -292,11 +292,8 @@ absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string
       if (type != "function") return tool.Field("type")->Error("must be \"function\"");
       ASSIGN_OR_RETURN(const JsonValue function, tool.Field("function"));
       ASSIGN_OR_RETURN(const absl::string_view name, function.StringField("name"));
-      // The name goes into the prompt when a call is forced: letters, digits, _ . and -.
-      if (name.empty() || name.size() > 64 || !std::all_of(name.begin(), name.end(), [](char c) {
-            return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' ||
-                   c == '.';
-          })) {
+      // The name goes into the prompt when a call is forced.
+      if (name.size() > 64 || !IsToolName(name)) {
         return function.Field("name")->Error(
             "must be 1 to 64 letters, digits, underscores, dots or dashes");
       }
@@ -712,7 +709,7 @@ absl::StatusOr<ChatFormat> ChatFormatFromName(absl::string_view name) {
   if (name == "chatml") return ChatFormat::kChatml;
   if (name == "none") return ChatFormat::kNone;
   return absl::InvalidArgumentError(
-      absl::StrCat("chat format must be auto, llama3, chatml or none, not \"", name, "\""));
+      absl::StrCat("no chat format \"", name, "\": llama3, chatml or none"));
 }
 
 const char* ChatFormatName(ChatFormat format) {
@@ -1781,7 +1778,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   }
   std::vector<std::unique_ptr<Choice>> choices;
   std::vector<grpc::ClientContext*> contexts;
-  const ToolParamTypes param_types = ParamTypesOf(call->tools);  // for qwen3_coder's values
+  // Only qwen3_coder's raw values are read by their schemas' types.
+  const ToolParamTypes param_types =
+      tool_format == ToolCallFormat::kQwen3Coder ? ParamTypesOf(call->tools) : ToolParamTypes();
   for (int k = 0; k < total; ++k) {
     choices.push_back(std::make_unique<Choice>());
     contexts.push_back(&choices.back()->ctx);

@@ -14,6 +14,7 @@
 #include "absl/strings/strip.h"
 #include "common/json.h"
 #include "common/utf8.h"
+#include "tokenizer/stop_matcher.h"
 
 namespace strata {
 namespace {
@@ -179,15 +180,6 @@ bool CallList(absl::string_view text, ToolCallFormat format, std::vector<ToolCal
     calls->push_back(*std::move(call));
   }
   return true;
-}
-
-// The longest end of `s` that `marker` starts with (a marker that may be arriving), shorter than
-// the marker.
-size_t PartialMarker(absl::string_view s, absl::string_view marker) {
-  for (size_t n = std::min(s.size(), marker.size() - 1); n > 0; --n) {
-    if (absl::StartsWith(marker, s.substr(s.size() - n))) return n;
-  }
-  return 0;
 }
 
 // What `held` starts with after its leading whitespace: `marker` (*end: the offset just past it),
@@ -482,13 +474,6 @@ std::string ParameterJson(absl::string_view raw, const std::vector<std::string>*
   return quoted;
 }
 
-// A function or parameter name as tools name them: letters, digits, _ . and -.
-bool IsToolName(absl::string_view name) {
-  return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
-    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-';
-  });
-}
-
 // <function=f>\n<parameter=a>\nvalue\n</parameter>\n...</function> (the </function> may be
 // missing at the end): the call's name and its arguments as a JSON object.
 std::optional<std::pair<std::string, std::string>> XmlCall(absl::string_view body,
@@ -659,6 +644,12 @@ ToolCallFormat DetectToolCallFormat(absl::string_view chat_template) {
   return ToolCallFormat::kNone;
 }
 
+bool IsToolName(absl::string_view name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-';
+  });
+}
+
 bool operator==(const ToolCall& a, const ToolCall& b) {
   return a.id == b.id && a.name == b.name && a.arguments == b.arguments;
 }
@@ -770,7 +761,7 @@ void ToolCallParser::Scan(Output* out) {
         // trailing whitespace: whitespace before a call that parses is not content, nor is
         // whitespace after one before any content.
         const size_t before =
-            at != std::string::npos ? at : held_.size() - PartialMarker(held_, open);
+            at != std::string::npos ? at : held_.size() - PartialMatchAtEnd(held_, open);
         size_t end = TrailingSpace(absl::string_view(held_).substr(0, before));
         if (before - end + space_sent_ > kMaxSpaceHeld) end = before;
         const size_t start = !said_ && num_calls_ > 0 ? std::min(SkipSpace(held_, 0), end) : 0;
@@ -788,7 +779,7 @@ void ToolCallParser::Scan(Output* out) {
         if (close_marker.empty()) return;  // the calls run to the end of the answer
         const size_t close = absl::string_view(held_).find(close_marker, searched_);
         if (close == std::string::npos) {
-          searched_ = held_.size() - PartialMarker(held_, close_marker);
+          searched_ = held_.size() - PartialMatchAtEnd(held_, close_marker);
           return;
         }
         // A close marker inside a Hermes call's JSON (in a string of its arguments) does not
@@ -1089,8 +1080,9 @@ void ReasoningSplitter::Scan(Output* out) {
           continue;
         }
         const size_t close = absl::string_view(held_).find(kThinkClose);
-        const size_t end =
-            close != std::string::npos ? close : held_.size() - PartialMarker(held_, kThinkClose);
+        const size_t end = close != std::string::npos
+                               ? close
+                               : held_.size() - PartialMatchAtEnd(held_, kThinkClose);
         GiveOut(absl::string_view(held_).substr(0, end), &out->reasoning, &reasoning_started_);
         if (close == std::string::npos) {
           held_.erase(0, end);

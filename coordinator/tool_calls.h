@@ -78,6 +78,10 @@ struct ToolCall {
 
 bool operator==(const ToolCall& a, const ToolCall& b);
 
+// Whether `name` is a function's name as tools name them (and as forced calls write them into a
+// prompt): letters, digits, _ . and -, at least one.
+bool IsToolName(absl::string_view name);
+
 // A new call id for `format` (Mistral's templates refuse ids that are not 9 letters or digits).
 std::string NewToolCallId(ToolCallFormat format);
 

@@ -11,6 +11,10 @@
 
 namespace strata {
 
+// The length of the longest end of `text` that `marker` starts with, shorter than `marker`: how
+// much of a stream to hold back while `marker` may still be arriving.
+size_t PartialMatchAtEnd(absl::string_view text, absl::string_view marker);
+
 class StopMatcher {
  public:
   explicit StopMatcher(std::vector<std::string> stops);
