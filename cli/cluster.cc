@@ -88,6 +88,8 @@ const char* FinishName(v1::FinishReason r) {
       return "context_length";
     case v1::FINISH_REASON_CANCELLED:
       return "cancelled";
+    case v1::FINISH_REASON_GRAMMAR_END:
+      return "grammar_end";
     default:
       return "none";
   }

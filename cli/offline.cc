@@ -63,6 +63,8 @@ const char* FinishName(FinishReason r) {
       return "context_length";
     case FinishReason::kCancelled:
       return "cancelled";
+    case FinishReason::kGrammarEnd:
+      return "grammar_end";
     case FinishReason::kError:
       return "error";
     case FinishReason::kNone:

@@ -243,6 +243,11 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
       ResolveSamplingParams(r.sampling(), model_.vocab_size);
   if (!sampling.ok()) return ToGrpcStatus(sampling.status());
   sampling_ = *std::move(sampling);
+  if (absl::StatusOr<std::shared_ptr<const Grammar>> g =
+          service_->grammars_.Get(r.sampling().structured_output(), "sampling.structured_output");
+      !g.ok()) {
+    return ToGrpcStatus(g.status());
+  }
   switch (r.prompt_case()) {
     case v1::GenerateRequest::kText: {
       if (r.text().size() > kMaxTextBytes) return Invalid("text must be at most 1 MiB");

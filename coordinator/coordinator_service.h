@@ -36,6 +36,7 @@
 #include "absl/time/time.h"
 #include "common/metrics.h"
 #include "coordinator/worker_pool.h"
+#include "grammar/structured_output.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
 #include "tokenizer/tokenizer.h"
@@ -132,6 +133,9 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   std::atomic<uint64_t> next_id_{1};
   std::atomic<uint64_t> completed_{0};
   std::atomic<uint64_t> failed_over_{0};
+  // Structured-output grammars, compiled to check requests before they are routed (a schema the
+  // workers would refuse is refused here, once).
+  GrammarCache grammars_{256};
   // Admin DrainWorker calls run on their own threads (the RPC to the worker, and with wait the
   // polling, block); finished ones are joined on the next call, the rest on destruction.
   struct DrainThread {

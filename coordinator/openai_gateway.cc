@@ -347,6 +347,102 @@ absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string
 }
 
 // A chat request's chat_template_kwargs, add_generation_prompt and continue_final_message.
+// Structured output, in any of the spellings clients use: OpenAI's response_format (json_object,
+// json_schema), vLLM's structured_outputs (json, regex, choice, json_object) and its older
+// guided_json, guided_regex and guided_choice. At most one may constrain a request. The schema or
+// pattern itself is the coordinator's to check (sampling.structured_output).
+// With `tools_in_play` (tools the model may call) none is taken: the grammar would keep the
+// model from writing a call.
+absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
+                                   v1::StructuredOutput* out, std::string* param) {
+  std::string first;  // the field that set it
+  auto claim = [&](const JsonValue& v, absl::string_view name) -> absl::Status {
+    if (!first.empty()) {
+      return v.Error(
+          absl::StrCat("conflicts with \"", first, "\": a request takes one structured output"));
+    }
+    if (tools_in_play) {
+      return v.Error(
+          "cannot be combined with tools the model may call (set tool_choice to \"none\")");
+    }
+    first = std::string(name);
+    return absl::OkStatus();
+  };
+  // A schema given as a JSON object or as JSON text.
+  auto schema_text = [](const JsonValue& v) -> absl::StatusOr<std::string> {
+    if (v.IsString()) return std::string(*v.AsString());
+    if (!v.IsObject() && !v.IsBool()) return v.Error("must be a JSON schema (an object)");
+    return simdjson::minify(v.raw());
+  };
+  auto choices = [&](const JsonValue& v) -> absl::Status {
+    ASSIGN_OR_RETURN(const std::vector<JsonValue> items, v.AsArray());
+    v1::Choices* c = out->mutable_choice();
+    for (const JsonValue& item : items) {
+      ASSIGN_OR_RETURN(const absl::string_view text, item.AsString());
+      c->add_texts(std::string(text));
+    }
+    return absl::OkStatus();
+  };
+  *param = "response_format";
+  if (std::optional<JsonValue> v = root.FindField("response_format")) {
+    if (!v->IsObject()) return v->Error("must be an object");
+    ASSIGN_OR_RETURN(const absl::string_view type, v->StringField("type"));
+    if (type == "json_object") {
+      RETURN_IF_ERROR(claim(*v, "response_format"));
+      out->set_json_object(true);
+    } else if (type == "json_schema") {
+      ASSIGN_OR_RETURN(const JsonValue js, v->Field("json_schema"));
+      if (!js.IsObject()) return js.Error("must be an object");
+      ASSIGN_OR_RETURN(const JsonValue schema, js.Field("schema"));
+      RETURN_IF_ERROR(claim(*v, "response_format"));
+      ASSIGN_OR_RETURN(*out->mutable_json_schema(), schema_text(schema));
+    } else if (type != "text") {
+      return v->Field("type")->Error("must be text, json_object or json_schema");
+    }
+  }
+  *param = "structured_outputs";
+  if (std::optional<JsonValue> v = root.FindField("structured_outputs")) {
+    if (!v->IsObject()) return v->Error("must be an object");
+    ASSIGN_OR_RETURN(const auto members, v->AsObject());
+    for (const auto& [key, value] : members) {
+      if (value.IsNull()) continue;
+      if (key == "json") {
+        RETURN_IF_ERROR(claim(value, "structured_outputs.json"));
+        ASSIGN_OR_RETURN(*out->mutable_json_schema(), schema_text(value));
+      } else if (key == "regex") {
+        RETURN_IF_ERROR(claim(value, "structured_outputs.regex"));
+        ASSIGN_OR_RETURN(const absl::string_view regex, value.AsString());
+        out->set_regex(std::string(regex));
+      } else if (key == "choice") {
+        RETURN_IF_ERROR(claim(value, "structured_outputs.choice"));
+        RETURN_IF_ERROR(choices(value));
+      } else if (key == "json_object") {
+        ASSIGN_OR_RETURN(const bool on, value.AsBool());
+        if (!on) continue;
+        RETURN_IF_ERROR(claim(value, "structured_outputs.json_object"));
+        out->set_json_object(true);
+      } else {
+        return value.Error("is not supported (json, regex, choice and json_object are)");
+      }
+    }
+  }
+  for (const char* name : {"guided_json", "guided_regex", "guided_choice"}) {
+    *param = name;
+    std::optional<JsonValue> v = root.FindField(name);
+    if (!v.has_value()) continue;
+    RETURN_IF_ERROR(claim(*v, name));
+    if (absl::string_view(name) == "guided_json") {
+      ASSIGN_OR_RETURN(*out->mutable_json_schema(), schema_text(*v));
+    } else if (absl::string_view(name) == "guided_regex") {
+      ASSIGN_OR_RETURN(const absl::string_view regex, v->AsString());
+      out->set_regex(std::string(regex));
+    } else {
+      RETURN_IF_ERROR(choices(*v));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParseTemplateFields(const JsonValue& root, CompletionCall* call, std::string* param) {
   *param = "chat_template_kwargs";
   if (std::optional<JsonValue> v = root.FindField("chat_template_kwargs")) {
@@ -654,6 +750,10 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
       b->set_bias(static_cast<float>(bias));
     }
   }
+
+  RETURN_IF_ERROR(ParseStructuredOutput(
+      root, chat && !call.tools.empty() && call.tool_choice != ToolChoice::kNone,
+      s.mutable_structured_output(), param));
 
   *param = "stream";
   ASSIGN_OR_RETURN(call.stream, root.BoolFieldOr("stream", false));
@@ -1701,13 +1801,20 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     reasoning_format = chat_template.reasoning_format;
     reasoning_start = ReasoningStartOf(
         *prompt, call->continue_final_message ? *call->messages.back().content : "");
-    if (call->tool_choice == ToolChoice::kRequired || call->tool_choice == ToolChoice::kNamed) {
-      // The call is the answer: a reasoning the prompt left open is closed before it.
+    const bool forced =
+        call->tool_choice == ToolChoice::kRequired || call->tool_choice == ToolChoice::kNamed;
+    const bool structured = call->request.sampling().structured_output().kind_case() !=
+                            v1::StructuredOutput::KIND_NOT_SET;
+    if (forced || structured) {
+      // The call or the structured answer is the answer: a reasoning the prompt left open is
+      // closed before it (the grammar would not let the model close it).
       if (reasoning_format != ReasoningFormat::kNone &&
           reasoning_start == ReasoningStart::kThinking) {
         absl::StrAppend(&*prompt, "</think>\n\n");
       }
       reasoning_start = ReasoningStart::kAnswer;
+    }
+    if (forced) {
       forced_call = ForcedToolCallPrefix(tool_format, call->tool_choice_name);
       absl::StrAppend(&*prompt, forced_call);
     }

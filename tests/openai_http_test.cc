@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -866,6 +867,22 @@ TEST_F(OpenAiHttpTest, ReasoningComesApartFromTheAnswer) {
   const JsonValue message = *Choice(d).Field("message");
   EXPECT_FALSE(message.FindField("reasoning_content").has_value()) << r.body;
   EXPECT_EQ(Str(message, "content"), expected.content);
+
+  // A structured answer closes the reasoning the template opened (the grammar would not let the
+  // model close it): all of the output is the answer.
+  const HttpReply structured =
+      Http(port, "POST", "/v1/chat/completions",
+           R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "Why?"}],)"
+           R"( "max_tokens": 30, "seed": 7, "response_format": {"type": "json_object"}})");
+  ASSERT_EQ(structured.status, 200) << structured.body;
+  const JsonDocument sd = Json(structured.body);
+  const JsonValue answer = *Choice(sd).Field("message");
+  EXPECT_FALSE(answer.FindField("reasoning_content").has_value()) << structured.body;
+  const std::string json = Str(answer, "content");
+  ASSERT_NE(json.find_first_not_of(" \t\n\r"), std::string::npos) << structured.body;
+  EXPECT_EQ(json[json.find_first_not_of(" \t\n\r")], '{') << json;
+  EXPECT_EQ(*sd.root().Field("usage")->IntField("prompt_tokens"),
+            PromptTokens(prompt + "</think>\n\n").token_ids_size());
 }
 
 // A template that shows the tools and writes calls and their results as Hermes-style turns.
@@ -1012,6 +1029,109 @@ TEST_F(OpenAiHttpTest, ToolsReachTheTemplateAndCallsComeBackAsToolCalls) {
   EXPECT_EQ(unknown.status, 400) << unknown.body;
   EXPECT_EQ(Str(*Json(unknown.body).root().Field("error"), "param"), "tool_choice");
   EXPECT_EQ(Http(port, "POST", "/v1/chat/completions", forced_body + "}").status, 200);
+}
+
+// Structured output through the HTTP API: OpenAI's response_format and vLLM's spellings reach the
+// workers' grammar, the text follows it, and a schema the server cannot enforce is refused naming
+// what it uses.
+TEST_F(OpenAiHttpTest, StructuredOutputFollowsTheRequestedShape) {
+  // Every field an enum or a boolean: the grammar bounds the text (whitespace included), so 400
+  // tokens always reach its end.
+  const std::string schema =
+      R"({"type": "object", "properties": {"kind": {"enum": ["module", "function", "class"]},)"
+      R"( "public": {"type": "boolean"}, "size": {"enum": ["small", "large"]}},)"
+      R"( "required": ["kind", "public"]})";
+  for (uint64_t seed : {1, 2, 3}) {
+    SCOPED_TRACE(seed);
+    const HttpReply r = Http(
+        port_, "POST", "/v1/chat/completions",
+        absl::StrCat(R"({"model": "strata-tiny", "messages": [{"role": "user", "content":)"
+                     R"( "Describe parser.py"}], "max_tokens": 400, "temperature": 1, "seed": )",
+                     seed,
+                     R"(, "response_format": {"type": "json_schema", "json_schema":)"
+                     R"( {"name": "entity", "strict": true, "schema": )",
+                     schema, "}}}"));
+    ASSERT_EQ(r.status, 200) << r.body;
+    const JsonDocument d = Json(r.body);
+    EXPECT_EQ(Str(Choice(d), "finish_reason"), "stop");
+    const std::string content = Str(*Choice(d).Field("message"), "content");
+    const JsonDocument value = Json(content);
+    const std::string kind = Str(value.root(), "kind");
+    EXPECT_TRUE(kind == "module" || kind == "function" || kind == "class") << content;
+    EXPECT_TRUE(value.root().Field("public")->IsBool()) << content;
+    const auto members = value.root().AsObject();
+    ASSERT_TRUE(members.ok());
+    for (const auto& [key, v] : members.value()) {
+      EXPECT_TRUE(key == "kind" || key == "public" || key == "size") << content;
+    }
+  }
+  // A choice (vLLM's structured_outputs) and a pattern (its older guided_regex) on completions.
+  const HttpReply choice = Http(
+      port_, "POST", "/v1/completions",
+      CompletionBody(30, 4, R"(, "structured_outputs": {"choice": ["yes", "no", "not sure"]})"));
+  ASSERT_EQ(choice.status, 200) << choice.body;
+  const std::string picked = Str(Choice(Json(choice.body)), "text");
+  EXPECT_TRUE(picked == "yes" || picked == "no" || picked == "not sure") << picked;
+  EXPECT_EQ(Str(Choice(Json(choice.body)), "finish_reason"), "stop");
+  const HttpReply phone = Http(port_, "POST", "/v1/completions",
+                               CompletionBody(30, 5, R"(, "guided_regex": "\\d{3}-\\d{4}")"));
+  ASSERT_EQ(phone.status, 200) << phone.body;
+  const std::string number = Str(Choice(Json(phone.body)), "text");
+  ASSERT_EQ(number.size(), 8u) << number;
+  for (size_t i = 0; i < number.size(); ++i) {
+    EXPECT_TRUE(i == 3 ? number[i] == '-' : absl::ascii_isdigit(number[i])) << number;
+  }
+  // json_object streams a JSON object.
+  const HttpReply object = Http(
+      port_, "POST", "/v1/completions",
+      CompletionBody(60, 6, R"(, "stream": true, "response_format": {"type": "json_object"})"));
+  ASSERT_EQ(object.status, 200) << object.body;
+  std::string text;
+  for (const std::string& event : SseData(object.body)) {
+    if (event == "[DONE]") break;
+    text += Str(Choice(Json(event)), "text");
+  }
+  // Whitespace may lead; then an object.
+  const size_t first = text.find_first_not_of(" \t\n\r");
+  ASSERT_NE(first, std::string::npos) << text;
+  EXPECT_EQ(text[first], '{') << text;
+
+  // Tools the model may call leave no room for a grammar.
+  const HttpReply both =
+      Http(port_, "POST", "/v1/chat/completions",
+           R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "x"}], "tools":)"
+           R"( [{"type": "function", "function": {"name": "f"}}], "response_format": {"type":)"
+           R"( "json_object"}})");
+  EXPECT_EQ(both.status, 400) << both.body;
+  EXPECT_NE(both.body.find("cannot be combined with tools"), std::string::npos) << both.body;
+  EXPECT_EQ(Str(*Json(both.body).root().Field("error"), "param"), "response_format");
+
+  struct Bad {
+    std::string extra;
+    std::string param;  // "" : null (the coordinator's check)
+    std::string says;
+  };
+  for (const Bad& b : std::vector<Bad>{
+           {R"(, "response_format": {"type": "json_schema", "json_schema": {"name": "n",)"
+            R"( "schema": {"type": "integer", "minimum": 0}}})",
+            "", R"(uses \"minimum\", which is not supported)"},
+           {R"(, "response_format": {"type": "yaml"})", "response_format",
+            "must be text, json_object or json_schema"},
+           {R"(, "response_format": {"type": "json_object"}, "guided_regex": "a+")", "guided_regex",
+            R"(conflicts with \"response_format\")"},
+           {R"(, "structured_outputs": {"regex": "a(b"})", "", "structured_output.regex"},
+       }) {
+    SCOPED_TRACE(b.extra);
+    const HttpReply r = Http(port_, "POST", "/v1/completions", CompletionBody(5, 1, b.extra));
+    EXPECT_EQ(r.status, 400) << r.body;
+    EXPECT_NE(r.body.find(b.says), std::string::npos) << r.body;
+    const JsonDocument d = Json(r.body);
+    if (b.param.empty()) {
+      EXPECT_TRUE(d.root().Field("error")->Field("param")->IsNull()) << r.body;
+    } else {
+      EXPECT_EQ(Str(*d.root().Field("error"), "param"), b.param);
+    }
+  }
 }
 
 TEST_F(OpenAiHttpTest, LogprobsComeInOpenAisShape) {

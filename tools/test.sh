@@ -16,7 +16,7 @@ bazel test //... "$@"
 # is in shm_collectives.h, and the conformance suite's bitwise checks test it.
 if [[ $# -eq 0 ]]; then
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
-    //coordinator:tool_calls_test
+    //coordinator:tool_calls_test //grammar/...
   bazel test --config=tsan //memtier/... //worker/comm/...
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
 fi

@@ -1,6 +1,7 @@
 #include "worker/engine/engine.h"
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <thread>
 
@@ -14,6 +15,11 @@ namespace {
 
 bool Contains(const std::vector<int32_t>& v, int32_t x) {
   return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+// Token `t`'s bytes for a grammar (empty for special tokens and ids past the tokenizer's).
+absl::string_view TokenText(const TokenTrie& vocab, int32_t t) {
+  return t >= 0 && t < vocab.vocab_size() ? absl::string_view(vocab.bytes(t)) : absl::string_view();
 }
 
 }  // namespace
@@ -155,6 +161,9 @@ Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig conf
                int64_t num_blocks)
     : weights_(weights), config_(std::move(config)), blocks_(num_blocks, config_.block_tokens) {
   (void)comm;
+  if (config_.vocabulary != nullptr) {
+    masker_ = std::make_unique<TokenMasker>(config_.vocabulary, config_.grammar_mask_cache_bytes);
+  }
 }
 
 absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prompt,
@@ -200,6 +209,23 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
     return absl::InvalidArgumentError("sampling.prompt_logprobs must be in [0, 20]");
   }
   RETURN_IF_ERROR(ValidateSamplingKnobs(o.sampling, c.vocab_size));
+  if (o.grammar != nullptr && config_.vocabulary == nullptr) {
+    return absl::FailedPreconditionError(
+        "structured output needs the model's tokenizer, which this worker has not loaded");
+  }
+  std::optional<GrammarMatcher> matcher;
+  if (o.grammar != nullptr) {
+    matcher.emplace(o.grammar);
+    if (matcher->Overloaded()) {
+      return absl::InvalidArgumentError("the structured output is too ambiguous to follow");
+    }
+    for (int32_t t : o.resume_tokens) {
+      if (!matcher->Advance(TokenText(*config_.vocabulary, t))) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "resume_tokens do not follow the request's structured output (token ", t, ")"));
+      }
+    }
+  }
   if (!o.fine_tune_id.empty()) {
     if (deltas_ == nullptr || !deltas_->Has(o.fine_tune_id)) {
       return absl::NotFoundError(
@@ -227,6 +253,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
                           o.fine_tune_id.empty() ? "" : deltas_->Revision(o.fine_tune_id)),
       o.cache_salt);
   s->options = std::move(o);
+  s->matcher = std::move(matcher);
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) LookUpAndPrefetch(s.get());
   Enqueue(std::move(s), /*ahead_of_equals=*/false);
   return absl::OkStatus();
@@ -533,6 +560,57 @@ void Engine::AppendBanned(const Sequence& s, std::vector<int32_t>* out) const {
   out->insert(out->end(), s.options.stop_token_ids.begin(), s.options.stop_token_ids.end());
 }
 
+absl::Status Engine::MaskToGrammar(const Sequence& s, absl::Span<float> row,
+                                   std::vector<int32_t>* banned) const {
+  if (s.matcher->Overloaded()) {
+    return absl::InvalidArgumentError(
+        "the structured output is too ambiguous to follow here (more than 256 readings at once)");
+  }
+  const int32_t V = static_cast<int32_t>(row.size());
+  thread_local std::vector<uint8_t> allowed;
+  allowed.resize(masker_->vocabulary().vocab_size());
+  masker_->Allowed(*s.matcher, absl::MakeSpan(allowed));
+  // The ends (EOS unless ignore_eos, and stop tokens) keep their logits where the text is
+  // complete; they have no bytes, so the grammar never allows them itself.
+  std::vector<std::pair<int32_t, float>> ends;
+  if (s.matcher->IsComplete()) {
+    if (!s.options.ignore_eos) {
+      for (int32_t t : weights_->config.eos_token_ids) {
+        if (t >= 0 && t < V) ends.emplace_back(t, row[t]);
+      }
+    }
+    for (int32_t t : s.options.stop_token_ids) {
+      if (t >= 0 && t < V) ends.emplace_back(t, row[t]);
+    }
+  }
+  const int32_t masked = std::min<int32_t>(V, static_cast<int32_t>(allowed.size()));
+  int64_t text_tokens = 0;  // allowed tokens of the row, ends aside
+  for (int32_t t = 0; t < masked; ++t) {
+    if (allowed[t]) {
+      ++text_tokens;
+    } else {
+      row[t] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  for (int32_t t = masked; t < V; ++t) row[t] = -std::numeric_limits<float>::infinity();
+  for (const auto& [t, v] : ends) row[t] = v;
+  // min_tokens holds the ends back only while some text may come instead (a stop token that is
+  // an ordinary token of the text counts as an end here).
+  std::vector<int32_t> held;
+  AppendBanned(s, &held);
+  int64_t left = text_tokens;
+  for (int32_t t : held) {
+    if (t >= 0 && t < masked && allowed[t]) --left;
+  }
+  if (left > 0) {
+    banned->insert(banned->end(), held.begin(), held.end());
+  } else if (text_tokens == 0 && ends.empty()) {
+    return absl::InvalidArgumentError(
+        "no token of the vocabulary continues the structured output here");
+  }
+  return absl::OkStatus();
+}
+
 FinishReason Engine::CheckStop(const Sequence& s, int32_t token) const {
   const ModelConfig& c = weights_->config;
   if (!s.options.ignore_eos && Contains(c.eos_token_ids, token)) return FinishReason::kEos;
@@ -717,9 +795,11 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   std::vector<int32_t> host_rows;
   if (sampled_on_gpu) {
     for (size_t u = 0; u < uses.size(); ++u) {
-      // Log-probabilities, and logit biases (which the GPU sampler does not take), on the host.
-      const SamplingOptions& so = plan[uses[u].chunk].seq->options.sampling;
-      if (so.logprobs >= 0 || !so.logit_bias.empty()) {
+      // Log-probabilities, and logit biases and grammars (which the GPU sampler does not take),
+      // on the host.
+      const Sequence* s = plan[uses[u].chunk].seq;
+      const SamplingOptions& so = s->options.sampling;
+      if (so.logprobs >= 0 || !so.logit_bias.empty() || s->matcher.has_value()) {
         host_row[u] = static_cast<int32_t>(host_rows.size());
         host_rows.push_back(static_cast<int32_t>(u));
       }
@@ -798,6 +878,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     if (host_row[u] >= 0) host_uses.push_back(u);
   }
   std::vector<SampledToken> host_result(uses.size());
+  std::vector<absl::Status> host_error(uses.size());
   auto host_work = [&](int64_t begin, int64_t end) {
     thread_local std::vector<std::pair<float, int32_t>> scratch;  // kept across steps
     for (int64_t i = begin; i < end; ++i) {
@@ -810,7 +891,15 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         continue;
       }
       std::vector<int32_t> banned;
-      AppendBanned(*s, &banned);
+      if (s->matcher.has_value()) {
+        if (absl::Status st = MaskToGrammar(*s, row, &banned); !st.ok()) {
+          host_result[u].token = -1;  // the request fails below
+          host_error[u] = std::move(st);
+          continue;
+        }
+      } else {
+        AppendBanned(*s, &banned);
+      }
       host_result[u] =
           Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch);
     }
@@ -840,10 +929,27 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     } else {
       t = std::move(host_result[u]);
     }
+    // An end (EOS, a stop token) is outside the text, and leaves the grammar where it was.
+    const bool end =
+        (!s->options.ignore_eos && Contains(weights_->config.eos_token_ids, t.token)) ||
+        Contains(s->options.stop_token_ids, t.token);
+    if (t.token < 0 || (s->matcher.has_value() && !end &&
+                        !s->matcher->Advance(TokenText(*config_.vocabulary, t.token)))) {
+      out.finish = FinishReason::kError;
+      out.error = !host_error[u].ok()
+                      ? host_error[u]
+                      : absl::InternalError("the sampled token leaves the structured output");
+      finished.push_back(s);
+      continue;
+    }
     s->tokens.push_back(t.token);
     s->penalties.AddOutput(t.token);
     ++s->num_generated;
     out.finish = CheckStop(*s, t.token);
+    if (out.finish == FinishReason::kNone && s->matcher.has_value() && s->matcher->IsComplete() &&
+        !s->matcher->CanContinue()) {
+      out.finish = FinishReason::kGrammarEnd;
+    }
     out.tokens.push_back(std::move(t));
     if (out.finish != FinishReason::kNone) finished.push_back(s);
   }

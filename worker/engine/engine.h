@@ -33,6 +33,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,6 +44,8 @@
 #include "absl/time/time.h"
 #include "common/thread_pool.h"
 #include "common/tier.h"
+#include "grammar/grammar.h"
+#include "grammar/token_mask.h"
 #include "memtier/device_tier.h"
 #include "memtier/kv_store.h"
 #include "worker/comm/collectives.h"
@@ -103,11 +106,27 @@ struct EngineConfig {
   // region that holds their copies too: GpuRunnerOptions::delta_bytes). One rank.
   std::vector<std::pair<std::string, std::string>> fine_tunes;
   int64_t delta_cache_bytes = int64_t{1} << 30;
+  // The vocabulary as bytes (the model's tokenizer's, special tokens empty), for structured
+  // output (RequestOptions::grammar). Null: requests with a grammar are refused.
+  std::shared_ptr<const TokenTrie> vocabulary;
+  // Memory for the token masks' per-grammar results kept between steps and requests
+  // (TokenMasker).
+  int64_t grammar_mask_cache_bytes = int64_t{256} << 20;
 };
 
-// kError: the request could not be served (RequestOutput::error says why; for example its
+// kGrammarEnd: the output is a complete sentence of the request's grammar, which allows nothing
+// more. kError: the request could not be served (RequestOutput::error says why; for example its
 // fine-tune's delta failed to load).
-enum class FinishReason { kNone, kLength, kEos, kStopToken, kContextLength, kCancelled, kError };
+enum class FinishReason {
+  kNone,
+  kLength,
+  kEos,
+  kStopToken,
+  kContextLength,
+  kCancelled,
+  kGrammarEnd,
+  kError
+};
 
 struct RequestOptions {
   SamplingOptions sampling;
@@ -125,6 +144,13 @@ struct RequestOptions {
   std::vector<int32_t> resume_tokens;
   // Higher is admitted first; under KV pressure the lowest is preempted first. Ties go by arrival.
   int32_t priority = 0;
+  // Structured output: the generated text follows this grammar. Each step, tokens whose bytes the
+  // grammar does not allow next get probability zero (before penalties, temperature and
+  // truncation, so log-probabilities are of the constrained distribution); EOS and stop tokens
+  // are allowed only where the text so far is complete, and then even before min_tokens when
+  // nothing else is. Generation finishes (kGrammarEnd) once the grammar allows nothing more.
+  // Such rows are sampled on the host. Needs EngineConfig::vocabulary.
+  std::shared_ptr<const Grammar> grammar;
 };
 
 // What one step produced for one request.
@@ -260,6 +286,8 @@ class Engine {
     const DeltaWeights* delta = nullptr;
     bool prompt_logprobs_sent = false;
     std::vector<SampledToken> prompt_logprobs;
+    // Where the output is in options.grammar, when it has one.
+    std::optional<GrammarMatcher> matcher;
   };
   struct Chunk {
     Sequence* seq;
@@ -306,6 +334,13 @@ class Engine {
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
   // Appends the tokens `s` may not sample now: EOS and its stop tokens until min_tokens.
   void AppendBanned(const Sequence& s, std::vector<int32_t>* out) const;
+  // For a sequence with a grammar: sets the logits of the tokens its grammar does not allow next
+  // to -inf (EOS, unless ignore_eos, and stop tokens count as allowed where its text is complete)
+  // and appends to `banned` the tokens AppendBanned would, unless nothing else would be left.
+  // INVALID_ARGUMENT when no token is allowed at all (a vocabulary without the bytes the grammar
+  // needs) or the grammar has become too ambiguous to follow (GrammarMatcher::Overloaded).
+  absl::Status MaskToGrammar(const Sequence& s, absl::Span<float> row,
+                             std::vector<int32_t>* banned) const;
 
   const ModelWeights* weights_;
   EngineConfig config_;
@@ -339,6 +374,8 @@ class Engine {
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<std::unique_ptr<Sequence>> cancelled_;
   std::vector<float> logits_;
+  // Over config_.vocabulary, when there is one.
+  std::unique_ptr<TokenMasker> masker_;
 };
 
 }  // namespace strata

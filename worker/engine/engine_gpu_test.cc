@@ -12,9 +12,12 @@
 #include <vector>
 
 #include "absl/time/clock.h"
+#include "grammar/json_schema.h"
+#include "grammar/vocabulary.h"
 #include "gtest/gtest.h"
 #include "memtier/kv_codec.h"
 #include "tests/test_dir.h"
+#include "tokenizer/tokenizer.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 #include "worker/model/delta.h"
@@ -370,6 +373,54 @@ TEST(EngineGpuFineTuneTest, MixedTenantsGenerateTheCpuEngineTokens) {
   const auto cpu = generate("cpu");
   ASSERT_EQ(cpu.size(), 6u);
   EXPECT_EQ(generate("gpu"), cpu);
+}
+
+// Structured output on the GPU: rows with a grammar come to the host and are masked and sampled
+// there, beside rows sampled on the GPU in the same steps; every token equals the CPU engine's, and
+// the JSON texts follow the grammar.
+TEST(EngineGpuStructuredTest, ConstrainedRowsDrawTheCpuEngineTokens) {
+  absl::StatusOr<int> devices = CudaDeviceCount();
+  if (!devices.ok()) GTEST_SKIP() << "no usable GPU: " << devices.status();
+  const std::string dir = "models/strata-tiny/base";
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto weights = LoadModelWeights(dir, *config, 0, 1);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  auto tokenizer = Tokenizer::FromModelDir(dir);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  const std::shared_ptr<const TokenTrie> vocabulary = TokenTrieOf(**tokenizer);
+  auto grammar = AnyJsonGrammar(/*object_only=*/true);
+  ASSERT_TRUE(grammar.ok());
+  const auto generate = [&](const std::string& device) {
+    EngineConfig ec;
+    ec.device = device;
+    ec.gpu.act = DType::kF32;
+    ec.compute_threads = 2;
+    ec.vocabulary = vocabulary;
+    SingleRankCollectives comm;
+    auto e = Engine::Create(weights->get(), &comm, ec);
+    EXPECT_TRUE(e.ok()) << e.status();
+    if (!e.ok()) return std::map<std::string, std::vector<int32_t>>{};
+    for (int i = 0; i < 6; ++i) {
+      RequestOptions o;
+      o.sampling.temperature = 0.9f;
+      o.sampling.seed = 40 + i;
+      o.max_tokens = 48;
+      if (i % 2 == 0) o.grammar = *grammar;  // the odd ones sample on the GPU
+      auto prompt = (*tokenizer)->Encode("settings = ", true);
+      EXPECT_TRUE((*e)->AddRequest("r" + std::to_string(i), *prompt, o).ok());
+    }
+    return RunAll(**e);
+  };
+  const auto cpu = generate("cpu");
+  ASSERT_EQ(cpu.size(), 6u);
+  EXPECT_EQ(generate("gpu"), cpu);
+  for (int i = 0; i < 6; i += 2) {
+    std::string text;
+    for (int32_t t : cpu.at("r" + std::to_string(i))) text += vocabulary->bytes(t);
+    GrammarMatcher m(*grammar);
+    EXPECT_TRUE(m.Advance(text)) << text;
+  }
 }
 
 // gpu_random_weights_seed: an engine over a model's shape alone (no tensors on the host) draws its

@@ -86,6 +86,11 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
   out.options.fine_tune_id = request.fine_tune_id();
   out.options.priority = request.priority();
   out.options.cache_salt = request.cache_salt();
+  const v1::StructuredOutput& so = request.sampling().structured_output();
+  constexpr absl::string_view kField = "sampling.structured_output";
+  ASSIGN_OR_RETURN(out.options.grammar, limits.grammars != nullptr
+                                            ? limits.grammars->Get(so, kField)
+                                            : CompileStructuredOutput(so, kField));
   return out;
 }
 
@@ -101,6 +106,8 @@ v1::FinishReason ToProtoFinishReason(FinishReason reason) {
       return v1::FINISH_REASON_CONTEXT_LENGTH;
     case FinishReason::kCancelled:
       return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kGrammarEnd:
+      return v1::FINISH_REASON_GRAMMAR_END;
     case FinishReason::kNone:
     case FinishReason::kError:  // sent as the stream's status, never as a finish reason
       break;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "grammar/structured_output.h"
 #include "proto/strata/v1/common.pb.h"
 #include "proto/strata/v1/worker.pb.h"
 #include "worker/engine/engine.h"
@@ -23,6 +24,8 @@ struct SubmitLimits {
   int64_t vocab_size = 0;
   // Prompt plus output, in tokens.
   int64_t max_context_tokens = 0;
+  // Compiled structured-output grammars to reuse (null: compile each request's).
+  GrammarCache* grammars = nullptr;
 };
 
 struct ParsedSubmit {

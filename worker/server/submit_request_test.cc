@@ -38,6 +38,19 @@ TEST(SubmitRequestTest, ParsesAValidRequest) {
   EXPECT_EQ(p->prompt, (std::vector<int32_t>{1, 2}));
   EXPECT_EQ(p->options.resume_tokens, (std::vector<int32_t>{5}));
   EXPECT_EQ(p->options.max_tokens, 4);
+  EXPECT_EQ(p->options.grammar, nullptr);
+  // A structured output comes compiled, from the cache when one is given.
+  GrammarCache cache(4);
+  SubmitLimits limits = Limits();
+  limits.grammars = &cache;
+  req.mutable_sampling()->mutable_structured_output()->set_regex("[a-z]+");
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<ParsedSubmit> q = ParseSubmitRequest(req, limits);
+    ASSERT_TRUE(q.ok()) << q.status();
+    ASSERT_NE(q->options.grammar, nullptr);
+    EXPECT_TRUE(GrammarAccepts(q->options.grammar, "abc"));
+  }
+  EXPECT_EQ(cache.hits(), 1);
   EXPECT_EQ(p->options.sampling.seed, 9u);
   EXPECT_EQ(p->options.cache_salt, "tenant-a");
   EXPECT_EQ(p->options.priority, -7);
@@ -77,6 +90,13 @@ TEST(SubmitRequestTest, RejectsWithTheFieldNamed) {
        "sampling.top_p"},
       {[](auto* r) { r->mutable_sampling()->add_stop("x"); }, absl::StatusCode::kInvalidArgument,
        "sampling.stop"},
+      {[](auto* r) {
+         r->mutable_sampling()->mutable_structured_output()->set_json_schema(
+             R"({"type": "array", "uniqueItems": true})");
+       },
+       absl::StatusCode::kInvalidArgument, "sampling.structured_output.json_schema"},
+      {[](auto* r) { r->mutable_sampling()->mutable_structured_output()->set_regex("[a-"); },
+       absl::StatusCode::kInvalidArgument, "sampling.structured_output.regex"},
   };
   for (const BadCase& c : cases) {
     v1::SubmitRequest req = Valid();

@@ -38,7 +38,9 @@
 #include "common/process.h"
 #include "common/status_macros.h"
 #include "common/version.h"
+#include "grammar/vocabulary.h"
 #include "kernels/dtype.h"
+#include "tokenizer/tokenizer.h"
 #include "worker/comm/collectives.h"
 #include "worker/comm/shm_collectives.h"
 #include "worker/engine/engine.h"
@@ -404,6 +406,17 @@ int Main(const std::vector<std::string>& args) {
   if (ec.tiers.disk_bytes > 0 && ec.tiers.disk_path.empty()) {
     LOG(ERROR) << "--disk_cache_mb needs --disk_cache_path";
     return 1;
+  }
+  // Structured output masks tokens by their bytes: it needs the model's tokenizer.
+  if (std::filesystem::exists(std::filesystem::path(dir) / "tokenizer.json")) {
+    absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromModelDir(dir);
+    if (tokenizer.ok()) {
+      ec.vocabulary = TokenTrieOf(**tokenizer);
+    } else {
+      LOG(WARNING) << "structured output is off: " << tokenizer.status();
+    }
+  } else {
+    LOG(INFO) << dir << " has no tokenizer.json: structured output is off";
   }
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(weights->get(), comm, ec);
   if (!engine.ok()) {

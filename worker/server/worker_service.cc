@@ -259,6 +259,7 @@ grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
   limits.vocab_size = mc.vocab_size;
   limits.max_context_tokens = mc.max_position_embeddings;
   limits.fine_tune_ids = fine_tune_ids_;
+  limits.grammars = &grammars_;
   absl::StatusOr<ParsedSubmit> parsed = ParseSubmitRequest(*request, limits);
   if (!parsed.ok()) {
     stream->RequestFinish(ToGrpcStatus(parsed.status()));

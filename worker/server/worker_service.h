@@ -33,6 +33,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "grammar/structured_output.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
 #include "worker/engine/engine.h"
 
@@ -134,6 +135,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   const KvStoreStats tiers_at_start_;
   // The fine-tunes the engine serves (fixed at start).
   const std::vector<std::string> fine_tune_ids_;
+  // Structured-output grammars compiled for requests, reused by later ones with the same spec.
+  GrammarCache grammars_{256};
   std::atomic<bool> draining_{false};
   std::atomic<bool> persist_cancel_{false};
   // Series of options_.metrics updated every step (null without metrics).

@@ -1,0 +1,210 @@
+#include "grammar/grammar.h"
+
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+using Seq = GrammarBuilder::Seq;
+
+std::shared_ptr<const Grammar> MustBuild(GrammarBuilder b, int32_t root) {
+  absl::StatusOr<std::shared_ptr<const Grammar>> g = std::move(b).Build(root);
+  EXPECT_TRUE(g.ok()) << g.status();
+  return *g;
+}
+
+TEST(GrammarTest, LiteralsChoicesAndRepetition) {
+  // root ::= "ab" ("c" | "de")* "!"?
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  Seq s = b.Literal("ab");
+  const int32_t cd = b.Choice("cd", {b.Literal("c"), b.Literal("de")});
+  s.push_back(b.Star("rep", {cd}));
+  s.push_back(b.Optional("bang", b.Literal("!")));
+  b.AddAlternative(root, s);
+  auto g = MustBuild(std::move(b), root);
+  for (const char* ok : {"ab", "abc", "abdec!", "abccccdede", "ab!"}) {
+    EXPECT_TRUE(GrammarAccepts(g, ok)) << ok;
+  }
+  for (const char* bad : {"", "a", "abd", "abx", "ab!!", "ab!c", "b"}) {
+    EXPECT_FALSE(GrammarAccepts(g, bad)) << bad;
+  }
+  GrammarMatcher m(g);
+  EXPECT_FALSE(m.IsComplete());
+  EXPECT_TRUE(m.Advance("ab"));
+  EXPECT_TRUE(m.IsComplete());
+  EXPECT_TRUE(m.CanContinue());
+  ByteSet next = m.NextBytes();
+  EXPECT_TRUE(next.Has('c') && next.Has('d') && next.Has('!'));
+  EXPECT_FALSE(next.Has('e'));
+  // A failed advance changes nothing, even when its first bytes fit.
+  EXPECT_FALSE(m.Advance("dx"));
+  EXPECT_TRUE(m.IsComplete());
+  EXPECT_TRUE(m.Advance("de!"));
+  EXPECT_TRUE(m.IsComplete());
+  EXPECT_FALSE(m.CanContinue());
+}
+
+TEST(GrammarTest, BoundedRepetition) {
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  absl::StatusOr<int32_t> rep = b.BoundedRepeat("x", b.Literal("x"), 2, 4);
+  ASSERT_TRUE(rep.ok());
+  b.AddAlternative(root, {*rep});
+  auto g = MustBuild(std::move(b), root);
+  EXPECT_FALSE(GrammarAccepts(g, "x"));
+  EXPECT_TRUE(GrammarAccepts(g, "xx"));
+  EXPECT_TRUE(GrammarAccepts(g, "xxxx"));
+  EXPECT_FALSE(GrammarAccepts(g, "xxxxx"));
+  GrammarBuilder big;
+  EXPECT_FALSE(big.BoundedRepeat("x", big.Literal("x"), 0, GrammarBuilder::kMaxRepeat + 1).ok());
+  EXPECT_FALSE(big.BoundedRepeat("x", big.Literal("x"), 3, 2).ok());
+}
+
+TEST(GrammarTest, Utf8ClassesMatchExactlyTheirCodePoints) {
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  // Two ranges spanning every encoded length, and the surrogates (which no UTF-8 text holds).
+  b.AddAlternative(root, {b.Utf8Class("c", {{0x41, 0x5A}, {0x7E, 0x10FFFF}})});
+  auto g = MustBuild(std::move(b), root);
+  auto utf8 = [](char32_t cp) {
+    std::string s;
+    if (cp < 0x80) {
+      s += static_cast<char>(cp);
+    } else if (cp < 0x800) {
+      s += static_cast<char>(0xC0 | (cp >> 6));
+      s += static_cast<char>(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+      s += static_cast<char>(0xE0 | (cp >> 12));
+      s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      s += static_cast<char>(0x80 | (cp & 0x3F));
+    } else {
+      s += static_cast<char>(0xF0 | (cp >> 18));
+      s += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+      s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      s += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+    return s;
+  };
+  int checked = 0;
+  for (char32_t cp = 0; cp <= 0x10FFFF; cp += (cp < 0x1000 ? 1 : 97)) {
+    const bool in = (cp >= 0x41 && cp <= 0x5A) || (cp >= 0x7E && !(cp >= 0xD800 && cp <= 0xDFFF));
+    ASSERT_EQ(GrammarAccepts(g, utf8(cp)), in) << std::hex << static_cast<uint32_t>(cp);
+    ++checked;
+  }
+  for (char32_t cp :
+       {0x7Fu, 0x80u, 0x7FFu, 0x800u, 0xD7FFu, 0xE000u, 0xFFFFu, 0x10000u, 0x10FFFFu}) {
+    EXPECT_TRUE(GrammarAccepts(g, utf8(cp))) << std::hex << static_cast<uint32_t>(cp);
+  }
+  EXPECT_GT(checked, 10000);
+  // Overlong forms and a lone continuation byte are not UTF-8.
+  EXPECT_FALSE(GrammarAccepts(g, "\xC1\xBF"));
+  EXPECT_FALSE(GrammarAccepts(g, "\xE0\x81\xBF"));
+  EXPECT_FALSE(GrammarAccepts(g, "\x80"));
+  EXPECT_FALSE(GrammarAccepts(g, "\xED\xA0\x80"));  // U+D800
+}
+
+TEST(GrammarTest, RightRecursionRunsInConstantDepth) {
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  b.AddAlternative(root, {b.Star("as", b.Literal("a")), b.Byte('!')});
+  auto g = MustBuild(std::move(b), root);
+  GrammarMatcher m(g);
+  size_t max_size = 0;
+  for (int i = 0; i < 100000; ++i) {
+    ASSERT_TRUE(m.Advance("a"));
+    max_size = std::max(max_size, m.state().data.size());
+  }
+  EXPECT_LT(max_size, 16u);
+  EXPECT_FALSE(m.IsComplete());
+  EXPECT_TRUE(m.Advance("!"));
+  EXPECT_TRUE(m.IsComplete());
+}
+
+TEST(GrammarTest, NestingDeepensTheStackAndUnwinds) {
+  // v ::= "[" v "]" | "x"
+  GrammarBuilder b;
+  const int32_t v = b.NewRule("v");
+  b.AddAlternative(v, {b.Byte('['), b.Ref(v), b.Byte(']')});
+  b.AddAlternative(v, b.Literal("x"));
+  auto g = MustBuild(std::move(b), v);
+  const std::string deep = std::string(200, '[') + "x" + std::string(200, ']');
+  EXPECT_TRUE(GrammarAccepts(g, deep));
+  EXPECT_FALSE(GrammarAccepts(g, deep + "]"));
+  EXPECT_FALSE(GrammarAccepts(g, deep.substr(1)));
+}
+
+TEST(GrammarTest, AmbiguityKeepsEveryReading) {
+  // root ::= ("a" | "ab") "bc"
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  const int32_t first = b.Choice("first", {b.Literal("a"), b.Literal("ab")});
+  Seq s = {first};
+  for (int32_t e : b.Literal("bc")) s.push_back(e);
+  b.AddAlternative(root, s);
+  auto g = MustBuild(std::move(b), root);
+  GrammarMatcher m(g);
+  ASSERT_TRUE(m.Advance("ab"));
+  EXPECT_EQ(m.state().num_stacks(), 2);
+  EXPECT_TRUE(GrammarAccepts(g, "abc"));
+  EXPECT_TRUE(GrammarAccepts(g, "abbc"));
+  EXPECT_FALSE(GrammarAccepts(g, "abbbc"));
+}
+
+TEST(GrammarTest, LoopsThatConsumeNothingEnd) {
+  // (a*)*b: a rule that can repeat without consuming anything.
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  const int32_t inner = b.Star("inner", b.Literal("a"));
+  b.AddAlternative(root, {b.Star("outer", {inner}), b.Byte('b')});
+  auto g = MustBuild(std::move(b), root);
+  EXPECT_TRUE(GrammarAccepts(g, "b"));
+  EXPECT_TRUE(GrammarAccepts(g, "aaab"));
+  EXPECT_FALSE(GrammarAccepts(g, "aaa"));
+}
+
+TEST(GrammarTest, LeftRecursionIsRefused) {
+  // e ::= e "+" "x" | "x"
+  GrammarBuilder b;
+  const int32_t e = b.NewRule("expr");
+  b.AddAlternative(e, {b.Ref(e), b.Byte('+'), b.Byte('x')});
+  b.AddAlternative(e, b.Literal("x"));
+  absl::StatusOr<std::shared_ptr<const Grammar>> g = std::move(b).Build(e);
+  ASSERT_FALSE(g.ok());
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(g.status().message().find("left-recursive at expr"), std::string::npos) << g.status();
+}
+
+TEST(GrammarTest, AlternativesThatNeverFinishArePruned) {
+  // root ::= "a" loop | "ab";  loop ::= "b" loop (no way out)
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  const int32_t loop = b.NewRule("loop");
+  b.AddAlternative(loop, {b.Byte('b'), b.Ref(loop)});
+  b.AddAlternative(root, {b.Byte('a'), b.Ref(loop)});
+  b.AddAlternative(root, b.Literal("ab"));
+  auto g = MustBuild(std::move(b), root);
+  GrammarMatcher m(g);
+  ASSERT_TRUE(m.Advance("ab"));
+  EXPECT_TRUE(m.IsComplete());
+  EXPECT_FALSE(m.CanContinue());  // "abb..." would have been a dead end
+
+  GrammarBuilder never;
+  const int32_t r = never.NewRule("r");
+  never.AddAlternative(r, {never.Byte('x'), never.Ref(r)});
+  EXPECT_FALSE(std::move(never).Build(r).ok());
+}
+
+TEST(GrammarTest, ToStringShowsTheRules) {
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  b.AddAlternative(root, {b.Bytes(ByteSet::Range('a', 'c')), b.Byte('"')});
+  b.AddAlternative(root, {});
+  auto g = MustBuild(std::move(b), root);
+  EXPECT_EQ(g->ToString(), "root#0 ::= [a-c] [\"] | \"\"\n");
+}
+
+}  // namespace
+}  // namespace strata

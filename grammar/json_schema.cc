@@ -1,0 +1,591 @@
+#include "grammar/json_schema.h"
+
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "common/json.h"
+#include "common/status_macros.h"
+#include "common/utf8.h"
+#include "grammar/regex_grammar.h"
+
+namespace strata {
+namespace {
+
+using Seq = GrammarBuilder::Seq;
+
+// Past this many rules a schema is refused (a grammar that large is a mistake, not a schema).
+constexpr int32_t kMaxRules = 200000;
+
+constexpr const char* kUnsupported[] = {
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "uniqueItems",
+    "contains",
+    "minContains",
+    "maxContains",
+    "minProperties",
+    "maxProperties",
+    "patternProperties",
+    "propertyNames",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "not",
+    "if",
+    "then",
+    "else",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "$dynamicRef",
+    "$recursiveRef",
+};
+
+// The formats enforced, as patterns over the string's characters.
+std::optional<std::string> FormatPattern(absl::string_view format) {
+  const std::string date = R"(\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01]))";
+  const std::string time =
+      R"(([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d))";
+  const std::string octet = R"((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d))";
+  const std::string label = R"([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)";
+  if (format == "date") return date;
+  if (format == "time") return time;
+  if (format == "date-time") return absl::StrCat(date, "[Tt]", time);
+  if (format == "uuid") {
+    return R"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})";
+  }
+  if (format == "ipv4") return absl::StrCat("(", octet, R"(\.){3})", octet);
+  if (format == "email") {
+    return absl::StrCat(R"([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@)", label, R"((\.)", label, ")+");
+  }
+  return std::nullopt;
+}
+
+class SchemaCompiler {
+ public:
+  explicit SchemaCompiler(JsonValue root) : root_(std::move(root)) {}
+
+  GrammarBuilder& builder() { return b_; }
+
+  int32_t Ws() {
+    if (ws_ < 0) {
+      ByteSet s;
+      for (char c : {' ', '\t', '\n', '\r'}) s.Add(static_cast<uint8_t>(c));
+      ws_ = b_.Repeat("ws", {b_.Bytes(s)}, 0, kMaxJsonWhitespace);
+    }
+    return ws_;
+  }
+
+  // One rule per fixed pattern, made once.
+  int32_t Pattern(absl::string_view name, absl::string_view pattern) {
+    auto it = patterns_.find(pattern);
+    if (it != patterns_.end()) return it->second;
+    absl::StatusOr<Seq> s = AddRegex(&b_, pattern);
+    // Our own patterns: always valid.
+    const int32_t r = b_.NewRule(name);
+    b_.AddAlternative(r, *std::move(s));
+    patterns_.emplace(std::string(pattern), b_.Ref(r));
+    return b_.Ref(r);
+  }
+
+  int32_t StringChar() {
+    return Pattern("char", R"([^"\\\x00-\x1f]|\\(["\\/bfnrt]|u[0-9a-fA-F]{4}))");
+  }
+  int32_t AnyString() {
+    if (string_ < 0)
+      string_ = b_.Choice("string", {{Quote(), b_.Star("chars", {StringChar()}), Quote()}});
+    return string_;
+  }
+  int32_t Quote() { return b_.Byte('"'); }
+  int32_t Integer() { return Pattern("integer", "-?(0|[1-9][0-9]*)"); }
+  int32_t Number() {
+    return Pattern("number", R"(-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?)");
+  }
+  Seq Sep() { return {Ws(), b_.Byte(','), Ws()}; }
+  Seq Colon() { return {Ws(), b_.Byte(':'), Ws()}; }
+
+  // Any JSON value, and any object (value ::= object | array | ..., made once).
+  int32_t AnyValue() {
+    if (any_ < 0) MakeAny();
+    return any_;
+  }
+  int32_t AnyObject() {
+    if (any_ < 0) MakeAny();
+    return any_object_;
+  }
+
+  // A comma-separated list of `item` between `open` and `close`, with min..max items.
+  absl::StatusOr<int32_t> List(absl::string_view name, char open, char close, Seq item,
+                               int64_t min_items, int64_t max_items) {
+    Seq seq = {b_.Byte(static_cast<uint8_t>(open)), Ws()};
+    if (max_items != 0) {
+      Seq more = Sep();
+      more.insert(more.end(), item.begin(), item.end());
+      ASSIGN_OR_RETURN(const int32_t rest,
+                       b_.BoundedRepeat(absl::StrCat(name, ","), std::move(more),
+                                        std::max<int64_t>(min_items - 1, 0),
+                                        max_items < 0 ? -1 : max_items - 1));
+      Seq body = std::move(item);
+      body.push_back(rest);
+      if (min_items == 0) {
+        seq.push_back(b_.Optional(name, std::move(body)));
+      } else {
+        seq.insert(seq.end(), body.begin(), body.end());
+      }
+      seq.push_back(Ws());
+    }
+    seq.push_back(b_.Byte(static_cast<uint8_t>(close)));
+    return b_.Choice(name, {std::move(seq)});
+  }
+
+  absl::StatusOr<int32_t> Value(const JsonValue& s) {
+    if (b_.num_rules() > kMaxRules) return s.Error("makes the schema's grammar too large");
+    if (s.IsBool()) {
+      ASSIGN_OR_RETURN(bool b, s.AsBool());
+      if (!b) return s.Error("is the schema false, which no value satisfies");
+      return AnyValue();
+    }
+    if (!s.IsObject()) return s.Error("must be a schema (an object or a boolean)");
+    ASSIGN_OR_RETURN(auto members, s.AsObject());
+    for (const auto& [key, value] : members) {
+      for (const char* k : kUnsupported) {
+        if (key == k) {
+          return s.Error(absl::StrCat("uses \"", key, "\", which is not supported"));
+        }
+      }
+    }
+    // A reference or a combination stands for the whole schema: keywords beside it that would
+    // constrain the value too are refused rather than ignored (a `type` beside them is the
+    // branches' to state; `enum` and `const` list the values themselves).
+    for (const char* k : {"$ref", "anyOf", "oneOf", "allOf"}) {
+      if (!s.FindField(k).has_value()) continue;
+      for (const auto& [key, value] : members) {
+        for (const char* c :
+             {"properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+              "maxItems", "minLength", "maxLength", "pattern", "format"}) {
+          if (key == c) {
+            return s.Error(absl::StrCat("combines \"", k, "\" with \"", key,
+                                        "\", which is not supported: state it in each branch"));
+          }
+        }
+      }
+    }
+    if (std::optional<JsonValue> ref = s.FindField("$ref")) {
+      ASSIGN_OR_RETURN(absl::string_view target, ref->AsString());
+      return Ref(*ref, target);
+    }
+    if (std::optional<JsonValue> c = s.FindField("const")) return Literal(*c);
+    // `const: null` reads as missing: look at the member itself.
+    for (const auto& [key, value] : members) {
+      if (key == "const") return Literal(value);
+    }
+    if (std::optional<JsonValue> e = s.FindField("enum")) {
+      ASSIGN_OR_RETURN(std::vector<JsonValue> items, e->AsArray());
+      if (items.empty()) return e->Error("must list at least one value");
+      std::vector<Seq> alts;
+      for (const JsonValue& v : items) {
+        ASSIGN_OR_RETURN(int32_t lit, Literal(v));
+        alts.push_back({lit});
+      }
+      return b_.Choice("enum", std::move(alts));
+    }
+    for (const char* k : {"anyOf", "oneOf"}) {
+      if (std::optional<JsonValue> any = s.FindField(k)) {
+        ASSIGN_OR_RETURN(std::vector<JsonValue> items, any->AsArray());
+        if (items.empty()) return any->Error("must list at least one schema");
+        std::vector<Seq> alts;
+        for (const JsonValue& v : items) {
+          ASSIGN_OR_RETURN(int32_t e, Value(v));
+          alts.push_back({e});
+        }
+        return b_.Choice(k, std::move(alts));
+      }
+    }
+    if (std::optional<JsonValue> all = s.FindField("allOf")) {
+      ASSIGN_OR_RETURN(std::vector<JsonValue> items, all->AsArray());
+      if (items.size() != 1) return all->Error("with more than one schema is not supported");
+      return Value(items[0]);
+    }
+    std::vector<std::string> types;
+    if (std::optional<JsonValue> t = s.FindField("type")) {
+      if (t->IsArray()) {
+        ASSIGN_OR_RETURN(std::vector<JsonValue> items, t->AsArray());
+        for (const JsonValue& v : items) {
+          ASSIGN_OR_RETURN(absl::string_view name, v.AsString());
+          types.emplace_back(name);
+        }
+        if (types.empty()) return t->Error("must name at least one type");
+      } else {
+        ASSIGN_OR_RETURN(absl::string_view name, t->AsString());
+        types.emplace_back(name);
+      }
+    } else {
+      auto has = [&](std::initializer_list<const char*> keys) {
+        for (const char* k : keys) {
+          if (s.FindField(k).has_value()) return true;
+        }
+        return false;
+      };
+      if (has({"properties", "required", "additionalProperties"})) {
+        types = {"object"};
+      } else if (has({"items", "prefixItems", "minItems", "maxItems"})) {
+        types = {"array"};
+      } else if (has({"minLength", "maxLength", "pattern", "format"})) {
+        types = {"string"};
+      } else {
+        return AnyValue();
+      }
+    }
+    std::vector<Seq> alts;
+    for (const std::string& type : types) {
+      ASSIGN_OR_RETURN(int32_t e, Typed(s, type));
+      alts.push_back({e});
+    }
+    if (alts.size() == 1) return alts[0][0];
+    return b_.Choice("types", std::move(alts));
+  }
+
+ private:
+  void MakeAny() {
+    const int32_t value = b_.NewRule("value");
+    any_ = b_.Ref(value);
+    Seq member = {AnyString()};
+    for (int32_t e : Colon()) member.push_back(e);
+    member.push_back(any_);
+    any_object_ = *List("object", '{', '}', member, 0, -1);
+    const int32_t array = *List("array", '[', ']', {any_}, 0, -1);
+    for (Seq alt : std::vector<Seq>{{any_object_},
+                                    {array},
+                                    {AnyString()},
+                                    {Number()},
+                                    b_.Literal("true"),
+                                    b_.Literal("false"),
+                                    b_.Literal("null")}) {
+      b_.AddAlternative(value, std::move(alt));
+    }
+  }
+
+  // A JSON string that is not one of `names`: a trie over their characters, leaving it at the
+  // first character that differs (or ending where no name ends).
+  int32_t KeyNotIn(const std::vector<std::string>& names) {
+    struct Node {
+      std::map<char32_t, int> kids;
+      bool end = false;
+    };
+    std::vector<Node> trie(1);
+    for (const std::string& name : names) {
+      int at = 0;
+      for (size_t i = 0; i < name.size();) {
+        char32_t cp = 0xFFFD;
+        const size_t len = DecodeUtf8(absl::string_view(name).substr(i), &cp);
+        i += std::max<size_t>(len, 1);
+        auto it = trie[at].kids.find(cp);
+        if (it == trie[at].kids.end()) {
+          trie.emplace_back();
+          it = trie[at].kids.emplace(cp, static_cast<int>(trie.size()) - 1).first;
+        }
+        at = it->second;
+      }
+      trie[at].end = true;
+    }
+    const int32_t tail = b_.Star("chars", {StringChar()});
+    const int32_t escape = Pattern("escape", R"(\\(["\\/bfnrt]|u[0-9a-fA-F]{4}))");
+    std::function<int32_t(int)> build = [&](int n) -> int32_t {
+      const int32_t r = b_.NewRule("key");
+      if (!trie[n].end) b_.AddAlternative(r, {});
+      std::vector<std::pair<char32_t, char32_t>> others = {
+          {0x20, 0x21}, {0x23, 0x5B}, {0x5D, 0x10FFFF}};
+      for (const auto& [cp, kid] : trie[n].kids) {
+        std::string bytes;
+        AppendUtf8(cp, &bytes);
+        const std::string quoted = JsonQuote(bytes);
+        Seq seq = b_.Literal(absl::string_view(quoted).substr(1, quoted.size() - 2));
+        seq.push_back(build(kid));
+        b_.AddAlternative(r, std::move(seq));
+        // Every other character leaves the trie.
+        std::vector<std::pair<char32_t, char32_t>> left;
+        for (auto [lo, hi] : others) {
+          if (cp < lo || cp > hi) {
+            left.push_back({lo, hi});
+            continue;
+          }
+          if (cp > lo) left.push_back({lo, cp - 1});
+          if (cp < hi) left.push_back({cp + 1, hi});
+        }
+        others = std::move(left);
+      }
+      b_.AddAlternative(r, {b_.Utf8Class("other", others), tail});
+      b_.AddAlternative(r, {escape, tail});
+      return b_.Ref(r);
+    };
+    return b_.Choice("key", {{Quote(), build(0), Quote()}});
+  }
+
+  absl::StatusOr<int32_t> Literal(const JsonValue& v) {
+    const std::string text = simdjson::minify(v.raw());
+    return b_.Choice("const", {b_.Literal(text)});
+  }
+
+  absl::StatusOr<int32_t> Ref(const JsonValue& at, absl::string_view target) {
+    auto it = refs_.find(target);
+    if (it != refs_.end()) return it->second;
+    if (target.empty() || target[0] != '#') {
+      return at.Error(absl::StrCat(
+          "is \"", target, "\": only references inside the schema (\"#...\") are supported"));
+    }
+    JsonValue node = root_;
+    absl::string_view pointer = target.substr(1);
+    if (!pointer.empty()) {
+      if (pointer[0] != '/') return at.Error("must be a JSON pointer (\"#/$defs/name\")");
+      for (absl::string_view part : absl::StrSplit(pointer.substr(1), '/')) {
+        const std::string key = absl::StrReplaceAll(part, {{"~1", "/"}, {"~0", "~"}});
+        std::optional<JsonValue> next = node.FindField(key);
+        if (!next.has_value()) {
+          return at.Error(absl::StrCat("is \"", target, "\", which names nothing in the schema"));
+        }
+        node = *next;
+      }
+    }
+    const int32_t rule = b_.NewRule(absl::StrCat("ref ", target));
+    refs_.emplace(std::string(target), b_.Ref(rule));
+    ASSIGN_OR_RETURN(int32_t e, Value(node));
+    b_.AddAlternative(rule, {e});
+    return b_.Ref(rule);
+  }
+
+  absl::StatusOr<int32_t> Typed(const JsonValue& s, absl::string_view type) {
+    if (type == "null") return b_.Choice("null", {b_.Literal("null")});
+    if (type == "boolean") return b_.Choice("boolean", {b_.Literal("true"), b_.Literal("false")});
+    if (type == "integer") return Integer();
+    if (type == "number") return Number();
+    if (type == "string") return String(s);
+    if (type == "array") return Array(s);
+    if (type == "object") return Object(s);
+    return s.Error(absl::StrCat("has unknown type \"", type, "\""));
+  }
+
+  absl::StatusOr<int32_t> String(const JsonValue& s) {
+    ASSIGN_OR_RETURN(const int64_t min_length, s.IntFieldOr("minLength", 0));
+    ASSIGN_OR_RETURN(const int64_t max_length, s.IntFieldOr("maxLength", -1));
+    std::optional<std::string> pattern;
+    if (std::optional<JsonValue> p = s.FindField("pattern")) {
+      ASSIGN_OR_RETURN(absl::string_view text, p->AsString());
+      pattern = std::string(text);
+    } else if (std::optional<JsonValue> f = s.FindField("format")) {
+      ASSIGN_OR_RETURN(absl::string_view name, f->AsString());
+      pattern = FormatPattern(name);  // other formats are annotations
+    }
+    if (pattern.has_value()) {
+      if (min_length != 0 || max_length >= 0) {
+        return s.Error(
+            "combines pattern or format with minLength/maxLength, which is not supported");
+      }
+      // A pattern matches anywhere in the string unless anchored; a format is the whole string.
+      absl::StatusOr<Seq> inner =
+          AddRegex(&b_, *pattern, RegexText::kJsonString,
+                   s.FindField("pattern").has_value() ? RegexMatch::kSearch : RegexMatch::kFull);
+      if (!inner.ok())
+        return s.Error(absl::StrCat("has pattern \"", *pattern, "\": ", inner.status().message()));
+      Seq seq = {Quote()};
+      seq.insert(seq.end(), inner->begin(), inner->end());
+      seq.push_back(Quote());
+      return b_.Choice("pattern", {std::move(seq)});
+    }
+    if (min_length == 0 && max_length < 0) return AnyString();
+    absl::StatusOr<int32_t> chars =
+        b_.BoundedRepeat("chars", {StringChar()}, min_length, max_length);
+    if (!chars.ok())
+      return s.Error(absl::StrCat("has length bounds that ", chars.status().message()));
+    return b_.Choice("string", {{Quote(), *chars, Quote()}});
+  }
+
+  absl::StatusOr<int32_t> Items(const JsonValue& s, const char* key) {
+    std::optional<JsonValue> items = s.FindField(key);
+    if (!items.has_value()) return AnyValue();
+    return Value(*items);
+  }
+
+  absl::StatusOr<int32_t> Array(const JsonValue& s) {
+    ASSIGN_OR_RETURN(const int64_t min_items, s.IntFieldOr("minItems", 0));
+    ASSIGN_OR_RETURN(const int64_t max_items, s.IntFieldOr("maxItems", -1));
+    if (min_items < 0 || (max_items >= 0 && max_items < min_items)) {
+      return s.Error("has minItems/maxItems out of order");
+    }
+    std::optional<JsonValue> items = s.FindField("items");
+    const bool no_more = items.has_value() && items->IsBool() && !*items->AsBool();
+    if (std::optional<JsonValue> prefix = s.FindField("prefixItems")) {
+      if (min_items != 0 || max_items >= 0) {
+        return s.Error("combines prefixItems with minItems/maxItems, which is not supported");
+      }
+      ASSIGN_OR_RETURN(std::vector<JsonValue> list, prefix->AsArray());
+      Seq seq = {b_.Byte('['), Ws()};
+      for (size_t i = 0; i < list.size(); ++i) {
+        if (i > 0) {
+          for (int32_t e : Sep()) seq.push_back(e);
+        }
+        ASSIGN_OR_RETURN(int32_t e, Value(list[i]));
+        seq.push_back(e);
+      }
+      if (!no_more) {
+        ASSIGN_OR_RETURN(int32_t item, Items(s, "items"));
+        Seq more = Sep();
+        more.push_back(item);
+        if (list.empty()) {
+          // No prefix after all: an ordinary list.
+          return List("array", '[', ']', {item}, 0, -1);
+        }
+        seq.push_back(b_.Star("items", std::move(more)));
+      }
+      seq.push_back(Ws());
+      seq.push_back(b_.Byte(']'));
+      return b_.Choice("array", {std::move(seq)});
+    }
+    if (no_more) {
+      if (min_items > 0) return s.Error("has minItems above 0 with items false");
+      return List("array", '[', ']', {}, 0, 0);
+    }
+    ASSIGN_OR_RETURN(int32_t item, Items(s, "items"));
+    absl::StatusOr<int32_t> list = List("array", '[', ']', {item}, min_items, max_items);
+    if (!list.ok()) return s.Error(absl::StrCat("has item bounds that ", list.status().message()));
+    return list;
+  }
+
+  absl::StatusOr<int32_t> Object(const JsonValue& s) {
+    std::vector<std::pair<std::string, std::optional<JsonValue>>> props;
+    if (std::optional<JsonValue> p = s.FindField("properties")) {
+      ASSIGN_OR_RETURN(auto members, p->AsObject());
+      for (auto& [name, schema] : members) props.emplace_back(std::string(name), schema);
+    }
+    absl::flat_hash_set<std::string> required;
+    if (std::optional<JsonValue> r = s.FindField("required")) {
+      ASSIGN_OR_RETURN(std::vector<JsonValue> names, r->AsArray());
+      for (const JsonValue& v : names) {
+        ASSIGN_OR_RETURN(absl::string_view name, v.AsString());
+        if (!required.insert(std::string(name)).second) continue;
+        bool listed = false;
+        for (const auto& [n, schema] : props) listed = listed || n == name;
+        if (!listed) props.emplace_back(std::string(name), std::nullopt);  // any value
+      }
+    }
+    // Properties beyond the listed ones: none when properties are given (unless
+    // additionalProperties says otherwise), any when nothing is.
+    std::optional<int32_t> extra;
+    std::optional<JsonValue> additional = s.FindField("additionalProperties");
+    if (additional.has_value()) {
+      if (!additional->IsBool() || *additional->AsBool()) {
+        ASSIGN_OR_RETURN(int32_t v, Value(*additional));
+        extra = v;
+      }
+    } else if (props.empty()) {
+      extra = AnyValue();
+    }
+    if (props.empty()) {
+      if (!extra.has_value()) return List("object", '{', '}', {}, 0, 0);
+      if (*extra == AnyValue()) return AnyObject();
+      Seq member = {AnyString()};
+      for (int32_t e : Colon()) member.push_back(e);
+      member.push_back(*extra);
+      return List("object", '{', '}', std::move(member), 0, -1);
+    }
+    const int n = static_cast<int>(props.size());
+    // rest[i][c]: the members from property i on; c: whether one has been written (a comma
+    // comes first).
+    std::vector<std::array<int32_t, 2>> rest(n + 1);
+    for (int c = 0; c < 2; ++c) {
+      const int32_t r = b_.NewRule("members");
+      if (extra.has_value()) {
+        // extra1 ::= "," member extra1 | "";  extra0 ::= member extra1 | ""
+        // An extra property's name is none of the listed ones (written plainly; a name spelled
+        // with escapes is not checked).
+        std::vector<std::string> names;
+        for (const auto& [name, schema] : props) names.push_back(name);
+        Seq member = {KeyNotIn(names)};
+        for (int32_t e : Colon()) member.push_back(e);
+        member.push_back(*extra);
+        Seq more = Sep();
+        more.insert(more.end(), member.begin(), member.end());
+        const int32_t extra1 = b_.Star("more", std::move(more));
+        if (c == 1) {
+          b_.AddAlternative(r, {extra1});
+        } else {
+          member.push_back(extra1);
+          b_.AddAlternative(r, std::move(member));
+          b_.AddAlternative(r, {});
+        }
+      } else {
+        b_.AddAlternative(r, {});
+      }
+      rest[n][c] = b_.Ref(r);
+    }
+    for (int i = n - 1; i >= 0; --i) {
+      const auto& [name, schema] = props[i];
+      int32_t value;
+      if (schema.has_value()) {
+        ASSIGN_OR_RETURN(value, Value(*schema));
+      } else {
+        value = AnyValue();
+      }
+      Seq member = b_.Literal(JsonQuote(name));
+      for (int32_t e : Colon()) member.push_back(e);
+      member.push_back(value);
+      for (int c = 0; c < 2; ++c) {
+        const int32_t r = b_.NewRule(absl::StrCat("member ", name));
+        Seq with = c == 1 ? Sep() : Seq{};
+        with.insert(with.end(), member.begin(), member.end());
+        with.push_back(rest[i + 1][1]);
+        b_.AddAlternative(r, std::move(with));
+        if (!required.contains(name)) b_.AddAlternative(r, {rest[i + 1][c]});
+        rest[i][c] = b_.Ref(r);
+      }
+    }
+    return b_.Choice("object", {{b_.Byte('{'), Ws(), rest[0][0], Ws(), b_.Byte('}')}});
+  }
+
+  JsonValue root_;
+  GrammarBuilder b_;
+  int32_t ws_ = -1;
+  int32_t string_ = -1;
+  int32_t any_ = -1;
+  int32_t any_object_ = -1;
+  absl::flat_hash_map<std::string, int32_t> patterns_;
+  absl::flat_hash_map<std::string, int32_t> refs_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<const Grammar>> AnyJsonGrammar(bool object_only) {
+  ASSIGN_OR_RETURN(JsonDocument doc, JsonDocument::Parse("true", "any"));
+  SchemaCompiler c(doc.root());
+  const int32_t root = c.builder().NewRule("root");
+  c.builder().AddAlternative(root, {c.Ws(), object_only ? c.AnyObject() : c.AnyValue()});
+  return std::move(c.builder()).Build(root);
+}
+
+absl::StatusOr<std::shared_ptr<const Grammar>> JsonSchemaGrammar(absl::string_view schema,
+                                                                 absl::string_view source) {
+  ASSIGN_OR_RETURN(JsonDocument doc, JsonDocument::Parse(schema, std::string(source)));
+  SchemaCompiler c(doc.root());
+  const int32_t root = c.builder().NewRule("root");
+  ASSIGN_OR_RETURN(int32_t value, c.Value(doc.root()));
+  // Whitespace may lead (a SentencePiece model's first token often starts with a space).
+  c.builder().AddAlternative(root, {c.Ws(), value});
+  absl::StatusOr<std::shared_ptr<const Grammar>> g = std::move(c.builder()).Build(root);
+  if (!g.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", g.status().message()));
+  }
+  return g;
+}
+
+}  // namespace strata

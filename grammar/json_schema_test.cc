@@ -1,0 +1,140 @@
+#include "grammar/json_schema.h"
+
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+std::shared_ptr<const Grammar> Must(absl::string_view schema) {
+  absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(schema, "schema");
+  EXPECT_TRUE(g.ok()) << schema << ": " << g.status();
+  return g.ok() ? *g : nullptr;
+}
+
+void ExpectAccepts(const std::shared_ptr<const Grammar>& g, std::initializer_list<const char*> ok,
+                   std::initializer_list<const char*> bad) {
+  ASSERT_NE(g, nullptr);
+  for (const char* t : ok) EXPECT_TRUE(GrammarAccepts(g, t)) << t;
+  for (const char* t : bad) EXPECT_FALSE(GrammarAccepts(g, t)) << t;
+}
+
+TEST(JsonSchemaTest, AnyJson) {
+  auto any = *AnyJsonGrammar(false);
+  ExpectAccepts(any,
+                {"1", "-0.5e+3", "\"a\\u00e9\\n\"", "true", "null", "[]", "{}",
+                 "{\"a\": [1, {\"b\": null}], \"c\":\"\xC3\xA9\"}", "[ 1 ,\n  2 ]"},
+                {"", "01", "1.", "'a'", "{a:1}", "[1,]", "{\"a\":1,}", "\"\x01\"", "\"\\x\"", "nul",
+                 "[1 2]"});
+  auto object = *AnyJsonGrammar(true);
+  ExpectAccepts(object, {"{}", "{\"k\": {\"x\": []}}"}, {"[]", "1", "\"s\""});
+  // Whitespace between tokens is bounded.
+  EXPECT_TRUE(GrammarAccepts(object, "{" + std::string(kMaxJsonWhitespace, ' ') + "}"));
+  EXPECT_FALSE(GrammarAccepts(object, "{" + std::string(3 * kMaxJsonWhitespace, ' ') + "}"));
+}
+
+TEST(JsonSchemaTest, ObjectsFollowPropertiesRequiredAndAdditional) {
+  auto g = Must(R"({"type": "object", "title": "Person",
+      "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                     "tags": {"type": "array", "items": {"type": "string"}}},
+      "required": ["name"]})");
+  ExpectAccepts(
+      g,
+      {R"({"name":"Ada"})", R"({"name": "Ada", "age": 36})", R"({"name":"Ada","tags":["x","y"]})",
+       R"({ "name" : "Ada" , "age" : -1 , "tags" : [] })"},
+      {R"({})", R"({"age":36})", R"({"age":36,"name":"Ada"})", R"({"name":"Ada","age":3.5})",
+       R"({"name":"Ada","extra":1})", R"({"name":1})", R"({"name":"Ada",})"});
+  auto open = Must(R"({"properties": {"a": {"type": "boolean"}}, "required": ["a"],
+                       "additionalProperties": {"type": "number"}})");
+  ExpectAccepts(open, {R"({"a":true})", R"({"a":false,"x":1,"y":2.5})"},
+                {R"({"a":true,"x":"s"})", R"({"x":1})"});
+  // Extra properties never take a listed property's name (skipped or not).
+  auto extra = Must(R"({"properties": {"a": {"type": "integer"}, "ab": {"type": "null"}},
+                        "additionalProperties": true})");
+  ExpectAccepts(extra,
+                {R"({"a":1,"b":"x"})", R"({"abc":1})", R"({"ab":null,"x":[]})", R"({"":2})",
+                 R"({"a":1,"a\u0062":2})"},
+                {R"({"a":"x"})", R"({"a":1,"a":2})", R"({"ab":1})", R"({"x":1,"a":1})"});
+  auto map = Must(R"({"type": "object", "additionalProperties": {"type": "integer"}})");
+  ExpectAccepts(map, {"{}", R"({"a":1,"b":2})"}, {R"({"a":"1"})"});
+  auto closed = Must(R"({"type": "object", "additionalProperties": false})");
+  ExpectAccepts(closed, {"{}", "{ }"}, {R"({"a":1})"});
+}
+
+TEST(JsonSchemaTest, EnumsConstsUnionsAndRefs) {
+  ExpectAccepts(Must(R"({"enum": ["red", 2, null, {"a": [1]}]})"),
+                {R"("red")", "2", "null", R"({"a":[1]})"}, {R"("blue")", "3", R"({"a": [1]})"});
+  ExpectAccepts(Must(R"({"const": null})"), {"null"}, {"1"});
+  ExpectAccepts(Must(R"({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": null})"),
+                {"5", "null"}, {"\"5\"", "5.5"});
+  ExpectAccepts(Must(R"({"type": ["string", "boolean"]})"), {"\"x\"", "true"}, {"1"});
+  // A recursive type through $defs.
+  auto tree = Must(R"({"$ref": "#/$defs/node", "$defs": {"node": {"type": "object",
+      "properties": {"v": {"type": "integer"}, "kids": {"type": "array",
+      "items": {"$ref": "#/$defs/node"}}}, "required": ["v"]}}})");
+  ExpectAccepts(tree, {R"({"v":1})", R"({"v":1,"kids":[{"v":2,"kids":[{"v":3}]}]})"},
+                {R"({"v":1,"kids":[{}]})"});
+  ExpectAccepts(Must(R"({"definitions": {"a/b": {"type": "null"}}, "$ref": "#/definitions/a~1b"})"),
+                {"null"}, {"1"});
+}
+
+TEST(JsonSchemaTest, StringsAndArraysWithBounds) {
+  ExpectAccepts(Must(R"({"type": "string", "minLength": 2, "maxLength": 3})"),
+                {R"("ab")", R"("a\nb")", "\"\xC3\xA9\xC3\xA9\""}, {R"("a")", R"("abcd")"});
+  ExpectAccepts(Must(R"({"type": "string", "pattern": "^[A-Z]{2}-\\d+$"})"), {R"("AB-12")"},
+                {R"("ab-12")", R"("AB-")"});
+  ExpectAccepts(Must(R"({"type": "string", "format": "date-time"})"),
+                {R"("2026-11-27T23:30:00Z")", R"("2026-01-31T00:00:00.5+05:30")"},
+                {R"("2026-13-01T00:00:00Z")", R"("2026-11-27")"});
+  // A pattern matches anywhere unless anchored.
+  ExpectAccepts(Must(R"({"type": "string", "pattern": "\\d"})"), {R"("a1b")", R"("1")"},
+                {R"("ab")"});
+  ExpectAccepts(Must(R"({"type": "string", "pattern": "^[a-z]"})"), {R"("abc1")", R"("a")"},
+                {R"("1a")"});
+  ExpectAccepts(Must(R"({"type": "string", "format": "uuid"})"),
+                {R"("123e4567-e89b-12d3-a456-426614174000")"}, {R"("123e4567")"});
+  ExpectAccepts(Must(R"({"type": "string", "format": "unknown-format"})"), {R"("anything")"},
+                {"1"});
+  ExpectAccepts(Must(R"({"type": "array", "items": {"type": "integer"}, "minItems": 1,
+                         "maxItems": 2})"),
+                {"[1]", "[1, 2]"}, {"[]", "[1,2,3]", "[\"a\"]"});
+  ExpectAccepts(Must(R"({"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}],
+                         "items": false})"),
+                {R"(["a",1])"}, {R"(["a"])", R"(["a",1,2])", R"([1,"a"])"});
+}
+
+TEST(JsonSchemaTest, ErrorsNameTheKeywordAndWhere) {
+  struct Case {
+    const char* schema;
+    const char* message;
+  };
+  for (const Case& c : {
+           Case{R"({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}})",
+                R"(schema: field "properties.age" uses "minimum", which is not supported)"},
+           Case{R"({"type": "strng"})", R"(has unknown type "strng")"},
+           Case{R"({"$ref": "#/$defs/missing"})", "names nothing in the schema"},
+           Case{R"({"$ref": "https://example.com/s.json"})", "only references inside the schema"},
+           Case{R"({"properties": {"a": 5}})", "must be a schema (an object or a boolean)"},
+           Case{R"({"type": "string", "pattern": "(a"})", "missing ')'"},
+           Case{R"({"allOf": [{}, {}]})", "with more than one schema is not supported"},
+           Case{R"({"enum": []})", "must list at least one value"},
+           Case{"false", "no value satisfies"},
+           Case{R"({"$ref": "#"})", "derives no finite text"},
+           Case{"{", "schema"},
+           Case{R"({"type": "object", "properties": {"a": {}}, "anyOf": [{"required": ["a"]}]})",
+                R"(combines "anyOf" with "properties", which is not supported)"},
+           Case{R"({"$ref": "#/$defs/a", "maxLength": 3, "$defs": {"a": {"type": "string"}}})",
+                R"(combines "$ref" with "maxLength")"},
+           Case{R"({"type": "array", "items": false, "minItems": 1})", "minItems above 0"},
+       }) {
+    absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(c.schema, "schema");
+    ASSERT_FALSE(g.ok()) << c.schema;
+    EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument) << c.schema;
+    EXPECT_NE(g.status().message().find(c.message), std::string::npos)
+        << c.schema << ": " << g.status();
+  }
+}
+
+}  // namespace
+}  // namespace strata

@@ -1,0 +1,234 @@
+#include "grammar/token_mask.h"
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <utility>
+
+namespace strata {
+namespace {
+
+// The bytes any stack of `s` can take next.
+ByteSet NextBytes(const Grammar& g, const GrammarState& s) {
+  ByteSet next;
+  const absl::Span<const int32_t> el = g.elements();
+  for (int32_t i = 0; i < s.num_stacks(); ++i) next.AddAll(g.byte_set(el[s.stack(i).back()]));
+  return next;
+}
+
+std::vector<GrammarState>& ThreadStates(int depth) {
+  thread_local std::vector<GrammarState> states;
+  if (static_cast<int>(states.size()) < depth) states.resize(depth);
+  return states;
+}
+
+}  // namespace
+
+TokenTrie::TokenTrie(std::vector<std::string> token_bytes)
+    : token_bytes_(std::make_shared<const std::vector<std::string>>(std::move(token_bytes))) {
+  std::vector<int32_t> ids;
+  for (int32_t t = 0; t < vocab_size(); ++t) {
+    if (!bytes(t).empty()) ids.push_back(t);
+  }
+  Build(std::move(ids));
+}
+
+TokenTrie::TokenTrie(const TokenTrie& full, absl::Span<const int32_t> ids)
+    : token_bytes_(full.token_bytes_) {
+  std::vector<int32_t> some;
+  for (int32_t t : ids) {
+    if (t >= 0 && t < vocab_size() && !bytes(t).empty()) some.push_back(t);
+  }
+  Build(std::move(some));
+}
+
+void TokenTrie::Build(std::vector<int32_t> ids) {
+  std::sort(ids.begin(), ids.end(), [this](int32_t a, int32_t b) {
+    return bytes(a) != bytes(b) ? bytes(a) < bytes(b) : a < b;
+  });
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  // Sorted by bytes is depth-first order: each node's subtree is a range of tokens_, the tokens
+  // ending at the node first. Nodes are allocated breadth first, so siblings are adjacent.
+  tokens_ = std::move(ids);
+  struct Todo {
+    int32_t node;
+    size_t begin, end;
+    int depth;
+  };
+  nodes_.assign(1, Node());
+  std::deque<Todo> todo = {{0, 0, tokens_.size(), 0}};
+  while (!todo.empty()) {
+    const Todo t = todo.front();
+    todo.pop_front();
+    max_depth_ = std::max(max_depth_, t.depth);
+    size_t i = t.begin;
+    while (i < t.end && static_cast<int>(bytes(tokens_[i]).size()) == t.depth) ++i;
+    Node& n = nodes_[t.node];
+    n.first_token = static_cast<int32_t>(t.begin);
+    n.num_tokens = static_cast<int32_t>(i - t.begin);
+    n.subtree_end = static_cast<int32_t>(t.end);
+    n.first_child = static_cast<int32_t>(nodes_.size());
+    while (i < t.end) {
+      const uint8_t b = static_cast<uint8_t>(bytes(tokens_[i])[t.depth]);
+      size_t j = i;
+      while (j < t.end && static_cast<uint8_t>(bytes(tokens_[j])[t.depth]) == b) ++j;
+      Node child;
+      child.byte = b;
+      nodes_.push_back(child);
+      ++nodes_[t.node].num_children;
+      todo.push_back({static_cast<int32_t>(nodes_.size()) - 1, i, j, t.depth + 1});
+      i = j;
+    }
+  }
+}
+
+int64_t TokenTrie::Walk(const Grammar& grammar, int32_t node, int depth,
+                        absl::Span<uint8_t> allowed, std::vector<GrammarState>* states) const {
+  const GrammarState& from = (*states)[depth];
+  const ByteSet next = NextBytes(grammar, from);
+  int64_t count = 0;
+  const Node& n = nodes_[node];
+  for (int32_t c = n.first_child; c < n.first_child + n.num_children; ++c) {
+    const Node& child = nodes_[c];
+    if (!next.Has(child.byte)) continue;
+    GrammarState& to = (*states)[depth + 1];
+    if (!GrammarMatcher::Step(grammar, from, child.byte, &to)) continue;
+    for (int32_t k = child.first_token; k < child.first_token + child.num_tokens; ++k) {
+      count += allowed[tokens_[k]] == 0;
+      allowed[tokens_[k]] = 1;
+    }
+    if (child.num_children > 0 && to.num_stacks() > 0) {
+      count += Walk(grammar, c, depth + 1, allowed, states);
+    }
+  }
+  return count;
+}
+
+int64_t TokenTrie::AddAllowed(const Grammar& grammar, const GrammarState& state,
+                              absl::Span<uint8_t> allowed) const {
+  std::vector<GrammarState>& states = ThreadStates(max_depth_ + 2);
+  states[0] = state;
+  return Walk(grammar, 0, 0, allowed, &states);
+}
+
+int64_t TokenTrie::Allowed(const Grammar& grammar, const GrammarState& state,
+                           absl::Span<uint8_t> allowed) const {
+  std::fill(allowed.begin(), allowed.end(), 0);
+  return AddAllowed(grammar, state, allowed);
+}
+
+void TokenTrie::ClassifyWalk(const Grammar& grammar, int32_t node, int depth, bool past_end,
+                             std::vector<GrammarState>* states, std::vector<int32_t>* accepted,
+                             std::vector<int32_t>* uncertain) const {
+  const GrammarState& from = (*states)[depth];
+  const ByteSet next = NextBytes(grammar, from);
+  const Node& n = nodes_[node];
+  auto range = [&](int32_t begin, int32_t end) {
+    uncertain->insert(uncertain->end(), tokens_.begin() + begin, tokens_.begin() + end);
+  };
+  for (int32_t c = n.first_child; c < n.first_child + n.num_children; ++c) {
+    const Node& child = nodes_[c];
+    GrammarState& to = (*states)[depth + 1];
+    if (!next.Has(child.byte) || !GrammarMatcher::Step(grammar, from, child.byte, &to)) {
+      // The stack ended before this byte: what follows is for the frames below to decide.
+      if (past_end) range(child.first_token, child.subtree_end);
+      continue;
+    }
+    accepted->insert(accepted->end(), tokens_.begin() + child.first_token,
+                     tokens_.begin() + child.first_token + child.num_tokens);
+    if (child.num_children == 0) continue;
+    const bool child_past = past_end || to.complete;
+    if (to.num_stacks() > 0) {
+      ClassifyWalk(grammar, c, depth + 1, child_past, states, accepted, uncertain);
+    } else if (child_past) {
+      range(child.first_token + child.num_tokens, child.subtree_end);
+    }
+  }
+}
+
+void TokenTrie::Classify(const Grammar& grammar, const GrammarState& state,
+                         std::vector<int32_t>* accepted, std::vector<int32_t>* uncertain) const {
+  accepted->clear();
+  uncertain->clear();
+  std::vector<GrammarState>& states = ThreadStates(max_depth_ + 2);
+  states[0] = state;
+  ClassifyWalk(grammar, 0, 0, state.complete, &states, accepted, uncertain);
+  std::sort(accepted->begin(), accepted->end());
+  std::sort(uncertain->begin(), uncertain->end());
+}
+
+TokenMasker::TokenMasker(std::shared_ptr<const TokenTrie> vocabulary, int64_t max_cached_bytes)
+    : vocabulary_(std::move(vocabulary)), max_cached_bytes_(max_cached_bytes) {}
+
+std::shared_ptr<const TokenMasker::Entry> TokenMasker::Lookup(const GrammarMatcher& matcher,
+                                                              absl::Span<const int32_t> top) {
+  const Grammar* g = &matcher.grammar();
+  std::string key(sizeof(g) + top.size() * sizeof(int32_t), '\0');
+  std::memcpy(key.data(), &g, sizeof(g));
+  std::memcpy(key.data() + sizeof(g), top.data(), top.size() * sizeof(int32_t));
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = index_.find(key);
+    if (it != index_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second);
+      ++stats_.hits;
+      return it->second->second;
+    }
+    ++stats_.misses;
+  }
+  // Worked out outside the lock (a walk of the whole vocabulary, for a string's top).
+  auto entry = std::make_shared<Entry>();
+  entry->grammar = matcher.shared_grammar();
+  GrammarState state;
+  state.starts = {0};
+  state.data.assign(top.begin(), top.end());
+  std::vector<int32_t> uncertain;
+  vocabulary_->Classify(*g, state, &entry->accepted, &uncertain);
+  if (!uncertain.empty()) entry->uncertain = std::make_unique<TokenTrie>(*vocabulary_, uncertain);
+  entry->bytes = static_cast<int64_t>(sizeof(Entry) + 2 * key.size() +
+                                      entry->accepted.size() * sizeof(int32_t)) +
+                 (entry->uncertain != nullptr ? entry->uncertain->memory_bytes() : 0);
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(key);
+  if (it != index_.end()) return it->second->second;  // worked out meanwhile by another row
+  lru_.emplace_front(key, entry);
+  index_.emplace(std::move(key), lru_.begin());
+  stats_.bytes += entry->bytes;
+  ++stats_.entries;
+  while (stats_.bytes > max_cached_bytes_ && lru_.size() > 1) {
+    stats_.bytes -= lru_.back().second->bytes;
+    --stats_.entries;
+    index_.erase(lru_.back().first);
+    lru_.pop_back();
+  }
+  return entry;
+}
+
+int64_t TokenMasker::Allowed(const GrammarMatcher& matcher, absl::Span<uint8_t> allowed) {
+  std::fill(allowed.begin(), allowed.end(), 0);
+  const GrammarState& state = matcher.state();
+  GrammarState single;
+  for (int32_t i = 0; i < state.num_stacks(); ++i) {
+    const absl::Span<const int32_t> stack = state.stack(i);
+    const size_t k = std::min<size_t>(kMaskKeyFrames, stack.size());
+    const std::shared_ptr<const Entry> e = Lookup(matcher, stack.subspan(stack.size() - k));
+    for (int32_t t : e->accepted) allowed[t] = 1;
+    // Past the top frames only where there are frames below them.
+    if (e->uncertain != nullptr && stack.size() > k) {
+      single.Clear();
+      single.starts = {0};
+      single.data.assign(stack.begin(), stack.end());
+      e->uncertain->AddAllowed(matcher.grammar(), single, allowed);
+    }
+  }
+  int64_t count = 0;
+  for (uint8_t a : allowed) count += a;
+  return count;
+}
+
+TokenMaskerStats TokenMasker::stats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
+}  // namespace strata

@@ -1,0 +1,142 @@
+#include "grammar/token_mask.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "grammar/json_schema.h"
+#include "grammar/vocabulary.h"
+#include "gtest/gtest.h"
+#include "tokenizer/tokenizer.h"
+
+namespace strata {
+namespace {
+
+// The bundled model's tokenizer's tokens as bytes, special tokens left empty.
+std::vector<std::string> TinyVocabulary() {
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tok =
+      Tokenizer::FromModelDir("models/strata-tiny/base");
+  EXPECT_TRUE(tok.ok()) << tok.status();
+  const std::shared_ptr<const TokenTrie> trie = TokenTrieOf(**tok);
+  std::vector<std::string> bytes(trie->vocab_size());
+  for (int32_t id = 0; id < trie->vocab_size(); ++id) bytes[id] = trie->bytes(id);
+  // The special tokens (EOS 2046, BOS 2047) are empty; the others are not.
+  EXPECT_TRUE(bytes[2046].empty() && bytes[2047].empty());
+  EXPECT_FALSE(bytes[300].empty());
+  return bytes;
+}
+
+// At every point of a text the schema accepts, the trie walk allows exactly the tokens that a
+// matcher accepts byte by byte.
+TEST(TokenMaskTest, AllowsExactlyTheTokensTheMatcherAccepts) {
+  const std::vector<std::string> vocab = TinyVocabulary();
+  ASSERT_EQ(vocab.size(), 2048u);
+  const TokenTrie trie(vocab);
+  absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(
+      R"({"type": "object", "properties": {"name": {"type": "string"},
+          "scores": {"type": "array", "items": {"type": "number"}},
+          "kind": {"enum": ["import", "def"]}}, "required": ["name", "kind"]})",
+      "schema");
+  ASSERT_TRUE(g.ok()) << g.status();
+  const std::string text =
+      R"({"name": "def main():\n\tpass", "scores": [1, -2.5e3], "kind": "def"})";
+  GrammarMatcher m(*g);
+  std::vector<uint8_t> allowed(vocab.size());
+  int64_t total = 0;
+  for (size_t i = 0; i <= text.size(); ++i) {
+    const int64_t n = trie.Allowed(m.grammar(), m.state(), absl::MakeSpan(allowed));
+    int64_t expected = 0;
+    for (int32_t t = 0; t < static_cast<int32_t>(vocab.size()); ++t) {
+      GrammarMatcher copy = m;
+      const bool ok = !vocab[t].empty() && copy.Advance(vocab[t]);
+      ASSERT_EQ(allowed[t] != 0, ok)
+          << "after '" << text.substr(0, i) << "' token " << t << " '" << vocab[t] << "'";
+      expected += ok;
+    }
+    EXPECT_EQ(n, expected);
+    // Until the object closes something fits; after it only the end (EOS, the caller's) does.
+    EXPECT_EQ(n > 0, i < text.size()) << "after '" << text.substr(0, i) << "'";
+    total += n;
+    if (i < text.size()) {
+      ASSERT_TRUE(m.Advance(text.substr(i, 1)));
+    }
+  }
+  EXPECT_TRUE(m.IsComplete());
+  // Inside the string most of the vocabulary fits; at the start only '{' and whitespace do.
+  EXPECT_GT(total, 1000);
+}
+
+// The masker's per-top results give the trie walk's masks exactly, on a schema and on any JSON,
+// and the second generation under the same grammar finds them all kept.
+TEST(TokenMaskTest, TheMaskerAllowsWhatTheWalkAllows) {
+  const std::vector<std::string> vocab = TinyVocabulary();
+  auto trie = std::make_shared<const TokenTrie>(vocab);
+  TokenMasker masker(trie, int64_t{64} << 20);
+  auto schema = JsonSchemaGrammar(
+      R"({"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
+          "tags": {"type": "array", "items": {"type": "string"}},
+          "n": {"type": "number"}}, "required": ["tags"]})",
+      "schema");
+  ASSERT_TRUE(schema.ok()) << schema.status();
+  auto any = AnyJsonGrammar(false);
+  ASSERT_TRUE(any.ok());
+  const std::pair<std::shared_ptr<const Grammar>, std::string> cases[] = {
+      {*schema, R"({"name": "a\"é", "tags": ["x y", "", "\n{"], "n": -1.5e2})"},
+      {*any, "[{\"k\": [true, null, \"\u00e9\\\"\"]}, -0, \"\", {}]"},
+  };
+  std::vector<uint8_t> want(vocab.size()), got(vocab.size());
+  for (int pass = 0; pass < 2; ++pass) {
+    const int64_t misses = masker.stats().misses;
+    for (const auto& [grammar, text] : cases) {
+      GrammarMatcher m(grammar);
+      for (size_t i = 0; i <= text.size(); ++i) {
+        const int64_t n = trie->Allowed(*grammar, m.state(), absl::MakeSpan(want));
+        ASSERT_EQ(masker.Allowed(m, absl::MakeSpan(got)), n) << text.substr(0, i);
+        ASSERT_EQ(got, want) << "after '" << text.substr(0, i) << "'";
+        if (i < text.size()) {
+          ASSERT_TRUE(m.Advance(text.substr(i, 1))) << text.substr(0, i + 1);
+        }
+      }
+    }
+    if (pass == 1) {
+      EXPECT_EQ(masker.stats().misses, misses);  // everything kept
+    }
+  }
+  EXPECT_GT(masker.stats().hits, masker.stats().misses);
+  // A cache too small to keep anything still gives exact masks.
+  TokenMasker tiny(trie, 1);
+  GrammarMatcher m(*schema);
+  ASSERT_TRUE(m.Advance(R"({"name": "ab)"));
+  EXPECT_EQ(tiny.Allowed(m, absl::MakeSpan(got)),
+            trie->Allowed(*m.shared_grammar(), m.state(), absl::MakeSpan(want)));
+  EXPECT_EQ(got, want);
+}
+
+TEST(TokenMaskTest, ClassifySplitsAtTheEndOfTheStack) {
+  // "ab" then the end: "a" and "ab" fit within, "abc" runs past the end, "b" never fits.
+  const TokenTrie trie({"a", "ab", "abc", "b", "abx"});
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  b.AddAlternative(root, b.Literal("ab"));
+  auto g = *std::move(b).Build(root);
+  GrammarMatcher m(g);
+  std::vector<int32_t> accepted, uncertain;
+  trie.Classify(*g, m.state(), &accepted, &uncertain);
+  EXPECT_EQ(accepted, (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(uncertain, (std::vector<int32_t>{2, 4}));
+}
+
+TEST(TokenMaskTest, EmptyTokensAreNeverAllowed) {
+  const TokenTrie trie({"a", "", "ab", "b", "abc", "a"});
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  b.AddAlternative(root, {b.Star("x", {b.Bytes(ByteSet::Range('a', 'b'))})});
+  auto g = *std::move(b).Build(root);
+  GrammarMatcher m(g);
+  std::vector<uint8_t> allowed(6);
+  EXPECT_EQ(trie.Allowed(*g, m.state(), absl::MakeSpan(allowed)), 4);
+  EXPECT_EQ(allowed, (std::vector<uint8_t>{1, 0, 1, 1, 0, 1}));
+}
+
+}  // namespace
+}  // namespace strata
