@@ -37,6 +37,7 @@
 #include "common/status_macros.h"
 #include "common/tcp.h"
 #include "coordinator/serial_writer.h"
+#include "grammar/structured_output.h"
 
 namespace strata {
 namespace {
@@ -307,6 +308,8 @@ absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string
       ASSIGN_OR_RETURN(jinja::Value value, jinja::Value::FromJson(tool));
       call->tools.push_back(std::move(value));
       call->tool_names.emplace_back(name);
+      std::optional<JsonValue> p = function.FindField("parameters");
+      call->tool_parameters.push_back(p.has_value() ? simdjson::minify(p->raw()) : "");
     }
   }
   *param = "tool_choice";
@@ -342,7 +345,7 @@ absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string
     }
   }
   *param = "parallel_tool_calls";
-  RETURN_IF_ERROR(root.BoolFieldOr("parallel_tool_calls", true).status());
+  ASSIGN_OR_RETURN(call->parallel_tool_calls, root.BoolFieldOr("parallel_tool_calls", true));
   return absl::OkStatus();
 }
 
@@ -441,6 +444,32 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
     }
   }
   return absl::OkStatus();
+}
+
+// A forced call's text kept to a well-formed call of the request's tools (ForcedToolCallGrammar),
+// as structured output continuing the forced prefix. A tool whose parameters' schema cannot be
+// enforced has them taken as any object; a call no grammar keeps (pythonic, Qwen3-Coder, more
+// tools than a matcher follows at once) stays free text.
+void ConstrainForcedCall(ToolCallFormat format, CompletionCall& call) {
+  std::vector<ToolSchema> tools;
+  for (size_t i = 0; i < call.tool_names.size(); ++i) {
+    tools.push_back({call.tool_names[i], call.tool_parameters[i]});
+  }
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    if (attempt == 1) {
+      for (ToolSchema& t : tools) t.parameters.clear();
+    }
+    std::optional<ForcedCallGrammar> g =
+        ForcedToolCallGrammar(format, call.tool_choice_name, tools, call.parallel_tool_calls);
+    if (!g.has_value()) return;
+    v1::StructuredOutput so;
+    so.set_json_schema(std::move(g->json_schema));
+    so.set_prefix(std::move(g->prefix));
+    if (CompileStructuredOutput(so, "forced call").ok()) {
+      *call.request.mutable_sampling()->mutable_structured_output() = std::move(so);
+      return;
+    }
+  }
 }
 
 absl::Status ParseTemplateFields(const JsonValue& root, CompletionCall* call, std::string* param) {
@@ -1816,6 +1845,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
     }
     if (forced) {
       forced_call = ForcedToolCallPrefix(tool_format, call->tool_choice_name);
+      ConstrainForcedCall(tool_format, *call);
       absl::StrAppend(&*prompt, forced_call);
     }
     call->request.set_text(*std::move(prompt));

@@ -101,6 +101,10 @@ struct CompletionCall {
   // back (as vLLM does), since dropping one would lose what the model wrote.
   jinja::List tools;
   std::vector<std::string> tool_names;
+  // Each tool's parameters' JSON schema as JSON text ("" when it has none), for a forced call's
+  // grammar, and parallel_tool_calls (a forced call in a list format makes one call unless true).
+  std::vector<std::string> tool_parameters;
+  bool parallel_tool_calls = true;
   ToolChoice tool_choice = ToolChoice::kAuto;
   std::string tool_choice_name;
   // Chat: chat_template_kwargs (more variables for the template: enable_thinking, say),

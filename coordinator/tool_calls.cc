@@ -10,6 +10,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/json.h"
@@ -704,6 +705,63 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
       break;
   }
   return "";
+}
+
+std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
+                                                       absl::string_view name,
+                                                       const std::vector<ToolSchema>& tools,
+                                                       bool parallel) {
+  auto parameters = [](const ToolSchema& t) -> std::string {
+    return t.parameters.empty() ? R"({"type": "object"})" : t.parameters;
+  };
+  const ToolSchema* named = nullptr;
+  for (const ToolSchema& t : tools) {
+    if (t.name == name) named = &t;
+  }
+  if (!name.empty() && named == nullptr) return std::nullopt;
+  // {"name": <const>, <key>: <parameters>}, for the named tool or any of them.
+  auto calls = [&](absl::string_view key) {
+    auto one = [&](const ToolSchema& t) {
+      return absl::StrCat(R"({"type": "object", "properties": {"name": {"const": )",
+                          JsonQuote(t.name), "}, ", JsonQuote(key), ": ", parameters(t),
+                          R"(}, "required": ["name", )", JsonQuote(key), "]}");
+    };
+    if (named != nullptr) return one(*named);
+    std::vector<std::string> each;
+    for (const ToolSchema& t : tools) each.push_back(one(t));
+    return absl::StrCat(R"({"anyOf": [)", absl::StrJoin(each, ", "), "]}");
+  };
+  const std::string forced = ForcedToolCallPrefix(format, name);
+  const size_t brace = forced.find('{');
+  switch (format) {
+    case ToolCallFormat::kHermes:
+    case ToolCallFormat::kMiniMax:
+    case ToolCallFormat::kInternLm2:
+    case ToolCallFormat::kLlama3Json: {
+      if (brace == std::string::npos) return std::nullopt;
+      const char* key = format == ToolCallFormat::kLlama3Json ? "parameters" : "arguments";
+      return ForcedCallGrammar{calls(key), forced.substr(brace)};
+    }
+    case ToolCallFormat::kMistral:
+    case ToolCallFormat::kPhi4Mini: {
+      const size_t list = brace == std::string::npos ? brace : forced.rfind('[', brace);
+      if (list == std::string::npos) return std::nullopt;
+      return ForcedCallGrammar{
+          absl::StrCat(R"({"type": "array", "items": )", calls("arguments"), R"(, "minItems": 1)",
+                       parallel ? "" : R"(, "maxItems": 1)", "}"),
+          forced.substr(list)};
+    }
+    case ToolCallFormat::kMistralArgs:
+    case ToolCallFormat::kDeepSeek:
+    case ToolCallFormat::kDeepSeekV31:
+      if (named == nullptr) return std::nullopt;
+      return ForcedCallGrammar{parameters(*named), "{"};
+    case ToolCallFormat::kPythonic:
+    case ToolCallFormat::kQwen3Coder:
+    case ToolCallFormat::kNone:
+      break;
+  }
+  return std::nullopt;
 }
 
 ToolCallParser::ToolCallParser(ToolCallFormat format, absl::string_view forced,

@@ -34,6 +34,7 @@
 #define STRATA_COORDINATOR_TOOL_CALLS_H_
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -89,6 +90,30 @@ std::string NewToolCallId(ToolCallFormat format);
 // opening brace), or any function when empty. The model's output then continues this text; give
 // the same text to the parser.
 std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name);
+
+// A tool as a forced call's grammar needs it: its name and its parameters' JSON schema (as JSON
+// text; empty when it has none).
+struct ToolSchema {
+  std::string name;
+  std::string parameters;
+};
+
+// What keeps a forced call's text to a well-formed call of one of `tools` (of `name` when not
+// empty), for formats whose calls are JSON: a JSON schema for the call (the name and its arguments
+// under the tool's parameters; for Mistral and Phi-4-mini the list of calls, one only unless
+// `parallel`; for formats that write the name outside the JSON, the arguments alone) and the
+// part of ForcedToolCallPrefix that the schema's text starts with (structured output's prefix).
+// The grammar ends with the call's JSON, and ToolCallParser::Finish reads a call whose closing
+// marker never came. Nullopt for pythonic and Qwen3-Coder calls (not JSON), and for formats that
+// write the name outside the JSON when no name is given.
+struct ForcedCallGrammar {
+  std::string json_schema;
+  std::string prefix;
+};
+std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
+                                                       absl::string_view name,
+                                                       const std::vector<ToolSchema>& tools,
+                                                       bool parallel);
 
 // Finds the calls in one generation's text as it arrives. Text that cannot be part of a call goes
 // out as content at once; text that may open one is held until the call completes (or turns out

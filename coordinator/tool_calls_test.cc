@@ -6,6 +6,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "grammar/json_schema.h"
 #include "gtest/gtest.h"
 
 namespace strata {
@@ -586,6 +587,78 @@ TEST(ReasoningFormatTest, NamedAndDetected) {
   EXPECT_EQ(DetectReasoningFormat("{% if '</think>' in content %}{% endif %}"),
             ReasoningFormat::kThink);
   EXPECT_EQ(DetectReasoningFormat("<|im_start|>"), ReasoningFormat::kNone);
+}
+
+}  // namespace
+}  // namespace strata
+
+namespace strata {
+namespace {
+
+// A forced call's grammar takes the forced prefix, then a well-formed call of the tool and nothing
+// else; where the grammar ends, the parser reads the call (its closing marker never written).
+TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {
+  const std::vector<ToolSchema> tools = {
+      {"get_weather",
+       R"({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})"},
+      {"get_time", ""}};
+  struct Case {
+    ToolCallFormat format;
+    std::string name;
+    std::string rest;  // what the model writes after the forced prefix
+    std::string bad;   // a continuation the grammar refuses
+  };
+  const std::string args = R"("city": "Oslo"})";
+  const std::vector<Case> cases = {
+      {ToolCallFormat::kHermes, "get_weather", args + "}", R"("city": 5}})"},
+      {ToolCallFormat::kLlama3Json, "get_weather", args + "}", R"("town": "Oslo"}})"},
+      {ToolCallFormat::kMiniMax, "get_weather", args + "}", R"("city": "Oslo"})"},
+      {ToolCallFormat::kInternLm2, "get_weather", args + "}", R"(})"},
+      {ToolCallFormat::kMistral, "get_weather", args + "}]", R"("city": "Oslo"}}, 1])"},
+      {ToolCallFormat::kPhi4Mini, "get_weather", args + "}]", R"("city": ["Oslo"]}}])"},
+      {ToolCallFormat::kMistralArgs, "get_weather", args, R"("city": null})"},
+      {ToolCallFormat::kDeepSeek, "get_weather", args, R"("city": "Oslo", "x": 1})"},
+      {ToolCallFormat::kDeepSeekV31, "get_weather", args, R"("city": "Oslo"}})"},
+      // Any tool: the name too comes under the grammar.
+      {ToolCallFormat::kHermes, "", R"(get_weather", "arguments": {"city": "Oslo"}})",
+       R"(get_wether", "arguments": {"city": "Oslo"}})"},
+      {ToolCallFormat::kMistral, "", R"(get_weather", "arguments": {"city": "Oslo"}}])",
+       R"(get_time", "arguments": 1}])"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(absl::StrCat(ToolCallFormatName(c.format), " ", c.name));
+    const std::optional<ForcedCallGrammar> g =
+        ForcedToolCallGrammar(c.format, c.name, tools, /*parallel=*/true);
+    ASSERT_TRUE(g.has_value());
+    const std::string forced = ForcedToolCallPrefix(c.format, c.name);
+    EXPECT_TRUE(absl::EndsWith(forced, g->prefix)) << forced << " / " << g->prefix;
+    auto grammar = JsonSchemaGrammar(g->json_schema, "schema");
+    ASSERT_TRUE(grammar.ok()) << grammar.status() << "\n" << g->json_schema;
+    GrammarMatcher m(*grammar);
+    ASSERT_TRUE(m.Advance(g->prefix));
+    GrammarMatcher bad = m;
+    EXPECT_FALSE(bad.Advance(c.bad) && bad.IsComplete()) << c.bad;
+    ASSERT_TRUE(m.Advance(c.rest)) << c.rest;
+    EXPECT_TRUE(m.IsComplete());
+    EXPECT_FALSE(m.CanContinue());
+    const Parsed p = Whole(c.format, c.rest, forced);
+    ASSERT_EQ(p.calls.size(), 1u) << p;
+    EXPECT_EQ(p.calls[0].first, "get_weather");
+    EXPECT_EQ(p.calls[0].second, R"({"city": "Oslo"})");
+    EXPECT_EQ(p.content, "");
+  }
+  // One call only unless parallel calls are allowed (a list format can hold several).
+  auto one = JsonSchemaGrammar(
+      ForcedToolCallGrammar(ToolCallFormat::kMistral, "get_time", tools, false)->json_schema, "s");
+  ASSERT_TRUE(one.ok());
+  EXPECT_TRUE(GrammarAccepts(*one, R"([{"name": "get_time", "arguments": {}}])"));
+  EXPECT_FALSE(GrammarAccepts(
+      *one, R"([{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}])"));
+  // No grammar where the call is not JSON, or names its function outside the JSON unnamed.
+  EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kPythonic, "get_time", tools, true));
+  EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kQwen3Coder, "get_time", tools, true));
+  EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kDeepSeek, "", tools, true));
+  EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kHermes, "unknown", tools, true));
 }
 
 }  // namespace

@@ -68,9 +68,21 @@ absl::StatusOr<std::shared_ptr<const Grammar>> Compile(const v1::StructuredOutpu
 
 absl::StatusOr<std::shared_ptr<const Grammar>> CompileStructuredOutput(
     const v1::StructuredOutput& spec, absl::string_view field) {
+  if (spec.prefix().size() > kMaxPrefixBytes) {
+    return Invalid(absl::StrCat(field, ".prefix"),
+                   absl::StrCat("must be at most ", kMaxPrefixBytes, " bytes"));
+  }
   ASSIGN_OR_RETURN(std::shared_ptr<const Grammar> g, Compile(spec, field));
+  if (g == nullptr) {
+    if (!spec.prefix().empty()) return Invalid(absl::StrCat(field, ".prefix"), "needs a grammar");
+    return g;
+  }
   // A grammar ambiguous from its start would be refused by the engine anyway: refuse it here.
-  if (g != nullptr && GrammarMatcher(g).Overloaded()) {
+  GrammarMatcher m(g);
+  if (!m.Advance(spec.prefix())) {
+    return Invalid(absl::StrCat(field, ".prefix"), "does not follow the grammar");
+  }
+  if (m.Overloaded()) {
     return Invalid(field, "is too ambiguous to follow (more than 256 readings at once)");
   }
   return g;
@@ -78,7 +90,7 @@ absl::StatusOr<std::shared_ptr<const Grammar>> CompileStructuredOutput(
 
 absl::StatusOr<std::shared_ptr<const Grammar>> GrammarCache::Get(const v1::StructuredOutput& spec,
                                                                  absl::string_view field) {
-  if (spec.kind_case() == v1::StructuredOutput::KIND_NOT_SET) {
+  if (spec.kind_case() == v1::StructuredOutput::KIND_NOT_SET && spec.prefix().empty()) {
     return std::shared_ptr<const Grammar>();
   }
   std::string key = spec.SerializeAsString();

@@ -23,10 +23,13 @@ inline constexpr size_t kMaxJsonSchemaBytes = 64 << 10;
 inline constexpr size_t kMaxRegexBytes = 4 << 10;
 inline constexpr int kMaxChoices = 256;
 inline constexpr size_t kMaxChoiceBytes = 1024;
+inline constexpr size_t kMaxPrefixBytes = 4 << 10;
 
 // The grammar of `spec`, or null when it sets nothing (free text). INVALID_ARGUMENT naming the
 // field under `field` (the message's path, e.g. "sampling.structured_output") for a bad schema,
-// pattern or choice list, or one past the limits above.
+// pattern or choice list, a prefix the grammar does not take, one too ambiguous to follow
+// (GrammarMatcher::Overloaded) from its start or after its prefix, or one past the limits above.
+// (The prefix is checked, not applied: the engine's matcher consumes it.)
 absl::StatusOr<std::shared_ptr<const Grammar>> CompileStructuredOutput(
     const v1::StructuredOutput& spec, absl::string_view field);
 

@@ -46,7 +46,15 @@ TEST(StructuredOutputTest, ErrorsNameTheField) {
     v1::StructuredOutput spec;
     const char* message;
   };
-  std::vector<Case> cases(6);
+  std::vector<Case> cases(9);
+  cases[6].spec.set_json_schema(R"({"type": "object"})");
+  cases[6].spec.set_prefix("[");
+  cases[6].message = "sampling.structured_output.prefix does not follow the grammar";
+  cases[7].spec.set_prefix("{");
+  cases[7].message = "sampling.structured_output.prefix needs a grammar";
+  cases[8].spec.set_regex("(.?){300}");
+  cases[8].message =
+      "sampling.structured_output is too ambiguous to follow (more than 256 readings at once)";
   cases[0].spec.set_json_schema(R"({"type": "integer", "minimum": 1})");
   cases[0].message =
       R"(sampling.structured_output.json_schema: uses "minimum", which is not supported)";

@@ -973,6 +973,32 @@ TEST_F(OpenAiHttpTest, ToolsReachTheTemplateAndCallsComeBackAsToolCalls) {
     EXPECT_EQ(arguments, "{}");
     EXPECT_EQ(finish, "length");
   }
+  // Left to the model (sampled, no bias), a forced call still comes back well formed: its
+  // arguments follow the tool's parameters (a grammar keeps them to it), and the call is read
+  // where the grammar ends.
+  for (const char* choice :
+       {R"({"type": "function", "function": {"name": "convert"}})", R"("required")"}) {
+    SCOPED_TRACE(choice);
+    const HttpReply r = Http(
+        port, "POST", "/v1/chat/completions",
+        absl::StrCat(
+            R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "Convert it"}],)",
+            R"( "tools": [{"type": "function", "function": {"name": "convert", "parameters":)",
+            R"( {"type": "object", "properties": {"unit": {"enum": ["c", "f"]},)",
+            R"( "round": {"type": "boolean"}}, "required": ["unit"]}}}], "tool_choice": )", choice,
+            R"(, "max_tokens": 400, "temperature": 1, "seed": 3})"));
+    ASSERT_EQ(r.status, 200) << r.body;
+    const JsonDocument d = Json(r.body);
+    const std::vector<JsonValue> calls =
+        *Choice(d).Field("message")->Field("tool_calls")->AsArray();
+    ASSERT_EQ(calls.size(), 1u) << r.body;
+    EXPECT_EQ(Str(*calls[0].Field("function"), "name"), "convert");
+    const JsonDocument arguments = Json(Str(*calls[0].Field("function"), "arguments"));
+    const std::string unit = Str(arguments.root(), "unit");
+    EXPECT_TRUE(unit == "c" || unit == "f") << r.body;
+    EXPECT_EQ(Str(Choice(d), "finish_reason"), choice[0] == '"' ? "tool_calls" : "stop");
+  }
+
   // After the tool's result: the assistant's call and the result rendered by the template, the
   // answer what the model generates for that text, with its calls (if any) found in it.
   const std::string after =

@@ -216,6 +216,10 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   std::optional<GrammarMatcher> matcher;
   if (o.grammar != nullptr) {
     matcher.emplace(o.grammar);
+    if (!matcher->Advance(o.grammar_prefix)) {
+      return absl::InvalidArgumentError(
+          "sampling.structured_output.prefix does not follow the request's grammar");
+    }
     if (matcher->Overloaded()) {
       return absl::InvalidArgumentError("the structured output is too ambiguous to follow");
     }

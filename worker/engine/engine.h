@@ -151,6 +151,9 @@ struct RequestOptions {
   // nothing else is. Generation finishes (kGrammarEnd) once the grammar allows nothing more.
   // Such rows are sampled on the host. Needs EngineConfig::vocabulary.
   std::shared_ptr<const Grammar> grammar;
+  // Text before the output that the grammar covers (it ends the prompt): the matcher starts
+  // after it.
+  std::string grammar_prefix;
 };
 
 // What one step produced for one request.

@@ -91,6 +91,7 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
   ASSIGN_OR_RETURN(out.options.grammar, limits.grammars != nullptr
                                             ? limits.grammars->Get(so, kField)
                                             : CompileStructuredOutput(so, kField));
+  if (out.options.grammar != nullptr) out.options.grammar_prefix = so.prefix();
   return out;
 }
 
