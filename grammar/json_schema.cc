@@ -1,5 +1,6 @@
 #include "grammar/json_schema.h"
 
+#include <cmath>
 #include <functional>
 #include <map>
 #include <optional>
@@ -27,10 +28,6 @@ using Seq = GrammarBuilder::Seq;
 constexpr int32_t kMaxRules = 200000;
 
 constexpr const char* kUnsupported[] = {
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
     "multipleOf",
     "uniqueItems",
     "contains",
@@ -174,7 +171,8 @@ class SchemaCompiler {
       for (const auto& [key, value] : members) {
         for (const char* c :
              {"properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-              "maxItems", "minLength", "maxLength", "pattern", "format"}) {
+              "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
+              "exclusiveMinimum", "exclusiveMaximum"}) {
           if (key == c) {
             return s.Error(absl::StrCat("combines \"", k, "\" with \"", key,
                                         "\", which is not supported: state it in each branch"));
@@ -244,6 +242,8 @@ class SchemaCompiler {
         types = {"array"};
       } else if (has({"minLength", "maxLength", "pattern", "format"})) {
         types = {"string"};
+      } else if (has({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})) {
+        types = {"number"};
       } else {
         return AnyValue();
       }
@@ -368,12 +368,187 @@ class SchemaCompiler {
   absl::StatusOr<int32_t> Typed(const JsonValue& s, absl::string_view type) {
     if (type == "null") return b_.Choice("null", {b_.Literal("null")});
     if (type == "boolean") return b_.Choice("boolean", {b_.Literal("true"), b_.Literal("false")});
-    if (type == "integer") return Integer();
-    if (type == "number") return Number();
+    if (type == "integer") return BoundedInteger(s);
+    if (type == "number") return BoundedNumber(s);
     if (type == "string") return String(s);
     if (type == "array") return Array(s);
     if (type == "object") return Object(s);
     return s.Error(absl::StrCat("has unknown type \"", type, "\""));
+  }
+
+  // The bounds of a number: minimum / maximum, and exclusiveMinimum / exclusiveMaximum as numbers
+  // (draft 6 on) or as flags on the others (draft 4).
+  struct Bounds {
+    std::optional<double> lo, hi;
+    bool lo_exclusive = false, hi_exclusive = false;
+  };
+  absl::StatusOr<Bounds> BoundsOf(const JsonValue& s) {
+    Bounds b;
+    for (const bool upper : {false, true}) {
+      const char* inclusive = upper ? "maximum" : "minimum";
+      const char* exclusive = upper ? "exclusiveMaximum" : "exclusiveMinimum";
+      std::optional<double>& bound = upper ? b.hi : b.lo;
+      bool& is_exclusive = upper ? b.hi_exclusive : b.lo_exclusive;
+      if (std::optional<JsonValue> v = s.FindField(inclusive)) {
+        ASSIGN_OR_RETURN(bound, v->AsDouble());
+      }
+      if (std::optional<JsonValue> v = s.FindField(exclusive)) {
+        if (v->IsBool()) {
+          is_exclusive = *v->AsBool() && bound.has_value();
+        } else {
+          ASSIGN_OR_RETURN(const double x, v->AsDouble());
+          // With both, the stricter one.
+          if (!bound.has_value() || (upper ? x <= *bound : x >= *bound)) {
+            bound = x;
+            is_exclusive = true;
+          }
+        }
+      }
+      if (bound.has_value() && std::fabs(*bound) > 1e15) {
+        return s.Error(absl::StrCat("has \"", inclusive, "\" beyond 1e15, which is not supported"));
+      }
+    }
+    return b;
+  }
+
+  // Digit strings of one length between x and y (x <= y, same length) as elements.
+  Seq DigitRange(const std::string& x, const std::string& y) {
+    if (x == y) return b_.Literal(x);
+    const size_t n = x.size();
+    const int32_t any = b_.Bytes(ByteSet::Range('0', '9'));
+    if (n == 1) return {b_.Bytes(ByteSet::Range(x[0], y[0]))};
+    if (x[0] == y[0]) {
+      Seq s = b_.Literal(x.substr(0, 1));
+      for (int32_t e : DigitRange(x.substr(1), y.substr(1))) s.push_back(e);
+      return s;
+    }
+    const std::string zeros(n - 1, '0'), nines(n - 1, '9');
+    if (x.substr(1) == zeros && y.substr(1) == nines) {
+      Seq s = {b_.Bytes(ByteSet::Range(x[0], y[0]))};
+      s.insert(s.end(), n - 1, any);
+      return s;
+    }
+    std::vector<Seq> alts;
+    Seq low = b_.Literal(x.substr(0, 1));
+    for (int32_t e : DigitRange(x.substr(1), nines)) low.push_back(e);
+    alts.push_back(std::move(low));
+    if (x[0] + 1 <= y[0] - 1) {
+      Seq mid = {b_.Bytes(ByteSet::Range(x[0] + 1, y[0] - 1))};
+      mid.insert(mid.end(), n - 1, any);
+      alts.push_back(std::move(mid));
+    }
+    Seq high = b_.Literal(y.substr(0, 1));
+    for (int32_t e : DigitRange(zeros, y.substr(1))) high.push_back(e);
+    alts.push_back(std::move(high));
+    return {b_.Choice("digits", std::move(alts))};
+  }
+
+  // The decimal numerals (no sign, no leading zeros) of the integers in [lo, hi] (no hi: no
+  // upper bound); lo <= hi.
+  int32_t Naturals(uint64_t lo, std::optional<uint64_t> hi) {
+    const std::string a = std::to_string(lo);
+    const size_t hi_len = hi.has_value() ? std::to_string(*hi).size() : a.size();
+    std::vector<Seq> alts;
+    for (size_t len = a.size(); len <= hi_len; ++len) {
+      const std::string from = len == a.size() ? a : "1" + std::string(len - 1, '0');
+      const std::string to =
+          hi.has_value() && len == hi_len ? std::to_string(*hi) : std::string(len, '9');
+      alts.push_back(DigitRange(from, to));
+    }
+    if (!hi.has_value()) {
+      // Every longer numeral.
+      Seq longer = {b_.Bytes(ByteSet::Range('1', '9'))};
+      longer.insert(longer.end(), a.size(), b_.Bytes(ByteSet::Range('0', '9')));
+      longer.push_back(b_.Star("digits", {b_.Bytes(ByteSet::Range('0', '9'))}));
+      alts.push_back(std::move(longer));
+    }
+    return b_.Choice("naturals", std::move(alts));
+  }
+
+  // Integers in [lo, hi] (either may be open).
+  int32_t IntegersIn(std::optional<int64_t> lo, std::optional<int64_t> hi) {
+    std::vector<Seq> alts;
+    if (!hi.has_value() || *hi >= 0) {
+      alts.push_back({Naturals(static_cast<uint64_t>(std::max<int64_t>(lo.value_or(0), 0)),
+                               hi.has_value() ? std::optional<uint64_t>(*hi) : std::nullopt)});
+    }
+    if (!lo.has_value() || *lo < 0) {
+      // -m for m in [max(1, -hi), -lo].
+      const uint64_t from = hi.has_value() && *hi < 0 ? static_cast<uint64_t>(-*hi) : 1;
+      Seq neg = {b_.Byte('-'),
+                 Naturals(from, lo.has_value() ? std::optional<uint64_t>(-*lo) : std::nullopt)};
+      alts.push_back(std::move(neg));
+    }
+    return b_.Choice("integer", std::move(alts));
+  }
+
+  absl::StatusOr<int32_t> BoundedInteger(const JsonValue& s) {
+    ASSIGN_OR_RETURN(const Bounds b, BoundsOf(s));
+    if (!b.lo.has_value() && !b.hi.has_value()) return Integer();
+    std::optional<int64_t> lo, hi;
+    if (b.lo.has_value()) {
+      lo = static_cast<int64_t>(b.lo_exclusive ? std::floor(*b.lo) + 1 : std::ceil(*b.lo));
+    }
+    if (b.hi.has_value()) {
+      hi = static_cast<int64_t>(b.hi_exclusive ? std::ceil(*b.hi) - 1 : std::floor(*b.hi));
+    }
+    if (lo.has_value() && hi.has_value() && *lo > *hi) {
+      return s.Error("has no integer between its bounds");
+    }
+    return IntegersIn(lo, hi);
+  }
+
+  // Numbers under bounds that are whole and not negative (minimum 0, maximum 100, ...), written
+  // without an exponent: the integer part's range, and at the bounds the fractions they allow.
+  absl::StatusOr<int32_t> BoundedNumber(const JsonValue& s) {
+    ASSIGN_OR_RETURN(const Bounds b, BoundsOf(s));
+    if (!b.lo.has_value() && !b.hi.has_value()) return Number();
+    for (const std::optional<double>& x : {b.lo, b.hi}) {
+      if (x.has_value() && (*x < 0 || *x != std::floor(*x))) {
+        return s.Error(
+            "has a bound that is negative or not whole, which is not supported for a number");
+      }
+    }
+    const int32_t digit = b_.Bytes(ByteSet::Range('0', '9'));
+    const int32_t any_fraction =
+        b_.Optional("fraction", {b_.Byte('.'), digit, b_.Star("digits", {digit})});
+    const int32_t zero_fraction =
+        b_.Optional("zeros", {b_.Byte('.'), b_.Byte('0'), b_.Star("zeros", {b_.Byte('0')})});
+    const int32_t nonzero_fraction =
+        b_.Choice("nonzero", {{b_.Byte('.'), b_.Star("digits", {digit}),
+                               b_.Bytes(ByteSet::Range('1', '9')), b_.Star("digits", {digit})}});
+    // Whole parts that take any fraction: [first, last].
+    const int64_t m = b.lo.has_value() ? static_cast<int64_t>(*b.lo) : -1;
+    const int64_t first = !b.lo.has_value() ? 0 : b.lo_exclusive ? m + 1 : m;
+    std::optional<int64_t> last;
+    if (b.hi.has_value()) last = static_cast<int64_t>(*b.hi) - 1;
+    std::vector<Seq> alts;
+    if (!last.has_value() || first <= *last) {
+      alts.push_back({Naturals(static_cast<uint64_t>(first),
+                               last.has_value() ? std::optional<uint64_t>(*last) : std::nullopt),
+                      any_fraction});
+    }
+    // Just above an exclusive minimum: m and a fraction that is not zero.
+    if (b.lo.has_value() && b.lo_exclusive && (!b.hi.has_value() || m < *b.hi)) {
+      Seq at = b_.Literal(std::to_string(m));
+      at.push_back(nonzero_fraction);
+      alts.push_back(std::move(at));
+    }
+    // An inclusive maximum itself.
+    if (b.hi.has_value() && !b.hi_exclusive) {
+      const int64_t top = static_cast<int64_t>(*b.hi);
+      if (!b.lo.has_value() || top > m || (top == m && !b.lo_exclusive)) {
+        Seq at = b_.Literal(std::to_string(top));
+        at.push_back(zero_fraction);
+        alts.push_back(std::move(at));
+      }
+    }
+    // No lower bound: every negative number.
+    if (!b.lo.has_value()) {
+      alts.push_back({b_.Byte('-'), Naturals(0, std::nullopt), any_fraction});
+    }
+    if (alts.empty()) return s.Error("has no number between its bounds");
+    return b_.Choice("number", std::move(alts));
   }
 
   absl::StatusOr<int32_t> String(const JsonValue& s) {

@@ -1,8 +1,11 @@
 // JSON schemas as grammars: the JSON texts a schema accepts, for structured output
 // (response_format json_schema / json_object).
 //
-// Supported (JSON Schema 2020-12 and draft 7 spellings): `type` (one or a list), `enum`, `const`,
-// `anyOf`, `oneOf` (as anyOf: exclusivity is not enforced), `allOf` of one schema, `$ref` to the
+// Supported (JSON Schema 2020-12, draft 7 and draft 4 spellings): `type` (one or a list), `enum`,
+// `const`, integers with `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum` (any
+// bounds up to 1e15: the numerals of exactly that range), numbers with such bounds when they are
+// whole and not negative (written without an exponent), `anyOf`, `oneOf` (as anyOf: exclusivity
+// is not enforced), `allOf` of one schema, `$ref` to the
 // root or into `$defs` / `definitions` (recursion allowed), boolean schemas; strings with
 // `minLength`, `maxLength`, `pattern` (regex_grammar.h; found anywhere in the string unless
 // anchored, as JSON Schema says) and `format` date, time, date-time, uuid, ipv4 or email (other
@@ -14,9 +17,9 @@
 // are refused, a `type` beside them is left to the branches.
 // Annotations (title, description, default, examples, ...) are ignored. Keywords that constrain
 // values in ways the grammar cannot express are refused with INVALID_ARGUMENT naming the keyword
-// and where it is: minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf,
-// uniqueItems, contains, minProperties, maxProperties, patternProperties, propertyNames,
-// dependentRequired, dependentSchemas, not, if/then/else, unevaluatedProperties, unevaluatedItems.
+// and where it is: multipleOf, uniqueItems, contains, minProperties, maxProperties,
+// patternProperties, propertyNames, dependentRequired, dependentSchemas, not, if/then/else,
+// unevaluatedProperties, unevaluatedItems; and number bounds that are negative or not whole.
 //
 // The JSON generated is compact apart from whitespace before it and between tokens: up to
 // kMaxJsonWhitespace spaces, tabs or newlines in each gap (so a model can indent, but not emit

@@ -1,7 +1,9 @@
 #include "grammar/json_schema.h"
 
+#include <optional>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace strata {
@@ -104,14 +106,61 @@ TEST(JsonSchemaTest, StringsAndArraysWithBounds) {
                 {R"(["a",1])"}, {R"(["a"])", R"(["a",1,2])", R"([1,"a"])"});
 }
 
+// Integer bounds: exactly the numerals of the range, checked against every integer near it.
+TEST(JsonSchemaTest, IntegerBoundsAdmitExactlyTheRange) {
+  struct Range {
+    std::string keywords;
+    std::optional<int64_t> lo, hi;
+  };
+  const std::vector<Range> ranges = {
+      {R"("minimum": 1, "maximum": 12)", 1, 12},
+      {R"("minimum": -5, "maximum": 5)", -5, 5},
+      {R"("exclusiveMinimum": 0)", 1, std::nullopt},
+      {R"("maximum": -10)", std::nullopt, -10},
+      {R"("minimum": 7, "maximum": 7)", 7, 7},
+      {R"("minimum": 95, "maximum": 1005)", 95, 1005},
+      {R"("minimum": -1005, "exclusiveMaximum": -95)", -1005, -96},
+      {R"("minimum": 0, "exclusiveMinimum": true)", 1, std::nullopt},  // draft 4
+      {R"("minimum": 2.5, "maximum": 9.5)", 3, 9},
+      {R"("minimum": 0)", 0, std::nullopt},
+      {R"("maximum": 0)", std::nullopt, 0},
+  };
+  for (const Range& r : ranges) {
+    auto g = Must(absl::StrCat(R"({"type": "integer", )", r.keywords, "}"));
+    ASSERT_NE(g, nullptr) << r.keywords;
+    for (int64_t v = -1200; v <= 1200; ++v) {
+      const bool in = (!r.lo.has_value() || v >= *r.lo) && (!r.hi.has_value() || v <= *r.hi);
+      ASSERT_EQ(GrammarAccepts(g, std::to_string(v)), in) << r.keywords << ": " << v;
+    }
+    EXPECT_FALSE(GrammarAccepts(g, "01"));
+    EXPECT_FALSE(GrammarAccepts(g, "1.5"));
+    // Far beyond the bounds, or within an open side.
+    EXPECT_EQ(GrammarAccepts(g, "123456789012"), !r.hi.has_value());
+    EXPECT_EQ(GrammarAccepts(g, "-123456789012"), !r.lo.has_value());
+  }
+}
+
+TEST(JsonSchemaTest, NumberBoundsThatAreWholeAndNotNegative) {
+  ExpectAccepts(Must(R"({"type": "number", "minimum": 0, "maximum": 1})"),
+                {"0", "0.5", "1", "1.0", "1.000", "0.999"}, {"1.5", "1.01", "-0.1", "2", "1e0"});
+  ExpectAccepts(Must(R"({"type": "number", "exclusiveMinimum": 0})"), {"0.001", "3", "0.10"},
+                {"0", "0.0", "0.000", "-1"});
+  ExpectAccepts(Must(R"({"type": "number", "maximum": 100})"), {"-5.5", "100", "99.9", "-1000"},
+                {"100.1", "101"});
+  ExpectAccepts(Must(R"({"type": "number", "minimum": 3, "exclusiveMaximum": 5})"),
+                {"3", "4.99", "3.0"}, {"5", "5.0", "2.9"});
+  ExpectAccepts(Must(R"({"minimum": 1})"), {"1", "2.5"}, {"0.5", "\"a\""});
+}
+
 TEST(JsonSchemaTest, ErrorsNameTheKeywordAndWhere) {
   struct Case {
     const char* schema;
     const char* message;
   };
   for (const Case& c : {
-           Case{R"({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}})",
-                R"(schema: field "properties.age" uses "minimum", which is not supported)"},
+           Case{
+               R"({"type": "object", "properties": {"age": {"type": "integer", "multipleOf": 5}}})",
+               R"(schema: field "properties.age" uses "multipleOf", which is not supported)"},
            Case{R"({"type": "strng"})", R"(has unknown type "strng")"},
            Case{R"({"$ref": "#/$defs/missing"})", "names nothing in the schema"},
            Case{R"({"$ref": "https://example.com/s.json"})", "only references inside the schema"},
@@ -127,6 +176,10 @@ TEST(JsonSchemaTest, ErrorsNameTheKeywordAndWhere) {
            Case{R"({"$ref": "#/$defs/a", "maxLength": 3, "$defs": {"a": {"type": "string"}}})",
                 R"(combines "$ref" with "maxLength")"},
            Case{R"({"type": "array", "items": false, "minItems": 1})", "minItems above 0"},
+           Case{R"({"type": "integer", "minimum": 5, "maximum": 4})", "no integer between"},
+           Case{R"({"type": "number", "minimum": -1})", "negative or not whole"},
+           Case{R"({"type": "number", "maximum": 0.5})", "negative or not whole"},
+           Case{R"({"type": "integer", "maximum": 1e20})", "beyond 1e15"},
        }) {
     absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(c.schema, "schema");
     ASSERT_FALSE(g.ok()) << c.schema;
