@@ -351,11 +351,11 @@ absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string
 
 // A chat request's chat_template_kwargs, add_generation_prompt and continue_final_message.
 // Structured output, in any of the spellings clients use: OpenAI's response_format (json_object,
-// json_schema), vLLM's structured_outputs (json, regex, choice, json_object) and its older
-// guided_json, guided_regex and guided_choice. At most one may constrain a request. The schema or
-// pattern itself is the coordinator's to check (sampling.structured_output).
-// With `tools_in_play` (tools the model may call) none is taken: the grammar would keep the
-// model from writing a call.
+// json_schema), vLLM's structured_outputs (json, regex, choice, grammar in GBNF, json_object)
+// and its older guided_json, guided_regex, guided_choice and guided_grammar. At most one may
+// constrain a request. The schema or pattern itself is the coordinator's to check
+// (sampling.structured_output). With `tools_in_play` (tools the model may call) none is taken: the
+// grammar would keep the model from writing a call.
 absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
                                    v1::StructuredOutput* out, std::string* param) {
   std::string first;  // the field that set it
@@ -419,17 +419,21 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
       } else if (key == "choice") {
         RETURN_IF_ERROR(claim(value, "structured_outputs.choice"));
         RETURN_IF_ERROR(choices(value));
+      } else if (key == "grammar") {
+        RETURN_IF_ERROR(claim(value, "structured_outputs.grammar"));
+        ASSIGN_OR_RETURN(const absl::string_view grammar, value.AsString());
+        out->set_grammar(std::string(grammar));
       } else if (key == "json_object") {
         ASSIGN_OR_RETURN(const bool on, value.AsBool());
         if (!on) continue;
         RETURN_IF_ERROR(claim(value, "structured_outputs.json_object"));
         out->set_json_object(true);
       } else {
-        return value.Error("is not supported (json, regex, choice and json_object are)");
+        return value.Error("is not supported (json, regex, choice, grammar and json_object are)");
       }
     }
   }
-  for (const char* name : {"guided_json", "guided_regex", "guided_choice"}) {
+  for (const char* name : {"guided_json", "guided_regex", "guided_choice", "guided_grammar"}) {
     *param = name;
     std::optional<JsonValue> v = root.FindField(name);
     if (!v.has_value()) continue;
@@ -439,6 +443,9 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
     } else if (absl::string_view(name) == "guided_regex") {
       ASSIGN_OR_RETURN(const absl::string_view regex, v->AsString());
       out->set_regex(std::string(regex));
+    } else if (absl::string_view(name) == "guided_grammar") {
+      ASSIGN_OR_RETURN(const absl::string_view grammar, v->AsString());
+      out->set_grammar(std::string(grammar));
     } else {
       RETURN_IF_ERROR(choices(*v));
     }

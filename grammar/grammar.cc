@@ -583,6 +583,58 @@ ByteSet GrammarMatcher::NextBytes() const {
   return out;
 }
 
+absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> ReadRepetition(absl::string_view text,
+                                                                          size_t* at, bool spaces) {
+  size_t i = *at;
+  if (i >= text.size()) return std::nullopt;
+  auto skip = [&] {
+    while (spaces && i < text.size() && (text[i] == ' ' || text[i] == '\t')) ++i;
+  };
+  auto number = [&]() -> std::optional<int64_t> {
+    int64_t v = 0;
+    const size_t start = i;
+    while (i < text.size() && text[i] >= '0' && text[i] <= '9' && i - start < 9) {
+      v = v * 10 + (text[i++] - '0');
+    }
+    if (i == start) return std::nullopt;
+    return v;
+  };
+  std::pair<int64_t, int64_t> bounds;
+  switch (text[i]) {
+    case '*':
+      bounds = {0, -1};
+      break;
+    case '+':
+      bounds = {1, -1};
+      break;
+    case '?':
+      bounds = {0, 1};
+      break;
+    case '{': {
+      ++i;
+      skip();
+      const std::optional<int64_t> lo = number();
+      if (!lo.has_value()) return std::nullopt;
+      bounds = {*lo, *lo};
+      skip();
+      if (i < text.size() && text[i] == ',') {
+        ++i;
+        skip();
+        bounds.second = number().value_or(-1);
+        skip();
+      }
+      if (i >= text.size() || text[i] != '}') {
+        return absl::InvalidArgumentError("unterminated repetition {m,n}");
+      }
+      break;
+    }
+    default:
+      return std::nullopt;
+  }
+  *at = i + 1;
+  return bounds;
+}
+
 bool GrammarAccepts(const std::shared_ptr<const Grammar>& grammar, absl::string_view text) {
   GrammarMatcher m(grammar);
   return m.Advance(text) && m.IsComplete();

@@ -19,7 +19,9 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -137,6 +139,13 @@ class GrammarBuilder {
   int64_t num_elements_ = 0;
   bool over_budget_ = false;
 };
+
+// A repetition operator at text[*at], as regular expressions and GBNF write them: *, +, ?, {m},
+// {m,} or {m,n} (`spaces`: spaces allowed inside the braces). Its bounds (max -1: no limit) with
+// *at moved past it; nullopt, *at unchanged, when there is none (a '{' not followed by a count is
+// not one); INVALID_ARGUMENT for braces that open a count and do not close.
+absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> ReadRepetition(absl::string_view text,
+                                                                          size_t* at, bool spaces);
 
 // A matcher's state: its stacks (each a list of grammar positions, the top last, with a byte set
 // at every top) and whether the text so far is a complete sentence. Value type.

@@ -121,55 +121,18 @@ class RegexParser {
   }
 
   absl::StatusOr<Seq> Quantified(Seq atom) {
-    while (!AtEnd()) {
-      int64_t lo = 0, hi = -1;
-      const char c = p_[i_];
-      if (c == '*') {
-        ++i_;
-      } else if (c == '+') {
-        lo = 1;
-        ++i_;
-      } else if (c == '?') {
-        hi = 1;
-        ++i_;
-      } else if (c == '{') {
-        const size_t save = i_;
-        ++i_;
-        std::optional<int64_t> m = Number();
-        if (!m.has_value()) {  // a literal '{'
-          i_ = save;
-          return atom;
-        }
-        lo = *m;
-        hi = lo;
-        if (!AtEnd() && p_[i_] == ',') {
-          ++i_;
-          std::optional<int64_t> n = Number();
-          hi = n.has_value() ? *n : -1;
-        }
-        if (AtEnd() || p_[i_] != '}') return Error("unterminated repetition {m,n}");
-        ++i_;
-      } else {
-        return atom;
-      }
+    while (true) {
+      absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> q =
+          ReadRepetition(p_, &i_, /*spaces=*/false);
+      if (!q.ok()) return Error(q.status().message());
+      if (!q->has_value()) return atom;  // none (a '{' without a count is a literal)
       // Lazy and possessive forms match the same texts.
       if (!AtEnd() && (p_[i_] == '?' || p_[i_] == '+')) ++i_;
-      absl::StatusOr<int32_t> r = b_->BoundedRepeat("re*", std::move(atom), lo, hi);
+      absl::StatusOr<int32_t> r =
+          b_->BoundedRepeat("re*", std::move(atom), (*q)->first, (*q)->second);
       if (!r.ok()) return Error(r.status().message());
       atom = Seq{*r};
     }
-    return atom;
-  }
-
-  std::optional<int64_t> Number() {
-    int64_t v = 0;
-    size_t start = i_;
-    while (!AtEnd() && p_[i_] >= '0' && p_[i_] <= '9' && i_ - start < 9) {
-      v = v * 10 + (p_[i_] - '0');
-      ++i_;
-    }
-    if (i_ == start) return std::nullopt;
-    return v;
   }
 
   absl::StatusOr<char32_t> CodePoint() {

@@ -3,6 +3,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "grammar/gbnf.h"
 #include "grammar/json_schema.h"
 #include "grammar/regex_grammar.h"
 
@@ -42,6 +43,13 @@ absl::StatusOr<std::shared_ptr<const Grammar>> Compile(const v1::StructuredOutpu
         return Invalid(name, absl::StrCat("must be 1 to ", kMaxRegexBytes, " bytes"));
       }
       return Named(RegexGrammar(spec.regex()), name);
+    }
+    case v1::StructuredOutput::kGrammar: {
+      const std::string name = absl::StrCat(field, ".grammar");
+      if (spec.grammar().empty() || spec.grammar().size() > kMaxJsonSchemaBytes) {
+        return Invalid(name, absl::StrCat("must be 1 to ", kMaxJsonSchemaBytes, " bytes"));
+      }
+      return Named(GbnfGrammar(spec.grammar()), name);
     }
     case v1::StructuredOutput::kChoice: {
       const std::string name = absl::StrCat(field, ".choice.texts");

@@ -32,6 +32,12 @@ TEST(StructuredOutputTest, EachKindCompiles) {
   EXPECT_TRUE(GrammarAccepts(*regex, "123-AB"));
   EXPECT_FALSE(GrammarAccepts(*regex, "12-AB"));
 
+  spec.set_grammar("root ::= [a-c]+ \"!\"");
+  auto gbnf = CompileStructuredOutput(spec, "so");
+  ASSERT_TRUE(gbnf.ok()) << gbnf.status();
+  EXPECT_TRUE(GrammarAccepts(*gbnf, "abc!"));
+  EXPECT_FALSE(GrammarAccepts(*gbnf, "abd!"));
+
   spec.mutable_choice()->add_texts("yes");
   spec.mutable_choice()->add_texts("no");
   spec.mutable_choice()->add_texts("yes, but");

@@ -1107,6 +1107,17 @@ TEST_F(OpenAiHttpTest, StructuredOutputFollowsTheRequestedShape) {
   for (size_t i = 0; i < number.size(); ++i) {
     EXPECT_TRUE(i == 3 ? number[i] == '-' : absl::ascii_isdigit(number[i])) << number;
   }
+  // A GBNF grammar (vLLM's structured_outputs.grammar).
+  const HttpReply gbnf = Http(
+      port_, "POST", "/v1/completions",
+      CompletionBody(
+          40, 7,
+          R"(, "structured_outputs": {"grammar": "root ::= item (\", \" item){2}\nitem ::= [a-z]{1,6}"})"));
+  ASSERT_EQ(gbnf.status, 200) << gbnf.body;
+  const std::string items = Str(Choice(Json(gbnf.body)), "text");
+  EXPECT_EQ(std::count(items.begin(), items.end(), ','), 2) << items;
+  EXPECT_EQ(Str(Choice(Json(gbnf.body)), "finish_reason"), "stop") << items;
+
   // json_object streams a JSON object.
   const HttpReply object = Http(
       port_, "POST", "/v1/completions",
