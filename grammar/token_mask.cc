@@ -16,13 +16,67 @@ ByteSet NextBytes(const Grammar& g, const GrammarState& s) {
   return next;
 }
 
-std::vector<GrammarState>& ThreadStates(int depth) {
-  thread_local std::vector<GrammarState> states;
-  if (static_cast<int>(states.size()) < depth) states.resize(depth);
-  return states;
+uint64_t HashState(const GrammarState& s) {
+  uint64_t h = 0x9E3779B97F4A7C15ull ^ (s.complete ? 1 : 0) ^ (s.truncated ? 2 : 0);
+  auto mix = [&h](uint64_t v) {
+    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    h *= 0xFF51AFD7ED558CCDull;
+  };
+  for (int32_t v : s.data) mix(static_cast<uint32_t>(v));
+  for (int32_t v : s.starts) mix(static_cast<uint32_t>(v) ^ 0x80000000u);
+  return h;
+}
+
+bool SameState(const GrammarState& a, const GrammarState& b) {
+  return a.complete == b.complete && a.truncated == b.truncated && a.data == b.data &&
+         a.starts == b.starts;
 }
 
 }  // namespace
+
+// The states one walk reaches, each kept once, and the steps between them: within a walk many
+// trie paths lead to the same state (inside a string, every whole character returns to it), so a
+// step is worked out once per (state, byte) and then looked up.
+class TokenTrie::StepCache {
+ public:
+  explicit StepCache(const Grammar& g) : g_(g) {}
+
+  int32_t Intern(GrammarState s) {
+    const uint64_t h = HashState(s);
+    auto [it, added] = by_hash_.try_emplace(h);
+    for (int32_t id : it->second) {
+      if (SameState(states_[id], s)) return id;
+    }
+    states_.push_back(std::move(s));
+    next_bytes_.push_back(NextBytes(g_, states_.back()));
+    const int32_t id = static_cast<int32_t>(states_.size()) - 1;
+    it->second.push_back(id);
+    return id;
+  }
+
+  // The state after byte `b`, or -1 when `b` is not allowed.
+  int32_t Step(int32_t id, uint8_t b) {
+    if (!next_bytes_[id].Has(b)) return -1;
+    const uint64_t key = (static_cast<uint64_t>(id) << 8) | b;
+    auto it = steps_.find(key);
+    if (it != steps_.end()) return it->second;
+    int32_t to = -1;
+    if (GrammarMatcher::Step(g_, states_[id], b, &scratch_)) to = Intern(std::move(scratch_));
+    scratch_.Clear();
+    steps_.emplace(key, to);
+    return to;
+  }
+
+  const GrammarState& state(int32_t id) const { return states_[id]; }
+
+ private:
+  const Grammar& g_;
+  std::vector<GrammarState> states_;
+  std::vector<ByteSet> next_bytes_;
+  absl::flat_hash_map<uint64_t, std::vector<int32_t>> by_hash_;
+  absl::flat_hash_map<uint64_t, int32_t> steps_;
+  GrammarState scratch_;
+};
 
 TokenTrie::TokenTrie(std::vector<std::string> token_bytes)
     : token_bytes_(std::make_shared<const std::vector<std::string>>(std::move(token_bytes))) {
@@ -60,7 +114,6 @@ void TokenTrie::Build(std::vector<int32_t> ids) {
   while (!todo.empty()) {
     const Todo t = todo.front();
     todo.pop_front();
-    max_depth_ = std::max(max_depth_, t.depth);
     size_t i = t.begin;
     while (i < t.end && static_cast<int>(bytes(tokens_[i]).size()) == t.depth) ++i;
     Node& n = nodes_[t.node];
@@ -82,23 +135,20 @@ void TokenTrie::Build(std::vector<int32_t> ids) {
   }
 }
 
-int64_t TokenTrie::Walk(const Grammar& grammar, int32_t node, int depth,
-                        absl::Span<uint8_t> allowed, std::vector<GrammarState>* states) const {
-  const GrammarState& from = (*states)[depth];
-  const ByteSet next = NextBytes(grammar, from);
+int64_t TokenTrie::Walk(StepCache& cache, int32_t node, int32_t state,
+                        absl::Span<uint8_t> allowed) const {
   int64_t count = 0;
   const Node& n = nodes_[node];
   for (int32_t c = n.first_child; c < n.first_child + n.num_children; ++c) {
     const Node& child = nodes_[c];
-    if (!next.Has(child.byte)) continue;
-    GrammarState& to = (*states)[depth + 1];
-    if (!GrammarMatcher::Step(grammar, from, child.byte, &to)) continue;
+    const int32_t to = cache.Step(state, child.byte);
+    if (to < 0) continue;
     for (int32_t k = child.first_token; k < child.first_token + child.num_tokens; ++k) {
       count += allowed[tokens_[k]] == 0;
       allowed[tokens_[k]] = 1;
     }
-    if (child.num_children > 0 && to.num_stacks() > 0) {
-      count += Walk(grammar, c, depth + 1, allowed, states);
+    if (child.num_children > 0 && cache.state(to).num_stacks() > 0) {
+      count += Walk(cache, c, to, allowed);
     }
   }
   return count;
@@ -106,9 +156,8 @@ int64_t TokenTrie::Walk(const Grammar& grammar, int32_t node, int depth,
 
 int64_t TokenTrie::AddAllowed(const Grammar& grammar, const GrammarState& state,
                               absl::Span<uint8_t> allowed) const {
-  std::vector<GrammarState>& states = ThreadStates(max_depth_ + 2);
-  states[0] = state;
-  return Walk(grammar, 0, 0, allowed, &states);
+  StepCache cache(grammar);
+  return Walk(cache, 0, cache.Intern(state), allowed);
 }
 
 int64_t TokenTrie::Allowed(const Grammar& grammar, const GrammarState& state,
@@ -117,19 +166,17 @@ int64_t TokenTrie::Allowed(const Grammar& grammar, const GrammarState& state,
   return AddAllowed(grammar, state, allowed);
 }
 
-void TokenTrie::ClassifyWalk(const Grammar& grammar, int32_t node, int depth, bool past_end,
-                             std::vector<GrammarState>* states, std::vector<int32_t>* accepted,
+void TokenTrie::ClassifyWalk(StepCache& cache, int32_t node, int32_t state, bool past_end,
+                             std::vector<int32_t>* accepted,
                              std::vector<int32_t>* uncertain) const {
-  const GrammarState& from = (*states)[depth];
-  const ByteSet next = NextBytes(grammar, from);
   const Node& n = nodes_[node];
   auto range = [&](int32_t begin, int32_t end) {
     uncertain->insert(uncertain->end(), tokens_.begin() + begin, tokens_.begin() + end);
   };
   for (int32_t c = n.first_child; c < n.first_child + n.num_children; ++c) {
     const Node& child = nodes_[c];
-    GrammarState& to = (*states)[depth + 1];
-    if (!next.Has(child.byte) || !GrammarMatcher::Step(grammar, from, child.byte, &to)) {
+    const int32_t to = cache.Step(state, child.byte);
+    if (to < 0) {
       // The stack ended before this byte: what follows is for the frames below to decide.
       if (past_end) range(child.first_token, child.subtree_end);
       continue;
@@ -137,9 +184,10 @@ void TokenTrie::ClassifyWalk(const Grammar& grammar, int32_t node, int depth, bo
     accepted->insert(accepted->end(), tokens_.begin() + child.first_token,
                      tokens_.begin() + child.first_token + child.num_tokens);
     if (child.num_children == 0) continue;
-    const bool child_past = past_end || to.complete;
-    if (to.num_stacks() > 0) {
-      ClassifyWalk(grammar, c, depth + 1, child_past, states, accepted, uncertain);
+    const GrammarState& s = cache.state(to);
+    const bool child_past = past_end || s.complete;
+    if (s.num_stacks() > 0) {
+      ClassifyWalk(cache, c, to, child_past, accepted, uncertain);
     } else if (child_past) {
       range(child.first_token + child.num_tokens, child.subtree_end);
     }
@@ -150,9 +198,8 @@ void TokenTrie::Classify(const Grammar& grammar, const GrammarState& state,
                          std::vector<int32_t>* accepted, std::vector<int32_t>* uncertain) const {
   accepted->clear();
   uncertain->clear();
-  std::vector<GrammarState>& states = ThreadStates(max_depth_ + 2);
-  states[0] = state;
-  ClassifyWalk(grammar, 0, 0, state.complete, &states, accepted, uncertain);
+  StepCache cache(grammar);
+  ClassifyWalk(cache, 0, cache.Intern(state), state.complete, accepted, uncertain);
   std::sort(accepted->begin(), accepted->end());
   std::sort(uncertain->begin(), uncertain->end());
 }

@@ -1,9 +1,10 @@
 // Which tokens a grammar allows next.
 //
 // TokenTrie holds a vocabulary's tokens as bytes in a trie, and walks it through a matcher's state:
-// tokens sharing a prefix share its steps, and a subtree is left as soon as its prefix leaves the
-// grammar. That walk is exact but visits most of the vocabulary wherever most tokens fit (inside a
-// JSON string: hundreds of thousands of steps for a 150 k vocabulary).
+// tokens sharing a prefix share its steps, a subtree is left as soon as its prefix leaves the
+// grammar, and the matcher states a walk reaches are interned so that each (state, byte) step is
+// worked out once. That walk is exact but visits most of the vocabulary wherever most tokens fit
+// (inside a JSON string: hundreds of thousands of trie nodes for a 150 k vocabulary).
 //
 // TokenMasker makes the common case cheap by splitting each stack of the state at its top frames
 // (kMaskKeyFrames of them: inside a string, up to the string's own frame). What a token does
@@ -70,17 +71,15 @@ class TokenTrie {
     int32_t subtree_end = 0;  // tokens ending in this node's subtree: tokens_[first_token, ...)
     uint8_t byte = 0;
   };
+  class StepCache;
   void Build(std::vector<int32_t> ids);
-  int64_t Walk(const Grammar& grammar, int32_t node, int depth, absl::Span<uint8_t> allowed,
-               std::vector<GrammarState>* states) const;
-  void ClassifyWalk(const Grammar& grammar, int32_t node, int depth, bool past_end,
-                    std::vector<GrammarState>* states, std::vector<int32_t>* accepted,
-                    std::vector<int32_t>* uncertain) const;
+  int64_t Walk(StepCache& cache, int32_t node, int32_t state, absl::Span<uint8_t> allowed) const;
+  void ClassifyWalk(StepCache& cache, int32_t node, int32_t state, bool past_end,
+                    std::vector<int32_t>* accepted, std::vector<int32_t>* uncertain) const;
 
   std::shared_ptr<const std::vector<std::string>> token_bytes_;
   std::vector<Node> nodes_;      // nodes_[0] is the root (the empty prefix), children after parents
   std::vector<int32_t> tokens_;  // in depth-first order, so each subtree's tokens are a range
-  int max_depth_ = 0;
 };
 
 // Frames of a stack's top that TokenMasker keys its results by.
