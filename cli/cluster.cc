@@ -1,6 +1,8 @@
 #include "cli/cluster.h"
 
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -172,6 +174,39 @@ absl::Status GenerateCommand(const Args& args, std::FILE* out) {
     ASSIGN_OR_RETURN(int64_t k, args.GetInt("logprobs", 0));
     if (k < 0) return absl::InvalidArgumentError("--logprobs must be >= 0");
     p->set_logprobs(static_cast<uint32_t>(k));
+  }
+  // Structured output: at most one of them; a schema or grammar given as @FILE is read from it.
+  auto text_or_file = [](const std::string& v) -> absl::StatusOr<std::string> {
+    if (v.empty() || v[0] != '@') return v;
+    std::ifstream in(v.substr(1), std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", v.substr(1)));
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  v1::StructuredOutput* so = p->mutable_structured_output();
+  int constraints = 0;
+  if (std::optional<std::string> v = args.Get("json-schema")) {
+    ASSIGN_OR_RETURN(*so->mutable_json_schema(), text_or_file(*v));
+    ++constraints;
+  }
+  if (args.Has("json-object")) {
+    so->set_json_object(true);
+    ++constraints;
+  }
+  if (std::optional<std::string> v = args.Get("regex")) {
+    so->set_regex(*v);
+    ++constraints;
+  }
+  if (std::optional<std::string> v = args.Get("grammar")) {
+    ASSIGN_OR_RETURN(*so->mutable_grammar(), text_or_file(*v));
+    ++constraints;
+  }
+  if (const std::vector<std::string> choices = args.GetAll("choice"); !choices.empty()) {
+    for (const std::string& c : choices) so->mutable_choice()->add_texts(c);
+    ++constraints;
+  }
+  if (constraints > 1) {
+    return absl::InvalidArgumentError(
+        "give at most one of --json-schema, --json-object, --regex, --grammar and --choice");
   }
   if (std::optional<std::string> salt = args.Get("cache-salt")) req.set_cache_salt(*salt);
   if (std::optional<std::string> ft = args.Get("fine-tune")) req.set_fine_tune_id(*ft);

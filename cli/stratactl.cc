@@ -13,7 +13,8 @@
 //   stratactl generate [--coordinator ADDR] [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3)
 //       [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //       [--stop STR]... [--ignore-eos] [--logprobs K] [--cache-salt S] [--fine-tune ID]
-//       [--timeout-s N] [--json]
+//       [--json-schema SCHEMA|@FILE | --json-object | --regex RE | --grammar GBNF|@FILE |
+//        --choice TEXT...] [--timeout-s N] [--json]
 //   stratactl status [--coordinator ADDR] [--json]
 //   stratactl drain WORKER [--coordinator ADDR] [--resume] [--wait] [--timeout-s N] [--json]
 //   stratactl plan --model DIR|CONFIG.json [--gpu NAME] [workload and sizing flags] [--emit ...]
@@ -55,7 +56,8 @@ constexpr char kUsage[] =
     "  stratactl generate [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
     "      [--ignore-eos] [--logprobs K] [--cache-salt S] [--fine-tune ID] [--timeout-s N]\n"
-    "      [--json]\n"
+    "      [--json-schema SCHEMA|@FILE | --json-object | --regex RE | --grammar GBNF|@FILE |\n"
+    "       --choice TEXT...] [--json]\n"
     "  stratactl status [--json]\n"
     "  stratactl drain WORKER [--resume] [--wait] [--timeout-s N] [--json]\n"
     "capacity planning (docs/KUBERNETES.md):\n"
@@ -143,9 +145,10 @@ int main(int argc, char** argv) {
   }
   if (command == "generate") {
     auto args = strata::Args::Parse(
-        rest, {"json", "ignore-eos"},
+        rest, {"json", "ignore-eos", "json-object"},
         {"coordinator", "model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-p",
-         "top-k", "min-p", "seed", "stop", "logprobs", "cache-salt", "fine-tune", "timeout-s"});
+         "top-k", "min-p", "seed", "stop", "logprobs", "cache-salt", "fine-tune", "timeout-s",
+         "json-schema", "regex", "grammar", "choice"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::GenerateCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);

@@ -37,6 +37,22 @@ assert int(r["usage"]["num_completion_tokens"]) == 12, r
 assert r["text"] + "\n" == sys.argv[2] + "\n", (r["text"], sys.argv[2])
 PY
 
+# Structured output: the text follows the constraint, which ends the generation; a bad one exits 1
+# naming it.
+digits="$($ctl generate --prompt 'x = ' --max-tokens 20 --seed 1 --regex '[0-9]{4}')"
+[[ "$digits" =~ ^[0-9]{4}$ ]] || fail "--regex gave '$digits'"
+picked="$($ctl generate --prompt 'x = ' --max-tokens 20 --seed 2 --choice yes --choice no --json)"
+python3 - "$picked" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["text"] in ("yes", "no"), r
+assert r["finish_reason"] == "grammar_end", r
+PY
+set +e
+msg="$($ctl generate --prompt x --json-schema '{"type": "integer", "multipleOf": 3}' 2>&1)"; rc=$?
+set -e
+[ $rc != 0 ] && echo "$msg" | grep -q multipleOf || fail "unenforceable schema: $rc $msg"
+
 # --fine-tune picks the fine-tune: greedy text differs from the base's; an unknown one exits 1.
 base="$($ctl generate --prompt '#include <' --max-tokens 12 --temperature 0 --ignore-eos)"
 tuned="$($ctl generate --prompt '#include <' --max-tokens 12 --temperature 0 --ignore-eos --fine-tune c-headers)"

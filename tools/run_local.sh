@@ -193,6 +193,20 @@ req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", d
 reply = json.load(urllib.request.urlopen(req, timeout=60))
 print("int main(" + reply["choices"][0]["text"])
 print(f"(finish_reason {reply['choices'][0]['finish_reason']}, usage {reply['usage']})")
+# Structured output: the workers keep the text to a JSON schema.
+schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+          "kind": {"enum": ["module", "function", "class"]}, "lines": {"type": "integer",
+          "minimum": 1, "maximum": 999}}, "required": ["name", "kind", "lines"]}
+body = json.dumps({"model": "strata-tiny", "prompt": "entry = ", "max_tokens": 600, "seed": 1,
+                   "response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "entry", "schema": schema}}}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
+                             headers={"Content-Type": "application/json"})
+reply = json.load(urllib.request.urlopen(req, timeout=60))
+print()
+print("with response_format json_schema " + json.dumps(schema))
+print("entry = " + json.dumps(json.loads(reply["choices"][0]["text"])))
+print(f"(finish_reason {reply['choices'][0]['finish_reason']})")
 PY
 echo "----------------------------------------------------------------------"
 echo
@@ -209,6 +223,7 @@ echo "Try:"
 echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
 [ ${#fine_tune_flags[@]} -gt 0 ] &&
   echo "  $stratactl generate --coordinator $coordinator --prompt '.TH' --fine-tune man --max-tokens 40"
+echo "  $stratactl generate --coordinator $coordinator --prompt 'n = ' --regex '[0-9]{3}'"
 echo "  $stratactl status --coordinator $coordinator"
 echo "  curl -s http://127.0.0.1:$http_port/v1/completions -H 'Content-Type: application/json' \\"
 echo "    -d '{\"model\": \"strata-tiny\", \"prompt\": \"import os\", \"max_tokens\": 40, \"stream\": true}'"
