@@ -573,7 +573,10 @@ absl::Status Engine::MaskToGrammar(const Sequence& s, absl::Span<float> row,
   const int32_t V = static_cast<int32_t>(row.size());
   thread_local std::vector<uint8_t> allowed;
   allowed.resize(masker_->vocabulary().vocab_size());
+  const absl::Time start = absl::Now();
   masker_->Allowed(*s.matcher, absl::MakeSpan(allowed));
+  grammar_mask_ns_.fetch_add(absl::ToInt64Nanoseconds(absl::Now() - start),
+                             std::memory_order_relaxed);
   // The ends (EOS unless ignore_eos, and stop tokens) keep their logits where the text is
   // complete; they have no bytes, so the grammar never allows them itself.
   std::vector<std::pair<int32_t, float>> ends;
@@ -949,6 +952,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     s->tokens.push_back(t.token);
     s->penalties.AddOutput(t.token);
     ++s->num_generated;
+    if (s->matcher.has_value()) ++num_structured_tokens_;
     out.finish = CheckStop(*s, t.token);
     if (out.finish == FinishReason::kNone && s->matcher.has_value() && s->matcher->IsComplete() &&
         !s->matcher->CanContinue()) {
@@ -1006,6 +1010,9 @@ EngineStats Engine::Stats() const {
   if (store_ != nullptr) st.tiers = store_->stats();
   if (deltas_ != nullptr) st.deltas = deltas_->GetStats();
   if (deltas_ != nullptr && gpu_ != nullptr) st.gpu_deltas = gpu_->delta_stats();
+  st.num_structured_tokens = num_structured_tokens_;
+  st.grammar_mask_seconds = static_cast<double>(grammar_mask_ns_.load()) * 1e-9;
+  if (masker_ != nullptr) st.grammar_masks = masker_->stats();
   return st;
 }
 

@@ -192,6 +192,11 @@ struct EngineStats {
   // Fine-tune deltas, when any is registered, and on the gpu device their copies in GPU memory.
   DeltaCacheStats deltas;
   GpuDeltaStats gpu_deltas;
+  // Structured output: tokens sampled under a grammar, the host time their masks took, and the
+  // masker's kept results (TokenMasker).
+  int64_t num_structured_tokens = 0;
+  double grammar_mask_seconds = 0;
+  TokenMaskerStats grammar_masks;
 };
 
 class Engine {
@@ -379,6 +384,9 @@ class Engine {
   std::vector<float> logits_;
   // Over config_.vocabulary, when there is one.
   std::unique_ptr<TokenMasker> masker_;
+  int64_t num_structured_tokens_ = 0;
+  // Summed by the host threads that mask rows.
+  mutable std::atomic<int64_t> grammar_mask_ns_{0};
 };
 
 }  // namespace strata

@@ -130,6 +130,14 @@ TEST_F(EngineStructuredTest, SampledJsonFollowsTheSchemaWhateverTheSeed) {
     EXPECT_TRUE(*kind == "module" || *kind == "function" || *kind == "class") << text;
   }
   EXPECT_GE(complete, kRequests / 2);
+  // Every token was sampled under the grammar; its masks were mostly kept results.
+  const EngineStats st = engine->Stats();
+  int64_t tokens = 0;
+  for (const auto& [id, r] : results) tokens += static_cast<int64_t>(r.tokens.size());
+  EXPECT_EQ(st.num_structured_tokens, tokens);
+  EXPECT_GT(st.grammar_mask_seconds, 0);
+  EXPECT_GT(st.grammar_masks.hits, st.grammar_masks.misses);
+  EXPECT_GT(st.grammar_masks.bytes, 0);
 }
 
 TEST_F(EngineStructuredTest, ChoicesAndPatternsEndWithTheGrammar) {

@@ -760,6 +760,20 @@ void WorkerService::PublishMetrics(LoopState* state) {
                 "Prompt tokens taken from the prefix cache after waiting for another request to "
                 "compute them.")
       ->SetTotal(static_cast<double>(st.num_inflight_prefix_tokens));
+  m->GetCounter("strata_worker_structured_tokens_total",
+                "Tokens sampled under a structured output's grammar.")
+      ->SetTotal(static_cast<double>(st.num_structured_tokens));
+  m->GetCounter("strata_worker_grammar_mask_seconds_total",
+                "Host time spent on structured output's token masks (summed over threads).")
+      ->SetTotal(st.grammar_mask_seconds);
+  const char* kLookups =
+      "Token-mask results looked up by stack top: kept (hit) or worked out (miss).";
+  m->GetCounter("strata_worker_grammar_mask_lookups_total", kLookups, {{"result", "hit"}})
+      ->SetTotal(static_cast<double>(st.grammar_masks.hits));
+  m->GetCounter("strata_worker_grammar_mask_lookups_total", kLookups, {{"result", "miss"}})
+      ->SetTotal(static_cast<double>(st.grammar_masks.misses));
+  m->GetGauge("strata_worker_grammar_mask_cache_bytes", "Memory of the token-mask results kept.")
+      ->Set(static_cast<double>(st.grammar_masks.bytes));
   const char* kBlocks = "KV blocks per tier: capacity (total) and in use (used).";
   m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "total"}})
       ->Set(static_cast<double>(st.num_total_blocks));
