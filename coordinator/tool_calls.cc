@@ -711,8 +711,26 @@ std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
                                                        absl::string_view name,
                                                        const std::vector<ToolSchema>& tools,
                                                        bool parallel) {
+  // A tool's parameters as a schema of their own inside the call's: with an "$id" (so that their
+  // "#..." references resolve against them, not the call's schema) and an object whatever they say
+  // (arguments that are not one would not be read as a call).
   auto parameters = [](const ToolSchema& t) -> std::string {
-    return t.parameters.empty() ? R"({"type": "object"})" : t.parameters;
+    absl::StatusOr<JsonDocument> d =
+        JsonDocument::Parse(t.parameters.empty() ? "{}" : t.parameters, "parameters");
+    if (!d.ok() || !d->root().IsObject()) return R"({"type": "object"})";
+    std::string extra;
+    if (!d->root().FindField("$id").has_value()) {
+      extra = absl::StrCat(R"("$id": )", JsonQuote(absl::StrCat("urn:strata:tool:", t.name)));
+    }
+    if (!d->root().FindField("type").has_value()) {
+      absl::StrAppend(&extra, extra.empty() ? "" : ", ", R"("type": "object")");
+    }
+    if (extra.empty()) return t.parameters;
+    const std::string& p = t.parameters.empty() ? std::string("{}") : t.parameters;
+    const size_t open = p.find('{');
+    const size_t next = p.find_first_not_of(" \t\r\n", open + 1);
+    const bool members = next != std::string::npos && p[next] != '}';
+    return absl::StrCat(p.substr(0, open + 1), extra, members ? ", " : "", p.substr(open + 1));
   };
   const ToolSchema* named = nullptr;
   for (const ToolSchema& t : tools) {

@@ -647,6 +647,26 @@ TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {
     EXPECT_EQ(p.calls[0].second, R"({"city": "Oslo"})");
     EXPECT_EQ(p.content, "");
   }
+  // The parameters' own references stay theirs inside the call's schema, and arguments are an
+  // object whatever the parameters say.
+  const std::vector<ToolSchema> referring = {
+      {"tree", R"({"$defs": {"leaf": {"type": "integer"}}, "type": "object", "properties": {)"
+               R"("leaf": {"$ref": "#/$defs/leaf"}, "child": {"$ref": "#"}}})"},
+      {"anything", "{}"}};
+  for (const char* name : {"tree", ""}) {
+    auto tree = JsonSchemaGrammar(
+        ForcedToolCallGrammar(ToolCallFormat::kHermes, name, referring, true)->json_schema, "s");
+    ASSERT_TRUE(tree.ok()) << tree.status();
+    EXPECT_TRUE(GrammarAccepts(
+        *tree, R"({"name": "tree", "arguments": {"leaf": 1, "child": {"child": {"leaf": 2}}}})"));
+    EXPECT_FALSE(GrammarAccepts(*tree, R"({"name": "tree", "arguments": {"leaf": "x"}})"));
+    EXPECT_FALSE(GrammarAccepts(
+        *tree, R"({"name": "tree", "arguments": {"child": {"name": "tree", "arguments": {}}}})"));
+    EXPECT_EQ(GrammarAccepts(*tree, R"({"name": "anything", "arguments": {"x": [1]}})"),
+              std::string(name).empty());
+    EXPECT_FALSE(GrammarAccepts(*tree, R"({"name": "anything", "arguments": 5})"));
+  }
+
   // One call only unless parallel calls are allowed (a list format can hold several).
   auto one = JsonSchemaGrammar(
       ForcedToolCallGrammar(ToolCallFormat::kMistral, "get_time", tools, false)->json_schema, "s");

@@ -136,6 +136,10 @@ class GbnfParser {
 
   absl::StatusOr<Seq> Postfix(Seq item) {
     while (true) {
+      // A quantifier may stand apart from its item on the same line.
+      size_t k = i_;
+      while (k < t_.size() && (t_[k] == ' ' || t_[k] == '\t')) ++k;
+      if (k < t_.size() && (t_[k] == '*' || t_[k] == '+' || t_[k] == '?' || t_[k] == '{')) i_ = k;
       absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> q =
           ReadRepetition(t_, &i_, /*spaces=*/true);
       if (!q.ok()) return Error(q.status().message());
@@ -244,7 +248,11 @@ class GbnfParser {
         if (next <= 0x10FFFF) rest.push_back({next, 0x10FFFF});
         ranges = std::move(rest);
       }
-      if (ranges.empty()) return Error("the class matches no character");
+      // Surrogates are not characters: a class of nothing else matches none.
+      if (std::all_of(ranges.begin(), ranges.end(),
+                      [](const auto& r) { return r.first >= 0xD800 && r.second <= 0xDFFF; })) {
+        return Error("the class matches no character");
+      }
       return Seq{b_.Utf8Class("class", std::move(ranges))};
     }
     if (c == '.') {
@@ -252,8 +260,13 @@ class GbnfParser {
       return Seq{b_.Utf8Class("any", {{0, 0x10FFFF}})};
     }
     if (c == '(') {
+      if (depth_ >= kMaxDepth) return Error(absl::StrCat("groups nest deeper than ", kMaxDepth));
       ++i_;
-      ASSIGN_OR_RETURN(std::vector<Seq> alts, Alternatives());
+      ++depth_;
+      absl::StatusOr<std::vector<Seq>> group = Alternatives();
+      --depth_;
+      if (!group.ok()) return group.status();
+      std::vector<Seq> alts = *std::move(group);
       SkipSpace();
       if (AtEnd() || t_[i_] != ')') return Error("expected )");
       ++i_;
@@ -268,8 +281,10 @@ class GbnfParser {
     return Error(absl::StrCat("unexpected '", std::string(1, c), "'"));
   }
 
+  static constexpr int kMaxDepth = 64;
   absl::string_view t_;
   size_t i_ = 0;
+  int depth_ = 0;  // groups open
   GrammarBuilder b_;
   absl::flat_hash_map<std::string, int32_t> rules_;
   absl::flat_hash_map<std::string, size_t> defined_;     // name -> where it is defined

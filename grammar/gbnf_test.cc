@@ -40,6 +40,14 @@ TEST(GbnfTest, BodiesSpanLinesAndEscapesRead) {
   EXPECT_TRUE(GrammarAccepts(g, "hi AbC\xCE\xB1"));
   EXPECT_FALSE(GrammarAccepts(g, "hi ada"));
   EXPECT_FALSE(GrammarAccepts(g, "hi Ada!!"));
+  // Quantifiers may stand apart from their items; groups nest only so deep.
+  auto spaced = Must("root ::= \"a\" * \"b\" {2}");
+  EXPECT_TRUE(GrammarAccepts(spaced, "aabb"));
+  EXPECT_FALSE(GrammarAccepts(spaced, "ab"));
+  absl::StatusOr<std::shared_ptr<const Grammar>> deep =
+      GbnfGrammar("root ::= " + std::string(30000, '('));
+  ASSERT_FALSE(deep.ok());
+  EXPECT_NE(deep.status().message().find("nest deeper than 64"), std::string::npos);
   auto any = Must(R"(root ::= "<" . ">")");
   EXPECT_TRUE(GrammarAccepts(any, "<\n>"));
   EXPECT_TRUE(GrammarAccepts(any, "<\xF0\x9F\x98\x80>"));
@@ -82,6 +90,7 @@ TEST(GbnfTest, ErrorsSayWhere) {
            Case{"root = \"a\"", "expected ::= after the rule name at line 1, column 6"},
            Case{"root ::= \"a\"{3,1}", "out of order"},
            Case{"root ::= (\"a\"", "expected ) at line 1, column 14"},
+           Case{"root ::= [\\uD800-\\uDFFF]", "the class matches no character"},
        }) {
     absl::StatusOr<std::shared_ptr<const Grammar>> g = GbnfGrammar(c.text);
     ASSERT_FALSE(g.ok()) << c.text;

@@ -148,6 +148,17 @@ class SchemaCompiler {
   }
 
   absl::StatusOr<int32_t> Value(const JsonValue& s) {
+    // A schema with an "$id" is a resource of its own: references inside it resolve against it.
+    if (s.IsObject() && s.FindField("$id").has_value()) {
+      resources_.push_back(s);
+      absl::StatusOr<int32_t> v = ValueOf(s);
+      resources_.pop_back();
+      return v;
+    }
+    return ValueOf(s);
+  }
+
+  absl::StatusOr<int32_t> ValueOf(const JsonValue& s) {
     if (b_.num_rules() > kMaxRules) return s.Error("makes the schema's grammar too large");
     if (s.IsBool()) {
       ASSIGN_OR_RETURN(bool b, s.AsBool());
@@ -338,14 +349,18 @@ class SchemaCompiler {
     return b_.Choice("const", {b_.Literal(text)});
   }
 
+  // Resolves "#..." against the innermost schema with an "$id" (the document's root otherwise), as
+  // JSON Schema's base URIs do: a schema embedded in another keeps its own references.
   absl::StatusOr<int32_t> Ref(const JsonValue& at, absl::string_view target) {
-    auto it = refs_.find(target);
+    const JsonValue& base = resources_.empty() ? root_ : resources_.back();
+    const std::string memo = absl::StrCat(base.path(), " ", target);
+    auto it = refs_.find(memo);
     if (it != refs_.end()) return it->second;
     if (target.empty() || target[0] != '#') {
       return at.Error(absl::StrCat(
           "is \"", target, "\": only references inside the schema (\"#...\") are supported"));
     }
-    JsonValue node = root_;
+    JsonValue node = base;
     absl::string_view pointer = target.substr(1);
     if (!pointer.empty()) {
       if (pointer[0] != '/') return at.Error("must be a JSON pointer (\"#/$defs/name\")");
@@ -359,7 +374,7 @@ class SchemaCompiler {
       }
     }
     const int32_t rule = b_.NewRule(absl::StrCat("ref ", target));
-    refs_.emplace(std::string(target), b_.Ref(rule));
+    refs_.emplace(memo, b_.Ref(rule));
     ASSIGN_OR_RETURN(int32_t e, Value(node));
     b_.AddAlternative(rule, {e});
     return b_.Ref(rule);
@@ -543,9 +558,14 @@ class SchemaCompiler {
         alts.push_back(std::move(at));
       }
     }
-    // No lower bound: every negative number.
+    // No lower bound: every negative number (below an exclusive maximum of 0, not "-0").
     if (!b.lo.has_value()) {
-      alts.push_back({b_.Byte('-'), Naturals(0, std::nullopt), any_fraction});
+      if (b.hi_exclusive && *b.hi == 0) {
+        alts.push_back({b_.Byte('-'), Naturals(1, std::nullopt), any_fraction});
+        alts.push_back({b_.Byte('-'), b_.Byte('0'), nonzero_fraction});
+      } else {
+        alts.push_back({b_.Byte('-'), Naturals(0, std::nullopt), any_fraction});
+      }
     }
     if (alts.empty()) return s.Error("has no number between its bounds");
     return b_.Choice("number", std::move(alts));
@@ -729,6 +749,7 @@ class SchemaCompiler {
   }
 
   JsonValue root_;
+  std::vector<JsonValue> resources_;  // the schemas with an "$id" being compiled, innermost last
   GrammarBuilder b_;
   int32_t ws_ = -1;
   int32_t string_ = -1;

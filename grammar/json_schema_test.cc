@@ -150,6 +150,8 @@ TEST(JsonSchemaTest, NumberBoundsThatAreWholeAndNotNegative) {
   ExpectAccepts(Must(R"({"type": "number", "minimum": 3, "exclusiveMaximum": 5})"),
                 {"3", "4.99", "3.0"}, {"5", "5.0", "2.9"});
   ExpectAccepts(Must(R"({"minimum": 1})"), {"1", "2.5"}, {"0.5", "\"a\""});
+  ExpectAccepts(Must(R"({"type": "number", "exclusiveMaximum": 0})"), {"-1", "-0.5", "-0.01"},
+                {"0", "-0", "-0.0", "0.5"});
 }
 
 TEST(JsonSchemaTest, ErrorsNameTheKeywordAndWhere) {

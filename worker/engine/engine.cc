@@ -605,6 +605,8 @@ absl::Status Engine::MaskToGrammar(const Sequence& s, absl::Span<float> row,
   // an ordinary token of the text counts as an end here).
   std::vector<int32_t> held;
   AppendBanned(s, &held);
+  std::sort(held.begin(), held.end());
+  held.erase(std::unique(held.begin(), held.end()), held.end());
   int64_t left = text_tokens;
   for (int32_t t : held) {
     if (t >= 0 && t < masked && allowed[t]) --left;
