@@ -231,9 +231,16 @@ std::shared_ptr<const TokenMasker::Entry> TokenMasker::Lookup(const GrammarMatch
   state.data.assign(top.begin(), top.end());
   std::vector<int32_t> uncertain;
   vocabulary_->Classify(*g, state, &entry->accepted, &uncertain);
+  const size_t words = (static_cast<size_t>(vocabulary_->vocab_size()) + 63) / 64;
+  if (entry->accepted.size() * 2 > words) {
+    entry->accepted_bits.assign(words, 0);
+    for (int32_t t : entry->accepted) entry->accepted_bits[t >> 6] |= uint64_t{1} << (t & 63);
+    entry->accepted = {};
+  }
   if (!uncertain.empty()) entry->uncertain = std::make_unique<TokenTrie>(*vocabulary_, uncertain);
   entry->bytes = static_cast<int64_t>(sizeof(Entry) + 2 * key.size() +
-                                      entry->accepted.size() * sizeof(int32_t)) +
+                                      entry->accepted.size() * sizeof(int32_t) +
+                                      entry->accepted_bits.size() * sizeof(uint64_t)) +
                  (entry->uncertain != nullptr ? entry->uncertain->memory_bytes() : 0);
   absl::MutexLock lock(&mu_);
   auto it = index_.find(key);
@@ -260,6 +267,11 @@ int64_t TokenMasker::Allowed(const GrammarMatcher& matcher, absl::Span<uint8_t> 
     const size_t k = std::min<size_t>(kMaskKeyFrames, stack.size());
     const std::shared_ptr<const Entry> e = Lookup(matcher, stack.subspan(stack.size() - k));
     for (int32_t t : e->accepted) allowed[t] = 1;
+    for (size_t w = 0; w < e->accepted_bits.size(); ++w) {
+      for (uint64_t bits = e->accepted_bits[w]; bits != 0; bits &= bits - 1) {
+        allowed[w * 64 + static_cast<size_t>(__builtin_ctzll(bits))] = 1;
+      }
+    }
     // Past the top frames only where there are frames below them.
     if (e->uncertain != nullptr && stack.size() > k) {
       single.Clear();

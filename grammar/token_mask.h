@@ -111,7 +111,10 @@ class TokenMasker {
  private:
   struct Entry {
     std::shared_ptr<const Grammar> grammar;  // keeps the key's grammar pointer unique
+    // The tokens allowed whatever lies below: as a list when few, else as a bitset over the
+    // vocabulary (inside a string most of a 150 k vocabulary: 19 KB instead of 560 KB).
     std::vector<int32_t> accepted;
+    std::vector<uint64_t> accepted_bits;
     std::unique_ptr<TokenTrie> uncertain;
     int64_t bytes = 0;
   };
