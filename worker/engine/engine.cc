@@ -564,19 +564,22 @@ void Engine::AppendBanned(const Sequence& s, std::vector<int32_t>* out) const {
   out->insert(out->end(), s.options.stop_token_ids.begin(), s.options.stop_token_ids.end());
 }
 
-absl::Status Engine::MaskToGrammar(const Sequence& s, absl::Span<float> row,
-                                   std::vector<int32_t>* banned) const {
+absl::Status Engine::ComputeMask(const Sequence& s, std::vector<uint8_t>* allowed) const {
   if (s.matcher->Overloaded()) {
     return absl::InvalidArgumentError(
         "the structured output is too ambiguous to follow here (more than 256 readings at once)");
   }
-  const int32_t V = static_cast<int32_t>(row.size());
-  thread_local std::vector<uint8_t> allowed;
-  allowed.resize(masker_->vocabulary().vocab_size());
+  allowed->resize(masker_->vocabulary().vocab_size());
   const absl::Time start = absl::Now();
-  masker_->Allowed(*s.matcher, absl::MakeSpan(allowed));
+  masker_->Allowed(*s.matcher, absl::MakeSpan(*allowed));
   grammar_mask_ns_.fetch_add(absl::ToInt64Nanoseconds(absl::Now() - start),
                              std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ApplyMask(const Sequence& s, absl::Span<const uint8_t> allowed,
+                               absl::Span<float> row, std::vector<int32_t>* banned) const {
+  const int32_t V = static_cast<int32_t>(row.size());
   // The ends (EOS unless ignore_eos, and stop tokens) keep their logits where the text is
   // complete; they have no bytes, so the grammar never allows them itself.
   std::vector<std::pair<int32_t, float>> ends;
@@ -819,6 +822,44 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   if (!sampled_on_gpu) {
     std::iota(host_row.begin(), host_row.end(), 0);
   }
+  // Constrained rows' token masks depend only on their matchers, which this step does not move: on
+  // the GPU engine they are worked out on the host threads while the GPU runs the step. (The CPU
+  // engine's threads run the model; it masks after.)
+  std::vector<std::vector<uint8_t>> masks(uses.size());
+  std::vector<absl::Status> mask_errors(uses.size());
+  std::vector<char> mask_ready(uses.size(), 0);
+  std::thread mask_thread;
+  if (gpu_ != nullptr && masker_ != nullptr) {
+    std::vector<size_t> rows;
+    for (size_t u = 0; u < uses.size(); ++u) {
+      const Sequence* s = plan[uses[u].chunk].seq;
+      if (s->matcher.has_value() && uses[u].position + 1 >= s->prompt_len) rows.push_back(u);
+    }
+    for (size_t u : rows) mask_ready[u] = 1;
+    if (!rows.empty()) {
+      mask_thread = std::thread([&, rows = std::move(rows)] {
+        auto work = [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const size_t u = rows[i];
+            mask_errors[u] = ComputeMask(*plan[uses[u].chunk].seq, &masks[u]);
+          }
+        };
+        const int64_t n = static_cast<int64_t>(rows.size());
+        if (host_pool_ != nullptr && n > 1) {
+          host_pool_->ParallelFor(n, 1, work);
+        } else {
+          work(0, n);
+        }
+      });
+    }
+  }
+  // Joined before the step goes on past the model, or returns early.
+  struct JoinOnExit {
+    std::thread* t;
+    ~JoinOnExit() {
+      if (t->joinable()) t->join();
+    }
+  } join_masks{&mask_thread};
   std::vector<int32_t> gpu_tokens;
   std::vector<float> gpu_logprobs;
   if (sampled_on_gpu) {
@@ -864,6 +905,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     RETURN_IF_ERROR(runner_->Forward(batch, caches_[0], absl::MakeSpan(logits_)));
   }
 
+  if (mask_thread.joinable()) mask_thread.join();
   for (const Chunk& ch : plan) {
     ch.seq->num_computed += ch.count;
     PublishFullBlocks(ch.seq);
@@ -901,7 +943,10 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       }
       std::vector<int32_t> banned;
       if (s->matcher.has_value()) {
-        if (absl::Status st = MaskToGrammar(*s, row, &banned); !st.ok()) {
+        thread_local std::vector<uint8_t> local;
+        absl::Status st = mask_ready[u] ? mask_errors[u] : ComputeMask(*s, &local);
+        if (st.ok()) st = ApplyMask(*s, mask_ready[u] ? masks[u] : local, row, &banned);
+        if (!st.ok()) {
           host_result[u].token = -1;  // the request fails below
           host_error[u] = std::move(st);
           continue;

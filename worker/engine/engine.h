@@ -342,13 +342,16 @@ class Engine {
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
   // Appends the tokens `s` may not sample now: EOS and its stop tokens until min_tokens.
   void AppendBanned(const Sequence& s, std::vector<int32_t>* out) const;
-  // For a sequence with a grammar: sets the logits of the tokens its grammar does not allow next
-  // to -inf (EOS, unless ignore_eos, and stop tokens count as allowed where its text is complete)
-  // and appends to `banned` the tokens AppendBanned would, unless nothing else would be left.
-  // INVALID_ARGUMENT when no token is allowed at all (a vocabulary without the bytes the grammar
-  // needs) or the grammar has become too ambiguous to follow (GrammarMatcher::Overloaded).
-  absl::Status MaskToGrammar(const Sequence& s, absl::Span<float> row,
-                             std::vector<int32_t>* banned) const;
+  // For a sequence with a grammar: the tokens its grammar allows next (TokenMasker::Allowed),
+  // or INVALID_ARGUMENT when the grammar has become too ambiguous to follow
+  // (GrammarMatcher::Overloaded). Thread-safe.
+  absl::Status ComputeMask(const Sequence& s, std::vector<uint8_t>* allowed) const;
+  // Sets the logits of the tokens `allowed` leaves out to -inf (EOS, unless ignore_eos, and stop
+  // tokens count as allowed where the text is complete) and appends to `banned` the tokens
+  // AppendBanned would, unless nothing else would be left. INVALID_ARGUMENT when no token is
+  // allowed at all (a vocabulary without the bytes the grammar needs).
+  absl::Status ApplyMask(const Sequence& s, absl::Span<const uint8_t> allowed,
+                         absl::Span<float> row, std::vector<int32_t>* banned) const;
 
   const ModelWeights* weights_;
   EngineConfig config_;
