@@ -204,6 +204,7 @@ absl::Status GenerateCommand(const Args& args, std::FILE* out) {
     for (const std::string& c : choices) so->mutable_choice()->add_texts(c);
     ++constraints;
   }
+  if (args.Has("compact-json")) so->set_compact_json(true);
   if (constraints > 1) {
     return absl::InvalidArgumentError(
         "give at most one of --json-schema, --json-object, --regex, --grammar and --choice");

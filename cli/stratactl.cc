@@ -14,7 +14,7 @@
 //       [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //       [--stop STR]... [--ignore-eos] [--logprobs K] [--cache-salt S] [--fine-tune ID]
 //       [--json-schema SCHEMA|@FILE | --json-object | --regex RE | --grammar GBNF|@FILE |
-//        --choice TEXT...] [--timeout-s N] [--json]
+//        --choice TEXT...] [--compact-json] [--timeout-s N] [--json]
 //   stratactl status [--coordinator ADDR] [--json]
 //   stratactl drain WORKER [--coordinator ADDR] [--resume] [--wait] [--timeout-s N] [--json]
 //   stratactl plan --model DIR|CONFIG.json [--gpu NAME] [workload and sizing flags] [--emit ...]
@@ -57,7 +57,7 @@ constexpr char kUsage[] =
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
     "      [--ignore-eos] [--logprobs K] [--cache-salt S] [--fine-tune ID] [--timeout-s N]\n"
     "      [--json-schema SCHEMA|@FILE | --json-object | --regex RE | --grammar GBNF|@FILE |\n"
-    "       --choice TEXT...] [--json]\n"
+    "       --choice TEXT...] [--compact-json] [--json]\n"
     "  stratactl status [--json]\n"
     "  stratactl drain WORKER [--resume] [--wait] [--timeout-s N] [--json]\n"
     "capacity planning (docs/KUBERNETES.md):\n"
@@ -145,7 +145,7 @@ int main(int argc, char** argv) {
   }
   if (command == "generate") {
     auto args = strata::Args::Parse(
-        rest, {"json", "ignore-eos", "json-object"},
+        rest, {"json", "ignore-eos", "json-object", "compact-json"},
         {"coordinator", "model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-p",
          "top-k", "min-p", "seed", "stop", "logprobs", "cache-salt", "fine-tune", "timeout-s",
          "json-schema", "regex", "grammar", "choice"});

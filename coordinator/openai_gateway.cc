@@ -423,13 +423,18 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
         RETURN_IF_ERROR(claim(value, "structured_outputs.grammar"));
         ASSIGN_OR_RETURN(const absl::string_view grammar, value.AsString());
         out->set_grammar(std::string(grammar));
+      } else if (key == "disable_any_whitespace") {
+        ASSIGN_OR_RETURN(const bool compact, value.AsBool());
+        out->set_compact_json(compact);
       } else if (key == "json_object") {
         ASSIGN_OR_RETURN(const bool on, value.AsBool());
         if (!on) continue;
         RETURN_IF_ERROR(claim(value, "structured_outputs.json_object"));
         out->set_json_object(true);
       } else {
-        return value.Error("is not supported (json, regex, choice, grammar and json_object are)");
+        return value.Error(
+            "is not supported (json, regex, choice, grammar, json_object and "
+            "disable_any_whitespace are)");
       }
     }
   }

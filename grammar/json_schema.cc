@@ -72,7 +72,8 @@ std::optional<std::string> FormatPattern(absl::string_view format) {
 
 class SchemaCompiler {
  public:
-  explicit SchemaCompiler(JsonValue root) : root_(std::move(root)) {}
+  SchemaCompiler(JsonValue root, int max_whitespace)
+      : root_(std::move(root)), max_whitespace_(max_whitespace) {}
 
   GrammarBuilder& builder() { return b_; }
 
@@ -80,7 +81,7 @@ class SchemaCompiler {
     if (ws_ < 0) {
       ByteSet s;
       for (char c : {' ', '\t', '\n', '\r'}) s.Add(static_cast<uint8_t>(c));
-      ws_ = b_.Repeat("ws", {b_.Bytes(s)}, 0, kMaxJsonWhitespace);
+      ws_ = b_.Repeat("ws", {b_.Bytes(s)}, 0, max_whitespace_);
     }
     return ws_;
   }
@@ -751,6 +752,7 @@ class SchemaCompiler {
   JsonValue root_;
   std::vector<JsonValue> resources_;  // the schemas with an "$id" being compiled, innermost last
   GrammarBuilder b_;
+  const int max_whitespace_;
   int32_t ws_ = -1;
   int32_t string_ = -1;
   int32_t any_ = -1;
@@ -761,18 +763,20 @@ class SchemaCompiler {
 
 }  // namespace
 
-absl::StatusOr<std::shared_ptr<const Grammar>> AnyJsonGrammar(bool object_only) {
+absl::StatusOr<std::shared_ptr<const Grammar>> AnyJsonGrammar(bool object_only,
+                                                              int max_whitespace) {
   ASSIGN_OR_RETURN(JsonDocument doc, JsonDocument::Parse("true", "any"));
-  SchemaCompiler c(doc.root());
+  SchemaCompiler c(doc.root(), max_whitespace);
   const int32_t root = c.builder().NewRule("root");
   c.builder().AddAlternative(root, {c.Ws(), object_only ? c.AnyObject() : c.AnyValue()});
   return std::move(c.builder()).Build(root);
 }
 
 absl::StatusOr<std::shared_ptr<const Grammar>> JsonSchemaGrammar(absl::string_view schema,
-                                                                 absl::string_view source) {
+                                                                 absl::string_view source,
+                                                                 int max_whitespace) {
   ASSIGN_OR_RETURN(JsonDocument doc, JsonDocument::Parse(schema, std::string(source)));
-  SchemaCompiler c(doc.root());
+  SchemaCompiler c(doc.root(), max_whitespace);
   const int32_t root = c.builder().NewRule("root");
   ASSIGN_OR_RETURN(int32_t value, c.Value(doc.root()));
   // Whitespace may lead (a SentencePiece model's first token often starts with a space).

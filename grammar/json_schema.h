@@ -37,14 +37,16 @@ namespace strata {
 
 inline constexpr int kMaxJsonWhitespace = 32;
 
-// Any JSON value; with `object_only`, any JSON object (OpenAI's json_object mode).
-absl::StatusOr<std::shared_ptr<const Grammar>> AnyJsonGrammar(bool object_only);
+// Any JSON value; with `object_only`, any JSON object (OpenAI's json_object mode). Both take the
+// whitespace allowed in each gap (0: compact JSON).
+absl::StatusOr<std::shared_ptr<const Grammar>> AnyJsonGrammar(
+    bool object_only, int max_whitespace = kMaxJsonWhitespace);
 
 // The JSON texts valid under `schema` (a JSON schema, as JSON text). Errors are INVALID_ARGUMENT
 // and name `source` and the schema path: `response_format.json_schema.schema: field
 // "properties.age" uses "minimum", which is not supported`.
-absl::StatusOr<std::shared_ptr<const Grammar>> JsonSchemaGrammar(absl::string_view schema,
-                                                                 absl::string_view source);
+absl::StatusOr<std::shared_ptr<const Grammar>> JsonSchemaGrammar(
+    absl::string_view schema, absl::string_view source, int max_whitespace = kMaxJsonWhitespace);
 
 }  // namespace strata
 

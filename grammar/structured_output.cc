@@ -28,14 +28,15 @@ absl::StatusOr<std::shared_ptr<const Grammar>> Compile(const v1::StructuredOutpu
       return std::shared_ptr<const Grammar>();
     case v1::StructuredOutput::kJsonObject:
       if (!spec.json_object()) return std::shared_ptr<const Grammar>();
-      return AnyJsonGrammar(/*object_only=*/true);
+      return AnyJsonGrammar(/*object_only=*/true, spec.compact_json() ? 0 : kMaxJsonWhitespace);
     case v1::StructuredOutput::kJsonSchema: {
       const std::string name = absl::StrCat(field, ".json_schema");
       if (spec.json_schema().size() > kMaxJsonSchemaBytes) {
         return Invalid(name, absl::StrCat("must be at most ", kMaxJsonSchemaBytes, " bytes"));
       }
       // JsonSchemaGrammar names the source itself.
-      return JsonSchemaGrammar(spec.json_schema(), name);
+      return JsonSchemaGrammar(spec.json_schema(), name,
+                               spec.compact_json() ? 0 : kMaxJsonWhitespace);
     }
     case v1::StructuredOutput::kRegex: {
       const std::string name = absl::StrCat(field, ".regex");

@@ -26,6 +26,13 @@ TEST(StructuredOutputTest, EachKindCompiles) {
   EXPECT_TRUE(GrammarAccepts(*schema, R"({"ok": true})"));
   EXPECT_FALSE(GrammarAccepts(*schema, R"({"ok": 1})"));
 
+  spec.set_compact_json(true);
+  auto compact = CompileStructuredOutput(spec, "so");
+  ASSERT_TRUE(compact.ok()) << compact.status();
+  EXPECT_TRUE(GrammarAccepts(*compact, R"({"ok":true})"));
+  EXPECT_FALSE(GrammarAccepts(*compact, R"({"ok": true})"));
+  spec.set_compact_json(false);
+
   spec.set_regex(R"(\d{3}-[A-Z]+)");
   auto regex = CompileStructuredOutput(spec, "so");
   ASSERT_TRUE(regex.ok()) << regex.status();

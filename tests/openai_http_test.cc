@@ -1107,6 +1107,19 @@ TEST_F(OpenAiHttpTest, StructuredOutputFollowsTheRequestedShape) {
   for (size_t i = 0; i < number.size(); ++i) {
     EXPECT_TRUE(i == 3 ? number[i] == '-' : absl::ascii_isdigit(number[i])) << number;
   }
+  // Compact JSON on request (vLLM's disable_any_whitespace): no whitespace anywhere.
+  const HttpReply compact = Http(
+      port_, "POST", "/v1/completions",
+      CompletionBody(200, 8,
+                     R"(, "structured_outputs": {"json": {"type": "object", "properties": {"k":)"
+                     R"( {"enum": ["a", "b"]}, "n": {"type": "boolean"}}, "required": ["k", "n"]},)"
+                     R"( "disable_any_whitespace": true})"));
+  ASSERT_EQ(compact.status, 200) << compact.body;
+  const std::string tight = Str(Choice(Json(compact.body)), "text");
+  EXPECT_TRUE(tight == R"({"k":"a","n":true})" || tight == R"({"k":"a","n":false})" ||
+              tight == R"({"k":"b","n":true})" || tight == R"({"k":"b","n":false})")
+      << tight;
+
   // A GBNF grammar (vLLM's structured_outputs.grammar).
   const HttpReply gbnf = Http(
       port_, "POST", "/v1/completions",
