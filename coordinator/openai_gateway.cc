@@ -477,7 +477,9 @@ void ConstrainForcedCall(ToolCallFormat format, CompletionCall& call) {
     v1::StructuredOutput so;
     so.set_json_schema(std::move(g->json_schema));
     so.set_prefix(std::move(g->prefix));
-    if (CompileStructuredOutput(so, "forced call").ok()) {
+    // Clients send the same tools with request after request: their grammars are kept.
+    static GrammarCache* const checked = new GrammarCache(64);
+    if (checked->Get(so, "forced call").ok()) {
       *call.request.mutable_sampling()->mutable_structured_output() = std::move(so);
       return;
     }
