@@ -30,6 +30,7 @@ PACKAGES=(
   python3
   python3-numpy          # reference forward pass used to generate test data
   python3-yaml           # tests/k8s_test reads the Kubernetes manifests
+  python3-jsonschema     # grammar/schema_soundness_test validates generated JSON independently
   iproute2               # tests/k8s_test gives each pod its own network namespace
 )
 
