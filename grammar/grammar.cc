@@ -635,6 +635,39 @@ absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> ReadRepetition(absl::
   return bounds;
 }
 
+std::optional<std::string> RandomSentence(const std::shared_ptr<const Grammar>& grammar,
+                                          std::mt19937_64& rng, size_t max_bytes,
+                                          const std::function<void(const GrammarMatcher&)>& visit) {
+  GrammarMatcher m(grammar);
+  std::string text;
+  static constexpr absl::string_view kStructural = "\"}],:0123456789tfn";
+  std::vector<uint8_t> all, preferred, ascii;
+  while (text.size() < max_bytes) {
+    if (visit) visit(m);
+    if (m.IsComplete() && (!m.CanContinue() || rng() % 2 == 0)) return text;
+    const ByteSet next = m.NextBytes();
+    all.clear();
+    preferred.clear();
+    ascii.clear();
+    for (int b = 0; b < 256; ++b) {
+      if (!next.Has(static_cast<uint8_t>(b))) continue;
+      all.push_back(static_cast<uint8_t>(b));
+      if (b < 0x80) ascii.push_back(static_cast<uint8_t>(b));
+      if (kStructural.find(static_cast<char>(b)) != absl::string_view::npos) {
+        preferred.push_back(static_cast<uint8_t>(b));
+      }
+    }
+    if (all.empty()) return std::nullopt;
+    const std::vector<uint8_t>& from = !preferred.empty() && rng() % 3 == 0 ? preferred
+                                       : !ascii.empty() && rng() % 8 != 0   ? ascii
+                                                                            : all;
+    const char c = static_cast<char>(from[rng() % from.size()]);
+    if (!m.Advance(absl::string_view(&c, 1))) return std::nullopt;
+    text += c;
+  }
+  return std::nullopt;
+}
+
 bool GrammarAccepts(const std::shared_ptr<const Grammar>& grammar, absl::string_view text) {
   GrammarMatcher m(grammar);
   return m.Advance(text) && m.IsComplete();

@@ -18,8 +18,10 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -204,6 +206,14 @@ class GrammarMatcher {
   GrammarState state_;
   GrammarState scratch_;
 };
+
+// A random sentence of `grammar`: a walk that takes a random allowed byte at each step (JSON's
+// structural bytes and ASCII more often than the rest, so that walks end) and stops at a complete
+// sentence half of the time; nullopt past `max_bytes`. `visit` (may be null) sees the matcher
+// before each byte. For tests, and for warming token masks.
+std::optional<std::string> RandomSentence(
+    const std::shared_ptr<const Grammar>& grammar, std::mt19937_64& rng, size_t max_bytes,
+    const std::function<void(const GrammarMatcher&)>& visit = nullptr);
 
 // Whether `text` is a complete sentence of `grammar` (for tests and validation).
 bool GrammarAccepts(const std::shared_ptr<const Grammar>& grammar, absl::string_view text);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <random>
 #include <utility>
 
 namespace strata {
@@ -214,7 +215,7 @@ std::shared_ptr<const TokenMasker::Entry> TokenMasker::Lookup(const GrammarMatch
   std::memcpy(key.data(), &g, sizeof(g));
   std::memcpy(key.data() + sizeof(g), top.data(), top.size() * sizeof(int32_t));
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     auto it = index_.find(key);
     if (it != index_.end()) {
       lru_.splice(lru_.begin(), lru_, it->second);
@@ -242,7 +243,7 @@ std::shared_ptr<const TokenMasker::Entry> TokenMasker::Lookup(const GrammarMatch
                                       entry->accepted.size() * sizeof(int32_t) +
                                       entry->accepted_bits.size() * sizeof(uint64_t)) +
                  (entry->uncertain != nullptr ? entry->uncertain->memory_bytes() : 0);
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   auto it = index_.find(key);
   if (it != index_.end()) return it->second->second;  // worked out meanwhile by another row
   lru_.emplace_front(key, entry);
@@ -285,8 +286,22 @@ int64_t TokenMasker::Allowed(const GrammarMatcher& matcher, absl::Span<uint8_t> 
   return count;
 }
 
+void TokenMasker::Warm(const std::shared_ptr<const Grammar>& grammar, int walks, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  for (int w = 0; w < walks; ++w) {
+    RandomSentence(grammar, rng, 4096, [this](const GrammarMatcher& m) {
+      const GrammarState& state = m.state();
+      for (int32_t i = 0; i < state.num_stacks(); ++i) {
+        const absl::Span<const int32_t> stack = state.stack(i);
+        const size_t k = std::min<size_t>(kMaskKeyFrames, stack.size());
+        Lookup(m, stack.subspan(stack.size() - k));
+      }
+    });
+  }
+}
+
 TokenMaskerStats TokenMasker::stats() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return stats_;
 }
 

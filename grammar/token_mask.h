@@ -20,12 +20,11 @@
 #include <cstdint>
 #include <list>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "grammar/grammar.h"
 
@@ -103,10 +102,14 @@ class TokenMasker {
 
   // As TokenTrie::Allowed for the matcher's state (allowed has vocabulary().vocab_size()
   // entries).
-  int64_t Allowed(const GrammarMatcher& matcher, absl::Span<uint8_t> allowed)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  int64_t Allowed(const GrammarMatcher& matcher, absl::Span<uint8_t> allowed);
 
-  TokenMaskerStats stats() const ABSL_LOCKS_EXCLUDED(mu_);
+  TokenMaskerStats stats() const;
+
+  // Works out ahead the results for the stack tops that `walks` random sentences of `grammar`
+  // pass through (RandomSentence, from `seed`), so that the first requests under a new grammar
+  // seldom meet a top for the first time. Thread-safe; for a background thread.
+  void Warm(const std::shared_ptr<const Grammar>& grammar, int walks, uint64_t seed);
 
  private:
   struct Entry {
@@ -120,15 +123,16 @@ class TokenMasker {
   };
   using Lru = std::list<std::pair<std::string, std::shared_ptr<const Entry>>>;
 
-  std::shared_ptr<const Entry> Lookup(const GrammarMatcher& matcher, absl::Span<const int32_t> top)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  std::shared_ptr<const Entry> Lookup(const GrammarMatcher& matcher, absl::Span<const int32_t> top);
 
   const std::shared_ptr<const TokenTrie> vocabulary_;
   const int64_t max_cached_bytes_;
-  mutable absl::Mutex mu_;
-  Lru lru_ ABSL_GUARDED_BY(mu_);  // most recently used first
-  absl::flat_hash_map<std::string, Lru::iterator> index_ ABSL_GUARDED_BY(mu_);
-  TokenMaskerStats stats_ ABSL_GUARDED_BY(mu_);
+  // A std::mutex, which TSAN sees (Debian's absl::Mutex is uninstrumented): rows are masked on
+  // several threads, and warmed on another.
+  mutable std::mutex mu_;
+  Lru lru_;  // most recently used first; lru_, index_ and stats_ guarded by mu_
+  absl::flat_hash_map<std::string, Lru::iterator> index_;
+  TokenMaskerStats stats_;
 };
 
 }  // namespace strata

@@ -112,6 +112,37 @@ TEST(TokenMaskTest, TheMaskerAllowsWhatTheWalkAllows) {
   EXPECT_EQ(got, want);
 }
 
+// Warmed by random sentences, a masker meets few stack tops for the first time in a generation.
+TEST(TokenMaskTest, WarmingWorksOutMostTopsAhead) {
+  auto trie = std::make_shared<const TokenTrie>(TinyVocabulary());
+  auto grammar = JsonSchemaGrammar(
+      R"({"type": "object", "properties": {"title": {"type": "string"}, "year": {"type":
+          "integer"}, "tags": {"type": "array", "items": {"type": "string"}}},
+          "required": ["title", "year", "tags"]})",
+      "schema");
+  ASSERT_TRUE(grammar.ok());
+  const std::string text = R"({"title": "On the Origin", "year": 1859, "tags": ["a", "bc"]})";
+  std::vector<uint8_t> allowed(trie->vocab_size());
+  auto misses_in_generation = [&](TokenMasker& masker) {
+    const int64_t before = masker.stats().misses;
+    GrammarMatcher m(*grammar);
+    for (size_t i = 0; i <= text.size(); ++i) {
+      masker.Allowed(m, absl::MakeSpan(allowed));
+      if (i < text.size()) {
+        EXPECT_TRUE(m.Advance(text.substr(i, 1)));
+      }
+    }
+    return masker.stats().misses - before;
+  };
+  TokenMasker cold(trie, int64_t{64} << 20);
+  TokenMasker warm(trie, int64_t{64} << 20);
+  warm.Warm(*grammar, 8, 1);
+  const int64_t cold_misses = misses_in_generation(cold);
+  const int64_t warm_misses = misses_in_generation(warm);
+  EXPECT_GT(cold_misses, 20);
+  EXPECT_LT(warm_misses * 4, cold_misses) << warm_misses << " of " << cold_misses;
+}
+
 TEST(TokenMaskTest, ClassifySplitsAtTheEndOfTheStack) {
   // "ab" then the end: "a" and "ab" fit within, "abc" runs past the end, "b" never fits.
   const TokenTrie trie({"a", "ab", "abc", "b", "abx"});

@@ -19,4 +19,6 @@ if [[ $# -eq 0 ]]; then
     //coordinator:tool_calls_test //grammar/...
   bazel test --config=tsan //memtier/... //worker/comm/...
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
+  # Structured output's masks are computed on several threads and warmed on another.
+  bazel test --config=tsan //worker/engine:engine_structured_test
 fi

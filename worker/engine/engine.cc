@@ -163,6 +163,43 @@ Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig conf
   (void)comm;
   if (config_.vocabulary != nullptr) {
     masker_ = std::make_unique<TokenMasker>(config_.vocabulary, config_.grammar_mask_cache_bytes);
+    if (config_.grammar_warm_walks < 0)
+      config_.grammar_warm_walks = config_.device == "gpu" ? 8 : 0;
+    if (config_.grammar_warm_walks > 0) warm_thread_ = std::thread([this] { WarmLoop(); });
+  }
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lock(warm_mu_);
+    warm_stop_ = true;
+  }
+  warm_cv_.notify_all();
+  if (warm_thread_.joinable()) warm_thread_.join();
+}
+
+void Engine::WarmGrammar(const std::shared_ptr<const Grammar>& grammar) {
+  if (!warm_thread_.joinable() || !warmed_.insert(grammar.get()).second) return;
+  if (warmed_.size() > 100000) warmed_.clear();  // addresses of grammars long gone
+  {
+    std::lock_guard<std::mutex> lock(warm_mu_);
+    warm_queue_.push_back(grammar);
+  }
+  warm_cv_.notify_one();
+}
+
+void Engine::WarmLoop() {
+  uint64_t seed = 1;
+  while (true) {
+    std::shared_ptr<const Grammar> grammar;
+    {
+      std::unique_lock<std::mutex> lock(warm_mu_);
+      warm_cv_.wait(lock, [this] { return warm_stop_ || !warm_queue_.empty(); });
+      if (warm_stop_) return;
+      grammar = std::move(warm_queue_.front());
+      warm_queue_.pop_front();
+    }
+    masker_->Warm(grammar, config_.grammar_warm_walks, seed++);
   }
 }
 
@@ -258,6 +295,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
       o.cache_salt);
   s->options = std::move(o);
   s->matcher = std::move(matcher);
+  if (s->options.grammar != nullptr) WarmGrammar(s->options.grammar);
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) LookUpAndPrefetch(s.get());
   Enqueue(std::move(s), /*ahead_of_equals=*/false);
   return absl::OkStatus();
