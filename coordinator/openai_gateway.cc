@@ -459,9 +459,9 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
 }
 
 // A forced call's text kept to a well-formed call of the request's tools (ForcedToolCallGrammar),
-// as structured output continuing the forced prefix. A tool whose parameters' schema cannot be
-// enforced has them taken as any object; a call no grammar keeps (pythonic, Qwen3-Coder, more
-// tools than a matcher follows at once) stays free text.
+// as structured output continuing the forced prefix (for Qwen3-Coder's XML calls, a GBNF grammar).
+// A tool whose parameters' schema cannot be enforced has them taken as any object; a call no
+// grammar keeps (pythonic, more tools than a matcher follows at once) stays free text.
 void ConstrainForcedCall(ToolCallFormat format, CompletionCall& call) {
   std::vector<ToolSchema> tools;
   for (size_t i = 0; i < call.tool_names.size(); ++i) {
@@ -475,8 +475,14 @@ void ConstrainForcedCall(ToolCallFormat format, CompletionCall& call) {
         ForcedToolCallGrammar(format, call.tool_choice_name, tools, call.parallel_tool_calls);
     if (!g.has_value()) return;
     v1::StructuredOutput so;
-    so.set_json_schema(std::move(g->json_schema));
-    so.set_prefix(std::move(g->prefix));
+    if (!g->gbnf.empty()) {
+      // Its parameters come from the schema's properties; without them no call is left to keep.
+      if (attempt == 1) return;
+      so.set_grammar(std::move(g->gbnf));
+    } else {
+      so.set_json_schema(std::move(g->json_schema));
+      so.set_prefix(std::move(g->prefix));
+    }
     // Clients send the same tools with request after request: their grammars are kept.
     static GrammarCache* const checked = new GrammarCache(64);
     if (checked->Get(so, "forced call").ok()) {

@@ -10,6 +10,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -707,6 +708,104 @@ std::string ForcedToolCallPrefix(ToolCallFormat format, absl::string_view name) 
   return "";
 }
 
+namespace {
+
+// `text` as a GBNF literal.
+std::string GbnfQuote(absl::string_view text) {
+  std::string out = "\"";
+  for (char c : text) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      absl::StrAppend(&out, "\\", std::string(1, c));
+    } else if (u < 0x20) {
+      absl::StrAppend(&out, absl::StrFormat("\\x%02x", u));
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+// The rest of a forced Qwen3-Coder call after ForcedToolCallPrefix: for a named call its
+// parameters and </function>; for any call, the name and '>' first. A parameter's value is typed
+// where the tool's schema types it (integer, number, boolean, null; object and array as any JSON)
+// and otherwise any text without "</parameter>" (which would end it early).
+std::string Qwen3CoderGrammar(absl::string_view name, const std::vector<ToolSchema>& tools) {
+  std::string g;
+  // Text without "</parameter>": state k has matched its first k characters.
+  constexpr absl::string_view kClose = "</parameter>";
+  for (size_t k = 0; k < kClose.size(); ++k) {
+    absl::StrAppend(&g, "text", k, " ::= \"\"");
+    if (k + 1 < kClose.size()) {
+      absl::StrAppend(&g, " | ", GbnfQuote(kClose.substr(k, 1)), " text", k + 1);
+    }
+    if (k > 0) absl::StrAppend(&g, " | \"<\" text1");
+    const std::string other = k == 0 ? "<" : absl::StrCat("<", kClose.substr(k, 1));
+    absl::StrAppend(&g, " | [^", other, "] text0\n");
+  }
+  absl::StrAppend(&g,
+                  "integer ::= \"-\"? [0-9]+\n"
+                  "number ::= \"-\"? [0-9]+ (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n"
+                  "boolean ::= \"true\" | \"false\"\n"
+                  "null ::= \"null\"\n"
+                  "json ::= jobject | jarray | jstring | number | boolean | null\n"
+                  "jobject ::= \"{\" ws (jstring ws \":\" ws json (ws \",\" ws jstring ws \":\" ws "
+                  "json)*)? ws \"}\"\n"
+                  "jarray ::= \"[\" ws (json (ws \",\" ws json)*)? ws \"]\"\n"
+                  "jstring ::= \"\\\"\" ([^\"\\\\\\x00-\\x1f] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" "
+                  "[0-9a-fA-F]{4}))* \"\\\"\"\n"
+                  "ws ::= [ \\t\\n]{0,32}\n");
+  std::vector<std::string> calls;
+  int index = 0;
+  for (const ToolSchema& t : tools) {
+    if (!name.empty() && t.name != name) continue;
+    const std::string rule = absl::StrCat("call", index++);
+    std::string body;
+    absl::StatusOr<JsonDocument> d =
+        JsonDocument::Parse(t.parameters.empty() ? "{}" : t.parameters, "parameters");
+    std::vector<std::string> required;
+    if (d.ok()) {
+      if (std::optional<JsonValue> r = d->root().FindField("required")) {
+        if (absl::StatusOr<std::vector<JsonValue>> names = r->AsArray(); names.ok()) {
+          for (const JsonValue& n : *names) {
+            if (absl::StatusOr<absl::string_view> s = n.AsString(); s.ok())
+              required.emplace_back(*s);
+          }
+        }
+      }
+      if (std::optional<JsonValue> props = d->root().FindField("properties")) {
+        if (absl::StatusOr<std::vector<std::pair<absl::string_view, JsonValue>>> members =
+                props->AsObject();
+            members.ok()) {
+          for (const auto& [key, schema] : *members) {
+            std::string value = "text0";
+            if (absl::StatusOr<absl::string_view> type = schema.StringField("type"); type.ok()) {
+              if (*type == "integer" || *type == "number" || *type == "boolean" ||
+                  *type == "null") {
+                value = std::string(*type);
+              } else if (*type == "object" || *type == "array") {
+                value = "json";
+              }
+            }
+            const std::string param =
+                absl::StrCat(GbnfQuote(absl::StrCat("<parameter=", key, ">\n")), " ", value, " ",
+                             GbnfQuote("\n</parameter>\n"));
+            const bool needed = std::find(required.begin(), required.end(), key) != required.end();
+            absl::StrAppend(&body, needed ? param : absl::StrCat("(", param, ")?"), " ");
+          }
+        }
+      }
+    }
+    absl::StrAppend(&g, rule, " ::= ", name.empty() ? GbnfQuote(absl::StrCat(t.name, ">\n")) : "",
+                    " ", body, GbnfQuote("</function>"), "\n");
+    calls.push_back(rule);
+  }
+  if (calls.empty()) return "";
+  return absl::StrCat("root ::= ", absl::StrJoin(calls, " | "), "\n", g);
+}
+
+}  // namespace
+
 std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
                                                        absl::string_view name,
                                                        const std::vector<ToolSchema>& tools,
@@ -758,7 +857,7 @@ std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
     case ToolCallFormat::kLlama3Json: {
       if (brace == std::string::npos) return std::nullopt;
       const char* key = format == ToolCallFormat::kLlama3Json ? "parameters" : "arguments";
-      return ForcedCallGrammar{calls(key), forced.substr(brace)};
+      return ForcedCallGrammar{calls(key), forced.substr(brace), ""};
     }
     case ToolCallFormat::kMistral:
     case ToolCallFormat::kPhi4Mini: {
@@ -767,15 +866,19 @@ std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
       return ForcedCallGrammar{
           absl::StrCat(R"({"type": "array", "items": )", calls("arguments"), R"(, "minItems": 1)",
                        parallel ? "" : R"(, "maxItems": 1)", "}"),
-          forced.substr(list)};
+          forced.substr(list), ""};
     }
     case ToolCallFormat::kMistralArgs:
     case ToolCallFormat::kDeepSeek:
     case ToolCallFormat::kDeepSeekV31:
       if (named == nullptr) return std::nullopt;
-      return ForcedCallGrammar{parameters(*named), "{"};
+      return ForcedCallGrammar{parameters(*named), "{", ""};
+    case ToolCallFormat::kQwen3Coder: {
+      std::string gbnf = Qwen3CoderGrammar(name, tools);
+      if (gbnf.empty()) return std::nullopt;
+      return ForcedCallGrammar{"", "", std::move(gbnf)};
+    }
     case ToolCallFormat::kPythonic:
-    case ToolCallFormat::kQwen3Coder:
     case ToolCallFormat::kNone:
       break;
   }

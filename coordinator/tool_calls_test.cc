@@ -6,6 +6,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "grammar/gbnf.h"
 #include "grammar/json_schema.h"
 #include "gtest/gtest.h"
 
@@ -597,6 +598,57 @@ namespace {
 
 // A forced call's grammar takes the forced prefix, then a well-formed call of the tool and nothing
 // else; where the grammar ends, the parser reads the call (its closing marker never written).
+// Qwen3-Coder's XML calls: a GBNF grammar of the parameters the schema names, typed where it types
+// them; the parser reads the call where the grammar ends.
+TEST(ForcedToolCallGrammarTest, Qwen3CoderCallsFollowTheParameters) {
+  const std::vector<ToolSchema> tools = {
+      {"book", R"({"type": "object", "properties": {"city": {"type": "string"}, "nights": {"type":)"
+               R"( "integer"}, "extras": {"type": "array"}}, "required": ["city", "nights"]})"},
+      {"ping", ""}};
+  ToolParamTypes types = {
+      {"book", {{"city", {"string"}}, {"nights", {"integer"}}, {"extras", {"array"}}}}};
+  struct Case {
+    std::string name, rest, bad, args;
+  };
+  const std::vector<Case> cases = {
+      {"book",
+       "<parameter=city>\nSan </param> Jose\n</parameter>\n<parameter=nights>\n3\n</parameter>\n"
+       "</function>",
+       "<parameter=city>\nx\n</parameter>\n<parameter=nights>\nthree\n</parameter>\n</function>",
+       R"({"city": "San </param> Jose", "nights": 3})"},
+      {"book",
+       "<parameter=city>\nOslo\n</parameter>\n<parameter=nights>\n-1\n</parameter>\n"
+       "<parameter=extras>\n[\"crib\", 2]\n</parameter>\n</function>",
+       "<parameter=nights>\n1\n</parameter>\n</function>",
+       R"({"city": "Oslo", "nights": -1, "extras": ["crib", 2]})"},
+      {"", "ping>\n</function>", "pong>\n</function>", "{}"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.rest);
+    const std::optional<ForcedCallGrammar> g =
+        ForcedToolCallGrammar(ToolCallFormat::kQwen3Coder, c.name, tools, true);
+    ASSERT_TRUE(g.has_value());
+    ASSERT_FALSE(g->gbnf.empty());
+    EXPECT_TRUE(g->prefix.empty());
+    auto grammar = GbnfGrammar(g->gbnf);
+    ASSERT_TRUE(grammar.ok()) << grammar.status() << "\n" << g->gbnf;
+    EXPECT_TRUE(GrammarAccepts(*grammar, c.rest));
+    EXPECT_FALSE(GrammarAccepts(*grammar, c.bad));
+    // A value may not hold the closing tag.
+    EXPECT_FALSE(
+        GrammarAccepts(*grammar,
+                       "<parameter=city>\na</parameter>b\n</parameter>\n<parameter=nights>\n1\n"
+                       "</parameter>\n</function>"));
+    ToolCallParser parser(ToolCallFormat::kQwen3Coder,
+                          ForcedToolCallPrefix(ToolCallFormat::kQwen3Coder, c.name), &types);
+    Parsed p;
+    Append(parser.Add(c.rest), &p);
+    Append(parser.Finish(), &p);
+    ASSERT_EQ(p.calls.size(), 1u) << p;
+    EXPECT_EQ(p.calls[0].second, c.args);
+  }
+}
+
 TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {
   const std::vector<ToolSchema> tools = {
       {"get_weather",
@@ -674,9 +726,8 @@ TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {
   EXPECT_TRUE(GrammarAccepts(*one, R"([{"name": "get_time", "arguments": {}}])"));
   EXPECT_FALSE(GrammarAccepts(
       *one, R"([{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}])"));
-  // No grammar where the call is not JSON, or names its function outside the JSON unnamed.
+  // No grammar for pythonic calls, or for formats that name the function outside the JSON unnamed.
   EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kPythonic, "get_time", tools, true));
-  EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kQwen3Coder, "get_time", tools, true));
   EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kDeepSeek, "", tools, true));
   EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kHermes, "unknown", tools, true));
 }

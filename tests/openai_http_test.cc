@@ -999,6 +999,33 @@ TEST_F(OpenAiHttpTest, ToolsReachTheTemplateAndCallsComeBackAsToolCalls) {
     EXPECT_EQ(Str(Choice(d), "finish_reason"), choice[0] == '"' ? "tool_calls" : "stop");
   }
 
+  // Qwen3-Coder's XML calls, forced: the parameters the schema names, an integer as one.
+  {
+    const int xml_port = StartTemplatedCoordinator(
+        "xml_tools_model",
+        "{%- if tools %}<|im_start|>system\n# Tools: call one as <tool_call>\n<function=NAME>\n"
+        "<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>{% endif %}"
+        "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}<|im_start|>assistant\n");
+    ASSERT_NE(xml_port, 0);
+    const HttpReply r = Http(
+        xml_port, "POST", "/v1/chat/completions",
+        R"({"model": "strata-tiny", "messages": [{"role": "user", "content": "Book it"}],)"
+        R"( "tools": [{"type": "function", "function": {"name": "book", "parameters": {"type":)"
+        R"( "object", "properties": {"nights": {"type": "integer"}, "late": {"type": "boolean"}},)"
+        R"( "required": ["nights", "late"]}}}], "tool_choice": {"type": "function", "function":)"
+        R"( {"name": "book"}}, "max_tokens": 200, "temperature": 1, "seed": 5})");
+    ASSERT_EQ(r.status, 200) << r.body;
+    const JsonDocument d = Json(r.body);
+    const std::vector<JsonValue> calls =
+        *Choice(d).Field("message")->Field("tool_calls")->AsArray();
+    ASSERT_EQ(calls.size(), 1u) << r.body;
+    EXPECT_EQ(Str(*calls[0].Field("function"), "name"), "book");
+    const JsonDocument arguments = Json(Str(*calls[0].Field("function"), "arguments"));
+    EXPECT_TRUE(arguments.root().IntField("nights").ok()) << r.body;
+    EXPECT_TRUE(arguments.root().Field("late")->IsBool()) << r.body;
+  }
+
   // After the tool's result: the assistant's call and the result rendered by the template, the
   // answer what the model generates for that text, with its calls (if any) found in it.
   const std::string after =
