@@ -459,9 +459,9 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
 }
 
 // A forced call's text kept to a well-formed call of the request's tools (ForcedToolCallGrammar),
-// as structured output continuing the forced prefix (for Qwen3-Coder's XML calls, a GBNF grammar).
-// A tool whose parameters' schema cannot be enforced has them taken as any object; a call no
-// grammar keeps (pythonic, more tools than a matcher follows at once) stays free text.
+// as structured output continuing the forced prefix (for Qwen3-Coder's XML and pythonic calls, a
+// GBNF grammar). A tool whose parameters' schema cannot be enforced has them taken as any object;
+// a call no grammar keeps (more tools than a matcher follows at once) stays free text.
 void ConstrainForcedCall(ToolCallFormat format, CompletionCall& call) {
   std::vector<ToolSchema> tools;
   for (size_t i = 0; i < call.tool_names.size(); ++i) {

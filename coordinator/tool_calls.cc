@@ -726,6 +726,89 @@ std::string GbnfQuote(absl::string_view text) {
   return out + "\"";
 }
 
+// A tool's parameters as its schema lists them: name, whether required, and the type it gives
+// ("" when none, or several).
+struct ToolParam {
+  std::string key;
+  bool required = false;
+  std::string type;
+};
+std::vector<ToolParam> ParamsOf(const ToolSchema& t) {
+  std::vector<ToolParam> out;
+  absl::StatusOr<JsonDocument> d =
+      JsonDocument::Parse(t.parameters.empty() ? "{}" : t.parameters, "parameters");
+  if (!d.ok()) return out;
+  std::vector<std::string> required;
+  if (std::optional<JsonValue> r = d->root().FindField("required")) {
+    if (absl::StatusOr<std::vector<JsonValue>> names = r->AsArray(); names.ok()) {
+      for (const JsonValue& n : *names) {
+        if (absl::StatusOr<absl::string_view> s = n.AsString(); s.ok()) required.emplace_back(*s);
+      }
+    }
+  }
+  if (std::optional<JsonValue> props = d->root().FindField("properties")) {
+    if (auto members = props->AsObject(); members.ok()) {
+      for (const auto& [key, schema] : *members) {
+        ToolParam p;
+        p.key = std::string(key);
+        p.required = std::find(required.begin(), required.end(), key) != required.end();
+        if (absl::StatusOr<absl::string_view> type = schema.StringField("type"); type.ok()) {
+          p.type = std::string(*type);
+        }
+        out.push_back(std::move(p));
+      }
+    }
+  }
+  return out;
+}
+
+// The rest of a forced pythonic call after ForcedToolCallPrefix ("[name(" or "["): keyword
+// arguments in the schema's order (required ones present), Python literals typed where the schema
+// types them, then ")]".
+std::string PythonicGrammar(absl::string_view name, const std::vector<ToolSchema>& tools) {
+  std::string g =
+      "py ::= pstr | number | \"True\" | \"False\" | \"None\" | plist | pdict\n"
+      "pstr ::= \"\\\"\" ([^\"\\\\\\n] | \"\\\\\" [^\\n])* \"\\\"\" | \"'\" ([^'\\\\\\n] | "
+      "\"\\\\\" [^\\n])* \"'\"\n"
+      "plist ::= \"[\" pws (py (pws \",\" pws py)*)? pws \"]\"\n"
+      "pdict ::= \"{\" pws (py pws \":\" pws py (pws \",\" pws py pws \":\" pws py)*)? pws \"}\"\n"
+      "pws ::= [ ]{0,4}\n"
+      "integer ::= \"-\"? [0-9]+\n"
+      "number ::= \"-\"? [0-9]+ (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n"
+      "boolean ::= \"True\" | \"False\"\n";
+  std::vector<std::string> calls;
+  int index = 0;
+  for (const ToolSchema& t : tools) {
+    if (!name.empty() && t.name != name) continue;
+    const std::vector<ToolParam> params = ParamsOf(t);
+    const int n = static_cast<int>(params.size());
+    // m<tool>_<i>_<c>: the arguments from parameter i on; c: one was written (a comma first).
+    auto m = [&](int i, int c) { return absl::StrCat("m", index, "_", i, "_", c); };
+    for (int c = 0; c < 2; ++c) absl::StrAppend(&g, m(n, c), " ::= \"\"\n");
+    for (int i = n - 1; i >= 0; --i) {
+      const ToolParam& p = params[i];
+      const std::string value = p.type == "integer" || p.type == "number" || p.type == "boolean"
+                                    ? p.type
+                                : p.type == "string" ? "pstr"
+                                : p.type == "null"   ? "\"None\""
+                                : p.type == "object" ? "pdict"
+                                : p.type == "array"  ? "plist"
+                                                     : "py";
+      for (int c = 0; c < 2; ++c) {
+        absl::StrAppend(&g, m(i, c), " ::= ", c == 1 ? "\",\" pws " : "",
+                        GbnfQuote(absl::StrCat(p.key, "=")), " ", value, " ", m(i + 1, 1));
+        if (!p.required) absl::StrAppend(&g, " | ", m(i + 1, c));
+        absl::StrAppend(&g, "\n");
+      }
+    }
+    calls.push_back(absl::StrCat(name.empty() ? GbnfQuote(absl::StrCat(t.name, "(")) : "", " ",
+                                 m(0, 0), " \")]\""));
+    ++index;
+  }
+  if (calls.empty()) return "";
+  return absl::StrCat("root ::= ", absl::StrJoin(calls, " | "), "\n", g);
+}
+
 // The rest of a forced Qwen3-Coder call after ForcedToolCallPrefix: for a named call its
 // parameters and </function>; for any call, the name and '>' first. A parameter's value is typed
 // where the tool's schema types it (integer, number, boolean, null; object and array as any JSON)
@@ -761,40 +844,16 @@ std::string Qwen3CoderGrammar(absl::string_view name, const std::vector<ToolSche
     if (!name.empty() && t.name != name) continue;
     const std::string rule = absl::StrCat("call", index++);
     std::string body;
-    absl::StatusOr<JsonDocument> d =
-        JsonDocument::Parse(t.parameters.empty() ? "{}" : t.parameters, "parameters");
-    std::vector<std::string> required;
-    if (d.ok()) {
-      if (std::optional<JsonValue> r = d->root().FindField("required")) {
-        if (absl::StatusOr<std::vector<JsonValue>> names = r->AsArray(); names.ok()) {
-          for (const JsonValue& n : *names) {
-            if (absl::StatusOr<absl::string_view> s = n.AsString(); s.ok())
-              required.emplace_back(*s);
-          }
-        }
+    for (const ToolParam& p : ParamsOf(t)) {
+      std::string value = "text0";
+      if (p.type == "integer" || p.type == "number" || p.type == "boolean" || p.type == "null") {
+        value = p.type;
+      } else if (p.type == "object" || p.type == "array") {
+        value = "json";
       }
-      if (std::optional<JsonValue> props = d->root().FindField("properties")) {
-        if (absl::StatusOr<std::vector<std::pair<absl::string_view, JsonValue>>> members =
-                props->AsObject();
-            members.ok()) {
-          for (const auto& [key, schema] : *members) {
-            std::string value = "text0";
-            if (absl::StatusOr<absl::string_view> type = schema.StringField("type"); type.ok()) {
-              if (*type == "integer" || *type == "number" || *type == "boolean" ||
-                  *type == "null") {
-                value = std::string(*type);
-              } else if (*type == "object" || *type == "array") {
-                value = "json";
-              }
-            }
-            const std::string param =
-                absl::StrCat(GbnfQuote(absl::StrCat("<parameter=", key, ">\n")), " ", value, " ",
-                             GbnfQuote("\n</parameter>\n"));
-            const bool needed = std::find(required.begin(), required.end(), key) != required.end();
-            absl::StrAppend(&body, needed ? param : absl::StrCat("(", param, ")?"), " ");
-          }
-        }
-      }
+      const std::string param = absl::StrCat(GbnfQuote(absl::StrCat("<parameter=", p.key, ">\n")),
+                                             " ", value, " ", GbnfQuote("\n</parameter>\n"));
+      absl::StrAppend(&body, p.required ? param : absl::StrCat("(", param, ")?"), " ");
     }
     absl::StrAppend(&g, rule, " ::= ", name.empty() ? GbnfQuote(absl::StrCat(t.name, ">\n")) : "",
                     " ", body, GbnfQuote("</function>"), "\n");
@@ -878,7 +937,11 @@ std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
       if (gbnf.empty()) return std::nullopt;
       return ForcedCallGrammar{"", "", std::move(gbnf)};
     }
-    case ToolCallFormat::kPythonic:
+    case ToolCallFormat::kPythonic: {
+      std::string gbnf = PythonicGrammar(name, tools);
+      if (gbnf.empty()) return std::nullopt;
+      return ForcedCallGrammar{"", "", std::move(gbnf)};
+    }
     case ToolCallFormat::kNone:
       break;
   }

@@ -104,14 +104,14 @@ struct ToolSchema {
 // `parallel`; for formats that write the name outside the JSON, the arguments alone) and the
 // part of ForcedToolCallPrefix that the schema's text starts with (structured output's prefix).
 // The grammar ends with the call's JSON, and ToolCallParser::Finish reads a call whose closing
-// marker never came. Nullopt for pythonic and Qwen3-Coder calls (not JSON), and for formats that
-// write the name outside the JSON when no name is given; Qwen3-Coder's calls get a GBNF grammar.
+// marker never came. Qwen3-Coder's XML and pythonic calls (not JSON) get a GBNF grammar instead.
+// Nullopt for formats that write the name outside the JSON when no name is given.
 struct ForcedCallGrammar {
   std::string json_schema;
   std::string prefix;
-  // Instead of json_schema, for Qwen3-Coder's XML calls: a GBNF grammar of the rest of the call
-  // (parameters as the tool's schema names them, required ones present, values typed where the
-  // schema types them, text otherwise), with no prefix.
+  // Instead of json_schema, for Qwen3-Coder's XML and pythonic calls: a GBNF grammar of the rest
+  // of the call (parameters as the tool's schema names them, required ones present, values typed
+  // where the schema types them, text or any literal otherwise), with no prefix.
   std::string gbnf;
 };
 std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,

@@ -649,6 +649,40 @@ TEST(ForcedToolCallGrammarTest, Qwen3CoderCallsFollowTheParameters) {
   }
 }
 
+// Pythonic calls: keyword arguments in the schema's order, Python literals typed where it types
+// them, then ")]"; the parser reads the call.
+TEST(ForcedToolCallGrammarTest, PythonicCallsFollowTheParameters) {
+  const std::vector<ToolSchema> tools = {
+      {"book", R"({"type": "object", "properties": {"city": {"type": "string"}, "nights": {"type":)"
+               R"( "integer"}, "late": {"type": "boolean"}}, "required": ["city", "nights"]})"},
+      {"ping", ""}};
+  struct Case {
+    std::string name, rest, bad, args;
+  };
+  const std::vector<Case> cases = {
+      {"book", "city='Oslo', nights=3)]", "city='Oslo', nights='3')]",
+       R"({"city": "Oslo", "nights": 3})"},
+      {"book", "city=\"San Jose\",nights=-1, late=True)]", "nights=1)]",
+       R"({"city": "San Jose", "nights": -1, "late": true})"},
+      {"", "ping()]", "pong()]", "{}"},
+      {"", "book(city='x', nights=0)]", "book(city='x')]", R"({"city": "x", "nights": 0})"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.rest);
+    const std::optional<ForcedCallGrammar> g =
+        ForcedToolCallGrammar(ToolCallFormat::kPythonic, c.name, tools, true);
+    ASSERT_TRUE(g.has_value());
+    auto grammar = GbnfGrammar(g->gbnf);
+    ASSERT_TRUE(grammar.ok()) << grammar.status() << "\n" << g->gbnf;
+    EXPECT_TRUE(GrammarAccepts(*grammar, c.rest));
+    EXPECT_FALSE(GrammarAccepts(*grammar, c.bad));
+    const Parsed p = Whole(ToolCallFormat::kPythonic, c.rest,
+                           ForcedToolCallPrefix(ToolCallFormat::kPythonic, c.name));
+    ASSERT_EQ(p.calls.size(), 1u) << p;
+    EXPECT_EQ(p.calls[0].second, c.args);
+  }
+}
+
 TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {
   const std::vector<ToolSchema> tools = {
       {"get_weather",
@@ -726,8 +760,7 @@ TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {
   EXPECT_TRUE(GrammarAccepts(*one, R"([{"name": "get_time", "arguments": {}}])"));
   EXPECT_FALSE(GrammarAccepts(
       *one, R"([{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}])"));
-  // No grammar for pythonic calls, or for formats that name the function outside the JSON unnamed.
-  EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kPythonic, "get_time", tools, true));
+  // No grammar for formats that name the function outside the JSON when unnamed.
   EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kDeepSeek, "", tools, true));
   EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kHermes, "unknown", tools, true));
 }
