@@ -762,25 +762,37 @@ std::vector<ToolParam> ParamsOf(const ToolSchema& t) {
   return out;
 }
 
+// A Python identifier (ASCII): what the pythonic parser reads as a function or keyword name.
+bool IsPythonName(absl::string_view s) {
+  return !s.empty() && (absl::ascii_isalpha(s[0]) || s[0] == '_') &&
+         std::all_of(s.begin(), s.end(), [](char c) { return absl::ascii_isalnum(c) || c == '_'; });
+}
+
 // The rest of a forced pythonic call after ForcedToolCallPrefix ("[name(" or "["): keyword
 // arguments in the schema's order (required ones present), Python literals typed where the schema
 // types them, then ")]".
 std::string PythonicGrammar(absl::string_view name, const std::vector<ToolSchema>& tools) {
   std::string g =
       "py ::= pstr | number | \"True\" | \"False\" | \"None\" | plist | pdict\n"
-      "pstr ::= \"\\\"\" ([^\"\\\\\\n] | \"\\\\\" [^\\n])* \"\\\"\" | \"'\" ([^'\\\\\\n] | "
-      "\"\\\\\" [^\\n])* \"'\"\n"
+      // Escapes the parser reads; no \x, \u or \N, which need more.
+      "pstr ::= \"\\\"\" ([^\"\\\\\\n] | \"\\\\\" [\"'\\\\nrt])* \"\\\"\" | \"'\" ([^'\\\\\\n] | "
+      "\"\\\\\" [\"'\\\\nrt])* \"'\"\n"
       "plist ::= \"[\" pws (py (pws \",\" pws py)*)? pws \"]\"\n"
-      "pdict ::= \"{\" pws (py pws \":\" pws py (pws \",\" pws py pws \":\" pws py)*)? pws \"}\"\n"
+      "pdict ::= \"{\" pws (pstr pws \":\" pws py (pws \",\" pws pstr pws \":\" pws py)*)? pws "
+      "\"}\"\n"
       "pws ::= [ ]{0,4}\n"
-      "integer ::= \"-\"? [0-9]+\n"
-      "number ::= \"-\"? [0-9]+ (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n"
+      "integer ::= \"-\"? (\"0\" | [1-9] [0-9]*)\n"
+      "number ::= integer (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n"
       "boolean ::= \"True\" | \"False\"\n";
   std::vector<std::string> calls;
   int index = 0;
   for (const ToolSchema& t : tools) {
     if (!name.empty() && t.name != name) continue;
-    const std::vector<ToolParam> params = ParamsOf(t);
+    if (!IsPythonName(t.name)) continue;  // a call the parser could not read back
+    std::vector<ToolParam> params = ParamsOf(t);
+    params.erase(std::remove_if(params.begin(), params.end(),
+                                [](const ToolParam& p) { return !IsPythonName(p.key); }),
+                 params.end());
     const int n = static_cast<int>(params.size());
     // m<tool>_<i>_<c>: the arguments from parameter i on; c: one was written (a comma first).
     auto m = [&](int i, int c) { return absl::StrCat("m", index, "_", i, "_", c); };
@@ -827,15 +839,17 @@ std::string Qwen3CoderGrammar(absl::string_view name, const std::vector<ToolSche
     absl::StrAppend(&g, " | [^", other, "] text0\n");
   }
   absl::StrAppend(&g,
-                  "integer ::= \"-\"? [0-9]+\n"
-                  "number ::= \"-\"? [0-9]+ (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n"
+                  "integer ::= \"-\"? (\"0\" | [1-9] [0-9]*)\n"
+                  "number ::= integer (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n"
                   "boolean ::= \"true\" | \"false\"\n"
                   "null ::= \"null\"\n"
                   "json ::= jobject | jarray | jstring | number | boolean | null\n"
                   "jobject ::= \"{\" ws (jstring ws \":\" ws json (ws \",\" ws jstring ws \":\" ws "
                   "json)*)? ws \"}\"\n"
                   "jarray ::= \"[\" ws (json (ws \",\" ws json)*)? ws \"]\"\n"
-                  "jstring ::= \"\\\"\" ([^\"\\\\\\x00-\\x1f] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" "
+                  // No '<' in a JSON string (a "</parameter>" there would end the value early;
+                  // the model can write \u003c).
+                  "jstring ::= \"\\\"\" ([^\"\\\\\\x00-\\x1f<] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" "
                   "[0-9a-fA-F]{4}))* \"\\\"\"\n"
                   "ws ::= [ \\t\\n]{0,32}\n");
   std::vector<std::string> calls;
@@ -845,6 +859,11 @@ std::string Qwen3CoderGrammar(absl::string_view name, const std::vector<ToolSche
     const std::string rule = absl::StrCat("call", index++);
     std::string body;
     for (const ToolParam& p : ParamsOf(t)) {
+      // A name the parser cannot read back (empty, with spaces, '<' or '>') is left out.
+      if (p.key.empty() || std::any_of(p.key.begin(), p.key.end(),
+                                       [](char c) { return IsSpace(c) || c == '<' || c == '>'; })) {
+        continue;
+      }
       std::string value = "text0";
       if (p.type == "integer" || p.type == "number" || p.type == "boolean" || p.type == "null") {
         value = p.type;

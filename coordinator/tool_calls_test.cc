@@ -683,6 +683,39 @@ TEST(ForcedToolCallGrammarTest, PythonicCallsFollowTheParameters) {
   }
 }
 
+// What the parsers could not read back is never allowed: leading zeros, Python escapes beyond the
+// simple ones, dictionary keys that are not strings, '<' in a Qwen3-Coder JSON value, names that
+// are not identifiers (Python) or hold spaces (Qwen3-Coder).
+TEST(ForcedToolCallGrammarTest, NothingTheParsersCannotRead) {
+  const std::vector<ToolSchema> tools = {
+      {"f",
+       R"({"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"},)"
+       R"( "d": {"type": "object"}, "first name": {"type": "string"}, "user-id": {}}})"},
+      {"1x", ""}};
+  auto gbnf = [&](ToolCallFormat format, const char* name) {
+    const std::optional<ForcedCallGrammar> g = ForcedToolCallGrammar(format, name, tools, true);
+    EXPECT_TRUE(g.has_value());
+    auto grammar = GbnfGrammar(g.has_value() ? g->gbnf : "");
+    EXPECT_TRUE(grammar.ok()) << grammar.status();
+    return grammar.ok() ? *grammar : nullptr;
+  };
+  auto py = gbnf(ToolCallFormat::kPythonic, "f");
+  ASSERT_NE(py, nullptr);
+  EXPECT_TRUE(GrammarAccepts(py, "n=0, s='a\\'b', d={'k': [1, None]})]"));
+  for (const char* bad : {"n=03)]", "s='C:\\Users')]", "d={1: 'a'})]", "user-id=1)]"}) {
+    EXPECT_FALSE(GrammarAccepts(py, bad)) << bad;
+  }
+  EXPECT_FALSE(ForcedToolCallGrammar(ToolCallFormat::kPythonic, "1x", tools, true).has_value());
+  auto xml = gbnf(ToolCallFormat::kQwen3Coder, "f");
+  ASSERT_NE(xml, nullptr);
+  EXPECT_TRUE(
+      GrammarAccepts(xml, "<parameter=d>\n{\"a\": \"\\u003c\"}\n</parameter>\n</function>"));
+  EXPECT_FALSE(
+      GrammarAccepts(xml, "<parameter=d>\n{\"a\": \"</parameter>\"}\n</parameter>\n</function>"));
+  EXPECT_FALSE(GrammarAccepts(xml, "<parameter=first name>\nx\n</parameter>\n</function>"));
+  EXPECT_FALSE(GrammarAccepts(xml, "<parameter=n>\n007\n</parameter>\n</function>"));
+}
+
 TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {
   const std::vector<ToolSchema> tools = {
       {"get_weather",

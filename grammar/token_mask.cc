@@ -209,7 +209,8 @@ TokenMasker::TokenMasker(std::shared_ptr<const TokenTrie> vocabulary, int64_t ma
     : vocabulary_(std::move(vocabulary)), max_cached_bytes_(max_cached_bytes) {}
 
 std::shared_ptr<const TokenMasker::Entry> TokenMasker::Lookup(const GrammarMatcher& matcher,
-                                                              absl::Span<const int32_t> top) {
+                                                              absl::Span<const int32_t> top,
+                                                              bool count) {
   const Grammar* g = &matcher.grammar();
   std::string key(sizeof(g) + top.size() * sizeof(int32_t), '\0');
   std::memcpy(key.data(), &g, sizeof(g));
@@ -219,10 +220,10 @@ std::shared_ptr<const TokenMasker::Entry> TokenMasker::Lookup(const GrammarMatch
     auto it = index_.find(key);
     if (it != index_.end()) {
       lru_.splice(lru_.begin(), lru_, it->second);
-      ++stats_.hits;
+      if (count) ++stats_.hits;
       return it->second->second;
     }
-    ++stats_.misses;
+    if (count) ++stats_.misses;
   }
   // Worked out outside the lock (a walk of the whole vocabulary, for a string's top).
   auto entry = std::make_shared<Entry>();
@@ -294,7 +295,7 @@ void TokenMasker::Warm(const std::shared_ptr<const Grammar>& grammar, int walks,
       for (int32_t i = 0; i < state.num_stacks(); ++i) {
         const absl::Span<const int32_t> stack = state.stack(i);
         const size_t k = std::min<size_t>(kMaskKeyFrames, stack.size());
-        Lookup(m, stack.subspan(stack.size() - k));
+        Lookup(m, stack.subspan(stack.size() - k), /*count=*/false);
       }
     });
   }

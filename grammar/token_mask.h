@@ -123,7 +123,9 @@ class TokenMasker {
   };
   using Lru = std::list<std::pair<std::string, std::shared_ptr<const Entry>>>;
 
-  std::shared_ptr<const Entry> Lookup(const GrammarMatcher& matcher, absl::Span<const int32_t> top);
+  // `count`: in stats() (requests' lookups; warming's are not).
+  std::shared_ptr<const Entry> Lookup(const GrammarMatcher& matcher, absl::Span<const int32_t> top,
+                                      bool count = true);
 
   const std::shared_ptr<const TokenTrie> vocabulary_;
   const int64_t max_cached_bytes_;

@@ -183,6 +183,8 @@ void Engine::WarmGrammar(const std::shared_ptr<const Grammar>& grammar) {
   if (warmed_.size() > 100000) warmed_.clear();  // addresses of grammars long gone
   {
     std::lock_guard<std::mutex> lock(warm_mu_);
+    // A burst of one-off grammars: warming is a help, not owed; the rest wait for their masks.
+    if (warm_queue_.size() >= 16) return;
     warm_queue_.push_back(grammar);
   }
   warm_cv_.notify_one();
