@@ -287,9 +287,10 @@ int64_t TokenMasker::Allowed(const GrammarMatcher& matcher, absl::Span<uint8_t> 
   return count;
 }
 
-void TokenMasker::Warm(const std::shared_ptr<const Grammar>& grammar, int walks, uint64_t seed) {
+void TokenMasker::Warm(const std::shared_ptr<const Grammar>& grammar, int walks, uint64_t seed,
+                       const std::atomic<bool>* cancel) {
   std::mt19937_64 rng(seed);
-  for (int w = 0; w < walks; ++w) {
+  for (int w = 0; w < walks && (cancel == nullptr || !cancel->load()); ++w) {
     RandomSentence(grammar, rng, 4096, [this](const GrammarMatcher& m) {
       const GrammarState& state = m.state();
       for (int32_t i = 0; i < state.num_stacks(); ++i) {

@@ -17,6 +17,7 @@
 #ifndef STRATA_GRAMMAR_TOKEN_MASK_H_
 #define STRATA_GRAMMAR_TOKEN_MASK_H_
 
+#include <atomic>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -108,8 +109,10 @@ class TokenMasker {
 
   // Works out ahead the results for the stack tops that `walks` random sentences of `grammar`
   // pass through (RandomSentence, from `seed`), so that the first requests under a new grammar
-  // seldom meet a top for the first time. Thread-safe; for a background thread.
-  void Warm(const std::shared_ptr<const Grammar>& grammar, int walks, uint64_t seed);
+  // seldom meet a top for the first time. Thread-safe; for a background thread, which `cancel`
+  // (may be null) stops between walks.
+  void Warm(const std::shared_ptr<const Grammar>& grammar, int walks, uint64_t seed,
+            const std::atomic<bool>* cancel = nullptr);
 
  private:
   struct Entry {

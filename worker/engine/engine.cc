@@ -174,6 +174,7 @@ Engine::~Engine() {
     std::lock_guard<std::mutex> lock(warm_mu_);
     warm_stop_ = true;
   }
+  warm_cancel_ = true;
   warm_cv_.notify_all();
   if (warm_thread_.joinable()) warm_thread_.join();
 }
@@ -201,7 +202,7 @@ void Engine::WarmLoop() {
       grammar = std::move(warm_queue_.front());
       warm_queue_.pop_front();
     }
-    masker_->Warm(grammar, config_.grammar_warm_walks, seed++);
+    masker_->Warm(grammar, config_.grammar_warm_walks, seed++, &warm_cancel_);
   }
 }
 

@@ -406,6 +406,7 @@ class Engine {
   std::condition_variable warm_cv_;
   std::deque<std::shared_ptr<const Grammar>> warm_queue_;  // guarded by warm_mu_
   bool warm_stop_ = false;                                 // guarded by warm_mu_
+  std::atomic<bool> warm_cancel_{false};                   // set with warm_stop_: ends a warming
   std::thread warm_thread_;
   // Summed by the host threads that mask rows.
   mutable std::atomic<int64_t> grammar_mask_ns_{0};
