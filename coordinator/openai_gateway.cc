@@ -377,14 +377,29 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
     if (!v.IsObject() && !v.IsBool()) return v.Error("must be a JSON schema (an object)");
     return simdjson::minify(v.raw());
   };
-  auto choices = [&](const JsonValue& v) -> absl::Status {
-    ASSIGN_OR_RETURN(const std::vector<JsonValue> items, v.AsArray());
-    v1::Choices* c = out->mutable_choice();
-    for (const JsonValue& item : items) {
-      ASSIGN_OR_RETURN(const absl::string_view text, item.AsString());
-      c->add_texts(std::string(text));
+  // vLLM's kinds (structured_outputs' keys, guided_ names): false when `kind` is none of them.
+  auto take = [&](absl::string_view kind, const JsonValue& v,
+                  absl::string_view field) -> absl::StatusOr<bool> {
+    if (kind != "json" && kind != "regex" && kind != "choice" && kind != "grammar") return false;
+    RETURN_IF_ERROR(claim(v, field));
+    if (kind == "json") {
+      ASSIGN_OR_RETURN(*out->mutable_json_schema(), schema_text(v));
+    } else if (kind == "choice") {
+      ASSIGN_OR_RETURN(const std::vector<JsonValue> items, v.AsArray());
+      v1::Choices* c = out->mutable_choice();
+      for (const JsonValue& item : items) {
+        ASSIGN_OR_RETURN(const absl::string_view text, item.AsString());
+        c->add_texts(std::string(text));
+      }
+    } else {
+      ASSIGN_OR_RETURN(const absl::string_view text, v.AsString());
+      if (kind == "regex") {
+        out->set_regex(std::string(text));
+      } else {
+        out->set_grammar(std::string(text));
+      }
     }
-    return absl::OkStatus();
+    return true;
   };
   *param = "response_format";
   if (std::optional<JsonValue> v = root.FindField("response_format")) {
@@ -409,21 +424,10 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
     ASSIGN_OR_RETURN(const auto members, v->AsObject());
     for (const auto& [key, value] : members) {
       if (value.IsNull()) continue;
-      if (key == "json") {
-        RETURN_IF_ERROR(claim(value, "structured_outputs.json"));
-        ASSIGN_OR_RETURN(*out->mutable_json_schema(), schema_text(value));
-      } else if (key == "regex") {
-        RETURN_IF_ERROR(claim(value, "structured_outputs.regex"));
-        ASSIGN_OR_RETURN(const absl::string_view regex, value.AsString());
-        out->set_regex(std::string(regex));
-      } else if (key == "choice") {
-        RETURN_IF_ERROR(claim(value, "structured_outputs.choice"));
-        RETURN_IF_ERROR(choices(value));
-      } else if (key == "grammar") {
-        RETURN_IF_ERROR(claim(value, "structured_outputs.grammar"));
-        ASSIGN_OR_RETURN(const absl::string_view grammar, value.AsString());
-        out->set_grammar(std::string(grammar));
-      } else if (key == "disable_any_whitespace") {
+      ASSIGN_OR_RETURN(const bool taken,
+                       take(key, value, absl::StrCat("structured_outputs.", key)));
+      if (taken) continue;
+      if (key == "disable_any_whitespace") {
         ASSIGN_OR_RETURN(const bool compact, value.AsBool());
         out->set_compact_json(compact);
       } else if (key == "json_object") {
@@ -442,18 +446,7 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
     *param = name;
     std::optional<JsonValue> v = root.FindField(name);
     if (!v.has_value()) continue;
-    RETURN_IF_ERROR(claim(*v, name));
-    if (absl::string_view(name) == "guided_json") {
-      ASSIGN_OR_RETURN(*out->mutable_json_schema(), schema_text(*v));
-    } else if (absl::string_view(name) == "guided_regex") {
-      ASSIGN_OR_RETURN(const absl::string_view regex, v->AsString());
-      out->set_regex(std::string(regex));
-    } else if (absl::string_view(name) == "guided_grammar") {
-      ASSIGN_OR_RETURN(const absl::string_view grammar, v->AsString());
-      out->set_grammar(std::string(grammar));
-    } else {
-      RETURN_IF_ERROR(choices(*v));
-    }
+    RETURN_IF_ERROR(take(absl::string_view(name).substr(7), *v, name).status());  // "guided_"
   }
   return absl::OkStatus();
 }

@@ -762,6 +762,11 @@ std::vector<ToolParam> ParamsOf(const ToolSchema& t) {
   return out;
 }
 
+// Numbers as both JSON and Python write them, and as their parsers read them (no leading zeros).
+constexpr absl::string_view kGbnfNumbers =
+    "integer ::= \"-\"? (\"0\" | [1-9] [0-9]*)\n"
+    "number ::= integer (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n";
+
 // A Python identifier (ASCII): what the pythonic parser reads as a function or keyword name.
 bool IsPythonName(absl::string_view s) {
   return !s.empty() && (absl::ascii_isalpha(s[0]) || s[0] == '_') &&
@@ -781,9 +786,8 @@ std::string PythonicGrammar(absl::string_view name, const std::vector<ToolSchema
       "pdict ::= \"{\" pws (pstr pws \":\" pws py (pws \",\" pws pstr pws \":\" pws py)*)? pws "
       "\"}\"\n"
       "pws ::= [ ]{0,4}\n"
-      "integer ::= \"-\"? (\"0\" | [1-9] [0-9]*)\n"
-      "number ::= integer (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n"
       "boolean ::= \"True\" | \"False\"\n";
+  absl::StrAppend(&g, kGbnfNumbers);
   std::vector<std::string> calls;
   int index = 0;
   for (const ToolSchema& t : tools) {
@@ -838,9 +842,7 @@ std::string Qwen3CoderGrammar(absl::string_view name, const std::vector<ToolSche
     const std::string other = k == 0 ? "<" : absl::StrCat("<", kClose.substr(k, 1));
     absl::StrAppend(&g, " | [^", other, "] text0\n");
   }
-  absl::StrAppend(&g,
-                  "integer ::= \"-\"? (\"0\" | [1-9] [0-9]*)\n"
-                  "number ::= integer (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?\n"
+  absl::StrAppend(&g, kGbnfNumbers,
                   "boolean ::= \"true\" | \"false\"\n"
                   "null ::= \"null\"\n"
                   "json ::= jobject | jarray | jstring | number | boolean | null\n"

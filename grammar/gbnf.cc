@@ -16,7 +16,7 @@ namespace strata {
 namespace {
 
 using Seq = GrammarBuilder::Seq;
-using Ranges = std::vector<std::pair<char32_t, char32_t>>;
+using Ranges = CodePointRanges;
 
 bool IsNameChar(char c) { return absl::ascii_isalnum(c) || c == '-' || c == '_'; }
 
@@ -237,17 +237,7 @@ class GbnfParser {
         ranges.push_back({lo, hi});
       }
       ++i_;
-      if (negate) {
-        std::sort(ranges.begin(), ranges.end());
-        Ranges rest;
-        char32_t next = 0;
-        for (auto [lo, hi] : ranges) {
-          if (lo > next) rest.push_back({next, lo - 1});
-          next = std::max<char32_t>(next, hi + 1);
-        }
-        if (next <= 0x10FFFF) rest.push_back({next, 0x10FFFF});
-        ranges = std::move(rest);
-      }
+      if (negate) ranges = ComplementCodePoints(std::move(ranges));
       // Surrogates are not characters: a class of nothing else matches none.
       if (std::all_of(ranges.begin(), ranges.end(),
                       [](const auto& r) { return r.first >= 0xD800 && r.second <= 0xDFFF; })) {

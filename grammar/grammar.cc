@@ -8,6 +8,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/hash.h"
+#include "common/utf8.h"
 
 namespace strata {
 namespace {
@@ -53,35 +55,11 @@ std::string ByteSetString(const ByteSet& s) {
   return out + "]";
 }
 
-// Encodes code point `cp` as UTF-8 into `out` (1-4 bytes); returns the length.
-int EncodeUtf8(char32_t cp, uint8_t out[4]) {
-  if (cp < 0x80) {
-    out[0] = static_cast<uint8_t>(cp);
-    return 1;
-  }
-  if (cp < 0x800) {
-    out[0] = static_cast<uint8_t>(0xC0 | (cp >> 6));
-    out[1] = static_cast<uint8_t>(0x80 | (cp & 0x3F));
-    return 2;
-  }
-  if (cp < 0x10000) {
-    out[0] = static_cast<uint8_t>(0xE0 | (cp >> 12));
-    out[1] = static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F));
-    out[2] = static_cast<uint8_t>(0x80 | (cp & 0x3F));
-    return 3;
-  }
-  out[0] = static_cast<uint8_t>(0xF0 | (cp >> 18));
-  out[1] = static_cast<uint8_t>(0x80 | ((cp >> 12) & 0x3F));
-  out[2] = static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F));
-  out[3] = static_cast<uint8_t>(0x80 | (cp & 0x3F));
-  return 4;
-}
-
 int Utf8Length(char32_t cp) { return cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4; }
 
 // Splits [lo, hi] (one encoded length, no surrogates) into ranges whose encodings are byte-wise
 // ranges: every code point in the piece has each byte between the ends' bytes at that position.
-void SplitUtf8(char32_t lo, char32_t hi, std::vector<std::pair<char32_t, char32_t>>* out) {
+void SplitUtf8(char32_t lo, char32_t hi, CodePointRanges* out) {
   const int n = Utf8Length(lo);
   for (int i = 1; i < n; ++i) {
     const char32_t m = (char32_t{1} << (6 * i)) - 1;
@@ -102,13 +80,8 @@ void SplitUtf8(char32_t lo, char32_t hi, std::vector<std::pair<char32_t, char32_
 }
 
 uint64_t HashStack(absl::Span<const int32_t> s) {
-  uint64_t h = 0x9E3779B97F4A7C15ull ^ s.size();
-  for (int32_t v : s) {
-    h ^= static_cast<uint32_t>(v);
-    h *= 0xFF51AFD7ED558CCDull;
-    h ^= h >> 32;
-  }
-  return h;
+  return Hash64(
+      absl::string_view(reinterpret_cast<const char*>(s.data()), s.size() * sizeof(int32_t)));
 }
 
 // The closure's scratch: raw stacks in one buffer, the ones still to expand, and the set of
@@ -318,15 +291,22 @@ absl::StatusOr<int32_t> GrammarBuilder::BoundedRepeat(absl::string_view name, Se
   return Repeat(name, std::move(seq), min_count, max_count);
 }
 
-int32_t GrammarBuilder::Utf8Range(char32_t lo, char32_t hi) {
-  return Utf8Class("utf8", {{lo, hi}});
+CodePointRanges ComplementCodePoints(CodePointRanges ranges) {
+  std::sort(ranges.begin(), ranges.end());
+  CodePointRanges out;
+  char32_t next = 0;
+  for (auto [lo, hi] : ranges) {
+    if (lo > next) out.push_back({next, lo - 1});
+    next = std::max<char32_t>(next, hi + 1);
+  }
+  if (next <= 0x10FFFF) out.push_back({next, 0x10FFFF});
+  return out;
 }
 
-int32_t GrammarBuilder::Utf8Class(absl::string_view name,
-                                  std::vector<std::pair<char32_t, char32_t>> ranges) {
+int32_t GrammarBuilder::Utf8Class(absl::string_view name, CodePointRanges ranges) {
   std::sort(ranges.begin(), ranges.end());
   // Merge, clip to Unicode and cut out the surrogates.
-  std::vector<std::pair<char32_t, char32_t>> merged;
+  CodePointRanges merged;
   for (auto [lo, hi] : ranges) {
     hi = std::min<char32_t>(hi, 0x10FFFF);
     if (lo > hi) continue;
@@ -336,9 +316,9 @@ int32_t GrammarBuilder::Utf8Class(absl::string_view name,
       merged.push_back({lo, hi});
     }
   }
-  std::vector<std::pair<char32_t, char32_t>> pieces;
+  CodePointRanges pieces;
   for (auto [lo, hi] : merged) {
-    std::vector<std::pair<char32_t, char32_t>> parts;
+    CodePointRanges parts;
     if (lo < 0xD800 && hi > 0xDFFF) {
       parts = {{lo, 0xD7FF}, {0xE000, hi}};
     } else if (lo >= 0xD800 && hi <= 0xDFFF) {
@@ -370,11 +350,14 @@ int32_t GrammarBuilder::Utf8Class(absl::string_view name,
       ascii.AddRange(static_cast<uint8_t>(lo), static_cast<uint8_t>(hi));
       continue;
     }
-    uint8_t a[4], b[4];
-    const int n = EncodeUtf8(lo, a);
-    EncodeUtf8(hi, b);
+    // Each piece's ends encode to the same length, byte by byte the bounds of the piece.
+    std::string a, b;
+    AppendUtf8(lo, &a);
+    AppendUtf8(hi, &b);
     Seq seq;
-    for (int i = 0; i < n; ++i) seq.push_back(Bytes(ByteSet::Range(a[i], b[i])));
+    for (size_t i = 0; i < a.size(); ++i) {
+      seq.push_back(Bytes(ByteSet::Range(static_cast<uint8_t>(a[i]), static_cast<uint8_t>(b[i]))));
+    }
     AddAlternative(r, std::move(seq));
   }
   if (!ascii.Empty()) AddAlternative(r, {Bytes(ascii)});

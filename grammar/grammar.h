@@ -4,7 +4,7 @@
 //
 // A Grammar is a set of rules, each a list of alternatives, each a sequence of elements: a byte set
 // (matches one byte in the set) or another rule. Text is bytes, so a multi-byte UTF-8 character is
-// a sequence of byte sets (Utf8Range builds them), and tokens that end inside a character are
+// a sequence of byte sets (Utf8Class builds them), and tokens that end inside a character are
 // matched as far as they go.
 //
 // The matcher is a pushdown automaton: its state is a set of stacks of grammar positions (several
@@ -62,6 +62,13 @@ class ByteSet {
   std::array<uint64_t, 4> bits_{};
 };
 
+// Code points as inclusive ranges [first, second].
+using CodePointRanges = std::vector<std::pair<char32_t, char32_t>>;
+
+// The code points in [0, U+10FFFF] that none of `ranges` holds (sorted; `ranges` in any order,
+// overlapping or not).
+CodePointRanges ComplementCodePoints(CodePointRanges ranges);
+
 // An immutable grammar, built by GrammarBuilder. Shared read-only between matchers (and threads).
 class Grammar {
  public:
@@ -73,7 +80,6 @@ class Grammar {
 
   int32_t num_rules() const { return static_cast<int32_t>(rule_alts_.size()); }
   int32_t root() const { return root_; }
-  const std::string& rule_name(int32_t rule) const { return rule_names_[rule]; }
   // Positions (indices into elements()) where the alternatives of `rule` start.
   absl::Span<const int32_t> alternatives(int32_t rule) const { return rule_alts_[rule]; }
   absl::Span<const int32_t> elements() const { return elements_; }
@@ -117,10 +123,9 @@ class GrammarBuilder {
                                         int64_t max_count);
   int32_t Repeat(absl::string_view name, Seq seq, int64_t min_count, int64_t max_count);
 
-  // Every UTF-8 encoded code point in [lo, hi] (surrogates left out), as a rule.
-  int32_t Utf8Range(char32_t lo, char32_t hi);
-  // One UTF-8 character whose code point is in any of `ranges` (sorted or not, may overlap).
-  int32_t Utf8Class(absl::string_view name, std::vector<std::pair<char32_t, char32_t>> ranges);
+  // One UTF-8 character whose code point is in any of `ranges` (sorted or not, may overlap;
+  // surrogates left out), as a rule.
+  int32_t Utf8Class(absl::string_view name, CodePointRanges ranges);
 
   int32_t num_rules() const { return static_cast<int32_t>(rule_alts_.size()); }
 

@@ -24,9 +24,6 @@ namespace {
 
 using Seq = GrammarBuilder::Seq;
 
-// Past this many rules a schema is refused (a grammar that large is a mistake, not a schema).
-constexpr int32_t kMaxRules = 200000;
-
 constexpr const char* kUnsupported[] = {
     "multipleOf",
     "uniqueItems",
@@ -125,8 +122,21 @@ class SchemaCompiler {
   }
 
   // A comma-separated list of `item` between `open` and `close`, with min..max items.
+  // A comma-separated list of any number of `item` between `open` and `close` (nothing to
+  // expand, so it cannot fail).
+  int32_t OpenList(absl::string_view name, char open, char close, Seq item) {
+    Seq more = Sep();
+    more.insert(more.end(), item.begin(), item.end());
+    Seq body = std::move(item);
+    body.push_back(b_.Star(absl::StrCat(name, ","), std::move(more)));
+    return b_.Choice(
+        name, {{b_.Byte(static_cast<uint8_t>(open)), Ws(), b_.Optional(name, std::move(body)), Ws(),
+                b_.Byte(static_cast<uint8_t>(close))}});
+  }
+
   absl::StatusOr<int32_t> List(absl::string_view name, char open, char close, Seq item,
                                int64_t min_items, int64_t max_items) {
+    if (min_items == 0 && max_items < 0) return OpenList(name, open, close, std::move(item));
     Seq seq = {b_.Byte(static_cast<uint8_t>(open)), Ws()};
     if (max_items != 0) {
       Seq more = Sep();
@@ -149,6 +159,15 @@ class SchemaCompiler {
   }
 
   absl::StatusOr<int32_t> Value(const JsonValue& s) {
+    // Schemas nested (or references chained) past kMaxDepth would only run the stack down.
+    if (depth_ >= kMaxDepth) return s.Error(absl::StrCat("nests schemas deeper than ", kMaxDepth));
+    ++depth_;
+    absl::StatusOr<int32_t> v = ValueIn(s);
+    --depth_;
+    return v;
+  }
+
+  absl::StatusOr<int32_t> ValueIn(const JsonValue& s) {
     // A schema with an "$id" is a resource of its own: references inside it resolve against it.
     if (s.IsObject() && s.FindField("$id").has_value()) {
       resources_.push_back(s);
@@ -160,7 +179,9 @@ class SchemaCompiler {
   }
 
   absl::StatusOr<int32_t> ValueOf(const JsonValue& s) {
-    if (b_.num_rules() > kMaxRules) return s.Error("makes the schema's grammar too large");
+    if (b_.num_rules() > GrammarBuilder::kMaxRules) {
+      return s.Error("makes the schema's grammar too large");
+    }
     if (s.IsBool()) {
       ASSIGN_OR_RETURN(bool b, s.AsBool());
       if (!b) return s.Error("is the schema false, which no value satisfies");
@@ -276,8 +297,8 @@ class SchemaCompiler {
     Seq member = {AnyString()};
     for (int32_t e : Colon()) member.push_back(e);
     member.push_back(any_);
-    any_object_ = *List("object", '{', '}', member, 0, -1);
-    const int32_t array = *List("array", '[', ']', {any_}, 0, -1);
+    any_object_ = OpenList("object", '{', '}', member);
+    const int32_t array = OpenList("array", '[', ']', {any_});
     for (Seq alt : std::vector<Seq>{{any_object_},
                                     {array},
                                     {AnyString()},
@@ -317,8 +338,9 @@ class SchemaCompiler {
     std::function<int32_t(int)> build = [&](int n) -> int32_t {
       const int32_t r = b_.NewRule("key");
       if (!trie[n].end) b_.AddAlternative(r, {});
-      std::vector<std::pair<char32_t, char32_t>> others = {
-          {0x20, 0x21}, {0x23, 0x5B}, {0x5D, 0x10FFFF}};
+      // Characters written plainly that leave the trie here: all but its children's (and those
+      // a JSON string escapes).
+      CodePointRanges taken = {{0, 0x1F}, {'"', '"'}, {'\\', '\\'}};
       for (const auto& [cp, kid] : trie[n].kids) {
         std::string bytes;
         AppendUtf8(cp, &bytes);
@@ -326,18 +348,9 @@ class SchemaCompiler {
         Seq seq = b_.Literal(absl::string_view(quoted).substr(1, quoted.size() - 2));
         seq.push_back(build(kid));
         b_.AddAlternative(r, std::move(seq));
-        // Every other character leaves the trie.
-        std::vector<std::pair<char32_t, char32_t>> left;
-        for (auto [lo, hi] : others) {
-          if (cp < lo || cp > hi) {
-            left.push_back({lo, hi});
-            continue;
-          }
-          if (cp > lo) left.push_back({lo, cp - 1});
-          if (cp < hi) left.push_back({cp + 1, hi});
-        }
-        others = std::move(left);
+        taken.push_back({cp, cp});
       }
+      const CodePointRanges others = ComplementCodePoints(std::move(taken));
       b_.AddAlternative(r, {b_.Utf8Class("other", others), tail});
       b_.AddAlternative(r, {escape, tail});
       return b_.Ref(r);
@@ -749,6 +762,8 @@ class SchemaCompiler {
     return b_.Choice("object", {{b_.Byte('{'), Ws(), rest[0][0], Ws(), b_.Byte('}')}});
   }
 
+  static constexpr int kMaxDepth = 128;
+  int depth_ = 0;  // Value calls in progress
   JsonValue root_;
   std::vector<JsonValue> resources_;  // the schemas with an "$id" being compiled, innermost last
   GrammarBuilder b_;

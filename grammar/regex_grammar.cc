@@ -13,20 +13,8 @@
 namespace strata {
 namespace {
 
-using Ranges = std::vector<std::pair<char32_t, char32_t>>;
+using Ranges = CodePointRanges;
 using Seq = GrammarBuilder::Seq;
-
-Ranges Complement(Ranges r) {
-  std::sort(r.begin(), r.end());
-  Ranges out;
-  char32_t next = 0;
-  for (auto [lo, hi] : r) {
-    if (lo > next) out.push_back({next, lo - 1});
-    if (hi + 1 > next) next = hi + 1;
-  }
-  if (next <= 0x10FFFF) out.push_back({next, 0x10FFFF});
-  return out;
-}
 
 const Ranges& Digits() {
   static const Ranges r = {{'0', '9'}};
@@ -166,15 +154,15 @@ class RegexParser {
       case 'd':
         return Digits();
       case 'D':
-        return Complement(Digits());
+        return ComplementCodePoints(Digits());
       case 'w':
         return Word();
       case 'W':
-        return Complement(Word());
+        return ComplementCodePoints(Word());
       case 's':
         return Space();
       case 'S':
-        return Complement(Space());
+        return ComplementCodePoints(Space());
       case 'n':
         return Ranges{{'\n', '\n'}};
       case 'r':
@@ -271,7 +259,7 @@ class RegexParser {
       }
       r.insert(r.end(), item.begin(), item.end());
     }
-    return negate ? Complement(std::move(r)) : r;
+    return negate ? ComplementCodePoints(std::move(r)) : r;
   }
 
   // One character of `r`.

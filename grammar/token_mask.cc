@@ -6,6 +6,8 @@
 #include <random>
 #include <utility>
 
+#include "common/hash.h"
+
 namespace strata {
 namespace {
 
@@ -18,14 +20,11 @@ ByteSet NextBytes(const Grammar& g, const GrammarState& s) {
 }
 
 uint64_t HashState(const GrammarState& s) {
-  uint64_t h = 0x9E3779B97F4A7C15ull ^ (s.complete ? 1 : 0) ^ (s.truncated ? 2 : 0);
-  auto mix = [&h](uint64_t v) {
-    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
-    h *= 0xFF51AFD7ED558CCDull;
+  auto bytes = [](const std::vector<int32_t>& v) {
+    return absl::string_view(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(int32_t));
   };
-  for (int32_t v : s.data) mix(static_cast<uint32_t>(v));
-  for (int32_t v : s.starts) mix(static_cast<uint32_t>(v) ^ 0x80000000u);
-  return h;
+  const uint64_t flags = (s.complete ? 1 : 0) | (s.truncated ? 2 : 0);
+  return Hash64(bytes(s.starts), Hash64(bytes(s.data), flags));
 }
 
 bool SameState(const GrammarState& a, const GrammarState& b) {

@@ -42,7 +42,6 @@ class TokenTrie {
 
   int32_t vocab_size() const { return static_cast<int32_t>(token_bytes_->size()); }
   const std::string& bytes(int32_t token) const { return (*token_bytes_)[token]; }
-  int64_t num_tokens() const { return static_cast<int64_t>(tokens_.size()); }
   // Bytes of its own (the token bytes are shared with the trie it was cut from).
   int64_t memory_bytes() const {
     return static_cast<int64_t>(nodes_.size() * sizeof(Node) + tokens_.size() * sizeof(int32_t));

@@ -664,10 +664,17 @@ absl::Status Engine::ApplyMask(const Sequence& s, absl::Span<const uint8_t> allo
   return absl::OkStatus();
 }
 
+FinishReason Engine::EndOf(const Sequence& s, int32_t token) const {
+  if (!s.options.ignore_eos && Contains(weights_->config.eos_token_ids, token)) {
+    return FinishReason::kEos;
+  }
+  if (Contains(s.options.stop_token_ids, token)) return FinishReason::kStopToken;
+  return FinishReason::kNone;
+}
+
 FinishReason Engine::CheckStop(const Sequence& s, int32_t token) const {
   const ModelConfig& c = weights_->config;
-  if (!s.options.ignore_eos && Contains(c.eos_token_ids, token)) return FinishReason::kEos;
-  if (Contains(s.options.stop_token_ids, token)) return FinishReason::kStopToken;
+  if (const FinishReason end = EndOf(s, token); end != FinishReason::kNone) return end;
   if (s.num_generated >= s.options.max_tokens) return FinishReason::kLength;
   if (static_cast<int64_t>(s.tokens.size()) >= c.max_position_embeddings) {
     return FinishReason::kContextLength;
@@ -866,33 +873,34 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   // Constrained rows' token masks depend only on their matchers, which this step does not move: on
   // the GPU engine they are worked out on the host threads while the GPU runs the step. (The CPU
   // engine's threads run the model; it masks after.)
-  std::vector<std::vector<uint8_t>> masks(uses.size());
-  std::vector<absl::Status> mask_errors(uses.size());
-  std::vector<char> mask_ready(uses.size(), 0);
+  // (Sized only in a step with such rows: most steps have none.)
+  std::vector<size_t> constrained;
+  for (size_t u = 0; masker_ != nullptr && u < uses.size(); ++u) {
+    const Sequence* s = plan[uses[u].chunk].seq;
+    if (s->matcher.has_value() && uses[u].position + 1 >= s->prompt_len) constrained.push_back(u);
+  }
+  const size_t row_slots = constrained.empty() ? 0 : uses.size();
+  std::vector<std::vector<uint8_t>> masks(row_slots);
+  std::vector<absl::Status> mask_errors(row_slots);
+  std::vector<char> mask_ready(row_slots, 0);
   std::thread mask_thread;
-  if (gpu_ != nullptr && masker_ != nullptr) {
-    std::vector<size_t> rows;
-    for (size_t u = 0; u < uses.size(); ++u) {
-      const Sequence* s = plan[uses[u].chunk].seq;
-      if (s->matcher.has_value() && uses[u].position + 1 >= s->prompt_len) rows.push_back(u);
-    }
-    for (size_t u : rows) mask_ready[u] = 1;
-    if (!rows.empty()) {
-      mask_thread = std::thread([&, rows = std::move(rows)] {
-        auto work = [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const size_t u = rows[i];
-            mask_errors[u] = ComputeMask(*plan[uses[u].chunk].seq, &masks[u]);
-          }
-        };
-        const int64_t n = static_cast<int64_t>(rows.size());
-        if (host_pool_ != nullptr && n > 1) {
-          host_pool_->ParallelFor(n, 1, work);
-        } else {
-          work(0, n);
+  if (gpu_ != nullptr && !constrained.empty()) {
+    for (size_t u : constrained) mask_ready[u] = 1;
+    // `constrained` is not touched again until the thread is joined.
+    mask_thread = std::thread([&] {
+      auto work = [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const size_t u = constrained[i];
+          mask_errors[u] = ComputeMask(*plan[uses[u].chunk].seq, &masks[u]);
         }
-      });
-    }
+      };
+      const int64_t n = static_cast<int64_t>(constrained.size());
+      if (host_pool_ != nullptr && n > 1) {
+        host_pool_->ParallelFor(n, 1, work);
+      } else {
+        work(0, n);
+      }
+    });
   }
   // Joined before the step goes on past the model, or returns early.
   struct JoinOnExit {
@@ -970,7 +978,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     if (host_row[u] >= 0) host_uses.push_back(u);
   }
   std::vector<SampledToken> host_result(uses.size());
-  std::vector<absl::Status> host_error(uses.size());
+  std::vector<absl::Status> host_error(row_slots);  // for constrained rows
   auto host_work = [&](int64_t begin, int64_t end) {
     thread_local std::vector<std::pair<float, int32_t>> scratch;  // kept across steps
     for (int64_t i = begin; i < end; ++i) {
@@ -1025,9 +1033,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       t = std::move(host_result[u]);
     }
     // An end (EOS, a stop token) is outside the text, and leaves the grammar where it was.
-    const bool end =
-        (!s->options.ignore_eos && Contains(weights_->config.eos_token_ids, t.token)) ||
-        Contains(s->options.stop_token_ids, t.token);
+    const bool end = EndOf(*s, t.token) != FinishReason::kNone;
     if (t.token < 0 || (s->matcher.has_value() && !end &&
                         !s->matcher->Advance(TokenText(*config_.vocabulary, t.token)))) {
       out.finish = FinishReason::kError;

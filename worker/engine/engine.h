@@ -351,6 +351,8 @@ class Engine {
   const std::vector<BlockHash>& WaitingHashes(const Sequence& s) const;
   void PublishFullBlocks(Sequence* s);
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
+  // kEos or kStopToken when `token` ends `s` (EOS unless ignore_eos, a stop token), else kNone.
+  FinishReason EndOf(const Sequence& s, int32_t token) const;
   // Appends the tokens `s` may not sample now: EOS and its stop tokens until min_tokens.
   void AppendBanned(const Sequence& s, std::vector<int32_t>* out) const;
   // For a sequence with a grammar: the tokens its grammar allows next (TokenMasker::Allowed),
