@@ -68,7 +68,8 @@ ABSL_FLAG(bool, only_decode, false,
 ABSL_FLAG(
     std::string, variants,
     "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,gemv_routes,gemv_two_stage,"
-    "gemv_rope,gemv_down,one_block,combined,mma_prefill,mma_sync_prefill,fine_tunes,sampled",
+    "gemv_rope,gemv_down,one_block,combined,mma_prefill,mma_sync_prefill,fine_tunes,sampled,"
+    "drafts",
     "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
     "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
     "every batch size), fused_norm (that and the fused residual norms), shipped "
@@ -83,7 +84,9 @@ ABSL_FLAG(
     "shipped defaults, taken together), mma_prefill (prefill with the tensor-core attention "
     "kernel), mma_sync_prefill (the same through its mma.sync form), fine_tunes (decode and "
     "prefill with random deltas), sampled (decode with seeded sampling on the GPU instead of "
-    "greedy: temperature 1 over the whole vocabulary, and top-p 0.9).");
+    "greedy: temperature 1 over the whole vocabulary, and top-p 0.9), drafts (speculative "
+    "decoding's steps: each sequence's last token and k draft tokens, every row's logits "
+    "argmaxed, k = 1, 2, 4, 8, batches 1 and 8, the shipped defaults).");
 ABSL_FLAG(std::string, fine_tune_tenants, "1,4",
           "Distinct fine-tunes among the decode batch's sequences, per fine_tunes run.");
 ABSL_FLAG(int, fine_tune_bits, 4, "Bits of the fine_tunes runs' random deltas (2, 4 or 8).");
@@ -197,6 +200,40 @@ void Prefill(GpuModelRunner* r, Batch* b, int64_t prompt, int64_t max_tokens, st
     }
     b->lengths[s] = prompt;
   }
+}
+
+// Speculative decoding's steps: each of b's sequences computes its last token and `k` draft tokens
+// (random), every row argmaxed (ForwardGreedy), and moves on one position (as if nothing of the
+// draft were kept, so the context stays the same length). The median milliseconds per step.
+double DraftSteps(GpuModelRunner* r, Batch* b, int64_t k, int64_t steps, std::mt19937* rng) {
+  const int64_t V = r->config().vocab_size;
+  const int64_t n = b->seqs * (1 + k);
+  std::vector<int32_t> tokens(n), positions(n), token_seq(n), logit_tokens(n), next(n);
+  std::vector<int64_t> slots(n);
+  std::iota(logit_tokens.begin(), logit_tokens.end(), 0);
+  std::vector<double> times;
+  for (int64_t step = 0; step < steps; ++step) {
+    for (int64_t s = 0; s < b->seqs; ++s) {
+      for (int64_t i = 0; i <= k; ++i) {
+        const int64_t t = s * (1 + k) + i;
+        tokens[t] = i == 0 ? b->last[s] : static_cast<int32_t>((*rng)() % V);
+        positions[t] = static_cast<int32_t>(b->lengths[s] + i);
+        token_seq[t] = static_cast<int32_t>(s);
+        slots[t] = b->Slot(s, b->lengths[s] + i);
+      }
+    }
+    ForwardBatch fb{tokens,  positions,  token_seq,    slots,    b->tables,
+                    b->seqs, b->per_seq, logit_tokens, b->deltas};
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK_OK(r->ForwardGreedy(fb, absl::MakeSpan(next), {}));
+    const auto t1 = std::chrono::steady_clock::now();
+    if (step > 0) times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    for (int64_t s = 0; s < b->seqs; ++s) {
+      b->last[s] = next[s * (1 + k)];
+      ++b->lengths[s];
+    }
+  }
+  return Median(times);
 }
 
 // Decodes `steps` steps of b's sequences, greedy (ForwardGreedy) or, with `rows` (one per sequence,
@@ -583,8 +620,9 @@ int Main() {
   const int64_t prefill_tokens = absl::GetFlag(FLAGS_prefill_tokens);
   const int64_t block_tokens = 16;
   // Positions a sequence reaches: the decode runs', the traces' (3 warm-up steps and theirs).
+  // (The drafts runs' steps reach 8 positions further.)
   const int64_t ctx =
-      std::max({prompt + steps + 1, prompt + 4 + absl::GetFlag(FLAGS_trace_steps), prefill_tokens});
+      std::max({prompt + steps + 9, prompt + 4 + absl::GetFlag(FLAGS_trace_steps), prefill_tokens});
   const int64_t per_seq = (ctx + block_tokens - 1) / block_tokens;
 
   GpuRunnerOptions o;
@@ -912,6 +950,24 @@ int Main() {
         json.Add(key + "_ms_per_step", ms);
         json.Add(key + "_device_ms_per_step", device_ms);
         json.Add(key + "_tokens_per_s", bs * 1000.0 / ms);
+      }
+    }
+  }
+  // Speculative decoding's steps on the shipped defaults: keys draft_b{batch}_k{k}_ms_per_step,
+  // and the tokens/s such steps would give if every draft were kept. (k = 0 is a plain decode
+  // step, replayed from its graph; a step with drafts runs the tiled path, as the engine's do.)
+  if (wanted("drafts")) {
+    GpuModelRunner* const r = fresh(shipped);
+    for (const int64_t bs : {int64_t{1}, int64_t{8}}) {
+      if (bs > o.max_seqs) continue;
+      for (const int64_t k : {0, 1, 2, 4, 8}) {
+        if (bs * (1 + k) > o.max_seqs) continue;  // ForwardGreedy's rows
+        Batch b = batch_of(bs);
+        Prefill(r, &b, prompt, o.max_batch_tokens, &rng);
+        const double ms = DraftSteps(r, &b, k, steps, &rng);
+        const std::string key = absl::StrCat("draft_b", bs, "_k", k);
+        json.Add(key + "_ms_per_step", ms);
+        json.Add(key + "_tokens_per_s_all_kept", static_cast<double>(bs * (1 + k)) * 1000.0 / ms);
       }
     }
   }

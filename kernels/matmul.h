@@ -37,6 +37,10 @@ struct MatMulParams {
 // x86-64; larger m goes to the CPU BLAS. Either way one call is single-threaded unless the BLAS
 // threads itself: callers split large problems by columns (n_begin / n_end).
 //
+// Rows up to which MatMulCpu takes the direct kernel. Each row's sums there are the same whatever
+// the other rows (the BLAS's blocking may sum in another order).
+inline constexpr int64_t kMatMulCpuGemvMaxRows = 8;
+
 // Bytes of scratch memory MatMulCpu needs for these parameters.
 size_t MatMulCpuWorkspaceBytes(const MatMulParams& p);
 

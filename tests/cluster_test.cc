@@ -461,6 +461,60 @@ TEST(RandomWeightsTest, AWorkerServesAModelFromItsConfigAlone) {
   EXPECT_EQ(SubmitAndCountTokens((*c)->worker(0), 6), 6);
 }
 
+// A worker that drafts (--num_speculative_tokens) streams the text a worker that does not
+// streams, several tokens to a chunk, for greedy and seeded sampling, cut at a stop string the same
+// way; its /metrics count the drafts and the tokens kept.
+TEST(SpeculativeTest, ADraftingWorkerStreamsTheSameText) {
+  const int port = FreePort();
+  LocalClusterOptions o = Options(1, "speculative");
+  o.worker_flags = {"--num_speculative_tokens=5",
+                    absl::StrCat("--metrics_listen=127.0.0.1:", port)};
+  auto spec = LocalCluster::Start(o);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto plain = LocalCluster::Start(Options(1, "not-speculative"));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  const std::string prompt =
+      "def add_one(x):\n    return x + 1\n\n\ndef add_two(x):\n    return x + 2\n\n\n"
+      "def add_three(x):\n    return x + 3\n\n\ndef add_";
+  size_t max_chunk = 0;
+  for (const float temperature : {0.0f, 0.8f}) {
+    SCOPED_TRACE(::testing::Message() << "temperature " << temperature);
+    v1::GenerateRequest req = TextRequest(prompt, 80, 11);
+    req.mutable_sampling()->set_temperature(temperature);
+    const Generated want = Generate((*plain)->serving(), req);
+    ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+    const Generated got = Generate((*spec)->serving(), req);
+    ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+    EXPECT_EQ(got.tokens, want.tokens);
+    EXPECT_EQ(got.text, want.text);
+    EXPECT_TRUE(got.contiguous);
+    EXPECT_EQ(got.chunks.back().usage().num_completion_tokens(), 80u);
+    for (const auto& c : got.chunks) max_chunk = std::max<size_t>(max_chunk, c.token_ids_size());
+    // A stop string from the second half of the text ends both at the same place.
+    const std::string stop = want.text.substr(want.text.size() * 2 / 3, 4);
+    req.mutable_sampling()->add_stop(stop);
+    const Generated cut = Generate((*spec)->serving(), req);
+    ASSERT_TRUE(cut.status.ok()) << cut.status.error_message();
+    EXPECT_EQ(cut.text, want.text.substr(0, want.text.find(stop)));
+    EXPECT_EQ(cut.chunks.back().finish_reason(), v1::FINISH_REASON_STOP_STRING);
+  }
+  EXPECT_GT(max_chunk, 1u) << "no step kept a draft token";
+  // (The worker publishes its metrics every 250 ms.)
+  std::map<std::string, double> m;
+  for (const absl::Time give_up = absl::Now() + absl::Seconds(10); absl::Now() < give_up;
+       absl::SleepFor(absl::Milliseconds(100))) {
+    m = Scrape(port);
+    if (m.count("strata_worker_accepted_draft_tokens_total") &&
+        m.at("strata_worker_accepted_draft_tokens_total") > 0) {
+      break;
+    }
+  }
+  ASSERT_TRUE(m.count("strata_worker_draft_tokens_total")) << "no metrics on port " << port;
+  EXPECT_GT(m.at("strata_worker_accepted_draft_tokens_total"), 0);
+  EXPECT_GE(m.at("strata_worker_draft_tokens_total"),
+            m.at("strata_worker_accepted_draft_tokens_total"));
+}
+
 TEST(AdmissionTest, CoordinatorQueueBoundAnswersResourceExhausted) {
   auto c = LocalCluster::Start(Options(1, "admission", {"--max_inflight_requests=1"}));
   ASSERT_TRUE(c.ok()) << c.status();

@@ -295,6 +295,8 @@ rows = [
     ("decode b64, 4 fine-tunes", fmt(g(ours, "decode_b64_ft4_tokens_per_s")), "-"),
     ("prefill tok/s, a fine-tune", fmt(g(ours, "prefill_ft_tokens_per_s")), "-"),
     ("fine-tune first step ms", fmt(g(ours, "fine_tune_first_step_ms")), "-"),
+    ("draft step b1 ms, k=0/1/4/8", " / ".join(fmt(g(ours, "draft_b1_k%d_ms_per_step" % k), "{:.2f}") for k in (0, 1, 4, 8)), "-"),
+    ("draft step b8 ms, k=0/1/4", " / ".join(fmt(g(ours, "draft_b8_k%d_ms_per_step" % k), "{:.2f}") for k in (0, 1, 4)), "-"),
 ]
 print()
 print(summary.strip())

@@ -23,7 +23,7 @@ int64_t End(const MatMulParams& p) { return p.n_end == 0 ? p.n : p.n_end; }
 
 // Rows of x up to which the direct (GEMV-style) path runs: it streams each weight row once,
 // converting 16-bit weights in registers, which is what batch-1 and small-batch decode need.
-constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kGemvMaxRows = kMatMulCpuGemvMaxRows;
 
 float Scalar(const void* w, int64_t i, DType dt) { return ElementAsFloat(w, dt, i); }
 

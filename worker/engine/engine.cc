@@ -9,6 +9,8 @@
 #include "absl/time/clock.h"
 #include "common/log.h"
 #include "common/status_macros.h"
+#include "kernels/matmul.h"
+#include "worker/engine/ngram_draft.h"
 
 namespace strata {
 namespace {
@@ -40,6 +42,20 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     return absl::FailedPreconditionError(
         absl::StrCat("engine: tensor-parallel rank ", comm->rank(),
                      " follows rank 0 (ModelRunner::ServeFollower)"));
+  }
+  if (config.num_speculative_tokens < 0 || config.num_speculative_tokens > 32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine: num_speculative_tokens must be in [0, 32], not ", config.num_speculative_tokens));
+  }
+  if (config.num_speculative_tokens > 0 &&
+      (config.prompt_lookup_min < 1 || config.prompt_lookup_max < config.prompt_lookup_min ||
+       config.prompt_lookup_max > 64 || config.speculative_max_batch < -1 ||
+       config.speculative_max_batch == 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine: speculative decoding needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 64 "
+        "(have ",
+        config.prompt_lookup_min, " and ", config.prompt_lookup_max,
+        ") and speculative_max_batch >= 1 or -1 (have ", config.speculative_max_batch, ")"));
   }
   const bool on_gpu = config.device == "gpu";
   if (!on_gpu && config.device != "cpu") {
@@ -161,6 +177,9 @@ Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig conf
                int64_t num_blocks)
     : weights_(weights), config_(std::move(config)), blocks_(num_blocks, config_.block_tokens) {
   (void)comm;
+  if (config_.speculative_max_batch < 0) {
+    config_.speculative_max_batch = config_.device == "gpu" ? 16 : 2;
+  }
   if (config_.vocabulary != nullptr) {
     masker_ = std::make_unique<TokenMasker>(config_.vocabulary, config_.grammar_mask_cache_bytes);
     if (config_.grammar_warm_walks < 0)
@@ -578,6 +597,62 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
   return AdmitResult::kAdmitted;
 }
 
+void Engine::ProposeDraft(int64_t limit, Chunk* ch) {
+  Sequence* s = ch->seq;
+  const int64_t len = static_cast<int64_t>(s->tokens.size());
+  // All of the draft kept and one token drawn after it must fit in max_tokens and the context.
+  limit = std::min<int64_t>({limit,
+                             s->draft_limit >= 0 ? s->draft_limit : config_.num_speculative_tokens,
+                             s->options.max_tokens - s->num_generated - 1,
+                             weights_->config.max_position_embeddings - 1 - len});
+  if (limit <= 0) return;
+  std::vector<int32_t> draft;
+  if (NgramDraft(s->tokens, config_.prompt_lookup_min, config_.prompt_lookup_max, limit, &draft) ==
+      0) {
+    return;
+  }
+  // An end (EOS, a stop token) is never a draft token: the row before it draws it or not. Nor is a
+  // token the grammar does not allow there (or a special token, which has no text for it), which
+  // the row before could not draw.
+  std::vector<GrammarMatcher> matchers;
+  size_t keep = 0;
+  for (; keep < draft.size(); ++keep) {
+    const int32_t t = draft[keep];
+    if (EndOf(*s, t) != FinishReason::kNone) break;
+    if (s->matcher.has_value()) {
+      const absl::string_view text = TokenText(*config_.vocabulary, t);
+      GrammarMatcher m = matchers.empty() ? *s->matcher : matchers.back();
+      if (text.empty() || !m.Advance(text)) break;
+      matchers.push_back(std::move(m));
+    }
+  }
+  // The blocks the last token needs are the sequence's already (the step is planned); the draft
+  // takes free blocks only, never a cached one (Step gives them back after it).
+  const int64_t bt = config_.block_tokens;
+  const int64_t room = static_cast<int64_t>(s->block_table.size()) * bt - (s->num_computed + 1);
+  keep = static_cast<size_t>(
+      std::min<int64_t>(static_cast<int64_t>(keep), room + blocks_.num_free() * bt));
+  if (keep == 0) return;
+  draft.resize(keep);
+  if (s->matcher.has_value()) matchers.erase(matchers.begin() + keep, matchers.end());
+  while (static_cast<int64_t>(s->block_table.size()) * bt <
+         s->num_computed + 1 + static_cast<int64_t>(keep)) {
+    s->block_table.push_back(*blocks_.Allocate(/*free_only=*/true));
+  }
+  const SamplingOptions& o = s->options.sampling;
+  if (o.repetition_penalty != 1.0f || o.presence_penalty != 0.0f || o.frequency_penalty != 0.0f) {
+    for (int32_t t : draft) {
+      ch->draft_penalties.push_back(ch->draft_penalties.empty() ? s->penalties
+                                                                : ch->draft_penalties.back());
+      ch->draft_penalties.back().AddOutput(t);
+    }
+  }
+  num_draft_tokens_ += static_cast<int64_t>(keep);
+  ch->count = 1 + static_cast<int64_t>(keep);
+  ch->draft = std::move(draft);
+  ch->draft_matchers = std::move(matchers);
+}
+
 void Engine::AddInflight(const Sequence& s) {
   for (size_t i = s.hashes.size(); i < s.planned_hashes.size(); ++i) {
     inflight_.insert(s.planned_hashes[i]);
@@ -598,33 +673,36 @@ void Engine::PublishFullBlocks(Sequence* s) {
   if (s->hashes.size() >= s->planned_hashes.size()) s->planned_hashes.clear();
 }
 
-void Engine::AppendBanned(const Sequence& s, std::vector<int32_t>* out) const {
-  if (s.num_generated >= s.options.min_tokens) return;
+void Engine::AppendBanned(const Sequence& s, int64_t num_generated,
+                          std::vector<int32_t>* out) const {
+  if (num_generated >= s.options.min_tokens) return;
   const std::vector<int32_t>& eos = weights_->config.eos_token_ids;
   out->insert(out->end(), eos.begin(), eos.end());
   out->insert(out->end(), s.options.stop_token_ids.begin(), s.options.stop_token_ids.end());
 }
 
-absl::Status Engine::ComputeMask(const Sequence& s, std::vector<uint8_t>* allowed) const {
-  if (s.matcher->Overloaded()) {
+absl::Status Engine::ComputeMask(const GrammarMatcher& matcher,
+                                 std::vector<uint8_t>* allowed) const {
+  if (matcher.Overloaded()) {
     return absl::InvalidArgumentError(
         "the structured output is too ambiguous to follow here (more than 256 readings at once)");
   }
   allowed->resize(masker_->vocabulary().vocab_size());
   const absl::Time start = absl::Now();
-  masker_->Allowed(*s.matcher, absl::MakeSpan(*allowed));
+  masker_->Allowed(matcher, absl::MakeSpan(*allowed));
   grammar_mask_ns_.fetch_add(absl::ToInt64Nanoseconds(absl::Now() - start),
                              std::memory_order_relaxed);
   return absl::OkStatus();
 }
 
-absl::Status Engine::ApplyMask(const Sequence& s, absl::Span<const uint8_t> allowed,
+absl::Status Engine::ApplyMask(const Sequence& s, const GrammarMatcher& matcher,
+                               int64_t num_generated, absl::Span<const uint8_t> allowed,
                                absl::Span<float> row, std::vector<int32_t>* banned) const {
   const int32_t V = static_cast<int32_t>(row.size());
   // The ends (EOS unless ignore_eos, and stop tokens) keep their logits where the text is
   // complete; they have no bytes, so the grammar never allows them itself.
   std::vector<std::pair<int32_t, float>> ends;
-  if (s.matcher->IsComplete()) {
+  if (matcher.IsComplete()) {
     if (!s.options.ignore_eos) {
       for (int32_t t : weights_->config.eos_token_ids) {
         if (t >= 0 && t < V) ends.emplace_back(t, row[t]);
@@ -648,7 +726,7 @@ absl::Status Engine::ApplyMask(const Sequence& s, absl::Span<const uint8_t> allo
   // min_tokens holds the ends back only while some text may come instead (a stop token that is
   // an ordinary token of the text counts as an end here).
   std::vector<int32_t> held;
-  AppendBanned(s, &held);
+  AppendBanned(s, num_generated, &held);
   std::sort(held.begin(), held.end());
   held.erase(std::unique(held.begin(), held.end()), held.end());
   int64_t left = text_tokens;
@@ -701,6 +779,13 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   // Plan: running sequences first (in admission order), then admissions.
   std::vector<Chunk> plan;
   int64_t budget = config_.max_batch_tokens;
+  // Speculative decoding, while few sequences decode.
+  int64_t decoding = 0;
+  for (const auto& s : running_) {
+    if (static_cast<int64_t>(s->tokens.size()) - s->num_computed == 1) ++decoding;
+  }
+  const bool speculate =
+      config_.num_speculative_tokens > 0 && decoding <= config_.speculative_max_batch;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i].get();
     const int64_t n =
@@ -720,7 +805,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       }
     }
     if (preempted_self) break;
-    plan.push_back({s, s->num_computed, n});
+    plan.emplace_back(s, s->num_computed, n);
     budget -= n;
     ++i;
   }
@@ -773,6 +858,35 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     running_.push_back(std::move(waiting_[i]));
     waiting_.erase(waiting_.begin() + static_cast<ptrdiff_t>(i));
   }
+  // Drafts last, from what the plan leaves: its token budget and free blocks (so a draft never
+  // preempts a sequence, keeps one out, or evicts a cached block). On the CPU a step of up to
+  // kMatMulCpuGemvMaxRows tokens stays one (more rows go to the BLAS, which costs several times a
+  // GEMV step and sums in another order); on the GPU, no more rows than its sampler takes. The
+  // room is shared out evenly, what one sequence leaves going to the next.
+  if (speculate && budget > 0 && !plan.empty()) {
+    std::vector<Chunk*> drafting;
+    int64_t planned = 0;
+    for (Chunk& ch : plan) {
+      planned += ch.count;
+      if (ch.count == 1 && ch.start == static_cast<int64_t>(ch.seq->tokens.size()) - 1) {
+        drafting.push_back(&ch);
+      }
+    }
+    int64_t room = budget;
+    if (gpu_ != nullptr) {
+      room = std::min<int64_t>(room,
+                               std::min(config_.max_running_sequences, config_.max_batch_tokens) -
+                                   static_cast<int64_t>(plan.size()));
+    } else if (planned <= kMatMulCpuGemvMaxRows) {
+      room = std::min<int64_t>(room, kMatMulCpuGemvMaxRows - planned);
+    }
+    for (size_t i = 0; i < drafting.size() && room > 0; ++i) {
+      const int64_t left = static_cast<int64_t>(drafting.size() - i);
+      ProposeDraft((room + left - 1) / left, drafting[i]);
+      room -= drafting[i]->count - 1;
+      budget -= drafting[i]->count - 1;
+    }
+  }
   if (plan.empty()) {
     waiting_for_io_ = io_wait;
     if (!io_wait && !waiting_.empty() && running_.empty()) {
@@ -802,6 +916,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   struct LogitUse {
     size_t chunk;
     int64_t position;  // position of the token whose logits these are
+    // For a row that samples: how many draft tokens come before the token it draws.
+    int32_t draft;
   };
   std::vector<LogitUse> uses;
   for (size_t ci = 0; ci < plan.size(); ++ci) {
@@ -809,14 +925,16 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     Sequence* s = ch.seq;
     std::copy(s->block_table.begin(), s->block_table.end(), tables.begin() + ci * max_blocks);
     const int64_t end = ch.start + ch.count;
+    const int64_t len = static_cast<int64_t>(s->tokens.size());
     const bool wants_prompt_lp = s->options.prompt_logprobs >= 0 && !s->prompt_logprobs_sent;
     for (int64_t p = ch.start; p < end; ++p) {
-      const bool last = p == static_cast<int64_t>(s->tokens.size()) - 1;
-      if (last || (wants_prompt_lp && p + 1 < s->prompt_len)) {
+      // The last token's row draws the next token, and so does each draft token's.
+      const bool samples = p >= len - 1;
+      if (samples || (wants_prompt_lp && p + 1 < s->prompt_len)) {
         logit_tokens.push_back(static_cast<int32_t>(tokens.size()));
-        uses.push_back({ci, p});
+        uses.push_back({ci, p, samples ? static_cast<int32_t>(p - (len - 1)) : 0});
       }
-      tokens.push_back(s->tokens[p]);
+      tokens.push_back(p < len ? s->tokens[p] : ch.draft[p - len]);
       positions.push_back(static_cast<int32_t>(p));
       token_seq.push_back(static_cast<int32_t>(ci));
       slots.push_back(int64_t{s->block_table[p / bt]} * bt + p % bt);
@@ -840,11 +958,27 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     for (const Chunk& ch : plan) seq_deltas.push_back(ch.seq->delta);
     batch.seq_deltas = seq_deltas;
   }
+  // The state each sampled row draws in: its sequence's, or with the draft tokens before it taken.
+  auto row_generated = [&](size_t u) {
+    return plan[uses[u].chunk].seq->num_generated + uses[u].draft;
+  };
+  auto row_penalties = [&](size_t u) -> const PenaltyState& {
+    const Chunk& ch = plan[uses[u].chunk];
+    return uses[u].draft == 0 || ch.draft_penalties.empty() ? ch.seq->penalties
+                                                            : ch.draft_penalties[uses[u].draft - 1];
+  };
+  auto row_matcher = [&](size_t u) -> const GrammarMatcher& {
+    const Chunk& ch = plan[uses[u].chunk];
+    return uses[u].draft == 0 ? *ch.seq->matcher : ch.draft_matchers[uses[u].draft - 1];
+  };
   // On the GPU, when every logit row is a token to sample, sampling runs there too. The logits
   // of rows that report log-probabilities come to the host and are sampled there (the same draw);
-  // the others never leave the GPU. (Every such row is one sequence's, so there are at most
-  // max_running_sequences of them.) Prompt log-probabilities send the whole step to the host.
-  bool sampled_on_gpu = gpu_ != nullptr && !uses.empty();
+  // the others never leave the GPU. The GPU sampler takes up to max_running_sequences rows
+  // (GpuRunnerOptions::max_seqs): a step with more (drafts' rows) samples on the host. Prompt
+  // log-probabilities send the whole step to the host.
+  bool sampled_on_gpu = gpu_ != nullptr && !uses.empty() &&
+                        static_cast<int64_t>(uses.size()) <=
+                            std::min(config_.max_running_sequences, config_.max_batch_tokens);
   for (size_t u = 0; sampled_on_gpu && u < uses.size(); ++u) {
     const Sequence* s = plan[uses[u].chunk].seq;
     sampled_on_gpu = uses[u].position + 1 >= s->prompt_len &&
@@ -891,7 +1025,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       auto work = [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const size_t u = constrained[i];
-          mask_errors[u] = ComputeMask(*plan[uses[u].chunk].seq, &masks[u]);
+          mask_errors[u] = ComputeMask(row_matcher(u), &masks[u]);
         }
       };
       const int64_t n = static_cast<int64_t>(constrained.size());
@@ -914,13 +1048,13 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   if (sampled_on_gpu) {
     std::vector<gpu::SampleRow> rows;
     std::vector<int32_t> pen_offsets = {0}, pen_tokens, pen_counts, ban_offsets = {0}, ban_tokens;
-    for (const LogitUse& use : uses) {
-      const Sequence* s = plan[use.chunk].seq;
+    for (size_t u = 0; u < uses.size(); ++u) {
+      const Sequence* s = plan[uses[u].chunk].seq;
       const SamplingOptions& o = s->options.sampling;
-      rows.push_back(SampleRowOf(o, s->num_generated));
+      rows.push_back(SampleRowOf(o, row_generated(u)));
       // The lists PenaltyState keeps current: every token seen with its output count (repetition),
       // or only the output's tokens (presence and frequency).
-      const PenaltyState& ps = s->penalties;
+      const PenaltyState& ps = row_penalties(u);
       const bool repetition = o.repetition_penalty != 1.0f;
       if (repetition || o.presence_penalty != 0.0f || o.frequency_penalty != 0.0f) {
         const std::vector<int32_t>& t = repetition ? ps.seen_tokens() : ps.output_tokens();
@@ -929,7 +1063,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         pen_counts.insert(pen_counts.end(), c.begin(), c.end());
       }
       pen_offsets.push_back(static_cast<int32_t>(pen_tokens.size()));
-      AppendBanned(*s, &ban_tokens);
+      AppendBanned(*s, row_generated(u), &ban_tokens);
       ban_offsets.push_back(static_cast<int32_t>(ban_tokens.size()));
     }
     gpu_tokens.resize(uses.size());
@@ -955,8 +1089,9 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   }
 
   if (mask_thread.joinable()) mask_thread.join();
+  // A draft's tokens count as computed once kept (below).
   for (const Chunk& ch : plan) {
-    ch.seq->num_computed += ch.count;
+    ch.seq->num_computed += ch.count - static_cast<int64_t>(ch.draft.size());
     PublishFullBlocks(ch.seq);
   }
   // Outputs in plan order.
@@ -971,8 +1106,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   std::vector<Sequence*> finished;
   // The host's work on the rows first, across its threads: prompt log-probabilities (a long prompt
   // scored for an evaluation brings one row per token) and the tokens sampled here. Each row is
-  // independent: a pure function of its logits and its sequence's state, and a sequence has at
-  // most one sampled row per step (its state changes only in the in-order pass below).
+  // independent: a pure function of its logits and its row's state (a draft's rows have theirs
+  // in the chunk); the sequences' states change only in the in-order pass below.
   std::vector<size_t> host_uses;
   for (size_t u = 0; u < uses.size(); ++u) {
     if (host_row[u] >= 0) host_uses.push_back(u);
@@ -993,18 +1128,21 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       std::vector<int32_t> banned;
       if (s->matcher.has_value()) {
         thread_local std::vector<uint8_t> local;
-        absl::Status st = mask_ready[u] ? mask_errors[u] : ComputeMask(*s, &local);
-        if (st.ok()) st = ApplyMask(*s, mask_ready[u] ? masks[u] : local, row, &banned);
+        absl::Status st = mask_ready[u] ? mask_errors[u] : ComputeMask(row_matcher(u), &local);
+        if (st.ok()) {
+          st = ApplyMask(*s, row_matcher(u), row_generated(u), mask_ready[u] ? masks[u] : local,
+                         row, &banned);
+        }
         if (!st.ok()) {
           host_result[u].token = -1;  // the request fails below
           host_error[u] = std::move(st);
           continue;
         }
       } else {
-        AppendBanned(*s, &banned);
+        AppendBanned(*s, row_generated(u), &banned);
       }
       host_result[u] =
-          Sample(row, s->options.sampling, s->penalties, s->num_generated, banned, &scratch);
+          Sample(row, s->options.sampling, row_penalties(u), row_generated(u), banned, &scratch);
     }
   };
   const int64_t num_host = static_cast<int64_t>(host_uses.size());
@@ -1013,14 +1151,22 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   } else {
     host_work(0, num_host);
   }
+  // A draft's rows in order: each token drawn is the sequence's next; the rows go on while it is
+  // the draft's token there (which was then computed right). Rows past where the draft went wrong,
+  // or past the end, are left unread.
+  std::vector<int64_t> kept(plan.size(), 0);  // draft tokens kept, per chunk
+  std::vector<char> settled(plan.size(), 0);
   for (size_t u = 0; u < uses.size(); ++u) {
-    Sequence* s = plan[uses[u].chunk].seq;
+    const size_t c = uses[u].chunk;
+    Sequence* s = plan[c].seq;
     const int64_t p = uses[u].position;
     RequestOutput& out = output_of(s);
     if (p + 1 < s->prompt_len) {
       s->prompt_logprobs.push_back(std::move(host_result[u]));
       continue;
     }
+    if (settled[c]) continue;
+    settled[c] = 1;  // unless the draft goes on below
     if (s->options.prompt_logprobs >= 0 && !s->prompt_logprobs_sent) {
       out.prompt_logprobs = std::move(s->prompt_logprobs);
       s->prompt_logprobs_sent = true;
@@ -1052,8 +1198,33 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         !s->matcher->CanContinue()) {
       out.finish = FinishReason::kGrammarEnd;
     }
+    const std::vector<int32_t>& draft = plan[c].draft;
+    const int32_t j = uses[u].draft;
+    const bool draft_token = j < static_cast<int32_t>(draft.size()) && t.token == draft[j];
     out.tokens.push_back(std::move(t));
-    if (out.finish != FinishReason::kNone) finished.push_back(s);
+    if (draft_token) ++kept[c];  // its K/V is computed (even if it ends the sequence)
+    if (out.finish != FinishReason::kNone) {
+      finished.push_back(s);
+      continue;
+    }
+    if (draft_token) settled[c] = 0;
+  }
+  for (size_t c = 0; c < plan.size(); ++c) {
+    if (plan[c].draft.empty()) continue;
+    num_accepted_draft_tokens_ += kept[c];
+    // Half a draft kept or more: the next may be full length; less: one more than was kept.
+    const int64_t drafted = static_cast<int64_t>(plan[c].draft.size());
+    plan[c].seq->draft_limit =
+        2 * kept[c] >= drafted ? config_.num_speculative_tokens : kept[c] + 1;
+    Sequence* s = plan[c].seq;
+    s->num_computed += kept[c];
+    PublishFullBlocks(s);
+    // Blocks the draft took past what the sequence now needs go back (never published: free).
+    const int64_t need = (static_cast<int64_t>(s->tokens.size()) + bt - 1) / bt;
+    while (static_cast<int64_t>(s->block_table.size()) > need) {
+      blocks_.Release(s->block_table.back());
+      s->block_table.pop_back();
+    }
   }
   for (auto& [s, out] : produced) {
     if (out.tokens.empty() && out.finish == FinishReason::kNone) continue;  // mid-prefill
@@ -1105,6 +1276,8 @@ EngineStats Engine::Stats() const {
   if (deltas_ != nullptr) st.deltas = deltas_->GetStats();
   if (deltas_ != nullptr && gpu_ != nullptr) st.gpu_deltas = gpu_->delta_stats();
   st.num_structured_tokens = num_structured_tokens_;
+  st.num_draft_tokens = num_draft_tokens_;
+  st.num_accepted_draft_tokens = num_accepted_draft_tokens_;
   st.grammar_mask_seconds = static_cast<double>(grammar_mask_ns_.load()) * 1e-9;
   if (masker_ != nullptr) st.grammar_masks = masker_->stats();
   return st;

@@ -119,6 +119,25 @@ struct EngineConfig {
   // sentences, on a thread of its own (TokenMasker::Warm), so that its first requests seldom stall
   // a step on a mask. -1: 8 on the gpu device, 0 on the cpu (whose cores run the model).
   int grammar_warm_walks = -1;
+  // Speculative decoding by n-gram lookup (NgramDraft): a decoding sequence whose last
+  // prompt_lookup_min to prompt_lookup_max tokens occurred earlier in its context proposes up to
+  // num_speculative_tokens tokens that followed them there. The step computes its last token and
+  // the draft together; the sequence keeps each draft token that its sampler draws there anyway,
+  // then the token drawn where the draft went wrong (or one past the draft's end). Each position
+  // is sampled with its own draw (seed and position) from the logits it would have had, so the
+  // output is what one token a step produces (the same tokens, up to the rounding differences a
+  // batch's make-up brings anyway), in fewer steps when drafts are right. Drafts take only what
+  // the planned step leaves: its token budget and free KV blocks (never a cached block; a draft
+  // never preempts or delays another sequence), on the cpu device no more than keeps a step of up
+  // to kMatMulCpuGemvMaxRows tokens one (bit for bit the same sums), on the gpu no more sampled
+  // rows than its sampler takes (GpuRunnerOptions::max_seqs). Only while at most
+  // speculative_max_batch sequences decode: a larger batch has less compute to spare (-1: 2 on
+  // the cpu device, whose GEMV is load-bound past a few rows, 16 on the gpu). A sequence's draft
+  // length adapts to how much of its last draft it kept (Sequence::draft_limit). 0: off.
+  int num_speculative_tokens = 0;
+  int prompt_lookup_min = 2;
+  int prompt_lookup_max = 4;
+  int speculative_max_batch = -1;
 };
 
 // kGrammarEnd: the output is a complete sentence of the request's grammar, which allows nothing
@@ -204,6 +223,10 @@ struct EngineStats {
   int64_t num_structured_tokens = 0;
   double grammar_mask_seconds = 0;
   TokenMaskerStats grammar_masks;
+  // Speculative decoding: draft tokens computed, and those accepted (each an output token that
+  // took no step of its own).
+  int64_t num_draft_tokens = 0;
+  int64_t num_accepted_draft_tokens = 0;
 };
 
 class Engine {
@@ -304,11 +327,22 @@ class Engine {
     std::vector<SampledToken> prompt_logprobs;
     // Where the output is in options.grammar, when it has one.
     std::optional<GrammarMatcher> matcher;
+    // Speculative decoding: the most draft tokens the next draft may have (-1 before any:
+    // num_speculative_tokens): all of them after a draft that kept half its tokens or more, else
+    // one more than it kept. A text the drafts keep missing costs one draft token a step.
+    int64_t draft_limit = -1;
   };
   struct Chunk {
+    Chunk(Sequence* s, int64_t begin, int64_t n) : seq(s), start(begin), count(n) {}
     Sequence* seq;
     int64_t start;
-    int64_t count;
+    int64_t count;  // tokens computed, the draft's included
+    // Speculative decoding: the draft computed after the sequence's last token (count is then
+    // 1 + its size), and for each draft token i, the sequence's penalties (when its options
+    // apply any) and grammar matcher as they would stand with draft tokens 0..i taken.
+    std::vector<int32_t> draft;
+    std::vector<PenaltyState> draft_penalties;
+    std::vector<GrammarMatcher> draft_matchers;
   };
 
   enum class AdmitResult { kAdmitted, kNoRoom, kWaitingForIo, kWaitingForPrefix };
@@ -324,6 +358,11 @@ class Engine {
   void ReleaseDelta(Sequence* s);
   void Preempt(Sequence* s);
   AdmitResult Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
+  // Fills in ch->draft (and what goes with it) for ch's sequence, which decodes: NgramDraft's
+  // tokens, at most `limit` of them and no more than the request's max_tokens and the context
+  // leave room for, cut before the first token that would end the sequence or that its grammar
+  // does not allow there, and to the free KV blocks (never a cached one).
+  void ProposeDraft(int64_t limit, Chunk* ch);
   // Adds the blocks `s` has yet to publish of its planned chain to inflight_.
   void AddInflight(const Sequence& s);
   // On arrival: where each leading block of the prompt is, and the speculative prefetch.
@@ -353,18 +392,22 @@ class Engine {
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
   // kEos or kStopToken when `token` ends `s` (EOS unless ignore_eos, a stop token), else kNone.
   FinishReason EndOf(const Sequence& s, int32_t token) const;
-  // Appends the tokens `s` may not sample now: EOS and its stop tokens until min_tokens.
-  void AppendBanned(const Sequence& s, std::vector<int32_t>* out) const;
-  // For a sequence with a grammar: the tokens its grammar allows next (TokenMasker::Allowed),
-  // or INVALID_ARGUMENT when the grammar has become too ambiguous to follow
-  // (GrammarMatcher::Overloaded). Thread-safe.
-  absl::Status ComputeMask(const Sequence& s, std::vector<uint8_t>* allowed) const;
+  // Appends the tokens `s` may not sample as its output token number `num_generated` (0-based):
+  // EOS and its stop tokens until min_tokens.
+  void AppendBanned(const Sequence& s, int64_t num_generated, std::vector<int32_t>* out) const;
+  // The tokens a grammar in state `matcher` allows next (TokenMasker::Allowed), or
+  // INVALID_ARGUMENT when it has become too ambiguous to follow (GrammarMatcher::Overloaded).
+  // Thread-safe.
+  absl::Status ComputeMask(const GrammarMatcher& matcher, std::vector<uint8_t>* allowed) const;
   // Sets the logits of the tokens `allowed` leaves out to -inf (EOS, unless ignore_eos, and stop
   // tokens count as allowed where the text is complete) and appends to `banned` the tokens
   // AppendBanned would, unless nothing else would be left. INVALID_ARGUMENT when no token is
   // allowed at all (a vocabulary without the bytes the grammar needs).
-  absl::Status ApplyMask(const Sequence& s, absl::Span<const uint8_t> allowed,
-                         absl::Span<float> row, std::vector<int32_t>* banned) const;
+  // (`matcher` and `num_generated`: the sequence's, or as they would stand after some draft
+  // tokens.)
+  absl::Status ApplyMask(const Sequence& s, const GrammarMatcher& matcher, int64_t num_generated,
+                         absl::Span<const uint8_t> allowed, absl::Span<float> row,
+                         std::vector<int32_t>* banned) const;
 
   const ModelWeights* weights_;
   EngineConfig config_;
@@ -401,6 +444,8 @@ class Engine {
   // Over config_.vocabulary, when there is one.
   std::unique_ptr<TokenMasker> masker_;
   int64_t num_structured_tokens_ = 0;
+  int64_t num_draft_tokens_ = 0;
+  int64_t num_accepted_draft_tokens_ = 0;
   // Grammars seen (their addresses, main thread only), and the warming thread's queue.
   // (std:: primitives, which TSAN sees, unlike Debian's uninstrumented absl::Mutex.)
   absl::flat_hash_set<const Grammar*> warmed_;

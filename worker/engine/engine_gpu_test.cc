@@ -19,6 +19,7 @@
 #include "tests/test_dir.h"
 #include "tokenizer/tokenizer.h"
 #include "worker/engine/engine.h"
+#include "worker/engine/tiny_model_testutil.h"
 #include "worker/model/config.h"
 #include "worker/model/delta.h"
 
@@ -381,14 +382,9 @@ TEST(EngineGpuFineTuneTest, MixedTenantsGenerateTheCpuEngineTokens) {
 TEST(EngineGpuStructuredTest, ConstrainedRowsDrawTheCpuEngineTokens) {
   absl::StatusOr<int> devices = CudaDeviceCount();
   if (!devices.ok()) GTEST_SKIP() << "no usable GPU: " << devices.status();
-  const std::string dir = "models/strata-tiny/base";
-  auto config = LoadModelConfig(dir);
-  ASSERT_TRUE(config.ok()) << config.status();
-  auto weights = LoadModelWeights(dir, *config, 0, 1);
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  auto tokenizer = Tokenizer::FromModelDir(dir);
-  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
-  const std::shared_ptr<const TokenTrie> vocabulary = TokenTrieOf(**tokenizer);
+  TinyModel tiny;
+  ASSERT_NO_FATAL_FAILURE(LoadTinyModel(&tiny));
+  const std::shared_ptr<const TokenTrie> vocabulary = TokenTrieOf(*tiny.tokenizer);
   auto grammar = AnyJsonGrammar(/*object_only=*/true);
   ASSERT_TRUE(grammar.ok());
   const auto generate = [&](const std::string& device) {
@@ -398,7 +394,7 @@ TEST(EngineGpuStructuredTest, ConstrainedRowsDrawTheCpuEngineTokens) {
     ec.compute_threads = 2;
     ec.vocabulary = vocabulary;
     SingleRankCollectives comm;
-    auto e = Engine::Create(weights->get(), &comm, ec);
+    auto e = Engine::Create(tiny.weights.get(), &comm, ec);
     EXPECT_TRUE(e.ok()) << e.status();
     if (!e.ok()) return std::map<std::string, std::vector<int32_t>>{};
     for (int i = 0; i < 6; ++i) {
@@ -407,7 +403,7 @@ TEST(EngineGpuStructuredTest, ConstrainedRowsDrawTheCpuEngineTokens) {
       o.sampling.seed = 40 + i;
       o.max_tokens = 48;
       if (i % 2 == 0) o.grammar = *grammar;  // the odd ones sample on the GPU
-      auto prompt = (*tokenizer)->Encode("settings = ", true);
+      auto prompt = tiny.tokenizer->Encode("settings = ", true);
       EXPECT_TRUE((*e)->AddRequest("r" + std::to_string(i), *prompt, o).ok());
     }
     return RunAll(**e);
@@ -421,6 +417,51 @@ TEST(EngineGpuStructuredTest, ConstrainedRowsDrawTheCpuEngineTokens) {
     GrammarMatcher m(*grammar);
     EXPECT_TRUE(m.Advance(text)) << text;
   }
+}
+
+// Speculative decoding on the GPU: a step computes a sequence's last token with its draft, and the
+// drafts' rows are sampled on the GPU (or on the host past max_seqs rows); the tokens are the CPU
+// engine's without drafts, and drafts are kept.
+TEST(EngineGpuSpeculativeTest, DraftsKeepTheCpuEngineTokens) {
+  absl::StatusOr<int> devices = CudaDeviceCount();
+  if (!devices.ok()) GTEST_SKIP() << "no usable GPU: " << devices.status();
+  TinyModel tiny;
+  ASSERT_NO_FATAL_FAILURE(LoadTinyModel(&tiny));
+  const auto prompt = tiny.tokenizer->Encode(
+      "def add_one(x):\n    return x + 1\n\n\ndef add_two(x):\n    return "
+      "x + 2\n\n\ndef add_",
+      true);
+  ASSERT_TRUE(prompt.ok());
+  int64_t accepted = 0;
+  const auto generate = [&](const std::string& device, int speculative, int max_seqs) {
+    EngineConfig ec;
+    ec.device = device;
+    ec.gpu.act = DType::kF32;
+    ec.compute_threads = 2;
+    ec.max_running_sequences = max_seqs;
+    ec.num_speculative_tokens = speculative;
+    SingleRankCollectives comm;
+    auto e = Engine::Create(tiny.weights.get(), &comm, ec);
+    EXPECT_TRUE(e.ok()) << e.status();
+    if (!e.ok()) return std::map<std::string, std::vector<int32_t>>{};
+    for (int i = 0; i < 4; ++i) {
+      RequestOptions o;
+      o.sampling.temperature = i == 0 ? 0.0f : 0.7f;
+      o.sampling.repetition_penalty = i == 2 ? 1.1f : 1.0f;
+      o.sampling.seed = 60 + i;
+      o.max_tokens = 64;
+      EXPECT_TRUE((*e)->AddRequest("r" + std::to_string(i), *prompt, o).ok());
+    }
+    auto out = RunAll(**e);
+    accepted = (*e)->Stats().num_accepted_draft_tokens;
+    return out;
+  };
+  const auto cpu = generate("cpu", 0, 8);
+  ASSERT_EQ(cpu.size(), 4u);
+  EXPECT_EQ(generate("gpu", 4, 64), cpu) << "drafts' rows sampled on the GPU";
+  EXPECT_GT(accepted, 0);
+  EXPECT_EQ(generate("gpu", 4, 4), cpu) << "more rows than max_seqs: sampled on the host";
+  EXPECT_GT(accepted, 0);
 }
 
 // gpu_random_weights_seed: an engine over a model's shape alone (no tensors on the host) draws its

@@ -16,24 +16,19 @@
 #include "tokenizer/tokenizer.h"
 #include "worker/comm/shm_collectives.h"
 #include "worker/engine/engine.h"
+#include "worker/engine/tiny_model_testutil.h"
 #include "worker/model/config.h"
 
 namespace strata {
 namespace {
 
-constexpr char kModel[] = "models/strata-tiny/base";
-
 class EngineStructuredTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto config = LoadModelConfig(kModel);
-    ASSERT_TRUE(config.ok()) << config.status();
-    auto weights = LoadModelWeights(kModel, *config, 0, 1);
-    ASSERT_TRUE(weights.ok()) << weights.status();
-    weights_ = std::move(*weights);
-    auto tokenizer = Tokenizer::FromModelDir(kModel);
-    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
-    tokenizer_ = std::move(*tokenizer);
+    TinyModel tiny;
+    ASSERT_NO_FATAL_FAILURE(LoadTinyModel(&tiny));
+    weights_ = std::move(tiny.weights);
+    tokenizer_ = std::move(tiny.tokenizer);
     vocabulary_ = TokenTrieOf(*tokenizer_);
   }
 
@@ -48,11 +43,7 @@ class EngineStructuredTest : public ::testing::Test {
     return e.ok() ? std::move(*e) : nullptr;
   }
 
-  std::vector<int32_t> Prompt(absl::string_view text) {
-    auto ids = tokenizer_->Encode(text, /*add_special_tokens=*/true);
-    EXPECT_TRUE(ids.ok()) << ids.status();
-    return *ids;
-  }
+  std::vector<int32_t> Prompt(absl::string_view text) { return EncodePrompt(*tokenizer_, text); }
 
   struct Result {
     std::vector<int32_t> tokens;

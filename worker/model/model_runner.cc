@@ -242,7 +242,7 @@ absl::Status ModelRunner::MatMulGroup(const float* x, int64_t rows,
                                       std::initializer_list<Projection> projections) {
   std::vector<MatMulParams> params;
   int64_t total_columns = 0;
-  bool direct = pool_->num_threads() > 1 && rows <= 8;
+  bool direct = pool_->num_threads() > 1 && rows <= kMatMulCpuGemvMaxRows;
   for (const Projection& pr : projections) {
     MatMulParams p;
     p.m = rows;

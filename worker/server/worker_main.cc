@@ -95,6 +95,16 @@ ABSL_FLAG(int64_t, max_batch_tokens, 512, "Most tokens computed in one engine st
 ABSL_FLAG(int64_t, max_running_sequences, 64, "Most sequences in one engine step.");
 ABSL_FLAG(int64_t, max_live_sequences, 256,
           "Running plus queued sequences accepted; beyond it Submit fails RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int, num_speculative_tokens, 0,
+          "Speculative decoding by n-gram lookup: draft tokens a decoding sequence proposes from "
+          "its own context per step (0: off; at most 32). The output does not change; steps do.");
+ABSL_FLAG(int, prompt_lookup_min, 2,
+          "Speculative decoding: the shortest suffix of a sequence looked up in its context.");
+ABSL_FLAG(int, prompt_lookup_max, 4,
+          "Speculative decoding: the longest suffix of a sequence looked up in its context.");
+ABSL_FLAG(int, speculative_max_batch, -1,
+          "Speculative decoding: draft only while at most this many sequences decode (-1: 2 on "
+          "the cpu device, 16 on the gpu).");
 ABSL_FLAG(int, threads, 0, "CPU compute threads; 0 uses every core.");
 ABSL_FLAG(std::string, device, "cpu",
           "Where the model runs: cpu, or gpu (the current CUDA device; one rank).");
@@ -357,6 +367,10 @@ int Main(const std::vector<std::string>& args) {
   ec.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
   ec.block_tokens = absl::GetFlag(FLAGS_block_tokens);
   ec.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  ec.num_speculative_tokens = absl::GetFlag(FLAGS_num_speculative_tokens);
+  ec.prompt_lookup_min = absl::GetFlag(FLAGS_prompt_lookup_min);
+  ec.prompt_lookup_max = absl::GetFlag(FLAGS_prompt_lookup_max);
+  ec.speculative_max_batch = absl::GetFlag(FLAGS_speculative_max_batch);
   ec.max_running_sequences = absl::GetFlag(FLAGS_max_running_sequences);
   ec.compute_threads = ThreadsPerRank(world);
   ec.tiers.host_bytes = absl::GetFlag(FLAGS_host_cache_mb) << 20;

@@ -774,6 +774,13 @@ void WorkerService::PublishMetrics(LoopState* state) {
       ->SetTotal(static_cast<double>(st.grammar_masks.misses));
   m->GetGauge("strata_worker_grammar_mask_cache_bytes", "Memory of the token-mask results kept.")
       ->Set(static_cast<double>(st.grammar_masks.bytes));
+  m->GetCounter("strata_worker_draft_tokens_total",
+                "Speculative decoding: draft tokens computed beside their sequence's last token.")
+      ->SetTotal(static_cast<double>(st.num_draft_tokens));
+  m->GetCounter("strata_worker_accepted_draft_tokens_total",
+                "Speculative decoding: draft tokens kept (output tokens that took no step of their "
+                "own).")
+      ->SetTotal(static_cast<double>(st.num_accepted_draft_tokens));
   const char* kBlocks = "KV blocks per tier: capacity (total) and in use (used).";
   m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "total"}})
       ->Set(static_cast<double>(st.num_total_blocks));

@@ -1,0 +1,305 @@
+// speculative_bench: what n-gram speculative decoding (EngineConfig::num_speculative_tokens) buys
+// on the CPU engine, and what a step with a draft costs.
+//
+//   bazel run -c opt //bench:speculative_bench -- [--drafts=0,2,4,7] [--batches=1,2]
+//       [--new_tokens=128] [--reps=3] [--threads=0] [--json_out=FILE]
+//
+// Part 1, the bundled strata-tiny model and its tokenizer on its held-out files (text it never
+// saw in training), three workloads:
+//   quote:  a passage, a blank line, then the passage's first line again: the model goes on
+//           quoting (what retrieval answers, code edits and summaries with citations do);
+//   code:   a passage of Python cut mid-way, continued (drafts only from repeats in the text);
+//   prose:  the same from a man page.
+// Each with greedy decoding and with seeded sampling at temperature 0.7, over 8 passages at spread
+// offsets, one at a time (batch 1) and two at a time (batch 2; on the CPU a step's drafts stop at
+// 8 tokens in all, so batch 2 drafts 3 tokens a sequence at most, and batch 8 would draft none).
+// For each draft length: decode tokens/s
+// (from the first output token to the last, median of reps), steps per output token, and the share
+// of draft tokens kept. The output is checked to be the same with and without drafts. Part 2, a
+// ~100M-parameter Llama with random bf16 weights (bench_models.h): the time of one step that
+// computes a sequence's last token plus k draft tokens, against k = 0, at context 512: the cost
+// side of the trade on a model whose projections dominate.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "bench/bench_models.h"
+#include "bench/stats.h"
+#include "common/init.h"
+#include "common/log.h"
+#include "tokenizer/tokenizer.h"
+#include "worker/comm/collectives.h"
+#include "worker/engine/engine.h"
+#include "worker/model/config.h"
+#include "worker/model/model_runner.h"
+#include "worker/model/weights.h"
+
+ABSL_FLAG(std::string, model_dir, "models/strata-tiny/base", "The bundled model.");
+ABSL_FLAG(std::string, heldout_dir, "models/strata-tiny/heldout", "Its held-out texts.");
+ABSL_FLAG(std::string, drafts, "0,2,4,7", "Draft lengths (num_speculative_tokens); 0: off.");
+ABSL_FLAG(std::string, batches, "1,2", "Batch sizes.");
+ABSL_FLAG(std::string, workloads, "quote,code,prose", "Part 1's workloads.");
+ABSL_FLAG(int, new_tokens, 128, "Tokens generated per sequence.");
+ABSL_FLAG(int, reps, 3, "Repetitions; the median is reported.");
+ABSL_FLAG(int, threads, 0, "Compute threads (0: all cores).");
+ABSL_FLAG(bool, step_cost, true, "Part 2: the step cost on the ~100M random-weight model.");
+ABSL_FLAG(std::string, json_out, "", "Also write the results as JSON lines here.");
+
+namespace strata {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream f(path);
+  CHECK(f.good()) << "cannot read " << path;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+std::vector<int> ParseInts(const std::string& s) {
+  std::vector<int> out;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    int v = 0;
+    CHECK(absl::SimpleAtoi(p, &v)) << "bad number " << p;
+    out.push_back(v);
+  }
+  return out;
+}
+
+struct Workload {
+  std::string name;
+  std::vector<std::string> prompts;  // kPassages of them
+};
+
+// `n` passages of `text` of about `chars` characters, starting at a line start near offsets spread
+// through the file.
+std::vector<std::string> Passages(const std::string& text, int n, size_t chars) {
+  std::vector<std::string> out;
+  for (int i = 0; i < n; ++i) {
+    size_t at = text.size() * (2 * i + 1) / (2 * n + 2);
+    at = text.find('\n', at);
+    at = at == std::string::npos ? 0 : at + 1;
+    out.push_back(text.substr(at, chars));
+  }
+  return out;
+}
+
+// Passages per workload: every batch size runs all of them, `batch` at a time.
+constexpr int kPassages = 8;
+
+struct Run {
+  double decode_tokens = 0, decode_seconds = 0;
+  int64_t steps = 0, tokens = 0, drafted = 0, kept = 0;
+  std::map<std::string, std::vector<int32_t>> outputs;
+};
+
+// One engine serving prompts[first, first + batch) together; outputs keyed by prompt index.
+Run Generate(const ModelWeights& w, Collectives* comm, const Tokenizer& tok,
+             const std::vector<std::string>& prompts, int first, int batch, int draft,
+             float temperature) {
+  EngineConfig ec;
+  ec.num_kv_blocks = 2048;
+  ec.compute_threads = absl::GetFlag(FLAGS_threads);
+  ec.num_speculative_tokens = draft;
+  ec.speculative_max_batch = 64;
+  auto engine = Engine::Create(&w, comm, ec);
+  CHECK_OK(engine.status());
+  Engine& e = **engine;
+  for (int i = first; i < first + batch; ++i) {
+    auto ids = tok.Encode(prompts[i], /*add_special_tokens=*/true);
+    CHECK_OK(ids.status());
+    RequestOptions o;
+    o.max_tokens = absl::GetFlag(FLAGS_new_tokens);
+    o.ignore_eos = true;
+    o.sampling.temperature = temperature;
+    o.sampling.seed = 100 + static_cast<uint64_t>(i);
+    CHECK_OK(e.AddRequest(absl::StrCat("s", i), *ids, o));
+  }
+  Run run;
+  Clock::time_point start;
+  int64_t first_tokens = 0;
+  bool started = false;
+  while (e.HasWork()) {
+    auto step = e.Step();
+    CHECK_OK(step.status());
+    ++run.steps;
+    for (const RequestOutput& o : *step) {
+      for (const SampledToken& t : o.tokens) run.outputs[o.request_id].push_back(t.token);
+      run.tokens += static_cast<int64_t>(o.tokens.size());
+    }
+    // Decoding starts once every sequence has its first token.
+    if (!started && static_cast<int64_t>(run.outputs.size()) == batch) {
+      started = true;
+      start = Clock::now();
+      first_tokens = run.tokens;
+    }
+  }
+  const double s = std::chrono::duration<double>(Clock::now() - start).count();
+  run.decode_tokens = static_cast<double>(run.tokens - first_tokens);
+  run.decode_seconds = s;
+  const EngineStats st = e.Stats();
+  run.drafted = st.num_draft_tokens;
+  run.kept = st.num_accepted_draft_tokens;
+  return run;
+}
+
+// Every passage, `batch` at a time: the totals.
+Run GenerateAll(const ModelWeights& w, Collectives* comm, const Tokenizer& tok,
+                const std::vector<std::string>& prompts, int batch, int draft, float temperature) {
+  Run all;
+  for (int first = 0; first + batch <= static_cast<int>(prompts.size()); first += batch) {
+    Run r = Generate(w, comm, tok, prompts, first, batch, draft, temperature);
+    all.decode_tokens += r.decode_tokens;
+    all.decode_seconds += r.decode_seconds;
+    all.steps += r.steps;
+    all.tokens += r.tokens;
+    all.drafted += r.drafted;
+    all.kept += r.kept;
+    for (auto& [id, out] : r.outputs) all.outputs[absl::StrCat(first, "/", id)] = std::move(out);
+  }
+  return all;
+}
+
+void PartOne(FILE* json) {
+  const std::string dir = absl::GetFlag(FLAGS_model_dir);
+  auto config = LoadModelConfig(dir);
+  CHECK_OK(config.status());
+  auto weights = LoadModelWeights(dir, *config, 0, 1);
+  CHECK_OK(weights.status());
+  auto tok = Tokenizer::FromModelDir(dir);
+  CHECK_OK(tok.status());
+  SingleRankCollectives comm;
+  const std::vector<int> batches = ParseInts(absl::GetFlag(FLAGS_batches));
+  for (int b : batches) CHECK(b >= 1 && kPassages % b == 0) << "batch sizes divide " << kPassages;
+  const int max_batch = kPassages;
+  const std::string held = absl::GetFlag(FLAGS_heldout_dir);
+  std::vector<Workload> workloads;
+  {
+    Workload quote{"quote", {}};
+    for (const std::string& p : Passages(ReadFile(held + "/python.txt"), max_batch, 700)) {
+      quote.prompts.push_back(p + "\n\n" + p.substr(0, p.find('\n') + 1));
+    }
+    workloads.push_back(std::move(quote));
+    workloads.push_back({"code", Passages(ReadFile(held + "/python.txt"), max_batch, 700)});
+    workloads.push_back({"prose", Passages(ReadFile(held + "/man.txt"), max_batch, 700)});
+  }
+  std::printf("%-6s %-8s %5s %5s %12s %8s %12s %10s\n", "work", "sampling", "batch", "draft",
+              "decode tok/s", "speedup", "steps/token", "kept");
+  const std::vector<std::string> wanted = absl::StrSplit(absl::GetFlag(FLAGS_workloads), ',');
+  for (const Workload& wl : workloads) {
+    if (std::find(wanted.begin(), wanted.end(), wl.name) == wanted.end()) continue;
+    for (const float temperature : {0.0f, 0.7f}) {
+      for (int batch : batches) {
+        double base_tps = 0;
+        std::map<std::string, std::vector<int32_t>> base_out;
+        for (int draft : ParseInts(absl::GetFlag(FLAGS_drafts))) {
+          std::vector<double> tps;
+          Run run;
+          for (int rep = 0; rep < absl::GetFlag(FLAGS_reps); ++rep) {
+            run = GenerateAll(**weights, &comm, **tok, wl.prompts, batch, draft, temperature);
+            tps.push_back(run.decode_tokens / run.decode_seconds);
+          }
+          const double med = Median(tps);
+          if (draft == 0) {
+            base_tps = med;
+            base_out = run.outputs;
+          } else if (!base_out.empty()) {
+            CHECK(run.outputs == base_out) << "drafts changed the output of " << wl.name;
+          }
+          const double kept = run.drafted > 0
+                                  ? static_cast<double>(run.kept) / static_cast<double>(run.drafted)
+                                  : 0.0;
+          const char* sampling = temperature == 0 ? "greedy" : "t=0.7";
+          std::printf("%-6s %-8s %5d %5d %12.1f %7.2fx %12.3f %9.0f%%\n", wl.name.c_str(), sampling,
+                      batch, draft, med, base_tps > 0 ? med / base_tps : 0.0,
+                      static_cast<double>(run.steps) / static_cast<double>(run.tokens), 100 * kept);
+          std::fflush(stdout);
+          if (json != nullptr) {
+            std::fprintf(json,
+                         "{\"part\": \"tiny\", \"workload\": \"%s\", \"sampling\": \"%s\", "
+                         "\"batch\": %d, \"draft\": %d, \"decode_tps\": %.2f, \"steps\": %lld, "
+                         "\"tokens\": %lld, \"drafted\": %lld, \"kept\": %lld}\n",
+                         wl.name.c_str(), sampling, batch, draft, med,
+                         static_cast<long long>(run.steps), static_cast<long long>(run.tokens),
+                         static_cast<long long>(run.drafted), static_cast<long long>(run.kept));
+          }
+        }
+      }
+    }
+  }
+}
+
+// One forward of a sequence's last token plus k more at context `context`, on the runner
+// directly: median seconds.
+double StepSeconds(ModelRunner& runner, const ModelWeights& w, const KvCacheLayers& cache,
+                   int64_t context, int64_t k) {
+  const int64_t bt = cache.block_tokens;
+  const int64_t n = 1 + k;
+  const int64_t nb = (context + n + bt - 1) / bt;
+  std::vector<int32_t> tokens(n, 7), pos(n), tseq(n, 0), table(nb), logit(n);
+  std::vector<int64_t> slots(n);
+  for (int64_t i = 0; i < n; ++i) {
+    pos[i] = static_cast<int32_t>(context + i);
+    slots[i] = context + i;
+    logit[i] = static_cast<int32_t>(i);
+  }
+  for (int64_t b = 0; b < nb; ++b) table[b] = static_cast<int32_t>(b);
+  std::vector<float> logits(n * w.config.vocab_size);
+  ForwardBatch batch{tokens, pos, tseq, slots, table, 1, nb, logit, {}};
+  std::vector<double> times;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto t0 = Clock::now();
+    CHECK_OK(runner.Forward(batch, cache, absl::MakeSpan(logits)));
+    times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return Median(times);
+}
+
+void PartTwo(FILE* json) {
+  const ModelConfig c = Llama100mConfig();
+  std::unique_ptr<ModelWeights> w = RandomModelWeights(c, DType::kBF16, 7, 0, 1);
+  SingleRankCollectives comm;
+  ModelRunner runner(w.get(), &comm, absl::GetFlag(FLAGS_threads));
+  const int64_t context = 512;
+  KvCacheStorage kv(*w, (context + 64) / 16 + 1, 16);
+  std::printf("\nstep cost, ~100M-parameter Llama (random bf16 weights), context %lld\n",
+              static_cast<long long>(context));
+  std::printf("%6s %10s %8s\n", "draft", "step ms", "vs k=0");
+  const double base = StepSeconds(runner, *w, kv.layers(), context, 0);
+  for (int64_t k : {0, 1, 2, 4, 7, 8, 12, 16}) {
+    const double s = k == 0 ? base : StepSeconds(runner, *w, kv.layers(), context, k);
+    std::printf("%6lld %10.2f %7.2fx\n", static_cast<long long>(k), 1e3 * s, s / base);
+    if (json != nullptr) {
+      std::fprintf(json, "{\"part\": \"step_cost\", \"draft\": %lld, \"step_ms\": %.3f}\n",
+                   static_cast<long long>(k), 1e3 * s);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace strata
+
+int main(int argc, char** argv) {
+  strata::InitProgram(argc, argv,
+                      "speculative_bench: n-gram speculative decoding on the CPU engine");
+  if (absl::GetFlag(FLAGS_threads) > 0) strata::SetCpuComputeThreads(absl::GetFlag(FLAGS_threads));
+  FILE* json = nullptr;
+  if (!absl::GetFlag(FLAGS_json_out).empty()) {
+    json = std::fopen(absl::GetFlag(FLAGS_json_out).c_str(), "w");
+    CHECK(json != nullptr) << "cannot write " << absl::GetFlag(FLAGS_json_out);
+  }
+  strata::PartOne(json);
+  if (absl::GetFlag(FLAGS_step_cost)) strata::PartTwo(json);
+  if (json != nullptr) std::fclose(json);
+  return 0;
+}

@@ -1,0 +1,30 @@
+// Draft tokens for speculative decoding by n-gram lookup ("prompt lookup decoding"): text that
+// repeats its own context (code being edited, a document being quoted or summarised, a JSON answer
+// echoing its input, a periodic list) is guessed from where its last few tokens occurred before.
+//
+// The draft costs no model: the engine computes the sequence's last token and the draft together
+// in one step and keeps the longest prefix of the draft that its sampler would have drawn anyway
+// (Engine, EngineConfig::num_speculative_tokens).
+#ifndef STRATA_WORKER_ENGINE_NGRAM_DRAFT_H_
+#define STRATA_WORKER_ENGINE_NGRAM_DRAFT_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/types/span.h"
+
+namespace strata {
+
+// Finds the longest suffix of `tokens`, of min_n to max_n tokens, that also occurs earlier in
+// `tokens` (the most recent such occurrence when several match as long), and appends to `draft`
+// up to `max_draft` tokens that followed it there. Where the continuation runs into the suffix
+// itself (a periodic text), it goes on through the draft, so a repeating pattern yields a full
+// draft. Returns the number of tokens appended (0 when no suffix of min_n tokens occurred
+// before, or when min_n < 1, max_n < min_n or max_draft < 1). Time: one pass over `tokens`,
+// O(len(tokens) * max_n) at worst.
+int64_t NgramDraft(absl::Span<const int32_t> tokens, int min_n, int max_n, int64_t max_draft,
+                   std::vector<int32_t>* draft);
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_ENGINE_NGRAM_DRAFT_H_
