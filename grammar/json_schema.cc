@@ -1,5 +1,6 @@
 #include "grammar/json_schema.h"
 
+#include <charconv>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -12,6 +13,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "common/json.h"
@@ -527,58 +529,204 @@ class SchemaCompiler {
     return IntegersIn(lo, hi);
   }
 
-  // Numbers under bounds that are whole and not negative (minimum 0, maximum 100, ...), written
-  // without an exponent: the integer part's range, and at the bounds the fractions they allow.
+  // A bound as a decimal: the shortest digits that read back as the same double (what the schema
+  // most likely wrote), split at the point; the fraction without trailing zeros.
+  struct Decimal {
+    uint64_t whole = 0;
+    std::string fraction;
+    bool closed = true;  // the bound itself is allowed
+  };
+  static Decimal DecimalOf(double magnitude, bool closed) {
+    char buf[64];
+    const std::to_chars_result r =
+        std::to_chars(buf, buf + sizeof(buf), magnitude, std::chars_format::fixed);
+    std::string text(buf, r.ptr);
+    Decimal d;
+    d.closed = closed;
+    const size_t dot = text.find('.');
+    d.whole = std::stoull(text.substr(0, dot));
+    if (dot != std::string::npos) d.fraction = text.substr(dot + 1);
+    while (!d.fraction.empty() && d.fraction.back() == '0') d.fraction.pop_back();
+    return d;
+  }
+  static bool Less(const Decimal& a, const Decimal& b) {
+    if (a.whole != b.whole) return a.whole < b.whole;
+    const size_t n = std::max(a.fraction.size(), b.fraction.size());
+    std::string x = a.fraction, y = b.fraction;
+    x.resize(n, '0');
+    y.resize(n, '0');
+    return x < y;
+  }
+
+  // A set of digit strings (a number's digits after the point; the empty string: none written),
+  // as whether it holds the empty string and a regular expression of its other strings (nullopt:
+  // none).
+  struct DigitSet {
+    bool empty_string = false;
+    std::optional<std::string> others;
+  };
+  // Every string of at most `cap` digits (cap < 0: any number).
+  static DigitSet AnyDigits(int cap) {
+    if (cap == 0) return {true, std::nullopt};
+    return {true, cap < 0 ? "[0-9]+" : absl::StrCat("[0-9]{1,", cap, "}")};
+  }
+  // The digit strings F of at most `cap` digits (cap < 0: any number) whose value 0.F lies
+  // between 0.lo and 0.hi from digit `i` on, the digits before it having been equal to lo's
+  // (tight_lo) and hi's (tight_hi): strings at or above lo (or above, when lo is not closed),
+  // at or below hi (or below).
+  static DigitSet DigitsBetween(const Decimal& lo, const Decimal& hi, size_t i, bool tight_lo,
+                                bool tight_hi, int cap) {
+    if (!tight_lo && !tight_hi) return AnyDigits(cap);
+    const absl::string_view f = lo.fraction, g = hi.fraction;
+    const bool lo_rest = tight_lo && i < f.size();  // lo has digits left (their value > 0)
+    const bool hi_rest = tight_hi && i < g.size();
+    // Up to a bound with no digits left (its rest is zero): zeros only, or nothing.
+    if (tight_hi && !hi_rest) {
+      if (!hi.closed || (tight_lo && (lo_rest || !lo.closed))) return {};
+      return {true, cap < 0    ? std::optional<std::string>("0+")
+                    : cap == 0 ? std::nullopt
+                               : std::optional<std::string>(absl::StrCat("0{1,", cap, "}"))};
+    }
+    // Above a bound with no digits left: anything, or (open) anything not all zeros.
+    if (tight_lo && !lo_rest && !tight_hi) {
+      if (lo.closed) return AnyDigits(cap);
+      if (cap < 0) return {false, "0*[1-9][0-9]*"};  // (a capped set is built digit by digit)
+    }
+    DigitSet set;
+    // Ending here: the rest is zeros.
+    set.empty_string =
+        (!tight_lo || (!lo_rest && lo.closed)) && (!tight_hi || hi_rest || hi.closed);
+    if (cap == 0) return set;
+    const int next_cap = cap < 0 ? -1 : cap - 1;
+    const char low = lo_rest ? f[i] : '0';
+    const char high = tight_hi ? (hi_rest ? g[i] : '0') : '9';
+    std::vector<std::string> alts;
+    auto digit_then = [&](char d, const DigitSet& rest) {
+      if (!rest.empty_string && !rest.others.has_value()) return;
+      std::string a(1, d);
+      if (rest.others.has_value()) {
+        absl::StrAppend(&a, "(?:", *rest.others, ")", rest.empty_string ? "?" : "");
+      }
+      alts.push_back(std::move(a));
+    };
+    auto range_then_any = [&](char from, char to) {
+      if (from > to) return;
+      const DigitSet rest = AnyDigits(next_cap);
+      std::string a = from == to
+                          ? std::string(1, from)
+                          : absl::StrCat("[", std::string(1, from), "-", std::string(1, to), "]");
+      if (rest.others.has_value()) absl::StrAppend(&a, "(?:", *rest.others, ")?");
+      alts.push_back(std::move(a));
+    };
+    if (!tight_lo) {
+      // At or below hi only: digits under hi's, then anything; or hi's digit, still tight.
+      range_then_any('0', static_cast<char>(high - 1));
+      if (hi_rest || hi.closed)
+        digit_then(high, DigitsBetween(lo, hi, i + 1, false, true, next_cap));
+    } else if (!tight_hi) {
+      digit_then(low, DigitsBetween(lo, hi, i + 1, true, false, next_cap));
+      range_then_any(static_cast<char>(low + 1), '9');
+    } else if (low == high) {
+      digit_then(low, DigitsBetween(lo, hi, i + 1, true, true, next_cap));
+    } else {
+      digit_then(low, DigitsBetween(lo, hi, i + 1, true, false, next_cap));
+      range_then_any(static_cast<char>(low + 1), static_cast<char>(high - 1));
+      digit_then(high, DigitsBetween(lo, hi, i + 1, false, true, next_cap));
+    }
+    if (!alts.empty()) set.others = absl::StrCat("(?:", absl::StrJoin(alts, "|"), ")");
+    return set;
+  }
+
+  // The written fraction for a set of digit strings: none, or '.' and at least one digit.
+  absl::StatusOr<std::optional<Seq>> FractionOf(const DigitSet& set) {
+    std::string regex;
+    if (set.others.has_value()) {
+      regex = absl::StrCat("\\.(?:", *set.others, ")");
+      if (set.empty_string) regex = absl::StrCat("(?:", regex, ")?");
+    } else if (!set.empty_string) {
+      return std::nullopt;
+    }
+    if (regex.empty()) return Seq{};
+    ASSIGN_OR_RETURN(Seq seq, AddRegex(&b_, regex));
+    return seq;
+  }
+
+  // Unsigned numerals (no exponent) whose values lie from `lo` to `hi` (no hi: no upper bound),
+  // each end closed or not, with at most `cap` fraction digits (cap < 0: any number): the whole
+  // parts strictly between the bounds' with any fraction, and each bound's whole part with the
+  // fractions on its side. Appended to `alts`, each after `prefix`.
+  absl::Status UnsignedIn(const Decimal& lo, const std::optional<Decimal>& hi, int cap,
+                          const Seq& prefix, std::vector<Seq>* alts) {
+    auto add = [&](Seq whole, const DigitSet& digits) -> absl::Status {
+      ASSIGN_OR_RETURN(std::optional<Seq> fraction, FractionOf(digits));
+      if (!fraction.has_value()) return absl::OkStatus();
+      Seq alt = prefix;
+      alt.insert(alt.end(), whole.begin(), whole.end());
+      alt.insert(alt.end(), fraction->begin(), fraction->end());
+      alts->push_back(std::move(alt));
+      return absl::OkStatus();
+    };
+    const Decimal open_top{0, "", false};  // an upper bound that never binds
+    if (hi.has_value() && lo.whole == hi->whole) {
+      return add(b_.Literal(std::to_string(lo.whole)), DigitsBetween(lo, *hi, 0, true, true, cap));
+    }
+    RETURN_IF_ERROR(add(b_.Literal(std::to_string(lo.whole)),
+                        DigitsBetween(lo, open_top, 0, true, false, cap)));
+    if (!hi.has_value() || lo.whole + 1 <= hi->whole - 1) {
+      RETURN_IF_ERROR(
+          add({Naturals(lo.whole + 1,
+                        hi.has_value() ? std::optional<uint64_t>(hi->whole - 1) : std::nullopt)},
+              AnyDigits(cap)));
+    }
+    if (hi.has_value()) {
+      RETURN_IF_ERROR(add(b_.Literal(std::to_string(hi->whole)),
+                          DigitsBetween(open_top, *hi, 0, false, true, cap)));
+    }
+    return absl::OkStatus();
+  }
+
+  // Numbers under bounds, written without an exponent: a non-negative part and a negative part
+  // ('-' and a magnitude above zero), each the unsigned numerals of its range. Values compare
+  // as the bounds' shortest decimals. Rounding to a double keeps x >= b for an inclusive bound
+  // (it is monotonic), but can make a numeral just past an exclusive bound equal to it: with an
+  // exclusive bound, fractions stop where the numbers' significant digits would pass 15 (which
+  // doubles tell apart), counting the larger bound's whole digits.
   absl::StatusOr<int32_t> BoundedNumber(const JsonValue& s) {
     ASSIGN_OR_RETURN(const Bounds b, BoundsOf(s));
     if (!b.lo.has_value() && !b.hi.has_value()) return Number();
+    int cap = -1;
+    if (b.lo_exclusive || b.hi_exclusive) {
+      const double top = std::max(std::fabs(b.lo.value_or(0)), std::fabs(b.hi.value_or(0)));
+      cap = std::max(0, 15 - static_cast<int>(std::to_string(static_cast<uint64_t>(top)).size()));
+    }
     for (const std::optional<double>& x : {b.lo, b.hi}) {
-      if (x.has_value() && (*x < 0 || *x != std::floor(*x))) {
+      if (x.has_value() && DecimalOf(std::fabs(*x), true).fraction.size() > 20) {
         return s.Error(
-            "has a bound that is negative or not whole, which is not supported for a number");
+            "has a bound with more than 20 digits after the point, which is not "
+            "supported");
       }
     }
-    const int32_t digit = b_.Bytes(ByteSet::Range('0', '9'));
-    const int32_t any_fraction =
-        b_.Optional("fraction", {b_.Byte('.'), digit, b_.Star("digits", {digit})});
-    const int32_t zero_fraction =
-        b_.Optional("zeros", {b_.Byte('.'), b_.Byte('0'), b_.Star("zeros", {b_.Byte('0')})});
-    const int32_t nonzero_fraction =
-        b_.Choice("nonzero", {{b_.Byte('.'), b_.Star("digits", {digit}),
-                               b_.Bytes(ByteSet::Range('1', '9')), b_.Star("digits", {digit})}});
-    // Whole parts that take any fraction: [first, last].
-    const int64_t m = b.lo.has_value() ? static_cast<int64_t>(*b.lo) : -1;
-    const int64_t first = !b.lo.has_value() ? 0 : b.lo_exclusive ? m + 1 : m;
-    std::optional<int64_t> last;
-    if (b.hi.has_value()) last = static_cast<int64_t>(*b.hi) - 1;
     std::vector<Seq> alts;
-    if (!last.has_value() || first <= *last) {
-      alts.push_back({Naturals(static_cast<uint64_t>(first),
-                               last.has_value() ? std::optional<uint64_t>(*last) : std::nullopt),
-                      any_fraction});
-    }
-    // Just above an exclusive minimum: m and a fraction that is not zero.
-    if (b.lo.has_value() && b.lo_exclusive && (!b.hi.has_value() || m < *b.hi)) {
-      Seq at = b_.Literal(std::to_string(m));
-      at.push_back(nonzero_fraction);
-      alts.push_back(std::move(at));
-    }
-    // An inclusive maximum itself.
-    if (b.hi.has_value() && !b.hi_exclusive) {
-      const int64_t top = static_cast<int64_t>(*b.hi);
-      if (!b.lo.has_value() || top > m || (top == m && !b.lo_exclusive)) {
-        Seq at = b_.Literal(std::to_string(top));
-        at.push_back(zero_fraction);
-        alts.push_back(std::move(at));
+    const Decimal zero_open{0, "", false}, zero_closed{0, "", true};
+    // Non-negative values: from max(lo, 0) up to hi.
+    if (!b.hi.has_value() || *b.hi > 0 || (*b.hi == 0 && !b.hi_exclusive)) {
+      const Decimal from = !b.lo.has_value() || *b.lo < 0
+                               ? zero_closed
+                               : DecimalOf(std::fabs(*b.lo), !b.lo_exclusive);
+      std::optional<Decimal> to;
+      if (b.hi.has_value()) to = DecimalOf(std::fabs(*b.hi), !b.hi_exclusive);
+      if (!to.has_value() || Less(from, *to) || (!Less(*to, from) && from.closed && to->closed)) {
+        RETURN_IF_ERROR(UnsignedIn(from, to, cap, {}, &alts));
       }
     }
-    // No lower bound: every negative number (below an exclusive maximum of 0, not "-0").
-    if (!b.lo.has_value()) {
-      if (b.hi_exclusive && *b.hi == 0) {
-        alts.push_back({b_.Byte('-'), Naturals(1, std::nullopt), any_fraction});
-        alts.push_back({b_.Byte('-'), b_.Byte('0'), nonzero_fraction});
-      } else {
-        alts.push_back({b_.Byte('-'), Naturals(0, std::nullopt), any_fraction});
+    // Negative values: magnitudes above max(-hi, 0) (or at -hi) up to -lo.
+    if (!b.lo.has_value() || *b.lo < 0) {
+      const Decimal from =
+          b.hi.has_value() && *b.hi < 0 ? DecimalOf(-*b.hi, !b.hi_exclusive) : zero_open;
+      std::optional<Decimal> to;
+      if (b.lo.has_value()) to = DecimalOf(-*b.lo, !b.lo_exclusive);
+      if (!to.has_value() || Less(from, *to) || (!Less(*to, from) && from.closed && to->closed)) {
+        RETURN_IF_ERROR(UnsignedIn(from, to, cap, {b_.Byte('-')}, &alts));
       }
     }
     if (alts.empty()) return s.Error("has no number between its bounds");

@@ -3,8 +3,9 @@
 //
 // Supported (JSON Schema 2020-12, draft 7 and draft 4 spellings): `type` (one or a list), `enum`,
 // `const`, integers with `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum` (any
-// bounds up to 1e15: the numerals of exactly that range), numbers with such bounds when they are
-// whole and not negative (written without an exponent), `anyOf`, `oneOf` (as anyOf: exclusivity
+// bounds up to 1e15: the numerals of exactly that range), numbers with such bounds of either sign,
+// whole or not (up to 20 digits after the point; written without an exponent, values compared as
+// the bounds' shortest decimals), `anyOf`, `oneOf` (as anyOf: exclusivity
 // is not enforced), `allOf` of one schema, `$ref` to the
 // root or into `$defs` / `definitions` (recursion allowed), boolean schemas; strings with
 // `minLength`, `maxLength`, `pattern` (regex_grammar.h; found anywhere in the string unless
@@ -19,7 +20,8 @@
 // values in ways the grammar cannot express are refused with INVALID_ARGUMENT naming the keyword
 // and where it is: multipleOf, uniqueItems, contains, minProperties, maxProperties,
 // patternProperties, propertyNames, dependentRequired, dependentSchemas, not, if/then/else,
-// unevaluatedProperties, unevaluatedItems; and number bounds that are negative or not whole.
+// unevaluatedProperties, unevaluatedItems; and number bounds with more than 20 digits after the
+// point.
 //
 // The JSON generated is compact apart from whitespace before it and between tokens: up to
 // kMaxJsonWhitespace spaces, tabs or newlines in each gap (so a model can indent, but not emit

@@ -1,9 +1,14 @@
 #include "grammar/json_schema.h"
 
+#include <cmath>
 #include <optional>
+#include <random>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 
 namespace strata {
@@ -140,6 +145,78 @@ TEST(JsonSchemaTest, IntegerBoundsAdmitExactlyTheRange) {
   }
 }
 
+// Bounds of either sign, whole or not, inclusive or exclusive, on one side or both, against exact
+// comparison: every numeral of the thousandths from -3 to 3, with and without trailing zeros
+// is accepted exactly when its value is within the bounds ("-0" never).
+TEST(JsonSchemaTest, NumberBoundsAgreeWithExactDecimalComparison) {
+  // Values in thousandths.
+  std::vector<std::pair<std::string, int64_t>> numerals;
+  for (int64_t v = -3000; v <= 3000; ++v) {
+    const std::string sign = v < 0 ? "-" : "";
+    const int64_t m = v < 0 ? -v : v;
+    const std::string whole = absl::StrCat(sign, m / 1000);
+    const std::string digits = absl::StrFormat("%03d", m % 1000);
+    numerals.emplace_back(absl::StrCat(whole, ".", digits), v);
+    std::string trimmed = digits;
+    while (!trimmed.empty() && trimmed.back() == '0') trimmed.pop_back();
+    numerals.emplace_back(trimmed.empty() ? whole : absl::StrCat(whole, ".", trimmed), v);
+  }
+  numerals.emplace_back("-0", 0);
+  const std::vector<double> bounds = {-2.5, -1, -0.25, -0.001, 0, 0.125, 1, 1.75, 2.999};
+  std::mt19937 rng(11);
+  for (int iter = 0; iter < 60; ++iter) {
+    std::optional<double> lo, hi;
+    bool lo_open = false, hi_open = false;
+    if (rng() % 4 != 0) lo = bounds[rng() % bounds.size()];
+    if (rng() % 4 != 0 || !lo.has_value()) hi = bounds[rng() % bounds.size()];
+    if (lo.has_value() && hi.has_value() && *lo > *hi) std::swap(lo, hi);
+    lo_open = rng() % 2 == 0;
+    hi_open = rng() % 2 == 0;
+    std::string schema = R"({"type": "number")";
+    if (lo.has_value()) {
+      absl::StrAppend(&schema, lo_open ? R"(, "exclusiveMinimum": )" : R"(, "minimum": )", *lo);
+    }
+    if (hi.has_value()) {
+      absl::StrAppend(&schema, hi_open ? R"(, "exclusiveMaximum": )" : R"(, "maximum": )", *hi);
+    }
+    schema += "}";
+    SCOPED_TRACE(schema);
+    // In thousandths; a missing bound never binds.
+    const int64_t lo_k = lo.has_value() ? std::llround(*lo * 1000) : -1000000;
+    const int64_t hi_k = hi.has_value() ? std::llround(*hi * 1000) : 1000000;
+    const bool empty = lo_k > hi_k || (lo_k == hi_k && (lo_open || hi_open));
+    absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(schema, "schema");
+    if (empty) {
+      EXPECT_FALSE(g.ok());
+      continue;
+    }
+    ASSERT_TRUE(g.ok()) << g.status();
+    for (const auto& [text, v] : numerals) {
+      // (A negative zero is never written: zero is "0".)
+      const bool want =
+          (lo_open ? v > lo_k : v >= lo_k) && (hi_open ? v < hi_k : v <= hi_k) && text != "-0";
+      ASSERT_EQ(GrammarAccepts(*g, text), want) << text;
+    }
+  }
+}
+
+TEST(JsonSchemaTest, NumberBoundsWithLongFractions) {
+  // Latitude, and a probability strictly between 0 and 1.
+  ExpectAccepts(Must(R"({"type": "number", "minimum": -90, "maximum": 90})"),
+                {"-90", "-89.999999", "0", "45.5", "90", "90.000"},
+                {"-90.0001", "90.1", "-91", "100"});
+  ExpectAccepts(Must(R"({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1})"),
+                {"0.5", "0.00000000000001", "0.99999999999999"},
+                {"0", "1", "0.000", "1.0",
+                 // Past 15 significant digits: a double could round it onto the bound.
+                 "0.999999999999999999", "0.000000000000001"});
+  ExpectAccepts(Must(R"({"type": "number", "minimum": 0.1, "maximum": 0.30000000000000004})"),
+                {"0.1", "0.2", "0.3", "0.30000000000000004", "0.1000000000000000000001"},
+                {"0.09", "0.3000000000000001", "0.4"});
+  ExpectAccepts(Must(R"({"type": "number", "exclusiveMaximum": -0.5})"), {"-0.51", "-1", "-1000.5"},
+                {"-0.5", "-0.50", "-0.4", "0", "-0"});
+}
+
 TEST(JsonSchemaTest, NumberBoundsThatAreWholeAndNotNegative) {
   ExpectAccepts(Must(R"({"type": "number", "minimum": 0, "maximum": 1})"),
                 {"0", "0.5", "1", "1.0", "1.000", "0.999"}, {"1.5", "1.01", "-0.1", "2", "1e0"});
@@ -179,8 +256,9 @@ TEST(JsonSchemaTest, ErrorsNameTheKeywordAndWhere) {
                 R"(combines "$ref" with "maxLength")"},
            Case{R"({"type": "array", "items": false, "minItems": 1})", "minItems above 0"},
            Case{R"({"type": "integer", "minimum": 5, "maximum": 4})", "no integer between"},
-           Case{R"({"type": "number", "minimum": -1})", "negative or not whole"},
-           Case{R"({"type": "number", "maximum": 0.5})", "negative or not whole"},
+           Case{R"({"type": "number", "minimum": 1e-25})", "more than 20 digits after the point"},
+           Case{R"({"type": "number", "minimum": 0.5, "exclusiveMaximum": 0.5})",
+                "no number between"},
            Case{R"({"type": "integer", "maximum": 1e20})", "beyond 1e15"},
        }) {
     absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(c.schema, "schema");
