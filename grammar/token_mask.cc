@@ -135,6 +135,31 @@ void TokenTrie::Build(std::vector<int32_t> ids) {
   }
 }
 
+int32_t TokenTrie::LongestPrefix(absl::string_view text, size_t* length) const {
+  int32_t best = -1;
+  *length = 0;
+  int32_t node = 0;
+  for (size_t depth = 0; depth < text.size(); ++depth) {
+    const Node& n = nodes_[node];
+    const uint8_t b = static_cast<uint8_t>(text[depth]);
+    int32_t next = -1;
+    for (int32_t c = n.first_child; c < n.first_child + n.num_children; ++c) {
+      if (nodes_[c].byte == b) {
+        next = c;
+        break;
+      }
+    }
+    if (next < 0) break;
+    node = next;
+    const Node& m = nodes_[node];
+    if (m.num_tokens > 0) {
+      best = tokens_[m.first_token];  // sorted by bytes, then id
+      *length = depth + 1;
+    }
+  }
+  return best;
+}
+
 int64_t TokenTrie::Walk(StepCache& cache, int32_t node, int32_t state,
                         absl::Span<uint8_t> allowed) const {
   int64_t count = 0;

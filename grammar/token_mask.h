@@ -55,6 +55,11 @@ class TokenTrie {
   int64_t AddAllowed(const Grammar& grammar, const GrammarState& state,
                      absl::Span<uint8_t> allowed) const;
 
+  // The longest token whose bytes begin `text` (the lowest id among tokens of the same bytes), its
+  // length in *length; -1 when no token of at least one byte does. (A greedy tokenization of a
+  // text the grammar forces, for speculative decoding's drafts.)
+  int32_t LongestPrefix(absl::string_view text, size_t* length) const;
+
   // From `state`, which should hold one stack: the tokens consumed entirely within it (the end of
   // the stack may come at the token's last byte) as `accepted`, and the ones that get past its end
   // with bytes left (so the frames below it decide) as `uncertain`. Sorted ascending.

@@ -169,5 +169,21 @@ TEST(TokenMaskTest, EmptyTokensAreNeverAllowed) {
   EXPECT_EQ(allowed, (std::vector<uint8_t>{1, 0, 1, 1, 0, 1}));
 }
 
+TEST(TokenMaskTest, LongestPrefixIsTheLongestTokenStartingTheText) {
+  // Ids 0..5; "ab" twice (the lower id wins), an empty special token.
+  TokenTrie trie({"a", "ab", "abc", "b", "", "ab"});
+  size_t len = 0;
+  EXPECT_EQ(trie.LongestPrefix("abcd", &len), 2);
+  EXPECT_EQ(len, 3u);
+  EXPECT_EQ(trie.LongestPrefix("abd", &len), 1);
+  EXPECT_EQ(len, 2u);
+  EXPECT_EQ(trie.LongestPrefix("a", &len), 0);
+  EXPECT_EQ(len, 1u);
+  EXPECT_EQ(trie.LongestPrefix("ba", &len), 3);
+  EXPECT_EQ(trie.LongestPrefix("c", &len), -1);
+  EXPECT_EQ(len, 0u);
+  EXPECT_EQ(trie.LongestPrefix("", &len), -1);
+}
+
 }  // namespace
 }  // namespace strata

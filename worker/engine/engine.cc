@@ -1,6 +1,8 @@
 #include "worker/engine/engine.h"
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <limits>
 #include <numeric>
 #include <thread>
@@ -17,6 +19,49 @@ namespace {
 
 bool Contains(const std::vector<int32_t>& v, int32_t x) {
   return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+// Under a grammar in state `matcher`: the text it forces from here (while exactly one byte may
+// follow and the text is not yet complete), as the tokens `tokenize` makes of it, less the last
+// (which the text after it may well join), or without `tokenize` split greedily into the longest
+// tokens of `vocab`; up to `limit` tokens, appended to `draft`.
+void ForcedDraft(const GrammarMatcher& matcher, const TokenTrie& vocab,
+                 const std::function<std::vector<int32_t>(absl::string_view)>& tokenize,
+                 int64_t limit, std::vector<int32_t>* draft) {
+  GrammarMatcher m = matcher;
+  std::string forced;
+  while (forced.size() < 256 && !m.IsComplete()) {
+    const ByteSet next = m.NextBytes();
+    const std::array<uint64_t, 4>& words = next.bits();
+    int count = 0;
+    for (uint64_t w : words) count += std::popcount(w);
+    if (count != 1) break;
+    int byte = 0;
+    while (!((words[byte >> 6] >> (byte & 63)) & 1)) ++byte;
+    const char c = static_cast<char>(byte);
+    if (!m.Advance(absl::string_view(&c, 1))) break;
+    forced.push_back(c);
+  }
+  if (forced.empty()) return;
+  if (tokenize) {
+    std::vector<int32_t> tokens = tokenize(forced);
+    if (!m.CanContinue()) {
+      // The forced text ends the output: every token of it.
+    } else if (!tokens.empty()) {
+      tokens.pop_back();
+    }
+    if (static_cast<int64_t>(tokens.size()) > limit) tokens.resize(limit);
+    draft->insert(draft->end(), tokens.begin(), tokens.end());
+    return;
+  }
+  const int64_t first = static_cast<int64_t>(draft->size());
+  for (size_t at = 0; at < forced.size() && static_cast<int64_t>(draft->size()) - first < limit;) {
+    size_t length = 0;
+    const int32_t t = vocab.LongestPrefix(absl::string_view(forced).substr(at), &length);
+    if (t < 0) break;
+    draft->push_back(t);
+    at += length;
+  }
 }
 
 // Token `t`'s bytes for a grammar (empty for special tokens and ids past the tokenizer's).
@@ -606,9 +651,14 @@ void Engine::ProposeDraft(int64_t limit, Chunk* ch) {
                              s->options.max_tokens - s->num_generated - 1,
                              weights_->config.max_position_embeddings - 1 - len});
   if (limit <= 0) return;
+  // Under a grammar, the text it forces (a JSON key, the punctuation around it) comes first;
+  // else what followed the sequence's last tokens earlier on.
   std::vector<int32_t> draft;
-  if (NgramDraft(s->tokens, config_.prompt_lookup_min, config_.prompt_lookup_max, limit, &draft) ==
-      0) {
+  if (s->matcher.has_value()) {
+    ForcedDraft(*s->matcher, *config_.vocabulary, config_.tokenize, limit, &draft);
+  }
+  if (draft.empty() && NgramDraft(s->tokens, config_.prompt_lookup_min, config_.prompt_lookup_max,
+                                  limit, &draft) == 0) {
     return;
   }
   // An end (EOS, a stop token) is never a draft token: the row before it draws it or not. Nor is a

@@ -112,6 +112,10 @@ struct EngineConfig {
   // The vocabulary as bytes (the model's tokenizer's, special tokens empty), for structured
   // output (RequestOptions::grammar). Null: requests with a grammar are refused.
   std::shared_ptr<const TokenTrie> vocabulary;
+  // The model's tokenizer as a function (no special tokens added), for speculative decoding's
+  // drafts of text a grammar forces: the tokens the model was trained to write for it. Null: the
+  // text is split greedily into the vocabulary's longest tokens instead.
+  std::function<std::vector<int32_t>(absl::string_view)> tokenize;
   // Memory for the token masks' per-grammar results kept between steps and requests
   // (TokenMasker).
   int64_t grammar_mask_cache_bytes = int64_t{256} << 20;

@@ -426,6 +426,12 @@ int Main(const std::vector<std::string>& args) {
     absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromModelDir(dir);
     if (tokenizer.ok()) {
       ec.vocabulary = TokenTrieOf(**tokenizer);
+      // Speculative decoding drafts the text a grammar forces as the tokenizer's tokens.
+      std::shared_ptr<const Tokenizer> shared = std::move(*tokenizer);
+      ec.tokenize = [shared](absl::string_view text) {
+        absl::StatusOr<std::vector<int32_t>> ids = shared->Encode(text, false);
+        return ids.ok() ? *std::move(ids) : std::vector<int32_t>{};
+      };
     } else {
       LOG(WARNING) << "structured output is off: " << tokenizer.status();
     }
