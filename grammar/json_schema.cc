@@ -27,7 +27,6 @@ namespace {
 using Seq = GrammarBuilder::Seq;
 
 constexpr const char* kUnsupported[] = {
-    "multipleOf",
     "uniqueItems",
     "contains",
     "minContains",
@@ -207,7 +206,7 @@ class SchemaCompiler {
         for (const char* c :
              {"properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
               "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
-              "exclusiveMinimum", "exclusiveMaximum"}) {
+              "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}) {
           if (key == c) {
             return s.Error(absl::StrCat("combines \"", k, "\" with \"", key,
                                         "\", which is not supported: state it in each branch"));
@@ -277,7 +276,8 @@ class SchemaCompiler {
         types = {"array"};
       } else if (has({"minLength", "maxLength", "pattern", "format"})) {
         types = {"string"};
-      } else if (has({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})) {
+      } else if (has({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+                      "multipleOf"})) {
         types = {"number"};
       } else {
         return AnyValue();
@@ -400,7 +400,11 @@ class SchemaCompiler {
     if (type == "null") return b_.Choice("null", {b_.Literal("null")});
     if (type == "boolean") return b_.Choice("boolean", {b_.Literal("true"), b_.Literal("false")});
     if (type == "integer") return BoundedInteger(s);
-    if (type == "number") return BoundedNumber(s);
+    if (type == "number") {
+      // A whole multipleOf: its multiples, written as integers.
+      if (s.FindField("multipleOf").has_value()) return BoundedInteger(s);
+      return BoundedNumber(s);
+    }
     if (type == "string") return String(s);
     if (type == "array") return Array(s);
     if (type == "object") return Object(s);
@@ -513,9 +517,84 @@ class SchemaCompiler {
     return b_.Choice("integer", std::move(alts));
   }
 
+  // multipleOf: a whole number from 1 to 1e9 (1 when absent).
+  absl::StatusOr<uint64_t> MultipleOf(const JsonValue& s) {
+    std::optional<JsonValue> m = s.FindField("multipleOf");
+    if (!m.has_value()) return 1;
+    ASSIGN_OR_RETURN(const double k, m->AsDouble());
+    if (!(k > 0)) return m->Error("must be greater than 0");
+    if (k != std::floor(k) || k > 1e9) {
+      return s.Error(
+          "has \"multipleOf\" that is not a whole number up to 1e9, which is not supported");
+    }
+    return static_cast<uint64_t>(k);
+  }
+
+  // Positive multiples of k (k <= kMaxMultipleStates), digit by digit: a rule per remainder mod k,
+  // the numeral ending where the remainder is 0.
+  static constexpr uint64_t kMaxMultipleStates = 10000;
+  int32_t PositiveMultiples(uint64_t k) {
+    std::vector<int32_t> rules(k);
+    for (uint64_t r = 0; r < k; ++r) rules[r] = b_.NewRule(absl::StrCat("mod ", k, " = ", r));
+    for (uint64_t r = 0; r < k; ++r) {
+      if (r == 0) b_.AddAlternative(rules[r], {});
+      for (uint64_t d = 0; d < 10; ++d) {
+        b_.AddAlternative(
+            rules[r], {b_.Byte(static_cast<uint8_t>('0' + d)), b_.Ref(rules[(10 * r + d) % k])});
+      }
+    }
+    std::vector<Seq> first;
+    for (uint64_t d = 1; d < 10; ++d) {
+      first.push_back({b_.Byte(static_cast<uint8_t>('0' + d)), b_.Ref(rules[d % k])});
+    }
+    return b_.Choice(absl::StrCat("multiple of ", k), std::move(first));
+  }
+
+  // The multiples of k whose magnitudes lie in [a, b] (no b: no upper bound), as numerals after
+  // `prefix`, appended to `alts`: listed when there are at most kMaxListedMultiples; digit by
+  // digit when there is no upper bound and a is at most k.
+  static constexpr int64_t kMaxListedMultiples = 4096;
+  absl::Status MultiplesIn(const JsonValue& s, uint64_t k, uint64_t a, std::optional<uint64_t> b,
+                           const Seq& prefix, std::vector<Seq>* alts) {
+    const uint64_t first = (a + k - 1) / k;  // quotients
+    if (b.has_value()) {
+      const uint64_t last = *b / k;
+      if (first > last) return absl::OkStatus();
+      if (last - first >= static_cast<uint64_t>(kMaxListedMultiples)) {
+        return s.Error(absl::StrCat("has \"multipleOf\" with bounds that take in more than ",
+                                    kMaxListedMultiples, " multiples, which is not supported"));
+      }
+      for (uint64_t q = first; q <= last; ++q) {
+        Seq alt = prefix;
+        for (int32_t e : b_.Literal(std::to_string(q * k))) alt.push_back(e);
+        alts->push_back(std::move(alt));
+      }
+      return absl::OkStatus();
+    }
+    if (first > 1) {
+      return s.Error(
+          "has \"multipleOf\" with a bound away from zero and none on the other side, "
+          "which is not supported");
+    }
+    if (k > kMaxMultipleStates) {
+      return s.Error(absl::StrCat("has \"multipleOf\" above ", kMaxMultipleStates,
+                                  " without bounds on both sides, which is not supported"));
+    }
+    if (first == 0) {  // zero too
+      Seq zero = prefix;
+      zero.push_back(b_.Byte('0'));
+      alts->push_back(std::move(zero));
+    }
+    Seq alt = prefix;
+    alt.push_back(PositiveMultiples(k));
+    alts->push_back(std::move(alt));
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<int32_t> BoundedInteger(const JsonValue& s) {
     ASSIGN_OR_RETURN(const Bounds b, BoundsOf(s));
-    if (!b.lo.has_value() && !b.hi.has_value()) return Integer();
+    ASSIGN_OR_RETURN(const uint64_t k, MultipleOf(s));
+    if (!b.lo.has_value() && !b.hi.has_value() && k == 1) return Integer();
     std::optional<int64_t> lo, hi;
     if (b.lo.has_value()) {
       lo = static_cast<int64_t>(b.lo_exclusive ? std::floor(*b.lo) + 1 : std::ceil(*b.lo));
@@ -526,7 +605,23 @@ class SchemaCompiler {
     if (lo.has_value() && hi.has_value() && *lo > *hi) {
       return s.Error("has no integer between its bounds");
     }
-    return IntegersIn(lo, hi);
+    if (k == 1) return IntegersIn(lo, hi);
+    // Non-negative multiples with magnitudes [max(lo, 0), hi]; negative ones (written "-" and the
+    // magnitude) with magnitudes [max(-hi, 1), -lo].
+    std::vector<Seq> alts;
+    if (!hi.has_value() || *hi >= 0) {
+      RETURN_IF_ERROR(MultiplesIn(s, k, static_cast<uint64_t>(std::max<int64_t>(lo.value_or(0), 0)),
+                                  hi.has_value() ? std::optional<uint64_t>(*hi) : std::nullopt, {},
+                                  &alts));
+    }
+    if (!lo.has_value() || *lo < 0) {
+      const uint64_t from = hi.has_value() && *hi < 0 ? static_cast<uint64_t>(-*hi) : 1;
+      RETURN_IF_ERROR(MultiplesIn(s, k, from,
+                                  lo.has_value() ? std::optional<uint64_t>(-*lo) : std::nullopt,
+                                  {b_.Byte('-')}, &alts));
+    }
+    if (alts.empty()) return s.Error("has no multiple of its \"multipleOf\" between its bounds");
+    return b_.Choice("multiples", std::move(alts));
   }
 
   // A bound as a decimal: the shortest digits that read back as the same double (what the schema

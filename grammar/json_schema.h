@@ -5,7 +5,9 @@
 // `const`, integers with `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum` (any
 // bounds up to 1e15: the numerals of exactly that range), numbers with such bounds of either sign,
 // whole or not (up to 20 digits after the point; written without an exponent, values compared as
-// the bounds' shortest decimals), `anyOf`, `oneOf` (as anyOf: exclusivity
+// the bounds' shortest decimals), `multipleOf` a whole number for integers and numbers (the
+// multiples listed between two bounds, up to 4096; with no bound or one at zero, followed digit
+// by digit, multipleOf up to 10000), `anyOf`, `oneOf` (as anyOf: exclusivity
 // is not enforced), `allOf` of one schema, `$ref` to the
 // root or into `$defs` / `definitions` (recursion allowed), boolean schemas; strings with
 // `minLength`, `maxLength`, `pattern` (regex_grammar.h; found anywhere in the string unless
@@ -18,7 +20,7 @@
 // are refused, a `type` beside them is left to the branches.
 // Annotations (title, description, default, examples, ...) are ignored. Keywords that constrain
 // values in ways the grammar cannot express are refused with INVALID_ARGUMENT naming the keyword
-// and where it is: multipleOf, uniqueItems, contains, minProperties, maxProperties,
+// and where it is: a fractional multipleOf, uniqueItems, contains, minProperties, maxProperties,
 // patternProperties, propertyNames, dependentRequired, dependentSchemas, not, if/then/else,
 // unevaluatedProperties, unevaluatedItems; and number bounds with more than 20 digits after the
 // point.

@@ -200,6 +200,56 @@ TEST(JsonSchemaTest, NumberBoundsAgreeWithExactDecimalComparison) {
   }
 }
 
+// multipleOf against arithmetic: with bounds on both sides (the multiples listed), with none or
+// only at zero (digit by digit, a rule per remainder), for integers and numbers.
+TEST(JsonSchemaTest, MultipleOfAdmitsExactlyTheMultiples) {
+  std::mt19937 rng(5);
+  for (int iter = 0; iter < 80; ++iter) {
+    const int64_t k = 1 + static_cast<int64_t>(rng() % 30);
+    std::string schema = absl::StrCat(R"({"type": ")", iter % 3 == 0 ? "number" : "integer",
+                                      R"(", "multipleOf": )", k);
+    int64_t lo = -100000, hi = 100000;
+    switch (iter % 4) {
+      case 0:  // both bounds
+        lo = static_cast<int64_t>(rng() % 400) - 200;
+        hi = lo + static_cast<int64_t>(rng() % 400);
+        absl::StrAppend(&schema, R"(, "minimum": )", lo, R"(, "maximum": )", hi);
+        break;
+      case 1:  // none
+        break;
+      case 2:  // non-negative
+        lo = 0;
+        absl::StrAppend(&schema, R"(, "minimum": 0)");
+        break;
+      case 3:  // negative
+        hi = -1;
+        absl::StrAppend(&schema, R"(, "exclusiveMaximum": 0)");
+        break;
+    }
+    schema += "}";
+    SCOPED_TRACE(schema);
+    absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(schema, "schema");
+    bool any = false;
+    for (int64_t v = std::max<int64_t>(lo, -3000); v <= std::min<int64_t>(hi, 3000); ++v) {
+      any = any || v % k == 0;
+    }
+    if (!any) {
+      EXPECT_FALSE(g.ok());
+      continue;
+    }
+    ASSERT_TRUE(g.ok()) << g.status();
+    for (int64_t v = -3000; v <= 3000; ++v) {
+      const bool want = v >= lo && v <= hi && v % k == 0;
+      ASSERT_EQ(GrammarAccepts(*g, std::to_string(v)), want) << v;
+    }
+    // Far past the listed range.
+    EXPECT_EQ(GrammarAccepts(*g, std::to_string(987654 * k)), hi > 3000);
+    EXPECT_FALSE(GrammarAccepts(*g, std::to_string(987654 * k + (k > 1 ? 1 : 0)) + ".5"));
+    EXPECT_FALSE(GrammarAccepts(*g, "-0"));
+    EXPECT_FALSE(GrammarAccepts(*g, "007"));
+  }
+}
+
 TEST(JsonSchemaTest, NumberBoundsWithLongFractions) {
   // Latitude, and a probability strictly between 0 and 1.
   ExpectAccepts(Must(R"({"type": "number", "minimum": -90, "maximum": 90})"),
@@ -236,31 +286,40 @@ TEST(JsonSchemaTest, ErrorsNameTheKeywordAndWhere) {
     const char* schema;
     const char* message;
   };
-  for (const Case& c : {
-           Case{
-               R"({"type": "object", "properties": {"age": {"type": "integer", "multipleOf": 5}}})",
-               R"(schema: field "properties.age" uses "multipleOf", which is not supported)"},
-           Case{R"({"type": "strng"})", R"(has unknown type "strng")"},
-           Case{R"({"$ref": "#/$defs/missing"})", "names nothing in the schema"},
-           Case{R"({"$ref": "https://example.com/s.json"})", "only references inside the schema"},
-           Case{R"({"properties": {"a": 5}})", "must be a schema (an object or a boolean)"},
-           Case{R"({"type": "string", "pattern": "(a"})", "missing ')'"},
-           Case{R"({"allOf": [{}, {}]})", "with more than one schema is not supported"},
-           Case{R"({"enum": []})", "must list at least one value"},
-           Case{"false", "no value satisfies"},
-           Case{R"({"$ref": "#"})", "derives no finite text"},
-           Case{"{", "schema"},
-           Case{R"({"type": "object", "properties": {"a": {}}, "anyOf": [{"required": ["a"]}]})",
-                R"(combines "anyOf" with "properties", which is not supported)"},
-           Case{R"({"$ref": "#/$defs/a", "maxLength": 3, "$defs": {"a": {"type": "string"}}})",
-                R"(combines "$ref" with "maxLength")"},
-           Case{R"({"type": "array", "items": false, "minItems": 1})", "minItems above 0"},
-           Case{R"({"type": "integer", "minimum": 5, "maximum": 4})", "no integer between"},
-           Case{R"({"type": "number", "minimum": 1e-25})", "more than 20 digits after the point"},
-           Case{R"({"type": "number", "minimum": 0.5, "exclusiveMaximum": 0.5})",
-                "no number between"},
-           Case{R"({"type": "integer", "maximum": 1e20})", "beyond 1e15"},
-       }) {
+  for (
+      const Case& c : {
+          Case{
+              R"({"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": true}}})",
+              R"(schema: field "properties.tags" uses "uniqueItems", which is not supported)"},
+          Case{R"({"type": "number", "multipleOf": 0.01})", "not a whole number up to 1e9"},
+          Case{R"({"type": "integer", "multipleOf": 0})", "must be greater than 0"},
+          Case{R"({"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100000})",
+               "more than 4096 multiples"},
+          Case{R"({"type": "integer", "multipleOf": 5, "minimum": 12})", "a bound away from zero"},
+          Case{R"({"type": "integer", "multipleOf": 20000})", "above 10000"},
+          Case{R"({"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 6})",
+               "no multiple"},
+          Case{R"({"type": "strng"})", R"(has unknown type "strng")"},
+          Case{R"({"$ref": "#/$defs/missing"})", "names nothing in the schema"},
+          Case{R"({"$ref": "https://example.com/s.json"})", "only references inside the schema"},
+          Case{R"({"properties": {"a": 5}})", "must be a schema (an object or a boolean)"},
+          Case{R"({"type": "string", "pattern": "(a"})", "missing ')'"},
+          Case{R"({"allOf": [{}, {}]})", "with more than one schema is not supported"},
+          Case{R"({"enum": []})", "must list at least one value"},
+          Case{"false", "no value satisfies"},
+          Case{R"({"$ref": "#"})", "derives no finite text"},
+          Case{"{", "schema"},
+          Case{R"({"type": "object", "properties": {"a": {}}, "anyOf": [{"required": ["a"]}]})",
+               R"(combines "anyOf" with "properties", which is not supported)"},
+          Case{R"({"$ref": "#/$defs/a", "maxLength": 3, "$defs": {"a": {"type": "string"}}})",
+               R"(combines "$ref" with "maxLength")"},
+          Case{R"({"type": "array", "items": false, "minItems": 1})", "minItems above 0"},
+          Case{R"({"type": "integer", "minimum": 5, "maximum": 4})", "no integer between"},
+          Case{R"({"type": "number", "minimum": 1e-25})", "more than 20 digits after the point"},
+          Case{R"({"type": "number", "minimum": 0.5, "exclusiveMaximum": 0.5})",
+               "no number between"},
+          Case{R"({"type": "integer", "maximum": 1e20})", "beyond 1e15"},
+      }) {
     absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(c.schema, "schema");
     ASSERT_FALSE(g.ok()) << c.schema;
     EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument) << c.schema;
