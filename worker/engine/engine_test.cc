@@ -765,6 +765,18 @@ TEST_F(EngineTest, TwoTensorParallelRanksGenerateTheSingleRanksTokens) {
   submit(**e);
   EXPECT_EQ(RunAll(**e), want);
   EXPECT_GT((*e)->Stats().num_preemptions, 0);
+
+  // With speculative decoding's drafts (steps of one sequence's several tokens) too, on a group
+  // of its own (an engine's end stops its group's other ranks).
+  c.num_speculative_tokens = 4;
+  c.speculative_max_batch = 64;
+  c.prompt_lookup_min = 1;  // random prompts repeat single tokens, seldom pairs
+  TensorParallelGroup group2("worker/model/testdata/llama3_bf16", 2);
+  auto drafting = Engine::Create(group2.weights(), group2.comm(), c);
+  ASSERT_TRUE(drafting.ok()) << drafting.status();
+  submit(**drafting);
+  EXPECT_EQ(RunAll(**drafting), want);
+  EXPECT_GT((*drafting)->Stats().num_draft_tokens, 0);
 }
 
 TEST_F(EngineTiersTest, TensorParallelBlocksMoveThroughHostAndDiskWithEveryRanksShare) {
