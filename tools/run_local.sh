@@ -139,7 +139,7 @@ for i in 1 2; do
   launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
     --host_cache_mb=128 --disk_cache_mb=512 --disk_cache_path="$run_dir/kv-worker-$i" \
-    --metrics_listen="127.0.0.1:$((metrics_port + i))" \
+    --metrics_listen="127.0.0.1:$((metrics_port + i))" --num_speculative_tokens=4 \
     --port_file="$run_dir/worker-$i.port" --tensor_parallel="$tensor_parallel" \
     "${fine_tune_flags[@]}"
 done
@@ -185,8 +185,8 @@ fi
 echo
 echo "request: POST http://127.0.0.1:$http_port/v1/completions (the OpenAI-compatible API)"
 echo "----------------------------------------------------------------------"
-python3 - "$http_port" <<'PY'
-import json, sys, urllib.request
+python3 - "$http_port" "$metrics_port" <<'PY'
+import json, sys, time, urllib.request
 body = json.dumps({"model": "strata-tiny", "prompt": "int main(", "max_tokens": 32, "seed": 1}).encode()
 req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
                              headers={"Content-Type": "application/json"})
@@ -207,6 +207,35 @@ print()
 print("with response_format json_schema " + json.dumps(schema))
 print("entry = " + json.dumps(json.loads(reply["choices"][0]["text"])))
 print(f"(finish_reason {reply['choices'][0]['finish_reason']})")
+# Speculative decoding (the workers run --num_speculative_tokens=4): greedy text that repeats its
+# prompt is drafted from it, several tokens a step; the output is what one token a step gives.
+def drafts():
+    """(draft tokens, kept) over both workers, from their /metrics."""
+    time.sleep(0.6)  # the workers publish their metrics every 250 ms
+    drafted = kept = 0
+    for port in (int(sys.argv[2]) + 1, int(sys.argv[2]) + 2):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith("strata_worker_draft_tokens_total"):
+                drafted += float(line.split()[-1])
+            elif line.startswith("strata_worker_accepted_draft_tokens_total"):
+                kept += float(line.split()[-1])
+    return drafted, kept
+before = drafts()
+prompt = ("def add_one(x):\n    return x + 1\n\n\ndef add_two(x):\n    return x + 2\n\n\n"
+          "def add_three(x):\n    return x + 3\n\n\ndef add_four(x):\n    return x + 4\n\n\ndef add_")
+body = json.dumps({"model": "strata-tiny", "prompt": prompt, "max_tokens": 48,
+                   "temperature": 0}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
+                             headers={"Content-Type": "application/json"})
+reply = json.load(urllib.request.urlopen(req, timeout=60))
+after = drafts()
+print()
+print("greedy, with drafts from the prompt (speculative decoding):")
+print(prompt + reply["choices"][0]["text"])
+print(f"({after[0] - before[0]:.0f} draft tokens, {after[1] - before[1]:.0f} kept: "
+      f"{reply['usage']['completion_tokens']} tokens in "
+      f"{reply['usage']['completion_tokens'] - (after[1] - before[1]):.0f} steps)")
 PY
 echo "----------------------------------------------------------------------"
 echo
