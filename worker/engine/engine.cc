@@ -657,8 +657,8 @@ void Engine::ProposeDraft(int64_t limit, Chunk* ch) {
   if (s->matcher.has_value()) {
     ForcedDraft(*s->matcher, *config_.vocabulary, config_.tokenize, limit, &draft);
   }
-  if (draft.empty() && NgramDraft(s->tokens, config_.prompt_lookup_min, config_.prompt_lookup_max,
-                                  limit, &draft) == 0) {
+  if (draft.empty() && s->ngram_index.Draft(s->tokens, config_.prompt_lookup_min,
+                                            config_.prompt_lookup_max, limit, &draft) == 0) {
     return;
   }
   // An end (EOS, a stop token) is never a draft token: the row before it draws it or not. Nor is a

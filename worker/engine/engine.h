@@ -54,6 +54,7 @@
 #include "worker/comm/collectives.h"
 #include "worker/engine/block_manager.h"
 #include "worker/engine/delta_cache.h"
+#include "worker/engine/ngram_draft.h"
 #include "worker/engine/sampler.h"
 #include "worker/model/gpu_model_runner.h"
 #include "worker/model/model_runner.h"
@@ -335,6 +336,8 @@ class Engine {
     // num_speculative_tokens): all of them after a draft that kept half its tokens or more, else
     // one more than it kept. A text the drafts keep missing costs one draft token a step.
     int64_t draft_limit = -1;
+    // Where each of its tokens occurred, for NgramDraft's lookups (built on its first draft).
+    NgramIndex ngram_index;
   };
   struct Chunk {
     Chunk(Sequence* s, int64_t begin, int64_t n) : seq(s), start(begin), count(n) {}

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/types/span.h"
 
 namespace strata {
@@ -24,6 +25,22 @@ namespace strata {
 // O(len(tokens) * max_n) at worst.
 int64_t NgramDraft(absl::Span<const int32_t> tokens, int min_n, int max_n, int64_t max_draft,
                    std::vector<int32_t>* draft);
+
+// NgramDraft for a sequence that only grows, in time proportional to how often its last token
+// occurred before rather than to its length: the positions of each token, kept as the sequence
+// grows (4 bytes a token). On this VM's core, a 128k-token context of 32k-token vocabulary costs
+// NgramDraft 73-95 µs a lookup; the index 0.01 µs when the last token is rare there and 32 µs
+// when it is every 8th token (a newline in code) and nothing matches.
+class NgramIndex {
+ public:
+  // The same as NgramDraft(tokens, ...). `tokens` must extend the ones of earlier calls.
+  int64_t Draft(absl::Span<const int32_t> tokens, int min_n, int max_n, int64_t max_draft,
+                std::vector<int32_t>* draft);
+
+ private:
+  absl::flat_hash_map<int32_t, std::vector<int32_t>> positions_;
+  size_t indexed_ = 0;  // tokens[0, indexed_) are in positions_
+};
 
 }  // namespace strata
 

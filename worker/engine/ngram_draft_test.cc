@@ -94,5 +94,27 @@ TEST(NgramDraftTest, MatchesABruteForceSearch) {
   }
 }
 
+// The index drafts what NgramDraft drafts, step by step as a sequence grows.
+TEST(NgramDraftTest, TheIndexDraftsWhatTheScanDrafts) {
+  std::mt19937 rng(9);
+  for (int iter = 0; iter < 200; ++iter) {
+    const int alphabet = 2 + static_cast<int>(rng() % 6);
+    const int min_n = 1 + static_cast<int>(rng() % 3);
+    const int max_n = min_n + static_cast<int>(rng() % 3);
+    NgramIndex index;
+    std::vector<int32_t> t;
+    for (int step = 0; step < 80; ++step) {
+      // One to three tokens a step, as kept drafts add several.
+      for (int k = 1 + static_cast<int>(rng() % 3); k > 0; --k) {
+        t.push_back(static_cast<int32_t>(rng() % alphabet));
+      }
+      std::vector<int32_t> want, got;
+      const int64_t n = NgramDraft(t, min_n, max_n, 5, &want);
+      ASSERT_EQ(index.Draft(t, min_n, max_n, 5, &got), n) << "iter " << iter << " step " << step;
+      ASSERT_EQ(got, want) << "iter " << iter << " step " << step;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace strata
