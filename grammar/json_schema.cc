@@ -1,5 +1,6 @@
 #include "grammar/json_schema.h"
 
+#include <bit>
 #include <charconv>
 #include <cmath>
 #include <functional>
@@ -27,7 +28,6 @@ namespace {
 using Seq = GrammarBuilder::Seq;
 
 constexpr const char* kUnsupported[] = {
-    "uniqueItems",
     "contains",
     "minContains",
     "maxContains",
@@ -206,7 +206,7 @@ class SchemaCompiler {
         for (const char* c :
              {"properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
               "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
-              "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}) {
+              "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems"}) {
           if (key == c) {
             return s.Error(absl::StrCat("combines \"", k, "\" with \"", key,
                                         "\", which is not supported: state it in each branch"));
@@ -272,7 +272,7 @@ class SchemaCompiler {
       };
       if (has({"properties", "required", "additionalProperties"})) {
         types = {"object"};
-      } else if (has({"items", "prefixItems", "minItems", "maxItems"})) {
+      } else if (has({"items", "prefixItems", "minItems", "maxItems", "uniqueItems"})) {
         types = {"array"};
       } else if (has({"minLength", "maxLength", "pattern", "format"})) {
         types = {"string"};
@@ -877,6 +877,10 @@ class SchemaCompiler {
     }
     std::optional<JsonValue> items = s.FindField("items");
     const bool no_more = items.has_value() && items->IsBool() && !*items->AsBool();
+    if (std::optional<JsonValue> u = s.FindField("uniqueItems")) {
+      ASSIGN_OR_RETURN(const bool unique, u->AsBool());
+      if (unique && !no_more) return UniqueItems(s, items, min_items, max_items);
+    }
     if (std::optional<JsonValue> prefix = s.FindField("prefixItems")) {
       if (min_items != 0 || max_items >= 0) {
         return s.Error("combines prefixItems with minItems/maxItems, which is not supported");
@@ -912,6 +916,101 @@ class SchemaCompiler {
     absl::StatusOr<int32_t> list = List("array", '[', ']', {item}, min_items, max_items);
     if (!list.ok()) return s.Error(absl::StrCat("has item bounds that ", list.status().message()));
     return list;
+  }
+
+  // uniqueItems over items that are one of a few values (an enum of strings, integers, booleans or
+  // null; or booleans): a rule per set of values used so far, each going on with a value not in
+  // it, closing once minItems are there. Up to kMaxUniqueValues values (2^n rules).
+  static constexpr int kMaxUniqueValues = 10;
+  absl::StatusOr<int32_t> UniqueItems(const JsonValue& s, const std::optional<JsonValue>& items,
+                                      int64_t min_items, int64_t max_items) {
+    const std::string refused = absl::StrCat(
+        "has \"uniqueItems\" with items other than an enum of at most ", kMaxUniqueValues,
+        " strings, integers, booleans or null (or booleans), which is not supported");
+    if (s.FindField("prefixItems").has_value() || !items.has_value() || !items->IsObject()) {
+      return s.Error(refused);
+    }
+    std::vector<std::string> texts;         // each value as JSON text
+    absl::flat_hash_set<std::string> seen;  // by value
+    ASSIGN_OR_RETURN(auto members, items->AsObject());
+    std::optional<std::string> type;
+    for (const auto& [key, value] : members) {
+      if (key == "type") {
+        ASSIGN_OR_RETURN(absl::string_view t, value.AsString());
+        type = std::string(t);
+      } else if (key != "enum" && key != "title" && key != "description" && key != "$comment" &&
+                 key != "default" && key != "examples") {
+        return s.Error(refused);
+      }
+    }
+    std::optional<JsonValue> e = items->FindField("enum");
+    std::vector<JsonValue> values;
+    if (e.has_value()) {
+      ASSIGN_OR_RETURN(values, e->AsArray());
+    } else if (type == "boolean") {
+      texts = {"true", "false"};
+    } else {
+      return s.Error(refused);
+    }
+    for (const JsonValue& v : values) {
+      std::string key, kind;
+      if (v.IsString()) {
+        ASSIGN_OR_RETURN(absl::string_view str, v.AsString());
+        key = absl::StrCat("s", str);
+        kind = "string";
+      } else if (v.IsBool()) {
+        key = *v.AsBool() ? "true" : "false";
+        kind = "boolean";
+      } else if (v.IsNull()) {
+        key = "null";
+        kind = "null";
+      } else if (v.IsNumber()) {
+        ASSIGN_OR_RETURN(const double d, v.AsDouble());
+        if (d != std::floor(d) || std::fabs(d) > 1e15) return s.Error(refused);
+        key = absl::StrCat("n", static_cast<int64_t>(d));
+        kind = "integer";
+      } else {
+        return s.Error(refused);
+      }
+      if (type.has_value() && *type != kind && !(*type == "number" && kind == "integer")) {
+        return s.Error(absl::StrCat("has items whose enum holds a value that is not a ", *type));
+      }
+      if (!seen.insert(key).second) continue;
+      texts.push_back(kind == "integer" ? key.substr(1) : simdjson::minify(v.raw()));
+    }
+    const int n = static_cast<int>(texts.size());
+    if (n > kMaxUniqueValues) return s.Error(refused);
+    if (min_items > n) {
+      return s.Error(absl::StrCat("has minItems ", min_items, " above the ", n,
+                                  " distinct values its uniqueItems allow"));
+    }
+    const int64_t most = max_items < 0 ? n : std::min<int64_t>(max_items, n);
+    std::vector<int32_t> values_elements;
+    for (const std::string& t : texts)
+      values_elements.push_back(b_.Choice("value", {b_.Literal(t)}));
+    // rest[mask]: after the values in mask, ", value" for a value not in it, or the end.
+    std::vector<int32_t> rest(size_t{1} << n, -1);
+    for (uint32_t mask = (1u << n) - 1;; --mask) {
+      const int64_t count = std::popcount(mask);
+      if (count > 0 && count <= most) {
+        rest[mask] = b_.NewRule("unique items");
+        if (count >= min_items) b_.AddAlternative(rest[mask], {Ws(), b_.Byte(']')});
+        for (int i = 0; i < n && count < most; ++i) {
+          if (mask & (1u << i)) continue;
+          Seq alt = Sep();
+          alt.push_back(values_elements[i]);
+          alt.push_back(b_.Ref(rest[mask | (1u << i)]));
+          b_.AddAlternative(rest[mask], std::move(alt));
+        }
+      }
+      if (mask == 0) break;
+    }
+    std::vector<Seq> alts;
+    if (min_items == 0) alts.push_back({b_.Byte('['), Ws(), b_.Byte(']')});
+    for (int i = 0; i < n && most > 0; ++i) {
+      alts.push_back({b_.Byte('['), Ws(), values_elements[i], b_.Ref(rest[1u << i])});
+    }
+    return b_.Choice("unique array", std::move(alts));
   }
 
   absl::StatusOr<int32_t> Object(const JsonValue& s) {

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -200,6 +201,42 @@ TEST(JsonSchemaTest, NumberBoundsAgreeWithExactDecimalComparison) {
   }
 }
 
+// uniqueItems over an enum: every array of up to 5 picks of the values (repeats included) is
+// accepted exactly when no value repeats and its length is within the bounds.
+TEST(JsonSchemaTest, UniqueItemsOverAnEnumAdmitExactlyTheArraysWithoutRepeats) {
+  const std::vector<std::string> values = {R"("red")", "3", "true", "null"};
+  for (const auto& [min_items, max_items] :
+       std::vector<std::pair<int, int>>{{0, -1}, {1, -1}, {2, 3}, {0, 1}, {4, 4}}) {
+    std::string schema = R"({"type": "array", "uniqueItems": true,
+        "items": {"enum": ["red", 3, true, null, "red"]})";
+    absl::StrAppend(&schema, R"(, "minItems": )", min_items);
+    if (max_items >= 0) absl::StrAppend(&schema, R"(, "maxItems": )", max_items);
+    schema += "}";
+    SCOPED_TRACE(schema);
+    const auto g = Must(schema);
+    for (int len = 0; len <= 5; ++len) {
+      std::vector<int> pick(len, 0);
+      while (true) {
+        std::string text = "[";
+        std::set<int> distinct;
+        for (int i = 0; i < len; ++i) {
+          absl::StrAppend(&text, i ? ", " : "", values[pick[i]]);
+          distinct.insert(pick[i]);
+        }
+        text += "]";
+        const bool want = static_cast<int>(distinct.size()) == len && len >= min_items &&
+                          (max_items < 0 || len <= max_items);
+        ASSERT_EQ(GrammarAccepts(g, text), want) << text;
+        int i = len - 1;
+        while (i >= 0 && ++pick[i] == 4) pick[i--] = 0;
+        if (i < 0) break;
+      }
+    }
+  }
+  ExpectAccepts(Must(R"({"uniqueItems": true, "items": {"type": "boolean"}})"),
+                {"[]", "[true]", "[false, true]"}, {"[true, true]", "[1]"});
+}
+
 // multipleOf against arithmetic: with bounds on both sides (the multiples listed), with none or
 // only at zero (digit by digit, a rule per remainder), for integers and numbers.
 TEST(JsonSchemaTest, MultipleOfAdmitsExactlyTheMultiples) {
@@ -286,40 +323,46 @@ TEST(JsonSchemaTest, ErrorsNameTheKeywordAndWhere) {
     const char* schema;
     const char* message;
   };
-  for (
-      const Case& c : {
-          Case{
-              R"({"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": true}}})",
-              R"(schema: field "properties.tags" uses "uniqueItems", which is not supported)"},
-          Case{R"({"type": "number", "multipleOf": 0.01})", "not a whole number up to 1e9"},
-          Case{R"({"type": "integer", "multipleOf": 0})", "must be greater than 0"},
-          Case{R"({"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100000})",
-               "more than 4096 multiples"},
-          Case{R"({"type": "integer", "multipleOf": 5, "minimum": 12})", "a bound away from zero"},
-          Case{R"({"type": "integer", "multipleOf": 20000})", "above 10000"},
-          Case{R"({"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 6})",
-               "no multiple"},
-          Case{R"({"type": "strng"})", R"(has unknown type "strng")"},
-          Case{R"({"$ref": "#/$defs/missing"})", "names nothing in the schema"},
-          Case{R"({"$ref": "https://example.com/s.json"})", "only references inside the schema"},
-          Case{R"({"properties": {"a": 5}})", "must be a schema (an object or a boolean)"},
-          Case{R"({"type": "string", "pattern": "(a"})", "missing ')'"},
-          Case{R"({"allOf": [{}, {}]})", "with more than one schema is not supported"},
-          Case{R"({"enum": []})", "must list at least one value"},
-          Case{"false", "no value satisfies"},
-          Case{R"({"$ref": "#"})", "derives no finite text"},
-          Case{"{", "schema"},
-          Case{R"({"type": "object", "properties": {"a": {}}, "anyOf": [{"required": ["a"]}]})",
-               R"(combines "anyOf" with "properties", which is not supported)"},
-          Case{R"({"$ref": "#/$defs/a", "maxLength": 3, "$defs": {"a": {"type": "string"}}})",
-               R"(combines "$ref" with "maxLength")"},
-          Case{R"({"type": "array", "items": false, "minItems": 1})", "minItems above 0"},
-          Case{R"({"type": "integer", "minimum": 5, "maximum": 4})", "no integer between"},
-          Case{R"({"type": "number", "minimum": 1e-25})", "more than 20 digits after the point"},
-          Case{R"({"type": "number", "minimum": 0.5, "exclusiveMaximum": 0.5})",
-               "no number between"},
-          Case{R"({"type": "integer", "maximum": 1e20})", "beyond 1e15"},
-      }) {
+  for (const Case& c : {
+           Case{R"({"type": "object", "properties": {"n": {"not": {"type": "integer"}}}})",
+                R"(schema: field "properties.n" uses "not", which is not supported)"},
+           Case{R"({"type": "array", "uniqueItems": true, "items": {"type": "string"}})",
+                "uniqueItems\" with items other than an enum"},
+           Case{R"({"type": "array", "uniqueItems": true, "items": {"enum": ["a", "b"]},
+                   "minItems": 3})",
+                "above the 2 distinct values"},
+           Case{R"({"type": "array", "uniqueItems": true,
+                   "items": {"type": "string", "enum": ["a", 1]}})",
+                "not a string"},
+           Case{R"({"type": "number", "multipleOf": 0.01})", "not a whole number up to 1e9"},
+           Case{R"({"type": "integer", "multipleOf": 0})", "must be greater than 0"},
+           Case{R"({"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100000})",
+                "more than 4096 multiples"},
+           Case{R"({"type": "integer", "multipleOf": 5, "minimum": 12})", "a bound away from zero"},
+           Case{R"({"type": "integer", "multipleOf": 20000})", "above 10000"},
+           Case{R"({"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 6})",
+                "no multiple"},
+           Case{R"({"type": "strng"})", R"(has unknown type "strng")"},
+           Case{R"({"$ref": "#/$defs/missing"})", "names nothing in the schema"},
+           Case{R"({"$ref": "https://example.com/s.json"})", "only references inside the schema"},
+           Case{R"({"properties": {"a": 5}})", "must be a schema (an object or a boolean)"},
+           Case{R"({"type": "string", "pattern": "(a"})", "missing ')'"},
+           Case{R"({"allOf": [{}, {}]})", "with more than one schema is not supported"},
+           Case{R"({"enum": []})", "must list at least one value"},
+           Case{"false", "no value satisfies"},
+           Case{R"({"$ref": "#"})", "derives no finite text"},
+           Case{"{", "schema"},
+           Case{R"({"type": "object", "properties": {"a": {}}, "anyOf": [{"required": ["a"]}]})",
+                R"(combines "anyOf" with "properties", which is not supported)"},
+           Case{R"({"$ref": "#/$defs/a", "maxLength": 3, "$defs": {"a": {"type": "string"}}})",
+                R"(combines "$ref" with "maxLength")"},
+           Case{R"({"type": "array", "items": false, "minItems": 1})", "minItems above 0"},
+           Case{R"({"type": "integer", "minimum": 5, "maximum": 4})", "no integer between"},
+           Case{R"({"type": "number", "minimum": 1e-25})", "more than 20 digits after the point"},
+           Case{R"({"type": "number", "minimum": 0.5, "exclusiveMaximum": 0.5})",
+                "no number between"},
+           Case{R"({"type": "integer", "maximum": 1e20})", "beyond 1e15"},
+       }) {
     absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(c.schema, "schema");
     ASSERT_FALSE(g.ok()) << c.schema;
     EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument) << c.schema;

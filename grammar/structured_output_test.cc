@@ -68,9 +68,9 @@ TEST(StructuredOutputTest, ErrorsNameTheField) {
   cases[8].spec.set_regex("(.?){300}");
   cases[8].message =
       "sampling.structured_output is too ambiguous to follow (more than 256 readings at once)";
-  cases[0].spec.set_json_schema(R"({"type": "array", "uniqueItems": true})");
+  cases[0].spec.set_json_schema(R"({"not": {"type": "integer"}})");
   cases[0].message =
-      R"(sampling.structured_output.json_schema: uses "uniqueItems", which is not supported)";
+      R"(sampling.structured_output.json_schema: uses "not", which is not supported)";
   cases[1].spec.set_json_schema(std::string(kMaxJsonSchemaBytes + 1, ' '));
   cases[1].message = "sampling.structured_output.json_schema must be at most 65536 bytes";
   cases[2].spec.set_regex("a(");

@@ -1190,8 +1190,8 @@ TEST_F(OpenAiHttpTest, StructuredOutputFollowsTheRequestedShape) {
   };
   for (const Bad& b : std::vector<Bad>{
            {R"(, "response_format": {"type": "json_schema", "json_schema": {"name": "n",)"
-            R"( "schema": {"type": "array", "uniqueItems": true}}})",
-            "", R"(uses \"uniqueItems\", which is not supported)"},
+            R"( "schema": {"not": {"type": "integer"}}}})",
+            "", R"(uses \"not\", which is not supported)"},
            {R"(, "response_format": {"type": "yaml"})", "response_format",
             "must be text, json_object or json_schema"},
            {R"(, "response_format": {"type": "json_object"}, "guided_regex": "a+")", "guided_regex",
