@@ -789,10 +789,17 @@ class SchemaCompiler {
   absl::StatusOr<int32_t> BoundedNumber(const JsonValue& s) {
     ASSIGN_OR_RETURN(const Bounds b, BoundsOf(s));
     if (!b.lo.has_value() && !b.hi.has_value()) return Number();
+    // A numeral within a rounding of an exclusive bound has at most the bound's whole digits
+    // (one more where it crosses a power of ten): fraction digits past 15 less those could reach
+    // the bound's double. (Inclusive bounds need no cap; numerals far from a bound do not either.)
     int cap = -1;
-    if (b.lo_exclusive || b.hi_exclusive) {
-      const double top = std::max(std::fabs(b.lo.value_or(0)), std::fabs(b.hi.value_or(0)));
-      cap = std::max(0, 15 - static_cast<int>(std::to_string(static_cast<uint64_t>(top)).size()));
+    for (const auto& [x, exclusive] :
+         {std::pair(b.lo, b.lo_exclusive), std::pair(b.hi, b.hi_exclusive)}) {
+      if (!x.has_value() || !exclusive) continue;
+      const int whole = static_cast<int>(
+          std::to_string(static_cast<uint64_t>(std::floor(std::fabs(*x))) + 1).size());
+      const int c = std::max(0, 15 - whole);
+      cap = cap < 0 ? c : std::min(cap, c);
     }
     for (const std::optional<double>& x : {b.lo, b.hi}) {
       if (x.has_value() && DecimalOf(std::fabs(*x), true).fraction.size() > 20) {

@@ -300,6 +300,11 @@ TEST(JsonSchemaTest, NumberBoundsWithLongFractions) {
   ExpectAccepts(Must(R"({"type": "number", "minimum": 0.1, "maximum": 0.30000000000000004})"),
                 {"0.1", "0.2", "0.3", "0.30000000000000004", "0.1000000000000000000001"},
                 {"0.09", "0.3000000000000001", "0.4"});
+  // The cap follows the exclusive bound: a large inclusive one beside it takes nothing away.
+  ExpectAccepts(
+      Must(R"({"type": "number", "exclusiveMinimum": 0.001, "maximum": 100000000000000})"),
+      {"0.0011", "0.00100000000001", "99999999999999.5", "100000000000000"},
+      {"0.001", "0.000999", "0.001000000000000001"});
   ExpectAccepts(Must(R"({"type": "number", "exclusiveMaximum": -0.5})"), {"-0.51", "-1", "-1000.5"},
                 {"-0.5", "-0.50", "-0.4", "0", "-0"});
 }
