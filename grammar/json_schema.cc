@@ -1,5 +1,6 @@
 #include "grammar/json_schema.h"
 
+#include <algorithm>
 #include <bit>
 #include <charconv>
 #include <cmath>
@@ -523,6 +524,13 @@ class SchemaCompiler {
     if (!m.has_value()) return 1;
     ASSIGN_OR_RETURN(const double k, m->AsDouble());
     if (!(k > 0)) return m->Error("must be greater than 0");
+    // Written as 3.0 or 3e0 it is a float to Python's jsonschema, which then divides integers past
+    // 2^53 inexactly: refused rather than followed differently.
+    if (simdjson::minify(m->raw()).find_first_of(".eE") != std::string::npos &&
+        k == std::floor(k)) {
+      return s.Error(
+          "has \"multipleOf\" written with a point or an exponent; write it as an integer");
+    }
     if (k != std::floor(k) || k > 1e9) {
       return s.Error(
           "has \"multipleOf\" that is not a whole number up to 1e9, which is not supported");
@@ -533,7 +541,27 @@ class SchemaCompiler {
   // Positive multiples of k (k <= kMaxMultipleStates), digit by digit: a rule per remainder mod k,
   // the numeral ending where the remainder is 0.
   static constexpr uint64_t kMaxMultipleStates = 10000;
+  // The strings words[begin, end) (sorted, distinct, sharing their first `depth` bytes) from byte
+  // `depth` on, as a deterministic rule: a branch per next byte, and the end where a string ends.
+  int32_t TrieOf(const std::vector<std::string>& words, size_t begin, size_t end, size_t depth) {
+    std::vector<Seq> alts;
+    size_t i = begin;
+    if (i < end && words[i].size() == depth) {
+      alts.push_back({});
+      ++i;
+    }
+    while (i < end) {
+      const char c = words[i][depth];
+      size_t j = i;
+      while (j < end && words[j][depth] == c) ++j;
+      alts.push_back({b_.Byte(static_cast<uint8_t>(c)), TrieOf(words, i, j, depth + 1)});
+      i = j;
+    }
+    return b_.Choice("numerals", std::move(alts));
+  }
+
   int32_t PositiveMultiples(uint64_t k) {
+    if (auto it = multiples_.find(k); it != multiples_.end()) return it->second;
     std::vector<int32_t> rules(k);
     for (uint64_t r = 0; r < k; ++r) rules[r] = b_.NewRule(absl::StrCat("mod ", k, " = ", r));
     for (uint64_t r = 0; r < k; ++r) {
@@ -547,7 +575,9 @@ class SchemaCompiler {
     for (uint64_t d = 1; d < 10; ++d) {
       first.push_back({b_.Byte(static_cast<uint8_t>('0' + d)), b_.Ref(rules[d % k])});
     }
-    return b_.Choice(absl::StrCat("multiple of ", k), std::move(first));
+    const int32_t multiples = b_.Choice(absl::StrCat("multiple of ", k), std::move(first));
+    multiples_[k] = multiples;
+    return multiples;
   }
 
   // The multiples of k whose magnitudes lie in [a, b] (no b: no upper bound), as numerals after
@@ -564,11 +594,13 @@ class SchemaCompiler {
         return s.Error(absl::StrCat("has \"multipleOf\" with bounds that take in more than ",
                                     kMaxListedMultiples, " multiples, which is not supported"));
       }
-      for (uint64_t q = first; q <= last; ++q) {
-        Seq alt = prefix;
-        for (int32_t e : b_.Literal(std::to_string(q * k))) alt.push_back(e);
-        alts->push_back(std::move(alt));
-      }
+      // As a trie of their numerals: one reading at a time, however many there are.
+      std::vector<std::string> numerals;
+      for (uint64_t q = first; q <= last; ++q) numerals.push_back(std::to_string(q * k));
+      std::sort(numerals.begin(), numerals.end());
+      Seq alt = prefix;
+      alt.push_back(TrieOf(numerals, 0, numerals.size(), 0));
+      alts->push_back(std::move(alt));
       return absl::OkStatus();
     }
     if (first > 1) {
@@ -631,11 +663,13 @@ class SchemaCompiler {
     std::string fraction;
     bool closed = true;  // the bound itself is allowed
   };
+  // (For 0 <= magnitude <= 1e15 with no more than 20 digits after the point: BoundedNumber checks
+  // first.)
   static Decimal DecimalOf(double magnitude, bool closed) {
     char buf[64];
     const std::to_chars_result r =
         std::to_chars(buf, buf + sizeof(buf), magnitude, std::chars_format::fixed);
-    std::string text(buf, r.ptr);
+    std::string text = r.ec == std::errc() ? std::string(buf, r.ptr) : std::string("0");
     Decimal d;
     d.closed = closed;
     const size_t dot = text.find('.');
@@ -802,7 +836,10 @@ class SchemaCompiler {
       cap = cap < 0 ? c : std::min(cap, c);
     }
     for (const std::optional<double>& x : {b.lo, b.hi}) {
-      if (x.has_value() && DecimalOf(std::fabs(*x), true).fraction.size() > 20) {
+      // (A magnitude under 1e-20 other than zero has more than 20 such digits; checked before its
+      // decimal is written out, which could take hundreds of characters.)
+      if (x.has_value() && ((*x != 0 && std::fabs(*x) < 1e-20) ||
+                            DecimalOf(std::fabs(*x), true).fraction.size() > 20)) {
         return s.Error(
             "has a bound with more than 20 digits after the point, which is not "
             "supported");
@@ -1116,6 +1153,7 @@ class SchemaCompiler {
   JsonValue root_;
   std::vector<JsonValue> resources_;  // the schemas with an "$id" being compiled, innermost last
   GrammarBuilder b_;
+  absl::flat_hash_map<uint64_t, int32_t> multiples_;  // PositiveMultiples by k
   const int max_whitespace_;
   int32_t ws_ = -1;
   int32_t string_ = -1;

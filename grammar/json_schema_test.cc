@@ -279,6 +279,10 @@ TEST(JsonSchemaTest, MultipleOfAdmitsExactlyTheMultiples) {
       const bool want = v >= lo && v <= hi && v % k == 0;
       ASSERT_EQ(GrammarAccepts(*g, std::to_string(v)), want) << v;
     }
+    // One reading at a time, listed or not (a choice of hundreds of numerals would overload the
+    // matcher).
+    GrammarMatcher m(*g);
+    EXPECT_LE(m.state().num_stacks(), 24);  // about one per first byte
     // Far past the listed range.
     EXPECT_EQ(GrammarAccepts(*g, std::to_string(987654 * k)), hi > 3000);
     EXPECT_FALSE(GrammarAccepts(*g, std::to_string(987654 * k + (k > 1 ? 1 : 0)) + ".5"));
@@ -340,6 +344,10 @@ TEST(JsonSchemaTest, ErrorsNameTheKeywordAndWhere) {
                    "items": {"type": "string", "enum": ["a", 1]}})",
                 "not a string"},
            Case{R"({"type": "number", "multipleOf": 0.01})", "not a whole number up to 1e9"},
+           Case{R"({"type": "integer", "multipleOf": 3.0})", "write it as an integer"},
+           Case{R"({"type": "number", "minimum": 1e-70})", "more than 20 digits"},
+           Case{R"({"type": "number", "exclusiveMaximum": 1.2345678901234567e-48})",
+                "more than 20 digits"},
            Case{R"({"type": "integer", "multipleOf": 0})", "must be greater than 0"},
            Case{R"({"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100000})",
                 "more than 4096 multiples"},

@@ -22,9 +22,9 @@ bool Contains(const std::vector<int32_t>& v, int32_t x) {
 }
 
 // Under a grammar in state `matcher`: the text it forces from here (while exactly one byte may
-// follow and the text is not yet complete), as the tokens `tokenize` makes of it, less the last
-// (which the text after it may well join), or without `tokenize` split greedily into the longest
-// tokens of `vocab`; up to `limit` tokens, appended to `draft`.
+// follow and the text is not yet complete), as the tokens `tokenize` makes of it (those that spell
+// it from its start), or without `tokenize` split greedily into the longest tokens of `vocab`;
+// less the last token unless the text ends the output; up to `limit` tokens, appended to `draft`.
 void ForcedDraft(const GrammarMatcher& matcher, const TokenTrie& vocab,
                  const std::function<std::vector<int32_t>(absl::string_view)>& tokenize,
                  int64_t limit, std::vector<int32_t>* draft) {
@@ -43,25 +43,32 @@ void ForcedDraft(const GrammarMatcher& matcher, const TokenTrie& vocab,
     forced.push_back(c);
   }
   if (forced.empty()) return;
+  std::vector<int32_t> tokens;
   if (tokenize) {
-    std::vector<int32_t> tokens = tokenize(forced);
-    if (!m.CanContinue()) {
-      // The forced text ends the output: every token of it.
-    } else if (!tokens.empty()) {
-      tokens.pop_back();
+    // Only the tokens that spell the forced text from its start (a tokenizer that puts a space
+    // or "▁" before a text spells something else).
+    size_t at = 0;
+    for (int32_t t : tokenize(forced)) {
+      const absl::string_view bytes =
+          t >= 0 && t < vocab.vocab_size() ? absl::string_view(vocab.bytes(t)) : "";
+      if (bytes.empty() || absl::string_view(forced).substr(at, bytes.size()) != bytes) break;
+      tokens.push_back(t);
+      at += bytes.size();
     }
-    if (static_cast<int64_t>(tokens.size()) > limit) tokens.resize(limit);
-    draft->insert(draft->end(), tokens.begin(), tokens.end());
-    return;
+  } else {
+    for (size_t at = 0; at < forced.size();) {
+      size_t length = 0;
+      const int32_t t = vocab.LongestPrefix(absl::string_view(forced).substr(at), &length);
+      if (t < 0) break;
+      tokens.push_back(t);
+      at += length;
+    }
   }
-  const int64_t first = static_cast<int64_t>(draft->size());
-  for (size_t at = 0; at < forced.size() && static_cast<int64_t>(draft->size()) - first < limit;) {
-    size_t length = 0;
-    const int32_t t = vocab.LongestPrefix(absl::string_view(forced).substr(at), &length);
-    if (t < 0) break;
-    draft->push_back(t);
-    at += length;
-  }
+  // Unless the forced text ends the output, its last token is left out: the free text after it
+  // may join it.
+  if (m.CanContinue() && !tokens.empty()) tokens.pop_back();
+  if (static_cast<int64_t>(tokens.size()) > limit) tokens.resize(limit);
+  draft->insert(draft->end(), tokens.begin(), tokens.end());
 }
 
 // Token `t`'s bytes for a grammar (empty for special tokens and ids past the tokenizer's).

@@ -57,19 +57,22 @@ int64_t NgramIndex::Draft(absl::Span<const int32_t> tokens, int min_n, int max_n
                           std::vector<int32_t>* draft) {
   const int64_t len = static_cast<int64_t>(tokens.size());
   // Every token but the last is indexed: the last one's earlier positions are the candidates.
-  for (; static_cast<int64_t>(indexed_) + 1 < len; ++indexed_) {
-    positions_[tokens[indexed_]].push_back(static_cast<int32_t>(indexed_));
+  while (static_cast<int64_t>(previous_.size()) + 1 < len) {
+    const int32_t at = static_cast<int32_t>(previous_.size());
+    auto [it, fresh] = latest_.try_emplace(tokens[at], at);
+    previous_.push_back(fresh ? -1 : it->second);
+    it->second = at;
   }
   if (min_n < 1 || max_n < min_n || max_draft < 1 || len < int64_t{min_n} + 1) return 0;
-  const auto it = positions_.find(tokens[len - 1]);
-  if (it == positions_.end()) return 0;
+  const auto it = latest_.find(tokens[len - 1]);
+  if (it == latest_.end()) return 0;
   int64_t best_end = -1;
   int best_n = 0;
-  for (auto p = it->second.rbegin(); p != it->second.rend(); ++p) {
-    const int n = MatchLength(tokens, *p, max_n);
+  for (int32_t p = it->second; p >= 0; p = previous_[p]) {
+    const int n = MatchLength(tokens, p, max_n);
     if (n > best_n) {
       best_n = n;
-      best_end = *p;
+      best_end = p;
       if (n == max_n) break;
     }
   }
