@@ -868,7 +868,13 @@ class SchemaCompiler {
         RETURN_IF_ERROR(UnsignedIn(from, to, cap, {b_.Byte('-')}, &alts));
       }
     }
-    if (alts.empty()) return s.Error("has no number between its bounds");
+    if (alts.empty()) {
+      const bool apart = b.lo.has_value() && b.hi.has_value() && *b.lo < *b.hi;
+      return s.Error(apart && cap >= 0
+                         ? "has bounds too close together for a number between them of at most "
+                           "15 significant digits (which a double tells apart from the bounds)"
+                         : "has no number between its bounds");
+    }
     return b_.Choice("number", std::move(alts));
   }
 
