@@ -22,9 +22,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -35,6 +33,7 @@
 #include "bench/stats.h"
 #include "common/init.h"
 #include "common/log.h"
+#include "common/mapped_file.h"
 #include "tokenizer/tokenizer.h"
 #include "worker/comm/collectives.h"
 #include "worker/engine/engine.h"
@@ -59,11 +58,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 std::string ReadFile(const std::string& path) {
-  std::ifstream f(path);
-  CHECK(f.good()) << "cannot read " << path;
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  CHECK_OK(text.status());
+  return *std::move(text);
 }
 
 std::vector<int> ParseInts(const std::string& s) {

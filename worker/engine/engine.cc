@@ -837,12 +837,14 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   std::vector<Chunk> plan;
   int64_t budget = config_.max_batch_tokens;
   // Speculative decoding, while few sequences decode.
-  int64_t decoding = 0;
-  for (const auto& s : running_) {
-    if (static_cast<int64_t>(s->tokens.size()) - s->num_computed == 1) ++decoding;
+  bool speculate = config_.num_speculative_tokens > 0;
+  if (speculate) {
+    int64_t decoding = 0;
+    for (const auto& s : running_) {
+      if (static_cast<int64_t>(s->tokens.size()) - s->num_computed == 1) ++decoding;
+    }
+    speculate = decoding <= config_.speculative_max_batch;
   }
-  const bool speculate =
-      config_.num_speculative_tokens > 0 && decoding <= config_.speculative_max_batch;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i].get();
     const int64_t n =
@@ -931,9 +933,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     }
     int64_t room = budget;
     if (gpu_ != nullptr) {
-      room = std::min<int64_t>(room,
-                               std::min(config_.max_running_sequences, config_.max_batch_tokens) -
-                                   static_cast<int64_t>(plan.size()));
+      room = std::min<int64_t>(room, GpuSampledRows() - static_cast<int64_t>(plan.size()));
     } else if (planned <= kMatMulCpuGemvMaxRows) {
       room = std::min<int64_t>(room, kMatMulCpuGemvMaxRows - planned);
     }
@@ -1033,9 +1033,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   // the others never leave the GPU. The GPU sampler takes up to max_running_sequences rows
   // (GpuRunnerOptions::max_seqs): a step with more (drafts' rows) samples on the host. Prompt
   // log-probabilities send the whole step to the host.
-  bool sampled_on_gpu = gpu_ != nullptr && !uses.empty() &&
-                        static_cast<int64_t>(uses.size()) <=
-                            std::min(config_.max_running_sequences, config_.max_batch_tokens);
+  bool sampled_on_gpu =
+      gpu_ != nullptr && !uses.empty() && static_cast<int64_t>(uses.size()) <= GpuSampledRows();
   for (size_t u = 0; sampled_on_gpu && u < uses.size(); ++u) {
     const Sequence* s = plan[uses[u].chunk].seq;
     sampled_on_gpu = uses[u].position + 1 >= s->prompt_len &&

@@ -430,6 +430,11 @@ class Engine {
   // runner's own, or, on the GPU, compute_threads of the engine's.
   std::unique_ptr<ThreadPool> host_pool_;
   ThreadPool* HostPool() const { return runner_ != nullptr ? runner_->pool() : host_pool_.get(); }
+  // The most rows the GPU runner samples in a step (GpuRunnerOptions::max_seqs as Create sets it,
+  // which the runner clamps to max_batch_tokens).
+  int64_t GpuSampledRows() const {
+    return std::min(config_.max_running_sequences, config_.max_batch_tokens);
+  }
   BlockManager blocks_;
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<KvStore> store_;

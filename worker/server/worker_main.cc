@@ -426,7 +426,8 @@ int Main(const std::vector<std::string>& args) {
     absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromModelDir(dir);
     if (tokenizer.ok()) {
       ec.vocabulary = TokenTrieOf(**tokenizer);
-      // Speculative decoding drafts the text a grammar forces as the tokenizer's tokens.
+      // Speculative decoding drafts the text a grammar forces as the tokenizer's tokens (a text it
+      // cannot encode gets no draft: drafts are guesses, the output does not depend on them).
       std::shared_ptr<const Tokenizer> shared = std::move(*tokenizer);
       ec.tokenize = [shared](absl::string_view text) {
         absl::StatusOr<std::vector<int32_t>> ids = shared->Encode(text, false);
