@@ -64,3 +64,6 @@ if command -v npm >/dev/null && node -e 'process.exit(parseInt(process.versions.
     echo "setup: could not install the Kubernetes schemas (npm ci in $schema_dir); k8s_test skips that check" >&2
   fi
 fi
+
+# Bazel never trims its disk cache; keep it (and the disk under it) within bounds.
+"$(dirname "$0")/prune_disk_cache.sh"
