@@ -2,7 +2,7 @@
 //
 //   bazel run -c opt //bench:delta_bench -- [--models=bundled,llama-100m] [--tenants=0,1,4,16,32]
 //       [--batch=32] [--prompt_tokens=128] [--decode_steps=16] [--reps=3] [--threads=0]
-//       [--bits=4] [--sparsity=none] [--json_out=FILE]
+//       [--bits=4] [--sparsity=none] [--kind=delta|lora] [--lora_rank=16] [--json_out=FILE]
 //
 // For each model and tenant count T, a batch of `batch` sequences, sequence i running fine-tune
 // i mod T (T = 0: every sequence on the base), is prefilled (prompt_tokens each, one step) and then
@@ -34,6 +34,7 @@
 #include "worker/comm/collectives.h"
 #include "worker/model/config.h"
 #include "worker/model/delta.h"
+#include "worker/model/lora.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
 
@@ -48,6 +49,10 @@ ABSL_FLAG(int, threads, 0, "Compute threads (0: all cores).");
 ABSL_FLAG(int, bits, 4, "Delta bits (2, 4, 8).");
 ABSL_FLAG(std::string, sparsity, "none", "Delta sparsity: none or 2:4.");
 ABSL_FLAG(std::string, json_out, "", "Also write the results as JSON lines here.");
+ABSL_FLAG(std::string, kind, "delta",
+          "delta: compressed deltas; lora: LoRA adapters (bundled: the committed "
+          "lora-c-headers, rank 16; llama-100m: random ones of --lora_rank on every projection).");
+ABSL_FLAG(int, lora_rank, 16, "The random LoRA adapters' rank (--kind=lora, llama-100m).");
 
 namespace strata {
 namespace {
@@ -115,10 +120,11 @@ void Report(std::FILE* json, const std::string& model, int tenants, const Result
                  "{\"bench\":\"delta\",\"model\":\"%s\",\"tenants\":%d,\"batch\":%d,"
                  "\"prefill_tokens_per_s\":%.1f,\"prefill_vs_base\":%.4f,"
                  "\"decode_tokens_per_s\":%.2f,\"decode_vs_base\":%.4f,\"bits\":%d,"
-                 "\"sparsity\":\"%s\"}\n",
+                 "\"sparsity\":\"%s\",\"kind\":\"%s\"}\n",
                  model.c_str(), tenants, absl::GetFlag(FLAGS_batch), r.prefill_tps,
                  r.prefill_tps / base.prefill_tps, r.decode_tps, r.decode_tps / base.decode_tps,
-                 absl::GetFlag(FLAGS_bits), absl::GetFlag(FLAGS_sparsity).c_str());
+                 absl::GetFlag(FLAGS_bits), absl::GetFlag(FLAGS_sparsity).c_str(),
+                 absl::GetFlag(FLAGS_kind).c_str());
   }
 }
 
@@ -132,14 +138,18 @@ int Main() {
   }
   const int bits = absl::GetFlag(FLAGS_bits);
   const bool sparse = absl::GetFlag(FLAGS_sparsity) == "2:4";
+  const bool lora = absl::GetFlag(FLAGS_kind) == "lora";
+  CHECK(lora || absl::GetFlag(FLAGS_kind) == "delta") << "--kind must be delta or lora";
   std::FILE* json = nullptr;
   if (!absl::GetFlag(FLAGS_json_out).empty()) {
     json = std::fopen(absl::GetFlag(FLAGS_json_out).c_str(), "a");
     CHECK(json != nullptr) << "cannot open --json_out";
   }
-  std::printf("batch %d, prompt %d tokens, %d decode steps, delta %d-bit %s, median of %d\n",
+  std::printf("batch %d, prompt %d tokens, %d decode steps, %s, median of %d\n",
               absl::GetFlag(FLAGS_batch), absl::GetFlag(FLAGS_prompt_tokens),
-              absl::GetFlag(FLAGS_decode_steps), bits, sparse ? "2:4" : "dense",
+              absl::GetFlag(FLAGS_decode_steps),
+              lora ? "LoRA adapters"
+                   : absl::StrFormat("delta %d-bit %s", bits, sparse ? "2:4" : "dense").c_str(),
               absl::GetFlag(FLAGS_reps));
   std::printf("%-12s %8s %14s %8s %14s %8s\n", "model", "tenants", "prefill tok/s", "vs base",
               "decode tok/s", "vs base");
@@ -158,7 +168,9 @@ int Main() {
       weights = *std::move(w);
       const std::string fingerprint = BaseFingerprint(*weights->files);
       std::vector<std::string> files;
+      if (lora) files = {dir + "/lora-c-headers"};
       for (const char* ft : {"ft-c-headers", "ft-man"}) {
+        if (lora) break;
         const std::string out =
             absl::StrFormat("/tmp/delta_bench_%s_%d%s.safetensors", ft, bits, sparse ? "_24" : "");
         DeltaCompressOptions o;
@@ -176,23 +188,27 @@ int Main() {
       for (int t = 0; t < most; ++t) {
         const auto a = Clock::now();
         absl::StatusOr<std::unique_ptr<DeltaWeights>> d =
-            LoadDelta(files[t % 2], *weights, fingerprint);
+            LoadFineTune(files[t % files.size()], *weights, fingerprint);
         load_ms.push_back(Seconds(a, Clock::now()) * 1e3);
         CHECK_OK(d.status());
         owned.push_back(*std::move(d));
         pool.push_back(owned.back().get());
       }
       if (!load_ms.empty()) {
-        std::printf("loading a delta file (read, checksum, copy): median %.2f ms\n",
-                    Median(load_ms));
+        std::printf("loading a %s (read, check, copy): median %.2f ms, %.2f MB in memory\n",
+                    lora ? "LoRA adapter" : "delta file", Median(load_ms),
+                    owned[0]->resident_bytes / 1e6);
       }
     } else if (model == "llama-100m") {
       weights = RandomModelWeights(Llama100mConfig(), DType::kBF16, 7);
-      owned.push_back(RandomDeltaWeights(weights->config, bits, sparse, 3));
-      std::printf("llama-100m: %.1f MB synthesized delta\n", owned[0]->resident_bytes / 1e6);
+      owned.push_back(lora ? RandomLoraWeights(weights->config, absl::GetFlag(FLAGS_lora_rank), 3)
+                           : RandomDeltaWeights(weights->config, bits, sparse, 3));
+      std::printf("llama-100m: %.1f MB synthesized %s\n", owned[0]->resident_bytes / 1e6,
+                  lora ? "LoRA adapter" : "delta");
       for (int t = 0; t < most; ++t) {
         // A shallow copy: its own object (its own segment in a batch), the same packed bytes.
         auto view = std::make_unique<DeltaWeights>();
+        view->lora = owned[0]->lora;
         view->bits = owned[0]->bits;
         view->sparse_2_4 = owned[0]->sparse_2_4;
         view->embed = owned[0]->embed;

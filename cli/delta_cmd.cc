@@ -1,6 +1,7 @@
 #include "cli/delta_cmd.h"
 
 #include <chrono>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,7 @@
 #include "worker/model/config.h"
 #include "worker/model/delta.h"
 #include "worker/model/delta_calibration.h"
+#include "worker/model/lora.h"
 #include "worker/model/weights.h"
 
 namespace strata {
@@ -112,11 +114,48 @@ absl::Status DeltaCompressCommand(const Args& args, std::FILE* out) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// delta inspect of a LoRA adapter's directory: its shapes are checked against --base.
+absl::Status LoraInspect(const std::string& path, const Args& args, std::FILE* out) {
+  std::optional<std::string> base_dir = args.Get("base");
+  if (!base_dir.has_value()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, " is a LoRA adapter: give --base DIR, the model it adapts"));
+  }
+  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(*base_dir));
+  ASSIGN_OR_RETURN(LoraAdapterInfo info, ReadLoraAdapterInfo(path, config));
+  ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> base, LoadModelWeights(*base_dir, config, 0, 1));
+  ASSIGN_OR_RETURN(std::unique_ptr<DeltaWeights> d, LoadLoraAdapter(path, *base));
+  if (args.Has("json")) {
+    std::fprintf(out,
+                 "{\"path\":%s,\"kind\":\"lora\",\"base_model\":%s,\"modules\":%lld,"
+                 "\"max_rank\":%lld,\"revision\":\"%s\",\"resident_bytes\":%lld}\n",
+                 JsonQuote(path).c_str(), JsonQuote(info.base_model_name_or_path).c_str(),
+                 static_cast<long long>(info.num_modules), static_cast<long long>(info.max_rank),
+                 info.revision.c_str(), static_cast<long long>(d->resident_bytes));
+    return absl::OkStatus();
+  }
+  std::fprintf(
+      out,
+      "%s\n  kind              LoRA adapter (PEFT)\n  base model        %s\n  modules    "
+      "       %lld adapted projections, rank up to %lld\n  revision          %s\n  "
+      "in memory         %.2f MB (f32)\n  loads             yes, over %s\n",
+      path.c_str(),
+      info.base_model_name_or_path.empty() ? "(not named)" : info.base_model_name_or_path.c_str(),
+      static_cast<long long>(info.num_modules), static_cast<long long>(info.max_rank),
+      info.revision.c_str(), d->resident_bytes / 1e6, base_dir->c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status DeltaInspectCommand(const Args& args, std::FILE* out) {
   if (args.positional().size() != 1) {
     return absl::InvalidArgumentError("delta inspect takes one delta file");
   }
   const std::string path = args.positional()[0];
+  if (IsLoraAdapter(path)) return LoraInspect(path, args, out);
   ASSIGN_OR_RETURN(DeltaFileInfo info, ReadDeltaFileInfo(path));
   std::string loads = "not checked (give --base DIR)";
   int64_t resident = 0;

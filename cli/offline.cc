@@ -21,6 +21,7 @@
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 #include "worker/model/delta.h"
+#include "worker/model/lora.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
 
@@ -131,7 +132,8 @@ absl::Status RunCommand(const Args& args, std::FILE* out) {
   EngineConfig ec;
   ec.model_name = m.config.architecture_name;
   if (std::optional<std::string> delta = args.Get("delta")) {
-    // The fine-tune in this delta file, served over the base as a worker serves it.
+    // The fine-tune in this delta file (or LoRA adapter directory), served over the base as a
+    // worker serves it.
     ec.fine_tunes = {{"local", *delta}};
     o.fine_tune_id = "local";
   }
@@ -254,7 +256,8 @@ absl::Status EvalPplCommand(const Args& args, std::FILE* out) {
 
   std::unique_ptr<DeltaWeights> delta;
   if (std::optional<std::string> delta_path = args.Get("delta")) {
-    ASSIGN_OR_RETURN(delta, LoadDelta(*delta_path, *m.weights, BaseFingerprint(*m.weights->files)));
+    ASSIGN_OR_RETURN(delta,
+                     LoadFineTune(*delta_path, *m.weights, BaseFingerprint(*m.weights->files)));
   }
   const DeltaWeights* seq_deltas[] = {delta.get()};
   SingleRankCollectives comm;

@@ -3,13 +3,13 @@
 //   stratactl run --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [--temperature
 //   T]
 //       [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]... [--logprobs K]
-//       [--prompt-logprobs K] [--ignore-eos] [--threads N] [--delta FILE] [--json]
+//       [--prompt-logprobs K] [--ignore-eos] [--threads N] [--delta FILE|DIR] [--json]
 //   stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]
-//   stratactl eval ppl --model DIR [--delta FILE] --text FILE [--context N] [--threads N] [--json]
-//   stratactl delta compress --base DIR --fine-tune DIR --out FILE [--bits 2|4|8]
+//   stratactl eval ppl --model DIR [--delta FILE|DIR] --text FILE [--context N] [--threads N]
+//   [--json] stratactl delta compress --base DIR --fine-tune DIR --out FILE [--bits 2|4|8]
 //       [--sparsity 2:4|none] [--base-name NAME] [--threads N] [--calibration TEXT_FILE
 //       [--calibration-tokens N] [--calibration-context N]] [--json]
-//   stratactl delta inspect FILE [--base DIR] [--json]
+//   stratactl delta inspect FILE|LORA_DIR [--base DIR] [--json]
 //   stratactl generate [--coordinator ADDR] [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3)
 //       [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //       [--stop STR]... [--ignore-eos] [--logprobs K] [--cache-salt S] [--fine-tune ID]
@@ -42,16 +42,17 @@ constexpr char kUsage[] =
     "usage:\n"
     "  stratactl run --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"
-    "      [--logprobs K] [--prompt-logprobs K] [--ignore-eos] [--threads N] [--delta FILE]\n"
+    "      [--logprobs K] [--prompt-logprobs K] [--ignore-eos] [--threads N] [--delta FILE|DIR]\n"
     "      [--json]\n"
     "  stratactl tokenize --model DIR (--text TEXT | --file F) [--add-special-tokens] [--json]\n"
-    "  stratactl eval ppl --model DIR [--delta FILE] --text FILE [--context N] [--threads N]\n"
+    "  stratactl eval ppl --model DIR [--delta FILE|DIR] --text FILE [--context N] [--threads N]\n"
     "      [--json]\n"
     "fine-tune deltas (docs/FINE_TUNES.md):\n"
     "  stratactl delta compress --base DIR --fine-tune DIR --out FILE [--bits 2|4|8]\n"
     "      [--sparsity 2:4|none] [--base-name NAME] [--threads N] [--calibration TEXT_FILE\n"
     "      [--calibration-tokens N] [--calibration-context N]] [--json]\n"
-    "  stratactl delta inspect FILE [--base DIR] [--json]\n"
+    "  stratactl delta inspect FILE|LORA_DIR [--base DIR] [--json]\n"
+    "  (--delta takes a delta file or a PEFT LoRA adapter directory)\n"
     "cluster (a running coordinator: --coordinator ADDR, $STRATA_COORDINATOR, 127.0.0.1:50051):\n"
     "  stratactl generate [--model NAME] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]\n"
     "      [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...\n"

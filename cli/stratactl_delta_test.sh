@@ -63,6 +63,20 @@ tuned="$(gen --model $m/base --delta $tmp/c8.delta.safetensors)"
 [ "$tuned" = "$(gen --model $m/ft-c-headers)" ] || fail "run --delta: $tuned"
 [ "$tuned" != "$(gen --model $m/base)" ] || fail "run --delta gave the base's text: $tuned"
 
+# The bundled LoRA adapter (PEFT's format) goes wherever a delta file does: inspect, eval, run.
+lora=$m/lora-c-headers
+info="$($bin delta inspect $lora --base $m/base)"
+echo "$info" | grep -q "kind  *LoRA adapter (PEFT)" || fail "inspect lora: $info"
+echo "$info" | grep -q "28 adapted projections, rank up to 16" || fail "inspect lora: $info"
+lora_ppl="$(ppl --model $m/base --delta $lora)"
+python3 - "$base" "$lora_ppl" <<'PY'
+import sys
+base, lora = map(float, sys.argv[1:])
+assert lora < base / 2.5, (base, lora)
+PY
+lora_text="$(gen --model $m/base --delta $lora)"
+[ "$lora_text" != "$(gen --model $m/base)" ] || fail "run --delta LoRA gave the base's text"
+
 # Errors: a usage error exits 2; a delta over the wrong base exits 1 and says so.
 set +e
 msg="$($bin delta compress --base $m/base --fine-tune $m/ft-man --out $tmp/x --bits 3 2>&1)"; rc=$?
@@ -79,4 +93,8 @@ msg="$($bin run --model $m/ft-man --delta $tmp/c.delta.safetensors --prompt x 2>
 [ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "run wrong base: $rc $msg"
 msg="$($bin delta inspect $m/base/model.safetensors 2>&1)"; rc=$?
 [ $rc = 2 ] && echo "$msg" | grep -q 'metadata field format' || fail "not a delta: $rc $msg"
+msg="$($bin delta inspect $lora 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q 'give --base DIR' || fail "lora without base: $rc $msg"
+msg="$($bin delta inspect $lora --base worker/model/testdata/qwen3_f32 2>&1)"; rc=$?
+[ $rc = 2 ] && echo "$msg" | grep -q 'outside the base' || fail "lora over another shape: $rc $msg"
 echo PASS

@@ -22,6 +22,16 @@ std::string TempDir() {
   return dir == nullptr ? "/tmp" : dir;
 }
 
+// The text of a completion response's one choice; "<...>" saying what is wrong otherwise.
+std::string OnlyChoiceText(const std::string& body) {
+  absl::StatusOr<JsonDocument> d = JsonDocument::Parse(body, "response");
+  if (!d.ok()) return absl::StrCat("<", d.status().message(), ">");
+  const absl::StatusOr<std::vector<JsonValue>> choices =
+      d->root().Field("choices").value_or(d->root()).AsArray();
+  if (!choices.ok() || choices->size() != 1) return "<not one choice>";
+  return std::string((*choices)[0].StringField("text").value_or("<no text>"));
+}
+
 class FineTuneTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -34,6 +44,13 @@ class FineTuneTest : public ::testing::Test {
           CompressDelta(kTinyModelDir, absl::StrCat("models/strata-tiny/", dir),
                         absl::StrCat(root, "/1/", id, ".delta.safetensors"), {});
       ASSERT_TRUE(r.ok()) << r.status();
+    }
+    // And a LoRA adapter, as a directory in PEFT's format.
+    std::filesystem::create_directories(root + "/1/lora-c");
+    for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
+      std::filesystem::copy_file(absl::StrCat("models/strata-tiny/lora-c-headers/", file),
+                                 absl::StrCat(root, "/1/lora-c/", file),
+                                 std::filesystem::copy_options::overwrite_existing);
     }
     LocalClusterOptions o;
     o.num_workers = 2;
@@ -78,7 +95,34 @@ TEST_F(FineTuneTest, ListModelsNamesTheFineTunes) {
   ASSERT_EQ(models.models_size(), 1);
   EXPECT_EQ(std::vector<std::string>(models.models(0).fine_tune_ids().begin(),
                                      models.models(0).fine_tune_ids().end()),
-            (std::vector<std::string>{"c-headers", "man"}));
+            (std::vector<std::string>{"c-headers", "lora-c", "man"}));
+}
+
+// A LoRA adapter is served like a delta: routed to its worker, in its own cache namespace (the
+// worker's revision of the adapter, which the coordinator's routing hashes with), by name over
+// HTTP too.
+TEST_F(FineTuneTest, LoraAdaptersServeLikeDeltas) {
+  const uint64_t before0 = Routed(0), before1 = Routed(1);
+  const std::string prompt = std::string(200, 'x') + "#include <stdio.h>\n#include <";
+  Generated lora = Generate(cluster_->serving(), Greedy(prompt, "lora-c"));
+  ASSERT_TRUE(lora.status.ok()) << lora.status.error_message();
+  EXPECT_EQ(lora.tokens.size(), 24u);
+  Generated again = Generate(cluster_->serving(), Greedy(prompt, "lora-c"));
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_EQ(again.tokens, lora.tokens);
+  EXPECT_GT(again.chunks.back().usage().cached().num_device_tokens(), 0u);
+  EXPECT_EQ(Routed(0), before0);
+  EXPECT_EQ(Routed(1), before1 + 2);
+  Generated base = Generate(cluster_->serving(), Greedy(prompt, ""));
+  ASSERT_TRUE(base.status.ok());
+  EXPECT_NE(base.tokens, lora.tokens);
+
+  const HttpReply r = Http(http_port_, "POST", "/v1/completions",
+                           absl::StrCat(R"({"model": "lora-c", "prompt": )", JsonQuote(prompt),
+                                        R"(, "max_tokens": 24, "temperature": 0, )"
+                                        R"("ignore_eos": true})"));
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(OnlyChoiceText(r.body), lora.text) << r.body;
 }
 
 TEST_F(FineTuneTest, FineTuneRequestsGoToTheWorkerThatServesThem) {
@@ -133,12 +177,7 @@ TEST_F(FineTuneTest, TheHttpApiServesFineTunesByName) {
                           R"(, "prompt": "The manual page says", "max_tokens": 24, "seed": 7, )"
                           R"("temperature": 0, "ignore_eos": true})"));
     ASSERT_EQ(r.status, 200) << r.body;
-    absl::StatusOr<JsonDocument> d = JsonDocument::Parse(r.body, "response");
-    ASSERT_TRUE(d.ok()) << d.status();
-    const absl::StatusOr<std::vector<JsonValue>> choices =
-        d->root().Field("choices").value_or(d->root()).AsArray();
-    ASSERT_TRUE(choices.ok() && choices->size() == 1) << r.body;
-    EXPECT_EQ((*choices)[0].StringField("text").value_or(""), want.text);
+    EXPECT_EQ(OnlyChoiceText(r.body), want.text) << r.body;
   }
   const HttpReply unknown =
       Http(http_port_, "POST", "/v1/completions", R"({"model": "no-such-tune", "prompt": "x"})");

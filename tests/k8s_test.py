@@ -714,6 +714,12 @@ def run_pods(m, rootfs, work):
         if tuned[0]["token_ids"] == plain["token_ids"]:
             fail("fine-tune c-headers generated the base's tokens: %s" % plain["token_ids"])
         print("k8s_test: fine-tune c-headers answers %r" % tuned[0]["text"])
+        # And the image's LoRA adapter, likewise.
+        lora = [generate(coord, "#include <", fine_tune="lora-c-headers") for coord in coordinators]
+        if lora[0]["token_ids"] != lora[1]["token_ids"] or lora[0]["token_ids"] == plain["token_ids"]:
+            fail("LoRA adapter lora-c-headers gave %s and %s (the base: %s)"
+                 % (lora[0]["token_ids"], lora[1]["token_ids"], plain["token_ids"]))
+        print("k8s_test: LoRA adapter lora-c-headers answers %r" % lora[0]["text"])
 
         # The OpenAI-compatible API on each coordinator's "http" port, naming the fine-tune as the
         # model: the same text as through gRPC (same seed), for clients such as curl or openai.
@@ -749,7 +755,8 @@ def run_pods(m, rootfs, work):
                     values[name] = float(value)
             return values
 
-        sent = len(prompts) + 1 + 3 * len(coordinators) + 2 * len(coordinators) + 1
+        # (... + the LoRA adapter's request through each coordinator)
+        sent = len(prompts) + 1 + 3 * len(coordinators) + 2 * len(coordinators) + 1 + len(coordinators)
         ok = sum(scrape(c).get('strata_coordinator_requests_total{code="OK"}', 0) for c in coordinators)
         if ok != sent:
             fail("the coordinators count %s successful requests, the test sent %d" % (ok, sent))
@@ -934,6 +941,8 @@ def main():
            os.path.join(ROOT, "models/strata-tiny/base"), "--fine-tune",
            os.path.join(ROOT, "models/strata-tiny/ft-" + ft), "--out",
            os.path.join(deltas, ft + ".delta.safetensors"), "--json")
+    shutil.copytree(os.path.join(ROOT, "models/strata-tiny/lora-c-headers"),
+                    os.path.join(deltas, "lora-c-headers"))
     sh(py, builder, "--out", archive, "--tag", "strata:test",
        *sum((["--binary", os.path.join(ROOT, p)] for p in BINARIES.values()), []),
        "--model", "strata-tiny=" + os.path.join(ROOT, "models/strata-tiny/base"),

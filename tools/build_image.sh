@@ -42,6 +42,7 @@ for ft in c-headers man; do
     --fine-tune "models/strata-tiny/ft-$ft" --out "$deltas/$ft.delta.safetensors" \
     --base-name strata-tiny --json >/dev/null
 done
+cp -r models/strata-tiny/lora-c-headers "$deltas/lora-c-headers"  # a LoRA adapter, served as-is
 /usr/bin/python3 tools/image/build_image.py --out "$out" --tag "$tag" --revision "$revision" \
   --binary "$bin_dir/worker/server/strata-worker" --binary "$bin_dir/coordinator/strata-coordinator" \
   --binary "$bin_dir/cli/stratactl" --model "strata-tiny=models/strata-tiny/base" \

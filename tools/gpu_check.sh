@@ -8,8 +8,8 @@
 #                                             # with gpu-bundle.tar.xz beside it (or gpu-bundle/)
 #
 # `run` unpacks the bundle, runs the GPU tests and bench/gpu_bench (gpu-bundle/run.sh), a coordinator
-# and a GPU worker serving the bundled model and a fine-tune of it over gRPC (their greedy text must
-# equal the CPU engine's), then bench/torch_baseline.py with the same model shape when python3 has torch and
+# and a GPU worker serving the bundled model, a fine-tune of it and its LoRA adapter over gRPC (their
+# greedy text must equal the CPU engine's), then bench/torch_baseline.py with the same model shape when python3 has torch and
 # transformers, and
 # writes RESULTS_DIR/results.json (everything) next to every log. The table comes last. Environment:
 # STRATA_GPU_TIMEOUT (seconds per binary, default 300), STRATA_TORCH_BUDGET (seconds for the PyTorch
@@ -111,6 +111,8 @@ cluster_check() {
   local cport=50951 wport=50961 prompt='def fibonacci(n):'
   # A fine-tune served as a delta beside the base (4-bit, the default).
   local delta="$PWD/gpu-bundle/tmp/c-headers.delta.safetensors"
+  # And the bundled LoRA adapter (--gpu_lora: that path's first runs are these).
+  local lora="$PWD/models/strata-tiny/lora-c-headers"
   "$b/cli.stratactl" delta compress --base "$model" --fine-tune "$PWD/models/strata-tiny/ft-c-headers" \
     --out "$delta" >"$results/cluster-delta.log" 2>&1
   "$b/coordinator.strata-coordinator" --model="strata-tiny=$model" --workers="127.0.0.1:$wport" \
@@ -119,7 +121,7 @@ cluster_check() {
   "$b/worker.server.strata-worker" --model="$model" --model_name=strata-tiny \
     --listen="127.0.0.1:$wport" --device="$device" --gpu_dtype=f32 --kv_cache_mb=64 --threads=2 \
     --host_cache_mb=16 --disk_cache_mb=32 --disk_cache_path="$PWD/gpu-bundle/tmp/cluster-kv" --write_through \
-    --fine_tunes="c-headers=$delta" \
+    --fine_tunes="c-headers=$delta,lora-c=$lora" --gpu_lora \
     >"$results/cluster-worker.log" 2>&1 &
   local wpid=$!
   local ready=0
@@ -129,7 +131,7 @@ cluster_check() {
     kill -0 "$wpid" 2>/dev/null || break
     sleep 0.1
   done
-  local got="" again="" want="" ft_got="" ft_want="" verdict=FAIL
+  local got="" again="" want="" ft_got="" ft_want="" lora_got="" lora_want="" verdict=FAIL
   if [ $ready = 1 ]; then
     # Twice: the worker keeps the first request's blocks in its host and disk tiers (copied out
     # of the GPU cache) and the second reuses its prefix.
@@ -143,8 +145,13 @@ cluster_check() {
       --max-tokens 32 --temperature 0 --ignore-eos --fine-tune c-headers 2>&1)
     ft_want=$("$b/cli.stratactl" run --model "$model" --delta "$delta" --prompt '#include <stdio.h>' \
       --max-tokens 32 --temperature 0 --ignore-eos --threads 4 2>&1)
+    lora_got=$("$b/cli.stratactl" generate --coordinator "127.0.0.1:$cport" --prompt '#include <stdio.h>' \
+      --max-tokens 32 --temperature 0 --ignore-eos --fine-tune lora-c 2>&1)
+    lora_want=$("$b/cli.stratactl" run --model "$model" --delta "$lora" --prompt '#include <stdio.h>' \
+      --max-tokens 32 --temperature 0 --ignore-eos --threads 4 2>&1)
     [ -n "$got" ] && [ "$got" = "$want" ] && [ "$again" = "$want" ] && [ -n "$ft_got" ] &&
-      [ "$ft_got" = "$ft_want" ] && verdict=PASS
+      [ "$ft_got" = "$ft_want" ] && [ -n "$lora_got" ] && [ "$lora_got" = "$lora_want" ] &&
+      verdict=PASS
   fi
   kill "$wpid" "$cpid" 2>/dev/null
   wait "$wpid" "$cpid" 2>/dev/null
@@ -155,6 +162,8 @@ cluster_check() {
     echo "--- local CPU engine:"; echo "$want"
     echo "--- fine-tune c-headers, served:"; echo "$ft_got"
     echo "--- fine-tune c-headers, local CPU engine (run --delta):"; echo "$ft_want"
+    echo "--- LoRA adapter lora-c, served (--gpu_lora):"; echo "$lora_got"
+    echo "--- LoRA adapter lora-c, local CPU engine (run --delta):"; echo "$lora_want"
   } >"$results/cluster.txt"
 }
 

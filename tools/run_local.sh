@@ -113,8 +113,8 @@ cleanup() {
 }
 [ $detach -eq 0 ] && trap cleanup INT TERM EXIT
 
-# The bundled fine-tunes, compressed to deltas that both workers serve over the base (one rank only:
-# tensor-parallel workers serve the base alone).
+# The bundled fine-tunes, compressed to deltas that both workers serve over the base, and the bundled
+# LoRA adapter beside them (one rank only: tensor-parallel workers serve the base alone).
 fine_tune_flags=()
 if [ "$tensor_parallel" = 1 ]; then
   mkdir -p "$run_dir/fine-tunes"
@@ -122,6 +122,8 @@ if [ "$tensor_parallel" = 1 ]; then
     "$stratactl" delta compress --base "$model_dir" --fine-tune "$repo/models/strata-tiny/ft-$ft" \
       --base-name strata-tiny --out "$run_dir/fine-tunes/$ft.delta.safetensors" > /dev/null
   done
+  rm -rf "$run_dir/fine-tunes/lora-c-headers"
+  cp -r "$repo/models/strata-tiny/lora-c-headers" "$run_dir/fine-tunes/lora-c-headers"
   fine_tune_flags=(--fine_tune_dir="$run_dir/fine-tunes" --delta_cache_mb=64)
 fi
 
@@ -180,6 +182,14 @@ if [ ${#fine_tune_flags[@]} -gt 0 ]; then
   printf '%s' "$ft_prompt"
   "$stratactl" generate --coordinator "$coordinator" --prompt "$ft_prompt" --fine-tune c-headers \
     --max-tokens 48 --seed 1
+  echo "----------------------------------------------------------------------"
+  echo
+  echo "request: the same through the LoRA adapter (PEFT format) extracted from that fine-tune:"
+  echo "stratactl generate --prompt $(printf %q "$ft_prompt") --fine-tune lora-c-headers --max-tokens 48 --seed 1"
+  echo "----------------------------------------------------------------------"
+  printf '%s' "$ft_prompt"
+  "$stratactl" generate --coordinator "$coordinator" --prompt "$ft_prompt" \
+    --fine-tune lora-c-headers --max-tokens 48 --seed 1
   echo "----------------------------------------------------------------------"
 fi
 echo

@@ -15,10 +15,11 @@ bazel test //... "$@"
 # TSAN checks each rank's own accesses, not how ranks share data: the barrier protocol's argument
 # is in shm_collectives.h, and the conformance suite's bitwise checks test it.
 if [[ $# -eq 0 ]]; then
-  # (And the speculative decoding engine paths, whose drafts index past a sequence's tokens.)
+  # (And the speculative decoding engine paths, whose drafts index past a sequence's tokens, and
+  # the LoRA adapter loader, which parses files it is given.)
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
     //coordinator:tool_calls_test //grammar/... //worker/engine:engine_speculative_test \
-    //worker/engine:ngram_draft_test
+    //worker/engine:ngram_draft_test //worker/model:lora_test
   bazel test --config=tsan //memtier/... //worker/comm/...
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
   # Structured output's masks are computed on several threads and warmed on another.

@@ -9,7 +9,8 @@ image), and the bundled model, in three layers ordered from least to most often 
                 container toolkit mounts the node's copy into GPU pods.
   2. models     /models/NAME/... for each --model NAME=DIR, and /fine-tunes/NAME/*.delta.safetensors
                 for each --fine-tunes NAME=DIR (fine-tunes of model NAME, as `stratactl delta
-                compress` writes them; a worker serves them with --fine_tune_dir).
+                compress` writes them; a worker serves them with --fine_tune_dir), with DIR's
+                LoRA adapter subdirectories (adapter_config.json, adapter_model.safetensors).
   3. strata     /usr/local/bin/<binaries>, /etc/{passwd,group,nsswitch.conf,host.conf}, /tmp and
                 /var/lib/strata (the disk KV tier's default home, owned by the image's user).
 
@@ -194,11 +195,19 @@ def build(args):
         name, sep, src = spec.partition("=")
         if not sep or not re.match(r"^[A-Za-z0-9._-]+$", name):
             fail("--fine-tunes %r: want NAME=DIR with NAME of letters, digits, '.', '_' or '-'" % spec)
-        deltas = sorted(f for f in os.listdir(src) if f.endswith(".delta.safetensors")) if os.path.isdir(src) else []
-        if not deltas:
-            fail("--fine-tunes %s: %s holds no *.delta.safetensors" % (spec, src))
+        entries = sorted(os.listdir(src)) if os.path.isdir(src) else []
+        deltas = [f for f in entries if f.endswith(".delta.safetensors")]
+        adapters = [f for f in entries
+                    if os.path.isfile(os.path.join(src, f, "adapter_config.json"))]
+        if not deltas and not adapters:
+            fail("--fine-tunes %s: %s holds no *.delta.safetensors or LoRA adapter directory"
+                 % (spec, src))
         for f in deltas:
             models_layer.file("fine-tunes/%s/%s" % (name, f), os.path.join(src, f), 0o644)
+        for a in adapters:
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                models_layer.file("fine-tunes/%s/%s/%s" % (name, a, f), os.path.join(src, a, f),
+                                  0o644)
 
     for path, text in ETC_FILES.items():
         strata_layer.text(path, text)

@@ -7,6 +7,7 @@
 #include "common/ids.h"
 #include "common/log.h"
 #include "common/status_macros.h"
+#include "worker/model/lora.h"
 
 namespace strata {
 DeltaCache::DeltaCache(const ModelWeights* base, std::string base_fingerprint,
@@ -32,15 +33,28 @@ absl::Status DeltaCache::Register(const std::string& id, const std::string& path
     return absl::InvalidArgumentError(
         absl::StrCat("fine-tune id \"", id, "\" must be 1 to 128 bytes of [A-Za-z0-9._-]"));
   }
-  ASSIGN_OR_RETURN(DeltaFileInfo info, ReadDeltaFileInfo(path));
-  if (info.base_fingerprint != base_fingerprint_) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "fine-tune ", id, ": ", path, " was made from a different base model (fingerprint ",
-        info.base_fingerprint, ", base ", info.base_model, "); this worker's base has fingerprint ",
-        base_fingerprint_));
+  int64_t reserve = 0;
+  std::string revision;
+  if (IsLoraAdapter(path)) {
+    absl::StatusOr<LoraAdapterInfo> info = ReadLoraAdapterInfo(path, base_->config);
+    if (!info.ok()) {
+      return absl::Status(info.status().code(),
+                          absl::StrCat("fine-tune ", id, ": ", info.status().message()));
+    }
+    reserve = info->resident_bytes;
+    revision = info->revision;
+  } else {
+    ASSIGN_OR_RETURN(DeltaFileInfo info, ReadDeltaFileInfo(path));
+    if (info.base_fingerprint != base_fingerprint_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "fine-tune ", id, ": ", path, " was made from a different base model (fingerprint ",
+          info.base_fingerprint, ", base ", info.base_model,
+          "); this worker's base has fingerprint ", base_fingerprint_));
+    }
+    // Loaded, each tensor starts on a 64-byte boundary.
+    reserve = info.data_bytes + 64 * (info.num_tensors + 1);
+    revision = info.data_xxh3;
   }
-  // Loaded, each tensor starts on a 64-byte boundary.
-  const int64_t reserve = info.data_bytes + 64 * (info.num_tensors + 1);
   if (reserve > capacity_bytes_) {
     return absl::InvalidArgumentError(absl::StrCat("fine-tune ", id, ": its delta needs ", reserve,
                                                    " bytes, more than the whole delta cache (",
@@ -52,7 +66,7 @@ absl::Status DeltaCache::Register(const std::string& id, const std::string& path
   }
   Entry& e = entries_[id];
   e.path = path;
-  e.revision = info.data_xxh3;
+  e.revision = revision;
   e.reserve_bytes = reserve;
   ++stats_.num_registered;
   return absl::OkStatus();
@@ -171,7 +185,7 @@ void DeltaCache::LoaderLoop() {
     }
     const absl::Time start = absl::Now();
     absl::StatusOr<std::unique_ptr<DeltaWeights>> loaded =
-        LoadDelta(path, *base_, base_fingerprint_);
+        LoadFineTune(path, *base_, base_fingerprint_);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
     {
       absl::MutexLock lock(&mu_);

@@ -1,5 +1,6 @@
-// DeltaCache: the fine-tunes one worker serves, each a delta file on disk (worker/model/delta.h),
-// loaded into memory on demand and kept under a byte budget.
+// DeltaCache: the fine-tunes one worker serves, each a delta file on disk (worker/model/delta.h)
+// or a LoRA adapter's directory (worker/model/lora.h), loaded into memory on demand and kept under
+// a byte budget.
 //
 // Tiers. A registered fine-tune lives in its delta file (the disk tier) and, once a request needs
 // it, in this cache's memory (host memory, which is the device on a CPU build). Thousands can be
@@ -67,8 +68,9 @@ class DeltaCache {
   DeltaCache(const DeltaCache&) = delete;
   DeltaCache& operator=(const DeltaCache&) = delete;
 
-  // Registers fine-tune `id` (1 to 128 bytes of [A-Za-z0-9._-]) as the delta file `path`.
-  // INVALID_ARGUMENT for a bad id, a malformed file, or a delta larger than the budget;
+  // Registers fine-tune `id` (1 to 128 bytes of [A-Za-z0-9._-]) as the delta file or LoRA adapter
+  // directory `path` (an adapter's configuration and tensor shapes are checked against the base
+  // here). INVALID_ARGUMENT for a bad id, a malformed file, or a delta larger than the budget;
   // ALREADY_EXISTS for a second registration of an id; FAILED_PRECONDITION for a delta of another
   // base; NOT_FOUND when the file does not exist.
   absl::Status Register(const std::string& id, const std::string& path);

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -12,6 +13,8 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "worker/model/config.h"
+#include "worker/model/lora.h"
+#include "worker/model/safetensors.h"
 
 namespace strata {
 namespace {
@@ -82,6 +85,47 @@ TEST_F(DeltaCacheTest, RegistrationChecksIdFileBaseAndSize) {
   EXPECT_TRUE(absl::StrContains(too_big.message(), "more than the whole delta cache")) << too_big;
   EXPECT_EQ(cache.Ids(), std::vector<std::string>{"c-headers"});
   EXPECT_EQ(cache.Acquire("nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+// A LoRA adapter's directory registers by its header (checked against the base's shapes), counts
+// its f32 factors against the budget, and loads like a delta.
+TEST_F(DeltaCacheTest, RegistersAndLoadsLoraAdapters) {
+  constexpr char kLora[] = "models/strata-tiny/lora-c-headers";
+  absl::StatusOr<ModelConfig> tiny = LoadModelConfig(kBase);
+  ASSERT_TRUE(tiny.ok());
+  absl::StatusOr<LoraAdapterInfo> info = ReadLoraAdapterInfo(kLora, *tiny);
+  ASSERT_TRUE(info.ok()) << info.status();
+  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
+  ASSERT_TRUE(cache.Register("lora", kLora).ok());
+  EXPECT_EQ(cache.Revision("lora"), info->revision);
+  cache.Prefetch("lora");
+  WaitForLoads(cache, 1);
+  absl::StatusOr<const DeltaWeights*> d = cache.Acquire("lora");
+  ASSERT_TRUE(d.ok()) << d.status();
+  ASSERT_NE(*d, nullptr);
+  EXPECT_TRUE((*d)->lora);
+  EXPECT_EQ(cache.GetStats().resident_bytes, info->resident_bytes);
+  cache.Release("lora");
+  // Too big for the budget, and an adapter for another shape of model, are refused at start.
+  DeltaCache small(base_.get(), fingerprint_, info->resident_bytes - 1);
+  EXPECT_TRUE(absl::StrContains(small.Register("lora", kLora).message(), "whole delta cache"));
+  const std::string other = TempPath("other-lora");
+  std::filesystem::create_directories(other);
+  std::filesystem::copy_file(std::string(kLora) + "/adapter_config.json",
+                             other + "/adapter_config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  const std::vector<float> a(8 * 100, 0.0f);
+  ASSERT_TRUE(WriteSafetensors(other + "/adapter_model.safetensors",
+                               {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                                 DType::kF32,
+                                 {8, 100},
+                                 absl::Span<const uint8_t>(
+                                     reinterpret_cast<const uint8_t*>(a.data()), a.size() * 4)}})
+                  .ok());
+  const absl::Status wrong = cache.Register("other", other);
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(wrong.message(), "fine-tune other: ")) << wrong;
+  EXPECT_TRUE(absl::StrContains(wrong.message(), "q_proj")) << wrong;
 }
 
 TEST_F(DeltaCacheTest, LoadsInTheBackgroundThenServesPinned) {

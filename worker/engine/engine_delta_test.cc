@@ -16,6 +16,7 @@
 #include "worker/model/config.h"
 #include "worker/model/delta.h"
 #include "worker/model/delta_test_util.h"
+#include "worker/model/lora.h"
 #include "worker/model/weights.h"
 
 namespace strata {
@@ -93,7 +94,7 @@ class EngineDeltaTest : public ::testing::Test {
     std::unique_ptr<ModelWeights> weights;
     if (!delta_path.empty()) {
       absl::StatusOr<std::unique_ptr<DeltaWeights>> d =
-          LoadDelta(delta_path, *base_, BaseFingerprint(*base_->files));
+          LoadFineTune(delta_path, *base_, BaseFingerprint(*base_->files));
       EXPECT_TRUE(d.ok()) << d.status();
       absl::StatusOr<std::unique_ptr<ModelWeights>> m = MaterializeDelta(*base_, **d);
       EXPECT_TRUE(m.ok()) << m.status();
@@ -158,6 +159,38 @@ TEST_F(EngineDeltaTest, MixedBatchGeneratesWhatEachFineTuneGeneratesAlone) {
   got = RunAll(**engine);
   EXPECT_EQ(got["c-again"].cached_prompt_tokens, 64);
   EXPECT_EQ((*engine)->Stats().deltas.num_loads, 2);
+}
+
+// A LoRA adapter (PEFT's format, the bundled one extracted from the c-headers fine-tune) is
+// served beside compressed deltas: in one batch with them and the base, it generates what the
+// adapter merged into the weights generates alone, in its own cache namespace.
+TEST_F(EngineDeltaTest, LoraAdaptersServeBesideDeltas) {
+  constexpr char kLora[] = "models/strata-tiny/lora-c-headers";
+  EngineConfig ec = Config(true);
+  ec.fine_tunes.push_back({"lora-c", kLora});
+  SingleRankCollectives comm;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(base_.get(), &comm, ec);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->FineTuneIds(), (std::vector<std::string>{"c-headers", "lora-c", "man"}));
+  EXPECT_EQ((*engine)->FineTuneRevision("lora-c").size(), 16u);
+  const std::vector<int32_t> p1 = Prompt(12, 45), p2 = Prompt(13, 30);
+  ASSERT_TRUE((*engine)->AddRequest("lora", p1, Greedy("lora-c")).ok());
+  ASSERT_TRUE((*engine)->AddRequest("delta", p1, Greedy("c-headers")).ok());
+  ASSERT_TRUE((*engine)->AddRequest("base", p1, Greedy("")).ok());
+  ASSERT_TRUE((*engine)->AddRequest("lora-2", p2, Greedy("lora-c")).ok());
+  std::map<std::string, Outcome> got = RunAll(**engine);
+  for (const auto& [id, o] : got) EXPECT_EQ(o.finish, FinishReason::kLength) << id << o.error;
+  const std::vector<int32_t> lora_alone = Alone(kLora, p1);
+  EXPECT_EQ(got["lora"].tokens, lora_alone);
+  EXPECT_EQ(got["lora-2"].tokens, Alone(kLora, p2));
+  EXPECT_EQ(got["delta"].tokens, Alone(c_path_, p1));
+  EXPECT_EQ(got["base"].tokens, Alone("", p1));
+  EXPECT_NE(lora_alone, got["base"].tokens);
+  // Three namespaces for one prompt: nothing shared.
+  EXPECT_EQ(got["lora"].cached_prompt_tokens + got["delta"].cached_prompt_tokens +
+                got["base"].cached_prompt_tokens,
+            0);
+  EXPECT_EQ((*engine)->Stats().deltas.num_pinned, 0);
 }
 
 TEST_F(EngineDeltaTest, AFineTuneThatFailsToLoadFailsItsRequestsOnly) {

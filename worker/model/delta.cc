@@ -361,8 +361,9 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
 
 namespace {
 
-// m as f32 plus the unpacked delta (if it changes m).
-absl::StatusOr<Matrix> AddDelta(const Matrix& m, const PackedDelta& d) {
+// m as f32 plus the unpacked delta and the low-rank update B · A (each where present).
+absl::StatusOr<Matrix> AddDelta(const Matrix& m, const PackedDelta& d,
+                                const LowRankDelta& lr = {}) {
   Matrix out;
   out.dtype = DType::kF32;
   out.rows = m.rows;
@@ -376,6 +377,25 @@ absl::StatusOr<Matrix> AddDelta(const Matrix& m, const PackedDelta& d) {
       return absl::InvalidArgumentError("materialize: a delta's shape differs from its matrix");
     }
     RETURN_IF_ERROR(UnpackDeltaCpu(d, 0, d.rows, f, /*accumulate=*/true));
+  }
+  if (lr.rank > 0) {
+    if (lr.rows != m.rows || lr.cols != m.cols) {
+      return absl::InvalidArgumentError(
+          "materialize: a low-rank delta's shape differs from its matrix");
+    }
+    // In double, so that the reference adds B · A rounded once.
+    std::vector<double> row(static_cast<size_t>(m.cols));
+    for (int64_t i = 0; i < m.rows; ++i) {
+      std::fill(row.begin(), row.end(), 0.0);
+      for (int64_t r = 0; r < lr.rank; ++r) {
+        const double b = lr.b[i * lr.rank + r];
+        const float* a = lr.a + r * lr.cols;
+        for (int64_t j = 0; j < m.cols; ++j) row[j] += b * a[j];
+      }
+      for (int64_t j = 0; j < m.cols; ++j) {
+        f[i * m.cols + j] = static_cast<float>(f[i * m.cols + j] + row[j]);
+      }
+    }
   }
   out.data = out.owned.data();
   return out;
@@ -480,13 +500,13 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> MaterializeDelta(const ModelWeight
     const LayerWeights& B = base.layers[l];
     const LayerDelta& D = delta.layers[l];
     LayerWeights L;
-    ASSIGN_OR_RETURN(L.q, AddDelta(B.q, D.q));
-    ASSIGN_OR_RETURN(L.k, AddDelta(B.k, D.k));
-    ASSIGN_OR_RETURN(L.v, AddDelta(B.v, D.v));
-    ASSIGN_OR_RETURN(L.o, AddDelta(B.o, D.o));
-    ASSIGN_OR_RETURN(L.gate, AddDelta(B.gate, D.gate));
-    ASSIGN_OR_RETURN(L.up, AddDelta(B.up, D.up));
-    ASSIGN_OR_RETURN(L.down, AddDelta(B.down, D.down));
+    ASSIGN_OR_RETURN(L.q, AddDelta(B.q, D.q, D.lora_q));
+    ASSIGN_OR_RETURN(L.k, AddDelta(B.k, D.k, D.lora_k));
+    ASSIGN_OR_RETURN(L.v, AddDelta(B.v, D.v, D.lora_v));
+    ASSIGN_OR_RETURN(L.o, AddDelta(B.o, D.o, D.lora_o));
+    ASSIGN_OR_RETURN(L.gate, AddDelta(B.gate, D.gate, D.lora_gate));
+    ASSIGN_OR_RETURN(L.up, AddDelta(B.up, D.up, D.lora_up));
+    ASSIGN_OR_RETURN(L.down, AddDelta(B.down, D.down, D.lora_down));
     L.q_bias = B.q_bias;
     L.k_bias = B.k_bias;
     L.v_bias = B.v_bias;

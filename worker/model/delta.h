@@ -32,18 +32,31 @@ namespace strata {
 inline constexpr char kDeltaFormat[] = "strata-delta";
 inline constexpr char kDeltaFormatVersion[] = "1";
 
+// A low-rank update of one projection W [rows, cols], as a LoRA adapter trains it (worker/model/
+// lora.h): the fine-tune's projection is W + B · A, the adapter's scale already folded into B, so
+// y += (x · Aᵀ) · Bᵀ. Views into the owning DeltaWeights' arena; rank == 0 means none.
+struct LowRankDelta {
+  int64_t rank = 0;
+  int64_t rows = 0;          // out_features
+  int64_t cols = 0;          // in_features
+  const float* a = nullptr;  // [rank, cols], f32
+  const float* b = nullptr;  // [rows, rank], f32, scaled
+};
+
 // What a delta changes in one decoder layer. A PackedDelta with rows == 0 means "unchanged"; an
-// empty vector means "the base's".
+// empty vector means "the base's". A projection may have a packed delta, a low-rank one, or both.
 struct LayerDelta {
   PackedDelta q, k, v, o, gate, up, down;
+  LowRankDelta lora_q, lora_k, lora_v, lora_o, lora_gate, lora_up, lora_down;
   // The fine-tune's values, [hidden] / [head_dim], f32.
   std::vector<float> input_norm, post_attention_norm, q_norm, k_norm;
   // Fine-tune minus base, added to the projection's output: [q_dim], [kv_dim], [kv_dim], [hidden].
   std::vector<float> q_bias, k_bias, v_bias, o_bias;
 };
 
-// One fine-tune, loaded: views into its own memory, read whole from the delta file. Immutable once
-// loaded, so any thread may read it. Only for a base run as one tensor-parallel rank.
+// One fine-tune, loaded: views into its own memory, read whole from the delta file (or a LoRA
+// adapter's directory, worker/model/lora.h). Immutable once loaded, so any thread may read it. Only
+// for a base run as one tensor-parallel rank.
 struct DeltaWeights {
   DeltaWeights();
   // The PackedDelta views point into `arena`: a copy would point into the original.
@@ -55,6 +68,10 @@ struct DeltaWeights {
   const uint64_t serial;
 
   std::string path;
+  // A LoRA adapter: only the layers' lora_* parts are set (bits and sparse_2_4 mean nothing).
+  bool lora = false;
+  // The largest rank of its low-rank parts (0 for a packed delta).
+  int64_t lora_max_rank = 0;
   int bits = 4;
   bool sparse_2_4 = true;
   PackedDelta embed;    // [vocab, hidden]
@@ -98,9 +115,9 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
                                                         const ModelWeights& base,
                                                         const std::string& base_fingerprint);
 
-// The fine-tune as plain weights: every matrix the delta changes becomes f32 base + unpacked Δ,
-// vectors take the fine-tune's values. The reference that delta serving is tested against (and a
-// way to export a compressed fine-tune). `base` must be one rank of one.
+// The fine-tune as plain weights: every matrix the delta changes becomes f32 base + unpacked Δ (+ B
+// · A for a low-rank part), vectors take the fine-tune's values. The reference that delta serving
+// is tested against (and a way to export a compressed fine-tune). `base` must be one rank of one.
 absl::StatusOr<std::unique_ptr<ModelWeights>> MaterializeDelta(const ModelWeights& base,
                                                                const DeltaWeights& delta);
 

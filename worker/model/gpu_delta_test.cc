@@ -2,10 +2,10 @@
 // materialized fine-tunes): mixed batches of base and fine-tune sequences on the bundled
 // strata-tiny fine-tunes and on stand-in fine-tunes of every testdata variant (Qwen2's biases,
 // Qwen3's per-head norms, Llama 2's untied LM head), fed in small chunks (the delta GEMV) and
-// whole (delta panels through cuBLASLt), in f32 (tolerance 1e-4) and bf16 (3e-2); greedy decoding
-// picks the CPU's tokens; the device region evicts and re-uploads deltas as they come and go; a
-// region too small or absent is refused and the runner keeps serving. Needs a GPU: tagged "gpu";
-// skipped where there is none.
+// whole (delta panels through cuBLASLt), in f32 (tolerance 1e-4) and bf16 (3e-2), LoRA adapters
+// likewise; greedy decoding picks the CPU's tokens; the device region evicts and re-uploads deltas
+// as they come and go; a region too small or absent is refused and the runner keeps serving. Needs
+// a GPU: tagged "gpu"; skipped where there is none.
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -19,6 +19,7 @@
 #include "worker/model/delta.h"
 #include "worker/model/delta_test_util.h"
 #include "worker/model/gpu_model_runner.h"
+#include "worker/model/lora.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/test_util.h"
 
@@ -168,6 +169,38 @@ TEST_F(GpuDeltaTest, EveryVariantMatchesCpu) {
         Compress(dir, base, ft, std::string(variant) + "-4s", 4, true);
     ASSERT_TRUE(d8 && d4);
     ExpectMixedBatchesMatchCpu(base, d8.get(), d4.get(), seed);
+  }
+}
+
+// LoRA adapters on the GPU (their factors converted to the activations' type, x · Aᵀ then · Bᵀ
+// through cuBLASLt) against the CPU's low-rank path: the bundled adapter beside a compressed
+// delta, and random rank-8 adapters on every variant.
+TEST_F(GpuDeltaTest, LoraAdaptersMatchCpu) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Base base = LoadBase(kBase);
+  absl::StatusOr<std::unique_ptr<DeltaWeights>> lora =
+      LoadLoraAdapter("models/strata-tiny/lora-c-headers", *base.weights);
+  ASSERT_TRUE(lora.ok()) << lora.status();
+  std::unique_ptr<DeltaWeights> man = Compress(kBase, base, kMan, "man-lora", 4, false);
+  ASSERT_TRUE(man);
+  ExpectMixedBatchesMatchCpu(base, lora->get(), man.get(), seed);
+  for (const char* variant : {"qwen2_bf16", "qwen3_f32", "llama2_f32"}) {
+    SCOPED_TRACE(variant);
+    Base vb = LoadBase(std::string("worker/model/testdata/") + variant);
+    std::unique_ptr<DeltaWeights> a = RandomLoraWeights(vb.weights->config, 8, 1);
+    std::unique_ptr<DeltaWeights> b = RandomLoraWeights(vb.weights->config, 4, 2);
+    // Random adapters of RandomLoraWeights' size barely move the logits: scale them up.
+    for (DeltaWeights* d : {a.get(), b.get()}) {
+      for (LayerDelta& L : d->layers) {
+        for (LowRankDelta* lr :
+             {&L.lora_q, &L.lora_k, &L.lora_v, &L.lora_o, &L.lora_gate, &L.lora_up, &L.lora_down}) {
+          float* bv = const_cast<float*>(lr->b);
+          for (int64_t i = 0; i < lr->rows * lr->rank; ++i) bv[i] *= 50.0f;
+        }
+      }
+    }
+    ExpectMixedBatchesMatchCpu(vb, a.get(), b.get(), seed);
   }
 }
 

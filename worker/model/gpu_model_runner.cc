@@ -67,8 +67,23 @@ struct LayerDev {
 
 // A fine-tune's delta on the device: the packed matrices' views point into the runner's delta
 // region; a vector pointer is null where the fine-tune keeps the base's.
+// A LoRA factor pair on the device, in the activations' type: A [rank, cols], B [rows, rank] (the
+// adapter's scale folded in). rank 0: none.
+struct LowRankDev {
+  int64_t rank = 0, rows = 0, cols = 0;
+  const void* a = nullptr;
+  const void* b = nullptr;
+};
+
+// One projection's update on the device: its packed delta and its low-rank part (either may be
+// absent).
+struct ProjDeltaDev {
+  PackedDelta packed;
+  LowRankDev lora;
+};
+
 struct LayerDeltaDev {
-  PackedDelta q, k, v, o, gate, up, down;
+  ProjDeltaDev q, k, v, o, gate, up, down;
   const float* input_norm = nullptr;
   const float* post_norm = nullptr;
   const float* q_norm = nullptr;
@@ -87,20 +102,28 @@ struct DeltaDev {
 
 // Where a delta's bytes go in its place in the device region: the arena at the same address
 // modulo 64 as on the host (its tensors' 64-byte alignment holds), then each vector it holds,
-// 16-byte aligned.
+// 16-byte aligned, then each low-rank factor pair converted to the activations' type (`eb` bytes
+// an element), 16-byte aligned. A LoRA adapter's arena holds only its f32 factors: it is not
+// copied.
 struct DeltaLayout {
   size_t shift = 0;
   size_t arena_bytes = 0;
   size_t total = 0;
   std::vector<const std::vector<float>*> vectors;  // non-empty ones, in placement order
+  std::vector<const LowRankDelta*> low_rank;       // rank > 0, in placement order
 };
 
 size_t Align16(size_t n) { return (n + 15) / 16 * 16; }
 
-DeltaLayout LayoutOf(const DeltaWeights& d) {
+size_t LowRankBytes(const LowRankDelta& lr, int64_t eb) {
+  return Align16(static_cast<size_t>(lr.rank * lr.cols * eb)) +
+         Align16(static_cast<size_t>(lr.rows * lr.rank * eb));
+}
+
+DeltaLayout LayoutOf(const DeltaWeights& d, int64_t eb) {
   DeltaLayout lay;
   lay.shift = reinterpret_cast<uintptr_t>(d.arena.data()) % 64;
-  lay.arena_bytes = Align16(lay.shift + d.arena.size());
+  lay.arena_bytes = d.lora ? 0 : Align16(lay.shift + d.arena.size());
   const auto add = [&lay](const std::vector<float>& v) {
     if (!v.empty()) lay.vectors.push_back(&v);
   };
@@ -111,9 +134,28 @@ DeltaLayout LayoutOf(const DeltaWeights& d) {
       add(*v);
     }
   }
+  for (const LayerDelta& L : d.layers) {
+    for (const LowRankDelta* lr :
+         {&L.lora_q, &L.lora_k, &L.lora_v, &L.lora_o, &L.lora_gate, &L.lora_up, &L.lora_down}) {
+      if (lr->rank > 0) lay.low_rank.push_back(lr);
+    }
+  }
   lay.total = lay.arena_bytes;
   for (const std::vector<float>* v : lay.vectors) lay.total += Align16(4 * v->size());
+  for (const LowRankDelta* lr : lay.low_rank) lay.total += LowRankBytes(*lr, eb);
   return lay;
+}
+
+// n f32 values as `act` elements at `out`.
+void ConvertForDevice(const float* v, int64_t n, gpu::ActType act, uint8_t* out) {
+  if (act == gpu::ActType::kF32) {
+    std::memcpy(out, v, static_cast<size_t>(n) * 4);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t h = act == gpu::ActType::kBF16 ? FloatToBf16(v[i]) : FloatToF16(v[i]);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
 }
 
 // Rows of one fine-tune that the fused tensor-core delta product (DeltaMmaCuda, 16-bit
@@ -264,7 +306,11 @@ struct GpuModelRunner::Impl {
   // out_type.
   absl::Status ApplyDelta(const PackedDelta& d, const int32_t* rows, int64_t count, const void* x,
                           int64_t ldx, void* y, int64_t ldy, gpu::ActType out_type);
-  // Each segment's delta (picked by `pick`, skipped when it has no rows) applied to its rows.
+  // y[rows[i]] += (x[rows[i]] · Aᵀ) · Bᵀ for a LoRA adapter's factors (a no-op for rank 0).
+  absl::Status ApplyLowRank(const LowRankDev& lr, const int32_t* rows, int64_t count, const void* x,
+                            int64_t ldx, void* y, int64_t ldy);
+  // Each segment's update (picked by `pick`: its packed delta, then its low-rank part) applied to
+  // its rows.
   template <typename Pick>
   absl::Status ApplySegments(Pick pick, const void* x, int64_t ldx, void* y, int64_t ldy);
   // y[rows] += bias (f32 [width]) for each segment whose `pick` is not null; y act, row stride ldy.
@@ -646,7 +692,7 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
   }
   // A delta's device bytes stay within what DeltaCache reserves for it plus a few hundred bytes
   // (GpuRunnerOptions::delta_bytes).
-  const DeltaLayout lay = LayoutOf(d);
+  const DeltaLayout lay = LayoutOf(d, eb);
   const size_t shift = lay.shift, arena_bytes = lay.arena_bytes, bytes = lay.total;
   ASSIGN_OR_RETURN(DeltaResidency::Placement place,
                    residency->Place(d.serial, static_cast<int64_t>(bytes), delta_step));
@@ -660,7 +706,7 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
   }
   char* base = delta_region + place.offset;
   uint8_t* dev_arena = reinterpret_cast<uint8_t*>(base + shift);
-  if (!d.arena.empty()) {
+  if (!d.arena.empty() && arena_bytes > 0) {
     RETURN_IF_ERROR(CudaStatus(cudaMemcpy(dev_arena, arena, d.arena.size(), cudaMemcpyHostToDevice),
                                "upload delta"));
   }
@@ -672,6 +718,19 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
     std::memcpy(staging.data() + at, v->data(), 4 * v->size());
     where[v] = reinterpret_cast<const float*>(base + arena_bytes + at);
     at += Align16(4 * v->size());
+  }
+  std::map<const LowRankDelta*, LowRankDev> low_rank;
+  for (const LowRankDelta* lr : lay.low_rank) {
+    LowRankDev& dev = low_rank[lr];
+    dev.rank = lr->rank;
+    dev.rows = lr->rows;
+    dev.cols = lr->cols;
+    ConvertForDevice(lr->a, lr->rank * lr->cols, act, staging.data() + at);
+    dev.a = base + arena_bytes + at;
+    at += Align16(static_cast<size_t>(lr->rank * lr->cols * eb));
+    ConvertForDevice(lr->b, lr->rows * lr->rank, act, staging.data() + at);
+    dev.b = base + arena_bytes + at;
+    at += Align16(static_cast<size_t>(lr->rows * lr->rank * eb));
   }
   if (!staging.empty()) {
     RETURN_IF_ERROR(CudaStatus(
@@ -697,15 +756,18 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
   dev.embed = moved(d.embed);
   dev.lm_head = moved(d.lm_head);
   dev.final_norm = placed(d.final_norm);
+  auto lowered = [&](const LowRankDelta& lr) {
+    return lr.rank > 0 ? low_rank.at(&lr) : LowRankDev{};
+  };
   for (const LayerDelta& L : d.layers) {
     LayerDeltaDev& l = dev.layers.emplace_back();
-    l.q = moved(L.q);
-    l.k = moved(L.k);
-    l.v = moved(L.v);
-    l.o = moved(L.o);
-    l.gate = moved(L.gate);
-    l.up = moved(L.up);
-    l.down = moved(L.down);
+    l.q = {moved(L.q), lowered(L.lora_q)};
+    l.k = {moved(L.k), lowered(L.lora_k)};
+    l.v = {moved(L.v), lowered(L.lora_v)};
+    l.o = {moved(L.o), lowered(L.lora_o)};
+    l.gate = {moved(L.gate), lowered(L.lora_gate)};
+    l.up = {moved(L.up), lowered(L.lora_up)};
+    l.down = {moved(L.down), lowered(L.lora_down)};
     l.input_norm = placed(L.input_norm);
     l.post_norm = placed(L.post_attention_norm);
     l.q_norm = placed(L.q_norm);
@@ -747,7 +809,7 @@ absl::Status GpuModelRunner::Impl::PrepareDeltas(const ForwardBatch& b) {
     if (!absl::IsResourceExhausted(placed) || attempt > 0) return placed;
     int64_t together = 0;
     for (const DeltaStepPlan::Segment& seg : plan.segments) {
-      together += static_cast<int64_t>((LayoutOf(*seg.delta).total + 255) / 256 * 256);
+      together += static_cast<int64_t>((LayoutOf(*seg.delta, eb).total + 255) / 256 * 256);
     }
     if (together > residency->capacity()) return placed;
     residency->Clear();
@@ -811,13 +873,66 @@ absl::Status GpuModelRunner::Impl::ApplyDelta(const PackedDelta& d, const int32_
   return absl::OkStatus();
 }
 
+absl::Status GpuModelRunner::Impl::ApplyLowRank(const LowRankDev& lr, const int32_t* rows,
+                                                int64_t count, const void* x, int64_t ldx, void* y,
+                                                int64_t ldy) {
+  if (lr.rank == 0 || count == 0) return absl::OkStatus();
+  const CudaStreamHandle s = Handle(compute->get());
+  const int64_t k = lr.cols, r = lr.rank, n = lr.rows;
+  // t = x · Aᵀ into the panel scratch (rounded to the activations' type, as every projection's
+  // output is), then per panel of B's rows out = t · Bᵀ in f32, added to the rows of y.
+  void* t = delta_panel;
+  const int64_t per_chunk = std::min(chunk_rows, panel_rows * max_k / r);
+  if (per_chunk < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("forward: a LoRA factor of rank ", r, " exceeds the fine-tune scratch"));
+  }
+  for (int64_t c0 = 0; c0 < count; c0 += per_chunk) {
+    const int64_t cn = std::min(per_chunk, count - c0);
+    const gpu::GatherRowsArgs gather{cn, k, x, ldx, rows + c0, delta_xs, k, act};
+    RETURN_IF_ERROR(
+        CudaStatus(gpu::LaunchGatherRows(gather, compute->get()), "gather_rows launch"));
+    RETURN_IF_ERROR(gemm->Run({.m = cn,
+                               .n = r,
+                               .k = k,
+                               .x = delta_xs,
+                               .ldx = k,
+                               .w = lr.a,
+                               .y = t,
+                               .ldy = r,
+                               .act = act,
+                               .out_type = act},
+                              s));
+    for (int64_t j0 = 0; j0 < n; j0 += panel_rows) {
+      const int64_t nb = std::min(panel_rows, n - j0);
+      RETURN_IF_ERROR(gemm->Run({.m = cn,
+                                 .n = nb,
+                                 .k = r,
+                                 .x = t,
+                                 .ldx = r,
+                                 .w = static_cast<const char*>(lr.b) + j0 * r * eb,
+                                 .y = delta_out,
+                                 .ldy = nb,
+                                 .act = act,
+                                 .out_type = gpu::ActType::kF32},
+                                s));
+      const gpu::AddRowsArgs add{cn,  nb, rows + c0, delta_out, nb, static_cast<char*>(y) + j0 * eb,
+                                 ldy, act};
+      RETURN_IF_ERROR(AddRowsCuda(add, s));
+    }
+  }
+  return absl::OkStatus();
+}
+
 template <typename Pick>
 absl::Status GpuModelRunner::Impl::ApplySegments(Pick pick, const void* x, int64_t ldx, void* y,
                                                  int64_t ldy) {
   for (size_t i = 0; i < plan.segments.size(); ++i) {
     const DeltaStepPlan::Segment& seg = plan.segments[i];
+    const ProjDeltaDev& proj = pick(*seg_devs[i]);
     RETURN_IF_ERROR(
-        ApplyDelta(pick(*seg_devs[i]), DeltaIdx(seg.rows_at), seg.num_rows, x, ldx, y, ldy, act));
+        ApplyDelta(proj.packed, DeltaIdx(seg.rows_at), seg.num_rows, x, ldx, y, ldy, act));
+    RETURN_IF_ERROR(ApplyLowRank(proj.lora, DeltaIdx(seg.rows_at), seg.num_rows, x, ldx, y, ldy));
   }
   return absl::OkStatus();
 }

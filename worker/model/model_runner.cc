@@ -22,6 +22,8 @@ namespace {
 // the rows of a panel.
 constexpr int64_t kDeltaPanelMinRows = 128;
 constexpr int64_t kDeltaPanelRows = 256;
+// Low-rank products up to this many multiply-adds run on the calling thread (RunMatMul).
+constexpr int64_t kLowRankDirectMaxMacs = int64_t{1} << 21;
 
 template <typename T>
 T* Grow(std::vector<T>* v, size_t n) {
@@ -375,8 +377,74 @@ void ModelRunner::BuildSegments(const ForwardBatch& b) {
   }
 }
 
-absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const std::vector<int32_t>& rows,
-                                     const float* x, int64_t ldx, float* y, int64_t ldy) {
+absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const LowRankDelta& lr,
+                                     const std::vector<int32_t>& rows, const float* x, int64_t ldx,
+                                     float* y, int64_t ldy) {
+  RETURN_IF_ERROR(ApplyPackedDelta(d, rows, x, ldx, y, ldy));
+  return ApplyLowRank(lr, rows, x, ldx, y, ldy);
+}
+
+absl::Status ModelRunner::RunMatMul(const MatMulParams& p) {
+  const size_t ws = MatMulCpuWorkspaceBytes(p);
+  if (ws == 0) {
+    // Small products: the direct kernel, 8 rows at a time, on this thread (waking the BLAS's or
+    // the pool's threads costs more than the work; the direct kernel measured slower than the
+    // BLAS for prefill-sized ones).
+    const auto rows = [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin * kMatMulCpuGemvMaxRows;
+           i < std::min(p.m, end * kMatMulCpuGemvMaxRows); i += kMatMulCpuGemvMaxRows) {
+        MatMulParams part = p;
+        part.m = std::min(kMatMulCpuGemvMaxRows, p.m - i);
+        part.x = p.x + i * p.k;
+        part.y = p.y + i * (p.ldy == 0 ? p.n : p.ldy);
+        RETURN_IF_ERROR(MatMulCpu(part, nullptr, 0));
+      }
+      return absl::OkStatus();
+    };
+    if (p.m * p.n * p.k <= kLowRankDirectMaxMacs) {
+      return rows(0, (p.m + kMatMulCpuGemvMaxRows - 1) / kMatMulCpuGemvMaxRows);
+    }
+  }
+  if (ws > 0 || p.m > kMatMulCpuGemvMaxRows || pool_->num_threads() == 1) {
+    return MatMulCpu(p, Grow(&workspace_, ws), ws);  // the BLAS path threads itself
+  }
+  return pool_->ParallelForStatus(p.n, 16, [&](int64_t begin, int64_t end) {
+    MatMulParams part = p;
+    part.n_begin = begin;
+    part.n_end = end;
+    return MatMulCpu(part, nullptr, 0);
+  });
+}
+
+absl::Status ModelRunner::ApplyLowRank(const LowRankDelta& lr, const std::vector<int32_t>& rows,
+                                       const float* x, int64_t ldx, float* y, int64_t ldy) {
+  if (lr.rank == 0 || rows.empty()) return absl::OkStatus();
+  const int64_t m = static_cast<int64_t>(rows.size()), k = lr.cols, r = lr.rank, n = lr.rows;
+  // The segment's rows of x: in place when they are consecutive rows of a dense x (one sequence,
+  // or a batch of one tenant), else gathered.
+  const float* xs = x + int64_t{rows[0]} * ldx;
+  if (ldx != k || rows.back() - rows.front() + 1 != m) {
+    float* gathered = Grow(&delta_x_, m * k);
+    for (int64_t i = 0; i < m; ++i) {
+      std::memcpy(gathered + i * k, x + int64_t{rows[i]} * ldx, k * sizeof(float));
+    }
+    xs = gathered;
+  }
+  // t = x · Aᵀ [m, r], then out = t · Bᵀ [m, n], added to the segment's rows of y.
+  float* t = Grow(&lora_t_, m * r);
+  RETURN_IF_ERROR(RunMatMul({.m = m, .n = r, .k = k, .x = xs, .w = lr.a, .y = t}));
+  float* out = Grow(&delta_out_, m * n);
+  RETURN_IF_ERROR(RunMatMul({.m = m, .n = n, .k = r, .x = t, .w = lr.b, .y = out}));
+  for (int64_t i = 0; i < m; ++i) {
+    float* yr = y + int64_t{rows[i]} * ldy;
+    const float* o = out + i * n;
+    for (int64_t j = 0; j < n; ++j) yr[j] += o[j];
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::ApplyPackedDelta(const PackedDelta& d, const std::vector<int32_t>& rows,
+                                           const float* x, int64_t ldx, float* y, int64_t ldy) {
   if (d.rows == 0 || rows.empty()) return absl::OkStatus();
   DeltaMatMulParams p;
   p.m = static_cast<int64_t>(rows.size());
@@ -498,9 +566,9 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     float* v = qkv + qd + kvd;
     for (const DeltaSegment& s : segments_) {
       const LayerDelta& LD = s.delta->layers[l];
-      RETURN_IF_ERROR(ApplyDelta(LD.q, s.rows, normed, H, q, qkv_w));
-      RETURN_IF_ERROR(ApplyDelta(LD.k, s.rows, normed, H, k, qkv_w));
-      RETURN_IF_ERROR(ApplyDelta(LD.v, s.rows, normed, H, v, qkv_w));
+      RETURN_IF_ERROR(ApplyDelta(LD.q, LD.lora_q, s.rows, normed, H, q, qkv_w));
+      RETURN_IF_ERROR(ApplyDelta(LD.k, LD.lora_k, s.rows, normed, H, k, qkv_w));
+      RETURN_IF_ERROR(ApplyDelta(LD.v, LD.lora_v, s.rows, normed, H, v, qkv_w));
       for (int32_t t : s.rows) {
         for (size_t i = 0; i < LD.q_bias.size(); ++i) q[t * qkv_w + i] += LD.q_bias[i];
         for (size_t i = 0; i < LD.k_bias.size(); ++i) k[t * qkv_w + i] += LD.k_bias[i];
@@ -578,7 +646,7 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     RETURN_IF_ERROR(MatMul(L.o, attn, n, proj, H, L.o_bias));
     for (const DeltaSegment& s : segments_) {
       const LayerDelta& LD = s.delta->layers[l];
-      RETURN_IF_ERROR(ApplyDelta(LD.o, s.rows, attn, qd, proj, H));
+      RETURN_IF_ERROR(ApplyDelta(LD.o, LD.lora_o, s.rows, attn, qd, proj, H));
       for (int32_t t : s.rows) {
         for (size_t i = 0; i < LD.o_bias.size(); ++i) proj[t * H + i] += LD.o_bias[i];
       }
@@ -597,14 +665,15 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
         normed, n, {{&L.gate, gate_up, 2 * I, nullptr}, {&L.up, gate_up + I, 2 * I, nullptr}}));
     for (const DeltaSegment& s : segments_) {
       const LayerDelta& LD = s.delta->layers[l];
-      RETURN_IF_ERROR(ApplyDelta(LD.gate, s.rows, normed, H, gate_up, 2 * I));
-      RETURN_IF_ERROR(ApplyDelta(LD.up, s.rows, normed, H, gate_up + I, 2 * I));
+      RETURN_IF_ERROR(ApplyDelta(LD.gate, LD.lora_gate, s.rows, normed, H, gate_up, 2 * I));
+      RETURN_IF_ERROR(ApplyDelta(LD.up, LD.lora_up, s.rows, normed, H, gate_up + I, 2 * I));
     }
     RETURN_IF_ERROR(SiluMulCpu({n, I, gate_up, act}));
     if (observer_) observer_(l, ProjectionInput::kDown, act, n, I);
     RETURN_IF_ERROR(MatMul(L.down, act, n, proj, H, {}));
     for (const DeltaSegment& s : segments_) {
-      RETURN_IF_ERROR(ApplyDelta(s.delta->layers[l].down, s.rows, act, I, proj, H));
+      RETURN_IF_ERROR(ApplyDelta(s.delta->layers[l].down, s.delta->layers[l].lora_down, s.rows, act,
+                                 I, proj, H));
     }
     RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));
     for (int64_t i = 0; i < n * H; ++i) hidden[i] += proj[i];
@@ -627,7 +696,7 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     const bool tied = w_->lm_head.data == w_->embed.data;
     for (const DeltaSegment& s : segments_) {
       const PackedDelta& head = tied ? s.delta->embed : s.delta->lm_head;
-      RETURN_IF_ERROR(ApplyDelta(head, s.logit_rows, rows, H, logits.data(), c.vocab_size));
+      RETURN_IF_ERROR(ApplyPackedDelta(head, s.logit_rows, rows, H, logits.data(), c.vocab_size));
     }
     return absl::OkStatus();
   }

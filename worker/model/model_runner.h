@@ -30,6 +30,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/thread_pool.h"
+#include "kernels/matmul.h"
 #include "worker/comm/collectives.h"
 #include "worker/model/delta.h"
 #include "worker/model/weights.h"
@@ -162,8 +163,17 @@ class ModelRunner {
   void BuildSegments(const ForwardBatch& batch);
   // y[rows] += x[rows] · Δᵀ for one segment, split across the pool by output columns. A no-op for
   // an unchanged matrix (d.rows == 0).
-  absl::Status ApplyDelta(const PackedDelta& d, const std::vector<int32_t>& rows, const float* x,
-                          int64_t ldx, float* y, int64_t ldy);
+  absl::Status ApplyPackedDelta(const PackedDelta& d, const std::vector<int32_t>& rows,
+                                const float* x, int64_t ldx, float* y, int64_t ldy);
+  // y[rows] += (x[rows] · Aᵀ) · Bᵀ: a LoRA adapter's update (a no-op for rank 0).
+  absl::Status ApplyLowRank(const LowRankDelta& lr, const std::vector<int32_t>& rows,
+                            const float* x, int64_t ldx, float* y, int64_t ldy);
+  // A layer projection's fine-tune update: its packed delta, then its low-rank one.
+  absl::Status ApplyDelta(const PackedDelta& d, const LowRankDelta& lr,
+                          const std::vector<int32_t>& rows, const float* x, int64_t ldx, float* y,
+                          int64_t ldy);
+  // One f32 MatMulCpu: decode-sized ones split across the pool by output columns.
+  absl::Status RunMatMul(const MatMulParams& p);
   // ApplyDelta for many rows: panels of the delta unpacked to f32 across the pool, each multiplied
   // with the gathered rows by MatMulCpu.
   absl::Status ApplyDeltaPanels(const PackedDelta& d, const std::vector<int32_t>& rows,
@@ -186,7 +196,7 @@ class ModelRunner {
   std::vector<char> workspace_;
   ActivationObserver observer_;
   std::vector<DeltaSegment> segments_;
-  std::vector<float> delta_x_, delta_panel_, delta_out_;
+  std::vector<float> delta_x_, delta_panel_, delta_out_, lora_t_;
   std::vector<const DeltaWeights*> token_delta_;  // per token of the current batch
   // Rank 0: the plan of the current step, encoded; true once the followers were stopped.
   std::string plan_;

@@ -46,6 +46,7 @@
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 #include "worker/model/gpu_model_runner.h"
+#include "worker/model/lora.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
 #include "worker/server/follower_ranks.h"
@@ -145,12 +146,16 @@ ABSL_FLAG(int64_t, persist_kv_s, 10,
           "On shutdown, up to this long writing cached KV blocks down to the disk tier, so that "
           "the next worker on the same --disk_cache_path starts with them; 0: none.");
 ABSL_FLAG(std::vector<std::string>, fine_tunes, {},
-          "Fine-tunes to serve as compressed deltas over the base: comma-separated ID=PATH pairs "
-          "(PATH a delta file from stratactl delta compress). Either device; not with "
-          "--tensor_parallel above 1.");
+          "Fine-tunes to serve over the base: comma-separated ID=PATH pairs, PATH a delta file "
+          "from stratactl delta compress (either device) or a PEFT LoRA adapter's directory "
+          "(on a GPU worker with --gpu_lora). Not with --tensor_parallel above 1.");
+ABSL_FLAG(bool, gpu_lora, false,
+          "Serve LoRA adapters on a GPU worker (their products through cuBLASLt). Experimental: "
+          "built and tested against the CPU by gpu-tagged tests, not yet run on a GPU.");
 ABSL_FLAG(std::string, fine_tune_dir, "",
           "A directory whose *.delta.safetensors files are served as fine-tunes, each under its "
-          "file name without the suffix.");
+          "file name without the suffix, and whose subdirectories holding a PEFT LoRA adapter "
+          "(adapter_config.json, adapter_model.safetensors) under their own names.");
 ABSL_FLAG(int64_t, delta_cache_mb, 1024,
           "Memory for loaded fine-tune deltas; the least recently used unpinned ones are evicted.");
 ABSL_FLAG(int, tensor_parallel, 1,
@@ -199,6 +204,8 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags()
       const std::string name = it->path().filename().string();
       if (name.size() > kSuffix.size() && absl::EndsWith(name, kSuffix)) {
         found.emplace_back(name.substr(0, name.size() - kSuffix.size()), it->path().string());
+      } else if (IsLoraAdapter(it->path().string())) {
+        found.emplace_back(name, it->path().string());
       }
     }
     if (ec) {
@@ -412,6 +419,17 @@ int Main(const std::vector<std::string>& args) {
     return 1;
   }
   ec.fine_tunes = *std::move(fine_tunes);
+  if (ec.device != "cpu" && !absl::GetFlag(FLAGS_gpu_lora)) {
+    for (const auto& [id, path] : ec.fine_tunes) {
+      if (IsLoraAdapter(path)) {
+        LOG(ERROR) << "fine-tune " << id << ": " << path
+                   << " is a LoRA adapter; on a GPU worker they need --gpu_lora (experimental: "
+                      "not yet run on a GPU), or serve the merged fine-tune as a delta (stratactl "
+                      "delta compress)";
+        return 1;
+      }
+    }
+  }
   if (absl::GetFlag(FLAGS_delta_cache_mb) <= 0 || absl::GetFlag(FLAGS_delta_cache_mb) > (1 << 30)) {
     LOG(ERROR) << "--delta_cache_mb must be in [1, 2^30]";
     return 1;
