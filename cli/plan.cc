@@ -53,6 +53,12 @@ double DeltaBytes(const ModelConfig& m, int bits, bool sparse_2_4) {
   return bytes * m.num_layers;
 }
 
+double LoraBytes(const ModelConfig& m, int64_t rank, double value_bytes) {
+  const int64_t h = m.hidden_size, q = m.q_dim(), kv = m.kv_dim(), f = m.intermediate_size;
+  const int64_t in_plus_out = (q + h) + 2 * (kv + h) + (h + q) + 2 * (f + h) + (h + f);
+  return static_cast<double>(rank) * in_plus_out * value_bytes * m.num_layers;
+}
+
 namespace {
 
 // What tp ranks of a GPU achieve: bytes/s for weights and deltas, for the KV cache, and FLOP/s
@@ -136,8 +142,13 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
     return absl::InvalidArgumentError(
         "--fine-tunes must be 0 or more and --active-fine-tunes 0 to --fine-tunes");
   }
-  if (workload.fine_tunes > 0)
+  if (workload.fine_tunes > 0 && options.lora_rank > 0) {
+    p.delta_bytes = LoraBytes(model, options.lora_rank, 4);
+    p.delta_read_bytes = LoraBytes(model, options.lora_rank, dtype_bytes);
+  } else if (workload.fine_tunes > 0) {
     p.delta_bytes = DeltaBytes(model, options.delta_bits, options.delta_sparse_2_4);
+    p.delta_read_bytes = p.delta_bytes;
+  }
 
   // Prefill FLOPs per token: two per weight used (every matrix but the embedding table), plus
   // Q.K and P.V over the mean causal context of an uncached prompt.
@@ -193,7 +204,7 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   // A decode step of b sequences; with fine-tunes, every distinct one in the batch reads its delta
   // (the batch mixes min(b, active) of them).
   auto step_s = [&](double b, double deltas) {
-    const double memory = (step_weight_bytes + deltas * p.delta_bytes) / r.bandwidth +
+    const double memory = (step_weight_bytes + deltas * p.delta_read_bytes) / r.bandwidth +
                           b * mean_context * p.kv_bytes_per_token / r.kv_bandwidth;
     const double compute = 2 * matrix_params * b / r.flops;
     return std::max(memory, compute);
@@ -287,7 +298,16 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
         "tensor parallelism across GPUs is not built yet (--tensor_parallel is CPU-only): the "
         "figures assume it scales bandwidth and FLOPs with the GPUs and ignore all-reduce time");
   }
-  if (workload.fine_tunes > 0) {
+  if (workload.fine_tunes > 0 && options.lora_rank > 0) {
+    p.notes.push_back(absl::StrFormat(
+        "each of the %d fine-tunes is a rank-%d LoRA adapter: %.3f GiB in the delta cache (f32), "
+        "%.3f GiB on the GPU; a decode step reads one per distinct fine-tune in its batch, %d at "
+        "full batch: %.2f GiB on top of the base's %.2f GiB (GPU workers serve adapters with "
+        "--gpu_lora, not yet run on a GPU)",
+        workload.fine_tunes, options.lora_rank, p.delta_bytes / kGiB, p.delta_read_bytes / kGiB,
+        static_cast<int64_t>(deltas_in(p.batch)), deltas_in(p.batch) * p.delta_read_bytes / kGiB,
+        step_weight_bytes / kGiB));
+  } else if (workload.fine_tunes > 0) {
     p.notes.push_back(absl::StrFormat(
         "each of the %d fine-tunes is a %.2f GiB delta (%d-bit%s); a decode step reads one per "
         "distinct fine-tune in its batch, %d at full batch: %.2f GiB on top of the base's %.2f GiB",
@@ -330,7 +350,10 @@ StepCost PlanStepCost(const ModelConfig& model, const GpuSpec& gpu, const PlanOp
   c.token_s = 2 * matrix_params / r.flops;
   c.attention_pair_s = 4.0 * model.num_layers * model.q_dim() / r.flops;
   c.host_block_s = kv_bytes_per_token * options.block_tokens / kHostToDeviceBytesPerS;
-  c.delta_s = DeltaBytes(model, options.delta_bits, options.delta_sparse_2_4) / r.bandwidth;
+  c.delta_s =
+      (options.lora_rank > 0 ? LoraBytes(model, options.lora_rank, DTypeBytes(options.dtype))
+                             : DeltaBytes(model, options.delta_bits, options.delta_sparse_2_4)) /
+      r.bandwidth;
   return c;
 }
 
@@ -354,6 +377,8 @@ std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& option
         absl::StrCat("--kv_compression=", KvCompressionName(options.lower_tier_compression)));
   }
   if (plan.delta_cache_mb > 0) f.push_back(absl::StrCat("--delta_cache_mb=", plan.delta_cache_mb));
+  // LoRA adapters on a GPU worker (not yet run on a GPU: the worker asks for the flag).
+  if (plan.delta_cache_mb > 0 && options.lora_rank > 0) f.push_back("--gpu_lora");
   return f;
 }
 
@@ -494,7 +519,8 @@ absl::flat_hash_set<std::string> PlanMachineFlags() {
           "prefill-efficiency",
           "target-utilization",
           "delta-bits",
-          "delta-sparsity"};
+          "delta-sparsity",
+          "lora-rank"};
 }
 
 absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv) {
@@ -590,6 +616,15 @@ absl::StatusOr<PlanOptions> PlanOptionsFromArgs(const Args& args, const GpuSpec&
         absl::StrCat("--delta-sparsity must be 2:4 or none, not \"", sparsity, "\""));
   }
   o.delta_sparse_2_4 = sparsity == "2:4";
+  ASSIGN_OR_RETURN(o.lora_rank, args.GetInt("lora-rank", 0));
+  if (o.lora_rank < 0 || o.lora_rank > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--lora-rank must be in [1, 4096] (0: deltas), not ", o.lora_rank));
+  }
+  if (o.lora_rank > 0 && (args.Has("delta-bits") || args.Has("delta-sparsity"))) {
+    return absl::InvalidArgumentError(
+        "--lora-rank plans LoRA adapters; --delta-bits and --delta-sparsity are for deltas");
+  }
 
   return o;
 }

@@ -102,6 +102,8 @@ struct PlanOptions {
   // The fine-tunes' delta format (stratactl delta compress --bits, --sparsity).
   int delta_bits = 4;
   bool delta_sparse_2_4 = true;
+  // More than 0: the fine-tunes are LoRA adapters of this rank on every projection instead.
+  int64_t lora_rank = 0;
 };
 
 struct Plan {
@@ -136,7 +138,9 @@ struct Plan {
   int64_t host_cache_mb = 0;    // --host_cache_mb
   int64_t disk_cache_mb = 0;    // --disk_cache_mb
   // Fine-tunes (when Workload::fine_tunes > 0).
-  double delta_bytes = 0;           // one fine-tune's delta (its projection matrices)
+  double delta_bytes = 0;           // one fine-tune's delta (its projection matrices), as the
+                                    // delta cache counts it (a LoRA adapter's factors in f32)
+  double delta_read_bytes = 0;      // what a decode step reads of it on the GPU
   int64_t active_fine_tunes = 0;    // distinct fine-tunes in a full decode batch
   int64_t delta_cache_mb = 0;       // --delta_cache_mb: the active deltas, on the GPU and in RAM
   double batch1_delta_step_ms = 0;  // a batch-1 step of a fine-tune's sequence
@@ -162,6 +166,9 @@ inline constexpr double kDeltaReadBytesPerS = 2e9;
 // compress` packs them (kernels/delta.h); norms and biases are negligible, and the embedding and
 // LM head are left out (a fine-tune that changes them adds their share).
 double DeltaBytes(const ModelConfig& model, int bits, bool sparse_2_4);
+// A LoRA adapter of rank `rank` on all seven projections of every layer: rank x (in + out) values
+// a projection, at `value_bytes` each (4 in the delta cache, the activations' size on the GPU).
+double LoraBytes(const ModelConfig& model, int64_t rank, double value_bytes);
 
 // The strata-worker flags that deploy `plan` (without --listen, --model or --worker_id).
 std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& options);

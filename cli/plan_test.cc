@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
 #include "gtest/gtest.h"
@@ -99,6 +100,39 @@ TEST(PlanTest, FineTunesTakeMemoryAndStepTime) {
   w.active_fine_tunes = 101;
   EXPECT_EQ(MakePlan(Llama8B(), h100, w, PlanOptions()).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// LoRA adapters: rank x (in + out) values a projection, f32 in the delta cache (what the worker's
+// DeltaCache counts), the activations' type on the GPU (what a decode step reads).
+TEST(PlanTest, LoraAdaptersAreSizedByRank) {
+  const GpuSpec h100 = *FindGpu("h100");
+  Workload w = Decode(512, 64);
+  w.fine_tunes = 100;
+  w.active_fine_tunes = 8;
+  PlanOptions o;
+  o.lora_rank = 16;
+  auto base = MakePlan(Llama8B(), h100, Decode(512, 64), o);
+  auto lora = MakePlan(Llama8B(), h100, w, o);
+  auto delta = MakePlan(Llama8B(), h100, w, PlanOptions());
+  ASSERT_TRUE(base.ok() && lora.ok() && delta.ok()) << lora.status();
+  // Per layer: q and o (4096 + 4096), k and v (4096 + 1024), gate, up and down (4096 + 14336).
+  const double values = 16.0 * 32 * (2 * 8192 + 2 * 5120 + 3 * 18432);
+  EXPECT_DOUBLE_EQ(lora->delta_bytes, 4 * values);
+  EXPECT_DOUBLE_EQ(lora->delta_read_bytes, 2 * values);
+  EXPECT_NEAR(lora->delta_bytes / 1e6, 167.8, 0.1);
+  EXPECT_NEAR(lora->delta_cache_mb, 8 * lora->delta_bytes * 1.05 / (1 << 20), 1);
+  const double bandwidth = h100.copy_bytes_per_s * h100.decode_efficiency;
+  EXPECT_NEAR(lora->batch1_delta_step_ms - lora->batch1_step_ms,
+              1e3 * lora->delta_read_bytes / bandwidth, 1e-6);
+  EXPECT_NEAR(PlanStepCost(Llama8B(), h100, o).delta_s, lora->delta_read_bytes / bandwidth, 1e-12);
+  // A rank-16 adapter is a small fraction of a 4-bit 2:4 delta; the KV cache keeps the rest.
+  EXPECT_LT(lora->delta_bytes, delta->delta_bytes / 10);
+  EXPECT_GT(lora->kv_cache_mb, delta->kv_cache_mb);
+  bool noted = false;
+  for (const std::string& n : lora->notes) noted |= absl::StrContains(n, "rank-16 LoRA adapter");
+  EXPECT_TRUE(noted);
+  const std::vector<std::string> flags = WorkerFlags(*lora, o);
+  EXPECT_NE(std::find(flags.begin(), flags.end(), "--gpu_lora"), flags.end());
 }
 
 TEST(PlanTest, CountsLlama3_8BAsItsFilesDo) {
