@@ -122,8 +122,10 @@ if [ "$tensor_parallel" = 1 ]; then
     "$stratactl" delta compress --base "$model_dir" --fine-tune "$repo/models/strata-tiny/ft-$ft" \
       --base-name strata-tiny --out "$run_dir/fine-tunes/$ft.delta.safetensors" > /dev/null
   done
-  rm -rf "$run_dir/fine-tunes/lora-c-headers"
-  cp -r "$repo/models/strata-tiny/lora-c-headers" "$run_dir/fine-tunes/lora-c-headers"
+  for lora in lora-c-headers lora-c-headers-embed; do
+    rm -rf "$run_dir/fine-tunes/$lora"
+    cp -r "$repo/models/strata-tiny/$lora" "$run_dir/fine-tunes/$lora"
+  done
   fine_tune_flags=(--fine_tune_dir="$run_dir/fine-tunes" --delta_cache_mb=64)
 fi
 
@@ -185,11 +187,11 @@ if [ ${#fine_tune_flags[@]} -gt 0 ]; then
   echo "----------------------------------------------------------------------"
   echo
   echo "request: the same through the LoRA adapter (PEFT format) extracted from that fine-tune:"
-  echo "stratactl generate --prompt $(printf %q "$ft_prompt") --fine-tune lora-c-headers --max-tokens 48 --seed 1"
+  echo "stratactl generate --prompt $(printf %q "$ft_prompt") --fine-tune lora-c-headers-embed --max-tokens 48 --seed 1"
   echo "----------------------------------------------------------------------"
   printf '%s' "$ft_prompt"
   "$stratactl" generate --coordinator "$coordinator" --prompt "$ft_prompt" \
-    --fine-tune lora-c-headers --max-tokens 48 --seed 1
+    --fine-tune lora-c-headers-embed --max-tokens 48 --seed 1
   echo "----------------------------------------------------------------------"
 fi
 echo

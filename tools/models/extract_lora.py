@@ -6,8 +6,12 @@ each decoder projection's difference from the base, written as PEFT saves adapte
 For a projection with difference D = W_ft - W_base [out, in] and SVD D = U S Vᵀ, the adapter holds
     lora_A = sqrt(S_r) V_rᵀ          [r, in]
     lora_B = U_r sqrt(S_r) / s       [out, r]
-with s = lora_alpha / r (PEFT's scaling), so that s · B · A = U_r S_r V_rᵀ. The embedding, norms and
-biases are left out (LoRA adapts projections only).
+with s = lora_alpha / r (PEFT's scaling), so that s · B · A = U_r S_r V_rᵀ. Norms and biases are
+left out (LoRA adapts matrices only). With --embeddings the input embedding and the LM head get
+LoRA parts too, as PEFT stores them for target_modules embed_tokens and lm_head: the embedding's
+lora_embedding_A [r, vocab] and lora_embedding_B [hidden, r] approximate the transposed difference
+of embed_tokens, lm_head's lora_A and lora_B the difference of lm_head (of embed_tokens when the
+model ties them).
 
 Usage (numpy only; Debian's python3-numpy):
     tools/models/extract_lora.py --base models/strata-tiny/base \
@@ -37,6 +41,8 @@ def main():
     ap.add_argument("--dtype", default="BF16", choices=["F32", "BF16", "F16"])
     ap.add_argument("--modules", default=",".join(p.split(".")[1] for p in PROJECTIONS),
                     help="comma-separated projections to adapt (default all seven)")
+    ap.add_argument("--embeddings", action="store_true",
+                    help="also adapt embed_tokens and lm_head")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -49,6 +55,26 @@ def main():
     modules = args.modules.split(",")
     tensors = {}
     kept_energy = []
+
+    def factor(d):
+        # s · B · A = the rank-r truncation of d.
+        u, s, vt = np.linalg.svd(d, full_matrices=False)
+        r = min(args.rank, len(s))
+        root = np.sqrt(s[:r])
+        kept_energy.append(float(np.sum(s[:r] ** 2) / np.sum(s ** 2)))
+        return (root[:, None] * vt[:r]).astype(np.float32), (u[:, :r] * root[None, :] / scale).astype(np.float32)
+
+    if args.embeddings:
+        d_embed = ft["model.embed_tokens.weight"] - base["model.embed_tokens.weight"]
+        head = "model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight"
+        d_head = ft[head] - base[head]
+        a, b = factor(d_embed.T)  # [hidden, vocab] = B [hidden, r] · A [r, vocab]
+        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = (a, args.dtype)
+        tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = (b, args.dtype)
+        a, b = factor(d_head)  # [vocab, hidden]
+        tensors["base_model.model.lm_head.lora_A.weight"] = (a, args.dtype)
+        tensors["base_model.model.lm_head.lora_B.weight"] = (b, args.dtype)
+        modules = modules + ["embed_tokens", "lm_head"]
     for layer in range(config["num_hidden_layers"]):
         for proj in PROJECTIONS:
             if proj.split(".")[1] not in modules:
@@ -57,15 +83,10 @@ def main():
             d = ft[name + ".weight"] - base[name + ".weight"]
             if not np.any(d):
                 continue
-            u, s, vt = np.linalg.svd(d, full_matrices=False)
-            r = min(args.rank, len(s))
-            root = np.sqrt(s[:r])
-            a = root[:, None] * vt[:r]
-            b = u[:, :r] * root[None, :] / scale
-            kept_energy.append(float(np.sum(s[:r] ** 2) / np.sum(s ** 2)))
+            a, b = factor(d)
             prefix = "base_model.model." + name
-            tensors[prefix + ".lora_A.weight"] = (a.astype(np.float32), args.dtype)
-            tensors[prefix + ".lora_B.weight"] = (b.astype(np.float32), args.dtype)
+            tensors[prefix + ".lora_A.weight"] = (a, args.dtype)
+            tensors[prefix + ".lora_B.weight"] = (b, args.dtype)
 
     os.makedirs(args.out, exist_ok=True)
     safetensors_io.save_file(tensors, os.path.join(args.out, "adapter_model.safetensors"),

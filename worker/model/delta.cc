@@ -361,6 +361,32 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
 
 namespace {
 
+// f32 matrix m += B · A, or (B · A)ᵀ when `transposed` (an embedding's LoRA), in double so that
+// the reference adds each element rounded once. Nothing for rank 0.
+absl::Status AddLowRank(const LowRankDelta& lr, bool transposed, Matrix* m) {
+  if (lr.rank == 0) return absl::OkStatus();
+  if ((transposed ? lr.cols : lr.rows) != m->rows || (transposed ? lr.rows : lr.cols) != m->cols ||
+      m->dtype != DType::kF32) {
+    return absl::InvalidArgumentError(
+        "materialize: a low-rank delta's shape differs from its matrix");
+  }
+  float* f = reinterpret_cast<float*>(m->owned.data());
+  std::vector<double> row(static_cast<size_t>(lr.cols));
+  for (int64_t i = 0; i < lr.rows; ++i) {
+    std::fill(row.begin(), row.end(), 0.0);
+    for (int64_t r = 0; r < lr.rank; ++r) {
+      const double b = lr.b[i * lr.rank + r];
+      const float* a = lr.a + r * lr.cols;
+      for (int64_t j = 0; j < lr.cols; ++j) row[j] += b * a[j];
+    }
+    for (int64_t j = 0; j < lr.cols; ++j) {
+      float& v = transposed ? f[j * m->cols + i] : f[i * m->cols + j];
+      v = static_cast<float>(v + row[j]);
+    }
+  }
+  return absl::OkStatus();
+}
+
 // m as f32 plus the unpacked delta and the low-rank update B · A (each where present).
 absl::StatusOr<Matrix> AddDelta(const Matrix& m, const PackedDelta& d,
                                 const LowRankDelta& lr = {}) {
@@ -378,26 +404,8 @@ absl::StatusOr<Matrix> AddDelta(const Matrix& m, const PackedDelta& d,
     }
     RETURN_IF_ERROR(UnpackDeltaCpu(d, 0, d.rows, f, /*accumulate=*/true));
   }
-  if (lr.rank > 0) {
-    if (lr.rows != m.rows || lr.cols != m.cols) {
-      return absl::InvalidArgumentError(
-          "materialize: a low-rank delta's shape differs from its matrix");
-    }
-    // In double, so that the reference adds B · A rounded once.
-    std::vector<double> row(static_cast<size_t>(m.cols));
-    for (int64_t i = 0; i < m.rows; ++i) {
-      std::fill(row.begin(), row.end(), 0.0);
-      for (int64_t r = 0; r < lr.rank; ++r) {
-        const double b = lr.b[i * lr.rank + r];
-        const float* a = lr.a + r * lr.cols;
-        for (int64_t j = 0; j < m.cols; ++j) row[j] += b * a[j];
-      }
-      for (int64_t j = 0; j < m.cols; ++j) {
-        f[i * m.cols + j] = static_cast<float>(f[i * m.cols + j] + row[j]);
-      }
-    }
-  }
   out.data = out.owned.data();
+  RETURN_IF_ERROR(AddLowRank(lr, /*transposed=*/false, &out));
   return out;
 }
 
@@ -495,6 +503,9 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> MaterializeDelta(const ModelWeight
   const bool tied = base.lm_head.data == base.embed.data;
   ASSIGN_OR_RETURN(w->embed, AddDelta(base.embed, delta.embed));
   ASSIGN_OR_RETURN(w->lm_head, AddDelta(base.lm_head, tied ? delta.embed : delta.lm_head));
+  // A LoRA's embedding and head parts change one side each, tied or not.
+  RETURN_IF_ERROR(AddLowRank(delta.lora_embed, /*transposed=*/true, &w->embed));
+  RETURN_IF_ERROR(AddLowRank(delta.lora_head, /*transposed=*/false, &w->lm_head));
   w->final_norm = delta.final_norm.empty() ? base.final_norm : delta.final_norm;
   for (size_t l = 0; l < base.layers.size(); ++l) {
     const LayerWeights& B = base.layers[l];

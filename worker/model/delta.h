@@ -68,8 +68,14 @@ struct DeltaWeights {
   const uint64_t serial;
 
   std::string path;
-  // A LoRA adapter: only the layers' lora_* parts are set (bits and sparse_2_4 mean nothing).
+  // A LoRA adapter: only the lora_* parts are set (bits and sparse_2_4 mean nothing).
   bool lora = false;
+  // LoRA on the input embedding, as PEFT adapts an nn.Embedding: token v's row gains B · A[:, v]
+  // (rows = hidden, cols = vocab: A [rank, vocab], B [hidden, rank]). It changes the input
+  // embedding only, even with tied embeddings.
+  LowRankDelta lora_embed;
+  // LoRA on the LM head (rows = vocab, cols = hidden), the output side only.
+  LowRankDelta lora_head;
   // The largest rank of its low-rank parts (0 for a packed delta).
   int64_t lora_max_rank = 0;
   int bits = 4;

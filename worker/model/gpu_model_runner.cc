@@ -784,6 +784,13 @@ absl::Status GpuModelRunner::Impl::PrepareDeltas(const ForwardBatch& b) {
   plan = PlanDeltaStep(b.tokens, b.token_seq, b.seq_deltas, b.logit_tokens, S_());
   seg_devs.clear();
   if (plan.empty()) return absl::OkStatus();
+  for (const DeltaStepPlan::Segment& s : plan.segments) {
+    if (s.delta->lora_embed.rank > 0 || s.delta->lora_head.rank > 0) {
+      return absl::UnimplementedError(absl::StrCat(
+          "forward: ", s.delta->path,
+          " adapts the embedding or the LM head, which LoRA on the GPU does not do yet"));
+    }
+  }
   if (residency == nullptr) {
     return absl::FailedPreconditionError(
         "forward: fine-tune deltas need a device delta region (GpuRunnerOptions::delta_bytes)");

@@ -121,10 +121,18 @@ constexpr Projection kProjections[] = {
     {"mlp.down_proj", &LayerDelta::lora_down},
 };
 
-// [out, in] of a projection of `c`.
+// Projection ids past kProjections: the input embedding and the LM head.
+constexpr int kEmbedProjection = static_cast<int>(std::size(kProjections));
+constexpr int kHeadProjection = kEmbedProjection + 1;
+
+// [out, in] of a projection of `c` (the embedding's: [hidden, vocab], as its LoRA factors are).
 std::pair<int64_t, int64_t> ProjectionShape(const ModelConfig& c, int projection) {
   const int64_t H = c.hidden_size, I = c.intermediate_size;
   switch (projection) {
+    case kEmbedProjection:
+      return {H, c.vocab_size};
+    case kHeadProjection:
+      return {c.vocab_size, H};
     case 0:
       return {c.q_dim(), H};
     case 1:
@@ -148,16 +156,32 @@ absl::StatusOr<LoraTensorName> ParseTensorName(absl::string_view name, const Mod
   if (absl::StrContains(name, "lora_magnitude_vector")) {
     return refuse("is a DoRA magnitude: DoRA adapters are not supported");
   }
-  if (absl::StrContains(name, "lora_embedding_") || absl::StrContains(name, "embed_tokens")) {
-    return refuse("adapts the embedding: only the decoder layers' projections are supported");
-  }
-  if (absl::StrContains(name, "lm_head")) {
-    return refuse("adapts the LM head: only the decoder layers' projections are supported");
-  }
   absl::string_view rest = name;
   absl::ConsumePrefix(&rest, "base_model.model.");
   absl::ConsumeSuffix(&rest, ".weight");
   LoraTensorName out;
+  // The embedding (PEFT's lora_embedding_A [r, vocab] and lora_embedding_B [hidden, r]) and the
+  // LM head (a Linear's lora_A and lora_B).
+  if (rest == "model.embed_tokens.lora_embedding_A" ||
+      rest == "model.embed_tokens.lora_embedding_B") {
+    out.layer = -1;
+    out.projection = kEmbedProjection;
+    out.is_a = absl::EndsWith(rest, "_A");
+    out.module = "model.embed_tokens";
+    return out;
+  }
+  if (rest == "lm_head.lora_A" || rest == "lm_head.lora_B") {
+    out.layer = -1;
+    out.projection = kHeadProjection;
+    out.is_a = absl::EndsWith(rest, "_A");
+    out.module = "lm_head";
+    return out;
+  }
+  if (absl::StrContains(name, "embed_tokens") || absl::StrContains(name, "lm_head")) {
+    return refuse(
+        "is not a LoRA factor of the embedding (lora_embedding_A, lora_embedding_B) or the LM "
+        "head (lora_A, lora_B)");
+  }
   if (absl::ConsumeSuffix(&rest, ".lora_A")) {
     out.is_a = true;
   } else if (absl::ConsumeSuffix(&rest, ".lora_B")) {
@@ -359,7 +383,10 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadLoraAdapter(const std::string&
             absl::StrCat(o.file.path(), ": tensor ", m.b->name, " holds a NaN or infinity"));
       }
     }
-    LowRankDelta& lr = d->layers[m.name.layer].*(kProjections[m.name.projection].slot);
+    LowRankDelta& lr = m.name.projection == kEmbedProjection ? d->lora_embed
+                       : m.name.projection == kHeadProjection
+                           ? d->lora_head
+                           : d->layers[m.name.layer].*(kProjections[m.name.projection].slot);
     lr.rank = m.rank;
     lr.rows = out;
     lr.cols = in;

@@ -7,7 +7,11 @@
 //   base_model.model.model.layers.<l>.self_attn.{q,k,v,o}_proj.lora_A.weight   [r, in]
 //   base_model.model.model.layers.<l>.mlp.{gate,up,down}_proj.lora_A.weight    [r, in]
 // and the matching lora_B.weight [out, r] (F32, BF16 or F16; the "base_model.model." prefix and
-// the ".weight" suffix may be absent). The fine-tune's projection is W + s · B · A with
+// the ".weight" suffix may be absent); optionally base_model.model.model.embed_tokens.
+// lora_embedding_A [r, vocab] and lora_embedding_B [hidden, r] (token v's embedding gains
+// s · B · A[:, v]; the input side only, even with tied embeddings) and base_model.model.lm_head.
+// lora_A.weight [r, hidden] and lora_B.weight [vocab, r] (the output side only). The fine-tune's
+// projection is W + s · B · A with
 //   s = alpha / r, or alpha / √r with "use_rslora": true,
 // where r is the module's rank (its tensors' shape, which is rank_pattern's in effect) and alpha
 // is "lora_alpha" (PEFT's default 8), or the value of the first "alpha_pattern" key that matches
@@ -16,7 +20,8 @@
 //
 // Refused, with INVALID_ARGUMENT naming the field or tensor: another "peft_type", DoRA ("use_dora"
 // or lora_magnitude_vector tensors), trained biases ("bias" other than "none"),
-// "modules_to_save", "layer_replication", "fan_in_fan_out", LoRA on the embedding or LM head, a
+// "modules_to_save", "layer_replication", "fan_in_fan_out", other tensors of the embedding or LM
+// head (whole weights, as modules_to_save stores them), a
 // module with only one of its two factors, shapes that do not fit the base, alpha_pattern keys
 // written as regular expressions beyond a plain module name, adapter_model.bin
 // (pickles are not read).

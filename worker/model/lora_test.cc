@@ -162,6 +162,14 @@ TEST(LoraLoadTest, BundledAdapterLoads) {
   EXPECT_EQ(L.lora_down.cols, base.weights->config.intermediate_size);
   EXPECT_EQ(L.k.rows, 0);  // no packed parts
   EXPECT_EQ((*d)->embed.rows, 0);
+  // The second bundled adapter adapts the embedding and the LM head too.
+  absl::StatusOr<std::unique_ptr<DeltaWeights>> embed =
+      LoadLoraAdapter("models/strata-tiny/lora-c-headers-embed", *base.weights);
+  ASSERT_TRUE(embed.ok()) << embed.status();
+  EXPECT_EQ((*embed)->lora_embed.rank, 16);
+  EXPECT_EQ((*embed)->lora_embed.cols, base.weights->config.vocab_size);
+  EXPECT_EQ((*embed)->lora_head.rows, base.weights->config.vocab_size);
+  EXPECT_EQ((*d)->lora_embed.rank, 0);
   // LoadFineTune tells the two kinds apart.
   absl::StatusOr<std::unique_ptr<DeltaWeights>> again =
       LoadFineTune(kBundledLora, *base.weights, base.fingerprint);
@@ -279,13 +287,30 @@ TEST(LoraLoadTest, RefusesWhatItCannotServe) {
              std::vector<float>(64, 1.0f)}),
        "DoRA"},
       {PeftConfig(8, 4),
+       with({"base_model.model.model.embed_tokens.lora_A.weight",
+             {4, c.vocab_size},
+             std::vector<float>(4 * c.vocab_size)}),
+       "is not a LoRA factor of the embedding"},
+      {PeftConfig(8, 4),
+       with({"base_model.model.lm_head.weight",
+             {c.vocab_size, H},
+             std::vector<float>(c.vocab_size * H)}),
+       "is not a LoRA factor of the embedding"},
+      {PeftConfig(8, 4),
        with({"base_model.model.model.embed_tokens.lora_embedding_A",
              {4, c.vocab_size},
              std::vector<float>(4 * c.vocab_size)}),
-       "embedding"},
+       "has lora_A but no lora_B"},
       {PeftConfig(8, 4),
-       with({"base_model.model.lm_head.lora_A.weight", {4, H}, std::vector<float>(4 * H)}),
-       "LM head"},
+       {good[0],
+        good[1],
+        {"base_model.model.lm_head.lora_A.weight",
+         {4, c.vocab_size},
+         std::vector<float>(4 * c.vocab_size)},
+        {"base_model.model.lm_head.lora_B.weight",
+         {c.vocab_size, 4},
+         std::vector<float>(4 * c.vocab_size)}},
+       "must be [r, 256] and [2048, r]"},
       {PeftConfig(8, 4),
        with({"base_model.model.model.layers.9.mlp.up_proj.lora_A.weight",
              {4, H},
@@ -393,6 +418,64 @@ TEST(LoraForwardTest, MixedBatchMatchesMergedWeights) {
     EXPECT_LT(RelativeError(mixed[1], base_alone[0]), 1e-5);
     // The adapter really changes the model.
     EXPECT_GT(RelativeError(mixed[0], base_alone[1]), 0.02);
+  }
+}
+
+// The embedding's and the LM head's LoRA parts (PEFT's lora_embedding_A/B and lm_head's lora_A/B)
+// change one side each: with tied embeddings (the bundled base) and untied (Llama 2's testdata),
+// the runner equals the merged weights, whose embedding and head part ways.
+TEST(LoraForwardTest, EmbeddingAndHeadPartsMatchMergedWeights) {
+  for (const char* dir : {kBase, "worker/model/testdata/llama2_f32"}) {
+    SCOPED_TRACE(dir);
+    Base base = LoadBase(dir);
+    const ModelConfig& c = base.weights->config;
+    const int64_t H = c.hidden_size, V = c.vocab_size;
+    std::mt19937 rng(6);
+    std::vector<Factor> f = RandomFactors(c, 4, DType::kF32, 12);
+    f.push_back({"base_model.model.model.embed_tokens.lora_embedding_A",
+                 {8, V},
+                 Random(8 * V, 1.0f, rng),
+                 DType::kBF16});
+    f.push_back({"base_model.model.model.embed_tokens.lora_embedding_B",
+                 {H, 8},
+                 Random(H * 8, 0.01f, rng),
+                 DType::kBF16});
+    f.push_back({"base_model.model.lm_head.lora_A.weight",
+                 {8, H},
+                 Random(8 * H, 1.0f / std::sqrt(float(H)), rng)});
+    f.push_back({"base_model.model.lm_head.lora_B.weight", {V, 8}, Random(V * 8, 0.05f, rng)});
+    auto lora = LoadLoraAdapter(WriteAdapter("embed-head", PeftConfig(16, 8), f), *base.weights);
+    ASSERT_TRUE(lora.ok()) << lora.status();
+    EXPECT_EQ((*lora)->lora_embed.rank, 8);
+    EXPECT_EQ((*lora)->lora_embed.cols, V);
+    EXPECT_EQ((*lora)->lora_head.rows, V);
+    auto merged = MaterializeDelta(*base.weights, **lora);
+    ASSERT_TRUE(merged.ok()) << merged.status();
+    EXPECT_NE((*merged)->embed.data, (*merged)->lm_head.data);
+    std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(V) - 1);
+    std::vector<std::vector<int32_t>> seqs(2, std::vector<int32_t>(19));
+    for (auto& s : seqs) {
+      for (int32_t& t : s) t = id(rng);
+    }
+    SingleRankCollectives comm;
+    ModelRunner runner(base.weights.get(), &comm);
+    ModelRunner merged_runner(merged->get(), &comm);
+    for (const int64_t chunk : {int64_t{2}, int64_t{64}}) {
+      const auto mixed = FeedSequences(runner, seqs, chunk, 4, {nullptr, lora->get()});
+      const auto alone = FeedSequences(merged_runner, {seqs[1]}, 64, 4);
+      const auto base_alone = FeedSequences(runner, {seqs[0]}, 64, 4);
+      EXPECT_LT(RelativeError(mixed[1], alone[0]), 1e-4);
+      EXPECT_LT(RelativeError(mixed[0], base_alone[0]), 1e-5);
+    }
+    // Each part alone moves the logits.
+    for (LowRankDelta DeltaWeights::*part : {&DeltaWeights::lora_embed, &DeltaWeights::lora_head}) {
+      DeltaWeights only;
+      only.lora = true;
+      only.layers.resize(c.num_layers);
+      only.*part = (*lora).get()->*part;
+      const auto with = FeedSequences(runner, {seqs[1]}, 64, 4, {&only});
+      EXPECT_GT(RelativeError(with[0], FeedSequences(runner, {seqs[1]}, 64, 4)[0]), 1e-3);
+    }
   }
 }
 

@@ -541,10 +541,25 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
   for (int64_t t = 0; t < n; ++t) EmbedRow(w_->embed, b.tokens[t], hidden + t * H);
   BuildSegments(b);
   for (const DeltaSegment& s : segments_) {
-    if (s.delta->embed.rows == 0) continue;
-    for (int32_t t : s.rows) {
-      RETURN_IF_ERROR(UnpackDeltaCpu(s.delta->embed, b.tokens[t], b.tokens[t] + 1, hidden + t * H,
-                                     /*accumulate=*/true));
+    if (s.delta->embed.rows > 0) {
+      for (int32_t t : s.rows) {
+        RETURN_IF_ERROR(UnpackDeltaCpu(s.delta->embed, b.tokens[t], b.tokens[t] + 1, hidden + t * H,
+                                       /*accumulate=*/true));
+      }
+    }
+    if (const LowRankDelta& e = s.delta->lora_embed; e.rank > 0) {
+      // hidden[t] += B · A[:, token]: A's column for the token, then B's rows.
+      std::vector<float> a(static_cast<size_t>(e.rank));
+      for (int32_t t : s.rows) {
+        for (int64_t r = 0; r < e.rank; ++r) a[r] = e.a[r * e.cols + b.tokens[t]];
+        float* h = hidden + t * H;
+        for (int64_t i = 0; i < H; ++i) {
+          const float* brow = e.b + i * e.rank;
+          float sum = 0;
+          for (int64_t r = 0; r < e.rank; ++r) sum += brow[r] * a[r];
+          h[i] += sum;
+        }
+      }
     }
   }
 
@@ -697,6 +712,8 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     for (const DeltaSegment& s : segments_) {
       const PackedDelta& head = tied ? s.delta->embed : s.delta->lm_head;
       RETURN_IF_ERROR(ApplyPackedDelta(head, s.logit_rows, rows, H, logits.data(), c.vocab_size));
+      RETURN_IF_ERROR(
+          ApplyLowRank(s.delta->lora_head, s.logit_rows, rows, H, logits.data(), c.vocab_size));
     }
     return absl::OkStatus();
   }
