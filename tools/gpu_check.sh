@@ -111,8 +111,9 @@ cluster_check() {
   local cport=50951 wport=50961 prompt='def fibonacci(n):'
   # A fine-tune served as a delta beside the base (4-bit, the default).
   local delta="$PWD/gpu-bundle/tmp/c-headers.delta.safetensors"
-  # And the bundled LoRA adapter (--gpu_lora: that path's first runs are these).
-  local lora="$PWD/models/strata-tiny/lora-c-headers"
+  # And a bundled LoRA adapter, the one that adapts the embedding and LM head too (--gpu_lora: that
+  # path's first runs are these).
+  local lora="$PWD/models/strata-tiny/lora-c-headers-embed"
   "$b/cli.stratactl" delta compress --base "$model" --fine-tune "$PWD/models/strata-tiny/ft-c-headers" \
     --out "$delta" >"$results/cluster-delta.log" 2>&1
   "$b/coordinator.strata-coordinator" --model="strata-tiny=$model" --workers="127.0.0.1:$wport" \

@@ -173,8 +173,9 @@ TEST_F(GpuDeltaTest, EveryVariantMatchesCpu) {
 }
 
 // LoRA adapters on the GPU (their factors converted to the activations' type, x · Aᵀ then · Bᵀ
-// through cuBLASLt) against the CPU's low-rank path: the bundled adapter beside a compressed
-// delta, and random rank-8 adapters on every variant.
+// through cuBLASLt) against the CPU's low-rank path: the bundled adapters beside a compressed
+// delta and each other (one adapts the embedding and LM head too), and random rank-8 adapters on
+// every variant.
 TEST_F(GpuDeltaTest, LoraAdaptersMatchCpu) {
   const uint32_t seed = std::random_device{}();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
@@ -185,6 +186,11 @@ TEST_F(GpuDeltaTest, LoraAdaptersMatchCpu) {
   std::unique_ptr<DeltaWeights> man = Compress(kBase, base, kMan, "man-lora", 4, false);
   ASSERT_TRUE(man);
   ExpectMixedBatchesMatchCpu(base, lora->get(), man.get(), seed);
+  // The second bundled adapter adapts the embedding and the LM head too: beside the first.
+  absl::StatusOr<std::unique_ptr<DeltaWeights>> embed =
+      LoadLoraAdapter("models/strata-tiny/lora-c-headers-embed", *base.weights);
+  ASSERT_TRUE(embed.ok()) << embed.status();
+  ExpectMixedBatchesMatchCpu(base, embed->get(), lora->get(), seed);
   for (const char* variant : {"qwen2_bf16", "qwen3_f32", "llama2_f32"}) {
     SCOPED_TRACE(variant);
     Base vb = LoadBase(std::string("worker/model/testdata/") + variant);

@@ -96,6 +96,9 @@ struct LayerDeltaDev {
 
 struct DeltaDev {
   PackedDelta embed, lm_head;
+  // LoRA on the embedding, its A transposed ([vocab, rank], so that a token's column is a row to
+  // gather), and on the LM head.
+  LowRankDev lora_embed_t, lora_head;
   const float* final_norm = nullptr;
   std::vector<LayerDeltaDev> layers;
 };
@@ -139,6 +142,9 @@ DeltaLayout LayoutOf(const DeltaWeights& d, int64_t eb) {
          {&L.lora_q, &L.lora_k, &L.lora_v, &L.lora_o, &L.lora_gate, &L.lora_up, &L.lora_down}) {
       if (lr->rank > 0) lay.low_rank.push_back(lr);
     }
+  }
+  for (const LowRankDelta* lr : {&d.lora_embed, &d.lora_head}) {
+    if (lr->rank > 0) lay.low_rank.push_back(lr);
   }
   lay.total = lay.arena_bytes;
   for (const std::vector<float>* v : lay.vectors) lay.total += Align16(4 * v->size());
@@ -308,7 +314,7 @@ struct GpuModelRunner::Impl {
                           int64_t ldx, void* y, int64_t ldy, gpu::ActType out_type);
   // y[rows[i]] += (x[rows[i]] · Aᵀ) · Bᵀ for a LoRA adapter's factors (a no-op for rank 0).
   absl::Status ApplyLowRank(const LowRankDev& lr, const int32_t* rows, int64_t count, const void* x,
-                            int64_t ldx, void* y, int64_t ldy);
+                            int64_t ldx, void* y, int64_t ldy, gpu::ActType out_type);
   // Each segment's update (picked by `pick`: its packed delta, then its low-rank part) applied to
   // its rows.
   template <typename Pick>
@@ -670,6 +676,16 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
     }
     return absl::OkStatus();
   };
+  auto low_rank_ok = [&](const LowRankDelta& lr, int64_t rows, int64_t cols,
+                         const char* what) -> absl::Status {
+    if (lr.rank == 0) return absl::OkStatus();
+    if (lr.rows != rows || lr.cols != cols || lr.a == nullptr || lr.b == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: a fine-tune's ", what,
+                                                     " LoRA part is not [", rows, ", ", cols,
+                                                     "] (loaded for another base?)"));
+    }
+    return absl::OkStatus();
+  };
   RETURN_IF_ERROR(mat(d.embed, V, H, "embedding"));
   RETURN_IF_ERROR(mat(d.lm_head, V, H, "lm_head"));
   RETURN_IF_ERROR(vec(d.final_norm, H, "final norm"));
@@ -689,7 +705,16 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
     RETURN_IF_ERROR(vec(L.k_bias, kvd, "k bias"));
     RETURN_IF_ERROR(vec(L.v_bias, kvd, "v bias"));
     RETURN_IF_ERROR(vec(L.o_bias, H, "o bias"));
+    RETURN_IF_ERROR(low_rank_ok(L.lora_q, qd, H, "q_proj"));
+    RETURN_IF_ERROR(low_rank_ok(L.lora_k, kvd, H, "k_proj"));
+    RETURN_IF_ERROR(low_rank_ok(L.lora_v, kvd, H, "v_proj"));
+    RETURN_IF_ERROR(low_rank_ok(L.lora_o, H, qd, "o_proj"));
+    RETURN_IF_ERROR(low_rank_ok(L.lora_gate, I, H, "gate_proj"));
+    RETURN_IF_ERROR(low_rank_ok(L.lora_up, I, H, "up_proj"));
+    RETURN_IF_ERROR(low_rank_ok(L.lora_down, H, I, "down_proj"));
   }
+  RETURN_IF_ERROR(low_rank_ok(d.lora_embed, H, V, "embedding"));
+  RETURN_IF_ERROR(low_rank_ok(d.lora_head, V, H, "lm_head"));
   // A delta's device bytes stay within what DeltaCache reserves for it plus a few hundred bytes
   // (GpuRunnerOptions::delta_bytes).
   const DeltaLayout lay = LayoutOf(d, eb);
@@ -725,7 +750,16 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
     dev.rank = lr->rank;
     dev.rows = lr->rows;
     dev.cols = lr->cols;
-    ConvertForDevice(lr->a, lr->rank * lr->cols, act, staging.data() + at);
+    if (lr == &d.lora_embed) {
+      // Transposed: [cols (vocab), rank].
+      std::vector<float> t(static_cast<size_t>(lr->rank * lr->cols));
+      for (int64_t r = 0; r < lr->rank; ++r) {
+        for (int64_t v = 0; v < lr->cols; ++v) t[v * lr->rank + r] = lr->a[r * lr->cols + v];
+      }
+      ConvertForDevice(t.data(), lr->rank * lr->cols, act, staging.data() + at);
+    } else {
+      ConvertForDevice(lr->a, lr->rank * lr->cols, act, staging.data() + at);
+    }
     dev.a = base + arena_bytes + at;
     at += Align16(static_cast<size_t>(lr->rank * lr->cols * eb));
     ConvertForDevice(lr->b, lr->rows * lr->rank, act, staging.data() + at);
@@ -759,6 +793,8 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
   auto lowered = [&](const LowRankDelta& lr) {
     return lr.rank > 0 ? low_rank.at(&lr) : LowRankDev{};
   };
+  dev.lora_embed_t = lowered(d.lora_embed);
+  dev.lora_head = lowered(d.lora_head);
   for (const LayerDelta& L : d.layers) {
     LayerDeltaDev& l = dev.layers.emplace_back();
     l.q = {moved(L.q), lowered(L.lora_q)};
@@ -784,13 +820,6 @@ absl::Status GpuModelRunner::Impl::PrepareDeltas(const ForwardBatch& b) {
   plan = PlanDeltaStep(b.tokens, b.token_seq, b.seq_deltas, b.logit_tokens, S_());
   seg_devs.clear();
   if (plan.empty()) return absl::OkStatus();
-  for (const DeltaStepPlan::Segment& s : plan.segments) {
-    if (s.delta->lora_embed.rank > 0 || s.delta->lora_head.rank > 0) {
-      return absl::UnimplementedError(absl::StrCat(
-          "forward: ", s.delta->path,
-          " adapts the embedding or the LM head, which LoRA on the GPU does not do yet"));
-    }
-  }
   if (residency == nullptr) {
     return absl::FailedPreconditionError(
         "forward: fine-tune deltas need a device delta region (GpuRunnerOptions::delta_bytes)");
@@ -882,7 +911,7 @@ absl::Status GpuModelRunner::Impl::ApplyDelta(const PackedDelta& d, const int32_
 
 absl::Status GpuModelRunner::Impl::ApplyLowRank(const LowRankDev& lr, const int32_t* rows,
                                                 int64_t count, const void* x, int64_t ldx, void* y,
-                                                int64_t ldy) {
+                                                int64_t ldy, gpu::ActType out_type) {
   if (lr.rank == 0 || count == 0) return absl::OkStatus();
   const CudaStreamHandle s = Handle(compute->get());
   const int64_t k = lr.cols, r = lr.rank, n = lr.rows;
@@ -923,8 +952,10 @@ absl::Status GpuModelRunner::Impl::ApplyLowRank(const LowRankDev& lr, const int3
                                  .act = act,
                                  .out_type = gpu::ActType::kF32},
                                 s));
-      const gpu::AddRowsArgs add{cn,  nb, rows + c0, delta_out, nb, static_cast<char*>(y) + j0 * eb,
-                                 ldy, act};
+      const gpu::AddRowsArgs add{cn,        nb,
+                                 rows + c0, delta_out,
+                                 nb,        static_cast<char*>(y) + j0 * gpu::ActBytes(out_type),
+                                 ldy,       out_type};
       RETURN_IF_ERROR(AddRowsCuda(add, s));
     }
   }
@@ -939,7 +970,8 @@ absl::Status GpuModelRunner::Impl::ApplySegments(Pick pick, const void* x, int64
     const ProjDeltaDev& proj = pick(*seg_devs[i]);
     RETURN_IF_ERROR(
         ApplyDelta(proj.packed, DeltaIdx(seg.rows_at), seg.num_rows, x, ldx, y, ldy, act));
-    RETURN_IF_ERROR(ApplyLowRank(proj.lora, DeltaIdx(seg.rows_at), seg.num_rows, x, ldx, y, ldy));
+    RETURN_IF_ERROR(
+        ApplyLowRank(proj.lora, DeltaIdx(seg.rows_at), seg.num_rows, x, ldx, y, ldy, act));
   }
   return absl::OkStatus();
 }
@@ -1131,6 +1163,33 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
     u.out_type = gpu::ActType::kF32;
     u.accumulate = true;
     RETURN_IF_ERROR(UnpackDeltaCuda(u, s));
+  }
+  // LoRA on the embedding: the tokens' rows of Aᵀ, times Bᵀ, added to their residual rows.
+  for (size_t i = 0; i < plan.segments.size(); ++i) {
+    const DeltaStepPlan::Segment& seg = plan.segments[i];
+    const LowRankDev& e = seg_devs[i]->lora_embed_t;
+    if (e.rank == 0) continue;
+    for (int64_t c0 = 0; c0 < seg.num_rows; c0 += chunk_rows) {
+      const int64_t cn = std::min(chunk_rows, seg.num_rows - c0);
+      const gpu::GatherRowsArgs gather{cn,       e.rank, e.a, e.rank, DeltaIdx(seg.ids_at) + c0,
+                                       delta_xs, e.rank, act};
+      RETURN_IF_ERROR(
+          CudaStatus(gpu::LaunchGatherRows(gather, compute->get()), "gather_rows launch"));
+      RETURN_IF_ERROR(gemm->Run({.m = cn,
+                                 .n = H,
+                                 .k = e.rank,
+                                 .x = delta_xs,
+                                 .ldx = e.rank,
+                                 .w = e.b,
+                                 .y = delta_out,
+                                 .ldy = H,
+                                 .act = act,
+                                 .out_type = gpu::ActType::kF32},
+                                s));
+      const gpu::AddRowsArgs add{cn,     H, DeltaIdx(seg.rows_at) + c0, delta_out, H,
+                                 hidden, H, gpu::ActType::kF32};
+      RETURN_IF_ERROR(AddRowsCuda(add, s));
+    }
   }
 
   gpu::PagedAttentionArgs pa;
@@ -1390,6 +1449,8 @@ absl::Status GpuModelRunner::Impl::Head(int64_t offset, int64_t m, bool gather, 
     const PackedDelta& head = lm_head == embed ? seg_devs[i]->embed : seg_devs[i]->lm_head;
     RETURN_IF_ERROR(ApplyDelta(head, DeltaIdx(seg.logits_at + first), count, x, H, logits, V,
                                gpu::ActType::kF32));
+    RETURN_IF_ERROR(ApplyLowRank(seg_devs[i]->lora_head, DeltaIdx(seg.logits_at + first), count, x,
+                                 H, logits, V, gpu::ActType::kF32));
   }
   if (greedy) {
     RETURN_IF_ERROR(
