@@ -8,6 +8,9 @@
 #   bench/run_delta_quality.sh calibration       2:4 chosen by magnitude against 2:4 chosen with
 #                                                calibration (--calibration on the first half of each
 #                                                held-out file; perplexity on the second half)
+#   bench/run_delta_quality.sh lora              LoRA adapters extracted from each fine-tune
+#                                                (tools/models/extract_lora.py, ranks 8, 16 and 32,
+#                                                projections only and with the embedding and LM head)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bazel build -c opt //cli:stratactl >/dev/null 2>&1
@@ -18,6 +21,27 @@ trap 'rm -rf "$tmp"' EXIT
 formats=("$@")
 [ ${#formats[@]} -gt 0 ] || formats=(8:none 4:none 2:none 8:2:4 4:2:4 2:2:4)
 ppl() { $bin eval ppl "$@" --context 512 --json | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["perplexity"])'; }
+if [ "${1:-}" = lora ]; then
+  echo "| fine-tune | held-out | adapter | MB | ppl | full fine-tune | base |"
+  echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
+  for ft in c-headers:c_headers man:man; do
+    name=${ft%%:*} text=$m/heldout/${ft##*:}.txt
+    full="$(ppl --model $m/ft-$name --text $text)"
+    base="$(ppl --model $m/base --text $text)"
+    for embeddings in "" --embeddings; do
+      for rank in 8 16 32; do
+        tools/models/extract_lora.py --base $m/base --fine-tune $m/ft-$name --rank $rank \
+          $embeddings --out $tmp/lora >/dev/null
+        mb="$(python3 -c 'import os,sys; print("%.2f" % (os.path.getsize(sys.argv[1]) / 1e6))' \
+          $tmp/lora/adapter_model.safetensors)"
+        p="$(ppl --model $m/base --delta $tmp/lora --text $text)"
+        echo "| $name | ${ft##*:} | rank $rank, $([ -n "$embeddings" ] && echo "projections, embedding and head" || echo projections) | $mb | $p | $full | $base |"
+        rm -rf $tmp/lora
+      done
+    done
+  done
+  exit 0
+fi
 if [ "${1:-}" = calibration ]; then
   echo "| fine-tune | format | ppl, magnitude 2:4 | ppl, calibrated 2:4 | change | full fine-tune | base |"
   echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
