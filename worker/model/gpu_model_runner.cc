@@ -11,6 +11,7 @@
 #include <cstring>
 #include <iterator>
 #include <map>
+#include <numeric>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -118,9 +119,14 @@ struct DeltaLayout {
 
 size_t Align16(size_t n) { return (n + 15) / 16 * 16; }
 
+// LoRA factors sit at 256-byte offsets in the region, as cuBLASLt's operands elsewhere do (its
+// algorithms may assume that alignment). The host arena (worker/model/lora.cc) aligns each f32
+// factor to 256 bytes too, so the device copy never needs more than DeltaCache reserved.
+size_t Align256(size_t n) { return (n + 255) / 256 * 256; }
+
 size_t LowRankBytes(const LowRankDelta& lr, int64_t eb) {
-  return Align16(static_cast<size_t>(lr.rank * lr.cols * eb)) +
-         Align16(static_cast<size_t>(lr.rows * lr.rank * eb));
+  return Align256(static_cast<size_t>(lr.rank * lr.cols * eb)) +
+         Align256(static_cast<size_t>(lr.rows * lr.rank * eb));
 }
 
 DeltaLayout LayoutOf(const DeltaWeights& d, int64_t eb) {
@@ -148,6 +154,7 @@ DeltaLayout LayoutOf(const DeltaWeights& d, int64_t eb) {
   }
   lay.total = lay.arena_bytes;
   for (const std::vector<float>* v : lay.vectors) lay.total += Align16(4 * v->size());
+  if (!lay.low_rank.empty()) lay.total = Align256(lay.total);
   for (const LowRankDelta* lr : lay.low_rank) lay.total += LowRankBytes(*lr, eb);
   return lay;
 }
@@ -312,6 +319,13 @@ struct GpuModelRunner::Impl {
   // out_type.
   absl::Status ApplyDelta(const PackedDelta& d, const int32_t* rows, int64_t count, const void* x,
                           int64_t ldx, void* y, int64_t ldy, gpu::ActType out_type);
+  // Rows of a LoRA B factor of rank `rank` per product: at most panel_rows (delta_out's width), and
+  // a multiple of what keeps each panel's start 256-byte aligned.
+  int64_t LowRankPanelStep(int64_t rank) const {
+    const int64_t q = 256 / std::gcd<int64_t>(rank * eb, 256);
+    const int64_t step = panel_rows / q * q;
+    return step > 0 ? step : panel_rows;
+  }
   // y[rows[i]] += (x[rows[i]] · Aᵀ) · Bᵀ for a LoRA adapter's factors (a no-op for rank 0).
   absl::Status ApplyLowRank(const LowRankDev& lr, const int32_t* rows, int64_t count, const void* x,
                             int64_t ldx, void* y, int64_t ldy, gpu::ActType out_type);
@@ -745,6 +759,7 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
     at += Align16(4 * v->size());
   }
   std::map<const LowRankDelta*, LowRankDev> low_rank;
+  if (!lay.low_rank.empty()) at = Align256(arena_bytes + at) - arena_bytes;
   for (const LowRankDelta* lr : lay.low_rank) {
     LowRankDev& dev = low_rank[lr];
     dev.rank = lr->rank;
@@ -761,10 +776,10 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
       ConvertForDevice(lr->a, lr->rank * lr->cols, act, staging.data() + at);
     }
     dev.a = base + arena_bytes + at;
-    at += Align16(static_cast<size_t>(lr->rank * lr->cols * eb));
+    at += Align256(static_cast<size_t>(lr->rank * lr->cols * eb));
     ConvertForDevice(lr->b, lr->rows * lr->rank, act, staging.data() + at);
     dev.b = base + arena_bytes + at;
-    at += Align16(static_cast<size_t>(lr->rows * lr->rank * eb));
+    at += Align256(static_cast<size_t>(lr->rows * lr->rank * eb));
   }
   if (!staging.empty()) {
     RETURN_IF_ERROR(CudaStatus(
@@ -918,6 +933,7 @@ absl::Status GpuModelRunner::Impl::ApplyLowRank(const LowRankDev& lr, const int3
   // t = x · Aᵀ into the panel scratch (rounded to the activations' type, as every projection's
   // output is), then per panel of B's rows out = t · Bᵀ in f32, added to the rows of y.
   void* t = delta_panel;
+  const int64_t step = LowRankPanelStep(r);
   const int64_t per_chunk = std::min(chunk_rows, panel_rows * max_k / r);
   if (per_chunk < 1) {
     return absl::InvalidArgumentError(
@@ -939,8 +955,8 @@ absl::Status GpuModelRunner::Impl::ApplyLowRank(const LowRankDev& lr, const int3
                                .act = act,
                                .out_type = act},
                               s));
-    for (int64_t j0 = 0; j0 < n; j0 += panel_rows) {
-      const int64_t nb = std::min(panel_rows, n - j0);
+    for (int64_t j0 = 0; j0 < n; j0 += step) {
+      const int64_t nb = std::min(step, n - j0);
       RETURN_IF_ERROR(gemm->Run({.m = cn,
                                  .n = nb,
                                  .k = r,
@@ -1175,20 +1191,25 @@ absl::Status GpuModelRunner::Impl::Run(int64_t n, int64_t num_seqs, int64_t num_
                                        delta_xs, e.rank, act};
       RETURN_IF_ERROR(
           CudaStatus(gpu::LaunchGatherRows(gather, compute->get()), "gather_rows launch"));
-      RETURN_IF_ERROR(gemm->Run({.m = cn,
-                                 .n = H,
-                                 .k = e.rank,
-                                 .x = delta_xs,
-                                 .ldx = e.rank,
-                                 .w = e.b,
-                                 .y = delta_out,
-                                 .ldy = H,
-                                 .act = act,
-                                 .out_type = gpu::ActType::kF32},
-                                s));
-      const gpu::AddRowsArgs add{cn,     H, DeltaIdx(seg.rows_at) + c0, delta_out, H,
-                                 hidden, H, gpu::ActType::kF32};
-      RETURN_IF_ERROR(AddRowsCuda(add, s));
+      // Per panel of B's rows: delta_out holds chunk_rows x panel_rows floats.
+      const int64_t step = LowRankPanelStep(e.rank);
+      for (int64_t j0 = 0; j0 < H; j0 += step) {
+        const int64_t nb = std::min(step, H - j0);
+        RETURN_IF_ERROR(gemm->Run({.m = cn,
+                                   .n = nb,
+                                   .k = e.rank,
+                                   .x = delta_xs,
+                                   .ldx = e.rank,
+                                   .w = static_cast<const char*>(e.b) + j0 * e.rank * eb,
+                                   .y = delta_out,
+                                   .ldy = nb,
+                                   .act = act,
+                                   .out_type = gpu::ActType::kF32},
+                                  s));
+        const gpu::AddRowsArgs add{cn,          nb, DeltaIdx(seg.rows_at) + c0, delta_out, nb,
+                                   hidden + j0, H,  gpu::ActType::kF32};
+        RETURN_IF_ERROR(AddRowsCuda(add, s));
+      }
     }
   }
 

@@ -22,7 +22,9 @@
 namespace strata {
 namespace {
 
-constexpr int64_t kArenaAlign = 64;
+// Each factor starts on a 256-byte boundary: the alignment the GPU runner gives its copies
+// (cuBLASLt operands), so that they never need more room than the host copy reserved.
+constexpr int64_t kArenaAlign = 256;
 constexpr int64_t kRevisionSamples = 16;
 constexpr int64_t kRevisionSampleBytes = 4096;
 

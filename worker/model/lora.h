@@ -52,7 +52,7 @@ struct LoraAdapterInfo {
   std::string base_model_name_or_path;  // as the config names it (for people)
   int64_t num_modules = 0;              // adapted projections
   int64_t max_rank = 0;
-  // Bytes DeltaWeights holds once loaded (A and B in f32, each 64-byte aligned).
+  // Bytes DeltaWeights holds once loaded (A and B in f32, each 256-byte aligned).
   int64_t resident_bytes = 0;
   // XXH3-64 over adapter_config.json, the tensors' names, dtypes and shapes, and 16 evenly spaced
   // 4 KiB samples of each tensor's data, as 16 hex digits: the adapter's revision in the KV
