@@ -21,13 +21,21 @@ trap 'rm -rf "$tmp"' EXIT
 formats=("$@")
 [ ${#formats[@]} -gt 0 ] || formats=(8:none 4:none 2:none 8:2:4 4:2:4 2:2:4)
 ppl() { $bin eval ppl "$@" --context 512 --json | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["perplexity"])'; }
+# full and base: the fine-tune's and the base's perplexity on the text file $1.
+scores() {
+  full="$(ppl --model $m/ft-$name --text $1)"
+  base="$(ppl --model $m/base --text $1)"
+}
+# name, text, full and base for a "NAME:HELDOUT" pair (fine-tune ft-NAME, heldout/HELDOUT.txt).
+fine_tune() {
+  name=${1%%:*} text=$m/heldout/${1##*:}.txt
+  scores $text
+}
 if [ "${1:-}" = lora ]; then
   echo "| fine-tune | held-out | adapter | MB | ppl | full fine-tune | base |"
   echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
   for ft in c-headers:c_headers man:man; do
-    name=${ft%%:*} text=$m/heldout/${ft##*:}.txt
-    full="$(ppl --model $m/ft-$name --text $text)"
-    base="$(ppl --model $m/base --text $text)"
+    fine_tune "$ft"
     for embeddings in "" --embeddings; do
       for rank in 8 16 32; do
         tools/models/extract_lora.py --base $m/base --fine-tune $m/ft-$name --rank $rank \
@@ -55,8 +63,7 @@ mid = s.index("\n", len(s) // 2) + 1
 open(sys.argv[2], "w", encoding="utf-8").write(s[:mid])
 open(sys.argv[3], "w", encoding="utf-8").write(s[mid:])
 PY
-    full="$(ppl --model $m/ft-$name --text $tmp/second.txt)"
-    base="$(ppl --model $m/base --text $tmp/second.txt)"
+    scores $tmp/second.txt
     for bits in 8 4 2; do
       $bin delta compress --base $m/base --fine-tune $m/ft-$name --out $tmp/p.delta.safetensors \
         --bits $bits --sparsity 2:4 >/dev/null
@@ -72,9 +79,7 @@ fi
 echo "| fine-tune | held-out | format | bits/weight | delta MB | vs bf16 fine-tune | ppl | full fine-tune | base |"
 echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for ft in c-headers:c_headers man:man; do
-  name=${ft%%:*} text=$m/heldout/${ft##*:}.txt
-  full="$(ppl --model $m/ft-$name --text $text)"
-  base="$(ppl --model $m/base --text $text)"
+  fine_tune "$ft"
   for f in "${formats[@]}"; do
     bits=${f%%:*} sparsity=${f#*:}
     out=$tmp/$name.delta.safetensors

@@ -704,13 +704,22 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
   RETURN_IF_ERROR(mat(d.lm_head, V, H, "lm_head"));
   RETURN_IF_ERROR(vec(d.final_norm, H, "final norm"));
   for (const LayerDelta& L : d.layers) {
-    RETURN_IF_ERROR(mat(L.q, qd, H, "q_proj"));
-    RETURN_IF_ERROR(mat(L.k, kvd, H, "k_proj"));
-    RETURN_IF_ERROR(mat(L.v, kvd, H, "v_proj"));
-    RETURN_IF_ERROR(mat(L.o, H, qd, "o_proj"));
-    RETURN_IF_ERROR(mat(L.gate, I, H, "gate_proj"));
-    RETURN_IF_ERROR(mat(L.up, I, H, "up_proj"));
-    RETURN_IF_ERROR(mat(L.down, H, I, "down_proj"));
+    // Each projection's packed and low-rank parts, [rows, cols] as the base's matrix.
+    const struct {
+      const PackedDelta& packed;
+      const LowRankDelta& lora;
+      int64_t rows, cols;
+      const char* what;
+    } projections[] = {
+        {L.q, L.lora_q, qd, H, "q_proj"},         {L.k, L.lora_k, kvd, H, "k_proj"},
+        {L.v, L.lora_v, kvd, H, "v_proj"},        {L.o, L.lora_o, H, qd, "o_proj"},
+        {L.gate, L.lora_gate, I, H, "gate_proj"}, {L.up, L.lora_up, I, H, "up_proj"},
+        {L.down, L.lora_down, H, I, "down_proj"},
+    };
+    for (const auto& p : projections) {
+      RETURN_IF_ERROR(mat(p.packed, p.rows, p.cols, p.what));
+      RETURN_IF_ERROR(low_rank_ok(p.lora, p.rows, p.cols, p.what));
+    }
     RETURN_IF_ERROR(vec(L.input_norm, H, "input norm"));
     RETURN_IF_ERROR(vec(L.post_attention_norm, H, "post-attention norm"));
     RETURN_IF_ERROR(vec(L.q_norm, D, "q_norm"));
@@ -719,13 +728,6 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
     RETURN_IF_ERROR(vec(L.k_bias, kvd, "k bias"));
     RETURN_IF_ERROR(vec(L.v_bias, kvd, "v bias"));
     RETURN_IF_ERROR(vec(L.o_bias, H, "o bias"));
-    RETURN_IF_ERROR(low_rank_ok(L.lora_q, qd, H, "q_proj"));
-    RETURN_IF_ERROR(low_rank_ok(L.lora_k, kvd, H, "k_proj"));
-    RETURN_IF_ERROR(low_rank_ok(L.lora_v, kvd, H, "v_proj"));
-    RETURN_IF_ERROR(low_rank_ok(L.lora_o, H, qd, "o_proj"));
-    RETURN_IF_ERROR(low_rank_ok(L.lora_gate, I, H, "gate_proj"));
-    RETURN_IF_ERROR(low_rank_ok(L.lora_up, I, H, "up_proj"));
-    RETURN_IF_ERROR(low_rank_ok(L.lora_down, H, I, "down_proj"));
   }
   RETURN_IF_ERROR(low_rank_ok(d.lora_embed, H, V, "embedding"));
   RETURN_IF_ERROR(low_rank_ok(d.lora_head, V, H, "lm_head"));

@@ -296,6 +296,32 @@ struct Opened {
   std::vector<Module> modules;
 };
 
+// Bytes of the arena that holds `modules`' factors in f32, each 256-byte aligned, with room to
+// align the first.
+int64_t ArenaBytes(const std::vector<Module>& modules) {
+  int64_t bytes = kArenaAlign;
+  for (const Module& m : modules) {
+    bytes += Aligned(m.a->NumElements() * 4) + Aligned(m.b->NumElements() * 4);
+  }
+  return bytes;
+}
+
+// A factor's values times `scale` into `out` as f32. Like a delta's values (worker/model/delta.cc),
+// each must lie within ±kMaxFactorValue: a hostile file could otherwise make activations infinite.
+constexpr float kMaxFactorValue = 1e4f;
+absl::Status CopyFactor(const TensorView& t, double scale, float* out) {
+  for (int64_t i = 0; i < t.NumElements(); ++i) {
+    out[i] = static_cast<float>(ElementAsFloat(t.data.data(), t.dtype, i) * scale);
+    if (!(std::abs(out[i]) <= kMaxFactorValue)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(t.file != nullptr ? *t.file : "", ": tensor ", t.name,
+                       " holds a NaN or infinity, or a value (after the scale ", scale, ") beyond ",
+                       kMaxFactorValue, " in magnitude"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Opened> Open(const std::string& dir, const ModelConfig& c) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) {
@@ -333,11 +359,8 @@ absl::StatusOr<LoraAdapterInfo> ReadLoraAdapterInfo(const std::string& dir,
   LoraAdapterInfo info;
   info.base_model_name_or_path = o.config.base_model_name_or_path;
   info.num_modules = static_cast<int64_t>(o.modules.size());
-  info.resident_bytes = kArenaAlign;
-  for (const Module& m : o.modules) {
-    info.max_rank = std::max(info.max_rank, m.rank);
-    info.resident_bytes += Aligned(m.a->NumElements() * 4) + Aligned(m.b->NumElements() * 4);
-  }
+  info.resident_bytes = ArenaBytes(o.modules);
+  for (const Module& m : o.modules) info.max_rank = std::max(info.max_rank, m.rank);
   info.revision = Revision(o.config, o.file);
   return info;
 }
@@ -354,11 +377,7 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadLoraAdapter(const std::string&
   d->path = dir;
   d->lora = true;
   d->layers.resize(c.num_layers);
-  int64_t bytes = kArenaAlign;
-  for (const Module& m : o.modules) {
-    bytes += Aligned(m.a->NumElements() * 4) + Aligned(m.b->NumElements() * 4);
-  }
-  d->arena.resize(static_cast<size_t>(bytes));
+  d->arena.resize(static_cast<size_t>(ArenaBytes(o.modules)));
   uint8_t* next = d->arena.data();
   next += (kArenaAlign - reinterpret_cast<uintptr_t>(next) % kArenaAlign) % kArenaAlign;
   for (const Module& m : o.modules) {
@@ -367,24 +386,8 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadLoraAdapter(const std::string&
     next += Aligned(m.a->NumElements() * 4);
     float* b = reinterpret_cast<float*>(next);
     next += Aligned(m.b->NumElements() * 4);
-    for (int64_t i = 0; i < m.a->NumElements(); ++i) {
-      a[i] = ElementAsFloat(m.a->data.data(), m.a->dtype, i);
-    }
-    for (int64_t i = 0; i < m.b->NumElements(); ++i) {
-      b[i] = static_cast<float>(ElementAsFloat(m.b->data.data(), m.b->dtype, i) * m.scale);
-    }
-    for (int64_t i = 0; i < m.a->NumElements(); ++i) {
-      if (!std::isfinite(a[i])) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(o.file.path(), ": tensor ", m.a->name, " holds a NaN or infinity"));
-      }
-    }
-    for (int64_t i = 0; i < m.b->NumElements(); ++i) {
-      if (!std::isfinite(b[i])) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(o.file.path(), ": tensor ", m.b->name, " holds a NaN or infinity"));
-      }
-    }
+    RETURN_IF_ERROR(CopyFactor(*m.a, 1.0, a));
+    RETURN_IF_ERROR(CopyFactor(*m.b, m.scale, b));
     LowRankDelta& lr = m.name.projection == kEmbedProjection ? d->lora_embed
                        : m.name.projection == kHeadProjection
                            ? d->lora_head

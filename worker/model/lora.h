@@ -22,7 +22,8 @@
 // or lora_magnitude_vector tensors), trained biases ("bias" other than "none"),
 // "modules_to_save", "layer_replication", "fan_in_fan_out", other tensors of the embedding or LM
 // head (whole weights, as modules_to_save stores them), a
-// module with only one of its two factors, shapes that do not fit the base, alpha_pattern keys
+// module with only one of its two factors, shapes that do not fit the base, a factor value beyond
+// ±1e4 once scaled (or a NaN), alpha_pattern keys
 // written as regular expressions beyond a plain module name, adapter_model.bin
 // (pickles are not read).
 #ifndef STRATA_WORKER_MODEL_LORA_H_

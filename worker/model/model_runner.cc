@@ -386,24 +386,18 @@ absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const LowRankDelta& l
 
 absl::Status ModelRunner::RunMatMul(const MatMulParams& p) {
   const size_t ws = MatMulCpuWorkspaceBytes(p);
-  if (ws == 0) {
+  if (ws == 0 && p.m * p.n * p.k <= kLowRankDirectMaxMacs) {
     // Small products: the direct kernel, 8 rows at a time, on this thread (waking the BLAS's or
     // the pool's threads costs more than the work; the direct kernel measured slower than the
     // BLAS for prefill-sized ones).
-    const auto rows = [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin * kMatMulCpuGemvMaxRows;
-           i < std::min(p.m, end * kMatMulCpuGemvMaxRows); i += kMatMulCpuGemvMaxRows) {
-        MatMulParams part = p;
-        part.m = std::min(kMatMulCpuGemvMaxRows, p.m - i);
-        part.x = p.x + i * p.k;
-        part.y = p.y + i * (p.ldy == 0 ? p.n : p.ldy);
-        RETURN_IF_ERROR(MatMulCpu(part, nullptr, 0));
-      }
-      return absl::OkStatus();
-    };
-    if (p.m * p.n * p.k <= kLowRankDirectMaxMacs) {
-      return rows(0, (p.m + kMatMulCpuGemvMaxRows - 1) / kMatMulCpuGemvMaxRows);
+    for (int64_t i = 0; i < p.m; i += kMatMulCpuGemvMaxRows) {
+      MatMulParams part = p;
+      part.m = std::min(kMatMulCpuGemvMaxRows, p.m - i);
+      part.x = p.x + i * p.k;
+      part.y = p.y + i * (p.ldy == 0 ? p.n : p.ldy);
+      RETURN_IF_ERROR(MatMulCpu(part, nullptr, 0));
     }
+    return absl::OkStatus();
   }
   if (ws > 0 || p.m > kMatMulCpuGemvMaxRows || pool_->num_threads() == 1) {
     return MatMulCpu(p, Grow(&workspace_, ws), ws);  // the BLAS path threads itself
@@ -549,7 +543,7 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     }
     if (const LowRankDelta& e = s.delta->lora_embed; e.rank > 0) {
       // hidden[t] += B · A[:, token]: A's column for the token, then B's rows.
-      std::vector<float> a(static_cast<size_t>(e.rank));
+      float* a = Grow(&lora_t_, e.rank);
       for (int32_t t : s.rows) {
         for (int64_t r = 0; r < e.rank; ++r) a[r] = e.a[r * e.cols + b.tokens[t]];
         float* h = hidden + t * H;

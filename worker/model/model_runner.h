@@ -172,7 +172,8 @@ class ModelRunner {
   absl::Status ApplyDelta(const PackedDelta& d, const LowRankDelta& lr,
                           const std::vector<int32_t>& rows, const float* x, int64_t ldx, float* y,
                           int64_t ldy);
-  // One f32 MatMulCpu: decode-sized ones split across the pool by output columns.
+  // One f32 MatMulCpu: products up to kLowRankDirectMaxMacs on this thread, 8 rows at a time;
+  // larger decode-sized ones across the pool by output columns; the rest through the BLAS.
   absl::Status RunMatMul(const MatMulParams& p);
   // ApplyDelta for many rows: panels of the delta unpacked to f32 across the pool, each multiplied
   // with the gathered rows by MatMulCpu.
