@@ -21,6 +21,22 @@ bool Contains(const std::vector<int32_t>& v, int32_t x) {
   return std::find(v.begin(), v.end(), x) != v.end();
 }
 
+// Token `t`'s bytes for a grammar (empty for special tokens and ids past the tokenizer's).
+absl::string_view TokenText(const TokenTrie& vocab, int32_t t) {
+  return t >= 0 && t < vocab.vocab_size() ? absl::string_view(vocab.bytes(t)) : absl::string_view();
+}
+
+// The one byte `next` holds, or -1 when it holds none or several.
+int OnlyByte(const ByteSet& next) {
+  const std::array<uint64_t, 4>& words = next.bits();
+  int count = 0;
+  for (uint64_t w : words) count += std::popcount(w);
+  if (count != 1) return -1;
+  int byte = 0;
+  while (!((words[byte >> 6] >> (byte & 63)) & 1)) ++byte;
+  return byte;
+}
+
 // Under a grammar in state `matcher`: the text it forces from here (while exactly one byte may
 // follow and the text is not yet complete), as the tokens `tokenize` makes of it (those that spell
 // it from its start), or without `tokenize` split greedily into the longest tokens of `vocab`;
@@ -28,16 +44,13 @@ bool Contains(const std::vector<int32_t>& v, int32_t x) {
 void ForcedDraft(const GrammarMatcher& matcher, const TokenTrie& vocab,
                  const std::function<std::vector<int32_t>(absl::string_view)>& tokenize,
                  int64_t limit, std::vector<int32_t>* draft) {
+  // Most steps force nothing (free text inside a string): look before copying the matcher.
+  if (matcher.IsComplete() || OnlyByte(matcher.NextBytes()) < 0) return;
   GrammarMatcher m = matcher;
   std::string forced;
   while (forced.size() < 256 && !m.IsComplete()) {
-    const ByteSet next = m.NextBytes();
-    const std::array<uint64_t, 4>& words = next.bits();
-    int count = 0;
-    for (uint64_t w : words) count += std::popcount(w);
-    if (count != 1) break;
-    int byte = 0;
-    while (!((words[byte >> 6] >> (byte & 63)) & 1)) ++byte;
+    const int byte = OnlyByte(m.NextBytes());
+    if (byte < 0) break;
     const char c = static_cast<char>(byte);
     if (!m.Advance(absl::string_view(&c, 1))) break;
     forced.push_back(c);
@@ -49,8 +62,7 @@ void ForcedDraft(const GrammarMatcher& matcher, const TokenTrie& vocab,
     // or "▁" before a text spells something else).
     size_t at = 0;
     for (int32_t t : tokenize(forced)) {
-      const absl::string_view bytes =
-          t >= 0 && t < vocab.vocab_size() ? absl::string_view(vocab.bytes(t)) : "";
+      const absl::string_view bytes = TokenText(vocab, t);
       if (bytes.empty() || absl::string_view(forced).substr(at, bytes.size()) != bytes) break;
       tokens.push_back(t);
       at += bytes.size();
@@ -69,11 +81,6 @@ void ForcedDraft(const GrammarMatcher& matcher, const TokenTrie& vocab,
   if (m.CanContinue() && !tokens.empty()) tokens.pop_back();
   if (static_cast<int64_t>(tokens.size()) > limit) tokens.resize(limit);
   draft->insert(draft->end(), tokens.begin(), tokens.end());
-}
-
-// Token `t`'s bytes for a grammar (empty for special tokens and ids past the tokenizer's).
-absl::string_view TokenText(const TokenTrie& vocab, int32_t t) {
-  return t >= 0 && t < vocab.vocab_size() ? absl::string_view(vocab.bytes(t)) : absl::string_view();
 }
 
 }  // namespace
@@ -924,9 +931,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   // room is shared out evenly, what one sequence leaves going to the next.
   if (speculate && budget > 0 && !plan.empty()) {
     std::vector<Chunk*> drafting;
-    int64_t planned = 0;
+    const int64_t planned = config_.max_batch_tokens - budget;
     for (Chunk& ch : plan) {
-      planned += ch.count;
       if (ch.count == 1 && ch.start == static_cast<int64_t>(ch.seq->tokens.size()) - 1) {
         drafting.push_back(&ch);
       }

@@ -124,7 +124,7 @@ struct EngineConfig {
   // sentences, on a thread of its own (TokenMasker::Warm), so that its first requests seldom stall
   // a step on a mask. -1: 8 on the gpu device, 0 on the cpu (whose cores run the model).
   int grammar_warm_walks = -1;
-  // Speculative decoding by n-gram lookup (NgramDraft): a decoding sequence whose last
+  // Speculative decoding by n-gram lookup (NgramIndex): a decoding sequence whose last
   // prompt_lookup_min to prompt_lookup_max tokens occurred earlier in its context proposes up to
   // num_speculative_tokens tokens that followed them there. The step computes its last token and
   // the draft together; the sequence keeps each draft token that its sampler draws there anyway,
@@ -336,7 +336,7 @@ class Engine {
     // num_speculative_tokens): all of them after a draft that kept half its tokens or more, else
     // one more than it kept. A text the drafts keep missing costs one draft token a step.
     int64_t draft_limit = -1;
-    // Where each of its tokens occurred, for NgramDraft's lookups (built on its first draft).
+    // Where each of its tokens occurred, for its n-gram lookups (built on its first draft).
     NgramIndex ngram_index;
   };
   struct Chunk {
@@ -365,7 +365,7 @@ class Engine {
   void ReleaseDelta(Sequence* s);
   void Preempt(Sequence* s);
   AdmitResult Admit(Sequence* s, int64_t budget, std::vector<Chunk>* plan);
-  // Fills in ch->draft (and what goes with it) for ch's sequence, which decodes: NgramDraft's
+  // Fills in ch->draft (and what goes with it) for ch's sequence, which decodes: NgramIndex's
   // tokens, at most `limit` of them and no more than the request's max_tokens and the context
   // leave room for, cut before the first token that would end the sequence or that its grammar
   // does not allow there, and to the free KV blocks (never a cached one).
