@@ -43,8 +43,8 @@ check "$out" 8 0.5 || fail "openai report: $out"
 # Straight to the worker, with the human table.
 out=$(bench/loadgen --target=127.0.0.1:$wport --api=worker --requests=4 --rate=20 --prompt_tokens=32 \
   --output_tokens=4) || fail "loadgen worker: $out"
-echo "$out" | grep -q '^TTFT ms' || fail "no table: $out"
-echo "$out" | grep -q '4 ok, 0 failed' || fail "worker run: $out"
+grep -q '^TTFT ms' <<<"$out" || fail "no table: $out"
+grep -q '4 ok, 0 failed' <<<"$out" || fail "worker run: $out"
 # Fine-tunes: a worker serving a bundled fine-tune as a delta takes every request on it, and one
 # that does not know the id refuses them all (so the id does go out with each request).
 cli/stratactl delta compress --base $model --fine-tune models/strata-tiny/ft-man \

@@ -51,7 +51,7 @@ PY
 set +e
 msg="$($ctl generate --prompt x --json-schema '{"not": {"type": "integer"}}' 2>&1)"; rc=$?
 set -e
-[ $rc != 0 ] && echo "$msg" | grep -q '"not"' || fail "unenforceable schema: $rc $msg"
+[ $rc != 0 ] && grep -q '"not"' <<<"$msg" || fail "unenforceable schema: $rc $msg"
 
 # --fine-tune picks the fine-tune: greedy text differs from the base's; an unknown one exits 1.
 base="$($ctl generate --prompt '#include <' --max-tokens 12 --temperature 0 --ignore-eos)"
@@ -60,11 +60,11 @@ tuned="$($ctl generate --prompt '#include <' --max-tokens 12 --temperature 0 --i
 set +e
 msg="$($ctl generate --prompt x --fine-tune nope 2>&1)"; rc=$?
 set -e
-[ $rc = 1 ] && echo "$msg" | grep -q 'fine_tune_id "nope" is not registered' || fail "unknown fine-tune: $rc $msg"
+[ $rc = 1 ] && grep -q 'fine_tune_id "nope" is not registered' <<<"$msg" || fail "unknown fine-tune: $rc $msg"
 
 # status: a table by default, the cluster as JSON for scripts.
 table="$($ctl status)"
-echo "$table" | grep -q '^MODEL ' || fail "no model table: $table"
+grep -q '^MODEL ' <<<"$table" || fail "no model table: $table"
 echo "$table" | grep -E '^strata-tiny +1 +2048 +2048 +c-headers' > /dev/null || fail "no fine-tunes: $table"
 echo "$table" | grep -E '^w1 +127\.0\.0\.1:[0-9]+ +serving +strata-tiny +1 ' > /dev/null || fail "no worker row: $table"
 $ctl status --json | python3 -c '
@@ -77,10 +77,10 @@ assert s["models"]["models"][0]["name"] == "strata-tiny", s
 '
 
 # drain by worker id, then resume by address.
-$ctl drain w1 --wait | grep -q 'is draining' || fail "drain"
+grep -q "is draining" <<<"$($ctl drain w1 --wait)" || fail "drain"
 $ctl generate --prompt 'x' --max-tokens 2 > "$tmp/out" 2> "$tmp/err" && fail "generate succeeded while the only worker drains"
 grep -q 'UNAVAILABLE\|can take\|unavailable\|draining' "$tmp/err" || fail "unhelpful error: $(cat "$tmp/err")"
-$ctl drain "127.0.0.1:$wport" --resume --json | grep -q 'WORKER_STATE_SERVING' || fail "resume"
+grep -q WORKER_STATE_SERVING <<<"$($ctl drain "127.0.0.1:$wport" --resume --json)" || fail "resume"
 $ctl generate --prompt 'x' --max-tokens 2 > /dev/null || fail "generate after resume"
 
 # A client that disappears mid-stream (kill -9) frees its sequence on the worker.

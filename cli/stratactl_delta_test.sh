@@ -22,12 +22,12 @@ for t in r["tensors"]:
 PY
 table="$($bin delta compress --base $m/base --fine-tune $m/ft-c-headers --out $tmp/c24.delta.safetensors \
   --bits 4 --sparsity 2:4)"
-echo "$table" | grep -q "^model.layers.0.mlp.down_proj.weight  *256x512 " || fail "table: $table"
+grep -q "^model.layers.0.mlp.down_proj.weight  *256x512 " <<<"$table" || fail "table: $table"
 echo "$table" | tail -1 | grep -q "4-bit, sparsity 2:4, 38 tensors" || fail "summary: $table"
 
 info="$($bin delta inspect $tmp/c.delta.safetensors --base $m/base)"
-echo "$info" | grep -q "base model  *strata-tiny" || fail "inspect: $info"
-echo "$info" | grep -q "loads  *yes, over $m/base" || fail "inspect: $info"
+grep -q "base model  *strata-tiny" <<<"$info" || fail "inspect: $info"
+grep -q "loads  *yes, over $m/base" <<<"$info" || fail "inspect: $info"
 
 # Perplexity on the first 8 KB of held-out C headers: the compressed fine-tune is far better than
 # the base and within 2% of the full fine-tune.
@@ -66,8 +66,8 @@ tuned="$(gen --model $m/base --delta $tmp/c8.delta.safetensors)"
 # The bundled LoRA adapter (PEFT's format) goes wherever a delta file does: inspect, eval, run.
 lora=$m/lora-c-headers
 info="$($bin delta inspect $lora --base $m/base)"
-echo "$info" | grep -q "kind  *LoRA adapter (PEFT)" || fail "inspect lora: $info"
-echo "$info" | grep -q "28 adapted projections, rank up to 16" || fail "inspect lora: $info"
+grep -q "kind  *LoRA adapter (PEFT)" <<<"$info" || fail "inspect lora: $info"
+grep -q "28 adapted projections, rank up to 16" <<<"$info" || fail "inspect lora: $info"
 lora_ppl="$(ppl --model $m/base --delta $lora)"
 python3 - "$base" "$lora_ppl" <<'PY'
 import sys
@@ -87,21 +87,21 @@ lora_text="$(gen --model $m/base --delta $lora)"
 # Errors: a usage error exits 2; a delta over the wrong base exits 1 and says so.
 set +e
 msg="$($bin delta compress --base $m/base --fine-tune $m/ft-man --out $tmp/x --bits 3 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--bits must be 2, 4 or 8' || fail "bad bits: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--bits must be 2, 4 or 8' <<<"$msg" || fail "bad bits: $rc $msg"
 msg="$($bin delta inspect $tmp/c.delta.safetensors --base $m/ft-man 2>&1)"; rc=$?
-[ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "wrong base: $rc $msg"
+[ $rc = 1 ] && grep -q 'different base model' <<<"$msg" || fail "wrong base: $rc $msg"
 msg="$($bin eval ppl --model $m/ft-man --delta $tmp/c.delta.safetensors --text $tmp/heldout.txt 2>&1)"; rc=$?
-[ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "ppl wrong base: $rc $msg"
+[ $rc = 1 ] && grep -q 'different base model' <<<"$msg" || fail "ppl wrong base: $rc $msg"
 msg="$($bin delta compress --base $m/base --fine-tune $m/ft-man --out $tmp/x --calibration $tmp/calibration.txt 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--sparsity 2:4' || fail "dense calibration: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--sparsity 2:4' <<<"$msg" || fail "dense calibration: $rc $msg"
 msg="$($bin delta compress --base $m/base --fine-tune $m/ft-man --out $tmp/x --sparsity 2:4 --calibration $tmp/nope.txt 2>&1)"; rc=$?
-[ $rc = 1 ] && echo "$msg" | grep -q -- '--calibration' || fail "missing calibration file: $rc $msg"
+[ $rc = 1 ] && grep -q -- '--calibration' <<<"$msg" || fail "missing calibration file: $rc $msg"
 msg="$($bin run --model $m/ft-man --delta $tmp/c.delta.safetensors --prompt x 2>&1)"; rc=$?
-[ $rc = 1 ] && echo "$msg" | grep -q 'different base model' || fail "run wrong base: $rc $msg"
+[ $rc = 1 ] && grep -q 'different base model' <<<"$msg" || fail "run wrong base: $rc $msg"
 msg="$($bin delta inspect $m/base/model.safetensors 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q 'metadata field format' || fail "not a delta: $rc $msg"
+[ $rc = 2 ] && grep -q 'metadata field format' <<<"$msg" || fail "not a delta: $rc $msg"
 msg="$($bin delta inspect $lora 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q 'give --base DIR' || fail "lora without base: $rc $msg"
+[ $rc = 2 ] && grep -q 'give --base DIR' <<<"$msg" || fail "lora without base: $rc $msg"
 msg="$($bin delta inspect $lora --base worker/model/testdata/qwen3_f32 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q 'outside the base' || fail "lora over another shape: $rc $msg"
+[ $rc = 2 ] && grep -q 'outside the base' <<<"$msg" || fail "lora over another shape: $rc $msg"
 echo PASS

@@ -37,28 +37,28 @@ json="$($bin tokenize --model $tok --text ' the' --json)"
 # Usage errors exit 2 and name the problem; the model error names the file.
 set +e
 msg="$($bin run --model $model --prompt-ids 1 --max-tokens nope 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--max-tokens must be an integer' || fail "bad int: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--max-tokens must be an integer' <<<"$msg" || fail "bad int: $rc $msg"
 msg="$($bin run --model $model 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q 'exactly one of --prompt and --prompt-ids' || fail "no prompt: $rc $msg"
+[ $rc = 2 ] && grep -q 'exactly one of --prompt and --prompt-ids' <<<"$msg" || fail "no prompt: $rc $msg"
 msg="$($bin run --model $model --prompt-ids 1,9999 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q 'token id 9999 outside the vocabulary' || fail "bad id: $rc $msg"
+[ $rc = 2 ] && grep -q 'token id 9999 outside the vocabulary' <<<"$msg" || fail "bad id: $rc $msg"
 msg="$($bin run --model /nonexistent --prompt-ids 1 2>&1)"; rc=$?
-[ $rc = 1 ] && echo "$msg" | grep -q '/nonexistent/config.json' || fail "missing model: $rc $msg"
+[ $rc = 1 ] && grep -q '/nonexistent/config.json' <<<"$msg" || fail "missing model: $rc $msg"
 # Capacity planning, as an operator runs it: a table, and usage errors naming the flag.
 msg="$($bin plan --model $model --gpu-memory-gib 8 --gpu-bandwidth-gbps 100 --gpu-tflops 10 \
   --prompt-tokens 16 --output-tokens 8 --rate 1 2>&1)"; rc=$?
-[ $rc = 0 ] && echo "$msg" | grep -q '^workers    1 for 1.00 requests/s' || fail "plan: $rc $msg"
+[ $rc = 0 ] && grep -q '^workers    1 for 1.00 requests/s' <<<"$msg" || fail "plan: $rc $msg"
 msg="$($bin plan --model $model --gpu h900 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--gpu "h900" is not one of h100' || fail "plan --gpu: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--gpu "h900" is not one of h100' <<<"$msg" || fail "plan --gpu: $rc $msg"
 msg="$($bin plan --model $model --rate=-3 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--rate must be 0 or more' || fail "plan --rate: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--rate must be 0 or more' <<<"$msg" || fail "plan --rate: $rc $msg"
 
 # Simulation: the test model's engine profiled, a latency/load curve from the profile, and the
 # fewest H100 workers for a target from the roofline.
 tmp=${TEST_TMPDIR:-$(mktemp -d)}
 msg="$($bin profile --model $model --threads 1 --kv-cache-mb 4 --context 32 --reps 2 \
   --out "$tmp/profile.json" 2>&1)"; rc=$?
-[ $rc = 0 ] && echo "$msg" | grep -q '^fit ' && grep -q '"token_s"' "$tmp/profile.json" \
+[ $rc = 0 ] && grep -q '^fit ' <<<"$msg" && grep -q '"token_s"' "$tmp/profile.json" \
   || fail "profile: $rc $msg"
 out="$($bin simulate --profile "$tmp/profile.json" --workers 2 --rates 5,500 --requests 60 \
   --prompt-tokens 32:64 --output-tokens 8 --svg "$tmp/curve.svg" --json 2>&1)" || fail "simulate: $out"
@@ -92,14 +92,14 @@ n=$(echo "$found" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert 
 [ "$n" -gt 1 ] || fail "30 requests/s of 1k-token prompts should need several H100s, got $n"
 msg="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --requests 600 \
   --prompt-tokens 1024 --output-tokens 128 --workers $((n - 1)) --ttft-p99-ms 400)"
-echo "$msg" | grep -q '^targets    missed' || fail "$((n - 1)) workers should miss the target: $msg"
+grep -q '^targets    missed' <<<"$msg" || fail "$((n - 1)) workers should miss the target: $msg"
 # A profile of a shape alone (random weights from a config.json), and a device it cannot use.
 out="$($bin profile --model $model/config.json --random-weights --threads 1 --kv-cache-mb 4 \
   --context 32 --reps 2 --json)" || fail "profile --random-weights: $out"
 echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["cost"]["token_s"] > 0, r'
 set +e
 msg="$($bin profile --model $model --device tpu 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--device must be cpu or gpu' || fail "profile --device: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--device must be cpu or gpu' <<<"$msg" || fail "profile --device: $rc $msg"
 set -e
 # A plan for a rate points at the simulator for tails, with a command that runs.
 tails=$($bin plan --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --prompt-tokens 1024 \
@@ -117,21 +117,21 @@ r = json.load(sys.stdin)["runs"][0]
 assert r["completed"] == 400 and 8 <= r["delta_loads"] < 400 and r["mean_step_deltas"] > 1, r'
 msg="$($bin plan --model bench/configs/llama3_8b.json --gpu h100 --fine-tunes 200 \
   --active-fine-tunes 8)" || fail "plan fine-tunes: $msg"
-echo "$msg" | grep -q -- '--delta_cache_mb=' || fail "plan fine-tunes flags: $msg"
+grep -q -- '--delta_cache_mb=' <<<"$msg" || fail "plan fine-tunes flags: $msg"
 set +e
 msg="$($bin plan --model bench/configs/llama3_8b.json --fine-tunes 2 --delta-bits 3 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--delta-bits must be 2, 4 or 8' || fail "plan bits: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--delta-bits must be 2, 4 or 8' <<<"$msg" || fail "plan bits: $rc $msg"
 msg="$($bin simulate --profile "$tmp/profile.json" --rates 1,x 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--rates must be' || fail "simulate --rates: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--rates must be' <<<"$msg" || fail "simulate --rates: $rc $msg"
 msg="$($bin simulate --profile "$tmp/profile.json" --model $model 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- 'give --profile or --model' || fail "simulate both: $rc $msg"
+[ $rc = 2 ] && grep -q -- 'give --profile or --model' <<<"$msg" || fail "simulate both: $rc $msg"
 msg="$($bin simulate --profile "$tmp/profile.json" --workload nope 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--workload must be' || fail "simulate --workload: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--workload must be' <<<"$msg" || fail "simulate --workload: $rc $msg"
 msg="$($bin simulate --profile /nonexistent.json 2>&1)"; rc=$?
-[ $rc = 1 ] && echo "$msg" | grep -q '/nonexistent.json' || fail "simulate no profile: $rc $msg"
+[ $rc = 1 ] && grep -q '/nonexistent.json' <<<"$msg" || fail "simulate no profile: $rc $msg"
 msg="$($bin simulate --profile "$tmp/profile.json" --find-workers 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q -- '--ttft-p99-ms' || fail "find-workers no target: $rc $msg"
+[ $rc = 2 ] && grep -q -- '--ttft-p99-ms' <<<"$msg" || fail "find-workers no target: $rc $msg"
 msg="$($bin frobnicate 2>&1)"; rc=$?
-[ $rc = 2 ] && echo "$msg" | grep -q 'unknown command' || fail "unknown command: $rc $msg"
+[ $rc = 2 ] && grep -q 'unknown command' <<<"$msg" || fail "unknown command: $rc $msg"
 set -e
 echo "stratactl_test: all checks passed"
