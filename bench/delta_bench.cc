@@ -129,7 +129,6 @@ void Report(std::FILE* json, const std::string& model, int tenants, const Result
 }
 
 int Main() {
-  SetCpuComputeThreads(absl::GetFlag(FLAGS_threads));
   std::vector<int> tenant_counts;
   for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_tenants), ',')) {
     int t = 0;

@@ -201,7 +201,6 @@ int main(int argc, char** argv) {
   const int world = absl::GetFlag(FLAGS_tensor_parallel);
   CHECK(world >= 1 && world <= 64) << "--tensor_parallel must be 1 to 64";
   const int threads_per_rank = std::max(1, threads / world);
-  SetCpuComputeThreads(threads_per_rank);
   const double bw = MeasureBandwidth(threads);
   std::printf("memory read bandwidth (%d threads): %.2f GB/s; %d rank(s), %d threads each\n\n",
               threads, bw / 1e9, world, threads_per_rank);

@@ -289,7 +289,6 @@ void PartTwo(FILE* json) {
 int main(int argc, char** argv) {
   strata::InitProgram(argc, argv,
                       "speculative_bench: n-gram speculative decoding on the CPU engine");
-  if (absl::GetFlag(FLAGS_threads) > 0) strata::SetCpuComputeThreads(absl::GetFlag(FLAGS_threads));
   FILE* json = nullptr;
   if (!absl::GetFlag(FLAGS_json_out).empty()) {
     json = std::fopen(absl::GetFlag(FLAGS_json_out).c_str(), "w");

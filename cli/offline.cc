@@ -32,13 +32,17 @@ struct LoadedModel {
   ModelConfig config;
   std::unique_ptr<ModelWeights> weights;
   std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer.json
+  int threads = 0;                       // --threads: the runner's compute threads (0: all cores)
 };
 
 absl::StatusOr<LoadedModel> Load(const Args& args, bool need_weights, bool need_tokenizer) {
   ASSIGN_OR_RETURN(std::string dir, args.GetRequired("model"));
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-  SetCpuComputeThreads(static_cast<int>(threads));
+  if (threads < 0 || threads > 1024) {
+    return absl::InvalidArgumentError("--threads must be 0 (all cores) to 1024");
+  }
   LoadedModel m;
+  m.threads = static_cast<int>(threads);
   if (need_weights) {
     ASSIGN_OR_RETURN(m.config, LoadModelConfig(dir));
     ASSIGN_OR_RETURN(m.weights, LoadModelWeights(dir, m.config, 0, 1));
@@ -131,6 +135,7 @@ absl::Status RunCommand(const Args& args, std::FILE* out) {
   SingleRankCollectives comm;
   EngineConfig ec;
   ec.model_name = m.config.architecture_name;
+  ec.compute_threads = m.threads;
   if (std::optional<std::string> delta = args.Get("delta")) {
     // The fine-tune in this delta file (or LoRA adapter directory), served over the base as a
     // worker serves it.
@@ -261,7 +266,7 @@ absl::Status EvalPplCommand(const Args& args, std::FILE* out) {
   }
   const DeltaWeights* seq_deltas[] = {delta.get()};
   SingleRankCollectives comm;
-  ModelRunner runner(m.weights.get(), &comm);
+  ModelRunner runner(m.weights.get(), &comm, m.threads);
   const ModelConfig& c = m.config;
   const int64_t bt = 16, chunk = 128, V = c.vocab_size;
   const int64_t nb = (context + bt - 1) / bt;

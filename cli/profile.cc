@@ -279,8 +279,6 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
     return absl::InvalidArgumentError("--context must be at least 1 and --reps 1 to 1000");
   }
 
-  SetCpuComputeThreads(
-      static_cast<int>(threads));  // the BLAS's threads, as strata-worker sets them
   const std::string device = args.Get("device").value_or("cpu");
   DType gpu_dtype = DType::kBF16;
   if (device != "cpu" && device != "gpu") {

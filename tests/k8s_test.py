@@ -794,6 +794,12 @@ def run_pods(m, rootfs, work):
         drained_at = time.monotonic()
         if cluster.probe(other, "liveness") != 0 or other.proc.poll() is not None:
             fail("%s, drained, must stay live (its liveness probe would restart it)" % other.name)
+        # Past the coordinators' DNS re-resolution (every 5 s) while the other worker is not ready:
+        # it must stay known to them, or the resume below could not reach it. Waited for before the
+        # streams start, so that they are still running at the SIGTERM (1800 tokens take the CPU
+        # worker only a few seconds).
+        cluster.wait("a DNS re-resolution while %s is drained" % other.name,
+                     lambda: time.monotonic() - drained_at > 6, 15)
         streams = []
         for i in range(4):
             cmd = [os.path.join(ROOT, BINARIES["stratactl"]), "generate", "--coordinator",
@@ -804,11 +810,6 @@ def run_pods(m, rootfs, work):
         # arrived later would find no worker at all).
         cluster.wait("the streams to run on %s" % victim.name,
                      lambda: scrape(victim).get("strata_worker_live_sequences", 0) >= len(streams), 30)
-
-        # Past the coordinators' DNS re-resolution (every 5 s) while the other worker is not ready:
-        # it must stay known to them, or the resume below could not reach it.
-        cluster.wait("a DNS re-resolution while %s is drained" % other.name,
-                     lambda: time.monotonic() - drained_at > 6, 15)
         grace = victim.workload["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         victim.expect_exit = True
         victim.seen_not_serving = False

@@ -24,6 +24,9 @@ constexpr int64_t kDeltaPanelMinRows = 128;
 constexpr int64_t kDeltaPanelRows = 256;
 // Low-rank products up to this many multiply-adds run on the calling thread (RunMatMul).
 constexpr int64_t kLowRankDirectMaxMacs = int64_t{1} << 21;
+// BlasMatMuls' shares of output columns are multiples of this, and products of fewer columns than
+// this per thread run whole on the calling thread.
+constexpr int64_t kBlasMinColumns = 64;
 
 template <typename T>
 T* Grow(std::vector<T>* v, size_t n) {
@@ -167,13 +170,12 @@ KvCacheStorage::KvCacheStorage(const ModelWeights& w, int64_t num_blocks, int64_
   layers_ = KvCacheLayersIn(w, storage_.data(), num_blocks, block_tokens);
 }
 
-void SetCpuComputeThreads(int n) { SetMatMulCpuThreads(n); }
-
 ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm, int num_threads)
     : w_(weights),
       comm_(comm),
       pool_(std::make_unique<ThreadPool>(
           num_threads > 0 ? num_threads : static_cast<int>(std::thread::hardware_concurrency()))) {
+  SetMatMulCpuThreads(1);  // BlasMatMuls splits the BLAS's work over the pool itself
   const ModelConfig& c = w_->config;
   inv_freq_.resize(c.head_dim / 2);
   ComputeRopeInvFreq(c.head_dim, c.rope_theta, c.rope_scaling, inv_freq_.data());
@@ -260,13 +262,7 @@ absl::Status ModelRunner::MatMulGroup(const float* x, int64_t rows,
     total_columns += p.n;
     params.push_back(p);
   }
-  if (!direct) {
-    for (const MatMulParams& p : params) {  // the BLAS path threads itself
-      const size_t ws = MatMulCpuWorkspaceBytes(p);
-      RETURN_IF_ERROR(MatMulCpu(p, Grow(&workspace_, ws), ws));
-    }
-    return absl::OkStatus();
-  }
+  if (!direct) return BlasMatMuls(params);
   // Decode-sized: one parallel pass over the output columns of every projection together, so the
   // threads synchronize once for q, k and v (or gate and up) instead of once each.
   return pool_->ParallelForStatus(total_columns, 16, [&](int64_t begin, int64_t end) {
@@ -399,14 +395,49 @@ absl::Status ModelRunner::RunMatMul(const MatMulParams& p) {
     }
     return absl::OkStatus();
   }
-  if (ws > 0 || p.m > kMatMulCpuGemvMaxRows || pool_->num_threads() == 1) {
-    return MatMulCpu(p, Grow(&workspace_, ws), ws);  // the BLAS path threads itself
-  }
+  if (ws > 0 || p.m > kMatMulCpuGemvMaxRows || pool_->num_threads() == 1) return BlasMatMuls({p});
   return pool_->ParallelForStatus(p.n, 16, [&](int64_t begin, int64_t end) {
     MatMulParams part = p;
     part.n_begin = begin;
     part.n_end = end;
     return MatMulCpu(part, nullptr, 0);
+  });
+}
+
+absl::Status ModelRunner::BlasMatMuls(absl::Span<const MatMulParams> params) {
+  const int parts = pool_->num_threads();
+  int64_t total = 0;
+  size_t ws = 0;
+  for (const MatMulParams& p : params) {
+    total += (p.n_end == 0 ? p.n : p.n_end) - p.n_begin;
+    ws = std::max(ws, MatMulCpuWorkspaceBytes(p));
+  }
+  ws = (ws + 63) / 64 * 64;  // each share's workspace on its own cache lines
+  if (parts == 1 || total < parts * kBlasMinColumns) {
+    for (const MatMulParams& p : params) RETURN_IF_ERROR(MatMulCpu(p, Grow(&workspace_, ws), ws));
+    return absl::OkStatus();
+  }
+  char* workspaces = Grow(&workspace_, ws * parts);
+  return pool_->ParallelForStatus(parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t share = begin; share < end; ++share) {
+      // Columns [c0, c1) of all the products together, on multiples of kBlasMinColumns.
+      const int64_t units = (total + kBlasMinColumns - 1) / kBlasMinColumns;
+      const int64_t c0 = units * share / parts * kBlasMinColumns;
+      const int64_t c1 = std::min(total, units * (share + 1) / parts * kBlasMinColumns);
+      int64_t offset = 0;
+      for (const MatMulParams& p : params) {
+        const int64_t cols = (p.n_end == 0 ? p.n : p.n_end) - p.n_begin;
+        const int64_t b = std::max(c0, offset), e = std::min(c1, offset + cols);
+        if (b < e) {
+          MatMulParams part = p;
+          part.n_begin = p.n_begin + (b - offset);
+          part.n_end = p.n_begin + (e - offset);
+          RETURN_IF_ERROR(MatMulCpu(part, workspaces + share * ws, ws));
+        }
+        offset += cols;
+      }
+    }
+    return absl::OkStatus();
   });
 }
 
@@ -472,17 +503,7 @@ absl::Status ModelRunner::ApplyDeltaPanels(const PackedDelta& d, const std::vect
     RETURN_IF_ERROR(pool_->ParallelForStatus(nb, 8, [&](int64_t begin, int64_t end) {
       return UnpackDeltaCpu(d, j0 + begin, j0 + end, panel + begin * k, /*accumulate=*/false);
     }));
-    MatMulParams mp;
-    mp.m = m;
-    mp.n = nb;
-    mp.k = k;
-    mp.x = xs;
-    mp.w = panel;
-    mp.w_dtype = DType::kF32;
-    mp.y = out;
-    mp.ldy = nb;
-    const size_t ws = MatMulCpuWorkspaceBytes(mp);
-    RETURN_IF_ERROR(MatMulCpu(mp, Grow(&workspace_, ws), ws));
+    RETURN_IF_ERROR(BlasMatMuls({{.m = m, .n = nb, .k = k, .x = xs, .w = panel, .y = out}}));
     for (int64_t i = 0; i < m; ++i) {
       float* yr = y + int64_t{rows[i]} * ldy + j0;
       const float* o = out + i * nb;

@@ -97,9 +97,6 @@ struct ForwardBatch {
 absl::Status ValidateForwardBatch(const ForwardBatch& batch, int64_t vocab_size,
                                   int64_t num_layers);
 
-// Threads the CPU kernels may use (process-wide); n <= 0 keeps the default (all cores).
-void SetCpuComputeThreads(int n);
-
 // The inputs of a decoder layer's projections, as ModelRunner's activation observer sees them.
 enum class ProjectionInput {
   kQkv,     // the input-normed hidden state, [tokens, hidden]: q, k and v read it
@@ -173,10 +170,16 @@ class ModelRunner {
                           const std::vector<int32_t>& rows, const float* x, int64_t ldx, float* y,
                           int64_t ldy);
   // One f32 MatMulCpu: products up to kLowRankDirectMaxMacs on this thread, 8 rows at a time;
-  // larger decode-sized ones across the pool by output columns; the rest through the BLAS.
+  // larger decode-sized ones across the pool by output columns; the rest through BlasMatMuls.
   absl::Status RunMatMul(const MatMulParams& p);
+  // MatMulCpu of each of `params` where it takes the BLAS (more rows than the direct kernel, or a
+  // 16-bit weight that needs a workspace): their output columns, all together, are split into one
+  // share per pool thread, each with its own workspace. The BLAS runs one thread per call (the
+  // constructor sets it process-wide), so the pool's threads are the only ones computing: the
+  // BLAS's own threads, left spinning after a call, used to compete with the pool for the cores.
+  absl::Status BlasMatMuls(absl::Span<const MatMulParams> params);
   // ApplyDelta for many rows: panels of the delta unpacked to f32 across the pool, each multiplied
-  // with the gathered rows by MatMulCpu.
+  // with the gathered rows by BlasMatMuls.
   absl::Status ApplyDeltaPanels(const PackedDelta& d, const std::vector<int32_t>& rows,
                                 const float* x, int64_t ldx, float* y, int64_t ldy);
   // out[t] = RmsNorm(x[t]) with the base's `weight`, except the tokens of segments whose fine-tune

@@ -285,7 +285,6 @@ int Main(const std::vector<std::string>& args) {
     LOG(ERROR) << "--tensor_parallel must be 1 to 64, not " << world;
     return 1;
   }
-  SetCpuComputeThreads(ThreadsPerRank(world));
   absl::StatusOr<ModelConfig> config = LoadModelConfig(dir);
   if (!config.ok()) {
     LOG(ERROR) << config.status();

@@ -25,9 +25,6 @@ constexpr char kModel[] = "strata-tiny";
 class WorkerServiceTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    // One compute thread: this test is about the service, and the model's thread pool hands work
-    // over through absl::Mutex, which ThreadSanitizer cannot see.
-    SetCpuComputeThreads(1);
     auto config = LoadModelConfig(kModelDir);
     ASSERT_TRUE(config.ok()) << config.status();
     auto weights = LoadModelWeights(kModelDir, *config, 0, 1);
