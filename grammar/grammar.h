@@ -128,6 +128,9 @@ class GrammarBuilder {
   int32_t Utf8Class(absl::string_view name, CodePointRanges ranges);
 
   int32_t num_rules() const { return static_cast<int32_t>(rule_alts_.size()); }
+  // Past kMaxRules or kMaxElements already: Build will refuse the grammar, so callers adding to it
+  // step by step can stop early.
+  bool over_budget() const { return over_budget_; }
 
   // Past these Build refuses the grammar (and BoundedRepeat refuses a repetition that would pass
   // them before building it): a request's grammar must not take unbounded memory.

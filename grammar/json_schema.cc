@@ -181,9 +181,7 @@ class SchemaCompiler {
   }
 
   absl::StatusOr<int32_t> ValueOf(const JsonValue& s) {
-    if (b_.num_rules() > GrammarBuilder::kMaxRules) {
-      return s.Error("makes the schema's grammar too large");
-    }
+    if (b_.over_budget()) return s.Error("makes the schema's grammar too large");
     if (s.IsBool()) {
       ASSIGN_OR_RETURN(bool b, s.AsBool());
       if (!b) return s.Error("is the schema false, which no value satisfies");
@@ -373,6 +371,17 @@ class SchemaCompiler {
     const std::string memo = absl::StrCat(base.path(), " ", target);
     auto it = refs_.find(memo);
     if (it != refs_.end()) return it->second;
+    ASSIGN_OR_RETURN(const JsonValue node, Resolve(at, target));
+    const int32_t rule = b_.NewRule(absl::StrCat("ref ", target));
+    refs_.emplace(memo, b_.Ref(rule));
+    ASSIGN_OR_RETURN(int32_t e, Value(node));
+    b_.AddAlternative(rule, {e});
+    return b_.Ref(rule);
+  }
+
+  // The schema a reference at `at` names.
+  absl::StatusOr<JsonValue> Resolve(const JsonValue& at, absl::string_view target) {
+    const JsonValue& base = resources_.empty() ? root_ : resources_.back();
     if (target.empty() || target[0] != '#') {
       return at.Error(absl::StrCat(
           "is \"", target, "\": only references inside the schema (\"#...\") are supported"));
@@ -390,11 +399,27 @@ class SchemaCompiler {
         node = *next;
       }
     }
-    const int32_t rule = b_.NewRule(absl::StrCat("ref ", target));
-    refs_.emplace(memo, b_.Ref(rule));
-    ASSIGN_OR_RETURN(int32_t e, Value(node));
-    b_.AddAlternative(rule, {e});
-    return b_.Ref(rule);
+    return node;
+  }
+
+  // What `s` stands for once its references (and an allOf of one schema, as pydantic wraps them)
+  // are followed, for keywords that read a schema's contents instead of compiling it. A schema
+  // with an "$id" on the way (its references would resolve against it) or a loop of references
+  // comes back as it is, for the caller to refuse.
+  absl::StatusOr<JsonValue> Dereferenced(JsonValue s) {
+    for (int hops = 0; hops < 16 && s.IsObject() && !s.FindField("$id").has_value(); ++hops) {
+      if (std::optional<JsonValue> ref = s.FindField("$ref")) {
+        ASSIGN_OR_RETURN(absl::string_view target, ref->AsString());
+        ASSIGN_OR_RETURN(s, Resolve(*ref, target));
+        continue;
+      }
+      std::optional<JsonValue> all = s.FindField("allOf");
+      if (!all.has_value()) break;
+      ASSIGN_OR_RETURN(std::vector<JsonValue> list, all->AsArray());
+      if (list.size() != 1) break;
+      s = list[0];
+    }
+    return s;
   }
 
   absl::StatusOr<int32_t> Typed(const JsonValue& s, absl::string_view type) {
@@ -612,6 +637,9 @@ class SchemaCompiler {
       return s.Error(absl::StrCat("has \"multipleOf\" above ", kMaxMultipleStates,
                                   " without bounds on both sides, which is not supported"));
     }
+    if (b_.num_rules() + static_cast<int64_t>(k) > GrammarBuilder::kMaxRules) {
+      return s.Error("makes the schema's grammar too large");  // a rule per remainder mod k
+    }
     if (first == 0) {  // zero too
       Seq zero = prefix;
       zero.push_back(b_.Byte('0'));
@@ -663,19 +691,24 @@ class SchemaCompiler {
     std::string fraction;
     bool closed = true;  // the bound itself is allowed
   };
-  // (For 0 <= magnitude <= 1e15 with no more than 20 digits after the point: BoundedNumber checks
-  // first.)
-  static Decimal DecimalOf(double magnitude, bool closed) {
+  // For 0 <= magnitude <= 1e15 (BoundsOf checks); nullopt when it has more than 20 digits after
+  // the point.
+  static std::optional<Decimal> DecimalOf(double magnitude, bool closed) {
+    // (Under 1e-20 but not zero: more than 20 such digits, which could take hundreds of
+    // characters to write out.)
+    if (magnitude != 0 && magnitude < 1e-20) return std::nullopt;
     char buf[64];
     const std::to_chars_result r =
         std::to_chars(buf, buf + sizeof(buf), magnitude, std::chars_format::fixed);
-    std::string text = r.ec == std::errc() ? std::string(buf, r.ptr) : std::string("0");
+    if (r.ec != std::errc()) return std::nullopt;
+    const std::string text(buf, r.ptr);
     Decimal d;
     d.closed = closed;
     const size_t dot = text.find('.');
     d.whole = std::stoull(text.substr(0, dot));
     if (dot != std::string::npos) d.fraction = text.substr(dot + 1);
     while (!d.fraction.empty() && d.fraction.back() == '0') d.fraction.pop_back();
+    if (d.fraction.size() > 20) return std::nullopt;
     return d;
   }
   static bool Less(const Decimal& a, const Decimal& b) {
@@ -783,9 +816,13 @@ class SchemaCompiler {
   // Unsigned numerals (no exponent) whose values lie from `lo` to `hi` (no hi: no upper bound),
   // each end closed or not, with at most `cap` fraction digits (cap < 0: any number): the whole
   // parts strictly between the bounds' with any fraction, and each bound's whole part with the
-  // fractions on its side. Appended to `alts`, each after `prefix`.
+  // fractions on its side. Appended to `alts`, each after `prefix`; nothing when the range is
+  // empty.
   absl::Status UnsignedIn(const Decimal& lo, const std::optional<Decimal>& hi, int cap,
                           const Seq& prefix, std::vector<Seq>* alts) {
+    if (hi.has_value() && !Less(lo, *hi) && !(!Less(*hi, lo) && lo.closed && hi->closed)) {
+      return absl::OkStatus();
+    }
     auto add = [&](Seq whole, const DigitSet& digits) -> absl::Status {
       ASSIGN_OR_RETURN(std::optional<Seq> fraction, FractionOf(digits));
       if (!fraction.has_value()) return absl::OkStatus();
@@ -835,38 +872,25 @@ class SchemaCompiler {
       const int c = std::max(0, 15 - whole);
       cap = cap < 0 ? c : std::min(cap, c);
     }
-    for (const std::optional<double>& x : {b.lo, b.hi}) {
-      // (A magnitude under 1e-20 other than zero has more than 20 such digits; checked before its
-      // decimal is written out, which could take hundreds of characters.)
-      if (x.has_value() && ((*x != 0 && std::fabs(*x) < 1e-20) ||
-                            DecimalOf(std::fabs(*x), true).fraction.size() > 20)) {
-        return s.Error(
-            "has a bound with more than 20 digits after the point, which is not "
-            "supported");
-      }
+    // The bounds' magnitudes as decimals.
+    std::optional<Decimal> lo, hi;
+    if ((b.lo.has_value() && !(lo = DecimalOf(std::fabs(*b.lo), !b.lo_exclusive))) ||
+        (b.hi.has_value() && !(hi = DecimalOf(std::fabs(*b.hi), !b.hi_exclusive)))) {
+      return s.Error(
+          "has a bound with more than 20 digits after the point, which is not supported");
     }
     std::vector<Seq> alts;
-    const Decimal zero_open{0, "", false}, zero_closed{0, "", true};
     // Non-negative values: from max(lo, 0) up to hi.
     if (!b.hi.has_value() || *b.hi > 0 || (*b.hi == 0 && !b.hi_exclusive)) {
-      const Decimal from = !b.lo.has_value() || *b.lo < 0
-                               ? zero_closed
-                               : DecimalOf(std::fabs(*b.lo), !b.lo_exclusive);
-      std::optional<Decimal> to;
-      if (b.hi.has_value()) to = DecimalOf(std::fabs(*b.hi), !b.hi_exclusive);
-      if (!to.has_value() || Less(from, *to) || (!Less(*to, from) && from.closed && to->closed)) {
-        RETURN_IF_ERROR(UnsignedIn(from, to, cap, {}, &alts));
-      }
+      const Decimal zero_closed{0, "", true};
+      RETURN_IF_ERROR(
+          UnsignedIn(b.lo.has_value() && *b.lo >= 0 ? *lo : zero_closed, hi, cap, {}, &alts));
     }
     // Negative values: magnitudes above max(-hi, 0) (or at -hi) up to -lo.
     if (!b.lo.has_value() || *b.lo < 0) {
-      const Decimal from =
-          b.hi.has_value() && *b.hi < 0 ? DecimalOf(-*b.hi, !b.hi_exclusive) : zero_open;
-      std::optional<Decimal> to;
-      if (b.lo.has_value()) to = DecimalOf(-*b.lo, !b.lo_exclusive);
-      if (!to.has_value() || Less(from, *to) || (!Less(*to, from) && from.closed && to->closed)) {
-        RETURN_IF_ERROR(UnsignedIn(from, to, cap, {b_.Byte('-')}, &alts));
-      }
+      const Decimal zero_open{0, "", false};
+      RETURN_IF_ERROR(UnsignedIn(b.hi.has_value() && *b.hi < 0 ? *hi : zero_open, lo, cap,
+                                 {b_.Byte('-')}, &alts));
     }
     if (alts.empty()) {
       const bool apart = b.lo.has_value() && b.hi.has_value() && *b.lo < *b.hi;
@@ -972,14 +996,15 @@ class SchemaCompiler {
   // null; or booleans): a rule per set of values used so far, each going on with a value not in
   // it, closing once minItems are there. Up to kMaxUniqueValues values (2^n rules).
   static constexpr int kMaxUniqueValues = 10;
-  absl::StatusOr<int32_t> UniqueItems(const JsonValue& s, const std::optional<JsonValue>& items,
+  absl::StatusOr<int32_t> UniqueItems(const JsonValue& s, std::optional<JsonValue> items,
                                       int64_t min_items, int64_t max_items) {
     const std::string refused = absl::StrCat(
         "has \"uniqueItems\" with items other than an enum of at most ", kMaxUniqueValues,
         " strings, integers, booleans or null (or booleans), which is not supported");
-    if (s.FindField("prefixItems").has_value() || !items.has_value() || !items->IsObject()) {
-      return s.Error(refused);
-    }
+    if (s.FindField("prefixItems").has_value() || !items.has_value()) return s.Error(refused);
+    // Items given by reference (pydantic writes a set of an Enum as {"$ref": "#/$defs/Color"}).
+    ASSIGN_OR_RETURN(items, Dereferenced(*items));
+    if (!items->IsObject()) return s.Error(refused);
     std::vector<std::string> texts;         // each value as JSON text
     absl::flat_hash_set<std::string> seen;  // by value
     ASSIGN_OR_RETURN(auto members, items->AsObject());

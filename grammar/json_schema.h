@@ -21,7 +21,8 @@
 // Annotations (title, description, default, examples, ...) are ignored. Keywords that constrain
 // values in ways the grammar cannot express are refused with INVALID_ARGUMENT naming the keyword
 // and where it is: a fractional multipleOf, uniqueItems (except over items that are one of at
-// most 10 values: an enum of strings, integers, booleans or null, or booleans), contains,
+// most 10 values: an enum of strings, integers, booleans or null, or booleans, given in place or
+// by `$ref`, as pydantic writes a set of an Enum), contains,
 // minProperties, maxProperties,
 // patternProperties, propertyNames, dependentRequired, dependentSchemas, not, if/then/else,
 // unevaluatedProperties, unevaluatedItems; and number bounds with more than 20 digits after the
