@@ -200,7 +200,8 @@ int Main() {
       }
     } else if (model == "llama-100m") {
       weights = RandomModelWeights(Llama100mConfig(), DType::kBF16, 7);
-      owned.push_back(lora ? RandomLoraWeights(weights->config, absl::GetFlag(FLAGS_lora_rank), 3)
+      owned.push_back(lora ? RandomLoraWeights(weights->config, absl::GetFlag(FLAGS_lora_rank), 3,
+                                               LoraFactorType(*weights))
                            : RandomDeltaWeights(weights->config, bits, sparse, 3));
       std::printf("llama-100m: %.1f MB synthesized %s\n", owned[0]->resident_bytes / 1e6,
                   lora ? "LoRA adapter" : "delta");

@@ -124,8 +124,8 @@ absl::Status LoraInspect(const std::string& path, const Args& args, std::FILE* o
         absl::StrCat(path, " is a LoRA adapter: give --base DIR, the model it adapts"));
   }
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(*base_dir));
-  ASSIGN_OR_RETURN(LoraAdapterInfo info, ReadLoraAdapterInfo(path, config));
   ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> base, LoadModelWeights(*base_dir, config, 0, 1));
+  ASSIGN_OR_RETURN(LoraAdapterInfo info, ReadLoraAdapterInfo(path, config, LoraFactorType(*base)));
   ASSIGN_OR_RETURN(std::unique_ptr<DeltaWeights> d, LoadLoraAdapter(path, *base));
   if (args.Has("json")) {
     std::fprintf(out,
@@ -140,11 +140,12 @@ absl::Status LoraInspect(const std::string& path, const Args& args, std::FILE* o
       out,
       "%s\n  kind              LoRA adapter (PEFT)\n  base model        %s\n  modules    "
       "       %lld adapted projections, rank up to %lld\n  revision          %s\n  "
-      "in memory         %.2f MB (f32)\n  loads             yes, over %s\n",
+      "in memory         %.2f MB (%s)\n  loads             yes, over %s\n",
       path.c_str(),
       info.base_model_name_or_path.empty() ? "(not named)" : info.base_model_name_or_path.c_str(),
       static_cast<long long>(info.num_modules), static_cast<long long>(info.max_rank),
-      info.revision.c_str(), d->resident_bytes / 1e6, base_dir->c_str());
+      info.revision.c_str(), d->resident_bytes / 1e6,
+      std::string(DTypeName(LoraFactorType(*base))).c_str(), base_dir->c_str());
   return absl::OkStatus();
 }
 

@@ -143,8 +143,10 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
         "--fine-tunes must be 0 or more and --active-fine-tunes 0 to --fine-tunes");
   }
   if (workload.fine_tunes > 0 && options.lora_rank > 0) {
-    p.delta_bytes = LoraBytes(model, options.lora_rank, 4);
-    p.delta_read_bytes = LoraBytes(model, options.lora_rank, dtype_bytes);
+    // Held as the base's weights are (bf16 over a 16-bit base, f32 over f32: LoraFactorType) and
+    // read so by a step.
+    p.delta_bytes = LoraBytes(model, options.lora_rank, dtype_bytes);
+    p.delta_read_bytes = p.delta_bytes;
   } else if (workload.fine_tunes > 0) {
     p.delta_bytes = DeltaBytes(model, options.delta_bits, options.delta_sparse_2_4);
     p.delta_read_bytes = p.delta_bytes;
@@ -300,7 +302,7 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   }
   if (workload.fine_tunes > 0 && options.lora_rank > 0) {
     p.notes.push_back(absl::StrFormat(
-        "each of the %d fine-tunes is a rank-%d LoRA adapter: %.3f GiB in the delta cache (f32), "
+        "each of the %d fine-tunes is a rank-%d LoRA adapter: %.3f GiB in the delta cache, "
         "%.3f GiB on the GPU; a decode step reads one per distinct fine-tune in its batch, %d at "
         "full batch: %.2f GiB on top of the base's %.2f GiB (GPU workers serve adapters with "
         "--gpu_lora, not yet run on a GPU)",

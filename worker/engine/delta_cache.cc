@@ -36,7 +36,8 @@ absl::Status DeltaCache::Register(const std::string& id, const std::string& path
   int64_t reserve = 0;
   std::string revision;
   if (IsLoraAdapter(path)) {
-    absl::StatusOr<LoraAdapterInfo> info = ReadLoraAdapterInfo(path, base_->config);
+    absl::StatusOr<LoraAdapterInfo> info =
+        ReadLoraAdapterInfo(path, base_->config, LoraFactorType(*base_));
     if (!info.ok()) {
       return absl::Status(info.status().code(),
                           absl::StrCat("fine-tune ", id, ": ", info.status().message()));

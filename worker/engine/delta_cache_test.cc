@@ -88,12 +88,11 @@ TEST_F(DeltaCacheTest, RegistrationChecksIdFileBaseAndSize) {
 }
 
 // A LoRA adapter's directory registers by its header (checked against the base's shapes), counts
-// its f32 factors against the budget, and loads like a delta.
+// its factors (bf16 over this bf16 base) against the budget, and loads like a delta.
 TEST_F(DeltaCacheTest, RegistersAndLoadsLoraAdapters) {
   constexpr char kLora[] = "models/strata-tiny/lora-c-headers";
-  absl::StatusOr<ModelConfig> tiny = LoadModelConfig(kBase);
-  ASSERT_TRUE(tiny.ok());
-  absl::StatusOr<LoraAdapterInfo> info = ReadLoraAdapterInfo(kLora, *tiny);
+  absl::StatusOr<LoraAdapterInfo> info =
+      ReadLoraAdapterInfo(kLora, base_->config, LoraFactorType(*base_));
   ASSERT_TRUE(info.ok()) << info.status();
   DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
   ASSERT_TRUE(cache.Register("lora", kLora).ok());

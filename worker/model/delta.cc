@@ -375,9 +375,8 @@ absl::Status AddLowRank(const LowRankDelta& lr, bool transposed, Matrix* m) {
   for (int64_t i = 0; i < lr.rows; ++i) {
     std::fill(row.begin(), row.end(), 0.0);
     for (int64_t r = 0; r < lr.rank; ++r) {
-      const double b = lr.b[i * lr.rank + r];
-      const float* a = lr.a + r * lr.cols;
-      for (int64_t j = 0; j < lr.cols; ++j) row[j] += b * a[j];
+      const double b = lr.ScaledB(i, r);
+      for (int64_t j = 0; j < lr.cols; ++j) row[j] += b * lr.A(r, j);
     }
     for (int64_t j = 0; j < lr.cols; ++j) {
       float& v = transposed ? f[j * m->cols + i] : f[i * m->cols + j];

@@ -24,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/delta.h"
+#include "kernels/dtype.h"
 #include "worker/model/safetensors.h"
 #include "worker/model/weights.h"
 
@@ -33,14 +34,24 @@ inline constexpr char kDeltaFormat[] = "strata-delta";
 inline constexpr char kDeltaFormatVersion[] = "1";
 
 // A low-rank update of one projection W [rows, cols], as a LoRA adapter trains it (worker/model/
-// lora.h): the fine-tune's projection is W + B · A, the adapter's scale already folded into B, so
-// y += (x · Aᵀ) · Bᵀ. Views into the owning DeltaWeights' arena; rank == 0 means none.
+// lora.h): the fine-tune's projection is W + scale · B · A, so y += scale · (x · Aᵀ) · Bᵀ. Views
+// into the owning DeltaWeights' arena; rank == 0 means none.
 struct LowRankDelta {
   int64_t rank = 0;
-  int64_t rows = 0;          // out_features
-  int64_t cols = 0;          // in_features
-  const float* a = nullptr;  // [rank, cols], f32
-  const float* b = nullptr;  // [rows, rank], f32, scaled
+  int64_t rows = 0;  // out_features
+  int64_t cols = 0;  // in_features
+  // The factors' type: bf16 over a 16-bit base (half of f32's memory, as the base's own weights
+  // are held), f32 over an f32 one.
+  DType dtype = DType::kF32;
+  const void* a = nullptr;  // [rank, cols]
+  const void* b = nullptr;  // [rows, rank]
+  float scale = 1.0f;       // PEFT's alpha / r (or / sqrt(r))
+
+  // A[r, c] and scale · B[i, r] as f32.
+  float A(int64_t r, int64_t c) const { return ElementAsFloat(a, dtype, r * cols + c); }
+  float ScaledB(int64_t i, int64_t r) const {
+    return scale * ElementAsFloat(b, dtype, i * rank + r);
+  }
 };
 
 // What a delta changes in one decoder layer. A PackedDelta with rows == 0 means "unchanged"; an

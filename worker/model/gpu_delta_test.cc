@@ -194,15 +194,15 @@ TEST_F(GpuDeltaTest, LoraAdaptersMatchCpu) {
   for (const char* variant : {"qwen2_bf16", "qwen3_f32", "llama2_f32"}) {
     SCOPED_TRACE(variant);
     Base vb = LoadBase(std::string("worker/model/testdata/") + variant);
-    std::unique_ptr<DeltaWeights> a = RandomLoraWeights(vb.weights->config, 8, 1);
-    std::unique_ptr<DeltaWeights> b = RandomLoraWeights(vb.weights->config, 4, 2);
+    const DType type = LoraFactorType(*vb.weights);
+    std::unique_ptr<DeltaWeights> a = RandomLoraWeights(vb.weights->config, 8, 1, type);
+    std::unique_ptr<DeltaWeights> b = RandomLoraWeights(vb.weights->config, 4, 2, type);
     // Random adapters of RandomLoraWeights' size barely move the logits: scale them up.
     for (DeltaWeights* d : {a.get(), b.get()}) {
       for (LayerDelta& L : d->layers) {
         for (LowRankDelta* lr :
              {&L.lora_q, &L.lora_k, &L.lora_v, &L.lora_o, &L.lora_gate, &L.lora_up, &L.lora_down}) {
-          float* bv = const_cast<float*>(lr->b);
-          for (int64_t i = 0; i < lr->rows * lr->rank; ++i) bv[i] *= 50.0f;
+          lr->scale *= 50.0f;
         }
       }
     }

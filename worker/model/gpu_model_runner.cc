@@ -767,19 +767,23 @@ absl::StatusOr<const DeltaDev*> GpuModelRunner::Impl::MakeResident(const DeltaWe
     dev.rank = lr->rank;
     dev.rows = lr->rows;
     dev.cols = lr->cols;
-    if (lr == &d.lora_embed) {
-      // Transposed: [cols (vocab), rank].
-      std::vector<float> t(static_cast<size_t>(lr->rank * lr->cols));
-      for (int64_t r = 0; r < lr->rank; ++r) {
-        for (int64_t v = 0; v < lr->cols; ++v) t[v * lr->rank + r] = lr->a[r * lr->cols + v];
+    // A (the embedding's transposed: [cols (vocab), rank]), and B with the scale folded in, in
+    // the activations' type.
+    const bool transposed = lr == &d.lora_embed;
+    std::vector<float> f(static_cast<size_t>(lr->rank * lr->cols));
+    for (int64_t r = 0; r < lr->rank; ++r) {
+      for (int64_t c = 0; c < lr->cols; ++c) {
+        f[transposed ? c * lr->rank + r : r * lr->cols + c] = lr->A(r, c);
       }
-      ConvertForDevice(t.data(), lr->rank * lr->cols, act, staging.data() + at);
-    } else {
-      ConvertForDevice(lr->a, lr->rank * lr->cols, act, staging.data() + at);
     }
+    ConvertForDevice(f.data(), lr->rank * lr->cols, act, staging.data() + at);
     dev.a = base + arena_bytes + at;
     at += Align256(static_cast<size_t>(lr->rank * lr->cols * eb));
-    ConvertForDevice(lr->b, lr->rows * lr->rank, act, staging.data() + at);
+    f.resize(static_cast<size_t>(lr->rows * lr->rank));
+    for (int64_t i = 0; i < lr->rows; ++i) {
+      for (int64_t r = 0; r < lr->rank; ++r) f[i * lr->rank + r] = lr->ScaledB(i, r);
+    }
+    ConvertForDevice(f.data(), lr->rows * lr->rank, act, staging.data() + at);
     dev.b = base + arena_bytes + at;
     at += Align256(static_cast<size_t>(lr->rows * lr->rank * eb));
   }

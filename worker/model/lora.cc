@@ -296,27 +296,34 @@ struct Opened {
   std::vector<Module> modules;
 };
 
-// Bytes of the arena that holds `modules`' factors in f32, each 256-byte aligned, with room to
+// Bytes of the arena that holds `modules`' factors as `type`, each 256-byte aligned, with room to
 // align the first.
-int64_t ArenaBytes(const std::vector<Module>& modules) {
+int64_t ArenaBytes(const std::vector<Module>& modules, DType type) {
+  const int64_t eb = DTypeBytes(type);
   int64_t bytes = kArenaAlign;
   for (const Module& m : modules) {
-    bytes += Aligned(m.a->NumElements() * 4) + Aligned(m.b->NumElements() * 4);
+    bytes += Aligned(m.a->NumElements() * eb) + Aligned(m.b->NumElements() * eb);
   }
   return bytes;
 }
 
-// A factor's values times `scale` into `out` as f32. Like a delta's values (worker/model/delta.cc),
-// each must lie within ±kMaxFactorValue: a hostile file could otherwise make activations infinite.
+// A factor's values into `out` as `type` (f32 or bf16). Like a delta's values
+// (worker/model/delta.cc), each times `scale` must lie within ±kMaxFactorValue: a hostile file
+// could otherwise make activations infinite.
 constexpr float kMaxFactorValue = 1e4f;
-absl::Status CopyFactor(const TensorView& t, double scale, float* out) {
+absl::Status CopyFactor(const TensorView& t, double scale, DType type, void* out) {
   for (int64_t i = 0; i < t.NumElements(); ++i) {
-    out[i] = static_cast<float>(ElementAsFloat(t.data.data(), t.dtype, i) * scale);
-    if (!(std::abs(out[i]) <= kMaxFactorValue)) {
+    const float v = ElementAsFloat(t.data.data(), t.dtype, i);
+    if (!(std::abs(v * scale) <= kMaxFactorValue)) {
       return absl::InvalidArgumentError(
           absl::StrCat(t.file != nullptr ? *t.file : "", ": tensor ", t.name,
                        " holds a NaN or infinity, or a value (after the scale ", scale, ") beyond ",
                        kMaxFactorValue, " in magnitude"));
+    }
+    if (type == DType::kF32) {
+      static_cast<float*>(out)[i] = v;
+    } else {
+      static_cast<uint16_t*>(out)[i] = FloatToBf16(v);
     }
   }
   return absl::OkStatus();
@@ -353,13 +360,17 @@ bool IsLoraAdapter(const std::string& path) {
          std::filesystem::exists(absl::StrCat(path, "/", kLoraConfigFile), ec);
 }
 
-absl::StatusOr<LoraAdapterInfo> ReadLoraAdapterInfo(const std::string& dir,
-                                                    const ModelConfig& base) {
+DType LoraFactorType(const ModelWeights& base) {
+  return base.layers.empty() || base.layers[0].q.dtype == DType::kF32 ? DType::kF32 : DType::kBF16;
+}
+
+absl::StatusOr<LoraAdapterInfo> ReadLoraAdapterInfo(const std::string& dir, const ModelConfig& base,
+                                                    DType factor_type) {
   ASSIGN_OR_RETURN(Opened o, Open(dir, base));
   LoraAdapterInfo info;
   info.base_model_name_or_path = o.config.base_model_name_or_path;
   info.num_modules = static_cast<int64_t>(o.modules.size());
-  info.resident_bytes = ArenaBytes(o.modules);
+  info.resident_bytes = ArenaBytes(o.modules, factor_type);
   for (const Module& m : o.modules) info.max_rank = std::max(info.max_rank, m.rank);
   info.revision = Revision(o.config, o.file);
   return info;
@@ -377,17 +388,19 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadLoraAdapter(const std::string&
   d->path = dir;
   d->lora = true;
   d->layers.resize(c.num_layers);
-  d->arena.resize(static_cast<size_t>(ArenaBytes(o.modules)));
+  const DType type = LoraFactorType(base);
+  const int64_t eb = DTypeBytes(type);
+  d->arena.resize(static_cast<size_t>(ArenaBytes(o.modules, type)));
   uint8_t* next = d->arena.data();
   next += (kArenaAlign - reinterpret_cast<uintptr_t>(next) % kArenaAlign) % kArenaAlign;
   for (const Module& m : o.modules) {
     const auto [out, in] = ProjectionShape(c, m.name.projection);
-    float* a = reinterpret_cast<float*>(next);
-    next += Aligned(m.a->NumElements() * 4);
-    float* b = reinterpret_cast<float*>(next);
-    next += Aligned(m.b->NumElements() * 4);
-    RETURN_IF_ERROR(CopyFactor(*m.a, 1.0, a));
-    RETURN_IF_ERROR(CopyFactor(*m.b, m.scale, b));
+    uint8_t* a = next;
+    next += Aligned(m.a->NumElements() * eb);
+    uint8_t* b = next;
+    next += Aligned(m.b->NumElements() * eb);
+    RETURN_IF_ERROR(CopyFactor(*m.a, 1.0, type, a));
+    RETURN_IF_ERROR(CopyFactor(*m.b, m.scale, type, b));
     LowRankDelta& lr = m.name.projection == kEmbedProjection ? d->lora_embed
                        : m.name.projection == kHeadProjection
                            ? d->lora_head
@@ -395,24 +408,28 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadLoraAdapter(const std::string&
     lr.rank = m.rank;
     lr.rows = out;
     lr.cols = in;
+    lr.dtype = type;
     lr.a = a;
     lr.b = b;
+    lr.scale = static_cast<float>(m.scale);
     d->lora_max_rank = std::max(d->lora_max_rank, m.rank);
   }
   d->resident_bytes = static_cast<int64_t>(d->arena.size());
   return d;
 }
 
-std::unique_ptr<DeltaWeights> RandomLoraWeights(const ModelConfig& c, int64_t rank, uint64_t seed) {
+std::unique_ptr<DeltaWeights> RandomLoraWeights(const ModelConfig& c, int64_t rank, uint64_t seed,
+                                                DType type) {
   auto d = std::make_unique<DeltaWeights>();
   d->lora = true;
   d->lora_max_rank = rank;
   d->layers.resize(c.num_layers);
+  const int64_t eb = DTypeBytes(type);
   int64_t bytes = kArenaAlign;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     for (int p = 0; p < static_cast<int>(std::size(kProjections)); ++p) {
       const auto [out, in] = ProjectionShape(c, p);
-      bytes += Aligned(rank * in * 4) + Aligned(out * rank * 4);
+      bytes += Aligned(rank * in * eb) + Aligned(out * rank * eb);
     }
   }
   d->arena.resize(static_cast<size_t>(bytes));
@@ -430,16 +447,26 @@ std::unique_ptr<DeltaWeights> RandomLoraWeights(const ModelConfig& c, int64_t ra
   for (LayerDelta& L : d->layers) {
     for (int p = 0; p < static_cast<int>(std::size(kProjections)); ++p) {
       const auto [out, in] = ProjectionShape(c, p);
-      float* a = reinterpret_cast<float*>(next);
-      next += Aligned(rank * in * 4);
-      float* b = reinterpret_cast<float*>(next);
-      next += Aligned(out * rank * 4);
+      uint8_t* a = next;
+      next += Aligned(rank * in * eb);
+      uint8_t* b = next;
+      next += Aligned(out * rank * eb);
       // Entries of B · A about 2e-4 (the sum of `rank` products of uniform values).
-      const float sa = 1.0f, sb = 2e-4f * std::sqrt(3.0f) * std::sqrt(3.0f / rank);
-      for (int64_t i = 0; i < rank * in; ++i) a[i] = sa * uniform();
-      for (int64_t i = 0; i < out * rank; ++i) b[i] = sb * uniform();
+      const float sb = 2e-4f * std::sqrt(3.0f) * std::sqrt(3.0f / rank);
+      const auto fill = [&](uint8_t* out, int64_t count, float s) {
+        for (int64_t i = 0; i < count; ++i) {
+          const float v = s * uniform();
+          if (type == DType::kF32) {
+            reinterpret_cast<float*>(out)[i] = v;
+          } else {
+            reinterpret_cast<uint16_t*>(out)[i] = FloatToBf16(v);
+          }
+        }
+      };
+      fill(a, rank * in, 1.0f);
+      fill(b, out * rank, sb);
       LowRankDelta& lr = L.*(kProjections[p].slot);
-      lr = {rank, out, in, a, b};
+      lr = {.rank = rank, .rows = out, .cols = in, .dtype = type, .a = a, .b = b};
     }
   }
   d->resident_bytes = static_cast<int64_t>(d->arena.size());

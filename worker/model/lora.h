@@ -53,7 +53,7 @@ struct LoraAdapterInfo {
   std::string base_model_name_or_path;  // as the config names it (for people)
   int64_t num_modules = 0;              // adapted projections
   int64_t max_rank = 0;
-  // Bytes DeltaWeights holds once loaded (A and B in f32, each 256-byte aligned).
+  // Bytes DeltaWeights holds once loaded (A and B in the factor type, each 256-byte aligned).
   int64_t resident_bytes = 0;
   // XXH3-64 over adapter_config.json, the tensors' names, dtypes and shapes, and 16 evenly spaced
   // 4 KiB samples of each tensor's data, as 16 hex digits: the adapter's revision in the KV
@@ -62,21 +62,29 @@ struct LoraAdapterInfo {
   std::string revision;
 };
 
-// Reads and checks `dir`'s adapter_config.json and the safetensors header against `base`.
-// NOT_FOUND when the directory or a file is missing; INVALID_ARGUMENT as listed above.
-absl::StatusOr<LoraAdapterInfo> ReadLoraAdapterInfo(const std::string& dir,
-                                                    const ModelConfig& base);
+// The type an adapter's factors are held in over `base`, whatever the file's: bf16 over a base
+// with 16-bit weights (the adapter then takes half the memory of f32 factors, and a bf16 factor
+// from the file is kept exactly), f32 over an f32 base.
+DType LoraFactorType(const ModelWeights& base);
 
-// Loads the adapter for `base` (one rank of one): A and scaled B in f32. Errors as
+// Reads and checks `dir`'s adapter_config.json and the safetensors header against `base`, whose
+// adapters hold their factors as `factor_type` (LoraFactorType). NOT_FOUND when the directory or
+// a file is missing; INVALID_ARGUMENT as listed above.
+absl::StatusOr<LoraAdapterInfo> ReadLoraAdapterInfo(const std::string& dir, const ModelConfig& base,
+                                                    DType factor_type);
+
+// Loads the adapter for `base` (one rank of one): A and B in LoraFactorType(base), rounded once
+// from the file's values where the types differ, and the scale apart. Errors as
 // ReadLoraAdapterInfo, and FAILED_PRECONDITION for a tensor-parallel base.
 absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadLoraAdapter(const std::string& dir,
                                                               const ModelWeights& base);
 
 // A LoRA adapter of rank `rank` on every projection of every layer of a model shaped by `config`,
-// with random factors (B · A about 1% of a weight of 0.02, as RandomDeltaWeights), for benchmarks
-// of serving speed on models whose adapters are not at hand. Deterministic in `seed`.
+// with random factors of type `factor_type` (B · A about 1% of a weight of 0.02, as
+// RandomDeltaWeights), for benchmarks of serving speed on models whose adapters are not at hand.
+// Deterministic in `seed`.
 std::unique_ptr<DeltaWeights> RandomLoraWeights(const ModelConfig& config, int64_t rank,
-                                                uint64_t seed);
+                                                uint64_t seed, DType factor_type = DType::kBF16);
 
 // Either kind of fine-tune at `path`: a LoRA adapter directory, else a delta file (LoadDelta,
 // which checks `base_fingerprint`).

@@ -144,12 +144,15 @@ TEST(LoraLoadTest, BundledAdapterLoads) {
   Base base = LoadBase(kBase);
   ASSERT_TRUE(IsLoraAdapter(kBundledLora));
   EXPECT_FALSE(IsLoraAdapter(kBase));
-  absl::StatusOr<LoraAdapterInfo> info = ReadLoraAdapterInfo(kBundledLora, base.weights->config);
+  absl::StatusOr<LoraAdapterInfo> info =
+      ReadLoraAdapterInfo(kBundledLora, base.weights->config, LoraFactorType(*base.weights));
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->num_modules, 28);  // 7 projections x 4 layers
   EXPECT_EQ(info->max_rank, 16);
   EXPECT_EQ(info->revision.size(), 16u);
-  EXPECT_EQ(ReadLoraAdapterInfo(kBundledLora, base.weights->config)->revision, info->revision);
+  EXPECT_EQ(ReadLoraAdapterInfo(kBundledLora, base.weights->config, LoraFactorType(*base.weights))
+                ->revision,
+            info->revision);
 
   absl::StatusOr<std::unique_ptr<DeltaWeights>> d = LoadLoraAdapter(kBundledLora, *base.weights);
   ASSERT_TRUE(d.ok()) << d.status();
@@ -219,10 +222,14 @@ TEST(LoraLoadTest, ScalesAsPeftDoes) {
   ASSERT_TRUE(d.ok()) << d.status();
   const auto check = [&](const LowRankDelta& lr, const Factor& a, const Factor& b, double scale) {
     ASSERT_EQ(lr.rank, a.shape[0]);
-    for (size_t i = 0; i < a.values.size(); ++i) ASSERT_EQ(lr.a[i], a.values[i]) << a.name << i;
-    for (size_t i = 0; i < b.values.size(); ++i) {
-      ASSERT_FLOAT_EQ(lr.b[i], static_cast<float>(b.values[i] * scale)) << b.name << i;
+    ASSERT_EQ(lr.dtype, DType::kBF16);  // over a bf16 base, whatever the file's type
+    for (size_t i = 0; i < a.values.size(); ++i) {
+      ASSERT_EQ(ElementAsFloat(lr.a, lr.dtype, i), a.values[i]) << a.name << i;
     }
+    for (size_t i = 0; i < b.values.size(); ++i) {
+      ASSERT_EQ(ElementAsFloat(lr.b, lr.dtype, i), b.values[i]) << b.name << i;
+    }
+    EXPECT_FLOAT_EQ(lr.scale, static_cast<float>(scale)) << b.name;
   };
   check((*d)->layers[0].lora_q, f[0], f[1], 16.0 / 8);
   check((*d)->layers[1].lora_q, f[2], f[3], 4.0 / 8);  // alpha_pattern
@@ -255,7 +262,7 @@ TEST(LoraLoadTest, RefusesWhatItCannotServe) {
   const auto error = [&](const std::string& config, const std::vector<Factor>& factors) {
     const std::string dir = WriteAdapter("bad", config, factors);
     absl::Status load = LoadLoraAdapter(dir, *base.weights).status();
-    absl::Status info = ReadLoraAdapterInfo(dir, c).status();
+    absl::Status info = ReadLoraAdapterInfo(dir, c, LoraFactorType(*base.weights)).status();
     // Registration (the header alone) and loading refuse alike.
     EXPECT_EQ(load.code(), info.code()) << load << " / " << info;
     return load;
@@ -347,7 +354,7 @@ TEST(LoraLoadTest, RefusesWhatItCannotServe) {
   std::vector<Factor> nan = good;
   nan[1].values[7] = std::nanf("");
   const std::string nan_dir = WriteAdapter("nan", PeftConfig(8, 4), nan);
-  EXPECT_TRUE(ReadLoraAdapterInfo(nan_dir, c).ok());
+  EXPECT_TRUE(ReadLoraAdapterInfo(nan_dir, c, LoraFactorType(*base.weights)).ok());
   const absl::Status s = LoadLoraAdapter(nan_dir, *base.weights).status();
   EXPECT_TRUE(absl::StrContains(s.message(), "NaN or infinity")) << s;
 
@@ -368,7 +375,7 @@ TEST(LoraLoadTest, RevisionFollowsTheAdapter) {
   std::vector<Factor> f = RandomFactors(c, 4, DType::kF32, 1);
   const auto revision = [&](const std::string& config, const std::vector<Factor>& factors) {
     absl::StatusOr<LoraAdapterInfo> info =
-        ReadLoraAdapterInfo(WriteAdapter("rev", config, factors), c);
+        ReadLoraAdapterInfo(WriteAdapter("rev", config, factors), c, LoraFactorType(*base.weights));
     EXPECT_TRUE(info.ok()) << info.status();
     return info.ok() ? info->revision : "";
   };

@@ -382,7 +382,7 @@ absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const LowRankDelta& l
 
 absl::Status ModelRunner::RunMatMul(const MatMulParams& p) {
   const size_t ws = MatMulCpuWorkspaceBytes(p);
-  if (ws == 0 && p.m * p.n * p.k <= kLowRankDirectMaxMacs) {
+  if (p.m * p.n * p.k <= kLowRankDirectMaxMacs) {
     // Small products: the direct kernel, 8 rows at a time, on this thread (waking the BLAS's or
     // the pool's threads costs more than the work; the direct kernel measured slower than the
     // BLAS for prefill-sized ones).
@@ -455,11 +455,14 @@ absl::Status ModelRunner::ApplyLowRank(const LowRankDelta& lr, const std::vector
     }
     xs = gathered;
   }
-  // t = x · Aᵀ [m, r], then out = t · Bᵀ [m, n], added to the segment's rows of y.
+  // t = scale · x · Aᵀ [m, r], then out = t · Bᵀ [m, n], added to the segment's rows of y.
   float* t = Grow(&lora_t_, m * r);
-  RETURN_IF_ERROR(RunMatMul({.m = m, .n = r, .k = k, .x = xs, .w = lr.a, .y = t}));
+  RETURN_IF_ERROR(
+      RunMatMul({.m = m, .n = r, .k = k, .x = xs, .w = lr.a, .w_dtype = lr.dtype, .y = t}));
+  for (int64_t i = 0; i < m * r; ++i) t[i] *= lr.scale;
   float* out = Grow(&delta_out_, m * n);
-  RETURN_IF_ERROR(RunMatMul({.m = m, .n = n, .k = r, .x = t, .w = lr.b, .y = out}));
+  RETURN_IF_ERROR(
+      RunMatMul({.m = m, .n = n, .k = r, .x = t, .w = lr.b, .w_dtype = lr.dtype, .y = out}));
   for (int64_t i = 0; i < m; ++i) {
     float* yr = y + int64_t{rows[i]} * ldy;
     const float* o = out + i * n;
@@ -563,17 +566,16 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
       }
     }
     if (const LowRankDelta& e = s.delta->lora_embed; e.rank > 0) {
-      // hidden[t] += B · A[:, token]: A's column for the token, then B's rows.
+      // hidden[t] += scale · B · A[:, token]: A's column for the token (scaled), then B's rows.
       float* a = Grow(&lora_t_, e.rank);
+      float* o = Grow(&delta_out_, H);
       for (int32_t t : s.rows) {
-        for (int64_t r = 0; r < e.rank; ++r) a[r] = e.a[r * e.cols + b.tokens[t]];
+        for (int64_t r = 0; r < e.rank; ++r) a[r] = e.scale * e.A(r, b.tokens[t]);
+        RETURN_IF_ERROR(
+            MatMulCpu({.m = 1, .n = H, .k = e.rank, .x = a, .w = e.b, .w_dtype = e.dtype, .y = o},
+                      nullptr, 0));
         float* h = hidden + t * H;
-        for (int64_t i = 0; i < H; ++i) {
-          const float* brow = e.b + i * e.rank;
-          float sum = 0;
-          for (int64_t r = 0; r < e.rank; ++r) sum += brow[r] * a[r];
-          h[i] += sum;
-        }
+        for (int64_t i = 0; i < H; ++i) h[i] += o[i];
       }
     }
   }

@@ -162,7 +162,7 @@ class ModelRunner {
   // an unchanged matrix (d.rows == 0).
   absl::Status ApplyPackedDelta(const PackedDelta& d, const std::vector<int32_t>& rows,
                                 const float* x, int64_t ldx, float* y, int64_t ldy);
-  // y[rows] += (x[rows] · Aᵀ) · Bᵀ: a LoRA adapter's update (a no-op for rank 0).
+  // y[rows] += scale · (x[rows] · Aᵀ) · Bᵀ: a LoRA adapter's update (a no-op for rank 0).
   absl::Status ApplyLowRank(const LowRankDelta& lr, const std::vector<int32_t>& rows,
                             const float* x, int64_t ldx, float* y, int64_t ldy);
   // A layer projection's fine-tune update: its packed delta, then its low-rank one.
