@@ -256,7 +256,8 @@ TEST(DeltaForwardTest, MixedBatchMatchesMaterializedFineTunes) {
     for (int32_t& t : s) t = id(rng);
   }
   SingleRankCollectives comm;
-  ModelRunner runner(base.weights.get(), &comm);
+  // Three threads: the chunks' small segments are shared out among them whole (ForEachSegment).
+  ModelRunner runner(base.weights.get(), &comm, 3);
   ModelRunner c_runner(c_weights->get(), &comm);
   ModelRunner man_runner(man_weights->get(), &comm);
   const auto mixed = FeedSequences(runner, seqs, 5, /*block_tokens=*/4,

@@ -409,7 +409,9 @@ TEST(LoraForwardTest, MixedBatchMatchesMergedWeights) {
     for (int32_t& t : s) t = id(rng);
   }
   SingleRankCollectives comm;
-  ModelRunner runner(base.weights.get(), &comm);
+  // Three threads: chunks of 3 tokens make small segments, shared out among the threads whole
+  // (ForEachSegment); whole prompts make large ones, each split across them.
+  ModelRunner runner(base.weights.get(), &comm, 3);
   ModelRunner merged_runner(merged->get(), &comm);
   ModelRunner man_runner(man_merged->get(), &comm);
   const std::vector<const DeltaWeights*> deltas = {lora->get(), nullptr, man->get(), lora->get()};

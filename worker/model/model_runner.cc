@@ -24,6 +24,8 @@ constexpr int64_t kDeltaPanelMinRows = 128;
 constexpr int64_t kDeltaPanelRows = 256;
 // Low-rank products up to this many multiply-adds run on the calling thread (RunMatMul).
 constexpr int64_t kLowRankDirectMaxMacs = int64_t{1} << 21;
+// ForEachSegment shares segments out among the pool's threads when none has more rows than this.
+constexpr size_t kSegmentsInParallelMaxRows = 32;
 // BlasMatMuls' shares of output columns are multiples of this, and products of fewer columns than
 // this per thread run whole on the calling thread.
 constexpr int64_t kBlasMinColumns = 64;
@@ -32,6 +34,18 @@ template <typename T>
 T* Grow(std::vector<T>* v, size_t n) {
   if (v->size() < n) v->resize(n);
   return v->data();
+}
+
+// MatMulCpu through the direct kernel, 8 rows at a time, on the calling thread.
+absl::Status DirectMatMul(const MatMulParams& p) {
+  for (int64_t i = 0; i < p.m; i += kMatMulCpuGemvMaxRows) {
+    MatMulParams part = p;
+    part.m = std::min(kMatMulCpuGemvMaxRows, p.m - i);
+    part.x = p.x + i * p.k;
+    part.y = p.y + i * (p.ldy == 0 ? p.n : p.ldy);
+    RETURN_IF_ERROR(MatMulCpu(part, nullptr, 0));
+  }
+  return absl::OkStatus();
 }
 
 void EmbedRow(const Matrix& embed, int32_t token, float* out) {
@@ -176,6 +190,7 @@ ModelRunner::ModelRunner(const ModelWeights* weights, Collectives* comm, int num
       pool_(std::make_unique<ThreadPool>(
           num_threads > 0 ? num_threads : static_cast<int>(std::thread::hardware_concurrency()))) {
   SetMatMulCpuThreads(1);  // BlasMatMuls splits the BLAS's work over the pool itself
+  segment_scratch_.resize(pool_->num_threads());
   const ModelConfig& c = w_->config;
   inv_freq_.resize(c.head_dim / 2);
   ComputeRopeInvFreq(c.head_dim, c.rope_theta, c.rope_scaling, inv_freq_.data());
@@ -373,28 +388,42 @@ void ModelRunner::BuildSegments(const ForwardBatch& b) {
   }
 }
 
-absl::Status ModelRunner::ApplyDelta(const PackedDelta& d, const LowRankDelta& lr,
-                                     const std::vector<int32_t>& rows, const float* x, int64_t ldx,
-                                     float* y, int64_t ldy) {
-  RETURN_IF_ERROR(ApplyPackedDelta(d, rows, x, ldx, y, ldy));
-  return ApplyLowRank(lr, rows, x, ldx, y, ldy);
+absl::Status ModelRunner::ForEachSegment(
+    bool logits, absl::FunctionRef<absl::Status(const DeltaSegment&, SegmentWork&)> fn) {
+  const int parts = pool_->num_threads();
+  const int64_t count = static_cast<int64_t>(segments_.size());
+  size_t most = 0;
+  for (const DeltaSegment& s : segments_) {
+    most = std::max(most, (logits ? s.logit_rows : s.rows).size());
+  }
+  if (count < 2 || parts == 1 || most > kSegmentsInParallelMaxRows) {
+    SegmentWork w{.on_pool = true, .scratch = &segment_scratch_[0]};
+    for (const DeltaSegment& s : segments_) RETURN_IF_ERROR(fn(s, w));
+    return absl::OkStatus();
+  }
+  return pool_->ParallelForStatus(parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      SegmentWork w{.on_pool = false, .scratch = &segment_scratch_[part]};
+      for (int64_t i = count * part / parts; i < count * (part + 1) / parts; ++i) {
+        RETURN_IF_ERROR(fn(segments_[i], w));
+      }
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status ModelRunner::ApplyDelta(const SegmentWork& w, const PackedDelta& d,
+                                     const LowRankDelta& lr, const std::vector<int32_t>& rows,
+                                     const float* x, int64_t ldx, float* y, int64_t ldy) {
+  RETURN_IF_ERROR(ApplyPackedDelta(w, d, rows, x, ldx, y, ldy));
+  return ApplyLowRank(w, lr, rows, x, ldx, y, ldy);
 }
 
 absl::Status ModelRunner::RunMatMul(const MatMulParams& p) {
   const size_t ws = MatMulCpuWorkspaceBytes(p);
-  if (p.m * p.n * p.k <= kLowRankDirectMaxMacs) {
-    // Small products: the direct kernel, 8 rows at a time, on this thread (waking the BLAS's or
-    // the pool's threads costs more than the work; the direct kernel measured slower than the
-    // BLAS for prefill-sized ones).
-    for (int64_t i = 0; i < p.m; i += kMatMulCpuGemvMaxRows) {
-      MatMulParams part = p;
-      part.m = std::min(kMatMulCpuGemvMaxRows, p.m - i);
-      part.x = p.x + i * p.k;
-      part.y = p.y + i * (p.ldy == 0 ? p.n : p.ldy);
-      RETURN_IF_ERROR(MatMulCpu(part, nullptr, 0));
-    }
-    return absl::OkStatus();
-  }
+  // Small products: the direct kernel on this thread (waking the pool's threads costs more than
+  // the work; the direct kernel measured slower than the BLAS for prefill-sized ones).
+  if (p.m * p.n * p.k <= kLowRankDirectMaxMacs) return DirectMatMul(p);
   if (ws > 0 || p.m > kMatMulCpuGemvMaxRows || pool_->num_threads() == 1) return BlasMatMuls({p});
   return pool_->ParallelForStatus(p.n, 16, [&](int64_t begin, int64_t end) {
     MatMulParams part = p;
@@ -441,28 +470,32 @@ absl::Status ModelRunner::BlasMatMuls(absl::Span<const MatMulParams> params) {
   });
 }
 
-absl::Status ModelRunner::ApplyLowRank(const LowRankDelta& lr, const std::vector<int32_t>& rows,
-                                       const float* x, int64_t ldx, float* y, int64_t ldy) {
+absl::Status ModelRunner::ApplyLowRank(const SegmentWork& w, const LowRankDelta& lr,
+                                       const std::vector<int32_t>& rows, const float* x,
+                                       int64_t ldx, float* y, int64_t ldy) {
   if (lr.rank == 0 || rows.empty()) return absl::OkStatus();
+  const auto matmul = [&](const MatMulParams& p) {
+    return w.on_pool ? RunMatMul(p) : DirectMatMul(p);
+  };
   const int64_t m = static_cast<int64_t>(rows.size()), k = lr.cols, r = lr.rank, n = lr.rows;
   // The segment's rows of x: in place when they are consecutive rows of a dense x (one sequence,
   // or a batch of one tenant), else gathered.
   const float* xs = x + int64_t{rows[0]} * ldx;
   if (ldx != k || rows.back() - rows.front() + 1 != m) {
-    float* gathered = Grow(&delta_x_, m * k);
+    float* gathered = Grow(&w.scratch->x, m * k);
     for (int64_t i = 0; i < m; ++i) {
       std::memcpy(gathered + i * k, x + int64_t{rows[i]} * ldx, k * sizeof(float));
     }
     xs = gathered;
   }
   // t = scale · x · Aᵀ [m, r], then out = t · Bᵀ [m, n], added to the segment's rows of y.
-  float* t = Grow(&lora_t_, m * r);
+  float* t = Grow(&w.scratch->t, m * r);
   RETURN_IF_ERROR(
-      RunMatMul({.m = m, .n = r, .k = k, .x = xs, .w = lr.a, .w_dtype = lr.dtype, .y = t}));
+      matmul({.m = m, .n = r, .k = k, .x = xs, .w = lr.a, .w_dtype = lr.dtype, .y = t}));
   for (int64_t i = 0; i < m * r; ++i) t[i] *= lr.scale;
-  float* out = Grow(&delta_out_, m * n);
+  float* out = Grow(&w.scratch->out, m * n);
   RETURN_IF_ERROR(
-      RunMatMul({.m = m, .n = n, .k = r, .x = t, .w = lr.b, .w_dtype = lr.dtype, .y = out}));
+      matmul({.m = m, .n = n, .k = r, .x = t, .w = lr.b, .w_dtype = lr.dtype, .y = out}));
   for (int64_t i = 0; i < m; ++i) {
     float* yr = y + int64_t{rows[i]} * ldy;
     const float* o = out + i * n;
@@ -471,8 +504,9 @@ absl::Status ModelRunner::ApplyLowRank(const LowRankDelta& lr, const std::vector
   return absl::OkStatus();
 }
 
-absl::Status ModelRunner::ApplyPackedDelta(const PackedDelta& d, const std::vector<int32_t>& rows,
-                                           const float* x, int64_t ldx, float* y, int64_t ldy) {
+absl::Status ModelRunner::ApplyPackedDelta(const SegmentWork& w, const PackedDelta& d,
+                                           const std::vector<int32_t>& rows, const float* x,
+                                           int64_t ldx, float* y, int64_t ldy) {
   if (d.rows == 0 || rows.empty()) return absl::OkStatus();
   DeltaMatMulParams p;
   p.m = static_cast<int64_t>(rows.size());
@@ -482,6 +516,7 @@ absl::Status ModelRunner::ApplyPackedDelta(const PackedDelta& d, const std::vect
   p.delta = d;
   p.y = y;
   p.ldy = ldy;
+  if (!w.on_pool) return DeltaMatMulCpu(p);  // all columns, on this thread
   if (p.m >= kDeltaPanelMinRows) return ApplyDeltaPanels(d, rows, x, ldx, y, ldy);
   return pool_->ParallelForStatus(d.rows, 16, [&](int64_t begin, int64_t end) {
     DeltaMatMulParams part = p;
@@ -567,8 +602,8 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     }
     if (const LowRankDelta& e = s.delta->lora_embed; e.rank > 0) {
       // hidden[t] += scale · B · A[:, token]: A's column for the token (scaled), then B's rows.
-      float* a = Grow(&lora_t_, e.rank);
-      float* o = Grow(&delta_out_, H);
+      float* a = Grow(&segment_scratch_[0].t, e.rank);
+      float* o = Grow(&segment_scratch_[0].out, H);
       for (int32_t t : s.rows) {
         for (int64_t r = 0; r < e.rank; ++r) a[r] = e.scale * e.A(r, b.tokens[t]);
         RETURN_IF_ERROR(
@@ -596,17 +631,18 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     float* q = qkv;
     float* k = qkv + qd;
     float* v = qkv + qd + kvd;
-    for (const DeltaSegment& s : segments_) {
+    RETURN_IF_ERROR(ForEachSegment(false, [&](const DeltaSegment& s, SegmentWork& w) {
       const LayerDelta& LD = s.delta->layers[l];
-      RETURN_IF_ERROR(ApplyDelta(LD.q, LD.lora_q, s.rows, normed, H, q, qkv_w));
-      RETURN_IF_ERROR(ApplyDelta(LD.k, LD.lora_k, s.rows, normed, H, k, qkv_w));
-      RETURN_IF_ERROR(ApplyDelta(LD.v, LD.lora_v, s.rows, normed, H, v, qkv_w));
+      RETURN_IF_ERROR(ApplyDelta(w, LD.q, LD.lora_q, s.rows, normed, H, q, qkv_w));
+      RETURN_IF_ERROR(ApplyDelta(w, LD.k, LD.lora_k, s.rows, normed, H, k, qkv_w));
+      RETURN_IF_ERROR(ApplyDelta(w, LD.v, LD.lora_v, s.rows, normed, H, v, qkv_w));
       for (int32_t t : s.rows) {
         for (size_t i = 0; i < LD.q_bias.size(); ++i) q[t * qkv_w + i] += LD.q_bias[i];
         for (size_t i = 0; i < LD.k_bias.size(); ++i) k[t * qkv_w + i] += LD.k_bias[i];
         for (size_t i = 0; i < LD.v_bias.size(); ++i) v[t * qkv_w + i] += LD.v_bias[i];
       }
-    }
+      return absl::OkStatus();
+    }));
     if (c.qk_norm) {
       for (int64_t t = 0; t < n; ++t) {
         const LayerDelta* LD = token_delta_[t] == nullptr ? nullptr : &token_delta_[t]->layers[l];
@@ -676,13 +712,14 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
 
     if (observer_) observer_(l, ProjectionInput::kO, attn, n, qd);
     RETURN_IF_ERROR(MatMul(L.o, attn, n, proj, H, L.o_bias));
-    for (const DeltaSegment& s : segments_) {
+    RETURN_IF_ERROR(ForEachSegment(false, [&](const DeltaSegment& s, SegmentWork& w) {
       const LayerDelta& LD = s.delta->layers[l];
-      RETURN_IF_ERROR(ApplyDelta(LD.o, LD.lora_o, s.rows, attn, qd, proj, H));
+      RETURN_IF_ERROR(ApplyDelta(w, LD.o, LD.lora_o, s.rows, attn, qd, proj, H));
       for (int32_t t : s.rows) {
         for (size_t i = 0; i < LD.o_bias.size(); ++i) proj[t * H + i] += LD.o_bias[i];
       }
-    }
+      return absl::OkStatus();
+    }));
     RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));
     for (int64_t i = 0; i < n * H; ++i) hidden[i] += proj[i];
 
@@ -695,18 +732,18 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     if (observer_) observer_(l, ProjectionInput::kGateUp, normed, n, H);
     RETURN_IF_ERROR(MatMulGroup(
         normed, n, {{&L.gate, gate_up, 2 * I, nullptr}, {&L.up, gate_up + I, 2 * I, nullptr}}));
-    for (const DeltaSegment& s : segments_) {
+    RETURN_IF_ERROR(ForEachSegment(false, [&](const DeltaSegment& s, SegmentWork& w) {
       const LayerDelta& LD = s.delta->layers[l];
-      RETURN_IF_ERROR(ApplyDelta(LD.gate, LD.lora_gate, s.rows, normed, H, gate_up, 2 * I));
-      RETURN_IF_ERROR(ApplyDelta(LD.up, LD.lora_up, s.rows, normed, H, gate_up + I, 2 * I));
-    }
+      RETURN_IF_ERROR(ApplyDelta(w, LD.gate, LD.lora_gate, s.rows, normed, H, gate_up, 2 * I));
+      return ApplyDelta(w, LD.up, LD.lora_up, s.rows, normed, H, gate_up + I, 2 * I);
+    }));
     RETURN_IF_ERROR(SiluMulCpu({n, I, gate_up, act}));
     if (observer_) observer_(l, ProjectionInput::kDown, act, n, I);
     RETURN_IF_ERROR(MatMul(L.down, act, n, proj, H, {}));
-    for (const DeltaSegment& s : segments_) {
-      RETURN_IF_ERROR(ApplyDelta(s.delta->layers[l].down, s.delta->layers[l].lora_down, s.rows, act,
-                                 I, proj, H));
-    }
+    RETURN_IF_ERROR(ForEachSegment(false, [&](const DeltaSegment& s, SegmentWork& w) {
+      const LayerDelta& LD = s.delta->layers[l];
+      return ApplyDelta(w, LD.down, LD.lora_down, s.rows, act, I, proj, H);
+    }));
     RETURN_IF_ERROR(comm_->AllReduceSum(proj, n * H));
     for (int64_t i = 0; i < n * H; ++i) hidden[i] += proj[i];
   }
@@ -726,13 +763,11 @@ absl::Status ModelRunner::ForwardLocal(const ForwardBatch& b, const KvCacheLayer
     RETURN_IF_ERROR(MatMul(w_->lm_head, rows, m, logits.data(), c.vocab_size, {}));
     // With tied embeddings the embedding's delta is the LM head's.
     const bool tied = w_->lm_head.data == w_->embed.data;
-    for (const DeltaSegment& s : segments_) {
+    return ForEachSegment(true, [&](const DeltaSegment& s, SegmentWork& w) {
       const PackedDelta& head = tied ? s.delta->embed : s.delta->lm_head;
-      RETURN_IF_ERROR(ApplyPackedDelta(head, s.logit_rows, rows, H, logits.data(), c.vocab_size));
-      RETURN_IF_ERROR(
-          ApplyLowRank(s.delta->lora_head, s.logit_rows, rows, H, logits.data(), c.vocab_size));
-    }
-    return absl::OkStatus();
+      return ApplyDelta(w, head, s.delta->lora_head, s.logit_rows, rows, H, logits.data(),
+                        c.vocab_size);
+    });
   }
   // Each rank computes its vocabulary rows; gather them, then lay them out per token.
   const int64_t per_rank = (c.vocab_size + comm_->world_size() - 1) / comm_->world_size();

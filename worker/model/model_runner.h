@@ -158,15 +158,33 @@ class ModelRunner {
   };
   // Groups the batch's tokens by fine-tune into segments_ (none when all run the base).
   void BuildSegments(const ForwardBatch& batch);
-  // y[rows] += x[rows] · Δᵀ for one segment, split across the pool by output columns. A no-op for
+  // Where one segment's update runs: on the pool (one segment at a time, its work split across
+  // the threads), or whole on one of the pool's threads, beside other segments on the others.
+  // Either way with that thread's scratch.
+  struct SegmentScratch {
+    std::vector<float> x, t, out;
+  };
+  struct SegmentWork {
+    bool on_pool;
+    SegmentScratch* scratch;
+  };
+  // fn for every segment (its tokens' rows, or with `logits` its logit rows, are disjoint from
+  // every other segment's). Many small segments (decode across many fine-tunes) are shared out
+  // among the pool's threads, a segment whole to one thread: one hand-off for all of them instead
+  // of one per segment and projection. Otherwise one at a time, each on the pool.
+  absl::Status ForEachSegment(
+      bool logits, absl::FunctionRef<absl::Status(const DeltaSegment&, SegmentWork&)> fn);
+  // y[rows] += x[rows] · Δᵀ for one segment (on the pool: split by output columns). A no-op for
   // an unchanged matrix (d.rows == 0).
-  absl::Status ApplyPackedDelta(const PackedDelta& d, const std::vector<int32_t>& rows,
-                                const float* x, int64_t ldx, float* y, int64_t ldy);
+  absl::Status ApplyPackedDelta(const SegmentWork& w, const PackedDelta& d,
+                                const std::vector<int32_t>& rows, const float* x, int64_t ldx,
+                                float* y, int64_t ldy);
   // y[rows] += scale · (x[rows] · Aᵀ) · Bᵀ: a LoRA adapter's update (a no-op for rank 0).
-  absl::Status ApplyLowRank(const LowRankDelta& lr, const std::vector<int32_t>& rows,
-                            const float* x, int64_t ldx, float* y, int64_t ldy);
+  absl::Status ApplyLowRank(const SegmentWork& w, const LowRankDelta& lr,
+                            const std::vector<int32_t>& rows, const float* x, int64_t ldx, float* y,
+                            int64_t ldy);
   // A layer projection's fine-tune update: its packed delta, then its low-rank one.
-  absl::Status ApplyDelta(const PackedDelta& d, const LowRankDelta& lr,
+  absl::Status ApplyDelta(const SegmentWork& w, const PackedDelta& d, const LowRankDelta& lr,
                           const std::vector<int32_t>& rows, const float* x, int64_t ldx, float* y,
                           int64_t ldy);
   // One f32 MatMulCpu: products up to kLowRankDirectMaxMacs on this thread, 8 rows at a time;
@@ -200,7 +218,8 @@ class ModelRunner {
   std::vector<char> workspace_;
   ActivationObserver observer_;
   std::vector<DeltaSegment> segments_;
-  std::vector<float> delta_x_, delta_panel_, delta_out_, lora_t_;
+  std::vector<float> delta_x_, delta_panel_, delta_out_;
+  std::vector<SegmentScratch> segment_scratch_;   // one per pool thread
   std::vector<const DeltaWeights*> token_delta_;  // per token of the current batch
   // Rank 0: the plan of the current step, encoded; true once the followers were stopped.
   std::string plan_;
