@@ -106,15 +106,21 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     return absl::InvalidArgumentError(absl::StrCat(
         "engine: num_speculative_tokens must be in [0, 32], not ", config.num_speculative_tokens));
   }
-  if (config.num_speculative_tokens > 0 &&
-      (config.prompt_lookup_min < 1 || config.prompt_lookup_max < config.prompt_lookup_min ||
-       config.prompt_lookup_max > 64 || config.speculative_max_batch < -1 ||
-       config.speculative_max_batch == 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "engine: speculative decoding needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 64 "
-        "(have ",
-        config.prompt_lookup_min, " and ", config.prompt_lookup_max,
-        ") and speculative_max_batch >= 1 or -1 (have ", config.speculative_max_batch, ")"));
+  if (config.num_speculative_tokens > 0) {
+    if (config.prompt_lookup_min < 1 || config.prompt_lookup_min > 64) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "engine: prompt_lookup_min must be in [1, 64], not ", config.prompt_lookup_min));
+    }
+    if (config.prompt_lookup_max < config.prompt_lookup_min || config.prompt_lookup_max > 64) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("engine: prompt_lookup_max must be in [prompt_lookup_min, 64] = [",
+                       config.prompt_lookup_min, ", 64], not ", config.prompt_lookup_max));
+    }
+    if (config.speculative_max_batch < -1 || config.speculative_max_batch == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("engine: speculative_max_batch must be 1 or more (or -1: no limit), not ",
+                       config.speculative_max_batch));
+    }
   }
   const bool on_gpu = config.device == "gpu";
   if (!on_gpu && config.device != "cpu") {
@@ -411,12 +417,12 @@ bool Engine::Cancel(const std::string& id) {
   return false;
 }
 
-bool Engine::EnsureBlocks(Sequence* s, int64_t num_tokens) {
+bool Engine::EnsureBlocks(Sequence* s, int64_t num_tokens, bool free_only) {
   const int64_t want = (num_tokens + config_.block_tokens - 1) / config_.block_tokens;
   const int64_t need = want - static_cast<int64_t>(s->block_table.size());
   if (need <= 0) return true;
-  if (need > blocks_.num_available()) return false;
-  for (int64_t i = 0; i < need; ++i) s->block_table.push_back(*blocks_.Allocate());
+  if (need > (free_only ? blocks_.num_free() : blocks_.num_available())) return false;
+  for (int64_t i = 0; i < need; ++i) s->block_table.push_back(*blocks_.Allocate(free_only));
   return true;
 }
 
@@ -699,9 +705,8 @@ void Engine::ProposeDraft(int64_t limit, Chunk* ch) {
   if (keep == 0) return;
   draft.resize(keep);
   if (s->matcher.has_value()) matchers.erase(matchers.begin() + keep, matchers.end());
-  while (static_cast<int64_t>(s->block_table.size()) * bt <
-         s->num_computed + 1 + static_cast<int64_t>(keep)) {
-    s->block_table.push_back(*blocks_.Allocate(/*free_only=*/true));
+  if (!EnsureBlocks(s, s->num_computed + 1 + static_cast<int64_t>(keep), /*free_only=*/true)) {
+    return;  // (cannot happen: keep fits the free blocks)
   }
   const SamplingOptions& o = s->options.sampling;
   if (o.repetition_penalty != 1.0f || o.presence_penalty != 0.0f || o.frequency_penalty != 0.0f) {
@@ -1240,10 +1245,21 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     } else {
       t = std::move(host_result[u]);
     }
-    // An end (EOS, a stop token) is outside the text, and leaves the grammar where it was.
+    const std::vector<int32_t>& draft = plan[c].draft;
+    const int32_t j = uses[u].draft;
+    const bool draft_token = j < static_cast<int32_t>(draft.size()) && t.token == draft[j];
+    // An end (EOS, a stop token) is outside the text, and leaves the grammar where it was. A kept
+    // draft token (never an end) takes the grammar's state after it from the draft's planning.
     const bool end = EndOf(*s, t.token) != FinishReason::kNone;
-    if (t.token < 0 || (s->matcher.has_value() && !end &&
-                        !s->matcher->Advance(TokenText(*config_.vocabulary, t.token)))) {
+    bool follows = t.token >= 0;
+    if (follows && s->matcher.has_value() && !end) {
+      if (draft_token && static_cast<size_t>(j) < plan[c].draft_matchers.size()) {
+        *s->matcher = std::move(plan[c].draft_matchers[j]);
+      } else {
+        follows = s->matcher->Advance(TokenText(*config_.vocabulary, t.token));
+      }
+    }
+    if (!follows) {
       out.finish = FinishReason::kError;
       out.error = !host_error[u].ok()
                       ? host_error[u]
@@ -1260,9 +1276,6 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         !s->matcher->CanContinue()) {
       out.finish = FinishReason::kGrammarEnd;
     }
-    const std::vector<int32_t>& draft = plan[c].draft;
-    const int32_t j = uses[u].draft;
-    const bool draft_token = j < static_cast<int32_t>(draft.size()) && t.token == draft[j];
     out.tokens.push_back(std::move(t));
     if (draft_token) ++kept[c];  // its K/V is computed (even if it ends the sequence)
     if (out.finish != FinishReason::kNone) {

@@ -359,7 +359,9 @@ class Engine {
   void WarmGrammar(const std::shared_ptr<const Grammar>& grammar);
   void WarmLoop();
   absl::Status OpenTiers();
-  bool EnsureBlocks(Sequence* s, int64_t num_tokens);
+  // Gives `s` the blocks it needs to hold num_tokens; false, taking none, when too few are
+  // available (free_only: free ones, never a cached block that could be reused).
+  bool EnsureBlocks(Sequence* s, int64_t num_tokens, bool free_only = false);
   void ReleaseBlocks(Sequence* s);
   // Unpins the sequence's delta, if it holds one.
   void ReleaseDelta(Sequence* s);

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "grammar/json_schema.h"
 #include "grammar/vocabulary.h"
 #include "gtest/gtest.h"
@@ -374,11 +376,14 @@ TEST_F(EngineSpeculativeTest, FineTunesDraftToo) {
 }
 
 TEST_F(EngineSpeculativeTest, BadSettingsAreRefused) {
+  // Each message names its field and starts with it, so a check that fired for another field
+  // would not pass.
   auto refused = [&](EngineConfig ec, absl::string_view field) {
     auto e = Engine::Create(weights_.get(), &comm_, std::move(ec));
-    ASSERT_FALSE(e.ok());
+    ASSERT_FALSE(e.ok()) << field;
     EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_NE(e.status().message().find(field), absl::string_view::npos) << e.status();
+    EXPECT_TRUE(absl::StartsWith(e.status().message(), absl::StrCat("engine: ", field, " must")))
+        << e.status();
   };
   EngineConfig ec = Config(-1);
   refused(ec, "num_speculative_tokens");
@@ -392,8 +397,22 @@ TEST_F(EngineSpeculativeTest, BadSettingsAreRefused) {
   ec.prompt_lookup_min = 2;
   refused(ec, "prompt_lookup_max");
   ec = Config(4);
+  ec.prompt_lookup_max = 65;
+  refused(ec, "prompt_lookup_max");
+  ec = Config(4);
   ec.speculative_max_batch = 0;
   refused(ec, "speculative_max_batch");
+  ec.speculative_max_batch = -2;
+  refused(ec, "speculative_max_batch");
+  // The limits themselves are accepted; with speculation off the lookup settings are not read.
+  ec = Config(32);
+  ec.prompt_lookup_min = 64;
+  ec.prompt_lookup_max = 64;
+  ec.speculative_max_batch = -1;
+  EXPECT_TRUE(Engine::Create(weights_.get(), &comm_, ec).ok());
+  ec = Config(0);
+  ec.prompt_lookup_min = 0;
+  EXPECT_TRUE(Engine::Create(weights_.get(), &comm_, ec).ok());
 }
 
 TEST_F(EngineSpeculativeTest, NoDraftsPastTheBatchLimit) {
