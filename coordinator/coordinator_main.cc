@@ -42,6 +42,10 @@ ABSL_FLAG(std::string, metrics_listen, "",
 ABSL_FLAG(std::string, http_listen, "",
           "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions and "
           "/v1/chat/completions, GET /v1/models), e.g. [::]:8000; empty: none.");
+ABSL_FLAG(std::string, api_keys_file, "",
+          "JSON file of tenants and their API keys (coordinator/api_keys.h): the HTTP API then "
+          "wants \"Authorization: Bearer KEY\" and keeps each tenant to its models, its "
+          "concurrent requests and (by default) its own prefix cache. Empty: no keys asked.");
 ABSL_FLAG(int, http_max_connections, strata::OpenAiGatewayOptions{}.max_connections,
           "HTTP connections open at once; when full, a connection idle between requests is "
           "closed for a new one, else the new one is refused (503).");
@@ -194,6 +198,20 @@ int Main() {
   // port file is written, so that whoever waits for it finds both ready.
   OpenAiGatewayOptions http_options;
   http_options.max_connections = std::max(1, absl::GetFlag(FLAGS_http_max_connections));
+  if (const std::string keys = absl::GetFlag(FLAGS_api_keys_file); !keys.empty()) {
+    absl::StatusOr<std::shared_ptr<const ApiKeys>> loaded = ApiKeys::Load(keys);
+    if (!loaded.ok()) {
+      LOG(ERROR) << "--api_keys_file: " << loaded.status();
+      return 1;
+    }
+    if (absl::GetFlag(FLAGS_http_listen).empty()) {
+      LOG(ERROR) << "--api_keys_file guards the HTTP API: give --http_listen too";
+      return 1;
+    }
+    http_options.api_keys = *std::move(loaded);
+    LOG(INFO) << "HTTP API: API keys of " << http_options.api_keys->tenants().size()
+              << " tenant(s) from " << keys;
+  }
   for (const std::string& spec : absl::GetFlag(FLAGS_model)) {
     if (absl::GetFlag(FLAGS_http_listen).empty()) break;
     const size_t eq = spec.find('=');

@@ -1458,10 +1458,14 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   // HTTP/1.1 keeps the connection unless asked not to; HTTP/1.0 only when asked to; "close"
   // anywhere in a Connection header wins.
   bool keep = parts[2] != "HTTP/1.0", saw_close = false, saw_length = false;
+  std::string authorization;
   for (size_t i = 1; i < lines.size(); ++i) {
     const size_t colon = lines[i].find(':');
     if (colon == std::string::npos) continue;
     const std::string name = absl::AsciiStrToLower(lines[i].substr(0, colon));
+    if (name == "authorization") {  // as sent: a key's case matters
+      authorization = std::string(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
+    }
     const std::string value =
         absl::AsciiStrToLower(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
     if (name == "content-length") {
@@ -1520,7 +1524,7 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   }
   const std::string path = parts[1].substr(0, parts[1].find('?'));
   SetKeepAlive(fd, keep && serving_.load());
-  Handle(fd, method, path, body);
+  Handle(fd, method, path, body, authorization);
   keep = KeepAlive(fd);
   {
     absl::MutexLock lock(&keep_mu_);
@@ -1530,28 +1534,39 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
 }
 
 void OpenAiGateway::Handle(int fd, const std::string& method, const std::string& path,
-                           const std::string& body) {
+                           const std::string& body, const std::string& authorization) {
   if (path == "/health") {
     // 503 once the coordinator stops serving, so that load balancers drop it first.
     Reply(fd, serving_.load() ? JsonResponse(200, "{\"status\":\"ok\"}")
                               : ErrorResponse(503, "the coordinator is shutting down"));
-  } else if (path == "/v1/models") {
+    return;
+  }
+  const Tenant* tenant = nullptr;
+  if (options_.api_keys != nullptr) {
+    absl::StatusOr<const Tenant*> t = options_.api_keys->Authenticate(authorization);
+    if (!t.ok()) {
+      Reply(fd, ErrorResponse(401, t.status().message()));
+      return;
+    }
+    tenant = *t;
+  }
+  if (path == "/v1/models") {
     if (method != "GET") {
       Reply(fd, ErrorResponse(405, "use GET /v1/models"));
     } else {
-      Models(fd);
+      Models(fd, tenant);
     }
   } else if (path == "/v1/completions") {
     if (method != "POST") {
       Reply(fd, ErrorResponse(405, "use POST /v1/completions"));
     } else {
-      Completion(fd, body, /*chat=*/false);
+      Completion(fd, body, /*chat=*/false, tenant);
     }
   } else if (path == "/v1/chat/completions") {
     if (method != "POST") {
       Reply(fd, ErrorResponse(405, "use POST /v1/chat/completions"));
     } else {
-      Completion(fd, body, /*chat=*/true);
+      Completion(fd, body, /*chat=*/true, tenant);
     }
   } else if (path == "/tokenize" || path == "/detokenize") {
     if (method != "POST") {
@@ -1637,7 +1652,7 @@ void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize) {
   Reply(fd, JsonResponse(200, answer));
 }
 
-void OpenAiGateway::Models(int fd) {
+void OpenAiGateway::Models(int fd, const Tenant* tenant) {
   v1::ListModelsResponse resp;
   const grpc::Status status = Unary(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
     return stub_->ListModels(ctx, v1::ListModelsRequest(), &resp);
@@ -1656,8 +1671,14 @@ void OpenAiGateway::Models(int fd) {
                           ",\"parent\":", parent.empty() ? "null" : JsonQuote(parent),
                           ",\"max_model_len\":", m.max_context_tokens(), "}");
     };
-    data.push_back(entry(m.name(), ""));
-    for (const std::string& ft : m.fine_tune_ids()) data.push_back(entry(ft, m.name()));
+    if (tenant == nullptr || ApiKeys::Allows(*tenant, m.name(), "")) {
+      data.push_back(entry(m.name(), ""));
+    }
+    for (const std::string& ft : m.fine_tune_ids()) {
+      if (tenant == nullptr || ApiKeys::Allows(*tenant, m.name(), ft)) {
+        data.push_back(entry(ft, m.name()));
+      }
+    }
   }
   Reply(fd, JsonResponse(200, absl::StrCat("{\"object\":\"list\",\"data\":[",
                                            absl::StrJoin(data, ","), "]}")));
@@ -1753,7 +1774,7 @@ grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, bool 
   return grpc::Status::OK;
 }
 
-void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
+void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const Tenant* tenant) {
   const int wake = wake_fd_.get();
   std::string param;
   absl::StatusOr<CompletionCall> call =
@@ -1766,6 +1787,30 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat) {
   if (call->stream) SetKeepAlive(fd, false);
   const std::string model_asked = call->request.model();
   const uint32_t context = ResolveModel(&call->request);
+  ApiKeys::Lease lease;  // one of the tenant's concurrent requests, until this returns
+  if (tenant != nullptr) {
+    // A model the tenant may not use reads as one that does not exist (its name tells nothing).
+    if (!ApiKeys::Allows(*tenant, call->request.model(), call->request.fine_tune_id())) {
+      Reply(fd,
+            ErrorResponse(
+                404,
+                absl::StrCat("the model \"",
+                             call->request.fine_tune_id().empty() ? model_asked
+                                                                  : call->request.fine_tune_id(),
+                             "\" does not exist or this API key may not use it"),
+                call->request.fine_tune_id().empty() || model_asked != call->request.model()
+                    ? "model"
+                    : "fine_tune_id"));
+      return;
+    }
+    absl::StatusOr<ApiKeys::Lease> l = ApiKeys::Acquire(*tenant);
+    if (!l.ok()) {
+      Reply(fd, ErrorResponse(429, l.status().message()));
+      return;
+    }
+    lease = std::move(*l);
+    call->request.set_cache_salt(ApiKeys::CacheSalt(*tenant, call->request.cache_salt()));
+  }
   // Chat with tools the model may call: how it writes calls (kNone: no calls are looked for), and
   // the text the prompt ends with to make it call one (tool_choice required or named).
   ToolCallFormat tool_format = ToolCallFormat::kNone;

@@ -45,6 +45,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/unique_fd.h"
+#include "coordinator/api_keys.h"
 #include "coordinator/jinja.h"
 #include "coordinator/tool_calls.h"
 #include "grpcpp/channel.h"
@@ -220,6 +221,12 @@ struct OpenAiGatewayOptions {
   // connection holds one of max_connections).
   absl::Duration keep_alive_timeout = absl::Seconds(5);
   int64_t max_body_bytes = int64_t{8} << 20;
+  // When set (--api_keys_file), every endpoint but /health wants "Authorization: Bearer KEY" of
+  // one of its tenants (401 otherwise): /v1/models lists what the tenant may use, a completion
+  // for another model is 404 as for one that does not exist, past the tenant's
+  // max_concurrent_requests it is 429, and an isolated tenant's requests use its own prefix cache
+  // (coordinator/api_keys.h).
+  std::shared_ptr<const ApiKeys> api_keys;
 };
 
 class OpenAiGateway {
@@ -268,17 +275,20 @@ class OpenAiGateway {
   void SetKeepAlive(int fd, bool keep) const;
   bool KeepAlive(int fd) const;
   // The HTTP exchange on `fd` after the request was read.
-  void Handle(int fd, const std::string& method, const std::string& path, const std::string& body);
+  // `authorization`: the Authorization header's value (empty when absent).
+  void Handle(int fd, const std::string& method, const std::string& path, const std::string& body,
+              const std::string& authorization);
   // Writes a whole response to `fd`, each 64 KiB within kWriteTimeout of the last (WriteAllPaced;
   // or until the gateway stops).
   void Reply(int fd, const std::string& response) const;
-  void Models(int fd);
+  // `tenant`: the caller's, with API keys (null without): only what it may use is listed.
+  void Models(int fd, const Tenant* tenant);
   // POST /tokenize ({"model", "prompt", "add_special_tokens", "return_token_strs"}: {"count",
   // "max_model_len", "tokens", "token_strs"}) and /detokenize ({"model", "tokens"}: {"prompt"}),
   // in vLLM's shape, through the Tokenize and Detokenize RPCs.
   void Tokens(int fd, const std::string& body, bool tokenize);
   // /v1/completions, or with `chat` /v1/chat/completions.
-  void Completion(int fd, const std::string& body, bool chat);
+  void Completion(int fd, const std::string& body, bool chat, const Tenant* tenant);
   // Resolves a fine-tune named as the model (ListModels, cached a few seconds); the model's
   // context length (0: unknown).
   uint32_t ResolveModel(v1::GenerateRequest* request);

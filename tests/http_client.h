@@ -51,9 +51,11 @@ struct HttpReply {
 // empty or the method is POST). `close`: the connection ends with the answer, which the one-shot
 // helpers below read to the close.
 inline std::string HttpRequestText(const std::string& method, const std::string& path,
-                                   const std::string& body, bool close = true) {
+                                   const std::string& body, bool close = true,
+                                   const std::string& headers = "") {
+  // `headers`: more header lines, each ending in \r\n.
   std::string r = absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: test\r\n",
-                               close ? "Connection: close\r\n" : "");
+                               close ? "Connection: close\r\n" : "", headers);
   if (method == "POST" || !body.empty()) {
     absl::StrAppend(&r, "Content-Type: application/json\r\nContent-Length: ", body.size(), "\r\n");
   }

@@ -1,0 +1,170 @@
+#include "coordinator/api_keys.h"
+
+#include <utility>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/hash.h"
+#include "common/json.h"
+#include "common/mapped_file.h"
+#include "common/status_macros.h"
+
+namespace strata {
+namespace {
+
+constexpr size_t kMaxCacheSaltBytes = 256;  // as the coordinator and workers take it
+
+bool ValidName(absl::string_view s) {
+  if (s.empty() || s.size() > 128) return false;
+  for (char c : s) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool ValidKey(absl::string_view s) {
+  if (s.size() < 16 || s.size() > 256) return false;
+  for (char c : s) {
+    if (c <= ' ' || c > '~') return false;
+  }
+  return true;
+}
+
+// Equal, in time that depends on the lengths only.
+bool SameKey(absl::string_view a, absl::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Load(const std::string& path) {
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+  return Parse(text, path);
+}
+
+absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view json,
+                                                              const std::string& origin) {
+  ASSIGN_OR_RETURN(JsonDocument doc, JsonDocument::Parse(json, origin));
+  ASSIGN_OR_RETURN(JsonValue list, doc.root().Field("tenants"));
+  ASSIGN_OR_RETURN(std::vector<JsonValue> tenants, list.AsArray());
+  if (tenants.empty()) return list.Error("must list at least one tenant");
+  auto keys = std::make_shared<ApiKeys>();
+  absl::flat_hash_set<std::string> names, seen_keys;
+  for (const JsonValue& t : tenants) {
+    ASSIGN_OR_RETURN(auto members, t.AsObject());
+    for (const auto& [key, value] : members) {
+      if (key != "name" && key != "keys" && key != "models" && key != "max_concurrent_requests" &&
+          key != "isolate_cache") {
+        return t.Error(absl::StrCat(
+            "has \"", key,
+            "\": a tenant takes name, keys, models, max_concurrent_requests and isolate_cache"));
+      }
+    }
+    auto tenant = std::make_unique<Tenant>();
+    ASSIGN_OR_RETURN(JsonValue name, t.Field("name"));
+    ASSIGN_OR_RETURN(absl::string_view n, name.AsString());
+    if (!ValidName(n)) return name.Error("must be 1 to 128 of [A-Za-z0-9._-]");
+    if (!names.insert(std::string(n)).second) return name.Error("names a tenant twice");
+    tenant->name = std::string(n);
+    ASSIGN_OR_RETURN(JsonValue key_list, t.Field("keys"));
+    ASSIGN_OR_RETURN(std::vector<JsonValue> key_values, key_list.AsArray());
+    if (key_values.empty()) return key_list.Error("must list at least one key");
+    for (const JsonValue& k : key_values) {
+      ASSIGN_OR_RETURN(absl::string_view key, k.AsString());
+      if (!ValidKey(key)) {
+        return k.Error("must be 16 to 256 printable ASCII characters without spaces");
+      }
+      if (!seen_keys.insert(std::string(key)).second) return k.Error("is given twice");
+      tenant->keys.emplace_back(key);
+    }
+    if (std::optional<JsonValue> models = t.FindField("models")) {
+      ASSIGN_OR_RETURN(std::vector<JsonValue> model_values, models->AsArray());
+      tenant->all_models = false;
+      for (const JsonValue& m : model_values) {
+        ASSIGN_OR_RETURN(absl::string_view model, m.AsString());
+        if (model.empty()) return m.Error("must not be empty");
+        tenant->models.emplace(model);
+      }
+    }
+    ASSIGN_OR_RETURN(tenant->max_concurrent_requests, t.IntFieldOr("max_concurrent_requests", 0));
+    if (tenant->max_concurrent_requests < 0 || tenant->max_concurrent_requests > 1000000) {
+      return t.Error("has max_concurrent_requests outside [0, 1000000] (0: no limit)");
+    }
+    ASSIGN_OR_RETURN(tenant->isolate_cache, t.BoolFieldOr("isolate_cache", true));
+    keys->tenants_.push_back(std::move(tenant));
+  }
+  return std::shared_ptr<const ApiKeys>(std::move(keys));
+}
+
+absl::StatusOr<const Tenant*> ApiKeys::Authenticate(absl::string_view authorization) const {
+  authorization = absl::StripAsciiWhitespace(authorization);
+  if (authorization.empty()) {
+    return absl::UnauthenticatedError(
+        "no API key: send it as the header \"Authorization: Bearer KEY\"");
+  }
+  if (authorization.size() < 7 || !absl::EqualsIgnoreCase(authorization.substr(0, 7), "bearer ")) {
+    return absl::UnauthenticatedError(
+        "the Authorization header must be \"Bearer KEY\" (an API key)");
+  }
+  const absl::string_view key = absl::StripAsciiWhitespace(authorization.substr(7));
+  // Every key is compared, whichever matches.
+  const Tenant* found = nullptr;
+  for (const auto& t : tenants_) {
+    for (const std::string& k : t->keys) {
+      if (SameKey(k, key) && found == nullptr) found = t.get();
+    }
+  }
+  if (found == nullptr) return absl::UnauthenticatedError("the API key is not valid");
+  return found;
+}
+
+bool ApiKeys::Allows(const Tenant& tenant, absl::string_view model, absl::string_view fine_tune) {
+  if (tenant.all_models) return true;
+  return tenant.models.count(std::string(fine_tune.empty() ? model : fine_tune)) > 0;
+}
+
+std::string ApiKeys::CacheSalt(const Tenant& tenant, absl::string_view asked) {
+  if (!tenant.isolate_cache) return std::string(asked);
+  if (asked.empty()) return absl::StrCat("tenant:", tenant.name);
+  std::string salt = absl::StrCat("tenant:", tenant.name, "/", asked);
+  // Within the 256 bytes a salt may have: a long one the request may give (up to 256) stands
+  // behind the tenant as its hash. (One over 256 stays too long, refused as the request's.)
+  if (salt.size() > kMaxCacheSaltBytes && asked.size() <= kMaxCacheSaltBytes) {
+    salt = absl::StrCat("tenant:", tenant.name, "/#", absl::Hex(Hash64(asked), absl::kZeroPad16));
+  }
+  return salt;
+}
+
+ApiKeys::Lease& ApiKeys::Lease::operator=(Lease&& o) noexcept {
+  if (this != &o) {
+    if (tenant_ != nullptr) tenant_->running.fetch_sub(1);
+    tenant_ = o.tenant_;
+    o.tenant_ = nullptr;
+  }
+  return *this;
+}
+
+ApiKeys::Lease::~Lease() {
+  if (tenant_ != nullptr) tenant_->running.fetch_sub(1);
+}
+
+absl::StatusOr<ApiKeys::Lease> ApiKeys::Acquire(const Tenant& tenant) {
+  const int64_t before = tenant.running.fetch_add(1);
+  if (tenant.max_concurrent_requests > 0 && before >= tenant.max_concurrent_requests) {
+    tenant.running.fetch_sub(1);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("tenant \"", tenant.name, "\" has ", tenant.max_concurrent_requests,
+                     " requests running, its limit (max_concurrent_requests): retry when one "
+                     "ends"));
+  }
+  return Lease(&tenant);
+}
+
+}  // namespace strata

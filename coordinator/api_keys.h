@@ -1,0 +1,90 @@
+// API keys for the OpenAI-compatible gateway (strata-coordinator --api_keys_file): who may call
+// it, which models and fine-tunes each tenant may use, how many of a tenant's requests may run at
+// once, and the prefix cache each tenant's requests share.
+//
+// The file is JSON:
+//   {"tenants": [
+//     {"name": "acme",                          // 1 to 128 of [A-Za-z0-9._-], unique
+//      "keys": ["sk-acme-...", "sk-acme-2-..."], // 16 to 256 printable ASCII characters, no
+//                                               //   spaces; unique across tenants
+//      "models": ["strata-tiny", "c-headers"],  // optional: the base models and fine-tunes it may
+//                                               //   use (a base listed allows the base, not its
+//                                               //   fine-tunes); absent: all
+//      "max_concurrent_requests": 8,            // optional: 0 (default) is no limit
+//      "isolate_cache": true}]}                 // optional (default true): its requests reuse
+//                                               //   only its own cached prefixes
+// A request carries its key as "Authorization: Bearer KEY", as OpenAI's clients send it.
+// Isolation matters because a shared prefix cache answers faster for text another tenant sent
+// recently, which a tenant could time; an isolated tenant's requests get cache_salt
+// "tenant:NAME" (with the request's own cache_salt after it), so they meet only its own blocks.
+#ifndef STRATA_COORDINATOR_API_KEYS_H_
+#define STRATA_COORDINATOR_API_KEYS_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace strata {
+
+struct Tenant {
+  std::string name;
+  std::vector<std::string> keys;
+  std::set<std::string> models;  // empty: every model
+  bool all_models = true;
+  int64_t max_concurrent_requests = 0;  // 0: no limit
+  bool isolate_cache = true;
+  // Requests of this tenant running now (ApiKeys::Acquire).
+  mutable std::atomic<int64_t> running{0};
+};
+
+class ApiKeys {
+ public:
+  // INVALID_ARGUMENT naming the file and the field for a file that is not as above.
+  static absl::StatusOr<std::shared_ptr<const ApiKeys>> Load(const std::string& path);
+  static absl::StatusOr<std::shared_ptr<const ApiKeys>> Parse(absl::string_view json,
+                                                              const std::string& origin);
+
+  // The tenant whose key an Authorization header's value carries ("Bearer KEY"). UNAUTHENTICATED
+  // when there is none, it is not a bearer token, or no tenant has that key. Keys are compared
+  // in time independent of where they differ.
+  absl::StatusOr<const Tenant*> Authenticate(absl::string_view authorization) const;
+
+  // Whether `tenant` may use `model` (a base model) with `fine_tune` (empty: the base itself).
+  static bool Allows(const Tenant& tenant, absl::string_view model, absl::string_view fine_tune);
+
+  // The cache_salt a request of `tenant` runs with, given the one it asked for.
+  static std::string CacheSalt(const Tenant& tenant, absl::string_view asked);
+
+  // One of the tenant's concurrent requests, held until destroyed.
+  class Lease {
+   public:
+    Lease() = default;
+    explicit Lease(const Tenant* t) : tenant_(t) {}
+    Lease(Lease&& o) noexcept : tenant_(o.tenant_) { o.tenant_ = nullptr; }
+    Lease& operator=(Lease&& o) noexcept;
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease();
+
+   private:
+    const Tenant* tenant_ = nullptr;
+  };
+  // A lease on one of `tenant`'s requests; RESOURCE_EXHAUSTED when max_concurrent_requests of
+  // them run already.
+  static absl::StatusOr<Lease> Acquire(const Tenant& tenant);
+
+  const std::vector<std::unique_ptr<Tenant>>& tenants() const { return tenants_; }
+
+ private:
+  std::vector<std::unique_ptr<Tenant>> tenants_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_COORDINATOR_API_KEYS_H_

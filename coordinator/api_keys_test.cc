@@ -1,0 +1,128 @@
+#include "coordinator/api_keys.h"
+
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace strata {
+namespace {
+
+constexpr char kFile[] = R"({"tenants": [
+  {"name": "acme", "keys": ["sk-acme-0123456789", "sk-acme-second-key"],
+   "models": ["strata-tiny", "c-headers"], "max_concurrent_requests": 2},
+  {"name": "globex", "keys": ["sk-globex-abcdefgh"], "isolate_cache": false}]})";
+
+std::shared_ptr<const ApiKeys> Keys() {
+  absl::StatusOr<std::shared_ptr<const ApiKeys>> k = ApiKeys::Parse(kFile, "keys.json");
+  EXPECT_TRUE(k.ok()) << k.status();
+  return k.ok() ? *k : nullptr;
+}
+
+TEST(ApiKeysTest, AuthenticatesBearerKeys) {
+  auto keys = Keys();
+  ASSERT_NE(keys, nullptr);
+  absl::StatusOr<const Tenant*> t = keys->Authenticate("Bearer sk-acme-second-key");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->name, "acme");
+  t = keys->Authenticate("bearer   sk-globex-abcdefgh ");  // the scheme is case-insensitive
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->name, "globex");
+  for (const char* bad :
+       {"", "sk-acme-0123456789", "Basic c2stYWNtZQ==", "Bearer ", "Bearer sk-acme-012345678",
+        "Bearer sk-acme-01234567890", "Bearer SK-ACME-0123456789"}) {
+    SCOPED_TRACE(bad);
+    t = keys->Authenticate(bad);
+    ASSERT_FALSE(t.ok());
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kUnauthenticated);
+  }
+  EXPECT_TRUE(absl::StrContains(keys->Authenticate("").status().message(), "Authorization"));
+}
+
+TEST(ApiKeysTest, ModelsAndCacheSalts) {
+  auto keys = Keys();
+  ASSERT_NE(keys, nullptr);
+  const Tenant& acme = *keys->tenants()[0];
+  const Tenant& globex = *keys->tenants()[1];
+  EXPECT_TRUE(ApiKeys::Allows(acme, "strata-tiny", ""));
+  EXPECT_TRUE(ApiKeys::Allows(acme, "strata-tiny", "c-headers"));
+  EXPECT_FALSE(ApiKeys::Allows(acme, "strata-tiny", "man"));  // the base listed, not its others
+  EXPECT_FALSE(ApiKeys::Allows(acme, "other", ""));
+  EXPECT_TRUE(ApiKeys::Allows(globex, "anything", "at-all"));
+  // Isolated: the tenant's own namespace, the request's salt within it; not isolated: as asked.
+  EXPECT_EQ(ApiKeys::CacheSalt(acme, ""), "tenant:acme");
+  EXPECT_EQ(ApiKeys::CacheSalt(acme, "user-7"), "tenant:acme/user-7");
+  EXPECT_EQ(ApiKeys::CacheSalt(globex, ""), "");
+  EXPECT_EQ(ApiKeys::CacheSalt(globex, "user-7"), "user-7");
+  // A salt as long as a request may give still fits, as a hash, and stays distinct.
+  const std::string a(256, 'a'), b = std::string(255, 'a') + "b";
+  EXPECT_LE(ApiKeys::CacheSalt(acme, a).size(), 256u);
+  EXPECT_NE(ApiKeys::CacheSalt(acme, a), ApiKeys::CacheSalt(acme, b));
+  EXPECT_GT(ApiKeys::CacheSalt(acme, std::string(300, 'a')).size(), 256u);  // refused later
+}
+
+TEST(ApiKeysTest, ConcurrencyLeases) {
+  auto keys = Keys();
+  ASSERT_NE(keys, nullptr);
+  const Tenant& acme = *keys->tenants()[0];
+  {
+    absl::StatusOr<ApiKeys::Lease> one = ApiKeys::Acquire(acme);
+    absl::StatusOr<ApiKeys::Lease> two = ApiKeys::Acquire(acme);
+    ASSERT_TRUE(one.ok() && two.ok());
+    absl::StatusOr<ApiKeys::Lease> three = ApiKeys::Acquire(acme);
+    ASSERT_FALSE(three.ok());
+    EXPECT_EQ(three.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_TRUE(absl::StrContains(three.status().message(), "max_concurrent_requests"));
+    EXPECT_EQ(acme.running.load(), 2);
+    ApiKeys::Lease moved = std::move(*one);  // a move holds one slot, not two
+    EXPECT_EQ(acme.running.load(), 2);
+  }
+  EXPECT_EQ(acme.running.load(), 0);
+  // No limit.
+  const Tenant& globex = *keys->tenants()[1];
+  std::vector<ApiKeys::Lease> many;
+  for (int i = 0; i < 100; ++i) many.push_back(*ApiKeys::Acquire(globex));
+  EXPECT_EQ(globex.running.load(), 100);
+}
+
+TEST(ApiKeysTest, BadFilesNameTheField) {
+  struct Case {
+    const char* json;
+    const char* want;
+  };
+  for (const Case& c : {
+           Case{"{}", "tenants"},
+           Case{R"({"tenants": []})", "at least one tenant"},
+           Case{R"({"tenants": [{"keys": ["sk-0123456789abcdef"]}]})", "name"},
+           Case{R"({"tenants": [{"name": "a b", "keys": ["sk-0123456789abcdef"]}]})",
+                "[A-Za-z0-9._-]"},
+           Case{R"({"tenants": [{"name": "a", "keys": []}]})", "at least one key"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["short"]}]})", "16 to 256"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk with spaces inside"]}]})", "16 to 256"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"]},
+                                {"name": "b", "keys": ["sk-0123456789abcdef"]}]})",
+                "is given twice"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"]},
+                                {"name": "a", "keys": ["sk-0123456789abcdeg"]}]})",
+                "names a tenant twice"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
+                                 "max_concurrent_requests": -1}]})",
+                "max_concurrent_requests"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"], "quota": 5}]})",
+                "\"quota\""},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"], "models": [""]}]})",
+                "must not be empty"},
+       }) {
+    SCOPED_TRACE(c.json);
+    absl::StatusOr<std::shared_ptr<const ApiKeys>> k = ApiKeys::Parse(c.json, "keys.json");
+    ASSERT_FALSE(k.ok());
+    EXPECT_EQ(k.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(k.status().message(), c.want)) << k.status();
+    EXPECT_TRUE(absl::StrContains(k.status().message(), "keys.json")) << k.status();
+  }
+  EXPECT_EQ(ApiKeys::Load("/nonexistent/keys.json").status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace strata

@@ -1,0 +1,190 @@
+// End-to-end: a real coordinator with --api_keys_file in front of a real worker serving the
+// bundled model and a LoRA adapter. The OpenAI-compatible API asks for a tenant's key, lists and
+// serves only the models the tenant may use, holds it to its concurrent requests, and keeps an
+// isolated tenant's prefix cache its own; /health asks for nothing.
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/json.h"
+#include "gtest/gtest.h"
+#include "tests/http_client.h"
+#include "tests/local_cluster.h"
+
+namespace strata {
+namespace {
+
+constexpr char kAcme[] = "sk-acme-0123456789";
+constexpr char kGlobex[] = "sk-globex-abcdefgh";
+constexpr char kShared[] = "sk-shared-zyxwvuts";
+
+class ApiKeysTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    const std::string root = absl::StrCat(tmp == nullptr ? "/tmp" : tmp, "/api-keys");
+    std::filesystem::create_directories(root + "/fine-tunes/lora-c");
+    for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
+      std::filesystem::copy_file(absl::StrCat("models/strata-tiny/lora-c-headers/", file),
+                                 absl::StrCat(root, "/fine-tunes/lora-c/", file),
+                                 std::filesystem::copy_options::overwrite_existing);
+    }
+    std::ofstream(root + "/keys.json") << absl::StrCat(
+        R"({"tenants": [
+          {"name": "acme", "keys": [")",
+        kAcme, R"("], "models": ["strata-tiny", "lora-c"],
+           "max_concurrent_requests": 1},
+          {"name": "globex", "keys": [")",
+        kGlobex, R"("], "models": ["lora-c"]},
+          {"name": "shared", "keys": [")",
+        kShared, R"("], "isolate_cache": false}]})");
+    LocalClusterOptions o;
+    o.num_workers = 1;
+    o.name = "api-keys";
+    o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/fine-tunes"), "--delta_cache_mb=16"};
+    http_port_ = FreePort();
+    o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_),
+                           absl::StrCat("--api_keys_file=", root, "/keys.json")};
+    auto c = LocalCluster::Start(o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    cluster_ = c->release();
+  }
+  static void TearDownTestSuite() {
+    delete cluster_;
+    cluster_ = nullptr;
+  }
+
+  static HttpReply Call(const std::string& method, const std::string& path, const std::string& key,
+                        const std::string& body = "") {
+    return HttpRaw(
+        http_port_,
+        HttpRequestText(method, path, body, /*close=*/true,
+                        key.empty() ? "" : absl::StrCat("Authorization: ", key, "\r\n")));
+  }
+  static HttpReply Complete(const std::string& key, const std::string& model,
+                            const std::string& prompt, int max_tokens = 4) {
+    return Call("POST", "/v1/completions", absl::StrCat("Bearer ", key),
+                absl::StrCat(R"({"model": ")", model, R"(", "prompt": ")", prompt,
+                             R"(", "max_tokens": )", max_tokens, R"(, "temperature": 0})"));
+  }
+  // usage.prompt_tokens_details.cached_tokens of a completion.
+  static int64_t CachedTokens(const HttpReply& r) {
+    absl::StatusOr<JsonDocument> d = JsonDocument::Parse(r.body, "response");
+    if (!d.ok()) return -1;
+    absl::StatusOr<JsonValue> usage = d->root().Field("usage");
+    if (!usage.ok()) return -1;
+    absl::StatusOr<JsonValue> details = usage->Field("prompt_tokens_details");
+    return details.ok() ? details->IntFieldOr("cached_tokens", -1).value_or(-1) : -1;
+  }
+
+  static LocalCluster* cluster_;
+  static int http_port_;
+};
+LocalCluster* ApiKeysTest::cluster_ = nullptr;
+int ApiKeysTest::http_port_ = 0;
+
+TEST_F(ApiKeysTest, KeysAreAskedForEverywhereButHealth) {
+  EXPECT_EQ(Call("GET", "/health", "").status, 200);
+  for (const char* auth : {"", "Bearer sk-not-a-key-at-all", "Basic c2stYWNtZQ==", kAcme}) {
+    SCOPED_TRACE(auth);
+    const HttpReply models = Call("GET", "/v1/models", auth);
+    EXPECT_EQ(models.status, 401) << models.body;
+    EXPECT_TRUE(absl::StrContains(models.body, "authentication_error")) << models.body;
+    EXPECT_EQ(
+        Call("POST", "/v1/completions", auth, R"({"model": "strata-tiny", "prompt": "x"})").status,
+        401);
+    EXPECT_EQ(Call("POST", "/tokenize", auth, R"({"model": "strata-tiny", "prompt": "x"})").status,
+              401);
+  }
+  EXPECT_TRUE(absl::StrContains(Call("GET", "/v1/models", "").body, "Authorization: Bearer KEY"));
+  // And with a key, as OpenAI's clients send it.
+  const HttpReply ok = Complete(kAcme, "strata-tiny", "int main(");
+  EXPECT_EQ(ok.status, 200) << ok.body;
+  EXPECT_EQ(Call("POST", "/tokenize", absl::StrCat("Bearer ", kShared),
+                 R"({"model": "strata-tiny", "prompt": "x"})")
+                .status,
+            200);
+}
+
+TEST_F(ApiKeysTest, TenantsSeeAndUseOnlyTheirModels) {
+  const HttpReply acme = Call("GET", "/v1/models", absl::StrCat("Bearer ", kAcme));
+  ASSERT_EQ(acme.status, 200) << acme.body;
+  EXPECT_TRUE(absl::StrContains(acme.body, "\"id\":\"strata-tiny\"")) << acme.body;
+  EXPECT_TRUE(absl::StrContains(acme.body, "\"id\":\"lora-c\"")) << acme.body;
+  const HttpReply globex = Call("GET", "/v1/models", absl::StrCat("Bearer ", kGlobex));
+  ASSERT_EQ(globex.status, 200) << globex.body;
+  EXPECT_FALSE(absl::StrContains(globex.body, "\"id\":\"strata-tiny\"")) << globex.body;
+  EXPECT_TRUE(absl::StrContains(globex.body, "\"id\":\"lora-c\"")) << globex.body;
+
+  // A model it may not use reads as one that does not exist.
+  const HttpReply refused = Complete(kGlobex, "strata-tiny", "int main(");
+  EXPECT_EQ(refused.status, 404) << refused.body;
+  EXPECT_TRUE(absl::StrContains(refused.body, "\"param\":\"model\"")) << refused.body;
+  const HttpReply base_plus_id =
+      Call("POST", "/v1/completions", absl::StrCat("Bearer ", kGlobex),
+           R"({"model": "strata-tiny", "fine_tune_id": "lora-c", "prompt": "x", "max_tokens": 2})");
+  EXPECT_EQ(base_plus_id.status, 200) << base_plus_id.body;  // the fine-tune is what it runs
+  const HttpReply lora = Complete(kGlobex, "lora-c", "int main(");
+  EXPECT_EQ(lora.status, 200) << lora.body;
+  // A tenant without a list uses everything.
+  EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
+  EXPECT_EQ(Complete(kShared, "lora-c", "x").status, 200);
+}
+
+TEST_F(ApiKeysTest, ATenantIsHeldToItsConcurrentRequests) {
+  // acme may run one request: a long stream holds it.
+  const int fd = ConnectLoopback(http_port_);
+  ASSERT_GE(fd, 0);
+  const std::string stream =
+      HttpRequestText("POST", "/v1/completions",
+                      R"({"model": "strata-tiny", "prompt": "x", "max_tokens": 1500, "stream": true,
+          "ignore_eos": true})",
+                      /*close=*/true, absl::StrCat("Authorization: Bearer ", kAcme, "\r\n"));
+  ASSERT_EQ(send(fd, stream.data(), stream.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(stream.size()));
+  char first[64];
+  ASSERT_GT(recv(fd, first, sizeof(first), 0), 0);  // the stream has started
+  const HttpReply second = Complete(kAcme, "strata-tiny", "y");
+  EXPECT_EQ(second.status, 429) << second.body;
+  EXPECT_TRUE(absl::StrContains(second.body, "rate_limit_error")) << second.body;
+  EXPECT_TRUE(absl::StrContains(second.body, "max_concurrent_requests")) << second.body;
+  // Other tenants are not held back by it.
+  EXPECT_EQ(Complete(kShared, "strata-tiny", "y").status, 200);
+  std::string rest;
+  ReadToClose(fd, &rest);
+  close(fd);
+  EXPECT_TRUE(absl::StrContains(rest, "[DONE]"));
+  // Its slot is back once the stream has ended.
+  HttpReply third;
+  for (int i = 0; i < 50 && (third = Complete(kAcme, "strata-tiny", "y")).status == 429; ++i) {
+    usleep(100 * 1000);
+  }
+  EXPECT_EQ(third.status, 200) << third.body;
+}
+
+TEST_F(ApiKeysTest, AnIsolatedTenantsPrefixCacheIsItsOwn) {
+  std::string prompt;
+  for (int i = 0; i < 40; ++i) absl::StrAppend(&prompt, "static int value_", i, " = ", i, "; ");
+  // A tenant that shares the cache fills it.
+  ASSERT_EQ(Complete(kShared, "strata-tiny", prompt).status, 200);
+  const HttpReply shared_again = Complete(kShared, "strata-tiny", prompt);
+  ASSERT_EQ(shared_again.status, 200);
+  EXPECT_GT(CachedTokens(shared_again), 0) << shared_again.body;
+  // An isolated tenant finds none of it, only what it sent itself.
+  const HttpReply acme = Complete(kAcme, "strata-tiny", prompt);
+  ASSERT_EQ(acme.status, 200) << acme.body;
+  EXPECT_EQ(CachedTokens(acme), 0) << acme.body;
+  const HttpReply acme_again = Complete(kAcme, "strata-tiny", prompt);
+  ASSERT_EQ(acme_again.status, 200) << acme_again.body;
+  EXPECT_GT(CachedTokens(acme_again), 0) << acme_again.body;
+}
+
+}  // namespace
+}  // namespace strata
