@@ -209,6 +209,7 @@ int Main() {
       return 1;
     }
     http_options.api_keys = *std::move(loaded);
+    http_options.metrics = co.metrics;
     LOG(INFO) << "HTTP API: API keys of " << http_options.api_keys->tenants().size()
               << " tenant(s) from " << keys;
   }

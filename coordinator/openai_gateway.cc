@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -1545,6 +1546,12 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
   if (options_.api_keys != nullptr) {
     absl::StatusOr<const Tenant*> t = options_.api_keys->Authenticate(authorization);
     if (!t.ok()) {
+      if (options_.metrics != nullptr) {
+        options_.metrics
+            ->GetCounter("strata_http_unauthenticated_total",
+                         "HTTP API calls refused for a missing or unknown API key (401).")
+            ->Add();
+      }
       Reply(fd, ErrorResponse(401, t.status().message()));
       return;
     }
@@ -1788,9 +1795,23 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
   const std::string model_asked = call->request.model();
   const uint32_t context = ResolveModel(&call->request);
   ApiKeys::Lease lease;  // one of the tenant's concurrent requests, until this returns
+  Gauge* running = nullptr;
+  absl::Cleanup leave = [&running] {
+    if (running != nullptr) running->Add(-1);
+  };
   if (tenant != nullptr) {
+    auto refused = [&](const char* reason) {
+      if (options_.metrics == nullptr) return;
+      options_.metrics
+          ->GetCounter("strata_http_tenant_refused_total",
+                       "Completions refused by tenant and reason: model (one the tenant may not "
+                       "use) or concurrency (past its max_concurrent_requests).",
+                       {{"tenant", tenant->name}, {"reason", reason}})
+          ->Add();
+    };
     // A model the tenant may not use reads as one that does not exist (its name tells nothing).
     if (!ApiKeys::Allows(*tenant, call->request.model(), call->request.fine_tune_id())) {
+      refused("model");
       Reply(fd,
             ErrorResponse(
                 404,
@@ -1805,10 +1826,22 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
     }
     absl::StatusOr<ApiKeys::Lease> l = ApiKeys::Acquire(*tenant);
     if (!l.ok()) {
+      refused("concurrency");
       Reply(fd, ErrorResponse(429, l.status().message()));
       return;
     }
     lease = std::move(*l);
+    if (options_.metrics != nullptr) {
+      const MetricLabels labels = {{"tenant", tenant->name}};
+      options_.metrics
+          ->GetCounter("strata_http_tenant_requests_total",
+                       "Completions taken by tenant (past its key, model and concurrency checks).",
+                       labels)
+          ->Add();
+      running = options_.metrics->GetGauge("strata_http_tenant_running_requests",
+                                           "Completions of the tenant running now.", labels);
+      running->Add(1);
+    }
     call->request.set_cache_salt(ApiKeys::CacheSalt(*tenant, call->request.cache_salt()));
   }
   // Chat with tools the model may call: how it writes calls (kNone: no calls are looked for), and

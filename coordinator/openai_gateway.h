@@ -44,6 +44,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 #include "common/unique_fd.h"
 #include "coordinator/api_keys.h"
 #include "coordinator/jinja.h"
@@ -227,6 +228,9 @@ struct OpenAiGatewayOptions {
   // max_concurrent_requests it is 429, and an isolated tenant's requests use its own prefix cache
   // (coordinator/api_keys.h).
   std::shared_ptr<const ApiKeys> api_keys;
+  // Where the gateway counts, with API keys, each tenant's requests, refusals and requests
+  // running, and the calls without a valid key (null: not counted).
+  MetricsRegistry* metrics = nullptr;
 };
 
 class OpenAiGateway {

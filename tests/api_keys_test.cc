@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -50,7 +51,9 @@ class ApiKeysTest : public ::testing::Test {
     o.name = "api-keys";
     o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/fine-tunes"), "--delta_cache_mb=16"};
     http_port_ = FreePort();
+    metrics_port_ = FreePort();
     o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_),
+                           absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port_),
                            absl::StrCat("--api_keys_file=", root, "/keys.json")};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
@@ -85,10 +88,11 @@ class ApiKeysTest : public ::testing::Test {
   }
 
   static LocalCluster* cluster_;
-  static int http_port_;
+  static int http_port_, metrics_port_;
 };
 LocalCluster* ApiKeysTest::cluster_ = nullptr;
 int ApiKeysTest::http_port_ = 0;
+int ApiKeysTest::metrics_port_ = 0;
 
 TEST_F(ApiKeysTest, KeysAreAskedForEverywhereButHealth) {
   EXPECT_EQ(Call("GET", "/health", "").status, 200);
@@ -184,6 +188,22 @@ TEST_F(ApiKeysTest, AnIsolatedTenantsPrefixCacheIsItsOwn) {
   const HttpReply acme_again = Complete(kAcme, "strata-tiny", prompt);
   ASSERT_EQ(acme_again.status, 200) << acme_again.body;
   EXPECT_GT(CachedTokens(acme_again), 0) << acme_again.body;
+}
+
+// The coordinator counts each tenant's requests and refusals, and the calls without a valid key.
+TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
+  ASSERT_EQ(Call("GET", "/v1/models", "Bearer sk-not-a-key-at-all").status, 401);
+  ASSERT_EQ(Complete(kAcme, "strata-tiny", "x").status, 200);
+  ASSERT_EQ(Complete(kGlobex, "strata-tiny", "x").status, 404);
+  const HttpReply r = Http(metrics_port_, "GET", "/metrics");
+  ASSERT_EQ(r.status, 200);
+  std::map<std::string, double> m = ParseMetrics(r.body);
+  EXPECT_GE(m["strata_http_unauthenticated_total"], 1) << r.body;
+  EXPECT_GE(m["strata_http_tenant_requests_total{tenant=\"acme\"}"], 1) << r.body;
+  EXPECT_GE(m["strata_http_tenant_refused_total{tenant=\"globex\",reason=\"model\"}"], 1) << r.body;
+  // Nothing runs now (every lease was given back).
+  EXPECT_EQ(m["strata_http_tenant_running_requests{tenant=\"acme\"}"], 0) << r.body;
+  EXPECT_TRUE(m.count("strata_http_tenant_running_requests{tenant=\"acme\"}")) << r.body;
 }
 
 }  // namespace
