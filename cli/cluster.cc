@@ -50,8 +50,10 @@ absl::Status RpcError(const grpc::Status& s, const Args& args, grpc::Channel* ch
   return status;
 }
 
+// Every call's deadline, and its API key.
 void SetDeadline(grpc::ClientContext* ctx, absl::Duration d) {
   ctx->set_deadline(absl::ToChronoTime(absl::Now() + d));
+  AddApiKey(ctx);
 }
 
 std::string ToJson(const google::protobuf::Message& m) {
@@ -115,6 +117,12 @@ void PrintTable(std::FILE* out, const std::vector<std::vector<std::string>>& row
 }
 
 }  // namespace
+
+void AddApiKey(grpc::ClientContext* ctx) {
+  if (const char* key = std::getenv("STRATA_API_KEY"); key != nullptr && *key != '\0') {
+    ctx->AddMetadata("authorization", absl::StrCat("Bearer ", key));
+  }
+}
 
 absl::Status GenerateCommand(const Args& args, std::FILE* out) {
   auto channel = Connect(args);

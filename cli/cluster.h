@@ -1,6 +1,7 @@
 // Cluster commands of stratactl: they talk gRPC to a running coordinator (--coordinator HOST:PORT,
-// default $STRATA_COORDINATOR or 127.0.0.1:50051). Human-readable output by default, one JSON
-// object with --json.
+// default $STRATA_COORDINATOR or 127.0.0.1:50051), with the API key in $STRATA_API_KEY when the
+// coordinator asks for keys (--api_keys_file; status and drain want a tenant with "admin").
+// Human-readable output by default, one JSON object with --json.
 #ifndef STRATA_CLI_CLUSTER_H_
 #define STRATA_CLI_CLUSTER_H_
 
@@ -8,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "cli/args.h"
+#include "grpcpp/client_context.h"
 
 namespace strata {
 
@@ -17,6 +19,9 @@ namespace strata {
 //   [--json]
 // Streams the text as it is generated; with --json prints one object at the end.
 absl::Status GenerateCommand(const Args& args, std::FILE* out);
+
+// Adds $STRATA_API_KEY, when set, to a call as "authorization: Bearer KEY" metadata.
+void AddApiKey(grpc::ClientContext* ctx);
 
 // stratactl status [--json]: workers, their state, load and KV blocks per tier; models.
 absl::Status StatusCommand(const Args& args, std::FILE* out);

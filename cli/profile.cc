@@ -19,6 +19,7 @@
 #include "absl/time/clock.h"
 #include "bench/stats.h"
 #include "bench/workload.h"
+#include "cli/cluster.h"
 #include "common/grpc_status.h"
 #include "common/json.h"
 #include "common/mapped_file.h"
@@ -163,6 +164,7 @@ absl::StatusOr<ServingTimes> MeasureServing(const std::string& target, int32_t v
   {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    AddApiKey(&ctx);
     if (grpc::Status s = serving->ListModels(&ctx, v1::ListModelsRequest(), &models); !s.ok()) {
       return absl::UnavailableError(
           absl::StrCat("--coordinator ", target, ": ", s.error_message()));
@@ -183,6 +185,7 @@ absl::StatusOr<ServingTimes> MeasureServing(const std::string& target, int32_t v
     req.set_cache_salt(absl::StrCat("stratactl-profile-", (*rng)()));
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    AddApiKey(&ctx);
     const auto start = std::chrono::steady_clock::now();
     auto reader = serving->Generate(&ctx, req);
     v1::GenerateResponse chunk;

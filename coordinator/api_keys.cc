@@ -1,5 +1,6 @@
 #include "coordinator/api_keys.h"
 
+#include <random>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -34,15 +35,23 @@ bool ValidKey(absl::string_view s) {
   return true;
 }
 
-// Equal, in time that depends on the lengths only.
-bool SameKey(absl::string_view a, absl::string_view b) {
+}  // namespace
+
+bool SecretsEqual(absl::string_view a, absl::string_view b) {
   if (a.size() != b.size()) return false;
   unsigned char diff = 0;
   for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
   return diff == 0;
 }
 
-}  // namespace
+std::string NewGatewaySecret() {
+  std::random_device dev;  // the kernel's random source
+  std::string out;
+  for (int i = 0; i < 4; ++i) {
+    absl::StrAppend(&out, absl::Hex((uint64_t{dev()} << 32) | dev(), absl::kZeroPad16));
+  }
+  return out;
+}
 
 absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Load(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
@@ -61,10 +70,10 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     ASSIGN_OR_RETURN(auto members, t.AsObject());
     for (const auto& [key, value] : members) {
       if (key != "name" && key != "keys" && key != "models" && key != "max_concurrent_requests" &&
-          key != "isolate_cache") {
-        return t.Error(absl::StrCat(
-            "has \"", key,
-            "\": a tenant takes name, keys, models, max_concurrent_requests and isolate_cache"));
+          key != "isolate_cache" && key != "admin") {
+        return t.Error(absl::StrCat("has \"", key,
+                                    "\": a tenant takes name, keys, models, "
+                                    "max_concurrent_requests, isolate_cache and admin"));
       }
     }
     auto tenant = std::make_unique<Tenant>();
@@ -98,6 +107,7 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
       return t.Error("has max_concurrent_requests outside [0, 1000000] (0: no limit)");
     }
     ASSIGN_OR_RETURN(tenant->isolate_cache, t.BoolFieldOr("isolate_cache", true));
+    ASSIGN_OR_RETURN(tenant->admin, t.BoolFieldOr("admin", false));
     keys->tenants_.push_back(std::move(tenant));
   }
   return std::shared_ptr<const ApiKeys>(std::move(keys));
@@ -118,7 +128,7 @@ absl::StatusOr<const Tenant*> ApiKeys::Authenticate(absl::string_view authorizat
   const Tenant* found = nullptr;
   for (const auto& t : tenants_) {
     for (const std::string& k : t->keys) {
-      if (SameKey(k, key) && found == nullptr) found = t.get();
+      if (SecretsEqual(k, key) && found == nullptr) found = t.get();
     }
   }
   if (found == nullptr) return absl::UnauthenticatedError("the API key is not valid");

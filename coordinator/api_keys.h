@@ -11,9 +11,12 @@
 //                                               //   use (a base listed allows the base, not its
 //                                               //   fine-tunes); absent: all
 //      "max_concurrent_requests": 8,            // optional: 0 (default) is no limit
-//      "isolate_cache": true}]}                 // optional (default true): its requests reuse
+//      "isolate_cache": true,                   // optional (default true): its requests reuse
 //                                               //   only its own cached prefixes
-// A request carries its key as "Authorization: Bearer KEY", as OpenAI's clients send it.
+//      "admin": false}]}                        // optional: may call the Admin service (cluster
+//                                               //   status, drain) over gRPC
+// A request carries its key as "Authorization: Bearer KEY", as OpenAI's clients send it (over
+// HTTP), or as the gRPC metadata "authorization: Bearer KEY" (stratactl: STRATA_API_KEY).
 // Isolation matters because a shared prefix cache answers faster for text another tenant sent
 // recently, which a tenant could time; an isolated tenant's requests get cache_salt
 // "tenant:NAME" (with the request's own cache_salt after it), so they meet only its own blocks.
@@ -39,9 +42,17 @@ struct Tenant {
   bool all_models = true;
   int64_t max_concurrent_requests = 0;  // 0: no limit
   bool isolate_cache = true;
+  bool admin = false;
   // Requests of this tenant running now (ApiKeys::Acquire).
   mutable std::atomic<int64_t> running{0};
 };
+
+// The metadata with which the coordinator's own HTTP gateway, which checks keys itself, calls
+// its in-process gRPC services: a random secret drawn at each start (NewGatewaySecret).
+inline constexpr char kGatewaySecretMetadata[] = "x-strata-gateway-secret";
+std::string NewGatewaySecret();
+// a == b, in time that depends on the lengths only.
+bool SecretsEqual(absl::string_view a, absl::string_view b);
 
 class ApiKeys {
  public:

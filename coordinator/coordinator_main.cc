@@ -44,8 +44,9 @@ ABSL_FLAG(std::string, http_listen, "",
           "/v1/chat/completions, GET /v1/models), e.g. [::]:8000; empty: none.");
 ABSL_FLAG(std::string, api_keys_file, "",
           "JSON file of tenants and their API keys (coordinator/api_keys.h): the HTTP API then "
-          "wants \"Authorization: Bearer KEY\" and keeps each tenant to its models, its "
-          "concurrent requests and (by default) its own prefix cache. Empty: no keys asked.");
+          "wants \"Authorization: Bearer KEY\" (gRPC: that \"authorization\" metadata) and "
+          "keeps each tenant to its models, its concurrent requests and (by default) its own "
+          "prefix cache; the Admin service wants an admin tenant. Empty: no keys asked.");
 ABSL_FLAG(int, http_max_connections, strata::OpenAiGatewayOptions{}.max_connections,
           "HTTP connections open at once; when full, a connection idle between requests is "
           "closed for a new one, else the new one is refused (503).");
@@ -171,6 +172,19 @@ int Main() {
     absl::BitGen gen;
     co.instance_id = absl::StrFormat("coord-%08x", absl::Uniform<uint32_t>(gen));
   }
+  std::shared_ptr<const ApiKeys> api_keys;
+  if (const std::string keys = absl::GetFlag(FLAGS_api_keys_file); !keys.empty()) {
+    absl::StatusOr<std::shared_ptr<const ApiKeys>> loaded = ApiKeys::Load(keys);
+    if (!loaded.ok()) {
+      LOG(ERROR) << "--api_keys_file: " << loaded.status();
+      return 1;
+    }
+    api_keys = *std::move(loaded);
+    co.api_keys = api_keys;
+    co.gateway_secret = NewGatewaySecret();
+    LOG(INFO) << "API keys of " << api_keys->tenants().size() << " tenant(s) from " << keys
+              << ": asked for over HTTP and gRPC";
+  }
   // Declared before the service and the endpoint, so it outlives both.
   MetricsRegistry metrics;
   const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
@@ -198,21 +212,9 @@ int Main() {
   // port file is written, so that whoever waits for it finds both ready.
   OpenAiGatewayOptions http_options;
   http_options.max_connections = std::max(1, absl::GetFlag(FLAGS_http_max_connections));
-  if (const std::string keys = absl::GetFlag(FLAGS_api_keys_file); !keys.empty()) {
-    absl::StatusOr<std::shared_ptr<const ApiKeys>> loaded = ApiKeys::Load(keys);
-    if (!loaded.ok()) {
-      LOG(ERROR) << "--api_keys_file: " << loaded.status();
-      return 1;
-    }
-    if (absl::GetFlag(FLAGS_http_listen).empty()) {
-      LOG(ERROR) << "--api_keys_file guards the HTTP API: give --http_listen too";
-      return 1;
-    }
-    http_options.api_keys = *std::move(loaded);
-    http_options.metrics = co.metrics;
-    LOG(INFO) << "HTTP API: API keys of " << http_options.api_keys->tenants().size()
-              << " tenant(s) from " << keys;
-  }
+  http_options.api_keys = api_keys;
+  http_options.gateway_secret = co.gateway_secret;
+  http_options.metrics = co.metrics;
   for (const std::string& spec : absl::GetFlag(FLAGS_model)) {
     if (absl::GetFlag(FLAGS_http_listen).empty()) break;
     const size_t eq = spec.find('=');

@@ -180,6 +180,11 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
 
   // Set by Start, read-only afterwards.
   std::string request_id_;
+  // With API keys: the caller's tenant (null: none asked, or the HTTP gateway), one of its
+  // concurrent requests held for the call's life, and the cache salt the call runs with.
+  const Tenant* tenant_ = nullptr;
+  ApiKeys::Lease lease_;
+  std::string cache_salt_;
   const Tokenizer* tokenizer_ = nullptr;
   ModelView model_;
   ResolvedSampling sampling_;
@@ -211,6 +216,7 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
 
 grpc::Status CoordinatorService::GenerateCall::Validate() {
   const v1::GenerateRequest& r = *request_;
+  if (grpc::Status s = service_->Caller(context_, &tenant_); !s.ok()) return s;
   if (!IsValidId(r.request_id())) {
     return Invalid("request_id must be at most 128 bytes of [A-Za-z0-9._-]");
   }
@@ -229,7 +235,20 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
                         absl::StrCat("fine_tune_id \"", r.fine_tune_id(),
                                      "\" is not registered for model ", r.model()));
   }
-  if (r.cache_salt().size() > 256) return Invalid("cache_salt must be at most 256 bytes");
+  if (tenant_ != nullptr) {
+    // A model the tenant may not use reads as one that does not exist.
+    if (!ApiKeys::Allows(*tenant_, r.model(), r.fine_tune_id())) {
+      return grpc::Status(
+          grpc::StatusCode::NOT_FOUND,
+          absl::StrCat("model \"", r.fine_tune_id().empty() ? r.model() : r.fine_tune_id(),
+                       "\" does not exist or this API key may not use it"));
+    }
+    absl::StatusOr<ApiKeys::Lease> lease = ApiKeys::Acquire(*tenant_);
+    if (!lease.ok()) return ToGrpcStatus(lease.status());
+    lease_ = *std::move(lease);
+  }
+  cache_salt_ = tenant_ != nullptr ? ApiKeys::CacheSalt(*tenant_, r.cache_salt()) : r.cache_salt();
+  if (cache_salt_.size() > 256) return Invalid("cache_salt must be at most 256 bytes");
   if (r.priority() < -100 || r.priority() > 100) return Invalid("priority must be in [-100, 100]");
   if (model_.num_workers == 0 || model_.max_context_tokens == 0) {
     return grpc::Status(
@@ -291,7 +310,7 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
     revision = it->second;
   }
   hashes_ = PrefixBlockHashes(
-      CacheNamespace(r.model(), FineTuneNamespaceId(r.fine_tune_id(), revision), r.cache_salt()),
+      CacheNamespace(r.model(), FineTuneNamespaceId(r.fine_tune_id(), revision), cache_salt_),
       prompt_, block_tokens);
   prompt_blocks_ = (static_cast<int64_t>(prompt_.size()) + block_tokens - 1) / block_tokens;
   return grpc::Status::OK;
@@ -388,7 +407,7 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         *s.mutable_sampling() = request_->sampling();
         s.mutable_sampling()->clear_stop();
         s.mutable_sampling()->set_seed(seed_);
-        s.set_cache_salt(request_->cache_salt());
+        s.set_cache_salt(cache_salt_);
         s.set_priority(request_->priority());
         for (BlockHash h : hashes_) s.add_prefix_block_hashes(h);
         if (context_->deadline() != std::chrono::system_clock::time_point::max()) {
@@ -741,10 +760,49 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* CoordinatorService::Generate(
   return call;
 }
 
+grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
+                                        const Tenant** tenant) const {
+  *tenant = nullptr;
+  if (options_.api_keys == nullptr) return grpc::Status::OK;
+  const auto& metadata = context->client_metadata();
+  auto value = [&metadata](const char* key) {
+    auto it = metadata.find(key);
+    return it == metadata.end() ? std::string() : std::string(it->second.data(), it->second.size());
+  };
+  if (!options_.gateway_secret.empty() &&
+      SecretsEqual(value(kGatewaySecretMetadata), options_.gateway_secret)) {
+    return grpc::Status::OK;  // the HTTP gateway, which checked the key itself
+  }
+  absl::StatusOr<const Tenant*> t = options_.api_keys->Authenticate(value("authorization"));
+  if (!t.ok()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        absl::StrCat(t.status().message(), " (gRPC metadata \"authorization\")"));
+  }
+  *tenant = *t;
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorService::AdminCaller(grpc::CallbackServerContext* context) const {
+  const Tenant* tenant = nullptr;
+  if (grpc::Status s = Caller(context, &tenant); !s.ok()) return s;
+  if (tenant != nullptr && !tenant->admin) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrCat("tenant \"", tenant->name,
+                                     "\" may not call the Admin service (it needs \"admin\": "
+                                     "true in --api_keys_file)"));
+  }
+  return grpc::Status::OK;
+}
+
 grpc::ServerUnaryReactor* CoordinatorService::Tokenize(grpc::CallbackServerContext* context,
                                                        const v1::TokenizeRequest* request,
                                                        v1::TokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const Tenant* tenant = nullptr;
+  if (grpc::Status s = Caller(context, &tenant); !s.ok()) {
+    reactor->Finish(s);
+    return reactor;
+  }
   const Tokenizer* t = models_->Find(request->model());
   absl::StatusOr<ModelView> model = Model(request->model());
   if (t == nullptr || !model.ok()) {
@@ -774,6 +832,11 @@ grpc::ServerUnaryReactor* CoordinatorService::Detokenize(grpc::CallbackServerCon
                                                          const v1::DetokenizeRequest* request,
                                                          v1::DetokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const Tenant* tenant = nullptr;
+  if (grpc::Status s = Caller(context, &tenant); !s.ok()) {
+    reactor->Finish(s);
+    return reactor;
+  }
   const Tokenizer* t = models_->Find(request->model());
   if (t == nullptr) {
     reactor->Finish(ToGrpcStatus(Model(request->model()).status()));
@@ -806,8 +869,24 @@ grpc::ServerUnaryReactor* CoordinatorService::Detokenize(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerContext* context,
                                                          const v1::ListModelsRequest* /*request*/,
                                                          v1::ListModelsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const Tenant* tenant = nullptr;
+  if (grpc::Status s = Caller(context, &tenant); !s.ok()) {
+    reactor->Finish(s);
+    return reactor;
+  }
   const std::vector<ModelView> served = pool_->Models();
   for (const std::string& name : models_->Names()) {
+    // A tenant sees a base model it may use, or one with a fine-tune it may use (listed under
+    // it, alone).
+    bool any = tenant == nullptr || ApiKeys::Allows(*tenant, name, "");
+    for (const ModelView& v : served) {
+      if (v.name != name) continue;
+      for (const std::string& ft : v.fine_tune_ids) {
+        any = any || ApiKeys::Allows(*tenant, name, ft);
+      }
+    }
+    if (!any) continue;
     v1::ModelInfo* m = response->add_models();
     m->set_name(name);
     for (const ModelView& v : served) {
@@ -815,12 +894,13 @@ grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerCon
       m->set_max_context_tokens(v.max_context_tokens);
       m->set_vocab_size(v.vocab_size);
       m->set_num_workers(v.num_workers);
-      for (const std::string& ft : v.fine_tune_ids) m->add_fine_tune_ids(ft);
+      for (const std::string& ft : v.fine_tune_ids) {
+        if (tenant == nullptr || ApiKeys::Allows(*tenant, name, ft)) m->add_fine_tune_ids(ft);
+      }
     }
     if (m->vocab_size() == 0)
       m->set_vocab_size(static_cast<uint32_t>(models_->Find(name)->vocab_size()));
   }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
@@ -828,6 +908,11 @@ grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* CoordinatorService::GetClusterStatus(
     grpc::CallbackServerContext* context, const v1::GetClusterStatusRequest* /*request*/,
     v1::ClusterStatus* response) {
+  if (grpc::Status s = AdminCaller(context); !s.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(s);
+    return reactor;
+  }
   for (v1::WorkerStatus& w : pool_->Status()) *response->add_workers() = std::move(w);
   response->set_num_inflight_requests(
       static_cast<uint32_t>(std::max<int64_t>(0, inflight_.load())));
@@ -868,6 +953,10 @@ grpc::ServerUnaryReactor* CoordinatorService::DrainWorker(grpc::CallbackServerCo
                                                           const v1::DrainWorkerRequest* request,
                                                           v1::DrainWorkerResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status s = AdminCaller(context); !s.ok()) {
+    reactor->Finish(s);
+    return reactor;
+  }
   if (request->worker().empty()) {
     reactor->Finish(Invalid("worker is required (an address or worker_id)"));
     return reactor;

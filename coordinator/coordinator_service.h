@@ -35,6 +35,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "coordinator/api_keys.h"
 #include "coordinator/worker_pool.h"
 #include "grammar/structured_output.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
@@ -53,6 +54,14 @@ struct CoordinatorOptions {
   // Where Generate calls are counted and timed (strata_coordinator_*), or null. Not owned; it must
   // outlive the service.
   MetricsRegistry* metrics = nullptr;
+  // With API keys (--api_keys_file), every call but the HTTP gateway's (which checks keys itself
+  // and sends gateway_secret as kGatewaySecretMetadata) carries a tenant's key as "authorization:
+  // Bearer KEY" metadata (UNAUTHENTICATED otherwise); Generate keeps the tenant to its models
+  // (NOT_FOUND, as for one that does not exist), its concurrent requests (RESOURCE_EXHAUSTED) and
+  // its cache; ListModels lists what it may use; the Admin service wants a tenant with admin
+  // (PERMISSION_DENIED).
+  std::shared_ptr<const ApiKeys> api_keys;
+  std::string gateway_secret;
 };
 
 // The models this coordinator serves: their names and tokenizers. Context length and vocabulary
@@ -102,6 +111,12 @@ class CoordinatorService final : public v1::Serving::CallbackService,
 
  private:
   friend class GenerateCall;
+
+  // Who makes the call: *tenant null without API keys or for the HTTP gateway, else the tenant
+  // whose key it carries; UNAUTHENTICATED when it carries none that is valid.
+  grpc::Status Caller(grpc::CallbackServerContext* context, const Tenant** tenant) const;
+  // Caller, and PERMISSION_DENIED for a tenant that is not an admin.
+  grpc::Status AdminCaller(grpc::CallbackServerContext* context) const;
 
   // One DrainWorker call: drains (or resumes) `worker` and, with `wait`, polls until it is idle.
   grpc::Status RunDrain(grpc::CallbackServerContext* context, const std::string& worker,

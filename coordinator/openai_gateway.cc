@@ -1274,6 +1274,9 @@ void OpenAiGateway::StopAccepting() {
 }
 
 bool OpenAiGateway::Register(grpc::ClientContext* ctx) {
+  if (!options_.gateway_secret.empty()) {
+    ctx->AddMetadata(kGatewaySecretMetadata, options_.gateway_secret);
+  }
   absl::MutexLock lock(&mu_);
   if (stopping_) return false;
   calls_.insert(ctx);

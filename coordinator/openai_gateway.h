@@ -231,6 +231,9 @@ struct OpenAiGatewayOptions {
   // Where the gateway counts, with API keys, each tenant's requests, refusals and requests
   // running, and the calls without a valid key (null: not counted).
   MetricsRegistry* metrics = nullptr;
+  // Sent with every call into the coordinator's services (kGatewaySecretMetadata), which then
+  // take the gateway's own checks for theirs (CoordinatorOptions::gateway_secret).
+  std::string gateway_secret;
 };
 
 class OpenAiGateway {

@@ -1,21 +1,28 @@
 // End-to-end: a real coordinator with --api_keys_file in front of a real worker serving the
 // bundled model and a LoRA adapter. The OpenAI-compatible API asks for a tenant's key, lists and
 // serves only the models the tenant may use, holds it to its concurrent requests, and keeps an
-// isolated tenant's prefix cache its own; /health asks for nothing.
+// isolated tenant's prefix cache its own; /health asks for nothing. The gRPC services ask for the
+// same keys (as "authorization" metadata), and the Admin service for an admin tenant's.
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/json.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
+#include "proto/strata/v1/admin.grpc.pb.h"
+#include "proto/strata/v1/serving.grpc.pb.h"
 #include "tests/http_client.h"
 #include "tests/local_cluster.h"
 
@@ -25,6 +32,7 @@ namespace {
 constexpr char kAcme[] = "sk-acme-0123456789";
 constexpr char kGlobex[] = "sk-globex-abcdefgh";
 constexpr char kShared[] = "sk-shared-zyxwvuts";
+constexpr char kOps[] = "sk-ops-admin-000000";
 
 class ApiKeysTest : public ::testing::Test {
  protected:
@@ -45,10 +53,13 @@ class ApiKeysTest : public ::testing::Test {
           {"name": "globex", "keys": [")",
         kGlobex, R"("], "models": ["lora-c"]},
           {"name": "shared", "keys": [")",
-        kShared, R"("], "isolate_cache": false}]})");
+        kShared, R"("], "isolate_cache": false},
+          {"name": "ops", "keys": [")",
+        kOps, R"("], "models": [], "admin": true}]})");
     LocalClusterOptions o;
     o.num_workers = 1;
     o.name = "api-keys";
+    o.admin_api_key = kOps;
     o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/fine-tunes"), "--delta_cache_mb=16"};
     http_port_ = FreePort();
     metrics_port_ = FreePort();
@@ -188,6 +199,88 @@ TEST_F(ApiKeysTest, AnIsolatedTenantsPrefixCacheIsItsOwn) {
   const HttpReply acme_again = Complete(kAcme, "strata-tiny", prompt);
   ASSERT_EQ(acme_again.status, 200) << acme_again.body;
   EXPECT_GT(CachedTokens(acme_again), 0) << acme_again.body;
+}
+
+// Over gRPC: the same keys as "authorization" metadata; the Admin service for admins only.
+TEST_F(ApiKeysTest, TheGrpcServicesAskForKeysToo) {
+  auto channel =
+      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials());
+  auto serving = v1::Serving::NewStub(channel);
+  auto admin = v1::Admin::NewStub(channel);
+  auto context = [](const std::string& key) {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    if (!key.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", key));
+    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return ctx;
+  };
+  // No key, or a wrong one.
+  for (const std::string& key : {std::string(), std::string("sk-not-a-key-at-all")}) {
+    v1::ListModelsResponse models;
+    EXPECT_EQ(serving->ListModels(context(key).get(), {}, &models).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    v1::TokenizeRequest tr;
+    tr.set_model("strata-tiny");
+    tr.set_text("x");
+    v1::TokenizeResponse tokens;
+    EXPECT_EQ(serving->Tokenize(context(key).get(), tr, &tokens).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  // The gateway's metadata with a guessed secret is no key either.
+  {
+    auto ctx = context("");
+    ctx->AddMetadata("x-strata-gateway-secret", "0000000000000000");
+    v1::ListModelsResponse models;
+    EXPECT_EQ(serving->ListModels(ctx.get(), {}, &models).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  // ListModels lists what the tenant may use: globex sees strata-tiny only for its lora-c.
+  v1::ListModelsResponse models;
+  ASSERT_TRUE(serving->ListModels(context(kGlobex).get(), {}, &models).ok());
+  ASSERT_EQ(models.models_size(), 1);
+  EXPECT_EQ(models.models(0).name(), "strata-tiny");
+  ASSERT_EQ(models.models(0).fine_tune_ids_size(), 1);
+  EXPECT_EQ(models.models(0).fine_tune_ids(0), "lora-c");
+  models.Clear();
+  ASSERT_TRUE(serving->ListModels(context(kOps).get(), {}, &models).ok());
+  EXPECT_EQ(models.models_size(), 0);  // an empty list: no model at all
+  // Generate: the tenant's models only.
+  v1::GenerateRequest req;
+  req.set_model("strata-tiny");
+  req.set_text("int main(");
+  req.mutable_sampling()->set_max_tokens(3);
+  v1::GenerateResponse chunk;
+  {
+    auto ctx = context(kGlobex);
+    auto reader = serving->Generate(ctx.get(), req);
+    while (reader->Read(&chunk)) {
+    }
+    const grpc::Status s = reader->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
+    EXPECT_TRUE(absl::StrContains(s.error_message(), "may not use")) << s.error_message();
+  }
+  req.set_fine_tune_id("lora-c");
+  {
+    auto ctx = context(kGlobex);
+    auto reader = serving->Generate(ctx.get(), req);
+    int tokens = 0;
+    while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
+    const grpc::Status s = reader->Finish();
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(tokens, 3);
+  }
+  // The Admin service: an admin tenant's key only.
+  v1::ClusterStatus status;
+  EXPECT_EQ(admin->GetClusterStatus(context(kShared).get(), {}, &status).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(admin->GetClusterStatus(context("").get(), {}, &status).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  v1::DrainWorkerRequest drain;
+  drain.set_worker("w0");
+  v1::DrainWorkerResponse drained;
+  EXPECT_EQ(admin->DrainWorker(context(kShared).get(), drain, &drained).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  ASSERT_TRUE(admin->GetClusterStatus(context(kOps).get(), {}, &status).ok());
+  EXPECT_EQ(status.workers_size(), 1);
 }
 
 // The coordinator counts each tenant's requests and refusals, and the calls without a valid key.

@@ -107,6 +107,9 @@ absl::Status LocalCluster::WaitForServingWorkers(v1::Admin::Stub* admin, int n,
   while (absl::Now() < give_up) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+    if (!options_.admin_api_key.empty()) {
+      ctx.AddMetadata("authorization", absl::StrCat("Bearer ", options_.admin_api_key));
+    }
     v1::ClusterStatus status;
     if (admin->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &status).ok()) {
       serving = 0;

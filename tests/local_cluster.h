@@ -32,6 +32,9 @@ struct LocalClusterOptions {
   // Start a coordinator (false: workers only).
   bool coordinator = true;
   std::string name = "cluster";
+  // For a coordinator with --api_keys_file: an admin tenant's key, for the status calls that wait
+  // for the workers.
+  std::string admin_api_key;
 };
 
 class LocalCluster {
