@@ -106,4 +106,34 @@ if $ctl drain nobody 2> "$tmp/err"; then fail "unknown worker accepted"; fi
 grep -q 'nobody' "$tmp/err" || fail "unknown worker error: $(cat "$tmp/err")"
 if $ctl status --coordinator 127.0.0.1:1 2> "$tmp/err"; then fail "unreachable coordinator"; fi
 grep -q 'unreachable' "$tmp/err" || fail "unreachable error: $(cat "$tmp/err")"
+
+# A coordinator that asks for API keys: stratactl sends $STRATA_API_KEY; status wants an admin's.
+cat > $tmp/keys.json <<'JSON'
+{"tenants": [{"name": "ops", "keys": ["sk-ops-0123456789ab"], "admin": true},
+             {"name": "app", "keys": ["sk-app-0123456789ab"], "models": ["strata-tiny"]}]}
+JSON
+strata_coordinator keyed $model 127.0.0.1:$wport --api_keys_file=$tmp/keys.json ||
+  fail "keyed coordinator did not start"
+keyed=127.0.0.1:$STRATA_PORT
+if STRATA_API_KEY= $ctl status --coordinator $keyed 2> "$tmp/err"; then fail "status without a key"; fi
+grep -q 'no API key' "$tmp/err" || fail "keyless status error: $(cat "$tmp/err")"
+if STRATA_API_KEY=sk-app-0123456789ab $ctl status --coordinator $keyed 2> "$tmp/err"; then
+  fail "status with a tenant's key that is not an admin's"
+fi
+grep -q 'admin' "$tmp/err" || fail "non-admin status error: $(cat "$tmp/err")"
+for _ in $(seq 200); do
+  STRATA_API_KEY=sk-ops-0123456789ab $ctl status --coordinator $keyed --json 2>/dev/null |
+    grep -q WORKER_STATE_SERVING && break
+  sleep 0.05
+done
+grep -q WORKER_STATE_SERVING <<<"$(STRATA_API_KEY=sk-ops-0123456789ab $ctl status --coordinator $keyed --json)" ||
+  fail "admin status"
+out="$(STRATA_API_KEY=sk-app-0123456789ab $ctl generate --coordinator $keyed --prompt 'x' --max-tokens 3 --ignore-eos --json)" ||
+  fail "generate with a tenant's key"
+grep -q '"finish_reason": *"length"' <<<"$out" || fail "keyed generate: $out"
+if STRATA_API_KEY=sk-app-0123456789ab $ctl generate --coordinator $keyed --fine-tune c-headers \
+  --prompt x --max-tokens 2 2> "$tmp/err"; then
+  fail "a fine-tune the tenant may not use"
+fi
+grep -q 'may not use' "$tmp/err" || fail "fine-tune refusal: $(cat "$tmp/err")"
 echo PASS
