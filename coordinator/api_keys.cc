@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/hash.h"
 #include "common/json.h"
+#include "common/log.h"
 #include "common/mapped_file.h"
 #include "common/status_macros.h"
 
@@ -60,6 +61,13 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Load(const std::string& 
 
 absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view json,
                                                               const std::string& origin) {
+  RunningCounters counters;
+  return Parse(json, origin, &counters);
+}
+
+absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view json,
+                                                              const std::string& origin,
+                                                              RunningCounters* counters) {
   ASSIGN_OR_RETURN(JsonDocument doc, JsonDocument::Parse(json, origin));
   ASSIGN_OR_RETURN(JsonValue list, doc.root().Field("tenants"));
   ASSIGN_OR_RETURN(std::vector<JsonValue> tenants, list.AsArray());
@@ -110,6 +118,11 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     ASSIGN_OR_RETURN(tenant->admin, t.BoolFieldOr("admin", false));
     keys->tenants_.push_back(std::move(tenant));
   }
+  // Only a file that parsed whole touches the counters.
+  for (auto& tenant : keys->tenants_) {
+    auto [it, added] = counters->emplace(tenant->name, tenant->running);
+    if (!added) tenant->running = it->second;
+  }
   return std::shared_ptr<const ApiKeys>(std::move(keys));
 }
 
@@ -154,27 +167,74 @@ std::string ApiKeys::CacheSalt(const Tenant& tenant, absl::string_view asked) {
 
 ApiKeys::Lease& ApiKeys::Lease::operator=(Lease&& o) noexcept {
   if (this != &o) {
-    if (tenant_ != nullptr) tenant_->running.fetch_sub(1);
-    tenant_ = o.tenant_;
-    o.tenant_ = nullptr;
+    if (running_ != nullptr) running_->fetch_sub(1);
+    running_ = std::move(o.running_);
+    o.running_ = nullptr;
   }
   return *this;
 }
 
 ApiKeys::Lease::~Lease() {
-  if (tenant_ != nullptr) tenant_->running.fetch_sub(1);
+  if (running_ != nullptr) running_->fetch_sub(1);
 }
 
 absl::StatusOr<ApiKeys::Lease> ApiKeys::Acquire(const Tenant& tenant) {
-  const int64_t before = tenant.running.fetch_add(1);
+  const int64_t before = tenant.running->fetch_add(1);
   if (tenant.max_concurrent_requests > 0 && before >= tenant.max_concurrent_requests) {
-    tenant.running.fetch_sub(1);
+    tenant.running->fetch_sub(1);
     return absl::ResourceExhaustedError(
         absl::StrCat("tenant \"", tenant.name, "\" has ", tenant.max_concurrent_requests,
                      " requests running, its limit (max_concurrent_requests): retry when one "
                      "ends"));
   }
-  return Lease(&tenant);
+  return Lease(tenant.running);
+}
+
+absl::StatusOr<std::unique_ptr<ApiKeyStore>> ApiKeyStore::Open(const std::string& path) {
+  std::unique_ptr<ApiKeyStore> store(new ApiKeyStore(path));
+  RETURN_IF_ERROR(store->Reload());
+  return store;
+}
+
+ApiKeyStore::~ApiKeyStore() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (watcher_.joinable()) watcher_.join();
+}
+
+std::shared_ptr<const ApiKeys> ApiKeyStore::Current() const {
+  absl::MutexLock lock(&mu_);
+  return current_;
+}
+
+absl::Status ApiKeyStore::Reload() {
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(path_));
+  absl::MutexLock lock(&mu_);
+  if (current_ != nullptr && text == text_) return absl::OkStatus();
+  ASSIGN_OR_RETURN(current_, ApiKeys::Parse(text, path_, &counters_));
+  text_ = std::move(text);
+  return absl::OkStatus();
+}
+
+void ApiKeyStore::Watch(absl::Duration period) {
+  watcher_ = std::thread([this, period] {
+    while (true) {
+      {
+        absl::MutexLock lock(&mu_);
+        auto stopped = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; };
+        if (mu_.AwaitWithTimeout(absl::Condition(&stopped), period)) return;
+      }
+      const std::shared_ptr<const ApiKeys> before = Current();
+      if (absl::Status s = Reload(); !s.ok()) {
+        LOG(WARNING) << "API keys: " << path_ << " not reloaded, the keys before stay: " << s;
+      } else if (Current() != before) {
+        LOG(INFO) << "API keys reloaded from " << path_ << ": " << Current()->tenants().size()
+                  << " tenant(s)";
+      }
+    }
+  });
 }
 
 }  // namespace strata

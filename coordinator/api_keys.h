@@ -25,13 +25,18 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace strata {
 
@@ -43,8 +48,9 @@ struct Tenant {
   int64_t max_concurrent_requests = 0;  // 0: no limit
   bool isolate_cache = true;
   bool admin = false;
-  // Requests of this tenant running now (ApiKeys::Acquire).
-  mutable std::atomic<int64_t> running{0};
+  // Requests of this tenant running now (ApiKeys::Acquire); shared with the same tenant of the
+  // keys a reload (ApiKeyStore) brings in.
+  std::shared_ptr<std::atomic<int64_t>> running = std::make_shared<std::atomic<int64_t>>(0);
 };
 
 // The metadata with which the coordinator's own HTTP gateway, which checks keys itself, calls
@@ -60,6 +66,12 @@ class ApiKeys {
   static absl::StatusOr<std::shared_ptr<const ApiKeys>> Load(const std::string& path);
   static absl::StatusOr<std::shared_ptr<const ApiKeys>> Parse(absl::string_view json,
                                                               const std::string& origin);
+  // Counters of requests running, by tenant name: Parse takes a tenant's from here when it is
+  // there, and adds the others.
+  using RunningCounters = std::map<std::string, std::shared_ptr<std::atomic<int64_t>>>;
+  static absl::StatusOr<std::shared_ptr<const ApiKeys>> Parse(absl::string_view json,
+                                                              const std::string& origin,
+                                                              RunningCounters* counters);
 
   // The tenant whose key an Authorization header's value carries ("Bearer KEY"). UNAUTHENTICATED
   // when there is none, it is not a bearer token, or no tenant has that key. Keys are compared
@@ -76,15 +88,15 @@ class ApiKeys {
   class Lease {
    public:
     Lease() = default;
-    explicit Lease(const Tenant* t) : tenant_(t) {}
-    Lease(Lease&& o) noexcept : tenant_(o.tenant_) { o.tenant_ = nullptr; }
+    explicit Lease(std::shared_ptr<std::atomic<int64_t>> running) : running_(std::move(running)) {}
+    Lease(Lease&& o) noexcept = default;
     Lease& operator=(Lease&& o) noexcept;
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
     ~Lease();
 
    private:
-    const Tenant* tenant_ = nullptr;
+    std::shared_ptr<std::atomic<int64_t>> running_;  // outlives a reload of the keys
   };
   // A lease on one of `tenant`'s requests; RESOURCE_EXHAUSTED when max_concurrent_requests of
   // them run already.
@@ -94,6 +106,37 @@ class ApiKeys {
 
  private:
   std::vector<std::unique_ptr<Tenant>> tenants_;
+};
+
+// The keys in force, from a file read again whenever it changes (Watch), so that keys can be
+// added, rotated and revoked without a restart (a Kubernetes Secret's mounted file changes in
+// place). A file that no longer parses leaves the keys before it in force. Thread-safe.
+class ApiKeyStore {
+ public:
+  // Reads `path`; errors as ApiKeys::Load.
+  static absl::StatusOr<std::unique_ptr<ApiKeyStore>> Open(const std::string& path);
+  ~ApiKeyStore();
+
+  // The keys now; a caller keeps the pointer for as long as it uses a Tenant of them.
+  std::shared_ptr<const ApiKeys> Current() const;
+  // Reads the file again: OK with its keys in force (a file whose bytes did not change is not
+  // parsed again), or the error, the keys before staying in force. A tenant keeps its requests
+  // running (and so its concurrency) across a reload.
+  absl::Status Reload();
+  // Reloads every `period` on a thread of its own until destroyed, logging what changes and
+  // what fails.
+  void Watch(absl::Duration period);
+
+ private:
+  explicit ApiKeyStore(std::string path) : path_(std::move(path)) {}
+
+  const std::string path_;
+  mutable absl::Mutex mu_;
+  std::shared_ptr<const ApiKeys> current_ ABSL_GUARDED_BY(mu_);
+  std::string text_ ABSL_GUARDED_BY(mu_);
+  ApiKeys::RunningCounters counters_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread watcher_;
 };
 
 }  // namespace strata

@@ -1,9 +1,13 @@
 #include "coordinator/api_keys.h"
 
+#include <cstdlib>
+#include <fstream>
 #include <string>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 
 namespace strata {
@@ -74,16 +78,61 @@ TEST(ApiKeysTest, ConcurrencyLeases) {
     ASSERT_FALSE(three.ok());
     EXPECT_EQ(three.status().code(), absl::StatusCode::kResourceExhausted);
     EXPECT_TRUE(absl::StrContains(three.status().message(), "max_concurrent_requests"));
-    EXPECT_EQ(acme.running.load(), 2);
+    EXPECT_EQ(acme.running->load(), 2);
     ApiKeys::Lease moved = std::move(*one);  // a move holds one slot, not two
-    EXPECT_EQ(acme.running.load(), 2);
+    EXPECT_EQ(acme.running->load(), 2);
   }
-  EXPECT_EQ(acme.running.load(), 0);
+  EXPECT_EQ(acme.running->load(), 0);
   // No limit.
   const Tenant& globex = *keys->tenants()[1];
   std::vector<ApiKeys::Lease> many;
   for (int i = 0; i < 100; ++i) many.push_back(*ApiKeys::Acquire(globex));
-  EXPECT_EQ(globex.running.load(), 100);
+  EXPECT_EQ(globex.running->load(), 100);
+}
+
+// The store reads its file again: keys added and revoked take effect, a file that does not parse
+// leaves the keys before it, and a tenant's running requests count across a reload.
+TEST(ApiKeyStoreTest, ReloadsItsFile) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string path = absl::StrCat(tmp == nullptr ? "/tmp" : tmp, "/reload-keys.json");
+  auto write = [&](const std::string& text) { std::ofstream(path, std::ios::trunc) << text; };
+  write(R"({"tenants": [{"name": "acme", "keys": ["sk-acme-old-000000"],
+                          "max_concurrent_requests": 1}]})");
+  absl::StatusOr<std::unique_ptr<ApiKeyStore>> store = ApiKeyStore::Open(path);
+  ASSERT_TRUE(store.ok()) << store.status();
+  std::shared_ptr<const ApiKeys> before = (*store)->Current();
+  absl::StatusOr<const Tenant*> acme = before->Authenticate("Bearer sk-acme-old-000000");
+  ASSERT_TRUE(acme.ok());
+  absl::StatusOr<ApiKeys::Lease> lease = ApiKeys::Acquire(**acme);
+  ASSERT_TRUE(lease.ok());
+  // Unchanged bytes: the same keys.
+  ASSERT_TRUE((*store)->Reload().ok());
+  EXPECT_EQ((*store)->Current(), before);
+  // Rotated: the new key works, the old one no longer does; the running request still counts.
+  write(R"({"tenants": [{"name": "acme", "keys": ["sk-acme-new-000000"],
+                          "max_concurrent_requests": 1}]})");
+  ASSERT_TRUE((*store)->Reload().ok());
+  std::shared_ptr<const ApiKeys> after = (*store)->Current();
+  EXPECT_FALSE(after->Authenticate("Bearer sk-acme-old-000000").ok());
+  absl::StatusOr<const Tenant*> rotated = after->Authenticate("Bearer sk-acme-new-000000");
+  ASSERT_TRUE(rotated.ok());
+  EXPECT_EQ(ApiKeys::Acquire(**rotated).status().code(), absl::StatusCode::kResourceExhausted);
+  *lease = ApiKeys::Lease();  // the request before the reload ends
+  EXPECT_TRUE(ApiKeys::Acquire(**rotated).ok());
+  // A broken file: an error, and the keys before stay.
+  write(R"({"tenants": [{"name": "acme", "keys": ["short"]}]})");
+  EXPECT_EQ((*store)->Reload().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*store)->Current(), after);
+  EXPECT_TRUE((*store)->Current()->Authenticate("Bearer sk-acme-new-000000").ok());
+  // Watched: a change is taken up within a few periods.
+  (*store)->Watch(absl::Milliseconds(20));
+  write(R"({"tenants": [{"name": "acme", "keys": ["sk-acme-third-0000"]}]})");
+  bool seen = false;
+  for (int i = 0; i < 250 && !seen; ++i) {
+    seen = (*store)->Current()->Authenticate("Bearer sk-acme-third-0000").ok();
+    if (!seen) absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_TRUE(seen);
 }
 
 TEST(ApiKeysTest, BadFilesNameTheField) {

@@ -47,6 +47,9 @@ ABSL_FLAG(std::string, api_keys_file, "",
           "wants \"Authorization: Bearer KEY\" (gRPC: that \"authorization\" metadata) and "
           "keeps each tenant to its models, its concurrent requests and (by default) its own "
           "prefix cache; the Admin service wants an admin tenant. Empty: no keys asked.");
+ABSL_FLAG(double, api_keys_reload_s, 5,
+          "How often to read --api_keys_file again (keys added, rotated or revoked take effect "
+          "then; a file that does not parse leaves the keys before it); 0: never.");
 ABSL_FLAG(int, http_max_connections, strata::OpenAiGatewayOptions{}.max_connections,
           "HTTP connections open at once; when full, a connection idle between requests is "
           "closed for a new one, else the new one is refused (503).");
@@ -172,18 +175,21 @@ int Main() {
     absl::BitGen gen;
     co.instance_id = absl::StrFormat("coord-%08x", absl::Uniform<uint32_t>(gen));
   }
-  std::shared_ptr<const ApiKeys> api_keys;
+  std::shared_ptr<ApiKeyStore> api_keys;
   if (const std::string keys = absl::GetFlag(FLAGS_api_keys_file); !keys.empty()) {
-    absl::StatusOr<std::shared_ptr<const ApiKeys>> loaded = ApiKeys::Load(keys);
+    absl::StatusOr<std::unique_ptr<ApiKeyStore>> loaded = ApiKeyStore::Open(keys);
     if (!loaded.ok()) {
       LOG(ERROR) << "--api_keys_file: " << loaded.status();
       return 1;
     }
     api_keys = *std::move(loaded);
+    const double reload_s = absl::GetFlag(FLAGS_api_keys_reload_s);
+    if (reload_s > 0) api_keys->Watch(absl::Seconds(reload_s));
     co.api_keys = api_keys;
     co.gateway_secret = NewGatewaySecret();
-    LOG(INFO) << "API keys of " << api_keys->tenants().size() << " tenant(s) from " << keys
-              << ": asked for over HTTP and gRPC";
+    LOG(INFO) << "API keys of " << api_keys->Current()->tenants().size() << " tenant(s) from "
+              << keys << ": asked for over HTTP and gRPC"
+              << (reload_s > 0 ? absl::StrCat(", the file read again every ", reload_s, " s") : "");
   }
   // Declared before the service and the endpoint, so it outlives both.
   MetricsRegistry metrics;

@@ -182,6 +182,7 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   std::string request_id_;
   // With API keys: the caller's tenant (null: none asked, or the HTTP gateway), one of its
   // concurrent requests held for the call's life, and the cache salt the call runs with.
+  std::shared_ptr<const ApiKeys> keys_;
   const Tenant* tenant_ = nullptr;
   ApiKeys::Lease lease_;
   std::string cache_salt_;
@@ -216,7 +217,7 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
 
 grpc::Status CoordinatorService::GenerateCall::Validate() {
   const v1::GenerateRequest& r = *request_;
-  if (grpc::Status s = service_->Caller(context_, &tenant_); !s.ok()) return s;
+  if (grpc::Status s = service_->Caller(context_, &keys_, &tenant_); !s.ok()) return s;
   if (!IsValidId(r.request_id())) {
     return Invalid("request_id must be at most 128 bytes of [A-Za-z0-9._-]");
   }
@@ -761,6 +762,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* CoordinatorService::Generate(
 }
 
 grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
+                                        std::shared_ptr<const ApiKeys>* keys,
                                         const Tenant** tenant) const {
   *tenant = nullptr;
   if (options_.api_keys == nullptr) return grpc::Status::OK;
@@ -773,7 +775,8 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
       SecretsEqual(value(kGatewaySecretMetadata), options_.gateway_secret)) {
     return grpc::Status::OK;  // the HTTP gateway, which checked the key itself
   }
-  absl::StatusOr<const Tenant*> t = options_.api_keys->Authenticate(value("authorization"));
+  *keys = options_.api_keys->Current();
+  absl::StatusOr<const Tenant*> t = (*keys)->Authenticate(value("authorization"));
   if (!t.ok()) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         absl::StrCat(t.status().message(), " (gRPC metadata \"authorization\")"));
@@ -783,8 +786,9 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
 }
 
 grpc::Status CoordinatorService::AdminCaller(grpc::CallbackServerContext* context) const {
+  std::shared_ptr<const ApiKeys> keys;
   const Tenant* tenant = nullptr;
-  if (grpc::Status s = Caller(context, &tenant); !s.ok()) return s;
+  if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok()) return s;
   if (tenant != nullptr && !tenant->admin) {
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                         absl::StrCat("tenant \"", tenant->name,
@@ -798,8 +802,9 @@ grpc::ServerUnaryReactor* CoordinatorService::Tokenize(grpc::CallbackServerConte
                                                        const v1::TokenizeRequest* request,
                                                        v1::TokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  std::shared_ptr<const ApiKeys> keys;
   const Tenant* tenant = nullptr;
-  if (grpc::Status s = Caller(context, &tenant); !s.ok()) {
+  if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok()) {
     reactor->Finish(s);
     return reactor;
   }
@@ -832,8 +837,9 @@ grpc::ServerUnaryReactor* CoordinatorService::Detokenize(grpc::CallbackServerCon
                                                          const v1::DetokenizeRequest* request,
                                                          v1::DetokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  std::shared_ptr<const ApiKeys> keys;
   const Tenant* tenant = nullptr;
-  if (grpc::Status s = Caller(context, &tenant); !s.ok()) {
+  if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok()) {
     reactor->Finish(s);
     return reactor;
   }
@@ -870,8 +876,9 @@ grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerCon
                                                          const v1::ListModelsRequest* /*request*/,
                                                          v1::ListModelsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  std::shared_ptr<const ApiKeys> keys;
   const Tenant* tenant = nullptr;
-  if (grpc::Status s = Caller(context, &tenant); !s.ok()) {
+  if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok()) {
     reactor->Finish(s);
     return reactor;
   }

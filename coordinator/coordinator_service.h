@@ -60,7 +60,7 @@ struct CoordinatorOptions {
   // (NOT_FOUND, as for one that does not exist), its concurrent requests (RESOURCE_EXHAUSTED) and
   // its cache; ListModels lists what it may use; the Admin service wants a tenant with admin
   // (PERMISSION_DENIED).
-  std::shared_ptr<const ApiKeys> api_keys;
+  std::shared_ptr<ApiKeyStore> api_keys;
   std::string gateway_secret;
 };
 
@@ -113,8 +113,10 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   friend class GenerateCall;
 
   // Who makes the call: *tenant null without API keys or for the HTTP gateway, else the tenant
-  // whose key it carries; UNAUTHENTICATED when it carries none that is valid.
-  grpc::Status Caller(grpc::CallbackServerContext* context, const Tenant** tenant) const;
+  // whose key it carries, of *keys (the keys in force, which the caller holds while it uses the
+  // tenant); UNAUTHENTICATED when it carries none that is valid.
+  grpc::Status Caller(grpc::CallbackServerContext* context, std::shared_ptr<const ApiKeys>* keys,
+                      const Tenant** tenant) const;
   // Caller, and PERMISSION_DENIED for a tenant that is not an admin.
   grpc::Status AdminCaller(grpc::CallbackServerContext* context) const;
 

@@ -1546,8 +1546,10 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
     return;
   }
   const Tenant* tenant = nullptr;
+  std::shared_ptr<const ApiKeys> keys;  // the keys in force, held while their tenant is used
   if (options_.api_keys != nullptr) {
-    absl::StatusOr<const Tenant*> t = options_.api_keys->Authenticate(authorization);
+    keys = options_.api_keys->Current();
+    absl::StatusOr<const Tenant*> t = keys->Authenticate(authorization);
     if (!t.ok()) {
       if (options_.metrics != nullptr) {
         options_.metrics

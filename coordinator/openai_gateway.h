@@ -227,7 +227,7 @@ struct OpenAiGatewayOptions {
   // for another model is 404 as for one that does not exist, past the tenant's
   // max_concurrent_requests it is 429, and an isolated tenant's requests use its own prefix cache
   // (coordinator/api_keys.h).
-  std::shared_ptr<const ApiKeys> api_keys;
+  std::shared_ptr<ApiKeyStore> api_keys;
   // Where the gateway counts, with API keys, each tenant's requests, refusals and requests
   // running, and the calls without a valid key (null: not counted).
   MetricsRegistry* metrics = nullptr;

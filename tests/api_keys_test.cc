@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <string>
@@ -45,7 +46,8 @@ class ApiKeysTest : public ::testing::Test {
                                  absl::StrCat(root, "/fine-tunes/lora-c/", file),
                                  std::filesystem::copy_options::overwrite_existing);
     }
-    std::ofstream(root + "/keys.json") << absl::StrCat(
+    keys_file_ = root + "/keys.json";
+    std::ofstream(keys_file_) << absl::StrCat(
         R"({"tenants": [
           {"name": "acme", "keys": [")",
         kAcme, R"("], "models": ["strata-tiny", "lora-c"],
@@ -65,7 +67,8 @@ class ApiKeysTest : public ::testing::Test {
     metrics_port_ = FreePort();
     o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_),
                            absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port_),
-                           absl::StrCat("--api_keys_file=", root, "/keys.json")};
+                           absl::StrCat("--api_keys_file=", root, "/keys.json"),
+                           "--api_keys_reload_s=0.2"};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
@@ -100,7 +103,9 @@ class ApiKeysTest : public ::testing::Test {
 
   static LocalCluster* cluster_;
   static int http_port_, metrics_port_;
+  static std::string keys_file_;
 };
+std::string ApiKeysTest::keys_file_;
 LocalCluster* ApiKeysTest::cluster_ = nullptr;
 int ApiKeysTest::http_port_ = 0;
 int ApiKeysTest::metrics_port_ = 0;
@@ -281,6 +286,45 @@ TEST_F(ApiKeysTest, TheGrpcServicesAskForKeysToo) {
             grpc::StatusCode::PERMISSION_DENIED);
   ASSERT_TRUE(admin->GetClusterStatus(context(kOps).get(), {}, &status).ok());
   EXPECT_EQ(status.workers_size(), 1);
+}
+
+// The keys file is read again while the coordinator runs: a key added works within moments, one
+// removed stops working, and a file that does not parse changes nothing.
+TEST_F(ApiKeysTest, KeysChangeWithoutARestart) {
+  std::string text;
+  {
+    std::ifstream in(keys_file_);
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const std::string original = text;
+  auto write = [&](const std::string& t) {
+    const std::string tmp = keys_file_ + ".tmp";
+    std::ofstream(tmp, std::ios::trunc) << t;
+    std::filesystem::rename(tmp, keys_file_);  // as a Secret's volume swaps its files
+  };
+  auto status_within = [&](const std::string& key, int want) {
+    int got = 0;
+    for (int i = 0; i < 100 && (got = Call("GET", "/v1/models", key).status) != want; ++i) {
+      usleep(100 * 1000);
+    }
+    return got;
+  };
+  constexpr char kLate[] = "Bearer sk-late-key-0000000";
+  ASSERT_EQ(Call("GET", "/v1/models", kLate).status, 401);
+  // Added: the "ops" tenant gets a second key.
+  text.replace(text.find(kOps), std::string(kOps).size(),
+               absl::StrCat(kOps, "\", \"", std::string(kLate).substr(7)));
+  write(text);
+  EXPECT_EQ(status_within(kLate, 200), 200);
+  // Broken: nothing changes.
+  write("{\"tenants\": [");
+  usleep(600 * 1000);
+  EXPECT_EQ(Call("GET", "/v1/models", kLate).status, 200);
+  EXPECT_EQ(Call("GET", "/v1/models", absl::StrCat("Bearer ", kAcme)).status, 200);
+  // Removed again.
+  write(original);
+  EXPECT_EQ(status_within(kLate, 401), 401);
+  EXPECT_EQ(Call("GET", "/v1/models", absl::StrCat("Bearer ", kAcme)).status, 200);
 }
 
 // The coordinator counts each tenant's requests and refusals, and the calls without a valid key.
