@@ -16,8 +16,10 @@ bazel test //... "$@"
 # is in shm_collectives.h, and the conformance suite's bitwise checks test it.
 if [[ $# -eq 0 ]]; then
   # (And the speculative decoding engine paths, whose drafts index past a sequence's tokens, and
-  # the LoRA adapter loader, which parses files it is given.)
+  # the LoRA adapter loader, which parses files it is given, and the API keys' store and its
+  # reloading thread.)
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
+    //coordinator:api_keys_test \
     //coordinator:tool_calls_test //grammar/... //worker/engine:engine_speculative_test \
     //worker/engine:ngram_draft_test //worker/model:lora_test
   bazel test --config=tsan //memtier/... //worker/comm/...
