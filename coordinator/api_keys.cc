@@ -1,5 +1,6 @@
 #include "coordinator/api_keys.h"
 
+#include <algorithm>
 #include <random>
 #include <utility>
 
@@ -150,44 +151,71 @@ absl::StatusOr<const Tenant*> ApiKeys::Authenticate(absl::string_view authorizat
 
 bool ApiKeys::Allows(const Tenant& tenant, absl::string_view model, absl::string_view fine_tune) {
   if (tenant.all_models) return true;
-  return tenant.models.count(std::string(fine_tune.empty() ? model : fine_tune)) > 0;
+  if (fine_tune.empty()) return tenant.models.count(std::string(model)) > 0;
+  return tenant.models.count(std::string(fine_tune)) > 0 ||
+         tenant.models.count(absl::StrCat(model, "/", fine_tune)) > 0;
+}
+
+bool ApiKeys::AllowsAny(const Tenant& tenant, absl::string_view model,
+                        const std::vector<std::string>& fine_tunes) {
+  if (Allows(tenant, model, "")) return true;
+  for (const std::string& ft : fine_tunes) {
+    if (Allows(tenant, model, ft)) return true;
+  }
+  return false;
+}
+
+absl::Status ApiKeys::NotFound(absl::string_view model, absl::string_view fine_tune) {
+  return absl::NotFoundError(absl::StrCat("model \"", fine_tune.empty() ? model : fine_tune,
+                                          "\" does not exist or this API key may not use it"));
 }
 
 std::string ApiKeys::CacheSalt(const Tenant& tenant, absl::string_view asked) {
-  if (!tenant.isolate_cache) return std::string(asked);
-  if (asked.empty()) return absl::StrCat("tenant:", tenant.name);
-  std::string salt = absl::StrCat("tenant:", tenant.name, "/", asked);
+  // (Empty for a tenant that shares: the cache of every request without a salt.)
+  if (!tenant.isolate_cache && asked.empty()) return "";
+  const std::string prefix =
+      tenant.isolate_cache ? absl::StrCat("tenant:", tenant.name) : std::string("salt");
+  if (asked.empty()) return prefix;
+  std::string salt = absl::StrCat(prefix, "/", asked);
   // Within the 256 bytes a salt may have: a long one the request may give (up to 256) stands
-  // behind the tenant as its hash. (One over 256 stays too long, refused as the request's.)
+  // as its hash, after "#" (which no salt written after "/" can be mistaken for). One over 256
+  // stays too long, refused as the request's.
   if (salt.size() > kMaxCacheSaltBytes && asked.size() <= kMaxCacheSaltBytes) {
-    salt = absl::StrCat("tenant:", tenant.name, "/#", absl::Hex(Hash64(asked), absl::kZeroPad16));
+    salt = absl::StrCat(prefix, "#", absl::Hex(Hash64(asked), absl::kZeroPad16));
   }
   return salt;
 }
 
 ApiKeys::Lease& ApiKeys::Lease::operator=(Lease&& o) noexcept {
   if (this != &o) {
-    if (running_ != nullptr) running_->fetch_sub(1);
+    if (running_ != nullptr) running_->fetch_sub(units_);
     running_ = std::move(o.running_);
+    units_ = o.units_;
     o.running_ = nullptr;
   }
   return *this;
 }
 
 ApiKeys::Lease::~Lease() {
-  if (running_ != nullptr) running_->fetch_sub(1);
+  if (running_ != nullptr) running_->fetch_sub(units_);
 }
 
-absl::StatusOr<ApiKeys::Lease> ApiKeys::Acquire(const Tenant& tenant) {
-  const int64_t before = tenant.running->fetch_add(1);
-  if (tenant.max_concurrent_requests > 0 && before >= tenant.max_concurrent_requests) {
-    tenant.running->fetch_sub(1);
+absl::StatusOr<ApiKeys::Lease> ApiKeys::Acquire(const Tenant& tenant, int64_t units) {
+  const int64_t limit = tenant.max_concurrent_requests;
+  if (limit > 0 && units > limit) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("tenant \"", tenant.name, "\" has ", tenant.max_concurrent_requests,
-                     " requests running, its limit (max_concurrent_requests): retry when one "
-                     "ends"));
+        absl::StrCat("this request is ", units, " generations, over tenant \"", tenant.name,
+                     "\"'s max_concurrent_requests (", limit, "): ask for fewer choices"));
   }
-  return Lease(tenant.running);
+  int64_t now = tenant.running->load();
+  do {
+    if (limit > 0 && now + units > limit) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("tenant \"", tenant.name, "\" has ", now, " requests running and ", limit,
+                       " may (max_concurrent_requests): retry when one ends"));
+    }
+  } while (!tenant.running->compare_exchange_weak(now, now + units));
+  return Lease(tenant.running, units);
 }
 
 absl::StatusOr<std::unique_ptr<ApiKeyStore>> ApiKeyStore::Open(const std::string& path) {
@@ -210,6 +238,7 @@ std::shared_ptr<const ApiKeys> ApiKeyStore::Current() const {
 }
 
 absl::Status ApiKeyStore::Reload() {
+  absl::MutexLock reloading(&reload_mu_);
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(path_));
   absl::MutexLock lock(&mu_);
   if (current_ != nullptr && text == text_) return absl::OkStatus();
@@ -219,6 +248,8 @@ absl::Status ApiKeyStore::Reload() {
 }
 
 void ApiKeyStore::Watch(absl::Duration period) {
+  if (watcher_.joinable()) return;  // watched already
+  period = std::max(period, absl::Milliseconds(50));
   watcher_ = std::thread([this, period] {
     while (true) {
       {

@@ -1,5 +1,5 @@
-// API keys for the OpenAI-compatible gateway (strata-coordinator --api_keys_file): who may call
-// it, which models and fine-tunes each tenant may use, how many of a tenant's requests may run at
+// API keys for the coordinator's APIs (strata-coordinator --api_keys_file): who may call them,
+// which models and fine-tunes each tenant may use, how many of a tenant's requests may run at
 // once, and the prefix cache each tenant's requests share.
 //
 // The file is JSON:
@@ -9,8 +9,11 @@
 //                                               //   spaces; unique across tenants
 //      "models": ["strata-tiny", "c-headers"],  // optional: the base models and fine-tunes it may
 //                                               //   use (a base listed allows the base, not its
-//                                               //   fine-tunes); absent: all
-//      "max_concurrent_requests": 8,            // optional: 0 (default) is no limit
+//                                               //   fine-tunes; "BASE/FINE_TUNE" binds a
+//                                               //   fine-tune to one base, a fine-tune alone
+//                                               //   allows it over any base); absent: all
+//      "max_concurrent_requests": 8,            // optional: 0 (default) is no limit; each of a
+//                                               //   request's generations (n, prompts) counts
 //      "isolate_cache": true,                   // optional (default true): its requests reuse
 //                                               //   only its own cached prefixes
 //      "admin": false}]}                        // optional: may call the Admin service (cluster
@@ -20,6 +23,9 @@
 // Isolation matters because a shared prefix cache answers faster for text another tenant sent
 // recently, which a tenant could time; an isolated tenant's requests get cache_salt
 // "tenant:NAME" (with the request's own cache_salt after it), so they meet only its own blocks.
+// A sharing tenant's own salt goes under "salt/", so it can never name an isolated tenant's.
+// A model a tenant may not use answers exactly as one that does not exist, naming nothing else.
+// A revoked key stops new requests at the next reload; requests already running finish.
 #ifndef STRATA_COORDINATOR_API_KEYS_H_
 #define STRATA_COORDINATOR_API_KEYS_H_
 
@@ -78,17 +84,28 @@ class ApiKeys {
   // in time independent of where they differ.
   absl::StatusOr<const Tenant*> Authenticate(absl::string_view authorization) const;
 
-  // Whether `tenant` may use `model` (a base model) with `fine_tune` (empty: the base itself).
+  // Whether `tenant` may use `model` (a base model) with `fine_tune` (empty: the base itself): the
+  // base listed, or the fine-tune listed as "MODEL/FINE_TUNE" or alone (then over any base that
+  // serves a fine-tune of that name).
   static bool Allows(const Tenant& tenant, absl::string_view model, absl::string_view fine_tune);
+  // Whether `tenant` may use `model` or any of its `fine_tunes` (what its tokenizer serves).
+  static bool AllowsAny(const Tenant& tenant, absl::string_view model,
+                        const std::vector<std::string>& fine_tunes);
+  // What a tenant is told about a model it may not use, or one that does not exist: the same
+  // NOT_FOUND either way, naming only what it asked for.
+  static absl::Status NotFound(absl::string_view model, absl::string_view fine_tune);
 
-  // The cache_salt a request of `tenant` runs with, given the one it asked for.
+  // The cache_salt a request of `tenant` runs with, given the one it asked for: an isolated
+  // tenant's under "tenant:NAME", another's salt under "salt:" (so that no salt a tenant asks
+  // for can be an isolated tenant's).
   static std::string CacheSalt(const Tenant& tenant, absl::string_view asked);
 
   // One of the tenant's concurrent requests, held until destroyed.
   class Lease {
    public:
     Lease() = default;
-    explicit Lease(std::shared_ptr<std::atomic<int64_t>> running) : running_(std::move(running)) {}
+    Lease(std::shared_ptr<std::atomic<int64_t>> running, int64_t units)
+        : running_(std::move(running)), units_(units) {}
     Lease(Lease&& o) noexcept = default;
     Lease& operator=(Lease&& o) noexcept;
     Lease(const Lease&) = delete;
@@ -97,10 +114,12 @@ class ApiKeys {
 
    private:
     std::shared_ptr<std::atomic<int64_t>> running_;  // outlives a reload of the keys
+    int64_t units_ = 0;
   };
-  // A lease on one of `tenant`'s requests; RESOURCE_EXHAUSTED when max_concurrent_requests of
-  // them run already.
-  static absl::StatusOr<Lease> Acquire(const Tenant& tenant);
+  // A lease on `units` of `tenant`'s concurrent requests (an HTTP request with n choices or
+  // several prompts is that many generations); RESOURCE_EXHAUSTED when they would pass its
+  // max_concurrent_requests.
+  static absl::StatusOr<Lease> Acquire(const Tenant& tenant, int64_t units = 1);
 
   const std::vector<std::unique_ptr<Tenant>>& tenants() const { return tenants_; }
 
@@ -136,6 +155,7 @@ class ApiKeyStore {
   std::string text_ ABSL_GUARDED_BY(mu_);
   ApiKeys::RunningCounters counters_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Mutex reload_mu_;  // one Reload at a time, so that an older read never lands last
   std::thread watcher_;
 };
 

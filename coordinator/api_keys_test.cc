@@ -54,11 +54,28 @@ TEST(ApiKeysTest, ModelsAndCacheSalts) {
   EXPECT_FALSE(ApiKeys::Allows(acme, "strata-tiny", "man"));  // the base listed, not its others
   EXPECT_FALSE(ApiKeys::Allows(acme, "other", ""));
   EXPECT_TRUE(ApiKeys::Allows(globex, "anything", "at-all"));
+  // A fine-tune bound to its base, "BASE/FINE_TUNE".
+  absl::StatusOr<std::shared_ptr<const ApiKeys>> bound = ApiKeys::Parse(
+      R"({"tenants": [{"name": "b", "keys": ["sk-bound-000000000"],
+                       "models": ["strata-tiny/c-headers"]}]})",
+      "bound.json");
+  ASSERT_TRUE(bound.ok()) << bound.status();
+  const Tenant& bt = *(*bound)->tenants()[0];
+  EXPECT_TRUE(ApiKeys::Allows(bt, "strata-tiny", "c-headers"));
+  EXPECT_FALSE(ApiKeys::Allows(bt, "strata-big", "c-headers"));
+  EXPECT_FALSE(ApiKeys::Allows(bt, "strata-tiny", ""));
+  EXPECT_TRUE(ApiKeys::AllowsAny(bt, "strata-tiny", {"man", "c-headers"}));
+  EXPECT_FALSE(ApiKeys::AllowsAny(bt, "strata-tiny", {"man"}));
   // Isolated: the tenant's own namespace, the request's salt within it; not isolated: as asked.
   EXPECT_EQ(ApiKeys::CacheSalt(acme, ""), "tenant:acme");
   EXPECT_EQ(ApiKeys::CacheSalt(acme, "user-7"), "tenant:acme/user-7");
   EXPECT_EQ(ApiKeys::CacheSalt(globex, ""), "");
-  EXPECT_EQ(ApiKeys::CacheSalt(globex, "user-7"), "user-7");
+  EXPECT_EQ(ApiKeys::CacheSalt(globex, "user-7"), "salt/user-7");
+  // No salt a sharing tenant asks for is an isolated tenant's namespace.
+  EXPECT_NE(ApiKeys::CacheSalt(globex, "tenant:acme"), ApiKeys::CacheSalt(acme, ""));
+  EXPECT_NE(ApiKeys::CacheSalt(globex, "tenant:acme/user-7"), ApiKeys::CacheSalt(acme, "user-7"));
+  // A hashed long salt is never one written out.
+  EXPECT_NE(ApiKeys::CacheSalt(acme, std::string(256, 'a')).find('#'), std::string::npos);
   // A salt as long as a request may give still fits, as a hash, and stays distinct.
   const std::string a(256, 'a'), b = std::string(255, 'a') + "b";
   EXPECT_LE(ApiKeys::CacheSalt(acme, a).size(), 256u);
@@ -82,6 +99,18 @@ TEST(ApiKeysTest, ConcurrencyLeases) {
     ApiKeys::Lease moved = std::move(*one);  // a move holds one slot, not two
     EXPECT_EQ(acme.running->load(), 2);
   }
+  EXPECT_EQ(acme.running->load(), 0);
+  // Several generations in one request take as many units, all or none.
+  {
+    absl::StatusOr<ApiKeys::Lease> two = ApiKeys::Acquire(acme, 2);
+    ASSERT_TRUE(two.ok());
+    EXPECT_EQ(acme.running->load(), 2);
+    EXPECT_EQ(ApiKeys::Acquire(acme).status().code(), absl::StatusCode::kResourceExhausted);
+  }
+  EXPECT_EQ(acme.running->load(), 0);
+  absl::StatusOr<ApiKeys::Lease> too_many = ApiKeys::Acquire(acme, 3);
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(too_many.status().message(), "fewer choices"));
   EXPECT_EQ(acme.running->load(), 0);
   // No limit.
   const Tenant& globex = *keys->tenants()[1];

@@ -217,7 +217,14 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
 
 grpc::Status CoordinatorService::GenerateCall::Validate() {
   const v1::GenerateRequest& r = *request_;
-  if (grpc::Status s = service_->Caller(context_, &keys_, &tenant_); !s.ok()) return s;
+  // (The caller is known: Start authenticated it.) A model the tenant may not use, or one that
+  // does not exist, is the same NOT_FOUND to a tenant, naming only what it asked for.
+  const auto not_found = [&r] {
+    return ToGrpcStatus(ApiKeys::NotFound(r.model(), r.fine_tune_id()));
+  };
+  if (tenant_ != nullptr && !ApiKeys::Allows(*tenant_, r.model(), r.fine_tune_id())) {
+    return not_found();
+  }
   if (!IsValidId(r.request_id())) {
     return Invalid("request_id must be at most 128 bytes of [A-Za-z0-9._-]");
   }
@@ -226,24 +233,18 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
                                        : r.request_id();
   if (r.model().empty()) return Invalid("model is required (ListModels names the models)");
   absl::StatusOr<ModelView> model = service_->Model(r.model());
-  if (!model.ok()) return ToGrpcStatus(model.status());
+  if (!model.ok()) return tenant_ != nullptr ? not_found() : ToGrpcStatus(model.status());
   model_ = *model;
   tokenizer_ = service_->models_->Find(r.model());
   if (!r.fine_tune_id().empty() &&
       std::find(model_.fine_tune_ids.begin(), model_.fine_tune_ids.end(), r.fine_tune_id()) ==
           model_.fine_tune_ids.end()) {
+    if (tenant_ != nullptr) return not_found();
     return grpc::Status(grpc::StatusCode::NOT_FOUND,
                         absl::StrCat("fine_tune_id \"", r.fine_tune_id(),
                                      "\" is not registered for model ", r.model()));
   }
   if (tenant_ != nullptr) {
-    // A model the tenant may not use reads as one that does not exist.
-    if (!ApiKeys::Allows(*tenant_, r.model(), r.fine_tune_id())) {
-      return grpc::Status(
-          grpc::StatusCode::NOT_FOUND,
-          absl::StrCat("model \"", r.fine_tune_id().empty() ? r.model() : r.fine_tune_id(),
-                       "\" does not exist or this API key may not use it"));
-    }
     absl::StatusOr<ApiKeys::Lease> lease = ApiKeys::Acquire(*tenant_);
     if (!lease.ok()) return ToGrpcStatus(lease.status());
     lease_ = *std::move(lease);
@@ -338,12 +339,15 @@ void CoordinatorService::GenerateCall::Leave() {
 
 void CoordinatorService::GenerateCall::Start() {
   Enter();
-  grpc::Status valid;
-  if (service_->inflight_.fetch_add(1) >= service_->options_.max_inflight_requests) {
+  // Counted in flight either way (OnStreamDone takes it off); a caller without a valid key hears
+  // that first, and nothing of the coordinator's load.
+  const bool full = service_->inflight_.fetch_add(1) >= service_->options_.max_inflight_requests;
+  grpc::Status valid = service_->Caller(context_, &keys_, &tenant_);
+  if (valid.ok() && full) {
     valid = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                          absl::StrCat("coordinator has ", service_->options_.max_inflight_requests,
                                       " requests in flight: back off and retry"));
-  } else {
+  } else if (valid.ok()) {
     valid = Validate();
   }
   if (!valid.ok()) {
@@ -785,6 +789,16 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
   return grpc::Status::OK;
 }
 
+bool CoordinatorService::MayTokenize(const Tenant* tenant, const std::string& model) const {
+  if (tenant == nullptr) return true;
+  std::vector<std::string> fine_tunes;
+  for (const ModelView& v : pool_->Models()) {
+    if (v.name == model)
+      fine_tunes.insert(fine_tunes.end(), v.fine_tune_ids.begin(), v.fine_tune_ids.end());
+  }
+  return ApiKeys::AllowsAny(*tenant, model, fine_tunes);
+}
+
 grpc::Status CoordinatorService::AdminCaller(grpc::CallbackServerContext* context) const {
   std::shared_ptr<const ApiKeys> keys;
   const Tenant* tenant = nullptr;
@@ -806,6 +820,10 @@ grpc::ServerUnaryReactor* CoordinatorService::Tokenize(grpc::CallbackServerConte
   const Tenant* tenant = nullptr;
   if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok()) {
     reactor->Finish(s);
+    return reactor;
+  }
+  if (!MayTokenize(tenant, request->model())) {
+    reactor->Finish(ToGrpcStatus(ApiKeys::NotFound(request->model(), "")));
     return reactor;
   }
   const Tokenizer* t = models_->Find(request->model());
@@ -841,6 +859,10 @@ grpc::ServerUnaryReactor* CoordinatorService::Detokenize(grpc::CallbackServerCon
   const Tenant* tenant = nullptr;
   if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok()) {
     reactor->Finish(s);
+    return reactor;
+  }
+  if (!MayTokenize(tenant, request->model())) {
+    reactor->Finish(ToGrpcStatus(ApiKeys::NotFound(request->model(), "")));
     return reactor;
   }
   const Tokenizer* t = models_->Find(request->model());

@@ -1584,7 +1584,7 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
     if (method != "POST") {
       Reply(fd, ErrorResponse(405, absl::StrCat("use POST ", path)));
     } else {
-      Tokens(fd, body, /*tokenize=*/path == "/tokenize");
+      Tokens(fd, body, /*tokenize=*/path == "/tokenize", tenant);
     }
   } else {
     Reply(fd, ErrorResponse(404, absl::StrCat("no such endpoint: ", path)));
@@ -1603,7 +1603,7 @@ grpc::Status OpenAiGateway::Unary(absl::Duration timeout, Rpc&& rpc) {
   return s;
 }
 
-void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize) {
+void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize, const Tenant* tenant) {
   auto refuse = [&](const absl::Status& s, absl::string_view param) {
     Reply(fd, ErrorResponse(400, s.message(), param));
   };
@@ -1616,6 +1616,18 @@ void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize) {
   v1::GenerateRequest named;
   named.set_model(std::string(*model_name));
   ResolveModel(&named);
+  if (tenant != nullptr) {
+    // A tenant tokenizes with the models it may use (a base, or one of its fine-tunes).
+    std::vector<std::string> fine_tunes;
+    const bool allowed = Served(named, &fine_tunes) &&
+                         (named.fine_tune_id().empty()
+                              ? ApiKeys::AllowsAny(*tenant, named.model(), fine_tunes)
+                              : ApiKeys::Allows(*tenant, named.model(), named.fine_tune_id()));
+    if (!allowed) {
+      Reply(fd, ErrorResponse(404, ApiKeys::NotFound(*model_name, "").message(), "model"));
+      return;
+    }
+  }
   std::string answer;
   grpc::Status status;
   if (tokenize) {
@@ -1694,6 +1706,25 @@ void OpenAiGateway::Models(int fd, const Tenant* tenant) {
   }
   Reply(fd, JsonResponse(200, absl::StrCat("{\"object\":\"list\",\"data\":[",
                                            absl::StrJoin(data, ","), "]}")));
+}
+
+bool OpenAiGateway::Served(const v1::GenerateRequest& request,
+                           std::vector<std::string>* fine_tunes) {
+  std::shared_ptr<const v1::ListModelsResponse> models;
+  {
+    absl::MutexLock lock(&mu_);
+    models = models_;
+  }
+  if (models == nullptr) return false;
+  for (const v1::ModelInfo& m : models->models()) {
+    if (m.name() != request.model()) continue;
+    if (fine_tunes != nullptr)
+      fine_tunes->assign(m.fine_tune_ids().begin(), m.fine_tune_ids().end());
+    return request.fine_tune_id().empty() ||
+           std::find(m.fine_tune_ids().begin(), m.fine_tune_ids().end(), request.fine_tune_id()) !=
+               m.fine_tune_ids().end();
+  }
+  return false;
 }
 
 uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
@@ -1815,21 +1846,24 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
           ->Add();
     };
     // A model the tenant may not use reads as one that does not exist (its name tells nothing).
-    if (!ApiKeys::Allows(*tenant, call->request.model(), call->request.fine_tune_id())) {
+    // Checked here, against what the cluster serves, before any call could answer otherwise.
+    if (!Served(call->request, nullptr) ||
+        !ApiKeys::Allows(*tenant, call->request.model(), call->request.fine_tune_id())) {
       refused("model");
+      const bool named_fine_tune =
+          !call->request.fine_tune_id().empty() && model_asked == call->request.model();
       Reply(fd,
-            ErrorResponse(
-                404,
-                absl::StrCat("the model \"",
-                             call->request.fine_tune_id().empty() ? model_asked
-                                                                  : call->request.fine_tune_id(),
-                             "\" does not exist or this API key may not use it"),
-                call->request.fine_tune_id().empty() || model_asked != call->request.model()
-                    ? "model"
-                    : "fine_tune_id"));
+            ErrorResponse(404,
+                          ApiKeys::NotFound(named_fine_tune ? call->request.model() : model_asked,
+                                            named_fine_tune ? call->request.fine_tune_id() : "")
+                              .message(),
+                          named_fine_tune ? "fine_tune_id" : "model"));
       return;
     }
-    absl::StatusOr<ApiKeys::Lease> l = ApiKeys::Acquire(*tenant);
+    // Every generation of the request (n choices of each prompt) is one of the tenant's.
+    const int64_t generations =
+        static_cast<int64_t>(call->n) * (1 + static_cast<int64_t>(call->more_prompts.size()));
+    absl::StatusOr<ApiKeys::Lease> l = ApiKeys::Acquire(*tenant, generations);
     if (!l.ok()) {
       refused("concurrency");
       Reply(fd, ErrorResponse(429, l.status().message()));

@@ -293,12 +293,15 @@ class OpenAiGateway {
   // POST /tokenize ({"model", "prompt", "add_special_tokens", "return_token_strs"}: {"count",
   // "max_model_len", "tokens", "token_strs"}) and /detokenize ({"model", "tokens"}: {"prompt"}),
   // in vLLM's shape, through the Tokenize and Detokenize RPCs.
-  void Tokens(int fd, const std::string& body, bool tokenize);
+  void Tokens(int fd, const std::string& body, bool tokenize, const Tenant* tenant);
   // /v1/completions, or with `chat` /v1/chat/completions.
   void Completion(int fd, const std::string& body, bool chat, const Tenant* tenant);
   // Resolves a fine-tune named as the model (ListModels, cached a few seconds); the model's
   // context length (0: unknown).
   uint32_t ResolveModel(v1::GenerateRequest* request);
+  // Whether ResolveModel's list (as it last fetched it) serves the request's model and its
+  // fine-tune; that model's fine-tunes into `fine_tunes` (may be null).
+  bool Served(const v1::GenerateRequest& request, std::vector<std::string>* fine_tunes);
   // For echo: the prompt's text, the text of its first token (which has no log-probability), and
   // whether the server adds that token itself (a BOS before a text prompt: no characters of the
   // echoed text), the last two only with `want_first_token` (for log-probabilities). Through

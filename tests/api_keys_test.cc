@@ -150,7 +150,25 @@ TEST_F(ApiKeysTest, TenantsSeeAndUseOnlyTheirModels) {
   const HttpReply base_plus_id =
       Call("POST", "/v1/completions", absl::StrCat("Bearer ", kGlobex),
            R"({"model": "strata-tiny", "fine_tune_id": "lora-c", "prompt": "x", "max_tokens": 2})");
-  EXPECT_EQ(base_plus_id.status, 200) << base_plus_id.body;  // the fine-tune is what it runs
+  EXPECT_EQ(base_plus_id.status, 200)
+      << base_plus_id.body;  // the fine-tune is what it runs
+                             // A made-up base with a fine-tune it may use, or a made-up model: the
+                             // same 404, which names no
+  // model the tenant may not see.
+  for (const char* body : {R"({"model": "bogus", "fine_tune_id": "lora-c", "prompt": "x"})",
+                           R"({"model": "bogus", "prompt": "x"})"}) {
+    const HttpReply r = Call("POST", "/v1/completions", absl::StrCat("Bearer ", kGlobex), body);
+    EXPECT_EQ(r.status, 404) << r.body;
+    EXPECT_FALSE(absl::StrContains(r.body, "strata-tiny")) << r.body;
+  }
+  // Tokenizers: of a model it may use (here through its fine-tune), not of one it may not see.
+  EXPECT_EQ(Call("POST", "/tokenize", absl::StrCat("Bearer ", kGlobex),
+                 R"({"model": "lora-c", "prompt": "x"})")
+                .status,
+            200);
+  const HttpReply hidden = Call("POST", "/tokenize", absl::StrCat("Bearer ", kOps),
+                                R"({"model": "strata-tiny", "prompt": "x"})");
+  EXPECT_EQ(hidden.status, 404) << hidden.body;
   const HttpReply lora = Complete(kGlobex, "lora-c", "int main(");
   EXPECT_EQ(lora.status, 200) << lora.body;
   // A tenant without a list uses everything.
@@ -187,6 +205,11 @@ TEST_F(ApiKeysTest, ATenantIsHeldToItsConcurrentRequests) {
     usleep(100 * 1000);
   }
   EXPECT_EQ(third.status, 200) << third.body;
+  // Choices are generations: two of them are over a limit of one.
+  const HttpReply two = Call("POST", "/v1/completions", absl::StrCat("Bearer ", kAcme),
+                             R"({"model": "strata-tiny", "prompt": "x", "max_tokens": 2, "n": 2})");
+  EXPECT_EQ(two.status, 429) << two.body;
+  EXPECT_TRUE(absl::StrContains(two.body, "fewer choices")) << two.body;
 }
 
 TEST_F(ApiKeysTest, AnIsolatedTenantsPrefixCacheIsItsOwn) {
@@ -204,6 +227,14 @@ TEST_F(ApiKeysTest, AnIsolatedTenantsPrefixCacheIsItsOwn) {
   const HttpReply acme_again = Complete(kAcme, "strata-tiny", prompt);
   ASSERT_EQ(acme_again.status, 200) << acme_again.body;
   EXPECT_GT(CachedTokens(acme_again), 0) << acme_again.body;
+  // A sharing tenant cannot name an isolated tenant's namespace as its salt.
+  const HttpReply spoof =
+      Call("POST", "/v1/completions", absl::StrCat("Bearer ", kShared),
+           absl::StrCat(R"({"model": "strata-tiny", "max_tokens": 2, "cache_salt": "tenant:acme",
+                           "prompt": ")",
+                        prompt, R"("})"));
+  ASSERT_EQ(spoof.status, 200) << spoof.body;
+  EXPECT_EQ(CachedTokens(spoof), 0) << spoof.body;
 }
 
 // Over gRPC: the same keys as "authorization" metadata; the Admin service for admins only.
@@ -254,25 +285,28 @@ TEST_F(ApiKeysTest, TheGrpcServicesAskForKeysToo) {
   req.set_text("int main(");
   req.mutable_sampling()->set_max_tokens(3);
   v1::GenerateResponse chunk;
-  {
+  // A Generate call's status, its tokens counted into `tokens` (may be null).
+  auto generate = [&](const v1::GenerateRequest& r, int* tokens) {
     auto ctx = context(kGlobex);
-    auto reader = serving->Generate(ctx.get(), req);
+    auto reader = serving->Generate(ctx.get(), r);
     while (reader->Read(&chunk)) {
+      if (tokens != nullptr) *tokens += chunk.token_ids_size();
     }
-    const grpc::Status s = reader->Finish();
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
-    EXPECT_TRUE(absl::StrContains(s.error_message(), "may not use")) << s.error_message();
-  }
+    return reader->Finish();
+  };
+  grpc::Status s = generate(req, nullptr);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "may not use")) << s.error_message();
+  v1::GenerateRequest bogus = req;
+  bogus.set_model("bogus");
+  s = generate(bogus, nullptr);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
+  EXPECT_FALSE(absl::StrContains(s.error_message(), "strata-tiny")) << s.error_message();
   req.set_fine_tune_id("lora-c");
-  {
-    auto ctx = context(kGlobex);
-    auto reader = serving->Generate(ctx.get(), req);
-    int tokens = 0;
-    while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
-    const grpc::Status s = reader->Finish();
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    EXPECT_EQ(tokens, 3);
-  }
+  int tokens = 0;
+  s = generate(req, &tokens);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(tokens, 3);
   // The Admin service: an admin tenant's key only.
   v1::ClusterStatus status;
   EXPECT_EQ(admin->GetClusterStatus(context(kShared).get(), {}, &status).error_code(),
