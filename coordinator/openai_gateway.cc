@@ -89,6 +89,7 @@ std::string Head(int status, const char* content_type, int64_t content_length) {
   std::string h = absl::StrCat("HTTP/1.1 ", status, " ", Reason(status),
                                "\r\nContent-Type: ", content_type, "\r\n");
   if (content_length >= 0) absl::StrAppend(&h, "Content-Length: ", content_length, "\r\n");
+  if (status == 401) absl::StrAppend(&h, "WWW-Authenticate: Bearer\r\n");  // (RFC 6750)
   absl::StrAppend(&h, "Cache-Control: no-cache\r\nConnection: close\r\n\r\n");
   return h;
 }
@@ -1463,11 +1464,18 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   // anywhere in a Connection header wins.
   bool keep = parts[2] != "HTTP/1.0", saw_close = false, saw_length = false;
   std::string authorization;
+  bool saw_authorization = false;
   for (size_t i = 1; i < lines.size(); ++i) {
     const size_t colon = lines[i].find(':');
     if (colon == std::string::npos) continue;
     const std::string name = absl::AsciiStrToLower(lines[i].substr(0, colon));
     if (name == "authorization") {  // as sent: a key's case matters
+      if (saw_authorization) {
+        // Two could be read differently by a proxy in front than here.
+        Reply(fd, ErrorResponse(400, "more than one Authorization header"));
+        return false;
+      }
+      saw_authorization = true;
       authorization = std::string(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
     }
     const std::string value =

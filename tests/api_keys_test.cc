@@ -123,7 +123,15 @@ TEST_F(ApiKeysTest, KeysAreAskedForEverywhereButHealth) {
     EXPECT_EQ(Call("POST", "/tokenize", auth, R"({"model": "strata-tiny", "prompt": "x"})").status,
               401);
   }
-  EXPECT_TRUE(absl::StrContains(Call("GET", "/v1/models", "").body, "Authorization: Bearer KEY"));
+  const HttpReply keyless = Call("GET", "/v1/models", "");
+  EXPECT_TRUE(absl::StrContains(keyless.body, "Authorization: Bearer KEY"));
+  EXPECT_TRUE(absl::StrContains(keyless.head, "WWW-Authenticate: Bearer")) << keyless.head;
+  // Two Authorization headers are refused, whatever they hold.
+  const HttpReply twice = HttpRaw(
+      http_port_, HttpRequestText("GET", "/v1/models", "", /*close=*/true,
+                                  absl::StrCat("Authorization: Bearer ", kAcme,
+                                               "\r\nAuthorization: Bearer ", kShared, "\r\n")));
+  EXPECT_EQ(twice.status, 400) << twice.body;
   // And with a key, as OpenAI's clients send it.
   const HttpReply ok = Complete(kAcme, "strata-tiny", "int main(");
   EXPECT_EQ(ok.status, 200) << ok.body;
