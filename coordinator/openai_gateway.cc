@@ -1504,6 +1504,15 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   }
   if (saw_close) keep = false;
   const std::string& method = parts[0];
+  // With API keys, a caller without a valid one is answered before its body is read (which may
+  // be megabytes), and the connection ends.
+  if (options_.api_keys != nullptr && parts[1].substr(0, parts[1].find('?')) != "/health") {
+    if (absl::Status s = options_.api_keys->Current()->Authenticate(authorization).status();
+        !s.ok()) {
+      Unauthenticated(fd, s);
+      return false;
+    }
+  }
   std::string body = data.substr(header_end + 4);
   // Only POST bodies are read: another method with a body (or chunked) ends the connection after
   // the answer, so that its unread bytes are never taken for a request. A HEAD does too (its
@@ -1545,6 +1554,16 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   return keep && serving_.load();
 }
 
+void OpenAiGateway::Unauthenticated(int fd, const absl::Status& why) {
+  if (options_.metrics != nullptr) {
+    options_.metrics
+        ->GetCounter("strata_http_unauthenticated_total",
+                     "HTTP API calls refused for a missing or unknown API key (401).")
+        ->Add();
+  }
+  Reply(fd, ErrorResponse(401, why.message()));
+}
+
 void OpenAiGateway::Handle(int fd, const std::string& method, const std::string& path,
                            const std::string& body, const std::string& authorization) {
   if (path == "/health") {
@@ -1558,14 +1577,8 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
   if (options_.api_keys != nullptr) {
     keys = options_.api_keys->Current();
     absl::StatusOr<const Tenant*> t = keys->Authenticate(authorization);
-    if (!t.ok()) {
-      if (options_.metrics != nullptr) {
-        options_.metrics
-            ->GetCounter("strata_http_unauthenticated_total",
-                         "HTTP API calls refused for a missing or unknown API key (401).")
-            ->Add();
-      }
-      Reply(fd, ErrorResponse(401, t.status().message()));
+    if (!t.ok()) {  // (a key revoked since ServeRequest checked it)
+      Unauthenticated(fd, t.status());
       return;
     }
     tenant = *t;

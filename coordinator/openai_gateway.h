@@ -282,6 +282,8 @@ class OpenAiGateway {
   void SetKeepAlive(int fd, bool keep) const;
   bool KeepAlive(int fd) const;
   // The HTTP exchange on `fd` after the request was read.
+  // Answers 401 for a call without a valid API key (`why`), and counts it.
+  void Unauthenticated(int fd, const absl::Status& why);
   // `authorization`: the Authorization header's value (empty when absent).
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body,
               const std::string& authorization);

@@ -126,6 +126,19 @@ TEST_F(ApiKeysTest, KeysAreAskedForEverywhereButHealth) {
   const HttpReply keyless = Call("GET", "/v1/models", "");
   EXPECT_TRUE(absl::StrContains(keyless.body, "Authorization: Bearer KEY"));
   EXPECT_TRUE(absl::StrContains(keyless.head, "WWW-Authenticate: Bearer")) << keyless.head;
+  // A keyless POST is answered before its body is read: a body announced but never sent does not
+  // hold the answer up.
+  {
+    const int fd = ConnectLoopback(http_port_);
+    ASSERT_GE(fd, 0);
+    const std::string head =
+        "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 8000000\r\n\r\n";
+    ASSERT_EQ(send(fd, head.data(), head.size(), MSG_NOSIGNAL), static_cast<ssize_t>(head.size()));
+    std::string text;
+    ReadToClose(fd, &text);
+    close(fd);
+    EXPECT_EQ(ParseHttpReply(text).status, 401) << text;
+  }
   // Two Authorization headers are refused, whatever they hold.
   const HttpReply twice = HttpRaw(
       http_port_, HttpRequestText("GET", "/v1/models", "", /*close=*/true,
