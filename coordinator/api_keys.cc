@@ -39,10 +39,13 @@ bool ValidKey(absl::string_view s) {
 
 }  // namespace
 
-bool SecretsEqual(absl::string_view a, absl::string_view b) {
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+bool SecretsEqual(absl::string_view known, absl::string_view given) {
+  // Every byte of `known` is compared whatever `given` is: the time tells only its length, which
+  // the caller chose.
+  unsigned char diff = known.size() != given.size() ? 1 : 0;
+  for (size_t i = 0; i < known.size(); ++i) {
+    diff |= static_cast<unsigned char>(known[i] ^ (i < given.size() ? given[i] : 0));
+  }
   return diff == 0;
 }
 

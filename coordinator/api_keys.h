@@ -63,8 +63,9 @@ struct Tenant {
 // its in-process gRPC services: a random secret drawn at each start (NewGatewaySecret).
 inline constexpr char kGatewaySecretMetadata[] = "x-strata-gateway-secret";
 std::string NewGatewaySecret();
-// a == b, in time that depends on the lengths only.
-bool SecretsEqual(absl::string_view a, absl::string_view b);
+// known == given, in time that depends on known's length only (and given's, which its sender
+// knows): neither where they differ nor the secret's length shows.
+bool SecretsEqual(absl::string_view known, absl::string_view given);
 
 class ApiKeys {
  public:

@@ -44,6 +44,15 @@ TEST(ApiKeysTest, AuthenticatesBearerKeys) {
   EXPECT_TRUE(absl::StrContains(keys->Authenticate("").status().message(), "Authorization"));
 }
 
+TEST(ApiKeysTest, SecretsCompareWhole) {
+  EXPECT_TRUE(SecretsEqual("sk-0123456789", "sk-0123456789"));
+  EXPECT_FALSE(SecretsEqual("sk-0123456789", "sk-012345678"));    // a prefix
+  EXPECT_FALSE(SecretsEqual("sk-0123456789", "sk-01234567890"));  // longer
+  EXPECT_FALSE(SecretsEqual("sk-0123456789", std::string("sk-0123456789\0", 14)));
+  EXPECT_FALSE(SecretsEqual("sk-0123456789", ""));
+  EXPECT_FALSE(SecretsEqual("sk-0123456789", "sk-0123456788"));
+}
+
 TEST(ApiKeysTest, ModelsAndCacheSalts) {
   auto keys = Keys();
   ASSERT_NE(keys, nullptr);

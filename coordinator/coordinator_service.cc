@@ -776,7 +776,7 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
     return it == metadata.end() ? std::string() : std::string(it->second.data(), it->second.size());
   };
   if (!options_.gateway_secret.empty() &&
-      SecretsEqual(value(kGatewaySecretMetadata), options_.gateway_secret)) {
+      SecretsEqual(options_.gateway_secret, value(kGatewaySecretMetadata))) {
     return grpc::Status::OK;  // the HTTP gateway, which checked the key itself
   }
   *keys = options_.api_keys->Current();
