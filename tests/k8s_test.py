@@ -25,6 +25,7 @@
 Run by tests/k8s_test.sh (Bazel); needs unshare, ip and chroot (util-linux, iproute2, coreutils).
 """
 
+import copy
 import json
 import os
 import pwd
@@ -269,6 +270,13 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                             best = vm
                 return best
 
+            keys_file = expand(args.get("api_keys_file", ""), m.container_env(c))
+            if binary == "strata-coordinator" and keys_file:
+                # The keys file from a Secret's volume, as k8s/base/model.yaml says to set it.
+                vm = mount_of(keys_file)
+                if vm is None or "secret" not in mounts_by_volume.get(vm["name"], {}):
+                    fail("%s: --api_keys_file=%s is not on a Secret's volume" % (cname, keys_file))
+                n += 1
             if binary == "strata-worker":
                 model_dir = args["model"]
                 if mount_of(model_dir) is None and model_dir.lstrip("/") not in image_models:
@@ -507,7 +515,9 @@ class Cluster:
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for vm in c.get("volumeMounts", []):
             src = volumes.get(vm["name"])
-            if src is not None and "emptyDir" not in src:
+            if src is not None and "secret" in src and src["secret"].get("optional"):
+                pass  # an optional Secret the test does not make: an empty directory, as without it
+            elif src is not None and "emptyDir" not in src:
                 fail("pod %s: volume %s is not an emptyDir or a claim template; the test cannot provide it" % (pod.name, vm["name"]))
             target = vm["mountPath"].lstrip("/")
             os.makedirs(os.path.join(self.rootfs, target), exist_ok=True)
@@ -897,6 +907,16 @@ def main():
 
     base = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
     n = check_manifests(base, flags, image_models, image_fine_tunes)
+    # With API keys turned on as k8s/base/model.yaml says: the coordinators' keys file is on the
+    # Secret's volume.
+    keyed = copy.deepcopy(base.objs)
+    for o in keyed:
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "strata-model":
+            if o["data"].get("STRATA_API_KEYS_FILE") != "":
+                fail("k8s/base: STRATA_API_KEYS_FILE must be empty by default (no keys asked)")
+            o["data"]["STRATA_API_KEYS_FILE"] = "/etc/strata/api-keys/keys.json"
+    n += check_manifests(Manifests(keyed, "k8s/base with API keys"), flags, image_models,
+                         image_fine_tunes)
     # kustomize refuses the symlinks a Bazel runfiles tree is made of: render a copy.
     k8s_copy = os.path.join(work, "k8s")
     shutil.rmtree(k8s_copy, ignore_errors=True)
