@@ -357,6 +357,29 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
         if not any(selects(p["spec"]["selector"]["matchLabels"], w["spec"]["template"]["metadata"].get("labels", {})) for w in m.workloads()):
             fail("%s PodDisruptionBudget/%s selects no workload" % (where, p["metadata"]["name"]))
         n += 1
+    # The workers' gRPC port (which takes no API keys) is open to the coordinators' pods only.
+    workers = [w for w in m.workloads() if w["kind"] == "StatefulSet"]
+    coordinators = [w for w in m.workloads() if w["kind"] == "Deployment"]
+    for w in workers:
+        wlabels = w["spec"]["template"]["metadata"].get("labels", {})
+        policies = [p for p in m.of("NetworkPolicy")
+                    if selects(p["spec"]["podSelector"].get("matchLabels"), wlabels)]
+        if not policies:
+            fail("%s: no NetworkPolicy selects %s's pods" % (where, w["metadata"]["name"]))
+        for p in policies:
+            for rule in p["spec"].get("ingress", []):
+                if not any(port.get("port") in ("grpc", 50061) for port in rule.get("ports", [])):
+                    continue
+                sources = rule.get("from", [])
+                if not sources or not all(
+                        "podSelector" in s and any(
+                            selects(s["podSelector"].get("matchLabels"),
+                                    c["spec"]["template"]["metadata"].get("labels", {}))
+                            for c in coordinators)
+                        for s in sources):
+                    fail("%s NetworkPolicy/%s: the workers' gRPC port is open beyond the coordinators"
+                         % (where, p["metadata"]["name"]))
+            n += 1
     return n
 
 
