@@ -221,6 +221,38 @@ absl::StatusOr<ApiKeys::Lease> ApiKeys::Acquire(const Tenant& tenant, int64_t un
   return Lease(tenant.running, units);
 }
 
+void TenantMetrics::Unauthenticated() const {
+  if (registry == nullptr) return;
+  registry
+      ->GetCounter("strata_coordinator_unauthenticated_total",
+                   "Calls refused for a missing or unknown API key, by API.", {{"api", api}})
+      ->Add();
+}
+
+void TenantMetrics::Refused(const Tenant& tenant, const char* reason) const {
+  if (registry == nullptr) return;
+  registry
+      ->GetCounter("strata_coordinator_tenant_refused_total",
+                   "Requests refused by tenant, API and reason: model (one the tenant may not "
+                   "use) or concurrency (past its max_concurrent_requests).",
+                   {{"tenant", tenant.name}, {"api", api}, {"reason", reason}})
+      ->Add();
+}
+
+Gauge* TenantMetrics::Taken(const Tenant& tenant) const {
+  if (registry == nullptr) return nullptr;
+  const MetricLabels labels = {{"tenant", tenant.name}, {"api", api}};
+  registry
+      ->GetCounter("strata_coordinator_tenant_requests_total",
+                   "Requests taken by tenant and API (past key, model and concurrency checks).",
+                   labels)
+      ->Add();
+  Gauge* running = registry->GetGauge("strata_coordinator_tenant_running_requests",
+                                      "Requests of the tenant running now, by API.", labels);
+  running->Add(1);
+  return running;
+}
+
 absl::StatusOr<std::unique_ptr<ApiKeyStore>> ApiKeyStore::Open(const std::string& path) {
   std::unique_ptr<ApiKeyStore> store(new ApiKeyStore(path));
   RETURN_IF_ERROR(store->Reload());

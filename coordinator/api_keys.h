@@ -43,6 +43,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 
 namespace strata {
 
@@ -126,6 +127,24 @@ class ApiKeys {
 
  private:
   std::vector<std::unique_ptr<Tenant>> tenants_;
+};
+
+// The coordinator's series per tenant, for one of its APIs ("http", "grpc"); nothing is counted
+// without a registry:
+//   strata_coordinator_unauthenticated_total{api}
+//   strata_coordinator_tenant_requests_total{tenant,api}: requests taken (past key, model and
+//     concurrency checks)
+//   strata_coordinator_tenant_refused_total{tenant,api,reason}: model (one it may not use) or
+//     concurrency
+//   strata_coordinator_tenant_running_requests{tenant,api}
+struct TenantMetrics {
+  MetricsRegistry* registry = nullptr;
+  const char* api = "";
+  void Unauthenticated() const;
+  void Refused(const Tenant& tenant, const char* reason) const;
+  // A request taken: counted, and running until the returned gauge (null without a registry) is
+  // given Add(-1).
+  Gauge* Taken(const Tenant& tenant) const;
 };
 
 // The keys in force, from a file read again whenever it changes (Watch), so that keys can be

@@ -131,7 +131,10 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
 
  protected:
   void OnWriteFailed() override { ClientGone(); }
-  void OnStreamDone() override { service_->inflight_.fetch_sub(1); }
+  void OnStreamDone() override {
+    service_->inflight_.fetch_sub(1);
+    if (running_ != nullptr) running_->Add(-1);
+  }
 
  private:
   class Attempt final : public grpc::ClientReadReactor<v1::SubmitResponse> {
@@ -185,6 +188,7 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   std::shared_ptr<const ApiKeys> keys_;
   const Tenant* tenant_ = nullptr;
   ApiKeys::Lease lease_;
+  Gauge* running_ = nullptr;  // the tenant's running requests, with metrics
   std::string cache_salt_;
   const Tokenizer* tokenizer_ = nullptr;
   ModelView model_;
@@ -219,7 +223,9 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
   const v1::GenerateRequest& r = *request_;
   // (The caller is known: Start authenticated it.) A model the tenant may not use, or one that
   // does not exist, is the same NOT_FOUND to a tenant, naming only what it asked for.
-  const auto not_found = [&r] {
+  const TenantMetrics metrics{service_->options_.metrics, "grpc"};
+  const auto not_found = [&] {
+    metrics.Refused(*tenant_, "model");
     return ToGrpcStatus(ApiKeys::NotFound(r.model(), r.fine_tune_id()));
   };
   if (tenant_ != nullptr && !ApiKeys::Allows(*tenant_, r.model(), r.fine_tune_id())) {
@@ -246,8 +252,12 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
   }
   if (tenant_ != nullptr) {
     absl::StatusOr<ApiKeys::Lease> lease = ApiKeys::Acquire(*tenant_);
-    if (!lease.ok()) return ToGrpcStatus(lease.status());
+    if (!lease.ok()) {
+      metrics.Refused(*tenant_, "concurrency");
+      return ToGrpcStatus(lease.status());
+    }
     lease_ = *std::move(lease);
+    running_ = metrics.Taken(*tenant_);
   }
   cache_salt_ = tenant_ != nullptr ? ApiKeys::CacheSalt(*tenant_, r.cache_salt()) : r.cache_salt();
   if (cache_salt_.size() > 256) return Invalid("cache_salt must be at most 256 bytes");
@@ -782,6 +792,7 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
   *keys = options_.api_keys->Current();
   absl::StatusOr<const Tenant*> t = (*keys)->Authenticate(value("authorization"));
   if (!t.ok()) {
+    TenantMetrics{options_.metrics, "grpc"}.Unauthenticated();
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         absl::StrCat(t.status().message(), " (gRPC metadata \"authorization\")"));
   }

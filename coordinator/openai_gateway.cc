@@ -1555,12 +1555,7 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
 }
 
 void OpenAiGateway::Unauthenticated(int fd, const absl::Status& why) {
-  if (options_.metrics != nullptr) {
-    options_.metrics
-        ->GetCounter("strata_http_unauthenticated_total",
-                     "HTTP API calls refused for a missing or unknown API key (401).")
-        ->Add();
-  }
+  TenantMetrics{options_.metrics, "http"}.Unauthenticated();
   Reply(fd, ErrorResponse(401, why.message()));
 }
 
@@ -1856,16 +1851,9 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
   absl::Cleanup leave = [&running] {
     if (running != nullptr) running->Add(-1);
   };
+  const TenantMetrics metrics{options_.metrics, "http"};
   if (tenant != nullptr) {
-    auto refused = [&](const char* reason) {
-      if (options_.metrics == nullptr) return;
-      options_.metrics
-          ->GetCounter("strata_http_tenant_refused_total",
-                       "Completions refused by tenant and reason: model (one the tenant may not "
-                       "use) or concurrency (past its max_concurrent_requests).",
-                       {{"tenant", tenant->name}, {"reason", reason}})
-          ->Add();
-    };
+    auto refused = [&](const char* reason) { metrics.Refused(*tenant, reason); };
     // A model the tenant may not use reads as one that does not exist (its name tells nothing).
     // Checked here, against what the cluster serves, before any call could answer otherwise.
     if (!Served(call->request, nullptr) ||
@@ -1891,17 +1879,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
       return;
     }
     lease = std::move(*l);
-    if (options_.metrics != nullptr) {
-      const MetricLabels labels = {{"tenant", tenant->name}};
-      options_.metrics
-          ->GetCounter("strata_http_tenant_requests_total",
-                       "Completions taken by tenant (past its key, model and concurrency checks).",
-                       labels)
-          ->Add();
-      running = options_.metrics->GetGauge("strata_http_tenant_running_requests",
-                                           "Completions of the tenant running now.", labels);
-      running->Add(1);
-    }
+    running = metrics.Taken(*tenant);
     call->request.set_cache_salt(ApiKeys::CacheSalt(*tenant, call->request.cache_salt()));
   }
   // Chat with tools the model may call: how it writes calls (kNone: no calls are looked for), and

@@ -387,15 +387,60 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
   ASSERT_EQ(Call("GET", "/v1/models", "Bearer sk-not-a-key-at-all").status, 401);
   ASSERT_EQ(Complete(kAcme, "strata-tiny", "x").status, 200);
   ASSERT_EQ(Complete(kGlobex, "strata-tiny", "x").status, 404);
-  const HttpReply r = Http(metrics_port_, "GET", "/metrics");
-  ASSERT_EQ(r.status, 200);
-  std::map<std::string, double> m = ParseMetrics(r.body);
-  EXPECT_GE(m["strata_http_unauthenticated_total"], 1) << r.body;
-  EXPECT_GE(m["strata_http_tenant_requests_total{tenant=\"acme\"}"], 1) << r.body;
-  EXPECT_GE(m["strata_http_tenant_refused_total{tenant=\"globex\",reason=\"model\"}"], 1) << r.body;
-  // Nothing runs now (every lease was given back).
-  EXPECT_EQ(m["strata_http_tenant_running_requests{tenant=\"acme\"}"], 0) << r.body;
-  EXPECT_TRUE(m.count("strata_http_tenant_running_requests{tenant=\"acme\"}")) << r.body;
+  // And over gRPC: a call without a key, one refused, one taken.
+  auto serving = v1::Serving::NewStub(
+      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    v1::ListModelsResponse models;
+    ASSERT_EQ(serving->ListModels(&ctx, {}, &models).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  for (const char* fine_tune : {"", "lora-c"}) {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kGlobex));
+    v1::GenerateRequest req;
+    req.set_model("strata-tiny");
+    req.set_fine_tune_id(fine_tune);
+    req.set_text("x");
+    req.mutable_sampling()->set_max_tokens(2);
+    auto reader = serving->Generate(&ctx, req);
+    v1::GenerateResponse chunk;
+    while (reader->Read(&chunk)) {
+    }
+    ASSERT_EQ(reader->Finish().ok(), *fine_tune != '\0') << fine_tune;
+  }
+  // (A call's running count drops just after its answer is sent: scrape until both have.)
+  HttpReply r;
+  std::map<std::string, double> m;
+  for (int i = 0; i < 50; ++i) {
+    r = Http(metrics_port_, "GET", "/metrics");
+    ASSERT_EQ(r.status, 200);
+    m = ParseMetrics(r.body);
+    if (m["strata_coordinator_tenant_running_requests{tenant=\"globex\",api=\"grpc\"}"] == 0 &&
+        m["strata_coordinator_tenant_running_requests{tenant=\"acme\",api=\"http\"}"] == 0) {
+      break;
+    }
+    usleep(100 * 1000);
+  }
+  // Each API's series: at least one of each event above, and nothing running now (every lease
+  // was given back).
+  for (const std::string api : {"http", "grpc"}) {
+    const std::string tenant = api == "http" ? "acme" : "globex";
+    const std::string labels = absl::StrCat("tenant=\"", tenant, "\",api=\"", api, "\"");
+    EXPECT_GE(m[absl::StrCat("strata_coordinator_unauthenticated_total{api=\"", api, "\"}")], 1)
+        << r.body;
+    EXPECT_GE(m[absl::StrCat("strata_coordinator_tenant_requests_total{", labels, "}")], 1)
+        << r.body;
+    EXPECT_GE(m[absl::StrCat("strata_coordinator_tenant_refused_total{tenant=\"globex\",api=\"",
+                             api, "\",reason=\"model\"}")],
+              1)
+        << r.body;
+    const std::string running =
+        absl::StrCat("strata_coordinator_tenant_running_requests{", labels, "}");
+    EXPECT_TRUE(m.count(running)) << r.body;
+    EXPECT_EQ(m[running], 0) << r.body;
+  }
 }
 
 }  // namespace
