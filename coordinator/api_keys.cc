@@ -8,6 +8,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/hash.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -82,10 +83,11 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     ASSIGN_OR_RETURN(auto members, t.AsObject());
     for (const auto& [key, value] : members) {
       if (key != "name" && key != "keys" && key != "models" && key != "max_concurrent_requests" &&
-          key != "isolate_cache" && key != "admin") {
+          key != "isolate_cache" && key != "admin" && key != "requests_per_minute") {
         return t.Error(absl::StrCat("has \"", key,
                                     "\": a tenant takes name, keys, models, "
-                                    "max_concurrent_requests, isolate_cache and admin"));
+                                    "max_concurrent_requests, requests_per_minute, isolate_cache "
+                                    "and admin"));
       }
     }
     auto tenant = std::make_unique<Tenant>();
@@ -120,12 +122,20 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     }
     ASSIGN_OR_RETURN(tenant->isolate_cache, t.BoolFieldOr("isolate_cache", true));
     ASSIGN_OR_RETURN(tenant->admin, t.BoolFieldOr("admin", false));
+    ASSIGN_OR_RETURN(tenant->requests_per_minute, t.IntFieldOr("requests_per_minute", 0));
+    if (tenant->requests_per_minute < 0 || tenant->requests_per_minute > 100000000) {
+      return t.Error("has requests_per_minute outside [0, 100000000] (0: no limit)");
+    }
     keys->tenants_.push_back(std::move(tenant));
   }
   // Only a file that parsed whole touches the counters.
   for (auto& tenant : keys->tenants_) {
-    auto [it, added] = counters->emplace(tenant->name, tenant->running);
-    if (!added) tenant->running = it->second;
+    auto [it, added] =
+        counters->emplace(tenant->name, TenantState{tenant->running, tenant->bucket});
+    if (!added) {
+      tenant->running = it->second.running;
+      tenant->bucket = it->second.bucket;
+    }
   }
   return std::shared_ptr<const ApiKeys>(std::move(keys));
 }
@@ -201,6 +211,34 @@ ApiKeys::Lease& ApiKeys::Lease::operator=(Lease&& o) noexcept {
 
 ApiKeys::Lease::~Lease() {
   if (running_ != nullptr) running_->fetch_sub(units_);
+}
+
+absl::Status ApiKeys::Admit(const Tenant& tenant, int64_t units, absl::Time now) {
+  const int64_t rpm = tenant.requests_per_minute;
+  if (rpm <= 0) return absl::OkStatus();
+  if (units > rpm) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this request is ", units, " generations, over tenant \"", tenant.name,
+                     "\"'s requests_per_minute (", rpm, "): ask for fewer choices"));
+  }
+  Tenant::RateBucket& b = *tenant.bucket;
+  absl::MutexLock lock(&b.mu);
+  const double per_second = static_cast<double>(rpm) / 60.0;
+  if (b.tokens < 0) {
+    b.tokens = static_cast<double>(rpm);
+  } else {
+    b.tokens = std::min(static_cast<double>(rpm),
+                        b.tokens + absl::ToDoubleSeconds(now - b.last) * per_second);
+  }
+  b.last = now;
+  if (b.tokens < static_cast<double>(units)) {
+    const double wait_s = (static_cast<double>(units) - b.tokens) / per_second;
+    return absl::ResourceExhaustedError(
+        absl::StrCat("tenant \"", tenant.name, "\" is over its requests_per_minute (", rpm,
+                     "): retry in ", absl::StrFormat("%.1f", wait_s), " s"));
+  }
+  b.tokens -= static_cast<double>(units);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<ApiKeys::Lease> ApiKeys::Acquire(const Tenant& tenant, int64_t units) {

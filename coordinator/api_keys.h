@@ -14,6 +14,8 @@
 //                                               //   allows it over any base); absent: all
 //      "max_concurrent_requests": 8,            // optional: 0 (default) is no limit; each of a
 //                                               //   request's generations (n, prompts) counts
+//      "requests_per_minute": 600,              // optional: 0 (default) is no limit; a bucket
+//                                               //   of a minute's requests, refilled evenly
 //      "isolate_cache": true,                   // optional (default true): its requests reuse
 //                                               //   only its own cached prefixes
 //      "admin": false}]}                        // optional: may call the Admin service (cluster
@@ -58,6 +60,14 @@ struct Tenant {
   // Requests of this tenant running now (ApiKeys::Acquire); shared with the same tenant of the
   // keys a reload (ApiKeyStore) brings in.
   std::shared_ptr<std::atomic<int64_t>> running = std::make_shared<std::atomic<int64_t>>(0);
+  int64_t requests_per_minute = 0;  // 0: no limit
+  // Its rate limit's bucket (ApiKeys::Admit), shared across reloads as `running` is.
+  struct RateBucket {
+    absl::Mutex mu;
+    double tokens ABSL_GUARDED_BY(mu) = -1;  // -1: full, first use
+    absl::Time last ABSL_GUARDED_BY(mu);
+  };
+  std::shared_ptr<RateBucket> bucket = std::make_shared<RateBucket>();
 };
 
 // The metadata with which the coordinator's own HTTP gateway, which checks keys itself, calls
@@ -74,9 +84,13 @@ class ApiKeys {
   static absl::StatusOr<std::shared_ptr<const ApiKeys>> Load(const std::string& path);
   static absl::StatusOr<std::shared_ptr<const ApiKeys>> Parse(absl::string_view json,
                                                               const std::string& origin);
-  // Counters of requests running, by tenant name: Parse takes a tenant's from here when it is
-  // there, and adds the others.
-  using RunningCounters = std::map<std::string, std::shared_ptr<std::atomic<int64_t>>>;
+  // What a tenant keeps across reloads (its running requests, its rate bucket), by tenant name:
+  // Parse takes a tenant's from here when it is there, and adds the others.
+  struct TenantState {
+    std::shared_ptr<std::atomic<int64_t>> running;
+    std::shared_ptr<Tenant::RateBucket> bucket;
+  };
+  using RunningCounters = std::map<std::string, TenantState>;
   static absl::StatusOr<std::shared_ptr<const ApiKeys>> Parse(absl::string_view json,
                                                               const std::string& origin,
                                                               RunningCounters* counters);
@@ -118,6 +132,10 @@ class ApiKeys {
     std::shared_ptr<std::atomic<int64_t>> running_;  // outlives a reload of the keys
     int64_t units_ = 0;
   };
+  // Whether `units` more of `tenant`'s requests fit its requests_per_minute at `now` (taking
+  // them from its bucket); RESOURCE_EXHAUSTED, saying when to retry, when they do not.
+  static absl::Status Admit(const Tenant& tenant, int64_t units, absl::Time now);
+
   // A lease on `units` of `tenant`'s concurrent requests (an HTTP request with n choices or
   // several prompts is that many generations); RESOURCE_EXHAUSTED when they would pass its
   // max_concurrent_requests.
@@ -134,8 +152,8 @@ class ApiKeys {
 //   strata_coordinator_unauthenticated_total{api}
 //   strata_coordinator_tenant_requests_total{tenant,api}: requests taken (past key, model and
 //     concurrency checks)
-//   strata_coordinator_tenant_refused_total{tenant,api,reason}: model (one it may not use) or
-//     concurrency
+//   strata_coordinator_tenant_refused_total{tenant,api,reason}: model (one it may not use),
+//     rate (past requests_per_minute) or concurrency
 //   strata_coordinator_tenant_running_requests{tenant,api}
 struct TenantMetrics {
   MetricsRegistry* registry = nullptr;

@@ -130,6 +130,29 @@ TEST(ApiKeysTest, ConcurrencyLeases) {
 
 // The store reads its file again: keys added and revoked take effect, a file that does not parse
 // leaves the keys before it, and a tenant's running requests count across a reload.
+// requests_per_minute: a minute's requests at once, then as the bucket refills.
+TEST(ApiKeysTest, RequestsPerMinute) {
+  absl::StatusOr<std::shared_ptr<const ApiKeys>> keys = ApiKeys::Parse(
+      R"({"tenants": [{"name": "r", "keys": ["sk-rate-0000000000"], "requests_per_minute": 3},
+                      {"name": "free", "keys": ["sk-free-0000000000"]}]})",
+      "rate.json");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  const Tenant& r = *(*keys)->tenants()[0];
+  const absl::Time t0 = absl::FromUnixSeconds(1000000);
+  EXPECT_TRUE(ApiKeys::Admit(r, 2, t0).ok());
+  EXPECT_TRUE(ApiKeys::Admit(r, 1, t0).ok());
+  const absl::Status over = ApiKeys::Admit(r, 1, t0 + absl::Seconds(1));
+  EXPECT_EQ(over.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(over.message(), "requests_per_minute (3)")) << over;
+  EXPECT_TRUE(absl::StrContains(over.message(), "retry in 19.0 s")) << over;  // 20 s a request
+  EXPECT_TRUE(ApiKeys::Admit(r, 1, t0 + absl::Seconds(20)).ok());
+  EXPECT_FALSE(ApiKeys::Admit(r, 1, t0 + absl::Seconds(21)).ok());
+  EXPECT_TRUE(ApiKeys::Admit(r, 3, t0 + absl::Seconds(200)).ok());  // full again, no more
+  EXPECT_EQ(ApiKeys::Admit(r, 4, t0 + absl::Seconds(400)).code(),
+            absl::StatusCode::kResourceExhausted);
+  for (int i = 0; i < 1000; ++i) EXPECT_TRUE(ApiKeys::Admit(*(*keys)->tenants()[1], 1, t0).ok());
+}
+
 TEST(ApiKeyStoreTest, ReloadsItsFile) {
   const char* tmp = std::getenv("TEST_TMPDIR");
   const std::string path = absl::StrCat(tmp == nullptr ? "/tmp" : tmp, "/reload-keys.json");
@@ -196,6 +219,9 @@ TEST(ApiKeysTest, BadFilesNameTheField) {
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
                                  "max_concurrent_requests": -1}]})",
                 "max_concurrent_requests"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
+                                 "requests_per_minute": -5}]})",
+                "requests_per_minute"},
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"], "quota": 5}]})",
                 "\"quota\""},
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"], "models": [""]}]})",

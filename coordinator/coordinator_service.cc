@@ -251,6 +251,10 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
                                      "\" is not registered for model ", r.model()));
   }
   if (tenant_ != nullptr) {
+    if (absl::Status rate = ApiKeys::Admit(*tenant_, 1, absl::Now()); !rate.ok()) {
+      metrics.Refused(*tenant_, "rate");
+      return ToGrpcStatus(rate);
+    }
     absl::StatusOr<ApiKeys::Lease> lease = ApiKeys::Acquire(*tenant_);
     if (!lease.ok()) {
       metrics.Refused(*tenant_, "concurrency");

@@ -1872,6 +1872,11 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
     // Every generation of the request (n choices of each prompt) is one of the tenant's.
     const int64_t generations =
         static_cast<int64_t>(call->n) * (1 + static_cast<int64_t>(call->more_prompts.size()));
+    if (absl::Status rate = ApiKeys::Admit(*tenant, generations, absl::Now()); !rate.ok()) {
+      refused("rate");
+      Reply(fd, ErrorResponse(429, rate.message()));
+      return;
+    }
     absl::StatusOr<ApiKeys::Lease> l = ApiKeys::Acquire(*tenant, generations);
     if (!l.ok()) {
       refused("concurrency");

@@ -34,6 +34,7 @@ constexpr char kAcme[] = "sk-acme-0123456789";
 constexpr char kGlobex[] = "sk-globex-abcdefgh";
 constexpr char kShared[] = "sk-shared-zyxwvuts";
 constexpr char kOps[] = "sk-ops-admin-000000";
+constexpr char kLimited[] = "sk-limited-00000000";
 
 class ApiKeysTest : public ::testing::Test {
  protected:
@@ -57,7 +58,9 @@ class ApiKeysTest : public ::testing::Test {
           {"name": "shared", "keys": [")",
         kShared, R"("], "isolate_cache": false},
           {"name": "ops", "keys": [")",
-        kOps, R"("], "models": [], "admin": true}]})");
+        kOps, R"("], "models": [], "admin": true},
+          {"name": "limited", "keys": [")",
+        kLimited, R"("], "requests_per_minute": 2}]})");
     LocalClusterOptions o;
     o.num_workers = 1;
     o.name = "api-keys";
@@ -231,6 +234,18 @@ TEST_F(ApiKeysTest, ATenantIsHeldToItsConcurrentRequests) {
                              R"({"model": "strata-tiny", "prompt": "x", "max_tokens": 2, "n": 2})");
   EXPECT_EQ(two.status, 429) << two.body;
   EXPECT_TRUE(absl::StrContains(two.body, "fewer choices")) << two.body;
+}
+
+// requests_per_minute: a minute's worth at once, then 429 until the bucket refills.
+TEST_F(ApiKeysTest, ATenantIsHeldToItsRate) {
+  EXPECT_EQ(Complete(kLimited, "strata-tiny", "x").status, 200);
+  EXPECT_EQ(Complete(kLimited, "strata-tiny", "x").status, 200);
+  const HttpReply third = Complete(kLimited, "strata-tiny", "x");
+  EXPECT_EQ(third.status, 429) << third.body;
+  EXPECT_TRUE(absl::StrContains(third.body, "requests_per_minute (2)")) << third.body;
+  EXPECT_TRUE(absl::StrContains(third.body, "retry in")) << third.body;
+  // Other tenants are not held back by it.
+  EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
 }
 
 TEST_F(ApiKeysTest, AnIsolatedTenantsPrefixCacheIsItsOwn) {
