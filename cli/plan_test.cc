@@ -102,8 +102,9 @@ TEST(PlanTest, FineTunesTakeMemoryAndStepTime) {
             absl::StatusCode::kInvalidArgument);
 }
 
-// LoRA adapters: rank x (in + out) values a projection, f32 in the delta cache (what the worker's
-// DeltaCache counts), the activations' type on the GPU (what a decode step reads).
+// LoRA adapters: rank x (in + out) values a projection, in the model's dtype both in the delta
+// cache (what the worker's DeltaCache counts, LoraFactorType) and on the GPU (what a decode step
+// reads).
 TEST(PlanTest, LoraAdaptersAreSizedByRank) {
   const GpuSpec h100 = *FindGpu("h100");
   Workload w = Decode(512, 64);

@@ -804,14 +804,19 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
   return grpc::Status::OK;
 }
 
-bool CoordinatorService::MayTokenize(const Tenant* tenant, const std::string& model) const {
-  if (tenant == nullptr) return true;
+grpc::Status CoordinatorService::TokenizerCaller(grpc::CallbackServerContext* context,
+                                                 const std::string& model) const {
+  std::shared_ptr<const ApiKeys> keys;
+  const Tenant* tenant = nullptr;
+  if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok() || tenant == nullptr) return s;
   std::vector<std::string> fine_tunes;
   for (const ModelView& v : pool_->Models()) {
-    if (v.name == model)
+    if (v.name == model) {
       fine_tunes.insert(fine_tunes.end(), v.fine_tune_ids.begin(), v.fine_tune_ids.end());
+    }
   }
-  return ApiKeys::AllowsAny(*tenant, model, fine_tunes);
+  if (ApiKeys::AllowsAny(*tenant, model, fine_tunes)) return grpc::Status::OK;
+  return ToGrpcStatus(ApiKeys::NotFound(model, ""));
 }
 
 grpc::Status CoordinatorService::AdminCaller(grpc::CallbackServerContext* context) const {
@@ -831,14 +836,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Tokenize(grpc::CallbackServerConte
                                                        const v1::TokenizeRequest* request,
                                                        v1::TokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  std::shared_ptr<const ApiKeys> keys;
-  const Tenant* tenant = nullptr;
-  if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok()) {
+  if (grpc::Status s = TokenizerCaller(context, request->model()); !s.ok()) {
     reactor->Finish(s);
-    return reactor;
-  }
-  if (!MayTokenize(tenant, request->model())) {
-    reactor->Finish(ToGrpcStatus(ApiKeys::NotFound(request->model(), "")));
     return reactor;
   }
   const Tokenizer* t = models_->Find(request->model());
@@ -870,14 +869,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Detokenize(grpc::CallbackServerCon
                                                          const v1::DetokenizeRequest* request,
                                                          v1::DetokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  std::shared_ptr<const ApiKeys> keys;
-  const Tenant* tenant = nullptr;
-  if (grpc::Status s = Caller(context, &keys, &tenant); !s.ok()) {
+  if (grpc::Status s = TokenizerCaller(context, request->model()); !s.ok()) {
     reactor->Finish(s);
-    return reactor;
-  }
-  if (!MayTokenize(tenant, request->model())) {
-    reactor->Finish(ToGrpcStatus(ApiKeys::NotFound(request->model(), "")));
     return reactor;
   }
   const Tokenizer* t = models_->Find(request->model());
@@ -921,16 +914,6 @@ grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerCon
   }
   const std::vector<ModelView> served = pool_->Models();
   for (const std::string& name : models_->Names()) {
-    // A tenant sees a base model it may use, or one with a fine-tune it may use (listed under
-    // it, alone).
-    bool any = tenant == nullptr || ApiKeys::Allows(*tenant, name, "");
-    for (const ModelView& v : served) {
-      if (v.name != name) continue;
-      for (const std::string& ft : v.fine_tune_ids) {
-        any = any || ApiKeys::Allows(*tenant, name, ft);
-      }
-    }
-    if (!any) continue;
     v1::ModelInfo* m = response->add_models();
     m->set_name(name);
     for (const ModelView& v : served) {
@@ -941,6 +924,12 @@ grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerCon
       for (const std::string& ft : v.fine_tune_ids) {
         if (tenant == nullptr || ApiKeys::Allows(*tenant, name, ft)) m->add_fine_tune_ids(ft);
       }
+    }
+    // A tenant sees a base model it may use, or one with a fine-tune it may use (listed under it,
+    // alone).
+    if (tenant != nullptr && m->fine_tune_ids_size() == 0 && !ApiKeys::Allows(*tenant, name, "")) {
+      response->mutable_models()->RemoveLast();
+      continue;
     }
     if (m->vocab_size() == 0)
       m->set_vocab_size(static_cast<uint32_t>(models_->Find(name)->vocab_size()));

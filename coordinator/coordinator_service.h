@@ -117,9 +117,10 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   // tenant); UNAUTHENTICATED when it carries none that is valid.
   grpc::Status Caller(grpc::CallbackServerContext* context, std::shared_ptr<const ApiKeys>* keys,
                       const Tenant** tenant) const;
-  // Whether `tenant` (null: any caller) may use `model`'s tokenizer: it may use the model or one
-  // of its fine-tunes.
-  bool MayTokenize(const Tenant* tenant, const std::string& model) const;
+  // Caller, for `model`'s tokenizer: a tenant may use it when it may use the model or one of its
+  // fine-tunes (NOT_FOUND otherwise, as for a model that does not exist).
+  grpc::Status TokenizerCaller(grpc::CallbackServerContext* context,
+                               const std::string& model) const;
   // Caller, and PERMISSION_DENIED for a tenant that is not an admin.
   grpc::Status AdminCaller(grpc::CallbackServerContext* context) const;
 

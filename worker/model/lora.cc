@@ -307,6 +307,15 @@ int64_t ArenaBytes(const std::vector<Module>& modules, DType type) {
   return bytes;
 }
 
+// Element i of a factor held as `type` (f32 or bf16) at `out`.
+void StoreFactorValue(DType type, void* out, int64_t i, float v) {
+  if (type == DType::kF32) {
+    static_cast<float*>(out)[i] = v;
+  } else {
+    static_cast<uint16_t*>(out)[i] = FloatToBf16(v);
+  }
+}
+
 // A factor's values into `out` as `type` (f32 or bf16). Like a delta's values
 // (worker/model/delta.cc), each times `scale` must lie within ±kMaxFactorValue: a hostile file
 // could otherwise make activations infinite.
@@ -320,11 +329,7 @@ absl::Status CopyFactor(const TensorView& t, double scale, DType type, void* out
                        " holds a NaN or infinity, or a value (after the scale ", scale, ") beyond ",
                        kMaxFactorValue, " in magnitude"));
     }
-    if (type == DType::kF32) {
-      static_cast<float*>(out)[i] = v;
-    } else {
-      static_cast<uint16_t*>(out)[i] = FloatToBf16(v);
-    }
+    StoreFactorValue(type, out, i, v);
   }
   return absl::OkStatus();
 }
@@ -454,14 +459,7 @@ std::unique_ptr<DeltaWeights> RandomLoraWeights(const ModelConfig& c, int64_t ra
       // Entries of B · A about 2e-4 (the sum of `rank` products of uniform values).
       const float sb = 2e-4f * std::sqrt(3.0f) * std::sqrt(3.0f / rank);
       const auto fill = [&](uint8_t* out, int64_t count, float s) {
-        for (int64_t i = 0; i < count; ++i) {
-          const float v = s * uniform();
-          if (type == DType::kF32) {
-            reinterpret_cast<float*>(out)[i] = v;
-          } else {
-            reinterpret_cast<uint16_t*>(out)[i] = FloatToBf16(v);
-          }
-        }
+        for (int64_t i = 0; i < count; ++i) StoreFactorValue(type, out, i, s * uniform());
       };
       fill(a, rank * in, 1.0f);
       fill(b, out * rank, sb);
