@@ -6,7 +6,8 @@
 //       [--prompt_tokens N|MIN:MAX] [--output_tokens N|MIN:MAX]
 //       [--shared_prefix_tokens N] [--shared_fraction F] [--shared_prefixes K]
 //       [--turns T] [--turn_tokens N|MIN:MAX] [--think_time_ms MS] [--replies_in_history]
-//       [--cache_salt S] [--seed S] [--label L] [--json] [--json_out FILE]
+//       [--cache_salt S] [--api_key KEY] [--tenant T] [--seed S] [--label L] [--json]
+//       [--json_out FILE]
 //
 // Arrivals are open-loop: requests (for multi-turn, conversations) start at Poisson times at --rate
 // per second whatever the system's latency; a conversation's next turn is sent after the previous
@@ -18,6 +19,7 @@
 // tokens / prompt tokens, from each response's usage).
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <optional>
@@ -66,6 +68,10 @@ ABSL_FLAG(bool, replies_in_history, true,
           "sends it.");
 ABSL_FLAG(int, vocab_size, 2048, "Token ids are drawn from [0, vocab_size).");
 ABSL_FLAG(std::string, cache_salt, "", "Cache salt for every request (isolates runs).");
+ABSL_FLAG(std::string, api_key, "",
+          "API key sent with every request (--api serving: gRPC metadata authorization, openai: "
+          "the Authorization header); default $STRATA_API_KEY.");
+ABSL_FLAG(std::string, tenant, "", "--api worker: the tenant named in every SubmitRequest.");
 ABSL_FLAG(uint64_t, seed, 1, "Workload seed.");
 ABSL_FLAG(std::vector<std::string>, fine_tunes, {},
           "Fine-tune ids: each conversation runs on one of them, drawn by --fine_tune_zipf, or on "
@@ -97,7 +103,12 @@ class Driver {
   Driver(std::shared_ptr<grpc::Channel> channel, const std::string& api)
       : serving_(v1::Serving::NewStub(channel)),
         worker_(v1::Worker::NewStub(channel)),
-        worker_api_(api == "worker") {}
+        worker_api_(api == "worker") {
+    api_key_ = absl::GetFlag(FLAGS_api_key);
+    if (const char* env = std::getenv("STRATA_API_KEY"); api_key_.empty() && env != nullptr) {
+      api_key_ = env;
+    }
+  }
 
   // One streamed /v1/completions call (the OpenAI-compatible API). The stream carries text, not
   // token ids: the reply stays empty, and the counts come from the usage event.
@@ -113,9 +124,9 @@ class Driver {
         JsonQuote(absl::GetFlag(FLAGS_cache_salt)), ",\"fine_tune_id\":", JsonQuote(fine_tune_id),
         "}");
     const std::string request = absl::StrCat(
-        "POST /v1/completions HTTP/1.1\r\nHost: loadgen\r\nConnection: close\r\n"
-        "Content-Type: application/json\r\nContent-Length: ",
-        body.size(), "\r\n\r\n", body);
+        "POST /v1/completions HTTP/1.1\r\nHost: loadgen\r\nConnection: close\r\n",
+        api_key_.empty() ? "" : absl::StrCat("Authorization: Bearer ", api_key_, "\r\n"),
+        "Content-Type: application/json\r\nContent-Length: ", body.size(), "\r\n\r\n", body);
     const UniqueFd conn = ConnectTcp(absl::GetFlag(FLAGS_target));
     if (!conn.valid()) {
       s.error = "cannot connect";
@@ -222,6 +233,7 @@ class Driver {
       *req.mutable_sampling() = sampling;
       req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
       req.set_fine_tune_id(fine_tune_id);
+      req.set_tenant(absl::GetFlag(FLAGS_tenant));
       auto reader = worker_->Submit(&ctx, req);
       v1::SubmitResponse chunk;
       while (reader->Read(&chunk)) {
@@ -236,6 +248,7 @@ class Driver {
       *req.mutable_sampling() = sampling;
       req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
       req.set_fine_tune_id(fine_tune_id);
+      if (!api_key_.empty()) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", api_key_));
       auto reader = serving_->Generate(&ctx, req);
       v1::GenerateResponse chunk;
       while (reader->Read(&chunk)) {
@@ -264,6 +277,7 @@ class Driver {
   std::unique_ptr<v1::Serving::Stub> serving_;
   std::unique_ptr<v1::Worker::Stub> worker_;
   const bool worker_api_;
+  std::string api_key_;
   std::atomic<uint64_t> next_id_{0};
 };
 

@@ -17,8 +17,12 @@
 #      --inflight_prefill_min_tokens=0 (every request admitted computes its prefix, even one another
 #      request is computing in the same step) and the default 32 (it waits a step for those
 #      blocks); three rounds each, alternating.
-# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|bursts|all]   (JSON per run,
-# plus summary.txt)
+#   5. Fair sharing between tenants: a coordinator with API keys over one worker (at most 8
+#      sequences running); tenant "heavy" sends a backlog of 320 requests at once, tenant "light"
+#      20 requests at 4 a second starting a second later; the worker with --fair_share (default)
+#      and without; three rounds each, alternating. Reports each tenant's latencies.
+# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|bursts|fairness|all]
+# (JSON per run, plus summary.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/strata-cluster-bench}
@@ -131,6 +135,38 @@ for budget in 2048 8192; do
         --label="burst/budget$budget/min$min/round$round" --json_out="$out/burst-$budget-$min-$round.json" |
         tee -a "$summary"
     done
+  done
+done
+strata_stop_all
+fi
+# 5. Fair sharing.
+if [ "$part" = all ] || [ "$part" = fairness ]; then
+cat > "$out/fair-keys.json" <<'KEYS'
+{"tenants": [{"name": "heavy", "keys": ["sk-bench-heavy-0000"]},
+             {"name": "light", "keys": ["sk-bench-light-0000"]}]}
+KEYS
+for fair in true false; do
+  strata_worker "fair-$fair" "$model" --kv_cache_mb=64 --threads=2 --max_running_sequences=8 \
+    --max_live_sequences=1024 --fair_share=$fair
+  w=$STRATA_PORT
+  strata_coordinator "fair-$fair-coordinator" "$model" "127.0.0.1:$w" --api_keys_file="$out/fair-keys.json"
+  eval "c_$fair=$STRATA_PORT"
+done
+sleep 1
+shape=(--workload=random --prompt_tokens=128 --output_tokens=64)
+for round in 1 2 3; do
+  for fair in true false; do
+    c=$(eval echo "\$c_$fair")
+    loadgen --target=127.0.0.1:$c "${shape[@]}" --requests=320 --rate=100000 --seed=$round \
+      --api_key=sk-bench-heavy-0000 --cache_salt="heavy-$round" --label="fair-$fair/heavy/round$round" \
+      --json_out="$out/fair-$fair-heavy-$round.json" > "$out/fair-$fair-heavy-$round.txt" &
+    heavy=$!
+    sleep 1
+    loadgen --target=127.0.0.1:$c "${shape[@]}" --requests=20 --rate=4 --seed=$((round + 100)) \
+      --api_key=sk-bench-light-0000 --cache_salt="light-$round" --label="fair-$fair/light/round$round" \
+      --json_out="$out/fair-$fair-light-$round.json" | tee -a "$summary"
+    wait $heavy
+    tee -a "$summary" < "$out/fair-$fair-heavy-$round.txt"
   done
 done
 strata_stop_all

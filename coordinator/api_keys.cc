@@ -83,11 +83,12 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     ASSIGN_OR_RETURN(auto members, t.AsObject());
     for (const auto& [key, value] : members) {
       if (key != "name" && key != "keys" && key != "models" && key != "max_concurrent_requests" &&
-          key != "isolate_cache" && key != "admin" && key != "requests_per_minute") {
+          key != "isolate_cache" && key != "admin" && key != "requests_per_minute" &&
+          key != "scheduling_weight") {
         return t.Error(absl::StrCat("has \"", key,
                                     "\": a tenant takes name, keys, models, "
-                                    "max_concurrent_requests, requests_per_minute, isolate_cache "
-                                    "and admin"));
+                                    "max_concurrent_requests, requests_per_minute, "
+                                    "scheduling_weight, isolate_cache and admin"));
       }
     }
     auto tenant = std::make_unique<Tenant>();
@@ -126,6 +127,10 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     if (tenant->requests_per_minute < 0 || tenant->requests_per_minute > 100000000) {
       return t.Error("has requests_per_minute outside [0, 100000000] (0: no limit)");
     }
+    ASSIGN_OR_RETURN(tenant->scheduling_weight, t.DoubleFieldOr("scheduling_weight", 1));
+    if (!(tenant->scheduling_weight >= 0.001 && tenant->scheduling_weight <= 1000)) {
+      return t.Error("has scheduling_weight outside [0.001, 1000] (default 1)");
+    }
     keys->tenants_.push_back(std::move(tenant));
   }
   // Only a file that parsed whole touches the counters.
@@ -138,6 +143,13 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     }
   }
   return std::shared_ptr<const ApiKeys>(std::move(keys));
+}
+
+const Tenant* ApiKeys::Find(absl::string_view name) const {
+  for (const auto& t : tenants_) {
+    if (t->name == name) return t.get();
+  }
+  return nullptr;
 }
 
 absl::StatusOr<const Tenant*> ApiKeys::Authenticate(absl::string_view authorization) const {

@@ -16,6 +16,9 @@
 //                                               //   request's generations (n, prompts) counts
 //      "requests_per_minute": 600,              // optional: 0 (default) is no limit; a bucket
 //                                               //   of a minute's requests, refilled evenly
+//      "scheduling_weight": 2,                  // optional, in [0.001, 1000] (default 1): its
+//                                               //   share of a busy worker against other
+//                                               //   tenants' (fair sharing, worker/engine)
 //      "isolate_cache": true,                   // optional (default true): its requests reuse
 //                                               //   only its own cached prefixes
 //      "admin": false}]}                        // optional: may call the Admin service (cluster
@@ -61,6 +64,7 @@ struct Tenant {
   // keys a reload (ApiKeyStore) brings in.
   std::shared_ptr<std::atomic<int64_t>> running = std::make_shared<std::atomic<int64_t>>(0);
   int64_t requests_per_minute = 0;  // 0: no limit
+  double scheduling_weight = 1;
   // Its rate limit's bucket (ApiKeys::Admit), shared across reloads as `running` is.
   struct RateBucket {
     absl::Mutex mu;
@@ -73,6 +77,9 @@ struct Tenant {
 // The metadata with which the coordinator's own HTTP gateway, which checks keys itself, calls
 // its in-process gRPC services: a random secret drawn at each start (NewGatewaySecret).
 inline constexpr char kGatewaySecretMetadata[] = "x-strata-gateway-secret";
+// Beside it, on generation calls, the tenant whose key the gateway checked (for fair sharing on
+// the workers); read only from a call that carries the secret.
+inline constexpr char kGatewayTenantMetadata[] = "x-strata-tenant";
 std::string NewGatewaySecret();
 // known == given, in time that depends on known's length only (and given's, which its sender
 // knows): neither where they differ nor the secret's length shows.
@@ -142,6 +149,8 @@ class ApiKeys {
   static absl::StatusOr<Lease> Acquire(const Tenant& tenant, int64_t units = 1);
 
   const std::vector<std::unique_ptr<Tenant>>& tenants() const { return tenants_; }
+  // The tenant named `name`, or null.
+  const Tenant* Find(absl::string_view name) const;
 
  private:
   std::vector<std::unique_ptr<Tenant>> tenants_;

@@ -16,7 +16,8 @@ namespace {
 constexpr char kFile[] = R"({"tenants": [
   {"name": "acme", "keys": ["sk-acme-0123456789", "sk-acme-second-key"],
    "models": ["strata-tiny", "c-headers"], "max_concurrent_requests": 2},
-  {"name": "globex", "keys": ["sk-globex-abcdefgh"], "isolate_cache": false}]})";
+  {"name": "globex", "keys": ["sk-globex-abcdefgh"], "isolate_cache": false,
+   "scheduling_weight": 0.5}]})";
 
 std::shared_ptr<const ApiKeys> Keys() {
   absl::StatusOr<std::shared_ptr<const ApiKeys>> k = ApiKeys::Parse(kFile, "keys.json");
@@ -42,6 +43,11 @@ TEST(ApiKeysTest, AuthenticatesBearerKeys) {
     EXPECT_EQ(t.status().code(), absl::StatusCode::kUnauthenticated);
   }
   EXPECT_TRUE(absl::StrContains(keys->Authenticate("").status().message(), "Authorization"));
+  // By name (the gateway's tenant), with its scheduling weight (1 unless set).
+  ASSERT_NE(keys->Find("globex"), nullptr);
+  EXPECT_EQ(keys->Find("globex")->scheduling_weight, 0.5);
+  EXPECT_EQ(keys->Find("acme")->scheduling_weight, 1);
+  EXPECT_EQ(keys->Find("initech"), nullptr);
 }
 
 TEST(ApiKeysTest, SecretsCompareWhole) {
@@ -222,6 +228,12 @@ TEST(ApiKeysTest, BadFilesNameTheField) {
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
                                  "requests_per_minute": -5}]})",
                 "requests_per_minute"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
+                                 "scheduling_weight": 0}]})",
+                "scheduling_weight"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
+                                 "scheduling_weight": "high"}]})",
+                "scheduling_weight"},
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"], "quota": 5}]})",
                 "\"quota\""},
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"], "models": [""]}]})",

@@ -190,6 +190,10 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   ApiKeys::Lease lease_;
   Gauge* running_ = nullptr;  // the tenant's running requests, with metrics
   std::string cache_salt_;
+  // The tenant the workers share themselves by (the caller's, or the one the gateway names;
+  // empty without API keys) and its scheduling weight.
+  std::string share_tenant_;
+  double share_weight_ = 1;
   const Tokenizer* tokenizer_ = nullptr;
   ModelView model_;
   ResolvedSampling sampling_;
@@ -356,7 +360,16 @@ void CoordinatorService::GenerateCall::Start() {
   // Counted in flight either way (OnStreamDone takes it off); a caller without a valid key hears
   // that first, and nothing of the coordinator's load.
   const bool full = service_->inflight_.fetch_add(1) >= service_->options_.max_inflight_requests;
-  grpc::Status valid = service_->Caller(context_, &keys_, &tenant_);
+  grpc::Status valid = service_->Caller(context_, &keys_, &tenant_, &share_tenant_);
+  if (tenant_ != nullptr) {
+    share_tenant_ = tenant_->name;
+    share_weight_ = tenant_->scheduling_weight;
+  } else if (!share_tenant_.empty()) {
+    const std::shared_ptr<const ApiKeys> keys = service_->options_.api_keys->Current();
+    if (const Tenant* t = keys->Find(share_tenant_); t != nullptr) {
+      share_weight_ = t->scheduling_weight;
+    }
+  }
   if (valid.ok() && full) {
     valid = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                          absl::StrCat("coordinator has ", service_->options_.max_inflight_requests,
@@ -428,6 +441,8 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         s.mutable_sampling()->set_seed(seed_);
         s.set_cache_salt(cache_salt_);
         s.set_priority(request_->priority());
+        s.set_tenant(share_tenant_);
+        s.set_tenant_weight(share_weight_);
         for (BlockHash h : hashes_) s.add_prefix_block_hashes(h);
         if (context_->deadline() != std::chrono::system_clock::time_point::max()) {
           attempt->context_.set_deadline(context_->deadline());
@@ -780,8 +795,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* CoordinatorService::Generate(
 }
 
 grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
-                                        std::shared_ptr<const ApiKeys>* keys,
-                                        const Tenant** tenant) const {
+                                        std::shared_ptr<const ApiKeys>* keys, const Tenant** tenant,
+                                        std::string* gateway_tenant) const {
   *tenant = nullptr;
   if (options_.api_keys == nullptr) return grpc::Status::OK;
   const auto& metadata = context->client_metadata();
@@ -791,7 +806,9 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
   };
   if (!options_.gateway_secret.empty() &&
       SecretsEqual(options_.gateway_secret, value(kGatewaySecretMetadata))) {
-    return grpc::Status::OK;  // the HTTP gateway, which checked the key itself
+    // The HTTP gateway, which checked the key itself.
+    if (gateway_tenant != nullptr) *gateway_tenant = value(kGatewayTenantMetadata);
+    return grpc::Status::OK;
   }
   *keys = options_.api_keys->Current();
   absl::StatusOr<const Tenant*> t = (*keys)->Authenticate(value("authorization"));

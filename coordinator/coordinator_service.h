@@ -114,9 +114,10 @@ class CoordinatorService final : public v1::Serving::CallbackService,
 
   // Who makes the call: *tenant null without API keys or for the HTTP gateway, else the tenant
   // whose key it carries, of *keys (the keys in force, which the caller holds while it uses the
-  // tenant); UNAUTHENTICATED when it carries none that is valid.
+  // tenant); UNAUTHENTICATED when it carries none that is valid. For the gateway,
+  // *gateway_tenant (when asked for) is the tenant it names (kGatewayTenantMetadata).
   grpc::Status Caller(grpc::CallbackServerContext* context, std::shared_ptr<const ApiKeys>* keys,
-                      const Tenant** tenant) const;
+                      const Tenant** tenant, std::string* gateway_tenant = nullptr) const;
   // Caller, for `model`'s tokenizer: a tenant may use it when it may use the model or one of its
   // fine-tunes (NOT_FOUND otherwise, as for a model that does not exist).
   grpc::Status TokenizerCaller(grpc::CallbackServerContext* context,

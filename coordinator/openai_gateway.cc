@@ -2172,6 +2172,10 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
       Reply(fd, ErrorResponse(503, "the coordinator is stopping"));
       return;
     }
+    // Whose generations they are, for fair sharing on the workers (beside the secret).
+    if (tenant != nullptr && !options_.gateway_secret.empty()) {
+      contexts[k]->AddMetadata(kGatewayTenantMetadata, tenant->name);
+    }
   }
   // Each prompt's request, its seed and id set per choice in place (the call has sent it when
   // Generate returns): choice i seeded seed + i, choice k > 0 named "<id>-k".

@@ -56,7 +56,7 @@ class ApiKeysTest : public ::testing::Test {
           {"name": "globex", "keys": [")",
         kGlobex, R"("], "models": ["lora-c"]},
           {"name": "shared", "keys": [")",
-        kShared, R"("], "isolate_cache": false},
+        kShared, R"("], "isolate_cache": false, "scheduling_weight": 2.5},
           {"name": "ops", "keys": [")",
         kOps, R"("], "models": [], "admin": true},
           {"name": "limited", "keys": [")",
@@ -65,9 +65,11 @@ class ApiKeysTest : public ::testing::Test {
     o.num_workers = 1;
     o.name = "api-keys";
     o.admin_api_key = kOps;
-    o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/fine-tunes"), "--delta_cache_mb=16"};
     http_port_ = FreePort();
     metrics_port_ = FreePort();
+    worker_metrics_port_ = FreePort();
+    o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/fine-tunes"), "--delta_cache_mb=16",
+                      absl::StrCat("--metrics_listen=127.0.0.1:", worker_metrics_port_)};
     o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_),
                            absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port_),
                            absl::StrCat("--api_keys_file=", root, "/keys.json"),
@@ -105,13 +107,14 @@ class ApiKeysTest : public ::testing::Test {
   }
 
   static LocalCluster* cluster_;
-  static int http_port_, metrics_port_;
+  static int http_port_, metrics_port_, worker_metrics_port_;
   static std::string keys_file_;
 };
 std::string ApiKeysTest::keys_file_;
 LocalCluster* ApiKeysTest::cluster_ = nullptr;
 int ApiKeysTest::http_port_ = 0;
 int ApiKeysTest::metrics_port_ = 0;
+int ApiKeysTest::worker_metrics_port_ = 0;
 
 TEST_F(ApiKeysTest, KeysAreAskedForEverywhereButHealth) {
   EXPECT_EQ(Call("GET", "/health", "").status, 200);
@@ -455,6 +458,25 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
         absl::StrCat("strata_coordinator_tenant_running_requests{", labels, "}");
     EXPECT_TRUE(m.count(running)) << r.body;
     EXPECT_EQ(m[running], 0) << r.body;
+  }
+  // The worker knows whose tokens it computed, from either API (for its fair sharing), and
+  // counts them by tenant; the unnamed tenant of requests without a key is left out.
+  const std::string acme = "strata_worker_tenant_tokens_total{tenant=\"acme\",kind=\"generated\"}";
+  const std::string globex =
+      "strata_worker_tenant_tokens_total{tenant=\"globex\",kind=\"generated\"}";
+  for (int i = 0; i < 50; ++i) {
+    r = Http(worker_metrics_port_, "GET", "/metrics");
+    ASSERT_EQ(r.status, 200);
+    m = ParseMetrics(r.body);
+    if (m[acme] >= 1 && m[globex] >= 1) break;
+    usleep(100 * 1000);
+  }
+  EXPECT_GE(m[acme], 1) << r.body;
+  EXPECT_GE(m[globex], 1) << r.body;
+  EXPECT_GE(m["strata_worker_tenant_tokens_total{tenant=\"acme\",kind=\"computed\"}"], 1);
+  EXPECT_EQ(m["strata_worker_tenant_sequences{tenant=\"acme\",state=\"running\"}"], 0);
+  for (const auto& [series, value] : m) {
+    EXPECT_EQ(series.find("tenant=\"\""), std::string::npos) << series;
   }
 }
 

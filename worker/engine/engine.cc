@@ -7,6 +7,7 @@
 #include <numeric>
 #include <thread>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
@@ -333,6 +334,11 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
     return absl::InvalidArgumentError("sampling.prompt_logprobs must be in [0, 20]");
   }
   RETURN_IF_ERROR(ValidateSamplingKnobs(o.sampling, c.vocab_size));
+  if (o.tenant.size() > 128) return absl::InvalidArgumentError("tenant must be at most 128 bytes");
+  if (!(o.tenant_weight > 0 && o.tenant_weight <= 1000)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tenant_weight must be in (0, 1000], not ", o.tenant_weight));
+  }
   if (o.grammar != nullptr && config_.vocabulary == nullptr) {
     return absl::FailedPreconditionError(
         "structured output needs the model's tokenizer, which this worker has not loaded");
@@ -365,6 +371,8 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   auto s = std::make_unique<Sequence>();
   s->id = id;
   s->arrival = next_arrival_++;
+  s->share = ShareFor(o);
+  ++s->share->live;
   s->prompt_len = static_cast<int64_t>(prompt.size());
   s->penalties.AddPrompt(prompt);
   s->tokens = std::move(prompt);
@@ -386,6 +394,36 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) LookUpAndPrefetch(s.get());
   Enqueue(std::move(s), /*ahead_of_equals=*/false);
   return absl::OkStatus();
+}
+
+Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
+  auto it = tenants_.find(o.tenant);
+  if (it == tenants_.end()) {
+    // Names come from the coordinator's keys; should they churn without end, the idle ones go
+    // (what they were served is forgotten, as is any idle tenant's credit).
+    if (tenants_.size() >= 4096)
+      absl::erase_if(tenants_, [](const auto& t) { return t.second.live == 0; });
+    it = tenants_.try_emplace(o.tenant).first;
+    it->second.name = o.tenant;
+  }
+  TenantShare& t = it->second;
+  t.weight = o.tenant_weight;
+  if (t.live == 0) {
+    // No credit banked while idle: start level with the least served tenant at work.
+    double floor = -1;
+    for (const auto& [name, other] : tenants_) {
+      if (other.live > 0 && (floor < 0 || other.service < floor)) floor = other.service;
+    }
+    t.service = std::max(t.service, floor);
+  }
+  return &t;
+}
+
+void Engine::Charge(const Sequence& s, int64_t computed, int64_t generated) {
+  TenantShare& t = *s.share;
+  t.computed_tokens += computed;
+  t.generated_tokens += generated;
+  t.service += static_cast<double>(computed + generated) / t.weight;
 }
 
 void Engine::ReleaseDelta(Sequence* s) {
@@ -864,10 +902,15 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     bool preempted_self = false;
     while (!EnsureBlocks(s, s->num_computed + n)) {
       // Only sequences not yet planned this step (index >= i) may be preempted; among them the
-      // lowest priority, most recently admitted.
+      // lowest priority, then (fair sharing) the most served tenant's, most recently admitted.
       Sequence* victim = running_.back().get();
       for (size_t j = running_.size(); j-- > i;) {
-        if (running_[j]->options.priority < victim->options.priority) victim = running_[j].get();
+        const Sequence* r = running_[j].get();
+        if (r->options.priority < victim->options.priority ||
+            (config_.fair_share && r->options.priority == victim->options.priority &&
+             r->share->service > victim->share->service)) {
+          victim = running_[j].get();
+        }
       }
       Preempt(victim);
       if (victim == s) {
@@ -877,6 +920,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     }
     if (preempted_self) break;
     plan.emplace_back(s, s->num_computed, n);
+    Charge(*s, n, 0);
     budget -= n;
     ++i;
   }
@@ -888,46 +932,90 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     for (const Chunk& ch : plan) AddInflight(*ch.seq);
   }
   bool io_wait = false;
-  for (size_t i = 0; i < waiting_.size() && budget > 0 &&
-                     static_cast<int64_t>(running_.size()) < config_.max_running_sequences;) {
-    Sequence* w = waiting_[i].get();
-    if (!w->options.fine_tune_id.empty() && w->delta == nullptr) {
-      absl::StatusOr<const DeltaWeights*> d = deltas_->Acquire(w->options.fine_tune_id);
-      if (!d.ok()) {
-        // The delta could not be loaded: the request fails (the coordinator may retry it on
-        // another worker).
-        RequestOutput out;
-        out.request_id = w->id;
-        out.finish = FinishReason::kError;
-        out.error = d.status();
-        out.num_prompt_tokens = w->prompt_len;
-        out.num_generated_tokens = w->num_generated;
-        outputs.push_back(std::move(out));
-        ReleaseBlocks(w);
-        waiting_.erase(waiting_.begin() + static_cast<ptrdiff_t>(i));
+  const auto room = [&] {
+    return budget > 0 && static_cast<int64_t>(running_.size()) < config_.max_running_sequences;
+  };
+  // waiting_ is in priority order. Within one priority, each tenant's sequences form a queue (in
+  // arrival order) and the next candidate heads the least served tenant's (fair_share), or is
+  // simply the earliest. Admitted and failed sequences leave holes, closed up afterwards.
+  struct TenantQueue {
+    const TenantShare* share;
+    std::vector<size_t> at;  // indices into waiting_
+    size_t next = 0;
+  };
+  std::vector<TenantQueue> queues;
+  absl::flat_hash_map<const TenantShare*, size_t> queue_of;
+  bool holes = false;
+  bool no_room = false;
+  for (size_t level = 0; level < waiting_.size() && !no_room && room();) {
+    const int32_t priority = waiting_[level]->options.priority;
+    size_t level_end = level;
+    queues.clear();
+    queue_of.clear();
+    for (; level_end < waiting_.size() && waiting_[level_end]->options.priority == priority;
+         ++level_end) {
+      auto [it, added] = queue_of.try_emplace(waiting_[level_end]->share, queues.size());
+      if (added) queues.push_back({waiting_[level_end]->share, {}, 0});
+      queues[it->second].at.push_back(level_end);
+    }
+    level = level_end;
+    while (room()) {
+      TenantQueue* q = nullptr;
+      for (TenantQueue& c : queues) {
+        if (c.next == c.at.size()) continue;
+        if (q == nullptr || (config_.fair_share && c.share->service != q->share->service
+                                 ? c.share->service < q->share->service
+                                 : c.at[c.next] < q->at[q->next])) {
+          q = &c;
+        }
+      }
+      if (q == nullptr) break;
+      const size_t i = q->at[q->next++];
+      Sequence* w = waiting_[i].get();
+      if (!w->options.fine_tune_id.empty() && w->delta == nullptr) {
+        absl::StatusOr<const DeltaWeights*> d = deltas_->Acquire(w->options.fine_tune_id);
+        if (!d.ok()) {
+          // The delta could not be loaded: the request fails (the coordinator may retry it on
+          // another worker).
+          RequestOutput out;
+          out.request_id = w->id;
+          out.finish = FinishReason::kError;
+          out.error = d.status();
+          out.num_prompt_tokens = w->prompt_len;
+          out.num_generated_tokens = w->num_generated;
+          outputs.push_back(std::move(out));
+          ReleaseBlocks(w);
+          waiting_[i].reset();
+          holes = true;
+          continue;
+        }
+        if (*d == nullptr) {  // still loading: the ones behind it go first
+          io_wait = true;
+          continue;
+        }
+        w->delta = *d;
+      }
+      const AdmitResult r = Admit(w, budget, &plan);
+      // A sequence holds its delta only while it runs: one that waits here must not keep another
+      // fine-tune's load from getting room.
+      if (r != AdmitResult::kAdmitted) ReleaseDelta(w);
+      if (r == AdmitResult::kNoRoom) {
+        no_room = true;
+        break;
+      }
+      if (r == AdmitResult::kWaitingForIo || r == AdmitResult::kWaitingForPrefix) {
+        io_wait = io_wait || r == AdmitResult::kWaitingForIo;
         continue;
       }
-      if (*d == nullptr) {  // still loading: the ones behind it go first
-        io_wait = true;
-        ++i;
-        continue;
-      }
-      w->delta = *d;
+      if (dedupe) AddInflight(*w);
+      budget -= plan.back().count;
+      Charge(*w, plan.back().count, 0);
+      running_.push_back(std::move(waiting_[i]));
+      holes = true;
     }
-    const AdmitResult r = Admit(w, budget, &plan);
-    // A sequence holds its delta only while it runs: one that waits here must not keep another
-    // fine-tune's load from getting room.
-    if (r != AdmitResult::kAdmitted) ReleaseDelta(w);
-    if (r == AdmitResult::kNoRoom) break;
-    if (r == AdmitResult::kWaitingForIo || r == AdmitResult::kWaitingForPrefix) {
-      io_wait = io_wait || r == AdmitResult::kWaitingForIo;
-      ++i;
-      continue;
-    }
-    if (dedupe) AddInflight(*w);
-    budget -= plan.back().count;
-    running_.push_back(std::move(waiting_[i]));
-    waiting_.erase(waiting_.begin() + static_cast<ptrdiff_t>(i));
+  }
+  if (holes) {
+    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
   }
   // Drafts last, from what the plan leaves: its token budget and free blocks (so a draft never
   // preempts a sequence, keeps one out, or evicts a cached block). On the CPU a step of up to
@@ -951,6 +1039,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     for (size_t i = 0; i < drafting.size() && room > 0; ++i) {
       const int64_t left = static_cast<int64_t>(drafting.size() - i);
       ProposeDraft((room + left - 1) / left, drafting[i]);
+      Charge(*drafting[i]->seq, drafting[i]->count - 1, 0);
       room -= drafting[i]->count - 1;
       budget -= drafting[i]->count - 1;
     }
@@ -1270,6 +1359,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     s->tokens.push_back(t.token);
     s->penalties.AddOutput(t.token);
     ++s->num_generated;
+    Charge(*s, 0, 1);
     if (s->matcher.has_value()) ++num_structured_tokens_;
     out.finish = CheckStop(*s, t.token);
     if (out.finish == FinishReason::kNone && s->matcher.has_value() && s->matcher->IsComplete() &&
@@ -1355,6 +1445,16 @@ EngineStats Engine::Stats() const {
   st.num_accepted_draft_tokens = num_accepted_draft_tokens_;
   st.grammar_mask_seconds = static_cast<double>(grammar_mask_ns_.load()) * 1e-9;
   if (masker_ != nullptr) st.grammar_masks = masker_->stats();
+  absl::flat_hash_map<const TenantShare*, EngineStats::Tenant*> of;
+  st.tenants.reserve(tenants_.size());
+  for (const auto& [name, t] : tenants_) {
+    st.tenants.push_back({t, 0, 0});
+    of[&t] = &st.tenants.back();
+  }
+  for (const auto& s : running_) ++of[s->share]->running;
+  for (const auto& s : waiting_) ++of[s->share]->waiting;
+  std::sort(st.tenants.begin(), st.tenants.end(),
+            [](const auto& a, const auto& b) { return a.name < b.name; });
   return st;
 }
 

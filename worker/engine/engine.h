@@ -2,14 +2,27 @@
 //
 // Each Step plans one batch under a token budget: every running sequence in the decode phase gets
 // one token, sequences still prefilling get the next chunk of their prompt, and waiting sequences
-// are admitted while budget and KV blocks allow (chunked prefill), highest priority first, then in
-// arrival order. On admission a sequence takes the longest cached prefix of its full blocks from
-// the BlockManager (prefix caching, namespaced by model, fine-tune and cache salt). A sequence
-// whose prefix goes on in blocks that another sequence in the step is computing right now waits for
-// them to be published instead of computing them a second time (inflight_prefill_min_tokens). When
-// blocks run out, a sequence not yet planned in this step is preempted, the lowest priority and
-// most recently admitted first: its blocks are released and it waits to be recomputed (its
-// published blocks usually remain cached). Cancelling a sequence frees its blocks at once.
+// are admitted while budget and KV blocks allow (chunked prefill), highest priority first; within a
+// priority, fair sharing between tenants (below), and each tenant's in arrival order. On admission
+// a sequence takes the longest cached prefix of its full blocks from the BlockManager (prefix
+// caching, namespaced by model, fine-tune and cache salt). A sequence whose prefix goes on in
+// blocks that another sequence in the step is computing right now waits for them to be published
+// instead of computing them a second time (inflight_prefill_min_tokens). When blocks run out, a
+// sequence not yet planned in this step is preempted, the lowest priority and most recently
+// admitted first: its blocks are released and it waits to be recomputed (its published blocks
+// usually remain cached). Cancelling a sequence frees its blocks at once.
+//
+// Fair sharing (EngineConfig::fair_share): every request names its tenant (empty: one tenant for
+// all). The engine counts each tenant's service, the tokens computed for it plus the tokens it
+// generated (so an output token counts about twice a prompt token, whose KV a cache hit spares
+// altogether), divided by its weight. Among waiting sequences of one priority the next admitted is
+// the oldest of the tenant served least so far; a tenant that floods the engine with requests
+// then takes no more than its share of the places that open, instead of making everyone queue
+// behind its backlog. A tenant with nothing waiting or running banks no credit: when its next
+// request arrives its count is raised to the least of those of the tenants with work here. Under
+// KV pressure the victim is the lowest priority, then the most served tenant, then the most
+// recently admitted sequence. (Virtual token counters, after Sheng et al., "Fairness in Serving
+// Large Language Models", OSDI 2024.)
 //
 // Below the device cache, an optional KvStore (memtier) keeps blocks in host RAM and on disk. A
 // cached block evicted from the device is copied to the host tier first (and from there written
@@ -43,6 +56,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/thread_pool.h"
@@ -143,6 +157,9 @@ struct EngineConfig {
   int prompt_lookup_min = 2;
   int prompt_lookup_max = 4;
   int speculative_max_batch = -1;
+  // Admissions share the engine between tenants (RequestOptions::tenant) as the header says;
+  // false: strictly by arrival within a priority.
+  bool fair_share = true;
 };
 
 // kGrammarEnd: the output is a complete sentence of the request's grammar, which allows nothing
@@ -173,8 +190,13 @@ struct RequestOptions {
   // Tokens already generated elsewhere (failover): context, counted in max_tokens, and the
   // sampler's positions continue after them.
   std::vector<int32_t> resume_tokens;
-  // Higher is admitted first; under KV pressure the lowest is preempted first. Ties go by arrival.
+  // Higher is admitted first; under KV pressure the lowest is preempted first. Ties go by fair
+  // share between tenants, then by arrival.
   int32_t priority = 0;
+  // Whose request this is, for fair sharing (at most 128 bytes; empty is a tenant too), and the
+  // tenant's weight in (0, 1000]: a tenant of weight 2 is admitted as if served half what it was.
+  std::string tenant;
+  double tenant_weight = 1;
   // Structured output: the generated text follows this grammar. Each step, tokens whose bytes the
   // grammar does not allow next get probability zero (before penalties, temperature and
   // truncation, so log-probabilities are of the constrained distribution); EOS and stop tokens
@@ -205,6 +227,18 @@ struct RequestOutput {
   absl::Status error;
 };
 
+// What an engine has done for one tenant (fair sharing): tokens computed for it (prompt tokens not
+// taken from the cache, each decode step's input, draft tokens, recomputation after preemption)
+// and tokens generated, since the engine started, and its service: those tokens, each divided by
+// the tenant's weight when counted (what admissions order by).
+struct TenantService {
+  std::string name;
+  double weight = 1;
+  double service = 0;
+  int64_t computed_tokens = 0;
+  int64_t generated_tokens = 0;
+};
+
 struct EngineStats {
   int64_t num_running = 0;
   int64_t num_waiting = 0;
@@ -232,6 +266,12 @@ struct EngineStats {
   // took no step of its own).
   int64_t num_draft_tokens = 0;
   int64_t num_accepted_draft_tokens = 0;
+  // Each tenant seen (fair sharing), by name, with its sequences now.
+  struct Tenant : TenantService {
+    int64_t running = 0;
+    int64_t waiting = 0;
+  };
+  std::vector<Tenant> tenants;
 };
 
 class Engine {
@@ -294,6 +334,9 @@ class Engine {
   const EngineConfig& config() const { return config_; }
 
  private:
+  struct TenantShare : TenantService {
+    int64_t live = 0;  // its sequences waiting or running
+  };
   struct Sequence {
     std::string id;
     int64_t arrival = 0;
@@ -328,6 +371,11 @@ class Engine {
     // The fine-tune's delta, pinned in deltas_ while the sequence runs (from admission until it
     // finishes, is preempted or is cancelled).
     const DeltaWeights* delta = nullptr;
+    // Its tenant's entry in tenants_, where it counts as live while it exists.
+    TenantShare* share = nullptr;
+    ~Sequence() {
+      if (share != nullptr) --share->live;
+    }
     bool prompt_logprobs_sent = false;
     std::vector<SampledToken> prompt_logprobs;
     // Where the output is in options.grammar, when it has one.
@@ -393,6 +441,11 @@ class Engine {
   void PutDown(int32_t block, BlockKey key, bool to_disk);
   // Copies the sequence's published blocks to the host tier (a finished turn kept warm).
   void KeepWarm(const Sequence& s);
+  // The tenant entry for a new sequence of `o`'s tenant (counted live by the caller's Sequence);
+  // a tenant with nothing live here is raised to the least service of those with work.
+  TenantShare* ShareFor(const RequestOptions& o);
+  // Counts tokens computed and generated for `s`'s tenant.
+  static void Charge(const Sequence& s, int64_t computed, int64_t generated);
   // Queues `s` in waiting_ behind every sequence of higher or equal priority (`ahead_of_equals`:
   // in front of equal ones, for a preempted sequence that was admitted before them).
   void Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals);
@@ -451,6 +504,9 @@ class Engine {
   // chunk cut short takes the rest of the budget, which ends them), so all of these are published
   // at the end of this step.
   absl::flat_hash_set<BlockHash> inflight_;
+  // By tenant name; entries stay put (sequences point at theirs), and are declared before the
+  // sequences, which count themselves out of theirs when destroyed.
+  absl::node_hash_map<std::string, TenantShare> tenants_;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<std::unique_ptr<Sequence>> cancelled_;

@@ -6,6 +6,8 @@
 #include "worker/engine/engine.h"
 
 #include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <random>
@@ -13,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/test_dir.h"
@@ -366,6 +369,135 @@ TEST_F(EngineTest, HigherPriorityIsAdmittedFirst) {
     }
   }
   EXPECT_EQ(finished, (std::vector<std::string>{"high", "mid", "low"}));
+}
+
+// One sequence at a time, each request 8 prompt tokens and 3 generated: every request costs its
+// tenant 8 + 2 + 3 = 13 (prompt, the two decode steps' inputs, the tokens generated).
+class FairShareTest : public EngineTest {
+ protected:
+  void Add(Engine& e, const std::string& id, const std::string& tenant, double weight = 1) {
+    RequestOptions o = Greedy(3);
+    o.tenant = tenant;
+    o.tenant_weight = weight;
+    ASSERT_TRUE(e.AddRequest(id, RandomPrompt(rng_, 8), o).ok());
+  }
+  // The order requests finish in, running `e` until idle or `count` have finished.
+  std::vector<std::string> Finishes(Engine& e, size_t count = SIZE_MAX) {
+    std::vector<std::string> finished;
+    for (int steps = 0; e.HasWork() && finished.size() < count && steps < 1000; ++steps) {
+      auto step = e.Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      for (const RequestOutput& o : *step) {
+        if (o.finish != FinishReason::kNone) finished.push_back(o.request_id);
+      }
+    }
+    return finished;
+  }
+  EngineConfig OneAtATime(bool fair) {
+    EngineConfig c;
+    c.max_running_sequences = 1;
+    c.fair_share = fair;
+    return c;
+  }
+  std::mt19937 rng_{11};
+};
+
+TEST_F(FairShareTest, AQuietTenantIsNotQueuedBehindAFloodingOnesBacklog) {
+  for (bool fair : {true, false}) {
+    SCOPED_TRACE(fair ? "fair share" : "arrival order");
+    auto e = MakeEngine(OneAtATime(fair));
+    for (int i = 0; i < 5; ++i) Add(*e, absl::StrCat("f", i), "flood");
+    Add(*e, "q0", "quiet");
+    Add(*e, "q1", "quiet");
+    const std::vector<std::string> order = Finishes(*e);
+    if (fair) {
+      // Level at first, the earlier goes; then whoever was served less.
+      EXPECT_EQ(order, (std::vector<std::string>{"f0", "q0", "f1", "q1", "f2", "f3", "f4"}));
+    } else {
+      EXPECT_EQ(order, (std::vector<std::string>{"f0", "f1", "f2", "f3", "f4", "q0", "q1"}));
+    }
+    const EngineStats st = e->Stats();
+    ASSERT_EQ(st.tenants.size(), 2u);
+    EXPECT_EQ(st.tenants[0].name, "flood");
+    EXPECT_EQ(st.tenants[0].computed_tokens, 5 * 10);
+    EXPECT_EQ(st.tenants[0].generated_tokens, 5 * 3);
+    EXPECT_DOUBLE_EQ(st.tenants[0].service, 5 * 13);
+    EXPECT_EQ(st.tenants[1].name, "quiet");
+    EXPECT_EQ(st.tenants[1].generated_tokens, 2 * 3);
+    EXPECT_EQ(st.tenants[1].running + st.tenants[1].waiting, 0);
+  }
+}
+
+TEST_F(FairShareTest, TenantsAreServedInProportionToTheirWeights) {
+  auto e = MakeEngine(OneAtATime(true));
+  for (int i = 0; i < 8; ++i) Add(*e, absl::StrCat("a", i), "a", /*weight=*/2);
+  for (int i = 0; i < 8; ++i) Add(*e, absl::StrCat("b", i), "b", /*weight=*/1);
+  // a's requests cost it 13 / 2 each, b's 13: two of a's to one of b's (ties to the earlier).
+  const std::vector<std::string> order = Finishes(*e, 12);
+  EXPECT_EQ(order, (std::vector<std::string>{"a0", "b0", "a1", "a2", "b1", "a3", "a4", "b2", "a5",
+                                             "a6", "b3", "a7"}));
+  const EngineStats st = e->Stats();
+  ASSERT_EQ(st.tenants.size(), 2u);
+  EXPECT_DOUBLE_EQ(st.tenants[0].weight, 2);
+  EXPECT_DOUBLE_EQ(st.tenants[0].service, 8 * 6.5);
+  EXPECT_EQ(st.tenants[1].running + st.tenants[1].waiting, 4);
+}
+
+TEST_F(FairShareTest, ATenantBanksNoCreditWhileIdle) {
+  auto e = MakeEngine(OneAtATime(true));
+  for (int i = 0; i < 4; ++i) Add(*e, absl::StrCat("a", i), "a");
+  EXPECT_EQ(Finishes(*e).size(), 4u);
+  // b arrives after a's 52 tokens of service: it starts level with a (the least served tenant at
+  // work), not 52 behind, so the two take turns instead of b taking the next four places.
+  for (int i = 4; i < 8; ++i) Add(*e, absl::StrCat("a", i), "a");
+  for (int i = 0; i < 4; ++i) Add(*e, absl::StrCat("b", i), "b");
+  EXPECT_EQ(Finishes(*e, 4), (std::vector<std::string>{"a4", "b0", "a5", "b1"}));
+  // Alone, a tenant's next request starts at once whatever its count.
+  EXPECT_EQ(Finishes(*e).size(), 4u);
+  Add(*e, "c0", "c");
+  EXPECT_EQ(Finishes(*e), (std::vector<std::string>{"c0"}));
+}
+
+TEST_F(FairShareTest, UnderKvPressureTheMostServedTenantIsPreempted) {
+  // Five 16-token blocks: heavy's 40-token prompt takes 3, light's 20-token one 2, and both grow
+  // out of them. heavy needs a block first. By arrival the victim is the most recently admitted,
+  // light; with fair sharing it is the tenant served more, heavy itself, and light finishes first.
+  for (bool fair : {true, false}) {
+    SCOPED_TRACE(fair ? "fair share" : "arrival order");
+    EngineConfig c;
+    c.num_kv_blocks = 5;
+    c.block_tokens = 16;
+    c.enable_prefix_caching = false;
+    c.fair_share = fair;
+    auto e = MakeEngine(c);
+    RequestOptions heavy = Greedy(20), light = Greedy(20);
+    heavy.tenant = "heavy";
+    light.tenant = "light";
+    ASSERT_TRUE(e->AddRequest("h", RandomPrompt(rng_, 40), heavy).ok());
+    ASSERT_TRUE(e->AddRequest("l", RandomPrompt(rng_, 20), light).ok());
+    EXPECT_EQ(Finishes(*e),
+              fair ? (std::vector<std::string>{"l", "h"}) : (std::vector<std::string>{"h", "l"}));
+    EXPECT_GT(e->Stats().num_preemptions, 0);
+  }
+}
+
+TEST_F(FairShareTest, BadTenantFieldsAreRefused) {
+  auto e = MakeEngine(EngineConfig{});
+  RequestOptions o = Greedy(2);
+  o.tenant = std::string(129, 't');
+  absl::Status s = e->AddRequest("long", RandomPrompt(rng_, 4), o);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("tenant must be"), std::string::npos) << s;
+  for (double w : {0.0, -1.0, 1001.0, std::nan("")}) {
+    o = Greedy(2);
+    o.tenant_weight = w;
+    s = e->AddRequest("weight", RandomPrompt(rng_, 4), o);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << w;
+    EXPECT_NE(s.message().find("tenant_weight"), std::string::npos) << s;
+  }
+  EXPECT_TRUE(e->AddRequest("ok", RandomPrompt(rng_, 4), Greedy(2)).ok());
+  EXPECT_EQ(Finishes(*e), (std::vector<std::string>{"ok"}));
 }
 
 TEST_F(EngineTest, SeededSamplingResumesExactlyAtAPosition) {

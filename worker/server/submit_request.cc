@@ -49,6 +49,14 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
     return absl::InvalidArgumentError("priority must be in [-100, 100]");
   }
   out.priority = request.priority();
+  if (request.tenant().size() > 128) {
+    return absl::InvalidArgumentError("tenant must be at most 128 bytes");
+  }
+  const double weight = request.tenant_weight() == 0 ? 1 : request.tenant_weight();
+  if (!(weight > 0 && weight <= 1000)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tenant_weight must be in (0, 1000] (0: 1), not ", request.tenant_weight()));
+  }
   const int64_t num_prompt = request.prompt_token_ids_size();
   const int64_t num_resume = request.resume_token_ids_size();
   if (num_prompt == 0) return absl::InvalidArgumentError("prompt_token_ids must not be empty");
@@ -86,6 +94,8 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
   out.options.fine_tune_id = request.fine_tune_id();
   out.options.priority = request.priority();
   out.options.cache_salt = request.cache_salt();
+  out.options.tenant = request.tenant();
+  out.options.tenant_weight = weight;
   const v1::StructuredOutput& so = request.sampling().structured_output();
   constexpr absl::string_view kField = "sampling.structured_output";
   ASSIGN_OR_RETURN(out.options.grammar, limits.grammars != nullptr

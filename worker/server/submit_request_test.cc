@@ -54,6 +54,15 @@ TEST(SubmitRequestTest, ParsesAValidRequest) {
   EXPECT_EQ(p->options.sampling.seed, 9u);
   EXPECT_EQ(p->options.cache_salt, "tenant-a");
   EXPECT_EQ(p->options.priority, -7);
+  // No tenant: the one tenant of every request without, at weight 1.
+  EXPECT_EQ(p->options.tenant, "");
+  EXPECT_EQ(p->options.tenant_weight, 1);
+  req.set_tenant("acme");
+  req.set_tenant_weight(2.5);
+  p = ParseSubmitRequest(req, limits);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->options.tenant, "acme");
+  EXPECT_EQ(p->options.tenant_weight, 2.5);
 }
 
 struct BadCase {
@@ -72,6 +81,12 @@ TEST(SubmitRequestTest, RejectsWithTheFieldNamed) {
       {[](auto* r) { r->set_cache_salt(std::string(257, 's')); },
        absl::StatusCode::kInvalidArgument, "cache_salt"},
       {[](auto* r) { r->set_priority(101); }, absl::StatusCode::kInvalidArgument, "priority"},
+      {[](auto* r) { r->set_tenant(std::string(129, 't')); }, absl::StatusCode::kInvalidArgument,
+       "tenant"},
+      {[](auto* r) { r->set_tenant_weight(-1); }, absl::StatusCode::kInvalidArgument,
+       "tenant_weight"},
+      {[](auto* r) { r->set_tenant_weight(1001); }, absl::StatusCode::kInvalidArgument,
+       "tenant_weight"},
       {[](auto* r) { r->clear_prompt_token_ids(); }, absl::StatusCode::kInvalidArgument,
        "prompt_token_ids"},
       {[](auto* r) {

@@ -94,6 +94,10 @@ ABSL_FLAG(int64_t, max_io_wait_ms, 500,
           "Longest a request waits for its KV blocks to load from disk before recomputing them.");
 ABSL_FLAG(int64_t, max_batch_tokens, 512, "Most tokens computed in one engine step.");
 ABSL_FLAG(int64_t, max_running_sequences, 64, "Most sequences in one engine step.");
+ABSL_FLAG(bool, fair_share, true,
+          "Within a priority, admit the waiting request of the tenant served least so far (tokens "
+          "computed and generated for it over its weight; tenants come from the coordinator's API "
+          "keys); false: by arrival.");
 ABSL_FLAG(int64_t, max_live_sequences, 256,
           "Running plus queued sequences accepted; beyond it Submit fails RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, num_speculative_tokens, 0,
@@ -391,6 +395,7 @@ int Main(const std::vector<std::string>& args) {
   }
   ec.write_through_hot_blocks = absl::GetFlag(FLAGS_write_through);
   ec.keep_finished_warm = absl::GetFlag(FLAGS_keep_finished_warm);
+  ec.fair_share = absl::GetFlag(FLAGS_fair_share);
   ec.inflight_prefill_min_tokens = absl::GetFlag(FLAGS_inflight_prefill_min_tokens);
   if (ec.inflight_prefill_min_tokens < 0) {
     LOG(ERROR) << "--inflight_prefill_min_tokens must be 0 or more, not "

@@ -781,6 +781,26 @@ void WorkerService::PublishMetrics(LoopState* state) {
                 "Speculative decoding: draft tokens kept (output tokens that took no step of their "
                 "own).")
       ->SetTotal(static_cast<double>(st.num_accepted_draft_tokens));
+  // Per tenant (requests the coordinator sent with API keys; the unnamed tenant is left out).
+  const char* kTenantTokens =
+      "Tokens the engine computed for a tenant (prompt tokens not cached, decode inputs, drafts, "
+      "recomputation after preemption) and generated for it.";
+  const char* kTenantSequences = "A tenant's sequences, running or waiting to be admitted.";
+  for (const EngineStats::Tenant& t : st.tenants) {
+    if (t.name.empty()) continue;
+    using Count = std::pair<const char*, int64_t>;
+    for (auto [kind, n] :
+         {Count{"computed", t.computed_tokens}, Count{"generated", t.generated_tokens}}) {
+      m->GetCounter("strata_worker_tenant_tokens_total", kTenantTokens,
+                    {{"tenant", t.name}, {"kind", kind}})
+          ->SetTotal(static_cast<double>(n));
+    }
+    for (auto [state, n] : {Count{"running", t.running}, Count{"waiting", t.waiting}}) {
+      m->GetGauge("strata_worker_tenant_sequences", kTenantSequences,
+                  {{"tenant", t.name}, {"state", state}})
+          ->Set(static_cast<double>(n));
+    }
+  }
   const char* kBlocks = "KV blocks per tier: capacity (total) and in use (used).";
   m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "total"}})
       ->Set(static_cast<double>(st.num_total_blocks));
