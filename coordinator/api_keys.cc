@@ -1,12 +1,14 @@
 #include "coordinator/api_keys.h"
 
 #include <algorithm>
+#include <cmath>
 #include <random>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/hash.h"
@@ -84,11 +86,12 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     for (const auto& [key, value] : members) {
       if (key != "name" && key != "keys" && key != "models" && key != "max_concurrent_requests" &&
           key != "isolate_cache" && key != "admin" && key != "requests_per_minute" &&
-          key != "scheduling_weight") {
+          key != "scheduling_weight" && key != "tokens_per_minute") {
         return t.Error(absl::StrCat("has \"", key,
                                     "\": a tenant takes name, keys, models, "
                                     "max_concurrent_requests, requests_per_minute, "
-                                    "scheduling_weight, isolate_cache and admin"));
+                                    "tokens_per_minute, scheduling_weight, isolate_cache and "
+                                    "admin"));
       }
     }
     auto tenant = std::make_unique<Tenant>();
@@ -127,6 +130,10 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     if (tenant->requests_per_minute < 0 || tenant->requests_per_minute > 100000000) {
       return t.Error("has requests_per_minute outside [0, 100000000] (0: no limit)");
     }
+    ASSIGN_OR_RETURN(tenant->tokens_per_minute, t.IntFieldOr("tokens_per_minute", 0));
+    if (tenant->tokens_per_minute < 0 || tenant->tokens_per_minute > 10000000000) {
+      return t.Error("has tokens_per_minute outside [0, 10000000000] (0: no limit)");
+    }
     ASSIGN_OR_RETURN(tenant->scheduling_weight, t.DoubleFieldOr("scheduling_weight", 1));
     if (!(tenant->scheduling_weight >= 0.001 && tenant->scheduling_weight <= 1000)) {
       return t.Error("has scheduling_weight outside [0.001, 1000] (default 1)");
@@ -135,14 +142,28 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
   }
   // Only a file that parsed whole touches the counters.
   for (auto& tenant : keys->tenants_) {
-    auto [it, added] =
-        counters->emplace(tenant->name, TenantState{tenant->running, tenant->bucket});
+    auto [it, added] = counters->emplace(
+        tenant->name, TenantState{tenant->running, tenant->bucket, tenant->token_bucket});
     if (!added) {
       tenant->running = it->second.running;
       tenant->bucket = it->second.bucket;
+      tenant->token_bucket = it->second.token_bucket;
     }
   }
   return std::shared_ptr<const ApiKeys>(std::move(keys));
+}
+
+std::optional<int64_t> RetryAfterSeconds(absl::string_view message) {
+  const size_t at = message.find("retry in ");
+  if (at == absl::string_view::npos) return std::nullopt;
+  absl::string_view rest = message.substr(at + 9);
+  const size_t end = rest.find(" s");
+  double seconds = 0;
+  if (end == absl::string_view::npos || !absl::SimpleAtod(rest.substr(0, end), &seconds) ||
+      !(seconds >= 0 && seconds < 1e9)) {
+    return std::nullopt;
+  }
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(seconds)));
 }
 
 const Tenant* ApiKeys::Find(absl::string_view name) const {
@@ -225,6 +246,23 @@ ApiKeys::Lease::~Lease() {
   if (running_ != nullptr) running_->fetch_sub(units_);
 }
 
+namespace {
+
+// Brings `b` up to `now` at `per_minute` a minute, full at first use.
+void Refill(Tenant::RateBucket& b, int64_t per_minute, absl::Time now)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(b.mu) {
+  const double capacity = static_cast<double>(per_minute);
+  if (!b.used) {
+    b.tokens = capacity;
+    b.used = true;
+  } else if (now > b.last) {
+    b.tokens = std::min(capacity, b.tokens + absl::ToDoubleSeconds(now - b.last) * capacity / 60);
+  }
+  b.last = std::max(b.last, now);
+}
+
+}  // namespace
+
 absl::Status ApiKeys::Admit(const Tenant& tenant, int64_t units, absl::Time now) {
   const int64_t rpm = tenant.requests_per_minute;
   if (rpm <= 0) return absl::OkStatus();
@@ -236,13 +274,7 @@ absl::Status ApiKeys::Admit(const Tenant& tenant, int64_t units, absl::Time now)
   Tenant::RateBucket& b = *tenant.bucket;
   absl::MutexLock lock(&b.mu);
   const double per_second = static_cast<double>(rpm) / 60.0;
-  if (b.tokens < 0) {
-    b.tokens = static_cast<double>(rpm);
-  } else {
-    b.tokens = std::min(static_cast<double>(rpm),
-                        b.tokens + absl::ToDoubleSeconds(now - b.last) * per_second);
-  }
-  b.last = now;
+  Refill(b, rpm, now);
   if (b.tokens < static_cast<double>(units)) {
     const double wait_s = (static_cast<double>(units) - b.tokens) / per_second;
     return absl::ResourceExhaustedError(
@@ -251,6 +283,37 @@ absl::Status ApiKeys::Admit(const Tenant& tenant, int64_t units, absl::Time now)
   }
   b.tokens -= static_cast<double>(units);
   return absl::OkStatus();
+}
+
+absl::StatusOr<ApiKeys::TokenGrant> ApiKeys::TakeTokens(const Tenant& tenant, int64_t tokens,
+                                                        absl::Time now) {
+  const int64_t tpm = tenant.tokens_per_minute;
+  if (tpm <= 0) return TokenGrant();
+  const int64_t take = std::min(tokens, tpm);
+  Tenant::RateBucket& b = *tenant.token_bucket;
+  absl::MutexLock lock(&b.mu);
+  Refill(b, tpm, now);
+  if (b.tokens < static_cast<double>(take)) {
+    const double wait_s = (static_cast<double>(take) - b.tokens) * 60 / static_cast<double>(tpm);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("tenant \"", tenant.name, "\" is over its tokens_per_minute (", tpm,
+                     "): this request takes ", take, " tokens (its prompt plus max_tokens",
+                     tokens > tpm ? ", at most a minute's" : "", "); retry in ",
+                     absl::StrFormat("%.1f", wait_s), " s"));
+  }
+  b.tokens -= static_cast<double>(take);
+  return TokenGrant(tenant.token_bucket, tpm, take);
+}
+
+void ApiKeys::TokenGrant::Settle(int64_t used, absl::Time now) {
+  if (bucket_ == nullptr) return;
+  {
+    absl::MutexLock lock(&bucket_->mu);
+    Refill(*bucket_, per_minute_, now);
+    bucket_->tokens = std::min(static_cast<double>(per_minute_),
+                               bucket_->tokens + static_cast<double>(taken_ - used));
+  }
+  bucket_ = nullptr;
 }
 
 absl::StatusOr<ApiKeys::Lease> ApiKeys::Acquire(const Tenant& tenant, int64_t units) {

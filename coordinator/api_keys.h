@@ -16,6 +16,11 @@
 //                                               //   request's generations (n, prompts) counts
 //      "requests_per_minute": 600,              // optional: 0 (default) is no limit; a bucket
 //                                               //   of a minute's requests, refilled evenly
+//      "tokens_per_minute": 100000,             // optional: 0 (default) is no limit; a bucket
+//                                               //   of a minute's tokens, refilled evenly: a
+//                                               //   generation takes its prompt plus max_tokens
+//                                               //   (at most a minute's) and gives back what it
+//                                               //   did not use when it ends
 //      "scheduling_weight": 2,                  // optional, in [0.001, 1000] (default 1): its
 //                                               //   share of a busy worker against other
 //                                               //   tenants' (fair sharing, worker/engine)
@@ -38,6 +43,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -68,10 +74,14 @@ struct Tenant {
   // Its rate limit's bucket (ApiKeys::Admit), shared across reloads as `running` is.
   struct RateBucket {
     absl::Mutex mu;
-    double tokens ABSL_GUARDED_BY(mu) = -1;  // -1: full, first use
+    double tokens ABSL_GUARDED_BY(mu) = 0;  // may go below 0 (TokenGrant::Settle)
+    bool used ABSL_GUARDED_BY(mu) = false;  // false: full at first use
     absl::Time last ABSL_GUARDED_BY(mu);
   };
   std::shared_ptr<RateBucket> bucket = std::make_shared<RateBucket>();
+  int64_t tokens_per_minute = 0;  // 0: no limit
+  // Its token limit's bucket (ApiKeys::TakeTokens), shared across reloads likewise.
+  std::shared_ptr<RateBucket> token_bucket = std::make_shared<RateBucket>();
 };
 
 // The metadata with which the coordinator's own HTTP gateway, which checks keys itself, calls
@@ -84,6 +94,9 @@ std::string NewGatewaySecret();
 // known == given, in time that depends on known's length only (and given's, which its sender
 // knows): neither where they differ nor the secret's length shows.
 bool SecretsEqual(absl::string_view known, absl::string_view given);
+// The wait a refusal's message names ("retry in S s", as the rate and token limits write it), in
+// whole seconds rounded up, at least 1; nullopt when it names none.
+std::optional<int64_t> RetryAfterSeconds(absl::string_view message);
 
 class ApiKeys {
  public:
@@ -96,6 +109,7 @@ class ApiKeys {
   struct TenantState {
     std::shared_ptr<std::atomic<int64_t>> running;
     std::shared_ptr<Tenant::RateBucket> bucket;
+    std::shared_ptr<Tenant::RateBucket> token_bucket;
   };
   using RunningCounters = std::map<std::string, TenantState>;
   static absl::StatusOr<std::shared_ptr<const ApiKeys>> Parse(absl::string_view json,
@@ -142,6 +156,31 @@ class ApiKeys {
   // Whether `units` more of `tenant`'s requests fit its requests_per_minute at `now` (taking
   // them from its bucket); RESOURCE_EXHAUSTED, saying when to retry, when they do not.
   static absl::Status Admit(const Tenant& tenant, int64_t units, absl::Time now);
+
+  // Tokens a generation took from its tenant's tokens_per_minute bucket, settled when it ends.
+  class TokenGrant {
+   public:
+    TokenGrant() = default;
+    TokenGrant(std::shared_ptr<Tenant::RateBucket> bucket, int64_t per_minute, int64_t taken)
+        : bucket_(std::move(bucket)), per_minute_(per_minute), taken_(taken) {}
+    TokenGrant(TokenGrant&&) noexcept = default;
+    TokenGrant& operator=(TokenGrant&&) noexcept = default;
+    int64_t taken() const { return taken_; }
+    // The generation used `used` tokens (its prompt and what it generated): what it took and did
+    // not use goes back to the bucket, and what it used past that (it took at most a minute's) is
+    // taken now, even below zero, to be refilled before the tenant's next request. Once only.
+    void Settle(int64_t used, absl::Time now);
+
+   private:
+    std::shared_ptr<Tenant::RateBucket> bucket_;  // outlives a reload of the keys
+    int64_t per_minute_ = 0;
+    int64_t taken_ = 0;
+  };
+  // Takes `tokens` (a generation's prompt plus max_tokens; at most a minute's) from `tenant`'s
+  // tokens_per_minute bucket; RESOURCE_EXHAUSTED, saying when to retry, when it does not hold
+  // them. Without a limit, an empty grant.
+  static absl::StatusOr<TokenGrant> TakeTokens(const Tenant& tenant, int64_t tokens,
+                                               absl::Time now);
 
   // A lease on `units` of `tenant`'s concurrent requests (an HTTP request with n choices or
   // several prompts is that many generations); RESOURCE_EXHAUSTED when they would pass its

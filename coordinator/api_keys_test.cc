@@ -50,6 +50,15 @@ TEST(ApiKeysTest, AuthenticatesBearerKeys) {
   EXPECT_EQ(keys->Find("initech"), nullptr);
 }
 
+TEST(ApiKeysTest, RetryAfterSecondsReadsTheWait) {
+  EXPECT_EQ(RetryAfterSeconds("tenant \"a\" is over its requests_per_minute (2): retry in 19.2 s"),
+            20);
+  EXPECT_EQ(RetryAfterSeconds("retry in 0.0 s"), 1);
+  EXPECT_EQ(RetryAfterSeconds("has 2 requests running: retry when one ends"), std::nullopt);
+  EXPECT_EQ(RetryAfterSeconds("retry in soon s"), std::nullopt);
+  EXPECT_EQ(RetryAfterSeconds("retry in 5"), std::nullopt);
+}
+
 TEST(ApiKeysTest, SecretsCompareWhole) {
   EXPECT_TRUE(SecretsEqual("sk-0123456789", "sk-0123456789"));
   EXPECT_FALSE(SecretsEqual("sk-0123456789", "sk-012345678"));    // a prefix
@@ -159,6 +168,51 @@ TEST(ApiKeysTest, RequestsPerMinute) {
   for (int i = 0; i < 1000; ++i) EXPECT_TRUE(ApiKeys::Admit(*(*keys)->tenants()[1], 1, t0).ok());
 }
 
+// tokens_per_minute: a generation takes its prompt plus max_tokens, gives back what it did not
+// use, and pays for what it used past what it took (a request larger than a minute's tokens
+// takes a full bucket) even below zero.
+TEST(ApiKeysTest, TokensPerMinute) {
+  absl::StatusOr<std::shared_ptr<const ApiKeys>> keys = ApiKeys::Parse(
+      R"({"tenants": [{"name": "t", "keys": ["sk-tokens-00000000"], "tokens_per_minute": 600},
+                      {"name": "free", "keys": ["sk-free-0000000000"]}]})",
+      "tokens.json");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  const Tenant& t = *(*keys)->tenants()[0];
+  const absl::Time t0 = absl::FromUnixSeconds(1000000);
+  absl::StatusOr<ApiKeys::TokenGrant> a = ApiKeys::TakeTokens(t, 400, t0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->taken(), 400);
+  absl::StatusOr<ApiKeys::TokenGrant> b = ApiKeys::TakeTokens(t, 300, t0);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(b.status().message(), "tokens_per_minute (600)")) << b.status();
+  EXPECT_TRUE(absl::StrContains(b.status().message(), "retry in 10.0 s")) << b.status();  // 10/s
+  EXPECT_EQ(RetryAfterSeconds(b.status().message()), 10);
+  // The first used 100 of its 400: 300 come back, and 300 fit now.
+  a->Settle(100, t0);
+  b = ApiKeys::TakeTokens(t, 300, t0);
+  ASSERT_TRUE(b.ok()) << b.status();
+  b->Settle(300, t0);
+  // 200 left. A request past a minute's takes the whole bucket: it waits for a full one.
+  absl::StatusOr<ApiKeys::TokenGrant> big = ApiKeys::TakeTokens(t, 5000, t0);
+  EXPECT_TRUE(absl::StrContains(big.status().message(), "at most a minute's")) << big.status();
+  EXPECT_TRUE(absl::StrContains(big.status().message(), "retry in 40.0 s")) << big.status();
+  big = ApiKeys::TakeTokens(t, 5000, t0 + absl::Seconds(40));
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_EQ(big->taken(), 600);
+  // It used 900: 300 past the bucket, owed before anything else is taken.
+  big->Settle(900, t0 + absl::Seconds(40));
+  EXPECT_FALSE(ApiKeys::TakeTokens(t, 1, t0 + absl::Seconds(60)).ok());
+  EXPECT_TRUE(ApiKeys::TakeTokens(t, 1, t0 + absl::Seconds(71)).ok());
+  // Settled once only; no limit, no grant.
+  big->Settle(0, t0 + absl::Seconds(71));
+  EXPECT_FALSE(ApiKeys::TakeTokens(t, 600, t0 + absl::Seconds(72)).ok());
+  absl::StatusOr<ApiKeys::TokenGrant> free =
+      ApiKeys::TakeTokens(*(*keys)->tenants()[1], 1000000, t0);
+  ASSERT_TRUE(free.ok());
+  EXPECT_EQ(free->taken(), 0);
+}
+
 TEST(ApiKeyStoreTest, ReloadsItsFile) {
   const char* tmp = std::getenv("TEST_TMPDIR");
   const std::string path = absl::StrCat(tmp == nullptr ? "/tmp" : tmp, "/reload-keys.json");
@@ -228,6 +282,9 @@ TEST(ApiKeysTest, BadFilesNameTheField) {
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
                                  "requests_per_minute": -5}]})",
                 "requests_per_minute"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
+                                 "tokens_per_minute": -1}]})",
+                "tokens_per_minute"},
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
                                  "scheduling_weight": 0}]})",
                 "scheduling_weight"},

@@ -132,6 +132,11 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
  protected:
   void OnWriteFailed() override { ClientGone(); }
   void OnStreamDone() override {
+    {
+      // What the call did not use of the tokens it took goes back to its tenant.
+      absl::MutexLock lock(&mu_);
+      tokens_.Settle(static_cast<int64_t>(prompt_.size() + generated_.size()), absl::Now());
+    }
     service_->inflight_.fetch_sub(1);
     if (running_ != nullptr) running_->Add(-1);
   }
@@ -194,6 +199,10 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   // empty without API keys) and its scheduling weight.
   std::string share_tenant_;
   double share_weight_ = 1;
+  // For the gateway's calls, the tenant it names (of keys_), for its tokens_per_minute.
+  const Tenant* gateway_tenant_ = nullptr;
+  // Tokens taken from the tenant's tokens_per_minute (settled in OnStreamDone).
+  ApiKeys::TokenGrant tokens_;
   const Tokenizer* tokenizer_ = nullptr;
   ModelView model_;
   ResolvedSampling sampling_;
@@ -253,19 +262,6 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
     return grpc::Status(grpc::StatusCode::NOT_FOUND,
                         absl::StrCat("fine_tune_id \"", r.fine_tune_id(),
                                      "\" is not registered for model ", r.model()));
-  }
-  if (tenant_ != nullptr) {
-    if (absl::Status rate = ApiKeys::Admit(*tenant_, 1, absl::Now()); !rate.ok()) {
-      metrics.Refused(*tenant_, "rate");
-      return ToGrpcStatus(rate);
-    }
-    absl::StatusOr<ApiKeys::Lease> lease = ApiKeys::Acquire(*tenant_);
-    if (!lease.ok()) {
-      metrics.Refused(*tenant_, "concurrency");
-      return ToGrpcStatus(lease.status());
-    }
-    lease_ = *std::move(lease);
-    running_ = metrics.Taken(*tenant_);
   }
   cache_salt_ = tenant_ != nullptr ? ApiKeys::CacheSalt(*tenant_, r.cache_salt()) : r.cache_salt();
   if (cache_salt_.size() > 256) return Invalid("cache_salt must be at most 256 bytes");
@@ -333,6 +329,32 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
       CacheNamespace(r.model(), FineTuneNamespaceId(r.fine_tune_id(), revision), cache_salt_),
       prompt_, block_tokens);
   prompt_blocks_ = (static_cast<int64_t>(prompt_.size()) + block_tokens - 1) / block_tokens;
+  // The tenant's limits, once the request is known to be valid (the HTTP gateway has applied
+  // those on requests itself): its rate, its concurrency, then its tokens_per_minute (the prompt
+  // and max_tokens now, what goes unused back at the end).
+  if (tenant_ != nullptr) {
+    if (absl::Status rate = ApiKeys::Admit(*tenant_, 1, absl::Now()); !rate.ok()) {
+      metrics.Refused(*tenant_, "rate");
+      return ToGrpcStatus(rate);
+    }
+    absl::StatusOr<ApiKeys::Lease> lease = ApiKeys::Acquire(*tenant_);
+    if (!lease.ok()) {
+      metrics.Refused(*tenant_, "concurrency");
+      return ToGrpcStatus(lease.status());
+    }
+    lease_ = *std::move(lease);
+  }
+  if (const Tenant* payer = tenant_ != nullptr ? tenant_ : gateway_tenant_; payer != nullptr) {
+    absl::StatusOr<ApiKeys::TokenGrant> grant = ApiKeys::TakeTokens(
+        *payer, static_cast<int64_t>(prompt_.size()) + sampling_.max_tokens, absl::Now());
+    if (!grant.ok()) {
+      TenantMetrics{service_->options_.metrics, tenant_ != nullptr ? "grpc" : "http"}.Refused(
+          *payer, "tokens");
+      return ToGrpcStatus(grant.status());
+    }
+    tokens_ = *std::move(grant);
+  }
+  if (tenant_ != nullptr) running_ = metrics.Taken(*tenant_);
   return grpc::Status::OK;
 }
 
@@ -365,10 +387,9 @@ void CoordinatorService::GenerateCall::Start() {
     share_tenant_ = tenant_->name;
     share_weight_ = tenant_->scheduling_weight;
   } else if (!share_tenant_.empty()) {
-    const std::shared_ptr<const ApiKeys> keys = service_->options_.api_keys->Current();
-    if (const Tenant* t = keys->Find(share_tenant_); t != nullptr) {
-      share_weight_ = t->scheduling_weight;
-    }
+    keys_ = service_->options_.api_keys->Current();
+    gateway_tenant_ = keys_->Find(share_tenant_);
+    if (gateway_tenant_ != nullptr) share_weight_ = gateway_tenant_->scheduling_weight;
   }
   if (valid.ok() && full) {
     valid = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,

@@ -85,9 +85,11 @@ const char* Reason(int status) {
   }
 }
 
-std::string Head(int status, const char* content_type, int64_t content_length) {
+// `extra`: more header lines, each ending in CRLF.
+std::string Head(int status, const char* content_type, int64_t content_length,
+                 absl::string_view extra = "") {
   std::string h = absl::StrCat("HTTP/1.1 ", status, " ", Reason(status),
-                               "\r\nContent-Type: ", content_type, "\r\n");
+                               "\r\nContent-Type: ", content_type, "\r\n", extra);
   if (content_length >= 0) absl::StrAppend(&h, "Content-Length: ", content_length, "\r\n");
   if (status == 401) absl::StrAppend(&h, "WWW-Authenticate: Bearer\r\n");  // (RFC 6750)
   absl::StrAppend(&h, "Cache-Control: no-cache\r\nConnection: close\r\n\r\n");
@@ -99,7 +101,15 @@ std::string JsonResponse(int status, const std::string& body) {
 }
 
 std::string ErrorResponse(int status, absl::string_view message, absl::string_view param = "") {
-  return JsonResponse(status, OpenAiErrorJson(status, message, param));
+  const std::string body = OpenAiErrorJson(status, message, param);
+  // A tenant's limits say when to try again (OpenAI's clients wait as Retry-After says); one
+  // held to its concurrency, when a request ends: in a second, say.
+  std::string retry;
+  if (status == 429) {
+    retry = absl::StrCat("Retry-After: ", RetryAfterSeconds(message).value_or(1), "\r\n");
+  }
+  return absl::StrCat(Head(status, "application/json", static_cast<int64_t>(body.size()), retry),
+                      body);
 }
 
 // Ends a connection without losing the response: after our FIN, reads (and drops) what the

@@ -35,6 +35,7 @@ constexpr char kGlobex[] = "sk-globex-abcdefgh";
 constexpr char kShared[] = "sk-shared-zyxwvuts";
 constexpr char kOps[] = "sk-ops-admin-000000";
 constexpr char kLimited[] = "sk-limited-00000000";
+constexpr char kMetered[] = "sk-metered-00000000";
 
 class ApiKeysTest : public ::testing::Test {
  protected:
@@ -60,7 +61,9 @@ class ApiKeysTest : public ::testing::Test {
           {"name": "ops", "keys": [")",
         kOps, R"("], "models": [], "admin": true},
           {"name": "limited", "keys": [")",
-        kLimited, R"("], "requests_per_minute": 2}]})");
+        kLimited, R"("], "requests_per_minute": 2},
+          {"name": "metered", "keys": [")",
+        kMetered, R"("], "tokens_per_minute": 60}]})");
     LocalClusterOptions o;
     o.num_workers = 1;
     o.name = "api-keys";
@@ -247,6 +250,57 @@ TEST_F(ApiKeysTest, ATenantIsHeldToItsRate) {
   EXPECT_EQ(third.status, 429) << third.body;
   EXPECT_TRUE(absl::StrContains(third.body, "requests_per_minute (2)")) << third.body;
   EXPECT_TRUE(absl::StrContains(third.body, "retry in")) << third.body;
+  // Other tenants are not held back by it.
+  EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
+}
+
+// tokens_per_minute: each generation takes its prompt plus max_tokens, and gives back what it did
+// not use; the same bucket over both APIs.
+TEST_F(ApiKeysTest, ATenantIsHeldToItsTokens) {
+  auto body = [](int max_tokens) {
+    return absl::StrCat(
+        R"({"model": "strata-tiny", "prompt": "x", "temperature": 0, "max_tokens": )", max_tokens,
+        R"(, "ignore_eos": true})");
+  };
+  const std::string key = absl::StrCat("Bearer ", kMetered);
+  // "x" and its BOS, and 50 tokens: 52 of the 60, all used.
+  HttpReply r = Call("POST", "/v1/completions", key, body(50));
+  ASSERT_EQ(r.status, 200) << r.body;
+  r = Call("POST", "/v1/completions", key, body(50));
+  EXPECT_EQ(r.status, 429) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "tokens_per_minute (60)")) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "retry in")) << r.body;
+  // About 44 s at a token a second (the 8 left, plus any second that passed): as Retry-After too.
+  const size_t at = r.head.find("Retry-After: ");
+  ASSERT_NE(at, std::string::npos) << r.head;
+  const int wait = std::atoi(r.head.c_str() + at + 13);
+  EXPECT_GE(wait, 30) << r.head;
+  EXPECT_LE(wait, 45) << r.head;
+  // A smaller request fits in what is left.
+  r = Call("POST", "/v1/completions", key, body(4));
+  EXPECT_EQ(r.status, 200) << r.body;
+  auto serving = v1::Serving::NewStub(
+      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", key);
+  v1::GenerateRequest req;
+  req.set_model("strata-tiny");
+  req.set_text("x");
+  req.mutable_sampling()->set_max_tokens(50);
+  auto reader = serving->Generate(&ctx, req);
+  v1::GenerateResponse chunk;
+  while (reader->Read(&chunk)) {
+  }
+  const grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "tokens_per_minute")) << s.error_message();
+  const std::map<std::string, double> m = ParseMetrics(Http(metrics_port_, "GET", "/metrics").body);
+  for (const char* api : {"http", "grpc"}) {
+    EXPECT_EQ(m.at(absl::StrCat("strata_coordinator_tenant_refused_total{tenant=\"metered\",api=\"",
+                                api, "\",reason=\"tokens\"}")),
+              1)
+        << api;
+  }
   // Other tenants are not held back by it.
   EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
 }
