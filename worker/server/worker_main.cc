@@ -99,7 +99,8 @@ ABSL_FLAG(bool, fair_share, true,
           "computed and generated for it over its weight; tenants come from the coordinator's API "
           "keys); false: by arrival.");
 ABSL_FLAG(int64_t, max_live_sequences, 256,
-          "Running plus queued sequences accepted; beyond it Submit fails RESOURCE_EXHAUSTED.");
+          "Running plus queued sequences accepted; beyond it Submit fails RESOURCE_EXHAUSTED, "
+          "except for a tenant holding less than an equal part of them (up to twice this).");
 ABSL_FLAG(int, num_speculative_tokens, 0,
           "Speculative decoding by n-gram lookup: draft tokens a decoding sequence proposes from "
           "its own context per step (0: off; at most 32). The output does not change; steps do.");

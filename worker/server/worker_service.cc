@@ -120,6 +120,7 @@ struct WorkerService::LoopState {
     uint64_t serial = 0;
     bool want_logprobs = false;
     absl::Time accepted;
+    std::string tenant;
   };
   struct Watcher {
     EventStream* stream = nullptr;
@@ -234,7 +235,7 @@ void WorkerService::Post(Command command) {
   const grpc::Status gone(grpc::StatusCode::UNAVAILABLE, "worker is shutting down");
   switch (command.kind) {
     case Command::Kind::kAdd:
-      num_live_.fetch_sub(1);
+      ReleaseLive(command.parsed.options.tenant);
       command.submit->RequestFinish(gone);
       break;
     case Command::Kind::kWatch:
@@ -267,16 +268,13 @@ grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
   }
   // Counted before the draining check, so that a drain that sees no live sequences cannot miss
   // this one.
-  if (num_live_.fetch_add(1) >= options_.max_live_sequences) {
-    num_live_.fetch_sub(1);
-    stream->RequestFinish(
-        grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                     absl::StrCat("worker queue is full (", options_.max_live_sequences,
-                                  " sequences running or queued): back off or route elsewhere")));
+  const std::string& tenant = parsed->options.tenant;
+  if (absl::Status place = TakeLive(tenant); !place.ok()) {
+    stream->RequestFinish(ToGrpcStatus(place));
     return stream;
   }
   if (draining_.load()) {
-    num_live_.fetch_sub(1);
+    ReleaseLive(tenant);
     stream->RequestFinish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                                        "worker is draining: route the request elsewhere"));
     return stream;
@@ -414,7 +412,7 @@ void WorkerService::Loop() {
   for (auto& [id, live] : state.live) {
     engine_->Cancel(id);
     live.stream->RequestFinish(gone);
-    num_live_.fetch_sub(1);
+    ReleaseLive(live.tenant);
   }
   state.live.clear();
   for (auto& w : state.watchers) w.stream->RequestFinish(gone);
@@ -439,8 +437,9 @@ void WorkerService::ProcessInbox(LoopState* state) {
   for (Command& c : commands) {
     switch (c.kind) {
       case Command::Kind::kAdd: {
+        const std::string tenant = c.parsed.options.tenant;
         if (state->live.contains(c.request_id)) {
-          num_live_.fetch_sub(1);
+          ReleaseLive(tenant);
           c.submit->RequestFinish(grpc::Status(
               grpc::StatusCode::ALREADY_EXISTS,
               absl::StrCat("request_id ", c.request_id, " is already running on this worker")));
@@ -450,7 +449,7 @@ void WorkerService::ProcessInbox(LoopState* state) {
         absl::Status added = engine_->AddRequest(c.request_id, std::move(c.parsed.prompt),
                                                  std::move(c.parsed.options));
         if (!added.ok()) {
-          num_live_.fetch_sub(1);
+          ReleaseLive(tenant);
           c.submit->RequestFinish(ToGrpcStatus(added));
           break;
         }
@@ -459,7 +458,8 @@ void WorkerService::ProcessInbox(LoopState* state) {
         live.serial = c.serial;
         live.want_logprobs = want_logprobs;
         live.accepted = c.accepted;
-        state->live.emplace(c.request_id, live);
+        live.tenant = tenant;
+        state->live.emplace(c.request_id, std::move(live));
         break;
       }
       case Command::Kind::kCancel: {
@@ -531,8 +531,37 @@ void WorkerService::FinishSubmit(LoopState* state, const std::string& request_id
   auto it = state->live.find(request_id);
   if (it == state->live.end()) return;
   it->second.stream->RequestFinish(status);
+  ReleaseLive(it->second.tenant);
   state->live.erase(it);
+}
+
+absl::Status WorkerService::TakeLive(const std::string& tenant) {
+  const int64_t cap = options_.max_live_sequences;
+  absl::MutexLock lock(&live_mu_);
+  int64_t& mine = live_by_tenant_[tenant];
+  const int64_t total = num_live_.load();
+  if (total >= cap) {
+    // Full: a tenant under an equal part of the places still gets one (up to twice the cap).
+    const int64_t tenants = static_cast<int64_t>(live_by_tenant_.size());  // its own counted
+    const int64_t part = std::max<int64_t>(1, cap / tenants);
+    if (mine >= part || total >= 2 * cap) {
+      if (mine == 0) live_by_tenant_.erase(tenant);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "worker queue is full (", total, " sequences running or queued, ", cap, " allowed",
+          tenants > 1 ? absl::StrCat("; this tenant holds ", mine, ", its part is ", part) : "",
+          "): back off or route elsewhere"));
+    }
+  }
+  ++mine;
+  num_live_.fetch_add(1);
+  return absl::OkStatus();
+}
+
+void WorkerService::ReleaseLive(const std::string& tenant) {
+  absl::MutexLock lock(&live_mu_);
   num_live_.fetch_sub(1);
+  auto it = live_by_tenant_.find(tenant);
+  if (it != live_by_tenant_.end() && --it->second <= 0) live_by_tenant_.erase(it);
 }
 
 void WorkerService::StepEngine(LoopState* state) {

@@ -13,7 +13,11 @@
 // number, never by pointer dereference.
 //
 // Admission. At most `max_live_sequences` Submit streams are live (running plus queued) at once;
-// beyond that Submit fails with RESOURCE_EXHAUSTED. While draining, Submit fails with
+// beyond that Submit fails with RESOURCE_EXHAUSTED, except for a tenant (SubmitRequest.tenant)
+// that holds less than an equal part of them (max_live_sequences over the tenants with live
+// sequences, its own counted): one tenant's backlog does not lock the others out of the queue
+// the engine shares fairly. The parts let the worker go past max_live_sequences, never past
+// twice it. While draining, Submit fails with
 // FAILED_PRECONDITION and admitted sequences run to completion. A client that cancels or
 // disconnects has its sequence cancelled in the engine at the loop's next turn, which frees its KV
 // blocks.
@@ -29,6 +33,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -45,7 +50,8 @@ struct WorkerServiceOptions {
   // The model name clients submit under; also the cache namespace's model name (it must equal the
   // engine's EngineConfig::model_name so that the coordinator's block hashes match).
   std::string model_name = "model";
-  // Running plus queued sequences accepted at once.
+  // Running plus queued sequences accepted at once (a tenant under its part of them past it, up
+  // to twice this; see above).
   int64_t max_live_sequences = 256;
   // Buffered events per WatchEvents stream before a slow watcher is cut off (it re-subscribes and
   // gets a fresh snapshot).
@@ -124,6 +130,10 @@ class WorkerService final : public v1::Worker::CallbackService {
   // Drops watchers that are more than max_buffered_events behind (they re-subscribe).
   void CutSlowWatchers(LoopState* state, size_t incoming);
   void FinishSubmit(LoopState* state, const std::string& request_id, const grpc::Status& status);
+  // A live place for a sequence of `tenant` (counted in num_live_ and by tenant), or why there is
+  // none (RESOURCE_EXHAUSTED); given back by ReleaseLive.
+  absl::Status TakeLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
+  void ReleaseLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
   v1::LoadReport MakeLoadReport(const EngineStats& stats, const LoopState& state) const;
   // Refreshes the gauges and component totals in options_.metrics (at most every 250 ms).
   void PublishMetrics(LoopState* state);
@@ -143,6 +153,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   Histogram* step_seconds_ = nullptr;
   Counter* generated_tokens_ = nullptr;
   std::atomic<int64_t> num_live_{0};
+  absl::Mutex live_mu_;
+  absl::flat_hash_map<std::string, int64_t> live_by_tenant_ ABSL_GUARDED_BY(live_mu_);
   std::atomic<uint64_t> next_serial_{1};
 
   absl::Mutex mu_;

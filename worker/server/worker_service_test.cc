@@ -236,6 +236,56 @@ TEST_F(WorkerServiceTest, FullQueueAnswersResourceExhausted) {
   reader->Finish();
 }
 
+// A tenant's backlog fills the queue; another tenant still gets its part of it (max_live over
+// the tenants with live sequences), and never more than twice max_live are live.
+TEST_F(WorkerServiceTest, AFullQueueStillTakesATenantUnderItsPart) {
+  Start(/*max_live=*/2);
+  struct Open {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReader<v1::SubmitResponse>> reader;
+  };
+  std::vector<std::unique_ptr<Open>> open;
+  auto submit = [&](const std::string& id, const std::string& tenant) {
+    v1::SubmitRequest req = Request(id, Prompt(20, static_cast<int>(open.size())), 1500, 5);
+    req.set_tenant(tenant);
+    auto o = std::make_unique<Open>();
+    o->reader = stub_->Submit(&o->ctx, req);
+    v1::SubmitResponse chunk;
+    if (o->reader->Read(&chunk)) {  // running
+      open.push_back(std::move(o));
+      return grpc::Status::OK;
+    }
+    return o->reader->Finish();
+  };
+  ASSERT_TRUE(submit("a1", "a").ok());
+  ASSERT_TRUE(submit("a2", "a").ok());
+  grpc::Status s = submit("a3", "a");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(s.error_message().find("worker queue is full"), std::string::npos) << s.error_message();
+  // b holds none of its part (2 / 2 tenants): it gets in past the cap, once.
+  ASSERT_TRUE(submit("b1", "b").ok());
+  s = submit("b2", "b");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(s.error_message().find("this tenant holds 1, its part is 1"), std::string::npos)
+      << s.error_message();
+  // A request without a tenant is one more tenant; then the worker holds twice its cap: no more.
+  ASSERT_TRUE(submit("c1", "").ok());
+  EXPECT_EQ(service_->num_live_sequences(), 4);
+  EXPECT_EQ(submit("d1", "d").error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  // As sequences end, their places come back to their tenants.
+  for (auto& o : open) {
+    o->ctx.TryCancel();
+    v1::SubmitResponse chunk;
+    while (o->reader->Read(&chunk)) {
+    }
+    o->reader->Finish();
+  }
+  for (int i = 0; i < 200 && service_->num_live_sequences() > 0; ++i)
+    absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_EQ(service_->num_live_sequences(), 0);
+  EXPECT_TRUE(Run(Request("after", Prompt(4, 6), 4, 0)).status.ok());
+}
+
 TEST_F(WorkerServiceTest, DrainRefusesNewWorkFinishesOldAndResumes) {
   Start();
   grpc::ClientContext ctx;
