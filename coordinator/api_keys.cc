@@ -86,12 +86,12 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     for (const auto& [key, value] : members) {
       if (key != "name" && key != "keys" && key != "models" && key != "max_concurrent_requests" &&
           key != "isolate_cache" && key != "admin" && key != "requests_per_minute" &&
-          key != "scheduling_weight" && key != "tokens_per_minute") {
+          key != "scheduling_weight" && key != "tokens_per_minute" && key != "max_priority") {
         return t.Error(absl::StrCat("has \"", key,
                                     "\": a tenant takes name, keys, models, "
                                     "max_concurrent_requests, requests_per_minute, "
-                                    "tokens_per_minute, scheduling_weight, isolate_cache and "
-                                    "admin"));
+                                    "tokens_per_minute, max_priority, scheduling_weight, "
+                                    "isolate_cache and admin"));
       }
     }
     auto tenant = std::make_unique<Tenant>();
@@ -133,6 +133,10 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     ASSIGN_OR_RETURN(tenant->tokens_per_minute, t.IntFieldOr("tokens_per_minute", 0));
     if (tenant->tokens_per_minute < 0 || tenant->tokens_per_minute > 10000000000) {
       return t.Error("has tokens_per_minute outside [0, 10000000000] (0: no limit)");
+    }
+    ASSIGN_OR_RETURN(tenant->max_priority, t.IntFieldOr("max_priority", 0));
+    if (tenant->max_priority < -100 || tenant->max_priority > 100) {
+      return t.Error("has max_priority outside [-100, 100] (default 0)");
     }
     ASSIGN_OR_RETURN(tenant->scheduling_weight, t.DoubleFieldOr("scheduling_weight", 1));
     if (!(tenant->scheduling_weight >= 0.001 && tenant->scheduling_weight <= 1000)) {

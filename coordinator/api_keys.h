@@ -21,6 +21,9 @@
 //                                               //   generation takes its prompt plus max_tokens
 //                                               //   (at most a minute's) and gives back what it
 //                                               //   did not use when it ends
+//      "max_priority": 0,                       // optional, in [-100, 100] (default 0): the
+//                                               //   highest priority its requests may ask for
+//                                               //   (priority outranks fair sharing)
 //      "scheduling_weight": 2,                  // optional, in [0.001, 1000] (default 1): its
 //                                               //   share of a busy worker against other
 //                                               //   tenants' (fair sharing, worker/engine)
@@ -71,6 +74,7 @@ struct Tenant {
   std::shared_ptr<std::atomic<int64_t>> running = std::make_shared<std::atomic<int64_t>>(0);
   int64_t requests_per_minute = 0;  // 0: no limit
   double scheduling_weight = 1;
+  int64_t max_priority = 0;
   // Its rate limit's bucket (ApiKeys::Admit), shared across reloads as `running` is.
   struct RateBucket {
     absl::Mutex mu;

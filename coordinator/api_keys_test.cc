@@ -17,7 +17,7 @@ constexpr char kFile[] = R"({"tenants": [
   {"name": "acme", "keys": ["sk-acme-0123456789", "sk-acme-second-key"],
    "models": ["strata-tiny", "c-headers"], "max_concurrent_requests": 2},
   {"name": "globex", "keys": ["sk-globex-abcdefgh"], "isolate_cache": false,
-   "scheduling_weight": 0.5}]})";
+   "scheduling_weight": 0.5, "max_priority": 5}]})";
 
 std::shared_ptr<const ApiKeys> Keys() {
   absl::StatusOr<std::shared_ptr<const ApiKeys>> k = ApiKeys::Parse(kFile, "keys.json");
@@ -47,6 +47,8 @@ TEST(ApiKeysTest, AuthenticatesBearerKeys) {
   ASSERT_NE(keys->Find("globex"), nullptr);
   EXPECT_EQ(keys->Find("globex")->scheduling_weight, 0.5);
   EXPECT_EQ(keys->Find("acme")->scheduling_weight, 1);
+  EXPECT_EQ(keys->Find("globex")->max_priority, 5);
+  EXPECT_EQ(keys->Find("acme")->max_priority, 0);
   EXPECT_EQ(keys->Find("initech"), nullptr);
 }
 
@@ -282,6 +284,9 @@ TEST(ApiKeysTest, BadFilesNameTheField) {
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
                                  "requests_per_minute": -5}]})",
                 "requests_per_minute"},
+           Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
+                                 "max_priority": 101}]})",
+                "max_priority"},
            Case{R"({"tenants": [{"name": "a", "keys": ["sk-0123456789abcdef"],
                                  "tokens_per_minute": -1}]})",
                 "tokens_per_minute"},

@@ -266,6 +266,12 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
   cache_salt_ = tenant_ != nullptr ? ApiKeys::CacheSalt(*tenant_, r.cache_salt()) : r.cache_salt();
   if (cache_salt_.size() > 256) return Invalid("cache_salt must be at most 256 bytes");
   if (r.priority() < -100 || r.priority() > 100) return Invalid("priority must be in [-100, 100]");
+  // Priority goes before fair sharing: a tenant asks for no more than its keys grant it.
+  if (const Tenant* t = tenant_ != nullptr ? tenant_ : gateway_tenant_;
+      t != nullptr && r.priority() > t->max_priority) {
+    return Invalid(absl::StrCat("priority must be at most ", t->max_priority, " for tenant \"",
+                                t->name, "\" (its max_priority)"));
+  }
   if (model_.num_workers == 0 || model_.max_context_tokens == 0) {
     return grpc::Status(
         grpc::StatusCode::UNAVAILABLE,

@@ -57,7 +57,7 @@ class ApiKeysTest : public ::testing::Test {
           {"name": "globex", "keys": [")",
         kGlobex, R"("], "models": ["lora-c"]},
           {"name": "shared", "keys": [")",
-        kShared, R"("], "isolate_cache": false, "scheduling_weight": 2.5},
+        kShared, R"("], "isolate_cache": false, "scheduling_weight": 2.5, "max_priority": 10},
           {"name": "ops", "keys": [")",
         kOps, R"("], "models": [], "admin": true},
           {"name": "limited", "keys": [")",
@@ -303,6 +303,35 @@ TEST_F(ApiKeysTest, ATenantIsHeldToItsTokens) {
   }
   // Other tenants are not held back by it.
   EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
+}
+
+// A tenant asks for no higher priority than its max_priority (0 unless set), over both APIs.
+TEST_F(ApiKeysTest, ATenantsPriorityIsCapped) {
+  auto body = [](int priority) {
+    return absl::StrCat(R"({"model": "strata-tiny", "prompt": "x", "max_tokens": 2, "priority": )",
+                        priority, "}");
+  };
+  HttpReply r = Call("POST", "/v1/completions", absl::StrCat("Bearer ", kAcme), body(1));
+  EXPECT_EQ(r.status, 400) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "priority must be at most 0 for tenant")) << r.body;
+  EXPECT_EQ(Call("POST", "/v1/completions", absl::StrCat("Bearer ", kAcme), body(-5)).status, 200);
+  EXPECT_EQ(Call("POST", "/v1/completions", absl::StrCat("Bearer ", kShared), body(10)).status,
+            200);
+  auto serving = v1::Serving::NewStub(
+      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kShared));
+  v1::GenerateRequest req;
+  req.set_model("strata-tiny");
+  req.set_text("x");
+  req.set_priority(11);
+  auto reader = serving->Generate(&ctx, req);
+  v1::GenerateResponse chunk;
+  while (reader->Read(&chunk)) {
+  }
+  const grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "max_priority")) << s.error_message();
 }
 
 TEST_F(ApiKeysTest, AnIsolatedTenantsPrefixCacheIsItsOwn) {
