@@ -370,6 +370,22 @@ Gauge* TenantMetrics::Taken(const Tenant& tenant) const {
   return running;
 }
 
+void TenantMetrics::Tokens(const Tenant& tenant, int64_t prompt, int64_t cached,
+                           int64_t completion) const {
+  if (registry == nullptr) return;
+  const char* kHelp =
+      "Tokens of a tenant's completed generations by API: prompt, the part of it found in the "
+      "prefix cache (cached_prompt), and completion.";
+  using Count = std::pair<const char*, int64_t>;
+  for (auto [kind, n] :
+       {Count{"prompt", prompt}, Count{"cached_prompt", cached}, Count{"completion", completion}}) {
+    registry
+        ->GetCounter("strata_coordinator_tenant_tokens_total", kHelp,
+                     {{"tenant", tenant.name}, {"api", api}, {"kind", kind}})
+        ->Add(static_cast<double>(n));
+  }
+}
+
 absl::StatusOr<std::unique_ptr<ApiKeyStore>> ApiKeyStore::Open(const std::string& path) {
   std::unique_ptr<ApiKeyStore> store(new ApiKeyStore(path));
   RETURN_IF_ERROR(store->Reload());

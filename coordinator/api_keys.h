@@ -215,6 +215,8 @@ struct TenantMetrics {
   // A request taken: counted, and running until the returned gauge (null without a registry) is
   // given Add(-1).
   Gauge* Taken(const Tenant& tenant) const;
+  // The tokens of one of its generations that completed (usage as the client saw it).
+  void Tokens(const Tenant& tenant, int64_t prompt, int64_t cached, int64_t completion) const;
 };
 
 // The keys in force, from a file read again whenever it changes (Watch), so that keys can be

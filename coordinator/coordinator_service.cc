@@ -132,10 +132,21 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
  protected:
   void OnWriteFailed() override { ClientGone(); }
   void OnStreamDone() override {
+    int64_t generated = 0, cached = 0;
+    bool completed = false;
     {
       // What the call did not use of the tokens it took goes back to its tenant.
       absl::MutexLock lock(&mu_);
-      tokens_.Settle(static_cast<int64_t>(prompt_.size() + generated_.size()), absl::Now());
+      generated = static_cast<int64_t>(generated_.size());
+      tokens_.Settle(static_cast<int64_t>(prompt_.size()) + generated, absl::Now());
+      completed = final_.has_value() && final_->ok();
+      cached = cached_.num_device_tokens() + cached_.num_host_tokens() + cached_.num_disk_tokens();
+    }
+    // The tenant's usage, outside the call's lock (the registry has its own).
+    if (const Tenant* t = tenant_ != nullptr ? tenant_ : gateway_tenant_;
+        t != nullptr && completed) {
+      TenantMetrics{service_->options_.metrics, tenant_ != nullptr ? "grpc" : "http"}.Tokens(
+          *t, static_cast<int64_t>(prompt_.size()), cached, generated);
     }
     service_->inflight_.fetch_sub(1);
     if (running_ != nullptr) running_->Add(-1);

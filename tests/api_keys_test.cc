@@ -537,6 +537,17 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
                              api, "\",reason=\"model\"}")],
               1)
         << r.body;
+    // Its usage: the completed generation's tokens.
+    EXPECT_GE(
+        m[absl::StrCat("strata_coordinator_tenant_tokens_total{", labels, ",kind=\"prompt\"}")], 1)
+        << r.body;
+    EXPECT_GE(
+        m[absl::StrCat("strata_coordinator_tenant_tokens_total{", labels, ",kind=\"completion\"}")],
+        1)
+        << r.body;
+    EXPECT_TRUE(m.count(absl::StrCat("strata_coordinator_tenant_tokens_total{", labels,
+                                     ",kind=\"cached_prompt\"}")))
+        << r.body;
     const std::string running =
         absl::StrCat("strata_coordinator_tenant_running_requests{", labels, "}");
     EXPECT_TRUE(m.count(running)) << r.body;
