@@ -41,6 +41,7 @@
 #include "common/init.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "common/secrets.h"
 #include "common/tcp.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
@@ -72,6 +73,8 @@ ABSL_FLAG(std::string, api_key, "",
           "API key sent with every request (--api serving: gRPC metadata authorization, openai: "
           "the Authorization header); default $STRATA_API_KEY.");
 ABSL_FLAG(std::string, tenant, "", "--api worker: the tenant named in every SubmitRequest.");
+ABSL_FLAG(std::string, cluster_secret_file, "",
+          "--api worker: the cluster secret's file, for a worker started with one.");
 ABSL_FLAG(uint64_t, seed, 1, "Workload seed.");
 ABSL_FLAG(std::vector<std::string>, fine_tunes, {},
           "Fine-tune ids: each conversation runs on one of them, drawn by --fine_tune_zipf, or on "
@@ -107,6 +110,11 @@ class Driver {
     api_key_ = absl::GetFlag(FLAGS_api_key);
     if (const char* env = std::getenv("STRATA_API_KEY"); api_key_.empty() && env != nullptr) {
       api_key_ = env;
+    }
+    if (const std::string path = absl::GetFlag(FLAGS_cluster_secret_file); !path.empty()) {
+      absl::StatusOr<std::string> secret = LoadSecretFile(path);
+      CHECK(secret.ok()) << "--cluster_secret_file: " << secret.status();
+      cluster_secret_ = *std::move(secret);
     }
   }
 
@@ -234,6 +242,7 @@ class Driver {
       req.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
       req.set_fine_tune_id(fine_tune_id);
       req.set_tenant(absl::GetFlag(FLAGS_tenant));
+      if (!cluster_secret_.empty()) ctx.AddMetadata(kClusterSecretMetadata, cluster_secret_);
       auto reader = worker_->Submit(&ctx, req);
       v1::SubmitResponse chunk;
       while (reader->Read(&chunk)) {
@@ -278,6 +287,7 @@ class Driver {
   std::unique_ptr<v1::Worker::Stub> worker_;
   const bool worker_api_;
   std::string api_key_;
+  std::string cluster_secret_;
   std::atomic<uint64_t> next_id_{0};
 };
 

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <random>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -41,25 +40,6 @@ bool ValidKey(absl::string_view s) {
 }
 
 }  // namespace
-
-bool SecretsEqual(absl::string_view known, absl::string_view given) {
-  // Every byte of `known` is compared whatever `given` is: the time tells only its length, which
-  // the caller chose.
-  unsigned char diff = known.size() != given.size() ? 1 : 0;
-  for (size_t i = 0; i < known.size(); ++i) {
-    diff |= static_cast<unsigned char>(known[i] ^ (i < given.size() ? given[i] : 0));
-  }
-  return diff == 0;
-}
-
-std::string NewGatewaySecret() {
-  std::random_device dev;  // the kernel's random source
-  std::string out;
-  for (int i = 0; i < 4; ++i) {
-    absl::StrAppend(&out, absl::Hex((uint64_t{dev()} << 32) | dev(), absl::kZeroPad16));
-  }
-  return out;
-}
 
 absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Load(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
@@ -135,8 +115,9 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
       return t.Error("has tokens_per_minute outside [0, 10000000000] (0: no limit)");
     }
     ASSIGN_OR_RETURN(tenant->max_priority, t.IntFieldOr("max_priority", 0));
-    if (tenant->max_priority < -100 || tenant->max_priority > 100) {
-      return t.Error("has max_priority outside [-100, 100] (default 0)");
+    // (Not below 0, the priority of every request that sets none.)
+    if (tenant->max_priority < 0 || tenant->max_priority > 100) {
+      return t.Error("has max_priority outside [0, 100] (default 0)");
     }
     ASSIGN_OR_RETURN(tenant->scheduling_weight, t.DoubleFieldOr("scheduling_weight", 1));
     if (!(tenant->scheduling_weight >= 0.001 && tenant->scheduling_weight <= 1000)) {

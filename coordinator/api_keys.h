@@ -21,7 +21,7 @@
 //                                               //   generation takes its prompt plus max_tokens
 //                                               //   (at most a minute's) and gives back what it
 //                                               //   did not use when it ends
-//      "max_priority": 0,                       // optional, in [-100, 100] (default 0): the
+//      "max_priority": 0,                       // optional, in [0, 100] (default 0): the
 //                                               //   highest priority its requests may ask for
 //                                               //   (priority outranks fair sharing)
 //      "scheduling_weight": 2,                  // optional, in [0.001, 1000] (default 1): its
@@ -58,6 +58,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "common/secrets.h"
 
 namespace strata {
 
@@ -89,15 +90,11 @@ struct Tenant {
 };
 
 // The metadata with which the coordinator's own HTTP gateway, which checks keys itself, calls
-// its in-process gRPC services: a random secret drawn at each start (NewGatewaySecret).
+// its in-process gRPC services: a random secret drawn at each start (NewSecret).
 inline constexpr char kGatewaySecretMetadata[] = "x-strata-gateway-secret";
 // Beside it, on generation calls, the tenant whose key the gateway checked (for fair sharing on
 // the workers); read only from a call that carries the secret.
 inline constexpr char kGatewayTenantMetadata[] = "x-strata-tenant";
-std::string NewGatewaySecret();
-// known == given, in time that depends on known's length only (and given's, which its sender
-// knows): neither where they differ nor the secret's length shows.
-bool SecretsEqual(absl::string_view known, absl::string_view given);
 // The wait a refusal's message names ("retry in S s", as the rate and token limits write it), in
 // whole seconds rounded up, at least 1; nullopt when it names none.
 std::optional<int64_t> RetryAfterSeconds(absl::string_view message);

@@ -22,6 +22,7 @@
 #include "common/metrics.h"
 #include "common/metrics_http.h"
 #include "common/process.h"
+#include "common/secrets.h"
 #include "common/version.h"
 #include "coordinator/coordinator_service.h"
 #include "coordinator/discovery.h"
@@ -42,6 +43,9 @@ ABSL_FLAG(std::string, metrics_listen, "",
 ABSL_FLAG(std::string, http_listen, "",
           "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions and "
           "/v1/chat/completions, GET /v1/models), e.g. [::]:8000; empty: none.");
+ABSL_FLAG(std::string, cluster_secret_file, "",
+          "A file holding the cluster secret, sent with every call to a worker (workers started "
+          "with the same --cluster_secret_file answer nothing else). Empty: none.");
 ABSL_FLAG(std::string, api_keys_file, "",
           "JSON file of tenants and their API keys (coordinator/api_keys.h): the HTTP API then "
           "wants \"Authorization: Bearer KEY\" (gRPC: that \"authorization\" metadata) and "
@@ -126,6 +130,14 @@ int Main() {
   WorkerPoolOptions po;
   po.targets = *targets;
   po.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_resolve_interval_s));
+  if (const std::string path = absl::GetFlag(FLAGS_cluster_secret_file); !path.empty()) {
+    absl::StatusOr<std::string> secret = LoadSecretFile(path);
+    if (!secret.ok()) {
+      LOG(ERROR) << "--cluster_secret_file: " << secret.status();
+      return 2;
+    }
+    po.cluster_secret = *std::move(secret);
+  }
   po.router.decode_weight = absl::GetFlag(FLAGS_decode_weight);
   po.router.cold_fine_tune_blocks = absl::GetFlag(FLAGS_cold_fine_tune_blocks);
   // A negative cost would send requests toward the workers that must load a delta or that are
@@ -186,7 +198,7 @@ int Main() {
     const double reload_s = absl::GetFlag(FLAGS_api_keys_reload_s);
     if (reload_s > 0) api_keys->Watch(absl::Seconds(reload_s));
     co.api_keys = api_keys;
-    co.gateway_secret = NewGatewaySecret();
+    co.gateway_secret = NewSecret();
     LOG(INFO) << "API keys of " << api_keys->Current()->tenants().size() << " tenant(s) from "
               << keys << ": asked for over HTTP and gRPC"
               << (reload_s > 0 ? absl::StrCat(", the file read again every ", reload_s, " s") : "");

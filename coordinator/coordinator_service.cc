@@ -138,8 +138,11 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
       // What the call did not use of the tokens it took goes back to its tenant.
       absl::MutexLock lock(&mu_);
       generated = static_cast<int64_t>(generated_.size());
-      tokens_.Settle(static_cast<int64_t>(prompt_.size()) + generated, absl::Now());
       completed = final_.has_value() && final_->ok();
+      // A call that failed without a token (no worker took it, say) used nothing.
+      tokens_.Settle(
+          completed || generated > 0 ? static_cast<int64_t>(prompt_.size()) + generated : 0,
+          absl::Now());
       cached = cached_.num_device_tokens() + cached_.num_host_tokens() + cached_.num_disk_tokens();
     }
     // The tenant's usage, outside the call's lock (the registry has its own).
@@ -496,6 +499,7 @@ void CoordinatorService::GenerateCall::StartAttempt() {
   }
   if (cancel_alarm) alarm_.Cancel();
   if (attempt != nullptr) {
+    service_->pool_->Authorize(&attempt->context_);
     attempt->assignment_.stub->async()->Submit(&attempt->context_, &attempt->request_, attempt);
     attempt->StartRead(&attempt->response_);
     attempt->StartCall();

@@ -147,6 +147,7 @@ void WorkerPool::UpdateAddresses(const std::vector<std::string>& addresses) {
 void WorkerPool::RefreshInfo(Worker* w) {
   grpc::ClientContext ctx;
   ctx.set_deadline(Deadline(options_.rpc_timeout));
+  Authorize(&ctx);
   v1::WorkerInfo info;
   const grpc::Status s = w->stub->GetInfo(&ctx, v1::GetInfoRequest(), &info);
   if (!s.ok()) return;  // the watch stream decides availability
@@ -172,6 +173,7 @@ void WorkerPool::WatchLoop(Worker* w) {
     {
       grpc::ClientContext ctx;
       ctx.set_deadline(Deadline(options_.rpc_timeout));
+      Authorize(&ctx);
       {
         absl::MutexLock lock(&mu_);
         if (Stopping(w)) return;
@@ -203,6 +205,7 @@ void WorkerPool::WatchLoop(Worker* w) {
     }
     // Its events.
     grpc::ClientContext ctx;
+    Authorize(&ctx);
     v1::WatchEventsRequest req;
     req.set_load_report_interval_ms(options_.load_report_interval_ms);
     {
@@ -494,6 +497,7 @@ absl::StatusOr<WorkerPool::DrainOutcome> WorkerPool::Drain(const std::string& wo
   }
   grpc::ClientContext ctx;
   ctx.set_deadline(Deadline(options_.rpc_timeout));
+  Authorize(&ctx);
   v1::DrainRequest req;
   req.set_resume(resume);
   v1::DrainResponse resp;

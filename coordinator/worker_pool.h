@@ -32,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/secrets.h"
 #include "coordinator/block_index.h"
 #include "coordinator/discovery.h"
 #include "coordinator/router.h"
@@ -51,6 +52,8 @@ struct WorkerPoolOptions {
   absl::Duration rpc_timeout = absl::Seconds(2);
   absl::Duration max_reconnect_backoff = absl::Seconds(2);
   RouterConfig router;
+  // The cluster secret every call to a worker carries (common/secrets.h); empty: none.
+  std::string cluster_secret;
 };
 
 // One model as the workers serving it describe it.
@@ -71,6 +74,12 @@ struct ModelView {
 
 class WorkerPool {
  public:
+  // Adds the cluster secret, if any, to a call to a worker.
+  void Authorize(grpc::ClientContext* ctx) const {
+    if (!options_.cluster_secret.empty()) {
+      ctx->AddMetadata(kClusterSecretMetadata, options_.cluster_secret);
+    }
+  }
   // A request's claim on a worker, from Assign until Release.
   struct Assignment {
     WorkerSlot slot = 0;

@@ -19,11 +19,13 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/json.h"
+#include "common/secrets.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
+#include "proto/strata/v1/worker.grpc.pb.h"
 #include "tests/http_client.h"
 #include "tests/local_cluster.h"
 
@@ -36,6 +38,7 @@ constexpr char kShared[] = "sk-shared-zyxwvuts";
 constexpr char kOps[] = "sk-ops-admin-000000";
 constexpr char kLimited[] = "sk-limited-00000000";
 constexpr char kMetered[] = "sk-metered-00000000";
+constexpr char kClusterSecret[] = "cluster-secret-0123456789abcdef";
 
 class ApiKeysTest : public ::testing::Test {
  protected:
@@ -71,12 +74,16 @@ class ApiKeysTest : public ::testing::Test {
     http_port_ = FreePort();
     metrics_port_ = FreePort();
     worker_metrics_port_ = FreePort();
+    // The workers answer only their coordinator, which carries the cluster secret.
+    std::ofstream(root + "/cluster-secret") << kClusterSecret << "\n";
     o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/fine-tunes"), "--delta_cache_mb=16",
-                      absl::StrCat("--metrics_listen=127.0.0.1:", worker_metrics_port_)};
+                      absl::StrCat("--metrics_listen=127.0.0.1:", worker_metrics_port_),
+                      absl::StrCat("--cluster_secret_file=", root, "/cluster-secret")};
     o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_),
                            absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port_),
                            absl::StrCat("--api_keys_file=", root, "/keys.json"),
-                           "--api_keys_reload_s=0.2"};
+                           "--api_keys_reload_s=0.2",
+                           absl::StrCat("--cluster_secret_file=", root, "/cluster-secret")};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
@@ -303,6 +310,40 @@ TEST_F(ApiKeysTest, ATenantIsHeldToItsTokens) {
   }
   // Other tenants are not held back by it.
   EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
+}
+
+// The workers answer only calls with the cluster secret (every other test here goes through the
+// coordinator, which sends it); their health service stays open.
+TEST_F(ApiKeysTest, WorkersAnswerOnlyTheClusterSecret) {
+  v1::Worker::Stub* worker = cluster_->worker(0);
+  for (const char* secret : {"", "cluster-secret-0123456789abcdeX"}) {
+    grpc::ClientContext ctx;
+    if (*secret != '\0') ctx.AddMetadata(kClusterSecretMetadata, secret);
+    v1::WorkerInfo info;
+    const grpc::Status s = worker->GetInfo(&ctx, {}, &info);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << secret;
+    EXPECT_TRUE(absl::StrContains(s.error_message(), "cluster secret")) << s.error_message();
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::SubmitRequest req;
+    req.set_request_id("around-the-coordinator");
+    req.set_model("strata-tiny");
+    req.add_prompt_token_ids(1);
+    auto reader = worker->Submit(&ctx, req);
+    v1::SubmitResponse chunk;
+    EXPECT_FALSE(reader->Read(&chunk));
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  grpc::ClientContext ctx;
+  ctx.AddMetadata(kClusterSecretMetadata, kClusterSecret);
+  v1::WorkerInfo info;
+  const grpc::Status s = worker->GetInfo(&ctx, {}, &info);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(info.model(), "strata-tiny");
+  const std::map<std::string, double> m =
+      ParseMetrics(Http(worker_metrics_port_, "GET", "/metrics").body);
+  EXPECT_EQ(m.at("strata_worker_unauthenticated_total"), 3);
 }
 
 // A tenant asks for no higher priority than its max_priority (0 unless set), over both APIs.

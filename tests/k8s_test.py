@@ -178,6 +178,7 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
     """Static checks (see the file comment). Returns the number of checks made."""
     n = 0
     where = m.name
+    cluster_secrets = {}  # container -> its --cluster_secret_file, expanded
     for w in m.workloads():
         wname = "%s %s/%s" % (where, w["kind"], w["metadata"]["name"])
         spec, tmpl = w["spec"], w["spec"]["template"]
@@ -271,12 +272,16 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                 return best
 
             keys_file = expand(args.get("api_keys_file", ""), m.container_env(c))
-            if binary == "strata-coordinator" and keys_file:
-                # The keys file from a Secret's volume, as k8s/base/model.yaml says to set it.
-                vm = mount_of(keys_file)
-                if vm is None or "secret" not in mounts_by_volume.get(vm["name"], {}):
-                    fail("%s: --api_keys_file=%s is not on a Secret's volume" % (cname, keys_file))
-                n += 1
+            secret_file = expand(args.get("cluster_secret_file", ""), m.container_env(c))
+            cluster_secrets[cname] = secret_file
+            # The keys file and the cluster secret from a Secret's volume, as k8s/base/model.yaml
+            # says to set them.
+            for flag, path in (("api_keys_file", keys_file), ("cluster_secret_file", secret_file)):
+                if path:
+                    vm = mount_of(path)
+                    if vm is None or "secret" not in mounts_by_volume.get(vm["name"], {}):
+                        fail("%s: --%s=%s is not on a Secret's volume" % (cname, flag, path))
+                    n += 1
             if binary == "strata-worker":
                 model_dir = args["model"]
                 if mount_of(model_dir) is None and model_dir.lstrip("/") not in image_models:
@@ -380,6 +385,11 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                     fail("%s NetworkPolicy/%s: the workers' gRPC port is open beyond the coordinators"
                          % (where, p["metadata"]["name"]))
             n += 1
+    # The workers answer only calls with their own cluster secret: every coordinator and worker
+    # must read the same file, or none.
+    if len(set(cluster_secrets.values())) > 1:
+        fail("%s: coordinators and workers differ in --cluster_secret_file: %s" % (where, cluster_secrets))
+    n += 1
     return n
 
 
@@ -930,15 +940,18 @@ def main():
 
     base = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
     n = check_manifests(base, flags, image_models, image_fine_tunes)
-    # With API keys turned on as k8s/base/model.yaml says: the coordinators' keys file is on the
-    # Secret's volume.
+    # With API keys and the cluster secret turned on as k8s/base/model.yaml says: the coordinators'
+    # keys file and everyone's cluster secret are on the Secrets' volumes.
     keyed = copy.deepcopy(base.objs)
     for o in keyed:
         if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "strata-model":
             if o["data"].get("STRATA_API_KEYS_FILE") != "":
                 fail("k8s/base: STRATA_API_KEYS_FILE must be empty by default (no keys asked)")
             o["data"]["STRATA_API_KEYS_FILE"] = "/etc/strata/api-keys/keys.json"
-    n += check_manifests(Manifests(keyed, "k8s/base with API keys"), flags, image_models,
+            if o["data"].get("STRATA_CLUSTER_SECRET_FILE") != "":
+                fail("k8s/base: STRATA_CLUSTER_SECRET_FILE must be empty by default (no secret)")
+            o["data"]["STRATA_CLUSTER_SECRET_FILE"] = "/etc/strata/cluster-secret/secret"
+    n += check_manifests(Manifests(keyed, "k8s/base with API keys and a cluster secret"), flags, image_models,
                          image_fine_tunes)
     # kustomize refuses the symlinks a Bazel runfiles tree is made of: render a copy.
     k8s_copy = os.path.join(work, "k8s")

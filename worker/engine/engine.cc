@@ -947,6 +947,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   absl::flat_hash_map<const TenantShare*, size_t> queue_of;
   bool holes = false;
   bool no_room = false;
+  Sequence* no_room_seq = nullptr;  // the one that found no room, which ended admissions
   for (size_t level = 0; level < waiting_.size() && !no_room && room();) {
     const int32_t priority = waiting_[level]->options.priority;
     size_t level_end = level;
@@ -1001,6 +1002,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       if (r != AdmitResult::kAdmitted) ReleaseDelta(w);
       if (r == AdmitResult::kNoRoom) {
         no_room = true;
+        no_room_seq = w;
         break;
       }
       if (r == AdmitResult::kWaitingForIo || r == AdmitResult::kWaitingForPrefix) {
@@ -1047,9 +1049,13 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   if (plan.empty()) {
     waiting_for_io_ = io_wait;
     if (!io_wait && !waiting_.empty() && running_.empty()) {
-      // Not even one sequence fits: the cache is smaller than its prompt.
-      auto s = std::move(waiting_.front());
-      waiting_.pop_front();
+      // Not even one sequence fits: the cache is smaller than its prompt. (With fair sharing that
+      // one need not be the first in the queue.)
+      auto it = std::find_if(waiting_.begin(), waiting_.end(),
+                             [no_room_seq](const auto& w) { return w.get() == no_room_seq; });
+      if (it == waiting_.end()) it = waiting_.begin();
+      auto s = std::move(*it);
+      waiting_.erase(it);
       ReleaseDelta(s.get());
       LOG(ERROR) << "request " << s->id << " needs more KV blocks than the cache has";
       RequestOutput out;

@@ -8,9 +8,10 @@
 // caching, namespaced by model, fine-tune and cache salt). A sequence whose prefix goes on in
 // blocks that another sequence in the step is computing right now waits for them to be published
 // instead of computing them a second time (inflight_prefill_min_tokens). When blocks run out, a
-// sequence not yet planned in this step is preempted, the lowest priority and most recently
-// admitted first: its blocks are released and it waits to be recomputed (its published blocks
-// usually remain cached). Cancelling a sequence frees its blocks at once.
+// sequence not yet planned in this step is preempted, the lowest priority first (then the most
+// served tenant's, below; then the most recently admitted): its blocks are released and it waits to
+// be recomputed (its published blocks usually remain cached). Cancelling a sequence frees its
+// blocks at once.
 //
 // Fair sharing (EngineConfig::fair_share): every request names its tenant (empty: one tenant for
 // all). The engine counts each tenant's service, the tokens computed for it plus the tokens it
@@ -229,7 +230,8 @@ struct RequestOutput {
 
 // What an engine has done for one tenant (fair sharing): tokens computed for it (prompt tokens not
 // taken from the cache, each decode step's input, draft tokens, recomputation after preemption)
-// and tokens generated, since the engine started, and its service: those tokens, each divided by
+// and tokens generated, since the engine started (past 4096 tenants seen, the idle ones are
+// forgotten and start again from 0), and its service: those tokens, each divided by
 // the tenant's weight when counted (what admissions order by).
 struct TenantService {
   std::string name;

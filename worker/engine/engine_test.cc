@@ -482,6 +482,30 @@ TEST_F(FairShareTest, UnderKvPressureTheMostServedTenantIsPreempted) {
   }
 }
 
+// A prompt larger than the whole cache fails alone, whichever tenant's turn it was: not the
+// request ahead of it in the queue.
+TEST_F(FairShareTest, APromptLargerThanTheCacheFailsItselfOnly) {
+  EngineConfig c;
+  c.num_kv_blocks = 4;  // 64 tokens
+  c.block_tokens = 16;
+  auto e = MakeEngine(c);
+  RequestOptions a = Greedy(20);
+  a.tenant = "a";
+  ASSERT_TRUE(e->AddRequest("a-long", RandomPrompt(rng_, 8), a).ok());
+  ASSERT_TRUE(e->Step().ok());
+  // b arrives level with a, then a is served on; b's turn comes first, but its prompt never fits.
+  a.max_tokens = 3;
+  ASSERT_TRUE(e->AddRequest("a-short", RandomPrompt(rng_, 8), a).ok());
+  RequestOptions b = Greedy(3);
+  b.tenant = "b";
+  ASSERT_TRUE(e->AddRequest("b-huge", RandomPrompt(rng_, 100), b).ok());
+  std::map<std::string, RequestOutput> last;
+  RunAll(*e, &last);
+  EXPECT_EQ(last["b-huge"].finish, FinishReason::kContextLength);
+  EXPECT_EQ(last["a-short"].finish, FinishReason::kLength);
+  EXPECT_EQ(last["a-long"].finish, FinishReason::kLength);
+}
+
 TEST_F(FairShareTest, BadTenantFieldsAreRefused) {
   auto e = MakeEngine(EngineConfig{});
   RequestOptions o = Greedy(2);

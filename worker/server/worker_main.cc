@@ -36,6 +36,7 @@
 #include "common/metrics.h"
 #include "common/metrics_http.h"
 #include "common/process.h"
+#include "common/secrets.h"
 #include "common/status_macros.h"
 #include "common/version.h"
 #include "grammar/vocabulary.h"
@@ -94,6 +95,11 @@ ABSL_FLAG(int64_t, max_io_wait_ms, 500,
           "Longest a request waits for its KV blocks to load from disk before recomputing them.");
 ABSL_FLAG(int64_t, max_batch_tokens, 512, "Most tokens computed in one engine step.");
 ABSL_FLAG(int64_t, max_running_sequences, 64, "Most sequences in one engine step.");
+ABSL_FLAG(
+    std::string, cluster_secret_file, "",
+    "A file holding the cluster secret: the Worker service then answers only calls that carry "
+    "it (the coordinators given the same file); its health service stays open. Empty: no "
+    "secret (keep the port private).");
 ABSL_FLAG(bool, fair_share, true,
           "Within a priority, admit the waiting request of the tenant served least so far (tokens "
           "computed and generated for it over its weight; tenants come from the coordinator's API "
@@ -475,6 +481,14 @@ int Main(const std::vector<std::string>& args) {
   wo.model_name = model_name;
   wo.max_live_sequences = absl::GetFlag(FLAGS_max_live_sequences);
   wo.tensor_parallel_size = world;
+  if (const std::string path = absl::GetFlag(FLAGS_cluster_secret_file); !path.empty()) {
+    absl::StatusOr<std::string> secret = LoadSecretFile(path);
+    if (!secret.ok()) {
+      LOG(ERROR) << "--cluster_secret_file: " << secret.status();
+      return 1;
+    }
+    wo.cluster_secret = *std::move(secret);
+  }
   if (absl::GetFlag(FLAGS_persist_kv_s) < 0) {
     LOG(ERROR) << "--persist_kv_s must be 0 or more, not " << absl::GetFlag(FLAGS_persist_kv_s);
     return 1;

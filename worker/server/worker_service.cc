@@ -11,6 +11,7 @@
 #include "common/grpc_status.h"
 #include "common/grpc_stream.h"
 #include "common/log.h"
+#include "common/secrets.h"
 #include "common/tier_proto.h"
 #include "common/version.h"
 #include "worker/model/model_runner.h"
@@ -251,9 +252,34 @@ void WorkerService::Post(Command command) {
   }
 }
 
+grpc::Status WorkerService::CheckCaller(grpc::CallbackServerContext* context) const {
+  if (options_.cluster_secret.empty()) return grpc::Status::OK;
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find(kClusterSecretMetadata);
+  if (it != metadata.end() &&
+      SecretsEqual(options_.cluster_secret,
+                   absl::string_view(it->second.data(), it->second.size()))) {
+    return grpc::Status::OK;
+  }
+  if (options_.metrics != nullptr) {
+    options_.metrics
+        ->GetCounter("strata_worker_unauthenticated_total",
+                     "Worker calls refused for lacking the cluster secret.")
+        ->Add();
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      absl::StrCat("this worker answers its cluster's coordinators only: the call "
+                                   "lacks the cluster secret (gRPC metadata ",
+                                   kClusterSecretMetadata, "; --cluster_secret_file)"));
+}
+
 grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
-    grpc::CallbackServerContext* /*context*/, const v1::SubmitRequest* request) {
+    grpc::CallbackServerContext* context, const v1::SubmitRequest* request) {
   auto* stream = new SubmitStream(this, request->request_id(), next_serial_.fetch_add(1));
+  if (grpc::Status caller = CheckCaller(context); !caller.ok()) {
+    stream->RequestFinish(caller);
+    return stream;
+  }
   const ModelConfig& mc = engine_->model_config();
   SubmitLimits limits;
   limits.model_name = options_.model_name;
@@ -294,6 +320,10 @@ grpc::ServerUnaryReactor* WorkerService::Cancel(grpc::CallbackServerContext* con
                                                 const v1::CancelRequest* request,
                                                 v1::CancelResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status caller = CheckCaller(context); !caller.ok()) {
+    reactor->Finish(caller);
+    return reactor;
+  }
   Command c;
   c.kind = Command::Kind::kCancelById;
   c.request_id = request->request_id();
@@ -304,8 +334,12 @@ grpc::ServerUnaryReactor* WorkerService::Cancel(grpc::CallbackServerContext* con
 }
 
 grpc::ServerWriteReactor<v1::WorkerEvent>* WorkerService::WatchEvents(
-    grpc::CallbackServerContext* /*context*/, const v1::WatchEventsRequest* request) {
+    grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) {
   auto* stream = new EventStream(this, next_serial_.fetch_add(1));
+  if (grpc::Status caller = CheckCaller(context); !caller.ok()) {
+    stream->RequestFinish(caller);
+    return stream;
+  }
   const uint32_t ms = request->load_report_interval_ms();
   if (ms != 0 && (ms < 10 || ms > 60000)) {
     stream->RequestFinish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -324,6 +358,11 @@ grpc::ServerWriteReactor<v1::WorkerEvent>* WorkerService::WatchEvents(
 grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* context,
                                                  const v1::GetInfoRequest* /*request*/,
                                                  v1::WorkerInfo* info) {
+  if (grpc::Status caller = CheckCaller(context); !caller.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(caller);
+    return reactor;
+  }
   const ModelConfig& mc = engine_->model_config();
   {
     absl::MutexLock lock(&mu_);
@@ -364,6 +403,11 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
 grpc::ServerUnaryReactor* WorkerService::Drain(grpc::CallbackServerContext* context,
                                                const v1::DrainRequest* request,
                                                v1::DrainResponse* response) {
+  if (grpc::Status caller = CheckCaller(context); !caller.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(caller);
+    return reactor;
+  }
   const bool draining = !request->resume();
   SetDraining(draining);
   response->set_draining(draining);
@@ -824,9 +868,9 @@ void WorkerService::PublishMetrics(LoopState* state) {
                     {{"tenant", t.name}, {"kind", kind}})
           ->SetTotal(static_cast<double>(n));
     }
-    for (auto [state, n] : {Count{"running", t.running}, Count{"waiting", t.waiting}}) {
+    for (auto [label, n] : {Count{"running", t.running}, Count{"waiting", t.waiting}}) {
       m->GetGauge("strata_worker_tenant_sequences", kTenantSequences,
-                  {{"tenant", t.name}, {"state", state}})
+                  {{"tenant", t.name}, {"state", label}})
           ->Set(static_cast<double>(n));
     }
   }

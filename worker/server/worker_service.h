@@ -50,6 +50,9 @@ struct WorkerServiceOptions {
   // The model name clients submit under; also the cache namespace's model name (it must equal the
   // engine's EngineConfig::model_name so that the coordinator's block hashes match).
   std::string model_name = "model";
+  // When set, every Worker call must carry it (kClusterSecretMetadata): UNAUTHENTICATED otherwise
+  // (common/secrets.h).
+  std::string cluster_secret;
   // Running plus queued sequences accepted at once (a tenant under its part of them past it, up
   // to twice this; see above).
   int64_t max_live_sequences = 256;
@@ -133,6 +136,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   // A live place for a sequence of `tenant` (counted in num_live_ and by tenant), or why there is
   // none (RESOURCE_EXHAUSTED); given back by ReleaseLive.
   absl::Status TakeLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
+  // OK when the call carries the cluster secret (or none is set); UNAUTHENTICATED, counted.
+  grpc::Status CheckCaller(grpc::CallbackServerContext* context) const;
   void ReleaseLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
   v1::LoadReport MakeLoadReport(const EngineStats& stats, const LoopState& state) const;
   // Refreshes the gauges and component totals in options_.metrics (at most every 250 ms).
