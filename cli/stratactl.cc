@@ -18,6 +18,7 @@
 //   stratactl status [--coordinator ADDR] [--json]
 //   stratactl drain WORKER [--coordinator ADDR] [--resume] [--wait] [--timeout-s N] [--json]
 //   stratactl plan --model DIR|CONFIG.json [--gpu NAME] [workload and sizing flags] [--emit ...]
+//   stratactl keys check FILE [--json] | keys new [--prefix P]
 //
 // Cluster commands reach the coordinator at --coordinator, else $STRATA_COORDINATOR, else
 // 127.0.0.1:50051.
@@ -31,6 +32,7 @@
 #include "cli/args.h"
 #include "cli/cluster.h"
 #include "cli/delta_cmd.h"
+#include "cli/keys_cmd.h"
 #include "cli/offline.h"
 #include "cli/plan.h"
 #include "cli/profile.h"
@@ -61,6 +63,9 @@ constexpr char kUsage[] =
     "       --choice TEXT...] [--compact-json] [--json]\n"
     "  stratactl status [--json]\n"
     "  stratactl drain WORKER [--resume] [--wait] [--timeout-s N] [--json]\n"
+    "API keys (strata-coordinator --api_keys_file; coordinator/api_keys.h):\n"
+    "  stratactl keys check FILE [--json]   (each tenant's settings, or the file's error)\n"
+    "  stratactl keys new [--prefix P]      (a new random key)\n"
     "capacity planning (docs/KUBERNETES.md):\n"
     "  stratactl plan --model DIR|CONFIG.json [--gpu h100|h200|a100|l40s|list] [--rate RPS]\n"
     "      [--prompt-tokens N] [--output-tokens N] [--shared-prefix-tokens N] [--tpot-ms T]\n"
@@ -165,6 +170,16 @@ int main(int argc, char** argv) {
     auto args = strata::Args::Parse(rest, {"json", "resume", "wait"}, {"coordinator", "timeout-s"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::DrainCommand(*args, stdout);
+    return s.ok() ? 0 : Fail(s);
+  }
+  if (command == "keys" && !rest.empty() && (rest[0] == "check" || rest[0] == "new")) {
+    const bool check = rest[0] == "check";
+    rest.erase(rest.begin());
+    auto args =
+        check ? strata::Args::Parse(rest, {"json"}, {}) : strata::Args::Parse(rest, {}, {"prefix"});
+    if (!args.ok()) return Fail(args.status());
+    const absl::Status s =
+        check ? strata::KeysCheckCommand(*args, stdout) : strata::KeysNewCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);
   }
   if (command == "plan") {

@@ -60,21 +60,23 @@ msg="$($bin profile --model $model --threads 1 --kv-cache-mb 4 --context 32 --re
   --out "$tmp/profile.json" 2>&1)"; rc=$?
 [ $rc = 0 ] && grep -q '^fit ' <<<"$msg" && grep -q '"token_s"' "$tmp/profile.json" \
   || fail "profile: $rc $msg"
-out="$($bin simulate --profile "$tmp/profile.json" --workers 2 --rates 5,500 --requests 60 \
+out="$($bin simulate --profile "$tmp/profile.json" --workers 2 --rates 5,50000 --requests 60 \
   --prompt-tokens 32:64 --output-tokens 8 --svg "$tmp/curve.svg" --json 2>&1)" || fail "simulate: $out"
 python3 - "$out" "$tmp/curve.svg" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
 runs = r["runs"]
-assert [x["rate_per_s"] for x in runs] == [5, 500], r
+assert [x["rate_per_s"] for x in runs] == [5, 50000], r
 for x in runs:
     assert x["completed"] == 60 and x["rejected"] == 0 and x["workers"] == 2, x
     assert len(x["worker_utilization"]) == 2, x
-# A hundred times the load queues: the first token comes later.
+# Ten thousand times the load queues (this profile's tiny model takes well under a millisecond a
+# request): the first token comes later.
 assert runs[1]["ttft_ms"]["p99"] > runs[0]["ttft_ms"]["p99"], runs
 svg = open(sys.argv[2]).read()
 assert svg.startswith("<svg") and svg.count("<polyline") == 2, svg[:200]
 PY
+[ $? = 0 ] || fail "simulate --json: $out"
 # The engine's costs measured on an H200 (bench/profiles, written by tools/gpu_check.sh's profile):
 # at a light load a decode step is about its fitted floor, 5.4 ms.
 out="$($bin simulate --profile bench/profiles/h200_llama3_8b_bf16.json --kv-blocks 6000 --rate 2 \
@@ -133,5 +135,36 @@ msg="$($bin simulate --profile "$tmp/profile.json" --find-workers 2>&1)"; rc=$?
 [ $rc = 2 ] && grep -q -- '--ttft-p99-ms' <<<"$msg" || fail "find-workers no target: $rc $msg"
 msg="$($bin frobnicate 2>&1)"; rc=$?
 [ $rc = 2 ] && grep -q 'unknown command' <<<"$msg" || fail "unknown command: $rc $msg"
+
+# API keys files: a new key passes the coordinator's rules; check prints tenants, never keys, and
+# names the field of a bad file (exit 2) or the missing file (exit 1).
+key="$($bin keys new --prefix sk-acme-)"
+[[ "$key" =~ ^sk-acme-[0-9a-f]{48}$ ]] || fail "keys new: $key"
+[ "$key" != "$($bin keys new --prefix sk-acme-)" ] || fail "keys new repeats itself"
+cat > "$tmp/keys.json" <<EOF
+{"tenants": [{"name": "acme", "keys": ["$key"], "models": ["strata-tiny"], "tokens_per_minute": 9000,
+              "scheduling_weight": 2},
+             {"name": "ops", "keys": ["sk-ops-0123456789ab"], "models": [], "admin": true}]}
+EOF
+out="$($bin keys check "$tmp/keys.json")"
+grep -q '2 tenants' <<<"$out" && grep -q '^acme .*strata-tiny .* 9000 ' <<<"$out" ||
+  fail "keys check: $out"
+! grep -q -- "$key" <<<"$out" || fail "keys check printed a key: $out"
+json="$($bin keys check "$tmp/keys.json" --json)"
+python3 - "$json" <<'PY'
+import json, sys
+t = json.loads(sys.argv[1])["tenants"]
+assert [x["name"] for x in t] == ["acme", "ops"], t
+assert t[0]["models"] == ["strata-tiny"] and t[0]["tokens_per_minute"] == 9000, t
+assert t[0]["scheduling_weight"] == 2 and t[1]["admin"] is True and t[1]["models"] == [], t
+PY
+[ $? = 0 ] || fail "keys check --json: $json"
+echo '{"tenants": [{"name": "a", "keys": ["short"]}]}' > "$tmp/bad-keys.json"
+msg="$($bin keys check "$tmp/bad-keys.json" 2>&1)"; rc=$?
+[ $rc = 2 ] && grep -q 'tenants\[0\].keys\[0\]' <<<"$msg" || fail "keys check bad: $rc $msg"
+msg="$($bin keys check "$tmp/none.json" 2>&1)"; rc=$?
+[ $rc = 1 ] && grep -q 'none.json' <<<"$msg" || fail "keys check missing: $rc $msg"
+msg="$($bin keys new --prefix 'has space' 2>&1)"; rc=$?
+[ $rc = 2 ] && grep -q -- '--prefix' <<<"$msg" || fail "keys new prefix: $rc $msg"
 set -e
 echo "stratactl_test: all checks passed"
