@@ -7,7 +7,7 @@
 //       [--shared_prefix_tokens N] [--shared_fraction F] [--shared_prefixes K]
 //       [--turns T] [--turn_tokens N|MIN:MAX] [--think_time_ms MS] [--replies_in_history]
 //       [--cache_salt S] [--api_key KEY] [--tenant T] [--seed S] [--label L] [--json]
-//       [--json_out FILE]
+//       [--json_out FILE] [--start_at_unix_ms T]
 //
 // Arrivals are open-loop: requests (for multi-turn, conversations) start at Poisson times at --rate
 // per second whatever the system's latency; a conversation's next turn is sent after the previous
@@ -73,6 +73,9 @@ ABSL_FLAG(std::string, api_key, "",
           "API key sent with every request (--api serving: gRPC metadata authorization, openai: "
           "the Authorization header); default $STRATA_API_KEY.");
 ABSL_FLAG(std::string, tenant, "", "--api worker: the tenant named in every SubmitRequest.");
+ABSL_FLAG(int64_t, start_at_unix_ms, 0,
+          "Start the run (its first arrival) at this wall-clock time, in ms since the Unix epoch, "
+          "so that several loadgens begin together; 0: at once.");
 ABSL_FLAG(std::string, cluster_secret_file, "",
           "--api worker: the cluster secret's file, for a worker started with one.");
 ABSL_FLAG(uint64_t, seed, 1, "Workload seed.");
@@ -358,6 +361,9 @@ int Main() {
     return 1;
   }
   Driver driver(channel, api);
+  if (const int64_t at = absl::GetFlag(FLAGS_start_at_unix_ms); at > 0) {
+    absl::SleepFor(absl::FromUnixMillis(at) - absl::Now());
+  }
 
   absl::Mutex mu;
   std::vector<Sample> samples;

@@ -20,7 +20,8 @@
 #   5. Fair sharing between tenants: a coordinator with API keys over one worker (at most 8
 #      sequences running); tenant "heavy" sends a backlog of 320 requests at once, tenant "light"
 #      20 requests at 4 a second starting a second later; the worker with --fair_share (default)
-#      and without; three rounds each, alternating. Reports each tenant's latencies.
+#      and without; three rounds each, alternating. Reports each tenant's latencies. Then, on the
+#      fair worker, tenants of scheduling_weight 2 and 1 each sending 160 requests at once.
 # Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|bursts|fairness|all]
 # (JSON per run, plus summary.txt)
 set -euo pipefail
@@ -143,7 +144,9 @@ fi
 if [ "$part" = all ] || [ "$part" = fairness ]; then
 cat > "$out/fair-keys.json" <<'KEYS'
 {"tenants": [{"name": "heavy", "keys": ["sk-bench-heavy-0000"]},
-             {"name": "light", "keys": ["sk-bench-light-0000"]}]}
+             {"name": "light", "keys": ["sk-bench-light-0000"]},
+             {"name": "gold", "keys": ["sk-bench-gold-00000"], "scheduling_weight": 2},
+             {"name": "bronze", "keys": ["sk-bench-bronze-000"]}]}
 KEYS
 for fair in true false; do
   strata_worker "fair-$fair" "$model" --kv_cache_mb=64 --threads=2 --max_running_sequences=8 \
@@ -168,6 +171,23 @@ for round in 1 2 3; do
     wait $heavy
     tee -a "$summary" < "$out/fair-$fair-heavy-$round.txt"
   done
+done
+# Weights: "gold" (scheduling_weight 2) and "bronze" (1) each send 160 requests at once; while
+# both have work, gold should get two thirds of the worker, so it finishes at about 3/4 of the
+# time bronze takes (both at 1: about the same time).
+for round in 1 2 3; do
+  c=$c_true
+  at=$(( $(date +%s%3N) + 1500 ))  # both clients connected by then
+  for t in gold bronze; do
+    loadgen --target=127.0.0.1:$c "${shape[@]}" --requests=160 --rate=100000 --seed=$((round + 200)) \
+      --start_at_unix_ms=$at \
+      --api_key="sk-bench-$t-$([ $t = gold ] && echo 00000 || echo 000)" --cache_salt="$t-$round" \
+      --label="weights/$t/round$round" --json_out="$out/weights-$t-$round.json" \
+      > "$out/weights-$t-$round.txt" &
+    eval "pid_$t=\$!"
+  done
+  wait "$pid_gold" "$pid_bronze"
+  cat "$out/weights-gold-$round.txt" "$out/weights-bronze-$round.txt" | tee -a "$summary"
 done
 strata_stop_all
 fi

@@ -409,12 +409,17 @@ Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
   TenantShare& t = it->second;
   t.weight = o.tenant_weight;
   if (t.live == 0) {
-    // No credit banked while idle: start level with the least served tenant at work.
-    double floor = -1;
+    // No credit banked while idle: start level with the least served tenant at work, or, when
+    // none is, with the most served of all (an idle engine forgets who was served more: work
+    // done alone took nothing from anyone).
+    double least_live = -1, most = 0;
     for (const auto& [name, other] : tenants_) {
-      if (other.live > 0 && (floor < 0 || other.service < floor)) floor = other.service;
+      if (other.live > 0 && (least_live < 0 || other.service < least_live)) {
+        least_live = other.service;
+      }
+      most = std::max(most, other.service);
     }
-    t.service = std::max(t.service, floor);
+    t.service = std::max(t.service, least_live >= 0 ? least_live : most);
   }
   return &t;
 }

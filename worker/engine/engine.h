@@ -20,7 +20,9 @@
 // the oldest of the tenant served least so far; a tenant that floods the engine with requests
 // then takes no more than its share of the places that open, instead of making everyone queue
 // behind its backlog. A tenant with nothing waiting or running banks no credit: when its next
-// request arrives its count is raised to the least of those of the tenants with work here. Under
+// request arrives its count is raised to the least of those of the tenants with work here, or,
+// when none has work, to the greatest of all (work a tenant did alone took nothing from anyone,
+// so after an idle spell everyone starts level). Under
 // KV pressure the victim is the lowest priority, then the most served tenant, then the most
 // recently admitted sequence. (Virtual token counters, after Sheng et al., "Fairness in Serving
 // Large Language Models", OSDI 2024.)

@@ -459,6 +459,17 @@ TEST_F(FairShareTest, ATenantBanksNoCreditWhileIdle) {
   EXPECT_EQ(Finishes(*e), (std::vector<std::string>{"c0"}));
 }
 
+// Work done alone is not held against a tenant later: after an idle spell everyone starts level.
+TEST_F(FairShareTest, AfterAnIdleSpellTenantsStartLevel) {
+  auto e = MakeEngine(OneAtATime(true));
+  Add(*e, "a0", "a");
+  for (int i = 0; i < 4; ++i) Add(*e, absl::StrCat("b", i), "b");
+  EXPECT_EQ(Finishes(*e).size(), 5u);  // a 13, b 52: b ran its last three alone
+  for (int i = 1; i < 4; ++i) Add(*e, absl::StrCat("a", i), "a");
+  for (int i = 4; i < 7; ++i) Add(*e, absl::StrCat("b", i), "b");
+  EXPECT_EQ(Finishes(*e), (std::vector<std::string>{"a1", "b4", "a2", "b5", "a3", "b6"}));
+}
+
 TEST_F(FairShareTest, UnderKvPressureTheMostServedTenantIsPreempted) {
   // Five 16-token blocks: heavy's 40-token prompt takes 3, light's 20-token one 2, and both grow
   // out of them. heavy needs a block first. By arrival the victim is the most recently admitted,
