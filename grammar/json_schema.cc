@@ -32,8 +32,6 @@ constexpr const char* kUnsupported[] = {
     "contains",
     "minContains",
     "maxContains",
-    "minProperties",
-    "maxProperties",
     "patternProperties",
     "propertyNames",
     "dependentRequired",
@@ -203,9 +201,10 @@ class SchemaCompiler {
       if (!s.FindField(k).has_value()) continue;
       for (const auto& [key, value] : members) {
         for (const char* c :
-             {"properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-              "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
-              "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems"}) {
+             {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
+              "items", "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern",
+              "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+              "uniqueItems"}) {
           if (key == c) {
             return s.Error(absl::StrCat("combines \"", k, "\" with \"", key,
                                         "\", which is not supported: state it in each branch"));
@@ -269,7 +268,8 @@ class SchemaCompiler {
         }
         return false;
       };
-      if (has({"properties", "required", "additionalProperties"})) {
+      if (has({"properties", "required", "additionalProperties", "minProperties",
+               "maxProperties"})) {
         types = {"object"};
       } else if (has({"items", "prefixItems", "minItems", "maxItems", "uniqueItems"})) {
         types = {"array"};
@@ -1117,13 +1117,32 @@ class SchemaCompiler {
     } else if (props.empty()) {
       extra = AnyValue();
     }
+    // minProperties / maxProperties: counted as the members are written. (A key written twice
+    // is one property to a JSON parser; the grammar cannot see repeats among free-form keys.)
+    ASSIGN_OR_RETURN(const int64_t min_props, s.IntFieldOr("minProperties", 0));
+    ASSIGN_OR_RETURN(const int64_t max_props, s.IntFieldOr("maxProperties", -1));
+    if (min_props < 0 || (max_props >= 0 && max_props < min_props)) {
+      return s.Error("has minProperties/maxProperties out of order");
+    }
+    const bool counted = min_props > 0 || max_props >= 0;
     if (props.empty()) {
-      if (!extra.has_value()) return List("object", '{', '}', {}, 0, 0);
-      if (*extra == AnyValue()) return AnyObject();
+      if (!extra.has_value()) {
+        if (min_props > 0) return s.Error("has minProperties above 0 but allows no property");
+        return List("object", '{', '}', {}, 0, 0);
+      }
+      if (*extra == AnyValue() && !counted) return AnyObject();
       Seq member = {AnyString()};
       for (int32_t e : Colon()) member.push_back(e);
       member.push_back(*extra);
-      return List("object", '{', '}', std::move(member), 0, -1);
+      return List("object", '{', '}', std::move(member), min_props, max_props);
+    }
+    if (counted) {
+      if (extra.has_value()) {
+        return s.Error(
+            "has minProperties/maxProperties with properties beyond the listed ones "
+            "(additionalProperties), which is not supported");
+      }
+      return CountedObject(s, props, required, min_props, max_props);
     }
     const int n = static_cast<int>(props.size());
     // rest[i][c]: the members from property i on; c: whether one has been written (a comma
@@ -1156,16 +1175,8 @@ class SchemaCompiler {
       rest[n][c] = b_.Ref(r);
     }
     for (int i = n - 1; i >= 0; --i) {
-      const auto& [name, schema] = props[i];
-      int32_t value;
-      if (schema.has_value()) {
-        ASSIGN_OR_RETURN(value, Value(*schema));
-      } else {
-        value = AnyValue();
-      }
-      Seq member = b_.Literal(JsonQuote(name));
-      for (int32_t e : Colon()) member.push_back(e);
-      member.push_back(value);
+      const std::string& name = props[i].first;
+      ASSIGN_OR_RETURN(const Seq member, Member(name, props[i].second));
       for (int c = 0; c < 2; ++c) {
         const int32_t r = b_.NewRule(absl::StrCat("member ", name));
         Seq with = c == 1 ? Sep() : Seq{};
@@ -1177,6 +1188,77 @@ class SchemaCompiler {
       }
     }
     return b_.Choice("object", {{b_.Byte('{'), Ws(), rest[0][0], Ws(), b_.Byte('}')}});
+  }
+
+  // A listed property's member: its quoted name, the colon, its value (any, without a schema).
+  absl::StatusOr<Seq> Member(const std::string& name, const std::optional<JsonValue>& schema) {
+    int32_t value;
+    if (schema.has_value()) {
+      ASSIGN_OR_RETURN(value, Value(*schema));
+    } else {
+      value = AnyValue();
+    }
+    Seq member = b_.Literal(JsonQuote(name));
+    for (int32_t e : Colon()) member.push_back(e);
+    member.push_back(value);
+    return member;
+  }
+
+  // An object of the listed properties only, in their order, required ones always, with
+  // min_props to max_props (-1: any number) of them: a rule per (property, members written so
+  // far) from which the bounds can still be met.
+  absl::StatusOr<int32_t> CountedObject(
+      const JsonValue& s,
+      const std::vector<std::pair<std::string, std::optional<JsonValue>>>& props,
+      const absl::flat_hash_set<std::string>& required, int64_t min_props, int64_t max_props) {
+    const int n = static_cast<int>(props.size());
+    std::vector<int> required_from(n + 1, 0);  // required properties among props[i..]
+    for (int i = n - 1; i >= 0; --i) {
+      required_from[i] = required_from[i + 1] + (required.contains(props[i].first) ? 1 : 0);
+    }
+    const int64_t most = max_props < 0 ? n : std::min<int64_t>(max_props, n);
+    if (min_props > n) {
+      return s.Error(
+          absl::StrCat("has minProperties ", min_props, " above the ", n, " properties it allows"));
+    }
+    if (required_from[0] > most) {
+      return s.Error(absl::StrCat("requires ", required_from[0],
+                                  " properties but has maxProperties ", max_props));
+    }
+    if (b_.num_rules() + static_cast<int64_t>(n + 1) * (n + 2) / 2 > GrammarBuilder::kMaxRules) {
+      return s.Error("makes the schema's grammar too large");
+    }
+    std::vector<Seq> members(n);
+    for (int i = 0; i < n; ++i) {
+      ASSIGN_OR_RETURN(members[i], Member(props[i].first, props[i].second));
+    }
+    // From property i on, k written: the bounds can still be met.
+    auto viable = [&](int i, int64_t k) {
+      return k + (n - i) >= min_props && k + required_from[i] <= most;
+    };
+    // rest[i][k]: the members from property i on, k written before it (none: not viable).
+    std::vector<std::vector<std::optional<int32_t>>> rest(
+        n + 1, std::vector<std::optional<int32_t>>(n + 1));
+    for (int64_t k = 0; k <= n; ++k) {
+      if (viable(n, k)) rest[n][k] = b_.Choice("members", std::vector<Seq>(1));  // the end
+    }
+    for (int i = n - 1; i >= 0; --i) {
+      for (int64_t k = 0; k <= i; ++k) {
+        if (!viable(i, k)) continue;
+        std::vector<Seq> alts;
+        if (rest[i + 1][k + 1].has_value()) {
+          Seq with = k > 0 ? Sep() : Seq{};
+          with.insert(with.end(), members[i].begin(), members[i].end());
+          with.push_back(*rest[i + 1][k + 1]);
+          alts.push_back(std::move(with));
+        }
+        if (!required.contains(props[i].first) && rest[i + 1][k].has_value()) {
+          alts.push_back({*rest[i + 1][k]});
+        }
+        rest[i][k] = b_.Choice(absl::StrCat("member ", props[i].first), std::move(alts));
+      }
+    }
+    return b_.Choice("object", {{b_.Byte('{'), Ws(), *rest[0][0], Ws(), b_.Byte('}')}});
   }
 
   static constexpr int kMaxDepth = 128;

@@ -70,6 +70,40 @@ TEST(JsonSchemaTest, ObjectsFollowPropertiesRequiredAndAdditional) {
   ExpectAccepts(closed, {"{}", "{ }"}, {R"({"a":1})"});
 }
 
+TEST(JsonSchemaTest, MinAndMaxPropertiesCountTheMembers) {
+  // Listed properties: counted as written, required ones always.
+  auto some = Must(R"({"properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
+                                      "c": {"type": "integer"}},
+                       "additionalProperties": false, "minProperties": 1, "maxProperties": 2})");
+  ExpectAccepts(some, {R"({"a":1})", R"({"c":3})", R"({"a":1,"c":3})", R"({ "b" : 2 , "c" : 3 })"},
+                {"{}", R"({"a":1,"b":2,"c":3})", R"({"d":1})"});
+  auto with_required = Must(R"({"properties": {"a": {}, "b": {}, "c": {}}, "required": ["b"],
+                                "maxProperties": 2})");
+  ExpectAccepts(with_required, {R"({"b":1})", R"({"a":1,"b":2})", R"({"b":2,"c":[]})"},
+                {"{}", R"({"a":1})", R"({"a":1,"b":2,"c":3})"});
+  auto at_least = Must(R"({"type": "object", "properties": {"x": {"type": "string"},
+                           "y": {"type": "string"}}, "minProperties": 2})");
+  ExpectAccepts(at_least, {R"({"x":"1","y":"2"})"}, {R"({"x":"1"})", "{}"});
+  // A map: min..max members (pydantic's dict with min_length / max_length).
+  auto map = Must(R"({"type": "object", "additionalProperties": {"type": "integer"},
+                      "minProperties": 1, "maxProperties": 2})");
+  ExpectAccepts(map, {R"({"k":1})", R"({"k":1,"j":2})"}, {"{}", R"({"a":1,"b":2,"c":3})"});
+  auto any = Must(R"({"type": "object", "maxProperties": 1})");
+  ExpectAccepts(any, {"{}", R"({"k":[1,{"x":2}]})"}, {R"({"a":1,"b":2})"});
+  // Bounds no object of the schema can meet, or that it cannot count, are refused.
+  for (const char* bad : {
+           R"({"properties": {"a": {}}, "additionalProperties": false, "minProperties": 2})",
+           R"({"properties": {"a": {}, "b": {}}, "required": ["a", "b"], "maxProperties": 1})",
+           R"({"type": "object", "additionalProperties": false, "minProperties": 1})",
+           R"({"type": "object", "minProperties": 3, "maxProperties": 2})",
+           R"({"properties": {"a": {}}, "additionalProperties": true, "minProperties": 1})",
+       }) {
+    absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(bad, "schema");
+    ASSERT_FALSE(g.ok()) << bad;
+    EXPECT_NE(g.status().message().find("Properties"), std::string::npos) << g.status();
+  }
+}
+
 TEST(JsonSchemaTest, EnumsConstsUnionsAndRefs) {
   ExpectAccepts(Must(R"({"enum": ["red", 2, null, {"a": [1]}]})"),
                 {R"("red")", "2", "null", R"({"a":[1]})"}, {R"("blue")", "3", R"({"a": [1]})"});
