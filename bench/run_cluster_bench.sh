@@ -22,7 +22,12 @@
 #      20 requests at 4 a second starting a second later; the worker with --fair_share (default)
 #      and without; three rounds each, alternating. Reports each tenant's latencies. Then, on the
 #      fair worker, tenants of scheduling_weight 2 and 1 each sending 160 requests at once.
-# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|bursts|fairness|all]
+#   6. Fair cache eviction: a coordinator with API keys over one worker with 64 MiB of KV (16k
+#      tokens); tenant "flood" sends unique 1,000-token prompts at 10 a second, tenant "steady" 12
+#      requests at 0.5 a second, each its 1,000-token system prompt plus a question; workers with
+#      --fair_cache_eviction (the default) and without; three rounds each, alternating. Reports
+#      steady's prefix-cache hit rate and latencies.
+# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|bursts|fairness|cache|all]
 # (JSON per run, plus summary.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -136,6 +141,40 @@ for budget in 2048 8192; do
         --label="burst/budget$budget/min$min/round$round" --json_out="$out/burst-$budget-$min-$round.json" |
         tee -a "$summary"
     done
+  done
+done
+strata_stop_all
+fi
+# 6. Fair cache eviction.
+if [ "$part" = all ] || [ "$part" = cache ]; then
+cat > "$out/cache-keys.json" <<'KEYS'
+{"tenants": [{"name": "flood", "keys": ["sk-bench-flood-0000"]},
+             {"name": "steady", "keys": ["sk-bench-steady-000"]}]}
+KEYS
+for fair in true false; do
+  strata_worker "cache-$fair" "$model" --kv_cache_mb=64 --threads=2 --max_live_sequences=1024 \
+    --fair_cache_eviction=$fair
+  w=$STRATA_PORT
+  strata_coordinator "cache-$fair-coordinator" "$model" "127.0.0.1:$w" --api_keys_file="$out/cache-keys.json"
+  eval "c_$fair=$STRATA_PORT"
+done
+sleep 1
+for round in 1 2 3; do
+  for fair in true false; do
+    c=$(eval echo "\$c_$fair")
+    loadgen --target=127.0.0.1:$c --workload=random --prompt_tokens=1000 --output_tokens=16 \
+      --requests=260 --rate=10 --seed=$round --api_key=sk-bench-flood-0000 --cache_salt="flood-$round" \
+      --label="cache-$fair/flood/round$round" --json_out="$out/cache-$fair-flood-$round.json" \
+      > "$out/cache-$fair-flood-$round.txt" &
+    flood=$!
+    sleep 1
+    loadgen --target=127.0.0.1:$c --workload=shared-prefix --shared_prefix_tokens=1000 \
+      --shared_fraction=1 --shared_prefixes=1 --prompt_tokens=16:32 --output_tokens=16 \
+      --requests=12 --rate=0.5 --seed=$((round + 100)) --api_key=sk-bench-steady-000 \
+      --cache_salt="steady-$round" --label="cache-$fair/steady/round$round" \
+      --json_out="$out/cache-$fair-steady-$round.json" | tee -a "$summary"
+    wait $flood
+    tee -a "$summary" < "$out/cache-$fair-flood-$round.txt"
   done
 done
 strata_stop_all

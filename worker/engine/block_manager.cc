@@ -28,10 +28,7 @@ std::vector<int32_t> BlockManager::AcquirePrefix(absl::Span<const BlockHash> has
     auto it = by_hash_.find(hashes[i]);
     CHECK(it != by_hash_.end()) << "AcquirePrefix beyond MatchPrefix";
     Block& b = blocks_[it->second];
-    if (b.in_lru) {
-      lru_.erase(b.lru_pos);
-      b.in_lru = false;
-    }
+    RemoveFromLru(b);
     ++b.refs;
     if (count_hits) ++b.hits;
     out.push_back(it->second);
@@ -45,7 +42,7 @@ std::optional<int32_t> BlockManager::Allocate(bool free_only) {
     id = free_.back();
     free_.pop_back();
   } else if (!lru_.empty() && !free_only) {
-    id = lru_.front();
+    id = Victim();
     Evict(id);
   } else {
     return std::nullopt;
@@ -55,11 +52,37 @@ std::optional<int32_t> BlockManager::Allocate(bool free_only) {
   return id;
 }
 
+int32_t BlockManager::Victim() const {
+  if (!fair_eviction_ || owners_.size() < 2) return lru_.front();
+  // The owner holding the most published blocks among those with a cached one; of equals, the
+  // one whose least recently released block is older (the plain LRU order between them).
+  const Owner* pick = nullptr;
+  for (const auto& [id, o] : owners_) {
+    if (o.lru.empty()) continue;
+    if (pick == nullptr || o.published > pick->published ||
+        (o.published == pick->published &&
+         blocks_[o.lru.front()].released < blocks_[pick->lru.front()].released)) {
+      pick = &o;
+    }
+  }
+  return pick->lru.front();
+}
+
+void BlockManager::RemoveFromLru(Block& b) {
+  if (!b.in_lru) return;
+  lru_.erase(b.lru_pos);
+  owners_[b.owner].lru.erase(b.owner_pos);
+  b.in_lru = false;
+}
+
 void BlockManager::Evict(int32_t id) {
   Block& b = blocks_[id];
   DCHECK(b.in_lru);
-  lru_.erase(b.lru_pos);
-  b.in_lru = false;
+  RemoveFromLru(b);
+  if (auto it = owners_.find(b.owner); it != owners_.end() && --it->second.published == 0) {
+    owners_.erase(it);
+  }
+  b.owner = 0;
   if (on_evict_) on_evict_(id, BlockKey{b.hash, b.ns});
   by_hash_.erase(b.hash);
   events_.push_back({BlockEvent::Kind::kRemoved, b.hash, Tier::kDevice});
@@ -69,11 +92,13 @@ void BlockManager::Evict(int32_t id) {
   b.hits = 0;
 }
 
-void BlockManager::Publish(int32_t id, BlockHash hash, uint64_t cache_namespace) {
+void BlockManager::Publish(int32_t id, BlockHash hash, uint64_t cache_namespace, int32_t owner) {
   Block& b = blocks_[id];
   DCHECK_LT(0, b.refs);
   if (b.published || by_hash_.contains(hash)) return;
   b.published = true;
+  b.owner = owner;
+  ++owners_[owner].published;
   b.hash = hash;
   b.ns = cache_namespace;
   b.hits = 0;
@@ -88,6 +113,10 @@ void BlockManager::Release(int32_t id) {
   if (b.published) {
     lru_.push_back(id);
     b.lru_pos = std::prev(lru_.end());
+    std::list<int32_t>& mine = owners_[b.owner].lru;
+    mine.push_back(id);
+    b.owner_pos = std::prev(mine.end());
+    b.released = next_release_++;
     b.in_lru = true;
   } else {
     free_.push_back(id);

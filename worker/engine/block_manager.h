@@ -5,7 +5,9 @@
 // block is published under its chained hash (common/hash.h); a later sequence whose prompt starts
 // with the same blocks (same tokens, same model / fine-tune / tenant namespace) acquires them
 // instead of recomputing. Allocation takes free blocks first, then evicts the least recently used
-// cached block.
+// cached block; with fair eviction (SetFairEviction), the least recently used cached block of the
+// owner (the tenant that published it) holding the most published blocks, so that one tenant's
+// stream of new prompts pushes out its own cached blocks before another tenant's few.
 //
 // Every change to the set of published blocks is recorded as an event (stored / removed, by hash)
 // for the coordinator's routing index. Not thread-safe: owned by the engine's step thread.
@@ -52,6 +54,14 @@ class BlockManager {
     on_evict_ = std::move(hook);
   }
 
+  // Eviction by owner (above); off: one least-recently-used order for all.
+  void SetFairEviction(bool fair) { fair_eviction_ = fair; }
+  // Published blocks of `owner` (in use or cached).
+  int64_t num_published_by(int32_t owner) const {
+    auto it = owners_.find(owner);
+    return it == owners_.end() ? 0 : it->second.published;
+  }
+
   // How many leading hashes are published (whether in use or cached).
   int64_t MatchPrefix(absl::Span<const BlockHash> hashes) const;
   // Takes a reference to the published blocks of the first `n` hashes (n <= MatchPrefix(hashes)),
@@ -61,9 +71,10 @@ class BlockManager {
   // A block for new content, or nullopt when none is available. `free_only`: only a block that
   // holds nothing (never evicts a cached one).
   std::optional<int32_t> Allocate(bool free_only = false);
-  // Publishes a full, in-use block under `hash` (computed in `cache_namespace`). If another block
-  // already holds `hash`, nothing changes (this block stays private and is freed on release).
-  void Publish(int32_t block, BlockHash hash, uint64_t cache_namespace = 0);
+  // Publishes a full, in-use block under `hash` (computed in `cache_namespace`) for `owner` (an id
+  // of the tenant; 0 for all without one). If another block already holds `hash`, nothing changes
+  // (this block stays private and is freed on release).
+  void Publish(int32_t block, BlockHash hash, uint64_t cache_namespace = 0, int32_t owner = 0);
   // Drops one reference; at zero the block becomes cached (if published) or free.
   void Release(int32_t block);
   int32_t ref_count(int32_t block) const { return blocks_[block].refs; }
@@ -87,15 +98,28 @@ class BlockManager {
     uint64_t ns = 0;
     int32_t hits = 0;
     std::list<int32_t>::iterator lru_pos;
+    std::list<int32_t>::iterator owner_pos;  // in owners_[owner].lru, while in_lru
     bool in_lru = false;
+    int32_t owner = 0;
+    uint64_t released = 0;  // when it last became cached (a count of releases)
+  };
+  struct Owner {
+    int64_t published = 0;
+    std::list<int32_t> lru;  // its cached blocks, least recently released first
   };
   void Evict(int32_t block);
+  void RemoveFromLru(Block& b);
+  // The cached block to evict next.
+  int32_t Victim() const;
 
   const int64_t num_blocks_;
   const int64_t block_tokens_;
   std::vector<Block> blocks_;
   std::vector<int32_t> free_;
   std::list<int32_t> lru_;  // cached, unreferenced; front is least recently released
+  bool fair_eviction_ = false;
+  uint64_t next_release_ = 0;
+  absl::flat_hash_map<int32_t, Owner> owners_;  // owners with published blocks
   absl::flat_hash_map<BlockHash, int32_t> by_hash_;
   std::vector<BlockEvent> events_;
   std::function<void(int32_t, BlockKey)> on_evict_;

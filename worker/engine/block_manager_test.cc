@@ -33,6 +33,40 @@ TEST(BlockManagerTest, PublishedBlocksAreSharedAndCachedAfterRelease) {
   EXPECT_EQ(events[1].hash, 200u);
 }
 
+// With fair eviction, the owner holding the most published blocks loses its cached ones first,
+// even when another's are older; one owner alone, or fair eviction off, is plain LRU.
+TEST(BlockManagerTest, FairEvictionTakesFromTheLargestOwnerFirst) {
+  for (bool fair : {true, false}) {
+    SCOPED_TRACE(fair ? "fair" : "lru");
+    BlockManager m(8, 16);
+    m.SetFairEviction(fair);
+    std::vector<int32_t> light, heavy;
+    for (int i = 0; i < 2; ++i) {  // light's two blocks, released first (the oldest)
+      light.push_back(*m.Allocate());
+      m.Publish(light.back(), 100 + i, 0, /*owner=*/1);
+    }
+    for (int i = 0; i < 6; ++i) {
+      heavy.push_back(*m.Allocate());
+      m.Publish(heavy.back(), 200 + i, 0, /*owner=*/2);
+    }
+    for (int32_t b : light) m.Release(b);
+    for (int32_t b : heavy) m.Release(b);
+    EXPECT_EQ(m.num_published_by(1), 2);
+    EXPECT_EQ(m.num_published_by(2), 6);
+    // Four new blocks: fair takes heavy's four oldest; LRU takes light's two, then heavy's two.
+    for (int i = 0; i < 4; ++i) ASSERT_TRUE(m.Allocate().has_value());
+    const std::vector<BlockHash> light_chain = {100, 101};
+    EXPECT_EQ(m.MatchPrefix(light_chain), fair ? 2 : 0);
+    EXPECT_EQ(m.num_published_by(2), fair ? 2 : 4);
+    // Level (two each): then the older of the two owners' least recent blocks goes first.
+    if (fair) {
+      ASSERT_TRUE(m.Allocate().has_value());
+      EXPECT_EQ(m.MatchPrefix(light_chain), 0);  // light's 100 was released before heavy's 204
+      EXPECT_EQ(m.num_published_by(1), 1);
+    }
+  }
+}
+
 TEST(BlockManagerTest, AllocationPrefersFreeThenEvictsLeastRecentlyReleased) {
   BlockManager m(3, 16);
   const int32_t a = *m.Allocate();

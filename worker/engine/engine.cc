@@ -243,6 +243,7 @@ Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig conf
                int64_t num_blocks)
     : weights_(weights), config_(std::move(config)), blocks_(num_blocks, config_.block_tokens) {
   (void)comm;
+  blocks_.SetFairEviction(config_.fair_cache_eviction);
   if (config_.speculative_max_batch < 0) {
     config_.speculative_max_batch = config_.device == "gpu" ? 16 : 2;
   }
@@ -405,6 +406,7 @@ Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
       absl::erase_if(tenants_, [](const auto& t) { return t.second.live == 0; });
     it = tenants_.try_emplace(o.tenant).first;
     it->second.name = o.tenant;
+    it->second.id = next_tenant_id_++;
   }
   TenantShare& t = it->second;
   t.weight = o.tenant_weight;
@@ -546,7 +548,7 @@ std::vector<int32_t> Engine::RestoreRun(const Sequence& s, absl::Span<const Bloc
       blocks_.Release(*b);
       break;
     }
-    blocks_.Publish(*b, hashes[i], s.cache_namespace);
+    blocks_.Publish(*b, hashes[i], s.cache_namespace, s.share->id);
     out.push_back(*b);
   }
   for (int64_t i = from; i < pinned; ++i) store_->Unpin(hashes[i]);
@@ -779,7 +781,7 @@ void Engine::PublishFullBlocks(Sequence* s) {
     const int64_t i = static_cast<int64_t>(s->hashes.size());
     const BlockHash parent = i == 0 ? kRootBlockHash : s->hashes.back();
     const BlockHash h = ChainBlockHash(parent, s->cache_namespace, tokens.subspan(i * bt, bt));
-    blocks_.Publish(s->block_table[i], h, s->cache_namespace);
+    blocks_.Publish(s->block_table[i], h, s->cache_namespace, s->share->id);
     s->hashes.push_back(h);
   }
   if (s->hashes.size() >= s->planned_hashes.size()) s->planned_hashes.clear();

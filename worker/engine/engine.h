@@ -163,6 +163,10 @@ struct EngineConfig {
   // Admissions share the engine between tenants (RequestOptions::tenant) as the header says;
   // false: strictly by arrival within a priority.
   bool fair_share = true;
+  // The device cache evicts the least recently used cached block of the tenant holding the most
+  // published blocks (BlockManager::SetFairEviction), so that one tenant's stream of new prompts
+  // pushes out its own cached blocks before another tenant's few; false: one LRU order for all.
+  bool fair_cache_eviction = true;
 };
 
 // kGrammarEnd: the output is a complete sentence of the request's grammar, which allows nothing
@@ -340,6 +344,7 @@ class Engine {
  private:
   struct TenantShare : TenantService {
     int64_t live = 0;  // its sequences waiting or running
+    int32_t id = 0;    // the owner of the blocks it publishes (BlockManager)
   };
   struct Sequence {
     std::string id;
@@ -511,6 +516,7 @@ class Engine {
   // By tenant name; entries stay put (sequences point at theirs), and are declared before the
   // sequences, which count themselves out of theirs when destroyed.
   absl::node_hash_map<std::string, TenantShare> tenants_;
+  int32_t next_tenant_id_ = 0;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<std::unique_ptr<Sequence>> cancelled_;

@@ -517,6 +517,33 @@ TEST_F(FairShareTest, APromptLargerThanTheCacheFailsItselfOnly) {
   EXPECT_EQ(last["a-long"].finish, FinishReason::kLength);
 }
 
+// A tenant's stream of new prompts evicts its own cached blocks before another tenant's prefix.
+TEST_F(FairShareTest, ATenantsCachedPrefixOutlastsAnothersStreamOfNewPrompts) {
+  for (bool fair : {true, false}) {
+    SCOPED_TRACE(fair ? "fair eviction" : "one LRU");
+    EngineConfig c;
+    c.num_kv_blocks = 16;
+    c.block_tokens = 16;
+    c.fair_cache_eviction = fair;
+    auto e = MakeEngine(c);
+    RequestOptions steady = Greedy(2), flood = Greedy(2);
+    steady.tenant = "steady";
+    flood.tenant = "flood";
+    const std::vector<int32_t> system = RandomPrompt(rng_, 64);
+    ASSERT_TRUE(e->AddRequest("s0", system, steady).ok());
+    RunAll(*e);
+    for (int i = 0; i < 6; ++i) {  // 30 blocks of new prompts through a 16-block cache
+      ASSERT_TRUE(e->AddRequest(absl::StrCat("f", i), RandomPrompt(rng_, 70), flood).ok());
+      RunAll(*e);
+    }
+    ASSERT_TRUE(e->AddRequest("s1", system, steady).ok());
+    std::map<std::string, RequestOutput> last;
+    RunAll(*e, &last);
+    // The prompt's first three blocks (the last token is always computed).
+    EXPECT_EQ(last["s1"].num_cached_prompt_tokens, fair ? 48 : 0);
+  }
+}
+
 TEST_F(FairShareTest, BadTenantFieldsAreRefused) {
   auto e = MakeEngine(EngineConfig{});
   RequestOptions o = Greedy(2);

@@ -100,6 +100,9 @@ ABSL_FLAG(
     "A file holding the cluster secret: the Worker service then answers only calls that carry "
     "it (the coordinators given the same file); its health service stays open. Empty: no "
     "secret (keep the port private).");
+ABSL_FLAG(bool, fair_cache_eviction, true,
+          "When the KV cache is full, evict the least recently used cached block of the tenant "
+          "holding the most cached prefixes, not the least recently used of all.");
 ABSL_FLAG(bool, fair_share, true,
           "Within a priority, admit the waiting request of the tenant served least so far (tokens "
           "computed and generated for it over its weight; tenants come from the coordinator's API "
@@ -403,6 +406,7 @@ int Main(const std::vector<std::string>& args) {
   ec.write_through_hot_blocks = absl::GetFlag(FLAGS_write_through);
   ec.keep_finished_warm = absl::GetFlag(FLAGS_keep_finished_warm);
   ec.fair_share = absl::GetFlag(FLAGS_fair_share);
+  ec.fair_cache_eviction = absl::GetFlag(FLAGS_fair_cache_eviction);
   ec.inflight_prefill_min_tokens = absl::GetFlag(FLAGS_inflight_prefill_min_tokens);
   if (ec.inflight_prefill_min_tokens < 0) {
     LOG(ERROR) << "--inflight_prefill_min_tokens must be 0 or more, not "
