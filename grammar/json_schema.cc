@@ -75,7 +75,7 @@ class SchemaCompiler {
   GrammarBuilder& builder() { return b_; }
 
   int32_t Ws() {
-    if (ws_ < 0) {
+    if (ws_ == -1) {
       ByteSet s;
       for (char c : {' ', '\t', '\n', '\r'}) s.Add(static_cast<uint8_t>(c));
       ws_ = b_.Repeat("ws", {b_.Bytes(s)}, 0, max_whitespace_);
@@ -99,7 +99,7 @@ class SchemaCompiler {
     return Pattern("char", R"([^"\\\x00-\x1f]|\\(["\\/bfnrt]|u[0-9a-fA-F]{4}))");
   }
   int32_t AnyString() {
-    if (string_ < 0)
+    if (string_ == -1)
       string_ = b_.Choice("string", {{Quote(), b_.Star("chars", {StringChar()}), Quote()}});
     return string_;
   }
@@ -113,11 +113,11 @@ class SchemaCompiler {
 
   // Any JSON value, and any object (value ::= object | array | ..., made once).
   int32_t AnyValue() {
-    if (any_ < 0) MakeAny();
+    if (any_ == -1) MakeAny();
     return any_;
   }
   int32_t AnyObject() {
-    if (any_ < 0) MakeAny();
+    if (any_ == -1) MakeAny();
     return any_object_;
   }
 

@@ -70,6 +70,23 @@ TEST(JsonSchemaTest, ObjectsFollowPropertiesRequiredAndAdditional) {
   ExpectAccepts(closed, {"{}", "{ }"}, {R"({"a":1})"});
 }
 
+// The shared rules (whitespace, any string, any value) are made once however often they are used:
+// a schema's grammar grows with its properties by a few rules each, not by a whitespace rule's 32
+// copies per gap.
+TEST(JsonSchemaTest, SharedRulesAreMadeOnce) {
+  std::string props;
+  for (int i = 0; i < 20; ++i) {
+    absl::StrAppend(&props, i == 0 ? "" : ", ", "\"p", i,
+                    "\": ", i % 2 ? "{}" : R"({"type": "string"})");
+  }
+  auto g = Must(absl::StrCat(R"({"type": "object", "properties": {)", props, "}}"));
+  ASSERT_NE(g, nullptr);
+  EXPECT_LT(g->num_rules(), 250);
+  auto any = Must(R"({"type": "array", "items": {}})");
+  ASSERT_NE(any, nullptr);
+  EXPECT_LT(any->num_rules(), 100);
+}
+
 TEST(JsonSchemaTest, MinAndMaxPropertiesCountTheMembers) {
   // Listed properties: counted as written, required ones always.
   auto some = Must(R"({"properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
