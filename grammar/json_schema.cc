@@ -33,7 +33,6 @@ constexpr const char* kUnsupported[] = {
     "minContains",
     "maxContains",
     "patternProperties",
-    "propertyNames",
     "dependentRequired",
     "dependentSchemas",
     "dependencies",
@@ -200,11 +199,13 @@ class SchemaCompiler {
     for (const char* k : {"$ref", "anyOf", "oneOf", "allOf"}) {
       if (!s.FindField(k).has_value()) continue;
       for (const auto& [key, value] : members) {
-        for (const char* c :
-             {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
-              "items", "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern",
-              "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-              "uniqueItems"}) {
+        for (const char* c : {"properties",    "required",         "additionalProperties",
+                              "minProperties", "maxProperties",    "propertyNames",
+                              "items",         "prefixItems",      "minItems",
+                              "maxItems",      "minLength",        "maxLength",
+                              "pattern",       "format",           "minimum",
+                              "maximum",       "exclusiveMinimum", "exclusiveMaximum",
+                              "multipleOf",    "uniqueItems"}) {
           if (key == c) {
             return s.Error(absl::StrCat("combines \"", k, "\" with \"", key,
                                         "\", which is not supported: state it in each branch"));
@@ -268,8 +269,8 @@ class SchemaCompiler {
         }
         return false;
       };
-      if (has({"properties", "required", "additionalProperties", "minProperties",
-               "maxProperties"})) {
+      if (has({"properties", "required", "additionalProperties", "minProperties", "maxProperties",
+               "propertyNames"})) {
         types = {"object"};
       } else if (has({"items", "prefixItems", "minItems", "maxItems", "uniqueItems"})) {
         types = {"array"};
@@ -1125,13 +1126,24 @@ class SchemaCompiler {
       return s.Error("has minProperties/maxProperties out of order");
     }
     const bool counted = min_props > 0 || max_props >= 0;
+    // propertyNames: the keys of a map (pydantic's dict with Literal or constrained-string keys).
+    std::optional<int32_t> key;
+    if (std::optional<JsonValue> names = s.FindField("propertyNames")) {
+      if (!props.empty()) {
+        return s.Error(
+            "combines propertyNames with properties or required, which is not supported");
+      }
+      ASSIGN_OR_RETURN(std::optional<int32_t> k, PropertyNames(*names));
+      if (!k.has_value()) extra.reset();  // propertyNames false: no key at all
+      key = k;
+    }
     if (props.empty()) {
       if (!extra.has_value()) {
         if (min_props > 0) return s.Error("has minProperties above 0 but allows no property");
         return List("object", '{', '}', {}, 0, 0);
       }
-      if (*extra == AnyValue() && !counted) return AnyObject();
-      Seq member = {AnyString()};
+      if (*extra == AnyValue() && !counted && !key.has_value()) return AnyObject();
+      Seq member = {key.has_value() ? *key : AnyString()};
       for (int32_t e : Colon()) member.push_back(e);
       member.push_back(*extra);
       return List("object", '{', '}', std::move(member), min_props, max_props);
@@ -1188,6 +1200,54 @@ class SchemaCompiler {
       }
     }
     return b_.Choice("object", {{b_.Byte('{'), Ws(), rest[0][0], Ws(), b_.Byte('}')}});
+  }
+
+  // The keys propertyNames allows, as JSON strings: a schema of strings (type "string", an enum
+  // or const of strings, string keywords; through references), or true (any key); nullopt for
+  // false (none).
+  absl::StatusOr<std::optional<int32_t>> PropertyNames(const JsonValue& names) {
+    ASSIGN_OR_RETURN(const JsonValue d, Dereferenced(names));
+    if (d.IsBool()) {
+      if (*d.AsBool()) return AnyString();
+      return std::nullopt;
+    }
+    ASSIGN_OR_RETURN(auto members, d.AsObject());
+    const auto not_strings = [&] {
+      return d.Error(
+          "is a propertyNames schema that does not describe strings only (keys are "
+          "strings), which is not supported");
+    };
+    bool constrained = false;
+    for (const auto& [k, v] : members) {
+      if (k == "type") {
+        std::vector<JsonValue> types = {v};
+        if (v.IsArray()) {
+          ASSIGN_OR_RETURN(types, v.AsArray());
+        }
+        for (const JsonValue& t : types) {
+          if (t.AsString().value_or("") != "string") return not_strings();
+        }
+      } else if (k == "enum" || k == "const") {
+        std::vector<JsonValue> values;
+        if (k == "enum") {
+          ASSIGN_OR_RETURN(values, v.AsArray());
+        } else {
+          values.push_back(v);
+        }
+        for (const JsonValue& x : values) {
+          if (!x.AsString().ok()) return not_strings();
+        }
+        constrained = true;
+      } else if (k == "minLength" || k == "maxLength" || k == "pattern" || k == "format") {
+        constrained = true;
+      } else if (k != "title" && k != "description" && k != "$comment" && k != "examples" &&
+                 k != "default" && k != "$schema") {
+        return not_strings();
+      }
+    }
+    if (!constrained) return AnyString();
+    ASSIGN_OR_RETURN(const int32_t keys, Value(d));
+    return keys;
   }
 
   // A listed property's member: its quoted name, the colon, its value (any, without a schema).

@@ -87,6 +87,35 @@ TEST(JsonSchemaTest, SharedRulesAreMadeOnce) {
   EXPECT_LT(any->num_rules(), 100);
 }
 
+// propertyNames: a map's keys (pydantic's dict with Literal, Enum or constrained-string keys).
+TEST(JsonSchemaTest, PropertyNamesConstrainAMapsKeys) {
+  auto literal = Must(R"({"type": "object", "additionalProperties": {"type": "integer"},
+                          "propertyNames": {"enum": ["a", "b", "c"]}})");
+  ExpectAccepts(literal, {"{}", R"({"a":1})", R"({"c":2,"a":1})"},
+                {R"({"d":1})", R"({"ab":1})", R"({"a":"x"})"});
+  auto pattern = Must(R"({"type": "object", "propertyNames": {"pattern": "^[a-z]+$"},
+                          "additionalProperties": true})");
+  ExpectAccepts(pattern, {R"({"ab":[1]})", R"({"x":null,"y":{}})"}, {R"({"A":1})", R"({"":1})"});
+  auto by_ref = Must(R"({"$defs": {"Key": {"type": "string", "enum": ["x", "y"]}},
+                         "type": "object", "additionalProperties": {"type": "boolean"},
+                         "propertyNames": {"$ref": "#/$defs/Key"}, "maxProperties": 1})");
+  ExpectAccepts(by_ref, {R"({"x":true})", "{}"}, {R"({"z":true})", R"({"x":true,"y":false})"});
+  auto none = Must(R"({"type": "object", "propertyNames": false})");
+  ExpectAccepts(none, {"{}"}, {R"({"a":1})"});
+  auto plain = Must(R"({"type": "object", "propertyNames": {"type": "string"}})");
+  ExpectAccepts(plain, {R"({"any key":1})"}, {"[]"});
+  for (const char* bad : {
+           R"({"type": "object", "propertyNames": {"type": "integer"}})",
+           R"({"type": "object", "propertyNames": {"enum": ["a", 1]}})",
+           R"({"type": "object", "propertyNames": {"minimum": 3}})",
+           R"({"properties": {"a": {}}, "propertyNames": {"pattern": "^a$"}})",
+       }) {
+    absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(bad, "schema");
+    ASSERT_FALSE(g.ok()) << bad;
+    EXPECT_NE(g.status().message().find("propertyNames"), std::string::npos) << g.status();
+  }
+}
+
 TEST(JsonSchemaTest, MinAndMaxPropertiesCountTheMembers) {
   // Listed properties: counted as written, required ones always.
   auto some = Must(R"({"properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
