@@ -65,7 +65,10 @@ absl::Status KeysNewCommand(const Args& args, std::FILE* out) {
       return absl::InvalidArgumentError("--prefix must be printable ASCII without spaces");
     }
   }
-  if (key.size() > 256) return absl::InvalidArgumentError("--prefix must be under 200 characters");
+  if (key.size() > 256) {
+    return absl::InvalidArgumentError(
+        "--prefix must be at most 208 characters (keys are at most 256)");
+  }
   std::fprintf(out, "%s\n", key.c_str());
   return absl::OkStatus();
 }

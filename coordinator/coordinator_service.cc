@@ -139,10 +139,15 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
       absl::MutexLock lock(&mu_);
       generated = static_cast<int64_t>(generated_.size());
       completed = final_.has_value() && final_->ok();
-      // A call that failed without a token (no worker took it, say) used nothing.
-      tokens_.Settle(
-          completed || generated > 0 ? static_cast<int64_t>(prompt_.size()) + generated : 0,
-          absl::Now());
+      // A call that failed before any token because no worker could take it (none free, none
+      // serving, each refusing) used nothing; one a worker took used its prompt, even if the
+      // client cancelled or ran out of time before the first token.
+      const grpc::StatusCode code =
+          final_.has_value() ? final_->error_code() : grpc::StatusCode::UNKNOWN;
+      const bool refused = generated == 0 && !completed && !client_gone_ &&
+                           (tried_.empty() || code == grpc::StatusCode::RESOURCE_EXHAUSTED ||
+                            code == grpc::StatusCode::UNAVAILABLE);
+      tokens_.Settle(refused ? 0 : static_cast<int64_t>(prompt_.size()) + generated, absl::Now());
       cached = cached_.num_device_tokens() + cached_.num_host_tokens() + cached_.num_disk_tokens();
     }
     // The tenant's usage, outside the call's lock (the registry has its own).

@@ -1146,7 +1146,13 @@ class SchemaCompiler {
       Seq member = {key.has_value() ? *key : AnyString()};
       for (int32_t e : Colon()) member.push_back(e);
       member.push_back(*extra);
-      return List("object", '{', '}', std::move(member), min_props, max_props);
+      absl::StatusOr<int32_t> map =
+          List("object", '{', '}', std::move(member), min_props, max_props);
+      if (!map.ok()) {
+        return s.Error(
+            absl::StrCat("has minProperties/maxProperties that ", map.status().message()));
+      }
+      return *map;
     }
     if (counted) {
       if (extra.has_value()) {

@@ -143,6 +143,7 @@ TEST(JsonSchemaTest, MinAndMaxPropertiesCountTheMembers) {
            R"({"type": "object", "additionalProperties": false, "minProperties": 1})",
            R"({"type": "object", "minProperties": 3, "maxProperties": 2})",
            R"({"properties": {"a": {}}, "additionalProperties": true, "minProperties": 1})",
+           R"({"type": "object", "additionalProperties": {}, "maxProperties": 100000})",
        }) {
     absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(bad, "schema");
     ASSERT_FALSE(g.ok()) << bad;

@@ -941,18 +941,31 @@ def main():
     base = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
     n = check_manifests(base, flags, image_models, image_fine_tunes)
     # With API keys and the cluster secret turned on as k8s/base/model.yaml says: the coordinators'
-    # keys file and everyone's cluster secret are on the Secrets' volumes.
-    keyed = copy.deepcopy(base.objs)
-    for o in keyed:
-        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "strata-model":
-            if o["data"].get("STRATA_API_KEYS_FILE") != "":
-                fail("k8s/base: STRATA_API_KEYS_FILE must be empty by default (no keys asked)")
-            o["data"]["STRATA_API_KEYS_FILE"] = "/etc/strata/api-keys/keys.json"
-            if o["data"].get("STRATA_CLUSTER_SECRET_FILE") != "":
-                fail("k8s/base: STRATA_CLUSTER_SECRET_FILE must be empty by default (no secret)")
-            o["data"]["STRATA_CLUSTER_SECRET_FILE"] = "/etc/strata/cluster-secret/secret"
-    n += check_manifests(Manifests(keyed, "k8s/base with API keys and a cluster secret"), flags, image_models,
-                         image_fine_tunes)
+    # keys file and everyone's cluster secret are on the Secrets' volumes, and every coordinator
+    # and worker reads the same secret.
+    def with_secrets(objs, where):
+        keyed = copy.deepcopy(objs)
+        for o in keyed:
+            if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "strata-model":
+                if o["data"].get("STRATA_API_KEYS_FILE") != "":
+                    fail("%s: STRATA_API_KEYS_FILE must be empty by default (no keys asked)" % where)
+                o["data"]["STRATA_API_KEYS_FILE"] = "/etc/strata/api-keys/keys.json"
+                if o["data"].get("STRATA_CLUSTER_SECRET_FILE") != "":
+                    fail("%s: STRATA_CLUSTER_SECRET_FILE must be empty by default (no secret)" % where)
+                o["data"]["STRATA_CLUSTER_SECRET_FILE"] = "/etc/strata/cluster-secret/secret"
+        return Manifests(keyed, where + " with API keys and a cluster secret")
+
+    def expect_secret_everywhere(m):
+        """Every coordinator and worker container takes --cluster_secret_file."""
+        for w in m.workloads():
+            for c in w["spec"]["template"]["spec"]["containers"]:
+                if expand(parse_args(c.get("args", [])).get("cluster_secret_file", ""),
+                          m.container_env(c)) != "/etc/strata/cluster-secret/secret":
+                    fail("%s: %s does not read the cluster secret" % (m.name, w["metadata"]["name"]))
+        return 1
+
+    keyed = with_secrets(base.objs, "k8s/base")
+    n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
     # kustomize refuses the symlinks a Bazel runfiles tree is made of: render a copy.
     k8s_copy = os.path.join(work, "k8s")
     shutil.rmtree(k8s_copy, ignore_errors=True)
@@ -963,6 +976,8 @@ def main():
             fail("kubectl kustomize k8s/base differs from its resource files")
         gpu = kubectl_render(os.path.join(k8s_copy, "gpu"))
         n += check_manifests(Manifests(gpu, "k8s/gpu"), flags, image_models, image_fine_tunes)
+        keyed = with_secrets(gpu, "k8s/gpu")
+        n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
         # What `stratactl plan --emit k8s` writes, as an overlay of k8s/gpu.
         planned_dir = os.path.join(k8s_copy, "planned")
         os.makedirs(planned_dir)
@@ -979,6 +994,8 @@ def main():
         planned = kubectl_render(planned_dir)
         n += check_manifests(Manifests(planned, "stratactl plan --emit k8s"), flags, image_models,
                              image_fine_tunes)
+        keyed = with_secrets(planned, "stratactl plan --emit k8s")
+        n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
         print("k8s_test: k8s/base, k8s/gpu and a stratactl plan overlay pass %d checks" % n)
     else:
         print("k8s_test: k8s/base passes %d checks; no kubectl here, so k8s/gpu is not rendered" % n)

@@ -181,6 +181,7 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
         {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5});
     generated_tokens_ = options_.metrics->GetCounter("strata_worker_generated_tokens_total",
                                                      "Tokens generated (sampled).");
+    if (!options_.cluster_secret.empty()) Unauthenticated();  // the series, at 0
   }
   // Disk loads a waiting request needs wake the loop as they finish.
   engine_->SetIoNotify([this] {
@@ -252,6 +253,11 @@ void WorkerService::Post(Command command) {
   }
 }
 
+Counter* WorkerService::Unauthenticated() const {
+  return options_.metrics->GetCounter("strata_worker_unauthenticated_total",
+                                      "Worker calls refused for lacking the cluster secret.");
+}
+
 grpc::Status WorkerService::CheckCaller(grpc::CallbackServerContext* context) const {
   if (options_.cluster_secret.empty()) return grpc::Status::OK;
   const auto& metadata = context->client_metadata();
@@ -261,12 +267,7 @@ grpc::Status WorkerService::CheckCaller(grpc::CallbackServerContext* context) co
                    absl::string_view(it->second.data(), it->second.size()))) {
     return grpc::Status::OK;
   }
-  if (options_.metrics != nullptr) {
-    options_.metrics
-        ->GetCounter("strata_worker_unauthenticated_total",
-                     "Worker calls refused for lacking the cluster secret.")
-        ->Add();
-  }
+  if (options_.metrics != nullptr) Unauthenticated()->Add();
   return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                       absl::StrCat("this worker answers its cluster's coordinators only: the call "
                                    "lacks the cluster secret (gRPC metadata ",

@@ -138,6 +138,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   absl::Status TakeLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
   // OK when the call carries the cluster secret (or none is set); UNAUTHENTICATED, counted.
   grpc::Status CheckCaller(grpc::CallbackServerContext* context) const;
+  Counter* Unauthenticated() const;  // with options_.metrics
   void ReleaseLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
   v1::LoadReport MakeLoadReport(const EngineStats& stats, const LoopState& state) const;
   // Refreshes the gauges and component totals in options_.metrics (at most every 250 ms).
