@@ -21,16 +21,6 @@ namespace {
 
 constexpr size_t kMaxCacheSaltBytes = 256;  // as the coordinator and workers take it
 
-bool ValidName(absl::string_view s) {
-  if (s.empty() || s.size() > 128) return false;
-  for (char c : s) {
-    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
-      return false;
-    }
-  }
-  return true;
-}
-
 bool ValidKey(absl::string_view s) {
   if (s.size() < 16 || s.size() > 256) return false;
   for (char c : s) {
@@ -77,7 +67,7 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     auto tenant = std::make_unique<Tenant>();
     ASSIGN_OR_RETURN(JsonValue name, t.Field("name"));
     ASSIGN_OR_RETURN(absl::string_view n, name.AsString());
-    if (!ValidName(n)) return name.Error("must be 1 to 128 of [A-Za-z0-9._-]");
+    if (!ValidTenantName(n)) return name.Error("must be 1 to 128 of [A-Za-z0-9._-]");
     if (!names.insert(std::string(n)).second) return name.Error("names a tenant twice");
     tenant->name = std::string(n);
     ASSIGN_OR_RETURN(JsonValue key_list, t.Field("keys"));
@@ -136,6 +126,16 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     }
   }
   return std::shared_ptr<const ApiKeys>(std::move(keys));
+}
+
+bool ValidTenantName(absl::string_view s) {
+  if (s.empty() || s.size() > 128) return false;
+  for (char c : s) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
+      return false;
+    }
+  }
+  return true;
 }
 
 std::optional<int64_t> RetryAfterSeconds(absl::string_view message) {

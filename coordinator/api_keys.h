@@ -98,6 +98,8 @@ inline constexpr char kGatewayTenantMetadata[] = "x-strata-tenant";
 // The wait a refusal's message names ("retry in S s", as the rate and token limits write it), in
 // whole seconds rounded up, at least 1; nullopt when it names none.
 std::optional<int64_t> RetryAfterSeconds(absl::string_view message);
+// A tenant's name as the keys file and --tenant_header take it: 1 to 128 of [A-Za-z0-9._-].
+bool ValidTenantName(absl::string_view name);
 
 class ApiKeys {
  public:

@@ -12,6 +12,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/random/random.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -46,6 +48,11 @@ ABSL_FLAG(std::string, http_listen, "",
 ABSL_FLAG(std::string, cluster_secret_file, "",
           "A file holding the cluster secret, sent with every call to a worker (workers started "
           "with the same --cluster_secret_file answer nothing else). Empty: none.");
+ABSL_FLAG(
+    std::string, tenant_header, "",
+    "Without --api_keys_file: the HTTP header (and gRPC metadata) in which a trusted proxy in "
+    "front names each request's tenant (1 to 128 of [A-Za-z0-9._-]), for fair sharing on "
+    "the workers; empty: none.");
 ABSL_FLAG(std::string, api_keys_file, "",
           "JSON file of tenants and their API keys (coordinator/api_keys.h): the HTTP API then "
           "wants \"Authorization: Bearer KEY\" (gRPC: that \"authorization\" metadata) and "
@@ -187,6 +194,24 @@ int Main() {
     absl::BitGen gen;
     co.instance_id = absl::StrFormat("coord-%08x", absl::Uniform<uint32_t>(gen));
   }
+  if (std::string header = absl::AsciiStrToLower(absl::GetFlag(FLAGS_tenant_header));
+      !header.empty()) {
+    if (!absl::GetFlag(FLAGS_api_keys_file).empty()) {
+      LOG(ERROR) << "--tenant_header with --api_keys_file: the keys name the tenants";
+      return 2;
+    }
+    const bool valid =
+        header.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-_.") == std::string::npos &&
+        !absl::StartsWith(header, "grpc-") && header != "authorization" && header != "host" &&
+        header != "content-type" && header != "te";
+    if (!valid) {
+      LOG(ERROR) << "--tenant_header must be a header name of [a-z0-9-_.] (not grpc-*, "
+                    "authorization, host, content-type or te), not \""
+                 << header << "\"";
+      return 2;
+    }
+    co.tenant_header = header;
+  }
   std::shared_ptr<ApiKeyStore> api_keys;
   if (const std::string keys = absl::GetFlag(FLAGS_api_keys_file); !keys.empty()) {
     absl::StatusOr<std::unique_ptr<ApiKeyStore>> loaded = ApiKeyStore::Open(keys);
@@ -232,6 +257,7 @@ int Main() {
   http_options.max_connections = std::max(1, absl::GetFlag(FLAGS_http_max_connections));
   http_options.api_keys = api_keys;
   http_options.gateway_secret = co.gateway_secret;
+  http_options.tenant_header = co.tenant_header;
   http_options.metrics = co.metrics;
   for (const std::string& spec : absl::GetFlag(FLAGS_model)) {
     if (absl::GetFlag(FLAGS_http_listen).empty()) break;

@@ -411,6 +411,19 @@ void CoordinatorService::GenerateCall::Start() {
   if (tenant_ != nullptr) {
     share_tenant_ = tenant_->name;
     share_weight_ = tenant_->scheduling_weight;
+  } else if (valid.ok() && service_->options_.api_keys == nullptr &&
+             !service_->options_.tenant_header.empty()) {
+    // A trusted proxy's tenant, for fair sharing only.
+    const auto& metadata = context_->client_metadata();
+    auto it = metadata.find(service_->options_.tenant_header);
+    if (it != metadata.end()) {
+      share_tenant_.assign(it->second.data(), it->second.size());
+      if (!ValidTenantName(share_tenant_)) {
+        valid = grpc::Status(
+            grpc::StatusCode::INVALID_ARGUMENT,
+            absl::StrCat(service_->options_.tenant_header, " must be 1 to 128 of [A-Za-z0-9._-]"));
+      }
+    }
   } else if (!share_tenant_.empty()) {
     keys_ = service_->options_.api_keys->Current();
     gateway_tenant_ = keys_->Find(share_tenant_);

@@ -62,6 +62,11 @@ struct CoordinatorOptions {
   // (PERMISSION_DENIED).
   std::shared_ptr<ApiKeyStore> api_keys;
   std::string gateway_secret;
+  // Without API keys: the gRPC metadata (and, through the HTTP gateway, the header) that names a
+  // request's tenant for fair sharing on the workers, set by a trusted proxy in front (lowercase;
+  // empty: none). Its value: 1 to 128 of [A-Za-z0-9._-] (INVALID_ARGUMENT naming it otherwise);
+  // absent: the one tenant of every request without.
+  std::string tenant_header;
 };
 
 // The models this coordinator serves: their names and tokenizers. Context length and vocabulary

@@ -1473,7 +1473,7 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   // HTTP/1.1 keeps the connection unless asked not to; HTTP/1.0 only when asked to; "close"
   // anywhere in a Connection header wins.
   bool keep = parts[2] != "HTTP/1.0", saw_close = false, saw_length = false;
-  std::string authorization;
+  std::string authorization, proxy_tenant;
   bool saw_authorization = false;
   for (size_t i = 1; i < lines.size(); ++i) {
     const size_t colon = lines[i].find(':');
@@ -1487,6 +1487,9 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
       }
       saw_authorization = true;
       authorization = std::string(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
+    }
+    if (!options_.tenant_header.empty() && name == options_.tenant_header) {
+      proxy_tenant = std::string(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
     }
     const std::string value =
         absl::AsciiStrToLower(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
@@ -1555,7 +1558,7 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   }
   const std::string path = parts[1].substr(0, parts[1].find('?'));
   SetKeepAlive(fd, keep && serving_.load());
-  Handle(fd, method, path, body, authorization);
+  Handle(fd, method, path, body, authorization, proxy_tenant);
   keep = KeepAlive(fd);
   {
     absl::MutexLock lock(&keep_mu_);
@@ -1570,7 +1573,8 @@ void OpenAiGateway::Unauthenticated(int fd, const absl::Status& why) {
 }
 
 void OpenAiGateway::Handle(int fd, const std::string& method, const std::string& path,
-                           const std::string& body, const std::string& authorization) {
+                           const std::string& body, const std::string& authorization,
+                           const std::string& proxy_tenant) {
   if (path == "/health") {
     // 503 once the coordinator stops serving, so that load balancers drop it first.
     Reply(fd, serving_.load() ? JsonResponse(200, "{\"status\":\"ok\"}")
@@ -1598,13 +1602,13 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
     if (method != "POST") {
       Reply(fd, ErrorResponse(405, "use POST /v1/completions"));
     } else {
-      Completion(fd, body, /*chat=*/false, tenant);
+      Completion(fd, body, /*chat=*/false, tenant, proxy_tenant);
     }
   } else if (path == "/v1/chat/completions") {
     if (method != "POST") {
       Reply(fd, ErrorResponse(405, "use POST /v1/chat/completions"));
     } else {
-      Completion(fd, body, /*chat=*/true, tenant);
+      Completion(fd, body, /*chat=*/true, tenant, proxy_tenant);
     }
   } else if (path == "/tokenize" || path == "/detokenize") {
     if (method != "POST") {
@@ -1843,7 +1847,8 @@ grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, bool 
   return grpc::Status::OK;
 }
 
-void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const Tenant* tenant) {
+void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const Tenant* tenant,
+                               const std::string& proxy_tenant) {
   const int wake = wake_fd_.get();
   std::string param;
   absl::StatusOr<CompletionCall> call =
@@ -1854,6 +1859,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
   }
   // A stream's end is the connection's close.
   if (call->stream) SetKeepAlive(fd, false);
+  // (Checked here too: it goes on as gRPC metadata, which takes printable ASCII only.)
+  if (!proxy_tenant.empty() && !ValidTenantName(proxy_tenant)) {
+    Reply(fd, ErrorResponse(400, absl::StrCat("the ", options_.tenant_header,
+                                              " header must be 1 to 128 of [A-Za-z0-9._-]")));
+    return;
+  }
   const std::string model_asked = call->request.model();
   const uint32_t context = ResolveModel(&call->request);
   ApiKeys::Lease lease;  // one of the tenant's concurrent requests, until this returns
@@ -2182,9 +2193,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
       Reply(fd, ErrorResponse(503, "the coordinator is stopping"));
       return;
     }
-    // Whose generations they are, for fair sharing on the workers (beside the secret).
+    // Whose generations they are, for fair sharing on the workers (beside the secret), or the
+    // trusted proxy's tenant as it named it.
     if (tenant != nullptr && !options_.gateway_secret.empty()) {
       contexts[k]->AddMetadata(kGatewayTenantMetadata, tenant->name);
+    } else if (!proxy_tenant.empty()) {
+      contexts[k]->AddMetadata(options_.tenant_header, proxy_tenant);
     }
   }
   // Each prompt's request, its seed and id set per choice in place (the call has sent it when

@@ -234,6 +234,10 @@ struct OpenAiGatewayOptions {
   // Sent with every call into the coordinator's services (kGatewaySecretMetadata), which then
   // take the gateway's own checks for theirs (CoordinatorOptions::gateway_secret).
   std::string gateway_secret;
+  // Without API keys: the header (lowercase) a trusted proxy names each request's tenant in, sent
+  // on as the same gRPC metadata for fair sharing on the workers (CoordinatorOptions::
+  // tenant_header); empty: none.
+  std::string tenant_header;
 };
 
 class OpenAiGateway {
@@ -284,9 +288,10 @@ class OpenAiGateway {
   // The HTTP exchange on `fd` after the request was read.
   // Answers 401 for a call without a valid API key (`why`), and counts it.
   void Unauthenticated(int fd, const absl::Status& why);
-  // `authorization`: the Authorization header's value (empty when absent).
+  // `authorization`: the Authorization header's value (empty when absent); `proxy_tenant`: the
+  // tenant_header's (empty when absent or not asked for).
   void Handle(int fd, const std::string& method, const std::string& path, const std::string& body,
-              const std::string& authorization);
+              const std::string& authorization, const std::string& proxy_tenant);
   // Writes a whole response to `fd`, each 64 KiB within kWriteTimeout of the last (WriteAllPaced;
   // or until the gateway stops).
   void Reply(int fd, const std::string& response) const;
@@ -297,7 +302,8 @@ class OpenAiGateway {
   // in vLLM's shape, through the Tokenize and Detokenize RPCs.
   void Tokens(int fd, const std::string& body, bool tokenize, const Tenant* tenant);
   // /v1/completions, or with `chat` /v1/chat/completions.
-  void Completion(int fd, const std::string& body, bool chat, const Tenant* tenant);
+  void Completion(int fd, const std::string& body, bool chat, const Tenant* tenant,
+                  const std::string& proxy_tenant);
   // Resolves a fine-tune named as the model (ListModels, cached a few seconds); the model's
   // context length (0: unknown).
   uint32_t ResolveModel(v1::GenerateRequest* request);
