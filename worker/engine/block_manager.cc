@@ -53,25 +53,26 @@ std::optional<int32_t> BlockManager::Allocate(bool free_only) {
 }
 
 int32_t BlockManager::Victim() const {
-  if (!fair_eviction_ || owners_.size() < 2) return lru_.front();
+  if (!fair_eviction_) return lru_.front();
   // The owner holding the most published blocks among those with a cached one; of equals, the
   // one whose least recently released block is older (the plain LRU order between them).
-  const Owner* pick = nullptr;
-  for (const auto& [id, o] : owners_) {
-    if (o.lru.empty()) continue;
-    if (pick == nullptr || o.published > pick->published ||
-        (o.published == pick->published &&
-         blocks_[o.lru.front()].released < blocks_[pick->lru.front()].released)) {
-      pick = &o;
-    }
-  }
-  return pick->lru.front();
+  return owners_.at(std::get<2>(*victims_.begin())).lru.front();
+}
+
+void BlockManager::Reindex(int32_t owner, Owner& o) {
+  if (o.key.has_value()) victims_.erase(*o.key);
+  o.key.reset();
+  if (o.lru.empty()) return;
+  o.key = VictimKey{-o.published, blocks_[o.lru.front()].released, owner};
+  victims_.insert(*o.key);
 }
 
 void BlockManager::RemoveFromLru(Block& b) {
   if (!b.in_lru) return;
   lru_.erase(b.lru_pos);
-  owners_[b.owner].lru.erase(b.owner_pos);
+  Owner& o = owners_[b.owner];
+  o.lru.erase(b.owner_pos);
+  Reindex(b.owner, o);
   b.in_lru = false;
 }
 
@@ -79,8 +80,13 @@ void BlockManager::Evict(int32_t id) {
   Block& b = blocks_[id];
   DCHECK(b.in_lru);
   RemoveFromLru(b);
-  if (auto it = owners_.find(b.owner); it != owners_.end() && --it->second.published == 0) {
-    owners_.erase(it);
+  if (auto it = owners_.find(b.owner); it != owners_.end()) {
+    if (--it->second.published == 0) {
+      DCHECK(!it->second.key.has_value());  // (its last cached block was this one)
+      owners_.erase(it);
+    } else {
+      Reindex(b.owner, it->second);
+    }
   }
   b.owner = 0;
   if (on_evict_) on_evict_(id, BlockKey{b.hash, b.ns});
@@ -98,7 +104,9 @@ void BlockManager::Publish(int32_t id, BlockHash hash, uint64_t cache_namespace,
   if (b.published || by_hash_.contains(hash)) return;
   b.published = true;
   b.owner = owner;
-  ++owners_[owner].published;
+  Owner& o = owners_[owner];
+  ++o.published;
+  Reindex(owner, o);
   b.hash = hash;
   b.ns = cache_namespace;
   b.hits = 0;
@@ -113,11 +121,12 @@ void BlockManager::Release(int32_t id) {
   if (b.published) {
     lru_.push_back(id);
     b.lru_pos = std::prev(lru_.end());
-    std::list<int32_t>& mine = owners_[b.owner].lru;
-    mine.push_back(id);
-    b.owner_pos = std::prev(mine.end());
+    Owner& o = owners_[b.owner];
+    o.lru.push_back(id);
+    b.owner_pos = std::prev(o.lru.end());
     b.released = next_release_++;
     b.in_lru = true;
+    Reindex(b.owner, o);
   } else {
     free_.push_back(id);
   }

@@ -18,6 +18,8 @@
 #include <functional>
 #include <list>
 #include <optional>
+#include <set>
+#include <tuple>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -103,12 +105,18 @@ class BlockManager {
     int32_t owner = 0;
     uint64_t released = 0;  // when it last became cached (a count of releases)
   };
+  // An owner's place among the eviction candidates: the most published blocks first, then the
+  // oldest least-recently-released block, then the id.
+  using VictimKey = std::tuple<int64_t, uint64_t, int32_t>;
   struct Owner {
     int64_t published = 0;
-    std::list<int32_t> lru;  // its cached blocks, least recently released first
+    std::list<int32_t> lru;        // its cached blocks, least recently released first
+    std::optional<VictimKey> key;  // in victims_ while it has a cached block
   };
   void Evict(int32_t block);
   void RemoveFromLru(Block& b);
+  // Puts `o` back in victims_ under its current key (out of it without a cached block).
+  void Reindex(int32_t owner, Owner& o);
   // The cached block to evict next.
   int32_t Victim() const;
 
@@ -120,6 +128,7 @@ class BlockManager {
   bool fair_eviction_ = false;
   uint64_t next_release_ = 0;
   absl::flat_hash_map<int32_t, Owner> owners_;  // owners with published blocks
+  std::set<VictimKey> victims_;                 // owners with a cached block, the next first
   absl::flat_hash_map<BlockHash, int32_t> by_hash_;
   std::vector<BlockEvent> events_;
   std::function<void(int32_t, BlockKey)> on_evict_;

@@ -1,5 +1,8 @@
 #include "worker/engine/block_manager.h"
 
+#include <map>
+#include <optional>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -65,6 +68,89 @@ TEST(BlockManagerTest, FairEvictionTakesFromTheLargestOwnerFirst) {
       EXPECT_EQ(m.num_published_by(1), 1);
     }
   }
+}
+
+// Random publishes, releases, reuses and evictions across owners: every eviction takes the block
+// a straightforward reading of the rule picks (most published blocks, then the oldest release).
+TEST(BlockManagerTest, FairEvictionFollowsItsRuleUnderRandomUse) {
+  constexpr int kBlocks = 24;
+  BlockManager m(kBlocks, 16);
+  m.SetFairEviction(true);
+  std::mt19937 rng(5);
+  struct Model {
+    int32_t owner = -1;  // published by; -1: not published
+    BlockHash hash = 0;
+    int refs = 0;
+    uint64_t released = 0;
+  };
+  std::vector<Model> model(kBlocks);
+  uint64_t clock = 0;
+  BlockHash next_hash = 1;
+  int32_t evicted = -1;
+  int evictions = 0;
+  m.SetEvictionHook([&](int32_t block, BlockKey) {
+    evicted = block;
+    ++evictions;
+  });
+  std::vector<int32_t> held;
+  for (int step = 0; step < 5000; ++step) {
+    const int op = std::uniform_int_distribution<int>(0, 9)(rng);
+    if (op < 4) {  // a new block, published by a random owner (an allocation may evict)
+      int32_t expect = -1;
+      bool any_free = false;
+      for (const Model& b : model) any_free = any_free || (b.owner < 0 && b.refs == 0);
+      if (!any_free) {
+        std::map<int32_t, int64_t> published;
+        for (const Model& b : model) {
+          if (b.owner >= 0) ++published[b.owner];
+        }
+        for (int32_t i = 0; i < kBlocks; ++i) {
+          const Model& b = model[i];
+          if (b.owner < 0 || b.refs > 0) continue;
+          if (expect < 0) {
+            expect = i;
+            continue;
+          }
+          const Model& e = model[expect];
+          if (published[b.owner] > published[e.owner] ||
+              (published[b.owner] == published[e.owner] && b.released < e.released)) {
+            expect = i;
+          }
+        }
+      }
+      evicted = -1;
+      std::optional<int32_t> got = m.Allocate();
+      if (!got.has_value()) {
+        EXPECT_EQ(expect, -1);
+        continue;
+      }
+      EXPECT_EQ(evicted, expect) << "step " << step;
+      Model& b = model[*got];
+      b = Model{};
+      b.refs = 1;
+      b.owner = std::uniform_int_distribution<int32_t>(0, 3)(rng);
+      b.hash = next_hash++;
+      m.Publish(*got, b.hash, 0, b.owner);
+      held.push_back(*got);
+    } else if (op < 8 && !held.empty()) {  // a release
+      const size_t k = std::uniform_int_distribution<size_t>(0, held.size() - 1)(rng);
+      const int32_t id = held[k];
+      held.erase(held.begin() + static_cast<ptrdiff_t>(k));
+      m.Release(id);
+      if (--model[id].refs == 0) model[id].released = clock++;
+    } else {  // a reuse of a cached block
+      for (int32_t i = 0; i < kBlocks; ++i) {
+        if (model[i].owner >= 0 && model[i].refs == 0) {
+          const std::vector<BlockHash> chain = {model[i].hash};
+          EXPECT_EQ(m.AcquirePrefix(chain, 1), std::vector<int32_t>{i});
+          ++model[i].refs;
+          held.push_back(i);
+          break;
+        }
+      }
+    }
+  }
+  EXPECT_GT(evictions, 500);
 }
 
 TEST(BlockManagerTest, AllocationPrefersFreeThenEvictsLeastRecentlyReleased) {
