@@ -333,6 +333,24 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
          absl::StrFormat("%.1f", w.load().mean_step_time_ms())});
   }
   PrintTable(out, rows);
+  // Tenants (API keys): their limits and use now.
+  if (cs.tenants_size() > 0) {
+    std::fputs("\n", out);
+    std::vector<std::vector<std::string>> nrows = {{"TENANT", "RUNNING", "REQ/MIN", "TOKENS/MIN",
+                                                    "TOKENS LEFT", "WEIGHT", "MAX PRIO", "MODELS"}};
+    auto limit = [](uint64_t n) { return n == 0 ? std::string("-") : absl::StrCat(n); };
+    for (const auto& t : cs.tenants()) {
+      nrows.push_back(
+          {t.name() + (t.admin() ? " (admin)" : ""),
+           absl::StrCat(t.running_requests(), "/", limit(t.max_concurrent_requests())),
+           limit(t.requests_per_minute()), limit(t.tokens_per_minute()),
+           t.tokens_per_minute() == 0 ? "-" : absl::StrFormat("%.0f", t.tokens_available()),
+           absl::StrFormat("%g", t.scheduling_weight()), absl::StrCat(t.max_priority()),
+           t.all_models() ? "(all)"
+                          : (t.models().empty() ? "(none)" : absl::StrJoin(t.models(), ","))});
+    }
+    PrintTable(out, nrows);
+  }
   // Lower KV tiers, for the workers that have them.
   std::vector<std::vector<std::string>> trows = {{"WORKER", "HOST FREE/TOTAL", "DISK FREE/TOTAL",
                                                   "WRITE-BACKS", "LOADS", "PREFETCH ACC",

@@ -110,7 +110,8 @@ grep -q 'unreachable' "$tmp/err" || fail "unreachable error: $(cat "$tmp/err")"
 # A coordinator that asks for API keys: stratactl sends $STRATA_API_KEY; status wants an admin's.
 cat > $tmp/keys.json <<'JSON'
 {"tenants": [{"name": "ops", "keys": ["sk-ops-0123456789ab"], "admin": true},
-             {"name": "app", "keys": ["sk-app-0123456789ab"], "models": ["strata-tiny"]}]}
+             {"name": "app", "keys": ["sk-app-0123456789ab"], "models": ["strata-tiny"],
+              "tokens_per_minute": 1000, "scheduling_weight": 2}]}
 JSON
 strata_coordinator keyed $model 127.0.0.1:$wport --api_keys_file=$tmp/keys.json ||
   fail "keyed coordinator did not start"
@@ -136,4 +137,10 @@ if STRATA_API_KEY=sk-app-0123456789ab $ctl generate --coordinator $keyed --fine-
   fail "a fine-tune the tenant may not use"
 fi
 grep -q 'may not use' "$tmp/err" || fail "fine-tune refusal: $(cat "$tmp/err")"
+# The admin's status lists the tenants: limits, and what the app's generation took of its tokens.
+status="$(STRATA_API_KEY=sk-ops-0123456789ab $ctl status --coordinator $keyed)"
+grep -qE '^ops \(admin\) +0/- +- +- +- +1 +0 +\(all\)' <<<"$status" || fail "status tenants (ops): $status"
+left="$(awk '$1 == "app" {print $5}' <<<"$status")"
+grep -qE '^app +0/- +- +1000 +[0-9]+ +2 +0 +strata-tiny' <<<"$status" && [ "$left" -lt 1000 ] ||
+  fail "status tenants (app): $status"
 echo PASS

@@ -290,6 +290,14 @@ absl::StatusOr<ApiKeys::TokenGrant> ApiKeys::TakeTokens(const Tenant& tenant, in
   return TokenGrant(tenant.token_bucket, tpm, take);
 }
 
+double ApiKeys::TokensAvailable(const Tenant& tenant, absl::Time now) {
+  if (tenant.tokens_per_minute <= 0) return 0;
+  Tenant::RateBucket& b = *tenant.token_bucket;
+  absl::MutexLock lock(&b.mu);
+  Refill(b, tenant.tokens_per_minute, now);
+  return b.tokens;
+}
+
 void ApiKeys::TokenGrant::Settle(int64_t used, absl::Time now) {
   if (bucket_ == nullptr) return;
   {

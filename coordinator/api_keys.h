@@ -184,6 +184,8 @@ class ApiKeys {
   // them. Without a limit, an empty grant.
   static absl::StatusOr<TokenGrant> TakeTokens(const Tenant& tenant, int64_t tokens,
                                                absl::Time now);
+  // The tokens its tokens_per_minute bucket holds at `now` (0 without a limit).
+  static double TokensAvailable(const Tenant& tenant, absl::Time now);
 
   // A lease on `units` of `tenant`'s concurrent requests (an HTTP request with n choices or
   // several prompts is that many generations); RESOURCE_EXHAUSTED when they would pass its

@@ -1030,6 +1030,24 @@ grpc::ServerUnaryReactor* CoordinatorService::GetClusterStatus(
   response->set_num_failed_over_requests(failed_over_.load());
   response->set_uptime_ms(absl::ToInt64Milliseconds(absl::Now() - started_));
   response->set_version(kStrataVersion);
+  if (options_.api_keys != nullptr) {
+    const std::shared_ptr<const ApiKeys> keys = options_.api_keys->Current();
+    const absl::Time now = absl::Now();
+    for (const auto& t : keys->tenants()) {
+      v1::TenantStatus* s = response->add_tenants();
+      s->set_name(t->name);
+      s->set_running_requests(static_cast<uint32_t>(std::max<int64_t>(0, t->running->load())));
+      s->set_max_concurrent_requests(static_cast<uint32_t>(t->max_concurrent_requests));
+      s->set_requests_per_minute(static_cast<uint64_t>(t->requests_per_minute));
+      s->set_tokens_per_minute(static_cast<uint64_t>(t->tokens_per_minute));
+      s->set_tokens_available(ApiKeys::TokensAvailable(*t, now));
+      s->set_scheduling_weight(t->scheduling_weight);
+      s->set_max_priority(static_cast<int32_t>(t->max_priority));
+      for (const std::string& m : t->models) s->add_models(m);
+      s->set_all_models(t->all_models);
+      s->set_admin(t->admin);
+    }
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
