@@ -1,0 +1,103 @@
+// fair_share_bench: what fair sharing between tenants costs the engine's step (Engine::Step groups
+// each priority's waiting sequences by tenant and takes the least served tenant's next), against
+// admission by arrival, with a long waiting queue spread over many tenants.
+//
+//   bazel run -c opt //bench:fair_share_bench -- [--waiting=4000] [--tenants=1,100,1000]
+//       [--steps=300] [--reps=3] [--threads=1]
+//
+// The bundled strata-tiny model (its step is short, so the scheduler's share of it shows): N
+// requests queued at once (16-token prompts, 8 tokens each, greedy), tenant i % T, at most 8
+// running; the first --steps steps timed (every one of them can admit: a sequence finishes every
+// step or two). Reports the mean step time with fair sharing off and on (median of reps) and the
+// difference per step.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/init.h"
+#include "common/log.h"
+#include "worker/comm/collectives.h"
+#include "worker/engine/engine.h"
+#include "worker/model/config.h"
+#include "worker/model/weights.h"
+
+ABSL_FLAG(std::string, model_dir, "models/strata-tiny/base", "The bundled model.");
+ABSL_FLAG(int, waiting, 4000, "Requests queued at once.");
+ABSL_FLAG(std::string, tenants, "1,100,1000", "Tenant counts to run.");
+ABSL_FLAG(int, steps, 300, "Steps timed.");
+ABSL_FLAG(int, reps, 3, "Repetitions; the median is reported.");
+ABSL_FLAG(int, threads, 1, "Compute threads.");
+
+namespace strata {
+namespace {
+
+double MeanStepMs(const ModelWeights& weights, Collectives* comm, int tenants, bool fair) {
+  EngineConfig c;
+  c.max_running_sequences = 8;
+  c.compute_threads = absl::GetFlag(FLAGS_threads);
+  c.fair_share = fair;
+  c.enable_prefix_caching = false;  // every prompt computed: the same work either way
+  auto engine = Engine::Create(&weights, comm, c);
+  CHECK_OK(engine.status());
+  std::mt19937 rng(7);
+  for (int i = 0; i < absl::GetFlag(FLAGS_waiting); ++i) {
+    std::vector<int32_t> prompt(16);
+    for (int32_t& t : prompt) t = std::uniform_int_distribution<int32_t>(3, 1999)(rng);
+    RequestOptions o;
+    o.sampling.temperature = 0;
+    o.max_tokens = 8;
+    o.ignore_eos = true;
+    o.tenant = absl::StrCat("t", i % tenants);
+    CHECK_OK((*engine)->AddRequest(absl::StrCat("r", i), std::move(prompt), o));
+  }
+  const int steps = absl::GetFlag(FLAGS_steps);
+  const auto start = std::chrono::steady_clock::now();
+  for (int s = 0; s < steps; ++s) CHECK_OK((*engine)->Step().status());
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  return ms / steps;
+}
+
+void Run() {
+  const std::string dir = absl::GetFlag(FLAGS_model_dir);
+  auto config = LoadModelConfig(dir);
+  CHECK_OK(config.status());
+  auto weights = LoadModelWeights(dir, *config, 0, 1);
+  CHECK_OK(weights.status());
+  SingleRankCollectives comm;
+  std::printf(
+      "%d requests waiting, at most 8 running, %d steps timed; mean step ms (median of %d)\n",
+      absl::GetFlag(FLAGS_waiting), absl::GetFlag(FLAGS_steps), absl::GetFlag(FLAGS_reps));
+  std::printf("%8s %12s %12s %12s\n", "tenants", "by arrival", "fair share", "difference");
+  for (absl::string_view t : absl::StrSplit(absl::GetFlag(FLAGS_tenants), ',')) {
+    int tenants = 0;
+    CHECK(absl::SimpleAtoi(t, &tenants) && tenants > 0) << "--tenants: " << t;
+    double med[2];
+    for (int fair = 0; fair < 2; ++fair) {
+      std::vector<double> v;
+      for (int r = 0; r < absl::GetFlag(FLAGS_reps); ++r) {
+        v.push_back(MeanStepMs(**weights, &comm, tenants, fair == 1));
+      }
+      std::sort(v.begin(), v.end());
+      med[fair] = v[v.size() / 2];
+    }
+    std::printf("%8d %12.3f %12.3f %+12.3f\n", tenants, med[0], med[1], med[1] - med[0]);
+  }
+}
+
+}  // namespace
+}  // namespace strata
+
+int main(int argc, char** argv) {
+  strata::InitProgram(argc, argv,
+                      "fair_share_bench: the step cost of fair sharing between tenants");
+  strata::Run();
+  return 0;
+}
