@@ -52,7 +52,8 @@ ABSL_FLAG(
     std::string, tenant_header, "",
     "Without --api_keys_file: the HTTP header (and gRPC metadata) in which a trusted proxy in "
     "front names each request's tenant (1 to 128 of [A-Za-z0-9._-]), for fair sharing on "
-    "the workers; empty: none.");
+    "the workers (a tenant is a team or customer, not an end user: each one seen gets its own "
+    "series in the workers' metrics); empty: none.");
 ABSL_FLAG(std::string, api_keys_file, "",
           "JSON file of tenants and their API keys (coordinator/api_keys.h): the HTTP API then "
           "wants \"Authorization: Bearer KEY\" (gRPC: that \"authorization\" metadata) and "
