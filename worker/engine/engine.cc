@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <functional>
 #include <limits>
 #include <numeric>
+#include <queue>
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
@@ -967,17 +969,25 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       queues[it->second].at.push_back(level_end);
     }
     level = level_end;
+    // The queues by their next candidate's place: the tenant's service (fair sharing), then the
+    // candidate's in waiting_. Only the queue just taken from changes (its head, and its service
+    // when its sequence is admitted), so it goes back in before the next pick.
+    const auto place = [&](size_t q) {
+      return std::make_pair(config_.fair_share ? queues[q].share->service : 0.0,
+                            queues[q].at[queues[q].next]);
+    };
+    using Head = std::pair<std::pair<double, size_t>, size_t>;
+    std::priority_queue<Head, std::vector<Head>, std::greater<Head>> heads;
+    for (size_t q = 0; q < queues.size(); ++q) heads.push({place(q), q});
+    std::optional<size_t> taken;  // the queue the last candidate came from
     while (room()) {
-      TenantQueue* q = nullptr;
-      for (TenantQueue& c : queues) {
-        if (c.next == c.at.size()) continue;
-        if (q == nullptr || (config_.fair_share && c.share->service != q->share->service
-                                 ? c.share->service < q->share->service
-                                 : c.at[c.next] < q->at[q->next])) {
-          q = &c;
-        }
+      if (taken.has_value() && queues[*taken].next < queues[*taken].at.size()) {
+        heads.push({place(*taken), *taken});
       }
-      if (q == nullptr) break;
+      if (heads.empty()) break;
+      taken = heads.top().second;
+      heads.pop();
+      TenantQueue* q = &queues[*taken];
       const size_t i = q->at[q->next++];
       Sequence* w = waiting_[i].get();
       if (!w->options.fine_tune_id.empty() && w->delta == nullptr) {
