@@ -45,12 +45,7 @@ class ApiKeysTest : public ::testing::Test {
   static void SetUpTestSuite() {
     const char* tmp = std::getenv("TEST_TMPDIR");
     const std::string root = absl::StrCat(tmp == nullptr ? "/tmp" : tmp, "/api-keys");
-    std::filesystem::create_directories(root + "/fine-tunes/lora-c");
-    for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
-      std::filesystem::copy_file(absl::StrCat("models/strata-tiny/lora-c-headers/", file),
-                                 absl::StrCat(root, "/fine-tunes/lora-c/", file),
-                                 std::filesystem::copy_options::overwrite_existing);
-    }
+    CopyBundledLoraAdapter(root + "/fine-tunes/lora-c");
     keys_file_ = root + "/keys.json";
     std::ofstream(keys_file_) << absl::StrCat(
         R"({"tenants": [

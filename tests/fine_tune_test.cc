@@ -46,12 +46,7 @@ class FineTuneTest : public ::testing::Test {
       ASSERT_TRUE(r.ok()) << r.status();
     }
     // And a LoRA adapter, as a directory in PEFT's format.
-    std::filesystem::create_directories(root + "/1/lora-c");
-    for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
-      std::filesystem::copy_file(absl::StrCat("models/strata-tiny/lora-c-headers/", file),
-                                 absl::StrCat(root, "/1/lora-c/", file),
-                                 std::filesystem::copy_options::overwrite_existing);
-    }
+    CopyBundledLoraAdapter(root + "/1/lora-c");
     LocalClusterOptions o;
     o.num_workers = 2;
     o.name = "fine-tunes";

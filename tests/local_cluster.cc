@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -33,6 +34,15 @@ absl::StatusOr<std::pair<ChildProcess, std::string>> StartServer(const std::stri
                                                            ".log): ", port.status().message()));
   }
   return std::make_pair(*std::move(p), absl::StrCat("127.0.0.1:", *port));
+}
+
+void CopyBundledLoraAdapter(const std::string& dir) {
+  std::filesystem::create_directories(dir);
+  for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
+    std::filesystem::copy_file(absl::StrCat("models/strata-tiny/lora-c-headers/", file),
+                               absl::StrCat(dir, "/", file),
+                               std::filesystem::copy_options::overwrite_existing);
+  }
 }
 
 absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOptions options) {

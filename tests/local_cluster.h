@@ -23,6 +23,10 @@ namespace strata {
 inline constexpr char kTinyModel[] = "strata-tiny";
 inline constexpr char kTinyModelDir[] = "models/strata-tiny/base";
 
+// Copies the bundled LoRA adapter (models/strata-tiny/lora-c-headers) into `dir` (made), a PEFT
+// adapter directory that a worker's --fine_tune_dir serves under the directory's name.
+void CopyBundledLoraAdapter(const std::string& dir);
+
 struct LocalClusterOptions {
   int num_workers = 2;
   // Extra flags for every worker (with "{i}" replaced by the worker's index) / for the
