@@ -7,7 +7,8 @@
 #      prompt, and 16 tenants' 1,000-token system prompts (twice what one worker's cache holds).
 #   2. The coordinator's added latency: one worker, the same workload sent straight to the worker
 #      (Worker.Submit), through a coordinator (Serving.Generate) and through its OpenAI-compatible
-#      HTTP API (streamed /v1/completions), alternating, several rounds.
+#      HTTP API (streamed /v1/completions), and through a coordinator with API keys (a tenant's
+#      limits, metrics and usage counted on every call), alternating, several rounds.
 #   3. KV tiers: multi-turn conversations whose KV is many times one worker's device cache (8 MiB:
 #      2k tokens), on a worker with the device cache only, one with host (64 MiB) and disk
 #      (256 MiB) tiers below it, and one with a 16 MiB host tier only, raw and INT8; each worker's
@@ -84,6 +85,13 @@ w=$STRATA_PORT
 http_port=$(strata_free_port)
 strata_coordinator solo-coordinator "$model" "127.0.0.1:$w" --http_listen=127.0.0.1:$http_port
 c=$STRATA_PORT
+# And one with API keys (a tenant's limits, metrics and usage on every call).
+cat > "$out/overhead-keys.json" <<'KEYS'
+{"tenants": [{"name": "bench", "keys": ["sk-bench-overhead-0"], "max_concurrent_requests": 1000,
+              "requests_per_minute": 100000, "tokens_per_minute": 100000000}]}
+KEYS
+strata_coordinator keyed-coordinator "$model" "127.0.0.1:$w" --api_keys_file="$out/overhead-keys.json"
+ck=$STRATA_PORT
 sleep 1
 plain=(--workload=random --requests=150 --rate=8 --prompt_tokens=64 --output_tokens=8)
 for round in 1 2 3; do
@@ -94,6 +102,9 @@ for round in 1 2 3; do
   loadgen --target=127.0.0.1:$http_port --api=openai "${plain[@]}" --seed=$round \
     --label="openai-http/round$round" --cache_salt="openai-$round" \
     --json_out="$out/openai-$round.json" | tee -a "$summary"
+  loadgen --target=127.0.0.1:$ck "${plain[@]}" --seed=$round --label="keyed-coordinator/round$round" \
+    --api_key=sk-bench-overhead-0 --cache_salt="keyed-$round" \
+    --json_out="$out/keyed-$round.json" | tee -a "$summary"
 done
 strata_stop_all
 fi
