@@ -236,7 +236,8 @@ for round in 1 2 3; do
       > "$out/weights-$t-$round.txt" &
     eval "pid_$t=\$!"
   done
-  wait "$pid_gold" "$pid_bronze"
+  wait "$pid_gold"
+  wait "$pid_bronze"
   cat "$out/weights-gold-$round.txt" "$out/weights-bronze-$round.txt" | tee -a "$summary"
 done
 strata_stop_all

@@ -1,5 +1,6 @@
 #include "cli/cluster.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
@@ -340,14 +341,16 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
                                                     "TOKENS LEFT", "WEIGHT", "MAX PRIO", "MODELS"}};
     auto limit = [](uint64_t n) { return n == 0 ? std::string("-") : absl::StrCat(n); };
     for (const auto& t : cs.tenants()) {
-      nrows.push_back(
-          {t.name() + (t.admin() ? " (admin)" : ""),
-           absl::StrCat(t.running_requests(), "/", limit(t.max_concurrent_requests())),
-           limit(t.requests_per_minute()), limit(t.tokens_per_minute()),
-           t.tokens_per_minute() == 0 ? "-" : absl::StrFormat("%.0f", t.tokens_available()),
-           absl::StrFormat("%g", t.scheduling_weight()), absl::StrCat(t.max_priority()),
-           t.all_models() ? "(all)"
-                          : (t.models().empty() ? "(none)" : absl::StrJoin(t.models(), ","))});
+      nrows.push_back({t.name() + (t.admin() ? " (admin)" : ""),
+                       absl::StrCat(t.running_requests(), "/", limit(t.max_concurrent_requests())),
+                       limit(t.requests_per_minute()), limit(t.tokens_per_minute()),
+                       t.tokens_per_minute() == 0
+                           ? "-"
+                           : absl::StrCat(static_cast<int64_t>(std::llround(t.tokens_available()))),
+                       absl::StrFormat("%g", t.scheduling_weight()), absl::StrCat(t.max_priority()),
+                       t.all_models()
+                           ? "(all)"
+                           : (t.models().empty() ? "(none)" : absl::StrJoin(t.models(), ","))});
     }
     PrintTable(out, nrows);
   }

@@ -201,13 +201,22 @@ int Main() {
       LOG(ERROR) << "--tenant_header with --api_keys_file: the keys name the tenants";
       return 2;
     }
-    const bool valid =
+    // Not a name that HTTP, gRPC or Strata itself uses (gRPC sets some of these on every call,
+    // which would then name a tenant, or fail every call).
+    bool valid =
         header.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-_.") == std::string::npos &&
-        !absl::StartsWith(header, "grpc-") && header != "authorization" && header != "host" &&
-        header != "content-type" && header != "te";
+        !absl::StartsWith(header, "grpc-") && !absl::StartsWith(header, "x-strata-") &&
+        !absl::EndsWith(header, "-bin") && !absl::StartsWith(header, ":");
+    for (const char* reserved :
+         {"authorization", "host", "content-type", "content-length", "te", "user-agent",
+          "transfer-encoding", "connection", "keep-alive", "expect", "upgrade", "proxy-connection",
+          "cookie", "accept", "accept-encoding"}) {
+      valid = valid && header != reserved;
+    }
     if (!valid) {
-      LOG(ERROR) << "--tenant_header must be a header name of [a-z0-9-_.] (not grpc-*, "
-                    "authorization, host, content-type or te), not \""
+      LOG(ERROR) << "--tenant_header must be a header name of [a-z0-9-_.] that HTTP, gRPC and "
+                    "Strata do not use themselves (not grpc-*, x-strata-*, *-bin, "
+                    "authorization, user-agent, content-*, ...; x-tenant-id, say), not \""
                  << header << "\"";
       return 2;
     }

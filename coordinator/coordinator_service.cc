@@ -1,6 +1,7 @@
 #include "coordinator/coordinator_service.h"
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <utility>
 
@@ -1036,7 +1037,8 @@ grpc::ServerUnaryReactor* CoordinatorService::GetClusterStatus(
     for (const auto& t : keys->tenants()) {
       v1::TenantStatus* s = response->add_tenants();
       s->set_name(t->name);
-      s->set_running_requests(static_cast<uint32_t>(std::max<int64_t>(0, t->running->load())));
+      s->set_running_requests(static_cast<uint32_t>(
+          std::clamp<int64_t>(t->running->load(), 0, std::numeric_limits<uint32_t>::max())));
       s->set_max_concurrent_requests(static_cast<uint32_t>(t->max_concurrent_requests));
       s->set_requests_per_minute(static_cast<uint64_t>(t->requests_per_minute));
       s->set_tokens_per_minute(static_cast<uint64_t>(t->tokens_per_minute));

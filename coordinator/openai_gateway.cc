@@ -1474,7 +1474,7 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   // anywhere in a Connection header wins.
   bool keep = parts[2] != "HTTP/1.0", saw_close = false, saw_length = false;
   std::string authorization, proxy_tenant;
-  bool saw_authorization = false;
+  bool saw_authorization = false, saw_proxy_tenant = false;
   for (size_t i = 1; i < lines.size(); ++i) {
     const size_t colon = lines[i].find(':');
     if (colon == std::string::npos) continue;
@@ -1489,7 +1489,18 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
       authorization = std::string(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
     }
     if (!options_.tenant_header.empty() && name == options_.tenant_header) {
+      if (saw_proxy_tenant) {  // (as for Authorization: a proxy might read two otherwise)
+        Reply(fd, ErrorResponse(400, absl::StrCat("more than one ", options_.tenant_header,
+                                                  " header")));
+        return false;
+      }
+      saw_proxy_tenant = true;
       proxy_tenant = std::string(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
+      if (!ValidTenantName(proxy_tenant)) {  // present, so not empty either
+        Reply(fd, ErrorResponse(400, absl::StrCat("the ", options_.tenant_header,
+                                                  " header must be 1 to 128 of [A-Za-z0-9._-]")));
+        return false;
+      }
     }
     const std::string value =
         absl::AsciiStrToLower(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
@@ -1859,12 +1870,6 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
   }
   // A stream's end is the connection's close.
   if (call->stream) SetKeepAlive(fd, false);
-  // (Checked here too: it goes on as gRPC metadata, which takes printable ASCII only.)
-  if (!proxy_tenant.empty() && !ValidTenantName(proxy_tenant)) {
-    Reply(fd, ErrorResponse(400, absl::StrCat("the ", options_.tenant_header,
-                                              " header must be 1 to 128 of [A-Za-z0-9._-]")));
-    return;
-  }
   const std::string model_asked = call->request.model();
   const uint32_t context = ResolveModel(&call->request);
   ApiKeys::Lease lease;  // one of the tenant's concurrent requests, until this returns

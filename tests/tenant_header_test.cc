@@ -39,6 +39,11 @@ TEST(TenantHeaderTest, AProxysTenantReachesTheWorkers) {
   r = complete("x-tenant-id: team a!\r\n");
   EXPECT_EQ(r.status, 400) << r.body;
   EXPECT_TRUE(absl::StrContains(r.body, "x-tenant-id")) << r.body;
+  // Present but empty, or twice, is refused as over gRPC (and as for Authorization).
+  EXPECT_EQ(complete("X-Tenant-Id:\r\n").status, 400);
+  r = complete("X-Tenant-Id: team-a\r\nX-Tenant-Id: team-b\r\n");
+  EXPECT_EQ(r.status, 400) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "more than one")) << r.body;
 
   auto serving = v1::Serving::NewStub(
       grpc::CreateChannel((*cluster)->coordinator_address(), grpc::InsecureChannelCredentials()));

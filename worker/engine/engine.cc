@@ -944,93 +944,111 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   const auto room = [&] {
     return budget > 0 && static_cast<int64_t>(running_.size()) < config_.max_running_sequences;
   };
-  // waiting_ is in priority order. Within one priority, each tenant's sequences form a queue (in
-  // arrival order) and the next candidate heads the least served tenant's (fair_share), or is
-  // simply the earliest. Admitted and failed sequences leave holes, closed up afterwards.
-  struct TenantQueue {
-    const TenantShare* share;
-    std::vector<size_t> at;  // indices into waiting_
-    size_t next = 0;
-  };
-  std::vector<TenantQueue> queues;
-  absl::flat_hash_map<const TenantShare*, size_t> queue_of;
-  bool holes = false;
-  bool no_room = false;
+  bool holes = false;  // admitted and failed sequences leave holes, closed up afterwards
   Sequence* no_room_seq = nullptr;  // the one that found no room, which ended admissions
-  for (size_t level = 0; level < waiting_.size() && !no_room && room();) {
-    const int32_t priority = waiting_[level]->options.priority;
-    size_t level_end = level;
-    queues.clear();
-    queue_of.clear();
-    for (; level_end < waiting_.size() && waiting_[level_end]->options.priority == priority;
-         ++level_end) {
-      auto [it, added] = queue_of.try_emplace(waiting_[level_end]->share, queues.size());
-      if (added) queues.push_back({waiting_[level_end]->share, {}, 0});
-      queues[it->second].at.push_back(level_end);
+  // Tries to admit waiting_[i]; false when it found no room (admissions end there).
+  const auto try_admit = [&](size_t i) {
+    Sequence* w = waiting_[i].get();
+    if (!w->options.fine_tune_id.empty() && w->delta == nullptr) {
+      absl::StatusOr<const DeltaWeights*> d = deltas_->Acquire(w->options.fine_tune_id);
+      if (!d.ok()) {
+        // The delta could not be loaded: the request fails (the coordinator may retry it on
+        // another worker).
+        RequestOutput out;
+        out.request_id = w->id;
+        out.finish = FinishReason::kError;
+        out.error = d.status();
+        out.num_prompt_tokens = w->prompt_len;
+        out.num_generated_tokens = w->num_generated;
+        outputs.push_back(std::move(out));
+        ReleaseBlocks(w);
+        waiting_[i].reset();
+        holes = true;
+        return true;
+      }
+      if (*d == nullptr) {  // still loading: the ones behind it go first
+        io_wait = true;
+        return true;
+      }
+      w->delta = *d;
     }
-    level = level_end;
-    // The queues by their next candidate's place: the tenant's service (fair sharing), then the
-    // candidate's in waiting_. Only the queue just taken from changes (its head, and its service
-    // when its sequence is admitted), so it goes back in before the next pick.
-    const auto place = [&](size_t q) {
-      return std::make_pair(config_.fair_share ? queues[q].share->service : 0.0,
-                            queues[q].at[queues[q].next]);
+    const AdmitResult r = Admit(w, budget, &plan);
+    // A sequence holds its delta only while it runs: one that waits here must not keep another
+    // fine-tune's load from getting room.
+    if (r != AdmitResult::kAdmitted) ReleaseDelta(w);
+    if (r == AdmitResult::kNoRoom) {
+      no_room_seq = w;
+      return false;
+    }
+    if (r == AdmitResult::kWaitingForIo || r == AdmitResult::kWaitingForPrefix) {
+      io_wait = io_wait || r == AdmitResult::kWaitingForIo;
+      return true;
+    }
+    if (dedupe) AddInflight(*w);
+    budget -= plan.back().count;
+    Charge(*w, plan.back().count, 0);
+    running_.push_back(std::move(waiting_[i]));
+    holes = true;
+    return true;
+  };
+  // waiting_ is in priority order. With one tenant at work (or fair sharing off), that order is
+  // the admission order: walked until admissions end. Otherwise, within one priority, each
+  // tenant's sequences form a queue (in waiting_'s order) and the next candidate heads the least
+  // served tenant's; grouping the queue costs a pass over it, paid only when tenants compete.
+  int live_tenants = 0;
+  if (config_.fair_share) {
+    for (const auto& [name, t] : tenants_) {
+      if (t.live > 0 && ++live_tenants > 1) break;
+    }
+  }
+  if (live_tenants <= 1) {
+    for (size_t i = 0; i < waiting_.size() && room(); ++i) {
+      if (!try_admit(i)) break;
+    }
+  } else {
+    struct TenantQueue {
+      const TenantShare* share;
+      std::vector<size_t> at;  // indices into waiting_
+      size_t next = 0;
     };
-    using Head = std::pair<std::pair<double, size_t>, size_t>;
-    std::priority_queue<Head, std::vector<Head>, std::greater<Head>> heads;
-    for (size_t q = 0; q < queues.size(); ++q) heads.push({place(q), q});
-    std::optional<size_t> taken;  // the queue the last candidate came from
-    while (room()) {
-      if (taken.has_value() && queues[*taken].next < queues[*taken].at.size()) {
-        heads.push({place(*taken), *taken});
+    std::vector<TenantQueue> queues;
+    absl::flat_hash_map<const TenantShare*, size_t> queue_of;
+    bool no_room = false;
+    for (size_t level = 0; level < waiting_.size() && !no_room && room();) {
+      const int32_t priority = waiting_[level]->options.priority;
+      size_t level_end = level;
+      queues.clear();
+      queue_of.clear();
+      for (; level_end < waiting_.size() && waiting_[level_end]->options.priority == priority;
+           ++level_end) {
+        auto [it, added] = queue_of.try_emplace(waiting_[level_end]->share, queues.size());
+        if (added) queues.push_back({waiting_[level_end]->share, {}, 0});
+        queues[it->second].at.push_back(level_end);
       }
-      if (heads.empty()) break;
-      taken = heads.top().second;
-      heads.pop();
-      TenantQueue* q = &queues[*taken];
-      const size_t i = q->at[q->next++];
-      Sequence* w = waiting_[i].get();
-      if (!w->options.fine_tune_id.empty() && w->delta == nullptr) {
-        absl::StatusOr<const DeltaWeights*> d = deltas_->Acquire(w->options.fine_tune_id);
-        if (!d.ok()) {
-          // The delta could not be loaded: the request fails (the coordinator may retry it on
-          // another worker).
-          RequestOutput out;
-          out.request_id = w->id;
-          out.finish = FinishReason::kError;
-          out.error = d.status();
-          out.num_prompt_tokens = w->prompt_len;
-          out.num_generated_tokens = w->num_generated;
-          outputs.push_back(std::move(out));
-          ReleaseBlocks(w);
-          waiting_[i].reset();
-          holes = true;
-          continue;
+      level = level_end;
+      // The queues by their next candidate's place: the tenant's service, then the candidate's
+      // in waiting_. Only the queue just taken from changes (its head, and its service when its
+      // sequence is admitted), so it goes back in before the next pick.
+      const auto place = [&](size_t q) {
+        return std::make_pair(queues[q].share->service, queues[q].at[queues[q].next]);
+      };
+      using Head = std::pair<std::pair<double, size_t>, size_t>;
+      std::priority_queue<Head, std::vector<Head>, std::greater<Head>> heads;
+      for (size_t q = 0; q < queues.size(); ++q) heads.push({place(q), q});
+      std::optional<size_t> taken;  // the queue the last candidate came from
+      while (room()) {
+        if (taken.has_value() && queues[*taken].next < queues[*taken].at.size()) {
+          heads.push({place(*taken), *taken});
         }
-        if (*d == nullptr) {  // still loading: the ones behind it go first
-          io_wait = true;
-          continue;
+        if (heads.empty()) break;
+        taken = heads.top().second;
+        heads.pop();
+        TenantQueue& q = queues[*taken];
+        if (!try_admit(q.at[q.next++])) {
+          no_room = true;
+          break;
         }
-        w->delta = *d;
       }
-      const AdmitResult r = Admit(w, budget, &plan);
-      // A sequence holds its delta only while it runs: one that waits here must not keep another
-      // fine-tune's load from getting room.
-      if (r != AdmitResult::kAdmitted) ReleaseDelta(w);
-      if (r == AdmitResult::kNoRoom) {
-        no_room = true;
-        no_room_seq = w;
-        break;
-      }
-      if (r == AdmitResult::kWaitingForIo || r == AdmitResult::kWaitingForPrefix) {
-        io_wait = io_wait || r == AdmitResult::kWaitingForIo;
-        continue;
-      }
-      if (dedupe) AddInflight(*w);
-      budget -= plan.back().count;
-      Charge(*w, plan.back().count, 0);
-      running_.push_back(std::move(waiting_[i]));
-      holes = true;
     }
   }
   if (holes) {
