@@ -2,9 +2,15 @@
 // the proxy names, over HTTP (the header) and gRPC (the metadata), reaches the worker, which
 // shares itself fairly by it and counts each tenant's tokens; a malformed name is refused naming
 // the header, and a request without one is served as before.
+#include <sys/wait.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -17,6 +23,34 @@
 
 namespace strata {
 namespace {
+
+// A header HTTP, gRPC or Strata uses itself cannot name tenants (gRPC sets user-agent on every
+// call, which would then name one), nor can the header go with API keys: the coordinator refuses
+// to start, exit status 2, naming the flag.
+TEST(TenantHeaderTest, ReservedHeaderNamesAreRefusedAtStart) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string log = absl::StrCat(tmp == nullptr ? "/tmp" : tmp, "/refused.log");
+  for (const std::vector<std::string>& flags : std::vector<std::vector<std::string>>{
+           {"--tenant_header=User-Agent"},
+           {"--tenant_header=x-strata-tenant"},
+           {"--tenant_header=x-tenant-bin"},
+           {"--tenant_header=content-length"},
+           {"--tenant_header=x tenant"},
+           {"--tenant_header=x-tenant-id", "--api_keys_file=/nonexistent/keys.json"}}) {
+    std::vector<std::string> argv = {kCoordinatorBinary,
+                                     absl::StrCat("--model=", kTinyModel, "=", kTinyModelDir),
+                                     "--workers=127.0.0.1:1", "--listen=127.0.0.1:0"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    absl::StatusOr<ChildProcess> p = ChildProcess::Start(argv, log);
+    ASSERT_TRUE(p.ok()) << p.status();
+    const int status = p->Wait(absl::Seconds(30));
+    ASSERT_TRUE(WIFEXITED(status)) << flags[0];
+    EXPECT_EQ(WEXITSTATUS(status), 2) << flags[0];
+    std::ifstream in(log);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_TRUE(absl::StrContains(text, "--tenant_header")) << text;
+  }
+}
 
 TEST(TenantHeaderTest, AProxysTenantReachesTheWorkers) {
   LocalClusterOptions o;
