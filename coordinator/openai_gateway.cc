@@ -1490,8 +1490,8 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
     }
     if (!options_.tenant_header.empty() && name == options_.tenant_header) {
       if (saw_proxy_tenant) {  // (as for Authorization: a proxy might read two otherwise)
-        Reply(fd, ErrorResponse(400, absl::StrCat("more than one ", options_.tenant_header,
-                                                  " header")));
+        Reply(fd, ErrorResponse(400,
+                                absl::StrCat("more than one ", options_.tenant_header, " header")));
         return false;
       }
       saw_proxy_tenant = true;

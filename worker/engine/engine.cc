@@ -375,7 +375,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   s->id = id;
   s->arrival = next_arrival_++;
   s->share = ShareFor(o);
-  ++s->share->live;
+  if (s->share->live++ == 0) ++live_tenants_;
   s->prompt_len = static_cast<int64_t>(prompt.size());
   s->penalties.AddPrompt(prompt);
   s->tokens = std::move(prompt);
@@ -409,6 +409,7 @@ Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
     it = tenants_.try_emplace(o.tenant).first;
     it->second.name = o.tenant;
     it->second.id = next_tenant_id_++;
+    it->second.live_tenants = &live_tenants_;
   }
   TenantShare& t = it->second;
   t.weight = o.tenant_weight;
@@ -995,13 +996,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   // the admission order: walked until admissions end. Otherwise, within one priority, each
   // tenant's sequences form a queue (in waiting_'s order) and the next candidate heads the least
   // served tenant's; grouping the queue costs a pass over it, paid only when tenants compete.
-  int live_tenants = 0;
-  if (config_.fair_share) {
-    for (const auto& [name, t] : tenants_) {
-      if (t.live > 0 && ++live_tenants > 1) break;
-    }
-  }
-  if (live_tenants <= 1) {
+  if (!config_.fair_share || live_tenants_ <= 1) {
     for (size_t i = 0; i < waiting_.size() && room(); ++i) {
       if (!try_admit(i)) break;
     }

@@ -344,7 +344,9 @@ class Engine {
  private:
   struct TenantShare : TenantService {
     int64_t live = 0;  // its sequences waiting or running
-    int32_t id = 0;    // the owner of the blocks it publishes (BlockManager)
+    // The engine's count of tenants with live sequences (live_tenants_), kept as `live` crosses 0.
+    int64_t* live_tenants = nullptr;
+    int32_t id = 0;  // the owner of the blocks it publishes (BlockManager)
   };
   struct Sequence {
     std::string id;
@@ -383,7 +385,7 @@ class Engine {
     // Its tenant's entry in tenants_, where it counts as live while it exists.
     TenantShare* share = nullptr;
     ~Sequence() {
-      if (share != nullptr) --share->live;
+      if (share != nullptr && --share->live == 0) --*share->live_tenants;
     }
     bool prompt_logprobs_sent = false;
     std::vector<SampledToken> prompt_logprobs;
@@ -517,6 +519,7 @@ class Engine {
   // sequences, which count themselves out of theirs when destroyed.
   absl::node_hash_map<std::string, TenantShare> tenants_;
   int32_t next_tenant_id_ = 0;
+  int64_t live_tenants_ = 0;  // tenants with sequences waiting or running
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<std::unique_ptr<Sequence>> cancelled_;
