@@ -115,9 +115,9 @@ class Driver {
       api_key_ = env;
     }
     if (const std::string path = absl::GetFlag(FLAGS_cluster_secret_file); !path.empty()) {
-      absl::StatusOr<std::string> secret = LoadSecretFile(path);
-      CHECK(secret.ok()) << "--cluster_secret_file: " << secret.status();
-      cluster_secret_ = *std::move(secret);
+      absl::StatusOr<std::vector<std::string>> secrets = LoadSecretFile(path);
+      CHECK(secrets.ok()) << "--cluster_secret_file: " << secrets.status();
+      cluster_secret_ = secrets->front();  // the one sent
     }
   }
 

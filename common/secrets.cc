@@ -1,10 +1,14 @@
 #include "common/secrets.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/log.h"
 #include "common/mapped_file.h"
 #include "common/status_macros.h"
 
@@ -29,18 +33,121 @@ std::string NewSecret() {
   return out;
 }
 
-absl::StatusOr<std::string> LoadSecretFile(const std::string& path) {
+absl::StatusOr<std::vector<std::string>> LoadSecretFile(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
-  const absl::string_view secret = absl::StripAsciiWhitespace(text);
-  bool printable = secret.size() >= 16 && secret.size() <= 256;
-  for (char c : secret) printable = printable && c > ' ' && c < 127;
-  if (!printable) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path,
-                     ": the secret must be 16 to 256 printable ASCII characters without "
-                     "spaces (for example: openssl rand -hex 32)"));
+  std::vector<std::string> secrets;
+  int line_number = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_number;
+    const absl::string_view secret = absl::StripAsciiWhitespace(line);
+    if (secret.empty()) continue;
+    bool printable = secret.size() >= 16 && secret.size() <= 256;
+    for (char c : secret) printable = printable && c > ' ' && c < 127;
+    if (!printable) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": line ", line_number,
+                       ": a secret must be 16 to 256 printable ASCII characters without "
+                       "spaces (for example: openssl rand -hex 32)"));
+    }
+    secrets.emplace_back(secret);
   }
-  return std::string(secret);
+  if (secrets.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": no secret (for example: openssl rand -hex 32 > ", path, ")"));
+  }
+  if (secrets.size() > kMaxClusterSecrets) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": ", secrets.size(), " secrets, at most ", kMaxClusterSecrets,
+                     " (one a line: the one sent, then those still accepted)"));
+  }
+  return secrets;
+}
+
+ClusterSecret::ClusterSecret(std::vector<std::string> secrets)
+    : ClusterSecret(std::string(), std::move(secrets)) {}
+
+ClusterSecret::ClusterSecret(std::string path, std::vector<std::string> secrets)
+    : path_(std::move(path)), secrets_(std::move(secrets)) {
+  CHECK(!secrets_.empty());
+}
+
+ClusterSecret::~ClusterSecret() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (watcher_.joinable()) watcher_.join();
+}
+
+absl::StatusOr<std::unique_ptr<ClusterSecret>> ClusterSecret::Open(const std::string& path,
+                                                                   absl::Duration reload) {
+  ASSIGN_OR_RETURN(std::vector<std::string> secrets, LoadSecretFile(path));
+  std::unique_ptr<ClusterSecret> out(new ClusterSecret(path, std::move(secrets)));
+  if (reload > absl::ZeroDuration()) out->Watch(reload);
+  return out;
+}
+
+std::string ClusterSecret::Sent() const {
+  absl::MutexLock lock(&mu_);
+  return secrets_.front();
+}
+
+int ClusterSecret::Match(absl::string_view given) const {
+  absl::MutexLock lock(&mu_);
+  int found = -1;
+  for (size_t i = 0; i < secrets_.size(); ++i) {
+    const bool equal = SecretsEqual(secrets_[i], given);  // every one, whatever matched before
+    if (equal && found < 0) found = static_cast<int>(i);
+  }
+  return found;
+}
+
+absl::Status ClusterSecret::Reload() {
+  absl::MutexLock reloading(&reload_mu_);
+  ASSIGN_OR_RETURN(std::vector<std::string> secrets, LoadSecretFile(path_));
+  absl::MutexLock lock(&mu_);
+  secrets_ = std::move(secrets);
+  return absl::OkStatus();
+}
+
+void ClusterSecret::Watch(absl::Duration period) {
+  period = std::max(period, absl::Milliseconds(50));
+  watcher_ = std::thread([this, period] {
+    while (true) {
+      std::vector<std::string> before;
+      {
+        absl::MutexLock lock(&mu_);
+        auto stopped = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; };
+        if (mu_.AwaitWithTimeout(absl::Condition(&stopped), period)) return;
+        before = secrets_;
+      }
+      if (absl::Status s = Reload(); !s.ok()) {
+        LOG(WARNING) << "cluster secret not reloaded, the secrets before stay: " << s;
+        continue;
+      }
+      absl::MutexLock lock(&mu_);
+      if (secrets_ != before) {
+        LOG(INFO) << "cluster secret reloaded from " << path_ << ": " << secrets_.size()
+                  << " secret(s) accepted, "
+                  << (secrets_.front() == before.front() ? "the same one" : "a new one") << " sent";
+      }
+    }
+  });
+}
+
+absl::StatusOr<std::unique_ptr<ClusterSecret>> OpenClusterSecretFlag(const std::string& path,
+                                                                     double reload_s) {
+  if (path.empty()) return std::unique_ptr<ClusterSecret>();
+  if (!(reload_s >= 0)) {
+    return absl::InvalidArgumentError("--cluster_secret_reload_s must be 0 (never) or more");
+  }
+  absl::StatusOr<std::unique_ptr<ClusterSecret>> secret =
+      ClusterSecret::Open(path, absl::Seconds(reload_s));
+  if (!secret.ok()) {
+    return absl::Status(secret.status().code(),
+                        absl::StrCat("--cluster_secret_file: ", secret.status().message()));
+  }
+  return secret;
 }
 
 }  // namespace strata

@@ -47,7 +47,11 @@ ABSL_FLAG(std::string, http_listen, "",
           "/v1/chat/completions, GET /v1/models), e.g. [::]:8000; empty: none.");
 ABSL_FLAG(std::string, cluster_secret_file, "",
           "A file holding the cluster secret, sent with every call to a worker (workers started "
-          "with the same --cluster_secret_file answer nothing else). Empty: none.");
+          "with the same --cluster_secret_file answer nothing else). Empty: none. One secret a "
+          "line: the first is sent (see --cluster_secret_reload_s).");
+ABSL_FLAG(double, cluster_secret_reload_s, 5,
+          "Read --cluster_secret_file again this often, so that the secret rotates without a "
+          "restart (common/secrets.h); 0: at start only.");
 ABSL_FLAG(
     std::string, tenant_header, "",
     "Without --api_keys_file: the HTTP header (and gRPC metadata) in which a trusted proxy in "
@@ -138,10 +142,11 @@ int Main() {
   WorkerPoolOptions po;
   po.targets = *targets;
   po.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_resolve_interval_s));
-  if (const std::string path = absl::GetFlag(FLAGS_cluster_secret_file); !path.empty()) {
-    absl::StatusOr<std::string> secret = LoadSecretFile(path);
+  {
+    absl::StatusOr<std::unique_ptr<ClusterSecret>> secret = OpenClusterSecretFlag(
+        absl::GetFlag(FLAGS_cluster_secret_file), absl::GetFlag(FLAGS_cluster_secret_reload_s));
     if (!secret.ok()) {
-      LOG(ERROR) << "--cluster_secret_file: " << secret.status();
+      LOG(ERROR) << secret.status();
       return 2;
     }
     po.cluster_secret = *std::move(secret);

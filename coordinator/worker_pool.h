@@ -52,8 +52,8 @@ struct WorkerPoolOptions {
   absl::Duration rpc_timeout = absl::Seconds(2);
   absl::Duration max_reconnect_backoff = absl::Seconds(2);
   RouterConfig router;
-  // The cluster secret every call to a worker carries (common/secrets.h); empty: none.
-  std::string cluster_secret;
+  // The cluster secret every call to a worker carries (its first; common/secrets.h); null: none.
+  std::shared_ptr<const ClusterSecret> cluster_secret;
 };
 
 // One model as the workers serving it describe it.
@@ -76,8 +76,8 @@ class WorkerPool {
  public:
   // Adds the cluster secret, if any, to a call to a worker.
   void Authorize(grpc::ClientContext* ctx) const {
-    if (!options_.cluster_secret.empty()) {
-      ctx->AddMetadata(kClusterSecretMetadata, options_.cluster_secret);
+    if (options_.cluster_secret != nullptr) {
+      ctx->AddMetadata(kClusterSecretMetadata, options_.cluster_secret->Sent());
     }
   }
   // A request's claim on a worker, from Assign until Release.

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -69,16 +70,22 @@ class ApiKeysTest : public ::testing::Test {
     http_port_ = FreePort();
     metrics_port_ = FreePort();
     worker_metrics_port_ = FreePort();
-    // The workers answer only their coordinator, which carries the cluster secret.
-    std::ofstream(root + "/cluster-secret") << kClusterSecret << "\n";
+    // The workers answer only their coordinator, which carries the cluster secret (each reading
+    // a file of its own, to rotate it step by step).
+    worker_secret_file_ = root + "/worker-cluster-secret";
+    coordinator_secret_file_ = root + "/coordinator-cluster-secret";
+    std::ofstream(worker_secret_file_) << kClusterSecret << "\n";
+    std::ofstream(coordinator_secret_file_) << kClusterSecret << "\n";
     o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/fine-tunes"), "--delta_cache_mb=16",
                       absl::StrCat("--metrics_listen=127.0.0.1:", worker_metrics_port_),
-                      absl::StrCat("--cluster_secret_file=", root, "/cluster-secret")};
+                      absl::StrCat("--cluster_secret_file=", worker_secret_file_),
+                      "--cluster_secret_reload_s=0.1"};
     o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_),
                            absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port_),
                            absl::StrCat("--api_keys_file=", root, "/keys.json"),
                            "--api_keys_reload_s=0.2",
-                           absl::StrCat("--cluster_secret_file=", root, "/cluster-secret")};
+                           absl::StrCat("--cluster_secret_file=", coordinator_secret_file_),
+                           "--cluster_secret_reload_s=0.1"};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
@@ -113,9 +120,11 @@ class ApiKeysTest : public ::testing::Test {
 
   static LocalCluster* cluster_;
   static int http_port_, metrics_port_, worker_metrics_port_;
-  static std::string keys_file_;
+  static std::string keys_file_, worker_secret_file_, coordinator_secret_file_;
 };
 std::string ApiKeysTest::keys_file_;
+std::string ApiKeysTest::worker_secret_file_;
+std::string ApiKeysTest::coordinator_secret_file_;
 LocalCluster* ApiKeysTest::cluster_ = nullptr;
 int ApiKeysTest::http_port_ = 0;
 int ApiKeysTest::metrics_port_ = 0;
@@ -608,6 +617,64 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
   for (const auto& [series, value] : m) {
     EXPECT_EQ(series.find("tenant=\"\""), std::string::npos) << series;
   }
+}
+
+// The cluster secret rotates without a restart. The coordinator and the worker read files of
+// their own (as pods see a Secret's update at different times) every 0.1 s, and through each
+// step of the rotation in common/secrets.h requests go on being served.
+TEST_F(ApiKeysTest, TheClusterSecretRotatesWithoutARestart) {
+  auto replace = [](const std::string& path, const std::string& text) {
+    std::ofstream(path + ".new") << text;
+    ASSERT_EQ(std::rename((path + ".new").c_str(), path.c_str()), 0);
+  };
+  auto worker_takes = [&](const std::string& secret) {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata(kClusterSecretMetadata, secret);
+    v1::WorkerInfo info;
+    return cluster_->worker(0)->GetInfo(&ctx, {}, &info).ok();
+  };
+  auto other_secret_calls = [&] {
+    return ParseMetrics(Http(worker_metrics_port_, "GET", "/metrics")
+                            .body)["strata_worker_calls_with_other_secret_total"];
+  };
+  auto served = [&] { return Complete(kShared, "strata-tiny", "x").status == 200; };
+  auto await = [](auto done) {
+    for (int i = 0; i < 200 && !done(); ++i) usleep(50 * 1000);
+    return done();
+  };
+  auto rotate = [&](const std::string& from, const std::string& to) {
+    // 1. Every worker accepts the new secret; the old one is still sent.
+    replace(worker_secret_file_, absl::StrCat(from, "\n", to, "\n"));
+    ASSERT_TRUE(await([&] { return worker_takes(to); })) << to;
+    EXPECT_TRUE(worker_takes(from));
+    EXPECT_TRUE(served());
+    // 2. The coordinators send the new one (the worker's second yet: it counts those calls)...
+    double before = other_secret_calls();
+    replace(coordinator_secret_file_, absl::StrCat(to, "\n", from, "\n"));
+    ASSERT_TRUE(await([&] { return served() && other_secret_calls() > before; }));
+    // ... and so does every worker's file.
+    replace(worker_secret_file_, absl::StrCat(to, "\n", from, "\n"));
+    ASSERT_TRUE(await([&] {
+      const double calls = other_secret_calls();
+      return served() && other_secret_calls() == calls;
+    }));
+    // 3. The old secret goes.
+    replace(coordinator_secret_file_, absl::StrCat(to, "\n"));
+    replace(worker_secret_file_, absl::StrCat(to, "\n"));
+    ASSERT_TRUE(await([&] { return !worker_takes(from); }));
+    EXPECT_TRUE(served());
+    EXPECT_TRUE(worker_takes(to));
+  };
+  const std::string next = "rotated-secret-fedcba9876543210";
+  rotate(kClusterSecret, next);
+  EXPECT_FALSE(worker_takes(kClusterSecret));
+  // An unusable file leaves the secret before in force.
+  replace(worker_secret_file_, "too short\n");
+  usleep(300 * 1000);
+  EXPECT_TRUE(served());
+  EXPECT_TRUE(worker_takes(next));
+  rotate(next, kClusterSecret);  // and back, for the other tests
+  EXPECT_FALSE(worker_takes(next));
 }
 
 }  // namespace

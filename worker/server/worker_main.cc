@@ -99,7 +99,11 @@ ABSL_FLAG(
     std::string, cluster_secret_file, "",
     "A file holding the cluster secret: the Worker service then answers only calls that carry "
     "it (the coordinators given the same file); its health service stays open. Empty: no "
-    "secret (keep the port private).");
+    "secret (keep the port private). One secret a line: any is accepted (see "
+    "--cluster_secret_reload_s).");
+ABSL_FLAG(double, cluster_secret_reload_s, 5,
+          "Read --cluster_secret_file again this often, so that the secret rotates without a "
+          "restart (common/secrets.h); 0: at start only.");
 ABSL_FLAG(bool, fair_cache_eviction, true,
           "When the KV cache is full, evict the least recently used cached block of the tenant "
           "holding the most cached prefixes, not the least recently used of all.");
@@ -485,10 +489,11 @@ int Main(const std::vector<std::string>& args) {
   wo.model_name = model_name;
   wo.max_live_sequences = absl::GetFlag(FLAGS_max_live_sequences);
   wo.tensor_parallel_size = world;
-  if (const std::string path = absl::GetFlag(FLAGS_cluster_secret_file); !path.empty()) {
-    absl::StatusOr<std::string> secret = LoadSecretFile(path);
+  {
+    absl::StatusOr<std::unique_ptr<ClusterSecret>> secret = OpenClusterSecretFlag(
+        absl::GetFlag(FLAGS_cluster_secret_file), absl::GetFlag(FLAGS_cluster_secret_reload_s));
     if (!secret.ok()) {
-      LOG(ERROR) << "--cluster_secret_file: " << secret.status();
+      LOG(ERROR) << secret.status();
       return 1;
     }
     wo.cluster_secret = *std::move(secret);

@@ -181,7 +181,10 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
         {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5});
     generated_tokens_ = options_.metrics->GetCounter("strata_worker_generated_tokens_total",
                                                      "Tokens generated (sampled).");
-    if (!options_.cluster_secret.empty()) Unauthenticated();  // the series, at 0
+    if (options_.cluster_secret != nullptr) {  // the series, at 0
+      Unauthenticated();
+      OtherSecret();
+    }
   }
   // Disk loads a waiting request needs wake the loop as they finish.
   engine_->SetIoNotify([this] {
@@ -258,14 +261,22 @@ Counter* WorkerService::Unauthenticated() const {
                                       "Worker calls refused for lacking the cluster secret.");
 }
 
+Counter* WorkerService::OtherSecret() const {
+  return options_.metrics->GetCounter(
+      "strata_worker_calls_with_other_secret_total",
+      "Worker calls that carried a cluster secret other than the first of the file's (from a "
+      "coordinator not yet moved to it during a rotation).");
+}
+
 grpc::Status WorkerService::CheckCaller(grpc::CallbackServerContext* context) const {
-  if (options_.cluster_secret.empty()) return grpc::Status::OK;
+  if (options_.cluster_secret == nullptr) return grpc::Status::OK;
   const auto& metadata = context->client_metadata();
   auto it = metadata.find(kClusterSecretMetadata);
-  if (it != metadata.end() &&
-      SecretsEqual(options_.cluster_secret,
-                   absl::string_view(it->second.data(), it->second.size()))) {
-    return grpc::Status::OK;
+  if (it != metadata.end()) {
+    const int match =
+        options_.cluster_secret->Match(absl::string_view(it->second.data(), it->second.size()));
+    if (match > 0 && options_.metrics != nullptr) OtherSecret()->Add();
+    if (match >= 0) return grpc::Status::OK;
   }
   if (options_.metrics != nullptr) Unauthenticated()->Add();
   return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,

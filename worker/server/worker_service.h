@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "common/secrets.h"
 #include "grammar/structured_output.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
 #include "worker/engine/engine.h"
@@ -50,9 +51,9 @@ struct WorkerServiceOptions {
   // The model name clients submit under; also the cache namespace's model name (it must equal the
   // engine's EngineConfig::model_name so that the coordinator's block hashes match).
   std::string model_name = "model";
-  // When set, every Worker call must carry it (kClusterSecretMetadata): UNAUTHENTICATED otherwise
-  // (common/secrets.h).
-  std::string cluster_secret;
+  // When set, every Worker call must carry one of its secrets (kClusterSecretMetadata):
+  // UNAUTHENTICATED otherwise (common/secrets.h).
+  std::shared_ptr<const ClusterSecret> cluster_secret;
   // Running plus queued sequences accepted at once (a tenant under its part of them past it, up
   // to twice this; see above).
   int64_t max_live_sequences = 256;
@@ -139,6 +140,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   // OK when the call carries the cluster secret (or none is set); UNAUTHENTICATED, counted.
   grpc::Status CheckCaller(grpc::CallbackServerContext* context) const;
   Counter* Unauthenticated() const;  // with options_.metrics
+  Counter* OtherSecret() const;      // with options_.metrics
   void ReleaseLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
   v1::LoadReport MakeLoadReport(const EngineStats& stats, const LoopState& state) const;
   // Refreshes the gauges and component totals in options_.metrics (at most every 250 ms).
