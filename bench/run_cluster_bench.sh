@@ -92,6 +92,10 @@ cat > "$out/overhead-keys.json" <<'KEYS'
 KEYS
 strata_coordinator keyed-coordinator "$model" "127.0.0.1:$w" --api_keys_file="$out/overhead-keys.json"
 ck=$STRATA_PORT
+# And one writing an access log (a JSON line per call).
+rm -f "$out/overhead-access.log"
+strata_coordinator logged-coordinator "$model" "127.0.0.1:$w" --access_log="$out/overhead-access.log"
+cl=$STRATA_PORT
 sleep 1
 plain=(--workload=random --requests=150 --rate=8 --prompt_tokens=64 --output_tokens=8)
 for round in 1 2 3; do
@@ -105,7 +109,10 @@ for round in 1 2 3; do
   loadgen --target=127.0.0.1:$ck "${plain[@]}" --seed=$round --label="keyed-coordinator/round$round" \
     --api_key=sk-bench-overhead-0 --cache_salt="keyed-$round" \
     --json_out="$out/keyed-$round.json" | tee -a "$summary"
+  loadgen --target=127.0.0.1:$cl "${plain[@]}" --seed=$round --label="logged-coordinator/round$round" \
+    --cache_salt="logged-$round" --json_out="$out/logged-$round.json" | tee -a "$summary"
 done
+echo "access log: $(wc -l < "$out/overhead-access.log") lines" | tee -a "$summary"
 strata_stop_all
 fi
 # 3. KV tiers.

@@ -95,6 +95,10 @@ inline constexpr char kGatewaySecretMetadata[] = "x-strata-gateway-secret";
 // Beside it, on generation calls, the tenant whose key the gateway checked (for fair sharing on
 // the workers); read only from a call that carries the secret.
 inline constexpr char kGatewayTenantMetadata[] = "x-strata-tenant";
+// Beside it too, for the access log: the HTTP client's address and the gateway's id of the HTTP
+// request the call serves.
+inline constexpr char kGatewayClientMetadata[] = "x-strata-client-address";
+inline constexpr char kGatewayHttpRequestMetadata[] = "x-strata-http-request";
 // The wait a refusal's message names ("retry in S s", as the rate and token limits write it), in
 // whole seconds rounded up, at least 1; nullopt when it names none.
 std::optional<int64_t> RetryAfterSeconds(absl::string_view message);

@@ -52,6 +52,10 @@ ABSL_FLAG(std::string, cluster_secret_file, "",
 ABSL_FLAG(double, cluster_secret_reload_s, 5,
           "Read --cluster_secret_file again this often, so that the secret rotates without a "
           "restart (common/secrets.h); 0: at start only.");
+ABSL_FLAG(std::string, access_log, "",
+          "Append a JSON line for each Generate call and each HTTP request to this file (opened "
+          "again when moved away, as by logrotate), or \"-\" for standard output; empty: none. "
+          "Sizes and timings only, never prompts or outputs (coordinator/access_log.h).");
 ABSL_FLAG(
     std::string, tenant_header, "",
     "Without --api_keys_file: the HTTP header (and gRPC metadata) in which a trusted proxy in "
@@ -243,10 +247,34 @@ int Main() {
               << keys << ": asked for over HTTP and gRPC"
               << (reload_s > 0 ? absl::StrCat(", the file read again every ", reload_s, " s") : "");
   }
+  // The gateway's in-process calls always carry a secret of its own, so that the service can
+  // tell them apart (and, with API keys, takes the gateway's checks for its own).
+  if (co.gateway_secret.empty()) co.gateway_secret = NewSecret();
   // Declared before the service and the endpoint, so it outlives both.
   MetricsRegistry metrics;
   const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   if (!metrics_listen.empty()) co.metrics = &metrics;
+  std::unique_ptr<AccessLog> access_log;
+  if (const std::string path = absl::GetFlag(FLAGS_access_log); !path.empty()) {
+    absl::StatusOr<std::unique_ptr<AccessLog>> opened = AccessLog::Open(path);
+    if (!opened.ok()) {
+      LOG(ERROR) << "--access_log: " << opened.status();
+      return 2;
+    }
+    access_log = *std::move(opened);
+    co.access_log = access_log.get();
+    if (co.metrics != nullptr) {
+      AccessLog* log = access_log.get();
+      const char* help =
+          "Access log records, by what became of them (dropped: the writer fell behind).";
+      metrics.SetGaugeCallback("strata_coordinator_access_log_records", help,
+                               {{"outcome", "written"}},
+                               [log] { return static_cast<double>(log->written()); });
+      metrics.SetGaugeCallback("strata_coordinator_access_log_records", help,
+                               {{"outcome", "dropped"}},
+                               [log] { return static_cast<double>(log->dropped()); });
+    }
+  }
   CoordinatorService service(&pool, models->get(), co);
   GrpcServerOptions so;
   so.listen_address = absl::GetFlag(FLAGS_listen);
@@ -273,6 +301,7 @@ int Main() {
   http_options.api_keys = api_keys;
   http_options.gateway_secret = co.gateway_secret;
   http_options.tenant_header = co.tenant_header;
+  http_options.access_log = co.access_log;
   http_options.metrics = co.metrics;
   for (const std::string& spec : absl::GetFlag(FLAGS_model)) {
     if (absl::GetFlag(FLAGS_http_listen).empty()) break;

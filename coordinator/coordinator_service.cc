@@ -28,6 +28,13 @@ namespace strata {
 namespace {
 
 constexpr size_t kMaxTextBytes = size_t{1} << 20;
+
+// A call's metadata value under `key` (the first), or empty.
+std::string MetadataValue(const grpc::CallbackServerContext* context, const char* key) {
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find(key);
+  return it == metadata.end() ? std::string() : std::string(it->second.data(), it->second.size());
+}
 constexpr int kMaxDetokenizeIds = 1 << 20;
 
 grpc::Status Invalid(absl::string_view message) {
@@ -129,6 +136,8 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
 
   void Start();
   void OnCancel() override { ClientGone(); }
+  // The call's access-log record, once it has ended.
+  std::string AccessRecordLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
  protected:
   void OnWriteFailed() override { ClientGone(); }
@@ -150,6 +159,9 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
                             code == grpc::StatusCode::UNAVAILABLE);
       tokens_.Settle(refused ? 0 : static_cast<int64_t>(prompt_.size()) + generated, absl::Now());
       cached = cached_.num_device_tokens() + cached_.num_host_tokens() + cached_.num_disk_tokens();
+      if (service_->options_.access_log != nullptr) {
+        service_->options_.access_log->Append(AccessRecordLocked());
+      }
     }
     // The tenant's usage, outside the call's lock (the registry has its own).
     if (const Tenant* t = tenant_ != nullptr ? tenant_ : gateway_tenant_;
@@ -249,7 +261,12 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   bool alarm_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool counted_failover_ ABSL_GUARDED_BY(mu_) = false;
   v1::CachedTokens cached_ ABSL_GUARDED_BY(mu_);
+  v1::FinishReason finish_reason_ ABSL_GUARDED_BY(mu_) = v1::FINISH_REASON_UNSPECIFIED;
   grpc::Alarm alarm_;
+  // For the access log (set by Start when there is one): which API, the client's address, the
+  // W3C trace id it sent, and the gateway's HTTP request.
+  const char* api_ = "grpc";
+  std::string peer_, trace_id_, http_request_;
 };
 
 grpc::Status CoordinatorService::GenerateCall::Validate() {
@@ -405,6 +422,16 @@ void CoordinatorService::GenerateCall::Leave() {
 
 void CoordinatorService::GenerateCall::Start() {
   Enter();
+  if (service_->options_.access_log != nullptr) {
+    if (service_->FromGateway(context_)) {
+      api_ = "http";
+      peer_ = MetadataValue(context_, kGatewayClientMetadata);
+      http_request_ = MetadataValue(context_, kGatewayHttpRequestMetadata);
+    } else {
+      peer_ = context_->peer();
+    }
+    trace_id_ = TraceIdOf(MetadataValue(context_, "traceparent"));
+  }
   // Counted in flight either way (OnStreamDone takes it off); a caller without a valid key hears
   // that first, and nothing of the coordinator's load.
   const bool full = service_->inflight_.fetch_add(1) >= service_->options_.max_inflight_requests;
@@ -554,8 +581,41 @@ v1::GenerateResponse CoordinatorService::GenerateCall::LocalFinishLocked(v1::Fin
   AppendTextLocked(tail, &out);
   if (!stop_->stopped()) out.mutable_text()->append(stop_->Flush());
   out.set_finish_reason(reason);
+  finish_reason_ = reason;
   FillUsageLocked(&out);
   return out;
+}
+
+std::string CoordinatorService::GenerateCall::AccessRecordLocked() {
+  const grpc::Status& status =
+      final_.has_value() ? *final_ : grpc::Status(grpc::StatusCode::UNKNOWN, "no outcome");
+  AccessRecord r(accepted_, "generate");
+  r.Str("request_id", request_id_.empty() ? request_->request_id() : request_id_)
+      .Str("api", api_)
+      .StrIfSet("http_request", http_request_)
+      .StrIfSet("peer", peer_)
+      .StrIfSet("trace_id", trace_id_)
+      .StrIfSet("tenant", share_tenant_)
+      .Str("model", request_->model())
+      .StrIfSet("fine_tune", request_->fine_tune_id())
+      .Int("priority", request_->priority())
+      .Str("status", absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())));
+  if (!status.ok()) r.Str("error", status.error_message().substr(0, 512));
+  if (finish_reason_ != v1::FINISH_REASON_UNSPECIFIED) {
+    r.Str("finish_reason", v1::FinishReason_Name(finish_reason_));
+  }
+  r.Int("prompt_tokens", static_cast<int64_t>(prompt_.size()))
+      .Raw("cached_tokens", absl::StrCat("{\"device\":", cached_.num_device_tokens(),
+                                         ",\"host\":", cached_.num_host_tokens(),
+                                         ",\"disk\":", cached_.num_disk_tokens(), "}"))
+      .Int("completion_tokens", static_cast<int64_t>(generated_.size()));
+  if (have_first_token_) r.Ms("ttft_ms", first_token_time_ - accepted_);
+  r.Ms("duration_ms", absl::Now() - accepted_);
+  std::vector<std::string> workers;
+  for (const auto& a : attempts_) workers.push_back(a->assignment_.address);
+  r.StrList("workers", workers);
+  if (client_gone_) r.Int("client_gone", 1);
+  return r.Done();
 }
 
 void CoordinatorService::GenerateCall::OnChunk(Attempt* attempt, v1::SubmitResponse* chunk) {
@@ -637,6 +697,7 @@ void CoordinatorService::GenerateCall::OnChunk(Attempt* attempt, v1::SubmitRespo
       // The attempt ends with OK right after this chunk; the stream finishes then.
       cancel_alarm |= SetFinalLocked(grpc::Status::OK);
     }
+    if (r.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finish_reason_ = r.finish_reason();
     if (r.token_ids_size() > 0 || !r.text().empty() || !sent_first_chunk_ ||
         r.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
       sent_first_chunk_ = true;
@@ -860,13 +921,8 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
                                         std::string* gateway_tenant) const {
   *tenant = nullptr;
   if (options_.api_keys == nullptr) return grpc::Status::OK;
-  const auto& metadata = context->client_metadata();
-  auto value = [&metadata](const char* key) {
-    auto it = metadata.find(key);
-    return it == metadata.end() ? std::string() : std::string(it->second.data(), it->second.size());
-  };
-  if (!options_.gateway_secret.empty() &&
-      SecretsEqual(options_.gateway_secret, value(kGatewaySecretMetadata))) {
+  auto value = [context](const char* key) { return MetadataValue(context, key); };
+  if (FromGateway(context)) {
     // The HTTP gateway, which checked the key itself.
     if (gateway_tenant != nullptr) *gateway_tenant = value(kGatewayTenantMetadata);
     return grpc::Status::OK;
@@ -880,6 +936,11 @@ grpc::Status CoordinatorService::Caller(grpc::CallbackServerContext* context,
   }
   *tenant = *t;
   return grpc::Status::OK;
+}
+
+bool CoordinatorService::FromGateway(grpc::CallbackServerContext* context) const {
+  return !options_.gateway_secret.empty() &&
+         SecretsEqual(options_.gateway_secret, MetadataValue(context, kGatewaySecretMetadata));
 }
 
 grpc::Status CoordinatorService::TokenizerCaller(grpc::CallbackServerContext* context,

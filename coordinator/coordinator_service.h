@@ -35,6 +35,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "coordinator/access_log.h"
 #include "coordinator/api_keys.h"
 #include "coordinator/worker_pool.h"
 #include "grammar/structured_output.h"
@@ -67,6 +68,8 @@ struct CoordinatorOptions {
   // empty: none). Its value: 1 to 128 of [A-Za-z0-9._-] (INVALID_ARGUMENT naming it otherwise);
   // absent: the one tenant of every request without.
   std::string tenant_header;
+  // Where each Generate call is logged when it ends (--access_log), or null. Not owned.
+  AccessLog* access_log = nullptr;
 };
 
 // The models this coordinator serves: their names and tokenizers. Context length and vocabulary
@@ -123,6 +126,8 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   // *gateway_tenant (when asked for) is the tenant it names (kGatewayTenantMetadata).
   grpc::Status Caller(grpc::CallbackServerContext* context, std::shared_ptr<const ApiKeys>* keys,
                       const Tenant** tenant, std::string* gateway_tenant = nullptr) const;
+  // Whether the call comes from the HTTP gateway (it carries gateway_secret).
+  bool FromGateway(grpc::CallbackServerContext* context) const;
   // Caller, for `model`'s tokenizer: a tenant may use it when it may use the model or one of its
   // fine-tunes (NOT_FOUND otherwise, as for a model that does not exist).
   grpc::Status TokenizerCaller(grpc::CallbackServerContext* context,

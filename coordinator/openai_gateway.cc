@@ -1,5 +1,7 @@
 #include "coordinator/openai_gateway.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -35,6 +37,7 @@
 #include "common/json.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
+#include "common/secrets.h"
 #include "common/status_macros.h"
 #include "common/tcp.h"
 #include "coordinator/serial_writer.h"
@@ -45,6 +48,25 @@ namespace {
 
 constexpr size_t kMaxHeaderBytes = 64 << 10;
 constexpr absl::Duration kWriteTimeout = absl::Seconds(30);
+
+// A connection's client as gRPC writes a peer ("ipv4:1.2.3.4:5", "ipv6:[::1]:5"), or empty.
+std::string PeerAddress(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return "";
+  char host[INET6_ADDRSTRLEN] = {};
+  if (addr.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(&addr);
+    if (::inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host)) == nullptr) return "";
+    return absl::StrCat("ipv4:", host, ":", ntohs(in->sin_port));
+  }
+  if (addr.ss_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&addr);
+    if (::inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host)) == nullptr) return "";
+    return absl::StrCat("ipv6:[", host, "]:", ntohs(in6->sin6_port));
+  }
+  return "";
+}
 constexpr absl::Duration kModelsTtl = absl::Seconds(5);
 // Most choices ("n") one request may ask for per prompt, and generations in all (prompts x n): each
 // is a generation of its own, read on a thread of its own.
@@ -1226,7 +1248,8 @@ OpenAiGateway::OpenAiGateway(UniqueFd listen_fd, UniqueFd wake_fd, int port,
       wake_fd_(std::move(wake_fd)),
       port_(port),
       options_(options),
-      stub_(v1::Serving::NewStub(std::move(serving))) {}
+      stub_(v1::Serving::NewStub(std::move(serving))),
+      exchange_prefix_(NewSecret().substr(0, 12)) {}
 
 OpenAiGateway::~OpenAiGateway() {
   {
@@ -1246,7 +1269,48 @@ OpenAiGateway::~OpenAiGateway() {
   if (thread_.joinable()) thread_.join();  // joins every connection's thread too
 }
 
+void OpenAiGateway::NoteStatus(int fd, int status) const {
+  if (options_.access_log == nullptr) return;
+  absl::MutexLock lock(&keep_mu_);
+  auto it = exchanges_.find(fd);
+  if (it != exchanges_.end() && it->second.status == 0) it->second.status = status;
+}
+
+OpenAiGateway::Exchange OpenAiGateway::ExchangeOf(int fd) const {
+  if (options_.access_log == nullptr) return {};
+  absl::MutexLock lock(&keep_mu_);
+  auto it = exchanges_.find(fd);
+  return it == exchanges_.end() ? Exchange{} : it->second;
+}
+
+void OpenAiGateway::EndExchange(int fd) {
+  Exchange x;
+  {
+    absl::MutexLock lock(&keep_mu_);
+    auto it = exchanges_.find(fd);
+    if (it == exchanges_.end()) return;
+    x = std::move(it->second);
+    exchanges_.erase(it);
+  }
+  // 499 (nginx's): no answer was written, the client having gone first.
+  options_.access_log->Append(AccessRecord(x.start, "http")
+                                  .Str("id", x.id)
+                                  .Str("method", x.method)
+                                  .Str("path", x.path)
+                                  .Int("status", x.status == 0 ? 499 : x.status)
+                                  .Ms("duration_ms", absl::Now() - x.start)
+                                  .StrIfSet("peer", x.peer)
+                                  .StrIfSet("trace_id", TraceIdOf(x.traceparent))
+                                  .StrIfSet("tenant", x.tenant)
+                                  .Done());
+}
+
 void OpenAiGateway::Reply(int fd, const std::string& response) const {
+  // "HTTP/1.1 NNN ...": the answer's status, for the access log.
+  if (int status = 0; options_.access_log != nullptr && response.size() > 12 &&
+                      absl::SimpleAtoi(absl::string_view(response).substr(9, 3), &status)) {
+    NoteStatus(fd, status);
+  }
   // Heads say "Connection: close"; a whole response (it has a Content-Length) to a request that
   // may keep the connection says keep-alive instead.
   static constexpr std::string_view kClose = "Connection: close\r\n";
@@ -1394,7 +1458,9 @@ void OpenAiGateway::Loop() {
 void OpenAiGateway::Serve(UniqueFd conn) {
   std::string pending;
   bool idle_end = false;
-  for (bool first = true; ServeRequest(conn.get(), &pending, first, &idle_end); first = false) {
+  const std::string peer = options_.access_log != nullptr ? PeerAddress(conn.get()) : "";
+  for (bool first = true; ServeRequest(conn.get(), peer, &pending, first, &idle_end);
+       first = false) {
   }
   // A connection closed while idle has nothing of ours in flight to protect from a reset.
   if (!idle_end) LingeringClose(conn.get(), wake_fd_.get());
@@ -1439,7 +1505,8 @@ bool OpenAiGateway::KeepAlive(int fd) const {
   return it != keep_alive_.end() && it->second;
 }
 
-bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool* idle_end) {
+bool OpenAiGateway::ServeRequest(int fd, const std::string& peer, std::string* pending, bool first,
+                                 bool* idle_end) {
   const int wake = wake_fd_.get();
   std::string data = std::move(*pending);
   pending->clear();
@@ -1464,6 +1531,25 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   const std::vector<std::string> lines =
       absl::StrSplit(absl::string_view(data).substr(0, header_end), "\r\n");
   const std::vector<std::string> parts = absl::StrSplit(lines[0], ' ');
+  // From here on every request is logged as it is answered (or left).
+  absl::Cleanup log_exchange = [this, fd] { EndExchange(fd); };
+  if (options_.access_log != nullptr) {
+    Exchange x;
+    x.start = absl::Now();
+    x.id = absl::StrCat(exchange_prefix_, "-", next_exchange_.fetch_add(1));
+    x.peer = peer;
+    if (parts.size() == 3) {
+      x.method = parts[0].substr(0, 16);
+      x.path = parts[1].substr(0, std::min(parts[1].find('?'), size_t{256}));
+    }
+    for (size_t i = 1; i < lines.size(); ++i) {
+      if (absl::StartsWithIgnoreCase(lines[i], "traceparent:")) {
+        x.traceparent = std::string(absl::StripAsciiWhitespace(lines[i].substr(12)));
+      }
+    }
+    absl::MutexLock lock(&keep_mu_);
+    exchanges_[fd] = std::move(x);
+  }
   if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/1.")) {
     Reply(fd, ErrorResponse(400, "bad request line"));
     return false;
@@ -1569,6 +1655,10 @@ bool OpenAiGateway::ServeRequest(int fd, std::string* pending, bool first, bool*
   }
   const std::string path = parts[1].substr(0, parts[1].find('?'));
   SetKeepAlive(fd, keep && serving_.load());
+  if (!proxy_tenant.empty() && options_.access_log != nullptr) {
+    absl::MutexLock lock(&keep_mu_);
+    exchanges_[fd].tenant = proxy_tenant;
+  }
   Handle(fd, method, path, body, authorization, proxy_tenant);
   keep = KeepAlive(fd);
   {
@@ -1602,6 +1692,10 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
       return;
     }
     tenant = *t;
+    if (options_.access_log != nullptr) {
+      absl::MutexLock lock(&keep_mu_);
+      exchanges_[fd].tenant = tenant->name;
+    }
   }
   if (path == "/v1/models") {
     if (method != "GET") {
@@ -2192,6 +2286,10 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
     }
     return out;
   };
+  const Exchange exchange = ExchangeOf(fd);
+  // Passed on only when well formed (gRPC metadata is printable ASCII), at version 00's length.
+  const std::string traceparent =
+      TraceIdOf(exchange.traceparent).empty() ? "" : exchange.traceparent.substr(0, 55);
   for (int k = 0; k < total; ++k) {
     if (!Register(contexts[k])) {
       for (int j = 0; j < k; ++j) Unregister(contexts[j]);
@@ -2204,6 +2302,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
       contexts[k]->AddMetadata(kGatewayTenantMetadata, tenant->name);
     } else if (!proxy_tenant.empty()) {
       contexts[k]->AddMetadata(options_.tenant_header, proxy_tenant);
+    }
+    // For the access log: the calls' records name this request, its client and its trace.
+    if (options_.access_log != nullptr && !options_.gateway_secret.empty()) {
+      contexts[k]->AddMetadata(kGatewayHttpRequestMetadata, exchange.id);
+      contexts[k]->AddMetadata(kGatewayClientMetadata, exchange.peer);
+      if (!traceparent.empty()) contexts[k]->AddMetadata("traceparent", traceparent);
     }
   }
   // Each prompt's request, its seed and id set per choice in place (the call has sent it when
@@ -2354,6 +2458,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
         if (id.empty()) id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", chunk.request_id());
         if (!streaming) {
           absl::StrAppend(out, Head(200, "text/event-stream", -1));
+          NoteStatus(fd, 200);
           streaming = true;
         }
         for (const std::string& entry : entries) {

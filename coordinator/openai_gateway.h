@@ -46,6 +46,7 @@
 #include "absl/time/time.h"
 #include "common/metrics.h"
 #include "common/unique_fd.h"
+#include "coordinator/access_log.h"
 #include "coordinator/api_keys.h"
 #include "coordinator/jinja.h"
 #include "coordinator/tool_calls.h"
@@ -238,6 +239,10 @@ struct OpenAiGatewayOptions {
   // on as the same gRPC metadata for fair sharing on the workers (CoordinatorOptions::
   // tenant_header); empty: none.
   std::string tenant_header;
+  // Where each HTTP request is logged when answered (--access_log), or null. Not owned. Its
+  // Generate calls then carry the client's address, the request's id and its traceparent header
+  // (beside gateway_secret) into their own records.
+  AccessLog* access_log = nullptr;
 };
 
 class OpenAiGateway {
@@ -276,7 +281,8 @@ class OpenAiGateway {
   // first, else an idle wait that a stop or the peer's close ends quietly) and answers it. True
   // when the connection stays open for another.
   // `*idle_end`: set when the connection ended waiting for a next request.
-  bool ServeRequest(int fd, std::string* pending, bool first, bool* idle_end);
+  bool ServeRequest(int fd, const std::string& peer, std::string* pending, bool first,
+                    bool* idle_end);
   // Waits, idle, for the start of a next request on `fd` into `data`: false at the keep-alive
   // timeout, the peer's close, the gateway no longer accepting, or when the gateway, full, asks
   // an idle connection to make room (shed_fd_).
@@ -337,6 +343,21 @@ class OpenAiGateway {
 
   mutable absl::Mutex keep_mu_;
   mutable std::map<int, bool> keep_alive_ ABSL_GUARDED_BY(keep_mu_);
+  // With an access log: the request being answered on each connection.
+  struct Exchange {
+    absl::Time start;
+    std::string id, method, path, peer, tenant, traceparent;
+    int status = 0;  // of the answer's head, once written
+  };
+  mutable std::map<int, Exchange> exchanges_ ABSL_GUARDED_BY(keep_mu_);
+  const std::string exchange_prefix_;  // random, per start
+  std::atomic<uint64_t> next_exchange_{0};
+  // Notes the status of the answer to the request on `fd` (the first one noted counts).
+  void NoteStatus(int fd, int status) const;
+  // The exchange on `fd` (a copy; empty without an access log).
+  Exchange ExchangeOf(int fd) const;
+  // Logs the exchange on `fd` and forgets it.
+  void EndExchange(int fd);
 
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -19,6 +19,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/json.h"
 #include "common/secrets.h"
 #include "grpcpp/client_context.h"
@@ -72,6 +73,7 @@ class ApiKeysTest : public ::testing::Test {
     worker_metrics_port_ = FreePort();
     // The workers answer only their coordinator, which carries the cluster secret (each reading
     // a file of its own, to rotate it step by step).
+    access_log_ = root + "/access.log";
     worker_secret_file_ = root + "/worker-cluster-secret";
     coordinator_secret_file_ = root + "/coordinator-cluster-secret";
     std::ofstream(worker_secret_file_) << kClusterSecret << "\n";
@@ -85,7 +87,8 @@ class ApiKeysTest : public ::testing::Test {
                            absl::StrCat("--api_keys_file=", root, "/keys.json"),
                            "--api_keys_reload_s=0.2",
                            absl::StrCat("--cluster_secret_file=", coordinator_secret_file_),
-                           "--cluster_secret_reload_s=0.1"};
+                           "--cluster_secret_reload_s=0.1",
+                           absl::StrCat("--access_log=", access_log_)};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
@@ -120,8 +123,9 @@ class ApiKeysTest : public ::testing::Test {
 
   static LocalCluster* cluster_;
   static int http_port_, metrics_port_, worker_metrics_port_;
-  static std::string keys_file_, worker_secret_file_, coordinator_secret_file_;
+  static std::string keys_file_, worker_secret_file_, coordinator_secret_file_, access_log_;
 };
+std::string ApiKeysTest::access_log_;
 std::string ApiKeysTest::keys_file_;
 std::string ApiKeysTest::worker_secret_file_;
 std::string ApiKeysTest::coordinator_secret_file_;
@@ -675,6 +679,113 @@ TEST_F(ApiKeysTest, TheClusterSecretRotatesWithoutARestart) {
   EXPECT_TRUE(worker_takes(next));
   rotate(next, kClusterSecret);  // and back, for the other tests
   EXPECT_FALSE(worker_takes(next));
+}
+
+// --access_log: a JSON line for each HTTP request and each Generate call (either API), linked by
+// the gateway's request id, with the tenant, sizes, timings, worker and W3C trace id, and never
+// the prompt or the output.
+TEST_F(ApiKeysTest, TheAccessLogRecordsEachRequestAndCall) {
+  const std::string trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+  const std::string secret_prompt = "zebra quartz lantern";
+  HttpReply ok = HttpRaw(
+      http_port_,
+      HttpRequestText(
+          "POST", "/v1/completions?x=1",
+          absl::StrCat(R"({"model": "strata-tiny", "prompt": ")", secret_prompt,
+                       R"(", "max_tokens": 3, "request_id": "logged-1"})"),
+          /*close=*/true,
+          absl::StrCat("Authorization: Bearer ", kShared, "\r\ntraceparent: ", trace, "\r\n")));
+  ASSERT_EQ(ok.status, 200) << ok.body;
+  ASSERT_EQ(Call("GET", "/v1/models", "Bearer sk-not-a-key-at-all").status, 401);
+  {
+    auto serving = v1::Serving::NewStub(
+        grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kShared));
+    ctx.AddMetadata("traceparent", "not a traceparent");
+    v1::GenerateRequest req;
+    req.set_request_id("logged-2");
+    req.set_model("no-such-model");
+    req.set_text("x");
+    auto reader = serving->Generate(&ctx, req);
+    v1::GenerateResponse chunk;
+    while (reader->Read(&chunk)) {
+    }
+    ASSERT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  // The records, as the writer thread gets to them.
+  std::map<std::string, JsonDocument> by_kind;  // "http 200", "http 401", "generate logged-1", ...
+  std::string text;
+  for (int i = 0; i < 100 && by_kind.size() < 4; ++i) {
+    usleep(50 * 1000);
+    std::ifstream in(access_log_);
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    by_kind.clear();
+    for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
+      absl::StatusOr<JsonDocument> d = JsonDocument::Parse(line, "access log line");
+      ASSERT_TRUE(d.ok()) << d.status() << "\n" << line;
+      const std::string event = d->root().StringFieldOr("event", "").value_or("");
+      std::string key;
+      if (event == "http") {
+        const std::string path = d->root().StringFieldOr("path", "").value_or("");
+        const int64_t status = d->root().IntFieldOr("status", 0).value_or(0);
+        if ((path == "/v1/completions" && status == 200) ||
+            (path == "/v1/models" && status == 401)) {
+          key = absl::StrCat("http ", status);
+        }
+      } else if (event == "generate") {
+        const std::string id = d->root().StringFieldOr("request_id", "").value_or("");
+        if (id == "logged-1" || id == "logged-2") key = "generate " + id;
+      }
+      if (!key.empty()) by_kind.insert_or_assign(key, *std::move(d));
+    }
+  }
+  ASSERT_EQ(by_kind.size(), 4u) << text;
+  EXPECT_FALSE(absl::StrContains(text, secret_prompt)) << text;
+  auto str = [](const JsonDocument& d, const char* field) {
+    return d.root().StringFieldOr(field, "").value_or("");
+  };
+  auto num = [](const JsonDocument& d, const char* field) {
+    return d.root().IntFieldOr(field, -1).value_or(-1);
+  };
+  const JsonDocument& http = by_kind.at("http 200");
+  EXPECT_EQ(str(http, "method"), "POST");
+  EXPECT_TRUE(absl::StartsWith(str(http, "peer"), "ipv4:127.0.0.1:")) << str(http, "peer");
+  EXPECT_EQ(str(http, "tenant"), "shared");
+  EXPECT_EQ(str(http, "trace_id"), "0af7651916cd43dd8448eb211c80319c");
+  EXPECT_FALSE(str(http, "id").empty());
+  const JsonDocument& call = by_kind.at("generate logged-1");
+  EXPECT_EQ(str(call, "api"), "http");
+  EXPECT_EQ(str(call, "http_request"), str(http, "id"));  // the two records linked
+  EXPECT_EQ(str(call, "peer"), str(http, "peer"));
+  EXPECT_EQ(str(call, "trace_id"), "0af7651916cd43dd8448eb211c80319c");
+  EXPECT_EQ(str(call, "tenant"), "shared");
+  EXPECT_EQ(str(call, "model"), "strata-tiny");
+  EXPECT_EQ(str(call, "status"), "OK");
+  EXPECT_FALSE(str(call, "finish_reason").empty());
+  EXPECT_GT(num(call, "prompt_tokens"), 0);
+  EXPECT_GE(num(call, "completion_tokens"), 1);
+  EXPECT_LE(num(call, "completion_tokens"), 3);
+  absl::StatusOr<JsonValue> workers = call.root().Field("workers");
+  ASSERT_TRUE(workers.ok());
+  absl::StatusOr<std::vector<JsonValue>> list = workers->AsArray();
+  ASSERT_TRUE(list.ok());
+  EXPECT_EQ(list->size(), 1u);
+  const JsonDocument& refused = by_kind.at("http 401");
+  EXPECT_EQ(str(refused, "tenant"), "");  // no valid key, no tenant
+  const JsonDocument& grpc_call = by_kind.at("generate logged-2");
+  EXPECT_EQ(str(grpc_call, "api"), "grpc");
+  EXPECT_EQ(str(grpc_call, "status"), "NOT_FOUND");
+  EXPECT_TRUE(absl::StrContains(str(grpc_call, "error"), "no-such-model"))
+      << str(grpc_call, "error");
+  EXPECT_EQ(str(grpc_call, "trace_id"), "");  // not a traceparent
+  EXPECT_EQ(str(grpc_call, "http_request"), "");
+  EXPECT_TRUE(absl::StartsWith(str(grpc_call, "peer"), "ipv4:127.0.0.1:") ||
+              absl::StartsWith(str(grpc_call, "peer"), "ipv6:"))
+      << str(grpc_call, "peer");
+  const std::map<std::string, double> m = ParseMetrics(Http(metrics_port_, "GET", "/metrics").body);
+  EXPECT_GE(m.at("strata_coordinator_access_log_records{outcome=\"written\"}"), 4);
+  EXPECT_EQ(m.at("strata_coordinator_access_log_records{outcome=\"dropped\"}"), 0);
 }
 
 }  // namespace
