@@ -28,7 +28,11 @@
 #      requests at 0.5 a second, each its 1,000-token system prompt plus a question; workers with
 #      --fair_cache_eviction (the default) and without; three rounds each, alternating. Reports
 #      steady's prefix-cache hit rate and latencies.
-# Usage: bench/run_cluster_bench.sh [RESULTS_DIR] [routing|overhead|tiers|bursts|fairness|cache|all]
+#   6b (cache-tiers). The same through the host tier: 8 MiB of device KV (128 blocks) over a
+#      64 MiB host tier; "steady" asks 16 times at 0.65 a second from four 1,000-token prompts
+#      (about 250 blocks: more than its share of the device, so its overflow lives in host).
+# Usage: bench/run_cluster_bench.sh [RESULTS_DIR]
+#          [routing|overhead|tiers|bursts|fairness|cache|cache-tiers|all]
 # (JSON per run, plus summary.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -163,39 +167,55 @@ for budget in 2048 8192; do
 done
 strata_stop_all
 fi
-# 6. Fair cache eviction.
-if [ "$part" = all ] || [ "$part" = cache ]; then
-cat > "$out/cache-keys.json" <<'KEYS'
+# 6. Fair cache eviction: NAME, the worker's KV cache flags, then the steady tenant's prompts
+# (of 1,000 tokens each), its requests and their rate; the flood sends 260 unique 1,000-token
+# prompts at 10 a second.
+cache_eviction_bench() {
+  local name=$1 cache_flags=$2 prefixes=$3 requests=$4 rate=$5
+  cat > "$out/cache-keys.json" <<'KEYS'
 {"tenants": [{"name": "flood", "keys": ["sk-bench-flood-0000"]},
              {"name": "steady", "keys": ["sk-bench-steady-000"]}]}
 KEYS
-for fair in true false; do
-  strata_worker "cache-$fair" "$model" --kv_cache_mb=64 --threads=2 --max_live_sequences=1024 \
-    --fair_cache_eviction=$fair
-  w=$STRATA_PORT
-  strata_coordinator "cache-$fair-coordinator" "$model" "127.0.0.1:$w" --api_keys_file="$out/cache-keys.json"
-  eval "c_$fair=$STRATA_PORT"
-done
-sleep 1
-for round in 1 2 3; do
   for fair in true false; do
-    c=$(eval echo "\$c_$fair")
-    loadgen --target=127.0.0.1:$c --workload=random --prompt_tokens=1000 --output_tokens=16 \
-      --requests=260 --rate=10 --seed=$round --api_key=sk-bench-flood-0000 --cache_salt="flood-$round" \
-      --label="cache-$fair/flood/round$round" --json_out="$out/cache-$fair-flood-$round.json" \
-      > "$out/cache-$fair-flood-$round.txt" &
-    flood=$!
-    sleep 1
-    loadgen --target=127.0.0.1:$c --workload=shared-prefix --shared_prefix_tokens=1000 \
-      --shared_fraction=1 --shared_prefixes=1 --prompt_tokens=16:32 --output_tokens=16 \
-      --requests=12 --rate=0.5 --seed=$((round + 100)) --api_key=sk-bench-steady-000 \
-      --cache_salt="steady-$round" --label="cache-$fair/steady/round$round" \
-      --json_out="$out/cache-$fair-steady-$round.json" | tee -a "$summary"
-    wait $flood
-    tee -a "$summary" < "$out/cache-$fair-flood-$round.txt"
+    # shellcheck disable=SC2086  # the cache flags are words
+    strata_worker "$name-$fair" "$model" $cache_flags --threads=2 --max_live_sequences=1024 \
+      --fair_cache_eviction=$fair
+    w=$STRATA_PORT
+    strata_coordinator "$name-$fair-coordinator" "$model" "127.0.0.1:$w" \
+      --api_keys_file="$out/cache-keys.json"
+    eval "c_$fair=$STRATA_PORT"
   done
-done
-strata_stop_all
+  sleep 1
+  for round in 1 2 3; do
+    for fair in true false; do
+      c=$(eval echo "\$c_$fair")
+      loadgen --target=127.0.0.1:$c --workload=random --prompt_tokens=1000 --output_tokens=16 \
+        --requests=260 --rate=10 --seed=$round --api_key=sk-bench-flood-0000 \
+        --cache_salt="$name-flood-$round" --label="$name-$fair/flood/round$round" \
+        --json_out="$out/$name-$fair-flood-$round.json" > "$out/$name-$fair-flood-$round.txt" &
+      flood=$!
+      sleep 1
+      loadgen --target=127.0.0.1:$c --workload=shared-prefix --shared_prefix_tokens=1000 \
+        --shared_fraction=1 --shared_prefixes="$prefixes" --prompt_tokens=16:32 --output_tokens=16 \
+        --requests="$requests" --rate="$rate" --seed=$((round + 100)) \
+        --api_key=sk-bench-steady-000 --cache_salt="$name-steady-$round" \
+        --label="$name-$fair/steady/round$round" --json_out="$out/$name-$fair-steady-$round.json" \
+        | tee -a "$summary"
+      wait $flood
+      tee -a "$summary" < "$out/$name-$fair-flood-$round.txt"
+    done
+  done
+  strata_stop_all
+}
+# One system prompt in 64 MiB of device KV.
+if [ "$part" = all ] || [ "$part" = cache ]; then
+  cache_eviction_bench cache "--kv_cache_mb=64" 1 12 0.5
+fi
+# 6b. Through the host tier: the steady tenant's four prompts (about 250 blocks) are more than its
+# share of an 8 MiB device cache (128 blocks), so its overflow lives in the 64 MiB host tier,
+# through which the flood's new prompts stream too.
+if [ "$part" = all ] || [ "$part" = cache-tiers ]; then
+  cache_eviction_bench cache-tiers "--kv_cache_mb=8 --host_cache_mb=64" 4 16 0.65
 fi
 # 5. Fair sharing.
 if [ "$part" = all ] || [ "$part" = fairness ]; then

@@ -149,7 +149,7 @@ class Simulator {
     for (int i = 0; i < config.workers; ++i) {
       workers_.push_back(std::make_unique<Worker>(config.worker));
       Worker* w = workers_.back().get();
-      w->blocks.SetEvictionHook([w](int32_t, BlockKey key) {
+      w->blocks.SetEvictionHook([w](int32_t, BlockKey key, int32_t) {
         // Engine::PutDown: a cached block leaving the device goes to the host tier.
         PutHost(w, key.hash);
       });

@@ -9,13 +9,16 @@
 // The file may hold more than one secret, one a line: callers send the first, workers accept any.
 // Both read the file again every --cluster_secret_reload_s, so the secret rotates without a
 // restart, in three edits each seen everywhere before the next (a Kubernetes Secret volume is
-// updated in place within a minute or two; the workers' strata_worker_calls_with_other_secret_total
-// stops growing once every coordinator sends the first line):
+// updated in place within a minute or two). A worker counts the calls that carry a secret other
+// than its file's first (strata_worker_calls_with_other_secret_total): it grows while coordinators
+// and workers disagree on which secret comes first, so it stops growing once all have read the
+// same file:
 //   1. "OLD\nNEW": every worker accepts NEW while OLD is still sent;
 //   2. "NEW\nOLD": the coordinators send NEW, OLD still accepted from those not yet moved;
 //   3. "NEW".
 // Replace the file whole (write another and rename it over): a reload that finds a file it cannot
-// use keeps the secrets before.
+// use keeps the secrets before. A secret is checked when a call starts: streams opened with a
+// secret since removed (the coordinators' event watches) run on until they end.
 #ifndef STRATA_COMMON_SECRETS_H_
 #define STRATA_COMMON_SECRETS_H_
 

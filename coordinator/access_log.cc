@@ -59,6 +59,7 @@ void AccessLog::Append(std::string record) {
   absl::MutexLock lock(&mu_);
   if (pending_bytes_ + record.size() > options_.max_pending_bytes) {
     dropped_.fetch_add(1);
+    if (options_.dropped_counter != nullptr) options_.dropped_counter->Add();
     return;
   }
   pending_bytes_ += record.size();
@@ -115,10 +116,14 @@ void AccessLog::ReopenIfMoved() {
   }
   if (fd_ >= 0) ::close(fd_);
   fd_ = fd;
+  mid_line_ = false;  // a new file starts on a line of its own
 }
 
 void AccessLog::WriteOut(std::vector<std::string> records) {
+  // After a record cut short, a new line first (so that only that one line is broken).
+  if (mid_line_ && !records.empty() && fd_ >= 0 && ::write(fd_, "\n", 1) == 1) mid_line_ = false;
   size_t i = 0;
+  size_t started = 0;  // bytes of records[i] already written
   while (i < records.size()) {
     // Up to 64 records a write; a short write goes on from where it stopped.
     iovec iov[64];
@@ -131,16 +136,24 @@ void AccessLog::WriteOut(std::vector<std::string> records) {
     if (w < 0) {
       if (errno == EINTR) continue;
       write_errors_.fetch_add(1);
-      dropped_.fetch_add(static_cast<int64_t>(records.size() - i));
+      const int64_t lost = static_cast<int64_t>(records.size() - i);
+      dropped_.fetch_add(lost);
+      if (options_.dropped_counter != nullptr) options_.dropped_counter->Add(lost);
+      mid_line_ = started > 0;
       return;
     }
     size_t left = static_cast<size_t>(w);
     while (i < records.size() && left >= records[i].size()) {
       left -= records[i].size();
       ++i;
+      started = 0;
       written_.fetch_add(1);
+      if (options_.written_counter != nullptr) options_.written_counter->Add();
     }
-    if (left > 0) records[i].erase(0, left);  // the rest of a record cut short
+    if (left > 0) {  // the rest of a record cut short
+      records[i].erase(0, left);
+      started += left;
+    }
   }
 }
 
@@ -150,8 +163,8 @@ AccessRecord::AccessRecord(absl::Time time, absl::string_view event) {
                        "\",\"event\":", JsonQuote(event));
 }
 
-AccessRecord& AccessRecord::Str(absl::string_view key, absl::string_view value) {
-  absl::StrAppend(&text_, ",", JsonQuote(key), ":", JsonQuote(value));
+AccessRecord& AccessRecord::Str(absl::string_view key, absl::string_view value, size_t max_bytes) {
+  absl::StrAppend(&text_, ",", JsonQuote(key), ":", JsonQuote(value.substr(0, max_bytes)));
   return *this;
 }
 

@@ -21,6 +21,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 
 namespace strata {
 
@@ -29,6 +30,10 @@ struct AccessLogOptions {
   size_t max_pending_bytes = size_t{8} << 20;
   // Without a writer thread records wait for Flush (tests).
   bool writer_thread = true;
+  // Counted as records are written and dropped, when set (strata_coordinator_access_log_records_
+  // total{outcome}). Not owned.
+  Counter* written_counter = nullptr;
+  Counter* dropped_counter = nullptr;
 };
 
 class AccessLog {
@@ -61,6 +66,8 @@ class AccessLog {
   absl::Mutex io_mu_;  // the file; taken before mu_ when both are
   int fd_ ABSL_GUARDED_BY(io_mu_);
   absl::Time checked_ ABSL_GUARDED_BY(io_mu_);
+  // A write failed partway through a record: the next write starts a new line first.
+  bool mid_line_ ABSL_GUARDED_BY(io_mu_) = false;
   absl::Mutex mu_;
   std::vector<std::string> pending_ ABSL_GUARDED_BY(mu_);
   size_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
@@ -74,7 +81,8 @@ class AccessRecord {
  public:
   // `time`: when the call or request arrived (RFC 3339, UTC, milliseconds).
   AccessRecord(absl::Time time, absl::string_view event);
-  AccessRecord& Str(absl::string_view key, absl::string_view value);
+  // Values are cut at `max_bytes` (a caller's request id or model name may be anything).
+  AccessRecord& Str(absl::string_view key, absl::string_view value, size_t max_bytes = 256);
   // Left out when empty.
   AccessRecord& StrIfSet(absl::string_view key, absl::string_view value);
   AccessRecord& Int(absl::string_view key, int64_t value);

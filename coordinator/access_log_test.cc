@@ -93,6 +93,16 @@ TEST(AccessLogTest, TheWriterThreadWritesWithoutAFlush) {
   const std::vector<std::string> lines = absl::StrSplit(Slurp(path), '\n', absl::SkipEmpty());
   ASSERT_EQ(lines.size(), 1000u);
   EXPECT_EQ(lines[999], "{\"n\":999}");
+  // Moved away: within about a second the thread writes to a new file at the path.
+  ASSERT_EQ(std::rename(path.c_str(), (path + ".1").c_str()), 0);
+  for (int i = 0; i < 500 && Slurp(path).empty(); ++i) {
+    (*log)->Append("{\"after\":1}");
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_TRUE(absl::StartsWith(Slurp(path), "{\"after\":1}\n")) << Slurp(path);
+  const std::vector<std::string> moved =
+      absl::StrSplit(Slurp(path + ".1"), '\n', absl::SkipEmpty());
+  EXPECT_GE(moved.size(), 1000u);
 }
 
 TEST(AccessLogTest, ACannotOpenErrorNamesThePath) {

@@ -256,24 +256,23 @@ int Main() {
   if (!metrics_listen.empty()) co.metrics = &metrics;
   std::unique_ptr<AccessLog> access_log;
   if (const std::string path = absl::GetFlag(FLAGS_access_log); !path.empty()) {
-    absl::StatusOr<std::unique_ptr<AccessLog>> opened = AccessLog::Open(path);
+    AccessLogOptions ao;
+    if (co.metrics != nullptr) {
+      const char* help =
+          "Access log records, by what became of them (dropped: the writer fell behind, or a "
+          "write failed).";
+      ao.written_counter = metrics.GetCounter("strata_coordinator_access_log_records_total", help,
+                                              {{"outcome", "written"}});
+      ao.dropped_counter = metrics.GetCounter("strata_coordinator_access_log_records_total", help,
+                                              {{"outcome", "dropped"}});
+    }
+    absl::StatusOr<std::unique_ptr<AccessLog>> opened = AccessLog::Open(path, ao);
     if (!opened.ok()) {
       LOG(ERROR) << "--access_log: " << opened.status();
       return 2;
     }
     access_log = *std::move(opened);
     co.access_log = access_log.get();
-    if (co.metrics != nullptr) {
-      AccessLog* log = access_log.get();
-      const char* help =
-          "Access log records, by what became of them (dropped: the writer fell behind).";
-      metrics.SetGaugeCallback("strata_coordinator_access_log_records", help,
-                               {{"outcome", "written"}},
-                               [log] { return static_cast<double>(log->written()); });
-      metrics.SetGaugeCallback("strata_coordinator_access_log_records", help,
-                               {{"outcome", "dropped"}},
-                               [log] { return static_cast<double>(log->dropped()); });
-    }
   }
   CoordinatorService service(&pool, models->get(), co);
   GrpcServerOptions so;

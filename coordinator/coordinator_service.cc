@@ -600,7 +600,7 @@ std::string CoordinatorService::GenerateCall::AccessRecordLocked() {
       .StrIfSet("fine_tune", request_->fine_tune_id())
       .Int("priority", request_->priority())
       .Str("status", absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())));
-  if (!status.ok()) r.Str("error", status.error_message().substr(0, 512));
+  if (!status.ok()) r.Str("error", status.error_message(), 1024);
   if (finish_reason_ != v1::FINISH_REASON_UNSPECIFIED) {
     r.Str("finish_reason", v1::FinishReason_Name(finish_reason_));
   }

@@ -1269,11 +1269,13 @@ OpenAiGateway::~OpenAiGateway() {
   if (thread_.joinable()) thread_.join();  // joins every connection's thread too
 }
 
-void OpenAiGateway::NoteStatus(int fd, int status) const {
-  if (options_.access_log == nullptr) return;
+bool OpenAiGateway::NoteStatus(int fd, int status, bool replace) const {
+  if (options_.access_log == nullptr) return false;
   absl::MutexLock lock(&keep_mu_);
   auto it = exchanges_.find(fd);
-  if (it != exchanges_.end() && it->second.status == 0) it->second.status = status;
+  if (it == exchanges_.end() || (it->second.status != 0 && !replace)) return false;
+  it->second.status = status;
+  return true;
 }
 
 OpenAiGateway::Exchange OpenAiGateway::ExchangeOf(int fd) const {
@@ -1292,7 +1294,8 @@ void OpenAiGateway::EndExchange(int fd) {
     x = std::move(it->second);
     exchanges_.erase(it);
   }
-  // 499 (nginx's): no answer was written, the client having gone first.
+  // 499 (nginx's): no answer was written: the client went first, or its request never came
+  // whole.
   options_.access_log->Append(AccessRecord(x.start, "http")
                                   .Str("id", x.id)
                                   .Str("method", x.method)
@@ -1306,11 +1309,17 @@ void OpenAiGateway::EndExchange(int fd) {
 }
 
 void OpenAiGateway::Reply(int fd, const std::string& response) const {
-  // "HTTP/1.1 NNN ...": the answer's status, for the access log.
-  if (int status = 0; options_.access_log != nullptr && response.size() > 12 &&
-                      absl::SimpleAtoi(absl::string_view(response).substr(9, 3), &status)) {
-    NoteStatus(fd, status);
+  // "HTTP/1.1 NNN ...": the answer's status, for the access log; an answer whose write fails is
+  // logged as left unanswered (499), unless a streamed answer's head went before.
+  int status = 0;
+  bool noted = false;
+  if (options_.access_log != nullptr && response.size() > 12 &&
+      absl::SimpleAtoi(absl::string_view(response).substr(9, 3), &status)) {
+    noted = NoteStatus(fd, status);
   }
+  auto write_failed = [&] {
+    if (noted) NoteStatus(fd, 499, /*replace=*/true);
+  };
   // Heads say "Connection: close"; a whole response (it has a Content-Length) to a request that
   // may keep the connection says keep-alive instead.
   static constexpr std::string_view kClose = "Connection: close\r\n";
@@ -1325,11 +1334,12 @@ void OpenAiGateway::Reply(int fd, const std::string& response) const {
                      response.substr(at + kClose.size()));
     if (!WriteAllPaced(fd, kept, wake_fd_.get(), kWriteTimeout)) {
       SetKeepAlive(fd, false);  // the peer is gone or too slow: no next request
+      write_failed();
     }
     return;
   }
   if (keep) SetKeepAlive(fd, false);  // the answer says close: so be it
-  WriteAllPaced(fd, response, wake_fd_.get(), kWriteTimeout);
+  if (!WriteAllPaced(fd, response, wake_fd_.get(), kWriteTimeout)) write_failed();
 }
 
 bool OpenAiGateway::WaitIdle(absl::Time deadline) const {
@@ -1405,6 +1415,17 @@ void OpenAiGateway::Loop() {
       // reset, and do not wait for more (this is the accept loop).
       WriteAll(fd, ErrorResponse(503, "too many connections: try again"), wake_fd_.get(),
                absl::Now() + absl::Milliseconds(200));
+      if (options_.access_log != nullptr) {  // its request unread
+        options_.access_log->Append(
+            AccessRecord(absl::Now(), "http")
+                .Str("id", absl::StrCat(exchange_prefix_, "-", next_exchange_.fetch_add(1)))
+                .Str("method", "")
+                .Str("path", "")
+                .Int("status", 503)
+                .Ms("duration_ms", absl::ZeroDuration())
+                .StrIfSet("peer", PeerAddress(fd))
+                .Done());
+      }
       ::shutdown(fd, SHUT_WR);
       char buf[16384];
       while (::recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
@@ -1519,6 +1540,16 @@ bool OpenAiGateway::ServeRequest(int fd, const std::string& peer, std::string* p
       return false;
     }
   }
+  // From here on every request is logged as it is answered, or left (499) unanswered.
+  absl::Cleanup log_exchange = [this, fd] { EndExchange(fd); };
+  if (options_.access_log != nullptr) {
+    Exchange x;
+    x.start = absl::Now();
+    x.id = absl::StrCat(exchange_prefix_, "-", next_exchange_.fetch_add(1));
+    x.peer = peer;
+    absl::MutexLock lock(&keep_mu_);
+    exchanges_[fd] = std::move(x);
+  }
   const absl::Time deadline = absl::Now() + options_.read_timeout;
   size_t header_end = std::string::npos;
   while ((header_end = data.find("\r\n\r\n")) == std::string::npos) {
@@ -1531,24 +1562,20 @@ bool OpenAiGateway::ServeRequest(int fd, const std::string& peer, std::string* p
   const std::vector<std::string> lines =
       absl::StrSplit(absl::string_view(data).substr(0, header_end), "\r\n");
   const std::vector<std::string> parts = absl::StrSplit(lines[0], ' ');
-  // From here on every request is logged as it is answered (or left).
-  absl::Cleanup log_exchange = [this, fd] { EndExchange(fd); };
   if (options_.access_log != nullptr) {
-    Exchange x;
-    x.start = absl::Now();
-    x.id = absl::StrCat(exchange_prefix_, "-", next_exchange_.fetch_add(1));
-    x.peer = peer;
+    std::string traceparent;
+    for (size_t i = 1; i < lines.size(); ++i) {
+      if (absl::StartsWithIgnoreCase(lines[i], "traceparent:")) {
+        traceparent = std::string(absl::StripAsciiWhitespace(lines[i].substr(12)));
+      }
+    }
+    absl::MutexLock lock(&keep_mu_);
+    Exchange& x = exchanges_[fd];
     if (parts.size() == 3) {
       x.method = parts[0].substr(0, 16);
       x.path = parts[1].substr(0, std::min(parts[1].find('?'), size_t{256}));
     }
-    for (size_t i = 1; i < lines.size(); ++i) {
-      if (absl::StartsWithIgnoreCase(lines[i], "traceparent:")) {
-        x.traceparent = std::string(absl::StripAsciiWhitespace(lines[i].substr(12)));
-      }
-    }
-    absl::MutexLock lock(&keep_mu_);
-    exchanges_[fd] = std::move(x);
+    x.traceparent = traceparent.substr(0, 256);
   }
   if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/1.")) {
     Reply(fd, ErrorResponse(400, "bad request line"));

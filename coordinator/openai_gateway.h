@@ -352,8 +352,9 @@ class OpenAiGateway {
   mutable std::map<int, Exchange> exchanges_ ABSL_GUARDED_BY(keep_mu_);
   const std::string exchange_prefix_;  // random, per start
   std::atomic<uint64_t> next_exchange_{0};
-  // Notes the status of the answer to the request on `fd` (the first one noted counts).
-  void NoteStatus(int fd, int status) const;
+  // Notes the status of the answer to the request on `fd`: the first one noted counts, unless
+  // `replace`. Whether it was noted.
+  bool NoteStatus(int fd, int status, bool replace = false) const;
   // The exchange on `fd` (a copy; empty without an access log).
   Exchange ExchangeOf(int fd) const;
   // Logs the exchange on `fd` and forgets it.

@@ -79,6 +79,7 @@ absl::Status KvStore::OpenTiers() {
   if (!host.ok()) return host.status();
   host_ = *std::move(host);
   host_slots_.resize(hc.num_slots);
+  host_order_ = OwnerLru(hc.num_slots);
   for (int64_t s = hc.num_slots - 1; s >= 0; --s) host_free_.push_back(s);
   if (config_.disk_bytes == 0) return absl::OkStatus();
 
@@ -118,6 +119,7 @@ absl::Status KvStore::OpenTiers() {
   disk_ = *std::move(disk);
   disk_enabled_ = true;
   disk_slots_.resize(dc.num_slots);
+  disk_order_ = OwnerLru(dc.num_slots);
   std::vector<StoredSlot> found = disk_->Scan();
   // Oldest first into the LRU.
   std::sort(found.begin(), found.end(),
@@ -127,9 +129,7 @@ absl::Status KvStore::OpenTiers() {
     DiskSlot& d = disk_slots_[f.slot];
     d.state = DiskSlot::State::kReady;
     d.key = f.key;
-    disk_lru_.push_back(f.slot);
-    d.lru_pos = std::prev(disk_lru_.end());
-    d.in_lru = true;
+    disk_order_.PushBack(f.slot, /*owner=*/0);  // whose it was is not recorded
     disk_index_[f.key.hash] = f.slot;
     used[f.slot] = true;
   }
@@ -173,33 +173,27 @@ void KvStore::UnpinHost(int64_t slot) {
 }
 
 void KvStore::TouchHost(int64_t slot) {
-  HostSlot& h = host_slots_[slot];
-  if (h.in_lru) host_lru_.splice(host_lru_.end(), host_lru_, h.lru_pos);
+  if (host_order_.Contains(slot)) host_order_.Touch(slot);
 }
 
 void KvStore::PinDisk(int64_t slot) {
   DiskSlot& d = disk_slots_[slot];
-  if (d.in_lru) {
-    disk_lru_.erase(d.lru_pos);
-    d.in_lru = false;
-  }
+  if (disk_order_.Contains(slot)) disk_order_.Erase(slot);
   ++d.pins;
 }
 
 void KvStore::UnpinDisk(int64_t slot) {
   DiskSlot& d = disk_slots_[slot];
   CHECK_GT(d.pins, 0);
-  CHECK(!d.in_lru);
+  CHECK(!disk_order_.Contains(slot));
   if (--d.pins > 0 || d.state != DiskSlot::State::kReady) return;
-  d.lru_pos = disk_lru_.insert(disk_lru_.end(), slot);
-  d.in_lru = true;
+  disk_order_.PushBack(slot, d.owner);
 }
 
 void KvStore::EvictHost(int64_t slot) {
   HostSlot& h = host_slots_[slot];
-  DCHECK(h.in_lru && h.pins == 0);
-  host_lru_.erase(h.lru_pos);
-  h.in_lru = false;
+  DCHECK(host_order_.Contains(slot) && h.pins == 0);
+  host_order_.Erase(slot);
   host_index_.erase(h.key.hash);
   if (h.prefetched) promoted_.erase(h.key.hash);
   Emit(Tier::kHost, false, h.key.hash);
@@ -208,9 +202,8 @@ void KvStore::EvictHost(int64_t slot) {
 
 void KvStore::EvictDisk(int64_t slot) {
   DiskSlot& d = disk_slots_[slot];
-  CHECK(d.in_lru && d.pins == 0);
-  disk_lru_.erase(d.lru_pos);
-  d.in_lru = false;
+  CHECK(disk_order_.Contains(slot) && d.pins == 0);
+  disk_order_.Erase(slot);
   disk_index_.erase(d.key.hash);
   // A host copy is no longer clean.
   if (auto it = host_index_.find(d.key.hash); it != host_index_.end()) {
@@ -226,23 +219,28 @@ int64_t KvStore::AllocateHost() {
     host_free_.pop_back();
     return s;
   }
-  // The least recently used clean block (a disk copy exists), else the least recently used one.
-  // Preference: clean and not loaded for a request still waiting for it; then clean; then the
-  // oldest.
-  int64_t victim = -1, clean_prefetched = -1, oldest = -1;
-  int scanned = 0;
-  for (auto it = host_lru_.begin(); it != host_lru_.end() && scanned < kCleanVictimScan; ++it) {
-    const HostSlot& h = host_slots_[*it];
-    if (h.pins > 0) continue;
-    ++scanned;
-    if (oldest < 0) oldest = *it;
-    if (h.clean && !h.prefetched) {
-      victim = *it;
-      break;
+  // The least recently used clean block (a disk copy exists), else the least recently used one,
+  // of all or (fair) of the owner holding the most, passing to the next owner only when all of
+  // one's blocks are pinned. Preference: clean and not loaded for a request still waiting for it;
+  // then clean; then the oldest.
+  int64_t victim = -1;
+  host_order_.ForEachRun(config_.fair_eviction, [&](const std::list<int64_t>& run) {
+    int64_t clean_prefetched = -1, oldest = -1;
+    int scanned = 0;
+    for (auto it = run.begin(); it != run.end() && scanned < kCleanVictimScan; ++it) {
+      const HostSlot& h = host_slots_[*it];
+      if (h.pins > 0) continue;
+      ++scanned;
+      if (oldest < 0) oldest = *it;
+      if (h.clean && !h.prefetched) {
+        victim = *it;
+        return false;
+      }
+      if (h.clean && clean_prefetched < 0) clean_prefetched = *it;
     }
-    if (h.clean && clean_prefetched < 0) clean_prefetched = *it;
-  }
-  if (victim < 0) victim = clean_prefetched >= 0 ? clean_prefetched : oldest;
+    victim = clean_prefetched >= 0 ? clean_prefetched : oldest;
+    return victim < 0;
+  });
   if (victim < 0) return -1;
   // A dirty victim goes to disk from a copy (the write-backs fell behind a burst).
   if (disk_enabled_ && !host_slots_[victim].clean && !SpillToDisk(victim)) {
@@ -259,14 +257,18 @@ int64_t KvStore::AllocateDisk() {
     disk_free_.pop_back();
     return s;
   }
-  if (disk_lru_.empty()) return -1;
-  const int64_t s = disk_lru_.front();
+  if (disk_order_.empty()) return -1;
+  int64_t s = -1;
+  disk_order_.ForEachRun(config_.fair_eviction, [&](const std::list<int64_t>& run) {
+    s = run.front();
+    return false;
+  });
   EvictDisk(s);
   ++stats_.disk.evictions;
   return s;
 }
 
-void KvStore::Put(int64_t device_slot, BlockKey key, bool to_disk) {
+void KvStore::Put(int64_t device_slot, BlockKey key, bool to_disk, int32_t owner) {
   if (host_ == nullptr) return;
   if (auto it = host_index_.find(key.hash); it != host_index_.end()) {
     const int64_t s = it->second;
@@ -311,9 +313,9 @@ void KvStore::Put(int64_t device_slot, BlockKey key, bool to_disk) {
     auto d = disk_index_.find(key.hash);
     h.clean = d != disk_index_.end() && disk_slots_[d->second].state == DiskSlot::State::kReady;
   }
+  h.owner = owner;
   host_index_[key.hash] = s;
-  h.lru_pos = host_lru_.insert(host_lru_.end(), s);
-  h.in_lru = true;
+  host_order_.PushBack(s, owner);
   ++stats_.host.stores;
   Emit(Tier::kHost, true, key.hash);
   if (to_disk && !h.clean) StartWriteBack(s);
@@ -424,6 +426,7 @@ bool KvStore::StartLoad(int64_t disk_slot) {
   HostSlot& h = host_slots_[hs];
   h.state = HostSlot::State::kLoading;
   h.key = key;
+  h.owner = disk_slots_[disk_slot].owner;
   host_index_[key.hash] = hs;
   ++loads_in_flight_;
   const uint64_t epoch = disk_epoch_;
@@ -436,8 +439,7 @@ bool KvStore::StartLoad(int64_t disk_slot) {
                        h.state = HostSlot::State::kReady;
                        h.clean = current;
                        h.prefetched = true;
-                       h.lru_pos = host_lru_.insert(host_lru_.end(), hs);
-                       h.in_lru = true;
+                       host_order_.PushBack(hs, h.owner);
                        Emit(Tier::kHost, true, key.hash);
                        ++stats_.loads;
                        ++stats_.disk.hits;
@@ -455,7 +457,7 @@ bool KvStore::StartLoad(int64_t disk_slot) {
                        return;
                      }
                      // The disk copy is unusable: forget it.
-                     if (disk_slots_[disk_slot].in_lru) {
+                     if (disk_order_.Contains(disk_slot)) {
                        EvictDisk(disk_slot);
                        disk_free_.push_back(disk_slot);
                      }
@@ -469,7 +471,7 @@ bool KvStore::StartLoad(int64_t disk_slot) {
   return true;
 }
 
-bool KvStore::WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
+bool KvStore::WriteToDisk(BlockKey key, int32_t owner, absl::Span<uint8_t> image,
                           absl::AnyInvocable<void(bool ok) &&> after) {
   const int64_t ds = AllocateDisk();
   if (ds < 0) {
@@ -479,6 +481,7 @@ bool KvStore::WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
   DiskSlot& d = disk_slots_[ds];
   d.state = DiskSlot::State::kWriting;
   d.key = key;
+  d.owner = owner;
   disk_index_[key.hash] = ds;
   ++writes_in_flight_;
   const uint64_t epoch = disk_epoch_;
@@ -492,8 +495,7 @@ bool KvStore::WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
                           consecutive_disk_errors_ = 0;
                           d.state = DiskSlot::State::kReady;
                           CHECK_EQ(d.pins, 0) << "a disk slot was read while written";
-                          d.lru_pos = disk_lru_.insert(disk_lru_.end(), ds);
-                          d.in_lru = true;
+                          disk_order_.PushBack(ds, d.owner);
                           ++stats_.write_backs;
                           ++stats_.disk.stores;
                           Emit(Tier::kDisk, true, key.hash);
@@ -519,7 +521,7 @@ bool KvStore::StartWriteBack(int64_t host_slot) {
   }
   PinHost(host_slot);
   h.writing = true;
-  return WriteToDisk(key, host_->image(host_slot), [this, host_slot](bool ok) {
+  return WriteToDisk(key, h.owner, host_->image(host_slot), [this, host_slot](bool ok) {
     HostSlot& h = host_slots_[host_slot];
     h.writing = false;
     h.clean = ok;
@@ -546,7 +548,7 @@ bool KvStore::SpillToDisk(int64_t host_slot) {
   const absl::Span<uint8_t> image = buffer.span();
   auto holder = std::make_unique<AlignedBuffer>(std::move(buffer));
   ++spill_buffers_out_;
-  return WriteToDisk(h.key, image, [this, b = std::move(holder)](bool) mutable {
+  return WriteToDisk(h.key, h.owner, image, [this, b = std::move(holder)](bool) mutable {
     --spill_buffers_out_;
     spill_buffers_.push_back(std::move(*b));
   });
@@ -561,13 +563,18 @@ void KvStore::ScheduleWriteBacks() {
                         static_cast<int64_t>(disk_slots_.size()) / 2);
   const int64_t max_writes = 2 * static_cast<int64_t>(config_.disk_queue_depth);
   int64_t available = static_cast<int64_t>(host_free_.size());
-  for (auto it = host_lru_.begin();
-       it != host_lru_.end() && available < reserve && writes_in_flight_ < max_writes; ++it) {
-    HostSlot& h = host_slots_[*it];
-    // No disk slot to be had: the rest of the LRU would fare no better this step.
-    if (!h.clean && !h.writing && !StartWriteBack(*it)) break;
-    if (h.clean || h.writing) ++available;
-  }
+  // In the order AllocateHost takes victims (fair: the largest owner's oldest first), so that
+  // what it takes next is clean.
+  host_order_.ForEachRun(config_.fair_eviction, [&](const std::list<int64_t>& run) {
+    for (const int64_t s : run) {
+      if (available >= reserve || writes_in_flight_ >= max_writes) return false;
+      HostSlot& h = host_slots_[s];
+      // No disk slot to be had: the rest would fare no better this step.
+      if (!h.clean && !h.writing && !StartWriteBack(s)) return false;
+      if (h.clean || h.writing) ++available;
+    }
+    return true;
+  });
 }
 
 void KvStore::DiskFailed(const absl::Status& status) {
@@ -583,7 +590,7 @@ void KvStore::DisableDisk() {
   ++disk_epoch_;
   for (const auto& [hash, slot] : disk_index_) Emit(Tier::kDisk, false, hash);
   disk_index_.clear();
-  disk_lru_.clear();
+  disk_order_.Clear();
   disk_free_.clear();
   for (DiskSlot& d : disk_slots_) d = DiskSlot();
   for (HostSlot& h : host_slots_) h.clean = false;
@@ -609,15 +616,14 @@ int64_t KvStore::Persist(absl::Time deadline, const std::atomic<bool>* cancel) {
   // The disk copies of blocks still in host are more recent than disk-only ones: move them to the
   // disk LRU's young end (host order kept), so that room for the writes below is taken from
   // disk-only blocks first.
-  for (const int64_t hs : host_lru_) {
+  for (const int64_t hs : host_order_.all()) {
     auto it = disk_index_.find(host_slots_[hs].key.hash);
     if (it == disk_index_.end()) continue;
-    DiskSlot& d = disk_slots_[it->second];
-    if (d.in_lru) disk_lru_.splice(disk_lru_.end(), disk_lru_, d.lru_pos);
+    if (disk_order_.Contains(it->second)) disk_order_.Touch(it->second);
   }
   std::vector<int64_t> todo;  // most recently used first
   int64_t clean = 0;
-  for (auto it = host_lru_.rbegin(); it != host_lru_.rend(); ++it) {
+  for (auto it = host_order_.all().rbegin(); it != host_order_.all().rend(); ++it) {
     const HostSlot& h = host_slots_[*it];
     if (h.state != HostSlot::State::kReady) continue;
     if (h.clean || disk_index_.contains(h.key.hash)) {

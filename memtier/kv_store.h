@@ -48,6 +48,7 @@
 #include "memtier/host_tier.h"
 #include "memtier/io_ring.h"
 #include "memtier/kv_codec.h"
+#include "memtier/owner_lru.h"
 
 namespace strata {
 
@@ -68,6 +69,10 @@ struct KvStoreConfig {
   // Passed to the disk tier (tests).
   std::function<int(bool write, int64_t slot)> disk_fault_injector;
   std::function<absl::Status()> disk_ring_fault_injector;
+  // Eviction by owner in both tiers (memtier/owner_lru.h): the least recently used block of the
+  // owner (tenant) holding the most blocks in the tier, as the engine's device cache evicts with
+  // --fair_cache_eviction; off: the least recently used of all.
+  bool fair_eviction = false;
 };
 
 // A block entering (stored) or leaving (removed) the host or disk tier.
@@ -121,7 +126,8 @@ class KvStore {
   Where Find(BlockHash hash) const;
   // Copies the device block `key` in `device_slot` to the host tier unless it is there already
   // (then it only becomes most recently used); `to_disk` also starts writing it to disk at once.
-  void Put(int64_t device_slot, BlockKey key, bool to_disk = false);
+  // `owner`: the tenant it is kept for (fair_eviction), which its disk copy inherits.
+  void Put(int64_t device_slot, BlockKey key, bool to_disk = false, int32_t owner = 0);
   // Copies the host block `hash` into `device_slot`. NOT_FOUND when it is not ready in host;
   // DATA_LOSS when it failed its checks (it is dropped). `speculative`: a prefetch promotion,
   // counted for accuracy.
@@ -171,16 +177,14 @@ class KvStore {
     bool clean = false;       // a ready disk copy exists
     bool writing = false;     // a write-back is in flight
     bool prefetched = false;  // loaded by Prefetch and not used yet
-    bool in_lru = false;
-    std::list<int64_t>::iterator lru_pos;
+    int32_t owner = 0;
   };
   struct DiskSlot {
     enum class State { kFree, kWriting, kReady };
     State state = State::kFree;
     BlockKey key;
     int pins = 0;
-    bool in_lru = false;
-    std::list<int64_t>::iterator lru_pos;
+    int32_t owner = 0;
   };
 
   KvStore(KvStoreConfig config, KvBlockLayout layout, BlockTier* device);
@@ -200,7 +204,7 @@ class KvStore {
   // Starts writing `image` (kept unchanged until then) to a free or reused disk slot as `key`;
   // `after(ok)` runs when it is done, or at once with false (and the call returns false) when no
   // disk slot can be had.
-  bool WriteToDisk(BlockKey key, absl::Span<uint8_t> image,
+  bool WriteToDisk(BlockKey key, int32_t owner, absl::Span<uint8_t> image,
                    absl::AnyInvocable<void(bool ok) &&> after);
   // False when the block is not on disk and cannot be written there now.
   bool StartWriteBack(int64_t host_slot);
@@ -225,11 +229,11 @@ class KvStore {
 
   std::vector<HostSlot> host_slots_;
   std::vector<int64_t> host_free_;
-  std::list<int64_t> host_lru_;  // front: least recently used
+  OwnerLru host_order_{0};  // ready host blocks (pinned ones too)
   absl::flat_hash_map<BlockHash, int64_t> host_index_;
   std::vector<DiskSlot> disk_slots_;
   std::vector<int64_t> disk_free_;
-  std::list<int64_t> disk_lru_;
+  OwnerLru disk_order_{0};  // ready, unpinned disk blocks
   absl::flat_hash_map<BlockHash, int64_t> disk_index_;
   int64_t writes_in_flight_ = 0;
   int64_t loads_in_flight_ = 0;

@@ -160,6 +160,75 @@ TEST_F(KvStoreTest, HostBlocksAreWrittenBackBeforeEvictionAndLoadBack) {
   EXPECT_EQ(store_->Prefetch({KeyOf(99).hash, KeyOf(9).hash}), 0);
 }
 
+// Fair eviction: one owner's stream of blocks pushes out its own oldest before another owner's
+// few; one LRU order for all without it.
+TEST_F(KvStoreTest, FairHostEvictionTakesTheLargestOwnersBlocksFirst) {
+  for (const bool fair : {false, true}) {
+    KvStoreConfig c = Config(6, 0);
+    c.fair_eviction = fair;
+    Open(c);
+    for (uint32_t i : {100u, 101u}) {  // the quiet tenant's two blocks, oldest of all
+      Compute(0, i);
+      store_->Put(0, KeyOf(i), false, /*owner=*/2);
+    }
+    for (uint32_t i = 0; i < 10; ++i) {  // the busy tenant's stream
+      Compute(0, i);
+      store_->Put(0, KeyOf(i), false, /*owner=*/1);
+    }
+    for (uint32_t i : {100u, 101u}) {
+      EXPECT_EQ(store_->Find(KeyOf(i).hash), fair ? KvStore::Where::kHost : KvStore::Where::kNone)
+          << "fair " << fair << " block " << i;
+    }
+    // The busy tenant keeps its most recent blocks either way.
+    for (uint32_t i = 6; i < 10; ++i) {
+      EXPECT_EQ(store_->Find(KeyOf(i).hash), KvStore::Where::kHost) << fair << " " << i;
+    }
+    EXPECT_EQ(store_->stats().host.evictions, 6);
+  }
+}
+
+TEST_F(KvStoreTest, FairDiskEvictionAndLoadsKeepTheOwner) {
+  for (const bool fair : {false, true}) {
+    KvStoreConfig c = Config(3, 8);
+    c.fair_eviction = fair;
+    Open(c);
+    for (uint32_t i : {100u, 101u}) {
+      Compute(0, i);
+      store_->Put(0, KeyOf(i), /*to_disk=*/true, /*owner=*/2);
+      Settle();
+    }
+    for (uint32_t i = 0; i < 12; ++i) {
+      Compute(0, i);
+      store_->Put(0, KeyOf(i), /*to_disk=*/true, /*owner=*/1);
+      Settle();
+    }
+    EXPECT_EQ(store_->stats().lost_evictions, 0);
+    // Kept below the device (fair: on disk, or the one left in host) or lost (plain).
+    for (uint32_t i : {100u, 101u}) {
+      EXPECT_EQ(store_->Find(KeyOf(i).hash) != KvStore::Where::kNone, fair)
+          << "fair " << fair << " block " << i;
+    }
+    if (!fair) continue;
+    // Host: 101 and the busy tenant's last two (each tenant down to an equal share, then the
+    // older of a tie); 100 went down to disk.
+    ASSERT_EQ(store_->Find(KeyOf(100).hash), KvStore::Where::kDisk);
+    // Loaded back into host, the quiet tenant's block is still its own there: the stream that
+    // follows evicts the busy tenant's blocks around it.
+    ASSERT_EQ(store_->Prefetch({KeyOf(100).hash}), 1);
+    Settle();
+    ASSERT_EQ(store_->Find(KeyOf(100).hash), KvStore::Where::kHost);
+    for (uint32_t i = 12; i < 16; ++i) {
+      Compute(0, i);
+      store_->Put(0, KeyOf(i), /*to_disk=*/true, /*owner=*/1);
+      Settle();
+    }
+    EXPECT_EQ(store_->Find(KeyOf(100).hash), KvStore::Where::kHost);
+    ASSERT_TRUE(store_->Restore(KeyOf(100).hash, 3).ok());
+    EXPECT_EQ(DeviceBlock(3, 100), Block(100));
+    EXPECT_EQ(store_->stats().lost_evictions, 0);
+  }
+}
+
 TEST_F(KvStoreTest, ABurstBeyondTheCleanReserveIsSpilledNotLost) {
   Open(Config(4, 32));
   // No Poll between puts: the write-backs never run ahead, so evictions find dirty blocks.

@@ -88,8 +88,9 @@ void BlockManager::Evict(int32_t id) {
       Reindex(b.owner, it->second);
     }
   }
+  const int32_t owner = b.owner;
   b.owner = 0;
-  if (on_evict_) on_evict_(id, BlockKey{b.hash, b.ns});
+  if (on_evict_) on_evict_(id, BlockKey{b.hash, b.ns}, owner);
   by_hash_.erase(b.hash);
   events_.push_back({BlockEvent::Kind::kRemoved, b.hash, Tier::kDevice});
   b.published = false;

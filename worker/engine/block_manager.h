@@ -52,13 +52,15 @@ class BlockManager {
 
   // Runs when a cached block is evicted, before its memory is reused (the KV store copies it
   // down a tier).
-  void SetEvictionHook(std::function<void(int32_t block, BlockKey key)> hook) {
+  void SetEvictionHook(std::function<void(int32_t block, BlockKey key, int32_t owner)> hook) {
     on_evict_ = std::move(hook);
   }
 
   // Eviction by owner (above); off: one least-recently-used order for all.
   void SetFairEviction(bool fair) { fair_eviction_ = fair; }
   // Published blocks of `owner` (in use or cached).
+  // The owner a published block was published for (0 otherwise).
+  int32_t owner(int32_t block) const { return blocks_[block].owner; }
   int64_t num_published_by(int32_t owner) const {
     auto it = owners_.find(owner);
     return it == owners_.end() ? 0 : it->second.published;
@@ -131,7 +133,7 @@ class BlockManager {
   std::set<VictimKey> victims_;                 // owners with a cached block, the next first
   absl::flat_hash_map<BlockHash, int32_t> by_hash_;
   std::vector<BlockEvent> events_;
-  std::function<void(int32_t, BlockKey)> on_evict_;
+  std::function<void(int32_t, BlockKey, int32_t)> on_evict_;
 };
 
 }  // namespace strata

@@ -88,7 +88,7 @@ TEST(BlockManagerTest, FairEvictionFollowsItsRuleUnderRandomUse) {
   BlockHash next_hash = 1;
   int32_t evicted = -1;
   int evictions = 0;
-  m.SetEvictionHook([&](int32_t block, BlockKey) {
+  m.SetEvictionHook([&](int32_t block, BlockKey, int32_t) {
     evicted = block;
     ++evictions;
   });

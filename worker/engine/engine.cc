@@ -234,10 +234,13 @@ absl::Status Engine::OpenTiers() {
   }
   const KvBlockLayout layout = dc.layout;
   ASSIGN_OR_RETURN(device_tier_, DeviceTier::Create(std::move(dc)));
-  ASSIGN_OR_RETURN(store_, KvStore::Create(config_.tiers, layout, device_tier_.get()));
+  KvStoreConfig tiers = config_.tiers;
+  tiers.fair_eviction = config_.fair_cache_eviction;  // every tier evicts by the same rule
+  ASSIGN_OR_RETURN(store_, KvStore::Create(std::move(tiers), layout, device_tier_.get()));
   // A cached block about to be reused goes down to the host tier first.
-  blocks_.SetEvictionHook(
-      [this](int32_t block, BlockKey key) { PutDown(block, key, /*to_disk=*/false); });
+  blocks_.SetEvictionHook([this](int32_t block, BlockKey key, int32_t owner) {
+    PutDown(block, key, /*to_disk=*/false, owner);
+  });
   return absl::OkStatus();
 }
 
@@ -572,9 +575,9 @@ bool Engine::WaitForLoads(Sequence* s, absl::Span<const BlockHash> hashes, int64
   return true;
 }
 
-void Engine::PutDown(int32_t block, BlockKey key, bool to_disk) {
+void Engine::PutDown(int32_t block, BlockKey key, bool to_disk, int32_t owner) {
   device_tier_->Bind(block, key);
-  store_->Put(block, key, to_disk);
+  store_->Put(block, key, to_disk, owner);
 }
 
 int64_t Engine::PersistKv(absl::Time deadline, const std::atomic<bool>* cancel) {
@@ -592,7 +595,7 @@ int64_t Engine::PersistKv(absl::Time deadline, const std::atomic<bool>* cancel) 
     if (absl::Now() >= deadline || (cancel != nullptr && cancel->load())) break;
     const BlockKey key = blocks_.key(b);
     if (store_->Find(key.hash) != KvStore::Where::kNone) continue;
-    PutDown(b, key, /*to_disk=*/false);
+    PutDown(b, key, /*to_disk=*/false, blocks_.owner(b));
     if (++pending == batch) {
       written += store_->Persist(deadline, cancel);
       pending = 0;
@@ -607,7 +610,7 @@ void Engine::KeepWarm(const Sequence& s) {
     const int32_t b = s.block_table[i];
     const BlockKey key = blocks_.key(b);
     if (key.hash != s.hashes[i]) continue;  // a private duplicate of a published block
-    PutDown(b, key, /*to_disk=*/config_.write_through_hot_blocks);
+    PutDown(b, key, /*to_disk=*/config_.write_through_hot_blocks, blocks_.owner(b));
   }
 }
 
@@ -659,7 +662,9 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
     s->block_table = blocks_.AcquirePrefix(hashes, on_device);
     if (store_ != nullptr && config_.write_through_hot_blocks) {
       for (int32_t b : s->block_table) {
-        if (blocks_.hit_count(b) == 2) PutDown(b, blocks_.key(b), /*to_disk=*/true);
+        if (blocks_.hit_count(b) == 2) {
+          PutDown(b, blocks_.key(b), /*to_disk=*/true, blocks_.owner(b));
+        }
       }
     }
     if (store_ != nullptr) {

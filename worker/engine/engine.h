@@ -165,7 +165,9 @@ struct EngineConfig {
   bool fair_share = true;
   // The device cache evicts the least recently used cached block of the tenant holding the most
   // published blocks (BlockManager::SetFairEviction), so that one tenant's stream of new prompts
-  // pushes out its own cached blocks before another tenant's few; false: one LRU order for all.
+  // pushes out its own cached blocks before another tenant's few; the host and disk tiers evict
+  // the same way among the blocks each holds (KvStoreConfig::fair_eviction, which this sets);
+  // false: one LRU order for all, in every tier.
   bool fair_cache_eviction = true;
 };
 
@@ -449,7 +451,8 @@ class Engine {
   bool WaitForLoads(Sequence* s, absl::Span<const BlockHash> hashes, int64_t on_device,
                     int64_t in_host_end, int64_t limit);
   // Copies device block `block` (published as `key`) to the host tier; `to_disk`: on to disk now.
-  void PutDown(int32_t block, BlockKey key, bool to_disk);
+  // `owner`: the tenant (BlockManager owner) the block is kept for in the lower tiers.
+  void PutDown(int32_t block, BlockKey key, bool to_disk, int32_t owner);
   // Copies the sequence's published blocks to the host tier (a finished turn kept warm).
   void KeepWarm(const Sequence& s);
   // The tenant entry for a new sequence of `o`'s tenant (counted live by the caller's Sequence);

@@ -803,6 +803,42 @@ TEST_F(EngineTiersTest, EvictedPrefixesComeBackFromHostAndDiskWithTheSameOutput)
   EXPECT_EQ(out.num_cached_prompt_tokens, Cached(out, Tier::kDisk) + Cached(out, Tier::kHost));
 }
 
+// With fair eviction a tenant's prefix larger than its share of the device cache keeps its
+// overflow in the host tier while another tenant streams new prompts through both: the host
+// tier, too, evicts from the tenant holding the most blocks there (the owners reach it through
+// the device cache's eviction and kept-warm turns).
+TEST_F(EngineTiersTest, FairEvictionKeepsATenantsOverflowInHostThroughAnothersStream) {
+  std::map<bool, int64_t> cached;
+  for (bool fair : {true, false}) {
+    SCOPED_TRACE(fair ? "fair eviction" : "one LRU");
+    std::mt19937 rng_(11);
+    EngineConfig c = TieredConfig(/*host_blocks=*/12, /*disk_blocks=*/0);
+    c.block_tokens = 16;
+    c.fair_cache_eviction = fair;
+    auto e = MakeEngine(c);
+    RequestOptions steady = Greedy(2), flood = Greedy(2);
+    steady.tenant = "steady";
+    flood.tenant = "flood";
+    const std::vector<int32_t> system = RandomPrompt(rng_, 160);  // 10 blocks of 16
+    ASSERT_TRUE(e->AddRequest("s0", system, steady).ok());
+    RunAll(*e);
+    for (int i = 0; i < 8; ++i) {  // 40 blocks of new prompts
+      ASSERT_TRUE(e->AddRequest(absl::StrCat("f", i), RandomPrompt(rng_, 70), flood).ok());
+      RunAll(*e);
+    }
+    ASSERT_TRUE(e->AddRequest("s1", system, steady).ok());
+    std::map<std::string, RequestOutput> last;
+    RunAll(*e, &last);
+    cached[fair] = last["s1"].num_cached_prompt_tokens;
+    if (fair) {
+      EXPECT_GT(Cached(last["s1"], Tier::kHost), 0);
+    }
+  }
+  // The whole prefix but the last token's block (159 / 16 = 9 blocks), against a part of it.
+  EXPECT_EQ(cached[true], 144);
+  EXPECT_LT(cached[false], 144);
+}
+
 TEST_F(EngineTiersTest, PersistKvHandsTheWholeCacheToTheNextEngine) {
   std::mt19937 rng(11);
   const std::vector<int32_t> a = RandomPrompt(rng, 100);

@@ -1,0 +1,56 @@
+#include "memtier/owner_lru.h"
+
+#include "common/log.h"
+
+namespace strata {
+
+void OwnerLru::Reindex(int32_t id, Owner& o) {
+  if (o.key.has_value()) order_.erase(*o.key);
+  o.key.reset();
+  if (o.slots.empty()) return;
+  o.key = Key{-static_cast<int64_t>(o.slots.size()),
+              entries_[static_cast<size_t>(o.slots.front())].stamp, id};
+  order_.insert(*o.key);
+}
+
+void OwnerLru::PushBack(int64_t slot, int32_t owner) {
+  Entry& e = entries_[static_cast<size_t>(slot)];
+  CHECK(!e.in) << "slot " << slot << " is in the order already";
+  e.in = true;
+  e.owner = owner;
+  e.stamp = next_stamp_++;
+  e.pos = all_.insert(all_.end(), slot);
+  Owner& o = owners_[owner];
+  e.owner_pos = o.slots.insert(o.slots.end(), slot);
+  Reindex(owner, o);
+}
+
+void OwnerLru::Erase(int64_t slot) {
+  Entry& e = entries_[static_cast<size_t>(slot)];
+  CHECK(e.in) << "slot " << slot << " is not in the order";
+  e.in = false;
+  all_.erase(e.pos);
+  auto it = owners_.find(e.owner);
+  it->second.slots.erase(e.owner_pos);
+  Reindex(e.owner, it->second);
+  if (it->second.slots.empty()) owners_.erase(it);
+}
+
+void OwnerLru::Touch(int64_t slot) {
+  Entry& e = entries_[static_cast<size_t>(slot)];
+  CHECK(e.in) << "slot " << slot << " is not in the order";
+  e.stamp = next_stamp_++;
+  all_.splice(all_.end(), all_, e.pos);
+  Owner& o = owners_.at(e.owner);
+  o.slots.splice(o.slots.end(), o.slots, e.owner_pos);
+  Reindex(e.owner, o);
+}
+
+void OwnerLru::Clear() {
+  for (const int64_t s : all_) entries_[static_cast<size_t>(s)].in = false;
+  all_.clear();
+  owners_.clear();
+  order_.clear();
+}
+
+}  // namespace strata
