@@ -32,7 +32,6 @@ constexpr const char* kUnsupported[] = {
     "contains",
     "minContains",
     "maxContains",
-    "patternProperties",
     "dependentRequired",
     "dependentSchemas",
     "dependencies",
@@ -199,13 +198,13 @@ class SchemaCompiler {
     for (const char* k : {"$ref", "anyOf", "oneOf", "allOf"}) {
       if (!s.FindField(k).has_value()) continue;
       for (const auto& [key, value] : members) {
-        for (const char* c : {"properties",    "required",         "additionalProperties",
-                              "minProperties", "maxProperties",    "propertyNames",
-                              "items",         "prefixItems",      "minItems",
-                              "maxItems",      "minLength",        "maxLength",
-                              "pattern",       "format",           "minimum",
-                              "maximum",       "exclusiveMinimum", "exclusiveMaximum",
-                              "multipleOf",    "uniqueItems"}) {
+        for (const char* c : {"properties",        "required",      "additionalProperties",
+                              "minProperties",     "maxProperties", "propertyNames",
+                              "patternProperties", "items",         "prefixItems",
+                              "minItems",          "maxItems",      "minLength",
+                              "maxLength",         "pattern",       "format",
+                              "minimum",           "maximum",       "exclusiveMinimum",
+                              "exclusiveMaximum",  "multipleOf",    "uniqueItems"}) {
           if (key == c) {
             return s.Error(absl::StrCat("combines \"", k, "\" with \"", key,
                                         "\", which is not supported: state it in each branch"));
@@ -270,7 +269,7 @@ class SchemaCompiler {
         return false;
       };
       if (has({"properties", "required", "additionalProperties", "minProperties", "maxProperties",
-               "propertyNames"})) {
+               "propertyNames", "patternProperties"})) {
         types = {"object"};
       } else if (has({"items", "prefixItems", "minItems", "maxItems", "uniqueItems"})) {
         types = {"array"};
@@ -903,6 +902,19 @@ class SchemaCompiler {
     return b_.Choice("number", std::move(alts));
   }
 
+  // A JSON string matching `pattern` (errors named at `where`).
+  absl::StatusOr<int32_t> PatternString(const std::string& pattern, const JsonValue& where,
+                                        RegexMatch match = RegexMatch::kSearch) {
+    absl::StatusOr<Seq> inner = AddRegex(&b_, pattern, RegexText::kJsonString, match);
+    if (!inner.ok()) {
+      return where.Error(absl::StrCat("has pattern \"", pattern, "\": ", inner.status().message()));
+    }
+    Seq seq = {Quote()};
+    seq.insert(seq.end(), inner->begin(), inner->end());
+    seq.push_back(Quote());
+    return b_.Choice("pattern", {std::move(seq)});
+  }
+
   absl::StatusOr<int32_t> String(const JsonValue& s) {
     ASSIGN_OR_RETURN(const int64_t min_length, s.IntFieldOr("minLength", 0));
     ASSIGN_OR_RETURN(const int64_t max_length, s.IntFieldOr("maxLength", -1));
@@ -920,15 +932,9 @@ class SchemaCompiler {
             "combines pattern or format with minLength/maxLength, which is not supported");
       }
       // A pattern matches anywhere in the string unless anchored; a format is the whole string.
-      absl::StatusOr<Seq> inner =
-          AddRegex(&b_, *pattern, RegexText::kJsonString,
-                   s.FindField("pattern").has_value() ? RegexMatch::kSearch : RegexMatch::kFull);
-      if (!inner.ok())
-        return s.Error(absl::StrCat("has pattern \"", *pattern, "\": ", inner.status().message()));
-      Seq seq = {Quote()};
-      seq.insert(seq.end(), inner->begin(), inner->end());
-      seq.push_back(Quote());
-      return b_.Choice("pattern", {std::move(seq)});
+      return PatternString(
+          *pattern, s,
+          s.FindField("pattern").has_value() ? RegexMatch::kSearch : RegexMatch::kFull);
     }
     if (min_length == 0 && max_length < 0) return AnyString();
     absl::StatusOr<int32_t> chars =
@@ -1136,6 +1142,36 @@ class SchemaCompiler {
       ASSIGN_OR_RETURN(std::optional<int32_t> k, PropertyNames(*names));
       if (!k.has_value()) extra.reset();  // propertyNames false: no key at all
       key = k;
+    }
+    // patternProperties: a map whose keys match a pattern (pydantic's dict with constrained
+    // string keys, as its earlier versions write it). One pattern, without listed properties or
+    // propertyNames: keys it matches (anywhere, as a pattern does), each with a value of its
+    // schema. Keys it does not match are never written, whatever additionalProperties allows
+    // them (the model keeps to the pattern's keys; every such object is valid).
+    if (std::optional<JsonValue> pp = s.FindField("patternProperties")) {
+      ASSIGN_OR_RETURN(auto patterns, pp->AsObject());
+      if (!patterns.empty()) {
+        if (!props.empty()) {
+          return s.Error(
+              "combines patternProperties with properties or required, which is not supported");
+        }
+        if (s.FindField("propertyNames").has_value()) {
+          return s.Error("combines patternProperties with propertyNames, which is not supported");
+        }
+        if (patterns.size() > 1) {
+          return pp->Error(
+              "has more than one pattern, which is not supported (a key two patterns match "
+              "must match both schemas)");
+        }
+        const auto& [pattern, value_schema] = patterns.front();
+        ASSIGN_OR_RETURN(const int32_t k, PatternString(std::string(pattern), *pp));
+        key = k;
+        extra.reset();
+        if (!value_schema.IsBool() || *value_schema.AsBool()) {
+          ASSIGN_OR_RETURN(int32_t v, Value(value_schema));
+          extra = v;
+        }  // else false: no key may match it, and no other is written
+      }
     }
     if (props.empty()) {
       if (!extra.has_value()) {

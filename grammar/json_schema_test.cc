@@ -116,6 +116,36 @@ TEST(JsonSchemaTest, PropertyNamesConstrainAMapsKeys) {
   }
 }
 
+// patternProperties: a map whose keys match one pattern (pydantic's dict with constrained string
+// keys, as its earlier versions write it).
+TEST(JsonSchemaTest, PatternPropertiesConstrainAMapsKeysAndValues) {
+  auto ids = Must(R"({"type": "object", "patternProperties": {"^id_[0-9]+$": {"type": "integer"}},
+                      "additionalProperties": false})");
+  ExpectAccepts(ids, {"{}", R"({"id_1":5})", R"({"id_1":5,"id_22":-3})"},
+                {R"({"id_x":5})", R"({"id_1":"5"})", R"({"other":1})"});
+  // A pattern searches: unanchored, the key only has to contain it. Keys it does not match are
+  // not written even where additionalProperties would allow them.
+  auto search = Must(R"({"patternProperties": {"ab": {"type": "boolean"}}, "maxProperties": 2})");
+  ExpectAccepts(search, {R"({"xaby":true})", R"({"ab":false,"cab":true})"},
+                {R"({"a":true})", R"({"ab":1})", R"({"ab":true,"ab2":true,"abc":true})"});
+  auto by_ref = Must(R"({"$defs": {"V": {"enum": ["x", "y"]}},
+                         "patternProperties": {"^[a-z]$": {"$ref": "#/$defs/V"}}})");
+  ExpectAccepts(by_ref, {R"({"q":"x"})"}, {R"({"q":"z"})", R"({"qq":"x"})"});
+  auto none = Must(R"({"patternProperties": {"^a$": false}})");
+  ExpectAccepts(none, {"{}"}, {R"({"a":1})"});
+  for (const char* bad : {
+           R"({"patternProperties": {"^a": {}, "^b": {}}})",
+           R"({"properties": {"a": {}}, "patternProperties": {"^a": {}}})",
+           R"({"propertyNames": {"pattern": "^a"}, "patternProperties": {"^a": {}}})",
+           R"({"patternProperties": {"(": {}}})",
+           R"({"$ref": "#/$defs/X", "patternProperties": {"^a": {}}, "$defs": {"X": {}}})",
+       }) {
+    absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(bad, "schema");
+    ASSERT_FALSE(g.ok()) << bad;
+    EXPECT_NE(g.status().message().find("patternProperties"), std::string::npos) << g.status();
+  }
+}
+
 TEST(JsonSchemaTest, MinAndMaxPropertiesCountTheMembers) {
   // Listed properties: counted as written, required ones always.
   auto some = Must(R"({"properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
