@@ -49,6 +49,22 @@ namespace {
 constexpr size_t kMaxHeaderBytes = 64 << 10;
 constexpr absl::Duration kWriteTimeout = absl::Seconds(30);
 
+// %XX sequences decoded (others kept as they are).
+std::string PercentDecoded(absl::string_view s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    int v = 0;
+    if (s[i] == '%' && i + 2 < s.size() && absl::ascii_isxdigit(s[i + 1]) &&
+        absl::ascii_isxdigit(s[i + 2]) && absl::SimpleHexAtoi(s.substr(i + 1, 2), &v)) {
+      out.push_back(static_cast<char>(v));
+      i += 2;
+    } else {
+      out.push_back(s[i]);
+    }
+  }
+  return out;
+}
+
 // A connection's client as gRPC writes a peer ("ipv4:1.2.3.4:5", "ipv6:[::1]:5"), or empty.
 std::string PeerAddress(int fd) {
   sockaddr_storage addr{};
@@ -1724,11 +1740,16 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
       exchanges_[fd].tenant = tenant->name;
     }
   }
-  if (path == "/v1/models") {
+  if (path == "/v1/models" || absl::StartsWith(path, "/v1/models/")) {
+    // A model's name may hold '/' (an organisation's prefix), sent as is or as %2F.
+    const std::string only = PercentDecoded(
+        absl::string_view(path).substr(std::min(path.size(), std::strlen("/v1/models/"))));
     if (method != "GET") {
-      Reply(fd, ErrorResponse(405, "use GET /v1/models"));
+      Reply(fd, ErrorResponse(405, absl::StrCat("use GET ", path)));
+    } else if (path != "/v1/models" && only.empty()) {
+      Reply(fd, ErrorResponse(404, "no model named in the path"));
     } else {
-      Models(fd, tenant);
+      Models(fd, tenant, only);
     }
   } else if (path == "/v1/completions") {
     if (method != "POST") {
@@ -1838,7 +1859,7 @@ void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize, const
   Reply(fd, JsonResponse(200, answer));
 }
 
-void OpenAiGateway::Models(int fd, const Tenant* tenant) {
+void OpenAiGateway::Models(int fd, const Tenant* tenant, const std::string& only) {
   v1::ListModelsResponse resp;
   const grpc::Status status = Unary(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
     return stub_->ListModels(ctx, v1::ListModelsRequest(), &resp);
@@ -1857,14 +1878,26 @@ void OpenAiGateway::Models(int fd, const Tenant* tenant) {
                           ",\"parent\":", parent.empty() ? "null" : JsonQuote(parent),
                           ",\"max_model_len\":", m.max_context_tokens(), "}");
     };
-    if (tenant == nullptr || ApiKeys::Allows(*tenant, m.name(), "")) {
+    if ((only.empty() || only == m.name()) &&
+        (tenant == nullptr || ApiKeys::Allows(*tenant, m.name(), ""))) {
       data.push_back(entry(m.name(), ""));
     }
     for (const std::string& ft : m.fine_tune_ids()) {
-      if (tenant == nullptr || ApiKeys::Allows(*tenant, m.name(), ft)) {
+      if ((only.empty() || only == ft) &&
+          (tenant == nullptr || ApiKeys::Allows(*tenant, m.name(), ft))) {
         data.push_back(entry(ft, m.name()));
       }
     }
+  }
+  if (!only.empty()) {
+    // GET /v1/models/{model}: that one, or 404 as for a model the tenant may not use.
+    if (data.empty()) {
+      Reply(fd,
+            ErrorResponse(404, absl::StrCat("The model `", only, "` does not exist."), "model"));
+    } else {
+      Reply(fd, JsonResponse(200, data.front()));
+    }
+    return;
   }
   Reply(fd, JsonResponse(200, absl::StrCat("{\"object\":\"list\",\"data\":[",
                                            absl::StrJoin(data, ","), "]}")));

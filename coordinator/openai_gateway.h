@@ -302,7 +302,8 @@ class OpenAiGateway {
   // or until the gateway stops).
   void Reply(int fd, const std::string& response) const;
   // `tenant`: the caller's, with API keys (null without): only what it may use is listed.
-  void Models(int fd, const Tenant* tenant);
+  // `only`: GET /v1/models/{only}, that model alone (404 when it is not listed).
+  void Models(int fd, const Tenant* tenant, const std::string& only = "");
   // POST /tokenize ({"model", "prompt", "add_special_tokens", "return_token_strs"}: {"count",
   // "max_model_len", "tokens", "token_strs"}) and /detokenize ({"model", "tokens"}: {"prompt"}),
   // in vLLM's shape, through the Tokenize and Detokenize RPCs.

@@ -187,6 +187,10 @@ TEST_F(ApiKeysTest, TenantsSeeAndUseOnlyTheirModels) {
   ASSERT_EQ(globex.status, 200) << globex.body;
   EXPECT_FALSE(absl::StrContains(globex.body, "\"id\":\"strata-tiny\"")) << globex.body;
   EXPECT_TRUE(absl::StrContains(globex.body, "\"id\":\"lora-c\"")) << globex.body;
+  // And one at a time.
+  EXPECT_EQ(Call("GET", "/v1/models/lora-c", absl::StrCat("Bearer ", kGlobex)).status, 200);
+  EXPECT_EQ(Call("GET", "/v1/models/strata-tiny", absl::StrCat("Bearer ", kGlobex)).status, 404);
+  EXPECT_EQ(Call("GET", "/v1/models/strata-tiny", absl::StrCat("Bearer ", kAcme)).status, 200);
 
   // A model it may not use reads as one that does not exist.
   const HttpReply refused = Complete(kGlobex, "strata-tiny", "int main(");

@@ -173,6 +173,17 @@ TEST_F(OpenAiHttpTest, ModelsListsTheServedModel) {
   EXPECT_EQ(Str(data[0], "id"), kTinyModel);
   EXPECT_EQ(*data[0].IntField("max_model_len"), 2048);
   EXPECT_EQ(Http(port_, "GET", "/health").status, 200);
+  // GET /v1/models/{model} (the OpenAI client's models.retrieve): that model's entry alone.
+  const HttpReply one = Http(port_, "GET", absl::StrCat("/v1/models/", kTinyModel));
+  ASSERT_EQ(one.status, 200) << one.body;
+  const JsonDocument m = Json(one.body);
+  EXPECT_EQ(Str(m.root(), "id"), kTinyModel);
+  EXPECT_EQ(Str(m.root(), "object"), "model");
+  const HttpReply missing = Http(port_, "GET", "/v1/models/no%2Fsuch-model");
+  EXPECT_EQ(missing.status, 404) << missing.body;
+  EXPECT_NE(missing.body.find("`no/such-model` does not exist"), std::string::npos) << missing.body;
+  EXPECT_EQ(Http(port_, "GET", "/v1/models/").status, 404);
+  EXPECT_EQ(Http(port_, "POST", absl::StrCat("/v1/models/", kTinyModel)).status, 405);
 }
 
 TEST_F(OpenAiHttpTest, ACompletionIsWhatTheGrpcApiGenerates) {
