@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/copy.h"
@@ -79,7 +80,7 @@ absl::Status KvStore::OpenTiers() {
   if (!host.ok()) return host.status();
   host_ = *std::move(host);
   host_slots_.resize(hc.num_slots);
-  host_order_ = OwnerLru(hc.num_slots);
+  host_order_ = OwnerLru(hc.num_slots, config_.fair_eviction);
   for (int64_t s = hc.num_slots - 1; s >= 0; --s) host_free_.push_back(s);
   if (config_.disk_bytes == 0) return absl::OkStatus();
 
@@ -119,7 +120,7 @@ absl::Status KvStore::OpenTiers() {
   disk_ = *std::move(disk);
   disk_enabled_ = true;
   disk_slots_.resize(dc.num_slots);
-  disk_order_ = OwnerLru(dc.num_slots);
+  disk_order_ = OwnerLru(dc.num_slots, config_.fair_eviction);
   std::vector<StoredSlot> found = disk_->Scan();
   // Oldest first into the LRU.
   std::sort(found.begin(), found.end(),
@@ -243,8 +244,9 @@ int64_t KvStore::AllocateHost() {
   });
   if (victim < 0) return -1;
   // A dirty victim goes to disk from a copy (the write-backs fell behind a burst).
-  if (disk_enabled_ && !host_slots_[victim].clean && !SpillToDisk(victim)) {
-    ++stats_.lost_evictions;
+  if (disk_enabled_ && !host_slots_[victim].clean) {
+    ++stats_.dirty_evictions;
+    if (!SpillToDisk(victim)) ++stats_.lost_evictions;
   }
   EvictHost(victim);
   ++stats_.host.evictions;
@@ -257,12 +259,10 @@ int64_t KvStore::AllocateDisk() {
     disk_free_.pop_back();
     return s;
   }
-  if (disk_order_.empty()) return -1;
-  int64_t s = -1;
-  disk_order_.ForEachRun(config_.fair_eviction, [&](const std::list<int64_t>& run) {
-    s = run.front();
-    return false;
-  });
+  // Persist takes the oldest of all: it makes room for the host tier's blocks, most recently
+  // used first, and by owner it would evict its own earlier writes.
+  const int64_t s = disk_order_.Front(config_.fair_eviction && !persisting_);
+  if (s < 0) return -1;
   EvictDisk(s);
   ++stats_.disk.evictions;
   return s;
@@ -563,16 +563,14 @@ void KvStore::ScheduleWriteBacks() {
                         static_cast<int64_t>(disk_slots_.size()) / 2);
   const int64_t max_writes = 2 * static_cast<int64_t>(config_.disk_queue_depth);
   int64_t available = static_cast<int64_t>(host_free_.size());
-  // In the order AllocateHost takes victims (fair: the largest owner's oldest first), so that
-  // what it takes next is clean.
-  host_order_.ForEachRun(config_.fair_eviction, [&](const std::list<int64_t>& run) {
-    for (const int64_t s : run) {
-      if (available >= reserve || writes_in_flight_ >= max_writes) return false;
-      HostSlot& h = host_slots_[s];
-      // No disk slot to be had: the rest would fare no better this step.
-      if (!h.clean && !h.writing && !StartWriteBack(s)) return false;
-      if (h.clean || h.writing) ++available;
-    }
+  // In the order successive evictions would take the blocks (fair: always from the owner then
+  // holding the most), so that what AllocateHost takes next is clean.
+  host_order_.ForEachInEvictionOrder(config_.fair_eviction, [&](int64_t s) {
+    if (available >= reserve || writes_in_flight_ >= max_writes) return false;
+    HostSlot& h = host_slots_[s];
+    // No disk slot to be had: the rest would fare no better this step.
+    if (!h.clean && !h.writing && !StartWriteBack(s)) return false;
+    if (h.clean || h.writing) ++available;
     return true;
   });
 }
@@ -612,6 +610,8 @@ void KvStore::Flush() {
 
 int64_t KvStore::Persist(absl::Time deadline, const std::atomic<bool>* cancel) {
   if (!disk_enabled_ || host_ == nullptr) return 0;
+  persisting_ = true;
+  absl::Cleanup done = [this] { persisting_ = false; };
   Flush();
   // The disk copies of blocks still in host are more recent than disk-only ones: move them to the
   // disk LRU's young end (host order kept), so that room for the writes below is taken from
@@ -677,6 +677,12 @@ std::vector<TierEvent> KvStore::Inventory() const {
     }
   }
   return out;
+}
+
+int32_t KvStore::HostOwner(BlockHash hash) const {
+  auto it = host_index_.find(hash);
+  if (it == host_index_.end() || !host_order_.Contains(it->second)) return -1;
+  return host_order_.owner(it->second);
 }
 
 KvStoreStats KvStore::stats() const {

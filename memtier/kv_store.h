@@ -5,12 +5,17 @@
 // keeps what falls out of it:
 //   - Put: a device block about to be reused (evicted), a block hit twice or more (write-through)
 //     or a finished turn's blocks (kept warm) are copied to the host tier, unless already there.
-//   - Write-back: the host tier keeps a reserve of clean slots (also on disk) at its LRU end by
-//     writing the oldest dirty blocks to disk ahead of need; evicting a clean host block costs
-//     nothing. A burst that outruns the reserve evicts dirty blocks, which are written from a
-//     copy; a block is lost only when the disk falls 2 x queue_depth copies behind.
-//   - Disk slots are reused least recently used first; a recovered disk tier's blocks (DiskTier
-//     recovery) are indexed again at start.
+//   - Eviction order (each tier): least recently used first, or with fair_eviction the least
+//     recently used block of the owner (tenant) holding the most blocks in the tier
+//     (memtier/owner_lru.h).
+//   - Write-back: the host tier keeps a reserve of clean slots (also on disk) where its eviction
+//     order starts by writing the next victims that are dirty to disk ahead of need; evicting a
+//     clean host block costs nothing. A burst that outruns the reserve evicts dirty blocks, which
+//     are written from a copy; a block is lost only when the disk falls 2 x queue_depth copies
+//     behind.
+//   - Disk slots are reused in the eviction order (Persist's own writes take the oldest of all);
+//     a recovered disk tier's blocks (DiskTier recovery) are indexed again at start, owned by
+//     no tenant (0).
 //   - Prefetch: a request's chain blocks found on disk start loading into the host tier when the
 //     request arrives, while it queues. Restore copies a host block into a device slot.
 //   - Faults: a block that fails its checks is dropped and counted (a miss); repeated device
@@ -96,6 +101,9 @@ struct KvStoreStats {
   int64_t write_backs = 0;     // host -> disk copies finished
   int64_t loads = 0;           // disk -> host copies finished
   int64_t lost_evictions = 0;  // dirty host blocks evicted before their write-back
+  // Dirty host blocks evicted at all (written from a copy, or lost): the write-backs were not
+  // ahead of the evictions.
+  int64_t dirty_evictions = 0;
   int64_t dropped_puts = 0;    // blocks not kept: every host slot pinned
   int64_t corrupt_blocks = 0;  // reads that failed a checksum or key check (misses)
   int64_t io_errors = 0;
@@ -166,6 +174,8 @@ class KvStore {
   // Every block in the host and disk tiers now (ready or on its way), for a new event subscriber.
   std::vector<TierEvent> Inventory() const;
   KvStoreStats stats() const;
+  // The owner a block is kept for in the host tier, or -1 when it is not ready there (tests).
+  int32_t HostOwner(BlockHash hash) const;
   bool has_disk() const { return disk_enabled_; }
 
  private:
@@ -237,6 +247,7 @@ class KvStore {
   absl::flat_hash_map<BlockHash, int64_t> disk_index_;
   int64_t writes_in_flight_ = 0;
   int64_t loads_in_flight_ = 0;
+  bool persisting_ = false;  // in Persist: disk slots are taken oldest of all first
 
   std::vector<uint8_t> staging_;              // one raw block, for device <-> host copies
   bool staging_pinned_ = false;               // registered with the CUDA driver

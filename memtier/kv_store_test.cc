@@ -191,6 +191,7 @@ TEST_F(KvStoreTest, FairDiskEvictionAndLoadsKeepTheOwner) {
   for (const bool fair : {false, true}) {
     KvStoreConfig c = Config(3, 8);
     c.fair_eviction = fair;
+    c.disk_recover = false;  // each round on its own
     Open(c);
     for (uint32_t i : {100u, 101u}) {
       Compute(0, i);
@@ -210,23 +211,58 @@ TEST_F(KvStoreTest, FairDiskEvictionAndLoadsKeepTheOwner) {
     }
     if (!fair) continue;
     // Host: 101 and the busy tenant's last two (each tenant down to an equal share, then the
-    // older of a tie); 100 went down to disk.
+    // older of a tie); 100 went down to disk, still the quiet tenant's.
     ASSERT_EQ(store_->Find(KeyOf(100).hash), KvStore::Where::kDisk);
-    // Loaded back into host, the quiet tenant's block is still its own there: the stream that
-    // follows evicts the busy tenant's blocks around it.
+    EXPECT_EQ(store_->HostOwner(KeyOf(101).hash), 2);
     ASSERT_EQ(store_->Prefetch({KeyOf(100).hash}), 1);
     Settle();
     ASSERT_EQ(store_->Find(KeyOf(100).hash), KvStore::Where::kHost);
-    for (uint32_t i = 12; i < 16; ++i) {
-      Compute(0, i);
-      store_->Put(0, KeyOf(i), /*to_disk=*/true, /*owner=*/1);
-      Settle();
-    }
-    EXPECT_EQ(store_->Find(KeyOf(100).hash), KvStore::Where::kHost);
+    EXPECT_EQ(store_->HostOwner(KeyOf(100).hash), 2);  // a load keeps the owner
     ASSERT_TRUE(store_->Restore(KeyOf(100).hash, 3).ok());
     EXPECT_EQ(DeviceBlock(3, 100), Block(100));
     EXPECT_EQ(store_->stats().lost_evictions, 0);
   }
+}
+
+// Persist fills a full disk oldest of all first even with fair eviction: by owner, its own
+// writes would become the largest owner's and evict one another.
+TEST_F(KvStoreTest, PersistUnderFairEvictionKeepsEveryBlockItWrites) {
+  {
+    Open(Config(8, 8));  // a disk file full of a previous process's blocks (owner 0 now)
+    for (uint32_t i = 100; i < 108; ++i) Evict(i, /*to_disk=*/true);
+    Settle();
+  }
+  KvStoreConfig c = Config(8, 8);
+  c.fair_eviction = true;
+  c.disk_queue_depth = 1;  // two writes in flight: each pair's blocks are indexed before the next
+  Open(c);
+  ASSERT_EQ(store_->stats().disk_recovered, 8);
+  for (uint32_t i = 0; i < 8; ++i) {  // one tenant's dirty blocks fill the host tier
+    Compute(0, i);
+    store_->Put(0, KeyOf(i), /*to_disk=*/false, /*owner=*/1);
+  }
+  EXPECT_EQ(store_->Persist(absl::InfiniteFuture()), 8);
+  store_.reset();
+  Open(Config(8, 8));
+  for (uint32_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(store_->Find(KeyOf(i).hash), KvStore::Where::kDisk) << i;
+  }
+}
+
+// The write-backs clean blocks in the order fair eviction will take them, also when two owners
+// hold about as many and the victims alternate between them.
+TEST_F(KvStoreTest, FairWriteBacksStayAheadOfTheEvictions) {
+  KvStoreConfig c = Config(16, 64);
+  c.fair_eviction = true;
+  Open(c);
+  for (uint32_t i = 0; i < 48; ++i) {
+    Compute(0, i);
+    store_->Put(0, KeyOf(i), /*to_disk=*/false, /*owner=*/1 + static_cast<int32_t>(i % 2));
+    if (i % 2 == 1) Settle();  // two evictions a step, from one owner and then the other
+  }
+  EXPECT_GT(store_->stats().host.evictions, 0);
+  EXPECT_EQ(store_->stats().dirty_evictions, 0);
+  EXPECT_EQ(store_->stats().lost_evictions, 0);
 }
 
 TEST_F(KvStoreTest, ABurstBeyondTheCleanReserveIsSpilledNotLost) {

@@ -20,6 +20,7 @@ void OwnerLru::PushBack(int64_t slot, int32_t owner) {
   e.owner = owner;
   e.stamp = next_stamp_++;
   e.pos = all_.insert(all_.end(), slot);
+  if (!fair_) return;
   Owner& o = owners_[owner];
   e.owner_pos = o.slots.insert(o.slots.end(), slot);
   Reindex(owner, o);
@@ -30,6 +31,7 @@ void OwnerLru::Erase(int64_t slot) {
   CHECK(e.in) << "slot " << slot << " is not in the order";
   e.in = false;
   all_.erase(e.pos);
+  if (!fair_) return;
   auto it = owners_.find(e.owner);
   it->second.slots.erase(e.owner_pos);
   Reindex(e.owner, it->second);
@@ -41,9 +43,18 @@ void OwnerLru::Touch(int64_t slot) {
   CHECK(e.in) << "slot " << slot << " is not in the order";
   e.stamp = next_stamp_++;
   all_.splice(all_.end(), all_, e.pos);
+  if (!fair_) return;
   Owner& o = owners_.at(e.owner);
+  const bool was_front = o.slots.front() == slot;
   o.slots.splice(o.slots.end(), o.slots, e.owner_pos);
-  Reindex(e.owner, o);
+  // The owner's rank moves only with its oldest slot (its count stays).
+  if (was_front) Reindex(e.owner, o);
+}
+
+int64_t OwnerLru::Front(bool fair) const {
+  if (all_.empty()) return -1;
+  if (!fair || !fair_) return all_.front();
+  return owners_.at(std::get<2>(*order_.begin())).slots.front();
 }
 
 void OwnerLru::Clear() {

@@ -1,7 +1,7 @@
 // Slots in least-recently-used order, overall and per owner, for a tier's eviction: plain (the
 // oldest slot of all) or fair (the oldest of the owner holding the most slots, so that one
 // tenant's stream of new blocks pushes out its own before another's). An owner is a tenant's id
-// as the engine numbers them (0: none).
+// as the engine numbers them, from 1; 0 is no tenant (blocks recovered from a disk file).
 #ifndef STRATA_MEMTIER_OWNER_LRU_H_
 #define STRATA_MEMTIER_OWNER_LRU_H_
 
@@ -18,7 +18,9 @@ namespace strata {
 
 class OwnerLru {
  public:
-  explicit OwnerLru(int64_t num_slots) : entries_(static_cast<size_t>(num_slots)) {}
+  // `fair`: keep the owners' orders too (otherwise owners are only recorded).
+  explicit OwnerLru(int64_t num_slots, bool fair = false)
+      : entries_(static_cast<size_t>(num_slots)), fair_(fair) {}
 
   // `slot` (not in the order) becomes the most recently used, held by `owner`.
   void PushBack(int64_t slot, int32_t owner);
@@ -28,18 +30,22 @@ class OwnerLru {
   void Touch(int64_t slot);
   bool Contains(int64_t slot) const { return entries_[static_cast<size_t>(slot)].in; }
   int32_t owner(int64_t slot) const { return entries_[static_cast<size_t>(slot)].owner; }
+  bool fair() const { return fair_; }
   size_t size() const { return all_.size(); }
   bool empty() const { return all_.empty(); }
   void Clear();
 
   // Every slot, least recently used first.
   const std::list<int64_t>& all() const { return all_; }
-  // The slots in the order eviction should consider them, as runs each oldest first: with `fair`
-  // one run per owner, the owner holding most slots first (then the one whose oldest slot is
-  // older); else the one run of all. `visit(run)` returns false to stop.
+  // The slot to evict first: the oldest of all, or (`fair` and kept fair) the oldest of the
+  // owner holding the most, the older front on a tie. -1 when empty.
+  int64_t Front(bool fair) const;
+  // The slots as runs to search for a victim, each oldest first: with `fair` (and kept fair) one
+  // run per owner, in Front's order of owners; else the one run of all. `visit(run)` returns
+  // false to stop.
   template <typename Visit>
   void ForEachRun(bool fair, Visit visit) const {
-    if (!fair) {
+    if (!fair || !fair_) {
       visit(all_);
       return;
     }
@@ -47,6 +53,11 @@ class OwnerLru {
       if (!visit(owners_.at(std::get<2>(key)).slots)) return;
     }
   }
+  // The slots in the order successive evictions would take them were none pinned: each next
+  // the front of the owner holding the most that remain (fair), or of all. `visit(slot)`
+  // returns false to stop. O(log owners) a slot.
+  template <typename Visit>
+  void ForEachInEvictionOrder(bool fair, Visit visit) const;
 
  private:
   // Most slots first, then the oldest front, then the owner's id.
@@ -64,11 +75,45 @@ class OwnerLru {
   void Reindex(int32_t id, Owner& o);
 
   std::vector<Entry> entries_;
+  bool fair_;
   std::list<int64_t> all_;
-  absl::flat_hash_map<int32_t, Owner> owners_;  // owners holding a slot
+  absl::flat_hash_map<int32_t, Owner> owners_;  // owners holding a slot (fair_ only)
   std::set<Key> order_;
   uint64_t next_stamp_ = 0;
 };
+
+template <typename Visit>
+void OwnerLru::ForEachInEvictionOrder(bool fair, Visit visit) const {
+  if (!fair || !fair_) {
+    for (const int64_t s : all_) {
+      if (!visit(s)) return;
+    }
+    return;
+  }
+  // Each owner's remaining count and next slot, ranked as order_ ranks the owners.
+  struct Cursor {
+    int64_t left;
+    std::list<int64_t>::const_iterator next, end;
+  };
+  std::vector<Cursor> cursors;
+  std::set<std::tuple<int64_t, uint64_t, size_t>> ranked;  // (-left, next's stamp, cursor)
+  for (const Key& key : order_) {
+    const Owner& o = owners_.at(std::get<2>(key));
+    cursors.push_back({static_cast<int64_t>(o.slots.size()), o.slots.begin(), o.slots.end()});
+    ranked.emplace(-cursors.back().left, std::get<1>(key), cursors.size() - 1);
+  }
+  while (!ranked.empty()) {
+    const size_t c = std::get<2>(*ranked.begin());
+    ranked.erase(ranked.begin());
+    Cursor& cur = cursors[c];
+    if (!visit(*cur.next)) return;
+    ++cur.next;
+    --cur.left;
+    if (cur.next != cur.end) {
+      ranked.emplace(-cur.left, entries_[static_cast<size_t>(*cur.next)].stamp, c);
+    }
+  }
+}
 
 }  // namespace strata
 

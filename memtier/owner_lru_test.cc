@@ -21,8 +21,17 @@ std::vector<int64_t> Runs(const OwnerLru& lru, bool fair) {
   return out;
 }
 
+std::vector<int64_t> EvictionOrder(const OwnerLru& lru, bool fair) {
+  std::vector<int64_t> out;
+  lru.ForEachInEvictionOrder(fair, [&](int64_t s) {
+    out.push_back(s);
+    return true;
+  });
+  return out;
+}
+
 TEST(OwnerLruTest, PlainAndFairOrders) {
-  OwnerLru lru(8);
+  OwnerLru lru(8, /*fair=*/true);
   lru.PushBack(0, 1);
   lru.PushBack(1, 2);
   lru.PushBack(2, 1);
@@ -31,6 +40,12 @@ TEST(OwnerLruTest, PlainAndFairOrders) {
   EXPECT_EQ(Runs(lru, false), (std::vector<int64_t>{0, 1, 2, 3, 4, -1}));
   // Owner 2 holds three slots, owner 1 two.
   EXPECT_EQ(Runs(lru, true), (std::vector<int64_t>{1, 3, 4, -1, 0, 2, -1}));
+  EXPECT_EQ(lru.Front(true), 1);
+  EXPECT_EQ(lru.Front(false), 0);
+  // Evictions one after another: 2's oldest (3 against 2), then a tie taken by the older
+  // front (0, of owner 1), then 2's, ...
+  EXPECT_EQ(EvictionOrder(lru, true), (std::vector<int64_t>{1, 0, 3, 2, 4}));
+  EXPECT_EQ(EvictionOrder(lru, false), (std::vector<int64_t>{0, 1, 2, 3, 4}));
   lru.Touch(1);
   EXPECT_EQ(Runs(lru, false), (std::vector<int64_t>{0, 2, 3, 4, 1, -1}));
   EXPECT_EQ(Runs(lru, true), (std::vector<int64_t>{3, 4, 1, -1, 0, 2, -1}));
@@ -46,12 +61,28 @@ TEST(OwnerLruTest, PlainAndFairOrders) {
   EXPECT_EQ(Runs(lru, true), std::vector<int64_t>{});
   lru.PushBack(3, 7);  // reusable after Clear
   EXPECT_EQ(Runs(lru, true), (std::vector<int64_t>{3, -1}));
+  EXPECT_EQ(OwnerLru(4).Front(true), -1);
+}
+
+// Without fair, owners are recorded but one order serves every question.
+TEST(OwnerLruTest, APlainOrderIgnoresOwners) {
+  OwnerLru lru(4);
+  lru.PushBack(0, 1);
+  lru.PushBack(1, 2);
+  lru.PushBack(2, 2);
+  EXPECT_EQ(lru.owner(2), 2);
+  EXPECT_EQ(Runs(lru, true), (std::vector<int64_t>{0, 1, 2, -1}));
+  EXPECT_EQ(EvictionOrder(lru, true), (std::vector<int64_t>{0, 1, 2}));
+  EXPECT_EQ(lru.Front(true), 0);
+  lru.Touch(0);
+  lru.Erase(1);
+  EXPECT_EQ(Runs(lru, true), (std::vector<int64_t>{2, 0, -1}));
 }
 
 // Against a plain model: random pushes, touches and erases, checking both orders each time.
 TEST(OwnerLruTest, MatchesAModel) {
   constexpr int64_t kSlots = 40;
-  OwnerLru lru(kSlots);
+  OwnerLru lru(kSlots, /*fair=*/true);
   std::vector<std::pair<int64_t, int32_t>> model;  // (slot, owner), oldest first
   std::mt19937 rng(7);
   for (int step = 0; step < 5000; ++step) {
@@ -93,6 +124,25 @@ TEST(OwnerLruTest, MatchesAModel) {
       fair.push_back(-1);
     }
     ASSERT_EQ(Runs(lru, true), fair) << step;
+    // Successive evictions: each the oldest of the owner then holding the most (ties: the older
+    // oldest).
+    std::vector<std::pair<int64_t, int32_t>> left = model;
+    std::vector<int64_t> evictions;
+    while (!left.empty()) {
+      std::map<int32_t, int64_t> count;
+      for (auto& p : left) ++count[p.second];
+      size_t pick = 0;
+      for (size_t i = 1; i < left.size(); ++i) {
+        // The first in recency order among the owners with the most: their oldest fronts.
+        if (count[left[i].second] > count[left[pick].second]) pick = i;
+      }
+      evictions.push_back(left[pick].first);
+      left.erase(left.begin() + static_cast<std::ptrdiff_t>(pick));
+    }
+    ASSERT_EQ(EvictionOrder(lru, true), evictions) << step;
+    if (!model.empty()) {
+      ASSERT_EQ(lru.Front(true), evictions.front()) << step;
+    }
   }
 }
 

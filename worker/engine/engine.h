@@ -348,7 +348,7 @@ class Engine {
     int64_t live = 0;  // its sequences waiting or running
     // The engine's count of tenants with live sequences (live_tenants_), kept as `live` crosses 0.
     int64_t* live_tenants = nullptr;
-    int32_t id = 0;  // the owner of the blocks it publishes (BlockManager)
+    int32_t id = 0;  // the owner of the blocks it publishes (BlockManager), 1 up
   };
   struct Sequence {
     std::string id;
@@ -521,7 +521,8 @@ class Engine {
   // By tenant name; entries stay put (sequences point at theirs), and are declared before the
   // sequences, which count themselves out of theirs when destroyed.
   absl::node_hash_map<std::string, TenantShare> tenants_;
-  int32_t next_tenant_id_ = 0;
+  // From 1: owner 0 is no tenant (blocks a worker's disk tier recovered at start, say).
+  int32_t next_tenant_id_ = 1;
   int64_t live_tenants_ = 0;  // tenants with sequences waiting or running
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order

@@ -953,6 +953,14 @@ void WorkerService::PublishMetrics(LoopState* state) {
   m->GetCounter("strata_worker_kv_corrupt_blocks_total",
                 "Lower-tier reads that failed a checksum or key check (served as misses).")
       ->SetTotal(static_cast<double>(t.corrupt_blocks));
+  m->GetCounter("strata_worker_kv_dirty_evictions_total",
+                "Host blocks evicted before their write-back (written from a copy, or lost).",
+                {{"outcome", "spilled"}})
+      ->SetTotal(static_cast<double>(t.dirty_evictions - t.lost_evictions));
+  m->GetCounter("strata_worker_kv_dirty_evictions_total",
+                "Host blocks evicted before their write-back (written from a copy, or lost).",
+                {{"outcome", "lost"}})
+      ->SetTotal(static_cast<double>(t.lost_evictions));
 }
 
 }  // namespace strata
