@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import yaml
@@ -449,8 +450,10 @@ class Pod:
 class Cluster:
     """Plays the kubelet, the CNI and cluster DNS for the pods of one rendered manifest set."""
 
-    def __init__(self, m, rootfs, work):
+    def __init__(self, m, rootfs, work, secrets=None):
         self.m, self.rootfs, self.work = m, rootfs, work
+        # Secret name -> {file: text}: what the optional Secrets' volumes hold (none: empty).
+        self.secrets = secrets or {}
         self.as_root = os.environ.get("STRATA_K8S_TEST_REAL_ROOT") == "1"
         self.pods = []
         self.volumes = {}  # (pod name, volume name) -> host dir, kept across a pod's restarts
@@ -548,13 +551,18 @@ class Cluster:
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for vm in c.get("volumeMounts", []):
             src = volumes.get(vm["name"])
+            secret = None
             if src is not None and "secret" in src and src["secret"].get("optional"):
-                pass  # an optional Secret the test does not make: an empty directory, as without it
+                # An optional Secret: its files when the test makes it, else an empty directory.
+                secret = self.secrets.get(src["secret"]["secretName"])
             elif src is not None and "emptyDir" not in src:
                 fail("pod %s: volume %s is not an emptyDir or a claim template; the test cannot provide it" % (pod.name, vm["name"]))
             target = vm["mountPath"].lstrip("/")
             os.makedirs(os.path.join(self.rootfs, target), exist_ok=True)
-            binds.append((self.volume_dir(pod, vm["name"], fs_group), target))
+            d = self.volume_dir(pod, vm["name"], fs_group)
+            for fname, text in (secret or {}).items():
+                self.write_secret_file(d, fname, text)
+            binds.append((d, target))
         r = self.rootfs
         script = ["set -e", "hostname %s" % pod.name,
                   # The image, read-only as readOnlyRootFilesystem asks.
@@ -580,6 +588,23 @@ class Cluster:
         pod.ready = False
         pod.started = time.monotonic()
         pod.command = c["command"] + args
+
+    @staticmethod
+    def write_secret_file(d, fname, text):
+        """As the kubelet updates a Secret's volume: the file replaced whole, mode 0644."""
+        tmp = os.path.join(d, "." + fname + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, os.path.join(d, fname))
+
+    def update_secret(self, secret_name, fname, text):
+        """A Secret changed: every pod's volume of it gets the new file."""
+        for p in self.pods:
+            spec = p.workload["spec"]["template"]["spec"]
+            for v in spec.get("volumes", []):
+                if v.get("secret", {}).get("secretName") == secret_name and (p.name, v["name"]) in self.volumes:
+                    self.write_secret_file(self.volumes[(p.name, v["name"])], fname, text)
 
     def probe(self, pod, service=""):
         """A gRPC probe: 0 SERVING, 1 answered otherwise, 2 unreachable."""
@@ -684,9 +709,38 @@ def shquote(s):
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def stratactl(cluster, *args, timeout=60):
+def stratactl(cluster, *args, timeout=60, key=None):
     cmd = [os.path.join(ROOT, BINARIES["stratactl"])] + list(args)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ)
+    env.pop("STRATA_API_KEY", None)
+    if key:
+        env["STRATA_API_KEY"] = key
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def access_log_records(pod):
+    """The JSON lines of a coordinator's access log (its standard output, in the pod's log)."""
+    out = []
+    with open(pod.log, errors="replace") as f:
+        for line in f:
+            if line.startswith('{"time":'):
+                out.append(json.loads(line))
+    return out
+
+
+def stop_and_check(cluster):
+    """SIGTERM to every pod; each must exit 0."""
+    cluster.stop_all()
+    for p in cluster.pods:
+        if p.proc.returncode != 0:
+            cluster.dump()
+            fail("%s exited %d on SIGTERM" % (p.name, p.proc.returncode))
+
+
+def kill_leftovers(cluster):
+    for p in cluster.pods:
+        if p.proc is not None and p.proc.poll() is None:
+            os.killpg(p.proc.pid, signal.SIGKILL)
 
 
 def run_pods(m, rootfs, work):
@@ -813,6 +867,19 @@ def run_pods(m, rootfs, work):
                     fail("%s reports no %s KV blocks: %s" % (w.name, tier, sorted(m)))
         print("k8s_test: metrics: %d requests counted by the coordinators, %d tokens by the workers"
               % (ok, tokens))
+        # The access log (--access_log=-): a JSON line per call on each coordinator's standard
+        # output, a line per HTTP request too.
+        def logged_ok():
+            return sum(1 for c in coordinators for r in access_log_records(c)
+                       if r.get("event") == "generate" and r.get("status") == "OK")
+        cluster.wait("the access logs to hold every call", lambda: logged_ok() >= sent, 10)
+        if logged_ok() != sent:
+            fail("the coordinators' access logs hold %d successful calls, the test made %d" % (logged_ok(), sent))
+        posts = [r for c in coordinators for r in access_log_records(c)
+                 if r.get("event") == "http" and r.get("path") == "/v1/completions"]
+        if len(posts) != len(coordinators) or any(r["status"] != 200 for r in posts):
+            fail("the access logs hold these HTTP completions: %s" % posts)
+        print("k8s_test: access logs: %d calls, %d HTTP requests" % (logged_ok(), len(posts)))
 
         # A pod deletion: SIGTERM, then the kubelet waits terminationGracePeriodSeconds. The victim
         # is the worker holding the most KV blocks.
@@ -910,25 +977,131 @@ def run_pods(m, rootfs, work):
         print("k8s_test: %s back on its volume: %s KV blocks written on SIGTERM, recovered by its replacement"
               % (victim.name, persisted[0]))
         generate(coordinators[0], "def parse(")
-        cluster.stop_all()
-        for p in cluster.pods:
-            if p.proc.returncode != 0:
-                cluster.dump()
-                fail("%s exited %d on SIGTERM" % (p.name, p.proc.returncode))
+        stop_and_check(cluster)
     finally:
-        for p in cluster.pods:
-            if p.proc is not None and p.proc.poll() is None:
-                os.killpg(p.proc.pid, signal.SIGKILL)
+        kill_leftovers(cluster)
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
+def with_secrets(objs, where):
+    """The manifests with API keys and the cluster secret turned on, as k8s/base/model.yaml says."""
+    keyed = copy.deepcopy(objs)
+    for o in keyed:
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "strata-model":
+            if o["data"].get("STRATA_API_KEYS_FILE") != "":
+                fail("%s: STRATA_API_KEYS_FILE must be empty by default (no keys asked)" % where)
+            o["data"]["STRATA_API_KEYS_FILE"] = "/etc/strata/api-keys/keys.json"
+            if o["data"].get("STRATA_CLUSTER_SECRET_FILE") != "":
+                fail("%s: STRATA_CLUSTER_SECRET_FILE must be empty by default (no secret)" % where)
+            o["data"]["STRATA_CLUSTER_SECRET_FILE"] = "/etc/strata/cluster-secret/secret"
+    return Manifests(keyed, where + " with API keys and a cluster secret")
+
+
+def run_pods_keyed(m, rootfs, work):
+    """k8s/base with API keys and the cluster secret turned on, as docs/KUBERNETES.md says: keys
+    asked for over both APIs, the workers answering the coordinators' secret, the secret rotated
+    through the Secret's volume without a restart."""
+    ops, team = "sk-k8s-test-ops-0000000", "sk-k8s-test-team-000000"
+    keys = json.dumps({"tenants": [{"name": "ops", "keys": [ops], "admin": True},
+                                   {"name": "team", "keys": [team], "models": ["strata-tiny"]}]})
+    old, new = "k8s-test-cluster-secret-old-0123", "k8s-test-cluster-secret-new-4567"
+    cluster = Cluster(m, rootfs, work, secrets={"strata-api-keys": {"keys.json": keys},
+                                                "strata-cluster-secret": {"secret": old + "\n"}})
+    try:
+        for p in cluster.pods:
+            cluster.start(p)
+        cluster.wait("every pod ready", lambda: all(p.ready for p in cluster.pods), 90)
+        coordinators = [p for p in cluster.pods if p.name.startswith("strata-coordinator")]
+        workers = sorted(p.name for p in cluster.pods if p.name.startswith("strata-worker"))
+
+        def addr(c):
+            return "%s:%d" % (c.ip, c.port)
+
+        def serving_workers(coord):
+            out = stratactl(cluster, "status", "--json", "--coordinator", addr(coord), key=ops)
+            if out.returncode != 0:
+                return None
+            return sorted(w["info"]["worker_id"] for w in json.loads(out.stdout)["cluster"].get("workers", [])
+                          if w["state"] == "WORKER_STATE_SERVING")
+
+        for coord in coordinators:
+            cluster.wait("%s to see both workers (they answer its secret)" % coord.name,
+                         lambda: serving_workers(coord) == workers, 30)
+
+        def generate(coord, key):
+            return stratactl(cluster, "generate", "--coordinator", addr(coord), "--prompt", "def parse(",
+                             "--max-tokens", "8", "--seed", "7", "--ignore-eos", "--json", key=key)
+
+        def http(coord, key):
+            cports = {p["name"]: p["containerPort"]
+                      for c in coord.workload["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+            body = json.dumps({"model": "strata-tiny", "prompt": "def parse(", "max_tokens": 8, "seed": 7,
+                               "ignore_eos": True}).encode()
+            headers = {"Content-Type": "application/json"}
+            if key:
+                headers["Authorization"] = "Bearer " + key
+            req = urllib.request.Request("http://%s:%d/v1/completions" % (coord.ip, cports["http"]),
+                                         data=body, headers=headers)
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            try:
+                with opener.open(req, timeout=60) as r:
+                    return r.status, json.load(r)
+            except urllib.error.HTTPError as e:
+                return e.code, None
+
+        def served_everywhere(when):
+            for coord in coordinators:
+                out = generate(coord, team)
+                if out.returncode != 0 or len(json.loads(out.stdout)["token_ids"]) != 8:
+                    cluster.dump()
+                    fail("%s: generate with the team's key through %s: %s" % (when, coord.name, out.stderr.strip()))
+                status, reply = http(coord, team)
+                if status != 200 or reply["usage"]["completion_tokens"] != 8:
+                    fail("%s: HTTP completion with the team's key through %s: %s %s" % (when, coord.name, status, reply))
+
+        served_everywhere("keys on")
+        for coord in coordinators:
+            out = generate(coord, None)
+            if out.returncode == 0 or "API key" not in out.stderr:
+                fail("generate without a key through %s: rc %d, %s" % (coord.name, out.returncode, out.stderr))
+            status, _ = http(coord, None)
+            if status != 401:
+                fail("HTTP completion without a key through %s answered %s, want 401" % (coord.name, status))
+        print("k8s_test (keys on): both coordinators ask for keys over gRPC and HTTP and serve the tenant's")
+
+        # The tenant's calls in the coordinators' access logs, by tenant and API.
+        def logged(api):
+            return [r for c in coordinators for r in access_log_records(c)
+                    if r.get("event") == "generate" and r.get("tenant") == "team" and r.get("api") == api
+                    and r.get("status") == "OK"]
+        cluster.wait("the access logs to name the tenant's calls",
+                     lambda: len(logged("grpc")) >= 2 and len(logged("http")) >= 2, 10)
+
+        # The cluster secret rotated through the Secret's volume (every pod reads it again every
+        # 5 s), serving throughout; at the end the old secret is gone everywhere.
+        for step, text in enumerate([old + "\n" + new + "\n", new + "\n" + old + "\n", new + "\n"]):
+            cluster.update_secret("strata-cluster-secret", "secret", text)
+            time.sleep(6)
+            served_everywhere("rotation step %d" % (step + 1))
+        for coord in coordinators:
+            if serving_workers(coord) != workers:
+                fail("%s lost a worker across the secret's rotation: %s" % (coord.name, serving_workers(coord)))
+        print("k8s_test (keys on): the cluster secret rotated in three steps without a restart, serving throughout")
+        stop_and_check(cluster)
+    finally:
+        kill_leftovers(cluster)
+
+
 def main():
     os.environ["PATH"] = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
-    if len(sys.argv) == 4 and sys.argv[1] == "--pods":
+    if len(sys.argv) == 4 and sys.argv[1] in ("--pods", "--pods-keyed"):
         m = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
-        run_pods(m, sys.argv[2], sys.argv[3])
+        if sys.argv[1] == "--pods":
+            run_pods(m, sys.argv[2], sys.argv[3])
+        else:
+            run_pods_keyed(with_secrets(m.objs, "k8s/base"), sys.argv[2], sys.argv[3])
         print("PASS")
         return
 
@@ -943,18 +1116,6 @@ def main():
     # With API keys and the cluster secret turned on as k8s/base/model.yaml says: the coordinators'
     # keys file and everyone's cluster secret are on the Secrets' volumes, and every coordinator
     # and worker reads the same secret.
-    def with_secrets(objs, where):
-        keyed = copy.deepcopy(objs)
-        for o in keyed:
-            if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "strata-model":
-                if o["data"].get("STRATA_API_KEYS_FILE") != "":
-                    fail("%s: STRATA_API_KEYS_FILE must be empty by default (no keys asked)" % where)
-                o["data"]["STRATA_API_KEYS_FILE"] = "/etc/strata/api-keys/keys.json"
-                if o["data"].get("STRATA_CLUSTER_SECRET_FILE") != "":
-                    fail("%s: STRATA_CLUSTER_SECRET_FILE must be empty by default (no secret)" % where)
-                o["data"]["STRATA_CLUSTER_SECRET_FILE"] = "/etc/strata/cluster-secret/secret"
-        return Manifests(keyed, where + " with API keys and a cluster secret")
-
     def expect_secret_everywhere(m):
         """Every coordinator and worker container takes --cluster_secret_file."""
         for w in m.workloads():
@@ -1037,12 +1198,14 @@ def main():
     ns = ["unshare", "--net", "--mount", "--pid", "--fork", "--propagation", "private"]
     if not real_root:
         ns[1:1] = ["--user", "--map-root-user"]
-    # A private /run for `ip netns`.
-    inner = "mount -t tmpfs tmpfs /run && mount -t proc proc /proc && exec %s %s --pods %s %s" % (
-        shquote(py), shquote(os.path.abspath(__file__)), shquote(rootfs), shquote(work))
-    rc = subprocess.run(ns + ["/bin/sh", "-c", inner], env=env).returncode
-    if rc != 0:
-        fail("pods phase exited %d" % rc)
+    # A private /run for `ip netns`; each phase in namespaces of its own.
+    for phase, phase_work in (("--pods", work), ("--pods-keyed", os.path.join(work, "keyed"))):
+        os.makedirs(phase_work, exist_ok=True)
+        inner = "mount -t tmpfs tmpfs /run && mount -t proc proc /proc && exec %s %s %s %s %s" % (
+            shquote(py), shquote(os.path.abspath(__file__)), phase, shquote(rootfs), shquote(phase_work))
+        rc = subprocess.run(ns + ["/bin/sh", "-c", inner], env=env).returncode
+        if rc != 0:
+            fail("%s phase exited %d" % (phase, rc))
 
 
 if __name__ == "__main__":
