@@ -397,11 +397,25 @@ std::shared_ptr<const ApiKeys> ApiKeyStore::Current() const {
 absl::Status ApiKeyStore::Reload() {
   absl::MutexLock reloading(&reload_mu_);
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(path_));
-  absl::MutexLock lock(&mu_);
-  if (current_ != nullptr && text == text_) return absl::OkStatus();
-  ASSIGN_OR_RETURN(current_, ApiKeys::Parse(text, path_, &counters_));
-  text_ = std::move(text);
+  std::shared_ptr<const ApiKeys> changed;
+  {
+    absl::MutexLock lock(&mu_);
+    if (current_ != nullptr && text == text_) return absl::OkStatus();
+    const bool first = current_ == nullptr;
+    ASSIGN_OR_RETURN(current_, ApiKeys::Parse(text, path_, &counters_));
+    text_ = std::move(text);
+    if (!first) changed = current_;
+  }
+  if (changed != nullptr) {
+    absl::MutexLock lock(&hook_mu_);
+    if (hook_) hook_(changed);
+  }
   return absl::OkStatus();
+}
+
+void ApiKeyStore::SetReloadHook(std::function<void(const std::shared_ptr<const ApiKeys>&)> hook) {
+  absl::MutexLock lock(&hook_mu_);
+  hook_ = std::move(hook);
 }
 
 void ApiKeyStore::Watch(absl::Duration period) {

@@ -44,6 +44,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -242,6 +243,9 @@ class ApiKeyStore {
   // Reloads every `period` on a thread of its own until destroyed, logging what changes and
   // what fails.
   void Watch(absl::Duration period);
+  // Runs `hook` with the new keys after each reload that changes them (on the reloading
+  // thread); null removes it. Once this returns, a hook replaced is no longer running.
+  void SetReloadHook(std::function<void(const std::shared_ptr<const ApiKeys>&)> hook);
 
  private:
   explicit ApiKeyStore(std::string path) : path_(std::move(path)) {}
@@ -253,6 +257,8 @@ class ApiKeyStore {
   ApiKeys::RunningCounters counters_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   absl::Mutex reload_mu_;  // one Reload at a time, so that an older read never lands last
+  absl::Mutex hook_mu_;    // held while the hook runs (after reload_mu_)
+  std::function<void(const std::shared_ptr<const ApiKeys>&)> hook_ ABSL_GUARDED_BY(hook_mu_);
   std::thread watcher_;
 };
 

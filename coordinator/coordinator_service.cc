@@ -138,6 +138,12 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   void OnCancel() override { ClientGone(); }
   // The call's access-log record, once it has ended.
   std::string AccessRecordLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether `keys` still give the call's key to its tenant.
+  bool KeyStillValid(const ApiKeys& keys) const;
+  // Holds the call (as Enter) unless its outcome is decided already; then Revoke must follow.
+  bool HoldUndecided() ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends a held call: UNAUTHENTICATED, its key revoked; the worker's sequence is cancelled.
+  void Revoke() ABSL_LOCKS_EXCLUDED(mu_);
 
  protected:
   void OnWriteFailed() override { ClientGone(); }
@@ -171,6 +177,10 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
     }
     service_->inflight_.fetch_sub(1);
     if (running_ != nullptr) running_->Add(-1);
+    if (keyed_) {
+      absl::MutexLock lock(&service_->keyed_mu_);
+      service_->keyed_calls_.erase(this);
+    }
   }
 
  private:
@@ -267,6 +277,10 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   // W3C trace id it sent, and the gateway's HTTP request.
   const char* api_ = "grpc";
   std::string peer_, trace_id_, http_request_;
+  // With API keys: the caller's Authorization value (the gateway forwards its client's), kept to
+  // check against reloaded keys while the call is in keyed_calls_.
+  std::string authorization_;
+  bool keyed_ = false;
 };
 
 grpc::Status CoordinatorService::GenerateCall::Validate() {
@@ -471,6 +485,15 @@ void CoordinatorService::GenerateCall::Start() {
     }
     Leave();
     return;
+  }
+  // A call made with a key (its own, or the gateway's client's) ends if a reload revokes it.
+  if (tenant_ != nullptr || gateway_tenant_ != nullptr) {
+    authorization_ = MetadataValue(context_, "authorization");
+    if (!authorization_.empty()) {
+      keyed_ = true;
+      absl::MutexLock lock(&service_->keyed_mu_);
+      service_->keyed_calls_.insert(this);
+    }
   }
   {
     absl::MutexLock lock(&mu_);
@@ -760,6 +783,51 @@ void CoordinatorService::GenerateCall::OnAttemptDone(Attempt* attempt, const grp
   Leave();
 }
 
+bool CoordinatorService::GenerateCall::KeyStillValid(const ApiKeys& keys) const {
+  absl::StatusOr<const Tenant*> t = keys.Authenticate(authorization_);
+  return t.ok() && (*t)->name == share_tenant_;
+}
+
+bool CoordinatorService::GenerateCall::HoldUndecided() {
+  absl::MutexLock lock(&mu_);
+  if (final_.has_value() || finish_requested_) return false;
+  ++holds_;
+  return true;
+}
+
+void CoordinatorService::GenerateCall::Revoke() {
+  Attempt* active = nullptr;
+  bool cancel_alarm = false;
+  {
+    absl::MutexLock lock(&mu_);
+    active = active_;
+    cancel_alarm = SetFinalLocked(
+        grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                     "the API key this request was made with has been revoked (--api_keys_file)"));
+  }
+  // Cancelling the worker stream frees the sequence's KV blocks there.
+  if (active != nullptr) active->context_.TryCancel();
+  if (cancel_alarm) alarm_.Cancel();
+  Leave();
+}
+
+void CoordinatorService::RevokeCalls(const std::shared_ptr<const ApiKeys>& keys) {
+  std::vector<GenerateCall*> revoked;
+  {
+    // Held under keyed_mu_, so that none is deleted before it is held (a call leaves
+    // keyed_calls_ in OnStreamDone, before it goes).
+    absl::MutexLock lock(&keyed_mu_);
+    for (GenerateCall* call : keyed_calls_) {
+      if (!call->KeyStillValid(*keys) && call->HoldUndecided()) revoked.push_back(call);
+    }
+  }
+  for (GenerateCall* call : revoked) call->Revoke();
+  if (!revoked.empty()) {
+    LOG(INFO) << "API keys reloaded: " << revoked.size()
+              << " running request(s) made with a revoked key ended";
+  }
+}
+
 void CoordinatorService::GenerateCall::ClientGone() {
   Attempt* active = nullptr;
   bool cancel_alarm = false;
@@ -846,6 +914,10 @@ Counter* CoordinatorService::RequestsCounter(grpc::StatusCode code) {
 CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* models,
                                        CoordinatorOptions options)
     : pool_(pool), models_(models), options_(std::move(options)), started_(absl::Now()) {
+  if (options_.api_keys != nullptr) {
+    options_.api_keys->SetReloadHook(
+        [this](const std::shared_ptr<const ApiKeys>& keys) { RevokeCalls(keys); });
+  }
   if (MetricsRegistry* m = options_.metrics; m != nullptr) {
     call_metrics_.duration = m->GetHistogram(
         "strata_coordinator_request_duration_seconds",
@@ -880,6 +952,7 @@ CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* mo
 }
 
 CoordinatorService::~CoordinatorService() {
+  if (options_.api_keys != nullptr) options_.api_keys->SetReloadHook(nullptr);
   if (MetricsRegistry* m = options_.metrics; m != nullptr) {
     m->RemoveGaugeCallback("strata_coordinator_inflight_requests", {});
     for (const auto state :

@@ -32,7 +32,9 @@
 #include <string>
 #include <thread>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
 #include "coordinator/access_log.h"
@@ -163,6 +165,11 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   const absl::Time started_;
   std::atomic<int64_t> inflight_{0};
   std::atomic<uint64_t> next_id_{1};
+  // Calls made with an API key, so that a reload that revokes the key can end them.
+  absl::Mutex keyed_mu_;
+  absl::flat_hash_set<GenerateCall*> keyed_calls_ ABSL_GUARDED_BY(keyed_mu_);
+  // Ends the keyed calls whose key `keys` no longer holds (for their tenant): UNAUTHENTICATED.
+  void RevokeCalls(const std::shared_ptr<const ApiKeys>& keys);
   std::atomic<uint64_t> completed_{0};
   std::atomic<uint64_t> failed_over_{0};
   // Structured-output grammars, compiled to check requests before they are routed (a schema the

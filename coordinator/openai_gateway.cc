@@ -1755,13 +1755,13 @@ void OpenAiGateway::Handle(int fd, const std::string& method, const std::string&
     if (method != "POST") {
       Reply(fd, ErrorResponse(405, "use POST /v1/completions"));
     } else {
-      Completion(fd, body, /*chat=*/false, tenant, proxy_tenant);
+      Completion(fd, body, /*chat=*/false, tenant, proxy_tenant, authorization);
     }
   } else if (path == "/v1/chat/completions") {
     if (method != "POST") {
       Reply(fd, ErrorResponse(405, "use POST /v1/chat/completions"));
     } else {
-      Completion(fd, body, /*chat=*/true, tenant, proxy_tenant);
+      Completion(fd, body, /*chat=*/true, tenant, proxy_tenant, authorization);
     }
   } else if (path == "/tokenize" || path == "/detokenize") {
     if (method != "POST") {
@@ -2013,7 +2013,7 @@ grpc::Status OpenAiGateway::EchoPrompt(const v1::GenerateRequest& request, bool 
 }
 
 void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const Tenant* tenant,
-                               const std::string& proxy_tenant) {
+                               const std::string& proxy_tenant, const std::string& authorization) {
   const int wake = wake_fd_.get();
   std::string param;
   absl::StatusOr<CompletionCall> call =
@@ -2360,6 +2360,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
     // trusted proxy's tenant as it named it.
     if (tenant != nullptr && !options_.gateway_secret.empty()) {
       contexts[k]->AddMetadata(kGatewayTenantMetadata, tenant->name);
+      contexts[k]->AddMetadata("authorization", authorization);
     } else if (!proxy_tenant.empty()) {
       contexts[k]->AddMetadata(options_.tenant_header, proxy_tenant);
     }

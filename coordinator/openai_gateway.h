@@ -309,8 +309,10 @@ class OpenAiGateway {
   // in vLLM's shape, through the Tokenize and Detokenize RPCs.
   void Tokens(int fd, const std::string& body, bool tokenize, const Tenant* tenant);
   // /v1/completions, or with `chat` /v1/chat/completions.
+  // `authorization`: the caller's Authorization value, sent on with its tenant's calls (so that
+  // the coordinator ends them should a reload revoke the key).
   void Completion(int fd, const std::string& body, bool chat, const Tenant* tenant,
-                  const std::string& proxy_tenant);
+                  const std::string& proxy_tenant, const std::string& authorization);
   // Resolves a fine-tune named as the model (ListModels, cached a few seconds); the model's
   // context length (0: unknown).
   uint32_t ResolveModel(v1::GenerateRequest* request);

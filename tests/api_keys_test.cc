@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -793,6 +794,66 @@ TEST_F(ApiKeysTest, TheAccessLogRecordsEachRequestAndCall) {
   const std::map<std::string, double> m = ParseMetrics(Http(metrics_port_, "GET", "/metrics").body);
   EXPECT_GE(m.at("strata_coordinator_access_log_records_total{outcome=\"written\"}"), 4);
   EXPECT_EQ(m.at("strata_coordinator_access_log_records_total{outcome=\"dropped\"}"), 0);
+}
+
+// A key removed from the keys file ends the requests running with it, over both APIs (their
+// sequences cancelled on the worker); the tenant's other keys go on.
+TEST_F(ApiKeysTest, ARevokedKeyEndsItsRunningRequests) {
+  std::string original;
+  {
+    std::ifstream in(keys_file_);
+    original.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  auto write = [&](const std::string& t) {
+    const std::string tmp = keys_file_ + ".tmp";
+    std::ofstream(tmp, std::ios::trunc) << t;
+    std::filesystem::rename(tmp, keys_file_);
+  };
+  constexpr char kSpare[] = "sk-shared-spare-0000000";
+  std::string with_spare = original;
+  with_spare.replace(with_spare.find(kShared), std::string(kShared).size(),
+                     absl::StrCat(kShared, "\", \"", kSpare));
+  write(with_spare);
+  for (int i = 0;
+       i < 100 && Call("GET", "/v1/models", absl::StrCat("Bearer ", kSpare)).status != 200; ++i) {
+    usleep(100 * 1000);
+  }
+  ASSERT_EQ(Call("GET", "/v1/models", absl::StrCat("Bearer ", kSpare)).status, 200);
+
+  // A long generation over each API with the spare key.
+  auto serving = v1::Serving::NewStub(
+      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kSpare));
+  v1::GenerateRequest req;
+  req.set_model("strata-tiny");
+  req.set_text("x");
+  req.mutable_sampling()->set_max_tokens(2000);
+  req.mutable_sampling()->set_ignore_eos(true);
+  auto reader = serving->Generate(&ctx, req);
+  v1::GenerateResponse chunk;
+  ASSERT_TRUE(reader->Read(&chunk));  // running
+  HttpReply streamed;
+  std::thread http([&] {
+    streamed = Call("POST", "/v1/completions", absl::StrCat("Bearer ", kSpare),
+                    R"({"model": "strata-tiny", "prompt": "y", "max_tokens": 2000,
+                        "ignore_eos": true, "stream": true})");
+  });
+  usleep(200 * 1000);
+  write(original);  // the spare key revoked
+  int64_t tokens = chunk.token_ids_size();
+  while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
+  const grpc::Status s = reader->Finish();
+  http.join();
+  write(original);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "revoked")) << s.error_message();
+  EXPECT_LT(tokens, 2000);
+  EXPECT_EQ(streamed.status, 200);  // the stream had begun: its error is its last event
+  EXPECT_TRUE(absl::StrContains(streamed.body, "revoked")) << streamed.body.substr(0, 400);
+  // The tenant's own key goes on, and the revoked one is refused.
+  EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
+  EXPECT_EQ(Call("GET", "/v1/models", absl::StrCat("Bearer ", kSpare)).status, 401);
 }
 
 }  // namespace
