@@ -20,6 +20,7 @@ void OwnerLru::PushBack(int64_t slot, int32_t owner) {
   e.owner = owner;
   e.stamp = next_stamp_++;
   e.pos = all_.insert(all_.end(), slot);
+  ++counts_[owner];
   if (!fair_) return;
   Owner& o = owners_[owner];
   e.owner_pos = o.slots.insert(o.slots.end(), slot);
@@ -31,6 +32,7 @@ void OwnerLru::Erase(int64_t slot) {
   CHECK(e.in) << "slot " << slot << " is not in the order";
   e.in = false;
   all_.erase(e.pos);
+  if (auto c = counts_.find(e.owner); --c->second == 0) counts_.erase(c);
   if (!fair_) return;
   auto it = owners_.find(e.owner);
   it->second.slots.erase(e.owner_pos);
@@ -61,6 +63,7 @@ void OwnerLru::Clear() {
   for (const int64_t s : all_) entries_[static_cast<size_t>(s)].in = false;
   all_.clear();
   owners_.clear();
+  counts_.clear();
   order_.clear();
 }
 

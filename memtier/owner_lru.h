@@ -30,6 +30,11 @@ class OwnerLru {
   void Touch(int64_t slot);
   bool Contains(int64_t slot) const { return entries_[static_cast<size_t>(slot)].in; }
   int32_t owner(int64_t slot) const { return entries_[static_cast<size_t>(slot)].owner; }
+  // Slots `owner` holds.
+  int64_t count(int32_t owner) const {
+    auto it = counts_.find(owner);
+    return it == counts_.end() ? 0 : it->second;
+  }
   bool fair() const { return fair_; }
   size_t size() const { return all_.size(); }
   bool empty() const { return all_.empty(); }
@@ -77,7 +82,8 @@ class OwnerLru {
   std::vector<Entry> entries_;
   bool fair_;
   std::list<int64_t> all_;
-  absl::flat_hash_map<int32_t, Owner> owners_;  // owners holding a slot (fair_ only)
+  absl::flat_hash_map<int32_t, Owner> owners_;    // owners holding a slot (fair_ only)
+  absl::flat_hash_map<int32_t, int64_t> counts_;  // slots by owner (always)
   std::set<Key> order_;
   uint64_t next_stamp_ = 0;
 };

@@ -124,6 +124,9 @@ TEST(OwnerLruTest, MatchesAModel) {
       fair.push_back(-1);
     }
     ASSERT_EQ(Runs(lru, true), fair) << step;
+    for (int32_t o = 0; o < 4; ++o) {
+      ASSERT_EQ(lru.count(o), static_cast<int64_t>(by_owner[o].size())) << step;
+    }
     // Successive evictions: each the oldest of the owner then holding the most (ties: the older
     // oldest).
     std::vector<std::pair<int64_t, int32_t>> left = model;

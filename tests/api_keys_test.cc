@@ -612,6 +612,8 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
   const std::string acme = "strata_worker_tenant_tokens_total{tenant=\"acme\",kind=\"generated\"}";
   const std::string globex =
       "strata_worker_tenant_tokens_total{tenant=\"globex\",kind=\"generated\"}";
+  // (And the KV blocks kept for each, by tier: this worker has the device tier only.)
+  const std::string acme_blocks = "strata_worker_tenant_kv_blocks{tenant=\"acme\",tier=\"device\"}";
   for (int i = 0; i < 50; ++i) {
     r = Http(worker_metrics_port_, "GET", "/metrics");
     ASSERT_EQ(r.status, 200);
@@ -623,6 +625,8 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
   EXPECT_GE(m[globex], 1) << r.body;
   EXPECT_GE(m["strata_worker_tenant_tokens_total{tenant=\"acme\",kind=\"computed\"}"], 1);
   EXPECT_EQ(m["strata_worker_tenant_sequences{tenant=\"acme\",state=\"running\"}"], 0);
+  EXPECT_TRUE(m.count(acme_blocks)) << r.body;
+  EXPECT_FALSE(m.count("strata_worker_tenant_kv_blocks{tenant=\"acme\",tier=\"host\"}"));
   for (const auto& [series, value] : m) {
     EXPECT_EQ(series.find("tenant=\"\""), std::string::npos) << series;
   }

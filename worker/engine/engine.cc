@@ -1489,8 +1489,15 @@ EngineStats Engine::Stats() const {
   absl::flat_hash_map<const TenantShare*, EngineStats::Tenant*> of;
   st.tenants.reserve(tenants_.size());
   for (const auto& [name, t] : tenants_) {
-    st.tenants.push_back({t, 0, 0});
-    of[&t] = &st.tenants.back();
+    st.tenants.push_back({t, 0, 0, {}});
+    EngineStats::Tenant& e = st.tenants.back();
+    e.kv_blocks[static_cast<int>(Tier::kDevice)] = blocks_.num_published_by(t.id);
+    if (store_ != nullptr) {
+      for (const Tier tier : {Tier::kHost, Tier::kDisk}) {
+        e.kv_blocks[static_cast<int>(tier)] = store_->BlocksOf(tier, t.id);
+      }
+    }
+    of[&t] = &e;
   }
   for (const auto& s : running_) ++of[s->share]->running;
   for (const auto& s : waiting_) ++of[s->share]->waiting;

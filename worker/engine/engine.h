@@ -280,6 +280,9 @@ struct EngineStats {
   struct Tenant : TenantService {
     int64_t running = 0;
     int64_t waiting = 0;
+    // KV blocks kept for it, by tier (Tier's order): published device blocks (in use or
+    // cached), host and disk blocks (lower tiers, when configured).
+    std::array<int64_t, 3> kv_blocks = {};
   };
   std::vector<Tenant> tenants;
 };

@@ -833,6 +833,18 @@ TEST_F(EngineTiersTest, FairEvictionKeepsATenantsOverflowInHostThroughAnothersSt
     if (fair) {
       EXPECT_GT(Cached(last["s1"], Tier::kHost), 0);
     }
+    // Each tenant's blocks by tier, as the worker's metrics show them: every host block is
+    // someone's, and both tenants hold some there.
+    const EngineStats st = e->Stats();
+    int64_t host = 0;
+    for (const EngineStats::Tenant& t : st.tenants) {
+      EXPECT_GT(t.kv_blocks[static_cast<int>(Tier::kDevice)], 0) << t.name;
+      EXPECT_GT(t.kv_blocks[static_cast<int>(Tier::kHost)], 0) << t.name;
+      EXPECT_EQ(t.kv_blocks[static_cast<int>(Tier::kDisk)], 0) << t.name;  // none configured
+      host += t.kv_blocks[static_cast<int>(Tier::kHost)];
+    }
+    EXPECT_EQ(st.tenants.size(), 2u);
+    EXPECT_EQ(host, st.tiers.host.num_used);
   }
   // The whole prefix but the last token's block (159 / 16 = 9 blocks), against a part of it.
   EXPECT_EQ(cached[true], 144);

@@ -885,6 +885,17 @@ void WorkerService::PublishMetrics(LoopState* state) {
                   {{"tenant", t.name}, {"state", label}})
           ->Set(static_cast<double>(n));
     }
+    for (int tier = 0; tier < kNumTiers; ++tier) {
+      // The lower tiers configured at start.
+      if ((tier == 1 && tiers_at_start_.host.num_slots == 0) ||
+          (tier == 2 && tiers_at_start_.disk.num_slots == 0)) {
+        continue;
+      }
+      m->GetGauge("strata_worker_tenant_kv_blocks",
+                  "KV blocks kept for a tenant, by tier (device: published, in use or cached).",
+                  {{"tenant", t.name}, {"tier", TierName(static_cast<Tier>(tier))}})
+          ->Set(static_cast<double>(t.kv_blocks[tier]));
+    }
   }
   const char* kBlocks = "KV blocks per tier: capacity (total) and in use (used).";
   m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "total"}})
