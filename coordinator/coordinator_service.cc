@@ -5,6 +5,7 @@
 #include <optional>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/random/random.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -140,6 +141,9 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   std::string AccessRecordLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether `keys` still give the call's key to its tenant.
   bool KeyStillValid(const ApiKeys& keys) const;
+  std::pair<std::string, std::string> KeyAndTenant() const {
+    return {authorization_, share_tenant_};
+  }
   // Holds the call (as Enter) unless its outcome is decided already; then Revoke must follow.
   bool HoldUndecided() ABSL_LOCKS_EXCLUDED(mu_);
   // Ends a held call: UNAUTHENTICATED, its key revoked; the worker's sequence is cancelled.
@@ -486,15 +490,6 @@ void CoordinatorService::GenerateCall::Start() {
     Leave();
     return;
   }
-  // A call made with a key (its own, or the gateway's client's) ends if a reload revokes it.
-  if (tenant_ != nullptr || gateway_tenant_ != nullptr) {
-    authorization_ = MetadataValue(context_, "authorization");
-    if (!authorization_.empty()) {
-      keyed_ = true;
-      absl::MutexLock lock(&service_->keyed_mu_);
-      service_->keyed_calls_.insert(this);
-    }
-  }
   {
     absl::MutexLock lock(&mu_);
     decoder_.emplace(tokenizer_, sampling_.skip_special_tokens, prompt_);
@@ -507,6 +502,23 @@ void CoordinatorService::GenerateCall::Start() {
         [this](bool fired) { OnFirstTokenAlarm(fired); });
   }
   StartAttempt();
+  // A call made with a key (its own, or the gateway's client's) ends if a reload revokes it.
+  // Registered, then checked against the keys in force now: a reload since the key was checked
+  // has either found the call registered or left its keys for this check to find.
+  if (service_->options_.api_keys != nullptr && (tenant_ != nullptr || !share_tenant_.empty())) {
+    authorization_ = MetadataValue(context_, "authorization");
+    if (!authorization_.empty()) {
+      keyed_ = true;
+      {
+        absl::MutexLock lock(&service_->keyed_mu_);
+        service_->keyed_calls_.insert(this);
+      }
+      if (!KeyStillValid(*service_->options_.api_keys->Current())) {
+        Revoke();  // (and Leave)
+        return;
+      }
+    }
+  }
   Leave();
 }
 
@@ -801,9 +813,9 @@ void CoordinatorService::GenerateCall::Revoke() {
   {
     absl::MutexLock lock(&mu_);
     active = active_;
-    cancel_alarm = SetFinalLocked(
-        grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                     "the API key this request was made with has been revoked (--api_keys_file)"));
+    cancel_alarm =
+        SetFinalLocked(grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                                    "the API key this request was made with has been revoked"));
   }
   // Cancelling the worker stream frees the sequence's KV blocks there.
   if (active != nullptr) active->context_.TryCancel();
@@ -817,8 +829,12 @@ void CoordinatorService::RevokeCalls(const std::shared_ptr<const ApiKeys>& keys)
     // Held under keyed_mu_, so that none is deleted before it is held (a call leaves
     // keyed_calls_ in OnStreamDone, before it goes).
     absl::MutexLock lock(&keyed_mu_);
+    // Each distinct (key, tenant) is looked up once (a lookup compares every key).
+    absl::flat_hash_map<std::pair<std::string, std::string>, bool> valid;
     for (GenerateCall* call : keyed_calls_) {
-      if (!call->KeyStillValid(*keys) && call->HoldUndecided()) revoked.push_back(call);
+      auto [it, added] = valid.try_emplace(call->KeyAndTenant(), false);
+      if (added) it->second = call->KeyStillValid(*keys);
+      if (!it->second && call->HoldUndecided()) revoked.push_back(call);
     }
   }
   for (GenerateCall* call : revoked) call->Revoke();

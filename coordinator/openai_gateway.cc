@@ -2360,7 +2360,12 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
     // trusted proxy's tenant as it named it.
     if (tenant != nullptr && !options_.gateway_secret.empty()) {
       contexts[k]->AddMetadata(kGatewayTenantMetadata, tenant->name);
-      contexts[k]->AddMetadata("authorization", authorization);
+      // Rewritten whole: the key (which authenticated, so printable) after one space, as gRPC
+      // metadata must be printable; the header may have held tabs around it.
+      contexts[k]->AddMetadata(
+          "authorization",
+          absl::StrCat("Bearer ", absl::StripAsciiWhitespace(
+                                      absl::StripAsciiWhitespace(authorization).substr(7))));
     } else if (!proxy_tenant.empty()) {
       contexts[k]->AddMetadata(options_.tenant_header, proxy_tenant);
     }

@@ -839,11 +839,29 @@ TEST_F(ApiKeysTest, ARevokedKeyEndsItsRunningRequests) {
   ASSERT_TRUE(reader->Read(&chunk));  // running
   HttpReply streamed;
   std::thread http([&] {
-    streamed = Call("POST", "/v1/completions", absl::StrCat("Bearer ", kSpare),
+    // (A tab after "Bearer": the gateway passes the key on as metadata, which must be printable.)
+    streamed = Call("POST", "/v1/completions", absl::StrCat("Bearer \t", kSpare),
                     R"({"model": "strata-tiny", "prompt": "y", "max_tokens": 2000,
                         "ignore_eos": true, "stream": true})");
   });
-  usleep(200 * 1000);
+  // And one with the tenant's own key, which goes on.
+  grpc::ClientContext own_ctx;
+  own_ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kShared));
+  v1::GenerateRequest own = req;
+  own.mutable_sampling()->set_max_tokens(600);
+  auto own_reader = serving->Generate(&own_ctx, own);
+  v1::GenerateResponse own_chunk;
+  ASSERT_TRUE(own_reader->Read(&own_chunk));
+  // All three running (the HTTP one too) before the key goes.
+  for (int i = 0; i < 100; ++i) {
+    const std::map<std::string, double> m =
+        ParseMetrics(Http(metrics_port_, "GET", "/metrics").body);
+    if (m.count("strata_coordinator_inflight_requests") &&
+        m.at("strata_coordinator_inflight_requests") >= 3) {
+      break;
+    }
+    usleep(10 * 1000);
+  }
   write(original);  // the spare key revoked
   int64_t tokens = chunk.token_ids_size();
   while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
@@ -855,6 +873,11 @@ TEST_F(ApiKeysTest, ARevokedKeyEndsItsRunningRequests) {
   EXPECT_LT(tokens, 2000);
   EXPECT_EQ(streamed.status, 200);  // the stream had begun: its error is its last event
   EXPECT_TRUE(absl::StrContains(streamed.body, "revoked")) << streamed.body.substr(0, 400);
+  int64_t own_tokens = own_chunk.token_ids_size();
+  while (own_reader->Read(&own_chunk)) own_tokens += own_chunk.token_ids_size();
+  const grpc::Status own_status = own_reader->Finish();
+  EXPECT_TRUE(own_status.ok()) << own_status.error_message();
+  EXPECT_EQ(own_tokens, 600);
   // The tenant's own key goes on, and the revoked one is refused.
   EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
   EXPECT_EQ(Call("GET", "/v1/models", absl::StrCat("Bearer ", kSpare)).status, 401);
