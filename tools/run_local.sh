@@ -138,7 +138,7 @@ done
 launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model_dir" \
   --workers="$(IFS=,; echo "${workers[*]}")" --listen="$coordinator" \
   --metrics_listen="127.0.0.1:$metrics_port" --http_listen="127.0.0.1:$http_port" \
-  --port_file="$run_dir/coordinator.port"
+  --access_log="$run_dir/logs/access.log" --port_file="$run_dir/coordinator.port"
 for i in 1 2; do
   launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
@@ -259,7 +259,7 @@ echo "  workers (strata.v1.Worker): ${workers[*]}"
 echo "  Prometheus metrics: http://127.0.0.1:$metrics_port/metrics (coordinator)," \
   "http://127.0.0.1:$((metrics_port + 1))/metrics and :$((metrics_port + 2)) (workers)"
 echo "  OpenAI-compatible API: http://127.0.0.1:$http_port/v1 (POST /v1/completions, GET /v1/models; and POST /tokenize, /detokenize at the root)"
-echo "  logs: $run_dir/logs"
+echo "  logs: $run_dir/logs (the coordinator's access log, a JSON line per call and HTTP request: $run_dir/logs/access.log)"
 echo "Try:"
 echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
 [ ${#fine_tune_flags[@]} -gt 0 ] &&
