@@ -50,7 +50,8 @@ std::string NewSecret();
 inline constexpr int kMaxClusterSecrets = 4;
 absl::StatusOr<std::vector<std::string>> LoadSecretFile(const std::string& path);
 
-// The cluster secrets in force, from a file (above) that can be read again.
+// The cluster secrets in force, from a file (above) that can be read again. Thread-safe: any thread
+// may call Sent and Match while another reloads.
 class ClusterSecret {
  public:
   // Reads `path`; errors as LoadSecretFile. Reloads every `reload` on a thread of its own when it

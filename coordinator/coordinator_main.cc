@@ -44,7 +44,8 @@ ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
 ABSL_FLAG(std::string, http_listen, "",
           "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions and "
-          "/v1/chat/completions, GET /v1/models), e.g. [::]:8000; empty: none.");
+          "/v1/chat/completions, GET /v1/models and /v1/models/{model}), e.g. [::]:8000; empty: "
+          "none.");
 ABSL_FLAG(std::string, cluster_secret_file, "",
           "A file holding the cluster secret, sent with every call to a worker (workers started "
           "with the same --cluster_secret_file answer nothing else). Empty: none. One secret a "
@@ -146,15 +147,14 @@ int Main() {
   WorkerPoolOptions po;
   po.targets = *targets;
   po.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_resolve_interval_s));
-  {
-    absl::StatusOr<std::unique_ptr<ClusterSecret>> secret = OpenClusterSecretFlag(
-        absl::GetFlag(FLAGS_cluster_secret_file), absl::GetFlag(FLAGS_cluster_secret_reload_s));
-    if (!secret.ok()) {
-      LOG(ERROR) << secret.status();
-      return 2;
-    }
-    po.cluster_secret = *std::move(secret);
+  // Declared before the servers that read it, so that it outlives them.
+  absl::StatusOr<std::unique_ptr<ClusterSecret>> cluster_secret = OpenClusterSecretFlag(
+      absl::GetFlag(FLAGS_cluster_secret_file), absl::GetFlag(FLAGS_cluster_secret_reload_s));
+  if (!cluster_secret.ok()) {
+    LOG(ERROR) << cluster_secret.status();
+    return 2;
   }
+  po.cluster_secret = cluster_secret->get();
   po.router.decode_weight = absl::GetFlag(FLAGS_decode_weight);
   po.router.cold_fine_tune_blocks = absl::GetFlag(FLAGS_cold_fine_tune_blocks);
   // A negative cost would send requests toward the workers that must load a delta or that are

@@ -29,6 +29,7 @@ namespace strata {
 namespace {
 
 constexpr size_t kMaxTextBytes = size_t{1} << 20;
+constexpr int kMaxDetokenizeIds = 1 << 20;
 
 // A call's metadata value under `key` (the first), or empty.
 std::string MetadataValue(const grpc::CallbackServerContext* context, const char* key) {
@@ -36,7 +37,6 @@ std::string MetadataValue(const grpc::CallbackServerContext* context, const char
   auto it = metadata.find(key);
   return it == metadata.end() ? std::string() : std::string(it->second.data(), it->second.size());
 }
-constexpr int kMaxDetokenizeIds = 1 << 20;
 
 grpc::Status Invalid(absl::string_view message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(message));

@@ -3,6 +3,7 @@
 // built on them can use a Strata cluster as they are.
 //
 //   GET  /v1/models            the base models and their fine-tunes (ListModels)
+//   GET  /v1/models/{model}    one of them (404 when not listed)
 //   POST /v1/completions       one completion (Generate); "stream": true sends server-sent events
 //   POST /v1/chat/completions  the same for a conversation, written out in the model's ChatFormat;
 //                              with "tools", the calls the model writes come back as tool_calls

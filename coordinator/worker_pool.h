@@ -53,7 +53,8 @@ struct WorkerPoolOptions {
   absl::Duration max_reconnect_backoff = absl::Seconds(2);
   RouterConfig router;
   // The cluster secret every call to a worker carries (its first; common/secrets.h); null: none.
-  std::shared_ptr<const ClusterSecret> cluster_secret;
+  // Not owned; it must outlive the pool.
+  const ClusterSecret* cluster_secret = nullptr;
 };
 
 // One model as the workers serving it describe it.

@@ -25,7 +25,8 @@ absl::Status RunNow(BlockTier& tier, Issue issue) {
   return result;
 }
 
-// Host LRU entries looked at for a clean victim before the oldest block is taken regardless.
+// Host entries looked at for a clean victim (in the LRU order searched: of all, or each owner's
+// when fair) before the oldest block is taken regardless.
 constexpr int kCleanVictimScan = 64;
 
 }  // namespace

@@ -176,7 +176,8 @@ class KvStore {
   KvStoreStats stats() const;
   // The owner a block is kept for in the host tier, or -1 when it is not ready there (tests).
   int32_t HostOwner(BlockHash hash) const;
-  // Ready blocks `owner` holds in the host or the disk tier.
+  // Ready blocks `owner` holds in the host or the disk tier (on disk: those not pinned by a load
+  // in flight).
   int64_t BlocksOf(Tier tier, int32_t owner) const {
     return tier == Tier::kHost   ? host_order_.count(owner)
            : tier == Tier::kDisk ? disk_order_.count(owner)

@@ -16,6 +16,7 @@
 
 namespace strata {
 
+// Not thread-safe: one owner (the KV store's thread) calls every method.
 class OwnerLru {
  public:
   // `fair`: keep the owners' orders too (otherwise owners are only recorded).

@@ -135,6 +135,7 @@ for i in 1 2; do
   workers+=("127.0.0.1:$port")
   rm -f "$run_dir/worker-$i.port"
 done
+rm -f "$run_dir/logs/access.log"  # this run's alone, as the other logs
 launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model_dir" \
   --workers="$(IFS=,; echo "${workers[*]}")" --listen="$coordinator" \
   --metrics_listen="127.0.0.1:$metrics_port" --http_listen="127.0.0.1:$http_port" \

@@ -58,9 +58,9 @@ class BlockManager {
 
   // Eviction by owner (above); off: one least-recently-used order for all.
   void SetFairEviction(bool fair) { fair_eviction_ = fair; }
-  // Published blocks of `owner` (in use or cached).
   // The owner a published block was published for (0 otherwise).
   int32_t owner(int32_t block) const { return blocks_[block].owner; }
+  // Published blocks of `owner` (in use or cached).
   int64_t num_published_by(int32_t owner) const {
     auto it = owners_.find(owner);
     return it == owners_.end() ? 0 : it->second.published;

@@ -282,7 +282,7 @@ struct EngineStats {
     int64_t waiting = 0;
     // KV blocks kept for it, by tier (Tier's order): published device blocks (in use or
     // cached), host and disk blocks (lower tiers, when configured).
-    std::array<int64_t, 3> kv_blocks = {};
+    std::array<int64_t, kNumTiers> kv_blocks = {};
   };
   std::vector<Tenant> tenants;
 };

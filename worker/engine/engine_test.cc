@@ -811,7 +811,7 @@ TEST_F(EngineTiersTest, FairEvictionKeepsATenantsOverflowInHostThroughAnothersSt
   std::map<bool, int64_t> cached;
   for (bool fair : {true, false}) {
     SCOPED_TRACE(fair ? "fair eviction" : "one LRU");
-    std::mt19937 rng_(11);
+    std::mt19937 rng(11);
     EngineConfig c = TieredConfig(/*host_blocks=*/12, /*disk_blocks=*/0);
     c.block_tokens = 16;
     c.fair_cache_eviction = fair;
@@ -819,11 +819,11 @@ TEST_F(EngineTiersTest, FairEvictionKeepsATenantsOverflowInHostThroughAnothersSt
     RequestOptions steady = Greedy(2), flood = Greedy(2);
     steady.tenant = "steady";
     flood.tenant = "flood";
-    const std::vector<int32_t> system = RandomPrompt(rng_, 160);  // 10 blocks of 16
+    const std::vector<int32_t> system = RandomPrompt(rng, 160);  // 10 blocks of 16
     ASSERT_TRUE(e->AddRequest("s0", system, steady).ok());
     RunAll(*e);
     for (int i = 0; i < 8; ++i) {  // 40 blocks of new prompts
-      ASSERT_TRUE(e->AddRequest(absl::StrCat("f", i), RandomPrompt(rng_, 70), flood).ok());
+      ASSERT_TRUE(e->AddRequest(absl::StrCat("f", i), RandomPrompt(rng, 70), flood).ok());
       RunAll(*e);
     }
     ASSERT_TRUE(e->AddRequest("s1", system, steady).ok());

@@ -106,7 +106,8 @@ ABSL_FLAG(double, cluster_secret_reload_s, 5,
           "restart (common/secrets.h); 0: at start only.");
 ABSL_FLAG(bool, fair_cache_eviction, true,
           "When the KV cache is full, evict the least recently used cached block of the tenant "
-          "holding the most cached prefixes, not the least recently used of all.");
+          "holding the most cached prefixes, not the least recently used of all; the host and "
+          "disk tiers evict by the same rule among the blocks each holds.");
 ABSL_FLAG(bool, fair_share, true,
           "Within a priority, admit the waiting request of the tenant served least so far (tokens "
           "computed and generated for it over its weight; tenants come from the coordinator's API "
@@ -489,15 +490,14 @@ int Main(const std::vector<std::string>& args) {
   wo.model_name = model_name;
   wo.max_live_sequences = absl::GetFlag(FLAGS_max_live_sequences);
   wo.tensor_parallel_size = world;
-  {
-    absl::StatusOr<std::unique_ptr<ClusterSecret>> secret = OpenClusterSecretFlag(
-        absl::GetFlag(FLAGS_cluster_secret_file), absl::GetFlag(FLAGS_cluster_secret_reload_s));
-    if (!secret.ok()) {
-      LOG(ERROR) << secret.status();
-      return 1;
-    }
-    wo.cluster_secret = *std::move(secret);
+  // Declared before the servers that read it, so that it outlives them.
+  absl::StatusOr<std::unique_ptr<ClusterSecret>> cluster_secret = OpenClusterSecretFlag(
+      absl::GetFlag(FLAGS_cluster_secret_file), absl::GetFlag(FLAGS_cluster_secret_reload_s));
+  if (!cluster_secret.ok()) {
+    LOG(ERROR) << cluster_secret.status();
+    return 1;
   }
+  wo.cluster_secret = cluster_secret->get();
   if (absl::GetFlag(FLAGS_persist_kv_s) < 0) {
     LOG(ERROR) << "--persist_kv_s must be 0 or more, not " << absl::GetFlag(FLAGS_persist_kv_s);
     return 1;

@@ -887,8 +887,8 @@ void WorkerService::PublishMetrics(LoopState* state) {
     }
     for (int tier = 0; tier < kNumTiers; ++tier) {
       // The lower tiers configured at start.
-      if ((tier == 1 && tiers_at_start_.host.num_slots == 0) ||
-          (tier == 2 && tiers_at_start_.disk.num_slots == 0)) {
+      if ((tier == static_cast<int>(Tier::kHost) && tiers_at_start_.host.num_slots == 0) ||
+          (tier == static_cast<int>(Tier::kDisk) && tiers_at_start_.disk.num_slots == 0)) {
         continue;
       }
       m->GetGauge("strata_worker_tenant_kv_blocks",

@@ -53,7 +53,8 @@ struct WorkerServiceOptions {
   std::string model_name = "model";
   // When set, every Worker call must carry one of its secrets (kClusterSecretMetadata):
   // UNAUTHENTICATED otherwise (common/secrets.h).
-  std::shared_ptr<const ClusterSecret> cluster_secret;
+  // Not owned; it must outlive the service.
+  const ClusterSecret* cluster_secret = nullptr;
   // Running plus queued sequences accepted at once (a tenant under its part of them past it, up
   // to twice this; see above).
   int64_t max_live_sequences = 256;
