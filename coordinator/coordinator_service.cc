@@ -285,6 +285,7 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   // check against reloaded keys while the call is in keyed_calls_.
   std::string authorization_;
   bool keyed_ = false;
+  bool revoked_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 grpc::Status CoordinatorService::GenerateCall::Validate() {
@@ -426,6 +427,7 @@ void CoordinatorService::GenerateCall::Enter() {
 
 void CoordinatorService::GenerateCall::Leave() {
   std::optional<grpc::Status> finish;
+  bool drop_queued = false;
   {
     absl::MutexLock lock(&mu_);
     --holds_;
@@ -433,9 +435,16 @@ void CoordinatorService::GenerateCall::Leave() {
         !finish_requested_) {
       finish_requested_ = true;
       finish = *final_;
+      drop_queued = revoked_;
     }
   }
-  if (finish.has_value()) RequestFinish(*std::move(finish));
+  if (!finish.has_value()) return;
+  // A revoked call's tokens still queued are not sent: the key no longer entitles to them.
+  if (drop_queued) {
+    Abort(*std::move(finish));
+  } else {
+    RequestFinish(*std::move(finish));
+  }
 }
 
 void CoordinatorService::GenerateCall::Start() {
@@ -813,6 +822,7 @@ void CoordinatorService::GenerateCall::Revoke() {
   {
     absl::MutexLock lock(&mu_);
     active = active_;
+    revoked_ = !final_.has_value();
     cancel_alarm =
         SetFinalLocked(grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                                     "the API key this request was made with has been revoked"));
