@@ -270,6 +270,19 @@ absl::Status ApiKeys::Admit(const Tenant& tenant, int64_t units, absl::Time now)
   return absl::OkStatus();
 }
 
+void ApiKeys::Unadmit(const Tenant& tenant, int64_t units) {
+  const int64_t rpm = tenant.requests_per_minute;
+  if (rpm <= 0 || units <= 0) return;
+  Tenant::RateBucket& b = *tenant.bucket;
+  absl::MutexLock lock(&b.mu);
+  b.tokens = std::min(static_cast<double>(rpm), b.tokens + static_cast<double>(units));
+}
+
+bool ApiKeys::IsTokensRefusal(const absl::Status& status) {
+  return absl::IsResourceExhausted(status) &&
+         absl::StrContains(status.message(), "is over its tokens_per_minute");
+}
+
 absl::StatusOr<ApiKeys::TokenGrant> ApiKeys::TakeTokens(const Tenant& tenant, int64_t tokens,
                                                         absl::Time now) {
   const int64_t tpm = tenant.tokens_per_minute;

@@ -164,6 +164,11 @@ class ApiKeys {
   // Whether `units` more of `tenant`'s requests fit its requests_per_minute at `now` (taking
   // them from its bucket); RESOURCE_EXHAUSTED, saying when to retry, when they do not.
   static absl::Status Admit(const Tenant& tenant, int64_t units, absl::Time now);
+  // Gives back `units` Admit took for generations that never ran (refused for the tenant's
+  // tokens_per_minute once their prompts were tokenized), up to a full bucket.
+  static void Unadmit(const Tenant& tenant, int64_t units);
+  // Whether a refusal is TakeTokens' (the tenant's tokens_per_minute).
+  static bool IsTokensRefusal(const absl::Status& status);
 
   // Tokens a generation took from its tenant's tokens_per_minute bucket, settled when it ends.
   class TokenGrant {

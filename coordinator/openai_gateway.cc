@@ -2440,6 +2440,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
                       : lp->Json(),
         ",\"finish_reason\":", reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null", "}");
   };
+  std::atomic<int64_t> refused_for_tokens{0};
   auto read = [&](int index) {
     Choice& c = *choices[index];
     v1::GenerateResponse chunk;
@@ -2538,6 +2539,11 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
       scores[index / n]->ready.Notify();
     }
     grpc::Status status = c.reader->Finish();
+    if (tenant != nullptr &&
+        ApiKeys::IsTokensRefusal(absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                                              status.error_message()))) {
+      refused_for_tokens.fetch_add(1);  // never ran: its requests_per_minute share goes back
+    }
     if (status.ok() && share_scores && call->stream && index % n == 0 &&
         !scores[index / n]->filled) {
       // Ended well without a first event: the prompt's other choices have nothing to echo.
@@ -2570,6 +2576,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
   for (int k = started; k < total; ++k) read(k);  // cancelled: they end at once
   for (std::thread& t : others) t.join();
   for (grpc::ClientContext* ctx : contexts) Unregister(ctx);
+  if (tenant != nullptr) ApiKeys::Unadmit(*tenant, refused_for_tokens.load());
   const bool gone = client_gone.load() || (watch.has_value() && watch->gone());
   watch.reset();
   if (gone) {

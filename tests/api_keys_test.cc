@@ -41,6 +41,7 @@ constexpr char kShared[] = "sk-shared-zyxwvuts";
 constexpr char kOps[] = "sk-ops-admin-000000";
 constexpr char kLimited[] = "sk-limited-00000000";
 constexpr char kMetered[] = "sk-metered-00000000";
+constexpr char kCapped[] = "sk-capped-000000000";
 constexpr char kClusterSecret[] = "cluster-secret-0123456789abcdef";
 
 class ApiKeysTest : public ::testing::Test {
@@ -64,7 +65,9 @@ class ApiKeysTest : public ::testing::Test {
           {"name": "limited", "keys": [")",
         kLimited, R"("], "requests_per_minute": 2},
           {"name": "metered", "keys": [")",
-        kMetered, R"("], "tokens_per_minute": 60}]})");
+        kMetered, R"("], "tokens_per_minute": 60},
+          {"name": "capped", "keys": [")",
+        kCapped, R"("], "requests_per_minute": 3, "tokens_per_minute": 40}]})");
     LocalClusterOptions o;
     o.num_workers = 1;
     o.name = "api-keys";
@@ -881,6 +884,26 @@ TEST_F(ApiKeysTest, ARevokedKeyEndsItsRunningRequests) {
   // The tenant's own key goes on, and the revoked one is refused.
   EXPECT_EQ(Complete(kShared, "strata-tiny", "x").status, 200);
   EXPECT_EQ(Call("GET", "/v1/models", absl::StrCat("Bearer ", kSpare)).status, 401);
+}
+
+// A generation refused for the tenant's tokens_per_minute never ran, so over HTTP it gives back
+// what it took of the tenant's requests_per_minute (the gateway takes that first).
+TEST_F(ApiKeysTest, ATokensRefusalDoesNotSpendTheRequestRate) {
+  const std::string key = absl::StrCat("Bearer ", kCapped);
+  auto body = [](int max_tokens) {
+    return absl::StrCat(R"({"model": "strata-tiny", "prompt": "x", "max_tokens": )", max_tokens,
+                        R"(, "ignore_eos": true})");
+  };
+  // One request takes the minute's 40 tokens (and owes the rest): 1 of the 3 requests a minute.
+  const HttpReply first = Call("POST", "/v1/completions", key, body(60));
+  ASSERT_EQ(first.status, 200) << first.body;
+  // Five more, each refused for tokens: had each spent a request, the third would be refused
+  // for the request rate instead.
+  for (int i = 0; i < 5; ++i) {
+    const HttpReply r = Call("POST", "/v1/completions", key, body(2));
+    EXPECT_EQ(r.status, 429) << r.body;
+    EXPECT_TRUE(absl::StrContains(r.body, "tokens_per_minute")) << i << ": " << r.body;
+  }
 }
 
 }  // namespace
