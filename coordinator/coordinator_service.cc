@@ -412,6 +412,8 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
     if (!grant.ok()) {
       TenantMetrics{service_->options_.metrics, tenant_ != nullptr ? "grpc" : "http"}.Refused(
           *payer, "tokens");
+      // It never runs: what it took of the request rate goes back (the gateway does the same).
+      if (tenant_ != nullptr) ApiKeys::Unadmit(*tenant_, 1);
       return ToGrpcStatus(grant.status());
     }
     tokens_ = *std::move(grant);

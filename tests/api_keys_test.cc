@@ -904,6 +904,25 @@ TEST_F(ApiKeysTest, ATokensRefusalDoesNotSpendTheRequestRate) {
     EXPECT_EQ(r.status, 429) << r.body;
     EXPECT_TRUE(absl::StrContains(r.body, "tokens_per_minute")) << i << ": " << r.body;
   }
+  // And over gRPC.
+  auto serving = v1::Serving::NewStub(
+      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
+  for (int i = 0; i < 5; ++i) {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", key);
+    v1::GenerateRequest req;
+    req.set_model("strata-tiny");
+    req.set_text("x");
+    req.mutable_sampling()->set_max_tokens(2);
+    auto reader = serving->Generate(&ctx, req);
+    v1::GenerateResponse chunk;
+    while (reader->Read(&chunk)) {
+    }
+    const grpc::Status s = reader->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << i;
+    EXPECT_TRUE(absl::StrContains(s.error_message(), "tokens_per_minute"))
+        << i << ": " << s.error_message();
+  }
 }
 
 }  // namespace
