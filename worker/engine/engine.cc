@@ -402,6 +402,22 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   return absl::OkStatus();
 }
 
+int32_t Engine::TenantId(const std::string& name) {
+  if (auto it = tenant_ids_.find(name); it != tenant_ids_.end()) return it->second;
+  if (tenant_ids_.size() >= kMaxTenantIds) {
+    // Names that churn without end: forget those that hold no KV block in any tier and are not
+    // in tenants_ (their blocks would otherwise count under an id nobody has any more).
+    absl::erase_if(tenant_ids_, [this](const auto& e) {
+      if (tenants_.contains(e.first) || blocks_.num_published_by(e.second) > 0) return false;
+      return store_ == nullptr || (store_->BlocksOf(Tier::kHost, e.second) == 0 &&
+                                   store_->BlocksOf(Tier::kDisk, e.second) == 0);
+    });
+  }
+  const int32_t id = next_tenant_id_++;
+  tenant_ids_[name] = id;
+  return id;
+}
+
 Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
   auto it = tenants_.find(o.tenant);
   if (it == tenants_.end()) {
@@ -411,7 +427,7 @@ Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
       absl::erase_if(tenants_, [](const auto& t) { return t.second.live == 0; });
     it = tenants_.try_emplace(o.tenant).first;
     it->second.name = o.tenant;
-    it->second.id = next_tenant_id_++;
+    it->second.id = TenantId(o.tenant);
     it->second.live_tenants = &live_tenants_;
   }
   TenantShare& t = it->second;

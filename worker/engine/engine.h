@@ -239,7 +239,8 @@ struct RequestOutput {
 // What an engine has done for one tenant (fair sharing): tokens computed for it (prompt tokens not
 // taken from the cache, each decode step's input, draft tokens, recomputation after preemption)
 // and tokens generated, since the engine started (past 4096 tenants seen, the idle ones are
-// forgotten and start again from 0), and its service: those tokens, each divided by
+// forgotten and start again from 0, keeping their owner ids), and its service: those tokens,
+// each divided by
 // the tenant's weight when counted (what admissions order by).
 struct TenantService {
   std::string name;
@@ -524,6 +525,12 @@ class Engine {
   // By tenant name; entries stay put (sequences point at theirs), and are declared before the
   // sequences, which count themselves out of theirs when destroyed.
   absl::node_hash_map<std::string, TenantShare> tenants_;
+  // Each tenant name's owner id (BlockManager, KvStore), kept when tenants_ forgets an idle
+  // tenant, so that a tenant that comes back finds its cached blocks still its own; past
+  // kMaxTenantIds names, those holding no block are forgotten.
+  static constexpr size_t kMaxTenantIds = 65536;
+  absl::flat_hash_map<std::string, int32_t> tenant_ids_;
+  int32_t TenantId(const std::string& name);
   // From 1: owner 0 is no tenant (blocks a worker's disk tier recovered at start, say).
   int32_t next_tenant_id_ = 1;
   int64_t live_tenants_ = 0;  // tenants with sequences waiting or running

@@ -544,6 +544,42 @@ TEST_F(FairShareTest, ATenantsCachedPrefixOutlastsAnothersStreamOfNewPrompts) {
   }
 }
 
+// Past 4096 tenants an engine forgets the idle ones' service counts, but a tenant keeps its
+// owner id: back again, the blocks it published are still counted as its own (fair eviction).
+TEST_F(FairShareTest, ATenantForgottenWhileIdleKeepsItsBlocks) {
+  EngineConfig c;
+  c.num_kv_blocks = 64;
+  auto e = MakeEngine(c);
+  RequestOptions steady = Greedy(2);
+  steady.tenant = "steady";
+  const std::vector<int32_t> system = RandomPrompt(rng_, 64);
+  ASSERT_TRUE(e->AddRequest("s0", system, steady).ok());
+  RunAll(*e);
+  auto blocks_of = [&](const std::string& name) -> int64_t {
+    for (const EngineStats::Tenant& t : e->Stats().tenants) {
+      if (t.name == name) return t.kv_blocks[static_cast<int>(Tier::kDevice)];
+    }
+    return -1;  // not among the tenants it remembers
+  };
+  const int64_t held = blocks_of("steady");
+  ASSERT_GT(held, 0);
+  // 4096 tenants more, each arriving and leaving: "steady", idle, is forgotten.
+  for (int i = 0; i <= 4096; ++i) {
+    RequestOptions o = Greedy(2);
+    o.tenant = absl::StrCat("t", i);
+    const std::string id = absl::StrCat("r", i);
+    ASSERT_TRUE(e->AddRequest(id, RandomPrompt(rng_, 4), o).ok());
+    ASSERT_TRUE(e->Cancel(id));
+  }
+  RunAll(*e);
+  EXPECT_EQ(blocks_of("steady"), -1);
+  ASSERT_TRUE(e->AddRequest("s1", system, steady).ok());
+  EXPECT_EQ(blocks_of("steady"), held);
+  std::map<std::string, RequestOutput> last;
+  RunAll(*e, &last);
+  EXPECT_EQ(last["s1"].num_cached_prompt_tokens, 48);
+}
+
 TEST_F(FairShareTest, BadTenantFieldsAreRefused) {
   auto e = MakeEngine(EngineConfig{});
   RequestOptions o = Greedy(2);
