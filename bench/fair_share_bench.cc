@@ -83,7 +83,8 @@ void Run() {
   CHECK_OK(weights.status());
   SingleRankCollectives comm;
   std::printf(
-      "%d requests waiting, at most 8 running, %d steps timed; mean step ms (median of %d)\n",
+      "%d requests waiting, at most 8 running, %d steps timed; mean step ms (median of %d); "
+      "admitting: the share of steps that admitted, in the last fair-share run\n",
       absl::GetFlag(FLAGS_waiting), absl::GetFlag(FLAGS_steps), absl::GetFlag(FLAGS_reps));
   std::printf("%8s %12s %12s %12s %10s\n", "tenants", "by arrival", "fair share", "difference",
               "admitting");

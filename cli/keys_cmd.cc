@@ -60,14 +60,12 @@ absl::Status KeysNewCommand(const Args& args, std::FILE* out) {
   const std::string prefix = args.Get("prefix").value_or("sk-strata-");
   const std::string key = absl::StrCat(prefix, NewSecret().substr(0, 48));
   // What the coordinator will take.
-  for (char c : key) {
-    if (c <= ' ' || c >= 127) {
-      return absl::InvalidArgumentError("--prefix must be printable ASCII without spaces");
-    }
-  }
   if (key.size() > 256) {
     return absl::InvalidArgumentError(
         "--prefix must be at most 208 characters (keys are at most 256)");
+  }
+  if (!ValidSecret(key)) {
+    return absl::InvalidArgumentError("--prefix must be printable ASCII without spaces");
   }
   std::fprintf(out, "%s\n", key.c_str());
   return absl::OkStatus();

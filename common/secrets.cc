@@ -24,6 +24,14 @@ bool SecretsEqual(absl::string_view known, absl::string_view given) {
   return diff == 0;
 }
 
+bool ValidSecret(absl::string_view s) {
+  if (s.size() < 16 || s.size() > 256) return false;
+  for (char c : s) {
+    if (c <= ' ' || c > '~') return false;
+  }
+  return true;
+}
+
 std::string NewSecret() {
   std::random_device dev;  // the kernel's random source
   std::string out;
@@ -41,9 +49,7 @@ absl::StatusOr<std::vector<std::string>> LoadSecretFile(const std::string& path)
     ++line_number;
     const absl::string_view secret = absl::StripAsciiWhitespace(line);
     if (secret.empty()) continue;
-    bool printable = secret.size() >= 16 && secret.size() <= 256;
-    for (char c : secret) printable = printable && c > ' ' && c < 127;
-    if (!printable) {
+    if (!ValidSecret(secret)) {
       return absl::InvalidArgumentError(
           absl::StrCat(path, ": line ", line_number,
                        ": a secret must be 16 to 256 printable ASCII characters without "

@@ -37,6 +37,10 @@ namespace strata {
 
 inline constexpr char kClusterSecretMetadata[] = "x-strata-cluster-secret";
 
+// A secret's shape, for API keys and the cluster secret alike: 16 to 256 printable ASCII
+// characters without spaces.
+bool ValidSecret(absl::string_view s);
+
 // known == given, in time that depends on known's length only (and given's, which its sender
 // knows): neither where they differ nor the secret's length shows.
 bool SecretsEqual(absl::string_view known, absl::string_view given);
@@ -71,7 +75,6 @@ class ClusterSecret {
   int Match(absl::string_view given) const;
   // Reads the file again: OK with its secrets in force, or the error, those before staying.
   absl::Status Reload();
-  const std::string& path() const { return path_; }
 
  private:
   ClusterSecret(std::string path, std::vector<std::string> secrets);

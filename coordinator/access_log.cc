@@ -135,13 +135,18 @@ void AccessLog::WriteOut(std::vector<std::string> records) {
     const ssize_t w = fd_ < 0 ? -1 : ::writev(fd_, iov, n);
     if (w < 0) {
       if (errno == EINTR) continue;
-      write_errors_.fetch_add(1);
+      if (write_errors_.fetch_add(1) == 0 || !failing_) {
+        LOG(WARNING) << "access log " << path_
+                     << ": write failed, records dropped: " << std::strerror(errno);
+      }
+      failing_ = true;
       const int64_t lost = static_cast<int64_t>(records.size() - i);
       dropped_.fetch_add(lost);
       if (options_.dropped_counter != nullptr) options_.dropped_counter->Add(lost);
       mid_line_ = started > 0;
       return;
     }
+    failing_ = false;
     size_t left = static_cast<size_t>(w);
     while (i < records.size() && left >= records[i].size()) {
       left -= records[i].size();

@@ -68,6 +68,7 @@ class AccessLog {
   absl::Time checked_ ABSL_GUARDED_BY(io_mu_);
   // A write failed partway through a record: the next write starts a new line first.
   bool mid_line_ ABSL_GUARDED_BY(io_mu_) = false;
+  bool failing_ ABSL_GUARDED_BY(io_mu_) = false;  // the last write failed (logged once a spell)
   absl::Mutex mu_;
   std::vector<std::string> pending_ ABSL_GUARDED_BY(mu_);
   size_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;

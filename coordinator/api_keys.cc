@@ -20,14 +20,8 @@ namespace strata {
 namespace {
 
 constexpr size_t kMaxCacheSaltBytes = 256;  // as the coordinator and workers take it
-
-bool ValidKey(absl::string_view s) {
-  if (s.size() < 16 || s.size() > 256) return false;
-  for (char c : s) {
-    if (c <= ' ' || c > '~') return false;
-  }
-  return true;
-}
+// In TakeTokens' refusals, by which IsTokensRefusal knows them.
+constexpr char kOverTokensPerMinute[] = "is over its tokens_per_minute";
 
 }  // namespace
 
@@ -75,7 +69,7 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     if (key_values.empty()) return key_list.Error("must list at least one key");
     for (const JsonValue& k : key_values) {
       ASSIGN_OR_RETURN(absl::string_view key, k.AsString());
-      if (!ValidKey(key)) {
+      if (!ValidSecret(key)) {
         return k.Error("must be 16 to 256 printable ASCII characters without spaces");
       }
       if (!seen_keys.insert(std::string(key)).second) return k.Error("is given twice");
@@ -280,7 +274,7 @@ void ApiKeys::Unadmit(const Tenant& tenant, int64_t units) {
 
 bool ApiKeys::IsTokensRefusal(const absl::Status& status) {
   return absl::IsResourceExhausted(status) &&
-         absl::StrContains(status.message(), "is over its tokens_per_minute");
+         absl::StrContains(status.message(), kOverTokensPerMinute);
 }
 
 absl::StatusOr<ApiKeys::TokenGrant> ApiKeys::TakeTokens(const Tenant& tenant, int64_t tokens,
@@ -293,11 +287,10 @@ absl::StatusOr<ApiKeys::TokenGrant> ApiKeys::TakeTokens(const Tenant& tenant, in
   Refill(b, tpm, now);
   if (b.tokens < static_cast<double>(take)) {
     const double wait_s = (static_cast<double>(take) - b.tokens) * 60 / static_cast<double>(tpm);
-    return absl::ResourceExhaustedError(
-        absl::StrCat("tenant \"", tenant.name, "\" is over its tokens_per_minute (", tpm,
-                     "): this request takes ", take, " tokens (its prompt plus max_tokens",
-                     tokens > tpm ? ", at most a minute's" : "", "); retry in ",
-                     absl::StrFormat("%.1f", wait_s), " s"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tenant \"", tenant.name, "\" ", kOverTokensPerMinute, " (", tpm, "): this request takes ",
+        take, " tokens (its prompt plus max_tokens", tokens > tpm ? ", at most a minute's" : "",
+        "); retry in ", absl::StrFormat("%.1f", wait_s), " s"));
   }
   b.tokens -= static_cast<double>(take);
   return TokenGrant(tenant.token_bucket, tpm, take);

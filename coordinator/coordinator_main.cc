@@ -242,7 +242,6 @@ int Main() {
     const double reload_s = absl::GetFlag(FLAGS_api_keys_reload_s);
     if (reload_s > 0) api_keys->Watch(absl::Seconds(reload_s));
     co.api_keys = api_keys;
-    co.gateway_secret = NewSecret();
     LOG(INFO) << "API keys of " << api_keys->Current()->tenants().size() << " tenant(s) from "
               << keys << ": asked for over HTTP and gRPC"
               << (reload_s > 0 ? absl::StrCat(", the file read again every ", reload_s, " s") : "");

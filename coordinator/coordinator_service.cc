@@ -524,7 +524,10 @@ void CoordinatorService::GenerateCall::Start() {
         absl::MutexLock lock(&service_->keyed_mu_);
         service_->keyed_calls_.insert(this);
       }
-      if (!KeyStillValid(*service_->options_.api_keys->Current())) {
+      // A direct caller was authenticated against keys_: unless a reload has replaced them
+      // since, its key still holds. (The gateway checked its client's before keys_ was read.)
+      const std::shared_ptr<const ApiKeys> now = service_->options_.api_keys->Current();
+      if ((tenant_ == nullptr || now != keys_) && !KeyStillValid(*now)) {
         Revoke();  // (and Leave)
         return;
       }

@@ -34,6 +34,7 @@
 #include "absl/strings/strip.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "common/grpc_status.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
@@ -1302,6 +1303,7 @@ OpenAiGateway::Exchange OpenAiGateway::ExchangeOf(int fd) const {
 }
 
 void OpenAiGateway::EndExchange(int fd) {
+  if (options_.access_log == nullptr) return;
   Exchange x;
   {
     absl::MutexLock lock(&keep_mu_);
@@ -1310,6 +1312,10 @@ void OpenAiGateway::EndExchange(int fd) {
     x = std::move(it->second);
     exchanges_.erase(it);
   }
+  LogExchange(x);
+}
+
+void OpenAiGateway::LogExchange(const Exchange& x) const {
   // 499 (nginx's): no answer was written: the client went first, or its request never came
   // whole.
   options_.access_log->Append(AccessRecord(x.start, "http")
@@ -1432,15 +1438,12 @@ void OpenAiGateway::Loop() {
       WriteAll(fd, ErrorResponse(503, "too many connections: try again"), wake_fd_.get(),
                absl::Now() + absl::Milliseconds(200));
       if (options_.access_log != nullptr) {  // its request unread
-        options_.access_log->Append(
-            AccessRecord(absl::Now(), "http")
-                .Str("id", absl::StrCat(exchange_prefix_, "-", next_exchange_.fetch_add(1)))
-                .Str("method", "")
-                .Str("path", "")
-                .Int("status", 503)
-                .Ms("duration_ms", absl::ZeroDuration())
-                .StrIfSet("peer", PeerAddress(fd))
-                .Done());
+        Exchange x;
+        x.start = absl::Now();
+        x.id = absl::StrCat(exchange_prefix_, "-", next_exchange_.fetch_add(1));
+        x.peer = PeerAddress(fd);
+        x.status = 503;
+        LogExchange(x);
       }
       ::shutdown(fd, SHUT_WR);
       char buf[16384];
@@ -2539,9 +2542,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
       scores[index / n]->ready.Notify();
     }
     grpc::Status status = c.reader->Finish();
-    if (tenant != nullptr &&
-        ApiKeys::IsTokensRefusal(absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                                              status.error_message()))) {
+    if (tenant != nullptr && ApiKeys::IsTokensRefusal(FromGrpcStatus(status))) {
       refused_for_tokens.fetch_add(1);  // never ran: its requests_per_minute share goes back
     }
     if (status.ok() && share_scores && call->stream && index % n == 0 &&

@@ -363,6 +363,7 @@ class OpenAiGateway {
   Exchange ExchangeOf(int fd) const;
   // Logs the exchange on `fd` and forgets it.
   void EndExchange(int fd);
+  void LogExchange(const Exchange& x) const;
 
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

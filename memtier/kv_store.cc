@@ -564,6 +564,7 @@ void KvStore::ScheduleWriteBacks() {
                         static_cast<int64_t>(disk_slots_.size()) / 2);
   const int64_t max_writes = 2 * static_cast<int64_t>(config_.disk_queue_depth);
   int64_t available = static_cast<int64_t>(host_free_.size());
+  if (available >= reserve) return;  // (every step: nothing to set up then)
   // In the order successive evictions would take the blocks (fair: always from the owner then
   // holding the most), so that what AllocateHost takes next is clean.
   host_order_.ForEachInEvictionOrder(config_.fair_eviction, [&](int64_t s) {

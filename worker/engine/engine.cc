@@ -404,14 +404,17 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
 
 int32_t Engine::TenantId(const std::string& name) {
   if (auto it = tenant_ids_.find(name); it != tenant_ids_.end()) return it->second;
-  if (tenant_ids_.size() >= kMaxTenantIds) {
+  if (tenant_ids_.size() >= tenant_ids_prune_at_) {
     // Names that churn without end: forget those that hold no KV block in any tier and are not
-    // in tenants_ (their blocks would otherwise count under an id nobody has any more).
+    // in tenants_ (their blocks would otherwise count under an id nobody has any more). The next
+    // pass waits for as many new names again as survived, so that passes that free little do
+    // not come at every new name.
     absl::erase_if(tenant_ids_, [this](const auto& e) {
       if (tenants_.contains(e.first) || blocks_.num_published_by(e.second) > 0) return false;
       return store_ == nullptr || (store_->BlocksOf(Tier::kHost, e.second) == 0 &&
                                    store_->BlocksOf(Tier::kDisk, e.second) == 0);
     });
+    tenant_ids_prune_at_ = std::max(kMaxTenantIds, 2 * tenant_ids_.size());
   }
   const int32_t id = next_tenant_id_++;
   tenant_ids_[name] = id;
@@ -423,8 +426,11 @@ Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
   if (it == tenants_.end()) {
     // Names come from the coordinator's keys; should they churn without end, the idle ones go
     // (what they were served is forgotten, as is any idle tenant's credit).
-    if (tenants_.size() >= 4096)
+    // (Likewise spaced out: past 4096, or twice those with sequences at the last pass.)
+    if (tenants_.size() >= tenants_prune_at_) {
       absl::erase_if(tenants_, [](const auto& t) { return t.second.live == 0; });
+      tenants_prune_at_ = std::max(kMaxTenants, 2 * tenants_.size());
+    }
     it = tenants_.try_emplace(o.tenant).first;
     it->second.name = o.tenant;
     it->second.id = TenantId(o.tenant);
@@ -1467,7 +1473,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   return outputs;
 }
 
-EngineStats Engine::Stats() const {
+EngineStats Engine::Stats(bool with_tenants) const {
   EngineStats st;
   st.num_running = static_cast<int64_t>(running_.size());
   st.num_waiting = static_cast<int64_t>(waiting_.size());
@@ -1502,6 +1508,7 @@ EngineStats Engine::Stats() const {
   st.num_accepted_draft_tokens = num_accepted_draft_tokens_;
   st.grammar_mask_seconds = static_cast<double>(grammar_mask_ns_.load()) * 1e-9;
   if (masker_ != nullptr) st.grammar_masks = masker_->stats();
+  if (!with_tenants) return st;
   absl::flat_hash_map<const TenantShare*, EngineStats::Tenant*> of;
   st.tenants.reserve(tenants_.size());
   for (const auto& [name, t] : tenants_) {

@@ -321,7 +321,9 @@ class Engine {
   // begins with this one's cache. Stops starting copies at `deadline` or once `*cancel` (if given)
   // is true. Returns the blocks written to disk; 0 without a disk tier.
   int64_t PersistKv(absl::Time deadline, const std::atomic<bool>* cancel = nullptr);
-  EngineStats Stats() const;
+  // `with_tenants`: fill EngineStats::tenants too (a pass over every tenant; the load reports,
+  // sent as often as every 5 ms, leave it out).
+  EngineStats Stats(bool with_tenants = true) const;
   // Block changes in every tier since the last call, for the coordinator's routing index.
   std::vector<BlockEvent> DrainBlockEvents();
   // Every block in every tier now (as kStored events); with DrainBlockEvents called at the same
@@ -529,6 +531,9 @@ class Engine {
   // tenant, so that a tenant that comes back finds its cached blocks still its own; past
   // kMaxTenantIds names, those holding no block are forgotten.
   static constexpr size_t kMaxTenantIds = 65536;
+  static constexpr size_t kMaxTenants = 4096;  // idle ones forgotten past it (ShareFor)
+  size_t tenant_ids_prune_at_ = kMaxTenantIds;
+  size_t tenants_prune_at_ = kMaxTenants;
   absl::flat_hash_map<std::string, int32_t> tenant_ids_;
   int32_t TenantId(const std::string& name);
   // From 1: owner 0 is no tenant (blocks a worker's disk tier recovered at start, say).

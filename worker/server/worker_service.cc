@@ -136,6 +136,15 @@ struct WorkerService::LoopState {
   std::array<int64_t, 4> last_reported_counts = {0, 0, 0, 0};
   absl::Time last_change_report = absl::InfinitePast();
   absl::Time next_metrics = absl::InfinitePast();
+  // Each tenant's metric series, looked up once; `seen` marks those the engine still lists at a
+  // publish (the others read 0: the engine forgot them, idle).
+  struct TenantSeries {
+    Counter* tokens[2] = {};           // computed, generated
+    Gauge* sequences[2] = {};          // running, waiting
+    Gauge* kv_blocks[kNumTiers] = {};  // null for a tier not configured
+    bool seen = false;
+  };
+  absl::flat_hash_map<std::string, TenantSeries> tenant_series;
 };
 
 void WorkerService::SubmitStream::PostCancel() {
@@ -798,7 +807,7 @@ void WorkerService::SendLoadReports(LoopState* state) {
   for (const auto& w : state->watchers) periodic_due |= w.next_report <= now;
   const bool change_allowed = now - state->last_change_report >= kMinChangeReportInterval;
   if (!periodic_due && !change_allowed) return;
-  const EngineStats st = engine_->Stats();
+  const EngineStats st = engine_->Stats(/*with_tenants=*/false);
   const std::array<int64_t, 4> counts = {st.num_running, st.num_waiting, st.num_decode,
                                          st.num_pending_prefill_tokens};
   const bool changed = change_allowed && counts != state->last_reported_counts;
@@ -871,30 +880,52 @@ void WorkerService::PublishMetrics(LoopState* state) {
       "Tokens the engine computed for a tenant (prompt tokens not cached, decode inputs, drafts, "
       "recomputation after preemption) and generated for it.";
   const char* kTenantSequences = "A tenant's sequences, running or waiting to be admitted.";
+  const char* kTenantBlocks =
+      "KV blocks kept for a tenant, by tier (device: published, in use or cached).";
+  for (auto& [name, series] : state->tenant_series) series.seen = false;
   for (const EngineStats::Tenant& t : st.tenants) {
     if (t.name.empty()) continue;
-    using Count = std::pair<const char*, int64_t>;
-    for (auto [kind, n] :
-         {Count{"computed", t.computed_tokens}, Count{"generated", t.generated_tokens}}) {
-      m->GetCounter("strata_worker_tenant_tokens_total", kTenantTokens,
-                    {{"tenant", t.name}, {"kind", kind}})
-          ->SetTotal(static_cast<double>(n));
-    }
-    for (auto [label, n] : {Count{"running", t.running}, Count{"waiting", t.waiting}}) {
-      m->GetGauge("strata_worker_tenant_sequences", kTenantSequences,
-                  {{"tenant", t.name}, {"state", label}})
-          ->Set(static_cast<double>(n));
-    }
-    for (int tier = 0; tier < kNumTiers; ++tier) {
-      // The lower tiers configured at start.
-      if ((tier == static_cast<int>(Tier::kHost) && tiers_at_start_.host.num_slots == 0) ||
-          (tier == static_cast<int>(Tier::kDisk) && tiers_at_start_.disk.num_slots == 0)) {
-        continue;
+    auto [it, added] = state->tenant_series.try_emplace(t.name);
+    LoopState::TenantSeries& s = it->second;
+    if (added) {
+      int i = 0;
+      for (const char* kind : {"computed", "generated"}) {
+        s.tokens[i++] = m->GetCounter("strata_worker_tenant_tokens_total", kTenantTokens,
+                                      {{"tenant", t.name}, {"kind", kind}});
       }
-      m->GetGauge("strata_worker_tenant_kv_blocks",
-                  "KV blocks kept for a tenant, by tier (device: published, in use or cached).",
-                  {{"tenant", t.name}, {"tier", TierName(static_cast<Tier>(tier))}})
-          ->Set(static_cast<double>(t.kv_blocks[tier]));
+      i = 0;
+      for (const char* label : {"running", "waiting"}) {
+        s.sequences[i++] = m->GetGauge("strata_worker_tenant_sequences", kTenantSequences,
+                                       {{"tenant", t.name}, {"state", label}});
+      }
+      for (int tier = 0; tier < kNumTiers; ++tier) {
+        // The lower tiers configured at start.
+        if ((tier == static_cast<int>(Tier::kHost) && tiers_at_start_.host.num_slots == 0) ||
+            (tier == static_cast<int>(Tier::kDisk) && tiers_at_start_.disk.num_slots == 0)) {
+          continue;
+        }
+        s.kv_blocks[tier] =
+            m->GetGauge("strata_worker_tenant_kv_blocks", kTenantBlocks,
+                        {{"tenant", t.name}, {"tier", TierName(static_cast<Tier>(tier))}});
+      }
+    }
+    s.seen = true;
+    s.tokens[0]->SetTotal(static_cast<double>(t.computed_tokens));
+    s.tokens[1]->SetTotal(static_cast<double>(t.generated_tokens));
+    s.sequences[0]->Set(static_cast<double>(t.running));
+    s.sequences[1]->Set(static_cast<double>(t.waiting));
+    for (int tier = 0; tier < kNumTiers; ++tier) {
+      if (s.kv_blocks[tier] != nullptr)
+        s.kv_blocks[tier]->Set(static_cast<double>(t.kv_blocks[tier]));
+    }
+  }
+  // A tenant the engine forgot (idle, past 4096) has no sequences; its blocks, still counted
+  // under its id, show again when it comes back.
+  for (auto& [name, s] : state->tenant_series) {
+    if (s.seen) continue;
+    for (Gauge* g : s.sequences) g->Set(0);
+    for (Gauge* g : s.kv_blocks) {
+      if (g != nullptr) g->Set(0);
     }
   }
   const char* kBlocks = "KV blocks per tier: capacity (total) and in use (used).";
@@ -964,13 +995,11 @@ void WorkerService::PublishMetrics(LoopState* state) {
   m->GetCounter("strata_worker_kv_corrupt_blocks_total",
                 "Lower-tier reads that failed a checksum or key check (served as misses).")
       ->SetTotal(static_cast<double>(t.corrupt_blocks));
-  m->GetCounter("strata_worker_kv_dirty_evictions_total",
-                "Host blocks evicted before their write-back (written from a copy, or lost).",
-                {{"outcome", "spilled"}})
+  const char* kDirty =
+      "Host blocks evicted before their write-back (written from a copy, or lost).";
+  m->GetCounter("strata_worker_kv_dirty_evictions_total", kDirty, {{"outcome", "spilled"}})
       ->SetTotal(static_cast<double>(t.dirty_evictions - t.lost_evictions));
-  m->GetCounter("strata_worker_kv_dirty_evictions_total",
-                "Host blocks evicted before their write-back (written from a copy, or lost).",
-                {{"outcome", "lost"}})
+  m->GetCounter("strata_worker_kv_dirty_evictions_total", kDirty, {{"outcome", "lost"}})
       ->SetTotal(static_cast<double>(t.lost_evictions));
 }
 
