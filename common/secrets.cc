@@ -77,13 +77,7 @@ ClusterSecret::ClusterSecret(std::string path, std::vector<std::string> secrets)
   CHECK(!secrets_.empty());
 }
 
-ClusterSecret::~ClusterSecret() {
-  {
-    absl::MutexLock lock(&mu_);
-    stop_ = true;
-  }
-  if (watcher_.joinable()) watcher_.join();
-}
+ClusterSecret::~ClusterSecret() { watcher_.reset(); }  // before the members it reads go
 
 absl::StatusOr<std::unique_ptr<ClusterSecret>> ClusterSecret::Open(const std::string& path,
                                                                    absl::Duration reload) {
@@ -117,26 +111,21 @@ absl::Status ClusterSecret::Reload() {
 }
 
 void ClusterSecret::Watch(absl::Duration period) {
-  period = std::max(period, absl::Milliseconds(50));
-  watcher_ = std::thread([this, period] {
-    while (true) {
-      std::vector<std::string> before;
-      {
-        absl::MutexLock lock(&mu_);
-        auto stopped = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; };
-        if (mu_.AwaitWithTimeout(absl::Condition(&stopped), period)) return;
-        before = secrets_;
-      }
-      if (absl::Status s = Reload(); !s.ok()) {
-        LOG(WARNING) << "cluster secret not reloaded, the secrets before stay: " << s;
-        continue;
-      }
+  watcher_ = std::make_unique<PeriodicThread>(period, [this] {
+    std::vector<std::string> before;
+    {
       absl::MutexLock lock(&mu_);
-      if (secrets_ != before) {
-        LOG(INFO) << "cluster secret reloaded from " << path_ << ": " << secrets_.size()
-                  << " secret(s) accepted, "
-                  << (secrets_.front() == before.front() ? "the same one" : "a new one") << " sent";
-      }
+      before = secrets_;
+    }
+    if (absl::Status s = Reload(); !s.ok()) {
+      LOG(WARNING) << "cluster secret not reloaded, the secrets before stay: " << s;
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    if (secrets_ != before) {
+      LOG(INFO) << "cluster secret reloaded from " << path_ << ": " << secrets_.size()
+                << " secret(s) accepted, "
+                << (secrets_.front() == before.front() ? "the same one" : "a new one") << " sent";
     }
   });
 }

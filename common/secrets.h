@@ -32,6 +32,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/periodic.h"
 
 namespace strata {
 
@@ -83,9 +84,8 @@ class ClusterSecret {
   const std::string path_;
   mutable absl::Mutex mu_;
   std::vector<std::string> secrets_ ABSL_GUARDED_BY(mu_);
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
   absl::Mutex reload_mu_;  // one Reload at a time
-  std::thread watcher_;
+  std::unique_ptr<PeriodicThread> watcher_;
 };
 
 // --cluster_secret_file and --cluster_secret_reload_s as the mains take them: nullptr for no file,

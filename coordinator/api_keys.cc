@@ -387,13 +387,7 @@ absl::StatusOr<std::unique_ptr<ApiKeyStore>> ApiKeyStore::Open(const std::string
   return store;
 }
 
-ApiKeyStore::~ApiKeyStore() {
-  {
-    absl::MutexLock lock(&mu_);
-    stop_ = true;
-  }
-  if (watcher_.joinable()) watcher_.join();
-}
+ApiKeyStore::~ApiKeyStore() { watcher_.reset(); }  // before the members it reads go
 
 std::shared_ptr<const ApiKeys> ApiKeyStore::Current() const {
   absl::MutexLock lock(&mu_);
@@ -425,22 +419,14 @@ void ApiKeyStore::SetReloadHook(std::function<void(const std::shared_ptr<const A
 }
 
 void ApiKeyStore::Watch(absl::Duration period) {
-  if (watcher_.joinable()) return;  // watched already
-  period = std::max(period, absl::Milliseconds(50));
-  watcher_ = std::thread([this, period] {
-    while (true) {
-      {
-        absl::MutexLock lock(&mu_);
-        auto stopped = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; };
-        if (mu_.AwaitWithTimeout(absl::Condition(&stopped), period)) return;
-      }
-      const std::shared_ptr<const ApiKeys> before = Current();
-      if (absl::Status s = Reload(); !s.ok()) {
-        LOG(WARNING) << "API keys: " << path_ << " not reloaded, the keys before stay: " << s;
-      } else if (Current() != before) {
-        LOG(INFO) << "API keys reloaded from " << path_ << ": " << Current()->tenants().size()
-                  << " tenant(s)";
-      }
+  if (watcher_ != nullptr) return;  // watched already
+  watcher_ = std::make_unique<PeriodicThread>(period, [this] {
+    const std::shared_ptr<const ApiKeys> before = Current();
+    if (absl::Status s = Reload(); !s.ok()) {
+      LOG(WARNING) << "API keys: " << path_ << " not reloaded, the keys before stay: " << s;
+    } else if (Current() != before) {
+      LOG(INFO) << "API keys reloaded from " << path_ << ": " << Current()->tenants().size()
+                << " tenant(s)";
     }
   });
 }

@@ -59,6 +59,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "common/periodic.h"
 #include "common/secrets.h"
 
 namespace strata {
@@ -260,11 +261,10 @@ class ApiKeyStore {
   std::shared_ptr<const ApiKeys> current_ ABSL_GUARDED_BY(mu_);
   std::string text_ ABSL_GUARDED_BY(mu_);
   ApiKeys::RunningCounters counters_ ABSL_GUARDED_BY(mu_);
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
   absl::Mutex reload_mu_;  // one Reload at a time, so that an older read never lands last
   absl::Mutex hook_mu_;    // held while the hook runs (after reload_mu_)
   std::function<void(const std::shared_ptr<const ApiKeys>&)> hook_ ABSL_GUARDED_BY(hook_mu_);
-  std::thread watcher_;
+  std::unique_ptr<PeriodicThread> watcher_;
 };
 
 }  // namespace strata
