@@ -225,7 +225,8 @@ int Main() {
     if (!valid) {
       LOG(ERROR) << "--tenant_header must be a header name of [a-z0-9-_.] that HTTP, gRPC and "
                     "Strata do not use themselves (not grpc-*, x-strata-*, *-bin, "
-                    "authorization, user-agent, content-*, ...; x-tenant-id, say), not \""
+                    "authorization, user-agent, content-type, content-length, ...; "
+                    "x-tenant-id, say), not \""
                  << header << "\"";
       return 2;
     }

@@ -45,6 +45,16 @@ constexpr const char* kUnsupported[] = {
     "$recursiveRef",
 };
 
+// Keywords that describe a schema without constraining it (where a schema may hold only some
+// keywords, these are always allowed besides).
+bool IsAnnotation(absl::string_view keyword) {
+  for (absl::string_view a : {"title", "description", "$comment", "examples", "default", "$schema",
+                              "deprecated", "readOnly", "writeOnly"}) {
+    if (keyword == a) return true;
+  }
+  return false;
+}
+
 // The formats enforced, as patterns over the string's characters.
 std::optional<std::string> FormatPattern(absl::string_view format) {
   const std::string date = R"(\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01]))";
@@ -73,12 +83,12 @@ class SchemaCompiler {
   GrammarBuilder& builder() { return b_; }
 
   int32_t Ws() {
-    if (ws_ == -1) {
+    if (!ws_.has_value()) {
       ByteSet s;
       for (char c : {' ', '\t', '\n', '\r'}) s.Add(static_cast<uint8_t>(c));
       ws_ = b_.Repeat("ws", {b_.Bytes(s)}, 0, max_whitespace_);
     }
-    return ws_;
+    return *ws_;
   }
 
   // One rule per fixed pattern, made once.
@@ -97,9 +107,10 @@ class SchemaCompiler {
     return Pattern("char", R"([^"\\\x00-\x1f]|\\(["\\/bfnrt]|u[0-9a-fA-F]{4}))");
   }
   int32_t AnyString() {
-    if (string_ == -1)
+    if (!string_.has_value()) {
       string_ = b_.Choice("string", {{Quote(), b_.Star("chars", {StringChar()}), Quote()}});
-    return string_;
+    }
+    return *string_;
   }
   int32_t Quote() { return b_.Byte('"'); }
   int32_t Integer() { return Pattern("integer", "-?(0|[1-9][0-9]*)"); }
@@ -111,12 +122,12 @@ class SchemaCompiler {
 
   // Any JSON value, and any object (value ::= object | array | ..., made once).
   int32_t AnyValue() {
-    if (any_ == -1) MakeAny();
-    return any_;
+    if (!any_.has_value()) MakeAny();
+    return *any_;
   }
   int32_t AnyObject() {
-    if (any_ == -1) MakeAny();
-    return any_object_;
+    if (!any_.has_value()) MakeAny();
+    return *any_object_;
   }
 
   // A comma-separated list of `item` between `open` and `close`, with min..max items.
@@ -294,13 +305,15 @@ class SchemaCompiler {
  private:
   void MakeAny() {
     const int32_t value = b_.NewRule("value");
-    any_ = b_.Ref(value);
+    const int32_t any = b_.Ref(value);
+    any_ = any;
     Seq member = {AnyString()};
     for (int32_t e : Colon()) member.push_back(e);
-    member.push_back(any_);
-    any_object_ = OpenList("object", '{', '}', member);
-    const int32_t array = OpenList("array", '[', ']', {any_});
-    for (Seq alt : std::vector<Seq>{{any_object_},
+    member.push_back(any);
+    const int32_t object = OpenList("object", '{', '}', member);
+    any_object_ = object;
+    const int32_t array = OpenList("array", '[', ']', {any});
+    for (Seq alt : std::vector<Seq>{{object},
                                     {array},
                                     {AnyString()},
                                     {Number()},
@@ -1020,8 +1033,7 @@ class SchemaCompiler {
       if (key == "type") {
         ASSIGN_OR_RETURN(absl::string_view t, value.AsString());
         type = std::string(t);
-      } else if (key != "enum" && key != "title" && key != "description" && key != "$comment" &&
-                 key != "default" && key != "examples") {
+      } else if (key != "enum" && !IsAnnotation(key)) {
         return s.Error(refused);
       }
     }
@@ -1282,8 +1294,7 @@ class SchemaCompiler {
         constrained = true;
       } else if (k == "minLength" || k == "maxLength" || k == "pattern" || k == "format") {
         constrained = true;
-      } else if (k != "title" && k != "description" && k != "$comment" && k != "examples" &&
-                 k != "default" && k != "$schema") {
+      } else if (!IsAnnotation(k)) {
         return not_strings();
       }
     }
@@ -1308,7 +1319,9 @@ class SchemaCompiler {
 
   // An object of the listed properties only, in their order, required ones always, with
   // min_props to max_props (-1: any number) of them: a rule per (property, members written so
-  // far) from which the bounds can still be met.
+  // far) from which the bounds can still be met. Each member is a rule of its own that those
+  // states reference, so a long name is stored once, not once per state (and states are
+  // labelled by index: a hostile schema's names do not make the rule names quadratic).
   absl::StatusOr<int32_t> CountedObject(
       const JsonValue& s,
       const std::vector<std::pair<std::string, std::optional<JsonValue>>>& props,
@@ -1327,12 +1340,16 @@ class SchemaCompiler {
       return s.Error(absl::StrCat("requires ", required_from[0],
                                   " properties but has maxProperties ", max_props));
     }
-    if (b_.num_rules() + static_cast<int64_t>(n + 1) * (n + 2) / 2 > GrammarBuilder::kMaxRules) {
+    // The states (at most one per (i, k), k <= i, and the ends), one rule per member, the object.
+    const int64_t states = static_cast<int64_t>(n + 1) * (n + 2) / 2 + (n + 1);
+    if (b_.num_rules() + states + n + 1 > GrammarBuilder::kMaxRules) {
       return s.Error("makes the schema's grammar too large");
     }
-    std::vector<Seq> members(n);
+    std::vector<int32_t> members(n);
     for (int i = 0; i < n; ++i) {
-      ASSIGN_OR_RETURN(members[i], Member(props[i].first, props[i].second));
+      ASSIGN_OR_RETURN(const Seq member, Member(props[i].first, props[i].second));
+      members[i] = b_.Choice(absl::StrCat("member ", i), {member});
+      if (b_.over_budget()) return s.Error("makes the schema's grammar too large");
     }
     // From property i on, k written: the bounds can still be met.
     auto viable = [&](int i, int64_t k) {
@@ -1350,15 +1367,16 @@ class SchemaCompiler {
         std::vector<Seq> alts;
         if (rest[i + 1][k + 1].has_value()) {
           Seq with = k > 0 ? Sep() : Seq{};
-          with.insert(with.end(), members[i].begin(), members[i].end());
+          with.push_back(members[i]);
           with.push_back(*rest[i + 1][k + 1]);
           alts.push_back(std::move(with));
         }
         if (!required.contains(props[i].first) && rest[i + 1][k].has_value()) {
           alts.push_back({*rest[i + 1][k]});
         }
-        rest[i][k] = b_.Choice(absl::StrCat("member ", props[i].first), std::move(alts));
+        rest[i][k] = b_.Choice(absl::StrCat("members from ", i, " after ", k), std::move(alts));
       }
+      if (b_.over_budget()) return s.Error("makes the schema's grammar too large");
     }
     return b_.Choice("object", {{b_.Byte('{'), Ws(), *rest[0][0], Ws(), b_.Byte('}')}});
   }
@@ -1370,10 +1388,11 @@ class SchemaCompiler {
   GrammarBuilder b_;
   absl::flat_hash_map<uint64_t, int32_t> multiples_;  // PositiveMultiples by k
   const int max_whitespace_;
-  int32_t ws_ = -1;
-  int32_t string_ = -1;
-  int32_t any_ = -1;
-  int32_t any_object_ = -1;
+  // Made once, when first needed.
+  std::optional<int32_t> ws_;
+  std::optional<int32_t> string_;
+  std::optional<int32_t> any_;
+  std::optional<int32_t> any_object_;
   absl::flat_hash_map<std::string, int32_t> patterns_;
   absl::flat_hash_map<std::string, int32_t> refs_;
 };

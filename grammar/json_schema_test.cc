@@ -371,6 +371,31 @@ TEST(JsonSchemaTest, ManyLargeMultiplesAreRefusedAsTooLarge) {
   EXPECT_TRUE(JsonSchemaGrammar(schema, "schema").ok());
 }
 
+// A counted object (minProperties) takes a rule per (property, members written so far): its
+// members' names are stored once each, so long names make it refused as too large early, not
+// copied into every state (400 names of 10 KB would be 800 million elements).
+TEST(JsonSchemaTest, CountedObjectsWithLongNamesAreRefusedAsTooLarge) {
+  const auto counted = [](int n, int name_bytes) {
+    std::string schema = R"({"type": "object", "additionalProperties": false, "properties": {)";
+    for (int i = 0; i < n; ++i) {
+      absl::StrAppend(&schema, i ? ", " : "", "\"", i, std::string(name_bytes, 'k'), "\": {}");
+    }
+    return absl::StrCat(schema, R"(}, "minProperties": 1})");
+  };
+  absl::StatusOr<std::shared_ptr<const Grammar>> g = JsonSchemaGrammar(counted(400, 10000), "s");
+  ASSERT_FALSE(g.ok());
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(g.status().message().find("too large"), std::string::npos) << g.status();
+  // Many states are refused before they are made; a few hundred short names fit.
+  g = JsonSchemaGrammar(counted(700, 1), "s");
+  ASSERT_FALSE(g.ok());
+  EXPECT_NE(g.status().message().find("too large"), std::string::npos) << g.status();
+  g = JsonSchemaGrammar(counted(300, 100), "s");
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_TRUE(GrammarAccepts(*g, absl::StrCat("{\"299", std::string(100, 'k'), "\": 1}")));
+  EXPECT_FALSE(GrammarAccepts(*g, "{}"));
+}
+
 // Items given by reference, as pydantic writes a set of an Enum (and, in older versions, wrapped
 // in an allOf of one schema), or through a chain of references.
 TEST(JsonSchemaTest, UniqueItemsFollowReferencesToTheEnum) {

@@ -6,12 +6,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -24,11 +26,11 @@
 #include "common/json.h"
 #include "common/secrets.h"
 #include "grpcpp/client_context.h"
-#include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
+#include "tests/cluster_client.h"
 #include "tests/http_client.h"
 #include "tests/local_cluster.h"
 
@@ -302,19 +304,11 @@ TEST_F(ApiKeysTest, ATenantIsHeldToItsTokens) {
   // A smaller request fits in what is left.
   r = Call("POST", "/v1/completions", key, body(4));
   EXPECT_EQ(r.status, 200) << r.body;
-  auto serving = v1::Serving::NewStub(
-      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.AddMetadata("authorization", key);
   v1::GenerateRequest req;
   req.set_model("strata-tiny");
   req.set_text("x");
   req.mutable_sampling()->set_max_tokens(50);
-  auto reader = serving->Generate(&ctx, req);
-  v1::GenerateResponse chunk;
-  while (reader->Read(&chunk)) {
-  }
-  const grpc::Status s = reader->Finish();
+  const grpc::Status s = GenerateWith(cluster_->serving(), req, {{"authorization", key}}).status;
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
   EXPECT_TRUE(absl::StrContains(s.error_message(), "tokens_per_minute")) << s.error_message();
   const std::map<std::string, double> m = ParseMetrics(Http(metrics_port_, "GET", "/metrics").body);
@@ -332,6 +326,11 @@ TEST_F(ApiKeysTest, ATenantIsHeldToItsTokens) {
 // coordinator, which sends it); their health service stays open.
 TEST_F(ApiKeysTest, WorkersAnswerOnlyTheClusterSecret) {
   v1::Worker::Stub* worker = cluster_->worker(0);
+  auto unauthenticated = [&] {
+    return ParseMetrics(
+        Http(worker_metrics_port_, "GET", "/metrics").body)["strata_worker_unauthenticated_total"];
+  };
+  const double before = unauthenticated();  // (the tests share the cluster)
   for (const char* secret : {"", "cluster-secret-0123456789abcdeX"}) {
     grpc::ClientContext ctx;
     if (*secret != '\0') ctx.AddMetadata(kClusterSecretMetadata, secret);
@@ -357,9 +356,7 @@ TEST_F(ApiKeysTest, WorkersAnswerOnlyTheClusterSecret) {
   const grpc::Status s = worker->GetInfo(&ctx, {}, &info);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(info.model(), "strata-tiny");
-  const std::map<std::string, double> m =
-      ParseMetrics(Http(worker_metrics_port_, "GET", "/metrics").body);
-  EXPECT_EQ(m.at("strata_worker_unauthenticated_total"), 3);
+  EXPECT_EQ(unauthenticated() - before, 3);
 }
 
 // A tenant asks for no higher priority than its max_priority (0 unless set), over both APIs.
@@ -374,19 +371,13 @@ TEST_F(ApiKeysTest, ATenantsPriorityIsCapped) {
   EXPECT_EQ(Call("POST", "/v1/completions", absl::StrCat("Bearer ", kAcme), body(-5)).status, 200);
   EXPECT_EQ(Call("POST", "/v1/completions", absl::StrCat("Bearer ", kShared), body(10)).status,
             200);
-  auto serving = v1::Serving::NewStub(
-      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kShared));
   v1::GenerateRequest req;
   req.set_model("strata-tiny");
   req.set_text("x");
   req.set_priority(11);
-  auto reader = serving->Generate(&ctx, req);
-  v1::GenerateResponse chunk;
-  while (reader->Read(&chunk)) {
-  }
-  const grpc::Status s = reader->Finish();
+  const grpc::Status s =
+      GenerateWith(cluster_->serving(), req, {{"authorization", absl::StrCat("Bearer ", kShared)}})
+          .status;
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(absl::StrContains(s.error_message(), "max_priority")) << s.error_message();
 }
@@ -418,10 +409,8 @@ TEST_F(ApiKeysTest, AnIsolatedTenantsPrefixCacheIsItsOwn) {
 
 // Over gRPC: the same keys as "authorization" metadata; the Admin service for admins only.
 TEST_F(ApiKeysTest, TheGrpcServicesAskForKeysToo) {
-  auto channel =
-      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials());
-  auto serving = v1::Serving::NewStub(channel);
-  auto admin = v1::Admin::NewStub(channel);
+  v1::Serving::Stub* serving = cluster_->serving();
+  v1::Admin::Stub* admin = cluster_->admin();
   auto context = [](const std::string& key) {
     auto ctx = std::make_unique<grpc::ClientContext>();
     if (!key.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", key));
@@ -546,8 +535,7 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
   ASSERT_EQ(Complete(kAcme, "strata-tiny", "x").status, 200);
   ASSERT_EQ(Complete(kGlobex, "strata-tiny", "x").status, 404);
   // And over gRPC: a call without a key, one refused, one taken.
-  auto serving = v1::Serving::NewStub(
-      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
+  v1::Serving::Stub* serving = cluster_->serving();
   {
     grpc::ClientContext ctx;
     v1::ListModelsResponse models;
@@ -555,60 +543,52 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
               grpc::StatusCode::UNAUTHENTICATED);
   }
   for (const char* fine_tune : {"", "lora-c"}) {
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kGlobex));
     v1::GenerateRequest req;
     req.set_model("strata-tiny");
     req.set_fine_tune_id(fine_tune);
     req.set_text("x");
     req.mutable_sampling()->set_max_tokens(2);
-    auto reader = serving->Generate(&ctx, req);
-    v1::GenerateResponse chunk;
-    while (reader->Read(&chunk)) {
-    }
-    ASSERT_EQ(reader->Finish().ok(), *fine_tune != '\0') << fine_tune;
+    const Generated g =
+        GenerateWith(serving, req, {{"authorization", absl::StrCat("Bearer ", kGlobex)}});
+    ASSERT_EQ(g.status.ok(), *fine_tune != '\0') << fine_tune;
   }
   // (A call's running count drops just after its answer is sent: scrape until both have.)
-  HttpReply r;
-  std::map<std::string, double> m;
-  for (int i = 0; i < 50; ++i) {
-    r = Http(metrics_port_, "GET", "/metrics");
-    ASSERT_EQ(r.status, 200);
-    m = ParseMetrics(r.body);
-    if (m["strata_coordinator_tenant_running_requests{tenant=\"globex\",api=\"grpc\"}"] == 0 &&
-        m["strata_coordinator_tenant_running_requests{tenant=\"acme\",api=\"http\"}"] == 0) {
-      break;
-    }
-    usleep(100 * 1000);
-  }
+  std::string text;
+  std::map<std::string, double> m = WaitForMetrics(
+      metrics_port_,
+      [](auto& now) {
+        return now["strata_coordinator_tenant_running_requests{tenant=\"globex\",api=\"grpc\"}"] ==
+                   0 &&
+               now["strata_coordinator_tenant_running_requests{tenant=\"acme\",api=\"http\"}"] == 0;
+      },
+      absl::Seconds(5), &text);
   // Each API's series: at least one of each event above, and nothing running now (every lease
   // was given back).
   for (const std::string api : {"http", "grpc"}) {
     const std::string tenant = api == "http" ? "acme" : "globex";
     const std::string labels = absl::StrCat("tenant=\"", tenant, "\",api=\"", api, "\"");
     EXPECT_GE(m[absl::StrCat("strata_coordinator_unauthenticated_total{api=\"", api, "\"}")], 1)
-        << r.body;
-    EXPECT_GE(m[absl::StrCat("strata_coordinator_tenant_requests_total{", labels, "}")], 1)
-        << r.body;
+        << text;
+    EXPECT_GE(m[absl::StrCat("strata_coordinator_tenant_requests_total{", labels, "}")], 1) << text;
     EXPECT_GE(m[absl::StrCat("strata_coordinator_tenant_refused_total{tenant=\"globex\",api=\"",
                              api, "\",reason=\"model\"}")],
               1)
-        << r.body;
+        << text;
     // Its usage: the completed generation's tokens.
     EXPECT_GE(
         m[absl::StrCat("strata_coordinator_tenant_tokens_total{", labels, ",kind=\"prompt\"}")], 1)
-        << r.body;
+        << text;
     EXPECT_GE(
         m[absl::StrCat("strata_coordinator_tenant_tokens_total{", labels, ",kind=\"completion\"}")],
         1)
-        << r.body;
+        << text;
     EXPECT_TRUE(m.count(absl::StrCat("strata_coordinator_tenant_tokens_total{", labels,
                                      ",kind=\"cached_prompt\"}")))
-        << r.body;
+        << text;
     const std::string running =
         absl::StrCat("strata_coordinator_tenant_running_requests{", labels, "}");
-    EXPECT_TRUE(m.count(running)) << r.body;
-    EXPECT_EQ(m[running], 0) << r.body;
+    EXPECT_TRUE(m.count(running)) << text;
+    EXPECT_EQ(m[running], 0) << text;
   }
   // The worker knows whose tokens it computed, from either API (for its fair sharing), and
   // counts them by tenant; the unnamed tenant of requests without a key is left out.
@@ -617,18 +597,14 @@ TEST_F(ApiKeysTest, TenantsAreCountedInTheMetrics) {
       "strata_worker_tenant_tokens_total{tenant=\"globex\",kind=\"generated\"}";
   // (And the KV blocks kept for each, by tier: this worker has the device tier only.)
   const std::string acme_blocks = "strata_worker_tenant_kv_blocks{tenant=\"acme\",tier=\"device\"}";
-  for (int i = 0; i < 50; ++i) {
-    r = Http(worker_metrics_port_, "GET", "/metrics");
-    ASSERT_EQ(r.status, 200);
-    m = ParseMetrics(r.body);
-    if (m[acme] >= 1 && m[globex] >= 1) break;
-    usleep(100 * 1000);
-  }
-  EXPECT_GE(m[acme], 1) << r.body;
-  EXPECT_GE(m[globex], 1) << r.body;
+  m = WaitForMetrics(
+      worker_metrics_port_, [&](auto& now) { return now[acme] >= 1 && now[globex] >= 1; },
+      absl::Seconds(5), &text);
+  EXPECT_GE(m[acme], 1) << text;
+  EXPECT_GE(m[globex], 1) << text;
   EXPECT_GE(m["strata_worker_tenant_tokens_total{tenant=\"acme\",kind=\"computed\"}"], 1);
   EXPECT_EQ(m["strata_worker_tenant_sequences{tenant=\"acme\",state=\"running\"}"], 0);
-  EXPECT_TRUE(m.count(acme_blocks)) << r.body;
+  EXPECT_TRUE(m.count(acme_blocks)) << text;
   EXPECT_FALSE(m.count("strata_worker_tenant_kv_blocks{tenant=\"acme\",tier=\"host\"}"));
   for (const auto& [series, value] : m) {
     EXPECT_EQ(series.find("tenant=\"\""), std::string::npos) << series;
@@ -681,15 +657,31 @@ TEST_F(ApiKeysTest, TheClusterSecretRotatesWithoutARestart) {
     EXPECT_TRUE(served());
     EXPECT_TRUE(worker_takes(to));
   };
+  // How many times every worker has refused its file so far (the fewest).
+  auto refusals = [&] {
+    size_t fewest = std::numeric_limits<size_t>::max();
+    for (int i = 0; i < cluster_->num_workers(); ++i) {
+      std::ifstream in(cluster_->worker_process(i).log_path());
+      const std::string log((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      size_t n = 0;
+      for (size_t p = log.find("cluster secret not reloaded"); p != std::string::npos;
+           p = log.find("cluster secret not reloaded", p + 1)) {
+        ++n;
+      }
+      fewest = std::min(fewest, n);
+    }
+    return fewest;
+  };
   const std::string next = "rotated-secret-fedcba9876543210";
-  rotate(kClusterSecret, next);
+  ASSERT_NO_FATAL_FAILURE(rotate(kClusterSecret, next));
   EXPECT_FALSE(worker_takes(kClusterSecret));
-  // An unusable file leaves the secret before in force.
+  // An unusable file leaves the secret before in force (once every worker has read it).
+  const size_t refused = refusals();
   replace(worker_secret_file_, "too short\n");
-  usleep(300 * 1000);
+  ASSERT_TRUE(await([&] { return refusals() > refused; }));
   EXPECT_TRUE(served());
   EXPECT_TRUE(worker_takes(next));
-  rotate(next, kClusterSecret);  // and back, for the other tests
+  ASSERT_NO_FATAL_FAILURE(rotate(next, kClusterSecret));  // and back, for the other tests
   EXPECT_FALSE(worker_takes(next));
 }
 
@@ -710,20 +702,14 @@ TEST_F(ApiKeysTest, TheAccessLogRecordsEachRequestAndCall) {
   ASSERT_EQ(ok.status, 200) << ok.body;
   ASSERT_EQ(Call("GET", "/v1/models", "Bearer sk-not-a-key-at-all").status, 401);
   {
-    auto serving = v1::Serving::NewStub(
-        grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kShared));
-    ctx.AddMetadata("traceparent", "not a traceparent");
     v1::GenerateRequest req;
     req.set_request_id("logged-2");
     req.set_model("no-such-model");
     req.set_text("x");
-    auto reader = serving->Generate(&ctx, req);
-    v1::GenerateResponse chunk;
-    while (reader->Read(&chunk)) {
-    }
-    ASSERT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+    const Generated g = GenerateWith(cluster_->serving(), req,
+                                     {{"authorization", absl::StrCat("Bearer ", kShared)},
+                                      {"traceparent", "not a traceparent"}});
+    ASSERT_EQ(g.status.error_code(), grpc::StatusCode::NOT_FOUND);
   }
   // The records, as the writer thread gets to them.
   std::map<std::string, JsonDocument> by_kind;  // "http 200", "http 401", "generate logged-1", ...
@@ -828,8 +814,7 @@ TEST_F(ApiKeysTest, ARevokedKeyEndsItsRunningRequests) {
   ASSERT_EQ(Call("GET", "/v1/models", absl::StrCat("Bearer ", kSpare)).status, 200);
 
   // A long generation over each API with the spare key.
-  auto serving = v1::Serving::NewStub(
-      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
+  v1::Serving::Stub* serving = cluster_->serving();
   grpc::ClientContext ctx;
   ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kSpare));
   v1::GenerateRequest req;
@@ -841,7 +826,7 @@ TEST_F(ApiKeysTest, ARevokedKeyEndsItsRunningRequests) {
   v1::GenerateResponse chunk;
   ASSERT_TRUE(reader->Read(&chunk));  // running
   HttpReply streamed;
-  std::thread http([&] {
+  std::jthread http([&] {  // joined on the way out, whatever fails below
     // (A tab after "Bearer": the gateway passes the key on as metadata, which must be printable.)
     streamed = Call("POST", "/v1/completions", absl::StrCat("Bearer \t", kSpare),
                     R"({"model": "strata-tiny", "prompt": "y", "max_tokens": 2000,
@@ -856,21 +841,16 @@ TEST_F(ApiKeysTest, ARevokedKeyEndsItsRunningRequests) {
   v1::GenerateResponse own_chunk;
   ASSERT_TRUE(own_reader->Read(&own_chunk));
   // All three running (the HTTP one too) before the key goes.
-  for (int i = 0; i < 100; ++i) {
-    const std::map<std::string, double> m =
-        ParseMetrics(Http(metrics_port_, "GET", "/metrics").body);
-    if (m.count("strata_coordinator_inflight_requests") &&
-        m.at("strata_coordinator_inflight_requests") >= 3) {
-      break;
-    }
-    usleep(10 * 1000);
-  }
+  ASSERT_GE(WaitForMetrics(metrics_port_,
+                           [](auto& now) {
+                             return now["strata_coordinator_inflight_requests"] >= 3;
+                           })["strata_coordinator_inflight_requests"],
+            3);
   write(original);  // the spare key revoked
   int64_t tokens = chunk.token_ids_size();
   while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
   const grpc::Status s = reader->Finish();
   http.join();
-  write(original);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
   EXPECT_TRUE(absl::StrContains(s.error_message(), "revoked")) << s.error_message();
   EXPECT_LT(tokens, 2000);
@@ -905,20 +885,12 @@ TEST_F(ApiKeysTest, ATokensRefusalDoesNotSpendTheRequestRate) {
     EXPECT_TRUE(absl::StrContains(r.body, "tokens_per_minute")) << i << ": " << r.body;
   }
   // And over gRPC.
-  auto serving = v1::Serving::NewStub(
-      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials()));
   for (int i = 0; i < 5; ++i) {
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", key);
     v1::GenerateRequest req;
     req.set_model("strata-tiny");
     req.set_text("x");
     req.mutable_sampling()->set_max_tokens(2);
-    auto reader = serving->Generate(&ctx, req);
-    v1::GenerateResponse chunk;
-    while (reader->Read(&chunk)) {
-    }
-    const grpc::Status s = reader->Finish();
+    const grpc::Status s = GenerateWith(cluster_->serving(), req, {{"authorization", key}}).status;
     EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << i;
     EXPECT_TRUE(absl::StrContains(s.error_message(), "tokens_per_minute"))
         << i << ": " << s.error_message();

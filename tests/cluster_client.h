@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/time/clock.h"
@@ -106,6 +107,17 @@ inline Generated Generate(v1::Serving::Stub* stub, const v1::GenerateRequest& re
                           absl::Duration deadline = absl::Seconds(120)) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+  auto reader = stub->Generate(&ctx, req);
+  return Collect(reader.get());
+}
+
+// The same call sent with `metadata` (e.g. {{"authorization", "Bearer sk-..."}}).
+inline Generated GenerateWith(v1::Serving::Stub* stub, const v1::GenerateRequest& req,
+                              const std::vector<std::pair<std::string, std::string>>& metadata,
+                              absl::Duration deadline = absl::Seconds(120)) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+  for (const auto& [key, value] : metadata) ctx.AddMetadata(key, value);
   auto reader = stub->Generate(&ctx, req);
   return Collect(reader.get());
 }

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -16,6 +17,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/tcp.h"
 
 namespace strata {
@@ -118,6 +121,24 @@ inline std::map<std::string, double> ParseMetrics(absl::string_view text) {
     }
   }
   return out;
+}
+
+// Scrapes GET /metrics from 127.0.0.1:port until `done` holds of the samples (metrics that follow
+// an answer or come on a timer), for up to `timeout`; the last samples either way, so a test's
+// expectations name what was missing (and their text in `*text`, when given, for its messages).
+inline std::map<std::string, double> WaitForMetrics(
+    int port, const std::function<bool(std::map<std::string, double>&)>& done,
+    absl::Duration timeout = absl::Seconds(5), std::string* text = nullptr) {
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    HttpReply r = Http(port, "GET", "/metrics");
+    std::map<std::string, double> m = ParseMetrics(r.body);
+    if (done(m) || absl::Now() >= deadline) {
+      if (text != nullptr) *text = std::move(r.body);
+      return m;
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
 }
 
 }  // namespace strata

@@ -1080,10 +1080,20 @@ def run_pods_keyed(m, rootfs, work):
                      lambda: len(logged("grpc")) >= 2 and len(logged("http")) >= 2, 10)
 
         # The cluster secret rotated through the Secret's volume (every pod reads it again every
-        # 5 s), serving throughout; at the end the old secret is gone everywhere.
+        # 5 s), serving throughout; each step goes on once every pod has logged that it took the
+        # new file, so at the end the old secret is gone everywhere.
+        def reloads(p):
+            try:
+                with open(p.log, errors="replace") as f:
+                    return f.read().count("cluster secret reloaded")
+            except OSError:
+                return 0
+
         for step, text in enumerate([old + "\n" + new + "\n", new + "\n" + old + "\n", new + "\n"]):
+            before = {p.name: reloads(p) for p in cluster.pods}
             cluster.update_secret("strata-cluster-secret", "secret", text)
-            time.sleep(6)
+            cluster.wait("every pod to reload the cluster secret (step %d)" % (step + 1),
+                         lambda: all(reloads(p) > before[p.name] for p in cluster.pods), 20)
             served_everywhere("rotation step %d" % (step + 1))
         for coord in coordinators:
             if serving_workers(coord) != workers:

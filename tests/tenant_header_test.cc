@@ -104,11 +104,8 @@ TEST(TenantHeaderTest, AProxysTenantReachesTheWorkers) {
   // The worker counts both teams' tokens (its metrics come every 250 ms).
   const std::string a = R"(strata_worker_tenant_tokens_total{tenant="team-a",kind="generated"})";
   const std::string b = R"(strata_worker_tenant_tokens_total{tenant="team-b",kind="generated"})";
-  std::map<std::string, double> m;
-  for (int i = 0; i < 50 && (m[a] < 3 || m[b] < 3); ++i) {
-    usleep(100 * 1000);
-    m = ParseMetrics(Http(worker_metrics, "GET", "/metrics").body);
-  }
+  std::map<std::string, double> m =
+      WaitForMetrics(worker_metrics, [&](auto& now) { return now[a] >= 3 && now[b] >= 3; });
   EXPECT_EQ(m[a], 3);
   EXPECT_EQ(m[b], 3);
 }

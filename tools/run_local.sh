@@ -259,7 +259,7 @@ echo "  coordinator (strata.v1.Serving, strata.v1.Admin, grpc.health.v1): $coord
 echo "  workers (strata.v1.Worker): ${workers[*]}"
 echo "  Prometheus metrics: http://127.0.0.1:$metrics_port/metrics (coordinator)," \
   "http://127.0.0.1:$((metrics_port + 1))/metrics and :$((metrics_port + 2)) (workers)"
-echo "  OpenAI-compatible API: http://127.0.0.1:$http_port/v1 (POST /v1/completions, GET /v1/models; and POST /tokenize, /detokenize at the root)"
+echo "  OpenAI-compatible API: http://127.0.0.1:$http_port/v1 (POST /v1/completions and /v1/chat/completions, GET /v1/models and /v1/models/{model}; and POST /tokenize, /detokenize at the root)"
 echo "  logs: $run_dir/logs (the coordinator's access log, a JSON line per call and HTTP request: $run_dir/logs/access.log)"
 echo "Try:"
 echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
