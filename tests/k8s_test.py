@@ -608,7 +608,7 @@ class Cluster:
 
     def probe(self, pod, service=""):
         """A gRPC probe: 0 SERVING, 1 answered otherwise, 2 unreachable."""
-        out = subprocess.run([os.path.join(ROOT, PROBE), "%s:%d" % (pod.ip, pod.port), service],
+        out = subprocess.run([os.path.join(ROOT, PROBE), addr(pod), service],
                              capture_output=True, text=True)
         return out.returncode
 
@@ -718,6 +718,38 @@ def stratactl(cluster, *args, timeout=60, key=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def addr(pod):
+    """A pod's gRPC address."""
+    return "%s:%d" % (pod.ip, pod.port)
+
+
+def serving_workers(cluster, coord, key=None):
+    """The worker ids `coord` routes to, sorted; None when it does not answer."""
+    out = stratactl(cluster, "status", "--json", "--coordinator", addr(coord), key=key)
+    if out.returncode != 0:
+        return None
+    return sorted(w["info"]["worker_id"] for w in json.loads(out.stdout)["cluster"].get("workers", [])
+                  if w["state"] == "WORKER_STATE_SERVING")
+
+
+def http_completion(coord, body, key=None):
+    """POST /v1/completions on a coordinator's "http" port, straight to the pod (never through a
+    proxy from the environment): (status, the reply's JSON or None)."""
+    cports = {p["name"]: p["containerPort"]
+              for c in coord.workload["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = "Bearer " + key
+    req = urllib.request.Request("http://%s:%d/v1/completions" % (coord.ip, cports["http"]),
+                                 data=json.dumps(body).encode(), headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
 def access_log_records(pod):
     """The JSON lines of a coordinator's access log (its standard output, in the pod's log)."""
     out = []
@@ -755,20 +787,11 @@ def run_pods(m, rootfs, work):
             fail("k8s/base should run 2 coordinators and 2 workers, got %s" % [p.name for p in cluster.pods])
         print("k8s_test: %d pods ready: %s" % (len(cluster.pods), ", ".join("%s %s" % (p.name, p.ip) for p in cluster.pods)))
 
-        def serving_workers(coord):
-            out = stratactl(cluster, "status", "--json", "--coordinator", "%s:%d" % (coord.ip, coord.port))
-            if out.returncode != 0:
-                return None
-            st = json.loads(out.stdout)
-            return sorted(w["info"]["worker_id"] for w in st["cluster"].get("workers", [])
-                          if w["state"] == "WORKER_STATE_SERVING")
-
         expect = sorted(p.name for p in workers)
         for coord in coordinators:
-            got = cluster.wait("%s to see both workers" % coord.name,
-                               lambda: serving_workers(coord) == expect and expect, 30)
-            del got
-            out = stratactl(cluster, "status", "--json", "--coordinator", "%s:%d" % (coord.ip, coord.port))
+            cluster.wait("%s to see both workers" % coord.name,
+                         lambda: serving_workers(cluster, coord) == expect and expect, 30)
+            out = stratactl(cluster, "status", "--json", "--coordinator", addr(coord))
             for w in json.loads(out.stdout)["cluster"].get("workers", []):
                 tiers = {t["tier"] for t in w["info"]["tiers"]}
                 if tiers != {"TIER_DEVICE", "TIER_HOST", "TIER_DISK"}:
@@ -776,9 +799,8 @@ def run_pods(m, rootfs, work):
 
         def generate(coord, prompt, n=16, fine_tune=None):
             extra = ["--fine-tune", fine_tune] if fine_tune else []
-            out = stratactl(cluster, "generate", "--coordinator", "%s:%d" % (coord.ip, coord.port),
-                            "--prompt", prompt, "--max-tokens", str(n), "--seed", "7", "--ignore-eos", "--json",
-                            *extra)
+            out = stratactl(cluster, "generate", "--coordinator", addr(coord), "--prompt", prompt,
+                            "--max-tokens", str(n), "--seed", "7", "--ignore-eos", "--json", *extra)
             if out.returncode != 0:
                 cluster.dump()
                 fail("generate through %s: %s" % (coord.name, out.stderr.strip()))
@@ -821,18 +843,11 @@ def run_pods(m, rootfs, work):
         # The OpenAI-compatible API on each coordinator's "http" port, naming the fine-tune as the
         # model: the same text as through gRPC (same seed), for clients such as curl or openai.
         for coord in coordinators:
-            cports = {p["name"]: p["containerPort"]
-                      for c in coord.workload["spec"]["template"]["spec"]["containers"]
-                      for p in c.get("ports", [])}
-            url = "http://%s:%d/v1/completions" % (coord.ip, cports["http"])
-            body = json.dumps({"model": "c-headers", "prompt": "#include <", "max_tokens": 16,
-                               "seed": 7, "ignore_eos": True}).encode()
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-            with opener.open(req, timeout=60) as r:
-                reply = json.load(r)
-            if reply["usage"]["completion_tokens"] != 16 or reply["choices"][0]["text"] != tuned[0]["text"]:
-                fail("%s answered %s; gRPC gave %r" % (url, reply, tuned[0]["text"]))
+            status, reply = http_completion(coord, {"model": "c-headers", "prompt": "#include <",
+                                                    "max_tokens": 16, "seed": 7, "ignore_eos": True})
+            if (status != 200 or reply["usage"]["completion_tokens"] != 16
+                    or reply["choices"][0]["text"] != tuned[0]["text"]):
+                fail("%s's /v1/completions answered %s %s; gRPC gave %r" % (coord.name, status, reply, tuned[0]["text"]))
         print("k8s_test: the OpenAI-compatible API answers the same through both coordinators")
 
         # Prometheus' view: each pod's metrics port, as its annotations name it.
@@ -883,7 +898,7 @@ def run_pods(m, rootfs, work):
 
         # A pod deletion: SIGTERM, then the kubelet waits terminationGracePeriodSeconds. The victim
         # is the worker holding the most KV blocks.
-        out = stratactl(cluster, "status", "--json", "--coordinator", "%s:%d" % (coordinators[0].ip, coordinators[0].port))
+        out = stratactl(cluster, "status", "--json", "--coordinator", addr(coordinators[0]))
         held = {}
         for w in json.loads(out.stdout)["cluster"].get("workers", []):
             held[w["info"]["worker_id"]] = sum(int(t.get("num_total_blocks", 0)) for t in w.get("indexed", [])
@@ -892,7 +907,7 @@ def run_pods(m, rootfs, work):
         if held[victim.name] == 0:
             fail("no worker holds a KV block after %d requests: %s" % (len(prompts) + 7, held))
         other = next(w for w in workers if w is not victim)
-        admin = "%s:%d" % (coordinators[0].ip, coordinators[0].port)
+        admin = addr(coordinators[0])
 
         # `stratactl drain` of the other worker: it turns not ready but stays live (and known to the
         # coordinators, through the headless Service that lists not-ready pods),
@@ -913,7 +928,7 @@ def run_pods(m, rootfs, work):
         streams = []
         for i in range(4):
             cmd = [os.path.join(ROOT, BINARIES["stratactl"]), "generate", "--coordinator",
-                   "%s:%d" % (coordinators[i % 2].ip, coordinators[i % 2].port), "--prompt",
+                   addr(coordinators[i % 2]), "--prompt",
                    "# stream %d\n" % i, "--max-tokens", "1800", "--seed", str(i), "--ignore-eos", "--json"]
             streams.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         # All four admitted there before the SIGTERM (with the other worker draining, a stream that
@@ -932,7 +947,7 @@ def run_pods(m, rootfs, work):
         cluster.wait("%s back in the Service" % other.name, lambda: other.ready, 30)
         for coord in coordinators:
             cluster.wait("%s to see %s serving again" % (coord.name, other.name),
-                         lambda: other.name in (serving_workers(coord) or []), 30)
+                         lambda: other.name in (serving_workers(cluster, coord) or []), 30)
         for i in range(4):
             generate(coordinators[i % 2], "int main(void) {")
         try:
@@ -964,7 +979,7 @@ def run_pods(m, rootfs, work):
         cluster.wait("%s ready again" % victim.name, lambda: victim.ready, 60)
         for coord in coordinators:
             cluster.wait("%s to see %s again" % (coord.name, victim.name),
-                         lambda: serving_workers(coord) == expect, 30)
+                         lambda: serving_workers(cluster, coord) == expect, 30)
         with open(victim.log, errors="replace") as f:
             log = f.read()
         recovered = re.findall(r"\((\d+) recovered\)", log)
@@ -1016,40 +1031,17 @@ def run_pods_keyed(m, rootfs, work):
         coordinators = [p for p in cluster.pods if p.name.startswith("strata-coordinator")]
         workers = sorted(p.name for p in cluster.pods if p.name.startswith("strata-worker"))
 
-        def addr(c):
-            return "%s:%d" % (c.ip, c.port)
-
-        def serving_workers(coord):
-            out = stratactl(cluster, "status", "--json", "--coordinator", addr(coord), key=ops)
-            if out.returncode != 0:
-                return None
-            return sorted(w["info"]["worker_id"] for w in json.loads(out.stdout)["cluster"].get("workers", [])
-                          if w["state"] == "WORKER_STATE_SERVING")
-
         for coord in coordinators:
             cluster.wait("%s to see both workers (they answer its secret)" % coord.name,
-                         lambda: serving_workers(coord) == workers, 30)
+                         lambda: serving_workers(cluster, coord, ops) == workers, 30)
 
         def generate(coord, key):
             return stratactl(cluster, "generate", "--coordinator", addr(coord), "--prompt", "def parse(",
                              "--max-tokens", "8", "--seed", "7", "--ignore-eos", "--json", key=key)
 
         def http(coord, key):
-            cports = {p["name"]: p["containerPort"]
-                      for c in coord.workload["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
-            body = json.dumps({"model": "strata-tiny", "prompt": "def parse(", "max_tokens": 8, "seed": 7,
-                               "ignore_eos": True}).encode()
-            headers = {"Content-Type": "application/json"}
-            if key:
-                headers["Authorization"] = "Bearer " + key
-            req = urllib.request.Request("http://%s:%d/v1/completions" % (coord.ip, cports["http"]),
-                                         data=body, headers=headers)
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            try:
-                with opener.open(req, timeout=60) as r:
-                    return r.status, json.load(r)
-            except urllib.error.HTTPError as e:
-                return e.code, None
+            return http_completion(coord, {"model": "strata-tiny", "prompt": "def parse(", "max_tokens": 8,
+                                           "seed": 7, "ignore_eos": True}, key)
 
         def served_everywhere(when):
             for coord in coordinators:
@@ -1096,8 +1088,9 @@ def run_pods_keyed(m, rootfs, work):
                          lambda: all(reloads(p) > before[p.name] for p in cluster.pods), 20)
             served_everywhere("rotation step %d" % (step + 1))
         for coord in coordinators:
-            if serving_workers(coord) != workers:
-                fail("%s lost a worker across the secret's rotation: %s" % (coord.name, serving_workers(coord)))
+            if serving_workers(cluster, coord, ops) != workers:
+                fail("%s lost a worker across the secret's rotation: %s"
+                     % (coord.name, serving_workers(cluster, coord, ops)))
         print("k8s_test (keys on): the cluster secret rotated in three steps without a restart, serving throughout")
         stop_and_check(cluster)
     finally:
