@@ -346,21 +346,33 @@ void TenantMetrics::Refused(const Tenant& tenant, const char* reason) const {
   registry
       ->GetCounter("strata_coordinator_tenant_refused_total",
                    "Requests refused by tenant, API and reason: model (one the tenant may not "
-                   "use) or concurrency (past its max_concurrent_requests).",
+                   "use), rate (past its requests_per_minute), concurrency (past its "
+                   "max_concurrent_requests) or tokens (past its tokens_per_minute).",
                    {{"tenant", tenant.name}, {"api", api}, {"reason", reason}})
       ->Add();
 }
 
 Gauge* TenantMetrics::Taken(const Tenant& tenant) const {
-  if (registry == nullptr) return nullptr;
-  const MetricLabels labels = {{"tenant", tenant.name}, {"api", api}};
+  Counted(tenant);
+  return Running(tenant);
+}
+
+void TenantMetrics::Counted(const Tenant& tenant) const {
+  if (registry == nullptr) return;
   registry
       ->GetCounter("strata_coordinator_tenant_requests_total",
-                   "Requests taken by tenant and API (past key, model and concurrency checks).",
-                   labels)
+                   "Requests taken by tenant and API: past the key, model, rate, concurrency and "
+                   "token checks (a request refused is counted in "
+                   "strata_coordinator_tenant_refused_total instead).",
+                   {{"tenant", tenant.name}, {"api", api}})
       ->Add();
+}
+
+Gauge* TenantMetrics::Running(const Tenant& tenant) const {
+  if (registry == nullptr) return nullptr;
   Gauge* running = registry->GetGauge("strata_coordinator_tenant_running_requests",
-                                      "Requests of the tenant running now, by API.", labels);
+                                      "Requests of the tenant running now, by API.",
+                                      {{"tenant", tenant.name}, {"api", api}});
   running->Add(1);
   return running;
 }

@@ -227,6 +227,11 @@ struct TenantMetrics {
   // A request taken: counted, and running until the returned gauge (null without a registry) is
   // given Add(-1).
   Gauge* Taken(const Tenant& tenant) const;
+  // Taken's two halves, for a request that runs before it is known to be taken (the gateway's,
+  // whose tokens are checked by the calls it makes): counted once past every check...
+  void Counted(const Tenant& tenant) const;
+  // ... and running (the gauge as Taken's) from when it starts.
+  Gauge* Running(const Tenant& tenant) const;
   // The tokens of one of its generations that completed (usage as the client saw it).
   void Tokens(const Tenant& tenant, int64_t prompt, int64_t cached, int64_t completion) const;
 };

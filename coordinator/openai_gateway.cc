@@ -1185,6 +1185,26 @@ const char* ChatEndOfTurn(ChatFormat format) {
   return format == ChatFormat::kLlama3 ? "<|eot_id|>" : "<|im_end|>";
 }
 
+namespace {
+
+// A call that ended with `code` before any output was refused as a request (a client's error),
+// not taken and then failed.
+bool RefusedBeforeRunning(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::OUT_OF_RANGE:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+    case grpc::StatusCode::UNAUTHENTICATED:
+    case grpc::StatusCode::PERMISSION_DENIED:
+    case grpc::StatusCode::NOT_FOUND:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
 int HttpStatusOf(grpc::StatusCode code) {
   switch (code) {
     case grpc::StatusCode::OK:
@@ -2067,7 +2087,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
       return;
     }
     lease = std::move(*l);
-    running = metrics.Taken(*tenant);
+    running = metrics.Running(*tenant);  // counted as taken once past the tokens check (below)
     call->request.set_cache_salt(ApiKeys::CacheSalt(*tenant, call->request.cache_salt()));
   }
   // Chat with tools the model may call: how it writes calls (kNone: no calls are looked for), and
@@ -2444,10 +2464,18 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
         ",\"finish_reason\":", reason != nullptr ? absl::StrCat("\"", reason, "\"") : "null", "}");
   };
   std::atomic<int64_t> refused_for_tokens{0};
+  // The request is taken once one of its generations is past the tokens check: it sent an event,
+  // or ended without one otherwise than refused (for tokens, or as a request no worker could
+  // take). One refused only is not counted as taken, as over gRPC.
+  std::atomic<bool> counted{false};
+  auto taken = [&] {
+    if (tenant != nullptr && !counted.exchange(true)) metrics.Counted(*tenant);
+  };
   auto read = [&](int index) {
     Choice& c = *choices[index];
     v1::GenerateResponse chunk;
     while (c.reader->Read(&chunk)) {
+      taken();
       if (chunk.has_usage()) c.usage = chunk.usage();
       const char* reason = OpenAiFinishReason(chunk.finish_reason());
       if (score_only && reason != nullptr) reason = "length";  // the one token left out
@@ -2544,6 +2572,8 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
     grpc::Status status = c.reader->Finish();
     if (tenant != nullptr && ApiKeys::IsTokensRefusal(FromGrpcStatus(status))) {
       refused_for_tokens.fetch_add(1);  // never ran: its requests_per_minute share goes back
+    } else if (!RefusedBeforeRunning(status.error_code())) {
+      taken();
     }
     if (status.ok() && share_scores && call->stream && index % n == 0 &&
         !scores[index / n]->filled) {

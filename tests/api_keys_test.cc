@@ -867,9 +867,23 @@ TEST_F(ApiKeysTest, ARevokedKeyEndsItsRunningRequests) {
 }
 
 // A generation refused for the tenant's tokens_per_minute never ran, so over HTTP it gives back
-// what it took of the tenant's requests_per_minute (the gateway takes that first).
+// what it took of the tenant's requests_per_minute (the gateway takes that first), and over
+// either API it is counted as refused, not taken.
 TEST_F(ApiKeysTest, ATokensRefusalDoesNotSpendTheRequestRate) {
   const std::string key = absl::StrCat("Bearer ", kCapped);
+  auto counts = [&] {
+    std::map<std::string, double> m = ParseMetrics(Http(metrics_port_, "GET", "/metrics").body);
+    std::map<std::string, double> out;
+    for (const char* api : {"http", "grpc"}) {
+      const std::string labels = absl::StrCat("tenant=\"capped\",api=\"", api, "\"");
+      out[absl::StrCat(api, " taken")] =
+          m[absl::StrCat("strata_coordinator_tenant_requests_total{", labels, "}")];
+      out[absl::StrCat(api, " refused")] = m[absl::StrCat(
+          "strata_coordinator_tenant_refused_total{", labels, ",reason=\"tokens\"}")];
+    }
+    return out;
+  };
+  std::map<std::string, double> before = counts();
   auto body = [](int max_tokens) {
     return absl::StrCat(R"({"model": "strata-tiny", "prompt": "x", "max_tokens": )", max_tokens,
                         R"(, "ignore_eos": true})");
@@ -895,6 +909,11 @@ TEST_F(ApiKeysTest, ATokensRefusalDoesNotSpendTheRequestRate) {
     EXPECT_TRUE(absl::StrContains(s.error_message(), "tokens_per_minute"))
         << i << ": " << s.error_message();
   }
+  const std::map<std::string, double> after = counts();
+  EXPECT_EQ(after.at("http taken") - before["http taken"], 1);
+  EXPECT_EQ(after.at("http refused") - before["http refused"], 5);
+  EXPECT_EQ(after.at("grpc taken") - before["grpc taken"], 0);
+  EXPECT_EQ(after.at("grpc refused") - before["grpc refused"], 5);
 }
 
 }  // namespace
