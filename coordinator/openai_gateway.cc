@@ -1187,13 +1187,13 @@ const char* ChatEndOfTurn(ChatFormat format) {
 
 namespace {
 
-// A call that ended with `code` before any output was refused as a request (a client's error),
-// not taken and then failed.
+// A call that ended with `code` before any output was refused as a request (the coordinator's
+// checks of the client's request), not taken and then failed. (A worker's FAILED_PRECONDITION
+// comes after: the coordinator itself never answers it.)
 bool RefusedBeforeRunning(grpc::StatusCode code) {
   switch (code) {
     case grpc::StatusCode::INVALID_ARGUMENT:
     case grpc::StatusCode::OUT_OF_RANGE:
-    case grpc::StatusCode::FAILED_PRECONDITION:
     case grpc::StatusCode::UNAUTHENTICATED:
     case grpc::StatusCode::PERMISSION_DENIED:
     case grpc::StatusCode::NOT_FOUND:
