@@ -2,11 +2,14 @@
 // loopback; worker 1 serves two fine-tunes of the bundled base (delta files made by the same code
 // as `stratactl delta compress`), worker 0 serves the base alone. Requests for a fine-tune go only
 // to the worker that has it, the coordinator lists it, and its output is the fine-tune's.
+#include <algorithm>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "common/json.h"
 #include "gtest/gtest.h"
 #include "tests/cluster_client.h"
@@ -50,9 +53,12 @@ class FineTuneTest : public ::testing::Test {
     LocalClusterOptions o;
     o.num_workers = 2;
     o.name = "fine-tunes";
-    o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/{i}"), "--delta_cache_mb=64"};
+    // Each worker reads its directory again every 0.2 s, the coordinator their fine-tunes too.
+    o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/{i}"), "--delta_cache_mb=64",
+                      "--fine_tune_rescan_s=0.2"};
     http_port_ = FreePort();
-    o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_)};
+    o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_),
+                           "--resolve_interval_s=0.2"};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
@@ -77,6 +83,16 @@ class FineTuneTest : public ::testing::Test {
     }
     ADD_FAILURE() << "worker " << worker << " missing from the status";
     return 0;
+  }
+
+  static std::vector<std::string> ListedFineTunes() {
+    grpc::ClientContext ctx;
+    v1::ListModelsResponse models;
+    if (!cluster_->serving()->ListModels(&ctx, v1::ListModelsRequest(), &models).ok() ||
+        models.models_size() != 1) {
+      return {"<ListModels failed>"};
+    }
+    return {models.models(0).fine_tune_ids().begin(), models.models(0).fine_tune_ids().end()};
   }
 
   static inline LocalCluster* cluster_ = nullptr;
@@ -208,6 +224,56 @@ TEST_F(FineTuneTest, UnknownFineTunesAreNotFoundAndTheClusterKeepsServing) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
   Generated ok = Generate(cluster_->serving(), Greedy("hello", "man"));
   EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+}
+
+// Fine-tunes put in, replaced in and taken out of a worker's --fine_tune_dir while it serves: the
+// worker picks them up, the coordinator lists and routes them, no restart.
+TEST_F(FineTuneTest, FineTunesComeAndGoWithTheirFilesWithoutARestart) {
+  const std::string root = TempDir() + "/fine-tunes";
+  auto move_in = [&](const std::string& from, const std::string& to) {
+    std::filesystem::copy_file(from, to + ".part",
+                               std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::rename(to + ".part", to);
+  };
+  auto await = [](auto done) {
+    for (int i = 0; i < 200 && !done(); ++i) absl::SleepFor(absl::Milliseconds(50));
+    return done();
+  };
+  auto listed = [](const std::string& id) {
+    const std::vector<std::string> ids = ListedFineTunes();
+    return std::find(ids.begin(), ids.end(), id) != ids.end();
+  };
+  const std::string prompt = "NAME\n       ls - list directory contents\n";
+  const Generated man = Generate(cluster_->serving(), Greedy(prompt, "man"));
+  const Generated c = Generate(cluster_->serving(), Greedy(prompt, "c-headers"));
+  ASSERT_TRUE(man.status.ok() && c.status.ok());
+  ASSERT_NE(man.tokens, c.tokens);
+
+  // Added to worker 0's (empty) directory: listed, and served there with the delta's output.
+  const std::string added = root + "/0/team-x.delta.safetensors";
+  move_in(root + "/1/man.delta.safetensors", added);
+  ASSERT_TRUE(await([&] { return listed("team-x"); })) << absl::StrJoin(ListedFineTunes(), ",");
+  const uint64_t before0 = Routed(0);
+  Generated x = Generate(cluster_->serving(), Greedy(prompt, "team-x"));
+  ASSERT_TRUE(x.status.ok()) << x.status.error_message();
+  EXPECT_EQ(x.tokens, man.tokens);
+  EXPECT_EQ(Routed(0), before0 + 1);
+
+  // Replaced by another delta under the same name: its output from then on.
+  move_in(root + "/1/c-headers.delta.safetensors", added);
+  ASSERT_TRUE(await([&] {
+    const Generated g = Generate(cluster_->serving(), Greedy(prompt, "team-x"));
+    return g.status.ok() && g.tokens == c.tokens;
+  }));
+
+  // Taken out: no longer listed, and NOT_FOUND naming the field.
+  std::filesystem::remove(added);
+  ASSERT_TRUE(await([&] { return !listed("team-x"); }));
+  Generated gone = Generate(cluster_->serving(), Greedy(prompt, "team-x"));
+  EXPECT_EQ(gone.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(gone.status.error_message().find("fine_tune_id"), std::string::npos)
+      << gone.status.error_message();
+  EXPECT_EQ(ListedFineTunes(), (std::vector<std::string>{"c-headers", "lora-c", "man"}));
 }
 
 }  // namespace

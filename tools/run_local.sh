@@ -263,8 +263,11 @@ echo "  OpenAI-compatible API: http://127.0.0.1:$http_port/v1 (POST /v1/completi
 echo "  logs: $run_dir/logs (the coordinator's access log, a JSON line per call and HTTP request: $run_dir/logs/access.log)"
 echo "Try:"
 echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
-[ ${#fine_tune_flags[@]} -gt 0 ] &&
+if [ ${#fine_tune_flags[@]} -gt 0 ]; then
   echo "  $stratactl generate --coordinator $coordinator --prompt '.TH' --fine-tune man --max-tokens 40"
+  echo "  # another fine-tune, served within about 20 s without a restart (delete the file to remove it):"
+  echo "  cp $run_dir/fine-tunes/man.delta.safetensors $run_dir/fine-tunes/.new && mv $run_dir/fine-tunes/.new $run_dir/fine-tunes/man-2.delta.safetensors"
+fi
 echo "  $stratactl generate --coordinator $coordinator --prompt 'n = ' --regex '[0-9]{3}'"
 echo "  $stratactl status --coordinator $coordinator"
 echo "  curl -s http://127.0.0.1:$http_port/v1/completions -H 'Content-Type: application/json' \\"

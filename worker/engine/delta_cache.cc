@@ -1,5 +1,6 @@
 #include "worker/engine/delta_cache.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -28,7 +29,8 @@ DeltaCache::~DeltaCache() {
   loader_.join();
 }
 
-absl::Status DeltaCache::Register(const std::string& id, const std::string& path) {
+absl::StatusOr<std::shared_ptr<DeltaCache::Entry>> DeltaCache::Check(
+    const std::string& id, const std::string& path) const {
   if (id.empty() || !IsValidId(id)) {
     return absl::InvalidArgumentError(
         absl::StrCat("fine-tune id \"", id, "\" must be 1 to 128 bytes of [A-Za-z0-9._-]"));
@@ -61,16 +63,84 @@ absl::Status DeltaCache::Register(const std::string& id, const std::string& path
                                                    " bytes, more than the whole delta cache (",
                                                    capacity_bytes_, " bytes)"));
   }
+  auto e = std::make_shared<Entry>();
+  e->id = id;
+  e->path = path;
+  e->revision = std::move(revision);
+  e->reserve_bytes = reserve;
+  return e;
+}
+
+absl::Status DeltaCache::Register(const std::string& id, const std::string& path) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Check(id, path));
   absl::MutexLock lock(&mu_);
   if (entries_.contains(id)) {
     return absl::AlreadyExistsError(absl::StrCat("fine-tune ", id, " is registered twice"));
   }
-  Entry& e = entries_[id];
-  e.path = path;
-  e.revision = revision;
-  e.reserve_bytes = reserve;
+  entries_.emplace(id, std::move(e));
   ++stats_.num_registered;
   return absl::OkStatus();
+}
+
+absl::Status DeltaCache::Replace(const std::string& id, const std::string& path) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Check(id, path));
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(id);
+  if (it == entries_.end()) {
+    entries_.emplace(id, std::move(e));
+    ++stats_.num_registered;
+    return absl::OkStatus();
+  }
+  std::shared_ptr<Entry> old = std::move(it->second);
+  it->second = std::move(e);
+  RemoveLocked(old);
+  return absl::OkStatus();
+}
+
+absl::Status DeltaCache::Unregister(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(id);
+  if (it == entries_.end()) {
+    return absl::NotFoundError(absl::StrCat("fine-tune ", id, " is not registered"));
+  }
+  std::shared_ptr<Entry> old = std::move(it->second);
+  entries_.erase(it);
+  --stats_.num_registered;
+  RemoveLocked(old);
+  return absl::OkStatus();
+}
+
+void DeltaCache::RemoveLocked(const std::shared_ptr<Entry>& e) {
+  switch (e->state) {
+    case State::kResident:
+      if (e->pins == 0) {
+        FreeLocked(*e);
+        StartLoads();  // its room may let a queued load start
+      } else {
+        e->removed = true;  // freed by the last Release
+      }
+      break;
+    case State::kQueued:
+      queued_.erase(std::find(queued_.begin(), queued_.end(), e));
+      e->state = State::kOnDisk;
+      break;
+    case State::kLoading:
+      e->removed = true;  // dropped when its load ends
+      break;
+    case State::kOnDisk:
+    case State::kFailed:
+      break;
+  }
+}
+
+void DeltaCache::FreeLocked(Entry& e) {
+  const DeltaWeights* key = e.delta.get();
+  stats_.resident_bytes -= e.delta->resident_bytes;
+  --stats_.num_resident;
+  e.delta.reset();
+  e.state = State::kOnDisk;
+  used_bytes_ -= e.reserve_bytes;
+  resident_.erase(key);  // last: it may hold the only reference to `e`
 }
 
 bool DeltaCache::Has(const std::string& id) const {
@@ -81,7 +151,7 @@ bool DeltaCache::Has(const std::string& id) const {
 std::string DeltaCache::Revision(const std::string& id) const {
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(id);
-  return it == entries_.end() ? "" : it->second.revision;
+  return it == entries_.end() ? "" : it->second->revision;
 }
 
 std::vector<std::string> DeltaCache::Ids() const {
@@ -91,26 +161,39 @@ std::vector<std::string> DeltaCache::Ids() const {
   return ids;
 }
 
+std::vector<std::pair<std::string, std::string>> DeltaCache::Revisions() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& [id, e] : entries_) out.emplace_back(id, e->revision);
+  return out;
+}
+
 void DeltaCache::Prefetch(const std::string& id) {
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(id);
   if (it == entries_.end()) return;
-  Entry& e = it->second;
+  Entry& e = *it->second;
   if (e.state != State::kOnDisk && e.state != State::kFailed) return;
   if (e.state == State::kFailed && absl::Now() < e.failed_at + retry_after_) return;
   e.state = State::kQueued;
   e.error = absl::OkStatus();
-  queued_.push_back(id);
+  queued_.push_back(it->second);
   StartLoads();
 }
 
-absl::StatusOr<const DeltaWeights*> DeltaCache::Acquire(const std::string& id) {
+absl::StatusOr<const DeltaWeights*> DeltaCache::Acquire(const std::string& id,
+                                                        const std::string* revision) {
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(id);
   if (it == entries_.end()) {
     return absl::NotFoundError(absl::StrCat("fine-tune ", id, " is not registered"));
   }
-  Entry& e = it->second;
+  Entry& e = *it->second;
+  if (revision != nullptr && *revision != e.revision) {
+    return absl::AbortedError(absl::StrCat("fine-tune ", id,
+                                           " was replaced by a new revision while the request "
+                                           "waited; try it again"));
+  }
   switch (e.state) {
     case State::kResident:
       ++e.pins;
@@ -121,7 +204,7 @@ absl::StatusOr<const DeltaWeights*> DeltaCache::Acquire(const std::string& id) {
       return e.error;
     case State::kOnDisk:
       e.state = State::kQueued;
-      queued_.push_back(id);
+      queued_.push_back(it->second);
       StartLoads();
       return nullptr;
     case State::kQueued:
@@ -131,48 +214,51 @@ absl::StatusOr<const DeltaWeights*> DeltaCache::Acquire(const std::string& id) {
   return nullptr;
 }
 
-void DeltaCache::Release(const std::string& id) {
+void DeltaCache::Release(const DeltaWeights* delta) {
   absl::MutexLock lock(&mu_);
-  auto it = entries_.find(id);
-  if (it == entries_.end() || it->second.pins == 0) {
-    LOG(ERROR) << "DeltaCache::Release of fine-tune " << id << " that is not pinned";
+  auto it = resident_.find(delta);
+  if (it == resident_.end() || it->second->pins == 0) {
+    LOG(ERROR) << "DeltaCache::Release of a delta that is not pinned";
     return;
   }
-  Entry& e = it->second;
+  Entry& e = *it->second;
   --e.pins;
   e.last_use = ++tick_;
-  if (e.pins == 0 && !queued_.empty()) StartLoads();
+  if (e.pins > 0) return;
+  if (e.removed) {
+    FreeLocked(e);  // unregistered or replaced meanwhile: nobody holds it now
+    StartLoads();
+  } else if (!queued_.empty()) {
+    StartLoads();
+  }
 }
 
 void DeltaCache::StartLoads() {
   while (!queued_.empty()) {
-    Entry& e = entries_.at(queued_.front());
+    Entry& e = *queued_.front();
     while (used_bytes_ + e.reserve_bytes > capacity_bytes_) {
       Entry* victim = nullptr;
       for (auto& [id, other] : entries_) {
-        if (other.state == State::kResident && other.pins == 0 &&
-            (victim == nullptr || other.last_use < victim->last_use)) {
-          victim = &other;
+        if (other->state == State::kResident && other->pins == 0 &&
+            (victim == nullptr || other->last_use < victim->last_use)) {
+          victim = other.get();
         }
       }
       if (victim == nullptr) return;  // wait for a Release
-      stats_.resident_bytes -= victim->delta->resident_bytes;
-      --stats_.num_resident;
       ++stats_.num_evictions;
-      victim->delta.reset();
-      victim->state = State::kOnDisk;
-      used_bytes_ -= victim->reserve_bytes;
+      FreeLocked(*victim);
     }
     used_bytes_ += e.reserve_bytes;
     e.state = State::kLoading;
-    to_load_.push_back(queued_.front());
+    to_load_.push_back(std::move(queued_.front()));
     queued_.pop_front();
   }
 }
 
 void DeltaCache::LoaderLoop() {
   while (true) {
-    std::string id, path;
+    std::shared_ptr<Entry> entry;
+    std::string path;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
@@ -180,9 +266,9 @@ void DeltaCache::LoaderLoop() {
                ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) { return c->stop_ || !c->to_load_.empty(); },
           this));
       if (stop_) return;
-      id = to_load_.front();
+      entry = std::move(to_load_.front());
       to_load_.pop_front();
-      path = entries_.at(id).path;
+      path = entry->path;
     }
     const absl::Time start = absl::Now();
     absl::StatusOr<std::unique_ptr<DeltaWeights>> loaded =
@@ -190,33 +276,42 @@ void DeltaCache::LoaderLoop() {
     const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
     {
       absl::MutexLock lock(&mu_);
-      Entry& e = entries_.at(id);
+      Entry& e = *entry;
       stats_.load_seconds += seconds;
-      if (loaded.ok() && (*loaded)->resident_bytes > e.reserve_bytes &&
-          used_bytes_ - e.reserve_bytes + (*loaded)->resident_bytes > capacity_bytes_) {
-        // The file grew since it was registered (replaced in place) beyond the room left.
-        loaded = absl::ResourceExhaustedError(
-            absl::StrCat("fine-tune ", id, ": its delta grew to ", (*loaded)->resident_bytes,
-                         " bytes since registration, more than the delta cache has room for"));
-      }
-      if (loaded.ok()) {
-        // Account what the delta really holds from now on.
-        used_bytes_ += (*loaded)->resident_bytes - e.reserve_bytes;
-        e.reserve_bytes = (*loaded)->resident_bytes;
-        e.delta = *std::move(loaded);
-        e.state = State::kResident;
-        e.last_use = ++tick_;
-        ++stats_.num_loads;
-        ++stats_.num_resident;
-        stats_.resident_bytes += e.delta->resident_bytes;
-      } else {
-        LOG(ERROR) << "loading fine-tune " << id << ": " << loaded.status();
-        e.error = loaded.status();
-        e.state = State::kFailed;
-        e.failed_at = absl::Now();
-        ++stats_.num_load_failures;
+      if (e.removed) {
+        // Unregistered or replaced while it loaded: nobody can use it (a load all the same).
+        ++(loaded.ok() ? stats_.num_loads : stats_.num_load_failures);
+        e.state = State::kOnDisk;
         used_bytes_ -= e.reserve_bytes;
         StartLoads();
+      } else {
+        if (loaded.ok() && (*loaded)->resident_bytes > e.reserve_bytes &&
+            used_bytes_ - e.reserve_bytes + (*loaded)->resident_bytes > capacity_bytes_) {
+          // The file grew since it was registered (replaced in place) beyond the room left.
+          loaded = absl::ResourceExhaustedError(
+              absl::StrCat("fine-tune ", e.id, ": its delta grew to ", (*loaded)->resident_bytes,
+                           " bytes since registration, more than the delta cache has room for"));
+        }
+        if (loaded.ok()) {
+          // Account what the delta really holds from now on.
+          used_bytes_ += (*loaded)->resident_bytes - e.reserve_bytes;
+          e.reserve_bytes = (*loaded)->resident_bytes;
+          e.delta = *std::move(loaded);
+          e.state = State::kResident;
+          e.last_use = ++tick_;
+          resident_.emplace(e.delta.get(), entry);
+          ++stats_.num_loads;
+          ++stats_.num_resident;
+          stats_.resident_bytes += e.delta->resident_bytes;
+        } else {
+          LOG(ERROR) << "loading fine-tune " << e.id << ": " << loaded.status();
+          e.error = loaded.status();
+          e.state = State::kFailed;
+          e.failed_at = absl::Now();
+          ++stats_.num_load_failures;
+          used_bytes_ -= e.reserve_bytes;
+          StartLoads();
+        }
       }
     }
     absl::MutexLock lock(&notify_mu_);
@@ -233,9 +328,9 @@ DeltaCacheStats DeltaCache::GetStats() const {
   absl::MutexLock lock(&mu_);
   DeltaCacheStats s = stats_;
   s.num_pinned = 0;
+  for (const auto& [delta, e] : resident_) s.num_pinned += e->pins > 0 ? 1 : 0;
   for (const auto& [id, e] : entries_) {
-    s.num_pinned += e.pins > 0 ? 1 : 0;
-    if (e.state == State::kResident) s.resident_ids.push_back(id);
+    if (e->state == State::kResident) s.resident_ids.push_back(id);
   }
   s.num_waiting_for_room = static_cast<int64_t>(queued_.size());
   return s;

@@ -15,9 +15,14 @@
 // successful Acquire is paired with one Release. A failed load (file gone, checksum mismatch) is
 // reported to every Acquire of that fine-tune until the next Prefetch tries again.
 //
-// Thread contract: one owner thread (the worker's step loop) calls every method except
-// SetNotify and GetStats; loads run on the cache's own loader thread, which calls the notify
-// callback after each load ends (never under the cache's lock).
+// Changes while serving. Fine-tunes may be registered, replaced (a new file under the same id) and
+// unregistered at any time (a worker rescanning its --fine_tune_dir). A delta that sequences hold
+// stays in memory for them until the last Release (it leaves the cache's budget only then); an
+// id unregistered or replaced is what Has, Revision and Acquire see at once.
+//
+// Thread contract: every method may be called from any thread (the worker's step loop calls
+// most; the rescan registers and unregisters); loads run on the cache's own loader thread, which
+// calls the notify callback after each load ends (never under the cache's lock).
 #ifndef STRATA_WORKER_ENGINE_DELTA_CACHE_H_
 #define STRATA_WORKER_ENGINE_DELTA_CACHE_H_
 
@@ -31,6 +36,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -74,19 +80,31 @@ class DeltaCache {
   // ALREADY_EXISTS for a second registration of an id; FAILED_PRECONDITION for a delta of another
   // base; NOT_FOUND when the file does not exist.
   absl::Status Register(const std::string& id, const std::string& path);
+  // Registers `path` as `id` in place of what `id` was (or as a new id): checked as Register
+  // first, and on an error the registration before stays (so does a delta of it in memory).
+  absl::Status Replace(const std::string& id, const std::string& path);
+  // Unregisters `id` (NOT_FOUND if it is not registered). Sequences holding its delta keep it
+  // until they release it; a load in progress is dropped when it ends.
+  absl::Status Unregister(const std::string& id);
   bool Has(const std::string& id) const;
   // The registered delta's revision (its data checksum); empty for an unknown id.
   std::string Revision(const std::string& id) const;
   // Registered ids, sorted.
   std::vector<std::string> Ids() const;
+  // Registered ids with their revisions, sorted by id (one snapshot).
+  std::vector<std::pair<std::string, std::string>> Revisions() const;
 
   // Starts loading `id` unless it is resident or loading already (a failed one once retry_after
   // has passed since it failed).
   void Prefetch(const std::string& id);
   // The resident delta of `id`, pinned (Release it once), or null while it loads (Prefetch is
-  // implied). The load's error when the last one failed; NOT_FOUND for an unregistered id.
-  absl::StatusOr<const DeltaWeights*> Acquire(const std::string& id);
-  void Release(const std::string& id);
+  // implied). The load's error when the last one failed; NOT_FOUND for an unregistered id;
+  // ABORTED when `revision` is given and `id` is registered under another one now (replaced
+  // since the caller looked: what it computed for the old one does not hold).
+  absl::StatusOr<const DeltaWeights*> Acquire(const std::string& id,
+                                              const std::string* revision = nullptr);
+  // Unpins a delta Acquire returned (whether or not its id is still registered as it).
+  void Release(const DeltaWeights* delta);
 
   // `notify` runs on the loader thread after each load ends; null stops it, and once SetNotify
   // returns no earlier callback is running or will run. Any thread.
@@ -97,6 +115,7 @@ class DeltaCache {
  private:
   enum class State { kOnDisk, kQueued, kLoading, kResident, kFailed };
   struct Entry {
+    std::string id;
     std::string path;
     std::string revision;
     int64_t reserve_bytes = 0;  // the file's tensor bytes: the room a load asks for
@@ -106,7 +125,16 @@ class DeltaCache {
     absl::Time failed_at = absl::InfinitePast();
     int64_t pins = 0;
     int64_t last_use = 0;
+    // Unregistered or replaced while pinned or loading: out of entries_, freed once neither.
+    bool removed = false;
   };
+  // The checks of Register, outside the lock: the entry `path` would be.
+  absl::StatusOr<std::shared_ptr<Entry>> Check(const std::string& id,
+                                               const std::string& path) const;
+  // Takes `e` out of the cache (it is out of entries_ already): freed now, or marked removed.
+  void RemoveLocked(const std::shared_ptr<Entry>& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops a resident delta's memory (`e` may be gone afterwards: a removed entry is).
+  void FreeLocked(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Starts queued loads, in order, while evicting unpinned deltas makes room for them.
   void StartLoads() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -118,10 +146,12 @@ class DeltaCache {
   const absl::Duration retry_after_;
 
   mutable absl::Mutex mu_;
-  std::map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::shared_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);
+  // Every resident delta (removed ones too, while pinned), by address: what Release finds.
+  absl::flat_hash_map<const DeltaWeights*, std::shared_ptr<Entry>> resident_ ABSL_GUARDED_BY(mu_);
   // Waiting for room, in arrival order, and handed to the loader thread.
-  std::deque<std::string> queued_ ABSL_GUARDED_BY(mu_);
-  std::deque<std::string> to_load_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::shared_ptr<Entry>> queued_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::shared_ptr<Entry>> to_load_ ABSL_GUARDED_BY(mu_);
   // Resident plus reserved for loads in progress.
   int64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tick_ ABSL_GUARDED_BY(mu_) = 0;

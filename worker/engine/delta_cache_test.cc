@@ -104,7 +104,7 @@ TEST_F(DeltaCacheTest, RegistersAndLoadsLoraAdapters) {
   ASSERT_NE(*d, nullptr);
   EXPECT_TRUE((*d)->lora);
   EXPECT_EQ(cache.GetStats().resident_bytes, info->resident_bytes);
-  cache.Release("lora");
+  cache.Release(*d);
   // Too big for the budget, and an adapter for another shape of model, are refused at start.
   DeltaCache small(base_.get(), fingerprint_, info->resident_bytes - 1);
   EXPECT_TRUE(absl::StrContains(small.Register("lora", kLora).message(), "whole delta cache"));
@@ -145,7 +145,7 @@ TEST_F(DeltaCacheTest, LoadsInTheBackgroundThenServesPinned) {
   EXPECT_EQ(s.num_pinned, 1);
   EXPECT_EQ(s.resident_bytes, (*d)->resident_bytes);
   EXPECT_EQ(s.resident_ids, std::vector<std::string>{"c"});
-  cache.Release("c");
+  cache.Release(*d);
   EXPECT_EQ(cache.GetStats().num_pinned, 0);
   // Prefetch of a resident delta loads nothing.
   cache.Prefetch("c");
@@ -172,18 +172,19 @@ TEST_F(DeltaCacheTest, EvictsTheLeastRecentlyUsedUnpinnedDelta) {
   EXPECT_EQ(s.num_waiting_for_room, 1);
   EXPECT_EQ(s.num_evictions, 0);
   // Releasing b makes it the only unpinned delta: it goes, c comes in.
-  cache.Release("b");
+  cache.Release(b);
   WaitForLoads(cache, 3);
   s = cache.GetStats();
   EXPECT_EQ(s.num_evictions, 1);
   EXPECT_EQ(s.num_resident, 2);
   EXPECT_LE(s.resident_bytes, 2 * delta_bytes_ + delta_bytes_ / 2);
-  EXPECT_NE(*cache.Acquire("c"), nullptr);
+  const DeltaWeights* c = *cache.Acquire("c");
+  EXPECT_NE(c, nullptr);
   EXPECT_EQ(*cache.Acquire("a"), a);        // still resident, same memory
   EXPECT_EQ(*cache.Acquire("b"), nullptr);  // evicted: loading again, needs room
-  cache.Release("a");
-  cache.Release("a");
-  cache.Release("c");
+  cache.Release(a);
+  cache.Release(a);
+  cache.Release(c);
   WaitForLoads(cache, 4);
   EXPECT_NE(*cache.Acquire("b"), nullptr);
 }
@@ -233,6 +234,72 @@ TEST_F(DeltaCacheTest, AFailedLoadIsNotRetriedBeforeItsBackoff) {
   cache.Prefetch("gone");  // within the backoff: no second read
   EXPECT_EQ(cache.Acquire("gone").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(cache.GetStats().num_load_failures, 1);
+}
+
+// Fine-tunes come and go while serving: an unregistered or replaced delta that a sequence holds
+// stays in memory (and in the budget) until its last Release, and is gone then.
+TEST_F(DeltaCacheTest, UnregisterAndReplaceWhileServing) {
+  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
+  ASSERT_TRUE(cache.Register("a", c_path_).ok());
+  ASSERT_TRUE(cache.Register("b", man_path_).ok());
+  EXPECT_EQ(cache.Unregister("nope").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(*cache.Acquire("a"), nullptr);
+  WaitForLoads(cache, 1);
+  const DeltaWeights* a = *cache.Acquire("a");
+  ASSERT_NE(a, nullptr);
+  // Unregistered while held: unknown from now on, in memory until released.
+  ASSERT_TRUE(cache.Unregister("a").ok());
+  EXPECT_FALSE(cache.Has("a"));
+  EXPECT_EQ(cache.Acquire("a").status().code(), absl::StatusCode::kNotFound);
+  DeltaCacheStats s = cache.GetStats();
+  EXPECT_EQ(s.num_registered, 1);
+  EXPECT_EQ(s.num_resident, 1);
+  EXPECT_EQ(s.num_pinned, 1);
+  EXPECT_TRUE(s.resident_ids.empty());
+  EXPECT_EQ(a->path, c_path_);  // still readable
+  cache.Release(a);
+  s = cache.GetStats();
+  EXPECT_EQ(s.num_resident, 0);
+  EXPECT_EQ(s.resident_bytes, 0);
+  // Registered again under the same id: a fresh load.
+  ASSERT_TRUE(cache.Register("a", c_path_).ok());
+  EXPECT_EQ(*cache.Acquire("a"), nullptr);
+  WaitForLoads(cache, 2);
+  const DeltaWeights* old = *cache.Acquire("a");
+  ASSERT_NE(old, nullptr);
+  const std::string old_revision = cache.Revision("a");
+  // Replaced by another file while held: the new revision at once, the old delta until released.
+  ASSERT_TRUE(cache.Replace("a", man_path_).ok());
+  EXPECT_NE(cache.Revision("a"), old_revision);
+  EXPECT_EQ(cache.Revision("a"), cache.Revision("b"));
+  EXPECT_EQ(cache.GetStats().num_registered, 2);
+  // A caller that looked before the replacement is told to start again.
+  EXPECT_EQ(cache.Acquire("a", &old_revision).status().code(), absl::StatusCode::kAborted);
+  const std::string new_revision = cache.Revision("a");
+  EXPECT_EQ(*cache.Acquire("a", &new_revision), nullptr);  // loading the new file
+  WaitForLoads(cache, 3);
+  const DeltaWeights* replaced = *cache.Acquire("a", &new_revision);
+  ASSERT_NE(replaced, nullptr);
+  EXPECT_NE(replaced, old);
+  EXPECT_EQ(replaced->path, man_path_);
+  EXPECT_EQ(cache.GetStats().num_resident, 2);  // the old one is still held
+  cache.Release(old);
+  EXPECT_EQ(cache.GetStats().num_resident, 1);
+  cache.Release(replaced);
+  // A replacement that cannot be used leaves the registration before.
+  const std::string missing = TempPath("missing.delta.safetensors");
+  EXPECT_FALSE(cache.Replace("a", missing).ok());
+  EXPECT_EQ(cache.Revision("a"), new_revision);
+  EXPECT_EQ(*cache.Acquire("a"), replaced);
+  cache.Release(replaced);
+  // Unregistered while its load runs: dropped when the load ends, its room given back.
+  EXPECT_EQ(*cache.Acquire("b"), nullptr);
+  ASSERT_TRUE(cache.Unregister("b").ok());
+  WaitForLoads(cache, 4);
+  s = cache.GetStats();
+  EXPECT_EQ(s.num_resident, 1);
+  EXPECT_EQ(s.resident_ids, std::vector<std::string>{"a"});
+  EXPECT_EQ(s.num_registered, 1);
 }
 
 TEST_F(DeltaCacheTest, StopsCleanlyWithLoadsInFlightAndNotifyCleared) {

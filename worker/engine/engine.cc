@@ -154,10 +154,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     o.max_blocks_per_seq =
         (weights->config.max_position_embeddings + c.block_tokens - 1) / c.block_tokens + 1;
     o.delta_bytes = 0;
-    if (!c.fine_tunes.empty()) {
+    if (!c.fine_tunes.empty() || c.fine_tunes_may_change) {
       // The deltas of running sequences, which DeltaCache keeps within delta_cache_bytes, plus
-      // the few hundred bytes of alignment each may take more on the device.
-      o.delta_bytes = c.delta_cache_bytes + 1024 * static_cast<int64_t>(c.fine_tunes.size() + 1);
+      // the few hundred bytes of alignment each may take more on the device (a step runs at
+      // most one delta per sequence).
+      const int64_t deltas = c.fine_tunes_may_change
+                                 ? c.max_running_sequences
+                                 : std::min<int64_t>(c.max_running_sequences,
+                                                     static_cast<int64_t>(c.fine_tunes.size()));
+      o.delta_bytes = c.delta_cache_bytes + 1024 * (deltas + 1);
     }
     if (c.gpu_random_weights_seed != 0) {
       ASSIGN_OR_RETURN(engine->gpu_,
@@ -188,7 +193,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
   }
   RETURN_IF_ERROR(engine->OpenTiers());
   const EngineConfig& ec = engine->config_;
-  if (!ec.fine_tunes.empty()) {
+  if (!ec.fine_tunes.empty() || ec.fine_tunes_may_change) {
     if (comm->world_size() > 1) {
       return absl::FailedPreconditionError(
           "engine: fine-tunes are served by workers of one tensor-parallel rank only");
@@ -389,11 +394,9 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   s->num_generated = static_cast<int64_t>(o.resume_tokens.size());
   // A delta's revision joins its id in the namespace: a delta file replaced under the same id
   // (after a restart, with the disk tier kept) must not reuse the old one's KV.
+  if (!o.fine_tune_id.empty()) s->fine_tune_revision = deltas_->Revision(o.fine_tune_id);
   s->cache_namespace = CacheNamespace(
-      config_.model_name,
-      FineTuneNamespaceId(o.fine_tune_id,
-                          o.fine_tune_id.empty() ? "" : deltas_->Revision(o.fine_tune_id)),
-      o.cache_salt);
+      config_.model_name, FineTuneNamespaceId(o.fine_tune_id, s->fine_tune_revision), o.cache_salt);
   s->options = std::move(o);
   s->matcher = std::move(matcher);
   if (s->options.grammar != nullptr) WarmGrammar(s->options.grammar);
@@ -463,9 +466,24 @@ void Engine::Charge(const Sequence& s, int64_t computed, int64_t generated) {
 
 void Engine::ReleaseDelta(Sequence* s) {
   if (s->delta != nullptr) {
-    deltas_->Release(s->options.fine_tune_id);
+    deltas_->Release(s->delta);
     s->delta = nullptr;
   }
+}
+
+absl::Status Engine::RegisterFineTune(const std::string& id, const std::string& path,
+                                      bool replace) {
+  if (deltas_ == nullptr) {
+    return absl::FailedPreconditionError("engine: this engine serves no fine-tunes");
+  }
+  return replace ? deltas_->Replace(id, path) : deltas_->Register(id, path);
+}
+
+absl::Status Engine::UnregisterFineTune(const std::string& id) {
+  if (deltas_ == nullptr) {
+    return absl::FailedPreconditionError("engine: this engine serves no fine-tunes");
+  }
+  return deltas_->Unregister(id);
 }
 
 bool Engine::Cancel(const std::string& id) {
@@ -978,14 +996,21 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   const auto try_admit = [&](size_t i) {
     Sequence* w = waiting_[i].get();
     if (!w->options.fine_tune_id.empty() && w->delta == nullptr) {
-      absl::StatusOr<const DeltaWeights*> d = deltas_->Acquire(w->options.fine_tune_id);
+      absl::StatusOr<const DeltaWeights*> d =
+          deltas_->Acquire(w->options.fine_tune_id, &w->fine_tune_revision);
       if (!d.ok()) {
-        // The delta could not be loaded: the request fails (the coordinator may retry it on
-        // another worker).
+        // The delta could not be loaded, or the fine-tune was replaced or removed while the
+        // request waited: the request fails (ABORTED: the coordinator may retry it, on another
+        // worker or, replaced, here).
         RequestOutput out;
         out.request_id = w->id;
         out.finish = FinishReason::kError;
         out.error = d.status();
+        if (!deltas_->Has(w->options.fine_tune_id)) {
+          out.error = absl::AbortedError(absl::StrCat("fine-tune ", w->options.fine_tune_id,
+                                                      " was removed from this worker while the "
+                                                      "request waited"));
+        }
         out.num_prompt_tokens = w->prompt_len;
         out.num_generated_tokens = w->num_generated;
         outputs.push_back(std::move(out));

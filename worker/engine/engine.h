@@ -127,6 +127,9 @@ struct EngineConfig {
   // region that holds their copies too: GpuRunnerOptions::delta_bytes). One rank.
   std::vector<std::pair<std::string, std::string>> fine_tunes;
   int64_t delta_cache_bytes = int64_t{1} << 30;
+  // Fine-tunes may be registered and unregistered while serving (RegisterFineTune, a worker's
+  // --fine_tune_dir rescan), so the engine serves them even when none is registered at start.
+  bool fine_tunes_may_change = false;
   // The vocabulary as bytes (the model's tokenizer's, special tokens empty), for structured
   // output (RequestOptions::grammar). Null: requests with a grammar are refused.
   std::shared_ptr<const TokenTrie> vocabulary;
@@ -347,6 +350,19 @@ class Engine {
   std::string FineTuneRevision(const std::string& id) const {
     return deltas_ != nullptr ? deltas_->Revision(id) : std::string();
   }
+  // FineTuneIds with each one's revision, at one moment.
+  std::vector<std::pair<std::string, std::string>> FineTuneRevisions() const {
+    return deltas_ != nullptr ? deltas_->Revisions()
+                              : std::vector<std::pair<std::string, std::string>>{};
+  }
+  bool ServesFineTunes() const { return deltas_ != nullptr; }
+  bool HasFineTune(const std::string& id) const { return deltas_ != nullptr && deltas_->Has(id); }
+  // Fine-tunes registered, replaced and unregistered while serving (any thread; see DeltaCache:
+  // sequences running on a delta keep it, waiting ones of a fine-tune that changed fail ABORTED,
+  // which a coordinator retries). `replace`: `path` takes the place of what `id` was, and on an
+  // error that stays. FAILED_PRECONDITION without fine-tunes (EngineConfig::fine_tunes_may_change).
+  absl::Status RegisterFineTune(const std::string& id, const std::string& path, bool replace);
+  absl::Status UnregisterFineTune(const std::string& id);
   const EngineConfig& config() const { return config_; }
 
  private:
@@ -388,8 +404,10 @@ class Engine {
     RequestOptions options;
     PenaltyState penalties;
     // The fine-tune's delta, pinned in deltas_ while the sequence runs (from admission until it
-    // finishes, is preempted or is cancelled).
+    // finishes, is preempted or is cancelled), and the revision its cache namespace was made
+    // with (a delta replaced before admission does not match it).
     const DeltaWeights* delta = nullptr;
+    std::string fine_tune_revision;
     // Its tenant's entry in tenants_, where it counts as live while it exists.
     TenantShare* share = nullptr;
     ~Sequence() {

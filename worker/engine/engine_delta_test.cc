@@ -294,6 +294,81 @@ TEST_F(EngineDeltaTest, ARevisedDeltaGetsItsOwnCacheNamespace) {
   for (BlockHash h : want) EXPECT_GE(std::count(ha.begin(), ha.end(), h), 1);
 }
 
+// Fine-tunes registered, replaced and unregistered while the engine serves (a worker rescanning
+// its --fine_tune_dir): a running sequence finishes on the delta it started with, a waiting one
+// whose fine-tune changed under it fails ABORTED (the coordinator retries it), and later requests
+// get the new delta.
+TEST_F(EngineDeltaTest, FineTunesChangeWhileServing) {
+  EngineConfig ec = Config(false);
+  ec.fine_tunes_may_change = true;
+  ec.num_kv_blocks = 20;  // 320 tokens: the first request leaves no room for the second
+  ec.max_batch_tokens = 512;
+  SingleRankCollectives comm;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(base_.get(), &comm, ec);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_TRUE((*engine)->FineTuneIds().empty());
+  const std::vector<int32_t> p_long = Prompt(12, 250), p_short = Prompt(13, 100);
+  std::map<std::string, Outcome> got;
+  // One step, its outputs added to `got` (as RunAll's are).
+  auto step = [&] {
+    if ((*engine)->WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));
+    absl::StatusOr<std::vector<RequestOutput>> outs = (*engine)->Step();
+    ASSERT_TRUE(outs.ok()) << outs.status();
+    for (const RequestOutput& r : *outs) {
+      for (const SampledToken& t : r.tokens) got[r.request_id].tokens.push_back(t.token);
+    }
+  };
+  auto run_all = [&] {
+    for (auto& [id, o] : RunAll(**engine)) {
+      Outcome& g = got[id];
+      g.tokens.insert(g.tokens.end(), o.tokens.begin(), o.tokens.end());
+      g.finish = o.finish;
+      g.error = o.error;
+    }
+  };
+  EXPECT_EQ((*engine)->AddRequest("early", p_short, Greedy("ft")).code(),
+            absl::StatusCode::kNotFound);
+  ASSERT_TRUE((*engine)->RegisterFineTune("ft", c_path_, /*replace=*/false).ok());
+  EXPECT_EQ((*engine)->RegisterFineTune("ft", man_path_, false).code(),
+            absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE((*engine)->AddRequest("long", p_long, Greedy("ft", 30)).ok());
+  while ((*engine)->Stats().num_running == 0) ASSERT_NO_FATAL_FAILURE(step());
+  ASSERT_TRUE((*engine)->AddRequest("waits", p_short, Greedy("ft", 4)).ok());
+  ASSERT_NO_FATAL_FAILURE(step());
+  ASSERT_EQ((*engine)->Stats().num_waiting, 1);  // no blocks for it yet
+  // Replaced while "long" runs on it and "waits" waits for it.
+  ASSERT_TRUE((*engine)->RegisterFineTune("ft", man_path_, /*replace=*/true).ok());
+  run_all();
+  EXPECT_EQ(got["long"].finish, FinishReason::kLength);
+  const std::vector<int32_t> alone = Alone(c_path_, p_long);  // the delta it started with
+  ASSERT_EQ(got["long"].tokens.size(), 30u);
+  EXPECT_EQ(std::vector<int32_t>(got["long"].tokens.begin(), got["long"].tokens.begin() + 12),
+            alone);
+  EXPECT_EQ(got["waits"].finish, FinishReason::kError);
+  EXPECT_EQ(got["waits"].error.code(), absl::StatusCode::kAborted) << got["waits"].error;
+  EngineStats st = (*engine)->Stats();
+  EXPECT_EQ(st.deltas.num_pinned, 0);
+  EXPECT_EQ(st.deltas.num_resident, 0);  // the old delta went with its last sequence
+  // From now on, the new delta.
+  ASSERT_TRUE((*engine)->AddRequest("after", p_short, Greedy("ft")).ok());
+  run_all();
+  EXPECT_EQ(got["after"].tokens, Alone(man_path_, p_short));
+  // Unregistered while a request waits for it: that one fails ABORTED, new ones NOT_FOUND.
+  ASSERT_TRUE((*engine)->AddRequest("long2", p_long, Greedy("", 30)).ok());
+  while ((*engine)->Stats().num_running == 0) ASSERT_NO_FATAL_FAILURE(step());
+  ASSERT_TRUE((*engine)->AddRequest("orphan", p_short, Greedy("ft", 4)).ok());
+  ASSERT_NO_FATAL_FAILURE(step());
+  ASSERT_TRUE((*engine)->UnregisterFineTune("ft").ok());
+  EXPECT_EQ((*engine)->UnregisterFineTune("ft").code(), absl::StatusCode::kNotFound);
+  run_all();
+  EXPECT_EQ(got["long2"].finish, FinishReason::kLength);
+  EXPECT_EQ(got["orphan"].error.code(), absl::StatusCode::kAborted) << got["orphan"].error;
+  EXPECT_TRUE(absl::StrContains(got["orphan"].error.message(), "removed")) << got["orphan"].error;
+  EXPECT_EQ((*engine)->AddRequest("late", p_short, Greedy("ft")).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_TRUE((*engine)->FineTuneIds().empty());
+}
+
 TEST_F(EngineDeltaTest, ConfigurationErrorsAreNamed) {
   SingleRankCollectives comm;
   EngineConfig ec = Config(true);

@@ -37,8 +37,7 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
                                             limits.model_name, "\")"));
   }
   if (!request.fine_tune_id().empty() &&
-      std::find(limits.fine_tune_ids.begin(), limits.fine_tune_ids.end(), request.fine_tune_id()) ==
-          limits.fine_tune_ids.end()) {
+      (limits.fine_tunes == nullptr || !limits.fine_tunes->HasFineTune(request.fine_tune_id()))) {
     return absl::NotFoundError(
         absl::StrCat("fine_tune_id \"", request.fine_tune_id(), "\" is not served by this worker"));
   }

@@ -20,7 +20,8 @@ namespace strata {
 // What the worker serves, for validation.
 struct SubmitLimits {
   std::string model_name;
-  std::vector<std::string> fine_tune_ids;
+  // The fine-tunes served (they may change while serving; null: none).
+  const Engine* fine_tunes = nullptr;
   int64_t vocab_size = 0;
   // Prompt plus output, in tokens.
   int64_t max_context_tokens = 0;

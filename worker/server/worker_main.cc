@@ -50,6 +50,7 @@
 #include "worker/model/lora.h"
 #include "worker/model/model_runner.h"
 #include "worker/model/weights.h"
+#include "worker/server/fine_tune_dir.h"
 #include "worker/server/follower_ranks.h"
 #include "worker/server/worker_service.h"
 
@@ -174,7 +175,13 @@ ABSL_FLAG(bool, gpu_lora, false,
 ABSL_FLAG(std::string, fine_tune_dir, "",
           "A directory whose *.delta.safetensors files are served as fine-tunes, each under its "
           "file name without the suffix, and whose subdirectories holding a PEFT LoRA adapter "
-          "(adapter_config.json, adapter_model.safetensors) under their own names.");
+          "(adapter_config.json, adapter_model.safetensors) under their own names. Read again "
+          "every --fine_tune_rescan_s: fine-tunes are added, replaced and removed by putting "
+          "files in it (move finished files in) without a restart.");
+ABSL_FLAG(double, fine_tune_rescan_s, 10,
+          "How often to read --fine_tune_dir again (0: only at start). A new or changed entry is "
+          "taken at the first rescan that finds it unchanged; one gone is removed (requests "
+          "running on it finish).");
 ABSL_FLAG(int64_t, delta_cache_mb, 1024,
           "Memory for loaded fine-tune deltas; the least recently used unpinned ones are evicted.");
 ABSL_FLAG(int, tensor_parallel, 1,
@@ -202,8 +209,10 @@ int ThreadsPerRank(int world_size) {
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / world_size);
 }
 
-// The fine-tunes of --fine_tunes and --fine_tune_dir, as (id, path) pairs.
-absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags() {
+// The fine-tunes of --fine_tunes and --fine_tune_dir, as (id, path) pairs; `in_dir` gets those
+// of the directory.
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags(
+    std::vector<FineTuneFile>* in_dir) {
   std::vector<std::pair<std::string, std::string>> out;
   for (const std::string& entry : absl::GetFlag(FLAGS_fine_tunes)) {
     const size_t eq = entry.find('=');
@@ -215,23 +224,8 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags()
   }
   const std::string dir = absl::GetFlag(FLAGS_fine_tune_dir);
   if (!dir.empty()) {
-    constexpr absl::string_view kSuffix = ".delta.safetensors";
-    std::error_code ec;
-    std::vector<std::pair<std::string, std::string>> found;
-    // increment(ec), not the range-for's throwing ++: a directory error is a message, not a crash.
-    for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-      const std::string name = it->path().filename().string();
-      if (name.size() > kSuffix.size() && absl::EndsWith(name, kSuffix)) {
-        found.emplace_back(name.substr(0, name.size() - kSuffix.size()), it->path().string());
-      } else if (IsLoraAdapter(it->path().string())) {
-        found.emplace_back(name, it->path().string());
-      }
-    }
-    if (ec) {
-      return absl::InvalidArgumentError(absl::StrCat("--fine_tune_dir ", dir, ": ", ec.message()));
-    }
-    std::sort(found.begin(), found.end());
-    out.insert(out.end(), found.begin(), found.end());
+    ASSIGN_OR_RETURN(*in_dir, ScanFineTuneDir(dir));
+    for (const FineTuneFile& f : *in_dir) out.emplace_back(f.id, f.path);
   }
   return out;
 }
@@ -433,12 +427,24 @@ int Main(const std::vector<std::string>& args) {
     LOG(ERROR) << "--gpu_dtype must be bf16, f16 or f32, not \"" << g << "\"";
     return 1;
   }
-  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> fine_tunes = FineTuneFlags();
+  std::vector<FineTuneFile> fine_tunes_in_dir;
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> fine_tunes =
+      FineTuneFlags(&fine_tunes_in_dir);
   if (!fine_tunes.ok()) {
     LOG(ERROR) << fine_tunes.status().message();
     return 1;
   }
   ec.fine_tunes = *std::move(fine_tunes);
+  const double rescan_s = absl::GetFlag(FLAGS_fine_tune_rescan_s);
+  if (!(rescan_s >= 0)) {
+    LOG(ERROR) << "--fine_tune_rescan_s must be 0 or more, not " << rescan_s;
+    return 1;
+  }
+  // A directory read again serves fine-tunes even while it holds none (one rank only: tensor-
+  // parallel workers refuse fine-tunes).
+  const bool rescan_fine_tunes =
+      !absl::GetFlag(FLAGS_fine_tune_dir).empty() && rescan_s > 0 && world == 1;
+  ec.fine_tunes_may_change = rescan_fine_tunes;
   if (ec.device != "cpu" && !absl::GetFlag(FLAGS_gpu_lora)) {
     for (const auto& [id, path] : ec.fine_tunes) {
       if (IsLoraAdapter(path)) {
@@ -507,11 +513,33 @@ int Main(const std::vector<std::string>& args) {
   MetricsRegistry metrics;
   const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   if (!metrics_listen.empty()) wo.metrics = &metrics;
+  Engine* const engine_ptr = engine->get();  // the service owns it, and outlives the watcher
   absl::StatusOr<std::unique_ptr<WorkerService>> service =
       WorkerService::Create(*std::move(engine), wo);
   if (!service.ok()) {
     LOG(ERROR) << service.status();
     return 1;
+  }
+  // --fine_tune_dir read again while serving; declared after the service, so stopped before it.
+  std::unique_ptr<FineTuneDirWatcher> fine_tune_watcher;
+  if (rescan_fine_tunes) {
+    const bool refuse_lora = ec.device != "cpu" && !absl::GetFlag(FLAGS_gpu_lora);
+    FineTuneDirWatcher::Registrar registrar;
+    registrar.add = [engine_ptr, refuse_lora](const std::string& id, const std::string& path,
+                                              bool replace) {
+      if (refuse_lora && IsLoraAdapter(path)) {
+        return absl::FailedPreconditionError(
+            "a LoRA adapter; on a GPU worker they need --gpu_lora (or serve the merged fine-tune "
+            "as a delta)");
+      }
+      return engine_ptr->RegisterFineTune(id, path, replace);
+    };
+    registrar.remove = [engine_ptr](const std::string& id) {
+      return engine_ptr->UnregisterFineTune(id);
+    };
+    fine_tune_watcher = std::make_unique<FineTuneDirWatcher>(
+        absl::GetFlag(FLAGS_fine_tune_dir), fine_tunes_in_dir, std::move(registrar), wo.metrics);
+    fine_tune_watcher->Watch(absl::Seconds(rescan_s));
   }
   GrpcServerOptions so;
   so.listen_address = absl::GetFlag(FLAGS_listen);
@@ -553,11 +581,14 @@ int Main(const std::vector<std::string>& args) {
               << " (" << tiers.disk_recovered << " recovered); compression "
               << KvCompressionName(ec.tiers.compression);
   }
-  if (!ec.fine_tunes.empty()) {
+  if (!ec.fine_tunes.empty() || rescan_fine_tunes) {
     std::vector<std::string> ids;
     for (const auto& [id, path] : ec.fine_tunes) ids.push_back(id);
     LOG(INFO) << "fine-tunes (deltas, up to " << (ec.delta_cache_bytes >> 20)
-              << " MiB loaded): " << absl::StrJoin(ids, ", ");
+              << " MiB loaded): " << (ids.empty() ? "none yet" : absl::StrJoin(ids, ", "))
+              << (rescan_fine_tunes ? absl::StrCat("; ", absl::GetFlag(FLAGS_fine_tune_dir),
+                                                   " read again every ", rescan_s, " s")
+                                    : "");
   }
 
   if (world > 1) {

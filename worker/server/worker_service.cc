@@ -181,8 +181,7 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
     : engine_(std::move(engine)),
       options_(std::move(options)),
       epoch_(NewEpoch()),
-      tiers_at_start_(engine_->Stats().tiers),
-      fine_tune_ids_(engine_->FineTuneIds()) {
+      tiers_at_start_(engine_->Stats().tiers) {
   worker_id_ = options_.worker_id;
   if (options_.metrics != nullptr) {
     step_seconds_ = options_.metrics->GetHistogram(
@@ -306,7 +305,7 @@ grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
   limits.model_name = options_.model_name;
   limits.vocab_size = mc.vocab_size;
   limits.max_context_tokens = mc.max_position_embeddings;
-  limits.fine_tune_ids = fine_tune_ids_;
+  limits.fine_tunes = engine_.get();
   limits.grammars = &grammars_;
   absl::StatusOr<ParsedSubmit> parsed = ParseSubmitRequest(*request, limits);
   if (!parsed.ok()) {
@@ -395,9 +394,9 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   info->set_max_context_tokens(static_cast<uint32_t>(mc.max_position_embeddings));
   info->set_tensor_parallel_size(static_cast<uint32_t>(options_.tensor_parallel_size));
   info->set_block_tokens(static_cast<uint32_t>(engine_->block_tokens()));
-  for (const std::string& ft : fine_tune_ids_) {
+  for (const auto& [ft, revision] : engine_->FineTuneRevisions()) {
     info->add_fine_tune_ids(ft);
-    info->add_fine_tune_revisions(engine_->FineTuneRevision(ft));
+    info->add_fine_tune_revisions(revision);
   }
   v1::TierCapacity* tier = info->add_tiers();
   tier->set_tier(v1::TIER_DEVICE);
@@ -933,7 +932,7 @@ void WorkerService::PublishMetrics(LoopState* state) {
       ->Set(static_cast<double>(st.num_total_blocks));
   m->GetGauge("strata_worker_kv_blocks", kBlocks, {{"tier", "device"}, {"state", "used"}})
       ->Set(static_cast<double>(st.num_total_blocks - st.num_free_blocks));
-  if (!fine_tune_ids_.empty()) {
+  if (engine_->ServesFineTunes()) {
     const DeltaCacheStats& d = st.deltas;
     const char* kFineTunes = "Fine-tunes registered (total) and loaded (resident).";
     m->GetGauge("strata_worker_fine_tunes", kFineTunes, {{"state", "total"}})

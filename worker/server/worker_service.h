@@ -152,8 +152,6 @@ class WorkerService final : public v1::Worker::CallbackService {
   const uint64_t epoch_;
   // Read before the loop starts, immutable after.
   const KvStoreStats tiers_at_start_;
-  // The fine-tunes the engine serves (fixed at start).
-  const std::vector<std::string> fine_tune_ids_;
   // Structured-output grammars compiled for requests, reused by later ones with the same spec.
   GrammarCache grammars_{256};
   std::atomic<bool> draining_{false};
