@@ -4,7 +4,6 @@
 
 #include <atomic>
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -13,18 +12,15 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "worker/model/config.h"
+#include "worker/model/delta_test_util.h"
 #include "worker/model/lora.h"
 #include "worker/model/safetensors.h"
 
 namespace strata {
 namespace {
 
-constexpr char kBase[] = "models/strata-tiny/base";
-
-std::string TempPath(const std::string& name) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  return std::string(dir == nullptr ? "/tmp" : dir) + "/" + name;
-}
+using delta_test::kBase;
+using delta_test::TempPath;
 
 class DeltaCacheTest : public ::testing::Test {
  protected:

@@ -2,7 +2,6 @@
 // replaced in and taken out of the directory while serving, with unreadable and half-written ones.
 #include "worker/server/fine_tune_dir.h"
 
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -10,19 +9,14 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "worker/engine/delta_cache.h"
-#include "worker/model/config.h"
 #include "worker/model/delta.h"
-#include "worker/model/weights.h"
+#include "worker/model/delta_test_util.h"
 
 namespace strata {
 namespace {
 
-constexpr char kBase[] = "models/strata-tiny/base";
-
-std::string TempPath(const std::string& name) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  return std::string(dir == nullptr ? "/tmp" : dir) + "/" + name;
-}
+using delta_test::kBase;
+using delta_test::TempPath;
 
 // Copies `from` to `to` as a finished file appears: written beside it, then renamed over it.
 void MoveIn(const std::string& from, const std::string& to) {
@@ -31,14 +25,12 @@ void MoveIn(const std::string& from, const std::string& to) {
 }
 
 TEST(FineTuneDirTest, FilesComeAndGoWhileServing) {
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(kBase);
-  ASSERT_TRUE(config.ok());
-  absl::StatusOr<std::unique_ptr<ModelWeights>> base = LoadModelWeights(kBase, *config, 0, 1);
-  ASSERT_TRUE(base.ok());
+  const delta_test::Base base = delta_test::LoadBase(kBase);
+  ASSERT_NE(base.weights, nullptr);
   const std::string c = TempPath("c.src"), man = TempPath("man.src");
-  ASSERT_TRUE(CompressDelta(kBase, "models/strata-tiny/ft-c-headers", c, {}).ok());
-  ASSERT_TRUE(CompressDelta(kBase, "models/strata-tiny/ft-man", man, {}).ok());
-  DeltaCache cache(base->get(), BaseFingerprint(*(*base)->files), int64_t{1} << 30);
+  ASSERT_TRUE(CompressDelta(kBase, delta_test::kCHeaders, c, {}).ok());
+  ASSERT_TRUE(CompressDelta(kBase, delta_test::kMan, man, {}).ok());
+  DeltaCache cache(base.weights.get(), base.fingerprint, int64_t{1} << 30);
 
   const std::string dir = TempPath("fine-tunes");
   std::filesystem::remove_all(dir);
