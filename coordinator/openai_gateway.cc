@@ -139,6 +139,27 @@ std::string JsonResponse(int status, const std::string& body) {
   return absl::StrCat(Head(status, "application/json", static_cast<int64_t>(body.size())), body);
 }
 
+// The request field of the OpenAI API that a coordinator's refusal names first (its messages
+// start with the gRPC field: "sampling.top_p must be ...", "model \"x\" is not served here"), or
+// "" when it names none the client set (the answer's "param" is then null).
+std::string ParamOfRefusal(absl::string_view message, bool chat) {
+  const size_t end = message.find_first_not_of("abcdefghijklmnopqrstuvwxyz_.");
+  const absl::string_view field = message.substr(0, end);
+  absl::string_view name = field;
+  if (absl::ConsumePrefix(&name, "sampling.") && !name.empty() &&
+      name.find('.') == absl::string_view::npos) {
+    return std::string(name);
+  }
+  if (field == "model" || field == "fine_tune_id") return "model";
+  if (field == "text" || field == "token_ids" || field == "token_ids.ids" || field == "prompt") {
+    return chat ? "messages" : "prompt";
+  }
+  if (field == "priority" || field == "cache_salt" || field == "request_id") {
+    return std::string(field);
+  }
+  return "";
+}
+
 std::string ErrorResponse(int status, absl::string_view message, absl::string_view param = "") {
   const std::string body = OpenAiErrorJson(status, message, param);
   // A tenant's limits say when to try again (OpenAI's clients wait as Retry-After says); one
@@ -2616,11 +2637,13 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
   }
   if (!failure.ok()) {
     const int http = HttpStatusOf(failure.error_code());
+    const std::string param =
+        http == 400 || http == 404 ? ParamOfRefusal(failure.error_message(), chat) : "";
     if (streaming) {
-      Reply(fd, absl::StrCat("data: ", OpenAiErrorJson(http, failure.error_message(), ""),
+      Reply(fd, absl::StrCat("data: ", OpenAiErrorJson(http, failure.error_message(), param),
                              "\n\ndata: [DONE]\n\n"));
     } else {
-      Reply(fd, ErrorResponse(http, failure.error_message()));
+      Reply(fd, ErrorResponse(http, failure.error_message(), param));
     }
     return;
   }

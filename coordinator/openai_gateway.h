@@ -14,7 +14,10 @@
 // Errors answer with the OpenAI error object ({"error": {"message", "type", "param", "code"}}) and
 // the HTTP status of the gRPC code (HttpStatusOf): 400 for a bad field (the message names it), 404
 // for an unknown model or fine-tune, 429 when the coordinator's queue is full, 503 with no worker,
-// 504 past a deadline. A streamed call that fails after its first event ends with an error event.
+// 504 past a deadline; "param" is the request's field at fault, the coordinator's refusals too
+// (their gRPC field names as the request's: sampling.top_p -> top_p, fine_tune_id -> model, text
+// -> prompt or messages). A streamed call that fails after its first event ends with an error
+// event.
 // A chat completion for a model without a known chat format is refused (400, naming "model").
 //
 // Fine-tunes: "model" may name a fine-tune that ListModels lists under a base model (as vLLM names
