@@ -337,13 +337,22 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
   // Tenants (API keys): their limits and use now.
   if (cs.tenants_size() > 0) {
     std::fputs("\n", out);
-    std::vector<std::vector<std::string>> nrows = {{"TENANT", "RUNNING", "REQ/MIN", "TOKENS/MIN",
-                                                    "TOKENS LEFT", "WEIGHT", "MAX PRIO", "MODELS"}};
+    std::vector<std::vector<std::string>> nrows = {{"TENANT", "RUNNING", "REQ/MIN", "REQ LEFT",
+                                                    "TOKENS/MIN", "TOKENS LEFT", "WEIGHT",
+                                                    "MAX PRIO", "MODELS"}};
     auto limit = [](uint64_t n) { return n == 0 ? std::string("-") : absl::StrCat(n); };
     for (const auto& t : cs.tenants()) {
       nrows.push_back({t.name() + (t.admin() ? " (admin)" : ""),
-                       absl::StrCat(t.running_requests(), "/", limit(t.max_concurrent_requests())),
-                       limit(t.requests_per_minute()), limit(t.tokens_per_minute()),
+                       absl::StrCat(t.running_requests(),
+                                    t.peer_running_requests() > 0
+                                        ? absl::StrCat(" (+", t.peer_running_requests(), " peers)")
+                                        : "",
+                                    "/", limit(t.max_concurrent_requests())),
+                       limit(t.requests_per_minute()),
+                       t.requests_per_minute() == 0
+                           ? "-"
+                           : absl::StrFormat("%.1f", t.requests_available()),
+                       limit(t.tokens_per_minute()),
                        t.tokens_per_minute() == 0
                            ? "-"
                            : absl::StrCat(static_cast<int64_t>(std::llround(t.tokens_available()))),

@@ -140,9 +140,9 @@ grep -q 'may not use' "$tmp/err" || fail "fine-tune refusal: $(cat "$tmp/err")"
 # The admin's status lists the tenants: limits, and the tokens left in the app's bucket (refilled
 # at 1000 a minute, so back at or near full by now: only its bounds are certain).
 status="$(STRATA_API_KEY=sk-ops-0123456789ab $ctl status --coordinator $keyed)"
-grep -qE '^ops \(admin\) +0/- +- +- +- +1 +0 +\(all\)' <<<"$status" || fail "status tenants (ops): $status"
-left="$(awk '$1 == "app" {print $5}' <<<"$status")"
-grep -qE '^app +0/- +- +1000 +[0-9]+ +2 +0 +strata-tiny' <<<"$status" && [ "$left" -le 1000 ] &&
+grep -qE '^ops \(admin\) +0/- +- +- +- +- +1 +0 +\(all\)' <<<"$status" || fail "status tenants (ops): $status"
+left="$(awk '$1 == "app" {print $6}' <<<"$status")"
+grep -qE '^app +0/- +- +- +1000 +[0-9]+ +2 +0 +strata-tiny' <<<"$status" && [ "$left" -le 1000 ] &&
   [ "$left" -ge 990 ] ||
   fail "status tenants (app): $status"
 echo PASS

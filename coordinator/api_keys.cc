@@ -112,9 +112,11 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
   // Only a file that parsed whole touches the counters.
   for (auto& tenant : keys->tenants_) {
     auto [it, added] = counters->emplace(
-        tenant->name, TenantState{tenant->running, tenant->bucket, tenant->token_bucket});
+        tenant->name,
+        TenantState{tenant->running, tenant->peer_running, tenant->bucket, tenant->token_bucket});
     if (!added) {
       tenant->running = it->second.running;
+      tenant->peer_running = it->second.peer_running;
       tenant->bucket = it->second.bucket;
       tenant->token_bucket = it->second.token_bucket;
     }
@@ -261,6 +263,7 @@ absl::Status ApiKeys::Admit(const Tenant& tenant, int64_t units, absl::Time now)
                      "): retry in ", absl::StrFormat("%.1f", wait_s), " s"));
   }
   b.tokens -= static_cast<double>(units);
+  b.taken += static_cast<double>(units);
   return absl::OkStatus();
 }
 
@@ -270,6 +273,32 @@ void ApiKeys::Unadmit(const Tenant& tenant, int64_t units) {
   Tenant::RateBucket& b = *tenant.bucket;
   absl::MutexLock lock(&b.mu);
   b.tokens = std::min(static_cast<double>(rpm), b.tokens + static_cast<double>(units));
+  b.taken -= static_cast<double>(units);
+}
+
+namespace {
+
+double Taken(Tenant::RateBucket& b) {
+  absl::MutexLock lock(&b.mu);
+  return b.taken;
+}
+
+// Charges `amount` a peer took (or, negative, gave back) to `b`.
+void Charge(Tenant::RateBucket& b, int64_t per_minute, double amount, absl::Time now) {
+  if (per_minute <= 0 || amount == 0) return;
+  absl::MutexLock lock(&b.mu);
+  Refill(b, per_minute, now);
+  b.tokens = std::min(static_cast<double>(per_minute), b.tokens - amount);
+}
+
+}  // namespace
+
+double ApiKeys::RequestsTaken(const Tenant& tenant) { return Taken(*tenant.bucket); }
+double ApiKeys::TokensTaken(const Tenant& tenant) { return Taken(*tenant.token_bucket); }
+
+void ApiKeys::ChargePeerUse(const Tenant& tenant, double requests, double tokens, absl::Time now) {
+  Charge(*tenant.bucket, tenant.requests_per_minute, requests, now);
+  Charge(*tenant.token_bucket, tenant.tokens_per_minute, tokens, now);
 }
 
 bool ApiKeys::IsTokensRefusal(const absl::Status& status) {
@@ -293,15 +322,28 @@ absl::StatusOr<ApiKeys::TokenGrant> ApiKeys::TakeTokens(const Tenant& tenant, in
         "); retry in ", absl::StrFormat("%.1f", wait_s), " s"));
   }
   b.tokens -= static_cast<double>(take);
+  b.taken += static_cast<double>(take);
   return TokenGrant(tenant.token_bucket, tpm, take);
 }
 
-double ApiKeys::TokensAvailable(const Tenant& tenant, absl::Time now) {
-  if (tenant.tokens_per_minute <= 0) return 0;
-  Tenant::RateBucket& b = *tenant.token_bucket;
+namespace {
+
+// What `b` holds at `now` (0 without a limit).
+double Available(Tenant::RateBucket& b, int64_t per_minute, absl::Time now) {
+  if (per_minute <= 0) return 0;
   absl::MutexLock lock(&b.mu);
-  Refill(b, tenant.tokens_per_minute, now);
+  Refill(b, per_minute, now);
   return b.tokens;
+}
+
+}  // namespace
+
+double ApiKeys::RequestsAvailable(const Tenant& tenant, absl::Time now) {
+  return Available(*tenant.bucket, tenant.requests_per_minute, now);
+}
+
+double ApiKeys::TokensAvailable(const Tenant& tenant, absl::Time now) {
+  return Available(*tenant.token_bucket, tenant.tokens_per_minute, now);
 }
 
 void ApiKeys::TokenGrant::Settle(int64_t used, absl::Time now) {
@@ -311,6 +353,7 @@ void ApiKeys::TokenGrant::Settle(int64_t used, absl::Time now) {
     Refill(*bucket_, per_minute_, now);
     bucket_->tokens = std::min(static_cast<double>(per_minute_),
                                bucket_->tokens + static_cast<double>(taken_ - used));
+    bucket_->taken -= static_cast<double>(taken_ - used);
   }
   bucket_ = nullptr;
 }
@@ -322,12 +365,16 @@ absl::StatusOr<ApiKeys::Lease> ApiKeys::Acquire(const Tenant& tenant, int64_t un
         absl::StrCat("this request is ", units, " generations, over tenant \"", tenant.name,
                      "\"'s max_concurrent_requests (", limit, "): ask for fewer choices"));
   }
+  // (Its requests through the other coordinators count as they last told; between their reports
+  // the cluster may run a few more than the limit, never this coordinator alone.)
+  const int64_t elsewhere = limit > 0 ? std::max<int64_t>(0, tenant.peer_running->load()) : 0;
   int64_t now = tenant.running->load();
   do {
-    if (limit > 0 && now + units > limit) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("tenant \"", tenant.name, "\" has ", now, " requests running and ", limit,
-                       " may (max_concurrent_requests): retry when one ends"));
+    if (limit > 0 && now + elsewhere + units > limit) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "tenant \"", tenant.name, "\" has ", now + elsewhere, " requests running",
+          elsewhere > 0 ? absl::StrCat(" (", elsewhere, " through other coordinators)") : "",
+          " and ", limit, " may (max_concurrent_requests): retry when one ends"));
     }
   } while (!tenant.running->compare_exchange_weak(now, now + units));
   return Lease(tenant.running, units);

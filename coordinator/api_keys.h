@@ -75,6 +75,9 @@ struct Tenant {
   // Requests of this tenant running now (ApiKeys::Acquire); shared with the same tenant of the
   // keys a reload (ApiKeyStore) brings in.
   std::shared_ptr<std::atomic<int64_t>> running = std::make_shared<std::atomic<int64_t>>(0);
+  // Its requests running through the other coordinators of the cluster, as they last told
+  // (PeerSync); Acquire counts them against max_concurrent_requests too. Shared likewise.
+  std::shared_ptr<std::atomic<int64_t>> peer_running = std::make_shared<std::atomic<int64_t>>(0);
   int64_t requests_per_minute = 0;  // 0: no limit
   double scheduling_weight = 1;
   int64_t max_priority = 0;
@@ -84,6 +87,9 @@ struct Tenant {
     double tokens ABSL_GUARDED_BY(mu) = 0;  // may go below 0 (TokenGrant::Settle)
     bool used ABSL_GUARDED_BY(mu) = false;  // false: full at first use
     absl::Time last ABSL_GUARDED_BY(mu);
+    // What this coordinator's own requests took from it since start, net of what they gave
+    // back (not what peers' use charged): what its peers charge to theirs.
+    double taken ABSL_GUARDED_BY(mu) = 0;
   };
   std::shared_ptr<RateBucket> bucket = std::make_shared<RateBucket>();
   int64_t tokens_per_minute = 0;  // 0: no limit
@@ -117,6 +123,7 @@ class ApiKeys {
   // Parse takes a tenant's from here when it is there, and adds the others.
   struct TenantState {
     std::shared_ptr<std::atomic<int64_t>> running;
+    std::shared_ptr<std::atomic<int64_t>> peer_running;
     std::shared_ptr<Tenant::RateBucket> bucket;
     std::shared_ptr<Tenant::RateBucket> token_bucket;
   };
@@ -195,8 +202,20 @@ class ApiKeys {
   // them. Without a limit, an empty grant.
   static absl::StatusOr<TokenGrant> TakeTokens(const Tenant& tenant, int64_t tokens,
                                                absl::Time now);
-  // The tokens its tokens_per_minute bucket holds at `now` (0 without a limit).
+  // The tokens its tokens_per_minute bucket holds at `now` (0 without a limit); the requests its
+  // requests_per_minute bucket holds likewise.
   static double TokensAvailable(const Tenant& tenant, absl::Time now);
+  static double RequestsAvailable(const Tenant& tenant, absl::Time now);
+
+  // Across coordinators (PeerSync): what this coordinator's requests took of the tenant's
+  // requests_per_minute and tokens_per_minute buckets since it started, net of what they gave
+  // back (0 without the limit)...
+  static double RequestsTaken(const Tenant& tenant);
+  static double TokensTaken(const Tenant& tenant);
+  // ... and what a peer's took since it last told, charged to this coordinator's buckets (taken
+  // even below zero, to be refilled; a negative amount gives back, up to a full bucket), so that
+  // every coordinator's buckets drain with the whole cluster's use.
+  static void ChargePeerUse(const Tenant& tenant, double requests, double tokens, absl::Time now);
 
   // A lease on `units` of `tenant`'s concurrent requests (an HTTP request with n choices or
   // several prompts is that many generations); RESOURCE_EXHAUSTED when they would pass its

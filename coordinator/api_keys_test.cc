@@ -136,6 +136,47 @@ TEST(ApiKeysTest, ConcurrencyLeases) {
   EXPECT_EQ(globex.running->load(), 100);
 }
 
+// Across coordinators (PeerSync): what this one's requests took, net of what they gave back, is
+// what peers charge to their buckets; a peer's use charged here drains this one's buckets (even
+// below zero) and what it gives back refills them, up to full; peers' running requests count
+// against max_concurrent_requests.
+TEST(ApiKeysTest, PeersUseIsChargedAndOwnUseCounted) {
+  absl::StatusOr<std::shared_ptr<const ApiKeys>> keys = ApiKeys::Parse(
+      R"({"tenants": [{"name": "p", "keys": ["sk-peer-0000000000"], "requests_per_minute": 6,
+                       "tokens_per_minute": 600, "max_concurrent_requests": 3}]})",
+      "peers.json");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  const Tenant& p = *(*keys)->tenants()[0];
+  const absl::Time t0 = absl::FromUnixSeconds(1000000);
+  ASSERT_TRUE(ApiKeys::Admit(p, 2, t0).ok());
+  ApiKeys::Unadmit(p, 1);
+  EXPECT_EQ(ApiKeys::RequestsTaken(p), 1);
+  absl::StatusOr<ApiKeys::TokenGrant> g = ApiKeys::TakeTokens(p, 400, t0);
+  ASSERT_TRUE(g.ok());
+  g->Settle(150, t0);
+  EXPECT_EQ(ApiKeys::TokensTaken(p), 150);
+  // A peer's 4 requests and 500 tokens: 1 request and -50 tokens left here.
+  ApiKeys::ChargePeerUse(p, 4, 500, t0);
+  EXPECT_EQ(ApiKeys::RequestsAvailable(p, t0), 1);
+  EXPECT_EQ(ApiKeys::TokensAvailable(p, t0), -50);
+  EXPECT_EQ(ApiKeys::RequestsTaken(p), 1);  // a peer's use is not this coordinator's
+  EXPECT_EQ(ApiKeys::TokensTaken(p), 150);
+  EXPECT_TRUE(ApiKeys::Admit(p, 1, t0).ok());
+  EXPECT_FALSE(ApiKeys::Admit(p, 1, t0).ok());
+  EXPECT_FALSE(ApiKeys::TakeTokens(p, 1, t0).ok());
+  // It gives back 1000 tokens: full, no more.
+  ApiKeys::ChargePeerUse(p, 0, -1000, t0);
+  EXPECT_EQ(ApiKeys::TokensAvailable(p, t0), 600);
+  // Two of its requests run elsewhere: one more fits here.
+  p.peer_running->store(2);
+  absl::StatusOr<ApiKeys::Lease> one = ApiKeys::Acquire(p);
+  ASSERT_TRUE(one.ok());
+  const absl::StatusOr<ApiKeys::Lease> two = ApiKeys::Acquire(p);
+  EXPECT_EQ(two.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(two.status().message(), "3 requests running (2 through other"))
+      << two.status();
+}
+
 // The store reads its file again: keys added and revoked take effect, a file that does not parse
 // leaves the keys before it, and a tenant's running requests count across a reload.
 // requests_per_minute: a minute's requests at once, then as the bucket refills.

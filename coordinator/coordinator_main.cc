@@ -29,6 +29,7 @@
 #include "coordinator/coordinator_service.h"
 #include "coordinator/discovery.h"
 #include "coordinator/openai_gateway.h"
+#include "coordinator/peer_sync.h"
 #include "coordinator/tool_calls.h"
 #include "coordinator/worker_pool.h"
 
@@ -102,6 +103,14 @@ ABSL_FLAG(double, shutdown_grace_s, 10, "On SIGTERM, how long in-flight requests
 ABSL_FLAG(int64_t, shutdown_delay_s, 0,
           "On SIGTERM, how long to keep accepting calls while reporting NOT_SERVING before "
           "closing the listener (time for load balancers to drop this replica).");
+ABSL_FLAG(std::string, peers, "",
+          "The other coordinators of the cluster, for tenants' limits across all of them (with "
+          "--api_keys_file and --cluster_secret_file): host:port,host:port,... or dns:NAME:PORT "
+          "(a headless Service of the coordinators; this one is skipped when it is among them). "
+          "Empty: each coordinator holds tenants to their limits alone.");
+ABSL_FLAG(double, peer_sync_interval_s, 0.5,
+          "How often to ask each --peers coordinator for its tenants' use. Between two answers a "
+          "tenant can go past a limit by what it starts in that time through other coordinators.");
 ABSL_FLAG(std::string, instance_id, "",
           "Prefix of worker-side request ids; default: coord-<random hex> (must differ between "
           "coordinator replicas sharing workers).");
@@ -274,6 +283,12 @@ int Main() {
     access_log = *std::move(opened);
     co.access_log = access_log.get();
   }
+  co.cluster_secret = cluster_secret->get();
+  {
+    absl::BitGen gen;
+    co.coordinator_id =
+        absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(gen), absl::Uniform<uint64_t>(gen));
+  }
   CoordinatorService service(&pool, models->get(), co);
   GrpcServerOptions so;
   so.listen_address = absl::GetFlag(FLAGS_listen);
@@ -325,6 +340,41 @@ int Main() {
   if (!http.ok()) {
     LOG(ERROR) << http.status();
     return 1;
+  }
+  // Tenants' limits across the cluster's coordinators. Declared after the service it reads the
+  // keys of, so it stops first.
+  // (A manifest may set --peers whether or not keys are on: without keys there is nothing to
+  // share, and without the cluster secret peers could not ask each other.)
+  std::unique_ptr<PeerSync> peer_sync;
+  if (const std::string peers = absl::GetFlag(FLAGS_peers); !peers.empty()) {
+    absl::StatusOr<WorkerTargets> targets = ParseWorkerTargets(peers);
+    if (!targets.ok()) {
+      LOG(ERROR) << "--peers: " << targets.status().message();
+      return 2;
+    }
+    const double interval = absl::GetFlag(FLAGS_peer_sync_interval_s);
+    if (!(interval >= 0.05 && interval <= 60)) {
+      LOG(ERROR) << "--peer_sync_interval_s must be in [0.05, 60], not " << interval;
+      return 2;
+    }
+    if (api_keys == nullptr) {
+      LOG(INFO) << "--peers: no API keys, so no tenants' limits to share";
+    } else if (co.cluster_secret == nullptr) {
+      LOG(WARNING) << "--peers without --cluster_secret_file: peers cannot ask each other for "
+                      "their tenants' use, so each coordinator holds tenants to their limits "
+                      "alone";
+    } else {
+      PeerSync::Options ps;
+      ps.peers = *std::move(targets);
+      ps.interval = absl::Seconds(interval);
+      ps.self_id = co.coordinator_id;
+      ps.secret = co.cluster_secret;
+      ps.metrics = co.metrics;
+      peer_sync = std::make_unique<PeerSync>(api_keys, std::move(ps));
+      peer_sync->Start();
+      LOG(INFO) << "tenants' limits shared with the coordinators at " << peers << ", asked every "
+                << interval << " s";
+    }
   }
   if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
     if (absl::Status s = WriteFileAtomically(pf, absl::StrCat((*server)->port(), "\n")); !s.ok()) {

@@ -1205,9 +1205,12 @@ grpc::ServerUnaryReactor* CoordinatorService::GetClusterStatus(
       s->set_running_requests(static_cast<uint32_t>(
           std::clamp<int64_t>(t->running->load(), 0, std::numeric_limits<uint32_t>::max())));
       s->set_max_concurrent_requests(static_cast<uint32_t>(t->max_concurrent_requests));
+      s->set_peer_running_requests(static_cast<uint32_t>(
+          std::clamp<int64_t>(t->peer_running->load(), 0, std::numeric_limits<uint32_t>::max())));
       s->set_requests_per_minute(static_cast<uint64_t>(t->requests_per_minute));
       s->set_tokens_per_minute(static_cast<uint64_t>(t->tokens_per_minute));
       s->set_tokens_available(ApiKeys::TokensAvailable(*t, now));
+      s->set_requests_available(ApiKeys::RequestsAvailable(*t, now));
       s->set_scheduling_weight(t->scheduling_weight);
       s->set_max_priority(static_cast<int32_t>(t->max_priority));
       for (const std::string& m : t->models) s->add_models(m);
@@ -1216,6 +1219,38 @@ grpc::ServerUnaryReactor* CoordinatorService::GetClusterStatus(
     }
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::GetTenantUsage(
+    grpc::CallbackServerContext* context, const v1::GetTenantUsageRequest* /*request*/,
+    v1::TenantUsage* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // A peer coordinator (the cluster secret), or an admin.
+  bool peer = false;
+  if (options_.cluster_secret != nullptr) {
+    const auto& md = context->client_metadata();
+    auto it = md.find(kClusterSecretMetadata);
+    peer = it != md.end() && options_.cluster_secret->Match(
+                                 absl::string_view(it->second.data(), it->second.size())) >= 0;
+  }
+  if (!peer) {
+    if (grpc::Status s = AdminCaller(context); !s.ok()) {
+      reactor->Finish(s);
+      return reactor;
+    }
+  }
+  response->set_coordinator_id(options_.coordinator_id);
+  if (options_.api_keys != nullptr) {
+    for (const auto& t : options_.api_keys->Current()->tenants()) {
+      v1::TenantUse* u = response->add_tenants();
+      u->set_name(t->name);
+      u->set_running_requests(t->running->load());
+      u->set_requests_taken(ApiKeys::RequestsTaken(*t));
+      u->set_tokens_taken(ApiKeys::TokensTaken(*t));
+    }
+  }
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -72,6 +72,11 @@ struct CoordinatorOptions {
   std::string tenant_header;
   // Where each Generate call is logged when it ends (--access_log), or null. Not owned.
   AccessLog* access_log = nullptr;
+  // The cluster secret (--cluster_secret_file), or null: a call carrying it may ask for the
+  // tenants' use (GetTenantUsage, for peer coordinators). Not owned.
+  const ClusterSecret* cluster_secret = nullptr;
+  // TenantUsage.coordinator_id: random, drawn at each start.
+  std::string coordinator_id;
 };
 
 // The models this coordinator serves: their names and tokenizers. Context length and vocabulary
@@ -114,6 +119,9 @@ class CoordinatorService final : public v1::Serving::CallbackService,
   grpc::ServerUnaryReactor* DrainWorker(grpc::CallbackServerContext* context,
                                         const v1::DrainWorkerRequest* request,
                                         v1::DrainWorkerResponse* response) override;
+  grpc::ServerUnaryReactor* GetTenantUsage(grpc::CallbackServerContext* context,
+                                           const v1::GetTenantUsageRequest* request,
+                                           v1::TenantUsage* response) override;
 
   int64_t num_inflight() const { return inflight_.load(); }
 

@@ -331,6 +331,16 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                     fail("%s: --workers names %s, which is not a headless Service here" % (cname, mt.group(1)))
                 if int(mt.group(2)) not in [p["port"] for p in svc["spec"]["ports"]]:
                     fail("%s: --workers port %s is not a port of Service %s" % (cname, mt.group(2), mt.group(1)))
+                # --peers: a headless Service of this Deployment's own pods, ready or not.
+                if "peers" in args:
+                    mp = re.fullmatch(r"dns:([a-z0-9.-]+):([0-9]+)", args["peers"])
+                    psvc = m.get("Service", mp.group(1).split(".")[0]) if mp else None
+                    if (psvc is None or psvc["spec"].get("clusterIP") != "None"
+                            or not psvc["spec"].get("publishNotReadyAddresses")
+                            or not selects(psvc["spec"]["selector"], labels)
+                            or int(mp.group(2)) not in [p["port"] for p in psvc["spec"]["ports"]]):
+                        fail("%s: --peers=%s is not dns:SERVICE:PORT of a headless Service of its "
+                             "own pods, ready or not" % (cname, args["peers"]))
                 model_name, _, model_dir = args.get("model", "").partition("=")
                 if mount_of(model_dir) is None and model_dir.lstrip("/") not in image_models:
                     fail("%s: --model dir %s is neither on a volume nor in the image" % (cname, model_dir))
@@ -750,6 +760,24 @@ def http_completion(coord, body, key=None):
         return e.code, None
 
 
+def scrape(pod):
+    """Prometheus' view: a pod's metrics on the port its annotations name, by series."""
+    ann = pod.workload["spec"]["template"]["metadata"].get("annotations", {})
+    url = "http://%s:%s%s" % (pod.ip, ann["prometheus.io/port"], ann.get("prometheus.io/path", "/metrics"))
+    # Straight to the pod, never through a proxy from the environment.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as r:
+        if r.status != 200 or "version=0.0.4" not in r.headers.get("Content-Type", ""):
+            fail("%s: %s %s" % (url, r.status, r.headers.get("Content-Type")))
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 def access_log_records(pod):
     """The JSON lines of a coordinator's access log (its standard output, in the pod's log)."""
     out = []
@@ -849,23 +877,6 @@ def run_pods(m, rootfs, work):
                     or reply["choices"][0]["text"] != tuned[0]["text"]):
                 fail("%s's /v1/completions answered %s %s; gRPC gave %r" % (coord.name, status, reply, tuned[0]["text"]))
         print("k8s_test: the OpenAI-compatible API answers the same through both coordinators")
-
-        # Prometheus' view: each pod's metrics port, as its annotations name it.
-        def scrape(pod):
-            ann = pod.workload["spec"]["template"]["metadata"].get("annotations", {})
-            url = "http://%s:%s%s" % (pod.ip, ann["prometheus.io/port"], ann.get("prometheus.io/path", "/metrics"))
-            # Straight to the pod, never through a proxy from the environment.
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            with opener.open(url, timeout=5) as r:
-                if r.status != 200 or "version=0.0.4" not in r.headers.get("Content-Type", ""):
-                    fail("%s: %s %s" % (url, r.status, r.headers.get("Content-Type")))
-                text = r.read().decode()
-            values = {}
-            for line in text.splitlines():
-                if line and not line.startswith("#"):
-                    name, _, value = line.rpartition(" ")
-                    values[name] = float(value)
-            return values
 
         # (... + the LoRA adapter's request through each coordinator)
         sent = len(prompts) + 1 + 3 * len(coordinators) + 2 * len(coordinators) + 1 + len(coordinators)
@@ -1062,6 +1073,11 @@ def run_pods_keyed(m, rootfs, work):
             if status != 401:
                 fail("HTTP completion without a key through %s answered %s, want 401" % (coord.name, status))
         print("k8s_test (keys on): both coordinators ask for keys over gRPC and HTTP and serve the tenant's")
+        # Each coordinator hears from the other (--peers, with the cluster secret), so a tenant's
+        # limits hold across both.
+        cluster.wait("each coordinator to hear from the other (--peers)",
+                     lambda: all(scrape(c).get("strata_coordinator_peers") == 1 for c in coordinators), 20)
+        print("k8s_test (keys on): the coordinators share their tenants' use (--peers)")
 
         # The tenant's calls in the coordinators' access logs, by tenant and API.
         def logged(api):

@@ -1,0 +1,124 @@
+#include "coordinator/peer_sync.h"
+
+#include <utility>
+
+#include "absl/time/clock.h"
+#include "common/log.h"
+#include "grpcpp/grpcpp.h"
+
+namespace strata {
+
+PeerSync::PeerSync(std::shared_ptr<ApiKeyStore> keys, Options options)
+    : keys_(std::move(keys)), options_(std::move(options)) {}
+
+PeerSync::~PeerSync() { thread_.reset(); }
+
+void PeerSync::Start() {
+  thread_ = std::make_unique<PeriodicThread>(options_.interval, [this] { SyncOnce(); });
+}
+
+int PeerSync::num_peers() const {
+  absl::MutexLock lock(&mu_);
+  return num_peers_;
+}
+
+void PeerSync::SyncOnce() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> addresses = options_.peers.static_addresses;
+  if (options_.peers.uses_dns()) {
+    absl::StatusOr<std::vector<std::string>> resolved =
+        ResolveAll(options_.peers.dns_name, options_.peers.dns_port);
+    if (!resolved.ok()) {
+      // Keep the peers known: a DNS hiccup must not lift the limits.
+      LOG(WARNING) << "--peers: " << resolved.status();
+      addresses.clear();
+      for (const auto& [address, peer] : peers_) addresses.push_back(address);
+    } else {
+      addresses = *std::move(resolved);
+    }
+  }
+  std::map<std::string, Peer> kept;
+  for (const std::string& address : addresses) {
+    auto it = peers_.find(address);
+    if (it != peers_.end()) {
+      kept.emplace(address, std::move(it->second));
+      continue;
+    }
+    Peer p;
+    p.stub = v1::Admin::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+    kept.emplace(address, std::move(p));
+  }
+  peers_ = std::move(kept);
+
+  const std::shared_ptr<const ApiKeys> keys = keys_->Current();
+  int answered = 0;
+  for (auto& [address, peer] : peers_) {
+    if (peer.self) continue;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.interval));
+    if (options_.secret != nullptr)
+      ctx.AddMetadata(kClusterSecretMetadata, options_.secret->Sent());
+    v1::TenantUsage usage;
+    const grpc::Status s = peer.stub->GetTenantUsage(&ctx, v1::GetTenantUsageRequest(), &usage);
+    const absl::Time now = absl::Now();
+    if (!s.ok()) {
+      if (!peer.failing) {
+        LOG(WARNING) << "peer coordinator " << address
+                     << " does not answer for its tenants' use: " << s.error_message();
+      }
+      peer.failing = true;
+      if (options_.metrics != nullptr) {
+        options_.metrics
+            ->GetCounter("strata_coordinator_peer_sync_failures_total",
+                         "Calls to a peer coordinator (--peers) for its tenants' use that failed.")
+            ->Add();
+      }
+      continue;
+    }
+    if (peer.failing) LOG(INFO) << "peer coordinator " << address << " answers again";
+    peer.failing = false;
+    if (usage.coordinator_id() == options_.self_id) {
+      peer.self = true;  // this coordinator, under the peers' name
+      continue;
+    }
+    ++answered;
+    // A peer seen for the first time, or restarted, counts from its counters now.
+    const bool known = peer.id == usage.coordinator_id();
+    peer.id = usage.coordinator_id();
+    std::map<std::string, Peer::Use> use;
+    for (const v1::TenantUse& t : usage.tenants()) {
+      Peer::Use& u = use[t.name()];
+      u.requests = t.requests_taken();
+      u.tokens = t.tokens_taken();
+      u.running = t.running_requests();
+      if (!known) continue;
+      const Tenant* tenant = keys->Find(t.name());
+      if (tenant == nullptr) continue;
+      const Peer::Use before = peer.last.count(t.name()) ? peer.last[t.name()] : Peer::Use();
+      ApiKeys::ChargePeerUse(*tenant, u.requests - before.requests, u.tokens - before.tokens, now);
+    }
+    peer.last = std::move(use);
+    peer.last_answer = now;
+  }
+  // Running requests elsewhere: those of the peers that answered lately.
+  const absl::Time now = absl::Now();
+  std::map<std::string, int64_t> running;
+  for (const auto& [address, peer] : peers_) {
+    if (peer.self || now - peer.last_answer > 3 * options_.interval) continue;
+    for (const auto& [name, u] : peer.last) running[name] += u.running;
+  }
+  for (const auto& t : keys->tenants()) {
+    auto it = running.find(t->name);
+    t->peer_running->store(it == running.end() ? 0 : it->second);
+  }
+  num_peers_ = answered;
+  if (options_.metrics != nullptr) {
+    options_.metrics
+        ->GetGauge("strata_coordinator_peers",
+                   "Peer coordinators (--peers) that answered the last round for their tenants' "
+                   "use.")
+        ->Set(answered);
+  }
+}
+
+}  // namespace strata

@@ -1,0 +1,81 @@
+// PeerSync: tenants held to their limits across every coordinator of a cluster, not each.
+//
+// A tenant's limits (--api_keys_file: max_concurrent_requests, requests_per_minute,
+// tokens_per_minute) are counted by the coordinator its requests reach. With several
+// coordinators behind one Service, each would let the tenant use all of them. With --peers (the
+// other coordinators: a list, or a headless Service's DNS name), each coordinator asks every peer
+// every --peer_sync_interval_s for what its tenants used (Admin.GetTenantUsage, with the cluster
+// secret) and:
+//   - charges what a peer's requests took of each rate bucket since the last answer to its own
+//     buckets (ApiKeys::ChargePeerUse), so every coordinator's buckets drain with the whole
+//     cluster's use;
+//   - counts a peer's running requests against max_concurrent_requests (Tenant::peer_running).
+// Between two answers the cluster can go past a limit by what the tenant starts in that interval
+// through other coordinators; never through one. A peer that restarts (its coordinator_id
+// changes) starts from its counters then; one that stops answering for 3 intervals no longer
+// counts running requests. A coordinator skips itself when a peers' name resolves to it.
+#ifndef STRATA_COORDINATOR_PEER_SYNC_H_
+#define STRATA_COORDINATOR_PEER_SYNC_H_
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/metrics.h"
+#include "common/periodic.h"
+#include "common/secrets.h"
+#include "coordinator/api_keys.h"
+#include "coordinator/discovery.h"
+#include "proto/strata/v1/admin.grpc.pb.h"
+
+namespace strata {
+
+class PeerSync {
+ public:
+  struct Options {
+    WorkerTargets peers;  // the same forms as --workers
+    absl::Duration interval = absl::Milliseconds(500);
+    std::string self_id;                    // this coordinator's TenantUsage.coordinator_id
+    const ClusterSecret* secret = nullptr;  // sent to peers; required
+    MetricsRegistry* metrics = nullptr;     // strata_coordinator_peer_*; may be null
+  };
+  PeerSync(std::shared_ptr<ApiKeyStore> keys, Options options);
+  ~PeerSync();
+
+  // One round: resolves the peers and asks each (in turn; each call bounded by the interval).
+  void SyncOnce();
+  // Rounds every interval on a thread of its own until destroyed.
+  void Start();
+  // Peers that answered in the last round (not counting this coordinator).
+  int num_peers() const;
+
+ private:
+  struct Peer {
+    std::unique_ptr<v1::Admin::Stub> stub;
+    std::string id;  // its coordinator_id, once it answered
+    struct Use {
+      double requests = 0;
+      double tokens = 0;
+      int64_t running = 0;
+    };
+    std::map<std::string, Use> last;  // by tenant, as it last answered
+    absl::Time last_answer = absl::InfinitePast();
+    bool self = false;
+    bool failing = false;  // its last call failed (logged once until it answers again)
+  };
+
+  std::shared_ptr<ApiKeyStore> keys_;
+  const Options options_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, Peer> peers_ ABSL_GUARDED_BY(mu_);  // by address
+  int num_peers_ ABSL_GUARDED_BY(mu_) = 0;
+  std::unique_ptr<PeriodicThread> thread_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_COORDINATOR_PEER_SYNC_H_
