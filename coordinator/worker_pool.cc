@@ -228,32 +228,38 @@ void WorkerPool::WatchLoop(Worker* w) {
         break;
       }
       ++expected;
-      absl::MutexLock lock(&mu_);
-      w->last_event_unix_ms = absl::ToUnixMillis(absl::Now());
-      switch (ev.event_case()) {
-        case v1::WorkerEvent::kStored:
-          index_.Stored(w->slot, FromProtoTier(ev.stored().tier()),
-                        absl::MakeConstSpan(ev.stored().block_hashes().data(),
-                                            ev.stored().block_hashes_size()));
-          break;
-        case v1::WorkerEvent::kRemoved:
-          index_.Removed(w->slot, FromProtoTier(ev.removed().tier()),
-                         absl::MakeConstSpan(ev.removed().block_hashes().data(),
-                                             ev.removed().block_hashes_size()));
-          break;
-        case v1::WorkerEvent::kLoad:
-          w->load = ev.load();
-          break;
-        case v1::WorkerEvent::kSnapshotComplete:
-          w->state =
-              (w->info.draining() || w->drained_by_admin) ? State::kDraining : State::kServing;
-          LOG(INFO) << "worker " << w->address << " (" << w->info.worker_id() << ", model "
-                    << w->info.model() << ") is "
-                    << (w->state == State::kServing ? "serving" : "draining");
-          break;
-        case v1::WorkerEvent::EVENT_NOT_SET:
-          break;
+      bool refresh = false;  // the worker's fine-tunes changed: ask for its info now
+      {
+        absl::MutexLock lock(&mu_);
+        w->last_event_unix_ms = absl::ToUnixMillis(absl::Now());
+        switch (ev.event_case()) {
+          case v1::WorkerEvent::kStored:
+            index_.Stored(w->slot, FromProtoTier(ev.stored().tier()),
+                          absl::MakeConstSpan(ev.stored().block_hashes().data(),
+                                              ev.stored().block_hashes_size()));
+            break;
+          case v1::WorkerEvent::kRemoved:
+            index_.Removed(w->slot, FromProtoTier(ev.removed().tier()),
+                           absl::MakeConstSpan(ev.removed().block_hashes().data(),
+                                               ev.removed().block_hashes_size()));
+            break;
+          case v1::WorkerEvent::kLoad:
+            refresh = w->load.fine_tunes_generation() != ev.load().fine_tunes_generation() &&
+                      w->load.time_unix_ms() != 0;
+            w->load = ev.load();
+            break;
+          case v1::WorkerEvent::kSnapshotComplete:
+            w->state =
+                (w->info.draining() || w->drained_by_admin) ? State::kDraining : State::kServing;
+            LOG(INFO) << "worker " << w->address << " (" << w->info.worker_id() << ", model "
+                      << w->info.model() << ") is "
+                      << (w->state == State::kServing ? "serving" : "draining");
+            break;
+          case v1::WorkerEvent::EVENT_NOT_SET:
+            break;
+        }
       }
+      if (refresh) RefreshInfo(w);
     }
     if (broken.empty()) {
       ctx.TryCancel();

@@ -53,12 +53,14 @@ class FineTuneTest : public ::testing::Test {
     LocalClusterOptions o;
     o.num_workers = 2;
     o.name = "fine-tunes";
-    // Each worker reads its directory again every 0.2 s, the coordinator their fine-tunes too.
+    // Each worker reads its directory again every 0.2 s; the coordinator refreshes a worker's
+    // fine-tunes when its load reports say they changed (its periodic refresh, 30 s, is too slow
+    // for the test below).
     o.worker_flags = {absl::StrCat("--fine_tune_dir=", root, "/{i}"), "--delta_cache_mb=64",
                       "--fine_tune_rescan_s=0.2"};
     http_port_ = FreePort();
     o.coordinator_flags = {absl::StrCat("--http_listen=127.0.0.1:", http_port_),
-                           "--resolve_interval_s=0.2"};
+                           "--resolve_interval_s=30"};
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();

@@ -79,6 +79,7 @@ absl::Status DeltaCache::Register(const std::string& id, const std::string& path
   }
   entries_.emplace(id, std::move(e));
   ++stats_.num_registered;
+  ++stats_.num_registry_changes;
   return absl::OkStatus();
 }
 
@@ -89,11 +90,13 @@ absl::Status DeltaCache::Replace(const std::string& id, const std::string& path)
   if (it == entries_.end()) {
     entries_.emplace(id, std::move(e));
     ++stats_.num_registered;
+    ++stats_.num_registry_changes;
     return absl::OkStatus();
   }
   std::shared_ptr<Entry> old = std::move(it->second);
   it->second = std::move(e);
   RemoveLocked(old);
+  ++stats_.num_registry_changes;
   return absl::OkStatus();
 }
 
@@ -106,6 +109,7 @@ absl::Status DeltaCache::Unregister(const std::string& id) {
   std::shared_ptr<Entry> old = std::move(it->second);
   entries_.erase(it);
   --stats_.num_registered;
+  ++stats_.num_registry_changes;
   RemoveLocked(old);
   return absl::OkStatus();
 }

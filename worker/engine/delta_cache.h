@@ -56,6 +56,8 @@ struct DeltaCacheStats {
   int64_t num_waiting_for_room = 0;
   // The fine-tunes resident now, sorted.
   std::vector<std::string> resident_ids;
+  // Registrations, replacements and unregistrations since start.
+  int64_t num_registry_changes = 0;
   // Counters since start.
   int64_t num_loads = 0;
   int64_t num_load_failures = 0;

@@ -762,6 +762,7 @@ v1::LoadReport WorkerService::MakeLoadReport(const EngineStats& st, const LoopSt
   r.set_num_waiting_sequences(static_cast<uint32_t>(st.num_waiting));
   r.set_num_pending_prefill_tokens(static_cast<uint64_t>(st.num_pending_prefill_tokens));
   for (const std::string& id : st.deltas.resident_ids) r.add_resident_fine_tune_ids(id);
+  r.set_fine_tunes_generation(static_cast<uint64_t>(st.deltas.num_registry_changes));
   v1::TierLoad* t = r.add_tiers();
   t->set_tier(v1::TIER_DEVICE);
   t->set_num_free_blocks(static_cast<uint64_t>(st.num_free_blocks));
