@@ -45,7 +45,8 @@ class MappedFile {
   std::string path_;
 };
 
-// Reads a whole file into a string (for small text files such as config.json).
+// Reads a whole file into a string (small text files such as config.json; and files that may be
+// rewritten while they are read, which a mapping would answer with SIGBUS once truncated).
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
 }  // namespace strata

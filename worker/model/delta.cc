@@ -213,8 +213,11 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
     return absl::FailedPreconditionError(
         "fine-tune deltas are served by workers of one tensor-parallel rank only");
   }
-  // One open for the header and the data: a file replaced in between cannot mix the two.
-  ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(path));
+  // One open for the header and the data: a file replaced in between cannot mix the two. Read,
+  // not mapped: a file rewritten in place while it loads fails its checksum rather than killing
+  // the worker (the load holds the file's bytes twice, briefly).
+  ASSIGN_OR_RETURN(SafetensorsFile file,
+                   SafetensorsFile::Open(path, SafetensorsFile::Access::kRead));
   ASSIGN_OR_RETURN(DeltaFileInfo info, InfoOf(file, path));
   if (info.base_fingerprint != base_fingerprint) {
     return absl::FailedPreconditionError(absl::StrCat(

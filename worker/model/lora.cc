@@ -348,7 +348,10 @@ absl::StatusOr<Opened> Open(const std::string& dir, const ModelConfig& c) {
         "; pickled weights are not read (PEFT writes safetensors by default; convert with "
         "safe_serialization=True)"));
   }
-  ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(weights));
+  // Read, not mapped (adapters are small): one rewritten in place while it is read must not kill
+  // the worker.
+  ASSIGN_OR_RETURN(SafetensorsFile file,
+                   SafetensorsFile::Open(weights, SafetensorsFile::Access::kRead));
   ASSIGN_OR_RETURN(std::vector<Module> modules, CheckModules(file, c, config));
   if (modules.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(weights, ": holds no LoRA factors"));

@@ -32,12 +32,20 @@ std::string TensorView::DebugString() const {
   return absl::StrCat(name, " [", absl::StrJoin(shape, ", "), "] ", DTypeName(dtype));
 }
 
-absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
+absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path, Access access) {
   SafetensorsFile out;
-  ASSIGN_OR_RETURN(out.file_, MappedFile::Open(path));
+  absl::Span<const uint8_t> bytes;
+  if (access == Access::kRead) {
+    ASSIGN_OR_RETURN(std::string read, ReadFileToString(path));
+    out.read_ = std::make_unique<std::string>(std::move(read));
+    bytes = absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(out.read_->data()),
+                                      out.read_->size());
+  } else {
+    ASSIGN_OR_RETURN(out.file_, MappedFile::Open(path));
+    bytes = out.file_.bytes();
+  }
   out.path_ = std::make_unique<std::string>(path);
   out.tensors_ = std::make_unique<std::vector<TensorView>>();
-  const absl::Span<const uint8_t> bytes = out.file_.bytes();
   auto bad = [&path](absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", what));
   };

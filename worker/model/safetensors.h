@@ -43,8 +43,13 @@ struct TensorView {
 class SafetensorsFile {
  public:
   // Maps and validates `path`. INVALID_ARGUMENT (naming the file and the offending tensor or field)
-  // for malformed content, NOT_FOUND when the file does not exist.
-  static absl::StatusOr<SafetensorsFile> Open(const std::string& path);
+  // for malformed content, NOT_FOUND when the file does not exist. kRead reads the file into
+  // memory instead: for files that may be rewritten in place while they are read (fine-tunes put
+  // in a directory a worker rescans), where a truncated mapping would kill the process (SIGBUS);
+  // a file cut short reads as malformed or fails its checksum instead.
+  enum class Access { kMap, kRead };
+  static absl::StatusOr<SafetensorsFile> Open(const std::string& path,
+                                              Access access = Access::kMap);
 
   // nullptr when absent.
   const TensorView* Find(absl::string_view name) const;
@@ -55,6 +60,7 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
   MappedFile file_;
+  std::unique_ptr<std::string> read_;  // Access::kRead: the file's bytes
   std::unique_ptr<std::string> path_;
   std::unique_ptr<std::vector<TensorView>> tensors_;
   absl::flat_hash_map<std::string, size_t> index_;

@@ -67,6 +67,29 @@ TEST(SafetensorsTest, WriteThenReadRoundTrips) {
   EXPECT_EQ(file->metadata().at("format"), "pt");
 }
 
+// Read into memory (Access::kRead), a file truncated in place afterwards (a fine-tune overwritten
+// while a worker loads it) is still whole to its reader: a mapping would raise SIGBUS here.
+TEST(SafetensorsTest, AFileReadIntoMemoryOutlivesItsTruncation) {
+  const std::string path = TmpDir("truncated") + "/delta.safetensors";
+  std::vector<float> a(1 << 16);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(i);
+  ASSERT_TRUE(WriteSafetensors(path, {{"t", DType::kF32, {1 << 16}, Bytes(a)}}, {}).ok());
+  auto file = SafetensorsFile::Open(path, SafetensorsFile::Access::kRead);
+  ASSERT_TRUE(file.ok()) << file.status();
+  std::filesystem::resize_file(path, 0);
+  SafetensorsFile moved = *std::move(file);  // the bytes move with it
+  const TensorView* t = moved.Find("t");
+  ASSERT_NE(t, nullptr);
+  float last;
+  std::memcpy(&last, t->data.data() + t->data.size() - 4, 4);
+  EXPECT_EQ(last, 65535.0f);
+  // Cut short before it is read: malformed, not a crash.
+  WriteRaw(path,
+           RawFile(R"({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", "ab"));
+  EXPECT_EQ(SafetensorsFile::Open(path, SafetensorsFile::Access::kRead).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(SafetensorsTest, ShardedModelFollowsTheIndex) {
   const std::string dir = TmpDir("sharded");
   const std::vector<float> a = {1, 2}, b = {3, 4, 5};
