@@ -1,5 +1,6 @@
 #include "coordinator/peer_sync.h"
 
+#include <set>
 #include <utility>
 
 #include "absl/time/clock.h"
@@ -52,6 +53,7 @@ void PeerSync::SyncOnce() {
 
   const std::shared_ptr<const ApiKeys> keys = keys_->Current();
   int answered = 0;
+  std::set<std::string> ids;  // answered this round: a peer under two addresses counts once
   for (auto& [address, peer] : peers_) {
     if (peer.self) continue;
     grpc::ClientContext ctx;
@@ -79,6 +81,11 @@ void PeerSync::SyncOnce() {
     peer.failing = false;
     if (usage.coordinator_id() == options_.self_id) {
       peer.self = true;  // this coordinator, under the peers' name
+      continue;
+    }
+    if (!ids.insert(usage.coordinator_id()).second) {
+      peer.last.clear();  // another address of a peer already counted
+      peer.id.clear();
       continue;
     }
     ++answered;

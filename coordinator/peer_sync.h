@@ -13,7 +13,8 @@
 // Between two answers the cluster can go past a limit by what the tenant starts in that interval
 // through other coordinators; never through one. A peer that restarts (its coordinator_id
 // changes) starts from its counters then; one that stops answering for 3 intervals no longer
-// counts running requests. A coordinator skips itself when a peers' name resolves to it.
+// counts running requests. A coordinator skips itself when a peers' name resolves to it, and
+// counts a peer reached under two addresses once.
 #ifndef STRATA_COORDINATOR_PEER_SYNC_H_
 #define STRATA_COORDINATOR_PEER_SYNC_H_
 

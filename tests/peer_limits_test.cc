@@ -1,7 +1,7 @@
 // End-to-end: two coordinators over one worker, real processes on loopback, each with the other
-// (and itself) as --peers: a tenant is held to its max_concurrent_requests, requests_per_minute
-// and tokens_per_minute across both, not by each; the usage endpoint answers only the cluster
-// secret or an admin.
+// (and itself, each under two names) as --peers: a tenant is held to its max_concurrent_requests,
+// requests_per_minute and tokens_per_minute across both, not by each; the usage endpoint answers
+// only the cluster secret or an admin.
 #include <fstream>
 #include <memory>
 #include <string>
@@ -54,7 +54,9 @@ class PeerLimitsTest : public ::testing::Test {
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
     const int ports[2] = {FreePort(), FreePort()};
-    const std::string peers = absl::StrCat("--peers=127.0.0.1:", ports[0], ",127.0.0.1:", ports[1]);
+    // Both, each under two names: each coordinator skips itself, and counts the other once.
+    const std::string peers = absl::StrCat("--peers=127.0.0.1:", ports[0], ",127.0.0.1:", ports[1],
+                                           ",localhost:", ports[0], ",localhost:", ports[1]);
     for (int i = 0; i < 2; ++i) {
       absl::StatusOr<std::string> address = cluster_->StartExtraCoordinator(
           {absl::StrCat("--listen=127.0.0.1:", ports[i]), peers, "--peer_sync_interval_s=0.1",
