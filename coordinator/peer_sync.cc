@@ -3,6 +3,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/synchronization/blocking_counter.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
 #include "grpcpp/grpcpp.h"
@@ -51,17 +52,38 @@ void PeerSync::SyncOnce() {
   }
   peers_ = std::move(kept);
 
+  // Every peer at once (a silent one costs the round one interval, not one each).
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::GetTenantUsageRequest request;
+    v1::TenantUsage usage;
+    grpc::Status status;
+  };
+  std::map<std::string, std::unique_ptr<Call>> calls;
+  for (auto& [address, peer] : peers_) {
+    if (!peer.self) calls.emplace(address, std::make_unique<Call>());
+  }
+  absl::BlockingCounter pending(static_cast<int>(calls.size()));
+  const std::string secret = options_.secret != nullptr ? options_.secret->Sent() : "";
+  for (auto& [address, call] : calls) {
+    Call* c = call.get();
+    c->ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.interval));
+    if (!secret.empty()) c->ctx.AddMetadata(kClusterSecretMetadata, secret);
+    peers_.at(address).stub->async()->GetTenantUsage(&c->ctx, &c->request, &c->usage,
+                                                     [c, &pending](grpc::Status s) {
+                                                       c->status = std::move(s);
+                                                       pending.DecrementCount();
+                                                     });
+  }
+  pending.Wait();
+
   const std::shared_ptr<const ApiKeys> keys = keys_->Current();
   int answered = 0;
   std::set<std::string> ids;  // answered this round: a peer under two addresses counts once
-  for (auto& [address, peer] : peers_) {
-    if (peer.self) continue;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.interval));
-    if (options_.secret != nullptr)
-      ctx.AddMetadata(kClusterSecretMetadata, options_.secret->Sent());
-    v1::TenantUsage usage;
-    const grpc::Status s = peer.stub->GetTenantUsage(&ctx, v1::GetTenantUsageRequest(), &usage);
+  for (auto& [address, call] : calls) {
+    Peer& peer = peers_.at(address);
+    const grpc::Status& s = call->status;
+    const v1::TenantUsage& usage = call->usage;
     const absl::Time now = absl::Now();
     if (!s.ok()) {
       if (!peer.failing) {

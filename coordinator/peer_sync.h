@@ -47,7 +47,7 @@ class PeerSync {
   PeerSync(std::shared_ptr<ApiKeyStore> keys, Options options);
   ~PeerSync();
 
-  // One round: resolves the peers and asks each (in turn; each call bounded by the interval).
+  // One round: resolves the peers and asks them all at once (each call bounded by the interval).
   void SyncOnce();
   // Rounds every interval on a thread of its own until destroyed.
   void Start();
