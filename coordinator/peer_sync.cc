@@ -1,6 +1,5 @@
 #include "coordinator/peer_sync.h"
 
-#include <set>
 #include <utility>
 
 #include "absl/synchronization/blocking_counter.h"
@@ -79,7 +78,8 @@ void PeerSync::SyncOnce() {
 
   const std::shared_ptr<const ApiKeys> keys = keys_->Current();
   int answered = 0;
-  std::set<std::string> ids;  // answered this round: a peer under two addresses counts once
+  // The address each peer answered under this round: a peer under two addresses counts once.
+  std::map<std::string, std::string> counted;
   for (auto& [address, call] : calls) {
     Peer& peer = peers_.at(address);
     const grpc::Status& s = call->status;
@@ -105,7 +105,7 @@ void PeerSync::SyncOnce() {
       peer.self = true;  // this coordinator, under the peers' name
       continue;
     }
-    if (!ids.insert(usage.coordinator_id()).second) {
+    if (!counted.emplace(usage.coordinator_id(), address).second) {
       peer.last.clear();  // another address of a peer already counted
       peer.id.clear();
       continue;
@@ -128,6 +128,15 @@ void PeerSync::SyncOnce() {
     }
     peer.last = std::move(use);
     peer.last_answer = now;
+  }
+  // A peer counted under one address forgets what it told under any other (one that failed this
+  // round included), so that neither charges nor running requests count twice.
+  for (auto& [address, peer] : peers_) {
+    auto it = counted.find(peer.id);
+    if (!peer.id.empty() && it != counted.end() && it->second != address) {
+      peer.last.clear();
+      peer.id.clear();
+    }
   }
   // Running requests elsewhere: those of the peers that answered lately.
   const absl::Time now = absl::Now();

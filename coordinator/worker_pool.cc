@@ -144,20 +144,28 @@ void WorkerPool::UpdateAddresses(const std::vector<std::string>& addresses) {
   for (Worker* w : to_start) w->thread = std::thread([this, w] { WatchLoop(w); });
 }
 
-void WorkerPool::RefreshInfo(Worker* w) {
+bool WorkerPool::RefreshInfo(Worker* w) {
   grpc::ClientContext ctx;
   ctx.set_deadline(Deadline(options_.rpc_timeout));
   Authorize(&ctx);
+  uint64_t call;
+  {
+    absl::MutexLock lock(&mu_);
+    call = ++w->info_calls;
+  }
   v1::WorkerInfo info;
   const grpc::Status s = w->stub->GetInfo(&ctx, v1::GetInfoRequest(), &info);
-  if (!s.ok()) return;  // the watch stream decides availability
+  if (!s.ok()) return false;  // the watch stream decides availability
   absl::MutexLock lock(&mu_);
-  if (w->removed || info.worker_epoch() != w->info.worker_epoch()) return;
+  if (w->removed || info.worker_epoch() != w->info.worker_epoch()) return true;
+  if (call < w->info_applied) return true;  // a later call's answer is in already
+  w->info_applied = call;
   w->info = info;
   if (w->state == State::kServing && info.draining()) w->state = State::kDraining;
   if (w->state == State::kDraining && !info.draining() && !w->drained_by_admin) {
     w->state = State::kServing;
   }
+  return true;
 }
 
 void WorkerPool::WatchLoop(Worker* w) {
@@ -170,6 +178,7 @@ void WorkerPool::WatchLoop(Worker* w) {
     // Who is it?
     v1::WorkerInfo info;
     grpc::Status status;
+    uint64_t info_call = 0;
     {
       grpc::ClientContext ctx;
       ctx.set_deadline(Deadline(options_.rpc_timeout));
@@ -178,6 +187,7 @@ void WorkerPool::WatchLoop(Worker* w) {
         absl::MutexLock lock(&mu_);
         if (Stopping(w)) return;
         w->active_context = &ctx;
+        info_call = ++w->info_calls;
       }
       status = w->stub->GetInfo(&ctx, v1::GetInfoRequest(), &info);
       absl::MutexLock lock(&mu_);
@@ -201,6 +211,7 @@ void WorkerPool::WatchLoop(Worker* w) {
         LOG(INFO) << "worker " << w->address << " restarted (new epoch)";
       }
       w->info = info;
+      w->info_applied = std::max(w->info_applied, info_call);
       w->has_info = true;
     }
     // Its events.
@@ -259,7 +270,11 @@ void WorkerPool::WatchLoop(Worker* w) {
             break;
         }
       }
-      if (refresh) RefreshInfo(w);
+      if (refresh && !RefreshInfo(w)) {
+        // Not answered: the next load report asks again.
+        absl::MutexLock lock(&mu_);
+        w->load.set_fine_tunes_generation(w->load.fine_tunes_generation() - 1);
+      }
     }
     if (broken.empty()) {
       ctx.TryCancel();

@@ -145,6 +145,10 @@ class WorkerPool {
     absl::Time suspect_until = absl::InfinitePast();
     bool has_info = false;
     v1::WorkerInfo info;
+    // GetInfo calls sent to it, and the number of the one whose answer `info` is: an answer to
+    // an older call (the periodic refresh racing one a load report asked for) is not applied.
+    uint64_t info_calls = 0;
+    uint64_t info_applied = 0;
     v1::LoadReport load;
     int64_t last_event_unix_ms = 0;
     int64_t inflight = 0;
@@ -160,7 +164,8 @@ class WorkerPool {
   bool Stopping(const Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || w->removed; }
   // Sleeps up to `d`, waking early when the pool stops or `w` is removed.
   void SleepUnlessStopping(Worker* w, absl::Duration d) ABSL_LOCKS_EXCLUDED(mu_);
-  void RefreshInfo(Worker* w) ABSL_LOCKS_EXCLUDED(mu_);
+  // Asks `w` for its info again; false when it did not answer.
+  bool RefreshInfo(Worker* w) ABSL_LOCKS_EXCLUDED(mu_);
   Worker* FindLocked(const std::string& worker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::WorkerStatus StatusLocked(const Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

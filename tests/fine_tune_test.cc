@@ -4,6 +4,7 @@
 // to the worker that has it, the coordinator lists it, and its output is the fine-tune's.
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,9 @@ class FineTuneTest : public ::testing::Test {
     }
     // And a LoRA adapter, as a directory in PEFT's format.
     CopyBundledLoraAdapter(root + "/1/lora-c");
+    // A file no worker can serve: refused and logged, and worker 0 starts all the same (it
+    // rescans its directory, so one bad file must not keep it down).
+    std::ofstream(root + "/0/broken.delta.safetensors") << "not a delta";
     LocalClusterOptions o;
     o.num_workers = 2;
     o.name = "fine-tunes";

@@ -93,6 +93,12 @@ absl::Status DeltaCache::Replace(const std::string& id, const std::string& path)
     ++stats_.num_registry_changes;
     return absl::OkStatus();
   }
+  if (it->second->path == e->path && it->second->revision == e->revision) {
+    // The same data (its checksum) at the same place (a file touched, or copied in again): the
+    // registration stays, and so does its delta in memory; a failed load may be tried at once.
+    it->second->failed_at = absl::InfinitePast();
+    return absl::OkStatus();
+  }
   std::shared_ptr<Entry> old = std::move(it->second);
   it->second = std::move(e);
   RemoveLocked(old);
@@ -273,6 +279,12 @@ void DeltaCache::LoaderLoop() {
       entry = std::move(to_load_.front());
       to_load_.pop_front();
       path = entry->path;
+      if (entry->removed) {  // unregistered before its load began: nobody can use it
+        entry->state = State::kOnDisk;
+        used_bytes_ -= entry->reserve_bytes;
+        StartLoads();
+        continue;
+      }
     }
     const absl::Time start = absl::Now();
     absl::StatusOr<std::unique_ptr<DeltaWeights>> loaded =
@@ -289,6 +301,13 @@ void DeltaCache::LoaderLoop() {
         used_bytes_ -= e.reserve_bytes;
         StartLoads();
       } else {
+        if (loaded.ok() && (*loaded)->revision != e.revision) {
+          // The file changed since it was registered (renamed over, say): not the revision the
+          // requests were namespaced with. The rescan that finds it registers it anew.
+          loaded = absl::AbortedError(absl::StrCat("fine-tune ", e.id, ": ", e.path,
+                                                   " changed since it was registered (revision ",
+                                                   (*loaded)->revision, ", not ", e.revision, ")"));
+        }
         if (loaded.ok() && (*loaded)->resident_bytes > e.reserve_bytes &&
             used_bytes_ - e.reserve_bytes + (*loaded)->resident_bytes > capacity_bytes_) {
           // The file grew since it was registered (replaced in place) beyond the room left.
@@ -307,6 +326,9 @@ void DeltaCache::LoaderLoop() {
           ++stats_.num_loads;
           ++stats_.num_resident;
           stats_.resident_bytes += e.delta->resident_bytes;
+          // What it reserved past its size is room again, and it may be evicted now: a load
+          // waiting for room may start.
+          StartLoads();
         } else {
           LOG(ERROR) << "loading fine-tune " << e.id << ": " << loaded.status();
           e.error = loaded.status();

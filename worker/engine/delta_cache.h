@@ -83,7 +83,9 @@ class DeltaCache {
   // base; NOT_FOUND when the file does not exist.
   absl::Status Register(const std::string& id, const std::string& path);
   // Registers `path` as `id` in place of what `id` was (or as a new id): checked as Register
-  // first, and on an error the registration before stays (so does a delta of it in memory).
+  // first, and on an error the registration before stays (so does a delta of it in memory). The
+  // same path with the same revision (data checksum) changes nothing but lets a failed load be
+  // tried again at once.
   absl::Status Replace(const std::string& id, const std::string& path);
   // Unregisters `id` (NOT_FOUND if it is not registered). Sequences holding its delta keep it
   // until they release it; a load in progress is dropped when it ends.

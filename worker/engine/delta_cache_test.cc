@@ -291,11 +291,51 @@ TEST_F(DeltaCacheTest, UnregisterAndReplaceWhileServing) {
   // Unregistered while its load runs: dropped when the load ends, its room given back.
   EXPECT_EQ(*cache.Acquire("b"), nullptr);
   ASSERT_TRUE(cache.Unregister("b").ok());
-  WaitForLoads(cache, 4);
   s = cache.GetStats();
-  EXPECT_EQ(s.num_resident, 1);
-  EXPECT_EQ(s.resident_ids, std::vector<std::string>{"a"});
+  EXPECT_TRUE(s.resident_ids == std::vector<std::string>{"a"});
   EXPECT_EQ(s.num_registered, 1);
+  // (Registered again: a fresh load, whatever became of the dropped one.)
+  ASSERT_TRUE(cache.Register("b", man_path_).ok());
+  cache.Prefetch("b");
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (cache.GetStats().resident_ids.size() < 2 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  s = cache.GetStats();
+  EXPECT_EQ(s.resident_ids, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(s.num_resident, 2);
+}
+
+// A file renamed over a registered one loads as what it is, not under the registered revision
+// (the KV cache namespace the requests were made with): ABORTED until it is registered anew.
+// Registered again with the same path and revision, nothing changes.
+TEST_F(DeltaCacheTest, AFileChangedSinceRegistrationIsNotLoadedUnderTheOldRevision) {
+  DeltaCache cache(base_.get(), fingerprint_, 4 * delta_bytes_);
+  const std::string path = TempPath("moving.delta.safetensors");
+  std::filesystem::copy_file(c_path_, path, std::filesystem::copy_options::overwrite_existing);
+  ASSERT_TRUE(cache.Register("m", path).ok());
+  std::filesystem::copy_file(man_path_, path + ".new",
+                             std::filesystem::copy_options::overwrite_existing);
+  std::filesystem::rename(path + ".new", path);
+  EXPECT_EQ(*cache.Acquire("m"), nullptr);
+  WaitForLoads(cache, 1);
+  absl::StatusOr<const DeltaWeights*> d = cache.Acquire("m");
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kAborted) << d.status();
+  EXPECT_TRUE(absl::StrContains(d.status().message(), "changed since it was registered"))
+      << d.status();
+  ASSERT_TRUE(cache.Replace("m", path).ok());
+  EXPECT_EQ(*cache.Acquire("m"), nullptr);
+  WaitForLoads(cache, 2);
+  d = cache.Acquire("m");
+  ASSERT_TRUE(d.ok()) << d.status();
+  ASSERT_NE(*d, nullptr);
+  EXPECT_EQ((*d)->revision, cache.Revision("m"));
+  cache.Release(*d);
+  const int64_t changes = cache.GetStats().num_registry_changes;
+  ASSERT_TRUE(cache.Replace("m", path).ok());  // touched, or copied in again
+  EXPECT_EQ(cache.GetStats().num_registry_changes, changes);
+  EXPECT_EQ(*cache.Acquire("m"), *d);  // the same delta, still in memory
+  cache.Release(*d);
 }
 
 TEST_F(DeltaCacheTest, StopsCleanlyWithLoadsInFlightAndNotifyCleared) {

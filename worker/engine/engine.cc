@@ -537,10 +537,19 @@ void Engine::Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals) {
   waiting_.insert(it, std::move(s));
 }
 
+void Engine::PauseDelta(Sequence* s) {
+  // One whose fine-tune was replaced or removed since it began keeps its delta: the registry no
+  // longer has it, and the sequence must finish on it.
+  if (s->delta != nullptr && deltas_->Revision(s->options.fine_tune_id) != s->fine_tune_revision) {
+    return;
+  }
+  ReleaseDelta(s);
+}
+
 void Engine::Preempt(Sequence* s) {
   ++num_preemptions_;
   ReleaseBlocks(s);
-  ReleaseDelta(s);
+  PauseDelta(s);
   for (auto it = running_.begin(); it != running_.end(); ++it) {
     if (it->get() == s) {
       std::unique_ptr<Sequence> owned = std::move(*it);
@@ -1028,7 +1037,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     const AdmitResult r = Admit(w, budget, &plan);
     // A sequence holds its delta only while it runs: one that waits here must not keep another
     // fine-tune's load from getting room.
-    if (r != AdmitResult::kAdmitted) ReleaseDelta(w);
+    if (r != AdmitResult::kAdmitted) PauseDelta(w);
     if (r == AdmitResult::kNoRoom) {
       no_room_seq = w;
       return false;

@@ -448,6 +448,9 @@ class Engine {
   // available (free_only: free ones, never a cached block that could be reused).
   bool EnsureBlocks(Sequence* s, int64_t num_tokens, bool free_only = false);
   void ReleaseBlocks(Sequence* s);
+  // Unpins the sequence's delta, if it holds one, as it stops running for now (preempted, or not
+  // admitted): unless its fine-tune changed since it began, which it then keeps for its end.
+  void PauseDelta(Sequence* s);
   // Unpins the sequence's delta, if it holds one.
   void ReleaseDelta(Sequence* s);
   void Preempt(Sequence* s);

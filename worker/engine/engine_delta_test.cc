@@ -369,6 +369,43 @@ TEST_F(EngineDeltaTest, FineTunesChangeWhileServing) {
   EXPECT_TRUE((*engine)->FineTuneIds().empty());
 }
 
+// A sequence preempted after its fine-tune was replaced keeps the delta it began with, and
+// finishes on it when it runs again.
+TEST_F(EngineDeltaTest, APreemptedSequenceKeepsItsReplacedDelta) {
+  EngineConfig ec = Config(false);
+  ec.fine_tunes_may_change = true;
+  ec.num_kv_blocks = 12;  // two 80-token requests growing by 60 tokens cannot both stay
+  SingleRankCollectives comm;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(base_.get(), &comm, ec);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_TRUE((*engine)->RegisterFineTune("ft", c_path_, false).ok());
+  const std::vector<int32_t> pa = Prompt(14, 80), pb = Prompt(15, 80);
+  ASSERT_TRUE((*engine)->AddRequest("a", pa, Greedy("ft", 60)).ok());
+  ASSERT_TRUE((*engine)->AddRequest("b", pb, Greedy("ft", 60)).ok());
+  std::map<std::string, std::vector<int32_t>> tokens;
+  while ((*engine)->Stats().num_running < 2) {
+    if ((*engine)->WaitingForIo()) absl::SleepFor(absl::Milliseconds(1));
+    absl::StatusOr<std::vector<RequestOutput>> outs = (*engine)->Step();
+    ASSERT_TRUE(outs.ok());
+    for (const RequestOutput& r : *outs) {
+      for (const SampledToken& t : r.tokens) tokens[r.request_id].push_back(t.token);
+    }
+  }
+  ASSERT_TRUE((*engine)->RegisterFineTune("ft", man_path_, /*replace=*/true).ok());
+  for (auto& [id, o] : RunAll(**engine)) {
+    EXPECT_EQ(o.finish, FinishReason::kLength) << id << ": " << o.error;
+    tokens[id].insert(tokens[id].end(), o.tokens.begin(), o.tokens.end());
+  }
+  EXPECT_GT((*engine)->Stats().num_preemptions, 0);
+  for (const auto& [id, prompt] : {std::pair{"a", pa}, std::pair{"b", pb}}) {
+    ASSERT_EQ(tokens[id].size(), 60u) << id;
+    EXPECT_EQ(std::vector<int32_t>(tokens[id].begin(), tokens[id].begin() + 12),
+              Alone(c_path_, prompt))
+        << id;
+  }
+  EXPECT_EQ((*engine)->Stats().deltas.num_pinned, 0);
+}
+
 TEST_F(EngineDeltaTest, ConfigurationErrorsAreNamed) {
   SingleRankCollectives comm;
   EngineConfig ec = Config(true);

@@ -227,6 +227,7 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
   const ModelConfig& c = base.config;
   auto d = std::make_unique<DeltaWeights>();
   d->path = path;
+  d->revision = info.data_xxh3;
   d->bits = info.bits;
   d->sparse_2_4 = info.sparse_2_4;
   d->layers.resize(c.num_layers);

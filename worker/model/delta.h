@@ -79,6 +79,9 @@ struct DeltaWeights {
   const uint64_t serial;
 
   std::string path;
+  // The revision of what was loaded (a delta's data checksum; an adapter's, as
+  // ReadLoraAdapterInfo gives it): a file replaced since its registration loads as another one.
+  std::string revision;
   // A LoRA adapter: only the lora_* parts are set (bits and sparse_2_4 mean nothing).
   bool lora = false;
   // LoRA on the input embedding, as PEFT adapts an nn.Embedding: token v's row gains B · A[:, v]

@@ -394,6 +394,7 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadLoraAdapter(const std::string&
   ASSIGN_OR_RETURN(Opened o, Open(dir, c));
   auto d = std::make_unique<DeltaWeights>();
   d->path = dir;
+  d->revision = Revision(o.config, o.file);
   d->lora = true;
   d->layers.resize(c.num_layers);
   const DType type = LoraFactorType(base);

@@ -84,7 +84,7 @@ void FineTuneDirWatcher::Count(const char* change, int n) {
       ->Add(n);
 }
 
-FineTuneDirWatcher::Changes FineTuneDirWatcher::Rescan() {
+FineTuneDirWatcher::Changes FineTuneDirWatcher::Rescan(bool at_once) {
   absl::MutexLock lock(&mu_);
   Changes changes;
   absl::StatusOr<std::vector<FineTuneFile>> scan = ScanFineTuneDir(dir_);
@@ -95,6 +95,7 @@ FineTuneDirWatcher::Changes FineTuneDirWatcher::Rescan() {
   std::map<std::string, const FineTuneFile*> seen;
   for (const FineTuneFile& f : *scan) {
     seen.emplace(f.id, &f);
+    missing_.erase(f.id);
     auto reg = registered_.find(f.id);
     if (reg != registered_.end() && reg->second.stamp == f.stamp && reg->second.path == f.path) {
       settling_.erase(f.id);
@@ -103,7 +104,7 @@ FineTuneDirWatcher::Changes FineTuneDirWatcher::Rescan() {
     }
     if (auto r = refused_.find(f.id); r != refused_.end() && r->second == f.stamp) continue;
     // Registered at the second look that finds it unchanged (not while it is being written).
-    if (auto s = settling_.find(f.id); s == settling_.end() || s->second != f.stamp) {
+    if (auto s = settling_.find(f.id); !at_once && (s == settling_.end() || s->second != f.stamp)) {
       settling_[f.id] = f.stamp;
       continue;
     }
@@ -123,10 +124,11 @@ FineTuneDirWatcher::Changes FineTuneDirWatcher::Rescan() {
     ++(replace ? changes.replaced : changes.added);
   }
   for (auto it = registered_.begin(); it != registered_.end();) {
-    if (seen.contains(it->first)) {
-      ++it;
+    if (seen.contains(it->first) || missing_.insert(it->first).second) {
+      ++it;  // there, or gone at this look only
       continue;
     }
+    missing_.erase(it->first);
     if (absl::Status s = registrar_.remove(it->first); !s.ok()) {
       LOG(WARNING) << "fine-tune " << it->first << " is gone from " << dir_
                    << " but not removed: " << s;

@@ -6,7 +6,8 @@
 //
 // A change is taken once the file has stopped changing: a new or changed entry is registered at
 // the first rescan that finds it as the one before did (size, modification time and inode of its
-// files), so that a file being copied in is not read half-written. Moving a finished file in
+// files), so that a file being copied in is not read half-written; one is removed at the second
+// rescan that finds it gone. Moving a finished file in
 // (rename) is still the way to add one. Names starting with "." are ignored (a Kubernetes
 // volume's own "..data" entries).
 #ifndef STRATA_WORKER_SERVER_FINE_TUNE_DIR_H_
@@ -16,6 +17,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -62,8 +64,9 @@ class FineTuneDirWatcher {
   ~FineTuneDirWatcher();
 
   // Reads the directory once and applies what changed (an unreadable directory changes nothing).
+  // `at_once`: new entries are registered at this look, unsettled (the first scan at start).
   // Thread-safe (one rescan at a time).
-  Changes Rescan();
+  Changes Rescan(bool at_once = false);
   // Rescans every `period` on a thread of its own until destroyed.
   void Watch(absl::Duration period);
 
@@ -80,6 +83,9 @@ class FineTuneDirWatcher {
   std::map<std::string, std::string> settling_ ABSL_GUARDED_BY(mu_);
   // Entries refused, by the stamp they were refused at (tried again once it changes).
   std::map<std::string, std::string> refused_ ABSL_GUARDED_BY(mu_);
+  // Registered entries one rescan found gone: removed if the next finds them gone too (a
+  // listing that briefly misses files, a remount say, removes nothing).
+  std::set<std::string> missing_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<PeriodicThread> watcher_;
 };
 

@@ -64,6 +64,12 @@ TEST(FineTuneDirTest, FilesComeAndGoWhileServing) {
   EXPECT_EQ(cache.Revision("c"), cache.Revision("at-start"));
   EXPECT_EQ(rescan(), "0 added, 0 replaced, 0 removed, 0 refused");
 
+  // The first scan at start takes new entries at once.
+  MoveIn(c, dir + "/now.delta.safetensors");
+  const FineTuneDirWatcher::Changes first = watcher.Rescan(/*at_once=*/true);
+  EXPECT_EQ(first.added, 1);
+  EXPECT_TRUE(cache.Has("now"));
+
   // One still being written is left until it stops changing.
   {
     std::ifstream in(man, std::ios::binary);
@@ -117,14 +123,16 @@ TEST(FineTuneDirTest, FilesComeAndGoWhileServing) {
   std::filesystem::remove(dir + "/c.delta.safetensors");
   std::filesystem::remove_all(lora);
   std::filesystem::remove(dir + "/at-start.delta.safetensors");
+  EXPECT_EQ(rescan(), "0 added, 0 replaced, 0 removed, 0 refused");  // gone at one look
+  EXPECT_TRUE(cache.Has("c"));
   EXPECT_EQ(rescan(), "0 added, 0 replaced, 3 removed, 0 refused");
   EXPECT_FALSE(cache.Has("c"));
   EXPECT_FALSE(cache.Has("lora-c"));
   EXPECT_FALSE(cache.Has("at-start"));
-  EXPECT_EQ(cache.Ids(), std::vector<std::string>{"growing"});
+  EXPECT_EQ(cache.Ids(), (std::vector<std::string>{"growing", "now"}));
 
   const std::string text = metrics.Render();
-  for (const char* line : {"strata_worker_fine_tune_changes_total{change=\"added\"} 3",
+  for (const char* line : {"strata_worker_fine_tune_changes_total{change=\"added\"} 4",
                            "strata_worker_fine_tune_changes_total{change=\"replaced\"} 1",
                            "strata_worker_fine_tune_changes_total{change=\"removed\"} 3",
                            "strata_worker_fine_tune_changes_total{change=\"refused\"} 2"}) {
@@ -133,7 +141,7 @@ TEST(FineTuneDirTest, FilesComeAndGoWhileServing) {
   // An unreadable directory changes nothing.
   std::filesystem::remove_all(dir);
   EXPECT_EQ(rescan(), "0 added, 0 replaced, 0 removed, 0 refused");
-  EXPECT_EQ(cache.Ids(), std::vector<std::string>{"growing"});
+  EXPECT_EQ(cache.Ids(), (std::vector<std::string>{"growing", "now"}));
   EXPECT_FALSE(ScanFineTuneDir(dir).ok());
 }
 

@@ -445,6 +445,13 @@ int Main(const std::vector<std::string>& args) {
   const bool rescan_fine_tunes =
       !absl::GetFlag(FLAGS_fine_tune_dir).empty() && rescan_s > 0 && world == 1;
   ec.fine_tunes_may_change = rescan_fine_tunes;
+  if (rescan_fine_tunes) {
+    // The directory's entries are the watcher's, registered once the engine is up (below): one
+    // that cannot be served is refused and logged, as later, and the worker starts all the same
+    // (a pod must not crash-loop over one file). --fine_tunes entries stay fatal.
+    const size_t from_flags = ec.fine_tunes.size() - fine_tunes_in_dir.size();
+    ec.fine_tunes.resize(from_flags);
+  }
   if (ec.device != "cpu" && !absl::GetFlag(FLAGS_gpu_lora)) {
     for (const auto& [id, path] : ec.fine_tunes) {
       if (IsLoraAdapter(path)) {
@@ -537,8 +544,10 @@ int Main(const std::vector<std::string>& args) {
     registrar.remove = [engine_ptr](const std::string& id) {
       return engine_ptr->UnregisterFineTune(id);
     };
-    fine_tune_watcher = std::make_unique<FineTuneDirWatcher>(
-        absl::GetFlag(FLAGS_fine_tune_dir), fine_tunes_in_dir, std::move(registrar), wo.metrics);
+    fine_tune_watcher = std::make_unique<FineTuneDirWatcher>(absl::GetFlag(FLAGS_fine_tune_dir),
+                                                             std::vector<FineTuneFile>(),
+                                                             std::move(registrar), wo.metrics);
+    fine_tune_watcher->Rescan(/*at_once=*/true);
     fine_tune_watcher->Watch(absl::Seconds(rescan_s));
   }
   GrpcServerOptions so;
