@@ -550,7 +550,9 @@ void CoordinatorService::GenerateCall::StartAttempt() {
       if (!a.ok()) {
         // Prefer the workers' own answer (RESOURCE_EXHAUSTED: all full) over "no worker left".
         grpc::Status s = ToGrpcStatus(a.status());
-        if (!last_failure_.ok()) {
+        if (last_failure_.error_code() == grpc::StatusCode::NOT_FOUND) {
+          s = last_failure_;  // no worker serves the fine-tune any more
+        } else if (!last_failure_.ok()) {
           s = grpc::Status(last_failure_.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED
                                ? grpc::StatusCode::RESOURCE_EXHAUSTED
                                : grpc::StatusCode::UNAVAILABLE,
@@ -777,7 +779,13 @@ void CoordinatorService::GenerateCall::OnAttemptDone(Attempt* attempt, const grp
         failure = grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                "worker ended the stream without a finish reason");
       }
-      if (!Retryable(failure.error_code())) {
+      // A worker that no longer serves the fine-tune (removed there a moment ago, before this
+      // coordinator heard): another may still.
+      const bool fine_tune_gone_there =
+          failure.error_code() == grpc::StatusCode::NOT_FOUND &&
+          !request_->fine_tune_id().empty() &&
+          absl::StrContains(failure.error_message(), "is not served by this worker");
+      if (!Retryable(failure.error_code()) && !fine_tune_gone_there) {
         // The request's own fault (INVALID_ARGUMENT, NOT_FOUND, ...) or its deadline.
         cancel_alarm = SetFinalLocked(failure);
       } else {

@@ -272,6 +272,28 @@ TEST_F(FineTuneTest, FineTunesComeAndGoWithTheirFilesWithoutARestart) {
     return g.status.ok() && g.tokens == c.tokens;
   }));
 
+  // Served by both workers, then taken out of worker 0's directory while requests keep coming:
+  // each is served (one that reaches worker 0 after it let go, before the coordinator heard, is
+  // tried on worker 1; the window is short, so this does not always reach that path).
+  move_in(root + "/1/man.delta.safetensors", root + "/1/team-y.delta.safetensors");
+  move_in(root + "/1/man.delta.safetensors", root + "/0/team-y.delta.safetensors");
+  ASSERT_TRUE(await([&] {
+    const v1::ClusterStatus s = Status(cluster_->admin());
+    int serving = 0;
+    for (const auto& w : s.workers()) {
+      for (const std::string& ft : w.info().fine_tune_ids()) serving += ft == "team-y";
+    }
+    return serving == 2;
+  }));
+  std::filesystem::remove(root + "/0/team-y.delta.safetensors");
+  for (const absl::Time end = absl::Now() + absl::Seconds(1.5); absl::Now() < end;) {
+    Generated y = Generate(cluster_->serving(), Greedy(prompt, "team-y"));
+    ASSERT_TRUE(y.status.ok()) << y.status.error_message();
+    EXPECT_EQ(y.tokens, man.tokens);
+  }
+  std::filesystem::remove(root + "/1/team-y.delta.safetensors");
+  ASSERT_TRUE(await([&] { return !listed("team-y"); }));
+
   // Taken out: no longer listed, and NOT_FOUND naming the field.
   std::filesystem::remove(added);
   ASSERT_TRUE(await([&] { return !listed("team-x"); }));
