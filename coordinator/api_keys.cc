@@ -288,7 +288,9 @@ void Charge(Tenant::RateBucket& b, int64_t per_minute, double amount, absl::Time
   if (per_minute <= 0 || amount == 0) return;
   absl::MutexLock lock(&b.mu);
   Refill(b, per_minute, now);
-  b.tokens = std::min(static_cast<double>(per_minute), b.tokens - amount);
+  // At most a minute's debt: a burst of peers' use locks a tenant out for a minute, not longer.
+  b.tokens = std::clamp(b.tokens - amount, -static_cast<double>(per_minute),
+                        static_cast<double>(per_minute));
 }
 
 }  // namespace

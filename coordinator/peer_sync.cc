@@ -66,7 +66,7 @@ void PeerSync::SyncOnce() {
   const std::string secret = options_.secret != nullptr ? options_.secret->Sent() : "";
   for (auto& [address, call] : calls) {
     Call* c = call.get();
-    c->ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.interval));
+    c->ctx.set_deadline(absl::ToChronoTime(absl::Now() + Deadline()));
     if (!secret.empty()) c->ctx.AddMetadata(kClusterSecretMetadata, secret);
     peers_.at(address).stub->async()->GetTenantUsage(&c->ctx, &c->request, &c->usage,
                                                      [c, &pending](grpc::Status s) {
@@ -114,7 +114,11 @@ void PeerSync::SyncOnce() {
     // A peer seen for the first time, or restarted, counts from its counters now.
     const bool known = peer.id == usage.coordinator_id();
     peer.id = usage.coordinator_id();
-    std::map<std::string, Peer::Use> use;
+    // Tenants the answer leaves out (not in the peer's keys just now) keep their baselines: its
+    // counters carry on by name, and a tenant back in its keys must not be charged its whole
+    // history at once. Their running requests are none.
+    std::map<std::string, Peer::Use> use = known ? peer.last : std::map<std::string, Peer::Use>();
+    for (auto& [name, u] : use) u.running = 0;
     for (const v1::TenantUse& t : usage.tenants()) {
       Peer::Use& u = use[t.name()];
       u.requests = t.requests_taken();
@@ -142,7 +146,7 @@ void PeerSync::SyncOnce() {
   const absl::Time now = absl::Now();
   std::map<std::string, int64_t> running;
   for (const auto& [address, peer] : peers_) {
-    if (peer.self || now - peer.last_answer > 3 * options_.interval) continue;
+    if (peer.self || now - peer.last_answer > Stale()) continue;
     for (const auto& [name, u] : peer.last) running[name] += u.running;
   }
   for (const auto& t : keys->tenants()) {

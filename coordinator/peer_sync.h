@@ -11,13 +11,15 @@
 //     cluster's use;
 //   - counts a peer's running requests against max_concurrent_requests (Tenant::peer_running).
 // Between two answers the cluster can go past a limit by what the tenant starts in that interval
-// through other coordinators; never through one. A peer that restarts (its coordinator_id
-// changes) starts from its counters then; one that stops answering for 3 intervals no longer
+// through other coordinators (and their answers' delay); never through one. A peer that
+// restarts (its coordinator_id changes) starts from its counters then, and a coordinator that
+// starts has full buckets; one that stops answering for 3 intervals (at least 3 s) no longer
 // counts running requests. A coordinator skips itself when a peers' name resolves to it, and
 // counts a peer reached under two addresses once.
 #ifndef STRATA_COORDINATOR_PEER_SYNC_H_
 #define STRATA_COORDINATOR_PEER_SYNC_H_
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <string>
@@ -68,6 +70,11 @@ class PeerSync {
     bool self = false;
     bool failing = false;  // its last call failed (logged once until it answers again)
   };
+
+  // A call's deadline, and how long a peer's running requests count after its last answer: not
+  // shorter than a loaded machine needs (a short interval must not make the limits fail open).
+  absl::Duration Deadline() const { return std::max(options_.interval, absl::Seconds(1)); }
+  absl::Duration Stale() const { return std::max(3 * options_.interval, absl::Seconds(3)); }
 
   std::shared_ptr<ApiKeyStore> keys_;
   const Options options_;

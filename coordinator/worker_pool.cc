@@ -255,8 +255,7 @@ void WorkerPool::WatchLoop(Worker* w) {
                                                ev.removed().block_hashes_size()));
             break;
           case v1::WorkerEvent::kLoad:
-            refresh = w->load.fine_tunes_generation() != ev.load().fine_tunes_generation() &&
-                      w->load.time_unix_ms() != 0;
+            refresh = ev.load().fine_tunes_generation() != w->info.fine_tunes_generation();
             w->load = ev.load();
             break;
           case v1::WorkerEvent::kSnapshotComplete:
@@ -270,11 +269,7 @@ void WorkerPool::WatchLoop(Worker* w) {
             break;
         }
       }
-      if (refresh && !RefreshInfo(w)) {
-        // Not answered: the next load report asks again.
-        absl::MutexLock lock(&mu_);
-        w->load.set_fine_tunes_generation(w->load.fine_tunes_generation() - 1);
-      }
+      if (refresh) RefreshInfo(w);  // not answered: the next load report asks again
     }
     if (broken.empty()) {
       ctx.TryCancel();

@@ -356,6 +356,10 @@ class Engine {
                               : std::vector<std::pair<std::string, std::string>>{};
   }
   bool ServesFineTunes() const { return deltas_ != nullptr; }
+  // Changes to the registered fine-tunes since start (DeltaCache; any thread).
+  int64_t FineTunesGeneration() const {
+    return deltas_ != nullptr ? deltas_->GetStats().num_registry_changes : 0;
+  }
   bool HasFineTune(const std::string& id) const { return deltas_ != nullptr && deltas_->Has(id); }
   // Fine-tunes registered, replaced and unregistered while serving (any thread; see DeltaCache:
   // sequences running on a delta keep it, waiting ones of a fine-tune that changed fail ABORTED,

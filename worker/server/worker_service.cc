@@ -394,6 +394,8 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   info->set_max_context_tokens(static_cast<uint32_t>(mc.max_position_embeddings));
   info->set_tensor_parallel_size(static_cast<uint32_t>(options_.tensor_parallel_size));
   info->set_block_tokens(static_cast<uint32_t>(engine_->block_tokens()));
+  // (The generation first: a change between the two makes the list look older, never newer.)
+  info->set_fine_tunes_generation(static_cast<uint64_t>(engine_->FineTunesGeneration()));
   for (const auto& [ft, revision] : engine_->FineTuneRevisions()) {
     info->add_fine_tune_ids(ft);
     info->add_fine_tune_revisions(revision);
