@@ -164,9 +164,12 @@ TEST(ApiKeysTest, PeersUseIsChargedAndOwnUseCounted) {
   EXPECT_TRUE(ApiKeys::Admit(p, 1, t0).ok());
   EXPECT_FALSE(ApiKeys::Admit(p, 1, t0).ok());
   EXPECT_FALSE(ApiKeys::TakeTokens(p, 1, t0).ok());
-  // It gives back 1000 tokens: full, no more.
+  // It gives back 1000 tokens: full, no more. A burst of 5000 leaves a minute's debt, no more.
   ApiKeys::ChargePeerUse(p, 0, -1000, t0);
   EXPECT_EQ(ApiKeys::TokensAvailable(p, t0), 600);
+  ApiKeys::ChargePeerUse(p, 0, 5000, t0);
+  EXPECT_EQ(ApiKeys::TokensAvailable(p, t0), -600);
+  EXPECT_EQ(ApiKeys::TokensAvailable(p, t0 + absl::Minutes(2)), 600);
   // Two of its requests run elsewhere: one more fits here.
   p.peer_running->store(2);
   absl::StatusOr<ApiKeys::Lease> one = ApiKeys::Acquire(p);
