@@ -293,7 +293,21 @@ void Charge(Tenant::RateBucket& b, int64_t per_minute, double amount, absl::Time
                         static_cast<double>(per_minute));
 }
 
+// Lowers `b` to `level` when it holds more.
+void Lower(Tenant::RateBucket& b, int64_t per_minute, double level, absl::Time now) {
+  if (per_minute <= 0) return;
+  absl::MutexLock lock(&b.mu);
+  Refill(b, per_minute, now);
+  b.tokens = std::min(b.tokens, std::max(level, -static_cast<double>(per_minute)));
+}
+
 }  // namespace
+
+void ApiKeys::LowerToPeer(const Tenant& tenant, double requests_available, double tokens_available,
+                          absl::Time now) {
+  Lower(*tenant.bucket, tenant.requests_per_minute, requests_available, now);
+  Lower(*tenant.token_bucket, tenant.tokens_per_minute, tokens_available, now);
+}
 
 double ApiKeys::RequestsTaken(const Tenant& tenant) { return Taken(*tenant.bucket); }
 double ApiKeys::TokensTaken(const Tenant& tenant) { return Taken(*tenant.token_bucket); }

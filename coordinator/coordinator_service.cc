@@ -1257,6 +1257,9 @@ grpc::ServerUnaryReactor* CoordinatorService::GetTenantUsage(
       u->set_running_requests(t->running->load());
       u->set_requests_taken(ApiKeys::RequestsTaken(*t));
       u->set_tokens_taken(ApiKeys::TokensTaken(*t));
+      const absl::Time now = absl::Now();
+      u->set_requests_available(ApiKeys::RequestsAvailable(*t, now));
+      u->set_tokens_available(ApiKeys::TokensAvailable(*t, now));
     }
   }
   reactor->Finish(grpc::Status::OK);

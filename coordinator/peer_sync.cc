@@ -124,9 +124,14 @@ void PeerSync::SyncOnce() {
       u.requests = t.requests_taken();
       u.tokens = t.tokens_taken();
       u.running = t.running_requests();
-      if (!known) continue;
       const Tenant* tenant = keys->Find(t.name());
       if (tenant == nullptr) continue;
+      if (!known) {
+        // A baseline, not a charge; but no more left here than there (this coordinator may
+        // have just started, with full buckets).
+        ApiKeys::LowerToPeer(*tenant, t.requests_available(), t.tokens_available(), now);
+        continue;
+      }
       const Peer::Use before = peer.last.count(t.name()) ? peer.last[t.name()] : Peer::Use();
       ApiKeys::ChargePeerUse(*tenant, u.requests - before.requests, u.tokens - before.tokens, now);
     }

@@ -27,6 +27,7 @@ constexpr char kOps[] = "sk-peers-ops-0000000000";
 constexpr char kConc[] = "sk-peers-conc-000000000";
 constexpr char kRate[] = "sk-peers-rate-000000000";
 constexpr char kMetered[] = "sk-peers-metered-000000";
+constexpr char kLate[] = "sk-peers-late-000000000";
 constexpr char kSecret[] = "peers-cluster-secret-0123456789ab";
 
 class PeerLimitsTest : public ::testing::Test {
@@ -41,9 +42,13 @@ class PeerLimitsTest : public ::testing::Test {
             {"name": "rate", "keys": [")",
                                         kRate, R"("], "requests_per_minute": 4},
             {"name": "metered", "keys": [")",
-                                        kMetered, R"("], "tokens_per_minute": 300}]})");
+                                        kMetered, R"("], "tokens_per_minute": 300},
+            {"name": "late", "keys": [")",
+                                        kLate, R"("], "requests_per_minute": 10}]})");
+    keys_ = keys;
     const std::string secret = root + "/peer-secret";
     std::ofstream(secret) << kSecret << "\n";
+    secret_ = secret;
     LocalClusterOptions o;
     o.num_workers = 1;
     o.coordinator = false;
@@ -53,7 +58,9 @@ class PeerLimitsTest : public ::testing::Test {
     auto c = LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
-    const int ports[2] = {FreePort(), FreePort()};
+    int* ports = ports_;
+    ports[0] = FreePort();
+    ports[1] = FreePort();
     // Both, each under two names: each coordinator skips itself, and counts the other once.
     const std::string peers = absl::StrCat("--peers=127.0.0.1:", ports[0], ",127.0.0.1:", ports[1],
                                            ",localhost:", ports[0], ",localhost:", ports[1]);
@@ -106,6 +113,8 @@ class PeerLimitsTest : public ::testing::Test {
   }
 
   static inline LocalCluster* cluster_ = nullptr;
+  static inline std::string keys_, secret_;
+  static inline int ports_[2] = {};
   static inline v1::Serving::Stub* serving_[2] = {};
   static inline v1::Admin::Stub* admin_[2] = {};
 };
@@ -164,6 +173,34 @@ TEST_F(PeerLimitsTest, TokenRatesDrainEveryCoordinatorsBucket) {
       << refused.error_message();
 }
 
+// A coordinator that starts (a restart, a rollout) takes up where its peers' buckets are rather
+// than with full ones.
+TEST_F(PeerLimitsTest, AStartingCoordinatorBeginsAtItsPeersLevel) {
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE(Generate(0, kLate, 1).ok()) << i;
+  const int port = FreePort();
+  absl::StatusOr<std::string> address = cluster_->StartExtraCoordinator(
+      {absl::StrCat("--listen=127.0.0.1:", port),
+       absl::StrCat("--peers=127.0.0.1:", ports_[0], ",127.0.0.1:", ports_[1], ",127.0.0.1:", port),
+       "--peer_sync_interval_s=0.1", absl::StrCat("--api_keys_file=", keys_),
+       absl::StrCat("--cluster_secret_file=", secret_)},
+      "peers-coordinator-late");
+  ASSERT_TRUE(address.ok()) << address.status();
+  auto admin =
+      v1::Admin::NewStub(grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
+  auto late = [&] {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kOps));
+    v1::ClusterStatus status;
+    if (!admin->GetClusterStatus(&ctx, {}, &status).ok()) return 100.0;
+    for (const v1::TenantStatus& t : status.tenants()) {
+      if (t.name() == "late") return t.requests_available();
+    }
+    return 100.0;
+  };
+  // 10 a minute, 6 used: about 4 left there, and so here (not 10).
+  ASSERT_TRUE(Await([&] { return late() < 5; })) << late();
+}
+
 // The tenants' use is for peers (the cluster secret) and admins only.
 TEST_F(PeerLimitsTest, UsageAnswersOnlyPeersAndAdmins) {
   auto usage = [](int i, const std::string& key, const std::string& value, v1::TenantUsage* out) {
@@ -180,7 +217,7 @@ TEST_F(PeerLimitsTest, UsageAnswersOnlyPeersAndAdmins) {
   v1::TenantUsage a, b;
   ASSERT_TRUE(usage(0, kClusterSecretMetadata, kSecret, &a).ok());
   ASSERT_TRUE(usage(1, "authorization", absl::StrCat("Bearer ", kOps), &b).ok());
-  EXPECT_EQ(a.tenants_size(), 4);
+  EXPECT_EQ(a.tenants_size(), 5);
   EXPECT_FALSE(a.coordinator_id().empty());
   EXPECT_NE(a.coordinator_id(), b.coordinator_id());
 }
