@@ -342,24 +342,25 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
                                                     "MAX PRIO", "MODELS"}};
     auto limit = [](uint64_t n) { return n == 0 ? std::string("-") : absl::StrCat(n); };
     for (const auto& t : cs.tenants()) {
+      // Running here, and through the other coordinators (--peers) when any.
+      std::string running = absl::StrCat(t.running_requests());
+      if (t.peer_running_requests() > 0) {
+        absl::StrAppend(&running, " (+", t.peer_running_requests(), " peers)");
+      }
+      const std::string requests_left =
+          t.requests_per_minute() == 0 ? "-" : absl::StrFormat("%.1f", t.requests_available());
+      const std::string tokens_left =
+          t.tokens_per_minute() == 0
+              ? "-"
+              : absl::StrCat(static_cast<int64_t>(std::llround(t.tokens_available())));
+      const std::string models =
+          t.all_models() ? "(all)"
+                         : (t.models().empty() ? "(none)" : absl::StrJoin(t.models(), ","));
       nrows.push_back({t.name() + (t.admin() ? " (admin)" : ""),
-                       absl::StrCat(t.running_requests(),
-                                    t.peer_running_requests() > 0
-                                        ? absl::StrCat(" (+", t.peer_running_requests(), " peers)")
-                                        : "",
-                                    "/", limit(t.max_concurrent_requests())),
-                       limit(t.requests_per_minute()),
-                       t.requests_per_minute() == 0
-                           ? "-"
-                           : absl::StrFormat("%.1f", t.requests_available()),
-                       limit(t.tokens_per_minute()),
-                       t.tokens_per_minute() == 0
-                           ? "-"
-                           : absl::StrCat(static_cast<int64_t>(std::llround(t.tokens_available()))),
-                       absl::StrFormat("%g", t.scheduling_weight()), absl::StrCat(t.max_priority()),
-                       t.all_models()
-                           ? "(all)"
-                           : (t.models().empty() ? "(none)" : absl::StrJoin(t.models(), ","))});
+                       absl::StrCat(running, "/", limit(t.max_concurrent_requests())),
+                       limit(t.requests_per_minute()), requests_left, limit(t.tokens_per_minute()),
+                       tokens_left, absl::StrFormat("%g", t.scheduling_weight()),
+                       absl::StrCat(t.max_priority()), models});
     }
     PrintTable(out, nrows);
   }

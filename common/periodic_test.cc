@@ -21,7 +21,9 @@ TEST(PeriodicThreadTest, RunsEveryPeriodAndStopsWhenDestroyed) {
   EXPECT_EQ(runs.load(), after);  // none once destroyed
   // Destroyed long before its first period: it does not wait for it.
   const absl::Time start = absl::Now();
-  { PeriodicThread t(absl::Seconds(60), [] {}); }
+  {
+    PeriodicThread t(absl::Seconds(60), [] {});
+  }
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 

@@ -218,8 +218,8 @@ class ApiKeys {
   static void ChargePeerUse(const Tenant& tenant, double requests, double tokens, absl::Time now);
   // Lowers the tenant's buckets to what a peer's hold, when they hold more (a coordinator that
   // starts, with full buckets, takes up where the cluster is).
-  static void LowerToPeer(const Tenant& tenant, double requests_available,
-                          double tokens_available, absl::Time now);
+  static void LowerToPeer(const Tenant& tenant, double requests_available, double tokens_available,
+                          absl::Time now);
 
   // A lease on `units` of `tenant`'s concurrent requests (an HTTP request with n choices or
   // several prompts is that many generations); RESOURCE_EXHAUSTED when they would pass its

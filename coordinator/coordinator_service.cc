@@ -1236,13 +1236,9 @@ grpc::ServerUnaryReactor* CoordinatorService::GetTenantUsage(
     v1::TenantUsage* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // A peer coordinator (the cluster secret), or an admin.
-  bool peer = false;
-  if (options_.cluster_secret != nullptr) {
-    const auto& md = context->client_metadata();
-    auto it = md.find(kClusterSecretMetadata);
-    peer = it != md.end() && options_.cluster_secret->Match(
-                                 absl::string_view(it->second.data(), it->second.size())) >= 0;
-  }
+  const bool peer =
+      options_.cluster_secret != nullptr &&
+      options_.cluster_secret->Match(MetadataValue(context, kClusterSecretMetadata)) >= 0;
   if (!peer) {
     if (grpc::Status s = AdminCaller(context); !s.ok()) {
       reactor->Finish(s);

@@ -18,11 +18,6 @@ void PeerSync::Start() {
   thread_ = std::make_unique<PeriodicThread>(options_.interval, [this] { SyncOnce(); });
 }
 
-int PeerSync::num_peers() const {
-  absl::MutexLock lock(&mu_);
-  return num_peers_;
-}
-
 void PeerSync::SyncOnce() {
   absl::MutexLock lock(&mu_);
   std::vector<std::string> addresses = options_.peers.static_addresses;
@@ -106,8 +101,7 @@ void PeerSync::SyncOnce() {
       continue;
     }
     if (!counted.emplace(usage.coordinator_id(), address).second) {
-      peer.last.clear();  // another address of a peer already counted
-      peer.id.clear();
+      peer.id = usage.coordinator_id();  // another address of a peer counted: forgotten below
       continue;
     }
     ++answered;
@@ -132,7 +126,8 @@ void PeerSync::SyncOnce() {
         ApiKeys::LowerToPeer(*tenant, t.requests_available(), t.tokens_available(), now);
         continue;
       }
-      const Peer::Use before = peer.last.count(t.name()) ? peer.last[t.name()] : Peer::Use();
+      const auto b = peer.last.find(t.name());
+      const Peer::Use before = b == peer.last.end() ? Peer::Use() : b->second;
       ApiKeys::ChargePeerUse(*tenant, u.requests - before.requests, u.tokens - before.tokens, now);
     }
     peer.last = std::move(use);
@@ -158,7 +153,6 @@ void PeerSync::SyncOnce() {
     auto it = running.find(t->name);
     t->peer_running->store(it == running.end() ? 0 : it->second);
   }
-  num_peers_ = answered;
   if (options_.metrics != nullptr) {
     options_.metrics
         ->GetGauge("strata_coordinator_peers",

@@ -49,14 +49,13 @@ class PeerSync {
   PeerSync(std::shared_ptr<ApiKeyStore> keys, Options options);
   ~PeerSync();
 
-  // One round: resolves the peers and asks them all at once (each call bounded by the interval).
-  void SyncOnce();
   // Rounds every interval on a thread of its own until destroyed.
   void Start();
-  // Peers that answered in the last round (not counting this coordinator).
-  int num_peers() const;
 
  private:
+  // One round: resolves the peers and asks them all at once (each call bounded by Deadline).
+  void SyncOnce();
+
   struct Peer {
     std::unique_ptr<v1::Admin::Stub> stub;
     std::string id;  // its coordinator_id, once it answered
@@ -78,9 +77,8 @@ class PeerSync {
 
   std::shared_ptr<ApiKeyStore> keys_;
   const Options options_;
-  mutable absl::Mutex mu_;
+  absl::Mutex mu_;                                          // held through a round (one at a time)
   std::map<std::string, Peer> peers_ ABSL_GUARDED_BY(mu_);  // by address
-  int num_peers_ ABSL_GUARDED_BY(mu_) = 0;
   std::unique_ptr<PeriodicThread> thread_;
 };
 

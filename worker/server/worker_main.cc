@@ -209,10 +209,9 @@ int ThreadsPerRank(int world_size) {
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / world_size);
 }
 
-// The fine-tunes of --fine_tunes and --fine_tune_dir, as (id, path) pairs; `in_dir` gets those
-// of the directory.
-absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags(
-    std::vector<FineTuneFile>* in_dir) {
+// The fine-tunes of --fine_tunes and (`with_dir`) of --fine_tune_dir, as (id, path) pairs; the
+// directory must be readable either way.
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags(bool with_dir) {
   std::vector<std::pair<std::string, std::string>> out;
   for (const std::string& entry : absl::GetFlag(FLAGS_fine_tunes)) {
     const size_t eq = entry.find('=');
@@ -224,8 +223,10 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> FineTuneFlags(
   }
   const std::string dir = absl::GetFlag(FLAGS_fine_tune_dir);
   if (!dir.empty()) {
-    ASSIGN_OR_RETURN(*in_dir, ScanFineTuneDir(dir));
-    for (const FineTuneFile& f : *in_dir) out.emplace_back(f.id, f.path);
+    ASSIGN_OR_RETURN(const std::vector<FineTuneFile> in_dir, ScanFineTuneDir(dir));
+    if (with_dir) {
+      for (const FineTuneFile& f : in_dir) out.emplace_back(f.id, f.path);
+    }
   }
   return out;
 }
@@ -427,31 +428,26 @@ int Main(const std::vector<std::string>& args) {
     LOG(ERROR) << "--gpu_dtype must be bf16, f16 or f32, not \"" << g << "\"";
     return 1;
   }
-  std::vector<FineTuneFile> fine_tunes_in_dir;
-  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> fine_tunes =
-      FineTuneFlags(&fine_tunes_in_dir);
-  if (!fine_tunes.ok()) {
-    LOG(ERROR) << fine_tunes.status().message();
-    return 1;
-  }
-  ec.fine_tunes = *std::move(fine_tunes);
   const double rescan_s = absl::GetFlag(FLAGS_fine_tune_rescan_s);
   if (!(rescan_s >= 0)) {
     LOG(ERROR) << "--fine_tune_rescan_s must be 0 or more, not " << rescan_s;
     return 1;
   }
   // A directory read again serves fine-tunes even while it holds none (one rank only: tensor-
-  // parallel workers refuse fine-tunes).
+  // parallel workers refuse fine-tunes). Its entries are then the watcher's, registered once the
+  // engine is up (below): one that cannot be served is refused and logged, as later, and the
+  // worker starts all the same (a pod must not crash-loop over one file). --fine_tunes entries,
+  // and the directory's without rescans, stop the worker when they cannot be served.
   const bool rescan_fine_tunes =
       !absl::GetFlag(FLAGS_fine_tune_dir).empty() && rescan_s > 0 && world == 1;
   ec.fine_tunes_may_change = rescan_fine_tunes;
-  if (rescan_fine_tunes) {
-    // The directory's entries are the watcher's, registered once the engine is up (below): one
-    // that cannot be served is refused and logged, as later, and the worker starts all the same
-    // (a pod must not crash-loop over one file). --fine_tunes entries stay fatal.
-    const size_t from_flags = ec.fine_tunes.size() - fine_tunes_in_dir.size();
-    ec.fine_tunes.resize(from_flags);
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> fine_tunes =
+      FineTuneFlags(/*with_dir=*/!rescan_fine_tunes);
+  if (!fine_tunes.ok()) {
+    LOG(ERROR) << fine_tunes.status().message();
+    return 1;
   }
+  ec.fine_tunes = *std::move(fine_tunes);
   if (ec.device != "cpu" && !absl::GetFlag(FLAGS_gpu_lora)) {
     for (const auto& [id, path] : ec.fine_tunes) {
       if (IsLoraAdapter(path)) {
