@@ -1,7 +1,7 @@
 // prefix_restore_bench: time to first token of a long prompt whose KV comes from each tier, against
 // computing it, end to end through a coordinator (a client of Serving.Generate).
 //
-//   prefix_restore_bench --target=HOST:PORT --phase=warm|disk [--lengths=1024,4096,16384]
+//   prefix_restore_bench --target=HOST:PORT --phase=warm|disk|copy [--lengths=1024,4096,16384]
 //       [--reps=3] [--filler_tokens=N] [--json_out=FILE]
 //
 // Prompts are random token ids, the same for a (length, rep) in every phase. Phase "warm", per
@@ -9,10 +9,14 @@
 // filler_tokens, sent twice, has pushed it out of the device cache (host hit). Phase "disk", after
 // the worker restarted on the same disk file: the prompt again (disk hit). Each request generates
 // one token; TTFT is measured at the client. The usage each response reports says which tier served
-// it.
+// it. Phase "copy", with two workers behind the coordinator: the prompt cold (recompute, on one of
+// them), then with that worker drained (Admin.DrainWorker), so that the other serves it by copying
+// the blocks from it (copied, Worker.FetchKvBlocks), then again with both (device); the drained
+// worker is resumed after each prompt.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -23,11 +27,13 @@
 #include "common/init.h"
 #include "common/log.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/strata/v1/admin.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Coordinator.");
 ABSL_FLAG(std::string, model, "strata-tiny", "Model name.");
-ABSL_FLAG(std::string, phase, "warm", "warm (recompute, device, host) or disk.");
+ABSL_FLAG(std::string, phase, "warm",
+          "warm (recompute, device, host), disk, or copy (recompute, copied, device).");
 ABSL_FLAG(std::string, lengths, "1024,4096,16384", "Prompt lengths in tokens.");
 ABSL_FLAG(int, reps, 3, "Prompts per length; medians are reported.");
 ABSL_FLAG(int64_t, filler_tokens, 0, "Tokens of the prompt that evicts the device cache.");
@@ -93,10 +99,33 @@ void Report(FILE* json, const char* what, int64_t length, int rep, const Result&
   }
 }
 
+// Requests routed to each worker so far, by worker id.
+std::map<std::string, uint64_t> Routed(v1::Admin::Stub* admin) {
+  grpc::ClientContext ctx;
+  v1::ClusterStatus status;
+  const grpc::Status s = admin->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &status);
+  CHECK(s.ok()) << "GetClusterStatus: " << s.error_message();
+  std::map<std::string, uint64_t> out;
+  for (const auto& w : status.workers()) out[w.info().worker_id()] = w.num_routed_requests();
+  return out;
+}
+
+void Drain(v1::Admin::Stub* admin, const std::string& worker, bool resume) {
+  grpc::ClientContext ctx;
+  v1::DrainWorkerRequest req;
+  req.set_worker(worker);
+  req.set_resume(resume);
+  req.set_wait(!resume);
+  v1::DrainWorkerResponse resp;
+  const grpc::Status s = admin->DrainWorker(&ctx, req, &resp);
+  CHECK(s.ok()) << "DrainWorker: " << s.error_message();
+}
+
 void Run() {
   auto channel =
       grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
   auto stub = v1::Serving::NewStub(channel);
+  auto admin = v1::Admin::NewStub(channel);
   FILE* json = absl::GetFlag(FLAGS_json_out).empty()
                    ? nullptr
                    : std::fopen(absl::GetFlag(FLAGS_json_out).c_str(), "a");
@@ -109,6 +138,20 @@ void Run() {
       const std::vector<int32_t> prompt = Prompt(length, length * 1000 + rep);
       if (phase == "disk") {
         Report(json, "disk", length, rep, Send(stub.get(), prompt));
+        continue;
+      }
+      if (phase == "copy") {
+        const std::map<std::string, uint64_t> before = Routed(admin.get());
+        Report(json, "recompute", length, rep, Send(stub.get(), prompt));
+        std::string holder;
+        for (const auto& [id, n] : Routed(admin.get())) {
+          if (n > before.at(id)) holder = id;
+        }
+        CHECK(!holder.empty());
+        Drain(admin.get(), holder, /*resume=*/false);
+        Report(json, "copied", length, rep, Send(stub.get(), prompt));
+        Drain(admin.get(), holder, /*resume=*/true);
+        Report(json, "device", length, rep, Send(stub.get(), prompt));
         continue;
       }
       Report(json, "recompute", length, rep, Send(stub.get(), prompt));

@@ -23,9 +23,7 @@ export STRATA_BIN=$PWD/bazel-bin STRATA_OUT=$OUT
 source tools/local_servers.sh
 
 MODEL=$OUT/strata-tiny-long
-rm -rf "$MODEL"
-cp -r models/strata-tiny/base "$MODEL"
-sed -i 's/"max_position_embeddings": [0-9]*/"max_position_embeddings": 40960/' "$MODEL/config.json"
+strata_long_context_model "$MODEL"
 JSON=$OUT/tier_bench.jsonl
 : > "$JSON"
 BLOCK_KIB=64   # KV bytes of one 16-token block of the bundled model, in KiB

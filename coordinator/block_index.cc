@@ -128,7 +128,8 @@ int BlockIndex::Pending(BlockHash hash, WorkerSlot worker) const {
 }
 
 std::vector<std::array<int64_t, kNumTiers>> BlockIndex::PrefixOverlap(
-    absl::Span<const BlockHash> hashes, absl::Span<const WorkerSlot> workers) const {
+    absl::Span<const BlockHash> hashes, absl::Span<const WorkerSlot> workers,
+    bool with_pending) const {
   std::vector<std::array<int64_t, kNumTiers>> out(workers.size(), {0, 0, 0});
   std::vector<bool> alive(workers.size(), true);
   size_t num_alive = workers.size();
@@ -138,7 +139,8 @@ std::vector<std::array<int64_t, kNumTiers>> BlockIndex::PrefixOverlap(
     if (it == entries_.end()) break;
     for (size_t i = 0; i < workers.size(); ++i) {
       if (!alive[i]) continue;
-      const TierMask mask = MaskOf(FindIn(it->second, workers[i]));
+      const Holder* holder = FindIn(it->second, workers[i]);
+      const TierMask mask = with_pending ? MaskOf(holder) : (holder != nullptr ? holder->tiers : 0);
       if (mask == 0) {
         alive[i] = false;
         --num_alive;

@@ -49,9 +49,11 @@ class BlockIndex {
 
   // For each worker in `workers`, the length of the longest prefix of `hashes` that it holds (in
   // any tier), and of that prefix how many blocks are in each worker's fastest tier: result[i][t] =
-  // blocks of workers[i]'s matched prefix whose fastest tier is t.
-  std::vector<std::array<int64_t, kNumTiers>> PrefixOverlap(
-      absl::Span<const BlockHash> hashes, absl::Span<const WorkerSlot> workers) const;
+  // blocks of workers[i]'s matched prefix whose fastest tier is t. `with_pending` false: only the
+  // blocks its events reported (what it could copy out now).
+  std::vector<std::array<int64_t, kNumTiers>> PrefixOverlap(absl::Span<const BlockHash> hashes,
+                                                            absl::Span<const WorkerSlot> workers,
+                                                            bool with_pending = true) const;
 
   // Blocks indexed for `worker` in `tier` (from events; pending entries not included).
   int64_t NumBlocks(WorkerSlot worker, Tier tier) const;

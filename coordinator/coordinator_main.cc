@@ -99,6 +99,12 @@ ABSL_FLAG(double, cold_fine_tune_blocks, 4.0,
           "Routing cost, in prefill blocks, of sending a fine-tune's request to a worker that does "
           "not hold its delta. Raise it where loading a delta takes long (large models on GPUs): "
           "`stratactl simulate --fine-tunes N --cold-fine-tune-blocks B` shows the effect.");
+ABSL_FLAG(double, kv_fetch_weight, 0.9,
+          "Routing credit, per block, for a prompt's KV blocks that a worker can copy from another "
+          "worker holding them (its device or host tier) instead of computing them: the request "
+          "then names that worker (SubmitRequest.kv_source_address). 1 counts a copied block as "
+          "one in the worker's own device cache; 0 turns copies off.");
+ABSL_FLAG(int64_t, kv_fetch_min_blocks, 2, "Fewest blocks worth copying from another worker.");
 ABSL_FLAG(double, shutdown_grace_s, 10, "On SIGTERM, how long in-flight requests may finish.");
 ABSL_FLAG(int64_t, shutdown_delay_s, 0,
           "On SIGTERM, how long to keep accepting calls while reporting NOT_SERVING before "
@@ -166,11 +172,18 @@ int Main() {
   po.cluster_secret = cluster_secret->get();
   po.router.decode_weight = absl::GetFlag(FLAGS_decode_weight);
   po.router.cold_fine_tune_blocks = absl::GetFlag(FLAGS_cold_fine_tune_blocks);
+  po.router.fetch_weight = absl::GetFlag(FLAGS_kv_fetch_weight);
+  po.router.fetch_min_blocks = absl::GetFlag(FLAGS_kv_fetch_min_blocks);
+  if (po.router.fetch_weight > 1 || po.router.fetch_min_blocks < 1) {
+    LOG(ERROR) << "--kv_fetch_weight must be in [0, 1] and --kv_fetch_min_blocks positive";
+    return 2;
+  }
   // A negative cost would send requests toward the workers that must load a delta or that are
   // busiest.
   for (const auto& [name, v] :
        {std::pair<const char*, double>{"decode_weight", po.router.decode_weight},
-        {"cold_fine_tune_blocks", po.router.cold_fine_tune_blocks}}) {
+        {"cold_fine_tune_blocks", po.router.cold_fine_tune_blocks},
+        {"kv_fetch_weight", po.router.fetch_weight}}) {
     if (!(v >= 0) || !std::isfinite(v)) {
       LOG(ERROR) << "--" << name << " must be a finite number, 0 or more, not " << v;
       return 2;

@@ -582,6 +582,7 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         s.set_tenant(share_tenant_);
         s.set_tenant_weight(share_weight_);
         for (BlockHash h : hashes_) s.add_prefix_block_hashes(h);
+        s.set_kv_source_address(attempt->assignment_.kv_source_address);
         if (context_->deadline() != std::chrono::system_clock::time_point::max()) {
           attempt->context_.set_deadline(context_->deadline());
         }

@@ -24,6 +24,17 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
   }
   const std::vector<std::array<int64_t, kNumTiers>> overlap =
       index.PrefixOverlap(request.prefix_hashes, slots);
+  // Each source's prefix on the device and in host memory (what it copies out).
+  std::vector<int64_t> source_blocks;
+  if (config.fetch_weight > 0 && !request.fetch_sources.empty() && !request.prefix_hashes.empty()) {
+    // Blocks a source has reported computing, not those of requests just routed to it: it cannot
+    // send those yet.
+    for (const auto& o : index.PrefixOverlap(request.prefix_hashes, request.fetch_sources,
+                                             /*with_pending=*/false)) {
+      source_blocks.push_back(o[static_cast<int>(Tier::kDevice)] +
+                              o[static_cast<int>(Tier::kHost)]);
+    }
+  }
   // The mean counts this request, wherever it goes.
   const double mean = (total_inflight + 1) / static_cast<double>(n);
   const double limit = std::max(mean * (1 + config.balance_tolerance), mean + config.balance_slack);
@@ -34,9 +45,20 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
     WorkerScore& s = d.scores[i];
     s.slot = c.slot;
     s.overlap_blocks = overlap[i];
+    int64_t own = 0;
     for (int t = 0; t < kNumTiers; ++t) {
       s.credit += config.tier_weights[t] * static_cast<double>(overlap[i][t]);
+      own += overlap[i][t];
     }
+    for (size_t j = 0; j < source_blocks.size(); ++j) {
+      if (request.fetch_sources[j] == c.slot) continue;
+      const int64_t more = source_blocks[j] - own;
+      if (more >= std::max<int64_t>(1, config.fetch_min_blocks) && more > s.fetch_blocks) {
+        s.fetch_source = request.fetch_sources[j];
+        s.fetch_blocks = more;
+      }
+    }
+    s.credit += config.fetch_weight * static_cast<double>(s.fetch_blocks);
     s.cost = std::max(0.0, static_cast<double>(request.prompt_blocks + c.queued_prefill_blocks) -
                                s.credit) +
              config.decode_weight * static_cast<double>(c.decode_sequences);

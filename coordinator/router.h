@@ -10,6 +10,17 @@
 // where overlap_t counts the blocks of the longest cached prefix of the prompt on w whose fastest
 // copy is in tier t. Lower cost wins.
 //
+// Copies between workers (RouteRequest::fetch_sources). A worker may copy the prompt's blocks it
+// lacks from another worker that holds them on the device or in host memory (Worker.FetchKvBlocks)
+// instead of computing them, so its credit also counts
+//   fetch_weight * (source_blocks - own_blocks)     (when that is at least fetch_min_blocks)
+// where own_blocks is the length of its own cached prefix and source_blocks the longest device
+// and host prefix among the other sources, as their events reported it (a block of a request
+// just routed there, still being computed, cannot be copied yet). The decision names that source
+// for the chosen worker. A worker whose queue is long thus hands a prompt it holds to an idle one
+// at the cost of a copy rather than of a recomputation, and a drained worker's cache still serves
+// its prompts.
+//
 // Balance. The load terms move a request off the worker that holds its prefix only when that
 // worker's queue costs more than recomputing the prefix elsewhere, so a busy worker never sheds
 // work into expensive misses (which under load would cascade into cache thrash). Two rules keep
@@ -59,6 +70,9 @@ struct RouterConfig {
   // Round-robin instead of cost (a baseline for benchmarks): the candidate at tie_break modulo the
   // number of candidates.
   bool round_robin = false;
+  // Credit per block a worker can copy from another (above); 0: no copies.
+  double fetch_weight = 0.9;
+  int64_t fetch_min_blocks = 2;
 };
 
 struct WorkerLoadView {
@@ -84,6 +98,9 @@ struct RouteRequest {
   // others cost cold_fine_tune_blocks more.
   bool fine_tune = false;
   absl::Span<const WorkerSlot> fine_tune_resident;
+  // Workers a candidate may copy the prompt's KV blocks from (candidates or not: a draining
+  // worker's cache still serves copies). Only those whose blocks fit every candidate's cache.
+  absl::Span<const WorkerSlot> fetch_sources;
 };
 
 struct WorkerScore {
@@ -92,6 +109,9 @@ struct WorkerScore {
   double credit = 0;
   double cost = 0;
   bool over_balance_limit = false;
+  // The worker it would copy fetch_blocks blocks from (credited above), or -1.
+  int64_t fetch_source = -1;
+  int64_t fetch_blocks = 0;
 };
 
 struct RouteDecision {

@@ -153,6 +153,68 @@ TEST(RouterTest, Table) {
   }
 }
 
+// A worker that can copy a prompt's blocks from another earns fetch_weight per block it lacks;
+// the decision names the source.
+TEST(RouterTest, ABusyHoldersPromptGoesToAnIdleWorkerThatCopiesIt) {
+  BlockIndex index;
+  index.Stored(0, Tier::kDevice, {100, 101, 102});
+  index.Stored(0, Tier::kHost, {103});
+  index.Stored(1, Tier::kDevice, {100});
+  std::vector<WorkerLoadView> loads = Idle(3);
+  loads[0].decode_sequences = 8;  // the holder is busy
+  RouteRequest req;
+  req.prefix_hashes = kChain;
+  req.prompt_blocks = 6;
+  const std::vector<WorkerSlot> sources = {0, 1, 2};
+  req.fetch_sources = sources;
+  RouterConfig config;
+  config.fetch_weight = 0.5;
+  RouteDecision d = Route(req, loads, index, config);
+  // 0: credit 3.75, cost 6 - 3.75 + 8; 1: its own block and 3 to copy from 0, cost
+  // 6 - (1 + 1.5); 2: 4 to copy, cost 6 - 2.
+  ASSERT_EQ(d.scores.size(), 3u);
+  EXPECT_DOUBLE_EQ(d.scores[0].cost, 10.25);
+  EXPECT_EQ(d.scores[0].fetch_source, -1);  // no other source holds more
+  EXPECT_DOUBLE_EQ(d.scores[1].credit, 2.5);
+  EXPECT_EQ(d.scores[1].fetch_source, 0);
+  EXPECT_EQ(d.scores[1].fetch_blocks, 3);
+  EXPECT_DOUBLE_EQ(d.scores[2].credit, 2);
+  EXPECT_EQ(d.scores[2].fetch_blocks, 4);
+  EXPECT_EQ(d.chosen, 1);
+
+  // The holder itself need not be a candidate (draining), and disk blocks are not copied.
+  index.Stored(2, Tier::kDisk, {100, 101, 102, 103, 104});
+  const std::vector<WorkerLoadView> two = {loads[1], loads[2]};
+  d = Route(req, two, index, config);
+  // Worker 1 (candidate 0) still: worker 2's 5 disk blocks earn 1.25 and leave nothing to copy.
+  EXPECT_EQ(d.chosen, 0);
+  EXPECT_EQ(d.scores[0].fetch_source, 0);
+  EXPECT_EQ(d.scores[1].fetch_source, -1);
+
+  // Blocks still being computed for a request just routed to a worker (pending) are not there to
+  // copy yet.
+  BlockIndex pending;
+  pending.AddPending(0, kChain);
+  {
+    RouteRequest r = req;
+    r.fetch_sources = sources;
+    const RouteDecision p = Route(r, Idle(2), pending, config);
+    EXPECT_EQ(p.scores[1].fetch_source, -1);
+    EXPECT_EQ(p.scores[0].overlap_blocks[0], 5);  // the holder's own pending blocks still count
+  }
+
+  // Fewer than fetch_min_blocks to gain, a weight of 0, or no sources: no copies.
+  config.fetch_min_blocks = 4;
+  d = Route(req, two, index, config);
+  EXPECT_EQ(d.scores[0].fetch_source, -1);
+  config.fetch_min_blocks = 2;
+  config.fetch_weight = 0;
+  EXPECT_EQ(Route(req, two, index, config).scores[0].fetch_source, -1);
+  config.fetch_weight = 0.5;
+  req.fetch_sources = {};
+  EXPECT_EQ(Route(req, two, index, config).scores[0].fetch_source, -1);
+}
+
 TEST(RouterTest, PendingBlocksRouteABurstToTheSameWorker) {
   BlockIndex index;
   std::vector<WorkerLoadView> loads = Idle(4);

@@ -12,6 +12,14 @@
 namespace strata {
 namespace {
 
+// Bytes of one KV block in a worker's device cache (0 when its info names none).
+uint64_t DeviceBlockBytes(const v1::WorkerInfo& info) {
+  for (const v1::TierCapacity& t : info.tiers()) {
+    if (t.tier() == v1::TIER_DEVICE) return t.block_bytes();
+  }
+  return 0;
+}
+
 std::chrono::system_clock::time_point Deadline(absl::Duration d) {
   return absl::ToChronoTime(absl::Now() + d);
 }
@@ -303,9 +311,15 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   const absl::Time now = absl::Now();
   std::vector<WorkerLoadView> loads;
   std::vector<WorkerSlot> resident;  // workers holding the fine-tune's delta now
+  std::vector<WorkerSlot> sources;   // workers whose KV blocks the chosen one may copy
   int known = 0;
   for (const auto& w : workers_) {
     if (w->removed || !w->has_info || w->info.model() != model) continue;
+    // A draining worker still answers copies; one that failed this request (tried) may be gone.
+    if ((w->state == State::kServing || w->state == State::kDraining) && w->suspect_until <= now &&
+        std::find(exclude.begin(), exclude.end(), w->slot) == exclude.end()) {
+      sources.push_back(w->slot);
+    }
     if (!fine_tune_id.empty() &&
         std::find(w->info.fine_tune_ids().begin(), w->info.fine_tune_ids().end(), fine_tune_id) ==
             w->info.fine_tune_ids().end()) {
@@ -349,6 +363,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   req.tie_break = tie_break_.fetch_add(1);
   req.fine_tune = !fine_tune_id.empty();
   req.fine_tune_resident = resident;
+  req.fetch_sources = sources;
   if (!hashes.empty()) {
     // Count this prompt's first block among the recent ones (retries count again: they are load).
     req.prefix_share = prefix_share_.Add(hashes[0]);
@@ -364,6 +379,16 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   int64_t cached = 0;
   for (int64_t c : score.overlap_blocks) cached += c;
   a.expected_cached_blocks = cached;
+  if (score.fetch_source >= 0) {
+    const Worker* source = workers_[static_cast<size_t>(score.fetch_source)].get();
+    // Copies fit only a cache of the same block layout (model, dtype, tensor-parallel degree).
+    if (DeviceBlockBytes(source->info) == DeviceBlockBytes(w->info) &&
+        source->info.block_tokens() == w->info.block_tokens()) {
+      a.kv_source_address = source->address;
+      a.kv_source_blocks = score.fetch_blocks;
+      cached += score.fetch_blocks;
+    }
+  }
   a.prefill_blocks = std::max<int64_t>(0, prompt_blocks - cached);
   ++w->inflight;
   ++w->routed;
@@ -372,7 +397,11 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   a.fine_tune_id = fine_tune_id;
   if (!fine_tune_id.empty()) recent_fine_tunes_.Routed(w->slot, fine_tune_id, now);
   VLOG(1) << "routed to " << w->address << " (cost " << score.cost << ", " << cached
-          << " cached blocks of " << prompt_blocks << (d.replicated ? ", replicating" : "") << ")";
+          << " cached blocks of " << prompt_blocks << (d.replicated ? ", replicating" : "")
+          << (a.kv_source_address.empty()
+                  ? ""
+                  : absl::StrCat(", ", a.kv_source_blocks, " to copy from ", a.kv_source_address))
+          << ")";
   return a;
 }
 

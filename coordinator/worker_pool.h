@@ -93,6 +93,10 @@ class WorkerPool {
     int64_t expected_cached_blocks = 0;
     // The request's fine-tune (empty for the base).
     std::string fine_tune_id;
+    // A worker to copy the prompt's KV blocks it lacks from (SubmitRequest.kv_source_address),
+    // and how many the router counted on copying; empty and 0 for none.
+    std::string kv_source_address;
+    int64_t kv_source_blocks = 0;
   };
 
   explicit WorkerPool(WorkerPoolOptions options);

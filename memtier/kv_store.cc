@@ -322,6 +322,16 @@ void KvStore::Put(int64_t device_slot, BlockKey key, bool to_disk, int32_t owner
   if (to_disk && !h.clean) StartWriteBack(s);
 }
 
+void KvStore::DropIfDamaged(int64_t slot, const absl::Status& read) {
+  if (!absl::IsDataLoss(read)) return;
+  ++stats_.corrupt_blocks;
+  LOG(WARNING) << "kv store: dropping a damaged host block: " << read;
+  if (host_slots_[slot].pins == 0) {
+    EvictHost(slot);
+    host_free_.push_back(slot);
+  }
+}
+
 absl::Status KvStore::Restore(BlockHash hash, int64_t device_slot, bool speculative) {
   auto it = host_index_.find(hash);
   if (it == host_index_.end() || host_slots_[it->second].state != HostSlot::State::kReady) {
@@ -352,14 +362,7 @@ absl::Status KvStore::Restore(BlockHash hash, int64_t device_slot, bool speculat
   UnpinHost(s);
   TouchHost(s);
   if (!st.ok()) {
-    if (absl::IsDataLoss(st)) {
-      ++stats_.corrupt_blocks;
-      LOG(WARNING) << "kv store: dropping a damaged host block: " << st;
-      if (host_slots_[s].pins == 0) {
-        EvictHost(s);
-        host_free_.push_back(s);
-      }
-    }
+    DropIfDamaged(s, st);
     return st;
   }
   ++stats_.host.hits;
@@ -369,6 +372,26 @@ absl::Status KvStore::Restore(BlockHash hash, int64_t device_slot, bool speculat
   if (speculative && !h.prefetched && promoted_.insert(hash).second) ++stats_.prefetch_promoted;
   h.prefetched = false;
   return absl::OkStatus();
+}
+
+absl::StatusOr<BlockKey> KvStore::ReadHost(BlockHash hash, absl::Span<uint8_t> raw) {
+  auto it = host_index_.find(hash);
+  if (it == host_index_.end() || host_slots_[it->second].state != HostSlot::State::kReady) {
+    return absl::NotFoundError("kv store: block not ready in the host tier");
+  }
+  const int64_t s = it->second;
+  const BlockKey key = host_slots_[s].key;
+  PinHost(s);
+  const absl::Status st =
+      RunNow(*host_, [&](BlockTier::Done done) { host_->Read(s, key, raw, std::move(done)); });
+  UnpinHost(s);
+  TouchHost(s);
+  if (!st.ok()) {
+    DropIfDamaged(s, st);
+    return st;
+  }
+  ++stats_.host.hits;
+  return key;
 }
 
 bool KvStore::Pin(BlockHash hash) {

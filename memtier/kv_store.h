@@ -140,6 +140,11 @@ class KvStore {
   // DATA_LOSS when it failed its checks (it is dropped). `speculative`: a prefetch promotion,
   // counted for accuracy.
   absl::Status Restore(BlockHash hash, int64_t device_slot, bool speculative = false);
+  // Copies the raw payload of the host block `hash` into `raw` (the device tier's payload_bytes(),
+  // dequantized when the tier stores blocks compressed) and makes it the most recently used;
+  // returns its key. NOT_FOUND when it is not ready in host; DATA_LOSS when it failed its checks
+  // (it is dropped). For copies to another worker (Engine::ExportKvBlocks).
+  absl::StatusOr<BlockKey> ReadHost(BlockHash hash, absl::Span<uint8_t> raw);
   // Keeps a ready host block from being evicted (while the caller makes room on the device for
   // it); false when it is not ready in host. Every successful Pin needs one Unpin.
   bool Pin(BlockHash hash);
@@ -211,6 +216,9 @@ class KvStore {
   int64_t AllocateHost();
   int64_t AllocateDisk();
   void EvictHost(int64_t slot);
+  // After a failed read of host `slot`: a block that failed its checks (DATA_LOSS) is counted and,
+  // unless pinned, dropped.
+  void DropIfDamaged(int64_t slot, const absl::Status& read);
   void EvictDisk(int64_t slot);
   void PinHost(int64_t slot);
   void UnpinHost(int64_t slot);

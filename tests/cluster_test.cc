@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -351,6 +352,47 @@ TEST_F(ClusterTest, DrainedWorkerGetsNoNewRequestsAndResumes) {
             grpc::StatusCode::NOT_FOUND);
   r = drain(cluster_->worker_address(0), true);
   EXPECT_EQ(r.status().state(), v1::WORKER_STATE_SERVING);
+}
+
+// A drained worker still holds its KV cache: the next request with one of its prompts goes to the
+// other worker, which copies the prompt's blocks from it (Worker.FetchKvBlocks) instead of
+// computing them, and streams the same tokens.
+TEST(KvFetchClusterTest, ADrainedWorkersCacheServesItsPromptsOnTheOther) {
+  auto c = LocalCluster::Start(Options(2, "kv-fetch"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  LocalCluster& cluster = **c;
+  std::string text;
+  for (int i = 0; i < 20; ++i) absl::StrAppend(&text, "def parse_", i, "(value): return value\n");
+  v1::GenerateRequest req = TextRequest(text, 8, 7);
+  req.mutable_sampling()->set_temperature(0);
+  auto routed = [&] {
+    std::map<std::string, uint64_t> out;
+    const v1::ClusterStatus status = Status(cluster.admin());
+    for (const auto& w : status.workers()) {
+      out[w.info().worker_id()] = w.num_routed_requests();
+    }
+    return out;
+  };
+  const auto before = routed();
+  const Generated first = Generate(cluster.serving(), req);
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  const uint32_t prompt_tokens = first.chunks.back().usage().num_prompt_tokens();
+  ASSERT_GT(prompt_tokens, 64u);
+  const uint32_t full_blocks_tokens = (prompt_tokens - 1) / 16 * 16;
+  std::string holder, other;
+  for (const auto& [id, n] : routed()) (n > before.at(id) ? holder : other) = id;
+  ASSERT_FALSE(holder.empty());
+  ASSERT_FALSE(other.empty());
+
+  Drain(cluster.admin(), holder, /*resume=*/false, /*wait=*/true);
+  const Generated second = Generate(cluster.serving(), req);
+  ASSERT_TRUE(second.status.ok()) << second.status.error_message();
+  EXPECT_EQ(second.tokens, first.tokens);
+  EXPECT_EQ(routed().at(other), before.at(other) + 1);
+  // The other worker never computed this prompt: its cached blocks are the copies.
+  const v1::Usage& usage = second.chunks.back().usage();
+  EXPECT_EQ(usage.cached().num_device_tokens(), full_blocks_tokens);
+  Drain(cluster.admin(), holder, /*resume=*/true, /*wait=*/false);
 }
 
 // Failover: kill -9 a worker while it streams. Each affected request continues on the other

@@ -373,7 +373,8 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
         if not any(selects(p["spec"]["selector"]["matchLabels"], w["spec"]["template"]["metadata"].get("labels", {})) for w in m.workloads()):
             fail("%s PodDisruptionBudget/%s selects no workload" % (where, p["metadata"]["name"]))
         n += 1
-    # The workers' gRPC port (which takes no API keys) is open to the coordinators' pods only.
+    # The workers' gRPC port (which takes no API keys) is open to the coordinators' pods and the
+    # workers' own (which copy KV blocks from each other) only.
     workers = [w for w in m.workloads() if w["kind"] == "StatefulSet"]
     coordinators = [w for w in m.workloads() if w["kind"] == "Deployment"]
     for w in workers:
@@ -391,9 +392,9 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                         "podSelector" in s and any(
                             selects(s["podSelector"].get("matchLabels"),
                                     c["spec"]["template"]["metadata"].get("labels", {}))
-                            for c in coordinators)
+                            for c in coordinators + workers)
                         for s in sources):
-                    fail("%s NetworkPolicy/%s: the workers' gRPC port is open beyond the coordinators"
+                    fail("%s NetworkPolicy/%s: the workers' gRPC port is open beyond the cluster's pods"
                          % (where, p["metadata"]["name"]))
             n += 1
     # The workers answer only calls with their own cluster secret: every coordinator and worker

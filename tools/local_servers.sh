@@ -9,6 +9,7 @@
 #   strata_worker NAME MODEL_DIR [FLAGS...];              port in $STRATA_PORT
 #   strata_coordinator NAME MODEL_DIR WORKERS [FLAGS...]; port in $STRATA_PORT
 #   strata_free_port                                      a free loopback port, printed
+#   strata_long_context_model DIR                          the bundled model, 40k context
 
 strata_pids=()
 strata_stop_all() {
@@ -55,4 +56,13 @@ strata_coordinator() {
   local name=$1 model=$2 workers=$3; shift 3
   strata_launch "$name" "$STRATA_BIN/coordinator/strata-coordinator" \
     --model="strata-tiny=$model" --workers="$workers" "$@"
+}
+
+# strata_long_context_model DIR: copies the bundled model into DIR with a 40,960-token context
+# (max_position_embeddings), so that benchmarks can send 16k-token prompts; only timing is
+# meaningful past the context it was trained on.
+strata_long_context_model() {
+  rm -rf "$1"
+  cp -r models/strata-tiny/base "$1"
+  sed -i 's/"max_position_embeddings": [0-9]*/"max_position_embeddings": 40960/' "$1/config.json"
 }

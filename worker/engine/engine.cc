@@ -16,6 +16,7 @@
 #include "common/status_macros.h"
 #include "kernels/matmul.h"
 #include "worker/engine/ngram_draft.h"
+#include "worker/model/delta.h"
 
 namespace strata {
 namespace {
@@ -192,6 +193,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     }
   }
   RETURN_IF_ERROR(engine->OpenTiers());
+  if (weights->files != nullptr) engine->model_fingerprint_ = BaseFingerprint(*weights->files);
   const EngineConfig& ec = engine->config_;
   if (!ec.fine_tunes.empty() || ec.fine_tunes_may_change) {
     if (comm->world_size() > 1) {
@@ -212,10 +214,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
 }
 
 absl::Status Engine::OpenTiers() {
-  if (config_.tiers.host_bytes == 0 && config_.tiers.disk_bytes == 0) return absl::OkStatus();
-  if (!config_.enable_prefix_caching) {
+  const bool lower_tiers = config_.tiers.host_bytes != 0 || config_.tiers.disk_bytes != 0;
+  if (lower_tiers && !config_.enable_prefix_caching) {
     return absl::InvalidArgumentError("engine: host and disk KV tiers need prefix caching");
   }
+  // The device cache as a tier: for the lower tiers' copies, and for copies of cached blocks to
+  // and from other workers (ExportKvBlocks, ImportKvBlocks).
+  if (!config_.enable_prefix_caching) return absl::OkStatus();
   const ModelWeights& w = *weights_;
   DeviceTierConfig dc;
   dc.layout = KvBlockLayout{2 * w.config.num_layers, config_.block_tokens, w.num_kv_heads,
@@ -238,7 +243,9 @@ absl::Status Engine::OpenTiers() {
     }
   }
   const KvBlockLayout layout = dc.layout;
+  transfer_layout_ = layout;
   ASSIGN_OR_RETURN(device_tier_, DeviceTier::Create(std::move(dc)));
+  if (!lower_tiers) return absl::OkStatus();
   KvStoreConfig tiers = config_.tiers;
   tiers.fair_eviction = config_.fair_cache_eviction;  // every tier evicts by the same rule
   ASSIGN_OR_RETURN(store_, KvStore::Create(std::move(tiers), layout, device_tier_.get()));
@@ -624,6 +631,115 @@ bool Engine::WaitForLoads(Sequence* s, absl::Span<const BlockHash> hashes, int64
   return true;
 }
 
+Engine::PromptBlocks Engine::LookUpPrompt(absl::Span<const int32_t> prompt,
+                                          const RequestOptions& o) const {
+  PromptBlocks out;
+  if (device_tier_ == nullptr || o.prompt_logprobs >= 0) return out;
+  std::string revision;
+  if (!o.fine_tune_id.empty()) {
+    if (deltas_ == nullptr || !deltas_->Has(o.fine_tune_id)) return out;
+    revision = deltas_->Revision(o.fine_tune_id);
+  }
+  out.cache_namespace = CacheNamespace(config_.model_name,
+                                       FineTuneNamespaceId(o.fine_tune_id, revision), o.cache_salt);
+  std::vector<int32_t> tokens(prompt.begin(), prompt.end());
+  tokens.insert(tokens.end(), o.resume_tokens.begin(), o.resume_tokens.end());
+  if (tokens.empty()) return out;
+  out.hashes = PrefixBlockHashes(out.cache_namespace, tokens, config_.block_tokens);
+  // The block of the last token is computed whatever is cached (its logits are needed).
+  const size_t limit = (tokens.size() - 1) / static_cast<size_t>(config_.block_tokens);
+  if (out.hashes.size() > limit) out.hashes.resize(limit);
+  out.held = blocks_.MatchPrefix(out.hashes);
+  while (store_ != nullptr && out.held < static_cast<int64_t>(out.hashes.size()) &&
+         store_->Find(out.hashes[out.held]) != KvStore::Where::kNone) {
+    ++out.held;
+  }
+  return out;
+}
+
+std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHash> hashes,
+                                                        int64_t max_bytes) {
+  std::vector<KvBlockCopy> out;
+  if (device_tier_ == nullptr) return out;
+  const size_t block_bytes = static_cast<size_t>(transfer_layout_.block_bytes());
+  const int64_t on_device = blocks_.MatchPrefix(hashes);
+  const std::vector<int32_t> held = blocks_.AcquirePrefix(hashes, on_device, /*count_hits=*/false);
+  int64_t bytes = 0;
+  auto room = [&] { return out.empty() || bytes + static_cast<int64_t>(block_bytes) <= max_bytes; };
+  for (int32_t b : held) {
+    if (!room()) break;
+    KvBlockCopy copy;
+    copy.key = blocks_.key(b);
+    copy.payload.resize(block_bytes);
+    device_tier_->Bind(b, copy.key);
+    absl::Status st = absl::InternalError("device tier callback did not run");
+    device_tier_->Read(b, copy.key, absl::MakeSpan(copy.payload),
+                       [&st](absl::Status s) { st = std::move(s); });
+    device_tier_->Flush();
+    if (!st.ok()) {
+      LOG(WARNING) << "engine: copying a KV block out failed: " << st;
+      break;
+    }
+    bytes += static_cast<int64_t>(block_bytes);
+    out.push_back(std::move(copy));
+  }
+  // Released in reverse, so that the chain's first blocks are evicted last.
+  for (auto it = held.rbegin(); it != held.rend(); ++it) blocks_.Release(*it);
+  if (static_cast<int64_t>(out.size()) == on_device && store_ != nullptr) {
+    for (size_t i = out.size(); i < hashes.size() && room(); ++i) {
+      KvBlockCopy copy;
+      copy.payload.resize(block_bytes);
+      absl::StatusOr<BlockKey> key = store_->ReadHost(hashes[i], absl::MakeSpan(copy.payload));
+      if (!key.ok()) break;
+      copy.key = *key;
+      bytes += static_cast<int64_t>(block_bytes);
+      out.push_back(std::move(copy));
+    }
+  }
+  num_exported_kv_blocks_ += static_cast<int64_t>(out.size());
+  return out;
+}
+
+int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
+                               absl::Span<const KvBlockCopy> blocks) {
+  if (device_tier_ == nullptr) return 0;
+  const absl::Span<const BlockHash> hashes(expected.hashes);
+  const int32_t owner = TenantId(tenant);
+  // The chain's blocks on the device are held while blocks are made room for, so that only other
+  // blocks are evicted; so are the ones stored here, until the end.
+  const int64_t on_device = blocks_.MatchPrefix(hashes);
+  std::vector<int32_t> held = blocks_.AcquirePrefix(hashes, on_device, /*count_hits=*/false);
+  int64_t stored = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const size_t at = static_cast<size_t>(expected.held) + i;
+    if (at >= hashes.size()) break;
+    const KvBlockCopy& copy = blocks[i];
+    if (copy.key.hash != hashes[at] || copy.key.cache_namespace != expected.cache_namespace ||
+        copy.payload.size() != static_cast<size_t>(transfer_layout_.block_bytes())) {
+      LOG(WARNING) << "engine: a KV block copied from another worker is not the prompt's block "
+                   << at << "; dropped with the rest";
+      break;
+    }
+    if (static_cast<int64_t>(at) < on_device) continue;  // held here already
+    std::optional<int32_t> b = blocks_.Allocate();
+    if (!b.has_value()) break;
+    absl::Status st = absl::InternalError("device tier callback did not run");
+    device_tier_->Write(*b, copy.key, copy.payload, [&st](absl::Status s) { st = std::move(s); });
+    device_tier_->Flush();
+    if (!st.ok()) {
+      LOG(WARNING) << "engine: storing a KV block copied from another worker failed: " << st;
+      blocks_.Release(*b);
+      break;
+    }
+    blocks_.Publish(*b, copy.key.hash, copy.key.cache_namespace, owner);
+    held.push_back(*b);
+    ++stored;
+  }
+  for (auto it = held.rbegin(); it != held.rend(); ++it) blocks_.Release(*it);
+  num_imported_kv_blocks_ += stored;
+  return stored;
+}
+
 void Engine::PutDown(int32_t block, BlockKey key, bool to_disk, int32_t owner) {
   device_tier_->Bind(block, key);
   store_->Put(block, key, to_disk, owner);
@@ -717,9 +833,23 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
       }
     }
     if (store_ != nullptr) {
+      // Device blocks may go on after the host run (blocks copied from another worker after a
+      // prefix held here in host memory, ImportKvBlocks): they are held while the host blocks are
+      // restored, and taken when those are all restored.
+      std::vector<int32_t> after;
+      if (in_host_end > on_device && in_host_end < limit) {
+        const absl::Span<const BlockHash> rest = absl::MakeConstSpan(hashes).subspan(in_host_end);
+        after = blocks_.AcquirePrefix(
+            rest, std::min<int64_t>(blocks_.MatchPrefix(rest), limit - in_host_end));
+      }
       const std::vector<int32_t> restored = RestoreRun(*s, hashes, on_device, in_host_end,
                                                        /*free_only=*/false, /*speculative=*/false);
       s->block_table.insert(s->block_table.end(), restored.begin(), restored.end());
+      if (static_cast<int64_t>(restored.size()) == in_host_end - on_device) {
+        s->block_table.insert(s->block_table.end(), after.begin(), after.end());
+      } else {
+        for (auto it = after.rbegin(); it != after.rend(); ++it) blocks_.Release(*it);
+      }
     }
     const int64_t cached = static_cast<int64_t>(s->block_table.size());
     s->hashes.assign(hashes.begin(), hashes.begin() + cached);
@@ -1539,6 +1669,8 @@ EngineStats Engine::Stats(bool with_tenants) const {
   if (deltas_ != nullptr && gpu_ != nullptr) st.gpu_deltas = gpu_->delta_stats();
   st.num_structured_tokens = num_structured_tokens_;
   st.num_draft_tokens = num_draft_tokens_;
+  st.num_exported_kv_blocks = num_exported_kv_blocks_;
+  st.num_imported_kv_blocks = num_imported_kv_blocks_;
   st.num_accepted_draft_tokens = num_accepted_draft_tokens_;
   st.grammar_mask_seconds = static_cast<double>(grammar_mask_ns_.load()) * 1e-9;
   if (masker_ != nullptr) st.grammar_masks = masker_->stats();

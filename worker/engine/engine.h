@@ -280,6 +280,10 @@ struct EngineStats {
   // took no step of its own).
   int64_t num_draft_tokens = 0;
   int64_t num_accepted_draft_tokens = 0;
+  // KV blocks copied out to other workers, and copied in from them and stored (ExportKvBlocks,
+  // ImportKvBlocks).
+  int64_t num_exported_kv_blocks = 0;
+  int64_t num_imported_kv_blocks = 0;
   // Each tenant seen (fair sharing), by name, with its sequences now.
   struct Tenant : TenantService {
     int64_t running = 0;
@@ -368,6 +372,41 @@ class Engine {
   absl::Status RegisterFineTune(const std::string& id, const std::string& path, bool replace);
   absl::Status UnregisterFineTune(const std::string& id);
   const EngineConfig& config() const { return config_; }
+
+  // Copies of cached KV blocks between workers (worker/server's FetchKvBlocks). The layout of one
+  // block as copied, the device cache's own (f32 on the cpu device, every rank's share under
+  // tensor parallelism; the GPU runner's activation type on the gpu), and the fingerprint of the
+  // weights the blocks were computed with (BaseFingerprint; empty for random weights). Without
+  // prefix caching the layout is invalid (num_segments 0) and nothing is copied either way.
+  const KvBlockLayout& kv_transfer_layout() const { return transfer_layout_; }
+  const std::string& model_fingerprint() const { return model_fingerprint_; }
+  struct KvBlockCopy {
+    BlockKey key;
+    std::vector<uint8_t> payload;  // kv_transfer_layout().block_bytes(), that layout
+  };
+  // What a request would find here of its prompt's KV: the chain hashes of its full blocks before
+  // its last token's (which is computed whatever is cached), in the namespace its model,
+  // fine-tune and cache salt make, and how many of them, from the first, some tier here holds.
+  // Nothing (no hashes) without prefix caching, for a request that wants prompt
+  // log-probabilities, or for a fine-tune not served here. Queues nothing.
+  struct PromptBlocks {
+    uint64_t cache_namespace = 0;
+    std::vector<BlockHash> hashes;
+    int64_t held = 0;
+  };
+  PromptBlocks LookUpPrompt(absl::Span<const int32_t> prompt, const RequestOptions& options) const;
+  // Copies of the leading blocks of `hashes` held on the device, then in the host tier, in order:
+  // stops at the first held in neither, and before the copies pass max_bytes (after one at
+  // least). Each one copied becomes the most recently used in its tier.
+  std::vector<KvBlockCopy> ExportKvBlocks(absl::Span<const BlockHash> hashes, int64_t max_bytes);
+  // Stores blocks copied from another worker as cached device blocks of `tenant`, which a request
+  // for the prompt then takes instead of computing them: blocks[i] must be
+  // expected.hashes[expected.held + i] in expected.cache_namespace with a payload of the layout's
+  // size. The first that is not, or that finds no device block to take (evicting cached blocks
+  // as computing it would), ends the import. Blocks on the device already are skipped. Returns
+  // how many were stored.
+  int64_t ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
+                         absl::Span<const KvBlockCopy> blocks);
 
  private:
   struct TenantShare : TenantService {
@@ -536,7 +575,12 @@ class Engine {
     return std::min(config_.max_running_sequences, config_.max_batch_tokens);
   }
   BlockManager blocks_;
+  // The device cache as a tier (with prefix caching), and the layout its blocks are copied in.
   std::unique_ptr<DeviceTier> device_tier_;
+  KvBlockLayout transfer_layout_;
+  std::string model_fingerprint_;
+  int64_t num_exported_kv_blocks_ = 0;
+  int64_t num_imported_kv_blocks_ = 0;
   std::unique_ptr<KvStore> store_;
   std::unique_ptr<DeltaCache> deltas_;
   bool waiting_for_io_ = false;

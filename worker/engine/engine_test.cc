@@ -223,6 +223,70 @@ TEST_F(EngineTest, TheNextTurnFindsTheReplyInTheCache) {
   EXPECT_EQ(RunAll(*fresh)["turn2"], got);
 }
 
+// Another worker's cached blocks, copied out of its engine and into this one's, serve a prompt as
+// this engine's own would: the same tokens, the copied blocks counted as cached.
+TEST_F(EngineTest, KvBlocksCopiedFromAnotherEngineServeThePromptWithTheSameOutput) {
+  std::mt19937 rng(21);
+  const std::vector<int32_t> prompt = RandomPrompt(rng, 40);
+  EngineConfig c;
+  c.block_tokens = 8;
+  auto source = MakeEngine(c);
+  auto dest = MakeEngine(c);
+  ASSERT_TRUE(source->AddRequest("a", prompt, Greedy(5)).ok());
+  const std::vector<int32_t> want = RunAll(*source)["a"];
+  ASSERT_EQ(source->kv_transfer_layout().block_bytes(), dest->kv_transfer_layout().block_bytes());
+  EXPECT_EQ(source->kv_transfer_layout().block_bytes(), source->kv_block_bytes());
+  EXPECT_FALSE(source->model_fingerprint().empty());
+  EXPECT_EQ(source->model_fingerprint(), dest->model_fingerprint());
+
+  const Engine::PromptBlocks wanted = dest->LookUpPrompt(prompt, Greedy(5));
+  ASSERT_EQ(wanted.hashes.size(), 4u);  // (40 - 1) / 8: the last token's block is computed
+  EXPECT_EQ(wanted.held, 0);
+  const int64_t block_bytes = source->kv_transfer_layout().block_bytes();
+  // At least one block, then no more than max_bytes.
+  EXPECT_EQ(source->ExportKvBlocks(wanted.hashes, 1).size(), 1u);
+  EXPECT_EQ(source->ExportKvBlocks(wanted.hashes, 3 * block_bytes).size(), 3u);
+  std::vector<Engine::KvBlockCopy> copies = source->ExportKvBlocks(wanted.hashes, 1 << 30);
+  ASSERT_EQ(copies.size(), 4u);
+  for (size_t i = 0; i < copies.size(); ++i) {
+    EXPECT_EQ(copies[i].key.hash, wanted.hashes[i]);
+    EXPECT_EQ(copies[i].key.cache_namespace, wanted.cache_namespace);
+  }
+  // Blocks of another namespace (a cache salt), or cut short, are not this prompt's.
+  RequestOptions salted = Greedy(5);
+  salted.cache_salt = "tenant-b";
+  EXPECT_EQ(dest->ImportKvBlocks(dest->LookUpPrompt(prompt, salted), "", copies), 0);
+  std::vector<Engine::KvBlockCopy> short_copy = {copies[0]};
+  short_copy[0].payload.pop_back();
+  EXPECT_EQ(dest->ImportKvBlocks(wanted, "", short_copy), 0);
+  // Out of order: the first fits, the second ends the import.
+  EXPECT_EQ(dest->ImportKvBlocks(wanted, "", {copies[0], copies[2]}), 1);
+  EXPECT_EQ(dest->LookUpPrompt(prompt, Greedy(5)).held, 1);
+  EXPECT_EQ(dest->ImportKvBlocks(wanted, "t", copies), 3);  // the first is there already
+  EXPECT_EQ(dest->LookUpPrompt(prompt, Greedy(5)).held, 4);
+  EXPECT_EQ(dest->Stats().num_imported_kv_blocks, 4);
+  EXPECT_EQ(source->Stats().num_exported_kv_blocks, 1 + 3 + 4);
+  std::map<std::string, RequestOutput> last;
+  EXPECT_EQ(RunAll(*dest, &last), (std::map<std::string, std::vector<int32_t>>{}));
+  ASSERT_TRUE(dest->AddRequest("b", prompt, Greedy(5)).ok());
+  EXPECT_EQ(RunAll(*dest, &last)["b"], want);
+  EXPECT_EQ(last["b"].num_cached_prompt_tokens, 32);
+  // Nothing held, nothing sent; without prefix caching nothing at all.
+  std::vector<int32_t> other = RandomPrompt(rng, 40);
+  EXPECT_TRUE(
+      source->ExportKvBlocks(source->LookUpPrompt(other, Greedy(5)).hashes, 1 << 30).empty());
+  EngineConfig uncached = c;
+  uncached.enable_prefix_caching = false;
+  auto plain = MakeEngine(uncached);
+  EXPECT_FALSE(plain->kv_transfer_layout().valid());
+  EXPECT_TRUE(plain->LookUpPrompt(prompt, Greedy(5)).hashes.empty());
+  EXPECT_TRUE(plain->ExportKvBlocks(wanted.hashes, 1 << 30).empty());
+  // A request for prompt log-probabilities computes its whole prompt.
+  RequestOptions scored = Greedy(5);
+  scored.prompt_logprobs = 1;
+  EXPECT_TRUE(dest->LookUpPrompt(prompt, scored).hashes.empty());
+}
+
 TEST_F(EngineTest, PendingPrefillLeavesOutCachedBlocks) {
   std::mt19937 rng(9);
   const std::vector<int32_t> prompt = RandomPrompt(rng, 70);  // 4 full blocks of 16, then 6
@@ -939,6 +1003,54 @@ TEST_F(EngineTiersTest, HostBlocksArePromotedToFreeDeviceBlocksOnArrival) {
   EXPECT_EQ(st.lower_tier_hits_covered, 1);
   EXPECT_EQ(st.prefetch_promoted, 1);
   EXPECT_EQ(st.prefetch_used, 1);
+}
+
+// Blocks evicted to the host tier are copied out from there, after those still on the device.
+TEST_F(EngineTiersTest, KvBlocksAreCopiedOutOfTheHostTierToo) {
+  std::mt19937 rng(10);
+  const std::vector<int32_t> a = RandomPrompt(rng, 100), b = RandomPrompt(rng, 200);
+  auto source = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  RequestOutput out;
+  const std::vector<int32_t> want = Run(*source, "a", a, &out);
+  Run(*source, "b", b, &out);  // pushes some of a's blocks down to the host tier
+  EngineConfig one_thread;
+  one_thread.compute_threads = 1;
+  auto dest = MakeEngine(one_thread);
+  const Engine::PromptBlocks wanted = dest->LookUpPrompt(a, Greedy(4));
+  ASSERT_EQ(wanted.hashes.size(), 6u);
+  const Engine::PromptBlocks at_source = source->LookUpPrompt(a, Greedy(4));
+  EXPECT_EQ(at_source.held, 6);
+  const int64_t host_hits = source->Stats().tiers.host.hits;
+  const std::vector<Engine::KvBlockCopy> copies = source->ExportKvBlocks(wanted.hashes, 1 << 30);
+  ASSERT_EQ(copies.size(), 6u);
+  EXPECT_GT(source->Stats().tiers.host.hits, host_hits);
+  EXPECT_EQ(dest->ImportKvBlocks(wanted, "", copies), 6);
+  EXPECT_EQ(Run(*dest, "a2", a, &out), want);
+  EXPECT_EQ(out.num_cached_prompt_tokens, 96);
+}
+
+// Copies stored after a prefix this engine holds in host memory are used too: admission restores
+// the host blocks and goes on into the copied device blocks.
+TEST_F(EngineTiersTest, CopiedBlocksAfterAHostPrefixAreUsed) {
+  std::mt19937 rng(12);
+  const std::vector<int32_t> p = RandomPrompt(rng, 100), filler = RandomPrompt(rng, 240);
+  auto source = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  RequestOutput out;
+  const std::vector<int32_t> want = Run(*source, "p", p, &out);
+  auto dest = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  // p's first two blocks, then a filler that takes all 16 device blocks: those two go to host.
+  Run(*dest, "head", std::vector<int32_t>(p.begin(), p.begin() + 33), &out);
+  Run(*dest, "filler", filler, &out);
+  const Engine::PromptBlocks wanted = dest->LookUpPrompt(p, Greedy(4));
+  ASSERT_EQ(wanted.hashes.size(), 6u);
+  ASSERT_EQ(wanted.held, 2);
+  EXPECT_EQ(dest->kv_store()->Find(wanted.hashes[0]), KvStore::Where::kHost);
+  const std::vector<Engine::KvBlockCopy> copies = source->ExportKvBlocks(
+      absl::MakeConstSpan(wanted.hashes).subspan(static_cast<size_t>(wanted.held)), 1 << 30);
+  ASSERT_EQ(copies.size(), 4u);
+  EXPECT_EQ(dest->ImportKvBlocks(wanted, "", copies), 4);
+  EXPECT_EQ(Run(*dest, "p2", p, &out), want);
+  EXPECT_EQ(out.num_cached_prompt_tokens, 96);
 }
 
 TEST_F(EngineTiersTest, QuantizedTiersServeCloseOutput) {

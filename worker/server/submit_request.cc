@@ -51,6 +51,10 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
   if (request.tenant().size() > 128) {
     return absl::InvalidArgumentError("tenant must be at most 128 bytes");
   }
+  if (request.kv_source_address().size() > 255) {
+    return absl::InvalidArgumentError("kv_source_address must be at most 255 bytes");
+  }
+  out.kv_source_address = request.kv_source_address();
   const double weight = request.tenant_weight() == 0 ? 1 : request.tenant_weight();
   if (!(weight > 0 && weight <= 1000)) {
     return absl::InvalidArgumentError(

@@ -34,6 +34,8 @@ struct ParsedSubmit {
   std::vector<int32_t> prompt;
   RequestOptions options;
   int32_t priority = 0;
+  // SubmitRequest.kv_source_address: a worker to copy the prompt's missing KV blocks from.
+  std::string kv_source_address;
 };
 
 absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request,

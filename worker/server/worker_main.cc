@@ -184,6 +184,16 @@ ABSL_FLAG(double, fine_tune_rescan_s, 10,
           "running on it finish).");
 ABSL_FLAG(int64_t, delta_cache_mb, 1024,
           "Memory for loaded fine-tune deltas; the least recently used unpinned ones are evicted.");
+ABSL_FLAG(bool, kv_fetch, true,
+          "When a coordinator names another worker that holds more of a prompt's KV blocks "
+          "(SubmitRequest.kv_source_address), copy the blocks this worker lacks from there "
+          "before queueing the request, instead of computing them. Workers reach each other at "
+          "the addresses the coordinator knows them by, with the cluster secret.");
+ABSL_FLAG(int64_t, kv_fetch_timeout_ms, 2000,
+          "Longest a request waits for KV blocks copied from another worker; what has not "
+          "arrived by then is computed.");
+ABSL_FLAG(int64_t, kv_fetch_min_blocks, 1,
+          "Fewest missing KV blocks worth copying from another worker.");
 ABSL_FLAG(int, tensor_parallel, 1,
           "Ranks the model is split across (attention heads, MLP columns and vocabulary): this "
           "process is rank 0 and starts the others itself, one process each. CPU only for now; "
@@ -512,6 +522,14 @@ int Main(const std::vector<std::string>& args) {
     return 1;
   }
   wo.persist_kv_timeout = absl::Seconds(absl::GetFlag(FLAGS_persist_kv_s));
+  wo.kv_fetch = absl::GetFlag(FLAGS_kv_fetch);
+  wo.kv_fetch_min_blocks = absl::GetFlag(FLAGS_kv_fetch_min_blocks);
+  if (absl::GetFlag(FLAGS_kv_fetch_timeout_ms) < 1 || wo.kv_fetch_min_blocks < 1) {
+    LOG(ERROR) << "--kv_fetch_timeout_ms and --kv_fetch_min_blocks must be positive";
+    return 1;
+  }
+  wo.kv_fetcher.timeout = absl::Milliseconds(absl::GetFlag(FLAGS_kv_fetch_timeout_ms));
+  wo.kv_fetcher.cluster_secret = wo.cluster_secret;
   // Outlives the service and the metrics endpoint, both declared after it.
   MetricsRegistry metrics;
   const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);

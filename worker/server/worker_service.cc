@@ -7,6 +7,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/random/random.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/grpc_stream.h"
@@ -14,6 +15,7 @@
 #include "common/secrets.h"
 #include "common/tier_proto.h"
 #include "common/version.h"
+#include "kernels/dtype.h"
 #include "worker/model/model_runner.h"
 #include "worker/server/submit_request.h"
 
@@ -26,6 +28,18 @@ constexpr size_t kSnapshotChunk = 1024;
 constexpr size_t kStepWindow = 32;
 // Least time between two load reports sent because the load changed.
 constexpr absl::Duration kMinChangeReportInterval = absl::Milliseconds(5);
+// Most block hashes one FetchKvBlocks call names.
+constexpr int kMaxFetchBlocks = 4096;
+
+v1::KvBlockLayout ToProtoLayout(const KvBlockLayout& layout) {
+  v1::KvBlockLayout out;
+  out.set_num_segments(static_cast<uint32_t>(layout.num_segments));
+  out.set_block_tokens(static_cast<uint32_t>(layout.block_tokens));
+  out.set_num_kv_heads(static_cast<uint32_t>(layout.num_heads));
+  out.set_head_dim(static_cast<uint32_t>(layout.head_dim));
+  out.set_dtype(absl::AsciiStrToLower(DTypeName(layout.dtype)));
+  return out;
+}
 
 uint64_t NewEpoch() {
   absl::BitGen gen;
@@ -98,8 +112,11 @@ class WorkerService::EventStream final : public QueuedServerWriter<v1::WorkerEve
   const uint64_t serial_;
 };
 
+// One FetchKvBlocks call: the loop queues every block, then the finish.
+class WorkerService::ExportStream final : public QueuedServerWriter<v1::KvBlockData> {};
+
 struct WorkerService::Command {
-  enum class Kind { kAdd, kCancel, kCancelById, kWatch, kUnwatch };
+  enum class Kind { kAdd, kCancel, kCancelById, kWatch, kUnwatch, kExport, kFetched };
   Kind kind = Kind::kAdd;
   std::string request_id;
   uint64_t serial = 0;
@@ -113,6 +130,11 @@ struct WorkerService::Command {
   // kWatch.
   EventStream* watch = nullptr;
   absl::Duration load_interval;
+  // kExport.
+  ExportStream* export_stream = nullptr;
+  v1::FetchKvBlocksRequest export_request;
+  // kFetched (request_id and serial name the parked kAdd).
+  KvFetchResult fetched;
 };
 
 struct WorkerService::LoopState {
@@ -131,6 +153,14 @@ struct WorkerService::LoopState {
     uint64_t next_sequence = 1;
   };
   absl::flat_hash_map<std::string, Live> live;
+  // Submits waiting for KV blocks copied from another worker, by request id (not yet in the
+  // engine, but counted live and cancellable).
+  struct Fetching {
+    Command add;
+    Engine::PromptBlocks blocks;
+    uint64_t ticket = 0;  // the KvFetcher's
+  };
+  absl::flat_hash_map<std::string, Fetching> fetching;
   std::vector<Watcher> watchers;
   std::deque<double> step_ms;
   std::array<int64_t, 4> last_reported_counts = {0, 0, 0, 0};
@@ -194,6 +224,9 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
       OtherSecret();
     }
   }
+  if (options_.kv_fetch) {
+    fetcher_ = std::make_unique<KvFetcher>(options_.kv_fetcher);
+  }
   // Disk loads a waiting request needs wake the loop as they finish.
   engine_->SetIoNotify([this] {
     absl::MutexLock lock(&mu_);
@@ -210,6 +243,8 @@ void WorkerService::Stop() {
     stop_ = true;
   }
   if (loop_.joinable()) loop_.join();
+  // Its callbacks post to a loop that has exited, which drops them.
+  if (fetcher_ != nullptr) fetcher_->Stop();
   // The engine outlives this object's mutex in destruction: stop its calls into it first.
   engine_->SetIoNotify(nullptr);
 }
@@ -258,8 +293,12 @@ void WorkerService::Post(Command command) {
       command.cancel_response->set_cancelled(false);
       command.unary->Finish(grpc::Status::OK);
       break;
+    case Command::Kind::kExport:
+      command.export_stream->RequestFinish(gone);
+      break;
     case Command::Kind::kCancel:
     case Command::Kind::kUnwatch:
+    case Command::Kind::kFetched:
       break;  // their streams were finished when the loop exited
   }
 }
@@ -477,10 +516,15 @@ void WorkerService::Loop() {
   const grpc::Status gone(grpc::StatusCode::UNAVAILABLE, "worker is shutting down");
   for (auto& [id, live] : state.live) {
     engine_->Cancel(id);
-    live.stream->RequestFinish(gone);
     ReleaseLive(live.tenant);
+    live.stream->RequestFinish(gone);
   }
   state.live.clear();
+  for (auto& [id, parked] : state.fetching) {
+    ReleaseLive(parked.add.parsed.options.tenant);
+    parked.add.submit->RequestFinish(gone);
+  }
+  state.fetching.clear();
   for (auto& w : state.watchers) w.stream->RequestFinish(gone);
   state.watchers.clear();
   // Commands posted from now on (cancellations racing with shutdown) refer to finished streams.
@@ -503,41 +547,49 @@ void WorkerService::ProcessInbox(LoopState* state) {
   for (Command& c : commands) {
     switch (c.kind) {
       case Command::Kind::kAdd: {
-        const std::string tenant = c.parsed.options.tenant;
-        if (state->live.contains(c.request_id)) {
-          ReleaseLive(tenant);
+        if (state->live.contains(c.request_id) || state->fetching.contains(c.request_id)) {
+          ReleaseLive(c.parsed.options.tenant);
           c.submit->RequestFinish(grpc::Status(
               grpc::StatusCode::ALREADY_EXISTS,
               absl::StrCat("request_id ", c.request_id, " is already running on this worker")));
           break;
         }
-        const bool want_logprobs = c.parsed.options.sampling.logprobs >= 0;
-        absl::Status added = engine_->AddRequest(c.request_id, std::move(c.parsed.prompt),
-                                                 std::move(c.parsed.options));
-        if (!added.ok()) {
-          ReleaseLive(tenant);
-          c.submit->RequestFinish(ToGrpcStatus(added));
-          break;
-        }
-        LoopState::Live live;
-        live.stream = c.submit;
-        live.serial = c.serial;
-        live.want_logprobs = want_logprobs;
-        live.accepted = c.accepted;
-        live.tenant = tenant;
-        state->live.emplace(c.request_id, std::move(live));
+        if (!c.parsed.kv_source_address.empty() && StartKvFetch(state, c)) break;
+        AddToEngine(state, c);
         break;
       }
+      case Command::Kind::kFetched:
+        FinishKvFetch(state, c);
+        break;
+      case Command::Kind::kExport:
+        Export(c);
+        break;
       case Command::Kind::kCancel: {
         auto it = state->live.find(c.request_id);
         if (it != state->live.end() && it->second.serial == c.serial) {
           VLOG(1) << "cancelling " << c.request_id << " (client cancelled or went away)";
           engine_->Cancel(c.request_id);
         }
+        auto parked = state->fetching.find(c.request_id);
+        if (parked != state->fetching.end() && parked->second.add.serial == c.serial) {
+          fetcher_->Cancel(parked->second.ticket);
+          ReleaseLive(parked->second.add.parsed.options.tenant);
+          parked->second.add.submit->RequestFinish(
+              grpc::Status(grpc::StatusCode::CANCELLED, "sequence cancelled"));
+          state->fetching.erase(parked);
+        }
         break;
       }
       case Command::Kind::kCancelById: {
-        const bool found = state->live.contains(c.request_id) && engine_->Cancel(c.request_id);
+        bool found = state->live.contains(c.request_id) && engine_->Cancel(c.request_id);
+        if (auto parked = state->fetching.find(c.request_id); parked != state->fetching.end()) {
+          fetcher_->Cancel(parked->second.ticket);
+          ReleaseLive(parked->second.add.parsed.options.tenant);
+          parked->second.add.submit->RequestFinish(
+              grpc::Status(grpc::StatusCode::CANCELLED, "sequence cancelled"));
+          state->fetching.erase(parked);
+          found = true;
+        }
         c.cancel_response->set_cancelled(found);
         c.unary->Finish(grpc::Status::OK);
         break;
@@ -592,12 +644,169 @@ void WorkerService::ProcessInbox(LoopState* state) {
   }
 }
 
+void WorkerService::AddToEngine(LoopState* state, Command& c) {
+  const std::string tenant = c.parsed.options.tenant;
+  const bool want_logprobs = c.parsed.options.sampling.logprobs >= 0;
+  absl::Status added =
+      engine_->AddRequest(c.request_id, std::move(c.parsed.prompt), std::move(c.parsed.options));
+  if (!added.ok()) {
+    ReleaseLive(tenant);
+    c.submit->RequestFinish(ToGrpcStatus(added));
+    return;
+  }
+  LoopState::Live live;
+  live.stream = c.submit;
+  live.serial = c.serial;
+  live.want_logprobs = want_logprobs;
+  live.accepted = c.accepted;
+  live.tenant = tenant;
+  state->live.emplace(c.request_id, std::move(live));
+}
+
+bool WorkerService::StartKvFetch(LoopState* state, Command& c) {
+  if (fetcher_ == nullptr) return false;
+  Engine::PromptBlocks blocks = engine_->LookUpPrompt(c.parsed.prompt, c.parsed.options);
+  const int64_t missing = static_cast<int64_t>(blocks.hashes.size()) - blocks.held;
+  if (missing < std::max<int64_t>(1, options_.kv_fetch_min_blocks)) return false;
+  v1::FetchKvBlocksRequest request;
+  for (size_t i = static_cast<size_t>(blocks.held);
+       i < blocks.hashes.size() && request.block_hashes_size() < kMaxFetchBlocks; ++i) {
+    request.add_block_hashes(blocks.hashes[i]);
+  }
+  request.set_model(options_.model_name);
+  request.set_model_fingerprint(engine_->model_fingerprint());
+  *request.mutable_layout() = ToProtoLayout(engine_->kv_transfer_layout());
+  const std::string address = c.parsed.kv_source_address;
+  const std::string id = c.request_id;
+  const uint64_t serial = c.serial;
+  LoopState::Fetching& parked =
+      state->fetching.emplace(id, LoopState::Fetching{std::move(c), std::move(blocks)})
+          .first->second;
+  parked.ticket =
+      fetcher_->Fetch(address, std::move(request), [this, id, serial](KvFetchResult result) {
+        Command done;
+        done.kind = Command::Kind::kFetched;
+        done.request_id = id;
+        done.serial = serial;
+        done.fetched = std::move(result);
+        Post(std::move(done));
+      });
+  return true;
+}
+
+void WorkerService::FinishKvFetch(LoopState* state, Command& c) {
+  auto it = state->fetching.find(c.request_id);
+  if (it == state->fetching.end() || it->second.add.serial != c.serial) return;  // cancelled
+  LoopState::Fetching parked = std::move(it->second);
+  state->fetching.erase(it);
+  const KvFetchResult& result = c.fetched;
+  const int64_t stored =
+      engine_->ImportKvBlocks(parked.blocks, parked.add.parsed.options.tenant, result.blocks);
+  const int64_t wanted = static_cast<int64_t>(parked.blocks.hashes.size()) - parked.blocks.held;
+  const char* outcome = stored == wanted     ? "copied"
+                        : stored > 0         ? "partial"
+                        : result.status.ok() ? "none"
+                                             : "failed";
+  if (!result.status.ok()) {
+    LOG(WARNING) << "request " << c.request_id << ": " << result.status << " (" << stored
+                 << " blocks copied; computing the rest)";
+  }
+  VLOG(1) << "request " << c.request_id << ": " << stored << " of " << wanted
+          << " KV blocks copied from " << parked.add.parsed.kv_source_address << " in "
+          << absl::FormatDuration(result.took);
+  if (options_.metrics != nullptr) {
+    options_.metrics
+        ->GetCounter("strata_worker_kv_fetches_total",
+                     "Submits that copied their prompt's KV blocks from another worker, by "
+                     "outcome (copied: every block it lacked; partial: some; none: the source "
+                     "held none of them; failed: the source could not be asked).",
+                     {{"outcome", outcome}})
+        ->Add();
+    options_.metrics
+        ->GetCounter("strata_worker_kv_blocks_received_total",
+                     "KV blocks copied from other workers and stored in the device cache.")
+        ->Add(static_cast<double>(stored));
+    options_.metrics
+        ->GetHistogram("strata_worker_kv_fetch_seconds",
+                       "Time a Submit waited for KV blocks copied from another worker.",
+                       {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})
+        ->Observe(absl::ToDoubleSeconds(result.took));
+  }
+  AddToEngine(state, parked.add);
+}
+
+void WorkerService::Export(Command& c) {
+  const v1::FetchKvBlocksRequest& r = c.export_request;
+  const KvBlockLayout& layout = engine_->kv_transfer_layout();
+  auto refuse = [&](const std::string& why) {
+    c.export_stream->RequestFinish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, why));
+  };
+  if (r.model() != options_.model_name) {
+    return refuse(absl::StrCat("model \"", r.model(), "\" is not this worker's (\"",
+                               options_.model_name, "\")"));
+  }
+  if (r.model_fingerprint() != engine_->model_fingerprint()) {
+    return refuse(absl::StrCat("model_fingerprint ", r.model_fingerprint(),
+                               " is not this worker's weights' (", engine_->model_fingerprint(),
+                               ")"));
+  }
+  if (!layout.valid()) return refuse("this worker keeps no prefix cache to copy blocks from");
+  const v1::KvBlockLayout want = ToProtoLayout(layout);
+  if (r.layout().SerializeAsString() != want.SerializeAsString()) {
+    return refuse(absl::StrCat("layout (", r.layout().ShortDebugString(),
+                               ") is not this worker's blocks' (", want.ShortDebugString(), ")"));
+  }
+  const std::vector<BlockHash> hashes(r.block_hashes().begin(), r.block_hashes().end());
+  const int64_t max_bytes =
+      r.max_bytes() == 0
+          ? int64_t{64} << 20
+          : static_cast<int64_t>(std::min<uint64_t>(r.max_bytes(), int64_t{1} << 30));
+  std::vector<Engine::KvBlockCopy> copies = engine_->ExportKvBlocks(hashes, max_bytes);
+  for (Engine::KvBlockCopy& copy : copies) {
+    v1::KvBlockData data;
+    data.set_block_hash(copy.key.hash);
+    data.set_cache_namespace(copy.key.cache_namespace);
+    data.set_payload(copy.payload.data(), copy.payload.size());
+    c.export_stream->Write(std::move(data));
+  }
+  if (options_.metrics != nullptr) {
+    options_.metrics
+        ->GetCounter("strata_worker_kv_blocks_sent_total",
+                     "KV blocks copied out to other workers (FetchKvBlocks).")
+        ->Add(static_cast<double>(copies.size()));
+  }
+  c.export_stream->RequestFinish(grpc::Status::OK);
+}
+
+grpc::ServerWriteReactor<v1::KvBlockData>* WorkerService::FetchKvBlocks(
+    grpc::CallbackServerContext* context, const v1::FetchKvBlocksRequest* request) {
+  auto* stream = new ExportStream();
+  if (grpc::Status caller = CheckCaller(context); !caller.ok()) {
+    stream->RequestFinish(caller);
+    return stream;
+  }
+  if (request->block_hashes_size() > kMaxFetchBlocks) {
+    stream->RequestFinish(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                     absl::StrCat("block_hashes holds ", request->block_hashes_size(),
+                                  " hashes; at most ", kMaxFetchBlocks, " a call")));
+    return stream;
+  }
+  Command c;
+  c.kind = Command::Kind::kExport;
+  c.export_stream = stream;
+  c.export_request = *request;
+  Post(std::move(c));
+  return stream;
+}
+
 void WorkerService::FinishSubmit(LoopState* state, const std::string& request_id,
                                  const grpc::Status& status) {
   auto it = state->live.find(request_id);
   if (it == state->live.end()) return;
-  it->second.stream->RequestFinish(status);
+  // The place first: a client that sees its stream end may submit again at once.
   ReleaseLive(it->second.tenant);
+  it->second.stream->RequestFinish(status);
   state->live.erase(it);
 }
 

@@ -42,6 +42,7 @@
 #include "grammar/structured_output.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
 #include "worker/engine/engine.h"
+#include "worker/server/kv_fetcher.h"
 
 namespace strata {
 
@@ -67,6 +68,12 @@ struct WorkerServiceOptions {
   // When the loop stops: how long the engine may spend writing its cached KV blocks down to the
   // disk tier (Engine::PersistKv) after the open streams are failed over; zero: not at all.
   absl::Duration persist_kv_timeout = absl::ZeroDuration();
+  // A Submit naming kv_source_address: the prompt's leading blocks that no tier here holds (at
+  // least kv_fetch_min_blocks of them) are copied from that worker before the sequence is queued
+  // (KvFetcher; its options here). False: such Submits are queued at once and compute them.
+  bool kv_fetch = true;
+  int64_t kv_fetch_min_blocks = 1;
+  KvFetcherOptions kv_fetcher;
   // Where the service records its metrics (strata_worker_*; see docs/ARCHITECTURE.md), or null.
   // Not owned; it must outlive the service.
   MetricsRegistry* metrics = nullptr;
@@ -117,9 +124,12 @@ class WorkerService final : public v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* Drain(grpc::CallbackServerContext* context,
                                   const v1::DrainRequest* request,
                                   v1::DrainResponse* response) override;
+  grpc::ServerWriteReactor<v1::KvBlockData>* FetchKvBlocks(
+      grpc::CallbackServerContext* context, const v1::FetchKvBlocksRequest* request) override;
 
   class SubmitStream;
   class EventStream;
+  class ExportStream;
 
  private:
   struct Command;
@@ -135,6 +145,15 @@ class WorkerService final : public v1::Worker::CallbackService {
   // Drops watchers that are more than max_buffered_events behind (they re-subscribe).
   void CutSlowWatchers(LoopState* state, size_t incoming);
   void FinishSubmit(LoopState* state, const std::string& request_id, const grpc::Status& status);
+  // Queues an accepted Submit in the engine (or finishes its stream with why not).
+  void AddToEngine(LoopState* state, Command& c);
+  // A Submit with a KV source: starts copying the prompt's missing blocks and parks the command
+  // until they arrive; false when there is nothing to copy (the caller queues it at once).
+  bool StartKvFetch(LoopState* state, Command& c);
+  // The copies for a parked Submit arrived (or failed): stores them, then queues it.
+  void FinishKvFetch(LoopState* state, Command& c);
+  // Answers a FetchKvBlocks call from the engine's cache.
+  void Export(Command& c);
   // A live place for a sequence of `tenant` (counted in num_live_ and by tenant), or why there is
   // none (RESOURCE_EXHAUSTED); given back by ReleaseLive.
   absl::Status TakeLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
@@ -173,6 +192,9 @@ class WorkerService final : public v1::Worker::CallbackService {
   bool loop_exited_ ABSL_GUARDED_BY(mu_) = false;
   std::function<void(bool)> drain_listener_ ABSL_GUARDED_BY(mu_);
   std::string worker_id_ ABSL_GUARDED_BY(mu_);
+
+  // Copies KV blocks from other workers (with options_.kv_fetch); stopped after the loop.
+  std::unique_ptr<KvFetcher> fetcher_;
 
   std::thread loop_;
 };

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Time to first token of a long prompt that one worker copies from another (Worker.FetchKvBlocks)
+# against computing it, end to end through a coordinator, with bench/prefix_restore_bench --phase
+# copy: two workers on loopback, each prompt sent cold (computed on one worker), then with that
+# worker drained (the other copies the prompt's blocks from it), then again with both serving (a
+# device-cache hit). The bundled model is copied with a longer context so that 16k-token prompts
+# run; only timing is measured. Each worker has --threads=1, as on a 2-core machine.
+#
+#   bench/run_kv_fetch_bench.sh [OUT_DIR] [LENGTHS] [REPS]     (defaults: /tmp/strata-kv-fetch-bench,
+#                                                               1024,4096,16384, 3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/tmp/strata-kv-fetch-bench}
+LENGTHS=${2:-1024,4096,16384}
+REPS=${3:-3}
+mkdir -p "$OUT"
+bazel build -c opt //worker/server:strata-worker //coordinator:strata-coordinator \
+  //bench:prefix_restore_bench >/dev/null
+export STRATA_BIN=$PWD/bazel-bin STRATA_OUT=$OUT
+# shellcheck source=../tools/local_servers.sh
+source tools/local_servers.sh
+
+MODEL=$OUT/strata-tiny-long
+strata_long_context_model "$MODEL"
+JSON=$OUT/kv_fetch_bench.jsonl
+: > "$JSON"
+BLOCK_KIB=64   # KV bytes of one 16-token block of the bundled model, in KiB
+
+IFS=, read -r -a lengths <<< "$LENGTHS"
+max=0
+for L in "${lengths[@]}"; do (( L > max )) && max=$L; done
+# Room for every prompt of the run on each worker, so nothing is evicted.
+kv_mb=$(( ( (max / 16 + 16) * BLOCK_KIB * REPS * ${#lengths[@]} + 1023) / 1024 + 16 ))
+worker_flags=(--kv_cache_mb="$kv_mb" --max_batch_tokens=2048)
+strata_worker w0 "$MODEL" "${worker_flags[@]}"
+w0=$STRATA_PORT
+strata_worker w1 "$MODEL" "${worker_flags[@]}"
+w1=$STRATA_PORT
+strata_coordinator c "$MODEL" "127.0.0.1:$w0,127.0.0.1:$w1"
+cport=$STRATA_PORT
+sleep 1  # the coordinator connects to both workers
+echo "== two workers, ${kv_mb} MiB of device KV cache each"
+bazel-bin/bench/prefix_restore_bench --target="127.0.0.1:$cport" --phase=copy \
+  --lengths="$LENGTHS" --reps="$REPS" --json_out="$JSON"
+strata_stop_all
+
+# Medians per case and length, and the ratio to recompute.
+python3 - "$JSON" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {}
+for r in rows:
+    by.setdefault((r["prompt_tokens"], r["case"]), []).append(r)
+print("%7s %-10s %10s %9s %s" % ("tokens", "case", "ttft_ms", "speedup", "cached tokens (device)"))
+for (n, case) in sorted(by, key=lambda k: (k[0], ["recompute", "copied", "device"].index(k[1]))):
+    rs = by[(n, case)]
+    t = statistics.median(r["ttft_ms"] for r in rs)
+    base = statistics.median(r["ttft_ms"] for r in by[(n, "recompute")])
+    print("%7d %-10s %10.1f %8.1fx %d" % (n, case, t, base / t, statistics.median(r["device_tokens"] for r in rs)))
+PY

@@ -1,0 +1,361 @@
+// Copies of KV blocks between two Worker services over loopback gRPC (FetchKvBlocks and
+// SubmitRequest.kv_source_address), serving the bundled strata-tiny model: a copied prompt gives
+// the tokens a computed one does and is reported cached; a source that fails, hangs or refuses
+// leaves the request to compute its prompt; a request waiting for copies can be cancelled.
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "common/grpc_server.h"
+#include "common/metrics.h"
+#include "common/secrets.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "worker/comm/collectives.h"
+#include "worker/engine/engine.h"
+#include "worker/model/config.h"
+#include "worker/model/weights.h"
+#include "worker/server/worker_service.h"
+
+namespace strata {
+namespace {
+
+constexpr char kModelDir[] = "models/strata-tiny/base";
+constexpr char kModel[] = "strata-tiny";
+
+// One worker: its service, server, metrics and a client stub.
+struct Node {
+  MetricsRegistry metrics;
+  std::unique_ptr<WorkerService> service;
+  std::unique_ptr<GrpcServer> server;
+  std::unique_ptr<v1::Worker::Stub> stub;
+
+  double Counter(const std::string& name, const MetricLabels& labels = {}) {
+    return metrics.GetCounter(name, "", labels)->value();
+  }
+  ~Node() {
+    if (server) server->Shutdown(absl::Seconds(1));
+    if (service) service->Stop();
+  }
+};
+
+// A source that never answers a copy until the call is cancelled.
+class SilentSource final : public v1::Worker::Service {
+ public:
+  grpc::Status FetchKvBlocks(grpc::ServerContext* context, const v1::FetchKvBlocksRequest*,
+                             grpc::ServerWriter<v1::KvBlockData>*) override {
+    calls_.fetch_add(1);
+    while (!context->IsCancelled()) absl::SleepFor(absl::Milliseconds(5));
+    return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+  }
+  int calls() const { return calls_.load(); }
+  // Waits (up to 60 s) until more than `seen` calls have reached it; false if none did.
+  bool WaitForCallAfter(int seen) const {
+    for (int i = 0; i < 12000 && calls() <= seen; ++i) absl::SleepFor(absl::Milliseconds(5));
+    return calls() > seen;
+  }
+
+ private:
+  std::atomic<int> calls_{0};
+};
+
+class KvFetchTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto config = LoadModelConfig(kModelDir);
+    ASSERT_TRUE(config.ok()) << config.status();
+    auto weights = LoadModelWeights(kModelDir, *config, 0, 1);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    weights_ = weights->release();
+  }
+
+  std::unique_ptr<Node> StartNode(WorkerServiceOptions wo = {}, bool prefix_caching = true) {
+    auto node = std::make_unique<Node>();
+    EngineConfig ec;
+    ec.model_name = kModel;
+    ec.compute_threads = 1;
+    ec.enable_prefix_caching = prefix_caching;
+    auto engine = Engine::Create(weights_, &comm_, ec);
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    if (!engine.ok()) return nullptr;
+    wo.model_name = kModel;
+    wo.metrics = &node->metrics;
+    auto service = WorkerService::Create(*std::move(engine), wo);
+    EXPECT_TRUE(service.ok()) << service.status();
+    node->service = *std::move(service);
+    auto server = GrpcServer::Start(GrpcServerOptions(),
+                                    {{node->service.get(), v1::Worker::service_full_name()}});
+    EXPECT_TRUE(server.ok()) << server.status();
+    node->server = *std::move(server);
+    node->stub = v1::Worker::NewStub(
+        grpc::CreateChannel(node->server->address(), grpc::InsecureChannelCredentials()));
+    return node;
+  }
+
+  struct Result {
+    grpc::Status status;
+    std::vector<int32_t> tokens;
+    v1::Usage usage;
+  };
+
+  static Result Run(Node& node, const v1::SubmitRequest& req, const ClusterSecret* secret = nullptr,
+                    grpc::ClientContext* context = nullptr) {
+    grpc::ClientContext own;
+    grpc::ClientContext& ctx = context != nullptr ? *context : own;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    if (secret != nullptr) ctx.AddMetadata(kClusterSecretMetadata, secret->Sent());
+    auto reader = node.stub->Submit(&ctx, req);
+    Result r;
+    v1::SubmitResponse chunk;
+    while (reader->Read(&chunk)) {
+      r.tokens.insert(r.tokens.end(), chunk.token_ids().begin(), chunk.token_ids().end());
+      if (chunk.has_usage()) r.usage = chunk.usage();
+    }
+    r.status = reader->Finish();
+    return r;
+  }
+
+  static std::vector<int32_t> Prompt(int len) {
+    std::vector<int32_t> p;
+    for (int i = 0; i < len; ++i) p.push_back((i * 37 + 11) % 2000);
+    return p;
+  }
+
+  static v1::SubmitRequest Request(const std::string& id, int prompt_len,
+                                   const std::string& source = "") {
+    v1::SubmitRequest req;
+    req.set_request_id(id);
+    req.set_model(kModel);
+    for (int32_t t : Prompt(prompt_len)) req.add_prompt_token_ids(t);
+    req.mutable_sampling()->set_max_tokens(8);
+    req.mutable_sampling()->set_temperature(0);
+    req.mutable_sampling()->set_ignore_eos(true);
+    req.set_tenant("t1");
+    req.set_kv_source_address(source);
+    return req;
+  }
+
+  static inline const ModelWeights* weights_ = nullptr;
+  SingleRankCollectives comm_;
+};
+
+// 200 tokens: (200 - 1) / 16 = 12 full blocks before the last token's.
+constexpr int kPromptLen = 200;
+constexpr uint32_t kCopiedTokens = 192;
+
+TEST_F(KvFetchTest, ASubmitCopiesThePromptFromAnotherWorkerAndGeneratesTheSameTokens) {
+  auto source = StartNode();
+  auto dest = StartNode();
+  const Result computed = Run(*source, Request("a", kPromptLen));
+  ASSERT_TRUE(computed.status.ok()) << computed.status.error_message();
+  EXPECT_EQ(computed.usage.cached().num_device_tokens(), 0u);
+
+  const Result copied = Run(*dest, Request("b", kPromptLen, source->server->address()));
+  ASSERT_TRUE(copied.status.ok()) << copied.status.error_message();
+  EXPECT_EQ(copied.tokens, computed.tokens);
+  EXPECT_EQ(copied.usage.cached().num_device_tokens(), kCopiedTokens);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_blocks_received_total"), 12);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "copied"}}), 1);
+  EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 12);
+
+  // Held now: a second request copies nothing (the source is not asked).
+  const Result again = Run(*dest, Request("c", kPromptLen, source->server->address()));
+  EXPECT_EQ(again.tokens, computed.tokens);
+  EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 12);
+
+  // A longer prompt: its first 12 blocks are held here; the source is asked for the next two,
+  // which it does not hold either, and they are computed.
+  const Result longer = Run(*dest, Request("d", kPromptLen + 40, source->server->address()));
+  ASSERT_TRUE(longer.status.ok());
+  EXPECT_EQ(longer.usage.cached().num_device_tokens(), kCopiedTokens);
+  EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 12);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "none"}}), 1);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 0);
+}
+
+TEST_F(KvFetchTest, ASourceThatCannotBeReachedLeavesThePromptToBeComputed) {
+  auto reference = StartNode();
+  const Result want = Run(*reference, Request("a", kPromptLen));
+  auto dest = StartNode();
+  // Nothing listens on port 1.
+  const Result r = Run(*dest, Request("b", kPromptLen, "127.0.0.1:1"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens, want.tokens);
+  EXPECT_EQ(r.usage.cached().num_device_tokens(), 0u);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 1);
+  // A worker told not to copy queues such a request at once.
+  WorkerServiceOptions no_fetch;
+  no_fetch.kv_fetch = false;
+  auto plain = StartNode(no_fetch);
+  const Result p = Run(*plain, Request("c", kPromptLen, reference->server->address()));
+  EXPECT_EQ(p.tokens, want.tokens);
+  EXPECT_EQ(p.usage.cached().num_device_tokens(), 0u);
+  EXPECT_EQ(reference->Counter("strata_worker_kv_blocks_sent_total"), 0);
+}
+
+TEST_F(KvFetchTest, ASourceThatHangsIsGivenUpAtTheTimeoutAndACopyCanBeCancelled) {
+  SilentSource silent;
+  auto server = GrpcServer::Start(GrpcServerOptions(), {{&silent, "silent"}});
+  ASSERT_TRUE(server.ok());
+  WorkerServiceOptions wo;
+  wo.kv_fetcher.timeout = absl::Milliseconds(300);
+  auto dest = StartNode(wo);
+  const absl::Time start = absl::Now();
+  const Result r = Run(*dest, Request("a", kPromptLen, (*server)->address()));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(300));
+  EXPECT_EQ(r.usage.cached().num_device_tokens(), 0u);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 1);
+
+  // With a long timeout: the client goes away while its request waits for the copy, and its
+  // place is given back at once; so is a request cancelled by id.
+  WorkerServiceOptions patient;
+  patient.kv_fetcher.timeout = absl::Seconds(60);
+  patient.max_live_sequences = 1;
+  auto waiting = StartNode(patient);
+  {
+    grpc::ClientContext ctx;
+    const int seen = silent.calls();
+    std::thread cancel([&] {
+      EXPECT_TRUE(silent.WaitForCallAfter(seen));
+      ctx.TryCancel();
+    });
+    const Result c = Run(*waiting, Request("b", kPromptLen, (*server)->address()), nullptr, &ctx);
+    cancel.join();
+    EXPECT_EQ(c.status.error_code(), grpc::StatusCode::CANCELLED);
+  }
+  for (int i = 0; i < 200 && waiting->service->num_live_sequences() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(waiting->service->num_live_sequences(), 0);
+  {
+    const int seen = silent.calls();
+    std::thread cancel([&] {
+      EXPECT_TRUE(silent.WaitForCallAfter(seen));
+      // (Until it is found: a late call from an earlier step may have been the one counted.)
+      bool cancelled = false;
+      for (int i = 0; i < 1000 && !cancelled; ++i) {
+        grpc::ClientContext ctx;
+        v1::CancelRequest req;
+        req.set_request_id("c");
+        v1::CancelResponse resp;
+        ASSERT_TRUE(waiting->stub->Cancel(&ctx, req, &resp).ok());
+        cancelled = resp.cancelled();
+        if (!cancelled) absl::SleepFor(absl::Milliseconds(10));
+      }
+      EXPECT_TRUE(cancelled);
+    });
+    const Result c = Run(*waiting, Request("c", kPromptLen, (*server)->address()));
+    cancel.join();
+    EXPECT_EQ(c.status.error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // The place is free again: a request without a source runs.
+  for (int i = 0; i < 200 && waiting->service->num_live_sequences() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_TRUE(Run(*waiting, Request("d", 20)).status.ok());
+  // Shutting down with a copy in flight finishes the request UNAVAILABLE (a coordinator fails it
+  // over) without waiting for the copy.
+  const int seen = silent.calls();
+  std::thread stop([&] {
+    EXPECT_TRUE(silent.WaitForCallAfter(seen));
+    waiting->service->Stop();
+  });
+  const Result s = Run(*waiting, Request("e", kPromptLen, (*server)->address()));
+  stop.join();
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  (*server)->Shutdown(absl::Seconds(1));
+}
+
+TEST_F(KvFetchTest, FetchKvBlocksRefusesStrangersAndBlocksThatWouldNotFit) {
+  ClusterSecret secret({"s3cret"});
+  WorkerServiceOptions wo;
+  wo.cluster_secret = &secret;
+  wo.kv_fetcher.cluster_secret = &secret;
+  auto source = StartNode(wo);
+  auto dest = StartNode(wo);
+  ASSERT_TRUE(Run(*source, Request("a", kPromptLen), &secret).status.ok());
+  // Workers with the secret copy from each other.
+  const Result copied = Run(*dest, Request("b", kPromptLen, source->server->address()), &secret);
+  ASSERT_TRUE(copied.status.ok()) << copied.status.error_message();
+  EXPECT_EQ(copied.usage.cached().num_device_tokens(), kCopiedTokens);
+
+  // What a worker of this model asks, field by field.
+  v1::FetchKvBlocksRequest good;
+  good.set_model(kModel);
+  {
+    // The fields as a worker of the model sends them, from an engine of its own.
+    EngineConfig ec;
+    ec.model_name = kModel;
+    auto engine = Engine::Create(weights_, &comm_, ec);
+    ASSERT_TRUE(engine.ok());
+    good.set_model_fingerprint((*engine)->model_fingerprint());
+    const KvBlockLayout& l = (*engine)->kv_transfer_layout();
+    good.mutable_layout()->set_num_segments(static_cast<uint32_t>(l.num_segments));
+    good.mutable_layout()->set_block_tokens(static_cast<uint32_t>(l.block_tokens));
+    good.mutable_layout()->set_num_kv_heads(static_cast<uint32_t>(l.num_heads));
+    good.mutable_layout()->set_head_dim(static_cast<uint32_t>(l.head_dim));
+    good.mutable_layout()->set_dtype("f32");
+    for (BlockHash h : (*engine)->LookUpPrompt(Prompt(kPromptLen), RequestOptions()).hashes) {
+      good.add_block_hashes(h);
+    }
+  }
+  auto fetch = [&](const v1::FetchKvBlocksRequest& req, bool with_secret, int* blocks) {
+    grpc::ClientContext ctx;
+    if (with_secret) ctx.AddMetadata(kClusterSecretMetadata, "s3cret");
+    auto reader = source->stub->FetchKvBlocks(&ctx, req);
+    v1::KvBlockData data;
+    *blocks = 0;
+    while (reader->Read(&data)) ++*blocks;
+    return reader->Finish();
+  };
+  int blocks = 0;
+  grpc::Status st = fetch(good, true, &blocks);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(blocks, 12);
+  // max_bytes bounds a call (one block at least).
+  v1::FetchKvBlocksRequest small = good;
+  small.set_max_bytes(1);
+  ASSERT_TRUE(fetch(small, true, &blocks).ok());
+  EXPECT_EQ(blocks, 1);
+
+  EXPECT_EQ(fetch(good, false, &blocks).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  v1::FetchKvBlocksRequest bad = good;
+  bad.set_model("other");
+  st = fetch(bad, true, &blocks);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(st.error_message().find("model"), std::string::npos) << st.error_message();
+  bad = good;
+  bad.set_model_fingerprint("0123");
+  st = fetch(bad, true, &blocks);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(st.error_message().find("model_fingerprint"), std::string::npos);
+  bad = good;
+  bad.mutable_layout()->set_dtype("bf16");
+  st = fetch(bad, true, &blocks);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(st.error_message().find("layout"), std::string::npos);
+  bad = good;
+  for (int i = 0; i < 4097; ++i) bad.add_block_hashes(i);
+  st = fetch(bad, true, &blocks);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("block_hashes"), std::string::npos);
+  // Still serving.
+  ASSERT_TRUE(fetch(good, true, &blocks).ok());
+  EXPECT_EQ(blocks, 12);
+
+  // A worker without a prefix cache has nothing to copy.
+  auto uncached = StartNode({}, /*prefix_caching=*/false);
+  grpc::ClientContext ctx;
+  auto reader = uncached->stub->FetchKvBlocks(&ctx, good);
+  v1::KvBlockData data;
+  while (reader->Read(&data)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+}  // namespace
+}  // namespace strata

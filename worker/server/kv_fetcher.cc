@@ -1,0 +1,172 @@
+#include "worker/server/kv_fetcher.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/grpc_status.h"
+
+namespace strata {
+
+KvFetcher::KvFetcher(KvFetcherOptions options) : options_(std::move(options)) {
+  for (int i = 0; i < std::max(1, options_.threads); ++i) threads_.emplace_back([this] { Run(); });
+}
+
+KvFetcher::~KvFetcher() { Stop(); }
+
+void KvFetcher::Stop() {
+  std::deque<Job> left;
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    left.swap(queue_);
+    for (auto& [ticket, context] : active_) {
+      if (context != nullptr) context->TryCancel();
+    }
+    threads.swap(threads_);
+  }
+  cv_.notify_all();
+  for (std::thread& t : threads) t.join();
+  for (Job& job : left) {
+    KvFetchResult result;
+    result.status = absl::CancelledError("the worker is shutting down");
+    std::move(job.done)(std::move(result));
+  }
+}
+
+uint64_t KvFetcher::Fetch(std::string address, v1::FetchKvBlocksRequest request, Done done) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stop_) {
+      const uint64_t ticket = next_ticket_++;
+      queue_.push_back({ticket, std::move(address), std::move(request), std::move(done)});
+      cv_.notify_one();
+      return ticket;
+    }
+  }
+  KvFetchResult result;
+  result.status = absl::CancelledError("the worker is shutting down");
+  std::move(done)(std::move(result));
+  return 0;
+}
+
+void KvFetcher::Cancel(uint64_t ticket) {
+  Done done;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = active_.find(ticket); it != active_.end()) {
+      cancelled_.insert(ticket);
+      if (it->second != nullptr) it->second->TryCancel();
+      return;
+    }
+    auto it = std::find_if(queue_.begin(), queue_.end(),
+                           [ticket](const Job& j) { return j.ticket == ticket; });
+    if (it == queue_.end()) return;
+    done = std::move(it->done);
+    queue_.erase(it);
+  }
+  KvFetchResult result;
+  result.status = absl::CancelledError("the request went away");
+  std::move(done)(std::move(result));
+}
+
+void KvFetcher::Run() {
+  while (true) {
+    Job job;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (stop_) return;  // Stop finishes what is queued
+      job = std::move(queue_.front());
+      queue_.pop_front();
+      active_[job.ticket] = nullptr;
+    }
+    KvFetchResult result = Copy(job.ticket, job.address, std::move(job.request));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      active_.erase(job.ticket);
+      cancelled_.erase(job.ticket);
+    }
+    std::move(job.done)(std::move(result));
+  }
+}
+
+std::shared_ptr<v1::Worker::Stub> KvFetcher::StubFor(const std::string& address) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = stubs_.begin(); it != stubs_.end(); ++it) {
+    if (it->first == address) {
+      stubs_.splice(stubs_.begin(), stubs_, it);
+      return stubs_.front().second;
+    }
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);  // a block of a large model is several MiB
+  std::shared_ptr<v1::Worker::Stub> stub = v1::Worker::NewStub(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+  stubs_.emplace_front(address, stub);
+  if (stubs_.size() > kMaxChannels) stubs_.pop_back();
+  return stub;
+}
+
+KvFetchResult KvFetcher::Copy(uint64_t ticket, const std::string& address,
+                              v1::FetchKvBlocksRequest request) {
+  KvFetchResult result;
+  const absl::Time start = absl::Now();
+  const absl::Time deadline = start + options_.timeout;
+  std::shared_ptr<v1::Worker::Stub> stub = StubFor(address);
+  const std::vector<uint64_t> hashes(request.block_hashes().begin(), request.block_hashes().end());
+  request.set_max_bytes(static_cast<uint64_t>(options_.max_bytes_per_call));
+  size_t next = 0;
+  while (next < hashes.size()) {
+    request.clear_block_hashes();
+    for (size_t i = next; i < hashes.size(); ++i) request.add_block_hashes(hashes[i]);
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(deadline));
+    if (options_.cluster_secret != nullptr) {
+      context.AddMetadata(kClusterSecretMetadata, options_.cluster_secret->Sent());
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_ || cancelled_.contains(ticket)) {
+        result.status = absl::CancelledError("the copy was cancelled");
+        break;
+      }
+      active_[ticket] = &context;
+    }
+    ++result.calls;
+    std::unique_ptr<grpc::ClientReader<v1::KvBlockData>> reader =
+        stub->FetchKvBlocks(&context, request);
+    v1::KvBlockData data;
+    int64_t received = 0, bytes = 0;
+    while (reader->Read(&data)) {
+      Engine::KvBlockCopy copy;
+      copy.key.hash = data.block_hash();
+      copy.key.cache_namespace = data.cache_namespace();
+      copy.payload.assign(data.payload().begin(), data.payload().end());
+      bytes += static_cast<int64_t>(copy.payload.size());
+      result.blocks.push_back(std::move(copy));
+      ++received;
+    }
+    const grpc::Status status = reader->Finish();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      active_[ticket] = nullptr;
+    }
+    if (!status.ok()) {
+      result.status = FromGrpcStatus(status);
+      result.status = absl::Status(
+          result.status.code(),
+          absl::StrCat("copying KV blocks from worker ", address, ": ", result.status.message()));
+      break;
+    }
+    next += static_cast<size_t>(received);
+    // The source sends what it holds up to max_bytes: a call that stopped short of that found no
+    // more.
+    if (received == 0 || bytes + bytes / received <= options_.max_bytes_per_call) break;
+  }
+  result.took = absl::Now() - start;
+  return result;
+}
+
+}  // namespace strata

@@ -1,0 +1,109 @@
+// KvFetcher: copies KV blocks from other workers (their Worker.FetchKvBlocks), for requests that a
+// coordinator sent here with SubmitRequest.kv_source_address: the prefix another worker has
+// computed is copied rather than computed again.
+//
+// Each Fetch runs on one of the fetcher's own threads (blocking gRPC reads), never on the worker's
+// step loop, and asks the source in calls of up to max_bytes_per_call until it has every block
+// asked for or the source has no more. One channel per source address is kept (the least recently
+// used dropped past kMaxChannels). Calls carry the cluster secret (the first of the file's) and
+// stop at `timeout` after the Fetch began.
+//
+// Thread contract: Fetch and Stop from any thread. `done` runs exactly once per Fetch, on a
+// fetcher thread (or on the caller's, with CANCELLED, after Stop), never under the fetcher's lock.
+#ifndef STRATA_WORKER_SERVER_KV_FETCHER_H_
+#define STRATA_WORKER_SERVER_KV_FETCHER_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/secrets.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/strata/v1/worker.grpc.pb.h"
+#include "worker/engine/engine.h"
+
+namespace strata {
+
+struct KvFetcherOptions {
+  // Sent with every call when set (not owned; it must outlive the fetcher).
+  const ClusterSecret* cluster_secret = nullptr;
+  // Longest a Fetch takes, all its calls together.
+  absl::Duration timeout = absl::Seconds(2);
+  // Fetches run at once; more wait in order.
+  int threads = 2;
+  // FetchKvBlocksRequest.max_bytes of each call.
+  int64_t max_bytes_per_call = int64_t{32} << 20;
+};
+
+// What one Fetch copied: blocks in chain order, and how long it took. `status` is not OK when a
+// call failed; the blocks before the failure are still there.
+struct KvFetchResult {
+  std::vector<Engine::KvBlockCopy> blocks;
+  absl::Status status;
+  absl::Duration took;
+  int64_t calls = 0;
+};
+
+class KvFetcher {
+ public:
+  using Done = absl::AnyInvocable<void(KvFetchResult) &&>;
+
+  explicit KvFetcher(KvFetcherOptions options);
+  // Stop().
+  ~KvFetcher();
+  KvFetcher(const KvFetcher&) = delete;
+  KvFetcher& operator=(const KvFetcher&) = delete;
+
+  // Copies from the worker at `address` the blocks `request` names (block_hashes, with its model,
+  // fingerprint and layout set by the caller; max_bytes is the fetcher's). Returns a ticket for
+  // Cancel.
+  uint64_t Fetch(std::string address, v1::FetchKvBlocksRequest request, Done done);
+  // Ends a Fetch early (its request went away): its call is cancelled, or it is not started;
+  // `done` still runs, with the blocks copied so far and CANCELLED. A finished one is left alone.
+  void Cancel(uint64_t ticket);
+  // Cancels the calls in flight, finishes the queued fetches with CANCELLED and waits for the
+  // threads. Idempotent; later Fetches finish with CANCELLED at once.
+  void Stop();
+
+  static constexpr size_t kMaxChannels = 64;
+
+ private:
+  struct Job {
+    uint64_t ticket = 0;
+    std::string address;
+    v1::FetchKvBlocksRequest request;
+    Done done;
+  };
+  void Run();
+  KvFetchResult Copy(uint64_t ticket, const std::string& address, v1::FetchKvBlocksRequest request);
+  std::shared_ptr<v1::Worker::Stub> StubFor(const std::string& address);
+
+  const KvFetcherOptions options_;
+  // (std:: primitives, which TSAN sees, unlike Debian's uninstrumented absl::Mutex.)
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> queue_;                                       // guarded by mu_
+  bool stop_ = false;                                           // guarded by mu_
+  uint64_t next_ticket_ = 1;                                    // guarded by mu_
+  absl::flat_hash_map<uint64_t, grpc::ClientContext*> active_;  // guarded by mu_: running fetches
+  absl::flat_hash_set<uint64_t> cancelled_;                     // guarded by mu_: of those
+  // Channels by address, most recently used first (guarded by mu_).
+  std::list<std::pair<std::string, std::shared_ptr<v1::Worker::Stub>>> stubs_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_SERVER_KV_FETCHER_H_
