@@ -77,6 +77,11 @@ struct Request {
   uint64_t ns = 0;            // cache namespace
   bool holds_delta = false;   // pins its fine-tune's delta (while running)
   double io_wait_until = -1;  // waiting for its chain's blocks to load from disk, until then
+  // Copying KV blocks from another worker (SimWorkerConfig::kv_copy_block_s): from which, how
+  // many the router counted on, and when they have arrived (-1: no copy, or done).
+  int copy_from = -1;
+  int64_t copy_blocks = 0;
+  double copy_until = -1;
   double arrival = 0;
   double first_token = -1;
   double end = -1;
@@ -288,10 +293,23 @@ class Simulator {
     req.prompt_blocks = prompt_blocks;
     req.tie_break = tie_break_++;
     if (!r->pending.empty()) req.prefix_share = share_.Add(r->pending[0]);
+    std::vector<WorkerSlot> sources;
+    if (config_.worker.kv_copy_block_s > 0) {
+      for (size_t i = 0; i < workers_.size(); ++i) sources.push_back(static_cast<WorkerSlot>(i));
+      req.fetch_sources = sources;
+    }
     const RouteDecision d = Route(req, loads, index_, config_.router);
     const WorkerScore& score = d.scores[d.chosen];
     int64_t cached = 0;
     for (int64_t c : score.overlap_blocks) cached += c;
+    if (score.fetch_source >= 0) {
+      // WorkerPool::Assign names the source; the worker copies before queueing the request.
+      r->copy_from = static_cast<int>(score.fetch_source);
+      r->copy_blocks = score.fetch_blocks;
+      r->copy_until =
+          now_ + static_cast<double>(score.fetch_blocks) * config_.worker.kv_copy_block_s;
+      cached += score.fetch_blocks;
+    }
     r->worker = static_cast<int>(score.slot);
     r->prefill_blocks = std::max<int64_t>(0, prompt_blocks - cached);
     Worker& w = *workers_[r->worker];
@@ -311,6 +329,7 @@ class Simulator {
     }
     // Engine::AddRequest: the fine-tune's delta starts loading now.
     if (r->fine_tune >= 0 && !w.deltas.contains(r->fine_tune)) StartLoad(r->worker, r->fine_tune);
+    if (r->copy_until >= 0) Push(r->copy_until, Event::kWake, static_cast<size_t>(r->worker), 0);
     if (!w.busy && !w.wake_pending) {
       // An idle worker starts a step once every request arriving at this instant is queued.
       w.wake_pending = true;
@@ -403,6 +422,31 @@ class Simulator {
     w.waiting.push_front(s);
   }
 
+  // Engine::ImportKvBlocks, once the copies have arrived: the blocks past what worker `wi` holds in
+  // any tier that the source still holds on its device or in host memory (up to what the router
+  // counted on) become cached device blocks here.
+  void ImportCopies(int wi, Request* s, const std::vector<BlockHash>& hashes, int64_t limit) {
+    s->copy_until = -1;
+    Worker& w = *workers_[wi];
+    const Worker& src = *workers_[s->copy_from];
+    int64_t held = std::min<int64_t>(w.blocks.MatchPrefix(hashes), limit);
+    while (held < limit && (w.host.Contains(hashes[held]) || w.disk.Contains(hashes[held]))) {
+      ++held;
+    }
+    std::vector<int32_t> stored;
+    for (int64_t i = held; i < limit && i < held + s->copy_blocks; ++i) {
+      const absl::Span<const BlockHash> one = absl::MakeConstSpan(hashes).subspan(i, 1);
+      if (src.blocks.MatchPrefix(one) == 0 && !src.host.Contains(hashes[i])) break;
+      if (w.blocks.MatchPrefix(one) == 1) continue;
+      const std::optional<int32_t> b = w.blocks.Allocate();
+      if (!b) break;
+      w.blocks.Publish(*b, hashes[i], s->ns);
+      stored.push_back(*b);
+    }
+    for (auto it = stored.rbegin(); it != stored.rend(); ++it) w.blocks.Release(*it);
+    copied_blocks_ += static_cast<int64_t>(stored.size());
+  }
+
   // Engine::Admit, with the host tier's chain restored in the step.
   enum class AdmitResult { kAdmitted, kNoRoom, kWaitingForIo, kWaitingForPrefix };
   AdmitResult Admit(int wi, Request* s, int64_t budget, int64_t* restored) {
@@ -415,6 +459,10 @@ class Simulator {
             ? s->pending
             : PrefixBlockHashes(s->ns, s->tokens, static_cast<int>(bt()));
     const int64_t limit = (len - 1) / bt();
+    if (s->copy_until >= 0) {
+      if (now_ < s->copy_until) return AdmitResult::kWaitingForIo;
+      ImportCopies(wi, s, hashes, limit);
+    }
     const int64_t on_device = std::min<int64_t>(w.blocks.MatchPrefix(hashes), limit);
     int64_t in_host_end = on_device;
     while (in_host_end < limit && w.host.Contains(hashes[in_host_end]) &&
@@ -456,6 +504,13 @@ class Simulator {
     // others.
     for (int64_t i = in_host_end; i-- > on_device;) w.host.Put(hashes[i], &w.host_events);
     s->block_table = w.blocks.AcquirePrefix(hashes, on_device);
+    // Device blocks after the host run (copies; Engine::Admit) are held while it is restored.
+    std::vector<int32_t> after;
+    if (in_host_end > on_device && in_host_end < limit) {
+      const absl::Span<const BlockHash> rest = absl::MakeConstSpan(hashes).subspan(in_host_end);
+      after = w.blocks.AcquirePrefix(
+          rest, std::min<int64_t>(w.blocks.MatchPrefix(rest), limit - in_host_end));
+    }
     for (int64_t i = on_device; i < in_host_end; ++i) {
       if (!w.host.Contains(hashes[i])) break;
       const std::optional<int32_t> b = w.blocks.Allocate();
@@ -463,6 +518,11 @@ class Simulator {
       w.blocks.Publish(*b, hashes[i], s->ns);
       s->block_table.push_back(*b);
       ++*restored;
+    }
+    if (static_cast<int64_t>(s->block_table.size()) == in_host_end) {
+      s->block_table.insert(s->block_table.end(), after.begin(), after.end());
+    } else {
+      for (auto it = after.rbegin(); it != after.rend(); ++it) w.blocks.Release(*it);
     }
     const int64_t cached = static_cast<int64_t>(s->block_table.size());
     s->hashes.assign(hashes.begin(), hashes.begin() + cached);
@@ -719,6 +779,7 @@ class Simulator {
     out.preemptions = preemptions_;
     out.inflight_prefix_waits = inflight_prefix_waits_;
     out.restored_blocks = restored_blocks_;
+    out.copied_blocks = copied_blocks_;
     out.disk_loaded_blocks = disk_loaded_blocks_;
     out.delta_loads = delta_loads_;
     out.mean_step_deltas =
@@ -750,6 +811,7 @@ class Simulator {
   int64_t preemptions_ = 0;
   int64_t inflight_prefix_waits_ = 0;
   int64_t restored_blocks_ = 0;
+  int64_t copied_blocks_ = 0;
   int64_t disk_loaded_blocks_ = 0;
   int64_t delta_loads_ = 0;
   int64_t steps_ = 0;

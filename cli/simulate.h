@@ -30,6 +30,11 @@
 // arrives, one block after another per worker, and its admission waits for it up to
 // max_io_wait_s while others go ahead.
 //
+// Copies between workers (kv_copy_block_s above 0): the router names a source as the coordinator
+// does (RouteRequest::fetch_sources: every worker), the request waits kv_copy_block_s a block
+// before its first admission, and the blocks the source still holds then become cached device
+// blocks of the chosen worker (Engine::ImportKvBlocks).
+//
 // Not modelled: moving host blocks up into the device while a request waits (a restored block's
 // copy is charged to the step that admits it), network and tokenization time beyond
 // request_overhead_s.
@@ -89,6 +94,11 @@ struct SimWorkerConfig {
   // EngineConfig::inflight_prefill_min_tokens: a request whose prefix another is computing in this
   // step waits a step for it (0: never).
   int64_t inflight_prefill_min_tokens = 32;
+  // The time to copy one KV block from another worker (Worker.FetchKvBlocks), when the router
+  // names a source (RouterConfig::fetch_weight): the request waits that long per block before it
+  // is admitted, then finds the copies cached. 0: no copies (as strata-coordinator's
+  // --kv_fetch_weight=0).
+  double kv_copy_block_s = 0;
 };
 
 struct SimConfig {
@@ -125,6 +135,7 @@ struct SimResult {
   // Requests that waited a step for a prefix another was computing (inflight_prefill_min_tokens).
   int64_t inflight_prefix_waits = 0;
   int64_t restored_blocks = 0;     // from host tiers
+  int64_t copied_blocks = 0;       // copied from other workers (kv_copy_block_s)
   int64_t disk_loaded_blocks = 0;  // read from disk tiers into host tiers
   int64_t delta_loads = 0;         // fine-tune deltas loaded (cold) on any worker
   double mean_step_deltas = 0;     // distinct fine-tunes per step

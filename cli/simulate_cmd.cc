@@ -213,6 +213,23 @@ absl::StatusOr<Setup> SetupFromArgs(const Args& args, const WorkloadOptions& wo,
         "--disk-blocks needs the size of a block: this profile has no block_bytes (write it again "
         "with this version's stratactl profile)");
   }
+  // Copies between workers: as strata-coordinator's --kv_fetch_weight, over links of this rate
+  // (0: no copies; on by default in a real cluster, where loopback gRPC between CPU workers
+  // moves about 0.5 GB/s, docs/PERFORMANCE.md).
+  ASSIGN_OR_RETURN(const double copy_gbps, NonNegative(args, "kv-copy-gbps", 0));
+  if (copy_gbps > 0) {
+    if (block_bytes <= 0) {
+      return absl::InvalidArgumentError(
+          "--kv-copy-gbps needs the size of a block: this profile has no block_bytes (write it "
+          "again with this version's stratactl profile)");
+    }
+    w.kv_copy_block_s = block_bytes / (copy_gbps * 1e9);
+  }
+  ASSIGN_OR_RETURN(s.config.router.fetch_weight,
+                   NonNegative(args, "kv-fetch-weight", s.config.router.fetch_weight));
+  if (s.config.router.fetch_weight > 1) {
+    return absl::InvalidArgumentError("--kv-fetch-weight must be in [0, 1]");
+  }
   ASSIGN_OR_RETURN(w.resident_deltas,
                    IntIn(args, "resident-deltas", w.resident_deltas, 1, 1000000));
   ASSIGN_OR_RETURN(const double load_ms, NonNegative(args, "delta-load-ms", 1e3 * w.delta_load_s));
@@ -246,14 +263,14 @@ std::string RunJson(double rate, int workers, const SimResult& r) {
       "{\"rate_per_s\":%g,\"workers\":%d,\"requests\":%d,\"completed\":%d,\"rejected\":%d,"
       "\"duration_s\":%.3f,\"throughput_rps\":%.3f,\"output_tokens_per_s\":%.1f,"
       "\"unfinished\":%d,\"cache_hit_rate\":%.4f,\"preemptions\":%d,\"restored_blocks\":%d,"
-      "\"disk_loaded_blocks\":%d,\"inflight_prefix_waits\":%d,"
+      "\"disk_loaded_blocks\":%d,\"copied_blocks\":%d,\"inflight_prefix_waits\":%d,"
       "\"mean_decode_batch\":%.2f,\"delta_loads\":%d,\"mean_step_deltas\":%.2f,\"ttft_ms\":%s,"
       "\"tpot_ms\":%s,\"e2e_ms\":%s,"
       "\"worker_utilization\":[%s]}",
       rate, workers, r.requests, r.completed, r.rejected, r.duration_s, r.throughput_rps,
       r.output_tokens_per_s, r.unfinished, r.cache_hit_rate, r.preemptions, r.restored_blocks,
-      r.disk_loaded_blocks, r.inflight_prefix_waits, r.mean_decode_batch, r.delta_loads,
-      r.mean_step_deltas, PercentilesJson(r.ttft_ms), PercentilesJson(r.tpot_ms),
+      r.disk_loaded_blocks, r.copied_blocks, r.inflight_prefix_waits, r.mean_decode_batch,
+      r.delta_loads, r.mean_step_deltas, PercentilesJson(r.ttft_ms), PercentilesJson(r.tpot_ms),
       PercentilesJson(r.e2e_ms),
       absl::StrJoin(r.worker_utilization, ",",
                     [](std::string* o, double u) { absl::StrAppendFormat(o, "%.4f", u); }));
@@ -281,10 +298,10 @@ void PrintRun(std::FILE* out, const WorkloadOptions& o, double rate, int workers
   absl::FPrintF(
       out,
       "throughput %.2f req/s, %.1f output tok/s; prefix-cache hit rate %.3f; mean "
-      "decode batch %.1f; %d preemptions; %d blocks restored from host, %d read from disk; %d "
-      "waited for a prefix in flight\n",
+      "decode batch %.1f; %d preemptions; %d blocks restored from host, %d read from disk, %d "
+      "copied from other workers; %d waited for a prefix in flight\n",
       r.throughput_rps, r.output_tokens_per_s, r.cache_hit_rate, r.mean_decode_batch, r.preemptions,
-      r.restored_blocks, r.disk_loaded_blocks, r.inflight_prefix_waits);
+      r.restored_blocks, r.disk_loaded_blocks, r.copied_blocks, r.inflight_prefix_waits);
   if (o.fine_tunes > 0) {
     absl::FPrintF(
         out, "fine-tunes %d (Zipf %g, %.0f%% base): %d delta loads, %.1f distinct per step\n",
@@ -394,7 +411,8 @@ absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
                 "decode-weight",   "cold-fine-tune-blocks",
                 "delta-load-ms",   "ttft-p99-ms",
                 "tpot-p99-ms",     "svg"});
-  flags.insert({"inflight-prefill-min-tokens", "replies-in-history"});
+  flags.insert(
+      {"inflight-prefill-min-tokens", "replies-in-history", "kv-copy-gbps", "kv-fetch-weight"});
   return Args::Parse(argv, {"json", "find-workers"}, flags);
 }
 

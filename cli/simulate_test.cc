@@ -186,6 +186,39 @@ TEST(SimulateTest, PrefixAwareRoutingKeepsConversationsOnTheirCaches) {
   EXPECT_LT(aware->ttft_ms.p50, rr->ttft_ms.p50);
 }
 
+// A busy worker's prompts go to idle ones that copy the shared prefix from it (the router's
+// fetch credit) instead of computing it: more of the prompts are served from cache, sooner.
+TEST(SimulateTest, WorkersCopyAPrefixInsteadOfComputingIt) {
+  WorkloadOptions o;
+  o.kind = "shared-prefix";
+  o.num_requests = 200;
+  o.rate_per_s = 20;
+  o.shared_prefix_tokens = 1600;
+  o.shared_fraction = 1;
+  o.num_shared_prefixes = 8;
+  o.prompt_tokens = {1700, 1700};
+  o.output_tokens = {20, 20};
+  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(o);
+  ASSERT_TRUE(w.ok());
+  SimConfig c = FourWorkers();
+  c.worker.kv_blocks = 2048;
+  const absl::StatusOr<SimResult> computed = Simulate(*w, c);
+  c.worker.kv_copy_block_s = 1e-5;  // a 100-block prefix in 1 ms, against 160 ms to compute it
+  const absl::StatusOr<SimResult> copied = Simulate(*w, c);
+  ASSERT_TRUE(computed.ok() && copied.ok());
+  EXPECT_EQ(computed->copied_blocks, 0);
+  EXPECT_EQ(copied->completed, 200);
+  std::printf("hit rate %.3f -> %.3f, TTFT p50 %.1f -> %.1f ms, p99 %.1f -> %.1f ms, %lld copied\n",
+              computed->cache_hit_rate, copied->cache_hit_rate, computed->ttft_ms.p50,
+              copied->ttft_ms.p50, computed->ttft_ms.p99, copied->ttft_ms.p99,
+              static_cast<long long>(copied->copied_blocks));
+  // (Measured: hit rate 0.39 -> 0.46, TTFT p50 800 -> 306 ms, p99 1295 -> 739 ms.)
+  EXPECT_GT(copied->copied_blocks, 1000);
+  EXPECT_GT(copied->cache_hit_rate, computed->cache_hit_rate + 0.03);
+  EXPECT_LT(copied->ttft_ms.p50, 0.7 * computed->ttft_ms.p50);
+  EXPECT_LT(copied->ttft_ms.p99, computed->ttft_ms.p99);
+}
+
 TEST(SimulateTest, SmallCachePreemptsAndStillFinishesEverything) {
   std::vector<Conversation> w;
   for (int i = 0; i < 8; ++i) w.push_back(Single(0, Tokens(60, 1000 * (i + 1)), 100));

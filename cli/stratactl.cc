@@ -88,7 +88,7 @@ constexpr char kUsage[] =
     "      [--host-blocks N] [--disk-blocks N] [--disk-read-gbps G] [--fine-tunes N]\n"
     "      [--fine-tune-zipf S] [--base-fraction F] [--resident-deltas K] [--delta-load-ms T]\n"
     "      [--cold-fine-tune-blocks B] [--decode-weight W] [--inflight-prefill-min-tokens N]\n"
-    "      [--svg FILE] [--json]\n"
+    "      [--kv-copy-gbps G] [--kv-fetch-weight W] [--svg FILE] [--json]\n"
     "  stratactl profile --model DIR [--random-weights] [--device cpu|gpu] [--gpu-dtype D]\n"
     "      [--threads N] [--kv-cache-mb N] [--max-batch-tokens N] [--max-running-sequences N]\n"
     "      [--block-tokens N] [--context N] [--reps N] [--delta FILE] [--coordinator ADDR]\n"
