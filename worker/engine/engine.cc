@@ -673,8 +673,7 @@ std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHa
     copy.payload.resize(block_bytes);
     device_tier_->Bind(b, copy.key);
     absl::Status st = absl::InternalError("device tier callback did not run");
-    device_tier_->Read(b, copy.key, absl::MakeSpan(copy.payload),
-                       [&st](absl::Status s) { st = std::move(s); });
+    device_tier_->Read(b, copy.key, copy.bytes(), [&st](absl::Status s) { st = std::move(s); });
     device_tier_->Flush();
     if (!st.ok()) {
       LOG(WARNING) << "engine: copying a KV block out failed: " << st;
@@ -689,7 +688,7 @@ std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHa
     for (size_t i = out.size(); i < hashes.size() && room(); ++i) {
       KvBlockCopy copy;
       copy.payload.resize(block_bytes);
-      absl::StatusOr<BlockKey> key = store_->ReadHost(hashes[i], absl::MakeSpan(copy.payload));
+      absl::StatusOr<BlockKey> key = store_->ReadHost(hashes[i], copy.bytes());
       if (!key.ok()) break;
       copy.key = *key;
       bytes += static_cast<int64_t>(block_bytes);
@@ -724,7 +723,7 @@ int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& 
     std::optional<int32_t> b = blocks_.Allocate();
     if (!b.has_value()) break;
     absl::Status st = absl::InternalError("device tier callback did not run");
-    device_tier_->Write(*b, copy.key, copy.payload, [&st](absl::Status s) { st = std::move(s); });
+    device_tier_->Write(*b, copy.key, copy.bytes(), [&st](absl::Status s) { st = std::move(s); });
     device_tier_->Flush();
     if (!st.ok()) {
       LOG(WARNING) << "engine: storing a KV block copied from another worker failed: " << st;

@@ -382,7 +382,15 @@ class Engine {
   const std::string& model_fingerprint() const { return model_fingerprint_; }
   struct KvBlockCopy {
     BlockKey key;
-    std::vector<uint8_t> payload;  // kv_transfer_layout().block_bytes(), that layout
+    // kv_transfer_layout().block_bytes(), that layout. A string, so that it moves into and out of
+    // a protobuf message (KvBlockData.payload) without a copy.
+    std::string payload;
+    absl::Span<uint8_t> bytes() {
+      return {reinterpret_cast<uint8_t*>(payload.data()), payload.size()};
+    }
+    absl::Span<const uint8_t> bytes() const {
+      return {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()};
+    }
   };
   // What a request would find here of its prompt's KV: the chain hashes of its full blocks before
   // its last token's (which is computed whatever is cached), in the namespace its model,

@@ -143,7 +143,7 @@ KvFetchResult KvFetcher::Copy(uint64_t ticket, const std::string& address,
       Engine::KvBlockCopy copy;
       copy.key.hash = data.block_hash();
       copy.key.cache_namespace = data.cache_namespace();
-      copy.payload.assign(data.payload().begin(), data.payload().end());
+      copy.payload = std::move(*data.mutable_payload());
       bytes += static_cast<int64_t>(copy.payload.size());
       result.blocks.push_back(std::move(copy));
       ++received;

@@ -766,7 +766,7 @@ void WorkerService::Export(Command& c) {
     v1::KvBlockData data;
     data.set_block_hash(copy.key.hash);
     data.set_cache_namespace(copy.key.cache_namespace);
-    data.set_payload(copy.payload.data(), copy.payload.size());
+    data.set_payload(std::move(copy.payload));
     c.export_stream->Write(std::move(data));
   }
   if (options_.metrics != nullptr) {
