@@ -583,6 +583,11 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         s.set_tenant_weight(share_weight_);
         for (BlockHash h : hashes_) s.add_prefix_block_hashes(h);
         s.set_kv_source_address(attempt->assignment_.kv_source_address);
+        if (const auto& m = service_->call_metrics_;
+            m.kv_copy_routes != nullptr && !attempt->assignment_.kv_source_address.empty()) {
+          m.kv_copy_routes->Add();
+          m.kv_copy_blocks->Add(static_cast<double>(attempt->assignment_.kv_source_blocks));
+        }
         if (context_->deadline() != std::chrono::system_clock::time_point::max()) {
           attempt->context_.set_deadline(context_->deadline());
         }
@@ -975,6 +980,12 @@ CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* mo
       call_metrics_.cached_tokens[t++] =
           m->GetCounter("strata_coordinator_cached_prompt_tokens_total", kCached, {{"tier", tier}});
     }
+    call_metrics_.kv_copy_routes = m->GetCounter(
+        "strata_coordinator_kv_copy_routes_total",
+        "Requests routed to a worker told to copy the prompt's KV blocks from another.");
+    call_metrics_.kv_copy_blocks =
+        m->GetCounter("strata_coordinator_kv_copy_blocks_total",
+                      "KV blocks the router counted on workers copying from others.");
     // Computed at each scrape; removed again when the service goes.
     m->SetGaugeCallback("strata_coordinator_inflight_requests", "Generate calls in flight now.", {},
                         [this] { return static_cast<double>(inflight_.load()); });

@@ -163,6 +163,10 @@ class CoordinatorService final : public v1::Serving::CallbackService,
     Counter* prompt_tokens = nullptr;
     Counter* completion_tokens = nullptr;
     std::array<Counter*, 3> cached_tokens{};  // device, host, disk
+    // Attempts routed with a KV source (WorkerPool::Assignment::kv_source_address), and the blocks
+    // counted on.
+    Counter* kv_copy_routes = nullptr;
+    Counter* kv_copy_blocks = nullptr;
   };
   Counter* RequestsCounter(grpc::StatusCode code);
 

@@ -358,7 +358,9 @@ TEST_F(ClusterTest, DrainedWorkerGetsNoNewRequestsAndResumes) {
 // other worker, which copies the prompt's blocks from it (Worker.FetchKvBlocks) instead of
 // computing them, and streams the same tokens.
 TEST(KvFetchClusterTest, ADrainedWorkersCacheServesItsPromptsOnTheOther) {
-  auto c = LocalCluster::Start(Options(2, "kv-fetch"));
+  const int metrics_port = FreePort();
+  auto c = LocalCluster::Start(
+      Options(2, "kv-fetch", {absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port)}));
   ASSERT_TRUE(c.ok()) << c.status();
   LocalCluster& cluster = **c;
   std::string text;
@@ -392,6 +394,11 @@ TEST(KvFetchClusterTest, ADrainedWorkersCacheServesItsPromptsOnTheOther) {
   // The other worker never computed this prompt: its cached blocks are the copies.
   const v1::Usage& usage = second.chunks.back().usage();
   EXPECT_EQ(usage.cached().num_device_tokens(), full_blocks_tokens);
+  // The coordinator counted one request routed with a source, for every full block.
+  std::map<std::string, double> m = WaitForMetrics(
+      metrics_port, [](auto& m) { return m["strata_coordinator_kv_copy_routes_total"] >= 1; });
+  EXPECT_EQ(m["strata_coordinator_kv_copy_routes_total"], 1);
+  EXPECT_EQ(m["strata_coordinator_kv_copy_blocks_total"], full_blocks_tokens / 16);
   Drain(cluster.admin(), holder, /*resume=*/true, /*wait=*/false);
 }
 
