@@ -310,6 +310,64 @@ TEST_P(EngineGpuTest, EvictedPrefixesComeBackFromHostAndDiskWithTheSameTokens) {
   EXPECT_EQ(got[0], want[0]);
 }
 
+// KV copies between GPU engines (worker/server's FetchKvBlocks): blocks copied out of one engine's
+// GPU cache (device, and host tier) into another's serve the prompt with the tokens computing it
+// gives, in f32 and bf16; a CPU engine's f32 blocks have another layout than a bf16 GPU's.
+TEST_P(EngineGpuTest, KvBlocksCopiedBetweenGpuEnginesServeThePrompt) {
+  std::mt19937 rng(11);
+  const int64_t vocab = weights_->config.vocab_size;
+  std::vector<int32_t> prompt(100);
+  for (int32_t& t : prompt) t = static_cast<int32_t>(3 + rng() % (vocab - 3));
+  RequestOptions o;
+  o.sampling.temperature = 0;
+  o.max_tokens = 4;
+  o.ignore_eos = true;
+  auto make = [&](const std::string& device, DType dtype) {
+    EngineConfig ec;
+    ec.device = device;
+    ec.gpu.act = dtype;
+    ec.num_kv_blocks = 32;
+    ec.compute_threads = 2;
+    auto e = Engine::Create(weights_.get(), &comm_, ec);
+    EXPECT_TRUE(e.ok()) << e.status();
+    return e.ok() ? *std::move(e) : nullptr;
+  };
+  auto run = [&](Engine& e, const std::string& id, RequestOutput* last) {
+    EXPECT_TRUE(e.AddRequest(id, prompt, o).ok());
+    std::vector<int32_t> tokens;
+    for (int steps = 0; e.HasWork() && steps < 1000; ++steps) {
+      auto step = e.Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      for (const RequestOutput& out : *step) {
+        for (const SampledToken& t : out.tokens) tokens.push_back(t.token);
+        *last = out;
+      }
+    }
+    return tokens;
+  };
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    std::unique_ptr<Engine> source = make("gpu", dtype), dest = make("gpu", dtype);
+    ASSERT_NE(source, nullptr);
+    ASSERT_NE(dest, nullptr);
+    EXPECT_EQ(source->kv_transfer_layout().dtype, dtype);
+    RequestOutput out;
+    const std::vector<int32_t> want = run(*source, "a", &out);
+    const Engine::PromptBlocks wanted = dest->LookUpPrompt(prompt, o);
+    ASSERT_EQ(wanted.hashes.size(), 6u);
+    const std::vector<Engine::KvBlockCopy> copies = source->ExportKvBlocks(wanted.hashes, 1 << 30);
+    ASSERT_EQ(copies.size(), 6u);
+    EXPECT_EQ(dest->ImportKvBlocks(wanted, "", copies), 6);
+    EXPECT_EQ(run(*dest, "b", &out), want);
+    EXPECT_EQ(out.num_cached_prompt_tokens, 96);
+  }
+  std::unique_ptr<Engine> cpu = make("cpu", DType::kF32), gpu = make("gpu", DType::kBF16);
+  ASSERT_NE(cpu, nullptr);
+  ASSERT_NE(gpu, nullptr);
+  EXPECT_NE(cpu->kv_transfer_layout().block_bytes(), gpu->kv_transfer_layout().block_bytes());
+}
+
 INSTANTIATE_TEST_SUITE_P(Models, EngineGpuTest,
                          ::testing::Values(std::string("models/strata-tiny/base"),
                                            std::string("worker/model/testdata/llama3_bf16"),
