@@ -198,8 +198,8 @@ fi
 echo
 echo "request: POST http://127.0.0.1:$http_port/v1/completions (the OpenAI-compatible API)"
 echo "----------------------------------------------------------------------"
-python3 - "$http_port" "$metrics_port" <<'PY'
-import json, sys, time, urllib.request
+python3 - "$http_port" "$metrics_port" "$stratactl" "$coordinator" <<'PY'
+import json, subprocess, sys, time, urllib.request
 body = json.dumps({"model": "strata-tiny", "prompt": "int main(", "max_tokens": 32, "seed": 1}).encode()
 req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
                              headers={"Content-Type": "application/json"})
@@ -249,6 +249,38 @@ print(prompt + reply["choices"][0]["text"])
 print(f"({after[0] - before[0]:.0f} draft tokens, {after[1] - before[1]:.0f} kept: "
       f"{reply['usage']['completion_tokens']} tokens in "
       f"{reply['usage']['completion_tokens'] - (after[1] - before[1]):.0f} steps)")
+# KV copies between workers: the worker that computed a long prompt is drained, so the same prompt
+# goes to the other worker, which copies the prompt's KV blocks from it instead of computing them.
+stratactl, coordinator = sys.argv[3], sys.argv[4]
+def routed():
+    status = json.loads(subprocess.check_output(
+        [stratactl, "status", "--coordinator", coordinator, "--json"]))
+    return {w["info"]["worker_id"]: int(w.get("num_routed_requests", 0))
+            for w in status["cluster"]["workers"]}
+def complete(text):
+    body = json.dumps({"model": "strata-tiny", "prompt": text, "max_tokens": 8,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    start = time.monotonic()
+    reply = json.load(urllib.request.urlopen(req, timeout=60))
+    return reply, 1e3 * (time.monotonic() - start)
+long_prompt = "".join(f"def parse_{i}(value):\n    return value.strip()\n\n" for i in range(24))
+before = routed()
+first, first_ms = complete(long_prompt)
+holder = next(w for w, n in routed().items() if n > before.get(w, 0))
+drain = [stratactl, "drain", holder, "--coordinator", coordinator]
+subprocess.run(drain + ["--wait"], check=True, stdout=subprocess.DEVNULL)
+try:
+    second, second_ms = complete(long_prompt)
+finally:
+    subprocess.run(drain + ["--resume"], check=True, stdout=subprocess.DEVNULL)
+cached = (second["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+print()
+print(f"KV copies: a {first['usage']['prompt_tokens']}-token prompt computed on {holder} in "
+      f"{first_ms:.0f} ms; with {holder} drained, the other worker copied {cached} tokens' KV "
+      f"from it and answered in {second_ms:.0f} ms, the same text: "
+      f"{first['choices'][0]['text'] == second['choices'][0]['text']}")
 PY
 echo "----------------------------------------------------------------------"
 echo

@@ -1146,7 +1146,9 @@ void WorkerService::PublishMetrics(LoopState* state) {
       ->Set(static_cast<double>(st.num_total_blocks - st.num_free_blocks));
   if (engine_->ServesFineTunes()) {
     const DeltaCacheStats& d = st.deltas;
-    const char* kFineTunes = "Fine-tunes registered (total) and loaded (resident).";
+    const char* kFineTunes =
+        "Fine-tunes registered (total), and deltas in memory (resident; a removed fine-tune's "
+        "while sequences still run on it).";
     m->GetGauge("strata_worker_fine_tunes", kFineTunes, {{"state", "total"}})
         ->Set(static_cast<double>(d.num_registered));
     m->GetGauge("strata_worker_fine_tunes", kFineTunes, {{"state", "resident"}})
