@@ -186,6 +186,17 @@ TEST_F(KvFetchTest, ASourceThatCannotBeReachedLeavesThePromptToBeComputed) {
   EXPECT_EQ(r.tokens, want.tokens);
   EXPECT_EQ(r.usage.cached().num_device_tokens(), 0u);
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 1);
+  // A source whose weights are other (random weights of another seed, say) refuses the copy.
+  WorkerServiceOptions other_weights;
+  other_weights.model_fingerprint = "random:bf16:2";
+  auto other = StartNode(other_weights);
+  ASSERT_TRUE(Run(*other, Request("o", kPromptLen)).status.ok());
+  auto fresh = StartNode();
+  const Result refused = Run(*fresh, Request("r", kPromptLen, other->server->address()));
+  ASSERT_TRUE(refused.status.ok()) << refused.status.error_message();
+  EXPECT_EQ(refused.tokens, want.tokens);
+  EXPECT_EQ(fresh->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 1);
+  EXPECT_EQ(other->Counter("strata_worker_kv_blocks_sent_total"), 0);
   // A worker told not to copy queues such a request at once.
   WorkerServiceOptions no_fetch;
   no_fetch.kv_fetch = false;

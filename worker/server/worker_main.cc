@@ -524,6 +524,11 @@ int Main(const std::vector<std::string>& args) {
   wo.persist_kv_timeout = absl::Seconds(absl::GetFlag(FLAGS_persist_kv_s));
   wo.kv_fetch = absl::GetFlag(FLAGS_kv_fetch);
   wo.kv_fetch_min_blocks = absl::GetFlag(FLAGS_kv_fetch_min_blocks);
+  if (!absl::GetFlag(FLAGS_random_weights).empty()) {
+    // Copies only between workers drawing the same weights.
+    wo.model_fingerprint = absl::StrCat("random:", absl::GetFlag(FLAGS_random_weights), ":",
+                                        absl::GetFlag(FLAGS_random_seed));
+  }
   if (absl::GetFlag(FLAGS_kv_fetch_timeout_ms) < 1 || wo.kv_fetch_min_blocks < 1) {
     LOG(ERROR) << "--kv_fetch_timeout_ms and --kv_fetch_min_blocks must be positive";
     return 1;

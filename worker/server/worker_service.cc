@@ -211,7 +211,9 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
     : engine_(std::move(engine)),
       options_(std::move(options)),
       epoch_(NewEpoch()),
-      tiers_at_start_(engine_->Stats().tiers) {
+      tiers_at_start_(engine_->Stats().tiers),
+      fingerprint_(options_.model_fingerprint.empty() ? engine_->model_fingerprint()
+                                                      : options_.model_fingerprint) {
   worker_id_ = options_.worker_id;
   if (options_.metrics != nullptr) {
     step_seconds_ = options_.metrics->GetHistogram(
@@ -674,7 +676,7 @@ bool WorkerService::StartKvFetch(LoopState* state, Command& c) {
     request.add_block_hashes(blocks.hashes[i]);
   }
   request.set_model(options_.model_name);
-  request.set_model_fingerprint(engine_->model_fingerprint());
+  request.set_model_fingerprint(fingerprint_);
   *request.mutable_layout() = ToProtoLayout(engine_->kv_transfer_layout());
   const std::string address = c.parsed.kv_source_address;
   const std::string id = c.request_id;
@@ -745,10 +747,9 @@ void WorkerService::Export(Command& c) {
     return refuse(absl::StrCat("model \"", r.model(), "\" is not this worker's (\"",
                                options_.model_name, "\")"));
   }
-  if (r.model_fingerprint() != engine_->model_fingerprint()) {
+  if (r.model_fingerprint() != fingerprint_) {
     return refuse(absl::StrCat("model_fingerprint ", r.model_fingerprint(),
-                               " is not this worker's weights' (", engine_->model_fingerprint(),
-                               ")"));
+                               " is not this worker's weights' (", fingerprint_, ")"));
   }
   if (!layout.valid()) return refuse("this worker keeps no prefix cache to copy blocks from");
   const v1::KvBlockLayout want = ToProtoLayout(layout);

@@ -73,6 +73,9 @@ struct WorkerServiceOptions {
   // (KvFetcher; its options here). False: such Submits are queued at once and compute them.
   bool kv_fetch = true;
   int64_t kv_fetch_min_blocks = 1;
+  // What the worker's weights are, for KV copies (FetchKvBlocksRequest.model_fingerprint): empty
+  // for the engine's own (BaseFingerprint of its files); random weights name their seed here.
+  std::string model_fingerprint;
   KvFetcherOptions kv_fetcher;
   // Where the service records its metrics (strata_worker_*; see docs/ARCHITECTURE.md), or null.
   // Not owned; it must outlive the service.
@@ -193,6 +196,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::function<void(bool)> drain_listener_ ABSL_GUARDED_BY(mu_);
   std::string worker_id_ ABSL_GUARDED_BY(mu_);
 
+  // options_.model_fingerprint, or the engine's.
+  const std::string fingerprint_;
   // Copies KV blocks from other workers (with options_.kv_fetch); stopped after the loop.
   std::unique_ptr<KvFetcher> fetcher_;
 
