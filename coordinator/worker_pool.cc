@@ -315,9 +315,13 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   int known = 0;
   for (const auto& w : workers_) {
     if (w->removed || !w->has_info || w->info.model() != model) continue;
-    // A draining worker still answers copies; one that failed this request (tried) may be gone.
-    if ((w->state == State::kServing || w->state == State::kDraining) && w->suspect_until <= now &&
-        std::find(exclude.begin(), exclude.end(), w->slot) == exclude.end()) {
+    // A draining worker still answers copies, also one that refused this request for draining (a
+    // worker drained by SIGTERM stays a while for them); one that failed it otherwise (tried) may
+    // be gone.
+    if ((w->state == State::kDraining ||
+         (w->state == State::kServing &&
+          std::find(exclude.begin(), exclude.end(), w->slot) == exclude.end())) &&
+        w->suspect_until <= now) {
       sources.push_back(w->slot);
     }
     if (!fine_tune_id.empty() &&

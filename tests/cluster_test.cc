@@ -1,6 +1,7 @@
 // End-to-end: a coordinator and two workers as real processes on loopback, serving the bundled
 // model, driven through the public gRPC API.
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <cstdlib>
 #include <map>
@@ -400,6 +401,64 @@ TEST(KvFetchClusterTest, ADrainedWorkersCacheServesItsPromptsOnTheOther) {
   EXPECT_EQ(m["strata_coordinator_kv_copy_routes_total"], 1);
   EXPECT_EQ(m["strata_coordinator_kv_copy_blocks_total"], full_blocks_tokens / 16);
   Drain(cluster.admin(), holder, /*resume=*/true, /*wait=*/false);
+}
+
+// A worker stopped with SIGTERM (a rolling restart) stays a moment once its sequences are done,
+// so that the worker taking its prompts copies their KV blocks instead of computing them; then it
+// leaves on its own. The coordinator may not know of the drain yet: the holder refuses the
+// request, and the retry still names it as the source.
+TEST(KvFetchClusterTest, AWorkerStoppedBySigtermServesCopiesBeforeItLeaves) {
+  LocalClusterOptions o = Options(2, "kv-fetch-sigterm");
+  o.worker_flags = {"--drain_kv_serve_s=60", "--drain_kv_idle_s=4"};
+  auto c = LocalCluster::Start(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  LocalCluster& cluster = **c;
+  std::string text;
+  for (int i = 0; i < 20; ++i) absl::StrAppend(&text, "def load_", i, "(path): return path\n");
+  v1::GenerateRequest req = TextRequest(text, 8, 7);
+  req.mutable_sampling()->set_temperature(0);
+  auto routed = [&] {
+    std::map<std::string, uint64_t> out;
+    const v1::ClusterStatus status = Status(cluster.admin());
+    for (const auto& w : status.workers()) {
+      out[w.address()] = w.num_routed_requests();
+    }
+    return out;
+  };
+  const auto before = routed();
+  const Generated first = Generate(cluster.serving(), req);
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  const uint32_t full_blocks_tokens =
+      (first.chunks.back().usage().num_prompt_tokens() - 1) / 16 * 16;
+  ASSERT_GE(full_blocks_tokens, 64u);
+  int holder = -1;
+  for (int i = 0; i < 2; ++i) {
+    if (routed().at(cluster.worker_address(i)) > before.at(cluster.worker_address(i))) holder = i;
+  }
+  ASSERT_GE(holder, 0);
+
+  const uint64_t other_routed = routed().at(cluster.worker_address(1 - holder));
+  cluster.worker_process(holder).Terminate();
+  // Once it drains (the coordinator need not know yet), send the prompt again.
+  for (const absl::Time give_up = absl::Now() + absl::Seconds(10);;) {
+    grpc::ClientContext ctx;
+    v1::WorkerInfo info;
+    ASSERT_TRUE(cluster.worker(holder)->GetInfo(&ctx, v1::GetInfoRequest(), &info).ok());
+    if (info.draining()) break;
+    ASSERT_LT(absl::Now(), give_up) << "the worker did not start draining";
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  const Generated second = Generate(cluster.serving(), req);
+  ASSERT_TRUE(second.status.ok()) << second.status.error_message();
+  EXPECT_EQ(second.tokens, first.tokens);
+  // Served by the other worker, from the copies.
+  EXPECT_EQ(routed().at(cluster.worker_address(1 - holder)), other_routed + 1);
+  EXPECT_EQ(second.chunks.back().usage().cached().num_device_tokens(), full_blocks_tokens);
+  // It leaves by itself once no copy was asked for in --drain_kv_idle_s, long before
+  // --drain_kv_serve_s, and cleanly.
+  const int status = cluster.worker_process(holder).Wait(absl::Seconds(30));
+  ASSERT_NE(status, -1) << "the drained worker did not leave";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
 // Failover: kill -9 a worker while it streams. Each affected request continues on the other

@@ -250,7 +250,8 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                 fail("%s: no readinessProbe (a draining server must leave its Service)" % cname)
             grace = pod.get("terminationGracePeriodSeconds", 30)
             # The server's own shutdown limits, with their defaults: all must fit in the grace period.
-            own = {"strata-worker": {"drain_timeout_s": 30, "persist_kv_s": 10},
+            own = {"strata-worker": {"drain_timeout_s": 30, "drain_kv_serve_s": 5,
+                                     "persist_kv_s": 10},
                    "strata-coordinator": {"shutdown_delay_s": 0, "shutdown_grace_s": 10}}
             if binary in own:
                 limits = {f: float(args.get(f, d)) for f, d in own[binary].items()}

@@ -134,6 +134,8 @@ absl::Status LocalCluster::WaitForServingWorkers(v1::Admin::Stub* admin, int n,
 
 LocalCluster::~LocalCluster() {
   for (ChildProcess& c : coordinators_) c.Stop(absl::Seconds(5));
+  // Side by side: each drains on its own (and may wait a moment for peers copying its KV blocks).
+  for (Worker& w : workers_) w.process.Terminate();
   for (Worker& w : workers_) w.process.Stop(absl::Seconds(5));
 }
 

@@ -53,7 +53,10 @@ absl::StatusOr<ChildProcess> ChildProcess::Start(std::vector<std::string> argv,
 }
 
 ChildProcess::ChildProcess(ChildProcess&& other) noexcept
-    : pid_(other.pid_), status_(other.status_), log_path_(std::move(other.log_path_)) {
+    : pid_(other.pid_),
+      status_(other.status_),
+      terminated_(other.terminated_),
+      log_path_(std::move(other.log_path_)) {
   other.pid_ = -1;
 }
 
@@ -62,6 +65,7 @@ ChildProcess& ChildProcess::operator=(ChildProcess&& other) noexcept {
     Stop();
     pid_ = other.pid_;
     status_ = other.status_;
+    terminated_ = other.terminated_;
     log_path_ = std::move(other.log_path_);
     other.pid_ = -1;
   }
@@ -93,10 +97,16 @@ int ChildProcess::Wait(absl::Duration timeout) {
 
 int ChildProcess::Stop(absl::Duration grace) {
   if (!Running()) return status_;
-  kill(pid_, SIGTERM);
+  Terminate();
   if (Wait(grace) != -1) return status_;
   Kill();
   return status_;
+}
+
+void ChildProcess::Terminate() {
+  if (!Running() || terminated_) return;
+  kill(pid_, SIGTERM);
+  terminated_ = true;
 }
 
 void ChildProcess::Kill() {

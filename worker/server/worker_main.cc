@@ -6,9 +6,10 @@
 //
 // On SIGINT or SIGTERM it drains: it stops admitting sequences (health turns NOT_SERVING and
 // Submit answers FAILED_PRECONDITION, so coordinators route elsewhere), lets admitted sequences
-// finish for up to --drain_timeout_s, then writes its cached KV blocks down to the disk tier for up
-// to --persist_kv_s (a worker restarted on the same file starts warm) and shuts down; a second
-// signal cuts the drain and the write short.
+// finish for up to --drain_timeout_s, stays while other workers copy its KV blocks (the prompts it
+// no longer takes go to them, naming it as the source; up to --drain_kv_serve_s), then writes its
+// cached KV blocks down to the disk tier for up to --persist_kv_s (a worker restarted on the same
+// file starts warm) and shuts down; a second signal cuts the drain and the write short.
 #include <signal.h>
 #include <unistd.h>
 
@@ -160,6 +161,15 @@ ABSL_FLAG(bool, gpu_prefill_mma_sync, strata::GpuRunnerOptions{}.prefill_mma_syn
           "With --gpu_prefill_mma_attention: the mma.sync kernel (scores and probabilities in "
           "registers) instead of the wmma one. Experimental.");
 ABSL_FLAG(int64_t, drain_timeout_s, 30, "On SIGTERM, how long to let admitted sequences finish.");
+ABSL_FLAG(double, drain_kv_serve_s, 5,
+          "On SIGTERM, once admitted sequences are done, how long at most the worker stays to let "
+          "other workers copy its KV blocks (the coordinators send them this worker's prompts, "
+          "naming it as their source); it leaves once no copy was asked for in "
+          "--drain_kv_idle_s. 0: leave at once.");
+ABSL_FLAG(double, drain_kv_idle_s, 1,
+          "See --drain_kv_serve_s: how long a draining worker waits for the next copy (counted "
+          "from the drain's start too, so that a worker nobody copies from leaves at once after "
+          "a drain that took longer).");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
 ABSL_FLAG(int64_t, persist_kv_s, 10,
@@ -522,6 +532,14 @@ int Main(const std::vector<std::string>& args) {
     return 1;
   }
   wo.persist_kv_timeout = absl::Seconds(absl::GetFlag(FLAGS_persist_kv_s));
+  for (const auto& [name, value] :
+       {std::pair<const char*, double>{"drain_kv_serve_s", absl::GetFlag(FLAGS_drain_kv_serve_s)},
+        std::pair<const char*, double>{"drain_kv_idle_s", absl::GetFlag(FLAGS_drain_kv_idle_s)}}) {
+    if (!(value >= 0 && value <= 3600)) {
+      LOG(ERROR) << "--" << name << " must be between 0 and 3600 seconds, not " << value;
+      return 1;
+    }
+  }
   wo.kv_fetch = absl::GetFlag(FLAGS_kv_fetch);
   wo.kv_fetch_min_blocks = absl::GetFlag(FLAGS_kv_fetch_min_blocks);
   if (!absl::GetFlag(FLAGS_random_weights).empty()) {
@@ -634,12 +652,36 @@ int Main(const std::vector<std::string>& args) {
               << " sequences in flight); a second signal stops at once";
   }
   (*service)->SetDraining(true);
-  const absl::Time give_up = absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));
+  const absl::Time drain_start = absl::Now();
+  const int64_t copies_before = (*service)->num_kv_export_calls();
+  const absl::Time give_up = drain_start + absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));
+  bool stop_now = false;
   while (!group_failed && (*service)->num_live_sequences() > 0 && absl::Now() < give_up) {
     if (WaitForTerminationSignal(absl::Milliseconds(50)) != 0) {
       LOG(WARNING) << "second signal: stopping now";
       (*service)->CancelPersist();
+      stop_now = true;
       break;
+    }
+  }
+  // Other workers may be copying this one's KV blocks for the prompts it can no longer take: stay
+  // while they do (each copy saves them computing the prompt), up to --drain_kv_serve_s.
+  const absl::Duration serve_copies = absl::Seconds(absl::GetFlag(FLAGS_drain_kv_serve_s));
+  const absl::Duration copy_idle = absl::Seconds(absl::GetFlag(FLAGS_drain_kv_idle_s));
+  if (!group_failed && !stop_now && serve_copies > absl::ZeroDuration()) {
+    const absl::Time serve_until = absl::Now() + serve_copies;
+    while (absl::Now() < serve_until &&
+           absl::Now() - std::max(drain_start, (*service)->last_kv_export_call()) < copy_idle) {
+      if (WaitForTerminationSignal(absl::Milliseconds(20)) != 0) {
+        LOG(WARNING) << "second signal: stopping now";
+        (*service)->CancelPersist();
+        break;
+      }
+    }
+    const int64_t copies = (*service)->num_kv_export_calls() - copies_before;
+    if (copies > 0) {
+      LOG(INFO) << "drain: other workers copied KV blocks from this one " << copies << " times in "
+                << absl::FormatDuration(absl::Now() - drain_start);
     }
   }
   // A lost rank's share of the KV cache may be half written: none of it goes to disk.

@@ -777,6 +777,8 @@ void WorkerService::Export(Command& c) {
         ->Add(static_cast<double>(copies.size()));
   }
   c.export_stream->RequestFinish(grpc::Status::OK);
+  // A long copy counts as the peer's last call from its end, for a drain waiting on copies.
+  last_export_call_ns_.store(absl::ToUnixNanos(absl::Now()));
 }
 
 grpc::ServerWriteReactor<v1::KvBlockData>* WorkerService::FetchKvBlocks(
@@ -793,6 +795,8 @@ grpc::ServerWriteReactor<v1::KvBlockData>* WorkerService::FetchKvBlocks(
                                   " hashes; at most ", kMaxFetchBlocks, " a call")));
     return stream;
   }
+  last_export_call_ns_.store(absl::ToUnixNanos(absl::Now()));
+  num_export_calls_.fetch_add(1);
   Command c;
   c.kind = Command::Kind::kExport;
   c.export_stream = stream;

@@ -112,6 +112,14 @@ class WorkerService final : public v1::Worker::CallbackService {
   bool draining() const { return draining_.load(); }
   // Submit streams accepted and not finished.
   int64_t num_live_sequences() const { return num_live_.load(); }
+  // FetchKvBlocks calls taken from other workers (with the cluster secret, if any), and when the
+  // last one came (absl::InfinitePast() before any): a draining worker stays while its peers copy
+  // its KV blocks.
+  int64_t num_kv_export_calls() const { return num_export_calls_.load(); }
+  absl::Time last_kv_export_call() const {
+    const int64_t ns = last_export_call_ns_.load();
+    return ns == 0 ? absl::InfinitePast() : absl::FromUnixNanos(ns);
+  }
 
   // strata.v1.Worker.
   grpc::ServerWriteReactor<v1::SubmitResponse>* Submit(grpc::CallbackServerContext* context,
@@ -182,6 +190,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   Histogram* step_seconds_ = nullptr;
   Counter* generated_tokens_ = nullptr;
   std::atomic<int64_t> num_live_{0};
+  std::atomic<int64_t> num_export_calls_{0};
+  std::atomic<int64_t> last_export_call_ns_{0};
   absl::Mutex live_mu_;
   absl::flat_hash_map<std::string, int64_t> live_by_tenant_ ABSL_GUARDED_BY(live_mu_);
   std::atomic<uint64_t> next_serial_{1};
