@@ -355,6 +355,23 @@ TEST_F(ClusterTest, DrainedWorkerGetsNoNewRequestsAndResumes) {
   EXPECT_EQ(r.status().state(), v1::WORKER_STATE_SERVING);
 }
 
+// A greedy request whose prompt is 20 lines of `name`_i: many full KV blocks.
+v1::GenerateRequest LongGreedyRequest(const std::string& name) {
+  std::string text;
+  for (int i = 0; i < 20; ++i) absl::StrAppend(&text, "def ", name, "_", i, "(v): return v\n");
+  v1::GenerateRequest req = TextRequest(text, 8, 7);
+  req.mutable_sampling()->set_temperature(0);
+  return req;
+}
+
+// Requests the coordinator routed to each worker so far, by address.
+std::map<std::string, uint64_t> RoutedByAddress(LocalCluster& cluster) {
+  std::map<std::string, uint64_t> out;
+  const v1::ClusterStatus status = Status(cluster.admin());
+  for (const auto& w : status.workers()) out[w.address()] = w.num_routed_requests();
+  return out;
+}
+
 // A drained worker still holds its KV cache: the next request with one of its prompts goes to the
 // other worker, which copies the prompt's blocks from it (Worker.FetchKvBlocks) instead of
 // computing them, and streams the same tokens.
@@ -364,15 +381,12 @@ TEST(KvFetchClusterTest, ADrainedWorkersCacheServesItsPromptsOnTheOther) {
       Options(2, "kv-fetch", {absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port)}));
   ASSERT_TRUE(c.ok()) << c.status();
   LocalCluster& cluster = **c;
-  std::string text;
-  for (int i = 0; i < 20; ++i) absl::StrAppend(&text, "def parse_", i, "(value): return value\n");
-  v1::GenerateRequest req = TextRequest(text, 8, 7);
-  req.mutable_sampling()->set_temperature(0);
+  const v1::GenerateRequest req = LongGreedyRequest("parse");
   auto routed = [&] {
-    std::map<std::string, uint64_t> out;
-    const v1::ClusterStatus status = Status(cluster.admin());
-    for (const auto& w : status.workers()) {
-      out[w.info().worker_id()] = w.num_routed_requests();
+    const std::map<std::string, uint64_t> by_address = RoutedByAddress(cluster);
+    std::map<std::string, uint64_t> out;  // by worker id
+    for (int i = 0; i < 2; ++i) {
+      out[absl::StrCat("worker-", i)] = by_address.at(cluster.worker_address(i));
     }
     return out;
   };
@@ -413,18 +427,8 @@ TEST(KvFetchClusterTest, AWorkerStoppedBySigtermServesCopiesBeforeItLeaves) {
   auto c = LocalCluster::Start(o);
   ASSERT_TRUE(c.ok()) << c.status();
   LocalCluster& cluster = **c;
-  std::string text;
-  for (int i = 0; i < 20; ++i) absl::StrAppend(&text, "def load_", i, "(path): return path\n");
-  v1::GenerateRequest req = TextRequest(text, 8, 7);
-  req.mutable_sampling()->set_temperature(0);
-  auto routed = [&] {
-    std::map<std::string, uint64_t> out;
-    const v1::ClusterStatus status = Status(cluster.admin());
-    for (const auto& w : status.workers()) {
-      out[w.address()] = w.num_routed_requests();
-    }
-    return out;
-  };
+  const v1::GenerateRequest req = LongGreedyRequest("load");
+  auto routed = [&] { return RoutedByAddress(cluster); };
   const auto before = routed();
   const Generated first = Generate(cluster.serving(), req);
   ASSERT_TRUE(first.status.ok()) << first.status.error_message();
