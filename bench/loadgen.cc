@@ -14,7 +14,9 @@
 // one ends plus an exponential think time, and resends the history with the model's replies in it
 // (as a chat client does; --noreplies_in_history leaves them out). Each request generates exactly
 // its output length (ignore_eos). Reported per request: TTFT (send to first token), TPOT (first
-// token to last, per token after the first), end-to-end latency, at p50 / p90 / p99; throughput in
+// token to last, per token after the first), end-to-end latency, at p50 / p90 / p99, and over all
+// tokens the inter-token latency (ITL: each gap between streamed chunks, per token of the later
+// one), whose tail shows decode stalls that per-request TPOT averages away; throughput in
 // requests and output tokens per second over the run; and the prefix-cache hit rate (cached prompt
 // tokens / prompt tokens, from each response's usage).
 #include <atomic>
@@ -101,6 +103,8 @@ struct Sample {
   int64_t cached_tokens = 0;
   int64_t output_tokens = 0;
   std::vector<int32_t> reply;  // the tokens generated
+  // Inter-token latency: each gap between chunks that carry tokens, per token of the later chunk.
+  std::vector<double> itl_ms;
   absl::Time end;
 };
 
@@ -154,7 +158,7 @@ class Driver {
     size_t parsed = 0;  // bytes of `data` consumed as events
     bool head_done = false, have_first = false, done = false;
     int status = 0;
-    absl::Time first;
+    absl::Time first, last;
     while (!done && RecvSome(fd, &data, /*wake_fd=*/-1, deadline)) {
       if (!head_done) {
         const size_t end = data.find("\r\n\r\n");
@@ -190,10 +194,14 @@ class Driver {
           }
           continue;
         }
+        const absl::Time now = absl::Now();
         if (!have_first) {
-          first = absl::Now();
+          first = now;
           have_first = true;
+        } else {
+          s.itl_ms.push_back(absl::ToDoubleMilliseconds(now - last));
         }
+        last = now;
       }
     }
     s.end = absl::Now();
@@ -220,14 +228,22 @@ class Driver {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Minutes(10)));
     const absl::Time sent = absl::Now();
-    absl::Time first;
+    absl::Time first, last;
     bool have_first = false;
     grpc::Status status;
     v1::Usage usage;
     auto on_tokens = [&](const google::protobuf::RepeatedField<int32_t>& ids) {
-      if (!ids.empty() && !have_first) {
-        first = absl::Now();
-        have_first = true;
+      if (!ids.empty()) {
+        const absl::Time now = absl::Now();
+        if (!have_first) {
+          first = now;
+          have_first = true;
+        } else {
+          for (int i = 0; i < ids.size(); ++i) {
+            s.itl_ms.push_back(absl::ToDoubleMilliseconds(now - last) / ids.size());
+          }
+        }
+        last = now;
       }
       s.output_tokens += ids.size();
       s.reply.insert(s.reply.end(), ids.begin(), ids.end());
@@ -389,7 +405,7 @@ int Main() {
   }
   for (std::thread& t : threads) t.join();
   absl::Time last_end = start;
-  std::vector<double> ttft, tpot, e2e;
+  std::vector<double> ttft, tpot, e2e, itl;
   int64_t ok = 0, output_tokens = 0, prompt_tokens = 0, cached_tokens = 0;
   std::map<std::string, int> errors;
   for (const Sample& s : samples) {
@@ -400,6 +416,7 @@ int Main() {
     ++ok;
     ttft.push_back(s.ttft_ms);
     if (s.output_tokens > 1) tpot.push_back(s.tpot_ms);
+    itl.insert(itl.end(), s.itl_ms.begin(), s.itl_ms.end());
     e2e.push_back(s.e2e_ms);
     output_tokens += s.output_tokens;
     prompt_tokens += s.prompt_tokens;
@@ -422,10 +439,12 @@ int Main() {
       "{\"label\":%s,\"target\":%s,\"api\":\"%s\",\"workload\":\"%s\",\"rate_per_s\":%g,"
       "\"requests\":%d,\"ok\":%d,\"failed\":%d,\"duration_s\":%.3f,\"throughput_rps\":%.3f,"
       "\"output_tokens_per_s\":%.3f,\"prompt_tokens\":%d,\"cached_prompt_tokens\":%d,"
-      "\"cache_hit_rate\":%.4f,\"ttft_ms\":%s,\"tpot_ms\":%s,\"e2e_ms\":%s,\"errors\":[%s]}",
+      "\"cache_hit_rate\":%.4f,\"ttft_ms\":%s,\"tpot_ms\":%s,\"itl_ms\":%s,\"e2e_ms\":%s,"
+      "\"errors\":[%s]}",
       JsonQuote(label), JsonQuote(absl::GetFlag(FLAGS_target)), api, o.kind, o.rate_per_s,
       samples.size(), ok, failed, seconds, ok / seconds, output_tokens / seconds, prompt_tokens,
-      cached_tokens, hit_rate, Stats(ttft, true), Stats(tpot, true), Stats(e2e, true), errors_json);
+      cached_tokens, hit_rate, Stats(ttft, true), Stats(tpot, true), Stats(itl, true),
+      Stats(e2e, true), errors_json);
   if (const std::string path = absl::GetFlag(FLAGS_json_out); !path.empty()) {
     std::FILE* f = std::fopen(path.c_str(), "w");
     if (f == nullptr) {
@@ -444,6 +463,7 @@ int Main() {
     std::printf("            %9s %9s %9s %9s\n", "p50", "p90", "p99", "mean");
     std::printf("TTFT ms     %s\n", Stats(ttft, false).c_str());
     std::printf("TPOT ms     %s\n", Stats(tpot, false).c_str());
+    std::printf("ITL ms      %s\n", Stats(itl, false).c_str());
     std::printf("E2E ms      %s\n", Stats(e2e, false).c_str());
     std::printf("throughput  %.2f req/s, %.1f output tok/s; prefix-cache hit rate %.3f\n",
                 ok / seconds, output_tokens / seconds, hit_rate);

@@ -21,7 +21,7 @@ import json, sys
 r = json.loads(sys.argv[1]); n = int(sys.argv[2]); hit = float(sys.argv[3])
 assert r["requests"] == n and r["ok"] == n and r["failed"] == 0, r
 assert r["output_tokens_per_s"] > 0 and r["throughput_rps"] > 0, r
-for k in ("ttft_ms", "tpot_ms", "e2e_ms"):
+for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
     s = r[k]
     assert 0 < s["p50"] <= s["p90"] <= s["p99"], (k, s)
 assert r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"], r

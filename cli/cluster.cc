@@ -308,9 +308,9 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
   }
   PrintTable(out, mrows);
   std::fputs("\n", out);
-  std::vector<std::vector<std::string>> rows = {{"WORKER", "ADDRESS", "STATE", "MODEL", "TP",
-                                                 "RUNNING", "WAITING", "ROUTED", "KV FREE/TOTAL",
-                                                 "INDEXED DEV/HOST/DISK", "STEP MS"}};
+  std::vector<std::vector<std::string>> rows = {
+      {"WORKER", "ADDRESS", "STATE", "MODEL", "ROLE", "TP", "RUNNING", "WAITING", "ROUTED",
+       "KV FREE/TOTAL", "INDEXED DEV/HOST/DISK", "STEP MS"}};
   for (const auto& w : cs.workers()) {
     uint64_t free_blocks = 0, total_blocks = 0;
     for (const auto& t : w.load().tiers()) {
@@ -326,6 +326,10 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
     rows.push_back(
         {w.info().worker_id().empty() ? "-" : w.info().worker_id(), w.address(),
          StateName(w.state()), w.info().model().empty() ? "-" : w.info().model(),
+         w.info().model().empty()                     ? "-"
+         : w.info().role() == v1::WORKER_ROLE_PREFILL ? "prefill"
+         : w.info().role() == v1::WORKER_ROLE_DECODE  ? "decode"
+                                                      : "mixed",
          w.info().tensor_parallel_size() == 0 ? "-" : absl::StrCat(w.info().tensor_parallel_size()),
          absl::StrCat(w.load().num_running_sequences()),
          absl::StrCat(w.load().num_waiting_sequences()), absl::StrCat(w.num_routed_requests()),

@@ -105,6 +105,12 @@ ABSL_FLAG(double, kv_fetch_weight, 0.9,
           "then names that worker (SubmitRequest.kv_source_address). 1 counts a copied block as "
           "one in the worker's own device cache; 0 turns copies off.");
 ABSL_FLAG(int64_t, kv_fetch_min_blocks, 2, "Fewest blocks worth copying from another worker.");
+ABSL_FLAG(int64_t, disaggregate_min_uncached_tokens, 512,
+          "Disaggregated serving (a model with workers of --role=prefill and of --role=decode or "
+          "mixed): a new request whose prompt has at least this many tokens that the decode worker "
+          "it would go to neither holds nor can copy is computed on a prefill worker, with its "
+          "first token, and continued on a decode worker that copies the prompt's KV blocks; "
+          "shorter or mostly cached prompts go straight to a decode worker.");
 ABSL_FLAG(double, shutdown_grace_s, 10, "On SIGTERM, how long in-flight requests may finish.");
 ABSL_FLAG(int64_t, shutdown_delay_s, 0,
           "On SIGTERM, how long to keep accepting calls while reporting NOT_SERVING before "
@@ -176,6 +182,12 @@ int Main() {
   po.router.fetch_min_blocks = absl::GetFlag(FLAGS_kv_fetch_min_blocks);
   if (po.router.fetch_weight > 1 || po.router.fetch_min_blocks < 1) {
     LOG(ERROR) << "--kv_fetch_weight must be in [0, 1] and --kv_fetch_min_blocks positive";
+    return 2;
+  }
+  po.disaggregate_min_uncached_tokens = absl::GetFlag(FLAGS_disaggregate_min_uncached_tokens);
+  if (po.disaggregate_min_uncached_tokens < 0) {
+    LOG(ERROR) << "--disaggregate_min_uncached_tokens must be 0 or more, not "
+               << po.disaggregate_min_uncached_tokens;
     return 2;
   }
   // A negative cost would send requests toward the workers that must load a delta or that are

@@ -274,6 +274,11 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
   bool alarm_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool counted_failover_ ABSL_GUARDED_BY(mu_) = false;
+  // Disaggregated serving: the prefill leg sent its token, the handoffs to a decode worker so far
+  // (0 or 1; they do not count against max_attempts), and the worker decode legs copy from.
+  bool prefill_done_ ABSL_GUARDED_BY(mu_) = false;
+  int handoffs_ ABSL_GUARDED_BY(mu_) = 0;
+  std::optional<WorkerSlot> kv_source_slot_ ABSL_GUARDED_BY(mu_);
   v1::CachedTokens cached_ ABSL_GUARDED_BY(mu_);
   v1::FinishReason finish_reason_ ABSL_GUARDED_BY(mu_) = v1::FINISH_REASON_UNSPECIFIED;
   grpc::Alarm alarm_;
@@ -543,10 +548,12 @@ void CoordinatorService::GenerateCall::StartAttempt() {
     absl::MutexLock lock(&mu_);
     if (!final_.has_value() && !client_gone_) {
       absl::StatusOr<WorkerPool::Assignment> a =
-          static_cast<int>(tried_.size()) >= service_->options_.max_attempts
+          static_cast<int>(tried_.size()) - handoffs_ >= service_->options_.max_attempts
               ? absl::UnavailableError("tried too many workers")
-              : service_->pool_->Assign(request_->model(), hashes_, prompt_blocks_, tried_,
-                                        request_->fine_tune_id());
+              : service_->pool_->Assign(
+                    request_->model(), hashes_, prompt_blocks_, tried_, request_->fine_tune_id(),
+                    generated_.empty() ? WorkerPool::Leg::kAuto : WorkerPool::Leg::kDecode,
+                    kv_source_slot_);
       if (!a.ok()) {
         // Prefer the workers' own answer (RESOURCE_EXHAUSTED: all full) over "no worker left".
         grpc::Status s = ToGrpcStatus(a.status());
@@ -577,6 +584,12 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         *s.mutable_sampling() = request_->sampling();
         s.mutable_sampling()->clear_stop();
         s.mutable_sampling()->set_seed(seed_);
+        if (attempt->assignment_.prefill_leg) {
+          // The prompt and its first token; a decode worker generates the rest (OnAttemptDone).
+          // min_tokens 1 keeps the first token's EOS suppression, and so the same token.
+          s.mutable_sampling()->set_max_tokens(1);
+          s.mutable_sampling()->set_min_tokens(std::min<uint32_t>(s.sampling().min_tokens(), 1));
+        }
         s.set_cache_salt(cache_salt_);
         s.set_priority(request_->priority());
         s.set_tenant(share_tenant_);
@@ -591,7 +604,10 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         if (context_->deadline() != std::chrono::system_clock::time_point::max()) {
           attempt->context_.set_deadline(context_->deadline());
         }
-        if (!generated_.empty()) {
+        if (!generated_.empty() && handoffs_ > 0 && !counted_failover_) {
+          VLOG(1) << "request " << request_id_ << ": decoding on " << attempt->assignment_.address
+                  << " after its prefill leg";
+        } else if (!generated_.empty()) {
           LOG(INFO) << "request " << request_id_ << ": failing over to "
                     << attempt->assignment_.address << " at token " << generated_.size();
         }
@@ -732,11 +748,18 @@ void CoordinatorService::GenerateCall::OnChunk(Attempt* attempt, v1::SubmitRespo
     if (chunk->token_ids_size() > 0 && !attempt->assignment_.decoding) {
       service_->pool_->FirstToken(&attempt->assignment_);
     }
-    if (chunk->has_usage()) cached_ = chunk->usage().cached();
+    // After a prefill leg, the prompt tokens found cached are the prefill worker's: the decode
+    // worker's count the blocks it copied from there.
+    if (chunk->has_usage() && handoffs_ == 0 && !prefill_done_) cached_ = chunk->usage().cached();
     if (stopped) {
       FillUsageLocked(&r);
       cancel_alarm |= SetFinalLocked(grpc::Status::OK);
       cancel_attempt = true;
+    } else if (attempt->assignment_.prefill_leg &&
+               chunk->finish_reason() == v1::FINISH_REASON_LENGTH &&
+               static_cast<int64_t>(generated_.size()) < sampling_.max_tokens) {
+      // The prefill leg's one token: the rest comes from a decode worker once it ends.
+      prefill_done_ = true;
     } else if (chunk->finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
       // The decoder's last bytes go through the stop strings too, in order.
       AppendTextLocked(decoder_->Flush(), &r);
@@ -779,6 +802,15 @@ void CoordinatorService::GenerateCall::OnAttemptDone(Attempt* attempt, const grp
     if (final_.has_value() || client_gone_) {
       cancel_alarm =
           SetFinalLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
+    } else if (prefill_done_ && attempt->assignment_.prefill_leg && status.ok()) {
+      // Disaggregated: a decode worker takes the generation on, copying the prompt's KV blocks
+      // from the prefill worker, which holds them all now.
+      ++handoffs_;
+      kv_source_slot_ = attempt->assignment_.slot;
+      if (service_->call_metrics_.prefill_handoffs != nullptr) {
+        service_->call_metrics_.prefill_handoffs->Add();
+      }
+      retry = true;
     } else {
       grpc::Status failure = status;
       if (status.ok()) {
@@ -986,6 +1018,9 @@ CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* mo
     call_metrics_.kv_copy_blocks =
         m->GetCounter("strata_coordinator_kv_copy_blocks_total",
                       "KV blocks the router counted on workers copying from others.");
+    call_metrics_.prefill_handoffs = m->GetCounter(
+        "strata_coordinator_prefill_handoffs_total",
+        "Requests whose prompt a prefill worker computed and a decode worker continued.");
     // Computed at each scrape; removed again when the service goes.
     m->SetGaugeCallback("strata_coordinator_inflight_requests", "Generate calls in flight now.", {},
                         [this] { return static_cast<double>(inflight_.load()); });

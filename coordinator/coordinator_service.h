@@ -167,6 +167,7 @@ class CoordinatorService final : public v1::Serving::CallbackService,
     // counted on.
     Counter* kv_copy_routes = nullptr;
     Counter* kv_copy_blocks = nullptr;
+    Counter* prefill_handoffs = nullptr;
   };
   Counter* RequestsCounter(grpc::StatusCode code);
 

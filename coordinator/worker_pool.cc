@@ -306,10 +306,12 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
                                                           absl::Span<const BlockHash> hashes,
                                                           int64_t prompt_blocks,
                                                           absl::Span<const WorkerSlot> exclude,
-                                                          const std::string& fine_tune_id) {
+                                                          const std::string& fine_tune_id, Leg leg,
+                                                          std::optional<WorkerSlot> kv_source) {
   absl::MutexLock lock(&mu_);
   const absl::Time now = absl::Now();
-  std::vector<WorkerLoadView> loads;
+  // Candidates by role: prefill workers, and the others (decode and mixed).
+  std::vector<WorkerLoadView> prefill_loads, other_loads;
   std::vector<WorkerSlot> resident;  // workers holding the fine-tune's delta now
   std::vector<WorkerSlot> sources;   // workers whose KV blocks the chosen one may copy
   int known = 0;
@@ -343,7 +345,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
         w->prefill_blocks,
         static_cast<int64_t>(w->load.num_pending_prefill_tokens()) / block_tokens);
     v.decode_sequences = std::max<int64_t>(w->decoding, w->load.num_decode_sequences());
-    loads.push_back(v);
+    (w->info.role() == v1::WORKER_ROLE_PREFILL ? prefill_loads : other_loads).push_back(v);
     // Its load report lists the delta as loaded, or this coordinator sent it one of the
     // fine-tune's requests lately (the delta is loading there, or was loaded since the report).
     if (!fine_tune_id.empty() &&
@@ -353,7 +355,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
       resident.push_back(w->slot);
     }
   }
-  if (loads.empty()) {
+  if (prefill_loads.empty() && other_loads.empty()) {
     return absl::UnavailableError(
         known == 0 ? absl::StrCat("no worker serves model \"", model, "\"",
                                   fine_tune_id.empty() ? "" : " with fine-tune \"", fine_tune_id,
@@ -372,7 +374,43 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     // Count this prompt's first block among the recent ones (retries count again: they are load).
     req.prefix_share = prefix_share_.Add(hashes[0]);
   }
-  const RouteDecision d = Route(req, loads, index_, options_.router);
+  // The blocks a score counts on finding cached at its worker, or copying from a source whose
+  // blocks fit that worker's cache (model, dtype, tensor-parallel degree).
+  auto usable_source = [&](const WorkerScore& score) -> const Worker* {
+    if (score.fetch_source < 0) return nullptr;
+    const Worker* source = workers_[static_cast<size_t>(score.fetch_source)].get();
+    const Worker* w = workers_[score.slot].get();
+    return DeviceBlockBytes(source->info) == DeviceBlockBytes(w->info) &&
+                   source->info.block_tokens() == w->info.block_tokens()
+               ? source
+               : nullptr;
+  };
+  auto cached_blocks = [&](const WorkerScore& score) {
+    int64_t cached = 0;
+    for (int64_t c : score.overlap_blocks) cached += c;
+    if (usable_source(score) != nullptr) cached += score.fetch_blocks;
+    return cached;
+  };
+  // Prefill workers take prompts only while the model has workers to hand the rest to.
+  std::vector<WorkerLoadView>* candidates = &other_loads;
+  bool prefill_leg = false;
+  std::optional<RouteDecision> decision;
+  if (other_loads.empty()) {
+    candidates = &prefill_loads;
+  } else if (leg == Leg::kAuto && !prefill_loads.empty()) {
+    // Where would the prompt run without a prefill worker, and how much of it is there already?
+    decision = Route(req, other_loads, index_, options_.router);
+    const WorkerScore& best = decision->scores[decision->chosen];
+    const int64_t block_tokens = std::max<int64_t>(1, workers_[best.slot]->info.block_tokens());
+    if ((prompt_blocks - cached_blocks(best)) * block_tokens >=
+        options_.disaggregate_min_uncached_tokens) {
+      candidates = &prefill_loads;
+      prefill_leg = true;
+      decision.reset();
+    }
+  }
+  if (!decision.has_value()) decision = Route(req, *candidates, index_, options_.router);
+  const RouteDecision& d = *decision;
   const WorkerScore& score = d.scores[d.chosen];
   Worker* w = workers_[score.slot].get();
   Assignment a;
@@ -380,18 +418,28 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   a.address = w->address;
   a.stub = w->stub.get();
   a.pending.assign(hashes.begin(), hashes.end());
+  a.prefill_leg = prefill_leg;
   int64_t cached = 0;
   for (int64_t c : score.overlap_blocks) cached += c;
   a.expected_cached_blocks = cached;
-  if (score.fetch_source >= 0) {
-    const Worker* source = workers_[static_cast<size_t>(score.fetch_source)].get();
-    // Copies fit only a cache of the same block layout (model, dtype, tensor-parallel degree).
-    if (DeviceBlockBytes(source->info) == DeviceBlockBytes(w->info) &&
-        source->info.block_tokens() == w->info.block_tokens()) {
-      a.kv_source_address = source->address;
-      a.kv_source_blocks = score.fetch_blocks;
-      cached += score.fetch_blocks;
+  const Worker* source = usable_source(score);
+  int64_t source_blocks = score.fetch_blocks;
+  if (kv_source.has_value() && *kv_source < workers_.size() && *kv_source != w->slot) {
+    // The prefill leg's worker holds the whole prompt (its events may not have said so yet).
+    const Worker* named = workers_[*kv_source].get();
+    if (!named->removed && named->info.model() == model &&
+        (named->state == State::kServing || named->state == State::kDraining) &&
+        DeviceBlockBytes(named->info) == DeviceBlockBytes(w->info) &&
+        named->info.block_tokens() == w->info.block_tokens() &&
+        static_cast<int64_t>(hashes.size()) > cached) {
+      source = named;
+      source_blocks = static_cast<int64_t>(hashes.size()) - cached;
     }
+  }
+  if (source != nullptr) {
+    a.kv_source_address = source->address;
+    a.kv_source_blocks = source_blocks;
+    cached += source_blocks;
   }
   a.prefill_blocks = std::max<int64_t>(0, prompt_blocks - cached);
   ++w->inflight;
@@ -400,7 +448,8 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   index_.AddPending(w->slot, a.pending);
   a.fine_tune_id = fine_tune_id;
   if (!fine_tune_id.empty()) recent_fine_tunes_.Routed(w->slot, fine_tune_id, now);
-  VLOG(1) << "routed to " << w->address << " (cost " << score.cost << ", " << cached
+  VLOG(1) << "routed to " << w->address << (prefill_leg ? " (prefill leg" : " (")
+          << (prefill_leg ? ", " : "") << "cost " << score.cost << ", " << cached
           << " cached blocks of " << prompt_blocks << (d.replicated ? ", replicating" : "")
           << (a.kv_source_address.empty()
                   ? ""

@@ -23,6 +23,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -52,6 +53,11 @@ struct WorkerPoolOptions {
   absl::Duration rpc_timeout = absl::Seconds(2);
   absl::Duration max_reconnect_backoff = absl::Seconds(2);
   RouterConfig router;
+  // Disaggregated serving, where a model has prefill workers and decode (or mixed) workers: a new
+  // request whose prompt leaves at least this many tokens to compute on the decode worker the
+  // router would pick (none of its cache, nor copies, hold them) has its prompt computed on a
+  // prefill worker instead (Assignment::prefill_leg).
+  int64_t disaggregate_min_uncached_tokens = 512;
   // The cluster secret every call to a worker carries (its first; common/secrets.h); null: none.
   // Not owned; it must outlive the pool.
   const ClusterSecret* cluster_secret = nullptr;
@@ -97,6 +103,20 @@ class WorkerPool {
     // and how many the router counted on copying; empty and 0 for none.
     std::string kv_source_address;
     int64_t kv_source_blocks = 0;
+    // A prefill worker's part of a disaggregated request: it computes the prompt and the first
+    // token, and the rest goes to a decode worker (Leg::kDecode) that copies the prompt's blocks.
+    bool prefill_leg = false;
+  };
+
+  // Which workers a request may go to, by their roles (WorkerInfo.role).
+  enum class Leg {
+    // A new request: a prefill worker's leg when the model has both kinds and the prompt is long
+    // enough uncached (WorkerPoolOptions::disaggregate_min_uncached_tokens), else any decode or
+    // mixed worker; any worker at all when the model lacks either kind.
+    kAuto,
+    // The rest of a generation (after a prefill leg, or a failover): decode and mixed workers,
+    // any when there are none.
+    kDecode,
   };
 
   explicit WorkerPool(WorkerPoolOptions options);
@@ -107,9 +127,13 @@ class WorkerPool {
 
   // Picks a SERVING worker of `model` (that serves `fine_tune_id`, when not empty) outside
   // `exclude`. UNAVAILABLE when none can take it.
+  // `kv_source`, when set, is a worker to copy the prompt's KV blocks from whether or not its
+  // events have reported them yet (a prefill leg's worker), tried already or not.
   absl::StatusOr<Assignment> Assign(const std::string& model, absl::Span<const BlockHash> hashes,
                                     int64_t prompt_blocks, absl::Span<const WorkerSlot> exclude,
-                                    const std::string& fine_tune_id = "") ABSL_LOCKS_EXCLUDED(mu_);
+                                    const std::string& fine_tune_id = "", Leg leg = Leg::kAuto,
+                                    std::optional<WorkerSlot> kv_source = std::nullopt)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // The request's first token arrived: it moves from prefill to decode.
   void FirstToken(Assignment* a) ABSL_LOCKS_EXCLUDED(mu_);
   void Release(Assignment* a) ABSL_LOCKS_EXCLUDED(mu_);

@@ -139,6 +139,20 @@ inline v1::ClusterStatus Status(v1::Admin::Stub* admin) {
   return s;
 }
 
+// Admin.DrainWorker; the call must succeed.
+inline v1::DrainWorkerResponse Drain(v1::Admin::Stub* admin, const std::string& worker, bool resume,
+                                     bool wait) {
+  grpc::ClientContext ctx;
+  v1::DrainWorkerRequest req;
+  req.set_worker(worker);
+  req.set_resume(resume);
+  req.set_wait(wait);
+  v1::DrainWorkerResponse resp;
+  const grpc::Status s = admin->DrainWorker(&ctx, req, &resp);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return resp;
+}
+
 // A directory holding only the bundled model's config.json (for --random_weights workers).
 inline std::string ConfigOnlyModelDir(const std::string& name) {
   const std::string dir = TestOutputDir() + "/" + name;

@@ -21,20 +21,6 @@
 namespace strata {
 namespace {
 
-// Admin.DrainWorker; the call must succeed.
-v1::DrainWorkerResponse Drain(v1::Admin::Stub* admin, const std::string& worker, bool resume,
-                              bool wait) {
-  grpc::ClientContext ctx;
-  v1::DrainWorkerRequest req;
-  req.set_worker(worker);
-  req.set_resume(resume);
-  req.set_wait(wait);
-  v1::DrainWorkerResponse resp;
-  const grpc::Status s = admin->DrainWorker(&ctx, req, &resp);
-  EXPECT_TRUE(s.ok()) << s.error_message();
-  return resp;
-}
-
 // Sum of running plus waiting sequences the workers report.
 int64_t WorkerSequences(v1::Admin::Stub* admin) {
   int64_t n = 0;

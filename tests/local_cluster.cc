@@ -55,6 +55,9 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
     for (const std::string& f : options.worker_flags) {
       flags.push_back(absl::StrReplaceAll(f, {{"{i}", absl::StrCat(i)}}));
     }
+    if (static_cast<size_t>(i) < options.per_worker_flags.size()) {
+      for (const std::string& f : options.per_worker_flags[i]) flags.push_back(f);
+    }
     auto started = StartServer(kWorkerBinary, flags, absl::StrCat(options.name, "-worker-", i));
     if (!started.ok()) return started.status();
     Worker w;

@@ -33,6 +33,8 @@ struct LocalClusterOptions {
   // coordinator.
   std::vector<std::string> worker_flags;
   std::vector<std::string> coordinator_flags;
+  // More flags for worker i (after worker_flags), where given.
+  std::vector<std::vector<std::string>> per_worker_flags;
   // Start a coordinator (false: workers only).
   bool coordinator = true;
   std::string name = "cluster";

@@ -194,6 +194,12 @@ ABSL_FLAG(double, fine_tune_rescan_s, 10,
           "running on it finish).");
 ABSL_FLAG(int64_t, delta_cache_mb, 1024,
           "Memory for loaded fine-tune deltas; the least recently used unpinned ones are evicted.");
+ABSL_FLAG(std::string, role, "mixed",
+          "This worker's part in disaggregated serving: mixed (whole requests), prefill (where "
+          "the model has decode or mixed workers too, the coordinators send it only prompts to "
+          "compute, with their first token) or decode (the rest of generations whose prompt a "
+          "prefill worker computed, copying its KV blocks, and requests with short or cached "
+          "prompts).");
 ABSL_FLAG(bool, kv_fetch, true,
           "When a coordinator names another worker that holds more of a prompt's KV blocks "
           "(SubmitRequest.kv_source_address), copy the blocks this worker lacks from there "
@@ -517,6 +523,14 @@ int Main(const std::vector<std::string>& args) {
 
   WorkerServiceOptions wo;
   wo.model_name = model_name;
+  if (const std::string role = absl::GetFlag(FLAGS_role); role == "prefill") {
+    wo.role = v1::WORKER_ROLE_PREFILL;
+  } else if (role == "decode") {
+    wo.role = v1::WORKER_ROLE_DECODE;
+  } else if (role != "mixed") {
+    LOG(ERROR) << "--role must be mixed, prefill or decode, not \"" << role << "\"";
+    return 1;
+  }
   wo.max_live_sequences = absl::GetFlag(FLAGS_max_live_sequences);
   wo.tensor_parallel_size = world;
   // Declared before the servers that read it, so that it outlives them.

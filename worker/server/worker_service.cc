@@ -458,6 +458,7 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   info->set_device(options_.device);
   info->set_version(kStrataVersion);
   info->set_draining(draining_.load());
+  info->set_role(options_.role);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

@@ -52,6 +52,8 @@ struct WorkerServiceOptions {
   // The model name clients submit under; also the cache namespace's model name (it must equal the
   // engine's EngineConfig::model_name so that the coordinator's block hashes match).
   std::string model_name = "model";
+  // Its part in disaggregated serving, for the coordinators (WorkerInfo.role).
+  v1::WorkerRole role = v1::WORKER_ROLE_MIXED;
   // When set, every Worker call must carry one of its secrets (kClusterSecretMetadata):
   // UNAUTHENTICATED otherwise (common/secrets.h).
   // Not owned; it must outlive the service.
