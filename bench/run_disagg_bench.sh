@@ -5,6 +5,8 @@
 # on the first with their first token, and the second copies their KV blocks and decodes). The
 # same open-loop workload on each, long random prompts and long outputs, at each rate: TTFT, TPOT,
 # inter-token latency (ITL, whose tail shows decode steps stalled behind prompts) and throughput.
+# Then `stratactl profile` measures the engine as the workers run it and `stratactl simulate`
+# replays the same workload through each layout (--prefill-workers), for comparison.
 #
 #   bench/run_disagg_bench.sh [OUT_DIR] [RATES] [REQUESTS]
 #       (defaults: /tmp/strata-disagg-bench, 0.5,1,1.5, 60)
@@ -20,7 +22,7 @@ BATCH_TOKENS=${BATCH_TOKENS:-512}
 mkdir -p "$OUT"
 tools/setup.sh
 bazel build -c opt --noshow_progress //worker/server:strata-worker //coordinator:strata-coordinator \
-  //bench:loadgen 2>&1 | grep -v 'INFO:\|Loading\|Analyzing' || true
+  //bench:loadgen //cli:stratactl 2>&1 | grep -v 'INFO:\|Loading\|Analyzing' || true
 export STRATA_BIN=$PWD/bazel-bin STRATA_OUT=$OUT
 # shellcheck source=../tools/local_servers.sh
 source tools/local_servers.sh
@@ -53,9 +55,23 @@ for layout in mixed disaggregated; do
   strata_stop_all
 done
 
+# The simulator over the same workload (the same generator and seed), from the engine measured.
+bazel-bin/cli/stratactl profile --model "$MODEL" --threads 1 --kv-cache-mb 512 \
+  --max-batch-tokens "$BATCH_TOKENS" --out "$OUT/profile.json" > /dev/null
+for layout in mixed disaggregated; do
+  bazel-bin/cli/stratactl simulate --profile "$OUT/profile.json" --workers 2 \
+    --prefill-workers "$([ $layout = mixed ] && echo 0 || echo 1)" --rates "$RATES" \
+    --requests "$REQUESTS" --prompt-tokens "$PROMPT" --output-tokens "$OUTPUT" --seed 7 \
+    --kv-copy-gbps 0.7 --kv-blocks 8192 --json > "$OUT/$layout-sim.json"
+done
+
 python3 - "$OUT" "$RATES" <<'PY' | tee -a "$summary"
 import json, sys
 out, rates = sys.argv[1], sys.argv[2].split(",")
+sim = {}
+for layout in ("mixed", "disaggregated"):
+    for r in json.load(open("%s/%s-sim.json" % (out, layout)))["runs"]:
+        sim[(layout, float(r["rate_per_s"]))] = r
 print("%-14s %5s %8s %8s %8s %8s %8s %8s %8s %9s" % ("layout", "rate", "ttft p50", "ttft p99",
       "tpot p50", "tpot p99", "itl p50", "itl p90", "itl p99", "out tok/s"))
 for rate in rates:
@@ -65,4 +81,12 @@ for rate in rates:
             layout, rate, r["ttft_ms"]["p50"], r["ttft_ms"]["p99"], r["tpot_ms"]["p50"],
             r["tpot_ms"]["p99"], r["itl_ms"]["p50"], r["itl_ms"]["p90"], r["itl_ms"]["p99"],
             r["output_tokens_per_s"]))
+print("\nsimulated (stratactl simulate --profile, 0.7 GB/s copies)")
+print("%-14s %5s %8s %8s %8s %8s %9s" % ("layout", "rate", "ttft p50", "ttft p99", "tpot p50",
+      "tpot p99", "out tok/s"))
+for rate in rates:
+    for layout in ("mixed", "disaggregated"):
+        s = sim[(layout, float(rate))]
+        print("%-14s %5s %8.0f %8.0f %8.2f %8.2f %9.1f" % (layout, rate, s["ttft_ms"]["p50"],
+              s["ttft_ms"]["p99"], s["tpot_ms"]["p50"], s["tpot_ms"]["p99"], s["output_tokens_per_s"]))
 PY

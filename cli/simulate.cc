@@ -82,6 +82,8 @@ struct Request {
   int copy_from = -1;
   int64_t copy_blocks = 0;
   double copy_until = -1;
+  // On a prefill worker for its first token (SimConfig::prefill_workers).
+  bool prefill_leg = false;
   double arrival = 0;
   double first_token = -1;
   double end = -1;
@@ -266,13 +268,22 @@ class Simulator {
       ++rejected_;  // the engine would end it with kContextLength; the conversation stops
       return;
     }
-    // WorkerPool::Assign.
     r->pending = PrefixBlockHashes(r->ns, r->tokens, static_cast<int>(bt()));
+    Assign(r, /*decode_leg=*/false, /*source=*/-1);
+    Enqueue(r);
+  }
+
+  // WorkerPool::Assign: picks r's worker (among the decode workers for a decode leg, and as the
+  // pool splits new requests between prefill and decode workers), names a KV source (`source`,
+  // or the router's), and counts the request against the worker.
+  void Assign(Request* r, bool decode_leg, int source) {
+    const std::string fine_tune_id = r->fine_tune < 0 ? "" : FineTuneId(r->fine_tune);
     const int64_t prompt_blocks = (r->prompt_len + bt() - 1) / bt();
-    std::vector<WorkerLoadView> loads;
+    std::vector<WorkerLoadView> prefill_loads, other_loads;
     for (size_t i = 0; i < workers_.size(); ++i) {
       const Worker& w = *workers_[i];
-      loads.push_back({static_cast<WorkerSlot>(i), w.inflight, w.prefill_blocks, w.decoding});
+      (static_cast<int>(i) < config_.prefill_workers ? prefill_loads : other_loads)
+          .push_back({static_cast<WorkerSlot>(i), w.inflight, w.prefill_blocks, w.decoding});
     }
     std::vector<WorkerSlot> resident;
     if (r->fine_tune >= 0) {
@@ -298,20 +309,48 @@ class Simulator {
       for (size_t i = 0; i < workers_.size(); ++i) sources.push_back(static_cast<WorkerSlot>(i));
       req.fetch_sources = sources;
     }
-    const RouteDecision d = Route(req, loads, index_, config_.router);
-    const WorkerScore& score = d.scores[d.chosen];
+    auto cached_blocks = [](const WorkerScore& score) {
+      int64_t cached = score.fetch_source >= 0 ? score.fetch_blocks : 0;
+      for (int64_t c : score.overlap_blocks) cached += c;
+      return cached;
+    };
+    const std::vector<WorkerLoadView>* candidates =
+        other_loads.empty() ? &prefill_loads : &other_loads;
+    std::optional<RouteDecision> decision;
+    r->prefill_leg = false;
+    if (!decode_leg && !prefill_loads.empty() && !other_loads.empty()) {
+      decision = Route(req, other_loads, index_, config_.router);
+      if ((prompt_blocks - cached_blocks(decision->scores[decision->chosen])) * bt() >=
+          config_.disaggregate_min_uncached_tokens) {
+        candidates = &prefill_loads;
+        r->prefill_leg = true;
+        decision.reset();
+      }
+    }
+    if (!decision.has_value()) decision = Route(req, *candidates, index_, config_.router);
+    const WorkerScore& score = decision->scores[decision->chosen];
     int64_t cached = 0;
     for (int64_t c : score.overlap_blocks) cached += c;
-    if (score.fetch_source >= 0) {
+    r->copy_from = -1;
+    r->copy_until = -1;
+    int64_t copy_blocks = 0;
+    if (source >= 0 && source != static_cast<int>(score.slot) &&
+        static_cast<int64_t>(r->pending.size()) > cached) {
+      r->copy_from = source;  // the prefill worker holds the whole prompt
+      copy_blocks = static_cast<int64_t>(r->pending.size()) - cached;
+    } else if (score.fetch_source >= 0) {
       // WorkerPool::Assign names the source; the worker copies before queueing the request.
       r->copy_from = static_cast<int>(score.fetch_source);
-      r->copy_blocks = score.fetch_blocks;
-      r->copy_until =
-          now_ + static_cast<double>(score.fetch_blocks) * config_.worker.kv_copy_block_s;
-      cached += score.fetch_blocks;
+      copy_blocks = score.fetch_blocks;
+    }
+    if (r->copy_from >= 0) {
+      r->copy_blocks = copy_blocks;
+      r->copy_until = now_ + static_cast<double>(copy_blocks) * config_.worker.kv_copy_block_s;
+      cached += copy_blocks;
     }
     r->worker = static_cast<int>(score.slot);
     r->prefill_blocks = std::max<int64_t>(0, prompt_blocks - cached);
+    r->decoding = false;
     Worker& w = *workers_[r->worker];
     ++w.inflight;
     ++w.served;
@@ -320,6 +359,11 @@ class Simulator {
     if (r->fine_tune >= 0) {
       recent_fine_tunes_.Routed(score.slot, fine_tune_id, SimTime());
     }
+  }
+
+  // Queues r on its worker (Engine::AddRequest).
+  void Enqueue(Request* r) {
+    Worker& w = *workers_[r->worker];
     w.waiting.push_back(r);  // every request has the same priority: arrival order
     // Engine::LookUpAndPrefetch: the chain's blocks on disk start loading now.
     if (has_disk()) {
@@ -667,12 +711,12 @@ class Simulator {
       s->tokens.push_back(
           static_cast<int32_t>(Hash64(absl::StrCat(s->id, ":", s->num_generated)) & 0x3fffffff));
       if (!s->decoding) {
-        s->first_token = now_;
+        if (s->first_token < 0) s->first_token = now_;
         s->decoding = true;
         w.prefill_blocks -= s->prefill_blocks;
         ++w.decoding;
       }
-      if (s->num_generated >= s->output_tokens) finished.push_back(s);
+      if (s->num_generated >= (s->prefill_leg ? 1 : s->output_tokens)) finished.push_back(s);
     }
     w.plan.clear();
     for (Request* s : finished) Finish(wi, s);
@@ -682,7 +726,8 @@ class Simulator {
 
   void Finish(int wi, Request* s) {
     Worker& w = *workers_[wi];
-    s->end = now_;
+    const bool handoff = s->prefill_leg && s->num_generated < s->output_tokens;
+    if (!handoff) s->end = now_;
     if (config_.worker.keep_finished_warm) {
       // Engine::KeepWarm: tail first, so that the head is the host tier's most recently used.
       for (size_t i = s->hashes.size(); i-- > 0;) PutHost(&w, s->hashes[i]);
@@ -694,6 +739,13 @@ class Simulator {
     --w.inflight;
     --w.decoding;
     index_.RemovePending(static_cast<WorkerSlot>(wi), s->pending);
+    if (handoff) {
+      // The coordinator resumes it on a decode worker, which copies the prompt from this one.
+      ++prefill_handoffs_;
+      Assign(s, /*decode_leg=*/true, /*source=*/wi);
+      Enqueue(s);
+      return;
+    }
     const Conversation& c = workload_[s->conversation];
     ChatHistory& chat = chats_[s->conversation];
     if (s->turn + 1 < c.turns.size()) {
@@ -780,6 +832,7 @@ class Simulator {
     out.inflight_prefix_waits = inflight_prefix_waits_;
     out.restored_blocks = restored_blocks_;
     out.copied_blocks = copied_blocks_;
+    out.prefill_handoffs = prefill_handoffs_;
     out.disk_loaded_blocks = disk_loaded_blocks_;
     out.delta_loads = delta_loads_;
     out.mean_step_deltas =
@@ -812,6 +865,7 @@ class Simulator {
   int64_t inflight_prefix_waits_ = 0;
   int64_t restored_blocks_ = 0;
   int64_t copied_blocks_ = 0;
+  int64_t prefill_handoffs_ = 0;
   int64_t disk_loaded_blocks_ = 0;
   int64_t delta_loads_ = 0;
   int64_t steps_ = 0;
@@ -829,6 +883,12 @@ absl::StatusOr<SimResult> Simulate(const std::vector<Conversation>& workload,
   if (config.workers < 1 || config.workers > 4096) {
     return absl::InvalidArgumentError(
         absl::StrCat("workers must be 1 to 4096, not ", config.workers));
+  }
+  if (config.prefill_workers < 0 || config.prefill_workers >= config.workers ||
+      config.disaggregate_min_uncached_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prefill_workers must be 0 to workers - 1 (", config.workers - 1, "), not ",
+                     config.prefill_workers, ", and disaggregate_min_uncached_tokens 0 or more"));
   }
   if (w.kv_blocks < 1 || w.block_tokens < 1 || w.block_tokens > 1024 || w.max_batch_tokens < 1 ||
       w.max_running_sequences < 1 || w.host_blocks < 0 || w.resident_deltas < 1 ||

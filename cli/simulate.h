@@ -35,6 +35,13 @@
 // before its first admission, and the blocks the source still holds then become cached device
 // blocks of the chosen worker (Engine::ImportKvBlocks).
 //
+// Disaggregated serving (prefill_workers above 0): the first prefill_workers workers take prompts
+// only, as the coordinator sends them (WorkerPool::Leg): a request whose prompt leaves at least
+// disaggregate_min_uncached_tokens uncached on the decode worker the router would pick runs on a
+// prefill worker for its first token, then moves to a decode worker chosen by the router among
+// the others, which copies the prompt's blocks from the prefill worker (kv_copy_block_s a block,
+// 0: at once) and computes the last partial block and the token before decoding on.
+//
 // Not modelled: moving host blocks up into the device while a request waits (a restored block's
 // copy is charged to the step that admits it), network and tokenization time beyond
 // request_overhead_s.
@@ -112,6 +119,10 @@ struct SimConfig {
   // Multi-turn conversations resend the model's replies in each later turn's prompt (ChatHistory),
   // as loadgen does by default.
   bool replies_in_history = true;
+  // Disaggregated serving: how many of the workers are prefill workers (the rest decode), and
+  // the coordinator's --disaggregate_min_uncached_tokens.
+  int prefill_workers = 0;
+  int64_t disaggregate_min_uncached_tokens = 512;
 };
 
 struct SimPercentiles {
@@ -136,6 +147,7 @@ struct SimResult {
   int64_t inflight_prefix_waits = 0;
   int64_t restored_blocks = 0;     // from host tiers
   int64_t copied_blocks = 0;       // copied from other workers (kv_copy_block_s)
+  int64_t prefill_handoffs = 0;    // requests moved from a prefill worker to a decode worker
   int64_t disk_loaded_blocks = 0;  // read from disk tiers into host tiers
   int64_t delta_loads = 0;         // fine-tune deltas loaded (cold) on any worker
   double mean_step_deltas = 0;     // distinct fine-tunes per step

@@ -263,15 +263,16 @@ std::string RunJson(double rate, int workers, const SimResult& r) {
       "{\"rate_per_s\":%g,\"workers\":%d,\"requests\":%d,\"completed\":%d,\"rejected\":%d,"
       "\"duration_s\":%.3f,\"throughput_rps\":%.3f,\"output_tokens_per_s\":%.1f,"
       "\"unfinished\":%d,\"cache_hit_rate\":%.4f,\"preemptions\":%d,\"restored_blocks\":%d,"
-      "\"disk_loaded_blocks\":%d,\"copied_blocks\":%d,\"inflight_prefix_waits\":%d,"
+      "\"disk_loaded_blocks\":%d,\"copied_blocks\":%d,\"prefill_handoffs\":%d,"
+      "\"inflight_prefix_waits\":%d,"
       "\"mean_decode_batch\":%.2f,\"delta_loads\":%d,\"mean_step_deltas\":%.2f,\"ttft_ms\":%s,"
       "\"tpot_ms\":%s,\"e2e_ms\":%s,"
       "\"worker_utilization\":[%s]}",
       rate, workers, r.requests, r.completed, r.rejected, r.duration_s, r.throughput_rps,
       r.output_tokens_per_s, r.unfinished, r.cache_hit_rate, r.preemptions, r.restored_blocks,
-      r.disk_loaded_blocks, r.copied_blocks, r.inflight_prefix_waits, r.mean_decode_batch,
-      r.delta_loads, r.mean_step_deltas, PercentilesJson(r.ttft_ms), PercentilesJson(r.tpot_ms),
-      PercentilesJson(r.e2e_ms),
+      r.disk_loaded_blocks, r.copied_blocks, r.prefill_handoffs, r.inflight_prefix_waits,
+      r.mean_decode_batch, r.delta_loads, r.mean_step_deltas, PercentilesJson(r.ttft_ms),
+      PercentilesJson(r.tpot_ms), PercentilesJson(r.e2e_ms),
       absl::StrJoin(r.worker_utilization, ",",
                     [](std::string* o, double u) { absl::StrAppendFormat(o, "%.4f", u); }));
 }
@@ -302,6 +303,10 @@ void PrintRun(std::FILE* out, const WorkloadOptions& o, double rate, int workers
       "copied from other workers; %d waited for a prefix in flight\n",
       r.throughput_rps, r.output_tokens_per_s, r.cache_hit_rate, r.mean_decode_batch, r.preemptions,
       r.restored_blocks, r.disk_loaded_blocks, r.copied_blocks, r.inflight_prefix_waits);
+  if (r.prefill_handoffs > 0) {
+    absl::FPrintF(out, "split      %d requests prefilled on a prefill worker, decoded on another\n",
+                  r.prefill_handoffs);
+  }
   if (o.fine_tunes > 0) {
     absl::FPrintF(
         out, "fine-tunes %d (Zipf %g, %.0f%% base): %d delta loads, %.1f distinct per step\n",
@@ -411,8 +416,8 @@ absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
                 "decode-weight",   "cold-fine-tune-blocks",
                 "delta-load-ms",   "ttft-p99-ms",
                 "tpot-p99-ms",     "svg"});
-  flags.insert(
-      {"inflight-prefill-min-tokens", "replies-in-history", "kv-copy-gbps", "kv-fetch-weight"});
+  flags.insert({"inflight-prefill-min-tokens", "replies-in-history", "kv-copy-gbps",
+                "kv-fetch-weight", "prefill-workers", "disaggregate-min-uncached-tokens"});
   return Args::Parse(argv, {"json", "find-workers"}, flags);
 }
 
@@ -424,6 +429,13 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
   ASSIGN_OR_RETURN(Setup setup, SetupFromArgs(args, wo, first));
   ASSIGN_OR_RETURN(const int64_t workers, IntIn(args, "workers", 1, 1, kMaxWorkers));
   setup.config.workers = static_cast<int>(workers);
+  // Disaggregated: the first --prefill-workers of them take prompts only.
+  ASSIGN_OR_RETURN(const int64_t prefill_workers,
+                   IntIn(args, "prefill-workers", 0, 0, std::max<int64_t>(0, workers - 1)));
+  setup.config.prefill_workers = static_cast<int>(prefill_workers);
+  ASSIGN_OR_RETURN(setup.config.disaggregate_min_uncached_tokens,
+                   IntIn(args, "disaggregate-min-uncached-tokens",
+                         setup.config.disaggregate_min_uncached_tokens, 0, 1000000000));
   ASSIGN_OR_RETURN(const double ttft_target, NonNegative(args, "ttft-p99-ms", 0));
   ASSIGN_OR_RETURN(const double tpot_target, NonNegative(args, "tpot-p99-ms", 0));
   const bool json = args.Has("json");
@@ -456,6 +468,11 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
     }
     if (args.Has("workers")) {
       return absl::InvalidArgumentError("give --workers or --find-workers, not both");
+    }
+    if (args.Has("prefill-workers")) {
+      return absl::InvalidArgumentError(
+          "--find-workers sizes mixed workers: with --prefill-workers give --workers (and "
+          "compare splits with --rates)");
     }
     // Double until the targets hold, then bisect: latency falls as workers are added. More
     // workers than requests change nothing, and the simulator holds 50 million blocks.

@@ -219,6 +219,66 @@ TEST(SimulateTest, WorkersCopyAPrefixInsteadOfComputingIt) {
   EXPECT_LT(copied->ttft_ms.p99, computed->ttft_ms.p99);
 }
 
+// Disaggregated: the prompt and its first token on the prefill worker, as alone; then the decode
+// worker copies the 6 full blocks (1 ms each), computes the last 5 tokens with the first token
+// (1.5 ms) and decodes the other 8 (1.1 ms each).
+TEST(SimulateTest, ASplitRequestIsPrefilledThereAndDecodedHere) {
+  const std::vector<Conversation> w = {Single(0, Tokens(100, 1), 10)};
+  SimConfig c = Simple();
+  c.workers = 2;
+  c.prefill_workers = 1;
+  c.disaggregate_min_uncached_tokens = 0;
+  c.worker.kv_copy_block_s = 1e-3;
+  const absl::StatusOr<SimResult> r = Simulate(w, c);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->completed, 1);
+  EXPECT_EQ(r->prefill_handoffs, 1);
+  EXPECT_EQ(r->copied_blocks, 6);
+  EXPECT_EQ(r->worker_requests, (std::vector<int64_t>{1, 1}));
+  EXPECT_NEAR(r->ttft_ms.p50, 12.0, 1e-9);
+  EXPECT_NEAR(r->tpot_ms.p50, (6 + 1.5 + 8 * 1.1) / 9, 1e-9);
+  EXPECT_EQ(r->cache_hit_rate, 0);  // the copies are not the prompt's cache hits
+
+  // A prompt shorter than the threshold goes straight to the decode worker.
+  c.disaggregate_min_uncached_tokens = 200;
+  const absl::StatusOr<SimResult> whole = Simulate(w, c);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ(whole->prefill_handoffs, 0);
+  EXPECT_EQ(whole->worker_requests, (std::vector<int64_t>{0, 1}));
+  EXPECT_NEAR(whole->tpot_ms.p50, 1.1, 1e-9);
+
+  c.prefill_workers = 2;
+  EXPECT_EQ(Simulate(w, c).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Under a load of long prompts, half the workers taking prompts only keeps decode steps free of
+// prompt chunks (lower TPOT tail) and makes first tokens wait for fewer prompt workers.
+TEST(SimulateTest, SplittingPrefillFromDecodeTradesFirstTokensForSmoothDecode) {
+  WorkloadOptions o;
+  o.kind = "random";
+  o.num_requests = 200;
+  o.rate_per_s = 10;
+  o.prompt_tokens = {1000, 1500};
+  o.output_tokens = {100, 100};
+  const absl::StatusOr<std::vector<Conversation>> w = MakeWorkload(o);
+  ASSERT_TRUE(w.ok());
+  SimConfig c = FourWorkers();
+  c.worker.kv_blocks = 4096;
+  c.worker.kv_copy_block_s = 1e-5;
+  const absl::StatusOr<SimResult> mixed = Simulate(*w, c);
+  c.prefill_workers = 2;
+  const absl::StatusOr<SimResult> split = Simulate(*w, c);
+  ASSERT_TRUE(mixed.ok() && split.ok());
+  std::printf("TTFT p50 %.1f -> %.1f ms, TPOT p99 %.2f -> %.2f ms\n", mixed->ttft_ms.p50,
+              split->ttft_ms.p50, mixed->tpot_ms.p99, split->tpot_ms.p99);
+  // (Measured: TTFT p50 128 -> 157 ms, TPOT p99 3.50 -> 1.21 ms.)
+  EXPECT_EQ(mixed->prefill_handoffs, 0);
+  EXPECT_EQ(split->completed, 200);
+  EXPECT_EQ(split->prefill_handoffs, 200);
+  EXPECT_LT(split->tpot_ms.p99, 0.7 * mixed->tpot_ms.p99);
+  EXPECT_GT(split->ttft_ms.p50, mixed->ttft_ms.p50);
+}
+
 TEST(SimulateTest, SmallCachePreemptsAndStillFinishesEverything) {
   std::vector<Conversation> w;
   for (int i = 0; i < 8; ++i) w.push_back(Single(0, Tokens(60, 1000 * (i + 1)), 100));
