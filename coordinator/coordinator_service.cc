@@ -584,6 +584,10 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         *s.mutable_sampling() = request_->sampling();
         s.mutable_sampling()->clear_stop();
         s.mutable_sampling()->set_seed(seed_);
+        // A resumed generation's client has its prompt logprobs (they came with the first
+        // tokens); asking again would have the worker compute the whole prompt anew, its cached
+        // and copied blocks unused.
+        if (!generated_.empty()) s.mutable_sampling()->clear_prompt_logprobs();
         if (attempt->assignment_.prefill_leg) {
           // The prompt and its first token; a decode worker generates the rest (OnAttemptDone).
           // min_tokens 1 keeps the first token's EOS suppression, and so the same token.

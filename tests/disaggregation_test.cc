@@ -121,6 +121,21 @@ TEST(DisaggregationTest, ALongPromptIsPrefilledThereAndDecodedHereToTheSameToken
   EXPECT_EQ(fourth.at("worker-1"), third.at("worker-1") + 1);
   m = WaitForMetrics(c.coordinator_metrics, [](auto&) { return true; });
   EXPECT_EQ(m["strata_coordinator_prefill_handoffs_total"], 1);
+
+  // With prompt logprobs: the prefill worker computes them; the decode leg does not ask again
+  // (it would recompute the whole prompt), so it still copies the blocks.
+  v1::GenerateRequest scored = req;
+  scored.set_cache_salt("scored");
+  scored.mutable_sampling()->set_prompt_logprobs(1);
+  const Generated with_lp = Generate(cluster.serving(), scored);
+  ASSERT_TRUE(with_lp.status.ok()) << with_lp.status.error_message();
+  EXPECT_EQ(with_lp.tokens, reference.tokens);
+  EXPECT_EQ(with_lp.chunks.front().prompt_logprobs_size(),
+            static_cast<int>(last.usage().num_prompt_tokens()) - 1);  // the first has none
+  m = WaitForMetrics(c.decode_metrics, [](auto& m) {
+    return m["strata_worker_kv_fetches_total{outcome=\"copied\"}"] >= 2;
+  });
+  EXPECT_EQ(m["strata_worker_kv_fetches_total{outcome=\"copied\"}"], 2);
 }
 
 // A request of one token ends on the prefill worker; a stop string in the first token too.
