@@ -391,6 +391,20 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     if (usable_source(score) != nullptr) cached += score.fetch_blocks;
     return cached;
   };
+  // A decode leg goes to a worker that can copy the prefill worker's blocks (the same block
+  // layout), where there is one.
+  if (kv_source.has_value() && *kv_source < workers_.size()) {
+    const Worker* named = workers_[*kv_source].get();
+    std::vector<WorkerLoadView> fitting;
+    for (const WorkerLoadView& v : other_loads) {
+      const Worker* w = workers_[v.slot].get();
+      if (DeviceBlockBytes(named->info) == DeviceBlockBytes(w->info) &&
+          named->info.block_tokens() == w->info.block_tokens()) {
+        fitting.push_back(v);
+      }
+    }
+    if (!fitting.empty()) other_loads = std::move(fitting);
+  }
   // Prefill workers take prompts only while the model has workers to hand the rest to.
   std::vector<WorkerLoadView>* candidates = &other_loads;
   bool prefill_leg = false;

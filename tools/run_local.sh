@@ -12,6 +12,9 @@
 #   tools/run_local.sh --stop          stop a detached cluster
 #   tools/run_local.sh --prompt TEXT   ask something else (the model writes Python-like text)
 #   tools/run_local.sh --tensor-parallel 2   split the model across 2 processes in each worker
+#   tools/run_local.sh --disaggregated       worker 1 computes prompts (--role=prefill), worker 2
+#                                            decodes (--role=decode), and the long-prompt request
+#                                            shows the handoff
 # Environment: STRATA_PORT (coordinator port, default 50051; workers use the next ports after
 # STRATA_WORKER_PORT, default 50061; metrics on STRATA_METRICS_PORT, default 9090, and the next two;
 # the OpenAI-compatible HTTP API on STRATA_HTTP_PORT, default 8000),
@@ -25,6 +28,7 @@ detach=0
 stop=0
 prompt='def fibonacci(n):'
 tensor_parallel=1
+disaggregated=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --detach) detach=1 ;;
@@ -33,7 +37,8 @@ while [ $# -gt 0 ]; do
     --prompt=*) prompt="${1#--prompt=}" ;;
     --tensor-parallel) tensor_parallel="$2"; shift ;;
     --tensor-parallel=*) tensor_parallel="${1#--tensor-parallel=}" ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --disaggregated) disaggregated=1 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -139,14 +144,17 @@ rm -f "$run_dir/logs/access.log"  # this run's alone, as the other logs
 launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model_dir" \
   --workers="$(IFS=,; echo "${workers[*]}")" --listen="$coordinator" \
   --metrics_listen="127.0.0.1:$metrics_port" --http_listen="127.0.0.1:$http_port" \
-  --access_log="$run_dir/logs/access.log" --port_file="$run_dir/coordinator.port"
+  --access_log="$run_dir/logs/access.log" --port_file="$run_dir/coordinator.port" \
+  --disaggregate_min_uncached_tokens=128
+roles=(mixed mixed)
+[ $disaggregated -eq 1 ] && roles=(prefill decode)
 for i in 1 2; do
   launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
     --host_cache_mb=128 --disk_cache_mb=512 --disk_cache_path="$run_dir/kv-worker-$i" \
     --metrics_listen="127.0.0.1:$((metrics_port + i))" --num_speculative_tokens=4 \
     --port_file="$run_dir/worker-$i.port" --tensor_parallel="$tensor_parallel" \
-    "${fine_tune_flags[@]}"
+    --role="${roles[$((i - 1))]}" "${fine_tune_flags[@]}"
 done
 
 echo "waiting for the cluster..."
@@ -198,7 +206,7 @@ fi
 echo
 echo "request: POST http://127.0.0.1:$http_port/v1/completions (the OpenAI-compatible API)"
 echo "----------------------------------------------------------------------"
-python3 - "$http_port" "$metrics_port" "$stratactl" "$coordinator" <<'PY'
+python3 - "$http_port" "$metrics_port" "$stratactl" "$coordinator" "$disaggregated" <<'PY'
 import json, subprocess, sys, time, urllib.request
 body = json.dumps({"model": "strata-tiny", "prompt": "int main(", "max_tokens": 32, "seed": 1}).encode()
 req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
@@ -265,8 +273,27 @@ def complete(text):
     start = time.monotonic()
     reply = json.load(urllib.request.urlopen(req, timeout=60))
     return reply, 1e3 * (time.monotonic() - start)
-long_prompt = "".join(f"def parse_{i}(value):\n    return value.strip()\n\n" for i in range(24))
+# A first line of its own: the workers' disk tiers keep earlier runs' prompts.
+long_prompt = f"# run {time.time_ns()}\n" + "".join(
+    f"def parse_{i}(value):\n    return value.strip()\n\n" for i in range(24))
 before = routed()
+if sys.argv[5] == "1":
+    # Disaggregated: the prompt and its first token on the prefill worker, the rest on the decode
+    # worker, which copies the prompt's KV blocks.
+    def handoffs():
+        with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("strata_coordinator_prefill_handoffs_total "):
+                    return float(line.split()[1])
+        return 0.0
+    h = handoffs()
+    reply, ms = complete(long_prompt)
+    went = [w for w, n in sorted(routed().items()) if n > before.get(w, 0)]
+    print()
+    print(f"disaggregated: a {reply['usage']['prompt_tokens']}-token prompt went to "
+          f"{' then '.join(went)} ({handoffs() - h:.0f} handoff), answered in {ms:.0f} ms:")
+    print(repr(reply["choices"][0]["text"]))
+    sys.exit(0)
 first, first_ms = complete(long_prompt)
 holder = next(w for w, n in routed().items() if n > before.get(w, 0))
 drain = [stratactl, "drain", holder, "--coordinator", coordinator]

@@ -198,8 +198,8 @@ ABSL_FLAG(std::string, role, "mixed",
           "This worker's part in disaggregated serving: mixed (whole requests), prefill (where "
           "the model has decode or mixed workers too, the coordinators send it only prompts to "
           "compute, with their first token) or decode (the rest of generations whose prompt a "
-          "prefill worker computed, copying its KV blocks, and requests with short or cached "
-          "prompts).");
+          "prefill worker computed, copying its KV blocks (--kv_fetch, on by default), and "
+          "requests with short or cached prompts).");
 ABSL_FLAG(bool, kv_fetch, true,
           "When a coordinator names another worker that holds more of a prompt's KV blocks "
           "(SubmitRequest.kv_source_address), copy the blocks this worker lacks from there "
