@@ -176,6 +176,22 @@ TEST_F(KvFetchTest, ASubmitCopiesThePromptFromAnotherWorkerAndGeneratesTheSameTo
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 0);
 }
 
+// A copy takes at most kv_fetch_max_bytes: the leading blocks within it, the rest computed.
+TEST_F(KvFetchTest, ACopyStaysWithinItsByteBudget) {
+  auto source = StartNode();
+  WorkerServiceOptions wo;
+  wo.kv_fetch_max_bytes = 5 * int64_t{64} << 10;  // five blocks of the bundled model
+  auto dest = StartNode(wo);
+  const Result computed = Run(*source, Request("a", kPromptLen));
+  ASSERT_TRUE(computed.status.ok()) << computed.status.error_message();
+  const Result copied = Run(*dest, Request("b", kPromptLen, source->server->address()));
+  ASSERT_TRUE(copied.status.ok()) << copied.status.error_message();
+  EXPECT_EQ(copied.tokens, computed.tokens);
+  EXPECT_EQ(copied.usage.cached().num_device_tokens(), 5u * 16);
+  EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 5);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "partial"}}), 1);
+}
+
 TEST_F(KvFetchTest, ASourceThatCannotBeReachedLeavesThePromptToBeComputed) {
   auto reference = StartNode();
   const Result want = Run(*reference, Request("a", kPromptLen));

@@ -210,6 +210,9 @@ ABSL_FLAG(int64_t, kv_fetch_timeout_ms, 2000,
           "arrived by then is computed.");
 ABSL_FLAG(int64_t, kv_fetch_min_blocks, 1,
           "Fewest missing KV blocks worth copying from another worker.");
+ABSL_FLAG(int64_t, kv_fetch_max_mb, 2048,
+          "Most KV block bytes one request copies from another worker (held in host memory until "
+          "stored); a copy also takes at most half the KV cache's blocks. The rest is computed.");
 ABSL_FLAG(int, tensor_parallel, 1,
           "Ranks the model is split across (attention heads, MLP columns and vocabulary): this "
           "process is rank 0 and starts the others itself, one process each. CPU only for now; "
@@ -556,6 +559,13 @@ int Main(const std::vector<std::string>& args) {
   }
   wo.kv_fetch = absl::GetFlag(FLAGS_kv_fetch);
   wo.kv_fetch_min_blocks = absl::GetFlag(FLAGS_kv_fetch_min_blocks);
+  wo.kv_fetch_max_bytes = absl::GetFlag(FLAGS_kv_fetch_max_mb) << 20;
+  if (absl::GetFlag(FLAGS_kv_fetch_max_mb) < 1 ||
+      absl::GetFlag(FLAGS_kv_fetch_max_mb) > (1 << 24)) {
+    LOG(ERROR) << "--kv_fetch_max_mb must be 1 to 16777216, not "
+               << absl::GetFlag(FLAGS_kv_fetch_max_mb);
+    return 1;
+  }
   if (!absl::GetFlag(FLAGS_random_weights).empty()) {
     // Copies only between workers drawing the same weights.
     wo.model_fingerprint = absl::StrCat("random:", absl::GetFlag(FLAGS_random_weights), ":",

@@ -671,9 +671,14 @@ bool WorkerService::StartKvFetch(LoopState* state, Command& c) {
   Engine::PromptBlocks blocks = engine_->LookUpPrompt(c.parsed.prompt, c.parsed.options);
   const int64_t missing = static_cast<int64_t>(blocks.hashes.size()) - blocks.held;
   if (missing < std::max<int64_t>(1, options_.kv_fetch_min_blocks)) return false;
+  // The leading blocks it lacks, within the byte budget and half the device cache.
+  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  const int64_t most = std::min<int64_t>(
+      {kMaxFetchBlocks, options_.kv_fetch_max_bytes / block_bytes, engine_->num_kv_blocks() / 2});
+  if (std::min(missing, most) < std::max<int64_t>(1, options_.kv_fetch_min_blocks)) return false;
   v1::FetchKvBlocksRequest request;
   for (size_t i = static_cast<size_t>(blocks.held);
-       i < blocks.hashes.size() && request.block_hashes_size() < kMaxFetchBlocks; ++i) {
+       i < blocks.hashes.size() && request.block_hashes_size() < most; ++i) {
     request.add_block_hashes(blocks.hashes[i]);
   }
   request.set_model(options_.model_name);

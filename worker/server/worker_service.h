@@ -75,6 +75,9 @@ struct WorkerServiceOptions {
   // (KvFetcher; its options here). False: such Submits are queued at once and compute them.
   bool kv_fetch = true;
   int64_t kv_fetch_min_blocks = 1;
+  // Most bytes one Submit copies (they are held in host memory until stored); a copy also takes
+  // at most half the device cache's blocks, so that it does not push out the whole cache.
+  int64_t kv_fetch_max_bytes = int64_t{2} << 30;
   // What the worker's weights are, for KV copies (FetchKvBlocksRequest.model_fingerprint): empty
   // for the engine's own (BaseFingerprint of its files); random weights name their seed here.
   std::string model_fingerprint;
