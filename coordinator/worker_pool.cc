@@ -55,6 +55,8 @@ void WorkerPool::Stop() {
       if (w->active_context != nullptr) w->active_context->TryCancel();
       if (w->thread.joinable()) threads.push_back(std::move(w->thread));
     }
+    // A worker that does not answer must not hold the shutdown up for the RPC timeout.
+    for (grpc::ClientContext* ctx : info_contexts_) ctx->TryCancel();
   }
   if (discovery_.joinable()) discovery_.join();
   for (std::thread& t : threads) t.join();
@@ -159,12 +161,15 @@ bool WorkerPool::RefreshInfo(Worker* w) {
   uint64_t call;
   {
     absl::MutexLock lock(&mu_);
+    if (stop_) return false;
     call = ++w->info_calls;
+    info_contexts_.insert(&ctx);
   }
   v1::WorkerInfo info;
   const grpc::Status s = w->stub->GetInfo(&ctx, v1::GetInfoRequest(), &info);
-  if (!s.ok()) return false;  // the watch stream decides availability
   absl::MutexLock lock(&mu_);
+  info_contexts_.erase(&ctx);
+  if (!s.ok()) return false;  // the watch stream decides availability
   if (w->removed || info.worker_epoch() != w->info.worker_epoch()) return true;
   if (call < w->info_applied) return true;  // a later call's answer is in already
   w->info_applied = call;

@@ -30,6 +30,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -204,6 +205,8 @@ class WorkerPool {
   absl::Mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // GetInfo calls of RefreshInfo in flight (any thread), cancelled by Stop.
+  absl::flat_hash_set<grpc::ClientContext*> info_contexts_ ABSL_GUARDED_BY(mu_);
   std::vector<std::unique_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);  // by slot, never shrinks
   absl::flat_hash_map<std::string, WorkerSlot> by_address_ ABSL_GUARDED_BY(mu_);
   BlockIndex index_ ABSL_GUARDED_BY(mu_);

@@ -3,6 +3,8 @@
 // real DNS name (localhost) resolves to workers.
 #include "coordinator/worker_pool.h"
 
+#include <signal.h>
+
 #include <memory>
 #include <string>
 #include <vector>
@@ -101,6 +103,31 @@ TEST(WorkerPoolTest, WorkersThatComeAndGoArePickedUpAndDropped) {
   }
   ASSERT_TRUE(WaitFor(pool, [&](const auto& s) { return Serving(s, a) && s.size() == 1; }));
   pool.Stop();
+}
+
+// A worker that stops answering (SIGSTOP: its connections stay open) does not hold the pool's
+// Stop up for the RPC timeout: the GetInfo calls in flight to it are cancelled.
+TEST(WorkerPoolTest, StopDoesNotWaitForAWorkerThatHangs) {
+  auto cluster = StartWorkers(1, "pool-hang");
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const std::string a = (*cluster)->worker_address(0);
+  WorkerPoolOptions po;
+  po.resolve_interval = absl::Milliseconds(20);  // refreshes its info this often
+  po.rpc_timeout = absl::Seconds(60);
+  po.resolver = [&]() -> absl::StatusOr<std::vector<std::string>> {
+    return std::vector<std::string>{a};
+  };
+  WorkerPool pool(po);
+  pool.Start();
+  ASSERT_TRUE(WaitFor(pool, [&](const auto& s) { return Serving(s, a); }));
+  const pid_t pid = (*cluster)->worker_process(0).pid();
+  ASSERT_EQ(kill(pid, SIGSTOP), 0);
+  absl::SleepFor(absl::Milliseconds(300));  // a refresh is waiting on it now
+  const absl::Time start = absl::Now();
+  pool.Stop();
+  const absl::Duration took = absl::Now() - start;
+  kill(pid, SIGCONT);
+  EXPECT_LT(took, absl::Seconds(20)) << "Stop waited for the hung worker";
 }
 
 TEST(WorkerPoolTest, ARestartedWorkerIsReconnectedWithItsNewEpoch) {
