@@ -10,7 +10,9 @@
 #
 #   bench/run_disagg_bench.sh [OUT_DIR] [RATES] [REQUESTS]
 #       (defaults: /tmp/strata-disagg-bench, 0.5,1,1.5, 60)
-# Environment: PROMPT (1536:2560), OUTPUT (256), BATCH_TOKENS (512, the workers' step budget).
+# Environment: PROMPT (1536:2560), OUTPUT (256), BATCH_TOKENS (512, the workers' step budget),
+# QUEUE_TOKENS (0: the coordinator's --disaggregate_max_prefill_queue_tokens), LAYOUTS ("mixed
+# disaggregated": which to run; a layout run before keeps its reports in OUT_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/strata-disagg-bench}
@@ -19,6 +21,8 @@ REQUESTS=${3:-60}
 PROMPT=${PROMPT:-1536:2560}
 OUTPUT=${OUTPUT:-256}
 BATCH_TOKENS=${BATCH_TOKENS:-512}
+QUEUE_TOKENS=${QUEUE_TOKENS:-0}
+LAYOUTS=${LAYOUTS:-mixed disaggregated}
 mkdir -p "$OUT"
 tools/setup.sh
 bazel build -c opt --noshow_progress //worker/server:strata-worker //coordinator:strata-coordinator \
@@ -34,7 +38,8 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 echo "workload: prompts $PROMPT tokens (random ids), outputs $OUTPUT tokens, $REQUESTS requests a run" | tee -a "$summary"
 
 IFS=, read -r -a rates <<< "$RATES"
-for layout in mixed disaggregated; do
+echo "disaggregated: --disaggregate_max_prefill_queue_tokens=$QUEUE_TOKENS" | tee -a "$summary"
+for layout in $LAYOUTS; do
   if [ "$layout" = mixed ]; then roles=(mixed mixed); else roles=(prefill decode); fi
   workers=()
   for i in 0 1; do
@@ -43,7 +48,7 @@ for layout in mixed disaggregated; do
     workers+=("127.0.0.1:$STRATA_PORT")
   done
   strata_coordinator "$layout-c" "$MODEL" "$(IFS=,; echo "${workers[*]}")" \
-    --disaggregate_min_uncached_tokens=512
+    --disaggregate_min_uncached_tokens=512 --disaggregate_max_prefill_queue_tokens="$QUEUE_TOKENS"
   port=$STRATA_PORT
   sleep 1  # the coordinator connects to both workers
   for rate in "${rates[@]}"; do
@@ -62,7 +67,8 @@ for layout in mixed disaggregated; do
   bazel-bin/cli/stratactl simulate --profile "$OUT/profile.json" --workers 2 \
     --prefill-workers "$([ $layout = mixed ] && echo 0 || echo 1)" --rates "$RATES" \
     --requests "$REQUESTS" --prompt-tokens "$PROMPT" --output-tokens "$OUTPUT" --seed 7 \
-    --kv-copy-gbps 0.7 --kv-blocks 8192 --json > "$OUT/$layout-sim.json"
+    --kv-copy-gbps 0.7 --kv-blocks 8192 --disaggregate-max-prefill-queue-tokens "$QUEUE_TOKENS" \
+    --json > "$OUT/$layout-sim.json"
 done
 
 python3 - "$OUT" "$RATES" <<'PY' | tee -a "$summary"

@@ -322,9 +322,14 @@ class Simulator {
       decision = Route(req, other_loads, index_, config_.router);
       if ((prompt_blocks - cached_blocks(decision->scores[decision->chosen])) * bt() >=
           config_.disaggregate_min_uncached_tokens) {
-        candidates = &prefill_loads;
-        r->prefill_leg = true;
-        decision.reset();
+        RouteDecision prefill = Route(req, prefill_loads, index_, config_.router);
+        const WorkerLoadView& queue = prefill_loads[static_cast<size_t>(prefill.chosen)];
+        if (config_.disaggregate_max_prefill_queue_tokens == 0 ||
+            queue.queued_prefill_blocks * bt() <= config_.disaggregate_max_prefill_queue_tokens) {
+          candidates = &prefill_loads;
+          r->prefill_leg = true;
+          decision = std::move(prefill);
+        }
       }
     }
     if (!decision.has_value()) decision = Route(req, *candidates, index_, config_.router);

@@ -123,6 +123,7 @@ struct SimConfig {
   // the coordinator's --disaggregate_min_uncached_tokens.
   int prefill_workers = 0;
   int64_t disaggregate_min_uncached_tokens = 512;
+  int64_t disaggregate_max_prefill_queue_tokens = 0;  // 0: no limit
 };
 
 struct SimPercentiles {

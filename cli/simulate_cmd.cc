@@ -417,7 +417,8 @@ absl::StatusOr<Args> ParseSimulateArgs(const std::vector<std::string>& argv) {
                 "delta-load-ms",   "ttft-p99-ms",
                 "tpot-p99-ms",     "svg"});
   flags.insert({"inflight-prefill-min-tokens", "replies-in-history", "kv-copy-gbps",
-                "kv-fetch-weight", "prefill-workers", "disaggregate-min-uncached-tokens"});
+                "kv-fetch-weight", "prefill-workers", "disaggregate-min-uncached-tokens",
+                "disaggregate-max-prefill-queue-tokens"});
   return Args::Parse(argv, {"json", "find-workers"}, flags);
 }
 
@@ -436,6 +437,9 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
   ASSIGN_OR_RETURN(setup.config.disaggregate_min_uncached_tokens,
                    IntIn(args, "disaggregate-min-uncached-tokens",
                          setup.config.disaggregate_min_uncached_tokens, 0, 1000000000));
+  ASSIGN_OR_RETURN(setup.config.disaggregate_max_prefill_queue_tokens,
+                   IntIn(args, "disaggregate-max-prefill-queue-tokens",
+                         setup.config.disaggregate_max_prefill_queue_tokens, 0, 1000000000));
   ASSIGN_OR_RETURN(const double ttft_target, NonNegative(args, "ttft-p99-ms", 0));
   ASSIGN_OR_RETURN(const double tpot_target, NonNegative(args, "tpot-p99-ms", 0));
   const bool json = args.Has("json");

@@ -277,6 +277,14 @@ TEST(SimulateTest, SplittingPrefillFromDecodeTradesFirstTokensForSmoothDecode) {
   EXPECT_EQ(split->prefill_handoffs, 200);
   EXPECT_LT(split->tpot_ms.p99, 0.7 * mixed->tpot_ms.p99);
   EXPECT_GT(split->ttft_ms.p50, mixed->ttft_ms.p50);
+  // With the prefill workers' queue bounded, prompts spill to the decode workers under load.
+  c.disaggregate_max_prefill_queue_tokens = 1500;
+  const absl::StatusOr<SimResult> spill = Simulate(*w, c);
+  ASSERT_TRUE(spill.ok());
+  EXPECT_EQ(spill->completed, 200);
+  EXPECT_GT(spill->prefill_handoffs, 0);
+  EXPECT_LT(spill->prefill_handoffs, 200);
+  EXPECT_LT(spill->ttft_ms.p99, split->ttft_ms.p99);
 }
 
 TEST(SimulateTest, SmallCachePreemptsAndStillFinishesEverything) {

@@ -111,6 +111,11 @@ ABSL_FLAG(int64_t, disaggregate_min_uncached_tokens, 512,
           "it would go to neither holds nor can copy is computed on a prefill worker, with its "
           "first token, and continued on a decode worker that copies the prompt's KV blocks; "
           "shorter or mostly cached prompts go straight to a decode worker.");
+ABSL_FLAG(int64_t, disaggregate_max_prefill_queue_tokens, 0,
+          "Disaggregated serving: a prompt goes to a decode worker whole instead when the prefill "
+          "worker it would go to has more than this many prompt tokens queued (its load report's "
+          "and this coordinator's own count), so that a backed-up prefill pool does not hold "
+          "first tokens while decode workers could compute them. 0: no limit.");
 ABSL_FLAG(double, shutdown_grace_s, 10, "On SIGTERM, how long in-flight requests may finish.");
 ABSL_FLAG(int64_t, shutdown_delay_s, 0,
           "On SIGTERM, how long to keep accepting calls while reporting NOT_SERVING before "
@@ -185,6 +190,12 @@ int Main() {
     return 2;
   }
   po.disaggregate_min_uncached_tokens = absl::GetFlag(FLAGS_disaggregate_min_uncached_tokens);
+  po.disaggregate_max_prefill_queue_tokens =
+      absl::GetFlag(FLAGS_disaggregate_max_prefill_queue_tokens);
+  if (po.disaggregate_max_prefill_queue_tokens < 0) {
+    LOG(ERROR) << "--disaggregate_max_prefill_queue_tokens must be 0 or more";
+    return 2;
+  }
   if (po.disaggregate_min_uncached_tokens < 0) {
     LOG(ERROR) << "--disaggregate_min_uncached_tokens must be 0 or more, not "
                << po.disaggregate_min_uncached_tokens;

@@ -423,9 +423,17 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     const int64_t block_tokens = std::max<int64_t>(1, workers_[best.slot]->info.block_tokens());
     if ((prompt_blocks - cached_blocks(best)) * block_tokens >=
         options_.disaggregate_min_uncached_tokens) {
-      candidates = &prefill_loads;
-      prefill_leg = true;
-      decision.reset();
+      RouteDecision prefill = Route(req, prefill_loads, index_, options_.router);
+      // Unless the prefill workers are backed up: then the decode worker computes it itself,
+      // sooner (conditional disaggregation, by queue as well as by length).
+      const WorkerLoadView& queue = prefill_loads[static_cast<size_t>(prefill.chosen)];
+      if (options_.disaggregate_max_prefill_queue_tokens == 0 ||
+          queue.queued_prefill_blocks * block_tokens <=
+              options_.disaggregate_max_prefill_queue_tokens) {
+        candidates = &prefill_loads;
+        prefill_leg = true;
+        decision = std::move(prefill);
+      }
     }
   }
   if (!decision.has_value()) decision = Route(req, *candidates, index_, options_.router);

@@ -59,6 +59,9 @@ struct WorkerPoolOptions {
   // router would pick (none of its cache, nor copies, hold them) has its prompt computed on a
   // prefill worker instead (Assignment::prefill_leg).
   int64_t disaggregate_min_uncached_tokens = 512;
+  // ... unless the prefill worker it would go to has more than this many prompt tokens queued
+  // (0: no limit): then it goes to the decode worker whole.
+  int64_t disaggregate_max_prefill_queue_tokens = 0;
   // The cluster secret every call to a worker carries (its first; common/secrets.h); null: none.
   // Not owned; it must outlive the pool.
   const ClusterSecret* cluster_secret = nullptr;

@@ -4,6 +4,7 @@
 // rest, and the client gets exactly the tokens one worker alone produces.
 #include <map>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
@@ -29,7 +30,8 @@ struct Cluster {
   int decode_metrics = 0;
 };
 
-Cluster StartDisaggregated(const std::string& name) {
+Cluster StartDisaggregated(const std::string& name,
+                           const std::vector<std::string>& coordinator_flags = {}) {
   Cluster c;
   c.coordinator_metrics = FreePort();
   c.decode_metrics = FreePort();
@@ -41,6 +43,8 @@ Cluster StartDisaggregated(const std::string& name) {
       {"--role=decode", absl::StrCat("--metrics_listen=127.0.0.1:", c.decode_metrics)}};
   o.coordinator_flags = {"--disaggregate_min_uncached_tokens=64",
                          absl::StrCat("--metrics_listen=127.0.0.1:", c.coordinator_metrics)};
+  o.coordinator_flags.insert(o.coordinator_flags.end(), coordinator_flags.begin(),
+                             coordinator_flags.end());
   auto started = LocalCluster::Start(o);
   EXPECT_TRUE(started.ok()) << started.status();
   if (started.ok()) c.cluster = *std::move(started);
@@ -156,6 +160,37 @@ TEST(DisaggregationTest, AGenerationThatEndsAtItsFirstTokenEndsOnThePrefillWorke
   std::map<std::string, double> m =
       WaitForMetrics(c.coordinator_metrics, [](auto&) { return true; });
   EXPECT_EQ(m["strata_coordinator_prefill_handoffs_total"], 0);
+}
+
+// With the prefill worker's queue bounded, long prompts arriving together spill to the decode
+// worker once the first is queued there, and every one gets its undisturbed tokens.
+TEST(DisaggregationTest, PromptsSpillToTheDecodeWorkerWhileThePrefillWorkerIsBusy) {
+  Cluster c = StartDisaggregated("disagg-spill", {"--disaggregate_max_prefill_queue_tokens=1"});
+  ASSERT_NE(c.cluster, nullptr);
+  LocalCluster& cluster = *c.cluster;
+  std::vector<v1::GenerateRequest> requests;
+  std::vector<std::vector<int32_t>> expected;
+  for (int i = 0; i < 4; ++i) {
+    v1::GenerateRequest r = LongRequest();
+    r.mutable_sampling()->set_seed(100 + i);
+    v1::GenerateRequest alone = r;
+    alone.set_cache_salt(absl::StrCat("alone-", i));
+    const Generated g = Generate(cluster.serving(), alone);
+    ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+    r.set_cache_salt(absl::StrCat("together-", i));
+    requests.push_back(r);
+    expected.push_back(g.tokens);
+  }
+  std::map<std::string, double> m =
+      WaitForMetrics(c.coordinator_metrics, [](auto&) { return true; });
+  const double before = m["strata_coordinator_prefill_handoffs_total"];
+  OpenStreams streams = StartStreams(cluster.serving(), requests);
+  ASSERT_TRUE(streams.ok);
+  ExpectExactlyTheUndisturbedTokens(streams.CollectAll(), expected);
+  m = WaitForMetrics(c.coordinator_metrics, [](auto&) { return true; });
+  const double split = m["strata_coordinator_prefill_handoffs_total"] - before;
+  EXPECT_GE(split, 1);  // the first
+  EXPECT_LT(split, 4);  // the others found it queued
 }
 
 // The prefill worker dies: long prompts are computed on the decode worker, and nothing fails.
