@@ -691,6 +691,8 @@ std::string CoordinatorService::GenerateCall::AccessRecordLocked() {
   std::vector<std::string> workers;
   for (const auto& a : attempts_) workers.push_back(a->assignment_.address);
   r.StrList("workers", workers);
+  // Disaggregated: the first of them computed the prompt, the next took the generation on.
+  if (handoffs_ > 0) r.Int("prefill_handoff", 1);
   if (client_gone_) r.Int("client_gone", 1);
   return r.Done();
 }

@@ -2,6 +2,7 @@
 // --role=prefill and one with --role=decode. A long prompt is computed on the prefill worker with
 // its first token; the decode worker copies the prompt's KV blocks from there and generates the
 // rest, and the client gets exactly the tokens one worker alone produces.
+#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -61,8 +62,24 @@ v1::GenerateRequest LongRequest() {
   return req;
 }
 
+// The lines of `path` that contain `needle`, once there are at least `n` (up to 10 s).
+std::vector<std::string> WaitForLines(const std::string& path, const std::string& needle, int n) {
+  std::vector<std::string> lines;
+  for (const absl::Time give_up = absl::Now() + absl::Seconds(10); absl::Now() < give_up;) {
+    lines.clear();
+    std::ifstream in(path);
+    for (std::string line; std::getline(in, line);) {
+      if (line.find(needle) != std::string::npos) lines.push_back(line);
+    }
+    if (static_cast<int>(lines.size()) >= n) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return lines;
+}
+
 TEST(DisaggregationTest, ALongPromptIsPrefilledThereAndDecodedHereToTheSameTokens) {
-  Cluster c = StartDisaggregated("disagg");
+  const std::string access_log = TestOutputDir() + "/disagg-access.log";
+  Cluster c = StartDisaggregated("disagg", {"--access_log=" + access_log});
   ASSERT_NE(c.cluster, nullptr);
   LocalCluster& cluster = *c.cluster;
   const v1::GenerateRequest req = LongRequest();
@@ -107,6 +124,13 @@ TEST(DisaggregationTest, ALongPromptIsPrefilledThereAndDecodedHereToTheSameToken
   });
   EXPECT_EQ(m["strata_worker_kv_fetches_total{outcome=\"copied\"}"], 1);
   EXPECT_EQ(m["strata_worker_kv_blocks_received_total"], full_blocks);
+  // The access log names both workers, the prefill worker first, and the handoff.
+  const std::vector<std::string> handed = WaitForLines(access_log, "\"prefill_handoff\":1", 1);
+  ASSERT_EQ(handed.size(), 1u);
+  EXPECT_NE(handed[0].find(absl::StrCat("\"workers\":[\"", cluster.worker_address(0), "\",\"",
+                                        cluster.worker_address(1), "\"]")),
+            std::string::npos)
+      << handed[0];
 
   // The same prompt again: the decode worker holds it now, so it goes there whole.
   const Generated again = Generate(cluster.serving(), req);
