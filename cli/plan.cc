@@ -262,6 +262,16 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
       1, static_cast<int64_t>(std::ceil(
              workload.rate_rps / (p.requests_per_s_per_worker * options.target_utilization))));
   p.utilization = workload.rate_rps / (p.workers * p.requests_per_s_per_worker);
+  // The same load split between prefill and decode workers.
+  const auto pool = [&](double seconds_per_request) {
+    return std::max<int64_t>(
+        1, static_cast<int64_t>(
+               std::ceil(workload.rate_rps * seconds_per_request / options.target_utilization)));
+  };
+  p.split_prefill_workers = pool(uncached / p.prefill_tokens_per_s);
+  p.split_decode_workers = pool(workload.output_tokens * (p.step_ms / 1e3) / p.batch);
+  p.handoff_bytes = static_cast<double>(workload.prompt_tokens) * p.kv_bytes_per_token;
+  p.handoff_ms = 1e3 * p.handoff_bytes / kKvCopyBytesPerS;
 
   // Tiers: each block in a host or disk slot (header, 4 KiB alignment, compression); one slot holds
   // every rank's share of a block.
@@ -488,7 +498,9 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
       "\"kv_cache_mb\":%d,\"kv_cache_tokens\":%d,\"batch\":%d,\"batch_limit\":%s,"
       "\"step_ms\":%.3f,\"batch1_step_ms\":%.3f,\"decode_tokens_per_s\":%.1f,"
       "\"prefill_tokens_per_s\":%.1f,\"ttft_ms\":%.2f,\"requests_per_s_per_worker\":%.3f,"
-      "\"workers\":%d,\"utilization\":%.3f,\"tier_slot_bytes\":%d,\"warm_set_bytes\":%.0f,"
+      "\"workers\":%d,\"utilization\":%.3f,\"split_prefill_workers\":%d,"
+      "\"split_decode_workers\":%d,\"handoff_bytes\":%.0f,\"handoff_ms\":%.2f,"
+      "\"tier_slot_bytes\":%d,\"warm_set_bytes\":%.0f,"
       "\"host_cache_mb\":%d,\"disk_cache_mb\":%d,\"pod_memory_limit_mb\":%d,"
       "\"disk_volume_gib\":%d,\"delta_bytes\":%.0f,\"active_fine_tunes\":%d,"
       "\"delta_cache_mb\":%d,\"batch1_delta_step_ms\":%.3f,\"worker_flags\":[%s],"
@@ -497,6 +509,7 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
       p.gpu_weight_bytes, p.gpu_scratch_bytes, p.kv_cache_mb, p.kv_cache_tokens, p.batch,
       Quoted(p.batch_limit), p.step_ms, p.batch1_step_ms, p.decode_tokens_per_s,
       p.prefill_tokens_per_s, p.ttft_ms, p.requests_per_s_per_worker, p.workers, p.utilization,
+      p.split_prefill_workers, p.split_decode_workers, p.handoff_bytes, p.handoff_ms,
       p.tier_slot_bytes, p.warm_set_bytes, p.host_cache_mb, p.disk_cache_mb, p.pod_memory_limit_mb,
       p.disk_volume_gib, p.delta_bytes, p.active_fine_tunes, p.delta_cache_mb,
       p.batch1_delta_step_ms, absl::StrJoin(flags, ","), absl::StrJoin(notes, ","));
@@ -723,6 +736,16 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
   if (w.rate_rps > 0) {
     absl::FPrintF(out, "workers    %d for %.2f requests/s (each %.0f%% busy; target %.0f%%)\n",
                   p.workers, w.rate_rps, 100 * p.utilization, 100 * o.target_utilization);
+    absl::FPrintF(out,
+                  "split      or %d prefill + %d decode workers (--role); each handoff copies %.0f "
+                  "MiB of KV, about %.0f ms at %.0f GB/s, between the first and second token%s\n",
+                  p.split_prefill_workers, p.split_decode_workers, p.handoff_bytes / (1 << 20),
+                  p.handoff_ms, kKvCopyBytesPerS / 1e9,
+                  w.tpot_ms > 0 && p.handoff_ms > w.tpot_ms
+                      ? absl::StrFormat(" (%.0fx the TPOT target: over TCP the split costs every "
+                                        "request one long gap)",
+                                        p.handoff_ms / w.tpot_ms)
+                      : "");
     if (gpu.name != "custom") {
       // Averages say nothing of tails: the simulator replays Poisson arrivals.
       absl::FPrintF(out,

@@ -132,6 +132,14 @@ struct Plan {
   double requests_per_s_per_worker = 0;  // at 100% busy
   int64_t workers = 0;                   // for rate_rps at target_utilization (>= 1)
   double utilization = 0;                // of each worker at rate_rps
+  // Disaggregated serving instead (strata-worker --role): prefill workers for the prompts'
+  // uncached tokens, decode workers for the generations, each pool at target_utilization; and the
+  // KV a request's handoff copies (its whole prompt) and how long that takes at kKvCopyBytesPerS,
+  // a gap between its first and second token.
+  int64_t split_prefill_workers = 0;
+  int64_t split_decode_workers = 0;
+  double handoff_bytes = 0;
+  double handoff_ms = 0;
   // Tiers (per worker).
   int64_t tier_slot_bytes = 0;  // one block in the host or disk tier
   double warm_set_bytes = 0;    // conversations' KV per worker, in tier slots
@@ -160,6 +168,9 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
 StepCost PlanStepCost(const ModelConfig& model, const GpuSpec& gpu, const PlanOptions& options);
 // Host-to-device copies from pinned memory (PCIe Gen4 x16 in practice; Gen5 is about twice).
 inline constexpr double kHostToDeviceBytesPerS = 25e9;
+// KV blocks copied between workers over gRPC on TCP (Worker.FetchKvBlocks): 0.5-0.9 GB/s measured
+// on loopback between CPU workers (docs/PERFORMANCE.md); not measured between GPU workers.
+inline constexpr double kKvCopyBytesPerS = 1e9;
 // Reading a fine-tune's delta file that is not in the page cache (one NVMe drive).
 inline constexpr double kDeltaReadBytesPerS = 2e9;
 // One fine-tune's delta in options' format: its projection matrices packed as `stratactl delta

@@ -238,6 +238,15 @@ TEST(PlanTest, WorkersCoverTheRateAtTheTargetUtilization) {
   EXPECT_LE(p->utilization, 0.8);
   EXPECT_GT(p->workers * p->requests_per_s_per_worker * 0.8, 50);
   EXPECT_LT((p->workers - 1) * p->requests_per_s_per_worker * 0.8, 50);  // not one more than needed
+  // Split: prefill workers for the prompts, decode workers for the rest, each pool at 80%; about
+  // as many workers in all (each pool rounds up), and the whole prompt's KV to copy.
+  const double prefill_s = 1024 / p->prefill_tokens_per_s;
+  const double decode_s = 256 * (p->step_ms / 1e3) / p->batch;
+  EXPECT_EQ(p->split_prefill_workers, static_cast<int64_t>(std::ceil(50 * prefill_s / 0.8)));
+  EXPECT_EQ(p->split_decode_workers, static_cast<int64_t>(std::ceil(50 * decode_s / 0.8)));
+  EXPECT_LE(p->split_prefill_workers + p->split_decode_workers, p->workers + 1);
+  EXPECT_EQ(p->handoff_bytes, 1024.0 * p->kv_bytes_per_token);
+  EXPECT_NEAR(p->handoff_ms, 1e3 * 1024 * p->kv_bytes_per_token / kKvCopyBytesPerS, 1e-9);
   // A shared system prompt is computed once: requests get cheaper and first tokens sooner.
   w.shared_prefix_tokens = 768;
   auto shared = MakePlan(Llama8B(), *FindGpu("h100"), w, PlanOptions());
