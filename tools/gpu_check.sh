@@ -168,6 +168,61 @@ cluster_check() {
   } >"$results/cluster.txt"
 }
 
+# disagg_check RESULTS_DIR: disaggregated serving on the GPU. Two workers share the GPU, one
+# --role=prefill and one --role=decode (f32, so that greedy tokens are exact), behind a coordinator
+# that splits every prompt of 64 tokens or more: a long prompt's greedy text must equal the CPU
+# engine's, and the coordinator must count the handoff (the decode worker copied the prompt's
+# blocks out of the prefill worker's GPU cache). Writes RESULTS_DIR/disagg.txt (PASS or FAIL).
+disagg_check() {
+  local results=$1 device="${STRATA_CLUSTER_DEVICE:-gpu}"
+  local b="$PWD/gpu-bundle/bin" model="$PWD/models/strata-tiny/base"
+  export LD_LIBRARY_PATH="$(bundle_libpath)"
+  local cport=50952 mport=50953 pport=50971 dport=50972 prompt
+  prompt=$(python3 -c 'print("".join("def parse_%d(value):\n    return value.strip()\n\n" % i for i in range(12)))')
+  "$b/coordinator.strata-coordinator" --model="strata-tiny=$model" \
+    --workers="127.0.0.1:$pport,127.0.0.1:$dport" --listen="127.0.0.1:$cport" \
+    --metrics_listen="127.0.0.1:$mport" --disaggregate_min_uncached_tokens=64 \
+    >"$results/disagg-coordinator.log" 2>&1 &
+  local cpid=$!
+  local pids=() role port
+  for role in prefill decode; do
+    port=$([ $role = prefill ] && echo $pport || echo $dport)
+    "$b/worker.server.strata-worker" --model="$model" --model_name=strata-tiny \
+      --listen="127.0.0.1:$port" --device="$device" --gpu_dtype=f32 --kv_cache_mb=64 --threads=2 \
+      --role=$role >"$results/disagg-$role.log" 2>&1 &
+    pids+=($!)
+  done
+  local ready=0
+  for _ in $(seq 300); do
+    if [ "$("$b/cli.stratactl" status --coordinator "127.0.0.1:$cport" --json 2>/dev/null |
+            grep -o '"WORKER_STATE_SERVING"' | wc -l)" -ge 2 ]; then ready=1; break; fi
+    sleep 0.1
+  done
+  local got="" want="" handoffs="" verdict=FAIL
+  if [ $ready = 1 ]; then
+    got=$("$b/cli.stratactl" generate --coordinator "127.0.0.1:$cport" --prompt "$prompt" \
+      --max-tokens 32 --temperature 0 --ignore-eos 2>&1)
+    want=$("$b/cli.stratactl" run --model "$model" --prompt "$prompt" --max-tokens 32 \
+      --temperature 0 --ignore-eos --threads 4 2>&1)
+    handoffs=$(python3 - "$mport" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1], timeout=10).read().decode()
+print(next((l.split()[1] for l in text.splitlines()
+            if l.startswith("strata_coordinator_prefill_handoffs_total ")), "0"))
+PY
+)
+    [ -n "$got" ] && [ "$got" = "$want" ] && [ "${handoffs%.*}" = 1 ] && verdict=PASS
+  fi
+  kill "${pids[@]}" "$cpid" 2>/dev/null
+  wait "${pids[@]}" "$cpid" 2>/dev/null
+  {
+    echo "disaggregated ($device prefill and decode workers vs stratactl run on the CPU): $verdict"
+    echo "--- handoffs counted: $handoffs"
+    echo "--- served:"; echo "$got"
+    echo "--- local CPU engine:"; echo "$want"
+  } >"$results/disagg.txt"
+}
+
 case "${1:-}" in
   bundle)
     shift
@@ -224,6 +279,7 @@ case "${1:-}" in
     # serve the bundled model over gRPC; its greedy text must equal the CPU engine's (stratactl run).
     if [ -x gpu-bundle/bin/worker.server.strata-worker ] && [ "${STRATA_CLUSTER:-1}" != 0 ]; then
       cluster_check "$results" >"$results/cluster.log" 2>&1
+      disagg_check "$results" >"$results/disagg.log" 2>&1
     fi
     # The capacity simulator's step cost, measured of the GPU engine on the Llama-3-8B shape
     # (random bf16 weights): `stratactl simulate --profile RESULTS_DIR/profile_llama3_8b.json`
@@ -310,9 +366,10 @@ rows = [
 ]
 print()
 print(summary.strip())
-cl = os.path.join(res, "cluster.txt")
-if os.path.exists(cl):
-    print(open(cl).read().splitlines()[0])
+for name in ("cluster.txt", "disagg.txt"):
+    cl = os.path.join(res, name)
+    if os.path.exists(cl):
+        print(open(cl).read().splitlines()[0])
 pl = os.path.join(res, "profile.log")
 if os.path.exists(pl):
     print("\n".join(l for l in open(pl).read().splitlines()
