@@ -938,6 +938,13 @@ def run_pods(m, rootfs, work):
         # worker only a few seconds).
         cluster.wait("a DNS re-resolution while %s is drained" % other.name,
                      lambda: time.monotonic() - drained_at > 6, 15)
+        def admitted(values):
+            # Running or queued there now, plus finished there since the streams started (under
+            # load their processes may start far enough apart for an early one to be done).
+            finished = sum(v for k, v in values.items()
+                           if k.startswith("strata_worker_sequences_finished_total"))
+            return values.get("strata_worker_live_sequences", 0), finished
+        _, finished_before = admitted(scrape(victim))
         streams = []
         for i in range(4):
             cmd = [os.path.join(ROOT, BINARIES["stratactl"]), "generate", "--coordinator",
@@ -945,9 +952,12 @@ def run_pods(m, rootfs, work):
                    "# stream %d\n" % i, "--max-tokens", "1800", "--seed", str(i), "--ignore-eos", "--json"]
             streams.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         # All four admitted there before the SIGTERM (with the other worker draining, a stream that
-        # arrived later would find no worker at all).
-        cluster.wait("the streams to run on %s" % victim.name,
-                     lambda: scrape(victim).get("strata_worker_live_sequences", 0) >= len(streams), 30)
+        # arrived later would find no worker at all), and some still running, so that the drain has
+        # sequences to finish.
+        def all_admitted():
+            live, finished = admitted(scrape(victim))
+            return live >= 1 and live + finished - finished_before >= len(streams)
+        cluster.wait("the streams to run on %s" % victim.name, all_admitted, 30)
         grace = victim.workload["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         victim.expect_exit = True
         victim.seen_not_serving = False
