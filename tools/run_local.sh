@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
     --tensor-parallel) tensor_parallel="$2"; shift ;;
     --tensor-parallel=*) tensor_parallel="${1#--tensor-parallel=}" ;;
     --disaggregated) disaggregated=1 ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
