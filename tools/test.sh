@@ -20,14 +20,16 @@ if [[ $# -eq 0 ]]; then
   # reloading thread, the access log's writer, and the cluster secret's reloading, and the
   # periodic thread that runs those reloads; and the delta cache, whose entries outlive their
   # registration while pinned or loading, with the fine-tune directory's rescans over it; and
-  # KV copies between workers, whose fetcher threads and parked requests are cancelled midway.)
+  # KV copies between workers, whose fetcher threads and parked requests are cancelled midway;
+  # and disaggregated serving end to end, whose calls hand over from one worker's stream to
+  # another's, with ASAN builds of the coordinator and workers.)
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
     //coordinator:api_keys_test //coordinator:access_log_test //common:secrets_test \
     //common:periodic_test \
     //coordinator:tool_calls_test //grammar/... //worker/engine:engine_speculative_test \
     //worker/engine:ngram_draft_test //worker/model:lora_test \
     //worker/engine:delta_cache_test //worker/server:fine_tune_dir_test \
-    //worker/server:kv_fetch_test
+    //worker/server:kv_fetch_test //tests:disaggregation_test
   bazel test --config=tsan //memtier/... //worker/comm/...
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
   # Structured output's masks are computed on several threads and warmed on another.
