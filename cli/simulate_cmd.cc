@@ -431,8 +431,11 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
   ASSIGN_OR_RETURN(const int64_t workers, IntIn(args, "workers", 1, 1, kMaxWorkers));
   setup.config.workers = static_cast<int>(workers);
   // Disaggregated: the first --prefill-workers of them take prompts only.
-  ASSIGN_OR_RETURN(const int64_t prefill_workers,
-                   IntIn(args, "prefill-workers", 0, 0, std::max<int64_t>(0, workers - 1)));
+  // (With --find-workers, the decode workers are what is sized, beside this many prefill ones.)
+  ASSIGN_OR_RETURN(
+      const int64_t prefill_workers,
+      IntIn(args, "prefill-workers", 0, 0,
+            args.Has("find-workers") ? kMaxWorkers - 1 : std::max<int64_t>(0, workers - 1)));
   setup.config.prefill_workers = static_cast<int>(prefill_workers);
   ASSIGN_OR_RETURN(setup.config.disaggregate_min_uncached_tokens,
                    IntIn(args, "disaggregate-min-uncached-tokens",
@@ -473,20 +476,18 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
     if (args.Has("workers")) {
       return absl::InvalidArgumentError("give --workers or --find-workers, not both");
     }
-    if (args.Has("prefill-workers")) {
-      return absl::InvalidArgumentError(
-          "--find-workers sizes mixed workers: with --prefill-workers give --workers (and "
-          "compare splits with --rates)");
-    }
     // Double until the targets hold, then bisect: latency falls as workers are added. More
-    // workers than requests change nothing, and the simulator holds 50 million blocks.
+    // workers than requests change nothing, and the simulator holds 50 million blocks. With
+    // --prefill-workers P, the count searched is the decode workers beside those P.
+    const int fixed = setup.config.prefill_workers;
     const int most = static_cast<int>(std::max<int64_t>(
         1, std::min<int64_t>({kMaxWorkers, wo.num_requests,
-                              static_cast<int64_t>(5e7) / std::max<int64_t>(1, w.kv_blocks)})));
+                              static_cast<int64_t>(5e7) / std::max<int64_t>(1, w.kv_blocks)}) -
+               fixed));
     int lo = 0, hi = 1;
     SimResult best;
     for (;;) {
-      setup.config.workers = hi;
+      setup.config.workers = fixed + hi;
       ASSIGN_OR_RETURN(const SimResult r, Simulate(first, setup.config));
       if (MeetsTargets(r, ttft_target, tpot_target)) {
         best = r;
@@ -508,7 +509,7 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
     }
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;
-      setup.config.workers = mid;
+      setup.config.workers = fixed + mid;
       ASSIGN_OR_RETURN(const SimResult r, Simulate(first, setup.config));
       if (MeetsTargets(r, ttft_target, tpot_target)) {
         hi = mid;
@@ -519,19 +520,21 @@ absl::Status SimulateCommand(const Args& args, std::FILE* out) {
     }
     if (json) {
       absl::FPrintF(out,
-                    "{\"source\":%s,\"workers\":%d,\"ttft_p99_ms_target\":%g,"
-                    "\"tpot_p99_ms_target\":%g,\"run\":%s}\n",
-                    JsonQuote(setup.source), hi, ttft_target, tpot_target,
-                    RunJson(rates[0], hi, best));
+                    "{\"source\":%s,\"workers\":%d,\"prefill_workers\":%d,"
+                    "\"ttft_p99_ms_target\":%g,\"tpot_p99_ms_target\":%g,\"run\":%s}\n",
+                    JsonQuote(setup.source), fixed + hi, fixed, ttft_target, tpot_target,
+                    RunJson(rates[0], fixed + hi, best));
       return absl::OkStatus();
     }
     std::vector<std::string> targets;
     if (ttft_target > 0) targets.push_back(absl::StrFormat("p99 TTFT <= %g ms", ttft_target));
     if (tpot_target > 0) targets.push_back(absl::StrFormat("p99 TPOT <= %g ms", tpot_target));
-    absl::FPrintF(out, "workers    %d meet %s at %g requests/s%s\n", hi,
+    const std::string kind =
+        fixed > 0 ? absl::StrCat(" decode (beside ", fixed, " prefill workers)") : "";
+    absl::FPrintF(out, "workers    %d%s meet %s at %g requests/s%s\n", hi, kind,
                   absl::StrJoin(targets, " and "), rates[0],
                   hi > 1 ? absl::StrCat(" (", hi - 1, " do not)") : "");
-    PrintRun(out, wo, rates[0], hi, best);
+    PrintRun(out, wo, rates[0], fixed + hi, best);
     return absl::OkStatus();
   }
 

@@ -95,6 +95,16 @@ n=$(echo "$found" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert 
 msg="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --rate 30 --requests 600 \
   --prompt-tokens 1024 --output-tokens 128 --workers $((n - 1)) --ttft-p99-ms 400)"
 grep -q '^targets    missed' <<<"$msg" || fail "$((n - 1)) workers should miss the target: $msg"
+# Split: decode workers sized beside a fixed number of prefill workers, for a TPOT target.
+found="$($bin simulate --model bench/configs/llama3_8b.json --gpu h100 --rate 10 --requests 300 \
+  --prompt-tokens 2048 --output-tokens 128 --prefill-workers 2 --kv-copy-gbps 1 --find-workers \
+  --tpot-p99-ms 30 --json)" || fail "find-workers --prefill-workers: $found"
+echo "$found" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+assert r["prefill_workers"] == 2 and r["workers"] >= 3, r
+assert r["run"]["prefill_handoffs"] == r["run"]["completed"] == 300, r
+assert r["run"]["tpot_ms"]["p99"] <= 30, r' || fail "find-workers --prefill-workers: $found"
 # A profile of a shape alone (random weights from a config.json), and a device it cannot use.
 out="$($bin profile --model $model/config.json --random-weights --threads 1 --kv-cache-mb 4 \
   --context 32 --reps 2 --json)" || fail "profile --random-weights: $out"
