@@ -124,6 +124,7 @@ TEST(DisaggregationTest, ALongPromptIsPrefilledThereAndDecodedHereToTheSameToken
   });
   EXPECT_EQ(m["strata_worker_kv_fetches_total{outcome=\"copied\"}"], 1);
   EXPECT_EQ(m["strata_worker_kv_blocks_received_total"], full_blocks);
+  EXPECT_EQ(m["strata_worker_role{role=\"decode\"}"], 1);
   // The access log names both workers, the prefill worker first, and the handoff.
   const std::vector<std::string> handed = WaitForLines(access_log, "\"prefill_handoff\":1", 1);
   ASSERT_EQ(handed.size(), 1u);

@@ -1066,6 +1066,12 @@ void WorkerService::PublishMetrics(LoopState* state) {
       ->Set(static_cast<double>(num_live_.load()));
   m->GetGauge("strata_worker_draining", "1 while the worker drains (admits nothing new).")
       ->Set(draining_.load() ? 1 : 0);
+  m->GetGauge("strata_worker_role",
+              "1, labelled with the worker's part in disaggregated serving (--role).",
+              {{"role", options_.role == v1::WORKER_ROLE_PREFILL  ? "prefill"
+                        : options_.role == v1::WORKER_ROLE_DECODE ? "decode"
+                                                                  : "mixed"}})
+      ->Set(1);
   m->GetCounter("strata_worker_preemptions_total", "Sequences preempted for KV blocks.")
       ->SetTotal(static_cast<double>(st.num_preemptions));
   m->GetCounter("strata_worker_inflight_prefix_waits_total",
