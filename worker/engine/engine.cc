@@ -699,6 +699,19 @@ std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHa
   return out;
 }
 
+int64_t Engine::PrefetchForExport(absl::Span<const BlockHash> hashes) {
+  if (store_ == nullptr || !store_->has_disk() || hashes.empty()) return 0;
+  return store_->Prefetch(hashes);
+}
+
+void Engine::PollIo() {
+  if (store_ != nullptr) store_->Poll();
+}
+
+int64_t Engine::disk_loads_in_flight() const {
+  return store_ == nullptr ? 0 : store_->loads_in_flight();
+}
+
 int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
                                absl::Span<const KvBlockCopy> blocks) {
   if (device_tier_ == nullptr) return 0;

@@ -407,6 +407,14 @@ class Engine {
   // stops at the first held in neither, and before the copies pass max_bytes (after one at
   // least). Each one copied becomes the most recently used in its tier.
   std::vector<KvBlockCopy> ExportKvBlocks(absl::Span<const BlockHash> hashes, int64_t max_bytes);
+  // For an export that stopped short: starts loading into the host tier the leading blocks of
+  // `hashes` that are on disk only (KvStore::Prefetch), so that ExportKvBlocks finds them there
+  // once they land (PollIo). Returns how many loads started; 0 without a disk tier.
+  int64_t PrefetchForExport(absl::Span<const BlockHash> hashes);
+  // Lands finished disk loads into the host tier (Step does it too), for a caller with no
+  // sequences to step; and how many loads are still in flight.
+  void PollIo();
+  int64_t disk_loads_in_flight() const;
   // Stores blocks copied from another worker as cached device blocks of `tenant`, which a request
   // for the prompt then takes instead of computing them: blocks[i] must be
   // expected.hashes[expected.held + i] in expected.cache_namespace with a payload of the layout's

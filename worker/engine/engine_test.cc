@@ -1029,6 +1029,42 @@ TEST_F(EngineTiersTest, KvBlocksAreCopiedOutOfTheHostTierToo) {
   EXPECT_EQ(out.num_cached_prompt_tokens, 96);
 }
 
+// Blocks that went down to the disk tier are copied out too, once an export has them loaded back
+// into the host tier (PrefetchForExport, then PollIo as the loads land).
+TEST_F(EngineTiersTest, KvBlocksAreCopiedOutOfTheDiskTierOnceLoaded) {
+  std::mt19937 rng(12);
+  const std::vector<int32_t> a = RandomPrompt(rng, 100), b = RandomPrompt(rng, 100),
+                             c = RandomPrompt(rng, 100);
+  auto source = MakeEngine(TieredConfig(/*host_blocks=*/8, /*disk_blocks=*/64));
+  RequestOutput out;
+  const std::vector<int32_t> want = Run(*source, "a", a, &out);
+  // b and c push a's blocks out of the device cache and the host tier, onto the disk.
+  Run(*source, "b", b, &out);
+  Run(*source, "c", c, &out);
+  Run(*source, "b2", b, &out);
+  EngineConfig one_thread;
+  one_thread.compute_threads = 1;
+  auto dest = MakeEngine(one_thread);
+  const Engine::PromptBlocks wanted = dest->LookUpPrompt(a, Greedy(4));
+  ASSERT_EQ(wanted.hashes.size(), 6u);
+  std::vector<Engine::KvBlockCopy> copies = source->ExportKvBlocks(wanted.hashes, 1 << 30);
+  ASSERT_LT(copies.size(), 6u);  // some are on disk only
+  const auto rest = absl::MakeConstSpan(wanted.hashes).subspan(copies.size());
+  EXPECT_GT(source->PrefetchForExport(rest), 0);
+  for (int i = 0; i < 1000 && source->disk_loads_in_flight() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(1));
+    source->PollIo();
+  }
+  source->PollIo();
+  std::vector<Engine::KvBlockCopy> more = source->ExportKvBlocks(rest, 1 << 30);
+  EXPECT_EQ(copies.size() + more.size(), 6u);
+  for (auto& m : more) copies.push_back(std::move(m));
+  EXPECT_EQ(dest->ImportKvBlocks(wanted, "", copies), 6);
+  EXPECT_EQ(Run(*dest, "a2", a, &out), want);
+  EXPECT_EQ(out.num_cached_prompt_tokens, 96);
+  EXPECT_EQ(source->PrefetchForExport({}), 0);
+}
+
 // Copies stored after a prefix this engine holds in host memory are used too: admission restores
 // the host blocks and goes on into the copied device blocks.
 TEST_F(EngineTiersTest, CopiedBlocksAfterAHostPrefixAreUsed) {

@@ -3,11 +3,13 @@
 // the tokens a computed one does and is reported cached; a source that fails, hangs or refuses
 // leaves the request to compute its prompt; a request waiting for copies can be cancelled.
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/grpc_server.h"
 #include "common/metrics.h"
@@ -72,9 +74,10 @@ class KvFetchTest : public ::testing::Test {
     weights_ = weights->release();
   }
 
-  std::unique_ptr<Node> StartNode(WorkerServiceOptions wo = {}, bool prefix_caching = true) {
+  std::unique_ptr<Node> StartNode(WorkerServiceOptions wo = {}, bool prefix_caching = true,
+                                  const EngineConfig* config = nullptr) {
     auto node = std::make_unique<Node>();
-    EngineConfig ec;
+    EngineConfig ec = config != nullptr ? *config : EngineConfig();
     ec.model_name = kModel;
     ec.compute_threads = 1;
     ec.enable_prefix_caching = prefix_caching;
@@ -174,6 +177,46 @@ TEST_F(KvFetchTest, ASubmitCopiesThePromptFromAnotherWorkerAndGeneratesTheSameTo
   EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 12);
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "none"}}), 1);
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 0);
+}
+
+// Blocks the source keeps only on its disk tier are loaded back into its host memory and sent as
+// they land: the copy is still whole.
+TEST_F(KvFetchTest, BlocksOnTheSourcesDiskTierAreLoadedAndCopied) {
+  EngineConfig tiered;
+  tiered.num_kv_blocks = 16;   // one 200-token prompt and its output
+  const int64_t slot = 69632;  // a block of the bundled model in a host or disk slot
+  tiered.tiers.host_bytes = 8 * slot;
+  tiered.tiers.disk_bytes = 64 * slot;
+  tiered.tiers.disk_path = std::string(std::getenv("TEST_TMPDIR")) + "/kv-source";
+  tiered.tiers.disk_queue_depth = 4;
+  auto source = StartNode({}, true, &tiered);
+  auto prompt = [](int seed) {
+    v1::SubmitRequest r = Request(absl::StrCat("p", seed), kPromptLen);
+    for (int i = 0; i < r.prompt_token_ids_size(); ++i) {
+      r.set_prompt_token_ids(i, (i * 53 + seed * 101) % 2000);
+    }
+    return r;
+  };
+  const Result computed = Run(*source, prompt(1));
+  ASSERT_TRUE(computed.status.ok()) << computed.status.error_message();
+  // Two other prompts push the first one's blocks off the device and out of the host tier.
+  for (int seed : {2, 3, 2}) {
+    v1::SubmitRequest other = prompt(seed);
+    other.set_request_id(
+        absl::StrCat("other", seed, "-", source->Counter("strata_worker_kv_blocks_sent_total")));
+    ASSERT_TRUE(Run(*source, other).status.ok());
+  }
+  auto dest = StartNode();
+  v1::SubmitRequest again = prompt(1);
+  again.set_request_id("copy");
+  again.set_kv_source_address(source->server->address());
+  const Result copied = Run(*dest, again);
+  ASSERT_TRUE(copied.status.ok()) << copied.status.error_message();
+  EXPECT_EQ(copied.tokens, computed.tokens);
+  EXPECT_EQ(copied.usage.cached().num_device_tokens(), kCopiedTokens);
+  EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 12);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "copied"}}), 1);
+  EXPECT_GT(source->service->num_kv_export_calls(), 0);
 }
 
 // A copy takes at most kv_fetch_max_bytes: the leading blocks within it, the rest computed.

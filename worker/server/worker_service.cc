@@ -30,6 +30,8 @@ constexpr size_t kStepWindow = 32;
 constexpr absl::Duration kMinChangeReportInterval = absl::Milliseconds(5);
 // Most block hashes one FetchKvBlocks call names.
 constexpr int kMaxFetchBlocks = 4096;
+// Longest a FetchKvBlocks call waits for its blocks to load from the disk tier.
+constexpr absl::Duration kExportDiskWait = absl::Milliseconds(500);
 
 v1::KvBlockLayout ToProtoLayout(const KvBlockLayout& layout) {
   v1::KvBlockLayout out;
@@ -161,6 +163,9 @@ struct WorkerService::LoopState {
     uint64_t ticket = 0;  // the KvFetcher's
   };
   absl::flat_hash_map<std::string, Fetching> fetching;
+  // FetchKvBlocks calls whose next blocks are loading from the disk tier into host memory: they
+  // stream those as they land, until their deadline.
+  std::vector<Exporting> exporting;
   std::vector<Watcher> watchers;
   std::deque<double> step_ms;
   std::array<int64_t, 4> last_reported_counts = {0, 0, 0, 0};
@@ -492,15 +497,17 @@ void WorkerService::Loop() {
     if (stopping) break;
     ProcessInbox(&state);
     if (engine_->HasWork()) StepEngine(&state);
+    ContinueExports(&state);
     PublishBlockEvents(&state);
     SendLoadReports(&state);
     PublishMetrics(&state);
     if (engine_->HasWork() && !engine_->WaitingForIo()) continue;
     // Idle, or waiting only for disk loads: sleep until a command arrives, loads finish, or the
     // next load report is due (waiting for loads, at most 10 ms: the engine gives up on them
-    // after max_io_wait, which needs a step to notice).
-    absl::Time wake =
-        absl::Now() + (engine_->HasWork() ? absl::Milliseconds(10) : absl::Seconds(1));
+    // after max_io_wait, which needs a step to notice; an export waiting for them, 5 ms).
+    absl::Time wake = absl::Now() + (!state.exporting.empty() ? absl::Milliseconds(5)
+                                     : engine_->HasWork()     ? absl::Milliseconds(10)
+                                                              : absl::Seconds(1));
     for (const auto& w : state.watchers) wake = std::min(wake, w.next_report);
     absl::MutexLock lock(&mu_);
     auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -530,6 +537,9 @@ void WorkerService::Loop() {
   state.fetching.clear();
   for (auto& w : state.watchers) w.stream->RequestFinish(gone);
   state.watchers.clear();
+  // Exports waiting for disk loads end with what they sent (the caller computes the rest).
+  for (Exporting& e : state.exporting) e.stream->RequestFinish(grpc::Status::OK);
+  state.exporting.clear();
   // Commands posted from now on (cancellations racing with shutdown) refer to finished streams.
   if (options_.persist_kv_timeout > absl::ZeroDuration() && engine_->kv_store() != nullptr &&
       engine_->kv_store()->has_disk() && !persist_cancel_.load()) {
@@ -565,7 +575,7 @@ void WorkerService::ProcessInbox(LoopState* state) {
         FinishKvFetch(state, c);
         break;
       case Command::Kind::kExport:
-        Export(c);
+        Export(state, c);
         break;
       case Command::Kind::kCancel: {
         auto it = state->live.find(c.request_id);
@@ -743,7 +753,7 @@ void WorkerService::FinishKvFetch(LoopState* state, Command& c) {
   AddToEngine(state, parked.add);
 }
 
-void WorkerService::Export(Command& c) {
+void WorkerService::Export(LoopState* state, Command& c) {
   const v1::FetchKvBlocksRequest& r = c.export_request;
   const KvBlockLayout& layout = engine_->kv_transfer_layout();
   auto refuse = [&](const std::string& why) {
@@ -763,28 +773,63 @@ void WorkerService::Export(Command& c) {
     return refuse(absl::StrCat("layout (", r.layout().ShortDebugString(),
                                ") is not this worker's blocks' (", want.ShortDebugString(), ")"));
   }
-  const std::vector<BlockHash> hashes(r.block_hashes().begin(), r.block_hashes().end());
-  const int64_t max_bytes =
-      r.max_bytes() == 0
-          ? int64_t{64} << 20
-          : static_cast<int64_t>(std::min<uint64_t>(r.max_bytes(), int64_t{1} << 30));
-  std::vector<Engine::KvBlockCopy> copies = engine_->ExportKvBlocks(hashes, max_bytes);
+  Exporting e;
+  e.stream = c.export_stream;
+  e.hashes.assign(r.block_hashes().begin(), r.block_hashes().end());
+  e.bytes_left = r.max_bytes() == 0
+                     ? int64_t{64} << 20
+                     : static_cast<int64_t>(std::min<uint64_t>(r.max_bytes(), int64_t{1} << 30));
+  SendExported(e);
+  // The rest may be on the disk tier: load it into host memory and send it as it lands, for a
+  // while (the caller's own timeout bounds its wait too).
+  if (!e.hashes.empty() && e.bytes_left > 0 && engine_->PrefetchForExport(e.hashes) > 0) {
+    e.deadline = absl::Now() + kExportDiskWait;
+    state->exporting.push_back(std::move(e));
+    return;
+  }
+  e.stream->RequestFinish(grpc::Status::OK);
+  // A long copy counts as the peer's last call from its end, for a drain waiting on copies.
+  last_export_call_ns_.store(absl::ToUnixNanos(absl::Now()));
+}
+
+void WorkerService::SendExported(Exporting& e) {
+  std::vector<Engine::KvBlockCopy> copies = engine_->ExportKvBlocks(e.hashes, e.bytes_left);
   for (Engine::KvBlockCopy& copy : copies) {
+    e.bytes_left -= static_cast<int64_t>(copy.payload.size());
     v1::KvBlockData data;
     data.set_block_hash(copy.key.hash);
     data.set_cache_namespace(copy.key.cache_namespace);
     data.set_payload(std::move(copy.payload));
-    c.export_stream->Write(std::move(data));
+    e.stream->Write(std::move(data));
   }
-  if (options_.metrics != nullptr) {
+  e.hashes.erase(e.hashes.begin(), e.hashes.begin() + static_cast<ptrdiff_t>(copies.size()));
+  if (options_.metrics != nullptr && !copies.empty()) {
     options_.metrics
         ->GetCounter("strata_worker_kv_blocks_sent_total",
                      "KV blocks copied out to other workers (FetchKvBlocks).")
         ->Add(static_cast<double>(copies.size()));
   }
-  c.export_stream->RequestFinish(grpc::Status::OK);
-  // A long copy counts as the peer's last call from its end, for a drain waiting on copies.
-  last_export_call_ns_.store(absl::ToUnixNanos(absl::Now()));
+}
+
+void WorkerService::ContinueExports(LoopState* state) {
+  if (state->exporting.empty()) return;
+  engine_->PollIo();
+  const absl::Time now = absl::Now();
+  for (size_t i = 0; i < state->exporting.size();) {
+    Exporting& e = state->exporting[i];
+    SendExported(e);
+    // Done: all sent, the byte budget spent, out of time, or nothing more coming (the tier loads
+    // a chain some blocks at a time: the next ones start as these land).
+    if (e.hashes.empty() || e.bytes_left <= 0 || now >= e.deadline ||
+        (engine_->PrefetchForExport(e.hashes) == 0 && engine_->disk_loads_in_flight() == 0)) {
+      e.stream->RequestFinish(grpc::Status::OK);
+      last_export_call_ns_.store(absl::ToUnixNanos(now));
+      state->exporting[i] = std::move(state->exporting.back());
+      state->exporting.pop_back();
+    } else {
+      ++i;
+    }
+  }
 }
 
 grpc::ServerWriteReactor<v1::KvBlockData>* WorkerService::FetchKvBlocks(

@@ -150,6 +150,14 @@ class WorkerService final : public v1::Worker::CallbackService {
  private:
   struct Command;
   struct LoopState;
+  // A FetchKvBlocks call still sending: the hashes left, the bytes it may still send, and until
+  // when it waits for blocks loading from the disk tier.
+  struct Exporting {
+    ExportStream* stream = nullptr;
+    std::vector<BlockHash> hashes;
+    int64_t bytes_left = 0;
+    absl::Time deadline;
+  };
 
   WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOptions options);
   void Post(Command command) ABSL_LOCKS_EXCLUDED(mu_);
@@ -169,7 +177,11 @@ class WorkerService final : public v1::Worker::CallbackService {
   // The copies for a parked Submit arrived (or failed): stores them, then queues it.
   void FinishKvFetch(LoopState* state, Command& c);
   // Answers a FetchKvBlocks call from the engine's cache.
-  void Export(Command& c);
+  void Export(LoopState* state, Command& c);
+  // FetchKvBlocks's blocks of `e` found in device or host memory now, sent; and the exports
+  // waiting for disk loads, continued (finished once done, out of time or with nothing loading).
+  void SendExported(Exporting& e);
+  void ContinueExports(LoopState* state);
   // A live place for a sequence of `tenant` (counted in num_live_ and by tenant), or why there is
   // none (RESOURCE_EXHAUSTED); given back by ReleaseLive.
   absl::Status TakeLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
