@@ -429,7 +429,9 @@ std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
       "  template:\n"
       "    spec:\n"
       "      terminationGracePeriodSeconds: ",
-      drain_s + persist_s + 10, "\n",
+      // The drain, the 5 s a drained worker stays for peers copying its KV blocks
+      // (--drain_kv_serve_s), the write to disk, and 5 s to spare.
+      drain_s + 5 + persist_s + 5, "\n",
       "      containers:\n"
       "        - name: worker\n"
       "          args:\n",

@@ -916,9 +916,14 @@ void WorkerService::StepEngine(LoopState* state) {
     }
     return;
   }
-  int64_t generated = 0;
+  // Counted before any stream hears of them: a client that reads its last token and then scrapes
+  // the metrics finds it counted.
+  if (generated_tokens_ != nullptr) {
+    int64_t generated = 0;
+    for (const RequestOutput& out : *outputs) generated += static_cast<int64_t>(out.tokens.size());
+    generated_tokens_->Add(static_cast<double>(generated));
+  }
   for (RequestOutput& out : *outputs) {
-    generated += static_cast<int64_t>(out.tokens.size());
     if (options_.metrics != nullptr) {
       if (out.finish != FinishReason::kNone) {
         options_.metrics
@@ -971,7 +976,6 @@ void WorkerService::StepEngine(LoopState* state) {
     }
     if (r.token_ids_size() > 0 || r.prompt_logprobs_size() > 0) live.stream->Write(std::move(r));
   }
-  if (generated_tokens_ != nullptr) generated_tokens_->Add(static_cast<double>(generated));
 }
 
 void WorkerService::PublishBlockEvents(LoopState* state) {
