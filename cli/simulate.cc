@@ -338,7 +338,7 @@ class Simulator {
     for (int64_t c : score.overlap_blocks) cached += c;
     r->copy_from = -1;
     r->copy_until = -1;
-    int64_t copy_blocks = 0;
+    int64_t copy_blocks = 0, disk_blocks = 0;
     if (source >= 0 && source != static_cast<int>(score.slot) &&
         static_cast<int64_t>(r->pending.size()) > cached) {
       r->copy_from = source;  // the prefill worker holds the whole prompt
@@ -347,10 +347,13 @@ class Simulator {
       // WorkerPool::Assign names the source; the worker copies before queueing the request.
       r->copy_from = static_cast<int>(score.fetch_source);
       copy_blocks = score.fetch_blocks;
+      disk_blocks = score.fetch_disk_blocks;
     }
     if (r->copy_from >= 0) {
       r->copy_blocks = copy_blocks;
-      r->copy_until = now_ + static_cast<double>(copy_blocks) * config_.worker.kv_copy_block_s;
+      // Blocks on the source's disk are read into its host tier first (one after another).
+      r->copy_until = now_ + static_cast<double>(copy_blocks) * config_.worker.kv_copy_block_s +
+                      static_cast<double>(disk_blocks) * config_.worker.disk_block_s;
       cached += copy_blocks;
     }
     r->worker = static_cast<int>(score.slot);
@@ -485,7 +488,10 @@ class Simulator {
     std::vector<int32_t> stored;
     for (int64_t i = held; i < limit && i < held + s->copy_blocks; ++i) {
       const absl::Span<const BlockHash> one = absl::MakeConstSpan(hashes).subspan(i, 1);
-      if (src.blocks.MatchPrefix(one) == 0 && !src.host.Contains(hashes[i])) break;
+      if (src.blocks.MatchPrefix(one) == 0 && !src.host.Contains(hashes[i]) &&
+          !src.disk.Contains(hashes[i])) {
+        break;
+      }
       if (w.blocks.MatchPrefix(one) == 1) continue;
       const std::optional<int32_t> b = w.blocks.Allocate();
       if (!b) break;

@@ -101,7 +101,8 @@ ABSL_FLAG(double, cold_fine_tune_blocks, 4.0,
           "`stratactl simulate --fine-tunes N --cold-fine-tune-blocks B` shows the effect.");
 ABSL_FLAG(double, kv_fetch_weight, 0.9,
           "Routing credit, per block, for a prompt's KV blocks that a worker can copy from another "
-          "worker holding them (its device or host tier) instead of computing them: the request "
+          "worker holding them (its device or host tier; its disk tier's at the disk hit's "
+          "weight) instead of computing them: the request "
           "then names that worker (SubmitRequest.kv_source_address). 1 counts a copied block as "
           "one in the worker's own device cache; 0 turns copies off.");
 ABSL_FLAG(int64_t, kv_fetch_min_blocks, 2, "Fewest blocks worth copying from another worker.");

@@ -24,8 +24,10 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
   }
   const std::vector<std::array<int64_t, kNumTiers>> overlap =
       index.PrefixOverlap(request.prefix_hashes, slots);
-  // Each source's prefix on the device and in host memory (what it copies out).
-  std::vector<int64_t> source_blocks;
+  // Each source's prefix on the device and in host memory, and how far its disk tier carries it
+  // on (what it copies out; the chain's head stays on the faster tiers, which evict its tail
+  // first).
+  std::vector<int64_t> source_blocks, source_disk_blocks;
   if (config.fetch_weight > 0 && !request.fetch_sources.empty() && !request.prefix_hashes.empty()) {
     // Blocks a source has reported computing, not those of requests just routed to it: it cannot
     // send those yet.
@@ -33,6 +35,7 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
                                              /*with_pending=*/false)) {
       source_blocks.push_back(o[static_cast<int>(Tier::kDevice)] +
                               o[static_cast<int>(Tier::kHost)]);
+      source_disk_blocks.push_back(o[static_cast<int>(Tier::kDisk)]);
     }
   }
   // The mean counts this request, wherever it goes.
@@ -50,15 +53,27 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
       s.credit += config.tier_weights[t] * static_cast<double>(overlap[i][t]);
       own += overlap[i][t];
     }
+    // A block the source must first read from its disk counts as a disk hit does, relative to a
+    // device hit.
+    const double disk_ratio = config.tier_weights[static_cast<int>(Tier::kDevice)] > 0
+                                  ? config.tier_weights[static_cast<int>(Tier::kDisk)] /
+                                        config.tier_weights[static_cast<int>(Tier::kDevice)]
+                                  : 0;
+    double fetch_credit = 0;
     for (size_t j = 0; j < source_blocks.size(); ++j) {
       if (request.fetch_sources[j] == c.slot) continue;
-      const int64_t more = source_blocks[j] - own;
-      if (more >= std::max<int64_t>(1, config.fetch_min_blocks) && more > s.fetch_blocks) {
+      const int64_t fast = std::max<int64_t>(0, source_blocks[j] - own);
+      const int64_t more = std::max<int64_t>(0, source_blocks[j] + source_disk_blocks[j] - own);
+      const double credit =
+          static_cast<double>(fast) + disk_ratio * static_cast<double>(more - fast);
+      if (more >= std::max<int64_t>(1, config.fetch_min_blocks) && credit > fetch_credit) {
         s.fetch_source = request.fetch_sources[j];
         s.fetch_blocks = more;
+        s.fetch_disk_blocks = more - fast;
+        fetch_credit = credit;
       }
     }
-    s.credit += config.fetch_weight * static_cast<double>(s.fetch_blocks);
+    s.credit += config.fetch_weight * fetch_credit;
     s.cost = std::max(0.0, static_cast<double>(request.prompt_blocks + c.queued_prefill_blocks) -
                                s.credit) +
              config.decode_weight * static_cast<double>(c.decode_sequences);

@@ -109,9 +109,11 @@ struct WorkerScore {
   double credit = 0;
   double cost = 0;
   bool over_balance_limit = false;
-  // The worker it would copy fetch_blocks blocks from (credited above), or -1.
+  // The worker it would copy fetch_blocks blocks from (credited above), or -1; the last
+  // fetch_disk_blocks of them are on that worker's disk tier (it loads them before sending).
   int64_t fetch_source = -1;
   int64_t fetch_blocks = 0;
+  int64_t fetch_disk_blocks = 0;
 };
 
 struct RouteDecision {

@@ -182,13 +182,17 @@ TEST(RouterTest, ABusyHoldersPromptGoesToAnIdleWorkerThatCopiesIt) {
   EXPECT_EQ(d.scores[2].fetch_blocks, 4);
   EXPECT_EQ(d.chosen, 1);
 
-  // The holder itself need not be a candidate (draining), and disk blocks are not copied.
+  // The holder itself need not be a candidate (draining). A source's disk blocks count as a disk
+  // hit does (0.25 of a device block): copying them means reading them first.
   index.Stored(2, Tier::kDisk, {100, 101, 102, 103, 104});
   const std::vector<WorkerLoadView> two = {loads[1], loads[2]};
   d = Route(req, two, index, config);
-  // Worker 1 (candidate 0) still: worker 2's 5 disk blocks earn 1.25 and leave nothing to copy.
+  // Worker 1 (candidate 0) still: worker 2's 5 disk blocks earn 1.25 and leave nothing to copy;
+  // worker 1 copies 3 from worker 0's device and host (credit 3) rather than 4 from worker 2's
+  // disk (credit 1).
   EXPECT_EQ(d.chosen, 0);
   EXPECT_EQ(d.scores[0].fetch_source, 0);
+  EXPECT_EQ(d.scores[0].fetch_disk_blocks, 0);
   EXPECT_EQ(d.scores[1].fetch_source, -1);
 
   // Blocks still being computed for a request just routed to a worker (pending) are not there to
@@ -203,8 +207,15 @@ TEST(RouterTest, ABusyHoldersPromptGoesToAnIdleWorkerThatCopiesIt) {
     EXPECT_EQ(p.scores[0].overlap_blocks[0], 5);  // the holder's own pending blocks still count
   }
 
-  // Fewer than fetch_min_blocks to gain, a weight of 0, or no sources: no copies.
+  // Fewer than fetch_min_blocks to gain, a weight of 0, or no sources: no copies. With 4 wanted,
+  // only worker 2's disk has that many beyond worker 1's own block.
   config.fetch_min_blocks = 4;
+  d = Route(req, two, index, config);
+  EXPECT_EQ(d.scores[0].fetch_source, 2);
+  EXPECT_EQ(d.scores[0].fetch_blocks, 4);
+  EXPECT_EQ(d.scores[0].fetch_disk_blocks, 4);
+  EXPECT_DOUBLE_EQ(d.scores[0].credit, 1 + 0.5 * 0.25 * 4);
+  config.fetch_min_blocks = 5;
   d = Route(req, two, index, config);
   EXPECT_EQ(d.scores[0].fetch_source, -1);
   config.fetch_min_blocks = 2;
