@@ -12,7 +12,9 @@
 // it. Phase "copy", with two workers behind the coordinator: the prompt cold (recompute, on one of
 // them), then with that worker drained (Admin.DrainWorker), so that the other serves it by copying
 // the blocks from it (copied, Worker.FetchKvBlocks), then again with both (device); the drained
-// worker is resumed after each prompt.
+// worker is resumed after each prompt. With --filler_tokens, before the drain the other worker is
+// drained while the filler (twice) pushes the prompt out of the holder's device and host tiers,
+// so that the copy comes from the holder's disk tier (copied-disk).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -148,8 +150,24 @@ void Run() {
           if (n > before.at(id)) holder = id;
         }
         CHECK(!holder.empty());
+        const int64_t filler = absl::GetFlag(FLAGS_filler_tokens);
+        if (filler > 0) {
+          std::string other;
+          for (const auto& [id, n] : Routed(admin.get())) {
+            if (id != holder) other = id;
+          }
+          CHECK(!other.empty());
+          Drain(admin.get(), other, /*resume=*/false);
+          for (uint64_t round : {7777777, 8888888}) {
+            for (int64_t done = 0, k = 0; done < filler; done += 1024, ++k) {
+              Send(stub.get(), Prompt(std::min<int64_t>(1024, filler - done),
+                                      round + length * 1000 + rep * 100 + k));
+            }
+          }
+          Drain(admin.get(), other, /*resume=*/true);
+        }
         Drain(admin.get(), holder, /*resume=*/false);
-        Report(json, "copied", length, rep, Send(stub.get(), prompt));
+        Report(json, filler > 0 ? "copied-disk" : "copied", length, rep, Send(stub.get(), prompt));
         Drain(admin.get(), holder, /*resume=*/true);
         Report(json, "device", length, rep, Send(stub.get(), prompt));
         continue;

@@ -8,6 +8,11 @@
 #
 #   bench/run_kv_fetch_bench.sh [OUT_DIR] [LENGTHS] [REPS]     (defaults: /tmp/strata-kv-fetch-bench,
 #                                                               1024,4096,16384, 3)
+# DISK=1: the workers' device caches hold two prompts, with a 16 MiB host tier and a disk tier
+# under them (written through, so that nothing pressed out of host memory misses the disk; room
+# for every prompt and its fillers), and filler prompts (twice the longest length, twice over,
+# with the other worker drained) push each prompt onto the holder's disk before the copy (case
+# copied-disk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/strata-kv-fetch-bench}
@@ -32,16 +37,28 @@ for L in "${lengths[@]}"; do (( L > max )) && max=$L; done
 # Room for every prompt of the run on each worker, so nothing is evicted.
 kv_mb=$(( ( (max / 16 + 16) * BLOCK_KIB * REPS * ${#lengths[@]} + 1023) / 1024 + 16 ))
 worker_flags=(--kv_cache_mb="$kv_mb" --max_batch_tokens=2048)
-strata_worker w0 "$MODEL" "${worker_flags[@]}"
+filler=()
+disk() { :; }
+if [ "${DISK:-0}" = 1 ]; then
+  rm -f "$OUT"/kv-w0 "$OUT"/kv-w1  # fresh disk tiers
+  disk() { echo "--disk_cache_path=$OUT/kv-$1"; }
+  kv_mb=$(( 2 * (max / 16 + 32) * BLOCK_KIB / 1024 + 4 ))  # two prompts: a copy takes half
+  worker_flags=(--kv_cache_mb="$kv_mb" --max_batch_tokens=2048 --host_cache_mb=16 --write_through
+                --disk_cache_mb=$(( (max / 16 + 16) * 72 * REPS * ${#lengths[@]} * 5 / 1024 + 64 )))
+  filler=(--filler_tokens=$(( 2 * max )))
+fi
+# shellcheck disable=SC2046
+strata_worker w0 "$MODEL" "${worker_flags[@]}" $(disk w0)
 w0=$STRATA_PORT
-strata_worker w1 "$MODEL" "${worker_flags[@]}"
+# shellcheck disable=SC2046
+strata_worker w1 "$MODEL" "${worker_flags[@]}" $(disk w1)
 w1=$STRATA_PORT
 strata_coordinator c "$MODEL" "127.0.0.1:$w0,127.0.0.1:$w1"
 cport=$STRATA_PORT
 sleep 1  # the coordinator connects to both workers
 echo "== two workers, ${kv_mb} MiB of device KV cache each"
 bazel-bin/bench/prefix_restore_bench --target="127.0.0.1:$cport" --phase=copy \
-  --lengths="$LENGTHS" --reps="$REPS" --json_out="$JSON"
+  --lengths="$LENGTHS" --reps="$REPS" --json_out="$JSON" "${filler[@]}"
 strata_stop_all
 
 # Medians per case and length, and the ratio to recompute.
@@ -52,7 +69,7 @@ by = {}
 for r in rows:
     by.setdefault((r["prompt_tokens"], r["case"]), []).append(r)
 print("%7s %-10s %10s %9s %s" % ("tokens", "case", "ttft_ms", "speedup", "cached tokens (device)"))
-for (n, case) in sorted(by, key=lambda k: (k[0], ["recompute", "copied", "device"].index(k[1]))):
+for (n, case) in sorted(by, key=lambda k: (k[0], ["recompute", "copied", "copied-disk", "device"].index(k[1]))):
     rs = by[(n, case)]
     t = statistics.median(r["ttft_ms"] for r in rs)
     base = statistics.median(r["ttft_ms"] for r in by[(n, "recompute")])
