@@ -4,6 +4,7 @@
 // leaves the request to compute its prompt; a request waiting for copies can be cancelled.
 #include <chrono>
 #include <cstdlib>
+#include <future>
 #include <memory>
 #include <string>
 #include <thread>
@@ -20,6 +21,7 @@
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 #include "worker/model/weights.h"
+#include "worker/server/kv_fetcher.h"
 #include "worker/server/worker_service.h"
 
 namespace strata {
@@ -264,6 +266,35 @@ TEST_F(KvFetchTest, ASourceThatCannotBeReachedLeavesThePromptToBeComputed) {
   EXPECT_EQ(p.tokens, want.tokens);
   EXPECT_EQ(p.usage.cached().num_device_tokens(), 0u);
   EXPECT_EQ(reference->Counter("strata_worker_kv_blocks_sent_total"), 0);
+}
+
+// The timeout counts from Fetch: a copy that waited its whole time in the queue behind a hung
+// source's ends at once, without calling it.
+TEST_F(KvFetchTest, AFetchQueuedPastItsDeadlineEndsWithoutACall) {
+  SilentSource silent;
+  auto server = GrpcServer::Start(GrpcServerOptions(), {{&silent, "silent"}});
+  ASSERT_TRUE(server.ok());
+  KvFetcherOptions o;
+  o.threads = 1;
+  o.timeout = absl::Milliseconds(300);
+  KvFetcher fetcher(o);
+  v1::FetchKvBlocksRequest req;
+  req.add_block_hashes(1);
+  std::promise<KvFetchResult> first, second;
+  const int seen = silent.calls();
+  fetcher.Fetch((*server)->address(), req, [&](KvFetchResult r) { first.set_value(std::move(r)); });
+  fetcher.Fetch((*server)->address(), req,
+                [&](KvFetchResult r) { second.set_value(std::move(r)); });
+  const KvFetchResult a = first.get_future().get();
+  const KvFetchResult b = second.get_future().get();
+  EXPECT_EQ(a.status.code(), absl::StatusCode::kDeadlineExceeded) << a.status;
+  EXPECT_EQ(b.status.code(), absl::StatusCode::kDeadlineExceeded) << b.status;
+  EXPECT_NE(b.status.message().find("still queued"), std::string::npos) << b.status;
+  EXPECT_EQ(b.calls, 0);
+  EXPECT_GE(b.took, absl::Milliseconds(300));
+  EXPECT_EQ(silent.calls(), seen + 1);
+  fetcher.Stop();
+  (*server)->Shutdown(absl::Seconds(1));
 }
 
 TEST_F(KvFetchTest, ASourceThatHangsIsGivenUpAtTheTimeoutAndACopyCanBeCancelled) {

@@ -40,7 +40,9 @@ uint64_t KvFetcher::Fetch(std::string address, v1::FetchKvBlocksRequest request,
     std::lock_guard<std::mutex> lock(mu_);
     if (!stop_) {
       const uint64_t ticket = next_ticket_++;
-      queue_.push_back({ticket, std::move(address), std::move(request), std::move(done)});
+      const absl::Time now = absl::Now();
+      queue_.push_back({ticket, std::move(address), std::move(request), std::move(done), now,
+                        now + options_.timeout});
       cv_.notify_one();
       return ticket;
     }
@@ -82,7 +84,15 @@ void KvFetcher::Run() {
       queue_.pop_front();
       active_[job.ticket] = nullptr;
     }
-    KvFetchResult result = Copy(job.ticket, job.address, std::move(job.request));
+    KvFetchResult result;
+    if (absl::Now() >= job.deadline) {
+      // It waited its whole time behind others (a slow source): the request computes instead.
+      result.status = absl::DeadlineExceededError(absl::StrCat(
+          "copying KV blocks from worker ", job.address, ": still queued at the deadline"));
+      result.took = absl::Now() - job.queued;
+    } else {
+      result = Copy(job, std::move(job.request));
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       active_.erase(job.ticket);
@@ -109,11 +119,11 @@ std::shared_ptr<v1::Worker::Stub> KvFetcher::StubFor(const std::string& address)
   return stub;
 }
 
-KvFetchResult KvFetcher::Copy(uint64_t ticket, const std::string& address,
-                              v1::FetchKvBlocksRequest request) {
+KvFetchResult KvFetcher::Copy(const Job& job, v1::FetchKvBlocksRequest request) {
   KvFetchResult result;
-  const absl::Time start = absl::Now();
-  const absl::Time deadline = start + options_.timeout;
+  const uint64_t ticket = job.ticket;
+  const std::string& address = job.address;
+  const absl::Time deadline = job.deadline;
   std::shared_ptr<v1::Worker::Stub> stub = StubFor(address);
   const std::vector<uint64_t> hashes(request.block_hashes().begin(), request.block_hashes().end());
   request.set_max_bytes(static_cast<uint64_t>(options_.max_bytes_per_call));
@@ -165,7 +175,7 @@ KvFetchResult KvFetcher::Copy(uint64_t ticket, const std::string& address,
     // more.
     if (received == 0 || bytes + bytes / received <= options_.max_bytes_per_call) break;
   }
-  result.took = absl::Now() - start;
+  result.took = absl::Now() - job.queued;  // the request's whole wait
   return result;
 }
 

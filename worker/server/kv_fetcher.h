@@ -39,7 +39,8 @@ namespace strata {
 struct KvFetcherOptions {
   // Sent with every call when set (not owned; it must outlive the fetcher).
   const ClusterSecret* cluster_secret = nullptr;
-  // Longest a Fetch takes, all its calls together.
+  // Longest a Fetch takes, all its calls together, counted from Fetch (waiting in the queue
+  // included: a fetch still queued at its deadline ends DEADLINE_EXCEEDED without a call).
   absl::Duration timeout = absl::Seconds(2);
   // Fetches run at once; more wait in order.
   int threads = 2;
@@ -85,9 +86,12 @@ class KvFetcher {
     std::string address;
     v1::FetchKvBlocksRequest request;
     Done done;
+    // From Fetch: time in the queue counts against the timeout too.
+    absl::Time queued;
+    absl::Time deadline;
   };
   void Run();
-  KvFetchResult Copy(uint64_t ticket, const std::string& address, v1::FetchKvBlocksRequest request);
+  KvFetchResult Copy(const Job& job, v1::FetchKvBlocksRequest request);
   std::shared_ptr<v1::Worker::Stub> StubFor(const std::string& address);
 
   const KvFetcherOptions options_;

@@ -559,13 +559,13 @@ int Main(const std::vector<std::string>& args) {
   }
   wo.kv_fetch = absl::GetFlag(FLAGS_kv_fetch);
   wo.kv_fetch_min_blocks = absl::GetFlag(FLAGS_kv_fetch_min_blocks);
-  wo.kv_fetch_max_bytes = absl::GetFlag(FLAGS_kv_fetch_max_mb) << 20;
   if (absl::GetFlag(FLAGS_kv_fetch_max_mb) < 1 ||
       absl::GetFlag(FLAGS_kv_fetch_max_mb) > (1 << 24)) {
     LOG(ERROR) << "--kv_fetch_max_mb must be 1 to 16777216, not "
                << absl::GetFlag(FLAGS_kv_fetch_max_mb);
     return 1;
   }
+  wo.kv_fetch_max_bytes = absl::GetFlag(FLAGS_kv_fetch_max_mb) << 20;
   if (!absl::GetFlag(FLAGS_random_weights).empty()) {
     // Copies only between workers drawing the same weights.
     wo.model_fingerprint = absl::StrCat("random:", absl::GetFlag(FLAGS_random_weights), ":",

@@ -820,7 +820,8 @@ void WorkerService::ContinueExports(LoopState* state) {
     SendExported(e);
     // Done: all sent, the byte budget spent, out of time, or nothing more coming (the tier loads
     // a chain some blocks at a time: the next ones start as these land).
-    if (e.hashes.empty() || e.bytes_left <= 0 || now >= e.deadline ||
+    if (e.hashes.empty() || e.bytes_left < engine_->kv_transfer_layout().block_bytes() ||
+        now >= e.deadline ||
         (engine_->PrefetchForExport(e.hashes) == 0 && engine_->disk_loads_in_flight() == 0)) {
       e.stream->RequestFinish(grpc::Status::OK);
       last_export_call_ns_.store(absl::ToUnixNanos(now));
