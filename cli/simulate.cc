@@ -309,31 +309,17 @@ class Simulator {
       for (size_t i = 0; i < workers_.size(); ++i) sources.push_back(static_cast<WorkerSlot>(i));
       req.fetch_sources = sources;
     }
-    auto cached_blocks = [](const WorkerScore& score) {
-      int64_t cached = score.fetch_source >= 0 ? score.fetch_blocks : 0;
-      for (int64_t c : score.overlap_blocks) cached += c;
-      return cached;
-    };
-    const std::vector<WorkerLoadView>* candidates =
-        other_loads.empty() ? &prefill_loads : &other_loads;
-    std::optional<RouteDecision> decision;
-    r->prefill_leg = false;
-    if (!decode_leg && !prefill_loads.empty() && !other_loads.empty()) {
-      decision = Route(req, other_loads, index_, config_.router);
-      if ((prompt_blocks - cached_blocks(decision->scores[decision->chosen])) * bt() >=
-          config_.disaggregate_min_uncached_tokens) {
-        RouteDecision prefill = Route(req, prefill_loads, index_, config_.router);
-        const WorkerLoadView& queue = prefill_loads[static_cast<size_t>(prefill.chosen)];
-        if (config_.disaggregate_max_prefill_queue_tokens == 0 ||
-            queue.queued_prefill_blocks * bt() <= config_.disaggregate_max_prefill_queue_tokens) {
-          candidates = &prefill_loads;
-          r->prefill_leg = true;
-          decision = std::move(prefill);
-        }
-      }
-    }
-    if (!decision.has_value()) decision = Route(req, *candidates, index_, config_.router);
-    const WorkerScore& score = decision->scores[decision->chosen];
+    // WorkerPool::Assign's choice, by the same function.
+    const LegChoice choice = RouteNewRequest(
+        req,
+        !decode_leg && !other_loads.empty() ? absl::MakeConstSpan(prefill_loads)
+                                            : absl::Span<const WorkerLoadView>(),
+        other_loads.empty() ? absl::MakeConstSpan(prefill_loads) : absl::MakeConstSpan(other_loads),
+        index_, config_.router,
+        {config_.disaggregate_min_uncached_tokens, config_.disaggregate_max_prefill_queue_tokens},
+        bt());
+    r->prefill_leg = choice.prefill_leg;
+    const WorkerScore& score = choice.decision.scores[choice.decision.chosen];
     int64_t cached = 0;
     for (int64_t c : score.overlap_blocks) cached += c;
     r->copy_from = -1;

@@ -756,7 +756,7 @@ void CoordinatorService::GenerateCall::OnChunk(Attempt* attempt, v1::SubmitRespo
     }
     // After a prefill leg, the prompt tokens found cached are the prefill worker's: the decode
     // worker's count the blocks it copied from there.
-    if (chunk->has_usage() && handoffs_ == 0 && !prefill_done_) cached_ = chunk->usage().cached();
+    if (chunk->has_usage() && !prefill_done_) cached_ = chunk->usage().cached();
     if (stopped) {
       FillUsageLocked(&r);
       cancel_alarm |= SetFinalLocked(grpc::Status::OK);

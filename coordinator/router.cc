@@ -5,6 +5,39 @@
 
 namespace strata {
 
+LegChoice RouteNewRequest(const RouteRequest& request, absl::Span<const WorkerLoadView> prefill,
+                          absl::Span<const WorkerLoadView> others, const BlockIndex& index,
+                          const RouterConfig& config, const DisaggregationConfig& split,
+                          int64_t block_tokens,
+                          const std::function<bool(const WorkerScore&)>& fetch_fits) {
+  LegChoice out;
+  if (others.empty() || prefill.empty()) {
+    // Prefill workers take prompts only while the model has workers to hand the rest to.
+    out.decision = Route(request, others.empty() ? prefill : others, index, config);
+    return out;
+  }
+  // Where would the prompt run without a prefill worker, and how much of it is there already?
+  out.decision = Route(request, others, index, config);
+  const WorkerScore& best = out.decision.scores[out.decision.chosen];
+  int64_t cached = 0;
+  for (int64_t c : best.overlap_blocks) cached += c;
+  if (best.fetch_source >= 0 && (fetch_fits == nullptr || fetch_fits(best))) {
+    cached += best.fetch_blocks;
+  }
+  if ((request.prompt_blocks - cached) * block_tokens < split.min_uncached_tokens) return out;
+  RouteDecision there = Route(request, prefill, index, config);
+  // Unless the prefill workers are backed up: then the decode worker computes it itself, sooner
+  // (conditional disaggregation, by queue as well as by length).
+  const WorkerLoadView& queue = prefill[static_cast<size_t>(there.chosen)];
+  if (split.max_prefill_queue_tokens > 0 &&
+      queue.queued_prefill_blocks * block_tokens > split.max_prefill_queue_tokens) {
+    return out;
+  }
+  out.decision = std::move(there);
+  out.prefill_leg = true;
+  return out;
+}
+
 RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView> candidates,
                     const BlockIndex& index, const RouterConfig& config) {
   RouteDecision d;

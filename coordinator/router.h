@@ -41,6 +41,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -127,6 +128,26 @@ struct RouteDecision {
 
 RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView> candidates,
                     const BlockIndex& index, const RouterConfig& config);
+
+// Disaggregated serving's choice for a new request (WorkerPool::Leg::kAuto), shared with the
+// simulator: route among the decode and mixed workers (`others`); if the prompt would leave at
+// least min_uncached_tokens to compute there (counting what the chosen one holds and, where
+// `fetch_fits` says it can take them, copies), and the prefill worker chosen among `prefill` has
+// at most max_prefill_queue_tokens queued (0: no limit), route there instead.
+struct LegChoice {
+  // Over `prefill` when prefill_leg, else over `others` (or `prefill` when there are no others).
+  RouteDecision decision;
+  bool prefill_leg = false;
+};
+struct DisaggregationConfig {
+  int64_t min_uncached_tokens = 512;
+  int64_t max_prefill_queue_tokens = 0;
+};
+LegChoice RouteNewRequest(const RouteRequest& request, absl::Span<const WorkerLoadView> prefill,
+                          absl::Span<const WorkerLoadView> others, const BlockIndex& index,
+                          const RouterConfig& config, const DisaggregationConfig& split,
+                          int64_t block_tokens,
+                          const std::function<bool(const WorkerScore&)>& fetch_fits = nullptr);
 
 // Where the coordinator sent each fine-tune's requests lately. A worker that was sent one within
 // `window` has its delta loaded or loading, though its load reports list a delta only once it is

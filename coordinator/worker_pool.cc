@@ -20,6 +20,12 @@ uint64_t DeviceBlockBytes(const v1::WorkerInfo& info) {
   return 0;
 }
 
+// Whether one worker's KV blocks fit the other's cache (model, dtype, tensor-parallel degree), so
+// that it can copy them.
+bool SameBlockLayout(const v1::WorkerInfo& a, const v1::WorkerInfo& b) {
+  return DeviceBlockBytes(a) == DeviceBlockBytes(b) && a.block_tokens() == b.block_tokens();
+}
+
 std::chrono::system_clock::time_point Deadline(absl::Duration d) {
   return absl::ToChronoTime(absl::Now() + d);
 }
@@ -384,17 +390,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   auto usable_source = [&](const WorkerScore& score) -> const Worker* {
     if (score.fetch_source < 0) return nullptr;
     const Worker* source = workers_[static_cast<size_t>(score.fetch_source)].get();
-    const Worker* w = workers_[score.slot].get();
-    return DeviceBlockBytes(source->info) == DeviceBlockBytes(w->info) &&
-                   source->info.block_tokens() == w->info.block_tokens()
-               ? source
-               : nullptr;
-  };
-  auto cached_blocks = [&](const WorkerScore& score) {
-    int64_t cached = 0;
-    for (int64_t c : score.overlap_blocks) cached += c;
-    if (usable_source(score) != nullptr) cached += score.fetch_blocks;
-    return cached;
+    return SameBlockLayout(source->info, workers_[score.slot]->info) ? source : nullptr;
   };
   // A decode leg goes to a worker that can copy the prefill worker's blocks (the same block
   // layout), where there is one.
@@ -402,42 +398,25 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     const Worker* named = workers_[*kv_source].get();
     std::vector<WorkerLoadView> fitting;
     for (const WorkerLoadView& v : other_loads) {
-      const Worker* w = workers_[v.slot].get();
-      if (DeviceBlockBytes(named->info) == DeviceBlockBytes(w->info) &&
-          named->info.block_tokens() == w->info.block_tokens()) {
-        fitting.push_back(v);
-      }
+      if (SameBlockLayout(named->info, workers_[v.slot]->info)) fitting.push_back(v);
     }
     if (!fitting.empty()) other_loads = std::move(fitting);
   }
-  // Prefill workers take prompts only while the model has workers to hand the rest to.
-  std::vector<WorkerLoadView>* candidates = &other_loads;
-  bool prefill_leg = false;
-  std::optional<RouteDecision> decision;
-  if (other_loads.empty()) {
-    candidates = &prefill_loads;
-  } else if (leg == Leg::kAuto && !prefill_loads.empty()) {
-    // Where would the prompt run without a prefill worker, and how much of it is there already?
-    decision = Route(req, other_loads, index_, options_.router);
-    const WorkerScore& best = decision->scores[decision->chosen];
-    const int64_t block_tokens = std::max<int64_t>(1, workers_[best.slot]->info.block_tokens());
-    if ((prompt_blocks - cached_blocks(best)) * block_tokens >=
-        options_.disaggregate_min_uncached_tokens) {
-      RouteDecision prefill = Route(req, prefill_loads, index_, options_.router);
-      // Unless the prefill workers are backed up: then the decode worker computes it itself,
-      // sooner (conditional disaggregation, by queue as well as by length).
-      const WorkerLoadView& queue = prefill_loads[static_cast<size_t>(prefill.chosen)];
-      if (options_.disaggregate_max_prefill_queue_tokens == 0 ||
-          queue.queued_prefill_blocks * block_tokens <=
-              options_.disaggregate_max_prefill_queue_tokens) {
-        candidates = &prefill_loads;
-        prefill_leg = true;
-        decision = std::move(prefill);
-      }
-    }
-  }
-  if (!decision.has_value()) decision = Route(req, *candidates, index_, options_.router);
-  const RouteDecision& d = *decision;
+  // A decode leg (a resumed generation) goes to decode and mixed workers; a new request may be
+  // split off to a prefill worker.
+  const LegChoice choice = RouteNewRequest(
+      req,
+      leg == Leg::kAuto && !other_loads.empty() ? absl::MakeConstSpan(prefill_loads)
+                                                : absl::Span<const WorkerLoadView>(),
+      other_loads.empty() ? absl::MakeConstSpan(prefill_loads) : absl::MakeConstSpan(other_loads),
+      index_, options_.router,
+      {options_.disaggregate_min_uncached_tokens, options_.disaggregate_max_prefill_queue_tokens},
+      std::max<int64_t>(1,
+                        workers_[other_loads.empty() ? prefill_loads[0].slot : other_loads[0].slot]
+                            ->info.block_tokens()),
+      [&](const WorkerScore& s) { return usable_source(s) != nullptr; });
+  const bool prefill_leg = choice.prefill_leg;
+  const RouteDecision& d = choice.decision;
   const WorkerScore& score = d.scores[d.chosen];
   Worker* w = workers_[score.slot].get();
   Assignment a;
@@ -456,9 +435,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     const Worker* named = workers_[*kv_source].get();
     if (!named->removed && named->info.model() == model &&
         (named->state == State::kServing || named->state == State::kDraining) &&
-        DeviceBlockBytes(named->info) == DeviceBlockBytes(w->info) &&
-        named->info.block_tokens() == w->info.block_tokens() &&
-        static_cast<int64_t>(hashes.size()) > cached) {
+        SameBlockLayout(named->info, w->info) && static_cast<int64_t>(hashes.size()) > cached) {
       source = named;
       source_blocks = static_cast<int64_t>(hashes.size()) - cached;
     }
