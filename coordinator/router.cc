@@ -8,8 +8,7 @@ namespace strata {
 LegChoice RouteNewRequest(const RouteRequest& request, absl::Span<const WorkerLoadView> prefill,
                           absl::Span<const WorkerLoadView> others, const BlockIndex& index,
                           const RouterConfig& config, const DisaggregationConfig& split,
-                          int64_t block_tokens,
-                          const std::function<bool(const WorkerScore&)>& fetch_fits) {
+                          int64_t block_tokens) {
   LegChoice out;
   if (others.empty() || prefill.empty()) {
     // Prefill workers take prompts only while the model has workers to hand the rest to.
@@ -21,9 +20,7 @@ LegChoice RouteNewRequest(const RouteRequest& request, absl::Span<const WorkerLo
   const WorkerScore& best = out.decision.scores[out.decision.chosen];
   int64_t cached = 0;
   for (int64_t c : best.overlap_blocks) cached += c;
-  if (best.fetch_source >= 0 && (fetch_fits == nullptr || fetch_fits(best))) {
-    cached += best.fetch_blocks;
-  }
+  if (best.fetch_source >= 0) cached += best.fetch_blocks;
   if ((request.prompt_blocks - cached) * block_tokens < split.min_uncached_tokens) return out;
   RouteDecision there = Route(request, prefill, index, config);
   // Unless the prefill workers are backed up: then the decode worker computes it itself, sooner
@@ -94,7 +91,10 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
                                   : 0;
     double fetch_credit = 0;
     for (size_t j = 0; j < source_blocks.size(); ++j) {
-      if (request.fetch_sources[j] == c.slot) continue;
+      if (request.fetch_sources[j] == c.slot ||
+          (request.can_copy && !request.can_copy(c.slot, request.fetch_sources[j]))) {
+        continue;
+      }
       const int64_t fast = std::max<int64_t>(0, source_blocks[j] - own);
       const int64_t more = std::max<int64_t>(0, source_blocks[j] + source_disk_blocks[j] - own);
       const double credit =

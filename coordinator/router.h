@@ -100,8 +100,10 @@ struct RouteRequest {
   bool fine_tune = false;
   absl::Span<const WorkerSlot> fine_tune_resident;
   // Workers a candidate may copy the prompt's KV blocks from (candidates or not: a draining
-  // worker's cache still serves copies). Only those whose blocks fit every candidate's cache.
+  // worker's cache still serves copies), and whether a candidate (first) can copy a source's
+  // blocks (null: every one can); a candidate is credited copies only from a source it can copy.
   absl::Span<const WorkerSlot> fetch_sources;
+  std::function<bool(WorkerSlot, WorkerSlot)> can_copy;
 };
 
 struct WorkerScore {
@@ -131,9 +133,9 @@ RouteDecision Route(const RouteRequest& request, absl::Span<const WorkerLoadView
 
 // Disaggregated serving's choice for a new request (WorkerPool::Leg::kAuto), shared with the
 // simulator: route among the decode and mixed workers (`others`); if the prompt would leave at
-// least min_uncached_tokens to compute there (counting what the chosen one holds and, where
-// `fetch_fits` says it can take them, copies), and the prefill worker chosen among `prefill` has
-// at most max_prefill_queue_tokens queued (0: no limit), route there instead.
+// least min_uncached_tokens to compute there (counting what the chosen one holds and what it would
+// copy), and the prefill worker chosen among `prefill` has at most max_prefill_queue_tokens queued
+// (0: no limit), route there instead.
 struct LegChoice {
   // Over `prefill` when prefill_leg, else over `others` (or `prefill` when there are no others).
   RouteDecision decision;
@@ -146,8 +148,7 @@ struct DisaggregationConfig {
 LegChoice RouteNewRequest(const RouteRequest& request, absl::Span<const WorkerLoadView> prefill,
                           absl::Span<const WorkerLoadView> others, const BlockIndex& index,
                           const RouterConfig& config, const DisaggregationConfig& split,
-                          int64_t block_tokens,
-                          const std::function<bool(const WorkerScore&)>& fetch_fits = nullptr);
+                          int64_t block_tokens);
 
 // Where the coordinator sent each fine-tune's requests lately. A worker that was sent one within
 // `window` has its delta loaded or loading, though its load reports list a delta only once it is

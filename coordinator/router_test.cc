@@ -194,6 +194,23 @@ TEST(RouterTest, ABusyHoldersPromptGoesToAnIdleWorkerThatCopiesIt) {
   EXPECT_EQ(d.scores[0].fetch_source, 0);
   EXPECT_EQ(d.scores[0].fetch_disk_blocks, 0);
   EXPECT_EQ(d.scores[1].fetch_source, -1);
+  // A source a candidate cannot copy from (other weights, another layout, or it copies nothing)
+  // earns it nothing: worker 1 then copies from worker 2's disk, the next best; worker 2 not at
+  // all.
+  {
+    RouteRequest r = req;
+    r.fetch_sources = sources;
+    r.can_copy = [](WorkerSlot receiver, WorkerSlot source) {
+      return receiver == 1 && source != 0;
+    };
+    const RouteDecision c = Route(r, two, index, config);
+    EXPECT_EQ(c.scores[0].fetch_source, 2);
+    EXPECT_EQ(c.scores[0].fetch_blocks, 4);
+    EXPECT_EQ(c.scores[0].fetch_disk_blocks, 4);
+    EXPECT_EQ(c.scores[1].fetch_source, -1);
+    r.can_copy = [](WorkerSlot, WorkerSlot) { return false; };
+    EXPECT_EQ(Route(r, two, index, config).scores[0].fetch_source, -1);
+  }
 
   // Blocks still being computed for a request just routed to a worker (pending) are not there to
   // copy yet.

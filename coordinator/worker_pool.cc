@@ -20,17 +20,21 @@ uint64_t DeviceBlockBytes(const v1::WorkerInfo& info) {
   return 0;
 }
 
-// Whether one worker's KV blocks fit the other's cache (model, dtype, tensor-parallel degree), so
-// that it can copy them.
-bool SameBlockLayout(const v1::WorkerInfo& a, const v1::WorkerInfo& b) {
-  return DeviceBlockBytes(a) == DeviceBlockBytes(b) && a.block_tokens() == b.block_tokens();
-}
-
 std::chrono::system_clock::time_point Deadline(absl::Duration d) {
   return absl::ToChronoTime(absl::Now() + d);
 }
 
 }  // namespace
+
+bool CanCopyKvBlocks(const v1::WorkerInfo& source, const v1::WorkerInfo& receiver) {
+  return receiver.kv_fetch() && source.has_kv_layout() && receiver.has_kv_layout() &&
+         source.model() == receiver.model() &&
+         source.model_fingerprint() == receiver.model_fingerprint() &&
+         source.kv_layout().SerializeAsString() == receiver.kv_layout().SerializeAsString() &&
+         source.tensor_parallel_size() == receiver.tensor_parallel_size() &&
+         source.block_tokens() == receiver.block_tokens() &&
+         DeviceBlockBytes(source) == DeviceBlockBytes(receiver);
+}
 
 WorkerPool::WorkerPool(WorkerPoolOptions options) : options_(std::move(options)) {}
 
@@ -381,24 +385,33 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   req.fine_tune = !fine_tune_id.empty();
   req.fine_tune_resident = resident;
   req.fetch_sources = sources;
+  req.can_copy = [this](WorkerSlot receiver, WorkerSlot source) {
+    return CanCopyKvBlocks(workers_[source]->info, workers_[receiver]->info);
+  };
   if (!hashes.empty()) {
     // Count this prompt's first block among the recent ones (retries count again: they are load).
     req.prefix_share = prefix_share_.Add(hashes[0]);
   }
-  // The blocks a score counts on finding cached at its worker, or copying from a source whose
-  // blocks fit that worker's cache (model, dtype, tensor-parallel degree).
-  auto usable_source = [&](const WorkerScore& score) -> const Worker* {
-    if (score.fetch_source < 0) return nullptr;
-    const Worker* source = workers_[static_cast<size_t>(score.fetch_source)].get();
-    return SameBlockLayout(source->info, workers_[score.slot]->info) ? source : nullptr;
-  };
-  // A decode leg goes to a worker that can copy the prefill worker's blocks (the same block
-  // layout), where there is one.
+  // A prompt goes to a prefill worker only if some decode or mixed worker here can copy its blocks
+  // from there (else it would be computed twice).
+  if (leg == Leg::kAuto && !prefill_loads.empty() && !other_loads.empty()) {
+    std::vector<WorkerLoadView> handing_off;
+    for (const WorkerLoadView& p : prefill_loads) {
+      for (const WorkerLoadView& v : other_loads) {
+        if (CanCopyKvBlocks(workers_[p.slot]->info, workers_[v.slot]->info)) {
+          handing_off.push_back(p);
+          break;
+        }
+      }
+    }
+    prefill_loads = std::move(handing_off);
+  }
+  // A decode leg goes to a worker that can copy the prefill worker's blocks, where there is one.
   if (kv_source.has_value() && *kv_source < workers_.size()) {
     const Worker* named = workers_[*kv_source].get();
     std::vector<WorkerLoadView> fitting;
     for (const WorkerLoadView& v : other_loads) {
-      if (SameBlockLayout(named->info, workers_[v.slot]->info)) fitting.push_back(v);
+      if (CanCopyKvBlocks(named->info, workers_[v.slot]->info)) fitting.push_back(v);
     }
     if (!fitting.empty()) other_loads = std::move(fitting);
   }
@@ -413,8 +426,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
       {options_.disaggregate_min_uncached_tokens, options_.disaggregate_max_prefill_queue_tokens},
       std::max<int64_t>(1,
                         workers_[other_loads.empty() ? prefill_loads[0].slot : other_loads[0].slot]
-                            ->info.block_tokens()),
-      [&](const WorkerScore& s) { return usable_source(s) != nullptr; });
+                            ->info.block_tokens()));
   const bool prefill_leg = choice.prefill_leg;
   const RouteDecision& d = choice.decision;
   const WorkerScore& score = d.scores[d.chosen];
@@ -428,14 +440,15 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   int64_t cached = 0;
   for (int64_t c : score.overlap_blocks) cached += c;
   a.expected_cached_blocks = cached;
-  const Worker* source = usable_source(score);
+  const Worker* source =
+      score.fetch_source < 0 ? nullptr : workers_[static_cast<size_t>(score.fetch_source)].get();
   int64_t source_blocks = score.fetch_blocks;
   if (kv_source.has_value() && *kv_source < workers_.size() && *kv_source != w->slot) {
     // The prefill leg's worker holds the whole prompt (its events may not have said so yet).
     const Worker* named = workers_[*kv_source].get();
     if (!named->removed && named->info.model() == model &&
         (named->state == State::kServing || named->state == State::kDraining) &&
-        SameBlockLayout(named->info, w->info) && static_cast<int64_t>(hashes.size()) > cached) {
+        CanCopyKvBlocks(named->info, w->info) && static_cast<int64_t>(hashes.size()) > cached) {
       source = named;
       source_blocks = static_cast<int64_t>(hashes.size()) - cached;
     }

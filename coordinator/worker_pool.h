@@ -83,6 +83,11 @@ struct ModelView {
   uint32_t num_known_workers = 0;
 };
 
+// Whether `receiver` can copy `source`'s KV blocks (Worker.FetchKvBlocks), as their infos say: it
+// copies at all (WorkerInfo.kv_fetch), and both keep a prefix cache of one block layout over the
+// same weights (model, fingerprint, layout, tensor-parallel degree).
+bool CanCopyKvBlocks(const v1::WorkerInfo& source, const v1::WorkerInfo& receiver);
+
 class WorkerPool {
  public:
   // Adds the cluster secret, if any, to a call to a worker.

@@ -403,6 +403,40 @@ TEST(KvFetchClusterTest, ADrainedWorkersCacheServesItsPromptsOnTheOther) {
   Drain(cluster.admin(), holder, /*resume=*/true, /*wait=*/false);
 }
 
+// A worker that does not copy KV blocks (--kv_fetch=false) is not credited copies: with the holder
+// drained, the prompt still goes to it (the only one serving), without a source, and it computes
+// the prompt.
+TEST(KvFetchClusterTest, AWorkerThatCopiesNothingIsNotRoutedCopies) {
+  const int metrics_port = FreePort();
+  LocalClusterOptions o =
+      Options(2, "kv-fetch-off", {absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port)});
+  o.per_worker_flags = {{}, {"--kv_fetch=false"}};
+  auto c = LocalCluster::Start(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  LocalCluster& cluster = **c;
+  const v1::GenerateRequest req = LongGreedyRequest("lex");
+  // Worker 0 computes the prompt first.
+  Drain(cluster.admin(), "worker-1", /*resume=*/false, /*wait=*/true);
+  const Generated first = Generate(cluster.serving(), req);
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  Drain(cluster.admin(), "worker-1", /*resume=*/true, /*wait=*/false);
+  Drain(cluster.admin(), "worker-0", /*resume=*/false, /*wait=*/true);
+  const uint64_t routed_before = RoutedByAddress(cluster).at(cluster.worker_address(1));
+  const Generated second = Generate(cluster.serving(), req);
+  ASSERT_TRUE(second.status.ok()) << second.status.error_message();
+  EXPECT_EQ(second.tokens, first.tokens);
+  EXPECT_EQ(RoutedByAddress(cluster).at(cluster.worker_address(1)), routed_before + 1);
+  EXPECT_EQ(second.chunks.back().usage().cached().num_device_tokens(), 0u);
+  const std::map<std::string, double> m = WaitForMetrics(metrics_port, [](auto& m) {
+    return m["strata_coordinator_requests_total{code=\"OK\"}"] >= 2;
+  });
+  EXPECT_EQ(m.count("strata_coordinator_kv_copy_routes_total") == 0
+                ? 0
+                : m.at("strata_coordinator_kv_copy_routes_total"),
+            0);
+  Drain(cluster.admin(), "worker-0", /*resume=*/true, /*wait=*/false);
+}
+
 // A worker stopped with SIGTERM (a rolling restart) stays a moment once its sequences are done,
 // so that the worker taking its prompts copies their KV blocks instead of computing them; then it
 // leaves on its own. The coordinator may not know of the drain yet: the holder refuses the

@@ -45,6 +45,46 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> StartWorkers(int n, const std::str
   return LocalCluster::Start(o);
 }
 
+// Whether one worker can copy another's KV blocks, judged from the infos real workers report: the
+// same model, weights and block layout, and a receiver that copies at all (--kv_fetch).
+TEST(WorkerPoolTest, KvCopiesAreCreditedOnlyBetweenWorkersWhoseBlocksFit) {
+  LocalClusterOptions o;
+  o.num_workers = 2;
+  o.coordinator = false;
+  o.name = "can-copy";
+  o.per_worker_flags = {{}, {"--kv_fetch=false"}};
+  auto c = LocalCluster::Start(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::vector<v1::WorkerInfo> info(2);
+  for (int i = 0; i < 2; ++i) {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE((*c)->worker(i)->GetInfo(&ctx, v1::GetInfoRequest(), &info[i]).ok());
+  }
+  const v1::WorkerInfo& copies = info[0];
+  const v1::WorkerInfo& computes = info[1];
+  EXPECT_TRUE(copies.kv_fetch());
+  EXPECT_FALSE(computes.kv_fetch());
+  EXPECT_FALSE(copies.model_fingerprint().empty());
+  EXPECT_EQ(copies.model_fingerprint(), computes.model_fingerprint());
+  EXPECT_EQ(copies.kv_layout().block_tokens(), copies.block_tokens());
+  EXPECT_GT(copies.kv_layout().num_kv_heads(), 0u);
+  EXPECT_FALSE(copies.kv_layout().dtype().empty());
+  EXPECT_TRUE(CanCopyKvBlocks(computes, copies));
+  EXPECT_FALSE(CanCopyKvBlocks(copies, computes));  // it computes what it lacks
+  auto changed = [&](auto edit) {
+    v1::WorkerInfo other = computes;
+    edit(other);
+    return CanCopyKvBlocks(other, copies);
+  };
+  EXPECT_FALSE(changed([](v1::WorkerInfo& w) { w.set_model_fingerprint("other weights"); }));
+  EXPECT_FALSE(changed([](v1::WorkerInfo& w) { w.mutable_kv_layout()->set_dtype("f16"); }));
+  EXPECT_FALSE(changed([](v1::WorkerInfo& w) { w.mutable_kv_layout()->set_num_kv_heads(1); }));
+  EXPECT_FALSE(changed([](v1::WorkerInfo& w) { w.set_tensor_parallel_size(2); }));
+  EXPECT_FALSE(changed([](v1::WorkerInfo& w) { w.set_model("other"); }));
+  EXPECT_FALSE(changed([](v1::WorkerInfo& w) { w.clear_kv_layout(); }));  // no prefix cache
+  EXPECT_TRUE(changed([](v1::WorkerInfo& w) { w.set_role(v1::WORKER_ROLE_PREFILL); }));
+}
+
 bool Serving(const std::vector<v1::WorkerStatus>& s, const std::string& address) {
   const v1::WorkerStatus* w = Find(s, address);
   return w != nullptr && w->state() == v1::WORKER_STATE_SERVING;

@@ -649,73 +649,104 @@ Engine::PromptBlocks Engine::LookUpPrompt(absl::Span<const int32_t> prompt,
   // The block of the last token is computed whatever is cached (its logits are needed).
   const size_t limit = (tokens.size() - 1) / static_cast<size_t>(config_.block_tokens);
   if (out.hashes.size() > limit) out.hashes.resize(limit);
-  out.held = blocks_.MatchPrefix(out.hashes);
-  while (store_ != nullptr && out.held < static_cast<int64_t>(out.hashes.size()) &&
-         store_->Find(out.hashes[out.held]) != KvStore::Where::kNone) {
-    ++out.held;
-  }
+  out.held = HeldPrefix(out.hashes);
   return out;
+}
+
+int64_t Engine::HeldPrefix(absl::Span<const BlockHash> hashes) const {
+  // Block by block: a block on the device may follow ones that went down to the host tier (copies
+  // stored after a host prefix, a block computed again).
+  int64_t held = 0;
+  for (const int64_t n = static_cast<int64_t>(hashes.size()); held < n; ++held) {
+    if (blocks_.MatchPrefix(hashes.subspan(static_cast<size_t>(held), 1)) == 1) continue;
+    if (store_ == nullptr ||
+        store_->Find(hashes[static_cast<size_t>(held)]) == KvStore::Where::kNone) {
+      break;
+    }
+  }
+  return held;
 }
 
 std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHash> hashes,
                                                         int64_t max_bytes) {
   std::vector<KvBlockCopy> out;
-  if (device_tier_ == nullptr) return out;
-  const size_t block_bytes = static_cast<size_t>(transfer_layout_.block_bytes());
-  const int64_t on_device = blocks_.MatchPrefix(hashes);
-  const std::vector<int32_t> held = blocks_.AcquirePrefix(hashes, on_device, /*count_hits=*/false);
-  int64_t bytes = 0;
-  auto room = [&] { return out.empty() || bytes + static_cast<int64_t>(block_bytes) <= max_bytes; };
-  for (int32_t b : held) {
-    if (!room()) break;
+  if (device_tier_ == nullptr || hashes.empty()) return out;
+  const int64_t block_bytes = std::max<int64_t>(1, transfer_layout_.block_bytes());
+  const size_t most = static_cast<size_t>(
+      std::clamp<int64_t>(max_bytes / block_bytes, 1, static_cast<int64_t>(hashes.size())));
+  // Reserved, so that the payloads the device reads fill stay where they are until the Flush.
+  out.reserve(most);
+  std::vector<absl::Status> read(most, absl::OkStatus());
+  std::vector<int32_t> held;  // the device blocks being read
+  for (size_t i = 0; i < most; ++i) {
+    // Block by block: a chain's blocks need not be on the device first and in host memory after
+    // (a block restored from host, or computed again, sits after ones that went down).
     KvBlockCopy copy;
-    copy.key = blocks_.key(b);
-    copy.payload.resize(block_bytes);
-    device_tier_->Bind(b, copy.key);
-    absl::Status st = absl::InternalError("device tier callback did not run");
-    device_tier_->Read(b, copy.key, copy.bytes(), [&st](absl::Status s) { st = std::move(s); });
-    device_tier_->Flush();
-    if (!st.ok()) {
-      LOG(WARNING) << "engine: copying a KV block out failed: " << st;
-      break;
+    copy.payload.resize(static_cast<size_t>(block_bytes));
+    const absl::Span<const BlockHash> one = hashes.subspan(i, 1);
+    if (blocks_.MatchPrefix(one) == 1) {
+      const int32_t b = blocks_.AcquirePrefix(one, 1, /*count_hits=*/false)[0];
+      held.push_back(b);
+      copy.key = blocks_.key(b);
+      out.push_back(std::move(copy));
+      KvBlockCopy& c = out.back();
+      device_tier_->Bind(b, c.key);
+      read[i] = absl::InternalError("device tier callback did not run");
+      device_tier_->Read(b, c.key, c.bytes(),
+                         [&read, i](absl::Status s) { read[i] = std::move(s); });
+      continue;
     }
-    bytes += static_cast<int64_t>(block_bytes);
+    if (store_ == nullptr) break;
+    absl::StatusOr<BlockKey> key = store_->ReadHost(hashes[i], copy.bytes());
+    if (!key.ok()) break;
+    copy.key = *key;
     out.push_back(std::move(copy));
+  }
+  // One wait for all the device reads (on a GPU, one synchronization per call, not per block).
+  if (!held.empty()) device_tier_->Flush();
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (read[i].ok()) continue;
+    LOG(WARNING) << "engine: copying a KV block out failed: " << read[i];
+    out.resize(i);
+    break;
   }
   // Released in reverse, so that the chain's first blocks are evicted last.
   for (auto it = held.rbegin(); it != held.rend(); ++it) blocks_.Release(*it);
-  if (static_cast<int64_t>(out.size()) == on_device && store_ != nullptr) {
-    for (size_t i = out.size(); i < hashes.size() && room(); ++i) {
-      KvBlockCopy copy;
-      copy.payload.resize(block_bytes);
-      absl::StatusOr<BlockKey> key = store_->ReadHost(hashes[i], copy.bytes());
-      if (!key.ok()) break;
-      copy.key = *key;
-      bytes += static_cast<int64_t>(block_bytes);
-      out.push_back(std::move(copy));
-    }
-  }
   num_exported_kv_blocks_ += static_cast<int64_t>(out.size());
   return out;
 }
 
 int64_t Engine::PrefetchForExport(absl::Span<const BlockHash> hashes) {
   if (store_ == nullptr || !store_->has_disk() || hashes.empty()) return 0;
-  return store_->Prefetch(hashes);
+  store_->Prefetch(hashes);
+  // A block still being written to disk (its host copy already given up, as when a burst goes
+  // through a small host tier) is not loaded yet, but will be on a later call.
+  int64_t coming = 0;
+  for (const BlockHash h : hashes) {
+    const KvStore::Where where = store_->Find(h);
+    if (where == KvStore::Where::kNone) break;
+    ++coming;
+  }
+  return coming;
 }
 
 void Engine::PollIo() {
   if (store_ != nullptr) store_->Poll();
 }
 
-int64_t Engine::disk_loads_in_flight() const {
-  return store_ == nullptr ? 0 : store_->loads_in_flight();
-}
-
 int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
                                absl::Span<const KvBlockCopy> blocks) {
   if (device_tier_ == nullptr) return 0;
   const absl::Span<const BlockHash> hashes(expected.hashes);
+  // The copies follow the prompt's blocks held here when they were asked for: should some of
+  // those have left every tier meanwhile, the copies could not be used (a prompt's cache is a
+  // prefix).
+  if (HeldPrefix(hashes) < expected.held) {
+    LOG(WARNING) << "engine: the prompt's first " << expected.held
+                 << " KV blocks are no longer all cached here; the copied blocks after them are "
+                    "dropped";
+    return 0;
+  }
   const int32_t owner = TenantId(tenant);
   // The chain's blocks on the device are held while blocks are made room for, so that only other
   // blocks are evicted; so are the ones stored here, until the end.

@@ -403,24 +403,29 @@ class Engine {
     int64_t held = 0;
   };
   PromptBlocks LookUpPrompt(absl::Span<const int32_t> prompt, const RequestOptions& options) const;
-  // Copies of the leading blocks of `hashes` held on the device, then in the host tier, in order:
-  // stops at the first held in neither, and before the copies pass max_bytes (after one at
-  // least). Each one copied becomes the most recently used in its tier.
+  // How many leading `hashes` some tier here holds now (PromptBlocks::held, again).
+  int64_t HeldPrefix(absl::Span<const BlockHash> hashes) const;
+  // Copies of the leading blocks of `hashes`, each from the device or else the host tier, in
+  // order: stops at the first held in neither, and before the copies pass max_bytes (after one
+  // at least). The device reads are waited for once. Each one copied becomes the most recently
+  // used in its tier.
   std::vector<KvBlockCopy> ExportKvBlocks(absl::Span<const BlockHash> hashes, int64_t max_bytes);
   // For an export that stopped short: starts loading into the host tier the leading blocks of
-  // `hashes` that are on disk only (KvStore::Prefetch), so that ExportKvBlocks finds them there
-  // once they land (PollIo). Returns how many loads started; 0 without a disk tier.
+  // `hashes` that are on disk only (KvStore::Prefetch, some at a time), so that ExportKvBlocks
+  // finds them there once they land (PollIo). Returns how many leading blocks are in host memory
+  // or on their way there (loading, on disk, or being written to disk, to load on a later call);
+  // 0 when the chain ends here, and without a disk tier.
   int64_t PrefetchForExport(absl::Span<const BlockHash> hashes);
-  // Lands finished disk loads into the host tier (Step does it too), for a caller with no
-  // sequences to step; and how many loads are still in flight.
+  // Lands finished disk loads and writes (Step does it too), for a caller with no sequences to
+  // step.
   void PollIo();
-  int64_t disk_loads_in_flight() const;
   // Stores blocks copied from another worker as cached device blocks of `tenant`, which a request
   // for the prompt then takes instead of computing them: blocks[i] must be
   // expected.hashes[expected.held + i] in expected.cache_namespace with a payload of the layout's
   // size. The first that is not, or that finds no device block to take (evicting cached blocks
-  // as computing it would), ends the import. Blocks on the device already are skipped. Returns
-  // how many were stored.
+  // as computing it would), ends the import. Blocks on the device already are skipped. Nothing
+  // is stored when the blocks before them (expected.held) are no longer all held here
+  // (HeldPrefix). Returns how many were stored.
   int64_t ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
                          absl::Span<const KvBlockCopy> blocks);
 

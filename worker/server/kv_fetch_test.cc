@@ -181,6 +181,40 @@ TEST_F(KvFetchTest, ASubmitCopiesThePromptFromAnotherWorkerAndGeneratesTheSameTo
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 0);
 }
 
+// A copy goes out in slices between the source's engine steps (here one block a slice), shared in
+// turn among the calls: two workers copying the same prompt at once, while the source generates,
+// each get it whole, and the source's own generation is undisturbed.
+TEST_F(KvFetchTest, CopiesGoOutInSlicesBetweenTheSourcesStepsAndArriveWhole) {
+  WorkerServiceOptions sliced;
+  sliced.kv_export_slice_bytes = 1;
+  auto source = StartNode(sliced);
+  const Result computed = Run(*source, Request("a", kPromptLen));
+  ASSERT_TRUE(computed.status.ok()) << computed.status.error_message();
+  v1::SubmitRequest busy = Request("busy", 40);
+  busy.mutable_sampling()->set_max_tokens(96);
+  const Result busy_alone = Run(*source, busy);
+  ASSERT_TRUE(busy_alone.status.ok());
+  busy.set_request_id("busy-again");
+  Result busy_result;
+  std::thread generating([&] { busy_result = Run(*source, busy); });
+  auto dest1 = StartNode();
+  auto dest2 = StartNode();
+  Result copied1, copied2;
+  std::thread first(
+      [&] { copied1 = Run(*dest1, Request("b", kPromptLen, source->server->address())); });
+  copied2 = Run(*dest2, Request("c", kPromptLen, source->server->address()));
+  first.join();
+  generating.join();
+  for (const Result* r : {&copied1, &copied2}) {
+    ASSERT_TRUE(r->status.ok()) << r->status.error_message();
+    EXPECT_EQ(r->tokens, computed.tokens);
+    EXPECT_EQ(r->usage.cached().num_device_tokens(), kCopiedTokens);
+  }
+  EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 24);
+  ASSERT_TRUE(busy_result.status.ok());
+  EXPECT_EQ(busy_result.tokens, busy_alone.tokens);
+}
+
 // Blocks the source keeps only on its disk tier are loaded back into its host memory and sent as
 // they land: the copy is still whole.
 TEST_F(KvFetchTest, BlocksOnTheSourcesDiskTierAreLoadedAndCopied) {
@@ -190,7 +224,9 @@ TEST_F(KvFetchTest, BlocksOnTheSourcesDiskTierAreLoadedAndCopied) {
   tiered.tiers.host_bytes = 8 * slot;
   tiered.tiers.disk_bytes = 64 * slot;
   tiered.tiers.disk_path = std::string(std::getenv("TEST_TMPDIR")) + "/kv-source";
-  tiered.tiers.disk_queue_depth = 4;
+  // Deep enough that a slow disk (a loaded machine) takes every block the host tier gives up
+  // rather than dropping some (KvStore's spill buffers are twice this).
+  tiered.tiers.disk_queue_depth = 16;
   auto source = StartNode({}, true, &tiered);
   auto prompt = [](int seed) {
     v1::SubmitRequest r = Request(absl::StrCat("p", seed), kPromptLen);
@@ -215,7 +251,9 @@ TEST_F(KvFetchTest, BlocksOnTheSourcesDiskTierAreLoadedAndCopied) {
   const Result copied = Run(*dest, again);
   ASSERT_TRUE(copied.status.ok()) << copied.status.error_message();
   EXPECT_EQ(copied.tokens, computed.tokens);
-  EXPECT_EQ(copied.usage.cached().num_device_tokens(), kCopiedTokens);
+  EXPECT_EQ(copied.usage.cached().num_device_tokens(), kCopiedTokens)
+      << "blocks the source's host tier dropped for a slow disk: "
+      << source->Counter("strata_worker_kv_dirty_evictions_total", {{"outcome", "lost"}});
   EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 12);
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "copied"}}), 1);
   EXPECT_GT(source->service->num_kv_export_calls(), 0);

@@ -30,8 +30,16 @@ constexpr size_t kStepWindow = 32;
 constexpr absl::Duration kMinChangeReportInterval = absl::Milliseconds(5);
 // Most block hashes one FetchKvBlocks call names.
 constexpr int kMaxFetchBlocks = 4096;
-// Longest a FetchKvBlocks call waits for its blocks to load from the disk tier.
+// Longest a FetchKvBlocks call waits for the next of its blocks to load from the disk tier.
 constexpr absl::Duration kExportDiskWait = absl::Milliseconds(500);
+// Longest a FetchKvBlocks call streams in all (a caller that stopped reading is dropped).
+constexpr absl::Duration kExportMaxDuration = absl::Seconds(30);
+// The exports read out options_.kv_export_slice_bytes between two engine steps, and as much again
+// for every this many ms of the last step. A step thus waits behind copying in proportion to its
+// own length (a device or memory read of 8 MiB takes a millisecond or two), while exports keep
+// pace with the network when steps are long. Each export's stream holds at most twice a slice
+// unsent.
+constexpr double kExportSliceStepMs = 10;
 
 v1::KvBlockLayout ToProtoLayout(const KvBlockLayout& layout) {
   v1::KvBlockLayout out;
@@ -163,9 +171,9 @@ struct WorkerService::LoopState {
     uint64_t ticket = 0;  // the KvFetcher's
   };
   absl::flat_hash_map<std::string, Fetching> fetching;
-  // FetchKvBlocks calls whose next blocks are loading from the disk tier into host memory: they
-  // stream those as they land, until their deadline.
+  // FetchKvBlocks calls still sending (ContinueExports), and which goes first next time.
   std::vector<Exporting> exporting;
+  uint64_t export_turn = 0;
   std::vector<Watcher> watchers;
   std::deque<double> step_ms;
   std::array<int64_t, 4> last_reported_counts = {0, 0, 0, 0};
@@ -464,6 +472,11 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   info->set_version(kStrataVersion);
   info->set_draining(draining_.load());
   info->set_role(options_.role);
+  info->set_model_fingerprint(fingerprint_);
+  if (engine_->kv_transfer_layout().valid()) {
+    *info->mutable_kv_layout() = ToProtoLayout(engine_->kv_transfer_layout());
+  }
+  info->set_kv_fetch(fetcher_ != nullptr);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -497,14 +510,15 @@ void WorkerService::Loop() {
     if (stopping) break;
     ProcessInbox(&state);
     if (engine_->HasWork()) StepEngine(&state);
-    ContinueExports(&state);
+    const bool exports_ready = ContinueExports(&state);
     PublishBlockEvents(&state);
     SendLoadReports(&state);
     PublishMetrics(&state);
-    if (engine_->HasWork() && !engine_->WaitingForIo()) continue;
-    // Idle, or waiting only for disk loads: sleep until a command arrives, loads finish, or the
-    // next load report is due (waiting for loads, at most 10 ms: the engine gives up on them
-    // after max_io_wait, which needs a step to notice; an export waiting for them, 5 ms).
+    if ((engine_->HasWork() && !engine_->WaitingForIo()) || exports_ready) continue;
+    // Idle, or waiting only for disk loads or the network: sleep until a command arrives, loads
+    // finish, or the next load report is due (waiting for loads, at most 10 ms: the engine gives
+    // up on them after max_io_wait, which needs a step to notice; an export waiting for them or
+    // for its stream to drain, 5 ms).
     absl::Time wake = absl::Now() + (!state.exporting.empty() ? absl::Milliseconds(5)
                                      : engine_->HasWork()     ? absl::Milliseconds(10)
                                                               : absl::Seconds(1));
@@ -537,7 +551,7 @@ void WorkerService::Loop() {
   state.fetching.clear();
   for (auto& w : state.watchers) w.stream->RequestFinish(gone);
   state.watchers.clear();
-  // Exports waiting for disk loads end with what they sent (the caller computes the rest).
+  // Exports still sending end with what they sent (the caller computes the rest).
   for (Exporting& e : state.exporting) e.stream->RequestFinish(grpc::Status::OK);
   state.exporting.clear();
   // Commands posted from now on (cancellations racing with shutdown) refer to finished streams.
@@ -718,10 +732,17 @@ void WorkerService::FinishKvFetch(LoopState* state, Command& c) {
   LoopState::Fetching parked = std::move(it->second);
   state->fetching.erase(it);
   const KvFetchResult& result = c.fetched;
+  // The copies follow the blocks of the prompt held here when they were asked for; should some
+  // of those have left the cache since, the copies are of no use.
+  const bool stale =
+      !result.blocks.empty() && engine_->HeldPrefix(parked.blocks.hashes) < parked.blocks.held;
   const int64_t stored =
-      engine_->ImportKvBlocks(parked.blocks, parked.add.parsed.options.tenant, result.blocks);
+      stale
+          ? 0
+          : engine_->ImportKvBlocks(parked.blocks, parked.add.parsed.options.tenant, result.blocks);
   const int64_t wanted = static_cast<int64_t>(parked.blocks.hashes.size()) - parked.blocks.held;
-  const char* outcome = stored == wanted     ? "copied"
+  const char* outcome = stale                ? "stale"
+                        : stored == wanted   ? "copied"
                         : stored > 0         ? "partial"
                         : result.status.ok() ? "none"
                                              : "failed";
@@ -737,7 +758,9 @@ void WorkerService::FinishKvFetch(LoopState* state, Command& c) {
         ->GetCounter("strata_worker_kv_fetches_total",
                      "Submits that copied their prompt's KV blocks from another worker, by "
                      "outcome (copied: every block it lacked; partial: some; none: the source "
-                     "held none of them; failed: the source could not be asked).",
+                     "held none of them; failed: the source could not be asked; stale: the "
+                     "prompt's blocks held here left the cache meanwhile, so the copies were "
+                     "dropped).",
                      {{"outcome", outcome}})
         ->Add();
     options_.metrics
@@ -779,29 +802,30 @@ void WorkerService::Export(LoopState* state, Command& c) {
   e.bytes_left = r.max_bytes() == 0
                      ? int64_t{64} << 20
                      : static_cast<int64_t>(std::min<uint64_t>(r.max_bytes(), int64_t{1} << 30));
-  SendExported(e);
-  // The rest may be on the disk tier: load it into host memory and send it as it lands, for a
-  // while (the caller's own timeout bounds its wait too).
-  if (!e.hashes.empty() && e.bytes_left > 0 && engine_->PrefetchForExport(e.hashes) > 0) {
-    e.deadline = absl::Now() + kExportDiskWait;
-    state->exporting.push_back(std::move(e));
-    return;
-  }
-  e.stream->RequestFinish(grpc::Status::OK);
-  // A long copy counts as the peer's last call from its end, for a drain waiting on copies.
-  last_export_call_ns_.store(absl::ToUnixNanos(absl::Now()));
+  // One block at least, whatever max_bytes says.
+  e.bytes_left = std::max<int64_t>(e.bytes_left, layout.block_bytes());
+  e.deadline = absl::Now() + kExportMaxDuration;
+  // Sent in slices between engine steps (ContinueExports, later in this loop iteration), so that
+  // a long copy never holds up the sequences running here.
+  state->exporting.push_back(std::move(e));
 }
 
-void WorkerService::SendExported(Exporting& e) {
-  std::vector<Engine::KvBlockCopy> copies = engine_->ExportKvBlocks(e.hashes, e.bytes_left);
+WorkerService::Sent WorkerService::SendExported(Exporting& e, int64_t max_bytes) {
+  Sent sent;
+  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  std::vector<Engine::KvBlockCopy> copies = engine_->ExportKvBlocks(e.hashes, max_bytes);
+  sent.short_of_blocks = static_cast<int64_t>(copies.size()) <
+                         std::min<int64_t>(static_cast<int64_t>(e.hashes.size()),
+                                           std::max<int64_t>(1, max_bytes / block_bytes));
   for (Engine::KvBlockCopy& copy : copies) {
-    e.bytes_left -= static_cast<int64_t>(copy.payload.size());
+    sent.bytes += static_cast<int64_t>(copy.payload.size());
     v1::KvBlockData data;
     data.set_block_hash(copy.key.hash);
     data.set_cache_namespace(copy.key.cache_namespace);
     data.set_payload(std::move(copy.payload));
-    e.stream->Write(std::move(data));
+    if (!e.stream->Write(std::move(data))) sent.failed = true;
   }
+  e.bytes_left -= sent.bytes;
   e.hashes.erase(e.hashes.begin(), e.hashes.begin() + static_cast<ptrdiff_t>(copies.size()));
   if (options_.metrics != nullptr && !copies.empty()) {
     options_.metrics
@@ -809,28 +833,59 @@ void WorkerService::SendExported(Exporting& e) {
                      "KV blocks copied out to other workers (FetchKvBlocks).")
         ->Add(static_cast<double>(copies.size()));
   }
+  return sent;
 }
 
-void WorkerService::ContinueExports(LoopState* state) {
-  if (state->exporting.empty()) return;
+bool WorkerService::ContinueExports(LoopState* state) {
+  if (state->exporting.empty()) return false;
   engine_->PollIo();
   const absl::Time now = absl::Now();
-  for (size_t i = 0; i < state->exporting.size();) {
+  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  const double last_step_ms = state->step_ms.empty() ? 0 : state->step_ms.back();
+  int64_t room = std::max(options_.kv_export_slice_bytes, block_bytes) *
+                 (1 + static_cast<int64_t>(last_step_ms / kExportSliceStepMs));
+  const int64_t most_unsent = 2 * room;
+  bool ready = false;
+  const size_t n = state->exporting.size();
+  const size_t first = static_cast<size_t>(state->export_turn++ % n);
+  std::vector<bool> ended(n, false);
+  for (size_t k = 0; k < n; ++k) {
+    const size_t i = (first + k) % n;
     Exporting& e = state->exporting[i];
-    SendExported(e);
-    // Done: all sent, the byte budget spent, out of time, or nothing more coming (the tier loads
-    // a chain some blocks at a time: the next ones start as these land).
-    if (e.hashes.empty() || e.bytes_left < engine_->kv_transfer_layout().block_bytes() ||
-        now >= e.deadline ||
-        (engine_->PrefetchForExport(e.hashes) == 0 && engine_->disk_loads_in_flight() == 0)) {
-      e.stream->RequestFinish(grpc::Status::OK);
-      last_export_call_ns_.store(absl::ToUnixNanos(now));
-      state->exporting[i] = std::move(state->exporting.back());
-      state->exporting.pop_back();
+    const int64_t unsent = static_cast<int64_t>(e.stream->num_queued()) * block_bytes;
+    const int64_t allowed = std::min({room, e.bytes_left, most_unsent - unsent});
+    Sent sent;
+    if (allowed >= block_bytes) {
+      sent = SendExported(e, allowed);
+      room -= sent.bytes;
+    }
+    if (sent.failed || e.hashes.empty() || e.bytes_left < block_bytes || now >= e.deadline) {
+      ended[i] = true;
+    } else if (sent.short_of_blocks) {
+      // The next blocks are on the disk tier, or nowhere. The tier loads a chain some blocks at a
+      // time: the next ones start as these land. It waits while they keep coming.
+      if (engine_->PrefetchForExport(e.hashes) == 0) {
+        ended[i] = true;
+      } else if (sent.bytes > 0 || e.disk_deadline == absl::InfiniteFuture()) {
+        e.disk_deadline = now + kExportDiskWait;
+      } else if (now >= e.disk_deadline) {
+        ended[i] = true;
+      }
     } else {
-      ++i;
+      e.disk_deadline = absl::InfiniteFuture();
+      // More is in memory: at once, unless its stream holds enough unsent already.
+      ready |= unsent + sent.bytes + block_bytes <= most_unsent;
     }
   }
+  for (size_t i = n; i-- > 0;) {
+    if (!ended[i]) continue;
+    state->exporting[i].stream->RequestFinish(grpc::Status::OK);
+    // A long copy counts as the peer's last call from its end, for a drain waiting on copies.
+    last_export_call_ns_.store(absl::ToUnixNanos(now));
+    state->exporting[i] = std::move(state->exporting.back());
+    state->exporting.pop_back();
+  }
+  return ready;
 }
 
 grpc::ServerWriteReactor<v1::KvBlockData>* WorkerService::FetchKvBlocks(

@@ -78,6 +78,10 @@ struct WorkerServiceOptions {
   // Most bytes one Submit copies (they are held in host memory until stored); a copy also takes
   // at most half the device cache's blocks, so that it does not push out the whole cache.
   int64_t kv_fetch_max_bytes = int64_t{2} << 30;
+  // What FetchKvBlocks calls answered here copy out of the cache between two engine steps, all
+  // together: this many bytes (one block at least), and as much again for every 10 ms of the last
+  // step (ContinueExports).
+  int64_t kv_export_slice_bytes = int64_t{8} << 20;
   // What the worker's weights are, for KV copies (FetchKvBlocksRequest.model_fingerprint): empty
   // for the engine's own (BaseFingerprint of its files); random weights name their seed here.
   std::string model_fingerprint;
@@ -150,13 +154,23 @@ class WorkerService final : public v1::Worker::CallbackService {
  private:
   struct Command;
   struct LoopState;
-  // A FetchKvBlocks call still sending: the hashes left, the bytes it may still send, and until
-  // when it waits for blocks loading from the disk tier.
+  // A FetchKvBlocks call still sending: the hashes left, the bytes it may still send, until when
+  // it waits for blocks loading from the disk tier (InfiniteFuture while it is not waiting), and
+  // when it ends whatever is left.
   struct Exporting {
     ExportStream* stream = nullptr;
     std::vector<BlockHash> hashes;
     int64_t bytes_left = 0;
+    absl::Time disk_deadline = absl::InfiniteFuture();
     absl::Time deadline;
+  };
+  // What one SendExported call did.
+  struct Sent {
+    int64_t bytes = 0;
+    // It found fewer blocks in device and host memory than it had room for.
+    bool short_of_blocks = false;
+    // The stream failed (the caller went away).
+    bool failed = false;
   };
 
   WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOptions options);
@@ -176,12 +190,16 @@ class WorkerService final : public v1::Worker::CallbackService {
   bool StartKvFetch(LoopState* state, Command& c);
   // The copies for a parked Submit arrived (or failed): stores them, then queues it.
   void FinishKvFetch(LoopState* state, Command& c);
-  // Answers a FetchKvBlocks call from the engine's cache.
+  // Takes a FetchKvBlocks call on (ContinueExports answers it from the engine's cache).
   void Export(LoopState* state, Command& c);
-  // FetchKvBlocks's blocks of `e` found in device or host memory now, sent; and the exports
-  // waiting for disk loads, continued (finished once done, out of time or with nothing loading).
-  void SendExported(Exporting& e);
-  void ContinueExports(LoopState* state);
+  // Sends the next blocks of `e` found in device or host memory now, up to max_bytes (one block
+  // at least).
+  Sent SendExported(Exporting& e, int64_t max_bytes);
+  // Sends the exports' next blocks: a slice between two engine steps, sized by the last step's
+  // time, shared among the exports in turn; an export whose stream already holds enough unsent
+  // waits for the network. Finishes those done, out of time, or waiting for disk loads that
+  // stopped coming. True when one could send more at once.
+  bool ContinueExports(LoopState* state);
   // A live place for a sequence of `tenant` (counted in num_live_ and by tenant), or why there is
   // none (RESOURCE_EXHAUSTED); given back by ReleaseLive.
   absl::Status TakeLive(const std::string& tenant) ABSL_LOCKS_EXCLUDED(live_mu_);
