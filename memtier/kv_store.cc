@@ -215,12 +215,43 @@ void KvStore::EvictDisk(int64_t slot) {
   d = DiskSlot();
 }
 
-int64_t KvStore::AllocateHost() {
+int64_t KvStore::AllocateHost(bool wait_for_disk) {
   if (!host_free_.empty()) {
     const int64_t s = host_free_.back();
     host_free_.pop_back();
     return s;
   }
+  int64_t victim = HostVictim();
+  // Every slot is pinned, most likely by writes to disk in flight (a burst larger than the host
+  // tier, written through or back): wait for the disk rather than drop the block.
+  while (victim < 0 && wait_for_disk && disk_enabled_ && disk_->in_flight() > 0) {
+    WaitForDisk();
+    if (!host_free_.empty()) {
+      const int64_t s = host_free_.back();
+      host_free_.pop_back();
+      return s;
+    }
+    victim = HostVictim();
+  }
+  if (victim < 0) return -1;
+  // A dirty victim goes to disk from a copy (the write-backs fell behind a burst).
+  if (disk_enabled_ && !host_slots_[victim].clean) {
+    ++stats_.dirty_evictions;
+    if (!SpillToDisk(victim, wait_for_disk)) ++stats_.lost_evictions;
+  }
+  EvictHost(victim);
+  ++stats_.host.evictions;
+  return victim;
+}
+
+void KvStore::WaitForDisk() {
+  const absl::Time start = absl::Now();
+  disk_->WaitAndPoll();
+  ++stats_.disk_waits;
+  stats_.disk_wait_seconds += absl::ToDoubleSeconds(absl::Now() - start);
+}
+
+int64_t KvStore::HostVictim() const {
   // The least recently used clean block (a disk copy exists), else the least recently used one,
   // of all or (fair) of the owner holding the most, passing to the next owner only when all of
   // one's blocks are pinned. Preference: clean and not loaded for a request still waiting for it;
@@ -243,14 +274,6 @@ int64_t KvStore::AllocateHost() {
     victim = clean_prefetched >= 0 ? clean_prefetched : oldest;
     return victim < 0;
   });
-  if (victim < 0) return -1;
-  // A dirty victim goes to disk from a copy (the write-backs fell behind a burst).
-  if (disk_enabled_ && !host_slots_[victim].clean) {
-    ++stats_.dirty_evictions;
-    if (!SpillToDisk(victim)) ++stats_.lost_evictions;
-  }
-  EvictHost(victim);
-  ++stats_.host.evictions;
   return victim;
 }
 
@@ -280,7 +303,7 @@ void KvStore::Put(int64_t device_slot, BlockKey key, bool to_disk, int32_t owner
     }
     return;
   }
-  const int64_t s = AllocateHost();
+  const int64_t s = AllocateHost(/*wait_for_disk=*/true);
   if (s < 0) {
     ++stats_.dropped_puts;
     return;
@@ -442,7 +465,7 @@ bool KvStore::StartLoad(int64_t disk_slot) {
   // Pinned first: making room in host may spill a block to disk, which must not take this slot.
   const BlockKey key = disk_slots_[disk_slot].key;
   PinDisk(disk_slot);
-  const int64_t hs = AllocateHost();
+  const int64_t hs = AllocateHost(/*wait_for_disk=*/false);
   if (hs < 0) {
     UnpinDisk(disk_slot);
     return false;
@@ -554,9 +577,17 @@ bool KvStore::StartWriteBack(int64_t host_slot) {
   });
 }
 
-bool KvStore::SpillToDisk(int64_t host_slot) {
+bool KvStore::SpillToDisk(int64_t host_slot, bool wait_for_disk) {
   const HostSlot& h = host_slots_[host_slot];
   if (disk_index_.contains(h.key.hash)) return true;  // on disk, or on its way there
+  // Every copy in use: wait for one to come back rather than lose the block.
+  while (wait_for_disk && disk_enabled_ && spill_buffers_.empty() &&
+         spill_buffers_out_ >= 2 * static_cast<int64_t>(config_.disk_queue_depth) &&
+         disk_->in_flight() > 0) {
+    WaitForDisk();
+  }
+  if (!disk_enabled_) return false;
+  if (disk_index_.contains(h.key.hash)) return true;
   AlignedBuffer buffer;
   if (!spill_buffers_.empty()) {
     buffer = std::move(spill_buffers_.back());

@@ -104,7 +104,12 @@ struct KvStoreStats {
   // Dirty host blocks evicted at all (written from a copy, or lost): the write-backs were not
   // ahead of the evictions.
   int64_t dirty_evictions = 0;
-  int64_t dropped_puts = 0;    // blocks not kept: every host slot pinned
+  int64_t dropped_puts = 0;  // blocks not kept: every host slot pinned
+  // Times a block coming down from the device waited for the disk (every host slot pinned by
+  // writes in flight, or every spill copy in use), and the time spent so: the host tier is too
+  // small for the bursts, or the disk too slow.
+  int64_t disk_waits = 0;
+  double disk_wait_seconds = 0;
   int64_t corrupt_blocks = 0;  // reads that failed a checksum or key check (misses)
   int64_t io_errors = 0;
   int64_t disk_recovered = 0;  // blocks indexed from the disk file at start
@@ -212,8 +217,13 @@ class KvStore {
   KvStore(KvStoreConfig config, KvBlockLayout layout, BlockTier* device);
   absl::Status OpenTiers();
   // A free host slot, evicting a clean (or, failing that, the oldest) block; -1 when every slot
-  // is pinned.
-  int64_t AllocateHost();
+  // is pinned. `wait_for_disk`: while every slot is pinned and disk operations are in flight,
+  // or a dirty victim finds every spill copy in use, waits for the disk (WaitForDisk) instead.
+  int64_t AllocateHost(bool wait_for_disk);
+  // The host slot AllocateHost would evict, or -1 when every slot is pinned.
+  int64_t HostVictim() const;
+  // Waits until a disk operation finishes and runs its callback (counted in disk_waits).
+  void WaitForDisk();
   int64_t AllocateDisk();
   void EvictHost(int64_t slot);
   // After a failed read of host `slot`: a block that failed its checks (DATA_LOSS) is counted and,
@@ -233,8 +243,9 @@ class KvStore {
                    absl::AnyInvocable<void(bool ok) &&> after);
   // False when the block is not on disk and cannot be written there now.
   bool StartWriteBack(int64_t host_slot);
-  // Writes a copy of a dirty host block that is about to be evicted. False when it cannot.
-  bool SpillToDisk(int64_t host_slot);
+  // Writes a copy of a dirty host block that is about to be evicted. False when it cannot (with
+  // `wait_for_disk`, only when the disk is off or full).
+  bool SpillToDisk(int64_t host_slot, bool wait_for_disk);
   // False when no host slot can be had.
   bool StartLoad(int64_t disk_slot);
   void ScheduleWriteBacks();

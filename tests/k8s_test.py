@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Checks k8s/ against the servers it deploys, then runs k8s/base the way a cluster would.
 
-1. Static checks of k8s/base (and k8s/gpu, rendered with `kubectl kustomize` where kubectl is
-   installed): selectors match pod labels, Services reach named container ports, every flag in a
+1. Static checks of k8s/base (and k8s/gpu, k8s/disaggregated and k8s/gpu-disaggregated, rendered
+   with `kubectl kustomize` where kubectl is installed): selectors match pod labels and no other
+   workload's, Services reach named container ports, every flag in a
    container's args is a flag of the binary it runs (asked with --helpfull) and every $(VAR) in them is
    defined, --listen and the probes use the container port, the coordinators' --workers names a
    headless Service selecting the workers on its port, coordinators and workers agree on the model,
@@ -20,7 +21,9 @@
    /etc/hosts. Then: every worker becomes ready, each coordinator replica sees both workers and
    answers generate requests (for the base and for a fine-tune), a worker sent SIGTERM (a pod deletion) turns NOT_SERVING, leaves the
    Service and exits 0 within its grace period while requests keep succeeding, and its replacement
-   recovers the disk KV tier from its volume and serves again.
+   recovers the disk KV tier from its volume and serves again. Then k8s/base with API keys and the
+   cluster secret, and k8s/disaggregated (a prefill and a decode worker: a long prompt handed off
+   between them, its KV blocks copied).
 
 Run by tests/k8s_test.sh (Bazel); needs unshare, ip and chroot (util-linux, iproute2, coreutils).
 """
@@ -186,6 +189,13 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
         labels = tmpl["metadata"].get("labels", {})
         if not selects(spec["selector"]["matchLabels"], labels):
             fail("%s: selector %s does not select its pod labels %s" % (wname, spec["selector"], labels))
+        # Two controllers whose selectors take each other's pods fight over them.
+        for other in m.workloads():
+            if other is not w and selects(spec["selector"]["matchLabels"],
+                                          other["spec"]["template"]["metadata"].get("labels", {})):
+                fail("%s: selector %s also selects the pods of %s" % (wname, spec["selector"],
+                                                                    other["metadata"]["name"]))
+            n += 1
         pod = tmpl["spec"]
         mounts_by_volume = {}
         for v in pod.get("volumes", []):
@@ -805,12 +815,17 @@ def kill_leftovers(cluster):
             os.killpg(p.proc.pid, signal.SIGKILL)
 
 
+def start_pods(cluster):
+    """Starts every pod and waits until all are ready."""
+    for p in cluster.pods:
+        cluster.start(p)
+    cluster.wait("every pod ready", lambda: all(p.ready for p in cluster.pods), 90)
+
+
 def run_pods(m, rootfs, work):
     cluster = Cluster(m, rootfs, work)
     try:
-        for p in cluster.pods:
-            cluster.start(p)
-        cluster.wait("every pod ready", lambda: all(p.ready for p in cluster.pods), 90)
+        start_pods(cluster)
         coordinators = [p for p in cluster.pods if p.name.startswith("strata-coordinator")]
         workers = [p for p in cluster.pods if p.name.startswith("strata-worker")]
         if len(coordinators) < 2 or len(workers) < 2:
@@ -1023,6 +1038,61 @@ def run_pods(m, rootfs, work):
 # ---------------------------------------------------------------------------------------------------
 
 
+def run_pods_disaggregated(m, rootfs, work):
+    """k8s/disaggregated: a prefill and a decode worker. A long prompt is computed on the prefill
+    pod and generated on the decode pod, which copies its KV blocks over the worker port; a repeat
+    of it (held by the decode pod now) and a short prompt go to the decode pod whole."""
+    cluster = Cluster(m, rootfs, work)
+    try:
+        start_pods(cluster)
+        coordinators = [p for p in cluster.pods if p.name.startswith("strata-coordinator")]
+        prefill = [p for p in cluster.pods if p.name.startswith("strata-prefill")]
+        decode = [p for p in cluster.pods if p.name.startswith("strata-worker")]
+        if len(prefill) != 1 or len(decode) != 1 or not coordinators:
+            fail("k8s/disaggregated should run one prefill and one decode worker, got %s" % [p.name for p in cluster.pods])
+        coord = coordinators[0]
+        expect = sorted(p.name for p in prefill + decode)
+        cluster.wait("%s to see both workers" % coord.name,
+                     lambda: serving_workers(cluster, coord) == expect, 30)
+        out = stratactl(cluster, "status", "--json", "--coordinator", addr(coord))
+        roles = {w["info"]["worker_id"]: w["info"].get("role", "WORKER_ROLE_MIXED")
+                 for w in json.loads(out.stdout)["cluster"]["workers"]}
+        if roles != {prefill[0].name: "WORKER_ROLE_PREFILL", decode[0].name: "WORKER_ROLE_DECODE"}:
+            fail("worker roles %s" % roles)
+
+        def generate(prompt):
+            out = stratactl(cluster, "generate", "--coordinator", addr(coord), "--prompt", prompt,
+                            "--max-tokens", "12", "--seed", "7", "--ignore-eos", "--json")
+            if out.returncode != 0:
+                cluster.dump()
+                fail("generate through %s: %s" % (coord.name, out.stderr.strip()))
+            return json.loads(out.stdout)
+
+        def handoffs():
+            return scrape(coord).get("strata_coordinator_prefill_handoffs_total", 0)
+
+        # Well over --disaggregate_min_uncached_tokens (512).
+        long_prompt = "".join("def step_%d(state):\n    return state + %d\n\n" % (i, i) for i in range(60))
+        first = generate(long_prompt)
+        if first["usage"]["num_prompt_tokens"] < 600 or len(first["token_ids"]) != 12:
+            fail("the long prompt returned %s" % first)
+        cluster.wait("the coordinator to count the handoff", lambda: handoffs() == 1, 10)
+        copied = 'strata_worker_kv_fetches_total{outcome="copied"}'
+        cluster.wait("the decode pod to count its copy", lambda: scrape(decode[0]).get(copied) == 1, 10)
+        again = generate(long_prompt)
+        if again["token_ids"] != first["token_ids"]:
+            fail("the repeated prompt gave other tokens: %s vs %s" % (again["token_ids"], first["token_ids"]))
+        generate("def parse(")
+        if handoffs() != 1:
+            fail("a prompt the decode pod holds, or a short one, was handed off: %s handoffs" % handoffs())
+        print("k8s_test: k8s/disaggregated: a %d-token prompt prefilled on %s, decoded on %s from its "
+              "copied KV blocks; repeats and short prompts stay on the decode pod"
+              % (first["usage"]["num_prompt_tokens"], prefill[0].name, decode[0].name))
+        stop_and_check(cluster)
+    finally:
+        kill_leftovers(cluster)
+
+
 def with_secrets(objs, where):
     """The manifests with API keys and the cluster secret turned on, as k8s/base/model.yaml says."""
     keyed = copy.deepcopy(objs)
@@ -1048,9 +1118,7 @@ def run_pods_keyed(m, rootfs, work):
     cluster = Cluster(m, rootfs, work, secrets={"strata-api-keys": {"keys.json": keys},
                                                 "strata-cluster-secret": {"secret": old + "\n"}})
     try:
-        for p in cluster.pods:
-            cluster.start(p)
-        cluster.wait("every pod ready", lambda: all(p.ready for p in cluster.pods), 90)
+        start_pods(cluster)
         coordinators = [p for p in cluster.pods if p.name.startswith("strata-coordinator")]
         workers = sorted(p.name for p in cluster.pods if p.name.startswith("strata-worker"))
 
@@ -1127,6 +1195,11 @@ def run_pods_keyed(m, rootfs, work):
 
 def main():
     os.environ["PATH"] = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
+    if len(sys.argv) == 4 and sys.argv[1] == "--pods-disaggregated":
+        with open(os.path.join(sys.argv[3], "manifests.json")) as f:
+            run_pods_disaggregated(Manifests(json.load(f), "k8s/disaggregated"), sys.argv[2], sys.argv[3])
+        print("PASS")
+        return
     if len(sys.argv) == 4 and sys.argv[1] in ("--pods", "--pods-keyed"):
         m = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
         if sys.argv[1] == "--pods":
@@ -1188,12 +1261,36 @@ def main():
                              image_fine_tunes)
         keyed = with_secrets(planned, "stratactl plan --emit k8s")
         n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
-        print("k8s_test: k8s/base, k8s/gpu and a stratactl plan overlay pass %d checks" % n)
+        # Disaggregated prefill and decode, over k8s/base and over k8s/gpu.
+        split = {}
+        for d in ("disaggregated", "gpu-disaggregated"):
+            split[d] = kubectl_render(os.path.join(k8s_copy, d))
+            sm = Manifests(split[d], "k8s/" + d)
+            n += check_manifests(sm, flags, image_models, image_fine_tunes)
+            roles = {}
+            for w in sm.of("StatefulSet"):
+                args = parse_args(w["spec"]["template"]["spec"]["containers"][0].get("args", []))
+                roles[w["metadata"]["name"]] = args.get("role")
+            if roles != {"strata-worker": "decode", "strata-prefill": "prefill"}:
+                fail("k8s/%s: worker roles %s" % (d, roles))
+            base_workers = sm.get("StatefulSet", "strata-worker")["spec"]["template"]["spec"]
+            prefill_workers = copy.deepcopy(sm.get("StatefulSet", "strata-prefill")["spec"]["template"]["spec"])
+            prefill_workers["containers"][0]["args"] = [a for a in prefill_workers["containers"][0]["args"]
+                                                         if a != "--role=prefill"] + ["--role=decode"]
+            if prefill_workers != base_workers:
+                fail("k8s/%s: the prefill pods differ from the decode pods beyond their role" % d)
+            keyed = with_secrets(split[d], "k8s/" + d)
+            n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
+        print("k8s_test: k8s/base, k8s/gpu, a stratactl plan overlay and both disaggregated overlays "
+              "pass %d checks" % n)
     else:
         print("k8s_test: k8s/base passes %d checks; no kubectl here, so k8s/gpu is not rendered" % n)
 
     validate_schemas(work, [("k8s/base", base.objs)] +
-                     ([("k8s/gpu", gpu), ("stratactl plan --emit k8s", planned)] if rendered is not None else []))
+                     ([("k8s/gpu", gpu), ("stratactl plan --emit k8s", planned),
+                       ("k8s/disaggregated", split["disaggregated"]),
+                       ("k8s/gpu-disaggregated", split["gpu-disaggregated"])]
+                      if rendered is not None else []))
 
     archive = os.path.join(work, "strata-image.tar")
     rootfs = os.path.join(work, "rootfs")
@@ -1230,7 +1327,13 @@ def main():
     if not real_root:
         ns[1:1] = ["--user", "--map-root-user"]
     # A private /run for `ip netns`; each phase in namespaces of its own.
-    for phase, phase_work in (("--pods", work), ("--pods-keyed", os.path.join(work, "keyed"))):
+    phases = [("--pods", work), ("--pods-keyed", os.path.join(work, "keyed"))]
+    if rendered is not None:
+        phases.append(("--pods-disaggregated", os.path.join(work, "disaggregated")))
+        os.makedirs(phases[-1][1], exist_ok=True)
+        with open(os.path.join(phases[-1][1], "manifests.json"), "w") as f:
+            json.dump(split["disaggregated"], f)
+    for phase, phase_work in phases:
         os.makedirs(phase_work, exist_ok=True)
         inner = "mount -t tmpfs tmpfs /run && mount -t proc proc /proc && exec %s %s %s %s %s" % (
             shquote(py), shquote(os.path.abspath(__file__)), phase, shquote(rootfs), shquote(phase_work))

@@ -1100,6 +1100,30 @@ TEST_F(EngineTiersTest, CopiedBlocksAfterAHostPrefixAreUsed) {
   EXPECT_EQ(out.num_cached_prompt_tokens, 96);
 }
 
+// A prompt's blocks written through to disk as it finishes, more of them than the host tier has
+// slots (each pinned while its write is in flight): the engine waits for the disk rather than drop
+// the rest, so the whole chain is on disk, and other prompts pushing it out of memory lose none of
+// it.
+TEST_F(EngineTiersTest, ABurstLargerThanTheHostTierReachesTheDiskWhole) {
+  std::mt19937 rng(77);
+  const std::vector<int32_t> a = RandomPrompt(rng, 240);
+  EngineConfig c = TieredConfig(/*host_blocks=*/8, /*disk_blocks=*/256);
+  c.write_through_hot_blocks = true;
+  auto e = MakeEngine(c);
+  RequestOutput out;
+  const std::vector<int32_t> want = Run(*e, "a", a, &out);
+  for (int i = 0; i < 4; ++i) Run(*e, "f" + std::to_string(i), RandomPrompt(rng, 240), &out);
+  const Engine::PromptBlocks held = e->LookUpPrompt(a, Greedy(4));
+  ASSERT_EQ(held.hashes.size(), 14u);
+  EXPECT_EQ(held.held, 14);
+  const KvStoreStats st = e->Stats().tiers;
+  EXPECT_EQ(st.dropped_puts, 0);
+  EXPECT_EQ(st.lost_evictions, 0);
+  EXPECT_GT(st.disk_waits, 0);
+  EXPECT_EQ(Run(*e, "a2", a, &out), want);
+  EXPECT_EQ(out.num_cached_prompt_tokens, 14 * 16);
+}
+
 // Copies that arrive after the prompt's own cached head left every tier here are of no use (a
 // prompt's cache is a prefix): they are not stored, and the prompt computes as it would have.
 TEST_F(EngineTiersTest, CopiesAfterAHeadThatLeftTheCacheAreDropped) {

@@ -1336,6 +1336,18 @@ void WorkerService::PublishMetrics(LoopState* state) {
       ->SetTotal(static_cast<double>(t.dirty_evictions - t.lost_evictions));
   m->GetCounter("strata_worker_kv_dirty_evictions_total", kDirty, {{"outcome", "lost"}})
       ->SetTotal(static_cast<double>(t.lost_evictions));
+  m->GetCounter("strata_worker_kv_dropped_puts_total",
+                "KV blocks leaving the device that no host slot could take (every one pinned by "
+                "a restore in progress): lost to the lower tiers.")
+      ->SetTotal(static_cast<double>(t.dropped_puts));
+  m->GetCounter("strata_worker_kv_disk_waits_total",
+                "Times a KV block leaving the device waited for the disk tier (every host slot "
+                "pinned by writes in flight, or every spill copy in use): the host tier is small "
+                "for the bursts, or the disk slow.")
+      ->SetTotal(static_cast<double>(t.disk_waits));
+  m->GetCounter("strata_worker_kv_disk_wait_seconds_total",
+                "Engine time spent in those waits for the disk tier.")
+      ->SetTotal(t.disk_wait_seconds);
 }
 
 }  // namespace strata
