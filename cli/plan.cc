@@ -394,7 +394,13 @@ std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& option
   return f;
 }
 
-std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
+namespace {
+
+// One worker StatefulSet of the plan, as a patch: `name`, `replicas`, and `role` (--role) unless
+// empty.
+std::string WorkerStatefulSetPatch(const Plan& plan, const PlanOptions& options,
+                                   const std::string& name, int64_t replicas,
+                                   const std::string& role) {
   // Persisting writes the device cache and the host tier at kPersistBytesPerS.
   const double persist_bytes =
       plan.kv_cache_mb * kMiB + static_cast<double>(plan.host_cache_mb) * kMiB;
@@ -416,16 +422,16 @@ std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
   absl::StrAppend(&args, "            - --disk_cache_path=/var/lib/strata/kv/blocks\n",
                   "            - --drain_timeout_s=", drain_s, "\n",
                   "            - --persist_kv_s=", persist_s, "\n");
+  if (!role.empty()) absl::StrAppend(&args, "            - --role=", role, "\n");
   return absl::StrCat(
-      "# Written by `stratactl plan --emit k8s`: a patch of k8s/gpu's worker StatefulSet. Use it\n"
-      "# from an overlay: resources: [<path to k8s/gpu>], patches: [{path: this file}].\n"
       "apiVersion: apps/v1\n"
       "kind: StatefulSet\n"
       "metadata:\n"
-      "  name: strata-worker\n"
+      "  name: ",
+      name, "\n",
       "spec:\n"
       "  replicas: ",
-      plan.workers, "\n",
+      replicas, "\n",
       "  template:\n"
       "    spec:\n"
       "      terminationGracePeriodSeconds: ",
@@ -453,6 +459,29 @@ std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
       "          requests:\n"
       "            storage: ",
       plan.disk_volume_gib, "Gi\n");
+}
+
+}  // namespace
+
+std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
+  return absl::StrCat(
+      "# Written by `stratactl plan --emit k8s`: a patch of k8s/gpu's worker StatefulSet. Use it\n"
+      "# from an overlay: resources: [<path to k8s/gpu>], patches: [{path: this file}].\n",
+      WorkerStatefulSetPatch(plan, options, "strata-worker", plan.workers, ""));
+}
+
+std::string EmitK8sDisaggregatedPatch(const Plan& plan, const PlanOptions& options) {
+  return absl::StrCat(
+      "# Written by `stratactl plan --emit k8s-disaggregated`: a patch of k8s/gpu-disaggregated's\n"
+      "# decode (strata-worker) and prefill (strata-prefill) StatefulSets, sized apart: prefill "
+      "by\n"
+      "# the prompt tokens to compute, decode by the sequences generating. Use it from an "
+      "overlay:\n"
+      "# resources: [<path to k8s/gpu-disaggregated>], patches: [{path: this file}].\n",
+      WorkerStatefulSetPatch(plan, options, "strata-worker", plan.split_decode_workers, "decode"),
+      "---\n",
+      WorkerStatefulSetPatch(plan, options, "strata-prefill", plan.split_prefill_workers,
+                             "prefill"));
 }
 
 namespace {
@@ -693,19 +722,20 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
     absl::FPrintF(out, "%s", Json(p, gpu, o));
     return absl::OkStatus();
   }
-  if (emit == "k8s") {
+  if (emit == "k8s" || emit == "k8s-disaggregated") {
     if (o.tensor_parallel > 1) {
-      return absl::InvalidArgumentError(
-          "--emit k8s with --tensor-parallel above 1: strata-worker splits a model across GPUs "
-          "only once NCCL tensor parallelism lands (it runs on the CPU today), so such a patch "
-          "would not start; the table and --json still plan it");
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--emit ", emit,
+          " with --tensor-parallel above 1: strata-worker splits a model across GPUs only once "
+          "NCCL tensor parallelism lands (it runs on the CPU today), so such a patch would not "
+          "start; the table and --json still plan it"));
     }
-    absl::FPrintF(out, "%s", EmitK8sPatch(p, o));
+    absl::FPrintF(out, "%s", emit == "k8s" ? EmitK8sPatch(p, o) : EmitK8sDisaggregatedPatch(p, o));
     return absl::OkStatus();
   }
   if (emit != "table") {
     return absl::InvalidArgumentError(
-        absl::StrCat("--emit must be table, json or k8s, not \"", emit, "\""));
+        absl::StrCat("--emit must be table, json, k8s or k8s-disaggregated, not \"", emit, "\""));
   }
   absl::FPrintF(out, "model      %s: %.2f B parameters, %.1f GiB in %s, KV %d KiB per token\n",
                 model.architecture_name, p.parameters / 1e9, p.weight_bytes / kGiB,
@@ -738,16 +768,18 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
   if (w.rate_rps > 0) {
     absl::FPrintF(out, "workers    %d for %.2f requests/s (each %.0f%% busy; target %.0f%%)\n",
                   p.workers, w.rate_rps, 100 * p.utilization, 100 * o.target_utilization);
-    absl::FPrintF(out,
-                  "split      or %d prefill + %d decode workers (--role); each handoff copies %.0f "
-                  "MiB of KV, about %.0f ms at %.0f GB/s, between the first and second token%s\n",
-                  p.split_prefill_workers, p.split_decode_workers, p.handoff_bytes / (1 << 20),
-                  p.handoff_ms, kKvCopyBytesPerS / 1e9,
-                  w.tpot_ms > 0 && p.handoff_ms > w.tpot_ms
-                      ? absl::StrFormat(" (%.0fx the TPOT target: over TCP the split costs every "
-                                        "request one long gap)",
-                                        p.handoff_ms / w.tpot_ms)
-                      : "");
+    absl::FPrintF(
+        out,
+        "split      or %d prefill + %d decode workers (--role; --emit k8s-disaggregated); "
+        "each handoff copies %.0f "
+        "MiB of KV, about %.0f ms at %.0f GB/s, between the first and second token%s\n",
+        p.split_prefill_workers, p.split_decode_workers, p.handoff_bytes / (1 << 20), p.handoff_ms,
+        kKvCopyBytesPerS / 1e9,
+        w.tpot_ms > 0 && p.handoff_ms > w.tpot_ms
+            ? absl::StrFormat(" (%.0fx the TPOT target: over TCP the split costs every "
+                              "request one long gap)",
+                              p.handoff_ms / w.tpot_ms)
+            : "");
     if (gpu.name != "custom") {
       // Averages say nothing of tails: the simulator replays Poisson arrivals.
       absl::FPrintF(out,

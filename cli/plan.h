@@ -187,6 +187,10 @@ std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& option
 // A kustomize patch of k8s/gpu's StatefulSet strata-worker: replicas, args, resources and the
 // disk tier's volume, for an overlay whose resources include k8s/gpu.
 std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options);
+// The same for k8s/gpu-disaggregated: its decode StatefulSet (strata-worker, --role=decode,
+// split_decode_workers replicas) and its prefill one (strata-prefill, --role=prefill,
+// split_prefill_workers), each with the plan's flags and resources.
+std::string EmitK8sDisaggregatedPatch(const Plan& plan, const PlanOptions& options);
 
 // The flags of `stratactl plan`, parsed (unknown ones refused by name).
 absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv);

@@ -368,6 +368,33 @@ TEST(PlanCommandTest, PrintsATableJsonAndAKubernetesPatch) {
   EXPECT_NE(k8s->find("- --device=gpu"), std::string::npos) << *k8s;
   EXPECT_NE(k8s->find("nvidia.com/gpu: 1"), std::string::npos) << *k8s;
   EXPECT_EQ(k8s->find("--tensor_parallel"), std::string::npos) << *k8s;
+  EXPECT_EQ(k8s->find("--role"), std::string::npos) << *k8s;
+  // Split: the decode and prefill StatefulSets of k8s/gpu-disaggregated, sized apart.
+  auto plan = RunPlan({"--model", "bench/configs/llama3_8b.json", "--gpu", "h200", "--rate", "40",
+                       "--conversations", "100", "--json"});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  auto number = [&](const std::string& key) {
+    const size_t at = plan->find("\"" + key + "\":");
+    EXPECT_NE(at, std::string::npos) << key;
+    return std::stoll(plan->substr(at + key.size() + 3));
+  };
+  auto split = RunPlan({"--model", "bench/configs/llama3_8b.json", "--gpu", "h200", "--rate", "40",
+                        "--conversations", "100", "--emit", "k8s-disaggregated"});
+  ASSERT_TRUE(split.ok()) << split.status();
+  const size_t second = split->find("---\n");
+  ASSERT_NE(second, std::string::npos) << *split;
+  const std::string decode = split->substr(0, second), prefill = split->substr(second);
+  EXPECT_NE(decode.find("name: strata-worker\nspec:\n  replicas: " +
+                        std::to_string(number("split_decode_workers")) + "\n"),
+            std::string::npos)
+      << *split;
+  EXPECT_NE(decode.find("- --role=decode\n"), std::string::npos) << decode;
+  EXPECT_NE(prefill.find("name: strata-prefill\nspec:\n  replicas: " +
+                         std::to_string(number("split_prefill_workers")) + "\n"),
+            std::string::npos)
+      << *split;
+  EXPECT_NE(prefill.find("- --role=prefill\n"), std::string::npos) << prefill;
+  EXPECT_NE(prefill.find("- --device=gpu"), std::string::npos) << prefill;
   // Across GPUs the plan is a table only: strata-worker has no GPU tensor parallelism yet.
   auto tp = RunPlan(
       {"--model", "bench/configs/llama3_70b.json", "--gpu", "h200", "--tensor-parallel", "2"});
@@ -376,6 +403,10 @@ TEST(PlanCommandTest, PrintsATableJsonAndAKubernetesPatch) {
   auto tp_k8s = RunPlan({"--model", "bench/configs/llama3_70b.json", "--gpu", "h200",
                          "--tensor-parallel", "2", "--emit", "k8s"});
   EXPECT_TRUE(absl::IsInvalidArgument(tp_k8s.status()));
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(RunPlan({"--model", "bench/configs/llama3_70b.json", "--gpu", "h200",
+                                       "--tensor-parallel", "2", "--emit", "k8s-disaggregated"})
+                                  .status()));
   // A model directory works too, and a custom GPU.
   auto tiny = RunPlan({"--model", "models/strata-tiny/base", "--gpu-memory-gib", "16",
                        "--gpu-bandwidth-gbps", "300", "--gpu-tflops", "50", "--prompt-tokens",

@@ -1261,9 +1261,22 @@ def main():
                              image_fine_tunes)
         keyed = with_secrets(planned, "stratactl plan --emit k8s")
         n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
-        # Disaggregated prefill and decode, over k8s/base and over k8s/gpu.
+        # Disaggregated prefill and decode, over k8s/base and over k8s/gpu, and the planner's
+        # patch of the latter.
+        planned_dir = os.path.join(k8s_copy, "planned-disaggregated")
+        os.makedirs(planned_dir)
+        out = subprocess.run([os.path.join(ROOT, BINARIES["stratactl"]), "plan", "--model",
+                              os.path.join(ROOT, "bench/configs/llama3_8b.json"), "--gpu", "h100",
+                              "--rate", "20", "--emit", "k8s-disaggregated"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            fail("stratactl plan --emit k8s-disaggregated: %s" % out.stderr)
+        with open(os.path.join(planned_dir, "worker.yaml"), "w") as f:
+            f.write(out.stdout)
+        with open(os.path.join(planned_dir, "kustomization.yaml"), "w") as f:
+            f.write("resources: [../gpu-disaggregated]\npatches:\n  - path: worker.yaml\n")
         split = {}
-        for d in ("disaggregated", "gpu-disaggregated"):
+        for d in ("disaggregated", "gpu-disaggregated", "planned-disaggregated"):
             split[d] = kubectl_render(os.path.join(k8s_copy, d))
             sm = Manifests(split[d], "k8s/" + d)
             n += check_manifests(sm, flags, image_models, image_fine_tunes)
@@ -1281,15 +1294,16 @@ def main():
                 fail("k8s/%s: the prefill pods differ from the decode pods beyond their role" % d)
             keyed = with_secrets(split[d], "k8s/" + d)
             n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
-        print("k8s_test: k8s/base, k8s/gpu, a stratactl plan overlay and both disaggregated overlays "
-              "pass %d checks" % n)
+        print("k8s_test: k8s/base, k8s/gpu, both disaggregated overlays and stratactl plan's "
+              "overlays of k8s/gpu and k8s/gpu-disaggregated pass %d checks" % n)
     else:
         print("k8s_test: k8s/base passes %d checks; no kubectl here, so k8s/gpu is not rendered" % n)
 
     validate_schemas(work, [("k8s/base", base.objs)] +
                      ([("k8s/gpu", gpu), ("stratactl plan --emit k8s", planned),
                        ("k8s/disaggregated", split["disaggregated"]),
-                       ("k8s/gpu-disaggregated", split["gpu-disaggregated"])]
+                       ("k8s/gpu-disaggregated", split["gpu-disaggregated"]),
+                       ("stratactl plan --emit k8s-disaggregated", split["planned-disaggregated"])]
                       if rendered is not None else []))
 
     archive = os.path.join(work, "strata-image.tar")
