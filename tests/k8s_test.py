@@ -1243,38 +1243,30 @@ def main():
         n += check_manifests(Manifests(gpu, "k8s/gpu"), flags, image_models, image_fine_tunes)
         keyed = with_secrets(gpu, "k8s/gpu")
         n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
-        # What `stratactl plan --emit k8s` writes, as an overlay of k8s/gpu.
-        planned_dir = os.path.join(k8s_copy, "planned")
-        os.makedirs(planned_dir)
-        out = subprocess.run([os.path.join(ROOT, BINARIES["stratactl"]), "plan", "--model",
-                              os.path.join(ROOT, "bench/configs/llama3_8b.json"), "--gpu", "h100",
-                              "--rate", "20", "--emit", "k8s"],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            fail("stratactl plan --emit k8s: %s" % out.stderr)
-        with open(os.path.join(planned_dir, "worker.yaml"), "w") as f:
-            f.write(out.stdout)
-        with open(os.path.join(planned_dir, "kustomization.yaml"), "w") as f:
-            f.write("resources: [../gpu]\npatches:\n  - path: worker.yaml\n")
-        planned = kubectl_render(planned_dir)
+        def plan_overlay(name, emit, base):
+            """What `stratactl plan --emit EMIT` writes, as an overlay of k8s/BASE named NAME."""
+            d = os.path.join(k8s_copy, name)
+            os.makedirs(d)
+            out = subprocess.run([os.path.join(ROOT, BINARIES["stratactl"]), "plan", "--model",
+                                  os.path.join(ROOT, "bench/configs/llama3_8b.json"), "--gpu", "h100",
+                                  "--rate", "20", "--emit", emit],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                fail("stratactl plan --emit %s: %s" % (emit, out.stderr))
+            with open(os.path.join(d, "worker.yaml"), "w") as f:
+                f.write(out.stdout)
+            with open(os.path.join(d, "kustomization.yaml"), "w") as f:
+                f.write("resources: [../%s]\npatches:\n  - path: worker.yaml\n" % base)
+            return d
+
+        planned = kubectl_render(plan_overlay("planned", "k8s", "gpu"))
         n += check_manifests(Manifests(planned, "stratactl plan --emit k8s"), flags, image_models,
                              image_fine_tunes)
         keyed = with_secrets(planned, "stratactl plan --emit k8s")
         n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
         # Disaggregated prefill and decode, over k8s/base and over k8s/gpu, and the planner's
         # patch of the latter.
-        planned_dir = os.path.join(k8s_copy, "planned-disaggregated")
-        os.makedirs(planned_dir)
-        out = subprocess.run([os.path.join(ROOT, BINARIES["stratactl"]), "plan", "--model",
-                              os.path.join(ROOT, "bench/configs/llama3_8b.json"), "--gpu", "h100",
-                              "--rate", "20", "--emit", "k8s-disaggregated"],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            fail("stratactl plan --emit k8s-disaggregated: %s" % out.stderr)
-        with open(os.path.join(planned_dir, "worker.yaml"), "w") as f:
-            f.write(out.stdout)
-        with open(os.path.join(planned_dir, "kustomization.yaml"), "w") as f:
-            f.write("resources: [../gpu-disaggregated]\npatches:\n  - path: worker.yaml\n")
+        plan_overlay("planned-disaggregated", "k8s-disaggregated", "gpu-disaggregated")
         split = {}
         for d in ("disaggregated", "gpu-disaggregated", "planned-disaggregated"):
             split[d] = kubectl_render(os.path.join(k8s_copy, d))
