@@ -26,14 +26,22 @@ std::chrono::system_clock::time_point Deadline(absl::Duration d) {
 
 }  // namespace
 
+std::string KvCopyKey(const v1::WorkerInfo& info) {
+  if (!info.has_kv_layout()) return "";
+  return absl::StrCat(info.model().size(), ":", info.model(), ":", info.model_fingerprint().size(),
+                      ":", info.model_fingerprint(), ":", info.tensor_parallel_size(), ":",
+                      info.block_tokens(), ":", DeviceBlockBytes(info), ":",
+                      info.kv_layout().SerializeAsString());
+}
+
 bool CanCopyKvBlocks(const v1::WorkerInfo& source, const v1::WorkerInfo& receiver) {
-  return receiver.kv_fetch() && source.has_kv_layout() && receiver.has_kv_layout() &&
-         source.model() == receiver.model() &&
-         source.model_fingerprint() == receiver.model_fingerprint() &&
-         source.kv_layout().SerializeAsString() == receiver.kv_layout().SerializeAsString() &&
-         source.tensor_parallel_size() == receiver.tensor_parallel_size() &&
-         source.block_tokens() == receiver.block_tokens() &&
-         DeviceBlockBytes(source) == DeviceBlockBytes(receiver);
+  const std::string key = KvCopyKey(source);
+  return receiver.kv_fetch() && !key.empty() && key == KvCopyKey(receiver);
+}
+
+bool WorkerPool::CanCopy(const Worker& source, const Worker& receiver) {
+  return receiver.info.kv_fetch() && !source.kv_copy_key.empty() &&
+         source.kv_copy_key == receiver.kv_copy_key;
 }
 
 WorkerPool::WorkerPool(WorkerPoolOptions options) : options_(std::move(options)) {}
@@ -184,6 +192,7 @@ bool WorkerPool::RefreshInfo(Worker* w) {
   if (call < w->info_applied) return true;  // a later call's answer is in already
   w->info_applied = call;
   w->info = info;
+  w->kv_copy_key = KvCopyKey(info);
   if (w->state == State::kServing && info.draining()) w->state = State::kDraining;
   if (w->state == State::kDraining && !info.draining() && !w->drained_by_admin) {
     w->state = State::kServing;
@@ -234,6 +243,7 @@ void WorkerPool::WatchLoop(Worker* w) {
         LOG(INFO) << "worker " << w->address << " restarted (new epoch)";
       }
       w->info = info;
+      w->kv_copy_key = KvCopyKey(info);
       w->info_applied = std::max(w->info_applied, info_call);
       w->has_info = true;
     }
@@ -386,7 +396,8 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   req.fine_tune_resident = resident;
   req.fetch_sources = sources;
   req.can_copy = [this](WorkerSlot receiver, WorkerSlot source) {
-    return CanCopyKvBlocks(workers_[source]->info, workers_[receiver]->info);
+    mu_.AssertHeld();  // called within Route, below
+    return CanCopy(*workers_[source], *workers_[receiver]);
   };
   if (!hashes.empty()) {
     // Count this prompt's first block among the recent ones (retries count again: they are load).
@@ -398,7 +409,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     std::vector<WorkerLoadView> handing_off;
     for (const WorkerLoadView& p : prefill_loads) {
       for (const WorkerLoadView& v : other_loads) {
-        if (CanCopyKvBlocks(workers_[p.slot]->info, workers_[v.slot]->info)) {
+        if (CanCopy(*workers_[p.slot], *workers_[v.slot])) {
           handing_off.push_back(p);
           break;
         }
@@ -411,7 +422,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     const Worker* named = workers_[*kv_source].get();
     std::vector<WorkerLoadView> fitting;
     for (const WorkerLoadView& v : other_loads) {
-      if (CanCopyKvBlocks(named->info, workers_[v.slot]->info)) fitting.push_back(v);
+      if (CanCopy(*named, *workers_[v.slot])) fitting.push_back(v);
     }
     if (!fitting.empty()) other_loads = std::move(fitting);
   }
@@ -448,7 +459,7 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     const Worker* named = workers_[*kv_source].get();
     if (!named->removed && named->info.model() == model &&
         (named->state == State::kServing || named->state == State::kDraining) &&
-        CanCopyKvBlocks(named->info, w->info) && static_cast<int64_t>(hashes.size()) > cached) {
+        CanCopy(*named, *w) && static_cast<int64_t>(hashes.size()) > cached) {
       source = named;
       source_blocks = static_cast<int64_t>(hashes.size()) - cached;
     }

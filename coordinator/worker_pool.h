@@ -87,6 +87,9 @@ struct ModelView {
 // copies at all (WorkerInfo.kv_fetch), and both keep a prefix cache of one block layout over the
 // same weights (model, fingerprint, layout, tensor-parallel degree).
 bool CanCopyKvBlocks(const v1::WorkerInfo& source, const v1::WorkerInfo& receiver);
+// What CanCopyKvBlocks compares: equal for two workers whose blocks fit each other's caches;
+// empty for a worker that keeps no prefix cache (or predates WorkerInfo.kv_layout).
+std::string KvCopyKey(const v1::WorkerInfo& info);
 
 class WorkerPool {
  public:
@@ -182,6 +185,9 @@ class WorkerPool {
     absl::Time suspect_until = absl::InfinitePast();
     bool has_info = false;
     v1::WorkerInfo info;
+    // What its KV blocks are (KvCopyKey of its info): workers with equal keys can copy each
+    // other's blocks, where the receiver copies at all; empty without a prefix cache.
+    std::string kv_copy_key;
     // GetInfo calls sent to it, and the number of the one whose answer `info` is: an answer to
     // an older call (the periodic refresh racing one a load report asked for) is not applied.
     uint64_t info_calls = 0;
@@ -201,6 +207,8 @@ class WorkerPool {
   bool Stopping(const Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || w->removed; }
   // Sleeps up to `d`, waking early when the pool stops or `w` is removed.
   void SleepUnlessStopping(Worker* w, absl::Duration d) ABSL_LOCKS_EXCLUDED(mu_);
+  // CanCopyKvBlocks from the workers' stored keys.
+  static bool CanCopy(const Worker& source, const Worker& receiver);
   // Asks `w` for its info again; false when it did not answer.
   bool RefreshInfo(Worker* w) ABSL_LOCKS_EXCLUDED(mu_);
   Worker* FindLocked(const std::string& worker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

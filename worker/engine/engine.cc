@@ -654,17 +654,15 @@ Engine::PromptBlocks Engine::LookUpPrompt(absl::Span<const int32_t> prompt,
 }
 
 int64_t Engine::HeldPrefix(absl::Span<const BlockHash> hashes) const {
-  // Block by block: a block on the device may follow ones that went down to the host tier (copies
-  // stored after a host prefix, a block computed again).
-  int64_t held = 0;
-  for (const int64_t n = static_cast<int64_t>(hashes.size()); held < n; ++held) {
-    if (blocks_.MatchPrefix(hashes.subspan(static_cast<size_t>(held), 1)) == 1) continue;
-    if (store_ == nullptr ||
-        store_->Find(hashes[static_cast<size_t>(held)]) == KvStore::Where::kNone) {
-      break;
-    }
+  // What admission takes (Admit): the device's run, the lower tiers' run after it, and the device's
+  // run after that (copies stored after a prefix held in host memory, ImportKvBlocks).
+  int64_t held = blocks_.MatchPrefix(hashes);
+  if (store_ == nullptr) return held;
+  const int64_t n = static_cast<int64_t>(hashes.size());
+  while (held < n && store_->Find(hashes[static_cast<size_t>(held)]) != KvStore::Where::kNone) {
+    ++held;
   }
-  return held;
+  return held + blocks_.MatchPrefix(hashes.subspan(static_cast<size_t>(held)));
 }
 
 std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHash> hashes,
@@ -702,7 +700,8 @@ std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHa
     copy.key = *key;
     out.push_back(std::move(copy));
   }
-  // One wait for all the device reads (on a GPU, one synchronization per call, not per block).
+  // The device reads' results, checked once (each read has finished when Read returns, on a GPU
+  // too: the device tier waits for its copy stream per block).
   if (!held.empty()) device_tier_->Flush();
   for (size_t i = 0; i < out.size(); ++i) {
     if (read[i].ok()) continue;
@@ -749,9 +748,21 @@ int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& 
   }
   const int32_t owner = TenantId(tenant);
   // The chain's blocks on the device are held while blocks are made room for, so that only other
-  // blocks are evicted; so are the ones stored here, until the end.
-  const int64_t on_device = blocks_.MatchPrefix(hashes);
-  std::vector<int32_t> held = blocks_.AcquirePrefix(hashes, on_device, /*count_hits=*/false);
+  // blocks are evicted, and so are those stored here, until the end; the ones before the copies
+  // in host memory are pinned there (the device blocks evicted for room go down to it).
+  std::vector<int32_t> held;
+  std::vector<BlockHash> pinned;
+  auto hold_if_on_device = [&](size_t at) {
+    const absl::Span<const BlockHash> one = hashes.subspan(at, 1);
+    if (blocks_.MatchPrefix(one) != 1) return false;
+    held.push_back(blocks_.AcquirePrefix(one, 1, /*count_hits=*/false)[0]);
+    return true;
+  };
+  for (size_t at = 0; at < static_cast<size_t>(expected.held) && at < hashes.size(); ++at) {
+    if (!hold_if_on_device(at) && store_ != nullptr && store_->Pin(hashes[at])) {
+      pinned.push_back(hashes[at]);
+    }
+  }
   int64_t stored = 0;
   for (size_t i = 0; i < blocks.size(); ++i) {
     const size_t at = static_cast<size_t>(expected.held) + i;
@@ -763,7 +774,7 @@ int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& 
                    << at << "; dropped with the rest";
       break;
     }
-    if (static_cast<int64_t>(at) < on_device) continue;  // held here already
+    if (hold_if_on_device(at)) continue;  // on the device already
     std::optional<int32_t> b = blocks_.Allocate();
     if (!b.has_value()) break;
     absl::Status st = absl::InternalError("device tier callback did not run");
@@ -779,6 +790,7 @@ int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& 
     ++stored;
   }
   for (auto it = held.rbegin(); it != held.rend(); ++it) blocks_.Release(*it);
+  for (const BlockHash h : pinned) store_->Unpin(h);
   num_imported_kv_blocks_ += stored;
   return stored;
 }

@@ -403,12 +403,13 @@ class Engine {
     int64_t held = 0;
   };
   PromptBlocks LookUpPrompt(absl::Span<const int32_t> prompt, const RequestOptions& options) const;
-  // How many leading `hashes` some tier here holds now (PromptBlocks::held, again).
+  // How many leading `hashes` a request would find here now (PromptBlocks::held, again): the
+  // device's run, the host and disk tiers' run after it, and the device's run after that, as
+  // admission takes them.
   int64_t HeldPrefix(absl::Span<const BlockHash> hashes) const;
   // Copies of the leading blocks of `hashes`, each from the device or else the host tier, in
   // order: stops at the first held in neither, and before the copies pass max_bytes (after one
-  // at least). The device reads are waited for once. Each one copied becomes the most recently
-  // used in its tier.
+  // at least). Each one copied becomes the most recently used in its tier.
   std::vector<KvBlockCopy> ExportKvBlocks(absl::Span<const BlockHash> hashes, int64_t max_bytes);
   // For an export that stopped short: starts loading into the host tier the leading blocks of
   // `hashes` that are on disk only (KvStore::Prefetch, some at a time), so that ExportKvBlocks

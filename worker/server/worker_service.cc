@@ -123,7 +123,15 @@ class WorkerService::EventStream final : public QueuedServerWriter<v1::WorkerEve
 };
 
 // One FetchKvBlocks call: the loop queues every block, then the finish.
-class WorkerService::ExportStream final : public QueuedServerWriter<v1::KvBlockData> {};
+class WorkerService::ExportStream final : public QueuedServerWriter<v1::KvBlockData> {
+ public:
+  // The caller went away or gave up: the loop stops reading blocks for it.
+  void OnCancel() override { cancelled_.store(true); }
+  bool cancelled() const { return cancelled_.load(); }
+
+ private:
+  std::atomic<bool> cancelled_{false};
+};
 
 struct WorkerService::Command {
   enum class Kind { kAdd, kCancel, kCancelById, kWatch, kUnwatch, kExport, kFetched };
@@ -848,28 +856,41 @@ bool WorkerService::ContinueExports(LoopState* state) {
   bool ready = false;
   const size_t n = state->exporting.size();
   const size_t first = static_cast<size_t>(state->export_turn++ % n);
-  std::vector<bool> ended(n, false);
+  // How each export ends this time, if it does.
+  enum class End { kNo, kFinish, kAbort };
+  std::vector<End> ended(n, End::kNo);
   for (size_t k = 0; k < n; ++k) {
     const size_t i = (first + k) % n;
     Exporting& e = state->exporting[i];
+    if (e.stream->cancelled() || now >= e.deadline) {
+      ended[i] = End::kAbort;  // gone, or no longer reading: what is queued is dropped
+      continue;
+    }
     const int64_t unsent = static_cast<int64_t>(e.stream->num_queued()) * block_bytes;
     const int64_t allowed = std::min({room, e.bytes_left, most_unsent - unsent});
     Sent sent;
-    if (allowed >= block_bytes) {
+    const bool tried = allowed >= block_bytes;
+    if (tried) {
       sent = SendExported(e, allowed);
       room -= sent.bytes;
     }
-    if (sent.failed || e.hashes.empty() || e.bytes_left < block_bytes || now >= e.deadline) {
-      ended[i] = true;
+    if (sent.failed) {
+      ended[i] = End::kAbort;
+    } else if (e.hashes.empty() || e.bytes_left < block_bytes) {
+      ended[i] = End::kFinish;
+    } else if (!tried) {
+      // Its stream holds enough unsent (it waits for the network), or the others took this
+      // step's slice (it goes on at once); a wait for the disk keeps its deadline.
+      ready |= unsent + block_bytes <= most_unsent;
     } else if (sent.short_of_blocks) {
       // The next blocks are on the disk tier, or nowhere. The tier loads a chain some blocks at a
       // time: the next ones start as these land. It waits while they keep coming.
       if (engine_->PrefetchForExport(e.hashes) == 0) {
-        ended[i] = true;
+        ended[i] = End::kFinish;
       } else if (sent.bytes > 0 || e.disk_deadline == absl::InfiniteFuture()) {
         e.disk_deadline = now + kExportDiskWait;
       } else if (now >= e.disk_deadline) {
-        ended[i] = true;
+        ended[i] = End::kFinish;
       }
     } else {
       e.disk_deadline = absl::InfiniteFuture();
@@ -878,8 +899,13 @@ bool WorkerService::ContinueExports(LoopState* state) {
     }
   }
   for (size_t i = n; i-- > 0;) {
-    if (!ended[i]) continue;
-    state->exporting[i].stream->RequestFinish(grpc::Status::OK);
+    if (ended[i] == End::kNo) continue;
+    if (ended[i] == End::kAbort) {
+      state->exporting[i].stream->Abort(
+          grpc::Status(grpc::StatusCode::CANCELLED, "the caller stopped reading the copy"));
+    } else {
+      state->exporting[i].stream->RequestFinish(grpc::Status::OK);
+    }
     // A long copy counts as the peer's last call from its end, for a drain waiting on copies.
     last_export_call_ns_.store(absl::ToUnixNanos(now));
     state->exporting[i] = std::move(state->exporting.back());
