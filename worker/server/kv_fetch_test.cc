@@ -143,6 +143,29 @@ class KvFetchTest : public ::testing::Test {
     return req;
   }
 
+  // A FetchKvBlocks request for Prompt(prompt_len)'s blocks, its fields as a worker of the model
+  // sends them, from an engine of its own.
+  v1::FetchKvBlocksRequest FetchRequest(int prompt_len) {
+    v1::FetchKvBlocksRequest r;
+    r.set_model(kModel);
+    EngineConfig ec;
+    ec.model_name = kModel;
+    auto engine = Engine::Create(weights_, &comm_, ec);
+    EXPECT_TRUE(engine.ok());
+    if (!engine.ok()) return r;
+    r.set_model_fingerprint((*engine)->model_fingerprint());
+    const KvBlockLayout& l = (*engine)->kv_transfer_layout();
+    r.mutable_layout()->set_num_segments(static_cast<uint32_t>(l.num_segments));
+    r.mutable_layout()->set_block_tokens(static_cast<uint32_t>(l.block_tokens));
+    r.mutable_layout()->set_num_kv_heads(static_cast<uint32_t>(l.num_heads));
+    r.mutable_layout()->set_head_dim(static_cast<uint32_t>(l.head_dim));
+    r.mutable_layout()->set_dtype("f32");
+    for (BlockHash h : (*engine)->LookUpPrompt(Prompt(prompt_len), RequestOptions()).hashes) {
+      r.add_block_hashes(h);
+    }
+    return r;
+  }
+
   static inline const ModelWeights* weights_ = nullptr;
   SingleRankCollectives comm_;
 };
@@ -213,6 +236,37 @@ TEST_F(KvFetchTest, CopiesGoOutInSlicesBetweenTheSourcesStepsAndArriveWhole) {
   EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 24);
   ASSERT_TRUE(busy_result.status.ok());
   EXPECT_EQ(busy_result.tokens, busy_alone.tokens);
+}
+
+// A caller that cancels a copy part way (it stopped reading: a slice of one block and two unsent
+// make the source wait for it) ends the export at once; the source keeps serving copies.
+TEST_F(KvFetchTest, ACancelledCopyEndsAtTheSourceWhichKeepsServing) {
+  WorkerServiceOptions sliced;
+  sliced.kv_export_slice_bytes = 1;
+  auto source = StartNode(sliced);
+  ASSERT_TRUE(Run(*source, Request("a", kPromptLen)).status.ok());
+  const v1::FetchKvBlocksRequest all = FetchRequest(kPromptLen);
+  ASSERT_EQ(all.block_hashes_size(), 12);
+  for (int round = 0; round < 3; ++round) {
+    grpc::ClientContext ctx;
+    auto reader = source->stub->FetchKvBlocks(&ctx, all);
+    v1::KvBlockData data;
+    ASSERT_TRUE(reader->Read(&data));
+    ctx.TryCancel();
+    while (reader->Read(&data)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // A whole copy afterwards.
+  grpc::ClientContext ctx;
+  auto reader = source->stub->FetchKvBlocks(&ctx, all);
+  v1::KvBlockData data;
+  int blocks = 0;
+  while (reader->Read(&data)) ++blocks;
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(blocks, 12);
+  // And it still generates.
+  EXPECT_TRUE(Run(*source, Request("b", 40)).status.ok());
 }
 
 // Blocks the source keeps only on its disk tier are loaded back into its host memory and sent as
@@ -423,25 +477,7 @@ TEST_F(KvFetchTest, FetchKvBlocksRefusesStrangersAndBlocksThatWouldNotFit) {
   EXPECT_EQ(copied.usage.cached().num_device_tokens(), kCopiedTokens);
 
   // What a worker of this model asks, field by field.
-  v1::FetchKvBlocksRequest good;
-  good.set_model(kModel);
-  {
-    // The fields as a worker of the model sends them, from an engine of its own.
-    EngineConfig ec;
-    ec.model_name = kModel;
-    auto engine = Engine::Create(weights_, &comm_, ec);
-    ASSERT_TRUE(engine.ok());
-    good.set_model_fingerprint((*engine)->model_fingerprint());
-    const KvBlockLayout& l = (*engine)->kv_transfer_layout();
-    good.mutable_layout()->set_num_segments(static_cast<uint32_t>(l.num_segments));
-    good.mutable_layout()->set_block_tokens(static_cast<uint32_t>(l.block_tokens));
-    good.mutable_layout()->set_num_kv_heads(static_cast<uint32_t>(l.num_heads));
-    good.mutable_layout()->set_head_dim(static_cast<uint32_t>(l.head_dim));
-    good.mutable_layout()->set_dtype("f32");
-    for (BlockHash h : (*engine)->LookUpPrompt(Prompt(kPromptLen), RequestOptions()).hashes) {
-      good.add_block_hashes(h);
-    }
-  }
+  const v1::FetchKvBlocksRequest good = FetchRequest(kPromptLen);
   auto fetch = [&](const v1::FetchKvBlocksRequest& req, bool with_secret, int* blocks) {
     grpc::ClientContext ctx;
     if (with_secret) ctx.AddMetadata(kClusterSecretMetadata, "s3cret");
