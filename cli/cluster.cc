@@ -309,8 +309,8 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
   PrintTable(out, mrows);
   std::fputs("\n", out);
   std::vector<std::vector<std::string>> rows = {
-      {"WORKER", "ADDRESS", "STATE", "MODEL", "ROLE", "TP", "RUNNING", "WAITING", "ROUTED",
-       "KV FREE/TOTAL", "INDEXED DEV/HOST/DISK", "STEP MS"}};
+      {"WORKER", "ADDRESS", "STATE", "MODEL", "ROLE", "KV COPIES", "TP", "RUNNING", "WAITING",
+       "ROUTED", "KV FREE/TOTAL", "INDEXED DEV/HOST/DISK", "STEP MS"}};
   for (const auto& w : cs.workers()) {
     uint64_t free_blocks = 0, total_blocks = 0;
     for (const auto& t : w.load().tiers()) {
@@ -330,6 +330,11 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
          : w.info().role() == v1::WORKER_ROLE_PREFILL ? "prefill"
          : w.info().role() == v1::WORKER_ROLE_DECODE  ? "decode"
                                                       : "mixed",
+         // Which way it copies KV blocks with other workers: it sends its own (it keeps a
+         // prefix cache) and takes theirs (--kv_fetch).
+         !w.info().has_kv_layout() ? "-"
+         : w.info().kv_fetch()     ? "in+out"
+                                   : "out",
          w.info().tensor_parallel_size() == 0 ? "-" : absl::StrCat(w.info().tensor_parallel_size()),
          absl::StrCat(w.load().num_running_sequences()),
          absl::StrCat(w.load().num_waiting_sequences()), absl::StrCat(w.num_routed_requests()),

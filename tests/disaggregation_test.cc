@@ -32,7 +32,8 @@ struct Cluster {
 };
 
 Cluster StartDisaggregated(const std::string& name,
-                           const std::vector<std::string>& coordinator_flags = {}) {
+                           const std::vector<std::string>& coordinator_flags = {},
+                           const std::vector<std::string>& decode_flags = {}) {
   Cluster c;
   c.coordinator_metrics = FreePort();
   c.decode_metrics = FreePort();
@@ -46,6 +47,8 @@ Cluster StartDisaggregated(const std::string& name,
                          absl::StrCat("--metrics_listen=127.0.0.1:", c.coordinator_metrics)};
   o.coordinator_flags.insert(o.coordinator_flags.end(), coordinator_flags.begin(),
                              coordinator_flags.end());
+  o.per_worker_flags[1].insert(o.per_worker_flags[1].end(), decode_flags.begin(),
+                               decode_flags.end());
   auto started = LocalCluster::Start(o);
   EXPECT_TRUE(started.ok()) << started.status();
   if (started.ok()) c.cluster = *std::move(started);
@@ -216,6 +219,25 @@ TEST(DisaggregationTest, PromptsSpillToTheDecodeWorkerWhileThePrefillWorkerIsBus
   const double split = m["strata_coordinator_prefill_handoffs_total"] - before;
   EXPECT_GE(split, 1);  // the first
   EXPECT_LT(split, 4);  // the others found it queued
+}
+
+// A decode worker that copies no KV blocks (--kv_fetch=false) could take no handoff but by
+// computing the prompt again: the coordinator sends long prompts to it whole, and the prefill
+// worker gets none.
+TEST(DisaggregationTest, WithoutADecodeWorkerThatCopiesPromptsAreNotSplit) {
+  Cluster c = StartDisaggregated("disagg-no-copy", {}, {"--kv_fetch=false"});
+  ASSERT_NE(c.cluster, nullptr);
+  LocalCluster& cluster = *c.cluster;
+  const auto before = Routed(cluster.admin());
+  const Generated g = Generate(cluster.serving(), LongRequest());
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  EXPECT_EQ(g.tokens.size(), 24u);
+  const auto after = Routed(cluster.admin());
+  EXPECT_EQ(after.at("worker-0"), before.at("worker-0"));
+  EXPECT_EQ(after.at("worker-1"), before.at("worker-1") + 1);
+  std::map<std::string, double> m =
+      WaitForMetrics(c.coordinator_metrics, [](auto&) { return true; });
+  EXPECT_EQ(m["strata_coordinator_prefill_handoffs_total"], 0);
 }
 
 // The prefill worker dies: long prompts are computed on the decode worker, and nothing fails.
