@@ -205,29 +205,40 @@ TEST_F(KvFetchTest, ASubmitCopiesThePromptFromAnotherWorkerAndGeneratesTheSameTo
 }
 
 // A copy goes out in slices between the source's engine steps (here one block a slice), shared in
-// turn among the calls: two workers copying the same prompt at once, while the source generates,
-// each get it whole, and the source's own generation is undisturbed.
+// turn among the calls, and is stored in slices between the receiver's: two workers copying the
+// same prompt at once, while the source and one of them generate, each get it whole, and the
+// generations are undisturbed.
 TEST_F(KvFetchTest, CopiesGoOutInSlicesBetweenTheSourcesStepsAndArriveWhole) {
   WorkerServiceOptions sliced;
-  sliced.kv_export_slice_bytes = 1;
+  sliced.kv_copy_slice_bytes = 1;
   auto source = StartNode(sliced);
   const Result computed = Run(*source, Request("a", kPromptLen));
   ASSERT_TRUE(computed.status.ok()) << computed.status.error_message();
   v1::SubmitRequest busy = Request("busy", 40);
+  busy.set_prompt_token_ids(0, 1999);  // not a prefix of the copied prompt
   busy.mutable_sampling()->set_max_tokens(96);
   const Result busy_alone = Run(*source, busy);
   ASSERT_TRUE(busy_alone.status.ok());
   busy.set_request_id("busy-again");
   Result busy_result;
   std::thread generating([&] { busy_result = Run(*source, busy); });
-  auto dest1 = StartNode();
-  auto dest2 = StartNode();
+  auto dest1 = StartNode(sliced);
+  auto dest2 = StartNode(sliced);
+  const Result busy_on_dest = Run(*dest1, busy);
+  ASSERT_TRUE(busy_on_dest.status.ok());
+  busy.set_request_id("busy-on-dest");
+  Result busy_dest_result;
+  std::thread generating_here([&] { busy_dest_result = Run(*dest1, busy); });
   Result copied1, copied2;
   std::thread first(
       [&] { copied1 = Run(*dest1, Request("b", kPromptLen, source->server->address())); });
   copied2 = Run(*dest2, Request("c", kPromptLen, source->server->address()));
   first.join();
   generating.join();
+  generating_here.join();
+  ASSERT_TRUE(busy_dest_result.status.ok());
+  EXPECT_EQ(busy_dest_result.tokens, busy_alone.tokens);
+  EXPECT_EQ(dest1->Counter("strata_worker_kv_blocks_received_total"), 12);
   for (const Result* r : {&copied1, &copied2}) {
     ASSERT_TRUE(r->status.ok()) << r->status.error_message();
     EXPECT_EQ(r->tokens, computed.tokens);
@@ -242,7 +253,7 @@ TEST_F(KvFetchTest, CopiesGoOutInSlicesBetweenTheSourcesStepsAndArriveWhole) {
 // make the source wait for it) ends the export at once; the source keeps serving copies.
 TEST_F(KvFetchTest, ACancelledCopyEndsAtTheSourceWhichKeepsServing) {
   WorkerServiceOptions sliced;
-  sliced.kv_export_slice_bytes = 1;
+  sliced.kv_copy_slice_bytes = 1;
   auto source = StartNode(sliced);
   ASSERT_TRUE(Run(*source, Request("a", kPromptLen)).status.ok());
   const v1::FetchKvBlocksRequest all = FetchRequest(kPromptLen);

@@ -214,10 +214,11 @@ ABSL_FLAG(int64_t, kv_fetch_min_blocks, 1,
 ABSL_FLAG(int64_t, kv_fetch_max_mb, 2048,
           "Most KV block bytes one request copies from another worker (held in host memory until "
           "stored); a copy also takes at most half the KV cache's blocks. The rest is computed.");
-ABSL_FLAG(int64_t, kv_export_slice_mb, 8,
-          "KV block bytes this worker copies out to other workers (FetchKvBlocks) between two "
-          "engine steps, all copies together, and as much again for every 10 ms of the last "
-          "step: a long copy then holds a step up by about that much memory copying.");
+ABSL_FLAG(int64_t, kv_copy_slice_mb, 8,
+          "KV block bytes this worker copies between its cache and other workers between two "
+          "engine steps, each way (copies out to FetchKvBlocks calls, and copies in stored), "
+          "and as much again for every 10 ms of the last step: a long copy then holds a step up "
+          "by about that much memory copying.");
 ABSL_FLAG(int, tensor_parallel, 1,
           "Ranks the model is split across (attention heads, MLP columns and vocabulary): this "
           "process is rank 0 and starts the others itself, one process each. CPU only for now; "
@@ -568,8 +569,8 @@ int Main(const std::vector<std::string>& args) {
   for (const auto& [name, mb, most, bytes] :
        {std::tuple{"kv_fetch_max_mb", absl::GetFlag(FLAGS_kv_fetch_max_mb), int64_t{1} << 24,
                    &wo.kv_fetch_max_bytes},
-        std::tuple{"kv_export_slice_mb", absl::GetFlag(FLAGS_kv_export_slice_mb), int64_t{1} << 20,
-                   &wo.kv_export_slice_bytes}}) {
+        std::tuple{"kv_copy_slice_mb", absl::GetFlag(FLAGS_kv_copy_slice_mb), int64_t{1} << 20,
+                   &wo.kv_copy_slice_bytes}}) {
     if (mb < 1 || mb > most) {
       LOG(ERROR) << "--" << name << " must be 1 to " << most << ", not " << mb;
       return 1;

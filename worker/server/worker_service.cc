@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <deque>
+#include <optional>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -34,12 +35,12 @@ constexpr int kMaxFetchBlocks = 4096;
 constexpr absl::Duration kExportDiskWait = absl::Milliseconds(500);
 // Longest a FetchKvBlocks call streams in all (a caller that stopped reading is dropped).
 constexpr absl::Duration kExportMaxDuration = absl::Seconds(30);
-// The exports read out options_.kv_export_slice_bytes between two engine steps, and as much again
-// for every this many ms of the last step. A step thus waits behind copying in proportion to its
-// own length (a device or memory read of 8 MiB takes a millisecond or two), while exports keep
-// pace with the network when steps are long. Each export's stream holds at most twice a slice
-// unsent.
-constexpr double kExportSliceStepMs = 10;
+// Between two engine steps the exports read out options_.kv_copy_slice_bytes, and the imports store
+// as much, and as much again for every this many ms of the last step. A step thus waits behind
+// copying in proportion to its own length (a device or memory copy of 8 MiB takes a millisecond or
+// two), while copies keep pace with the network when steps are long. Each export's stream holds at
+// most twice a slice unsent.
+constexpr double kCopySliceStepMs = 10;
 
 v1::KvBlockLayout ToProtoLayout(const KvBlockLayout& layout) {
   v1::KvBlockLayout out;
@@ -177,8 +178,16 @@ struct WorkerService::LoopState {
     Command add;
     Engine::PromptBlocks blocks;
     uint64_t ticket = 0;  // the KvFetcher's
+    // Once the copies arrived (ContinueImports): what came, how many of its blocks were taken
+    // to the engine so far, and how many of those it stored.
+    std::optional<KvFetchResult> result = std::nullopt;
+    size_t imported = 0;
+    int64_t stored = 0;
   };
   absl::flat_hash_map<std::string, Fetching> fetching;
+  // The Submits whose copies arrived and are being stored, in arrival order, by id and serial
+  // (one cancelled meanwhile is no longer in `fetching`).
+  std::deque<std::pair<std::string, uint64_t>> importing;
   // FetchKvBlocks calls still sending (ContinueExports), and which goes first next time.
   std::vector<Exporting> exporting;
   uint64_t export_turn = 0;
@@ -517,12 +526,15 @@ void WorkerService::Loop() {
     }
     if (stopping) break;
     ProcessInbox(&state);
+    const bool imports_ready = ContinueImports(&state);
     if (engine_->HasWork()) StepEngine(&state);
     const bool exports_ready = ContinueExports(&state);
     PublishBlockEvents(&state);
     SendLoadReports(&state);
     PublishMetrics(&state);
-    if ((engine_->HasWork() && !engine_->WaitingForIo()) || exports_ready) continue;
+    if ((engine_->HasWork() && !engine_->WaitingForIo()) || exports_ready || imports_ready) {
+      continue;
+    }
     // Idle, or waiting only for disk loads or the network: sleep until a command arrives, loads
     // finish, or the next load report is due (waiting for loads, at most 10 ms: the engine gives
     // up on them after max_io_wait, which needs a step to notice; an export waiting for them or
@@ -737,17 +749,64 @@ bool WorkerService::StartKvFetch(LoopState* state, Command& c) {
 void WorkerService::FinishKvFetch(LoopState* state, Command& c) {
   auto it = state->fetching.find(c.request_id);
   if (it == state->fetching.end() || it->second.add.serial != c.serial) return;  // cancelled
-  LoopState::Fetching parked = std::move(it->second);
-  state->fetching.erase(it);
-  const KvFetchResult& result = c.fetched;
+  LoopState::Fetching& parked = it->second;
+  parked.result = std::move(c.fetched);
   // The copies follow the blocks of the prompt held here when they were asked for; should some
   // of those have left the cache since, the copies are of no use.
-  const bool stale =
-      !result.blocks.empty() && engine_->HeldPrefix(parked.blocks.hashes) < parked.blocks.held;
-  const int64_t stored =
-      stale
-          ? 0
-          : engine_->ImportKvBlocks(parked.blocks, parked.add.parsed.options.tenant, result.blocks);
+  if (!parked.result->blocks.empty() &&
+      engine_->HeldPrefix(parked.blocks.hashes) < parked.blocks.held) {
+    return EndKvFetch(state, c.request_id, /*stale=*/true);
+  }
+  state->importing.emplace_back(c.request_id, c.serial);
+}
+
+int64_t WorkerService::CopySliceBytes(const LoopState& state) const {
+  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  const double last_step_ms = state.step_ms.empty() ? 0 : state.step_ms.back();
+  return std::max(options_.kv_copy_slice_bytes, block_bytes) *
+         (1 + static_cast<int64_t>(last_step_ms / kCopySliceStepMs));
+}
+
+bool WorkerService::ContinueImports(LoopState* state) {
+  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  int64_t room = CopySliceBytes(*state);
+  while (!state->importing.empty() && room >= block_bytes) {
+    const auto [id, serial] = state->importing.front();
+    auto it = state->fetching.find(id);
+    if (it == state->fetching.end() || it->second.add.serial != serial ||
+        !it->second.result.has_value()) {
+      state->importing.pop_front();  // cancelled
+      continue;
+    }
+    LoopState::Fetching& p = it->second;
+    std::vector<Engine::KvBlockCopy>& blocks = p.result->blocks;
+    const size_t n = std::min(blocks.size() - p.imported,
+                              static_cast<size_t>(std::max<int64_t>(1, room / block_bytes)));
+    // The next blocks follow the prompt's head and those stored before them.
+    Engine::PromptBlocks part = p.blocks;
+    part.held += static_cast<int64_t>(p.imported);
+    const int64_t got =
+        n == 0 ? 0
+               : engine_->ImportKvBlocks(part, p.add.parsed.options.tenant,
+                                         absl::MakeConstSpan(blocks).subspan(p.imported, n));
+    for (size_t i = p.imported; i < p.imported + n; ++i) std::string().swap(blocks[i].payload);
+    p.imported += n;
+    p.stored += got;
+    room -= static_cast<int64_t>(n) * block_bytes;
+    if (got < static_cast<int64_t>(n) || p.imported == blocks.size()) {
+      state->importing.pop_front();
+      EndKvFetch(state, id, /*stale=*/false);
+    }
+  }
+  return !state->importing.empty();
+}
+
+void WorkerService::EndKvFetch(LoopState* state, const std::string& request_id, bool stale) {
+  auto it = state->fetching.find(request_id);
+  LoopState::Fetching parked = std::move(it->second);
+  state->fetching.erase(it);
+  const KvFetchResult& result = *parked.result;
+  const int64_t stored = parked.stored;
   const int64_t wanted = static_cast<int64_t>(parked.blocks.hashes.size()) - parked.blocks.held;
   const char* outcome = stale                ? "stale"
                         : stored == wanted   ? "copied"
@@ -755,10 +814,10 @@ void WorkerService::FinishKvFetch(LoopState* state, Command& c) {
                         : result.status.ok() ? "none"
                                              : "failed";
   if (!result.status.ok()) {
-    LOG(WARNING) << "request " << c.request_id << ": " << result.status << " (" << stored
+    LOG(WARNING) << "request " << request_id << ": " << result.status << " (" << stored
                  << " blocks copied; computing the rest)";
   }
-  VLOG(1) << "request " << c.request_id << ": " << stored << " of " << wanted
+  VLOG(1) << "request " << request_id << ": " << stored << " of " << wanted
           << " KV blocks copied from " << parked.add.parsed.kv_source_address << " in "
           << absl::FormatDuration(result.took);
   if (options_.metrics != nullptr) {
@@ -849,9 +908,7 @@ bool WorkerService::ContinueExports(LoopState* state) {
   engine_->PollIo();
   const absl::Time now = absl::Now();
   const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
-  const double last_step_ms = state->step_ms.empty() ? 0 : state->step_ms.back();
-  int64_t room = std::max(options_.kv_export_slice_bytes, block_bytes) *
-                 (1 + static_cast<int64_t>(last_step_ms / kExportSliceStepMs));
+  int64_t room = CopySliceBytes(*state);
   const int64_t most_unsent = 2 * room;
   bool ready = false;
   const size_t n = state->exporting.size();

@@ -78,10 +78,11 @@ struct WorkerServiceOptions {
   // Most bytes one Submit copies (they are held in host memory until stored); a copy also takes
   // at most half the device cache's blocks, so that it does not push out the whole cache.
   int64_t kv_fetch_max_bytes = int64_t{2} << 30;
-  // What FetchKvBlocks calls answered here copy out of the cache between two engine steps, all
-  // together: this many bytes (one block at least), and as much again for every 10 ms of the last
-  // step (ContinueExports).
-  int64_t kv_export_slice_bytes = int64_t{8} << 20;
+  // KV block bytes copied between the cache and other workers between two engine steps, each
+  // way: read out for FetchKvBlocks calls answered here (ContinueExports), and stored from copies
+  // that arrived (ContinueImports); this many (one block at least), and as much again for every
+  // 10 ms of the last step.
+  int64_t kv_copy_slice_bytes = int64_t{8} << 20;
   // What the worker's weights are, for KV copies (FetchKvBlocksRequest.model_fingerprint): empty
   // for the engine's own (BaseFingerprint of its files); random weights name their seed here.
   std::string model_fingerprint;
@@ -188,8 +189,18 @@ class WorkerService final : public v1::Worker::CallbackService {
   // A Submit with a KV source: starts copying the prompt's missing blocks and parks the command
   // until they arrive; false when there is nothing to copy (the caller queues it at once).
   bool StartKvFetch(LoopState* state, Command& c);
-  // The copies for a parked Submit arrived (or failed): stores them, then queues it.
+  // The copies for a parked Submit arrived (or failed): ContinueImports stores them, then queues
+  // it.
   void FinishKvFetch(LoopState* state, Command& c);
+  // Stores the next slice of the copies that arrived, in arrival order (a large copy takes
+  // several steps, so that the sequences running here are not held up); queues each Submit
+  // whose copies are all stored, or whose import stopped. True when more are waiting.
+  bool ContinueImports(LoopState* state);
+  // KV bytes copied each way between two steps (options_.kv_copy_slice_bytes, more for long
+  // steps).
+  int64_t CopySliceBytes(const LoopState& state) const;
+  // A parked Submit whose import is over: the fetch's metrics, then into the engine.
+  void EndKvFetch(LoopState* state, const std::string& request_id, bool stale);
   // Takes a FetchKvBlocks call on (ContinueExports answers it from the engine's cache).
   void Export(LoopState* state, Command& c);
   // Sends the next blocks of `e` found in device or host memory now, up to max_bytes (one block
