@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -104,75 +106,123 @@ absl::Status PagedAttentionCpu(const PagedAttentionParams& p) {
   }
   const int64_t total = p.num_tokens * p.num_heads;
   const int64_t end = p.work_end == 0 ? total : std::min(p.work_end, total);
+  if (p.work_begin >= end) return absl::OkStatus();
   const int64_t group = p.num_heads / p.num_kv_heads;
   const int64_t qs = p.q_stride ? p.q_stride : p.num_heads * p.head_dim;
   const int64_t os = p.out_stride ? p.out_stride : p.num_heads * p.head_dim;
   const int64_t kv_row = p.num_kv_heads * p.head_dim;
   const int64_t d = p.head_dim;
-  float acc[512];
+  const int64_t bt = p.block_tokens;
+  const bool avx2 = HasAvx2();
   constexpr int64_t kMaxBlockRun = 64;
+  // One query: a (token, head) pair, and its online softmax over the keys so far: running max m,
+  // normalizer l, weighted sum of values in acc.
+  struct Query {
+    int64_t t, h, kvh;
+    int32_t seq, pos;
+    int64_t first;  // its first key (a sliding window starts later)
+    float m, l;
+  };
+  std::vector<Query> queries;
+  queries.reserve(static_cast<size_t>(end - p.work_begin));
   for (int64_t w = p.work_begin; w < end; ++w) {
     const int64_t t = w / p.num_heads;
     const int64_t h = w % p.num_heads;
-    const int64_t kvh = h / group;
     const int32_t seq = p.token_seq[t];
     const int32_t pos = p.token_pos[t];
-    if (seq < 0 || seq >= p.num_seqs || pos < 0 || pos / p.block_tokens >= p.max_blocks_per_seq) {
+    if (seq < 0 || seq >= p.num_seqs || pos < 0 || pos / bt >= p.max_blocks_per_seq) {
       return absl::InvalidArgumentError(
           absl::StrCat("paged_attention: token ", t, " has sequence ", seq, " position ", pos));
     }
-    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
-    const float* q = p.q + t * qs + h * d;
     const int64_t first =
         p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
-    // Online softmax over runs of keys that share a cache block (consecutive slots): scores for
-    // the run, one rescale of the running sum to the run's max, then the weighted values. Running
-    // max m, normalizer l, weighted sum of values in acc.
-    const bool avx2 = HasAvx2();
-    float m = -std::numeric_limits<float>::infinity();
-    float l = 0.0f;
-    std::fill(acc, acc + d, 0.0f);
-    float scores[kMaxBlockRun];
-    for (int64_t j0 = first; j0 <= pos;) {
-      const int64_t bi = j0 / p.block_tokens;
-      const int64_t j1 = std::min<int64_t>(pos + 1, (bi + 1) * p.block_tokens);
+    queries.push_back(
+        {t, h, h / group, seq, pos, first, -std::numeric_limits<float>::infinity(), 0.0f});
+  }
+  // The queries that read the same keys (one sequence, one KV head: its tokens here and the query
+  // heads sharing the KV head) go over them together, a cache block at a time, so that each
+  // block's keys and values are read from memory once for all of them rather than once each
+  // (a long context's K and V far outgrow the caches). Each query's arithmetic is what it would
+  // be alone: the same runs of keys in the same order.
+  std::vector<size_t> order(queries.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return std::pair(queries[a].seq, queries[a].kvh) < std::pair(queries[b].seq, queries[b].kvh);
+  });
+  std::vector<float> acc;
+  float scores[kMaxBlockRun];
+  for (size_t g0 = 0; g0 < order.size();) {
+    size_t g1 = g0 + 1;
+    while (g1 < order.size() && queries[order[g1]].seq == queries[order[g0]].seq &&
+           queries[order[g1]].kvh == queries[order[g0]].kvh) {
+      ++g1;
+    }
+    const int64_t n_q = static_cast<int64_t>(g1 - g0);
+    acc.assign(static_cast<size_t>(n_q * d), 0.0f);
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+    for (size_t i = g0; i < g1; ++i) {
+      lo = std::min(lo, queries[order[i]].first);
+      hi = std::max<int64_t>(hi, queries[order[i]].pos);
+    }
+    const int32_t* table =
+        p.block_tables + static_cast<int64_t>(queries[order[g0]].seq) * p.max_blocks_per_seq;
+    const int64_t kvh = queries[order[g0]].kvh;
+    for (int64_t bi = lo / bt; bi <= hi / bt; ++bi) {
+      const int64_t block_start = bi * bt, block_end = (bi + 1) * bt;
       const int32_t block = table[bi];
-      if (block < 0 || block >= p.num_blocks) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("paged_attention: block table entry ", block, " outside the cache"));
-      }
-      for (int64_t c0 = j0; c0 < j1; c0 += kMaxBlockRun) {
-        const int64_t n = std::min<int64_t>(kMaxBlockRun, j1 - c0);
-        const int64_t slot0 = static_cast<int64_t>(block) * p.block_tokens + c0 % p.block_tokens;
-        float run_max = -std::numeric_limits<float>::infinity();
-        for (int64_t r = 0; r < n; ++r) {
-          const float* k = p.k_cache + (slot0 + r) * kv_row + kvh * d;
-          const float sc = (avx2 ? DotAvx2(q, k, d) : DotPortable(q, k, d)) * p.scale;
-          scores[r] = sc;
-          run_max = std::max(run_max, sc);
+      bool checked = false;
+      for (size_t i = g0; i < g1; ++i) {
+        Query& qr = queries[order[i]];
+        // This query's run of keys in this block: [j0, j1).
+        const int64_t j0 = std::max(block_start, qr.first);
+        const int64_t j1 = std::min<int64_t>(block_end, qr.pos + 1);
+        if (j0 >= j1) continue;
+        if (!checked) {
+          if (block < 0 || block >= p.num_blocks) {
+            return absl::InvalidArgumentError(
+                absl::StrCat("paged_attention: block table entry ", block, " outside the cache"));
+          }
+          checked = true;
         }
-        if (run_max > m) {
-          const float c = std::exp(m - run_max);
-          l *= c;
-          for (int64_t i = 0; i < d; ++i) acc[i] *= c;
-          m = run_max;
-        }
-        for (int64_t r = 0; r < n; ++r) {
-          const float e = std::exp(scores[r] - m);
-          l += e;
-          const float* v = p.v_cache + (slot0 + r) * kv_row + kvh * d;
-          if (avx2) {
-            AxpyAvx2(e, v, acc, d);
-          } else {
-            AxpyPortable(e, v, acc, d);
+        const float* q = p.q + qr.t * qs + qr.h * d;
+        float* a = acc.data() + static_cast<int64_t>(i - g0) * d;
+        for (int64_t c0 = j0; c0 < j1; c0 += kMaxBlockRun) {
+          const int64_t n = std::min<int64_t>(kMaxBlockRun, j1 - c0);
+          const int64_t slot0 = static_cast<int64_t>(block) * bt + c0 % bt;
+          float run_max = -std::numeric_limits<float>::infinity();
+          for (int64_t r = 0; r < n; ++r) {
+            const float* k = p.k_cache + (slot0 + r) * kv_row + kvh * d;
+            const float sc = (avx2 ? DotAvx2(q, k, d) : DotPortable(q, k, d)) * p.scale;
+            scores[r] = sc;
+            run_max = std::max(run_max, sc);
+          }
+          if (run_max > qr.m) {
+            const float c = std::exp(qr.m - run_max);
+            qr.l *= c;
+            for (int64_t x = 0; x < d; ++x) a[x] *= c;
+            qr.m = run_max;
+          }
+          for (int64_t r = 0; r < n; ++r) {
+            const float e = std::exp(scores[r] - qr.m);
+            qr.l += e;
+            const float* v = p.v_cache + (slot0 + r) * kv_row + kvh * d;
+            if (avx2) {
+              AxpyAvx2(e, v, a, d);
+            } else {
+              AxpyPortable(e, v, a, d);
+            }
           }
         }
       }
-      j0 = j1;
     }
-    float* out = p.out + t * os + h * d;
-    const float inv = 1.0f / l;
-    for (int64_t i = 0; i < d; ++i) out[i] = acc[i] * inv;
+    for (size_t i = g0; i < g1; ++i) {
+      const Query& qr = queries[order[i]];
+      float* out = p.out + qr.t * os + qr.h * d;
+      const float* a = acc.data() + static_cast<int64_t>(i - g0) * d;
+      const float inv = 1.0f / qr.l;
+      for (int64_t x = 0; x < d; ++x) out[x] = a[x] * inv;
+    }
+    g0 = g1;
   }
   return absl::OkStatus();
 }
