@@ -34,14 +34,22 @@ std::string KvCopyKey(const v1::WorkerInfo& info) {
                       info.kv_layout().SerializeAsString());
 }
 
+namespace {
+
+// The rule of CanCopyKvBlocks, over the two workers' keys.
+bool KeysAllowCopy(const std::string& source_key, const std::string& receiver_key,
+                   bool receiver_copies) {
+  return receiver_copies && !source_key.empty() && source_key == receiver_key;
+}
+
+}  // namespace
+
 bool CanCopyKvBlocks(const v1::WorkerInfo& source, const v1::WorkerInfo& receiver) {
-  const std::string key = KvCopyKey(source);
-  return receiver.kv_fetch() && !key.empty() && key == KvCopyKey(receiver);
+  return KeysAllowCopy(KvCopyKey(source), KvCopyKey(receiver), receiver.kv_fetch());
 }
 
 bool WorkerPool::CanCopy(const Worker& source, const Worker& receiver) {
-  return receiver.info.kv_fetch() && !source.kv_copy_key.empty() &&
-         source.kv_copy_key == receiver.kv_copy_key;
+  return KeysAllowCopy(source.kv_copy_key, receiver.kv_copy_key, receiver.info.kv_fetch());
 }
 
 WorkerPool::WorkerPool(WorkerPoolOptions options) : options_(std::move(options)) {}

@@ -216,22 +216,18 @@ void KvStore::EvictDisk(int64_t slot) {
 }
 
 int64_t KvStore::AllocateHost(bool wait_for_disk) {
-  if (!host_free_.empty()) {
-    const int64_t s = host_free_.back();
-    host_free_.pop_back();
-    return s;
-  }
-  int64_t victim = HostVictim();
-  // Every slot is pinned, most likely by writes to disk in flight (a burst larger than the host
-  // tier, written through or back): wait for the disk rather than drop the block.
-  while (victim < 0 && wait_for_disk && disk_enabled_ && disk_->in_flight() > 0) {
-    WaitForDisk();
+  int64_t victim;
+  for (;;) {
     if (!host_free_.empty()) {
       const int64_t s = host_free_.back();
       host_free_.pop_back();
       return s;
     }
     victim = HostVictim();
+    // Every slot is pinned, most likely by writes to disk in flight (a burst larger than the
+    // host tier, written through or back): wait for the disk rather than drop the block.
+    if (victim >= 0 || !wait_for_disk || !disk_enabled_ || disk_->in_flight() == 0) break;
+    WaitForDisk();
   }
   if (victim < 0) return -1;
   // A dirty victim goes to disk from a copy (the write-backs fell behind a burst).

@@ -715,18 +715,12 @@ std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHa
   return out;
 }
 
-int64_t Engine::PrefetchForExport(absl::Span<const BlockHash> hashes) {
-  if (store_ == nullptr || !store_->has_disk() || hashes.empty()) return 0;
+bool Engine::PrefetchForExport(absl::Span<const BlockHash> hashes) {
+  if (store_ == nullptr || !store_->has_disk() || hashes.empty()) return false;
   store_->Prefetch(hashes);
   // A block still being written to disk (its host copy already given up, as when a burst goes
   // through a small host tier) is not loaded yet, but will be on a later call.
-  int64_t coming = 0;
-  for (const BlockHash h : hashes) {
-    const KvStore::Where where = store_->Find(h);
-    if (where == KvStore::Where::kNone) break;
-    ++coming;
-  }
-  return coming;
+  return store_->Find(hashes[0]) != KvStore::Where::kNone;
 }
 
 void Engine::PollIo() {

@@ -413,10 +413,10 @@ class Engine {
   std::vector<KvBlockCopy> ExportKvBlocks(absl::Span<const BlockHash> hashes, int64_t max_bytes);
   // For an export that stopped short: starts loading into the host tier the leading blocks of
   // `hashes` that are on disk only (KvStore::Prefetch, some at a time), so that ExportKvBlocks
-  // finds them there once they land (PollIo). Returns how many leading blocks are in host memory
-  // or on their way there (loading, on disk, or being written to disk, to load on a later call);
-  // 0 when the chain ends here, and without a disk tier.
-  int64_t PrefetchForExport(absl::Span<const BlockHash> hashes);
+  // finds them there once they land (PollIo). Returns whether the first of `hashes` is in host
+  // memory or on its way there (loading, on disk, or being written to disk, to load on a later
+  // call): false when the chain ends here, and without a disk tier.
+  bool PrefetchForExport(absl::Span<const BlockHash> hashes);
   // Lands finished disk loads and writes (Step does it too), for a caller with no sequences to
   // step.
   void PollIo();

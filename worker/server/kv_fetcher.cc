@@ -91,7 +91,7 @@ void KvFetcher::Run() {
           "copying KV blocks from worker ", job.address, ": still queued at the deadline"));
       result.took = absl::Now() - job.queued;
     } else {
-      result = Copy(job, std::move(job.request));
+      result = Copy(job);
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -119,7 +119,8 @@ std::shared_ptr<v1::Worker::Stub> KvFetcher::StubFor(const std::string& address)
   return stub;
 }
 
-KvFetchResult KvFetcher::Copy(const Job& job, v1::FetchKvBlocksRequest request) {
+KvFetchResult KvFetcher::Copy(Job& job) {
+  v1::FetchKvBlocksRequest& request = job.request;
   KvFetchResult result;
   const uint64_t ticket = job.ticket;
   const std::string& address = job.address;

@@ -91,7 +91,8 @@ class KvFetcher {
     absl::Time deadline;
   };
   void Run();
-  KvFetchResult Copy(const Job& job, v1::FetchKvBlocksRequest request);
+  // Runs `job`'s calls (it takes their request's hashes as it goes).
+  KvFetchResult Copy(Job& job);
   std::shared_ptr<v1::Worker::Stub> StubFor(const std::string& address);
 
   const KvFetcherOptions options_;

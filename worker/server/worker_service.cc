@@ -716,7 +716,7 @@ bool WorkerService::StartKvFetch(LoopState* state, Command& c) {
   const int64_t missing = static_cast<int64_t>(blocks.hashes.size()) - blocks.held;
   if (missing < std::max<int64_t>(1, options_.kv_fetch_min_blocks)) return false;
   // The leading blocks it lacks, within the byte budget and half the device cache.
-  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  const int64_t block_bytes = TransferBlockBytes();
   const int64_t most = std::min<int64_t>(
       {kMaxFetchBlocks, options_.kv_fetch_max_bytes / block_bytes, engine_->num_kv_blocks() / 2});
   if (std::min(missing, most) < std::max<int64_t>(1, options_.kv_fetch_min_blocks)) return false;
@@ -761,14 +761,14 @@ void WorkerService::FinishKvFetch(LoopState* state, Command& c) {
 }
 
 int64_t WorkerService::CopySliceBytes(const LoopState& state) const {
-  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  const int64_t block_bytes = TransferBlockBytes();
   const double last_step_ms = state.step_ms.empty() ? 0 : state.step_ms.back();
   return std::max(options_.kv_copy_slice_bytes, block_bytes) *
          (1 + static_cast<int64_t>(last_step_ms / kCopySliceStepMs));
 }
 
 bool WorkerService::ContinueImports(LoopState* state) {
-  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  const int64_t block_bytes = TransferBlockBytes();
   int64_t room = CopySliceBytes(*state);
   while (!state->importing.empty() && room >= block_bytes) {
     const auto [id, serial] = state->importing.front();
@@ -879,7 +879,7 @@ void WorkerService::Export(LoopState* state, Command& c) {
 
 WorkerService::Sent WorkerService::SendExported(Exporting& e, int64_t max_bytes) {
   Sent sent;
-  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  const int64_t block_bytes = TransferBlockBytes();
   std::vector<Engine::KvBlockCopy> copies = engine_->ExportKvBlocks(e.hashes, max_bytes);
   sent.short_of_blocks = static_cast<int64_t>(copies.size()) <
                          std::min<int64_t>(static_cast<int64_t>(e.hashes.size()),
@@ -907,7 +907,7 @@ bool WorkerService::ContinueExports(LoopState* state) {
   if (state->exporting.empty()) return false;
   engine_->PollIo();
   const absl::Time now = absl::Now();
-  const int64_t block_bytes = std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  const int64_t block_bytes = TransferBlockBytes();
   int64_t room = CopySliceBytes(*state);
   const int64_t most_unsent = 2 * room;
   bool ready = false;
@@ -942,7 +942,7 @@ bool WorkerService::ContinueExports(LoopState* state) {
     } else if (sent.short_of_blocks) {
       // The next blocks are on the disk tier, or nowhere. The tier loads a chain some blocks at a
       // time: the next ones start as these land. It waits while they keep coming.
-      if (engine_->PrefetchForExport(e.hashes) == 0) {
+      if (!engine_->PrefetchForExport(e.hashes)) {
         ended[i] = End::kFinish;
       } else if (sent.bytes > 0 || e.disk_deadline == absl::InfiniteFuture()) {
         e.disk_deadline = now + kExportDiskWait;

@@ -24,6 +24,7 @@
 #ifndef STRATA_WORKER_SERVER_WORKER_SERVICE_H_
 #define STRATA_WORKER_SERVER_WORKER_SERVICE_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -196,6 +197,11 @@ class WorkerService final : public v1::Worker::CallbackService {
   // several steps, so that the sequences running here are not held up); queues each Submit
   // whose copies are all stored, or whose import stopped. True when more are waiting.
   bool ContinueImports(LoopState* state);
+  // Bytes of one KV block as copies between workers carry it (1 when the engine keeps no prefix
+  // cache).
+  int64_t TransferBlockBytes() const {
+    return std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
+  }
   // KV bytes copied each way between two steps (options_.kv_copy_slice_bytes, more for long
   // steps).
   int64_t CopySliceBytes(const LoopState& state) const;
