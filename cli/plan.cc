@@ -472,11 +472,10 @@ std::string EmitK8sPatch(const Plan& plan, const PlanOptions& options) {
 
 std::string EmitK8sDisaggregatedPatch(const Plan& plan, const PlanOptions& options) {
   return absl::StrCat(
-      "# Written by `stratactl plan --emit k8s-disaggregated`: a patch of k8s/gpu-disaggregated's\n"
-      "# decode (strata-worker) and prefill (strata-prefill) StatefulSets, sized apart: prefill "
-      "by\n"
-      "# the prompt tokens to compute, decode by the sequences generating. Use it from an "
-      "overlay:\n"
+      "# Written by `stratactl plan --emit k8s-disaggregated`: a patch of\n"
+      "# k8s/gpu-disaggregated's decode (strata-worker) and prefill (strata-prefill)\n"
+      "# StatefulSets, sized apart: prefill by the prompt tokens to compute, decode by the\n"
+      "# sequences generating. Use it from an overlay:\n"
       "# resources: [<path to k8s/gpu-disaggregated>], patches: [{path: this file}].\n",
       WorkerStatefulSetPatch(plan, options, "strata-worker", plan.split_decode_workers, "decode"),
       "---\n",
@@ -771,8 +770,8 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
     absl::FPrintF(
         out,
         "split      or %d prefill + %d decode workers (--role; --emit k8s-disaggregated); "
-        "each handoff copies %.0f "
-        "MiB of KV, about %.0f ms at %.0f GB/s, between the first and second token%s\n",
+        "each handoff copies %.0f MiB of KV, about %.0f ms at %.0f GB/s, between the first and "
+        "second token%s\n",
         p.split_prefill_workers, p.split_decode_workers, p.handoff_bytes / (1 << 20), p.handoff_ms,
         kKvCopyBytesPerS / 1e9,
         w.tpot_ms > 0 && p.handoff_ms > w.tpot_ms
