@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Time to first token of a long prompt that one worker copies from another (Worker.FetchKvBlocks)
+# Time to first token of a long prompt that one worker copies from another (its KV transfer port)
 # against computing it, end to end through a coordinator, with bench/prefix_restore_bench --phase
 # copy: two workers on loopback, each prompt sent cold (computed on one worker), then with that
 # worker drained (the other copies the prompt's blocks from it), then again with both serving (a
@@ -47,6 +47,9 @@ if [ "${DISK:-0}" = 1 ]; then
                 --disk_cache_mb=$(( (max / 16 + 16) * 72 * REPS * ${#lengths[@]} * 5 / 1024 + 64 )))
   filler=(--filler_tokens=$(( 2 * max )))
 fi
+# WORKER_FLAGS: more worker flags (e.g. --kv_transfer_listen=off: copies over gRPC only).
+# shellcheck disable=SC2206
+worker_flags+=(${WORKER_FLAGS:-})
 # shellcheck disable=SC2046
 strata_worker w0 "$MODEL" "${worker_flags[@]}" $(disk w0)
 w0=$STRATA_PORT

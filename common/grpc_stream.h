@@ -73,6 +73,7 @@ class QueuedServerWriter : public grpc::ServerWriteReactor<Message> {
         notify = !finish_.has_value();
       }
       action = DecideLocked();
+      if (ok) OnWrittenLocked(queue_.size());
     }
     // With `notify`, nothing else can be pending (the queue is empty and no finish was requested),
     // so the owner's RequestFinish, possibly racing with this call, is what finishes the stream.
@@ -101,6 +102,9 @@ class QueuedServerWriter : public grpc::ServerWriteReactor<Message> {
   }
   // A write failed: the client is gone. Runs on a gRPC thread, at most once.
   virtual void OnWriteFailed() {}
+  // A write succeeded; `queued` messages wait behind the next one in flight (if any). Runs on a
+  // gRPC thread under the stream's lock: it must not call the stream's methods.
+  virtual void OnWrittenLocked(size_t queued) { (void)queued; }
   // Runs right before the object deletes itself.
   virtual void OnStreamDone() {}
 

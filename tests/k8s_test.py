@@ -183,6 +183,7 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
     n = 0
     where = m.name
     cluster_secrets = {}  # container -> its --cluster_secret_file, expanded
+    transfer_ports = set()  # (name, number) of the workers' --kv_transfer_listen ports
     for w in m.workloads():
         wname = "%s %s/%s" % (where, w["kind"], w["metadata"]["name"])
         spec, tmpl = w["spec"], w["spec"]["template"]
@@ -244,6 +245,21 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                 ann = tmpl["metadata"].get("annotations", {})
                 if ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") != str(mport):
                     fail("%s: prometheus.io/port %s is not --metrics_listen's port %s" % (cname, ann.get("prometheus.io/port"), mport))
+                n += 1
+            if binary == "strata-worker":
+                # Other workers copy KV blocks over this port; behind a NetworkPolicy it must be a
+                # fixed one, open to them (checked below), or copies fall back to gRPC.
+                kt = args.get("kv_transfer_listen", "auto")
+                if kt == "auto" or kt.endswith(":0"):
+                    fail("%s: --kv_transfer_listen=%s picks a port at start, which no NetworkPolicy "
+                         "can open: give a fixed one (or off)" % (cname, kt))
+                elif kt != "off":
+                    khost, _, kport = kt.rpartition(":")
+                    if khost not in ("[::]", "0.0.0.0"):
+                        fail("%s: --kv_transfer_listen=%s does not listen on every address" % (cname, kt))
+                    if int(kport) not in ports:
+                        fail("%s: --kv_transfer_listen port %s is not a containerPort %s" % (cname, kport, sorted(ports)))
+                    transfer_ports.add((ports[int(kport)].get("name"), int(kport)))
                 n += 1
             http = args.get("http_listen")
             if http is not None:
@@ -394,6 +410,32 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                     if selects(p["spec"]["podSelector"].get("matchLabels"), wlabels)]
         if not policies:
             fail("%s: no NetworkPolicy selects %s's pods" % (where, w["metadata"]["name"]))
+        # The KV transfer port: open to the workers only, and open to them.
+        transfer_open = False
+        for p in policies:
+            for rule in p["spec"].get("ingress", []):
+                named = {port.get("port") for port in rule.get("ports", [])}
+                if not any(name in named or number in named for name, number in transfer_ports):
+                    continue
+                sources = rule.get("from", [])
+                if not sources or not all(
+                        "podSelector" in s and any(
+                            selects(s["podSelector"].get("matchLabels"),
+                                    ww["spec"]["template"]["metadata"].get("labels", {}))
+                            for ww in workers)
+                        and not any(
+                            selects(s["podSelector"].get("matchLabels"),
+                                    c["spec"]["template"]["metadata"].get("labels", {}))
+                            for c in coordinators)
+                        for s in sources):
+                    fail("%s NetworkPolicy/%s: the workers' KV transfer port is open beyond the "
+                         "workers" % (where, p["metadata"]["name"]))
+                if any(selects(s.get("podSelector", {}).get("matchLabels"), wlabels)
+                       for s in sources):
+                    transfer_open = True
+        if transfer_ports and not transfer_open:
+            fail("%s: no NetworkPolicy opens the KV transfer port %s to %s's pods: their copies "
+                 "would fall back to gRPC" % (where, sorted(transfer_ports), w["metadata"]["name"]))
         for p in policies:
             for rule in p["spec"].get("ingress", []):
                 if not any(port.get("port") in ("grpc", 50061) for port in rule.get("ports", [])):

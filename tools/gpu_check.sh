@@ -172,24 +172,28 @@ cluster_check() {
 # --role=prefill and one --role=decode (f32, so that greedy tokens are exact), behind a coordinator
 # that splits every prompt of 64 tokens or more: a long prompt's greedy text must equal the CPU
 # engine's, and the coordinator must count the handoff (the decode worker copied the prompt's
-# blocks out of the prefill worker's GPU cache). Writes RESULTS_DIR/disagg.txt (PASS or FAIL).
+# blocks out of the prefill worker's GPU cache, over its KV transfer port: the decode worker's
+# strata_worker_kv_fetch_bytes_total{transport="tcp"} must have grown). Writes
+# RESULTS_DIR/disagg.txt (PASS or FAIL).
 disagg_check() {
   local results=$1 device="${STRATA_CLUSTER_DEVICE:-gpu}"
   local b="$PWD/gpu-bundle/bin" model="$PWD/models/strata-tiny/base"
   export LD_LIBRARY_PATH="$(bundle_libpath)"
-  local cport=50952 mport=50953 pport=50971 dport=50972 prompt
+  local cport=50952 mport=50953 pport=50971 dport=50972 dmport=50973 prompt
   prompt=$(python3 -c 'print("".join("def parse_%d(value):\n    return value.strip()\n\n" % i for i in range(12)))')
   "$b/coordinator.strata-coordinator" --model="strata-tiny=$model" \
     --workers="127.0.0.1:$pport,127.0.0.1:$dport" --listen="127.0.0.1:$cport" \
     --metrics_listen="127.0.0.1:$mport" --disaggregate_min_uncached_tokens=64 \
     >"$results/disagg-coordinator.log" 2>&1 &
   local cpid=$!
-  local pids=() role port
+  local pids=() role port metrics
   for role in prefill decode; do
     port=$([ $role = prefill ] && echo $pport || echo $dport)
+    metrics=$([ $role = prefill ] && echo "" || echo "--metrics_listen=127.0.0.1:$dmport")
+    # shellcheck disable=SC2086
     "$b/worker.server.strata-worker" --model="$model" --model_name=strata-tiny \
       --listen="127.0.0.1:$port" --device="$device" --gpu_dtype=f32 --kv_cache_mb=64 --threads=2 \
-      --role=$role >"$results/disagg-$role.log" 2>&1 &
+      --role=$role $metrics >"$results/disagg-$role.log" 2>&1 &
     pids+=($!)
   done
   local ready=0
@@ -198,7 +202,7 @@ disagg_check() {
             grep -o '"WORKER_STATE_SERVING"' | wc -l)" -ge 2 ]; then ready=1; break; fi
     sleep 0.1
   done
-  local got="" want="" handoffs="" verdict=FAIL
+  local got="" want="" handoffs="" tcp_bytes=0 verdict=FAIL
   if [ $ready = 1 ]; then
     got=$("$b/cli.stratactl" generate --coordinator "127.0.0.1:$cport" --prompt "$prompt" \
       --max-tokens 32 --temperature 0 --ignore-eos 2>&1)
@@ -211,13 +215,21 @@ print(next((l.split()[1] for l in text.splitlines()
             if l.startswith("strata_coordinator_prefill_handoffs_total ")), "0"))
 PY
 )
-    [ -n "$got" ] && [ "$got" = "$want" ] && [ "${handoffs%.*}" = 1 ] && verdict=PASS
+    tcp_bytes=$(python3 - "$dmport" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1], timeout=10).read().decode()
+print(next((l.split()[1] for l in text.splitlines()
+            if l.startswith('strata_worker_kv_fetch_bytes_total{transport="tcp"}')), "0"))
+PY
+)
+    [ -n "$got" ] && [ "$got" = "$want" ] && [ "${handoffs%.*}" = 1 ] &&
+      [ "${tcp_bytes%.*}" -gt 0 ] && verdict=PASS
   fi
   kill "${pids[@]}" "$cpid" 2>/dev/null
   wait "${pids[@]}" "$cpid" 2>/dev/null
   {
     echo "disaggregated ($device prefill and decode workers vs stratactl run on the CPU): $verdict"
-    echo "--- handoffs counted: $handoffs"
+    echo "--- handoffs counted: $handoffs; KV bytes the decode worker copied over TCP: $tcp_bytes"
     echo "--- served:"; echo "$got"
     echo "--- local CPU engine:"; echo "$want"
   } >"$results/disagg.txt"

@@ -20,7 +20,8 @@ if [[ $# -eq 0 ]]; then
   # reloading thread, the access log's writer, and the cluster secret's reloading, and the
   # periodic thread that runs those reloads; and the delta cache, whose entries outlive their
   # registration while pinned or loading, with the fine-tune directory's rescans over it; and
-  # KV copies between workers, whose fetcher threads and parked requests are cancelled midway;
+  # KV copies between workers, whose fetcher threads and parked requests are cancelled midway,
+  # and whose KV transfer connections are cancelled, refused and stopped (TSAN too);
   # and disaggregated serving end to end, whose calls hand over from one worker's stream to
   # another's, with ASAN builds of the coordinator and workers.)
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
@@ -29,8 +30,8 @@ if [[ $# -eq 0 ]]; then
     //coordinator:tool_calls_test //grammar/... //worker/engine:engine_speculative_test \
     //worker/engine:ngram_draft_test //worker/model:lora_test \
     //worker/engine:delta_cache_test //worker/server:fine_tune_dir_test \
-    //worker/server:kv_fetch_test //tests:disaggregation_test
-  bazel test --config=tsan //memtier/... //worker/comm/...
+    //worker/server:kv_fetch_test //worker/server:kv_transfer_test //tests:disaggregation_test
+  bazel test --config=tsan //memtier/... //worker/comm/... //worker/server:kv_transfer_test
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
   # Structured output's masks are computed on several threads and warmed on another.
   bazel test --config=tsan //worker/engine:engine_structured_test

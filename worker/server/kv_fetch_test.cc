@@ -1,7 +1,11 @@
-// Copies of KV blocks between two Worker services over loopback gRPC (FetchKvBlocks and
-// SubmitRequest.kv_source_address), serving the bundled strata-tiny model: a copied prompt gives
-// the tokens a computed one does and is reported cached; a source that fails, hangs or refuses
+// Copies of KV blocks between two Worker services over loopback (SubmitRequest.kv_source_address;
+// the source's KV transfer port, or FetchKvBlocks without one), serving the bundled strata-tiny
+// model: a copied prompt gives the tokens a computed one does and is reported cached; both
+// transports refuse strangers alike; a source that fails, hangs or refuses
 // leaves the request to compute its prompt; a request waiting for copies can be cancelled.
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <future>
@@ -22,6 +26,7 @@
 #include "worker/model/config.h"
 #include "worker/model/weights.h"
 #include "worker/server/kv_fetcher.h"
+#include "worker/server/loopback_sockets.h"
 #include "worker/server/worker_service.h"
 
 namespace strata {
@@ -88,6 +93,12 @@ class KvFetchTest : public ::testing::Test {
     if (!engine.ok()) return nullptr;
     wo.model_name = kModel;
     wo.metrics = &node->metrics;
+    // Workers answer copies on a KV transfer port unless a test says "off".
+    if (wo.kv_transfer_listen.empty()) {
+      wo.kv_transfer_listen = "127.0.0.1:0";
+    } else if (wo.kv_transfer_listen == "off") {
+      wo.kv_transfer_listen.clear();
+    }
     auto service = WorkerService::Create(*std::move(engine), wo);
     EXPECT_TRUE(service.ok()) << service.status();
     node->service = *std::move(service);
@@ -188,6 +199,9 @@ TEST_F(KvFetchTest, ASubmitCopiesThePromptFromAnotherWorkerAndGeneratesTheSameTo
   EXPECT_EQ(dest->Counter("strata_worker_kv_blocks_received_total"), 12);
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "copied"}}), 1);
   EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 12);
+  // Over the source's KV transfer port, not gRPC.
+  EXPECT_GT(dest->Counter("strata_worker_kv_fetch_bytes_total", {{"transport", "tcp"}}), 0);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetch_bytes_total", {{"transport", "grpc"}}), 0);
 
   // Held now: a second request copies nothing (the source is not asked).
   const Result again = Run(*dest, Request("c", kPromptLen, source->server->address()));
@@ -202,6 +216,25 @@ TEST_F(KvFetchTest, ASubmitCopiesThePromptFromAnotherWorkerAndGeneratesTheSameTo
   EXPECT_EQ(source->Counter("strata_worker_kv_blocks_sent_total"), 12);
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "none"}}), 1);
   EXPECT_EQ(dest->Counter("strata_worker_kv_fetches_total", {{"outcome", "failed"}}), 0);
+}
+
+// A source without a KV transfer port is copied from over FetchKvBlocks, and so is one whose port
+// stopped answering (it is asked for the port again on a later copy); the tokens are the same.
+TEST_F(KvFetchTest, WithoutATransferPortTheCopyGoesOverGrpc) {
+  WorkerServiceOptions grpc_only;
+  grpc_only.kv_transfer_listen = "off";
+  auto source = StartNode(grpc_only);
+  EXPECT_EQ(source->service->kv_transfer_port(), 0);
+  auto dest = StartNode();
+  EXPECT_NE(dest->service->kv_transfer_port(), 0);
+  const Result computed = Run(*source, Request("a", kPromptLen));
+  ASSERT_TRUE(computed.status.ok());
+  const Result copied = Run(*dest, Request("b", kPromptLen, source->server->address()));
+  ASSERT_TRUE(copied.status.ok()) << copied.status.error_message();
+  EXPECT_EQ(copied.tokens, computed.tokens);
+  EXPECT_EQ(copied.usage.cached().num_device_tokens(), kCopiedTokens);
+  EXPECT_EQ(dest->Counter("strata_worker_kv_fetch_bytes_total", {{"transport", "tcp"}}), 0);
+  EXPECT_GT(dest->Counter("strata_worker_kv_fetch_bytes_total", {{"transport", "grpc"}}), 0);
 }
 
 // A copy goes out in slices between the source's engine steps (here one block a slice), shared in
@@ -268,7 +301,29 @@ TEST_F(KvFetchTest, ACancelledCopyEndsAtTheSourceWhichKeepsServing) {
     }
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
-  // A whole copy afterwards.
+  // The same over the KV transfer port: each call cancelled after its first block arrived.
+  const std::string transfer = absl::StrCat("127.0.0.1:", source->service->kv_transfer_port());
+  for (int round = 0; round < 3; ++round) {
+    // The wire format by hand (kv_transfer.h): the request, then the first block frame's head.
+    const int fd = ConnectLoopback(source->service->kv_transfer_port());
+    ASSERT_GE(fd, 0);
+    const std::string request = all.SerializeAsString();
+    std::string hello = "STKV";
+    for (const uint32_t v : {uint32_t{1}, uint32_t{0}, static_cast<uint32_t>(request.size())}) {
+      hello.append(reinterpret_cast<const char*>(&v), 4);
+    }
+    hello += request;
+    ASSERT_EQ(write(fd, hello.data(), hello.size()), static_cast<ssize_t>(hello.size()));
+    char head[25];
+    size_t got = 0;
+    for (ssize_t r; got < sizeof head && (r = read(fd, head + got, sizeof head - got)) > 0;) {
+      got += static_cast<size_t>(r);
+    }
+    ASSERT_EQ(got, sizeof head);
+    EXPECT_EQ(head[0], 1);  // a block frame
+    close(fd);
+  }
+  // A whole copy afterwards, each way.
   grpc::ClientContext ctx;
   auto reader = source->stub->FetchKvBlocks(&ctx, all);
   v1::KvBlockData data;
@@ -276,6 +331,10 @@ TEST_F(KvFetchTest, ACancelledCopyEndsAtTheSourceWhichKeepsServing) {
   while (reader->Read(&data)) ++blocks;
   ASSERT_TRUE(reader->Finish().ok());
   EXPECT_EQ(blocks, 12);
+  KvTransferCall call;
+  std::vector<Engine::KvBlockCopy> got;
+  ASSERT_TRUE(call.Run(transfer, "", all, absl::Now() + absl::Seconds(30), &got).ok());
+  EXPECT_EQ(got.size(), 12u);
   // And it still generates.
   EXPECT_TRUE(Run(*source, Request("b", 40)).status.ok());
 }
@@ -369,6 +428,60 @@ TEST_F(KvFetchTest, ASourceThatCannotBeReachedLeavesThePromptToBeComputed) {
   EXPECT_EQ(p.tokens, want.tokens);
   EXPECT_EQ(p.usage.cached().num_device_tokens(), 0u);
   EXPECT_EQ(reference->Counter("strata_worker_kv_blocks_sent_total"), 0);
+}
+
+// A source that names a KV transfer port which no longer answers (it restarted on another) is
+// copied from over FetchKvBlocks, in the same Fetch; one whose port answers is copied from there.
+class PortSource final : public v1::Worker::Service {
+ public:
+  explicit PortSource(int port) : port_(port) {}
+  grpc::Status GetInfo(grpc::ServerContext*, const v1::GetInfoRequest*,
+                       v1::WorkerInfo* info) override {
+    info_calls_.fetch_add(1);
+    info->set_kv_transfer_port(static_cast<uint32_t>(port_));
+    return grpc::Status::OK;
+  }
+  grpc::Status FetchKvBlocks(grpc::ServerContext*, const v1::FetchKvBlocksRequest* r,
+                             grpc::ServerWriter<v1::KvBlockData>* writer) override {
+    for (const uint64_t h : r->block_hashes()) {
+      v1::KvBlockData d;
+      d.set_block_hash(h);
+      d.set_payload(std::string(64, 'g'));
+      writer->Write(d);
+    }
+    return grpc::Status::OK;
+  }
+  int info_calls() const { return info_calls_.load(); }
+
+ private:
+  const int port_;
+  std::atomic<int> info_calls_{0};
+};
+
+TEST_F(KvFetchTest, ASourceWhoseTransferPortIsGoneIsCopiedFromOverGrpc) {
+  const int port = UnusedLoopbackPort();
+  ASSERT_GT(port, 0);
+  PortSource source(port);
+  auto server = GrpcServer::Start(GrpcServerOptions(), {{&source, "port-source"}});
+  ASSERT_TRUE(server.ok());
+  KvFetcherOptions o;
+  o.timeout = absl::Seconds(30);
+  KvFetcher fetcher(o);
+  v1::FetchKvBlocksRequest req;
+  for (int i = 1; i <= 3; ++i) req.add_block_hashes(static_cast<uint64_t>(i));
+  for (int round = 0; round < 2; ++round) {
+    std::promise<KvFetchResult> done;
+    fetcher.Fetch((*server)->address(), req,
+                  [&](KvFetchResult r) { done.set_value(std::move(r)); });
+    const KvFetchResult r = done.get_future().get();
+    ASSERT_TRUE(r.status.ok()) << r.status;
+    ASSERT_EQ(r.blocks.size(), 3u);
+    EXPECT_EQ(r.blocks[2].key.hash, 3u);
+    EXPECT_EQ(r.transfer_calls, 0);
+    EXPECT_EQ(r.bytes, 3 * 64);
+  }
+  // The port was forgotten after the first refusal and asked for again on the next copy.
+  EXPECT_EQ(source.info_calls(), 2);
 }
 
 // The timeout counts from Fetch: a copy that waited its whole time in the queue behind a hung
@@ -532,6 +645,38 @@ TEST_F(KvFetchTest, FetchKvBlocksRefusesStrangersAndBlocksThatWouldNotFit) {
   // Still serving.
   ASSERT_TRUE(fetch(good, true, &blocks).ok());
   EXPECT_EQ(blocks, 12);
+
+  // The same answers on the KV transfer port.
+  const std::string transfer = absl::StrCat("127.0.0.1:", source->service->kv_transfer_port());
+  auto fetch_tcp = [&](const v1::FetchKvBlocksRequest& req, const std::string& with_secret,
+                       int* blocks) {
+    KvTransferCall call;
+    std::vector<Engine::KvBlockCopy> got;
+    const absl::Status st =
+        call.Run(transfer, with_secret, req, absl::Now() + absl::Seconds(30), &got);
+    *blocks = static_cast<int>(got.size());
+    return st;
+  };
+  absl::Status tst = fetch_tcp(good, "s3cret", &blocks);
+  ASSERT_TRUE(tst.ok()) << tst;
+  EXPECT_EQ(blocks, 12);
+  ASSERT_TRUE(fetch_tcp(small, "s3cret", &blocks).ok());
+  EXPECT_EQ(blocks, 1);
+  EXPECT_EQ(fetch_tcp(good, "", &blocks).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(blocks, 0);
+  bad = good;
+  bad.set_model("other");
+  tst = fetch_tcp(bad, "s3cret", &blocks);
+  EXPECT_EQ(tst.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(tst.message().find("model"), std::string::npos) << tst;
+  bad = good;
+  for (int i = 0; i < 4097; ++i) bad.add_block_hashes(i);
+  tst = fetch_tcp(bad, "s3cret", &blocks);
+  EXPECT_EQ(tst.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(tst.message().find("block_hashes"), std::string::npos) << tst;
+  ASSERT_TRUE(fetch_tcp(good, "s3cret", &blocks).ok());
+  EXPECT_EQ(blocks, 12);
+  EXPECT_GT(dest->Counter("strata_worker_kv_fetch_bytes_total", {{"transport", "tcp"}}), 0);
 
   // A worker without a prefix cache has nothing to copy.
   auto uncached = StartNode({}, /*prefix_caching=*/false);

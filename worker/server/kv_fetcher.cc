@@ -2,9 +2,11 @@
 
 #include <algorithm>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/grpc_status.h"
+#include "common/log.h"
 
 namespace strata {
 
@@ -21,8 +23,9 @@ void KvFetcher::Stop() {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
     left.swap(queue_);
-    for (auto& [ticket, context] : active_) {
-      if (context != nullptr) context->TryCancel();
+    for (auto& [ticket, active] : active_) {
+      if (active.context != nullptr) active.context->TryCancel();
+      if (active.call != nullptr) active.call->Cancel();
     }
     threads.swap(threads_);
   }
@@ -59,7 +62,8 @@ void KvFetcher::Cancel(uint64_t ticket) {
     std::lock_guard<std::mutex> lock(mu_);
     if (auto it = active_.find(ticket); it != active_.end()) {
       cancelled_.insert(ticket);
-      if (it->second != nullptr) it->second->TryCancel();
+      if (it->second.context != nullptr) it->second.context->TryCancel();
+      if (it->second.call != nullptr) it->second.call->Cancel();
       return;
     }
     auto it = std::find_if(queue_.begin(), queue_.end(),
@@ -82,7 +86,7 @@ void KvFetcher::Run() {
       if (stop_) return;  // Stop finishes what is queued
       job = std::move(queue_.front());
       queue_.pop_front();
-      active_[job.ticket] = nullptr;
+      active_[job.ticket] = Active{};
     }
     KvFetchResult result;
     if (absl::Now() >= job.deadline) {
@@ -119,6 +123,44 @@ std::shared_ptr<v1::Worker::Stub> KvFetcher::StubFor(const std::string& address)
   return stub;
 }
 
+std::string KvFetcher::TransferAddressFor(const std::string& address, v1::Worker::Stub& stub,
+                                          absl::Time deadline) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = transfer_addresses_.find(address);
+        it != transfer_addresses_.end() && absl::Now() - it->second.asked < kTransferAddressTtl) {
+      return it->second.address;
+    }
+  }
+  const absl::Time asked = absl::Now();
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(std::min(deadline, asked + absl::Milliseconds(500))));
+  if (options_.cluster_secret != nullptr) {
+    context.AddMetadata(kClusterSecretMetadata, options_.cluster_secret->Sent());
+  }
+  v1::WorkerInfo info;
+  std::string transfer;
+  // A source that does not answer is copied from over gRPC until it is asked again.
+  if (stub.GetInfo(&context, v1::GetInfoRequest(), &info).ok() && info.kv_transfer_port() != 0) {
+    // The same host as the gRPC address (a "scheme:///" prefix dropped).
+    std::string host = address;
+    if (const size_t scheme = host.find(":///"); scheme != std::string::npos) {
+      host = host.substr(scheme + 4);
+    }
+    host = host.substr(0, host.rfind(':'));
+    transfer = absl::StrCat(host, ":", info.kv_transfer_port());
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (transfer_addresses_.size() >= kMaxChannels) transfer_addresses_.clear();
+  transfer_addresses_[address] = {transfer, asked};
+  return transfer;
+}
+
+void KvFetcher::ForgetTransferAddress(const std::string& address) {
+  std::lock_guard<std::mutex> lock(mu_);
+  transfer_addresses_.erase(address);
+}
+
 KvFetchResult KvFetcher::Copy(Job& job) {
   v1::FetchKvBlocksRequest& request = job.request;
   KvFetchResult result;
@@ -128,47 +170,88 @@ KvFetchResult KvFetcher::Copy(Job& job) {
   std::shared_ptr<v1::Worker::Stub> stub = StubFor(address);
   const std::vector<uint64_t> hashes(request.block_hashes().begin(), request.block_hashes().end());
   request.set_max_bytes(static_cast<uint64_t>(options_.max_bytes_per_call));
+  const std::string secret =
+      options_.cluster_secret != nullptr ? options_.cluster_secret->Sent() : std::string();
+  std::string transfer =
+      options_.use_kv_transfer ? TransferAddressFor(address, *stub, deadline) : std::string();
   size_t next = 0;
   while (next < hashes.size()) {
     request.clear_block_hashes();
     for (size_t i = next; i < hashes.size(); ++i) request.add_block_hashes(hashes[i]);
-    grpc::ClientContext context;
-    context.set_deadline(absl::ToChronoTime(deadline));
-    if (options_.cluster_secret != nullptr) {
-      context.AddMetadata(kClusterSecretMetadata, options_.cluster_secret->Sent());
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (stop_ || cancelled_.contains(ticket)) {
-        result.status = absl::CancelledError("the copy was cancelled");
-        break;
+    const size_t before = result.blocks.size();
+    absl::Status status;
+    bool over_tcp = false;
+    if (!transfer.empty()) {
+      KvTransferCall call;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_ || cancelled_.contains(ticket)) {
+          result.status = absl::CancelledError("the copy was cancelled");
+          break;
+        }
+        active_[ticket] = Active{nullptr, &call};
       }
-      active_[ticket] = &context;
+      status = call.Run(transfer, secret, request, deadline, &result.blocks);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        active_[ticket] = Active{};
+      }
+      over_tcp = true;
+      if (absl::IsUnavailable(status) && result.blocks.size() == before &&
+          absl::StrContains(status.message(), "cannot connect")) {
+        // The port is gone (the source restarted on another): this call and later ones go over
+        // gRPC until GetInfo is asked again.
+        LOG(WARNING) << "KV copies from " << address << ": " << status
+                     << "; using FetchKvBlocks instead";
+        ForgetTransferAddress(address);
+        transfer.clear();
+        over_tcp = false;
+      }
+    }
+    if (!over_tcp) {
+      grpc::ClientContext context;
+      context.set_deadline(absl::ToChronoTime(deadline));
+      if (options_.cluster_secret != nullptr) {
+        context.AddMetadata(kClusterSecretMetadata, secret);
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_ || cancelled_.contains(ticket)) {
+          result.status = absl::CancelledError("the copy was cancelled");
+          break;
+        }
+        active_[ticket] = Active{&context, nullptr};
+      }
+      std::unique_ptr<grpc::ClientReader<v1::KvBlockData>> reader =
+          stub->FetchKvBlocks(&context, request);
+      v1::KvBlockData data;
+      while (reader->Read(&data)) {
+        Engine::KvBlockCopy copy;
+        copy.key.hash = data.block_hash();
+        copy.key.cache_namespace = data.cache_namespace();
+        copy.payload = std::move(*data.mutable_payload());
+        result.blocks.push_back(std::move(copy));
+      }
+      status = FromGrpcStatus(reader->Finish());
+      std::lock_guard<std::mutex> lock(mu_);
+      active_[ticket] = Active{};
     }
     ++result.calls;
-    std::unique_ptr<grpc::ClientReader<v1::KvBlockData>> reader =
-        stub->FetchKvBlocks(&context, request);
-    v1::KvBlockData data;
-    int64_t received = 0, bytes = 0;
-    while (reader->Read(&data)) {
-      Engine::KvBlockCopy copy;
-      copy.key.hash = data.block_hash();
-      copy.key.cache_namespace = data.cache_namespace();
-      copy.payload = std::move(*data.mutable_payload());
-      bytes += static_cast<int64_t>(copy.payload.size());
-      result.blocks.push_back(std::move(copy));
-      ++received;
+    const int64_t received = static_cast<int64_t>(result.blocks.size() - before);
+    int64_t bytes = 0;
+    for (size_t i = before; i < result.blocks.size(); ++i) {
+      bytes += static_cast<int64_t>(result.blocks[i].payload.size());
     }
-    const grpc::Status status = reader->Finish();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      active_[ticket] = nullptr;
+    result.bytes += bytes;
+    if (over_tcp) {
+      ++result.transfer_calls;
+      result.transfer_bytes += bytes;
     }
     if (!status.ok()) {
-      result.status = FromGrpcStatus(status);
       result.status = absl::Status(
-          result.status.code(),
-          absl::StrCat("copying KV blocks from worker ", address, ": ", result.status.message()));
+          status.code(),
+          absl::StrCat("copying KV blocks from worker ", address, over_tcp ? " (TCP " : "",
+                       over_tcp ? transfer : "", over_tcp ? ")" : "", ": ", status.message()));
       break;
     }
     next += static_cast<size_t>(received);

@@ -2,11 +2,13 @@
 // coordinator sent here with SubmitRequest.kv_source_address: the prefix another worker has
 // computed is copied rather than computed again.
 //
-// Each Fetch runs on one of the fetcher's own threads (blocking gRPC reads), never on the worker's
+// Each Fetch runs on one of the fetcher's own threads (blocking reads), never on the worker's
 // step loop, and asks the source in calls of up to max_bytes_per_call until it has every block
-// asked for or the source has no more. One channel per source address is kept (the least recently
-// used dropped past kMaxChannels). Calls carry the cluster secret (the first of the file's) and
-// stop at `timeout` after the Fetch began.
+// asked for or the source has no more. A call goes over the source's KV transfer port (plain TCP,
+// worker/server/kv_transfer.h) when its WorkerInfo names one (asked once per address with
+// GetInfo, again after that port fails to connect), over FetchKvBlocks otherwise. One channel per
+// source address is kept (the least recently used dropped past kMaxChannels). Calls carry the
+// cluster secret (the first of the file's) and stop at `timeout` after the Fetch began.
 //
 // Thread contract: Fetch and Stop from any thread. `done` runs exactly once per Fetch, on a
 // fetcher thread (or on the caller's, with CANCELLED, after Stop), never under the fetcher's lock.
@@ -33,6 +35,7 @@
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
 #include "worker/engine/engine.h"
+#include "worker/server/kv_transfer.h"
 
 namespace strata {
 
@@ -45,7 +48,9 @@ struct KvFetcherOptions {
   // Fetches run at once; more wait in order.
   int threads = 2;
   // FetchKvBlocksRequest.max_bytes of each call.
-  int64_t max_bytes_per_call = int64_t{32} << 20;
+  int64_t max_bytes_per_call = int64_t{1} << 30;
+  // Use a source's KV transfer port when it has one.
+  bool use_kv_transfer = true;
 };
 
 // What one Fetch copied: blocks in chain order, and how long it took. `status` is not OK when a
@@ -55,6 +60,11 @@ struct KvFetchResult {
   absl::Status status;
   absl::Duration took;
   int64_t calls = 0;
+  // Payload bytes that arrived.
+  int64_t bytes = 0;
+  // Of those, the calls made over a KV transfer port, and the payload bytes they brought.
+  int64_t transfer_calls = 0;
+  int64_t transfer_bytes = 0;
 };
 
 class KvFetcher {
@@ -94,18 +104,36 @@ class KvFetcher {
   // Runs `job`'s calls (it takes their request's hashes as it goes).
   KvFetchResult Copy(Job& job);
   std::shared_ptr<v1::Worker::Stub> StubFor(const std::string& address);
+  // "HOST:PORT" of the KV transfer port of the worker at `address` (gRPC), or empty when it has
+  // none or did not say (remembered per address for kTransferAddressTtl, or until Forget).
+  std::string TransferAddressFor(const std::string& address, v1::Worker::Stub& stub,
+                                 absl::Time deadline);
+  void ForgetTransferAddress(const std::string& address);
+  // What Cancel interrupts for a running fetch: its gRPC call or its TCP call.
+  struct Active {
+    grpc::ClientContext* context = nullptr;
+    KvTransferCall* call = nullptr;
+  };
 
   const KvFetcherOptions options_;
   // (std:: primitives, which TSAN sees, unlike Debian's uninstrumented absl::Mutex.)
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Job> queue_;                                       // guarded by mu_
-  bool stop_ = false;                                           // guarded by mu_
-  uint64_t next_ticket_ = 1;                                    // guarded by mu_
-  absl::flat_hash_map<uint64_t, grpc::ClientContext*> active_;  // guarded by mu_: running fetches
-  absl::flat_hash_set<uint64_t> cancelled_;                     // guarded by mu_: of those
+  std::deque<Job> queue_;                         // guarded by mu_
+  bool stop_ = false;                             // guarded by mu_
+  uint64_t next_ticket_ = 1;                      // guarded by mu_
+  absl::flat_hash_map<uint64_t, Active> active_;  // guarded by mu_: running fetches
+  absl::flat_hash_set<uint64_t> cancelled_;       // guarded by mu_: of those
   // Channels by address, most recently used first (guarded by mu_).
   std::list<std::pair<std::string, std::shared_ptr<v1::Worker::Stub>>> stubs_;
+  // KV transfer addresses by gRPC address ("" for none, or GetInfo failed), and when they were
+  // asked; guarded by mu_; at most kMaxChannels. Asked again after kTransferAddressTtl.
+  struct TransferAddress {
+    std::string address;
+    absl::Time asked;
+  };
+  absl::flat_hash_map<std::string, TransferAddress> transfer_addresses_;
+  static constexpr absl::Duration kTransferAddressTtl = absl::Seconds(60);
   std::vector<std::thread> threads_;
 };
 

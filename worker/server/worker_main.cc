@@ -10,6 +10,7 @@
 // no longer takes go to them, naming it as the source; up to --drain_kv_serve_s), then writes its
 // cached KV blocks down to the disk tier for up to --persist_kv_s (a worker restarted on the same
 // file starts warm) and shuts down; a second signal cuts the drain and the write short.
+#include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -206,6 +207,12 @@ ABSL_FLAG(bool, kv_fetch, true,
           "(SubmitRequest.kv_source_address), copy the blocks this worker lacks from there "
           "before queueing the request, instead of computing them. Workers reach each other at "
           "the addresses the coordinator knows them by, with the cluster secret.");
+ABSL_FLAG(std::string, kv_transfer_listen, "auto",
+          "HOST:PORT on which this worker also answers other workers' KV block copies over plain "
+          "TCP (the bulk path: several times gRPC's speed; other workers learn the port from "
+          "WorkerInfo and copy over gRPC when there is none). auto: --listen's host, any free "
+          "port; off: gRPC only. Behind a NetworkPolicy, give a fixed port and open it between "
+          "workers (k8s/base does, port 50062).");
 ABSL_FLAG(int64_t, kv_fetch_timeout_ms, 2000,
           "Longest a request waits for KV blocks copied from another worker; what has not "
           "arrived by then is computed.");
@@ -588,6 +595,12 @@ int Main(const std::vector<std::string>& args) {
   }
   wo.kv_fetcher.timeout = absl::Milliseconds(absl::GetFlag(FLAGS_kv_fetch_timeout_ms));
   wo.kv_fetcher.cluster_secret = wo.cluster_secret;
+  if (const std::string t = absl::GetFlag(FLAGS_kv_transfer_listen); t == "auto") {
+    const std::string listen = absl::GetFlag(FLAGS_listen);
+    wo.kv_transfer_listen = absl::StrCat(listen.substr(0, listen.rfind(':')), ":0");
+  } else if (t != "off") {
+    wo.kv_transfer_listen = t;
+  }
   // Outlives the service and the metrics endpoint, both declared after it.
   MetricsRegistry metrics;
   const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
@@ -762,6 +775,13 @@ int Main(const std::vector<std::string>& args) {
 }  // namespace strata
 
 int main(int argc, char** argv) {
+  // KV block copies to and from other workers allocate and free buffers of 64 KiB to a few MiB at
+  // GB/s. glibc would map each one afresh (above its mmap threshold) and hand freed heap back to
+  // the kernel, so that the page faults and zeroing cost more than moving the bytes (about half
+  // the speed of a copy; bench/kv_transport_bench). Keep such buffers in the heap, and up to
+  // 256 MiB of it free for the next copy.
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
   // Rank 0 starts the other ranks of a tensor-parallel group with its own flags.
   const std::vector<std::string> args(argv, argv + argc);
   strata::BlockTerminationSignals();

@@ -129,10 +129,74 @@ class WorkerService::ExportStream final : public QueuedServerWriter<v1::KvBlockD
   // The caller went away or gave up: the loop stops reading blocks for it.
   void OnCancel() override { cancelled_.store(true); }
   bool cancelled() const { return cancelled_.load(); }
+  // KvExportSink::WakeWhenBelow.
+  void WakeWhenBelow(size_t blocks, std::function<void()> wake) {
+    {
+      std::lock_guard<std::mutex> lock(wake_mu_);
+      wake_below_ = blocks;
+      wake_ = std::move(wake);
+    }
+    if (num_queued() < blocks) Wake();
+  }
 
  private:
+  void OnWrittenLocked(size_t queued) override {
+    bool below = false;
+    {
+      std::lock_guard<std::mutex> lock(wake_mu_);
+      below = wake_ != nullptr && queued < wake_below_;
+    }
+    if (below) Wake();
+  }
+  void Wake() {
+    std::function<void()> wake;
+    {
+      std::lock_guard<std::mutex> lock(wake_mu_);
+      wake = std::exchange(wake_, nullptr);
+    }
+    if (wake != nullptr) wake();
+  }
+
   std::atomic<bool> cancelled_{false};
+  std::mutex wake_mu_;
+  size_t wake_below_ = 0;       // guarded by wake_mu_
+  std::function<void()> wake_;  // guarded by wake_mu_
 };
+
+namespace {
+
+// A FetchKvBlocks stream as the loop's export sink. The stream deletes itself once finished, which
+// the sink's Finish or Abort asks for once.
+class GrpcExportSink final : public KvExportSink {
+ public:
+  explicit GrpcExportSink(WorkerService::ExportStream* stream) : stream_(stream) {}
+  ~GrpcExportSink() override {
+    if (stream_ != nullptr) stream_->Abort(grpc::Status(grpc::StatusCode::CANCELLED, "dropped"));
+  }
+  bool Write(Engine::KvBlockCopy copy) override {
+    v1::KvBlockData data;
+    data.set_block_hash(copy.key.hash);
+    data.set_cache_namespace(copy.key.cache_namespace);
+    data.set_payload(std::move(copy.payload));
+    return stream_->Write(std::move(data));
+  }
+  size_t num_queued() override { return stream_->num_queued(); }
+  bool cancelled() override { return stream_->cancelled(); }
+  void Finish(absl::Status status) override {
+    std::exchange(stream_, nullptr)->RequestFinish(ToGrpcStatus(status));
+  }
+  void Abort(absl::Status status) override {
+    std::exchange(stream_, nullptr)->Abort(ToGrpcStatus(status));
+  }
+  void WakeWhenBelow(size_t blocks, std::function<void()> wake) override {
+    stream_->WakeWhenBelow(blocks, std::move(wake));
+  }
+
+ private:
+  WorkerService::ExportStream* stream_;
+};
+
+}  // namespace
 
 struct WorkerService::Command {
   enum class Kind { kAdd, kCancel, kCancelById, kWatch, kUnwatch, kExport, kFetched };
@@ -150,7 +214,7 @@ struct WorkerService::Command {
   EventStream* watch = nullptr;
   absl::Duration load_interval;
   // kExport.
-  ExportStream* export_stream = nullptr;
+  std::shared_ptr<KvExportSink> export_sink;
   v1::FetchKvBlocksRequest export_request;
   // kFetched (request_id and serial name the parked kAdd).
   KvFetchResult fetched;
@@ -234,7 +298,24 @@ absl::StatusOr<std::unique_ptr<WorkerService>> WorkerService::Create(std::unique
   if (options.max_live_sequences < 1) {
     return absl::InvalidArgumentError("WorkerService: max_live_sequences must be positive");
   }
-  return std::unique_ptr<WorkerService>(new WorkerService(std::move(engine), std::move(options)));
+  std::unique_ptr<WorkerService> service(new WorkerService(std::move(engine), std::move(options)));
+  if (!service->options_.kv_transfer_listen.empty()) {
+    KvTransferServerOptions to;
+    to.listen_address = service->options_.kv_transfer_listen;
+    to.cluster_secret = service->options_.cluster_secret;
+    WorkerService* s = service.get();
+    to.on_request = [s](const v1::FetchKvBlocksRequest& request,
+                        std::shared_ptr<KvExportSink> sink) {
+      s->RequestExport(request, std::move(sink));
+    };
+    if (s->options_.metrics != nullptr)
+      to.on_unauthenticated = [s] { s->Unauthenticated()->Add(); };
+    absl::StatusOr<std::unique_ptr<KvTransferServer>> transfer =
+        KvTransferServer::Start(std::move(to));
+    if (!transfer.ok()) return transfer.status();  // the service stops as it goes
+    service->transfer_ = *std::move(transfer);
+  }
+  return service;
 }
 
 WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOptions options)
@@ -260,16 +341,20 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
     fetcher_ = std::make_unique<KvFetcher>(options_.kv_fetcher);
   }
   // Disk loads a waiting request needs wake the loop as they finish.
-  engine_->SetIoNotify([this] {
-    absl::MutexLock lock(&mu_);
-    io_ready_ = true;
-  });
+  engine_->SetIoNotify([this] { WakeLoop(); });
   loop_ = std::thread([this] { Loop(); });
 }
 
 WorkerService::~WorkerService() { Stop(); }
 
+void WorkerService::WakeLoop() {
+  absl::MutexLock lock(&mu_);
+  io_ready_ = true;
+}
+
 void WorkerService::Stop() {
+  // No more copies asked for over TCP; those being sent fail (the loop drops them).
+  if (transfer_ != nullptr) transfer_->Stop();
   {
     absl::MutexLock lock(&mu_);
     stop_ = true;
@@ -326,7 +411,7 @@ void WorkerService::Post(Command command) {
       command.unary->Finish(grpc::Status::OK);
       break;
     case Command::Kind::kExport:
-      command.export_stream->RequestFinish(gone);
+      command.export_sink->Finish(FromGrpcStatus(gone));
       break;
     case Command::Kind::kCancel:
     case Command::Kind::kUnwatch:
@@ -494,6 +579,7 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
     *info->mutable_kv_layout() = ToProtoLayout(engine_->kv_transfer_layout());
   }
   info->set_kv_fetch(fetcher_ != nullptr);
+  info->set_kv_transfer_port(static_cast<uint32_t>(kv_transfer_port()));
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -572,7 +658,7 @@ void WorkerService::Loop() {
   for (auto& w : state.watchers) w.stream->RequestFinish(gone);
   state.watchers.clear();
   // Exports still sending end with what they sent (the caller computes the rest).
-  for (Exporting& e : state.exporting) e.stream->RequestFinish(grpc::Status::OK);
+  for (Exporting& e : state.exporting) e.sink->Finish(absl::OkStatus());
   state.exporting.clear();
   // Commands posted from now on (cancellations racing with shutdown) refer to finished streams.
   if (options_.persist_kv_timeout > absl::ZeroDuration() && engine_->kv_store() != nullptr &&
@@ -834,6 +920,15 @@ void WorkerService::EndKvFetch(LoopState* state, const std::string& request_id, 
         ->GetCounter("strata_worker_kv_blocks_received_total",
                      "KV blocks copied from other workers and stored in the device cache.")
         ->Add(static_cast<double>(stored));
+    constexpr char kBytes[] =
+        "KV block bytes copied in from other workers, by transport (tcp: their KV transfer port; "
+        "grpc: Worker.FetchKvBlocks, where a worker has no such port or it cannot be reached).";
+    options_.metrics
+        ->GetCounter("strata_worker_kv_fetch_bytes_total", kBytes, {{"transport", "tcp"}})
+        ->Add(static_cast<double>(result.transfer_bytes));
+    options_.metrics
+        ->GetCounter("strata_worker_kv_fetch_bytes_total", kBytes, {{"transport", "grpc"}})
+        ->Add(static_cast<double>(result.bytes - result.transfer_bytes));
     options_.metrics
         ->GetHistogram("strata_worker_kv_fetch_seconds",
                        "Time a Submit waited for KV blocks copied from another worker.",
@@ -847,7 +942,7 @@ void WorkerService::Export(LoopState* state, Command& c) {
   const v1::FetchKvBlocksRequest& r = c.export_request;
   const KvBlockLayout& layout = engine_->kv_transfer_layout();
   auto refuse = [&](const std::string& why) {
-    c.export_stream->RequestFinish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, why));
+    c.export_sink->Finish(absl::FailedPreconditionError(why));
   };
   if (r.model() != options_.model_name) {
     return refuse(absl::StrCat("model \"", r.model(), "\" is not this worker's (\"",
@@ -864,7 +959,7 @@ void WorkerService::Export(LoopState* state, Command& c) {
                                ") is not this worker's blocks' (", want.ShortDebugString(), ")"));
   }
   Exporting e;
-  e.stream = c.export_stream;
+  e.sink = std::move(c.export_sink);
   e.hashes.assign(r.block_hashes().begin(), r.block_hashes().end());
   e.bytes_left = r.max_bytes() == 0
                      ? int64_t{64} << 20
@@ -886,11 +981,7 @@ WorkerService::Sent WorkerService::SendExported(Exporting& e, int64_t max_bytes)
                                            std::max<int64_t>(1, max_bytes / block_bytes));
   for (Engine::KvBlockCopy& copy : copies) {
     sent.bytes += static_cast<int64_t>(copy.payload.size());
-    v1::KvBlockData data;
-    data.set_block_hash(copy.key.hash);
-    data.set_cache_namespace(copy.key.cache_namespace);
-    data.set_payload(std::move(copy.payload));
-    if (!e.stream->Write(std::move(data))) sent.failed = true;
+    if (!e.sink->Write(std::move(copy))) sent.failed = true;
   }
   e.bytes_left -= sent.bytes;
   e.hashes.erase(e.hashes.begin(), e.hashes.begin() + static_cast<ptrdiff_t>(copies.size()));
@@ -908,8 +999,15 @@ bool WorkerService::ContinueExports(LoopState* state) {
   engine_->PollIo();
   const absl::Time now = absl::Now();
   const int64_t block_bytes = TransferBlockBytes();
-  int64_t room = CopySliceBytes(*state);
-  const int64_t most_unsent = 2 * room;
+  const int64_t slice = CopySliceBytes(*state);
+  int64_t room = slice;
+  const int64_t most_unsent = 2 * slice;
+  // An export whose sink holds too much unsent waits for the network, which wakes the loop once
+  // less than a slice is left (its sink's WakeWhenBelow).
+  auto wait_for_network = [&](Exporting& e) {
+    e.sink->WakeWhenBelow(static_cast<size_t>(std::max<int64_t>(1, slice / block_bytes)),
+                          [this] { WakeLoop(); });
+  };
   bool ready = false;
   const size_t n = state->exporting.size();
   const size_t first = static_cast<size_t>(state->export_turn++ % n);
@@ -919,11 +1017,11 @@ bool WorkerService::ContinueExports(LoopState* state) {
   for (size_t k = 0; k < n; ++k) {
     const size_t i = (first + k) % n;
     Exporting& e = state->exporting[i];
-    if (e.stream->cancelled() || now >= e.deadline) {
+    if (e.sink->cancelled() || now >= e.deadline) {
       ended[i] = End::kAbort;  // gone, or no longer reading: what is queued is dropped
       continue;
     }
-    const int64_t unsent = static_cast<int64_t>(e.stream->num_queued()) * block_bytes;
+    const int64_t unsent = static_cast<int64_t>(e.sink->num_queued()) * block_bytes;
     const int64_t allowed = std::min({room, e.bytes_left, most_unsent - unsent});
     Sent sent;
     const bool tried = allowed >= block_bytes;
@@ -938,7 +1036,11 @@ bool WorkerService::ContinueExports(LoopState* state) {
     } else if (!tried) {
       // Its stream holds enough unsent (it waits for the network), or the others took this
       // step's slice (it goes on at once); a wait for the disk keeps its deadline.
-      ready |= unsent + block_bytes <= most_unsent;
+      if (unsent + block_bytes > most_unsent) {
+        wait_for_network(e);
+      } else {
+        ready = true;
+      }
     } else if (sent.short_of_blocks) {
       // The next blocks are on the disk tier, or nowhere. The tier loads a chain some blocks at a
       // time: the next ones start as these land. It waits while they keep coming.
@@ -952,16 +1054,19 @@ bool WorkerService::ContinueExports(LoopState* state) {
     } else {
       e.disk_deadline = absl::InfiniteFuture();
       // More is in memory: at once, unless its stream holds enough unsent already.
-      ready |= unsent + sent.bytes + block_bytes <= most_unsent;
+      if (unsent + sent.bytes + block_bytes <= most_unsent) {
+        ready = true;
+      } else {
+        wait_for_network(e);
+      }
     }
   }
   for (size_t i = n; i-- > 0;) {
     if (ended[i] == End::kNo) continue;
     if (ended[i] == End::kAbort) {
-      state->exporting[i].stream->Abort(
-          grpc::Status(grpc::StatusCode::CANCELLED, "the caller stopped reading the copy"));
+      state->exporting[i].sink->Abort(absl::CancelledError("the caller stopped reading the copy"));
     } else {
-      state->exporting[i].stream->RequestFinish(grpc::Status::OK);
+      state->exporting[i].sink->Finish(absl::OkStatus());
     }
     // A long copy counts as the peer's last call from its end, for a drain waiting on copies.
     last_export_call_ns_.store(absl::ToUnixNanos(now));
@@ -978,21 +1083,24 @@ grpc::ServerWriteReactor<v1::KvBlockData>* WorkerService::FetchKvBlocks(
     stream->RequestFinish(caller);
     return stream;
   }
-  if (request->block_hashes_size() > kMaxFetchBlocks) {
-    stream->RequestFinish(
-        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                     absl::StrCat("block_hashes holds ", request->block_hashes_size(),
-                                  " hashes; at most ", kMaxFetchBlocks, " a call")));
-    return stream;
+  RequestExport(*request, std::make_shared<GrpcExportSink>(stream));
+  return stream;
+}
+
+void WorkerService::RequestExport(const v1::FetchKvBlocksRequest& request,
+                                  std::shared_ptr<KvExportSink> sink) {
+  if (request.block_hashes_size() > kMaxFetchBlocks) {
+    return sink->Finish(
+        absl::InvalidArgumentError(absl::StrCat("block_hashes holds ", request.block_hashes_size(),
+                                                " hashes; at most ", kMaxFetchBlocks, " a call")));
   }
   last_export_call_ns_.store(absl::ToUnixNanos(absl::Now()));
   num_export_calls_.fetch_add(1);
   Command c;
   c.kind = Command::Kind::kExport;
-  c.export_stream = stream;
-  c.export_request = *request;
+  c.export_sink = std::move(sink);
+  c.export_request = request;
   Post(std::move(c));
-  return stream;
 }
 
 void WorkerService::FinishSubmit(LoopState* state, const std::string& request_id,

@@ -44,6 +44,7 @@
 #include "proto/strata/v1/worker.grpc.pb.h"
 #include "worker/engine/engine.h"
 #include "worker/server/kv_fetcher.h"
+#include "worker/server/kv_transfer.h"
 
 namespace strata {
 
@@ -88,6 +89,10 @@ struct WorkerServiceOptions {
   // for the engine's own (BaseFingerprint of its files); random weights name their seed here.
   std::string model_fingerprint;
   KvFetcherOptions kv_fetcher;
+  // "HOST:PORT" on which to answer KV copies over plain TCP (worker/server/kv_transfer.h), the bulk
+  // path beside FetchKvBlocks; port 0 picks a free one, reported in WorkerInfo.kv_transfer_port.
+  // Empty: FetchKvBlocks only.
+  std::string kv_transfer_listen;
   // Where the service records its metrics (strata_worker_*; see docs/ARCHITECTURE.md), or null.
   // Not owned; it must outlive the service.
   MetricsRegistry* metrics = nullptr;
@@ -127,6 +132,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   // last one came (absl::InfinitePast() before any): a draining worker stays while its peers copy
   // its KV blocks.
   int64_t num_kv_export_calls() const { return num_export_calls_.load(); }
+  // The port KV copies are answered on over TCP (options.kv_transfer_listen), or 0.
+  int kv_transfer_port() const { return transfer_ != nullptr ? transfer_->port() : 0; }
   absl::Time last_kv_export_call() const {
     const int64_t ns = last_export_call_ns_.load();
     return ns == 0 ? absl::InfinitePast() : absl::FromUnixNanos(ns);
@@ -160,7 +167,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   // it waits for blocks loading from the disk tier (InfiniteFuture while it is not waiting), and
   // when it ends whatever is left.
   struct Exporting {
-    ExportStream* stream = nullptr;
+    std::shared_ptr<KvExportSink> sink;
     std::vector<BlockHash> hashes;
     int64_t bytes_left = 0;
     absl::Time disk_deadline = absl::InfiniteFuture();
@@ -177,6 +184,8 @@ class WorkerService final : public v1::Worker::CallbackService {
 
   WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOptions options);
   void Post(Command command) ABSL_LOCKS_EXCLUDED(mu_);
+  // Wakes the loop from its wait (disk loads landed, an export's sink has room again).
+  void WakeLoop() ABSL_LOCKS_EXCLUDED(mu_);
   void Loop();
   void ProcessInbox(LoopState* state);
   void StepEngine(LoopState* state);
@@ -207,6 +216,9 @@ class WorkerService final : public v1::Worker::CallbackService {
   int64_t CopySliceBytes(const LoopState& state) const;
   // A parked Submit whose import is over: the fetch's metrics, then into the engine.
   void EndKvFetch(LoopState* state, const std::string& request_id, bool stale);
+  // A copy asked for over gRPC or TCP, its caller authenticated: checked, counted and posted to
+  // the loop (Export), or refused through `sink`.
+  void RequestExport(const v1::FetchKvBlocksRequest& request, std::shared_ptr<KvExportSink> sink);
   // Takes a FetchKvBlocks call on (ContinueExports answers it from the engine's cache).
   void Export(LoopState* state, Command& c);
   // Sends the next blocks of `e` found in device or host memory now, up to max_bytes (one block
@@ -262,6 +274,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   const std::string fingerprint_;
   // Copies KV blocks from other workers (with options_.kv_fetch); stopped after the loop.
   std::unique_ptr<KvFetcher> fetcher_;
+  // Answers KV copies over TCP (options_.kv_transfer_listen); stopped before the loop.
+  std::unique_ptr<KvTransferServer> transfer_;
 
   std::thread loop_;
 };

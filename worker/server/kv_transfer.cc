@@ -1,0 +1,545 @@
+#include "worker/server/kv_transfer.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
+
+namespace strata {
+namespace {
+
+constexpr char kMagic[4] = {'S', 'T', 'K', 'V'};
+constexpr uint32_t kVersion = 1;
+constexpr uint8_t kBlockFrame = 1;
+constexpr uint8_t kEndFrame = 2;
+constexpr uint32_t kMaxSecretBytes = 4096;
+constexpr uint32_t kMaxRequestBytes = 1 << 20;
+constexpr uint32_t kMaxMessageBytes = 64 << 10;
+// A send that makes no progress for this long (a caller that stopped reading) fails.
+constexpr int kSendTimeoutS = 10;
+// Longest a connection may take to be made.
+constexpr absl::Duration kConnectTimeout = absl::Milliseconds(300);
+
+void PutU32(std::string* out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void PutU64(std::string* out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint32_t GetU32(const unsigned char* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+uint64_t GetU64(const unsigned char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+// "HOST:PORT" (HOST may be bracketed IPv6, or empty for any address).
+absl::Status SplitAddress(const std::string& address, std::string* host, std::string* port) {
+  const size_t colon = address.rfind(':');
+  int p = 0;
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &p) || p < 0 ||
+      p > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV transfer address \"", address, "\" is not HOST:PORT"));
+  }
+  *host = address.substr(0, colon);
+  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  *port = address.substr(colon + 1);
+  return absl::OkStatus();
+}
+
+void SetTimeout(int fd, int option, absl::Duration d) {
+  d = std::max(d, absl::Milliseconds(1));
+  timeval tv = absl::ToTimeval(d);
+  setsockopt(fd, SOL_SOCKET, option, &tv, sizeof tv);
+}
+
+// Sends all of `iov` (advancing it); false on error or timeout.
+bool SendAll(int fd, iovec* iov, int n) {
+  while (n > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<size_t>(n);
+    const ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    size_t left = static_cast<size_t>(w);
+    while (n > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --n;
+    }
+    if (n > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return true;
+}
+
+bool SendString(int fd, const std::string& s) {
+  iovec iov{const_cast<char*>(s.data()), s.size()};
+  return SendAll(fd, &iov, 1);
+}
+
+// Reads exactly n bytes: OK, or why not (EOF counts as UNAVAILABLE).
+absl::Status RecvAll(int fd, void* buf, size_t n, const char* what) {
+  char* p = static_cast<char*>(buf);
+  while (n > 0) {
+    const ssize_t r = recv(fd, p, n, 0);
+    if (r > 0) {
+      p += r;
+      n -= static_cast<size_t>(r);
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      return absl::DeadlineExceededError(absl::StrCat("timed out reading ", what));
+    }
+    return absl::UnavailableError(r == 0
+                                      ? absl::StrCat("the connection closed before ", what)
+                                      : absl::StrCat("reading ", what, ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+std::string EndFrame(const absl::Status& status) {
+  std::string out(1, static_cast<char>(kEndFrame));
+  PutU32(&out, static_cast<uint32_t>(status.code()));
+  const std::string message(status.message().substr(0, kMaxMessageBytes));
+  PutU32(&out, static_cast<uint32_t>(message.size()));
+  out += message;
+  return out;
+}
+
+}  // namespace
+
+class KvTransferServer::Connection final : public KvExportSink {
+ public:
+  explicit Connection(int fd) : fd_(fd) {}
+  ~Connection() override { close(fd_); }
+
+  bool Write(Engine::KvBlockCopy copy) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (failed_ || ended_ || stopping_) return false;
+    queue_.push_back(std::move(copy));
+    cv_.notify_all();
+    return true;
+  }
+  size_t num_queued() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return queue_.size();
+  }
+  bool cancelled() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (failed_ || stopping_) return true;
+    }
+    // The client closed its end (it sends nothing after its request).
+    pollfd p{fd_, POLLRDHUP, 0};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+  }
+  void Finish(absl::Status status) override { End(std::move(status), /*drop=*/false); }
+  void Abort(absl::Status status) override { End(std::move(status), /*drop=*/true); }
+  void WakeWhenBelow(size_t blocks, std::function<void()> wake) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (queue_.size() >= blocks) {
+        wake_below_ = blocks;
+        wake_ = std::move(wake);
+        return;
+      }
+      wake_ = nullptr;
+    }
+    wake();
+  }
+
+  // Sends what is queued until the owner ends the copy (or the server stops).
+  void Pump() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      cv_.wait(lock, [this] { return stopping_ || !queue_.empty() || ended_; });
+      if (stopping_) return;
+      if (!queue_.empty()) {
+        Engine::KvBlockCopy copy = std::move(queue_.front());
+        queue_.pop_front();
+        std::function<void()> wake;
+        if (wake_ != nullptr && queue_.size() < wake_below_) wake = std::exchange(wake_, nullptr);
+        lock.unlock();
+        if (wake != nullptr) wake();
+        const bool ok = SendBlock(copy);
+        lock.lock();
+        if (!ok) {
+          failed_ = true;
+          queue_.clear();
+        }
+        continue;
+      }
+      // Ended, and everything queued went out.
+      if (!failed_) SendEnd(end_);
+      return;
+    }
+  }
+
+  void SendEnd(const absl::Status& status) {
+    if (SendString(fd_, EndFrame(status))) shutdown(fd_, SHUT_WR);
+  }
+
+  void Stop() {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+    shutdown(fd_, SHUT_RDWR);
+    cv_.notify_all();
+  }
+
+  int fd() const { return fd_; }
+
+ private:
+  void End(absl::Status status, bool drop) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ended_) return;
+    ended_ = true;
+    end_ = std::move(status);
+    if (drop) queue_.clear();
+    cv_.notify_all();
+  }
+
+  bool SendBlock(const Engine::KvBlockCopy& copy) {
+    std::string head(1, static_cast<char>(kBlockFrame));
+    PutU64(&head, copy.key.hash);
+    PutU64(&head, copy.key.cache_namespace);
+    PutU64(&head, copy.payload.size());
+    iovec iov[2] = {{head.data(), head.size()},
+                    {const_cast<char*>(copy.payload.data()), copy.payload.size()}};
+    return SendAll(fd_, iov, 2);
+  }
+
+  const int fd_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Engine::KvBlockCopy> queue_;  // guarded by mu_
+  bool ended_ = false;                     // guarded by mu_
+  bool failed_ = false;                    // guarded by mu_
+  bool stopping_ = false;                  // guarded by mu_
+  absl::Status end_;                       // guarded by mu_
+  size_t wake_below_ = 0;                  // guarded by mu_
+  std::function<void()> wake_;             // guarded by mu_
+};
+
+absl::StatusOr<std::unique_ptr<KvTransferServer>> KvTransferServer::Start(
+    KvTransferServerOptions options) {
+  std::string host, port;
+  if (absl::Status s = SplitAddress(options.listen_address, &host, &port); !s.ok()) return s;
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* found = nullptr;
+  if (const int rc =
+          getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
+      rc != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV transfer address \"", options.listen_address, "\": ", gai_strerror(rc)));
+  }
+  int fd = -1;
+  std::string why = "no address";
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    const int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (a->ai_family == AF_INET6) {
+      const int zero = 0;  // "[::]" takes IPv4 too
+      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    }
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+      why = std::strerror(errno);
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(found);
+  if (fd < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen for KV transfers on ", options.listen_address, ": ", why));
+  }
+  sockaddr_storage bound{};
+  socklen_t len = sizeof bound;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+  const int bound_port = bound.ss_family == AF_INET6
+                             ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
+                             : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  std::unique_ptr<KvTransferServer> server(new KvTransferServer(std::move(options)));
+  server->listener_ = fd;
+  server->port_ = bound_port;
+  server->acceptor_ = std::thread([s = server.get()] { s->Accept(); });
+  LOG(INFO) << "KV transfers on port " << bound_port;
+  return server;
+}
+
+KvTransferServer::KvTransferServer(KvTransferServerOptions options)
+    : options_(std::move(options)) {}
+
+KvTransferServer::~KvTransferServer() { Stop(); }
+
+void KvTransferServer::Stop() {
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    shutdown(listener_, SHUT_RDWR);
+    for (const std::shared_ptr<Connection>& c : live_) c->Stop();
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Served& s : threads_) threads.push_back(std::move(s.thread));
+    threads_.clear();
+  }
+  for (std::thread& t : threads) t.join();
+  close(listener_);
+}
+
+void KvTransferServer::Accept() {
+  while (true) {
+    const int fd = accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
+    std::vector<std::thread> done;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopped_) {
+        if (fd >= 0) close(fd);
+        return;
+      }
+      if (fd < 0) {
+        if (errno != EINTR && errno != ECONNABORTED && errno != EMFILE && errno != ENFILE) {
+          LOG(ERROR) << "KV transfers: accept failed: " << std::strerror(errno);
+          return;
+        }
+      } else if (active_.load() >= 2 * options_.max_connections) {
+        close(fd);  // far past the limit: not even a thread to say why
+      } else {
+        active_.fetch_add(1);
+        auto finished = std::make_shared<std::atomic<bool>>(false);
+        threads_.push_back({std::thread([this, fd, finished] {
+                              Serve(fd);
+                              active_.fetch_sub(1);
+                              finished->store(true);
+                            }),
+                            finished});
+      }
+      // Threads that finished are joined as new connections come.
+      for (auto it = threads_.begin(); it != threads_.end();) {
+        if (it->finished->load()) {
+          done.push_back(std::move(it->thread));
+          it = threads_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (std::thread& t : done) t.join();
+    if (fd < 0) absl::SleepFor(absl::Milliseconds(10));
+  }
+}
+
+void KvTransferServer::Serve(int fd) {
+  auto conn = std::make_shared<Connection>(fd);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return;
+    live_.push_back(conn);
+  }
+  auto forget = [&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    live_.erase(std::find(live_.begin(), live_.end(), conn));
+  };
+  auto refuse = [&](absl::Status status) {
+    conn->SendEnd(status);
+    // What the caller sent beyond what was read is drained before the close (closing with
+    // unread bytes resets the connection, which can lose the answer on the caller's side).
+    SetTimeout(fd, SO_RCVTIMEO, absl::Seconds(1));
+    char sink[4096];
+    for (size_t drained = 0; drained < (1u << 20);) {
+      const ssize_t r = recv(fd, sink, sizeof sink, 0);
+      if (r <= 0) break;
+      drained += static_cast<size_t>(r);
+    }
+    forget();
+  };
+  SetTimeout(fd, SO_RCVTIMEO, options_.request_timeout);
+  SetTimeout(fd, SO_SNDTIMEO, absl::Seconds(kSendTimeoutS));
+  unsigned char head[12];
+  if (!RecvAll(fd, head, sizeof head, "the request").ok()) return forget();
+  if (std::memcmp(head, kMagic, 4) != 0 || GetU32(head + 4) != kVersion) {
+    return refuse(absl::InvalidArgumentError(
+        absl::StrCat("not a KV transfer request (this port speaks KV transfer protocol version ",
+                     kVersion, "; gRPC is on the worker's --listen port)")));
+  }
+  const uint32_t secret_len = GetU32(head + 8);
+  if (secret_len > kMaxSecretBytes) {
+    return refuse(absl::InvalidArgumentError(
+        absl::StrCat("secret: ", secret_len, " bytes; at most ", kMaxSecretBytes)));
+  }
+  std::string secret(secret_len, '\0');
+  unsigned char len4[4];
+  if (!RecvAll(fd, secret.data(), secret.size(), "the secret").ok() ||
+      !RecvAll(fd, len4, 4, "the request").ok()) {
+    return forget();
+  }
+  const uint32_t request_len = GetU32(len4);
+  if (request_len > kMaxRequestBytes) {
+    return refuse(absl::InvalidArgumentError(
+        absl::StrCat("request: ", request_len, " bytes; at most ", kMaxRequestBytes)));
+  }
+  std::string bytes(request_len, '\0');
+  if (!RecvAll(fd, bytes.data(), bytes.size(), "the request").ok()) return forget();
+  if (options_.cluster_secret != nullptr && options_.cluster_secret->Match(secret) < 0) {
+    if (options_.on_unauthenticated) options_.on_unauthenticated();
+    return refuse(absl::UnauthenticatedError(
+        "this worker copies KV blocks for its cluster's workers only: the connection lacks the "
+        "cluster secret (--cluster_secret_file)"));
+  }
+  v1::FetchKvBlocksRequest request;
+  if (!request.ParseFromString(bytes)) {
+    return refuse(absl::InvalidArgumentError("request: not a FetchKvBlocksRequest"));
+  }
+  if (active_.load() > options_.max_connections) {
+    return refuse(absl::ResourceExhaustedError(
+        absl::StrCat("this worker serves at most ", options_.max_connections,
+                     " KV transfers at once; the caller computes its blocks instead")));
+  }
+  options_.on_request(request, conn);
+  conn->Pump();
+  forget();
+}
+
+void KvTransferCall::Cancel() {
+  std::lock_guard<std::mutex> lock(mu_);
+  cancelled_ = true;
+  if (fd_ >= 0) shutdown(fd_, SHUT_RDWR);
+}
+
+absl::Status KvTransferCall::Run(const std::string& address, const std::string& secret,
+                                 const v1::FetchKvBlocksRequest& request, absl::Time deadline,
+                                 std::vector<Engine::KvBlockCopy>* blocks) {
+  std::string host, port;
+  if (absl::Status s = SplitAddress(address, &host, &port); !s.ok()) return s;
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &found); rc != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("KV transfer address ", address, ": ", gai_strerror(rc)));
+  }
+  int fd = -1;
+  std::string why = "no address";
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_) {
+        close(fd);
+        freeaddrinfo(found);
+        return absl::CancelledError("the copy was cancelled");
+      }
+      fd_ = fd;
+    }
+    // A port that a firewall or NetworkPolicy silently drops would otherwise take the copy's whole
+    // time; the caller then copies over gRPC.
+    SetTimeout(fd, SO_SNDTIMEO, std::min(deadline - absl::Now(), kConnectTimeout));
+    if (connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      why = std::strerror(errno);
+      std::lock_guard<std::mutex> lock(mu_);
+      fd_ = -1;
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(found);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot connect to ", address, ": ", why));
+  }
+  auto status = [&]() -> absl::Status {
+    SetTimeout(fd, SO_SNDTIMEO, deadline - absl::Now());
+    SetTimeout(fd, SO_RCVTIMEO, deadline - absl::Now());
+    std::string hello(kMagic, 4);
+    PutU32(&hello, kVersion);
+    PutU32(&hello, static_cast<uint32_t>(secret.size()));
+    hello += secret;
+    const std::string bytes = request.SerializeAsString();
+    PutU32(&hello, static_cast<uint32_t>(bytes.size()));
+    hello += bytes;
+    if (!SendString(fd, hello)) {
+      return absl::UnavailableError(absl::StrCat("sending the request: ", std::strerror(errno)));
+    }
+    while (true) {
+      if (absl::Now() >= deadline) return absl::DeadlineExceededError("the copy's deadline passed");
+      unsigned char type = 0;
+      if (absl::Status s = RecvAll(fd, &type, 1, "the next frame"); !s.ok()) return s;
+      if (type == kEndFrame) {
+        unsigned char end[8];
+        if (absl::Status s = RecvAll(fd, end, sizeof end, "the end frame"); !s.ok()) return s;
+        const uint32_t code = GetU32(end);
+        const uint32_t len = GetU32(end + 4);
+        if (len > kMaxMessageBytes ||
+            code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated)) {
+          return absl::DataLossError("a malformed end frame");
+        }
+        std::string message(len, '\0');
+        if (absl::Status s = RecvAll(fd, message.data(), len, "the end frame"); !s.ok()) return s;
+        return absl::Status(static_cast<absl::StatusCode>(code), message);
+      }
+      if (type != kBlockFrame) {
+        return absl::DataLossError(absl::StrCat("a frame of unknown type ", int{type}));
+      }
+      unsigned char head[24];
+      if (absl::Status s = RecvAll(fd, head, sizeof head, "a block frame"); !s.ok()) return s;
+      const uint64_t size = GetU64(head + 16);
+      if (size > kMaxPayloadBytes) {
+        return absl::DataLossError(absl::StrCat("a block frame of ", size, " bytes"));
+      }
+      Engine::KvBlockCopy copy;
+      copy.key.hash = GetU64(head);
+      copy.key.cache_namespace = GetU64(head + 8);
+      copy.payload.resize(static_cast<size_t>(size));
+      if (absl::Status s = RecvAll(fd, copy.payload.data(), copy.payload.size(), "a block");
+          !s.ok()) {
+        return s;
+      }
+      blocks->push_back(std::move(copy));
+    }
+  }();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fd_ = -1;
+    if (cancelled_) status = absl::CancelledError("the copy was cancelled");
+  }
+  close(fd);
+  return status;
+}
+
+}  // namespace strata
