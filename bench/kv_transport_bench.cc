@@ -45,9 +45,9 @@ namespace strata {
 namespace {
 
 // The block size and count of the copy being asked for, from the request: one hash per block,
-// the block's bytes in max_bytes.
+// the block's bytes in its layout's head_dim (a stand-in: the bench's own convention).
 void Produce(const v1::FetchKvBlocksRequest& r, KvExportSink* sink) {
-  const size_t bytes = static_cast<size_t>(r.max_bytes());
+  const size_t bytes = static_cast<size_t>(r.layout().head_dim());
   const std::string cache(bytes, 'k');
   for (int i = 0; i < r.block_hashes_size(); ++i) {
     Engine::KvBlockCopy copy;
@@ -103,7 +103,8 @@ class Service final : public v1::Worker::CallbackService {
 v1::FetchKvBlocksRequest Request(int64_t block, int64_t total) {
   v1::FetchKvBlocksRequest r;
   for (int64_t i = 0; i < total / block; ++i) r.add_block_hashes(static_cast<uint64_t>(i));
-  r.set_max_bytes(static_cast<uint64_t>(block));
+  r.mutable_layout()->set_head_dim(static_cast<uint32_t>(block));
+  r.set_max_bytes(static_cast<uint64_t>(total));
   return r;
 }
 

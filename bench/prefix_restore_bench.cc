@@ -147,7 +147,9 @@ void Run() {
         Report(json, "recompute", length, rep, Send(stub.get(), prompt));
         std::string holder;
         for (const auto& [id, n] : Routed(admin.get())) {
-          if (n > before.at(id)) holder = id;
+          // (A worker the coordinator had not reached yet before counts from 0.)
+          const auto it = before.find(id);
+          if (n > (it == before.end() ? 0 : it->second)) holder = id;
         }
         CHECK(!holder.empty());
         const int64_t filler = absl::GetFlag(FLAGS_filler_tokens);

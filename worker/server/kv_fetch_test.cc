@@ -244,6 +244,8 @@ TEST_F(KvFetchTest, WithoutATransferPortTheCopyGoesOverGrpc) {
 TEST_F(KvFetchTest, CopiesGoOutInSlicesBetweenTheSourcesStepsAndArriveWhole) {
   WorkerServiceOptions sliced;
   sliced.kv_copy_slice_bytes = 1;
+  // Each block handed to the receiver's loop as it arrives, and stored while the rest come.
+  sliced.kv_fetcher.part_bytes = 1;
   auto source = StartNode(sliced);
   const Result computed = Run(*source, Request("a", kPromptLen));
   ASSERT_TRUE(computed.status.ok()) << computed.status.error_message();
@@ -482,6 +484,26 @@ TEST_F(KvFetchTest, ASourceWhoseTransferPortIsGoneIsCopiedFromOverGrpc) {
   }
   // The port was forgotten after the first refusal and asked for again on the next copy.
   EXPECT_EQ(source.info_calls(), 2);
+
+  // In parts: two blocks (128 bytes, past part_bytes) at a time as they come, in order, and the
+  // last with the end.
+  KvFetcherOptions parted = o;
+  parted.part_bytes = 100;
+  KvFetcher in_parts(parted);
+  for (int i = 4; i <= 5; ++i) req.add_block_hashes(static_cast<uint64_t>(i));
+  std::vector<std::vector<uint64_t>> parts;
+  std::promise<KvFetchResult> done;
+  in_parts.Fetch((*server)->address(), req, [&](KvFetchResult r) { done.set_value(std::move(r)); },
+                 [&](std::vector<Engine::KvBlockCopy> blocks) {
+                   parts.emplace_back();
+                   for (const auto& b : blocks) parts.back().push_back(b.key.hash);
+                 });
+  const KvFetchResult r = done.get_future().get();
+  ASSERT_TRUE(r.status.ok()) << r.status;
+  EXPECT_EQ(parts, (std::vector<std::vector<uint64_t>>{{1, 2}, {3, 4}}));
+  ASSERT_EQ(r.blocks.size(), 1u);
+  EXPECT_EQ(r.blocks[0].key.hash, 5u);
+  EXPECT_EQ(r.bytes, 5 * 64);
 }
 
 // The timeout counts from Fetch: a copy that waited its whole time in the queue behind a hung

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/grpc_status.h"
@@ -38,14 +37,15 @@ void KvFetcher::Stop() {
   }
 }
 
-uint64_t KvFetcher::Fetch(std::string address, v1::FetchKvBlocksRequest request, Done done) {
+uint64_t KvFetcher::Fetch(std::string address, v1::FetchKvBlocksRequest request, Done done,
+                          Part part) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stop_) {
       const uint64_t ticket = next_ticket_++;
       const absl::Time now = absl::Now();
-      queue_.push_back({ticket, std::move(address), std::move(request), std::move(done), now,
-                        now + options_.timeout});
+      queue_.push_back({ticket, std::move(address), std::move(request), std::move(done),
+                        std::move(part), now, now + options_.timeout});
       cv_.notify_one();
       return ticket;
     }
@@ -156,9 +156,13 @@ std::string KvFetcher::TransferAddressFor(const std::string& address, v1::Worker
   return transfer;
 }
 
-void KvFetcher::ForgetTransferAddress(const std::string& address) {
+void KvFetcher::ForgetTransferAddress(const std::string& address, bool ask_again) {
   std::lock_guard<std::mutex> lock(mu_);
-  transfer_addresses_.erase(address);
+  if (ask_again) {
+    transfer_addresses_.erase(address);
+  } else {
+    transfer_addresses_[address] = {"", absl::Now()};
+  }
 }
 
 KvFetchResult KvFetcher::Copy(Job& job) {
@@ -174,11 +178,25 @@ KvFetchResult KvFetcher::Copy(Job& job) {
       options_.cluster_secret != nullptr ? options_.cluster_secret->Sent() : std::string();
   std::string transfer =
       options_.use_kv_transfer ? TransferAddressFor(address, *stub, deadline) : std::string();
+  // Each block as it arrives: counted, and handed over in parts when the job takes them.
+  int64_t received = 0, bytes = 0, unhanded = 0;
+  auto take = [&](Engine::KvBlockCopy copy) {
+    ++received;
+    bytes += static_cast<int64_t>(copy.payload.size());
+    unhanded += static_cast<int64_t>(copy.payload.size());
+    result.blocks.push_back(std::move(copy));
+    if (job.part != nullptr && unhanded >= options_.part_bytes) {
+      job.part(std::move(result.blocks));
+      result.blocks.clear();
+      unhanded = 0;
+    }
+  };
   size_t next = 0;
   while (next < hashes.size()) {
     request.clear_block_hashes();
     for (size_t i = next; i < hashes.size(); ++i) request.add_block_hashes(hashes[i]);
-    const size_t before = result.blocks.size();
+    received = 0;
+    bytes = 0;
     absl::Status status;
     bool over_tcp = false;
     if (!transfer.empty()) {
@@ -191,19 +209,19 @@ KvFetchResult KvFetcher::Copy(Job& job) {
         }
         active_[ticket] = Active{nullptr, &call};
       }
-      status = call.Run(transfer, secret, request, deadline, &result.blocks);
+      status = call.Run(transfer, secret, request, deadline, take);
       {
         std::lock_guard<std::mutex> lock(mu_);
         active_[ticket] = Active{};
       }
       over_tcp = true;
-      if (absl::IsUnavailable(status) && result.blocks.size() == before &&
-          absl::StrContains(status.message(), "cannot connect")) {
-        // The port is gone (the source restarted on another): this call and later ones go over
-        // gRPC until GetInfo is asked again.
+      if (!call.connected() && !absl::IsCancelled(status)) {
+        // Nothing reached the source: this call and later ones go over gRPC. A port refused
+        // outright is gone (the source restarted on another): asked for again on the next copy.
+        // One that does not answer (a firewall) or cannot be resolved: not for a while.
         LOG(WARNING) << "KV copies from " << address << ": " << status
                      << "; using FetchKvBlocks instead";
-        ForgetTransferAddress(address);
+        ForgetTransferAddress(address, /*ask_again=*/call.refused());
         transfer.clear();
         over_tcp = false;
       }
@@ -230,18 +248,13 @@ KvFetchResult KvFetcher::Copy(Job& job) {
         copy.key.hash = data.block_hash();
         copy.key.cache_namespace = data.cache_namespace();
         copy.payload = std::move(*data.mutable_payload());
-        result.blocks.push_back(std::move(copy));
+        take(std::move(copy));
       }
       status = FromGrpcStatus(reader->Finish());
       std::lock_guard<std::mutex> lock(mu_);
       active_[ticket] = Active{};
     }
     ++result.calls;
-    const int64_t received = static_cast<int64_t>(result.blocks.size() - before);
-    int64_t bytes = 0;
-    for (size_t i = before; i < result.blocks.size(); ++i) {
-      bytes += static_cast<int64_t>(result.blocks[i].payload.size());
-    }
     result.bytes += bytes;
     if (over_tcp) {
       ++result.transfer_calls;

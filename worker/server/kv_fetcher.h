@@ -51,10 +51,14 @@ struct KvFetcherOptions {
   int64_t max_bytes_per_call = int64_t{1} << 30;
   // Use a source's KV transfer port when it has one.
   bool use_kv_transfer = true;
+  // A Fetch given a Part callback hands the blocks over in parts of at least this many bytes as
+  // they arrive (the rest with `done`), so that they can be stored while more come.
+  int64_t part_bytes = int64_t{8} << 20;
 };
 
-// What one Fetch copied: blocks in chain order, and how long it took. `status` is not OK when a
-// call failed; the blocks before the failure are still there.
+// What one Fetch copied: blocks in chain order (those not handed over in parts before), and how
+// long it took. `status` is not OK when a call failed; the blocks before the failure are still
+// there.
 struct KvFetchResult {
   std::vector<Engine::KvBlockCopy> blocks;
   absl::Status status;
@@ -70,6 +74,8 @@ struct KvFetchResult {
 class KvFetcher {
  public:
   using Done = absl::AnyInvocable<void(KvFetchResult) &&>;
+  // Consecutive blocks of the chain, in order, before `done` (on a fetcher thread).
+  using Part = absl::AnyInvocable<void(std::vector<Engine::KvBlockCopy>)>;
 
   explicit KvFetcher(KvFetcherOptions options);
   // Stop().
@@ -80,7 +86,10 @@ class KvFetcher {
   // Copies from the worker at `address` the blocks `request` names (block_hashes, with its model,
   // fingerprint and layout set by the caller; max_bytes is the fetcher's). Returns a ticket for
   // Cancel.
-  uint64_t Fetch(std::string address, v1::FetchKvBlocksRequest request, Done done);
+  // With `part`, the blocks arrive through it in parts (KvFetcherOptions::part_bytes), and
+  // `done`'s result holds only the last ones.
+  uint64_t Fetch(std::string address, v1::FetchKvBlocksRequest request, Done done,
+                 Part part = nullptr);
   // Ends a Fetch early (its request went away): its call is cancelled, or it is not started;
   // `done` still runs, with the blocks copied so far and CANCELLED. A finished one is left alone.
   void Cancel(uint64_t ticket);
@@ -96,6 +105,7 @@ class KvFetcher {
     std::string address;
     v1::FetchKvBlocksRequest request;
     Done done;
+    Part part;
     // From Fetch: time in the queue counts against the timeout too.
     absl::Time queued;
     absl::Time deadline;
@@ -108,7 +118,9 @@ class KvFetcher {
   // none or did not say (remembered per address for kTransferAddressTtl, or until Forget).
   std::string TransferAddressFor(const std::string& address, v1::Worker::Stub& stub,
                                  absl::Time deadline);
-  void ForgetTransferAddress(const std::string& address);
+  // Copies from `address` go over gRPC: until the next copy asks GetInfo again (ask_again), or
+  // for kTransferAddressTtl.
+  void ForgetTransferAddress(const std::string& address, bool ask_again);
   // What Cancel interrupts for a running fetch: its gRPC call or its TCP call.
   struct Active {
     grpc::ClientContext* context = nullptr;
@@ -126,8 +138,9 @@ class KvFetcher {
   absl::flat_hash_set<uint64_t> cancelled_;       // guarded by mu_: of those
   // Channels by address, most recently used first (guarded by mu_).
   std::list<std::pair<std::string, std::shared_ptr<v1::Worker::Stub>>> stubs_;
-  // KV transfer addresses by gRPC address ("" for none, or GetInfo failed), and when they were
-  // asked; guarded by mu_; at most kMaxChannels. Asked again after kTransferAddressTtl.
+  // KV transfer addresses by gRPC address ("" for none, GetInfo failed, or the port could not be
+  // reached), and when they were asked; guarded by mu_; at most kMaxChannels. Asked again after
+  // kTransferAddressTtl.
   struct TransferAddress {
     std::string address;
     absl::Time asked;

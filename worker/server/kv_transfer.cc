@@ -103,10 +103,15 @@ bool SendString(int fd, const std::string& s) {
   return SendAll(fd, &iov, 1);
 }
 
-// Reads exactly n bytes: OK, or why not (EOF counts as UNAVAILABLE).
-absl::Status RecvAll(int fd, void* buf, size_t n, const char* what) {
+// Reads exactly n bytes by `deadline`: OK, or why not (EOF counts as UNAVAILABLE).
+absl::Status RecvAll(int fd, void* buf, size_t n, const char* what, absl::Time deadline) {
   char* p = static_cast<char*>(buf);
   while (n > 0) {
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      return absl::DeadlineExceededError(absl::StrCat("timed out reading ", what));
+    }
+    SetTimeout(fd, SO_RCVTIMEO, left);
     const ssize_t r = recv(fd, p, n, 0);
     if (r > 0) {
       p += r;
@@ -197,7 +202,10 @@ class KvTransferServer::Connection final : public KvExportSink {
         continue;
       }
       // Ended, and everything queued went out.
-      if (!failed_) SendEnd(end_);
+      const bool failed = failed_;
+      const absl::Status end = end_;
+      lock.unlock();
+      if (!failed) SendEnd(end);
       return;
     }
   }
@@ -207,9 +215,9 @@ class KvTransferServer::Connection final : public KvExportSink {
   }
 
   void Stop() {
+    shutdown(fd_, SHUT_RDWR);  // first: it breaks a send in progress
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
-    shutdown(fd_, SHUT_RDWR);
     cv_.notify_all();
   }
 
@@ -304,6 +312,8 @@ KvTransferServer::KvTransferServer(KvTransferServerOptions options)
 KvTransferServer::~KvTransferServer() { Stop(); }
 
 void KvTransferServer::Stop() {
+  // A second caller waits for the first to finish.
+  std::lock_guard<std::mutex> stopping(stop_mu_);
   std::vector<std::thread> threads;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -333,8 +343,12 @@ void KvTransferServer::Accept() {
         return;
       }
       if (fd < 0) {
-        if (errno != EINTR && errno != ECONNABORTED && errno != EMFILE && errno != ENFILE) {
-          LOG(ERROR) << "KV transfers: accept failed: " << std::strerror(errno);
+        // Pending network errors and short memory pass; a listener that is broken is shut, so
+        // that callers are refused (and copy over gRPC) rather than left waiting.
+        if (errno == EBADF || errno == EINVAL || errno == ENOTSOCK) {
+          LOG(ERROR) << "KV transfers: accept failed: " << std::strerror(errno)
+                     << "; no more KV transfers on port " << port_;
+          shutdown(listener_, SHUT_RDWR);
           return;
         }
       } else if (active_.load() >= 2 * options_.max_connections) {
@@ -342,12 +356,18 @@ void KvTransferServer::Accept() {
       } else {
         active_.fetch_add(1);
         auto finished = std::make_shared<std::atomic<bool>>(false);
-        threads_.push_back({std::thread([this, fd, finished] {
-                              Serve(fd);
-                              active_.fetch_sub(1);
-                              finished->store(true);
-                            }),
-                            finished});
+        try {
+          threads_.push_back({std::thread([this, fd, finished] {
+                                Serve(fd);
+                                active_.fetch_sub(1);
+                                finished->store(true);
+                              }),
+                              finished});
+        } catch (const std::system_error& e) {  // out of threads
+          LOG(WARNING) << "KV transfers: no thread for a connection: " << e.what();
+          active_.fetch_sub(1);
+          close(fd);
+        }
       }
       // Threads that finished are joined as new connections come.
       for (auto it = threads_.begin(); it != threads_.end();) {
@@ -379,19 +399,24 @@ void KvTransferServer::Serve(int fd) {
     conn->SendEnd(status);
     // What the caller sent beyond what was read is drained before the close (closing with
     // unread bytes resets the connection, which can lose the answer on the caller's side).
-    SetTimeout(fd, SO_RCVTIMEO, absl::Seconds(1));
+    const absl::Time until = absl::Now() + absl::Seconds(1);
     char sink[4096];
-    for (size_t drained = 0; drained < (1u << 20);) {
+    for (size_t drained = 0; drained < (1u << 20) && absl::Now() < until;) {
+      SetTimeout(fd, SO_RCVTIMEO, until - absl::Now());
       const ssize_t r = recv(fd, sink, sizeof sink, 0);
       if (r <= 0) break;
       drained += static_cast<size_t>(r);
     }
     forget();
   };
-  SetTimeout(fd, SO_RCVTIMEO, options_.request_timeout);
   SetTimeout(fd, SO_SNDTIMEO, absl::Seconds(kSendTimeoutS));
+  // The end frame goes out at once after the last block (not held back for an acknowledgement).
+  const int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  // The whole request by then, however slowly it trickles in.
+  const absl::Time by = absl::Now() + options_.request_timeout;
   unsigned char head[12];
-  if (!RecvAll(fd, head, sizeof head, "the request").ok()) return forget();
+  if (!RecvAll(fd, head, sizeof head, "the request", by).ok()) return forget();
   if (std::memcmp(head, kMagic, 4) != 0 || GetU32(head + 4) != kVersion) {
     return refuse(absl::InvalidArgumentError(
         absl::StrCat("not a KV transfer request (this port speaks KV transfer protocol version ",
@@ -404,8 +429,8 @@ void KvTransferServer::Serve(int fd) {
   }
   std::string secret(secret_len, '\0');
   unsigned char len4[4];
-  if (!RecvAll(fd, secret.data(), secret.size(), "the secret").ok() ||
-      !RecvAll(fd, len4, 4, "the request").ok()) {
+  if (!RecvAll(fd, secret.data(), secret.size(), "the secret", by).ok() ||
+      !RecvAll(fd, len4, 4, "the request", by).ok()) {
     return forget();
   }
   const uint32_t request_len = GetU32(len4);
@@ -414,12 +439,16 @@ void KvTransferServer::Serve(int fd) {
         absl::StrCat("request: ", request_len, " bytes; at most ", kMaxRequestBytes)));
   }
   std::string bytes(request_len, '\0');
-  if (!RecvAll(fd, bytes.data(), bytes.size(), "the request").ok()) return forget();
-  if (options_.cluster_secret != nullptr && options_.cluster_secret->Match(secret) < 0) {
-    if (options_.on_unauthenticated) options_.on_unauthenticated();
-    return refuse(absl::UnauthenticatedError(
-        "this worker copies KV blocks for its cluster's workers only: the connection lacks the "
-        "cluster secret (--cluster_secret_file)"));
+  if (!RecvAll(fd, bytes.data(), bytes.size(), "the request", by).ok()) return forget();
+  if (options_.cluster_secret != nullptr) {
+    const int match = options_.cluster_secret->Match(secret);
+    if (match < 0) {
+      if (options_.on_unauthenticated) options_.on_unauthenticated();
+      return refuse(absl::UnauthenticatedError(
+          "this worker copies KV blocks for its cluster's workers only: the connection lacks the "
+          "cluster secret (--cluster_secret_file)"));
+    }
+    if (match > 0 && options_.on_other_secret) options_.on_other_secret();
   }
   v1::FetchKvBlocksRequest request;
   if (!request.ParseFromString(bytes)) {
@@ -444,8 +473,19 @@ void KvTransferCall::Cancel() {
 absl::Status KvTransferCall::Run(const std::string& address, const std::string& secret,
                                  const v1::FetchKvBlocksRequest& request, absl::Time deadline,
                                  std::vector<Engine::KvBlockCopy>* blocks) {
+  return Run(address, secret, request, deadline,
+             [blocks](Engine::KvBlockCopy copy) { blocks->push_back(std::move(copy)); });
+}
+
+absl::Status KvTransferCall::Run(const std::string& address, const std::string& secret,
+                                 const v1::FetchKvBlocksRequest& request, absl::Time deadline,
+                                 absl::FunctionRef<void(Engine::KvBlockCopy)> on_block) {
+  connected_ = false;
+  refused_ = false;
   std::string host, port;
-  if (absl::Status s = SplitAddress(address, &host, &port); !s.ok()) return s;
+  if (absl::Status s = SplitAddress(address, &host, &port); !s.ok()) {
+    return absl::UnavailableError(s.message());
+  }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -472,7 +512,10 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
     // time; the caller then copies over gRPC.
     SetTimeout(fd, SO_SNDTIMEO, std::min(deadline - absl::Now(), kConnectTimeout));
     if (connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
-      why = std::strerror(errno);
+      refused_ = errno == ECONNREFUSED;
+      why = errno == EINPROGRESS || errno == EAGAIN
+                ? absl::StrCat("no answer within ", absl::FormatDuration(kConnectTimeout))
+                : std::strerror(errno);
       std::lock_guard<std::mutex> lock(mu_);
       fd_ = -1;
       close(fd);
@@ -481,28 +524,40 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
   }
   freeaddrinfo(found);
   if (fd < 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cancelled_) return absl::CancelledError("the copy was cancelled");
     return absl::UnavailableError(absl::StrCat("cannot connect to ", address, ": ", why));
   }
+  connected_ = true;
   auto status = [&]() -> absl::Status {
     SetTimeout(fd, SO_SNDTIMEO, deadline - absl::Now());
-    SetTimeout(fd, SO_RCVTIMEO, deadline - absl::Now());
     std::string hello(kMagic, 4);
     PutU32(&hello, kVersion);
     PutU32(&hello, static_cast<uint32_t>(secret.size()));
     hello += secret;
-    const std::string bytes = request.SerializeAsString();
-    PutU32(&hello, static_cast<uint32_t>(bytes.size()));
-    hello += bytes;
+    const std::string serialized = request.SerializeAsString();
+    PutU32(&hello, static_cast<uint32_t>(serialized.size()));
+    hello += serialized;
     if (!SendString(fd, hello)) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        return absl::DeadlineExceededError("timed out sending the request");
+      }
       return absl::UnavailableError(absl::StrCat("sending the request: ", std::strerror(errno)));
     }
+    // What the request allows: as many blocks as it names, and its bytes (one block at least).
+    const int64_t most_blocks = request.block_hashes_size();
+    const uint64_t most_bytes =
+        request.max_bytes() == 0 ? (uint64_t{64} << 20) : request.max_bytes();
+    int64_t blocks = 0;
+    uint64_t bytes = 0;
     while (true) {
-      if (absl::Now() >= deadline) return absl::DeadlineExceededError("the copy's deadline passed");
       unsigned char type = 0;
-      if (absl::Status s = RecvAll(fd, &type, 1, "the next frame"); !s.ok()) return s;
+      if (absl::Status s = RecvAll(fd, &type, 1, "the next frame", deadline); !s.ok()) return s;
       if (type == kEndFrame) {
         unsigned char end[8];
-        if (absl::Status s = RecvAll(fd, end, sizeof end, "the end frame"); !s.ok()) return s;
+        if (absl::Status s = RecvAll(fd, end, sizeof end, "the end frame", deadline); !s.ok()) {
+          return s;
+        }
         const uint32_t code = GetU32(end);
         const uint32_t len = GetU32(end + 4);
         if (len > kMaxMessageBytes ||
@@ -510,27 +565,42 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
           return absl::DataLossError("a malformed end frame");
         }
         std::string message(len, '\0');
-        if (absl::Status s = RecvAll(fd, message.data(), len, "the end frame"); !s.ok()) return s;
+        if (absl::Status s = RecvAll(fd, message.data(), len, "the end frame", deadline); !s.ok()) {
+          return s;
+        }
         return absl::Status(static_cast<absl::StatusCode>(code), message);
       }
       if (type != kBlockFrame) {
         return absl::DataLossError(absl::StrCat("a frame of unknown type ", int{type}));
       }
       unsigned char head[24];
-      if (absl::Status s = RecvAll(fd, head, sizeof head, "a block frame"); !s.ok()) return s;
-      const uint64_t size = GetU64(head + 16);
-      if (size > kMaxPayloadBytes) {
-        return absl::DataLossError(absl::StrCat("a block frame of ", size, " bytes"));
+      if (absl::Status s = RecvAll(fd, head, sizeof head, "a block frame", deadline); !s.ok()) {
+        return s;
       }
+      const uint64_t size = GetU64(head + 16);
+      // (Past the request's bytes only by the one block a call always may send.)
+      if (size > kMaxPayloadBytes || ++blocks > most_blocks ||
+          (bytes > 0 && bytes + size > most_bytes)) {
+        return absl::DataLossError(absl::StrCat("a block frame of ", size, " bytes after ",
+                                                blocks - 1, " blocks (", bytes,
+                                                " bytes) is more than the request asked for"));
+      }
+      bytes += size;
       Engine::KvBlockCopy copy;
       copy.key.hash = GetU64(head);
       copy.key.cache_namespace = GetU64(head + 8);
-      copy.payload.resize(static_cast<size_t>(size));
-      if (absl::Status s = RecvAll(fd, copy.payload.data(), copy.payload.size(), "a block");
-          !s.ok()) {
-        return s;
+      // Grown as the bytes come, so that a frame that lies about its size costs no more memory
+      // than was sent.
+      for (size_t have = 0; have < size;) {
+        const size_t step = std::min<size_t>(size - have, size_t{4} << 20);
+        copy.payload.resize(have + step);
+        if (absl::Status s = RecvAll(fd, copy.payload.data() + have, step, "a block", deadline);
+            !s.ok()) {
+          return s;
+        }
+        have += step;
       }
-      blocks->push_back(std::move(copy));
+      on_block(std::move(copy));
     }
   }();
   {

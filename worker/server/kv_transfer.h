@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -69,13 +70,15 @@ struct KvTransferServerOptions {
   // Checked against the secret each connection sends, when set (not owned).
   const ClusterSecret* cluster_secret = nullptr;
   int max_connections = 16;
-  // How long a connection may take to send its request.
-  absl::Duration request_timeout = absl::Seconds(10);
+  // How long a connection may take to send its whole request.
+  absl::Duration request_timeout = absl::Seconds(2);
   // Takes an authenticated request and its sink: it ends the sink (Finish or Abort) eventually,
   // at once for a request it refuses. Runs on the connection's thread.
   std::function<void(const v1::FetchKvBlocksRequest&, std::shared_ptr<KvExportSink>)> on_request;
-  // Counts a refused secret (not called when unset).
+  // Counts a refused secret, and one of the cluster's other (older) secrets (not called when
+  // unset).
   std::function<void()> on_unauthenticated;
+  std::function<void()> on_other_secret;
 };
 
 class KvTransferServer {
@@ -104,6 +107,7 @@ class KvTransferServer {
   int listener_ = -1;
   int port_ = 0;
   std::atomic<int> active_{0};
+  std::mutex stop_mu_;  // held through Stop
   std::mutex mu_;
   bool stopped_ = false;                           // guarded by mu_
   std::vector<std::shared_ptr<Connection>> live_;  // guarded by mu_
@@ -124,7 +128,16 @@ class KvTransferCall {
   absl::Status Run(const std::string& address, const std::string& secret,
                    const v1::FetchKvBlocksRequest& request, absl::Time deadline,
                    std::vector<Engine::KvBlockCopy>* blocks);
+  // The same, handing each block to `on_block` as it arrives (on the calling thread).
+  absl::Status Run(const std::string& address, const std::string& secret,
+                   const v1::FetchKvBlocksRequest& request, absl::Time deadline,
+                   absl::FunctionRef<void(Engine::KvBlockCopy)> on_block);
   void Cancel();
+  // Whether the last Run made its connection (when not, nothing reached the source, and the
+  // caller may ask another way), and whether it was refused outright (nothing listens there: a
+  // source that restarted on another port).
+  bool connected() const { return connected_; }
+  bool refused() const { return refused_; }
 
   // The most payload bytes a block frame may announce.
   static constexpr uint64_t kMaxPayloadBytes = uint64_t{1} << 30;
@@ -133,6 +146,8 @@ class KvTransferCall {
   std::mutex mu_;
   int fd_ = -1;             // guarded by mu_
   bool cancelled_ = false;  // guarded by mu_
+  bool connected_ = false;  // Run's thread only
+  bool refused_ = false;    // Run's thread only
 };
 
 }  // namespace strata

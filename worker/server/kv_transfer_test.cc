@@ -37,7 +37,8 @@ v1::FetchKvBlocksRequest Request(int blocks) {
   return r;
 }
 
-// Answers a request by writing one block per hash (sizes from the request's max_bytes, or 4 KiB)
+// Answers a request by writing one block per hash (of the size its layout's head_dim says, or
+// 4 KiB)
 // from a thread of its own, as the worker's loop does, then finishing OK; a model other than "m"
 // is refused.
 struct Exporter {
@@ -45,6 +46,8 @@ struct Exporter {
   std::atomic<bool> saw_cancel{false};
   std::vector<std::thread> threads;
   bool wait_for_cancel = false;
+  // Writes this many blocks more than the request names (a source gone wrong).
+  int extra_blocks = 0;
 
   void operator()(const v1::FetchKvBlocksRequest& r, std::shared_ptr<KvExportSink> sink) {
     requests.fetch_add(1);
@@ -53,8 +56,8 @@ struct Exporter {
           absl::StrCat("model \"", r.model(), "\" is not this worker's")));
     }
     threads.emplace_back([this, r, sink] {
-      const size_t bytes = r.max_bytes() != 0 ? r.max_bytes() : 4096;
-      for (int i = 0; i < r.block_hashes_size(); ++i) {
+      const size_t bytes = r.layout().head_dim() != 0 ? r.layout().head_dim() : 4096;
+      for (int i = 0; i < r.block_hashes_size() + extra_blocks; ++i) {
         if (!sink->Write(Block(static_cast<uint64_t>(i), bytes))) break;
       }
       if (wait_for_cancel) {
@@ -75,10 +78,12 @@ struct Fixture {
   std::unique_ptr<KvTransferServer> server;
   std::atomic<int> unauthenticated{0};
 
-  explicit Fixture(const ClusterSecret* secret = nullptr) {
+  explicit Fixture(const ClusterSecret* secret = nullptr,
+                   absl::Duration request_timeout = absl::Seconds(2)) {
     KvTransferServerOptions o;
     o.listen_address = "127.0.0.1:0";
     o.cluster_secret = secret;
+    o.request_timeout = request_timeout;
     o.on_request = [this](const v1::FetchKvBlocksRequest& r, std::shared_ptr<KvExportSink> s) {
       exporter(r, std::move(s));
     };
@@ -97,7 +102,8 @@ TEST(KvTransferTest, TheBlocksArriveWholeAndInOrder) {
   Fixture f;
   for (const uint64_t bytes : {uint64_t{1}, uint64_t{65536}, uint64_t{3} << 20}) {
     v1::FetchKvBlocksRequest r = Request(5);
-    r.set_max_bytes(bytes);
+    r.mutable_layout()->set_head_dim(static_cast<uint32_t>(bytes));
+    r.set_max_bytes(5 * bytes);
     KvTransferCall call;
     std::vector<Engine::KvBlockCopy> blocks;
     ASSERT_TRUE(call.Run(f.address(), "", r, Soon(), &blocks).ok());
@@ -109,6 +115,38 @@ TEST(KvTransferTest, TheBlocksArriveWholeAndInOrder) {
       EXPECT_TRUE(blocks[i].payload == want.payload) << "block " << i << " of " << bytes;
     }
   }
+}
+
+TEST(KvTransferTest, MoreThanTheRequestAskedForIsRefusedByTheCaller) {
+  Fixture f;
+  f.exporter.extra_blocks = 1;
+  v1::FetchKvBlocksRequest r = Request(3);
+  r.set_max_bytes(3 * 4096);
+  KvTransferCall call;
+  std::vector<Engine::KvBlockCopy> blocks;
+  const absl::Status st = call.Run(f.address(), "", r, Soon(), &blocks);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_EQ(blocks.size(), 3u);  // what it asked for still counts
+}
+
+// A connection that trickles its request in is cut off at request_timeout, however often a byte
+// comes, and does not reach the handler.
+TEST(KvTransferTest, ARequestThatTricklesInIsCutOff) {
+  Fixture f(nullptr, absl::Milliseconds(300));
+  const int fd = ConnectLoopback(f.server->port());
+  ASSERT_GE(fd, 0);
+  const absl::Time start = absl::Now();
+  bool cut = false;
+  for (int i = 0; i < 12 && !cut; ++i) {  // "STKV" and a version, a byte each 100 ms
+    cut = send(fd, "STKV\1\0\0\0\0\0\0\0" + i, 1, MSG_NOSIGNAL) != 1;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  char c;
+  EXPECT_LE(read(fd, &c, 1), 0);  // closed, with no answer
+  close(fd);
+  // Before the trickle's 1.2 s were over (a limit per read would have let it go on).
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(1150));
+  EXPECT_EQ(f.exporter.requests.load(), 0);
 }
 
 TEST(KvTransferTest, TheHandlersRefusalReachesTheCallerWithItsMessage) {
@@ -181,8 +219,11 @@ TEST(KvTransferTest, ANothingPortIsUnavailableAndAPastDeadlineTimesOut) {
   absl::Status st = call.Run(absl::StrCat("127.0.0.1:", port), "", Request(1), Soon(), &blocks);
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
   EXPECT_NE(st.message().find("cannot connect"), std::string::npos) << st;
+  EXPECT_FALSE(call.connected());
+  EXPECT_TRUE(call.refused());
   EXPECT_EQ(call.Run("no-port", "", Request(1), Soon(), &blocks).code(),
-            absl::StatusCode::kInvalidArgument);
+            absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(call.connected());
 
   // A source that sends nothing (its exporter holds the copy): the caller gives up at its
   // deadline.
@@ -202,7 +243,8 @@ TEST(KvTransferTest, ACallerThatGoesAwayIsSeenAsCancelledAndACallCanBeCancelled)
   // Blocks larger than the sockets buffer, so the exporter is still writing when the call is
   // cancelled.
   v1::FetchKvBlocksRequest r = Request(64);
-  r.set_max_bytes(4 << 20);
+  r.mutable_layout()->set_head_dim(4 << 20);
+  r.set_max_bytes(uint64_t{64} << 22);
   KvTransferCall call;
   std::vector<Engine::KvBlockCopy> blocks;
   auto result =

@@ -223,7 +223,8 @@ ABSL_FLAG(int64_t, kv_fetch_max_mb, 2048,
           "stored); a copy also takes at most half the KV cache's blocks. The rest is computed.");
 ABSL_FLAG(int64_t, kv_copy_slice_mb, 8,
           "KV block bytes this worker copies between its cache and other workers between two "
-          "engine steps, each way (copies out to FetchKvBlocks calls, and copies in stored), "
+          "engine steps, each way (copies out to other workers, and copies in stored as they "
+          "arrive), "
           "and as much again for every 10 ms of the last step: a long copy then holds a step up "
           "by about that much memory copying.");
 ABSL_FLAG(int, tensor_parallel, 1,
@@ -595,6 +596,8 @@ int Main(const std::vector<std::string>& args) {
   }
   wo.kv_fetcher.timeout = absl::Milliseconds(absl::GetFlag(FLAGS_kv_fetch_timeout_ms));
   wo.kv_fetcher.cluster_secret = wo.cluster_secret;
+  // Copies arriving are stored a slice at a time: handed to the loop in slices too.
+  wo.kv_fetcher.part_bytes = wo.kv_copy_slice_bytes;
   if (const std::string t = absl::GetFlag(FLAGS_kv_transfer_listen); t == "auto") {
     const std::string listen = absl::GetFlag(FLAGS_listen);
     wo.kv_transfer_listen = absl::StrCat(listen.substr(0, listen.rfind(':')), ":0");

@@ -199,7 +199,7 @@ class GrpcExportSink final : public KvExportSink {
 }  // namespace
 
 struct WorkerService::Command {
-  enum class Kind { kAdd, kCancel, kCancelById, kWatch, kUnwatch, kExport, kFetched };
+  enum class Kind { kAdd, kCancel, kCancelById, kWatch, kUnwatch, kExport, kFetchedPart, kFetched };
   Kind kind = Kind::kAdd;
   std::string request_id;
   uint64_t serial = 0;
@@ -216,7 +216,8 @@ struct WorkerService::Command {
   // kExport.
   std::shared_ptr<KvExportSink> export_sink;
   v1::FetchKvBlocksRequest export_request;
-  // kFetched (request_id and serial name the parked kAdd).
+  // kFetchedPart, kFetched (request_id and serial name the parked kAdd): the part's blocks, or
+  // the end of the copy.
   KvFetchResult fetched;
 };
 
@@ -242,15 +243,23 @@ struct WorkerService::LoopState {
     Command add;
     Engine::PromptBlocks blocks;
     uint64_t ticket = 0;  // the KvFetcher's
-    // Once the copies arrived (ContinueImports): what came, how many of its blocks were taken
-    // to the engine so far, and how many of those it stored.
-    std::optional<KvFetchResult> result = std::nullopt;
+    // The copies, stored as they arrive (ContinueImports): the blocks that came so far, how many
+    // of them were taken to the engine, and how many of those it stored; the copy's end, once
+    // it ended.
+    std::vector<Engine::KvBlockCopy> arrived = {};
     size_t imported = 0;
     int64_t stored = 0;
+    std::optional<KvFetchResult> result = std::nullopt;
+    // It waits in `importing`.
+    bool queued = false;
+    // The blocks before the copies left the cache (the copies are of no use), or the engine
+    // stopped taking them: the copy is cancelled, and ends when the fetcher says so.
+    bool stale = false;
+    bool given_up = false;
   };
   absl::flat_hash_map<std::string, Fetching> fetching;
-  // The Submits whose copies arrived and are being stored, in arrival order, by id and serial
-  // (one cancelled meanwhile is no longer in `fetching`).
+  // The Submits with copies that arrived and wait to be stored, in arrival order, by id and
+  // serial (one cancelled meanwhile is no longer in `fetching`).
   std::deque<std::pair<std::string, uint64_t>> importing;
   // FetchKvBlocks calls still sending (ContinueExports), and which goes first next time.
   std::vector<Exporting> exporting;
@@ -308,8 +317,10 @@ absl::StatusOr<std::unique_ptr<WorkerService>> WorkerService::Create(std::unique
                         std::shared_ptr<KvExportSink> sink) {
       s->RequestExport(request, std::move(sink));
     };
-    if (s->options_.metrics != nullptr)
+    if (s->options_.metrics != nullptr) {
       to.on_unauthenticated = [s] { s->Unauthenticated()->Add(); };
+      to.on_other_secret = [s] { s->OtherSecret()->Add(); };
+    }
     absl::StatusOr<std::unique_ptr<KvTransferServer>> transfer =
         KvTransferServer::Start(std::move(to));
     if (!transfer.ok()) return transfer.status();  // the service stops as it goes
@@ -415,6 +426,7 @@ void WorkerService::Post(Command command) {
       break;
     case Command::Kind::kCancel:
     case Command::Kind::kUnwatch:
+    case Command::Kind::kFetchedPart:
     case Command::Kind::kFetched:
       break;  // their streams were finished when the loop exited
   }
@@ -694,6 +706,9 @@ void WorkerService::ProcessInbox(LoopState* state) {
       case Command::Kind::kFetched:
         FinishKvFetch(state, c);
         break;
+      case Command::Kind::kFetchedPart:
+        TakeKvPart(state, c);
+        break;
       case Command::Kind::kExport:
         Export(state, c);
         break;
@@ -820,37 +835,68 @@ bool WorkerService::StartKvFetch(LoopState* state, Command& c) {
   LoopState::Fetching& parked =
       state->fetching.emplace(id, LoopState::Fetching{std::move(c), std::move(blocks)})
           .first->second;
-  parked.ticket =
-      fetcher_->Fetch(address, std::move(request), [this, id, serial](KvFetchResult result) {
-        Command done;
-        done.kind = Command::Kind::kFetched;
-        done.request_id = id;
-        done.serial = serial;
-        done.fetched = std::move(result);
-        Post(std::move(done));
+  auto post = [this, id, serial](Command::Kind kind, KvFetchResult result) {
+    Command c;
+    c.kind = kind;
+    c.request_id = id;
+    c.serial = serial;
+    c.fetched = std::move(result);
+    Post(std::move(c));
+  };
+  parked.ticket = fetcher_->Fetch(
+      address, std::move(request),
+      [post](KvFetchResult result) mutable { post(Command::Kind::kFetched, std::move(result)); },
+      [post](std::vector<Engine::KvBlockCopy> blocks) mutable {
+        KvFetchResult part;
+        part.blocks = std::move(blocks);
+        post(Command::Kind::kFetchedPart, std::move(part));
       });
   return true;
+}
+
+void WorkerService::TakeKvBlocks(LoopState* state, const std::string& request_id,
+                                 std::vector<Engine::KvBlockCopy>& blocks) {
+  LoopState::Fetching& parked = state->fetching.at(request_id);
+  if (blocks.empty() || parked.stale || parked.given_up) return;
+  // The copies follow the blocks of the prompt held here when they were asked for; should some
+  // of those have left the cache before the first is stored, the copies are of no use (later
+  // ones are checked as they are stored: Engine::ImportKvBlocks).
+  if (parked.arrived.empty() && engine_->HeldPrefix(parked.blocks.hashes) < parked.blocks.held) {
+    parked.stale = true;
+    if (!parked.result.has_value()) fetcher_->Cancel(parked.ticket);
+    return;
+  }
+  for (Engine::KvBlockCopy& b : blocks) parked.arrived.push_back(std::move(b));
+  if (!parked.queued) {
+    parked.queued = true;
+    state->importing.emplace_back(parked.add.request_id, parked.add.serial);
+  }
+}
+
+void WorkerService::TakeKvPart(LoopState* state, Command& c) {
+  auto it = state->fetching.find(c.request_id);
+  if (it == state->fetching.end() || it->second.add.serial != c.serial) return;  // cancelled
+  TakeKvBlocks(state, c.request_id, c.fetched.blocks);
 }
 
 void WorkerService::FinishKvFetch(LoopState* state, Command& c) {
   auto it = state->fetching.find(c.request_id);
   if (it == state->fetching.end() || it->second.add.serial != c.serial) return;  // cancelled
+  TakeKvBlocks(state, c.request_id, c.fetched.blocks);
   LoopState::Fetching& parked = it->second;
+  c.fetched.blocks.clear();
   parked.result = std::move(c.fetched);
-  // The copies follow the blocks of the prompt held here when they were asked for; should some
-  // of those have left the cache since, the copies are of no use.
-  if (!parked.result->blocks.empty() &&
-      engine_->HeldPrefix(parked.blocks.hashes) < parked.blocks.held) {
-    return EndKvFetch(state, c.request_id, /*stale=*/true);
-  }
-  state->importing.emplace_back(c.request_id, c.serial);
+  // Ends once the last blocks are stored (ContinueImports), or now.
+  if (!parked.queued) EndKvFetch(state, c.request_id);
 }
 
 int64_t WorkerService::CopySliceBytes(const LoopState& state) const {
-  const int64_t block_bytes = TransferBlockBytes();
+  const int64_t slice = std::max(options_.kv_copy_slice_bytes, TransferBlockBytes());
+  // With nothing to step, slices hold nothing up: they go back to back, and the first is sent
+  // while the next are read (the last step, however long, was before).
+  if (!engine_->HasWork()) return slice;
   const double last_step_ms = state.step_ms.empty() ? 0 : state.step_ms.back();
-  return std::max(options_.kv_copy_slice_bytes, block_bytes) *
-         (1 + static_cast<int64_t>(last_step_ms / kCopySliceStepMs));
+  return slice * (1 + static_cast<int64_t>(last_step_ms / kCopySliceStepMs));
 }
 
 bool WorkerService::ContinueImports(LoopState* state) {
@@ -859,13 +905,12 @@ bool WorkerService::ContinueImports(LoopState* state) {
   while (!state->importing.empty() && room >= block_bytes) {
     const auto [id, serial] = state->importing.front();
     auto it = state->fetching.find(id);
-    if (it == state->fetching.end() || it->second.add.serial != serial ||
-        !it->second.result.has_value()) {
+    if (it == state->fetching.end() || it->second.add.serial != serial) {
       state->importing.pop_front();  // cancelled
       continue;
     }
     LoopState::Fetching& p = it->second;
-    std::vector<Engine::KvBlockCopy>& blocks = p.result->blocks;
+    std::vector<Engine::KvBlockCopy>& blocks = p.arrived;
     const size_t n = std::min(blocks.size() - p.imported,
                               static_cast<size_t>(std::max<int64_t>(1, room / block_bytes)));
     // The next blocks follow the prompt's head and those stored before them.
@@ -879,27 +924,37 @@ bool WorkerService::ContinueImports(LoopState* state) {
     p.imported += n;
     p.stored += got;
     room -= static_cast<int64_t>(n) * block_bytes;
-    if (got < static_cast<int64_t>(n) || p.imported == blocks.size()) {
+    if (got < static_cast<int64_t>(n)) {
+      // The engine took no more (the head left the cache, or no device block was free): the
+      // rest of the copy is of no use.
+      p.given_up = true;
+      if (!p.result.has_value()) fetcher_->Cancel(p.ticket);
+    }
+    if (p.given_up || p.imported == blocks.size()) {
+      // Stored what came; the request goes on once the copy has ended too.
       state->importing.pop_front();
-      EndKvFetch(state, id, /*stale=*/false);
+      p.queued = false;
+      if (p.result.has_value()) EndKvFetch(state, id);
     }
   }
   return !state->importing.empty();
 }
 
-void WorkerService::EndKvFetch(LoopState* state, const std::string& request_id, bool stale) {
+void WorkerService::EndKvFetch(LoopState* state, const std::string& request_id) {
   auto it = state->fetching.find(request_id);
   LoopState::Fetching parked = std::move(it->second);
   state->fetching.erase(it);
   const KvFetchResult& result = *parked.result;
   const int64_t stored = parked.stored;
   const int64_t wanted = static_cast<int64_t>(parked.blocks.hashes.size()) - parked.blocks.held;
-  const char* outcome = stale                ? "stale"
-                        : stored == wanted   ? "copied"
-                        : stored > 0         ? "partial"
-                        : result.status.ok() ? "none"
-                                             : "failed";
-  if (!result.status.ok()) {
+  // A copy cancelled here (stale, or given up) ended CANCELLED: that is not the source's failure.
+  const bool failed = !result.status.ok() && !parked.stale && !parked.given_up;
+  const char* outcome = parked.stale       ? "stale"
+                        : stored == wanted ? "copied"
+                        : stored > 0       ? "partial"
+                        : !failed          ? "none"
+                                           : "failed";
+  if (failed) {
     LOG(WARNING) << "request " << request_id << ": " << result.status << " (" << stored
                  << " blocks copied; computing the rest)";
   }

@@ -199,23 +199,31 @@ class WorkerService final : public v1::Worker::CallbackService {
   // A Submit with a KV source: starts copying the prompt's missing blocks and parks the command
   // until they arrive; false when there is nothing to copy (the caller queues it at once).
   bool StartKvFetch(LoopState* state, Command& c);
-  // The copies for a parked Submit arrived (or failed): ContinueImports stores them, then queues
-  // it.
+  // Some of a parked Submit's copies arrived (a part, while more come): ContinueImports stores
+  // them.
+  void TakeKvPart(LoopState* state, Command& c);
+  // The copy for a parked Submit ended (its last blocks, or why it failed): once ContinueImports
+  // has stored what came, the Submit is queued (EndKvFetch).
   void FinishKvFetch(LoopState* state, Command& c);
+  // Adds arrived blocks to those of the parked Submit `request_id`, and it to the imports waiting
+  // (or finds them stale).
+  void TakeKvBlocks(LoopState* state, const std::string& request_id,
+                    std::vector<Engine::KvBlockCopy>& blocks);
   // Stores the next slice of the copies that arrived, in arrival order (a large copy takes
-  // several steps, so that the sequences running here are not held up); queues each Submit
-  // whose copies are all stored, or whose import stopped. True when more are waiting.
+  // several steps, so that the sequences running here are not held up; its first blocks are
+  // stored while the rest still come); queues each Submit whose copy has ended and whose blocks
+  // are all stored, or whose import stopped. True when more are waiting.
   bool ContinueImports(LoopState* state);
   // Bytes of one KV block as copies between workers carry it (1 when the engine keeps no prefix
   // cache).
   int64_t TransferBlockBytes() const {
     return std::max<int64_t>(1, engine_->kv_transfer_layout().block_bytes());
   }
-  // KV bytes copied each way between two steps (options_.kv_copy_slice_bytes, more for long
-  // steps).
+  // KV bytes copied each way between two steps (options_.kv_copy_slice_bytes, more after long
+  // steps while there are more to step).
   int64_t CopySliceBytes(const LoopState& state) const;
   // A parked Submit whose import is over: the fetch's metrics, then into the engine.
-  void EndKvFetch(LoopState* state, const std::string& request_id, bool stale);
+  void EndKvFetch(LoopState* state, const std::string& request_id);
   // A copy asked for over gRPC or TCP, its caller authenticated: checked, counted and posted to
   // the loop (Export), or refused through `sink`.
   void RequestExport(const v1::FetchKvBlocksRequest& request, std::shared_ptr<KvExportSink> sink);
