@@ -729,34 +729,48 @@ void Engine::PollIo() {
 
 int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
                                absl::Span<const KvBlockCopy> blocks) {
+  ImportLease lease;
+  const int64_t stored = ImportKvBlocks(expected, tenant, blocks, &lease);
+  EndImport(&lease);
+  return stored;
+}
+
+int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
+                               absl::Span<const KvBlockCopy> blocks, ImportLease* lease) {
   if (device_tier_ == nullptr) return 0;
   const absl::Span<const BlockHash> hashes(expected.hashes);
-  // The copies follow the prompt's blocks held here when they were asked for: should some of
-  // those have left every tier meanwhile, the copies could not be used (a prompt's cache is a
-  // prefix).
-  if (HeldPrefix(hashes) < expected.held) {
-    LOG(WARNING) << "engine: the prompt's first " << expected.held
-                 << " KV blocks are no longer all cached here; the copied blocks after them are "
-                    "dropped";
-    return 0;
-  }
-  const int32_t owner = TenantId(tenant);
-  // The chain's blocks on the device are held while blocks are made room for, so that only other
-  // blocks are evicted, and so are those stored here, until the end; the ones before the copies
-  // in host memory are pinned there (the device blocks evicted for room go down to it).
-  std::vector<int32_t> held;
-  std::vector<BlockHash> pinned;
+  // Blocks on the device are held (so that making room evicts only other blocks, and none of the
+  // prompt's leaves before the request takes it); the ones in host memory are pinned there (the
+  // device blocks evicted for room go down to it).
   auto hold_if_on_device = [&](size_t at) {
     const absl::Span<const BlockHash> one = hashes.subspan(at, 1);
     if (blocks_.MatchPrefix(one) != 1) return false;
-    held.push_back(blocks_.AcquirePrefix(one, 1, /*count_hits=*/false)[0]);
+    lease->held.push_back(blocks_.AcquirePrefix(one, 1, /*count_hits=*/false)[0]);
     return true;
   };
-  for (size_t at = 0; at < static_cast<size_t>(expected.held) && at < hashes.size(); ++at) {
-    if (!hold_if_on_device(at) && store_ != nullptr && store_->Pin(hashes[at])) {
-      pinned.push_back(hashes[at]);
+  if (!lease->started) {
+    // The copies follow the prompt's blocks held here when they were asked for: should some of
+    // those have left every tier meanwhile, the copies could not be used (a prompt's cache is a
+    // prefix).
+    if (HeldPrefix(hashes) < expected.held) {
+      LOG(WARNING) << "engine: the prompt's first " << expected.held
+                   << " KV blocks are no longer all cached here; the copied blocks after them are "
+                      "dropped";
+      return 0;
     }
+    lease->started = true;
+    for (size_t at = 0; at < static_cast<size_t>(expected.held) && at < hashes.size(); ++at) {
+      if (!hold_if_on_device(at) && store_ != nullptr && store_->Pin(hashes[at])) {
+        lease->pinned.push_back(hashes[at]);
+      }
+    }
+    lease->covered = expected.held;
+  } else if (expected.held != lease->covered) {
+    LOG(WARNING) << "engine: KV blocks copied for the prompt's block " << expected.held
+                 << " follow an import that stopped at block " << lease->covered << "; dropped";
+    return 0;
   }
+  const int32_t owner = TenantId(tenant);
   int64_t stored = 0;
   for (size_t i = 0; i < blocks.size(); ++i) {
     const size_t at = static_cast<size_t>(expected.held) + i;
@@ -768,7 +782,10 @@ int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& 
                    << at << "; dropped with the rest";
       break;
     }
-    if (hold_if_on_device(at)) continue;  // on the device already
+    if (hold_if_on_device(at)) {  // on the device already
+      lease->covered = static_cast<int64_t>(at) + 1;
+      continue;
+    }
     std::optional<int32_t> b = blocks_.Allocate();
     if (!b.has_value()) break;
     absl::Status st = absl::InternalError("device tier callback did not run");
@@ -780,13 +797,20 @@ int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& 
       break;
     }
     blocks_.Publish(*b, copy.key.hash, copy.key.cache_namespace, owner);
-    held.push_back(*b);
+    lease->held.push_back(*b);
+    lease->covered = static_cast<int64_t>(at) + 1;
     ++stored;
   }
-  for (auto it = held.rbegin(); it != held.rend(); ++it) blocks_.Release(*it);
-  for (const BlockHash h : pinned) store_->Unpin(h);
   num_imported_kv_blocks_ += stored;
   return stored;
+}
+
+void Engine::EndImport(ImportLease* lease) {
+  // Released in reverse, so that the chain's first blocks are evicted last.
+  for (auto it = lease->held.rbegin(); it != lease->held.rend(); ++it) blocks_.Release(*it);
+  for (const BlockHash h : lease->pinned) store_->Unpin(h);
+  lease->held.clear();
+  lease->pinned.clear();
 }
 
 void Engine::PutDown(int32_t block, BlockKey key, bool to_disk, int32_t owner) {

@@ -429,6 +429,21 @@ class Engine {
   // (HeldPrefix). Returns how many were stored.
   int64_t ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
                          absl::Span<const KvBlockCopy> blocks);
+  // An import in several calls (copies stored as they arrive): the prompt's blocks before the
+  // next copy, held on the device or pinned in host memory from the first call on, so that none
+  // leaves between calls and later calls need not look the head up again. Each call continues
+  // where the last stopped (expected.held is the blocks before its copies, as without a lease).
+  // EndImport releases it; every lease must reach it.
+  struct ImportLease {
+    std::vector<int32_t> held;
+    std::vector<BlockHash> pinned;
+    // Leading blocks of the prompt it holds (0 before the first call).
+    int64_t covered = 0;
+    bool started = false;
+  };
+  int64_t ImportKvBlocks(const PromptBlocks& expected, const std::string& tenant,
+                         absl::Span<const KvBlockCopy> blocks, ImportLease* lease);
+  void EndImport(ImportLease* lease);
 
  private:
   struct TenantShare : TenantService {

@@ -1150,6 +1150,42 @@ TEST_F(EngineTiersTest, CopiesAfterAHeadThatLeftTheCacheAreDropped) {
   EXPECT_EQ(out.num_cached_prompt_tokens, 0);
 }
 
+// An import in several calls under one lease (copies stored as they arrive): what the lease holds
+// (the prompt's head here and the blocks stored so far) stays while other prompts run between the
+// calls, however much they need, and the prompt is served from all of it afterwards.
+TEST_F(EngineTiersTest, AnImportLeaseKeepsTheHeadAndStoredBlocksBetweenCalls) {
+  std::mt19937 rng(14);
+  const std::vector<int32_t> p = RandomPrompt(rng, 100);
+  auto source = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  RequestOutput out;
+  const std::vector<int32_t> want = Run(*source, "p", p, &out);
+  auto dest = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  Run(*dest, "head", std::vector<int32_t>(p.begin(), p.begin() + 33), &out);
+  const Engine::PromptBlocks wanted = dest->LookUpPrompt(p, Greedy(4));
+  ASSERT_EQ(wanted.held, 2);
+  const std::vector<Engine::KvBlockCopy> copies = source->ExportKvBlocks(
+      absl::MakeConstSpan(wanted.hashes).subspan(static_cast<size_t>(wanted.held)), 1 << 30);
+  ASSERT_EQ(copies.size(), 4u);
+  Engine::ImportLease lease;
+  EXPECT_EQ(dest->ImportKvBlocks(wanted, "", absl::MakeConstSpan(copies).subspan(0, 2), &lease), 2);
+  EXPECT_EQ(lease.covered, 4);
+  // More prompts than the device and host tiers hold together (8 x 7 blocks against 48).
+  for (int i = 0; i < 8; ++i) {
+    Run(*dest, "filler" + std::to_string(i), RandomPrompt(rng, 100), &out);
+  }
+  EXPECT_GE(dest->HeldPrefix(wanted.hashes), 4);
+  Engine::PromptBlocks rest = wanted;
+  rest.held = 4;
+  EXPECT_EQ(dest->ImportKvBlocks(rest, "", absl::MakeConstSpan(copies).subspan(2), &lease), 2);
+  EXPECT_EQ(lease.covered, 6);
+  // A call that does not continue where the lease stopped stores nothing.
+  EXPECT_EQ(dest->ImportKvBlocks(wanted, "", copies, &lease), 0);
+  dest->EndImport(&lease);
+  EXPECT_EQ(dest->Stats().num_imported_kv_blocks, 4);
+  EXPECT_EQ(Run(*dest, "p2", p, &out), want);
+  EXPECT_EQ(out.num_cached_prompt_tokens, 96);
+}
+
 TEST_F(EngineTiersTest, QuantizedTiersServeCloseOutput) {
   std::mt19937 rng(11);
   const std::vector<int32_t> a = RandomPrompt(rng, 100), b = RandomPrompt(rng, 200);

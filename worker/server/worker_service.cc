@@ -256,6 +256,9 @@ struct WorkerService::LoopState {
     // stopped taking them: the copy is cancelled, and ends when the fetcher says so.
     bool stale = false;
     bool given_up = false;
+    // What the stored blocks and the prompt's head before them hold in the engine until the
+    // request takes them (Engine::EndImport when it ends, however it ends).
+    Engine::ImportLease lease = {};
   };
   absl::flat_hash_map<std::string, Fetching> fetching;
   // The Submits with copies that arrived and wait to be stored, in arrival order, by id and
@@ -663,6 +666,7 @@ void WorkerService::Loop() {
   }
   state.live.clear();
   for (auto& [id, parked] : state.fetching) {
+    engine_->EndImport(&parked.lease);
     ReleaseLive(parked.add.parsed.options.tenant);
     parked.add.submit->RequestFinish(gone);
   }
@@ -721,6 +725,7 @@ void WorkerService::ProcessInbox(LoopState* state) {
         auto parked = state->fetching.find(c.request_id);
         if (parked != state->fetching.end() && parked->second.add.serial == c.serial) {
           fetcher_->Cancel(parked->second.ticket);
+          engine_->EndImport(&parked->second.lease);
           ReleaseLive(parked->second.add.parsed.options.tenant);
           parked->second.add.submit->RequestFinish(
               grpc::Status(grpc::StatusCode::CANCELLED, "sequence cancelled"));
@@ -732,6 +737,7 @@ void WorkerService::ProcessInbox(LoopState* state) {
         bool found = state->live.contains(c.request_id) && engine_->Cancel(c.request_id);
         if (auto parked = state->fetching.find(c.request_id); parked != state->fetching.end()) {
           fetcher_->Cancel(parked->second.ticket);
+          engine_->EndImport(&parked->second.lease);
           ReleaseLive(parked->second.add.parsed.options.tenant);
           parked->second.add.submit->RequestFinish(
               grpc::Status(grpc::StatusCode::CANCELLED, "sequence cancelled"));
@@ -913,18 +919,21 @@ bool WorkerService::ContinueImports(LoopState* state) {
     std::vector<Engine::KvBlockCopy>& blocks = p.arrived;
     const size_t n = std::min(blocks.size() - p.imported,
                               static_cast<size_t>(std::max<int64_t>(1, room / block_bytes)));
-    // The next blocks follow the prompt's head and those stored before them.
+    // The next blocks follow the prompt's head and those stored before them (held by the
+    // lease from the first call on).
     Engine::PromptBlocks part = p.blocks;
     part.held += static_cast<int64_t>(p.imported);
-    const int64_t got =
-        n == 0 ? 0
-               : engine_->ImportKvBlocks(part, p.add.parsed.options.tenant,
-                                         absl::MakeConstSpan(blocks).subspan(p.imported, n));
+    const int64_t got = n == 0 ? 0
+                               : engine_->ImportKvBlocks(
+                                     part, p.add.parsed.options.tenant,
+                                     absl::MakeConstSpan(blocks).subspan(p.imported, n), &p.lease);
+    // (Blocks found on the device already count as taken, not as stored.)
+    const int64_t taken = p.lease.covered - part.held;
     for (size_t i = p.imported; i < p.imported + n; ++i) std::string().swap(blocks[i].payload);
     p.imported += n;
     p.stored += got;
     room -= static_cast<int64_t>(n) * block_bytes;
-    if (got < static_cast<int64_t>(n)) {
+    if (taken < static_cast<int64_t>(n)) {
       // The engine took no more (the head left the cache, or no device block was free): the
       // rest of the copy is of no use.
       p.given_up = true;
@@ -944,6 +953,7 @@ void WorkerService::EndKvFetch(LoopState* state, const std::string& request_id) 
   auto it = state->fetching.find(request_id);
   LoopState::Fetching parked = std::move(it->second);
   state->fetching.erase(it);
+  engine_->EndImport(&parked.lease);
   const KvFetchResult& result = *parked.result;
   const int64_t stored = parked.stored;
   const int64_t wanted = static_cast<int64_t>(parked.blocks.hashes.size()) - parked.blocks.held;
