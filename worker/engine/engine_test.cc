@@ -824,6 +824,8 @@ class EngineTiersTest : public EngineTest {
     EngineTest::SetUp();
     dir_ = FreshTestDir();
   }
+  struct CopiedPrompt;
+  CopiedPrompt CopyPromptAfterAHead(std::mt19937& rng);
   EngineConfig TieredConfig(int64_t host_blocks, int64_t disk_blocks) {
     EngineConfig c;
     c.num_kv_blocks = 16;
@@ -1126,19 +1128,36 @@ TEST_F(EngineTiersTest, ABurstLargerThanTheHostTierReachesTheDiskWhole) {
 
 // Copies that arrive after the prompt's own cached head left every tier here are of no use (a
 // prompt's cache is a prefix): they are not stored, and the prompt computes as it would have.
+// A 100-token prompt computed on a source engine, and a destination that holds its first two
+// blocks (the rest copied out of the source), both with 16 device blocks and 32 in host memory.
+struct EngineTiersTest::CopiedPrompt {
+  std::vector<int32_t> prompt, want;
+  std::unique_ptr<Engine> source, dest;
+  Engine::PromptBlocks wanted;
+  std::vector<Engine::KvBlockCopy> copies;
+};
+
+EngineTiersTest::CopiedPrompt EngineTiersTest::CopyPromptAfterAHead(std::mt19937& rng) {
+  CopiedPrompt c;
+  c.prompt = RandomPrompt(rng, 100);
+  c.source = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  RequestOutput out;
+  c.want = Run(*c.source, "p", c.prompt, &out);
+  c.dest = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  Run(*c.dest, "head", std::vector<int32_t>(c.prompt.begin(), c.prompt.begin() + 33), &out);
+  c.wanted = c.dest->LookUpPrompt(c.prompt, Greedy(4));
+  EXPECT_EQ(c.wanted.held, 2);
+  c.copies = c.source->ExportKvBlocks(
+      absl::MakeConstSpan(c.wanted.hashes).subspan(static_cast<size_t>(c.wanted.held)), 1 << 30);
+  return c;
+}
+
 TEST_F(EngineTiersTest, CopiesAfterAHeadThatLeftTheCacheAreDropped) {
   std::mt19937 rng(13);
-  const std::vector<int32_t> p = RandomPrompt(rng, 100);
-  auto source = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  CopiedPrompt c = CopyPromptAfterAHead(rng);
+  ASSERT_EQ(c.copies.size(), 4u);
+  auto& [p, want, source, dest, wanted, copies] = c;
   RequestOutput out;
-  const std::vector<int32_t> want = Run(*source, "p", p, &out);
-  auto dest = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
-  Run(*dest, "head", std::vector<int32_t>(p.begin(), p.begin() + 33), &out);
-  const Engine::PromptBlocks wanted = dest->LookUpPrompt(p, Greedy(4));
-  ASSERT_EQ(wanted.held, 2);
-  const std::vector<Engine::KvBlockCopy> copies = source->ExportKvBlocks(
-      absl::MakeConstSpan(wanted.hashes).subspan(static_cast<size_t>(wanted.held)), 1 << 30);
-  ASSERT_EQ(copies.size(), 4u);
   // While they were on their way, other prompts pushed the head out of the device and host tiers.
   for (int i = 0; i < 8 && dest->HeldPrefix(wanted.hashes) > 0; ++i) {
     Run(*dest, "filler" + std::to_string(i), RandomPrompt(rng, 240), &out);
@@ -1155,17 +1174,10 @@ TEST_F(EngineTiersTest, CopiesAfterAHeadThatLeftTheCacheAreDropped) {
 // calls, however much they need, and the prompt is served from all of it afterwards.
 TEST_F(EngineTiersTest, AnImportLeaseKeepsTheHeadAndStoredBlocksBetweenCalls) {
   std::mt19937 rng(14);
-  const std::vector<int32_t> p = RandomPrompt(rng, 100);
-  auto source = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
+  CopiedPrompt c = CopyPromptAfterAHead(rng);
+  ASSERT_EQ(c.copies.size(), 4u);
+  auto& [p, want, source, dest, wanted, copies] = c;
   RequestOutput out;
-  const std::vector<int32_t> want = Run(*source, "p", p, &out);
-  auto dest = MakeEngine(TieredConfig(/*host_blocks=*/32, /*disk_blocks=*/0));
-  Run(*dest, "head", std::vector<int32_t>(p.begin(), p.begin() + 33), &out);
-  const Engine::PromptBlocks wanted = dest->LookUpPrompt(p, Greedy(4));
-  ASSERT_EQ(wanted.held, 2);
-  const std::vector<Engine::KvBlockCopy> copies = source->ExportKvBlocks(
-      absl::MakeConstSpan(wanted.hashes).subspan(static_cast<size_t>(wanted.held)), 1 << 30);
-  ASSERT_EQ(copies.size(), 4u);
   Engine::ImportLease lease;
   EXPECT_EQ(dest->ImportKvBlocks(wanted, "", absl::MakeConstSpan(copies).subspan(0, 2), &lease), 2);
   EXPECT_EQ(lease.covered, 4);
