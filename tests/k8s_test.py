@@ -1082,7 +1082,8 @@ def run_pods(m, rootfs, work):
 
 def run_pods_disaggregated(m, rootfs, work):
     """k8s/disaggregated: a prefill and a decode worker. A long prompt is computed on the prefill
-    pod and generated on the decode pod, which copies its KV blocks over the worker port; a repeat
+    pod and generated on the decode pod, which copies its KV blocks over the prefill pod's KV
+    transfer port; a repeat
     of it (held by the decode pod now) and a short prompt go to the decode pod whole."""
     cluster = Cluster(m, rootfs, work)
     try:
@@ -1121,6 +1122,11 @@ def run_pods_disaggregated(m, rootfs, work):
         cluster.wait("the coordinator to count the handoff", lambda: handoffs() == 1, 10)
         copied = 'strata_worker_kv_fetches_total{outcome="copied"}'
         cluster.wait("the decode pod to count its copy", lambda: scrape(decode[0]).get(copied) == 1, 10)
+        # Over the prefill pod's KV transfer port (50062), not gRPC.
+        transports = {t: scrape(decode[0]).get('strata_worker_kv_fetch_bytes_total{transport="%s"}' % t, 0)
+                      for t in ("tcp", "grpc")}
+        if transports["tcp"] <= 0 or transports["grpc"] != 0:
+            fail("the decode pod's copy went over %s, not the KV transfer port" % transports)
         again = generate(long_prompt)
         if again["token_ids"] != first["token_ids"]:
             fail("the repeated prompt gave other tokens: %s vs %s" % (again["token_ids"], first["token_ids"]))
@@ -1128,8 +1134,9 @@ def run_pods_disaggregated(m, rootfs, work):
         if handoffs() != 1:
             fail("a prompt the decode pod holds, or a short one, was handed off: %s handoffs" % handoffs())
         print("k8s_test: k8s/disaggregated: a %d-token prompt prefilled on %s, decoded on %s from its "
-              "copied KV blocks; repeats and short prompts stay on the decode pod"
-              % (first["usage"]["num_prompt_tokens"], prefill[0].name, decode[0].name))
+              "KV blocks copied over the transfer port (%d bytes); repeats and short prompts stay on "
+              "the decode pod" % (first["usage"]["num_prompt_tokens"], prefill[0].name,
+                                  decode[0].name, transports["tcp"]))
         stop_and_check(cluster)
     finally:
         kill_leftovers(cluster)
