@@ -45,6 +45,46 @@ __attribute__((target("avx2,fma"))) void AxpyAvx2(float e, const float* v, float
   for (; i < n; ++i) acc[i] += e * v[i];
 }
 
+// out[i] = exp(s[i] - m), eight at a time: Cephes' single-precision exp (range reduction by
+// ln 2 in two parts, a degree-5 polynomial; within a few ulp of std::exp over the softmax's range
+// x <= 0, which attention_test checks), instead of a libm call per key. Arguments below -87.3 give
+// 0, as the true value (under 1e-38) does beside a normalizer of at least 1.
+// (SoftmaxWeightsCpu, below, picks it.)
+__attribute__((target("avx2,fma"))) void ExpShiftedAvx2(const float* s, float m, float* out,
+                                                        int64_t n) {
+  const __m256 mv = _mm256_set1_ps(m);
+  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 p0 = _mm256_set1_ps(1.9875691500e-4f), p1 = _mm256_set1_ps(1.3981999507e-3f),
+               p2 = _mm256_set1_ps(8.3334519073e-3f), p3 = _mm256_set1_ps(4.1665795894e-2f),
+               p4 = _mm256_set1_ps(1.6666665459e-1f), p5 = _mm256_set1_ps(5.0000001201e-1f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x0 = _mm256_sub_ps(_mm256_loadu_ps(s + i), mv);
+    const __m256 under = _mm256_cmp_ps(x0, lo, _CMP_LT_OQ);
+    __m256 x = _mm256_min_ps(_mm256_max_ps(x0, lo), hi);
+    // x = k ln2 + r, |r| <= ln2 / 2.
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, log2e),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(k, c1, x);
+    x = _mm256_fnmadd_ps(k, c2, x);
+    __m256 y = _mm256_fmadd_ps(p0, x, p1);
+    y = _mm256_fmadd_ps(y, x, p2);
+    y = _mm256_fmadd_ps(y, x, p3);
+    y = _mm256_fmadd_ps(y, x, p4);
+    y = _mm256_fmadd_ps(y, x, p5);
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, one));
+    // 2^k through the exponent bits.
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    _mm256_storeu_ps(out + i, _mm256_andnot_ps(under, y));
+  }
+  for (; i < n; ++i) out[i] = std::exp(s[i] - m);
+}
+
 float DotPortable(const float* a, const float* b, int64_t n) {
   float s[4] = {0, 0, 0, 0};
   int64_t i = 0;
@@ -66,6 +106,14 @@ bool HasAvx2() {
 }
 
 }  // namespace
+
+void SoftmaxWeightsCpu(const float* s, float m, float* out, int64_t n) {
+  if (HasAvx2()) {
+    ExpShiftedAvx2(s, m, out, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::exp(s[i] - m);
+  }
+}
 
 absl::Status WriteKvCacheCpu(const WriteKvParams& p) {
   if (p.num_tokens < 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 || p.block_tokens <= 0 ||
@@ -150,7 +198,7 @@ absl::Status PagedAttentionCpu(const PagedAttentionParams& p) {
     return std::pair(queries[a].seq, queries[a].kvh) < std::pair(queries[b].seq, queries[b].kvh);
   });
   std::vector<float> acc;
-  float scores[kMaxBlockRun];
+  float scores[kMaxBlockRun], weights[kMaxBlockRun];
   for (size_t g0 = 0; g0 < order.size();) {
     size_t g1 = g0 + 1;
     while (g1 < order.size() && queries[order[g1]].seq == queries[order[g0]].seq &&
@@ -202,8 +250,9 @@ absl::Status PagedAttentionCpu(const PagedAttentionParams& p) {
             for (int64_t x = 0; x < d; ++x) a[x] *= c;
             qr.m = run_max;
           }
+          SoftmaxWeightsCpu(scores, qr.m, weights, n);
           for (int64_t r = 0; r < n; ++r) {
-            const float e = std::exp(scores[r] - qr.m);
+            const float e = weights[r];
             qr.l += e;
             const float* v = p.v_cache + (slot0 + r) * kv_row + kvh * d;
             if (avx2) {

@@ -133,6 +133,30 @@ TEST(PagedAttentionCpuTest, MatchesDenseReference) {
   }
 }
 
+// The softmax weights against std::exp over the range attention meets (scores at or below their
+// running max), within 4 ulp; far below, 0 or denormal.
+TEST(PagedAttentionCpuTest, SoftmaxWeightsAreExpToAFewUlp) {
+  std::vector<float> s;
+  for (float x = -87.0f; x <= 0.0f; x += 0.00137f) s.push_back(x + 3.5f);
+  for (const float x : {0.0f, -1e-8f, -0.3465736f, -0.6931472f, -1.0f, -10.0f, -50.5f}) {
+    s.push_back(x + 3.5f);
+  }
+  std::vector<float> got(s.size());
+  SoftmaxWeightsCpu(s.data(), 3.5f, got.data(), static_cast<int64_t>(s.size()));
+  float worst = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const float want = std::exp(s[i] - 3.5f);
+    const float ulp = std::nextafter(want, 2 * want + 1) - want;
+    worst = std::max(worst, std::abs(got[i] - want) / ulp);
+    ASSERT_LE(std::abs(got[i] - want), 4 * ulp) << "exp(" << s[i] - 3.5f << ")";
+  }
+  EXPECT_EQ(got[s.size() - 7], 1.0f);  // exp(0)
+  std::vector<float> far = {-100.0f, -1000.0f, -std::numeric_limits<float>::max()};
+  std::vector<float> zero(3, -1.0f);
+  SoftmaxWeightsCpu(far.data(), 0.0f, zero.data(), 3);
+  for (const float z : zero) EXPECT_LT(z, 1e-37f);
+}
+
 TEST(PagedAttentionCpuTest, WriteKvPlacesTokensInSlots) {
   std::vector<float> k = {1, 2, 3, 4}, v = {5, 6, 7, 8};  // 2 tokens, 1 head, dim 2
   std::vector<float> kc(3 * 2 * 2, 0), vc(kc.size(), 0);
