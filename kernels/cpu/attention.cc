@@ -66,8 +66,8 @@ __attribute__((target("avx2,fma"))) void ExpShiftedAvx2(const float* s, float m,
     const __m256 under = _mm256_cmp_ps(x0, lo, _CMP_LT_OQ);
     __m256 x = _mm256_min_ps(_mm256_max_ps(x0, lo), hi);
     // x = k ln2 + r, |r| <= ln2 / 2.
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, log2e),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 k =
+        _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm256_fnmadd_ps(k, c1, x);
     x = _mm256_fnmadd_ps(k, c2, x);
     __m256 y = _mm256_fmadd_ps(p0, x, p1);
@@ -77,8 +77,8 @@ __attribute__((target("avx2,fma"))) void ExpShiftedAvx2(const float* s, float m,
     y = _mm256_fmadd_ps(y, x, p5);
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, one));
     // 2^k through the exponent bits.
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    const __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
     _mm256_storeu_ps(out + i, _mm256_andnot_ps(under, y));
   }
