@@ -50,7 +50,7 @@ for layout in $LAYOUTS; do
   strata_coordinator "$layout-c" "$MODEL" "$(IFS=,; echo "${workers[*]}")" \
     --disaggregate_min_uncached_tokens=512 --disaggregate_max_prefill_queue_tokens="$QUEUE_TOKENS"
   port=$STRATA_PORT
-  sleep 1  # the coordinator connects to both workers
+  strata_wait_serving "$port" 2
   for rate in "${rates[@]}"; do
     bazel-bin/bench/loadgen --target="127.0.0.1:$port" --workload=random --requests="$REQUESTS" \
       --rate="$rate" --prompt_tokens="$PROMPT" --output_tokens="$OUTPUT" \

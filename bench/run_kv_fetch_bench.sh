@@ -20,7 +20,7 @@ LENGTHS=${2:-1024,4096,16384}
 REPS=${3:-3}
 mkdir -p "$OUT"
 bazel build -c opt //worker/server:strata-worker //coordinator:strata-coordinator \
-  //bench:prefix_restore_bench >/dev/null
+  //bench:prefix_restore_bench //cli:stratactl >/dev/null
 export STRATA_BIN=$PWD/bazel-bin STRATA_OUT=$OUT
 # shellcheck source=../tools/local_servers.sh
 source tools/local_servers.sh
@@ -58,7 +58,7 @@ strata_worker w1 "$MODEL" "${worker_flags[@]}" $(disk w1)
 w1=$STRATA_PORT
 strata_coordinator c "$MODEL" "127.0.0.1:$w0,127.0.0.1:$w1"
 cport=$STRATA_PORT
-sleep 1  # the coordinator connects to both workers
+strata_wait_serving "$cport" 2
 echo "== two workers, ${kv_mb} MiB of device KV cache each"
 bazel-bin/bench/prefix_restore_bench --target="127.0.0.1:$cport" --phase=copy \
   --lengths="$LENGTHS" --reps="$REPS" --json_out="$JSON" "${filler[@]}"

@@ -8,6 +8,8 @@
 #
 #   strata_worker NAME MODEL_DIR [FLAGS...];              port in $STRATA_PORT
 #   strata_coordinator NAME MODEL_DIR WORKERS [FLAGS...]; port in $STRATA_PORT
+#   strata_wait_serving COORDINATOR_PORT N                until the coordinator sees N workers
+#                                                         serving (needs cli/stratactl)
 #   strata_free_port                                      a free loopback port, printed
 #   strata_long_context_model DIR                          the bundled model, 40k context
 
@@ -37,6 +39,18 @@ strata_launch() {
   "$@" --listen=127.0.0.1:0 --port_file="$STRATA_OUT/$name.port" > "$STRATA_OUT/$name.log" 2>&1 &
   strata_pids+=($!)
   STRATA_PORT=$(strata_wait_port "$STRATA_OUT/$name.port")
+}
+
+# strata_wait_serving COORDINATOR_PORT N: waits (30 s at most) until the coordinator has reached N
+# workers that serve, so that a benchmark's first request finds them all routable.
+strata_wait_serving() {
+  for _ in $(seq 300); do
+    [ "$("$STRATA_BIN/cli/stratactl" status --coordinator "127.0.0.1:$1" --json 2>/dev/null |
+         grep -o '"WORKER_STATE_SERVING"' | wc -l)" -ge "$2" ] && return 0
+    sleep 0.1
+  done
+  echo "the coordinator on port $1 did not see $2 serving workers" >&2
+  return 1
 }
 
 # strata_free_port: a loopback port free now, for a flag that takes HOST:PORT (--http_listen).
