@@ -8,8 +8,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <functional>
 #include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -24,19 +26,38 @@
 namespace strata {
 
 // A port free now (bound, then released) on loopback, for a server flag that takes HOST:PORT.
+// Drawn below the kernel's ephemeral range (ip_local_port_range), so that no server started
+// meanwhile on port 0, and no outgoing connection, can be given it before its user binds it.
 inline int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  int port = 0;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
-    port = ntohs(a.sin_port);
+  int ephemeral_low = 0;
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    if (std::fscanf(f, "%d", &ephemeral_low) != 1) ephemeral_low = 0;
+    std::fclose(f);
   }
-  close(fd);
-  return port;
+  auto try_bind = [](int want) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(want));
+    socklen_t len = sizeof(a);
+    int port = 0;
+    if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+        getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+      port = ntohs(a.sin_port);
+    }
+    close(fd);
+    return port;
+  };
+  if (ephemeral_low > 12000) {
+    static std::mt19937 rng(static_cast<uint32_t>(getpid()) ^
+                            static_cast<uint32_t>(absl::ToUnixNanos(absl::Now())));
+    std::uniform_int_distribution<int> pick(10000, ephemeral_low - 1);
+    for (int i = 0; i < 100; ++i) {
+      if (const int port = try_bind(pick(rng)); port != 0) return port;
+    }
+  }
+  return try_bind(0);
 }
 
 // A connected socket to 127.0.0.1:port (the caller closes it), or -1.
