@@ -123,8 +123,8 @@ std::shared_ptr<v1::Worker::Stub> KvFetcher::StubFor(const std::string& address)
   return stub;
 }
 
-std::string KvFetcher::TransferAddressFor(const std::string& address, v1::Worker::Stub& stub,
-                                          absl::Time deadline) {
+std::string KvFetcher::TransferAddressFor(uint64_t ticket, const std::string& address,
+                                          v1::Worker::Stub& stub, absl::Time deadline) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (auto it = transfer_addresses_.find(address);
@@ -138,10 +138,22 @@ std::string KvFetcher::TransferAddressFor(const std::string& address, v1::Worker
   if (options_.cluster_secret != nullptr) {
     context.AddMetadata(kClusterSecretMetadata, options_.cluster_secret->Sent());
   }
+  {
+    // Cancel and Stop cut the question short too.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_ || cancelled_.contains(ticket)) return "";
+    active_[ticket] = Active{&context, nullptr};
+  }
   v1::WorkerInfo info;
+  const bool answered = stub.GetInfo(&context, v1::GetInfoRequest(), &info).ok();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_[ticket] = Active{};
+    if (stop_ || cancelled_.contains(ticket)) return "";  // not remembered: it was not answered
+  }
   std::string transfer;
   // A source that does not answer is copied from over gRPC until it is asked again.
-  if (stub.GetInfo(&context, v1::GetInfoRequest(), &info).ok() && info.kv_transfer_port() != 0) {
+  if (answered && info.kv_transfer_port() != 0) {
     // The same host as the gRPC address (a "scheme:///" prefix dropped).
     std::string host = address;
     if (const size_t scheme = host.find(":///"); scheme != std::string::npos) {
@@ -176,8 +188,9 @@ KvFetchResult KvFetcher::Copy(Job& job) {
   request.set_max_bytes(static_cast<uint64_t>(options_.max_bytes_per_call));
   const std::string secret =
       options_.cluster_secret != nullptr ? options_.cluster_secret->Sent() : std::string();
-  std::string transfer =
-      options_.use_kv_transfer ? TransferAddressFor(address, *stub, deadline) : std::string();
+  std::string transfer = options_.use_kv_transfer
+                             ? TransferAddressFor(ticket, address, *stub, deadline)
+                             : std::string();
   // Each block as it arrives: counted, and handed over in parts when the job takes them.
   int64_t received = 0, bytes = 0, unhanded = 0;
   auto take = [&](Engine::KvBlockCopy copy) {

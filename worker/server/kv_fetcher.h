@@ -116,8 +116,9 @@ class KvFetcher {
   std::shared_ptr<v1::Worker::Stub> StubFor(const std::string& address);
   // "HOST:PORT" of the KV transfer port of the worker at `address` (gRPC), or empty when it has
   // none or did not say (remembered per address for kTransferAddressTtl, or until Forget).
-  std::string TransferAddressFor(const std::string& address, v1::Worker::Stub& stub,
-                                 absl::Time deadline);
+  // (The question is cancellable as the copy is: `ticket`.)
+  std::string TransferAddressFor(uint64_t ticket, const std::string& address,
+                                 v1::Worker::Stub& stub, absl::Time deadline);
   // Copies from `address` go over gRPC: until the next copy asks GetInfo again (ask_again), or
   // for kTransferAddressTtl.
   void ForgetTransferAddress(const std::string& address, bool ask_again);
