@@ -331,10 +331,14 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
          : w.info().role() == v1::WORKER_ROLE_DECODE  ? "decode"
                                                       : "mixed",
          // Which way it copies KV blocks with other workers: it sends its own (it keeps a
-         // prefix cache) and takes theirs (--kv_fetch).
-         !w.info().has_kv_layout() ? "-"
-         : w.info().kv_fetch()     ? "in+out"
-                                   : "out",
+         // prefix cache) and takes theirs (--kv_fetch); and the TCP port it sends them on
+         // besides gRPC (--kv_transfer_listen).
+         !w.info().has_kv_layout()
+             ? "-"
+             : absl::StrCat(w.info().kv_fetch() ? "in+out" : "out",
+                            w.info().kv_transfer_port() != 0
+                                ? absl::StrCat("/tcp:", w.info().kv_transfer_port())
+                                : ""),
          w.info().tensor_parallel_size() == 0 ? "-" : absl::StrCat(w.info().tensor_parallel_size()),
          absl::StrCat(w.load().num_running_sequences()),
          absl::StrCat(w.load().num_waiting_sequences()), absl::StrCat(w.num_routed_requests()),

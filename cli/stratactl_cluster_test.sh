@@ -66,7 +66,7 @@ set -e
 table="$($ctl status)"
 grep -q '^MODEL ' <<<"$table" || fail "no model table: $table"
 echo "$table" | grep -E '^strata-tiny +1 +2048 +2048 +c-headers' > /dev/null || fail "no fine-tunes: $table"
-echo "$table" | grep -E '^w1 +127\.0\.0\.1:[0-9]+ +serving +strata-tiny +mixed +in\+out +1 ' > /dev/null || fail "no worker row: $table"
+echo "$table" | grep -E '^w1 +127\.0\.0\.1:[0-9]+ +serving +strata-tiny +mixed +in\+out/tcp:[0-9]+ +1 ' > /dev/null || fail "no worker row: $table"
 $ctl status --json | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
