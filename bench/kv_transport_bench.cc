@@ -71,11 +71,7 @@ class StreamSink final : public KvExportSink {
  public:
   explicit StreamSink(Stream* s) : s_(s) {}
   bool Write(Engine::KvBlockCopy copy) override {
-    v1::KvBlockData data;
-    data.set_block_hash(copy.key.hash);
-    data.set_cache_namespace(copy.key.cache_namespace);
-    data.set_payload(std::move(copy.payload));
-    return s_->Write(std::move(data));
+    return s_->Write(ToKvBlockData(std::move(copy)));
   }
   size_t num_queued() override { return s_->num_queued(); }
   bool cancelled() override { return false; }

@@ -36,6 +36,15 @@ std::vector<int32_t> BlockManager::AcquirePrefix(absl::Span<const BlockHash> has
   return out;
 }
 
+std::optional<int32_t> BlockManager::Hold(BlockHash hash) {
+  auto it = by_hash_.find(hash);
+  if (it == by_hash_.end()) return std::nullopt;
+  Block& b = blocks_[it->second];
+  RemoveFromLru(b);
+  ++b.refs;
+  return it->second;
+}
+
 std::optional<int32_t> BlockManager::Allocate(bool free_only) {
   int32_t id;
   if (!free_.empty()) {

@@ -72,6 +72,9 @@ class BlockManager {
   // counting a hit on each unless `count_hits` is false (a reference only held, not a reuse).
   std::vector<int32_t> AcquirePrefix(absl::Span<const BlockHash> hashes, int64_t n,
                                      bool count_hits = true);
+  // Takes a reference to the block published for `hash`, if any, without counting a hit (a hold
+  // while it is copied, not a reuse): one lookup, for walks that go block by block.
+  std::optional<int32_t> Hold(BlockHash hash);
   // A block for new content, or nullopt when none is available. `free_only`: only a block that
   // holds nothing (never evicts a cached one).
   std::optional<int32_t> Allocate(bool free_only = false);

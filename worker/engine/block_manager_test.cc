@@ -38,6 +38,24 @@ TEST(BlockManagerTest, PublishedBlocksAreSharedAndCachedAfterRelease) {
 
 // With fair eviction, the owner holding the most published blocks loses its cached ones first,
 // even when another's are older; one owner alone, or fair eviction off, is plain LRU.
+// A hold (a block being copied) takes a reference to a published block, keeps it from eviction
+// and counts no hit; an unpublished hash holds nothing.
+TEST(BlockManagerTest, AHoldKeepsACachedBlockWithoutCountingAHit) {
+  BlockManager m(2, 16);
+  const int32_t a = *m.Allocate();
+  m.Publish(a, 100);
+  m.Release(a);
+  EXPECT_FALSE(m.Hold(999).has_value());
+  ASSERT_EQ(m.Hold(100), a);
+  EXPECT_EQ(m.ref_count(a), 1);
+  EXPECT_EQ(m.hit_count(a), 0);
+  // The other block is taken, and then nothing: the held one is not evicted.
+  EXPECT_TRUE(m.Allocate().has_value());
+  EXPECT_FALSE(m.Allocate().has_value());
+  m.Release(a);
+  EXPECT_EQ(m.Allocate(), a);
+}
+
 TEST(BlockManagerTest, FairEvictionTakesFromTheLargestOwnerFirst) {
   for (bool fair : {true, false}) {
     SCOPED_TRACE(fair ? "fair" : "lru");

@@ -681,9 +681,8 @@ std::vector<Engine::KvBlockCopy> Engine::ExportKvBlocks(absl::Span<const BlockHa
     // (a block restored from host, or computed again, sits after ones that went down).
     KvBlockCopy copy;
     copy.payload.resize(static_cast<size_t>(block_bytes));
-    const absl::Span<const BlockHash> one = hashes.subspan(i, 1);
-    if (blocks_.MatchPrefix(one) == 1) {
-      const int32_t b = blocks_.AcquirePrefix(one, 1, /*count_hits=*/false)[0];
+    if (const std::optional<int32_t> on_device = blocks_.Hold(hashes[i])) {
+      const int32_t b = *on_device;
       held.push_back(b);
       copy.key = blocks_.key(b);
       out.push_back(std::move(copy));
@@ -743,10 +742,9 @@ int64_t Engine::ImportKvBlocks(const PromptBlocks& expected, const std::string& 
   // prompt's leaves before the request takes it); the ones in host memory are pinned there (the
   // device blocks evicted for room go down to it).
   auto hold_if_on_device = [&](size_t at) {
-    const absl::Span<const BlockHash> one = hashes.subspan(at, 1);
-    if (blocks_.MatchPrefix(one) != 1) return false;
-    lease->held.push_back(blocks_.AcquirePrefix(one, 1, /*count_hits=*/false)[0]);
-    return true;
+    const std::optional<int32_t> b = blocks_.Hold(hashes[at]);
+    if (b.has_value()) lease->held.push_back(*b);
+    return b.has_value();
   };
   if (!lease->started) {
     // The copies follow the prompt's blocks held here when they were asked for: should some of

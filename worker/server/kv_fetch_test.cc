@@ -21,12 +21,12 @@
 #include "common/secrets.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "tests/http_client.h"
 #include "worker/comm/collectives.h"
 #include "worker/engine/engine.h"
 #include "worker/model/config.h"
 #include "worker/model/weights.h"
 #include "worker/server/kv_fetcher.h"
-#include "worker/server/loopback_sockets.h"
 #include "worker/server/worker_service.h"
 
 namespace strata {
@@ -461,7 +461,7 @@ class PortSource final : public v1::Worker::Service {
 };
 
 TEST_F(KvFetchTest, ASourceWhoseTransferPortIsGoneIsCopiedFromOverGrpc) {
-  const int port = UnusedLoopbackPort();
+  const int port = FreePort();
   ASSERT_GT(port, 0);
   PortSource source(port);
   auto server = GrpcServer::Start(GrpcServerOptions(), {{&source, "port-source"}});

@@ -256,13 +256,7 @@ KvFetchResult KvFetcher::Copy(Job& job) {
       std::unique_ptr<grpc::ClientReader<v1::KvBlockData>> reader =
           stub->FetchKvBlocks(&context, request);
       v1::KvBlockData data;
-      while (reader->Read(&data)) {
-        Engine::KvBlockCopy copy;
-        copy.key.hash = data.block_hash();
-        copy.key.cache_namespace = data.cache_namespace();
-        copy.payload = std::move(*data.mutable_payload());
-        take(std::move(copy));
-      }
+      while (reader->Read(&data)) take(FromKvBlockData(data));
       status = FromGrpcStatus(reader->Finish());
       std::lock_guard<std::mutex> lock(mu_);
       active_[ticket] = Active{};

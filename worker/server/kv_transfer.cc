@@ -104,22 +104,32 @@ bool SendString(int fd, const std::string& s) {
 }
 
 // Reads exactly n bytes by `deadline`: OK, or why not (EOF counts as UNAVAILABLE).
+// (A read waits at most kReadWait before the deadline is looked at again: one timeout set per
+// call, not per read, on the copy's path.)
+constexpr absl::Duration kReadWait = absl::Milliseconds(100);
 absl::Status RecvAll(int fd, void* buf, size_t n, const char* what, absl::Time deadline) {
   char* p = static_cast<char*>(buf);
-  while (n > 0) {
+  auto timed_out = [&] {
     const absl::Duration left = deadline - absl::Now();
-    if (left <= absl::ZeroDuration()) {
-      return absl::DeadlineExceededError(absl::StrCat("timed out reading ", what));
-    }
-    SetTimeout(fd, SO_RCVTIMEO, left);
+    if (left <= absl::ZeroDuration()) return true;
+    SetTimeout(fd, SO_RCVTIMEO, std::min(left, kReadWait));
+    return false;
+  };
+  if (timed_out()) return absl::DeadlineExceededError(absl::StrCat("timed out reading ", what));
+  while (n > 0) {
     const ssize_t r = recv(fd, p, n, 0);
     if (r > 0) {
       p += r;
       n -= static_cast<size_t>(r);
+      // A peer that trickles bytes in never lets a read time out.
+      if (n > 0 && absl::Now() >= deadline) {
+        return absl::DeadlineExceededError(absl::StrCat("timed out reading ", what));
+      }
       continue;
     }
     if (r < 0 && errno == EINTR) continue;
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!timed_out()) continue;
       return absl::DeadlineExceededError(absl::StrCat("timed out reading ", what));
     }
     return absl::UnavailableError(r == 0
@@ -140,6 +150,26 @@ std::string EndFrame(const absl::Status& status) {
 
 }  // namespace
 
+v1::KvBlockData ToKvBlockData(Engine::KvBlockCopy copy) {
+  v1::KvBlockData data;
+  data.set_block_hash(copy.key.hash);
+  data.set_cache_namespace(copy.key.cache_namespace);
+  data.set_payload(std::move(copy.payload));
+  return data;
+}
+
+Engine::KvBlockCopy FromKvBlockData(v1::KvBlockData& data) {
+  Engine::KvBlockCopy copy;
+  copy.key.hash = data.block_hash();
+  copy.key.cache_namespace = data.cache_namespace();
+  copy.payload = std::move(*data.mutable_payload());
+  return copy;
+}
+
+// One accepted connection as the exporter's sink. Owned jointly by its connection thread (which
+// sends what is queued, in Pump) and the exporter (until it ends the copy with Finish or Abort);
+// the fd is closed when both are done with it. Thread contract: the KvExportSink methods from
+// the exporter's thread, Pump from the connection thread, Stop from the server's.
 class KvTransferServer::Connection final : public KvExportSink {
  public:
   explicit Connection(int fd) : fd_(fd) {}

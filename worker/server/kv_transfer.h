@@ -42,6 +42,10 @@
 
 namespace strata {
 
+// A block as FetchKvBlocks carries it, and back: the payload is moved, not copied.
+v1::KvBlockData ToKvBlockData(Engine::KvBlockCopy copy);
+Engine::KvBlockCopy FromKvBlockData(v1::KvBlockData& data);
+
 // Where an export's blocks go (a FetchKvBlocks stream, or a KV transfer connection). The exporter
 // (the worker's step loop) calls Write for each block in chain order, then Finish or Abort once;
 // after that it does not touch the sink.

@@ -16,7 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
-#include "worker/server/loopback_sockets.h"
+#include "tests/http_client.h"
 
 namespace strata {
 namespace {
@@ -212,7 +212,7 @@ TEST(KvTransferTest, StrangersAndGarbageAreRefusedAndTheServerKeepsServing) {
 }
 
 TEST(KvTransferTest, ANothingPortIsUnavailableAndAPastDeadlineTimesOut) {
-  const int port = UnusedLoopbackPort();
+  const int port = FreePort();
   ASSERT_GT(port, 0);
   KvTransferCall call;
   std::vector<Engine::KvBlockCopy> blocks;

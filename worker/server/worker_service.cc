@@ -174,11 +174,7 @@ class GrpcExportSink final : public KvExportSink {
     if (stream_ != nullptr) stream_->Abort(grpc::Status(grpc::StatusCode::CANCELLED, "dropped"));
   }
   bool Write(Engine::KvBlockCopy copy) override {
-    v1::KvBlockData data;
-    data.set_block_hash(copy.key.hash);
-    data.set_cache_namespace(copy.key.cache_namespace);
-    data.set_payload(std::move(copy.payload));
-    return stream_->Write(std::move(data));
+    return stream_->Write(ToKvBlockData(std::move(copy)));
   }
   size_t num_queued() override { return stream_->num_queued(); }
   bool cancelled() override { return stream_->cancelled(); }
@@ -864,14 +860,6 @@ void WorkerService::TakeKvBlocks(LoopState* state, const std::string& request_id
                                  std::vector<Engine::KvBlockCopy>& blocks) {
   LoopState::Fetching& parked = state->fetching.at(request_id);
   if (blocks.empty() || parked.stale || parked.given_up) return;
-  // The copies follow the blocks of the prompt held here when they were asked for; should some
-  // of those have left the cache before the first is stored, the copies are of no use (later
-  // ones are checked as they are stored: Engine::ImportKvBlocks).
-  if (parked.arrived.empty() && engine_->HeldPrefix(parked.blocks.hashes) < parked.blocks.held) {
-    parked.stale = true;
-    if (!parked.result.has_value()) fetcher_->Cancel(parked.ticket);
-    return;
-  }
   for (Engine::KvBlockCopy& b : blocks) parked.arrived.push_back(std::move(b));
   if (!parked.queued) {
     parked.queued = true;
@@ -934,12 +922,14 @@ bool WorkerService::ContinueImports(LoopState* state) {
     p.stored += got;
     room -= static_cast<int64_t>(n) * block_bytes;
     if (taken < static_cast<int64_t>(n)) {
-      // The engine took no more (the head left the cache, or no device block was free): the
-      // rest of the copy is of no use.
-      p.given_up = true;
+      // The engine took no more: the rest of the copy is of no use. Either none at all, because
+      // the prompt's blocks held here when the copies were asked for left the cache before the
+      // first was stored (the lease never started: the copies are stale), or no device block
+      // was free.
+      (p.lease.started ? p.given_up : p.stale) = true;
       if (!p.result.has_value()) fetcher_->Cancel(p.ticket);
     }
-    if (p.given_up || p.imported == blocks.size()) {
+    if (p.given_up || p.stale || p.imported == blocks.size()) {
       // Stored what came; the request goes on once the copy has ended too.
       state->importing.pop_front();
       p.queued = false;

@@ -206,7 +206,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   // has stored what came, the Submit is queued (EndKvFetch).
   void FinishKvFetch(LoopState* state, Command& c);
   // Adds arrived blocks to those of the parked Submit `request_id`, and it to the imports waiting
-  // (or finds them stale).
+  // (unless its import already stopped: stale, or given up).
   void TakeKvBlocks(LoopState* state, const std::string& request_id,
                     std::vector<Engine::KvBlockCopy>& blocks);
   // Stores the next slice of the copies that arrived, in arrival order (a large copy takes
