@@ -6,7 +6,10 @@
 // copies it out of its cache) and queues it, keeping at most 16 MiB unsent, as the loop does.
 //
 //   kv_transport_bench [--block_kib 64,2048] [--total_mib 256] [--reps 5] [--json_out FILE]
-//       [--worker_heap=false]
+//       [--worker_heap=false] [--tls_dir DIR]
+//
+// With --tls_dir (ca.crt, tls.crt, tls.key, as tools/make_dev_certs.sh writes them) gRPC is also
+// measured over mutual TLS ("grpc-tls"), as workers given --tls_cert copy KV blocks.
 //
 // Reports GB/s (10^9 bytes per second) per transport and block size, medians over reps.
 #include <malloc.h>
@@ -27,6 +30,7 @@
 #include "common/grpc_stream.h"
 #include "common/init.h"
 #include "common/log.h"
+#include "common/tls.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
 #include "worker/server/kv_transfer.h"
@@ -40,6 +44,9 @@ ABSL_FLAG(std::string, json_out, "", "Append one JSON line per transport and blo
 ABSL_FLAG(bool, worker_heap, true,
           "Set glibc's heap up as strata-worker does (worker_main.cc: buffers up to 64 MiB stay "
           "in the heap, 256 MiB of it kept free); false: glibc's defaults.");
+ABSL_FLAG(std::string, tls_dir, "",
+          "Also measure gRPC over mutual TLS with DIR/ca.crt, DIR/tls.crt, DIR/tls.key "
+          "(tools/make_dev_certs.sh DIR).");
 
 namespace strata {
 namespace {
@@ -117,16 +124,37 @@ int Main() {
   const int64_t total = absl::GetFlag(FLAGS_total_mib) << 20;
   const int reps = absl::GetFlag(FLAGS_reps);
   Service service;
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.SetMaxSendMessageSize(-1);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(-1);  // as KvFetcher's channels
-  auto stub = v1::Worker::NewStub(grpc::CreateCustomChannel(
-      absl::StrFormat("127.0.0.1:%d", port), grpc::InsecureChannelCredentials(), args));
+  // The gRPC servers (plaintext; TLS with --tls_dir), each with a stub that calls it as a worker
+  // does.
+  std::vector<std::string> transports = {"grpc"};
+  std::vector<GrpcCredentials> credentials = {GrpcCredentials()};
+  if (const std::string dir = absl::GetFlag(FLAGS_tls_dir); !dir.empty()) {
+    TlsOptions tls;
+    tls.cert_file = dir + "/tls.crt";
+    tls.key_file = dir + "/tls.key";
+    tls.ca_file = dir + "/ca.crt";
+    tls.server_name = "strata.internal";
+    tls.client_auth = TlsClientAuth::kRequire;
+    absl::StatusOr<GrpcCredentials> c = GrpcCredentials::Load(tls);
+    CHECK(c.ok()) << c.status();
+    transports.push_back("grpc-tls");
+    credentials.push_back(*c);
+  }
+  std::vector<std::unique_ptr<grpc::Server>> servers;
+  std::vector<std::unique_ptr<v1::Worker::Stub>> stubs;
+  for (const GrpcCredentials& c : credentials) {
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", *c.ServerCredentials(), &port);
+    builder.SetMaxSendMessageSize(-1);
+    builder.RegisterService(&service);
+    servers.push_back(builder.BuildAndStart());
+    CHECK(servers.back() != nullptr && port != 0);
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);  // as KvFetcher's channels
+    stubs.push_back(v1::Worker::NewStub(c.NewChannel(absl::StrFormat("127.0.0.1:%d", port), args)));
+  }
+  transports.push_back("transfer");
 
   std::mutex mu;
   std::vector<std::thread> producers;  // guarded by mu
@@ -149,14 +177,15 @@ int Main() {
   for (const std::string& kib : absl::GetFlag(FLAGS_block_kib)) {
     const int64_t block = std::stoll(kib) << 10;
     const v1::FetchKvBlocksRequest request = Request(block, total);
-    for (const char* transport : {"grpc", "transfer"}) {
+    for (size_t t = 0; t < transports.size(); ++t) {
+      const char* transport = transports[t].c_str();
       std::vector<double> gbps;
       for (int rep = 0; rep < reps; ++rep) {
         int64_t bytes = 0;
         const absl::Time start = absl::Now();
-        if (std::string(transport) == "grpc") {
+        if (t < stubs.size()) {
           grpc::ClientContext context;
-          auto reader = stub->FetchKvBlocks(&context, request);
+          auto reader = stubs[t]->FetchKvBlocks(&context, request);
           v1::KvBlockData data;
           std::vector<std::string> kept;  // held, as KvFetcher holds them until stored
           while (reader->Read(&data)) {
@@ -192,7 +221,7 @@ int Main() {
   (*transfer)->Stop();
   std::lock_guard<std::mutex> lock(mu);
   for (std::thread& t : producers) t.join();
-  server->Shutdown();
+  for (auto& server : servers) server->Shutdown();
   return 0;
 }
 

@@ -45,6 +45,8 @@
 #include "common/log.h"
 #include "common/secrets.h"
 #include "common/tcp.h"
+#include "common/tls.h"
+#include "common/tls_flags.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
@@ -365,8 +367,16 @@ int Main() {
   }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
-  auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_target),
-                                           grpc::InsecureChannelCredentials(), args);
+  // --tls_ca (and --tls_cert, --tls_key for a coordinator that asks for client certificates).
+  absl::StatusOr<strata::TlsOptions> tls =
+      strata::TlsOptionsFromFlags(strata::TlsClientAuth::kNone);
+  absl::StatusOr<strata::GrpcCredentials> credentials =
+      tls.ok() ? strata::GrpcCredentials::Load(*tls) : tls.status();
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "loadgen: %s\n", std::string(credentials.status().message()).c_str());
+    return 2;
+  }
+  auto channel = credentials->NewChannel(absl::GetFlag(FLAGS_target), args);
   if (api == "openai") {
     if (!ConnectTcp(absl::GetFlag(FLAGS_target)).valid()) {
       std::fprintf(stderr, "loadgen: cannot reach %s\n", absl::GetFlag(FLAGS_target).c_str());

@@ -28,6 +28,8 @@
 #include "absl/time/clock.h"
 #include "common/init.h"
 #include "common/log.h"
+#include "common/tls.h"
+#include "common/tls_flags.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
@@ -124,8 +126,12 @@ void Drain(v1::Admin::Stub* admin, const std::string& worker, bool resume) {
 }
 
 void Run() {
-  auto channel =
-      grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
+  // --tls_ca (and --tls_server_name) for a coordinator serving TLS.
+  absl::StatusOr<TlsOptions> tls = TlsOptionsFromFlags(TlsClientAuth::kNone);
+  absl::StatusOr<GrpcCredentials> credentials =
+      tls.ok() ? GrpcCredentials::Load(*tls) : tls.status();
+  CHECK(credentials.ok()) << credentials.status();
+  auto channel = credentials->NewChannel(absl::GetFlag(FLAGS_target));
   auto stub = v1::Serving::NewStub(channel);
   auto admin = v1::Admin::NewStub(channel);
   FILE* json = absl::GetFlag(FLAGS_json_out).empty()

@@ -12,7 +12,7 @@
 # under them (written through, so that nothing pressed out of host memory misses the disk; room
 # for every prompt and its fillers), and filler prompts (twice the longest length, twice over,
 # with the other worker drained) push each prompt onto the holder's disk before the copy (case
-# copied-disk).
+# copied-disk). TLS=1: every connection over TLS (the copies then over gRPC with TLS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/strata-kv-fetch-bench}
@@ -50,18 +50,30 @@ fi
 # WORKER_FLAGS: more worker flags (e.g. --kv_transfer_listen=off: copies over gRPC only).
 # shellcheck disable=SC2206
 worker_flags+=(${WORKER_FLAGS:-})
+# TLS=1: every connection over TLS (docs/TLS.md), with a certificate tools/make_dev_certs.sh makes;
+# the workers then copy over gRPC with TLS (no transfer port).
+tls_flags=()
+client_tls=()
+if [ "${TLS:-0}" = 1 ]; then
+  tools/make_dev_certs.sh "$OUT/certs" >/dev/null
+  tls_flags=(--tls_cert="$OUT/certs/tls.crt" --tls_key="$OUT/certs/tls.key"
+             --tls_ca="$OUT/certs/ca.crt" --tls_server_name=strata.internal)
+  client_tls=(--tls_ca="$OUT/certs/ca.crt" --tls_server_name=strata.internal)
+  export STRATA_TLS_CA=$OUT/certs/ca.crt STRATA_TLS_SERVER_NAME=strata.internal  # stratactl's
+  worker_flags+=("${tls_flags[@]}")
+fi
 # shellcheck disable=SC2046
 strata_worker w0 "$MODEL" "${worker_flags[@]}" $(disk w0)
 w0=$STRATA_PORT
 # shellcheck disable=SC2046
 strata_worker w1 "$MODEL" "${worker_flags[@]}" $(disk w1)
 w1=$STRATA_PORT
-strata_coordinator c "$MODEL" "127.0.0.1:$w0,127.0.0.1:$w1"
+strata_coordinator c "$MODEL" "127.0.0.1:$w0,127.0.0.1:$w1" "${tls_flags[@]}"
 cport=$STRATA_PORT
 strata_wait_serving "$cport" 2
 echo "== two workers, ${kv_mb} MiB of device KV cache each"
 bazel-bin/bench/prefix_restore_bench --target="127.0.0.1:$cport" --phase=copy \
-  --lengths="$LENGTHS" --reps="$REPS" --json_out="$JSON" "${filler[@]}"
+  --lengths="$LENGTHS" --reps="$REPS" --json_out="$JSON" "${filler[@]}" "${client_tls[@]}"
 strata_stop_all
 
 # Medians per case and length, and the ratio to recompute.

@@ -11,10 +11,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "common/grpc_status.h"
 #include "common/json.h"
 #include "common/status_macros.h"
+#include "common/tls.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
@@ -23,14 +25,44 @@
 namespace strata {
 namespace {
 
-std::shared_ptr<grpc::Channel> Connect(const Args& args) {
-  std::string target = "127.0.0.1:50051";
-  if (const char* env = std::getenv("STRATA_COORDINATOR"); env != nullptr && *env != '\0') {
-    target = env;
-  }
-  if (std::optional<std::string> flag = args.Get("coordinator")) target = *flag;
-  return grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+// The flag's value, else the environment variable's, else "".
+std::string FlagOrEnv(const Args& args, const char* flag, const char* env) {
+  if (std::optional<std::string> v = args.Get(flag)) return *v;
+  const char* e = std::getenv(env);
+  return e != nullptr ? std::string(e) : std::string();
 }
+
+std::string CoordinatorName(const Args& args);
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const Args& args) {
+  return CoordinatorChannel(args, CoordinatorName(args));
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> CoordinatorChannel(const Args& args,
+                                                                  const std::string& target) {
+  TlsOptions tls;
+  tls.ca_file = FlagOrEnv(args, "tls-ca", "STRATA_TLS_CA");
+  tls.cert_file = FlagOrEnv(args, "tls-cert", "STRATA_TLS_CERT");
+  tls.key_file = FlagOrEnv(args, "tls-key", "STRATA_TLS_KEY");
+  tls.server_name = FlagOrEnv(args, "tls-server-name", "STRATA_TLS_SERVER_NAME");
+  // TLS verified by the system's CA certificates: a coordinator with a public certificate.
+  if (tls.ca_file == "system") {
+    tls.ca_file.clear();
+    tls.system_ca = true;
+  }
+  absl::StatusOr<GrpcCredentials> credentials = GrpcCredentials::Load(tls);
+  if (!credentials.ok()) {
+    // The library names the servers' flags (--tls_ca); ours are spelt with dashes.
+    return absl::Status(
+        credentials.status().code(),
+        absl::StrReplaceAll(credentials.status().message(), {{"--tls_", "--tls-"}}));
+  }
+  return credentials->NewChannel(target);
+}
+
+namespace {
 
 std::string CoordinatorName(const Args& args) {
   if (std::optional<std::string> flag = args.Get("coordinator")) return *flag;
@@ -45,8 +77,12 @@ absl::Status RpcError(const grpc::Status& s, const Args& args, grpc::Channel* ch
   absl::Status status = FromGrpcStatus(s);
   if (s.error_code() == grpc::StatusCode::UNAVAILABLE &&
       channel->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY) {
-    return absl::UnavailableError(absl::StrCat("coordinator ", CoordinatorName(args),
-                                               " is unreachable: ", s.error_message()));
+    // A plaintext call to a TLS port fails as a closed socket: say what may be missing.
+    const bool tls = !FlagOrEnv(args, "tls-ca", "STRATA_TLS_CA").empty() ||
+                     !FlagOrEnv(args, "tls-cert", "STRATA_TLS_CERT").empty();
+    return absl::UnavailableError(
+        absl::StrCat("coordinator ", CoordinatorName(args), " is unreachable: ", s.error_message(),
+                     tls ? "" : " (if it serves TLS, give --tls-ca FILE or $STRATA_TLS_CA)"));
   }
   return status;
 }
@@ -126,7 +162,7 @@ void AddApiKey(grpc::ClientContext* ctx) {
 }
 
 absl::Status GenerateCommand(const Args& args, std::FILE* out) {
-  auto channel = Connect(args);
+  ASSIGN_OR_RETURN(const std::shared_ptr<grpc::Channel> channel, Connect(args));
   auto serving = v1::Serving::NewStub(channel);
   const bool json = args.Has("json");
   v1::GenerateRequest req;
@@ -265,7 +301,7 @@ absl::Status GenerateCommand(const Args& args, std::FILE* out) {
 }
 
 absl::Status StatusCommand(const Args& args, std::FILE* out) {
-  auto channel = Connect(args);
+  ASSIGN_OR_RETURN(const std::shared_ptr<grpc::Channel> channel, Connect(args));
   auto admin = v1::Admin::NewStub(channel);
   auto serving = v1::Serving::NewStub(channel);
   v1::ClusterStatus cs;
@@ -411,7 +447,7 @@ absl::Status DrainCommand(const Args& args, std::FILE* out) {
   if (args.positional().size() != 1) {
     return absl::InvalidArgumentError("usage: stratactl drain WORKER (its address or worker id)");
   }
-  auto channel = Connect(args);
+  ASSIGN_OR_RETURN(const std::shared_ptr<grpc::Channel> channel, Connect(args));
   auto admin = v1::Admin::NewStub(channel);
   v1::DrainWorkerRequest req;
   req.set_worker(args.positional()[0]);

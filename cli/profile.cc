@@ -155,10 +155,10 @@ struct ServingTimes {
   double ttft_s = 0;
   double tpot_s = 0;
 };
-absl::StatusOr<ServingTimes> MeasureServing(const std::string& target, int32_t vocab,
-                                            int64_t context, int64_t tokens, int n,
+absl::StatusOr<ServingTimes> MeasureServing(const Args& args, const std::string& target,
+                                            int32_t vocab, int64_t context, int64_t tokens, int n,
                                             std::mt19937_64* rng) {
-  auto channel = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+  ASSIGN_OR_RETURN(const std::shared_ptr<grpc::Channel> channel, CoordinatorChannel(args, target));
   auto serving = v1::Serving::NewStub(channel);
   v1::ListModelsResponse models;
   {
@@ -254,7 +254,7 @@ absl::StatusOr<Args> ParseProfileArgs(const std::vector<std::string>& argv) {
   return Args::Parse(argv, {"json", "random-weights"},
                      {"model", "threads", "kv-cache-mb", "block-tokens", "max-batch-tokens",
                       "max-running-sequences", "context", "reps", "out", "coordinator", "delta",
-                      "device", "gpu-dtype"});
+                      "device", "gpu-dtype", "tls-ca", "tls-cert", "tls-key", "tls-server-name"});
 }
 
 absl::Status ProfileCommand(const Args& args, std::FILE* out) {
@@ -543,7 +543,8 @@ absl::Status ProfileCommand(const Args& args, std::FILE* out) {
   double serving_overhead_s = 0;
   ServingTimes serving;
   if (std::optional<std::string> target = args.Get("coordinator")) {
-    ASSIGN_OR_RETURN(serving, MeasureServing(*target, config.vocab_size, context, 32, reps, &rng));
+    ASSIGN_OR_RETURN(serving,
+                     MeasureServing(args, *target, config.vocab_size, context, 32, reps, &rng));
     const double ctx = static_cast<double>(context) + 16;
     serving_overhead_s = std::max(0.0, serving.tpot_s - cost.Step(1, ctx, ctx, 1));
   }

@@ -21,7 +21,9 @@
 //   stratactl keys check FILE [--json] | keys new [--prefix P]
 //
 // Cluster commands reach the coordinator at --coordinator, else $STRATA_COORDINATOR, else
-// 127.0.0.1:50051.
+// 127.0.0.1:50051; over TLS with --tls-ca FILE|system [--tls-cert FILE --tls-key FILE]
+// [--tls-server-name NAME] (or $STRATA_TLS_CA, $STRATA_TLS_CERT, $STRATA_TLS_KEY,
+// $STRATA_TLS_SERVER_NAME).
 //
 // Exit status: 0 on success, 2 for a usage error, 1 for any other error (message on stderr).
 #include <cstdio>
@@ -63,6 +65,8 @@ constexpr char kUsage[] =
     "       --choice TEXT...] [--compact-json] [--json]\n"
     "  stratactl status [--json]\n"
     "  stratactl drain WORKER [--resume] [--wait] [--timeout-s N] [--json]\n"
+    "  over TLS: --tls-ca FILE|system [--tls-cert FILE --tls-key FILE] [--tls-server-name NAME]\n"
+    "      (or $STRATA_TLS_CA, $STRATA_TLS_CERT, $STRATA_TLS_KEY, $STRATA_TLS_SERVER_NAME)\n"
     "API keys (strata-coordinator --api_keys_file; coordinator/api_keys.h):\n"
     "  stratactl keys check FILE [--json]   (each tenant's settings, or the file's error)\n"
     "  stratactl keys new [--prefix P]      (a new random key)\n"
@@ -155,21 +159,25 @@ int main(int argc, char** argv) {
   if (command == "generate") {
     auto args = strata::Args::Parse(
         rest, {"json", "ignore-eos", "json-object", "compact-json"},
-        {"coordinator", "model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-p",
-         "top-k", "min-p", "seed", "stop", "logprobs", "cache-salt", "fine-tune", "timeout-s",
-         "json-schema", "regex", "grammar", "choice"});
+        {"coordinator", "model",     "prompt",    "prompt-ids",  "max-tokens",     "temperature",
+         "top-p",       "top-k",     "min-p",     "seed",        "stop",           "logprobs",
+         "cache-salt",  "fine-tune", "timeout-s", "json-schema", "regex",          "grammar",
+         "choice",      "tls-ca",    "tls-cert",  "tls-key",     "tls-server-name"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::GenerateCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);
   }
   if (command == "status") {
-    auto args = strata::Args::Parse(rest, {"json"}, {"coordinator"});
+    auto args = strata::Args::Parse(
+        rest, {"json"}, {"coordinator", "tls-ca", "tls-cert", "tls-key", "tls-server-name"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::StatusCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);
   }
   if (command == "drain") {
-    auto args = strata::Args::Parse(rest, {"json", "resume", "wait"}, {"coordinator", "timeout-s"});
+    auto args = strata::Args::Parse(
+        rest, {"json", "resume", "wait"},
+        {"coordinator", "timeout-s", "tls-ca", "tls-cert", "tls-key", "tls-server-name"});
     if (!args.ok()) return Fail(args.status());
     const absl::Status s = strata::DrainCommand(*args, stdout);
     return s.ok() ? 0 : Fail(s);

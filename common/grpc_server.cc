@@ -48,7 +48,10 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
   InitGrpcOnce();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(
+      options.listen_address,
+      options.credentials != nullptr ? options.credentials : grpc::InsecureServerCredentials(),
+      &port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   // A port another process (or server) holds is an error, not a silently shared listener.
@@ -66,11 +69,31 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
   const std::string address = absl::StrCat(HostPart(options.listen_address), ":", port);
   std::unique_ptr<GrpcServer> out(new GrpcServer(std::move(server), port, address, names));
   out->max_message_bytes_ = options.max_message_bytes;
-  out->SetServing(true);
-  if (grpc::HealthCheckServiceInterface* health = out->server_->GetHealthCheckService()) {
-    health->SetServingStatus(kLivenessService, true);
+  out->tls_ = options.credentials != nullptr;
+  if (!options.health_listen_address.empty()) {
+    // No services but the default health service, which every server built here has.
+    grpc::ServerBuilder health_builder;
+    health_builder.AddListeningPort(options.health_listen_address,
+                                    grpc::InsecureServerCredentials(), &out->health_port_);
+    health_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    out->health_server_ = health_builder.BuildAndStart();
+    if (out->health_server_ == nullptr || out->health_port_ == 0) {
+      out->server_->Shutdown(absl::ToChronoTime(absl::Now()));
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", options.health_listen_address,
+                                                 " (the health port: address in use or invalid)"));
+    }
   }
-  LOG(INFO) << "serving on " << address;
+  out->SetServing(true);
+  for (grpc::Server* s : {out->server_.get(), out->health_server_.get()}) {
+    if (s == nullptr) continue;
+    if (grpc::HealthCheckServiceInterface* health = s->GetHealthCheckService()) {
+      health->SetServingStatus(kLivenessService, true);
+    }
+  }
+  LOG(INFO) << "serving on " << address << (out->tls_ ? " (TLS)" : "")
+            << (out->health_port_ != 0
+                    ? absl::StrCat("; health alone, plaintext, on port ", out->health_port_)
+                    : "");
   return out;
 }
 
@@ -84,18 +107,25 @@ GrpcServer::GrpcServer(std::unique_ptr<grpc::Server> server, int port, std::stri
 GrpcServer::~GrpcServer() { Shutdown(absl::ZeroDuration()); }
 
 void GrpcServer::SetServing(bool serving) {
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  if (health == nullptr) return;
-  health->SetServingStatus("", serving);
-  for (const std::string& name : service_names_) health->SetServingStatus(name, serving);
+  for (grpc::Server* s : {server_.get(), health_server_.get()}) {
+    if (s == nullptr) continue;
+    grpc::HealthCheckServiceInterface* health = s->GetHealthCheckService();
+    if (health == nullptr) continue;
+    health->SetServingStatus("", serving);
+    for (const std::string& name : service_names_) health->SetServingStatus(name, serving);
+  }
 }
 
 void GrpcServer::Shutdown(absl::Duration grace) {
   if (shut_down_.exchange(true)) return;
   SetServing(false);
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  if (health_server_ != nullptr) health_server_->Shutdown(absl::ToChronoTime(absl::Now()));
 }
 
-void GrpcServer::Wait() { server_->Wait(); }
+void GrpcServer::Wait() {
+  server_->Wait();
+  if (health_server_ != nullptr) health_server_->Wait();
+}
 
 }  // namespace strata

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/impl/codegen/service_type.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 
 namespace strata {
@@ -22,6 +23,12 @@ struct GrpcServerOptions {
   std::string listen_address = "127.0.0.1:0";
   // Largest request or response message, in bytes.
   int max_message_bytes = 64 << 20;
+  // How listen_address is served: TLS (GrpcCredentials::ServerCredentials) or, when null,
+  // plaintext.
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  // Where a second, plaintext port serves the health service alone (the same statuses as the main
+  // port), for probes that cannot speak TLS (a kubelet's gRPC probe). Empty: none.
+  std::string health_listen_address;
 };
 
 // A service to serve and the fully qualified name it reports health under (for a generated service
@@ -49,6 +56,8 @@ class GrpcServer {
 
   // The port bound (the chosen one when the options asked for port 0).
   int port() const { return port_; }
+  // The health-only port's, 0 without one.
+  int health_port() const { return health_port_; }
   // "host:port" with the bound port, usable as a client target.
   const std::string& address() const { return address_; }
   // A channel to this server's own services inside the process (no socket), for front ends that
@@ -71,11 +80,17 @@ class GrpcServer {
   // Blocks until the server has shut down.
   void Wait();
 
+  // Whether the server calls can reach is TLS.
+  bool tls() const { return tls_; }
+
  private:
   GrpcServer(std::unique_ptr<grpc::Server> server, int port, std::string address,
              std::vector<std::string> service_names);
 
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::Server> health_server_;  // the plaintext health-only port, or null
+  int health_port_ = 0;
+  bool tls_ = false;
   const int port_;
   const std::string address_;
   int max_message_bytes_ = 0;  // GrpcServerOptions::max_message_bytes

@@ -25,6 +25,8 @@
 #include "common/metrics_http.h"
 #include "common/process.h"
 #include "common/secrets.h"
+#include "common/tls.h"
+#include "common/tls_flags.h"
 #include "common/version.h"
 #include "coordinator/coordinator_service.h"
 #include "coordinator/discovery.h"
@@ -40,6 +42,9 @@ ABSL_FLAG(std::string, workers, "",
           "Workers: host:port,host:port,... or dns:NAME:PORT (every address NAME resolves to, "
           "re-resolved every --resolve_interval_s: a Kubernetes headless Service).");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "host:port to serve on; port 0 picks one.");
+ABSL_FLAG(std::string, health_listen, "",
+          "host:port of a second, plaintext gRPC port that serves the health service alone (for "
+          "probes that cannot speak TLS, such as a kubelet's); empty: none.");
 ABSL_FLAG(std::string, port_file, "", "Once serving, write the bound port to this file.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
@@ -171,8 +176,20 @@ int Main() {
     LOG(ERROR) << "--resolve_interval_s must be positive";
     return 2;
   }
+  absl::StatusOr<TlsOptions> tls = TlsOptionsFromFlags(TlsClientAuth::kNone);
+  absl::StatusOr<GrpcCredentials> credentials =
+      tls.ok() ? GrpcCredentials::Load(*tls) : tls.status();
+  if (!credentials.ok()) {
+    LOG(ERROR) << credentials.status().message();
+    return 2;
+  }
+  if (credentials->tls() && tls->cert_file.empty()) {
+    LOG(INFO) << "TLS to workers and peers (verified by --tls_ca " << tls->ca_file
+              << "); the API is served in plaintext without --tls_cert";
+  }
   WorkerPoolOptions po;
   po.targets = *targets;
+  po.credentials = *credentials;
   po.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_resolve_interval_s));
   // Declared before the servers that read it, so that it outlives them.
   absl::StatusOr<std::unique_ptr<ClusterSecret>> cluster_secret = OpenClusterSecretFlag(
@@ -329,6 +346,8 @@ int Main() {
   CoordinatorService service(&pool, models->get(), co);
   GrpcServerOptions so;
   so.listen_address = absl::GetFlag(FLAGS_listen);
+  so.health_listen_address = absl::GetFlag(FLAGS_health_listen);
+  if (!tls->cert_file.empty()) so.credentials = *credentials->ServerCredentials();
   absl::StatusOr<std::unique_ptr<GrpcServer>> server =
       GrpcServer::Start(so, {{static_cast<v1::Serving::CallbackService*>(&service),
                               std::string(v1::Serving::service_full_name())},
@@ -407,6 +426,7 @@ int Main() {
       ps.self_id = co.coordinator_id;
       ps.secret = co.cluster_secret;
       ps.metrics = co.metrics;
+      ps.credentials = *credentials;
       peer_sync = std::make_unique<PeerSync>(api_keys, std::move(ps));
       peer_sync->Start();
       LOG(INFO) << "tenants' limits shared with the coordinators at " << peers << ", asked every "

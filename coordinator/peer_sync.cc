@@ -41,7 +41,7 @@ void PeerSync::SyncOnce() {
       continue;
     }
     Peer p;
-    p.stub = v1::Admin::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+    p.stub = v1::Admin::NewStub(options_.credentials.NewChannel(address));
     kept.emplace(address, std::move(p));
   }
   peers_ = std::move(kept);

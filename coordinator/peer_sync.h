@@ -31,6 +31,7 @@
 #include "common/metrics.h"
 #include "common/periodic.h"
 #include "common/secrets.h"
+#include "common/tls.h"
 #include "coordinator/api_keys.h"
 #include "coordinator/discovery.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
@@ -45,6 +46,7 @@ class PeerSync {
     std::string self_id;                    // this coordinator's TenantUsage.coordinator_id
     const ClusterSecret* secret = nullptr;  // sent to peers; required
     MetricsRegistry* metrics = nullptr;     // strata_coordinator_peer_*; may be null
+    GrpcCredentials credentials;            // what calls to peers go with
   };
   PeerSync(std::shared_ptr<ApiKeyStore> keys, Options options);
   ~PeerSync();

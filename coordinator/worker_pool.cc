@@ -154,8 +154,7 @@ void WorkerPool::UpdateAddresses(const std::vector<std::string>& addresses) {
         // Reconnect quickly after a worker restarts.
         args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
         args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-        record->channel =
-            grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+        record->channel = options_.credentials.NewChannel(address, args);
         record->stub = v1::Worker::NewStub(record->channel);
         w = record.get();
         by_address_[address] = w->slot;

@@ -35,6 +35,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/secrets.h"
+#include "common/tls.h"
 #include "coordinator/block_index.h"
 #include "coordinator/discovery.h"
 #include "coordinator/router.h"
@@ -65,6 +66,8 @@ struct WorkerPoolOptions {
   // The cluster secret every call to a worker carries (its first; common/secrets.h); null: none.
   // Not owned; it must outlive the pool.
   const ClusterSecret* cluster_secret = nullptr;
+  // What the calls to workers go with (TLS when the cluster serves it).
+  GrpcCredentials credentials;
 };
 
 // One model as the workers serving it describe it.

@@ -22,8 +22,9 @@
    answers generate requests (for the base and for a fine-tune), a worker sent SIGTERM (a pod deletion) turns NOT_SERVING, leaves the
    Service and exits 0 within its grace period while requests keep succeeding, and its replacement
    recovers the disk KV tier from its volume and serves again. Then k8s/base with API keys and the
-   cluster secret, and k8s/disaggregated (a prefill and a decode worker: a long prompt handed off
-   between them, its KV blocks copied).
+   cluster secret, k8s/disaggregated (a prefill and a decode worker: a long prompt handed off
+   between them, its KV blocks copied), and k8s/tls (every gRPC connection over TLS with the
+   certificate tools/make_dev_certs.sh makes, the probes on the plaintext health ports).
 
 Run by tests/k8s_test.sh (Bazel); needs unshare, ip and chroot (util-linux, iproute2, coreutils).
 """
@@ -183,6 +184,7 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
     n = 0
     where = m.name
     cluster_secrets = {}  # container -> its --cluster_secret_file, expanded
+    tls_files = {}  # container -> its --tls_cert, --tls_key, --tls_ca, --tls_server_name
     transfer_ports = set()  # (name, number) of the workers' --kv_transfer_listen ports
     for w in m.workloads():
         wname = "%s %s/%s" % (where, w["kind"], w["metadata"]["name"])
@@ -231,11 +233,24 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                 fail("%s: --listen=%s does not listen on every address" % (cname, listen))
             if int(port) not in ports:
                 fail("%s: --listen port %s is not a containerPort %s" % (cname, port, sorted(ports)))
+            # With TLS the kubelet (whose gRPC probes speak plaintext) must probe the plaintext
+            # health port; without, the serving port or that one.
+            health = args.get("health_listen")
+            health_port = int(health.rpartition(":")[2]) if health else None
+            if health_port is not None and health_port not in ports:
+                fail("%s: --health_listen port %s is not a containerPort %s" % (cname, health_port, sorted(ports)))
+            tls = bool(args.get("tls_cert"))
+            if tls and health_port is None:
+                fail("%s: --tls_cert without --health_listen: a kubelet's gRPC probes cannot speak "
+                     "TLS" % cname)
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 if probe in c:
                     p = c[probe].get("grpc", {}).get("port")
-                    if p != int(port):
-                        fail("%s: %s probes port %s, not the serving port %s" % (cname, probe, p, port))
+                    allowed = [health_port] if tls else [int(port), health_port]
+                    if p not in allowed:
+                        fail("%s: %s probes port %s, not %s" % (
+                            cname, probe, p, "the plaintext health port %s (TLS)" % health_port if tls
+                            else "the serving port %s" % port))
                     n += 1
             metrics = args.get("metrics_listen")
             if metrics is not None:
@@ -248,8 +263,12 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                 n += 1
             if binary == "strata-worker":
                 # Other workers copy KV blocks over this port; behind a NetworkPolicy it must be a
-                # fixed one, open to them (checked below), or copies fall back to gRPC.
+                # fixed one, open to them (checked below), or copies fall back to gRPC. With TLS
+                # there is none (strata-worker refuses one beside --tls_cert).
                 kt = args.get("kv_transfer_listen", "auto")
+                if tls and kt != "off":
+                    fail("%s: --kv_transfer_listen=%s beside --tls_cert: strata-worker refuses a "
+                         "plain-TCP port with TLS; give off" % (cname, kt))
                 if kt == "auto" or kt.endswith(":0"):
                     fail("%s: --kv_transfer_listen=%s picks a port at start, which no NetworkPolicy "
                          "can open: give a fixed one (or off)" % (cname, kt))
@@ -304,7 +323,11 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
             cluster_secrets[cname] = secret_file
             # The keys file and the cluster secret from a Secret's volume, as k8s/base/model.yaml
             # says to set them.
-            for flag, path in (("api_keys_file", keys_file), ("cluster_secret_file", secret_file)):
+            tls_files[cname] = tuple(expand(args.get(f, ""), m.container_env(c)) for f in
+                                     ("tls_cert", "tls_key", "tls_ca", "tls_server_name"))
+            for flag, path in (("api_keys_file", keys_file), ("cluster_secret_file", secret_file),
+                               ("tls_cert", tls_files[cname][0]), ("tls_key", tls_files[cname][1]),
+                               ("tls_ca", tls_files[cname][2])):
                 if path:
                     vm = mount_of(path)
                     if vm is None or "secret" not in mounts_by_volume.get(vm["name"], {}):
@@ -454,6 +477,9 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
     # must read the same file, or none.
     if len(set(cluster_secrets.values())) > 1:
         fail("%s: coordinators and workers differ in --cluster_secret_file: %s" % (where, cluster_secrets))
+    # All TLS or none: a plaintext server refuses TLS callers, and a TLS one plaintext callers.
+    if len(set(tls_files.values())) > 1:
+        fail("%s: coordinators and workers differ in their TLS flags: %s" % (where, tls_files))
     n += 1
     return n
 
@@ -616,9 +642,13 @@ class Cluster:
         for vm in c.get("volumeMounts", []):
             src = volumes.get(vm["name"])
             secret = None
-            if src is not None and "secret" in src and src["secret"].get("optional"):
-                # An optional Secret: its files when the test makes it, else an empty directory.
+            if src is not None and "secret" in src:
+                # A Secret: its files when the test makes it, else (an optional one) an empty
+                # directory.
                 secret = self.secrets.get(src["secret"]["secretName"])
+                if secret is None and not src["secret"].get("optional"):
+                    fail("pod %s: volume %s needs Secret %s, which the test does not make"
+                         % (pod.name, vm["name"], src["secret"]["secretName"]))
             elif src is not None and "emptyDir" not in src:
                 fail("pod %s: volume %s is not an emptyDir or a claim template; the test cannot provide it" % (pod.name, vm["name"]))
             target = vm["mountPath"].lstrip("/")
@@ -671,8 +701,10 @@ class Cluster:
                     self.write_secret_file(self.volumes[(p.name, v["name"])], fname, text)
 
     def probe(self, pod, service=""):
-        """A gRPC probe: 0 SERVING, 1 answered otherwise, 2 unreachable."""
-        out = subprocess.run([os.path.join(ROOT, PROBE), addr(pod), service],
+        """A gRPC probe on the readiness probe's port: 0 SERVING, 1 answered otherwise, 2
+        unreachable."""
+        port = pod.container.get("readinessProbe", {}).get("grpc", {}).get("port", pod.port)
+        out = subprocess.run([os.path.join(ROOT, PROBE), "%s:%d" % (pod.ip, port), service],
                              capture_output=True, text=True)
         return out.returncode
 
@@ -1242,8 +1274,74 @@ def run_pods_keyed(m, rootfs, work):
         kill_leftovers(cluster)
 
 
+def expect_tls_everywhere(m):
+    """Every coordinator and worker serves and calls over TLS with the strata-tls Secret's files
+    (components/tls), probed on the plaintext health port."""
+    for w in m.workloads():
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            args = parse_args(c.get("args", []))
+            want = {"tls_cert": "/etc/strata/tls/tls.crt", "tls_key": "/etc/strata/tls/tls.key",
+                    "tls_ca": "/etc/strata/tls/ca.crt", "tls_server_name": "strata.internal"}
+            got = {f: args.get(f) for f in want}
+            if got != want:
+                fail("%s: %s's TLS flags are %s, not %s" % (m.name, w["metadata"]["name"], got, want))
+            volumes = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+            tls = volumes.get("tls", {}).get("secret", {})
+            if tls.get("secretName") != "strata-tls" or tls.get("optional"):
+                fail("%s: %s does not mount the Secret strata-tls (not optional)" % (m.name, w["metadata"]["name"]))
+    for s in m.of("Service"):
+        for port in s["spec"]["ports"]:
+            if port.get("appProtocol") == "kubernetes.io/h2c":
+                fail("%s: Service %s port %s still says cleartext HTTP/2 (h2c)" % (m.name, s["metadata"]["name"], port["name"]))
+    return 1
+
+
+def run_pods_tls(m, rootfs, work):
+    """k8s/tls: every gRPC connection over TLS with the certificate tools/make_dev_certs.sh makes,
+    the kubelet's probes on the plaintext health ports. The workers turn ready, both coordinators
+    reach both workers (mutual TLS) and answer stratactl over TLS, and refuse it in plaintext."""
+    certs = os.path.join(work, "certs")
+    files = {}
+    for f in ("tls.crt", "tls.key", "ca.crt"):
+        with open(os.path.join(certs, f)) as fh:
+            files[f] = fh.read()
+    cluster = Cluster(m, rootfs, work, secrets={"strata-tls": files})
+    try:
+        # stratactl's TLS settings, from the environment as a user's shell would have them.
+        os.environ["STRATA_TLS_CA"] = os.path.join(certs, "ca.crt")
+        os.environ["STRATA_TLS_SERVER_NAME"] = "strata.internal"
+        start_pods(cluster)
+        coordinators = [p for p in cluster.pods if p.name.startswith("strata-coordinator")]
+        workers = sorted(p.name for p in cluster.pods if p.name.startswith("strata-worker"))
+        for coord in coordinators:
+            cluster.wait("%s to see both workers over mutual TLS" % coord.name,
+                         lambda: serving_workers(cluster, coord) == workers and workers, 30)
+            out = stratactl(cluster, "generate", "--coordinator", addr(coord), "--prompt", "def parse(",
+                            "--max-tokens", "8", "--seed", "7", "--ignore-eos", "--json")
+            if out.returncode != 0 or len(json.loads(out.stdout)["token_ids"]) != 8:
+                cluster.dump()
+                fail("generate over TLS through %s: %s" % (coord.name, out.stderr.strip()))
+        plain = dict(os.environ)
+        for k in ("STRATA_TLS_CA", "STRATA_TLS_SERVER_NAME"):
+            plain.pop(k)
+        out = subprocess.run([os.path.join(ROOT, BINARIES["stratactl"]), "status", "--coordinator",
+                              addr(coordinators[0])], capture_output=True, text=True, timeout=60, env=plain)
+        if out.returncode == 0:
+            fail("%s answered stratactl in plaintext: %s" % (coordinators[0].name, out.stdout))
+        print("k8s_test: k8s/tls: %d pods ready on their plaintext health ports; both coordinators "
+              "reach both workers over mutual TLS and answer over TLS only" % len(cluster.pods))
+        stop_and_check(cluster)
+    finally:
+        kill_leftovers(cluster)
+
+
 def main():
     os.environ["PATH"] = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
+    if len(sys.argv) == 4 and sys.argv[1] == "--pods-tls":
+        with open(os.path.join(sys.argv[3], "manifests.json")) as f:
+            run_pods_tls(Manifests(json.load(f), "k8s/tls"), sys.argv[2], sys.argv[3])
+        print("PASS")
+        return
     if len(sys.argv) == 4 and sys.argv[1] == "--pods-disaggregated":
         with open(os.path.join(sys.argv[3], "manifests.json")) as f:
             run_pods_disaggregated(Manifests(json.load(f), "k8s/disaggregated"), sys.argv[2], sys.argv[3])
@@ -1335,8 +1433,19 @@ def main():
                 fail("k8s/%s: the prefill pods differ from the decode pods beyond their role" % d)
             keyed = with_secrets(split[d], "k8s/" + d)
             n += check_manifests(keyed, flags, image_models, image_fine_tunes) + expect_secret_everywhere(keyed)
-        print("k8s_test: k8s/base, k8s/gpu, both disaggregated overlays and stratactl plan's "
-              "overlays of k8s/gpu and k8s/gpu-disaggregated pass %d checks" % n)
+        # TLS: k8s/tls, and components/tls over k8s/gpu-disaggregated (the component's patches
+        # must take every workload of the larger overlay).
+        tls_sets = {"tls": kubectl_render(os.path.join(k8s_copy, "tls"))}
+        d = os.path.join(k8s_copy, "gpu-disaggregated-tls")
+        os.makedirs(d)
+        with open(os.path.join(d, "kustomization.yaml"), "w") as f:
+            f.write("resources: [../gpu-disaggregated]\ncomponents: [../components/tls]\n")
+        tls_sets["gpu-disaggregated-tls"] = kubectl_render(d)
+        for name, objs in tls_sets.items():
+            tm = Manifests(objs, "k8s/" + name)
+            n += check_manifests(tm, flags, image_models, image_fine_tunes) + expect_tls_everywhere(tm)
+        print("k8s_test: k8s/base, k8s/gpu, both disaggregated overlays, stratactl plan's "
+              "overlays of k8s/gpu and k8s/gpu-disaggregated, and k8s/tls pass %d checks" % n)
     else:
         print("k8s_test: k8s/base passes %d checks; no kubectl here, so k8s/gpu is not rendered" % n)
 
@@ -1344,7 +1453,9 @@ def main():
                      ([("k8s/gpu", gpu), ("stratactl plan --emit k8s", planned),
                        ("k8s/disaggregated", split["disaggregated"]),
                        ("k8s/gpu-disaggregated", split["gpu-disaggregated"]),
-                       ("stratactl plan --emit k8s-disaggregated", split["planned-disaggregated"])]
+                       ("stratactl plan --emit k8s-disaggregated", split["planned-disaggregated"]),
+                       ("k8s/tls", tls_sets["tls"]),
+                       ("k8s/gpu-disaggregated with components/tls", tls_sets["gpu-disaggregated-tls"])]
                       if rendered is not None else []))
 
     archive = os.path.join(work, "strata-image.tar")
@@ -1388,6 +1499,12 @@ def main():
         os.makedirs(phases[-1][1], exist_ok=True)
         with open(os.path.join(phases[-1][1], "manifests.json"), "w") as f:
             json.dump(split["disaggregated"], f)
+        # TLS with the certificate the documented script makes.
+        phases.append(("--pods-tls", os.path.join(work, "tls")))
+        os.makedirs(phases[-1][1], exist_ok=True)
+        with open(os.path.join(phases[-1][1], "manifests.json"), "w") as f:
+            json.dump(tls_sets["tls"], f)
+        sh(os.path.join(ROOT, "tools/make_dev_certs.sh"), os.path.join(phases[-1][1], "certs"))
     for phase, phase_work in phases:
         os.makedirs(phase_work, exist_ok=True)
         inner = "mount -t tmpfs tmpfs /run && mount -t proc proc /proc && exec %s %s %s %s %s" % (

@@ -64,8 +64,7 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
     w.flags = flags;
     w.process = std::move(started->first);
     w.address = started->second;
-    w.stub =
-        v1::Worker::NewStub(grpc::CreateChannel(w.address, grpc::InsecureChannelCredentials()));
+    w.stub = v1::Worker::NewStub(options.credentials.NewChannel(w.address));
     c->workers_.push_back(std::move(w));
   }
   if (!options.coordinator) return c;
@@ -73,7 +72,7 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
       c->StartExtraCoordinator(options.coordinator_flags, options.name + "-coordinator");
   if (!address.ok()) return address.status();
   c->coordinator_address_ = *address;
-  auto channel = grpc::CreateChannel(*address, grpc::InsecureChannelCredentials());
+  auto channel = options.credentials.NewChannel(*address);
   c->serving_ = v1::Serving::NewStub(channel);
   c->admin_ = v1::Admin::NewStub(channel);
   if (absl::Status s =

@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/tls.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/admin.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
@@ -41,6 +42,9 @@ struct LocalClusterOptions {
   // For a coordinator with --api_keys_file: an admin tenant's key, for the status calls that wait
   // for the workers.
   std::string admin_api_key;
+  // What the test's own stubs (serving(), admin(), worker(i)) call with: TLS for a cluster started
+  // with TLS flags.
+  GrpcCredentials credentials;
 };
 
 class LocalCluster {

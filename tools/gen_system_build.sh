@@ -13,6 +13,7 @@ LIBS=(
   "protobuf|protobuf|"
   "grpc++|grpc++|"
   "grpc++_reflection|grpc++|-lgrpc++_reflection"
+  "openssl|openssl|"
   "uring|liburing|"
   "xxhash|libxxhash|"
   "simdjson|simdjson|"
@@ -31,6 +32,7 @@ declare -A VIS=(
   [protobuf]="@//:rpc_users"
   [grpc++]="@//:rpc_users"
   [grpc++_reflection]="@//:rpc_users"
+  [openssl]="@//:rpc_users"
 )
 # Dependencies between the targets above, so that a binary links each library once.
 declare -A DEPS=(

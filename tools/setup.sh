@@ -13,6 +13,8 @@ PACKAGES=(
   pkg-config
   git
   libgrpc++-dev          # gRPC C++ (also libgrpc++_reflection)
+  libssl-dev             # TLS: certificate checks and test certificates (common/tls)
+  openssl                # tools/make_dev_certs.sh (tests/k8s_test's TLS phase)
   protobuf-compiler
   protobuf-compiler-grpc # grpc_cpp_plugin
   libprotobuf-dev

@@ -23,14 +23,16 @@ if [[ $# -eq 0 ]]; then
   # KV copies between workers, whose fetcher threads and parked requests are cancelled midway,
   # and whose KV transfer connections are cancelled, refused and stopped (TSAN too);
   # and disaggregated serving end to end, whose calls hand over from one worker's stream to
-  # another's, with ASAN builds of the coordinator and workers.)
+  # another's, with ASAN builds of the coordinator and workers; and TLS, whose certificate checks
+  # hold OpenSSL objects, end to end over a TLS cluster too.)
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
     //coordinator:api_keys_test //coordinator:access_log_test //common:secrets_test \
     //common:periodic_test \
     //coordinator:tool_calls_test //grammar/... //worker/engine:engine_speculative_test \
     //worker/engine:ngram_draft_test //worker/model:lora_test \
     //worker/engine:delta_cache_test //worker/server:fine_tune_dir_test \
-    //worker/server:kv_fetch_test //worker/server:kv_transfer_test //tests:disaggregation_test
+    //worker/server:kv_fetch_test //worker/server:kv_transfer_test //tests:disaggregation_test \
+    //common:tls_test //tests:tls_cluster_test
   bazel test --config=tsan //memtier/... //worker/comm/... //worker/server:kv_transfer_test
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
   # Structured output's masks are computed on several threads and warmed on another.

@@ -116,8 +116,8 @@ std::shared_ptr<v1::Worker::Stub> KvFetcher::StubFor(const std::string& address)
   }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);  // a block of a large model is several MiB
-  std::shared_ptr<v1::Worker::Stub> stub = v1::Worker::NewStub(
-      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+  std::shared_ptr<v1::Worker::Stub> stub =
+      v1::Worker::NewStub(options_.credentials.NewChannel(address, args));
   stubs_.emplace_front(address, stub);
   if (stubs_.size() > kMaxChannels) stubs_.pop_back();
   return stub;
@@ -188,7 +188,8 @@ KvFetchResult KvFetcher::Copy(Job& job) {
   request.set_max_bytes(static_cast<uint64_t>(options_.max_bytes_per_call));
   const std::string secret =
       options_.cluster_secret != nullptr ? options_.cluster_secret->Sent() : std::string();
-  std::string transfer = options_.use_kv_transfer
+  // Never in plaintext beside calls made over TLS.
+  std::string transfer = options_.use_kv_transfer && !options_.credentials.tls()
                              ? TransferAddressFor(ticket, address, *stub, deadline)
                              : std::string();
   // Each block as it arrives: counted, and handed over in parts when the job takes them.

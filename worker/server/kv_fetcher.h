@@ -32,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/secrets.h"
+#include "common/tls.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
 #include "worker/engine/engine.h"
@@ -49,8 +50,11 @@ struct KvFetcherOptions {
   int threads = 2;
   // FetchKvBlocksRequest.max_bytes of each call.
   int64_t max_bytes_per_call = int64_t{1} << 30;
-  // Use a source's KV transfer port when it has one.
+  // Use a source's KV transfer port when it has one (plain TCP: a worker serving TLS has none,
+  // and one calling over TLS, with `credentials`, never uses one).
   bool use_kv_transfer = true;
+  // What the calls to other workers go with: TLS when the worker serves TLS.
+  GrpcCredentials credentials;
   // A Fetch given a Part callback hands the blocks over in parts of at least this many bytes as
   // they arrive (the rest with `done`), so that they can be stored while more come.
   int64_t part_bytes = int64_t{8} << 20;

@@ -41,6 +41,8 @@
 #include "common/process.h"
 #include "common/secrets.h"
 #include "common/status_macros.h"
+#include "common/tls.h"
+#include "common/tls_flags.h"
 #include "common/version.h"
 #include "grammar/vocabulary.h"
 #include "kernels/dtype.h"
@@ -66,6 +68,9 @@ ABSL_FLAG(std::string, model_name, "",
           "Name clients use for the model (and its KV cache namespace); default: the directory's "
           "base name.");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50061", "host:port to serve on; port 0 picks one.");
+ABSL_FLAG(std::string, health_listen, "",
+          "host:port of a second, plaintext gRPC port that serves the health service alone (for "
+          "probes that cannot speak TLS, such as a kubelet's); empty: none.");
 ABSL_FLAG(std::string, port_file, "",
           "Once serving, write the bound port to this file (for scripts that start on port 0).");
 ABSL_FLAG(std::string, worker_id, "",
@@ -211,8 +216,9 @@ ABSL_FLAG(std::string, kv_transfer_listen, "auto",
           "HOST:PORT on which this worker also answers other workers' KV block copies over plain "
           "TCP (the bulk path: several times gRPC's speed; other workers learn the port from "
           "WorkerInfo and copy over gRPC when there is none). auto: --listen's host, any free "
-          "port; off: gRPC only. Behind a NetworkPolicy, give a fixed port and open it between "
-          "workers (k8s/base does, port 50062).");
+          "port, or off with --tls_cert (copies then go over gRPC with TLS); off: gRPC only. "
+          "Behind a NetworkPolicy, give a fixed port and open it between workers (k8s/base does, "
+          "port 50062).");
 ABSL_FLAG(int64_t, kv_fetch_timeout_ms, 2000,
           "Longest a request waits for KV blocks copied from another worker; what has not "
           "arrived by then is computed.");
@@ -360,6 +366,23 @@ int Main(const std::vector<std::string>& args) {
     }
   }
   if (absl::GetFlag(FLAGS_tp_control_fd) >= 0) return FollowerMain(dir, *config);
+  // TLS checked before anything slow (its file watcher starts with the server, below).
+  absl::StatusOr<TlsOptions> tls = TlsOptionsFromFlags(TlsClientAuth::kRequire);
+  if (absl::Status s = tls.ok() ? CheckTlsFiles(*tls).status() : tls.status(); !s.ok()) {
+    LOG(ERROR) << s.message();
+    return 1;
+  }
+  if (tls->enabled() && tls->cert_file.empty()) {
+    LOG(ERROR) << "--tls_ca without --tls_cert: a worker serves TLS with a certificate of its own "
+                  "(--tls_cert, --tls_key), or plaintext";
+    return 1;
+  }
+  const std::string kv_transfer_flag = absl::GetFlag(FLAGS_kv_transfer_listen);
+  if (tls->enabled() && kv_transfer_flag != "auto" && kv_transfer_flag != "off") {
+    LOG(ERROR) << "--kv_transfer_listen serves plain TCP: with --tls_cert it must be auto or off "
+                  "(KV copies then go over gRPC with TLS)";
+    return 1;
+  }
 
   // Rank 0 of a group starts the other ranks before anything else starts threads.
   // (group_failed outlives the followers' watcher thread, which may set it.)
@@ -598,11 +621,20 @@ int Main(const std::vector<std::string>& args) {
   wo.kv_fetcher.cluster_secret = wo.cluster_secret;
   // Copies arriving are stored a slice at a time: handed to the loop in slices too.
   wo.kv_fetcher.part_bytes = wo.kv_copy_slice_bytes;
-  if (const std::string t = absl::GetFlag(FLAGS_kv_transfer_listen); t == "auto") {
+  absl::StatusOr<GrpcCredentials> credentials = GrpcCredentials::Load(*tls);
+  if (!credentials.ok()) {
+    LOG(ERROR) << credentials.status().message();
+    return 1;
+  }
+  wo.kv_fetcher.credentials = *credentials;
+  if (tls->enabled()) {
+    // Plain TCP has no place beside TLS: copies go over gRPC.
+    if (kv_transfer_flag == "auto") LOG(INFO) << "--kv_transfer_listen=auto is off with TLS";
+  } else if (kv_transfer_flag == "auto") {
     const std::string listen = absl::GetFlag(FLAGS_listen);
     wo.kv_transfer_listen = absl::StrCat(listen.substr(0, listen.rfind(':')), ":0");
-  } else if (t != "off") {
-    wo.kv_transfer_listen = t;
+  } else if (kv_transfer_flag != "off") {
+    wo.kv_transfer_listen = kv_transfer_flag;
   }
   // Outlives the service and the metrics endpoint, both declared after it.
   MetricsRegistry metrics;
@@ -640,6 +672,8 @@ int Main(const std::vector<std::string>& args) {
   }
   GrpcServerOptions so;
   so.listen_address = absl::GetFlag(FLAGS_listen);
+  so.health_listen_address = absl::GetFlag(FLAGS_health_listen);
+  if (credentials->tls()) so.credentials = *credentials->ServerCredentials();
   absl::StatusOr<std::unique_ptr<GrpcServer>> server =
       GrpcServer::Start(so, {{service->get(), std::string(v1::Worker::service_full_name())}});
   if (!server.ok()) {
