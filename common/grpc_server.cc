@@ -1,6 +1,8 @@
 #include "common/grpc_server.h"
 
+#include <memory>
 #include <utility>
+#include <vector>
 
 #include "absl/base/call_once.h"
 #include "absl/strings/str_cat.h"
@@ -9,6 +11,8 @@
 #include "grpc/support/log.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/impl/server_builder_option.h"
+#include "grpcpp/impl/server_builder_plugin.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 
@@ -34,6 +38,18 @@ void InitGrpcOnce() {
     grpc::EnableDefaultHealthCheckService(true);
   });
 }
+
+// Leaves server reflection (which InitGrpcOnce adds to every server) out of one server: the
+// plaintext health port answers health checks and nothing else.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    for (auto it = plugins->begin(); it != plugins->end();) {
+      it = (*it)->name() == "proto_server_reflection" ? plugins->erase(it) : it + 1;
+    }
+  }
+};
 
 // "host:port" -> "host"; keeps IPv6 brackets.
 absl::string_view HostPart(absl::string_view address) {
@@ -73,6 +89,11 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
   if (!options.health_listen_address.empty()) {
     // No services but the default health service, which every server built here has.
     grpc::ServerBuilder health_builder;
+    health_builder.SetOption(std::make_unique<WithoutReflection>());
+    // Health checks alone: every other method, through the generic service, is UNIMPLEMENTED
+    // (and without any service of its own, gRPC would start no thread to serve the port).
+    out->unknown_ = std::make_unique<grpc::CallbackGenericService>();
+    health_builder.RegisterCallbackGenericService(out->unknown_.get());
     health_builder.AddListeningPort(options.health_listen_address,
                                     grpc::InsecureServerCredentials(), &out->health_port_);
     health_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

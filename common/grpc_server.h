@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/impl/codegen/service_type.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
@@ -88,7 +89,10 @@ class GrpcServer {
              std::vector<std::string> service_names);
 
   std::unique_ptr<grpc::Server> server_;
-  std::unique_ptr<grpc::Server> health_server_;  // the plaintext health-only port, or null
+  // The plaintext health-only port, or null; every method but health checks answers
+  // UNIMPLEMENTED there (unknown_, which outlives it).
+  std::unique_ptr<grpc::CallbackGenericService> unknown_;
+  std::unique_ptr<grpc::Server> health_server_;
   int health_port_ = 0;
   bool tls_ = false;
   const int port_;

@@ -125,6 +125,7 @@ void WarnUnlessSignedByCa(const std::vector<UniqueX509>& chain, const std::vecto
                  << X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx.get()))
                  << "): peers that check it against the same CA bundle will refuse it";
   }
+  ctx.reset();              // before the stack it points to
   sk_X509_free(untrusted);  // the certificates stay owned by `chain`
   ERR_clear_error();
 }
@@ -224,8 +225,18 @@ GrpcCredentials::GrpcCredentials()
 
 absl::StatusOr<GrpcCredentials> GrpcCredentials::Load(const TlsOptions& options) {
   if (!options.enabled()) {
+    // Settings that mean something only with TLS: refused rather than served in plaintext.
     if (!options.key_file.empty()) {
       return absl::InvalidArgumentError("--tls_key is given without --tls_cert");
+    }
+    if (!options.server_name.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls_server_name is given without TLS (--tls_ca or --tls_cert)");
+    }
+    if (options.client_auth != TlsClientAuth::kNone) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tls_client_auth=", TlsClientAuthName(options.client_auth),
+                       " is given without --tls_cert and --tls_ca"));
     }
     return GrpcCredentials();
   }

@@ -10,6 +10,7 @@
 #include "common/tls_test_certs.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
@@ -84,6 +85,31 @@ class TlsTest : public ::testing::Test {
     return stub->Check(&ctx, grpc::health::v1::HealthCheckRequest(),
                        response != nullptr ? response : &scratch);
   }
+  // An empty reflection stream: OK where the server reflects, UNIMPLEMENTED where it does not.
+  static grpc::Status Reflect(const std::shared_ptr<grpc::Channel>& channel) {
+    grpc::GenericStub stub(channel);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    grpc::CompletionQueue cq;
+    auto call = stub.PrepareCall(
+        &ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+    void* tag = nullptr;
+    bool ok = false;
+    grpc::Status status;
+    call->StartCall(reinterpret_cast<void*>(1));
+    cq.Next(&tag, &ok);
+    if (ok) {
+      call->WritesDone(reinterpret_cast<void*>(2));
+      cq.Next(&tag, &ok);
+    }
+    call->Finish(&status, reinterpret_cast<void*>(3));
+    while (cq.Next(&tag, &ok) && tag != reinterpret_cast<void*>(3)) {
+    }
+    cq.Shutdown();
+    while (cq.Next(&tag, &ok)) {
+    }
+    return status;
+  }
   grpc::Status CheckWith(const TlsOptions& client, const std::string& target) {
     absl::StatusOr<GrpcCredentials> creds = GrpcCredentials::Load(client);
     EXPECT_TRUE(creds.ok()) << creds.status();
@@ -152,6 +178,14 @@ TEST_F(TlsTest, BadFilesAreRefusedNamingTheFlag) {
   o.ca_file.clear();
   o.client_auth = TlsClientAuth::kRequire;
   expect_error(o, "--tls_client_auth=require needs --tls_ca");
+
+  // Settings that mean something only with TLS, without it: refused, not served in plaintext.
+  TlsOptions plain;
+  plain.server_name = "strata.internal";
+  expect_error(plain, "--tls_server_name is given without TLS");
+  plain = TlsOptions();
+  plain.client_auth = TlsClientAuth::kRequire;
+  expect_error(plain, "--tls_client_auth=require is given without --tls_cert");
 
   EXPECT_FALSE(ParseTlsClientAuth("maybe", "--tls_client_auth").ok());
   EXPECT_EQ(*ParseTlsClientAuth("optional", "--tls_client_auth"), TlsClientAuth::kOptional);
@@ -237,6 +271,15 @@ TEST_F(TlsTest, HealthPortIsPlaintextAndServesHealthAlone) {
   strata::v1::ListModelsResponse models;
   s = serving->ListModels(&ctx, strata::v1::ListModelsRequest(), &models);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << s.error_message();
+  // Nor is reflection (the main port has it).
+  EXPECT_EQ(Reflect(channel).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  {
+    absl::StatusOr<GrpcCredentials> creds =
+        GrpcCredentials::Load(ClientTrusting(ca_.cert_pem(), ""));
+    ASSERT_TRUE(creds.ok());
+    grpc::Status r = Reflect(creds->NewChannel(Target("127.0.0.1")));
+    EXPECT_TRUE(r.ok()) << r.error_message();
+  }
   // It follows the server's status.
   server_->SetServing(false);
   ASSERT_TRUE(Check(channel, &health).ok());

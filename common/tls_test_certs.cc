@@ -1,12 +1,21 @@
 #include "common/tls_test_certs.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/log.h"
+#include "common/tls_stream.h"
 #include "openssl/ec.h"
+#include "openssl/err.h"
 #include "openssl/pem.h"
 #include "openssl/x509v3.h"
 
@@ -91,6 +100,96 @@ TestCertificate TestCa::Issue(const TestCertificateSpec& spec) {
   }
   CHECK(X509_sign(cert.get(), key_.get(), EVP_sha256()) > 0);
   return TestCertificate{CertPem(cert.get()), KeyPem(key.get())};
+}
+
+absl::StatusOr<std::unique_ptr<TestTlsClient>> TestTlsClient::Connect(
+    int port, const std::string& ca_pem, const std::string& server_name) {
+  std::unique_ptr<TestTlsClient> c(new TestTlsClient());
+  c->ctx_ = SSL_CTX_new(TLS_client_method());
+  CHECK(c->ctx_ != nullptr);
+  X509_STORE* store = SSL_CTX_get_cert_store(c->ctx_);
+  {
+    UniqueBio bio(BIO_new_mem_buf(ca_pem.data(), static_cast<int>(ca_pem.size())));
+    UniqueX509 ca(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+    CHECK(ca != nullptr) << "the CA is not PEM";
+    X509_STORE_add_cert(store, ca.get());  // takes its own reference
+  }
+  SSL_CTX_set_verify(c->ctx_, SSL_VERIFY_PEER, nullptr);
+  c->fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  CHECK(c->fd_ >= 0);
+  timeval tv{10, 0};
+  ::setsockopt(c->fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(c->fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(c->fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return absl::UnavailableError(absl::StrCat("connect: ", strerror(errno)));
+  }
+  c->ssl_ = SSL_new(c->ctx_);
+  // Writes to a server that closed first fail with EPIPE, without killing the test with SIGPIPE.
+  BIO* bio = NewSocketBioWithoutSigpipe(c->fd_);
+  CHECK(bio != nullptr);
+  SSL_set_bio(c->ssl_, bio, bio);
+  SSL_set_tlsext_host_name(c->ssl_, server_name.c_str());
+  SSL_set1_host(c->ssl_, server_name.c_str());
+  if (SSL_connect(c->ssl_) != 1) {
+    char buf[256] = "no detail";
+    if (const unsigned long e = ERR_get_error(); e != 0) ERR_error_string_n(e, buf, sizeof(buf));
+    ERR_clear_error();
+    return absl::UnavailableError(absl::StrCat("TLS handshake: ", buf));
+  }
+  return c;
+}
+
+TestTlsClient::~TestTlsClient() {
+  if (ssl_ != nullptr) SSL_free(ssl_);
+  if (ctx_ != nullptr) SSL_CTX_free(ctx_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+bool TestTlsClient::Write(absl::string_view data) {
+  while (!data.empty()) {
+    const int n = SSL_write(ssl_, data.data(), static_cast<int>(data.size()));
+    if (n <= 0) {
+      ERR_clear_error();
+      return false;
+    }
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return true;
+}
+
+std::string TestTlsClient::Read(size_t at_most) {
+  std::string out(at_most, '\0');
+  const int n = SSL_read(ssl_, out.data(), static_cast<int>(at_most));
+  if (n <= 0) {
+    ERR_clear_error();
+    return "";
+  }
+  out.resize(static_cast<size_t>(n));
+  return out;
+}
+
+std::string TestTlsClient::ReadToEnd() {
+  std::string out;
+  for (std::string part = Read(); !part.empty(); part = Read()) out += part;
+  return out;
+}
+
+void TestTlsClient::CloseNotify() {
+  SSL_shutdown(ssl_);
+  ERR_clear_error();
+}
+
+void TestTlsClient::Abort() {
+  if (fd_ >= 0) {
+    linger l{1, 0};  // a reset, as a process killed mid-connection sends
+    ::setsockopt(fd_, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    ::close(fd_);
+    fd_ = -1;
+  }
 }
 
 void WriteTestFile(const std::string& path, const std::string& text) {

@@ -4,11 +4,15 @@
 #ifndef STRATA_COMMON_TLS_TEST_CERTS_H_
 #define STRATA_COMMON_TLS_TEST_CERTS_H_
 
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "common/openssl_ptr.h"
+#include "openssl/ssl.h"
 
 namespace strata {
 
@@ -46,6 +50,36 @@ class TestCa {
 
 // Writes `text` to `path` (replacing it), CHECK-failing the test on error.
 void WriteTestFile(const std::string& path, const std::string& text);
+
+// A blocking TLS client connection for tests (an HTTPS client's part): connects to
+// 127.0.0.1:port and checks the server's certificate against `ca_pem` and `server_name` (also
+// sent as SNI). Reads and writes give up after 10 s.
+class TestTlsClient {
+ public:
+  // UNAVAILABLE with OpenSSL's reason when the handshake fails (a certificate refused, say).
+  static absl::StatusOr<std::unique_ptr<TestTlsClient>> Connect(int port, const std::string& ca_pem,
+                                                                const std::string& server_name);
+  ~TestTlsClient();
+  TestTlsClient(const TestTlsClient&) = delete;
+  TestTlsClient& operator=(const TestTlsClient&) = delete;
+
+  bool Write(absl::string_view data);
+  // One read of up to `at_most` bytes: empty at the end (the server's close_notify, or its
+  // connection closed) or on an error.
+  std::string Read(size_t at_most = 16384);
+  // Everything until the end.
+  std::string ReadToEnd();
+  // The end of what this side sends (close_notify), reading on still possible.
+  void CloseNotify();
+  // The connection closed at once, without close_notify (a client that vanishes).
+  void Abort();
+
+ private:
+  TestTlsClient() = default;
+  SSL_CTX* ctx_ = nullptr;
+  SSL* ssl_ = nullptr;
+  int fd_ = -1;
+};
 
 }  // namespace strata
 

@@ -48,6 +48,9 @@ ABSL_FLAG(std::string, health_listen, "",
 ABSL_FLAG(std::string, port_file, "", "Once serving, write the bound port to this file.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
+ABSL_FLAG(bool, http_tls, true,
+          "With --tls_cert, serve --http_listen over TLS too (HTTPS, the same certificate); "
+          "false: plaintext, for TLS ended at an ingress or proxy in front.");
 ABSL_FLAG(std::string, http_listen, "",
           "host:port to serve the OpenAI-compatible HTTP API on (POST /v1/completions and "
           "/v1/chat/completions, GET /v1/models and /v1/models/{model}), e.g. [::]:8000; empty: "
@@ -184,8 +187,14 @@ int Main() {
     return 2;
   }
   if (credentials->tls() && tls->cert_file.empty()) {
+    if (tls->client_auth != TlsClientAuth::kNone) {
+      LOG(ERROR) << "--tls_client_auth needs --tls_cert: without a certificate the API is served "
+                    "in plaintext";
+      return 2;
+    }
     LOG(INFO) << "TLS to workers and peers (verified by --tls_ca " << tls->ca_file
-              << "); the API is served in plaintext without --tls_cert";
+              << ", without a client certificate: workers must not require one); the API is "
+                 "served in plaintext without --tls_cert";
   }
   WorkerPoolOptions po;
   po.targets = *targets;
@@ -366,7 +375,19 @@ int Main() {
   }
   // The OpenAI-compatible API, through the server's own services in process. Started before the
   // port file is written, so that whoever waits for it finds both ready.
+  // HTTPS with the gRPC API's certificate (declared before the gateway, which uses it).
+  std::unique_ptr<TlsAcceptor> http_tls;
+  if (!tls->cert_file.empty() && absl::GetFlag(FLAGS_http_tls) &&
+      !absl::GetFlag(FLAGS_http_listen).empty()) {
+    absl::StatusOr<std::unique_ptr<TlsAcceptor>> acceptor = TlsAcceptor::Create(*tls);
+    if (!acceptor.ok()) {
+      LOG(ERROR) << acceptor.status().message();
+      return 2;
+    }
+    http_tls = *std::move(acceptor);
+  }
   OpenAiGatewayOptions http_options;
+  http_options.tls = http_tls.get();
   http_options.max_connections = std::max(1, absl::GetFlag(FLAGS_http_max_connections));
   http_options.api_keys = api_keys;
   http_options.gateway_secret = co.gateway_secret;

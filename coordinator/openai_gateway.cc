@@ -1475,9 +1475,12 @@ void OpenAiGateway::Loop() {
     reap(false);
     auto refuse = [this](int fd) {
       // Without reading the request: drop what has arrived of it so that the close sends no
-      // reset, and do not wait for more (this is the accept loop).
-      WriteAll(fd, ErrorResponse(503, "too many connections: try again"), wake_fd_.get(),
-               absl::Now() + absl::Milliseconds(200));
+      // reset, and do not wait for more (this is the accept loop). Over TLS, without a
+      // handshake, there is no way to answer: the connection is closed.
+      if (options_.tls == nullptr) {
+        WriteAll(fd, ErrorResponse(503, "too many connections: try again"), wake_fd_.get(),
+                 absl::Now() + absl::Milliseconds(200));
+      }
       if (options_.access_log != nullptr) {  // its request unread
         Exchange x;
         x.start = absl::Now();
@@ -1540,11 +1543,24 @@ void OpenAiGateway::Serve(UniqueFd conn) {
   std::string pending;
   bool idle_end = false;
   const std::string peer = options_.access_log != nullptr ? PeerAddress(conn.get()) : "";
-  for (bool first = true; ServeRequest(conn.get(), peer, &pending, first, &idle_end);
-       first = false) {
+  int fd = conn.get();
+  // HTTPS: the handshake within the time a request has to arrive, then the HTTP exchanges over
+  // the bridge's end, as over the client's socket (the bridge is closed and joined last).
+  std::unique_ptr<TlsBridge> bridge;
+  if (options_.tls != nullptr) {
+    absl::StatusOr<std::unique_ptr<TlsBridge>> accepted =
+        options_.tls->Accept(std::move(conn), wake_fd_.get(), absl::Now() + options_.read_timeout);
+    if (!accepted.ok()) {
+      VLOG(1) << "http: " << peer << ": " << accepted.status().message();
+      return;
+    }
+    bridge = *std::move(accepted);
+    fd = bridge->fd();
+  }
+  for (bool first = true; ServeRequest(fd, peer, &pending, first, &idle_end); first = false) {
   }
   // A connection closed while idle has nothing of ours in flight to protect from a reset.
-  if (!idle_end) LingeringClose(conn.get(), wake_fd_.get());
+  if (!idle_end) LingeringClose(fd, wake_fd_.get());
 }
 
 bool OpenAiGateway::AwaitNextRequest(int fd, std::string* data) {
@@ -2704,11 +2720,12 @@ absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartOpenAiGateway(
     const std::string& listen, std::shared_ptr<grpc::Channel> serving,
     OpenAiGatewayOptions options) {
   if (listen.empty()) return nullptr;
+  const bool tls = options.tls != nullptr;
   absl::StatusOr<std::unique_ptr<OpenAiGateway>> g =
       OpenAiGateway::Start(listen, serving, std::move(options));
   if (g.ok()) {
-    LOG(INFO) << "OpenAI-compatible API at http://" << listen << "/v1 (port " << (*g)->port()
-              << ")";
+    LOG(INFO) << "OpenAI-compatible API at " << (tls ? "https://" : "http://") << listen
+              << "/v1 (port " << (*g)->port() << ")";
   }
   return g;
 }

@@ -49,6 +49,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "common/tls_stream.h"
 #include "common/unique_fd.h"
 #include "coordinator/access_log.h"
 #include "coordinator/api_keys.h"
@@ -247,6 +248,9 @@ struct OpenAiGatewayOptions {
   // Generate calls then carry the client's address, the request's id and its traceparent header
   // (beside gateway_secret) into their own records.
   AccessLog* access_log = nullptr;
+  // HTTPS: every connection's TLS handshake, then its HTTP over a TlsBridge (common/tls_stream.h);
+  // null: plaintext. Not owned; it must outlive the gateway.
+  TlsAcceptor* tls = nullptr;
 };
 
 class OpenAiGateway {

@@ -36,6 +36,8 @@ import pwd
 import re
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -846,6 +848,28 @@ def http_completion(coord, body, key=None):
         return e.code, None
 
 
+def https_completion(coord, body, ca, server_name):
+    """POST /v1/completions over HTTPS on a coordinator's "http" port, checking its certificate
+    against `ca` and `server_name` (Python's own TLS, a client independent of Strata's):
+    (status, the reply's JSON)."""
+    cports = {p["name"]: p["containerPort"]
+              for c in coord.workload["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    ctx = ssl.create_default_context(cafile=ca)
+    data = json.dumps(body).encode()
+    with socket.create_connection((coord.ip, cports["http"]), timeout=60) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (server_name.encode(), len(data)) + data)
+            reply = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
 def scrape(pod):
     """Prometheus' view: a pod's metrics on the port its annotations name, by series."""
     ann = pod.workload["spec"]["template"]["metadata"].get("annotations", {})
@@ -1321,6 +1345,12 @@ def run_pods_tls(m, rootfs, work):
             if out.returncode != 0 or len(json.loads(out.stdout)["token_ids"]) != 8:
                 cluster.dump()
                 fail("generate over TLS through %s: %s" % (coord.name, out.stderr.strip()))
+            # The OpenAI-compatible API over HTTPS with the same certificate.
+            status, reply = https_completion(
+                coord, {"model": "strata-tiny", "prompt": "def parse(", "max_tokens": 8, "seed": 7,
+                        "ignore_eos": True}, os.path.join(certs, "ca.crt"), "strata.internal")
+            if status != 200 or reply["usage"]["completion_tokens"] != 8:
+                fail("HTTPS completion through %s: %s %s" % (coord.name, status, reply))
         plain = dict(os.environ)
         for k in ("STRATA_TLS_CA", "STRATA_TLS_SERVER_NAME"):
             plain.pop(k)
@@ -1329,7 +1359,8 @@ def run_pods_tls(m, rootfs, work):
         if out.returncode == 0:
             fail("%s answered stratactl in plaintext: %s" % (coordinators[0].name, out.stdout))
         print("k8s_test: k8s/tls: %d pods ready on their plaintext health ports; both coordinators "
-              "reach both workers over mutual TLS and answer over TLS only" % len(cluster.pods))
+              "reach both workers over mutual TLS and answer over TLS only, gRPC and HTTPS"
+              % len(cluster.pods))
         stop_and_check(cluster)
     finally:
         kill_leftovers(cluster)

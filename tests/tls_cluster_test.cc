@@ -83,6 +83,16 @@ int ExitCode(int wait_status) {
   return wait_status >= 0 && WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : -1;
 }
 
+// Live sequences on the workers (running or waiting).
+int64_t LiveSequences(LocalCluster& cluster) {
+  const v1::ClusterStatus status = Status(cluster.admin());
+  int64_t live = 0;
+  for (const auto& w : status.workers()) {
+    live += w.load().num_running_sequences() + w.load().num_waiting_sequences();
+  }
+  return live;
+}
+
 grpc::Status GetInfo(const std::shared_ptr<grpc::Channel>& channel, v1::WorkerInfo* info) {
   auto stub = v1::Worker::NewStub(channel);
   grpc::ClientContext ctx;
@@ -103,7 +113,7 @@ std::pair<int, std::string> Stratactl(const std::vector<std::string>& args,
 
 TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
   const TlsFiles f = WriteTlsFiles("tls-cluster");
-  const int decode_metrics = FreePort();
+  const int decode_metrics = FreePort(), http = FreePort();
   const int health0 = FreePort(), health1 = FreePort();
   LocalClusterOptions o;
   o.name = "tls-cluster";
@@ -113,6 +123,7 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
                          absl::StrCat("--metrics_listen=127.0.0.1:", decode_metrics)}};
   o.coordinator_flags = TlsFlags(f);
   o.coordinator_flags.push_back("--disaggregate_min_uncached_tokens=64");
+  o.coordinator_flags.push_back(absl::StrCat("--http_listen=127.0.0.1:", http));
   o.credentials = Credentials(f, /*with_certificate=*/true);
   auto started = LocalCluster::Start(o);
   ASSERT_TRUE(started.ok()) << started.status();
@@ -175,6 +186,58 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
     s = GetInfo(channel, &info);
     EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << s.error_message();
   }
+  // The OpenAI-compatible API over HTTPS, with the same certificate: requests kept alive on one
+  // connection, a streamed completion to its end.
+  {
+    auto c = TestTlsClient::Connect(http, ReadAll(f.ca), kServerName);
+    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_TRUE((*c)->Write(HttpRequestText("GET", "/health", "", /*close=*/false)));
+    std::string reply = (*c)->Read();
+    EXPECT_EQ(reply.rfind("HTTP/1.1 200", 0), 0u) << reply;
+    ASSERT_TRUE((*c)->Write(HttpRequestText(
+        "POST", "/v1/completions",
+        R"({"model": "strata-tiny", "prompt": "def ", "max_tokens": 6, "stream": true,
+            "ignore_eos": true})")));
+    reply = (*c)->ReadToEnd();
+    EXPECT_NE(reply.find("HTTP/1.1 200"), std::string::npos) << reply;
+    EXPECT_NE(reply.find("data: [DONE]"), std::string::npos) << reply;
+  }
+  // A client that leaves a stream over HTTPS frees its sequence, as over plain HTTP.
+  {
+    auto c = TestTlsClient::Connect(http, ReadAll(f.ca), kServerName);
+    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_TRUE((*c)->Write(HttpRequestText(
+        "POST", "/v1/completions",
+        R"({"model": "strata-tiny", "prompt": "x", "max_tokens": 3000, "stream": true,
+            "ignore_eos": true})")));
+    std::string got;
+    while (got.find("data: ") == std::string::npos) {
+      const std::string part = (*c)->Read();
+      ASSERT_FALSE(part.empty()) << got;
+      got += part;
+    }
+    ASSERT_EQ(LiveSequences(cluster), 1);
+    (*c)->Abort();
+    const absl::Time give_up = absl::Now() + absl::Seconds(20);
+    while (LiveSequences(cluster) != 0 && absl::Now() < give_up) {
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    EXPECT_EQ(LiveSequences(cluster), 0) << "the generation went on after its client left";
+  }
+  // Plain HTTP to the HTTPS port gets no HTTP answer; a client trusting another CA no handshake.
+  {
+    const int fd = ConnectLoopback(http);
+    ASSERT_GE(fd, 0);
+    const std::string req = HttpRequestText("GET", "/health", "");
+    ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+    std::string text;
+    ReadToClose(fd, &text);
+    ::close(fd);
+    EXPECT_EQ(text.find("HTTP/1.1"), std::string::npos) << text;
+    TestCa other("other");
+    EXPECT_FALSE(TestTlsClient::Connect(http, other.cert_pem(), kServerName).ok());
+  }
+
   // stratactl with the CA (and the name), and without.
   const std::string log = TestOutputDir() + "/tls-cluster-stratactl";
   auto [rc, out] = Stratactl({"status", "--coordinator", cluster.coordinator_address(), "--tls-ca",

@@ -32,7 +32,7 @@ if [[ $# -eq 0 ]]; then
     //worker/engine:ngram_draft_test //worker/model:lora_test \
     //worker/engine:delta_cache_test //worker/server:fine_tune_dir_test \
     //worker/server:kv_fetch_test //worker/server:kv_transfer_test //tests:disaggregation_test \
-    //common:tls_test //tests:tls_cluster_test
+    //common:tls_test //common:tls_stream_test //tests:tls_cluster_test
   bazel test --config=tsan //memtier/... //worker/comm/... //worker/server:kv_transfer_test
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
   # Structured output's masks are computed on several threads and warmed on another.

@@ -377,6 +377,11 @@ int Main(const std::vector<std::string>& args) {
                   "(--tls_cert, --tls_key), or plaintext";
     return 1;
   }
+  if (!tls->cert_file.empty() && tls->client_auth == TlsClientAuth::kNone) {
+    LOG(WARNING) << "TLS without client certificates (no --tls_ca, or --tls_client_auth=none): "
+                    "any TLS client may call this worker; give --tls_ca so that only the "
+                    "cluster's own coordinators and workers can (and the cluster secret)";
+  }
   const std::string kv_transfer_flag = absl::GetFlag(FLAGS_kv_transfer_listen);
   if (tls->enabled() && kv_transfer_flag != "auto" && kv_transfer_flag != "off") {
     LOG(ERROR) << "--kv_transfer_listen serves plain TCP: with --tls_cert it must be auto or off "

@@ -1,0 +1,343 @@
+#include "common/tls_stream.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
+#include "common/status_macros.h"
+#include "common/tcp.h"
+#include "openssl/err.h"
+#include "openssl/ssl.h"
+
+namespace strata {
+namespace {
+
+using UniqueSsl = std::unique_ptr<SSL, void (*)(SSL*)>;
+
+std::string OpensslErrors() {
+  std::string out;
+  for (unsigned long e = ERR_get_error(); e != 0; e = ERR_get_error()) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof(buf));
+    absl::StrAppend(&out, out.empty() ? "" : "; ", buf);
+  }
+  return out.empty() ? "no detail" : out;
+}
+
+// "http/1.1" when the client offers it; else no ALPN (the client may still speak HTTP/1.1).
+int SelectHttp11(SSL*, const unsigned char** out, unsigned char* out_len, const unsigned char* in,
+                 unsigned int in_len, void*) {
+  static constexpr unsigned char kHttp11[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+  unsigned char* selected = nullptr;
+  if (SSL_select_next_proto(&selected, out_len, kHttp11, sizeof(kHttp11), in, in_len) ==
+      OPENSSL_NPN_NEGOTIATED) {
+    *out = selected;
+    return SSL_TLSEXT_ERR_OK;
+  }
+  return SSL_TLSEXT_ERR_NOACK;
+}
+
+absl::StatusOr<std::shared_ptr<SSL_CTX>> MakeContext(const TlsOptions& o) {
+  std::shared_ptr<SSL_CTX> ctx(SSL_CTX_new(TLS_server_method()), SSL_CTX_free);
+  if (ctx == nullptr) return absl::InternalError("SSL_CTX_new: " + OpensslErrors());
+  SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION);
+  SSL_CTX_set_options(ctx.get(), SSL_OP_NO_RENEGOTIATION);
+  // SSL_write may take part of a buffer, and the rest is offered again from where it moved to.
+  SSL_CTX_set_mode(ctx.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  if (SSL_CTX_use_certificate_chain_file(ctx.get(), o.cert_file.c_str()) != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tls_cert: ", o.cert_file, ": ", OpensslErrors()));
+  }
+  if (SSL_CTX_use_PrivateKey_file(ctx.get(), o.key_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
+      SSL_CTX_check_private_key(ctx.get()) != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tls_key: ", o.key_file, ": ", OpensslErrors()));
+  }
+  SSL_CTX_set_alpn_select_cb(ctx.get(), &SelectHttp11, nullptr);
+  return ctx;
+}
+
+// The files' identity now (inode, size, modification time), to tell a replaced file.
+std::string Stamp(const TlsOptions& o) {
+  std::string out;
+  for (const std::string& path : {o.cert_file, o.key_file}) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) return "";
+    absl::StrAppend(&out, st.st_ino, ":", st.st_size, ":", st.st_mtim.tv_sec, ".",
+                    st.st_mtim.tv_nsec, ";");
+  }
+  return out;
+}
+
+// A socket BIO whose writes never raise SIGPIPE: OpenSSL's own writes with write(2), and a
+// client gone before (or while) the server writes would kill the process. The descriptor is not
+// owned (the bridge's thread closes it).
+int NoSigpipeWrite(BIO* b, const char* data, int len) {
+  const int fd = static_cast<int>(reinterpret_cast<intptr_t>(BIO_get_data(b)));
+  const ssize_t n = ::send(fd, data, static_cast<size_t>(len), MSG_NOSIGNAL);
+  BIO_clear_retry_flags(b);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_write(b);
+  return static_cast<int>(n);
+}
+
+int NoSigpipeRead(BIO* b, char* out, int len) {
+  const int fd = static_cast<int>(reinterpret_cast<intptr_t>(BIO_get_data(b)));
+  const ssize_t n = ::recv(fd, out, static_cast<size_t>(len), 0);
+  BIO_clear_retry_flags(b);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_read(b);
+  return static_cast<int>(n);
+}
+
+long NoSigpipeCtrl(BIO*, int cmd, long, void*) {
+  return cmd == BIO_CTRL_FLUSH ? 1 : 0;  // writes are not buffered; nothing else is asked of it
+}
+
+int NoSigpipeCreate(BIO* b) {
+  BIO_set_init(b, 1);
+  return 1;
+}
+
+}  // namespace
+
+const BIO_METHOD* NoSigpipeSocket() {
+  static const BIO_METHOD* const method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "strata socket");
+    CHECK(m != nullptr);
+    BIO_meth_set_write(m, &NoSigpipeWrite);
+    BIO_meth_set_read(m, &NoSigpipeRead);
+    BIO_meth_set_ctrl(m, &NoSigpipeCtrl);
+    BIO_meth_set_create(m, &NoSigpipeCreate);
+    return m;
+  }();
+  return method;
+}
+
+BIO* NewSocketBioWithoutSigpipe(int fd) {
+  BIO* bio = BIO_new(NoSigpipeSocket());
+  if (bio != nullptr) BIO_set_data(bio, reinterpret_cast<void*>(static_cast<intptr_t>(fd)));
+  return bio;
+}
+
+namespace {
+
+bool SetNonBlocking(int fd, bool on) {
+  const int flags = ::fcntl(fd, F_GETFL);
+  return flags >= 0 && ::fcntl(fd, F_SETFL, on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK)) == 0;
+}
+
+// Moves bytes between the TLS connection `conn` (its `ssl`) and the socket pair's end `pair`
+// until both directions are done, either side fails, or `wake_fd` turns readable.
+void Pump(SSL* ssl, int conn, int pair, int wake_fd) {
+  std::string to_app, to_tls;  // read from one side, not yet written to the other
+  bool client_done = false;    // the client sent close_notify: nothing more comes from it
+  bool server_done = false;    // the server's end shut for writing: nothing more comes from it
+  bool app_shut = false, close_sent = false;
+  char buf[16384];
+  while (true) {
+    bool progress = false;
+    short conn_events = 0, pair_events = 0;
+    // Client to server.
+    if (!client_done && to_app.empty()) {
+      ERR_clear_error();
+      const int n = SSL_read(ssl, buf, sizeof(buf));
+      if (n > 0) {
+        to_app.assign(buf, static_cast<size_t>(n));
+        progress = true;
+      } else {
+        const int e = SSL_get_error(ssl, n);
+        if (e == SSL_ERROR_WANT_READ) {
+          conn_events |= POLLIN;
+        } else if (e == SSL_ERROR_WANT_WRITE) {
+          conn_events |= POLLOUT;
+        } else if (e == SSL_ERROR_ZERO_RETURN) {
+          client_done = progress = true;
+        } else {
+          break;  // gone without close_notify, or a TLS error
+        }
+      }
+    }
+    if (!to_app.empty()) {
+      const ssize_t w = ::send(pair, to_app.data(), to_app.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (w > 0) {
+        to_app.erase(0, static_cast<size_t>(w));
+        progress = true;
+      } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        pair_events |= POLLOUT;
+      } else if (!(w < 0 && errno == EINTR)) {
+        break;  // the server closed its end
+      }
+    }
+    if (client_done && to_app.empty() && !app_shut) {
+      ::shutdown(pair, SHUT_WR);  // the server reads the end of the request stream
+      app_shut = progress = true;
+    }
+    // Server to client.
+    if (!server_done && to_tls.empty()) {
+      const ssize_t r = ::recv(pair, buf, sizeof(buf), MSG_DONTWAIT);
+      if (r > 0) {
+        to_tls.assign(buf, static_cast<size_t>(r));
+        progress = true;
+      } else if (r == 0) {
+        server_done = progress = true;
+      } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        pair_events |= POLLIN;
+      } else if (errno != EINTR) {
+        break;
+      }
+    }
+    if (!to_tls.empty()) {
+      ERR_clear_error();
+      const int w = SSL_write(ssl, to_tls.data(), static_cast<int>(to_tls.size()));
+      if (w > 0) {
+        to_tls.erase(0, static_cast<size_t>(w));
+        progress = true;
+      } else {
+        const int e = SSL_get_error(ssl, w);
+        if (e == SSL_ERROR_WANT_WRITE) {
+          conn_events |= POLLOUT;
+        } else if (e == SSL_ERROR_WANT_READ) {
+          conn_events |= POLLIN;
+        } else {
+          break;
+        }
+      }
+    }
+    if (server_done && to_tls.empty() && !close_sent) {
+      ERR_clear_error();
+      SSL_shutdown(ssl);  // close_notify, best effort
+      ::shutdown(conn, SHUT_WR);
+      close_sent = progress = true;
+    }
+    if (close_sent && app_shut) break;  // both directions done
+    if (progress) continue;
+    if (conn_events == 0 && pair_events == 0) break;  // nothing left to wait for
+    // Only what a side is waited for is polled (a descriptor of -1 is left out): a hang-up,
+    // which poll reports whatever was asked, then shows in the next read or write, not as a
+    // wake-up with nothing to do.
+    pollfd fds[3] = {{conn_events != 0 ? conn : -1, conn_events, 0},
+                     {pair_events != 0 ? pair : -1, pair_events, 0},
+                     {wake_fd, POLLIN, 0}};
+    const int rc = ::poll(fds, wake_fd >= 0 ? 3 : 2, -1);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (wake_fd >= 0 && fds[2].revents != 0) break;  // the server is stopping
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<TlsAcceptor>> TlsAcceptor::Create(const TlsOptions& options) {
+  if (options.cert_file.empty()) {
+    return absl::InvalidArgumentError("TLS for HTTP needs --tls_cert and --tls_key");
+  }
+  RETURN_IF_ERROR(CheckTlsFiles(options).status());
+  std::unique_ptr<TlsAcceptor> a(new TlsAcceptor(options));
+  ASSIGN_OR_RETURN(std::shared_ptr<SSL_CTX> ctx, MakeContext(options));
+  absl::MutexLock lock(&a->mu_);
+  a->context_ = std::move(ctx);
+  a->stamp_ = Stamp(options);
+  a->checked_ = absl::Now();
+  return a;
+}
+
+TlsAcceptor::TlsAcceptor(TlsOptions options) : options_(std::move(options)) {}
+
+TlsAcceptor::~TlsAcceptor() = default;
+
+std::shared_ptr<SSL_CTX> TlsAcceptor::Context() {
+  std::string before;
+  {
+    absl::MutexLock lock(&mu_);
+    if (absl::Now() - checked_ < options_.reload_interval) return context_;
+    checked_ = absl::Now();
+    before = stamp_;
+  }
+  // The files looked at, and read when changed, without the lock (other connections go on).
+  const std::string now = Stamp(options_);
+  if (now.empty() || now == before) {
+    absl::MutexLock lock(&mu_);
+    return context_;
+  }
+  absl::StatusOr<std::shared_ptr<SSL_CTX>> fresh = MakeContext(options_);
+  absl::MutexLock lock(&mu_);
+  if (fresh.ok()) {
+    context_ = *std::move(fresh);
+    stamp_ = now;
+    LOG(INFO) << "TLS for HTTP: certificate " << options_.cert_file << " read again";
+  } else {
+    // Half replaced (a new certificate beside the old key), say: the context before serves on,
+    // and the files are looked at again next time.
+    LOG(WARNING) << "TLS for HTTP: the changed files cannot be used yet, serving the ones before: "
+                 << fresh.status().message();
+  }
+  return context_;
+}
+
+absl::StatusOr<std::unique_ptr<TlsBridge>> TlsAcceptor::Accept(UniqueFd conn, int wake_fd,
+                                                               absl::Time deadline) {
+  std::shared_ptr<SSL_CTX> ctx = Context();
+  if (!SetNonBlocking(conn.get(), true)) {
+    return absl::UnavailableError(absl::StrCat("fcntl: ", strerror(errno)));
+  }
+  UniqueSsl ssl(SSL_new(ctx.get()), SSL_free);
+  BIO* bio = NewSocketBioWithoutSigpipe(conn.get());
+  if (ssl == nullptr || bio == nullptr) {
+    if (bio != nullptr) BIO_free(bio);
+    return absl::InternalError("SSL_new: " + OpensslErrors());
+  }
+  SSL_set_bio(ssl.get(), bio, bio);  // the SSL owns it
+  while (true) {
+    ERR_clear_error();
+    const int rc = SSL_accept(ssl.get());
+    if (rc == 1) break;
+    const int e = SSL_get_error(ssl.get(), rc);
+    const short events = e == SSL_ERROR_WANT_READ    ? POLLIN
+                         : e == SSL_ERROR_WANT_WRITE ? POLLOUT
+                                                     : 0;
+    if (events == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("TLS handshake failed: ",
+                       e == SSL_ERROR_SYSCALL ? "the client went away" : OpensslErrors()));
+    }
+    if (!WaitFor(conn.get(), events, wake_fd, deadline)) {
+      return absl::UnavailableError("TLS handshake not completed in time");
+    }
+  }
+  int pair[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
+    return absl::UnavailableError(absl::StrCat("socketpair: ", strerror(errno)));
+  }
+  std::unique_ptr<TlsBridge> bridge(new TlsBridge());
+  bridge->local_ = UniqueFd(pair[0]);
+  UniqueFd remote(pair[1]);
+  bridge->protocol_ = absl::StrCat(SSL_get_version(ssl.get()), " ",
+                                   SSL_CIPHER_get_name(SSL_get_current_cipher(ssl.get())));
+  try {
+    bridge->thread_ =
+        std::thread([ssl = std::move(ssl), conn = std::move(conn), remote = std::move(remote),
+                     wake_fd] { Pump(ssl.get(), conn.get(), remote.get(), wake_fd); });
+  } catch (const std::system_error& e) {
+    return absl::UnavailableError(absl::StrCat("cannot start a TLS thread: ", e.what()));
+  }
+  return bridge;
+}
+
+TlsBridge::~TlsBridge() {
+  local_.reset();  // the pump sees the server's end closed
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace strata

@@ -1,0 +1,94 @@
+// TLS for the servers' own HTTP endpoints (the coordinator's OpenAI-compatible API): a TLS
+// connection, once its handshake is done, is carried over a local socket pair, so that a server
+// written for plain sockets serves it unchanged.
+//
+//   TlsAcceptor: the server's TLS context (certificate chain and key from TlsOptions, TLS 1.2 or
+//     later, ALPN "http/1.1"), made again when the files change (looked at no more often than
+//     TlsOptions::reload_interval), so certificates rotate without a restart. Thread-safe.
+//   TlsBridge: one accepted connection. Accept does the handshake on the calling thread, then a
+//     thread of the bridge's own moves bytes both ways between the TLS connection and a socket
+//     pair; the server reads and writes `fd()` as it would the client's socket. Closes pass
+//     through both ways: the client closing (or vanishing) reads as the end of `fd()`'s input
+//     (POLLRDHUP), and `fd()` shut for writing or closed sends the client TLS's close_notify.
+//
+// A record of the HTTP traffic costs one more copy through the kernel, which the small requests
+// and token streams of the HTTP API do not notice; KV bytes never take this path.
+#ifndef STRATA_COMMON_TLS_STREAM_H_
+#define STRATA_COMMON_TLS_STREAM_H_
+
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/tls.h"
+#include "common/unique_fd.h"
+
+typedef struct ssl_ctx_st SSL_CTX;
+typedef struct bio_st BIO;
+
+namespace strata {
+
+// A BIO for an SSL on the socket `fd` (not owned) whose writes never raise SIGPIPE (OpenSSL's own
+// socket BIO writes with write(2): a peer gone before a write would kill the process). Reads and
+// writes retry (BIO_should_retry) on EAGAIN, for non-blocking sockets. Give it to SSL_set_bio.
+BIO* NewSocketBioWithoutSigpipe(int fd);
+
+class TlsBridge;
+
+class TlsAcceptor {
+ public:
+  // INVALID_ARGUMENT naming the flag when the certificate or key cannot be used (CheckTlsFiles);
+  // options.cert_file must be set.
+  static absl::StatusOr<std::unique_ptr<TlsAcceptor>> Create(const TlsOptions& options);
+  ~TlsAcceptor();
+  TlsAcceptor(const TlsAcceptor&) = delete;
+  TlsAcceptor& operator=(const TlsAcceptor&) = delete;
+
+  // The TLS handshake on `conn` (an accepted socket; made non-blocking), by `deadline` and cut
+  // short when `wake_fd` (-1: none) turns readable. UNAVAILABLE when the client does not complete
+  // it (not TLS, a certificate it refuses, gone, too slow).
+  absl::StatusOr<std::unique_ptr<TlsBridge>> Accept(UniqueFd conn, int wake_fd,
+                                                    absl::Time deadline);
+
+ private:
+  struct Files;
+  explicit TlsAcceptor(TlsOptions options);
+  // The context for a new connection, made again first when the files changed.
+  std::shared_ptr<SSL_CTX> Context() ABSL_LOCKS_EXCLUDED(mu_);
+
+  const TlsOptions options_;
+  absl::Mutex mu_;
+  std::shared_ptr<SSL_CTX> context_ ABSL_GUARDED_BY(mu_);
+  std::string stamp_ ABSL_GUARDED_BY(mu_);  // the files' sizes and times when it was made
+  absl::Time checked_ ABSL_GUARDED_BY(mu_);
+};
+
+// One TLS connection carried over a socket pair (above). Owned by the server's connection thread;
+// the bridge's thread ends when either side closes, the client fails, or `wake_fd` turns readable.
+class TlsBridge {
+ public:
+  ~TlsBridge();  // closes fd() if still open, and joins the thread
+  TlsBridge(const TlsBridge&) = delete;
+  TlsBridge& operator=(const TlsBridge&) = delete;
+
+  // The server's end: a blocking, close-on-exec stream socket.
+  int fd() const { return local_.get(); }
+  // The TLS version and cipher the handshake agreed on ("TLSv1.3 TLS_AES_256_GCM_SHA384").
+  const std::string& protocol() const { return protocol_; }
+
+ private:
+  friend class TlsAcceptor;
+  TlsBridge() = default;
+
+  UniqueFd local_;
+  std::string protocol_;
+  std::thread thread_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_COMMON_TLS_STREAM_H_
