@@ -27,6 +27,7 @@
 #include "common/secrets.h"
 #include "common/tls.h"
 #include "common/tls_flags.h"
+#include "common/tls_monitor.h"
 #include "common/version.h"
 #include "coordinator/coordinator_service.h"
 #include "coordinator/discovery.h"
@@ -326,6 +327,8 @@ int Main() {
   MetricsRegistry metrics;
   const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   if (!metrics_listen.empty()) co.metrics = &metrics;
+  // What gRPC serves from the TLS files, watched (their expiry, and whether they still pass).
+  TlsFileMonitor tls_monitor(*tls, co.metrics);
   std::unique_ptr<AccessLog> access_log;
   if (const std::string path = absl::GetFlag(FLAGS_access_log); !path.empty()) {
     AccessLogOptions ao;

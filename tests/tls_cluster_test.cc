@@ -143,6 +143,9 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
   // Over gRPC with TLS: no worker opened its plain-TCP transfer port.
   EXPECT_GT(m["strata_worker_kv_fetch_bytes_total{transport=\"grpc\"}"], 0);
   EXPECT_EQ(m["strata_worker_kv_fetch_bytes_total{transport=\"tcp\"}"], 0);
+  // The TLS files, watched.
+  EXPECT_EQ(m["strata_tls_files_usable"], 1);
+  EXPECT_GT(m["strata_tls_certificate_expiry_timestamp_seconds"], absl::ToUnixSeconds(absl::Now()));
   for (int i = 0; i < 2; ++i) {
     v1::WorkerInfo info;
     grpc::Status s = GetInfo(Credentials(f, true).NewChannel(cluster.worker_address(i)), &info);

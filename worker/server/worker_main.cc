@@ -43,6 +43,7 @@
 #include "common/status_macros.h"
 #include "common/tls.h"
 #include "common/tls_flags.h"
+#include "common/tls_monitor.h"
 #include "common/version.h"
 #include "grammar/vocabulary.h"
 #include "kernels/dtype.h"
@@ -645,6 +646,8 @@ int Main(const std::vector<std::string>& args) {
   MetricsRegistry metrics;
   const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   if (!metrics_listen.empty()) wo.metrics = &metrics;
+  // What gRPC serves from the TLS files, watched (their expiry, and whether they still pass).
+  TlsFileMonitor tls_monitor(*tls, wo.metrics);
   Engine* const engine_ptr = engine->get();  // the service owns it, and outlives the watcher
   absl::StatusOr<std::unique_ptr<WorkerService>> service =
       WorkerService::Create(*std::move(engine), wo);
