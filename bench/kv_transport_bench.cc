@@ -9,7 +9,8 @@
 //       [--worker_heap=false] [--tls_dir DIR]
 //
 // With --tls_dir (ca.crt, tls.crt, tls.key, as tools/make_dev_certs.sh writes them) gRPC is also
-// measured over mutual TLS ("grpc-tls"), as workers given --tls_cert copy KV blocks.
+// measured over mutual TLS ("grpc-tls"), and so is the transfer port ("transfer-tls"), as
+// workers given --tls_cert copy KV blocks.
 //
 // Reports GB/s (10^9 bytes per second) per transport and block size, medians over reps.
 #include <malloc.h>
@@ -128,8 +129,9 @@ int Main() {
   // does.
   std::vector<std::string> transports = {"grpc"};
   std::vector<GrpcCredentials> credentials = {GrpcCredentials()};
+  TlsOptions tls;
+  std::unique_ptr<TlsContextSource> server_tls, client_tls;  // the transfer port's, with TLS
   if (const std::string dir = absl::GetFlag(FLAGS_tls_dir); !dir.empty()) {
-    TlsOptions tls;
     tls.cert_file = dir + "/tls.crt";
     tls.key_file = dir + "/tls.key";
     tls.ca_file = dir + "/ca.crt";
@@ -139,6 +141,11 @@ int Main() {
     CHECK(c.ok()) << c.status();
     transports.push_back("grpc-tls");
     credentials.push_back(*c);
+    auto s = TlsContextSource::Create(tls, TlsRole::kServer);
+    auto cl = TlsContextSource::Create(tls, TlsRole::kClient);
+    CHECK(s.ok() && cl.ok());
+    server_tls = *std::move(s);
+    client_tls = *std::move(cl);
   }
   std::vector<std::unique_ptr<grpc::Server>> servers;
   std::vector<std::unique_ptr<v1::Worker::Stub>> stubs;
@@ -154,19 +161,26 @@ int Main() {
     args.SetMaxReceiveMessageSize(-1);  // as KvFetcher's channels
     stubs.push_back(v1::Worker::NewStub(c.NewChannel(absl::StrFormat("127.0.0.1:%d", port), args)));
   }
-  transports.push_back("transfer");
-
+  // The transfer port, plain and (with --tls_dir) in TLS.
   std::mutex mu;
   std::vector<std::thread> producers;  // guarded by mu
-  KvTransferServerOptions to;
-  to.listen_address = "127.0.0.1:0";
-  to.on_request = [&](const v1::FetchKvBlocksRequest& r, std::shared_ptr<KvExportSink> sink) {
-    std::lock_guard<std::mutex> lock(mu);
-    producers.emplace_back([r, sink] { Produce(r, sink.get()); });
-  };
-  auto transfer = KvTransferServer::Start(std::move(to));
-  CHECK(transfer.ok()) << transfer.status();
-  const std::string transfer_address = absl::StrCat("127.0.0.1:", (*transfer)->port());
+  std::vector<std::unique_ptr<KvTransferServer>> transfers;
+  std::vector<std::string> transfer_addresses;
+  for (TlsContextSource* server : {static_cast<TlsContextSource*>(nullptr), server_tls.get()}) {
+    if (server == nullptr && !transfers.empty()) break;
+    KvTransferServerOptions to;
+    to.listen_address = "127.0.0.1:0";
+    to.tls = server;
+    to.on_request = [&](const v1::FetchKvBlocksRequest& r, std::shared_ptr<KvExportSink> sink) {
+      std::lock_guard<std::mutex> lock(mu);
+      producers.emplace_back([r, sink] { Produce(r, sink.get()); });
+    };
+    auto transfer = KvTransferServer::Start(std::move(to));
+    CHECK(transfer.ok()) << transfer.status();
+    transfer_addresses.push_back(absl::StrCat("127.0.0.1:", (*transfer)->port()));
+    transfers.push_back(*std::move(transfer));
+    transports.push_back(server == nullptr ? "transfer" : "transfer-tls");
+  }
 
   FILE* json = nullptr;
   if (!absl::GetFlag(FLAGS_json_out).empty()) {
@@ -195,9 +209,11 @@ int Main() {
           CHECK(reader->Finish().ok());
         } else {
           KvTransferCall call;
+          const size_t which = t - stubs.size();
+          if (which == 1) call.UseTls(client_tls.get(), tls.server_name);
           std::vector<Engine::KvBlockCopy> blocks;
-          const absl::Status st =
-              call.Run(transfer_address, "", request, absl::Now() + absl::Seconds(60), &blocks);
+          const absl::Status st = call.Run(transfer_addresses[which], "", request,
+                                           absl::Now() + absl::Seconds(60), &blocks);
           CHECK(st.ok()) << st;
           for (const auto& b : blocks) bytes += static_cast<int64_t>(b.payload.size());
         }
@@ -218,7 +234,7 @@ int Main() {
     }
   }
   if (json != nullptr) std::fclose(json);
-  (*transfer)->Stop();
+  for (auto& transfer : transfers) transfer->Stop();
   std::lock_guard<std::mutex> lock(mu);
   for (std::thread& t : producers) t.join();
   for (auto& server : servers) server->Shutdown();

@@ -48,30 +48,56 @@ int SelectHttp11(SSL*, const unsigned char** out, unsigned char* out_len, const 
   return SSL_TLSEXT_ERR_NOACK;
 }
 
-absl::StatusOr<std::shared_ptr<SSL_CTX>> MakeContext(const TlsOptions& o) {
-  std::shared_ptr<SSL_CTX> ctx(SSL_CTX_new(TLS_server_method()), SSL_CTX_free);
+absl::StatusOr<std::shared_ptr<SSL_CTX>> MakeContext(const TlsOptions& o, TlsRole role,
+                                                     bool alpn_http11) {
+  std::shared_ptr<SSL_CTX> ctx(
+      SSL_CTX_new(role == TlsRole::kServer ? TLS_server_method() : TLS_client_method()),
+      SSL_CTX_free);
   if (ctx == nullptr) return absl::InternalError("SSL_CTX_new: " + OpensslErrors());
   SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION);
   SSL_CTX_set_options(ctx.get(), SSL_OP_NO_RENEGOTIATION);
   // SSL_write may take part of a buffer, and the rest is offered again from where it moved to.
   SSL_CTX_set_mode(ctx.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-  if (SSL_CTX_use_certificate_chain_file(ctx.get(), o.cert_file.c_str()) != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--tls_cert: ", o.cert_file, ": ", OpensslErrors()));
+  if (!o.cert_file.empty()) {
+    if (SSL_CTX_use_certificate_chain_file(ctx.get(), o.cert_file.c_str()) != 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tls_cert: ", o.cert_file, ": ", OpensslErrors()));
+    }
+    if (SSL_CTX_use_PrivateKey_file(ctx.get(), o.key_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx.get()) != 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tls_key: ", o.key_file, ": ", OpensslErrors()));
+    }
   }
-  if (SSL_CTX_use_PrivateKey_file(ctx.get(), o.key_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
-      SSL_CTX_check_private_key(ctx.get()) != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--tls_key: ", o.key_file, ": ", OpensslErrors()));
+  // Peers' certificates: the server's always (a client), the client's as client_auth says.
+  const bool verify = role == TlsRole::kClient || o.client_auth != TlsClientAuth::kNone;
+  if (verify) {
+    if (!o.ca_file.empty()) {
+      if (SSL_CTX_load_verify_locations(ctx.get(), o.ca_file.c_str(), nullptr) != 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--tls_ca: ", o.ca_file, ": ", OpensslErrors()));
+      }
+    } else if (SSL_CTX_set_default_verify_paths(ctx.get()) != 1) {
+      return absl::InternalError("the system's CA certificates: " + OpensslErrors());
+    }
+    SSL_CTX_set_verify(
+        ctx.get(),
+        SSL_VERIFY_PEER | (role == TlsRole::kServer && o.client_auth == TlsClientAuth::kRequire
+                               ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+                               : 0),
+        nullptr);
   }
-  SSL_CTX_set_alpn_select_cb(ctx.get(), &SelectHttp11, nullptr);
+  if (role == TlsRole::kServer && alpn_http11) {
+    SSL_CTX_set_alpn_select_cb(ctx.get(), &SelectHttp11, nullptr);
+  }
   return ctx;
 }
 
 // The files' identity now (inode, size, modification time), to tell a replaced file.
 std::string Stamp(const TlsOptions& o) {
   std::string out;
-  for (const std::string& path : {o.cert_file, o.key_file}) {
+  for (const std::string& path : {o.cert_file, o.key_file, o.ca_file}) {
+    if (path.empty()) continue;
     struct stat st {};
     if (::stat(path.c_str(), &st) != 0) return "";
     absl::StrAppend(&out, st.st_ino, ":", st.st_size, ":", st.st_mtim.tv_sec, ".",
@@ -239,13 +265,14 @@ void Pump(SSL* ssl, int conn, int pair, int wake_fd) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<TlsAcceptor>> TlsAcceptor::Create(const TlsOptions& options) {
-  if (options.cert_file.empty()) {
-    return absl::InvalidArgumentError("TLS for HTTP needs --tls_cert and --tls_key");
+absl::StatusOr<std::unique_ptr<TlsContextSource>> TlsContextSource::Create(
+    const TlsOptions& options, TlsRole role, bool alpn_http11) {
+  if (role == TlsRole::kServer && options.cert_file.empty()) {
+    return absl::InvalidArgumentError("a TLS server needs --tls_cert and --tls_key");
   }
   RETURN_IF_ERROR(CheckTlsFiles(options).status());
-  std::unique_ptr<TlsAcceptor> a(new TlsAcceptor(options));
-  ASSIGN_OR_RETURN(std::shared_ptr<SSL_CTX> ctx, MakeContext(options));
+  std::unique_ptr<TlsContextSource> a(new TlsContextSource(options, role, alpn_http11));
+  ASSIGN_OR_RETURN(std::shared_ptr<SSL_CTX> ctx, MakeContext(options, role, alpn_http11));
   absl::MutexLock lock(&a->mu_);
   a->context_ = std::move(ctx);
   a->stamp_ = Stamp(options);
@@ -253,11 +280,22 @@ absl::StatusOr<std::unique_ptr<TlsAcceptor>> TlsAcceptor::Create(const TlsOption
   return a;
 }
 
-TlsAcceptor::TlsAcceptor(TlsOptions options) : options_(std::move(options)) {}
+TlsContextSource::TlsContextSource(TlsOptions options, TlsRole role, bool alpn_http11)
+    : options_(std::move(options)), role_(role), alpn_http11_(alpn_http11) {}
+
+TlsContextSource::~TlsContextSource() = default;
+
+absl::StatusOr<std::unique_ptr<TlsAcceptor>> TlsAcceptor::Create(const TlsOptions& options) {
+  ASSIGN_OR_RETURN(std::unique_ptr<TlsContextSource> source,
+                   TlsContextSource::Create(options, TlsRole::kServer, /*alpn_http11=*/true));
+  return std::unique_ptr<TlsAcceptor>(new TlsAcceptor(std::move(source)));
+}
+
+TlsAcceptor::TlsAcceptor(std::unique_ptr<TlsContextSource> source) : source_(std::move(source)) {}
 
 TlsAcceptor::~TlsAcceptor() = default;
 
-std::shared_ptr<SSL_CTX> TlsAcceptor::Context() {
+std::shared_ptr<SSL_CTX> TlsContextSource::Get() {
   std::string before;
   {
     absl::MutexLock lock(&mu_);
@@ -271,16 +309,17 @@ std::shared_ptr<SSL_CTX> TlsAcceptor::Context() {
     absl::MutexLock lock(&mu_);
     return context_;
   }
-  absl::StatusOr<std::shared_ptr<SSL_CTX>> fresh = MakeContext(options_);
+  absl::StatusOr<std::shared_ptr<SSL_CTX>> fresh = MakeContext(options_, role_, alpn_http11_);
   absl::MutexLock lock(&mu_);
   if (fresh.ok()) {
     context_ = *std::move(fresh);
     stamp_ = now;
-    LOG(INFO) << "TLS for HTTP: certificate " << options_.cert_file << " read again";
+    LOG(INFO) << "TLS: " << (options_.cert_file.empty() ? options_.ca_file : options_.cert_file)
+              << " read again";
   } else {
     // Half replaced (a new certificate beside the old key), say: the context before serves on,
     // and the files are looked at again next time.
-    LOG(WARNING) << "TLS for HTTP: the changed files cannot be used yet, serving the ones before: "
+    LOG(WARNING) << "TLS: the changed files cannot be used yet, keeping the ones before: "
                  << fresh.status().message();
   }
   return context_;
@@ -288,7 +327,7 @@ std::shared_ptr<SSL_CTX> TlsAcceptor::Context() {
 
 absl::StatusOr<std::unique_ptr<TlsBridge>> TlsAcceptor::Accept(UniqueFd conn, int wake_fd,
                                                                absl::Time deadline) {
-  std::shared_ptr<SSL_CTX> ctx = Context();
+  std::shared_ptr<SSL_CTX> ctx = source_->Get();
   if (!SetNonBlocking(conn.get(), true)) {
     return absl::UnavailableError(absl::StrCat("fcntl: ", strerror(errno)));
   }

@@ -39,6 +39,45 @@ BIO* NewSocketBioWithoutSigpipe(int fd);
 
 class TlsBridge;
 
+enum class TlsRole { kServer, kClient };
+
+// An OpenSSL context made from TlsOptions for one role, made again when the files change (looked
+// at no more often than options.reload_interval); files that do not pass (a key beside a
+// certificate it does not belong to: half replaced) leave the context before in use. TLS 1.2 or
+// later; SSL_write may take part of a buffer.
+//   server: presents the certificate chain and key; asks clients for certificates as
+//           options.client_auth says, verified by options.ca_file; with alpn_http11, selects
+//           "http/1.1" when the client offers it.
+//   client: verifies servers by options.ca_file (or the system's CA certificates); presents the
+//           certificate and key when given. (The name to check is set per connection.)
+// Thread-safe.
+class TlsContextSource {
+ public:
+  // INVALID_ARGUMENT naming the flag when the files cannot be used (CheckTlsFiles); a server
+  // needs options.cert_file.
+  static absl::StatusOr<std::unique_ptr<TlsContextSource>> Create(const TlsOptions& options,
+                                                                  TlsRole role,
+                                                                  bool alpn_http11 = false);
+  ~TlsContextSource();
+  TlsContextSource(const TlsContextSource&) = delete;
+  TlsContextSource& operator=(const TlsContextSource&) = delete;
+
+  // The context for a new connection, made again first when the files changed.
+  std::shared_ptr<SSL_CTX> Get() ABSL_LOCKS_EXCLUDED(mu_);
+  const TlsOptions& options() const { return options_; }
+
+ private:
+  TlsContextSource(TlsOptions options, TlsRole role, bool alpn_http11);
+
+  const TlsOptions options_;
+  const TlsRole role_;
+  const bool alpn_http11_;
+  absl::Mutex mu_;
+  std::shared_ptr<SSL_CTX> context_ ABSL_GUARDED_BY(mu_);
+  std::string stamp_ ABSL_GUARDED_BY(mu_);  // the files' sizes and times when it was made
+  absl::Time checked_ ABSL_GUARDED_BY(mu_);
+};
+
 class TlsAcceptor {
  public:
   // INVALID_ARGUMENT naming the flag when the certificate or key cannot be used (CheckTlsFiles);
@@ -55,16 +94,9 @@ class TlsAcceptor {
                                                     absl::Time deadline);
 
  private:
-  struct Files;
-  explicit TlsAcceptor(TlsOptions options);
-  // The context for a new connection, made again first when the files changed.
-  std::shared_ptr<SSL_CTX> Context() ABSL_LOCKS_EXCLUDED(mu_);
+  explicit TlsAcceptor(std::unique_ptr<TlsContextSource> source);
 
-  const TlsOptions options_;
-  absl::Mutex mu_;
-  std::shared_ptr<SSL_CTX> context_ ABSL_GUARDED_BY(mu_);
-  std::string stamp_ ABSL_GUARDED_BY(mu_);  // the files' sizes and times when it was made
-  absl::Time checked_ ABSL_GUARDED_BY(mu_);
+  const std::unique_ptr<TlsContextSource> source_;
 };
 
 // One TLS connection carried over a socket pair (above). Owned by the server's connection thread;

@@ -264,13 +264,10 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                     fail("%s: prometheus.io/port %s is not --metrics_listen's port %s" % (cname, ann.get("prometheus.io/port"), mport))
                 n += 1
             if binary == "strata-worker":
-                # Other workers copy KV blocks over this port; behind a NetworkPolicy it must be a
-                # fixed one, open to them (checked below), or copies fall back to gRPC. With TLS
-                # there is none (strata-worker refuses one beside --tls_cert).
+                # Other workers copy KV blocks over this port (in TLS with --tls_cert); behind a
+                # NetworkPolicy it must be a fixed one, open to them (checked below), or copies
+                # fall back to gRPC.
                 kt = args.get("kv_transfer_listen", "auto")
-                if tls and kt != "off":
-                    fail("%s: --kv_transfer_listen=%s beside --tls_cert: strata-worker refuses a "
-                         "plain-TCP port with TLS; give off" % (cname, kt))
                 if kt == "auto" or kt.endswith(":0"):
                     fail("%s: --kv_transfer_listen=%s picks a port at start, which no NetworkPolicy "
                          "can open: give a fixed one (or off)" % (cname, kt))

@@ -2,9 +2,9 @@
 // prefilling, one decoding) given one certificate for the name strata.test (not the address they
 // are dialled by: --tls_server_name), its key and its CA. Clients reach the coordinator with the
 // CA alone, workers only with a certificate of the cluster's CA (mutual TLS, their default), the
-// decode worker copies KV blocks from the prefill worker over TLS (gRPC: the plain-TCP transfer
-// port is off), probes use the plaintext health port, and stratactl speaks TLS too. A worker given
-// unusable TLS files stops at once, naming the flag.
+// decode worker copies KV blocks from the prefill worker over its KV transfer port in TLS, probes
+// use the plaintext health port, the HTTP API is HTTPS, and stratactl speaks TLS too. A worker
+// given unusable TLS files stops at once, naming the flag.
 #include <sys/wait.h>
 
 #include <fstream>
@@ -22,6 +22,7 @@
 #include "tests/http_client.h"
 #include "tests/local_cluster.h"
 #include "tests/process.h"
+#include "worker/server/kv_transfer.h"
 
 namespace strata {
 namespace {
@@ -140,9 +141,9 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
   });
   EXPECT_EQ(m["strata_worker_kv_fetches_total{outcome=\"copied\"}"], 1);
   EXPECT_GE(m["strata_worker_kv_blocks_received_total"], 10);
-  // Over gRPC with TLS: no worker opened its plain-TCP transfer port.
-  EXPECT_GT(m["strata_worker_kv_fetch_bytes_total{transport=\"grpc\"}"], 0);
-  EXPECT_EQ(m["strata_worker_kv_fetch_bytes_total{transport=\"tcp\"}"], 0);
+  // Over the KV transfer port, in TLS.
+  EXPECT_GT(m["strata_worker_kv_fetch_bytes_total{transport=\"tcp\"}"], 0);
+  EXPECT_EQ(m["strata_worker_kv_fetch_bytes_total{transport=\"grpc\"}"], 0);
   // The TLS files, watched.
   EXPECT_EQ(m["strata_tls_files_usable"], 1);
   EXPECT_GT(m["strata_tls_certificate_expiry_timestamp_seconds"], absl::ToUnixSeconds(absl::Now()));
@@ -150,7 +151,42 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
     v1::WorkerInfo info;
     grpc::Status s = GetInfo(Credentials(f, true).NewChannel(cluster.worker_address(i)), &info);
     ASSERT_TRUE(s.ok()) << s.error_message();
-    EXPECT_EQ(info.kv_transfer_port(), 0u) << i;
+    EXPECT_NE(info.kv_transfer_port(), 0u) << i;
+  }
+  // The transfer port speaks TLS only, and only to the cluster's certificates: a plain caller and
+  // one without a certificate get no answer; one with the cluster's certificate an end frame.
+  {
+    v1::WorkerInfo info;
+    ASSERT_TRUE(GetInfo(Credentials(f, true).NewChannel(cluster.worker_address(0)), &info).ok());
+    const std::string port = absl::StrCat("127.0.0.1:", info.kv_transfer_port());
+    v1::FetchKvBlocksRequest request;
+    request.add_block_hashes(1);
+    std::vector<Engine::KvBlockCopy> blocks;
+    KvTransferCall plain;
+    absl::Status s = plain.Run(port, "", request, absl::Now() + absl::Seconds(5), &blocks);
+    EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+    TlsOptions ca_only;
+    ca_only.ca_file = f.ca;
+    TlsOptions with_cert = ca_only;
+    with_cert.cert_file = f.cert;
+    with_cert.key_file = f.key;
+    auto anonymous = TlsContextSource::Create(ca_only, TlsRole::kClient);
+    auto member = TlsContextSource::Create(with_cert, TlsRole::kClient);
+    ASSERT_TRUE(anonymous.ok() && member.ok());
+    KvTransferCall no_cert;
+    no_cert.UseTls(anonymous->get(), kServerName);
+    s = no_cert.Run(port, "", request, absl::Now() + absl::Seconds(5), &blocks);
+    EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+    KvTransferCall wrong_name;
+    wrong_name.UseTls(member->get(), "other.test");
+    s = wrong_name.Run(port, "", request, absl::Now() + absl::Seconds(5), &blocks);
+    EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+    EXPECT_FALSE(wrong_name.connected());
+    KvTransferCall ok;
+    ok.UseTls(member->get(), kServerName);
+    s = ok.Run(port, "", request, absl::Now() + absl::Seconds(5), &blocks);
+    EXPECT_FALSE(absl::IsUnavailable(s)) << s;  // the source's answer, whatever it is
+    EXPECT_TRUE(ok.connected());
   }
 
   // The coordinator takes clients with the CA alone; a worker wants a certificate (mutual TLS).
@@ -272,9 +308,6 @@ TEST(TlsClusterTest, AWorkerWithUnusableTlsFlagsStopsNamingTheFlag) {
        "--tls_ca: cannot open"},
       {{"--tls_cert=" + f.cert}, "--tls_cert is given without --tls_key"},
       {{"--tls_ca=" + f.ca}, "--tls_ca without --tls_cert"},
-      {{"--tls_cert=" + f.cert, "--tls_key=" + f.key, "--tls_ca=" + f.ca,
-        "--kv_transfer_listen=127.0.0.1:0"},
-       "--kv_transfer_listen serves plain TCP"},
       {{"--tls_cert=" + f.cert, "--tls_key=" + f.key, "--tls_client_auth=always"},
        "--tls_client_auth: \"always\" is none of"},
   };

@@ -188,10 +188,11 @@ KvFetchResult KvFetcher::Copy(Job& job) {
   request.set_max_bytes(static_cast<uint64_t>(options_.max_bytes_per_call));
   const std::string secret =
       options_.cluster_secret != nullptr ? options_.cluster_secret->Sent() : std::string();
-  // Never in plaintext beside calls made over TLS.
-  std::string transfer = options_.use_kv_transfer && !options_.credentials.tls()
-                             ? TransferAddressFor(ticket, address, *stub, deadline)
-                             : std::string();
+  // Never in plaintext beside calls made over TLS: with TLS, only over the port's TLS.
+  std::string transfer =
+      options_.use_kv_transfer && (!options_.credentials.tls() || options_.transfer_tls != nullptr)
+          ? TransferAddressFor(ticket, address, *stub, deadline)
+          : std::string();
   // Each block as it arrives: counted, and handed over in parts when the job takes them.
   int64_t received = 0, bytes = 0, unhanded = 0;
   auto take = [&](Engine::KvBlockCopy copy) {
@@ -215,6 +216,9 @@ KvFetchResult KvFetcher::Copy(Job& job) {
     bool over_tcp = false;
     if (!transfer.empty()) {
       KvTransferCall call;
+      if (options_.transfer_tls != nullptr) {
+        call.UseTls(options_.transfer_tls, options_.transfer_server_name);
+      }
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (stop_ || cancelled_.contains(ticket)) {

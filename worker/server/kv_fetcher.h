@@ -50,11 +50,15 @@ struct KvFetcherOptions {
   int threads = 2;
   // FetchKvBlocksRequest.max_bytes of each call.
   int64_t max_bytes_per_call = int64_t{1} << 30;
-  // Use a source's KV transfer port when it has one (plain TCP: a worker serving TLS has none,
-  // and one calling over TLS, with `credentials`, never uses one).
+  // Use a source's KV transfer port when it has one.
   bool use_kv_transfer = true;
   // What the calls to other workers go with: TLS when the worker serves TLS.
   GrpcCredentials credentials;
+  // TLS on the KV transfer port (a client context: not owned, it must outlive the fetcher), the
+  // source's certificate checked against transfer_server_name (empty: the host dialled). With
+  // TLS `credentials` and no transfer_tls the port is never used (no plaintext beside TLS).
+  TlsContextSource* transfer_tls = nullptr;
+  std::string transfer_server_name;
   // A Fetch given a Part callback hands the blocks over in parts of at least this many bytes as
   // they arrive (the rest with `done`), so that they can be stored while more come.
   int64_t part_bytes = int64_t{8} << 20;

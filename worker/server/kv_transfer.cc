@@ -17,6 +17,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
+#include "openssl/err.h"
+#include "openssl/ssl.h"
+#include "openssl/x509v3.h"
 
 namespace strata {
 namespace {
@@ -73,8 +76,142 @@ void SetTimeout(int fd, int option, absl::Duration d) {
   setsockopt(fd, SOL_SOCKET, option, &tv, sizeof tv);
 }
 
-// Sends all of `iov` (advancing it); false on error or timeout.
-bool SendAll(int fd, iovec* iov, int n) {
+}  // namespace
+
+// A connection's bytes: the socket itself, or TLS over it (`ssl`, owned). Reads and writes block
+// up to the socket's timeouts (SO_RCVTIMEO, SO_SNDTIMEO) either way.
+class KvTransferWire {
+ public:
+  explicit KvTransferWire(int fd, SSL* ssl = nullptr) : fd_(fd), ssl_(ssl) {}
+  ~KvTransferWire() {
+    if (ssl_ != nullptr) SSL_free(ssl_);
+  }
+  KvTransferWire(const KvTransferWire&) = delete;
+  KvTransferWire& operator=(const KvTransferWire&) = delete;
+
+  int fd() const { return fd_; }
+  bool tls() const { return ssl_ != nullptr; }
+
+  // As recv(2): bytes read, 0 at the end, -1 with errno (EAGAIN: the timeout passed).
+  ssize_t Recv(void* buf, size_t n) {
+    if (ssl_ == nullptr) return recv(fd_, buf, n, 0);
+    ERR_clear_error();
+    errno = 0;
+    const int r = SSL_read(ssl_, buf, static_cast<int>(std::min<size_t>(n, 1 << 30)));
+    if (r > 0) return r;
+    const int e = SSL_get_error(ssl_, r);
+    if (e == SSL_ERROR_ZERO_RETURN) return 0;
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+      errno = EAGAIN;
+      return -1;
+    }
+    const bool eof = (e == SSL_ERROR_SYSCALL && errno == 0) ||
+                     ERR_GET_REASON(ERR_peek_last_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING;
+    ERR_clear_error();
+    if (eof) return 0;  // closed without close_notify
+    if (errno == 0) errno = EPROTO;
+    return -1;
+  }
+
+  // Sends all of `iov` (advancing it); false on error or timeout (errno says which).
+  bool SendAll(iovec* iov, int n) {
+    if (ssl_ == nullptr) return SendAllPlain(iov, n);
+    for (; n > 0; ++iov, --n) {
+      const char* p = static_cast<const char*>(iov->iov_base);
+      size_t left = iov->iov_len;
+      while (left > 0) {
+        ERR_clear_error();
+        const int w = SSL_write(ssl_, p, static_cast<int>(std::min<size_t>(left, 1 << 30)));
+        if (w > 0) {
+          p += w;
+          left -= static_cast<size_t>(w);
+          continue;
+        }
+        const int e = SSL_get_error(ssl_, w);
+        ERR_clear_error();
+        errno = e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ ? EAGAIN
+                : errno != 0                                          ? errno
+                                                                      : EPIPE;
+        return false;
+      }
+    }
+    // The frame's records, gathered in the write buffer (NewSsl), out now.
+    if (BIO_flush(SSL_get_wbio(ssl_)) != 1) {
+      if (errno == 0) errno = EPIPE;
+      return false;
+    }
+    return true;
+  }
+
+  // TLS's close_notify (best effort), before the socket's shutdown.
+  void CloseNotify() {
+    if (ssl_ != nullptr) {
+      ERR_clear_error();
+      SSL_shutdown(ssl_);
+      BIO_flush(SSL_get_wbio(ssl_));
+      ERR_clear_error();
+    }
+  }
+
+ private:
+  bool SendAllPlain(iovec* iov, int n);
+
+  const int fd_;
+  SSL* const ssl_;
+};
+
+namespace {
+
+// The TLS handshake on `wire`'s socket (blocking, with timeouts) by `deadline`: OK, or why not.
+absl::Status Handshake(SSL* ssl, int fd, bool server, absl::Time deadline) {
+  while (true) {
+    ERR_clear_error();
+    const int rc = server ? SSL_accept(ssl) : SSL_connect(ssl);
+    if (rc == 1) return absl::OkStatus();
+    const int e = SSL_get_error(ssl, rc);
+    if ((e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) && absl::Now() < deadline) {
+      SetTimeout(fd, SO_RCVTIMEO, std::min(deadline - absl::Now(), absl::Milliseconds(100)));
+      continue;
+    }
+    std::string why = e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE ? "timed out" : "";
+    for (unsigned long err = ERR_get_error(); err != 0; err = ERR_get_error()) {
+      char buf[256];
+      ERR_error_string_n(err, buf, sizeof buf);
+      absl::StrAppend(&why, why.empty() ? "" : "; ", buf);
+    }
+    if (why.empty()) why = "the connection closed";
+    return absl::UnavailableError(absl::StrCat("TLS handshake: ", why));
+  }
+}
+
+// A new SSL on `fd` from `source`'s context, or null. Bulk bytes go through it, so both ways
+// move many records a system call: reads take what has arrived (read-ahead into a 256 KiB
+// buffer) and writes gather records in a 256 KiB buffer, flushed after each frame (SendAll).
+constexpr int kTlsBufferBytes = 256 << 10;
+SSL* NewSsl(TlsContextSource* source, int fd) {
+  std::shared_ptr<SSL_CTX> ctx = source->Get();
+  SSL* ssl = SSL_new(ctx.get());
+  BIO* rbio = NewSocketBioWithoutSigpipe(fd);
+  BIO* wsock = NewSocketBioWithoutSigpipe(fd);
+  BIO* wbuf = BIO_new(BIO_f_buffer());
+  if (ssl == nullptr || rbio == nullptr || wsock == nullptr || wbuf == nullptr) {
+    if (ssl != nullptr) SSL_free(ssl);
+    for (BIO* b : {rbio, wsock, wbuf}) {
+      if (b != nullptr) BIO_free(b);
+    }
+    return nullptr;
+  }
+  BIO_set_write_buffer_size(wbuf, kTlsBufferBytes);
+  SSL_set_bio(ssl, rbio, BIO_push(wbuf, wsock));  // the SSL owns the chain
+  SSL_set_read_ahead(ssl, 1);
+  SSL_set_default_read_buffer_len(ssl, kTlsBufferBytes);
+  return ssl;
+}
+
+}  // namespace
+
+bool KvTransferWire::SendAllPlain(iovec* iov, int n) {
+  const int fd = fd_;
   while (n > 0) {
     msghdr msg{};
     msg.msg_iov = iov;
@@ -98,16 +235,20 @@ bool SendAll(int fd, iovec* iov, int n) {
   return true;
 }
 
-bool SendString(int fd, const std::string& s) {
+namespace {
+
+bool SendString(KvTransferWire& wire, const std::string& s) {
   iovec iov{const_cast<char*>(s.data()), s.size()};
-  return SendAll(fd, &iov, 1);
+  return wire.SendAll(&iov, 1);
 }
 
 // Reads exactly n bytes by `deadline`: OK, or why not (EOF counts as UNAVAILABLE).
 // (A read waits at most kReadWait before the deadline is looked at again: one timeout set per
 // call, not per read, on the copy's path.)
 constexpr absl::Duration kReadWait = absl::Milliseconds(100);
-absl::Status RecvAll(int fd, void* buf, size_t n, const char* what, absl::Time deadline) {
+absl::Status RecvAll(KvTransferWire& wire, void* buf, size_t n, const char* what,
+                     absl::Time deadline) {
+  const int fd = wire.fd();
   char* p = static_cast<char*>(buf);
   auto timed_out = [&] {
     const absl::Duration left = deadline - absl::Now();
@@ -117,7 +258,7 @@ absl::Status RecvAll(int fd, void* buf, size_t n, const char* what, absl::Time d
   };
   if (timed_out()) return absl::DeadlineExceededError(absl::StrCat("timed out reading ", what));
   while (n > 0) {
-    const ssize_t r = recv(fd, p, n, 0);
+    const ssize_t r = wire.Recv(p, n);
     if (r > 0) {
       p += r;
       n -= static_cast<size_t>(r);
@@ -172,8 +313,15 @@ Engine::KvBlockCopy FromKvBlockData(v1::KvBlockData& data) {
 // the exporter's thread, Pump from the connection thread, Stop from the server's.
 class KvTransferServer::Connection final : public KvExportSink {
  public:
-  explicit Connection(int fd) : fd_(fd) {}
-  ~Connection() override { close(fd_); }
+  explicit Connection(int fd) : fd_(fd), wire_(std::make_unique<KvTransferWire>(fd)) {}
+  ~Connection() override {
+    wire_.reset();
+    close(fd_);
+  }
+  // TLS from here on (after the handshake on `ssl`, which the wire then owns). Before any other
+  // use of the connection.
+  void UseTls(SSL* ssl) { wire_ = std::make_unique<KvTransferWire>(fd_, ssl); }
+  KvTransferWire& wire() { return *wire_; }
 
   bool Write(Engine::KvBlockCopy copy) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -241,7 +389,10 @@ class KvTransferServer::Connection final : public KvExportSink {
   }
 
   void SendEnd(const absl::Status& status) {
-    if (SendString(fd_, EndFrame(status))) shutdown(fd_, SHUT_WR);
+    if (SendString(*wire_, EndFrame(status))) {
+      wire_->CloseNotify();
+      shutdown(fd_, SHUT_WR);
+    }
   }
 
   void Stop() {
@@ -270,10 +421,11 @@ class KvTransferServer::Connection final : public KvExportSink {
     PutU64(&head, copy.payload.size());
     iovec iov[2] = {{head.data(), head.size()},
                     {const_cast<char*>(copy.payload.data()), copy.payload.size()}};
-    return SendAll(fd_, iov, 2);
+    return wire_->SendAll(iov, 2);
   }
 
   const int fd_;
+  std::unique_ptr<KvTransferWire> wire_;  // set before the connection is shared
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Engine::KvBlockCopy> queue_;  // guarded by mu_
@@ -433,7 +585,7 @@ void KvTransferServer::Serve(int fd) {
     char sink[4096];
     for (size_t drained = 0; drained < (1u << 20) && absl::Now() < until;) {
       SetTimeout(fd, SO_RCVTIMEO, until - absl::Now());
-      const ssize_t r = recv(fd, sink, sizeof sink, 0);
+      const ssize_t r = conn->wire().Recv(sink, sizeof sink);
       if (r <= 0) break;
       drained += static_cast<size_t>(r);
     }
@@ -443,10 +595,20 @@ void KvTransferServer::Serve(int fd) {
   // The end frame goes out at once after the last block (not held back for an acknowledgement).
   const int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  // The whole request by then, however slowly it trickles in.
+  // The whole request by then (the TLS handshake too), however slowly it trickles in.
   const absl::Time by = absl::Now() + options_.request_timeout;
+  if (options_.tls != nullptr) {
+    SSL* ssl = NewSsl(options_.tls, fd);
+    if (ssl == nullptr) return forget();
+    conn->UseTls(ssl);
+    if (absl::Status s = Handshake(ssl, fd, /*server=*/true, by); !s.ok()) {
+      VLOG(1) << "KV transfers: " << s.message();
+      return forget();
+    }
+  }
+  KvTransferWire& wire = conn->wire();
   unsigned char head[12];
-  if (!RecvAll(fd, head, sizeof head, "the request", by).ok()) return forget();
+  if (!RecvAll(wire, head, sizeof head, "the request", by).ok()) return forget();
   if (std::memcmp(head, kMagic, 4) != 0 || GetU32(head + 4) != kVersion) {
     return refuse(absl::InvalidArgumentError(
         absl::StrCat("not a KV transfer request (this port speaks KV transfer protocol version ",
@@ -459,8 +621,8 @@ void KvTransferServer::Serve(int fd) {
   }
   std::string secret(secret_len, '\0');
   unsigned char len4[4];
-  if (!RecvAll(fd, secret.data(), secret.size(), "the secret", by).ok() ||
-      !RecvAll(fd, len4, 4, "the request", by).ok()) {
+  if (!RecvAll(wire, secret.data(), secret.size(), "the secret", by).ok() ||
+      !RecvAll(wire, len4, 4, "the request", by).ok()) {
     return forget();
   }
   const uint32_t request_len = GetU32(len4);
@@ -469,7 +631,7 @@ void KvTransferServer::Serve(int fd) {
         absl::StrCat("request: ", request_len, " bytes; at most ", kMaxRequestBytes)));
   }
   std::string bytes(request_len, '\0');
-  if (!RecvAll(fd, bytes.data(), bytes.size(), "the request", by).ok()) return forget();
+  if (!RecvAll(wire, bytes.data(), bytes.size(), "the request", by).ok()) return forget();
   if (options_.cluster_secret != nullptr) {
     const int match = options_.cluster_secret->Match(secret);
     if (match < 0) {
@@ -558,9 +720,38 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
     if (cancelled_) return absl::CancelledError("the copy was cancelled");
     return absl::UnavailableError(absl::StrCat("cannot connect to ", address, ": ", why));
   }
+  SetTimeout(fd, SO_SNDTIMEO, deadline - absl::Now());
+  // TLS: the handshake first. One that fails reached no export at the source: the caller may copy
+  // another way (over gRPC, which says why if the source refuses TLS too).
+  KvTransferWire plain(fd);
+  std::unique_ptr<KvTransferWire> secured;
+  if (tls_ != nullptr) {
+    SSL* ssl = NewSsl(tls_, fd);
+    absl::Status handshake = absl::InternalError("SSL_new failed");
+    if (ssl != nullptr) {
+      secured = std::make_unique<KvTransferWire>(fd, ssl);
+      const std::string name = tls_server_name_.empty() ? host : tls_server_name_;
+      SSL_set_tlsext_host_name(ssl, name.c_str());
+      X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
+      // An address is checked against the certificate's IP addresses, a name against its names.
+      if (X509_VERIFY_PARAM_set1_ip_asc(param, name.c_str()) != 1) {
+        ERR_clear_error();
+        X509_VERIFY_PARAM_set1_host(param, name.c_str(), 0);
+      }
+      handshake = Handshake(ssl, fd, /*server=*/false, deadline);
+    }
+    if (!handshake.ok()) {
+      secured.reset();
+      std::lock_guard<std::mutex> lock(mu_);
+      fd_ = -1;
+      close(fd);
+      if (cancelled_) return absl::CancelledError("the copy was cancelled");
+      return absl::UnavailableError(absl::StrCat(address, ": ", handshake.message()));
+    }
+  }
+  KvTransferWire& wire = secured != nullptr ? *secured : plain;
   connected_ = true;
   auto status = [&]() -> absl::Status {
-    SetTimeout(fd, SO_SNDTIMEO, deadline - absl::Now());
     std::string hello(kMagic, 4);
     PutU32(&hello, kVersion);
     PutU32(&hello, static_cast<uint32_t>(secret.size()));
@@ -568,7 +759,7 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
     const std::string serialized = request.SerializeAsString();
     PutU32(&hello, static_cast<uint32_t>(serialized.size()));
     hello += serialized;
-    if (!SendString(fd, hello)) {
+    if (!SendString(wire, hello)) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
         return absl::DeadlineExceededError("timed out sending the request");
       }
@@ -582,10 +773,10 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
     uint64_t bytes = 0;
     while (true) {
       unsigned char type = 0;
-      if (absl::Status s = RecvAll(fd, &type, 1, "the next frame", deadline); !s.ok()) return s;
+      if (absl::Status s = RecvAll(wire, &type, 1, "the next frame", deadline); !s.ok()) return s;
       if (type == kEndFrame) {
         unsigned char end[8];
-        if (absl::Status s = RecvAll(fd, end, sizeof end, "the end frame", deadline); !s.ok()) {
+        if (absl::Status s = RecvAll(wire, end, sizeof end, "the end frame", deadline); !s.ok()) {
           return s;
         }
         const uint32_t code = GetU32(end);
@@ -595,7 +786,8 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
           return absl::DataLossError("a malformed end frame");
         }
         std::string message(len, '\0');
-        if (absl::Status s = RecvAll(fd, message.data(), len, "the end frame", deadline); !s.ok()) {
+        if (absl::Status s = RecvAll(wire, message.data(), len, "the end frame", deadline);
+            !s.ok()) {
           return s;
         }
         return absl::Status(static_cast<absl::StatusCode>(code), message);
@@ -604,7 +796,7 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
         return absl::DataLossError(absl::StrCat("a frame of unknown type ", int{type}));
       }
       unsigned char head[24];
-      if (absl::Status s = RecvAll(fd, head, sizeof head, "a block frame", deadline); !s.ok()) {
+      if (absl::Status s = RecvAll(wire, head, sizeof head, "a block frame", deadline); !s.ok()) {
         return s;
       }
       const uint64_t size = GetU64(head + 16);
@@ -624,7 +816,7 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
       for (size_t have = 0; have < size;) {
         const size_t step = std::min<size_t>(size - have, size_t{4} << 20);
         copy.payload.resize(have + step);
-        if (absl::Status s = RecvAll(fd, copy.payload.data() + have, step, "a block", deadline);
+        if (absl::Status s = RecvAll(wire, copy.payload.data() + have, step, "a block", deadline);
             !s.ok()) {
           return s;
         }
@@ -633,11 +825,20 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
       on_block(std::move(copy));
     }
   }();
+  bool cancelled = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     fd_ = -1;
+    cancelled = cancelled_;
     if (cancelled_) status = absl::CancelledError("the copy was cancelled");
   }
+  if (cancelled) {
+    // A reset, not a close: the source, perhaps blocked sending into a window this end no longer
+    // reads (TLS has read its records out), learns at once that nobody is there.
+    linger reset{1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+  }
+  secured.reset();
   close(fd);
   return status;
 }

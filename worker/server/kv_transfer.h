@@ -16,6 +16,10 @@
 // A connection that does not end with an end frame failed (the blocks before it still count).
 // A client that closes its connection cancels the copy at the source.
 //
+// With TLS (KvTransferServerOptions::tls, KvTransferCall::UseTls: workers given --tls_cert) the
+// same bytes go inside a TLS connection, mutual as the options say, after its handshake; a
+// handshake that fails counts as a connection never made (the caller copies over gRPC).
+//
 // Threads: the server accepts on a thread of its own and serves each connection on another
 // (at most max_connections at once; more are answered RESOURCE_EXHAUSTED).
 #ifndef STRATA_WORKER_SERVER_KV_TRANSFER_H_
@@ -37,6 +41,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/secrets.h"
+#include "common/tls_stream.h"
 #include "proto/strata/v1/worker.pb.h"
 #include "worker/engine/engine.h"
 
@@ -79,6 +84,9 @@ struct KvTransferServerOptions {
   // Takes an authenticated request and its sink: it ends the sink (Finish or Abort) eventually,
   // at once for a request it refuses. Runs on the connection's thread.
   std::function<void(const v1::FetchKvBlocksRequest&, std::shared_ptr<KvExportSink>)> on_request;
+  // TLS (mutual, as its options say): every connection's handshake before its request; null:
+  // plain TCP. Not owned; it must outlive the server.
+  TlsContextSource* tls = nullptr;
   // Counts a refused secret, and one of the cluster's other (older) secrets (not called when
   // unset).
   std::function<void()> on_unauthenticated;
@@ -137,6 +145,12 @@ class KvTransferCall {
                    const v1::FetchKvBlocksRequest& request, absl::Time deadline,
                    absl::FunctionRef<void(Engine::KvBlockCopy)> on_block);
   void Cancel();
+  // TLS for the calls from here on (`client`, a client context: not owned, it must outlive the
+  // call), checking the source's certificate against `server_name` (empty: the host dialled).
+  void UseTls(TlsContextSource* client, std::string server_name) {
+    tls_ = client;
+    tls_server_name_ = std::move(server_name);
+  }
   // Whether the last Run made its connection (when not, nothing reached the source, and the
   // caller may ask another way), and whether it was refused outright (nothing listens there: a
   // source that restarted on another port).
@@ -152,6 +166,8 @@ class KvTransferCall {
   bool cancelled_ = false;  // guarded by mu_
   bool connected_ = false;  // Run's thread only
   bool refused_ = false;    // Run's thread only
+  TlsContextSource* tls_ = nullptr;
+  std::string tls_server_name_;
 };
 
 }  // namespace strata

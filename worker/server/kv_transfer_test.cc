@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/tls_test_certs.h"
 #include "gtest/gtest.h"
 #include "tests/http_client.h"
 
@@ -79,11 +80,13 @@ struct Fixture {
   std::atomic<int> unauthenticated{0};
 
   explicit Fixture(const ClusterSecret* secret = nullptr,
-                   absl::Duration request_timeout = absl::Seconds(2)) {
+                   absl::Duration request_timeout = absl::Seconds(2),
+                   TlsContextSource* tls = nullptr) {
     KvTransferServerOptions o;
     o.listen_address = "127.0.0.1:0";
     o.cluster_secret = secret;
     o.request_timeout = request_timeout;
+    o.tls = tls;
     o.on_request = [this](const v1::FetchKvBlocksRequest& r, std::shared_ptr<KvExportSink> s) {
       exporter(r, std::move(s));
     };
@@ -281,6 +284,117 @@ TEST(KvTransferTest, StopEndsOpenConnections) {
   EXPECT_FALSE(st.ok());
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
   f.reset();  // the exporter's thread sees the sink fail and ends
+}
+
+// The same port in TLS (workers given --tls_cert): mutual, so that only the cluster's own workers
+// copy; the same bytes inside.
+class KvTransferTlsTest : public ::testing::Test {
+ protected:
+  KvTransferTlsTest() : ca_("kv-ca"), stranger_ca_("stranger-ca") {}
+  void SetUp() override {
+    TestCertificateSpec spec;
+    spec.dns_names = {"strata.internal"};
+    server_ = Write("server", ca_.Issue(spec), ca_.cert_pem());
+    server_.client_auth = TlsClientAuth::kRequire;
+    auto server_tls = TlsContextSource::Create(server_, TlsRole::kServer);
+    ASSERT_TRUE(server_tls.ok()) << server_tls.status();
+    server_tls_ = *std::move(server_tls);
+    member_ = Client(Write("member", ca_.Issue(spec), ca_.cert_pem()));
+    TlsOptions anonymous;
+    anonymous.ca_file = server_.ca_file;
+    anonymous_ = Client(anonymous);
+    stranger_ = Client(Write("stranger", stranger_ca_.Issue(spec), ca_.cert_pem()));
+  }
+  TlsOptions Write(const std::string& name, const TestCertificate& c, const std::string& ca) {
+    const std::string base = absl::StrCat(::testing::TempDir(), "/kv-tls-", name, "-");
+    TlsOptions o;
+    o.cert_file = base + "cert.pem";
+    o.key_file = base + "key.pem";
+    o.ca_file = base + "ca.pem";
+    WriteTestFile(o.cert_file, c.cert_pem);
+    WriteTestFile(o.key_file, c.key_pem);
+    WriteTestFile(o.ca_file, ca);
+    return o;
+  }
+  std::unique_ptr<TlsContextSource> Client(const TlsOptions& o) {
+    auto c = TlsContextSource::Create(o, TlsRole::kClient);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? *std::move(c) : nullptr;
+  }
+
+  TestCa ca_, stranger_ca_;
+  TlsOptions server_;
+  std::unique_ptr<TlsContextSource> server_tls_, member_, anonymous_, stranger_;
+};
+
+TEST_F(KvTransferTlsTest, TheBlocksArriveWholeAndInOrder) {
+  Fixture f(nullptr, absl::Seconds(2), server_tls_.get());
+  for (const uint64_t bytes : {uint64_t{1}, uint64_t{65536}, uint64_t{3} << 20}) {
+    v1::FetchKvBlocksRequest r = Request(5);
+    r.mutable_layout()->set_head_dim(static_cast<uint32_t>(bytes));
+    r.set_max_bytes(5 * bytes);
+    KvTransferCall call;
+    call.UseTls(member_.get(), "strata.internal");
+    std::vector<Engine::KvBlockCopy> blocks;
+    const absl::Status st = call.Run(f.address(), "", r, Soon(), &blocks);
+    ASSERT_TRUE(st.ok()) << st;
+    ASSERT_EQ(blocks.size(), 5u);
+    for (uint64_t i = 0; i < 5; ++i) {
+      EXPECT_TRUE(blocks[i].payload == Block(i, bytes).payload) << "block " << i << " of " << bytes;
+    }
+  }
+  // The handler's refusal reaches the caller with its message, in TLS too.
+  v1::FetchKvBlocksRequest other = Request(1);
+  other.set_model("other");
+  KvTransferCall call;
+  call.UseTls(member_.get(), "strata.internal");
+  std::vector<Engine::KvBlockCopy> blocks;
+  const absl::Status st = call.Run(f.address(), "", other, Soon(), &blocks);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+}
+
+TEST_F(KvTransferTlsTest, OnlyTheClustersWorkersGetIn) {
+  Fixture f(nullptr, absl::Seconds(2), server_tls_.get());
+  std::vector<Engine::KvBlockCopy> blocks;
+  // In plaintext, without a certificate, with another CA's, or expecting another name: no
+  // request reaches the handler, and the caller may copy another way (UNAVAILABLE).
+  KvTransferCall plain, anonymous, stranger, misnamed;
+  anonymous.UseTls(anonymous_.get(), "strata.internal");
+  stranger.UseTls(stranger_.get(), "strata.internal");
+  misnamed.UseTls(member_.get(), "other.internal");
+  for (KvTransferCall* call : {&plain, &anonymous, &stranger, &misnamed}) {
+    const absl::Status st = call->Run(f.address(), "", Request(2), Soon(), &blocks);
+    EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  }
+  EXPECT_FALSE(misnamed.connected());  // its own check failed: nothing was sent
+  EXPECT_TRUE(blocks.empty());
+  EXPECT_EQ(f.exporter.requests.load(), 0);
+  // And the server serves on.
+  KvTransferCall member;
+  member.UseTls(member_.get(), "strata.internal");
+  EXPECT_TRUE(member.Run(f.address(), "", Request(2), Soon(), &blocks).ok());
+  EXPECT_EQ(blocks.size(), 2u);
+}
+
+TEST_F(KvTransferTlsTest, ACallerThatGoesAwayIsSeenAsCancelled) {
+  Fixture f(nullptr, absl::Seconds(2), server_tls_.get());
+  f.exporter.wait_for_cancel = true;
+  v1::FetchKvBlocksRequest r = Request(64);
+  r.mutable_layout()->set_head_dim(4 << 20);
+  r.set_max_bytes(uint64_t{64} << 22);
+  KvTransferCall call;
+  call.UseTls(member_.get(), "strata.internal");
+  std::vector<Engine::KvBlockCopy> blocks;
+  auto result =
+      std::async(std::launch::async, [&] { return call.Run(f.address(), "", r, Soon(), &blocks); });
+  while (f.exporter.requests.load() == 0) absl::SleepFor(absl::Milliseconds(1));
+  absl::SleepFor(absl::Milliseconds(20));
+  call.Cancel();
+  EXPECT_EQ(result.get().code(), absl::StatusCode::kCancelled);
+  for (int i = 0; i < 2000 && f.server->active_connections() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(f.server->active_connections(), 0);
 }
 
 }  // namespace

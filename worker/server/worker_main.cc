@@ -44,6 +44,7 @@
 #include "common/tls.h"
 #include "common/tls_flags.h"
 #include "common/tls_monitor.h"
+#include "common/tls_stream.h"
 #include "common/version.h"
 #include "grammar/vocabulary.h"
 #include "kernels/dtype.h"
@@ -216,10 +217,10 @@ ABSL_FLAG(bool, kv_fetch, true,
 ABSL_FLAG(std::string, kv_transfer_listen, "auto",
           "HOST:PORT on which this worker also answers other workers' KV block copies over plain "
           "TCP (the bulk path: several times gRPC's speed; other workers learn the port from "
-          "WorkerInfo and copy over gRPC when there is none). auto: --listen's host, any free "
-          "port, or off with --tls_cert (copies then go over gRPC with TLS); off: gRPC only. "
-          "Behind a NetworkPolicy, give a fixed port and open it between workers (k8s/base does, "
-          "port 50062).");
+          "WorkerInfo and copy over gRPC when there is none); over TLS, as gRPC, with "
+          "--tls_cert. auto: --listen's host, any free port; off: gRPC only. Behind a "
+          "NetworkPolicy, give a fixed port and open it between workers (k8s/base does, port "
+          "50062).");
 ABSL_FLAG(int64_t, kv_fetch_timeout_ms, 2000,
           "Longest a request waits for KV blocks copied from another worker; what has not "
           "arrived by then is computed.");
@@ -384,11 +385,6 @@ int Main(const std::vector<std::string>& args) {
                     "cluster's own coordinators and workers can (and the cluster secret)";
   }
   const std::string kv_transfer_flag = absl::GetFlag(FLAGS_kv_transfer_listen);
-  if (tls->enabled() && kv_transfer_flag != "auto" && kv_transfer_flag != "off") {
-    LOG(ERROR) << "--kv_transfer_listen serves plain TCP: with --tls_cert it must be auto or off "
-                  "(KV copies then go over gRPC with TLS)";
-    return 1;
-  }
 
   // Rank 0 of a group starts the other ranks before anything else starts threads.
   // (group_failed outlives the followers' watcher thread, which may set it.)
@@ -633,10 +629,25 @@ int Main(const std::vector<std::string>& args) {
     return 1;
   }
   wo.kv_fetcher.credentials = *credentials;
+  // With TLS the KV transfer port speaks TLS too (mutual as --tls_client_auth says), and copies
+  // to other workers' ports go over TLS, checked as gRPC checks them. Both outlive the service.
+  std::unique_ptr<TlsContextSource> transfer_server_tls, transfer_client_tls;
   if (tls->enabled()) {
-    // Plain TCP has no place beside TLS: copies go over gRPC.
-    if (kv_transfer_flag == "auto") LOG(INFO) << "--kv_transfer_listen=auto is off with TLS";
-  } else if (kv_transfer_flag == "auto") {
+    absl::StatusOr<std::unique_ptr<TlsContextSource>> server_tls =
+        TlsContextSource::Create(*tls, TlsRole::kServer);
+    absl::StatusOr<std::unique_ptr<TlsContextSource>> client_tls =
+        TlsContextSource::Create(*tls, TlsRole::kClient);
+    if (!server_tls.ok() || !client_tls.ok()) {
+      LOG(ERROR) << (server_tls.ok() ? client_tls.status() : server_tls.status()).message();
+      return 1;
+    }
+    transfer_server_tls = *std::move(server_tls);
+    transfer_client_tls = *std::move(client_tls);
+    wo.kv_transfer_tls = transfer_server_tls.get();
+    wo.kv_fetcher.transfer_tls = transfer_client_tls.get();
+    wo.kv_fetcher.transfer_server_name = tls->server_name;
+  }
+  if (kv_transfer_flag == "auto") {
     const std::string listen = absl::GetFlag(FLAGS_listen);
     wo.kv_transfer_listen = absl::StrCat(listen.substr(0, listen.rfind(':')), ":0");
   } else if (kv_transfer_flag != "off") {

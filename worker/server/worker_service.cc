@@ -311,6 +311,7 @@ absl::StatusOr<std::unique_ptr<WorkerService>> WorkerService::Create(std::unique
     KvTransferServerOptions to;
     to.listen_address = service->options_.kv_transfer_listen;
     to.cluster_secret = service->options_.cluster_secret;
+    to.tls = service->options_.kv_transfer_tls;
     WorkerService* s = service.get();
     to.on_request = [s](const v1::FetchKvBlocksRequest& request,
                         std::shared_ptr<KvExportSink> sink) {

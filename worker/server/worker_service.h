@@ -93,6 +93,9 @@ struct WorkerServiceOptions {
   // path beside FetchKvBlocks; port 0 picks a free one, reported in WorkerInfo.kv_transfer_port.
   // Empty: FetchKvBlocks only.
   std::string kv_transfer_listen;
+  // TLS on that port (a server context, mutual as its options say; not owned, it must outlive the
+  // service); null: plain TCP.
+  TlsContextSource* kv_transfer_tls = nullptr;
   // Where the service records its metrics (strata_worker_*; see docs/ARCHITECTURE.md), or null.
   // Not owned; it must outlive the service.
   MetricsRegistry* metrics = nullptr;
