@@ -101,6 +101,28 @@ struct Fixture {
 
 absl::Time Soon() { return absl::Now() + absl::Seconds(30); }
 
+// Cancels `call` while it copies blocks larger than the sockets' buffers (so the exporter is
+// still writing), and expects the call to end CANCELLED and the source to see it and end the
+// connection.
+void CancelMidCopy(Fixture& f, KvTransferCall& call) {
+  v1::FetchKvBlocksRequest r = Request(64);
+  r.mutable_layout()->set_head_dim(4 << 20);
+  r.set_max_bytes(uint64_t{64} << 22);
+  std::vector<Engine::KvBlockCopy> blocks;
+  auto result =
+      std::async(std::launch::async, [&] { return call.Run(f.address(), "", r, Soon(), &blocks); });
+  while (f.exporter.requests.load() == 0) absl::SleepFor(absl::Milliseconds(1));
+  absl::SleepFor(absl::Milliseconds(20));
+  call.Cancel();
+  EXPECT_EQ(result.get().code(), absl::StatusCode::kCancelled);
+  EXPECT_LT(blocks.size(), 64u);
+  // The exporter saw it (its writes fail, or the connection shows the caller gone).
+  for (int i = 0; i < 2000 && f.server->active_connections() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(f.server->active_connections(), 0);
+}
+
 TEST(KvTransferTest, TheBlocksArriveWholeAndInOrder) {
   Fixture f;
   for (const uint64_t bytes : {uint64_t{1}, uint64_t{65536}, uint64_t{3} << 20}) {
@@ -243,26 +265,10 @@ TEST(KvTransferTest, ANothingPortIsUnavailableAndAPastDeadlineTimesOut) {
 TEST(KvTransferTest, ACallerThatGoesAwayIsSeenAsCancelledAndACallCanBeCancelled) {
   Fixture f;
   f.exporter.wait_for_cancel = true;
-  // Blocks larger than the sockets buffer, so the exporter is still writing when the call is
-  // cancelled.
-  v1::FetchKvBlocksRequest r = Request(64);
-  r.mutable_layout()->set_head_dim(4 << 20);
-  r.set_max_bytes(uint64_t{64} << 22);
   KvTransferCall call;
-  std::vector<Engine::KvBlockCopy> blocks;
-  auto result =
-      std::async(std::launch::async, [&] { return call.Run(f.address(), "", r, Soon(), &blocks); });
-  while (f.exporter.requests.load() == 0) absl::SleepFor(absl::Milliseconds(1));
-  absl::SleepFor(absl::Milliseconds(20));
-  call.Cancel();
-  EXPECT_EQ(result.get().code(), absl::StatusCode::kCancelled);
-  EXPECT_LT(blocks.size(), 64u);
-  // The exporter saw it (its writes fail, or the connection shows the caller gone).
-  for (int i = 0; i < 2000 && f.server->active_connections() > 0; ++i) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  EXPECT_EQ(f.server->active_connections(), 0);
+  CancelMidCopy(f, call);
   // Cancelled before it starts: it does not connect.
+  std::vector<Engine::KvBlockCopy> blocks;
   KvTransferCall early;
   early.Cancel();
   EXPECT_EQ(early.Run(f.address(), "", Request(1), Soon(), &blocks).code(),
@@ -379,22 +385,9 @@ TEST_F(KvTransferTlsTest, OnlyTheClustersWorkersGetIn) {
 TEST_F(KvTransferTlsTest, ACallerThatGoesAwayIsSeenAsCancelled) {
   Fixture f(nullptr, absl::Seconds(2), server_tls_.get());
   f.exporter.wait_for_cancel = true;
-  v1::FetchKvBlocksRequest r = Request(64);
-  r.mutable_layout()->set_head_dim(4 << 20);
-  r.set_max_bytes(uint64_t{64} << 22);
   KvTransferCall call;
   call.UseTls(member_.get(), "strata.internal");
-  std::vector<Engine::KvBlockCopy> blocks;
-  auto result =
-      std::async(std::launch::async, [&] { return call.Run(f.address(), "", r, Soon(), &blocks); });
-  while (f.exporter.requests.load() == 0) absl::SleepFor(absl::Milliseconds(1));
-  absl::SleepFor(absl::Milliseconds(20));
-  call.Cancel();
-  EXPECT_EQ(result.get().code(), absl::StatusCode::kCancelled);
-  for (int i = 0; i < 2000 && f.server->active_connections() > 0; ++i) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  EXPECT_EQ(f.server->active_connections(), 0);
+  CancelMidCopy(f, call);
 }
 
 }  // namespace
