@@ -2,9 +2,11 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -109,8 +111,13 @@ std::string Stamp(const TlsOptions& o) {
 // A socket BIO whose writes never raise SIGPIPE: OpenSSL's own writes with write(2), and a
 // client gone before (or while) the server writes would kill the process. The descriptor is not
 // owned (the bridge's thread closes it).
+struct SocketBioState {
+  int fd;
+  const std::atomic<int64_t>* read_deadline_ns;  // or null
+};
+
 int NoSigpipeWrite(BIO* b, const char* data, int len) {
-  const int fd = static_cast<int>(reinterpret_cast<intptr_t>(BIO_get_data(b)));
+  const int fd = static_cast<SocketBioState*>(BIO_get_data(b))->fd;
   const ssize_t n = ::send(fd, data, static_cast<size_t>(len), MSG_NOSIGNAL);
   BIO_clear_retry_flags(b);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_write(b);
@@ -118,9 +125,17 @@ int NoSigpipeWrite(BIO* b, const char* data, int len) {
 }
 
 int NoSigpipeRead(BIO* b, char* out, int len) {
-  const int fd = static_cast<int>(reinterpret_cast<intptr_t>(BIO_get_data(b)));
-  const ssize_t n = ::recv(fd, out, static_cast<size_t>(len), 0);
+  const SocketBioState* st = static_cast<SocketBioState*>(BIO_get_data(b));
   BIO_clear_retry_flags(b);
+  // Past the deadline no read is made: a peer that trickles a record in a byte at a time cannot
+  // hold SSL_read (which reads until its record is whole) beyond it.
+  if (st->read_deadline_ns != nullptr &&
+      absl::GetCurrentTimeNanos() >= st->read_deadline_ns->load(std::memory_order_relaxed)) {
+    BIO_set_retry_read(b);
+    errno = EAGAIN;
+    return -1;
+  }
+  const ssize_t n = ::recv(st->fd, out, static_cast<size_t>(len), 0);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_read(b);
   return static_cast<int>(n);
 }
@@ -134,6 +149,12 @@ int NoSigpipeCreate(BIO* b) {
   return 1;
 }
 
+int NoSigpipeDestroy(BIO* b) {
+  delete static_cast<SocketBioState*>(BIO_get_data(b));
+  BIO_set_data(b, nullptr);
+  return 1;
+}
+
 }  // namespace
 
 const BIO_METHOD* NoSigpipeSocket() {
@@ -144,14 +165,15 @@ const BIO_METHOD* NoSigpipeSocket() {
     BIO_meth_set_read(m, &NoSigpipeRead);
     BIO_meth_set_ctrl(m, &NoSigpipeCtrl);
     BIO_meth_set_create(m, &NoSigpipeCreate);
+    BIO_meth_set_destroy(m, &NoSigpipeDestroy);
     return m;
   }();
   return method;
 }
 
-BIO* NewSocketBioWithoutSigpipe(int fd) {
+BIO* NewSocketBioWithoutSigpipe(int fd, const std::atomic<int64_t>* read_deadline_ns) {
   BIO* bio = BIO_new(NoSigpipeSocket());
-  if (bio != nullptr) BIO_set_data(bio, reinterpret_cast<void*>(static_cast<intptr_t>(fd)));
+  if (bio != nullptr) BIO_set_data(bio, new SocketBioState{fd, read_deadline_ns});
   return bio;
 }
 
@@ -162,13 +184,22 @@ bool SetNonBlocking(int fd, bool on) {
   return flags >= 0 && ::fcntl(fd, F_SETFL, on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK)) == 0;
 }
 
+// How long the pump goes on once the server is done with a connection (it closed its end, or
+// sent its last bytes and close_notify): to deliver what is left and hear the client's
+// close_notify. A client that neither reads nor answers (an idle pooled connection) does not
+// hold the server's connection thread longer.
+constexpr absl::Duration kFinishGrace = absl::Seconds(2);
+
 // Moves bytes between the TLS connection `conn` (its `ssl`) and the socket pair's end `pair`
-// until both directions are done, either side fails, or `wake_fd` turns readable.
-void Pump(SSL* ssl, int conn, int pair, int wake_fd) {
+// until both directions are done, either side fails, `wake_fd` turns readable (the server is
+// stopping), or kFinishGrace after `done_fd` turns readable (the bridge is going) or after
+// close_notify went out.
+void Pump(SSL* ssl, int conn, int pair, int wake_fd, int done_fd) {
   std::string to_app, to_tls;  // read from one side, not yet written to the other
   bool client_done = false;    // the client sent close_notify: nothing more comes from it
   bool server_done = false;    // the server's end shut for writing: nothing more comes from it
   bool app_shut = false, close_sent = false;
+  absl::Time finish_by = absl::InfiniteFuture();
   char buf[16384];
   while (true) {
     bool progress = false;
@@ -201,7 +232,10 @@ void Pump(SSL* ssl, int conn, int pair, int wake_fd) {
       } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
         pair_events |= POLLOUT;
       } else if (!(w < 0 && errno == EINTR)) {
-        break;  // the server closed its end
+        // The server no longer reads (it closed its end): what the client sends is dropped,
+        // and what the server wrote before still goes out.
+        to_app.clear();
+        client_done = app_shut = progress = true;
       }
     }
     if (client_done && to_app.empty() && !app_shut) {
@@ -214,7 +248,8 @@ void Pump(SSL* ssl, int conn, int pair, int wake_fd) {
       if (r > 0) {
         to_tls.assign(buf, static_cast<size_t>(r));
         progress = true;
-      } else if (r == 0) {
+      } else if (r == 0 || errno == ECONNRESET) {
+        // The end of the server's bytes (a reset: it closed with the client's bytes unread).
         server_done = progress = true;
       } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
         pair_events |= POLLIN;
@@ -241,25 +276,41 @@ void Pump(SSL* ssl, int conn, int pair, int wake_fd) {
     }
     if (server_done && to_tls.empty() && !close_sent) {
       ERR_clear_error();
-      SSL_shutdown(ssl);  // close_notify, best effort
-      ::shutdown(conn, SHUT_WR);
-      close_sent = progress = true;
+      const int r = SSL_shutdown(ssl);  // close_notify
+      if (r < 0 && SSL_get_error(ssl, r) == SSL_ERROR_WANT_WRITE) {
+        conn_events |= POLLOUT;  // the alert part sent: the rest, before the FIN
+      } else {
+        ::shutdown(conn, SHUT_WR);
+        close_sent = progress = true;
+        finish_by = std::min(finish_by, absl::Now() + kFinishGrace);
+      }
     }
     if (close_sent && app_shut) break;  // both directions done
     if (progress) continue;
-    if (conn_events == 0 && pair_events == 0) break;  // nothing left to wait for
+    if (absl::Now() >= finish_by) break;
     // Only what a side is waited for is polled (a descriptor of -1 is left out): a hang-up,
     // which poll reports whatever was asked, then shows in the next read or write, not as a
     // wake-up with nothing to do.
-    pollfd fds[3] = {{conn_events != 0 ? conn : -1, conn_events, 0},
+    pollfd fds[4] = {{conn_events != 0 ? conn : -1, conn_events, 0},
                      {pair_events != 0 ? pair : -1, pair_events, 0},
+                     {done_fd, POLLIN, 0},
                      {wake_fd, POLLIN, 0}};
-    const int rc = ::poll(fds, wake_fd >= 0 ? 3 : 2, -1);
+    const int timeout_ms = finish_by == absl::InfiniteFuture()
+                               ? -1
+                               : static_cast<int>(std::max<int64_t>(
+                                     1, absl::ToInt64Milliseconds(finish_by - absl::Now()) + 1));
+    const int rc = ::poll(fds, wake_fd >= 0 ? 4 : 3, timeout_ms);
     if (rc < 0) {
       if (errno == EINTR) continue;
       break;
     }
-    if (wake_fd >= 0 && fds[2].revents != 0) break;  // the server is stopping
+    if (wake_fd >= 0 && fds[3].revents != 0) break;  // the server is stopping
+    if (fds[2].revents != 0) {
+      // The bridge is going (its end closed): what is left gets kFinishGrace.
+      finish_by = std::min(finish_by, absl::Now() + kFinishGrace);
+      fds[2].fd = -1;
+      done_fd = -1;
+    }
   }
 }
 
@@ -309,7 +360,10 @@ std::shared_ptr<SSL_CTX> TlsContextSource::Get() {
     absl::MutexLock lock(&mu_);
     return context_;
   }
-  absl::StatusOr<std::shared_ptr<SSL_CTX>> fresh = MakeContext(options_, role_, alpn_http11_);
+  // The same checks as at start (an expired replacement is not taken), then the context.
+  absl::Status checked = CheckTlsFiles(options_).status();
+  absl::StatusOr<std::shared_ptr<SSL_CTX>> fresh =
+      checked.ok() ? MakeContext(options_, role_, alpn_http11_) : checked;
   absl::MutexLock lock(&mu_);
   if (fresh.ok()) {
     context_ = *std::move(fresh);
@@ -364,10 +418,14 @@ absl::StatusOr<std::unique_ptr<TlsBridge>> TlsAcceptor::Accept(UniqueFd conn, in
   UniqueFd remote(pair[1]);
   bridge->protocol_ = absl::StrCat(SSL_get_version(ssl.get()), " ",
                                    SSL_CIPHER_get_name(SSL_get_current_cipher(ssl.get())));
+  bridge->done_ = UniqueFd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!bridge->done_.valid()) {
+    return absl::UnavailableError(absl::StrCat("eventfd: ", strerror(errno)));
+  }
   try {
-    bridge->thread_ =
-        std::thread([ssl = std::move(ssl), conn = std::move(conn), remote = std::move(remote),
-                     wake_fd] { Pump(ssl.get(), conn.get(), remote.get(), wake_fd); });
+    bridge->thread_ = std::thread(
+        [ssl = std::move(ssl), conn = std::move(conn), remote = std::move(remote), wake_fd,
+         done = bridge->done_.get()] { Pump(ssl.get(), conn.get(), remote.get(), wake_fd, done); });
   } catch (const std::system_error& e) {
     return absl::UnavailableError(absl::StrCat("cannot start a TLS thread: ", e.what()));
   }
@@ -375,7 +433,12 @@ absl::StatusOr<std::unique_ptr<TlsBridge>> TlsAcceptor::Accept(UniqueFd conn, in
 }
 
 TlsBridge::~TlsBridge() {
-  local_.reset();  // the pump sees the server's end closed
+  local_.reset();  // the pump sees the server's end closed...
+  const uint64_t one = 1;
+  // ... and, told so, delivers what is left within its grace period.
+  if (done_.valid() && ::write(done_.get(), &one, sizeof(one)) != sizeof(one)) {
+    LOG(ERROR) << "TLS: cannot tell a connection's pump to finish: " << strerror(errno);
+  }
   if (thread_.joinable()) thread_.join();
 }
 

@@ -10,12 +10,17 @@
 //     pair; the server reads and writes `fd()` as it would the client's socket. Closes pass
 //     through both ways: the client closing (or vanishing) reads as the end of `fd()`'s input
 //     (POLLRDHUP), and `fd()` shut for writing or closed sends the client TLS's close_notify.
+//     Once the server is done (close_notify sent, or the bridge destroyed), the pump delivers
+//     what is left for at most 2 s more: a client that stopped reading does not hold the
+//     server's connection thread.
 //
 // A record of the HTTP traffic costs one more copy through the kernel, which the small requests
 // and token streams of the HTTP API do not notice; KV bytes never take this path.
 #ifndef STRATA_COMMON_TLS_STREAM_H_
 #define STRATA_COMMON_TLS_STREAM_H_
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <thread>
@@ -34,8 +39,11 @@ namespace strata {
 
 // A BIO for an SSL on the socket `fd` (not owned) whose writes never raise SIGPIPE (OpenSSL's own
 // socket BIO writes with write(2): a peer gone before a write would kill the process). Reads and
-// writes retry (BIO_should_retry) on EAGAIN, for non-blocking sockets. Give it to SSL_set_bio.
-BIO* NewSocketBioWithoutSigpipe(int fd);
+// writes retry (BIO_should_retry) on EAGAIN, for non-blocking sockets and sockets with timeouts.
+// With `read_deadline_ns` (absl::GetCurrentTimeNanos() time; not owned, it must outlive the BIO),
+// a read past it is not made and retries instead, so that blocking reads under SO_RCVTIMEO keep
+// to a deadline even against a peer that trickles bytes. Give it to SSL_set_bio.
+BIO* NewSocketBioWithoutSigpipe(int fd, const std::atomic<int64_t>* read_deadline_ns = nullptr);
 
 class TlsBridge;
 
@@ -117,6 +125,7 @@ class TlsBridge {
   TlsBridge() = default;
 
   UniqueFd local_;
+  UniqueFd done_;  // an eventfd: written when the bridge goes, so the pump finishes in time
   std::string protocol_;
   std::thread thread_;
 };

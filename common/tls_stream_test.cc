@@ -215,6 +215,32 @@ TEST_F(TlsStreamTest, ARenewedCertificateIsServedWithoutARestart) {
   EXPECT_TRUE(bridge.ok()) << bridge.status();
 }
 
+// A client that neither reads nor closes (an idle pooled connection, or one that stopped reading
+// mid-response): the server closing its end is not held up beyond the grace period.
+TEST_F(TlsStreamTest, AClientThatStopsReadingDoesNotHoldTheServer) {
+  auto acceptor = TlsAcceptor::Create(options_);
+  ASSERT_TRUE(acceptor.ok()) << acceptor.status();
+  for (const size_t reply_bytes : {size_t{0}, size_t{64} << 20}) {
+    std::unique_ptr<TestTlsClient> client;
+    std::thread connect([&] {
+      auto c = TestTlsClient::Connect(listen_.port, ca_.cert_pem(), "strata.internal");
+      ASSERT_TRUE(c.ok()) << c.status();
+      client = std::move(*c);
+    });
+    auto bridge = AcceptOne(**acceptor);
+    connect.join();
+    ASSERT_TRUE(bridge.ok()) << bridge.status();
+    if (reply_bytes > 0) {
+      // More than the buffers on the way hold: the write times out, as the gateway's would.
+      EXPECT_FALSE(WriteAll((*bridge)->fd(), std::string(reply_bytes, 'x'), -1,
+                            absl::Now() + absl::Milliseconds(500)));
+    }
+    const absl::Time start = absl::Now();
+    bridge->reset();
+    EXPECT_LT(absl::Now() - start, absl::Seconds(4)) << reply_bytes;
+  }
+}
+
 TEST_F(TlsStreamTest, CreateNamesTheFlag) {
   TlsOptions none;
   EXPECT_EQ(TlsAcceptor::Create(none).status().code(), absl::StatusCode::kInvalidArgument);

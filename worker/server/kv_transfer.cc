@@ -9,8 +9,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/numbers.h"
@@ -76,13 +78,40 @@ void SetTimeout(int fd, int option, absl::Duration d) {
   setsockopt(fd, SOL_SOCKET, option, &tv, sizeof tv);
 }
 
+// A new SSL on `fd` from `source`'s context, or null. Bulk bytes go through it, so both ways
+// move many records a system call: reads take what has arrived (read-ahead into a 256 KiB
+// buffer) and writes gather records in a 256 KiB buffer, flushed after each frame (SendAll).
+constexpr int kTlsBufferBytes = 256 << 10;
+SSL* NewSsl(TlsContextSource* source, int fd, const std::atomic<int64_t>* read_deadline_ns) {
+  std::shared_ptr<SSL_CTX> ctx = source->Get();
+  SSL* ssl = SSL_new(ctx.get());
+  BIO* rbio = NewSocketBioWithoutSigpipe(fd, read_deadline_ns);
+  BIO* wsock = NewSocketBioWithoutSigpipe(fd);
+  BIO* wbuf = BIO_new(BIO_f_buffer());
+  if (ssl == nullptr || rbio == nullptr || wsock == nullptr || wbuf == nullptr) {
+    if (ssl != nullptr) SSL_free(ssl);
+    for (BIO* b : {rbio, wsock, wbuf}) {
+      if (b != nullptr) BIO_free(b);
+    }
+    return nullptr;
+  }
+  BIO_set_write_buffer_size(wbuf, kTlsBufferBytes);
+  SSL_set_bio(ssl, rbio, BIO_push(wbuf, wsock));  // the SSL owns the chain
+  SSL_set_read_ahead(ssl, 1);
+  SSL_set_default_read_buffer_len(ssl, kTlsBufferBytes);
+  return ssl;
+}
+
 }  // namespace
 
 // A connection's bytes: the socket itself, or TLS over it (`ssl`, owned). Reads and writes block
 // up to the socket's timeouts (SO_RCVTIMEO, SO_SNDTIMEO) either way.
 class KvTransferWire {
  public:
-  explicit KvTransferWire(int fd, SSL* ssl = nullptr) : fd_(fd), ssl_(ssl) {}
+  explicit KvTransferWire(int fd) : fd_(fd), ssl_(nullptr) {}
+  // TLS over `fd`, an SSL from `tls`'s context (ssl() null when OpenSSL could not make one).
+  KvTransferWire(int fd, TlsContextSource* tls)
+      : fd_(fd), ssl_(NewSsl(tls, fd, &read_deadline_ns_)) {}
   ~KvTransferWire() {
     if (ssl_ != nullptr) SSL_free(ssl_);
   }
@@ -91,6 +120,11 @@ class KvTransferWire {
 
   int fd() const { return fd_; }
   bool tls() const { return ssl_ != nullptr; }
+  SSL* ssl() const { return ssl_; }
+  // Reads (TLS's, record by record) are not made past `t`: see NewSocketBioWithoutSigpipe.
+  void set_read_deadline(absl::Time t) {
+    read_deadline_ns_.store(absl::ToUnixNanos(t), std::memory_order_relaxed);
+  }
 
   // As recv(2): bytes read, 0 at the end, -1 with errno (EAGAIN: the timeout passed).
   ssize_t Recv(void* buf, size_t n) {
@@ -157,13 +191,18 @@ class KvTransferWire {
   bool SendAllPlain(iovec* iov, int n);
 
   const int fd_;
+  std::atomic<int64_t> read_deadline_ns_{std::numeric_limits<int64_t>::max()};  // before ssl_
   SSL* const ssl_;
 };
 
 namespace {
 
 // The TLS handshake on `wire`'s socket (blocking, with timeouts) by `deadline`: OK, or why not.
-absl::Status Handshake(SSL* ssl, int fd, bool server, absl::Time deadline) {
+absl::Status Handshake(KvTransferWire& wire, bool server, absl::Time deadline) {
+  SSL* const ssl = wire.ssl();
+  const int fd = wire.fd();
+  wire.set_read_deadline(deadline);
+  SetTimeout(fd, SO_RCVTIMEO, std::min(deadline - absl::Now(), absl::Milliseconds(100)));
   while (true) {
     ERR_clear_error();
     const int rc = server ? SSL_accept(ssl) : SSL_connect(ssl);
@@ -182,30 +221,6 @@ absl::Status Handshake(SSL* ssl, int fd, bool server, absl::Time deadline) {
     if (why.empty()) why = "the connection closed";
     return absl::UnavailableError(absl::StrCat("TLS handshake: ", why));
   }
-}
-
-// A new SSL on `fd` from `source`'s context, or null. Bulk bytes go through it, so both ways
-// move many records a system call: reads take what has arrived (read-ahead into a 256 KiB
-// buffer) and writes gather records in a 256 KiB buffer, flushed after each frame (SendAll).
-constexpr int kTlsBufferBytes = 256 << 10;
-SSL* NewSsl(TlsContextSource* source, int fd) {
-  std::shared_ptr<SSL_CTX> ctx = source->Get();
-  SSL* ssl = SSL_new(ctx.get());
-  BIO* rbio = NewSocketBioWithoutSigpipe(fd);
-  BIO* wsock = NewSocketBioWithoutSigpipe(fd);
-  BIO* wbuf = BIO_new(BIO_f_buffer());
-  if (ssl == nullptr || rbio == nullptr || wsock == nullptr || wbuf == nullptr) {
-    if (ssl != nullptr) SSL_free(ssl);
-    for (BIO* b : {rbio, wsock, wbuf}) {
-      if (b != nullptr) BIO_free(b);
-    }
-    return nullptr;
-  }
-  BIO_set_write_buffer_size(wbuf, kTlsBufferBytes);
-  SSL_set_bio(ssl, rbio, BIO_push(wbuf, wsock));  // the SSL owns the chain
-  SSL_set_read_ahead(ssl, 1);
-  SSL_set_default_read_buffer_len(ssl, kTlsBufferBytes);
-  return ssl;
 }
 
 }  // namespace
@@ -249,6 +264,7 @@ constexpr absl::Duration kReadWait = absl::Milliseconds(100);
 absl::Status RecvAll(KvTransferWire& wire, void* buf, size_t n, const char* what,
                      absl::Time deadline) {
   const int fd = wire.fd();
+  wire.set_read_deadline(deadline);
   char* p = static_cast<char*>(buf);
   auto timed_out = [&] {
     const absl::Duration left = deadline - absl::Now();
@@ -318,9 +334,12 @@ class KvTransferServer::Connection final : public KvExportSink {
     wire_.reset();
     close(fd_);
   }
-  // TLS from here on (after the handshake on `ssl`, which the wire then owns). Before any other
-  // use of the connection.
-  void UseTls(SSL* ssl) { wire_ = std::make_unique<KvTransferWire>(fd_, ssl); }
+  // TLS from here on (the handshake still to make): false when no SSL could be made. Before any
+  // other use of the connection.
+  bool UseTls(TlsContextSource* tls) {
+    wire_ = std::make_unique<KvTransferWire>(fd_, tls);
+    return wire_->ssl() != nullptr;
+  }
   KvTransferWire& wire() { return *wire_; }
 
   bool Write(Engine::KvBlockCopy copy) override {
@@ -598,13 +617,14 @@ void KvTransferServer::Serve(int fd) {
   // The whole request by then (the TLS handshake too), however slowly it trickles in.
   const absl::Time by = absl::Now() + options_.request_timeout;
   if (options_.tls != nullptr) {
-    SSL* ssl = NewSsl(options_.tls, fd);
-    if (ssl == nullptr) return forget();
-    conn->UseTls(ssl);
-    if (absl::Status s = Handshake(ssl, fd, /*server=*/true, by); !s.ok()) {
+    if (!conn->UseTls(options_.tls)) return forget();
+    // The handshake's writes by then too; the copy's sends afterwards get the usual timeout.
+    SetTimeout(fd, SO_SNDTIMEO, by - absl::Now());
+    if (absl::Status s = Handshake(conn->wire(), /*server=*/true, by); !s.ok()) {
       VLOG(1) << "KV transfers: " << s.message();
       return forget();
     }
+    SetTimeout(fd, SO_SNDTIMEO, absl::Seconds(kSendTimeoutS));
   }
   KvTransferWire& wire = conn->wire();
   unsigned char head[12];
@@ -726,19 +746,24 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
   KvTransferWire plain(fd);
   std::unique_ptr<KvTransferWire> secured;
   if (tls_ != nullptr) {
-    SSL* ssl = NewSsl(tls_, fd);
+    secured = std::make_unique<KvTransferWire>(fd, tls_);
+    SSL* ssl = secured->ssl();
     absl::Status handshake = absl::InternalError("SSL_new failed");
-    if (ssl != nullptr) {
-      secured = std::make_unique<KvTransferWire>(fd, ssl);
-      const std::string name = tls_server_name_.empty() ? host : tls_server_name_;
-      SSL_set_tlsext_host_name(ssl, name.c_str());
+    const std::string name = tls_server_name_.empty() ? host : tls_server_name_;
+    if (ssl != nullptr && name.empty()) {
+      handshake = absl::InvalidArgumentError("no name to check the source's certificate against");
+    } else if (ssl != nullptr) {
+      // An address is checked against the certificate's IP addresses (and sent as no SNI, which
+      // names hosts only), a name against its DNS names.
       X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
-      // An address is checked against the certificate's IP addresses, a name against its names.
+      bool named = true;
       if (X509_VERIFY_PARAM_set1_ip_asc(param, name.c_str()) != 1) {
         ERR_clear_error();
-        X509_VERIFY_PARAM_set1_host(param, name.c_str(), 0);
+        named = X509_VERIFY_PARAM_set1_host(param, name.c_str(), 0) == 1 &&
+                SSL_set_tlsext_host_name(ssl, name.c_str()) == 1;
       }
-      handshake = Handshake(ssl, fd, /*server=*/false, deadline);
+      handshake = named ? Handshake(*secured, /*server=*/false, deadline)
+                        : absl::InternalError(absl::StrCat("cannot check the name ", name));
     }
     if (!handshake.ok()) {
       secured.reset();
@@ -751,6 +776,7 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
   }
   KvTransferWire& wire = secured != nullptr ? *secured : plain;
   connected_ = true;
+  bool refused_before_a_frame = false;
   auto status = [&]() -> absl::Status {
     std::string hello(kMagic, 4);
     PutU32(&hello, kVersion);
@@ -771,9 +797,15 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
         request.max_bytes() == 0 ? (uint64_t{64} << 20) : request.max_bytes();
     int64_t blocks = 0;
     uint64_t bytes = 0;
-    while (true) {
+    for (bool first = true;; first = false) {
       unsigned char type = 0;
-      if (absl::Status s = RecvAll(wire, &type, 1, "the next frame", deadline); !s.ok()) return s;
+      if (absl::Status s = RecvAll(wire, &type, 1, "the next frame", deadline); !s.ok()) {
+        // In TLS 1.3 the source checks this end's certificate after the handshake has ended
+        // here: its refusal (an alert) arrives in place of the first frame. Nothing reached an
+        // export, and the caller may copy another way.
+        if (first && wire.tls() && absl::IsUnavailable(s)) refused_before_a_frame = true;
+        return s;
+      }
       if (type == kEndFrame) {
         unsigned char end[8];
         if (absl::Status s = RecvAll(wire, end, sizeof end, "the end frame", deadline); !s.ok()) {
@@ -825,6 +857,7 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
       on_block(std::move(copy));
     }
   }();
+  if (refused_before_a_frame) connected_ = false;
   bool cancelled = false;
   {
     std::lock_guard<std::mutex> lock(mu_);

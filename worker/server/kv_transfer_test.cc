@@ -372,7 +372,12 @@ TEST_F(KvTransferTlsTest, OnlyTheClustersWorkersGetIn) {
     const absl::Status st = call->Run(f.address(), "", Request(2), Soon(), &blocks);
     EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
   }
-  EXPECT_FALSE(misnamed.connected());  // its own check failed: nothing was sent
+  // Refused in the handshake, or right after it (TLS 1.3: the source checks the caller's
+  // certificate once the caller's side is done): "not connected", so the fetcher copies over
+  // gRPC instead.
+  EXPECT_FALSE(anonymous.connected());
+  EXPECT_FALSE(stranger.connected());
+  EXPECT_FALSE(misnamed.connected());
   EXPECT_TRUE(blocks.empty());
   EXPECT_EQ(f.exporter.requests.load(), 0);
   // And the server serves on.
@@ -380,6 +385,31 @@ TEST_F(KvTransferTlsTest, OnlyTheClustersWorkersGetIn) {
   member.UseTls(member_.get(), "strata.internal");
   EXPECT_TRUE(member.Run(f.address(), "", Request(2), Soon(), &blocks).ok());
   EXPECT_EQ(blocks.size(), 2u);
+}
+
+// A connection that says nothing, or trickles a TLS record in a byte at a time, is cut off at
+// request_timeout, before any handshake completes.
+TEST_F(KvTransferTlsTest, ASilentOrTricklingHandshakeIsCutOff) {
+  Fixture f(nullptr, absl::Milliseconds(300), server_tls_.get());
+  for (const bool trickle : {false, true}) {
+    const int fd = ConnectLoopback(f.server->port());
+    ASSERT_GE(fd, 0);
+    const absl::Time start = absl::Now();
+    // A record header announcing 16 KiB, then a byte every 50 ms.
+    const std::string record("\x16\x03\x01\x40\x00", 5);
+    if (trickle) send(fd, record.data(), record.size(), MSG_NOSIGNAL);
+    while (f.server->active_connections() == 0 && absl::Now() - start < absl::Seconds(2)) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    while (f.server->active_connections() > 0 && absl::Now() - start < absl::Seconds(10)) {
+      if (trickle) send(fd, "x", 1, MSG_NOSIGNAL);
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    EXPECT_EQ(f.server->active_connections(), 0) << trickle;
+    EXPECT_LT(absl::Now() - start, absl::Seconds(3)) << trickle;
+    close(fd);
+  }
+  EXPECT_EQ(f.exporter.requests.load(), 0);
 }
 
 TEST_F(KvTransferTlsTest, ACallerThatGoesAwayIsSeenAsCancelled) {
