@@ -54,6 +54,21 @@ class TlsStreamTest : public ::testing::Test {
     UniqueFd conn(::accept4(listen_.fd.get(), nullptr, nullptr, SOCK_CLOEXEC));
     return acceptor.Accept(std::move(conn), -1, deadline);
   }
+  // A client connected through `acceptor` (its handshake made on another thread), and the
+  // server's bridge; either null when that failed.
+  std::pair<std::unique_ptr<TestTlsClient>, std::unique_ptr<TlsBridge>> Connect(
+      TlsAcceptor& acceptor) {
+    std::unique_ptr<TestTlsClient> client;
+    std::thread connect([&] {
+      auto c = TestTlsClient::Connect(listen_.port, ca_.cert_pem(), "strata.internal");
+      EXPECT_TRUE(c.ok()) << c.status();
+      if (c.ok()) client = std::move(*c);
+    });
+    auto bridge = AcceptOne(acceptor);
+    connect.join();
+    EXPECT_TRUE(bridge.ok()) << bridge.status();
+    return {std::move(client), bridge.ok() ? *std::move(bridge) : nullptr};
+  }
   // The bridge's end, read until its end (or 10 s).
   static std::string ReadToEnd(int fd) {
     std::string out;
@@ -104,30 +119,23 @@ TEST_F(TlsStreamTest, BytesPassBothWaysAndClosesPassThrough) {
 TEST_F(TlsStreamTest, AClientThatVanishesEndsTheServersInput) {
   auto acceptor = TlsAcceptor::Create(options_);
   ASSERT_TRUE(acceptor.ok()) << acceptor.status();
-  std::unique_ptr<TestTlsClient> client;
-  std::thread connect([&] {
-    auto c = TestTlsClient::Connect(listen_.port, ca_.cert_pem(), "strata.internal");
-    ASSERT_TRUE(c.ok()) << c.status();
-    client = std::move(*c);
-  });
-  auto bridge = AcceptOne(**acceptor);
-  connect.join();
-  ASSERT_TRUE(bridge.ok()) << bridge.status();
+  auto [client, bridge] = Connect(**acceptor);
   ASSERT_NE(client, nullptr);
+  ASSERT_NE(bridge, nullptr);
   ASSERT_TRUE(client->Write("GET / HTTP/1.1\r\n\r\n"));
   std::string got;
-  ASSERT_TRUE(RecvSome((*bridge)->fd(), &got, -1, absl::Now() + absl::Seconds(5)));
+  ASSERT_TRUE(RecvSome(bridge->fd(), &got, -1, absl::Now() + absl::Seconds(5)));
   EXPECT_EQ(got, "GET / HTTP/1.1\r\n\r\n");
   // Gone without close_notify: the server's end reports the peer gone, as a plain socket would
   // (the gateway's disconnect watch polls for POLLRDHUP and cancels the generation).
   client->Abort();
-  pollfd p = {(*bridge)->fd(), POLLRDHUP, 0};
+  pollfd p = {bridge->fd(), POLLRDHUP, 0};
   ASSERT_EQ(::poll(&p, 1, 5000), 1);
   EXPECT_NE(p.revents & (POLLRDHUP | POLLHUP), 0);
   // What the server still writes goes nowhere, and fails, without a SIGPIPE (which would end
   // this process).
   EXPECT_FALSE(
-      WriteAll((*bridge)->fd(), std::string(4 << 20, 'x'), -1, absl::Now() + absl::Seconds(10)));
+      WriteAll(bridge->fd(), std::string(4 << 20, 'x'), -1, absl::Now() + absl::Seconds(10)));
 }
 
 // The client gone right after its handshake, before the server's first write (TLS 1.3 sends its
@@ -221,22 +229,15 @@ TEST_F(TlsStreamTest, AClientThatStopsReadingDoesNotHoldTheServer) {
   auto acceptor = TlsAcceptor::Create(options_);
   ASSERT_TRUE(acceptor.ok()) << acceptor.status();
   for (const size_t reply_bytes : {size_t{0}, size_t{64} << 20}) {
-    std::unique_ptr<TestTlsClient> client;
-    std::thread connect([&] {
-      auto c = TestTlsClient::Connect(listen_.port, ca_.cert_pem(), "strata.internal");
-      ASSERT_TRUE(c.ok()) << c.status();
-      client = std::move(*c);
-    });
-    auto bridge = AcceptOne(**acceptor);
-    connect.join();
-    ASSERT_TRUE(bridge.ok()) << bridge.status();
+    auto [client, bridge] = Connect(**acceptor);
+    ASSERT_NE(bridge, nullptr);
     if (reply_bytes > 0) {
       // More than the buffers on the way hold: the write times out, as the gateway's would.
-      EXPECT_FALSE(WriteAll((*bridge)->fd(), std::string(reply_bytes, 'x'), -1,
+      EXPECT_FALSE(WriteAll(bridge->fd(), std::string(reply_bytes, 'x'), -1,
                             absl::Now() + absl::Milliseconds(500)));
     }
     const absl::Time start = absl::Now();
-    bridge->reset();
+    bridge.reset();
     EXPECT_LT(absl::Now() - start, absl::Seconds(4)) << reply_bytes;
   }
 }
