@@ -503,7 +503,8 @@ absl::StatusOr<std::unique_ptr<KvTransferServer>> KvTransferServer::Start(
   server->listener_ = fd;
   server->port_ = bound_port;
   server->acceptor_ = std::thread([s = server.get()] { s->Accept(); });
-  LOG(INFO) << "KV transfers on port " << bound_port;
+  LOG(INFO) << "KV transfers on port " << bound_port
+            << (server->options_.tls != nullptr ? " (TLS)" : "");
   return server;
 }
 
