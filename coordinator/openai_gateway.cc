@@ -1552,6 +1552,13 @@ void OpenAiGateway::Serve(UniqueFd conn) {
         options_.tls->Accept(std::move(conn), wake_fd_.get(), absl::Now() + options_.read_timeout);
     if (!accepted.ok()) {
       VLOG(1) << "http: " << peer << ": " << accepted.status().message();
+      if (options_.metrics != nullptr) {
+        options_.metrics
+            ->GetCounter("strata_coordinator_http_tls_failures_total",
+                         "HTTPS connections whose TLS handshake failed (not TLS, the certificate "
+                         "refused, too slow)")
+            ->Add();
+      }
       return;
     }
     bridge = *std::move(accepted);

@@ -114,7 +114,7 @@ std::pair<int, std::string> Stratactl(const std::vector<std::string>& args,
 
 TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
   const TlsFiles f = WriteTlsFiles("tls-cluster");
-  const int decode_metrics = FreePort(), http = FreePort();
+  const int decode_metrics = FreePort(), http = FreePort(), coordinator_metrics = FreePort();
   const int health0 = FreePort(), health1 = FreePort();
   LocalClusterOptions o;
   o.name = "tls-cluster";
@@ -125,6 +125,7 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
   o.coordinator_flags = TlsFlags(f);
   o.coordinator_flags.push_back("--disaggregate_min_uncached_tokens=64");
   o.coordinator_flags.push_back(absl::StrCat("--http_listen=127.0.0.1:", http));
+  o.coordinator_flags.push_back(absl::StrCat("--metrics_listen=127.0.0.1:", coordinator_metrics));
   o.credentials = Credentials(f, /*with_certificate=*/true);
   auto started = LocalCluster::Start(o);
   ASSERT_TRUE(started.ok()) << started.status();
@@ -157,7 +158,8 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
   // one without a certificate get no answer; one with the cluster's certificate an end frame.
   {
     v1::WorkerInfo info;
-    ASSERT_TRUE(GetInfo(Credentials(f, true).NewChannel(cluster.worker_address(0)), &info).ok());
+    // (The decode worker's, whose metrics count the refusals.)
+    ASSERT_TRUE(GetInfo(Credentials(f, true).NewChannel(cluster.worker_address(1)), &info).ok());
     const std::string port = absl::StrCat("127.0.0.1:", info.kv_transfer_port());
     v1::FetchKvBlocksRequest request;
     request.add_block_hashes(1);
@@ -187,6 +189,10 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
     s = ok.Run(port, "", request, absl::Now() + absl::Seconds(5), &blocks);
     EXPECT_FALSE(absl::IsUnavailable(s)) << s;  // the source's answer, whatever it is
     EXPECT_TRUE(ok.connected());
+    m = WaitForMetrics(decode_metrics, [](auto& m) {
+      return m["strata_worker_kv_transfer_tls_failures_total"] >= 2;
+    });
+    EXPECT_GE(m["strata_worker_kv_transfer_tls_failures_total"], 2);
   }
 
   // The coordinator takes clients with the CA alone; a worker wants a certificate (mutual TLS).
@@ -275,6 +281,10 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
     EXPECT_EQ(text.find("HTTP/1.1"), std::string::npos) << text;
     TestCa other("other");
     EXPECT_FALSE(TestTlsClient::Connect(http, other.cert_pem(), kServerName).ok());
+    m = WaitForMetrics(coordinator_metrics, [](auto& m) {
+      return m["strata_coordinator_http_tls_failures_total"] >= 2;
+    });
+    EXPECT_GE(m["strata_coordinator_http_tls_failures_total"], 2);
   }
 
   // stratactl with the CA (and the name), and without.

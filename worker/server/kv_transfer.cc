@@ -623,6 +623,7 @@ void KvTransferServer::Serve(int fd) {
     SetTimeout(fd, SO_SNDTIMEO, by - absl::Now());
     if (absl::Status s = Handshake(conn->wire(), /*server=*/true, by); !s.ok()) {
       VLOG(1) << "KV transfers: " << s.message();
+      if (options_.on_tls_failure) options_.on_tls_failure();
       return forget();
     }
     SetTimeout(fd, SO_SNDTIMEO, absl::Seconds(kSendTimeoutS));

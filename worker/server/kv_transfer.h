@@ -91,6 +91,8 @@ struct KvTransferServerOptions {
   // unset).
   std::function<void()> on_unauthenticated;
   std::function<void()> on_other_secret;
+  // Counts a TLS handshake that failed (not TLS, a certificate refused, too slow).
+  std::function<void()> on_tls_failure;
 };
 
 class KvTransferServer {

@@ -320,6 +320,13 @@ absl::StatusOr<std::unique_ptr<WorkerService>> WorkerService::Create(std::unique
     if (s->options_.metrics != nullptr) {
       to.on_unauthenticated = [s] { s->Unauthenticated()->Add(); };
       to.on_other_secret = [s] { s->OtherSecret()->Add(); };
+      if (to.tls != nullptr) {
+        Counter* failures = s->options_.metrics->GetCounter(
+            "strata_worker_kv_transfer_tls_failures_total",
+            "TLS handshakes on the KV transfer port that failed (not TLS, a certificate refused, "
+            "too slow)");
+        to.on_tls_failure = [failures] { failures->Add(); };
+      }
     }
     absl::StatusOr<std::unique_ptr<KvTransferServer>> transfer =
         KvTransferServer::Start(std::move(to));
