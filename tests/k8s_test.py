@@ -1317,6 +1317,37 @@ def expect_tls_everywhere(m):
     return 1
 
 
+def expect_cert_manager_issues_it(m):
+    """components/tls-cert-manager: cert-manager issues the Secret every pod mounts, from a CA
+    issuer whose CA certificate it also issues, for the name the pods check and both uses."""
+    cert = next((c for c in m.of("Certificate") if c["spec"]["secretName"] == "strata-tls"), None)
+    if cert is None:
+        fail("%s: no cert-manager Certificate writes the Secret strata-tls" % m.name)
+    spec = cert["spec"]
+    names = set()
+    for w in m.workloads():
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            names.add(parse_args(c.get("args", [])).get("tls_server_name"))
+    if not names <= set(spec.get("dnsNames", [])):
+        fail("%s: Certificate strata-tls names %s, not the --tls_server_name %s the pods check"
+             % (m.name, spec.get("dnsNames"), sorted(names)))
+    if not {"server auth", "client auth"} <= set(spec.get("usages", [])):
+        fail("%s: Certificate strata-tls is not for both server and client auth (mutual TLS): %s"
+             % (m.name, spec.get("usages")))
+    issuer = m.get(spec["issuerRef"].get("kind", "Issuer"), spec["issuerRef"]["name"])
+    if issuer is None or "ca" not in issuer["spec"]:
+        fail("%s: Certificate strata-tls's issuer %s is not a CA issuer in the manifests (ca.crt "
+             "would be missing)" % (m.name, spec["issuerRef"]))
+    ca = next((c for c in m.of("Certificate")
+               if c["spec"]["secretName"] == issuer["spec"]["ca"]["secretName"]), None)
+    if ca is None or not ca["spec"].get("isCA"):
+        fail("%s: the CA issuer's Secret %s is not written by a CA Certificate"
+             % (m.name, issuer["spec"]["ca"]["secretName"]))
+    if m.get(ca["spec"]["issuerRef"].get("kind", "Issuer"), ca["spec"]["issuerRef"]["name"]) is None:
+        fail("%s: the CA Certificate's issuer %s is not in the manifests" % (m.name, ca["spec"]["issuerRef"]))
+    return 1
+
+
 def run_pods_tls(m, rootfs, work):
     """k8s/tls: every gRPC connection over TLS with the certificate tools/make_dev_certs.sh makes,
     the kubelet's probes on the plaintext health ports. The workers turn ready, both coordinators
@@ -1472,6 +1503,14 @@ def main():
         for name, objs in tls_sets.items():
             tm = Manifests(objs, "k8s/" + name)
             n += check_manifests(tm, flags, image_models, image_fine_tunes) + expect_tls_everywhere(tm)
+        # With cert-manager issuing the Secret (components/tls-cert-manager).
+        d = os.path.join(k8s_copy, "tls-cert-manager")
+        os.makedirs(d)
+        with open(os.path.join(d, "kustomization.yaml"), "w") as f:
+            f.write("resources: [../base]\ncomponents: [../components/tls, ../components/tls-cert-manager]\n")
+        cm = Manifests(kubectl_render(d), "k8s/base with components/tls and tls-cert-manager")
+        n += (check_manifests(cm, flags, image_models, image_fine_tunes) + expect_tls_everywhere(cm)
+              + expect_cert_manager_issues_it(cm))
         print("k8s_test: k8s/base, k8s/gpu, both disaggregated overlays, stratactl plan's "
               "overlays of k8s/gpu and k8s/gpu-disaggregated, and k8s/tls pass %d checks" % n)
     else:
