@@ -15,6 +15,9 @@
 #   tools/run_local.sh --disaggregated       worker 1 computes prompts (--role=prefill), worker 2
 #                                            decodes (--role=decode), and the long-prompt request
 #                                            shows the handoff
+#   tools/run_local.sh --tls                 every connection over TLS (docs/TLS.md): gRPC, HTTPS,
+#                                            the workers' KV copies, with a development CA and
+#                                            certificate (tools/make_dev_certs.sh) in STRATA_RUN_DIR
 # Environment: STRATA_PORT (coordinator port, default 50051; workers use the next ports after
 # STRATA_WORKER_PORT, default 50061; metrics on STRATA_METRICS_PORT, default 9090, and the next two;
 # the OpenAI-compatible HTTP API on STRATA_HTTP_PORT, default 8000),
@@ -29,6 +32,7 @@ stop=0
 prompt='def fibonacci(n):'
 tensor_parallel=1
 disaggregated=0
+tls=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --detach) detach=1 ;;
@@ -38,7 +42,8 @@ while [ $# -gt 0 ]; do
     --tensor-parallel) tensor_parallel="$2"; shift ;;
     --tensor-parallel=*) tensor_parallel="${1#--tensor-parallel=}" ;;
     --disaggregated) disaggregated=1 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --tls) tls=1 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -134,6 +139,17 @@ if [ "$tensor_parallel" = 1 ]; then
   fine_tune_flags=(--fine_tune_dir="$run_dir/fine-tunes" --delta_cache_mb=64)
 fi
 
+# --tls: one development certificate for the whole cluster; stratactl (here, and in the lines
+# printed at the end) finds the CA and the name through the environment.
+tls_flags=()
+if [ $tls -eq 1 ]; then
+  tools/make_dev_certs.sh "$run_dir/certs" >/dev/null
+  tls_flags=(--tls_cert="$run_dir/certs/tls.crt" --tls_key="$run_dir/certs/tls.key"
+             --tls_ca="$run_dir/certs/ca.crt" --tls_server_name=strata.internal)
+  export STRATA_TLS_CA="$run_dir/certs/ca.crt" STRATA_TLS_SERVER_NAME=strata.internal
+  export STRATA_LOCAL_TLS_CA="$run_dir/certs/ca.crt"  # the HTTPS requests below
+fi
+
 workers=()
 for i in 1 2; do
   port=$((worker_port + i - 1))
@@ -145,7 +161,7 @@ launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model
   --workers="$(IFS=,; echo "${workers[*]}")" --listen="$coordinator" \
   --metrics_listen="127.0.0.1:$metrics_port" --http_listen="127.0.0.1:$http_port" \
   --access_log="$run_dir/logs/access.log" --port_file="$run_dir/coordinator.port" \
-  --disaggregate_min_uncached_tokens=128
+  --disaggregate_min_uncached_tokens=128 "${tls_flags[@]}"
 roles=(mixed mixed)
 [ $disaggregated -eq 1 ] && roles=(prefill decode)
 for i in 1 2; do
@@ -154,7 +170,7 @@ for i in 1 2; do
     --host_cache_mb=128 --disk_cache_mb=512 --disk_cache_path="$run_dir/kv-worker-$i" \
     --metrics_listen="127.0.0.1:$((metrics_port + i))" --num_speculative_tokens=4 \
     --port_file="$run_dir/worker-$i.port" --tensor_parallel="$tensor_parallel" \
-    --role="${roles[$((i - 1))]}" "${fine_tune_flags[@]}"
+    --role="${roles[$((i - 1))]}" "${fine_tune_flags[@]}" "${tls_flags[@]}"
 done
 
 echo "waiting for the cluster..."
@@ -204,14 +220,22 @@ if [ ${#fine_tune_flags[@]} -gt 0 ]; then
   echo "----------------------------------------------------------------------"
 fi
 echo
-echo "request: POST http://127.0.0.1:$http_port/v1/completions (the OpenAI-compatible API)"
+scheme=http
+curl_tls=""
+if [ $tls -eq 1 ]; then scheme=https; curl_tls="--cacert $run_dir/certs/ca.crt "; fi
+echo "request: POST $scheme://127.0.0.1:$http_port/v1/completions (the OpenAI-compatible API)"
 echo "----------------------------------------------------------------------"
 python3 - "$http_port" "$metrics_port" "$stratactl" "$coordinator" "$disaggregated" <<'PY'
-import json, subprocess, sys, time, urllib.request
+import json, os, ssl, subprocess, sys, time, urllib.request
+# --tls: the HTTP API is HTTPS, checked against the development CA (its certificate names
+# 127.0.0.1).
+ca = os.environ.get("STRATA_LOCAL_TLS_CA")
+ctx = ssl.create_default_context(cafile=ca) if ca else None
+api = f"{'https' if ca else 'http'}://127.0.0.1:{sys.argv[1]}"
 body = json.dumps({"model": "strata-tiny", "prompt": "int main(", "max_tokens": 32, "seed": 1}).encode()
-req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
+req = urllib.request.Request(f"{api}/v1/completions", data=body,
                              headers={"Content-Type": "application/json"})
-reply = json.load(urllib.request.urlopen(req, timeout=60))
+reply = json.load(urllib.request.urlopen(req, timeout=60, context=ctx))
 print("int main(" + reply["choices"][0]["text"])
 print(f"(finish_reason {reply['choices'][0]['finish_reason']}, usage {reply['usage']})")
 # Structured output: the workers keep the text to a JSON schema.
@@ -221,9 +245,9 @@ schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 body = json.dumps({"model": "strata-tiny", "prompt": "entry = ", "max_tokens": 600, "seed": 1,
                    "response_format": {"type": "json_schema",
                                        "json_schema": {"name": "entry", "schema": schema}}}).encode()
-req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
+req = urllib.request.Request(f"{api}/v1/completions", data=body,
                              headers={"Content-Type": "application/json"})
-reply = json.load(urllib.request.urlopen(req, timeout=60))
+reply = json.load(urllib.request.urlopen(req, timeout=60, context=ctx))
 print()
 print("with response_format json_schema " + json.dumps(schema))
 print("entry = " + json.dumps(json.loads(reply["choices"][0]["text"])))
@@ -247,9 +271,9 @@ prompt = ("def add_one(x):\n    return x + 1\n\n\ndef add_two(x):\n    return x 
           "def add_three(x):\n    return x + 3\n\n\ndef add_four(x):\n    return x + 4\n\n\ndef add_")
 body = json.dumps({"model": "strata-tiny", "prompt": prompt, "max_tokens": 48,
                    "temperature": 0}).encode()
-req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
+req = urllib.request.Request(f"{api}/v1/completions", data=body,
                              headers={"Content-Type": "application/json"})
-reply = json.load(urllib.request.urlopen(req, timeout=60))
+reply = json.load(urllib.request.urlopen(req, timeout=60, context=ctx))
 after = drafts()
 print()
 print("greedy, with drafts from the prompt (speculative decoding):")
@@ -268,10 +292,10 @@ def routed():
 def complete(text):
     body = json.dumps({"model": "strata-tiny", "prompt": text, "max_tokens": 8,
                        "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/completions", data=body,
+    req = urllib.request.Request(f"{api}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     start = time.monotonic()
-    reply = json.load(urllib.request.urlopen(req, timeout=60))
+    reply = json.load(urllib.request.urlopen(req, timeout=60, context=ctx))
     return reply, 1e3 * (time.monotonic() - start)
 # A first line of its own: the workers' disk tiers keep earlier runs' prompts.
 long_prompt = f"# run {time.time_ns()}\n" + "".join(
@@ -314,13 +338,16 @@ echo
 "$stratactl" status --coordinator "$coordinator"
 echo
 echo "Strata is listening:"
-echo "  coordinator (strata.v1.Serving, strata.v1.Admin, grpc.health.v1): $coordinator"
+echo "  coordinator (strata.v1.Serving, strata.v1.Admin, grpc.health.v1): $coordinator$([ $tls -eq 1 ] && echo " (TLS: CA $run_dir/certs/ca.crt, name strata.internal)")"
 echo "  workers (strata.v1.Worker): ${workers[*]}"
 echo "  Prometheus metrics: http://127.0.0.1:$metrics_port/metrics (coordinator)," \
   "http://127.0.0.1:$((metrics_port + 1))/metrics and :$((metrics_port + 2)) (workers)"
-echo "  OpenAI-compatible API: http://127.0.0.1:$http_port/v1 (POST /v1/completions and /v1/chat/completions, GET /v1/models and /v1/models/{model}; and POST /tokenize, /detokenize at the root)"
+echo "  OpenAI-compatible API: $scheme://127.0.0.1:$http_port/v1 (POST /v1/completions and /v1/chat/completions, GET /v1/models and /v1/models/{model}; and POST /tokenize, /detokenize at the root)"
 echo "  logs: $run_dir/logs (the coordinator's access log, a JSON line per call and HTTP request: $run_dir/logs/access.log)"
 echo "Try:"
+if [ $tls -eq 1 ]; then
+  echo "  export STRATA_TLS_CA=$run_dir/certs/ca.crt STRATA_TLS_SERVER_NAME=strata.internal"
+fi
 echo "  $stratactl generate --coordinator $coordinator --prompt 'import os' --max-tokens 40"
 if [ ${#fine_tune_flags[@]} -gt 0 ]; then
   echo "  $stratactl generate --coordinator $coordinator --prompt '.TH' --fine-tune man --max-tokens 40"
@@ -329,7 +356,7 @@ if [ ${#fine_tune_flags[@]} -gt 0 ]; then
 fi
 echo "  $stratactl generate --coordinator $coordinator --prompt 'n = ' --regex '[0-9]{3}'"
 echo "  $stratactl status --coordinator $coordinator"
-echo "  curl -s http://127.0.0.1:$http_port/v1/completions -H 'Content-Type: application/json' \\"
+echo "  curl -s $curl_tls$scheme://127.0.0.1:$http_port/v1/completions -H 'Content-Type: application/json' \\"
 echo "    -d '{\"model\": \"strata-tiny\", \"prompt\": \"import os\", \"max_tokens\": 40, \"stream\": true}'"
 if [ $detach -eq 1 ]; then
   echo "The cluster keeps running in the background; stop it with: tools/run_local.sh --stop"
