@@ -199,6 +199,7 @@ void Pump(SSL* ssl, int conn, int pair, int wake_fd, int done_fd) {
   bool client_done = false;    // the client sent close_notify: nothing more comes from it
   bool server_done = false;    // the server's end shut for writing: nothing more comes from it
   bool app_shut = false, close_sent = false;
+  bool server_gone = false;  // the bridge is going: nothing reads the client's bytes any more
   absl::Time finish_by = absl::InfiniteFuture();
   char buf[16384];
   while (true) {
@@ -285,7 +286,9 @@ void Pump(SSL* ssl, int conn, int pair, int wake_fd, int done_fd) {
         finish_by = std::min(finish_by, absl::Now() + kFinishGrace);
       }
     }
-    if (close_sent && app_shut) break;  // both directions done
+    // Both directions done; or the server's bytes all out and nobody left to read the client's
+    // (an idle connection closed: its client's close_notify is not waited for).
+    if (close_sent && (app_shut || server_gone)) break;
     if (progress) continue;
     if (absl::Now() >= finish_by) break;
     // Only what a side is waited for is polled (a descriptor of -1 is left out): a hang-up,
@@ -308,6 +311,7 @@ void Pump(SSL* ssl, int conn, int pair, int wake_fd, int done_fd) {
     if (fds[2].revents != 0) {
       // The bridge is going (its end closed): what is left gets kFinishGrace.
       finish_by = std::min(finish_by, absl::Now() + kFinishGrace);
+      server_gone = true;
       fds[2].fd = -1;
       done_fd = -1;
     }

@@ -238,7 +238,10 @@ TEST_F(TlsStreamTest, AClientThatStopsReadingDoesNotHoldTheServer) {
     }
     const absl::Time start = absl::Now();
     bridge.reset();
-    EXPECT_LT(absl::Now() - start, absl::Seconds(4)) << reply_bytes;
+    // An idle connection ends at once (the gateway sheds idle connections to make room, and
+    // waits 100 ms for one to go); one with bytes still undelivered within the grace period.
+    EXPECT_LT(absl::Now() - start, reply_bytes == 0 ? absl::Milliseconds(500) : absl::Seconds(4))
+        << reply_bytes;
   }
 }
 
