@@ -24,7 +24,8 @@ if [[ $# -eq 0 ]]; then
   # and whose KV transfer connections are cancelled, refused and stopped (TSAN too);
   # and disaggregated serving end to end, whose calls hand over from one worker's stream to
   # another's, with ASAN builds of the coordinator and workers; and TLS, whose certificate checks
-  # hold OpenSSL objects, end to end over a TLS cluster too.)
+  # hold OpenSSL objects, end to end over a TLS cluster too, and whose HTTPS bridge pumps bytes
+  # on threads of its own (TSAN too).)
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
     //coordinator:api_keys_test //coordinator:access_log_test //common:secrets_test \
     //common:periodic_test \
@@ -33,7 +34,8 @@ if [[ $# -eq 0 ]]; then
     //worker/engine:delta_cache_test //worker/server:fine_tune_dir_test \
     //worker/server:kv_fetch_test //worker/server:kv_transfer_test //tests:disaggregation_test \
     //common:tls_test //common:tls_stream_test //tests:tls_cluster_test
-  bazel test --config=tsan //memtier/... //worker/comm/... //worker/server:kv_transfer_test
+  bazel test --config=tsan //memtier/... //worker/comm/... //worker/server:kv_transfer_test \
+    //common:tls_stream_test
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'
   # Structured output's masks are computed on several threads and warmed on another.
   bazel test --config=tsan //worker/engine:engine_structured_test
