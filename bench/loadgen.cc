@@ -47,6 +47,7 @@
 #include "common/tcp.h"
 #include "common/tls.h"
 #include "common/tls_flags.h"
+#include "common/tls_stream.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/strata/v1/serving.grpc.pb.h"
 #include "proto/strata/v1/worker.grpc.pb.h"
@@ -55,7 +56,7 @@ ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Coordinator (or, with --api w
 ABSL_FLAG(std::string, api, "serving",
           "serving (a coordinator's Generate), worker (Submit), or openai (a coordinator's "
           "OpenAI-compatible HTTP API, --target its --http_listen address: streamed "
-          "/v1/completions).");
+          "/v1/completions; HTTPS with --tls_ca, a connection and handshake a request).");
 ABSL_FLAG(std::string, model, "strata-tiny", "Model name.");
 ABSL_FLAG(std::string, workload, "random", "random, shared-prefix or multi-turn.");
 ABSL_FLAG(int64_t, requests, 100, "Requests in all (multi-turn: conversations x turns).");
@@ -112,10 +113,14 @@ struct Sample {
 
 class Driver {
  public:
-  Driver(std::shared_ptr<grpc::Channel> channel, const std::string& api)
+  // `https`: the OpenAI API over TLS, checked against `https_name` (not owned; null: plain HTTP).
+  Driver(std::shared_ptr<grpc::Channel> channel, const std::string& api,
+         TlsContextSource* https = nullptr, std::string https_name = "")
       : serving_(v1::Serving::NewStub(channel)),
         worker_(v1::Worker::NewStub(channel)),
-        worker_api_(api == "worker") {
+        worker_api_(api == "worker"),
+        https_(https),
+        https_name_(std::move(https_name)) {
     api_key_ = absl::GetFlag(FLAGS_api_key);
     if (const char* env = std::getenv("STRATA_API_KEY"); api_key_.empty() && env != nullptr) {
       api_key_ = env;
@@ -144,14 +149,27 @@ class Driver {
         "POST /v1/completions HTTP/1.1\r\nHost: loadgen\r\nConnection: close\r\n",
         api_key_.empty() ? "" : absl::StrCat("Authorization: Bearer ", api_key_, "\r\n"),
         "Content-Type: application/json\r\nContent-Length: ", body.size(), "\r\n\r\n", body);
-    const UniqueFd conn = ConnectTcp(absl::GetFlag(FLAGS_target));
+    UniqueFd conn = ConnectTcp(absl::GetFlag(FLAGS_target));
     if (!conn.valid()) {
       s.error = "cannot connect";
       return s;
     }
-    const int fd = conn.get();
+    int fd = conn.get();
     // The gRPC path's limit: a stalled server fails the request instead of hanging the run.
     const absl::Time deadline = sent + absl::Minutes(10);
+    // HTTPS: the request and the stream through a TLS bridge (the handshake counts in TTFT, as
+    // a client without a pooled connection pays it).
+    std::unique_ptr<TlsBridge> bridge;
+    if (https_ != nullptr) {
+      absl::StatusOr<std::unique_ptr<TlsBridge>> b =
+          TlsConnect(*https_, std::move(conn), https_name_, sent + absl::Seconds(10));
+      if (!b.ok()) {
+        s.error = std::string(b.status().message());
+        return s;
+      }
+      bridge = *std::move(b);
+      fd = bridge->fd();
+    }
     if (!WriteAll(fd, request, /*wake_fd=*/-1, deadline)) {
       s.error = "cannot send the request";
       return s;
@@ -307,6 +325,8 @@ class Driver {
   std::unique_ptr<v1::Serving::Stub> serving_;
   std::unique_ptr<v1::Worker::Stub> worker_;
   const bool worker_api_;
+  TlsContextSource* const https_;
+  const std::string https_name_;
   std::string api_key_;
   std::string cluster_secret_;
   std::atomic<uint64_t> next_id_{0};
@@ -386,7 +406,21 @@ int Main() {
     std::fprintf(stderr, "loadgen: cannot reach %s\n", absl::GetFlag(FLAGS_target).c_str());
     return 1;
   }
-  Driver driver(channel, api);
+  // --api=openai with TLS flags: HTTPS.
+  std::unique_ptr<TlsContextSource> https;
+  std::string https_name;
+  if (api == "openai" && tls->enabled()) {
+    absl::StatusOr<std::unique_ptr<TlsContextSource>> client =
+        TlsContextSource::Create(*tls, TlsRole::kClient);
+    if (!client.ok()) {
+      std::fprintf(stderr, "loadgen: %s\n", std::string(client.status().message()).c_str());
+      return 2;
+    }
+    https = *std::move(client);
+    const std::string target = absl::GetFlag(FLAGS_target);
+    https_name = !tls->server_name.empty() ? tls->server_name : target.substr(0, target.rfind(':'));
+  }
+  Driver driver(channel, api, https.get(), https_name);
   if (const int64_t at = absl::GetFlag(FLAGS_start_at_unix_ms); at > 0) {
     absl::SleepFor(absl::FromUnixMillis(at) - absl::Now());
   }

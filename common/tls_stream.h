@@ -46,6 +46,7 @@ namespace strata {
 BIO* NewSocketBioWithoutSigpipe(int fd, const std::atomic<int64_t>* read_deadline_ns = nullptr);
 
 class TlsBridge;
+struct TlsBridgeFactory;
 
 enum class TlsRole { kServer, kClient };
 
@@ -107,6 +108,13 @@ class TlsAcceptor {
   const std::unique_ptr<TlsContextSource> source_;
 };
 
+// The client's side of the same: the TLS handshake on the connected socket `conn` (checking the
+// server's certificate against `client`'s CA and `server_name`, a DNS name or an address), by
+// `deadline`; then a bridge as Accept's. UNAVAILABLE when the handshake fails.
+absl::StatusOr<std::unique_ptr<TlsBridge>> TlsConnect(TlsContextSource& client, UniqueFd conn,
+                                                      const std::string& server_name,
+                                                      absl::Time deadline);
+
 // One TLS connection carried over a socket pair (above). Owned by the server's connection thread;
 // the bridge's thread ends when either side closes, the client fails, or `wake_fd` turns readable.
 class TlsBridge {
@@ -121,7 +129,7 @@ class TlsBridge {
   const std::string& protocol() const { return protocol_; }
 
  private:
-  friend class TlsAcceptor;
+  friend struct TlsBridgeFactory;
   TlsBridge() = default;
 
   UniqueFd local_;

@@ -53,7 +53,8 @@ void WriteTestFile(const std::string& path, const std::string& text);
 
 // A blocking TLS client connection for tests (an HTTPS client's part): connects to
 // 127.0.0.1:port and checks the server's certificate against `ca_pem` and `server_name` (also
-// sent as SNI). Reads and writes give up after 10 s.
+// sent as SNI). Reads and writes give up after 10 s. One thread at a time: OpenSSL does not allow
+// reading and writing one connection from two threads at once.
 class TestTlsClient {
  public:
   // UNAVAILABLE with OpenSSL's reason when the handshake fails (a certificate refused, say).
