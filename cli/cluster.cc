@@ -368,12 +368,13 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
                                                       : "mixed",
          // Which way it copies KV blocks with other workers: it sends its own (it keeps a
          // prefix cache) and takes theirs (--kv_fetch); and the TCP port it sends them on
-         // besides gRPC (--kv_transfer_listen).
+         // besides gRPC (--kv_transfer_listen), "tls:" when that speaks TLS.
          !w.info().has_kv_layout()
              ? "-"
              : absl::StrCat(w.info().kv_fetch() ? "in+out" : "out",
                             w.info().kv_transfer_port() != 0
-                                ? absl::StrCat("/tcp:", w.info().kv_transfer_port())
+                                ? absl::StrCat(w.info().tls() ? "/tls:" : "/tcp:",
+                                               w.info().kv_transfer_port())
                                 : ""),
          w.info().tensor_parallel_size() == 0 ? "-" : absl::StrCat(w.info().tensor_parallel_size()),
          absl::StrCat(w.load().num_running_sequences()),

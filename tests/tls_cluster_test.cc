@@ -153,6 +153,7 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
     grpc::Status s = GetInfo(Credentials(f, true).NewChannel(cluster.worker_address(i)), &info);
     ASSERT_TRUE(s.ok()) << s.error_message();
     EXPECT_NE(info.kv_transfer_port(), 0u) << i;
+    EXPECT_TRUE(info.tls()) << i;
   }
   // The transfer port speaks TLS only, and only to the cluster's certificates: a plain caller and
   // one without a certificate get no answer; one with the cluster's certificate an end frame.
@@ -299,6 +300,10 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
                              log + "-1.log");
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("worker-1"), std::string::npos) << out;
+  std::tie(rc, out) = Stratactl({"status", "--coordinator", cluster.coordinator_address(),
+                                 "--tls-ca", f.ca, "--tls-server-name", kServerName},
+                                log + "-table.log");
+  EXPECT_NE(out.find("in+out/tls:"), std::string::npos) << out;  // the KV COPIES column
   std::tie(rc, out) =
       Stratactl({"status", "--coordinator", cluster.coordinator_address()}, log + "-2.log");
   EXPECT_EQ(rc, 1) << out;

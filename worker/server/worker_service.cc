@@ -599,6 +599,7 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   }
   info->set_kv_fetch(fetcher_ != nullptr);
   info->set_kv_transfer_port(static_cast<uint32_t>(kv_transfer_port()));
+  info->set_tls(options_.kv_fetcher.credentials.tls());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
