@@ -602,6 +602,7 @@ void KvTransferServer::Serve(int fd) {
     // What the caller sent beyond what was read is drained before the close (closing with
     // unread bytes resets the connection, which can lose the answer on the caller's side).
     const absl::Time until = absl::Now() + absl::Seconds(1);
+    conn->wire().set_read_deadline(until);  // (TLS reads keep to a deadline of their own)
     char sink[4096];
     for (size_t drained = 0; drained < (1u << 20) && absl::Now() < until;) {
       SetTimeout(fd, SO_RCVTIMEO, until - absl::Now());
