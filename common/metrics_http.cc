@@ -26,7 +26,7 @@ std::string Response(const char* status, const char* content_type, const std::st
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    const std::string& listen, const MetricsRegistry* registry) {
+    const std::string& listen, const MetricsRegistry* registry, TlsAcceptor* tls) {
   absl::StatusOr<ListenSocket> socket = ListenTcp(listen, "--metrics_listen", 16);
   if (!socket.ok()) return socket.status();
   UniqueFd fd = std::move(socket->fd);
@@ -35,6 +35,7 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   if (!wake.valid()) return absl::UnavailableError(absl::StrCat("eventfd: ", strerror(errno)));
   std::unique_ptr<MetricsHttpServer> server(
       new MetricsHttpServer(std::move(fd), std::move(wake), bound, registry));
+  server->tls_ = tls;
   server->thread_ = std::thread([s = server.get()] { s->Loop(); });
   return server;
 }
@@ -73,15 +74,24 @@ void MetricsHttpServer::Loop() {
       }
       continue;
     }
-    Serve(conn.get());
+    Serve(std::move(conn));
   }
 }
 
-void MetricsHttpServer::Serve(int fd) {
+void MetricsHttpServer::Serve(UniqueFd conn) {
   // One deadline for the whole exchange: a client that trickles bytes in or reads slowly holds
   // the endpoint for 2 s at most, and the server's shutdown not at all.
   const absl::Time deadline = absl::Now() + absl::Seconds(2);
   const int wake = wake_fd_.get();
+  int fd = conn.get();
+  std::unique_ptr<TlsBridge> bridge;  // HTTPS: the exchange over the bridge, closed last
+  if (tls_ != nullptr) {
+    absl::StatusOr<std::unique_ptr<TlsBridge>> accepted =
+        tls_->Accept(std::move(conn), wake, deadline);
+    if (!accepted.ok()) return;
+    bridge = *std::move(accepted);
+    fd = bridge->fd();
+  }
   std::string request;
   while (request.find("\r\n\r\n") == std::string::npos && request.size() < 8192) {
     if (!RecvSome(fd, &request, wake, deadline)) return;
@@ -103,12 +113,13 @@ void MetricsHttpServer::Serve(int fd) {
 }
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> StartMetricsEndpoint(
-    const std::string& listen, const MetricsRegistry* registry) {
+    const std::string& listen, const MetricsRegistry* registry, TlsAcceptor* tls) {
   if (listen.empty()) return nullptr;
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
-      MetricsHttpServer::Start(listen, registry);
+      MetricsHttpServer::Start(listen, registry, tls);
   if (server.ok()) {
-    LOG(INFO) << "metrics at http://" << listen << "/metrics (port " << (*server)->port() << ")";
+    LOG(INFO) << "metrics at " << (tls != nullptr ? "https://" : "http://") << listen
+              << "/metrics (port " << (*server)->port() << ")";
   }
   return server;
 }

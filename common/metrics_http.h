@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/metrics.h"
+#include "common/tls_stream.h"
 #include "common/unique_fd.h"
 
 namespace strata {
@@ -21,8 +22,11 @@ class MetricsHttpServer {
   // Listens on `listen`, host:port: "[::]:9090" (every address, IPv6 and IPv4), "0.0.0.0:9090",
   // "127.0.0.1:0" (port 0 picks one). INVALID_ARGUMENT naming --metrics_listen for a malformed
   // address; UNAVAILABLE when it cannot bind. `registry` must outlive the server.
+  // With `tls` (not owned; it must outlive the server), HTTPS: each connection's handshake and
+  // exchange within the same 2 s.
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& listen,
-                                                                  const MetricsRegistry* registry);
+                                                                  const MetricsRegistry* registry,
+                                                                  TlsAcceptor* tls = nullptr);
   // Stops accepting and joins the thread.
   ~MetricsHttpServer();
   MetricsHttpServer(const MetricsHttpServer&) = delete;
@@ -34,19 +38,20 @@ class MetricsHttpServer {
   MetricsHttpServer(UniqueFd listen_fd, UniqueFd wake_fd, int port,
                     const MetricsRegistry* registry);
   void Loop();
-  void Serve(int fd);
+  void Serve(UniqueFd conn);
 
   UniqueFd listen_fd_;
   UniqueFd wake_fd_;  // an eventfd: written to stop the loop
   const int port_;
   const MetricsRegistry* registry_;
+  TlsAcceptor* tls_ = nullptr;
   std::thread thread_;
 };
 
 // For a server's main: null when `listen` is empty (metrics off), else the started endpoint, its
 // address logged.
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> StartMetricsEndpoint(
-    const std::string& listen, const MetricsRegistry* registry);
+    const std::string& listen, const MetricsRegistry* registry, TlsAcceptor* tls = nullptr);
 
 }  // namespace strata
 

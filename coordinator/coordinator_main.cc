@@ -49,6 +49,9 @@ ABSL_FLAG(std::string, health_listen, "",
 ABSL_FLAG(std::string, port_file, "", "Once serving, write the bound port to this file.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port to serve Prometheus metrics on (GET /metrics), e.g. [::]:9090; empty: none.");
+ABSL_FLAG(bool, metrics_tls, false,
+          "Serve --metrics_listen over TLS (HTTPS) with --tls_cert; no client certificate is "
+          "asked for. Off by default: Prometheus' annotation-based scrape configs speak HTTP.");
 ABSL_FLAG(bool, http_tls, true,
           "With --tls_cert, serve --http_listen over TLS too (HTTPS, the same certificate); "
           "false: plaintext, for TLS ended at an ingress or proxy in front.");
@@ -370,8 +373,20 @@ int Main() {
     return 1;
   }
   // Declared after the service: it stops (and its gauges stop calling into the service) first.
+  // --metrics_tls: HTTPS with the server's certificate, no client certificate asked for.
+  std::unique_ptr<TlsAcceptor> metrics_tls;
+  if (absl::GetFlag(FLAGS_metrics_tls)) {
+    TlsOptions o = *tls;
+    o.client_auth = TlsClientAuth::kNone;
+    absl::StatusOr<std::unique_ptr<TlsAcceptor>> acceptor = TlsAcceptor::Create(o);
+    if (!acceptor.ok()) {
+      LOG(ERROR) << "--metrics_tls: " << acceptor.status().message();
+      return 1;
+    }
+    metrics_tls = *std::move(acceptor);
+  }
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics_server =
-      StartMetricsEndpoint(metrics_listen, &metrics);
+      StartMetricsEndpoint(metrics_listen, &metrics, metrics_tls.get());
   if (!metrics_server.ok()) {
     LOG(ERROR) << metrics_server.status();
     return 1;

@@ -115,13 +115,15 @@ std::pair<int, std::string> Stratactl(const std::vector<std::string>& args,
 TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
   const TlsFiles f = WriteTlsFiles("tls-cluster");
   const int decode_metrics = FreePort(), http = FreePort(), coordinator_metrics = FreePort();
-  const int health0 = FreePort(), health1 = FreePort();
+  const int health0 = FreePort(), health1 = FreePort(), prefill_metrics = FreePort();
   LocalClusterOptions o;
   o.name = "tls-cluster";
   o.worker_flags = TlsFlags(f);
-  o.per_worker_flags = {{"--role=prefill", absl::StrCat("--health_listen=127.0.0.1:", health0)},
-                        {"--role=decode", absl::StrCat("--health_listen=127.0.0.1:", health1),
-                         absl::StrCat("--metrics_listen=127.0.0.1:", decode_metrics)}};
+  o.per_worker_flags = {
+      {"--role=prefill", absl::StrCat("--health_listen=127.0.0.1:", health0),
+       absl::StrCat("--metrics_listen=127.0.0.1:", prefill_metrics), "--metrics_tls"},
+      {"--role=decode", absl::StrCat("--health_listen=127.0.0.1:", health1),
+       absl::StrCat("--metrics_listen=127.0.0.1:", decode_metrics)}};
   o.coordinator_flags = TlsFlags(f);
   o.coordinator_flags.push_back("--disaggregate_min_uncached_tokens=64");
   o.coordinator_flags.push_back(absl::StrCat("--http_listen=127.0.0.1:", http));
@@ -216,6 +218,17 @@ TEST(TlsClusterTest, AClusterServesAndCopiesKvBlocksOverTls) {
         Credentials(f, false, "other.test").NewChannel(cluster.coordinator_address()));
     g = Generate(wrong_name.get(), TextRequest("x = ", 4, 1));
     EXPECT_EQ(g.status.error_code(), grpc::StatusCode::UNAVAILABLE) << g.status.error_message();
+  }
+  // --metrics_tls: the prefill worker's metrics over HTTPS only.
+  {
+    auto c = TestTlsClient::Connect(prefill_metrics, ReadAll(f.ca), kServerName);
+    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_TRUE((*c)->Write(HttpRequestText("GET", "/metrics", "")));
+    const std::string reply = (*c)->ReadToEnd();
+    EXPECT_EQ(reply.rfind("HTTP/1.1 200", 0), 0u) << reply.substr(0, 200);
+    EXPECT_NE(reply.find("strata_tls_files_usable 1"), std::string::npos);
+    const HttpReply plain = HttpRaw(prefill_metrics, HttpRequestText("GET", "/metrics", ""));
+    EXPECT_NE(plain.status, 200);
   }
   // Probes: the health ports answer in plaintext, and serve nothing else.
   for (int port : {health0, health1}) {

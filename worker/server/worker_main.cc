@@ -70,6 +70,9 @@ ABSL_FLAG(std::string, model_name, "",
           "Name clients use for the model (and its KV cache namespace); default: the directory's "
           "base name.");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50061", "host:port to serve on; port 0 picks one.");
+ABSL_FLAG(bool, metrics_tls, false,
+          "Serve --metrics_listen over TLS (HTTPS) with --tls_cert; no client certificate is "
+          "asked for. Off by default: Prometheus' annotation-based scrape configs speak HTTP.");
 ABSL_FLAG(std::string, health_listen, "",
           "host:port of a second, plaintext gRPC port that serves the health service alone (for "
           "probes that cannot speak TLS, such as a kubelet's); empty: none.");
@@ -709,8 +712,20 @@ int Main(const std::vector<std::string>& args) {
   (*service)->set_worker_id(worker_id);
   GrpcServer* srv = server->get();
   (*service)->SetDrainListener([srv](bool draining) { srv->SetServing(!draining); });
+  // --metrics_tls: HTTPS with the server's certificate, no client certificate asked for.
+  std::unique_ptr<TlsAcceptor> metrics_tls;
+  if (absl::GetFlag(FLAGS_metrics_tls)) {
+    TlsOptions o = *tls;
+    o.client_auth = TlsClientAuth::kNone;
+    absl::StatusOr<std::unique_ptr<TlsAcceptor>> acceptor = TlsAcceptor::Create(o);
+    if (!acceptor.ok()) {
+      LOG(ERROR) << "--metrics_tls: " << acceptor.status().message();
+      return 1;
+    }
+    metrics_tls = *std::move(acceptor);
+  }
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics_server =
-      StartMetricsEndpoint(metrics_listen, &metrics);
+      StartMetricsEndpoint(metrics_listen, &metrics, metrics_tls.get());
   if (!metrics_server.ok()) {
     LOG(ERROR) << metrics_server.status();
     return 1;
