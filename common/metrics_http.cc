@@ -112,6 +112,17 @@ void MetricsHttpServer::Serve(UniqueFd conn) {
   WriteAll(fd, response, wake, deadline);
 }
 
+absl::StatusOr<std::unique_ptr<TlsAcceptor>> MetricsTls(bool enabled, const TlsOptions& tls) {
+  if (!enabled) return nullptr;
+  TlsOptions o = tls;
+  o.client_auth = TlsClientAuth::kNone;
+  absl::StatusOr<std::unique_ptr<TlsAcceptor>> acceptor = TlsAcceptor::Create(o);
+  if (!acceptor.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--metrics_tls: ", acceptor.status().message()));
+  }
+  return acceptor;
+}
+
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> StartMetricsEndpoint(
     const std::string& listen, const MetricsRegistry* registry, TlsAcceptor* tls) {
   if (listen.empty()) return nullptr;

@@ -48,6 +48,12 @@ class MetricsHttpServer {
   std::thread thread_;
 };
 
+// For a server's main: with `enabled` (its --metrics_tls), the acceptor that serves the metrics
+// over HTTPS with `tls`'s certificate (no client certificate asked for: a scraper authenticates
+// the server, not itself); null when not enabled. INVALID_ARGUMENT naming --metrics_tls when there
+// is no certificate to serve with.
+absl::StatusOr<std::unique_ptr<TlsAcceptor>> MetricsTls(bool enabled, const TlsOptions& tls);
+
 // For a server's main: null when `listen` is empty (metrics off), else the started endpoint, its
 // address logged.
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> StartMetricsEndpoint(

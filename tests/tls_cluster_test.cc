@@ -343,6 +343,7 @@ TEST(TlsClusterTest, AWorkerWithUnusableTlsFlagsStopsNamingTheFlag) {
       {{"--tls_ca=" + f.ca}, "--tls_ca without --tls_cert"},
       {{"--tls_cert=" + f.cert, "--tls_key=" + f.key, "--tls_client_auth=always"},
        "--tls_client_auth: \"always\" is none of"},
+      {{"--metrics_listen=127.0.0.1:0", "--metrics_tls"}, "--metrics_tls: a TLS server needs"},
   };
   int i = 0;
   for (const Case& c : cases) {

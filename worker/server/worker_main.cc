@@ -712,20 +712,14 @@ int Main(const std::vector<std::string>& args) {
   (*service)->set_worker_id(worker_id);
   GrpcServer* srv = server->get();
   (*service)->SetDrainListener([srv](bool draining) { srv->SetServing(!draining); });
-  // --metrics_tls: HTTPS with the server's certificate, no client certificate asked for.
-  std::unique_ptr<TlsAcceptor> metrics_tls;
-  if (absl::GetFlag(FLAGS_metrics_tls)) {
-    TlsOptions o = *tls;
-    o.client_auth = TlsClientAuth::kNone;
-    absl::StatusOr<std::unique_ptr<TlsAcceptor>> acceptor = TlsAcceptor::Create(o);
-    if (!acceptor.ok()) {
-      LOG(ERROR) << "--metrics_tls: " << acceptor.status().message();
-      return 1;
-    }
-    metrics_tls = *std::move(acceptor);
+  absl::StatusOr<std::unique_ptr<TlsAcceptor>> metrics_tls =
+      MetricsTls(absl::GetFlag(FLAGS_metrics_tls), *tls);
+  if (!metrics_tls.ok()) {
+    LOG(ERROR) << metrics_tls.status().message();
+    return 1;
   }
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics_server =
-      StartMetricsEndpoint(metrics_listen, &metrics, metrics_tls.get());
+      StartMetricsEndpoint(metrics_listen, &metrics, metrics_tls->get());
   if (!metrics_server.ok()) {
     LOG(ERROR) << metrics_server.status();
     return 1;
