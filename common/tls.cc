@@ -23,16 +23,6 @@
 namespace strata {
 namespace {
 
-// OpenSSL's most recent error, as text (and the queue cleared), for a message's tail.
-std::string OpensslError() {
-  const unsigned long e = ERR_peek_last_error();
-  ERR_clear_error();
-  if (e == 0) return "";
-  char buf[256];
-  ERR_error_string_n(e, buf, sizeof(buf));
-  return absl::StrCat(" (", buf, ")");
-}
-
 absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
   absl::StatusOr<std::string> text = ReadFileToString(path);
   if (!text.ok()) {
@@ -132,6 +122,16 @@ void WarnUnlessSignedByCa(const std::vector<UniqueX509>& chain, const std::vecto
 
 }  // namespace
 
+std::string OpensslErrorText() {
+  std::string out;
+  for (unsigned long e = ERR_get_error(); e != 0; e = ERR_get_error()) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof(buf));
+    absl::StrAppend(&out, out.empty() ? "" : "; ", buf);
+  }
+  return out;
+}
+
 absl::StatusOr<TlsClientAuth> ParseTlsClientAuth(const std::string& text, const std::string& flag) {
   if (text == "none") return TlsClientAuth::kNone;
   if (text == "optional") return TlsClientAuth::kOptional;
@@ -207,8 +207,11 @@ absl::StatusOr<TlsCertificateInfo> CheckTlsFiles(const TlsOptions& options) {
                         ? nullptr
                         : PEM_read_bio_PrivateKey(bio.get(), nullptr, &NoPassphrase, nullptr));
   if (key == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--tls_key: ", options.key_file, " holds no unencrypted PEM private key", OpensslError()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tls_key: ", options.key_file, " holds no unencrypted PEM private key", [] {
+          const std::string e = OpensslErrorText();
+          return e.empty() ? e : absl::StrCat(" (", e, ")");
+        }()));
   }
   if (X509_check_private_key(leaf, key.get()) != 1) {
     ERR_clear_error();

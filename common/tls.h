@@ -66,6 +66,9 @@ struct TlsOptions {
   bool enabled() const { return !cert_file.empty() || !ca_file.empty() || system_ca; }
 };
 
+// OpenSSL's queued errors as text, "; "-separated (the queue emptied); "" when there are none.
+std::string OpensslErrorText();
+
 // What the checks found in a process's certificate, for its start-up log line.
 struct TlsCertificateInfo {
   std::string subject;   // the leaf's subject, one line ("CN=strata-worker")

@@ -31,13 +31,8 @@ namespace {
 using UniqueSsl = std::unique_ptr<SSL, void (*)(SSL*)>;
 
 std::string OpensslErrors() {
-  std::string out;
-  for (unsigned long e = ERR_get_error(); e != 0; e = ERR_get_error()) {
-    char buf[256];
-    ERR_error_string_n(e, buf, sizeof(buf));
-    absl::StrAppend(&out, out.empty() ? "" : "; ", buf);
-  }
-  return out.empty() ? "no detail" : out;
+  const std::string text = OpensslErrorText();
+  return text.empty() ? "no detail" : text;
 }
 
 // "http/1.1" when the client offers it; else no ALPN (the client may still speak HTTP/1.1).
@@ -463,6 +458,18 @@ absl::StatusOr<std::unique_ptr<TlsBridge>> TlsAcceptor::Accept(UniqueFd conn, in
                                 deadline);
 }
 
+absl::Status CheckServerName(SSL* ssl, const std::string& name) {
+  X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
+  if (X509_VERIFY_PARAM_set1_ip_asc(param, name.c_str()) == 1) return absl::OkStatus();
+  ERR_clear_error();
+  if (X509_VERIFY_PARAM_set1_host(param, name.c_str(), 0) != 1 ||
+      SSL_set_tlsext_host_name(ssl, name.c_str()) != 1) {
+    ERR_clear_error();
+    return absl::InvalidArgumentError(absl::StrCat("TLS: cannot check the name ", name));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<TlsBridge>> TlsConnect(TlsContextSource& client, UniqueFd conn,
                                                       const std::string& server_name,
                                                       absl::Time deadline) {
@@ -471,16 +478,7 @@ absl::StatusOr<std::unique_ptr<TlsBridge>> TlsConnect(TlsContextSource& client, 
   }
   std::shared_ptr<SSL_CTX> ctx = client.Get();
   ASSIGN_OR_RETURN(UniqueSsl ssl, NewNonBlockingSsl(ctx.get(), conn.get()));
-  // An address is checked against the certificate's IP addresses (and sent as no SNI), a name
-  // against its DNS names.
-  X509_VERIFY_PARAM* param = SSL_get0_param(ssl.get());
-  if (X509_VERIFY_PARAM_set1_ip_asc(param, server_name.c_str()) != 1) {
-    ERR_clear_error();
-    if (X509_VERIFY_PARAM_set1_host(param, server_name.c_str(), 0) != 1 ||
-        SSL_set_tlsext_host_name(ssl.get(), server_name.c_str()) != 1) {
-      return absl::InvalidArgumentError(absl::StrCat("TLS: cannot check the name ", server_name));
-    }
-  }
+  RETURN_IF_ERROR(CheckServerName(ssl.get(), server_name));
   return TlsBridgeFactory::Make(std::move(ssl), std::move(conn), /*server=*/false,
                                 /*wake_fd=*/-1, deadline);
 }

@@ -34,6 +34,7 @@
 
 typedef struct ssl_ctx_st SSL_CTX;
 typedef struct bio_st BIO;
+typedef struct ssl_st SSL;
 
 namespace strata {
 
@@ -107,6 +108,11 @@ class TlsAcceptor {
 
   const std::unique_ptr<TlsContextSource> source_;
 };
+
+// Makes a client's `ssl` check the server's certificate against `name`: an address against the
+// certificate's IP addresses (and sent as no SNI, which names hosts only), a name against its DNS
+// names (and sent as SNI). INVALID_ARGUMENT when OpenSSL takes neither.
+absl::Status CheckServerName(SSL* ssl, const std::string& name);
 
 // The client's side of the same: the TLS handshake on the connected socket `conn` (checking the
 // server's certificate against `client`'s CA and `server_name`, a DNS name or an address), by

@@ -1,5 +1,6 @@
 #include "worker/server/kv_transfer.h"
 
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -19,9 +20,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
+#include "common/status_macros.h"
+#include "common/tcp.h"
 #include "openssl/err.h"
 #include "openssl/ssl.h"
-#include "openssl/x509v3.h"
 
 namespace strata {
 namespace {
@@ -212,12 +214,10 @@ absl::Status Handshake(KvTransferWire& wire, bool server, absl::Time deadline) {
       SetTimeout(fd, SO_RCVTIMEO, std::min(deadline - absl::Now(), absl::Milliseconds(100)));
       continue;
     }
-    std::string why = e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE ? "timed out" : "";
-    for (unsigned long err = ERR_get_error(); err != 0; err = ERR_get_error()) {
-      char buf[256];
-      ERR_error_string_n(err, buf, sizeof buf);
-      absl::StrAppend(&why, why.empty() ? "" : "; ", buf);
-    }
+    const bool timed_out = e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE;
+    const std::string errors = OpensslErrorText();
+    std::string why = timed_out ? "timed out" : "";
+    if (!errors.empty()) absl::StrAppend(&why, why.empty() ? "" : "; ", errors);
     if (why.empty()) why = "the connection closed";
     return absl::UnavailableError(absl::StrCat("TLS handshake: ", why));
   }
@@ -458,47 +458,18 @@ class KvTransferServer::Connection final : public KvExportSink {
 
 absl::StatusOr<std::unique_ptr<KvTransferServer>> KvTransferServer::Start(
     KvTransferServerOptions options) {
-  std::string host, port;
-  if (absl::Status s = SplitAddress(options.listen_address, &host, &port); !s.ok()) return s;
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  addrinfo* found = nullptr;
-  if (const int rc =
-          getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
-      rc != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("KV transfer address \"", options.listen_address, "\": ", gai_strerror(rc)));
+  // An empty host is every address, as getaddrinfo's passive wildcard ("[::]", or 0.0.0.0 on a
+  // host without IPv6).
+  std::string listen = options.listen_address;
+  if (!listen.empty() && listen.front() == ':') listen = "[::]" + listen;
+  ASSIGN_OR_RETURN(ListenSocket socket, ListenTcp(listen, "--kv_transfer_listen", 64));
+  // Accept blocks (Stop shuts the socket down to end it).
+  const int flags = fcntl(socket.fd.get(), F_GETFL);
+  if (flags < 0 || fcntl(socket.fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    return absl::UnavailableError(absl::StrCat("--kv_transfer_listen: fcntl: ", strerror(errno)));
   }
-  int fd = -1;
-  std::string why = "no address";
-  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
-    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0) continue;
-    const int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (a->ai_family == AF_INET6) {
-      const int zero = 0;  // "[::]" takes IPv4 too
-      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
-    }
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
-      why = std::strerror(errno);
-      close(fd);
-      fd = -1;
-    }
-  }
-  freeaddrinfo(found);
-  if (fd < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen for KV transfers on ", options.listen_address, ": ", why));
-  }
-  sockaddr_storage bound{};
-  socklen_t len = sizeof bound;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
-  const int bound_port = bound.ss_family == AF_INET6
-                             ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
-                             : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  const int bound_port = socket.port;
+  const int fd = socket.fd.release();
   std::unique_ptr<KvTransferServer> server(new KvTransferServer(std::move(options)));
   server->listener_ = fd;
   server->port_ = bound_port;
@@ -756,17 +727,8 @@ absl::Status KvTransferCall::Run(const std::string& address, const std::string& 
     if (ssl != nullptr && name.empty()) {
       handshake = absl::InvalidArgumentError("no name to check the source's certificate against");
     } else if (ssl != nullptr) {
-      // An address is checked against the certificate's IP addresses (and sent as no SNI, which
-      // names hosts only), a name against its DNS names.
-      X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
-      bool named = true;
-      if (X509_VERIFY_PARAM_set1_ip_asc(param, name.c_str()) != 1) {
-        ERR_clear_error();
-        named = X509_VERIFY_PARAM_set1_host(param, name.c_str(), 0) == 1 &&
-                SSL_set_tlsext_host_name(ssl, name.c_str()) == 1;
-      }
-      handshake = named ? Handshake(*secured, /*server=*/false, deadline)
-                        : absl::InternalError(absl::StrCat("cannot check the name ", name));
+      handshake = CheckServerName(ssl, name);
+      if (handshake.ok()) handshake = Handshake(*secured, /*server=*/false, deadline);
     }
     if (!handshake.ok()) {
       secured.reset();
