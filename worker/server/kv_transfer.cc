@@ -57,7 +57,7 @@ uint64_t GetU64(const unsigned char* p) {
   return v;
 }
 
-// "HOST:PORT" (HOST may be bracketed IPv6, or empty for any address).
+// The caller's "HOST:PORT" of a source (HOST may be bracketed IPv6).
 absl::Status SplitAddress(const std::string& address, std::string* host, std::string* port) {
   const size_t colon = address.rfind(':');
   int p = 0;
