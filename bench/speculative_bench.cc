@@ -1,8 +1,10 @@
-// speculative_bench: what n-gram speculative decoding (EngineConfig::num_speculative_tokens) buys
-// on the CPU engine, and what a step with a draft costs.
+// speculative_bench: what speculative decoding (EngineConfig::num_speculative_tokens) buys on the
+// CPU engine, with drafts by n-gram lookup and from the bundled draft model
+// (EngineConfig::draft_weights), and what a step with a draft costs.
 //
 //   bazel run -c opt //bench:speculative_bench -- [--drafts=0,2,4,7] [--batches=1,2]
-//       [--new_tokens=128] [--reps=3] [--threads=0] [--json_out=FILE]
+//       [--methods=ngram,draft_model] [--new_tokens=128] [--reps=3] [--threads=0]
+//       [--json_out=FILE]
 //
 // Part 1, the bundled strata-tiny model and its tokenizer on its held-out files (text it never
 // saw in training), three workloads:
@@ -46,6 +48,11 @@ ABSL_FLAG(std::string, heldout_dir, "models/strata-tiny/heldout", "Its held-out 
 ABSL_FLAG(std::string, drafts, "0,2,4,7", "Draft lengths (num_speculative_tokens); 0: off.");
 ABSL_FLAG(std::string, batches, "1,2", "Batch sizes.");
 ABSL_FLAG(std::string, workloads, "quote,code,prose", "Part 1's workloads.");
+ABSL_FLAG(
+    std::string, methods, "ngram,draft_model",
+    "Where drafts come from: ngram (lookup in the context), draft_model (--draft_model_dir).");
+ABSL_FLAG(std::string, draft_model_dir, "models/strata-tiny/draft", "The bundled draft model.");
+ABSL_FLAG(int, draft_threads, 0, "Compute threads of the draft model (0: --threads).");
 ABSL_FLAG(int, new_tokens, 128, "Tokens generated per sequence.");
 ABSL_FLAG(int, reps, 3, "Repetitions; the median is reported.");
 ABSL_FLAG(int, threads, 0, "Compute threads (0: all cores).");
@@ -97,17 +104,20 @@ constexpr int kPassages = 8;
 struct Run {
   double decode_tokens = 0, decode_seconds = 0;
   int64_t steps = 0, tokens = 0, drafted = 0, kept = 0;
+  double draft_seconds = 0;  // the draft model's, proposing
   std::map<std::string, std::vector<int32_t>> outputs;
 };
 
 // One engine serving prompts[first, first + batch) together; outputs keyed by prompt index.
 Run Generate(const ModelWeights& w, Collectives* comm, const Tokenizer& tok,
              const std::vector<std::string>& prompts, int first, int batch, int draft,
-             float temperature) {
+             float temperature, const ModelWeights* draft_weights) {
   EngineConfig ec;
   ec.num_kv_blocks = 2048;
   ec.compute_threads = absl::GetFlag(FLAGS_threads);
   ec.num_speculative_tokens = draft;
+  ec.draft_weights = draft > 0 ? draft_weights : nullptr;
+  ec.draft_compute_threads = absl::GetFlag(FLAGS_draft_threads);
   ec.speculative_max_batch = 64;
   auto engine = Engine::Create(&w, comm, ec);
   CHECK_OK(engine.status());
@@ -147,21 +157,24 @@ Run Generate(const ModelWeights& w, Collectives* comm, const Tokenizer& tok,
   const EngineStats st = e.Stats();
   run.drafted = st.num_draft_tokens;
   run.kept = st.num_accepted_draft_tokens;
+  run.draft_seconds = st.draft_model.seconds;
   return run;
 }
 
 // Every passage, `batch` at a time: the totals.
 Run GenerateAll(const ModelWeights& w, Collectives* comm, const Tokenizer& tok,
-                const std::vector<std::string>& prompts, int batch, int draft, float temperature) {
+                const std::vector<std::string>& prompts, int batch, int draft, float temperature,
+                const ModelWeights* draft_weights) {
   Run all;
   for (int first = 0; first + batch <= static_cast<int>(prompts.size()); first += batch) {
-    Run r = Generate(w, comm, tok, prompts, first, batch, draft, temperature);
+    Run r = Generate(w, comm, tok, prompts, first, batch, draft, temperature, draft_weights);
     all.decode_tokens += r.decode_tokens;
     all.decode_seconds += r.decode_seconds;
     all.steps += r.steps;
     all.tokens += r.tokens;
     all.drafted += r.drafted;
     all.kept += r.kept;
+    all.draft_seconds += r.draft_seconds;
     for (auto& [id, out] : r.outputs) all.outputs[absl::StrCat(first, "/", id)] = std::move(out);
   }
   return all;
@@ -176,6 +189,16 @@ void PartOne(FILE* json) {
   auto tok = Tokenizer::FromModelDir(dir);
   CHECK_OK(tok.status());
   SingleRankCollectives comm;
+  const std::vector<std::string> methods = absl::StrSplit(absl::GetFlag(FLAGS_methods), ',');
+  std::unique_ptr<ModelWeights> draft_model;
+  if (std::find(methods.begin(), methods.end(), "draft_model") != methods.end()) {
+    const std::string ddir = absl::GetFlag(FLAGS_draft_model_dir);
+    auto dconfig = LoadModelConfig(ddir);
+    CHECK_OK(dconfig.status());
+    auto dw = LoadModelWeights(ddir, *dconfig, 0, 1);
+    CHECK_OK(dw.status());
+    draft_model = *std::move(dw);
+  }
   const std::vector<int> batches = ParseInts(absl::GetFlag(FLAGS_batches));
   for (int b : batches) CHECK(b >= 1 && kPassages % b == 0) << "batch sizes divide " << kPassages;
   const int max_batch = kPassages;
@@ -190,8 +213,8 @@ void PartOne(FILE* json) {
     workloads.push_back({"code", Passages(ReadFile(held + "/python.txt"), max_batch, 700)});
     workloads.push_back({"prose", Passages(ReadFile(held + "/man.txt"), max_batch, 700)});
   }
-  std::printf("%-6s %-8s %5s %5s %12s %8s %12s %10s\n", "work", "sampling", "batch", "draft",
-              "decode tok/s", "speedup", "steps/token", "kept");
+  std::printf("%-6s %-8s %5s %-11s %5s %12s %8s %12s %10s %14s\n", "work", "sampling", "batch",
+              "method", "draft", "decode tok/s", "speedup", "steps/token", "kept", "draft ms/step");
   const std::vector<std::string> wanted = absl::StrSplit(absl::GetFlag(FLAGS_workloads), ',');
   for (const Workload& wl : workloads) {
     if (std::find(wanted.begin(), wanted.end(), wl.name) == wanted.end()) continue;
@@ -199,11 +222,20 @@ void PartOne(FILE* json) {
       for (int batch : batches) {
         double base_tps = 0;
         std::map<std::string, std::vector<int32_t>> base_out;
+        std::vector<std::pair<int, std::string>> runs;
         for (int draft : ParseInts(absl::GetFlag(FLAGS_drafts))) {
+          if (draft == 0) {
+            runs.push_back({0, "-"});
+            continue;
+          }
+          for (const std::string& m : methods) runs.push_back({draft, m});
+        }
+        for (const auto& [draft, method] : runs) {
+          const ModelWeights* dw = method == "draft_model" ? draft_model.get() : nullptr;
           std::vector<double> tps;
           Run run;
           for (int rep = 0; rep < absl::GetFlag(FLAGS_reps); ++rep) {
-            run = GenerateAll(**weights, &comm, **tok, wl.prompts, batch, draft, temperature);
+            run = GenerateAll(**weights, &comm, **tok, wl.prompts, batch, draft, temperature, dw);
             tps.push_back(run.decode_tokens / run.decode_seconds);
           }
           const double med = Median(tps);
@@ -217,16 +249,20 @@ void PartOne(FILE* json) {
                                   ? static_cast<double>(run.kept) / static_cast<double>(run.drafted)
                                   : 0.0;
           const char* sampling = temperature == 0 ? "greedy" : "t=0.7";
-          std::printf("%-6s %-8s %5d %5d %12.1f %7.2fx %12.3f %9.0f%%\n", wl.name.c_str(), sampling,
-                      batch, draft, med, base_tps > 0 ? med / base_tps : 0.0,
-                      static_cast<double>(run.steps) / static_cast<double>(run.tokens), 100 * kept);
+          // The draft model's time per engine step (its share of a step's wall time).
+          const double draft_ms = 1e3 * run.draft_seconds / static_cast<double>(run.steps);
+          std::printf("%-6s %-8s %5d %-11s %5d %12.1f %7.2fx %12.3f %9.0f%% %14.3f\n",
+                      wl.name.c_str(), sampling, batch, method.c_str(), draft, med,
+                      base_tps > 0 ? med / base_tps : 0.0,
+                      static_cast<double>(run.steps) / static_cast<double>(run.tokens), 100 * kept,
+                      draft_ms);
           std::fflush(stdout);
           if (json != nullptr) {
             std::fprintf(json,
                          "{\"part\": \"tiny\", \"workload\": \"%s\", \"sampling\": \"%s\", "
-                         "\"batch\": %d, \"draft\": %d, \"decode_tps\": %.2f, \"steps\": %lld, "
-                         "\"tokens\": %lld, \"drafted\": %lld, \"kept\": %lld}\n",
-                         wl.name.c_str(), sampling, batch, draft, med,
+                         "\"batch\": %d, \"method\": \"%s\", \"draft\": %d, \"decode_tps\": %.2f, "
+                         "\"steps\": %lld, \"tokens\": %lld, \"drafted\": %lld, \"kept\": %lld}\n",
+                         wl.name.c_str(), sampling, batch, method.c_str(), draft, med,
                          static_cast<long long>(run.steps), static_cast<long long>(run.tokens),
                          static_cast<long long>(run.drafted), static_cast<long long>(run.kept));
           }
@@ -287,8 +323,7 @@ void PartTwo(FILE* json) {
 }  // namespace strata
 
 int main(int argc, char** argv) {
-  strata::InitProgram(argc, argv,
-                      "speculative_bench: n-gram speculative decoding on the CPU engine");
+  strata::InitProgram(argc, argv, "speculative_bench: speculative decoding on the CPU engine");
   FILE* json = nullptr;
   if (!absl::GetFlag(FLAGS_json_out).empty()) {
     json = std::fopen(absl::GetFlag(FLAGS_json_out).c_str(), "w");

@@ -4,6 +4,8 @@
 #include <sys/wait.h>
 
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <string>
@@ -645,6 +647,60 @@ TEST(SpeculativeTest, ADraftingWorkerStreamsTheSameText) {
   EXPECT_GT(m.at("strata_worker_accepted_draft_tokens_total"), 0);
   EXPECT_GE(m.at("strata_worker_draft_tokens_total"),
             m.at("strata_worker_accepted_draft_tokens_total"));
+}
+
+// A worker with a draft model (--draft_model, the bundled one) streams the text a worker without
+// drafts streams, for greedy and seeded sampling, several tokens to a chunk; its /metrics count
+// the draft model's work. A draft that cannot be loaded stops the worker, naming the flag.
+TEST(SpeculativeTest, AWorkerWithADraftModelStreamsTheSameText) {
+  const int port = FreePort();
+  LocalClusterOptions o = Options(1, "draft-model");
+  o.worker_flags = {"--draft_model=models/strata-tiny/draft",
+                    absl::StrCat("--metrics_listen=127.0.0.1:", port)};
+  auto spec = LocalCluster::Start(o);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto plain = LocalCluster::Start(Options(1, "no-draft-model"));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  size_t max_chunk = 0;
+  for (const float temperature : {0.0f, 0.8f}) {
+    SCOPED_TRACE(::testing::Message() << "temperature " << temperature);
+    v1::GenerateRequest req = TextRequest("import os\nimport sys\n\n\ndef main(argv):\n", 64, 5);
+    req.mutable_sampling()->set_temperature(temperature);
+    const Generated want = Generate((*plain)->serving(), req);
+    ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+    const Generated got = Generate((*spec)->serving(), req);
+    ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+    EXPECT_EQ(got.tokens, want.tokens);
+    EXPECT_EQ(got.text, want.text);
+    EXPECT_TRUE(got.contiguous);
+    for (const auto& c : got.chunks) max_chunk = std::max<size_t>(max_chunk, c.token_ids_size());
+  }
+  EXPECT_GT(max_chunk, 1u) << "no step kept a draft token";
+  // (The worker publishes its metrics every 250 ms.)
+  std::map<std::string, double> m = WaitForMetrics(
+      port,
+      [](std::map<std::string, double>& m) {
+        return m.count("strata_worker_draft_model_seconds_total") &&
+               m["strata_worker_accepted_draft_tokens_total"] > 0;
+      },
+      absl::Seconds(10));
+  ASSERT_TRUE(m.count("strata_worker_draft_model_seconds_total")) << "no metrics on " << port;
+  EXPECT_GT(m.at("strata_worker_draft_model_seconds_total"), 0);
+  EXPECT_GT(m.at("strata_worker_accepted_draft_tokens_total"), 0);
+  EXPECT_GT(m.at("strata_worker_draft_model_tokens_total{kind=\"draft\"}"), 0);
+  EXPECT_GT(m.at("strata_worker_draft_model_kv_blocks{state=\"total\"}"), 0);
+
+  const std::string log = TestOutputDir() + "/bad-draft-model.log";
+  absl::StatusOr<ChildProcess> bad = ChildProcess::Start(
+      {"worker/server/strata-worker", "--model=models/strata-tiny/base",
+       "--draft_model=models/strata-tiny/no-such-draft", "--listen=127.0.0.1:0"},
+      log);
+  ASSERT_TRUE(bad.ok()) << bad.status();
+  const int status = bad->Wait(absl::Seconds(30));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << status;
+  std::ifstream in(log);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("--draft_model models/strata-tiny/no-such-draft"), std::string::npos) << text;
 }
 
 TEST(AdmissionTest, CoordinatorQueueBoundAnswersResourceExhausted) {

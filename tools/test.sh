@@ -30,7 +30,7 @@ if [[ $# -eq 0 ]]; then
     //coordinator:api_keys_test //coordinator:access_log_test //common:secrets_test \
     //common:periodic_test \
     //coordinator:tool_calls_test //grammar/... //worker/engine:engine_speculative_test \
-    //worker/engine:ngram_draft_test //worker/model:lora_test \
+    //worker/engine:ngram_draft_test //worker/engine:draft_model_test //worker/model:lora_test \
     //worker/engine:delta_cache_test //worker/server:fine_tune_dir_test \
     //worker/server:kv_fetch_test //worker/server:kv_transfer_test //tests:disaggregation_test \
     //common:tls_test //common:tls_stream_test //tests:tls_cluster_test

@@ -252,7 +252,8 @@ def perplexity_numpy(model_dir, ids, window, max_windows=None):
     return nll, n
 
 
-def perplexity_torch(model_dir, ids, window, max_windows=None):
+def load_torch_model(model_dir):
+    """The model in model_dir as torch_llama's float32 LlamaForCausalLM (eval mode), and its config."""
     import torch
     import torch_llama
     with open(os.path.join(model_dir, "config.json")) as f:
@@ -261,6 +262,12 @@ def perplexity_torch(model_dir, ids, window, max_windows=None):
     m.load_hf_state_dict({k: torch.from_numpy(v.astype(np.float32))
                           for k, v in safetensors_io.load_model_dir(model_dir, np.float32).items()})
     m.eval()
+    return m, cfg
+
+
+def perplexity_torch(model_dir, ids, window, max_windows=None):
+    import torch
+    m, _ = load_torch_model(model_dir)
     nll, n = 0.0, 0
     with torch.no_grad():
         for w in eval_windows(ids, window)[:max_windows]:
@@ -274,8 +281,9 @@ def perplexity_torch(model_dir, ids, window, max_windows=None):
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def train(model, stream, steps, args, lr, warmup, seed, tag, val=None, steps_after=0):
-    """AdamW + linear warmup + cosine decay to 10%; each sample is stream[o:o+T+1] at a random o."""
+def train(model, stream, steps, args, lr, warmup, seed, tag, val=None, steps_after=0, loss_fn=None):
+    """AdamW + linear warmup + cosine decay to 10%; each sample is stream[o:o+T+1] at a random o.
+    loss_fn(model, x, y) -> (loss, note) replaces next-token cross entropy (note: logged text)."""
     import torch
     import torch.nn.functional as F
     rng = np.random.default_rng(seed)
@@ -305,8 +313,11 @@ def train(model, stream, steps, args, lr, warmup, seed, tag, val=None, steps_aft
         batch = np.stack([stream[o:o + T + 1] for o in offs]).astype(np.int64)
         x = torch.from_numpy(batch[:, :-1])
         y = torch.from_numpy(batch[:, 1:])
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if loss_fn is None:
+            logits = model(x)
+            loss, note = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), ""
+        else:
+            loss, note = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -318,8 +329,8 @@ def train(model, stream, steps, args, lr, warmup, seed, tag, val=None, steps_aft
             rate = (step + 1) * B * T / el
             eta = (steps - step - 1) * B * T / rate
             eta_all = (steps - step - 1 + steps_after) * B * T / rate
-            msg = "%s step %d/%d loss %.4f (ema %.4f) lr %.2e  %.0f tok/s  eta %.1f min (all training %.1f)" % (
-                tag, step + 1, steps, lv, ema, cur, rate, eta / 60, eta_all / 60)
+            msg = "%s step %d/%d loss %.4f (ema %.4f%s) lr %.2e  %.0f tok/s  eta %.1f min (all training %.1f)" % (
+                tag, step + 1, steps, lv, ema, note, cur, rate, eta / 60, eta_all / 60)
             if val is not None and ((step + 1) % (args.log_every * 5) == 0 or step + 1 == steps):
                 model.eval()
                 msg += "  | heldout ppl " + val(model)

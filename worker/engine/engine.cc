@@ -131,6 +131,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     return absl::InvalidArgumentError(
         absl::StrCat("engine: device must be cpu or gpu, not '", config.device, "'"));
   }
+  if (config.draft_weights != nullptr) {
+    if (config.num_speculative_tokens <= 0) {
+      return absl::InvalidArgumentError(
+          "engine: a draft model needs num_speculative_tokens of 1 or more");
+    }
+  }
   int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
   if (on_gpu) block_bytes = block_bytes / 4 * DTypeBytes(config.gpu.act);
   int64_t num_blocks = config.num_kv_blocks;
@@ -193,6 +199,21 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     }
   }
   RETURN_IF_ERROR(engine->OpenTiers());
+  if (engine->config_.draft_weights != nullptr) {
+    DraftModelConfig dc;
+    dc.kv_cache_bytes = engine->config_.draft_kv_cache_bytes;
+    dc.block_tokens = engine->config_.block_tokens;
+    dc.compute_threads = engine->config_.draft_compute_threads > 0
+                             ? engine->config_.draft_compute_threads
+                             : engine->config_.compute_threads;
+    dc.max_catch_up_tokens = engine->config_.max_batch_tokens;
+    // On the engine's device; on the gpu in its activation type, with its kernel choices.
+    dc.device = engine->config_.device;
+    dc.gpu = engine->config_.gpu;
+    dc.max_seqs = engine->config_.max_running_sequences;
+    ASSIGN_OR_RETURN(engine->draft_, DraftModel::Create(engine->config_.draft_weights,
+                                                        weights->config.vocab_size, dc));
+  }
   if (weights->files != nullptr) engine->model_fingerprint_ = BaseFingerprint(*weights->files);
   const EngineConfig& ec = engine->config_;
   if (!ec.fine_tunes.empty() || ec.fine_tunes_may_change) {
@@ -496,6 +517,7 @@ absl::Status Engine::UnregisterFineTune(const std::string& id) {
 bool Engine::Cancel(const std::string& id) {
   for (auto it = running_.begin(); it != running_.end(); ++it) {
     if ((*it)->id == id) {
+      if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>((*it)->arrival));
       ReleaseBlocks(it->get());
       ReleaseDelta(it->get());
       cancelled_.push_back(std::move(*it));
@@ -965,23 +987,31 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
   return AdmitResult::kAdmitted;
 }
 
-void Engine::ProposeDraft(int64_t limit, Chunk* ch) {
-  Sequence* s = ch->seq;
-  const int64_t len = static_cast<int64_t>(s->tokens.size());
+int64_t Engine::DraftLimit(const Sequence& s, int64_t limit) const {
+  const int64_t len = static_cast<int64_t>(s.tokens.size());
   // All of the draft kept and one token drawn after it must fit in max_tokens and the context.
-  limit = std::min<int64_t>({limit,
-                             s->draft_limit >= 0 ? s->draft_limit : config_.num_speculative_tokens,
-                             s->options.max_tokens - s->num_generated - 1,
-                             weights_->config.max_position_embeddings - 1 - len});
+  return std::min<int64_t>({limit,
+                            s.draft_limit >= 0 ? s.draft_limit : config_.num_speculative_tokens,
+                            s.options.max_tokens - s.num_generated - 1,
+                            weights_->config.max_position_embeddings - 1 - len});
+}
+
+void Engine::ProposeDraft(int64_t limit, Chunk* ch, const std::vector<int32_t>* proposed) {
+  Sequence* s = ch->seq;
+  limit = DraftLimit(*s, limit);
   if (limit <= 0) return;
   // Under a grammar, the text it forces (a JSON key, the punctuation around it) comes first;
-  // else what followed the sequence's last tokens earlier on.
+  // else the draft model's proposal, or what followed the sequence's last tokens earlier on.
   std::vector<int32_t> draft;
   if (s->matcher.has_value()) {
     ForcedDraft(*s->matcher, *config_.vocabulary, config_.tokenize, limit, &draft);
   }
-  if (draft.empty() && s->ngram_index.Draft(s->tokens, config_.prompt_lookup_min,
-                                            config_.prompt_lookup_max, limit, &draft) == 0) {
+  if (draft.empty() && proposed != nullptr) {
+    draft.assign(proposed->begin(), proposed->begin() + std::min<int64_t>(limit, proposed->size()));
+  }
+  if (draft.empty() && (proposed != nullptr ||
+                        s->ngram_index.Draft(s->tokens, config_.prompt_lookup_min,
+                                             config_.prompt_lookup_max, limit, &draft) == 0)) {
     return;
   }
   // An end (EOS, a stop token) is never a draft token: the row before it draws it or not. Nor is a
@@ -1330,9 +1360,32 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     } else if (planned <= kMatMulCpuGemvMaxRows) {
       room = std::min<int64_t>(room, kMatMulCpuGemvMaxRows - planned);
     }
+    // A draft model proposes for every drafting sequence in one batch, each its share of the
+    // room (as if all of it were taken; a proposal cut short leaves its rest unused).
+    std::vector<std::vector<int32_t>> proposals;
+    if (draft_ != nullptr && room > 0) {
+      proposals.resize(drafting.size());
+      std::vector<DraftModel::Request> requests;
+      for (size_t i = 0, r = static_cast<size_t>(room); i < drafting.size() && r > 0; ++i) {
+        const Sequence& s = *drafting[i]->seq;
+        const size_t left = drafting.size() - i;
+        const int64_t limit = DraftLimit(s, static_cast<int64_t>((r + left - 1) / left));
+        if (limit <= 0) continue;
+        requests.push_back({static_cast<uint64_t>(s.arrival), s.tokens, limit, &proposals[i]});
+        r -= static_cast<size_t>(limit);
+      }
+      if (absl::Status st = draft_->Propose(requests); !st.ok()) {
+        if (absl::Now() - draft_error_logged_ > absl::Minutes(1)) {
+          draft_error_logged_ = absl::Now();
+          LOG(WARNING) << "draft model: " << st << " (the step drafts nothing)";
+        }
+        for (auto& p : proposals) p.clear();
+      }
+    }
     for (size_t i = 0; i < drafting.size() && room > 0; ++i) {
       const int64_t left = static_cast<int64_t>(drafting.size() - i);
-      ProposeDraft((room + left - 1) / left, drafting[i]);
+      ProposeDraft((room + left - 1) / left, drafting[i],
+                   proposals.empty() ? nullptr : &proposals[i]);
       Charge(*drafting[i]->seq, drafting[i]->count - 1, 0);
       room -= drafting[i]->count - 1;
       budget -= drafting[i]->count - 1;
@@ -1699,6 +1752,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     outputs.push_back(std::move(out));
   }
   for (Sequence* s : finished) {
+    if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>(s->arrival));
     if (store_ != nullptr && config_.keep_finished_warm) KeepWarm(*s);
     ReleaseBlocks(s);
     ReleaseDelta(s);
@@ -1743,6 +1797,10 @@ EngineStats Engine::Stats(bool with_tenants) const {
   st.num_exported_kv_blocks = num_exported_kv_blocks_;
   st.num_imported_kv_blocks = num_imported_kv_blocks_;
   st.num_accepted_draft_tokens = num_accepted_draft_tokens_;
+  if (draft_ != nullptr) {
+    st.has_draft_model = true;
+    st.draft_model = draft_->Stats();
+  }
   st.grammar_mask_seconds = static_cast<double>(grammar_mask_ns_.load()) * 1e-9;
   if (masker_ != nullptr) st.grammar_masks = masker_->stats();
   if (!with_tenants) return st;

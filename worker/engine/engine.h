@@ -71,6 +71,7 @@
 #include "worker/comm/collectives.h"
 #include "worker/engine/block_manager.h"
 #include "worker/engine/delta_cache.h"
+#include "worker/engine/draft_model.h"
 #include "worker/engine/ngram_draft.h"
 #include "worker/engine/sampler.h"
 #include "worker/model/gpu_model_runner.h"
@@ -163,6 +164,15 @@ struct EngineConfig {
   int prompt_lookup_min = 2;
   int prompt_lookup_max = 4;
   int speculative_max_batch = -1;
+  // Speculative decoding with a draft model (DraftModel): a smaller model with the same tokenizer
+  // proposes the drafts instead, its greedy tokens (a grammar's forced text still comes first).
+  // The draft runs on the engine's device with a KV cache of draft_kv_cache_bytes. Not owned; it
+  // must outlive the engine. Null: n-gram drafts.
+  const ModelWeights* draft_weights = nullptr;
+  int64_t draft_kv_cache_bytes = int64_t{64} << 20;
+  // Compute threads of the draft's runner (0: compute_threads). A draft small enough to pay for
+  // itself is often fastest on one: its products are too small to split.
+  int draft_compute_threads = 0;
   // Admissions share the engine between tenants (RequestOptions::tenant) as the header says;
   // false: strictly by arrival within a priority.
   bool fair_share = true;
@@ -280,6 +290,9 @@ struct EngineStats {
   // took no step of its own).
   int64_t num_draft_tokens = 0;
   int64_t num_accepted_draft_tokens = 0;
+  // With a draft model: its cache and the time spent proposing (DraftModel::Stats).
+  bool has_draft_model = false;
+  DraftModelStats draft_model;
   // KV blocks copied out to other workers, and copied in from them and stored (ExportKvBlocks,
   // ImportKvBlocks).
   int64_t num_exported_kv_blocks = 0;
@@ -539,7 +552,10 @@ class Engine {
   // tokens, at most `limit` of them and no more than the request's max_tokens and the context
   // leave room for, cut before the first token that would end the sequence or that its grammar
   // does not allow there, and to the free KV blocks (never a cached one).
-  void ProposeDraft(int64_t limit, Chunk* ch);
+  // `proposed`: the draft model's tokens for it (null: n-gram lookup).
+  void ProposeDraft(int64_t limit, Chunk* ch, const std::vector<int32_t>* proposed = nullptr);
+  // `limit` cut to the sequence's own draft length and what its max_tokens and the context leave.
+  int64_t DraftLimit(const Sequence& s, int64_t limit) const;
   // Adds the blocks `s` has yet to publish of its planned chain to inflight_.
   void AddInflight(const Sequence& s);
   // On arrival: where each leading block of the prompt is, and the speculative prefetch.
@@ -620,6 +636,8 @@ class Engine {
   int64_t num_imported_kv_blocks_ = 0;
   std::unique_ptr<KvStore> store_;
   std::unique_ptr<DeltaCache> deltas_;
+  std::unique_ptr<DraftModel> draft_;  // EngineConfig::draft_weights
+  absl::Time draft_error_logged_ = absl::InfinitePast();
   bool waiting_for_io_ = false;
   int64_t next_arrival_ = 0;
   int64_t num_preemptions_ = 0;

@@ -522,6 +522,52 @@ TEST(EngineGpuSpeculativeTest, DraftsKeepTheCpuEngineTokens) {
   EXPECT_GT(accepted, 0);
 }
 
+// A draft model on the GPU (EngineConfig::draft_weights; its own GpuModelRunner and cache, argmax
+// on the device): the tokens are still the CPU engine's without drafts, and its drafts are kept.
+TEST(EngineGpuSpeculativeTest, ADraftModelKeepsTheCpuEngineTokens) {
+  absl::StatusOr<int> devices = CudaDeviceCount();
+  if (!devices.ok()) GTEST_SKIP() << "no usable GPU: " << devices.status();
+  TinyModel tiny;
+  ASSERT_NO_FATAL_FAILURE(LoadTinyModel(&tiny));
+  auto draft_config = LoadModelConfig("models/strata-tiny/draft");
+  ASSERT_TRUE(draft_config.ok()) << draft_config.status();
+  auto draft = LoadModelWeights("models/strata-tiny/draft", *draft_config, 0, 1);
+  ASSERT_TRUE(draft.ok()) << draft.status();
+  const auto prompt =
+      tiny.tokenizer->Encode("import os\nimport sys\n\n\ndef main(argv):\n    ", true);
+  ASSERT_TRUE(prompt.ok());
+  EngineStats stats;
+  const auto generate = [&](const std::string& device, const ModelWeights* draft_weights) {
+    EngineConfig ec;
+    ec.device = device;
+    ec.gpu.act = DType::kF32;
+    ec.compute_threads = 2;
+    ec.num_speculative_tokens = draft_weights != nullptr ? 4 : 0;
+    ec.draft_weights = draft_weights;
+    SingleRankCollectives comm;
+    auto e = Engine::Create(tiny.weights.get(), &comm, ec);
+    EXPECT_TRUE(e.ok()) << e.status();
+    if (!e.ok()) return std::map<std::string, std::vector<int32_t>>{};
+    for (int i = 0; i < 3; ++i) {
+      RequestOptions o;
+      o.sampling.temperature = i == 0 ? 0.0f : 0.7f;
+      o.sampling.seed = 90 + i;
+      o.max_tokens = 64;
+      EXPECT_TRUE((*e)->AddRequest("r" + std::to_string(i), *prompt, o).ok());
+    }
+    auto out = RunAll(**e);
+    stats = (*e)->Stats();
+    return out;
+  };
+  const auto cpu = generate("cpu", nullptr);
+  ASSERT_EQ(cpu.size(), 3u);
+  EXPECT_EQ(generate("gpu", draft->get()), cpu);
+  EXPECT_TRUE(stats.has_draft_model);
+  EXPECT_GT(stats.num_accepted_draft_tokens, 0);
+  EXPECT_GT(stats.draft_model.draft_forward_tokens, 0);
+  EXPECT_EQ(stats.draft_model.num_free_blocks, stats.draft_model.num_blocks);
+}
+
 // gpu_random_weights_seed: an engine over a model's shape alone (no tensors on the host) draws its
 // weights on the GPU and serves requests: every request finishes with its tokens in the
 // vocabulary, and the same seed gives the same tokens.

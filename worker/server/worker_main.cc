@@ -36,6 +36,7 @@
 #include "common/grpc_server.h"
 #include "common/init.h"
 #include "common/log.h"
+#include "common/mapped_file.h"
 #include "common/metrics.h"
 #include "common/metrics_http.h"
 #include "common/process.h"
@@ -139,6 +140,13 @@ ABSL_FLAG(int, prompt_lookup_max, 4,
 ABSL_FLAG(int, speculative_max_batch, -1,
           "Speculative decoding: draft only while at most this many sequences decode (-1: 2 on "
           "the cpu device, 16 on the gpu).");
+ABSL_FLAG(std::string, draft_model, "",
+          "Speculative decoding with a draft model: a smaller model with --model's tokenizer (a "
+          "Hugging Face directory) proposes the drafts instead of n-gram lookup, on --device. "
+          "--num_speculative_tokens defaults to 4 with it.");
+ABSL_FLAG(int64_t, draft_kv_cache_mb, 64,
+          "KV cache of the draft model, in MiB (the sequences that drafted least recently give "
+          "theirs up when it is full).");
 ABSL_FLAG(int, threads, 0, "CPU compute threads; 0 uses every core.");
 ABSL_FLAG(std::string, device, "cpu",
           "Where the model runs: cpu, or gpu (the current CUDA device; one rank).");
@@ -556,6 +564,35 @@ int Main(const std::vector<std::string>& args) {
     }
   } else {
     LOG(INFO) << dir << " has no tokenizer.json: structured output is off";
+  }
+  // The draft model, if any (it outlives the engine: declared before it).
+  std::unique_ptr<ModelWeights> draft_weights;
+  if (const std::string draft_dir = absl::GetFlag(FLAGS_draft_model); !draft_dir.empty()) {
+    absl::StatusOr<ModelConfig> draft_config = LoadModelConfig(draft_dir);
+    absl::StatusOr<std::unique_ptr<ModelWeights>> loaded =
+        draft_config.ok() ? LoadModelWeights(draft_dir, *draft_config, 0, 1)
+                          : absl::StatusOr<std::unique_ptr<ModelWeights>>(draft_config.status());
+    if (!loaded.ok()) {
+      LOG(ERROR) << "--draft_model " << draft_dir << ": " << loaded.status();
+      return 1;
+    }
+    draft_weights = *std::move(loaded);
+    const auto tokenizer_text = [](const std::string& d) {
+      absl::StatusOr<std::string> t = ReadFileToString(d + "/tokenizer.json");
+      return t.ok() ? *t : std::string();
+    };
+    if (tokenizer_text(draft_dir) != tokenizer_text(dir)) {
+      LOG(WARNING) << "--draft_model " << draft_dir << " has another tokenizer.json than " << dir
+                   << ": its drafts are token ids of --model's vocabulary only if the two "
+                      "tokenizers agree";
+    }
+    if (absl::GetFlag(FLAGS_num_speculative_tokens) == 0) ec.num_speculative_tokens = 4;
+    ec.draft_weights = draft_weights.get();
+    ec.draft_kv_cache_bytes = absl::GetFlag(FLAGS_draft_kv_cache_mb) << 20;
+    LOG(INFO) << "speculative decoding with draft model " << draft_dir << " ("
+              << draft_weights->config.num_layers << " layers, hidden "
+              << draft_weights->config.hidden_size << "), " << ec.num_speculative_tokens
+              << " tokens a draft";
   }
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(weights->get(), comm, ec);
   if (!engine.ok()) {

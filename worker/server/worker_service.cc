@@ -1463,6 +1463,27 @@ void WorkerService::PublishMetrics(LoopState* state) {
                 "Speculative decoding: draft tokens kept (output tokens that took no step of their "
                 "own).")
       ->SetTotal(static_cast<double>(st.num_accepted_draft_tokens));
+  if (st.has_draft_model) {
+    const DraftModelStats& d = st.draft_model;
+    m->GetCounter("strata_worker_draft_model_seconds_total",
+                  "Speculative decoding with a draft model: time spent proposing drafts.")
+        ->SetTotal(d.seconds);
+    const char* kDraftTokens =
+        "Tokens the draft model computed: bringing its cache up to a sequence's tokens "
+        "(catch_up) or feeding its own drafts back (draft).";
+    m->GetCounter("strata_worker_draft_model_tokens_total", kDraftTokens, {{"kind", "catch_up"}})
+        ->SetTotal(static_cast<double>(d.catch_up_tokens));
+    m->GetCounter("strata_worker_draft_model_tokens_total", kDraftTokens, {{"kind", "draft"}})
+        ->SetTotal(static_cast<double>(d.draft_forward_tokens));
+    const char* kDraftBlocks = "The draft model's KV cache blocks.";
+    m->GetGauge("strata_worker_draft_model_kv_blocks", kDraftBlocks, {{"state", "total"}})
+        ->Set(static_cast<double>(d.num_blocks));
+    m->GetGauge("strata_worker_draft_model_kv_blocks", kDraftBlocks, {{"state", "free"}})
+        ->Set(static_cast<double>(d.num_free_blocks));
+    m->GetCounter("strata_worker_draft_model_evictions_total",
+                  "Sequences whose draft KV blocks went to another (they catch up again).")
+        ->SetTotal(static_cast<double>(d.evictions));
+  }
   // Per tenant (requests the coordinator sent with API keys; the unnamed tenant is left out).
   const char* kTenantTokens =
       "Tokens the engine computed for a tenant (prompt tokens not cached, decode inputs, drafts, "

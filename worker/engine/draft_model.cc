@@ -1,0 +1,259 @@
+#include "worker/engine/draft_model.h"
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/status_macros.h"
+#include "kernels/dtype.h"
+
+namespace strata {
+
+absl::StatusOr<std::unique_ptr<DraftModel>> DraftModel::Create(const ModelWeights* weights,
+                                                               int64_t target_vocab_size,
+                                                               DraftModelConfig config) {
+  if (weights->world_size != 1) {
+    return absl::InvalidArgumentError("draft model: needs the whole model (one rank)");
+  }
+  if (weights->config.vocab_size != target_vocab_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("draft model: its vocabulary has ", weights->config.vocab_size,
+                     " tokens and the served model's ", target_vocab_size,
+                     "; a draft must share the served model's tokenizer"));
+  }
+  if (config.block_tokens <= 0 || config.max_catch_up_tokens <= 0) {
+    return absl::InvalidArgumentError(
+        "draft model: block_tokens and max_catch_up_tokens must be > 0");
+  }
+  const bool on_gpu = config.device == "gpu";
+  if (!on_gpu && config.device != "cpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("draft model: device must be cpu or gpu, not '", config.device, "'"));
+  }
+  int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
+  if (on_gpu) block_bytes = block_bytes / 4 * DTypeBytes(config.gpu.act);
+  const int64_t num_blocks = config.kv_cache_bytes / block_bytes;
+  if (num_blocks < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("draft model: a KV cache of ", config.kv_cache_bytes,
+                     " bytes holds no block (one is ", block_bytes, " bytes)"));
+  }
+  if (num_blocks > std::numeric_limits<int32_t>::max() / config.block_tokens) {
+    return absl::InvalidArgumentError("draft model: KV cache too large");
+  }
+  auto m = std::unique_ptr<DraftModel>(new DraftModel(weights, config, num_blocks));
+  if (on_gpu) {
+    GpuRunnerOptions o = config.gpu;
+    o.num_blocks = num_blocks;
+    o.block_tokens = config.block_tokens;
+    o.max_batch_tokens = std::max(config.max_catch_up_tokens, config.max_seqs);
+    o.max_seqs = config.max_seqs;
+    o.max_blocks_per_seq =
+        (weights->config.max_position_embeddings + config.block_tokens - 1) / config.block_tokens +
+        1;
+    o.delta_bytes = 0;
+    ASSIGN_OR_RETURN(m->gpu_, GpuModelRunner::Create(*weights, o));
+  } else {
+    m->runner_ = std::make_unique<ModelRunner>(weights, &m->comm_, config.compute_threads);
+    m->cache_ = std::make_unique<KvCacheStorage>(*weights, num_blocks, config.block_tokens);
+  }
+  return m;
+}
+
+DraftModel::DraftModel(const ModelWeights* weights, DraftModelConfig config, int64_t num_blocks)
+    : w_(weights), config_(std::move(config)) {
+  free_.reserve(static_cast<size_t>(num_blocks));
+  for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+  stats_.num_blocks = num_blocks;
+}
+
+void DraftModel::Truncate(SeqState& st, int64_t num_tokens) {
+  st.tokens.resize(static_cast<size_t>(num_tokens));
+  const size_t keep =
+      static_cast<size_t>((num_tokens + config_.block_tokens - 1) / config_.block_tokens);
+  while (st.blocks.size() > keep) {
+    free_.push_back(st.blocks.back());
+    st.blocks.pop_back();
+  }
+}
+
+bool DraftModel::Reserve(SeqState& st, int64_t num_tokens) {
+  const size_t want =
+      static_cast<size_t>((num_tokens + config_.block_tokens - 1) / config_.block_tokens);
+  if (st.blocks.size() >= want) return true;
+  const size_t need = want - st.blocks.size();
+  while (free_.size() < need) {
+    // The sequence that drafted least recently, outside this proposal, gives its blocks up.
+    auto victim = seqs_.end();
+    for (auto it = seqs_.begin(); it != seqs_.end(); ++it) {
+      if (it->second.last_use == use_ || it->second.blocks.empty()) continue;
+      if (victim == seqs_.end() || it->second.last_use < victim->second.last_use) victim = it;
+    }
+    if (victim == seqs_.end()) return false;
+    Truncate(victim->second, 0);
+    seqs_.erase(victim);
+    ++stats_.evictions;
+  }
+  for (size_t i = 0; i < need; ++i) {
+    st.blocks.push_back(free_.back());
+    free_.pop_back();
+  }
+  return true;
+}
+
+void DraftModel::Forget(uint64_t sequence) {
+  auto it = seqs_.find(sequence);
+  if (it == seqs_.end()) return;
+  Truncate(it->second, 0);
+  seqs_.erase(it);
+}
+
+absl::Status DraftModel::RunBatch(const std::vector<SeqState*>& seqs,
+                                  std::vector<int32_t>* argmax) {
+  size_t width = 1;
+  for (const SeqState* st : seqs) width = std::max(width, st->blocks.size());
+  tables_.assign(seqs.size() * width, 0);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    std::copy(seqs[i]->blocks.begin(), seqs[i]->blocks.end(), tables_.begin() + i * width);
+  }
+  ForwardBatch batch;
+  batch.tokens = tokens_;
+  batch.positions = positions_;
+  batch.token_seq = token_seq_;
+  batch.slots = slots_;
+  batch.block_tables = tables_;
+  batch.num_seqs = static_cast<int64_t>(seqs.size());
+  batch.max_blocks_per_seq = static_cast<int64_t>(width);
+  batch.logit_tokens = logit_rows_;
+  argmax->resize(logit_rows_.size());
+  if (gpu_ != nullptr) {
+    // (A round of catch-up alone asks for no logits.)
+    return logit_rows_.empty() ? gpu_->Forward(batch, {})
+                               : gpu_->ForwardGreedy(batch, absl::MakeSpan(*argmax), {});
+  }
+  const int64_t vocab = w_->config.vocab_size;
+  logits_.resize(logit_rows_.size() * static_cast<size_t>(vocab));
+  RETURN_IF_ERROR(runner_->Forward(batch, cache_->layers(), absl::MakeSpan(logits_)));
+  // The lowest id among equals, as the sampler's greedy draw and the GPU's.
+  for (size_t r = 0; r < logit_rows_.size(); ++r) {
+    const float* row = logits_.data() + r * static_cast<size_t>(vocab);
+    int64_t best = 0;
+    for (int64_t i = 1; i < vocab; ++i) {
+      if (row[i] > row[best]) best = i;
+    }
+    (*argmax)[r] = static_cast<int32_t>(best);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
+  const absl::Time start = absl::Now();
+  ++use_;
+  const int64_t bt = config_.block_tokens;
+  const int64_t max_positions = w_->config.max_position_embeddings;
+  // Every requested sequence's state first, marked in use: no request's blocks go to another.
+  for (const Request& r : requests) seqs_[r.sequence].last_use = use_;
+
+  struct Work {
+    size_t request;
+    SeqState* st;
+    int64_t limit;             // tokens to propose
+    int64_t len;               // the sequence's tokens
+    std::vector<int32_t> out;  // the proposal so far
+  };
+  std::vector<Work> work;
+  std::vector<SeqState*> batch_seqs;
+  tokens_.clear();
+  positions_.clear();
+  token_seq_.clear();
+  slots_.clear();
+  logit_rows_.clear();
+  auto add_row = [&](SeqState* st, int32_t token, int64_t pos, bool logits) {
+    if (batch_seqs.empty() || batch_seqs.back() != st) batch_seqs.push_back(st);
+    if (logits) logit_rows_.push_back(static_cast<int32_t>(tokens_.size()));
+    tokens_.push_back(token);
+    positions_.push_back(static_cast<int32_t>(pos));
+    token_seq_.push_back(static_cast<int32_t>(batch_seqs.size() - 1));
+    slots_.push_back(int64_t{st->blocks[static_cast<size_t>(pos / bt)]} * bt + pos % bt);
+    st->tokens.push_back(token);
+  };
+
+  // Round 0: each sequence's draft cache brought up to its tokens; the last one's logits give the
+  // first draft token.
+  int64_t budget = config_.max_catch_up_tokens;
+  for (size_t ri = 0; ri < requests.size(); ++ri) {
+    const Request& r = requests[ri];
+    SeqState& st = seqs_[r.sequence];
+    const int64_t len = static_cast<int64_t>(r.tokens.size());
+    int64_t held = 0;
+    const int64_t common = std::min<int64_t>(static_cast<int64_t>(st.tokens.size()), len);
+    while (held < common && st.tokens[static_cast<size_t>(held)] == r.tokens[held]) ++held;
+    // The last token is always computed again: its row gives the first draft token.
+    Truncate(st, std::min(held, len - 1));
+    held = static_cast<int64_t>(st.tokens.size());
+    if (len == 0 || len > max_positions || r.limit <= 0 || budget <= 0) continue;
+    const int64_t catch_up = len - held;
+    if (catch_up > budget) {
+      // A long context: computed over several proposals, drafting once it is complete.
+      if (!Reserve(st, held + budget)) continue;
+      for (int64_t p = held; p < held + budget; ++p) add_row(&st, r.tokens[p], p, false);
+      stats_.catch_up_tokens += budget;
+      budget = 0;
+      continue;
+    }
+    // K/V for the catch-up and for the draft tokens fed back: positions up to len + limit - 2.
+    int64_t limit = std::min(r.limit, max_positions - len + 1);
+    while (limit > 0 && !Reserve(st, len + limit - 1)) --limit;
+    if (limit <= 0) continue;
+    for (int64_t p = held; p < len; ++p) add_row(&st, r.tokens[p], p, p == len - 1);
+    stats_.catch_up_tokens += catch_up;
+    budget -= catch_up;
+    work.push_back({ri, &st, limit, len, {}});
+  }
+  absl::Status status;
+  std::vector<int32_t> next;
+  if (!tokens_.empty()) status = RunBatch(batch_seqs, &next);
+  for (size_t i = 0; status.ok() && i < work.size(); ++i) work[i].out.push_back(next[i]);
+  // Rounds 1..: each draft token fed back for the next.
+  for (int64_t j = 1; status.ok(); ++j) {
+    tokens_.clear();
+    positions_.clear();
+    token_seq_.clear();
+    slots_.clear();
+    logit_rows_.clear();
+    batch_seqs.clear();
+    std::vector<Work*> rows;
+    for (Work& w : work) {
+      if (w.limit <= j) continue;
+      add_row(w.st, w.out.back(), w.len + j - 1, true);
+      rows.push_back(&w);
+    }
+    if (rows.empty()) break;
+    stats_.draft_forward_tokens += static_cast<int64_t>(rows.size());
+    status = RunBatch(batch_seqs, &next);
+    for (size_t i = 0; status.ok() && i < rows.size(); ++i) rows[i]->out.push_back(next[i]);
+  }
+  if (!status.ok()) {
+    // What the caches hold is unknown now: every requested sequence starts over.
+    for (const Request& r : requests) Forget(r.sequence);
+    stats_.seconds += absl::ToDoubleSeconds(absl::Now() - start);
+    return status;
+  }
+  for (const Work& w : work) {
+    std::vector<int32_t>* draft = requests[w.request].draft;
+    draft->insert(draft->end(), w.out.begin(), w.out.end());
+  }
+  stats_.seconds += absl::ToDoubleSeconds(absl::Now() - start);
+  return absl::OkStatus();
+}
+
+DraftModelStats DraftModel::Stats() const {
+  DraftModelStats s = stats_;
+  s.num_free_blocks = static_cast<int64_t>(free_.size());
+  s.num_sequences = static_cast<int64_t>(seqs_.size());
+  return s;
+}
+
+}  // namespace strata

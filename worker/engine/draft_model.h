@@ -1,0 +1,128 @@
+// DraftModel: a small model that proposes the tokens a larger one is likely to draw next, for
+// speculative decoding (EngineConfig::draft_weights).
+//
+// It runs on the CPU kernels (ModelRunner, f32) or on the GPU (GpuModelRunner, whose argmax stays
+// on the device: only token ids come back), one rank, with a paged KV cache of its own. Each
+// sequence that drafts has its own blocks there and the tokens whose K/V they hold. A proposal
+// first brings the sequence's draft cache up to its tokens (the prompt on its first draft, later
+// the tokens the target kept or drew since), then feeds the draft's own greedy tokens back one at a
+// time. Every sequence drafting in a step shares each of those forward passes. The draft cache
+// knows nothing of what the target kept: each proposal compares the tokens it holds with the
+// sequence's, and keeps the K/V of the common prefix only. A rejected draft token's K/V is
+// simply overwritten later.
+//
+// Memory: `kv_cache_bytes` of blocks. A sequence that needs blocks when none are free takes those
+// of the sequence that drafted least recently and is not in this proposal (that one catches up
+// again when it next drafts). A sequence that still cannot have them drafts fewer tokens, or
+// none. Forget frees a sequence's blocks when it ends.
+//
+// Output never depends on the draft: the engine keeps a draft token only where the target's own
+// sampler draws it, so a poor draft costs time, never different text.
+//
+// Thread contract: one thread (the engine's step loop) calls every method.
+#ifndef STRATA_WORKER_ENGINE_DRAFT_MODEL_H_
+#define STRATA_WORKER_ENGINE_DRAFT_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/node_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "worker/comm/collectives.h"
+#include "worker/model/gpu_model_runner.h"
+#include "worker/model/model_runner.h"
+#include "worker/model/weights.h"
+
+namespace strata {
+
+struct DraftModelConfig {
+  // The draft's KV cache (at least one block per drafting sequence, of block_tokens tokens).
+  int64_t kv_cache_bytes = int64_t{64} << 20;
+  int64_t block_tokens = 16;
+  // Compute threads of the draft's runner (0: one per core; the cpu device).
+  int compute_threads = 0;
+  // "cpu" or "gpu" (the current CUDA device, in gpu.act with gpu's kernel choices; the geometry,
+  // num_blocks to max_blocks_per_seq, is set from the fields here).
+  std::string device = "cpu";
+  GpuRunnerOptions gpu;
+  // Most sequences in one proposal (the gpu device sizes its batches by it).
+  int64_t max_seqs = 64;
+  // Most tokens one proposal computes to bring sequences' draft caches up to date (a long prompt
+  // is caught up over several steps, and drafts nothing until it is).
+  int64_t max_catch_up_tokens = 2048;
+};
+
+struct DraftModelStats {
+  int64_t num_blocks = 0;
+  int64_t num_free_blocks = 0;
+  int64_t num_sequences = 0;         // sequences holding draft blocks
+  int64_t catch_up_tokens = 0;       // tokens computed to bring draft caches up to date
+  int64_t draft_forward_tokens = 0;  // tokens computed feeding drafts back
+  int64_t evictions = 0;             // sequences whose draft blocks another took
+  double seconds = 0;                // time spent proposing
+};
+
+class DraftModel {
+ public:
+  // `weights`: one rank of the draft (it must outlive the model). INVALID_ARGUMENT when its
+  // vocabulary is not `target_vocab_size` tokens (the two must share a tokenizer), a sharded
+  // weights object, a cache smaller than one block, or another device; on the gpu, what
+  // GpuModelRunner::Create returns (UNAVAILABLE without a GPU).
+  static absl::StatusOr<std::unique_ptr<DraftModel>> Create(const ModelWeights* weights,
+                                                            int64_t target_vocab_size,
+                                                            DraftModelConfig config);
+
+  struct Request {
+    uint64_t sequence = 0;             // the caller's id for the sequence, stable while it lives
+    absl::Span<const int32_t> tokens;  // its tokens so far (at least one)
+    int64_t limit = 0;                 // most tokens to propose
+    std::vector<int32_t>* draft = nullptr;  // out: the proposal is appended
+  };
+  // Proposes up to `limit` greedy tokens for each request (fewer where the draft's context or
+  // cache runs out, none while a long context catches up). Requests name distinct sequences. An
+  // error is the runner's: the requests' draft state is dropped and nothing is appended.
+  absl::Status Propose(absl::Span<const Request> requests);
+  // Frees what `sequence` holds (a no-op for one it does not know).
+  void Forget(uint64_t sequence);
+
+  DraftModelStats Stats() const;
+  const ModelWeights& weights() const { return *w_; }
+
+ private:
+  struct SeqState {
+    std::vector<int32_t> blocks;
+    std::vector<int32_t> tokens;  // the tokens whose K/V the blocks hold, from position 0
+    uint64_t last_use = 0;
+  };
+  DraftModel(const ModelWeights* weights, DraftModelConfig config, int64_t num_blocks);
+  // One forward pass over the batch built in tokens_ ... tables_: the argmax of each logit row.
+  absl::Status RunBatch(const std::vector<SeqState*>& seqs, std::vector<int32_t>* argmax);
+  // Gives `st` blocks for `num_tokens` tokens, taking them from sequences that drafted least
+  // recently (not those of this proposal: last_use == use_). False when there are not enough.
+  bool Reserve(SeqState& st, int64_t num_tokens);
+  void Truncate(SeqState& st, int64_t num_tokens);
+
+  const ModelWeights* w_;
+  DraftModelConfig config_;
+  SingleRankCollectives comm_;
+  // The cpu device's runner and cache, or the gpu's runner (which holds its cache).
+  std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<KvCacheStorage> cache_;
+  std::unique_ptr<GpuModelRunner> gpu_;
+  std::vector<int32_t> free_;
+  absl::node_hash_map<uint64_t, SeqState> seqs_;  // stable addresses
+  uint64_t use_ = 0;
+  // The batch being built.
+  std::vector<int32_t> tokens_, positions_, token_seq_, logit_rows_;
+  std::vector<int64_t> slots_;
+  std::vector<int32_t> tables_;
+  std::vector<float> logits_;
+  DraftModelStats stats_;
+};
+
+}  // namespace strata
+
+#endif  // STRATA_WORKER_ENGINE_DRAFT_MODEL_H_

@@ -1,0 +1,212 @@
+// DraftModel on the bundled strata-tiny model (drafting for itself, so its proposals can be checked
+// against plain greedy decoding): proposals are the model's greedy continuation; a draft cache
+// reused after the target kept part of a draft proposes what a fresh one does; long contexts catch
+// up over several proposals; sequences that drafted least recently give their blocks up, and
+// Forget frees them; a draft with another vocabulary is refused.
+#include "worker/engine/draft_model.h"
+
+#include <memory>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "worker/engine/tiny_model_testutil.h"
+#include "worker/model/model_runner.h"
+
+namespace strata {
+namespace {
+
+class DraftModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    TinyModel tiny;
+    ASSERT_NO_FATAL_FAILURE(LoadTinyModel(&tiny));
+    weights_ = std::move(tiny.weights);
+    tokenizer_ = std::move(tiny.tokenizer);
+  }
+
+  std::unique_ptr<DraftModel> Make(DraftModelConfig c = {}) {
+    c.compute_threads = 2;
+    auto m = DraftModel::Create(weights_.get(), weights_->config.vocab_size, c);
+    EXPECT_TRUE(m.ok()) << m.status();
+    return m.ok() ? std::move(*m) : nullptr;
+  }
+
+  // The model's greedy continuation of `prompt`, `n` tokens: the prompt as one chunk, then a
+  // token at a time (the way a draft computes it).
+  std::vector<int32_t> Greedy(const std::vector<int32_t>& prompt, int n) {
+    SingleRankCollectives comm;
+    ModelRunner runner(weights_.get(), &comm, 2);
+    const int64_t bt = 16;
+    const int64_t blocks = static_cast<int64_t>(prompt.size() + n) / bt + 1;
+    KvCacheStorage cache(*weights_, blocks, bt);
+    std::vector<int32_t> table(static_cast<size_t>(blocks));
+    for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
+    std::vector<int32_t> out;
+    std::vector<int32_t> tokens = prompt;
+    int64_t done = 0;
+    const int64_t vocab = weights_->config.vocab_size;
+    std::vector<float> logits(static_cast<size_t>(vocab));
+    while (static_cast<int>(out.size()) < n) {
+      std::vector<int32_t> ids(tokens.begin() + done, tokens.end()), pos, seq;
+      std::vector<int64_t> slots;
+      for (int64_t p = done; p < static_cast<int64_t>(tokens.size()); ++p) {
+        pos.push_back(static_cast<int32_t>(p));
+        seq.push_back(0);
+        slots.push_back(p);
+      }
+      const std::vector<int32_t> logit_rows = {static_cast<int32_t>(ids.size() - 1)};
+      ForwardBatch b;
+      b.tokens = ids;
+      b.positions = pos;
+      b.token_seq = seq;
+      b.slots = slots;
+      b.block_tables = table;
+      b.num_seqs = 1;
+      b.max_blocks_per_seq = blocks;
+      b.logit_tokens = logit_rows;
+      EXPECT_TRUE(runner.Forward(b, cache.layers(), absl::MakeSpan(logits)).ok());
+      int32_t best = 0;
+      for (int32_t i = 1; i < vocab; ++i) {
+        if (logits[static_cast<size_t>(i)] > logits[static_cast<size_t>(best)]) best = i;
+      }
+      out.push_back(best);
+      done = static_cast<int64_t>(tokens.size());
+      tokens.push_back(best);
+    }
+    return out;
+  }
+
+  std::vector<int32_t> Propose(DraftModel& m, uint64_t seq, const std::vector<int32_t>& tokens,
+                               int64_t limit) {
+    std::vector<int32_t> draft;
+    const DraftModel::Request r{seq, tokens, limit, &draft};
+    const absl::Status st = m.Propose({&r, 1});
+    EXPECT_TRUE(st.ok()) << st;
+    return draft;
+  }
+
+  std::vector<int32_t> Prompt(absl::string_view text) { return EncodePrompt(*tokenizer_, text); }
+
+  std::unique_ptr<ModelWeights> weights_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+};
+
+TEST_F(DraftModelTest, ProposesTheGreedyContinuation) {
+  auto m = Make();
+  const std::vector<int32_t> prompt = Prompt("import os\nimport sys\n\n\ndef main(argv):\n    ");
+  EXPECT_EQ(Propose(*m, 1, prompt, 6), Greedy(prompt, 6));
+  const DraftModelStats s = m->Stats();
+  EXPECT_EQ(s.catch_up_tokens, static_cast<int64_t>(prompt.size()));
+  EXPECT_EQ(s.draft_forward_tokens, 5);
+  EXPECT_EQ(s.num_sequences, 1);
+}
+
+TEST_F(DraftModelTest, ACacheReusedAfterAPartlyKeptDraftProposesWhatAFreshOneDoes) {
+  auto m = Make();
+  std::vector<int32_t> tokens = Prompt("class Parser:\n    def __init__(self, text):\n        ");
+  const std::vector<int32_t> first = Propose(*m, 7, tokens, 5);
+  ASSERT_EQ(first.size(), 5u);
+  // The target keeps two draft tokens, then draws another token than the third.
+  tokens.push_back(first[0]);
+  tokens.push_back(first[1]);
+  tokens.push_back(first[2] == 10 ? 11 : 10);
+  const int64_t caught_up = m->Stats().catch_up_tokens;
+  const std::vector<int32_t> second = Propose(*m, 7, tokens, 5);
+  // Only the two kept tokens' K/V were reused... and the new token computed: 1 token of catch-up
+  // beyond the kept draft (the last token's row is always computed again).
+  EXPECT_EQ(m->Stats().catch_up_tokens - caught_up, 1);
+  auto fresh = Make();
+  EXPECT_EQ(second, Propose(*fresh, 1, tokens, 5));
+  EXPECT_EQ(second, Greedy(tokens, 5));
+}
+
+TEST_F(DraftModelTest, AFullyKeptDraftCatchesUpTwoTokens) {
+  auto m = Make();
+  std::vector<int32_t> tokens = Prompt("for i in range(10):\n    print(i)\n");
+  const std::vector<int32_t> d = Propose(*m, 3, tokens, 4);
+  ASSERT_EQ(d.size(), 4u);
+  tokens.insert(tokens.end(), d.begin(), d.end());
+  tokens.push_back(Greedy(tokens, 1)[0]);  // the token drawn after the whole draft
+  const int64_t before = m->Stats().catch_up_tokens;
+  EXPECT_EQ(Propose(*m, 3, tokens, 4), Greedy(tokens, 4));
+  // The last draft token (never fed back) and the token drawn after it.
+  EXPECT_EQ(m->Stats().catch_up_tokens - before, 2);
+}
+
+TEST_F(DraftModelTest, ALongContextCatchesUpOverSeveralProposals) {
+  DraftModelConfig c;
+  c.max_catch_up_tokens = 16;
+  auto m = Make(c);
+  const std::vector<int32_t> prompt = Prompt(
+      "def parse(text):\n    out = []\n    for line in text.splitlines():\n"
+      "        out.append(line.strip())\n    return out\n\n\ndef main():\n    ");
+  ASSERT_GT(prompt.size(), 32u);
+  ASSERT_LE(prompt.size(), 48u);
+  EXPECT_TRUE(Propose(*m, 5, prompt, 4).empty());
+  EXPECT_TRUE(Propose(*m, 5, prompt, 4).empty());
+  EXPECT_EQ(Propose(*m, 5, prompt, 4), Greedy(prompt, 4));
+  EXPECT_EQ(m->Stats().catch_up_tokens, static_cast<int64_t>(prompt.size()));
+}
+
+TEST_F(DraftModelTest, TheLeastRecentlyDraftingSequenceGivesItsBlocksUp) {
+  DraftModelConfig c;
+  c.kv_cache_bytes = 4 * KvCacheStorage::BlockBytes(*weights_, c.block_tokens);
+  auto m = Make(c);
+  // One block each, with their drafts.
+  const std::vector<int32_t> a = Prompt("import json\nimport os\n");
+  const std::vector<int32_t> b = Prompt("while True:\n    x = ");
+  ASSERT_LE(a.size() + 3, 16u);
+  ASSERT_LE(b.size() + 3, 16u);
+  EXPECT_EQ(Propose(*m, 1, a, 4), Greedy(a, 4));
+  EXPECT_EQ(Propose(*m, 2, b, 4), Greedy(b, 4));
+  EXPECT_EQ(m->Stats().evictions, 0);
+  EXPECT_EQ(m->Stats().num_free_blocks, 2);
+  // A third sequence of three blocks (40 tokens and 3 fed back) takes sequence 1's, the least
+  // recent.
+  std::vector<int32_t> c3 = Prompt("def f(a, b, c):\n    return a * b + c\n\n\ndef g(a):\n    ");
+  while (c3.size() < 40) c3.push_back(c3[c3.size() % 8 + 1]);
+  c3.resize(40);
+  EXPECT_EQ(Propose(*m, 3, c3, 4), Greedy(c3, 4));
+  EXPECT_EQ(m->Stats().evictions, 1);
+  // Sequence 1 starts over and still proposes right.
+  EXPECT_EQ(Propose(*m, 1, a, 4), Greedy(a, 4));
+  // Two requests in one proposal never take each other's blocks: with room for one only, the
+  // second drafts fewer tokens or none.
+  std::vector<int32_t> d1, d2;
+  const DraftModel::Request both[] = {{10, c3, 4, &d1}, {11, c3, 4, &d2}};
+  ASSERT_TRUE(m->Propose(both).ok());
+  EXPECT_EQ(d1, Greedy(c3, 4));
+  EXPECT_TRUE(d2.empty());
+  for (uint64_t s : {1, 2, 3, 10, 11}) m->Forget(s);
+  EXPECT_EQ(m->Stats().num_free_blocks, 4);
+  EXPECT_EQ(m->Stats().num_sequences, 0);
+}
+
+TEST_F(DraftModelTest, TheContextEndLimitsTheDraft) {
+  std::vector<int32_t> tokens = Prompt("x = 1\n");
+  const int64_t max_pos = weights_->config.max_position_embeddings;
+  while (static_cast<int64_t>(tokens.size()) < max_pos - 1) tokens.push_back(tokens[1]);
+  // Positions up to max_pos - 1 can be fed: a draft of two tokens at most.
+  DraftModelConfig c;
+  c.max_catch_up_tokens = max_pos;
+  auto big = Make(c);
+  EXPECT_EQ(Propose(*big, 1, tokens, 8).size(), 2u);
+  tokens.push_back(tokens[1]);
+  tokens.push_back(tokens[1]);
+  EXPECT_TRUE(Propose(*big, 1, tokens, 8).empty());  // past the draft's context
+}
+
+TEST_F(DraftModelTest, AnotherVocabularyIsRefused) {
+  auto m = DraftModel::Create(weights_.get(), weights_->config.vocab_size + 1, {});
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(m.status().message().find("tokenizer"), std::string::npos) << m.status();
+  DraftModelConfig c;
+  c.kv_cache_bytes = 100;
+  auto tiny = DraftModel::Create(weights_.get(), weights_->config.vocab_size, c);
+  ASSERT_FALSE(tiny.ok());
+  EXPECT_NE(tiny.status().message().find("holds no block"), std::string::npos) << tiny.status();
+}
+
+}  // namespace
+}  // namespace strata
