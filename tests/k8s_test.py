@@ -342,6 +342,12 @@ def check_manifests(m, flags, image_models, image_fine_tunes):
                         fail("%s: --fine_tune_dir=%s is neither on a volume nor in the image (%s)"
                              % (cname, ft_dir, sorted(image_fine_tunes)))
                     n += 1
+                draft_dir = args.get("draft_model")
+                if draft_dir:  # (empty: no draft model)
+                    if mount_of(draft_dir) is None and draft_dir.lstrip("/") not in image_models:
+                        fail("%s: --draft_model=%s is neither on a volume nor in the image (%s)"
+                             % (cname, draft_dir, sorted(image_models)))
+                    n += 1
                 if int(args.get("disk_cache_mb", 0)) > 0:
                     if int(args.get("host_cache_mb", 0)) <= 0:
                         fail("%s: --disk_cache_mb without --host_cache_mb: strata-worker refuses a "
@@ -1196,10 +1202,14 @@ def run_pods_disaggregated(m, rootfs, work):
 
 
 def with_secrets(objs, where):
-    """The manifests with API keys and the cluster secret turned on, as k8s/base/model.yaml says."""
+    """The manifests with API keys and the cluster secret turned on, as k8s/base/model.yaml says
+    (and the image's draft model, STRATA_DRAFT_MODEL_DIR, for speculative decoding)."""
     keyed = copy.deepcopy(objs)
     for o in keyed:
         if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "strata-model":
+            if o["data"].get("STRATA_DRAFT_MODEL_DIR") != "":
+                fail("%s: STRATA_DRAFT_MODEL_DIR must be empty by default (no draft model)" % where)
+            o["data"]["STRATA_DRAFT_MODEL_DIR"] = "/models/strata-tiny-draft"
             if o["data"].get("STRATA_API_KEYS_FILE") != "":
                 fail("%s: STRATA_API_KEYS_FILE must be empty by default (no keys asked)" % where)
             o["data"]["STRATA_API_KEYS_FILE"] = "/etc/strata/api-keys/keys.json"
@@ -1255,6 +1265,11 @@ def run_pods_keyed(m, rootfs, work):
             if status != 401:
                 fail("HTTP completion without a key through %s answered %s, want 401" % (coord.name, status))
         print("k8s_test (keys on): both coordinators ask for keys over gRPC and HTTP and serve the tenant's")
+        # The workers draft with the image's draft model (STRATA_DRAFT_MODEL_DIR).
+        cluster.wait("the workers' draft model to propose drafts",
+                     lambda: sum(scrape(w).get("strata_worker_draft_model_tokens_total{kind=\"draft\"}", 0)
+                                 for w in cluster.pods if w.name.startswith("strata-worker")) > 0, 10)
+        print("k8s_test (keys on): the workers draft with the image's draft model")
         # Each coordinator hears from the other (--peers, with the cluster secret), so a tenant's
         # limits hold across both.
         cluster.wait("each coordinator to hear from the other (--peers)",
@@ -1418,7 +1433,7 @@ def main():
     work = os.environ.get("TEST_TMPDIR") or tempfile.mkdtemp()
     flags = {name: binary_flags(os.path.join(ROOT, BINARIES[name]))
              for name in ("strata-worker", "strata-coordinator")}
-    image_models = {"models/strata-tiny"}
+    image_models = {"models/strata-tiny", "models/strata-tiny-draft"}
     image_fine_tunes = {"fine-tunes/strata-tiny"}
 
     base = Manifests(render_base(os.path.join(ROOT, "k8s/base")), "k8s/base")
@@ -1542,6 +1557,7 @@ def main():
     sh(py, builder, "--out", archive, "--tag", "strata:test",
        *sum((["--binary", os.path.join(ROOT, p)] for p in BINARIES.values()), []),
        "--model", "strata-tiny=" + os.path.join(ROOT, "models/strata-tiny/base"),
+       "--model", "strata-tiny-draft=" + os.path.join(ROOT, "models/strata-tiny/draft"),
        "--fine-tunes", "strata-tiny=" + deltas)
     sh(py, builder, "--unpack", archive, "--rootfs", rootfs)
     os.unlink(archive)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds Strata's container image (strata-coordinator, strata-worker, stratactl, their shared libraries,
-# the bundled strata-tiny model and its two fine-tunes as 4-bit deltas; no base image) as an OCI
+# the bundled strata-tiny model, its draft model and its two fine-tunes as 4-bit deltas; no base image) as an OCI
 # archive, with no container engine. The manifests in k8s/ run it. See tools/image/build_image.py for what is in it.
 #
 # Usage:
@@ -46,6 +46,7 @@ cp -r models/strata-tiny/lora-c-headers "$deltas/lora-c-headers"  # a LoRA adapt
 /usr/bin/python3 tools/image/build_image.py --out "$out" --tag "$tag" --revision "$revision" \
   --binary "$bin_dir/worker/server/strata-worker" --binary "$bin_dir/coordinator/strata-coordinator" \
   --binary "$bin_dir/cli/stratactl" --model "strata-tiny=models/strata-tiny/base" \
+  --model "strata-tiny-draft=models/strata-tiny/draft" \
   --fine-tunes "strata-tiny=$deltas" "${extra[@]}"
 
 if [ "$load" = 1 ]; then
