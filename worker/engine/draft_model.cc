@@ -84,14 +84,24 @@ bool DraftModel::Reserve(SeqState& st, int64_t num_tokens) {
       static_cast<size_t>((num_tokens + config_.block_tokens - 1) / config_.block_tokens);
   if (st.blocks.size() >= want) return true;
   const size_t need = want - st.blocks.size();
-  while (free_.size() < need) {
-    // The sequence that drafted least recently, outside this proposal, gives its blocks up.
-    auto victim = seqs_.end();
-    for (auto it = seqs_.begin(); it != seqs_.end(); ++it) {
-      if (it->second.last_use == use_ || it->second.blocks.empty()) continue;
-      if (victim == seqs_.end() || it->second.last_use < victim->second.last_use) victim = it;
+  if (free_.size() < need) {
+    size_t could_free = free_.size();
+    for (const auto& [id, other] : seqs_) {
+      if (&other != &st && other.last_use != use_) could_free += other.blocks.size();
     }
-    if (victim == seqs_.end()) return false;
+    if (could_free < need) return false;  // evict nothing in vain
+  }
+  while (free_.size() < need) {
+    // Outside this proposal first, then the least recently computed for.
+    auto victim = seqs_.end();
+    const auto rank = [this](const SeqState& s) {
+      return std::make_pair(s.requested == use_, s.last_use);
+    };
+    for (auto it = seqs_.begin(); it != seqs_.end(); ++it) {
+      const SeqState& o = it->second;
+      if (&o == &st || o.last_use == use_ || o.blocks.empty()) continue;
+      if (victim == seqs_.end() || rank(o) < rank(victim->second)) victim = it;
+    }
     Truncate(victim->second, 0);
     seqs_.erase(victim);
     ++stats_.evictions;
@@ -153,8 +163,24 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
   ++use_;
   const int64_t bt = config_.block_tokens;
   const int64_t max_positions = w_->config.max_position_embeddings;
-  // Every requested sequence's state first, marked in use: no request's blocks go to another.
-  for (const Request& r : requests) seqs_[r.sequence].last_use = use_;
+  // Every requested sequence's state, its K/V kept as far as its tokens agree with the request's.
+  // The last token is always computed again: its row gives the first draft token.
+  std::vector<std::pair<int64_t, size_t>> order;  // (tokens to catch up, request)
+  for (size_t ri = 0; ri < requests.size(); ++ri) {
+    const Request& r = requests[ri];
+    if (r.tokens.empty()) continue;
+    SeqState& st = seqs_[r.sequence];
+    st.requested = use_;
+    const int64_t len = static_cast<int64_t>(r.tokens.size());
+    int64_t held = 0;
+    const int64_t common = std::min<int64_t>(static_cast<int64_t>(st.tokens.size()), len);
+    while (held < common && st.tokens[static_cast<size_t>(held)] == r.tokens[held]) ++held;
+    Truncate(st, std::min(held, len - 1));
+    order.push_back({len - static_cast<int64_t>(st.tokens.size()), ri});
+  }
+  // The least to catch up first (ties in request order).
+  std::stable_sort(order.begin(), order.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
 
   struct Work {
     size_t request;
@@ -183,30 +209,33 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
   // Round 0: each sequence's draft cache brought up to its tokens; the last one's logits give the
   // first draft token.
   int64_t budget = config_.max_catch_up_tokens;
-  for (size_t ri = 0; ri < requests.size(); ++ri) {
+  const int64_t capacity = stats_.num_blocks * bt;
+  for (const auto& [first_estimate, ri] : order) {
     const Request& r = requests[ri];
-    SeqState& st = seqs_[r.sequence];
     const int64_t len = static_cast<int64_t>(r.tokens.size());
-    int64_t held = 0;
-    const int64_t common = std::min<int64_t>(static_cast<int64_t>(st.tokens.size()), len);
-    while (held < common && st.tokens[static_cast<size_t>(held)] == r.tokens[held]) ++held;
-    // The last token is always computed again: its row gives the first draft token.
-    Truncate(st, std::min(held, len - 1));
-    held = static_cast<int64_t>(st.tokens.size());
-    if (len == 0 || len > max_positions || r.limit <= 0 || budget <= 0) continue;
+    if (len > max_positions || r.limit <= 0 || budget <= 0) continue;
+    if (len > capacity) {
+      Forget(r.sequence);  // it can never draft here: hold nothing
+      continue;
+    }
+    // (An earlier request may have taken its blocks since the estimate.)
+    SeqState& st = seqs_[r.sequence];
+    const int64_t held = static_cast<int64_t>(st.tokens.size());
     const int64_t catch_up = len - held;
     if (catch_up > budget) {
       // A long context: computed over several proposals, drafting once it is complete.
       if (!Reserve(st, held + budget)) continue;
+      st.last_use = use_;
       for (int64_t p = held; p < held + budget; ++p) add_row(&st, r.tokens[p], p, false);
       stats_.catch_up_tokens += budget;
       budget = 0;
       continue;
     }
     // K/V for the catch-up and for the draft tokens fed back: positions up to len + limit - 2.
-    int64_t limit = std::min(r.limit, max_positions - len + 1);
+    int64_t limit = std::min({r.limit, max_positions - len + 1, capacity - len + 1});
     while (limit > 0 && !Reserve(st, len + limit - 1)) --limit;
     if (limit <= 0) continue;
+    st.last_use = use_;
     for (int64_t p = held; p < len; ++p) add_row(&st, r.tokens[p], p, p == len - 1);
     stats_.catch_up_tokens += catch_up;
     budget -= catch_up;

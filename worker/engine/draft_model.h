@@ -11,10 +11,13 @@
 // sequence's, and keeps the K/V of the common prefix only. A rejected draft token's K/V is
 // simply overwritten later.
 //
-// Memory: `kv_cache_bytes` of blocks. A sequence that needs blocks when none are free takes those
-// of the sequence that drafted least recently and is not in this proposal (that one catches up
-// again when it next drafts). A sequence that still cannot have them drafts fewer tokens, or
-// none. Forget frees a sequence's blocks when it ends.
+// Memory: `kv_cache_bytes` of blocks. A proposal serves the sequences with the least to catch up
+// first (those that drafted last step: one or two tokens each), so a long prompt catching up
+// never starves them. A sequence that needs blocks when none are free takes those of sequences
+// outside the proposal, least recently drafting first, then of those in it not yet served (each
+// catches up again when it next drafts); one that still cannot have them drafts fewer tokens, or
+// none, and holds on to nothing another could use. A sequence longer than the whole cache never
+// drafts. Forget frees a sequence's blocks when it ends.
 //
 // Output never depends on the draft: the engine keeps a draft token only where the target's own
 // sampler draws it, so a poor draft costs time, never different text.
@@ -95,13 +98,16 @@ class DraftModel {
   struct SeqState {
     std::vector<int32_t> blocks;
     std::vector<int32_t> tokens;  // the tokens whose K/V the blocks hold, from position 0
-    uint64_t last_use = 0;
+    uint64_t last_use = 0;        // the last proposal that computed for it
+    uint64_t requested = 0;       // the last proposal that named it
   };
   DraftModel(const ModelWeights* weights, DraftModelConfig config, int64_t num_blocks);
   // One forward pass over the batch built in tokens_ ... tables_: the argmax of each logit row.
   absl::Status RunBatch(const std::vector<SeqState*>& seqs, std::vector<int32_t>* argmax);
-  // Gives `st` blocks for `num_tokens` tokens, taking them from sequences that drafted least
-  // recently (not those of this proposal: last_use == use_). False when there are not enough.
+  // Gives `st` blocks for `num_tokens` tokens, taking them from other sequences when none are
+  // free: first those outside this proposal, least recently computed for first, then those of
+  // this proposal not yet computed for; never one this proposal computes for (last_use == use_).
+  // False, taking nothing, when even that would not be enough.
   bool Reserve(SeqState& st, int64_t num_tokens);
   void Truncate(SeqState& st, int64_t num_tokens);
 

@@ -168,16 +168,69 @@ TEST_F(DraftModelTest, TheLeastRecentlyDraftingSequenceGivesItsBlocksUp) {
   c3.resize(40);
   EXPECT_EQ(Propose(*m, 3, c3, 4), Greedy(c3, 4));
   EXPECT_EQ(m->Stats().evictions, 1);
-  // Sequence 1 starts over and still proposes right.
+  // Sequence 1 was the one evicted: it starts over (its whole prompt computed again), taking
+  // sequence 2's block, and still proposes right.
+  int64_t before = m->Stats().catch_up_tokens;
   EXPECT_EQ(Propose(*m, 1, a, 4), Greedy(a, 4));
-  // Two requests in one proposal never take each other's blocks: with room for one only, the
-  // second drafts fewer tokens or none.
+  EXPECT_EQ(m->Stats().catch_up_tokens - before, static_cast<int64_t>(a.size()));
+  EXPECT_EQ(m->Stats().evictions, 2);
+  // Sequence 3 kept its blocks: one token computed again.
+  before = m->Stats().catch_up_tokens;
+  EXPECT_EQ(Propose(*m, 3, c3, 4), Greedy(c3, 4));
+  EXPECT_EQ(m->Stats().catch_up_tokens - before, 1);
+  // Two requests in one proposal: the first takes every block (sequence 1's, the least recent,
+  // then sequence 3's); the second would need the first's, which it never takes, so it drafts
+  // nothing.
   std::vector<int32_t> d1, d2;
   const DraftModel::Request both[] = {{10, c3, 4, &d1}, {11, c3, 4, &d2}};
   ASSERT_TRUE(m->Propose(both).ok());
   EXPECT_EQ(d1, Greedy(c3, 4));
   EXPECT_TRUE(d2.empty());
+  EXPECT_EQ(m->Stats().evictions, 4);
   for (uint64_t s : {1, 2, 3, 10, 11}) m->Forget(s);
+  EXPECT_EQ(m->Stats().num_free_blocks, 4);
+  EXPECT_EQ(m->Stats().num_sequences, 0);
+  // A request that would not have enough even with every other sequence's blocks takes none:
+  // sequence 20 (one block) outlives a proposal whose second request needs three.
+  EXPECT_EQ(Propose(*m, 20, a, 4), Greedy(a, 4));
+  std::vector<int32_t> e1, e2;
+  const DraftModel::Request two[] = {{21, c3, 4, &e1}, {22, c3, 4, &e2}};
+  ASSERT_TRUE(m->Propose(two).ok());
+  EXPECT_FALSE(e1.empty());
+  EXPECT_TRUE(e2.empty());
+  EXPECT_EQ(m->Stats().evictions, 4);
+  before = m->Stats().catch_up_tokens;
+  EXPECT_EQ(Propose(*m, 20, a, 4), Greedy(a, 4));
+  EXPECT_EQ(m->Stats().catch_up_tokens - before, 1);
+}
+
+// Sequences that outgrow the cache together: each proposal still drafts for one of them (an
+// earlier version had each keep its blocks and wait for the other's, and neither drafted again),
+// and one longer than the whole cache never drafts and holds nothing.
+TEST_F(DraftModelTest, SequencesOutgrowingTheCacheTogetherStillDraft) {
+  DraftModelConfig c;
+  c.kv_cache_bytes = 4 * KvCacheStorage::BlockBytes(*weights_, c.block_tokens);  // 64 tokens
+  auto m = Make(c);
+  std::vector<int32_t> a = Prompt("import json\nimport os\n");
+  std::vector<int32_t> b = Prompt("while True:\n    x = ");
+  int64_t rounds_without_draft = 0;
+  while (a.size() + 3 <= 64) {
+    std::vector<int32_t> da, db;
+    const DraftModel::Request both[] = {{1, a, 4, &da}, {2, b, 4, &db}};
+    ASSERT_TRUE(m->Propose(both).ok());
+    if (da.empty() && db.empty()) ++rounds_without_draft;
+    // Each draft kept whole, and a token drawn after it (or one drawn without a draft).
+    for (auto [tokens, d] : {std::pair{&a, &da}, std::pair{&b, &db}}) {
+      tokens->insert(tokens->end(), d->begin(), d->end());
+      tokens->push_back(d->empty() ? 10 : d->front());
+    }
+  }
+  EXPECT_EQ(rounds_without_draft, 0);
+  EXPECT_GT(m->Stats().evictions, 0);
+  // Longer than the cache: nothing drafted, nothing held.
+  while (a.size() <= 64) a.push_back(10);
+  EXPECT_TRUE(Propose(*m, 1, a, 4).empty());
+  m->Forget(2);
   EXPECT_EQ(m->Stats().num_free_blocks, 4);
   EXPECT_EQ(m->Stats().num_sequences, 0);
 }

@@ -517,7 +517,6 @@ absl::Status Engine::UnregisterFineTune(const std::string& id) {
 bool Engine::Cancel(const std::string& id) {
   for (auto it = running_.begin(); it != running_.end(); ++it) {
     if ((*it)->id == id) {
-      if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>((*it)->arrival));
       ReleaseBlocks(it->get());
       ReleaseDelta(it->get());
       cancelled_.push_back(std::move(*it));
@@ -1001,9 +1000,10 @@ void Engine::ProposeDraft(int64_t limit, Chunk* ch, const std::vector<int32_t>* 
   limit = DraftLimit(*s, limit);
   if (limit <= 0) return;
   // Under a grammar, the text it forces (a JSON key, the punctuation around it) comes first;
-  // else the draft model's proposal, or what followed the sequence's last tokens earlier on.
+  // else the draft model's proposal, or what followed the sequence's last tokens earlier on. (With
+  // a draft model, `proposed` is already the forced text where there is any.)
   std::vector<int32_t> draft;
-  if (s->matcher.has_value()) {
+  if (s->matcher.has_value() && proposed == nullptr) {
     ForcedDraft(*s->matcher, *config_.vocabulary, config_.tokenize, limit, &draft);
   }
   if (draft.empty() && proposed != nullptr) {
@@ -1167,6 +1167,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   waiting_for_io_ = false;
   if (store_ != nullptr) store_->Poll();
   for (auto& s : cancelled_) {
+    if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>(s->arrival));
     RequestOutput out;
     out.request_id = s->id;
     out.finish = FinishReason::kCancelled;
@@ -1254,6 +1255,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         out.num_prompt_tokens = w->prompt_len;
         out.num_generated_tokens = w->num_generated;
         outputs.push_back(std::move(out));
+        if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>(w->arrival));
         ReleaseBlocks(w);
         waiting_[i].reset();
         holes = true;
@@ -1369,10 +1371,19 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       for (size_t i = 0, r = static_cast<size_t>(room); i < drafting.size() && r > 0; ++i) {
         const Sequence& s = *drafting[i]->seq;
         const size_t left = drafting.size() - i;
-        const int64_t limit = DraftLimit(s, static_cast<int64_t>((r + left - 1) / left));
+        int64_t limit = DraftLimit(s, static_cast<int64_t>((r + left - 1) / left));
+        // No more than the step can verify: the sequence's own blocks and the free ones.
+        const int64_t bt = config_.block_tokens;
+        limit = std::min<int64_t>(limit, static_cast<int64_t>(s.block_table.size()) * bt -
+                                             (s.num_computed + 1) + blocks_.num_free() * bt);
         if (limit <= 0) continue;
-        requests.push_back({static_cast<uint64_t>(s.arrival), s.tokens, limit, &proposals[i]});
         r -= static_cast<size_t>(limit);
+        // Under a grammar, the text it forces comes first (ProposeDraft takes it from here).
+        if (s.matcher.has_value()) {
+          ForcedDraft(*s.matcher, *config_.vocabulary, config_.tokenize, limit, &proposals[i]);
+          if (!proposals[i].empty()) continue;
+        }
+        requests.push_back({static_cast<uint64_t>(s.arrival), s.tokens, limit, &proposals[i]});
       }
       if (absl::Status st = draft_->Propose(requests); !st.ok()) {
         if (absl::Now() - draft_error_logged_ > absl::Minutes(1)) {
@@ -1402,6 +1413,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       auto s = std::move(*it);
       waiting_.erase(it);
       ReleaseDelta(s.get());
+      if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>(s->arrival));
       LOG(ERROR) << "request " << s->id << " needs more KV blocks than the cache has";
       RequestOutput out;
       out.request_id = s->id;

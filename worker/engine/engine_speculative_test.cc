@@ -483,14 +483,34 @@ TEST_P(EngineSpeculativeTest, TheBaseAsItsOwnDraftKeepsNearlyEveryDraft) {
   EXPECT_LT(run.steps, 30);
 }
 
-TEST_P(EngineSpeculativeTest, ACancelledSequenceFreesItsDraftBlocks) {
+TEST_P(EngineSpeculativeTest, CancelledSequencesFreeTheirDraftBlocks) {
   if (!with_draft_model()) GTEST_SKIP() << "draft model only";
   auto e = MakeEngine(Config(4));
   ASSERT_TRUE(e->AddRequest("x", Prompt("import json\n"), Greedy(200)).ok());
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(e->Step().ok());
   EXPECT_EQ(e->Stats().draft_model.num_sequences, 1);
   EXPECT_TRUE(e->Cancel("x"));
-  const EngineStats st = e->Stats();
+  ASSERT_TRUE(e->Step().ok());  // (it answers the cancellation)
+  EngineStats st = e->Stats();
+  EXPECT_EQ(st.draft_model.num_sequences, 0);
+  EXPECT_EQ(st.draft_model.num_free_blocks, st.draft_model.num_blocks);
+  // Sequences preempted (waiting again, their draft state kept) and then cancelled.
+  EngineConfig small = Config(4);
+  small.num_kv_blocks = 12;
+  auto p = MakeEngine(small);
+  for (int i = 0; i < 3; ++i) {
+    RequestOptions o = Greedy(150);
+    o.ignore_eos = true;
+    ASSERT_TRUE(p->AddRequest(absl::StrCat("p", i), Prompt(absl::StrCat("x", i, " = ")), o).ok());
+  }
+  for (int i = 0; i < 200 && p->Stats().num_preemptions == 0; ++i) ASSERT_TRUE(p->Step().ok());
+  st = p->Stats();
+  ASSERT_GT(st.num_preemptions, 0);
+  EXPECT_GT(st.num_waiting, 0);
+  EXPECT_GT(st.draft_model.num_sequences, 0);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(p->Cancel(absl::StrCat("p", i)));
+  ASSERT_TRUE(p->Step().ok());
+  st = p->Stats();
   EXPECT_EQ(st.draft_model.num_sequences, 0);
   EXPECT_EQ(st.draft_model.num_free_blocks, st.draft_model.num_blocks);
 }

@@ -130,9 +130,10 @@ ABSL_FLAG(bool, fair_share, true,
 ABSL_FLAG(int64_t, max_live_sequences, 256,
           "Running plus queued sequences accepted; beyond it Submit fails RESOURCE_EXHAUSTED, "
           "except for a tenant holding less than an equal part of them (up to twice this).");
-ABSL_FLAG(int, num_speculative_tokens, 0,
-          "Speculative decoding by n-gram lookup: draft tokens a decoding sequence proposes from "
-          "its own context per step (0: off; at most 32). The output does not change; steps do.");
+ABSL_FLAG(int, num_speculative_tokens, -1,
+          "Speculative decoding: draft tokens a decoding sequence proposes per step, by n-gram "
+          "lookup in its own context or from --draft_model (0: off; at most 32; unset: off, or 4 "
+          "with --draft_model). The output does not change; steps do.");
 ABSL_FLAG(int, prompt_lookup_min, 2,
           "Speculative decoding: the shortest suffix of a sequence looked up in its context.");
 ABSL_FLAG(int, prompt_lookup_max, 4,
@@ -466,7 +467,10 @@ int Main(const std::vector<std::string>& args) {
   ec.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
   ec.block_tokens = absl::GetFlag(FLAGS_block_tokens);
   ec.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
-  ec.num_speculative_tokens = absl::GetFlag(FLAGS_num_speculative_tokens);
+  // (-1, unset: off here, 4 with a draft model below; other negatives are the engine's error.)
+  ec.num_speculative_tokens = absl::GetFlag(FLAGS_num_speculative_tokens) == -1
+                                  ? 0
+                                  : absl::GetFlag(FLAGS_num_speculative_tokens);
   ec.prompt_lookup_min = absl::GetFlag(FLAGS_prompt_lookup_min);
   ec.prompt_lookup_max = absl::GetFlag(FLAGS_prompt_lookup_max);
   ec.speculative_max_batch = absl::GetFlag(FLAGS_speculative_max_batch);
@@ -586,7 +590,12 @@ int Main(const std::vector<std::string>& args) {
                    << ": its drafts are token ids of --model's vocabulary only if the two "
                       "tokenizers agree";
     }
-    if (absl::GetFlag(FLAGS_num_speculative_tokens) == 0) ec.num_speculative_tokens = 4;
+    if (absl::GetFlag(FLAGS_num_speculative_tokens) == 0) {
+      LOG(ERROR) << "--num_speculative_tokens=0 turns speculative decoding off, but --draft_model "
+                    "is given: drop one of them";
+      return 1;
+    }
+    if (absl::GetFlag(FLAGS_num_speculative_tokens) == -1) ec.num_speculative_tokens = 4;
     ec.draft_weights = draft_weights.get();
     ec.draft_kv_cache_bytes = absl::GetFlag(FLAGS_draft_kv_cache_mb) << 20;
     LOG(INFO) << "speculative decoding with draft model " << draft_dir << " ("
