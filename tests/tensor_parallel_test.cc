@@ -1,10 +1,12 @@
 // End-to-end tensor parallelism on the CPU: a strata-worker started with --tensor_parallel=2 runs
 // the bundled model as two processes (rank 0 starts rank 1 itself) and serves what a single-rank
-// worker serves; when a rank dies, the worker fails its step, exits non-zero, and the coordinator
-// carries its requests on elsewhere without losing a token.
+// worker serves (with a draft model beside rank 0 too); when a rank dies, the worker fails its
+// step, exits non-zero, and the coordinator carries its requests on elsewhere without losing a
+// token.
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <memory>
@@ -93,6 +95,31 @@ TEST(TensorParallelTest, ATwoRankWorkerServesWhatASingleRankWorkerServes) {
   const int status = cluster->worker_process(0).Stop();
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   EXPECT_NE(kill(follower[0], 0), 0) << "rank 1 outlived rank 0";
+}
+
+// The draft model runs beside rank 0 (one rank of its own): a two-rank worker with
+// --draft_model streams what a single-rank worker without it streams, drafts kept.
+TEST(TensorParallelTest, ATwoRankWorkerWithADraftModelServesTheSame) {
+  std::vector<v1::GenerateRequest> requests = Requests(2, 40, 0.0f);
+  for (v1::GenerateRequest& r : Requests(2, 40, 0.8f)) requests.push_back(r);
+  std::vector<Generated> single;
+  {
+    auto cluster = StartCluster(1, "tp1-plain", {});
+    ASSERT_NE(cluster, nullptr);
+    for (const auto& r : requests) single.push_back(Generate(cluster->serving(), r));
+  }
+  auto cluster = StartCluster(1, "tp2-draft",
+                              {"--tensor_parallel=2", "--draft_model=models/strata-tiny/draft"});
+  ASSERT_NE(cluster, nullptr);
+  size_t max_chunk = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("request ", i));
+    const Generated g = Generate(cluster->serving(), requests[i]);
+    ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+    EXPECT_EQ(g.tokens, single[i].tokens);
+    for (const auto& c : g.chunks) max_chunk = std::max<size_t>(max_chunk, c.token_ids_size());
+  }
+  EXPECT_GT(max_chunk, 1u) << "no step kept a draft token";
 }
 
 TEST(TensorParallelTest, ALostRankTakesItsWorkerDownAndRequestsFailOverIntact) {
