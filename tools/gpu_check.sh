@@ -26,7 +26,8 @@
 # when STRATA_GPU_SANITIZE_GEMV gives its filter),
 # STRATA_CLUSTER (0 skips the cluster check), STRATA_CLUSTER_DEVICE (the worker's --device, default
 # gpu; cpu checks the script itself on a machine without a GPU), STRATA_GPU_JOBS (test binaries run
-# at once, default 4; benchmarks always run alone), STRATA_GPU_PACK (a .tgz path: RESULTS_DIR packed
+# at once, default 4; benchmarks always run alone), STRATA_GPU_DRAFT_COST (0 skips the Llama-3.2-1B
+# shape's decode steps, a draft model's cost), STRATA_GPU_PACK (a .tgz path: RESULTS_DIR packed
 # into it at the end, for machines that hand back only a few files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -303,6 +304,17 @@ case "${1:-}" in
         --context 512 --reps 5 --out "$results/profile_llama3_8b.json" >"$results/profile.log" 2>&1
       echo "profile exit $?" >>"$results/profile.log"
     fi
+    # What a draft model costs: batch-1 decode steps of the Llama-3.2-1B shape (random bf16 weights;
+    # the draft for Llama-3-8B), against the 8B's step above: the ratio that decides what speculative
+    # decoding with a draft model buys (docs/PERFORMANCE.md, "Speculative decoding").
+    # STRATA_GPU_DRAFT_COST=0 skips it.
+    if [ "${STRATA_GPU_DRAFT_COST:-1}" != 0 ]; then
+      LD_LIBRARY_PATH="$(bundle_libpath)" timeout "${STRATA_DRAFT_COST_TIMEOUT:-240}" \
+        gpu-bundle/bin/bench.gpu_bench --config bench/configs/llama3_2_1b.json --only_decode \
+        --batches=1,8 --steps=32 --variants=shipped --trace_steps=0 \
+        --out "$results/gpu_bench_llama3_2_1b.json" >"$results/draft_cost.log" 2>&1
+      echo "draft cost exit $?" >>"$results/draft_cost.log"
+    fi
     # Per-kernel times of one batch-1 decode step (STRATA_GPU_NCU=1, where ncu is on the PATH).
     if [ -n "${STRATA_GPU_NCU:-}" ] && command -v ncu >/dev/null; then
       ncu_decode "$results" >"$results/ncu.log" 2>&1
@@ -329,10 +341,11 @@ def load(name):
     except Exception:
         return {}
 ours = load("bench.gpu_bench.json")
+draft = load("gpu_bench_llama3_2_1b.json")
 torch = load("torch_baseline.json")
 summary = open(os.path.join(res, "summary.txt")).read() if os.path.exists(os.path.join(res, "summary.txt")) else ""
 with open(os.path.join(res, "results.json"), "w") as f:
-    json.dump({"strata": ours, "pytorch": torch, "summary": summary}, f, indent=1)
+    json.dump({"strata": ours, "draft_shape": draft, "pytorch": torch, "summary": summary}, f, indent=1)
 def g(d, *path):
     for p in path:
         if not isinstance(d, dict) or p not in d:
@@ -375,6 +388,12 @@ rows = [
     ("fine-tune first step ms", fmt(g(ours, "fine_tune_first_step_ms")), "-"),
     ("draft step b1 ms, k=0/1/4/8", " / ".join(fmt(g(ours, "draft_b1_k%d_ms_per_step" % k), "{:.2f}") for k in (0, 1, 4, 8)), "-"),
     ("draft step b8 ms, k=0/1/4", " / ".join(fmt(g(ours, "draft_b8_k%d_ms_per_step" % k), "{:.2f}") for k in (0, 1, 4)), "-"),
+    ("1B-shape (draft) b1 / b8 ms", fmt(g(draft, "decode_b1_shipped_ms_per_step"), "{:.3f}") + " / " +
+     fmt(g(draft, "decode_b8_shipped_ms_per_step"), "{:.3f}"), "-"),
+    ("  draft / 8B step at b1", fmt(None if g(draft, "decode_b1_shipped_ms_per_step") is None
+                                    or not g(ours, "decode_b1_shipped_ms_per_step") else
+                                    g(draft, "decode_b1_shipped_ms_per_step") / g(ours, "decode_b1_shipped_ms_per_step"),
+                                    "{:.3f}"), "-"),
 ]
 print()
 print(summary.strip())
