@@ -63,19 +63,91 @@ absl::StatusOr<std::unique_ptr<DraftModel>> DraftModel::Create(const ModelWeight
 }
 
 DraftModel::DraftModel(const ModelWeights* weights, DraftModelConfig config, int64_t num_blocks)
-    : w_(weights), config_(std::move(config)) {
+    : w_(weights), config_(std::move(config)), info_(static_cast<size_t>(num_blocks)) {
   free_.reserve(static_cast<size_t>(num_blocks));
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
   stats_.num_blocks = num_blocks;
 }
 
+int32_t DraftModel::TakeBlock() {
+  int32_t b = -1;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else if (!lru_.empty()) {
+    b = lru_.front();
+    lru_.pop_front();
+    BlockInfo& bi = info_[static_cast<size_t>(b)];
+    cached_.erase(bi.hash);
+    bi.published = false;
+  }
+  if (b >= 0) info_[static_cast<size_t>(b)].refs = 1;
+  return b;
+}
+
+void DraftModel::ReleaseBlock(int32_t block) {
+  BlockInfo& bi = info_[static_cast<size_t>(block)];
+  if (--bi.refs > 0) return;
+  if (bi.published) {
+    bi.lru = lru_.insert(lru_.end(), block);
+  } else {
+    free_.push_back(block);
+  }
+}
+
 void DraftModel::Truncate(SeqState& st, int64_t num_tokens) {
+  const int64_t bt = config_.block_tokens;
+  const size_t partial = static_cast<size_t>(num_tokens / bt);
+  if (num_tokens % bt != 0 && partial < st.blocks.size() &&
+      info_[static_cast<size_t>(st.blocks[partial])].published) {
+    num_tokens = static_cast<int64_t>(partial) * bt;  // computed afresh in a block of its own
+  }
   st.tokens.resize(static_cast<size_t>(num_tokens));
-  const size_t keep =
-      static_cast<size_t>((num_tokens + config_.block_tokens - 1) / config_.block_tokens);
+  st.hashes.resize(std::min(st.hashes.size(), static_cast<size_t>(num_tokens / bt)));
+  const size_t keep = static_cast<size_t>((num_tokens + bt - 1) / bt);
   while (st.blocks.size() > keep) {
-    free_.push_back(st.blocks.back());
+    ReleaseBlock(st.blocks.back());
     st.blocks.pop_back();
+  }
+}
+
+void DraftModel::Publish(SeqState& st, uint64_t cache_namespace, int64_t verified) {
+  const int64_t bt = config_.block_tokens;
+  for (size_t b = st.hashes.size();
+       static_cast<int64_t>(b + 1) * bt <= verified && b < st.blocks.size(); ++b) {
+    const BlockHash parent = b == 0 ? kRootBlockHash : st.hashes[b - 1];
+    const BlockHash h = ChainBlockHash(parent, cache_namespace,
+                                       absl::MakeConstSpan(st.tokens).subspan(
+                                           b * static_cast<size_t>(bt), static_cast<size_t>(bt)));
+    st.hashes.push_back(h);
+    BlockInfo& bi = info_[static_cast<size_t>(st.blocks[b])];
+    // (Another sequence may have published the same prefix first: this copy stays private.)
+    if (!bi.published && cached_.emplace(h, st.blocks[b]).second) {
+      bi.published = true;
+      bi.hash = h;
+    }
+  }
+}
+
+void DraftModel::TakeCachedPrefix(SeqState& st, uint64_t cache_namespace,
+                                  absl::Span<const int32_t> tokens) {
+  const int64_t bt = config_.block_tokens;
+  if (st.tokens.size() != st.blocks.size() * static_cast<size_t>(bt)) return;  // not aligned
+  // The hashes of what it holds first (all of it is the sequence's own).
+  Publish(st, cache_namespace, static_cast<int64_t>(st.tokens.size()));
+  const int64_t len = static_cast<int64_t>(tokens.size());
+  for (size_t b = st.blocks.size(); static_cast<int64_t>(b + 1) * bt <= len - 1; ++b) {
+    const BlockHash parent = b == 0 ? kRootBlockHash : st.hashes[b - 1];
+    const auto block_tokens = tokens.subspan(b * static_cast<size_t>(bt), static_cast<size_t>(bt));
+    const BlockHash h = ChainBlockHash(parent, cache_namespace, block_tokens);
+    auto it = cached_.find(h);
+    if (it == cached_.end()) return;
+    BlockInfo& bi = info_[static_cast<size_t>(it->second)];
+    if (bi.refs++ == 0) lru_.erase(bi.lru);
+    st.blocks.push_back(it->second);
+    st.tokens.insert(st.tokens.end(), block_tokens.begin(), block_tokens.end());
+    st.hashes.push_back(h);
+    stats_.prefix_hit_tokens += bt;
   }
 }
 
@@ -83,15 +155,18 @@ bool DraftModel::Reserve(SeqState& st, int64_t num_tokens) {
   const size_t want =
       static_cast<size_t>((num_tokens + config_.block_tokens - 1) / config_.block_tokens);
   if (st.blocks.size() >= want) return true;
-  const size_t need = want - st.blocks.size();
-  if (free_.size() < need) {
-    size_t could_free = free_.size();
+  const int64_t need = static_cast<int64_t>(want - st.blocks.size());
+  if (Reusable() < need) {
+    // What evicting every sequence it may take from would give back: their blocks that no one
+    // else holds.
+    int64_t could_free = Reusable();
     for (const auto& [id, other] : seqs_) {
-      if (&other != &st && other.last_use != use_) could_free += other.blocks.size();
+      if (&other == &st || other.last_use == use_) continue;
+      for (int32_t b : other.blocks) could_free += info_[static_cast<size_t>(b)].refs == 1;
     }
     if (could_free < need) return false;  // evict nothing in vain
   }
-  while (free_.size() < need) {
+  while (Reusable() < need) {
     // Outside this proposal first, then the least recently computed for.
     auto victim = seqs_.end();
     const auto rank = [this](const SeqState& s) {
@@ -102,14 +177,12 @@ bool DraftModel::Reserve(SeqState& st, int64_t num_tokens) {
       if (&o == &st || o.last_use == use_ || o.blocks.empty()) continue;
       if (victim == seqs_.end() || rank(o) < rank(victim->second)) victim = it;
     }
+    if (victim == seqs_.end()) return false;
     Truncate(victim->second, 0);
     seqs_.erase(victim);
     ++stats_.evictions;
   }
-  for (size_t i = 0; i < need; ++i) {
-    st.blocks.push_back(free_.back());
-    free_.pop_back();
-  }
+  for (int64_t i = 0; i < need; ++i) st.blocks.push_back(TakeBlock());
   return true;
 }
 
@@ -176,6 +249,7 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
     const int64_t common = std::min<int64_t>(static_cast<int64_t>(st.tokens.size()), len);
     while (held < common && st.tokens[static_cast<size_t>(held)] == r.tokens[held]) ++held;
     Truncate(st, std::min(held, len - 1));
+    TakeCachedPrefix(st, r.cache_namespace, r.tokens);
     order.push_back({len - static_cast<int64_t>(st.tokens.size()), ri});
   }
   // The least to catch up first (ties in request order).
@@ -209,6 +283,7 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
   // Round 0: each sequence's draft cache brought up to its tokens; the last one's logits give the
   // first draft token.
   int64_t budget = config_.max_catch_up_tokens;
+  std::vector<std::pair<size_t, int64_t>> computed;  // (request, its tokens computed through)
   const int64_t capacity = stats_.num_blocks * bt;
   for (const auto& [first_estimate, ri] : order) {
     const Request& r = requests[ri];
@@ -226,6 +301,7 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
       // A long context: computed over several proposals, drafting once it is complete.
       if (!Reserve(st, held + budget)) continue;
       st.last_use = use_;
+      computed.push_back({ri, held + budget});
       for (int64_t p = held; p < held + budget; ++p) add_row(&st, r.tokens[p], p, false);
       stats_.catch_up_tokens += budget;
       budget = 0;
@@ -236,6 +312,7 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
     while (limit > 0 && !Reserve(st, len + limit - 1)) --limit;
     if (limit <= 0) continue;
     st.last_use = use_;
+    computed.push_back({ri, len});
     for (int64_t p = held; p < len; ++p) add_row(&st, r.tokens[p], p, p == len - 1);
     stats_.catch_up_tokens += catch_up;
     budget -= catch_up;
@@ -245,6 +322,11 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
   std::vector<int32_t> next;
   if (!tokens_.empty()) status = RunBatch(batch_seqs, &next);
   for (size_t i = 0; status.ok() && i < work.size(); ++i) work[i].out.push_back(next[i]);
+  // The full blocks of the sequences' own tokens now computed are there for others to take.
+  for (size_t i = 0; status.ok() && i < computed.size(); ++i) {
+    const Request& r = requests[computed[i].first];
+    Publish(seqs_.at(r.sequence), r.cache_namespace, computed[i].second);
+  }
   // Rounds 1..: each draft token fed back for the next.
   for (int64_t j = 1; status.ok(); ++j) {
     tokens_.clear();
@@ -280,7 +362,8 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
 
 DraftModelStats DraftModel::Stats() const {
   DraftModelStats s = stats_;
-  s.num_free_blocks = static_cast<int64_t>(free_.size());
+  s.num_free_blocks = Reusable();
+  s.num_cached_blocks = static_cast<int64_t>(cached_.size());
   s.num_sequences = static_cast<int64_t>(seqs_.size());
   return s;
 }

@@ -11,7 +11,15 @@
 // sequence's, and keeps the K/V of the common prefix only. A rejected draft token's K/V is
 // simply overwritten later.
 //
-// Memory: `kv_cache_bytes` of blocks. A proposal serves the sequences with the least to catch up
+// Prefix caching: a full block of a sequence's own tokens (never one holding draft tokens) is
+// published under its chain hash (common/hash.h, in the sequence's cache namespace), and stays
+// cached after the sequence ends, until its block is needed: a new sequence whose prompt starts
+// with cached blocks (the next turn of a conversation, a shared system prompt) takes them instead
+// of computing them. A published block is never written again (a sequence that must compute a
+// token inside one computes that block afresh in a block of its own).
+//
+// Memory: `kv_cache_bytes` of blocks. Free blocks go first, then cached blocks no sequence holds
+// (least recently released first). A proposal serves the sequences with the least to catch up
 // first (those that drafted last step: one or two tokens each), so a long prompt catching up
 // never starves them. A sequence that needs blocks when none are free takes those of sequences
 // outside the proposal, least recently drafting first, then of those in it not yet served (each
@@ -27,13 +35,16 @@
 #define STRATA_WORKER_ENGINE_DRAFT_MODEL_H_
 
 #include <cstdint>
+#include <list>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/hash.h"
 #include "worker/comm/collectives.h"
 #include "worker/model/gpu_model_runner.h"
 #include "worker/model/model_runner.h"
@@ -65,6 +76,8 @@ struct DraftModelStats {
   int64_t catch_up_tokens = 0;       // tokens computed to bring draft caches up to date
   int64_t draft_forward_tokens = 0;  // tokens computed feeding drafts back
   int64_t evictions = 0;             // sequences whose draft blocks another took
+  int64_t num_cached_blocks = 0;     // published blocks (held by sequences or not)
+  int64_t prefix_hit_tokens = 0;     // tokens taken from cached blocks instead of computed
   double seconds = 0;                // time spent proposing
 };
 
@@ -83,6 +96,8 @@ class DraftModel {
     absl::Span<const int32_t> tokens;  // its tokens so far (at least one)
     int64_t limit = 0;                 // most tokens to propose
     std::vector<int32_t>* draft = nullptr;  // out: the proposal is appended
+    // Its cache namespace (Engine's): prefix caching shares blocks within one only.
+    uint64_t cache_namespace = 0;
   };
   // Proposes up to `limit` greedy tokens for each request (fewer where the draft's context or
   // cache runs out, none while a long context catches up). Requests name distinct sequences. An
@@ -96,10 +111,13 @@ class DraftModel {
 
  private:
   struct SeqState {
-    std::vector<int32_t> blocks;
+    std::vector<int32_t> blocks;  // each holds a reference
     std::vector<int32_t> tokens;  // the tokens whose K/V the blocks hold, from position 0
-    uint64_t last_use = 0;        // the last proposal that computed for it
-    uint64_t requested = 0;       // the last proposal that named it
+    // Chain hashes of its leading full blocks of verified tokens (each published, or found
+    // published under another block).
+    std::vector<BlockHash> hashes;
+    uint64_t last_use = 0;   // the last proposal that computed for it
+    uint64_t requested = 0;  // the last proposal that named it
   };
   DraftModel(const ModelWeights* weights, DraftModelConfig config, int64_t num_blocks);
   // One forward pass over the batch built in tokens_ ... tables_: the argmax of each logit row.
@@ -109,7 +127,17 @@ class DraftModel {
   // this proposal not yet computed for; never one this proposal computes for (last_use == use_).
   // False, taking nothing, when even that would not be enough.
   bool Reserve(SeqState& st, int64_t num_tokens);
+  // Keeps the K/V of the first `num_tokens` tokens, or fewer: never part of a published block.
   void Truncate(SeqState& st, int64_t num_tokens);
+  // A free block, else the least recently released cached one (unpublished); -1 when neither.
+  int32_t TakeBlock();
+  void ReleaseBlock(int32_t block);
+  int64_t Reusable() const { return static_cast<int64_t>(free_.size() + lru_.size()); }
+  // Publishes st's full blocks of its first `verified` tokens (the sequence's own) not yet hashed.
+  void Publish(SeqState& st, uint64_t cache_namespace, int64_t verified);
+  // Extends st (block-aligned) with cached blocks of `tokens`, stopping before the block of the
+  // last token (whose row must be computed).
+  void TakeCachedPrefix(SeqState& st, uint64_t cache_namespace, absl::Span<const int32_t> tokens);
 
   const ModelWeights* w_;
   DraftModelConfig config_;
@@ -119,6 +147,15 @@ class DraftModel {
   std::unique_ptr<KvCacheStorage> cache_;
   std::unique_ptr<GpuModelRunner> gpu_;
   std::vector<int32_t> free_;
+  struct BlockInfo {
+    int32_t refs = 0;
+    bool published = false;
+    BlockHash hash = 0;
+    std::list<int32_t>::iterator lru;  // while published with no reference
+  };
+  std::vector<BlockInfo> info_;
+  absl::flat_hash_map<BlockHash, int32_t> cached_;
+  std::list<int32_t> lru_;  // published blocks no sequence holds, least recently released first
   absl::node_hash_map<uint64_t, SeqState> seqs_;  // stable addresses
   uint64_t use_ = 0;
   // The batch being built.

@@ -178,13 +178,22 @@ TEST_F(DraftModelTest, TheLeastRecentlyDraftingSequenceGivesItsBlocksUp) {
   before = m->Stats().catch_up_tokens;
   EXPECT_EQ(Propose(*m, 3, c3, 4), Greedy(c3, 4));
   EXPECT_EQ(m->Stats().catch_up_tokens - before, 1);
+  // Prompts of the same length sharing no block with c3 or each other (prefix caching aside).
+  const auto variant = [&](int32_t t) {
+    std::vector<int32_t> v = c3;
+    EXPECT_NE(v[1], t);
+    v[1] = t;
+    return v;
+  };
+  const std::vector<int32_t> x = variant(1000), y = variant(1001), z = variant(1002),
+                             w = variant(1003);
   // Two requests in one proposal: the first takes every block (sequence 1's, the least recent,
   // then sequence 3's); the second would need the first's, which it never takes, so it drafts
   // nothing.
   std::vector<int32_t> d1, d2;
-  const DraftModel::Request both[] = {{10, c3, 4, &d1}, {11, c3, 4, &d2}};
+  const DraftModel::Request both[] = {{10, x, 4, &d1}, {11, y, 4, &d2}};
   ASSERT_TRUE(m->Propose(both).ok());
-  EXPECT_EQ(d1, Greedy(c3, 4));
+  EXPECT_EQ(d1, Greedy(x, 4));
   EXPECT_TRUE(d2.empty());
   EXPECT_EQ(m->Stats().evictions, 4);
   for (uint64_t s : {1, 2, 3, 10, 11}) m->Forget(s);
@@ -194,7 +203,7 @@ TEST_F(DraftModelTest, TheLeastRecentlyDraftingSequenceGivesItsBlocksUp) {
   // sequence 20 (one block) outlives a proposal whose second request needs three.
   EXPECT_EQ(Propose(*m, 20, a, 4), Greedy(a, 4));
   std::vector<int32_t> e1, e2;
-  const DraftModel::Request two[] = {{21, c3, 4, &e1}, {22, c3, 4, &e2}};
+  const DraftModel::Request two[] = {{21, z, 4, &e1}, {22, w, 4, &e2}};
   ASSERT_TRUE(m->Propose(two).ok());
   EXPECT_FALSE(e1.empty());
   EXPECT_TRUE(e2.empty());
@@ -202,6 +211,57 @@ TEST_F(DraftModelTest, TheLeastRecentlyDraftingSequenceGivesItsBlocksUp) {
   before = m->Stats().catch_up_tokens;
   EXPECT_EQ(Propose(*m, 20, a, 4), Greedy(a, 4));
   EXPECT_EQ(m->Stats().catch_up_tokens - before, 1);
+}
+
+// Prefix caching: the full blocks of a sequence's own tokens stay cached after it ends; a new
+// sequence whose prompt starts with them (a conversation's next turn) takes them instead of
+// computing them, proposes what computing them gives, and never writes into them; another cache
+// namespace (another tenant) does not see them; cached blocks no sequence holds are the first to
+// be reused when blocks run out.
+TEST_F(DraftModelTest, CachedPrefixBlocksServeTheNextTurn) {
+  DraftModelConfig c;
+  c.kv_cache_bytes = 6 * KvCacheStorage::BlockBytes(*weights_, c.block_tokens);
+  auto m = Make(c);
+  const auto propose = [&](uint64_t seq, const std::vector<int32_t>& tokens, uint64_t ns) {
+    std::vector<int32_t> draft;
+    DraftModel::Request r{seq, tokens, 4, &draft, ns};
+    EXPECT_TRUE(m->Propose({&r, 1}).ok());
+    return draft;
+  };
+  std::vector<int32_t> turn1 =
+      Prompt("def parse(text):\n    out = []\n    for line in text.splitlines():\n");
+  while (turn1.size() < 48) turn1.push_back(turn1[turn1.size() % 7 + 1]);
+  turn1.resize(48);  // three full blocks
+  EXPECT_EQ(propose(1, turn1, 7), Greedy(turn1, 4));
+  m->Forget(1);
+  // Its three full blocks of its own tokens stay cached, held by no one.
+  EXPECT_EQ(m->Stats().num_cached_blocks, 3);
+  EXPECT_EQ(m->Stats().num_free_blocks, 6);
+  std::vector<int32_t> turn2 = turn1;
+  for (int32_t t : Prompt("        out.append(line)\n")) turn2.push_back(t);
+  const int64_t before = m->Stats().catch_up_tokens;
+  EXPECT_EQ(propose(2, turn2, 7), Greedy(turn2, 4));
+  EXPECT_EQ(m->Stats().prefix_hit_tokens, 48);
+  EXPECT_EQ(m->Stats().catch_up_tokens - before, static_cast<int64_t>(turn2.size()) - 48);
+  // The same prompt again: its last token's block is cached but holds that token, so that block is
+  // computed afresh in a private block (16 tokens), the two before it taken.
+  const int64_t before3 = m->Stats().catch_up_tokens;
+  EXPECT_EQ(propose(3, turn1, 7), Greedy(turn1, 4));
+  EXPECT_EQ(m->Stats().catch_up_tokens - before3, 16);
+  EXPECT_EQ(m->Stats().prefix_hit_tokens, 48 + 32);
+  // Another namespace: nothing shared.
+  const int64_t hits = m->Stats().prefix_hit_tokens;
+  EXPECT_EQ(propose(4, turn2, 8), Greedy(turn2, 4));
+  EXPECT_EQ(m->Stats().prefix_hit_tokens, hits);
+  for (uint64_t s : {2, 3, 4}) m->Forget(s);
+  EXPECT_EQ(m->Stats().num_free_blocks, 6);
+  // A new sequence needing every block takes the cached ones without evicting a sequence.
+  std::vector<int32_t> big = Prompt("class A:\n    pass\n");
+  while (big.size() < 90) big.push_back(big[big.size() % 5 + 1]);
+  const int64_t evictions = m->Stats().evictions;
+  EXPECT_EQ(propose(5, big, 7), Greedy(big, 4));
+  EXPECT_EQ(m->Stats().evictions, evictions);
+  EXPECT_LT(m->Stats().num_cached_blocks, 6);
 }
 
 // Sequences that outgrow the cache together: each proposal still drafts for one of them (an

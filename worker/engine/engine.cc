@@ -1383,7 +1383,8 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
           ForcedDraft(*s.matcher, *config_.vocabulary, config_.tokenize, limit, &proposals[i]);
           if (!proposals[i].empty()) continue;
         }
-        requests.push_back({static_cast<uint64_t>(s.arrival), s.tokens, limit, &proposals[i]});
+        requests.push_back(
+            {static_cast<uint64_t>(s.arrival), s.tokens, limit, &proposals[i], s.cache_namespace});
       }
       if (absl::Status st = draft_->Propose(requests); !st.ok()) {
         if (absl::Now() - draft_error_logged_ > absl::Minutes(1)) {

@@ -1470,16 +1470,23 @@ void WorkerService::PublishMetrics(LoopState* state) {
         ->SetTotal(d.seconds);
     const char* kDraftTokens =
         "Tokens the draft model computed: bringing its cache up to a sequence's tokens "
-        "(catch_up) or feeding its own drafts back (draft).";
+        "(catch_up) or feeding its own drafts back (draft); and those it took from cached blocks "
+        "instead (prefix_hit).";
     m->GetCounter("strata_worker_draft_model_tokens_total", kDraftTokens, {{"kind", "catch_up"}})
         ->SetTotal(static_cast<double>(d.catch_up_tokens));
     m->GetCounter("strata_worker_draft_model_tokens_total", kDraftTokens, {{"kind", "draft"}})
         ->SetTotal(static_cast<double>(d.draft_forward_tokens));
-    const char* kDraftBlocks = "The draft model's KV cache blocks.";
+    m->GetCounter("strata_worker_draft_model_tokens_total", kDraftTokens, {{"kind", "prefix_hit"}})
+        ->SetTotal(static_cast<double>(d.prefix_hit_tokens));
+    const char* kDraftBlocks =
+        "The draft model's KV cache blocks: all, free to take (unused or cached and unheld), "
+        "cached (published for prefix reuse).";
     m->GetGauge("strata_worker_draft_model_kv_blocks", kDraftBlocks, {{"state", "total"}})
         ->Set(static_cast<double>(d.num_blocks));
     m->GetGauge("strata_worker_draft_model_kv_blocks", kDraftBlocks, {{"state", "free"}})
         ->Set(static_cast<double>(d.num_free_blocks));
+    m->GetGauge("strata_worker_draft_model_kv_blocks", kDraftBlocks, {{"state", "cached"}})
+        ->Set(static_cast<double>(d.num_cached_blocks));
     m->GetCounter("strata_worker_draft_model_evictions_total",
                   "Sequences whose draft KV blocks went to another (they catch up again).")
         ->SetTotal(static_cast<double>(d.evictions));
