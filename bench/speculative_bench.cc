@@ -20,7 +20,8 @@
 // of draft tokens kept. The output is checked to be the same with and without drafts. Part 2, a
 // ~100M-parameter Llama with random bf16 weights (bench_models.h): the time of one step that
 // computes a sequence's last token plus k draft tokens, against k = 0, at context 512: the cost
-// side of the trade on a model whose projections dominate.
+// side of the trade on a model whose projections dominate. Part 3 (--chat): the second turns of
+// conversations with the draft model, its own prefix cache on and off.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -53,6 +54,8 @@ ABSL_FLAG(
     "Where drafts come from: ngram (lookup in the context), draft_model (--draft_model_dir).");
 ABSL_FLAG(std::string, draft_model_dir, "models/strata-tiny/draft", "The bundled draft model.");
 ABSL_FLAG(int, draft_threads, 0, "Compute threads of the draft model (0: --threads).");
+ABSL_FLAG(bool, chat, true,
+          "Part 3: second turns of conversations, the draft's prefix cache on and off.");
 ABSL_FLAG(int, new_tokens, 128, "Tokens generated per sequence.");
 ABSL_FLAG(int, reps, 3, "Repetitions; the median is reported.");
 ABSL_FLAG(int, threads, 0, "Compute threads (0: all cores).");
@@ -180,6 +183,9 @@ Run GenerateAll(const ModelWeights& w, Collectives* comm, const Tokenizer& tok,
   return all;
 }
 
+void PartChat(const ModelWeights& w, const ModelWeights& draft, const Tokenizer& tok,
+              const std::vector<std::string>& passages, FILE* json);
+
 void PartOne(FILE* json) {
   const std::string dir = absl::GetFlag(FLAGS_model_dir);
   auto config = LoadModelConfig(dir);
@@ -268,6 +274,96 @@ void PartOne(FILE* json) {
           }
         }
       }
+    }
+  }
+  if (absl::GetFlag(FLAGS_chat) && draft_model != nullptr) {
+    PartChat(**weights, *draft_model, **tok,
+             Passages(ReadFile(held + "/python.txt"), max_batch, 700), json);
+  }
+}
+
+// Part 3, conversations with the draft model: one engine serves each passage's first turn, then a
+// second turn whose prompt is the first turn's prompt, its answer and a follow-up line. The
+// target takes the first turn's blocks from its prefix cache; the draft takes its own with its
+// prefix caching on, and computes the whole context again on the second turn's first draft with
+// it off. Reported: the draft's catch-up tokens and the second turns' decode tokens/s.
+void PartChat(const ModelWeights& w, const ModelWeights& draft, const Tokenizer& tok,
+              const std::vector<std::string>& passages, FILE* json) {
+  std::printf("\nconversations (draft model, k=4, greedy, batch 1): second turns\n");
+  std::printf("%-20s %16s %14s %16s\n", "draft prefix cache", "catch-up tokens", "prefix hits",
+              "decode tok/s");
+  SingleRankCollectives comm;
+  for (const bool cache : {true, false}) {
+    std::vector<double> tps;
+    int64_t catch_up = 0, hits = 0;
+    for (int rep = 0; rep < absl::GetFlag(FLAGS_reps); ++rep) {
+      EngineConfig ec;
+      ec.num_kv_blocks = 2048;
+      ec.compute_threads = absl::GetFlag(FLAGS_threads);
+      ec.num_speculative_tokens = 4;
+      ec.speculative_max_batch = 64;
+      ec.draft_weights = &draft;
+      ec.draft_prefix_caching = cache;
+      auto engine = Engine::Create(&w, &comm, ec);
+      CHECK_OK(engine.status());
+      Engine& e = **engine;
+      // Runs one request to its end; the seconds from its first token to its last.
+      const auto run = [&](const std::string& id, const std::vector<int32_t>& prompt,
+                           std::vector<int32_t>* out) {
+        RequestOptions o;
+        o.max_tokens = absl::GetFlag(FLAGS_new_tokens);
+        o.ignore_eos = true;
+        o.sampling.temperature = 0;
+        CHECK_OK(e.AddRequest(id, prompt, o));
+        Clock::time_point first;
+        bool started = false;
+        while (e.HasWork()) {
+          auto step = e.Step();
+          CHECK_OK(step.status());
+          for (const RequestOutput& r : *step) {
+            for (const SampledToken& t : r.tokens) out->push_back(t.token);
+          }
+          if (!started && !out->empty()) {
+            started = true;
+            first = Clock::now();
+          }
+        }
+        return std::chrono::duration<double>(Clock::now() - first).count();
+      };
+      double seconds = 0, tokens = 0;
+      int64_t catch_up_before = 0, hits_before = 0;
+      for (size_t i = 0; i < passages.size(); ++i) {
+        auto ids = tok.Encode(passages[i], /*add_special_tokens=*/true);
+        CHECK_OK(ids.status());
+        std::vector<int32_t> answer;
+        run(absl::StrCat("t1-", i), *ids, &answer);
+        std::vector<int32_t> second = *ids;
+        second.insert(second.end(), answer.begin(), answer.end());
+        auto follow = tok.Encode("\n\n# And then:\n", /*add_special_tokens=*/false);
+        CHECK_OK(follow.status());
+        second.insert(second.end(), follow->begin(), follow->end());
+        const EngineStats before = e.Stats();
+        catch_up_before = before.draft_model.catch_up_tokens;
+        hits_before = before.draft_model.prefix_hit_tokens;
+        std::vector<int32_t> answer2;
+        seconds += run(absl::StrCat("t2-", i), second, &answer2);
+        tokens += static_cast<double>(answer2.size() - 1);
+        const EngineStats after = e.Stats();
+        if (rep == 0) {
+          catch_up += after.draft_model.catch_up_tokens - catch_up_before;
+          hits += after.draft_model.prefix_hit_tokens - hits_before;
+        }
+      }
+      tps.push_back(tokens / seconds);
+    }
+    std::printf("%-20s %16lld %14lld %16.1f\n", cache ? "on" : "off",
+                static_cast<long long>(catch_up), static_cast<long long>(hits), Median(tps));
+    if (json != nullptr) {
+      std::fprintf(json,
+                   "{\"part\": \"chat\", \"draft_prefix_cache\": %s, \"catch_up_tokens\": %lld, "
+                   "\"prefix_hit_tokens\": %lld, \"decode_tps\": %.2f}\n",
+                   cache ? "true" : "false", static_cast<long long>(catch_up),
+                   static_cast<long long>(hits), Median(tps));
     }
   }
 }

@@ -122,7 +122,7 @@ void DraftModel::Publish(SeqState& st, uint64_t cache_namespace, int64_t verifie
     st.hashes.push_back(h);
     BlockInfo& bi = info_[static_cast<size_t>(st.blocks[b])];
     // (Another sequence may have published the same prefix first: this copy stays private.)
-    if (!bi.published && cached_.emplace(h, st.blocks[b]).second) {
+    if (config_.prefix_caching && !bi.published && cached_.emplace(h, st.blocks[b]).second) {
       bi.published = true;
       bi.hash = h;
     }

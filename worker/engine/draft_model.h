@@ -64,6 +64,8 @@ struct DraftModelConfig {
   GpuRunnerOptions gpu;
   // Most sequences in one proposal (the gpu device sizes its batches by it).
   int64_t max_seqs = 64;
+  // Publish full blocks of sequences' own tokens for others to take (above); false: none shared.
+  bool prefix_caching = true;
   // Most tokens one proposal computes to bring sequences' draft caches up to date (a long prompt
   // is caught up over several steps, and drafts nothing until it is).
   int64_t max_catch_up_tokens = 2048;
