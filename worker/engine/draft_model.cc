@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -157,20 +158,25 @@ bool DraftModel::Reserve(SeqState& st, int64_t num_tokens) {
   if (st.blocks.size() >= want) return true;
   const int64_t need = static_cast<int64_t>(want - st.blocks.size());
   if (Reusable() < need) {
-    // What evicting every sequence it may take from would give back: their blocks that no one
-    // else holds.
-    int64_t could_free = Reusable();
+    // What evicting every sequence it may take from would give back: the blocks that only such
+    // sequences hold (a system prompt's cached blocks, say, held by several of them).
+    absl::flat_hash_map<int32_t, int32_t> holders;
     for (const auto& [id, other] : seqs_) {
       if (&other == &st || other.last_use == use_) continue;
-      for (int32_t b : other.blocks) could_free += info_[static_cast<size_t>(b)].refs == 1;
+      for (int32_t b : other.blocks) ++holders[b];
     }
+    int64_t could_free = Reusable();
+    for (const auto& [b, n] : holders) could_free += n == info_[static_cast<size_t>(b)].refs;
     if (could_free < need) return false;  // evict nothing in vain
   }
   while (Reusable() < need) {
-    // Outside this proposal first, then the least recently computed for.
+    // Outside this proposal first, then one that frees a block by itself, then the least
+    // recently computed for.
     auto victim = seqs_.end();
     const auto rank = [this](const SeqState& s) {
-      return std::make_pair(s.requested == use_, s.last_use);
+      bool frees = false;
+      for (int32_t b : s.blocks) frees = frees || info_[static_cast<size_t>(b)].refs == 1;
+      return std::make_tuple(s.requested == use_, !frees, s.last_use);
     };
     for (auto it = seqs_.begin(); it != seqs_.end(); ++it) {
       const SeqState& o = it->second;
@@ -236,6 +242,7 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
   ++use_;
   const int64_t bt = config_.block_tokens;
   const int64_t max_positions = w_->config.max_position_embeddings;
+  const int64_t capacity = stats_.num_blocks * bt;
   // Every requested sequence's state, its K/V kept as far as its tokens agree with the request's.
   // The last token is always computed again: its row gives the first draft token.
   std::vector<std::pair<int64_t, size_t>> order;  // (tokens to catch up, request)
@@ -249,7 +256,10 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
     const int64_t common = std::min<int64_t>(static_cast<int64_t>(st.tokens.size()), len);
     while (held < common && st.tokens[static_cast<size_t>(held)] == r.tokens[held]) ++held;
     Truncate(st, std::min(held, len - 1));
-    TakeCachedPrefix(st, r.cache_namespace, r.tokens);
+    // (Not for one that cannot draft here: it would only pin the blocks.)
+    if (len <= max_positions && r.limit > 0 && len <= capacity) {
+      TakeCachedPrefix(st, r.cache_namespace, r.tokens);
+    }
     order.push_back({len - static_cast<int64_t>(st.tokens.size()), ri});
   }
   // The least to catch up first (ties in request order).
@@ -284,7 +294,6 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
   // first draft token.
   int64_t budget = config_.max_catch_up_tokens;
   std::vector<std::pair<size_t, int64_t>> computed;  // (request, its tokens computed through)
-  const int64_t capacity = stats_.num_blocks * bt;
   for (const auto& [first_estimate, ri] : order) {
     const Request& r = requests[ri];
     const int64_t len = static_cast<int64_t>(r.tokens.size());
@@ -293,8 +302,11 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
       Forget(r.sequence);  // it can never draft here: hold nothing
       continue;
     }
-    // (An earlier request may have taken its blocks since the estimate.)
+    // (An earlier request may have taken its blocks since the estimate: it starts over, from
+    // what the cache still holds.)
     SeqState& st = seqs_[r.sequence];
+    st.requested = use_;
+    if (st.tokens.empty()) TakeCachedPrefix(st, r.cache_namespace, r.tokens);
     const int64_t held = static_cast<int64_t>(st.tokens.size());
     const int64_t catch_up = len - held;
     if (catch_up > budget) {

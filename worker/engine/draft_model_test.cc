@@ -264,6 +264,46 @@ TEST_F(DraftModelTest, CachedPrefixBlocksServeTheNextTurn) {
   EXPECT_LT(m->Stats().num_cached_blocks, 6);
 }
 
+// A system prompt's cached blocks held by several sequences count as room: evicting all their
+// holders frees them (an earlier version counted only blocks with one holder and refused).
+// And a sequence proposing twice on a prompt of whole blocks computes its last block afresh
+// rather than write into the published one.
+TEST_F(DraftModelTest, SharedBlocksCountAsRoomAndAreNeverWritten) {
+  DraftModelConfig c;
+  c.kv_cache_bytes = 4 * KvCacheStorage::BlockBytes(*weights_, c.block_tokens);
+  auto m = Make(c);
+  const auto propose = [&](uint64_t seq, const std::vector<int32_t>& tokens, int64_t limit) {
+    std::vector<int32_t> draft;
+    DraftModel::Request r{seq, tokens, limit, &draft, 7};
+    EXPECT_TRUE(m->Propose({&r, 1}).ok());
+    return draft;
+  };
+  std::vector<int32_t> system = Prompt("You are a helpful assistant. Answer in Python.\n");
+  while (system.size() < 32) system.push_back(system[system.size() % 5 + 1]);
+  system.resize(32);  // two whole blocks
+  std::vector<int32_t> x = system, y = system;
+  x.push_back(100);
+  y.push_back(101);
+  EXPECT_EQ(propose(1, x, 4), Greedy(x, 4));  // three blocks, the first two published
+  EXPECT_EQ(propose(2, y, 4), Greedy(y, 4));  // takes those two, and the last free block
+  EXPECT_EQ(m->Stats().prefix_hit_tokens, 32);
+  EXPECT_EQ(m->Stats().num_free_blocks, 0);
+  std::vector<int32_t> b = Prompt("import re\nimport sys\n");
+  while (b.size() < 40) b.push_back(b[b.size() % 5 + 1]);
+  b.resize(40);  // three blocks, held by no one
+  EXPECT_EQ(propose(3, b, 1), Greedy(b, 1));
+  EXPECT_EQ(m->Stats().evictions, 2);
+  // Proposing again on the same 48 tokens (three whole blocks, all published by then): the
+  // last token's block is computed again in a block of its own, 16 tokens.
+  m->Forget(3);
+  std::vector<int32_t> t48 = b;
+  while (t48.size() < 48) t48.push_back(t48[t48.size() % 5 + 1]);
+  EXPECT_EQ(propose(4, t48, 1), Greedy(t48, 1));
+  const int64_t before = m->Stats().catch_up_tokens;
+  EXPECT_EQ(propose(4, t48, 1), Greedy(t48, 1));
+  EXPECT_EQ(m->Stats().catch_up_tokens - before, 16);
+}
+
 // Sequences that outgrow the cache together: each proposal still drafts for one of them (an
 // earlier version had each keep its blocks and wait for the other's, and neither drafted again),
 // and one longer than the whole cache never drafts and holds nothing.

@@ -211,7 +211,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     dc.device = engine->config_.device;
     dc.gpu = engine->config_.gpu;
     dc.max_seqs = engine->config_.max_running_sequences;
-    dc.prefix_caching = engine->config_.draft_prefix_caching;
+    // (No sharing on the draft where the target shares nothing either.)
+    dc.prefix_caching =
+        engine->config_.draft_prefix_caching && engine->config_.enable_prefix_caching;
     ASSIGN_OR_RETURN(engine->draft_, DraftModel::Create(engine->config_.draft_weights,
                                                         weights->config.vocab_size, dc));
   }

@@ -173,7 +173,8 @@ struct EngineConfig {
   // Compute threads of the draft's runner (0: compute_threads). A draft small enough to pay for
   // itself is often fastest on one: its products are too small to split.
   int draft_compute_threads = 0;
-  // The draft's own prefix caching (DraftModelConfig::prefix_caching).
+  // The draft's own prefix caching (DraftModelConfig::prefix_caching), where the engine's
+  // enable_prefix_caching is on too.
   bool draft_prefix_caching = true;
   // Admissions share the engine between tenants (RequestOptions::tenant) as the header says;
   // false: strictly by arrival within a priority.
