@@ -77,9 +77,9 @@ class DraftModelTest : public ::testing::Test {
   }
 
   std::vector<int32_t> Propose(DraftModel& m, uint64_t seq, const std::vector<int32_t>& tokens,
-                               int64_t limit) {
+                               int64_t limit, uint64_t cache_namespace = 0) {
     std::vector<int32_t> draft;
-    const DraftModel::Request r{seq, tokens, limit, &draft};
+    const DraftModel::Request r{seq, tokens, limit, &draft, cache_namespace};
     const absl::Status st = m.Propose({&r, 1});
     EXPECT_TRUE(st.ok()) << st;
     return draft;
@@ -223,10 +223,7 @@ TEST_F(DraftModelTest, CachedPrefixBlocksServeTheNextTurn) {
   c.kv_cache_bytes = 6 * KvCacheStorage::BlockBytes(*weights_, c.block_tokens);
   auto m = Make(c);
   const auto propose = [&](uint64_t seq, const std::vector<int32_t>& tokens, uint64_t ns) {
-    std::vector<int32_t> draft;
-    DraftModel::Request r{seq, tokens, 4, &draft, ns};
-    EXPECT_TRUE(m->Propose({&r, 1}).ok());
-    return draft;
+    return Propose(*m, seq, tokens, 4, ns);
   };
   std::vector<int32_t> turn1 =
       Prompt("def parse(text):\n    out = []\n    for line in text.splitlines():\n");
@@ -273,10 +270,7 @@ TEST_F(DraftModelTest, SharedBlocksCountAsRoomAndAreNeverWritten) {
   c.kv_cache_bytes = 4 * KvCacheStorage::BlockBytes(*weights_, c.block_tokens);
   auto m = Make(c);
   const auto propose = [&](uint64_t seq, const std::vector<int32_t>& tokens, int64_t limit) {
-    std::vector<int32_t> draft;
-    DraftModel::Request r{seq, tokens, limit, &draft, 7};
-    EXPECT_TRUE(m->Propose({&r, 1}).ok());
-    return draft;
+    return Propose(*m, seq, tokens, limit, 7);
   };
   std::vector<int32_t> system = Prompt("You are a helpful assistant. Answer in Python.\n");
   while (system.size() < 32) system.push_back(system[system.size() % 5 + 1]);
