@@ -182,7 +182,8 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
         static_cast<int64_t>(std::ceil(p.active_fine_tunes * p.delta_bytes / tp * 1.05 / kMiB));
   }
   const double kv_bytes = gpu.memory_bytes * options.gpu_memory_utilization - p.gpu_weight_bytes -
-                          p.gpu_scratch_bytes - p.delta_cache_mb * kMiB;
+                          p.gpu_scratch_bytes - p.delta_cache_mb * kMiB -
+                          options.reserved_gpu_bytes;
   const int64_t block_bytes_rank = p.kv_bytes_per_token / tp * bt;
   if (kv_bytes < block_bytes_rank) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -517,6 +518,15 @@ std::string Quoted(const std::string& s) {
   return absl::StrCat("\"", absl::StrReplaceAll(s, {{"\\", "\\\\"}, {"\"", "\\\""}}), "\"");
 }
 
+std::string SpeculationJson(const SpeculationPlan& s) {
+  return absl::StrFormat(
+      "{\"draft_parameters\":%d,\"draft_gpu_weight_bytes\":%.0f,\"num_speculative_tokens\":%d,"
+      "\"acceptance\":%.3f,\"draft_step_ms\":%.3f,\"verify_step_ms\":%.3f,"
+      "\"tokens_per_step\":%.3f,\"ms_per_token\":%.3f,\"speedup\":%.3f}",
+      s.draft_parameters, s.draft_gpu_weight_bytes, s.num_speculative_tokens, s.acceptance,
+      s.draft_step_ms, s.verify_step_ms, s.tokens_per_step, s.ms_per_token, s.speedup);
+}
+
 std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
   std::vector<std::string> notes;
   for (const std::string& n : p.notes) notes.push_back(Quoted(n));
@@ -547,6 +557,51 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
 
 }  // namespace
 
+absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const ModelConfig& draft,
+                                                const GpuSpec& gpu, const Workload& workload,
+                                                const PlanOptions& options, const Plan& plan,
+                                                double acceptance, int num_speculative_tokens) {
+  if (draft.vocab_size != model.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--draft-model: its vocabulary has ", draft.vocab_size, " tokens and --model's ",
+        model.vocab_size, "; a draft must share the served model's tokenizer"));
+  }
+  if (!(acceptance > 0 && acceptance <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--draft-acceptance must be in (0, 1], not ", acceptance));
+  }
+  if (num_speculative_tokens < 1 || num_speculative_tokens > 32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--num-speculative-tokens must be 1 to 32, not ", num_speculative_tokens));
+  }
+  const double dtype_bytes = DTypeBytes(options.dtype);
+  const double mean_context = workload.prompt_tokens + workload.output_tokens / 2.0;
+  // One pass of a model at batch 1 over `rows` rows of one sequence, on `tp` ranks: every weight
+  // read once (less the embedding table), the sequence's KV once, and the rows' FLOPs.
+  const auto pass_s = [&](const ModelConfig& m, int64_t tp, double rows) {
+    const Rates r = RatesOf(gpu, options, tp);
+    const double embedding = static_cast<double>(m.vocab_size) * m.hidden_size;
+    const double params = static_cast<double>(m.NumParameters());
+    const double read = (params - (m.tie_word_embeddings ? 0.0 : embedding)) * dtype_bytes;
+    const double kv = 2.0 * m.num_layers * m.kv_dim() * dtype_bytes * mean_context;
+    const double matrix = params - (m.tie_word_embeddings ? 0.0 : embedding);
+    return std::max(read / r.bandwidth + kv / r.kv_bandwidth, 2 * matrix * rows / r.flops);
+  };
+  SpeculationPlan s;
+  s.draft_parameters = draft.NumParameters();
+  s.draft_gpu_weight_bytes = static_cast<double>(s.draft_parameters) * dtype_bytes;
+  s.num_speculative_tokens = num_speculative_tokens;
+  s.acceptance = acceptance;
+  const int k = num_speculative_tokens;
+  s.draft_step_ms = 1e3 * pass_s(draft, 1, 1);
+  s.verify_step_ms = 1e3 * pass_s(model, options.tensor_parallel, 1 + k);
+  s.tokens_per_step =
+      acceptance >= 1 ? k + 1.0 : (1 - std::pow(acceptance, k + 1)) / (1 - acceptance);
+  s.ms_per_token = (s.verify_step_ms + k * s.draft_step_ms) / s.tokens_per_step;
+  s.speedup = plan.batch1_step_ms / s.ms_per_token;
+  return s;
+}
+
 absl::flat_hash_set<std::string> PlanMachineFlags() {
   return {"model",
           "gpu",
@@ -572,26 +627,31 @@ absl::flat_hash_set<std::string> PlanMachineFlags() {
 absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv) {
   absl::flat_hash_set<std::string> flags = PlanMachineFlags();
   flags.insert({"rate", "prompt-tokens", "output-tokens", "shared-prefix-tokens", "tpot-ms",
-                "conversations", "conversation-tokens", "fine-tunes", "active-fine-tunes", "emit"});
+                "conversations", "conversation-tokens", "fine-tunes", "active-fine-tunes", "emit",
+                "draft-model", "draft-acceptance", "num-speculative-tokens"});
   return Args::Parse(argv, {"json"}, flags);
 }
+
+namespace {
+
+// A model directory, or a config.json-style file on its own (a model whose weights are not here).
+absl::StatusOr<ModelConfig> ModelConfigAt(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
+    ASSIGN_OR_RETURN(const JsonDocument doc, JsonDocument::Parse(text, path));
+    return ParseModelConfig(doc.root());
+  }
+  return LoadModelConfig(path);
+}
+
+}  // namespace
 
 absl::StatusOr<ModelConfig> PlanModelFromArgs(const Args& args) {
   const std::optional<std::string> model_arg = args.Get("model");
   if (!model_arg)
     return absl::InvalidArgumentError("--model is required (a directory with config.json)");
-  // A model directory, or a config.json-style file on its own (a model whose weights are not here).
-  ModelConfig model;
-  struct stat st;
-  if (stat(model_arg->c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
-    ASSIGN_OR_RETURN(const std::string text, ReadFileToString(*model_arg));
-    ASSIGN_OR_RETURN(const JsonDocument doc, JsonDocument::Parse(text, *model_arg));
-    ASSIGN_OR_RETURN(model, ParseModelConfig(doc.root()));
-  } else {
-    ASSIGN_OR_RETURN(model, LoadModelConfig(*model_arg));
-  }
-
-  return model;
+  return ModelConfigAt(*model_arg);
 }
 
 absl::StatusOr<GpuSpec> PlanGpuFromArgs(const Args& args) {
@@ -711,14 +771,41 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
       return absl::InvalidArgumentError(absl::StrCat("--", name, " must be at most 1e9"));
   }
 
-  ASSIGN_OR_RETURN(const PlanOptions o, PlanOptionsFromArgs(args, gpu));
+  ASSIGN_OR_RETURN(PlanOptions o, PlanOptionsFromArgs(args, gpu));
+  std::optional<ModelConfig> draft;
+  if (args.Has("draft-model")) {
+    absl::StatusOr<ModelConfig> d = ModelConfigAt(args.Get("draft-model").value_or(""));
+    if (!d.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--draft-model: ", d.status().message()));
+    }
+    draft = *std::move(d);
+    // Its weights and its own KV cache (strata-worker's --draft_kv_cache_mb, 64) beside the
+    // model's, on the GPU that runs it.
+    o.reserved_gpu_bytes =
+        static_cast<double>(draft->NumParameters()) * DTypeBytes(o.dtype) + 64 * kMiB;
+  } else if (args.Has("draft-acceptance") || args.Has("num-speculative-tokens")) {
+    return absl::InvalidArgumentError(
+        "--draft-acceptance and --num-speculative-tokens plan a --draft-model: give one");
+  }
   ASSIGN_OR_RETURN(const Plan p, MakePlan(model, gpu, w, o));
+  std::optional<SpeculationPlan> spec;
+  if (draft.has_value()) {
+    ASSIGN_OR_RETURN(const double acceptance, Fraction(args, "draft-acceptance", 0.7));
+    ASSIGN_OR_RETURN(const int64_t k, IntAtLeast(args, "num-speculative-tokens", 4, 1));
+    ASSIGN_OR_RETURN(spec, PlanSpeculation(model, *draft, gpu, w, o, p, acceptance,
+                                           static_cast<int>(std::min<int64_t>(k, 1 << 20))));
+  }
   if (args.Has("json") && args.Has("emit") && args.Get("emit") != "json") {
     return absl::InvalidArgumentError("give --json or --emit, not both");
   }
   const std::string emit = args.Has("json") ? "json" : args.Get("emit").value_or("table");
   if (emit == "json") {
-    absl::FPrintF(out, "%s", Json(p, gpu, o));
+    std::string json = Json(p, gpu, o);
+    if (spec.has_value()) {
+      // (Json ends with "}\n".)
+      json.insert(json.size() - 2, absl::StrCat(",\"speculation\":", SpeculationJson(*spec)));
+    }
+    absl::FPrintF(out, "%s", json);
     return absl::OkStatus();
   }
   if (emit == "k8s" || emit == "k8s-disaggregated") {
@@ -755,6 +842,20 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
       "prefill    %.0f tok/s per worker; TTFT of a %d-token uncached prompt %.0f ms (idle GPU)\n",
       p.prefill_tokens_per_s,
       w.prompt_tokens - w.shared_prefix_tokens / o.block_tokens * o.block_tokens, p.ttft_ms);
+  if (spec.has_value()) {
+    absl::FPrintF(
+        out,
+        "speculate  batch 1 with a %.2f B-parameter draft (k=%d, each draft token kept with "
+        "p=%.2f): "
+        "%.2f tokens a step of %.2f ms (target, %d rows) + %d x %.2f ms (draft) = %.2f ms a token "
+        "against %.2f ms (%.2fx); the KV cache above leaves room for its %.1f GiB of weights and "
+        "its 64 MiB cache (--draft_kv_cache_mb); drafts only while at most "
+        "--speculative_max_batch sequences decode (16)\n",
+        spec->draft_parameters / 1e9, spec->num_speculative_tokens, spec->acceptance,
+        spec->tokens_per_step, spec->verify_step_ms, spec->num_speculative_tokens + 1,
+        spec->num_speculative_tokens, spec->draft_step_ms, spec->ms_per_token, p.batch1_step_ms,
+        spec->speedup, spec->draft_gpu_weight_bytes / kGiB);
+  }
   if (w.fine_tunes > 0) {
     absl::FPrintF(out,
                   "fine-tunes %d, %d active per worker: %.2f GiB each, --delta_cache_mb %d on the "

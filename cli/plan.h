@@ -104,6 +104,9 @@ struct PlanOptions {
   bool delta_sparse_2_4 = true;
   // More than 0: the fine-tunes are LoRA adapters of this rank on every projection instead.
   int64_t lora_rank = 0;
+  // GPU memory set aside on every GPU before the KV cache is sized (a draft model's weights and
+  // cache, for speculative decoding).
+  double reserved_gpu_bytes = 0;
 };
 
 struct Plan {
@@ -180,6 +183,28 @@ double DeltaBytes(const ModelConfig& model, int bits, bool sparse_2_4);
 // A LoRA adapter of rank `rank` on all seven projections of every layer: rank x (in + out) values
 // a projection, at `value_bytes` each (4 in the delta cache, the activations' size on the GPU).
 double LoraBytes(const ModelConfig& model, int64_t rank, double value_bytes);
+
+// Speculative decoding with a draft model (strata-worker --draft_model) at batch 1, under the
+// same roofline as the plan: each step the draft runs k batch-1 passes and the target one pass
+// over 1 + k rows, and keeps a draft token with probability `acceptance` (independently, so a
+// step yields (1 - a^(k+1)) / (1 - a) tokens).
+struct SpeculationPlan {
+  int64_t draft_parameters = 0;
+  double draft_gpu_weight_bytes = 0;  // on each GPU (the draft runs whole beside rank 0: on one)
+  int num_speculative_tokens = 0;
+  double acceptance = 0;
+  double draft_step_ms = 0;   // one batch-1 pass of the draft
+  double verify_step_ms = 0;  // the target's pass over its last token and k drafts
+  double tokens_per_step = 0;
+  double ms_per_token = 0;  // against the plan's batch1_step_ms without drafts
+  double speedup = 0;
+};
+// INVALID_ARGUMENT naming --draft-model when its vocabulary is not the model's, or the flags'
+// names for an acceptance outside (0, 1] or k outside 1..32.
+absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const ModelConfig& draft,
+                                                const GpuSpec& gpu, const Workload& workload,
+                                                const PlanOptions& options, const Plan& plan,
+                                                double acceptance, int num_speculative_tokens);
 
 // The strata-worker flags that deploy `plan` (without --listen, --model or --worker_id).
 std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& options);

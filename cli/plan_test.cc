@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
+#include "common/json.h"
 #include "gtest/gtest.h"
 #include "worker/model/config.h"
 
@@ -415,6 +416,46 @@ TEST(PlanCommandTest, PrintsATableJsonAndAKubernetesPatch) {
   EXPECT_NE(tiny->find("custom x 1"), std::string::npos) << *tiny;
 }
 
+// Speculative decoding with a draft model: tokens a step from the acceptance, the step's parts
+// from the same roofline as the plan, and the draft's memory taken out of the KV cache.
+TEST(PlanCommandTest, PlansADraftModel) {
+  const std::vector<std::string> base = {"--model", "bench/configs/llama3_8b.json", "--gpu", "h200",
+                                         "--json"};
+  auto plain = RunPlan(base);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  std::vector<std::string> with = base;
+  for (const char* a : {"--draft-model", "bench/configs/llama3_2_1b.json", "--draft-acceptance",
+                        "0.5", "--num-speculative-tokens", "3"}) {
+    with.push_back(a);
+  }
+  auto spec = RunPlan(with);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto p = JsonDocument::Parse(*plain, "plain");
+  auto d = JsonDocument::Parse(*spec, "spec");
+  ASSERT_TRUE(p.ok() && d.ok());
+  const JsonValue s = *d->root().Field("speculation");
+  // (1 - 0.5^4) / (1 - 0.5) tokens a step.
+  EXPECT_NEAR(*s.Field("tokens_per_step")->AsDouble(), 1.875, 1e-9);
+  const double draft_ms = *s.Field("draft_step_ms")->AsDouble();
+  const double verify_ms = *s.Field("verify_step_ms")->AsDouble();
+  const double batch1_ms = *d->root().Field("batch1_step_ms")->AsDouble();
+  EXPECT_GT(draft_ms, 0);
+  EXPECT_LT(draft_ms, batch1_ms / 3);  // 1.24 B parameters against 8 B
+  EXPECT_GE(verify_ms, batch1_ms);     // four rows read what one does, and compute more
+  EXPECT_NEAR(*s.Field("ms_per_token")->AsDouble(), (verify_ms + 3 * draft_ms) / 1.875, 1e-2);
+  EXPECT_NEAR(*s.Field("speedup")->AsDouble(), batch1_ms / *s.Field("ms_per_token")->AsDouble(),
+              1e-2);
+  // The draft's 2.3 GiB of weights and 64 MiB cache come out of the KV cache.
+  const double kv_plain = *p->root().Field("kv_cache_mb")->AsDouble();
+  const double kv_spec = *d->root().Field("kv_cache_mb")->AsDouble();
+  EXPECT_NEAR(kv_plain - kv_spec, 1235814400.0 * 2 / (1 << 20) + 64, 2);
+  // A draft accepted every time gives k + 1 tokens a step.
+  with[with.size() - 3] = "1";
+  auto always = RunPlan(with);
+  ASSERT_TRUE(always.ok()) << always.status();
+  EXPECT_NE(always->find("\"tokens_per_step\":4.000"), std::string::npos) << *always;
+}
+
 TEST(PlanCommandTest, BadFlagsNameTheFlag) {
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
       {{"--gpu", "h100"}, "--model"},
@@ -431,6 +472,17 @@ TEST(PlanCommandTest, BadFlagsNameTheFlag) {
       {{"--model", "bench/configs/llama3_8b.json", "--gpu-memory-gib", "16"},
        "--gpu-bandwidth-gbps"},
       {{"--model", "no/such/dir"}, "config.json"},
+      {{"--model", "bench/configs/llama3_8b.json", "--draft-model", "models/strata-tiny/base"},
+       "--draft-model"},
+      {{"--model", "bench/configs/llama3_8b.json", "--draft-model", "no/such/dir"},
+       "--draft-model"},
+      {{"--model", "bench/configs/llama3_8b.json", "--draft-acceptance", "0.5"}, "--draft-model"},
+      {{"--model", "bench/configs/llama3_8b.json", "--draft-model",
+        "bench/configs/llama3_2_1b.json", "--draft-acceptance", "1.5"},
+       "--draft-acceptance"},
+      {{"--model", "bench/configs/llama3_8b.json", "--draft-model",
+        "bench/configs/llama3_2_1b.json", "--num-speculative-tokens", "40"},
+       "--num-speculative-tokens"},
   };
   for (const auto& [argv, want] : cases) {
     auto r = RunPlan(argv);
