@@ -18,6 +18,8 @@
 #   tools/run_local.sh --tls                 every connection over TLS (docs/TLS.md): gRPC, HTTPS,
 #                                            the workers' KV copies, with a development CA and
 #                                            certificate (tools/make_dev_certs.sh) in STRATA_RUN_DIR
+#   tools/run_local.sh --draft-model         speculative decoding with the bundled draft model
+#                                            (models/strata-tiny/draft) instead of n-gram lookup
 # Environment: STRATA_PORT (coordinator port, default 50051; workers use the next ports after
 # STRATA_WORKER_PORT, default 50061; metrics on STRATA_METRICS_PORT, default 9090, and the next two;
 # the OpenAI-compatible HTTP API on STRATA_HTTP_PORT, default 8000),
@@ -33,6 +35,7 @@ prompt='def fibonacci(n):'
 tensor_parallel=1
 disaggregated=0
 tls=0
+draft_model=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --detach) detach=1 ;;
@@ -43,7 +46,8 @@ while [ $# -gt 0 ]; do
     --tensor-parallel=*) tensor_parallel="${1#--tensor-parallel=}" ;;
     --disaggregated) disaggregated=1 ;;
     --tls) tls=1 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --draft-model) draft_model=1 ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -162,13 +166,16 @@ launch coordinator "$run_dir/bin/strata-coordinator" --model="strata-tiny=$model
   --metrics_listen="127.0.0.1:$metrics_port" --http_listen="127.0.0.1:$http_port" \
   --access_log="$run_dir/logs/access.log" --port_file="$run_dir/coordinator.port" \
   --disaggregate_min_uncached_tokens=128 "${tls_flags[@]}"
+# Speculative decoding: drafts by n-gram lookup in the context, or from the bundled draft model.
+spec_flags=(--num_speculative_tokens=4)
+[ $draft_model -eq 1 ] && spec_flags=(--draft_model="$repo/models/strata-tiny/draft")
 roles=(mixed mixed)
 [ $disaggregated -eq 1 ] && roles=(prefill decode)
 for i in 1 2; do
   launch "worker-$i" "$run_dir/bin/strata-worker" --model="$model_dir" --model_name=strata-tiny \
     --listen="${workers[$((i - 1))]}" --worker_id="local-worker-$i" --threads=1 --kv_cache_mb=64 \
     --host_cache_mb=128 --disk_cache_mb=512 --disk_cache_path="$run_dir/kv-worker-$i" \
-    --metrics_listen="127.0.0.1:$((metrics_port + i))" --num_speculative_tokens=4 \
+    --metrics_listen="127.0.0.1:$((metrics_port + i))" "${spec_flags[@]}" \
     --port_file="$run_dir/worker-$i.port" --tensor_parallel="$tensor_parallel" \
     --role="${roles[$((i - 1))]}" "${fine_tune_flags[@]}" "${tls_flags[@]}"
 done
@@ -225,7 +232,7 @@ curl_tls=""
 if [ $tls -eq 1 ]; then scheme=https; curl_tls="--cacert $run_dir/certs/ca.crt "; fi
 echo "request: POST $scheme://127.0.0.1:$http_port/v1/completions (the OpenAI-compatible API)"
 echo "----------------------------------------------------------------------"
-python3 - "$http_port" "$metrics_port" "$stratactl" "$coordinator" "$disaggregated" <<'PY'
+python3 - "$http_port" "$metrics_port" "$stratactl" "$coordinator" "$disaggregated" "$draft_model" <<'PY'
 import json, os, ssl, subprocess, sys, time, urllib.request
 # --tls: the HTTP API is HTTPS, checked against the development CA (its certificate names
 # 127.0.0.1).
@@ -252,8 +259,9 @@ print()
 print("with response_format json_schema " + json.dumps(schema))
 print("entry = " + json.dumps(json.loads(reply["choices"][0]["text"])))
 print(f"(finish_reason {reply['choices'][0]['finish_reason']})")
-# Speculative decoding (the workers run --num_speculative_tokens=4): greedy text that repeats its
-# prompt is drafted from it, several tokens a step; the output is what one token a step gives.
+# Speculative decoding (the workers run --num_speculative_tokens=4, or --draft_model): greedy text
+# is drafted (from the prompt, or by the draft model), several tokens a step; the output is what
+# one token a step gives.
 def drafts():
     """(draft tokens, kept) over both workers, from their /metrics."""
     time.sleep(0.6)  # the workers publish their metrics every 250 ms
@@ -276,7 +284,8 @@ req = urllib.request.Request(f"{api}/v1/completions", data=body,
 reply = json.load(urllib.request.urlopen(req, timeout=60, context=ctx))
 after = drafts()
 print()
-print("greedy, with drafts from the prompt (speculative decoding):")
+print("greedy, with drafts from " + ("the draft model" if sys.argv[6] == "1" else "the prompt") +
+      " (speculative decoding):")
 print(prompt + reply["choices"][0]["text"])
 print(f"({after[0] - before[0]:.0f} draft tokens, {after[1] - before[1]:.0f} kept: "
       f"{reply['usage']['completion_tokens']} tokens in "
