@@ -676,6 +676,13 @@ TEST(SpeculativeTest, AWorkerWithADraftModelStreamsTheSameText) {
     for (const auto& c : got.chunks) max_chunk = std::max<size_t>(max_chunk, c.token_ids_size());
   }
   EXPECT_GT(max_chunk, 1u) << "no step kept a draft token";
+  {
+    grpc::ClientContext ctx;
+    v1::WorkerInfo info;
+    ASSERT_TRUE((*spec)->worker(0)->GetInfo(&ctx, v1::GetInfoRequest(), &info).ok());
+    EXPECT_EQ(info.draft_model(), "draft");
+    EXPECT_EQ(info.num_speculative_tokens(), 4u);
+  }
   // (The worker publishes its metrics every 250 ms.)
   std::map<std::string, double> m = WaitForMetrics(
       port,

@@ -624,6 +624,9 @@ int Main(const std::vector<std::string>& args) {
   }
   wo.max_live_sequences = absl::GetFlag(FLAGS_max_live_sequences);
   wo.tensor_parallel_size = world;
+  if (const std::string d = absl::GetFlag(FLAGS_draft_model); !d.empty()) {
+    wo.draft_model = BaseName(d);
+  }
   // Declared before the servers that read it, so that it outlives them.
   absl::StatusOr<std::unique_ptr<ClusterSecret>> cluster_secret = OpenClusterSecretFlag(
       absl::GetFlag(FLAGS_cluster_secret_file), absl::GetFlag(FLAGS_cluster_secret_reload_s));

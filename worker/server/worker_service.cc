@@ -600,6 +600,8 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   info->set_kv_fetch(fetcher_ != nullptr);
   info->set_kv_transfer_port(static_cast<uint32_t>(kv_transfer_port()));
   info->set_tls(options_.kv_fetcher.credentials.tls());
+  info->set_num_speculative_tokens(static_cast<uint32_t>(engine_->config().num_speculative_tokens));
+  info->set_draft_model(options_.draft_model);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

@@ -68,6 +68,8 @@ struct WorkerServiceOptions {
   int64_t max_buffered_events = 4096;
   // "cpu" or the GPU's name.
   std::string device = "cpu";
+  // The draft model's name, for WorkerInfo (empty: none).
+  std::string draft_model;
   int32_t tensor_parallel_size = 1;
   // When the loop stops: how long the engine may spend writing its cached KV blocks down to the
   // disk tier (Engine::PersistKv) after the open streams are failed over; zero: not at all.
