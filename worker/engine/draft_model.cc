@@ -82,13 +82,21 @@ int32_t DraftModel::TakeBlock() {
     cached_.erase(bi.hash);
     bi.published = false;
   }
-  if (b >= 0) info_[static_cast<size_t>(b)].refs = 1;
+  if (b >= 0) {
+    info_[static_cast<size_t>(b)].refs = 1;
+    info_[static_cast<size_t>(b)].hashed = false;
+  }
   return b;
 }
 
 void DraftModel::ReleaseBlock(int32_t block) {
   BlockInfo& bi = info_[static_cast<size_t>(block)];
   if (--bi.refs > 0) return;
+  // A private copy of a full block whose published one has been reused since: offered instead.
+  if (!bi.published && bi.hashed && config_.prefix_caching &&
+      cached_.emplace(bi.hash, block).second) {
+    bi.published = true;
+  }
   if (bi.published) {
     bi.lru = lru_.insert(lru_.end(), block);
   } else {
@@ -122,11 +130,12 @@ void DraftModel::Publish(SeqState& st, uint64_t cache_namespace, int64_t verifie
                                            b * static_cast<size_t>(bt), static_cast<size_t>(bt)));
     st.hashes.push_back(h);
     BlockInfo& bi = info_[static_cast<size_t>(st.blocks[b])];
-    // (Another sequence may have published the same prefix first: this copy stays private.)
-    if (config_.prefix_caching && !bi.published && cached_.emplace(h, st.blocks[b]).second) {
-      bi.published = true;
-      bi.hash = h;
-    }
+    if (bi.published) continue;  // (taken from the cache)
+    bi.hashed = true;
+    bi.hash = h;
+    // (Another sequence may have published the same prefix first: this copy stays private, and is
+    // offered again when it is let go.)
+    if (config_.prefix_caching && cached_.emplace(h, st.blocks[b]).second) bi.published = true;
   }
 }
 

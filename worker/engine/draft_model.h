@@ -152,6 +152,9 @@ class DraftModel {
   struct BlockInfo {
     int32_t refs = 0;
     bool published = false;
+    // A full block of a sequence's own tokens: `hash` names it, published or not (a private
+    // duplicate of a published block is offered again when its holders let it go).
+    bool hashed = false;
     BlockHash hash = 0;
     std::list<int32_t>::iterator lru;  // while published with no reference
   };

@@ -298,6 +298,36 @@ TEST_F(DraftModelTest, SharedBlocksCountAsRoomAndAreNeverWritten) {
   EXPECT_EQ(m->Stats().catch_up_tokens - before, 16);
 }
 
+// Two sequences with the same prompt in one proposal each compute its blocks; the second's copy
+// stays private, and is published once the first's has been reused for something else.
+TEST_F(DraftModelTest, APrivateDuplicateIsOfferedWhenThePublishedCopyIsGone) {
+  DraftModelConfig c;
+  c.kv_cache_bytes = 7 * KvCacheStorage::BlockBytes(*weights_, c.block_tokens);
+  auto m = Make(c);
+  std::vector<int32_t> p = Prompt("import itertools\nimport functools\n\n\ndef pairs(xs):\n");
+  while (p.size() < 33) p.push_back(p[p.size() % 5 + 1]);
+  p.resize(33);  // two whole blocks and one token
+  std::vector<int32_t> d1, d2;
+  const DraftModel::Request both[] = {{1, p, 2, &d1, 7}, {2, p, 2, &d2, 7}};
+  ASSERT_TRUE(m->Propose(both).ok());
+  EXPECT_EQ(d1, d2);
+  EXPECT_EQ(m->Stats().num_cached_blocks, 2);  // sequence 1's copies
+  m->Forget(1);
+  // A sequence of four blocks takes every block no one holds (the unused one, sequence 1's
+  // last, then its two published ones), leaving sequence 2 be.
+  std::vector<int32_t> big = Prompt("class B:\n    pass\n");
+  while (big.size() < 62) big.push_back(big[big.size() % 5 + 1]);
+  big.resize(62);
+  EXPECT_EQ(Propose(*m, 3, big, 2, 7), Greedy(big, 2));
+  EXPECT_EQ(m->Stats().evictions, 0);
+  EXPECT_EQ(m->Stats().num_cached_blocks, 3);  // big's own whole blocks, no copy of p's
+  m->Forget(3);
+  m->Forget(2);  // its copies of p's blocks are offered now
+  const int64_t hits = m->Stats().prefix_hit_tokens;
+  EXPECT_EQ(Propose(*m, 4, p, 2, 7), Greedy(p, 2));
+  EXPECT_EQ(m->Stats().prefix_hit_tokens - hits, 32);
+}
+
 // Sequences that outgrow the cache together: each proposal still drafts for one of them (an
 // earlier version had each keep its blocks and wait for the other's, and neither drafted again),
 // and one longer than the whole cache never drafts and holds nothing.
