@@ -413,7 +413,8 @@ std::string WorkerStatefulSetPatch(const Plan& plan, const PlanOptions& options,
        {std::string("--listen=[::]:50061"), std::string("--metrics_listen=[::]:9090"),
         std::string("--kv_transfer_listen=[::]:50062"), std::string("--model=$(STRATA_MODEL_DIR)"),
         std::string("--model_name=$(STRATA_MODEL_NAME)"), std::string("--worker_id=$(POD_NAME)"),
-        std::string("--fine_tune_dir=$(STRATA_FINE_TUNE_DIR)"), std::string("--threads=8"),
+        std::string("--fine_tune_dir=$(STRATA_FINE_TUNE_DIR)"),
+        std::string("--draft_model=$(STRATA_DRAFT_MODEL_DIR)"), std::string("--threads=8"),
         std::string("--cluster_secret_file=$(STRATA_CLUSTER_SECRET_FILE)")}) {
     absl::StrAppend(&args, "            - ", a, "\n");
   }

@@ -367,6 +367,8 @@ TEST(PlanCommandTest, PrintsATableJsonAndAKubernetesPatch) {
   ASSERT_TRUE(k8s.ok()) << k8s.status();
   EXPECT_NE(k8s->find("kind: StatefulSet"), std::string::npos);
   EXPECT_NE(k8s->find("- --device=gpu"), std::string::npos) << *k8s;
+  // (k8s/gpu's args, which the patch replaces, pass the ConfigMap's draft model on.)
+  EXPECT_NE(k8s->find("- --draft_model=$(STRATA_DRAFT_MODEL_DIR)"), std::string::npos) << *k8s;
   EXPECT_NE(k8s->find("nvidia.com/gpu: 1"), std::string::npos) << *k8s;
   EXPECT_EQ(k8s->find("--tensor_parallel"), std::string::npos) << *k8s;
   EXPECT_EQ(k8s->find("--role"), std::string::npos) << *k8s;
