@@ -697,17 +697,25 @@ TEST(SpeculativeTest, AWorkerWithADraftModelStreamsTheSameText) {
   EXPECT_GT(m.at("strata_worker_draft_model_tokens_total{kind=\"draft\"}"), 0);
   EXPECT_GT(m.at("strata_worker_draft_model_kv_blocks{state=\"total\"}"), 0);
 
-  const std::string log = TestOutputDir() + "/bad-draft-model.log";
-  absl::StatusOr<ChildProcess> bad = ChildProcess::Start(
-      {"worker/server/strata-worker", "--model=models/strata-tiny/base",
-       "--draft_model=models/strata-tiny/no-such-draft", "--listen=127.0.0.1:0"},
-      log);
-  ASSERT_TRUE(bad.ok()) << bad.status();
-  const int status = bad->Wait(absl::Seconds(30));
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << status;
-  std::ifstream in(log);
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  EXPECT_NE(text.find("--draft_model models/strata-tiny/no-such-draft"), std::string::npos) << text;
+  // Bad draft settings stop the worker, naming the flag.
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad_flags = {
+      {{"--draft_model=models/strata-tiny/no-such-draft"},
+       "--draft_model models/strata-tiny/no-such-draft"},
+      {{"--draft_model=models/strata-tiny/draft", "--draft_kv_cache_mb=0"}, "--draft_kv_cache_mb"},
+  };
+  for (const auto& [flags, want] : bad_flags) {
+    const std::string log = TestOutputDir() + "/bad-draft-model.log";
+    std::vector<std::string> argv = {"worker/server/strata-worker",
+                                     "--model=models/strata-tiny/base", "--listen=127.0.0.1:0"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    absl::StatusOr<ChildProcess> bad = ChildProcess::Start(argv, log);
+    ASSERT_TRUE(bad.ok()) << bad.status();
+    const int status = bad->Wait(absl::Seconds(30));
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << status;
+    std::ifstream in(log);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_NE(text.find(want), std::string::npos) << text;
+  }
 }
 
 TEST(AdmissionTest, CoordinatorQueueBoundAnswersResourceExhausted) {

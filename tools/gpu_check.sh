@@ -354,6 +354,8 @@ def g(d, *path):
     return d if isinstance(d, (int, float)) else None
 def fmt(v, spec="{:.1f}"):
     return "-" if v is None else spec.format(v)
+def ratio(a, b):
+    return None if a is None or not b else a / b
 tdec = torch.get("decode", {}) if isinstance(torch.get("decode"), dict) else {}
 rows = [
     ("device", ours.get("device", "-"), torch.get("device", "-")),
@@ -390,10 +392,8 @@ rows = [
     ("draft step b8 ms, k=0/1/4", " / ".join(fmt(g(ours, "draft_b8_k%d_ms_per_step" % k), "{:.2f}") for k in (0, 1, 4)), "-"),
     ("1B-shape (draft) b1 / b8 ms", fmt(g(draft, "decode_b1_shipped_ms_per_step"), "{:.3f}") + " / " +
      fmt(g(draft, "decode_b8_shipped_ms_per_step"), "{:.3f}"), "-"),
-    ("  draft / 8B step at b1", fmt(None if g(draft, "decode_b1_shipped_ms_per_step") is None
-                                    or not g(ours, "decode_b1_shipped_ms_per_step") else
-                                    g(draft, "decode_b1_shipped_ms_per_step") / g(ours, "decode_b1_shipped_ms_per_step"),
-                                    "{:.3f}"), "-"),
+    ("  draft / 8B step at b1", fmt(ratio(g(draft, "decode_b1_shipped_ms_per_step"),
+                                          g(ours, "decode_b1_shipped_ms_per_step")), "{:.3f}"), "-"),
 ]
 print()
 print(summary.strip())

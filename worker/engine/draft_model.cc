@@ -112,6 +112,7 @@ void DraftModel::Truncate(SeqState& st, int64_t num_tokens) {
     num_tokens = static_cast<int64_t>(partial) * bt;  // computed afresh in a block of its own
   }
   st.tokens.resize(static_cast<size_t>(num_tokens));
+  st.verified = std::min(st.verified, num_tokens);
   st.hashes.resize(std::min(st.hashes.size(), static_cast<size_t>(num_tokens / bt)));
   const size_t keep = static_cast<size_t>((num_tokens + bt - 1) / bt);
   while (st.blocks.size() > keep) {
@@ -261,14 +262,15 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
     SeqState& st = seqs_[r.sequence];
     st.requested = use_;
     const int64_t len = static_cast<int64_t>(r.tokens.size());
-    int64_t held = 0;
     const int64_t common = std::min<int64_t>(static_cast<int64_t>(st.tokens.size()), len);
+    int64_t held = std::min(st.verified, common);
     while (held < common && st.tokens[static_cast<size_t>(held)] == r.tokens[held]) ++held;
     Truncate(st, std::min(held, len - 1));
     // (Not for one that cannot draft here: it would only pin the blocks.)
     if (len <= max_positions && r.limit > 0 && len <= capacity) {
       TakeCachedPrefix(st, r.cache_namespace, r.tokens);
     }
+    st.verified = static_cast<int64_t>(st.tokens.size());
     order.push_back({len - static_cast<int64_t>(st.tokens.size()), ri});
   }
   // The least to catch up first (ties in request order).
@@ -315,7 +317,10 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
     // what the cache still holds.)
     SeqState& st = seqs_[r.sequence];
     st.requested = use_;
-    if (st.tokens.empty()) TakeCachedPrefix(st, r.cache_namespace, r.tokens);
+    if (st.tokens.empty()) {
+      TakeCachedPrefix(st, r.cache_namespace, r.tokens);
+      st.verified = static_cast<int64_t>(st.tokens.size());
+    }
     const int64_t held = static_cast<int64_t>(st.tokens.size());
     const int64_t catch_up = len - held;
     if (catch_up > budget) {
@@ -346,7 +351,9 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
   // The full blocks of the sequences' own tokens now computed are there for others to take.
   for (size_t i = 0; status.ok() && i < computed.size(); ++i) {
     const Request& r = requests[computed[i].first];
-    Publish(seqs_.at(r.sequence), r.cache_namespace, computed[i].second);
+    SeqState& st = seqs_.at(r.sequence);
+    st.verified = computed[i].second;
+    Publish(st, r.cache_namespace, st.verified);
   }
   // Rounds 1..: each draft token fed back for the next.
   for (int64_t j = 1; status.ok(); ++j) {

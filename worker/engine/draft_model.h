@@ -94,9 +94,10 @@ class DraftModel {
                                                             DraftModelConfig config);
 
   struct Request {
-    uint64_t sequence = 0;             // the caller's id for the sequence, stable while it lives
-    absl::Span<const int32_t> tokens;  // its tokens so far (at least one)
-    int64_t limit = 0;                 // most tokens to propose
+    uint64_t sequence = 0;  // the caller's id for the sequence, stable while it lives
+    // Its tokens so far (at least one), extending those of its earlier requests.
+    absl::Span<const int32_t> tokens;
+    int64_t limit = 0;                      // most tokens to propose
     std::vector<int32_t>* draft = nullptr;  // out: the proposal is appended
     // Its cache namespace (Engine's): prefix caching shares blocks within one only.
     uint64_t cache_namespace = 0;
@@ -115,6 +116,9 @@ class DraftModel {
   struct SeqState {
     std::vector<int32_t> blocks;  // each holds a reference
     std::vector<int32_t> tokens;  // the tokens whose K/V the blocks hold, from position 0
+    // Leading tokens known to be the sequence's own (a sequence's tokens only grow): a proposal
+    // compares the rest only, not its whole context every step.
+    int64_t verified = 0;
     // Chain hashes of its leading full blocks of verified tokens (each published, or found
     // published under another block).
     std::vector<BlockHash> hashes;

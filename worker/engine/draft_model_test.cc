@@ -5,12 +5,14 @@
 // Forget frees them; a draft with another vocabulary is refused.
 #include "worker/engine/draft_model.h"
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "worker/engine/tiny_model_testutil.h"
 #include "worker/model/model_runner.h"
+#include "worker/model/test_util.h"
 
 namespace strata {
 namespace {
@@ -39,38 +41,23 @@ class DraftModelTest : public ::testing::Test {
     const int64_t bt = 16;
     const int64_t blocks = static_cast<int64_t>(prompt.size() + n) / bt + 1;
     KvCacheStorage cache(*weights_, blocks, bt);
-    std::vector<int32_t> table(static_cast<size_t>(blocks));
-    for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
     std::vector<int32_t> out;
     std::vector<int32_t> tokens = prompt;
-    int64_t done = 0;
     const int64_t vocab = weights_->config.vocab_size;
     std::vector<float> logits(static_cast<size_t>(vocab));
-    while (static_cast<int>(out.size()) < n) {
-      std::vector<int32_t> ids(tokens.begin() + done, tokens.end()), pos, seq;
-      std::vector<int64_t> slots;
-      for (int64_t p = done; p < static_cast<int64_t>(tokens.size()); ++p) {
-        pos.push_back(static_cast<int32_t>(p));
-        seq.push_back(0);
-        slots.push_back(p);
-      }
-      const std::vector<int32_t> logit_rows = {static_cast<int32_t>(ids.size() - 1)};
-      ForwardBatch b;
-      b.tokens = ids;
-      b.positions = pos;
-      b.token_seq = seq;
-      b.slots = slots;
-      b.block_tables = table;
+    for (size_t done = 0; static_cast<int>(out.size()) < n; done = tokens.size() - 1) {
+      TestBatch b;
       b.num_seqs = 1;
       b.max_blocks_per_seq = blocks;
-      b.logit_tokens = logit_rows;
-      EXPECT_TRUE(runner.Forward(b, cache.layers(), absl::MakeSpan(logits)).ok());
-      int32_t best = 0;
-      for (int32_t i = 1; i < vocab; ++i) {
-        if (logits[static_cast<size_t>(i)] > logits[static_cast<size_t>(best)]) best = i;
+      for (int64_t i = 0; i < blocks; ++i) b.block_tables.push_back(static_cast<int32_t>(i));
+      for (size_t p = done; p < tokens.size(); ++p) {
+        b.Add(tokens[p], 0, static_cast<int32_t>(p), bt, /*logits=*/p + 1 == tokens.size());
       }
+      const absl::Status st = runner.Forward(b.View(), cache.layers(), absl::MakeSpan(logits));
+      EXPECT_TRUE(st.ok()) << st;
+      const int32_t best =
+          static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
       out.push_back(best);
-      done = static_cast<int64_t>(tokens.size());
       tokens.push_back(best);
     }
     return out;

@@ -991,11 +991,17 @@ Engine::AdmitResult Engine::Admit(Sequence* s, int64_t budget, std::vector<Chunk
 
 int64_t Engine::DraftLimit(const Sequence& s, int64_t limit) const {
   const int64_t len = static_cast<int64_t>(s.tokens.size());
+  // The blocks the last token needs are the sequence's already (the step is planned); the draft's
+  // K/V goes in the rest of them and in free blocks only, never a cached one (Step gives them
+  // back after it).
+  const int64_t bt = config_.block_tokens;
+  const int64_t room = static_cast<int64_t>(s.block_table.size()) * bt - (s.num_computed + 1) +
+                       blocks_.num_free() * bt;
   // All of the draft kept and one token drawn after it must fit in max_tokens and the context.
   return std::min<int64_t>({limit,
                             s.draft_limit >= 0 ? s.draft_limit : config_.num_speculative_tokens,
                             s.options.max_tokens - s.num_generated - 1,
-                            weights_->config.max_position_embeddings - 1 - len});
+                            weights_->config.max_position_embeddings - 1 - len, room});
 }
 
 void Engine::ProposeDraft(int64_t limit, Chunk* ch, const std::vector<int32_t>* proposed) {
@@ -1032,12 +1038,6 @@ void Engine::ProposeDraft(int64_t limit, Chunk* ch, const std::vector<int32_t>* 
       matchers.push_back(std::move(m));
     }
   }
-  // The blocks the last token needs are the sequence's already (the step is planned); the draft
-  // takes free blocks only, never a cached one (Step gives them back after it).
-  const int64_t bt = config_.block_tokens;
-  const int64_t room = static_cast<int64_t>(s->block_table.size()) * bt - (s->num_computed + 1);
-  keep = static_cast<size_t>(
-      std::min<int64_t>(static_cast<int64_t>(keep), room + blocks_.num_free() * bt));
   if (keep == 0) return;
   draft.resize(keep);
   if (s->matcher.has_value()) matchers.erase(matchers.begin() + keep, matchers.end());
@@ -1374,11 +1374,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       for (size_t i = 0, r = static_cast<size_t>(room); i < drafting.size() && r > 0; ++i) {
         const Sequence& s = *drafting[i]->seq;
         const size_t left = drafting.size() - i;
-        int64_t limit = DraftLimit(s, static_cast<int64_t>((r + left - 1) / left));
-        // No more than the step can verify: the sequence's own blocks and the free ones.
-        const int64_t bt = config_.block_tokens;
-        limit = std::min<int64_t>(limit, static_cast<int64_t>(s.block_table.size()) * bt -
-                                             (s.num_computed + 1) + blocks_.num_free() * bt);
+        const int64_t limit = DraftLimit(s, static_cast<int64_t>((r + left - 1) / left));
         if (limit <= 0) continue;
         r -= static_cast<size_t>(limit);
         // Under a grammar, the text it forces comes first (ProposeDraft takes it from here).

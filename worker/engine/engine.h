@@ -555,9 +555,11 @@ class Engine {
   // tokens, at most `limit` of them and no more than the request's max_tokens and the context
   // leave room for, cut before the first token that would end the sequence or that its grammar
   // does not allow there, and to the free KV blocks (never a cached one).
-  // `proposed`: the draft model's tokens for it (null: n-gram lookup).
+  // `proposed`: with a draft model, what Step found for it (the grammar's forced text, else the
+  // draft model's tokens); null: the forced text, else n-gram lookup.
   void ProposeDraft(int64_t limit, Chunk* ch, const std::vector<int32_t>* proposed = nullptr);
-  // `limit` cut to the sequence's own draft length and what its max_tokens and the context leave.
+  // `limit` cut to the sequence's own draft length, what its max_tokens and the context leave, and
+  // the room for the draft's K/V in its blocks and the free ones.
   int64_t DraftLimit(const Sequence& s, int64_t limit) const;
   // Adds the blocks `s` has yet to publish of its planned chain to inflight_.
   void AddInflight(const Sequence& s);

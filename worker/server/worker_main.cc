@@ -572,6 +572,11 @@ int Main(const std::vector<std::string>& args) {
   // The draft model, if any (it outlives the engine: declared before it).
   std::unique_ptr<ModelWeights> draft_weights;
   if (const std::string draft_dir = absl::GetFlag(FLAGS_draft_model); !draft_dir.empty()) {
+    if (const int64_t mb = absl::GetFlag(FLAGS_draft_kv_cache_mb);
+        mb < 1 || mb > (int64_t{1} << 30)) {
+      LOG(ERROR) << "--draft_kv_cache_mb must be 1 to 2^30, not " << mb;
+      return 1;
+    }
     absl::StatusOr<ModelConfig> draft_config = LoadModelConfig(draft_dir);
     absl::StatusOr<std::unique_ptr<ModelWeights>> loaded =
         draft_config.ok() ? LoadModelWeights(draft_dir, *draft_config, 0, 1)
