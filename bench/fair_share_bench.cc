@@ -1,6 +1,7 @@
-// fair_share_bench: what fair sharing between tenants costs the engine's step (Engine::Step groups
-// each priority's waiting sequences by tenant and takes the least served tenant's next), against
-// admission by arrival, with a long waiting queue spread over many tenants.
+// fair_share_bench: what fair sharing between tenants costs the engine's step (Engine::Step takes
+// the least served tenant's next waiting sequence, from a heap of the tenants' queues' heads),
+// against admission by arrival, with a long waiting queue spread over many tenants; and what
+// queueing a request costs with that many waiting.
 //
 //   bazel run -c opt //bench:fair_share_bench -- [--waiting=4000] [--tenants=1,100,1000]
 //       [--steps=300] [--reps=3] [--threads=1]
@@ -39,7 +40,7 @@ namespace strata {
 namespace {
 
 double MeanStepMs(const ModelWeights& weights, Collectives* comm, int tenants, bool fair,
-                  double* admitted_share) {
+                  double* admitted_share, double* add_us) {
   EngineConfig c;
   c.max_running_sequences = 8;
   c.compute_threads = absl::GetFlag(FLAGS_threads);
@@ -48,6 +49,7 @@ double MeanStepMs(const ModelWeights& weights, Collectives* comm, int tenants, b
   auto engine = Engine::Create(&weights, comm, c);
   CHECK_OK(engine.status());
   std::mt19937 rng(7);
+  const auto add_start = std::chrono::steady_clock::now();
   for (int i = 0; i < absl::GetFlag(FLAGS_waiting); ++i) {
     std::vector<int32_t> prompt(16);
     for (int32_t& t : prompt) t = std::uniform_int_distribution<int32_t>(3, 1999)(rng);
@@ -58,6 +60,9 @@ double MeanStepMs(const ModelWeights& weights, Collectives* comm, int tenants, b
     o.tenant = absl::StrCat("t", i % tenants);
     CHECK_OK((*engine)->AddRequest(absl::StrCat("r", i), std::move(prompt), o));
   }
+  *add_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - add_start)
+                .count() /
+            absl::GetFlag(FLAGS_waiting);
   const int steps = absl::GetFlag(FLAGS_steps);
   int admitting = 0;
   const auto start = std::chrono::steady_clock::now();
@@ -75,6 +80,44 @@ double MeanStepMs(const ModelWeights& weights, Collectives* comm, int tenants, b
   return ms / steps;
 }
 
+// What a load report's Engine::Stats costs with the queue full (the worker asks for one at most
+// every 5 ms while its counts change): --waiting requests of 512 tokens, prefix caching on, the
+// first 256 tokens of each a system prompt that one finished request left cached.
+double StatsUs(const ModelWeights& weights, Collectives* comm) {
+  EngineConfig c;
+  c.max_running_sequences = 8;
+  c.compute_threads = absl::GetFlag(FLAGS_threads);
+  auto engine = Engine::Create(&weights, comm, c);
+  CHECK_OK(engine.status());
+  std::mt19937 rng(9);
+  std::vector<int32_t> system(256);
+  for (int32_t& t : system) t = std::uniform_int_distribution<int32_t>(3, 1999)(rng);
+  RequestOptions o;
+  o.sampling.temperature = 0;
+  o.max_tokens = 1;
+  o.ignore_eos = true;
+  CHECK_OK((*engine)->AddRequest("warm", system, o));
+  while ((*engine)->HasWork()) CHECK_OK((*engine)->Step().status());
+  for (int i = 0; i < absl::GetFlag(FLAGS_waiting); ++i) {
+    std::vector<int32_t> prompt = system;
+    for (int j = 0; j < 256; ++j)
+      prompt.push_back(std::uniform_int_distribution<int32_t>(3, 1999)(rng));
+    CHECK_OK((*engine)->AddRequest(absl::StrCat("r", i), std::move(prompt), o));
+  }
+  const int reps = 20;
+  int64_t pending = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < reps; ++i) {
+    pending += (*engine)->Stats(/*with_tenants=*/false).num_pending_prefill_tokens;
+  }
+  const double us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() /
+      reps;
+  // (The cached system prompt is left out of each request's pending prefill.)
+  CHECK_EQ(pending / reps, int64_t{absl::GetFlag(FLAGS_waiting)} * 256);
+  return us;
+}
+
 void Run() {
   const std::string dir = absl::GetFlag(FLAGS_model_dir);
   auto config = LoadModelConfig(dir);
@@ -84,25 +127,30 @@ void Run() {
   SingleRankCollectives comm;
   std::printf(
       "%d requests waiting, at most 8 running, %d steps timed; mean step ms (median of %d); "
-      "admitting: the share of steps that admitted, in the last fair-share run\n",
+      "admitting: the share of steps that admitted, in the last fair-share run; add: the mean "
+      "cost of queueing one request (its prompt's hashes included), in the last run\n",
       absl::GetFlag(FLAGS_waiting), absl::GetFlag(FLAGS_steps), absl::GetFlag(FLAGS_reps));
-  std::printf("%8s %12s %12s %12s %10s\n", "tenants", "by arrival", "fair share", "difference",
-              "admitting");
+  std::printf("%8s %12s %12s %12s %10s %10s\n", "tenants", "by arrival", "fair share", "difference",
+              "admitting", "add (us)");
   for (absl::string_view t : absl::StrSplit(absl::GetFlag(FLAGS_tenants), ',')) {
     int tenants = 0;
     CHECK(absl::SimpleAtoi(t, &tenants) && tenants > 0) << "--tenants: " << t;
-    double med[2], admitting = 0;
+    double med[2], admitting = 0, add_us = 0;
     for (int fair = 0; fair < 2; ++fair) {
       std::vector<double> v;
       for (int r = 0; r < absl::GetFlag(FLAGS_reps); ++r) {
-        v.push_back(MeanStepMs(**weights, &comm, tenants, fair == 1, &admitting));
+        v.push_back(MeanStepMs(**weights, &comm, tenants, fair == 1, &admitting, &add_us));
       }
       std::sort(v.begin(), v.end());
       med[fair] = v[v.size() / 2];
     }
-    std::printf("%8d %12.3f %12.3f %+12.3f %9.0f%%\n", tenants, med[0], med[1], med[1] - med[0],
-                100 * admitting);
+    std::printf("%8d %12.3f %12.3f %+12.3f %9.0f%% %10.2f\n", tenants, med[0], med[1],
+                med[1] - med[0], 100 * admitting, add_us);
   }
+  std::printf(
+      "Engine::Stats (a load report) with %d 512-token prompts waiting, 256 of each cached: "
+      "%.1f us\n",
+      absl::GetFlag(FLAGS_waiting), StatsUs(**weights, &comm));
 }
 
 }  // namespace

@@ -6,10 +6,12 @@
 #include <functional>
 #include <limits>
 #include <numeric>
-#include <queue>
+#include <optional>
 #include <thread>
+#include <tuple>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
@@ -339,10 +341,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   if (id.empty() || id.size() > 128) {
     return absl::InvalidArgumentError("request_id must be 1 to 128 bytes");
   }
-  auto live = [&id](const auto& list) {
-    return std::any_of(list.begin(), list.end(), [&id](const auto& s) { return s->id == id; });
-  };
-  if (live(waiting_) || live(running_)) {
+  if (live_ids_.contains(id)) {
     return absl::AlreadyExistsError(absl::StrCat("request_id ", id, " is already running"));
   }
   if (prompt.empty()) return absl::InvalidArgumentError("prompt must not be empty");
@@ -432,6 +431,8 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   s->matcher = std::move(matcher);
   if (s->options.grammar != nullptr) WarmGrammar(s->options.grammar);
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) LookUpAndPrefetch(s.get());
+  s->live_ids = &live_ids_;
+  live_ids_.emplace(s->id, s.get());
   Enqueue(std::move(s), /*ahead_of_equals=*/false);
   return absl::OkStatus();
 }
@@ -492,7 +493,33 @@ void Engine::Charge(const Sequence& s, int64_t computed, int64_t generated) {
   TenantShare& t = *s.share;
   t.computed_tokens += computed;
   t.generated_tokens += generated;
+  if (computed + generated == 0) return;
+  for (const auto& [priority, order] : t.heads)
+    tenant_heads_.erase({priority, t.service, order, &t});
   t.service += static_cast<double>(computed + generated) / t.weight;
+  for (const auto& [priority, order] : t.heads)
+    tenant_heads_.insert({priority, t.service, order, &t});
+}
+
+void Engine::UpdateHead(TenantShare* t, int32_t priority) {
+  auto first = waiting_by_tenant_.lower_bound({priority, t, std::numeric_limits<int64_t>::min()});
+  const bool any =
+      first != waiting_by_tenant_.end() && first->priority == priority && first->share == t;
+  auto h = std::find_if(t->heads.begin(), t->heads.end(),
+                        [priority](const auto& e) { return e.first == priority; });
+  if (h != t->heads.end()) {
+    if (any && h->second == first->order) return;
+    tenant_heads_.erase({priority, t->service, h->second, t});
+    if (!any) {
+      t->heads.erase(h);
+      return;
+    }
+    h->second = first->order;
+  } else {
+    if (!any) return;
+    t->heads.emplace_back(priority, first->order);
+  }
+  tenant_heads_.insert({priority, t->service, first->order, t});
 }
 
 void Engine::ReleaseDelta(Sequence* s) {
@@ -518,25 +545,24 @@ absl::Status Engine::UnregisterFineTune(const std::string& id) {
 }
 
 bool Engine::Cancel(const std::string& id) {
-  for (auto it = running_.begin(); it != running_.end(); ++it) {
-    if ((*it)->id == id) {
-      ReleaseBlocks(it->get());
-      ReleaseDelta(it->get());
-      cancelled_.push_back(std::move(*it));
-      running_.erase(it);
-      return true;
-    }
+  auto live = live_ids_.find(id);
+  if (live == live_ids_.end()) return false;
+  Sequence* s = live->second;
+  std::unique_ptr<Sequence> owned;
+  if (auto w = waiting_.find(s->wait_key); w != waiting_.end() && w->second.get() == s) {
+    owned = Dequeue(*s);
+  } else {
+    auto r =
+        std::find_if(running_.begin(), running_.end(), [s](const auto& p) { return p.get() == s; });
+    CHECK(r != running_.end()) << "request " << id << " is live but neither waiting nor running";
+    owned = std::move(*r);
+    running_.erase(r);
   }
-  for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
-    if ((*it)->id == id) {
-      ReleaseBlocks(it->get());
-      ReleaseDelta(it->get());
-      cancelled_.push_back(std::move(*it));
-      waiting_.erase(it);
-      return true;
-    }
-  }
-  return false;
+  live_ids_.erase(live);  // the id may be used again at once
+  ReleaseBlocks(s);
+  ReleaseDelta(s);
+  cancelled_.push_back(std::move(owned));
+  return true;
 }
 
 bool Engine::EnsureBlocks(Sequence* s, int64_t num_tokens, bool free_only) {
@@ -558,14 +584,43 @@ void Engine::ReleaseBlocks(Sequence* s) {
   s->num_computed = 0;
 }
 
-void Engine::Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals) {
-  const int32_t p = s->options.priority;
-  auto it = waiting_.begin();
-  while (it != waiting_.end() &&
-         ((*it)->options.priority > p || (!ahead_of_equals && (*it)->options.priority == p))) {
-    ++it;
+int64_t Engine::PendingPrefill(const Sequence& s) const {
+  // It will compute only what the prefix cache does not hold.
+  const int64_t len = static_cast<int64_t>(s.tokens.size());
+  int64_t cached = 0;
+  if (config_.enable_prefix_caching && s.options.prompt_logprobs < 0) {
+    cached =
+        std::min<int64_t>(blocks_.MatchPrefix(WaitingHashes(s)), (len - 1) / config_.block_tokens) *
+        config_.block_tokens;
   }
-  waiting_.insert(it, std::move(s));
+  return len - cached;
+}
+
+void Engine::RefreshPendingPrefill(Sequence* s) {
+  waiting_prefill_tokens_ -= s->pending_prefill;
+  s->pending_prefill = PendingPrefill(*s);
+  waiting_prefill_tokens_ += s->pending_prefill;
+}
+
+void Engine::Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals) {
+  s->pending_prefill = 0;
+  RefreshPendingPrefill(s.get());
+  s->wait_key = {s->options.priority, ahead_of_equals ? next_ahead_order_-- : next_wait_order_++};
+  waiting_by_tenant_.insert({s->wait_key.priority, s->share, s->wait_key.order});
+  UpdateHead(s->share, s->wait_key.priority);
+  const WaitKey key = s->wait_key;
+  waiting_.emplace(key, std::move(s));
+}
+
+std::unique_ptr<Engine::Sequence> Engine::Dequeue(const Sequence& s) {
+  auto it = waiting_.find(s.wait_key);
+  CHECK(it != waiting_.end() && it->second.get() == &s) << "request " << s.id << " is not waiting";
+  std::unique_ptr<Sequence> owned = std::move(it->second);
+  waiting_.erase(it);
+  waiting_by_tenant_.erase({s.wait_key.priority, s.share, s.wait_key.order});
+  UpdateHead(s.share, s.wait_key.priority);
+  waiting_prefill_tokens_ -= s.pending_prefill;
+  return owned;
 }
 
 void Engine::PauseDelta(Sequence* s) {
@@ -1234,11 +1289,12 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   const auto room = [&] {
     return budget > 0 && static_cast<int64_t>(running_.size()) < config_.max_running_sequences;
   };
-  bool holes = false;  // admitted and failed sequences leave holes, closed up afterwards
   Sequence* no_room_seq = nullptr;  // the one that found no room, which ended admissions
-  // Tries to admit waiting_[i]; false when it found no room (admissions end there).
-  const auto try_admit = [&](size_t i) {
-    Sequence* w = waiting_[i].get();
+  // Tries to admit waiting `w`: kNoRoom ends admissions; kTaken: admitted (or failed) and out of
+  // the queue; kLeft: it waits on (for its fine-tune or KV blocks loading, or a prefix in flight),
+  // and the ones behind it go first.
+  enum class Tried { kNoRoom, kTaken, kLeft };
+  const auto try_admit = [&](Sequence* w) {
     if (!w->options.fine_tune_id.empty() && w->delta == nullptr) {
       absl::StatusOr<const DeltaWeights*> d =
           deltas_->Acquire(w->options.fine_tune_id, &w->fine_tune_revision);
@@ -1260,91 +1316,110 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         outputs.push_back(std::move(out));
         if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>(w->arrival));
         ReleaseBlocks(w);
-        waiting_[i].reset();
-        holes = true;
-        return true;
+        Dequeue(*w);  // (destroyed)
+        return Tried::kTaken;
       }
       if (*d == nullptr) {  // still loading: the ones behind it go first
         io_wait = true;
-        return true;
+        return Tried::kLeft;
       }
       w->delta = *d;
     }
     const AdmitResult r = Admit(w, budget, &plan);
     // A sequence holds its delta only while it runs: one that waits here must not keep another
     // fine-tune's load from getting room.
-    if (r != AdmitResult::kAdmitted) PauseDelta(w);
+    if (r != AdmitResult::kAdmitted) {
+      PauseDelta(w);
+      RefreshPendingPrefill(w);  // what it found cached now
+    }
     if (r == AdmitResult::kNoRoom) {
       no_room_seq = w;
-      return false;
+      return Tried::kNoRoom;
     }
     if (r == AdmitResult::kWaitingForIo || r == AdmitResult::kWaitingForPrefix) {
       io_wait = io_wait || r == AdmitResult::kWaitingForIo;
-      return true;
+      return Tried::kLeft;
     }
     if (dedupe) AddInflight(*w);
     budget -= plan.back().count;
     Charge(*w, plan.back().count, 0);
-    running_.push_back(std::move(waiting_[i]));
-    holes = true;
-    return true;
+    running_.push_back(Dequeue(*w));
+    return Tried::kTaken;
   };
   // waiting_ is in priority order. With one tenant at work (or fair sharing off), that order is
   // the admission order: walked until admissions end. Otherwise, within one priority, each
-  // tenant's sequences form a queue (in waiting_'s order) and the next candidate heads the least
-  // served tenant's; grouping the queue costs a pass over it, paid only when tenants compete.
+  // tenant's sequences form a queue (a run of waiting_by_tenant_) and the next candidate heads
+  // the least served tenant's: a heap of the queues' heads, built from the runs (a step costs
+  // O(log waiting) a tenant at the top priority, and O(log tenants) a candidate).
   if (!config_.fair_share || live_tenants_ <= 1) {
-    for (size_t i = 0; i < waiting_.size() && room(); ++i) {
-      if (!try_admit(i)) break;
+    for (auto it = waiting_.begin(); it != waiting_.end() && room();) {
+      const WaitKey key = it->first;
+      if (try_admit(it->second.get()) == Tried::kNoRoom) break;
+      it = waiting_.upper_bound(key);  // (the call may have taken it out)
     }
   } else {
-    struct TenantQueue {
-      const TenantShare* share;
-      std::vector<size_t> at;  // indices into waiting_
-      size_t next = 0;
-    };
-    std::vector<TenantQueue> queues;
-    absl::flat_hash_map<const TenantShare*, size_t> queue_of;
-    bool no_room = false;
-    for (size_t level = 0; level < waiting_.size() && !no_room && room();) {
-      const int32_t priority = waiting_[level]->options.priority;
-      size_t level_end = level;
-      queues.clear();
-      queue_of.clear();
-      for (; level_end < waiting_.size() && waiting_[level_end]->options.priority == priority;
-           ++level_end) {
-        auto [it, added] = queue_of.try_emplace(waiting_[level_end]->share, queues.size());
-        if (added) queues.push_back({waiting_[level_end]->share, {}, 0});
-        queues[it->second].at.push_back(level_end);
+    // tenant_heads_ orders each priority's tenants' queues by their heads (least served, then
+    // oldest), kept as sequences come and go and services change. A head that is left waiting
+    // (for its fine-tune, its KV blocks, a prefix in flight) lets the rest of its tenant's queue
+    // go first: this step takes that queue's candidates from `later` instead, a heap of the same
+    // order. A candidate admitted from tenant_heads_ moves its tenant's entry to a later place
+    // (its service grows and its next sequence is younger), so the walk goes on from the place
+    // it took (`at`).
+    using Later = std::tuple<double, int64_t, TenantShare*>;  // service, order, tenant
+    std::vector<Later> later;
+    absl::flat_hash_set<const TenantShare*> passed;  // their heads are left waiting this step
+    const auto queue_after = [&](TenantShare* t, int32_t priority, int64_t order) {
+      auto next = waiting_by_tenant_.upper_bound({priority, t, order});
+      if (next != waiting_by_tenant_.end() && next->priority == priority && next->share == t) {
+        later.emplace_back(t->service, next->order, t);
+        std::push_heap(later.begin(), later.end(), std::greater<Later>());
       }
-      level = level_end;
-      // The queues by their next candidate's place: the tenant's service, then the candidate's
-      // in waiting_. Only the queue just taken from changes (its head, and its service when its
-      // sequence is admitted), so it goes back in before the next pick.
-      const auto place = [&](size_t q) {
-        return std::make_pair(queues[q].share->service, queues[q].at[queues[q].next]);
-      };
-      using Head = std::pair<std::pair<double, size_t>, size_t>;
-      std::priority_queue<Head, std::vector<Head>, std::greater<Head>> heads;
-      for (size_t q = 0; q < queues.size(); ++q) heads.push({place(q), q});
-      std::optional<size_t> taken;  // the queue the last candidate came from
+    };
+    bool no_room = false;
+    for (auto level = waiting_.begin(); level != waiting_.end() && !no_room && room();) {
+      const int32_t priority = level->first.priority;
+      later.clear();
+      passed.clear();
+      TenantHead at{priority, -std::numeric_limits<double>::infinity(),
+                    std::numeric_limits<int64_t>::min(), nullptr};
       while (room()) {
-        if (taken.has_value() && queues[*taken].next < queues[*taken].at.size()) {
-          heads.push({place(*taken), *taken});
+        auto head = tenant_heads_.lower_bound(at);
+        while (head != tenant_heads_.end() && head->priority == priority &&
+               passed.contains(head->share)) {
+          ++head;
         }
-        if (heads.empty()) break;
-        taken = heads.top().second;
-        heads.pop();
-        TenantQueue& q = queues[*taken];
-        if (!try_admit(q.at[q.next++])) {
+        const bool have_head = head != tenant_heads_.end() && head->priority == priority;
+        if (!have_head && later.empty()) break;
+        const bool from_head =
+            have_head && (later.empty() || std::make_pair(head->service, head->order) <
+                                               std::make_pair(std::get<0>(later.front()),
+                                                              std::get<1>(later.front())));
+        TenantShare* t;
+        int64_t order;
+        if (from_head) {
+          at = *head;
+          t = head->share;
+          order = head->order;
+        } else {
+          std::pop_heap(later.begin(), later.end(), std::greater<Later>());
+          t = std::get<2>(later.back());
+          order = std::get<1>(later.back());
+          later.pop_back();
+        }
+        const Tried tried = try_admit(waiting_.find({priority, order})->second.get());
+        if (tried == Tried::kNoRoom) {
           no_room = true;
           break;
         }
+        if (tried == Tried::kLeft) {
+          if (from_head) passed.insert(t);
+          queue_after(t, priority, order);
+        } else if (!from_head) {
+          queue_after(t, priority, order);  // (its head, still waiting, is passed)
+        }
       }
+      level = waiting_.upper_bound({priority, std::numeric_limits<int64_t>::max()});
     }
-  }
-  if (holes) {
-    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
   }
   // Drafts last, from what the plan leaves: its token budget and free blocks (so a draft never
   // preempts a sequence, keeps one out, or evicts a cached block). On the CPU a step of up to
@@ -1407,11 +1482,9 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     if (!io_wait && !waiting_.empty() && running_.empty()) {
       // Not even one sequence fits: the cache is smaller than its prompt. (With fair sharing that
       // one need not be the first in the queue.)
-      auto it = std::find_if(waiting_.begin(), waiting_.end(),
-                             [no_room_seq](const auto& w) { return w.get() == no_room_seq; });
-      if (it == waiting_.end()) it = waiting_.begin();
-      auto s = std::move(*it);
-      waiting_.erase(it);
+      // (no_room_seq is still waiting: admissions ended at it.)
+      std::unique_ptr<Sequence> s =
+          Dequeue(no_room_seq != nullptr ? *no_room_seq : *waiting_.begin()->second);
       ReleaseDelta(s.get());
       if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>(s->arrival));
       LOG(ERROR) << "request " << s->id << " needs more KV blocks than the cache has";
@@ -1785,17 +1858,7 @@ EngineStats Engine::Stats(bool with_tenants) const {
       st.num_pending_prefill_tokens += s->prompt_len - s->num_computed;
     }
   }
-  // A waiting sequence will compute only what the prefix cache does not hold.
-  for (const auto& s : waiting_) {
-    const int64_t len = static_cast<int64_t>(s->tokens.size());
-    int64_t cached = 0;
-    if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) {
-      cached = std::min<int64_t>(blocks_.MatchPrefix(WaitingHashes(*s)),
-                                 (len - 1) / config_.block_tokens) *
-               config_.block_tokens;
-    }
-    st.num_pending_prefill_tokens += len - cached;
-  }
+  st.num_pending_prefill_tokens += waiting_prefill_tokens_;
   st.num_free_blocks = blocks_.num_available();
   st.num_total_blocks = blocks_.num_blocks();
   st.num_preemptions = num_preemptions_;
@@ -1830,7 +1893,7 @@ EngineStats Engine::Stats(bool with_tenants) const {
     of[&t] = &e;
   }
   for (const auto& s : running_) ++of[s->share]->running;
-  for (const auto& s : waiting_) ++of[s->share]->waiting;
+  for (const auto& [key, s] : waiting_) ++of[s->share]->waiting;
   std::sort(st.tenants.begin(), st.tenants.end(),
             [](const auto& a, const auto& b) { return a.name < b.name; });
   return st;

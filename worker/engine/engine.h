@@ -57,6 +57,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/btree_map.h"
+#include "absl/container/btree_set.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
@@ -467,10 +469,55 @@ class Engine {
     // The engine's count of tenants with live sequences (live_tenants_), kept as `live` crosses 0.
     int64_t* live_tenants = nullptr;
     int32_t id = 0;  // the owner of the blocks it publishes (BlockManager), 1 up
+    // For each priority it has sequences waiting at, the queue order of its first there (its
+    // entry in the engine's tenant_heads_).
+    std::vector<std::pair<int32_t, int64_t>> heads;
+  };
+  // A waiting sequence's place: higher priorities first, then queue order (arrival; a preempted
+  // sequence goes ahead of its equals, below any order given on arrival).
+  struct WaitKey {
+    int32_t priority = 0;
+    int64_t order = 0;
+    bool operator<(const WaitKey& o) const {
+      return priority != o.priority ? priority > o.priority : order < o.order;
+    }
+  };
+  // The same place within its tenant's queue: by priority, then tenant, then queue order, so that
+  // each tenant's waiting sequences of one priority are one run (fair sharing takes the runs'
+  // heads).
+  struct TenantWaitKey {
+    int32_t priority = 0;
+    const TenantShare* share = nullptr;
+    int64_t order = 0;
+    bool operator<(const TenantWaitKey& o) const {
+      if (priority != o.priority) return priority > o.priority;
+      if (share != o.share) return std::less<const TenantShare*>()(share, o.share);
+      return order < o.order;
+    }
+  };
+  // A tenant's queue within a priority, by its head: least served first, then queue order.
+  struct TenantHead {
+    int32_t priority = 0;
+    double service = 0;
+    int64_t order = 0;
+    TenantShare* share = nullptr;
+    bool operator<(const TenantHead& o) const {
+      if (priority != o.priority) return priority > o.priority;
+      if (service != o.service) return service < o.service;
+      if (order != o.order) return order < o.order;
+      return std::less<TenantShare*>()(share, o.share);
+    }
   };
   struct Sequence {
     std::string id;
     int64_t arrival = 0;
+    // Its place in waiting_ (and waiting_by_tenant_), while it waits.
+    WaitKey wait_key;
+    // While it waits: the prompt tokens it would compute, less those cached when it was queued or
+    // last tried (its part of waiting_prefill_tokens_).
+    int64_t pending_prefill = 0;
+    // The engine's live_ids_, which it leaves when destroyed (if its id still names it there).
+    absl::flat_hash_map<std::string, Sequence*>* live_ids = nullptr;
     std::vector<int32_t> tokens;  // prompt, then generated (resume tokens included)
     int64_t prompt_len = 0;
     int64_t num_generated = 0;
@@ -508,6 +555,10 @@ class Engine {
     TenantShare* share = nullptr;
     ~Sequence() {
       if (share != nullptr && --share->live == 0) --*share->live_tenants;
+      if (live_ids != nullptr) {
+        auto it = live_ids->find(id);
+        if (it != live_ids->end() && it->second == this) live_ids->erase(it);
+      }
     }
     bool prompt_logprobs_sent = false;
     std::vector<SampledToken> prompt_logprobs;
@@ -586,12 +637,20 @@ class Engine {
   // The tenant entry for a new sequence of `o`'s tenant (counted live by the caller's Sequence);
   // a tenant with nothing live here is raised to the least service of those with work.
   TenantShare* ShareFor(const RequestOptions& o);
-  // Counts tokens computed and generated for `s`'s tenant.
-  static void Charge(const Sequence& s, int64_t computed, int64_t generated);
+  // Counts tokens computed and generated for `s`'s tenant (its heads move with its service).
+  void Charge(const Sequence& s, int64_t computed, int64_t generated);
+  // Sets `t`'s head at `priority` to its first sequence waiting there now (none: no entry).
+  void UpdateHead(TenantShare* t, int32_t priority);
   // Queues `s` in waiting_ behind every sequence of higher or equal priority (`ahead_of_equals`:
   // in front of equal ones, for a preempted sequence that was admitted before them).
   void Enqueue(std::unique_ptr<Sequence> s, bool ahead_of_equals);
+  // Takes waiting `s` out of the queue.
+  std::unique_ptr<Sequence> Dequeue(const Sequence& s);
   const std::vector<BlockHash>& WaitingHashes(const Sequence& s) const;
+  // The tokens waiting `s` would compute if admitted now (the cached prefix left out), and the
+  // same kept in s->pending_prefill and waiting_prefill_tokens_.
+  int64_t PendingPrefill(const Sequence& s) const;
+  void RefreshPendingPrefill(Sequence* s);
   void PublishFullBlocks(Sequence* s);
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
   // kEos or kStopToken when `token` ends `s` (EOS unless ignore_eos, a stop token), else kNone.
@@ -668,7 +727,20 @@ class Engine {
   // From 1: owner 0 is no tenant (blocks a worker's disk tier recovered at start, say).
   int32_t next_tenant_id_ = 1;
   int64_t live_tenants_ = 0;  // tenants with sequences waiting or running
-  std::deque<std::unique_ptr<Sequence>> waiting_;
+  // Waiting and running sequences by request id (declared before them: they leave it when
+  // destroyed; a cancelled one leaves it at once).
+  absl::flat_hash_map<std::string, Sequence*> live_ids_;
+  // The waiting sequences in admission order without fair sharing, and the same by tenant (each
+  // arrival, cancellation and admission costs O(log waiting), not a pass over the queue).
+  absl::btree_map<WaitKey, std::unique_ptr<Sequence>> waiting_;
+  absl::btree_set<TenantWaitKey> waiting_by_tenant_;
+  // Each tenant's queue within each priority, by its head (fair sharing's admission order).
+  absl::btree_set<TenantHead> tenant_heads_;
+  // The waiting sequences' pending_prefill, summed (EngineStats::num_pending_prefill_tokens: a
+  // load report costs no pass over the queue).
+  int64_t waiting_prefill_tokens_ = 0;
+  int64_t next_wait_order_ = 0;                     // arrivals count up from 0,
+  int64_t next_ahead_order_ = -1;                   // preempted sequences down from -1
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<std::unique_ptr<Sequence>> cancelled_;
   std::vector<float> logits_;

@@ -523,6 +523,84 @@ TEST_F(FairShareTest, ATenantBanksNoCreditWhileIdle) {
   EXPECT_EQ(Finishes(*e), (std::vector<std::string>{"c0"}));
 }
 
+// Priorities come first, fair sharing within each: the higher priority's two tenants take turns,
+// then the lower's, whose less served tenant goes first. By arrival: priority, then arrival.
+TEST_F(FairShareTest, EachPriorityIsSharedBetweenItsTenants) {
+  for (bool fair : {true, false}) {
+    SCOPED_TRACE(fair ? "fair share" : "arrival order");
+    auto e = MakeEngine(OneAtATime(fair));
+    const auto add = [&](const std::string& id, const std::string& tenant, int32_t priority) {
+      RequestOptions o = Greedy(3);
+      o.tenant = tenant;
+      o.priority = priority;
+      ASSERT_TRUE(e->AddRequest(id, RandomPrompt(rng_, 8), o).ok());
+    };
+    add("a0", "a", 0);
+    add("a1", "a", 0);
+    add("b0", "b", 0);
+    add("c0", "c", 5);
+    add("a2", "a", 5);
+    add("c1", "c", 5);
+    if (fair) {
+      // At 5: c0 (level, earlier), a2 (a served less), c1. At 0: b0 (b served least), a0, a1.
+      EXPECT_EQ(Finishes(*e), (std::vector<std::string>{"c0", "a2", "c1", "b0", "a0", "a1"}));
+    } else {
+      EXPECT_EQ(Finishes(*e), (std::vector<std::string>{"c0", "a2", "c1", "a0", "a1", "b0"}));
+    }
+  }
+}
+
+// Many tenants, each with a queue of its own: the least served tenant's oldest goes next, every
+// step, whatever the queue's length.
+TEST_F(FairShareTest, ManyTenantsTakeTurnsInArrivalOrderOfTheirQueues) {
+  auto e = MakeEngine(OneAtATime(true));
+  for (int i = 0; i < 3; ++i) {
+    for (int t = 0; t < 40; ++t) Add(*e, absl::StrCat("t", t, "-", i), absl::StrCat("t", t));
+  }
+  const std::vector<std::string> order = Finishes(*e);
+  ASSERT_EQ(order.size(), 120u);
+  // Three rounds, each taking every tenant once in the order they arrived.
+  for (int i = 0; i < 3; ++i) {
+    for (int t = 0; t < 40; ++t) EXPECT_EQ(order[i * 40 + t], absl::StrCat("t", t, "-", i));
+  }
+}
+
+// A tenant's next request that waits a step (for a prefix another of its requests is computing)
+// lets the rest of that tenant's queue go first, in its turn, and is admitted itself the step
+// after, taking the prefix from the cache.
+TEST_F(FairShareTest, AHeadLeftWaitingLetsItsTenantsNextGoInItsTurn) {
+  EngineConfig c;
+  c.block_tokens = 8;
+  c.max_running_sequences = 4;
+  auto e = MakeEngine(c);
+  const std::vector<int32_t> prefix = RandomPrompt(rng_, 64);
+  const auto add = [&](const std::string& id, const std::string& tenant, bool shared) {
+    RequestOptions o = Greedy(3);
+    o.tenant = tenant;
+    std::vector<int32_t> prompt = shared ? prefix : std::vector<int32_t>{};
+    const std::vector<int32_t> tail = RandomPrompt(rng_, 8);
+    prompt.insert(prompt.end(), tail.begin(), tail.end());
+    ASSERT_TRUE(e->AddRequest(id, prompt, o).ok());
+  };
+  add("a0", "a", true);
+  add("a1", "a", true);  // waits for a0's prefix
+  add("a2", "a", false);
+  add("b0", "b", false);
+  add("b1", "b", false);
+  // a0 (level, oldest); b0 (b served least); a1 waits, so a's next is a2, after b's next, b1.
+  auto first = e->Step();
+  ASSERT_TRUE(first.ok()) << first.status();
+  std::vector<std::string> started;
+  for (const RequestOutput& o : *first) started.push_back(o.request_id);
+  std::sort(started.begin(), started.end());
+  EXPECT_EQ(started, (std::vector<std::string>{"a0", "a2", "b0", "b1"}));
+  EXPECT_EQ(e->Stats().num_waiting, 1);
+  std::map<std::string, RequestOutput> last;
+  RunAll(*e, &last);
+  EXPECT_EQ(last["a1"].num_cached_prompt_tokens, 64);
+  EXPECT_EQ(e->Stats().num_inflight_prefix_waits, 1);
+}
+
 // Work done alone is not held against a tenant later: after an idle spell everyone starts level.
 TEST_F(FairShareTest, AfterAnIdleSpellTenantsStartLevel) {
   auto e = MakeEngine(OneAtATime(true));
@@ -799,6 +877,41 @@ TEST_F(EngineTest, CancelFreesBlocksAtOnce) {
   ASSERT_EQ(step->size(), 1u);
   EXPECT_EQ((*step)[0].finish, FinishReason::kCancelled);
   EXPECT_FALSE(e->HasWork());
+}
+
+// A request id names one live request: refused while it waits or runs, free again as soon as it
+// is cancelled (the cancelled one still reports) or has finished.
+TEST_F(EngineTest, ARequestIdIsFreeAgainOnceCancelledOrFinished) {
+  std::mt19937 rng(8);
+  EngineConfig c;
+  c.max_running_sequences = 1;
+  auto e = MakeEngine(c);
+  ASSERT_TRUE(e->AddRequest("x", RandomPrompt(rng, 8), Greedy(4)).ok());
+  ASSERT_TRUE(e->AddRequest("y", RandomPrompt(rng, 8), Greedy(2)).ok());
+  EXPECT_EQ(e->AddRequest("y", RandomPrompt(rng, 8), Greedy(2)).code(),
+            absl::StatusCode::kAlreadyExists);  // waiting
+  ASSERT_TRUE(e->Step().ok());
+  EXPECT_EQ(e->AddRequest("x", RandomPrompt(rng, 8), Greedy(2)).code(),
+            absl::StatusCode::kAlreadyExists);  // running
+  // Cancelled while waiting, and added again before the step that reports the cancellation.
+  EXPECT_TRUE(e->Cancel("y"));
+  EXPECT_FALSE(e->Cancel("y"));
+  ASSERT_TRUE(e->AddRequest("y", RandomPrompt(rng, 8), Greedy(2)).ok());
+  std::vector<std::pair<std::string, FinishReason>> ends;
+  for (int steps = 0; e->HasWork() && steps < 100; ++steps) {
+    auto step = e->Step();
+    ASSERT_TRUE(step.ok());
+    for (const RequestOutput& o : *step) {
+      if (o.finish != FinishReason::kNone) ends.push_back({o.request_id, o.finish});
+    }
+  }
+  EXPECT_EQ(ends,
+            (std::vector<std::pair<std::string, FinishReason>>{{"y", FinishReason::kCancelled},
+                                                               {"x", FinishReason::kLength},
+                                                               {"y", FinishReason::kLength}}));
+  ASSERT_TRUE(e->AddRequest("x", RandomPrompt(rng, 8), Greedy(1)).ok());
+  EXPECT_TRUE(e->Cancel("x"));
+  EXPECT_EQ(e->Stats().num_waiting, 0);
 }
 
 TEST_F(EngineTest, BadRequestsAreRefusedAndTheEngineKeepsServing) {

@@ -21,7 +21,6 @@
 #include <memory>
 #include <string>
 #include <thread>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -351,11 +350,51 @@ int FollowerMain(const std::string& dir, const ModelConfig& config) {
   return 0;
 }
 
+// The numeric flags' ranges, checked before anything is loaded. Sizes in MiB are shifted into
+// bytes: an unchecked one could wrap into a number some later error would not trace back to it.
+absl::Status CheckFlagRanges() {
+  struct Range {
+    const char* name;
+    int64_t value;
+    int64_t least;
+    int64_t most;
+  };
+  constexpr int64_t kMostMiB = int64_t{1} << 30;  // 1 PiB
+  const Range ranges[] = {
+      {"kv_cache_mb", absl::GetFlag(FLAGS_kv_cache_mb), 1, kMostMiB},
+      {"host_cache_mb", absl::GetFlag(FLAGS_host_cache_mb), 0, kMostMiB},
+      {"disk_cache_mb", absl::GetFlag(FLAGS_disk_cache_mb), 0, kMostMiB},
+      {"delta_cache_mb", absl::GetFlag(FLAGS_delta_cache_mb), 1, kMostMiB},
+      {"draft_kv_cache_mb", absl::GetFlag(FLAGS_draft_kv_cache_mb), 1, kMostMiB},
+      {"kv_fetch_max_mb", absl::GetFlag(FLAGS_kv_fetch_max_mb), 1, int64_t{1} << 24},
+      {"kv_copy_slice_mb", absl::GetFlag(FLAGS_kv_copy_slice_mb), 1, int64_t{1} << 20},
+      {"block_tokens", absl::GetFlag(FLAGS_block_tokens), 1, 4096},
+      {"max_batch_tokens", absl::GetFlag(FLAGS_max_batch_tokens), 1, int64_t{1} << 20},
+      {"max_running_sequences", absl::GetFlag(FLAGS_max_running_sequences), 1, 65536},
+      {"max_live_sequences", absl::GetFlag(FLAGS_max_live_sequences), 1, int64_t{1} << 24},
+      {"threads", absl::GetFlag(FLAGS_threads), 0, 4096},
+      {"disk_queue_depth", absl::GetFlag(FLAGS_disk_queue_depth), 1, 4095},
+      {"inflight_prefill_min_tokens", absl::GetFlag(FLAGS_inflight_prefill_min_tokens), 0,
+       int64_t{1} << 30},
+  };
+  for (const Range& r : ranges) {
+    if (r.value < r.least || r.value > r.most) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", r.name, " must be ", r.least, " to ", r.most, ", not ", r.value));
+    }
+  }
+  return absl::OkStatus();
+}
+
 int Main(const std::vector<std::string>& args) {
   const std::string dir = absl::GetFlag(FLAGS_model);
   if (dir.empty()) {
     std::fprintf(stderr, "--model is required (a model directory)\n");
     return 2;
+  }
+  if (absl::Status s = CheckFlagRanges(); !s.ok()) {
+    LOG(ERROR) << s.message();
+    return 1;
   }
   const int world = absl::GetFlag(FLAGS_tensor_parallel);
   if (world < 1 || world > 64) {
@@ -491,11 +530,6 @@ int Main(const std::vector<std::string>& args) {
   ec.fair_share = absl::GetFlag(FLAGS_fair_share);
   ec.fair_cache_eviction = absl::GetFlag(FLAGS_fair_cache_eviction);
   ec.inflight_prefill_min_tokens = absl::GetFlag(FLAGS_inflight_prefill_min_tokens);
-  if (ec.inflight_prefill_min_tokens < 0) {
-    LOG(ERROR) << "--inflight_prefill_min_tokens must be 0 or more, not "
-               << ec.inflight_prefill_min_tokens;
-    return 1;
-  }
   ec.max_io_wait = absl::Milliseconds(absl::GetFlag(FLAGS_max_io_wait_ms));
   ec.device = absl::GetFlag(FLAGS_device);
   ec.gpu.decode_attention_kernel = absl::GetFlag(FLAGS_gpu_decode_attention_kernel);
@@ -542,10 +576,6 @@ int Main(const std::vector<std::string>& args) {
       }
     }
   }
-  if (absl::GetFlag(FLAGS_delta_cache_mb) <= 0 || absl::GetFlag(FLAGS_delta_cache_mb) > (1 << 30)) {
-    LOG(ERROR) << "--delta_cache_mb must be in [1, 2^30]";
-    return 1;
-  }
   ec.delta_cache_bytes = absl::GetFlag(FLAGS_delta_cache_mb) << 20;
   if (ec.tiers.disk_bytes > 0 && ec.tiers.disk_path.empty()) {
     LOG(ERROR) << "--disk_cache_mb needs --disk_cache_path";
@@ -572,11 +602,6 @@ int Main(const std::vector<std::string>& args) {
   // The draft model, if any (it outlives the engine: declared before it).
   std::unique_ptr<ModelWeights> draft_weights;
   if (const std::string draft_dir = absl::GetFlag(FLAGS_draft_model); !draft_dir.empty()) {
-    if (const int64_t mb = absl::GetFlag(FLAGS_draft_kv_cache_mb);
-        mb < 1 || mb > (int64_t{1} << 30)) {
-      LOG(ERROR) << "--draft_kv_cache_mb must be 1 to 2^30, not " << mb;
-      return 1;
-    }
     absl::StatusOr<ModelConfig> draft_config = LoadModelConfig(draft_dir);
     absl::StatusOr<std::unique_ptr<ModelWeights>> loaded =
         draft_config.ok() ? LoadModelWeights(draft_dir, *draft_config, 0, 1)
@@ -655,18 +680,9 @@ int Main(const std::vector<std::string>& args) {
   }
   wo.kv_fetch = absl::GetFlag(FLAGS_kv_fetch);
   wo.kv_fetch_min_blocks = absl::GetFlag(FLAGS_kv_fetch_min_blocks);
-  // Sizes in MiB, checked before they are shifted into bytes.
-  for (const auto& [name, mb, most, bytes] :
-       {std::tuple{"kv_fetch_max_mb", absl::GetFlag(FLAGS_kv_fetch_max_mb), int64_t{1} << 24,
-                   &wo.kv_fetch_max_bytes},
-        std::tuple{"kv_copy_slice_mb", absl::GetFlag(FLAGS_kv_copy_slice_mb), int64_t{1} << 20,
-                   &wo.kv_copy_slice_bytes}}) {
-    if (mb < 1 || mb > most) {
-      LOG(ERROR) << "--" << name << " must be 1 to " << most << ", not " << mb;
-      return 1;
-    }
-    *bytes = mb << 20;
-  }
+  // (Sizes in MiB: CheckFlagRanges keeps them in range.)
+  wo.kv_fetch_max_bytes = absl::GetFlag(FLAGS_kv_fetch_max_mb) << 20;
+  wo.kv_copy_slice_bytes = absl::GetFlag(FLAGS_kv_copy_slice_mb) << 20;
   if (!absl::GetFlag(FLAGS_random_weights).empty()) {
     // Copies only between workers drawing the same weights.
     wo.model_fingerprint = absl::StrCat("random:", absl::GetFlag(FLAGS_random_weights), ":",
