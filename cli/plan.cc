@@ -521,11 +521,13 @@ std::string Quoted(const std::string& s) {
 
 std::string SpeculationJson(const SpeculationPlan& s) {
   return absl::StrFormat(
-      "{\"draft_parameters\":%d,\"draft_gpu_weight_bytes\":%.0f,\"num_speculative_tokens\":%d,"
+      "{\"draft_parameters\":%d,\"draft_gpu_weight_bytes\":%.0f,\"draft_kv_cache_bytes\":%.0f,"
+      "\"num_speculative_tokens\":%d,"
       "\"acceptance\":%.3f,\"draft_step_ms\":%.3f,\"verify_step_ms\":%.3f,"
       "\"tokens_per_step\":%.3f,\"ms_per_token\":%.3f,\"speedup\":%.3f}",
-      s.draft_parameters, s.draft_gpu_weight_bytes, s.num_speculative_tokens, s.acceptance,
-      s.draft_step_ms, s.verify_step_ms, s.tokens_per_step, s.ms_per_token, s.speedup);
+      s.draft_parameters, s.draft_gpu_weight_bytes, s.draft_kv_cache_bytes,
+      s.num_speculative_tokens, s.acceptance, s.draft_step_ms, s.verify_step_ms, s.tokens_per_step,
+      s.ms_per_token, s.speedup);
 }
 
 std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
@@ -557,6 +559,12 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
 }
 
 }  // namespace
+
+double DraftKvCacheBytes(const ModelConfig& draft, const PlanOptions& options) {
+  constexpr int64_t kGpuSpeculativeMaxBatch = 16;  // strata-worker's default on a GPU
+  return static_cast<double>(kGpuSpeculativeMaxBatch * kDraftKvTokensPerSequence) * 2 *
+         static_cast<double>(draft.num_layers * draft.kv_dim()) * DTypeBytes(options.dtype);
+}
 
 absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const ModelConfig& draft,
                                                 const GpuSpec& gpu, const Workload& workload,
@@ -591,6 +599,7 @@ absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const 
   SpeculationPlan s;
   s.draft_parameters = draft.NumParameters();
   s.draft_gpu_weight_bytes = static_cast<double>(s.draft_parameters) * dtype_bytes;
+  s.draft_kv_cache_bytes = DraftKvCacheBytes(draft, options);
   s.num_speculative_tokens = num_speculative_tokens;
   s.acceptance = acceptance;
   const int k = num_speculative_tokens;
@@ -780,10 +789,10 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
       return absl::InvalidArgumentError(absl::StrCat("--draft-model: ", d.status().message()));
     }
     draft = *std::move(d);
-    // Its weights and its own KV cache (strata-worker's --draft_kv_cache_mb, 64) beside the
+    // Its weights and its own KV cache (as strata-worker sizes it by default) beside the
     // model's, on the GPU that runs it.
-    o.reserved_gpu_bytes =
-        static_cast<double>(draft->NumParameters()) * DTypeBytes(o.dtype) + 64 * kMiB;
+    o.reserved_gpu_bytes = static_cast<double>(draft->NumParameters()) * DTypeBytes(o.dtype) +
+                           DraftKvCacheBytes(*draft, o);
   } else if (args.Has("draft-acceptance") || args.Has("num-speculative-tokens")) {
     return absl::InvalidArgumentError(
         "--draft-acceptance and --num-speculative-tokens plan a --draft-model: give one");
@@ -850,12 +859,14 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
         "p=%.2f): "
         "%.2f tokens a step of %.2f ms (target, %d rows) + %d x %.2f ms (draft) = %.2f ms a token "
         "against %.2f ms (%.2fx); the KV cache above leaves room for its %.1f GiB of weights and "
-        "its 64 MiB cache (--draft_kv_cache_mb); drafts only while at most "
-        "--speculative_max_batch sequences decode (16)\n",
+        "its %.0f MiB cache (strata-worker's default: %d tokens of each of the 16 sequences that "
+        "may draft at once); drafts only while at most --speculative_max_batch sequences decode "
+        "(16)\n",
         spec->draft_parameters / 1e9, spec->num_speculative_tokens, spec->acceptance,
         spec->tokens_per_step, spec->verify_step_ms, spec->num_speculative_tokens + 1,
         spec->num_speculative_tokens, spec->draft_step_ms, spec->ms_per_token, p.batch1_step_ms,
-        spec->speedup, spec->draft_gpu_weight_bytes / kGiB);
+        spec->speedup, spec->draft_gpu_weight_bytes / kGiB, spec->draft_kv_cache_bytes / kMiB,
+        kDraftKvTokensPerSequence);
   }
   if (w.fine_tunes > 0) {
     absl::FPrintF(out,

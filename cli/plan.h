@@ -191,6 +191,8 @@ double LoraBytes(const ModelConfig& model, int64_t rank, double value_bytes);
 struct SpeculationPlan {
   int64_t draft_parameters = 0;
   double draft_gpu_weight_bytes = 0;  // on each GPU (the draft runs whole beside rank 0: on one)
+  // Its KV cache as strata-worker sizes it by default (DraftKvCacheBytes).
+  double draft_kv_cache_bytes = 0;
   int num_speculative_tokens = 0;
   double acceptance = 0;
   double draft_step_ms = 0;   // one batch-1 pass of the draft
@@ -199,6 +201,10 @@ struct SpeculationPlan {
   double ms_per_token = 0;  // against the plan's batch1_step_ms without drafts
   double speedup = 0;
 };
+// The KV cache strata-worker gives a draft model on the GPU by default (--draft_kv_cache_mb=0):
+// kDraftKvTokensPerSequence tokens of each of the 16 sequences that may draft at once
+// (--speculative_max_batch), in `options.dtype`.
+double DraftKvCacheBytes(const ModelConfig& draft, const PlanOptions& options);
 // INVALID_ARGUMENT naming --draft-model when its vocabulary is not the model's, or the flags'
 // names for an acceptance outside (0, 1] or k outside 1..32.
 absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const ModelConfig& draft,

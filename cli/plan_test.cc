@@ -447,10 +447,12 @@ TEST(PlanCommandTest, PlansADraftModel) {
   EXPECT_NEAR(*s.Field("ms_per_token")->AsDouble(), (verify_ms + 3 * draft_ms) / 1.875, 1e-2);
   EXPECT_NEAR(*s.Field("speedup")->AsDouble(), batch1_ms / *s.Field("ms_per_token")->AsDouble(),
               1e-2);
-  // The draft's 2.3 GiB of weights and 64 MiB cache come out of the KV cache.
+  // The draft's 2.3 GiB of weights and its cache come out of the KV cache: 16 sequences of 4096
+  // tokens at 32 KiB a token (16 layers, 8 KV heads of 64, bf16), 2 GiB.
+  EXPECT_DOUBLE_EQ(*s.Field("draft_kv_cache_bytes")->AsDouble(), 16.0 * 4096 * 32 * 1024);
   const double kv_plain = *p->root().Field("kv_cache_mb")->AsDouble();
   const double kv_spec = *d->root().Field("kv_cache_mb")->AsDouble();
-  EXPECT_NEAR(kv_plain - kv_spec, 1235814400.0 * 2 / (1 << 20) + 64, 2);
+  EXPECT_NEAR(kv_plain - kv_spec, 1235814400.0 * 2 / (1 << 20) + 2048, 2);
   // A draft accepted every time gives k + 1 tokens a step.
   with[with.size() - 3] = "1";
   auto always = RunPlan(with);

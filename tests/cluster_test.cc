@@ -701,7 +701,7 @@ TEST(SpeculativeTest, AWorkerWithADraftModelStreamsTheSameText) {
   const std::vector<std::pair<std::vector<std::string>, std::string>> bad_flags = {
       {{"--draft_model=models/strata-tiny/no-such-draft"},
        "--draft_model models/strata-tiny/no-such-draft"},
-      {{"--draft_model=models/strata-tiny/draft", "--draft_kv_cache_mb=0"}, "--draft_kv_cache_mb"},
+      {{"--draft_model=models/strata-tiny/draft", "--draft_kv_cache_mb=-1"}, "--draft_kv_cache_mb"},
   };
   for (const auto& [flags, want] : bad_flags) {
     const std::string log = TestOutputDir() + "/bad-draft-model.log";

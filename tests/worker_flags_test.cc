@@ -39,7 +39,7 @@ TEST(WorkerFlagsTest, OutOfRangeNumbersStopTheWorkerNamingTheFlag) {
       {"--host_cache_mb=-1", "--host_cache_mb must be 0 to"},
       {"--disk_cache_mb=2000000000", "--disk_cache_mb must be 0 to"},
       {"--delta_cache_mb=0", "--delta_cache_mb must be 1 to"},
-      {"--draft_kv_cache_mb=-3", "--draft_kv_cache_mb must be 1 to"},
+      {"--draft_kv_cache_mb=-3", "--draft_kv_cache_mb must be 0 to"},
       {"--kv_fetch_max_mb=0", "--kv_fetch_max_mb must be 1 to 16777216"},
       {"--kv_copy_slice_mb=2000000", "--kv_copy_slice_mb must be 1 to 1048576"},
       {"--block_tokens=0", "--block_tokens must be 1 to 4096"},

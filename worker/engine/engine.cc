@@ -138,6 +138,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
       return absl::InvalidArgumentError(
           "engine: a draft model needs num_speculative_tokens of 1 or more");
     }
+    if (config.draft_kv_cache_bytes < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "engine: draft_kv_cache_bytes must be 0 (sized for speculative_max_batch sequences) "
+          "or more, not ",
+          config.draft_kv_cache_bytes));
+    }
   }
   int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
   if (on_gpu) block_bytes = block_bytes / 4 * DTypeBytes(config.gpu.act);
@@ -204,6 +210,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
   if (engine->config_.draft_weights != nullptr) {
     DraftModelConfig dc;
     dc.kv_cache_bytes = engine->config_.draft_kv_cache_bytes;
+    if (dc.kv_cache_bytes == 0) {
+      // Whole blocks for what may draft at once, in the draft's cache dtype on this device.
+      const ModelWeights& d = *engine->config_.draft_weights;
+      int64_t draft_block = KvCacheStorage::BlockBytes(d, engine->config_.block_tokens);
+      if (on_gpu) draft_block = draft_block / 4 * DTypeBytes(engine->config_.gpu.act);
+      const int64_t tokens = std::min<int64_t>(
+          int64_t{engine->config_.speculative_max_batch} * kDraftKvTokensPerSequence,
+          num_blocks * engine->config_.block_tokens);
+      dc.kv_cache_bytes =
+          (tokens + engine->config_.block_tokens - 1) / engine->config_.block_tokens * draft_block;
+      engine->config_.draft_kv_cache_bytes = dc.kv_cache_bytes;
+    }
     dc.block_tokens = engine->config_.block_tokens;
     dc.compute_threads = engine->config_.draft_compute_threads > 0
                              ? engine->config_.draft_compute_threads
@@ -413,7 +431,10 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   s->id = id;
   s->arrival = next_arrival_++;
   s->share = ShareFor(o);
-  if (s->share->live++ == 0) ++live_tenants_;
+  if (s->share->live++ == 0) {
+    ++live_tenants_;
+    live_by_service_.insert({s->share->service, s->share});
+  }
   s->prompt_len = static_cast<int64_t>(prompt.size());
   s->penalties.AddPrompt(prompt);
   s->tokens = std::move(prompt);
@@ -469,7 +490,7 @@ Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
     it = tenants_.try_emplace(o.tenant).first;
     it->second.name = o.tenant;
     it->second.id = TenantId(o.tenant);
-    it->second.live_tenants = &live_tenants_;
+    it->second.engine = this;
   }
   TenantShare& t = it->second;
   t.weight = o.tenant_weight;
@@ -477,16 +498,15 @@ Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
     // No credit banked while idle: start level with the least served tenant at work, or, when
     // none is, with the most served of all (an idle engine forgets who was served more: work
     // done alone took nothing from anyone).
-    double least_live = -1, most = 0;
-    for (const auto& [name, other] : tenants_) {
-      if (other.live > 0 && (least_live < 0 || other.service < least_live)) {
-        least_live = other.service;
-      }
-      most = std::max(most, other.service);
-    }
-    t.service = std::max(t.service, least_live >= 0 ? least_live : most);
+    t.service = std::max(
+        t.service, live_by_service_.empty() ? most_service_ : live_by_service_.begin()->first);
   }
   return &t;
+}
+
+void Engine::TenantIdle(TenantShare* t) {
+  --live_tenants_;
+  live_by_service_.erase({t->service, t});
 }
 
 void Engine::Charge(const Sequence& s, int64_t computed, int64_t generated) {
@@ -494,11 +514,17 @@ void Engine::Charge(const Sequence& s, int64_t computed, int64_t generated) {
   t.computed_tokens += computed;
   t.generated_tokens += generated;
   if (computed + generated == 0) return;
-  for (const auto& [priority, order] : t.heads)
+  // Its places by service move with it (a charged tenant is live).
+  for (const auto& [priority, order] : t.heads) {
     tenant_heads_.erase({priority, t.service, order, &t});
+  }
+  live_by_service_.erase({t.service, &t});
   t.service += static_cast<double>(computed + generated) / t.weight;
-  for (const auto& [priority, order] : t.heads)
+  most_service_ = std::max(most_service_, t.service);
+  live_by_service_.insert({t.service, &t});
+  for (const auto& [priority, order] : t.heads) {
     tenant_heads_.insert({priority, t.service, order, &t});
+  }
 }
 
 void Engine::UpdateHead(TenantShare* t, int32_t priority) {
@@ -1419,6 +1445,17 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
         }
       }
       level = waiting_.upper_bound({priority, std::numeric_limits<int64_t>::max()});
+    }
+  }
+  // The pending prefill of waiting sequences admission did not try (those behind one that found
+  // no room) would go stale as the cache changes: a few more are estimated again each step, in
+  // turn.
+  if (config_.enable_prefix_caching && !waiting_.empty()) {
+    auto it = waiting_.upper_bound(refresh_after_);
+    for (size_t n = std::min<size_t>(kRefreshPerStep, waiting_.size()); n > 0; --n, ++it) {
+      if (it == waiting_.end()) it = waiting_.begin();
+      RefreshPendingPrefill(it->second.get());
+      refresh_after_ = it->first;
     }
   }
   // Drafts last, from what the plan leaves: its token budget and free blocks (so a draft never

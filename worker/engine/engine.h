@@ -49,6 +49,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -168,10 +169,12 @@ struct EngineConfig {
   int speculative_max_batch = -1;
   // Speculative decoding with a draft model (DraftModel): a smaller model with the same tokenizer
   // proposes the drafts instead, its greedy tokens (a grammar's forced text still comes first).
-  // The draft runs on the engine's device with a KV cache of draft_kv_cache_bytes. Not owned; it
-  // must outlive the engine. Null: n-gram drafts.
+  // The draft runs on the engine's device with a KV cache of draft_kv_cache_bytes (0: room for
+  // kDraftKvTokensPerSequence tokens of each of speculative_max_batch sequences, or for as many
+  // tokens as the engine's own cache holds where that is less). Not owned; it must outlive the
+  // engine. Null: n-gram drafts.
   const ModelWeights* draft_weights = nullptr;
-  int64_t draft_kv_cache_bytes = int64_t{64} << 20;
+  int64_t draft_kv_cache_bytes = 0;
   // Compute threads of the draft's runner (0: compute_threads). A draft small enough to pay for
   // itself is often fastest on one: its products are too small to split.
   int draft_compute_threads = 0;
@@ -466,8 +469,8 @@ class Engine {
  private:
   struct TenantShare : TenantService {
     int64_t live = 0;  // its sequences waiting or running
-    // The engine's count of tenants with live sequences (live_tenants_), kept as `live` crosses 0.
-    int64_t* live_tenants = nullptr;
+    // Its engine, told when `live` falls to 0 (TenantIdle).
+    Engine* engine = nullptr;
     int32_t id = 0;  // the owner of the blocks it publishes (BlockManager), 1 up
     // For each priority it has sequences waiting at, the queue order of its first there (its
     // entry in the engine's tenant_heads_).
@@ -554,7 +557,7 @@ class Engine {
     // Its tenant's entry in tenants_, where it counts as live while it exists.
     TenantShare* share = nullptr;
     ~Sequence() {
-      if (share != nullptr && --share->live == 0) --*share->live_tenants;
+      if (share != nullptr && --share->live == 0) share->engine->TenantIdle(share);
       if (live_ids != nullptr) {
         auto it = live_ids->find(id);
         if (it != live_ids->end() && it->second == this) live_ids->erase(it);
@@ -727,6 +730,12 @@ class Engine {
   // From 1: owner 0 is no tenant (blocks a worker's disk tier recovered at start, say).
   int32_t next_tenant_id_ = 1;
   int64_t live_tenants_ = 0;  // tenants with sequences waiting or running
+  // The tenants with sequences waiting or running by service (ShareFor starts an arriving tenant
+  // level with the least of them), and the most any tenant has had.
+  absl::btree_set<std::pair<double, TenantShare*>> live_by_service_;
+  double most_service_ = 0;
+  // `t` has no sequences left.
+  void TenantIdle(TenantShare* t);
   // Waiting and running sequences by request id (declared before them: they leave it when
   // destroyed; a cancelled one leaves it at once).
   absl::flat_hash_map<std::string, Sequence*> live_ids_;
@@ -739,6 +748,9 @@ class Engine {
   // The waiting sequences' pending_prefill, summed (EngineStats::num_pending_prefill_tokens: a
   // load report costs no pass over the queue).
   int64_t waiting_prefill_tokens_ = 0;
+  // Each step also estimates this many waiting sequences again, in turn, from after this one.
+  static constexpr size_t kRefreshPerStep = 16;
+  WaitKey refresh_after_{std::numeric_limits<int32_t>::max(), std::numeric_limits<int64_t>::min()};
   int64_t next_wait_order_ = 0;                     // arrivals count up from 0,
   int64_t next_ahead_order_ = -1;                   // preempted sequences down from -1
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order

@@ -470,6 +470,34 @@ TEST_P(EngineSpeculativeTest, ADraftModelDraftsTextThatDoesNotRepeat) {
   EXPECT_EQ(d.num_free_blocks, d.num_blocks);
 }
 
+// Unless given a size, the draft's cache holds kDraftKvTokensPerSequence tokens of each sequence
+// that may draft at once, or as many tokens as the engine's own cache where that is less; a size
+// given is kept.
+TEST_P(EngineSpeculativeTest, TheDraftCacheIsSizedForTheSequencesThatMayDraft) {
+  if (!with_draft_model()) GTEST_SKIP() << "draft model only";
+  const auto draft_blocks = [&](int64_t target_blocks, int max_batch, int64_t bytes) {
+    EngineConfig ec = Config(4);
+    ec.num_kv_blocks = target_blocks;
+    ec.speculative_max_batch = max_batch;
+    ec.draft_kv_cache_bytes = bytes;
+    auto e = MakeEngine(ec);
+    EXPECT_NE(e, nullptr);
+    return e == nullptr ? -1 : e->Stats(false).draft_model.num_blocks;
+  };
+  // 16-token blocks: 4096 tokens a sequence are 256 blocks.
+  EXPECT_EQ(draft_blocks(2048, 2, 0), 2 * 256);
+  EXPECT_EQ(draft_blocks(2048, 4, 0), 4 * 256);
+  EXPECT_EQ(draft_blocks(300, 4, 0), 300);  // no more tokens than the engine's cache holds
+  const int64_t block_bytes = KvCacheStorage::BlockBytes(*draft_, 16);
+  EXPECT_EQ(draft_blocks(2048, 4, 10 * block_bytes + 1), 10);
+  EngineConfig ec = Config(4);
+  ec.draft_weights = draft_.get();
+  ec.draft_kv_cache_bytes = -1;
+  auto e = Engine::Create(weights_.get(), &comm_, ec);
+  ASSERT_FALSE(e.ok());
+  EXPECT_TRUE(absl::StrContains(e.status().message(), "draft_kv_cache_bytes")) << e.status();
+}
+
 TEST_P(EngineSpeculativeTest, TheBaseAsItsOwnDraftKeepsNearlyEveryDraft) {
   if (!with_draft_model()) GTEST_SKIP() << "draft model only";
   EngineConfig ec = Config(4);

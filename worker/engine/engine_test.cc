@@ -301,6 +301,18 @@ TEST_F(EngineTest, PendingPrefillLeavesOutCachedBlocks) {
   std::map<std::string, RequestOutput> last;
   RunAll(*e, &last);
   EXPECT_EQ(last["b"].num_cached_prompt_tokens, 64);
+
+  // Queued before the prompt it shares was computed, and not tried since (one runs at a time):
+  // its estimate is made again within a step or two all the same.
+  EngineConfig one;
+  one.max_running_sequences = 1;
+  auto e1 = MakeEngine(one);
+  ASSERT_TRUE(e1->AddRequest("a", prompt, Greedy(8)).ok());
+  ASSERT_TRUE(e1->AddRequest("b", prompt, Greedy(1)).ok());
+  EXPECT_EQ(e1->Stats().num_pending_prefill_tokens, 140);
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(e1->Step().ok());
+  EXPECT_EQ(e1->Stats().num_running, 1);
+  EXPECT_EQ(e1->Stats().num_pending_prefill_tokens, 6);
 }
 
 // Four requests sharing a 64-token prefix arrive together: the first computes the prefix, and the

@@ -63,6 +63,11 @@ struct ModelConfig {
   int64_t NumParameters() const;
 };
 
+// A draft model's KV cache (speculative decoding) when its size is not given: room for this many
+// tokens for each sequence that may draft at once (strata-worker's --draft_kv_cache_mb=0;
+// stratactl plan reserves the same).
+inline constexpr int64_t kDraftKvTokensPerSequence = 4096;
+
 // Parses and validates a config.json document (`root` is its top-level object). Errors name the
 // file and the field.
 absl::StatusOr<ModelConfig> ParseModelConfig(const JsonValue& root);

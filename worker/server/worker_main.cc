@@ -144,9 +144,10 @@ ABSL_FLAG(std::string, draft_model, "",
           "Speculative decoding with a draft model: a smaller model with --model's tokenizer (a "
           "Hugging Face directory) proposes the drafts instead of n-gram lookup, on --device. "
           "--num_speculative_tokens defaults to 4 with it.");
-ABSL_FLAG(int64_t, draft_kv_cache_mb, 64,
+ABSL_FLAG(int64_t, draft_kv_cache_mb, 0,
           "KV cache of the draft model, in MiB (the sequences that drafted least recently give "
-          "theirs up when it is full).");
+          "theirs up when it is full); 0: room for 4096 tokens of each of --speculative_max_batch "
+          "sequences (at most what --kv_cache_mb holds in tokens).");
 ABSL_FLAG(int, threads, 0, "CPU compute threads; 0 uses every core.");
 ABSL_FLAG(std::string, device, "cpu",
           "Where the model runs: cpu, or gpu (the current CUDA device; one rank).");
@@ -365,7 +366,7 @@ absl::Status CheckFlagRanges() {
       {"host_cache_mb", absl::GetFlag(FLAGS_host_cache_mb), 0, kMostMiB},
       {"disk_cache_mb", absl::GetFlag(FLAGS_disk_cache_mb), 0, kMostMiB},
       {"delta_cache_mb", absl::GetFlag(FLAGS_delta_cache_mb), 1, kMostMiB},
-      {"draft_kv_cache_mb", absl::GetFlag(FLAGS_draft_kv_cache_mb), 1, kMostMiB},
+      {"draft_kv_cache_mb", absl::GetFlag(FLAGS_draft_kv_cache_mb), 0, kMostMiB},
       {"kv_fetch_max_mb", absl::GetFlag(FLAGS_kv_fetch_max_mb), 1, int64_t{1} << 24},
       {"kv_copy_slice_mb", absl::GetFlag(FLAGS_kv_copy_slice_mb), 1, int64_t{1} << 20},
       {"block_tokens", absl::GetFlag(FLAGS_block_tokens), 1, 4096},
@@ -637,6 +638,11 @@ int Main(const std::vector<std::string>& args) {
   if (!engine.ok()) {
     LOG(ERROR) << engine.status();
     return 1;
+  }
+  if (ec.draft_weights != nullptr) {
+    const DraftModelStats draft = (*engine)->Stats(/*with_tenants=*/false).draft_model;
+    LOG(INFO) << "draft model KV cache: " << ((*engine)->config().draft_kv_cache_bytes >> 20)
+              << " MiB, " << draft.num_blocks << " blocks of " << ec.block_tokens << " tokens";
   }
   const int64_t num_blocks = (*engine)->num_kv_blocks();
   const bool has_tiers = (*engine)->kv_store() != nullptr;
