@@ -149,15 +149,31 @@ double GraphTimeUs(cudaStream_t stream, int reps, Fn&& fn) {
   return ms * 1e3 / reps;
 }
 
+// The results object. With `path`, every figure added is on disk at once (written aside, then
+// renamed over it): a run stopped by its time limit still leaves what it measured, a whole JSON
+// object, for gpu_check's table.
 struct Json {
   std::string s = "{";
+  std::string path;
   void Add(const std::string& k, double v) {
     if (s.size() > 1) s += ",";
     s += absl::StrFormat("\n  \"%s\": %.6g", k, v);
+    Save();
   }
   void AddStr(const std::string& k, const std::string& v) {
     if (s.size() > 1) s += ",";
     s += absl::StrFormat("\n  \"%s\": %s", k, JsonQuote(v));
+    Save();
+  }
+  void Save() const {
+    if (path.empty()) return;
+    const std::string aside = path + ".partial";
+    {
+      std::ofstream f(aside);
+      f << s << "\n}\n";
+      if (!f) return;
+    }
+    std::rename(aside.c_str(), path.c_str());
   }
 };
 
@@ -296,6 +312,7 @@ int Main() {
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   Json json;
+  json.path = absl::GetFlag(FLAGS_out);
   json.AddStr("device", prop.name);
   json.Add("multiprocessors", prop.multiProcessorCount);
 
@@ -1033,7 +1050,7 @@ int Main() {
   }
   // The results so far are on disk before tracing starts, in case CUPTI fails the process.
   const std::string out = absl::GetFlag(FLAGS_out);
-  if (!out.empty()) std::ofstream(out) << json.s << "\n}\n";
+  json.Save();  // (each figure is on disk already; the object again, for the record)
   const int64_t trace_steps = absl::GetFlag(FLAGS_trace_steps);
   if (trace_steps > 0) {
     // Started before the runner, whose graphs CUPTI must see instantiated.
@@ -1119,9 +1136,8 @@ int Main() {
       }
     }
   }
-  json.s += "\n}\n";
-  if (!out.empty()) std::ofstream(out) << json.s;
-  std::printf("%s", json.s.c_str());
+  json.Save();
+  std::printf("%s\n}\n", json.s.c_str());
   return 0;
 }
 

@@ -8,6 +8,9 @@
 # Usage: run.sh RESULTS_DIR [NAME_REGEX]
 #        run.sh --libpath      (prints the LD_LIBRARY_PATH the binaries run with, for other scripts)
 # STRATA_GPU_BENCH_ARGS: more flags for bench.gpu_bench (split at spaces), e.g. --batches=1,8,64.
+# STRATA_GPU_DEADLINE_EPOCH (Unix seconds, set by tools/gpu_check.sh run): each binary's time limit
+# (STRATA_GPU_TIMEOUT, default 300) is cut to what is left before it; one that would have under 10 s
+# is not started (its row says "no time left").
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
@@ -61,7 +64,17 @@ run_one() {
   # Test files (the disk tier's O_DIRECT file among them) go under the bundle, on the machine's disk
   # rather than a /tmp that may be tmpfs.
   rm -rf "$here/tmp/$name" && mkdir -p "$here/tmp/$name"
-  TEST_TMPDIR="$here/tmp/$name" LD_LIBRARY_PATH="$libpath" timeout "${STRATA_GPU_TIMEOUT:-300}" "${launcher[@]}" "$here/bin/$name" \
+  local limit_s="${STRATA_GPU_TIMEOUT:-300}"
+  if [ -n "${STRATA_GPU_DEADLINE_EPOCH:-}" ]; then
+    local left=$((STRATA_GPU_DEADLINE_EPOCH - $(date +%s)))
+    [ "$left" -lt "$limit_s" ] && limit_s=$left
+    if [ "$limit_s" -lt 10 ]; then
+      printf '%-40s %-6s %6s %6s %6s %8s (no time left)\n' "$name" SKIP - - - 0 >"$results/$name.row"
+      echo 0 >"$results/$name.rc"
+      return
+    fi
+  fi
+  TEST_TMPDIR="$here/tmp/$name" LD_LIBRARY_PATH="$libpath" timeout "$limit_s" "${launcher[@]}" "$here/bin/$name" \
     "${args[@]}" </dev/null >"$results/$name.log" 2>&1
   rc=$?
   elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))

@@ -28,7 +28,11 @@
 # gpu; cpu checks the script itself on a machine without a GPU), STRATA_GPU_JOBS (test binaries run
 # at once, default 4; benchmarks always run alone), STRATA_GPU_DRAFT_COST (0 skips the Llama-3.2-1B
 # shape's decode steps, a draft model's cost), STRATA_GPU_PACK (a .tgz path: RESULTS_DIR packed
-# into it at the end, for machines that hand back only a few files).
+# into it at the end, for machines that hand back only a few files), STRATA_GPU_DEADLINE_S (the
+# whole run's seconds, default 540, inside a 10-minute device call: every stage's time limit is
+# cut to what is left, less 30 s for the table and the pack; a stage with too little left is
+# skipped and named in skipped.txt and under the table; gpu_bench keeps every figure it measured
+# before its limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -251,6 +255,24 @@ case "${1:-}" in
   run)
     results="${2:?usage: tools/gpu_check.sh run RESULTS_DIR}"
     mkdir -p "$results"
+    # The time left before the table and the pack (30 s kept for them); the bundle's runner cuts
+    # each binary's limit to it too.
+    deadline_s="${STRATA_GPU_DEADLINE_S:-540}"
+    case "$deadline_s" in
+      '' | *[!0-9]*) echo "gpu_check: STRATA_GPU_DEADLINE_S must be whole seconds, not '$deadline_s'" >&2; exit 2 ;;
+    esac
+    export STRATA_GPU_DEADLINE_EPOCH=$(($(date +%s) + deadline_s - 30))
+    : >"$results/skipped.txt"
+    # limit DEFAULT MIN STAGE: prints DEFAULT cut to the seconds left, or records STAGE as skipped
+    # (and fails) when fewer than MIN are left.
+    limit() {
+      local left=$((STRATA_GPU_DEADLINE_EPOCH - $(date +%s)))
+      if [ "$left" -lt "$2" ]; then
+        echo "$3 (${left} s left, wants ${2})" >>"$results/skipped.txt"
+        return 1
+      fi
+      echo $((left < $1 ? left : $1))
+    }
     if [ ! -x gpu-bundle/run.sh ]; then
       [ -f gpu-bundle.tar.xz ] || { echo "gpu_check: no gpu-bundle/ or gpu-bundle.tar.xz here" >&2; exit 2; }
       tar -xJf gpu-bundle.tar.xz
@@ -265,14 +287,16 @@ case "${1:-}" in
       libpath="$(bundle_libpath)"
       : >"$results/sanitizer.log"
       for tool in ${STRATA_GPU_SANITIZE_TOOLS:-memcheck}; do
-        LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        t=$(limit "${STRATA_SANITIZE_TIMEOUT:-240}" 60 "compute-sanitizer $tool") || break
+        LD_LIBRARY_PATH="$libpath" timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           gpu-bundle/bin/kernels.cuda.ops_test --gtest_filter="$STRATA_GPU_SANITIZE" \
           >>"$results/sanitizer.log" 2>&1
         echo "compute-sanitizer $tool exit $?" >>"$results/sanitizer.log"
         # The fine-tune delta kernels too (STRATA_GPU_SANITIZE_DELTA: a gtest filter of
         # kernels/cuda:delta_test, default all of it; empty skips them).
-        if [ -n "${STRATA_GPU_SANITIZE_DELTA-*}" ] && [ -x gpu-bundle/bin/kernels.cuda.delta_test ]; then
-          LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        if [ -n "${STRATA_GPU_SANITIZE_DELTA-*}" ] && [ -x gpu-bundle/bin/kernels.cuda.delta_test ] &&
+          t=$(limit "${STRATA_SANITIZE_TIMEOUT:-240}" 60 "compute-sanitizer $tool (delta_test)"); then
+          LD_LIBRARY_PATH="$libpath" timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
             gpu-bundle/bin/kernels.cuda.delta_test --gtest_filter="${STRATA_GPU_SANITIZE_DELTA-*}" \
             >>"$results/sanitizer.log" 2>&1
           echo "compute-sanitizer $tool (delta_test) exit $?" >>"$results/sanitizer.log"
@@ -280,8 +304,9 @@ case "${1:-}" in
         # The GEMV's fused forms, whose epilogues compute cache offsets (STRATA_GPU_SANITIZE_GEMV:
         # a gtest filter of kernels/cuda:gemv_test, e.g. GemvTest.RopeQkv*; unset skips them: its
         # 8B-sized shapes are slow under the sanitizer).
-        if [ -n "${STRATA_GPU_SANITIZE_GEMV:-}" ] && [ -x gpu-bundle/bin/kernels.cuda.gemv_test ]; then
-          LD_LIBRARY_PATH="$libpath" timeout "${STRATA_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        if [ -n "${STRATA_GPU_SANITIZE_GEMV:-}" ] && [ -x gpu-bundle/bin/kernels.cuda.gemv_test ] &&
+          t=$(limit "${STRATA_SANITIZE_TIMEOUT:-240}" 60 "compute-sanitizer $tool (gemv_test)"); then
+          LD_LIBRARY_PATH="$libpath" timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
             gpu-bundle/bin/kernels.cuda.gemv_test --gtest_filter="$STRATA_GPU_SANITIZE_GEMV" \
             >>"$results/sanitizer.log" 2>&1
           echo "compute-sanitizer $tool (gemv_test) exit $?" >>"$results/sanitizer.log"
@@ -291,14 +316,15 @@ case "${1:-}" in
     # End to end: a coordinator and one worker on the GPU (f32, so that greedy tokens are exact)
     # serve the bundled model over gRPC; its greedy text must equal the CPU engine's (stratactl run).
     if [ -x gpu-bundle/bin/worker.server.strata-worker ] && [ "${STRATA_CLUSTER:-1}" != 0 ]; then
-      cluster_check "$results" >"$results/cluster.log" 2>&1
-      disagg_check "$results" >"$results/disagg.log" 2>&1
+      limit 0 90 "cluster check" >/dev/null && cluster_check "$results" >"$results/cluster.log" 2>&1
+      limit 0 60 "disaggregated check" >/dev/null && disagg_check "$results" >"$results/disagg.log" 2>&1
     fi
     # The capacity simulator's step cost, measured of the GPU engine on the Llama-3-8B shape
     # (random bf16 weights): `stratactl simulate --profile RESULTS_DIR/profile_llama3_8b.json`
     # then plans with this GPU's measured costs (STRATA_GPU_PROFILE=0 skips it).
-    if [ -x gpu-bundle/bin/cli.stratactl ] && [ "${STRATA_GPU_PROFILE:-1}" != 0 ]; then
-      LD_LIBRARY_PATH="$(bundle_libpath)" timeout "${STRATA_PROFILE_TIMEOUT:-300}" \
+    if [ -x gpu-bundle/bin/cli.stratactl ] && [ "${STRATA_GPU_PROFILE:-1}" != 0 ] &&
+      t=$(limit "${STRATA_PROFILE_TIMEOUT:-300}" 60 "stratactl profile"); then
+      LD_LIBRARY_PATH="$(bundle_libpath)" timeout "$t" \
         gpu-bundle/bin/cli.stratactl profile --device gpu --random-weights \
         --model bench/configs/llama3_8b.json --kv-cache-mb 24576 --max-batch-tokens 2048 \
         --context 512 --reps 5 --out "$results/profile_llama3_8b.json" >"$results/profile.log" 2>&1
@@ -308,22 +334,26 @@ case "${1:-}" in
     # the draft for Llama-3-8B), against the 8B's step above: the ratio that decides what speculative
     # decoding with a draft model buys (docs/PERFORMANCE.md, "Speculative decoding").
     # STRATA_GPU_DRAFT_COST=0 skips it.
-    if [ "${STRATA_GPU_DRAFT_COST:-1}" != 0 ]; then
-      LD_LIBRARY_PATH="$(bundle_libpath)" timeout "${STRATA_DRAFT_COST_TIMEOUT:-240}" \
+    if [ "${STRATA_GPU_DRAFT_COST:-1}" != 0 ] &&
+      t=$(limit "${STRATA_DRAFT_COST_TIMEOUT:-240}" 45 "draft cost (Llama-3.2-1B shape)"); then
+      LD_LIBRARY_PATH="$(bundle_libpath)" timeout "$t" \
         gpu-bundle/bin/bench.gpu_bench --config bench/configs/llama3_2_1b.json --only_decode \
         --batches=1,8 --steps=32 --variants=shipped --trace_steps=0 \
         --out "$results/gpu_bench_llama3_2_1b.json" >"$results/draft_cost.log" 2>&1
       echo "draft cost exit $?" >>"$results/draft_cost.log"
     fi
     # Per-kernel times of one batch-1 decode step (STRATA_GPU_NCU=1, where ncu is on the PATH).
-    if [ -n "${STRATA_GPU_NCU:-}" ] && command -v ncu >/dev/null; then
+    if [ -n "${STRATA_GPU_NCU:-}" ] && command -v ncu >/dev/null && limit 0 120 "ncu decode" >/dev/null; then
       ncu_decode "$results" >"$results/ncu.log" 2>&1
     fi
-    if [ -n "${STRATA_GPU_NCU_DETAILS:-}" ] && command -v ncu >/dev/null; then
+    if [ -n "${STRATA_GPU_NCU_DETAILS:-}" ] && command -v ncu >/dev/null &&
+      limit 0 120 "ncu details" >/dev/null; then
       ncu_details "$results" >>"$results/ncu.log" 2>&1
     fi
     budget="${STRATA_TORCH_BUDGET:-150}"
-    if [ "$budget" != 0 ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+    if [ "$budget" != 0 ] && python3 -c 'import torch, transformers' 2>/dev/null &&
+      b=$(limit $((budget + 120)) 150 "PyTorch comparison"); then
+      budget=$((b - 120 < budget ? b - 120 : budget))
       PYTHONUNBUFFERED=1 timeout $((budget + 120)) python3 bench/torch_baseline.py \
         --config bench/configs/llama3_8b.json --out "$results/torch_baseline.json" \
         --time_budget_s "$budget" >"$results/torch_baseline.log" 2>&1
@@ -459,6 +489,12 @@ for b in traced:
         g(ours, k + "idle_us_per_step"),
         100.0 * g(ours, k + "idle_us_per_step") / max(g(ours, k + "span_us_per_step"), 1e-9),
         ", ".join(top)))
+skipped = [l for l in open(os.path.join(res, "skipped.txt")).read().splitlines() if l.strip()] \
+    if os.path.exists(os.path.join(res, "skipped.txt")) else []
+timed_out = [l.split()[0] for l in open(os.path.join(res, "summary.txt")).read().splitlines()
+             if "(no time left)" in l] if os.path.exists(os.path.join(res, "summary.txt")) else []
+if skipped or timed_out:
+    print("skipped for time (STRATA_GPU_DEADLINE_S): " + "; ".join(skipped + timed_out))
 print()
 print("%-28s %18s %18s" % ("Llama-3-8B shape, bf16", "strata", "pytorch+hf"))
 for name, a, b in rows:
