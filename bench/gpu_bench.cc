@@ -157,7 +157,9 @@ struct Json {
   std::string path;
   void Add(const std::string& k, double v) {
     if (s.size() > 1) s += ",";
-    s += absl::StrFormat("\n  \"%s\": %.6g", k, v);
+    // (JSON has no NaN or infinity: a figure that is not a number is null.)
+    s += std::isfinite(v) ? absl::StrFormat("\n  \"%s\": %.6g", k, v)
+                          : absl::StrFormat("\n  \"%s\": null", k);
     Save();
   }
   void AddStr(const std::string& k, const std::string& v) {
@@ -168,11 +170,10 @@ struct Json {
   void Save() const {
     if (path.empty()) return;
     const std::string aside = path + ".partial";
-    {
-      std::ofstream f(aside);
-      f << s << "\n}\n";
-      if (!f) return;
-    }
+    std::ofstream f(aside);
+    f << s << "\n}\n";
+    f.close();
+    if (f.fail()) return;  // (a full disk, say: the last whole file stays)
     std::rename(aside.c_str(), path.c_str());
   }
 };

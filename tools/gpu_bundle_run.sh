@@ -70,11 +70,11 @@ run_one() {
     [ "$left" -lt "$limit_s" ] && limit_s=$left
     if [ "$limit_s" -lt 10 ]; then
       printf '%-40s %-6s %6s %6s %6s %8s (no time left)\n' "$name" SKIP - - - 0 >"$results/$name.row"
-      echo 0 >"$results/$name.rc"
+      echo skipped >"$results/$name.rc"
       return
     fi
   fi
-  TEST_TMPDIR="$here/tmp/$name" LD_LIBRARY_PATH="$libpath" timeout "$limit_s" "${launcher[@]}" "$here/bin/$name" \
+  TEST_TMPDIR="$here/tmp/$name" LD_LIBRARY_PATH="$libpath" timeout -k 10 "$limit_s" "${launcher[@]}" "$here/bin/$name" \
     "${args[@]}" </dev/null >"$results/$name.log" 2>&1
   rc=$?
   elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
@@ -119,12 +119,18 @@ wait
 for name in "${benches[@]}"; do run_one "$name" bench; done
 
 failed=0
+unrun=0
 printf '%-40s %-6s %6s %6s %6s %8s\n' NAME RESULT PASS FAIL SKIP SECONDS >>"$results/summary.txt"
 for name in "${names[@]}"; do
   cat "$results/$name.row" >>"$results/summary.txt"
-  [ "$(cat "$results/$name.rc")" = 0 ] || failed=$((failed + 1))
+  case "$(cat "$results/$name.rc")" in
+    0) ;;
+    skipped) unrun=$((unrun + 1)) ;;
+    *) failed=$((failed + 1)) ;;
+  esac
   rm -f "$results/$name.row" "$results/$name.rc"
 done
 echo "failed binaries: $failed" >>"$results/summary.txt"
+[ $unrun -eq 0 ] || echo "binaries not run (no time left): $unrun" >>"$results/summary.txt"
 cat "$results/summary.txt"
-[ $failed -eq 0 ]
+[ $failed -eq 0 ] && [ $unrun -eq 0 ]

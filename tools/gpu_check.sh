@@ -263,6 +263,9 @@ case "${1:-}" in
     esac
     export STRATA_GPU_DEADLINE_EPOCH=$(($(date +%s) + deadline_s - 30))
     : >"$results/skipped.txt"
+    # The stages below that are functions of this script run in a child shell under timeout, which
+    # stops the servers they start with them (timeout signals its whole process group).
+    export -f bundle_libpath ncu_decode ncu_details cluster_check disagg_check
     # limit DEFAULT MIN STAGE: prints DEFAULT cut to the seconds left, or records STAGE as skipped
     # (and fails) when fewer than MIN are left.
     limit() {
@@ -288,7 +291,7 @@ case "${1:-}" in
       : >"$results/sanitizer.log"
       for tool in ${STRATA_GPU_SANITIZE_TOOLS:-memcheck}; do
         t=$(limit "${STRATA_SANITIZE_TIMEOUT:-240}" 60 "compute-sanitizer $tool") || break
-        LD_LIBRARY_PATH="$libpath" timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        LD_LIBRARY_PATH="$libpath" timeout -k 10 "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           gpu-bundle/bin/kernels.cuda.ops_test --gtest_filter="$STRATA_GPU_SANITIZE" \
           >>"$results/sanitizer.log" 2>&1
         echo "compute-sanitizer $tool exit $?" >>"$results/sanitizer.log"
@@ -296,7 +299,7 @@ case "${1:-}" in
         # kernels/cuda:delta_test, default all of it; empty skips them).
         if [ -n "${STRATA_GPU_SANITIZE_DELTA-*}" ] && [ -x gpu-bundle/bin/kernels.cuda.delta_test ] &&
           t=$(limit "${STRATA_SANITIZE_TIMEOUT:-240}" 60 "compute-sanitizer $tool (delta_test)"); then
-          LD_LIBRARY_PATH="$libpath" timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          LD_LIBRARY_PATH="$libpath" timeout -k 10 "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
             gpu-bundle/bin/kernels.cuda.delta_test --gtest_filter="${STRATA_GPU_SANITIZE_DELTA-*}" \
             >>"$results/sanitizer.log" 2>&1
           echo "compute-sanitizer $tool (delta_test) exit $?" >>"$results/sanitizer.log"
@@ -306,7 +309,7 @@ case "${1:-}" in
         # 8B-sized shapes are slow under the sanitizer).
         if [ -n "${STRATA_GPU_SANITIZE_GEMV:-}" ] && [ -x gpu-bundle/bin/kernels.cuda.gemv_test ] &&
           t=$(limit "${STRATA_SANITIZE_TIMEOUT:-240}" 60 "compute-sanitizer $tool (gemv_test)"); then
-          LD_LIBRARY_PATH="$libpath" timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          LD_LIBRARY_PATH="$libpath" timeout -k 10 "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
             gpu-bundle/bin/kernels.cuda.gemv_test --gtest_filter="$STRATA_GPU_SANITIZE_GEMV" \
             >>"$results/sanitizer.log" 2>&1
           echo "compute-sanitizer $tool (gemv_test) exit $?" >>"$results/sanitizer.log"
@@ -316,15 +319,17 @@ case "${1:-}" in
     # End to end: a coordinator and one worker on the GPU (f32, so that greedy tokens are exact)
     # serve the bundled model over gRPC; its greedy text must equal the CPU engine's (stratactl run).
     if [ -x gpu-bundle/bin/worker.server.strata-worker ] && [ "${STRATA_CLUSTER:-1}" != 0 ]; then
-      limit 0 90 "cluster check" >/dev/null && cluster_check "$results" >"$results/cluster.log" 2>&1
-      limit 0 60 "disaggregated check" >/dev/null && disagg_check "$results" >"$results/disagg.log" 2>&1
+      t=$(limit 240 90 "cluster check") &&
+        timeout -k 10 "$t" bash -c 'cluster_check "$1"' _ "$results" >"$results/cluster.log" 2>&1
+      t=$(limit 180 60 "disaggregated check") &&
+        timeout -k 10 "$t" bash -c 'disagg_check "$1"' _ "$results" >"$results/disagg.log" 2>&1
     fi
     # The capacity simulator's step cost, measured of the GPU engine on the Llama-3-8B shape
     # (random bf16 weights): `stratactl simulate --profile RESULTS_DIR/profile_llama3_8b.json`
     # then plans with this GPU's measured costs (STRATA_GPU_PROFILE=0 skips it).
     if [ -x gpu-bundle/bin/cli.stratactl ] && [ "${STRATA_GPU_PROFILE:-1}" != 0 ] &&
       t=$(limit "${STRATA_PROFILE_TIMEOUT:-300}" 60 "stratactl profile"); then
-      LD_LIBRARY_PATH="$(bundle_libpath)" timeout "$t" \
+      LD_LIBRARY_PATH="$(bundle_libpath)" timeout -k 10 "$t" \
         gpu-bundle/bin/cli.stratactl profile --device gpu --random-weights \
         --model bench/configs/llama3_8b.json --kv-cache-mb 24576 --max-batch-tokens 2048 \
         --context 512 --reps 5 --out "$results/profile_llama3_8b.json" >"$results/profile.log" 2>&1
@@ -336,30 +341,36 @@ case "${1:-}" in
     # STRATA_GPU_DRAFT_COST=0 skips it.
     if [ "${STRATA_GPU_DRAFT_COST:-1}" != 0 ] &&
       t=$(limit "${STRATA_DRAFT_COST_TIMEOUT:-240}" 45 "draft cost (Llama-3.2-1B shape)"); then
-      LD_LIBRARY_PATH="$(bundle_libpath)" timeout "$t" \
+      LD_LIBRARY_PATH="$(bundle_libpath)" timeout -k 10 "$t" \
         gpu-bundle/bin/bench.gpu_bench --config bench/configs/llama3_2_1b.json --only_decode \
         --batches=1,8 --steps=32 --variants=shipped --trace_steps=0 \
         --out "$results/gpu_bench_llama3_2_1b.json" >"$results/draft_cost.log" 2>&1
       echo "draft cost exit $?" >>"$results/draft_cost.log"
     fi
     # Per-kernel times of one batch-1 decode step (STRATA_GPU_NCU=1, where ncu is on the PATH).
-    if [ -n "${STRATA_GPU_NCU:-}" ] && command -v ncu >/dev/null && limit 0 120 "ncu decode" >/dev/null; then
-      ncu_decode "$results" >"$results/ncu.log" 2>&1
+    if [ -n "${STRATA_GPU_NCU:-}" ] && command -v ncu >/dev/null && t=$(limit 600 120 "ncu decode"); then
+      # (Its ncu runs, up to four, each under a timeout of its own in a process group of its own:
+      # their limits share out what is left.)
+      STRATA_NCU_TIMEOUT=$((t / 4 < ${STRATA_NCU_TIMEOUT:-240} ? t / 4 : ${STRATA_NCU_TIMEOUT:-240})) \
+        timeout -k 10 "$t" bash -c 'ncu_decode "$1"' _ "$results" >"$results/ncu.log" 2>&1
     fi
     if [ -n "${STRATA_GPU_NCU_DETAILS:-}" ] && command -v ncu >/dev/null &&
-      limit 0 120 "ncu details" >/dev/null; then
-      ncu_details "$results" >>"$results/ncu.log" 2>&1
+      t=$(limit 600 120 "ncu details"); then
+      STRATA_NCU_TIMEOUT=$((t / 3 < ${STRATA_NCU_TIMEOUT:-240} ? t / 3 : ${STRATA_NCU_TIMEOUT:-240})) \
+        timeout -k 10 "$t" bash -c 'ncu_details "$1"' _ "$results" >>"$results/ncu.log" 2>&1
     fi
     budget="${STRATA_TORCH_BUDGET:-150}"
-    if [ "$budget" != 0 ] && python3 -c 'import torch, transformers' 2>/dev/null &&
-      b=$(limit $((budget + 120)) 150 "PyTorch comparison"); then
+    torch_skip="skipped: no torch + transformers or STRATA_TORCH_BUDGET=0"
+    if [ "$budget" != 0 ] && { b=$(limit $((budget + 120)) 150 "PyTorch comparison") ||
+      { torch_skip="skipped: no time left (STRATA_GPU_DEADLINE_S)" && false; }; } &&
+      timeout 60 python3 -c 'import torch, transformers' 2>/dev/null; then
       budget=$((b - 120 < budget ? b - 120 : budget))
       PYTHONUNBUFFERED=1 timeout $((budget + 120)) python3 bench/torch_baseline.py \
         --config bench/configs/llama3_8b.json --out "$results/torch_baseline.json" \
         --time_budget_s "$budget" >"$results/torch_baseline.log" 2>&1
       echo "torch_baseline exit $?" >>"$results/torch_baseline.log"
     else
-      echo "skipped: no torch + transformers or STRATA_TORCH_BUDGET=0" >"$results/torch_baseline.log"
+      echo "$torch_skip" >"$results/torch_baseline.log"
     fi
     python3 - "$results" <<'PY'
 import json, os, re, sys

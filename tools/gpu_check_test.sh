@@ -36,6 +36,7 @@ start=$(date +%s)
 set +e
 STRATA_GPU_DEADLINE_S=45 STRATA_CLUSTER=0 STRATA_GPU_PROFILE=0 STRATA_TORCH_BUDGET=0 \
   STRATA_GPU_PACK="$tmp/results.tgz" "$co/tools/gpu_check.sh" run "$tmp/results" >"$tmp/out.txt" 2>&1
+rc=$?
 set -e
 took=$(($(date +%s) - start))
 cat "$tmp/out.txt"
@@ -49,6 +50,9 @@ grep -q '^draft cost' "$tmp/results/skipped.txt" || fail "the draft-cost stage w
 grep -q '^skipped for time (STRATA_GPU_DEADLINE_S): draft cost.*bench.other_bench' "$tmp/out.txt" ||
   fail "the table does not name what was skipped"
 grep -q 'kernels.cuda.fake_test *PASS' "$tmp/results/summary.txt" || fail "the test did not run"
+grep -q '^binaries not run (no time left): 1$' "$tmp/results/summary.txt" ||
+  fail "the binary left out is not counted"
+[ "$rc" -ne 0 ] || fail "a run that left binaries out (and one cut short) exited 0"
 tar -tzf "$tmp/results.tgz" | grep -q 'results/bench.gpu_bench.json' || fail "nothing was packed"
 bad=$(STRATA_GPU_DEADLINE_S=abc "$co/tools/gpu_check.sh" run "$tmp/results2" 2>&1) &&
   fail "a bad deadline was taken"

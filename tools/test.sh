@@ -25,11 +25,13 @@ if [[ $# -eq 0 ]]; then
   # and disaggregated serving end to end, whose calls hand over from one worker's stream to
   # another's, with ASAN builds of the coordinator and workers; and TLS, whose certificate checks
   # hold OpenSSL objects, end to end over a TLS cluster too, and whose HTTPS bridge pumps bytes
-  # on threads of its own (TSAN too).)
+  # on threads of its own (TSAN too); and the engine, whose waiting queue holds sequences in
+  # ordered sets and indexes them by request id, freed as they finish, fail or are cancelled.)
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
     //coordinator:api_keys_test //coordinator:access_log_test //common:secrets_test \
     //common:periodic_test \
     //coordinator:tool_calls_test //grammar/... //worker/engine:engine_speculative_test \
+    //worker/engine:engine_test \
     //worker/engine:ngram_draft_test //worker/engine:draft_model_test //worker/model:lora_test \
     //worker/engine:delta_cache_test //worker/server:fine_tune_dir_test \
     //worker/server:kv_fetch_test //worker/server:kv_transfer_test //tests:disaggregation_test \
