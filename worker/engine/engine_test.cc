@@ -613,6 +613,68 @@ TEST_F(FairShareTest, AHeadLeftWaitingLetsItsTenantsNextGoInItsTurn) {
   EXPECT_EQ(e->Stats().num_inflight_prefix_waits, 1);
 }
 
+// The admission order against the policy written out plainly, over random queues: one sequence
+// at a time, so that each admission follows the last one's end; priorities first, then the tenant
+// with the least service over its weight (a request of p prompt tokens and g generated costs its
+// tenant p + 2g - 1 over its weight: prompt, decode inputs, tokens), then queue order.
+TEST_F(FairShareTest, TheAdmissionOrderIsThePolicysOverRandomQueues) {
+  std::mt19937 rng(21);
+  for (int round = 0; round < 8; ++round) {
+    SCOPED_TRACE(absl::StrCat("round ", round));
+    struct Request {
+      std::string id, tenant;
+      int priority;
+      int prompt, generate;
+    };
+    const int num_tenants = 2 + round % 4;
+    std::vector<double> weight(num_tenants);
+    for (double& w : weight) w = std::uniform_int_distribution<int>(1, 3)(rng);
+    std::vector<Request> requests;
+    for (int i = 0; i < 24; ++i) {
+      const int t = std::uniform_int_distribution<int>(0, num_tenants - 1)(rng);
+      requests.push_back({absl::StrCat("r", i), absl::StrCat("t", t),
+                          std::uniform_int_distribution<int>(0, round % 3)(rng),
+                          std::uniform_int_distribution<int>(4, 20)(rng),
+                          std::uniform_int_distribution<int>(1, 5)(rng)});
+    }
+    auto e = MakeEngine(OneAtATime(true));
+    for (const Request& r : requests) {
+      RequestOptions o = Greedy(r.generate);
+      o.tenant = r.tenant;
+      o.tenant_weight = weight[r.tenant[1] - '0'];
+      o.priority = r.priority;
+      ASSERT_TRUE(e->AddRequest(r.id, RandomPrompt(rng_, r.prompt), o).ok());
+    }
+    // The policy.
+    std::vector<std::string> want;
+    std::vector<double> service(num_tenants, 0);
+    std::vector<bool> done(requests.size(), false);
+    for (size_t n = 0; n < requests.size(); ++n) {
+      int best = -1;
+      for (int i = 0; i < static_cast<int>(requests.size()); ++i) {
+        if (done[i]) continue;
+        const int t = requests[i].tenant[1] - '0';
+        if (best < 0) {
+          best = i;
+          continue;
+        }
+        const Request& b = requests[best];
+        const int bt = b.tenant[1] - '0';
+        if (requests[i].priority != b.priority) {
+          if (requests[i].priority > b.priority) best = i;
+        } else if (service[t] < service[bt]) {
+          best = i;  // (equal service: the earlier, already best)
+        }
+      }
+      done[best] = true;
+      const Request& r = requests[best];
+      service[r.tenant[1] - '0'] += (r.prompt + 2.0 * r.generate - 1) / weight[r.tenant[1] - '0'];
+      want.push_back(r.id);
+    }
+    EXPECT_EQ(Finishes(*e), want);
+  }
+}
+
 // Work done alone is not held against a tenant later: after an idle spell everyone starts level.
 TEST_F(FairShareTest, AfterAnIdleSpellTenantsStartLevel) {
   auto e = MakeEngine(OneAtATime(true));
