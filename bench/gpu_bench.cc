@@ -67,10 +67,11 @@ ABSL_FLAG(bool, only_decode, false,
           "decode runs only (for profiling a decode step under ncu).");
 ABSL_FLAG(
     std::string, variants,
-    "default,cublas,eager,decode_attn,fused_norm,shipped,prefetch_o,gemv_routes,gemv_two_stage,"
-    "gemv_rope,gemv_down,one_block,combined,mma_prefill,mma_sync_prefill,fine_tunes,sampled,"
-    "drafts",
-    "Runs to make: default (graphs, GEMV, tiled attention), cublas (cuBLASLt for every "
+    "shipped,prefetch_o,gemv_routes,gemv_two_stage,gemv_rope,gemv_down,one_block,combined,"
+    "mma_prefill,mma_sync_prefill,fine_tunes,sampled,drafts",
+    "Runs to make (the first five not in the default list: decided by the H200 runs of "
+    "2026-11-27, docs/PERFORMANCE.md; a device call has 10 minutes): default (graphs, GEMV, tiled "
+    "attention), cublas (cuBLASLt for every "
     "projection, batches up to 8), eager (batch 1), decode_attn (the decode attention kernel at "
     "every batch size), fused_norm (that and the fused residual norms), shipped "
     "(GpuRunnerOptions' defaults as they are, row limits included), gemv_variants (those at "
