@@ -107,6 +107,10 @@ std::vector<double> LatencyBuckets() {
   return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
 }
 
+std::vector<double> TokenLatencyBuckets() {
+  return {0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1};
+}
+
 MetricsRegistry::Family* MetricsRegistry::FamilyLocked(const std::string& name,
                                                        const std::string& help, Type type) {
   CHECK(ValidName(name)) << "bad metric name " << name;

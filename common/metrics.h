@@ -74,6 +74,8 @@ class Histogram {
 
 // Bounds for latencies in seconds: 1 ms to 60 s, about three per decade.
 std::vector<double> LatencyBuckets();
+// Bounds for the time between a stream's tokens: 1 ms to 1 s.
+std::vector<double> TokenLatencyBuckets();
 
 class MetricsRegistry {
  public:

@@ -966,6 +966,11 @@ void CoordinatorService::GenerateCall::RecordMetricsLocked() {
   m.duration->Observe(absl::ToDoubleSeconds(absl::Now() - accepted_));
   if (have_first_token_) {
     m.first_token->Observe(absl::ToDoubleSeconds(first_token_time_ - accepted_));
+    // The stream's pace after its first token (what a reader of a streamed answer waits a token).
+    if (generated_.size() >= 2) {
+      m.per_output_token->Observe(absl::ToDoubleSeconds(absl::Now() - first_token_time_) /
+                                  static_cast<double>(generated_.size() - 1));
+    }
   }
   m.prompt_tokens->Add(static_cast<double>(prompt_.size()));
   m.completion_tokens->Add(static_cast<double>(generated_.size()));
@@ -1008,6 +1013,11 @@ CoordinatorService::CoordinatorService(WorkerPool* pool, const ModelRegistry* mo
     call_metrics_.first_token = m->GetHistogram(
         "strata_coordinator_time_to_first_token_seconds",
         "Generate calls that succeeded: acceptance to first token.", LatencyBuckets());
+    call_metrics_.per_output_token = m->GetHistogram(
+        "strata_coordinator_time_per_output_token_seconds",
+        "Generate calls that succeeded with two tokens or more: from the first token to the last, "
+        "over the tokens after the first.",
+        TokenLatencyBuckets());
     call_metrics_.prompt_tokens = m->GetCounter("strata_coordinator_prompt_tokens_total",
                                                 "Prompt tokens of successful calls.");
     call_metrics_.completion_tokens = m->GetCounter("strata_coordinator_completion_tokens_total",

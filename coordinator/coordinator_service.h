@@ -160,6 +160,7 @@ class CoordinatorService final : public v1::Serving::CallbackService,
     std::array<std::atomic<Counter*>, grpc::StatusCode::UNAUTHENTICATED + 1> requests{};
     Histogram* duration = nullptr;
     Histogram* first_token = nullptr;
+    Histogram* per_output_token = nullptr;
     Counter* prompt_tokens = nullptr;
     Counter* completion_tokens = nullptr;
     std::array<Counter*, 3> cached_tokens{};  // device, host, disk

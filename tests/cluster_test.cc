@@ -223,6 +223,7 @@ TEST_F(ClusterTest, CoordinatorMetricsCountWhatItServed) {
   // Series a finished call updates are there, at zero, before any call.
   EXPECT_EQ(before.at("strata_coordinator_completion_tokens_total"), 0);
   EXPECT_EQ(before.at("strata_coordinator_time_to_first_token_seconds_count"), 0);
+  EXPECT_EQ(before.at("strata_coordinator_time_per_output_token_seconds_count"), 0);
 
   int64_t prompt_tokens = 0, cached_tokens = 0;
   for (int i = 0; i < 2; ++i) {
@@ -249,6 +250,11 @@ TEST_F(ClusterTest, CoordinatorMetricsCountWhatItServed) {
   EXPECT_GT(prompt_tokens, 0);
   EXPECT_EQ(m.at("strata_coordinator_prompt_tokens_total"), static_cast<double>(prompt_tokens));
   EXPECT_EQ(m.at("strata_coordinator_time_to_first_token_seconds_count"), 2);
+  // Five tokens a call: the four after the first paced each.
+  EXPECT_EQ(m.at("strata_coordinator_time_per_output_token_seconds_count"), 2);
+  EXPECT_GT(m.at("strata_coordinator_time_per_output_token_seconds_sum"), 0);
+  EXPECT_LT(m.at("strata_coordinator_time_per_output_token_seconds_sum"),
+            m.at("strata_coordinator_request_duration_seconds_sum"));
   EXPECT_EQ(m.at("strata_coordinator_request_duration_seconds_count"), 2);
   EXPECT_GT(m.at("strata_coordinator_request_duration_seconds_sum"), 0);
   double cached = 0;

@@ -104,10 +104,15 @@ TEST(TenantHeaderTest, AProxysTenantReachesTheWorkers) {
   // The worker counts both teams' tokens (its metrics come every 250 ms).
   const std::string a = R"(strata_worker_tenant_tokens_total{tenant="team-a",kind="generated"})";
   const std::string b = R"(strata_worker_tenant_tokens_total{tenant="team-b",kind="generated"})";
-  std::map<std::string, double> m =
-      WaitForMetrics(worker_metrics, [&](auto& now) { return now[a] >= 3 && now[b] >= 3; });
+  const std::string waits = "strata_worker_queue_wait_seconds_count";
+  std::map<std::string, double> m = WaitForMetrics(
+      worker_metrics, [&](auto& now) { return now[a] >= 3 && now[b] >= 3 && now[waits] >= 3; });
   EXPECT_EQ(m[a], 3);
   EXPECT_EQ(m[b], 3);
+  // Each of the three requests that reached it waited in its queue once (admitted once each).
+  EXPECT_EQ(m[waits], 3);
+  EXPECT_GE(m["strata_worker_queue_wait_seconds_sum"], 0);
+  EXPECT_EQ(m["strata_worker_queue_wait_seconds_bucket{le=\"+Inf\"}"], 3);
 }
 
 }  // namespace

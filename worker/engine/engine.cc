@@ -9,6 +9,7 @@
 #include <optional>
 #include <thread>
 #include <tuple>
+#include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
@@ -454,6 +455,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   if (config_.enable_prefix_caching && s->options.prompt_logprobs < 0) LookUpAndPrefetch(s.get());
   s->live_ids = &live_ids_;
   live_ids_.emplace(s->id, s.get());
+  s->queued_at = absl::Now();
   Enqueue(std::move(s), /*ahead_of_equals=*/false);
   return absl::OkStatus();
 }
@@ -1369,6 +1371,13 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     if (dedupe) AddInflight(*w);
     budget -= plan.back().count;
     Charge(*w, plan.back().count, 0);
+    if (w->queued_at.has_value()) {
+      // (Bounded: the worker drains it every step.)
+      if (queue_waits_.size() < 65536) {
+        queue_waits_.push_back(absl::ToDoubleSeconds(absl::Now() - *w->queued_at));
+      }
+      w->queued_at.reset();
+    }
     running_.push_back(Dequeue(*w));
     return Tried::kTaken;
   };
@@ -1935,6 +1944,8 @@ EngineStats Engine::Stats(bool with_tenants) const {
             [](const auto& a, const auto& b) { return a.name < b.name; });
   return st;
 }
+
+std::vector<double> Engine::DrainQueueWaits() { return std::exchange(queue_waits_, {}); }
 
 std::vector<BlockEvent> Engine::DrainBlockEvents() {
   std::vector<BlockEvent> events = blocks_.DrainEvents();

@@ -354,6 +354,9 @@ class Engine {
   EngineStats Stats(bool with_tenants = true) const;
   // Block changes in every tier since the last call, for the coordinator's routing index.
   std::vector<BlockEvent> DrainBlockEvents();
+  // The time each request admitted since the last call waited in the queue, from AddRequest to
+  // its first admission (a preempted sequence's later waits are not counted), in seconds.
+  std::vector<double> DrainQueueWaits();
   // Every block in every tier now (as kStored events); with DrainBlockEvents called at the same
   // point, a consistent starting inventory for a new event subscriber.
   std::vector<BlockEvent> BlockInventory() const;
@@ -516,6 +519,8 @@ class Engine {
     int64_t arrival = 0;
     // Its place in waiting_ (and waiting_by_tenant_), while it waits.
     WaitKey wait_key;
+    // When AddRequest queued it; cleared at its first admission (DrainQueueWaits).
+    std::optional<absl::Time> queued_at;
     // While it waits: the prompt tokens it would compute, less those cached when it was queued or
     // last tried (its part of waiting_prefill_tokens_).
     int64_t pending_prefill = 0;
@@ -748,6 +753,7 @@ class Engine {
   // The waiting sequences' pending_prefill, summed (EngineStats::num_pending_prefill_tokens: a
   // load report costs no pass over the queue).
   int64_t waiting_prefill_tokens_ = 0;
+  std::vector<double> queue_waits_;  // DrainQueueWaits
   // Each step also estimates this many waiting sequences again, in turn, from after this one.
   static constexpr size_t kRefreshPerStep = 16;
   WaitKey refresh_after_{std::numeric_limits<int32_t>::max(), std::numeric_limits<int64_t>::min()};

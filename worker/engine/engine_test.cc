@@ -168,6 +168,11 @@ TEST_F(EngineTest, OutputIndependentOfBatchingChunkingCachingAndPreemption) {
       EXPECT_GT(e->Stats().num_preemptions, 0);
     }
     EXPECT_EQ(e->Stats().num_free_blocks, e->Stats().num_total_blocks);
+    // One queue wait a request, its first admission's: those preempted and admitted again too.
+    const std::vector<double> waits = e->DrainQueueWaits();
+    EXPECT_EQ(waits.size(), 16u);
+    for (double w : waits) EXPECT_GE(w, 0);
+    EXPECT_TRUE(e->DrainQueueWaits().empty());
   }
 }
 

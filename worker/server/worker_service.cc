@@ -348,6 +348,10 @@ WorkerService::WorkerService(std::unique_ptr<Engine> engine, WorkerServiceOption
     step_seconds_ = options_.metrics->GetHistogram(
         "strata_worker_step_seconds", "Engine step time.",
         {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5});
+    queue_wait_seconds_ = options_.metrics->GetHistogram(
+        "strata_worker_queue_wait_seconds",
+        "Time requests waited in the engine's queue before their first admission.",
+        LatencyBuckets());
     generated_tokens_ = options_.metrics->GetCounter("strata_worker_generated_tokens_total",
                                                      "Tokens generated (sampled).");
     if (options_.cluster_secret != nullptr) {  // the series, at 0
@@ -1213,6 +1217,9 @@ void WorkerService::StepEngine(LoopState* state) {
   absl::StatusOr<std::vector<RequestOutput>> outputs = engine_->Step();
   const absl::Time end = absl::Now();
   if (step_seconds_ != nullptr) step_seconds_->Observe(absl::ToDoubleSeconds(end - start));
+  for (const double wait : engine_->DrainQueueWaits()) {
+    if (queue_wait_seconds_ != nullptr) queue_wait_seconds_->Observe(wait);
+  }
   state->step_ms.push_back(absl::ToDoubleMilliseconds(end - start));
   if (state->step_ms.size() > kStepWindow) state->step_ms.pop_front();
   if (!outputs.ok()) {

@@ -265,6 +265,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::atomic<bool> persist_cancel_{false};
   // Series of options_.metrics updated every step (null without metrics).
   Histogram* step_seconds_ = nullptr;
+  Histogram* queue_wait_seconds_ = nullptr;
   Counter* generated_tokens_ = nullptr;
   std::atomic<int64_t> num_live_{0};
   std::atomic<int64_t> num_export_calls_{0};
