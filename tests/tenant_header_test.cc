@@ -113,6 +113,23 @@ TEST(TenantHeaderTest, AProxysTenantReachesTheWorkers) {
   EXPECT_EQ(m[waits], 3);
   EXPECT_GE(m["strata_worker_queue_wait_seconds_sum"], 0);
   EXPECT_EQ(m["strata_worker_queue_wait_seconds_bucket{le=\"+Inf\"}"], 3);
+  // And by tenant: one admission each for team-a and team-b (a request naming none has no series).
+  const std::map<std::string, double> t = WaitForMetrics(worker_metrics, [](auto& now) {
+    return now[R"(strata_worker_tenant_admissions_total{tenant="team-b"})"] >= 1;
+  });
+  std::string seen;
+  for (const auto& [k, v] : t) {
+    if (absl::StartsWith(k, "strata_worker_tenant_")) absl::StrAppend(&seen, k, " ", v, "\n");
+  }
+  for (const char* tenant : {"team-a", "team-b"}) {
+    const std::string admissions =
+        absl::StrCat("strata_worker_tenant_admissions_total{tenant=\"", tenant, "\"}");
+    const std::string wait =
+        absl::StrCat("strata_worker_tenant_queue_wait_seconds_total{tenant=\"", tenant, "\"}");
+    ASSERT_TRUE(t.count(admissions) && t.count(wait)) << tenant << " in\n" << seen;
+    EXPECT_EQ(t.at(admissions), 1) << tenant;
+    EXPECT_GT(t.at(wait), 0) << tenant;
+  }
 }
 
 }  // namespace

@@ -1372,10 +1372,11 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     budget -= plan.back().count;
     Charge(*w, plan.back().count, 0);
     if (w->queued_at.has_value()) {
+      const double wait = absl::ToDoubleSeconds(absl::Now() - *w->queued_at);
       // (Bounded: the worker drains it every step.)
-      if (queue_waits_.size() < 65536) {
-        queue_waits_.push_back(absl::ToDoubleSeconds(absl::Now() - *w->queued_at));
-      }
+      if (queue_waits_.size() < 65536) queue_waits_.push_back(wait);
+      ++w->share->admissions;
+      w->share->queue_wait_seconds += wait;
       w->queued_at.reset();
     }
     running_.push_back(Dequeue(*w));

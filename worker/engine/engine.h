@@ -269,6 +269,9 @@ struct TenantService {
   double service = 0;
   int64_t computed_tokens = 0;
   int64_t generated_tokens = 0;
+  // Its requests admitted (the first time each), and the seconds they waited in the queue before.
+  int64_t admissions = 0;
+  double queue_wait_seconds = 0;
 };
 
 struct EngineStats {

@@ -501,6 +501,9 @@ TEST_F(FairShareTest, AQuietTenantIsNotQueuedBehindAFloodingOnesBacklog) {
     const EngineStats st = e->Stats();
     ASSERT_EQ(st.tenants.size(), 2u);
     EXPECT_EQ(st.tenants[0].name, "flood");
+    EXPECT_EQ(st.tenants[0].admissions, 5);
+    EXPECT_EQ(st.tenants[1].admissions, 2);
+    EXPECT_GT(st.tenants[0].queue_wait_seconds, 0);
     EXPECT_EQ(st.tenants[0].computed_tokens, 5 * 10);
     EXPECT_EQ(st.tenants[0].generated_tokens, 5 * 3);
     EXPECT_DOUBLE_EQ(st.tenants[0].service, 5 * 13);

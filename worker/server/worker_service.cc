@@ -271,7 +271,9 @@ struct WorkerService::LoopState {
   // Each tenant's metric series, looked up once; `seen` marks those the engine still lists at a
   // publish (the others read 0: the engine forgot them, idle).
   struct TenantSeries {
-    Counter* tokens[2] = {};           // computed, generated
+    Counter* tokens[2] = {};  // computed, generated
+    Counter* admissions = nullptr;
+    Counter* queue_wait = nullptr;
     Gauge* sequences[2] = {};          // running, waiting
     Gauge* kv_blocks[kNumTiers] = {};  // null for a tier not configured
     bool seen = false;
@@ -1518,6 +1520,14 @@ void WorkerService::PublishMetrics(LoopState* state) {
         s.tokens[i++] = m->GetCounter("strata_worker_tenant_tokens_total", kTenantTokens,
                                       {{"tenant", t.name}, {"kind", kind}});
       }
+      s.admissions =
+          m->GetCounter("strata_worker_tenant_admissions_total",
+                        "A tenant's requests admitted (each counted once).", {{"tenant", t.name}});
+      s.queue_wait = m->GetCounter(
+          "strata_worker_tenant_queue_wait_seconds_total",
+          "Seconds a tenant's admitted requests waited in the queue before their first admission "
+          "(over strata_worker_tenant_admissions_total: its mean wait).",
+          {{"tenant", t.name}});
       i = 0;
       for (const char* label : {"running", "waiting"}) {
         s.sequences[i++] = m->GetGauge("strata_worker_tenant_sequences", kTenantSequences,
@@ -1537,6 +1547,8 @@ void WorkerService::PublishMetrics(LoopState* state) {
     s.seen = true;
     s.tokens[0]->SetTotal(static_cast<double>(t.computed_tokens));
     s.tokens[1]->SetTotal(static_cast<double>(t.generated_tokens));
+    s.admissions->SetTotal(static_cast<double>(t.admissions));
+    s.queue_wait->SetTotal(t.queue_wait_seconds);
     s.sequences[0]->Set(static_cast<double>(t.running));
     s.sequences[1]->Set(static_cast<double>(t.waiting));
     for (int tier = 0; tier < kNumTiers; ++tier) {
