@@ -460,6 +460,34 @@ TEST(PlanCommandTest, PlansADraftModel) {
   EXPECT_NE(always->find("\"tokens_per_step\":4.000"), std::string::npos) << *always;
 }
 
+// On a GPU whose KV cache would hold fewer tokens than the draft's default cache, the draft's
+// cache is planned as strata-worker sizes it then: as many tokens as the model's cache holds, the
+// two sharing the room (not 2 GiB set aside, which would leave the model's cache a fraction).
+TEST(PlanCommandTest, ADraftsCacheHoldsNoMoreTokensThanTheModelsOnASmallGpu) {
+  const std::vector<std::string> small = {"--model",
+                                          "bench/configs/llama3_8b.json",
+                                          "--gpu-memory-gib",
+                                          "24",
+                                          "--gpu-bandwidth-gbps",
+                                          "900",
+                                          "--gpu-tflops",
+                                          "200",
+                                          "--json",
+                                          "--draft-model",
+                                          "bench/configs/llama3_2_1b.json"};
+  auto out = RunPlan(small);
+  ASSERT_TRUE(out.ok()) << out.status();
+  auto d = JsonDocument::Parse(*out, "small");
+  ASSERT_TRUE(d.ok()) << d.status();
+  const double tokens = *d->root().Field("kv_cache_tokens")->AsDouble();
+  const double draft_bytes =
+      *d->root().Field("speculation")->Field("draft_kv_cache_bytes")->AsDouble();
+  EXPECT_LT(tokens, 16 * 4096);
+  EXPECT_GT(tokens, 1000);
+  // 32 KiB a token for the 1B draft: its cache holds the model's tokens (up to a block's rounding).
+  EXPECT_NEAR(draft_bytes / (32 * 1024), tokens, 32);
+}
+
 TEST(PlanCommandTest, BadFlagsNameTheFlag) {
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
       {{"--gpu", "h100"}, "--model"},
