@@ -560,10 +560,28 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
 
 }  // namespace
 
-double DraftKvCacheBytes(const ModelConfig& draft, const PlanOptions& options) {
-  constexpr int64_t kGpuSpeculativeMaxBatch = 16;  // strata-worker's default on a GPU
-  return static_cast<double>(kGpuSpeculativeMaxBatch * kDraftKvTokensPerSequence) * 2 *
-         static_cast<double>(draft.num_layers * draft.kv_dim()) * DTypeBytes(options.dtype);
+absl::StatusOr<DraftReservation> ReserveForDraft(const ModelConfig& model, const ModelConfig& draft,
+                                                 const GpuSpec& gpu, const Workload& workload,
+                                                 const PlanOptions& options) {
+  DraftReservation r;
+  r.weight_bytes = static_cast<double>(draft.NumParameters()) * DTypeBytes(options.dtype);
+  const double tokens = static_cast<double>(kGpuSpeculativeMaxBatch) * kDraftKvTokensPerSequence;
+  const double draft_per_token =
+      2.0 * static_cast<double>(draft.num_layers * draft.kv_dim()) * DTypeBytes(options.dtype);
+  r.kv_cache_bytes = tokens * draft_per_token;
+  PlanOptions o = options;
+  o.reserved_gpu_bytes = options.reserved_gpu_bytes + r.weight_bytes + r.kv_cache_bytes;
+  absl::StatusOr<Plan> full = MakePlan(model, gpu, workload, o);
+  if (full.ok() && static_cast<double>(full->kv_cache_tokens) >= tokens) return r;
+  // The model's cache holds fewer tokens: the draft's holds as many, out of the room both share.
+  o.reserved_gpu_bytes = options.reserved_gpu_bytes + r.weight_bytes;
+  ASSIGN_OR_RETURN(const Plan room, MakePlan(model, gpu, workload, o));
+  const double target_per_token =
+      static_cast<double>(room.kv_bytes_per_token) / options.tensor_parallel;
+  const double shared_tokens = static_cast<double>(room.kv_cache_tokens) * target_per_token /
+                               (target_per_token + draft_per_token);
+  r.kv_cache_bytes = std::min(r.kv_cache_bytes, shared_tokens * draft_per_token);
+  return r;
 }
 
 absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const ModelConfig& draft,
@@ -599,7 +617,6 @@ absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const 
   SpeculationPlan s;
   s.draft_parameters = draft.NumParameters();
   s.draft_gpu_weight_bytes = static_cast<double>(s.draft_parameters) * dtype_bytes;
-  s.draft_kv_cache_bytes = DraftKvCacheBytes(draft, options);
   s.num_speculative_tokens = num_speculative_tokens;
   s.acceptance = acceptance;
   const int k = num_speculative_tokens;
@@ -789,29 +806,15 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
       return absl::InvalidArgumentError(absl::StrCat("--draft-model: ", d.status().message()));
     }
     draft = *std::move(d);
-    // Its weights and its own KV cache beside the model's, on the GPU that runs it, as
-    // strata-worker sizes the cache by default: DraftKvCacheBytes, or where the model's own cache
-    // would then hold fewer tokens, as many tokens as it holds (both caches the same tokens, out
-    // of the room the two share).
-    const double draft_weights = static_cast<double>(draft->NumParameters()) * DTypeBytes(o.dtype);
-    const double draft_cache = DraftKvCacheBytes(*draft, o);
-    const double draft_tokens = 16.0 * kDraftKvTokensPerSequence;
-    o.reserved_gpu_bytes = draft_weights + draft_cache;
-    absl::StatusOr<Plan> full = MakePlan(model, gpu, w, o);
-    if (!full.ok() || static_cast<double>(full->kv_cache_tokens) < draft_tokens) {
-      PlanOptions bare = o;
-      bare.reserved_gpu_bytes = draft_weights;
-      ASSIGN_OR_RETURN(const Plan room, MakePlan(model, gpu, w, bare));
-      const double target_per_token =
-          static_cast<double>(room.kv_bytes_per_token) / o.tensor_parallel;
-      const double draft_per_token = draft_cache / draft_tokens;
-      const double shared_tokens = static_cast<double>(room.kv_cache_tokens) * target_per_token /
-                                   (target_per_token + draft_per_token);
-      o.reserved_gpu_bytes = draft_weights + std::min(draft_cache, shared_tokens * draft_per_token);
-    }
   } else if (args.Has("draft-acceptance") || args.Has("num-speculative-tokens")) {
     return absl::InvalidArgumentError(
         "--draft-acceptance and --num-speculative-tokens plan a --draft-model: give one");
+  }
+  // A draft's weights and cache beside the model's, on the GPU that runs it.
+  std::optional<DraftReservation> reserved;
+  if (draft.has_value()) {
+    ASSIGN_OR_RETURN(reserved, ReserveForDraft(model, *draft, gpu, w, o));
+    o.reserved_gpu_bytes += reserved->weight_bytes + reserved->kv_cache_bytes;
   }
   ASSIGN_OR_RETURN(const Plan p, MakePlan(model, gpu, w, o));
   std::optional<SpeculationPlan> spec;
@@ -820,9 +823,7 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
     ASSIGN_OR_RETURN(const int64_t k, IntAtLeast(args, "num-speculative-tokens", 4, 1));
     ASSIGN_OR_RETURN(spec, PlanSpeculation(model, *draft, gpu, w, o, p, acceptance,
                                            static_cast<int>(std::min<int64_t>(k, 1 << 20))));
-    // (What was set aside above: the default, or less where the model's cache holds less.)
-    spec->draft_kv_cache_bytes =
-        o.reserved_gpu_bytes - static_cast<double>(draft->NumParameters()) * DTypeBytes(o.dtype);
+    spec->draft_kv_cache_bytes = reserved->kv_cache_bytes;
   }
   if (args.Has("json") && args.Has("emit") && args.Get("emit") != "json") {
     return absl::InvalidArgumentError("give --json or --emit, not both");
@@ -878,14 +879,14 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
         "p=%.2f): "
         "%.2f tokens a step of %.2f ms (target, %d rows) + %d x %.2f ms (draft) = %.2f ms a token "
         "against %.2f ms (%.2fx); the KV cache above leaves room for its %.1f GiB of weights and "
-        "its %.0f MiB cache (strata-worker's default: %d tokens of each of the 16 sequences that "
+        "its %.0f MiB cache (strata-worker's default: %d tokens of each of the sequences that "
         "may draft at once, or as many tokens as the KV cache above holds); drafts only while at "
-        "most --speculative_max_batch sequences decode (16)\n",
+        "most --speculative_max_batch sequences decode (%d)\n",
         spec->draft_parameters / 1e9, spec->num_speculative_tokens, spec->acceptance,
         spec->tokens_per_step, spec->verify_step_ms, spec->num_speculative_tokens + 1,
         spec->num_speculative_tokens, spec->draft_step_ms, spec->ms_per_token, p.batch1_step_ms,
         spec->speedup, spec->draft_gpu_weight_bytes / kGiB, spec->draft_kv_cache_bytes / kMiB,
-        kDraftKvTokensPerSequence);
+        kDraftKvTokensPerSequence, kGpuSpeculativeMaxBatch);
   }
   if (w.fine_tunes > 0) {
     absl::FPrintF(out,

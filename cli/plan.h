@@ -191,7 +191,7 @@ double LoraBytes(const ModelConfig& model, int64_t rank, double value_bytes);
 struct SpeculationPlan {
   int64_t draft_parameters = 0;
   double draft_gpu_weight_bytes = 0;  // on each GPU (the draft runs whole beside rank 0: on one)
-  // Its KV cache as strata-worker sizes it by default (DraftKvCacheBytes).
+  // Its KV cache as strata-worker sizes it by default (DraftReservation).
   double draft_kv_cache_bytes = 0;
   int num_speculative_tokens = 0;
   double acceptance = 0;
@@ -201,10 +201,18 @@ struct SpeculationPlan {
   double ms_per_token = 0;  // against the plan's batch1_step_ms without drafts
   double speedup = 0;
 };
-// The KV cache strata-worker gives a draft model on the GPU by default (--draft_kv_cache_mb=0):
-// kDraftKvTokensPerSequence tokens of each of the 16 sequences that may draft at once
-// (--speculative_max_batch), in `options.dtype`.
-double DraftKvCacheBytes(const ModelConfig& draft, const PlanOptions& options);
+// What a draft model takes on the GPU beside the model: its weights, and its KV cache as
+// strata-worker sizes it by default (--draft_kv_cache_mb=0): kDraftKvTokensPerSequence tokens of
+// each of the kGpuSpeculativeMaxBatch sequences that may draft at once, or, where the model's own
+// cache would then hold fewer tokens, as many tokens as it holds (the two sharing the room), in
+// `options.dtype`. The errors are MakePlan's for the model beside the draft's weights alone.
+struct DraftReservation {
+  double weight_bytes = 0;
+  double kv_cache_bytes = 0;
+};
+absl::StatusOr<DraftReservation> ReserveForDraft(const ModelConfig& model, const ModelConfig& draft,
+                                                 const GpuSpec& gpu, const Workload& workload,
+                                                 const PlanOptions& options);
 // INVALID_ARGUMENT naming --draft-model when its vocabulary is not the model's, or the flags'
 // names for an acceptance outside (0, 1] or k outside 1..32.
 absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const ModelConfig& draft,

@@ -33,8 +33,8 @@ absl::StatusOr<std::unique_ptr<DraftModel>> DraftModel::Create(const ModelWeight
     return absl::InvalidArgumentError(
         absl::StrCat("draft model: device must be cpu or gpu, not '", config.device, "'"));
   }
-  int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
-  if (on_gpu) block_bytes = block_bytes / 4 * DTypeBytes(config.gpu.act);
+  const int64_t block_bytes = KvCacheStorage::BlockBytes(
+      *weights, config.block_tokens, on_gpu ? DTypeBytes(config.gpu.act) : int64_t{sizeof(float)});
   const int64_t num_blocks = config.kv_cache_bytes / block_bytes;
   if (num_blocks < 1) {
     return absl::InvalidArgumentError(
@@ -335,7 +335,12 @@ absl::Status DraftModel::Propose(absl::Span<const Request> requests) {
     }
     // K/V for the catch-up and for the draft tokens fed back: positions up to len + limit - 2.
     int64_t limit = std::min({r.limit, max_positions - len + 1, capacity - len + 1});
-    while (limit > 0 && !Reserve(st, len + limit - 1)) --limit;
+    // (A Reserve that fails takes nothing, and its answer changes only with the block count: each
+    // retry asks for one block fewer.)
+    while (limit > 0 && !Reserve(st, len + limit - 1)) {
+      const int64_t blocks = (len + limit - 2) / bt + 1;  // those len + limit - 1 tokens need
+      limit = (blocks - 1) * bt - len + 1;
+    }
     if (limit <= 0) continue;
     st.last_use = use_;
     computed.push_back({ri, len});

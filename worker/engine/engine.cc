@@ -146,8 +146,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
           config.draft_kv_cache_bytes));
     }
   }
-  int64_t block_bytes = KvCacheStorage::BlockBytes(*weights, config.block_tokens);
-  if (on_gpu) block_bytes = block_bytes / 4 * DTypeBytes(config.gpu.act);
+  // The cache's elements: f32 on the cpu, the activation type on the gpu.
+  const int64_t element_bytes = on_gpu ? DTypeBytes(config.gpu.act) : int64_t{sizeof(float)};
+  const int64_t block_bytes =
+      KvCacheStorage::BlockBytes(*weights, config.block_tokens, element_bytes);
   int64_t num_blocks = config.num_kv_blocks;
   if (num_blocks == 0) num_blocks = config.kv_cache_bytes / block_bytes;
   if (num_blocks <= 0) {
@@ -214,8 +216,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     if (dc.kv_cache_bytes == 0) {
       // Whole blocks for what may draft at once, in the draft's cache dtype on this device.
       const ModelWeights& d = *engine->config_.draft_weights;
-      int64_t draft_block = KvCacheStorage::BlockBytes(d, engine->config_.block_tokens);
-      if (on_gpu) draft_block = draft_block / 4 * DTypeBytes(engine->config_.gpu.act);
+      const int64_t draft_block =
+          KvCacheStorage::BlockBytes(d, engine->config_.block_tokens, element_bytes);
       const int64_t tokens = std::min<int64_t>(
           int64_t{engine->config_.speculative_max_batch} * kDraftKvTokensPerSequence,
           num_blocks * engine->config_.block_tokens);
@@ -307,7 +309,8 @@ Engine::Engine(const ModelWeights* weights, Collectives* comm, EngineConfig conf
   (void)comm;
   blocks_.SetFairEviction(config_.fair_cache_eviction);
   if (config_.speculative_max_batch < 0) {
-    config_.speculative_max_batch = config_.device == "gpu" ? 16 : 2;
+    config_.speculative_max_batch =
+        config_.device == "gpu" ? kGpuSpeculativeMaxBatch : kCpuSpeculativeMaxBatch;
   }
   if (config_.vocabulary != nullptr) {
     masker_ = std::make_unique<TokenMasker>(config_.vocabulary, config_.grammar_mask_cache_bytes);
@@ -432,10 +435,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   s->id = id;
   s->arrival = next_arrival_++;
   s->share = ShareFor(o);
-  if (s->share->live++ == 0) {
-    ++live_tenants_;
-    live_by_service_.insert({s->share->service, s->share});
-  }
+  if (s->share->live++ == 0) live_by_service_.insert({s->share->service, s->share});
   s->prompt_len = static_cast<int64_t>(prompt.size());
   s->penalties.AddPrompt(prompt);
   s->tokens = std::move(prompt);
@@ -506,10 +506,7 @@ Engine::TenantShare* Engine::ShareFor(const RequestOptions& o) {
   return &t;
 }
 
-void Engine::TenantIdle(TenantShare* t) {
-  --live_tenants_;
-  live_by_service_.erase({t->service, t});
-}
+void Engine::TenantIdle(TenantShare* t) { live_by_service_.erase({t->service, t}); }
 
 void Engine::Charge(const Sequence& s, int64_t computed, int64_t generated) {
   TenantShare& t = *s.share;
@@ -1387,7 +1384,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   // tenant's sequences form a queue (a run of waiting_by_tenant_) and the next candidate heads
   // the least served tenant's: a heap of the queues' heads, built from the runs (a step costs
   // O(log waiting) a tenant at the top priority, and O(log tenants) a candidate).
-  if (!config_.fair_share || live_tenants_ <= 1) {
+  if (!config_.fair_share || live_by_service_.size() <= 1) {
     for (auto it = waiting_.begin(); it != waiting_.end() && room();) {
       const WaitKey key = it->first;
       if (try_admit(it->second.get()) == Tried::kNoRoom) break;

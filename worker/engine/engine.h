@@ -737,7 +737,6 @@ class Engine {
   int32_t TenantId(const std::string& name);
   // From 1: owner 0 is no tenant (blocks a worker's disk tier recovered at start, say).
   int32_t next_tenant_id_ = 1;
-  int64_t live_tenants_ = 0;  // tenants with sequences waiting or running
   // The tenants with sequences waiting or running by service (ShareFor starts an arriving tenant
   // level with the least of them), and the most any tenant has had.
   absl::btree_set<std::pair<double, TenantShare*>> live_by_service_;

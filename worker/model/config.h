@@ -63,6 +63,11 @@ struct ModelConfig {
   int64_t NumParameters() const;
 };
 
+// Speculative decoding drafts only while at most this many sequences decode, unless
+// --speculative_max_batch says otherwise: on the gpu device, and on the cpu (whose GEMV is
+// load-bound past a few rows). Here for stratactl plan, which sizes a draft's cache by it.
+inline constexpr int kGpuSpeculativeMaxBatch = 16;
+inline constexpr int kCpuSpeculativeMaxBatch = 2;
 // A draft model's KV cache (speculative decoding) when its size is not given: room for this many
 // tokens for each sequence that may draft at once (strata-worker's --draft_kv_cache_mb=0;
 // stratactl plan reserves the same).

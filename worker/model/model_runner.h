@@ -65,6 +65,12 @@ class KvCacheStorage {
   const KvCacheLayers& layers() const { return layers_; }
   // Bytes one block takes across all layers (K and V).
   static int64_t BlockBytes(const ModelWeights& weights, int64_t block_tokens);
+  // The same for a cache of elements of `element_bytes` (a GPU cache's, in its activation type;
+  // this storage's are f32).
+  static int64_t BlockBytes(const ModelWeights& weights, int64_t block_tokens,
+                            int64_t element_bytes) {
+    return BlockBytes(weights, block_tokens) / static_cast<int64_t>(sizeof(float)) * element_bytes;
+  }
 
  private:
   std::vector<float> storage_;
