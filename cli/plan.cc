@@ -392,6 +392,9 @@ std::vector<std::string> WorkerFlags(const Plan& plan, const PlanOptions& option
   if (plan.delta_cache_mb > 0) f.push_back(absl::StrCat("--delta_cache_mb=", plan.delta_cache_mb));
   // LoRA adapters on a GPU worker (not yet run on a GPU: the worker asks for the flag).
   if (plan.delta_cache_mb > 0 && options.lora_rank > 0) f.push_back("--gpu_lora");
+  if (options.speculative_max_batch != kGpuSpeculativeMaxBatch) {
+    f.push_back(absl::StrCat("--speculative_max_batch=", options.speculative_max_batch));
+  }
   return f;
 }
 
@@ -522,12 +525,12 @@ std::string Quoted(const std::string& s) {
 std::string SpeculationJson(const SpeculationPlan& s) {
   return absl::StrFormat(
       "{\"draft_parameters\":%d,\"draft_gpu_weight_bytes\":%.0f,\"draft_kv_cache_bytes\":%.0f,"
-      "\"num_speculative_tokens\":%d,"
+      "\"num_speculative_tokens\":%d,\"speculative_max_batch\":%d,"
       "\"acceptance\":%.3f,\"draft_step_ms\":%.3f,\"verify_step_ms\":%.3f,"
       "\"tokens_per_step\":%.3f,\"ms_per_token\":%.3f,\"speedup\":%.3f}",
       s.draft_parameters, s.draft_gpu_weight_bytes, s.draft_kv_cache_bytes,
-      s.num_speculative_tokens, s.acceptance, s.draft_step_ms, s.verify_step_ms, s.tokens_per_step,
-      s.ms_per_token, s.speedup);
+      s.num_speculative_tokens, s.speculative_max_batch, s.acceptance, s.draft_step_ms,
+      s.verify_step_ms, s.tokens_per_step, s.ms_per_token, s.speedup);
 }
 
 std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
@@ -565,7 +568,8 @@ absl::StatusOr<DraftReservation> ReserveForDraft(const ModelConfig& model, const
                                                  const PlanOptions& options) {
   DraftReservation r;
   r.weight_bytes = static_cast<double>(draft.NumParameters()) * DTypeBytes(options.dtype);
-  const double tokens = static_cast<double>(kGpuSpeculativeMaxBatch) * kDraftKvTokensPerSequence;
+  const double tokens =
+      static_cast<double>(options.speculative_max_batch) * kDraftKvTokensPerSequence;
   const double draft_per_token =
       2.0 * static_cast<double>(draft.num_layers * draft.kv_dim()) * DTypeBytes(options.dtype);
   r.kv_cache_bytes = tokens * draft_per_token;
@@ -618,6 +622,7 @@ absl::StatusOr<SpeculationPlan> PlanSpeculation(const ModelConfig& model, const 
   s.draft_parameters = draft.NumParameters();
   s.draft_gpu_weight_bytes = static_cast<double>(s.draft_parameters) * dtype_bytes;
   s.num_speculative_tokens = num_speculative_tokens;
+  s.speculative_max_batch = options.speculative_max_batch;
   s.acceptance = acceptance;
   const int k = num_speculative_tokens;
   s.draft_step_ms = 1e3 * pass_s(draft, 1, 1);
@@ -655,7 +660,8 @@ absl::StatusOr<Args> ParsePlanArgs(const std::vector<std::string>& argv) {
   absl::flat_hash_set<std::string> flags = PlanMachineFlags();
   flags.insert({"rate", "prompt-tokens", "output-tokens", "shared-prefix-tokens", "tpot-ms",
                 "conversations", "conversation-tokens", "fine-tunes", "active-fine-tunes", "emit",
-                "draft-model", "draft-acceptance", "num-speculative-tokens"});
+                "draft-model", "draft-acceptance", "num-speculative-tokens",
+                "speculative-max-batch"});
   return Args::Parse(argv, {"json"}, flags);
 }
 
@@ -806,9 +812,20 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
       return absl::InvalidArgumentError(absl::StrCat("--draft-model: ", d.status().message()));
     }
     draft = *std::move(d);
-  } else if (args.Has("draft-acceptance") || args.Has("num-speculative-tokens")) {
+  } else if (args.Has("draft-acceptance") || args.Has("num-speculative-tokens") ||
+             args.Has("speculative-max-batch")) {
     return absl::InvalidArgumentError(
-        "--draft-acceptance and --num-speculative-tokens plan a --draft-model: give one");
+        "--draft-acceptance, --num-speculative-tokens and --speculative-max-batch plan a "
+        "--draft-model: give one");
+  }
+  if (draft.has_value()) {
+    ASSIGN_OR_RETURN(const int64_t batch,
+                     IntAtLeast(args, "speculative-max-batch", kGpuSpeculativeMaxBatch, 1));
+    if (batch > 4096) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--speculative-max-batch must be at most 4096, not ", batch));
+    }
+    o.speculative_max_batch = static_cast<int>(batch);
   }
   // A draft's weights and cache beside the model's, on the GPU that runs it.
   std::optional<DraftReservation> reserved;
@@ -886,7 +903,7 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
         spec->tokens_per_step, spec->verify_step_ms, spec->num_speculative_tokens + 1,
         spec->num_speculative_tokens, spec->draft_step_ms, spec->ms_per_token, p.batch1_step_ms,
         spec->speedup, spec->draft_gpu_weight_bytes / kGiB, spec->draft_kv_cache_bytes / kMiB,
-        kDraftKvTokensPerSequence, kGpuSpeculativeMaxBatch);
+        kDraftKvTokensPerSequence, o.speculative_max_batch);
   }
   if (w.fine_tunes > 0) {
     absl::FPrintF(out,

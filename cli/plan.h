@@ -107,6 +107,9 @@ struct PlanOptions {
   // GPU memory set aside on every GPU before the KV cache is sized (a draft model's weights and
   // cache, for speculative decoding).
   double reserved_gpu_bytes = 0;
+  // strata-worker's --speculative_max_batch: drafts only while at most this many sequences decode,
+  // and its draft model's default cache holds kDraftKvTokensPerSequence tokens of each.
+  int speculative_max_batch = kGpuSpeculativeMaxBatch;
 };
 
 struct Plan {
@@ -194,6 +197,7 @@ struct SpeculationPlan {
   // Its KV cache as strata-worker sizes it by default (DraftReservation).
   double draft_kv_cache_bytes = 0;
   int num_speculative_tokens = 0;
+  int speculative_max_batch = 0;  // PlanOptions::speculative_max_batch
   double acceptance = 0;
   double draft_step_ms = 0;   // one batch-1 pass of the draft
   double verify_step_ms = 0;  // the target's pass over its last token and k drafts
@@ -203,8 +207,8 @@ struct SpeculationPlan {
 };
 // What a draft model takes on the GPU beside the model: its weights, and its KV cache as
 // strata-worker sizes it by default (--draft_kv_cache_mb=0): kDraftKvTokensPerSequence tokens of
-// each of the kGpuSpeculativeMaxBatch sequences that may draft at once, or, where the model's own
-// cache would then hold fewer tokens, as many tokens as it holds (the two sharing the room), in
+// each of the options.speculative_max_batch sequences that may draft at once, or, where the model's
+// own cache would then hold fewer tokens, as many tokens as it holds (the two sharing the room), in
 // `options.dtype`. The errors are MakePlan's for the model beside the draft's weights alone.
 struct DraftReservation {
   double weight_bytes = 0;

@@ -458,6 +458,32 @@ TEST(PlanCommandTest, PlansADraftModel) {
   auto always = RunPlan(with);
   ASSERT_TRUE(always.ok()) << always.status();
   EXPECT_NE(always->find("\"tokens_per_step\":4.000"), std::string::npos) << *always;
+  EXPECT_NE(spec->find("\"speculative_max_batch\":16"), std::string::npos) << *spec;
+  EXPECT_EQ(spec->find("--speculative_max_batch="), std::string::npos) << *spec;
+}
+
+// --speculative-max-batch: the draft's default cache is sized for that many sequences, and the
+// worker's flags carry it.
+TEST(PlanCommandTest, SpeculativeMaxBatchSizesTheDraftsCache) {
+  const std::vector<std::string> base = {
+      "--model",       "bench/configs/llama3_8b.json",  "--gpu", "h200", "--json",
+      "--draft-model", "bench/configs/llama3_2_1b.json"};
+  std::vector<std::string> four = base;
+  four.insert(four.end(), {"--speculative-max-batch", "4"});
+  auto sixteen = RunPlan(base);
+  auto out = RunPlan(four);
+  ASSERT_TRUE(sixteen.ok() && out.ok()) << sixteen.status() << out.status();
+  auto a = JsonDocument::Parse(*sixteen, "sixteen");
+  auto b = JsonDocument::Parse(*out, "four");
+  ASSERT_TRUE(a.ok() && b.ok());
+  // 4 sequences of 4096 tokens at 32 KiB a token: 512 MiB, 1.5 GiB more for the model's cache.
+  EXPECT_DOUBLE_EQ(*b->root().Field("speculation")->Field("draft_kv_cache_bytes")->AsDouble(),
+                   4.0 * 4096 * 32 * 1024);
+  EXPECT_NEAR(
+      *b->root().Field("kv_cache_mb")->AsDouble() - *a->root().Field("kv_cache_mb")->AsDouble(),
+      1536, 2);
+  EXPECT_NE(out->find("\"speculative_max_batch\":4"), std::string::npos) << *out;
+  EXPECT_NE(out->find("\"--speculative_max_batch=4\""), std::string::npos) << *out;
 }
 
 // On a GPU whose KV cache would hold fewer tokens than the draft's default cache, the draft's
@@ -515,6 +541,14 @@ TEST(PlanCommandTest, BadFlagsNameTheFlag) {
       {{"--model", "bench/configs/llama3_8b.json", "--draft-model",
         "bench/configs/llama3_2_1b.json", "--num-speculative-tokens", "40"},
        "--num-speculative-tokens"},
+      {{"--model", "bench/configs/llama3_8b.json", "--speculative-max-batch", "4"},
+       "--draft-model"},
+      {{"--model", "bench/configs/llama3_8b.json", "--draft-model",
+        "bench/configs/llama3_2_1b.json", "--speculative-max-batch", "0"},
+       "--speculative-max-batch"},
+      {{"--model", "bench/configs/llama3_8b.json", "--draft-model",
+        "bench/configs/llama3_2_1b.json", "--speculative-max-batch", "5000"},
+       "--speculative-max-batch"},
   };
   for (const auto& [argv, want] : cases) {
     auto r = RunPlan(argv);

@@ -81,6 +81,8 @@ constexpr char kUsage[] =
     "      [--gpu-memory-utilization U] [--target-utilization U] [--fine-tunes N\n"
     "      [--active-fine-tunes K] [--delta-bits 2|4|8] [--delta-sparsity 2:4|none] |\n"
     "      [--lora-rank R]]\n"
+    "      [--draft-model DIR|CONFIG.json [--draft-acceptance P] [--num-speculative-tokens K]\n"
+    "      [--speculative-max-batch N]]\n"
     "      [--json | --emit table|json|k8s|k8s-disaggregated]\n"
     "  stratactl simulate (--model DIR|CONFIG.json --gpu G [plan's GPU and option flags] |\n"
     "      --profile FILE) [--workers N | --find-workers] [--rate RPS | --rates R1,R2,...]\n"

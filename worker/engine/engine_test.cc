@@ -5,6 +5,7 @@
 // (failover).
 #include "worker/engine/engine.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -149,11 +150,13 @@ TEST_F(EngineTest, OutputIndependentOfBatchingChunkingCachingAndPreemption) {
     c.block_tokens = 8;
     c.enable_prefix_caching = s.prefix_caching;
     auto e = MakeEngine(c);
+    const absl::Time start = absl::Now();
     for (int i = 0; i < 16; ++i) {
       ASSERT_TRUE(e->AddRequest("r" + std::to_string(i), prompts[i], Greedy(10)).ok());
     }
     std::map<std::string, RequestOutput> last;
     const auto got = RunAll(*e, &last);
+    const double elapsed = absl::ToDoubleSeconds(absl::Now() - start);
     for (int i = 0; i < 16; ++i) {
       const std::string id = "r" + std::to_string(i);
       EXPECT_EQ(got.at(id), alone.at(id)) << id;
@@ -171,7 +174,14 @@ TEST_F(EngineTest, OutputIndependentOfBatchingChunkingCachingAndPreemption) {
     // One queue wait a request, its first admission's: those preempted and admitted again too.
     const std::vector<double> waits = e->DrainQueueWaits();
     EXPECT_EQ(waits.size(), 16u);
-    for (double w : waits) EXPECT_GE(w, 0);
+    for (double w : waits) {
+      EXPECT_GE(w, 0);
+      EXPECT_LE(w, elapsed);
+    }
+    // A step prefills at most 7 tokens: the later requests wait through the earlier ones' steps.
+    if (s.max_batch_tokens == 7) {
+      EXPECT_GT(*std::max_element(waits.begin(), waits.end()), 0);
+    }
     EXPECT_TRUE(e->DrainQueueWaits().empty());
   }
 }
