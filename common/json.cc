@@ -1,7 +1,11 @@
 #include "common/json.h"
 
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
+#include <optional>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/utf8.h"
@@ -10,6 +14,70 @@ namespace strata {
 namespace {
 
 using simdjson::dom::element_type;
+
+// simdjson takes integers only within 64 bits and numbers only within a double's range; JSON sets
+// no such limits (RFC 8259 leaves them to implementations; Python's json reads any), and models
+// write such numbers in tool calls and structured output. `text` with every integer literal past
+// 64 bits written as a decimal (it reads as the nearest double) and every number past a double's
+// range as the largest double of its sign; nullopt when no literal needed it. Strings are copied
+// as they are.
+std::optional<std::string> WidenNumbers(absl::string_view text) {
+  std::string out;
+  out.reserve(text.size() + 16);
+  bool changed = false;
+  const size_t n = text.size();
+  auto digit = [&](size_t j) { return j < n && std::isdigit(static_cast<unsigned char>(text[j])); };
+  size_t i = 0;
+  while (i < n) {
+    const char c = text[i];
+    if (c == '"') {
+      size_t j = i + 1;
+      while (j < n && text[j] != '"') j += text[j] == '\\' ? 2 : 1;
+      j = std::min(j + 1, n);
+      absl::StrAppend(&out, text.substr(i, j - i));
+      i = j;
+      continue;
+    }
+    if (c != '-' && !digit(i)) {
+      out.push_back(c);
+      ++i;
+      continue;
+    }
+    size_t j = c == '-' ? i + 1 : i;
+    while (digit(j)) ++j;
+    bool integer = true;
+    if (j < n && text[j] == '.') {
+      integer = false;
+      ++j;
+      while (digit(j)) ++j;
+    }
+    if (j < n && (text[j] == 'e' || text[j] == 'E')) {
+      integer = false;
+      ++j;
+      if (j < n && (text[j] == '+' || text[j] == '-')) ++j;
+      while (digit(j)) ++j;
+    }
+    const absl::string_view token = text.substr(i, j - i);
+    absl::StrAppend(&out, token);
+    i = j;
+    int64_t signed_value;
+    uint64_t unsigned_value;
+    if (integer && (absl::SimpleAtoi(token, &signed_value) ||
+                    absl::SimpleAtoi(token, &unsigned_value) || token == "-")) {
+      continue;
+    }
+    if (std::isinf(std::strtod(std::string(token).c_str(), nullptr))) {
+      out.resize(out.size() - token.size());
+      out.append(c == '-' ? "-1.7976931348623157e308" : "1.7976931348623157e308");
+      changed = true;
+    } else if (integer) {
+      out.append(".0");
+      changed = true;
+    }
+  }
+  if (!changed) return std::nullopt;
+  return out;
+}
 
 const char* TypeName(element_type t) {
   switch (t) {
@@ -238,7 +306,14 @@ absl::StatusOr<JsonDocument> JsonDocument::Parse(absl::string_view text, std::st
   JsonDocument doc;
   doc.parser_ = std::make_unique<simdjson::dom::parser>();
   doc.source_ = std::make_unique<std::string>(std::move(source));
-  const simdjson::error_code error = doc.parser_->parse(text.data(), text.size()).get(doc.root_);
+  simdjson::error_code error = doc.parser_->parse(text.data(), text.size()).get(doc.root_);
+  if (error == simdjson::NUMBER_ERROR) {
+    if (const std::optional<std::string> wide = WidenNumbers(text); wide.has_value()) {
+      if (doc.parser_->parse(wide->data(), wide->size()).get(doc.root_) == simdjson::SUCCESS) {
+        error = simdjson::SUCCESS;
+      }
+    }
+  }
   if (error != simdjson::SUCCESS) {
     return absl::InvalidArgumentError(
         absl::StrCat(*doc.source_, ": invalid JSON: ", simdjson::error_message(error)));

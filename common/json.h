@@ -78,7 +78,9 @@ class JsonValue {
 // A parsed JSON document. Move-only; values point into it.
 class JsonDocument {
  public:
-  // `source` names the text in error messages (usually the file path).
+  // `source` names the text in error messages (usually the file path). Numbers of any size are
+  // taken, as JSON allows: an integer past 64 bits reads as the nearest double, a number past a
+  // double's range as the largest double of its sign.
   static absl::StatusOr<JsonDocument> Parse(absl::string_view text, std::string source);
 
   JsonValue root() const { return JsonValue(root_, "(root)", source_.get()); }

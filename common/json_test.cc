@@ -57,6 +57,36 @@ TEST(JsonTest, MalformedTextIsRefused) {
   EXPECT_NE(doc.status().message().find("tokenizer.json: invalid JSON"), absl::string_view::npos);
 }
 
+// JSON sets no limit on numbers; simdjson takes 64-bit integers and doubles only. Larger ones (a
+// model's tool call may hold one) read as doubles, and digits inside strings are left alone.
+TEST(JsonTest, NumbersOfAnySizeAreTaken) {
+  auto doc = JsonDocument::Parse(
+      R"({"big": 2251896668065540917442, "neg": -99999999999999999999, "huge": 1e400,
+          "tiny": -2e-400, "u64": 18446744073709551615, "s": "123456789012345678901234567890",
+          "list": [184467440737095516160, -1.5e999, )" +
+          std::string(400, '9') + "]}",
+      "big.json");
+  ASSERT_TRUE(doc.ok()) << doc.status();
+  const JsonValue r = doc->root();
+  EXPECT_DOUBLE_EQ(*r.DoubleField("big"), 2251896668065540917442.0);
+  EXPECT_DOUBLE_EQ(*r.DoubleField("neg"), -99999999999999999999.0);
+  EXPECT_DOUBLE_EQ(*r.DoubleField("huge"), 1.7976931348623157e308);
+  EXPECT_EQ(*r.DoubleField("tiny"), 0);
+  EXPECT_EQ(*r.Field("u64")->AsDouble(), 18446744073709551615.0);
+  EXPECT_EQ(*r.StringField("s"), "123456789012345678901234567890");
+  const std::vector<JsonValue> list = *r.Field("list")->AsArray();
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_DOUBLE_EQ(*list[0].AsDouble(), 184467440737095516160.0);
+  EXPECT_DOUBLE_EQ(*list[1].AsDouble(), -1.7976931348623157e308);
+  EXPECT_DOUBLE_EQ(*list[2].AsDouble(), 1.7976931348623157e308);  // 400 digits
+  // An integer field that is too large for one says so.
+  EXPECT_FALSE(r.IntField("big").ok());
+  // Malformed numbers are still refused.
+  for (const char* bad : {"[1.]", "[-]", "[1e]", "[.5]", R"({"a": 1e400 x})"}) {
+    EXPECT_FALSE(JsonDocument::Parse(bad, "bad").ok()) << bad;
+  }
+}
+
 TEST(JsonTest, DocumentSurvivesMove) {
   auto doc = JsonDocument::Parse(R"({"k": "v"})", "s");
   ASSERT_TRUE(doc.ok());

@@ -523,40 +523,6 @@ absl::Status ParseStructuredOutput(const JsonValue& root, bool tools_in_play,
   return absl::OkStatus();
 }
 
-// A forced call's text kept to a well-formed call of the request's tools (ForcedToolCallGrammar),
-// as structured output continuing the forced prefix (for Qwen3-Coder's XML and pythonic calls, a
-// GBNF grammar). A tool whose parameters' schema cannot be enforced has them taken as any object;
-// a call no grammar keeps (more tools than a matcher follows at once) stays free text.
-void ConstrainForcedCall(ToolCallFormat format, CompletionCall& call) {
-  std::vector<ToolSchema> tools;
-  for (size_t i = 0; i < call.tool_names.size(); ++i) {
-    tools.push_back({call.tool_names[i], call.tool_parameters[i]});
-  }
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    if (attempt == 1) {
-      for (ToolSchema& t : tools) t.parameters.clear();
-    }
-    std::optional<ForcedCallGrammar> g =
-        ForcedToolCallGrammar(format, call.tool_choice_name, tools, call.parallel_tool_calls);
-    if (!g.has_value()) return;
-    v1::StructuredOutput so;
-    if (!g->gbnf.empty()) {
-      // Its parameters come from the schema's properties; without them no call is left to keep.
-      if (attempt == 1) return;
-      so.set_grammar(std::move(g->gbnf));
-    } else {
-      so.set_json_schema(std::move(g->json_schema));
-      so.set_prefix(std::move(g->prefix));
-    }
-    // Clients send the same tools with request after request: their grammars are kept.
-    static GrammarCache* const checked = new GrammarCache(64);
-    if (checked->Get(so, "forced call").ok()) {
-      *call.request.mutable_sampling()->mutable_structured_output() = std::move(so);
-      return;
-    }
-  }
-}
-
 absl::Status ParseTemplateFields(const JsonValue& root, CompletionCall* call, std::string* param) {
   *param = "chat_template_kwargs";
   if (std::optional<JsonValue> v = root.FindField("chat_template_kwargs")) {
@@ -905,11 +871,43 @@ absl::StatusOr<CompletionCall> ParseRequest(absl::string_view body, bool chat, s
 }  // namespace
 
 absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::string* param) {
-  return ParseRequest(body, /*chat=*/false, param);
+  std::string unused;
+  return ParseRequest(body, /*chat=*/false, param != nullptr ? param : &unused);
 }
 
 absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string* param) {
-  return ParseRequest(body, /*chat=*/true, param);
+  std::string unused;
+  return ParseRequest(body, /*chat=*/true, param != nullptr ? param : &unused);
+}
+
+void ConstrainForcedCall(ToolCallFormat format, CompletionCall* call) {
+  std::vector<ToolSchema> tools;
+  for (size_t i = 0; i < call->tool_names.size(); ++i) {
+    tools.push_back({call->tool_names[i], call->tool_parameters[i]});
+  }
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    if (attempt == 1) {
+      for (ToolSchema& t : tools) t.parameters.clear();
+    }
+    std::optional<ForcedCallGrammar> g =
+        ForcedToolCallGrammar(format, call->tool_choice_name, tools, call->parallel_tool_calls);
+    if (!g.has_value()) return;
+    v1::StructuredOutput so;
+    if (!g->gbnf.empty()) {
+      // Its parameters come from the schema's properties; without them no call is left to keep.
+      if (attempt == 1) return;
+      so.set_grammar(std::move(g->gbnf));
+    } else {
+      so.set_json_schema(std::move(g->json_schema));
+      so.set_prefix(std::move(g->prefix));
+    }
+    // Clients send the same tools with request after request: their grammars are kept.
+    static GrammarCache* const checked = new GrammarCache(64);
+    if (checked->Get(so, "forced call").ok()) {
+      *call->request.mutable_sampling()->mutable_structured_output() = std::move(so);
+      return;
+    }
+  }
 }
 
 ChatFormat DetectChatFormat(absl::string_view chat_template) {
@@ -2226,7 +2224,7 @@ void OpenAiGateway::Completion(int fd, const std::string& body, bool chat, const
     }
     if (forced) {
       forced_call = ForcedToolCallPrefix(tool_format, call->tool_choice_name);
-      ConstrainForcedCall(tool_format, *call);
+      ConstrainForcedCall(tool_format, &*call);
       absl::StrAppend(&*prompt, forced_call);
     }
     call->request.set_text(*std::move(prompt));

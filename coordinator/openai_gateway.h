@@ -151,6 +151,13 @@ absl::StatusOr<CompletionCall> ChatFromJson(absl::string_view body, std::string*
 // do (best_of, suffix); the status's message is the client's, `param` (when not null) the field.
 absl::StatusOr<CompletionCall> CompletionFromJson(absl::string_view body, std::string* param);
 
+// A forced call (tool_choice required or named) kept to a well-formed call of `call`'s tools in
+// `format` (ForcedToolCallGrammar): sets call.request's structured output, continuing the forced
+// prefix (for Qwen3-Coder's XML and pythonic calls, a GBNF grammar). A tool whose parameters'
+// schema cannot be enforced has them taken as any object; a call no grammar keeps (more tools than
+// a matcher follows at once) stays free text, with no structured output set.
+void ConstrainForcedCall(ToolCallFormat format, CompletionCall* call);
+
 // Each of a chat request's tools' parameters' JSON Schema types (`type`, one or a list, and
 // anyOf / oneOf entries'): how qwen3_coder's raw parameter values are read.
 ToolParamTypes ParamTypesOf(const jinja::List& tools);

@@ -618,11 +618,14 @@ absl::StatusOr<std::optional<std::pair<int64_t, int64_t>>> ReadRepetition(absl::
   return bounds;
 }
 
-std::optional<std::string> RandomSentence(const std::shared_ptr<const Grammar>& grammar,
-                                          std::mt19937_64& rng, size_t max_bytes,
-                                          const std::function<void(const GrammarMatcher&)>& visit) {
+namespace {
+
+std::optional<std::string> Walk(const std::shared_ptr<const Grammar>& grammar,
+                                absl::string_view start, std::mt19937_64& rng, size_t max_bytes,
+                                const std::function<void(const GrammarMatcher&)>& visit) {
   GrammarMatcher m(grammar);
-  std::string text;
+  if (!m.Advance(start)) return std::nullopt;
+  std::string text(start);
   static constexpr absl::string_view kStructural = "\"}],:0123456789tfn";
   std::vector<uint8_t> all, preferred, ascii;
   while (text.size() < max_bytes) {
@@ -649,6 +652,20 @@ std::optional<std::string> RandomSentence(const std::shared_ptr<const Grammar>& 
     text += c;
   }
   return std::nullopt;
+}
+
+}  // namespace
+
+std::optional<std::string> RandomSentence(const std::shared_ptr<const Grammar>& grammar,
+                                          std::mt19937_64& rng, size_t max_bytes,
+                                          const std::function<void(const GrammarMatcher&)>& visit) {
+  return Walk(grammar, "", rng, max_bytes, visit);
+}
+
+std::optional<std::string> RandomSentenceFrom(const std::shared_ptr<const Grammar>& grammar,
+                                              absl::string_view start, std::mt19937_64& rng,
+                                              size_t max_bytes) {
+  return Walk(grammar, start, rng, max_bytes, nullptr);
 }
 
 bool GrammarAccepts(const std::shared_ptr<const Grammar>& grammar, absl::string_view text) {

@@ -222,6 +222,11 @@ class GrammarMatcher {
 std::optional<std::string> RandomSentence(
     const std::shared_ptr<const Grammar>& grammar, std::mt19937_64& rng, size_t max_bytes,
     const std::function<void(const GrammarMatcher&)>& visit = nullptr);
+// The same walk from the end of `start` (a structured output's prefix): a random sentence that
+// begins with it, or nullopt when the grammar does not take it.
+std::optional<std::string> RandomSentenceFrom(const std::shared_ptr<const Grammar>& grammar,
+                                              absl::string_view start, std::mt19937_64& rng,
+                                              size_t max_bytes);
 
 // Whether `text` is a complete sentence of `grammar` (for tests and validation).
 bool GrammarAccepts(const std::shared_ptr<const Grammar>& grammar, absl::string_view text);

@@ -1,5 +1,7 @@
 #include "grammar/grammar.h"
 
+#include <optional>
+#include <random>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -45,6 +47,34 @@ TEST(GrammarTest, LiteralsChoicesAndRepetition) {
   EXPECT_TRUE(m.Advance("de!"));
   EXPECT_TRUE(m.IsComplete());
   EXPECT_FALSE(m.CanContinue());
+}
+
+// Random sentences from the start and from a prefix are the grammar's, and the latter begin with
+// the prefix; a prefix the grammar does not take gives none.
+TEST(GrammarTest, RandomSentencesFromTheStartAndFromAPrefix) {
+  // root ::= "ab" ("c" | "de")* "!"?
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  Seq s = b.Literal("ab");
+  s.push_back(b.Star("rep", {b.Choice("cd", {b.Literal("c"), b.Literal("de")})}));
+  s.push_back(b.Optional("bang", b.Literal("!")));
+  b.AddAlternative(root, s);
+  auto g = MustBuild(std::move(b), root);
+  std::mt19937_64 rng(5);
+  int from_prefix = 0;
+  for (int i = 0; i < 50; ++i) {
+    const std::optional<std::string> any = RandomSentence(g, rng, 64);
+    if (any.has_value()) {
+      EXPECT_TRUE(GrammarAccepts(g, *any)) << *any;
+    }
+    const std::optional<std::string> more = RandomSentenceFrom(g, "abde", rng, 64);
+    if (!more.has_value()) continue;
+    ++from_prefix;
+    EXPECT_EQ(more->substr(0, 4), "abde");
+    EXPECT_TRUE(GrammarAccepts(g, *more)) << *more;
+  }
+  EXPECT_GT(from_prefix, 25);
+  EXPECT_FALSE(RandomSentenceFrom(g, "abx", rng, 64).has_value());
 }
 
 TEST(GrammarTest, BoundedRepetition) {

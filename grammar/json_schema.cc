@@ -28,6 +28,12 @@ namespace {
 
 using Seq = GrammarBuilder::Seq;
 
+// A JSON string's escape (a regular expression): \uXXXX only of a code point, a surrogate only as
+// the high half of a pair (most JSON parsers, simdjson among them, refuse a lone one).
+constexpr char kEscape[] =
+    R"(\\(["\\/bfnrt]|u([0-9a-cA-Ce-fE-F][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2}))"
+    R"(|u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}))";
+
 constexpr const char* kUnsupported[] = {
     "contains",
     "minContains",
@@ -103,9 +109,7 @@ class SchemaCompiler {
     return b_.Ref(r);
   }
 
-  int32_t StringChar() {
-    return Pattern("char", R"([^"\\\x00-\x1f]|\\(["\\/bfnrt]|u[0-9a-fA-F]{4}))");
-  }
+  int32_t StringChar() { return Pattern("char", absl::StrCat(R"([^"\\\x00-\x1f]|)", kEscape)); }
   int32_t AnyString() {
     if (!string_.has_value()) {
       string_ = b_.Choice("string", {{Quote(), b_.Star("chars", {StringChar()}), Quote()}});
@@ -348,7 +352,7 @@ class SchemaCompiler {
       trie[at].end = true;
     }
     const int32_t tail = b_.Star("chars", {StringChar()});
-    const int32_t escape = Pattern("escape", R"(\\(["\\/bfnrt]|u[0-9a-fA-F]{4}))");
+    const int32_t escape = Pattern("escape", kEscape);
     std::function<int32_t(int)> build = [&](int n) -> int32_t {
       const int32_t r = b_.NewRule("key");
       if (!trie[n].end) b_.AddAlternative(r, {});

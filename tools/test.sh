@@ -26,7 +26,8 @@ if [[ $# -eq 0 ]]; then
   # another's, with ASAN builds of the coordinator and workers; and TLS, whose certificate checks
   # hold OpenSSL objects, end to end over a TLS cluster too, and whose HTTPS bridge pumps bytes
   # on threads of its own (TSAN too); and the engine, whose waiting queue holds sequences in
-  # ordered sets and indexes them by request id, freed as they finish, fail or are cancelled.)
+  # ordered sets and indexes them by request id, freed as they finish, fail or are cancelled;
+  # and the fuzz targets, whose inputs are built to break the parsers.)
   bazel test --config=asan //memtier/... //worker/comm/... //coordinator:jinja_test \
     //coordinator:api_keys_test //coordinator:access_log_test //common:secrets_test \
     //common:periodic_test \
@@ -35,7 +36,7 @@ if [[ $# -eq 0 ]]; then
     //worker/engine:ngram_draft_test //worker/engine:draft_model_test //worker/model:lora_test \
     //worker/engine:delta_cache_test //worker/server:fine_tune_dir_test \
     //worker/server:kv_fetch_test //worker/server:kv_transfer_test //tests:disaggregation_test \
-    //common:tls_test //common:tls_stream_test //tests:tls_cluster_test
+    //common:tls_test //common:tls_stream_test //tests:tls_cluster_test //tests/fuzz/...
   bazel test --config=tsan //memtier/... //worker/comm/... //worker/server:kv_transfer_test \
     //common:tls_stream_test
   bazel test --config=tsan //worker/engine:engine_test --test_filter='EngineTiersTest.*'

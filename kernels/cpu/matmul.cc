@@ -1,6 +1,7 @@
 #include "kernels/matmul.h"
 
 #include <cblas.h>
+#include <cpuid.h>
 #include <immintrin.h>
 
 // GCC 12 reports the _mm512_undefined_* placeholders inside its own AVX-512 intrinsics as
@@ -121,8 +122,10 @@ enum class Isa { kScalar, kAvx2, kAvx512 };
 Isa DetectIsa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
+  // (F16C through CPUID: clang's __builtin_cpu_supports does not know it.)
+  unsigned eax, ebx, ecx, edx;
+  const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c) {
     return Isa::kAvx2;
   }
   return Isa::kScalar;

@@ -384,6 +384,13 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
                                                    " tokens; the model's context length is ",
                                                    c.max_position_embeddings));
   }
+  // A sequence must fit the KV cache whole to run (alone, if need be): one longer would prefill
+  // until the cache filled, preempt itself and start over, for ever.
+  if (context > CacheTokens()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt has ", context, " tokens; this worker's KV cache holds ", CacheTokens(),
+        " (a larger --kv_cache_mb, or tensor parallelism, holds more)"));
+  }
   if (o.max_tokens < 1 || o.max_tokens > 65536) {
     return absl::InvalidArgumentError("sampling.max_tokens must be in [1, 65536]");
   }
@@ -1236,10 +1243,10 @@ FinishReason Engine::EndOf(const Sequence& s, int32_t token) const {
 }
 
 FinishReason Engine::CheckStop(const Sequence& s, int32_t token) const {
-  const ModelConfig& c = weights_->config;
   if (const FinishReason end = EndOf(s, token); end != FinishReason::kNone) return end;
   if (s.num_generated >= s.options.max_tokens) return FinishReason::kLength;
-  if (static_cast<int64_t>(s.tokens.size()) >= c.max_position_embeddings) {
+  // (A longer sequence could not run: see CacheTokens.)
+  if (static_cast<int64_t>(s.tokens.size()) >= MaxContextTokens()) {
     return FinishReason::kContextLength;
   }
   return FinishReason::kNone;

@@ -326,9 +326,10 @@ class Engine {
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelWeights* weights,
                                                         Collectives* comm, EngineConfig config);
 
-  // Queues a request. INVALID_ARGUMENT naming the field for a bad prompt or option; ALREADY_EXISTS
-  // for a live request id; NOT_FOUND for a fine_tune_id this engine does not serve. A fine-tune's
-  // delta starts loading now; the request waits for it (others go ahead).
+  // Queues a request. INVALID_ARGUMENT naming the field for a bad prompt or option, or a prompt
+  // (with its resume tokens) longer than the KV cache holds; ALREADY_EXISTS for a live request id;
+  // NOT_FOUND for a fine_tune_id this engine does not serve. A fine-tune's delta starts loading
+  // now; the request waits for it (others go ahead).
   absl::Status AddRequest(const std::string& request_id, std::vector<int32_t> prompt,
                           RequestOptions options);
   // Cancels a live request, freeing its blocks now; the next Step reports it finished with
@@ -366,6 +367,12 @@ class Engine {
   // The lower tiers, or null when none is configured.
   const KvStore* kv_store() const { return store_.get(); }
   int64_t block_tokens() const { return config_.block_tokens; }
+  // The longest sequence this engine runs: the model's context, or what the KV cache holds when
+  // that is less (every token of a sequence must be in the cache at once). What workers report
+  // as their max_context_tokens.
+  int64_t MaxContextTokens() const {
+    return std::min<int64_t>(weights_->config.max_position_embeddings, CacheTokens());
+  }
   const ModelConfig& model_config() const { return weights_->config; }
   // Bytes of one KV block (all layers, K and V, every tensor-parallel rank's share).
   int64_t kv_block_bytes() const {
@@ -663,7 +670,12 @@ class Engine {
   int64_t PendingPrefill(const Sequence& s) const;
   void RefreshPendingPrefill(Sequence* s);
   void PublishFullBlocks(Sequence* s);
+  // kEos, kStopToken, kLength or kContextLength when `s` ends with `token` (its last): past the
+  // model's context or past what the KV cache holds (CacheTokens), since every token of a
+  // sequence must be in the cache at once.
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
+  // The tokens the KV cache holds (every block).
+  int64_t CacheTokens() const { return blocks_.num_blocks() * config_.block_tokens; }
   // kEos or kStopToken when `token` ends `s` (EOS unless ignore_eos, a stop token), else kNone.
   FinishReason EndOf(const Sequence& s, int32_t token) const;
   // Appends the tokens `s` may not sample as its output token number `num_generated` (0-based):

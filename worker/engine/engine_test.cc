@@ -727,28 +727,37 @@ TEST_F(FairShareTest, UnderKvPressureTheMostServedTenantIsPreempted) {
   }
 }
 
-// A prompt larger than the whole cache fails alone, whichever tenant's turn it was: not the
-// request ahead of it in the queue.
-TEST_F(FairShareTest, APromptLargerThanTheCacheFailsItselfOnly) {
+// A prompt larger than the whole cache is refused when it arrives (it could never run: it would
+// prefill until the cache filled, preempt itself and start over, for ever), and the requests
+// around it run; a sequence that grows to fill the cache ends there.
+TEST_F(FairShareTest, APromptLargerThanTheCacheIsRefusedAndASequenceEndsWhereTheCacheDoes) {
   EngineConfig c;
   c.num_kv_blocks = 4;  // 64 tokens
   c.block_tokens = 16;
+  c.max_batch_tokens = 16;  // chunked prefill: the first chunks of a long prompt would fit
   auto e = MakeEngine(c);
   RequestOptions a = Greedy(20);
   a.tenant = "a";
   ASSERT_TRUE(e->AddRequest("a-long", RandomPrompt(rng_, 8), a).ok());
   ASSERT_TRUE(e->Step().ok());
-  // b arrives level with a, then a is served on; b's turn comes first, but its prompt never fits.
   a.max_tokens = 3;
   ASSERT_TRUE(e->AddRequest("a-short", RandomPrompt(rng_, 8), a).ok());
   RequestOptions b = Greedy(3);
   b.tenant = "b";
-  ASSERT_TRUE(e->AddRequest("b-huge", RandomPrompt(rng_, 100), b).ok());
+  const absl::Status huge = e->AddRequest("b-huge", RandomPrompt(rng_, 100), b);
+  EXPECT_TRUE(absl::IsInvalidArgument(huge)) << huge;
+  EXPECT_NE(huge.message().find("KV cache holds 64"), std::string::npos) << huge;
+  // As long as the cache, and asking for more: the prompt is computed, the generation ends at 64.
+  b.max_tokens = 40;
+  ASSERT_TRUE(e->AddRequest("b-full", RandomPrompt(rng_, 60), b).ok());
   std::map<std::string, RequestOutput> last;
-  RunAll(*e, &last);
-  EXPECT_EQ(last["b-huge"].finish, FinishReason::kContextLength);
+  const auto tokens = RunAll(*e, &last);
   EXPECT_EQ(last["a-short"].finish, FinishReason::kLength);
   EXPECT_EQ(last["a-long"].finish, FinishReason::kLength);
+  EXPECT_EQ(last["b-full"].finish, FinishReason::kContextLength);
+  EXPECT_EQ(tokens.at("b-full").size(), 4u);
+  EXPECT_FALSE(last.contains("b-huge"));
+  EXPECT_EQ(e->Stats().num_free_blocks, 4);
 }
 
 // A tenant's stream of new prompts evicts its own cached blocks before another tenant's prefix.

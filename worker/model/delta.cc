@@ -316,11 +316,12 @@ absl::StatusOr<std::unique_ptr<DeltaWeights>> LoadDelta(const std::string& path,
       }
       *slot_part = t;
     }
+    const auto& base = name;  // (clang before 16 cannot capture a structured binding)
     const auto check = [&](const TensorView* t, const char* suffix, DType dtype,
                            std::vector<int64_t> shape) -> absl::Status {
       if (t == nullptr) {
         return absl::InvalidArgumentError(
-            absl::StrCat(path, ": tensor ", name, suffix, " is missing"));
+            absl::StrCat(path, ": tensor ", base, suffix, " is missing"));
       }
       if (t->dtype != dtype || t->shape != shape) {
         return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", t->DebugString(),

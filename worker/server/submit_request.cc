@@ -66,7 +66,7 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
   if (num_prompt + num_resume >= limits.max_context_tokens) {
     return absl::InvalidArgumentError(
         absl::StrCat("prompt_token_ids plus resume_token_ids hold ", num_prompt + num_resume,
-                     " tokens; the model's context length is ", limits.max_context_tokens,
+                     " tokens; the context served is ", limits.max_context_tokens,
                      " (at most ", limits.max_context_tokens - 1, " may be given)"));
   }
   auto check_ids = [&](const auto& ids, const char* field) -> absl::Status {

@@ -485,7 +485,7 @@ grpc::ServerWriteReactor<v1::SubmitResponse>* WorkerService::Submit(
   SubmitLimits limits;
   limits.model_name = options_.model_name;
   limits.vocab_size = mc.vocab_size;
-  limits.max_context_tokens = mc.max_position_embeddings;
+  limits.max_context_tokens = engine_->MaxContextTokens();
   limits.fine_tunes = engine_.get();
   limits.grammars = &grammars_;
   absl::StatusOr<ParsedSubmit> parsed = ParseSubmitRequest(*request, limits);
@@ -572,7 +572,7 @@ grpc::ServerUnaryReactor* WorkerService::GetInfo(grpc::CallbackServerContext* co
   info->set_worker_epoch(epoch_);
   info->set_model(options_.model_name);
   info->set_vocab_size(static_cast<uint32_t>(mc.vocab_size));
-  info->set_max_context_tokens(static_cast<uint32_t>(mc.max_position_embeddings));
+  info->set_max_context_tokens(static_cast<uint32_t>(engine_->MaxContextTokens()));
   info->set_tensor_parallel_size(static_cast<uint32_t>(options_.tensor_parallel_size));
   info->set_block_tokens(static_cast<uint32_t>(engine_->block_tokens()));
   // (The generation first: a change between the two makes the list look older, never newer.)

@@ -1,0 +1,82 @@
+// Structured output as a request sets it (CompileStructuredOutput, the path both servers take):
+// a JSON schema, a regular expression, a GBNF grammar or a list of choices, from untrusted text.
+// Built once per kind (STRATA_FUZZ_KIND: 0 json_schema, 1 regex, 2 grammar, 3 choice).
+//
+// Input: one option byte, then the spec's text (choices: one a line). The option byte's bit 0
+// asks for compact JSON; bits 1-3 move that many leading bytes of the text into the prefix.
+//
+// Checks: a refusal is INVALID_ARGUMENT naming the field; a grammar it compiles produces only
+// sentences its own matcher accepts (RandomSentence against GrammarAccepts), and a JSON schema's
+// only JSON that parses; following the input through the grammar byte by byte never crashes.
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
+#include "common/hash.h"
+#include "common/json.h"
+#include "grammar/grammar.h"
+#include "grammar/structured_output.h"
+#include "proto/strata/v1/common.pb.h"
+#include "tests/fuzz/fuzz_target.h"
+
+#ifndef STRATA_FUZZ_KIND
+#error "STRATA_FUZZ_KIND must be 0 (json_schema), 1 (regex), 2 (grammar) or 3 (choice)"
+#endif
+
+STRATA_FUZZ_TARGET(data, size) {
+  strata::fuzz::FuzzInput in(data, size);
+  const uint8_t options = in.Byte();
+  const size_t prefix_bytes = (options >> 1) & 7;
+  const std::string prefix(in.Take(prefix_bytes));
+  const std::string text(in.Rest());
+
+  strata::v1::StructuredOutput spec;
+  spec.set_compact_json((options & 1) != 0);
+  spec.set_prefix(prefix);
+  switch (STRATA_FUZZ_KIND) {
+    case 0:
+      spec.set_json_schema(text);
+      break;
+    case 1:
+      spec.set_regex(text);
+      break;
+    case 2:
+      spec.set_grammar(text);
+      break;
+    default:
+      for (absl::string_view line : absl::StrSplit(text, '\n')) {
+        spec.mutable_choice()->add_texts(std::string(line));
+      }
+      break;
+  }
+  const absl::StatusOr<std::shared_ptr<const strata::Grammar>> g =
+      strata::CompileStructuredOutput(spec, "spec");
+  if (!g.ok()) {
+    FUZZ_CHECK(absl::IsInvalidArgument(g.status()), "%s", g.status().ToString().c_str());
+    FUZZ_CHECK(absl::StartsWith(g.status().message(), "spec"), "%s", g.status().ToString().c_str());
+    return 0;
+  }
+  FUZZ_CHECK(*g != nullptr, "a spec with a kind compiled to no grammar");
+
+  std::mt19937_64 rng(strata::Hash64(text));
+  for (int i = 0; i < 3; ++i) {
+    const std::optional<std::string> sentence =
+        strata::RandomSentenceFrom(*g, spec.prefix(), rng, 512);
+    if (!sentence.has_value()) continue;
+    FUZZ_CHECK(strata::GrammarAccepts(*g, *sentence),
+               "the grammar's own sentence \"%s\" is refused", sentence->c_str());
+    if (STRATA_FUZZ_KIND == 0 && !sentence->empty()) {
+      const auto doc = strata::JsonDocument::Parse(*sentence, "sentence");
+      FUZZ_CHECK(doc.ok(), "the schema's sentence \"%s\" is not JSON: %s", sentence->c_str(),
+                 doc.status().ToString().c_str());
+    }
+  }
+  strata::GrammarMatcher m(*g);
+  for (char c : text) {
+    if (!m.Advance(absl::string_view(&c, 1)) || m.Overloaded()) break;
+  }
+  return 0;
+}
