@@ -374,8 +374,13 @@ absl::Status ParseTools(const JsonValue& root, CompletionCall* call, std::string
           call->tool_names.end()) {
         return function.Field("name")->Error(absl::StrCat("names \"", name, "\" twice"));
       }
-      if (std::optional<JsonValue> p = function.FindField("parameters"); p && !p->IsObject()) {
-        return p->Error("must be a JSON Schema object");
+      if (std::optional<JsonValue> p = function.FindField("parameters"); p.has_value()) {
+        if (!p->IsObject()) return p->Error("must be a JSON Schema object");
+        // A call's arguments are an object (as OpenAI's API requires of the schema too).
+        if (std::optional<JsonValue> t = p->FindField("type");
+            t.has_value() && !(t->IsString() && *t->AsString() == "object")) {
+          return t->Error("must be \"object\": a call's arguments are a JSON object");
+        }
       }
       ASSIGN_OR_RETURN(jinja::Value value, jinja::Value::FromJson(tool));
       call->tools.push_back(std::move(value));

@@ -331,6 +331,10 @@ TEST(ChatFromJsonTest, RefusalsNameTheField) {
                     [{"type": "function", "function": {"name": "f", "parameters": []}}]})",
                "tools", "JSON Schema object"},
           Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools":
+                    [{"type": "function", "function": {"name": "f",
+                      "parameters": {"type": "string"}}}]})",
+               "tools", "tools[0].function.parameters.type\" must be \"object\""},
+          Case{R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools":
                     [{"type": "function", "function": {"name": "f"}}],
                     "tool_choice": {"type": "function", "function": {"name": "g"}}})",
                "tool_choice", "not one of the tools"},

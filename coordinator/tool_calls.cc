@@ -897,6 +897,16 @@ std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
     absl::StatusOr<JsonDocument> d =
         JsonDocument::Parse(t.parameters.empty() ? "{}" : t.parameters, "parameters");
     if (!d.ok() || !d->root().IsObject()) return R"({"type": "object"})";
+    // A schema whose top level is not plainly an object's (another type, or values chosen by
+    // keywords beside which the compiler leaves "type" to them) could let the arguments be
+    // something else: any object then.
+    if (std::optional<JsonValue> type = d->root().FindField("type");
+        type.has_value() && !(type->IsString() && *type->AsString() == "object")) {
+      return R"({"type": "object"})";
+    }
+    for (const char* key : {"anyOf", "oneOf", "allOf", "$ref", "enum", "const", "not"}) {
+      if (d->root().FindField(key).has_value()) return R"({"type": "object"})";
+    }
     std::string extra;
     if (!d->root().FindField("$id").has_value()) {
       extra = absl::StrCat(R"("$id": )", JsonQuote(absl::StrCat("urn:strata:tool:", t.name)));

@@ -716,6 +716,26 @@ TEST(ForcedToolCallGrammarTest, NothingTheParsersCannotRead) {
   EXPECT_FALSE(GrammarAccepts(xml, "<parameter=n>\n007\n</parameter>\n</function>"));
 }
 
+// Parameters whose top level is not plainly an object's could let the arguments be something
+// else, which would not be read as a call: any object instead.
+TEST(ForcedToolCallGrammarTest, ArgumentsAreAnObjectWhateverTheParametersSay) {
+  for (const char* parameters :
+       {R"({"type": "string"})", R"({"anyOf": [{"type": "string"}, {"type": "object"}]})",
+        R"({"$ref": "#/$defs/a", "$defs": {"a": {"type": "integer"}}})", R"({"enum": [1, 2]})"}) {
+    SCOPED_TRACE(parameters);
+    const std::optional<ForcedCallGrammar> g =
+        ForcedToolCallGrammar(ToolCallFormat::kMistralArgs, "f", {{"f", parameters}}, true);
+    ASSERT_TRUE(g.has_value());
+    EXPECT_EQ(g->json_schema, R"({"type": "object"})");
+  }
+  // A plain object schema is kept (its $id added).
+  const std::optional<ForcedCallGrammar> kept = ForcedToolCallGrammar(
+      ToolCallFormat::kMistralArgs, "f",
+      {{"f", R"({"type": "object", "properties": {"a": {"type": "integer"}}})"}}, true);
+  ASSERT_TRUE(kept.has_value());
+  EXPECT_NE(kept->json_schema.find(R"("a": {"type": "integer"})"), std::string::npos);
+}
+
 TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {
   const std::vector<ToolSchema> tools = {
       {"get_weather",

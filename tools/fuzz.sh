@@ -10,17 +10,18 @@
 #   tools/fuzz.sh TARGET --replay FILE...                 run inputs (a crash) once
 #   tools/fuzz.sh --list                                  the targets
 #
-# TARGET is json_schema, regex, gbnf, choice, openai_request, jinja, tool_calls, tokenizer or
-# submit_request. The build uses clang in its own Bazel output base (~/.cache/strata/fuzz-bazel),
-# so the gcc build's cache stays as it is; it installs clang and libFuzzer (libclang-rt-14-dev) if
-# missing. Inputs that reach new code go to ~/.cache/strata/fuzz/TARGET (kept between runs); a
-# crash, a failed FUZZ_CHECK or an input that runs past 20 s goes to
-# ~/.cache/strata/fuzz/TARGET-crashes, and its path is printed. Fix the bug, then copy the input
-# into tests/fuzz/corpus/TARGET so that `bazel test` replays it for good.
+# TARGET is json_schema, regex, gbnf, choice, openai_request, jinja, tool_calls, tokenizer,
+# submit_request or http_gateway. The build uses clang in its own Bazel output base
+# (~/.cache/strata/fuzz-bazel), so the gcc build's cache stays as it is; it installs clang and
+# libFuzzer (libclang-rt-14-dev) if missing. Inputs that reach new code go to
+# ~/.cache/strata/fuzz/TARGET (kept between runs); a crash, a failed FUZZ_CHECK or an input that
+# runs past 20 s goes to ~/.cache/strata/fuzz/TARGET-crashes, and its path is printed. Fix the
+# bug, then copy the input into tests/fuzz/corpus/TARGET so that `bazel test` replays it for good.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
-targets=(json_schema regex gbnf choice openai_request jinja tool_calls tokenizer submit_request)
+targets=(json_schema regex gbnf choice openai_request jinja tool_calls tokenizer submit_request
+  http_gateway)
 
 if [[ $# -lt 1 || "$1" == "--help" || "$1" == "-h" ]]; then
   sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'

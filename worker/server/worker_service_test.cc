@@ -339,6 +339,26 @@ TEST_F(WorkerServiceTest, InfoDescribesTheWorker) {
   EXPECT_FALSE(info.version().empty());
 }
 
+// A KV cache smaller than the model's context bounds it: the worker reports the cache's tokens,
+// refuses a longer prompt by name, and ends a generation where the cache does.
+TEST_F(WorkerServiceTest, ASmallKvCacheBoundsTheContext) {
+  Start(/*max_live=*/256, /*num_kv_blocks=*/8);  // 128 tokens
+  grpc::ClientContext c;
+  v1::WorkerInfo info;
+  ASSERT_TRUE(stub_->GetInfo(&c, v1::GetInfoRequest(), &info).ok());
+  EXPECT_EQ(info.max_context_tokens(), 128u);
+  const Result too_long = Run(Request("long", Prompt(200, 1), 4, 0));
+  EXPECT_EQ(too_long.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(too_long.status.error_message().find("prompt_token_ids"), std::string::npos);
+  EXPECT_NE(too_long.status.error_message().find("128"), std::string::npos);
+  const Result full = Run(Request("full", Prompt(100, 2), 100, 0));
+  ASSERT_TRUE(full.status.ok()) << full.status.error_message();
+  EXPECT_EQ(full.tokens.size(), 28u);
+  ASSERT_FALSE(full.chunks.empty());
+  EXPECT_EQ(full.chunks.back().finish_reason(), v1::FINISH_REASON_CONTEXT_LENGTH);
+  EXPECT_TRUE(Run(Request("after", Prompt(8, 3), 4, 0)).status.ok());
+}
+
 TEST_F(WorkerServiceTest, EventsStartWithASnapshotAndCarryChanges) {
   Start(/*max_live=*/256, /*num_kv_blocks=*/8);
   const std::vector<int32_t> prompt = Prompt(40, 8);
