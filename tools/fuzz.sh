@@ -11,7 +11,7 @@
 #   tools/fuzz.sh --list                                  the targets
 #
 # TARGET is json_schema, regex, gbnf, choice, openai_request, jinja, tool_calls, tokenizer,
-# submit_request or http_gateway. The build uses clang in its own Bazel output base
+# submit_request, http_gateway or fine_tune. The build uses clang in its own Bazel output base
 # (~/.cache/strata/fuzz-bazel), so the gcc build's cache stays as it is; it installs clang and
 # libFuzzer (libclang-rt-14-dev) if missing. Inputs that reach new code go to
 # ~/.cache/strata/fuzz/TARGET (kept between runs); a crash, a failed FUZZ_CHECK or an input that
@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
 targets=(json_schema regex gbnf choice openai_request jinja tool_calls tokenizer submit_request
-  http_gateway)
+  http_gateway fine_tune)
 
 if [[ $# -lt 1 || "$1" == "--help" || "$1" == "-h" ]]; then
   sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
@@ -81,6 +81,8 @@ case "${1:-}" in
     ;;
 esac
 seconds="${1:-300}"
+max_len=4096
+[[ "$target" == fine_tune ]] && max_len=16384  # (safetensors files)
 [[ $# -gt 0 ]] && shift
-exec "$bin" -max_total_time="$seconds" -max_len=4096 -timeout=20 -dict="$dict" \
+exec "$bin" -max_total_time="$seconds" -max_len="$max_len" -timeout=20 -dict="$dict" \
   -artifact_prefix="${crashes}/" -print_final_stats=1 "$@" "$work" "$seeds"

@@ -1,6 +1,6 @@
 """strata_fuzz_test: one fuzz target (tests/fuzz/fuzz_target.h), run two ways."""
 
-def strata_fuzz_test(name, srcs, deps, corpus, data = [], copts = [], runs = 2000, size = "small"):
+def strata_fuzz_test(name, srcs, deps, corpus, data = [], copts = [], runs = 2000, max_len = 4096, size = "small"):
     """A fuzz target NAME and its two drivers.
 
     NAME_test runs the corpus and `runs` seeded mutations of it through fuzz_driver.cc (part of
@@ -15,6 +15,7 @@ def strata_fuzz_test(name, srcs, deps, corpus, data = [], copts = [], runs = 200
       data: files the target reads at run time (models, tokenizers).
       copts: extra compiler options (a -D picking a variant).
       runs: mutated inputs the test runs after the corpus.
+      max_len: the longest mutated input, in bytes.
       size: the test's size.
     """
     native.cc_library(
@@ -31,6 +32,7 @@ def strata_fuzz_test(name, srcs, deps, corpus, data = [], copts = [], runs = 200
         size = size,
         args = [
             "--runs=%d" % runs,
+            "--max_len=%d" % max_len,
             "--dict=tests/fuzz/dicts/%s.dict" % corpus,
             "tests/fuzz/corpus/" + corpus,
         ],
