@@ -66,6 +66,8 @@ std::optional<std::string> WidenNumbers(absl::string_view text) {
                     absl::SimpleAtoi(token, &unsigned_value) || token == "-")) {
       continue;
     }
+    // (strtod: from_chars leaves the value alone out of range, overflow and underflow alike;
+    // the servers never change the "C" locale.)
     if (std::isinf(std::strtod(std::string(token).c_str(), nullptr))) {
       out.resize(out.size() - token.size());
       out.append(c == '-' ? "-1.7976931348623157e308" : "1.7976931348623157e308");
@@ -309,9 +311,9 @@ absl::StatusOr<JsonDocument> JsonDocument::Parse(absl::string_view text, std::st
   simdjson::error_code error = doc.parser_->parse(text.data(), text.size()).get(doc.root_);
   if (error == simdjson::NUMBER_ERROR) {
     if (const std::optional<std::string> wide = WidenNumbers(text); wide.has_value()) {
-      if (doc.parser_->parse(wide->data(), wide->size()).get(doc.root_) == simdjson::SUCCESS) {
-        error = simdjson::SUCCESS;
-      }
+      // (What is wrong with the text besides its numbers, if anything, is the error then.)
+      error = doc.parser_->parse(wide->data(), wide->size()).get(doc.root_);
+      doc.widened_ = true;
     }
   }
   if (error != simdjson::SUCCESS) {

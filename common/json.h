@@ -85,12 +85,16 @@ class JsonDocument {
 
   JsonValue root() const { return JsonValue(root_, "(root)", source_.get()); }
   const std::string& source() const { return *source_; }
+  // Whether a number of the text was past 64-bit integers or a double's range (and so reads as a
+  // double near it, not as written).
+  bool widened() const { return widened_; }
 
  private:
   JsonDocument() = default;
   std::unique_ptr<simdjson::dom::parser> parser_;
   std::unique_ptr<std::string> source_;
   simdjson::dom::element root_;
+  bool widened_ = false;
 };
 
 // `s` as a JSON string literal, quotes included (control characters, quotes and backslashes

@@ -67,6 +67,9 @@ TEST(JsonTest, NumbersOfAnySizeAreTaken) {
           std::string(400, '9') + "]}",
       "big.json");
   ASSERT_TRUE(doc.ok()) << doc.status();
+  EXPECT_TRUE(doc->widened());
+  EXPECT_FALSE(
+      JsonDocument::Parse("[18446744073709551615, -9223372036854775808, 1e308]", "x")->widened());
   const JsonValue r = doc->root();
   EXPECT_DOUBLE_EQ(*r.DoubleField("big"), 2251896668065540917442.0);
   EXPECT_DOUBLE_EQ(*r.DoubleField("neg"), -99999999999999999999.0);

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/json.h"
@@ -884,6 +885,52 @@ std::string Qwen3CoderGrammar(absl::string_view name, const std::vector<ToolSche
   return absl::StrCat("root ::= ", absl::StrJoin(calls, " | "), "\n", g);
 }
 
+// Whether every value `s` (a schema inside `root`) allows is a JSON object, as far as a look at
+// its top shows: "type": "object"; or no type, where `top` (the call adds "type": "object" there)
+// and nothing else decides; or a local "$ref" to such a schema, or "anyOf" / "oneOf" of them, or
+// "allOf" with one of them. False for anything else (another type, enum, const, not, ...): the
+// caller then takes any object.
+bool OnlyObjects(const JsonValue& root, const JsonValue& s, int depth) {
+  if (depth > 8 || !s.IsObject()) return false;
+  for (const char* key : {"enum", "const", "not"}) {
+    if (s.FindField(key).has_value()) return false;
+  }
+  const std::optional<JsonValue> type = s.FindField("type");
+  if (type.has_value() && !(type->IsString() && *type->AsString() == "object")) return false;
+  // The compiler leaves "type" beside these to their branches: each must be an object's.
+  for (const char* key : {"anyOf", "oneOf"}) {
+    if (std::optional<JsonValue> branches = s.FindField(key)) {
+      absl::StatusOr<std::vector<JsonValue>> list = branches->AsArray();
+      if (!list.ok() || list->empty()) return false;
+      for (const JsonValue& b : *list) {
+        if (!OnlyObjects(root, b, depth + 1)) return false;
+      }
+      return true;
+    }
+  }
+  if (std::optional<JsonValue> all = s.FindField("allOf")) {
+    absl::StatusOr<std::vector<JsonValue>> list = all->AsArray();
+    if (!list.ok()) return false;
+    for (const JsonValue& b : *list) {
+      if (OnlyObjects(root, b, depth + 1)) return true;
+    }
+    return type.has_value();
+  }
+  if (std::optional<JsonValue> ref = s.FindField("$ref")) {
+    absl::StatusOr<absl::string_view> target = ref->AsString();
+    if (!target.ok() || !absl::StartsWith(*target, "#/")) return false;
+    JsonValue node = root;
+    for (absl::string_view part : absl::StrSplit(target->substr(2), '/')) {
+      std::optional<JsonValue> next =
+          node.FindField(absl::StrReplaceAll(part, {{"~1", "/"}, {"~0", "~"}}));
+      if (!next.has_value()) return false;
+      node = *next;
+    }
+    return OnlyObjects(root, node, depth + 1);
+  }
+  return type.has_value() || depth == 0;
+}
+
 }  // namespace
 
 std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
@@ -897,16 +944,8 @@ std::optional<ForcedCallGrammar> ForcedToolCallGrammar(ToolCallFormat format,
     absl::StatusOr<JsonDocument> d =
         JsonDocument::Parse(t.parameters.empty() ? "{}" : t.parameters, "parameters");
     if (!d.ok() || !d->root().IsObject()) return R"({"type": "object"})";
-    // A schema whose top level is not plainly an object's (another type, or values chosen by
-    // keywords beside which the compiler leaves "type" to them) could let the arguments be
-    // something else: any object then.
-    if (std::optional<JsonValue> type = d->root().FindField("type");
-        type.has_value() && !(type->IsString() && *type->AsString() == "object")) {
-      return R"({"type": "object"})";
-    }
-    for (const char* key : {"anyOf", "oneOf", "allOf", "$ref", "enum", "const", "not"}) {
-      if (d->root().FindField(key).has_value()) return R"({"type": "object"})";
-    }
+    // A schema that might let the arguments be something other than an object: any object.
+    if (!OnlyObjects(d->root(), d->root(), 0)) return R"({"type": "object"})";
     std::string extra;
     if (!d->root().FindField("$id").has_value()) {
       extra = absl::StrCat(R"("$id": )", JsonQuote(absl::StrCat("urn:strata:tool:", t.name)));

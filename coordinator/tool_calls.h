@@ -103,11 +103,12 @@ struct ToolSchema {
 // under the tool's parameters; for Mistral and Phi-4-mini the list of calls, one only unless
 // `parallel`; for formats that write the name outside the JSON, the arguments alone) and the
 // part of ForcedToolCallPrefix that the schema's text starts with (structured output's prefix).
-// The arguments are an object whatever the parameters say: a schema whose top level is not plainly
-// an object's (another "type", or anyOf, oneOf, allOf, $ref, enum, const or not there) takes
-// any object instead. The grammar ends with the call's JSON, and ToolCallParser::Finish reads a
-// call whose closing marker never came. Qwen3-Coder's XML and pythonic calls (not JSON) get a GBNF grammar instead.
-// Nullopt for formats that write the name outside the JSON when no name is given.
+// The arguments are an object whatever the parameters say: a schema that cannot be seen to allow
+// only objects (another "type", enum, const, not, or a $ref, anyOf, oneOf or allOf that does not
+// lead to object schemas) takes any object instead. The grammar ends with the call's JSON, and
+// ToolCallParser::Finish reads a call whose closing marker never came. Qwen3-Coder's XML and
+// pythonic calls (not JSON) get a GBNF grammar instead. Nullopt for formats that write the name
+// outside the JSON when no name is given.
 struct ForcedCallGrammar {
   std::string json_schema;
   std::string prefix;

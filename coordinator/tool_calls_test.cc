@@ -728,12 +728,22 @@ TEST(ForcedToolCallGrammarTest, ArgumentsAreAnObjectWhateverTheParametersSay) {
     ASSERT_TRUE(g.has_value());
     EXPECT_EQ(g->json_schema, R"({"type": "object"})");
   }
-  // A plain object schema is kept (its $id added).
-  const std::optional<ForcedCallGrammar> kept = ForcedToolCallGrammar(
-      ToolCallFormat::kMistralArgs, "f",
-      {{"f", R"({"type": "object", "properties": {"a": {"type": "integer"}}})"}}, true);
-  ASSERT_TRUE(kept.has_value());
-  EXPECT_NE(kept->json_schema.find(R"("a": {"type": "integer"})"), std::string::npos);
+  // Object schemas are kept (their $id added): plain, behind a local $ref (pydantic's recursive
+  // models, zod-to-json-schema's named ones), a union of objects, an allOf with one.
+  for (const char* parameters :
+       {R"({"type": "object", "properties": {"a": {"type": "integer"}}})",
+        R"({"$ref": "#/$defs/a", "$defs": {"a": {"type": "object", "properties":)"
+        R"( {"a": {"type": "integer"}}}}})",
+        R"({"anyOf": [{"$ref": "#/definitions/x"}, {"type": "object"}], "definitions":)"
+        R"( {"x": {"type": "object", "properties": {"a": {"type": "integer"}}}}})",
+        R"({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}]})"}) {
+    SCOPED_TRACE(parameters);
+    const std::optional<ForcedCallGrammar> kept =
+        ForcedToolCallGrammar(ToolCallFormat::kMistralArgs, "f", {{"f", parameters}}, true);
+    ASSERT_TRUE(kept.has_value());
+    EXPECT_NE(kept->json_schema.find(R"("a": {"type": "integer"})"), std::string::npos);
+    EXPECT_TRUE(JsonSchemaGrammar(kept->json_schema, "parameters").ok());
+  }
 }
 
 TEST(ForcedToolCallGrammarTest, KeepsTheCallWellFormedAndParseable) {

@@ -1416,6 +1416,13 @@ absl::StatusOr<std::shared_ptr<const Grammar>> JsonSchemaGrammar(absl::string_vi
                                                                  absl::string_view source,
                                                                  int max_whitespace) {
   ASSIGN_OR_RETURN(JsonDocument doc, JsonDocument::Parse(schema, std::string(source)));
+  if (doc.widened()) {
+    // A const, an enum value or a bound would be kept only as the double nearest it.
+    return absl::InvalidArgumentError(
+        absl::StrCat(source,
+                     ": holds a number past 64-bit integers or a double's range, which a "
+                     "schema cannot keep exactly"));
+  }
   SchemaCompiler c(doc.root(), max_whitespace);
   const int32_t root = c.builder().NewRule("root");
   ASSIGN_OR_RETURN(int32_t value, c.Value(doc.root()));

@@ -50,6 +50,20 @@ TEST(JsonSchemaTest, AnyJson) {
   EXPECT_FALSE(GrammarAccepts(object, "{" + std::string(3 * kMaxJsonWhitespace, ' ') + "}"));
 }
 
+// Numbers JSON allows but a schema could keep only approximately are refused by name.
+TEST(JsonSchemaTest, NumbersPast64BitsAreRefused) {
+  for (const char* schema : {R"({"const": 18446744073709551616})", R"({"maximum": 1e400})",
+                             R"({"enum": [1, -99999999999999999999]})"}) {
+    auto g = JsonSchemaGrammar(schema, "response_format.json_schema.schema");
+    ASSERT_FALSE(g.ok()) << schema;
+    EXPECT_TRUE(absl::IsInvalidArgument(g.status()));
+    EXPECT_NE(g.status().message().find("response_format.json_schema.schema: holds a number"),
+              std::string::npos)
+        << g.status();
+  }
+  EXPECT_TRUE(JsonSchemaGrammar(R"({"const": 18446744073709551615})", "s").ok());
+}
+
 TEST(JsonSchemaTest, ObjectsFollowPropertiesRequiredAndAdditional) {
   auto g = Must(R"({"type": "object", "title": "Person",
       "properties": {"name": {"type": "string"}, "age": {"type": "integer"},

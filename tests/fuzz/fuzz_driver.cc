@@ -14,6 +14,7 @@
 // so does the libFuzzer build (tools/fuzz.sh). With --slow_s, every input that takes longer than W
 // seconds is written there too, as slow-HASH (inputs that cost a server too much time).
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -49,8 +50,9 @@ struct Options {
   std::vector<std::string> paths;
 };
 
-// The input being run, for the crash handlers. Written by the main thread between runs only.
-std::string g_input;
+// The input being run, for the crash handlers. Written by the main thread between runs only;
+// never destroyed (a sanitizer's report at exit may still call SaveInput).
+std::string& g_input = *new std::string;
 char g_out_dir[2048] = ".";
 std::atomic<int64_t> g_started_ns{0};  // 0 between runs
 std::atomic<bool> g_reported{false};
@@ -86,8 +88,9 @@ void SaveInputAs(const char* kind) {
   Say("\n");
 }
 
+// Saves the input being run, if one is (not, say, for LeakSanitizer's report at exit).
 void SaveInput() {
-  if (g_reported.exchange(true)) return;
+  if (g_started_ns.load() == 0 || g_reported.exchange(true)) return;
   SaveInputAs("crash");
 }
 
@@ -95,6 +98,34 @@ void OnSignal(int sig) {
   SaveInput();
   signal(sig, SIG_DFL);
   raise(sig);
+}
+
+// The watchdog's signal to the main thread, which is then inside the target with g_input
+// steady (or between inputs, where the watchdog looks again).
+void OnTimeout(int) {
+  if (g_started_ns.load() == 0) return;
+  Say("fuzz_driver: an input ran past the time limit\n");
+  SaveInput();
+  signal(SIGABRT, SIG_DFL);
+  abort();
+}
+
+// Handlers run on a stack of their own, so that a stack overflow (deep recursion in a parser)
+// still saves its input.
+alignas(16) char g_signal_stack[1 << 16];
+
+void Handle(int sig, void (*handler)(int)) {
+  static const bool stacked = [] {
+    stack_t ss{};
+    ss.ss_sp = g_signal_stack;
+    ss.ss_size = sizeof g_signal_stack;
+    return sigaltstack(&ss, nullptr) == 0;
+  }();
+  struct sigaction sa {};
+  sa.sa_handler = handler;
+  sa.sa_flags = stacked ? SA_ONSTACK : 0;
+  sigemptyset(&sa.sa_mask);
+  sigaction(sig, &sa, nullptr);
 }
 
 std::string ReadFile(const std::string& path) {
@@ -118,7 +149,15 @@ std::vector<std::string> ReadDict(const std::string& path) {
     for (size_t i = open + 1; i < close; ++i) {
       if (line[i] == '\\' && i + 1 < close) {
         if (line[i + 1] == 'x' && i + 3 < close) {
-          w.push_back(static_cast<char>(std::stoi(line.substr(i + 2, 2), nullptr, 16)));
+          const std::string hex = line.substr(i + 2, 2);
+          char* end = nullptr;
+          const long v = std::strtol(hex.c_str(), &end, 16);
+          if (end != hex.c_str() + 2) {
+            std::fprintf(stderr, "fuzz_driver: %s: bad \\x escape in %s\n", path.c_str(),
+                         line.c_str());
+            std::exit(2);
+          }
+          w.push_back(static_cast<char>(v));
           i += 3;
         } else {
           w.push_back(line[++i]);
@@ -301,9 +340,10 @@ int main(int argc, char** argv) {
   if (__sanitizer_set_death_callback != nullptr) {
     __sanitizer_set_death_callback(SaveInput);  // AddressSanitizer's reports
   } else {
-    for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) signal(sig, OnSignal);
+    for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) Handle(sig, OnSignal);
   }
-  signal(SIGABRT, OnSignal);  // CHECK, FUZZ_CHECK
+  Handle(SIGABRT, OnSignal);  // CHECK, FUZZ_CHECK
+  Handle(SIGALRM, OnTimeout);
   if (LLVMFuzzerInitialize != nullptr) LLVMFuzzerInitialize(&argc, &argv);
 
   std::vector<std::string> corpus;
@@ -312,15 +352,16 @@ int main(int argc, char** argv) {
   const std::vector<std::string> dict =
       o.dict.empty() ? std::vector<std::string>{} : ReadDict(o.dict);
 
-  std::thread watchdog([&o] {
+  const pthread_t main_thread = pthread_self();
+  std::thread watchdog([&o, main_thread] {
     while (true) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
       const int64_t started = g_started_ns.load();
       if (started != 0 && static_cast<double>(NowNs() - started) / 1e9 > o.timeout_s) {
-        std::fprintf(stderr, "fuzz_driver: an input (%zu bytes) ran past %.0f s\n", g_input.size(),
-                     o.timeout_s);
-        SaveInput();
-        std::abort();  // (a debugger stops here with the target's thread in its stack)
+        // (The main thread saves the input and aborts: a debugger stops with the target's frames
+        // in its stack.)
+        pthread_kill(main_thread, SIGALRM);
+        std::this_thread::sleep_for(std::chrono::seconds(1));
       }
     }
   });

@@ -386,7 +386,7 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
   }
   // A sequence must fit the KV cache whole to run (alone, if need be): one longer would prefill
   // until the cache filled, preempt itself and start over, for ever.
-  if (context > CacheTokens()) {
+  if (context >= CacheTokens()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt has ", context, " tokens; this worker's KV cache holds ", CacheTokens(),
         " (a larger --kv_cache_mb, or tensor parallelism, holds more)"));
@@ -1085,10 +1085,9 @@ int64_t Engine::DraftLimit(const Sequence& s, int64_t limit) const {
   const int64_t room = static_cast<int64_t>(s.block_table.size()) * bt - (s.num_computed + 1) +
                        blocks_.num_free() * bt;
   // All of the draft kept and one token drawn after it must fit in max_tokens and the context.
-  return std::min<int64_t>({limit,
-                            s.draft_limit >= 0 ? s.draft_limit : config_.num_speculative_tokens,
-                            s.options.max_tokens - s.num_generated - 1,
-                            weights_->config.max_position_embeddings - 1 - len, room});
+  return std::min<int64_t>(
+      {limit, s.draft_limit >= 0 ? s.draft_limit : config_.num_speculative_tokens,
+       s.options.max_tokens - s.num_generated - 1, MaxContextTokens() - 1 - len, room});
 }
 
 void Engine::ProposeDraft(int64_t limit, Chunk* ch, const std::vector<int32_t>* proposed) {
@@ -1531,11 +1530,17 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   if (plan.empty()) {
     waiting_for_io_ = io_wait;
     if (!io_wait && !waiting_.empty() && running_.empty()) {
-      // Not even one sequence fits: the cache is smaller than its prompt. (With fair sharing that
-      // one need not be the first in the queue.)
-      // (no_room_seq is still waiting: admissions ended at it.)
-      std::unique_ptr<Sequence> s =
-          Dequeue(no_room_seq != nullptr ? *no_room_seq : *waiting_.begin()->second);
+      // Not even one sequence fits. (With fair sharing that one need not be the first in the
+      // queue; no_room_seq is still waiting: admissions ended at it.) AddRequest refuses prompts
+      // longer than the cache, so blocks held outside any sequence (a KV fetch's import leases)
+      // keep it out: it waits for them, the caller sleeping as for I/O. Only one that can never
+      // fit fails.
+      Sequence& first = no_room_seq != nullptr ? *no_room_seq : *waiting_.begin()->second;
+      if (static_cast<int64_t>(first.tokens.size()) < CacheTokens()) {
+        waiting_for_io_ = true;
+        return outputs;
+      }
+      std::unique_ptr<Sequence> s = Dequeue(first);
       ReleaseDelta(s.get());
       if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>(s->arrival));
       LOG(ERROR) << "request " << s->id << " needs more KV blocks than the cache has";
