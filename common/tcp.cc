@@ -89,6 +89,24 @@ absl::StatusOr<ListenSocket> ListenTcp(const std::string& listen, absl::string_v
   return out;
 }
 
+namespace {
+
+// connect(2) on a blocking socket, carried through a signal that interrupts it (the attempt goes on
+// in the kernel: wait for it, then read how it ended).
+bool Connect(int fd, const sockaddr* addr, socklen_t len) {
+  if (::connect(fd, addr, len) == 0) return true;
+  if (errno != EINTR) return false;
+  pollfd p{fd, POLLOUT, 0};
+  while (::poll(&p, 1, -1) < 0) {
+    if (errno != EINTR) return false;
+  }
+  int error = 0;
+  socklen_t size = sizeof error;
+  return ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &size) == 0 && error == 0;
+}
+
+}  // namespace
+
 UniqueFd ConnectTcp(const std::string& target) {
   std::string host;
   int port = 0;
@@ -104,7 +122,7 @@ UniqueFd ConnectTcp(const std::string& target) {
   UniqueFd fd;
   for (addrinfo* ai = res; ai != nullptr && !fd.valid(); ai = ai->ai_next) {
     UniqueFd s(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
-    if (s.valid() && ::connect(s.get(), ai->ai_addr, ai->ai_addrlen) == 0) fd = std::move(s);
+    if (s.valid() && Connect(s.get(), ai->ai_addr, ai->ai_addrlen)) fd = std::move(s);
   }
   freeaddrinfo(res);
   return fd;

@@ -28,7 +28,8 @@ absl::StatusOr<ListenSocket> ListenTcp(const std::string& listen, absl::string_v
                                        int backlog);
 
 // A blocking socket connected to `target` (HOST:PORT, [V6]:PORT), close-on-exec, for clients
-// (loadgen, tests); not valid when the address is malformed or nothing answers.
+// (loadgen, tests); not valid when the address is malformed or nothing answers. A signal during
+// the connect does not fail it.
 UniqueFd ConnectTcp(const std::string& target);
 
 // Waits until `fd` is ready for `events` (POLLIN, POLLOUT) or `wake_fd` is readable (the server
