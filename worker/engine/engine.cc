@@ -1320,7 +1320,6 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   const auto room = [&] {
     return budget > 0 && static_cast<int64_t>(running_.size()) < config_.max_running_sequences;
   };
-  Sequence* no_room_seq = nullptr;  // the one that found no room, which ended admissions
   // Tries to admit waiting `w`: kNoRoom ends admissions; kTaken: admitted (or failed) and out of
   // the queue; kLeft: it waits on (for its fine-tune or KV blocks loading, or a prefix in flight),
   // and the ones behind it go first.
@@ -1364,7 +1363,6 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       RefreshPendingPrefill(w);  // what it found cached now
     }
     if (r == AdmitResult::kNoRoom) {
-      no_room_seq = w;
       return Tried::kNoRoom;
     }
     if (r == AdmitResult::kWaitingForIo || r == AdmitResult::kWaitingForPrefix) {
@@ -1530,25 +1528,10 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   if (plan.empty()) {
     waiting_for_io_ = io_wait;
     if (!io_wait && !waiting_.empty() && running_.empty()) {
-      // Not even one sequence fits. (With fair sharing that one need not be the first in the
-      // queue; no_room_seq is still waiting: admissions ended at it.) AddRequest refuses prompts
-      // longer than the cache, so blocks held outside any sequence (a KV fetch's import leases)
-      // keep it out: it waits for them, the caller sleeping as for I/O. Only one that can never
-      // fit fails.
-      Sequence& first = no_room_seq != nullptr ? *no_room_seq : *waiting_.begin()->second;
-      if (static_cast<int64_t>(first.tokens.size()) < CacheTokens()) {
-        waiting_for_io_ = true;
-        return outputs;
-      }
-      std::unique_ptr<Sequence> s = Dequeue(first);
-      ReleaseDelta(s.get());
-      if (draft_ != nullptr) draft_->Forget(static_cast<uint64_t>(s->arrival));
-      LOG(ERROR) << "request " << s->id << " needs more KV blocks than the cache has";
-      RequestOutput out;
-      out.request_id = s->id;
-      out.finish = FinishReason::kContextLength;
-      out.num_prompt_tokens = s->prompt_len;
-      outputs.push_back(std::move(out));
+      // Not even one sequence fits, though each does alone (AddRequest refuses prompts as long as
+      // the cache, CheckStop ends sequences there): blocks held outside any sequence (a KV
+      // fetch's import leases) keep it out. It waits for them, the caller sleeping as for I/O.
+      waiting_for_io_ = true;
     }
     return outputs;
   }

@@ -66,8 +66,8 @@ absl::StatusOr<ParsedSubmit> ParseSubmitRequest(const v1::SubmitRequest& request
   if (num_prompt + num_resume >= limits.max_context_tokens) {
     return absl::InvalidArgumentError(
         absl::StrCat("prompt_token_ids plus resume_token_ids hold ", num_prompt + num_resume,
-                     " tokens; the context served is ", limits.max_context_tokens,
-                     " (at most ", limits.max_context_tokens - 1, " may be given)"));
+                     " tokens; the context served is ", limits.max_context_tokens, " (at most ",
+                     limits.max_context_tokens - 1, " may be given)"));
   }
   auto check_ids = [&](const auto& ids, const char* field) -> absl::Status {
     for (int i = 0; i < ids.size(); ++i) {
