@@ -338,15 +338,19 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
   std::vector<std::vector<std::string>> mrows = {
       {"MODEL", "WORKERS", "CONTEXT", "VOCAB", "FINE-TUNES"}};
   for (const auto& m : models.models()) {
-    mrows.push_back({m.name(), absl::StrCat(m.num_workers()), absl::StrCat(m.max_context_tokens()),
+    // Contexts that differ between its workers: the shortest to the longest.
+    mrows.push_back({m.name(), absl::StrCat(m.num_workers()),
+                     m.min_context_tokens() != 0 && m.min_context_tokens() < m.max_context_tokens()
+                         ? absl::StrCat(m.min_context_tokens(), "-", m.max_context_tokens())
+                         : absl::StrCat(m.max_context_tokens()),
                      absl::StrCat(m.vocab_size()),
                      m.fine_tune_ids().empty() ? "-" : absl::StrJoin(m.fine_tune_ids(), ",")});
   }
   PrintTable(out, mrows);
   std::fputs("\n", out);
   std::vector<std::vector<std::string>> rows = {
-      {"WORKER", "ADDRESS", "STATE", "MODEL", "ROLE", "KV COPIES", "TP", "RUNNING", "WAITING",
-       "ROUTED", "KV FREE/TOTAL", "INDEXED DEV/HOST/DISK", "STEP MS"}};
+      {"WORKER", "ADDRESS", "STATE", "MODEL", "ROLE", "KV COPIES", "TP", "CONTEXT", "RUNNING",
+       "WAITING", "ROUTED", "KV FREE/TOTAL", "INDEXED DEV/HOST/DISK", "STEP MS"}};
   for (const auto& w : cs.workers()) {
     uint64_t free_blocks = 0, total_blocks = 0;
     for (const auto& t : w.load().tiers()) {
@@ -377,6 +381,7 @@ absl::Status StatusCommand(const Args& args, std::FILE* out) {
                                                w.info().kv_transfer_port())
                                 : ""),
          w.info().tensor_parallel_size() == 0 ? "-" : absl::StrCat(w.info().tensor_parallel_size()),
+         w.info().max_context_tokens() == 0 ? "-" : absl::StrCat(w.info().max_context_tokens()),
          absl::StrCat(w.load().num_running_sequences()),
          absl::StrCat(w.load().num_waiting_sequences()), absl::StrCat(w.num_routed_requests()),
          absl::StrCat(free_blocks, "/", total_blocks),

@@ -378,7 +378,10 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
   if (prompt_.size() >= model_.max_context_tokens) {
     return Invalid(absl::StrCat("prompt has ", prompt_.size(), " tokens; model ", r.model(),
                                 " has a context of ", model_.max_context_tokens,
-                                " tokens (prompt plus output)"));
+                                " tokens (prompt plus output)",
+                                model_.min_context_tokens < model_.max_context_tokens
+                                    ? " on its workers that serve the longest"
+                                    : ""));
   }
   if (sampling_.seed.has_value()) {
     seed_ = *sampling_.seed;
@@ -544,6 +547,7 @@ void CoordinatorService::GenerateCall::Start() {
 void CoordinatorService::GenerateCall::StartAttempt() {
   Attempt* attempt = nullptr;
   bool cancel_alarm = false;
+  std::optional<v1::GenerateResponse> local;
   {
     absl::MutexLock lock(&mu_);
     if (!final_.has_value() && !client_gone_) {
@@ -553,8 +557,17 @@ void CoordinatorService::GenerateCall::StartAttempt() {
               : service_->pool_->Assign(
                     request_->model(), hashes_, prompt_blocks_, tried_, request_->fine_tune_id(),
                     generated_.empty() ? WorkerPool::Leg::kAuto : WorkerPool::Leg::kDecode,
-                    kv_source_slot_);
-      if (!a.ok()) {
+                    kv_source_slot_,
+                    {static_cast<int64_t>(prompt_.size() + generated_.size()),
+                     static_cast<int64_t>(prompt_.size()) + sampling_.max_tokens});
+      if (a.status().code() == absl::StatusCode::kOutOfRange && !generated_.empty()) {
+        // The generation so far fits no worker left (the one with the longest context failed
+        // it): it ends where the cluster's context does now.
+        LOG(WARNING) << "request " << request_id_ << ": " << a.status().message()
+                     << "; ending it at token " << generated_.size();
+        local = LocalFinishLocked(v1::FINISH_REASON_CONTEXT_LENGTH);
+        cancel_alarm = SetFinalLocked(grpc::Status::OK);
+      } else if (!a.ok()) {
         // Prefer the workers' own answer (RESOURCE_EXHAUSTED: all full) over "no worker left".
         grpc::Status s = ToGrpcStatus(a.status());
         if (last_failure_.error_code() == grpc::StatusCode::NOT_FOUND) {
@@ -620,6 +633,7 @@ void CoordinatorService::GenerateCall::StartAttempt() {
       }
     }
   }
+  if (local.has_value()) Write(*std::move(local));
   if (cancel_alarm) alarm_.Cancel();
   if (attempt != nullptr) {
     service_->pool_->Authorize(&attempt->context_);
@@ -1233,6 +1247,7 @@ grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerCon
     for (const ModelView& v : served) {
       if (v.name != name) continue;
       m->set_max_context_tokens(v.max_context_tokens);
+      m->set_min_context_tokens(v.min_context_tokens);
       m->set_vocab_size(v.vocab_size);
       m->set_num_workers(v.num_workers);
       for (const std::string& ft : v.fine_tune_ids) {

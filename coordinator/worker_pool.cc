@@ -334,12 +334,10 @@ void WorkerPool::WatchLoop(Worker* w) {
   }
 }
 
-absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& model,
-                                                          absl::Span<const BlockHash> hashes,
-                                                          int64_t prompt_blocks,
-                                                          absl::Span<const WorkerSlot> exclude,
-                                                          const std::string& fine_tune_id, Leg leg,
-                                                          std::optional<WorkerSlot> kv_source) {
+absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(
+    const std::string& model, absl::Span<const BlockHash> hashes, int64_t prompt_blocks,
+    absl::Span<const WorkerSlot> exclude, const std::string& fine_tune_id, Leg leg,
+    std::optional<WorkerSlot> kv_source, ContextNeed context) {
   absl::MutexLock lock(&mu_);
   const absl::Time now = absl::Now();
   // Candidates by role: prefill workers, and the others (decode and mixed).
@@ -347,6 +345,10 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   std::vector<WorkerSlot> resident;  // workers holding the fine-tune's delta now
   std::vector<WorkerSlot> sources;   // workers whose KV blocks the chosen one may copy
   int known = 0;
+  int too_short = 0;            // workers that could take it but for their context
+  int64_t longest_context = 0;  // the longest of theirs
+  // A worker's context (0 from one that does not say: not held against it).
+  auto context_of = [](const Worker& w) -> int64_t { return w.info.max_context_tokens(); };
   for (const auto& w : workers_) {
     if (w->removed || !w->has_info || w->info.model() != model) continue;
     // A draining worker still answers copies, also one that refused this request for draining (a
@@ -366,6 +368,11 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
     ++known;
     if (w->state != State::kServing || w->suspect_until > now) continue;
     if (std::find(exclude.begin(), exclude.end(), w->slot) != exclude.end()) continue;
+    if (const int64_t c = context_of(*w); c > 0 && c <= context.held) {
+      ++too_short;
+      longest_context = std::max(longest_context, c);
+      continue;
+    }
     WorkerLoadView v;
     v.slot = w->slot;
     const int64_t block_tokens = std::max<int64_t>(1, w->info.block_tokens());
@@ -386,6 +393,12 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
          recent_fine_tunes_.Recent(w->slot, fine_tune_id, now))) {
       resident.push_back(w->slot);
     }
+  }
+  if (prefill_loads.empty() && other_loads.empty() && too_short > 0) {
+    return absl::OutOfRangeError(
+        absl::StrCat("a context of ", context.held, " tokens fits none of the ", too_short,
+                     " workers of model \"", model, "\" that could take it now (the longest holds ",
+                     longest_context, ")"));
   }
   if (prefill_loads.empty() && other_loads.empty()) {
     return absl::UnavailableError(
@@ -409,6 +422,18 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(const std::string& mod
   if (!hashes.empty()) {
     // Count this prompt's first block among the recent ones (retries count again: they are load).
     req.prefix_share = prefix_share_.Add(hashes[0]);
+  }
+  // Where the whole generation fits (prompt plus max_tokens) somewhere, it goes there: elsewhere
+  // it would end short. (The workers that generate it, that is: a prefill leg's need only hold
+  // the prompt.)
+  if (context.wanted > context.held) {
+    std::vector<WorkerLoadView>& generating = other_loads.empty() ? prefill_loads : other_loads;
+    std::vector<WorkerLoadView> whole;
+    for (const WorkerLoadView& v : generating) {
+      const int64_t c = context_of(*workers_[v.slot]);
+      if (c == 0 || c >= context.wanted) whole.push_back(v);
+    }
+    if (!whole.empty()) generating = std::move(whole);
   }
   // A prompt goes to a prefill worker only if some decode or mixed worker here can copy its blocks
   // from there (else it would be computed twice).
@@ -541,13 +566,22 @@ std::vector<ModelView> WorkerPool::Models() {
     if (it == out.end()) {
       ModelView m;
       m.name = w->info.model();
-      m.max_context_tokens = w->info.max_context_tokens();
       m.vocab_size = w->info.vocab_size();
       m.block_tokens = w->info.block_tokens();
       out.push_back(m);
       it = out.end() - 1;
     }
-    it->max_context_tokens = std::min(it->max_context_tokens, w->info.max_context_tokens());
+    // Contexts: of the serving workers, once there is one; until then, of any.
+    const uint32_t context = w->info.max_context_tokens();
+    const bool serving = w->state == State::kServing;
+    if (serving && it->num_workers == 0) {
+      it->max_context_tokens = context;
+      it->min_context_tokens = context;
+    } else if (serving || it->num_workers == 0) {
+      it->max_context_tokens = std::max(it->max_context_tokens, context);
+      it->min_context_tokens =
+          it->min_context_tokens == 0 ? context : std::min(it->min_context_tokens, context);
+    }
     for (int i = 0; i < w->info.fine_tune_ids_size(); ++i) {
       const std::string& ft = w->info.fine_tune_ids(i);
       if (std::find(it->fine_tune_ids.begin(), it->fine_tune_ids.end(), ft) ==

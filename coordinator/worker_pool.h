@@ -73,7 +73,10 @@ struct WorkerPoolOptions {
 // One model as the workers serving it describe it.
 struct ModelView {
   std::string name;
+  // The longest and shortest contexts its serving workers serve (WorkerInfo.max_context_tokens);
+  // those of any worker of it that has reported one while none is serving.
   uint32_t max_context_tokens = 0;
+  uint32_t min_context_tokens = 0;
   uint32_t vocab_size = 0;
   uint32_t block_tokens = 0;
   std::vector<std::string> fine_tune_ids;
@@ -93,6 +96,14 @@ bool CanCopyKvBlocks(const v1::WorkerInfo& source, const v1::WorkerInfo& receive
 // What CanCopyKvBlocks compares: equal for two workers whose blocks fit each other's caches;
 // empty for a worker that keeps no prefix cache (or predates WorkerInfo.kv_layout).
 std::string KvCopyKey(const v1::WorkerInfo& info);
+
+// A request's length against the workers' contexts (WorkerInfo.max_context_tokens): `held`
+// tokens reach the worker (the prompt, plus what was generated before a failover), and it may
+// grow to `wanted` (plus the rest of max_tokens). 0: not known.
+struct ContextNeed {
+  int64_t held = 0;
+  int64_t wanted = 0;
+};
 
 class WorkerPool {
  public:
@@ -144,11 +155,15 @@ class WorkerPool {
   // `exclude`. UNAVAILABLE when none can take it.
   // `kv_source`, when set, is a worker to copy the prompt's KV blocks from whether or not its
   // events have reported them yet (a prefill leg's worker), tried already or not.
+  // `context`: a worker whose context holds no more than `held` tokens is left out (OUT_OF_RANGE
+  // when that leaves none that could take it otherwise); of the rest, those that hold `wanted`
+  // are picked from where there are any (a generation elsewhere would end short of max_tokens).
+  // A prefill leg's worker need only hold the prompt.
   absl::StatusOr<Assignment> Assign(const std::string& model, absl::Span<const BlockHash> hashes,
                                     int64_t prompt_blocks, absl::Span<const WorkerSlot> exclude,
                                     const std::string& fine_tune_id = "", Leg leg = Leg::kAuto,
-                                    std::optional<WorkerSlot> kv_source = std::nullopt)
-      ABSL_LOCKS_EXCLUDED(mu_);
+                                    std::optional<WorkerSlot> kv_source = std::nullopt,
+                                    ContextNeed context = {}) ABSL_LOCKS_EXCLUDED(mu_);
   // The request's first token arrived: it moves from prefill to decode.
   void FirstToken(Assignment* a) ABSL_LOCKS_EXCLUDED(mu_);
   void Release(Assignment* a) ABSL_LOCKS_EXCLUDED(mu_);

@@ -51,10 +51,14 @@ inline Generated CollectAfter(const v1::GenerateResponse& first,
   Generated g;
   g.status = rest.status;
   g.tokens.assign(first.token_ids().begin(), first.token_ids().end());
+  g.text = first.text();
+  g.chunks.push_back(first);
   g.contiguous = first.first_token_index() == 0;
   for (const auto& chunk : rest.chunks) {
     if (chunk.first_token_index() != g.tokens.size()) g.contiguous = false;
     g.tokens.insert(g.tokens.end(), chunk.token_ids().begin(), chunk.token_ids().end());
+    g.text += chunk.text();
+    g.chunks.push_back(chunk);
   }
   return g;
 }

@@ -44,6 +44,7 @@ TEST(WorkerFlagsTest, OutOfRangeNumbersStopTheWorkerNamingTheFlag) {
       {"--kv_copy_slice_mb=2000000", "--kv_copy_slice_mb must be 1 to 1048576"},
       {"--block_tokens=0", "--block_tokens must be 1 to 4096"},
       {"--max_batch_tokens=-1", "--max_batch_tokens must be 1 to"},
+      {"--max_context_tokens=-1", "--max_context_tokens must be 0 to"},
       {"--max_running_sequences=0", "--max_running_sequences must be 1 to 65536"},
       {"--max_live_sequences=0", "--max_live_sequences must be 1 to"},
       {"--threads=-2", "--threads must be 0 to 4096"},
@@ -67,6 +68,26 @@ TEST(WorkerFlagsTest, OutOfRangeNumbersStopTheWorkerNamingTheFlag) {
     EXPECT_FALSE(absl::StrContains(text, "serving")) << c.flag << ":\n" << text;
     EXPECT_LT(absl::Now() - start, absl::Seconds(20)) << c.flag;
   }
+}
+
+// A context cap beyond the model's context stops the worker once the model is read, naming the
+// flag and the most it can be.
+TEST(WorkerFlagsTest, AContextCapLongerThanTheModelsStopsTheWorker) {
+  const std::string log = LogPath();
+  absl::StatusOr<ChildProcess> p =
+      ChildProcess::Start({kWorkerBinary, absl::StrCat("--model=", kTinyModelDir),
+                           "--listen=127.0.0.1:0", "--max_context_tokens=1000000"},
+                          log);
+  ASSERT_TRUE(p.ok()) << p.status();
+  const int status = p->Wait(absl::Seconds(60));
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  std::ifstream in(log);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(absl::StrContains(text,
+                                "max_context_tokens must be 0 (the model's context) to the "
+                                "model's context of 2048 tokens, not 1000000"))
+      << text;
 }
 
 // The ends of each range are taken: the same worker serves with the least KV cache that holds a

@@ -157,6 +157,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
                                                    " bytes) holds no ", block_bytes,
                                                    "-byte block"));
   }
+  if (config.max_context_tokens < 0 ||
+      config.max_context_tokens > weights->config.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine: max_context_tokens must be 0 (the model's context) to the model's context of ",
+        weights->config.max_position_embeddings, " tokens, not ", config.max_context_tokens));
+  }
+  if (config.max_context_tokens > num_blocks * config.block_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine: max_context_tokens is ", config.max_context_tokens, " but the KV cache holds ",
+        num_blocks * config.block_tokens, " tokens (", num_blocks, " blocks of ",
+        config.block_tokens, "); a sequence must fit it whole"));
+  }
   std::unique_ptr<Engine> engine(new Engine(weights, comm, std::move(config), num_blocks));
   if (on_gpu) {
     if (comm->world_size() != 1) {
@@ -169,8 +181,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
     o.block_tokens = c.block_tokens;
     o.max_batch_tokens = c.max_batch_tokens;
     o.max_seqs = c.max_running_sequences;
-    o.max_blocks_per_seq =
-        (weights->config.max_position_embeddings + c.block_tokens - 1) / c.block_tokens + 1;
+    o.max_blocks_per_seq = (engine->MaxContextTokens() + c.block_tokens - 1) / c.block_tokens + 1;
     o.delta_bytes = 0;
     if (!c.fine_tunes.empty() || c.fine_tunes_may_change) {
       // The deltas of running sequences, which DeltaCache keeps within delta_cache_bytes, plus
@@ -390,6 +401,11 @@ absl::Status Engine::AddRequest(const std::string& id, std::vector<int32_t> prom
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt has ", context, " tokens; this worker's KV cache holds ", CacheTokens(),
         " (a larger --kv_cache_mb, or tensor parallelism, holds more)"));
+  }
+  if (config_.max_context_tokens > 0 && context >= config_.max_context_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt has ", context, " tokens; this worker serves a context of ",
+                     config_.max_context_tokens, " (--max_context_tokens)"));
   }
   if (o.max_tokens < 1 || o.max_tokens > 65536) {
     return absl::InvalidArgumentError("sampling.max_tokens must be in [1, 65536]");

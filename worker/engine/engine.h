@@ -88,6 +88,10 @@ struct EngineConfig {
   int64_t num_kv_blocks = 0;
   int64_t kv_cache_bytes = int64_t{256} << 20;
   int64_t block_tokens = 16;
+  // The longest sequence served (prompt plus output), when less than the model's context and what
+  // the KV cache holds (the two it is otherwise); 0: no lower limit. A cap leaves the cache to
+  // more sequences at once, and tells the coordinator which prompts to send elsewhere.
+  int64_t max_context_tokens = 0;
   // Most tokens computed in one step (prefill chunks plus decode tokens).
   int64_t max_batch_tokens = 512;
   int64_t max_running_sequences = 64;
@@ -368,10 +372,12 @@ class Engine {
   const KvStore* kv_store() const { return store_.get(); }
   int64_t block_tokens() const { return config_.block_tokens; }
   // The longest sequence this engine runs: the model's context, or what the KV cache holds when
-  // that is less (every token of a sequence must be in the cache at once). What workers report
-  // as their max_context_tokens.
+  // that is less (every token of a sequence must be in the cache at once), or
+  // EngineConfig::max_context_tokens when that is less still. What workers report as their
+  // max_context_tokens.
   int64_t MaxContextTokens() const {
-    return std::min<int64_t>(weights_->config.max_position_embeddings, CacheTokens());
+    const int64_t held = std::min<int64_t>(weights_->config.max_position_embeddings, CacheTokens());
+    return config_.max_context_tokens > 0 ? std::min(held, config_.max_context_tokens) : held;
   }
   const ModelConfig& model_config() const { return weights_->config; }
   // Bytes of one KV block (all layers, K and V, every tensor-parallel rank's share).

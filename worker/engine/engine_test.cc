@@ -760,6 +760,48 @@ TEST_F(FairShareTest, APromptLargerThanTheCacheIsRefusedAndASequenceEndsWhereThe
   EXPECT_EQ(e->Stats().num_free_blocks, 4);
 }
 
+// --max_context_tokens: a worker serves shorter sequences than its model and cache allow. A
+// prompt as long as the cap is refused naming it, a sequence ends at the cap however many tokens
+// it asked for, and a cap the model or the cache cannot give stops the engine at creation.
+TEST_F(EngineTest, AContextCapEndsSequencesThereAndRefusesPromptsAsLong) {
+  std::mt19937 rng{5};
+  EngineConfig c;
+  c.num_kv_blocks = 16;  // 256 tokens
+  c.block_tokens = 16;
+  c.max_context_tokens = 40;
+  auto e = MakeEngine(c);
+  ASSERT_NE(e, nullptr);
+  EXPECT_EQ(e->MaxContextTokens(), 40);
+  const absl::Status refused = e->AddRequest("long", RandomPrompt(rng, 40), Greedy(3));
+  EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
+  EXPECT_NE(refused.message().find("context of 40 (--max_context_tokens)"), std::string::npos)
+      << refused;
+  ASSERT_TRUE(e->AddRequest("capped", RandomPrompt(rng, 30), Greedy(50)).ok());
+  ASSERT_TRUE(e->AddRequest("short", RandomPrompt(rng, 30), Greedy(5)).ok());
+  std::map<std::string, RequestOutput> last;
+  const auto tokens = RunAll(*e, &last);
+  EXPECT_EQ(last["capped"].finish, FinishReason::kContextLength);
+  EXPECT_EQ(tokens.at("capped").size(), 10u);  // 30 + 10 = 40
+  EXPECT_EQ(last["short"].finish, FinishReason::kLength);
+  EXPECT_FALSE(last.contains("long"));
+
+  // Unset, the model's context or the cache's, whichever is less.
+  c.max_context_tokens = 0;
+  auto whole = MakeEngine(c);
+  ASSERT_NE(whole, nullptr);
+  EXPECT_EQ(whole->MaxContextTokens(),
+            std::min<int64_t>(256, weights_->config.max_position_embeddings));
+
+  for (int64_t bad : {int64_t{-1}, int64_t{257}, weights_->config.max_position_embeddings + 1}) {
+    SCOPED_TRACE(bad);
+    c.max_context_tokens = bad;
+    auto e2 = Engine::Create(weights_.get(), &comm_, c);
+    ASSERT_FALSE(e2.ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(e2.status())) << e2.status();
+    EXPECT_NE(e2.status().message().find("max_context_tokens"), std::string::npos) << e2.status();
+  }
+}
+
 // A tenant's stream of new prompts evicts its own cached blocks before another tenant's prefix.
 TEST_F(FairShareTest, ATenantsCachedPrefixOutlastsAnothersStreamOfNewPrompts) {
   for (bool fair : {true, false}) {

@@ -108,6 +108,10 @@ ABSL_FLAG(int64_t, inflight_prefill_min_tokens, 32,
 ABSL_FLAG(int64_t, max_io_wait_ms, 500,
           "Longest a request waits for its KV blocks to load from disk before recomputing them.");
 ABSL_FLAG(int64_t, max_batch_tokens, 512, "Most tokens computed in one engine step.");
+ABSL_FLAG(int64_t, max_context_tokens, 0,
+          "Longest sequence served, prompt plus output, when less than the model's context and "
+          "what the KV cache holds; 0: the lesser of those two. Coordinators send longer prompts "
+          "to workers that serve them.");
 ABSL_FLAG(int64_t, max_running_sequences, 64, "Most sequences in one engine step.");
 ABSL_FLAG(
     std::string, cluster_secret_file, "",
@@ -371,6 +375,7 @@ absl::Status CheckFlagRanges() {
       {"kv_copy_slice_mb", absl::GetFlag(FLAGS_kv_copy_slice_mb), 1, int64_t{1} << 20},
       {"block_tokens", absl::GetFlag(FLAGS_block_tokens), 1, 4096},
       {"max_batch_tokens", absl::GetFlag(FLAGS_max_batch_tokens), 1, int64_t{1} << 20},
+      {"max_context_tokens", absl::GetFlag(FLAGS_max_context_tokens), 0, int64_t{1} << 30},
       {"max_running_sequences", absl::GetFlag(FLAGS_max_running_sequences), 1, 65536},
       {"max_live_sequences", absl::GetFlag(FLAGS_max_live_sequences), 1, int64_t{1} << 24},
       {"threads", absl::GetFlag(FLAGS_threads), 0, 4096},
@@ -507,6 +512,7 @@ int Main(const std::vector<std::string>& args) {
   ec.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
   ec.block_tokens = absl::GetFlag(FLAGS_block_tokens);
   ec.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  ec.max_context_tokens = absl::GetFlag(FLAGS_max_context_tokens);
   // (-1, unset: off here, 4 with a draft model below; other negatives are the engine's error.)
   ec.num_speculative_tokens = absl::GetFlag(FLAGS_num_speculative_tokens) == -1
                                   ? 0
