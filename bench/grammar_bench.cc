@@ -10,7 +10,9 @@
 // walk alone ("walk"), by a TokenMasker the first time it meets each stack top ("cold") and
 // after ("warm"), and by a fresh masker warmed first (TokenMasker::Warm along 8 random sentences,
 // "warmed", with the warming's time); the mean share of the vocabulary allowed, and microseconds
-// per advance. Also the schema's compile time.
+// per advance. Also the schema's compile time. The same schema with bounded strings ("bounded":
+// at most 64-120 characters; "bounded2k": 500-2,000), whose every position is a stack top of its
+// own up to the longest token's length from the bound.
 // Masks run on one thread; the engine computes each constrained row's on its own pool thread.
 #include <algorithm>
 #include <chrono>
@@ -19,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "bench/stats.h"
 #include "common/init.h"
 #include "grammar/json_schema.h"
@@ -35,13 +38,23 @@ double Us(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::micro>(b - a).count();
 }
 
-constexpr char kSchema[] = R"({"type": "object", "properties": {
-  "title": {"type": "string"}, "year": {"type": "integer"},
+// The record's schema; with `long_max` > 0 its title and affiliation strings are at most that
+// many characters and its names at most `short_max`. A string of at most n characters is n
+// optional copies of a character, each position a stack top of its own up to the longest token's
+// length from the bound (past that they share their results: Grammar::EquivalentPosition).
+std::string RecordSchema(int long_max, int short_max) {
+  auto bound = [](int n) { return n > 0 ? absl::StrCat(", \"maxLength\": ", n) : std::string(); };
+  return absl::StrCat(R"({"type": "object", "properties": {
+  "title": {"type": "string")",
+                      bound(long_max), R"(}, "year": {"type": "integer"},
   "authors": {"type": "array", "items": {"type": "object", "properties": {
-    "name": {"type": "string"}, "affiliation": {"type": "string"}}, "required": ["name"]}},
+    "name": {"type": "string")",
+                      bound(short_max), R"(}, "affiliation": {"type": "string")", bound(long_max),
+                      R"(}}, "required": ["name"]}},
   "score": {"type": "number"}, "open_access": {"type": "boolean"},
   "topics": {"type": "array", "items": {"enum": ["systems", "databases", "ml", "networks"]}}},
-  "required": ["title", "year", "authors"]})";
+  "required": ["title", "year", "authors"]})");
+}
 
 constexpr char kText[] = R"({
   "title": "Paged attention for serving large language models with bounded memory",
@@ -63,10 +76,15 @@ void Run(const std::string& name, const std::string& dir) {
   const std::shared_ptr<const TokenTrie> trie = TokenTrieOf(**tok);
   const double build_ms = Us(t0, Clock::now()) / 1000;
   const Clock::time_point c0 = Clock::now();
-  absl::StatusOr<std::shared_ptr<const Grammar>> schema = JsonSchemaGrammar(kSchema, "schema");
+  absl::StatusOr<std::shared_ptr<const Grammar>> schema =
+      JsonSchemaGrammar(RecordSchema(0, 0), "schema");
   const double compile_us = Us(c0, Clock::now());
   absl::StatusOr<std::shared_ptr<const Grammar>> object = AnyJsonGrammar(true);
-  if (!schema.ok() || !object.ok()) {
+  absl::StatusOr<std::shared_ptr<const Grammar>> bounded =
+      JsonSchemaGrammar(RecordSchema(120, 64), "bounded");
+  absl::StatusOr<std::shared_ptr<const Grammar>> long_bounded =
+      JsonSchemaGrammar(RecordSchema(2000, 500), "long_bounded");
+  if (!schema.ok() || !object.ok() || !bounded.ok() || !long_bounded.ok()) {
     std::printf("grammar: %s\n", std::string(schema.status().message()).c_str());
     return;
   }
@@ -78,7 +96,8 @@ void Run(const std::string& name, const std::string& dir) {
   // (cold), the second finds them kept (warm).
   TokenMasker masker(trie, int64_t{1} << 30);
   for (const auto& [mode, grammar] :
-       {std::pair{"schema", *schema}, std::pair{"json_object", *object}}) {
+       {std::pair{"schema", *schema}, std::pair{"json_object", *object},
+        std::pair{"bounded", *bounded}, std::pair{"bounded2k", *long_bounded}}) {
     // "warmed": a fresh masker after TokenMasker::Warm (8 random sentences), the first
     // generation under the grammar as a warmed GPU engine sees it.
     TokenMasker warmed(trie, int64_t{1} << 30);

@@ -242,6 +242,9 @@ int32_t GrammarBuilder::Choice(absl::string_view name, std::vector<Seq> alternat
 int32_t GrammarBuilder::Repeat(absl::string_view name, Seq seq, int64_t min_count,
                                int64_t max_count) {
   const int32_t r = NewRule(name);
+  RepeatRecord record;
+  record.head = r;
+  record.min_count = min_count;
   Seq head;
   for (int64_t i = 0; i < min_count; ++i) head.insert(head.end(), seq.begin(), seq.end());
   if (max_count < 0) {
@@ -262,10 +265,15 @@ int32_t GrammarBuilder::Repeat(absl::string_view name, Seq seq, int64_t min_coun
       AddAlternative(opt, std::move(s));
       AddAlternative(opt, {});
       next = opt;
+      record.optional.push_back(opt);
     }
     head.push_back(Ref(next));
   }
   AddAlternative(r, std::move(head));
+  if (!seq.empty() && (min_count >= 2 || record.optional.size() >= 2)) {
+    record.seq = std::move(seq);
+    repeats_.push_back(std::move(record));
+  }
   return Ref(r);
 }
 
@@ -512,7 +520,70 @@ absl::StatusOr<std::shared_ptr<const Grammar>> GrammarBuilder::Build(int32_t roo
       g->elements_.push_back(Grammar::kEnd);
     }
   }
+  RecordRepeatRuns(nullable, g.get());
   return std::shared_ptr<const Grammar>(std::move(g));
+}
+
+void GrammarBuilder::RecordRepeatRuns(const std::vector<bool>& nullable, Grammar* g) const {
+  for (const RepeatRecord& rec : repeats_) {
+    // A copy that may match nothing lets a short text pass any number of copies.
+    if (std::all_of(rec.seq.begin(), rec.seq.end(),
+                    [&](int32_t e) { return e < 0 && nullable[Grammar::RuleOf(e)]; })) {
+      continue;
+    }
+    const int32_t len = static_cast<int32_t>(rec.seq.size());
+    // Whether `rule` kept its `alternatives` and the first begins with the copy, at `at`.
+    auto laid_out = [&](int32_t rule, int32_t at, size_t alternatives) {
+      const auto& alts = rule_alts_[rule];
+      return alts.size() == alternatives && g->rule_alts_[rule][0] == at &&
+             alts[0].size() >= rec.seq.size() &&
+             std::equal(rec.seq.begin(), rec.seq.end(), alts[0].begin());
+    };
+    auto start = [&](int32_t rule) {
+      return g->rule_alts_[rule].empty() ? -1 : g->rule_alts_[rule][0];
+    };
+    // The head: min_count copies in one alternative, min_count - j to go at copy j.
+    if (rec.min_count >= 2 && laid_out(rec.head, start(rec.head), 1)) {
+      g->repeat_runs_.push_back({start(rec.head), len, static_cast<int32_t>(rec.min_count),
+                                 static_cast<int32_t>(rec.min_count), /*ascending=*/false});
+    }
+    // The optional copies from opt_2 on, each `seq opt_(k-1) | ""` and laid out one after the
+    // other: opt_k at first + (k - 2) * (len + 3).
+    if (rec.optional.size() >= 2) {
+      const int32_t stride = len + 3;
+      const int32_t first = start(rec.optional[1]);
+      bool regular = first >= 0;
+      for (size_t k = 2; regular && k <= rec.optional.size(); ++k) {
+        regular = laid_out(rec.optional[k - 1], first + static_cast<int32_t>(k - 2) * stride, 2) &&
+                  rule_alts_[rec.optional[k - 1]][0].size() == rec.seq.size() + 1;
+      }
+      if (regular) {
+        g->repeat_runs_.push_back({first, stride, static_cast<int32_t>(rec.optional.size()) - 1, 2,
+                                   /*ascending=*/true});
+      }
+    }
+  }
+  std::sort(
+      g->repeat_runs_.begin(), g->repeat_runs_.end(),
+      [](const Grammar::RepeatRun& a, const Grammar::RepeatRun& b) { return a.first < b.first; });
+}
+
+int32_t Grammar::EquivalentPosition(int32_t position, int64_t max_bytes) const {
+  // The last run starting at or before the position.
+  auto it = std::upper_bound(repeat_runs_.begin(), repeat_runs_.end(), position,
+                             [](int32_t p, const RepeatRun& r) { return p < r.first; });
+  if (it == repeat_runs_.begin()) return position;
+  const RepeatRun& run = *--it;
+  const int64_t rel = int64_t{position} - run.first;
+  if (rel >= int64_t{run.count} * run.stride) return position;
+  const int64_t j = rel / run.stride, offset = rel % run.stride;
+  // Copies to go, counting this one: with more than max_bytes after it, no text of max_bytes
+  // bytes reaches past them (each copy takes a byte at least).
+  const int64_t left = run.ascending ? run.base + j : run.base - j;
+  const int64_t enough = max_bytes + 1;
+  if (left <= enough) return position;
+  const int64_t to = run.ascending ? enough - run.base : run.base - enough;
+  return static_cast<int32_t>(run.first + to * run.stride + offset);
 }
 
 GrammarMatcher::GrammarMatcher(std::shared_ptr<const Grammar> grammar)

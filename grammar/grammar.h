@@ -88,12 +88,32 @@ class Grammar {
   // The grammar as text, one rule a line (for errors and tests): `name ::= [a-z] other | ""`.
   std::string ToString() const;
 
+  // A position that, as a stack frame, lets exactly the same texts of up to `max_bytes` bytes
+  // through as `position` does, whatever the frames around it: the same position in another copy
+  // of a bounded repetition (GrammarBuilder::Repeat) when both copies have more than `max_bytes`
+  // copies left to go (a text that short cannot tell them apart), else `position` itself. So a
+  // string of at most 1000 characters has as many distinct positions as a token has bytes, not
+  // 1000 (TokenMasker keys its results by them). Only repetitions of a sequence that cannot match
+  // the empty text count.
+  int32_t EquivalentPosition(int32_t position, int64_t max_bytes) const;
+
  private:
   friend class GrammarBuilder;
+  // Positions first + j * stride + offset (offset < stride, j < count) are copy j's of one
+  // repeated sequence, which has remaining(j) copies to go (counting its own): ascending,
+  // base + j; else base - j.
+  struct RepeatRun {
+    int32_t first = 0;
+    int32_t stride = 0;
+    int32_t count = 0;
+    int32_t base = 0;
+    bool ascending = true;
+  };
   std::vector<int32_t> elements_;
   std::vector<ByteSet> byte_sets_;
   std::vector<std::vector<int32_t>> rule_alts_;
   std::vector<std::string> rule_names_;
+  std::vector<RepeatRun> repeat_runs_;  // by first, not overlapping
   int32_t root_ = 0;
 };
 
@@ -143,9 +163,21 @@ class GrammarBuilder {
   absl::StatusOr<std::shared_ptr<const Grammar>> Build(int32_t root) &&;
 
  private:
+  // What Repeat built, for Grammar::EquivalentPosition: `head` holds min_count copies of `seq`
+  // and then `optional` (rules opt_1, opt_2, ...: opt_k has k copies left).
+  struct RepeatRecord {
+    Seq seq;
+    int32_t head = 0;
+    int64_t min_count = 0;
+    std::vector<int32_t> optional;
+  };
+  // Grammar::repeat_runs_ of the repetitions laid out as Repeat built them (none pruned).
+  void RecordRepeatRuns(const std::vector<bool>& nullable, Grammar* g) const;
+
   std::vector<ByteSet> byte_sets_;
   std::vector<std::vector<Seq>> rule_alts_;
   std::vector<std::string> rule_names_;
+  std::vector<RepeatRecord> repeats_;
   int64_t num_elements_ = 0;
   bool over_budget_ = false;
 };

@@ -2,6 +2,7 @@
 
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -234,6 +235,51 @@ TEST(GrammarTest, ToStringShowsTheRules) {
   b.AddAlternative(root, {});
   auto g = MustBuild(std::move(b), root);
   EXPECT_EQ(g->ToString(), "root#0 ::= [a-c] [\"] | \"\"\n");
+}
+
+// The frames a long run of a bounded repetition passes through come down to a handful once
+// positions are taken as Grammar::EquivalentPosition for 3-byte texts: those with more than 3
+// copies left are one; a repetition whose copy may be empty keeps all of its own.
+TEST(GrammarTest, EquivalentPositionsOfALongRunAreFew) {
+  auto frames = [](const std::shared_ptr<const Grammar>& g, int64_t max_bytes, int n) {
+    std::set<int32_t> raw, equivalent;
+    GrammarMatcher m(g);
+    for (int i = 0; i <= n; ++i) {
+      const GrammarState& st = m.state();
+      for (int32_t s = 0; s < st.num_stacks(); ++s) {
+        for (int32_t p : st.stack(s)) {
+          raw.insert(p);
+          equivalent.insert(g->EquivalentPosition(p, max_bytes));
+        }
+      }
+      if (i < n) {
+        EXPECT_TRUE(m.Advance("a"));
+      }
+    }
+    return std::pair{raw.size(), equivalent.size()};
+  };
+  for (int64_t min_count : {0, 30}) {
+    SCOPED_TRACE(min_count);
+    GrammarBuilder b;
+    const int32_t root = b.NewRule("root");
+    auto run = b.BoundedRepeat("x", {b.Byte('a')}, min_count, 60);
+    ASSERT_TRUE(run.ok());
+    b.AddAlternative(root, {*run, b.Byte('.')});
+    auto g = *std::move(b).Build(root);
+    const auto [raw, equivalent] = frames(g, 3, 55);
+    EXPECT_GE(raw, 50u);
+    EXPECT_LE(equivalent, 12u);
+    EXPECT_EQ(frames(g, 100, 55).second, raw);  // texts longer than the run tell all apart
+  }
+  GrammarBuilder b;
+  const int32_t root = b.NewRule("root");
+  const int32_t maybe = b.Optional("maybe", {b.Byte('a')});
+  auto run = b.BoundedRepeat("x", {maybe}, 0, 60);
+  ASSERT_TRUE(run.ok());
+  b.AddAlternative(root, {*run, b.Byte('.')});
+  auto g = *std::move(b).Build(root);
+  const auto [raw, equivalent] = frames(g, 3, 55);
+  EXPECT_EQ(equivalent, raw);
 }
 
 }  // namespace

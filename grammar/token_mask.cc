@@ -1,6 +1,7 @@
 #include "grammar/token_mask.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <deque>
 #include <random>
@@ -104,6 +105,9 @@ void TokenTrie::Build(std::vector<int32_t> ids) {
   // Sorted by bytes is depth-first order: each node's subtree is a range of tokens_, the tokens
   // ending at the node first. Nodes are allocated breadth first, so siblings are adjacent.
   tokens_ = std::move(ids);
+  for (int32_t t : tokens_) {
+    max_token_bytes_ = std::max<int64_t>(max_token_bytes_, static_cast<int64_t>(bytes(t).size()));
+  }
   struct Todo {
     int32_t node;
     size_t begin, end;
@@ -236,6 +240,12 @@ std::shared_ptr<const TokenMasker::Entry> TokenMasker::Lookup(const GrammarMatch
                                                               absl::Span<const int32_t> top,
                                                               bool count) {
   const Grammar* g = &matcher.grammar();
+  // Frames that let the same tokens through share one result.
+  std::array<int32_t, kMaskKeyFrames> frames;
+  for (size_t i = 0; i < top.size(); ++i) {
+    frames[i] = g->EquivalentPosition(top[i], vocabulary_->max_token_bytes());
+  }
+  top = absl::MakeConstSpan(frames.data(), top.size());
   std::string key(sizeof(g) + top.size() * sizeof(int32_t), '\0');
   std::memcpy(key.data(), &g, sizeof(g));
   std::memcpy(key.data() + sizeof(g), top.data(), top.size() * sizeof(int32_t));

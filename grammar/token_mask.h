@@ -13,7 +13,9 @@
 // the top frames are allowed whatever lies below; the tokens that would run past the top frames
 // (a `"` that closes the string and goes on) are the only ones then checked against the whole
 // stack, through a small trie of their own. The results are exact: the same allowed set as
-// TokenTrie::Allowed.
+// TokenTrie::Allowed. A top's frames are keyed by their Grammar::EquivalentPosition for the
+// longest token, so the positions of a long bounded repetition (a string of at most n characters)
+// share results past as many copies as a token has bytes.
 #ifndef STRATA_GRAMMAR_TOKEN_MASK_H_
 #define STRATA_GRAMMAR_TOKEN_MASK_H_
 
@@ -41,6 +43,8 @@ class TokenTrie {
   TokenTrie(const TokenTrie& full, absl::Span<const int32_t> ids);
 
   int32_t vocab_size() const { return static_cast<int32_t>(token_bytes_->size()); }
+  // The longest token's length in bytes.
+  int64_t max_token_bytes() const { return max_token_bytes_; }
   const std::string& bytes(int32_t token) const { return (*token_bytes_)[token]; }
   // Bytes of its own (the token bytes are shared with the trie it was cut from).
   int64_t memory_bytes() const {
@@ -84,6 +88,7 @@ class TokenTrie {
   std::shared_ptr<const std::vector<std::string>> token_bytes_;
   std::vector<Node> nodes_;      // nodes_[0] is the root (the empty prefix), children after parents
   std::vector<int32_t> tokens_;  // in depth-first order, so each subtree's tokens are a range
+  int64_t max_token_bytes_ = 0;
 };
 
 // Frames of a stack's top that TokenMasker keys its results by.

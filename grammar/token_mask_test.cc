@@ -1,10 +1,14 @@
 #include "grammar/token_mask.h"
 
 #include <memory>
+#include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "grammar/json_schema.h"
+#include "grammar/regex_grammar.h"
 #include "grammar/vocabulary.h"
 #include "gtest/gtest.h"
 #include "tokenizer/tokenizer.h"
@@ -141,6 +145,74 @@ TEST(TokenMaskTest, WarmingWorksOutMostTopsAhead) {
   const int64_t warm_misses = misses_in_generation(warm);
   EXPECT_GT(cold_misses, 20);
   EXPECT_LT(warm_misses * 4, cold_misses) << warm_misses << " of " << cold_misses;
+}
+
+// Bounded repetitions (strings of at most n characters, regex counts, arrays of at most n items)
+// whose copies share their results once more copies are left than a token has bytes: the masks
+// stay exactly the walk's, at every position of random sentences and of runs far longer than a
+// token, and a longer run through the same bounds meets no top a shorter one did not.
+TEST(TokenMaskTest, LongBoundedRepetitionsShareTheirTopsAndStayExact) {
+  // The bundled vocabulary cut to its tokens of at most 3 bytes (the others left empty, never
+  // allowed), so that bounds of 20 to 60 are long against a token.
+  std::vector<std::string> vocab = TinyVocabulary();
+  for (std::string& t : vocab) {
+    if (t.size() > 3) t.clear();
+  }
+  auto trie = std::make_shared<const TokenTrie>(vocab);
+  ASSERT_EQ(trie->max_token_bytes(), 3);
+  auto schema = JsonSchemaGrammar(
+      R"({"type": "object", "properties": {
+          "name": {"type": "string", "minLength": 25, "maxLength": 60},
+          "tags": {"type": "array", "minItems": 2, "maxItems": 40,
+                   "items": {"type": "string", "maxLength": 4}}},
+          "required": ["name", "tags"]})",
+      "schema");
+  ASSERT_TRUE(schema.ok()) << schema.status();
+  auto regex = RegexGrammar("(ab|c){20,50}x[0-9]{3,40}");
+  ASSERT_TRUE(regex.ok()) << regex.status();
+  auto record = [](int name_chars, int tags) {
+    std::string list;
+    for (int i = 0; i < tags; ++i) list += absl::StrCat(i == 0 ? "" : ", ", "\"t", i % 10, "\"");
+    return absl::StrCat(R"({"name": ")", std::string(name_chars, 'q'), R"(", "tags": [)", list,
+                        "]}");
+  };
+  auto pattern = [](int copies, int digits) {
+    return absl::StrCat(std::string(copies - 1, 'c'), "ab", "x", std::string(digits, '7'));
+  };
+  struct Case {
+    std::shared_ptr<const Grammar> grammar;
+    std::string shorter, longer;  // the longer one's runs go on where the shorter one's stop
+  };
+  const Case cases[] = {
+      {*schema, record(32, 12), record(52, 30)},
+      {*regex, pattern(30, 10), pattern(45, 30)},
+  };
+  std::vector<uint8_t> want(vocab.size()), got(vocab.size());
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.longer);
+    TokenMasker masker(trie, int64_t{64} << 20);
+    auto check = [&](const std::string& sentence) {
+      GrammarMatcher m(c.grammar);
+      for (size_t i = 0; i <= sentence.size(); ++i) {
+        const int64_t n = trie->Allowed(*c.grammar, m.state(), absl::MakeSpan(want));
+        ASSERT_EQ(masker.Allowed(m, absl::MakeSpan(got)), n) << sentence.substr(0, i);
+        ASSERT_EQ(got, want) << "after '" << sentence.substr(0, i) << "'";
+        if (i < sentence.size()) {
+          ASSERT_TRUE(m.Advance(sentence.substr(i, 1))) << sentence.substr(0, i + 1);
+        }
+      }
+      EXPECT_TRUE(m.IsComplete());
+    };
+    check(c.shorter);
+    const int64_t misses = masker.stats().misses;
+    check(c.longer);
+    EXPECT_EQ(masker.stats().misses, misses) << "the longer runs met tops of their own";
+    std::mt19937_64 rng(3);
+    for (int i = 0; i < 6; ++i) {
+      const std::optional<std::string> s = RandomSentence(c.grammar, rng, 4096);
+      if (s.has_value() && GrammarAccepts(c.grammar, *s)) check(*s);
+    }
+  }
 }
 
 TEST(TokenMaskTest, ClassifySplitsAtTheEndOfTheStack) {
