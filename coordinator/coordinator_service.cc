@@ -375,13 +375,23 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
     case v1::GenerateRequest::PROMPT_NOT_SET:
       return Invalid("prompt is required: set text or token_ids");
   }
+  if (prompt_.size() >= std::max(model_.max_context_tokens, model_.max_known_context_tokens)) {
+    return Invalid(absl::StrCat(
+        "prompt has ", prompt_.size(), " tokens; model ", r.model(), " has a context of ",
+        std::max(model_.max_context_tokens, model_.max_known_context_tokens),
+        " tokens (prompt plus output)",
+        model_.min_context_tokens < model_.max_context_tokens
+            ? " on its workers that serve the longest"
+            : ""));
+  }
   if (prompt_.size() >= model_.max_context_tokens) {
-    return Invalid(absl::StrCat("prompt has ", prompt_.size(), " tokens; model ", r.model(),
-                                " has a context of ", model_.max_context_tokens,
-                                " tokens (prompt plus output)",
-                                model_.min_context_tokens < model_.max_context_tokens
-                                    ? " on its workers that serve the longest"
-                                    : ""));
+    // A worker that holds it is draining or unavailable for now.
+    return grpc::Status(
+        grpc::StatusCode::UNAVAILABLE,
+        absl::StrCat("prompt has ", prompt_.size(), " tokens; the workers of model ", r.model(),
+                     " that serve contexts that long (up to ", model_.max_known_context_tokens,
+                     " tokens) are draining or unavailable, and those serving now hold ",
+                     model_.max_context_tokens));
   }
   if (sampling_.seed.has_value()) {
     seed_ = *sampling_.seed;
@@ -569,7 +579,12 @@ void CoordinatorService::GenerateCall::StartAttempt() {
         cancel_alarm = SetFinalLocked(grpc::Status::OK);
       } else if (!a.ok()) {
         // Prefer the workers' own answer (RESOURCE_EXHAUSTED: all full) over "no worker left".
-        grpc::Status s = ToGrpcStatus(a.status());
+        // A prompt that fits none of the workers that can take it now waits for one that holds it
+        // (validated against them all): UNAVAILABLE, not the client's error.
+        grpc::Status s =
+            a.status().code() == absl::StatusCode::kOutOfRange
+                ? grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(a.status().message()))
+                : ToGrpcStatus(a.status());
         if (last_failure_.error_code() == grpc::StatusCode::NOT_FOUND) {
           s = last_failure_;  // no worker serves the fine-tune any more
         } else if (!last_failure_.ok()) {
@@ -860,7 +875,9 @@ void CoordinatorService::GenerateCall::OnAttemptDone(Attempt* attempt, const grp
         if (n >= sampling_.max_tokens) {
           local = LocalFinishLocked(v1::FINISH_REASON_LENGTH);
           cancel_alarm = SetFinalLocked(grpc::Status::OK);
-        } else if (static_cast<int64_t>(prompt_.size()) + n >= model_.max_context_tokens) {
+        } else if (static_cast<int64_t>(prompt_.size()) + n >=
+                   std::max(model_.max_context_tokens, model_.max_known_context_tokens)) {
+          // No worker of the model holds more (one that does, serving now, is found by Assign).
           local = LocalFinishLocked(v1::FINISH_REASON_CONTEXT_LENGTH);
           cancel_alarm = SetFinalLocked(grpc::Status::OK);
         } else {

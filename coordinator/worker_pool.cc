@@ -573,6 +573,7 @@ std::vector<ModelView> WorkerPool::Models() {
     }
     // Contexts: of the serving workers, once there is one; until then, of any.
     const uint32_t context = w->info.max_context_tokens();
+    it->max_known_context_tokens = std::max(it->max_known_context_tokens, context);
     const bool serving = w->state == State::kServing;
     if (serving && it->num_workers == 0) {
       it->max_context_tokens = context;

@@ -77,6 +77,9 @@ struct ModelView {
   // those of any worker of it that has reported one while none is serving.
   uint32_t max_context_tokens = 0;
   uint32_t min_context_tokens = 0;
+  // The longest context of any of its workers, serving or not (draining, unavailable for now): a
+  // prompt shorter than this but not than max_context_tokens waits for such a worker.
+  uint32_t max_known_context_tokens = 0;
   uint32_t vocab_size = 0;
   uint32_t block_tokens = 0;
   std::vector<std::string> fine_tune_ids;

@@ -1,8 +1,8 @@
 // Workers of one model that serve different contexts (--max_context_tokens), behind one
 // coordinator: the model's context is the longest one served, prompts too long for some workers go
 // to those that hold them, a generation goes where all of its max_tokens fit, short requests still
-// spread over every worker, and a long generation whose worker dies ends where the survivors'
-// context does.
+// spread over every worker, a prompt only a drained worker holds is retryable (UNAVAILABLE), and a
+// long generation whose worker dies ends where the survivors' context does.
 #include <algorithm>
 #include <atomic>
 #include <memory>
@@ -141,6 +141,34 @@ TEST_F(ContextRoutingTest, AGenerationGoesWhereAllOfItsTokensFit) {
   after = Routed(*cluster_);
   EXPECT_EQ(after[0] + after[1], before[0] + before[1] + kShort);
   EXPECT_GT(after[0], before[0]) << "the short-context worker took none of the short requests";
+}
+
+// While the only worker that holds a prompt is drained, the prompt is UNAVAILABLE (the client
+// retries it), not INVALID_ARGUMENT; once the worker serves again it goes through.
+TEST_F(ContextRoutingTest, APromptOnlyADrainedWorkerHoldsIsRetryable) {
+  auto longest = [&] {
+    grpc::ClientContext ctx;
+    v1::ListModelsResponse models;
+    EXPECT_TRUE(cluster_->serving()->ListModels(&ctx, v1::ListModelsRequest(), &models).ok());
+    return models.models_size() == 1 ? models.models(0).max_context_tokens() : 0u;
+  };
+  Drain(cluster_->admin(), cluster_->worker_address(1), /*resume=*/false, /*wait=*/false);
+  EXPECT_EQ(longest(), static_cast<uint32_t>(kShortContext));
+  const Generated waiting = Generate(cluster_->serving(), TokenRequest(300, 4, 30));
+  EXPECT_EQ(waiting.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << waiting.status.error_message();
+  EXPECT_TRUE(absl::StrContains(waiting.status.error_message(), "draining or unavailable"))
+      << waiting.status.error_message();
+  // Short prompts go on meanwhile.
+  const Generated short_one = Generate(cluster_->serving(), TokenRequest(30, 4, 31));
+  EXPECT_TRUE(short_one.status.ok()) << short_one.status.error_message();
+  Drain(cluster_->admin(), cluster_->worker_address(1), /*resume=*/true, /*wait=*/false);
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  while (longest() != static_cast<uint32_t>(kLongContext) && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  const Generated served = Generate(cluster_->serving(), TokenRequest(300, 4, 30));
+  EXPECT_TRUE(served.status.ok()) << served.status.error_message();
 }
 
 // The long-context worker dies while it streams a generation only it could hold whole: the

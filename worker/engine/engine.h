@@ -89,7 +89,7 @@ struct EngineConfig {
   int64_t kv_cache_bytes = int64_t{256} << 20;
   int64_t block_tokens = 16;
   // The longest sequence served (prompt plus output), when less than the model's context and what
-  // the KV cache holds (the two it is otherwise); 0: no lower limit. A cap leaves the cache to
+  // the KV cache holds (the two it is otherwise); 0: no cap. A cap leaves the cache to
   // more sequences at once, and tells the coordinator which prompts to send elsewhere.
   int64_t max_context_tokens = 0;
   // Most tokens computed in one step (prefill chunks plus decode tokens).
