@@ -197,6 +197,7 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
   p.kv_cache_mb = static_cast<int64_t>(kv_bytes / kMiB);
   const int64_t blocks = static_cast<int64_t>(p.kv_cache_mb * kMiB) / block_bytes_rank;
   p.kv_cache_tokens = blocks * bt;
+  p.context_tokens = std::min<int64_t>(model.max_position_embeddings, p.kv_cache_tokens);
 
   // Decode: a step reads every weight once (one row of the embedding table per sequence) and
   // each sequence's KV over its mean context.
@@ -338,6 +339,13 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& model, const GpuSpec& gpu,
         "the KV cache (%d tokens) limits the batch to %d sequences of %d tokens: a larger GPU, "
         "--tensor-parallel or shorter requests would allow more",
         p.kv_cache_tokens, p.batch, workload.prompt_tokens + workload.output_tokens));
+  }
+  if (p.context_tokens < model.max_position_embeddings) {
+    p.notes.push_back(absl::StrFormat(
+        "one worker's KV cache holds %d tokens, less than the model's context of %d: its workers "
+        "serve sequences of at most %d (prompt plus output); a larger GPU or --tensor-parallel "
+        "holds more, and workers that hold more take the longer prompts",
+        p.kv_cache_tokens, model.max_position_embeddings, p.context_tokens));
   }
   if (options.host_cache_budget_bytes > 0 && p.warm_set_bytes > options.host_cache_budget_bytes) {
     p.notes.push_back(absl::StrFormat(
@@ -541,7 +549,8 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
   return absl::StrFormat(
       "{\"gpu\":%s,\"tensor_parallel\":%d,\"parameters\":%d,\"weight_bytes\":%.0f,"
       "\"kv_bytes_per_token\":%d,\"gpu_weight_bytes\":%.0f,\"gpu_scratch_bytes\":%.0f,"
-      "\"kv_cache_mb\":%d,\"kv_cache_tokens\":%d,\"batch\":%d,\"batch_limit\":%s,"
+      "\"kv_cache_mb\":%d,\"kv_cache_tokens\":%d,\"context_tokens\":%d,\"batch\":%d,"
+      "\"batch_limit\":%s,"
       "\"step_ms\":%.3f,\"batch1_step_ms\":%.3f,\"decode_tokens_per_s\":%.1f,"
       "\"prefill_tokens_per_s\":%.1f,\"ttft_ms\":%.2f,\"requests_per_s_per_worker\":%.3f,"
       "\"workers\":%d,\"utilization\":%.3f,\"split_prefill_workers\":%d,"
@@ -552,8 +561,8 @@ std::string Json(const Plan& p, const GpuSpec& gpu, const PlanOptions& o) {
       "\"delta_cache_mb\":%d,\"batch1_delta_step_ms\":%.3f,\"worker_flags\":[%s],"
       "\"notes\":[%s]}\n",
       Quoted(gpu.name), o.tensor_parallel, p.parameters, p.weight_bytes, p.kv_bytes_per_token,
-      p.gpu_weight_bytes, p.gpu_scratch_bytes, p.kv_cache_mb, p.kv_cache_tokens, p.batch,
-      Quoted(p.batch_limit), p.step_ms, p.batch1_step_ms, p.decode_tokens_per_s,
+      p.gpu_weight_bytes, p.gpu_scratch_bytes, p.kv_cache_mb, p.kv_cache_tokens, p.context_tokens,
+      p.batch, Quoted(p.batch_limit), p.step_ms, p.batch1_step_ms, p.decode_tokens_per_s,
       p.prefill_tokens_per_s, p.ttft_ms, p.requests_per_s_per_worker, p.workers, p.utilization,
       p.split_prefill_workers, p.split_decode_workers, p.handoff_bytes, p.handoff_ms,
       p.tier_slot_bytes, p.warm_set_bytes, p.host_cache_mb, p.disk_cache_mb, p.pod_memory_limit_mb,
@@ -876,9 +885,9 @@ absl::Status PlanCommand(const Args& args, std::FILE* out) {
   absl::FPrintF(out, "gpu        %s x %d: %s\n", gpu.name, o.tensor_parallel, gpu.source);
   absl::FPrintF(out,
                 "memory     per GPU: weights %.1f GiB, scratch %.1f GiB, KV cache %d MiB (%d "
-                "tokens per worker)\n",
+                "tokens per worker; context %d)\n",
                 p.gpu_weight_bytes / kGiB, p.gpu_scratch_bytes / kGiB, p.kv_cache_mb,
-                p.kv_cache_tokens);
+                p.kv_cache_tokens, p.context_tokens);
   absl::FPrintF(out,
                 "decode     batch %d (limited by %s): step %.2f ms, %.0f tok/s per worker; batch "
                 "1: %.2f ms (%.0f tok/s)\n",

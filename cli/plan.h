@@ -123,6 +123,9 @@ struct Plan {
   double gpu_scratch_bytes = 0;
   int64_t kv_cache_mb = 0;      // --kv_cache_mb
   int64_t kv_cache_tokens = 0;  // whole blocks, one worker (all ranks)
+  // The longest sequence a worker serves: the model's context, or what the KV cache holds when
+  // that is less (the worker's max_context_tokens).
+  int64_t context_tokens = 0;
   // Decode.
   int64_t batch = 0;
   std::string batch_limit;            // "memory", "tpot" or "max_running_sequences"

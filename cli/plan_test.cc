@@ -337,6 +337,28 @@ TEST(PlanTest, ImpossiblePlansSayWhy) {
   EXPECT_TRUE(absl::IsInvalidArgument(FindGpu("h900").status()));
 }
 
+// A worker serves the model's context when its KV cache holds it, and what the cache holds when
+// it does not, which the plan says.
+TEST(PlanTest, TheContextServedIsTheModelsOrWhatTheCacheHolds) {
+  auto p = MakePlan(Llama8B(), *FindGpu("h100"), Decode(512, 64), PlanOptions());
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->context_tokens, 8192);
+  for (const std::string& n : p->notes) EXPECT_EQ(n.find("context"), std::string::npos) << n;
+  ModelConfig long_context = Llama8B();
+  long_context.max_position_embeddings = 1 << 20;
+  auto q = MakePlan(long_context, *FindGpu("h100"), Decode(512, 64), PlanOptions());
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_EQ(q->context_tokens, q->kv_cache_tokens);
+  EXPECT_LT(q->context_tokens, 1 << 20);
+  EXPECT_GT(q->context_tokens, 100000);  // about 50 GB of 128 KiB tokens
+  bool noted = false;
+  for (const std::string& n : q->notes) {
+    noted |=
+        n.find(absl::StrCat("serve sequences of at most ", q->context_tokens)) != std::string::npos;
+  }
+  EXPECT_TRUE(noted);
+}
+
 // The command, on the bench's config files and the bundled model's directory.
 absl::StatusOr<std::string> RunPlan(std::vector<std::string> argv) {
   absl::StatusOr<Args> args = ParsePlanArgs(argv);

@@ -7,7 +7,10 @@
 //
 // Checks: a refusal is INVALID_ARGUMENT naming the field; a grammar it compiles produces only
 // sentences its own matcher accepts (RandomSentence against GrammarAccepts), and a JSON schema's
-// only JSON that parses; following the input through the grammar byte by byte never crashes.
+// only JSON that parses; at every byte of such a sentence a TokenMasker's mask (its per-top
+// results, positions shared by Grammar::EquivalentPosition) is exactly the trie walk's, over a
+// small vocabulary whose longest token is 6 bytes (so that bounds of a few dozen are long);
+// following the input through the grammar byte by byte never crashes.
 #include <memory>
 #include <random>
 #include <string>
@@ -19,12 +22,32 @@
 #include "common/json.h"
 #include "grammar/grammar.h"
 #include "grammar/structured_output.h"
+#include "grammar/token_mask.h"
 #include "proto/strata/v1/common.pb.h"
 #include "tests/fuzz/fuzz_target.h"
 
 #ifndef STRATA_FUZZ_KIND
 #error "STRATA_FUZZ_KIND must be 0 (json_schema), 1 (regex), 2 (grammar) or 3 (choice)"
 #endif
+
+namespace {
+
+// Every printable ASCII byte, pieces of JSON and of the corpora's patterns, runs of spaces and
+// digits, and UTF-8 (whole characters and a lone lead byte): at most 6 bytes each.
+std::shared_ptr<const strata::TokenTrie> SmallVocabulary() {
+  std::vector<std::string> tokens;
+  for (int b = 0x20; b < 0x7f; ++b) tokens.push_back(std::string(1, static_cast<char>(b)));
+  for (const char* t :
+       {"\"",   "\":",   "\": ", "\", \"", "{\"",    "\"}",   "[\"",  "\"]", "true", "false",
+        "null", "ab",    "abc",  "aaaa",   "cab",    "12",    "123",  "0.5", "e+1",  "\\n",
+        "\\\"", "\\u00", "  ",   "    ",   "      ", "\n",    "\n  ", "é",   "éé",   "\xc3",
+        "日本", "x\"",   "a\",", "},",     "],",     "null,", "1,"}) {
+    tokens.push_back(t);
+  }
+  return std::make_shared<const strata::TokenTrie>(std::move(tokens));
+}
+
+}  // namespace
 
 STRATA_FUZZ_TARGET(data, size) {
   strata::fuzz::FuzzInput in(data, size);
@@ -62,12 +85,30 @@ STRATA_FUZZ_TARGET(data, size) {
   FUZZ_CHECK(*g != nullptr, "a spec with a kind compiled to no grammar");
 
   std::mt19937_64 rng(strata::Hash64(text));
+  static const std::shared_ptr<const strata::TokenTrie> vocabulary = SmallVocabulary();
   for (int i = 0; i < 3; ++i) {
     const std::optional<std::string> sentence =
         strata::RandomSentenceFrom(*g, spec.prefix(), rng, 512);
     if (!sentence.has_value()) continue;
     FUZZ_CHECK(strata::GrammarAccepts(*g, *sentence),
                "the grammar's own sentence \"%s\" is refused", sentence->c_str());
+    if (i == 0) {
+      // The masker against the walk, at every byte of the sentence (a fresh masker: its first
+      // results for each top, then those it kept, as the sentence comes back to a top).
+      strata::TokenMasker masker(vocabulary, int64_t{16} << 20);
+      std::vector<uint8_t> want(vocabulary->vocab_size()), got(vocabulary->vocab_size());
+      strata::GrammarMatcher walk(*g);
+      for (size_t at = 0; at <= sentence->size() && !walk.Overloaded(); ++at) {
+        const int64_t n = vocabulary->Allowed(walk.grammar(), walk.state(), absl::MakeSpan(want));
+        FUZZ_CHECK(masker.Allowed(walk, absl::MakeSpan(got)) == n && got == want,
+                   "the masker's mask differs from the walk's after \"%s\"",
+                   sentence->substr(0, at).c_str());
+        if (at < sentence->size()) {
+          FUZZ_CHECK(walk.Advance(sentence->substr(at, 1)), "the sentence \"%s\" left the grammar",
+                     sentence->c_str());
+        }
+      }
+    }
     if (STRATA_FUZZ_KIND == 0 && !sentence->empty()) {
       const auto doc = strata::JsonDocument::Parse(*sentence, "sentence");
       FUZZ_CHECK(doc.ok(), "the schema's sentence \"%s\" is not JSON: %s", sentence->c_str(),
