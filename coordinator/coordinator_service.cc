@@ -251,6 +251,8 @@ class CoordinatorService::GenerateCall final : public QueuedServerWriter<v1::Gen
   ApiKeys::TokenGrant tokens_;
   const Tokenizer* tokenizer_ = nullptr;
   ModelView model_;
+  // The longest context any worker that could take the request serves (Validate).
+  uint32_t longest_context_ = 0;
   ResolvedSampling sampling_;
   uint64_t seed_ = 0;
   std::vector<int32_t> prompt_;
@@ -375,23 +377,32 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
     case v1::GenerateRequest::PROMPT_NOT_SET:
       return Invalid("prompt is required: set text or token_ids");
   }
-  if (prompt_.size() >= std::max(model_.max_context_tokens, model_.max_known_context_tokens)) {
-    return Invalid(absl::StrCat(
-        "prompt has ", prompt_.size(), " tokens; model ", r.model(), " has a context of ",
-        std::max(model_.max_context_tokens, model_.max_known_context_tokens),
-        " tokens (prompt plus output)",
-        model_.min_context_tokens < model_.max_context_tokens
-            ? " on its workers that serve the longest"
-            : ""));
+  // The longest contexts of the workers that could take it: serving now, and of any (a fine-tune's
+  // own workers' when it names one).
+  uint32_t longest_now = model_.max_context_tokens;
+  longest_context_ = std::max(model_.max_context_tokens, model_.max_known_context_tokens);
+  std::string whose = absl::StrCat("model ", r.model(), " has");
+  if (auto it = model_.fine_tune_contexts.find(r.fine_tune_id());
+      !r.fine_tune_id().empty() && it != model_.fine_tune_contexts.end()) {
+    longest_now = it->second.serving;
+    longest_context_ = std::max(it->second.serving, it->second.known);
+    whose = absl::StrCat("fine-tune ", r.fine_tune_id(), " of model ", r.model(), " has");
   }
-  if (prompt_.size() >= model_.max_context_tokens) {
+  if (prompt_.size() >= longest_context_) {
+    return Invalid(absl::StrCat("prompt has ", prompt_.size(), " tokens; ", whose, " a context of ",
+                                longest_context_, " tokens (prompt plus output)",
+                                model_.min_context_tokens < model_.max_context_tokens
+                                    ? " on its workers that serve the longest"
+                                    : ""));
+  }
+  if (longest_now > 0 && prompt_.size() >= longest_now) {
     // A worker that holds it is draining or unavailable for now.
     return grpc::Status(
         grpc::StatusCode::UNAVAILABLE,
         absl::StrCat("prompt has ", prompt_.size(), " tokens; the workers of model ", r.model(),
-                     " that serve contexts that long (up to ", model_.max_known_context_tokens,
+                     " that serve contexts that long (up to ", longest_context_,
                      " tokens) are draining or unavailable, and those serving now hold ",
-                     model_.max_context_tokens));
+                     longest_now));
   }
   if (sampling_.seed.has_value()) {
     seed_ = *sampling_.seed;
@@ -875,9 +886,9 @@ void CoordinatorService::GenerateCall::OnAttemptDone(Attempt* attempt, const grp
         if (n >= sampling_.max_tokens) {
           local = LocalFinishLocked(v1::FINISH_REASON_LENGTH);
           cancel_alarm = SetFinalLocked(grpc::Status::OK);
-        } else if (static_cast<int64_t>(prompt_.size()) + n >=
-                   std::max(model_.max_context_tokens, model_.max_known_context_tokens)) {
-          // No worker of the model holds more (one that does, serving now, is found by Assign).
+        } else if (static_cast<int64_t>(prompt_.size()) + n >= longest_context_) {
+          // No worker that could take it holds more (one that does, serving now, is found by
+          // Assign).
           local = LocalFinishLocked(v1::FINISH_REASON_CONTEXT_LENGTH);
           cancel_alarm = SetFinalLocked(grpc::Status::OK);
         } else {

@@ -592,6 +592,9 @@ std::vector<ModelView> WorkerPool::Models() {
       if (i < w->info.fine_tune_revisions_size()) {
         it->fine_tune_revisions.emplace(ft, w->info.fine_tune_revisions(i));
       }
+      ModelView::Contexts& c = it->fine_tune_contexts[ft];
+      c.known = std::max(c.known, context);
+      if (serving) c.serving = std::max(c.serving, context);
     }
     if (w->state == State::kServing) ++it->num_workers;
     ++it->num_known_workers;

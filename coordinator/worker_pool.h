@@ -80,6 +80,12 @@ struct ModelView {
   // The longest context of any of its workers, serving or not (draining, unavailable for now): a
   // prompt shorter than this but not than max_context_tokens waits for such a worker.
   uint32_t max_known_context_tokens = 0;
+  // The longest contexts of the workers that serve each fine-tune: serving now, and of any.
+  struct Contexts {
+    uint32_t serving = 0;
+    uint32_t known = 0;
+  };
+  std::map<std::string, Contexts> fine_tune_contexts;
   uint32_t vocab_size = 0;
   uint32_t block_tokens = 0;
   std::vector<std::string> fine_tune_ids;

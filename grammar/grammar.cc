@@ -569,6 +569,7 @@ void GrammarBuilder::RecordRepeatRuns(const std::vector<bool>& nullable, Grammar
 }
 
 int32_t Grammar::EquivalentPosition(int32_t position, int64_t max_bytes) const {
+  if (max_bytes < 1) return position;  // (no text to tell positions apart: nothing to share)
   // The last run starting at or before the position.
   auto it = std::upper_bound(repeat_runs_.begin(), repeat_runs_.end(), position,
                              [](int32_t p, const RepeatRun& r) { return p < r.first; });
@@ -583,6 +584,7 @@ int32_t Grammar::EquivalentPosition(int32_t position, int64_t max_bytes) const {
   const int64_t enough = max_bytes + 1;
   if (left <= enough) return position;
   const int64_t to = run.ascending ? enough - run.base : run.base - enough;
+  if (to < 0 || to >= run.count) return position;
   return static_cast<int32_t>(run.first + to * run.stride + offset);
 }
 

@@ -1,10 +1,12 @@
 #include "grammar/grammar.h"
 
+#include <algorithm>
 #include <optional>
 #include <random>
 #include <set>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace strata {
@@ -241,7 +243,16 @@ TEST(GrammarTest, ToStringShowsTheRules) {
 // positions are taken as Grammar::EquivalentPosition for 3-byte texts: those with more than 3
 // copies left are one; a repetition whose copy may be empty keeps all of its own.
 TEST(GrammarTest, EquivalentPositionsOfALongRunAreFew) {
-  auto frames = [](const std::shared_ptr<const Grammar>& g, int64_t max_bytes, int n) {
+  // The elements from a position to the end of its alternative: what a frame there goes on to
+  // match. A position and the one it is taken as must agree on them.
+  auto rest = [](const Grammar& g, int32_t p) {
+    std::vector<int32_t> out;
+    for (; g.elements()[p] != Grammar::kEnd; ++p) out.push_back(g.elements()[p]);
+    return out;
+  };
+  auto frames = [&](const std::shared_ptr<const Grammar>& g, int64_t max_bytes,
+                    const std::string& text) {
+    const int n = static_cast<int>(text.size());
     std::set<int32_t> raw, equivalent;
     GrammarMatcher m(g);
     for (int i = 0; i <= n; ++i) {
@@ -249,27 +260,53 @@ TEST(GrammarTest, EquivalentPositionsOfALongRunAreFew) {
       for (int32_t s = 0; s < st.num_stacks(); ++s) {
         for (int32_t p : st.stack(s)) {
           raw.insert(p);
-          equivalent.insert(g->EquivalentPosition(p, max_bytes));
+          const int32_t q = g->EquivalentPosition(p, max_bytes);
+          equivalent.insert(q);
+          // The same element in another copy: the rest of its alternative is the same up to the
+          // copy it goes on to (another copy of the run, or the rule after it).
+          const std::vector<int32_t> from = rest(*g, p), to = rest(*g, q);
+          EXPECT_LE(to.size(), from.size()) << p << " -> " << q;
+          for (size_t k = 0; k + 1 < std::min(to.size(), from.size()); ++k) {
+            if (to[k] != from[k]) {
+              ADD_FAILURE() << p << " -> " << q << " differs at " << k;
+              break;
+            }
+          }
         }
       }
       if (i < n) {
-        EXPECT_TRUE(m.Advance("a"));
+        EXPECT_TRUE(m.Advance(text.substr(i, 1)));
       }
     }
     return std::pair{raw.size(), equivalent.size()};
   };
-  for (int64_t min_count : {0, 30}) {
-    SCOPED_TRACE(min_count);
+  // Copies of one byte, and of three (a copy of several elements), with and without a head of
+  // required copies, and all required (no optional copies after them).
+  struct Case {
+    int64_t min_count, max_count;
+    std::string copy;
+  };
+  for (const Case& c : {Case{0, 60, "a"}, Case{30, 60, "a"}, Case{60, 60, "a"}, Case{0, 20, "abc"},
+                        Case{12, 20, "abc"}}) {
+    SCOPED_TRACE(absl::StrCat(c.copy, "{", c.min_count, ",", c.max_count, "}"));
     GrammarBuilder b;
     const int32_t root = b.NewRule("root");
-    auto run = b.BoundedRepeat("x", {b.Byte('a')}, min_count, 60);
+    GrammarBuilder::Seq copy;
+    for (char ch : c.copy) copy.push_back(b.Byte(static_cast<uint8_t>(ch)));
+    auto run = b.BoundedRepeat("x", copy, c.min_count, c.max_count);
     ASSERT_TRUE(run.ok());
     b.AddAlternative(root, {*run, b.Byte('.')});
     auto g = *std::move(b).Build(root);
-    const auto [raw, equivalent] = frames(g, 3, 55);
+    std::string text;  // whole copies: at least 55 bytes, and past the required ones
+    while (static_cast<int64_t>(text.size()) <
+           std::max<int64_t>(55, c.min_count * static_cast<int64_t>(c.copy.size()))) {
+      text += c.copy;
+    }
+    const auto [raw, equivalent] = frames(g, 3, text);
     EXPECT_GE(raw, 50u);
-    EXPECT_LE(equivalent, 12u);
-    EXPECT_EQ(frames(g, 100, 55).second, raw);  // texts longer than the run tell all apart
+    EXPECT_LE(equivalent, 8 * c.copy.size());
+    EXPECT_EQ(frames(g, 1000, text).second, raw);  // texts longer than the run tell all apart
+    EXPECT_EQ(frames(g, 0, text).second, raw);     // and with no text at all nothing is shared
   }
   GrammarBuilder b;
   const int32_t root = b.NewRule("root");
@@ -278,7 +315,7 @@ TEST(GrammarTest, EquivalentPositionsOfALongRunAreFew) {
   ASSERT_TRUE(run.ok());
   b.AddAlternative(root, {*run, b.Byte('.')});
   auto g = *std::move(b).Build(root);
-  const auto [raw, equivalent] = frames(g, 3, 55);
+  const auto [raw, equivalent] = frames(g, 3, std::string(55, 'a'));
   EXPECT_EQ(equivalent, raw);
 }
 

@@ -170,6 +170,20 @@ TEST(TokenMaskTest, LongBoundedRepetitionsShareTheirTopsAndStayExact) {
   ASSERT_TRUE(schema.ok()) << schema.status();
   auto regex = RegexGrammar("(ab|c){20,50}x[0-9]{3,40}");
   ASSERT_TRUE(regex.ok()) << regex.status();
+  // Runs inside runs, both long: an array of at least 12 strings of up to 20 characters (a copy
+  // of several elements: the separator, then the string).
+  auto lists = JsonSchemaGrammar(
+      R"({"type": "array", "minItems": 12, "maxItems": 40,
+          "items": {"type": "string", "maxLength": 20}})",
+      "lists");
+  ASSERT_TRUE(lists.ok()) << lists.status();
+  auto list = [](int items, int chars) {
+    std::string out = "[";
+    for (int i = 0; i < items; ++i) {
+      out += absl::StrCat(i == 0 ? "" : ", ", "\"", std::string(chars, 'a' + i % 3), "\"");
+    }
+    return out + "]";
+  };
   auto record = [](int name_chars, int tags) {
     std::string list;
     for (int i = 0; i < tags; ++i) list += absl::StrCat(i == 0 ? "" : ", ", "\"t", i % 10, "\"");
@@ -186,6 +200,7 @@ TEST(TokenMaskTest, LongBoundedRepetitionsShareTheirTopsAndStayExact) {
   const Case cases[] = {
       {*schema, record(32, 12), record(52, 30)},
       {*regex, pattern(30, 10), pattern(45, 30)},
+      {*lists, list(14, 8), list(30, 15)},
   };
   std::vector<uint8_t> want(vocab.size()), got(vocab.size());
   for (const Case& c : cases) {

@@ -35,12 +35,17 @@ v1::GenerateRequest TokenRequest(int prompt_tokens, int max_tokens, uint64_t see
   return r;
 }
 
-// Worker 0 serves 128 tokens, worker 1 the model's 2048.
+// Worker 0 serves 128 tokens, worker 1 the model's 2048; worker 0 alone serves the bundled LoRA
+// adapter, as fine-tune "lora-c".
 LocalClusterOptions MixedContexts(const std::string& name) {
+  const std::string fine_tunes = TestOutputDir() + "/" + name + "-fine-tunes";
+  CopyBundledLoraAdapter(fine_tunes + "/lora-c");
   LocalClusterOptions o;
   o.num_workers = 2;
   o.name = name;
-  o.per_worker_flags = {{absl::StrCat("--max_context_tokens=", kShortContext)}, {}};
+  o.per_worker_flags = {{absl::StrCat("--max_context_tokens=", kShortContext),
+                         absl::StrCat("--fine_tune_dir=", fine_tunes)},
+                        {}};
   return o;
 }
 
@@ -141,6 +146,27 @@ TEST_F(ContextRoutingTest, AGenerationGoesWhereAllOfItsTokensFit) {
   after = Routed(*cluster_);
   EXPECT_EQ(after[0] + after[1], before[0] + before[1] + kShort);
   EXPECT_GT(after[0], before[0]) << "the short-context worker took none of the short requests";
+}
+
+// A fine-tune's context is its own workers': a prompt longer than theirs is refused, naming the
+// fine-tune, though other workers of the model would hold it.
+TEST_F(ContextRoutingTest, AFineTunesContextIsItsWorkers) {
+  v1::GenerateRequest fits = TokenRequest(100, 8, 40);
+  fits.set_fine_tune_id("lora-c");
+  const Generated g = Generate(cluster_->serving(), fits);
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  EXPECT_EQ(g.tokens.size(), 8u);
+  v1::GenerateRequest too_long = TokenRequest(300, 8, 41);
+  too_long.set_fine_tune_id("lora-c");
+  const Generated refused = Generate(cluster_->serving(), too_long);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+      << refused.status.error_message();
+  EXPECT_TRUE(absl::StrContains(
+      refused.status.error_message(),
+      absl::StrCat("fine-tune lora-c of model ", kTinyModel, " has a context of ", kShortContext)))
+      << refused.status.error_message();
+  // The base model takes it (on the long worker).
+  EXPECT_TRUE(Generate(cluster_->serving(), TokenRequest(300, 8, 41)).status.ok());
 }
 
 // While the only worker that holds a prompt is drained, the prompt is UNAVAILABLE (the client

@@ -44,7 +44,8 @@ struct KvFetcherOptions {
   // Sent with every call when set (not owned; it must outlive the fetcher).
   const ClusterSecret* cluster_secret = nullptr;
   // Longest a Fetch takes, all its calls together, counted from Fetch (waiting in the queue
-  // included: a fetch still queued at its deadline ends DEADLINE_EXCEEDED without a call).
+  // included: a fetch still queued at its deadline, or within a tenth of the timeout of it, ends
+  // DEADLINE_EXCEEDED without a call).
   absl::Duration timeout = absl::Seconds(2);
   // Fetches run at once; more wait in order.
   int threads = 2;
