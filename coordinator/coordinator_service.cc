@@ -1279,7 +1279,12 @@ grpc::ServerUnaryReactor* CoordinatorService::ListModels(grpc::CallbackServerCon
       m->set_vocab_size(v.vocab_size);
       m->set_num_workers(v.num_workers);
       for (const std::string& ft : v.fine_tune_ids) {
-        if (tenant == nullptr || ApiKeys::Allows(*tenant, name, ft)) m->add_fine_tune_ids(ft);
+        if (tenant != nullptr && !ApiKeys::Allows(*tenant, name, ft)) continue;
+        m->add_fine_tune_ids(ft);
+        const auto it = v.fine_tune_contexts.find(ft);
+        m->add_fine_tune_max_context_tokens(it == v.fine_tune_contexts.end() ? v.max_context_tokens
+                                            : it->second.serving > 0         ? it->second.serving
+                                                                             : it->second.known);
       }
     }
     // A tenant sees a base model it may use, or one with a fine-tune it may use (listed under it,

@@ -1929,6 +1929,16 @@ void OpenAiGateway::Tokens(int fd, const std::string& body, bool tokenize, const
   Reply(fd, JsonResponse(200, answer));
 }
 
+namespace {
+
+// A fine-tune's context as ListModels gives it (the model's from a coordinator that gives none).
+uint32_t FineTuneContext(const v1::ModelInfo& m, int i) {
+  return i < m.fine_tune_max_context_tokens_size() ? m.fine_tune_max_context_tokens(i)
+                                                   : m.max_context_tokens();
+}
+
+}  // namespace
+
 void OpenAiGateway::Models(int fd, const Tenant* tenant, const std::string& only) {
   v1::ListModelsResponse resp;
   const grpc::Status status = Unary(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
@@ -1941,21 +1951,22 @@ void OpenAiGateway::Models(int fd, const Tenant* tenant, const std::string& only
   std::vector<std::string> data;
   for (const v1::ModelInfo& m : resp.models()) {
     // The base model (no parent), then each of its fine-tunes.
-    auto entry = [&m](const std::string& id, const std::string& parent) {
+    auto entry = [&m](const std::string& id, const std::string& parent, uint32_t context) {
       return absl::StrCat("{\"id\":", JsonQuote(id),
                           ",\"object\":\"model\",\"created\":0,\"owned_by\":\"strata\",\"root\":",
                           JsonQuote(m.name()),
                           ",\"parent\":", parent.empty() ? "null" : JsonQuote(parent),
-                          ",\"max_model_len\":", m.max_context_tokens(), "}");
+                          ",\"max_model_len\":", context, "}");
     };
     if ((only.empty() || only == m.name()) &&
         (tenant == nullptr || ApiKeys::Allows(*tenant, m.name(), ""))) {
-      data.push_back(entry(m.name(), ""));
+      data.push_back(entry(m.name(), "", m.max_context_tokens()));
     }
-    for (const std::string& ft : m.fine_tune_ids()) {
+    for (int i = 0; i < m.fine_tune_ids_size(); ++i) {
+      const std::string& ft = m.fine_tune_ids(i);
       if ((only.empty() || only == ft) &&
           (tenant == nullptr || ApiKeys::Allows(*tenant, m.name(), ft))) {
-        data.push_back(entry(ft, m.name()));
+        data.push_back(entry(ft, m.name(), FineTuneContext(m, i)));
       }
     }
   }
@@ -2017,13 +2028,18 @@ uint32_t OpenAiGateway::ResolveModel(v1::GenerateRequest* request) {
       return 0;  // fresh, and the name is not in it
     }
     for (const v1::ModelInfo& m : models->models()) {
-      if (m.name() == request->model()) return m.max_context_tokens();
+      if (m.name() == request->model()) {
+        for (int i = 0; i < m.fine_tune_ids_size(); ++i) {
+          if (m.fine_tune_ids(i) == request->fine_tune_id()) return FineTuneContext(m, i);
+        }
+        return m.max_context_tokens();
+      }
       if (!request->fine_tune_id().empty()) continue;
-      for (const std::string& ft : m.fine_tune_ids()) {
-        if (ft == request->model()) {
-          request->set_fine_tune_id(ft);
+      for (int i = 0; i < m.fine_tune_ids_size(); ++i) {
+        if (m.fine_tune_ids(i) == request->model()) {
+          request->set_fine_tune_id(m.fine_tune_ids(i));
           request->set_model(m.name());
-          return m.max_context_tokens();
+          return FineTuneContext(m, i);
         }
       }
     }

@@ -83,6 +83,11 @@ TEST_F(ContextRoutingTest, TheModelReportsTheLongestAndShortestContextsServed) {
   ASSERT_EQ(models.models_size(), 1);
   EXPECT_EQ(models.models(0).max_context_tokens(), static_cast<uint32_t>(kLongContext));
   EXPECT_EQ(models.models(0).min_context_tokens(), static_cast<uint32_t>(kShortContext));
+  // The fine-tune only the short worker serves has its context.
+  ASSERT_EQ(models.models(0).fine_tune_ids_size(), 1);
+  EXPECT_EQ(models.models(0).fine_tune_ids(0), "lora-c");
+  ASSERT_EQ(models.models(0).fine_tune_max_context_tokens_size(), 1);
+  EXPECT_EQ(models.models(0).fine_tune_max_context_tokens(0), static_cast<uint32_t>(kShortContext));
   // Each worker's own, in the cluster status.
   std::vector<uint32_t> contexts;
   const v1::ClusterStatus status = Status(cluster_->admin());
