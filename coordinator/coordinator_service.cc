@@ -380,12 +380,12 @@ grpc::Status CoordinatorService::GenerateCall::Validate() {
   // The longest contexts of the workers that could take it: serving now, and of any (a fine-tune's
   // own workers' when it names one).
   uint32_t longest_now = model_.max_context_tokens;
-  longest_context_ = std::max(model_.max_context_tokens, model_.max_known_context_tokens);
+  longest_context_ = model_.max_known_context_tokens;  // (serving ones among them)
   std::string whose = absl::StrCat("model ", r.model(), " has");
   if (auto it = model_.fine_tune_contexts.find(r.fine_tune_id());
       !r.fine_tune_id().empty() && it != model_.fine_tune_contexts.end()) {
     longest_now = it->second.serving;
-    longest_context_ = std::max(it->second.serving, it->second.known);
+    longest_context_ = it->second.known;
     whose = absl::StrCat("fine-tune ", r.fine_tune_id(), " of model ", r.model(), " has");
   }
   if (prompt_.size() >= longest_context_) {

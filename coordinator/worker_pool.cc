@@ -428,12 +428,17 @@ absl::StatusOr<WorkerPool::Assignment> WorkerPool::Assign(
   // the prompt.)
   if (context.wanted > context.held) {
     std::vector<WorkerLoadView>& generating = other_loads.empty() ? prefill_loads : other_loads;
-    std::vector<WorkerLoadView> whole;
-    for (const WorkerLoadView& v : generating) {
+    auto short_of = [&](const WorkerLoadView& v) {
       const int64_t c = context_of(*workers_[v.slot]);
-      if (c == 0 || c >= context.wanted) whole.push_back(v);
+      return c != 0 && c < context.wanted;
+    };
+    // (Usually every worker holds it, or none does: nothing to drop.)
+    const auto fitting = std::count_if(generating.begin(), generating.end(),
+                                       [&](const WorkerLoadView& v) { return !short_of(v); });
+    if (fitting > 0 && fitting < static_cast<int64_t>(generating.size())) {
+      generating.erase(std::remove_if(generating.begin(), generating.end(), short_of),
+                       generating.end());
     }
-    if (!whole.empty()) generating = std::move(whole);
   }
   // A prompt goes to a prefill worker only if some decode or mixed worker here can copy its blocks
   // from there (else it would be computed twice).

@@ -676,9 +676,8 @@ class Engine {
   int64_t PendingPrefill(const Sequence& s) const;
   void RefreshPendingPrefill(Sequence* s);
   void PublishFullBlocks(Sequence* s);
-  // kEos, kStopToken, kLength or kContextLength when `s` ends with `token` (its last): past the
-  // model's context or past what the KV cache holds (CacheTokens), since every token of a
-  // sequence must be in the cache at once.
+  // kEos, kStopToken, kLength or kContextLength when `s` ends with `token` (its last): at
+  // MaxContextTokens (the model's context, what the KV cache holds, or the configured cap).
   FinishReason CheckStop(const Sequence& s, int32_t token) const;
   // The tokens the KV cache holds (every block).
   int64_t CacheTokens() const { return blocks_.num_blocks() * config_.block_tokens; }
